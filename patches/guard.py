@@ -1,0 +1,51 @@
+"""Shape checks of the host before patching."""
+
+from __future__ import annotations
+
+import warnings
+from types import ModuleType
+
+from . import CHECKED_VERSIONS
+
+DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
+
+
+class HostMismatchError(RuntimeError):
+    """LLaMA-Factory's internals do not have the shape a patch was written for."""
+
+
+def host_version() -> str:
+    """Installed LLaMA-Factory version string."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llamafactory")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def require(module: ModuleType, names: tuple[str, ...], patch: str) -> None:
+    """Raise :class:`HostMismatchError` unless ``module`` has every attribute in ``names``."""
+    missing = [name for name in names if not hasattr(module, name)]
+    if missing:
+        raise HostMismatchError(
+            f"llamafactory-hera: LLaMA-Factory {host_version()} does not have the internals the '{patch}' patch "
+            f"was written for ({module.__name__} lacks {', '.join(missing)}). The plugin was checked on "
+            f"LLaMA-Factory {', '.join(CHECKED_VERSIONS)}; install one of those, upgrade llamafactory-hera, or set "
+            f"{DISABLE_ENV}=1 to run LLaMA-Factory without the plugin."
+        )
+
+
+_warned = False
+
+
+def warn_if_unchecked() -> None:
+    """One warning when the host version is not among the checked ones (shapes already verified)."""
+    global _warned
+    if not _warned and host_version() not in CHECKED_VERSIONS:
+        _warned = True
+        warnings.warn(
+            f"llamafactory-hera was checked on LLaMA-Factory {', '.join(CHECKED_VERSIONS)}, found {host_version()}; "
+            "its internals have the expected shape, continuing.",
+            stacklevel=2,
+        )

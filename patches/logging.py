@@ -1,0 +1,44 @@
+"""Puts HeRA's metrics into ``trainer_log.jsonl`` (what LlamaBoard reads).
+
+Checked on LLaMA-Factory 0.9.5: ``LogCallback.on_log`` builds a fixed dict of keys from
+``state.log_history[-1]`` and hands it to ``_write_log`` on a one-thread pool. The patch remembers
+the HeRA keys of the newest log entry per step and merges them into the line being written.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from .guard import require
+
+HERA_LOG_KEYS = ("lm_loss", "hera_loss", "hera_temperature", "hera_image_samples", "hera_text_only_samples")
+
+
+def apply(callbacks: ModuleType) -> None:
+    """Patch ``llamafactory.train.callbacks.LogCallback``."""
+    require(callbacks, ("LogCallback",), "logging")
+    log_callback = callbacks.LogCallback
+    require(log_callback, ("on_log", "_write_log"), "logging")
+    if getattr(log_callback, "_hera_patched", False):
+        return
+    original_on_log = log_callback.on_log
+    original_write = log_callback._write_log
+
+    def on_log(self: Any, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        latest = state.log_history[-1] if state.log_history else {}
+        extra = {key: latest[key] for key in HERA_LOG_KEYS if key in latest}
+        if extra:
+            self.__dict__.setdefault("_hera_pending", {})[state.global_step] = extra
+        return original_on_log(self, args, state, control, **kwargs)
+
+    def _write_log(self: Any, output_dir: str, logs: dict[str, Any]) -> None:
+        if "loss" in logs:  # training lines only; eval lines at the same step keep the stock keys
+            extra = self.__dict__.get("_hera_pending", {}).pop(logs.get("current_steps"), None)
+            if extra:
+                logs = {**logs, **extra}
+        original_write(self, output_dir, logs)
+
+    log_callback.on_log = on_log
+    log_callback._write_log = _write_log
+    log_callback._hera_patched = True

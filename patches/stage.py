@@ -1,0 +1,134 @@
+"""Registers ``stage: hera`` in LLaMA-Factory's trainer entry point.
+
+Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything is patched):
+- ``llamafactory.train.tuner`` has ``_training_function(config)``, ``get_train_args`` and ``run_sft``
+  as module globals, looked up at call time; ``read_args`` in ``llamafactory.hparams``;
+- ``llamafactory.train.sft.workflow`` has module globals ``run_sft``,
+  ``SFTDataCollatorWith4DAttentionMask`` and ``CustomSeq2SeqTrainer``;
+- ``llamafactory.extras.ploting.plot_loss(output_dir, keys)``.
+
+``stage: hera`` is mapped to ``sft`` before LLaMA-Factory parses the arguments, so every host
+check, the data pipeline and the web UI treat the run as SFT; the SFT workflow then runs whole,
+with a HeRA collator and trainer swapped in for its duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+from llamafactory_hera.args import HeraArguments, parse_hera_arguments
+
+from . import logging as log_patch
+from .arguments import split_args
+from .guard import require, warn_if_unchecked
+from .validation import validate_host_args
+
+_TUNER_NAMES = ("_training_function", "get_train_args", "run_sft")
+_WORKFLOW_NAMES = ("run_sft", "SFTDataCollatorWith4DAttentionMask", "CustomSeq2SeqTrainer")
+HERA_RUN_RECORD = "hera_run.json"
+
+
+def _check_shapes(tuner: ModuleType) -> tuple[ModuleType, ModuleType, ModuleType, ModuleType]:
+    hparams = importlib.import_module("llamafactory.hparams")
+    workflow = importlib.import_module("llamafactory.train.sft.workflow")
+    callbacks = importlib.import_module("llamafactory.train.callbacks")
+    ploting = importlib.import_module("llamafactory.extras.ploting")
+    require(tuner, _TUNER_NAMES, "stage")
+    require(hparams, ("read_args",), "stage")
+    require(workflow, _WORKFLOW_NAMES, "stage")
+    require(ploting, ("plot_loss",), "stage")
+    require(callbacks, ("LogCallback",), "logging")
+    require(callbacks.LogCallback, ("on_log", "_write_log"), "logging")
+    return hparams, workflow, callbacks, ploting
+
+
+@contextlib.contextmanager
+def _swapped(module: ModuleType, **replacements: Any) -> Iterator[None]:
+    """Temporarily replace module globals (restored even on error)."""
+    saved = {name: getattr(module, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def _hera_classes(workflow: ModuleType, hera_args: HeraArguments, compute_dtype: Any) -> tuple[type, type]:
+    from llamafactory_hera.collator import HeraCollatorMixin
+    from llamafactory_hera.teacher import load_image_processor
+    from llamafactory_hera.trainer import HeraTrainerMixin
+
+    host_collator = workflow.SFTDataCollatorWith4DAttentionMask
+    host_trainer = workflow.CustomSeq2SeqTrainer
+    collator = type("HeraSFTDataCollator", (HeraCollatorMixin, host_collator),
+                    {"hera_image_processor": load_image_processor(hera_args.hera_teacher)})
+
+    class HeraSeq2SeqTrainer(HeraTrainerMixin, host_trainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, hera_args=hera_args, hera_compute_dtype=compute_dtype, **kwargs)
+
+    return collator, HeraSeq2SeqTrainer
+
+
+def _write_run_record(output_dir: str, hera_args: HeraArguments) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    from llamafactory_hera import __version__
+
+    record = {"stage": "hera", "llamafactory_hera_version": __version__, **hera_args.to_dict()}
+    with open(os.path.join(output_dir, HERA_RUN_RECORD), "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2)
+
+
+def apply(tuner: ModuleType) -> None:
+    """Patch ``llamafactory.train.tuner`` (all or nothing)."""
+    if getattr(tuner, "_hera_patched", False):
+        return
+    hparams, workflow, callbacks, ploting = _check_shapes(tuner)
+    warn_if_unchecked()
+    log_patch.apply(callbacks)
+    original_training_function = tuner._training_function
+
+    def run_hera(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any, generating_args: Any,
+                 callbacks: Any = None, *, hera_args: HeraArguments) -> None:
+        collator, trainer = _hera_classes(workflow, hera_args, model_args.compute_dtype)
+        if training_args.should_save:
+            _write_run_record(training_args.output_dir, hera_args)
+        with _swapped(workflow, SFTDataCollatorWith4DAttentionMask=collator, CustomSeq2SeqTrainer=trainer):
+            workflow.run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
+        if training_args.do_train and finetuning_args.plot_loss and training_args.process_index == 0:
+            ploting.plot_loss(training_args.output_dir, keys=["lm_loss", "hera_loss", "hera_temperature"])
+
+    def training_function(config: dict[str, Any]) -> None:
+        raw = hparams.read_args(config.get("args"))
+        host_args, hera_raw, is_hera = split_args(raw)
+        config = {**config, "args": host_args}
+        if not is_hera:
+            if hera_raw:
+                warnings.warn(f"llamafactory-hera: ignoring {', '.join(sorted(hera_raw))} because the stage is not "
+                              "'hera' (this is how a recipe's baseline twin runs).", stacklevel=2)
+            return original_training_function(config)
+        hera_args = parse_hera_arguments(hera_raw)
+        original_get_train_args = tuner.get_train_args
+
+        def get_train_args(args: Any = None) -> Any:
+            parsed = original_get_train_args(args)
+            validate_host_args(*parsed, hera_args=hera_args)
+            return parsed
+
+        def run_sft_or_hera(*args: Any, **kwargs: Any) -> None:
+            return run_hera(*args, **kwargs, hera_args=hera_args)
+
+        with _swapped(tuner, get_train_args=get_train_args, run_sft=run_sft_or_hera):
+            return original_training_function(config)
+
+    tuner._training_function = training_function
+    tuner._hera_patched = True

@@ -1,0 +1,73 @@
+"""Checks a HeRA run's LLaMA-Factory arguments before any model or dataset is loaded.
+
+Checked on LLaMA-Factory 0.9.5 argument names (``ModelArguments``, ``DataArguments``,
+``FinetuningArguments``, ``TrainingArguments``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llamafactory_hera.args import HeraArguments
+from llamafactory_hera.heads import attention_geometry, check_heads_fit
+from llamafactory_hera.teacher import check_teacher_source
+
+# (object attribute, holder name, why it cannot work with HeRA)
+_INCOMPATIBLE = (
+    ("packing", "data", "packed sequences mix several samples in one row, so per-sample head representations "
+     "and teacher neighbours cannot be formed"),
+    ("neat_packing", "data", "packed sequences mix several samples in one row"),
+    ("use_mca", "finetuning", "Megatron-Core training does not use the SFT trainer HeRA extends"),
+    ("use_hyper_parallel", "finetuning", "the hyper-parallel SFT workflow does not use the trainer HeRA extends"),
+    ("use_kt", "model", "KTransformers replaces the attention modules whose o_proj HeRA reads"),
+    ("use_unsloth", "model", "Unsloth replaces the attention kernels and its own gradient checkpointing"),
+    ("use_dora", "finetuning", "DoRA rescales weight columns, so W_O cannot be split by head"),
+    ("galore_layerwise", "finetuning", "layer-wise GaLore updates inside backward hooks and skips the temperature "
+     "parameter group"),
+    ("apollo_layerwise", "finetuning", "layer-wise APOLLO updates inside backward hooks and skips the temperature "
+     "parameter group"),
+)
+
+
+def _incompatible(name: str, why: str) -> ValueError:
+    return ValueError(f"stage: hera cannot run with {name}: true ({why}). Remove {name} or use stage: sft.")
+
+
+def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
+                       generating_args: Any, *, hera_args: HeraArguments) -> None:
+    """Raise a clear ``ValueError`` for settings HeRA cannot honour; adjust gradient checkpointing.
+
+    The heads are checked against the model's config (not its weights), and the teacher's config
+    is read, so both fail in seconds, before the MLLM is loaded.
+    """
+    holders = {"data": data_args, "finetuning": finetuning_args, "model": model_args}
+    for attribute, holder, why in _INCOMPATIBLE:
+        if getattr(holders[holder], attribute, False):
+            raise _incompatible(attribute, why)
+    if getattr(model_args, "quantization_bit", None) is not None:
+        raise ValueError(
+            f"stage: hera cannot run with quantization_bit: {model_args.quantization_bit} (HeRA reads W_O per head and "
+            "needs an unquantized o_proj). Remove quantization_bit (use LoRA in bf16) or use stage: sft."
+        )
+    if getattr(training_args, "fsdp", None):
+        raise ValueError("stage: hera does not support FSDP yet (the sharded o_proj weight cannot be sliced by head). "
+                         "Use DeepSpeed ZeRO-2 or a single process.")
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise ValueError("stage: hera does not support DeepSpeed ZeRO-3 yet (the teacher would be sharded and W_O "
+                         "read as a placeholder). Use a ZeRO-2 config (deepspeed: ds_z2_config.json).")
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                        trust_remote_code=getattr(model_args, "trust_remote_code", False))
+    check_heads_fit(hera_args.head_refs, attention_geometry(config), str(model_args.model_name_or_path))
+    check_teacher_source(hera_args.hera_teacher)
+
+    if not getattr(model_args, "disable_gradient_checkpointing", True) and getattr(model_args, "use_reentrant_gc",
+                                                                                  False):
+        # Reentrant checkpointing runs the first forward under no_grad, so activations captured by HeRA's hooks
+        # would carry no gradient and the loss would silently do nothing. Non-reentrant checkpointing recomputes
+        # the same activations with the same memory profile and keeps the graph.
+        model_args.use_reentrant_gc = False

@@ -1,0 +1,21 @@
+"""Adds HeRA to LlamaBoard's training-stage dropdown (``extras.constants.TRAINING_STAGES``).
+
+Checked on LLaMA-Factory 0.9.5: the web UI modules import this dict by reference, so an
+in-place update before the UI is built adds the stage everywhere.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from .guard import require
+
+STAGE_LABEL = "HeRA (Head-wise Representation Alignment)"
+
+
+def apply(constants: ModuleType) -> None:
+    """Patch ``llamafactory.extras.constants`` in place."""
+    require(constants, ("TRAINING_STAGES",), "webui")
+    if not isinstance(constants.TRAINING_STAGES, dict):
+        require(constants, ("TRAINING_STAGES_AS_DICT",), "webui")  # raises: unknown shape
+    constants.TRAINING_STAGES.setdefault(STAGE_LABEL, "hera")

@@ -1,0 +1,7 @@
+"""llamafactory-hera: head-level representation methods (HeRA) for multimodal LLMs in LLaMA-Factory.
+
+This module is imported by the ``llamafactory_hera.pth`` start-up hook of every Python
+process, so it must stay free of heavy imports (no torch, no transformers).
+"""
+
+__version__ = "0.1.0"

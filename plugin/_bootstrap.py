@@ -1,0 +1,77 @@
+"""Start-up hook installed by ``llamafactory_hera.pth`` in every Python process.
+
+It registers a meta-path finder that reacts only to a handful of LLaMA-Factory module names;
+when one of them finishes executing, the matching patch in ``llamafactory_hera.patches`` runs.
+Processes that never import LLaMA-Factory pay one dict lookup per imported module, nothing
+else (no torch, no transformers). ``LLAMAFACTORY_HERA_DISABLE=1`` skips everything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
+
+# host module -> patch module (in llamafactory_hera.patches) whose ``apply(module)`` adapts it
+_TARGETS = {
+    "llamafactory.extras.constants": "webui",
+    "llamafactory.train.tuner": "stage",
+}
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Delegates to the real loader, then applies the patch to the executed module."""
+
+    def __init__(self, loader: Any, patch: str) -> None:
+        self._loader = loader
+        self._patch = patch
+
+    def create_module(self, spec: Any) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__spec__.loader = self._loader  # restore the real loader for introspection (inspect, resources)
+        module.__loader__ = self._loader
+        self._loader.exec_module(module)
+        importlib.import_module(f"llamafactory_hera.patches.{self._patch}").apply(module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Finds target modules with the other finders and wraps their loader."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        patch = _TARGETS.get(fullname)
+        if patch is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _PatchingLoader(spec.loader, patch)
+                return spec
+        return None
+
+
+def _enabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in {"1", "true", "yes", "y"}
+
+
+def install() -> None:
+    """Register the finder once (idempotent); patch modules that were imported before this ran."""
+    if not _enabled() or any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _PostImportFinder())
+    for name, patch in _TARGETS.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            importlib.import_module(f"llamafactory_hera.patches.{patch}").apply(module)

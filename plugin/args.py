@@ -1,0 +1,187 @@
+"""``HeraArguments``: every ``hera_*`` key of a recipe, its help text, the paper's default and its checks.
+
+Values arrive either typed (YAML / OmegaConf) or as strings (command-line flags); both are
+coerced here so that every error names the key, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from .heads import HeadRef, parse_head
+
+HERA_PREFIX = "hera_"
+
+
+@dataclass
+class HeraArguments:
+    """Settings of the HeRA objective (paper defaults)."""
+
+    hera_heads: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Heads to align, zero-based, e.g. [L13H12, L7H6] (a comma-separated string works too). "
+                  "Required with stage: hera. Choose them with `llamafactory-hera select` (least MKNN-aligned)."},
+    )
+    hera_teacher: str = field(
+        default="facebook/dinov2-large",
+        metadata={"help": "Frozen vision teacher: any Hugging Face vision model id or local path (paper: DINOv2-L)."},
+    )
+    hera_teacher_feature: str = field(
+        default="cls",
+        metadata={"help": "Teacher feature per image: 'cls' (last-layer [CLS], paper) or 'mean' "
+                  "(mean of patch tokens).",
+                  "choices": ("cls", "mean")},
+    )
+    hera_k: int = field(
+        default=10, metadata={"help": "Teacher nearest neighbours used as positives per sample (paper: 10).", "min": 1}
+    )
+    hera_lambda: float = field(
+        default=0.01, metadata={"help": "Weight of the HeRA term: loss = lm_loss + lambda * hera_loss (paper: 0.01).",
+                                "min": 0.0}
+    )
+    hera_temperature: float = field(
+        default=0.07, metadata={"help": "Initial InfoNCE temperature tau (paper: 0.07).", "min_exclusive": 0.0}
+    )
+    hera_learn_temperature: bool = field(
+        default=True,
+        metadata={"help": "Learn tau in log space with its own optimizer group (paper); false freezes it."},
+    )
+    hera_temperature_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of log(tau); default: the run's learning_rate.",
+                                "min_exclusive": 0.0}
+    )
+    hera_similarity: str = field(
+        default="cosine",
+        metadata={"help": "Student similarity: 'cosine' (L2-normalised, default) or 'dot' (raw dot product).",
+                  "choices": ("cosine", "dot")},
+    )
+    hera_pooling: str = field(
+        default="assistant",
+        metadata={"help": "Tokens averaged into a head's representation: 'assistant' (tokens with a label, paper's "
+                  "stage 2) or 'text' (all non-image, non-padding tokens, paper's stage 1).",
+                  "choices": ("assistant", "text")},
+    )
+
+    @property
+    def head_refs(self) -> list[HeadRef]:
+        """The parsed heads, in recipe order."""
+        return [parse_head(h) for h in self.hera_heads]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict view (for JSON records)."""
+        return asdict(self)
+
+
+def hera_keys() -> list[str]:
+    """All valid ``hera_*`` keys in declaration order."""
+    return [f.name for f in fields(HeraArguments)]
+
+
+def _fail(key: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{key}: got {value!r}; {allowed}")
+
+
+def _coerce_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"true", "1", "yes", "on"}:
+        return True
+    if text in {"false", "0", "no", "off"}:
+        return False
+    raise _fail(key, value, "expected true or false.")
+
+
+def _coerce_number(key: str, value: Any, kind: type, meta: dict[str, Any]) -> int | float:
+    if isinstance(value, bool):
+        raise _fail(key, value, f"expected a {kind.__name__}.")
+    try:
+        number = kind(value) if kind is float else int(str(value)) if not isinstance(value, int) else value
+    except (TypeError, ValueError):
+        raise _fail(key, value, f"expected a {kind.__name__}.") from None
+    if kind is float and not math.isfinite(number):
+        raise _fail(key, value, "expected a finite number.")
+    if "min" in meta and number < meta["min"]:
+        raise _fail(key, value, f"allowed range is >= {meta['min']}.")
+    if "min_exclusive" in meta and number <= meta["min_exclusive"]:
+        raise _fail(key, value, f"allowed range is > {meta['min_exclusive']}.")
+    return number
+
+
+def _coerce_heads(value: Any) -> list[str]:
+    key = "hera_heads"
+    if isinstance(value, str):
+        text = value.strip().strip("[]")
+        if text.lower() == "auto":
+            raise _fail(key, value, "automatic head selection is not available yet; run the selection and list the "
+                        "heads explicitly, e.g. hera_heads: [L13H12, L7H6].")
+        items = [t for t in (p.strip().strip("'\"") for p in text.split(",")) if t]
+    elif isinstance(value, list | tuple):
+        items = [str(v).strip() for v in value]
+    else:
+        raise _fail(key, value, "expected a list of heads such as [L13H12, L7H6].")
+    if not items:
+        raise _fail(key, value, "list at least one head, e.g. [L13H12, L7H6] (zero-based).")
+    refs = []
+    for item in items:
+        try:
+            refs.append(parse_head(item))
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
+    duplicates = sorted({str(r) for r in refs if refs.count(r) > 1})
+    if duplicates:
+        raise _fail(key, value, f"each head may appear once; repeated: {', '.join(duplicates)}.")
+    return [str(r) for r in refs]
+
+
+def unknown_key_error(key: str) -> ValueError:
+    """Error for a ``hera_*`` key that does not exist, naming the closest valid key."""
+    close = difflib.get_close_matches(key, hera_keys(), n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ValueError(f"Unknown HeRA key '{key}'.{hint} Valid keys: {', '.join(hera_keys())}.")
+
+
+def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> HeraArguments:
+    """Build validated :class:`HeraArguments` from ``hera_*`` keys (typed or string values).
+
+    Raises:
+        ValueError: naming the key, the value and the allowed range, or the closest valid key.
+    """
+    valid = {f.name: f for f in fields(HeraArguments)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in valid:
+            raise unknown_key_error(key)
+        spec = valid[key]
+        meta = dict(spec.metadata)
+        if key == "hera_heads":
+            values[key] = _coerce_heads(value)
+        elif value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", ""}):
+            if spec.default is not MISSING and spec.default is None:
+                values[key] = None
+            else:
+                raise _fail(key, value, "a value is required.")
+        elif "choices" in meta:
+            text = str(value).strip().lower()
+            if text not in meta["choices"]:
+                raise _fail(key, value, f"allowed values are {', '.join(meta['choices'])}.")
+            values[key] = text
+        elif spec.type in ("bool", bool):
+            values[key] = _coerce_bool(key, value)
+        elif spec.type in ("int", int):
+            values[key] = _coerce_number(key, value, int, meta)
+        elif spec.type in ("float", float, "float | None"):
+            values[key] = _coerce_number(key, value, float, meta)
+        else:
+            text = str(value).strip()
+            if not text:
+                raise _fail(key, value, "a non-empty value is required.")
+            values[key] = text
+    args = HeraArguments(**values)
+    if require_heads and not args.hera_heads:
+        raise ValueError("hera_heads: missing; stage: hera needs the heads to align, e.g. hera_heads: [L13H12, L7H6] "
+                         "(zero-based; choose them with `llamafactory-hera select`).")
+    return args

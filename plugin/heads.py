@@ -1,0 +1,67 @@
+"""Head references (``L13H12``) and the text decoder's attention geometry.
+
+Heads are written as the paper does: ``L<layer>H<head>``, both zero-based.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+_HEAD_RE = re.compile(r"^\s*L(\d+)\s*H(\d+)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, order=True)
+class HeadRef:
+    """One attention head: zero-based decoder layer and query-head index."""
+
+    layer: int
+    head: int
+
+    def __str__(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """Shape facts of the text decoder's attention, read from the model config.
+
+    ``o_proj`` maps ``[.., num_heads * head_dim]`` to ``[.., hidden_size]``.
+    """
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    hidden_size: int
+
+
+def parse_head(text: str) -> HeadRef:
+    """Parse ``"L13H12"`` (case-insensitive) into a :class:`HeadRef`; raise ``ValueError`` otherwise."""
+    match = _HEAD_RE.match(str(text))
+    if match is None:
+        raise ValueError(f"'{text}' is not a head; write heads as L<layer>H<head>, zero-based, e.g. L13H12")
+    return HeadRef(int(match.group(1)), int(match.group(2)))
+
+
+def attention_geometry(config: Any) -> AttentionGeometry:
+    """Geometry of the text decoder of an (M)LLM config.
+
+    Uses ``config.get_text_config()`` where available and the explicit ``head_dim`` when the
+    config sets one (Qwen3, Gemma), otherwise ``hidden_size // num_attention_heads``.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_heads = int(text.num_attention_heads)
+    hidden = int(text.hidden_size)
+    head_dim = getattr(text, "head_dim", None) or hidden // num_heads
+    return AttentionGeometry(int(text.num_hidden_layers), num_heads, int(head_dim), hidden)
+
+
+def check_heads_fit(heads: list[HeadRef], geometry: AttentionGeometry, model_name: str) -> None:
+    """Raise ``ValueError`` naming ``hera_heads`` if a head lies outside the model's layers or heads."""
+    for ref in heads:
+        if not (0 <= ref.layer < geometry.num_layers and 0 <= ref.head < geometry.num_heads):
+            raise ValueError(
+                f"hera_heads: {ref} is outside {model_name}, which has layers L0..L{geometry.num_layers - 1} "
+                f"and heads H0..H{geometry.num_heads - 1} per layer (zero-based). Fix or remove {ref}."
+            )

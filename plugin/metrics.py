@@ -1,0 +1,71 @@
+"""Alignment metrics between two representation spaces.
+
+``mutual_knn`` follows the Platonic Representation Hypothesis reference code
+(``minyoungg/platonic-rep``): rows are L2-normalised, the k nearest neighbours of sample i
+are the top-k of row i of the Gram matrix with the diagonal excluded, and the score is the
+mean over samples of the overlap of the two neighbour sets divided by k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def knn_indices(feats: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k nearest neighbours of every row by cosine similarity, self excluded.
+
+    Args:
+        feats: ``[..., N, D]`` features (any float dtype; computed in float32).
+        k: number of neighbours, ``1 <= k <= N - 1``.
+
+    Returns:
+        ``[..., N, k]`` int64 indices into the N axis, most similar first.
+    """
+    num = feats.shape[-2]
+    if not 1 <= k <= num - 1:
+        raise ValueError(f"k={k} needs 1 <= k <= N-1 with N={num} samples; use fewer neighbours or more samples.")
+    unit = F.normalize(feats.float(), dim=-1)
+    gram = unit @ unit.transpose(-1, -2)
+    self_mask = torch.eye(num, dtype=torch.bool, device=gram.device)
+    gram = gram.masked_fill(self_mask, float("-inf"))
+    return gram.topk(k, dim=-1).indices
+
+
+def knn_overlap(knn_a: torch.Tensor, knn_b: torch.Tensor, num: int) -> torch.Tensor:
+    """Per-row overlap ``|A_i ∩ B_i| / k`` of two neighbour index sets.
+
+    Args:
+        knn_a: ``[..., N, k]`` indices; broadcastable against ``knn_b``.
+        knn_b: ``[..., N, k]`` indices.
+        num: N, the size of the index range.
+
+    Returns:
+        ``[..., N]`` float32 overlaps in [0, 1].
+    """
+    k = knn_a.shape[-1]
+    shape_a = (*knn_a.shape[:-1], num)
+    shape_b = (*knn_b.shape[:-1], num)
+    mask_a = torch.zeros(shape_a, dtype=torch.float32, device=knn_a.device).scatter_(-1, knn_a, 1.0)
+    mask_b = torch.zeros(shape_b, dtype=torch.float32, device=knn_b.device).scatter_(-1, knn_b, 1.0)
+    return (mask_a * mask_b).sum(-1) / k
+
+
+def mutual_knn(feats_a: torch.Tensor, feats_b: torch.Tensor, k: int = 10) -> float:
+    """Mutual k-nearest-neighbour alignment of two feature sets over the same N samples.
+
+    Args:
+        feats_a: ``[N, D_a]`` features of side A (e.g. a head's representations).
+        feats_b: ``[N, D_b]`` features of side B (e.g. teacher [CLS] features).
+        k: neighbours per sample (PRH default 10).
+
+    Returns:
+        Mean over samples of ``|kNN_a(i) ∩ kNN_b(i)| / k``, a float in [0, 1].
+    """
+    if feats_a.ndim != 2 or feats_b.ndim != 2:
+        raise ValueError(f"mutual_knn expects 2-D [N, D] inputs, got {tuple(feats_a.shape)} and {tuple(feats_b.shape)}")
+    if feats_a.shape[0] != feats_b.shape[0]:
+        raise ValueError(f"mutual_knn needs the same N on both sides, got {feats_a.shape[0]} and {feats_b.shape[0]}")
+    num = feats_a.shape[0]
+    overlap = knn_overlap(knn_indices(feats_a, k), knn_indices(feats_b, k), num)
+    return float(overlap.mean())

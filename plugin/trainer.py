@@ -1,0 +1,208 @@
+"""Trainer mixin that adds ``lambda * L_HeRA`` to the language-model loss.
+
+Mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer`` (see ``patches/stage.py``). It
+- captures the selected heads' pooled representations during the ordinary forward pass,
+- runs the frozen teacher on the batch's images and builds teacher kNN targets,
+- scales the HeRA term exactly like the LM loss under gradient accumulation,
+- keeps the learnable log-temperature in its own optimizer group, saves it in every checkpoint
+  (``hera_state.json``) and restores it on resume,
+- logs ``lm_loss``, ``hera_loss``, ``hera_temperature``, ``hera_image_samples`` and
+  ``hera_text_only_samples`` every logging step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .args import HeraArguments
+from .capture import HeadCapture, pooling_weights
+from .collator import HERA_BATCH_KEYS
+from .heads import attention_geometry
+from .loss import hera_loss_from_knn
+from .metrics import knn_indices
+from .teacher import load_teacher, per_sample_features
+
+HERA_STATE_NAME = "hera_state.json"
+IGNORE_INDEX = -100
+LOG_KEYS = ("lm_loss", "hera_loss", "hera_temperature", "hera_image_samples", "hera_text_only_samples")
+
+
+class HeraTrainerMixin:
+    """Mix in front of a Hugging Face ``Trainer`` subclass; pass ``hera_args=HeraArguments`` to ``__init__``."""
+
+    def __init__(self, *args: Any, hera_args: HeraArguments, hera_compute_dtype: torch.dtype | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hera_args = hera_args
+        model = self.model
+        self.hera_geometry = attention_geometry(model.config)
+        self.hera_capture = HeadCapture(model, hera_args.head_refs, self.hera_geometry)
+        device = self.args.device
+        dtype = hera_compute_dtype or next(model.parameters()).dtype
+        self.hera_teacher = load_teacher(hera_args.hera_teacher, hera_args.hera_teacher_feature, dtype, device)
+        self.hera_log_tau = nn.Parameter(
+            torch.tensor(math.log(hera_args.hera_temperature), dtype=torch.float32, device=device),
+            requires_grad=hera_args.hera_learn_temperature,
+        )
+        image_token_id = getattr(model.config, "image_token_id", None)
+        self.hera_image_token_id = image_token_id if image_token_id is not None else getattr(
+            model.config, "image_token_index", None
+        )
+        # Sums since the last log: LM loss as it enters backward, HeRA loss, micro-batches with a HeRA term,
+        # image samples and text-only samples in contrastive batches, micro-batches.
+        self._hera_stats = torch.zeros(6, dtype=torch.float64, device=device)
+        self._hera_last_logged_step = 0
+        self._hera_warned_small_batch = False
+
+    # ----------------------------------------------------------------------------- optimizer
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.hera_args.hera_learn_temperature and not any(
+            p is self.hera_log_tau for group in optimizer.param_groups for p in group["params"]
+        ):
+            lr = self.hera_args.hera_temperature_lr or self.args.learning_rate
+            optimizer.add_param_group({"params": [self.hera_log_tau], "lr": lr, "weight_decay": 0.0})
+        return optimizer
+
+    # ----------------------------------------------------------------------------- loss
+    def _hera_pooling_mask(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """``[B, T]`` boolean mask of the tokens pooled into a head representation."""
+        if self.hera_args.hera_pooling == "assistant":
+            return inputs["labels"] != IGNORE_INDEX
+        mask = inputs["attention_mask"].bool() if inputs.get("attention_mask") is not None else torch.ones_like(
+            inputs["input_ids"], dtype=torch.bool)
+        if mask.ndim != 2:  # 4-D block-diagonal masks are rejected at parse time; be safe
+            mask = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+        if self.hera_image_token_id is not None:
+            mask = mask & (inputs["input_ids"] != self.hera_image_token_id)
+        return mask
+
+    def _hera_term(self, reps: torch.Tensor, pixel_values: torch.Tensor | None, counts: torch.Tensor,
+                   token_mask: torch.Tensor) -> tuple[torch.Tensor | None, int, int]:
+        """HeRA loss over the samples that have images and pooled tokens.
+
+        Returns:
+            (loss or None when fewer than 2 such samples, number of image samples used, text-only samples).
+        """
+        has_tokens = token_mask.any(-1)
+        valid = (counts.to(has_tokens.device) > 0) & has_tokens
+        num_valid = int(valid.sum())
+        text_only = int((counts == 0).sum())
+        if num_valid < 2 or pixel_values is None:
+            return None, num_valid, text_only
+        teacher_feats = per_sample_features(self.hera_teacher(pixel_values), counts.to(pixel_values.device))
+        k = self.hera_args.hera_k
+        if num_valid - 1 < k:
+            k = num_valid - 1
+            if not self._hera_warned_small_batch:
+                self._hera_warned_small_batch = True
+                print(f"[llamafactory-hera] warning: only {num_valid} image samples in a contrastive batch, fewer than "
+                      f"hera_k+1={self.hera_args.hera_k + 1}; using k={k} for such batches. Raise the batch size.")
+        with torch.no_grad():
+            neighbours = knn_indices(teacher_feats[valid.to(teacher_feats.device)], k)
+        loss = hera_loss_from_knn(reps[:, valid.to(reps.device)], neighbours.to(reps.device),
+                                  self.hera_log_tau.exp(), self.hera_args.hera_similarity)
+        return loss, num_valid, text_only
+
+    def _trainer_divides_by_accumulation(self, num_items_in_batch: Any) -> bool:
+        """Mirror of ``Trainer.training_step``'s rule for dividing the loss by the accumulation steps."""
+        return (not self.model_accepts_loss_kwargs or num_items_in_batch is None) and self.compute_loss_func is None
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        pixel_values = inputs.pop("hera_pixel_values", None)
+        counts = inputs.pop("hera_image_counts", None)
+        if not model.training or counts is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        token_mask = self._hera_pooling_mask(inputs)
+        self.hera_capture.arm()
+        try:
+            lm_loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                    num_items_in_batch=num_items_in_batch)
+        finally:
+            reps = self.hera_capture.disarm(pooling_weights(token_mask))
+        if reps is None:
+            raise RuntimeError("HeRA hooks did not fire: the model's o_proj modules were not called in the forward.")
+        term, num_images, text_only = self._hera_term(reps, pixel_values, counts, token_mask)
+        # The Trainer divides the returned loss by the accumulation steps unless the model already normalised it
+        # over the whole accumulated batch; in that case the HeRA term is divided here, so that both terms reach
+        # backward with the same 1/accumulation weight.
+        trainer_divides = self._trainer_divides_by_accumulation(num_items_in_batch)
+        accumulation = 1 if trainer_divides else self.current_gradient_accumulation_steps
+        total = lm_loss
+        if term is not None:
+            total = lm_loss + (self.hera_args.hera_lambda * term / accumulation).to(lm_loss.dtype)
+        lm_share = lm_loss.detach().double() / (self.current_gradient_accumulation_steps if trainer_divides else 1)
+        increment = torch.tensor([0.0, 0.0, float(term is not None), num_images, text_only, 1.0],
+                                 dtype=torch.float64).to(self._hera_stats.device, non_blocking=True)
+        increment[0] = lm_share
+        if term is not None:
+            increment[1] = term.detach().double()
+        self._hera_stats += increment
+        return (total, outputs) if return_outputs else total
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        for key in HERA_BATCH_KEYS:
+            inputs.pop(key, None)
+        return super().prediction_step(model, inputs, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # a training log: same decision on every rank, so the reduction below is safe
+            stats = self._hera_stats.clone()
+            world = 1
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(stats)
+                world = torch.distributed.get_world_size()
+            lm_sum, hera_sum, hera_micro, images, text_only, micro = stats.tolist()
+            optimizer_steps = max(self.state.global_step - self._hera_last_logged_step, 1)
+            if micro > 0:
+                # Same normalisation as the Trainer's logged `loss`, so loss == lm_loss + lambda * hera_loss.
+                logs["lm_loss"] = lm_sum / world / optimizer_steps
+                logs["hera_image_samples"] = images / micro
+                logs["hera_text_only_samples"] = text_only / micro
+            if hera_micro > 0:
+                logs["hera_loss"] = hera_sum / hera_micro
+            logs["hera_temperature"] = float(self.hera_log_tau.detach().exp())
+            self._hera_stats.zero_()
+            self._hera_last_logged_step = self.state.global_step
+        super().log(logs, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------- state
+    def hera_state(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume HeRA exactly (JSON-serialisable)."""
+        log_tau = float(self.hera_log_tau.detach().cpu())
+        return {"version": __version__, "log_temperature": log_tau, "temperature": math.exp(log_tau),
+                "heads": list(self.hera_args.hera_heads), "hera_args": self.hera_args.to_dict()}
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            target = output_dir or self.args.output_dir
+            os.makedirs(target, exist_ok=True)
+            with open(os.path.join(target, HERA_STATE_NAME), "w", encoding="utf-8") as handle:
+                json.dump(self.hera_state(), handle, indent=2)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, HERA_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"resume_from_checkpoint: {checkpoint} has no {HERA_STATE_NAME}; it was not "
+                                    "written by a HeRA run. Resume from a HeRA checkpoint or start a fresh run.")
+        with open(path, encoding="utf-8") as handle:
+            state = json.load(handle)
+        if state["heads"] != list(self.hera_args.hera_heads):
+            raise ValueError(f"hera_heads: the checkpoint {checkpoint} trained heads {state['heads']} but the recipe "
+                             f"says {self.hera_args.hera_heads}; resume with the same heads or start a fresh run.")
+        with torch.no_grad():
+            self.hera_log_tau.fill_(state["log_temperature"])

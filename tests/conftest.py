@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny offline assets (built once per session) and a real `llamafactory-cli` runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).with_name("llamafactory-cli"))
+
+
+def offline_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """Environment for a subprocess that must never touch the network."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMAFACTORY_HERA_", "FORCE_TORCHRUN"))}
+    env.update({
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp / "hf_home"), "MPLCONFIGDIR": str(tmp / "mpl"), "DISABLE_VERSION_CHECK": "1",
+        "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true", "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    })
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def assets() -> TinyAssets:
+    """Tiny Qwen3-VL / Qwen2.5-VL / LLaVA, DINOv2 teacher and image–caption data (cached under .hera_assets/)."""
+    return build_tiny_assets(REPO / ".hera_assets" / "tests", seed=0)
+
+
+def base_recipe(assets: TinyAssets, family: str, output_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """A small HeRA recipe for one tiny model family."""
+    recipe: dict[str, Any] = {
+        "model_name_or_path": str(assets.models[family]),
+        "trust_remote_code": True,
+        "stage": "hera",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "dataset": "hera_demo",
+        "dataset_dir": str(assets.dataset_dir),
+        "template": assets.templates[family],
+        "cutoff_len": 256,
+        "max_samples": 64,
+        "overwrite_cache": True,
+        "preprocessing_num_workers": 1,
+        "dataloader_num_workers": 0,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1.0e-3,
+        "max_steps": 3,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "output_dir": str(output_dir),
+        "overwrite_output_dir": True,
+        "report_to": "none",
+        "seed": 0,
+        "hera_heads": ["L1H0", "L1H2"],
+        "hera_teacher": str(assets.teacher),
+        "hera_k": 3,
+    }
+    recipe.update(overrides)
+    return {k: v for k, v in recipe.items() if v is not None}
+
+
+def run_train(recipe: dict[str, Any], tmp: Path, *cli_overrides: str, check: bool = True,
+              env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Write the recipe as YAML and run the stock `llamafactory-cli train` on it."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    proc = subprocess.run([CLI, "train", str(path), *cli_overrides], cwd=tmp, env=env or offline_env(tmp),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"llamafactory-cli failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def read_trainer_log(output_dir: Path) -> list[dict[str, Any]]:
+    """Lines of LLaMA-Factory's trainer_log.jsonl (what LlamaBoard plots)."""
+    path = output_dir / "trainer_log.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_log_history(output_dir: Path) -> list[dict[str, Any]]:
+    """trainer_state.json's log_history."""
+    return json.loads((output_dir / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]

@@ -1,0 +1,108 @@
+"""mutual_knn and hera_loss against slow loop references written straight from the formulas."""
+
+import math
+
+import pytest
+import torch
+
+from llamafactory_hera.loss import hera_loss
+from llamafactory_hera.metrics import mutual_knn
+
+
+def _loop_knn(feats: torch.Tensor, k: int) -> list[set[int]]:
+    rows = [[float(v) for v in r] for r in feats.double()]
+    norms = [math.sqrt(sum(v * v for v in r)) for r in rows]
+    unit = [[v / n for v in r] for r, n in zip(rows, norms, strict=True)]
+    out = []
+    for i, ui in enumerate(unit):
+        sims = [(sum(a * b for a, b in zip(ui, uj, strict=True)), j) for j, uj in enumerate(unit) if j != i]
+        sims.sort(key=lambda s: -s[0])
+        out.append({j for _, j in sims[:k]})
+    return out
+
+
+def _loop_mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    knn_a, knn_b = _loop_knn(a, k), _loop_knn(b, k)
+    return sum(len(x & y) / k for x, y in zip(knn_a, knn_b, strict=True)) / len(knn_a)
+
+
+def _loop_hera(student: torch.Tensor, teacher: torch.Tensor, k: int, tau: float, cosine: bool) -> float:
+    heads = student if student.ndim == 3 else student[None]
+    neighbours = _loop_knn(teacher, k)
+    per_head = []
+    for m in heads.double():
+        rows = [[float(v) for v in r] for r in m]
+        if cosine:
+            rows = [[v / math.sqrt(sum(x * x for x in r)) for v in r] for r in rows]
+        total = 0.0
+        for i, ri in enumerate(rows):
+            s = {z: sum(a * b for a, b in zip(ri, rz, strict=True)) / tau for z, rz in enumerate(rows) if z != i}
+            log_denominator = math.log(sum(math.exp(v) for v in s.values()))
+            total += -sum(s[j] - log_denominator for j in neighbours[i]) / k
+        per_head.append(total / len(rows))
+    return sum(per_head) / len(per_head)
+
+
+@pytest.mark.parametrize("n,k", [(12, 1), (20, 5), (31, 10)])
+def test_mutual_knn_matches_loop(n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    a, b = torch.randn(n, 7, generator=gen), torch.randn(n, 5, generator=gen)
+    assert mutual_knn(a, b, k) == pytest.approx(_loop_mutual_knn(a, b, k), abs=1e-6)
+
+
+def test_mutual_knn_hand_worked() -> None:
+    # Unit vectors at angles 0, 0.1, 1.5, 1.6: nearest-neighbour pairs {0,1} and {2,3}.
+    angles = torch.tensor([0.0, 0.1, 1.5, 1.6])
+    a = torch.stack([angles.cos(), angles.sin()], 1)
+    # Same pairs {0,1} and {2,3} on side B, different pairs {0,2}, {1,3} on side C.
+    b = a.clone()
+    c = torch.stack([torch.tensor([0.0, 1.5, 0.1, 1.6]).cos(), torch.tensor([0.0, 1.5, 0.1, 1.6]).sin()], 1)
+    assert mutual_knn(a, b, 1) == 1.0
+    assert mutual_knn(a, c, 1) == 0.0
+
+
+def test_mutual_knn_is_scale_invariant_and_symmetric() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16, 4, generator=gen), torch.randn(16, 6, generator=gen)
+    assert mutual_knn(a * 7.0, b, 3) == mutual_knn(a, b, 3) == mutual_knn(b, a, 3)
+
+
+@pytest.mark.parametrize("shape", [(12, 6), (3, 12, 6)])
+@pytest.mark.parametrize("cosine", [True, False])
+def test_hera_loss_matches_loop(shape: tuple[int, ...], cosine: bool) -> None:
+    gen = torch.Generator().manual_seed(len(shape))
+    student = torch.randn(*shape, generator=gen) * (1.0 if cosine else 0.3)
+    teacher = torch.randn(shape[-2], 9, generator=gen)
+    got = hera_loss(student, teacher, k=4, temperature=0.5 if not cosine else 0.07,
+                    similarity="cosine" if cosine else "dot")
+    want = _loop_hera(student, teacher, 4, 0.5 if not cosine else 0.07, cosine)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_hera_loss_hand_worked_three_points() -> None:
+    # B=3, k=1, tau=1, cosine on unit vectors at 0, 90 and 180 degrees.
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    # Teacher: 0 and 1 are neighbours; 2's nearest is 1.
+    teacher = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    # i=0: sims to 1,2 = 0,-1 -> -log(e^0/(e^0+e^-1)); i=1: sims to 0,2 = 0,0 -> log 2;
+    # i=2: sims to 0,1 = -1,0 -> target 1 -> -log(e^0/(e^-1+e^0)).
+    expected = (math.log(1 + math.exp(-1)) * 2 + math.log(2)) / 3
+    assert float(hera_loss(student, teacher, k=1, temperature=1.0)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_hera_loss_gradient_reaches_student_and_temperature() -> None:
+    gen = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 11, 8, generator=gen, requires_grad=True)
+    log_tau = torch.tensor(math.log(0.07), requires_grad=True)
+    hera_loss(student, torch.randn(11, 5, generator=gen), k=10, temperature=log_tau.exp()).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert log_tau.grad is not None and log_tau.grad != 0
+
+
+def test_hera_loss_rejects_bad_shapes_and_small_batches() -> None:
+    with pytest.raises(ValueError, match="k=10 needs"):
+        hera_loss(torch.randn(10, 4), torch.randn(10, 3), k=10)
+    with pytest.raises(ValueError, match="teacher must be"):
+        hera_loss(torch.randn(12, 4), torch.randn(11, 3), k=2)
+    with pytest.raises(ValueError, match="student must be"):
+        hera_loss(torch.randn(12), torch.randn(12, 3), k=2)

@@ -1,0 +1,97 @@
+"""Per-head decomposition of o_proj on real forwards of every tiny architecture, with and without LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from llamafactory_hera.capture import HeadCapture, pooling_weights
+from llamafactory_hera.heads import HeadRef, attention_geometry
+from llamafactory_hera.projection import find_o_proj_modules, head_contributions
+
+FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
+
+
+def _load(assets, family: str, lora: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(assets.models[family], dtype=torch.float32).eval()
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], lora_dropout=0.0,
+                                                 init_lora_weights=False))
+    return model
+
+
+def _batch(assets, family: str) -> dict[str, torch.Tensor]:
+    rows = json.loads((assets.dataset_dir / "hera_demo.json").read_text())[:2]
+    processor = AutoProcessor.from_pretrained(assets.models[family])
+    token = "<image>" if family == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
+    texts = [f"{token} {row['messages'][1]['content']}" for row in rows]
+    images = [Image.open(assets.dataset_dir / row["images"][0]).convert("RGB") for row in rows]
+    return processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_contributions_sum_to_o_proj(assets, family: str, lora: bool) -> None:
+    model = _load(assets, family, lora)
+    geometry = attention_geometry(AutoConfig.from_pretrained(assets.models[family]))
+    o_projs = find_o_proj_modules(model)
+    assert len(o_projs) == geometry.num_layers
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = [m.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(i, (a[0], out)))
+               for i, m in enumerate(o_projs)]
+    with torch.no_grad():
+        model(**_batch(assets, family))
+    for handle in handles:
+        handle.remove()
+    assert sorted(seen) == list(range(geometry.num_layers))
+    for layer, (x, out) in seen.items():
+        assert x.shape[-1] == geometry.num_heads * geometry.head_dim
+        parts = head_contributions(o_projs[layer], x, list(range(geometry.num_heads)), geometry.head_dim)
+        bias = getattr(getattr(o_projs[layer], "base_layer", o_projs[layer]), "bias", None)
+        expected = out - (bias if bias is not None else 0)
+        torch.testing.assert_close(parts.sum(0), expected.float(), rtol=1e-4, atol=1e-5)
+        # Each part really is one head: zeroing every other head's input slice reproduces it.
+        head = geometry.num_heads - 1
+        only = torch.zeros_like(x)
+        cols = slice(head * geometry.head_dim, (head + 1) * geometry.head_dim)
+        only[..., cols] = x[..., cols]
+        with torch.no_grad():
+            single = o_projs[layer](only) - (bias if bias is not None else 0)
+        torch.testing.assert_close(parts[head], single.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_equals_explicit_pooled_contributions(assets, family: str) -> None:
+    model = _load(assets, family, lora=True)
+    geometry = attention_geometry(model.config)
+    heads = [HeadRef(0, 1), HeadRef(geometry.num_layers - 1, 0), HeadRef(geometry.num_layers - 1, 2)]
+    batch = _batch(assets, family)
+    mask = batch["attention_mask"].bool() & (torch.rand(batch["input_ids"].shape, generator=torch.Generator()
+                                                         .manual_seed(1)) > 0.3)
+    o_projs = find_o_proj_modules(model)
+    inputs: dict[int, torch.Tensor] = {}
+    handles = [o_projs[h.layer].register_forward_hook(lambda mod, a, out, i=h.layer: inputs.__setitem__(i, a[0]))
+               for h in heads]
+    capture = HeadCapture(model, heads, geometry)
+    capture.arm()
+    with torch.no_grad():
+        model(**batch)
+    got = capture.disarm(pooling_weights(mask))
+    for handle in handles:
+        handle.remove()
+    assert got.shape == (len(heads), mask.shape[0], geometry.hidden_size)
+    for n, ref in enumerate(heads):
+        per_token = head_contributions(o_projs[ref.layer], inputs[ref.layer], [ref.head], geometry.head_dim)[0]
+        for b in range(mask.shape[0]):  # slow reference: explicit mean over the selected tokens
+            want = per_token[b][mask[b]].mean(0)
+            torch.testing.assert_close(got[n, b], want, rtol=1e-4, atol=1e-5)
+    # Disarmed: a second forward (as under gradient-checkpoint recomputation) stores nothing.
+    with torch.no_grad():
+        model(**batch)
+    assert capture.disarm(pooling_weights(mask)) is None
