@@ -10,9 +10,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from .guard import require
+from llamafactory_hera.trainer import LOG_KEYS as HERA_LOG_KEYS
 
-HERA_LOG_KEYS = ("lm_loss", "hera_loss", "hera_temperature", "hera_image_samples", "hera_text_only_samples")
+from .guard import require
 
 
 def apply(callbacks: ModuleType) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from . import __version__
 from .args import HeraArguments
@@ -32,6 +33,31 @@ from .teacher import load_teacher, per_sample_features
 HERA_STATE_NAME = "hera_state.json"
 IGNORE_INDEX = -100
 LOG_KEYS = ("lm_loss", "hera_loss", "hera_temperature", "hera_image_samples", "hera_text_only_samples")
+
+
+class _TemperatureGradHandler(TrainerCallback):
+    """Owns the gradient of the temperature, which lives outside the model.
+
+    - Before each optimizer step it averages the gradient over data-parallel ranks (DDP does not
+      see the parameter). Every rank takes part, with a zero gradient when its micro-batches had
+      no HeRA term, so the collective always matches.
+    - After each step it clears the gradient: the Trainer zeroes gradients with
+      ``model.zero_grad()``, which does not reach this parameter.
+    """
+
+    def __init__(self, log_tau: nn.Parameter) -> None:
+        self.log_tau = log_tau
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if self.log_tau.grad is None:
+            self.log_tau.grad = torch.zeros_like(self.log_tau)
+        torch.distributed.all_reduce(self.log_tau.grad)
+        self.log_tau.grad /= torch.distributed.get_world_size()
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.log_tau.grad = None
 
 
 class HeraTrainerMixin:
@@ -51,6 +77,8 @@ class HeraTrainerMixin:
             torch.tensor(math.log(hera_args.hera_temperature), dtype=torch.float32, device=device),
             requires_grad=hera_args.hera_learn_temperature,
         )
+        if hera_args.hera_learn_temperature:
+            self.add_callback(_TemperatureGradHandler(self.hera_log_tau))
         image_token_id = getattr(model.config, "image_token_id", None)
         self.hera_image_token_id = image_token_id if image_token_id is not None else getattr(
             model.config, "image_token_index", None
@@ -58,7 +86,7 @@ class HeraTrainerMixin:
         # Sums since the last log: LM loss as it enters backward, HeRA loss, micro-batches with a HeRA term,
         # image samples and text-only samples in contrastive batches, micro-batches.
         self._hera_stats = torch.zeros(6, dtype=torch.float64, device=device)
-        self._hera_last_logged_step = 0
+        self._hera_last_logged_step: int | None = None  # set at the first training step (resume-aware)
         self._hera_warned_small_batch = False
 
     # ----------------------------------------------------------------------------- optimizer
@@ -122,6 +150,8 @@ class HeraTrainerMixin:
         if not model.training or counts is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+        if self._hera_last_logged_step is None:
+            self._hera_last_logged_step = self.state.global_step
         token_mask = self._hera_pooling_mask(inputs)
         self.hera_capture.arm()
         try:
@@ -157,13 +187,14 @@ class HeraTrainerMixin:
     # ----------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log: same decision on every rank, so the reduction below is safe
-            stats = self._hera_stats.clone()
+            temperature = self.hera_log_tau.detach().exp().double().reshape(1).to(self._hera_stats.device)
+            stats = torch.cat([self._hera_stats, temperature])
             world = 1
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(stats)
                 world = torch.distributed.get_world_size()
-            lm_sum, hera_sum, hera_micro, images, text_only, micro = stats.tolist()
-            optimizer_steps = max(self.state.global_step - self._hera_last_logged_step, 1)
+            lm_sum, hera_sum, hera_micro, images, text_only, micro, temperature_sum = stats.tolist()
+            optimizer_steps = max(self.state.global_step - (self._hera_last_logged_step or 0), 1)
             if micro > 0:
                 # Same normalisation as the Trainer's logged `loss`, so loss == lm_loss + lambda * hera_loss.
                 logs["lm_loss"] = lm_sum / world / optimizer_steps
@@ -171,7 +202,7 @@ class HeraTrainerMixin:
                 logs["hera_text_only_samples"] = text_only / micro
             if hera_micro > 0:
                 logs["hera_loss"] = hera_sum / hera_micro
-            logs["hera_temperature"] = float(self.hera_log_tau.detach().exp())
+            logs["hera_temperature"] = temperature_sum / world  # mean over ranks (equal when in sync)
             self._hera_stats.zero_()
             self._hera_last_logged_step = self.state.global_step
         super().log(logs, *args, **kwargs)

@@ -15,6 +15,11 @@ import yaml
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
 
 REPO = Path(__file__).resolve().parents[1]
+
+# In-process runs (run_exp) read these at import time of huggingface_hub / transformers.
+for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                     "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}.items():
+    os.environ.setdefault(_key, _value)
 CLI = str(Path(sys.executable).with_name("llamafactory-cli"))
 
 
@@ -26,6 +31,8 @@ def offline_env(tmp: Path, **extra: str) -> dict[str, str]:
         "HF_HOME": str(tmp / "hf_home"), "MPLCONFIGDIR": str(tmp / "mpl"), "DISABLE_VERSION_CHECK": "1",
         "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true", "CUDA_VISIBLE_DEVICES": "",
         "OMP_NUM_THREADS": "1",
+        # the launcher calls `torchrun` by name: use the one of this interpreter's environment
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     })
     env.update(extra)
     return env
