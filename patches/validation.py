@@ -14,9 +14,10 @@ from llamafactory_hera.teacher import check_teacher_source
 
 # (object attribute, holder name, why it cannot work with HeRA)
 _INCOMPATIBLE = (
+    # neat_packing first: LLaMA-Factory turns packing on when neat_packing is set
+    ("neat_packing", "data", "packed sequences mix several samples in one row"),
     ("packing", "data", "packed sequences mix several samples in one row, so per-sample head representations "
      "and teacher neighbours cannot be formed"),
-    ("neat_packing", "data", "packed sequences mix several samples in one row"),
     ("use_mca", "finetuning", "Megatron-Core training does not use the SFT trainer HeRA extends"),
     ("use_hyper_parallel", "finetuning", "the hyper-parallel SFT workflow does not use the trainer HeRA extends"),
     ("use_kt", "model", "KTransformers replaces the attention modules whose o_proj HeRA reads"),

@@ -31,11 +31,24 @@ def check_teacher_source(name_or_path: str) -> None:
             "Give a Hugging Face vision model id that is cached locally or a local folder with config.json "
             "and preprocessor_config.json (e.g. facebook/dinov2-large)."
         ) from None
-    if not any(hasattr(config, attr) for attr in ("image_size", "patch_size", "vision_config")):
+    if not is_vision_encoder_config(config):
         raise ValueError(
-            f"hera_teacher: '{name_or_path}' is a '{config.model_type}' model, not a vision encoder "
-            "(its config has no image_size/patch_size). Use a vision model such as facebook/dinov2-large."
+            f"hera_teacher: '{name_or_path}' is a '{config.model_type}' model, not a vision encoder. "
+            "Use a self-supervised vision model such as facebook/dinov2-large (or a CLIP/SigLIP checkpoint, "
+            "whose image tower is used)."
         )
+
+
+# Dual image-text encoders whose image tower (``.vision_model``) can serve as teacher.
+DUAL_ENCODER_TYPES = frozenset({"clip", "siglip", "siglip2"})
+
+
+def is_vision_encoder_config(config: Any) -> bool:
+    """True for pure vision encoders (config has image_size/patch_size and no text part) and CLIP/SigLIP."""
+    if config.model_type in DUAL_ENCODER_TYPES:
+        return True
+    has_vision_shape = hasattr(config, "image_size") or hasattr(config, "patch_size")
+    return has_vision_shape and not hasattr(config, "text_config") and not hasattr(config, "vocab_size")
 
 
 def open_image(image: Any) -> Image.Image:
