@@ -4,16 +4,15 @@ It registers a meta-path finder that reacts only to a handful of LLaMA-Factory m
 when one of them finishes executing, the matching patch in ``llamafactory_hera.patches`` runs.
 Processes that never import LLaMA-Factory pay one dict lookup per imported module, nothing
 else (no torch, no transformers). ``LLAMAFACTORY_HERA_DISABLE=1`` skips everything.
+
+Start-up cost matters here, so this module imports only what ``site`` has already loaded
+(``os``, ``sys``); ``importlib`` is imported only when a LLaMA-Factory module is being patched, and
+the finder and loader follow the import protocols by duck typing instead of subclassing
+``importlib.abc`` (which would pull in ``typing`` and more).
 """
 
-from __future__ import annotations
-
-import importlib
-import importlib.abc
 import os
 import sys
-from types import ModuleType
-from typing import Any
 
 DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
 
@@ -24,30 +23,30 @@ _TARGETS = {
 }
 
 
-class _PatchingLoader(importlib.abc.Loader):
+class _PatchingLoader:
     """Delegates to the real loader, then applies the patch to the executed module."""
 
-    def __init__(self, loader: Any, patch: str) -> None:
+    def __init__(self, loader, patch: str) -> None:
         self._loader = loader
         self._patch = patch
 
-    def create_module(self, spec: Any) -> ModuleType | None:
+    def create_module(self, spec):
         return self._loader.create_module(spec)
 
-    def exec_module(self, module: ModuleType) -> None:
+    def exec_module(self, module) -> None:
         module.__spec__.loader = self._loader  # restore the real loader for introspection (inspect, resources)
         module.__loader__ = self._loader
         self._loader.exec_module(module)
-        importlib.import_module(f"llamafactory_hera.patches.{self._patch}").apply(module)
+        _apply(self._patch, module)
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str):
         return getattr(self._loader, name)
 
 
-class _PostImportFinder(importlib.abc.MetaPathFinder):
+class _PostImportFinder:
     """Finds target modules with the other finders and wraps their loader."""
 
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+    def find_spec(self, fullname: str, path, target=None):
         patch = _TARGETS.get(fullname)
         if patch is None:
             return None
@@ -62,6 +61,12 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
         return None
 
 
+def _apply(patch: str, module) -> None:
+    import importlib
+
+    importlib.import_module(f"llamafactory_hera.patches.{patch}").apply(module)
+
+
 def _enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in {"1", "true", "yes", "y"}
 
@@ -74,4 +79,4 @@ def install() -> None:
     for name, patch in _TARGETS.items():
         module = sys.modules.get(name)
         if module is not None:
-            importlib.import_module(f"llamafactory_hera.patches.{patch}").apply(module)
+            _apply(patch, module)

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from . import __version__
 from .args import HeraArguments
-from .capture import HeadCapture, pooling_weights
+from .capture import HeadCapture, pooled_token_mask, pooling_weights
 from .collator import HERA_BATCH_KEYS
 from .heads import attention_geometry
 from .loss import hera_loss_from_knn
@@ -31,7 +31,6 @@ from .metrics import knn_indices
 from .teacher import load_teacher, per_sample_features
 
 HERA_STATE_NAME = "hera_state.json"
-IGNORE_INDEX = -100
 LOG_KEYS = ("lm_loss", "hera_loss", "hera_temperature", "hera_image_samples", "hera_text_only_samples")
 
 
@@ -100,18 +99,6 @@ class HeraTrainerMixin:
         return optimizer
 
     # ----------------------------------------------------------------------------- loss
-    def _hera_pooling_mask(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """``[B, T]`` boolean mask of the tokens pooled into a head representation."""
-        if self.hera_args.hera_pooling == "assistant":
-            return inputs["labels"] != IGNORE_INDEX
-        mask = inputs["attention_mask"].bool() if inputs.get("attention_mask") is not None else torch.ones_like(
-            inputs["input_ids"], dtype=torch.bool)
-        if mask.ndim != 2:  # 4-D block-diagonal masks are rejected at parse time; be safe
-            mask = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
-        if self.hera_image_token_id is not None:
-            mask = mask & (inputs["input_ids"] != self.hera_image_token_id)
-        return mask
-
     def _hera_term(self, reps: torch.Tensor, pixel_values: torch.Tensor | None, counts: torch.Tensor,
                    token_mask: torch.Tensor) -> tuple[torch.Tensor | None, int, int]:
         """HeRA loss over the samples that have images and pooled tokens.
@@ -152,7 +139,8 @@ class HeraTrainerMixin:
                                         num_items_in_batch=num_items_in_batch)
         if self._hera_last_logged_step is None:
             self._hera_last_logged_step = self.state.global_step
-        token_mask = self._hera_pooling_mask(inputs)
+        token_mask = pooled_token_mask(inputs["labels"], inputs["input_ids"], inputs.get("attention_mask"),
+                                       self.hera_args.hera_pooling, self.hera_image_token_id)
         self.hera_capture.arm()
         try:
             lm_loss, outputs = super().compute_loss(model, inputs, return_outputs=True,

@@ -106,3 +106,27 @@ def test_hera_loss_rejects_bad_shapes_and_small_batches() -> None:
         hera_loss(torch.randn(12, 4), torch.randn(11, 3), k=2)
     with pytest.raises(ValueError, match="student must be"):
         hera_loss(torch.randn(12), torch.randn(12, 3), k=2)
+
+
+def test_per_sample_features_average_each_samples_images() -> None:
+    from llamafactory_hera.teacher import per_sample_features
+
+    feats = torch.arange(12, dtype=torch.float32).reshape(4, 3)  # 4 images
+    counts = torch.tensor([1, 0, 3])  # sample 0: image 0; sample 1: none; sample 2: images 1..3
+    got = per_sample_features(feats, counts)
+    want = torch.stack([feats[0], torch.zeros(3), feats[1:4].mean(0)])
+    torch.testing.assert_close(got, want)
+
+
+def test_pooled_token_mask_modes() -> None:
+    from llamafactory_hera.capture import pooled_token_mask, pooling_weights
+
+    labels = torch.tensor([[-100, -100, 7, 8, -100]])
+    input_ids = torch.tensor([[1, 99, 99, 5, 0]])  # 99 = image token; last position is padding
+    attention = torch.tensor([[1, 1, 1, 1, 0]])
+    assistant = pooled_token_mask(labels, input_ids, attention, "assistant", 99)
+    text = pooled_token_mask(labels, input_ids, attention, "text", 99)
+    assert assistant.tolist() == [[False, False, True, True, False]]
+    assert text.tolist() == [[True, False, False, True, False]]
+    assert pooling_weights(text).tolist() == [[0.5, 0.0, 0.0, 0.5, 0.0]]
+    assert pooling_weights(torch.zeros(1, 3, dtype=torch.bool)).tolist() == [[0.0, 0.0, 0.0]]

@@ -102,3 +102,28 @@ def test_teacher_must_be_a_vision_encoder(assets, tmp_path: Path) -> None:
     recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", hera_teacher=str(assets.models["qwen2_5_vl"]))
     with pytest.raises(ValueError, match="hera_teacher: .* is a 'qwen2_5_vl' model, not a vision encoder"):
         run_exp(recipe)
+
+
+class LogProbe(TrainerCallback):
+    """Keeps every training log dict."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict[str, float]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.logs.append(dict(logs))
+
+
+def test_optional_settings_train(assets, tmp_path: Path) -> None:
+    """Frozen temperature, mean-of-patches teacher feature, raw dot similarity and all-text pooling."""
+    from llamafactory.train.tuner import run_exp
+
+    probe = LogProbe()
+    recipe = base_recipe(assets, "qwen3_vl", tmp_path / "out", hera_learn_temperature=False,
+                         hera_teacher_feature="mean", hera_similarity="dot", hera_pooling="text", hera_temperature=2.0)
+    run_exp(recipe, callbacks=[probe])
+    assert len(probe.logs) == 3
+    for logs in probe.logs:
+        assert logs["hera_temperature"] == pytest.approx(2.0, abs=1e-6)
+        assert 0 < logs["hera_loss"] < 1e4
