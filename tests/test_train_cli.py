@@ -37,10 +37,15 @@ def test_lambda_zero_equals_the_sft_baseline_twin_step_for_step(assets, tmp_path
 def test_hera_run_logs_plots_and_records(assets, tmp_path: Path, family: str, finetuning: str,
                                          accumulation: int) -> None:
     out = tmp_path / "out"
+    evaluation = {"val_size": 0.25, "eval_strategy": "steps", "eval_steps": 3, "per_device_eval_batch_size": 4}
     recipe = base_recipe(assets, family, out, finetuning_type=finetuning, hera_lambda=0.5, plot_loss=True,
                          per_device_train_batch_size=8 // accumulation, gradient_accumulation_steps=accumulation,
-                         hera_k=2 if accumulation > 1 else 3, max_steps=3, hera_temperature_lr=0.05)
+                         hera_k=2 if accumulation > 1 else 3, max_steps=3, hera_temperature_lr=0.05,
+                         **(evaluation if family == "qwen3_vl" else {}))
     run_train(recipe, tmp_path)
+    if family == "qwen3_vl":  # the SFT workflow's evaluation runs whole inside a HeRA run
+        evals = [entry for entry in read_log_history(out) if "eval_loss" in entry]
+        assert len(evals) == 1 and math.isfinite(evals[0]["eval_loss"])
     lines = _train_lines(out)
     assert [line["current_steps"] for line in lines] == [1, 2, 3]
     for line in lines:
