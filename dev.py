@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Developer entry point for a fresh clone; needs only a Python >= 3.11 (standard library).
+
+    python3 dev.py test [PYTEST ARGS...]   set up .venv, then ruff + pytest (offline)
+    python3 dev.py demo [DEMO ARGS...]     set up .venv, then python -m llamafactory_hera.demo
+
+Set-up (every run, each phase timed): create ``.venv`` in the repository root if it is missing
+(reused otherwise), upgrade pip, install the torch trio pinned by ``constraints-torch.txt``, install
+this package with its test extras NON-editable (``pip install -c constraints-torch.txt ".[test]"``,
+so the ``.pth`` start-up hook is installed exactly as users get it), then force-reinstall the package
+alone so the venv always holds the current tree.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import venv
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+CONSTRAINTS = ROOT / "constraints-torch.txt"
+TORCH_TRIO = ("torch", "torchvision", "torchaudio")
+LINT_PATHS = ("plugin", "patches", "tests", "bench", "dev.py")
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DISABLE_VERSION_CHECK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+USAGE = __doc__.split("\n\n")[1]
+PYTEST_NO_TESTS = 5
+
+_timings: list[tuple[str, float]] = []
+
+
+def log(message: str) -> None:
+    """Print a dev.py line (flushed, so it interleaves correctly with child output)."""
+    print(f"[dev.py] {message}", flush=True)
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Time one phase and report it."""
+    log(f"--> {name}")
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - start
+        _timings.append((name, elapsed))
+        log(f"<-- {name}: {elapsed:.1f}s")
+
+
+def run(cmd: Sequence[str | Path], env: dict[str, str] | None = None, check: bool = True) -> int:
+    """Run a command from the repository root, echoing it; raise SystemExit on failure if ``check``."""
+    args = [str(c) for c in cmd]
+    log("$ " + shlex.join(args))
+    code = subprocess.call(args, cwd=ROOT, env=env)
+    if check and code != 0:
+        log(f"command failed with exit code {code}: {shlex.join(args)}")
+        raise SystemExit(code)
+    return code
+
+
+def venv_bin(name: str) -> Path:
+    """Path of an executable inside ``.venv``."""
+    scripts = VENV / ("Scripts" if os.name == "nt" else "bin")
+    return scripts / (f"{name}.exe" if os.name == "nt" else name)
+
+
+def setup() -> Path:
+    """Create/reuse ``.venv`` and install the current tree into it; return the venv's python."""
+    python = venv_bin("python")
+    with phase("venv"):
+        if python.is_file():
+            log(f"reusing {VENV}")
+        else:
+            log(f"creating {VENV}")
+            venv.EnvBuilder(with_pip=True, clear=VENV.exists()).create(VENV)
+    pip = [python, "-m", "pip", "install", "--disable-pip-version-check"]
+    with phase("pip upgrade"):
+        run([*pip, "-q", "--upgrade", "pip"])
+    with phase("torch trio"):
+        run([*pip, "-q", "-c", CONSTRAINTS, *TORCH_TRIO])
+    with phase("dependencies"):
+        run([*pip, "-q", "-c", CONSTRAINTS, ".[test]"])
+    with phase("reinstall package"):
+        run([*pip, "-q", "--no-deps", "--force-reinstall", "."])
+    return python
+
+
+@contextmanager
+def offline_env() -> Iterator[dict[str, str]]:
+    """Environment without network access, with HF/matplotlib caches in a temporary folder."""
+    tmp = Path(tempfile.mkdtemp(prefix="hera-dev-"))
+    env = dict(os.environ)
+    env.update(OFFLINE_ENV)
+    env["HF_HOME"] = str(tmp / "hf_home")
+    env["MPLCONFIGDIR"] = str(tmp / "mpl")
+    env["VIRTUAL_ENV"] = str(VENV)
+    env["PATH"] = str(venv_bin("python").parent) + os.pathsep + env.get("PATH", "")
+    try:
+        yield env
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cmd_test(python: Path, pytest_args: list[str]) -> int:
+    """Ruff, then pytest; both always run. Exit code: pytest's, else ruff's; 'no tests' is a failure."""
+    with offline_env() as env:
+        lint_paths = [p for p in LINT_PATHS if (ROOT / p).exists()]
+        with phase("ruff"):
+            ruff_code = run([venv_bin("ruff"), "check", *lint_paths], env=env, check=False)
+        with phase("pytest"):
+            test_code = run([python, "-m", "pytest", "-q", *pytest_args], env=env, check=False)
+    if test_code == PYTEST_NO_TESTS:
+        log("pytest collected no tests (exit code 5); treating that as a failure")
+        return 1
+    if test_code != 0:
+        log(f"pytest failed (exit code {test_code})" + ("; ruff failed too" if ruff_code else ""))
+        return test_code
+    if ruff_code != 0:
+        log(f"tests passed but ruff check failed (exit code {ruff_code})")
+        return ruff_code
+    return 0
+
+
+def cmd_demo(python: Path, demo_args: list[str]) -> int:
+    """Run ``python -m llamafactory_hera.demo`` inside the venv."""
+    with offline_env() as env, phase("demo"):
+        return run([python, "-m", "llamafactory_hera.demo", *demo_args], env=env, check=False)
+
+
+def main(argv: list[str]) -> int:
+    """Dispatch ``test`` / ``demo``; everything after the command goes to pytest / the demo."""
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py may be started by any python3
+        print(f"dev.py needs Python >= 3.11, this is {sys.version.split()[0]}", file=sys.stderr)
+        return 2
+    if argv and argv[0] in {"-h", "--help", "help"}:
+        print(f"usage:\n{USAGE}")
+        return 0
+    if not argv or argv[0] not in {"test", "demo"}:
+        print(f"usage:\n{USAGE}", file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    start = time.perf_counter()
+    try:
+        python = setup()
+        code = cmd_test(python, rest) if command == "test" else cmd_demo(python, rest)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except KeyboardInterrupt:
+        code = 130
+    log("timings: " + ", ".join(f"{name} {secs:.1f}s" for name, secs in _timings)
+        + f"; total {time.perf_counter() - start:.1f}s")
+    log(f"exit code {code}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
