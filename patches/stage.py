@@ -79,11 +79,18 @@ def _hera_classes(workflow: ModuleType, hera_args: HeraArguments, compute_dtype:
     return collator, HeraSeq2SeqTrainer
 
 
-def _write_run_record(output_dir: str, hera_args: HeraArguments) -> None:
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, str | int | float | bool | list | type(None)) else str(value)
+
+
+def _write_run_record(output_dir: str, hera_args: HeraArguments,
+                      host_keys: tuple[tuple[Any, tuple[str, ...]], ...]) -> None:
+    """``hera_run.json``: the HeRA settings and the host settings needed to re-score the run's heads."""
     os.makedirs(output_dir, exist_ok=True)
     from llamafactory_hera import __version__
 
-    record = {"stage": "hera", "llamafactory_hera_version": __version__, **hera_args.to_dict()}
+    record = {"stage": "hera", "llamafactory_hera_version": __version__, **hera_args.to_dict(),
+              "host": {key: _plain(getattr(holder, key, None)) for holder, keys in host_keys for key in keys}}
     with open(os.path.join(output_dir, HERA_RUN_RECORD), "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2)
 
@@ -99,9 +106,20 @@ def apply(tuner: ModuleType) -> None:
 
     def run_hera(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any, generating_args: Any,
                  callbacks: Any = None, *, hera_args: HeraArguments) -> None:
+        if hera_args.auto_heads:
+            from llamafactory_hera.patches.selection import RecipeArgs
+            from llamafactory_hera.selection.auto import resolve_auto_heads
+
+            hera_args.hera_heads = resolve_auto_heads(
+                RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,
+                str(training_args.device), training_args.output_dir, training_args.process_index == 0)
         collator, trainer = _hera_classes(workflow, hera_args, model_args.compute_dtype)
         if training_args.should_save:
-            _write_run_record(training_args.output_dir, hera_args)
+            _write_run_record(training_args.output_dir, hera_args, (
+                (model_args, ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),
+                (data_args, ("template", "dataset", "eval_dataset", "dataset_dir", "media_dir", "cutoff_len")),
+                (finetuning_args, ("finetuning_type",)),
+                (training_args, ("seed", "output_dir"))))
         with _swapped(workflow, SFTDataCollatorWith4DAttentionMask=collator, CustomSeq2SeqTrainer=trainer):
             workflow.run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
         if training_args.do_train and finetuning_args.plot_loss and training_args.process_index == 0:

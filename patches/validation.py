@@ -63,7 +63,12 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
 
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
-    check_heads_fit(hera_args.head_refs, attention_geometry(config), str(model_args.model_name_or_path))
+    geometry = attention_geometry(config)
+    if not hera_args.auto_heads:
+        check_heads_fit(hera_args.head_refs, geometry, str(model_args.model_name_or_path))
+    elif hera_args.hera_select_num_heads > geometry.num_layers * geometry.num_heads:
+        raise ValueError(f"hera_select_num_heads: got {hera_args.hera_select_num_heads}; allowed range is 1.."
+                         f"{geometry.num_layers * geometry.num_heads} (the heads of {model_args.model_name_or_path}).")
     check_teacher_source(hera_args.hera_teacher)
 
     if not getattr(model_args, "disable_gradient_checkpointing", True) and getattr(model_args, "use_reentrant_gc",

@@ -14,16 +14,18 @@ from typing import Any
 from .heads import HeadRef, parse_head
 
 HERA_PREFIX = "hera_"
+AUTO = "auto"
 
 
 @dataclass
 class HeraArguments:
     """Settings of the HeRA objective (paper defaults)."""
 
-    hera_heads: list[str] = field(
+    hera_heads: list[str] | str = field(
         default_factory=list,
-        metadata={"help": "Heads to align, zero-based, e.g. [L13H12, L7H6] (a comma-separated string works too). "
-                  "Required with stage: hera. Choose them with `llamafactory-hera select` (least MKNN-aligned)."},
+        metadata={"help": "Heads to align, zero-based, e.g. [L13H12, L7H6] (a comma-separated string works too), or "
+                  "auto: select them by MKNN at the start of training (hera_select_* keys). Required with stage: "
+                  "hera. `llamafactory-hera select RECIPE` writes them into the recipe."},
     )
     hera_teacher: str = field(
         default="facebook/dinov2-large",
@@ -65,9 +67,37 @@ class HeraArguments:
                   "choices": ("assistant", "text")},
     )
 
+    hera_select_samples: int = field(
+        default=1000, metadata={"help": "With hera_heads: auto, image-caption pairs used to score the heads (paper: "
+                                "1000).", "min": 2}
+    )
+    hera_select_num_heads: int = field(
+        default=5, metadata={"help": "With hera_heads: auto, number of heads to align (paper: 5).", "min": 1}
+    )
+    hera_select_strategy: str = field(
+        default="worst",
+        metadata={"help": "With hera_heads: auto, which heads: 'worst' (least MKNN-aligned, paper), 'best' or "
+                  "'random' (ablations).", "choices": ("worst", "best", "random")},
+    )
+    hera_select_mode: str = field(
+        default="text",
+        metadata={"help": "With hera_heads: auto, 'text' (captions alone through the language model, paper) or "
+                  "'multimodal' (image + caption through the MLLM).", "choices": ("text", "multimodal")},
+    )
+    hera_select_batch_size: int = field(
+        default=16, metadata={"help": "With hera_heads: auto, batch size of the scoring forward passes.", "min": 1}
+    )
+
+    @property
+    def auto_heads(self) -> bool:
+        """True when the heads are to be selected at the start of training."""
+        return self.hera_heads == AUTO
+
     @property
     def head_refs(self) -> list[HeadRef]:
-        """The parsed heads, in recipe order."""
+        """The parsed heads, in recipe order (not available before auto selection has run)."""
+        if self.auto_heads:
+            raise ValueError("hera_heads: auto has not been resolved yet")
         return [parse_head(h) for h in self.hera_heads]
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,13 +141,12 @@ def _coerce_number(key: str, value: Any, kind: type, meta: dict[str, Any]) -> in
     return number
 
 
-def _coerce_heads(value: Any) -> list[str]:
+def _coerce_heads(value: Any) -> list[str] | str:
     key = "hera_heads"
     if isinstance(value, str):
         text = value.strip().strip("[]")
-        if text.lower() == "auto":
-            raise _fail(key, value, "automatic head selection is not available yet; run the selection and list the "
-                        "heads explicitly, e.g. hera_heads: [L13H12, L7H6].")
+        if text.lower() == AUTO:
+            return AUTO
         items = [t for t in (p.strip().strip("'\"") for p in text.split(",")) if t]
     elif isinstance(value, list | tuple):
         items = [str(v).strip() for v in value]

@@ -12,6 +12,22 @@ import torch
 from torch import nn
 
 
+def text_decoder(model: nn.Module) -> nn.Module:
+    """The text decoder (the module with ``layers``) of a plain or PEFT-wrapped (M)LLM.
+
+    Raises:
+        ValueError: when the model exposes no decoder with ``layers``.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if getattr(decoder, "layers", None) is None:
+        raise ValueError(
+            f"{type(base).__name__} has no text decoder with `layers` (looked at get_decoder().layers); "
+            "HeRA needs decoder layers whose attention has an `o_proj` output projection."
+        )
+    return decoder
+
+
 def find_o_proj_modules(model: nn.Module) -> list[nn.Module]:
     """``o_proj`` of every text-decoder layer, in layer order.
 
@@ -21,20 +37,12 @@ def find_o_proj_modules(model: nn.Module) -> list[nn.Module]:
     Raises:
         ValueError: when the model has no ``layers[i].self_attn.o_proj`` in its text decoder.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ValueError(
-            f"{type(base).__name__} has no text decoder with `layers` (looked at get_decoder().layers); "
-            "HeRA needs decoder layers whose attention has an `o_proj` output projection."
-        )
     modules = []
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(text_decoder(model).layers):
         o_proj = getattr(getattr(layer, "self_attn", None), "o_proj", None)
         if o_proj is None:
             raise ValueError(
-                f"{type(base).__name__}: decoder layer {index} has no `self_attn.o_proj`; HeRA splits the attention "
+                f"{type(model).__name__}: decoder layer {index} has no `self_attn.o_proj`; HeRA splits the attention "
                 "output projection by head and cannot run on this architecture."
             )
         modules.append(o_proj)

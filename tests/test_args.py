@@ -50,12 +50,18 @@ def test_invalid_values_name_key_value_and_range(key: str, value: object, messag
     ([], "list at least one head"),
     (["L1"], "'L1' is not a head; write heads as L<layer>H<head>"),
     (["L1H2", "L1H2"], "repeated: L1H2"),
-    ("auto", "automatic head selection is not available yet"),
     (7, "expected a list of heads"),
 ])
 def test_bad_heads(heads: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_hera_arguments({"hera_heads": heads})
+
+
+def test_auto_heads() -> None:
+    args = parse_hera_arguments({"hera_heads": "auto", "hera_select_strategy": "random"})
+    assert args.auto_heads and args.hera_select_strategy == "random" and args.hera_select_samples == 1000
+    with pytest.raises(ValueError, match="has not been resolved"):
+        args.head_refs  # noqa: B018
 
 
 def test_missing_heads() -> None:

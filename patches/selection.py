@@ -1,0 +1,110 @@
+"""What head selection needs from LLaMA-Factory: the recipe's arguments, its model and its data.
+
+Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified by :func:`check_host`):
+- ``llamafactory.hparams``: ``ModelArguments``, ``DataArguments``, ``FinetuningArguments`` dataclasses
+  and ``get_infer_args(dict)``;
+- ``llamafactory.model``: ``load_tokenizer(model_args)``, ``load_model(tokenizer, model_args,
+  finetuning_args, is_trainable)``;
+- ``llamafactory.data``: ``get_template_and_fix_tokenizer``, ``get_dataset(template, model_args,
+  data_args, training_args, stage, **tokenizer_module)`` and ``SFTDataCollatorWith4DAttentionMask``;
+- ``llamafactory.data.loader._get_merged_dataset(names, model_args, data_args, training_args, stage)``
+  returning the aligned columns ``_prompt``, ``_response`` and ``_images``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from llamafactory_hera.args import HERA_PREFIX
+
+from .guard import require
+
+
+@dataclass
+class RecipeArgs:
+    """LLaMA-Factory's parsed arguments for reading a recipe's model and data (no training)."""
+
+    model_args: Any
+    data_args: Any
+    finetuning_args: Any
+
+
+def check_host() -> None:
+    """Raise ``HostMismatchError`` unless every host name this module uses exists."""
+    hparams = importlib.import_module("llamafactory.hparams")
+    model = importlib.import_module("llamafactory.model")
+    data = importlib.import_module("llamafactory.data")
+    loader = importlib.import_module("llamafactory.data.loader")
+    require(hparams, ("ModelArguments", "DataArguments", "FinetuningArguments", "get_infer_args"), "selection")
+    require(model, ("load_tokenizer", "load_model"), "selection")
+    require(data, ("get_template_and_fix_tokenizer", "get_dataset", "SFTDataCollatorWith4DAttentionMask"),
+            "selection")
+    require(loader, ("_get_merged_dataset",), "selection")
+
+
+def parse_recipe(recipe: dict[str, Any]) -> RecipeArgs:
+    """Parse the model/data/fine-tuning keys of a recipe; training-only and ``hera_*`` keys are ignored.
+
+    ``max_samples`` is dropped so that calibration pairs are drawn from the whole dataset.
+    """
+    check_host()
+    hparams = importlib.import_module("llamafactory.hparams")
+    known = {f.name for cls in (hparams.ModelArguments, hparams.DataArguments, hparams.FinetuningArguments)
+             for f in dataclasses.fields(cls)}
+    keys = {k: v for k, v in recipe.items() if k in known and not k.startswith(HERA_PREFIX)}
+    if str(keys.get("stage", "")).lower() == "hera":
+        keys["stage"] = "sft"
+    keys.pop("max_samples", None)
+    model_args, data_args, finetuning_args, _ = hparams.get_infer_args(keys)
+    return RecipeArgs(model_args, data_args, finetuning_args)
+
+
+def training_args_for_reading(seed: int) -> Any:
+    """Minimal ``Seq2SeqTrainingArguments`` that LLaMA-Factory's data loader expects."""
+    from transformers import Seq2SeqTrainingArguments
+
+    args = Seq2SeqTrainingArguments(output_dir=tempfile.mkdtemp(prefix="hera_select_"), seed=seed, report_to=[])
+    # Selection runs on one rank only (hera_heads: auto runs it on rank 0 while the others wait in a broadcast):
+    # the loader's "main process first" barrier would hang, so it is a no-op here.
+    args.main_process_first = lambda *a, **k: contextlib.nullcontext()
+    return args
+
+
+def load_aligned_rows(args: RecipeArgs, seed: int, dataset: list[str] | None = None) -> Any:
+    """The recipe's datasets in LLaMA-Factory's aligned format (``_prompt``, ``_response``, ``_images``)."""
+    loader = importlib.import_module("llamafactory.data.loader")
+    names = dataset or args.data_args.dataset
+    if not names:
+        raise ValueError("dataset: the recipe names no dataset; head selection needs image-caption pairs.")
+    return loader._get_merged_dataset(names, args.model_args, args.data_args, training_args_for_reading(seed),
+                                      stage="sft")
+
+
+def load_model_for_scoring(args: RecipeArgs, device: str) -> tuple[Any, dict[str, Any], Any]:
+    """(model in eval mode on ``device``, tokenizer module, template) exactly as LLaMA-Factory loads them."""
+    model_module = importlib.import_module("llamafactory.model")
+    data = importlib.import_module("llamafactory.data")
+    args.model_args.device_map = {"": device}
+    tokenizer_module = model_module.load_tokenizer(args.model_args)
+    template = data.get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], args.data_args)
+    model = model_module.load_model(tokenizer_module["tokenizer"], args.model_args, args.finetuning_args,
+                                    is_trainable=False)
+    return model.eval(), tokenizer_module, template
+
+
+def multimodal_dataset_and_collator(args: RecipeArgs, model: Any, tokenizer_module: dict[str, Any], template: Any,
+                                    seed: int, dataset: list[str] | None = None) -> tuple[Any, Any]:
+    """Tokenized SFT dataset (with ``images``) and the SFT collator, as training builds them."""
+    data = importlib.import_module("llamafactory.data")
+    if dataset:
+        args.data_args.dataset = dataset
+    module = data.get_dataset(template, args.model_args, args.data_args, training_args_for_reading(seed), stage="sft",
+                              **tokenizer_module)
+    collator = data.SFTDataCollatorWith4DAttentionMask(template=template, model=model, pad_to_multiple_of=8,
+                                                      label_pad_token_id=-100, **tokenizer_module)
+    return module["train_dataset"], collator

@@ -1,0 +1,117 @@
+"""``hera_heads: auto``: select heads at the start of training, once, on global rank 0.
+
+Other ranks receive the result by broadcast. A result is cached (``$LLAMAFACTORY_HERA_CACHE``,
+default ``~/.cache/llamafactory_hera/selection``) under a key made of everything the scores
+depend on: model and adapter files, teacher, calibration data, sample count, k, mode, seed and
+teacher feature. The random state of the run is restored afterwards, so a cache hit and a miss
+train identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..args import HeraArguments
+from .select import SelectionOptions, SelectionResult, cache_key, prepare, result_from_scores, score_heads, settings_of
+
+CACHE_ENV = "LLAMAFACTORY_HERA_CACHE"
+RECORD_NAME = "hera_selection.json"
+HEATMAP_NAME = "hera_selection.png"
+
+
+def cache_dir() -> Path:
+    """Folder of cached selection results."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "llamafactory_hera")
+    return Path(root) / "selection"
+
+
+@contextlib.contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's (CPU and CUDA) random state on exit."""
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def options_for_training(hera_args: HeraArguments, seed: int, device: str) -> SelectionOptions:
+    """Selection settings of a run: the hera_select_* keys, hera_k, the teacher and the run's seed."""
+    return SelectionOptions(num_samples=hera_args.hera_select_samples, num_heads=hera_args.hera_select_num_heads,
+                            strategy=hera_args.hera_select_strategy, mode=hera_args.hera_select_mode, seed=seed,
+                            batch_size=hera_args.hera_select_batch_size, device=device, k=hera_args.hera_k,
+                            teacher=hera_args.hera_teacher, teacher_feature=hera_args.hera_teacher_feature,
+                            progress=True)
+
+
+def select_with_cache(recipe_args: Any, options: SelectionOptions) -> tuple[SelectionResult, bool]:
+    """Selection result (from the cache when the key matches) and whether it came from the cache."""
+    from .recipe_edit import write_text_atomic
+
+    start = time.perf_counter()
+    pairs, identity = prepare(recipe_args, options)
+    settings = settings_of(options, options.resolved_device())
+    path = cache_dir() / f"{cache_key(settings, identity)}.json"
+    if path.is_file():
+        cached = SelectionResult.from_json(path.read_text(encoding="utf-8"))
+        scores = torch.tensor(cached.scores)
+        return result_from_scores(scores, options, settings, identity, len(pairs), cached.duration_s), True
+    scores = score_heads(recipe_args, options, pairs)
+    result = result_from_scores(scores, options, settings, identity, len(pairs), time.perf_counter() - start)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, result.to_json() + "\n")
+    return result, False
+
+
+def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, device: str, output_dir: str,
+                       is_main: bool) -> list[str]:
+    """Run (or reuse) the selection on the main process and share the heads with every rank."""
+    payload: list[Any] = [None, None]
+    if is_main:
+        try:
+            args = copy.deepcopy(recipe_args)
+            args.data_args.max_samples = None
+            with preserved_random_state():
+                result, cached = select_with_cache(args, options_for_training(hera_args, seed, device))
+            _record(result, cached, output_dir)
+            payload = [result.selected, None]
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            payload = [None, f"{type(err).__name__}: {err}"]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(payload, src=0)
+    heads, error = payload
+    if error is not None:
+        raise RuntimeError(f"hera_heads: auto: head selection failed on rank 0: {error}")
+    return list(heads)
+
+
+def _record(result: SelectionResult, cached: bool, output_dir: str) -> None:
+    import numpy as np
+
+    from ..heads import parse_head
+    from .plots import plot_head_heatmap
+    from .recipe_edit import write_text_atomic
+
+    os.makedirs(output_dir, exist_ok=True)
+    write_text_atomic(Path(output_dir) / RECORD_NAME, result.to_json() + "\n")
+    selected = [(parse_head(h).layer, parse_head(h).head) for h in result.selected]
+    plot_head_heatmap(np.asarray(result.scores), selected, Path(output_dir) / HEATMAP_NAME,
+                      f"MKNN per head ({result.settings['mode']}, {result.num_pairs} pairs, k={result.settings['k']}); "
+                      f"{result.strategy}-{len(result.selected)}")
+    source = "reusing cached head selection" if cached else "selected heads"
+    print(f"[llamafactory-hera] hera_heads: auto -> [{', '.join(result.selected)}] ({source}; record: "
+          f"{Path(output_dir) / RECORD_NAME})", flush=True)

@@ -1,0 +1,87 @@
+"""``llamafactory-hera select RECIPE``: score, choose, write the recipe, the record and the heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..heads import parse_head
+from .plots import format_head_table, plot_head_heatmap
+from .recipe_edit import HeadsExistError, read_heads_entry, update_recipe, write_text_atomic
+from .select import SelectionResult, run_selection
+
+
+def record_paths(recipe_path: Path) -> tuple[Path, Path]:
+    """(JSON record, heatmap PNG) written next to a recipe."""
+    stem = recipe_path.with_suffix("")
+    return Path(f"{stem}.hera_selection.json"), Path(f"{stem}.hera_selection.png")
+
+
+def load_recipe(path: Path) -> tuple[str, dict[str, Any]]:
+    """The recipe's text and mapping; clear errors for a missing or non-mapping file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    mapping = yaml.safe_load(text)
+    if not isinstance(mapping, dict):
+        raise ValueError(f"recipe {path} is not a YAML mapping of LLaMA-Factory keys")
+    return text, mapping
+
+
+def chosen_table(result: SelectionResult) -> str:
+    """The chosen heads with their MKNN and rank among all heads (1 = least aligned)."""
+    rank = {row["head"]: i + 1 for i, row in enumerate(result.ranking)}
+    rows = [{"head": head, "MKNN": result.scores[parse_head(head).layer][parse_head(head).head],
+             "rank": f"{rank[head]}/{len(rank)}"} for head in result.selected]
+    return format_head_table(rows, ["head", "MKNN", "rank"])
+
+
+def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, title: str) -> None:
+    """Record (atomic) and heatmap, saying when an earlier one is replaced."""
+    import numpy as np
+
+    for path in (json_path, png_path):
+        if path.exists():
+            print(f"replacing {path}")
+    write_text_atomic(json_path, result.to_json() + "\n")
+    selected = [(parse_head(h).layer, parse_head(h).head) for h in result.selected]
+    plot_head_heatmap(np.asarray(result.scores), selected, png_path, title)
+
+
+def run_select(args: Any) -> SelectionResult:
+    """Run the ``select`` command (see :mod:`llamafactory_hera.cli`)."""
+    from llamafactory_hera.cli import options_from
+    from llamafactory_hera.patches.selection import parse_recipe
+
+    text, recipe = load_recipe(args.recipe)
+    target = args.output or args.recipe
+    if not args.dry_run and not args.force:  # refuse before any heavy work
+        if args.output is not None and args.output.exists():
+            raise FileExistsError(f"--output {args.output} exists; pass --force to replace it")
+        current = read_heads_entry(target.read_text(encoding="utf-8") if target.exists() else text)
+        if isinstance(current, list) and current:
+            raise HeadsExistError(f"{target} already lists hera_heads: [{', '.join(current)}]; pass --force to "
+                                  "replace them or --output NEW.yaml to write a new recipe")
+    options = options_from(args, recipe)
+    recipe_args = parse_recipe(recipe)
+    _quiet_transformers()
+    result = run_selection(recipe_args, options)
+    print(chosen_table(result))
+    json_path, png_path = record_paths(target)
+    if not args.dry_run:
+        written = update_recipe(args.recipe, result.selected, force=args.force, output=args.output)
+        print(f"hera_heads: [{', '.join(result.selected)}] written to {written}")
+    write_outputs(result, json_path, png_path,
+                  f"MKNN per head: {Path(str(recipe_args.model_args.model_name_or_path)).name} "
+                  f"({options.mode}, {result.num_pairs} pairs, k={options.k}); {options.strategy}-{options.num_heads}")
+    print(f"record: {json_path}\nheatmap: {png_path}\n({result.duration_s:.1f} s)")
+    return result
+
+
+def _quiet_transformers() -> None:
+    """LLaMA-Factory's parser sets transformers to INFO; selection output stays readable at WARNING."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning()

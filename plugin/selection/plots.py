@@ -1,0 +1,278 @@
+"""Figures and text tables for head selection: per-head MKNN heatmaps and before/after comparisons.
+
+Matplotlib runs headless (Agg) and is imported only when a figure is drawn, so importing this module is cheap.
+Layers run down the y axis (L0 at the top), heads along the x axis; selected heads are boxed and labelled
+``L<layer>H<head>`` with labels placed so that they avoid each other and the boxes where there is room.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_MAX_TICKS = 20
+_MAX_LABELS = 40  # more selected heads than this are boxed but not labelled (the labels would bury the map)
+_MAX_ANNOTATED_CELLS = 256  # maps this small show each cell's value inside it; boxes then suffice as labels
+_BOX_COLOR = "#e4002b"
+_DIFF_BOX_COLOR = "black"
+
+
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _check(scores: np.ndarray, selected: list[tuple[int, int]], name: str) -> np.ndarray:
+    array = np.asarray(scores, dtype=float)
+    if array.ndim != 2 or 0 in array.shape:
+        raise ValueError(f"{name} must be a [layers, heads] array, got shape {array.shape}")
+    layers, heads = array.shape
+    for layer, head in selected:
+        if not (0 <= layer < layers and 0 <= head < heads):
+            raise ValueError(f"selected head L{layer}H{head} is outside the {layers} x {heads} {name} map")
+    return array
+
+
+def _map_size(layers: int, heads: int, max_side: float) -> tuple[float, float]:
+    """Inches (width, height) for one map: square cells of at most 0.3 in, the longer side at most ``max_side``."""
+    cell = min(0.3, max_side / heads, max_side / layers)
+    return max(cell * heads, 2.6), max(cell * layers, 2.2)
+
+
+def _ticks(ax: Any, layers: int, heads: int) -> None:
+    """Integer ticks on both axes, thinned to at most ``_MAX_TICKS`` per axis."""
+    for count, set_ticks, set_labels in ((heads, ax.set_xticks, ax.set_xticklabels),
+                                         (layers, ax.set_yticks, ax.set_yticklabels)):
+        step = max(1, math.ceil(count / _MAX_TICKS))
+        positions = list(range(0, count, step))
+        set_ticks(positions)
+        set_labels([str(p) for p in positions], fontsize=7)
+    ax.set_xlabel("head", fontsize=9)
+    ax.set_ylabel("layer", fontsize=9)
+    ax.tick_params(length=2, pad=1.5)
+
+
+def _limits(*arrays: np.ndarray) -> tuple[float, float]:
+    """Colour limits for MKNN maps: from 0 (or a lower score) to the highest finite score."""
+    finite = np.concatenate([a[np.isfinite(a)] for a in arrays])
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = min(0.0, float(finite.min())), float(finite.max())
+    return (low, high) if high > low else (low, low + 1e-6)
+
+
+def _boxes(ax: Any, selected: list[tuple[int, int]], color: str) -> None:
+    """A box around every selected cell, with a white halo so it shows on any colour."""
+    from matplotlib import patheffects
+    from matplotlib.patches import Rectangle
+
+    for layer, head in selected:
+        box = Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor=color, linewidth=1.6, zorder=3)
+        box.set_path_effects([patheffects.Stroke(linewidth=3.2, foreground="white"), patheffects.Normal()])
+        ax.add_patch(box)
+
+
+def _overlap(a: Any, b: Any) -> float:
+    width = min(a.x1, b.x1) - max(a.x0, b.x0)
+    height = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return width * height if width > 0 and height > 0 else 0.0
+
+
+def _labels(ax: Any, selected: list[tuple[int, int]], fontsize: float) -> None:
+    """Label each selected cell beside its box, choosing for each the side that collides least.
+
+    Needs a drawn figure (positions are measured in display pixels with the final layout).
+    """
+    from matplotlib.transforms import Bbox
+
+    if not selected or len(selected) > _MAX_LABELS:
+        return
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    axes_box = ax.get_window_extent(renderer)
+    occupied = [Bbox(to_px([(h - 0.5, lay - 0.5), (h + 0.5, lay + 0.5)])) for lay, h in selected]
+    occupied = [Bbox.from_extents(min(b.x0, b.x1), min(b.y0, b.y1), max(b.x0, b.x1), max(b.y0, b.y1))
+                for b in occupied]
+    gap = 3
+    for layer, head in sorted(selected):
+        # (anchor in data coordinates, offset in points, ha, va): right, left, above, below, then the diagonals
+        candidates = [
+            ((head + 0.5, layer), (gap, 0), "left", "center"),
+            ((head - 0.5, layer), (-gap, 0), "right", "center"),
+            ((head, layer - 0.5), (0, gap), "center", "bottom"),
+            ((head, layer + 0.5), (0, -gap), "center", "top"),
+            ((head + 0.5, layer - 0.5), (gap, gap), "left", "bottom"),
+            ((head - 0.5, layer - 0.5), (-gap, gap), "right", "bottom"),
+            ((head + 0.5, layer + 0.5), (gap, -gap), "left", "top"),
+            ((head - 0.5, layer + 0.5), (-gap, -gap), "right", "top"),
+        ]
+        best: tuple[float, Any, Any] | None = None
+        for anchor, offset, ha, va in candidates:
+            text = ax.annotate(f"L{layer}H{head}", anchor, xytext=offset, textcoords="offset points", ha=ha, va=va,
+                               fontsize=fontsize, zorder=4, annotation_clip=False,
+                               bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none",
+                                     "alpha": 0.85})
+            text.set_in_layout(False)
+            extent = text.get_window_extent(renderer).padded(2)
+            outside = extent.width * extent.height - _overlap(extent, axes_box)
+            cost = sum(_overlap(extent, other) for other in occupied) + 4 * outside
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, text, extent)
+            else:
+                text.remove()
+            if cost == 0:
+                break
+        assert best is not None
+        occupied.append(best[2])
+
+
+def _annotate_cells(ax: Any, array: np.ndarray, signed: bool) -> None:
+    """Write each cell's value inside it (small maps only), dark or light text by cell brightness."""
+    image = ax.get_images()[0]
+    for (layer, head), value in np.ndenumerate(array):
+        if not np.isfinite(value):
+            continue
+        r, g, b, _ = image.cmap(image.norm(value))
+        color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+        ax.text(head, layer, f"{value:+.3f}" if signed else f"{value:.3f}", ha="center", va="center", fontsize=7,
+                color=color)
+
+
+def _wrapped(title: str, width_in: float) -> str:
+    """The title wrapped to the figure width (about 13 characters per inch at 10 pt)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, max(20, int(width_in * 13))))
+
+
+def _label_fontsize(heads: int, map_width: float) -> float:
+    """Smaller labels on denser maps (cell width in points bounds what fits beside a box)."""
+    cell_pt = 72 * map_width / heads
+    return float(min(8.0, max(5.5, cell_pt * 0.9)))
+
+
+def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path: Path, title: str) -> Path:
+    """scores [L, H] (MKNN in [0,1]); heatmap with layers on the y axis (L0 at top) and heads on the x axis,
+    a colorbar labelled 'MKNN', selected (layer, head) cells marked with a visible box and their label, sensible
+    figure size for up to ~64 layers x ~64 heads (tick labels thinned when many), saved as PNG at `path`.
+
+    The colour scale runs from 0 to the highest score (NaN cells are left blank). Labels are omitted beyond
+    40 selected heads; the boxes are always drawn.
+    """
+    plt = _pyplot()
+    array = _check(scores, selected, "scores")
+    layers, heads = array.shape
+    width, height = _map_size(layers, heads, 10.0)
+    fig, ax = plt.subplots(figsize=(width + 1.6, height + 1.0), layout="constrained")
+    try:
+        low, high = _limits(array)
+        image = ax.imshow(array, cmap="viridis", vmin=low, vmax=high, aspect="auto", interpolation="nearest",
+                          origin="upper")
+        fig.colorbar(image, ax=ax, label="MKNN", fraction=0.05, pad=0.02)
+        _ticks(ax, layers, heads)
+        ax.set_title(_wrapped(title, width + 1.6), fontsize=10)
+        _boxes(ax, selected, _BOX_COLOR)
+        if layers * heads <= _MAX_ANNOTATED_CELLS:
+            _annotate_cells(ax, array, signed=False)
+        else:
+            _labels(ax, selected, _label_fontsize(heads, width))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tuple[int, int]], path: Path,
+                      title: str) -> Path:
+    """Three panels side by side: before, after (same colour scale), and after - before with a diverging colormap
+    centred at 0 (symmetric limits); selected heads boxed in all three. PNG.
+
+    The selected heads are labelled on the difference panel, where the effect of training shows.
+    """
+    plt = _pyplot()
+    first = _check(before, selected, "before")
+    second = _check(after, selected, "after")
+    if first.shape != second.shape:
+        raise ValueError(f"before {first.shape} and after {second.shape} must have the same [layers, heads] shape")
+    layers, heads = first.shape
+    width, height = _map_size(layers, heads, 5.5)
+    fig, axes = plt.subplots(1, 3, figsize=(3 * width + 2.6, height + 1.3), layout="constrained")
+    try:
+        low, high = _limits(first, second)
+        for ax, array, name in ((axes[0], first, "before"), (axes[1], second, "after")):
+            image = ax.imshow(array, cmap="viridis", vmin=low, vmax=high, aspect="auto", interpolation="nearest")
+            ax.set_title(name, fontsize=10)
+        fig.colorbar(image, ax=axes[:2], label="MKNN", fraction=0.05, pad=0.02, shrink=0.9)
+        diff = second - first
+        finite = np.abs(diff[np.isfinite(diff)])
+        bound = float(finite.max()) if finite.size and finite.max() > 0 else 1e-6
+        diff_image = axes[2].imshow(diff, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto",
+                                    interpolation="nearest")
+        axes[2].set_title("after \u2212 before", fontsize=10)
+        fig.colorbar(diff_image, ax=axes[2], label="\u0394 MKNN", fraction=0.05, pad=0.02)
+        for ax, color in zip(axes, (_BOX_COLOR, _BOX_COLOR, _DIFF_BOX_COLOR), strict=True):
+            _ticks(ax, layers, heads)
+            _boxes(ax, selected, color)
+        fig.suptitle(_wrapped(title, 3 * width + 2.6), fontsize=11)
+        if layers * heads <= _MAX_ANNOTATED_CELLS:
+            for ax, array in ((axes[0], first), (axes[1], second)):
+                _annotate_cells(ax, array, signed=False)
+            _annotate_cells(axes[2], diff, signed=True)
+        else:
+            _labels(axes[2], selected, _label_fontsize(heads, width))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.4f}"
+    return str(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Number) and not isinstance(value, bool | np.bool_)
+
+
+def format_head_table(rows: list[dict[str, object]], columns: list[str]) -> str:
+    """Plain fixed-width text table (header, a dashed rule, one line per row; floats with 4 decimals).
+
+    Columns are separated by two spaces; a column whose values are all numbers is right-aligned, any other
+    left-aligned. A missing or None value is an empty cell. Lines carry no trailing spaces; the table ends
+    without a newline.
+    """
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
+    right = [bool(rows) and all(_is_number(row.get(column)) for row in rows if row.get(column) is not None)
+             for column in columns]
+
+    def render(values: list[str]) -> str:
+        parts = [value.rjust(w) if r else value.ljust(w) for value, w, r in zip(values, widths, right, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    lines = [render(list(columns)), "  ".join("-" * w for w in widths)]
+    lines.extend(render(line) for line in cells)
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""``llamafactory-hera select --report RUN_DIR``: every head's MKNN before and after a HeRA run.
+
+The run's ``hera_run.json`` names the base model, adapters, template and data. "Before" is the
+model the run started from; "after" adds the run's adapter (LoRA) or loads the run's weights
+(full / freeze). Both are scored on the same pairs with the same teacher features, so the
+difference is the training alone. Writes ``hera_report.json`` and ``hera_report.png`` into RUN_DIR.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..heads import parse_head
+from .plots import format_head_table, plot_before_after
+from .recipe_edit import write_text_atomic
+from .select import SelectionOptions, prepare, score_heads
+
+RUN_RECORD = "hera_run.json"
+REPORT_JSON = "hera_report.json"
+REPORT_PNG = "hera_report.png"
+
+
+def _as_list(value: Any) -> list[str]:
+    if not value:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [v.strip() for v in str(value).split(",")]
+
+
+def _run_recipe(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    path = run_dir / RUN_RECORD
+    if not path.is_file():
+        raise FileNotFoundError(f"--report: {run_dir} has no {RUN_RECORD}; give the output_dir of a stage: hera run")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    host = record.get("host")
+    if not host:
+        raise ValueError(f"--report: {path} predates run reports (no 'host' section); re-run training to report")
+    recipe = {k: v for k, v in host.items() if k not in {"seed", "output_dir"} and v is not None}
+    if "adapter_name_or_path" in recipe:  # LLaMA-Factory parses a comma-separated string
+        recipe["adapter_name_or_path"] = ",".join(_as_list(recipe["adapter_name_or_path"]))
+    recipe["stage"] = "sft"
+    return recipe, record
+
+
+def _trained_recipe(recipe: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    trained = copy.deepcopy(recipe)
+    if recipe.get("finetuning_type", "lora") == "lora":
+        if not (run_dir / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"--report: {run_dir} has no adapter_config.json (did training finish?)")
+        adapters = recipe.get("adapter_name_or_path") or []
+        trained["adapter_name_or_path"] = ",".join([*_as_list(adapters), str(run_dir)])
+    else:
+        if not (run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"--report: {run_dir} has no config.json (did training finish?)")
+        trained["model_name_or_path"] = str(run_dir)
+        trained.pop("adapter_name_or_path", None)
+    return trained
+
+
+def summary_rows(before: np.ndarray, after: np.ndarray, selected: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Per aligned head: before, after, delta; then one row for all other heads (mean and minimum delta)."""
+    delta = after - before
+    rows = [{"head": f"L{layer}H{head}", "before": float(before[layer, head]), "after": float(after[layer, head]),
+             "delta": float(delta[layer, head])} for layer, head in selected]
+    others = np.ones_like(delta, dtype=bool)
+    for layer, head in selected:
+        others[layer, head] = False
+    if others.any():
+        rows.append({"head": f"others ({int(others.sum())}) mean", "before": float(before[others].mean()),
+                     "after": float(after[others].mean()), "delta": float(delta[others].mean())})
+        rows.append({"head": "others: largest drop", "before": "", "after": "", "delta": float(delta[others].min())})
+    return rows
+
+
+def run_report(args: Any) -> dict[str, Any]:
+    """Score the run's heads before and after training on the same pairs and write the report."""
+    from llamafactory_hera.args import parse_hera_arguments
+    from llamafactory_hera.patches.selection import parse_recipe
+
+    run_dir: Path = args.report
+    recipe, record = _run_recipe(run_dir)
+    hera = parse_hera_arguments({k: v for k, v in record.items() if k.startswith("hera_")})
+    datasets = [d.strip() for d in args.dataset.split(",")] if args.dataset else None
+    if datasets is None:
+        print("note: scoring on the run's training data; pass --dataset NAME for held-out pairs")
+    seed = args.seed if args.seed is not None else int(record["host"].get("seed") or 0) + 1
+    options = SelectionOptions(num_samples=args.samples, mode=args.mode, seed=seed, batch_size=args.batch_size,
+                               device=args.device, k=args.k or hera.hera_k, teacher=args.teacher or hera.hera_teacher,
+                               teacher_feature=hera.hera_teacher_feature, dataset=datasets)
+    base_args = parse_recipe(recipe)
+    pairs, identity = prepare(base_args, options)
+    before = score_heads(base_args, options, pairs).numpy()
+    after = score_heads(parse_recipe(_trained_recipe(recipe, run_dir)), options, pairs).numpy()
+    selected = [(parse_head(h).layer, parse_head(h).head) for h in hera.hera_heads]
+    rows = summary_rows(before, after, selected)
+    print(format_head_table(rows, ["head", "before", "after", "delta"]))
+    report = {"run_dir": str(run_dir), "heads": list(hera.hera_heads), "before": before.tolist(),
+              "after": after.tolist(), "summary": rows, "num_pairs": len(pairs), "identity": identity,
+              "settings": {"num_samples": options.num_samples, "k": options.k, "mode": options.mode, "seed": seed}}
+    write_text_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
+    plot_before_after(before, after, selected, run_dir / REPORT_PNG,
+                      f"MKNN per head before/after HeRA ({options.mode}, {len(pairs)} pairs, k={options.k})")
+    print(f"report: {run_dir / REPORT_JSON}\nplot: {run_dir / REPORT_PNG}")
+    return report

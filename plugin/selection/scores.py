@@ -1,0 +1,85 @@
+"""MKNN score of every attention head against the teacher, without materialising ``d``-wide vectors.
+
+A head's representation is ``M_h = P_h @ W_h.T`` where ``P_h`` ``[N, d_head]`` holds the pooled
+head inputs and ``W_h`` ``[d, d_head]`` the head's ``o_proj`` columns. Its Gram matrix is
+``M_h M_h^T = P_h (W_h^T W_h) P_h^T``: only the ``d_head x d_head`` matrix ``C_h = W_h^T W_h``
+is needed, so the cost per layer is ``O(H * (d * d_head^2 + N^2 * d_head))`` and the memory
+``O(h_chunk * N^2)``, independent of the model width ``d``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..metrics import knn_indices, knn_overlap
+
+
+def gram_knn(gram: torch.Tensor, k: int) -> torch.Tensor:
+    """k nearest neighbours by cosine similarity from Gram matrices, self excluded.
+
+    Args:
+        gram: ``[..., N, N]`` inner products ``<m_i, m_j>``.
+        k: neighbours per row, ``1 <= k <= N - 1``.
+
+    Returns:
+        ``[..., N, k]`` int64 indices (same ordering rule as :func:`llamafactory_hera.metrics.knn_indices`).
+    """
+    num = gram.shape[-1]
+    if not 1 <= k <= num - 1:
+        raise ValueError(f"k={k} needs 1 <= k <= N-1 with N={num} samples; use fewer neighbours or more samples.")
+    norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()  # [..., N]
+    cosine = gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
+    self_mask = torch.eye(num, dtype=torch.bool, device=gram.device)
+    return cosine.masked_fill(self_mask, float("-inf")).topk(k, dim=-1).indices
+
+
+def layer_head_scores(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: torch.Tensor, k: int,
+                      head_dim: int, max_chunk_elements: int = 2**26) -> torch.Tensor:
+    """MKNN of each head of one layer against precomputed teacher neighbours.
+
+    Args:
+        pooled: ``[N, H * head_dim]`` pooled ``o_proj`` inputs of the N calibration samples.
+        weight: ``[d, H * head_dim]`` effective ``o_proj`` weight of the layer.
+        teacher_knn: ``[N, k]`` teacher neighbour indices.
+        k: neighbours per sample.
+        head_dim: width of one head.
+        max_chunk_elements: bound on the ``[h_chunk, N, N]`` Gram block (elements), i.e. on memory.
+
+    Returns:
+        ``[H]`` float32 scores in [0, 1].
+    """
+    num = pooled.shape[0]
+    heads = pooled.shape[1] // head_dim
+    p = pooled.float().unflatten(-1, (heads, head_dim)).transpose(0, 1)  # [H, N, dh]
+    w = weight.float().to(p.device).unflatten(-1, (heads, head_dim))  # [d, H, dh]
+    covariance = torch.einsum("dhk,dhj->hkj", w, w)  # [H, dh, dh] = W_h^T W_h
+    chunk = max(1, max_chunk_elements // (num * num))
+    scores = []
+    for start in range(0, heads, chunk):
+        p_c = p[start:start + chunk]
+        gram = p_c @ covariance[start:start + chunk] @ p_c.transpose(-1, -2)  # [h, N, N]
+        overlap = knn_overlap(gram_knn(gram, k), teacher_knn.to(gram.device).unsqueeze(0), num)  # [h, N]
+        scores.append(overlap.mean(-1))
+    return torch.cat(scores)
+
+
+def all_head_scores(pooled: list[torch.Tensor], weights: list[torch.Tensor], teacher: torch.Tensor, k: int,
+                    head_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """MKNN of every head of every layer.
+
+    Args:
+        pooled: per layer ``[N, H * head_dim]`` pooled ``o_proj`` inputs (any device).
+        weights: per layer ``[d, H * head_dim]`` effective ``o_proj`` weights.
+        teacher: ``[N, E]`` teacher features of the same N samples.
+        k: neighbours per sample.
+        head_dim: width of one head.
+        device: where to compute (default: the teacher's device).
+
+    Returns:
+        ``[L, H]`` float32 scores on CPU.
+    """
+    device = device or teacher.device
+    teacher_knn = knn_indices(teacher.to(device), k)
+    rows = [layer_head_scores(p.to(device), w.to(device), teacher_knn, k, head_dim).cpu()
+            for p, w in zip(pooled, weights, strict=True)]
+    return torch.stack(rows)

@@ -1,0 +1,263 @@
+"""Head selection end to end: recipe -> calibration pairs -> per-head MKNN -> chosen heads + record.
+
+Bad input fails before the model's weights are loaded: options, teacher, data (at least k+1
+usable pairs) and the model's structure (``o_proj`` in every decoder layer, checked on an
+empty meta-device copy built from the config).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..heads import HeadRef, attention_geometry
+from ..projection import find_o_proj_modules
+from ..teacher import check_teacher_source, load_image_processor, load_teacher
+from . import collect
+from .scores import all_head_scores
+
+STRATEGIES = ("worst", "best", "random")
+MODES = ("text", "multimodal")
+RECORD_VERSION = 1
+
+
+@dataclass
+class SelectionOptions:
+    """Settings of one selection run (paper defaults: 1000 samples, 5 heads, worst, text mode, k=10)."""
+
+    num_samples: int = 1000
+    num_heads: int = 5
+    strategy: str = "worst"
+    mode: str = "text"
+    seed: int = 0
+    batch_size: int = 16
+    device: str | None = None
+    k: int = 10
+    teacher: str = "facebook/dinov2-large"
+    teacher_feature: str = "cls"
+    dataset: list[str] | None = None  # default: the recipe's datasets
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the option, the value and the allowed values."""
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy: got {self.strategy!r}; allowed values are {', '.join(STRATEGIES)}.")
+        if self.mode not in MODES:
+            raise ValueError(f"--mode: got {self.mode!r}; allowed values are {', '.join(MODES)}.")
+        bounds = (("--heads", self.num_heads, 1), ("--k", self.k, 1), ("--batch-size", self.batch_size, 1),
+                  ("--samples", self.num_samples, 2))
+        for name, value, low in bounds:
+            if value < low:
+                raise ValueError(f"{name}: got {value}; allowed range is >= {low}.")
+        if self.num_samples < self.k + 1:
+            raise ValueError(f"--samples: got {self.num_samples}; with k={self.k} at least {self.k + 1} are needed.")
+
+    def resolved_device(self) -> str:
+        """``device`` or the first CUDA device when available, else CPU."""
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class SelectionResult:
+    """Scores of every head and the chosen ones, with everything needed to reproduce them."""
+
+    scores: list[list[float]]  # [L][H] MKNN
+    selected: list[str]
+    strategy: str
+    ranking: list[dict[str, Any]]  # every head, least aligned first
+    settings: dict[str, Any]
+    identity: dict[str, Any]
+    versions: dict[str, str]
+    num_pairs: int
+    duration_s: float
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    record_version: int = RECORD_VERSION
+
+    def to_json(self) -> str:
+        """The JSON record."""
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> SelectionResult:
+        """Inverse of :meth:`to_json`."""
+        return cls(**json.loads(text))
+
+
+def choose_heads(scores: torch.Tensor, num_heads: int, strategy: str, seed: int) -> list[HeadRef]:
+    """``num_heads`` heads by ``strategy``: lowest scores (worst), highest (best) or a seeded random draw.
+
+    Ties are broken by (layer, head) order.
+    """
+    layers, heads = scores.shape
+    if num_heads > layers * heads:
+        raise ValueError(f"--heads: got {num_heads}; the model has only {layers * heads} heads.")
+    refs = [HeadRef(layer, head) for layer in range(layers) for head in range(heads)]
+    flat = scores.flatten().tolist()
+    if strategy == "random":
+        return sorted(random.Random(seed).sample(refs, num_heads))
+    order = sorted(range(len(refs)), key=lambda i: (flat[i] if strategy == "worst" else -flat[i], i))
+    return [refs[i] for i in order[:num_heads]]
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in ("llamafactory-hera", "llamafactory", "transformers", "torch", "peft"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def path_fingerprint(path: str | None) -> str | None:
+    """Content identity of a local model/adapter folder: names, sizes and mtimes of its files (hub ids as is)."""
+    if path is None:
+        return None
+    folder = Path(path)
+    if not folder.exists():
+        return f"id:{path}"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def pairs_fingerprint(pairs: list[collect.CalibrationPair]) -> str:
+    """Identity of the calibration data: captions and image files (path, size, mtime)."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(pair.caption.encode())
+        for image in pair.images:
+            if isinstance(image, str) and os.path.isfile(image):
+                stat = os.stat(image)
+                digest.update(f"|{image}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+            else:
+                digest.update(f"|{image!r}"[:256].encode())
+    return digest.hexdigest()[:16]
+
+
+def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> None:
+    """Build an empty (meta-device) model from the config and check every decoder layer has ``o_proj``.
+
+    Raises:
+        ValueError: naming the model and the missing module. Unknown architectures are left to the load.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    model = None
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        try:
+            with torch.device("meta"):
+                model = auto.from_config(config, trust_remote_code=trust_remote_code)
+            break
+        except (ValueError, KeyError, TypeError):
+            continue
+    if model is not None:
+        try:
+            find_o_proj_modules(model)
+        except ValueError as err:
+            raise ValueError(f"model_name_or_path: {model_name_or_path}: {err}") from None
+
+
+def identity_of(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> dict[str, Any]:
+    """What the result depends on besides the settings: model, adapter, teacher, data."""
+    model_args, data_args = recipe_args.model_args, recipe_args.data_args
+    adapters = model_args.adapter_name_or_path or []
+    return {
+        "model": model_args.model_name_or_path,
+        "model_fingerprint": path_fingerprint(model_args.model_name_or_path),
+        "adapter": list(adapters),
+        "adapter_fingerprint": [path_fingerprint(a) for a in adapters],
+        "teacher": options.teacher,
+        "teacher_fingerprint": path_fingerprint(options.teacher),
+        "dataset": list(options.dataset or data_args.dataset or []),
+        "dataset_dir": data_args.dataset_dir,
+        "data_fingerprint": pairs_fingerprint(pairs),
+        "template": data_args.template,
+    }
+
+
+def settings_of(options: SelectionOptions, device: str) -> dict[str, Any]:
+    """The options that change the scores (plus device and batch size, for the record)."""
+    return {"num_samples": options.num_samples, "k": options.k, "mode": options.mode, "seed": options.seed,
+            "teacher_feature": options.teacher_feature, "num_heads": options.num_heads,
+            "strategy": options.strategy, "batch_size": options.batch_size, "device": device}
+
+
+def cache_key(settings: dict[str, Any], identity: dict[str, Any]) -> str:
+    """Key of a cached result: everything that changes the scores."""
+    scoring = {k: settings[k] for k in ("num_samples", "k", "mode", "seed", "teacher_feature")}
+    return hashlib.sha256(json.dumps([scoring, identity], sort_keys=True).encode()).hexdigest()[:24]
+
+
+def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.CalibrationPair], dict[str, Any]]:
+    """Everything that can fail cheaply, before any weights load: options, teacher, data, model structure.
+
+    Returns:
+        (calibration pairs, identity).
+    """
+    from llamafactory_hera.patches.selection import load_aligned_rows
+
+    options.validate()
+    check_teacher_source(options.teacher)
+    rows = load_aligned_rows(recipe_args, options.seed, options.dataset)
+    source = ", ".join(options.dataset or recipe_args.data_args.dataset or [])
+    pairs = collect.sample_pairs(collect.usable_pairs(rows), options.num_samples, options.seed, options.k, source)
+    check_model_structure(recipe_args.model_args.model_name_or_path, recipe_args.model_args.trust_remote_code)
+    return pairs, identity_of(recipe_args, options, pairs)
+
+
+def score_heads(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> torch.Tensor:
+    """Load the model the way LLaMA-Factory does and return ``[L, H]`` MKNN scores (CPU)."""
+    from llamafactory_hera.patches.selection import load_model_for_scoring, multimodal_dataset_and_collator
+
+    device = options.resolved_device()
+    model, tokenizer_module, template = load_model_for_scoring(recipe_args, device)
+    geometry = attention_geometry(model.config)
+    if options.mode == "text":
+        pooled = collect.collect_text(model, tokenizer_module["tokenizer"], pairs, options.batch_size, device,
+                                      options.progress)
+    else:
+        dataset, collator = multimodal_dataset_and_collator(recipe_args, model, tokenizer_module, template,
+                                                            options.seed, options.dataset)
+        pooled = collect.collect_multimodal(model, dataset, collator, [p.row for p in pairs], options.batch_size,
+                                            device, options.progress)
+    weights = collect.layer_weights(model)
+    dtype = next(model.parameters()).dtype
+    del model
+    teacher = load_teacher(options.teacher, options.teacher_feature, dtype, device)
+    feats = collect.collect_teacher(teacher, load_image_processor(options.teacher), pairs, options.batch_size,
+                                    options.progress)
+    return all_head_scores(pooled, weights, feats, options.k, geometry.head_dim, device)
+
+
+def result_from_scores(scores: torch.Tensor, options: SelectionOptions, settings: dict[str, Any],
+                       identity: dict[str, Any], num_pairs: int, duration: float) -> SelectionResult:
+    """Choose heads and assemble the record."""
+    chosen = choose_heads(scores, options.num_heads, options.strategy, options.seed)
+    layers, heads = scores.shape
+    ranking = sorted(({"head": str(HeadRef(layer, head)), "score": float(scores[layer, head])}
+                      for layer in range(layers) for head in range(heads)), key=lambda r: r["score"])
+    return SelectionResult(scores=scores.tolist(), selected=[str(h) for h in chosen], strategy=options.strategy,
+                           ranking=ranking, settings=settings, identity=identity, versions=_versions(),
+                           num_pairs=num_pairs, duration_s=round(duration, 3))
+
+
+def run_selection(recipe_args: Any, options: SelectionOptions) -> SelectionResult:
+    """Score every head and choose ``options.num_heads`` of them."""
+    start = time.perf_counter()
+    pairs, identity = prepare(recipe_args, options)
+    settings = settings_of(options, options.resolved_device())
+    scores = score_heads(recipe_args, options, pairs)
+    return result_from_scores(scores, options, settings, identity, len(pairs), time.perf_counter() - start)
