@@ -38,7 +38,8 @@ def test_chunking_does_not_change_scores() -> None:
     from llamafactory_hera.selection.scores import layer_head_scores
 
     gen = torch.Generator().manual_seed(1)
-    pooled, weight, teacher = torch.randn(30, 6 * 4, generator=gen), torch.randn(9, 24, generator=gen), torch.randn(30, 5)
+    pooled, weight = torch.randn(30, 6 * 4, generator=gen), torch.randn(9, 24, generator=gen)
+    teacher = torch.randn(30, 5, generator=gen)
     teacher_knn = knn_indices(teacher, 3)
     whole = layer_head_scores(pooled, weight, teacher_knn, 3, 4)
     one_at_a_time = layer_head_scores(pooled, weight, teacher_knn, 3, 4, max_chunk_elements=30 * 30)
