@@ -59,6 +59,16 @@ class _TemperatureGradHandler(TrainerCallback):
         self.log_tau.grad = None
 
 
+def _check_same_heads_on_every_rank(heads: list[str]) -> None:
+    """Raise unless every data-parallel rank aligns the same heads (once, at trainer start)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, heads)
+    if any(other != heads for other in gathered):
+        raise RuntimeError(f"hera_heads differ across ranks: {gathered}; every rank must align the same heads")
+
+
 class HeraTrainerMixin:
     """Mix in front of a Hugging Face ``Trainer`` subclass; pass ``hera_args=HeraArguments`` to ``__init__``."""
 
@@ -67,6 +77,7 @@ class HeraTrainerMixin:
         super().__init__(*args, **kwargs)
         self.hera_args = hera_args
         model = self.model
+        _check_same_heads_on_every_rank(list(hera_args.hera_heads))
         self.hera_geometry = attention_geometry(model.config)
         self.hera_capture = HeadCapture(model, hera_args.head_refs, self.hera_geometry)
         device = self.args.device

@@ -9,7 +9,7 @@ import yaml
 
 from ..heads import parse_head
 from .plots import format_head_table, plot_head_heatmap
-from .recipe_edit import HeadsExistError, read_heads_entry, update_recipe, write_text_atomic
+from .recipe_edit import check_writable, update_recipe, write_text_atomic
 from .select import SelectionResult, run_selection
 
 
@@ -55,15 +55,10 @@ def run_select(args: Any) -> SelectionResult:
     from llamafactory_hera.cli import options_from
     from llamafactory_hera.patches.selection import parse_recipe
 
-    text, recipe = load_recipe(args.recipe)
+    _, recipe = load_recipe(args.recipe)
     target = args.output or args.recipe
-    if not args.dry_run and not args.force:  # refuse before any heavy work
-        if args.output is not None and args.output.exists():
-            raise FileExistsError(f"--output {args.output} exists; pass --force to replace it")
-        current = read_heads_entry(target.read_text(encoding="utf-8") if target.exists() else text)
-        if isinstance(current, list) and current:
-            raise HeadsExistError(f"{target} already lists hera_heads: [{', '.join(current)}]; pass --force to "
-                                  "replace them or --output NEW.yaml to write a new recipe")
+    if not args.dry_run:  # refuse before any heavy work
+        check_writable(args.recipe, force=args.force, output=args.output)
     options = options_from(args, recipe)
     recipe_args = parse_recipe(recipe)
     _quiet_transformers()

@@ -329,6 +329,29 @@ def _has_explicit_heads(value: str | list[str] | None) -> bool:
     return value.strip().lower() not in ("", "auto")
 
 
+def check_writable(path: Path, *, force: bool = False, output: Path | None = None) -> Path:
+    """The file :func:`update_recipe` would write, or the refusal it would raise (cheap: reads text only).
+
+    Raises:
+        HeadsExistError: the recipe (in-place update) already sets explicit heads and ``force`` is False.
+        FileExistsError: ``output`` exists and ``force`` is False.
+    """
+    path = Path(path)
+    if output is None or Path(output).resolve() == path.resolve():
+        current = read_heads_entry(path.read_bytes().decode("utf-8"))
+        if _has_explicit_heads(current) and not force:
+            shown = "[" + ", ".join(current) + "]" if isinstance(current, list) else repr(current)
+            raise HeadsExistError(
+                f"{path} already sets hera_heads: {shown}. Pass --force to replace them, "
+                f"or --output NEW.yaml to write the selected heads into a copy."
+            )
+        return path
+    target = Path(output)
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} already exists; pass --force to overwrite it, or choose another --output.")
+    return target
+
+
 def update_recipe(path: Path, heads: list[str], *, force: bool = False, output: Path | None = None) -> Path:
     """Write heads into the recipe (or into `output`, a new file: the source stays unchanged).
 
@@ -341,24 +364,9 @@ def update_recipe(path: Path, heads: list[str], *, force: bool = False, output: 
     permission bits. Nothing is written if the check of the edited text fails.
     """
     path = Path(path)
-    if output is not None and Path(output).resolve() == path.resolve():
-        output = None
-    source_bytes = path.read_bytes()
-    text = source_bytes.decode("utf-8")
+    target = check_writable(path, force=force, output=output)
+    text = path.read_bytes().decode("utf-8")
     before = _load_mapping(text, path)
-    if output is None:
-        target = path
-        current = read_heads_entry(text)
-        if _has_explicit_heads(current) and not force:
-            shown = "[" + ", ".join(current) + "]" if isinstance(current, list) else repr(current)
-            raise HeadsExistError(
-                f"{path} already sets hera_heads: {shown}. Pass --force to replace them, "
-                f"or --output NEW.yaml to write the selected heads into a copy."
-            )
-    else:
-        target = Path(output)
-        if target.exists() and not force:
-            raise FileExistsError(f"{target} already exists; pass --force to overwrite it, or choose another --output.")
     new_text = set_hera_heads(text, heads)
     expected = dict(before)
     expected[KEY] = [str(parse_head(head)) for head in heads]

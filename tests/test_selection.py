@@ -1,0 +1,196 @@
+"""Head selection on the tiny models: exact scores, the select command, auto in training, the report, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import base_recipe, offline_env, read_trainer_log, run_train
+from llamafactory_hera.metrics import mutual_knn
+from llamafactory_hera.projection import find_o_proj_modules, head_contributions
+from llamafactory_hera.selection import collect
+from llamafactory_hera.selection.select import SelectionOptions, prepare, score_heads
+
+SELECT = str(Path(sys.executable).with_name("llamafactory-hera"))
+FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
+
+
+def _options(assets, **kw) -> SelectionOptions:
+    return SelectionOptions(**{"num_samples": 24, "k": 5, "teacher": str(assets.teacher), "device": "cpu",
+                               "progress": False, "batch_size": 7, **kw})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scores_equal_mutual_knn_of_explicit_contributions(assets, family: str) -> None:
+    """Independent reference: one caption at a time (no padding), raw o_proj inputs, every head's contribution
+    materialised as a d-wide vector per token, averaged over the caption tokens, then mutual_knn head by head."""
+    from llamafactory_hera.patches.selection import load_model_for_scoring, parse_recipe
+    from llamafactory_hera.teacher import load_image_processor, load_teacher
+
+    recipe_args = parse_recipe(base_recipe(assets, family, "/unused"))
+    options = _options(assets)
+    pairs, _ = prepare(recipe_args, options)
+    got = score_heads(recipe_args, options, pairs)
+
+    model, tokenizer_module, _ = load_model_for_scoring(parse_recipe(base_recipe(assets, family, "/unused")), "cpu")
+    tokenizer = tokenizer_module["tokenizer"]
+    o_projs = find_o_proj_modules(model)
+    text = model.config.get_text_config()
+    heads, head_dim = text.num_attention_heads, getattr(text, "head_dim", None) or text.hidden_size // \
+        text.num_attention_heads
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(i, a[0])) for i, m in enumerate(o_projs)]
+    reps = torch.zeros(len(o_projs), heads, len(pairs), text.hidden_size)
+    with torch.no_grad():
+        for n, pair in enumerate(pairs):
+            encoded = tokenizer(pair.caption, return_tensors="pt", return_special_tokens_mask=True)
+            keep = ~encoded["special_tokens_mask"][0].bool()
+            model.get_decoder()(input_ids=encoded["input_ids"])
+            for layer, o_proj in enumerate(o_projs):
+                per_token = head_contributions(o_proj, seen[layer][0], list(range(heads)), head_dim)  # [H, T, d]
+                reps[layer, :, n] = per_token[:, keep].mean(1)
+    for handle in hooks:
+        handle.remove()
+    teacher = load_teacher(str(assets.teacher), "cls", torch.float32, "cpu")
+    feats = collect.collect_teacher(teacher, load_image_processor(str(assets.teacher)), pairs, 5, progress=False)
+    want = torch.tensor([[mutual_knn(reps[layer, head], feats, 5) for head in range(heads)]
+                         for layer in range(len(o_projs))])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert got.std() > 0  # not a degenerate all-equal map
+
+
+def test_multimodal_mode_scores_every_head(assets) -> None:
+    from llamafactory_hera.patches.selection import parse_recipe
+
+    recipe_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused"))
+    options = _options(assets, mode="multimodal")
+    pairs, _ = prepare(recipe_args, options)
+    scores = score_heads(recipe_args, options, pairs)
+    assert scores.shape == (2, 4) and bool(((scores >= 0) & (scores <= 1)).all())
+
+
+RECIPE_HEAD = "### model\n# a user's comment that must survive\n"
+
+
+def _write_recipe(assets, path: Path, family: str = "qwen3_vl", **overrides) -> str:
+    recipe = base_recipe(assets, family, path.parent / "out", **overrides)
+    recipe.pop("hera_heads", None)
+    text = RECIPE_HEAD + yaml.safe_dump(recipe, sort_keys=False) + "hera_heads: auto   # filled by select\n"
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
+def _select(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([SELECT, "select", *args], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_select_command_writes_recipe_record_and_heatmap(assets, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    before = _write_recipe(assets, recipe)
+    proc = _select(tmp_path, str(recipe), "--samples", "24", "--k", "5", "--heads", "3", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = recipe.read_text(encoding="utf-8")
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
+    assert len(changed) == 1 and changed[0][1].startswith("hera_heads: [") and "# filled by select" in changed[0][1]
+    record = json.loads((tmp_path / "recipe.hera_selection.json").read_text())
+    heads = yaml.safe_load(after)["hera_heads"]
+    assert record["selected"] == heads and len(heads) == 3
+    assert len(record["scores"]) == 3 and len(record["scores"][0]) == 4 and len(record["ranking"]) == 12
+    assert [r["head"] for r in record["ranking"][:3]] == heads  # worst-3: the three lowest scores
+    assert record["settings"]["k"] == 5 and record["identity"]["data_fingerprint"] and record["versions"]["torch"]
+    assert record["duration_s"] > 0 and record["num_pairs"] == 24
+    assert (tmp_path / "recipe.hera_selection.png").stat().st_size > 1000
+    assert "head" in proc.stdout and "MKNN" in proc.stdout and heads[0] in proc.stdout
+    assert "%|" in proc.stderr  # progress bars
+
+    again = _select(tmp_path, str(recipe), "--samples", "24", "--k", "5")
+    assert again.returncode == 2 and "already sets hera_heads" in again.stderr and "--force" in again.stderr
+    assert "Loading" not in again.stderr  # refused before any model was loaded
+    new = tmp_path / "other.yaml"
+    third = _select(tmp_path, str(recipe), "--samples", "24", "--k", "5", "--strategy", "best", "--output", str(new))
+    assert third.returncode == 0 and recipe.read_text(encoding="utf-8") == after
+    assert (tmp_path / "other.hera_selection.json").is_file() and yaml.safe_load(new.read_text())["hera_heads"]
+
+
+def test_select_rejects_bad_input_before_loading(assets, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    _write_recipe(assets, recipe)
+    proc = _select(tmp_path, str(recipe), "--strategy", "median")
+    assert proc.returncode == 2 and "invalid choice: 'median'" in proc.stderr
+
+    small = tmp_path / "small"  # a dataset with fewer usable pairs than k + 1
+    shutil.copytree(assets.dataset_dir, small)
+    rows = json.loads((small / "hera_demo.json").read_text())
+    (small / "hera_demo.json").write_text(json.dumps(rows[:3] + [dict(rows[3], images=[])]))
+    _write_recipe(assets, recipe, dataset_dir=str(small))
+    proc = _select(tmp_path, str(recipe), "--k", "5")
+    assert proc.returncode == 2 and "only 3 usable image-caption pairs" in proc.stderr and "at least 6" in proc.stderr
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"  # an architecture without self_attn.o_proj
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=512)).save_pretrained(gpt2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(assets.models["qwen2_5_vl"] / name, gpt2 / name)
+    _write_recipe(assets, recipe, model_name_or_path=str(gpt2), template="qwen")
+    proc = _select(tmp_path, str(recipe), "--k", "5")
+    assert proc.returncode == 2 and "o_proj" in proc.stderr and str(gpt2) in proc.stderr
+    assert "Loading weights" not in proc.stderr
+
+
+def test_auto_heads_in_training_cache_report(assets, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    runs = []
+    for name in ("first", "second"):
+        out = tmp_path / name / "out"
+        recipe = base_recipe(assets, "qwen2_5_vl", out, hera_heads="auto", hera_select_samples=24, hera_k=5,
+                             hera_select_num_heads=2, max_steps=2)
+        proc = run_train(recipe, tmp_path / name, env=offline_env(tmp_path / name, LLAMAFACTORY_HERA_CACHE=str(cache)))
+        runs.append((out, proc.stdout + proc.stderr))
+    (first, log_first), (second, log_second) = runs
+    assert "(selected heads;" in log_first and "(reusing cached head selection;" in log_second
+    record = json.loads((first / "hera_selection.json").read_text())
+    assert len(record["selected"]) == 2
+    for out in (first, second):
+        assert json.loads((out / "hera_run.json").read_text())["hera_heads"] == record["selected"]
+        assert json.loads((out / "hera_state.json").read_text())["heads"] == record["selected"]
+        assert (out / "hera_selection.png").is_file()
+    losses = [[line["loss"] for line in read_trainer_log(out) if "loss" in line] for out in (first, second)]
+    assert losses[0] == losses[1]  # a cached selection trains exactly like a fresh one
+    assert len(list(cache.rglob("*.json"))) == 1
+
+    proc = _select(tmp_path, "--report", str(first), "--samples", "24", "--k", "5", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((first / "hera_report.json").read_text())
+    assert report["heads"] == record["selected"] and len(report["before"]) == 2 and len(report["after"]) == 2
+    assert [row["head"] for row in report["summary"][:2]] == record["selected"]
+    assert (first / "hera_report.png").stat().st_size > 1000 and "delta" in proc.stdout
+
+
+def test_report_needs_a_hera_run(tmp_path: Path) -> None:
+    proc = _select(tmp_path, "--report", str(tmp_path))
+    assert proc.returncode == 2 and "has no hera_run.json" in proc.stderr
+
+
+def test_auto_heads_under_torchrun_are_chosen_once_and_shared(assets, tmp_path: Path) -> None:
+    """Two ranks: rank 0 selects (multimodal mode: LLaMA-Factory's data pipeline with its barriers), the other
+    rank receives the heads by broadcast; both train the same heads."""
+    out = tmp_path / "out"
+    recipe = base_recipe(assets, "qwen2_5_vl", out, hera_heads="auto", hera_select_samples=24, hera_k=5,
+                         hera_select_mode="multimodal", hera_select_num_heads=3, per_device_train_batch_size=6,
+                         max_steps=2)
+    env = offline_env(tmp_path, FORCE_TORCHRUN="1", NPROC_PER_NODE="2", LLAMAFACTORY_HERA_CACHE=str(tmp_path / "c"))
+    proc = run_train(recipe, tmp_path, env=env)
+    assert (proc.stdout + proc.stderr).count("hera_heads: auto ->") == 1  # rank 0 only
+    record = json.loads((out / "hera_selection.json").read_text())
+    assert record["settings"]["mode"] == "multimodal" and len(record["selected"]) == 3
+    assert json.loads((out / "hera_state.json").read_text())["heads"] == record["selected"]
+    assert all("hera_loss" in line for line in read_trainer_log(out) if "loss" in line)
