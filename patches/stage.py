@@ -65,16 +65,19 @@ def _swapped(module: ModuleType, **replacements: Any) -> Iterator[None]:
 def _hera_classes(workflow: ModuleType, hera_args: HeraArguments, compute_dtype: Any) -> tuple[type, type]:
     from llamafactory_hera.collator import HeraCollatorMixin
     from llamafactory_hera.teacher import load_image_processor
+    from llamafactory_hera.teacher_cache import TeacherFeatureCache
     from llamafactory_hera.trainer import HeraTrainerMixin
 
     host_collator = workflow.SFTDataCollatorWith4DAttentionMask
     host_trainer = workflow.CustomSeq2SeqTrainer
+    cache = TeacherFeatureCache(enabled=hera_args.hera_teacher_cache)  # shared by this run's collator and trainer
     collator = type("HeraSFTDataCollator", (HeraCollatorMixin, host_collator),
-                    {"hera_image_processor": load_image_processor(hera_args.hera_teacher)})
+                    {"hera_image_processor": load_image_processor(hera_args.hera_teacher), "hera_feature_cache": cache})
 
     class HeraSeq2SeqTrainer(HeraTrainerMixin, host_trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, hera_args=hera_args, hera_compute_dtype=compute_dtype, **kwargs)
+            super().__init__(*args, hera_args=hera_args, hera_compute_dtype=compute_dtype, hera_feature_cache=cache,
+                             **kwargs)
 
     return collator, HeraSeq2SeqTrainer
 

@@ -55,6 +55,11 @@ class HeraArguments:
         default=None, metadata={"help": "Learning rate of log(tau); default: the run's learning_rate.",
                                 "min_exclusive": 0.0}
     )
+    hera_teacher_cache: bool = field(
+        default=True,
+        metadata={"help": "Cache each image's teacher feature (CPU, ~2 KB per image for DINOv2-L in bf16) so epochs "
+                  "after the first run no teacher forward; false recomputes every step."},
+    )
     hera_similarity: str = field(
         default="cosine",
         metadata={"help": "Student similarity: 'cosine' (L2-normalised, default) or 'dot' (raw dot product).",

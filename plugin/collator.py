@@ -1,8 +1,11 @@
 """Collator mixin: adds the teacher's pixel values of each sample's raw images to the batch.
 
 It reads the image entries before the host collator removes them, so the MLLM batch itself is
-exactly what plain SFT produces. Keys added: ``hera_pixel_values`` ``[N_img, 3, h, w]`` and
-``hera_image_counts`` ``[B]`` (int64, images per sample).
+exactly what plain SFT produces. Keys added:
+- ``hera_image_counts`` ``[B]`` int64, images per sample;
+- ``hera_image_keys``: list of ``N_img`` cache keys (``None`` for images that cannot be cached);
+- ``hera_pixel_values`` ``[M, 3, h, w]``: the teacher's inputs for the ``M <= N_img`` images whose
+  features are not cached yet, in order (absent when every image is cached).
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ from typing import Any
 import torch
 
 from .teacher import open_image
+from .teacher_cache import TeacherFeatureCache, image_key
 
-HERA_BATCH_KEYS = ("hera_pixel_values", "hera_image_counts")
+HERA_BATCH_KEYS = ("hera_pixel_values", "hera_image_counts", "hera_image_keys")
 
 
 class HeraCollatorMixin:
     """Mix in front of a LLaMA-Factory multimodal collator; set ``hera_image_processor`` on the class."""
 
     hera_image_processor: Any = None
+    hera_feature_cache: TeacherFeatureCache | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         images: list[Any] = []
@@ -29,8 +34,12 @@ class HeraCollatorMixin:
             counts.append(len(sample_images))
             images.extend(sample_images)
         batch = super().__call__(features)
-        if images:
-            pixels = self.hera_image_processor([open_image(img) for img in images], return_tensors="pt")
+        cache = self.hera_feature_cache
+        keys = [image_key(img) for img in images]
+        todo = [img for img, key in zip(images, keys, strict=True) if cache is None or key not in cache]
+        if todo:
+            pixels = self.hera_image_processor([open_image(img) for img in todo], return_tensors="pt")
             batch["hera_pixel_values"] = pixels["pixel_values"]
+        batch["hera_image_keys"] = keys
         batch["hera_image_counts"] = torch.tensor(counts, dtype=torch.long)
         return batch

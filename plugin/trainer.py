@@ -29,6 +29,7 @@ from .heads import attention_geometry
 from .loss import hera_loss_from_knn
 from .metrics import knn_indices
 from .teacher import load_teacher, per_sample_features
+from .teacher_cache import TeacherFeatureCache
 
 HERA_STATE_NAME = "hera_state.json"
 LOG_KEYS = ("lm_loss", "hera_loss", "hera_temperature", "hera_image_samples", "hera_text_only_samples")
@@ -73,7 +74,7 @@ class HeraTrainerMixin:
     """Mix in front of a Hugging Face ``Trainer`` subclass; pass ``hera_args=HeraArguments`` to ``__init__``."""
 
     def __init__(self, *args: Any, hera_args: HeraArguments, hera_compute_dtype: torch.dtype | None = None,
-                 **kwargs: Any) -> None:
+                 hera_feature_cache: TeacherFeatureCache | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.hera_args = hera_args
         model = self.model
@@ -83,6 +84,7 @@ class HeraTrainerMixin:
         device = self.args.device
         dtype = hera_compute_dtype or next(model.parameters()).dtype
         self.hera_teacher = load_teacher(hera_args.hera_teacher, hera_args.hera_teacher_feature, dtype, device)
+        self.hera_feature_cache = hera_feature_cache or TeacherFeatureCache(enabled=False)
         self.hera_log_tau = nn.Parameter(
             torch.tensor(math.log(hera_args.hera_temperature), dtype=torch.float32, device=device),
             requires_grad=hera_args.hera_learn_temperature,
@@ -110,8 +112,15 @@ class HeraTrainerMixin:
         return optimizer
 
     # ----------------------------------------------------------------------------- loss
-    def _hera_term(self, reps: torch.Tensor, pixel_values: torch.Tensor | None, counts: torch.Tensor,
-                   token_mask: torch.Tensor) -> tuple[torch.Tensor | None, int, int]:
+    def _hera_teacher_features(self, pixel_values: torch.Tensor | None, keys: list[str | None],
+                               counts: torch.Tensor) -> torch.Tensor:
+        """``[B, E]`` per-sample teacher features: cached images from the cache, the others computed now."""
+        computed = self.hera_teacher(pixel_values) if pixel_values is not None else None
+        image_features = self.hera_feature_cache.lookup(keys, computed)
+        return per_sample_features(image_features.to(counts.device), counts)
+
+    def _hera_term(self, reps: torch.Tensor, pixel_values: torch.Tensor | None, keys: list[str | None],
+                   counts: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor | None, int, int]:
         """HeRA loss over the samples that have images and pooled tokens.
 
         Returns:
@@ -121,9 +130,9 @@ class HeraTrainerMixin:
         valid = (counts.to(has_tokens.device) > 0) & has_tokens
         num_valid = int(valid.sum())
         text_only = int((counts == 0).sum())
-        if num_valid < 2 or pixel_values is None:
+        if num_valid < 2:
             return None, num_valid, text_only
-        teacher_feats = per_sample_features(self.hera_teacher(pixel_values), counts.to(pixel_values.device))
+        teacher_feats = self._hera_teacher_features(pixel_values, keys, counts.to(reps.device))
         k = self.hera_args.hera_k
         if num_valid - 1 < k:
             k = num_valid - 1
@@ -145,6 +154,7 @@ class HeraTrainerMixin:
                      num_items_in_batch: Any = None) -> Any:
         pixel_values = inputs.pop("hera_pixel_values", None)
         counts = inputs.pop("hera_image_counts", None)
+        keys = inputs.pop("hera_image_keys", None)
         if not model.training or counts is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -160,7 +170,7 @@ class HeraTrainerMixin:
             reps = self.hera_capture.disarm(pooling_weights(token_mask))
         if reps is None:
             raise RuntimeError("HeRA hooks did not fire: the model's o_proj modules were not called in the forward.")
-        term, num_images, text_only = self._hera_term(reps, pixel_values, counts, token_mask)
+        term, num_images, text_only = self._hera_term(reps, pixel_values, keys, counts, token_mask)
         # The Trainer divides the returned loss by the accumulation steps unless the model already normalised it
         # over the whole accumulated batch; in that case the HeRA term is divided here, so that both terms reach
         # backward with the same 1/accumulation weight.

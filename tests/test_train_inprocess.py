@@ -129,3 +129,32 @@ def test_optional_settings_train(assets, tmp_path: Path) -> None:
     for logs in probe.logs:
         assert logs["hera_temperature"] == pytest.approx(2.0, abs=1e-6)
         assert 0 < logs["hera_loss"] < 1e4
+
+
+def test_teacher_cache_skips_the_teacher_after_the_first_epoch(assets, tmp_path: Path) -> None:
+    """Two epochs of 32 images: 32 images reach the teacher in epoch 1, none in epoch 2, and the losses are
+    identical to a run without the cache."""
+    from llamafactory.train.tuner import run_exp
+
+    from llamafactory_hera.teacher import load_teacher
+
+    teacher = load_teacher(str(assets.teacher), "cls", torch.float32, torch.device("cpu"))
+    seen: list[int] = []
+    original = teacher.forward
+    teacher.forward = lambda pixels: (seen.append(pixels.shape[0]), original(pixels))[1]  # type: ignore[method-assign]
+    try:
+        logs = {}
+        for cached in (True, False):
+            seen.clear()
+            probe = LogProbe()
+            recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / str(cached), max_steps=-1, num_train_epochs=2,
+                                 hera_teacher_cache=cached)
+            run_exp(recipe, callbacks=[probe])
+            logs[cached] = [entry["loss"] for entry in probe.logs]
+            if cached:
+                assert sum(seen[:4]) == 32 and sum(seen[4:]) == 0, seen  # 4 steps per epoch
+            else:
+                assert sum(seen) == 64
+    finally:
+        teacher.forward = original  # type: ignore[method-assign]
+    assert logs[True] == logs[False] and len(logs[True]) == 8
