@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any
 
 from llamafactory_hera.args import HeraArguments, parse_hera_arguments
+from llamafactory_hera.data_checks import describe_image
 
 from . import logging as log_patch
 from .arguments import split_args
@@ -62,7 +63,8 @@ def _swapped(module: ModuleType, **replacements: Any) -> Iterator[None]:
             setattr(module, name, value)
 
 
-def _hera_classes(workflow: ModuleType, hera_args: HeraArguments, compute_dtype: Any) -> tuple[type, type]:
+def _hera_classes(workflow: ModuleType, hera_args: HeraArguments, compute_dtype: Any,
+                  image_rows: dict[str, int]) -> tuple[type, type]:
     from llamafactory_hera.collator import HeraCollatorMixin
     from llamafactory_hera.teacher import load_image_processor
     from llamafactory_hera.teacher_cache import TeacherFeatureCache
@@ -72,7 +74,8 @@ def _hera_classes(workflow: ModuleType, hera_args: HeraArguments, compute_dtype:
     host_trainer = workflow.CustomSeq2SeqTrainer
     cache = TeacherFeatureCache(enabled=hera_args.hera_teacher_cache)  # shared by this run's collator and trainer
     collator = type("HeraSFTDataCollator", (HeraCollatorMixin, host_collator),
-                    {"hera_image_processor": load_image_processor(hera_args.hera_teacher), "hera_feature_cache": cache})
+                    {"hera_image_processor": load_image_processor(hera_args.hera_teacher), "hera_feature_cache": cache,
+                     "hera_image_rows": image_rows})
 
     class HeraSeq2SeqTrainer(HeraTrainerMixin, host_trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -84,6 +87,21 @@ def _hera_classes(workflow: ModuleType, hera_args: HeraArguments, compute_dtype:
 
 def _plain(value: Any) -> Any:
     return value if isinstance(value, str | int | float | bool | list | type(None)) else str(value)
+
+
+def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any, training_args: Any) -> dict[str, int]:
+    """Image path -> training-data row, after checking every image file exists (clear error naming file and row).
+
+    Runs before LLaMA-Factory's preprocessing, which would otherwise fail on a missing file with a bare OSError.
+    Streaming datasets are not scanned.
+    """
+    if getattr(data_args, "streaming", False) or not training_args.do_train:
+        return {}
+    from llamafactory_hera.data_checks import image_rows
+    from llamafactory_hera.patches.selection import RecipeArgs, load_aligned_rows
+
+    return image_rows(load_aligned_rows(RecipeArgs(model_args, data_args, finetuning_args), training_args.seed),
+                      column="_images")
 
 
 def _write_run_record(output_dir: str, hera_args: HeraArguments,
@@ -116,7 +134,8 @@ def apply(tuner: ModuleType) -> None:
             hera_args.hera_heads = resolve_auto_heads(
                 RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,
                 str(training_args.device), training_args.output_dir, training_args.process_index == 0)
-        collator, trainer = _hera_classes(workflow, hera_args, model_args.compute_dtype)
+        rows = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
+        collator, trainer = _hera_classes(workflow, hera_args, model_args.compute_dtype, rows)
         if training_args.should_save:
             _write_run_record(training_args.output_dir, hera_args, (
                 (model_args, ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),
@@ -124,7 +143,14 @@ def apply(tuner: ModuleType) -> None:
                 (finetuning_args, ("finetuning_type",)),
                 (training_args, ("seed", "output_dir"))))
         with _swapped(workflow, SFTDataCollatorWith4DAttentionMask=collator, CustomSeq2SeqTrainer=trainer):
-            workflow.run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
+            try:
+                workflow.run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
+            except OSError as err:  # e.g. PIL's UnidentifiedImageError in the host's preprocessing
+                culprit = next((path for path in rows if path in str(err)), None)
+                if culprit is None:
+                    raise
+                raise ValueError(f"HeRA cannot read {describe_image(culprit, rows)}: {type(err).__name__}: {err}. "
+                                 "Fix or remove the file.") from err
         if training_args.do_train and finetuning_args.plot_loss and training_args.process_index == 0:
             ploting.plot_loss(training_args.output_dir, keys=["lm_loss", "hera_loss", "hera_temperature"])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from llamafactory_hera.args import HeraArguments
+from llamafactory_hera.data_checks import check_adapter_fits
 from llamafactory_hera.heads import attention_geometry, check_heads_fit
 from llamafactory_hera.teacher import check_teacher_source
 
@@ -64,6 +65,9 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
     geometry = attention_geometry(config)
+    adapters = model_args.adapter_name_or_path
+    check_adapter_fits(adapters if isinstance(adapters, list) else [adapters] if adapters else [],
+                       geometry.hidden_size, geometry.num_heads * geometry.head_dim, str(model_args.model_name_or_path))
     if not hera_args.auto_heads:
         check_heads_fit(hera_args.head_refs, geometry, str(model_args.model_name_or_path))
     elif hera_args.hera_select_num_heads > geometry.num_layers * geometry.num_heads:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .data_checks import describe_image
 from .teacher import open_image
 from .teacher_cache import TeacherFeatureCache, image_key
 
@@ -25,6 +26,14 @@ class HeraCollatorMixin:
 
     hera_image_processor: Any = None
     hera_feature_cache: TeacherFeatureCache | None = None
+    hera_image_rows: dict[str, int] | None = None  # image path -> dataset row, for error messages
+
+    def _open(self, image: Any) -> Any:
+        try:
+            return open_image(image)
+        except Exception as err:  # noqa: BLE001 - any decoding failure becomes one clear message
+            where = describe_image(image, self.hera_image_rows or {})
+            raise ValueError(f"HeRA cannot read {where} for the teacher: {type(err).__name__}: {err}") from None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         images: list[Any] = []
@@ -33,13 +42,13 @@ class HeraCollatorMixin:
             sample_images = feature.get("images") or []
             counts.append(len(sample_images))
             images.extend(sample_images)
-        batch = super().__call__(features)
         cache = self.hera_feature_cache
         keys = [image_key(img) for img in images]
-        todo = [img for img, key in zip(images, keys, strict=True) if cache is None or key not in cache]
+        # Opened before the host collator opens them too, so that an unreadable file is reported by name and row.
+        todo = [self._open(img) for img, key in zip(images, keys, strict=True) if cache is None or key not in cache]
+        batch = super().__call__(features)
         if todo:
-            pixels = self.hera_image_processor([open_image(img) for img in todo], return_tensors="pt")
-            batch["hera_pixel_values"] = pixels["pixel_values"]
+            batch["hera_pixel_values"] = self.hera_image_processor(todo, return_tensors="pt")["pixel_values"]
         batch["hera_image_keys"] = keys
         batch["hera_image_counts"] = torch.tensor(counts, dtype=torch.long)
         return batch

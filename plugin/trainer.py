@@ -32,7 +32,8 @@ from .teacher import load_teacher, per_sample_features
 from .teacher_cache import TeacherFeatureCache
 
 HERA_STATE_NAME = "hera_state.json"
-LOG_KEYS = ("lm_loss", "hera_loss", "hera_temperature", "hera_image_samples", "hera_text_only_samples")
+LOG_KEYS = ("lm_loss", "hera_loss", "hera_temperature", "hera_image_samples", "hera_text_only_samples",
+            "hera_nonfinite_skipped")
 
 
 class _TemperatureGradHandler(TrainerCallback):
@@ -96,10 +97,11 @@ class HeraTrainerMixin:
             model.config, "image_token_index", None
         )
         # Sums since the last log: LM loss as it enters backward, HeRA loss, micro-batches with a HeRA term,
-        # image samples and text-only samples in contrastive batches, micro-batches.
-        self._hera_stats = torch.zeros(6, dtype=torch.float64, device=device)
+        # image samples and text-only samples in contrastive batches, micro-batches, non-finite terms skipped.
+        self._hera_stats = torch.zeros(7, dtype=torch.float64, device=device)
         self._hera_last_logged_step: int | None = None  # set at the first training step (resume-aware)
         self._hera_warned_small_batch = False
+        self._hera_warned_nonfinite = False
 
     # ----------------------------------------------------------------------------- optimizer
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -171,6 +173,13 @@ class HeraTrainerMixin:
         if reps is None:
             raise RuntimeError("HeRA hooks did not fire: the model's o_proj modules were not called in the forward.")
         term, num_images, text_only = self._hera_term(reps, pixel_values, keys, counts, token_mask)
+        skipped = 0.0
+        if term is not None and not bool(torch.isfinite(term)):
+            skipped, term = 1.0, None  # never let a NaN/inf reach the weights
+            if not self._hera_warned_nonfinite:
+                self._hera_warned_nonfinite = True
+                print("[llamafactory-hera] warning: non-finite HeRA loss; the term is skipped for such micro-batches "
+                      "(counted as hera_nonfinite_skipped in the logs). Check hera_temperature / bf16 overflow.")
         # The Trainer divides the returned loss by the accumulation steps unless the model already normalised it
         # over the whole accumulated batch; in that case the HeRA term is divided here, so that both terms reach
         # backward with the same 1/accumulation weight.
@@ -180,7 +189,7 @@ class HeraTrainerMixin:
         if term is not None:
             total = lm_loss + (self.hera_args.hera_lambda * term / accumulation).to(lm_loss.dtype)
         lm_share = lm_loss.detach().double() / (self.current_gradient_accumulation_steps if trainer_divides else 1)
-        increment = torch.tensor([0.0, 0.0, float(term is not None), num_images, text_only, 1.0],
+        increment = torch.tensor([0.0, 0.0, float(term is not None), num_images, text_only, 1.0, skipped],
                                  dtype=torch.float64).to(self._hera_stats.device, non_blocking=True)
         increment[0] = lm_share
         if term is not None:
@@ -202,13 +211,15 @@ class HeraTrainerMixin:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(stats)
                 world = torch.distributed.get_world_size()
-            lm_sum, hera_sum, hera_micro, images, text_only, micro, temperature_sum = stats.tolist()
+            lm_sum, hera_sum, hera_micro, images, text_only, micro, skipped, temperature_sum = stats.tolist()
             optimizer_steps = max(self.state.global_step - (self._hera_last_logged_step or 0), 1)
             if micro > 0:
                 # Same normalisation as the Trainer's logged `loss`, so loss == lm_loss + lambda * hera_loss.
                 logs["lm_loss"] = lm_sum / world / optimizer_steps
                 logs["hera_image_samples"] = images / micro
                 logs["hera_text_only_samples"] = text_only / micro
+                if skipped:
+                    logs["hera_nonfinite_skipped"] = skipped
             if hera_micro > 0:
                 logs["hera_loss"] = hera_sum / hera_micro
             logs["hera_temperature"] = temperature_sum / world  # mean over ranks (equal when in sync)

@@ -1,0 +1,98 @@
+"""Bad input during a HeRA run: each case fails clearly (naming the culprit) or is skipped and counted."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_train_inprocess import LogProbe
+
+from conftest import base_recipe
+
+
+def _dataset_copy(assets, tmp_path: Path, edit) -> Path:
+    folder = tmp_path / "data"
+    shutil.copytree(assets.dataset_dir, folder)
+    rows = json.loads((folder / "hera_demo.json").read_text())
+    edit(rows, folder)
+    (folder / "hera_demo.json").write_text(json.dumps(rows))
+    return folder
+
+
+def _run(recipe: dict[str, Any]) -> LogProbe:
+    from llamafactory.train.tuner import run_exp
+
+    probe = LogProbe()
+    run_exp(recipe, callbacks=[probe])
+    return probe
+
+
+def test_missing_image_fails_before_training_naming_file_and_row(assets, tmp_path: Path) -> None:
+    def edit(rows, folder):
+        rows[5]["images"] = ["images/nope.png"]
+
+    data = _dataset_copy(assets, tmp_path, edit)
+    with pytest.raises(FileNotFoundError, match=r"image '.*nope.png' of training dataset row 5 does not exist"):
+        _run(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", dataset_dir=str(data)))
+
+
+def test_unreadable_image_names_file_and_row(assets, tmp_path: Path) -> None:
+    def edit(rows, folder):
+        (folder / "images" / "0003.png").write_bytes(b"not a png")
+
+    data = _dataset_copy(assets, tmp_path, edit)
+    with pytest.raises(ValueError, match=r"HeRA cannot read '.*0003.png' \(training dataset row 3\)"):
+        _run(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", dataset_dir=str(data)))
+
+
+def test_batches_without_any_image_train_on_the_lm_loss_alone(assets, tmp_path: Path) -> None:
+    def edit(rows, folder):
+        for row in rows:
+            row["images"] = []
+            row["messages"][0]["content"] = row["messages"][0]["content"].replace("<image>", "")
+
+    data = _dataset_copy(assets, tmp_path, edit)
+    probe = _run(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", dataset_dir=str(data)))
+    assert len(probe.logs) == 3
+    for logs in probe.logs:
+        assert logs["hera_image_samples"] == 0 and logs["hera_text_only_samples"] == 8
+        assert "hera_loss" not in logs and logs["loss"] == pytest.approx(logs["lm_loss"])
+
+
+def test_non_finite_hera_term_is_skipped_and_counted(assets, tmp_path: Path, monkeypatch) -> None:
+    import llamafactory_hera.trainer as trainer_module
+
+    real = trainer_module.hera_loss_from_knn
+    monkeypatch.setattr(trainer_module, "hera_loss_from_knn", lambda *a, **k: real(*a, **k) * float("nan"))
+    weights: list[torch.Tensor] = []
+
+    class Grab(LogProbe):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            weights.extend(p.detach().clone() for p in model.parameters() if p.requires_grad)
+
+    from llamafactory.train.tuner import run_exp
+
+    probe = Grab()
+    run_exp(base_recipe(assets, "qwen2_5_vl", tmp_path / "out"), callbacks=[probe])
+    assert [logs["hera_nonfinite_skipped"] for logs in probe.logs] == [1.0, 1.0, 1.0]
+    assert all(math.isfinite(logs["loss"]) and "hera_loss" not in logs for logs in probe.logs)
+    assert weights and all(bool(torch.isfinite(w).all()) for w in weights)
+
+
+def test_adapter_from_another_base_model_is_refused(assets, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    other = AutoModelForImageTextToText.from_pretrained(assets.models["llava"])  # o_proj width 64
+    get_peft_model(other, LoraConfig(r=2, target_modules=["o_proj"])).save_pretrained(tmp_path / "adapter")
+    from llamafactory.train.tuner import run_exp
+
+    recipe = base_recipe(assets, "qwen3_vl", tmp_path / "out", adapter_name_or_path=str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match=r"adapter_name_or_path: .* was trained on another base model \(its o_proj "
+                                         r"LoRA expects inputs of width 64, .* has 128"):
+        run_exp(recipe)
