@@ -1,0 +1,169 @@
+"""GPU memory estimates for the HeRA recipes: the numbers in the README's "Recipes" table.
+
+These are estimates from a formula, not measurements. ``python recipes/memory.py`` prints the
+table rows; the batch size, cutoff length, LoRA rank and finetuning type are read from the
+recipe files themselves, so the table follows the recipes.
+
+Method (bytes per GPU, worst case: every sequence of the micro-batch is ``cutoff_len`` long):
+
+- weights: bf16, 2 bytes per parameter of the whole MLLM (vision tower included);
+- trainable parameters: 16 bytes each (fp32 weight 4 + fp32 gradient 4 + Adam moments 8) for
+  the LoRA adapters (rank r on every linear layer of the language model) or the projector;
+- full fine-tune, DeepSpeed ZeRO-3 over N GPUs: 16 bytes per parameter / N (bf16 weight and
+  gradient, fp32 master weight and Adam moments, all sharded; the frozen vision tower is counted
+  as trainable, which overestimates slightly) + 2 bytes x ``stage3_max_live_parameters`` (1e9)
+  for the parameters gathered at a time;
+- full fine-tune, ZeRO-2 (the fallback while ZeRO-3 is refused): 2 bytes per parameter
+  replicated + 14 bytes per parameter / N;
+- activations with gradient checkpointing: each decoder layer's input, L x B x S x d x 2 bytes,
+  plus the one layer being recomputed, its activations and their gradients,
+  2 x B x S x (8 d + 4 i) x 2 bytes (d: hidden size, i: MLP width);
+- logits: B x S x V x 10 bytes (bf16 logits, their fp32 copy in the loss, the saved
+  log-softmax and its gradient; V: vocabulary size);
+- the HeRA teacher, DINOv2 ViT-L/14 in bf16: 0.3 B parameters x 2 bytes (its activations,
+  without gradient, are small); the HeRA term itself adds B x heads x d floats, negligible;
+- 2 GiB for the CUDA context, cuBLAS/NCCL workspaces and allocator slack.
+
+Not included: the frozen vision tower's activations (no gradient flows into it), memory
+fragmentation, evaluation. An 80 GB card has about 79 GiB usable.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+RECIPES = Path(__file__).resolve().parent
+GIB = 2**30
+NUM_GPUS = 8  # the _full recipes are written for one node with 8 GPUs
+GPU_GIB = 79.0  # usable memory of an 80 GB card
+TEACHER_PARAMS = 0.304e9  # facebook/dinov2-large
+OVERHEAD = 2 * GIB
+ZERO3_LIVE_PARAMS = 1e9  # recipes/deepspeed/ds_z3_config.json: stage3_max_live_parameters
+LOGIT_BYTES = 10
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One LLM of the paper's Table 2 and the public MLLM its recipes are built on.
+
+    Shapes are those of the MLLM's language model; ``params_b`` is the whole MLLM (model card, rounded).
+    """
+
+    llm: str  # as in the paper's Table 2
+    vision_delta: str  # paper, Table 2: Vision score of HeRA minus the baseline
+    stem: str  # recipes/<stem>_hera.yaml, recipes/<stem>_hera_full.yaml
+    model_id: str
+    template: str  # LLaMA-Factory template
+    model_type: str  # transformers config.model_type
+    params_b: float
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    projector_b: float = 0.0  # projector parameters (stage-1 recipe), billions
+    paper_heads: tuple[str, ...] = ()  # paper, Table 5 (found on the text-only LLM)
+
+
+BACKBONES: tuple[Backbone, ...] = (
+    Backbone("Qwen2.5-3B", "+2.4", "qwen2_5_3b", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_vl", "qwen2_5_vl",
+             3.75, 36, 2048, 16, 2, 128, 11008, 151936,
+             paper_heads=("L3H4", "L5H11", "L5H14", "L5H9", "L5H15")),
+    Backbone("Qwen3-4B", "+2.2", "qwen3_4b", "Qwen/Qwen3-VL-4B-Instruct", "qwen3_vl_nothink", "qwen3_vl",
+             4.44, 36, 2560, 32, 8, 128, 9728, 151936),
+    Backbone("Vicuna-7B", "+2.3", "vicuna_7b", "llava-hf/llava-1.5-7b-hf", "llava", "llava",
+             7.06, 32, 4096, 32, 32, 128, 11008, 32064, projector_b=0.021,
+             paper_heads=("L0H14", "L1H1", "L0H1", "L0H3", "L0H30")),
+    Backbone("LLaMA3-8B", "+1.3", "llama3_8b", "llava-hf/llama3-llava-next-8b-hf", "llava_next_llama3", "llava_next",
+             8.36, 32, 4096, 32, 8, 128, 14336, 128320),
+    Backbone("Qwen2.5-7B", "+0.7", "qwen2_5_7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_vl", "qwen2_5_vl",
+             8.29, 28, 3584, 28, 4, 128, 18944, 152064),
+    Backbone("Qwen3-8B", "+3.6", "qwen3_8b", "Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl_nothink", "qwen3_vl",
+             8.77, 36, 4096, 32, 8, 128, 12288, 151936,
+             paper_heads=("L13H12", "L7H6", "L3H5", "L13H13", "L13H15")),
+    Backbone("Vicuna-13B", "+1.2", "vicuna_13b", "llava-hf/llava-1.5-13b-hf", "llava", "llava",
+             13.35, 40, 5120, 40, 40, 128, 13824, 32064),
+    Backbone("Qwen2.5-14B", "+3.4", "qwen2_5_14b", "OpenGVLab/InternVL3-14B-hf", "intern_vl", "internvl",
+             15.1, 48, 5120, 40, 8, 128, 13824, 151674),
+    Backbone("Qwen3-14B", "+0.7", "qwen3_14b", "OpenGVLab/InternVL3_5-14B-HF", "intern_vl", "internvl",
+             15.1, 40, 5120, 40, 8, 128, 17408, 151936),
+)
+
+
+def load_recipe(name: str) -> dict:
+    """A recipe of this folder as a dict."""
+    return yaml.safe_load((RECIPES / name).read_text(encoding="utf-8"))
+
+
+def lora_params(b: Backbone, rank: int) -> float:
+    """Adapter parameters: rank r on q, k, v, o, gate, up, down of every decoder layer."""
+    q, kv, d, i = b.heads * b.head_dim, b.kv_heads * b.head_dim, b.hidden, b.intermediate
+    in_plus_out = (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + i) + (i + d)
+    return rank * b.layers * in_plus_out
+
+
+def activation_bytes(b: Backbone, batch: int, seq: int) -> float:
+    """Checkpointed layer inputs + one recomputed layer (activations and gradients) + logits."""
+    tokens = batch * seq
+    checkpoints = b.layers * tokens * b.hidden * 2
+    recomputed = 2 * tokens * (8 * b.hidden + 4 * b.intermediate) * 2
+    logits = tokens * b.vocab * LOGIT_BYTES
+    return checkpoints + recomputed + logits
+
+
+def estimate_gib(b: Backbone, recipe: dict, zero: int | None = None, num_gpus: int = NUM_GPUS) -> float:
+    """Estimated peak GiB per GPU for ``recipe`` on backbone ``b`` (``zero``: 2 or 3 for a full fine-tune)."""
+    params = b.params_b * 1e9
+    batch, seq = int(recipe["per_device_train_batch_size"]), int(recipe["cutoff_len"])
+    fixed = TEACHER_PARAMS * 2 + OVERHEAD + activation_bytes(b, batch, seq)
+    if recipe["finetuning_type"] == "lora":
+        states = params * 2 + lora_params(b, int(recipe.get("lora_rank", 8))) * 16
+    elif recipe.get("freeze_language_model"):  # stage-1 style: projector only
+        states = params * 2 + b.projector_b * 1e9 * 16
+    elif zero == 3:
+        states = params * 16 / num_gpus + ZERO3_LIVE_PARAMS * 2
+    elif zero == 2:
+        states = params * 2 + params * 14 / num_gpus
+    else:
+        raise ValueError("a full fine-tune needs zero=2 or zero=3")
+    return (states + fixed) / GIB
+
+
+def _cell(name: str, gib: float) -> str:
+    verdict = "" if gib <= GPU_GIB else ", exceeds 80 GB"
+    return f"`{name}`: ~{gib:.0f} GiB{verdict}"
+
+
+def table_rows() -> list[str]:
+    """The README table's rows, one per backbone."""
+    rows = []
+    for b in BACKBONES:
+        lora, full = f"{b.stem}_hera.yaml", f"{b.stem}_hera_full.yaml"
+        lora_gib = estimate_gib(b, load_recipe(lora))
+        z3, z2 = (estimate_gib(b, load_recipe(full), zero=zero) for zero in (3, 2))
+        z2_text = f"~{z2:.0f} GiB" + ("" if z2 <= GPU_GIB else ", exceeds 80 GB")
+        rows.append(f"| {b.llm} | {b.vision_delta} | `{b.model_id}` | `{b.template}` | `{b.model_type}` | "
+                    f"{_cell(lora, lora_gib)} | {_cell(full, z3)} (ZeRO-2: {z2_text}) |")
+    return rows
+
+
+def stage1_row() -> str:
+    """The stage-1 example's memory line."""
+    b = next(b for b in BACKBONES if b.stem == "vicuna_7b")
+    name = "vicuna_7b_hera_stage1.yaml"
+    return f"{_cell(name, estimate_gib(b, load_recipe(name)))}, one GPU"
+
+
+def main() -> None:
+    """Print the README table rows and the stage-1 line."""
+    sys.stdout.write("\n".join([*table_rows(), stage1_row()]) + "\n")
+
+
+if __name__ == "__main__":
+    main()
