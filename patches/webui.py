@@ -1,7 +1,8 @@
 """Adds HeRA to LlamaBoard's training-stage dropdown (``extras.constants.TRAINING_STAGES``).
 
 Checked on LLaMA-Factory 0.9.5: the web UI modules import this dict by reference, so an
-in-place update before the UI is built adds the stage everywhere.
+in-place update before the UI is built adds the stage everywhere. The HeRA panel, its arguments and
+the loss plot are :mod:`.webui_board`.
 """
 
 from __future__ import annotations

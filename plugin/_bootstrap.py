@@ -20,6 +20,7 @@ DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
 _TARGETS = {
     "llamafactory.extras.constants": "webui",
     "llamafactory.train.tuner": "stage",
+    "llamafactory.webui.interface": "webui_board",  # LlamaBoard: HeRA panel, args, saved config, loss plot
 }
 
 

@@ -1,0 +1,235 @@
+"""HeRA as a first-class stage of LlamaBoard (LLaMA-Factory's web UI).
+
+Applied once ``llamafactory.webui.interface`` has executed: by then it has imported every web-UI
+module this patch touches, so all shapes are checked first and then everything is patched (all
+or nothing). The stage itself is added to the dropdown by :mod:`.webui` (``extras.constants``).
+Checked on LLaMA-Factory 0.9.5 (with gradio 5), whose shapes are:
+
+- ``interface.create_ui`` builds the Train tab with the module global ``create_train_tab(engine)``
+  (also exported by ``webui.components`` and ``webui.components.train``), which returns an element
+  dict (registered as ``train.<name>``) and binds its buttons to ``engine.manager.get_base_elems()``
+  plus the tab's inputs, so inputs must exist before it runs; ``cmd_preview_btn`` sits in the row of
+  buttons after the settings accordions;
+- ``runner.Runner``: ``_initialize(data, do_train, from_preview)`` returns an error string,
+  ``_parse_train_args(data)`` returns the run's args (``stage`` from ``TRAINING_STAGES``),
+  ``_build_config_dict(data)`` is the saved ``llamaboard_config.yaml`` (every input's value by
+  element id), ``monitor()`` is the generator that polls a running job;
+- ``control.get_trainer_info`` draws the loss with the module global ``gen_loss_plot(trainer_log)``;
+- ``locales.LOCALES`` / ``ALERTS``: element name (or alert) -> language -> texts.
+
+With any other stage the UI, the preview, the command and the saved configs are stock: the panel
+is hidden, nothing is added to the args, and the panel's values are dropped from the saved config.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Generator
+from types import ModuleType
+from typing import Any
+
+from llamafactory_hera import webui_panel as panel
+
+from . import CHECKED_VERSIONS
+from .guard import DISABLE_ENV, HostMismatchError, host_version, require, warn_if_unchecked
+
+PATCH = "webui"
+_WEBUI = "llamafactory.webui"
+_SIGNATURES = {
+    "create_train_tab": ("engine",),
+    "Runner._initialize": ("self", "data", "do_train", "from_preview"),
+    "Runner._parse_train_args": ("self", "data"),
+    "Runner._build_config_dict": ("self", "data"),
+    "Runner.monitor": ("self",),
+    "gen_loss_plot": ("trainer_log",),
+    "get_trainer_info": ("lang", "output_path", "do_train"),
+}
+
+
+def _require_signature(name: str, func: Callable[..., Any]) -> None:
+    params = tuple(inspect.signature(func).parameters)
+    if params != _SIGNATURES[name]:
+        raise HostMismatchError(
+            f"llamafactory-hera: LLaMA-Factory {host_version()} does not have the internals the '{PATCH}' patch was "
+            f"written for ({name} takes ({', '.join(params)}), expected ({', '.join(_SIGNATURES[name])})). The "
+            f"plugin was checked on LLaMA-Factory {', '.join(CHECKED_VERSIONS)}; install one of those, upgrade "
+            f"llamafactory-hera, or set {DISABLE_ENV}=1 to run LLaMA-Factory without the plugin."
+        )
+
+
+def _modules(interface: ModuleType) -> dict[str, ModuleType]:
+    """The web-UI modules, checked (raises before anything is patched)."""
+    require(interface, ("create_ui", "create_train_tab"), PATCH)
+    mods = {name: importlib.import_module(f"{_WEBUI}.{name}")
+            for name in ("components", "components.train", "runner", "control", "locales", "common")}
+    mods["constants"] = importlib.import_module("llamafactory.extras.constants")
+    mods["ploting"] = importlib.import_module("llamafactory.extras.ploting")
+    require(mods["components"], ("create_train_tab",), PATCH)
+    require(mods["components.train"], ("create_train_tab",), PATCH)
+    require(mods["runner"], ("Runner",), PATCH)
+    require(mods["runner"].Runner, ("_initialize", "_parse_train_args", "_build_config_dict", "monitor"), PATCH)
+    require(mods["control"], ("gen_loss_plot", "get_trainer_info"), PATCH)
+    require(mods["locales"], ("LOCALES", "ALERTS"), PATCH)
+    require(mods["common"], ("get_save_dir",), PATCH)
+    require(mods["constants"], ("TRAINING_STAGES",), PATCH)
+    require(mods["ploting"], ("smooth",), PATCH)
+    _require_signature("create_train_tab", mods["components.train"].create_train_tab)
+    for method in ("_initialize", "_parse_train_args", "_build_config_dict", "monitor"):
+        _require_signature(f"Runner.{method}", getattr(mods["runner"].Runner, method))
+    _require_signature("gen_loss_plot", mods["control"].gen_loss_plot)
+    _require_signature("get_trainer_info", mods["control"].get_trainer_info)
+    if panel.HERA_STAGE not in mods["constants"].TRAINING_STAGES.values():  # the .webui patch did not run
+        raise HostMismatchError(f"llamafactory-hera: LLaMA-Factory {host_version()}'s TRAINING_STAGES does not list "
+                                f"the '{panel.HERA_STAGE}' stage; the web UI cannot offer HeRA. Set {DISABLE_ENV}=1 "
+                                "to run LLaMA-Factory without the plugin.")
+    return mods
+
+
+def apply(interface: ModuleType) -> None:
+    """Patch LlamaBoard (``llamafactory.webui.*``) in place; all checks before any change."""
+    if getattr(interface, "_hera_patched", False):
+        return
+    mods = _modules(interface)
+    warn_if_unchecked()
+    stages = mods["constants"].TRAINING_STAGES
+
+    for name, texts in panel.LOCALES.items():
+        mods["locales"].LOCALES.setdefault(name, texts)
+    for name, texts in panel.ALERTS.items():
+        mods["locales"].ALERTS.setdefault(name, texts)
+
+    original = mods["components.train"].create_train_tab
+    create_train_tab = original if getattr(original, "_hera", False) else _wrap_create_train_tab(original, stages)
+    for module in (interface, mods["components"], mods["components.train"]):
+        module.create_train_tab = create_train_tab
+    if not getattr(mods["runner"].Runner, "_hera_patched", False):
+        _patch_runner(mods["runner"].Runner, stages, mods)
+    if not getattr(mods["control"].gen_loss_plot, "_hera", False):
+        mods["control"].gen_loss_plot = _wrap_gen_loss_plot(mods["control"].gen_loss_plot, mods["ploting"].smooth)
+    interface._hera_patched = True
+
+
+def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict[str, str]) -> Callable[..., Any]:
+    def create_train_tab(engine: Any) -> dict[str, Any]:
+        import gradio as gr
+
+        with gr.Accordion(panel.LOCALES[panel.TAB]["en"]["label"], open=True, visible=False,
+                          elem_id=f"train-{panel.TAB}") as tab:
+            elems = panel.create_panel(gr)
+        manager = engine.manager
+        own = vars(manager).get("get_base_elems")
+        base = manager.get_base_elems
+        manager.get_base_elems = lambda: base() | set(elems.values())  # the tab's buttons take these as inputs
+        try:
+            elem_dict = original(engine)
+        finally:
+            if own is None:
+                vars(manager).pop("get_base_elems", None)
+            else:
+                manager.get_base_elems = own
+        _place_before(tab, elem_dict["cmd_preview_btn"])
+        stage = elem_dict["training_stage"]
+        stage.change(lambda label: gr.Accordion(visible=panel.is_hera_stage(stages.get(label))), [stage], [tab],
+                     queue=False)
+        elem_dict.update({panel.TAB: tab, **elems})
+        return elem_dict
+
+    create_train_tab.__wrapped__ = original
+    create_train_tab._hera = True
+    return create_train_tab
+
+
+def _place_before(block: Any, anchor: Any) -> None:
+    """Move ``block`` in its parent's layout to just before the ancestor of ``anchor`` that shares that parent."""
+    parent = getattr(block, "parent", None)
+    children = getattr(parent, "children", None)
+    node = anchor
+    while node is not None and getattr(node, "parent", None) is not parent:
+        node = getattr(node, "parent", None)
+    if children is None or node is None or block not in children:
+        return  # gradio's layout has another shape: the panel stays at the top of the tab
+    children.remove(block)
+    children.insert(children.index(node), block)
+
+
+def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, ModuleType]) -> None:
+    original_initialize = runner_cls._initialize
+    original_parse = runner_cls._parse_train_args
+    original_config = runner_cls._build_config_dict
+    original_monitor = runner_cls.monitor
+    prefix = "train.hera_"
+
+    def elem_value(self: Any, data: dict[Any, Any], elem_id: str) -> Any:
+        try:
+            return data[self.manager.get_elem_by_id(elem_id)]
+        except KeyError:
+            return None
+
+    def is_hera(self: Any, data: dict[Any, Any] | None) -> bool:
+        return bool(data) and panel.is_hera_stage(stages.get(elem_value(self, data, "train.training_stage")))
+
+    def panel_values(self: Any, data: dict[Any, Any]) -> dict[str, Any] | None:
+        values = {key: elem_value(self, data, f"train.{key}") for key in panel.KEYS}
+        return None if all(v is None for v in values.values()) else values  # None: a UI without the panel
+
+    def _initialize(self: Any, data: dict[Any, Any], do_train: bool, from_preview: bool) -> str:
+        error = original_initialize(self, data, do_train, from_preview)
+        if error or not do_train or not is_hera(self, data):
+            return error
+        values = panel_values(self, data)
+        problem = panel.validate(values) if values is not None else ""
+        if problem:
+            lang = elem_value(self, data, "top.lang") or "en"
+            return mods["locales"].ALERTS["err_hera_args"].get(lang, panel.ALERTS["err_hera_args"]["en"]) + problem
+        return error
+
+    def _parse_train_args(self: Any, data: dict[Any, Any]) -> dict[str, Any]:
+        args = original_parse(self, data)
+        if panel.is_hera_stage(args.get("stage")):
+            values = panel_values(self, data)
+            if values is not None:
+                for key, value in panel.build_hera_args(values).items():
+                    args.setdefault(key, value)  # a hera_* key in the extra-arguments JSON wins
+        return args
+
+    def _build_config_dict(self: Any, data: dict[Any, Any]) -> dict[str, Any]:
+        config = original_config(self, data)
+        if not is_hera(self, data):
+            config = {k: v for k, v in config.items() if not k.startswith(prefix)}
+        return config
+
+    def monitor(self: Any) -> Generator[dict[Any, Any], None, None]:
+        # Stock polls every 2 s and stops when the process ends, so a short run can finish with an
+        # old plot (or none); a HeRA run gets one last loss plot after the stock monitor is done.
+        data = self.running_data
+        final = None
+        if self.do_train and is_hera(self, data):
+            get = lambda elem_id: elem_value(self, data, elem_id)  # noqa: E731
+            output_path = mods["common"].get_save_dir(get("top.model_name"), get("top.finetuning_type"),
+                                                      get("train.output_dir"))
+            final = (get("top.lang") or "en", output_path)
+        yield from original_monitor(self)
+        if final is not None:
+            _, _, info = mods["control"].get_trainer_info(final[0], final[1], True)
+            if "loss_viewer" in info:
+                yield {self.manager.get_elem_by_id("train.loss_viewer"): info["loss_viewer"]}
+
+    for name, func in (("_initialize", _initialize), ("_parse_train_args", _parse_train_args),
+                       ("_build_config_dict", _build_config_dict), ("monitor", monitor)):
+        func.__wrapped__ = getattr(runner_cls, name)
+        func.__name__ = name
+        func.__qualname__ = f"{runner_cls.__name__}.{name}"
+        setattr(runner_cls, name, func)
+    runner_cls._hera_patched = True
+
+
+def _wrap_gen_loss_plot(original: Callable[..., Any], smooth: Callable[..., Any]) -> Callable[..., Any]:
+    def gen_loss_plot(trainer_log: list[dict[str, Any]]) -> Any:
+        if panel.has_hera_loss(trainer_log):
+            return panel.hera_loss_figure(trainer_log, smooth)
+        return original(trainer_log)
+
+    gen_loss_plot.__wrapped__ = original
+    gen_loss_plot._hera = True
+    return gen_loss_plot

@@ -1,0 +1,203 @@
+"""LlamaBoard without a browser: the HeRA panel, the run's arguments, the saved config and the loss plot.
+
+The UI is built with the stock ``llamafactory.webui.interface.create_ui()`` in a subprocess (once with
+the plugin, once with ``LLAMAFACTORY_HERA_DISABLE=1``), and driven through the very callbacks its
+buttons are bound to; stock stages must come out byte for byte as without the plugin.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import offline_env
+from llamafactory_hera import webui_panel as panel
+from llamafactory_hera.args import HeraArguments
+
+HERA_LABEL = "HeRA (Head-wise Representation Alignment)"
+SFT_LABEL = "Supervised Fine-Tuning"
+
+# Runs in a fresh interpreter (cwd: a temporary folder, where LlamaBoard keeps its cache and saves).
+PROBE = r'''
+import json, sys
+import gradio as gr
+from llamafactory.extras.constants import TRAINING_STAGES
+from llamafactory.webui import control
+from llamafactory.webui.interface import create_ui
+
+demo = create_ui()
+preview = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "preview_train")
+runner = preview.fn.__self__
+manager = runner.manager
+ids = [manager.get_id_by_elem(c) for c in preview.inputs]
+report = {"stages": list(TRAINING_STAGES), "preview_inputs": sorted(ids),
+          "train_ids": [i for i, _ in manager._id_to_elem.items() if i.startswith("train.")]}
+
+def data_for(label, **overrides):
+    data = {c: c.value for c in preview.inputs}
+    values = {"top.lang": "en", "top.model_name": "Custom", "top.model_path": "/models/tiny",
+              "top.template": "qwen3_vl_nothink", "train.training_stage": label, "train.dataset": ["hera_demo"],
+              "train.dataset_dir": "/data", "train.output_dir": "run1", **overrides}
+    for elem_id, value in values.items():
+        data[manager.get_elem_by_id(elem_id)] = value
+    return data
+
+report["runs"] = {}
+for label in json.loads(sys.argv[1]):
+    overrides = json.loads(sys.argv[2]) if label == "HeRA (Head-wise Representation Alignment)" else {}
+    data = data_for(label, **overrides)
+    report["runs"][label] = {
+        "error": runner._initialize(data, True, True),
+        "args": runner._parse_train_args(data),
+        "config": runner._build_config_dict(data),
+        "preview": next(runner.preview_train(data))[manager.get_elem_by_id("train.output_box")],
+    }
+
+if "train.hera_tab" in manager._id_to_elem:
+    tab = manager.get_elem_by_id("train.hera_tab")
+    stage = manager.get_elem_by_id("train.training_stage")
+    toggle = next(f for f in demo.fns.values() if tab in f.outputs and stage in f.inputs)
+    report["visible"] = {label: toggle.fn(label).visible for label in TRAINING_STAGES}
+    report["initially_visible"] = tab.visible
+    change_lang = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "change_lang")
+    report["labels"] = {lang: {manager.get_id_by_elem(e): {"label": u.label, "info": getattr(u, "info", None)}
+                               for e, u in change_lang.fn(lang).items()
+                               if manager.get_id_by_elem(e).startswith("train.hera_")}
+                        for lang in ("en", "zh", "ru", "ko", "ja")}
+    saved = data_for("HeRA (Head-wise Representation Alignment)", **{"train.config_path": "hera.yaml",
+                                                                      "train.hera_heads": "L0H3", "train.hera_k": 4})
+    runner.save_args(saved)
+    loaded = runner.load_args("en", "hera.yaml")
+    report["loaded"] = {manager.get_id_by_elem(e): v for e, v in loaded.items()
+                        if manager.get_id_by_elem(e).startswith("train.hera_")}
+    bad = data_for("HeRA (Head-wise Representation Alignment)", **{"train.hera_heads": "L1X0"})
+    report["bad_heads_error"] = runner._initialize(bad, True, True)
+    children = tab.parent.children
+    report["panel_before_buttons"] = children.index(tab) + 1 == children.index(
+        manager.get_elem_by_id("train.cmd_preview_btn").parent)
+
+for kind in ("hera", "stock"):
+    log = [{"current_steps": s, "loss": 2.0 / s, **({"hera_loss": 1.0 / s} if kind == "hera" else {})}
+           for s in range(1, 6)]
+    fig = control.gen_loss_plot(log)
+    report[f"plot_lines_{kind}"] = sorted(line.get_label() for ax in fig.axes for line in ax.get_lines())
+print("REPORT=" + json.dumps(report, default=str))
+'''
+
+
+def _probe(tmp_path: Path, labels: list[str], hera_overrides: dict[str, Any] | None = None, *,
+           disable: bool = False) -> dict[str, Any]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    env = offline_env(tmp_path, GRADIO_ANALYTICS_ENABLED="False", **({"LLAMAFACTORY_HERA_DISABLE": "1"} if disable
+                                                                    else {}))
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(labels), json.dumps(hera_overrides or {})],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT=")]
+    assert proc.returncode == 0 and lines, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(lines[-1][len("REPORT="):])
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    overrides = {"train.hera_heads": "[L1H0, L1H2]", "train.hera_teacher": "/models/teacher", "train.hera_k": 3,
+                 "train.hera_learn_temperature": False}
+    return _probe(tmp_path_factory.mktemp("board"), [SFT_LABEL, "DPO", HERA_LABEL], overrides)
+
+
+@pytest.fixture(scope="module")
+def stock(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _probe(tmp_path_factory.mktemp("stock"), [SFT_LABEL, "DPO"], disable=True)
+
+
+def test_panel_defaults_are_the_papers() -> None:
+    specs = {spec.name: spec for spec in fields(HeraArguments)}
+    for key, value in panel.DEFAULTS.items():
+        spec = specs[key]
+        expected = spec.default_factory() if spec.default is MISSING else spec.default
+        expected = "auto" if key == "hera_heads" else expected  # the recipe requires heads; the panel starts on auto
+        assert value == expected, key
+    assert panel.DEFAULTS["hera_teacher"] == "facebook/dinov2-large"
+    assert (panel.DEFAULTS["hera_k"], panel.DEFAULTS["hera_lambda"], panel.DEFAULTS["hera_temperature"],
+            panel.DEFAULTS["hera_pooling"]) == (10, 0.01, 0.07, "assistant")
+    assert set(panel.KEYS) <= set(specs)  # the rest (e.g. hera_temperature_lr) go into the extra-arguments box
+    assert {"hera_heads", "hera_teacher", "hera_k", "hera_lambda", "hera_temperature", "hera_pooling",
+            "hera_select_samples", "hera_select_num_heads"} <= set(panel.KEYS)
+    for key, entry in panel.LOCALES.items():
+        assert set(entry) == set(panel.LANGS), key
+        assert entry["zh"]["label"] != entry["en"]["label"], key
+
+
+def test_hera_args_from_panel_values() -> None:
+    args = panel.build_hera_args({"hera_heads": " [L13H12;  l7h6] ", "hera_k": 3.0, "hera_learn_temperature": False})
+    assert args["hera_heads"] == "L13H12,l7h6" and args["hera_k"] == 3 and isinstance(args["hera_k"], int)
+    assert args["hera_learn_temperature"] == "false"  # LlamaBoard drops False values from the command
+    assert not any(key.startswith("hera_select_") for key in args)
+    auto = panel.build_hera_args({})
+    assert auto["hera_heads"] == "auto" and auto["hera_select_samples"] == 1000 and auto["hera_learn_temperature"]
+    assert panel.validate({"hera_heads": "L1H0, L1H2"}) == ""
+    assert "hera_k" in panel.validate({"hera_heads": "auto", "hera_k": 0})
+    assert "L1X0" in panel.validate({"hera_heads": "L1X0"})
+
+
+def test_ui_registers_the_panel_hidden_until_hera_is_picked(board: dict[str, Any]) -> None:
+    assert HERA_LABEL in board["stages"]
+    hera_ids = [f"train.{key}" for key in panel.KEYS]
+    assert set(hera_ids + ["train.hera_tab"]) <= set(board["train_ids"])
+    assert set(hera_ids) <= set(board["preview_inputs"])  # the buttons send the panel's values
+    assert board["initially_visible"] is False and board["panel_before_buttons"]
+    assert board["visible"] == {label: label == HERA_LABEL for label in board["stages"]}
+    labels = board["labels"]
+    assert labels["en"]["train.hera_tab"]["label"] == "HeRA configurations"
+    assert labels["zh"]["train.hera_tab"]["label"] == "HeRA 参数设置"
+    assert labels["en"]["train.hera_heads"]["label"] == "Heads to align"
+    assert labels["zh"]["train.hera_heads"]["label"] == "对齐的注意力头"
+    assert all(set(labels[lang]) == set(hera_ids + ["train.hera_tab"]) for lang in labels)
+
+
+def test_hera_stage_adds_the_hera_keys(board: dict[str, Any]) -> None:
+    run = board["runs"][HERA_LABEL]
+    assert run["error"] == ""
+    args = run["args"]
+    assert args["stage"] == "hera"
+    assert {k: v for k, v in args.items() if k.startswith("hera_")} == {
+        "hera_heads": "L1H0,L1H2", "hera_teacher": "/models/teacher", "hera_k": 3, "hera_lambda": 0.01,
+        "hera_temperature": 0.07, "hera_pooling": "assistant", "hera_similarity": "cosine",
+        "hera_teacher_feature": "cls", "hera_learn_temperature": "false"}
+    assert "--stage hera" in run["preview"] and "--hera_heads L1H0,L1H2" in run["preview"]
+    assert "--hera_learn_temperature false" in run["preview"]
+    assert run["config"]["train.hera_heads"] == "[L1H0, L1H2]" and run["config"]["train.hera_k"] == 3
+    assert board["bad_heads_error"].startswith("Invalid HeRA setting: hera_heads:")
+    assert board["loaded"]["train.hera_heads"] == "L0H3" and board["loaded"]["train.hera_k"] == 4  # Load arguments
+
+
+def test_stock_stages_are_untouched(board: dict[str, Any], stock: dict[str, Any]) -> None:
+    assert HERA_LABEL not in stock["stages"]
+    for label in (SFT_LABEL, "DPO"):
+        ours, theirs = board["runs"][label], stock["runs"][label]
+        assert not any(k.startswith("hera_") for k in ours["args"])
+        assert ours == theirs, label  # args, saved config, preview and checks identical to LLaMA-Factory alone
+
+
+def test_loss_plot_shows_hera_loss_beside_the_loss(board: dict[str, Any], stock: dict[str, Any]) -> None:
+    assert board["plot_lines_hera"] == sorted(["loss", "loss (smoothed)", "hera_loss", "hera_loss (smoothed)"])
+    assert board["plot_lines_stock"] == stock["plot_lines_stock"] == ["original", "smoothed"]
+
+
+def test_the_patch_is_all_or_nothing_on_an_unknown_host_shape() -> None:
+    from types import ModuleType
+
+    from llamafactory_hera.patches import webui_board
+    from llamafactory_hera.patches.guard import HostMismatchError
+
+    fake = ModuleType("llamafactory.webui.interface")
+    fake.create_ui = lambda: None  # create_train_tab is missing
+    with pytest.raises(HostMismatchError) as info:
+        webui_board.apply(fake)
+    assert "LLaMA-Factory 0.9.5" in str(info.value) and "create_train_tab" in str(info.value)
+    assert not hasattr(fake, "_hera_patched")
