@@ -60,6 +60,17 @@ class HeraArguments:
         metadata={"help": "Cache each image's teacher feature (CPU, ~2 KB per image for DINOv2-L in bf16) so epochs "
                   "after the first run no teacher forward; false recomputes every step."},
     )
+    hera_gather: bool = field(
+        default=True,
+        metadata={"help": "With several data-parallel processes, take neighbours and negatives from the whole "
+                  "global batch (differentiable all-gather; the paper's batches were global). false: per device."},
+    )
+    hera_queue_size: str = field(
+        default="auto",
+        metadata={"help": "Queue of recent teacher features and detached head representations that extends the "
+                  "contrastive set: auto (a queue of 4*(hera_k+1) samples, switched on the first time a contrastive "
+                  "batch has fewer than hera_k+1 image samples), 0 (off) or a number of samples."},
+    )
     hera_similarity: str = field(
         default="cosine",
         metadata={"help": "Student similarity: 'cosine' (L2-normalised, default) or 'dot' (raw dot product).",
@@ -92,6 +103,12 @@ class HeraArguments:
     hera_select_batch_size: int = field(
         default=16, metadata={"help": "With hera_heads: auto, batch size of the scoring forward passes.", "min": 1}
     )
+
+    def queue_capacity(self, needed: bool) -> int:
+        """Queue size to use: the configured number, or 4*(k+1) once ``needed`` under ``auto``."""
+        if self.hera_queue_size == AUTO:
+            return 4 * (self.hera_k + 1) if needed else 0
+        return int(self.hera_queue_size)
 
     @property
     def auto_heads(self) -> bool:
@@ -193,6 +210,11 @@ def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> Her
         meta = dict(spec.metadata)
         if key == "hera_heads":
             values[key] = _coerce_heads(value)
+        elif key == "hera_queue_size":
+            text = str(value).strip().lower()
+            if text != AUTO and not (text.isdigit()):
+                raise _fail(key, value, "allowed values are auto or a whole number >= 0.")
+            values[key] = text
         elif value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", ""}):
             if spec.default is not MISSING and spec.default is None:
                 values[key] = None

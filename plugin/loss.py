@@ -92,3 +92,55 @@ def hera_loss(
     with torch.no_grad():
         neighbours = knn_indices(teacher, k)
     return hera_loss_from_knn(heads, neighbours, temperature, similarity)
+
+
+def hera_loss_anchored(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchor_index: torch.Tensor,
+    anchor_teacher: torch.Tensor,
+    candidate_teacher: torch.Tensor,
+    k: int,
+    temperature: float | torch.Tensor = 0.07,
+    similarity: Similarity = "cosine",
+) -> torch.Tensor:
+    """HeRA loss of some anchors against a larger candidate set (global batch and/or a feature queue).
+
+    Each anchor's positives are its k teacher neighbours among the candidates other than itself, and its
+    softmax runs over those same candidates. With ``candidates == anchors`` this is :func:`hera_loss`.
+
+    Args:
+        anchors: ``[H, A, D]`` student representations of the anchors (carry the gradient).
+        candidates: ``[H, C, D]`` student representations of the candidates (gathered and/or queued;
+            queued ones are detached).
+        anchor_index: ``[A]`` position of each anchor among the candidates, or -1 if it is not one of them.
+        anchor_teacher: ``[A, E]`` teacher features of the anchors.
+        candidate_teacher: ``[C, E]`` teacher features of the candidates.
+        k: neighbours per anchor; needs ``C - 1 >= k``.
+        temperature: tau.
+        similarity: ``"cosine"`` or ``"dot"``.
+
+    Returns:
+        ``[A]`` float32 per-anchor losses, averaged over heads and neighbours (reduce as needed).
+    """
+    num_candidates = candidates.shape[-2]
+    if not 1 <= k <= num_candidates - 1:
+        raise ValueError(f"k={k} needs 1 <= k <= C-1 with C={num_candidates} candidates")
+    a, c = anchors.float(), candidates.float()
+    if similarity == "cosine":
+        a, c = F.normalize(a, dim=-1), F.normalize(c, dim=-1)
+    elif similarity != "dot":
+        raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
+    rows = torch.arange(anchors.shape[-2], device=a.device)
+    self_mask = torch.zeros(anchors.shape[-2], num_candidates, dtype=torch.bool, device=a.device)
+    has_self = anchor_index >= 0
+    self_mask[rows[has_self], anchor_index[has_self].to(a.device)] = True
+    with torch.no_grad():
+        t_a = F.normalize(anchor_teacher.float(), dim=-1)
+        t_c = F.normalize(candidate_teacher.float(), dim=-1)
+        teacher_sim = (t_a @ t_c.T).masked_fill(self_mask, float("-inf"))
+        neighbours = teacher_sim.topk(k, dim=-1).indices  # [A, k]
+    logits = (a @ c.transpose(-1, -2) / temperature).masked_fill(self_mask, float("-inf"))  # [H, A, C]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    picked = log_probs.gather(-1, neighbours.unsqueeze(0).expand(log_probs.shape[0], -1, -1))  # [H, A, k]
+    return -picked.mean(dim=(0, 2))

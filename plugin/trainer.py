@@ -25,15 +25,15 @@ from . import __version__
 from .args import HeraArguments
 from .capture import HeadCapture, pooled_token_mask, pooling_weights
 from .collator import HERA_BATCH_KEYS
+from .contrastive import FeatureQueue, all_ranks_true, distributed, gather_batch
 from .heads import attention_geometry
-from .loss import hera_loss_from_knn
-from .metrics import knn_indices
+from .loss import hera_loss_anchored
 from .teacher import load_teacher, per_sample_features
 from .teacher_cache import TeacherFeatureCache
 
 HERA_STATE_NAME = "hera_state.json"
 LOG_KEYS = ("lm_loss", "hera_loss", "hera_temperature", "hera_image_samples", "hera_text_only_samples",
-            "hera_nonfinite_skipped")
+            "hera_nonfinite_skipped", "hera_queue_size")
 
 
 class _TemperatureGradHandler(TrainerCallback):
@@ -86,6 +86,8 @@ class HeraTrainerMixin:
         dtype = hera_compute_dtype or next(model.parameters()).dtype
         self.hera_teacher = load_teacher(hera_args.hera_teacher, hera_args.hera_teacher_feature, dtype, device)
         self.hera_feature_cache = hera_feature_cache or TeacherFeatureCache(enabled=False)
+        self._hera_teacher_dim = int(self.hera_teacher.encoder.config.hidden_size)
+        self.hera_queue = FeatureQueue(hera_args.queue_capacity(needed=False))
         self.hera_log_tau = nn.Parameter(
             torch.tensor(math.log(hera_args.hera_temperature), dtype=torch.float32, device=device),
             requires_grad=hera_args.hera_learn_temperature,
@@ -122,31 +124,66 @@ class HeraTrainerMixin:
         return per_sample_features(image_features.to(counts.device), counts)
 
     def _hera_term(self, reps: torch.Tensor, pixel_values: torch.Tensor | None, keys: list[str | None],
-                   counts: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor | None, int, int]:
-        """HeRA loss over the samples that have images and pooled tokens.
+                   counts: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor | None, int, int, float]:
+        """HeRA loss of this rank's samples that have images and pooled tokens.
+
+        Anchors are this rank's valid samples; candidates are the global batch's (``hera_gather``) plus the
+        queue. Every decision that decides whether a collective runs is taken on global quantities, so all
+        ranks always agree.
 
         Returns:
-            (loss or None when fewer than 2 such samples, number of image samples used, text-only samples).
+            (loss or None, image samples used here, text-only samples here, 1.0 if a non-finite loss was dropped).
         """
+        args = self.hera_args
         has_tokens = token_mask.any(-1)
         valid = (counts.to(has_tokens.device) > 0) & has_tokens
         num_valid = int(valid.sum())
         text_only = int((counts == 0).sum())
-        if num_valid < 2:
-            return None, num_valid, text_only
-        teacher_feats = self._hera_teacher_features(pixel_values, keys, counts.to(reps.device))
-        k = self.hera_args.hera_k
-        if num_valid - 1 < k:
-            k = num_valid - 1
-            if not self._hera_warned_small_batch:
-                self._hera_warned_small_batch = True
-                print(f"[llamafactory-hera] warning: only {num_valid} image samples in a contrastive batch, fewer than "
-                      f"hera_k+1={self.hera_args.hera_k + 1}; using k={k} for such batches. Raise the batch size.")
-        with torch.no_grad():
-            neighbours = knn_indices(teacher_feats[valid.to(teacher_feats.device)], k)
-        loss = hera_loss_from_knn(reps[:, valid.to(reps.device)], neighbours.to(reps.device),
-                                  self.hera_log_tau.exp(), self.hera_args.hera_similarity)
-        return loss, num_valid, text_only
+        device = reps.device
+        if num_valid > 0:
+            teacher_all = self._hera_teacher_features(pixel_values, keys, counts.to(device))
+            anchors = reps[:, valid.to(device)]
+            anchor_teacher = teacher_all[valid.to(teacher_all.device)].to(device).float()
+        else:
+            anchors = reps[:, :0]
+            anchor_teacher = torch.zeros(0, self._hera_teacher_dim, device=device)
+        gather = args.hera_gather and distributed()
+        if gather:
+            candidates, candidate_teacher, offset, sizes = gather_batch(anchors, anchor_teacher)
+            total_anchors = sum(sizes)
+        else:
+            candidates, candidate_teacher, offset, total_anchors = anchors, anchor_teacher, 0, num_valid
+        batch_reps, batch_teacher = candidates.detach(), candidate_teacher
+        capacity = args.queue_capacity(needed=0 < total_anchors < args.hera_k + 1)
+        if capacity > self.hera_queue.capacity:
+            self.hera_queue.capacity = capacity
+            print(f"[llamafactory-hera] contrastive batches of {total_anchors} image samples are too small for "
+                  f"hera_k={args.hera_k}: using a queue of the {capacity} most recent samples (hera_queue_size).")
+        if len(self.hera_queue) and total_anchors > 0:
+            candidates = torch.cat([candidates, self.hera_queue.reps.to(device)], dim=1)
+            candidate_teacher = torch.cat([candidate_teacher, self.hera_queue.teacher.to(device)])
+        self.hera_queue.push(batch_reps, batch_teacher)  # after use: the queue holds earlier batches only
+        num_candidates = candidates.shape[1]
+        if total_anchors == 0 or num_candidates < 2:
+            return None, num_valid, text_only, 0.0
+        k = min(args.hera_k, num_candidates - 1)
+        if k < args.hera_k and not self._hera_warned_small_batch:
+            self._hera_warned_small_batch = True
+            print(f"[llamafactory-hera] warning: only {num_candidates} candidates in a contrastive set, fewer than "
+                  f"hera_k+1={args.hera_k + 1}; using k={k} for such batches.")
+        anchor_index = offset + torch.arange(num_valid, device=device)
+        per_anchor = hera_loss_anchored(anchors, candidates, anchor_index, anchor_teacher, candidate_teacher, k,
+                                        self.hera_log_tau.exp(), args.hera_similarity)
+        if gather:  # sum of local anchors scaled so that DDP's average over ranks is the global mean
+            loss = per_anchor.sum() * (torch.distributed.get_world_size() / total_anchors) + 0.0 * candidates.sum()
+        else:
+            loss = per_anchor.mean()
+        finite = bool(torch.isfinite(loss))
+        if gather:
+            finite = all_ranks_true(finite, device)
+        if not finite:
+            return None, num_valid, text_only, 1.0
+        return loss, num_valid, text_only, 0.0
 
     def _trainer_divides_by_accumulation(self, num_items_in_batch: Any) -> bool:
         """Mirror of ``Trainer.training_step``'s rule for dividing the loss by the accumulation steps."""
@@ -172,10 +209,8 @@ class HeraTrainerMixin:
             reps = self.hera_capture.disarm(pooling_weights(token_mask))
         if reps is None:
             raise RuntimeError("HeRA hooks did not fire: the model's o_proj modules were not called in the forward.")
-        term, num_images, text_only = self._hera_term(reps, pixel_values, keys, counts, token_mask)
-        skipped = 0.0
-        if term is not None and not bool(torch.isfinite(term)):
-            skipped, term = 1.0, None  # never let a NaN/inf reach the weights
+        term, num_images, text_only, skipped = self._hera_term(reps, pixel_values, keys, counts, token_mask)
+        if skipped:  # never let a NaN/inf reach the weights
             if not self._hera_warned_nonfinite:
                 self._hera_warned_nonfinite = True
                 print("[llamafactory-hera] warning: non-finite HeRA loss; the term is skipped for such micro-batches "
@@ -223,6 +258,8 @@ class HeraTrainerMixin:
             if hera_micro > 0:
                 logs["hera_loss"] = hera_sum / hera_micro
             logs["hera_temperature"] = temperature_sum / world  # mean over ranks (equal when in sync)
+            if self.hera_queue.capacity:
+                logs["hera_queue_size"] = len(self.hera_queue)
             self._hera_stats.zero_()
             self._hera_last_logged_step = self.state.global_step
         super().log(logs, *args, **kwargs)
@@ -242,10 +279,19 @@ class HeraTrainerMixin:
             with open(os.path.join(target, HERA_STATE_NAME), "w", encoding="utf-8") as handle:
                 json.dump(self.hera_state(), handle, indent=2)
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.hera_queue.capacity:  # every rank its own file (queues differ per rank without hera_gather)
+            name = f"hera_queue_rank{self.args.process_index}.pt"
+            torch.save(self.hera_queue.state_dict(), os.path.join(output_dir, name))
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
+        queue_file = os.path.join(checkpoint, f"hera_queue_rank{self.args.process_index}.pt")
+        if os.path.isfile(queue_file):
+            self.hera_queue.load_state_dict(torch.load(queue_file, weights_only=True), self.args.device)
         path = os.path.join(checkpoint, HERA_STATE_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"resume_from_checkpoint: {checkpoint} has no {HERA_STATE_NAME}; it was not "

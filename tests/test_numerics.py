@@ -130,3 +130,50 @@ def test_pooled_token_mask_modes() -> None:
     assert text.tolist() == [[True, False, False, True, False]]
     assert pooling_weights(text).tolist() == [[0.5, 0.0, 0.0, 0.5, 0.0]]
     assert pooling_weights(torch.zeros(1, 3, dtype=torch.bool)).tolist() == [[0.0, 0.0, 0.0]]
+
+
+def _loop_anchored(anchors, candidates, anchor_index, t_anchor, t_cand, k, tau) -> list[float]:
+    """Per-anchor loss straight from Eq. 4, candidates = current batch and/or queue, cosine similarity."""
+    def unit(rows):
+        return [[v / math.sqrt(sum(x * x for x in r)) for v in r] for r in rows]
+
+    def dot(u, v):
+        return sum(x * y for x, y in zip(u, v, strict=True))
+
+    ta, tc = unit(t_anchor.double().tolist()), unit(t_cand.double().tolist())
+    out = []
+    for i in range(anchors.shape[1]):
+        others = [j for j in range(candidates.shape[1]) if j != int(anchor_index[i])]
+        neighbours = sorted(others, key=lambda j: -dot(ta[i], tc[j]))[:k]
+        per_head = []
+        for h in range(anchors.shape[0]):
+            a = unit([anchors[h, i].double().tolist()])[0]
+            cands = unit(candidates[h].double().tolist())
+            s = {j: dot(a, cands[j]) / tau for j in others}
+            log_z = math.log(sum(math.exp(v) for v in s.values()))
+            per_head.append(-sum(s[j] - log_z for j in neighbours) / k)
+        out.append(sum(per_head) / len(per_head))
+    return out
+
+
+def test_anchored_loss_with_a_hand_built_queue_matches_the_loop() -> None:
+    from llamafactory_hera.loss import hera_loss_anchored
+
+    gen = torch.Generator().manual_seed(7)
+    heads, batch, queue, dim, edim, k = 2, 3, 9, 5, 4, 4  # 3 samples in the micro-batch: too few for k=4 alone
+    current, queued = torch.randn(heads, batch, dim, generator=gen), torch.randn(heads, queue, dim, generator=gen)
+    t_current, t_queued = torch.randn(batch, edim, generator=gen), torch.randn(queue, edim, generator=gen)
+    candidates, t_cand = torch.cat([current, queued], 1), torch.cat([t_current, t_queued])
+    got = hera_loss_anchored(current, candidates, torch.arange(batch), t_current, t_cand, k, 0.3)
+    want = _loop_anchored(current, candidates, torch.arange(batch), t_current, t_cand, k, 0.3)
+    assert all(math.isfinite(v) for v in got.tolist())
+    assert got.tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_anchored_loss_equals_hera_loss_when_anchors_are_the_candidates() -> None:
+    from llamafactory_hera.loss import hera_loss_anchored
+
+    gen = torch.Generator().manual_seed(8)
+    student, teacher = torch.randn(3, 12, 6, generator=gen), torch.randn(12, 5, generator=gen)
+    per_anchor = hera_loss_anchored(student, student, torch.arange(12), teacher, teacher, 4, 0.07)
+    assert float(per_anchor.mean()) == pytest.approx(float(hera_loss(student, teacher, k=4)), rel=1e-6)

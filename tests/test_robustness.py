@@ -67,8 +67,8 @@ def test_batches_without_any_image_train_on_the_lm_loss_alone(assets, tmp_path: 
 def test_non_finite_hera_term_is_skipped_and_counted(assets, tmp_path: Path, monkeypatch) -> None:
     import llamafactory_hera.trainer as trainer_module
 
-    real = trainer_module.hera_loss_from_knn
-    monkeypatch.setattr(trainer_module, "hera_loss_from_knn", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = trainer_module.hera_loss_anchored
+    monkeypatch.setattr(trainer_module, "hera_loss_anchored", lambda *a, **k: real(*a, **k) * float("nan"))
     weights: list[torch.Tensor] = []
 
     class Grab(LogProbe):

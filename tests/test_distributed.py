@@ -1,0 +1,97 @@
+"""Global contrastive batch across processes (gloo, CPU) and the feature queue for small micro-batches."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import base_recipe, offline_env, read_trainer_log, run_train
+
+PROBE = str(Path(__file__).with_name("dist_probe.py"))
+
+
+def _probe(recipe: dict, tmp: Path, processes: int) -> dict:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "recipe.json").write_text(json.dumps(recipe))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes),
+                "--master_addr", "127.0.0.1", "--master_port", str(port)] if processes > 1 else [sys.executable]
+    proc = subprocess.run([*launcher, PROBE, str(tmp / "recipe.json"), str(tmp / "out.pt")], cwd=tmp,
+                          env=offline_env(tmp), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return torch.load(tmp / "out.pt", weights_only=False)
+
+
+def test_two_processes_equal_one_process_over_the_concatenated_batch(assets, tmp_path: Path) -> None:
+    """2 ranks x 4 samples with hera_gather vs 1 process x 8 samples (same rows: no shuffling): the HeRA loss and
+    the HeRA part of the averaged gradient (lambda=1 minus lambda=0) are the same."""
+    common = dict(finetuning_type="full", max_steps=1, disable_shuffling=True, max_grad_norm=0.0,
+                  hera_heads=["L1H0", "L1H2"], hera_k=3)
+    runs = {}
+    for processes, batch in ((1, 8), (2, 4)):
+        for lam in (1.0, 0.0):
+            recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / f"{processes}_{lam}" / "out",
+                                 per_device_train_batch_size=batch, hera_lambda=lam, **common)
+            runs[processes, lam] = _probe(recipe, tmp_path / f"{processes}_{lam}", processes)
+    one, two = runs[1, 1.0], runs[2, 1.0]
+    assert two["logs"][0]["hera_loss"] == pytest.approx(one["logs"][0]["hera_loss"], rel=1e-5)
+    assert two["logs"][0]["hera_image_samples"] == 4 and one["logs"][0]["hera_image_samples"] == 8
+    for layer in (0, 1):
+        hera_one = runs[1, 1.0]["grads"][layer] - runs[1, 0.0]["grads"][layer]
+        hera_two = runs[2, 1.0]["grads"][layer] - runs[2, 0.0]["grads"][layer]
+        assert hera_one.abs().max() > 1e-6
+        torch.testing.assert_close(hera_two, hera_one, rtol=1e-4, atol=1e-7)
+
+
+def test_per_device_contrastive_batch_without_gather_differs(assets, tmp_path: Path) -> None:
+    """Control: with hera_gather false each rank contrasts only its own 4 samples, so the loss differs."""
+    common = dict(finetuning_type="full", max_steps=1, disable_shuffling=True, hera_heads=["L1H0", "L1H2"],
+                  hera_k=3, hera_lambda=1.0)
+    one = _probe(base_recipe(assets, "qwen2_5_vl", tmp_path / "a" / "out", per_device_train_batch_size=8, **common),
+                 tmp_path / "a", 1)
+    local = _probe(base_recipe(assets, "qwen2_5_vl", tmp_path / "b" / "out", per_device_train_batch_size=4,
+                               hera_gather=False, **common), tmp_path / "b", 2)
+    assert local["logs"][0]["hera_loss"] != pytest.approx(one["logs"][0]["hera_loss"], rel=1e-3)
+
+
+def test_small_micro_batches_switch_the_queue_on_and_resume_restores_it(assets, tmp_path: Path) -> None:
+    """Per-device batch 2 with gradient accumulation and k=3: the queue switches on (logged), the loss is finite,
+    and a run resumed from a checkpoint continues with the same queue: same losses as an uninterrupted run."""
+    common = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, hera_k=3, max_steps=4,
+                  save_strategy="steps", save_steps=2, hera_lambda=1.0)
+    full = tmp_path / "full" / "out"
+    proc = run_train(base_recipe(assets, "qwen2_5_vl", full, **common), tmp_path / "full")
+    assert "using a queue of the 16 most recent samples" in proc.stdout + proc.stderr
+    lines = [line for line in read_trainer_log(full) if "loss" in line]
+    assert [line["hera_queue_size"] for line in lines] == [4, 8, 12, 16]
+    assert all(line["hera_loss"] == line["hera_loss"] and line["hera_loss"] < 1e3 for line in lines)
+    assert (full / "checkpoint-2" / "hera_queue_rank0.pt").is_file()
+
+    resumed = tmp_path / "resumed" / "out"
+    run_train(base_recipe(assets, "qwen2_5_vl", resumed, resume_from_checkpoint=str(full / "checkpoint-2"),
+                          **common), tmp_path / "resumed")
+    after = [line for line in read_trainer_log(resumed) if "loss" in line]
+    assert [line["current_steps"] for line in after] == [3, 4]
+    for got, want in zip(after, lines[2:], strict=True):
+        assert got["hera_queue_size"] == want["hera_queue_size"]
+        assert got["hera_loss"] == pytest.approx(want["hera_loss"], rel=1e-5)
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+def test_queue_size_validation() -> None:
+    from llamafactory_hera.args import parse_hera_arguments
+
+    args = parse_hera_arguments({"hera_heads": ["L0H0"], "hera_queue_size": "32"})
+    assert args.queue_capacity(needed=False) == 32
+    assert parse_hera_arguments({"hera_heads": ["L0H0"]}).queue_capacity(needed=True) == 44
+    assert parse_hera_arguments({"hera_heads": ["L0H0"], "hera_queue_size": 0}).queue_capacity(needed=True) == 0
+    with pytest.raises(ValueError, match="hera_queue_size: got 'big'; allowed values are auto or a whole number"):
+        parse_hera_arguments({"hera_heads": ["L0H0"], "hera_queue_size": "big"})
