@@ -43,7 +43,7 @@ def main() -> None:
     from llamafactory_hera.projection import text_decoder
     from llamafactory_hera.selection import collect
     from llamafactory_hera.selection.scores import all_head_scores
-    from llamafactory_hera.selection.select import SelectionOptions, prepare
+    from llamafactory_hera.selection.select import SelectionOptions, prepare, teacher_batch_size
     from llamafactory_hera.teacher import load_image_processor, load_teacher
 
     assets = build_bench_assets(Path(args.assets) / f"n{args.samples}", num_images=args.samples)
@@ -79,7 +79,7 @@ def main() -> None:
         pooled = collect.collect_text(model, tokenizer, pairs, args.batch, args.device, progress=False)
         sync()
         t1 = time.perf_counter()
-        feats = collect.collect_teacher(teacher, processor, pairs, args.batch, progress=False)
+        feats = collect.collect_teacher(teacher, processor, pairs, teacher_batch_size(args.batch), progress=False)
         sync()
         t2 = time.perf_counter()
         all_head_scores(pooled, collect.layer_weights(model), feats, args.k, head_dim, args.device)
