@@ -54,12 +54,6 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     if getattr(training_args, "fsdp", None):
         raise ValueError("stage: hera does not support FSDP yet (the sharded o_proj weight cannot be sliced by head). "
                          "Use DeepSpeed ZeRO-2 or a single process.")
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if is_deepspeed_zero3_enabled():
-        raise ValueError("stage: hera does not support DeepSpeed ZeRO-3 yet (the teacher would be sharded and W_O "
-                         "read as a placeholder). Use a ZeRO-2 config (deepspeed: ds_z2_config.json).")
-
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,

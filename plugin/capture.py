@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .heads import AttentionGeometry, HeadRef
-from .projection import find_o_proj_modules, project_heads
+from .projection import find_o_proj_modules, is_partitioned, project_heads, project_heads_by_call
 
 IGNORE_INDEX = -100
 
@@ -105,7 +105,12 @@ class HeadCapture:
                 )
             pooled = torch.einsum("bt,btc->bc", weights.to(x_heads.device, torch.float32), x_heads.float())
             heads = self._by_layer[layer]
-            projected = project_heads(self._modules[layer], pooled, heads, self.geometry.head_dim)  # [n, B, d]
+            module = self._modules[layer]
+            if is_partitioned(module):  # DeepSpeed ZeRO-3: let the module's hooks gather its weights
+                projected = project_heads_by_call(module, pooled, heads, self.geometry.head_dim,
+                                                  self.geometry.num_heads * self.geometry.head_dim)
+            else:
+                projected = project_heads(module, pooled, heads, self.geometry.head_dim)  # [n, B, d]
             reps.update({HeadRef(layer, h): rep for h, rep in zip(heads, projected, strict=True)})
         return torch.stack([reps[ref] for ref in self.heads])
 

@@ -120,3 +120,41 @@ def head_contributions(o_proj: nn.Module, x: torch.Tensor, heads: list[int], hea
         ``o_proj(x) - bias`` (LoRA dropout aside).
     """
     return project_heads(o_proj, x[..., head_columns(heads, head_dim, x.device)], heads, head_dim)
+
+
+def is_partitioned(o_proj: nn.Module) -> bool:
+    """True when ``o_proj``'s weight is a DeepSpeed ZeRO-3 partition (only gathered inside the module's forward)."""
+    base = getattr(o_proj, "base_layer", o_proj)
+    return hasattr(getattr(base, "weight", None), "ds_id")
+
+
+def project_heads_by_call(o_proj: nn.Module, x_heads: torch.Tensor, heads: list[int], head_dim: int,
+                          width: int) -> torch.Tensor:
+    """Like :func:`project_heads`, but through calls of ``o_proj`` itself (for ZeRO-3 partitioned weights).
+
+    Each head's slice is placed alone in an otherwise zero ``[.., width]`` input and sent through the
+    module, whose own hooks gather (and, in backward, re-gather) the partitioned weights; ``o_proj(0)``
+    (the bias, and 0 from a LoRA delta) is subtracted. LoRA dropout, if any, applies to these calls.
+
+    Args:
+        o_proj: the layer's output projection.
+        x_heads: ``[B, len(heads) * head_dim]`` pooled head inputs.
+        heads: query-head indices, in the order of ``x_heads``.
+        head_dim: width of one head.
+        width: ``num_heads * head_dim``, the input width of ``o_proj``.
+
+    Returns:
+        ``[len(heads), B, d]`` float32 contributions.
+    """
+    base = getattr(o_proj, "base_layer", o_proj)
+    dtype = base.weight.dtype
+    batch = x_heads.shape[0]
+    rows = []
+    for j, head in enumerate(heads):
+        piece = x_heads[:, j * head_dim:(j + 1) * head_dim]
+        left = piece.new_zeros(batch, head * head_dim)
+        right = piece.new_zeros(batch, width - (head + 1) * head_dim)
+        rows.append(torch.cat([left, piece, right], dim=-1))
+    inputs = torch.cat(rows).to(dtype)  # [n*B, width]
+    out = o_proj(inputs) - o_proj(inputs.new_zeros(1, width))
+    return out.float().unflatten(0, (len(heads), batch))

@@ -107,7 +107,10 @@ def load_teacher(name_or_path: str, feature: str, dtype: torch.dtype, device: to
 
     key = (name_or_path, feature, str(dtype), str(device))
     if key not in _TEACHERS:
-        encoder = AutoModel.from_pretrained(name_or_path, dtype=dtype)
+        from llamafactory_hera.patches.deepspeed import zero3_init_disabled
+
+        with zero3_init_disabled():  # the teacher lives outside the DeepSpeed engine: never partition it
+            encoder = AutoModel.from_pretrained(name_or_path, dtype=dtype)
         if hasattr(encoder, "vision_model"):  # CLIP/SigLIP-style dual encoders: keep the image tower only
             encoder = encoder.vision_model
         _TEACHERS[key] = VisionTeacher(encoder.to(device), feature)

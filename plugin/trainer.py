@@ -32,30 +32,41 @@ from .teacher import load_teacher, per_sample_features
 from .teacher_cache import TeacherFeatureCache
 
 HERA_STATE_NAME = "hera_state.json"
+TAU_OPTIMIZER_NAME = "hera_temperature_optimizer.pt"
 LOG_KEYS = ("lm_loss", "hera_loss", "hera_temperature", "hera_image_samples", "hera_text_only_samples",
             "hera_nonfinite_skipped", "hera_queue_size")
 
 
 class _TemperatureGradHandler(TrainerCallback):
-    """Owns the gradient of the temperature, which lives outside the model.
+    """Owns the gradient (and, under DeepSpeed, the update) of the temperature, which lives outside the model.
 
     - Before each optimizer step it averages the gradient over data-parallel ranks (DDP does not
       see the parameter). Every rank takes part, with a zero gradient when its micro-batches had
       no HeRA term, so the collective always matches.
+    - Under DeepSpeed, whose ZeRO optimizer accepts only the model's own parameters, the temperature
+      has its own AdamW (``own_optimizer``), stepped here with the main schedule's learning-rate
+      factor (current lr of the main optimizer / ``learning_rate``).
     - After each step it clears the gradient: the Trainer zeroes gradients with
       ``model.zero_grad()``, which does not reach this parameter.
     """
 
-    def __init__(self, log_tau: nn.Parameter) -> None:
+    def __init__(self, log_tau: nn.Parameter, base_lr: float) -> None:
         self.log_tau = log_tau
+        self.base_lr = base_lr
+        self.own_optimizer: torch.optim.Optimizer | None = None
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        if self.log_tau.grad is None:
-            self.log_tau.grad = torch.zeros_like(self.log_tau)
-        torch.distributed.all_reduce(self.log_tau.grad)
-        self.log_tau.grad /= torch.distributed.get_world_size()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if self.log_tau.grad is None:
+                self.log_tau.grad = torch.zeros_like(self.log_tau)
+            torch.distributed.all_reduce(self.log_tau.grad)
+            self.log_tau.grad /= torch.distributed.get_world_size()
+        if self.own_optimizer is not None and self.log_tau.grad is not None:
+            main = kwargs.get("optimizer")
+            factor = main.param_groups[0]["lr"] / args.learning_rate if main is not None and args.learning_rate else 1
+            for group in self.own_optimizer.param_groups:
+                group["lr"] = self.base_lr * factor
+            self.own_optimizer.step()
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.log_tau.grad = None
@@ -92,8 +103,14 @@ class HeraTrainerMixin:
             torch.tensor(math.log(hera_args.hera_temperature), dtype=torch.float32, device=device),
             requires_grad=hera_args.hera_learn_temperature,
         )
+        self._hera_tau_handler = _TemperatureGradHandler(
+            self.hera_log_tau, hera_args.hera_temperature_lr or self.args.learning_rate)
         if hera_args.hera_learn_temperature:
-            self.add_callback(_TemperatureGradHandler(self.hera_log_tau))
+            self.add_callback(self._hera_tau_handler)
+            if getattr(self, "is_deepspeed_enabled", False):
+                self._hera_tau_handler.own_optimizer = torch.optim.AdamW(
+                    [self.hera_log_tau], lr=self._hera_tau_handler.base_lr, betas=(self.args.adam_beta1,
+                    self.args.adam_beta2), eps=self.args.adam_epsilon, weight_decay=0.0)
         image_token_id = getattr(model.config, "image_token_id", None)
         self.hera_image_token_id = image_token_id if image_token_id is not None else getattr(
             model.config, "image_token_index", None
@@ -108,6 +125,8 @@ class HeraTrainerMixin:
     # ----------------------------------------------------------------------------- optimizer
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(*args, **kwargs)
+        if self._hera_tau_handler.own_optimizer is not None:  # DeepSpeed: the temperature has its own optimizer
+            return optimizer
         if self.hera_args.hera_learn_temperature and not any(
             p is self.hera_log_tau for group in optimizer.param_groups for p in group["params"]
         ):
@@ -281,6 +300,8 @@ class HeraTrainerMixin:
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
+        if self._hera_tau_handler.own_optimizer is not None and self.args.should_save:
+            torch.save(self._hera_tau_handler.own_optimizer.state_dict(), os.path.join(output_dir, TAU_OPTIMIZER_NAME))
         if self.hera_queue.capacity:  # every rank its own file (queues differ per rank without hera_gather)
             name = f"hera_queue_rank{self.args.process_index}.pt"
             torch.save(self.hera_queue.state_dict(), os.path.join(output_dir, name))
@@ -289,6 +310,9 @@ class HeraTrainerMixin:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
+        tau_optimizer = os.path.join(checkpoint, TAU_OPTIMIZER_NAME)
+        if self._hera_tau_handler.own_optimizer is not None and os.path.isfile(tau_optimizer):
+            self._hera_tau_handler.own_optimizer.load_state_dict(torch.load(tau_optimizer, weights_only=True))
         queue_file = os.path.join(checkpoint, f"hera_queue_rank{self.args.process_index}.pt")
         if os.path.isfile(queue_file):
             self.hera_queue.load_state_dict(torch.load(queue_file, weights_only=True), self.args.device)

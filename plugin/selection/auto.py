@@ -85,7 +85,9 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
         try:
             args = copy.deepcopy(recipe_args)
             args.data_args.max_samples = None
-            with preserved_random_state():
+            from llamafactory_hera.patches.deepspeed import zero3_init_disabled
+
+            with preserved_random_state(), zero3_init_disabled():  # score an unpartitioned copy on rank 0
                 result, cached = select_with_cache(args, options_for_training(hera_args, seed, device))
             _record(result, cached, output_dir)
             payload = [result.selected, None]
