@@ -45,37 +45,11 @@ def assets() -> TinyAssets:
 
 
 def base_recipe(assets: TinyAssets, family: str, output_dir: Path, **overrides: Any) -> dict[str, Any]:
-    """A small HeRA recipe for one tiny model family."""
-    recipe: dict[str, Any] = {
-        "model_name_or_path": str(assets.models[family]),
-        "trust_remote_code": True,
-        "stage": "hera",
-        "do_train": True,
-        "finetuning_type": "lora",
-        "lora_target": "all",
-        "dataset": "hera_demo",
-        "dataset_dir": str(assets.dataset_dir),
-        "template": assets.templates[family],
-        "cutoff_len": 256,
-        "max_samples": 64,
-        "overwrite_cache": True,
-        "preprocessing_num_workers": 1,
-        "dataloader_num_workers": 0,
-        "per_device_train_batch_size": 8,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1.0e-3,
-        "max_steps": 3,
-        "lr_scheduler_type": "constant",
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "output_dir": str(output_dir),
-        "overwrite_output_dir": True,
-        "report_to": "none",
-        "seed": 0,
-        "hera_heads": ["L1H0", "L1H2"],
-        "hera_teacher": str(assets.teacher),
-        "hera_k": 3,
-    }
+    """The demo's small HeRA recipe for one tiny model family, without plots; ``None`` overrides drop a key."""
+    from llamafactory_hera.demo import build_recipe
+
+    recipe = build_recipe(assets, family, Path(output_dir), steps=3)
+    recipe["plot_loss"] = False
     recipe.update(overrides)
     return {k: v for k, v in recipe.items() if v is not None}
 
