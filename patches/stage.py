@@ -104,6 +104,16 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any, t
                       column="_images")
 
 
+def _leave_together() -> None:
+    """Barrier at the end of a HeRA run: LLaMA-Factory destroys the process group right after the workflow,
+    and a rank that tears gloo down while rank 0 still saves and plots was seen to abort at exit (SIGABRT,
+    "terminate called without an active exception") in one CI run of the 2-rank test."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def _write_run_record(output_dir: str, hera_args: HeraArguments,
                       host_keys: tuple[tuple[Any, tuple[str, ...]], ...]) -> None:
     """``hera_run.json``: the HeRA settings and the host settings needed to re-score the run's heads."""
@@ -153,6 +163,7 @@ def apply(tuner: ModuleType) -> None:
                                  "Fix or remove the file.") from err
         if training_args.do_train and finetuning_args.plot_loss and training_args.process_index == 0:
             ploting.plot_loss(training_args.output_dir, keys=["lm_loss", "hera_loss", "hera_temperature"])
+        _leave_together()
 
     def training_function(config: dict[str, Any]) -> None:
         raw = hparams.read_args(config.get("args"))
