@@ -102,18 +102,12 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
 
 
 def _record(result: SelectionResult, cached: bool, output_dir: str) -> None:
-    import numpy as np
-
-    from ..heads import parse_head
-    from .plots import plot_head_heatmap
-    from .recipe_edit import write_text_atomic
+    from .command import write_outputs
 
     os.makedirs(output_dir, exist_ok=True)
-    write_text_atomic(Path(output_dir) / RECORD_NAME, result.to_json() + "\n")
-    selected = [(parse_head(h).layer, parse_head(h).head) for h in result.selected]
-    plot_head_heatmap(np.asarray(result.scores), selected, Path(output_dir) / HEATMAP_NAME,
-                      f"MKNN per head ({result.settings['mode']}, {result.num_pairs} pairs, k={result.settings['k']}); "
-                      f"{result.strategy}-{len(result.selected)}")
+    write_outputs(result, Path(output_dir) / RECORD_NAME, Path(output_dir) / HEATMAP_NAME,
+                  f"MKNN per head ({result.settings['mode']}, {result.num_pairs} pairs, k={result.settings['k']}); "
+                  f"{result.strategy}-{len(result.selected)}")
     source = "reusing cached head selection" if cached else "selected heads"
     print(f"[llamafactory-hera] hera_heads: auto -> [{', '.join(result.selected)}] ({source}; record: "
           f"{Path(output_dir) / RECORD_NAME})", flush=True)

@@ -151,6 +151,14 @@ def _annotate_cells(ax: Any, array: np.ndarray, signed: bool) -> None:
                 color=color)
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a 150 dpi PNG at ``path`` (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150, format="png")
+    return path
+
+
 def _wrapped(title: str, width_in: float) -> str:
     """The title wrapped to the figure width (about 13 characters per inch at 10 pt)."""
     import textwrap
@@ -189,12 +197,9 @@ def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path:
             _annotate_cells(ax, array, signed=False)
         else:
             _labels(ax, selected, _label_fontsize(heads, width))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=150, format="png")
+        return _save(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tuple[int, int]], path: Path,
@@ -235,12 +240,9 @@ def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tupl
             _annotate_cells(axes[2], diff, signed=True)
         else:
             _labels(axes[2], selected, _label_fontsize(heads, width))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=150, format="png")
+        return _save(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 def _cell(value: object) -> str:
