@@ -35,8 +35,11 @@ def knn_indices(feats: torch.Tensor, k: int) -> torch.Tensor:
 def knn_overlap(knn_a: torch.Tensor, knn_b: torch.Tensor, num: int) -> torch.Tensor:
     """Per-row overlap ``|A_i ∩ B_i| / k`` of two neighbour index sets.
 
+    Only B is turned into a ``[..., N, N]`` membership mask; A's indices are looked up in it, so a
+    broadcast B (one teacher against many heads) costs ``O(N^2)`` once plus ``O(N k)`` per A row set.
+
     Args:
-        knn_a: ``[..., N, k]`` indices; broadcastable against ``knn_b``.
+        knn_a: ``[..., N, k]`` indices, distinct within a row (as top-k returns them); broadcastable against ``knn_b``.
         knn_b: ``[..., N, k]`` indices.
         num: N, the size of the index range.
 
@@ -44,11 +47,10 @@ def knn_overlap(knn_a: torch.Tensor, knn_b: torch.Tensor, num: int) -> torch.Ten
         ``[..., N]`` float32 overlaps in [0, 1].
     """
     k = knn_a.shape[-1]
-    shape_a = (*knn_a.shape[:-1], num)
-    shape_b = (*knn_b.shape[:-1], num)
-    mask_a = torch.zeros(shape_a, dtype=torch.float32, device=knn_a.device).scatter_(-1, knn_a, 1.0)
-    mask_b = torch.zeros(shape_b, dtype=torch.float32, device=knn_b.device).scatter_(-1, knn_b, 1.0)
-    return (mask_a * mask_b).sum(-1) / k
+    member_b = torch.zeros((*knn_b.shape[:-1], num), dtype=torch.float32, device=knn_b.device).scatter_(-1, knn_b, 1.0)
+    batch = torch.broadcast_shapes(knn_a.shape[:-2], knn_b.shape[:-2])
+    member_b = member_b.expand(*batch, *member_b.shape[-2:])
+    return member_b.gather(-1, knn_a.expand(*batch, *knn_a.shape[-2:])).sum(-1) / k
 
 
 def mutual_knn(feats_a: torch.Tensor, feats_b: torch.Tensor, k: int = 10) -> float:

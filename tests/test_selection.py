@@ -17,6 +17,7 @@ from llamafactory_hera.metrics import mutual_knn
 from llamafactory_hera.projection import find_o_proj_modules, head_contributions
 from llamafactory_hera.selection import collect
 from llamafactory_hera.selection.select import SelectionOptions, prepare, score_heads
+from llamafactory_hera.teacher import load_image_processor, load_teacher
 
 SELECT = str(Path(sys.executable).with_name("llamafactory-hera"))
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
@@ -32,7 +33,6 @@ def test_scores_equal_mutual_knn_of_explicit_contributions(assets, family: str) 
     """Independent reference: one caption at a time (no padding), raw o_proj inputs, every head's contribution
     materialised as a d-wide vector per token, averaged over the caption tokens, then mutual_knn head by head."""
     from llamafactory_hera.patches.selection import load_model_for_scoring, parse_recipe
-    from llamafactory_hera.teacher import load_image_processor, load_teacher
 
     recipe_args = parse_recipe(base_recipe(assets, family, "/unused"))
     options = _options(assets)
@@ -64,6 +64,23 @@ def test_scores_equal_mutual_knn_of_explicit_contributions(assets, family: str) 
                          for layer in range(len(o_projs))])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert got.std() > 0  # not a degenerate all-equal map
+
+
+def test_teacher_features_with_prefetch_threads_equal_one_image_at_a_time(assets) -> None:
+    from llamafactory_hera.patches.selection import parse_recipe
+    from llamafactory_hera.teacher import open_image
+
+    recipe_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused"))
+    pairs, _ = prepare(recipe_args, _options(assets))
+    teacher = load_teacher(str(assets.teacher), "cls", torch.float32, "cpu")
+    processor = load_image_processor(str(assets.teacher))
+    with torch.no_grad():
+        want = torch.stack([teacher(processor([open_image(p.images[0])], return_tensors="pt")["pixel_values"])[0]
+                            for p in pairs]).float()
+    for workers in (0, 1, 3):  # 3 workers, batches of 4: more batches in flight than a short tail has left
+        got = collect.collect_teacher(teacher, processor, pairs, 4, progress=False, workers=workers)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert collect.prefetch_workers(torch.device("cpu")) == 0
 
 
 def test_multimodal_mode_scores_every_head(assets) -> None:

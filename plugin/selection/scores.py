@@ -27,10 +27,12 @@ def gram_knn(gram: torch.Tensor, k: int) -> torch.Tensor:
     num = gram.shape[-1]
     if not 1 <= k <= num - 1:
         raise ValueError(f"k={k} needs 1 <= k <= N-1 with N={num} samples; use fewer neighbours or more samples.")
+    # Row i ranks j by <m_i, m_j> / (|m_i| |m_j|); the positive row factor 1/|m_i| leaves that ranking
+    # unchanged, so only the column norms are divided out.
     norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()  # [..., N]
-    cosine = gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
-    self_mask = torch.eye(num, dtype=torch.bool, device=gram.device)
-    return cosine.masked_fill(self_mask, float("-inf")).topk(k, dim=-1).indices
+    ranked = gram / norms.unsqueeze(-2)
+    ranked.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
+    return ranked.topk(k, dim=-1).indices
 
 
 def layer_head_scores(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: torch.Tensor, k: int,
