@@ -28,8 +28,10 @@ from .collator import HERA_BATCH_KEYS
 from .contrastive import FeatureQueue, all_ranks_true, distributed, gather_batch
 from .heads import attention_geometry
 from .loss import hera_loss_anchored
-from .teacher import load_teacher, per_sample_features
+from .teacher import load_image_processor, load_teacher, open_image, per_sample_features
+from .teacher_batch import teacher_batch_size
 from .teacher_cache import TeacherFeatureCache
+from .teacher_precompute import precompute_teacher_features, precompute_wanted, teacher_bytes, training_images
 
 HERA_STATE_NAME = "hera_state.json"
 TAU_OPTIMIZER_NAME = "hera_temperature_optimizer.pt"
@@ -134,10 +136,60 @@ class HeraTrainerMixin:
             optimizer.add_param_group({"params": [self.hera_log_tau], "lr": lr, "weight_decay": 0.0})
         return optimizer
 
+    # ----------------------------------------------------------------------------- teacher before training
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._hera_precompute_teacher()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._hera_teacher_to(self.args.device)  # the process-wide teacher goes back where load_teacher put it
+
+    def _hera_teacher_to(self, device: torch.device | str) -> None:
+        if next(self.hera_teacher.parameters()).device != torch.device(device):
+            self.hera_teacher.to(device)
+
+    def _hera_precompute_teacher(self) -> None:
+        """``hera_teacher_precompute``: fill the feature cache with every training image's teacher feature, then
+        move the teacher to the CPU when nothing is left for it to do in the steps."""
+        dataset = self.train_dataset
+        has_images = dataset is not None and hasattr(dataset, "__len__") and "images" in (
+            getattr(dataset, "column_names", None) or ())
+        args = self.args
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        if not precompute_wanted(self.hera_args.hera_teacher_precompute, self.hera_feature_cache.enabled,
+                                 len(dataset) if has_images else None, args.max_steps, global_batch):
+            return
+        if not has_images or not self.hera_feature_cache.enabled:
+            print("[llamafactory-hera] hera_teacher_precompute: the training set has no readable `images` column "
+                  "(streaming?) or the teacher cache is off; teacher features are computed in the steps.")
+            return
+        images = training_images(dataset["images"])
+        collator = self.data_collator
+        stats = precompute_teacher_features(
+            self.hera_teacher, getattr(collator, "hera_image_processor", None) or load_image_processor(
+                self.hera_args.hera_teacher), images, self.hera_feature_cache,
+            teacher_batch_size(args.per_device_train_batch_size), getattr(collator, "_open", open_image),
+            progress=self.is_world_process_zero() and not args.disable_tqdm)
+        moved = ""
+        if images.uncacheable == 0 and torch.device(args.device).type != "cpu":
+            self._hera_teacher_to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            moved = f"; teacher moved off {args.device} ({teacher_bytes(self.hera_teacher) / 2**30:.2f} GiB)"
+        elif images.uncacheable:
+            moved = f"; {images.uncacheable} in-memory images cannot be cached, so the teacher stays on {args.device}"
+        if self.is_world_process_zero():
+            print(f"[llamafactory-hera] teacher features of {stats['images']} training images computed before the "
+                  f"first step in {stats['seconds']:.1f} s ({stats['computed_here']} on this rank){moved}.")
+
     # ----------------------------------------------------------------------------- loss
     def _hera_teacher_features(self, pixel_values: torch.Tensor | None, keys: list[str | None],
                                counts: torch.Tensor) -> torch.Tensor:
         """``[B, E]`` per-sample teacher features: cached images from the cache, the others computed now."""
+        if pixel_values is not None and next(self.hera_teacher.parameters()).device != torch.device(self.args.device):
+            print("[llamafactory-hera] an image missed by the precomputed teacher features: the teacher goes back "
+                  f"to {self.args.device} for the rest of the run.")
+            self._hera_teacher_to(self.args.device)
         computed = self.hera_teacher(pixel_values) if pixel_values is not None else None
         image_features = self.hera_feature_cache.lookup(keys, computed)
         return per_sample_features(image_features.to(counts.device), counts)

@@ -14,6 +14,7 @@ def test_defaults_match_the_paper() -> None:
     assert args.hera_teacher == "facebook/dinov2-large"
     assert (args.hera_teacher_feature, args.hera_similarity, args.hera_pooling) == ("cls", "cosine", "assistant")
     assert args.hera_learn_temperature is True
+    assert (args.hera_teacher_cache, args.hera_teacher_precompute) == (True, "auto")
     assert args.head_refs == [HeadRef(13, 12), HeadRef(7, 6)]
 
 
@@ -22,6 +23,12 @@ def test_string_values_from_the_command_line_are_coerced() -> None:
                                  "hera_learn_temperature": "false", "hera_temperature_lr": "none"})
     assert args.hera_heads == ["L1H0", "L0H3"] and args.hera_k == 4 and args.hera_lambda == 0.5
     assert args.hera_learn_temperature is False and args.hera_temperature_lr is None
+
+
+def test_yaml_booleans_select_precompute_modes() -> None:
+    for value, want in ((True, "true"), (False, "false"), ("AUTO", "auto")):
+        args = parse_hera_arguments({"hera_heads": ["L0H0"], "hera_teacher_precompute": value})
+        assert args.hera_teacher_precompute == want
 
 
 def test_unknown_key_names_the_closest_valid_key() -> None:
@@ -40,6 +47,8 @@ def test_unknown_key_names_the_closest_valid_key() -> None:
     ("hera_teacher_feature", "pooler", "hera_teacher_feature: got 'pooler'; allowed values are cls, mean"),
     ("hera_learn_temperature", "maybe", "hera_learn_temperature: got 'maybe'; expected true or false"),
     ("hera_teacher", "  ", "hera_teacher: got '  '; a value is required"),
+    ("hera_teacher_precompute", "sometimes", "hera_teacher_precompute: got 'sometimes'; allowed values are auto, true, "
+                                             "false"),
 ])
 def test_invalid_values_name_key_value_and_range(key: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

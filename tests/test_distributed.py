@@ -27,7 +27,7 @@ def _probe(recipe: dict, tmp: Path, processes: int) -> dict:
     proc = subprocess.run([*launcher, PROBE, str(tmp / "recipe.json"), str(tmp / "out.pt")], cwd=tmp,
                           env=offline_env(tmp), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return torch.load(tmp / "out.pt", weights_only=False)
+    return {**torch.load(tmp / "out.pt", weights_only=False), "stdout": proc.stdout}
 
 
 def test_two_processes_equal_one_process_over_the_concatenated_batch(assets, tmp_path: Path) -> None:
@@ -49,6 +49,24 @@ def test_two_processes_equal_one_process_over_the_concatenated_batch(assets, tmp
         hera_two = runs[2, 1.0]["grads"][layer] - runs[2, 0.0]["grads"][layer]
         assert hera_one.abs().max() > 1e-6
         torch.testing.assert_close(hera_two, hera_one, rtol=1e-4, atol=1e-7)
+
+
+def test_precomputed_teacher_features_are_split_over_ranks_and_train_identically(assets, tmp_path: Path) -> None:
+    """2 ranks, hera_teacher_precompute true: each rank sends half of the 32 training images through the teacher,
+    the all-gathered cache serves every step, and the losses equal those of teacher forwards inside the steps."""
+    common = dict(finetuning_type="full", max_steps=2, per_device_train_batch_size=4, hera_heads=["L1H0", "L1H2"],
+                  hera_k=3)
+    runs = {}
+    for setting in ("true", "false"):
+        recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / setting / "out", hera_teacher_precompute=setting,
+                             **common)
+        runs[setting] = _probe(recipe, tmp_path / setting, 2)
+    assert "teacher features of 32 training images computed before the first step" in runs["true"]["stdout"]
+    assert "(16 on this rank)" in runs["true"]["stdout"]
+    assert "computed before the first step" not in runs["false"]["stdout"]
+    for on, off in zip(runs["true"]["logs"], runs["false"]["logs"], strict=True):
+        assert on["loss"] == pytest.approx(off["loss"], rel=1e-5)
+        assert on["hera_loss"] == pytest.approx(off["hera_loss"], rel=1e-5)
 
 
 def test_per_device_contrastive_batch_without_gather_differs(assets, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from llamafactory_hera.projection import find_o_proj_modules, head_contributions
 from llamafactory_hera.selection import collect
 from llamafactory_hera.selection.select import SelectionOptions, prepare, score_heads
 from llamafactory_hera.teacher import load_image_processor, load_teacher
+from llamafactory_hera.teacher_batch import prefetch_workers
 
 SELECT = str(Path(sys.executable).with_name("llamafactory-hera"))
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
@@ -80,7 +81,7 @@ def test_teacher_features_with_prefetch_threads_equal_one_image_at_a_time(assets
     for workers in (0, 1, 3):  # 3 workers, batches of 4: more batches in flight than a short tail has left
         got = collect.collect_teacher(teacher, processor, pairs, 4, progress=False, workers=workers)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert collect.prefetch_workers(torch.device("cpu")) == 0
+    assert prefetch_workers(torch.device("cpu")) == 0
 
 
 def test_multimodal_mode_scores_every_head(assets) -> None:

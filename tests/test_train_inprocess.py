@@ -132,8 +132,11 @@ def test_optional_settings_train(assets, tmp_path: Path) -> None:
 
 
 def test_teacher_cache_skips_the_teacher_after_the_first_epoch(assets, tmp_path: Path) -> None:
-    """Two epochs of 32 images: 32 images reach the teacher in epoch 1, none in epoch 2, and the losses are
-    identical to a run without the cache."""
+    """Two epochs of 32 images, 4 steps each. Teacher inputs seen per call:
+    - cache, no precomputation: 32 images in the steps of epoch 1, none in epoch 2;
+    - cache with precomputation (the default on a full run): all 32 in one call before the first step, none after;
+    - no cache: 64 images, 8 in every step.
+    The logged losses are the same in all three runs."""
     from llamafactory.train.tuner import run_exp
 
     from llamafactory_hera.teacher import load_teacher
@@ -142,19 +145,43 @@ def test_teacher_cache_skips_the_teacher_after_the_first_epoch(assets, tmp_path:
     seen: list[int] = []
     original = teacher.forward
     teacher.forward = lambda pixels: (seen.append(pixels.shape[0]), original(pixels))[1]  # type: ignore[method-assign]
+
+    class StepMarker(TrainerCallback):
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            seen.append(-1)  # marks the start of every step
+
+    settings = {"steps": {"hera_teacher_precompute": False}, "precomputed": {},
+                "uncached": {"hera_teacher_cache": False}}
+    logs = {}
     try:
-        logs = {}
-        for cached in (True, False):
+        for name, overrides in settings.items():
             seen.clear()
             probe = LogProbe()
-            recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / str(cached), max_steps=-1, num_train_epochs=2,
-                                 hera_teacher_cache=cached)
-            run_exp(recipe, callbacks=[probe])
-            logs[cached] = [entry["loss"] for entry in probe.logs]
-            if cached:
-                assert sum(seen[:4]) == 32 and sum(seen[4:]) == 0, seen  # 4 steps per epoch
+            recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / name, max_steps=-1, num_train_epochs=2, **overrides)
+            run_exp(recipe, callbacks=[probe, StepMarker()])
+            logs[name] = [entry["loss"] for entry in probe.logs]
+            per_step = [0]  # teacher inputs before step 1, in step 1, in step 2, ...
+            for n in seen:
+                per_step[-1:] = [per_step[-1], 0] if n == -1 else [per_step[-1] + n]
+            assert len(per_step) == 9, seen
+            if name == "steps":
+                assert per_step == [0, 8, 8, 8, 8, 0, 0, 0, 0], seen
+            elif name == "precomputed":
+                assert per_step == [32, 0, 0, 0, 0, 0, 0, 0, 0], seen
             else:
-                assert sum(seen) == 64
+                assert per_step == [0] + [8] * 8, seen
     finally:
         teacher.forward = original  # type: ignore[method-assign]
-    assert logs[True] == logs[False] and len(logs[True]) == 8
+    assert len(logs["steps"]) == 8
+    assert logs["steps"] == logs["uncached"]
+    assert logs["precomputed"] == pytest.approx(logs["steps"], rel=1e-6)
+
+
+def test_precompute_true_needs_the_cache(assets, tmp_path: Path) -> None:
+    from llamafactory.train.tuner import run_exp
+
+    recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", hera_teacher_precompute=True, hera_teacher_cache=False)
+    with pytest.raises(ValueError, match="hera_teacher_precompute: got true with hera_teacher_cache: false"):
+        run_exp(recipe)
+
+

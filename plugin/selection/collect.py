@@ -9,11 +9,8 @@ Modes (paper §3.3):
 
 from __future__ import annotations
 
-import os
 import random
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ..capture import IGNORE_INDEX, pooling_weights
 from ..projection import effective_weight_columns, find_o_proj_modules, text_decoder
-from ..teacher import VisionTeacher, open_image, per_sample_features
+from ..teacher import VisionTeacher, per_sample_features
+from ..teacher_batch import image_features
 
 
 @dataclass(frozen=True)
@@ -148,48 +146,18 @@ def collect_multimodal(model: nn.Module, dataset: Any, collator: Any, rows: list
         recorder.remove()
 
 
-def _teacher_pixels(image_processor: Any, batch: list[CalibrationPair]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Open and preprocess one batch: ``[N_img, 3, H, W]`` pixels and ``[B]`` images per pair."""
-    images = [open_image(img) for pair in batch for img in pair.images]
-    counts = torch.tensor([len(pair.images) for pair in batch])
-    return image_processor(images, return_tensors="pt")["pixel_values"], counts
-
-
-def prefetch_workers(device: torch.device) -> int:
-    """Threads that decode and preprocess teacher images ahead of the teacher's forward.
-
-    0 when the teacher runs on the CPU: there the forward already uses every core and background
-    preprocessing only competes with it (bench/selection.py, 2 cores: 0.46 s serial, 0.60 s with one
-    worker for 512 images). On an accelerator: half the CPUs, 1 to 8.
-    """
-    return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) // 2))
-
-
 @torch.no_grad()
 def collect_teacher(teacher: VisionTeacher, image_processor: Any, pairs: list[CalibrationPair], batch_size: int,
                     progress: bool = True, workers: int | None = None) -> torch.Tensor:
     """``[N, E]`` float32 teacher features (mean over each pair's images), on the teacher's device.
 
-    With ``workers > 0`` (default: :func:`prefetch_workers`), image decoding and preprocessing run in
-    background threads (PIL and torchvision release the GIL) up to ``workers + 1`` batches ahead, so
-    they overlap the teacher's forward on the accelerator.
+    Batches of ``batch_size`` images; decoding and preprocessing overlap the forward on an accelerator
+    (:func:`llamafactory_hera.teacher_batch.image_features`).
     """
-    batches = list(_batches(pairs, batch_size))
-    if workers is None:
-        workers = prefetch_workers(next(teacher.parameters()).device)
-    chunks = []
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hera-teacher-images") as pool:
-        pending = deque(pool.submit(_teacher_pixels, image_processor, b) for b in batches[:workers + 1] if workers)
-        for index in tqdm(range(len(batches)), desc="teacher features", disable=not progress):
-            if workers:
-                pixels, counts = pending.popleft().result()
-                if index + workers + 1 < len(batches):
-                    pending.append(pool.submit(_teacher_pixels, image_processor, batches[index + workers + 1]))
-            else:
-                pixels, counts = _teacher_pixels(image_processor, batches[index])
-            feats = teacher(pixels)
-            chunks.append(per_sample_features(feats, counts.to(feats.device)))
-    return torch.cat(chunks)
+    images = [image for pair in pairs for image in pair.images]
+    feats = image_features(teacher, image_processor, images, batch_size, workers, progress)
+    counts = torch.tensor([len(pair.images) for pair in pairs], device=feats.device)
+    return per_sample_features(feats, counts)
 
 
 def layer_weights(model: nn.Module) -> list[torch.Tensor]:

@@ -22,6 +22,7 @@ import torch
 from ..heads import HeadRef, attention_geometry
 from ..projection import find_o_proj_modules
 from ..teacher import check_teacher_source, load_image_processor, load_teacher
+from ..teacher_batch import teacher_batch_size
 from . import collect
 from .scores import all_head_scores
 
@@ -240,12 +241,6 @@ def score_heads(recipe_args: Any, options: SelectionOptions, pairs: list[collect
     feats = collect.collect_teacher(teacher, load_image_processor(options.teacher), pairs,
                                     teacher_batch_size(options.batch_size), options.progress)
     return all_head_scores(pooled, weights, feats, options.k, geometry.head_dim, device)
-
-
-def teacher_batch_size(batch_size: int) -> int:
-    """The teacher's batch: 4x the LM's (at least 32); a ViT on single images has short sequences and gains from
-    wider GEMMs (measured with bench/selection.py)."""
-    return max(32, 4 * batch_size)
 
 
 def result_from_scores(scores: torch.Tensor, options: SelectionOptions, settings: dict[str, Any],
