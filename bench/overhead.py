@@ -7,6 +7,7 @@ loading and the collator (where HeRA preprocesses the teacher's images) are incl
 runs on every image) and later epochs (teacher features come from the cache).
 
 Usage: python bench/overhead.py [--repeats 3] [--epochs 3] [--images 64] [--batch 8] [--device cpu]
+       [--preset cpu-mid|qwen3-vl-8b|qwen2.5-vl-7b]
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFL
 
 
 def recipe(assets, stage: str, output_dir: str, args: argparse.Namespace) -> dict:
-    """The benchmark recipe: LoRA on all linear layers, HeRA paper defaults (5 heads, k=10, lambda=0.01)."""
+    """The benchmark recipe: LoRA on all linear layers, 5 heads spread over the depth, k=7, lambda=0.01."""
     return {
         "model_name_or_path": str(assets.model), "stage": stage, "do_train": True, "finetuning_type": "lora",
         "lora_target": "all", "lora_rank": 8, "dataset": "hera_demo", "dataset_dir": str(assets.dataset_dir),
-        "template": assets.template, "cutoff_len": 256, "overwrite_cache": True, "preprocessing_num_workers": 1,
-        "dataloader_num_workers": 0, "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1,
+        "template": assets.template, "cutoff_len": assets.preset.cutoff_len, "overwrite_cache": True,
+        "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "per_device_train_batch_size": args.batch,
+        "gradient_accumulation_steps": 1,
         "learning_rate": 1e-4, "num_train_epochs": args.epochs, "lr_scheduler_type": "constant", "logging_steps": 1,
         "save_strategy": "no", "output_dir": output_dir, "overwrite_output_dir": True, "report_to": "none",
         "seed": 0, "bf16": args.device != "cpu", "disable_tqdm": True,
-        "hera_heads": ["L7H1", "L3H5", "L2H2", "L7H7", "L5H0"], "hera_teacher": str(assets.teacher), "hera_k": 7,
+        "hera_heads": assets.hera_heads(), "hera_teacher": str(assets.teacher), "hera_k": 7,
+        "hera_teacher_precompute": args.precompute,
+        **({"use_reentrant_gc": False} if args.baseline_non_reentrant else {}),
     }
 
 
@@ -53,29 +57,48 @@ def worker(args: argparse.Namespace) -> None:
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.ends: list[float] = []
+            self.cpu_ends: list[float] = []  # CPU time of this process (all threads), in the JSON line
 
         def on_train_begin(self, *a, **k) -> None:
             self.ends.append(time.perf_counter())
+            self.cpu_ends.append(time.process_time())
 
         def on_step_end(self, *a, **k) -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.ends.append(time.perf_counter())
+            self.cpu_ends.append(time.process_time())
 
-    assets = build_bench_assets(Path(args.assets))
+    from llamafactory_hera.trainer import HeraTrainerMixin
+
+    precompute_seconds: list[float] = []
+    original = HeraTrainerMixin._hera_precompute_teacher
+
+    def timed_precompute(self: HeraTrainerMixin) -> None:  # the teacher pass before the first step, if any
+        start = time.perf_counter()
+        original(self)
+        precompute_seconds.append(time.perf_counter() - start)
+
+    HeraTrainerMixin._hera_precompute_teacher = timed_precompute  # type: ignore[method-assign]
+    assets = build_bench_assets(Path(args.assets), num_images=args.images, preset=args.preset)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
         run_exp(recipe(assets, args.worker, out, args), callbacks=[timer])
     steps = [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)]
+    cpu_steps = [b - a for a, b in zip(timer.cpu_ends, timer.cpu_ends[1:], strict=False)]
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("BENCH " + json.dumps({"stage": args.worker, "steps": steps, "peak_rss_mb": peak_rss,
+    print("BENCH " + json.dumps({"stage": args.worker, "steps": steps, "cpu_steps": cpu_steps,
+                                 "precompute_s": sum(precompute_seconds), "peak_rss_mb": peak_rss,
                                  "peak_gpu_mb": peak_gpu}), flush=True)
 
 
 def run_one(stage: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__)), "--worker", stage, "--assets", args.assets, "--epochs",
-           str(args.epochs), "--images", str(args.images), "--batch", str(args.batch), "--device", args.device]
+           str(args.epochs), "--images", str(args.images), "--batch", str(args.batch), "--device", args.device,
+           "--preset", args.preset, "--precompute", args.precompute]
+    if args.baseline_non_reentrant:
+        cmd.append("--baseline-non-reentrant")
     env = {**os.environ, **OFFLINE, "PYTHONPATH": str(BENCH)}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -94,6 +117,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="cpu-mid", help="model and teacher architecture (bench/assets.py PRESETS); "
+                        "GPU: qwen3-vl-8b")
+    parser.add_argument("--precompute", default="auto", choices=["auto", "true", "false"],
+                        help="hera_teacher_precompute of the HeRA runs (auto: on, since the runs cover whole epochs)")
+    parser.add_argument("--baseline-non-reentrant", action="store_true",
+                        help="give the SFT runs the non-reentrant gradient checkpointing that HeRA runs use, to "
+                             "separate HeRA's own cost from the checkpointing mode's")
     parser.add_argument("--assets", default=str(Path(tempfile.gettempdir()) / "hera_bench_assets"))
     parser.add_argument("--worker", choices=["sft", "hera"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -102,40 +132,49 @@ def main() -> None:
     sys.path.insert(0, str(BENCH))
     from assets import build_bench_assets
 
-    build_bench_assets(Path(args.assets), num_images=args.images)
+    assets = build_bench_assets(Path(args.assets), num_images=args.images, preset=args.preset)
+    print(f"preset {args.preset}: model {assets.model}, teacher {assets.teacher}, heads {assets.hera_heads()}",
+          flush=True)
     per_epoch = -(-args.images // args.batch)
     results: dict[str, list[dict]] = {"sft": [], "hera": []}
     for repeat in range(args.repeats):
-        for stage in ("sft", "hera"):  # ABAB...
+        for stage in (("sft", "hera"), ("hera", "sft"))[repeat % 2]:  # ABBA...: order effects cancel
             results[stage].append(run_one(stage, args))
             print(f"repeat {repeat + 1}/{args.repeats} {stage}: median step "
                   f"{statistics.median(results[stage][-1]['steps'][args.warmup:]) * 1e3:.1f} ms", flush=True)
 
-    def median_of(stage: str, first_epoch: bool) -> float:
-        values = []
-        for run in results[stage]:
-            steps = run["steps"][args.warmup:per_epoch] if first_epoch else run["steps"][per_epoch:]
-            values.extend(steps)
-        return statistics.median(values)
+    def steps_of(run: dict, key: str, part: str) -> list[float]:
+        series = run[key]
+        return {"first": series[args.warmup:per_epoch], "later": series[per_epoch:], "all": series[args.warmup:]}[part]
+
+    def median_of(stage: str, key: str, part: str) -> float:
+        return statistics.median(s for run in results[stage] for s in steps_of(run, key, part))
 
     import torch
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}, device {args.device}; {args.repeats} repeats (A/B interleaved), "
+          f"{torch.get_num_threads()}, device {args.device}; {args.repeats} repeats (A/B interleaved, ABBA order), "
           f"{args.epochs} epochs x {per_epoch} steps, batch {args.batch}, warm-up {args.warmup} steps dropped")
-    print(f"{'':22}{'sft':>10}{'hera':>10}{'ratio':>8}")
-    for label, first in (("step, first epoch", True), ("step, later epochs", False)):
-        a, b = median_of("sft", first), median_of("hera", first)
-        print(f"{label + ' (ms)':22}{a * 1e3:10.1f}{b * 1e3:10.1f}{b / a:8.3f}")
-    all_a = statistics.median([s for r in results["sft"] for s in r["steps"][args.warmup:]])
-    all_b = statistics.median([s for r in results["hera"] for s in r["steps"][args.warmup:]])
-    print(f"{'step, all (ms)':22}{all_a * 1e3:10.1f}{all_b * 1e3:10.1f}{all_b / all_a:8.3f}")
+    print(f"{'':26}{'sft':>10}{'hera':>10}{'ratio':>8}   per A/B pair (median, range)")
+    for key, name in (("steps", "step"),):
+        for part, label in (("first", "first epoch"), ("later", "later epochs"), ("all", "all")):
+            a, b = median_of("sft", key, part), median_of("hera", key, part)
+            pairs = sorted(statistics.median(steps_of(h, key, part)) / statistics.median(steps_of(s, key, part))
+                           for s, h in zip(results["sft"], results["hera"], strict=True))
+            print(f"{f'{name}, {label} (ms)':26}{a * 1e3:10.1f}{b * 1e3:10.1f}{b / a:8.3f}   "
+                  f"{statistics.median(pairs):.3f} ({pairs[0]:.3f}-{pairs[-1]:.3f})")
+    pre = statistics.median(run["precompute_s"] for run in results["hera"])
+    if pre > 0:
+        a, b = median_of("sft", "steps", "first"), median_of("hera", "steps", "first")
+        print(f"{'teacher pass before step 1':26}{'':10}{pre * 1e3:10.1f}   ms per run (hera_teacher_precompute)")
+        print(f"{'first epoch incl. the pass':26}{a * per_epoch:10.1f}{b * per_epoch + pre:10.1f}"
+              f"{(b * per_epoch + pre) / (a * per_epoch):8.3f}   s, step medians x {per_epoch} steps")
     for key, label in (("peak_rss_mb", "peak RSS (MiB)"), ("peak_gpu_mb", "peak GPU mem (MiB)")):
         if results["sft"][0][key] is None:
             continue
         a = max(r[key] for r in results["sft"])
         b = max(r[key] for r in results["hera"])
-        print(f"{label:22}{a:10.1f}{b:10.1f}{b / a:8.3f}")
+        print(f"{label:26}{a:10.1f}{b:10.1f}{b / a:8.3f}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Both sides use the same loaded model, tokenizer and batches (model loading exclu
   images, and the MKNN score of every head (Gram matrices, no d-wide vectors).
 Runs are interleaved A/B; the script prints medians, the ratio and selection's breakdown.
 
-Usage: python bench/selection.py [--samples 256] [--repeats 3] [--batch 16] [--device cpu]
+Usage: python bench/selection.py [--samples 256] [--repeats 3] [--batch 16] [--device cpu] [--end-to-end]
+       [--preset cpu-mid|qwen2.5-vl-7b|qwen3-vl-8b]
 """
 
 from __future__ import annotations
@@ -33,20 +34,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="cpu-mid", help="model and teacher architecture (bench/assets.py PRESETS); "
+                        "GPU: qwen2.5-vl-7b")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="also time `llamafactory-hera select` as a user runs it (one run, model loading included)")
     parser.add_argument("--assets", default=str(Path(tempfile.gettempdir()) / "hera_bench_assets"))
     args = parser.parse_args()
     sys.path.insert(0, str(BENCH))
     import torch
     from assets import build_bench_assets
 
+    from llamafactory_hera.heads import attention_geometry
     from llamafactory_hera.patches.selection import load_model_for_scoring, parse_recipe
     from llamafactory_hera.projection import text_decoder
     from llamafactory_hera.selection import collect
     from llamafactory_hera.selection.scores import all_head_scores
-    from llamafactory_hera.selection.select import SelectionOptions, prepare, teacher_batch_size
+    from llamafactory_hera.selection.select import SelectionOptions, prepare
     from llamafactory_hera.teacher import load_image_processor, load_teacher
+    from llamafactory_hera.teacher_batch import teacher_batch_size
 
-    assets = build_bench_assets(Path(args.assets) / f"n{args.samples}", num_images=args.samples)
+    assets = build_bench_assets(Path(args.assets), num_images=args.samples, preset=args.preset)
+    args.teacher = assets.teacher
     recipe = {"model_name_or_path": str(assets.model), "template": assets.template, "dataset": "hera_demo",
               "dataset_dir": str(assets.dataset_dir), "stage": "sft", "finetuning_type": "lora"}
     recipe_args = parse_recipe(recipe)
@@ -56,7 +64,7 @@ def main() -> None:
     model, tokenizer_module, _ = load_model_for_scoring(recipe_args, args.device)
     tokenizer = tokenizer_module["tokenizer"]
     decoder = text_decoder(model)
-    head_dim = model.config.get_text_config().hidden_size // model.config.get_text_config().num_attention_heads
+    head_dim = attention_geometry(model.config).head_dim
     teacher = load_teacher(str(assets.teacher), "cls", next(model.parameters()).dtype, args.device)
     processor = load_image_processor(str(assets.teacher))
 
@@ -96,9 +104,32 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"device {args.device}; N={len(pairs)} captions, batch {args.batch}, k={args.k}, {args.repeats} repeats A/B")
     print(f"plain forward       {med['plain']:8.3f} s")
-    print(f"head selection      {med['selection']:8.3f} s   ratio {med['selection'] / med['plain']:.3f}")
+    paired = sorted(s["total"] / p["total"] for p, s in zip(runs["plain"], runs["selection"], strict=True))
+    print(f"head selection      {med['selection']:8.3f} s   ratio {med['selection'] / med['plain']:.3f} "
+          f"(A/B pairs: median {statistics.median(paired):.3f}, range {paired[0]:.3f}-{paired[-1]:.3f})")
     for part in ("forward+pooling", "teacher", "scoring"):
         print(f"  {part:17} {statistics.median(r[part] for r in runs['selection']):8.3f} s")
+    if args.end_to_end:
+        del model, teacher
+        print(f"end to end: `llamafactory-hera select` (new process: imports, data, model and teacher loading, "
+              f"scoring, record and heatmap) {end_to_end(recipe, args):.1f} s")
+
+
+def end_to_end(recipe: dict, args: argparse.Namespace) -> float:
+    """Wall time of the user's command on a recipe file, N samples, --dry-run (writes no recipe)."""
+    import subprocess
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "recipe.yaml"
+        path.write_text(yaml.safe_dump({**recipe, "output_dir": str(Path(tmp) / "run")}))
+        cli = Path(sys.executable).with_name("llamafactory-hera")
+        command = [str(cli), "select", str(path), "--samples", str(args.samples), "--k", str(args.k), "--teacher",
+                   str(args.teacher), "--device", args.device, "--batch-size", str(args.batch), "--dry-run"]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        return time.perf_counter() - start
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""The benchmark scripts and their presets: real architectures as published, the GPU path runnable on a CPU."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import offline_env
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+from assets import PRESETS, build_bench_assets, count_parameters  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bench_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench_assets")
+
+
+@pytest.mark.parametrize("name", ["qwen3-vl-8b", "qwen2.5-vl-7b"])
+def test_real_presets_have_the_published_parameter_counts(bench_root: Path, name: str) -> None:
+    """Model cards: Qwen3-VL-8B 8.77B, Qwen2.5-VL-7B 8.29B parameters; DINOv2-L 304M (meta-device instances)."""
+    from llamafactory_hera.fixtures import build_tiny_assets
+
+    spec = PRESETS[name]
+    tiny = build_tiny_assets(bench_root / "tiny_for_counts", models=("qwen3_vl", "qwen2_5_vl"))
+    model, teacher = count_parameters(spec, tiny.models[spec.family], tiny.teacher)
+    want_model, want_teacher = spec.published_params
+    assert abs(model / want_model - 1) < 0.002, (name, model)
+    assert abs(teacher / want_teacher - 1) < 0.002, (name, teacher)
+
+
+@pytest.mark.parametrize(("name", "grid", "layers"), [("qwen3-vl-8b-smoke", (1, 28, 28), 8),
+                                                      ("qwen2.5-vl-7b-smoke", (1, 32, 32), 8)])
+def test_smoke_presets_keep_the_real_presets_inputs(bench_root: Path, name: str, grid: tuple, layers: int) -> None:
+    """448 px images (Qwen3-VL: 28x28 patches of 16 = 196 visual tokens; Qwen2.5-VL: 32x32 of 14 = 256), bf16."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    assets = build_bench_assets(bench_root, num_images=16, preset=name)
+    processor = AutoProcessor.from_pretrained(assets.model)
+    out = processor.image_processor([Image.new("RGB", (48, 48))], return_tensors="pt")
+    assert tuple(out["image_grid_thw"][0].tolist()) == grid
+    assert json.loads((assets.model / "config.json").read_text())["dtype"] == "bfloat16"
+    teacher_processor = json.loads((assets.teacher / "preprocessor_config.json").read_text())
+    assert teacher_processor["crop_size"] == {"height": 224, "width": 224}
+    visual_tokens = grid[1] * grid[2] // 4  # 2x2 patches merged into one token
+    assert assets.preset.cutoff_len >= visual_tokens + 64  # nothing truncated: image plus prompt and caption
+    assert all(int(h[1:].split("H")[0]) < layers for h in assets.hera_heads())
+
+
+def test_unknown_preset_is_refused_with_the_choices(bench_root: Path) -> None:
+    with pytest.raises(ValueError, match=r"--preset: unknown preset 'qwen9'; choose one of cpu-mid, qwen3-vl-8b"):
+        build_bench_assets(bench_root, preset="qwen9")
+
+
+def _run(tmp: Path, script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          env=offline_env(tmp), timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_overhead_script_runs_both_stages_and_prints_ratios(bench_root: Path) -> None:
+    out = _run(bench_root, "overhead.py", "--repeats", "1", "--epochs", "2", "--images", "16", "--batch", "8",
+               "--warmup", "0", "--preset", "qwen3-vl-8b-smoke", "--assets", str(bench_root))
+    for label in ("step, first epoch", "step, later epochs", "step, all", "peak RSS"):
+        assert re.search(rf"^{re.escape(label)} \(\w+\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", out, re.M), (label, out)
+    assert "heads ['L7H1', 'L3H5', 'L2H2', 'L7H7', 'L5H0']" in out
+
+
+def test_selection_script_prints_ratio_breakdown_and_end_to_end(bench_root: Path) -> None:
+    out = _run(bench_root, "selection.py", "--samples", "24", "--repeats", "1", "--k", "5", "--end-to-end",
+               "--preset", "qwen2.5-vl-7b-smoke", "--assets", str(bench_root))
+    assert re.search(r"head selection\s+[\d.]+ s\s+ratio [\d.]+", out), out
+    for part in ("forward+pooling", "teacher", "scoring"):
+        assert re.search(rf"^\s+{re.escape(part)}\s+[\d.]+ s$", out, re.M), (part, out)
+    assert re.search(r"end to end: .* [\d.]+ s$", out, re.M), out
