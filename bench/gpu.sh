@@ -6,10 +6,15 @@
 # Budget: ~17 GB of weights per preset are drawn on the GPU and written once (disk: 64 GB), then each
 # overhead run loads them again (separate processes, so peak memory is per run).
 set -euo pipefail
-python3 -m venv --system-site-packages /tmp/hera-venv
-/tmp/hera-venv/bin/python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 DISABLE_VERSION_CHECK=1 PYTHONUNBUFFERED=1
-PY=/tmp/hera-venv/bin/python
+# The image's python3 is itself a venv (/opt/torch/.venv), so a venv on top of it would not see its torch:
+# install into a target folder instead, put it first on PYTHONPATH (our transformers pin shadows the image's),
+# and let a sitecustomize process its .pth files (the plugin activates through llamafactory_hera.pth).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+printf 'import site\nsite.addsitedir("/tmp/site")\n' > /tmp/site/sitecustomize.py
+export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 DISABLE_VERSION_CHECK=1
+export PYTHONUNBUFFERED=1
+PY=python3
+$PY -c "import llamafactory_hera.patches.stage" || { echo "plugin not importable from /tmp/site"; exit 1; }
 LOG=${OUT:-/tmp}/gpu_bench.log
 ASSETS=${ASSETS:-/tmp/hera_bench_assets}
 {

@@ -124,9 +124,10 @@ def end_to_end(recipe: dict, args: argparse.Namespace) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "recipe.yaml"
         path.write_text(yaml.safe_dump({**recipe, "output_dir": str(Path(tmp) / "run")}))
-        cli = Path(sys.executable).with_name("llamafactory-hera")
-        command = [str(cli), "select", str(path), "--samples", str(args.samples), "--k", str(args.k), "--teacher",
-                   str(args.teacher), "--device", args.device, "--batch-size", str(args.batch), "--dry-run"]
+        # `python -m` works where the console scripts are not on PATH (pip install --target on the GPU machine)
+        command = [sys.executable, "-m", "llamafactory_hera.cli", "select", str(path), "--samples", str(args.samples),
+                   "--k", str(args.k), "--teacher", str(args.teacher), "--device", args.device, "--batch-size",
+                   str(args.batch), "--dry-run"]
         start = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "TQDM_DISABLE": "1"})
         return time.perf_counter() - start
