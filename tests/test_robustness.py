@@ -41,13 +41,15 @@ def test_missing_image_fails_before_training_naming_file_and_row(assets, tmp_pat
         _run(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", dataset_dir=str(data)))
 
 
-def test_unreadable_image_names_file_and_row(assets, tmp_path: Path) -> None:
+@pytest.mark.parametrize("precompute", ["false", "true"])  # found by the collator / by the pass before step 1
+def test_unreadable_image_names_file_and_row(assets, tmp_path: Path, precompute: str) -> None:
     def edit(rows, folder):
         (folder / "images" / "0003.png").write_bytes(b"not a png")
 
     data = _dataset_copy(assets, tmp_path, edit)
     with pytest.raises(ValueError, match=r"HeRA cannot read '.*0003.png' \(training dataset row 3\)"):
-        _run(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", dataset_dir=str(data)))
+        _run(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", dataset_dir=str(data),
+                         hera_teacher_precompute=precompute))
 
 
 def test_batches_without_any_image_train_on_the_lm_loss_alone(assets, tmp_path: Path) -> None:
