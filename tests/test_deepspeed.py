@@ -17,19 +17,24 @@ from conftest import REPO, base_recipe, offline_env, read_trainer_log, run_train
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
 
-def _losses(assets, tmp: Path, deepspeed: str | None) -> list[tuple[float, float, float]]:
+def _losses(assets, tmp: Path, deepspeed: str | None, precompute: str) -> list[tuple[float, float, float]]:
     recipe = base_recipe(assets, "qwen2_5_vl", tmp / "out", finetuning_type="full", per_device_train_batch_size=4,
-                         max_steps=2, hera_temperature_lr=0.05, deepspeed=deepspeed)
-    run_train(recipe, tmp, env=offline_env(tmp, FORCE_TORCHRUN="1", NPROC_PER_NODE="2"), timeout=400)
+                         max_steps=2, hera_temperature_lr=0.05, deepspeed=deepspeed, hera_teacher_precompute=precompute)
+    proc = run_train(recipe, tmp, env=offline_env(tmp, FORCE_TORCHRUN="1", NPROC_PER_NODE="2"), timeout=400)
+    output = proc.stdout + proc.stderr
+    precomputed = "teacher features of 32 training images computed before the first step" in output
+    assert precomputed == (precompute == "true") and precomputed == ("(16 on this rank)" in output)
     return [(line["loss"], line["hera_loss"], line["hera_temperature"]) for line in read_trainer_log(tmp / "out")
             if "loss" in line]
 
 
 def test_zero2_and_zero3_train_hera_like_ddp(assets, tmp_path: Path) -> None:
-    runs = {name: _losses(assets, tmp_path / name, config) for name, config in (
-        ("ddp", None),
-        ("zero2", str(REPO / "recipes" / "deepspeed" / "ds_z2_config.json")),
-        ("zero3", str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json")),
+    """ZeRO-3 also fills the teacher cache before step 1 (split over both ranks, all-gathered); DDP and ZeRO-2 run
+    the teacher inside the steps: the same losses either way."""
+    runs = {name: _losses(assets, tmp_path / name, config, precompute) for name, config, precompute in (
+        ("ddp", None, "false"),
+        ("zero2", str(REPO / "recipes" / "deepspeed" / "ds_z2_config.json"), "false"),
+        ("zero3", str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json"), "true"),
     )}
     assert len(runs["ddp"]) == 2
     for name in ("zero2", "zero3"):
