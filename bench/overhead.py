@@ -69,6 +69,34 @@ def worker(args: argparse.Namespace) -> None:
             self.ends.append(time.perf_counter())
             self.cpu_ends.append(time.process_time())
 
+    class StepMemory(TrainerCallback):
+        """CPU runs: peak bytes of tensors allocated during one step (torch profiler), from the step's start.
+
+        The CPU's RSS also moves with the C allocator's caching; this counts tensors only, like
+        ``torch.cuda.max_memory_allocated`` does on a GPU (minus what was live before the step).
+        """
+
+        def __init__(self, step: int) -> None:
+            self.step, self.profiler, self.peak_mb = step, None, None
+
+        def on_step_begin(self, args, state, control, **kwargs) -> None:
+            if state.global_step == self.step:
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                       profile_memory=True)
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs) -> None:
+            if self.profiler is None:
+                return
+            self.profiler.__exit__(None, None, None)
+            deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in self.profiler.events()
+                            if e.self_cpu_memory_usage)
+            live = peak = 0
+            for _, delta in deltas:
+                live += delta
+                peak = max(peak, live)
+            self.peak_mb, self.profiler = peak / 2**20, None
+
     from llamafactory_hera.trainer import HeraTrainerMixin
 
     precompute_seconds: list[float] = []
@@ -82,21 +110,27 @@ def worker(args: argparse.Namespace) -> None:
     HeraTrainerMixin._hera_precompute_teacher = timed_precompute  # type: ignore[method-assign]
     assets = build_bench_assets(Path(args.assets), num_images=args.images, preset=args.preset)
     timer = StepTimer()
+    memory = StepMemory(args.warmup + 1)
     with tempfile.TemporaryDirectory() as out:
-        run_exp(recipe(assets, args.worker, out, args), callbacks=[timer])
+        run_exp(recipe(assets, args.worker, out, args), callbacks=[timer] + ([memory] if args.step_tensors else []))
     steps = [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)]
     cpu_steps = [b - a for a, b in zip(timer.cpu_ends, timer.cpu_ends[1:], strict=False)]
+    if memory.peak_mb is not None:  # the profiled step is slower: leave it out of the timings
+        steps[memory.step] = cpu_steps[memory.step] = float("nan")
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("BENCH " + json.dumps({"stage": args.worker, "steps": steps, "cpu_steps": cpu_steps,
-                                 "precompute_s": sum(precompute_seconds), "peak_rss_mb": peak_rss,
+                                 "precompute_s": sum(precompute_seconds), "step_tensors_mb": memory.peak_mb,
+                                 "peak_rss_mb": peak_rss,
                                  "peak_gpu_mb": peak_gpu}), flush=True)
 
 
 def run_one(stage: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__)), "--worker", stage, "--assets", args.assets, "--epochs",
            str(args.epochs), "--images", str(args.images), "--batch", str(args.batch), "--device", args.device,
-           "--preset", args.preset, "--precompute", args.precompute]
+           "--preset", args.preset, "--precompute", args.precompute, "--warmup", str(args.warmup)]
+    if args.step_tensors:
+        cmd.append("--step-tensors")
     if args.baseline_non_reentrant:
         cmd.append("--baseline-non-reentrant")
     env = {**os.environ, **OFFLINE, "PYTHONPATH": str(BENCH)}
@@ -121,6 +155,9 @@ def main() -> None:
                         "GPU: qwen3-vl-8b")
     parser.add_argument("--precompute", default="auto", choices=["auto", "true", "false"],
                         help="hera_teacher_precompute of the HeRA runs (auto: on, since the runs cover whole epochs)")
+    parser.add_argument("--step-tensors", action="store_true",
+                        help="CPU: profile one step's peak tensor bytes (torch profiler; the profiler's own memory "
+                             "then shows in the peak RSS, and that step is left out of the timings)")
     parser.add_argument("--baseline-non-reentrant", action="store_true",
                         help="give the SFT runs the non-reentrant gradient checkpointing that HeRA runs use, to "
                              "separate HeRA's own cost from the checkpointing mode's")
@@ -137,15 +174,18 @@ def main() -> None:
           flush=True)
     per_epoch = -(-args.images // args.batch)
     results: dict[str, list[dict]] = {"sft": [], "hera": []}
+
+    def steps_of(run: dict, key: str, part: str) -> list[float]:
+        series = run[key]
+        chosen = {"first": series[args.warmup:per_epoch], "later": series[per_epoch:],
+                  "all": series[args.warmup:]}[part]
+        return [value for value in chosen if value == value]  # NaN: the step profiled for memory
+
     for repeat in range(args.repeats):
         for stage in (("sft", "hera"), ("hera", "sft"))[repeat % 2]:  # ABBA...: order effects cancel
             results[stage].append(run_one(stage, args))
             print(f"repeat {repeat + 1}/{args.repeats} {stage}: median step "
-                  f"{statistics.median(results[stage][-1]['steps'][args.warmup:]) * 1e3:.1f} ms", flush=True)
-
-    def steps_of(run: dict, key: str, part: str) -> list[float]:
-        series = run[key]
-        return {"first": series[args.warmup:per_epoch], "later": series[per_epoch:], "all": series[args.warmup:]}[part]
+                  f"{statistics.median(steps_of(results[stage][-1], 'steps', 'all')) * 1e3:.1f} ms", flush=True)
 
     def median_of(stage: str, key: str, part: str) -> float:
         return statistics.median(s for run in results[stage] for s in steps_of(run, key, part))
@@ -169,7 +209,8 @@ def main() -> None:
         print(f"{'teacher pass before step 1':26}{'':10}{pre * 1e3:10.1f}   ms per run (hera_teacher_precompute)")
         print(f"{'first epoch incl. the pass':26}{a * per_epoch:10.1f}{b * per_epoch + pre:10.1f}"
               f"{(b * per_epoch + pre) / (a * per_epoch):8.3f}   s, step medians x {per_epoch} steps")
-    for key, label in (("peak_rss_mb", "peak RSS (MiB)"), ("peak_gpu_mb", "peak GPU mem (MiB)")):
+    for key, label in (("step_tensors_mb", "step tensors, peak (MiB)"), ("peak_rss_mb", "peak RSS (MiB)"),
+                       ("peak_gpu_mb", "peak GPU mem (MiB)")):
         if results["sft"][0][key] is None:
             continue
         a = max(r[key] for r in results["sft"])

@@ -69,8 +69,8 @@ def _run(tmp: Path, script: str, *args: str) -> str:
 
 def test_overhead_script_runs_both_stages_and_prints_ratios(bench_root: Path) -> None:
     out = _run(bench_root, "overhead.py", "--repeats", "1", "--epochs", "2", "--images", "16", "--batch", "8",
-               "--warmup", "0", "--preset", "qwen3-vl-8b-smoke", "--assets", str(bench_root))
-    for label in ("step, first epoch", "step, later epochs", "step, all", "peak RSS"):
+               "--warmup", "0", "--step-tensors", "--preset", "qwen3-vl-8b-smoke", "--assets", str(bench_root))
+    for label in ("step, first epoch", "step, later epochs", "step, all", "step tensors, peak", "peak RSS"):
         assert re.search(rf"^{re.escape(label)} \(\w+\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", out, re.M), (label, out)
     assert "heads ['L7H1', 'L3H5', 'L2H2', 'L7H7', 'L5H0']" in out
 
