@@ -105,3 +105,15 @@ def test_split_dict_and_list_forms() -> None:
     assert is_hera
     host, hera, is_hera = split_args({"stage": "sft", "hera_k": 3})
     assert host == {"stage": "sft"} and hera == {"hera_k": 3} and not is_hera
+
+
+def test_precompute_auto_runs_only_when_the_run_covers_the_training_set() -> None:
+    from llamafactory_hera.teacher_precompute import precompute_wanted
+
+    # (setting, cache on, samples, max_steps, global batch) -> wanted
+    assert precompute_wanted("auto", True, 32, -1, 8)  # epochs-based run
+    assert precompute_wanted("auto", True, 32, 4, 8)  # 4 x 8 = 32: exactly one epoch
+    assert not precompute_wanted("auto", True, 32, 3, 8)  # ends inside the first epoch
+    assert not precompute_wanted("auto", False, 32, -1, 8)  # no cache to fill
+    assert not precompute_wanted("auto", True, None, -1, 8)  # no readable image column (streaming)
+    assert precompute_wanted("true", True, 32, 1, 8) and not precompute_wanted("false", True, 32, -1, 8)
