@@ -34,7 +34,8 @@ def teacher_batch_size(batch_size: int) -> int:
     return max(32, 4 * batch_size)
 
 
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+def batches_of(items: list[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive slices of ``items`` of ``size`` (the last one shorter)."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
@@ -55,7 +56,7 @@ def image_features(teacher: VisionTeacher, image_processor: Any, images: list[An
     def pixels(batch: list[Any]) -> torch.Tensor:
         return image_processor([opener(image) for image in batch], return_tensors="pt")["pixel_values"]
 
-    batches = list(_chunks(images, batch_size))
+    batches = list(batches_of(images, batch_size))
     if workers is None:
         workers = prefetch_workers(next(teacher.parameters()).device)
     chunks = []

@@ -144,9 +144,12 @@ class HeraTrainerMixin:
         finally:
             self._hera_teacher_to(self.args.device)  # the process-wide teacher goes back where load_teacher put it
 
-    def _hera_teacher_to(self, device: torch.device | str) -> None:
-        if next(self.hera_teacher.parameters()).device != torch.device(device):
-            self.hera_teacher.to(device)
+    def _hera_teacher_to(self, device: torch.device | str) -> bool:
+        """Move the teacher to ``device``; True if it was elsewhere."""
+        if next(self.hera_teacher.parameters()).device == torch.device(device):
+            return False
+        self.hera_teacher.to(device)
+        return True
 
     def _hera_precompute_teacher(self) -> None:
         """``hera_teacher_precompute``: fill the feature cache with every training image's teacher feature, then
@@ -186,10 +189,9 @@ class HeraTrainerMixin:
     def _hera_teacher_features(self, pixel_values: torch.Tensor | None, keys: list[str | None],
                                counts: torch.Tensor) -> torch.Tensor:
         """``[B, E]`` per-sample teacher features: cached images from the cache, the others computed now."""
-        if pixel_values is not None and next(self.hera_teacher.parameters()).device != torch.device(self.args.device):
-            print("[llamafactory-hera] an image missed by the precomputed teacher features: the teacher goes back "
+        if pixel_values is not None and self._hera_teacher_to(self.args.device):
+            print("[llamafactory-hera] an image missed by the precomputed teacher features: the teacher went back "
                   f"to {self.args.device} for the rest of the run.")
-            self._hera_teacher_to(self.args.device)
         computed = self.hera_teacher(pixel_values) if pixel_values is not None else None
         image_features = self.hera_feature_cache.lookup(keys, computed)
         return per_sample_features(image_features.to(counts.device), counts)

@@ -10,7 +10,7 @@ Modes (paper §3.3):
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..capture import IGNORE_INDEX, pooling_weights
 from ..projection import effective_weight_columns, find_o_proj_modules, text_decoder
 from ..teacher import VisionTeacher, per_sample_features
-from ..teacher_batch import image_features
+from ..teacher_batch import batches_of, image_features
 
 
 @dataclass(frozen=True)
@@ -96,11 +96,6 @@ class PooledInputRecorder:
             handle.remove()
 
 
-def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 @torch.inference_mode()
 def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair], batch_size: int, device: Any,
                  progress: bool = True) -> list[torch.Tensor]:
@@ -112,7 +107,7 @@ def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair],
     decoder = text_decoder(model)
     recorder = PooledInputRecorder(model)
     try:
-        batches = list(_batches(pairs, batch_size))
+        batches = list(batches_of(pairs, batch_size))
         for batch in tqdm(batches, desc="heads (captions through the LM)", disable=not progress):
             encoded = tokenizer([p.caption for p in batch], padding=True, return_tensors="pt",
                                 return_special_tokens_mask=True)
@@ -134,7 +129,7 @@ def collect_multimodal(model: nn.Module, dataset: Any, collator: Any, rows: list
     """
     recorder = PooledInputRecorder(model)
     try:
-        for batch_rows in tqdm(list(_batches(rows, batch_size)), desc="heads (image + caption through the MLLM)",
+        for batch_rows in tqdm(list(batches_of(rows, batch_size)), desc="heads (image + caption through the MLLM)",
                                disable=not progress):
             features = [dict(dataset[i]) for i in batch_rows]
             batch = collator(features)
