@@ -13,23 +13,62 @@ procedural image-caption dataset), with the architecture dimensions of a preset:
 - ``qwen2.5-vl-7b``: the published Qwen2.5-VL-7B architecture (text 3584 x 28 layers, 28 heads, 4 KV
   heads, vocabulary 152,064; vision tower 1280 x 32 layers, window attention), bf16.
 
-Both real presets use the DINOv2-L teacher architecture (1024 x 24 layers, 16 heads, patch 14,
-256 px resize and 224 px centre crop, as ``facebook/dinov2-large``) and feed the MLLM 448 x 448
-images (Qwen3-VL: 196 visual tokens, Qwen2.5-VL: 256). Their weights are random (the benchmark
-measures cost, not quality); tokenizer and chat template are the tiny test ones (ids < 512).
+The language-model shapes and model-card sizes of the real presets are read from ``recipes/memory.py``
+(one table for the recipes' memory estimates and the benchmarks). Both use the DINOv2-L teacher
+architecture (1024 x 24 layers, 16 heads, patch 14, 256 px resize and 224 px centre crop, as
+``facebook/dinov2-large``) and feed the MLLM 448 x 448 images (Qwen3-VL: 196 visual tokens,
+Qwen2.5-VL: 256). Their weights are random (the benchmark measures cost, not quality); tokenizer
+and chat template are the tiny test ones (ids < 512).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+import sys
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llamafactory_hera.fixtures import build_tiny_assets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _recipes_memory() -> Any:
+    """``recipes/memory.py``: the backbones' language-model shapes and model-card sizes, kept in one place."""
+    spec = importlib.util.spec_from_file_location("hera_recipes_memory", REPO / "recipes" / "memory.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+MEMORY = _recipes_memory()
+
+
+def backbone_text(stem: str, **extra: Any) -> dict[str, Any]:
+    """Text-config keys of a recipe backbone (``recipes/memory.py`` BACKBONES, by recipe stem) plus ``extra``."""
+    b = next(b for b in MEMORY.BACKBONES if b.stem == stem)
+    return {"hidden_size": b.hidden, "intermediate_size": b.intermediate, "num_hidden_layers": b.layers,
+            "num_attention_heads": b.heads, "num_key_value_heads": b.kv_heads, "head_dim": b.head_dim,
+            "vocab_size": b.vocab, **extra}
+
+
+def published_params(stem: str) -> tuple[float, float]:
+    """(MLLM, teacher) parameters as the model cards give them."""
+    b = next(b for b in MEMORY.BACKBONES if b.stem == stem)
+    return b.params_b * 1e9, MEMORY.TEACHER_PARAMS
+
+
+def mrope_sections(head_dim: int) -> list[int]:
+    """mRoPE (temporal, height, width) sections covering ``head_dim / 2`` for a scaled-down Qwen-VL."""
+    half = head_dim // 2
+    return [half // 2, half // 4, half - half // 2 - half // 4]
+
 
 DINOV2_LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4,
                 "patch_size": 14, "image_size": 518, "layerscale_value": 1.0}
@@ -56,7 +95,6 @@ class Preset:
     cutoff_len: int
     image_side: int | None = None
     published_params: tuple[float, float] | None = None
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {
@@ -70,28 +108,22 @@ PRESETS: dict[str, Preset] = {
         dtype="float32", cutoff_len=256),
     "qwen3-vl-8b": Preset(
         name="qwen3-vl-8b", family="qwen3_vl",
-        text={"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
-              "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "rms_norm_eps": 1e-6,
-              "max_position_embeddings": 262144,
-              "rope_parameters": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_theta": 5000000.0,
-                                  "rope_type": "default"}},
+        text=backbone_text("qwen3_8b", rms_norm_eps=1e-6, max_position_embeddings=262144, rope_parameters={
+            "mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_theta": 5000000.0, "rope_type": "default"}),
         vision={"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "out_hidden_size": 4096,
                 "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304,
                 "deepstack_visual_indexes": [8, 16, 24], "hidden_act": "gelu_pytorch_tanh"},
         teacher=DINOV2_LARGE, teacher_processor=DINOV2_LARGE_PROCESSOR, dtype="bfloat16", cutoff_len=1024,
-        image_side=448, published_params=(8.77e9, 0.304e9),
-        notes={"source": "Qwen/Qwen3-VL-8B-Instruct config.json; model card: 8.77B parameters"}),
+        image_side=448, published_params=published_params("qwen3_8b")),
     "qwen2.5-vl-7b": Preset(
         name="qwen2.5-vl-7b", family="qwen2_5_vl",
-        text={"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-              "num_key_value_heads": 4, "vocab_size": 152064, "rms_norm_eps": 1e-6, "max_position_embeddings": 128000,
-              "rope_parameters": {"mrope_section": [16, 24, 24], "rope_theta": 1000000.0, "rope_type": "default"}},
+        text=backbone_text("qwen2_5_7b", rms_norm_eps=1e-6, max_position_embeddings=128000, rope_parameters={
+            "mrope_section": [16, 24, 24], "rope_theta": 1000000.0, "rope_type": "default"}),
         vision={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
                 "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
                 "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu"},
         teacher=DINOV2_LARGE, teacher_processor=DINOV2_LARGE_PROCESSOR, dtype="bfloat16", cutoff_len=1024,
-        image_side=448, published_params=(8.29e9, 0.304e9),
-        notes={"source": "Qwen/Qwen2.5-VL-7B-Instruct config.json; model card: 8.29B parameters"}),
+        image_side=448, published_params=published_params("qwen2_5_7b")),
 }
 
 
@@ -106,8 +138,7 @@ def smoke_preset(spec: Preset) -> Preset:
             "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 512}
     if "head_dim" in text:
         text["head_dim"] = 8
-    half = 8 // 2  # mRoPE sections cover head_dim / 2
-    rope = {**text["rope_parameters"], "mrope_section": [half // 2, half // 4, half - half // 2 - half // 4]}
+    rope = {**text["rope_parameters"], "mrope_section": mrope_sections(8)}
     text["rope_parameters"] = rope
     vision = {**spec.vision, "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
               "out_hidden_size": 64}
@@ -115,8 +146,7 @@ def smoke_preset(spec: Preset) -> Preset:
         if key in vision:
             vision[key] = value
     teacher = {**spec.teacher, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
-    return replace(spec, name=f"{spec.name}-smoke", text=text, vision=vision, teacher=teacher, published_params=None,
-                   notes={"source": f"{spec.name} shrunk for a CPU smoke test"})
+    return replace(spec, name=f"{spec.name}-smoke", text=text, vision=vision, teacher=teacher, published_params=None)
 
 
 for _name in ("qwen3-vl-8b", "qwen2.5-vl-7b"):
@@ -153,10 +183,9 @@ def model_config(preset: Preset, tiny_model: Path) -> Any:
     if getattr(text, "layer_types", None) is not None:
         text.layer_types = ["full_attention"] * text.num_hidden_layers
     if "rope_parameters" not in preset.text:  # scaled-down preset: mRoPE sections must cover head_dim / 2
-        half = text.hidden_size // text.num_attention_heads // 2
         for rope in (getattr(text, "rope_parameters", None), getattr(text, "rope_scaling", None)):
             if isinstance(rope, dict) and "mrope_section" in rope:
-                rope["mrope_section"] = [half // 2, half // 4, half - half // 2 - half // 4]
+                rope["mrope_section"] = mrope_sections(text.hidden_size // text.num_attention_heads)
     return config
 
 

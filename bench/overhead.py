@@ -57,17 +57,14 @@ def worker(args: argparse.Namespace) -> None:
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.ends: list[float] = []
-            self.cpu_ends: list[float] = []  # CPU time of this process (all threads), in the JSON line
 
         def on_train_begin(self, *a, **k) -> None:
             self.ends.append(time.perf_counter())
-            self.cpu_ends.append(time.process_time())
 
         def on_step_end(self, *a, **k) -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.ends.append(time.perf_counter())
-            self.cpu_ends.append(time.process_time())
 
     class StepMemory(TrainerCallback):
         """CPU runs: peak bytes of tensors allocated during one step (torch profiler), from the step's start.
@@ -114,12 +111,11 @@ def worker(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as out:
         run_exp(recipe(assets, args.worker, out, args), callbacks=[timer] + ([memory] if args.step_tensors else []))
     steps = [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)]
-    cpu_steps = [b - a for a, b in zip(timer.cpu_ends, timer.cpu_ends[1:], strict=False)]
     if memory.peak_mb is not None:  # the profiled step is slower: leave it out of the timings
-        steps[memory.step] = cpu_steps[memory.step] = float("nan")
+        steps[memory.step] = float("nan")
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("BENCH " + json.dumps({"stage": args.worker, "steps": steps, "cpu_steps": cpu_steps,
+    print("BENCH " + json.dumps({"stage": args.worker, "steps": steps,
                                  "precompute_s": sum(precompute_seconds), "step_tensors_mb": memory.peak_mb,
                                  "peak_rss_mb": peak_rss,
                                  "peak_gpu_mb": peak_gpu}), flush=True)
@@ -175,8 +171,8 @@ def main() -> None:
     per_epoch = -(-args.images // args.batch)
     results: dict[str, list[dict]] = {"sft": [], "hera": []}
 
-    def steps_of(run: dict, key: str, part: str) -> list[float]:
-        series = run[key]
+    def steps_of(run: dict, part: str) -> list[float]:
+        series = run["steps"]
         chosen = {"first": series[args.warmup:per_epoch], "later": series[per_epoch:],
                   "all": series[args.warmup:]}[part]
         return [value for value in chosen if value == value]  # NaN: the step profiled for memory
@@ -185,10 +181,10 @@ def main() -> None:
         for stage in (("sft", "hera"), ("hera", "sft"))[repeat % 2]:  # ABBA...: order effects cancel
             results[stage].append(run_one(stage, args))
             print(f"repeat {repeat + 1}/{args.repeats} {stage}: median step "
-                  f"{statistics.median(steps_of(results[stage][-1], 'steps', 'all')) * 1e3:.1f} ms", flush=True)
+                  f"{statistics.median(steps_of(results[stage][-1], 'all')) * 1e3:.1f} ms", flush=True)
 
-    def median_of(stage: str, key: str, part: str) -> float:
-        return statistics.median(s for run in results[stage] for s in steps_of(run, key, part))
+    def median_of(stage: str, part: str) -> float:
+        return statistics.median(s for run in results[stage] for s in steps_of(run, part))
 
     import torch
 
@@ -196,16 +192,15 @@ def main() -> None:
           f"{torch.get_num_threads()}, device {args.device}; {args.repeats} repeats (A/B interleaved, ABBA order), "
           f"{args.epochs} epochs x {per_epoch} steps, batch {args.batch}, warm-up {args.warmup} steps dropped")
     print(f"{'':26}{'sft':>10}{'hera':>10}{'ratio':>8}   per A/B pair (median, range)")
-    for key, name in (("steps", "step"),):
-        for part, label in (("first", "first epoch"), ("later", "later epochs"), ("all", "all")):
-            a, b = median_of("sft", key, part), median_of("hera", key, part)
-            pairs = sorted(statistics.median(steps_of(h, key, part)) / statistics.median(steps_of(s, key, part))
-                           for s, h in zip(results["sft"], results["hera"], strict=True))
-            print(f"{f'{name}, {label} (ms)':26}{a * 1e3:10.1f}{b * 1e3:10.1f}{b / a:8.3f}   "
-                  f"{statistics.median(pairs):.3f} ({pairs[0]:.3f}-{pairs[-1]:.3f})")
+    for part, label in (("first", "first epoch"), ("later", "later epochs"), ("all", "all")):
+        a, b = median_of("sft", part), median_of("hera", part)
+        pairs = sorted(statistics.median(steps_of(h, part)) / statistics.median(steps_of(s, part))
+                       for s, h in zip(results["sft"], results["hera"], strict=True))
+        print(f"{f'step, {label} (ms)':26}{a * 1e3:10.1f}{b * 1e3:10.1f}{b / a:8.3f}   "
+              f"{statistics.median(pairs):.3f} ({pairs[0]:.3f}-{pairs[-1]:.3f})")
     pre = statistics.median(run["precompute_s"] for run in results["hera"])
     if pre > 0:
-        a, b = median_of("sft", "steps", "first"), median_of("hera", "steps", "first")
+        a, b = median_of("sft", "first"), median_of("hera", "first")
         print(f"{'teacher pass before step 1':26}{'':10}{pre * 1e3:10.1f}   ms per run (hera_teacher_precompute)")
         print(f"{'first epoch incl. the pass':26}{a * per_epoch:10.1f}{b * per_epoch + pre:10.1f}"
               f"{(b * per_epoch + pre) / (a * per_epoch):8.3f}   s, step medians x {per_epoch} steps")

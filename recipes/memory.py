@@ -21,7 +21,8 @@ Method (bytes per GPU, worst case: every sequence of the micro-batch is ``cutoff
 - logits: B x S x V x 10 bytes (bf16 logits, their fp32 copy in the loss, the saved
   log-softmax and its gradient; V: vocabulary size);
 - the HeRA teacher, DINOv2 ViT-L/14 in bf16: 0.3 B parameters x 2 bytes (its activations,
-  without gradient, are small); the HeRA term itself adds B x heads x d floats, negligible;
+  without gradient, are small; under the default hera_teacher_precompute it leaves the GPU before
+  step 1, so this term is a margin); the HeRA term itself adds B x heads x d floats, negligible;
 - 2 GiB for the CUDA context, cuBLAS/NCCL workspaces and allocator slack.
 
 Not included: the frozen vision tower's activations (no gradient flows into it), memory
