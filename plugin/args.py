@@ -108,6 +108,12 @@ class HeraArguments:
         metadata={"help": "With hera_heads: auto, 'text' (captions alone through the language model, paper) or "
                   "'multimodal' (image + caption through the MLLM).", "choices": ("text", "multimodal")},
     )
+    hera_select_clamp: float = field(
+        default=0.95,
+        metadata={"help": "With hera_heads: auto (and `llamafactory-hera select`), clamp every feature value at this "
+                  "quantile of |value| before normalising, on both sides, as the Platonic Representation Hypothesis "
+                  "code does (0.95); 0 turns the clamp off.", "min": 0.0, "max": 1.0},
+    )
     hera_select_batch_size: int = field(
         default=16, metadata={"help": "With hera_heads: auto, batch size of the scoring forward passes.", "min": 1}
     )
@@ -166,6 +172,8 @@ def _coerce_number(key: str, value: Any, kind: type, meta: dict[str, Any]) -> in
         raise _fail(key, value, "expected a finite number.")
     if "min" in meta and number < meta["min"]:
         raise _fail(key, value, f"allowed range is >= {meta['min']}.")
+    if "max" in meta and number > meta["max"]:
+        raise _fail(key, value, f"allowed range is <= {meta['max']}.")
     if "min_exclusive" in meta and number <= meta["min_exclusive"]:
         raise _fail(key, value, f"allowed range is > {meta['min_exclusive']}.")
     return number

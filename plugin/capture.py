@@ -16,34 +16,10 @@ import torch
 from torch import nn
 
 from .heads import AttentionGeometry, HeadRef
+from .pooling import IGNORE_INDEX, pooled_token_mask, pooling_weights
 from .projection import find_o_proj_modules, is_partitioned, project_heads, project_heads_by_call
 
-IGNORE_INDEX = -100
-
-
-def pooled_token_mask(labels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      pooling: str, image_token_id: int | None) -> torch.Tensor:
-    """``[B, T]`` boolean mask of the tokens averaged into a head representation.
-
-    ``"assistant"``: tokens that carry the LM loss (``labels != -100``; labels are not shifted yet).
-    ``"text"``: every attended token that is not an image placeholder token.
-    """
-    if pooling == "assistant":
-        return labels != IGNORE_INDEX
-    if pooling != "text":
-        raise ValueError(f"hera_pooling must be 'assistant' or 'text', got {pooling!r}")
-    mask = torch.ones_like(input_ids, dtype=torch.bool)
-    if attention_mask is not None and attention_mask.ndim == 2:
-        mask = attention_mask.bool()
-    if image_token_id is not None:
-        mask = mask & (input_ids != image_token_id)
-    return mask
-
-
-def pooling_weights(token_mask: torch.Tensor) -> torch.Tensor:
-    """Row-normalised float32 averaging weights ``[B, T]`` from a boolean ``[B, T]`` mask (empty rows stay 0)."""
-    mask = token_mask.float()
-    return mask / mask.sum(-1, keepdim=True).clamp_min(1.0)
+__all__ = ["HeadCapture", "IGNORE_INDEX", "pooled_token_mask", "pooling_weights"]
 
 
 class HeadCapture:

@@ -1,0 +1,131 @@
+"""Which tokens a head's representation averages over (``hera_pooling``).
+
+- ``assistant`` (paper's stage 2): the tokens that carry the LM loss (``labels != -100``, labels
+  not shifted yet), minus every multimodal placeholder token. Under ``train_on_prompt: true`` the
+  prompt's text tokens carry labels too and are pooled; its image tokens never are.
+- ``text``: the text that can depend on the image: attended tokens after the sample's first
+  multimodal placeholder token (in a causal LM the tokens before it cannot see the image), minus
+  every multimodal placeholder token. For a captioning row this is the instruction after the image,
+  the assistant's role marker and the caption.
+
+Multimodal placeholder tokens are read from the model's config (``image_token_id``,
+``video_token_id``, ``vision_start_token_id``, ... on the config and its text config), from the
+processor (``image_token``, ``video_token``, ``start_image_token``, ...) and from LLaMA-Factory's
+multimodal plugin of the template (``image_token``, ``video_token``, ``audio_token``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterable
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+POOLINGS = ("assistant", "text")
+
+# config attributes holding one multimodal token id: image_token_id, image_token_index, video_token_id,
+# vision_start_token_id, vision_end_token_id, vision_token_id, audio_token_id, boi_token_index, ...
+_CONFIG_TOKEN_ATTR = re.compile(r"^(image|video|vision|audio|boi|eoi|boa|eoa)\w*_token_(id|index)$")
+# processor / mm_plugin attributes holding one multimodal token string
+_STRING_TOKEN_ATTR = re.compile(r"^((image|video|vision|audio)\w*_token|(start|end)_(image|video)_token|"
+                                r"(boi|eoi|boa|eoa)_token|\w*context_image_token)$")
+
+
+def _config_token_ids(config: Any) -> set[int]:
+    ids: set[int] = set()
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    for cfg in configs:
+        for name, value in vars(cfg).items() if hasattr(cfg, "__dict__") else ():
+            if _CONFIG_TOKEN_ATTR.match(name) and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                ids.add(value)
+    return ids
+
+
+def _string_tokens(holder: Any) -> set[str]:
+    tokens: set[str] = set()
+    if holder is None:
+        return tokens
+    for name in dir(holder):
+        if name.startswith("__") or not _STRING_TOKEN_ATTR.match(name):
+            continue
+        try:
+            value = getattr(holder, name)
+        except Exception:  # noqa: BLE001 - a property that cannot be read holds no token
+            continue
+        if isinstance(value, str) and value:
+            tokens.add(value)
+    return tokens
+
+
+def multimodal_token_ids(config: Any, processor: Any = None, tokenizer: Any = None,
+                         mm_plugin: Any = None) -> frozenset[int]:
+    """Ids of every multimodal placeholder token (image, video, audio, vision start/end/pad) the model uses.
+
+    Args:
+        config: the (M)LLM config.
+        processor: the model's processor (its ``image_token`` etc.), if any.
+        tokenizer: converts token strings to ids (default: ``processor.tokenizer``).
+        mm_plugin: LLaMA-Factory's ``template.mm_plugin`` (its ``image_token`` etc.), if any.
+
+    Returns:
+        The ids; strings that the tokenizer does not know as a single token are skipped.
+    """
+    ids = _config_token_ids(config)
+    tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
+    strings = _string_tokens(processor) | _string_tokens(mm_plugin)
+    if tokenizer is not None:
+        unk = getattr(tokenizer, "unk_token_id", None)
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        for token in strings:
+            token_id = vocab.get(token)
+            if token_id is None:
+                converted = tokenizer.convert_tokens_to_ids(token)
+                token_id = converted if isinstance(converted, int) and converted != unk else None
+            if token_id is not None:
+                ids.add(int(token_id))
+    return frozenset(ids)
+
+
+def multimodal_positions(input_ids: torch.Tensor, multimodal_ids: Collection[int]) -> torch.Tensor:
+    """``[B, T]`` bool: positions holding a multimodal placeholder token."""
+    if not multimodal_ids:
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+    table = torch.tensor(sorted(multimodal_ids), device=input_ids.device, dtype=input_ids.dtype)
+    return torch.isin(input_ids, table)
+
+
+def pooled_token_mask(labels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      pooling: str, multimodal_ids: Iterable[int] | int | None) -> torch.Tensor:
+    """``[B, T]`` bool mask of the tokens averaged into a head representation (see the module docstring).
+
+    Args:
+        labels: ``[B, T]`` unshifted labels (-100: no loss).
+        input_ids: ``[B, T]``.
+        attention_mask: ``[B, T]`` (1 = attended) or None; other shapes are ignored.
+        pooling: ``"assistant"`` or ``"text"``.
+        multimodal_ids: ids of multimodal placeholder tokens (a single id is accepted).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"hera_pooling must be 'assistant' or 'text', got {pooling!r}")
+    if multimodal_ids is None:
+        multimodal_ids = ()
+    elif isinstance(multimodal_ids, int):
+        multimodal_ids = (multimodal_ids,)
+    placeholder = multimodal_positions(input_ids, frozenset(multimodal_ids))
+    if pooling == "assistant":
+        return (labels != IGNORE_INDEX) & ~placeholder
+    mask = torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask is not None and attention_mask.ndim == 2:
+        mask = attention_mask.bool()
+    after_first = placeholder.long().cumsum(-1) > 0  # at or after the first placeholder
+    return mask & after_first & ~placeholder
+
+
+def pooling_weights(token_mask: torch.Tensor) -> torch.Tensor:
+    """Row-normalised float32 averaging weights ``[B, T]`` from a boolean ``[B, T]`` mask (empty rows stay 0)."""
+    mask = token_mask.float()
+    return mask / mask.sum(-1, keepdim=True).clamp_min(1.0)
