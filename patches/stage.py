@@ -29,7 +29,7 @@ from llamafactory_hera.data_checks import describe_image
 from . import logging as log_patch
 from .arguments import split_args
 from .guard import require, warn_if_unchecked
-from .validation import validate_host_args
+from .validation import validate_host_args, validate_raw_host_args
 
 _TUNER_NAMES = ("_training_function", "get_train_args", "run_sft")
 _WORKFLOW_NAMES = ("run_sft", "SFTDataCollatorWith4DAttentionMask", "CustomSeq2SeqTrainer")
@@ -64,7 +64,7 @@ def _swapped(module: ModuleType, **replacements: Any) -> Iterator[None]:
 
 
 def _hera_classes(workflow: ModuleType, hera_args: HeraArguments, compute_dtype: Any,
-                  image_rows: dict[str, int]) -> tuple[type, type]:
+                  image_rows: dict[str, int], data_counts: Any) -> tuple[type, type]:
     from llamafactory_hera.collator import HeraCollatorMixin
     from llamafactory_hera.teacher import load_image_processor
     from llamafactory_hera.teacher_cache import TeacherFeatureCache
@@ -80,7 +80,7 @@ def _hera_classes(workflow: ModuleType, hera_args: HeraArguments, compute_dtype:
     class HeraSeq2SeqTrainer(HeraTrainerMixin, host_trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, hera_args=hera_args, hera_compute_dtype=compute_dtype, hera_feature_cache=cache,
-                             **kwargs)
+                             hera_data_counts=data_counts, **kwargs)
 
     return collator, HeraSeq2SeqTrainer
 
@@ -89,19 +89,24 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, str | int | float | bool | list | type(None)) else str(value)
 
 
-def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any, training_args: Any) -> dict[str, int]:
-    """Image path -> training-data row, after checking every image file exists (clear error naming file and row).
+def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
+                        training_args: Any) -> tuple[dict[str, int], Any]:
+    """(image path -> training-data row, row counts), after checking every image file exists and that the data has
+    images at all (clear errors naming file and row, or the dataset).
 
     Runs before LLaMA-Factory's preprocessing, which would otherwise fail on a missing file with a bare OSError.
-    Streaming datasets are not scanned.
+    Streaming datasets are not scanned (counts None).
     """
     if getattr(data_args, "streaming", False) or not training_args.do_train:
-        return {}
+        return {}, None
     from llamafactory_hera.data_checks import image_rows
     from llamafactory_hera.patches.selection import RecipeArgs, load_aligned_rows
+    from llamafactory_hera.preflight import check_image_rows, count_image_rows
 
-    return image_rows(load_aligned_rows(RecipeArgs(model_args, data_args, finetuning_args), training_args.seed),
-                      column="_images")
+    aligned = load_aligned_rows(RecipeArgs(model_args, data_args, finetuning_args), training_args.seed)
+    counts = count_image_rows(aligned)
+    check_image_rows(counts, data_args.dataset)
+    return image_rows(aligned, column="_images"), counts
 
 
 def _leave_together() -> None:
@@ -144,8 +149,8 @@ def apply(tuner: ModuleType) -> None:
             hera_args.hera_heads = resolve_auto_heads(
                 RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,
                 str(training_args.device), training_args.output_dir, training_args.process_index == 0)
-        rows = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
-        collator, trainer = _hera_classes(workflow, hera_args, model_args.compute_dtype, rows)
+        rows, counts = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
+        collator, trainer = _hera_classes(workflow, hera_args, model_args.compute_dtype, rows, counts)
         if training_args.should_save:
             _write_run_record(training_args.output_dir, hera_args, (
                 (model_args, ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),
@@ -175,6 +180,7 @@ def apply(tuner: ModuleType) -> None:
                               "'hera' (this is how a recipe's baseline twin runs).", stacklevel=2)
             return original_training_function(config)
         hera_args = parse_hera_arguments(hera_raw)
+        validate_raw_host_args(host_args, hera_args)
         original_get_train_args = tuner.get_train_args
 
         def get_train_args(args: Any = None) -> Any:

@@ -11,6 +11,7 @@ from typing import Any
 from llamafactory_hera.args import HeraArguments
 from llamafactory_hera.data_checks import check_adapter_fits
 from llamafactory_hera.heads import attention_geometry, check_heads_fit
+from llamafactory_hera.preflight import check_contrastive_geometry, contrastive_geometry
 from llamafactory_hera.teacher import check_teacher_source
 
 # (object attribute, holder name, why it cannot work with HeRA)
@@ -23,6 +24,9 @@ _INCOMPATIBLE = (
     ("use_hyper_parallel", "finetuning", "the hyper-parallel SFT workflow does not use the trainer HeRA extends"),
     ("use_kt", "model", "KTransformers replaces the attention modules whose o_proj HeRA reads"),
     ("use_unsloth", "model", "Unsloth replaces the attention kernels and its own gradient checkpointing"),
+    ("use_unsloth_gc", "model", "Unsloth's gradient checkpointing runs each layer's forward under torch.no_grad, so "
+     "the captured o_proj inputs carry no gradient and HeRA would train only the selected heads' W_O columns; "
+     "HeRA switches LLaMA-Factory's default checkpointing to the non-reentrant kind, which keeps the gradient"),
     ("use_dora", "finetuning", "DoRA rescales weight columns, so W_O cannot be split by head"),
     ("galore_layerwise", "finetuning", "layer-wise GaLore updates inside backward hooks and skips the temperature "
      "parameter group"),
@@ -33,6 +37,37 @@ _INCOMPATIBLE = (
 
 def _incompatible(name: str, why: str) -> ValueError:
     return ValueError(f"stage: hera cannot run with {name}: true ({why}). Remove {name} or use stage: sft.")
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() in {"true", "1", "yes", "on"} if not isinstance(value, bool) else value
+
+
+def _raw_value(host_args: dict[str, Any] | list[str], key: str) -> Any:
+    """A key's value in a recipe dict or a ``--key value`` / ``--key=value`` / bare ``--flag`` list (None if absent)."""
+    if isinstance(host_args, dict):
+        return host_args.get(key)
+    for index, token in enumerate(host_args):
+        name, has_inline, inline = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        if name == key:
+            if has_inline:
+                return inline
+            following = host_args[index + 1] if index + 1 < len(host_args) else "--"
+            return "true" if following.startswith("--") else following
+    return None
+
+
+def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
+    """Checks on the recipe's own keys, before LLaMA-Factory parses them (some combinations fail there obscurely).
+
+    - DeepSpeed with fp16 and a learned temperature: the temperature's own AdamW would see loss-scaled gradients
+      and would not skip overflow steps as DeepSpeed's optimizer does.
+    """
+    if (_raw_value(host_args, "deepspeed") and _truthy(_raw_value(host_args, "fp16") or False)
+            and hera_args.hera_learn_temperature):
+        raise ValueError("stage: hera cannot learn the temperature under DeepSpeed with fp16: true (the temperature's "
+                         "own optimizer would step on loss-scaled gradients and would not skip overflow steps). Use "
+                         "bf16: true, or set hera_learn_temperature: false.")
 
 
 def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
@@ -68,6 +103,8 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
         raise ValueError(f"hera_select_num_heads: got {hera_args.hera_select_num_heads}; allowed range is 1.."
                          f"{geometry.num_layers * geometry.num_heads} (the heads of {model_args.model_name_or_path}).")
     check_teacher_source(hera_args.hera_teacher)
+    geometry = contrastive_geometry(hera_args, training_args.per_device_train_batch_size, training_args.world_size)
+    check_contrastive_geometry(geometry, hera_args)
 
     if not getattr(model_args, "disable_gradient_checkpointing", True) and getattr(model_args, "use_reentrant_gc",
                                                                                   False):

@@ -45,14 +45,16 @@ class HeraArguments:
                                 "min": 0.0}
     )
     hera_temperature: float = field(
-        default=0.07, metadata={"help": "Initial InfoNCE temperature tau (paper: 0.07).", "min_exclusive": 0.0}
+        default=0.07, metadata={"help": "Initial InfoNCE temperature tau (paper: 0.07); tau is clamped to [0.01, 100] "
+                                "where used (CLIP caps 1/tau at 100).", "min": 0.01, "max": 100.0}
     )
     hera_learn_temperature: bool = field(
         default=True,
         metadata={"help": "Learn tau in log space with its own optimizer group (paper); false freezes it."},
     )
     hera_temperature_lr: float | None = field(
-        default=None, metadata={"help": "Learning rate of log(tau); default: the run's learning_rate.",
+        default=1e-3, metadata={"help": "Learning rate of log(tau) (Adam moves log tau by about this much per "
+                                "step; null: the run's learning_rate, with which tau barely leaves its start).",
                                 "min_exclusive": 0.0}
     )
     hera_teacher_cache: bool = field(
@@ -76,8 +78,9 @@ class HeraArguments:
     hera_queue_size: str = field(
         default="auto",
         metadata={"help": "Queue of recent teacher features and detached head representations that extends the "
-                  "contrastive set: auto (a queue of 4*(hera_k+1) samples, switched on the first time a contrastive "
-                  "batch has fewer than hera_k+1 image samples), 0 (off) or a number of samples."},
+                  "contrastive set: auto (a queue of 4*(hera_k+1) samples when the configured batch geometry, "
+                  "per_device_train_batch_size x gathered processes, gives fewer than hera_k+1 samples; decided "
+                  "once at the start), 0 (off) or a number of samples."},
     )
     hera_similarity: str = field(
         default="cosine",

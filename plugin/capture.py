@@ -37,6 +37,7 @@ class HeadCapture:
         self._modules = {layer: o_projs[layer] for layer in self._by_layer}
         self._armed = False
         self._inputs: dict[int, torch.Tensor] = {}
+        self.fed_by_trainable = trainable_upstream(model, sorted(self._by_layer))
         self._handles = [self._modules[layer].register_forward_hook(self._make_hook(layer))
                          for layer in sorted(self._by_layer)]
 
@@ -72,6 +73,15 @@ class HeadCapture:
         missing = sorted(set(self._by_layer) - set(inputs))
         if missing:
             raise RuntimeError(f"o_proj of layers {missing} did not run in this forward pass")
+        if torch.is_grad_enabled():
+            cut = [layer for layer, x in sorted(inputs.items()) if self.fed_by_trainable[layer] and not x.requires_grad]
+            if cut:
+                raise RuntimeError(
+                    f"HeRA: the o_proj input of layer(s) {cut} carries no gradient although trainable parameters "
+                    "feed it, so the HeRA gradient would reach only the selected heads' W_O columns. The forward ran "
+                    "without autograd: gradient checkpointing that runs it under torch.no_grad (use_unsloth_gc, or "
+                    "reentrant checkpointing) is the usual cause. Remove use_unsloth_gc / set use_reentrant_gc: "
+                    "false.")
         reps: dict[HeadRef, torch.Tensor] = {}
         for layer, x_heads in inputs.items():
             if x_heads.shape[:2] != weights.shape:
@@ -95,3 +105,32 @@ class HeadCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def trainable_upstream(model: nn.Module, layers: list[int]) -> dict[int, bool]:
+    """For each decoder layer, whether a trainable parameter feeds its ``o_proj`` input.
+
+    Upstream of layer l's ``o_proj``: everything outside the decoder layers (embeddings, vision tower,
+    projector; the final norm and an untied ``lm_head`` excluded), the layers before l, and layer l's
+    input norm and attention projections other than ``o_proj``.
+    """
+    from .projection import text_decoder
+
+    decoder = text_decoder(model)
+    decoder_layers = list(decoder.layers)
+    in_layers = {id(p) for layer in decoder_layers for p in layer.parameters()}
+    after = {id(p) for p in getattr(decoder, "norm", nn.Identity()).parameters()}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    input_ids = {id(p) for p in inputs.parameters()} if inputs is not None else set()
+    if output is not None:
+        after |= {id(p) for p in output.parameters() if id(p) not in input_ids}  # tied weights feed the input
+    outside = any(p.requires_grad for p in model.parameters() if id(p) not in in_layers and id(p) not in after)
+    result: dict[int, bool] = {}
+    for index in layers:
+        earlier = any(p.requires_grad for layer in decoder_layers[:index] for p in layer.parameters())
+        own = any(p.requires_grad for name, p in decoder_layers[index].named_parameters()
+                  if (name.startswith("self_attn.") and not name.startswith("self_attn.o_proj."))
+                  or name.startswith("input_layernorm."))
+        result[index] = outside or earlier or own
+    return result

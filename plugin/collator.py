@@ -4,8 +4,11 @@ It reads the image entries before the host collator removes them, so the MLLM ba
 exactly what plain SFT produces. Keys added:
 - ``hera_image_counts`` ``[B]`` int64, images per sample;
 - ``hera_image_keys``: list of ``N_img`` cache keys (``None`` for images that cannot be cached);
-- ``hera_pixel_values`` ``[M, 3, h, w]``: the teacher's inputs for the ``M <= N_img`` images whose
-  features are not cached yet, in order (absent when every image is cached).
+- ``hera_pixel_values`` ``[M, 3, h, w]``: the teacher's inputs for the ``M <= N_img`` distinct images whose
+  features are not cached yet (absent when every image is cached);
+- ``hera_pixel_keys``: the M identities of those rows (``teacher_cache.image_identity``), so the trainer ties
+  each computed feature to its image whatever the cache holds by then. An image that appears twice in
+  the batch is computed once.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import torch
 
 from .data_checks import describe_image
 from .teacher import open_image
-from .teacher_cache import TeacherFeatureCache, image_key
+from .teacher_cache import TeacherFeatureCache, image_identity, image_key
 
-HERA_BATCH_KEYS = ("hera_pixel_values", "hera_image_counts", "hera_image_keys")
+HERA_BATCH_KEYS = ("hera_pixel_values", "hera_pixel_keys", "hera_image_counts", "hera_image_keys")
 
 
 class HeraCollatorMixin:
@@ -45,10 +48,18 @@ class HeraCollatorMixin:
         cache = self.hera_feature_cache
         keys = [image_key(img) for img in images]
         # Opened before the host collator opens them too, so that an unreadable file is reported by name and row.
-        todo = [self._open(img) for img, key in zip(images, keys, strict=True) if cache is None or key not in cache]
+        todo_ids: list[str] = []
+        todo: list[Any] = []
+        for position, (image, key) in enumerate(zip(images, keys, strict=True)):
+            identity = image_identity(key, position)
+            if identity in todo_ids or (cache is not None and key in cache):
+                continue
+            todo_ids.append(identity)
+            todo.append(self._open(image))
         batch = super().__call__(features)
         if todo:
             batch["hera_pixel_values"] = self.hera_image_processor(todo, return_tensors="pt")["pixel_values"]
+        batch["hera_pixel_keys"] = todo_ids
         batch["hera_image_keys"] = keys
         batch["hera_image_counts"] = torch.tensor(counts, dtype=torch.long)
         return batch

@@ -8,6 +8,9 @@ weight ``W + scaling * B @ A`` is used, restricted to the same columns.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -134,7 +137,8 @@ def project_heads_by_call(o_proj: nn.Module, x_heads: torch.Tensor, heads: list[
 
     Each head's slice is placed alone in an otherwise zero ``[.., width]`` input and sent through the
     module, whose own hooks gather (and, in backward, re-gather) the partitioned weights; ``o_proj(0)``
-    (the bias, and 0 from a LoRA delta) is subtracted. LoRA dropout, if any, applies to these calls.
+    (the bias, and 0 from a LoRA delta) is subtracted. LoRA dropout is switched off for these calls, so they
+    give exactly :func:`project_heads`'s effective-weight projection (the DDP path), whatever ``lora_dropout`` is.
 
     Args:
         o_proj: the layer's output projection.
@@ -156,5 +160,20 @@ def project_heads_by_call(o_proj: nn.Module, x_heads: torch.Tensor, heads: list[
         right = piece.new_zeros(batch, width - (head + 1) * head_dim)
         rows.append(torch.cat([left, piece, right], dim=-1))
     inputs = torch.cat(rows).to(dtype)  # [n*B, width]
-    out = o_proj(inputs) - o_proj(inputs.new_zeros(1, width))
+    with _lora_dropout_off(o_proj):
+        out = o_proj(inputs) - o_proj(inputs.new_zeros(1, width))
     return out.float().unflatten(0, (len(heads), batch))
+
+
+@contextlib.contextmanager
+def _lora_dropout_off(o_proj: nn.Module) -> Iterator[None]:
+    """Put a LoRA layer's dropout modules in eval mode (identity) for the duration; restore their mode after."""
+    dropouts = list(getattr(o_proj, "lora_dropout", {}).values()) if hasattr(o_proj, "lora_dropout") else []
+    modes = [module.training for module in dropouts]
+    for module in dropouts:
+        module.train(False)
+    try:
+        yield
+    finally:
+        for module, mode in zip(dropouts, modes, strict=True):
+            module.train(mode)

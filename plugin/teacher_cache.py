@@ -32,8 +32,20 @@ def image_key(image: Any) -> str | None:
     return None
 
 
+def image_identity(key: str | None, position: int) -> str:
+    """Identity of one image of a batch: its content key, or (unkeyed, e.g. a PIL object) its position in the batch."""
+    return key if key is not None else f"unkeyed:{position}"
+
+
 class TeacherFeatureCache:
-    """Features ``[E]`` by image key, kept on the CPU in the teacher's dtype."""
+    """Features ``[E]`` by image key, kept on the CPU as the teacher returns them.
+
+    Which images of a batch get a fresh teacher forward is decided once, by the collator, and the
+    collator names each computed row by its image's identity (:func:`image_identity`). The lookup
+    takes a computed row only by that name, so a cache that grew between collating and the loss
+    (gradient accumulation collates every micro-batch of a step first; dataloader workers hold an
+    older copy) can never attach one image's feature to another.
+    """
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -44,27 +56,41 @@ class TeacherFeatureCache:
     def __contains__(self, key: str | None) -> bool:
         return self.enabled and key is not None and key in self.features
 
-    def lookup(self, keys: list[str | None], computed: torch.Tensor | None) -> torch.Tensor:
-        """Features of all ``keys`` in order: cached rows from the cache, the others from ``computed``.
+    def lookup(self, keys: list[str | None], computed: torch.Tensor | None,
+               computed_ids: list[str] | None) -> torch.Tensor:
+        """Features of all ``keys`` in order: this batch's computed rows by identity, else the cache.
 
         Args:
-            keys: one key per image of the batch (None: not cacheable).
-            computed: ``[M, E]`` teacher features of the images that were not cached, in order.
+            keys: one content key per image of the batch (None: not cacheable).
+            computed: ``[M, E]`` teacher features of the images the collator sent through the teacher.
+            computed_ids: the M identities (:func:`image_identity`) of those rows, from the collator.
 
         Returns:
             ``[len(keys), E]`` on ``computed``'s device (or the CPU when every image was cached).
+
+        Raises:
+            RuntimeError: when an image is neither computed nor cached (a collator/cache mismatch).
         """
-        rows: list[torch.Tensor] = []
-        fresh = iter(computed if computed is not None else ())
+        computed_ids = list(computed_ids or ())
+        num_computed = 0 if computed is None else int(computed.shape[0])
+        if num_computed != len(computed_ids):
+            raise RuntimeError(f"HeRA teacher features: {num_computed} computed rows but {len(computed_ids)} image "
+                               "identities from the collator; the batch was not built by the HeRA collator.")
+        fresh = dict(zip(computed_ids, computed if computed is not None else (), strict=True))
         device = computed.device if computed is not None else torch.device("cpu")
-        for key in keys:
-            if key in self:
-                rows.append(self.features[key].to(device, non_blocking=True))
+        rows: list[torch.Tensor] = []
+        for position, key in enumerate(keys):
+            identity = image_identity(key, position)
+            if identity in fresh:
+                row = fresh[identity]
+                self.misses += 1
+                if self.enabled and key is not None and key not in self.features:
+                    self.features[key] = row.detach().to("cpu")
+            elif key in self:
+                row = self.features[key].to(device, non_blocking=True)
                 self.hits += 1
             else:
-                row = next(fresh)
-                rows.append(row)
-                self.misses += 1
-                if self.enabled and key is not None:
-                    self.features[key] = row.detach().to("cpu")
+                raise RuntimeError(f"HeRA teacher features: image {identity} of this batch was neither sent through "
+                                   "the teacher nor found in the feature cache.")
+            rows.append(row)
         return torch.stack(rows)

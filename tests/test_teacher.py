@@ -50,21 +50,6 @@ def test_open_image_accepts_every_llamafactory_form(assets, tmp_path) -> None:
     assert len(sizes) == 1 and all(open_image(form).mode == "RGB" for form in forms)
 
 
-def test_feature_cache_lookup_mixes_cached_and_fresh_rows(tmp_path) -> None:
-    from llamafactory_hera.teacher_cache import TeacherFeatureCache
-
-    cache = TeacherFeatureCache()
-    first = cache.lookup(["a", None, "b"], torch.tensor([[1.0], [2.0], [3.0]]))
-    assert first.tolist() == [[1.0], [2.0], [3.0]] and set(cache.features) == {"a", "b"}
-    second = cache.lookup(["b", "c", None, "a"], torch.tensor([[4.0], [5.0]]))  # only c and the unkeyed image
-    assert second.tolist() == [[3.0], [4.0], [5.0], [1.0]]
-    assert cache.lookup(["a", "b"], None).tolist() == [[1.0], [3.0]]  # all cached: no teacher input at all
-    assert (cache.hits, cache.misses) == (4, 5)
-    disabled = TeacherFeatureCache(enabled=False)
-    disabled.lookup(["a"], torch.tensor([[1.0]]))
-    assert "a" not in disabled and not disabled.features
-
-
 def test_image_keys_follow_content(tmp_path) -> None:
     import os
 

@@ -1,0 +1,117 @@
+"""What can be decided about a HeRA run before its first step: contrastive set sizes, the queue, image rows.
+
+A HeRA run that cannot form a loss with a negative (a contrastive set of fewer than 3 samples: the
+anchor, one positive and at least one other candidate) or has no image at all would train plain SFT
+while looking like HeRA. These checks stop such runs with a message that names the setting and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .args import AUTO, HeraArguments
+
+
+@dataclass(frozen=True)
+class ContrastiveGeometry:
+    """Largest contrastive set a run can form, from the configured batch geometry.
+
+    ``batch_set``: image samples one step can contribute (per-device batch, times the data-parallel
+    processes when ``hera_gather`` gathers them); ``queue``: the feature queue's capacity.
+    """
+
+    per_device: int
+    processes: int
+    gather: bool
+    queue: int
+    queue_reason: str
+
+    @property
+    def batch_set(self) -> int:
+        return self.per_device * (self.processes if self.gather and self.processes > 1 else 1)
+
+    @property
+    def largest(self) -> int:
+        return self.batch_set + self.queue
+
+
+def contrastive_geometry(hera_args: HeraArguments, per_device: int, processes: int) -> ContrastiveGeometry:
+    """The run's contrastive geometry; under ``hera_queue_size: auto`` the queue is decided here, once.
+
+    Auto switches a queue of ``4 * (hera_k + 1)`` samples on when the largest batch set is smaller than
+    ``hera_k + 1`` (one ragged last batch of an epoch does not switch it on).
+    """
+    gather = hera_args.hera_gather
+    batch_set = per_device * (processes if gather and processes > 1 else 1)
+    needed = batch_set < hera_args.hera_k + 1
+    queue = hera_args.queue_capacity(needed=needed)
+    where = f"per_device_train_batch_size {per_device} x {processes if gather and processes > 1 else 1} process(es)"
+    if hera_args.hera_queue_size == AUTO:
+        reason = (f"auto: contrastive sets of at most {batch_set} image samples ({where}) are smaller than "
+                  f"hera_k+1={hera_args.hera_k + 1}" if needed else
+                  f"auto: off, the contrastive set holds up to {batch_set} image samples ({where})")
+    else:
+        reason = f"hera_queue_size: {queue}"
+    return ContrastiveGeometry(per_device, processes, gather, queue, reason)
+
+
+def check_contrastive_geometry(geometry: ContrastiveGeometry, hera_args: HeraArguments) -> None:
+    """Raise when no contrastive set of the run can ever hold a negative.
+
+    Raises:
+        ValueError: naming the batch size, processes, ``hera_gather`` and ``hera_queue_size``, and the fix.
+    """
+    if geometry.largest >= 3:
+        return
+    setting = (f"per_device_train_batch_size: {geometry.per_device} on {geometry.processes} process(es)"
+               f"{'' if geometry.gather or geometry.processes == 1 else ' with hera_gather: false'} and "
+               f"hera_queue_size: {hera_args.hera_queue_size}")
+    if geometry.largest < 2:
+        what = "can never hold 2 image samples, so no HeRA loss can be formed and the run would be plain SFT"
+    else:
+        what = ("hold at most 2 image samples: the only other sample is the positive, there is no negative, and "
+                "hera_loss would be exactly 0 every step")
+    raise ValueError(f"stage: hera: with {setting}, the contrastive sets {what}. Raise per_device_train_batch_size "
+                     f"(at least hera_k+1={hera_args.hera_k + 1} is best), or set hera_queue_size: auto (or a "
+                     "number >= 2) to add recent samples from a queue.")
+
+
+@dataclass(frozen=True)
+class ImageRowCounts:
+    """Rows of the training data by what they hold."""
+
+    rows: int
+    image_rows: int
+    video_only_rows: int
+
+    @property
+    def text_only_rows(self) -> int:
+        return self.rows - self.image_rows - self.video_only_rows
+
+
+def count_image_rows(dataset: Any) -> ImageRowCounts | None:
+    """Counts from LLaMA-Factory's aligned dataset (``_images`` / ``_videos`` columns); None if it cannot be read."""
+    if dataset is None or not hasattr(dataset, "column_names") or not hasattr(dataset, "__len__"):
+        return None
+    columns = dataset.column_names
+    images = dataset["_images"] if "_images" in columns else [None] * len(dataset)
+    videos = dataset["_videos"] if "_videos" in columns else [None] * len(dataset)
+    image_rows = sum(1 for value in images if value)
+    video_only = sum(1 for image, video in zip(images, videos, strict=True) if video and not image)
+    return ImageRowCounts(len(dataset), image_rows, video_only)
+
+
+def check_image_rows(counts: ImageRowCounts | None, datasets: Any) -> None:
+    """Raise when the training data has no image at all.
+
+    Raises:
+        ValueError: naming the dataset and the fix.
+    """
+    if counts is None or counts.image_rows > 0:
+        return
+    videos = (f" ({counts.video_only_rows} rows have only videos, which have no teacher feature)"
+              if counts.video_only_rows else "")
+    raise ValueError(f"dataset: {datasets} has no image in any of its {counts.rows} rows{videos}; stage: hera aligns "
+                     "heads to the teacher's image neighbourhoods and would train plain SFT. Add image-text rows "
+                     "(sharegpt `images` column, registered in dataset_info.json) or use stage: sft.")
