@@ -1,8 +1,9 @@
 """Which tokens a head's representation averages over (``hera_pooling``).
 
 - ``assistant`` (paper's stage 2): the tokens that carry the LM loss (``labels != -100``, labels
-  not shifted yet), minus every multimodal placeholder token. Under ``train_on_prompt: true`` the
-  prompt's text tokens carry labels too and are pooled; its image tokens never are.
+  not shifted yet) after the sample's first multimodal placeholder token, minus every placeholder
+  token. Under ``train_on_prompt: true`` the prompt's text after the image carries labels too and is
+  pooled; its image tokens and the system prompt / text before the image never are.
 - ``text``: the text that can depend on the image: attended tokens after the sample's first
   multimodal placeholder token (in a causal LM the tokens before it cannot see the image), minus
   every multimodal placeholder token. For a captioning row this is the instruction after the image,
@@ -116,12 +117,12 @@ def pooled_token_mask(labels: torch.Tensor, input_ids: torch.Tensor, attention_m
     elif isinstance(multimodal_ids, int):
         multimodal_ids = (multimodal_ids,)
     placeholder = multimodal_positions(input_ids, frozenset(multimodal_ids))
+    after_first = placeholder.long().cumsum(-1) > 0  # at or after the first placeholder
     if pooling == "assistant":
-        return (labels != IGNORE_INDEX) & ~placeholder
+        return (labels != IGNORE_INDEX) & after_first & ~placeholder
     mask = torch.ones_like(input_ids, dtype=torch.bool)
     if attention_mask is not None and attention_mask.ndim == 2:
         mask = attention_mask.bool()
-    after_first = placeholder.long().cumsum(-1) > 0  # at or after the first placeholder
     return mask & after_first & ~placeholder
 
 

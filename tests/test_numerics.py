@@ -121,14 +121,14 @@ def test_per_sample_features_average_each_samples_images() -> None:
 def test_pooled_token_mask_modes() -> None:
     from llamafactory_hera.capture import pooled_token_mask, pooling_weights
 
-    labels = torch.tensor([[-100, -100, 7, 8, -100]])
+    labels = torch.tensor([[-100, -100, 7, 8, -100]])  # the labelled image token: train_on_prompt
     input_ids = torch.tensor([[1, 99, 99, 5, 0]])  # 99 = image token; last position is padding
     attention = torch.tensor([[1, 1, 1, 1, 0]])
     assistant = pooled_token_mask(labels, input_ids, attention, "assistant", 99)
     text = pooled_token_mask(labels, input_ids, attention, "text", 99)
-    assert assistant.tolist() == [[False, False, True, True, False]]
-    assert text.tolist() == [[True, False, False, True, False]]
-    assert pooling_weights(text).tolist() == [[0.5, 0.0, 0.0, 0.5, 0.0]]
+    assert assistant.tolist() == [[False, False, False, True, False]]  # image tokens never, even with a label
+    assert text.tolist() == [[False, False, False, True, False]]  # nothing before the image can depend on it
+    assert pooling_weights(text).tolist() == [[0.0, 0.0, 0.0, 1.0, 0.0]]
     assert pooling_weights(torch.zeros(1, 3, dtype=torch.bool)).tolist() == [[0.0, 0.0, 0.0]]
 
 

@@ -281,7 +281,8 @@ def test_recipe_keys_paths_and_comments(name: str) -> None:
         assert recipe["freeze_multi_modal_projector"] is False and recipe["freeze_language_model"] is False
     else:  # stage 1: language model frozen, projector trained
         assert recipe["finetuning_type"] == "full" and recipe["freeze_language_model"] is True
-        assert recipe["freeze_multi_modal_projector"] is False and recipe["hera_pooling"] == "text"
+        assert recipe["freeze_multi_modal_projector"] is False
+        assert recipe["hera_pooling"] == "assistant" and not recipe.get("train_on_prompt")  # pools the captions
 
     # Paths are relative to the repository root (where `llamafactory-cli train recipes/<name>` runs).
     for key in PATH_KEYS:
