@@ -235,7 +235,7 @@ def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> Her
                 raise _fail(key, value, "allowed values are auto or a whole number >= 0.")
             values[key] = text
         elif value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", ""}):
-            if spec.default is not MISSING and spec.default is None:
+            if "None" in str(spec.type) or (spec.default is not MISSING and spec.default is None):
                 values[key] = None
             else:
                 raise _fail(key, value, "a value is required.")

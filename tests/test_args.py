@@ -15,6 +15,8 @@ def test_defaults_match_the_paper() -> None:
     assert (args.hera_teacher_feature, args.hera_similarity, args.hera_pooling) == ("cls", "cosine", "assistant")
     assert args.hera_learn_temperature is True
     assert (args.hera_teacher_cache, args.hera_teacher_precompute) == (True, "auto")
+    assert args.hera_temperature_lr == 1e-3  # with the model's learning rate (2e-5) tau would barely move
+    assert args.hera_select_clamp == 0.95  # PRH's outlier clamp
     assert args.head_refs == [HeadRef(13, 12), HeadRef(7, 6)]
 
 
@@ -41,7 +43,9 @@ def test_unknown_key_names_the_closest_valid_key() -> None:
     ("hera_k", "ten", "hera_k: got 'ten'; expected a int"),
     ("hera_lambda", -0.1, "hera_lambda: got -0.1; allowed range is >= 0.0"),
     ("hera_lambda", float("nan"), "hera_lambda: got nan; expected a finite number"),
-    ("hera_temperature", 0, "hera_temperature: got 0; allowed range is > 0.0"),
+    ("hera_temperature", 0, "hera_temperature: got 0; allowed range is >= 0.01"),
+    ("hera_temperature", 101, "hera_temperature: got 101; allowed range is <= 100.0"),
+    ("hera_select_clamp", 1.5, "hera_select_clamp: got 1.5; allowed range is <= 1.0"),
     ("hera_similarity", "l2", "hera_similarity: got 'l2'; allowed values are cosine, dot"),
     ("hera_pooling", "image", "hera_pooling: got 'image'; allowed values are assistant, text"),
     ("hera_teacher_feature", "pooler", "hera_teacher_feature: got 'pooler'; allowed values are cls, mean"),

@@ -52,18 +52,17 @@ def test_unreadable_image_names_file_and_row(assets, tmp_path: Path, precompute:
                          hera_teacher_precompute=precompute))
 
 
-def test_batches_without_any_image_train_on_the_lm_loss_alone(assets, tmp_path: Path) -> None:
+def test_a_dataset_without_any_image_is_refused_before_training(assets, tmp_path: Path) -> None:
+    """It used to train plain SFT under `stage: hera` (exit 0, no hera_loss); micro-batches without images inside
+    an image dataset are covered in test_preflight.py."""
     def edit(rows, folder):
         for row in rows:
             row["images"] = []
             row["messages"][0]["content"] = row["messages"][0]["content"].replace("<image>", "")
 
     data = _dataset_copy(assets, tmp_path, edit)
-    probe = _run(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", dataset_dir=str(data)))
-    assert len(probe.logs) == 3
-    for logs in probe.logs:
-        assert logs["hera_image_samples"] == 0 and logs["hera_text_only_samples"] == 8
-        assert "hera_loss" not in logs and logs["loss"] == pytest.approx(logs["lm_loss"])
+    with pytest.raises(ValueError, match=r"has no image in any of its 32 rows; stage: hera aligns heads"):
+        _run(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", dataset_dir=str(data)))
 
 
 def test_non_finite_hera_term_is_skipped_and_counted(assets, tmp_path: Path, monkeypatch) -> None:
