@@ -57,11 +57,23 @@ class HeadCapture:
         self._armed = True
         self._inputs = {}
 
-    def disarm(self, weights: torch.Tensor) -> torch.Tensor | None:
+    def _check_gradient_reaches(self, inputs: dict[int, torch.Tensor]) -> None:
+        """Raise when a captured input carries no gradient although trainable parameters feed it (training only)."""
+        cut = [layer for layer, x in sorted(inputs.items()) if self.fed_by_trainable[layer] and not x.requires_grad]
+        if cut:
+            raise RuntimeError(
+                f"HeRA: the o_proj input of layer(s) {cut} carries no gradient although trainable parameters feed "
+                "it, so the HeRA gradient would reach only the selected heads' W_O columns. The forward ran without "
+                "autograd: gradient checkpointing that runs it under torch.no_grad (use_unsloth_gc, or reentrant "
+                "checkpointing) is the usual cause. Remove use_unsloth_gc / set use_reentrant_gc: false.")
+
+    def disarm(self, weights: torch.Tensor, check_gradient: bool = False) -> torch.Tensor | None:
         """Stop capturing and build the representations.
 
         Args:
             weights: ``[B, T]`` float pooling weights (rows sum to 1, or 0 for samples without tokens).
+            check_gradient: in a training step, raise if a captured input that trainable parameters feed
+                carries no gradient (a silently cut HeRA gradient).
 
         Returns:
             ``[n_heads, B, d]`` float32 in recipe order, or None if no hook fired.
@@ -73,15 +85,8 @@ class HeadCapture:
         missing = sorted(set(self._by_layer) - set(inputs))
         if missing:
             raise RuntimeError(f"o_proj of layers {missing} did not run in this forward pass")
-        if torch.is_grad_enabled():
-            cut = [layer for layer, x in sorted(inputs.items()) if self.fed_by_trainable[layer] and not x.requires_grad]
-            if cut:
-                raise RuntimeError(
-                    f"HeRA: the o_proj input of layer(s) {cut} carries no gradient although trainable parameters "
-                    "feed it, so the HeRA gradient would reach only the selected heads' W_O columns. The forward ran "
-                    "without autograd: gradient checkpointing that runs it under torch.no_grad (use_unsloth_gc, or "
-                    "reentrant checkpointing) is the usual cause. Remove use_unsloth_gc / set use_reentrant_gc: "
-                    "false.")
+        if check_gradient:
+            self._check_gradient_reaches(inputs)
         reps: dict[HeadRef, torch.Tensor] = {}
         for layer, x_heads in inputs.items():
             if x_heads.shape[:2] != weights.shape:

@@ -205,7 +205,7 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin):
             lm_loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                     num_items_in_batch=num_items_in_batch)
         finally:
-            reps = self.hera_capture.disarm(pooling_weights(token_mask))
+            reps = self.hera_capture.disarm(pooling_weights(token_mask), check_gradient=torch.is_grad_enabled())
         if reps is None:
             raise RuntimeError("HeRA hooks did not fire: the model's o_proj modules were not called in the forward.")
         term, num_images, text_only, skipped = self._hera_term(reps, pixel_values, pixel_keys, keys, counts,

@@ -87,7 +87,7 @@ def test_small_micro_batches_switch_the_queue_on_and_resume_restores_it(assets, 
                   save_strategy="steps", save_steps=2, hera_lambda=1.0)
     full = tmp_path / "full" / "out"
     proc = run_train(base_recipe(assets, "qwen2_5_vl", full, **common), tmp_path / "full")
-    assert "using a queue of the 16 most recent samples" in proc.stdout + proc.stderr
+    assert "queue 16 (auto: contrastive sets of at most 2 image samples" in proc.stdout + proc.stderr
     lines = [line for line in read_trainer_log(full) if "loss" in line]
     assert [line["hera_queue_size"] for line in lines] == [4, 8, 12, 16]
     assert all(line["hera_loss"] == line["hera_loss"] and line["hera_loss"] < 1e3 for line in lines)

@@ -40,7 +40,7 @@ def _forward(model, capture, no_grad_layers: bool) -> torch.Tensor | None:
     finally:
         for layer, forward in zip(layers, originals, strict=True):
             layer.forward = forward
-    return capture.disarm(pooling_weights(torch.ones(2, 6, dtype=torch.bool)))
+    return capture.disarm(pooling_weights(torch.ones(2, 6, dtype=torch.bool)), check_gradient=True)
 
 
 def test_a_cut_gradient_below_the_captured_heads_is_an_error(assets) -> None:
