@@ -162,8 +162,8 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin):
             candidate_teacher = torch.cat([candidate_teacher, self.hera_queue.teacher.to(device)])
         self.hera_queue.push(batch_reps, batch_teacher)  # after use: the queue holds earlier batches only
         num_candidates = candidates.shape[1]
-        if total_anchors == 0 or num_candidates < 2:
-            return None, num_valid, text_only, 0.0
+        if total_anchors == 0 or num_candidates < 3:  # 2 candidates: the other one is the positive, no negative,
+            return None, num_valid, text_only, 0.0  # so the loss would be exactly 0: not a HeRA term
         k = min(args.hera_k, num_candidates - 1)
         if k < args.hera_k and not self._hera_warned_small_batch:
             self._hera_warned_small_batch = True

@@ -105,7 +105,7 @@ def test_temperature_is_clamped_where_used_and_after_each_step() -> None:
 
 def test_one_ragged_batch_does_not_switch_the_queue_on(assets, tmp_path: Path) -> None:
     """32 rows in batches of 5 with k=3: the epoch's last batch holds 2 samples. The queue stays off (it used to
-    switch on there for the rest of the run); that batch uses k=1 with one warning."""
+    switch on there for the rest of the run). That batch has no negative, so it has no HeRA term and is counted."""
     from llamafactory.train.tuner import run_exp
 
     recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", per_device_train_batch_size=5, max_steps=8)
@@ -114,4 +114,5 @@ def test_one_ragged_batch_does_not_switch_the_queue_on(assets, tmp_path: Path) -
         run_exp(recipe, callbacks=[probe])
     assert len(probe.logs) == 8
     assert all("hera_queue_size" not in logs for logs in probe.logs)
-    assert probe.logs[6]["hera_image_samples"] == 2
+    assert probe.logs[6]["hera_image_samples"] == 2 and "hera_loss" not in probe.logs[6]  # 2 samples: no negative
+    assert probe.logs[6]["hera_batches_without_term"] == 1
