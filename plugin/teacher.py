@@ -1,30 +1,103 @@
 """The frozen vision teacher (DINOv2 by default): loading, image preprocessing and features.
 
 The teacher is kept outside the trained model, frozen and in eval mode, loaded once per process
-and run under ``torch.no_grad`` in the compute dtype.
+and run under ``torch.no_grad`` in the compute dtype; its features are returned in float32.
+
+Each encoder family has its own image feature (:func:`feature_layout`): the [CLS] token after the final
+layernorm for DINOv2 / DINOv3 / ViT, the ``post_layernorm`` of [CLS] for CLIP (its image embedding before the
+projection), the attention-pooling head's output for SigLIP / SigLIP2 (which have no [CLS] token).
 """
 
 from __future__ import annotations
 
 import io
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+# Dual image-text encoders whose image tower (``.vision_model``) can serve as teacher.
+DUAL_ENCODER_TYPES = frozenset({"clip", "siglip", "siglip2"})
+# Image towers whose last layer starts with a [CLS] token (then register tokens where the config declares them)
+# and whose image feature is that token after the final layernorm (``last_hidden_state[:, 0]``).
+FIRST_TOKEN_TYPES = frozenset({"dinov2", "dinov2_with_registers", "dinov3_vit", "vit"})
+CLIP_TYPES = frozenset({"clip_vision_model"})  # [CLS] first; image feature = post_layernorm([CLS]) = pooler_output
+SIGLIP_TYPES = frozenset({"siglip_vision_model", "siglip2_vision_model"})  # no [CLS]; attention-pooling head
+NAFLEX_TYPES = frozenset({"siglip2_vision_model"})  # inputs: padded patch sequences + mask + patch grid
+SUPPORTED_FAMILIES = "DINOv2 (with or without registers), DINOv3 ViT, ViT, CLIP, SigLIP, SigLIP2"
 
-def check_teacher_source(name_or_path: str) -> None:
-    """Fail fast (before the MLLM is loaded) when the teacher's config cannot be read or is not a vision model.
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Where an image tower keeps its image feature.
+
+    ``pooled``: how ``hera_teacher_feature: cls`` is read: ``"first_token"`` (``last_hidden_state[:, 0]``),
+    ``"pooler"`` (``pooler_output``) or ``None`` (no pooled image feature: ``cls`` is refused).
+    ``prefix``: leading non-patch tokens ([CLS], registers) that ``mean`` leaves out.
+    ``naflex``: SigLIP2 inputs (variable patch grids padded to a fixed length; ``mean`` skips the padding).
+    """
+
+    model_type: str
+    pooled: str | None
+    prefix: int
+    naflex: bool = False
+
+
+def vision_config(config: Any) -> Any:
+    """The image tower's config (``vision_config`` of CLIP / SigLIP / SigLIP2 dual encoders, else ``config``)."""
+    return config.vision_config if config.model_type in DUAL_ENCODER_TYPES else config
+
+
+def feature_layout(config: Any) -> FeatureLayout | None:
+    """The image-feature layout of a teacher config (full checkpoint or image tower); ``None`` for other families."""
+    config = vision_config(config)
+    model_type = getattr(config, "model_type", None)
+    if model_type in FIRST_TOKEN_TYPES:
+        return FeatureLayout(model_type, "first_token", 1 + int(getattr(config, "num_register_tokens", 0) or 0))
+    if model_type in CLIP_TYPES:
+        return FeatureLayout(model_type, "pooler", 1)
+    if model_type in SIGLIP_TYPES:  # the model's own rule: a head unless the config says vision_use_head: false
+        head = bool(getattr(config, "vision_use_head", True))
+        return FeatureLayout(model_type, "pooler" if head else None, 0, naflex=model_type in NAFLEX_TYPES)
+    return None
+
+
+def looks_like_path(value: str) -> bool:
+    """True for values meant as a local folder: starting with ``.``, ``/`` or ``~``, holding a backslash or the
+    platform's separator other than ``/``, or more than one ``/`` (a Hub id is ``name`` or ``namespace/name``)."""
+    return (value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1
+            or (os.sep != "/" and os.sep in value))
+
+
+def resolve_teacher(name_or_path: str) -> str:
+    """``name_or_path`` with a leading ``~`` expanded (Hugging Face loaders do not expand it)."""
+    return os.path.expanduser(name_or_path) if name_or_path.startswith("~") else name_or_path
+
+
+def check_teacher_source(name_or_path: str, feature: str | None = None) -> None:
+    """Fail fast (before the MLLM is loaded) when the teacher cannot serve: missing folder, unreadable config,
+    not a vision model, a family whose image feature HeRA does not know, or ``feature="cls"`` on an image tower
+    without a pooled image feature (SigLIP with ``vision_use_head: false``). ``feature=None`` skips that last check.
 
     Raises:
-        ValueError: naming ``hera_teacher``, the value and the fix.
+        ValueError: naming ``hera_teacher`` (or ``hera_teacher_feature``), the value and the fix.
     """
     from transformers import AutoConfig
 
+    path = resolve_teacher(name_or_path)
+    if looks_like_path(name_or_path) and not Path(path).is_dir():
+        raise ValueError(
+            f"hera_teacher: folder '{name_or_path}' does not exist ({Path(path).absolute()}). Give an existing local "
+            "folder with config.json and preprocessor_config.json, or a Hugging Face model id (e.g. "
+            "facebook/dinov2-large)."
+        )
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear message
         raise ValueError(
             f"hera_teacher: cannot load '{name_or_path}' ({type(err).__name__}: {str(err).splitlines()[0]}). "
@@ -37,10 +110,23 @@ def check_teacher_source(name_or_path: str) -> None:
             "Use a self-supervised vision model such as facebook/dinov2-large (or a CLIP/SigLIP checkpoint, "
             "whose image tower is used)."
         )
+    check_feature(feature_layout(config), name_or_path, config.model_type, feature)
 
 
-# Dual image-text encoders whose image tower (``.vision_model``) can serve as teacher.
-DUAL_ENCODER_TYPES = frozenset({"clip", "siglip", "siglip2"})
+def check_feature(layout: FeatureLayout | None, name_or_path: str, model_type: str, feature: str | None) -> None:
+    """Refuse a family whose image feature is unknown, and ``cls`` where the tower has no pooled image feature."""
+    if layout is None:
+        raise ValueError(
+            f"hera_teacher: '{name_or_path}' is a '{model_type}' vision model, whose image feature HeRA does not "
+            f"know (which token holds it differs per family). Use a {SUPPORTED_FAMILIES} checkpoint, "
+            "e.g. facebook/dinov2-large."
+        )
+    if feature == "cls" and layout.pooled is None:
+        raise ValueError(
+            f"hera_teacher_feature: got 'cls', but the teacher '{name_or_path}' ({layout.model_type} with "
+            "vision_use_head: false) has no [CLS] token and no attention-pooling head, so no pooled image feature. "
+            "Set hera_teacher_feature: mean (the mean of its patch tokens), or use a checkpoint with its head."
+        )
 
 
 def is_vision_encoder_config(config: Any) -> bool:
@@ -65,24 +151,70 @@ def open_image(image: Any) -> Image.Image:
 
 
 def load_image_processor(name_or_path: str) -> Any:
-    """The teacher's own image processor."""
+    """The teacher's own image processor; for SigLIP2 (NaFlex) wrapped so that one tensor carries each image."""
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(name_or_path)
+    processor = AutoImageProcessor.from_pretrained(resolve_teacher(name_or_path))
+    if "spatial_shapes" in getattr(processor, "model_input_names", ()):
+        return NaFlexProcessor(processor)
+    return processor
+
+
+class NaFlexProcessor:
+    """SigLIP2's image processor with its three outputs packed into ``pixel_values`` (one row per image).
+
+    SigLIP2 cuts each image into its own ``h x w`` patch grid (aspect ratio kept) padded to ``N`` patches, and
+    the model needs the padding mask and the grid. Packed ``[B, N, D + 2]``: the ``D = 3 * p * p`` patch pixels,
+    then two 0/1 channels, ones on the first ``h`` and on the first ``w`` positions (exact in any float dtype,
+    so the rows survive the Trainer's casts and can be concatenated and indexed like ordinary pixels). The
+    padding mask is the first ``h * w`` positions. :class:`VisionTeacher` unpacks them (:func:`unpack_naflex`).
+    """
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, images: list[Any], return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        out = self.processor(images, return_tensors="pt")
+        return {"pixel_values": pack_naflex(out["pixel_values"], out["spatial_shapes"])}
+
+
+def pack_naflex(pixel_values: torch.Tensor, spatial_shapes: torch.Tensor) -> torch.Tensor:
+    """``[B, N, D]`` patches and ``[B, 2]`` patch grids -> ``[B, N, D + 2]`` (see :class:`NaFlexProcessor`)."""
+    positions = torch.arange(pixel_values.shape[1])  # [N]
+    grid = spatial_shapes.to(torch.long).cpu()
+    flags = (positions[None, :, None] < grid[:, None, :]).to(pixel_values.dtype)  # [B, N, 2]
+    return torch.cat([pixel_values, flags.to(pixel_values.device)], dim=-1)
+
+
+def unpack_naflex(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[B, N, D + 2]`` -> (``[B, N, D]`` patches, ``[B, N]`` int32 padding mask, ``[B, 2]`` long patch grids)."""
+    grid = packed[..., -2:].float().sum(1).round().long()  # [B, 2]
+    positions = torch.arange(packed.shape[1], device=packed.device)
+    mask = (positions[None] < (grid[:, 0] * grid[:, 1])[:, None]).to(torch.int32)  # [B, N]
+    return packed[..., :-2], mask, grid
 
 
 class VisionTeacher(nn.Module):
-    """Frozen vision encoder returning one feature vector per image.
+    """Frozen image tower returning one float32 feature vector per image.
 
-    ``feature="cls"``: last-layer [CLS] token; ``feature="mean"``: mean of the patch tokens
-    (register tokens excluded where the config declares them).
+    ``feature="cls"``: the family's pooled image feature (:func:`feature_layout`): last-layer [CLS] after the final
+    layernorm (DINOv2 / DINOv3 / ViT), ``pooler_output`` = post_layernorm([CLS]) (CLIP) or the attention-pooling
+    head's output (SigLIP / SigLIP2). ``feature="mean"``: mean of the last layer's patch tokens, leaving out [CLS]
+    and register tokens where the family has them (SigLIP: every token) and SigLIP2's padding.
+
+    Raises:
+        ValueError: for a family whose layout is unknown, or ``cls`` without a pooled feature.
     """
 
-    def __init__(self, encoder: nn.Module, feature: str) -> None:
+    def __init__(self, encoder: nn.Module, feature: str, name: str = "the teacher") -> None:
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
         self.feature = feature
-        self.num_prefix = 1 + int(getattr(encoder.config, "num_register_tokens", 0) or 0)
+        layout = feature_layout(encoder.config)
+        check_feature(layout, name, str(getattr(encoder.config, "model_type", "?")), feature)
+        assert layout is not None
+        self.layout = layout
+        self.num_prefix = layout.prefix
 
     def train(self, mode: bool = True) -> VisionTeacher:
         """The teacher stays in eval mode whatever the trainer asks."""
@@ -90,19 +222,34 @@ class VisionTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, h, w]`` pixels -> ``[N, E]`` features in the encoder's dtype."""
+        """``[N, 3, h, w]`` pixels (SigLIP2: ``[N, P, D + 2]`` packed rows) -> ``[N, E]`` float32 features.
+
+        The encoder runs in its own dtype; its output is converted to float32 (bf16 rounding reorders near-tied
+        teacher neighbours).
+        """
         param = next(self.encoder.parameters())
-        hidden = self.encoder(pixel_values=pixel_values.to(param.device, param.dtype)).last_hidden_state  # [N, 1+P, E]
+        pixel_values = pixel_values.to(param.device)
+        mask = None
+        if self.layout.naflex:
+            patches, mask, grid = unpack_naflex(pixel_values)
+            out = self.encoder(pixel_values=patches.to(param.dtype), pixel_attention_mask=mask, spatial_shapes=grid)
+        else:
+            out = self.encoder(pixel_values=pixel_values.to(param.dtype))
         if self.feature == "cls":
-            return hidden[:, 0]
-        return hidden[:, self.num_prefix:].mean(1)
+            pooled = out.last_hidden_state[:, 0] if self.layout.pooled == "first_token" else out.pooler_output
+            return pooled.float()
+        tokens = out.last_hidden_state[:, self.layout.prefix:].float()  # [N, P, E]
+        if mask is None:
+            return tokens.mean(1)
+        weights = mask[:, self.layout.prefix:].to(tokens.dtype).unsqueeze(-1)  # [N, P, 1]
+        return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
 _TEACHERS: dict[tuple[str, str, str, str], VisionTeacher] = {}
 
 
 def load_teacher(name_or_path: str, feature: str, dtype: torch.dtype, device: torch.device | str) -> VisionTeacher:
-    """Load (once per process and settings) the frozen teacher on ``device`` in ``dtype``."""
+    """Load (once per process and settings) the frozen teacher on ``device``, its weights in ``dtype``."""
     from transformers import AutoModel
 
     key = (name_or_path, feature, str(dtype), str(device))
@@ -110,15 +257,18 @@ def load_teacher(name_or_path: str, feature: str, dtype: torch.dtype, device: to
         from llamafactory_hera.patches.deepspeed import zero3_init_disabled
 
         with zero3_init_disabled():  # the teacher lives outside the DeepSpeed engine: never partition it
-            encoder = AutoModel.from_pretrained(name_or_path, dtype=dtype)
+            encoder = AutoModel.from_pretrained(resolve_teacher(name_or_path), dtype=dtype)
         if hasattr(encoder, "vision_model"):  # CLIP/SigLIP-style dual encoders: keep the image tower only
             encoder = encoder.vision_model
-        _TEACHERS[key] = VisionTeacher(encoder.to(device), feature)
+        _TEACHERS[key] = VisionTeacher(encoder.to(device), feature, name_or_path)
     return _TEACHERS[key]
 
 
 def per_sample_features(image_features: torch.Tensor, image_counts: torch.Tensor) -> torch.Tensor:
-    """Average image features per sample.
+    """Per sample, the mean of its images' L2-normalised features.
+
+    Each image's feature is L2-normalised before averaging, so that in a sample with several images every image
+    weighs the same whatever its feature norm (the kNN is cosine, so for one image this changes nothing).
 
     Args:
         image_features: ``[N_img, E]`` features of all images of the batch, sample by sample.
@@ -130,5 +280,5 @@ def per_sample_features(image_features: torch.Tensor, image_counts: torch.Tensor
     batch = image_counts.shape[0]
     owner = torch.repeat_interleave(torch.arange(batch, device=image_counts.device), image_counts)
     sums = torch.zeros(batch, image_features.shape[-1], device=image_features.device, dtype=torch.float32)
-    sums.index_add_(0, owner.to(image_features.device), image_features.float())
+    sums.index_add_(0, owner.to(image_features.device), F.normalize(image_features.float(), dim=-1))
     return sums / image_counts.to(sums.device).clamp_min(1).unsqueeze(-1).float()

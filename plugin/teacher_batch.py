@@ -51,7 +51,8 @@ def image_features(teacher: VisionTeacher, image_processor: Any, images: list[An
     to ``workers + 1`` batches ahead, so they overlap the teacher's forward on the accelerator.
 
     Returns:
-        ``[N, E]`` in the teacher's dtype, on the teacher's device.
+        ``[N, E]`` float32 (:class:`~llamafactory_hera.teacher.VisionTeacher` converts the encoder's output), on the
+        teacher's device.
     """
     def pixels(batch: list[Any]) -> torch.Tensor:
         return image_processor([opener(image) for image in batch], return_tensors="pt")["pixel_values"]
@@ -72,5 +73,5 @@ def image_features(teacher: VisionTeacher, image_processor: Any, images: list[An
             chunks.append(teacher(batch_pixels))
     if not chunks:
         param = next(teacher.parameters())
-        return torch.zeros(0, int(teacher.encoder.config.hidden_size), dtype=param.dtype, device=param.device)
+        return torch.zeros(0, int(teacher.encoder.config.hidden_size), dtype=torch.float32, device=param.device)
     return torch.cat(chunks)

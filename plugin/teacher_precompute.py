@@ -3,7 +3,8 @@
 With ``hera_teacher_precompute`` the feature cache is filled by one pass over the training set's
 distinct images (split over the data-parallel ranks and all-gathered), so the training steps run no
 teacher forward and the teacher's weights (DINOv2-L: 0.6 GB in bf16) can leave the GPU for the whole
-run. The features are those the steps would compute: same teacher, dtype and preprocessing.
+run. The features are those the steps would compute: same teacher, dtype and preprocessing; float32 (what
+:class:`~llamafactory_hera.teacher.VisionTeacher` returns), also in the all-gather.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .teacher import VisionTeacher
 from .teacher_batch import image_features
 from .teacher_cache import TeacherFeatureCache, image_key
 
-GATHER_ROWS = 4096  # rows per all-gather round: [4096, 1024] bf16 is 8 MB per rank
+GATHER_ROWS = 4096  # rows per all-gather round: [4096, 1024] float32 is 16 MB per rank
 
 
 def precompute_wanted(setting: str, cache_enabled: bool, num_samples: int | None, max_steps: int,
@@ -65,7 +66,7 @@ def _shard_and_gather(keys: list[str], compute: Callable[[list[str]], torch.Tens
     """
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1)
     mine = keys[rank::world]
-    local = compute(mine)  # [len(mine), E] on the teacher's device
+    local = compute(mine).float()  # [len(mine), E] float32 on the teacher's device
     if world == 1:
         for key, row in zip(mine, local, strict=True):
             cache.features[key] = row.to("cpu")

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
+import pytest
 import torch
 from PIL import Image
 
-from llamafactory_hera.teacher import VisionTeacher, load_image_processor, load_teacher, open_image
+from llamafactory_hera.teacher import (
+    check_teacher_source,
+    load_image_processor,
+    load_teacher,
+    looks_like_path,
+    open_image,
+    per_sample_features,
+)
 
 
 def _pixels(assets, count: int = 3) -> torch.Tensor:
@@ -35,10 +44,26 @@ def test_teacher_is_frozen_and_stays_in_eval_mode(assets) -> None:
     assert teacher(_pixels(assets, 2)).requires_grad is False
 
 
-def test_register_tokens_are_left_out_of_the_patch_mean() -> None:
-    encoder = torch.nn.Module()
-    encoder.config = type("Config", (), {"num_register_tokens": 4})()
-    assert VisionTeacher(encoder, "mean").num_prefix == 5
+def test_feature_layout_per_family_from_the_config_alone() -> None:
+    """[CLS] and registers are left out of ``mean`` where the family has them; SigLIP has neither."""
+    from transformers import (
+        CLIPConfig,
+        Dinov2Config,
+        Dinov2WithRegistersConfig,
+        DINOv3ViTConfig,
+        SiglipConfig,
+        SiglipVisionConfig,
+    )
+
+    from llamafactory_hera.teacher import feature_layout
+
+    layouts = {name: feature_layout(config) for name, config in {
+        "dinov2": Dinov2Config(), "registers": Dinov2WithRegistersConfig(num_register_tokens=4),
+        "dinov3": DINOv3ViTConfig(num_register_tokens=4), "clip": CLIPConfig(), "siglip": SiglipConfig(),
+        "siglip_nohead": SiglipVisionConfig(vision_use_head=False)}.items()}
+    assert {name: (lay.pooled, lay.prefix) for name, lay in layouts.items()} == {
+        "dinov2": ("first_token", 1), "registers": ("first_token", 5), "dinov3": ("first_token", 5),
+        "clip": ("pooler", 1), "siglip": ("pooler", 0), "siglip_nohead": (None, 0)}
 
 
 def test_open_image_accepts_every_llamafactory_form(assets, tmp_path) -> None:
@@ -64,3 +89,75 @@ def test_image_keys_follow_content(tmp_path) -> None:
     data = path.read_bytes()
     assert image_key(data) == image_key({"bytes": data, "path": None}) != image_key(data + b"0")
     assert image_key(Image.open(path)) is None and image_key(str(tmp_path / "missing.png")) is None
+
+
+@pytest.mark.parametrize("value", ["./no/such/dir", "no/such/dir", "/no/such/hera/teacher", "~/no-such-hera-teacher"])
+def test_missing_teacher_folder_is_reported_as_a_folder(value: str) -> None:
+    with pytest.raises(ValueError, match=rf"hera_teacher: folder '{re.escape(value)}' does not exist .*Give an "
+                                         "existing local folder"):
+        check_teacher_source(value)
+
+
+def test_hub_ids_are_not_taken_for_folders_and_tilde_is_expanded(assets, tmp_path, monkeypatch) -> None:
+    assert not looks_like_path("facebook/dinov2-large") and not looks_like_path("dinov2")
+    assert all(looks_like_path(v) for v in ("./t", "../t", "/t", "~/t", "a/b/c", "C:\\models\\t"))
+    with pytest.raises(ValueError, match="hera_teacher: cannot load 'no-org/no-such-teacher'"):
+        check_teacher_source("no-org/no-such-teacher")  # offline: a Hub id keeps the Hub's message
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "teacher").symlink_to(assets.teacher, target_is_directory=True)
+    check_teacher_source("~/teacher", "cls")
+    image = open_image(assets.dataset_dir / "images" / "0000.png")
+    pixels = load_image_processor("~/teacher")([image], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, load_image_processor(str(assets.teacher))([image], return_tensors="pt")[
+        "pixel_values"])
+    want = load_teacher(str(assets.teacher), "cls", torch.float32, "cpu")(pixels)
+    torch.testing.assert_close(load_teacher("~/teacher", "cls", torch.float32, "cpu")(pixels), want)
+
+
+def test_per_sample_features_are_means_of_unit_image_features() -> None:
+    """Brute force: per sample, the mean of its images' L2-normalised features; zero without images."""
+    torch.manual_seed(0)
+    counts = torch.tensor([2, 0, 1, 3, 1, 4])
+    feats = torch.randn(int(counts.sum()), 8) * torch.logspace(-2, 2, int(counts.sum())).unsqueeze(-1)
+    want, start = [], 0
+    for count in counts.tolist():
+        rows = [feats[start + i] / feats[start + i].norm() for i in range(count)]
+        want.append(torch.stack(rows).mean(0) if rows else torch.zeros(8))
+        start += count
+    got = per_sample_features(feats.to(torch.bfloat16).float(), counts)
+    torch.testing.assert_close(got, per_sample_features(feats.to(torch.bfloat16), counts))  # any input dtype
+    torch.testing.assert_close(per_sample_features(feats, counts), torch.stack(want))
+    # every image weighs the same, whatever its norm: scaling one image of a sample changes nothing
+    scaled = feats.clone()
+    scaled[0] *= 1000
+    torch.testing.assert_close(per_sample_features(scaled, counts), per_sample_features(feats, counts))
+
+
+def test_features_are_float32_through_batching_selection_and_precompute(assets) -> None:
+    """A bf16 teacher: ``image_features``, ``collect_teacher`` (several images per pair) and the precomputed cache
+    hold float32, equal to the brute-force float32 conversion of the teacher's rows."""
+    from llamafactory_hera.selection.collect import CalibrationPair, collect_teacher
+    from llamafactory_hera.teacher_batch import image_features
+    from llamafactory_hera.teacher_cache import TeacherFeatureCache
+    from llamafactory_hera.teacher_precompute import precompute_teacher_features, training_images
+
+    teacher = load_teacher(str(assets.teacher), "cls", torch.bfloat16, "cpu")
+    processor = load_image_processor(str(assets.teacher))
+    paths = [str(p) for p in sorted((assets.dataset_dir / "images").glob("*.png"))[:5]]
+    single = torch.stack([teacher(processor([open_image(p)], return_tensors="pt")["pixel_values"])[0] for p in paths])
+    assert single.dtype == torch.float32
+    feats = image_features(teacher, processor, paths, 2, workers=0, progress=False)
+    assert feats.dtype == torch.float32 and image_features(teacher, processor, [], 2, 0, False).dtype == torch.float32
+    torch.testing.assert_close(feats, single, atol=0.02, rtol=0.02)  # bf16 GEMMs of other batch shapes
+    pairs = [CalibrationPair(0, "a", tuple(paths[:3])), CalibrationPair(1, "b", (paths[3],)),
+             CalibrationPair(2, "c", (paths[4], paths[0]))]
+    got = collect_teacher(teacher, processor, pairs, 8, progress=False, workers=0)
+    unit = torch.nn.functional.normalize(image_features(teacher, processor, paths + [paths[0]], 8, 0, False), dim=-1)
+    want = torch.stack([unit[:3].mean(0), unit[3], unit[4:6].mean(0)])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    cache = TeacherFeatureCache()
+    precompute_teacher_features(teacher, processor, training_images([paths[:3], paths[3:]]), cache, 8, open_image,
+                                progress=False)
+    stored = {key: row for key, row in cache.features.items()}
+    assert len(stored) == 5 and all(row.dtype == torch.float32 for row in stored.values())
