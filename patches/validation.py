@@ -102,7 +102,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     elif hera_args.hera_select_num_heads > geometry.num_layers * geometry.num_heads:
         raise ValueError(f"hera_select_num_heads: got {hera_args.hera_select_num_heads}; allowed range is 1.."
                          f"{geometry.num_layers * geometry.num_heads} (the heads of {model_args.model_name_or_path}).")
-    check_teacher_source(hera_args.hera_teacher)
+    check_teacher_source(hera_args.hera_teacher, hera_args.hera_teacher_feature)
     geometry = contrastive_geometry(hera_args, training_args.per_device_train_batch_size, training_args.world_size)
     check_contrastive_geometry(geometry, hera_args)
 

@@ -114,7 +114,8 @@ def test_per_sample_features_average_each_samples_images() -> None:
     feats = torch.arange(12, dtype=torch.float32).reshape(4, 3)  # 4 images
     counts = torch.tensor([1, 0, 3])  # sample 0: image 0; sample 1: none; sample 2: images 1..3
     got = per_sample_features(feats, counts)
-    want = torch.stack([feats[0], torch.zeros(3), feats[1:4].mean(0)])
+    unit = [row / row.norm() for row in feats]  # each image's feature L2-normalised before the average
+    want = torch.stack([unit[0], torch.zeros(3), (unit[1] + unit[2] + unit[3]) / 3])
     torch.testing.assert_close(got, want)
 
 

@@ -84,7 +84,7 @@ def test_hera_gradient_reaches_selected_heads_only(assets, tmp_path: Path, finet
     ({"use_dora": True}, "stage: hera cannot run with use_dora: true"),
     ({"use_hyper_parallel": True}, "stage: hera cannot run with use_hyper_parallel: true"),
     ({"galore_layerwise": True}, "stage: hera cannot run with galore_layerwise: true"),
-    ({"hera_teacher": "/nonexistent/teacher"}, "hera_teacher: cannot load '/nonexistent/teacher'"),
+    ({"hera_teacher": "/nonexistent/teacher"}, "hera_teacher: folder '/nonexistent/teacher' does not exist"),
 ])
 def test_bad_input_fails_before_loading(assets, tmp_path: Path, overrides: dict[str, Any], message: str) -> None:
     from llamafactory.train.tuner import run_exp
