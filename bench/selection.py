@@ -38,6 +38,7 @@ def main() -> None:
                         "GPU: qwen2.5-vl-7b")
     parser.add_argument("--end-to-end", action="store_true",
                         help="also time `llamafactory-hera select` as a user runs it (one run, model loading included)")
+    parser.add_argument("--clamp", type=float, default=0.95, help="PRH outlier clamp of the scoring (0: off)")
     parser.add_argument("--assets", default=str(Path(tempfile.gettempdir()) / "hera_bench_assets"))
     args = parser.parse_args()
     sys.path.insert(0, str(BENCH))
@@ -90,7 +91,7 @@ def main() -> None:
         feats = collect.collect_teacher(teacher, processor, pairs, teacher_batch_size(args.batch), progress=False)
         sync()
         t2 = time.perf_counter()
-        all_head_scores(pooled, collect.layer_weights(model), feats, args.k, head_dim, args.device)
+        all_head_scores(pooled, collect.layer_weights(model), feats, args.k, head_dim, args.device, clamp=args.clamp)
         sync()
         t3 = time.perf_counter()
         return {"total": t3 - t0, "forward+pooling": t1 - t0, "teacher": t2 - t1, "scoring": t3 - t2}
@@ -102,7 +103,8 @@ def main() -> None:
         runs["selection"].append(selection())
     med = {name: statistics.median(r["total"] for r in values) for name, values in runs.items()}
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-          f"device {args.device}; N={len(pairs)} captions, batch {args.batch}, k={args.k}, {args.repeats} repeats A/B")
+          f"device {args.device}; N={len(pairs)} captions, batch {args.batch}, k={args.k}, clamp {args.clamp}, "
+          f"{args.repeats} repeats A/B")
     print(f"plain forward       {med['plain']:8.3f} s")
     paired = sorted(s["total"] / p["total"] for p, s in zip(runs["plain"], runs["selection"], strict=True))
     print(f"head selection      {med['selection']:8.3f} s   ratio {med['selection'] / med['plain']:.3f} "
@@ -127,7 +129,7 @@ def end_to_end(recipe: dict, args: argparse.Namespace) -> float:
         # `python -m` works where the console scripts are not on PATH (pip install --target on the GPU machine)
         command = [sys.executable, "-m", "llamafactory_hera.cli", "select", str(path), "--samples", str(args.samples),
                    "--k", str(args.k), "--teacher", str(args.teacher), "--device", args.device, "--batch-size",
-                   str(args.batch), "--dry-run"]
+                   str(args.batch), "--clamp", str(args.clamp), "--dry-run"]
         start = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "TQDM_DISABLE": "1"})
         return time.perf_counter() - start

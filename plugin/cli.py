@@ -26,15 +26,24 @@ def _parser() -> argparse.ArgumentParser:
     select.add_argument("recipe", nargs="?", type=Path, help="LLaMA-Factory training recipe (YAML)")
     select.add_argument("--report", type=Path, metavar="RUN_DIR",
                         help="a finished HeRA run's output_dir: before/after heatmaps and a delta table")
-    select.add_argument("--samples", type=int, default=1000, help="image-caption pairs to score on (default 1000)")
-    select.add_argument("--heads", type=int, default=5, help="number of heads to choose (default 5)")
-    select.add_argument("--strategy", choices=STRATEGIES, default="worst",
-                        help="worst: least aligned (paper, default); best / random: ablations")
-    select.add_argument("--mode", choices=MODES, default="text",
-                        help="text: captions alone through the language model (paper, default); "
-                        "multimodal: image + caption through the MLLM")
-    select.add_argument("--seed", type=int, default=None, help="sampling seed (default: the recipe's seed, else 0)")
-    select.add_argument("--batch-size", type=int, default=16, help="forward batch size (default 16)")
+    select.add_argument("--samples", type=int, default=None,
+                        help="image-caption pairs to score on (default: the recipe's hera_select_samples, else 1000)")
+    select.add_argument("--heads", type=int, default=None,
+                        help="number of heads to choose (default: the recipe's hera_select_num_heads, else 5)")
+    select.add_argument("--strategy", choices=STRATEGIES, default=None,
+                        help="worst: least aligned (paper); best / random: ablations (default: the recipe's "
+                        "hera_select_strategy, else worst)")
+    select.add_argument("--mode", choices=MODES, default=None,
+                        help="text: captions alone through the language model (paper); multimodal: image + caption "
+                        "through the MLLM (default: the recipe's hera_select_mode, else text)")
+    select.add_argument("--clamp", type=float, default=None,
+                        help="PRH's outlier clamp: feature values clamped at this quantile of |value| before "
+                        "normalising, both sides; 0 turns it off (default: the recipe's hera_select_clamp, else 0.95)")
+    select.add_argument("--seed", type=int, default=None,
+                        help="sampling seed (default: the recipe's seed, else 42, the Trainer's default, as "
+                        "hera_heads: auto uses)")
+    select.add_argument("--batch-size", type=int, default=None,
+                        help="forward batch size (default: the recipe's hera_select_batch_size, else 16)")
     select.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     select.add_argument("--k", type=int, default=None, help="neighbours for MKNN (default: the recipe's hera_k, "
                         "else 10)")
@@ -69,16 +78,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def options_from(args: Any, recipe: dict[str, Any]) -> Any:
-    """SelectionOptions from the command line, falling back to the recipe's hera_* keys."""
+    """SelectionOptions from the command line, falling back to the recipe's hera_* keys (the same keys
+    ``hera_heads: auto`` reads, so both choose the same heads for the same recipe)."""
     from .args import parse_hera_arguments
     from .selection.select import SelectionOptions
 
     hera = parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")}, require_heads=False)
+    def pick(flag: Any, key: str) -> Any:
+        return flag if flag is not None else getattr(hera, key)
+
     return SelectionOptions(
-        num_samples=args.samples, num_heads=args.heads, strategy=args.strategy, mode=args.mode,
-        seed=args.seed if args.seed is not None else int(recipe.get("seed", 0) or 0), batch_size=args.batch_size,
-        device=args.device, k=args.k if args.k is not None else hera.hera_k,
-        teacher=args.teacher or hera.hera_teacher, teacher_feature=hera.hera_teacher_feature,
+        num_samples=pick(args.samples, "hera_select_samples"), num_heads=pick(args.heads, "hera_select_num_heads"),
+        strategy=pick(args.strategy, "hera_select_strategy"), mode=pick(args.mode, "hera_select_mode"),
+        seed=args.seed if args.seed is not None else int(recipe.get("seed", 42) or 0),
+        batch_size=pick(args.batch_size, "hera_select_batch_size"),
+        device=args.device, k=pick(args.k, "hera_k"), teacher=args.teacher or hera.hera_teacher,
+        teacher_feature=hera.hera_teacher_feature, clamp=pick(args.clamp, "hera_select_clamp"),
         dataset=[d.strip() for d in args.dataset.split(",")] if args.dataset else None,
     )
 

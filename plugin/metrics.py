@@ -29,7 +29,25 @@ def knn_indices(feats: torch.Tensor, k: int) -> torch.Tensor:
     gram = unit @ unit.transpose(-1, -2)
     self_mask = torch.eye(num, dtype=torch.bool, device=gram.device)
     gram = gram.masked_fill(self_mask, float("-inf"))
-    return gram.topk(k, dim=-1).indices
+    return top_k_stable(gram, k)
+
+
+def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``[..., k]`` indices of the k largest values of each row; a tie at the k-th place goes to the lower index.
+
+    ``torch.topk`` leaves ties unspecified, so a tie at the k-th place (duplicate images or captions) could
+    be broken differently from run to run. Rows with such a tie (found by counting the k-th value) are
+    redone with a stable sort; the others keep ``topk``'s result (5x cheaper than sorting every row).
+    The order inside the returned k is by value; only the set matters to its users.
+    """
+    values, indices = scores.topk(k, dim=-1)
+    kth = values[..., -1:]
+    tied = (scores == kth).sum(-1) > (values == kth).sum(-1)
+    if bool(tied.any()):
+        stable = torch.sort(scores[tied], dim=-1, descending=True, stable=True).indices[..., :k]
+        indices = indices.clone()
+        indices[tied] = stable
+    return indices
 
 
 def knn_overlap(knn_a: torch.Tensor, knn_b: torch.Tensor, num: int) -> torch.Tensor:

@@ -55,7 +55,7 @@ def options_for_training(hera_args: HeraArguments, seed: int, device: str) -> Se
                             strategy=hera_args.hera_select_strategy, mode=hera_args.hera_select_mode, seed=seed,
                             batch_size=hera_args.hera_select_batch_size, device=device, k=hera_args.hera_k,
                             teacher=hera_args.hera_teacher, teacher_feature=hera_args.hera_teacher_feature,
-                            progress=True)
+                            clamp=hera_args.hera_select_clamp, progress=True)
 
 
 def select_with_cache(recipe_args: Any, options: SelectionOptions) -> tuple[SelectionResult, bool]:

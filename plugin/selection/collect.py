@@ -4,7 +4,8 @@ Modes (paper §3.3):
 - ``text``: the caption alone goes through the language model (the paper's choice); a head's
   representation pools over the caption tokens (special tokens excluded).
 - ``multimodal``: image + caption through the MLLM, built by LLaMA-Factory's template and collator
-  exactly as in training; pooling over the answer tokens (``labels != -100``).
+  exactly as in training; pooling as ``hera_pooling: assistant`` (answer tokens after the image, never a
+  multimodal placeholder).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..capture import IGNORE_INDEX, pooling_weights
+from ..pooling import multimodal_token_ids, pooled_token_mask, pooling_weights
 from ..projection import effective_weight_columns, find_o_proj_modules, text_decoder
 from ..teacher import VisionTeacher, per_sample_features
 from ..teacher_batch import batches_of, image_features
@@ -43,6 +44,39 @@ def usable_pairs(rows: Iterable[dict[str, Any]]) -> list[CalibrationPair]:
         if images and caption:
             pairs.append(CalibrationPair(index, caption, images))
     return pairs
+
+
+def _image_identity(image: Any) -> str:
+    """Identity of an image entry for de-duplication: its resolved path, or its bytes' hash."""
+    import hashlib
+    import os
+
+    if isinstance(image, dict):
+        image = image.get("path") or image.get("bytes")
+    if isinstance(image, bytes):
+        return "sha1:" + hashlib.sha1(image).hexdigest()
+    if isinstance(image, str):
+        return "path:" + os.path.realpath(image)
+    return f"object:{id(image)}"
+
+
+def distinct_image_pairs(pairs: list[CalibrationPair], seed: int) -> list[CalibrationPair]:
+    """One pair per distinct image (set): rows that reuse an image would give identical teacher rows, i.e. ties
+    broken arbitrarily. Which of the rows sharing an image is kept is drawn with ``seed``; dataset order is kept."""
+    groups: dict[tuple[str, ...], list[CalibrationPair]] = {}
+    for pair in pairs:
+        groups.setdefault(tuple(_image_identity(image) for image in pair.images), []).append(pair)
+    rng = random.Random(seed)
+    kept = [group[rng.randrange(len(group))] if len(group) > 1 else group[0] for group in groups.values()]
+    return sorted(kept, key=lambda pair: pair.row)
+
+
+def data_notes(usable: int, distinct: int, chosen: list[CalibrationPair], requested: int) -> dict[str, Any]:
+    """What the record says about the calibration data (and what is worth a warning)."""
+    captions = [pair.caption for pair in chosen]
+    repeated = len(captions) - len(set(captions))
+    return {"usable_pairs": usable, "distinct_images": distinct, "rows_sharing_an_image_dropped": usable - distinct,
+            "pairs_requested": requested, "pairs_used": len(chosen), "repeated_captions": repeated}
 
 
 def sample_pairs(pairs: list[CalibrationPair], num_samples: int, seed: int, k: int,
@@ -128,13 +162,18 @@ def collect_multimodal(model: nn.Module, dataset: Any, collator: Any, rows: list
         Per layer ``[N, H*d_head]`` float32 (CPU).
     """
     recorder = PooledInputRecorder(model)
+    template = getattr(collator, "template", None)
+    multimodal = multimodal_token_ids(model.config, getattr(collator, "processor", None),
+                                      getattr(collator, "tokenizer", None), getattr(template, "mm_plugin", None))
     try:
         for batch_rows in tqdm(list(batches_of(rows, batch_size)), desc="heads (image + caption through the MLLM)",
                                disable=not progress):
             features = [dict(dataset[i]) for i in batch_rows]
             batch = collator(features)
             labels = batch.pop("labels")
-            recorder.weights = pooling_weights(labels != IGNORE_INDEX).to(device)
+            mask = pooled_token_mask(labels, batch["input_ids"], batch.get("attention_mask"), "assistant",
+                                     multimodal)
+            recorder.weights = pooling_weights(mask).to(device)
             model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
         return recorder.result()
     finally:

@@ -88,9 +88,12 @@ def run_report(args: Any) -> dict[str, Any]:
     if datasets is None:
         print("note: scoring on the run's training data; pass --dataset NAME for held-out pairs")
     seed = args.seed if args.seed is not None else int(record["host"].get("seed") or 0) + 1
-    options = SelectionOptions(num_samples=args.samples, mode=args.mode, seed=seed, batch_size=args.batch_size,
-                               device=args.device, k=args.k or hera.hera_k, teacher=args.teacher or hera.hera_teacher,
-                               teacher_feature=hera.hera_teacher_feature, dataset=datasets)
+    options = SelectionOptions(num_samples=args.samples or hera.hera_select_samples,
+                               mode=args.mode or hera.hera_select_mode, seed=seed,
+                               batch_size=args.batch_size or hera.hera_select_batch_size, device=args.device,
+                               k=args.k or hera.hera_k, teacher=args.teacher or hera.hera_teacher,
+                               teacher_feature=hera.hera_teacher_feature, dataset=datasets,
+                               clamp=args.clamp if args.clamp is not None else hera.hera_select_clamp)
     base_args = parse_recipe(recipe)
     pairs, identity = prepare(base_args, options)
     before = score_heads(base_args, options, pairs).numpy()
@@ -100,7 +103,8 @@ def run_report(args: Any) -> dict[str, Any]:
     print(format_head_table(rows, ["head", "before", "after", "delta"]))
     report = {"run_dir": str(run_dir), "heads": list(hera.hera_heads), "before": before.tolist(),
               "after": after.tolist(), "summary": rows, "num_pairs": len(pairs), "identity": identity,
-              "settings": {"num_samples": options.num_samples, "k": options.k, "mode": options.mode, "seed": seed}}
+              "settings": {"num_samples": options.num_samples, "num_samples_used": len(pairs), "k": options.k,
+                           "mode": options.mode, "seed": seed, "clamp": options.clamp}}
     write_text_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
     plot_before_after(before, after, selected, run_dir / REPORT_PNG,
                       f"MKNN per head before/after HeRA ({options.mode}, {len(pairs)} pairs, k={options.k})")

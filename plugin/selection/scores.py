@@ -5,13 +5,19 @@ head inputs and ``W_h`` ``[d, d_head]`` the head's ``o_proj`` columns. Its Gram 
 ``M_h M_h^T = P_h (W_h^T W_h) P_h^T``: only the ``d_head x d_head`` matrix ``C_h = W_h^T W_h``
 is needed, so the cost per layer is ``O(H * (d * d_head^2 + N^2 * d_head))`` and the memory
 ``O(h_chunk * N^2)``, independent of the model width ``d``.
+
+With the Platonic Representation Hypothesis outlier clamp (``clamp`` = q, PRH's default 0.95) the
+d-wide representations are needed: each head's ``M_h`` ``[N, d]`` is formed (in chunks of heads that
+bound memory), clamped to ``[-t, t]`` with ``t`` the mean over samples of each sample's q-quantile of
+``|M_h|`` (PRH's ``remove_outliers`` in its default, non-exact mode), and then L2-normalised. The
+teacher features are clamped the same way. ``clamp`` 0 (or 1) skips the clamp and uses the Gram form.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..metrics import knn_indices, knn_overlap
+from ..metrics import knn_indices, knn_overlap, top_k_stable
 
 
 def gram_knn(gram: torch.Tensor, k: int) -> torch.Tensor:
@@ -32,11 +38,38 @@ def gram_knn(gram: torch.Tensor, k: int) -> torch.Tensor:
     norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()  # [..., N]
     ranked = gram / norms.unsqueeze(-2)
     ranked.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
-    return ranked.topk(k, dim=-1).indices
+    return top_k_stable(ranked, k)
+
+
+def row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``[...]`` q-quantile of each row of ``values`` ``[..., D]`` with linear interpolation (as ``torch.quantile``).
+
+    The two order statistics around position ``q * (D - 1)`` are read from one ``topk`` of the largest
+    ``D - floor(q * (D - 1))`` values (5 % of the row for q = 0.95), much cheaper than sorting the row;
+    ``torch.quantile`` also refuses inputs over 2**24 elements.
+    """
+    width = values.shape[-1]
+    position = q * (width - 1)
+    low = int(position)
+    largest = values.topk(width - low, dim=-1, sorted=True).values  # descending; last = (low+1)-th smallest
+    lower = largest[..., -1]
+    if low + 1 >= width:
+        return lower
+    upper = largest[..., -2]
+    return lower + (upper - lower) * (position - low)
+
+
+def clamp_outliers(feats: torch.Tensor, q: float) -> torch.Tensor:
+    """PRH's outlier clamp: ``feats`` ``[..., N, D]`` clamped to ``[-t, t]``, ``t`` = mean over the N samples of each
+    sample's q-quantile of ``|value|`` (one t per leading index). ``q`` of 0 or 1: unchanged."""
+    if q <= 0 or q >= 1:
+        return feats
+    threshold = row_quantile(feats.abs(), q).mean(-1, keepdim=True).unsqueeze(-1)  # [..., 1, 1]
+    return torch.maximum(torch.minimum(feats, threshold), -threshold)
 
 
 def layer_head_scores(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: torch.Tensor, k: int,
-                      head_dim: int, max_chunk_elements: int = 2**26) -> torch.Tensor:
+                      head_dim: int, max_chunk_elements: int = 2**26, clamp: float = 0.0) -> torch.Tensor:
     """MKNN of each head of one layer against precomputed teacher neighbours.
 
     Args:
@@ -45,7 +78,9 @@ def layer_head_scores(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: t
         teacher_knn: ``[N, k]`` teacher neighbour indices.
         k: neighbours per sample.
         head_dim: width of one head.
-        max_chunk_elements: bound on the ``[h_chunk, N, N]`` Gram block (elements), i.e. on memory.
+        max_chunk_elements: bound on the ``[h_chunk, N, N]`` Gram block (elements), i.e. on memory; with the
+            clamp also on the ``[h_chunk, N, d]`` representations.
+        clamp: PRH's outlier quantile (0 or 1: no clamp).
 
     Returns:
         ``[H]`` float32 scores in [0, 1].
@@ -54,6 +89,8 @@ def layer_head_scores(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: t
     heads = pooled.shape[1] // head_dim
     p = pooled.float().unflatten(-1, (heads, head_dim)).transpose(0, 1)  # [H, N, dh]
     w = weight.float().to(p.device).unflatten(-1, (heads, head_dim))  # [d, H, dh]
+    if 0 < clamp < 1:
+        return _clamped_layer_scores(p, w, teacher_knn, k, max_chunk_elements, clamp)
     covariance = torch.einsum("dhk,dhj->hkj", w, w)  # [H, dh, dh] = W_h^T W_h
     chunk = max(1, max_chunk_elements // (num * num))
     scores = []
@@ -65,8 +102,24 @@ def layer_head_scores(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: t
     return torch.cat(scores)
 
 
+def _clamped_layer_scores(p: torch.Tensor, w: torch.Tensor, teacher_knn: torch.Tensor, k: int,
+                          max_chunk_elements: int, clamp: float) -> torch.Tensor:
+    """Scores with PRH's clamp on explicit ``M_h = P_h W_h^T`` ``[h, N, d]`` (p ``[H, N, dh]``, w ``[d, H, dh]``)."""
+    heads, num = p.shape[0], p.shape[1]
+    width = w.shape[0]
+    chunk = max(1, max_chunk_elements // (num * max(num, width)))
+    scores = []
+    for start in range(0, heads, chunk):
+        reps = torch.einsum("hnk,dhk->hnd", p[start:start + chunk], w[:, start:start + chunk])  # [h, N, d]
+        unit = torch.nn.functional.normalize(clamp_outliers(reps, clamp), dim=-1)
+        knn = gram_knn(unit @ unit.transpose(-1, -2), k)
+        overlap = knn_overlap(knn, teacher_knn.to(reps.device).unsqueeze(0), num)  # [h, N]
+        scores.append(overlap.mean(-1))
+    return torch.cat(scores)
+
+
 def all_head_scores(pooled: list[torch.Tensor], weights: list[torch.Tensor], teacher: torch.Tensor, k: int,
-                    head_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+                    head_dim: int, device: torch.device | str | None = None, clamp: float = 0.0) -> torch.Tensor:
     """MKNN of every head of every layer.
 
     Args:
@@ -76,12 +129,13 @@ def all_head_scores(pooled: list[torch.Tensor], weights: list[torch.Tensor], tea
         k: neighbours per sample.
         head_dim: width of one head.
         device: where to compute (default: the teacher's device).
+        clamp: PRH's outlier quantile for both sides (0 or 1: no clamp).
 
     Returns:
         ``[L, H]`` float32 scores on CPU.
     """
     device = device or teacher.device
-    teacher_knn = knn_indices(teacher.to(device), k)
-    rows = [layer_head_scores(p.to(device), w.to(device), teacher_knn, k, head_dim).cpu()
+    teacher_knn = knn_indices(clamp_outliers(teacher.to(device).float(), clamp), k)
+    rows = [layer_head_scores(p.to(device), w.to(device), teacher_knn, k, head_dim, clamp=clamp).cpu()
             for p, w in zip(pooled, weights, strict=True)]
     return torch.stack(rows)

@@ -47,6 +47,7 @@ class SelectionOptions:
     teacher_feature: str = "cls"
     dataset: list[str] | None = None  # default: the recipe's datasets
     progress: bool = True
+    clamp: float = 0.95  # PRH's outlier clamp quantile (0: off)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the option, the value and the allowed values."""
@@ -59,6 +60,8 @@ class SelectionOptions:
         for name, value, low in bounds:
             if value < low:
                 raise ValueError(f"{name}: got {value}; allowed range is >= {low}.")
+        if not 0 <= self.clamp <= 1:
+            raise ValueError(f"--clamp: got {self.clamp}; allowed range is 0..1 (0 turns the clamp off).")
         if self.num_samples < self.k + 1:
             raise ValueError(f"--samples: got {self.num_samples}; with k={self.k} at least {self.k + 1} are needed.")
 
@@ -80,6 +83,7 @@ class SelectionResult:
     versions: dict[str, str]
     num_pairs: int
     duration_s: float
+    data_notes: dict[str, Any] = field(default_factory=dict)  # distinct images, dropped duplicates, caption ties
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     record_version: int = RECORD_VERSION
 
@@ -193,12 +197,12 @@ def settings_of(options: SelectionOptions, device: str) -> dict[str, Any]:
     """The options that change the scores (plus device and batch size, for the record)."""
     return {"num_samples": options.num_samples, "k": options.k, "mode": options.mode, "seed": options.seed,
             "teacher_feature": options.teacher_feature, "num_heads": options.num_heads,
-            "strategy": options.strategy, "batch_size": options.batch_size, "device": device}
+            "strategy": options.strategy, "batch_size": options.batch_size, "device": device, "clamp": options.clamp}
 
 
 def cache_key(settings: dict[str, Any], identity: dict[str, Any]) -> str:
     """Key of a cached result: everything that changes the scores."""
-    scoring = {k: settings[k] for k in ("num_samples", "k", "mode", "seed", "teacher_feature")}
+    scoring = {k: settings[k] for k in ("num_samples", "k", "mode", "seed", "teacher_feature", "clamp")}
     return hashlib.sha256(json.dumps([scoring, identity], sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -211,12 +215,38 @@ def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.C
     from llamafactory_hera.patches.selection import load_aligned_rows
 
     options.validate()
-    check_teacher_source(options.teacher)
+    check_teacher_source(options.teacher, options.teacher_feature)
     rows = load_aligned_rows(recipe_args, options.seed, options.dataset)
     source = ", ".join(options.dataset or recipe_args.data_args.dataset or [])
-    pairs = collect.sample_pairs(collect.usable_pairs(rows), options.num_samples, options.seed, options.k, source)
+    usable = collect.usable_pairs(rows)
+    distinct = collect.distinct_image_pairs(usable, options.seed)
+    pairs = collect.sample_pairs(distinct, options.num_samples, options.seed, options.k, source)
+    notes = collect.data_notes(len(usable), len(distinct), pairs, options.num_samples)
+    _warn_about_data(notes, source)
     check_model_structure(recipe_args.model_args.model_name_or_path, recipe_args.model_args.trust_remote_code)
-    return pairs, identity_of(recipe_args, options, pairs)
+    return pairs, {**identity_of(recipe_args, options, pairs), "data_notes": notes}
+
+
+def _warn_about_data(notes: dict[str, Any], source: str) -> None:
+    """Fewer pairs than asked, rows sharing images, repeated captions: said, and kept in the record."""
+    if notes["rows_sharing_an_image_dropped"]:
+        print(f"note: dataset {source}: {notes['rows_sharing_an_image_dropped']} of {notes['usable_pairs']} usable "
+              f"rows reuse an image of another row; one pair per image is scored ({notes['distinct_images']} images).")
+    if notes["pairs_used"] < notes["pairs_requested"]:
+        print(f"warning: {notes['pairs_used']} image-caption pairs scored, fewer than the {notes['pairs_requested']} "
+              "asked for (hera_select_samples / --samples): the dataset has no more distinct images.")
+    if notes["repeated_captions"] > notes["pairs_used"] // 10:
+        print(f"warning: {notes['repeated_captions']} of {notes['pairs_used']} captions repeat another caption; in "
+              "text mode those samples get identical head representations and tied neighbours.")
+
+
+def tied_share(scores: torch.Tensor) -> float:
+    """Share of heads whose score equals another head's score exactly."""
+    flat = scores.flatten().tolist()
+    counts: dict[float, int] = {}
+    for value in flat:
+        counts[value] = counts.get(value, 0) + 1
+    return sum(1 for value in flat if counts[value] > 1) / max(len(flat), 1)
 
 
 def score_heads(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> torch.Tensor:
@@ -240,19 +270,26 @@ def score_heads(recipe_args: Any, options: SelectionOptions, pairs: list[collect
     teacher = load_teacher(options.teacher, options.teacher_feature, dtype, device)
     feats = collect.collect_teacher(teacher, load_image_processor(options.teacher), pairs,
                                     teacher_batch_size(options.batch_size), options.progress)
-    return all_head_scores(pooled, weights, feats, options.k, geometry.head_dim, device)
+    return all_head_scores(pooled, weights, feats, options.k, geometry.head_dim, device, clamp=options.clamp)
 
 
 def result_from_scores(scores: torch.Tensor, options: SelectionOptions, settings: dict[str, Any],
                        identity: dict[str, Any], num_pairs: int, duration: float) -> SelectionResult:
-    """Choose heads and assemble the record."""
+    """Choose heads and assemble the record (warns when many heads tie)."""
     chosen = choose_heads(scores, options.num_heads, options.strategy, options.seed)
+    notes = dict(identity.get("data_notes", {}))
+    notes["tied_heads_share"] = round(tied_share(scores), 4)
+    if notes["tied_heads_share"] > 0.5:
+        print(f"warning: {notes['tied_heads_share']:.0%} of the heads share their MKNN score with another head, so the "
+              "choice among them is arbitrary. Repeated captions or too few pairs are the usual cause: score on more "
+              "distinct image-caption pairs.")
     layers, heads = scores.shape
     ranking = sorted(({"head": str(HeadRef(layer, head)), "score": float(scores[layer, head])}
                       for layer in range(layers) for head in range(heads)), key=lambda r: r["score"])
+    settings = {**settings, "num_samples_used": num_pairs}
     return SelectionResult(scores=scores.tolist(), selected=[str(h) for h in chosen], strategy=options.strategy,
                            ranking=ranking, settings=settings, identity=identity, versions=_versions(),
-                           num_pairs=num_pairs, duration_s=round(duration, 3))
+                           num_pairs=num_pairs, duration_s=round(duration, 3), data_notes=notes)
 
 
 def run_selection(recipe_args: Any, options: SelectionOptions) -> SelectionResult:

@@ -1,0 +1,47 @@
+"""`llamafactory-hera select` and `hera_heads: auto` read the same recipe keys and choose the same heads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from test_selection import _select
+
+from conftest import base_recipe, offline_env, run_train
+
+
+def test_select_and_auto_choose_the_same_heads_from_the_recipe_keys(assets, tmp_path: Path) -> None:
+    keys = {"hera_select_num_heads": 2, "hera_select_mode": "multimodal", "hera_select_samples": 1000,
+            "hera_select_batch_size": 8, "hera_k": 5}
+    recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", hera_heads="auto", max_steps=1, **keys)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    proc = _select(tmp_path, str(path), "--device", "cpu", "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    selected = json.loads((tmp_path / "recipe.hera_selection.json").read_text())
+    assert len(selected["selected"]) == 2 and selected["settings"]["mode"] == "multimodal"
+    assert selected["settings"]["num_samples"] == 1000 and selected["settings"]["num_samples_used"] == 32
+    assert "32 image-caption pairs scored, fewer than the 1000 asked for" in proc.stdout
+    assert selected["settings"]["clamp"] == 0.95 and selected["data_notes"]["distinct_images"] == 32
+
+    run = run_train(recipe, tmp_path / "train", env=offline_env(tmp_path / "train",
+                                                                LLAMAFACTORY_HERA_CACHE=str(tmp_path / "cache")))
+    auto = json.loads((tmp_path / "out" / "hera_selection.json").read_text())
+    assert auto["selected"] == selected["selected"], run.stdout[-2000:]
+    assert auto["scores"] == selected["scores"]
+
+
+def test_rows_sharing_an_image_are_scored_once(assets, tmp_path: Path) -> None:
+    from test_teacher_identity import REUSED, reused_image_dataset
+
+    from llamafactory_hera.patches.selection import parse_recipe
+    from llamafactory_hera.selection.select import SelectionOptions, prepare
+
+    data = reused_image_dataset(assets, tmp_path / "data")
+    recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", dataset=REUSED, dataset_dir=str(data))
+    options = SelectionOptions(num_samples=100, k=3, teacher=str(assets.teacher), device="cpu", progress=False)
+    pairs, identity = prepare(parse_recipe(recipe), options)
+    first_images = [pair.images for pair in pairs]
+    assert len(first_images) == len(set(first_images)) == identity["data_notes"]["distinct_images"]
+    assert identity["data_notes"]["rows_sharing_an_image_dropped"] > 0
