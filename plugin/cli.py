@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             from .selection.command import run_select
 
             run_select(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
         print(f"llamafactory-hera: error: {err}", file=sys.stderr)
         return 2
     return 0

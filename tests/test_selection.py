@@ -117,7 +117,8 @@ def test_select_command_writes_recipe_record_and_heatmap(assets, tmp_path: Path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = recipe.read_text(encoding="utf-8")
     changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
-    assert len(changed) == 1 and changed[0][1].startswith("hera_heads: [") and "# filled by select" in changed[0][1]
+    assert len(changed) == 1 and changed[0][1].startswith("hera_heads: [")
+    assert changed[0][1].endswith("# chosen by `llamafactory-hera select` (was: auto)")  # the auto comment rewritten
     record = json.loads((tmp_path / "recipe.hera_selection.json").read_text())
     heads = yaml.safe_load(after)["hera_heads"]
     assert record["selected"] == heads and len(heads) == 3

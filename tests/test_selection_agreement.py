@@ -45,3 +45,38 @@ def test_rows_sharing_an_image_are_scored_once(assets, tmp_path: Path) -> None:
     first_images = [pair.images for pair in pairs]
     assert len(first_images) == len(set(first_images)) == identity["data_notes"]["distinct_images"]
     assert identity["data_notes"]["rows_sharing_an_image_dropped"] > 0
+
+
+def test_a_read_only_recipe_is_refused_before_scoring(assets, tmp_path: Path) -> None:
+    import os
+
+    recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", hera_heads="auto", hera_k=5)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    os.chmod(path, 0o444)
+    before = path.read_text()
+    proc = _select(tmp_path, str(path), "--device", "cpu")
+    assert proc.returncode == 2 and "is read-only (mode 0444)" in proc.stderr and "--output NEW.yaml" in proc.stderr
+    assert "Loading" not in proc.stderr and path.read_text() == before and os.stat(path).st_mode & 0o777 == 0o444
+
+
+def test_an_unwritable_output_folder_is_refused_before_scoring(assets, tmp_path: Path) -> None:
+    import pytest
+
+    from llamafactory_hera.selection.safe_write import check_folder_writable
+
+    with pytest.raises(PermissionError, match="cannot write the selection record and heatmap into"):
+        check_folder_writable(tmp_path / "missing", "the selection record and heatmap")
+    check_folder_writable(tmp_path, "the selection record and heatmap")
+
+
+def test_the_comment_that_described_auto_is_rewritten_in_a_shipped_recipe() -> None:
+    from llamafactory_hera.selection.recipe_edit import set_hera_heads
+
+    text = (Path(__file__).resolve().parents[1] / "recipes" / "qwen3_8b_hera.yaml").read_text(encoding="utf-8")
+    result = set_hera_heads(text, ["L1H0", "L2H3"])
+    line = next(line for line in result.splitlines() if line.startswith("hera_heads:"))
+    assert line.startswith("hera_heads: [L1H0, L2H3]") and line.endswith("(was: auto)")
+    assert "at the start of training" not in result.split("hera_heads:")[1].split("\n# Paper")[0]
+    assert "cached, recorded in output_dir" not in result  # the continuation of the old comment went with it
+    assert yaml.safe_load(result) == {**yaml.safe_load(text), "hera_heads": ["L1H0", "L2H3"]}

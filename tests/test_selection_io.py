@@ -69,7 +69,8 @@ FORMS = {
     "block_with_comments": ("hera_heads:    # picked by hand\n  # strongest first\n  - L1H0\n\n  # runner-up\n"
                             "  - 'L1H2'  # weak\n", NEW + "    # picked by hand\n"),
     "auto": ("hera_heads: auto\n", NEW + "\n"),
-    "auto_single_quoted_with_comment": ("hera_heads: 'auto'  # let select decide\n", NEW + "  # let select decide\n"),
+    "auto_single_quoted_with_comment": ("hera_heads: 'auto'  # let select decide\n",
+                                        NEW + "  # chosen by `llamafactory-hera select` (was: auto)\n"),
     "auto_double_quoted": ('hera_heads: "auto"\n', NEW + "\n"),
     "null": ("hera_heads:\n", NEW + "\n"),
     "scalar_with_hash_in_quotes": ("hera_heads: 'a # b'   # note\n", NEW + "   # note\n"),

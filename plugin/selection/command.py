@@ -9,7 +9,7 @@ import yaml
 
 from ..heads import parse_head
 from .plots import format_head_table, plot_head_heatmap
-from .recipe_edit import check_writable, update_recipe, write_text_atomic
+from .recipe_edit import check_folder_writable, check_writable, update_recipe, write_text_atomic
 from .select import SelectionResult, run_selection
 
 
@@ -59,6 +59,7 @@ def run_select(args: Any) -> SelectionResult:
     target = args.output or args.recipe
     if not args.dry_run:  # refuse before any heavy work
         check_writable(args.recipe, force=args.force, output=args.output)
+    check_folder_writable(Path(target).resolve().parent, "the selection record and heatmap")
     options = options_from(args, recipe)
     recipe_args = parse_recipe(recipe)
     _quiet_transformers()

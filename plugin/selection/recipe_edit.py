@@ -9,18 +9,19 @@ and files are replaced atomically.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..heads import parse_head
+from .safe_write import check_folder_writable, write_text_atomic
 
+__all__ = ["HeadsExistError", "check_folder_writable", "check_writable", "read_heads_entry", "set_hera_heads",
+           "update_recipe", "write_text_atomic"]
 KEY = "hera_heads"
 
 _Line = tuple[str, str]  # (content without line ending, line ending: "\n", "\r\n" or "" for an unterminated last line)
@@ -252,6 +253,12 @@ def set_hera_heads(text: str, heads: list[str]) -> str:
         start, colon_end = found
         end, gap, comment = _entry_span(lines, start, colon_end)
         new_content = lines[start][0][:colon_end] + " " + flow
+        was_auto = _split_comment(lines[start][0][colon_end:])[0].strip().strip("'\"").lower() == "auto"
+        if comment and was_auto:  # the comment described `auto`: say what the line holds now, drop its continuation
+            while end + 1 < len(lines) and lines[end + 1][0].lstrip(" ").startswith("#") and \
+                    lines[end + 1][0].index("#") == len(lines[start][0]) - len(comment):
+                end += 1
+            comment = "# chosen by `llamafactory-hera select` (was: auto)"
         if comment:
             new_content += (gap or "  ") + comment
         return _join(lines[:start] + [(new_content, lines[end][1])] + lines[end + 1:])
@@ -266,46 +273,6 @@ def set_hera_heads(text: str, heads: list[str]) -> str:
     if before and not before[-1][1]:
         before[-1] = (before[-1][0], eol)
     return _join(before + [new_line] + lines[insert_at:])
-
-
-def _default_mode() -> int:
-    """Permission bits a newly created file gets under the current umask."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_text_atomic(path: Path, text: str, *, mode: int | None = None) -> None:
-    """Write via a temp file in the same directory + flush + fsync + os.replace; keep the original file's
-    permission bits; on any error the original file is untouched and the temp file removed.
-
-    The text is written as UTF-8 bytes exactly as given (no newline translation). A symlink is followed, so
-    the link stays and its target is replaced. ``mode`` sets the permission bits of a file that does not
-    exist yet (default: what the umask gives a new file).
-    """
-    target = Path(os.path.realpath(path))
-    try:
-        mode = stat.S_IMODE(target.stat().st_mode)
-    except FileNotFoundError:
-        mode = _default_mode() if mode is None else mode
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename itself; not possible on every platform
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _load_mapping(text: str, path: Path) -> dict[str, Any]:
@@ -338,6 +305,10 @@ def check_writable(path: Path, *, force: bool = False, output: Path | None = Non
     """
     path = Path(path)
     if output is None or Path(output).resolve() == path.resolve():
+        if not stat.S_IMODE(path.stat().st_mode) & stat.S_IWUSR or not os.access(path, os.W_OK):
+            raise PermissionError(
+                f"{path} is read-only (mode {stat.S_IMODE(path.stat().st_mode):04o}); it is left as it is. Write the "
+                "selected heads into a copy with --output NEW.yaml (or make the recipe writable).")
         current = read_heads_entry(path.read_bytes().decode("utf-8"))
         if _has_explicit_heads(current) and not force:
             shown = "[" + ", ".join(current) + "]" if isinstance(current, list) else repr(current)
