@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
-from transformers import TrainerCallback
+from test_train_inprocess import LogProbe
 
 from conftest import base_recipe
 from llamafactory_hera.fixtures.teachers import build_vision_teacher
-
-
-class LogProbe(TrainerCallback):
-    def __init__(self) -> None:
-        self.logs: list[dict[str, float]] = []
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if logs and "loss" in logs:
-            self.logs.append(dict(logs))
 
 
 def test_siglip2_teacher_trains_the_same_computed_in_the_steps_or_precomputed(assets, tmp_path: Path) -> None:
