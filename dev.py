@@ -115,6 +115,17 @@ def offline_env() -> Iterator[dict[str, str]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def parallel_args(pytest_args: Sequence[str]) -> list[str]:
+    """pytest-xdist options: one worker per core (work stealing, since test durations differ by 100x).
+
+    Left out when the caller chose (``-n``, ``--numprocesses``, ``-p no:xdist``) or on one core.
+    """
+    chose = any(arg in {"-n", "--numprocesses", "no:xdist"} or arg.startswith(("-n", "--numprocesses="))
+                for arg in pytest_args)
+    cores = os.cpu_count() or 1
+    return [] if chose or cores < 2 else ["-n", str(min(cores, 8)), "--dist", "worksteal"]
+
+
 def cmd_test(python: Path, pytest_args: list[str]) -> int:
     """Ruff, then pytest; both always run. Exit code: pytest's, else ruff's; 'no tests' is a failure."""
     with offline_env() as env:
@@ -122,7 +133,8 @@ def cmd_test(python: Path, pytest_args: list[str]) -> int:
         with phase("ruff"):
             ruff_code = run([venv_bin("ruff"), "check", *lint_paths], env=env, check=False)
         with phase("pytest"):
-            test_code = run([python, "-m", "pytest", "-q", *pytest_args], env=env, check=False)
+            test_code = run([python, "-m", "pytest", "-q", *parallel_args(pytest_args), *pytest_args], env=env,
+                            check=False)
     if test_code == PYTEST_NO_TESTS:
         log("pytest collected no tests (exit code 5); treating that as a failure")
         return 1

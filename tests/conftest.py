@@ -22,6 +22,11 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DAT
     os.environ.setdefault(_key, _value)
 CLI = str(Path(sys.executable).with_name("llamafactory-cli"))
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # share the cores between pytest-xdist workers, not oversubscribe
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def offline_env(tmp: Path, **extra: str) -> dict[str, str]:
     """Environment for a subprocess that must never touch the network."""
