@@ -100,6 +100,30 @@ def test_dataset_info_valid(fresh_assets: TinyAssets) -> None:
     assert 0 < text_only < NUM_IMAGES
 
 
+def test_captions_are_distinct_and_describe_their_image(fresh_assets: TinyAssets, tmp_path: Path) -> None:
+    """Repeated captions make every head's text neighbourhoods tie (flat selection heatmap): each caption is unique."""
+    from llamafactory_hera.fixtures.dataset import make_samples
+
+    records = json.loads((fresh_assets.dataset_dir / "hera_demo.json").read_text())
+    captions = [rec["messages"][1]["content"] for rec in records]
+    assert len(set(captions)) == len(captions) == NUM_IMAGES
+    for caption, row in zip(captions, json.loads((fresh_assets.dataset_dir / "metadata.json").read_text()),
+                            strict=True):  # the caption says what was drawn, word for word
+        assert caption.startswith(f"a {row['size']} {row['colour']} {row['shape']} {row['place']}"), caption
+        assert caption.endswith(f"{row['background']} background"), caption
+    many = [s.caption for s in make_samples(tmp_path, seed=0, num_images=64)]
+    assert len(set(many)) == 64  # 8 groups x 4 places x 2 sizes
+
+
+def test_assets_are_readable_by_other_users(fresh_assets: TinyAssets) -> None:
+    """mkdtemp (0700) and safetensors (0600) modes must not leak into the build: others of a shared clone read it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [fresh_assets.root, *fresh_assets.root.rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert path.stat().st_mode & 0o777 == expected, f"{path}: {oct(path.stat().st_mode & 0o777)}"
+
+
 @pytest.mark.parametrize("name", ["qwen3_vl", "qwen2_5_vl", "llava"])
 def test_model_forward_with_image(fresh_assets: TinyAssets, sample: dict, name: str) -> None:
     import torch
