@@ -1,14 +1,17 @@
 """A two-minute, offline HeRA demo on a tiny random-weight MLLM.
 
-``python -m llamafactory_hera.demo [--output DIR] [--family qwen3_vl|qwen2_5_vl|llava] [--steps N]``
+``python -m llamafactory_hera.demo [--output DIR] [--family qwen3_vl|qwen2_5_vl|llava] [--steps N] [--verbose]``
 
 1. builds (or reuses) the tiny offline assets (:func:`llamafactory_hera.fixtures.build_tiny_assets`):
    a 2–3 layer Qwen3-VL / Qwen2.5-VL / LLaVA, a tiny DINOv2 teacher and a 32-image caption set;
 2. writes ``DIR/recipe.yaml``, an ordinary LLaMA-Factory recipe with ``stage: hera`` (LoRA);
-3. runs the stock ``llamafactory-cli train DIR/recipe.yaml`` with the network switched off;
-4. prints where the outputs are, the first/last ``lm_loss`` and ``hera_loss``, and the command
-   of the SFT baseline twin.
+3. runs the stock ``llamafactory-cli train DIR/recipe.yaml`` with the network switched off, keeping its whole
+   output in ``DIR/train.log`` and showing the plugin's lines and one line per step (``--verbose``: everything);
+4. prints where the outputs and plots are, the first/last ``lm_loss`` and ``hera_loss``, and the next steps
+   (choosing heads with ``select``, the before/after ``--report``, the SFT baseline twin).
 
+The demo owns ``DIR`` (it leaves a marker file there): running it again replaces its previous outputs and says
+which. A folder without the marker that already holds a ``run/`` is refused unless ``--overwrite``.
 Nothing here is needed to use HeRA: it only shows what a HeRA run looks like.
 """
 
@@ -27,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from llamafactory_hera.demo_console import ProgressFilter
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
@@ -34,6 +38,10 @@ DEMO_HEADS = ["L1H0", "L1H2"]  # the tiny models have >= 2 layers and 4 heads
 RUN_DIR_NAME = "run"
 RECIPE_NAME = "recipe.yaml"
 LOG_NAME = "train.log"
+MARKER_NAME = ".llamafactory_hera_demo"  # this folder was made by the demo: its outputs may be replaced
+# what the demo and the next steps it prints create in DIR (replaced on the next demo run); assets/ is kept
+OWN_OUTPUTS = (RUN_DIR_NAME, "run_sft", "run_selected", RECIPE_NAME, LOG_NAME, "recipe_selected.yaml",
+               "recipe_selected.hera_selection.json", "recipe_selected.hera_selection.png")
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -94,16 +102,32 @@ def find_cli() -> Path:
     return Path(found)
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty ``run_dir`` unless ``overwrite``; then leave it absent or empty."""
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        if not overwrite:
-            raise DemoError(f"{run_dir} already exists and is not empty; pass --overwrite to replace it, "
-                            "or choose another --output.")
-        if run_dir.is_dir():
-            shutil.rmtree(run_dir)
+def owns(output: Path) -> bool:
+    """``output`` was made by the demo (marker file; or, from before the marker, the demo's asset build)."""
+    return (output / MARKER_NAME).is_file() or (output / "assets" / "fixtures_stamp.json").is_file()
+
+
+def prepare_output(output: Path, overwrite: bool) -> list[str]:
+    """Make room for a new demo run in ``output``; return the names of the earlier outputs removed.
+
+    The demo's own folder (see :func:`owns`) is cleared of :data:`OWN_OUTPUTS` (assets are kept as a cache);
+    any other folder with a non-empty ``run/`` is refused unless ``overwrite``.
+    """
+    run_dir = output / RUN_DIR_NAME
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not (overwrite or owns(output)):
+        raise DemoError(f"{run_dir} already exists, is not empty and was not made by the demo; pass --overwrite "
+                        "to replace it, or choose another --output.")
+    removed = []
+    for name in OWN_OUTPUTS if owns(output) else (RUN_DIR_NAME,):
+        path = output / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
         else:
-            run_dir.unlink()
+            continue
+        removed.append(name)
+    return removed
 
 
 def offline_env(cache_dir: Path) -> dict[str, str]:
@@ -115,16 +139,27 @@ def offline_env(cache_dir: Path) -> dict[str, str]:
     return env
 
 
-def run_training(cli: Path, recipe: Path, log_path: Path, env: dict[str, str], quiet: bool) -> int:
-    """Run ``llamafactory-cli train recipe``; tee its output to ``log_path`` (and stdout unless ``quiet``)."""
+def run_training(cli: Path, recipe: Path, log_path: Path, env: dict[str, str], show: str, steps: int) -> int:
+    """Run ``llamafactory-cli train recipe``; all output to ``log_path``; on stdout per ``show``.
+
+    ``show``: ``progress`` (the plugin's lines and one line per step), ``all`` or ``none``.
+    """
+    def echo(line: str) -> None:
+        print(line, flush=True)
+
+    progress = ProgressFilter(steps, echo)
     with open(log_path, "wb") as log, subprocess.Popen([str(cli), "train", str(recipe)], cwd=recipe.parent, env=env,
                                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         assert proc.stdout is not None
         while chunk := proc.stdout.read1(65536):
             log.write(chunk)
-            if not quiet:
+            log.flush()
+            if show == "all":
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
+            elif show == "progress":
+                progress.feed(chunk.decode("utf-8", errors="replace"))
+        progress.close()
         return proc.wait()
 
 
@@ -144,31 +179,38 @@ def _first_last(log: list[dict[str, Any]], key: str) -> str:
 
 
 def summary(output: Path, run_dir: Path, recipe: Path, cli: Path, elapsed: float) -> str:
-    """Human-readable report of a finished demo run."""
+    """Human-readable report of a finished demo run: outputs, every plot, losses, next steps."""
     def where(name: str, what: str) -> str:
         path = run_dir / name
         return f"  {what:<34} {path}{'' if path.exists() else '  (missing)'}"
 
     log = read_log(run_dir)
-    twin_dir = output / "run_sft"
-    twin = [str(cli), "train", str(recipe), "stage=sft", f"output_dir={twin_dir}"]
+    hera_cli = cli.with_name("llamafactory-hera")
+    selected = output / "recipe_selected.yaml"
+    plots = sorted(run_dir.glob("*.png"))
     lines = [
         "",
         f"HeRA demo finished in {elapsed:.1f}s. Outputs in {run_dir}:",
         where("adapter_model.safetensors", "LoRA adapter"),
         where("trainer_log.jsonl", "per-step log (trainer_log.jsonl)"),
         where("trainer_state.json", "HF trainer state"),
-        where("training_loss.png", "total loss plot"),
-        where("training_hera_loss.png", "HeRA loss plot"),
         where("hera_state.json", "learned temperature (hera_state)"),
         where("hera_run.json", "HeRA settings (hera_run)"),
-        f"  {'training output':<34} {output / LOG_NAME}",
+        f"  {'full training output':<34} {output / LOG_NAME}",
+        f"Plots ({len(plots)}):",
+        *[f"  {path}" for path in plots],
         "",
         f"  lm_loss   {_first_last(log, 'lm_loss')}",
         f"  hera_loss {_first_last(log, 'hera_loss')}",
         "",
-        "SFT baseline twin (same recipe with HeRA off; its hera_* keys are ignored with a warning):",
-        "  " + shlex.join(twin),
+        "Next steps (each writes into this folder; the next demo run replaces them):",
+        "  1. choose the heads by MKNN (the least aligned), into a copy of the recipe:",
+        "     " + shlex.join([str(hera_cli), "select", str(recipe), "--output", str(selected)]),
+        "     " + shlex.join([str(cli), "train", str(selected), f"output_dir={output / 'run_selected'}"]),
+        "  2. every head's alignment before and after this run (heatmaps, delta table):",
+        "     " + shlex.join([str(hera_cli), "select", "--report", str(run_dir)]),
+        "  3. the SFT baseline twin (same recipe, HeRA off; its hera_* keys are ignored with a warning):",
+        "     " + shlex.join([str(cli), "train", str(recipe), "stage=sft", f"output_dir={output / 'run_sft'}"]),
     ]
     return "\n".join(lines)
 
@@ -183,8 +225,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="folder of the tiny assets, built if missing (default: OUTPUT/assets)")
     parser.add_argument("--family", choices=FAMILIES, default="qwen3_vl", help="tiny model family (default: qwen3_vl)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps (default: 20)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT/run")
-    parser.add_argument("--quiet", action="store_true", help="write the training output to OUTPUT/train.log only")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty OUTPUT/run in a folder the demo did not make (its own folder is "
+                        "always reused)")
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("--verbose", action="store_true", help="show LLaMA-Factory's whole output (always in "
+                       "OUTPUT/train.log)")
+    shown.add_argument("--quiet", action="store_true", help="show no training progress, only the summary")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
@@ -197,11 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output.resolve()
     run_dir = output / RUN_DIR_NAME
     try:
-        prepare_run_dir(run_dir, args.overwrite)
+        removed = prepare_output(output, args.overwrite)
         cli = find_cli()
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if removed:
+        print(f"[demo] replaced the previous demo outputs in {output}: {', '.join(removed)}", flush=True)
 
     start = time.perf_counter()
     assets_root = (args.assets or output / "assets").resolve()
@@ -210,16 +259,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] assets ready ({time.perf_counter() - start:.1f}s)", flush=True)
 
     output.mkdir(parents=True, exist_ok=True)
+    (output / MARKER_NAME).write_text("made by python -m llamafactory_hera.demo; the next demo run replaces "
+                                      f"{', '.join(OWN_OUTPUTS)} here\n", encoding="utf-8")
     recipe = output / RECIPE_NAME
     recipe.write_text(yaml.safe_dump(build_recipe(assets, args.family, run_dir, args.steps), sort_keys=False),
                       encoding="utf-8")
     print(f"[demo] recipe {recipe}", flush=True)
     print(f"[demo] running: {shlex.join([str(cli), 'train', str(recipe)])}", flush=True)
+    print(f"[demo] full output: {output / LOG_NAME}" + ("" if args.verbose else " (--verbose shows it here)"),
+          flush=True)
     train_start = time.perf_counter()
-    code = run_training(cli, recipe, output / LOG_NAME, offline_env(output / ".cache"), args.quiet)
+    show = "all" if args.verbose else "none" if args.quiet else "progress"
+    code = run_training(cli, recipe, output / LOG_NAME, offline_env(output / ".cache"), show, args.steps)
     if code != 0:
         tail = (output / LOG_NAME).read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
-        if args.quiet:
+        if not args.verbose:
             print("\n".join(tail), file=sys.stderr)
         print(f"error: llamafactory-cli train failed with exit code {code}; full output in {output / LOG_NAME}",
               file=sys.stderr)

@@ -1,0 +1,65 @@
+"""What the demo shows while ``llamafactory-cli train`` runs: the plugin's own lines and one line per step.
+
+LLaMA-Factory, transformers and DeepSpeed print several hundred lines for even a tiny run (the model config
+three times, every tokenizer file saved). The demo writes all of it to a log file and, by default, echoes only:
+
+- every line of this plugin (``[llamafactory-hera] ...``: the settings line, warnings, the closing count);
+- one progress line per logged step, read from the Trainer's ``{'loss': ...}`` dictionaries.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Callable
+
+PLUGIN_PREFIX = "[llamafactory-hera]"
+_STEP_DICT = re.compile(r"\{'loss': [^{}]*\}")
+_SHOWN_METRICS = (("loss", "loss"), ("lm_loss", "lm_loss"), ("hera_loss", "hera_loss"), ("hera_temperature", "tau"))
+
+
+def step_line(step: int, total: int, metrics: dict[str, object]) -> str:
+    """``[demo] step  3/20  loss 6.087  lm_loss 6.071  hera_loss 1.594  tau 0.07016``."""
+    width = len(str(total))
+    parts = [f"[demo] step {step:>{width}}/{total}"]
+    parts += [f"{label} {metrics[key]}" for key, label in _SHOWN_METRICS if key in metrics]
+    return "  ".join(parts)
+
+
+class ProgressFilter:
+    """Feed raw output chunks; ``emit`` receives the lines worth showing (without newline).
+
+    Lines are split on both ``\\n`` and ``\\r`` (tqdm redraws its bar with ``\\r`` and prints the Trainer's log
+    dictionary on the same physical line), so a step's dictionary is found wherever the bar left it.
+    """
+
+    def __init__(self, total_steps: int, emit: Callable[[str], None]) -> None:
+        self.total_steps = total_steps
+        self.emit = emit
+        self.steps_seen = 0
+        self._pending = ""
+
+    def feed(self, chunk: str) -> None:
+        """Consume a chunk of the child's output (any split, any size)."""
+        text = self._pending + chunk
+        *complete, self._pending = re.split(r"[\r\n]", text)
+        for line in complete:
+            self._line(line)
+
+    def close(self) -> None:
+        """Flush a last line that had no newline."""
+        if self._pending:
+            self._line(self._pending)
+            self._pending = ""
+
+    def _line(self, line: str) -> None:
+        if PLUGIN_PREFIX in line:
+            self.emit(line[line.index(PLUGIN_PREFIX):].rstrip())
+            return
+        for match in _STEP_DICT.finditer(line):
+            try:
+                metrics = ast.literal_eval(match.group(0))
+            except (ValueError, SyntaxError):
+                continue
+            self.steps_seen += 1
+            self.emit(step_line(self.steps_seen, self.total_steps, metrics))
