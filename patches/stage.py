@@ -5,7 +5,7 @@ Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything i
   as module globals, looked up at call time; ``read_args`` in ``llamafactory.hparams``;
 - ``llamafactory.train.sft.workflow`` has module globals ``run_sft``,
   ``SFTDataCollatorWith4DAttentionMask`` and ``CustomSeq2SeqTrainer``;
-- ``llamafactory.extras.ploting.plot_loss(output_dir, keys)``.
+- ``llamafactory.extras.ploting.smooth(values)`` (the loss curves' smoothing, reused by HeRA's own plots).
 
 ``stage: hera`` is mapped to ``sft`` before LLaMA-Factory parses the arguments, so every host
 check, the data pipeline and the web UI treat the run as SFT; the SFT workflow then runs whole,
@@ -23,8 +23,10 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
+from llamafactory_hera import short_errors
 from llamafactory_hera.args import HeraArguments, parse_hera_arguments
 from llamafactory_hera.data_checks import describe_image
+from llamafactory_hera.run_plots import plot_run_metrics
 
 from . import logging as log_patch
 from .arguments import split_args
@@ -44,7 +46,7 @@ def _check_shapes(tuner: ModuleType) -> tuple[ModuleType, ModuleType, ModuleType
     require(tuner, _TUNER_NAMES, "stage")
     require(hparams, ("read_args",), "stage")
     require(workflow, _WORKFLOW_NAMES, "stage")
-    require(ploting, ("plot_loss",), "stage")
+    require(ploting, ("smooth",), "stage")
     require(callbacks, ("LogCallback",), "logging")
     require(callbacks.LogCallback, ("on_log", "_write_log"), "logging")
     return hparams, workflow, callbacks, ploting
@@ -137,6 +139,7 @@ def apply(tuner: ModuleType) -> None:
         return
     hparams, workflow, callbacks, ploting = _check_shapes(tuner)
     warn_if_unchecked()
+    short_errors.install()
     log_patch.apply(callbacks)
     original_training_function = tuner._training_function
 
@@ -167,7 +170,12 @@ def apply(tuner: ModuleType) -> None:
                 raise ValueError(f"HeRA cannot read {describe_image(culprit, rows)}: {type(err).__name__}: {err}. "
                                  "Fix or remove the file.") from err
         if training_args.do_train and finetuning_args.plot_loss and training_args.process_index == 0:
-            ploting.plot_loss(training_args.output_dir, keys=["lm_loss", "hera_loss", "hera_temperature"])
+            written, missing = plot_run_metrics(training_args.output_dir, ("lm_loss", "hera_loss", "hera_temperature"),
+                                                ploting.smooth)
+            for path in written:
+                print(f"Figure saved at: {path}")
+            if missing:
+                print(f"[llamafactory-hera] not logged, so not plotted: {', '.join(missing)}", flush=True)
         _leave_together()
 
     def training_function(config: dict[str, Any]) -> None:

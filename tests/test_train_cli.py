@@ -120,6 +120,12 @@ def test_cli_errors_reach_the_terminal_before_any_model_is_loaded(assets, tmp_pa
     assert proc.returncode != 0
     assert "hera_heads: L9H0 is outside" in proc.stderr and "layers L0..L1 and heads H0..H3" in proc.stderr
     assert "Loading weights" not in proc.stderr + proc.stdout and not (tmp_path / "out").exists()
+    # the plugin's message, alone: no traceback through LLaMA-Factory above it, and a way to get one
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "[llamafactory-hera] error: hera_heads: L9H0 is outside" in proc.stderr
+    assert "LLAMAFACTORY_HERA_TRACEBACK=1" in proc.stderr
+    full = run_train(recipe, tmp_path, check=False, env=offline_env(tmp_path, LLAMAFACTORY_HERA_TRACEBACK="1"))
+    assert full.returncode != 0 and "Traceback" in full.stderr and "hera_heads: L9H0 is outside" in full.stderr
 
 
 def test_disabled_plugin_leaves_llamafactory_stock(assets, tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ..plot_text import fit_title
+
 _MAX_TICKS = 20
 _MAX_LABELS = 40  # more selected heads than this are boxed but not labelled (the labels would bury the map)
 _MAX_ANNOTATED_CELLS = 256  # maps this small show each cell's value inside it; boxes then suffice as labels
@@ -159,13 +161,6 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _wrapped(title: str, width_in: float) -> str:
-    """The title wrapped to the figure width (about 13 characters per inch at 10 pt)."""
-    import textwrap
-
-    return "\n".join(textwrap.wrap(title, max(20, int(width_in * 13))))
-
-
 def _label_fontsize(heads: int, map_width: float) -> float:
     """Smaller labels on denser maps (cell width in points bounds what fits beside a box)."""
     cell_pt = 72 * map_width / heads
@@ -191,7 +186,7 @@ def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path:
                           origin="upper")
         fig.colorbar(image, ax=ax, label="MKNN", fraction=0.05, pad=0.02)
         _ticks(ax, layers, heads)
-        ax.set_title(_wrapped(title, width + 1.6), fontsize=10)
+        fit_title(fig, fig.suptitle(title, fontsize=10), title)
         _boxes(ax, selected, _BOX_COLOR)
         if layers * heads <= _MAX_ANNOTATED_CELLS:
             _annotate_cells(ax, array, signed=False)
@@ -233,7 +228,7 @@ def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tupl
         for ax, color in zip(axes, (_BOX_COLOR, _BOX_COLOR, _DIFF_BOX_COLOR), strict=True):
             _ticks(ax, layers, heads)
             _boxes(ax, selected, color)
-        fig.suptitle(_wrapped(title, 3 * width + 2.6), fontsize=11)
+        fit_title(fig, fig.suptitle(title, fontsize=11), title)
         if layers * heads <= _MAX_ANNOTATED_CELLS:
             for ax, array in ((axes[0], first), (axes[1], second)):
                 _annotate_cells(ax, array, signed=False)

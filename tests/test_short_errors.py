@@ -1,0 +1,50 @@
+"""Which uncaught exceptions get the short report: only those the plugin raised itself, on purpose."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llamafactory_hera import short_errors
+from llamafactory_hera.args import parse_hera_arguments
+
+
+def _caught(call) -> BaseException:
+    try:
+        call()
+    except BaseException as error:  # noqa: BLE001 - the test inspects whatever was raised
+        return error
+    raise AssertionError("nothing raised")
+
+
+def test_a_plugin_message_is_short_and_a_host_error_is_not() -> None:
+    ours = _caught(lambda: parse_hera_arguments({"hera_k": 0, "hera_heads": ["L0H0"]}))
+    assert isinstance(ours, ValueError) and short_errors.raised_by_plugin(ours)
+    assert short_errors.short_report(ours).startswith(f"[llamafactory-hera] error: {ours}\n")
+    assert not short_errors.raised_by_plugin(_caught(lambda: int("x")))  # a ValueError raised outside the plugin
+    assert not short_errors.raised_by_plugin(_caught(lambda: {}["missing"]))  # a bug: not a message
+
+
+def test_excepthook_prints_only_the_message_for_plugin_errors() -> None:
+    script = ("from llamafactory_hera import short_errors; short_errors.install(); "
+              "from llamafactory_hera.args import parse_hera_arguments; "
+              "parse_hera_arguments({'hera_k': 0, 'hera_heads': ['L0H0']})")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("[llamafactory-hera] error: hera_k") and proc.stderr.count("\n") == 2
+    other = subprocess.run([sys.executable, "-c", script.replace("parse_hera_arguments({", "int('x') or ({")],
+                           capture_output=True, text=True, timeout=120)
+    assert other.returncode == 1 and "Traceback" in other.stderr and "[llamafactory-hera]" not in other.stderr
+
+
+@pytest.mark.parametrize("value", ["1", "yes"])
+def test_the_full_traceback_is_one_variable_away(value: str) -> None:
+    script = ("from llamafactory_hera import short_errors; short_errors.install(); "
+              "from llamafactory_hera.args import parse_hera_arguments; "
+              "parse_hera_arguments({'hera_k': 0, 'hera_heads': ['L0H0']})")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LLAMAFACTORY_HERA_TRACEBACK": value})
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "hera_k" in proc.stderr
