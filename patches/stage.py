@@ -65,7 +65,7 @@ def _swapped(module: ModuleType, **replacements: Any) -> Iterator[None]:
             setattr(module, name, value)
 
 
-def _hera_classes(workflow: ModuleType, hera_args: HeraArguments, compute_dtype: Any,
+def _hera_classes(workflow: ModuleType, hera_args: HeraArguments,
                   image_rows: dict[str, int], data_counts: Any) -> tuple[type, type]:
     from llamafactory_hera.collator import HeraCollatorMixin
     from llamafactory_hera.teacher import load_image_processor
@@ -81,7 +81,7 @@ def _hera_classes(workflow: ModuleType, hera_args: HeraArguments, compute_dtype:
 
     class HeraSeq2SeqTrainer(HeraTrainerMixin, host_trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, hera_args=hera_args, hera_compute_dtype=compute_dtype, hera_feature_cache=cache,
+            super().__init__(*args, hera_args=hera_args, hera_feature_cache=cache,
                              hera_data_counts=data_counts, **kwargs)
 
     return collator, HeraSeq2SeqTrainer
@@ -153,7 +153,7 @@ def apply(tuner: ModuleType) -> None:
                 RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,
                 str(training_args.device), training_args.output_dir, training_args.process_index == 0)
         rows, counts = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
-        collator, trainer = _hera_classes(workflow, hera_args, model_args.compute_dtype, rows, counts)
+        collator, trainer = _hera_classes(workflow, hera_args, rows, counts)
         if training_args.should_save:
             _write_run_record(training_args.output_dir, hera_args, (
                 (model_args, ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),

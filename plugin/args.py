@@ -66,7 +66,7 @@ class HeraArguments:
         default="auto",
         metadata={"help": "Compute every training image's teacher feature in one pass before the first step (split "
                   "over the ranks), then move the teacher off the GPU: the steps hold no teacher weights (DINOv2-L: "
-                  "0.6 GB in bf16) and run no teacher forward. Same features as computing them in the steps. auto: "
+                  "1.2 GB in float32) and run no teacher forward. Same features as computing them in the steps. auto: "
                   "on when hera_teacher_cache is on and the run covers the whole training set; true; false.",
                   "choices": ("auto", "true", "false")},
     )

@@ -2,7 +2,7 @@
 
 With ``hera_teacher_precompute`` the feature cache is filled by one pass over the training set's
 distinct images (split over the data-parallel ranks and all-gathered), so the training steps run no
-teacher forward and the teacher's weights (DINOv2-L: 0.6 GB in bf16) can leave the GPU for the whole
+teacher forward and the teacher's weights (DINOv2-L: 1.2 GB in float32) can leave the GPU for the whole
 run. The features are those the steps would compute: same teacher, dtype and preprocessing; float32 (what
 :class:`~llamafactory_hera.teacher.VisionTeacher` returns), also in the all-gather.
 """

@@ -60,7 +60,7 @@ def _collator_token_sources(collator: Any) -> dict[str, Any]:
 class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin):
     """Mix in front of a Hugging Face ``Trainer`` subclass; pass ``hera_args=HeraArguments`` to ``__init__``."""
 
-    def __init__(self, *args: Any, hera_args: HeraArguments, hera_compute_dtype: torch.dtype | None = None,
+    def __init__(self, *args: Any, hera_args: HeraArguments,
                  hera_feature_cache: TeacherFeatureCache | None = None, hera_data_counts: Any = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -33,7 +33,13 @@ class HeraTeacherMixin:
         return True
 
     def _hera_precompute_decision(self) -> bool:
-        """Whether ``hera_teacher_precompute`` computes the features before step 1 in this run."""
+        """Whether ``hera_teacher_precompute`` computes the features before step 1 in this run (decided once)."""
+        decided = getattr(self, "_hera_precompute_decided", None)
+        if decided is None:
+            decided = self._hera_precompute_decided = self._hera_decide_precompute()
+        return decided
+
+    def _hera_decide_precompute(self) -> bool:
         dataset = self.train_dataset
         has_images = dataset is not None and hasattr(dataset, "__len__") and "images" in (
             getattr(dataset, "column_names", None) or ())

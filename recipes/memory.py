@@ -20,7 +20,7 @@ Method (bytes per GPU, worst case: every sequence of the micro-batch is ``cutoff
   2 x B x S x (8 d + 4 i) x 2 bytes (d: hidden size, i: MLP width);
 - logits: B x S x V x 10 bytes (bf16 logits, their fp32 copy in the loss, the saved
   log-softmax and its gradient; V: vocabulary size);
-- the HeRA teacher, DINOv2 ViT-L/14 in bf16: 0.3 B parameters x 2 bytes (its activations,
+- the HeRA teacher, DINOv2 ViT-L/14 in float32 (always, see trainer.py): 0.3 B parameters x 4 bytes (its activations,
   without gradient, are small; under the default hera_teacher_precompute it leaves the GPU before
   step 1, so this term is a margin); the HeRA term itself adds B x heads x d floats, negligible;
 - 2 GiB for the CUDA context, cuBLAS/NCCL workspaces and allocator slack.
@@ -122,7 +122,7 @@ def estimate_gib(b: Backbone, recipe: dict, zero: int | None = None, num_gpus: i
     """Estimated peak GiB per GPU for ``recipe`` on backbone ``b`` (``zero``: 2 or 3 for a full fine-tune)."""
     params = b.params_b * 1e9
     batch, seq = int(recipe["per_device_train_batch_size"]), int(recipe["cutoff_len"])
-    fixed = TEACHER_PARAMS * 2 + OVERHEAD + activation_bytes(b, batch, seq)
+    fixed = TEACHER_PARAMS * 4 + OVERHEAD + activation_bytes(b, batch, seq)
     if recipe["finetuning_type"] == "lora":
         states = params * 2 + lora_params(b, int(recipe.get("lora_rank", 8))) * 16
     elif recipe.get("freeze_language_model"):  # stage-1 style: projector only
