@@ -13,6 +13,35 @@ from typing import Any
 
 from .selection.select import MODES, STRATEGIES
 
+# command-line options that fall back to a recipe key (the same keys hera_heads: auto reads):
+# (flag, type, recipe key, what it sets)
+RECIPE_BACKED: tuple[tuple[str, type, str, str], ...] = (
+    ("--samples", int, "hera_select_samples", "image-caption pairs to score on"),
+    ("--heads", int, "hera_select_num_heads", "number of heads to choose"),
+    ("--strategy", str, "hera_select_strategy", "worst: least aligned (paper); best / random: ablations"),
+    ("--mode", str, "hera_select_mode", "text: captions alone through the language model (paper); multimodal: "
+     "image + caption through the MLLM"),
+    ("--clamp", float, "hera_select_clamp", "PRH's outlier clamp: feature values clamped at this quantile of |value| "
+     "before normalising, both sides; 0 turns it off"),
+    ("--batch-size", int, "hera_select_batch_size", "forward batch size"),
+    ("--k", int, "hera_k", "neighbours for MKNN"),
+    ("--teacher", str, "hera_teacher", "vision teacher"),
+)
+CHOICES = {"hera_select_strategy": STRATEGIES, "hera_select_mode": MODES}
+
+
+def _default_of(key: str) -> Any:
+    """HeraArguments' default for ``key`` (what a recipe without the key gets)."""
+    from dataclasses import fields
+
+    from .args import HeraArguments
+
+    return next(f.default for f in fields(HeraArguments) if f.name == key)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamafactory-hera", description="HeRA tools for LLaMA-Factory.")
@@ -26,29 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     select.add_argument("recipe", nargs="?", type=Path, help="LLaMA-Factory training recipe (YAML)")
     select.add_argument("--report", type=Path, metavar="RUN_DIR",
                         help="a finished HeRA run's output_dir: before/after heatmaps and a delta table")
-    select.add_argument("--samples", type=int, default=None,
-                        help="image-caption pairs to score on (default: the recipe's hera_select_samples, else 1000)")
-    select.add_argument("--heads", type=int, default=None,
-                        help="number of heads to choose (default: the recipe's hera_select_num_heads, else 5)")
-    select.add_argument("--strategy", choices=STRATEGIES, default=None,
-                        help="worst: least aligned (paper); best / random: ablations (default: the recipe's "
-                        "hera_select_strategy, else worst)")
-    select.add_argument("--mode", choices=MODES, default=None,
-                        help="text: captions alone through the language model (paper); multimodal: image + caption "
-                        "through the MLLM (default: the recipe's hera_select_mode, else text)")
-    select.add_argument("--clamp", type=float, default=None,
-                        help="PRH's outlier clamp: feature values clamped at this quantile of |value| before "
-                        "normalising, both sides; 0 turns it off (default: the recipe's hera_select_clamp, else 0.95)")
+    for flag, kind, key, what in RECIPE_BACKED:
+        options = {"choices": CHOICES[key]} if key in CHOICES else {"type": kind}
+        select.add_argument(flag, default=None, **options,
+                            help=f"{what} (default: the recipe's {key}, else {_default_of(key)})")
     select.add_argument("--seed", type=int, default=None,
                         help="sampling seed (default: the recipe's seed, else 42, the Trainer's default, as "
                         "hera_heads: auto uses)")
-    select.add_argument("--batch-size", type=int, default=None,
-                        help="forward batch size (default: the recipe's hera_select_batch_size, else 16)")
     select.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    select.add_argument("--k", type=int, default=None, help="neighbours for MKNN (default: the recipe's hera_k, "
-                        "else 10)")
-    select.add_argument("--teacher", default=None, help="vision teacher (default: the recipe's hera_teacher, else "
-                        "facebook/dinov2-large)")
     select.add_argument("--dataset", default=None, help="comma-separated dataset names from the recipe's "
                         "dataset_dir (default: the recipe's dataset; with --report, use held-out data here)")
     select.add_argument("--output", type=Path, default=None, help="write a new recipe here instead of editing RECIPE")
@@ -84,16 +98,16 @@ def options_from(args: Any, recipe: dict[str, Any]) -> Any:
     from .selection.select import SelectionOptions
 
     hera = parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")}, require_heads=False)
-    def pick(flag: Any, key: str) -> Any:
-        return flag if flag is not None else getattr(hera, key)
-
+    value = {}
+    for flag, _, key, _ in RECIPE_BACKED:
+        given = getattr(args, _dest(flag))
+        value[key] = given if given is not None else getattr(hera, key)
     return SelectionOptions(
-        num_samples=pick(args.samples, "hera_select_samples"), num_heads=pick(args.heads, "hera_select_num_heads"),
-        strategy=pick(args.strategy, "hera_select_strategy"), mode=pick(args.mode, "hera_select_mode"),
+        num_samples=value["hera_select_samples"], num_heads=value["hera_select_num_heads"],
+        strategy=value["hera_select_strategy"], mode=value["hera_select_mode"],
         seed=args.seed if args.seed is not None else int(recipe.get("seed", 42) or 0),
-        batch_size=pick(args.batch_size, "hera_select_batch_size"),
-        device=args.device, k=pick(args.k, "hera_k"), teacher=args.teacher or hera.hera_teacher,
-        teacher_feature=hera.hera_teacher_feature, clamp=pick(args.clamp, "hera_select_clamp"),
+        batch_size=value["hera_select_batch_size"], device=args.device, k=value["hera_k"],
+        teacher=value["hera_teacher"], teacher_feature=hera.hera_teacher_feature, clamp=value["hera_select_clamp"],
         dataset=[d.strip() for d in args.dataset.split(",")] if args.dataset else None,
     )
 
