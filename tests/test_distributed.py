@@ -47,8 +47,11 @@ def test_two_processes_equal_one_process_over_the_concatenated_batch(assets, tmp
     for layer in (0, 1):
         hera_one = runs[1, 1.0]["grads"][layer] - runs[1, 0.0]["grads"][layer]
         hera_two = runs[2, 1.0]["grads"][layer] - runs[2, 0.0]["grads"][layer]
-        assert hera_one.abs().max() > 1e-6
-        torch.testing.assert_close(hera_two, hera_one, rtol=1e-4, atol=1e-7)
+        scale = float(hera_one.abs().max())
+        assert scale > 1e-6
+        # float32 rounding of sums taken in another order (8 rows vs 2 x 4 averaged) is relative to the gradient's
+        # scale (~0.35 here; measured up to 1.9e-7 absolute on near-zero entries): a fixed atol of 1e-7 was flaky
+        torch.testing.assert_close(hera_two, hera_one, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_precomputed_teacher_features_are_split_over_ranks_and_train_identically(assets, tmp_path: Path) -> None:
