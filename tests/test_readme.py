@@ -85,6 +85,21 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     assert lines[-1] == commands[0]
 
 
+def test_dev_test_runs_pytest_on_every_core_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hera_dev", REPO / "dev.py")
+    dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert dev.parallel_args([]) == ["-n", "2", "--dist", "worksteal"]
+    assert dev.parallel_args(["-k", "numerics", "-x"]) == ["-n", "2", "--dist", "worksteal"]
+    for chosen in (["-n", "0"], ["-n4"], ["--numprocesses=3"], ["-p", "no:xdist"]):
+        assert dev.parallel_args(chosen) == [], chosen
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert dev.parallel_args([]) == []
+
+
 def test_documents_the_repository_points_to_are_in_it() -> None:
     """constraints-torch.txt once sent readers to a HOST.md that only existed outside the repository."""
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
