@@ -181,7 +181,8 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
         problem = panel.validate(values) if values is not None else ""
         if problem:
             lang = elem_value(self, data, "top.lang") or "en"
-            return mods["locales"].ALERTS["err_hera_args"].get(lang, panel.ALERTS["err_hera_args"]["en"]) + problem
+            prefix_text = mods["locales"].ALERTS["err_hera_args"].get(lang, panel.ALERTS["err_hera_args"]["en"])
+            return prefix_text + panel.as_markup(problem)
         return error
 
     def _parse_train_args(self: Any, data: dict[Any, Any]) -> dict[str, Any]:

@@ -165,12 +165,18 @@ def _coerce_bool(key: str, value: Any) -> bool:
 
 
 def _coerce_number(key: str, value: Any, kind: type, meta: dict[str, Any]) -> int | float:
+    expected = "expected a whole number." if kind is int else "expected a number."
     if isinstance(value, bool):
-        raise _fail(key, value, f"expected a {kind.__name__}.")
+        raise _fail(key, value, expected)
     try:
-        number = kind(value) if kind is float else int(str(value)) if not isinstance(value, int) else value
+        if kind is float:
+            number = float(value)
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)  # 10.0 from YAML or a web form
+        else:
+            number = value if isinstance(value, int) else int(str(value))
     except (TypeError, ValueError):
-        raise _fail(key, value, f"expected a {kind.__name__}.") from None
+        raise _fail(key, value, expected) from None
     if kind is float and not math.isfinite(number):
         raise _fail(key, value, "expected a finite number.")
     if "min" in meta and number < meta["min"]:

@@ -11,6 +11,7 @@ that need them.
 
 from __future__ import annotations
 
+import html
 import re
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
@@ -282,6 +283,12 @@ def validate(values: dict[str, Any]) -> str:
     return ""
 
 
+def as_markup(text: str) -> str:
+    """``text`` for LlamaBoard's alert toast and output box, which render HTML (Markdown): ``L<layer>H<head>``
+    would otherwise be read as two unknown tags and disappear."""
+    return html.escape(text, quote=False)
+
+
 def create_panel(gr: Any) -> dict[str, Any]:
     """Create the panel's inputs in the current gradio layout context (an accordion); element name -> component.
 
@@ -294,10 +301,10 @@ def create_panel(gr: Any) -> dict[str, Any]:
                 common = dict(elem_id=f"train-{field.key}", scale=field.scale, **localized(field.key, "en"))
                 if field.widget == "textbox":
                     elem = gr.Textbox(value=field.default, **common)
-                elif field.widget == "int":
-                    elem = gr.Number(value=field.default, precision=0, minimum=1, **common)
-                elif field.widget == "number":
-                    elem = gr.Number(value=field.default, minimum=0, **common)
+                elif field.widget in ("int", "number"):
+                    # No minimum / precision: gradio would reject a value out of range with a message that
+                    # names no field, or round 1.5 to 2 silently; validate() names the key and the range.
+                    elem = gr.Number(value=field.default, **common)
                 elif field.widget == "dropdown":
                     elem = gr.Dropdown(choices=list(field.choices), value=field.default, **common)
                 else:

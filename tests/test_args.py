@@ -40,7 +40,9 @@ def test_unknown_key_names_the_closest_valid_key() -> None:
 
 @pytest.mark.parametrize("key,value,message", [
     ("hera_k", 0, "hera_k: got 0; allowed range is >= 1"),
-    ("hera_k", "ten", "hera_k: got 'ten'; expected a int"),
+    ("hera_k", "ten", "hera_k: got 'ten'; expected a whole number"),
+    ("hera_k", 1.5, "hera_k: got 1.5; expected a whole number"),
+    ("hera_lambda", "x", "hera_lambda: got 'x'; expected a number"),
     ("hera_lambda", -0.1, "hera_lambda: got -0.1; allowed range is >= 0.0"),
     ("hera_lambda", float("nan"), "hera_lambda: got nan; expected a finite number"),
     ("hera_temperature", 0, "hera_temperature: got 0; allowed range is >= 0.01"),

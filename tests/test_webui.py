@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from dataclasses import MISSING, fields
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,17 @@ if "train.hera_tab" in manager._id_to_elem:
                         if manager.get_id_by_elem(e).startswith("train.hera_")}
     bad = data_for("HeRA (Head-wise Representation Alignment)", **{"train.hera_heads": "L1X0"})
     report["bad_heads_error"] = runner._initialize(bad, True, True)
+    report["bad_values"] = {}
+    for key, raw in (("hera_k", 0), ("hera_k", 1.5), ("hera_k", None), ("hera_temperature", 0),
+                     ("hera_lambda", -1), ("hera_select_num_heads", 0)):
+        elem = manager.get_elem_by_id("train." + key)
+        try:
+            value = elem.preprocess(raw)  # what gradio does with the browser's value before any callback
+        except Exception as err:
+            report["bad_values"][f"{key}={raw}"] = "gradio: " + str(err)
+            continue
+        data = data_for("HeRA (Head-wise Representation Alignment)", **{"train." + key: value})
+        report["bad_values"][f"{key}={raw}"] = runner._initialize(data, True, True)
     children = tab.parent.children
     report["panel_before_buttons"] = children.index(tab) + 1 == children.index(
         manager.get_elem_by_id("train.cmd_preview_btn").parent)
@@ -174,6 +186,35 @@ def test_hera_stage_adds_the_hera_keys(board: dict[str, Any]) -> None:
     assert run["config"]["train.hera_heads"] == "[L1H0, L1H2]" and run["config"]["train.hera_k"] == 3
     assert board["bad_heads_error"].startswith("Invalid HeRA setting: hera_heads:")
     assert board["loaded"]["train.hera_heads"] == "L0H3" and board["loaded"]["train.hera_k"] == 4  # Load arguments
+
+
+class _BrowserText(HTMLParser):
+    """The text a browser shows for HTML set as ``innerHTML`` (LlamaBoard's toast; its Markdown box alike)."""
+
+    def __init__(self, markup: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.feed(markup)
+        self.close()
+
+    def handle_data(self, data: str) -> None:
+        self.parts.append(data)
+
+
+def shown(markup: str) -> str:
+    return "".join(_BrowserText(markup).parts)
+
+
+def test_bad_values_show_the_key_and_the_head_format(board: dict[str, Any]) -> None:
+    assert "write heads as L<layer>H<head>" in shown(board["bad_heads_error"])  # was "write heads as LH"
+    assert set(board["bad_values"]) == {"hera_k=0", "hera_k=1.5", "hera_k=None", "hera_temperature=0",
+                                        "hera_lambda=-1", "hera_select_num_heads=0"}
+    for case, message in board["bad_values"].items():
+        key, value = case.split("=")
+        text = shown(message)
+        # was "gradio: Value 0 is less than minimum value 1." (no field), or 1.5 silently rounded to 2
+        assert text.startswith(f"Invalid HeRA setting: {key}"), (case, text)
+        assert value in text or value == "None", (case, text)
 
 
 def test_stock_stages_are_untouched(board: dict[str, Any], stock: dict[str, Any]) -> None:
