@@ -66,7 +66,7 @@ def main() -> None:
     tokenizer = tokenizer_module["tokenizer"]
     decoder = text_decoder(model)
     head_dim = attention_geometry(model.config).head_dim
-    teacher = load_teacher(str(assets.teacher), "cls", next(model.parameters()).dtype, args.device)
+    teacher = load_teacher(str(assets.teacher), "cls", args.device)
     processor = load_image_processor(str(assets.teacher))
 
     def sync() -> None:

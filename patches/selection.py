@@ -5,10 +5,11 @@ Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified by :func:`check_h
   and ``get_infer_args(dict)``;
 - ``llamafactory.model``: ``load_tokenizer(model_args)``, ``load_model(tokenizer, model_args,
   finetuning_args, is_trainable)``;
-- ``llamafactory.data``: ``get_template_and_fix_tokenizer``, ``get_dataset(template, model_args,
-  data_args, training_args, stage, **tokenizer_module)`` and ``SFTDataCollatorWith4DAttentionMask``;
+- ``llamafactory.data``: ``get_template_and_fix_tokenizer`` and ``SFTDataCollatorWith4DAttentionMask``;
 - ``llamafactory.data.loader._get_merged_dataset(names, model_args, data_args, training_args, stage)``
-  returning the aligned columns ``_prompt``, ``_response`` and ``_images``.
+  returning the aligned columns ``_prompt``, ``_response`` and ``_images``, and
+  ``_get_preprocessed_dataset(dataset, data_args, training_args, stage, template, tokenizer, processor)``
+  (the training tokenization, one output row per valid input row).
 """
 
 from __future__ import annotations
@@ -42,9 +43,8 @@ def check_host() -> None:
     loader = importlib.import_module("llamafactory.data.loader")
     require(hparams, ("ModelArguments", "DataArguments", "FinetuningArguments", "get_infer_args"), "selection")
     require(model, ("load_tokenizer", "load_model"), "selection")
-    require(data, ("get_template_and_fix_tokenizer", "get_dataset", "SFTDataCollatorWith4DAttentionMask"),
-            "selection")
-    require(loader, ("_get_merged_dataset",), "selection")
+    require(data, ("get_template_and_fix_tokenizer", "SFTDataCollatorWith4DAttentionMask"), "selection")
+    require(loader, ("_get_merged_dataset", "_get_preprocessed_dataset"), "selection")
 
 
 def parse_recipe(recipe: dict[str, Any]) -> RecipeArgs:
@@ -98,13 +98,22 @@ def load_model_for_scoring(args: RecipeArgs, device: str) -> tuple[Any, dict[str
 
 
 def multimodal_dataset_and_collator(args: RecipeArgs, model: Any, tokenizer_module: dict[str, Any], template: Any,
-                                    seed: int, dataset: list[str] | None = None) -> tuple[Any, Any]:
-    """Tokenized SFT dataset (with ``images``) and the SFT collator, as training builds them."""
+                                    seed: int, rows: list[int], dataset: list[str] | None = None) -> tuple[Any, Any]:
+    """The chosen aligned ``rows``, tokenized as training tokenizes them (row ``i`` of the result is ``rows[i]``),
+    and the SFT collator.
+
+    Only those rows are tokenized, so that no validation split (``val_size`` shuffles the rest) and no row the
+    tokenizer drops elsewhere can shift which tokens go with which teacher feature.
+    """
     data = importlib.import_module("llamafactory.data")
-    if dataset:
-        args.data_args.dataset = dataset
-    module = data.get_dataset(template, args.model_args, args.data_args, training_args_for_reading(seed), stage="sft",
-                              **tokenizer_module)
+    loader = importlib.import_module("llamafactory.data.loader")
+    reading = training_args_for_reading(seed)
+    chosen = load_aligned_rows(args, seed, dataset).select(rows)
+    tokenized = loader._get_preprocessed_dataset(chosen, args.data_args, reading, "sft", template,
+                                                 tokenizer_module["tokenizer"], tokenizer_module.get("processor"))
+    if len(tokenized) != len(rows):
+        raise ValueError(f"head selection: LLaMA-Factory's tokenization kept {len(tokenized)} of the {len(rows)} "
+                         "chosen image-caption rows; each must be one user turn and one answer.")
     collator = data.SFTDataCollatorWith4DAttentionMask(template=template, model=model, pad_to_multiple_of=8,
                                                       label_pad_token_id=-100, **tokenizer_module)
-    return module["train_dataset"], collator
+    return tokenized, collator

@@ -91,6 +91,18 @@ def multimodal_token_ids(config: Any, processor: Any = None, tokenizer: Any = No
     return frozenset(ids)
 
 
+def require_multimodal_ids(ids: frozenset[int], model_type: str) -> frozenset[int]:
+    """``ids`` when there is at least one, else a ValueError: without a placeholder id no token lies "after the
+    first image", every pooling mask is empty, and the run would be plain SFT with a warning per micro-batch."""
+    if not ids:
+        raise ValueError(
+            f"stage: hera: found no multimodal placeholder token (image_token_id / image_token_index / video_token_id "
+            f"...) in the config of model_type '{model_type}', its processor or the template's mm_plugin, so HeRA "
+            "cannot tell where a sample's image is and would pool nothing. Use a multimodal model with its "
+            "LLaMA-Factory template (e.g. template: qwen2_vl, llava).")
+    return ids
+
+
 def multimodal_positions(input_ids: torch.Tensor, multimodal_ids: Collection[int]) -> torch.Tensor:
     """``[B, T]`` bool: positions holding a multimodal placeholder token."""
     if not multimodal_ids:

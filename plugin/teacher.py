@@ -248,8 +248,16 @@ class VisionTeacher(nn.Module):
 _TEACHERS: dict[tuple[str, str, str, str], VisionTeacher] = {}
 
 
-def load_teacher(name_or_path: str, feature: str, dtype: torch.dtype, device: torch.device | str) -> VisionTeacher:
-    """Load (once per process and settings) the frozen teacher on ``device``, its weights in ``dtype``."""
+# The teacher runs in float32 whatever the model's dtype, in training and in head selection alike: bf16 rounding
+# inside the encoder reorders near-tied neighbours (36 of 512 DINOv2 [CLS] kNN sets changed), and one dtype keeps
+# precomputed, cached, in-step and selection features identical.
+TEACHER_DTYPE = torch.float32
+
+
+def load_teacher(name_or_path: str, feature: str, device: torch.device | str, *,
+                 dtype: torch.dtype = TEACHER_DTYPE) -> VisionTeacher:
+    """Load (once per process and settings) the frozen teacher on ``device``, its weights in ``dtype`` (float32
+    unless a test asks otherwise)."""
     from transformers import AutoModel
 
     key = (name_or_path, feature, str(dtype), str(device))

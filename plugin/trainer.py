@@ -24,7 +24,7 @@ from .collator import HERA_BATCH_KEYS
 from .contrastive import FeatureQueue, all_ranks_true, distributed, gather_batch
 from .heads import attention_geometry
 from .loss import hera_loss_anchored
-from .pooling import multimodal_token_ids, pooled_token_mask, pooling_weights
+from .pooling import multimodal_token_ids, pooled_token_mask, pooling_weights, require_multimodal_ids
 from .preflight import contrastive_geometry
 from .run_summary import HeraRunSummary
 from .teacher import load_teacher
@@ -70,11 +70,8 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin):
         self.hera_geometry = attention_geometry(model.config)
         self.hera_capture = HeadCapture(model, hera_args.head_refs, self.hera_geometry)
         device = self.args.device
-        # The teacher runs in float32 whatever the model's dtype: bf16 rounding inside the encoder reorders
-        # near-tied neighbours (36 of 512 DINOv2 [CLS] kNN sets changed), and one dtype keeps precomputed, cached
-        # and in-step features identical. A precomputed teacher leaves the GPU after its one pass.
-        dtype = torch.float32
-        self.hera_teacher = load_teacher(hera_args.hera_teacher, hera_args.hera_teacher_feature, dtype, device)
+        # float32 (teacher.TEACHER_DTYPE) whatever the model's dtype; precomputed, it leaves the GPU after its pass
+        self.hera_teacher = load_teacher(hera_args.hera_teacher, hera_args.hera_teacher_feature, device)
         self.hera_feature_cache = hera_feature_cache or TeacherFeatureCache(enabled=False)
         self._hera_teacher_dim = int(self.hera_teacher.encoder.config.hidden_size)
         self.hera_contrastive = contrastive_geometry(hera_args, self.args.per_device_train_batch_size,
@@ -91,7 +88,9 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin):
                 self._hera_tau_handler.own_optimizer = torch.optim.AdamW(
                     [self.hera_log_tau], lr=self._hera_tau_handler.base_lr, betas=(self.args.adam_beta1,
                     self.args.adam_beta2), eps=self.args.adam_epsilon, weight_decay=0.0)
-        self.hera_multimodal_ids = multimodal_token_ids(model.config, **_collator_token_sources(self.data_collator))
+        self.hera_multimodal_ids = require_multimodal_ids(
+            multimodal_token_ids(model.config, **_collator_token_sources(self.data_collator)),
+            str(getattr(model.config, "model_type", "?")))
         self._hera_stats = torch.zeros(len(_STATS), dtype=torch.float64, device=device)
         self._hera_last_logged_step: int | None = None  # set at the first training step (resume-aware)
         self.hera_summary = HeraRunSummary(hera_args, hera_data_counts)
@@ -189,6 +188,19 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin):
     def _trainer_divides_by_accumulation(self, num_items_in_batch: Any) -> bool:
         """Mirror of ``Trainer.training_step``'s rule for dividing the loss by the accumulation steps."""
         return (not self.model_accepts_loss_kwargs or num_items_in_batch is None) and self.compute_loss_func is None
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The Trainer's input preparation, except for the teacher's pixels ``[N_img, C, H, W]``.
+
+        Under DeepSpeed the Trainer casts every floating input to the engine's dtype (bf16): the teacher would see
+        rounded pixels in the steps but float32 pixels when precomputing, and the features would differ. The pixels
+        stay float32 on the CPU; the teacher moves them itself.
+        """
+        pixels = inputs.pop("hera_pixel_values", None) if hasattr(inputs, "pop") else None  # dict or BatchFeature
+        prepared = super()._prepare_inputs(inputs)
+        if pixels is not None:
+            prepared["hera_pixel_values"] = pixels
+        return prepared
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:

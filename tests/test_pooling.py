@@ -111,3 +111,20 @@ def test_train_on_prompt_and_system_prompts_never_pool_image_or_pre_image_tokens
     assert total > 0
     assert pooled == []  # no multimodal placeholder token pooled
     assert before_image == 0  # system prompt and "USER:" before the image cannot depend on it
+
+
+def test_a_model_without_multimodal_placeholders_is_refused() -> None:
+    """No placeholder id: every mask would be empty (nothing lies after a first image), so the run is refused."""
+    from transformers import LlamaConfig
+
+    from llamafactory_hera.pooling import require_multimodal_ids
+
+    ids = multimodal_token_ids(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                           num_attention_heads=2, intermediate_size=32))
+    assert ids == frozenset()
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    mask = pooled_token_mask(torch.tensor([[-100, 6, 7, 8]]), input_ids, torch.ones_like(input_ids), "assistant", ids)
+    assert not mask.any()  # what the run would have pooled
+    with pytest.raises(ValueError, match="found no multimodal placeholder token .* model_type 'llama'"):
+        require_multimodal_ids(ids, "llama")
+    assert require_multimodal_ids(frozenset({3}), "qwen2_5_vl") == frozenset({3})

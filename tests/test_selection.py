@@ -59,7 +59,7 @@ def test_scores_equal_mutual_knn_of_explicit_contributions(assets, family: str) 
                 reps[layer, :, n] = per_token[:, keep].mean(1)
     for handle in hooks:
         handle.remove()
-    teacher = load_teacher(str(assets.teacher), "cls", torch.float32, "cpu")
+    teacher = load_teacher(str(assets.teacher), "cls", "cpu")
     feats = collect.collect_teacher(teacher, load_image_processor(str(assets.teacher)), pairs, 5, progress=False)
     want = torch.tensor([[mutual_knn(reps[layer, head], feats, 5) for head in range(heads)]
                          for layer in range(len(o_projs))])
@@ -73,7 +73,7 @@ def test_teacher_features_with_prefetch_threads_equal_one_image_at_a_time(assets
 
     recipe_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused"))
     pairs, _ = prepare(recipe_args, _options(assets))
-    teacher = load_teacher(str(assets.teacher), "cls", torch.float32, "cpu")
+    teacher = load_teacher(str(assets.teacher), "cls", "cpu")
     processor = load_image_processor(str(assets.teacher))
     with torch.no_grad():
         want = torch.nn.functional.normalize(torch.stack([teacher(processor(
@@ -92,6 +92,11 @@ def test_multimodal_mode_scores_every_head(assets) -> None:
     pairs, _ = prepare(recipe_args, options)
     scores = score_heads(recipe_args, options, pairs)
     assert scores.shape == (2, 4) and bool(((scores >= 0) & (scores <= 1)).all())
+    # a validation split shuffles LLaMA-Factory's train_dataset: rows must still meet their own teacher features
+    split_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused", val_size=0.25))
+    split_pairs, _ = prepare(split_args, options)
+    assert [p.row for p in split_pairs] == [p.row for p in pairs]
+    torch.testing.assert_close(score_heads(split_args, options, split_pairs), scores, atol=0, rtol=0)
 
 
 RECIPE_HEAD = "### model\n# a user's comment that must survive\n"

@@ -28,16 +28,18 @@ def _pixels(assets, count: int = 3) -> torch.Tensor:
 
 def test_cls_and_mean_features_match_the_encoder_output(assets) -> None:
     pixels = _pixels(assets)
-    cls_teacher = load_teacher(str(assets.teacher), "cls", torch.float32, "cpu")
-    mean_teacher = load_teacher(str(assets.teacher), "mean", torch.float32, "cpu")
+    cls_teacher = load_teacher(str(assets.teacher), "cls", "cpu")
+    mean_teacher = load_teacher(str(assets.teacher), "mean", "cpu")
     hidden = cls_teacher.encoder(pixel_values=pixels).last_hidden_state  # [N, 1+P, E]
     torch.testing.assert_close(cls_teacher(pixels), hidden[:, 0])
     torch.testing.assert_close(mean_teacher(pixels), hidden[:, 1:].mean(1))
-    assert load_teacher(str(assets.teacher), "cls", torch.float32, "cpu") is cls_teacher  # once per process
+    assert load_teacher(str(assets.teacher), "cls", "cpu") is cls_teacher  # once per process
+    # float32 unless asked: training and head selection load it without a dtype (selection used the model's)
+    assert next(cls_teacher.encoder.parameters()).dtype == torch.float32
 
 
 def test_teacher_is_frozen_and_stays_in_eval_mode(assets) -> None:
-    teacher = load_teacher(str(assets.teacher), "cls", torch.float32, "cpu")
+    teacher = load_teacher(str(assets.teacher), "cls", "cpu")
     teacher.train()
     assert not teacher.training and not teacher.encoder.training
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -110,8 +112,8 @@ def test_hub_ids_are_not_taken_for_folders_and_tilde_is_expanded(assets, tmp_pat
     pixels = load_image_processor("~/teacher")([image], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(pixels, load_image_processor(str(assets.teacher))([image], return_tensors="pt")[
         "pixel_values"])
-    want = load_teacher(str(assets.teacher), "cls", torch.float32, "cpu")(pixels)
-    torch.testing.assert_close(load_teacher("~/teacher", "cls", torch.float32, "cpu")(pixels), want)
+    want = load_teacher(str(assets.teacher), "cls", "cpu")(pixels)
+    torch.testing.assert_close(load_teacher("~/teacher", "cls", "cpu")(pixels), want)
 
 
 def test_per_sample_features_are_means_of_unit_image_features() -> None:
@@ -141,7 +143,7 @@ def test_features_are_float32_through_batching_selection_and_precompute(assets) 
     from llamafactory_hera.teacher_cache import TeacherFeatureCache
     from llamafactory_hera.teacher_precompute import precompute_teacher_features, training_images
 
-    teacher = load_teacher(str(assets.teacher), "cls", torch.bfloat16, "cpu")
+    teacher = load_teacher(str(assets.teacher), "cls", "cpu", dtype=torch.bfloat16)
     processor = load_image_processor(str(assets.teacher))
     paths = [str(p) for p in sorted((assets.dataset_dir / "images").glob("*.png"))[:5]]
     single = torch.stack([teacher(processor([open_image(p)], return_tensors="pt")["pixel_values"])[0] for p in paths])

@@ -69,17 +69,17 @@ def test_teacher_feature_is_the_familys_own_pooled_image_feature(teachers, famil
     folder = teachers[family]
     want_cls, want_mean = _reference(family, folder)
     pixels = load_image_processor(str(folder))(_images(), return_tensors="pt")["pixel_values"]
-    mean = load_teacher(str(folder), "mean", torch.float32, "cpu")(pixels)
+    mean = load_teacher(str(folder), "mean", "cpu")(pixels)
     torch.testing.assert_close(mean, want_mean, atol=1e-5, rtol=1e-4)
     if want_cls is None:
         check_teacher_source(str(folder), "mean")
         with pytest.raises(ValueError, match="hera_teacher_feature: got 'cls'.*Set hera_teacher_feature: mean"):
             check_teacher_source(str(folder), "cls")
         with pytest.raises(ValueError, match="hera_teacher_feature: got 'cls'"):
-            load_teacher(str(folder), "cls", torch.float32, "cpu")
+            load_teacher(str(folder), "cls", "cpu")
         return
     check_teacher_source(str(folder), "cls")
-    cls = load_teacher(str(folder), "cls", torch.float32, "cpu")(pixels)
+    cls = load_teacher(str(folder), "cls", "cpu")(pixels)
     torch.testing.assert_close(cls, want_cls, atol=1e-5, rtol=1e-4)
     assert cls.dtype == mean.dtype == torch.float32 and cls.shape == (len(SIZES), 32)
 
@@ -92,7 +92,7 @@ def test_dual_encoder_cls_is_the_image_embedding_before_any_projection(teachers,
     inputs = dict(AutoImageProcessor.from_pretrained(folder)(_images(), return_tensors="pt"))
     with torch.no_grad():
         want = model.get_image_features(**inputs).pooler_output
-    got = load_teacher(str(folder), "cls", torch.float32, "cpu")(
+    got = load_teacher(str(folder), "cls", "cpu")(
         load_image_processor(str(folder))(_images(), return_tensors="pt")["pixel_values"])
     if family == "clip":
         got = model.visual_projection(got)
@@ -117,7 +117,7 @@ def test_naflex_rows_pack_and_unpack_losslessly_in_any_float_dtype(teachers) -> 
 def test_bf16_teacher_returns_float32_features_of_its_bf16_output(teachers) -> None:
     folder = teachers["dinov2"]
     pixels = load_image_processor(str(folder))(_images(), return_tensors="pt")["pixel_values"]
-    teacher = load_teacher(str(folder), "cls", torch.bfloat16, "cpu")
+    teacher = load_teacher(str(folder), "cls", "cpu", dtype=torch.bfloat16)
     got = teacher(pixels)
     assert got.dtype == torch.float32
     with torch.no_grad():

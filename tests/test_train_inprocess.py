@@ -141,7 +141,7 @@ def test_teacher_cache_skips_the_teacher_after_the_first_epoch(assets, tmp_path:
 
     from llamafactory_hera.teacher import load_teacher
 
-    teacher = load_teacher(str(assets.teacher), "cls", torch.float32, torch.device("cpu"))
+    teacher = load_teacher(str(assets.teacher), "cls", torch.device("cpu"))
     seen: list[int] = []
     original = teacher.forward
     teacher.forward = lambda pixels: (seen.append(pixels.shape[0]), original(pixels))[1]  # type: ignore[method-assign]

@@ -35,13 +35,14 @@ class CalibrationPair:
 
 
 def usable_pairs(rows: Iterable[dict[str, Any]]) -> list[CalibrationPair]:
-    """Rows with at least one image and a non-empty answer (LLaMA-Factory's aligned format)."""
+    """Rows with at least one image and a non-empty answer (LLaMA-Factory's aligned format) that its SFT
+    tokenization keeps (an odd number of prompt messages and one response)."""
     pairs = []
     for index, row in enumerate(rows):
         images = tuple(row.get("_images") or ())
         response = row.get("_response") or []
-        caption = str(response[0].get("content", "")).strip() if response else ""
-        if images and caption:
+        caption = str(response[0].get("content", "")).strip() if len(response) == 1 else ""
+        if images and caption and len(row.get("_prompt") or []) % 2 == 1:
             pairs.append(CalibrationPair(index, caption, images))
     return pairs
 
@@ -80,16 +81,23 @@ def data_notes(usable: int, distinct: int, chosen: list[CalibrationPair], reques
 
 
 def sample_pairs(pairs: list[CalibrationPair], num_samples: int, seed: int, k: int,
-                 source: str) -> list[CalibrationPair]:
+                 source: str, usable_rows: int | None = None) -> list[CalibrationPair]:
     """Up to ``num_samples`` pairs drawn without replacement with ``seed`` (kept in dataset order).
 
+    Args:
+        pairs: one pair per distinct image (:func:`distinct_image_pairs`).
+        usable_rows: rows with an image and a non-empty answer before that, for the error message.
+
     Raises:
-        ValueError: when fewer than ``k + 1`` usable pairs exist (kNN needs k other samples).
+        ValueError: when fewer than ``k + 1`` pairs exist (kNN needs k other samples).
     """
     if len(pairs) < k + 1:
+        rows = usable_rows if usable_rows is not None else len(pairs)
+        shared = "; rows that share an image count once" if rows > len(pairs) else ""
         raise ValueError(
-            f"dataset {source}: only {len(pairs)} usable image-caption pairs (rows with an image and a non-empty "
-            f"answer); scoring heads with k={k} needs at least {k + 1}. Add data or lower k (hera_k / --k)."
+            f"dataset {source}: only {len(pairs)} usable image-caption pairs with distinct images, from {rows} "
+            f"row(s) with an image and a non-empty answer{shared}; scoring heads with k={k} needs at least {k + 1}. "
+            "Add data with other images or lower k (hera_k / --k)."
         )
     if len(pairs) <= num_samples:
         return list(pairs)

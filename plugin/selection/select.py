@@ -127,7 +127,7 @@ def path_fingerprint(path: str | None) -> str | None:
     """Content identity of a local model/adapter folder: names, sizes and mtimes of its files (hub ids as is)."""
     if path is None:
         return None
-    folder = Path(path)
+    folder = Path(path).expanduser()  # hera_teacher: ~/dinov2 is a folder, as the teacher loader reads it
     if not folder.exists():
         return f"id:{path}"
     digest = hashlib.sha256()
@@ -220,7 +220,7 @@ def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.C
     source = ", ".join(options.dataset or recipe_args.data_args.dataset or [])
     usable = collect.usable_pairs(rows)
     distinct = collect.distinct_image_pairs(usable, options.seed)
-    pairs = collect.sample_pairs(distinct, options.num_samples, options.seed, options.k, source)
+    pairs = collect.sample_pairs(distinct, options.num_samples, options.seed, options.k, source, len(usable))
     notes = collect.data_notes(len(usable), len(distinct), pairs, options.num_samples)
     _warn_about_data(notes, source)
     check_model_structure(recipe_args.model_args.model_name_or_path, recipe_args.model_args.trust_remote_code)
@@ -261,13 +261,14 @@ def score_heads(recipe_args: Any, options: SelectionOptions, pairs: list[collect
                                       options.progress)
     else:
         dataset, collator = multimodal_dataset_and_collator(recipe_args, model, tokenizer_module, template,
-                                                            options.seed, options.dataset)
-        pooled = collect.collect_multimodal(model, dataset, collator, [p.row for p in pairs], options.batch_size,
+                                                            options.seed, [p.row for p in pairs], options.dataset)
+        pooled = collect.collect_multimodal(model, dataset, collator, list(range(len(pairs))), options.batch_size,
                                             device, options.progress)
     weights = collect.layer_weights(model)
-    dtype = next(model.parameters()).dtype
     del model
-    teacher = load_teacher(options.teacher, options.teacher_feature, dtype, device)
+    # float32 as in training, whatever the model's dtype (it was the model's: bf16 on a GPU, other neighbours than
+    # training's, and with hera_heads: auto a second teacher left on the GPU)
+    teacher = load_teacher(options.teacher, options.teacher_feature, device)
     feats = collect.collect_teacher(teacher, load_image_processor(options.teacher), pairs,
                                     teacher_batch_size(options.batch_size), options.progress)
     return all_head_scores(pooled, weights, feats, options.k, geometry.head_dim, device, clamp=options.clamp)
