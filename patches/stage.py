@@ -145,6 +145,8 @@ def apply(tuner: ModuleType) -> None:
 
     def run_hera(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any, generating_args: Any,
                  callbacks: Any = None, *, hera_args: HeraArguments) -> None:
+        # the data checks first: an image-less dataset is named as such, not as too few pairs to select heads from
+        rows, counts = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
         if hera_args.auto_heads:
             from llamafactory_hera.patches.selection import RecipeArgs
             from llamafactory_hera.selection.auto import resolve_auto_heads
@@ -152,7 +154,6 @@ def apply(tuner: ModuleType) -> None:
             hera_args.hera_heads = resolve_auto_heads(
                 RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,
                 str(training_args.device), training_args.output_dir, training_args.process_index == 0)
-        rows, counts = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
         collator, trainer = _hera_classes(workflow, hera_args, rows, counts)
         if training_args.should_save:
             _write_run_record(training_args.output_dir, hera_args, (

@@ -33,8 +33,9 @@ class HeraArguments:
     )
     hera_teacher_feature: str = field(
         default="cls",
-        metadata={"help": "Teacher feature per image: 'cls' (last-layer [CLS], paper) or 'mean' "
-                  "(mean of patch tokens).",
+        metadata={"help": "Teacher feature per image: 'cls' (the family's own pooled image "
+                  "feature: DINOv2's last-layer [CLS], paper; CLIP's post-layernorm [CLS]; SigLIP's attention-pool "
+                  "head) or 'mean' (mean of the last layer's patch tokens).",
                   "choices": ("cls", "mean")},
     )
     hera_k: int = field(
@@ -59,7 +60,7 @@ class HeraArguments:
     )
     hera_teacher_cache: bool = field(
         default=True,
-        metadata={"help": "Cache each image's teacher feature (CPU, ~2 KB per image for DINOv2-L in bf16) so epochs "
+        metadata={"help": "Cache each image's teacher feature (CPU, float32: 4 KB per image for DINOv2-L) so epochs "
                   "after the first run no teacher forward; false recomputes every step."},
     )
     hera_teacher_precompute: str = field(
@@ -90,7 +91,8 @@ class HeraArguments:
     hera_pooling: str = field(
         default="assistant",
         metadata={"help": "Tokens averaged into a head's representation: 'assistant' (tokens with a label, paper's "
-                  "stage 2) or 'text' (all non-image, non-padding tokens, paper's stage 1).",
+                  "stage 2; the caption when it is the response) or 'text' (every attended token after the sample's "
+                  "first image); never a multimodal placeholder nor anything before the first image.",
                   "choices": ("assistant", "text")},
     )
 

@@ -40,16 +40,18 @@ def contrastive_geometry(hera_args: HeraArguments, per_device: int, processes: i
     """The run's contrastive geometry; under ``hera_queue_size: auto`` the queue is decided here, once.
 
     Auto switches a queue of ``4 * (hera_k + 1)`` samples on when the largest batch set is smaller than
-    ``hera_k + 1`` (one ragged last batch of an epoch does not switch it on).
+    ``hera_k + 1``, or than 3 (a set of 2 has no negative, whatever k; ``hera_k: 1`` with batches of 2 would
+    otherwise be refused with advice it already follows). One ragged last batch of an epoch does not switch it on.
     """
     gather = hera_args.hera_gather
     batch_set = per_device * (processes if gather and processes > 1 else 1)
-    needed = batch_set < hera_args.hera_k + 1
+    smallest_useful = max(hera_args.hera_k + 1, 3)
+    needed = batch_set < smallest_useful
     queue = hera_args.queue_capacity(needed=needed)
     where = f"per_device_train_batch_size {per_device} x {processes if gather and processes > 1 else 1} process(es)"
     if hera_args.hera_queue_size == AUTO:
         reason = (f"auto: contrastive sets of at most {batch_set} image samples ({where}) are smaller than "
-                  f"hera_k+1={hera_args.hera_k + 1}" if needed else
+                  f"{smallest_useful} (hera_k+1, and at least 3 for a negative)" if needed else
                   f"auto: off, the contrastive set holds up to {batch_set} image samples ({where})")
     else:
         reason = f"hera_queue_size: {queue}"
@@ -73,7 +75,7 @@ def check_contrastive_geometry(geometry: ContrastiveGeometry, hera_args: HeraArg
         what = ("hold at most 2 image samples: the only other sample is the positive, there is no negative, and "
                 "hera_loss would be exactly 0 every step")
     raise ValueError(f"stage: hera: with {setting}, the contrastive sets {what}. Raise per_device_train_batch_size "
-                     f"(at least hera_k+1={hera_args.hera_k + 1} is best), or set hera_queue_size: auto (or a "
+                     f"(at least {max(hera_args.hera_k + 1, 3)} is best), or set hera_queue_size: auto (or a "
                      "number >= 2) to add recent samples from a queue.")
 
 

@@ -8,6 +8,7 @@ printed (and a line saying how to get the traceback); every other exception keep
 
 from __future__ import annotations
 
+import linecache
 import os
 import sys
 from types import TracebackType
@@ -22,7 +23,9 @@ def raised_by_plugin(error: BaseException) -> bool:
 
     The innermost frame of the traceback is where the exception was raised; a ValueError from torch or
     LLaMA-Factory has its innermost frame there, not here, and keeps its full traceback. Frames are told by their
-    module name (``llamafactory_hera`` and ``llamafactory_hera.patches``), whatever the install layout.
+    module name (``llamafactory_hera`` and ``llamafactory_hera.patches``), whatever the install layout. The line
+    must be a ``raise`` statement: an error of a C operation the plugin calls (a CUDA out-of-memory error in
+    ``a @ b``) also has its innermost Python frame in the plugin, and keeps its traceback.
     """
     if not isinstance(error, USER_ERRORS):
         return False
@@ -32,7 +35,10 @@ def raised_by_plugin(error: BaseException) -> bool:
     while tb.tb_next is not None:
         tb = tb.tb_next
     module = str(tb.tb_frame.f_globals.get("__name__", ""))
-    return module == PACKAGE or module.startswith(PACKAGE + ".")
+    if not (module == PACKAGE or module.startswith(PACKAGE + ".")):
+        return False
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno, tb.tb_frame.f_globals).lstrip()
+    return line.startswith("raise ")
 
 
 def short_report(error: BaseException) -> str:

@@ -22,6 +22,7 @@ def _args(**keys: Any):
 @pytest.mark.parametrize("per_device,processes,keys,largest,queue", [
     (16, 1, {}, 16, 0),  # the recipes: no queue
     (2, 1, {}, 2 + 44, 44),  # auto switches the queue on from the configured geometry
+    (2, 1, {"hera_k": 1}, 2 + 8, 8),  # a set of 2 has no negative even when it holds hera_k+1: auto adds a queue
     (4, 4, {}, 16, 0),  # gathered over 4 processes: 16 >= k+1
     (4, 4, {"hera_gather": False}, 4 + 44, 44),  # per device only
     (1, 1, {"hera_queue_size": 8}, 9, 8),
@@ -58,7 +59,8 @@ def test_runs_that_cannot_train_hera_stop_before_the_first_step(assets, tmp_path
     assert message in _refused(assets, tmp_path, **overrides)
 
 
-def test_a_dataset_without_any_image_is_refused(assets, tmp_path: Path) -> None:
+@pytest.mark.parametrize("heads", ["listed", "auto"])  # auto: before selection, whose error spoke of too few pairs
+def test_a_dataset_without_any_image_is_refused(assets, tmp_path: Path, heads: str) -> None:
     folder = tmp_path / "data"
     shutil.copytree(assets.dataset_dir, folder)
     rows = json.loads((folder / "hera_demo.json").read_text())
@@ -66,7 +68,7 @@ def test_a_dataset_without_any_image_is_refused(assets, tmp_path: Path) -> None:
         row["images"] = []
         row["messages"][0]["content"] = row["messages"][0]["content"].replace("<image>", "")
     (folder / "hera_demo.json").write_text(json.dumps(rows))
-    output = _refused(assets, tmp_path, dataset_dir=str(folder))
+    output = _refused(assets, tmp_path, dataset_dir=str(folder), **({"hera_heads": "auto"} if heads == "auto" else {}))
     assert "dataset: ['hera_demo'] has no image in any of its 32 rows" in output and "use stage: sft" in output
 
 

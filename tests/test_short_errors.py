@@ -28,6 +28,21 @@ def test_a_plugin_message_is_short_and_a_host_error_is_not() -> None:
     assert not short_errors.raised_by_plugin(_caught(lambda: {}["missing"]))  # a bug: not a message
 
 
+def test_an_error_of_a_torch_operation_called_by_the_plugin_keeps_its_traceback() -> None:
+    """A C operation's RuntimeError (as a CUDA out-of-memory error in ``a @ b``) has its innermost Python frame in
+    the plugin's code, on a line that is not a ``raise``: it is not one of the plugin's messages."""
+    import torch
+
+    from llamafactory_hera.teacher import per_sample_features
+
+    error = _caught(lambda: per_sample_features(torch.zeros(3, 4), torch.tensor([1, 1])))
+    tb = error.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    assert isinstance(error, RuntimeError) and tb.tb_frame.f_globals["__name__"] == "llamafactory_hera.teacher"
+    assert not short_errors.raised_by_plugin(error)
+
+
 def test_excepthook_prints_only_the_message_for_plugin_errors() -> None:
     script = ("from llamafactory_hera import short_errors; short_errors.install(); "
               "from llamafactory_hera.args import parse_hera_arguments; "
