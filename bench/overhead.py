@@ -94,7 +94,7 @@ def worker(args: argparse.Namespace) -> None:
                 peak = max(peak, live)
             self.peak_mb, self.profiler = peak / 2**20, None
 
-    from llamafactory_hera.trainer import HeraTrainerMixin
+    from llamafactory_hera.hera.trainer import HeraTrainerMixin
 
     precompute_seconds: list[float] = []
     original = HeraTrainerMixin._hera_precompute_teacher

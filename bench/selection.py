@@ -45,14 +45,14 @@ def main() -> None:
     import torch
     from assets import build_bench_assets
 
-    from llamafactory_hera.heads import attention_geometry
-    from llamafactory_hera.patches.selection import load_model_for_scoring, parse_recipe
-    from llamafactory_hera.projection import text_decoder
-    from llamafactory_hera.selection import collect
-    from llamafactory_hera.selection.scores import all_head_scores
-    from llamafactory_hera.selection.select import SelectionOptions, prepare
-    from llamafactory_hera.teacher import load_image_processor, load_teacher
-    from llamafactory_hera.teacher_batch import teacher_batch_size
+    from llamafactory_hera.anatomy.heads import attention_geometry
+    from llamafactory_hera.anatomy.projection import text_decoder
+    from llamafactory_hera.hera.selection import collect
+    from llamafactory_hera.hera.selection.scores import all_head_scores
+    from llamafactory_hera.hera.selection.select import SelectionOptions, prepare
+    from llamafactory_hera.hera.teacher import load_image_processor, load_teacher
+    from llamafactory_hera.hera.teacher_batch import teacher_batch_size
+    from llamafactory_hera.patches.model_data import load_model_for_scoring, parse_recipe
 
     assets = build_bench_assets(Path(args.assets), num_images=args.samples, preset=args.preset)
     args.teacher = assets.teacher

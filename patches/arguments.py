@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamafactory_hera.args import HERA_PREFIX
+from llamafactory_hera.hera.args import HERA_PREFIX
 
 HERA_STAGE = "hera"
 HOST_STAGE = "sft"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from llamafactory_hera.trainer import LOG_KEYS as HERA_LOG_KEYS
+from llamafactory_hera.hera.trainer import LOG_KEYS as HERA_LOG_KEYS
 
 from .guard import require
 

@@ -24,9 +24,9 @@ from types import ModuleType
 from typing import Any
 
 from llamafactory_hera import short_errors
-from llamafactory_hera.args import HeraArguments, parse_hera_arguments
-from llamafactory_hera.data_checks import describe_image
-from llamafactory_hera.run_plots import plot_run_metrics
+from llamafactory_hera.anatomy.run_plots import plot_run_metrics
+from llamafactory_hera.hera.args import HeraArguments, parse_hera_arguments
+from llamafactory_hera.hera.data_checks import describe_image
 
 from . import logging as log_patch
 from .arguments import split_args
@@ -67,10 +67,10 @@ def _swapped(module: ModuleType, **replacements: Any) -> Iterator[None]:
 
 def _hera_classes(workflow: ModuleType, hera_args: HeraArguments,
                   image_rows: dict[str, int], data_counts: Any) -> tuple[type, type]:
-    from llamafactory_hera.collator import HeraCollatorMixin
-    from llamafactory_hera.teacher import load_image_processor
-    from llamafactory_hera.teacher_cache import TeacherFeatureCache
-    from llamafactory_hera.trainer import HeraTrainerMixin
+    from llamafactory_hera.hera.collator import HeraCollatorMixin
+    from llamafactory_hera.hera.teacher import load_image_processor
+    from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
+    from llamafactory_hera.hera.trainer import HeraTrainerMixin
 
     host_collator = workflow.SFTDataCollatorWith4DAttentionMask
     host_trainer = workflow.CustomSeq2SeqTrainer
@@ -101,9 +101,9 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
     """
     if getattr(data_args, "streaming", False) or not training_args.do_train:
         return {}, None
-    from llamafactory_hera.data_checks import image_rows
-    from llamafactory_hera.patches.selection import RecipeArgs, load_aligned_rows
-    from llamafactory_hera.preflight import check_image_rows, count_image_rows
+    from llamafactory_hera.hera.data_checks import image_rows
+    from llamafactory_hera.hera.preflight import check_image_rows, count_image_rows
+    from llamafactory_hera.patches.model_data import RecipeArgs, load_aligned_rows
 
     aligned = load_aligned_rows(RecipeArgs(model_args, data_args, finetuning_args), training_args.seed)
     counts = count_image_rows(aligned)
@@ -148,8 +148,8 @@ def apply(tuner: ModuleType) -> None:
         # the data checks first: an image-less dataset is named as such, not as too few pairs to select heads from
         rows, counts = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
         if hera_args.auto_heads:
-            from llamafactory_hera.patches.selection import RecipeArgs
-            from llamafactory_hera.selection.auto import resolve_auto_heads
+            from llamafactory_hera.hera.selection.auto import resolve_auto_heads
+            from llamafactory_hera.patches.model_data import RecipeArgs
 
             hera_args.hera_heads = resolve_auto_heads(
                 RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamafactory_hera.args import HeraArguments
-from llamafactory_hera.data_checks import check_adapter_fits
-from llamafactory_hera.heads import attention_geometry, check_heads_fit
-from llamafactory_hera.preflight import check_contrastive_geometry, contrastive_geometry
-from llamafactory_hera.teacher import check_teacher_source
+from llamafactory_hera.anatomy.heads import attention_geometry, check_heads_fit
+from llamafactory_hera.hera.args import HeraArguments
+from llamafactory_hera.hera.data_checks import check_adapter_fits
+from llamafactory_hera.hera.preflight import check_contrastive_geometry, contrastive_geometry
+from llamafactory_hera.hera.teacher import check_teacher_source
 
 # (object attribute, holder name, why it cannot work with HeRA)
 _INCOMPATIBLE = (

@@ -29,7 +29,7 @@ from collections.abc import Callable, Generator
 from types import ModuleType
 from typing import Any
 
-from llamafactory_hera import webui_panel as panel
+from llamafactory_hera.hera import webui_panel as panel
 
 from . import CHECKED_VERSIONS
 from .guard import DISABLE_ENV, HostMismatchError, host_version, require, warn_if_unchecked

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .selection.select import MODES, STRATEGIES
+from llamafactory_hera.hera.selection.select import MODES, STRATEGIES
 
 # command-line options that fall back to a recipe key (the same keys hera_heads: auto reads):
 # (flag, type, recipe key, what it sets)
@@ -34,7 +34,7 @@ def _default_of(key: str) -> Any:
     """HeraArguments' default for ``key`` (what a recipe without the key gets)."""
     from dataclasses import fields
 
-    from .args import HeraArguments
+    from llamafactory_hera.hera.args import HeraArguments
 
     return next(f.default for f in fields(HeraArguments) if f.name == key)
 
@@ -76,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.report is not None:
-            from .selection.report import run_report
+            from llamafactory_hera.hera.selection.report import run_report
 
             run_report(args)
         else:
             if args.recipe is None:
                 raise ValueError("select: give a RECIPE.yaml (or --report RUN_DIR).")
-            from .selection.command import run_select
+            from llamafactory_hera.hera.selection.command import run_select
 
             run_select(args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 def options_from(args: Any, recipe: dict[str, Any]) -> Any:
     """SelectionOptions from the command line, falling back to the recipe's hera_* keys (the same keys
     ``hera_heads: auto`` reads, so both choose the same heads for the same recipe)."""
-    from .args import parse_hera_arguments
-    from .selection.select import SelectionOptions
+    from llamafactory_hera.hera.args import parse_hera_arguments
+    from llamafactory_hera.hera.selection.select import SelectionOptions
 
     hera = parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")}, require_heads=False)
     value = {}

@@ -2,8 +2,8 @@
 
 import pytest
 
-from llamafactory_hera.args import hera_keys, parse_hera_arguments
-from llamafactory_hera.heads import AttentionGeometry, HeadRef, check_heads_fit, parse_head
+from llamafactory_hera.anatomy.heads import AttentionGeometry, HeadRef, check_heads_fit, parse_head
+from llamafactory_hera.hera.args import hera_keys, parse_hera_arguments
 from llamafactory_hera.patches.arguments import split_args
 
 
@@ -96,7 +96,7 @@ def test_heads_outside_the_model() -> None:
 def test_every_key_has_help_text() -> None:
     from dataclasses import fields
 
-    from llamafactory_hera.args import HeraArguments
+    from llamafactory_hera.hera.args import HeraArguments
 
     for spec in fields(HeraArguments):
         assert spec.name.startswith("hera_") and len(spec.metadata["help"]) > 20
@@ -114,7 +114,7 @@ def test_split_dict_and_list_forms() -> None:
 
 
 def test_precompute_auto_runs_only_when_the_run_covers_the_training_set() -> None:
-    from llamafactory_hera.teacher_precompute import precompute_wanted
+    from llamafactory_hera.hera.teacher_precompute import precompute_wanted
 
     # (setting, cache on, samples, max_steps, global batch) -> wanted
     assert precompute_wanted("auto", True, 32, -1, 8)  # epochs-based run

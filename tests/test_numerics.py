@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from llamafactory_hera.loss import hera_loss
-from llamafactory_hera.metrics import mutual_knn
+from llamafactory_hera.anatomy.metrics import mutual_knn
+from llamafactory_hera.hera.loss import hera_loss
 
 
 def _loop_knn(feats: torch.Tensor, k: int) -> list[set[int]]:
@@ -109,7 +109,7 @@ def test_hera_loss_rejects_bad_shapes_and_small_batches() -> None:
 
 
 def test_per_sample_features_average_each_samples_images() -> None:
-    from llamafactory_hera.teacher import per_sample_features
+    from llamafactory_hera.hera.teacher import per_sample_features
 
     feats = torch.arange(12, dtype=torch.float32).reshape(4, 3)  # 4 images
     counts = torch.tensor([1, 0, 3])  # sample 0: image 0; sample 1: none; sample 2: images 1..3
@@ -120,7 +120,7 @@ def test_per_sample_features_average_each_samples_images() -> None:
 
 
 def test_pooled_token_mask_modes() -> None:
-    from llamafactory_hera.capture import pooled_token_mask, pooling_weights
+    from llamafactory_hera.anatomy.capture import pooled_token_mask, pooling_weights
 
     labels = torch.tensor([[-100, -100, 7, 8, -100]])  # the labelled image token: train_on_prompt
     input_ids = torch.tensor([[1, 99, 99, 5, 0]])  # 99 = image token; last position is padding
@@ -158,7 +158,7 @@ def _loop_anchored(anchors, candidates, anchor_index, t_anchor, t_cand, k, tau) 
 
 
 def test_anchored_loss_with_a_hand_built_queue_matches_the_loop() -> None:
-    from llamafactory_hera.loss import hera_loss_anchored
+    from llamafactory_hera.hera.loss import hera_loss_anchored
 
     gen = torch.Generator().manual_seed(7)
     heads, batch, queue, dim, edim, k = 2, 3, 9, 5, 4, 4  # 3 samples in the micro-batch: too few for k=4 alone
@@ -172,7 +172,7 @@ def test_anchored_loss_with_a_hand_built_queue_matches_the_loop() -> None:
 
 
 def test_anchored_loss_equals_hera_loss_when_anchors_are_the_candidates() -> None:
-    from llamafactory_hera.loss import hera_loss_anchored
+    from llamafactory_hera.hera.loss import hera_loss_anchored
 
     gen = torch.Generator().manual_seed(8)
     student, teacher = torch.randn(3, 12, 6, generator=gen), torch.randn(12, 5, generator=gen)

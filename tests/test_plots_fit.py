@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llamafactory_hera.run_plots import metric_series, plot_run_metrics
-from llamafactory_hera.selection.plots import plot_before_after, plot_head_heatmap
+from llamafactory_hera.anatomy.head_plots import plot_before_after, plot_head_heatmap
+from llamafactory_hera.anatomy.run_plots import metric_series, plot_run_metrics
 
 LONG_TITLE = ("MKNN alignment of every head of /data/checkpoints/qwen3-vl-8b-instruct/merged on 1000 image-caption "
               "pairs of llava_665k_subset (text mode, k = 10)")

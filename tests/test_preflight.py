@@ -11,8 +11,8 @@ import pytest
 from test_train_inprocess import LogProbe
 
 from conftest import base_recipe, run_train
-from llamafactory_hera.args import parse_hera_arguments
-from llamafactory_hera.preflight import check_contrastive_geometry, contrastive_geometry
+from llamafactory_hera.hera.args import parse_hera_arguments
+from llamafactory_hera.hera.preflight import check_contrastive_geometry, contrastive_geometry
 
 
 def _args(**keys: Any):

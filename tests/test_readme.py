@@ -16,9 +16,9 @@ import yaml
 
 from conftest import REPO, offline_env
 from llamafactory_hera import demo
-from llamafactory_hera.args import HeraArguments
 from llamafactory_hera.demo_console import ProgressFilter
 from llamafactory_hera.fixtures import TinyAssets
+from llamafactory_hera.hera.args import HeraArguments
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 

@@ -66,7 +66,7 @@ def test_a_dataset_without_any_image_is_refused_before_training(assets, tmp_path
 
 
 def test_non_finite_hera_term_is_skipped_and_counted(assets, tmp_path: Path, monkeypatch) -> None:
-    import llamafactory_hera.trainer as trainer_module
+    import llamafactory_hera.hera.trainer as trainer_module
 
     real = trainer_module.hera_loss_anchored
     monkeypatch.setattr(trainer_module, "hera_loss_anchored", lambda *a, **k: real(*a, **k) * float("nan"))

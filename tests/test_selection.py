@@ -13,12 +13,12 @@ import torch
 import yaml
 
 from conftest import base_recipe, offline_env, read_trainer_log, run_train
-from llamafactory_hera.metrics import mutual_knn
-from llamafactory_hera.projection import find_o_proj_modules, head_contributions
-from llamafactory_hera.selection import collect
-from llamafactory_hera.selection.select import SelectionOptions, prepare, score_heads
-from llamafactory_hera.teacher import load_image_processor, load_teacher
-from llamafactory_hera.teacher_batch import prefetch_workers
+from llamafactory_hera.anatomy.metrics import mutual_knn
+from llamafactory_hera.anatomy.projection import find_o_proj_modules, head_contributions
+from llamafactory_hera.hera.selection import collect
+from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_heads
+from llamafactory_hera.hera.teacher import load_image_processor, load_teacher
+from llamafactory_hera.hera.teacher_batch import prefetch_workers
 
 SELECT = str(Path(sys.executable).with_name("llamafactory-hera"))
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
@@ -33,7 +33,7 @@ def _options(assets, **kw) -> SelectionOptions:
 def test_scores_equal_mutual_knn_of_explicit_contributions(assets, family: str) -> None:
     """Independent reference: one caption at a time (no padding), raw o_proj inputs, every head's contribution
     materialised as a d-wide vector per token, averaged over the caption tokens, then mutual_knn head by head."""
-    from llamafactory_hera.patches.selection import load_model_for_scoring, parse_recipe
+    from llamafactory_hera.patches.model_data import load_model_for_scoring, parse_recipe
 
     recipe_args = parse_recipe(base_recipe(assets, family, "/unused"))
     options = _options(assets, clamp=0.0)  # the clamped scores: tests/test_selection_reference.py
@@ -68,8 +68,8 @@ def test_scores_equal_mutual_knn_of_explicit_contributions(assets, family: str) 
 
 
 def test_teacher_features_with_prefetch_threads_equal_one_image_at_a_time(assets) -> None:
-    from llamafactory_hera.patches.selection import parse_recipe
-    from llamafactory_hera.teacher import open_image
+    from llamafactory_hera.hera.teacher import open_image
+    from llamafactory_hera.patches.model_data import parse_recipe
 
     recipe_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused"))
     pairs, _ = prepare(recipe_args, _options(assets))
@@ -85,7 +85,7 @@ def test_teacher_features_with_prefetch_threads_equal_one_image_at_a_time(assets
 
 
 def test_multimodal_mode_scores_every_head(assets) -> None:
-    from llamafactory_hera.patches.selection import parse_recipe
+    from llamafactory_hera.patches.model_data import parse_recipe
 
     recipe_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused"))
     options = _options(assets, mode="multimodal")

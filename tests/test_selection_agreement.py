@@ -35,8 +35,8 @@ def test_select_and_auto_choose_the_same_heads_from_the_recipe_keys(assets, tmp_
 def test_rows_sharing_an_image_are_scored_once(assets, tmp_path: Path) -> None:
     from test_teacher_identity import REUSED, reused_image_dataset
 
-    from llamafactory_hera.patches.selection import parse_recipe
-    from llamafactory_hera.selection.select import SelectionOptions, prepare
+    from llamafactory_hera.hera.selection.select import SelectionOptions, prepare
+    from llamafactory_hera.patches.model_data import parse_recipe
 
     data = reused_image_dataset(assets, tmp_path / "data")
     recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", dataset=REUSED, dataset_dir=str(data))
@@ -63,7 +63,7 @@ def test_a_read_only_recipe_is_refused_before_scoring(assets, tmp_path: Path) ->
 def test_an_unwritable_output_folder_is_refused_before_scoring(assets, tmp_path: Path) -> None:
     import pytest
 
-    from llamafactory_hera.selection.safe_write import check_folder_writable
+    from llamafactory_hera.anatomy.safe_write import check_folder_writable
 
     with pytest.raises(PermissionError, match="cannot write the selection record and heatmap into"):
         check_folder_writable(tmp_path / "missing", "the selection record and heatmap")
@@ -71,7 +71,7 @@ def test_an_unwritable_output_folder_is_refused_before_scoring(assets, tmp_path:
 
 
 def test_the_comment_that_described_auto_is_rewritten_in_a_shipped_recipe() -> None:
-    from llamafactory_hera.selection.recipe_edit import set_hera_heads
+    from llamafactory_hera.anatomy.recipe_edit import set_hera_heads
 
     text = (Path(__file__).resolve().parents[1] / "recipes" / "qwen3_8b_hera.yaml").read_text(encoding="utf-8")
     result = set_hera_heads(text, ["L1H0", "L2H3"])

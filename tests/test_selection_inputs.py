@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llamafactory_hera.selection import collect
-from llamafactory_hera.selection.select import path_fingerprint
+from llamafactory_hera.hera.selection import collect
+from llamafactory_hera.hera.selection.select import path_fingerprint
 
 
 def _rows(images_per_row: list[str]) -> list[dict]:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from llamafactory_hera.selection.plots import format_head_table, plot_before_after, plot_head_heatmap
-from llamafactory_hera.selection.recipe_edit import (
+from llamafactory_hera.anatomy.head_plots import format_head_table, plot_before_after, plot_head_heatmap
+from llamafactory_hera.anatomy.recipe_edit import (
     HeadsExistError,
     read_heads_entry,
     set_hera_heads,

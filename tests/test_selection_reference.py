@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from llamafactory_hera.selection.scores import all_head_scores
+from llamafactory_hera.hera.selection.scores import all_head_scores
 
 
 def _quantile(values: list[float], q: float) -> float:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from llamafactory_hera import short_errors
-from llamafactory_hera.args import parse_hera_arguments
+from llamafactory_hera.hera.args import parse_hera_arguments
 
 
 def _caught(call) -> BaseException:
@@ -33,19 +33,19 @@ def test_an_error_of_a_torch_operation_called_by_the_plugin_keeps_its_traceback(
     the plugin's code, on a line that is not a ``raise``: it is not one of the plugin's messages."""
     import torch
 
-    from llamafactory_hera.teacher import per_sample_features
+    from llamafactory_hera.hera.teacher import per_sample_features
 
     error = _caught(lambda: per_sample_features(torch.zeros(3, 4), torch.tensor([1, 1])))
     tb = error.__traceback__
     while tb.tb_next is not None:
         tb = tb.tb_next
-    assert isinstance(error, RuntimeError) and tb.tb_frame.f_globals["__name__"] == "llamafactory_hera.teacher"
+    assert isinstance(error, RuntimeError) and tb.tb_frame.f_globals["__name__"] == "llamafactory_hera.hera.teacher"
     assert not short_errors.raised_by_plugin(error)
 
 
 def test_excepthook_prints_only_the_message_for_plugin_errors() -> None:
     script = ("from llamafactory_hera import short_errors; short_errors.install(); "
-              "from llamafactory_hera.args import parse_hera_arguments; "
+              "from llamafactory_hera.hera.args import parse_hera_arguments; "
               "parse_hera_arguments({'hera_k': 0, 'hera_heads': ['L0H0']})")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -58,7 +58,7 @@ def test_excepthook_prints_only_the_message_for_plugin_errors() -> None:
 @pytest.mark.parametrize("value", ["1", "yes"])
 def test_the_full_traceback_is_one_variable_away(value: str) -> None:
     script = ("from llamafactory_hera import short_errors; short_errors.install(); "
-              "from llamafactory_hera.args import parse_hera_arguments; "
+              "from llamafactory_hera.hera.args import parse_hera_arguments; "
               "parse_hera_arguments({'hera_k': 0, 'hera_heads': ['L0H0']})")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "LLAMAFACTORY_HERA_TRACEBACK": value})

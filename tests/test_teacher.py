@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llamafactory_hera.teacher import (
+from llamafactory_hera.hera.teacher import (
     check_teacher_source,
     load_image_processor,
     load_teacher,
@@ -57,7 +57,7 @@ def test_feature_layout_per_family_from_the_config_alone() -> None:
         SiglipVisionConfig,
     )
 
-    from llamafactory_hera.teacher import feature_layout
+    from llamafactory_hera.hera.teacher import feature_layout
 
     layouts = {name: feature_layout(config) for name, config in {
         "dinov2": Dinov2Config(), "registers": Dinov2WithRegistersConfig(num_register_tokens=4),
@@ -80,7 +80,7 @@ def test_open_image_accepts_every_llamafactory_form(assets, tmp_path) -> None:
 def test_image_keys_follow_content(tmp_path) -> None:
     import os
 
-    from llamafactory_hera.teacher_cache import image_key
+    from llamafactory_hera.hera.teacher_cache import image_key
 
     path = tmp_path / "x.png"
     Image.new("RGB", (4, 4)).save(path)
@@ -138,10 +138,10 @@ def test_per_sample_features_are_means_of_unit_image_features() -> None:
 def test_features_are_float32_through_batching_selection_and_precompute(assets) -> None:
     """A bf16 teacher: ``image_features``, ``collect_teacher`` (several images per pair) and the precomputed cache
     hold float32, equal to the brute-force float32 conversion of the teacher's rows."""
-    from llamafactory_hera.selection.collect import CalibrationPair, collect_teacher
-    from llamafactory_hera.teacher_batch import image_features
-    from llamafactory_hera.teacher_cache import TeacherFeatureCache
-    from llamafactory_hera.teacher_precompute import precompute_teacher_features, training_images
+    from llamafactory_hera.hera.selection.collect import CalibrationPair, collect_teacher
+    from llamafactory_hera.hera.teacher_batch import image_features
+    from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
+    from llamafactory_hera.hera.teacher_precompute import precompute_teacher_features, training_images
 
     teacher = load_teacher(str(assets.teacher), "cls", "cpu", dtype=torch.bfloat16)
     processor = load_image_processor(str(assets.teacher))

@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 from llamafactory_hera.fixtures.teachers import TEACHER_FAMILIES, build_vision_teacher
-from llamafactory_hera.teacher import (
+from llamafactory_hera.hera.teacher import (
     check_teacher_source,
     load_image_processor,
     load_teacher,

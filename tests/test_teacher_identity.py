@@ -16,7 +16,7 @@ import torch
 from test_train_inprocess import LogProbe
 
 from conftest import base_recipe
-from llamafactory_hera.teacher_cache import TeacherFeatureCache, image_identity
+from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, image_identity
 
 REUSED = "hera_reused"
 
@@ -101,8 +101,8 @@ def test_hera_loss_is_the_same_whatever_the_cache_does(assets, tmp_path: Path) -
 
 
 def test_collator_computes_an_image_repeated_in_a_batch_once(assets, tmp_path: Path) -> None:
-    from llamafactory_hera.collator import HeraCollatorMixin
-    from llamafactory_hera.teacher import load_image_processor
+    from llamafactory_hera.hera.collator import HeraCollatorMixin
+    from llamafactory_hera.hera.teacher import load_image_processor
 
     class Host:
         def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:

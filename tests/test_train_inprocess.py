@@ -10,7 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import base_recipe
-from llamafactory_hera.projection import find_o_proj_modules
+from llamafactory_hera.anatomy.projection import find_o_proj_modules
 
 
 class GradientProbe(TrainerCallback):
@@ -139,7 +139,7 @@ def test_teacher_cache_skips_the_teacher_after_the_first_epoch(assets, tmp_path:
     The logged losses are the same in all three runs."""
     from llamafactory.train.tuner import run_exp
 
-    from llamafactory_hera.teacher import load_teacher
+    from llamafactory_hera.hera.teacher import load_teacher
 
     teacher = load_teacher(str(assets.teacher), "cls", torch.device("cpu"))
     seen: list[int] = []

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 import transformers
 
-from llamafactory_hera.trainer import HeraTrainerMixin
+from llamafactory_hera.hera.trainer import HeraTrainerMixin
 
 
 class _Trainer(HeraTrainerMixin, transformers.Trainer):

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from conftest import offline_env
-from llamafactory_hera import webui_panel as panel
-from llamafactory_hera.args import HeraArguments
+from llamafactory_hera.hera import webui_panel as panel
+from llamafactory_hera.hera.args import HeraArguments
 
 HERA_LABEL = "HeRA (Head-wise Representation Alignment)"
 SFT_LABEL = "Supervised Fine-Tuning"

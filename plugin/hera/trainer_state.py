@@ -1,6 +1,6 @@
 """What a HeRA checkpoint holds besides the model: temperature, its optimizer, the feature queue.
 
-Mixed into :class:`llamafactory_hera.trainer.HeraTrainerMixin` (uses its ``hera_args``, ``hera_log_tau``,
+Mixed into :class:`llamafactory_hera.hera.trainer.HeraTrainerMixin` (uses its ``hera_args``, ``hera_log_tau``,
 ``hera_queue`` and ``_hera_tau_handler``).
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from llamafactory_hera import __version__
 
 HERA_STATE_NAME = "hera_state.json"
 TAU_OPTIMIZER_NAME = "hera_temperature_optimizer.pt"

@@ -15,9 +15,14 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from .heads import AttentionGeometry, HeadRef
-from .pooling import IGNORE_INDEX, pooled_token_mask, pooling_weights
-from .projection import find_o_proj_modules, is_partitioned, project_heads, project_heads_by_call
+from llamafactory_hera.anatomy.heads import AttentionGeometry, HeadRef
+from llamafactory_hera.anatomy.pooling import IGNORE_INDEX, pooled_token_mask, pooling_weights
+from llamafactory_hera.anatomy.projection import (
+    find_o_proj_modules,
+    is_partitioned,
+    project_heads,
+    project_heads_by_call,
+)
 
 __all__ = ["HeadCapture", "IGNORE_INDEX", "pooled_token_mask", "pooling_weights"]
 
@@ -119,7 +124,7 @@ def trainable_upstream(model: nn.Module, layers: list[int]) -> dict[int, bool]:
     projector; the final norm and an untied ``lm_head`` excluded), the layers before l, and layer l's
     input norm and attention projections other than ``o_proj``.
     """
-    from .projection import text_decoder
+    from llamafactory_hera.anatomy.projection import text_decoder
 
     decoder = text_decoder(model)
     decoder_layers = list(decoder.layers)

@@ -7,10 +7,15 @@ from typing import Any
 
 import yaml
 
-from ..heads import parse_head
-from .plots import format_head_table, plot_head_heatmap
-from .recipe_edit import check_folder_writable, check_writable, update_recipe, write_text_atomic
-from .select import SelectionResult, run_selection
+from llamafactory_hera.anatomy.head_plots import format_head_table, plot_head_heatmap
+from llamafactory_hera.anatomy.heads import parse_head
+from llamafactory_hera.anatomy.recipe_edit import (
+    check_folder_writable,
+    check_writable,
+    update_recipe,
+    write_text_atomic,
+)
+from llamafactory_hera.hera.selection.select import SelectionResult, run_selection
 
 
 def record_paths(recipe_path: Path) -> tuple[Path, Path]:
@@ -53,7 +58,7 @@ def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, titl
 def run_select(args: Any) -> SelectionResult:
     """Run the ``select`` command (see :mod:`llamafactory_hera.cli`)."""
     from llamafactory_hera.cli import options_from
-    from llamafactory_hera.patches.selection import parse_recipe
+    from llamafactory_hera.patches.model_data import parse_recipe
 
     _, recipe = load_recipe(args.recipe)
     target = args.output or args.recipe

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .data_checks import describe_image
-from .teacher import open_image
-from .teacher_cache import TeacherFeatureCache, image_identity, image_key
+from llamafactory_hera.hera.data_checks import describe_image
+from llamafactory_hera.hera.teacher import open_image
+from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, image_identity, image_key
 
 HERA_BATCH_KEYS = ("hera_pixel_values", "hera_pixel_keys", "hera_image_counts", "hera_image_keys")
 

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from llamafactory_hera.args import HERA_PREFIX
+from llamafactory_hera.hera.args import HERA_PREFIX
 
 from .guard import require
 

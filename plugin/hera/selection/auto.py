@@ -20,8 +20,16 @@ from typing import Any
 
 import torch
 
-from ..args import HeraArguments
-from .select import SelectionOptions, SelectionResult, cache_key, prepare, result_from_scores, score_heads, settings_of
+from llamafactory_hera.hera.args import HeraArguments
+from llamafactory_hera.hera.selection.select import (
+    SelectionOptions,
+    SelectionResult,
+    cache_key,
+    prepare,
+    result_from_scores,
+    score_heads,
+    settings_of,
+)
 
 CACHE_ENV = "LLAMAFACTORY_HERA_CACHE"
 RECORD_NAME = "hera_selection.json"
@@ -60,7 +68,7 @@ def options_for_training(hera_args: HeraArguments, seed: int, device: str) -> Se
 
 def select_with_cache(recipe_args: Any, options: SelectionOptions) -> tuple[SelectionResult, bool]:
     """Selection result (from the cache when the key matches) and whether it came from the cache."""
-    from .recipe_edit import write_text_atomic
+    from llamafactory_hera.anatomy.recipe_edit import write_text_atomic
 
     start = time.perf_counter()
     pairs, identity = prepare(recipe_args, options)
@@ -102,7 +110,7 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
 
 
 def _record(result: SelectionResult, cached: bool, output_dir: str) -> None:
-    from .command import write_outputs
+    from llamafactory_hera.hera.selection.command import write_outputs
 
     os.makedirs(output_dir, exist_ok=True)
     write_outputs(result, Path(output_dir) / RECORD_NAME, Path(output_dir) / HEATMAP_NAME,

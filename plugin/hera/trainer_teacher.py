@@ -1,6 +1,6 @@
 """The teacher's life cycle inside a HeRA run: features before step 1, features in the steps, where it lives.
 
-Mixed into :class:`llamafactory_hera.trainer.HeraTrainerMixin`; uses its ``hera_args``,
+Mixed into :class:`llamafactory_hera.hera.trainer.HeraTrainerMixin`; uses its ``hera_args``,
 ``hera_teacher``, ``hera_feature_cache`` and the Trainer's ``args`` / ``train_dataset`` / ``data_collator``.
 """
 
@@ -10,9 +10,14 @@ from typing import Any
 
 import torch
 
-from .teacher import load_image_processor, open_image, per_sample_features
-from .teacher_batch import teacher_batch_size
-from .teacher_precompute import precompute_teacher_features, precompute_wanted, teacher_bytes, training_images
+from llamafactory_hera.hera.teacher import load_image_processor, open_image, per_sample_features
+from llamafactory_hera.hera.teacher_batch import teacher_batch_size
+from llamafactory_hera.hera.teacher_precompute import (
+    precompute_teacher_features,
+    precompute_wanted,
+    teacher_bytes,
+    training_images,
+)
 
 
 class HeraTeacherMixin:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .args import HeraArguments
-from .temperature import TAU_MAX, TAU_MIN
+from llamafactory_hera.hera.args import HeraArguments
+from llamafactory_hera.hera.temperature import TAU_MAX, TAU_MIN
 
 PREFIX = "[llamafactory-hera]"
 

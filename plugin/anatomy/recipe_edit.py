@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from ..heads import parse_head
-from .safe_write import check_folder_writable, write_text_atomic
+from llamafactory_hera.anatomy.heads import parse_head
+from llamafactory_hera.anatomy.safe_write import check_folder_writable, write_text_atomic
 
 __all__ = ["HeadsExistError", "check_folder_writable", "check_writable", "read_heads_entry", "set_hera_heads",
            "update_recipe", "write_text_atomic"]

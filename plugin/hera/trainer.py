@@ -18,20 +18,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from .args import HeraArguments
-from .capture import HeadCapture
-from .collator import HERA_BATCH_KEYS
-from .contrastive import FeatureQueue, all_ranks_true, distributed, gather_batch
-from .heads import attention_geometry
-from .loss import hera_loss_anchored
-from .pooling import multimodal_token_ids, pooled_token_mask, pooling_weights, require_multimodal_ids
-from .preflight import contrastive_geometry
-from .run_summary import HeraRunSummary
-from .teacher import load_teacher
-from .teacher_cache import TeacherFeatureCache
-from .temperature import TemperatureGradHandler, used_temperature
-from .trainer_state import HERA_STATE_NAME, TAU_OPTIMIZER_NAME, HeraStateMixin
-from .trainer_teacher import HeraTeacherMixin
+from llamafactory_hera.anatomy.capture import HeadCapture
+from llamafactory_hera.anatomy.heads import attention_geometry
+from llamafactory_hera.anatomy.pooling import (
+    multimodal_token_ids,
+    pooled_token_mask,
+    pooling_weights,
+    require_multimodal_ids,
+)
+from llamafactory_hera.hera.args import HeraArguments
+from llamafactory_hera.hera.collator import HERA_BATCH_KEYS
+from llamafactory_hera.hera.contrastive import FeatureQueue, all_ranks_true, distributed, gather_batch
+from llamafactory_hera.hera.loss import hera_loss_anchored
+from llamafactory_hera.hera.preflight import contrastive_geometry
+from llamafactory_hera.hera.run_summary import HeraRunSummary
+from llamafactory_hera.hera.teacher import load_teacher
+from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
+from llamafactory_hera.hera.temperature import TemperatureGradHandler, used_temperature
+from llamafactory_hera.hera.trainer_state import HERA_STATE_NAME, TAU_OPTIMIZER_NAME, HeraStateMixin
+from llamafactory_hera.hera.trainer_teacher import HeraTeacherMixin
 
 __all__ = ["HERA_STATE_NAME", "LOG_KEYS", "TAU_OPTIMIZER_NAME", "HeraTrainerMixin"]
 LOG_KEYS = ("lm_loss", "hera_loss", "hera_weighted_loss", "hera_temperature", "hera_image_samples",

@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from ..heads import HeadRef, attention_geometry
-from ..projection import find_o_proj_modules
-from ..teacher import check_teacher_source, load_image_processor, load_teacher
-from ..teacher_batch import teacher_batch_size
-from . import collect
-from .scores import all_head_scores
+from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
+from llamafactory_hera.anatomy.projection import find_o_proj_modules
+from llamafactory_hera.hera.selection import collect
+from llamafactory_hera.hera.selection.scores import all_head_scores
+from llamafactory_hera.hera.teacher import check_teacher_source, load_image_processor, load_teacher
+from llamafactory_hera.hera.teacher_batch import teacher_batch_size
 
 STRATEGIES = ("worst", "best", "random")
 MODES = ("text", "multimodal")
@@ -212,7 +212,7 @@ def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.C
     Returns:
         (calibration pairs, identity).
     """
-    from llamafactory_hera.patches.selection import load_aligned_rows
+    from llamafactory_hera.patches.model_data import load_aligned_rows
 
     options.validate()
     check_teacher_source(options.teacher, options.teacher_feature)
@@ -251,7 +251,7 @@ def tied_share(scores: torch.Tensor) -> float:
 
 def score_heads(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> torch.Tensor:
     """Load the model the way LLaMA-Factory does and return ``[L, H]`` MKNN scores (CPU)."""
-    from llamafactory_hera.patches.selection import load_model_for_scoring, multimodal_dataset_and_collator
+    from llamafactory_hera.patches.model_data import load_model_for_scoring, multimodal_dataset_and_collator
 
     device = options.resolved_device()
     model, tokenizer_module, template = load_model_for_scoring(recipe_args, device)

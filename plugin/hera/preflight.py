@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .args import AUTO, HeraArguments
+from llamafactory_hera.hera.args import AUTO, HeraArguments
 
 
 @dataclass(frozen=True)

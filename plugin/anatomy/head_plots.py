@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..plot_text import fit_title
+from llamafactory_hera.anatomy.plot_text import fit_title
 
 _MAX_TICKS = 20
 _MAX_LABELS = 40  # more selected heads than this are boxed but not labelled (the labels would bury the map)

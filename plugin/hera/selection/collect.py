@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..pooling import multimodal_token_ids, pooled_token_mask, pooling_weights
-from ..projection import effective_weight_columns, find_o_proj_modules, text_decoder
-from ..teacher import VisionTeacher, per_sample_features
-from ..teacher_batch import batches_of, image_features
+from llamafactory_hera.anatomy.pooling import multimodal_token_ids, pooled_token_mask, pooling_weights
+from llamafactory_hera.anatomy.projection import effective_weight_columns, find_o_proj_modules, text_decoder
+from llamafactory_hera.hera.teacher import VisionTeacher, per_sample_features
+from llamafactory_hera.hera.teacher_batch import batches_of, image_features
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ def collect_teacher(teacher: VisionTeacher, image_processor: Any, pairs: list[Ca
     """``[N, E]`` float32 teacher features (mean over each pair's images), on the teacher's device.
 
     Batches of ``batch_size`` images; decoding and preprocessing overlap the forward on an accelerator
-    (:func:`llamafactory_hera.teacher_batch.image_features`).
+    (:func:`llamafactory_hera.hera.teacher_batch.image_features`).
     """
     images = [image for pair in pairs for image in pair.images]
     feats = image_features(teacher, image_processor, images, batch_size, workers, progress)

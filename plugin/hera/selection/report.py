@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from ..heads import parse_head
-from .plots import format_head_table, plot_before_after
-from .recipe_edit import write_text_atomic
-from .select import SelectionOptions, prepare, score_heads
+from llamafactory_hera.anatomy.head_plots import format_head_table, plot_before_after
+from llamafactory_hera.anatomy.heads import parse_head
+from llamafactory_hera.anatomy.recipe_edit import write_text_atomic
+from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_heads
 
 RUN_RECORD = "hera_run.json"
 REPORT_JSON = "hera_report.json"
@@ -78,8 +78,8 @@ def summary_rows(before: np.ndarray, after: np.ndarray, selected: list[tuple[int
 
 def run_report(args: Any) -> dict[str, Any]:
     """Score the run's heads before and after training on the same pairs and write the report."""
-    from llamafactory_hera.args import parse_hera_arguments
-    from llamafactory_hera.patches.selection import parse_recipe
+    from llamafactory_hera.hera.args import parse_hera_arguments
+    from llamafactory_hera.patches.model_data import parse_recipe
 
     run_dir: Path = args.report
     recipe, record = _run_recipe(run_dir)

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .metrics import knn_indices
+from llamafactory_hera.anatomy.metrics import knn_indices
 
 Similarity = Literal["cosine", "dot"]
 

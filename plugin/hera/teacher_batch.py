@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .teacher import VisionTeacher, open_image
+from llamafactory_hera.hera.teacher import VisionTeacher, open_image
 
 
 def prefetch_workers(device: torch.device) -> int:
@@ -51,7 +51,7 @@ def image_features(teacher: VisionTeacher, image_processor: Any, images: list[An
     to ``workers + 1`` batches ahead, so they overlap the teacher's forward on the accelerator.
 
     Returns:
-        ``[N, E]`` float32 (:class:`~llamafactory_hera.teacher.VisionTeacher` converts the encoder's output), on the
+        ``[N, E]`` float32 (``VisionTeacher`` converts the encoder's output), on the
         teacher's device.
     """
     def pixels(batch: list[Any]) -> torch.Tensor:

@@ -11,7 +11,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from .heads import HeadRef, parse_head
+from llamafactory_hera.anatomy.heads import HeadRef, parse_head
 
 HERA_PREFIX = "hera_"
 AUTO = "auto"

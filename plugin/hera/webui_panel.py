@@ -1,6 +1,6 @@
 """The HeRA panel of LlamaBoard (LLaMA-Factory's web UI), independent of LLaMA-Factory's internals.
 
-What is here: the panel's fields (defaults from :class:`~llamafactory_hera.args.HeraArguments`),
+What is here: the panel's fields (defaults from :class:`~llamafactory_hera.hera.args.HeraArguments`),
 their labels in LlamaBoard's languages, the gradio components, turning the panel's values into
 ``hera_*`` arguments, and the loss plot with ``hera_loss``. How the panel is wired into
 LlamaBoard is :mod:`llamafactory_hera.patches.webui_board`.
@@ -16,7 +16,7 @@ import re
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from .args import AUTO, HeraArguments, parse_hera_arguments
+from llamafactory_hera.hera.args import AUTO, HeraArguments, parse_hera_arguments
 
 HERA_STAGE = "hera"
 LANGS = ("en", "ru", "zh", "ko", "ja")  # LlamaBoard's languages (top.lang); every locale entry needs all of them

@@ -4,7 +4,7 @@ With ``hera_teacher_precompute`` the feature cache is filled by one pass over th
 distinct images (split over the data-parallel ranks and all-gathered), so the training steps run no
 teacher forward and the teacher's weights (DINOv2-L: 1.2 GB in float32) can leave the GPU for the whole
 run. The features are those the steps would compute: same teacher, dtype and preprocessing; float32 (what
-:class:`~llamafactory_hera.teacher.VisionTeacher` returns), also in the all-gather.
+:class:`~llamafactory_hera.hera.teacher.VisionTeacher` returns), also in the all-gather.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from .contrastive import distributed
-from .teacher import VisionTeacher
-from .teacher_batch import image_features
-from .teacher_cache import TeacherFeatureCache, image_key
+from llamafactory_hera.hera.contrastive import distributed
+from llamafactory_hera.hera.teacher import VisionTeacher
+from llamafactory_hera.hera.teacher_batch import image_features
+from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, image_key
 
 GATHER_ROWS = 4096  # rows per all-gather round: [4096, 1024] float32 is 16 MB per rank
 

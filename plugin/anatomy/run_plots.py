@@ -14,7 +14,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .plot_text import fit_title
+from llamafactory_hera.anatomy.plot_text import fit_title
 
 Smooth = Callable[[list[float]], list[float]]
 LABELS = {"lm_loss": "language-model loss", "hera_loss": "HeRA loss (InfoNCE)",
