@@ -1,8 +1,8 @@
-"""Puts HeRA's metrics into ``trainer_log.jsonl`` (what LlamaBoard reads).
+"""Puts the methods' metrics (each declaration's ``log_keys``) into ``trainer_log.jsonl`` (what LlamaBoard reads).
 
 Checked on LLaMA-Factory 0.9.5: ``LogCallback.on_log`` builds a fixed dict of keys from
 ``state.log_history[-1]`` and hands it to ``_write_log`` on a one-thread pool. The patch remembers
-the HeRA keys of the newest log entry per step and merges them into the line being written.
+the methods' keys of the newest log entry per step and merges them into the line being written.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from llamafactory_hera.hera.trainer import LOG_KEYS as HERA_LOG_KEYS
+from llamafactory_hera.methods import declared_methods
 
 from .guard import require
 
@@ -27,7 +27,7 @@ def apply(callbacks: ModuleType) -> None:
 
     def on_log(self: Any, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         latest = state.log_history[-1] if state.log_history else {}
-        extra = {key: latest[key] for key in HERA_LOG_KEYS if key in latest}
+        extra = {key: latest[key] for method in declared_methods() for key in method.log_keys if key in latest}
         if extra:
             self.__dict__.setdefault("_hera_pending", {})[state.global_step] = extra
         return original_on_log(self, args, state, control, **kwargs)

@@ -1,4 +1,5 @@
-"""What head selection needs from LLaMA-Factory: the recipe's arguments, its model and its data.
+"""What a method's offline tools (head selection, calibration) need from LLaMA-Factory: a recipe's arguments,
+its model and its data.
 
 Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified by :func:`check_host`):
 - ``llamafactory.hparams``: ``ModelArguments``, ``DataArguments``, ``FinetuningArguments`` dataclasses
@@ -21,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from llamafactory_hera.hera.args import HERA_PREFIX
+from llamafactory_hera.methods import method_for_stage, method_of_key
 
 from .guard import require
 
@@ -48,7 +49,8 @@ def check_host() -> None:
 
 
 def parse_recipe(recipe: dict[str, Any]) -> RecipeArgs:
-    """Parse the model/data/fine-tuning keys of a recipe; training-only and ``hera_*`` keys are ignored.
+    """Parse the model/data/fine-tuning keys of a recipe; training-only keys and the methods' keys (``hera_*``, ...)
+    are ignored, and a method's stage reads as its host stage.
 
     ``max_samples`` is dropped so that calibration pairs are drawn from the whole dataset.
     """
@@ -56,9 +58,10 @@ def parse_recipe(recipe: dict[str, Any]) -> RecipeArgs:
     hparams = importlib.import_module("llamafactory.hparams")
     known = {f.name for cls in (hparams.ModelArguments, hparams.DataArguments, hparams.FinetuningArguments)
              for f in dataclasses.fields(cls)}
-    keys = {k: v for k, v in recipe.items() if k in known and not k.startswith(HERA_PREFIX)}
-    if str(keys.get("stage", "")).lower() == "hera":
-        keys["stage"] = "sft"
+    keys = {k: v for k, v in recipe.items() if k in known and method_of_key(k) is None}
+    method = method_for_stage(keys.get("stage"))
+    if method is not None:
+        keys["stage"] = method.host_stage
     keys.pop("max_samples", None)
     model_args, data_args, finetuning_args, _ = hparams.get_infer_args(keys)
     return RecipeArgs(model_args, data_args, finetuning_args)

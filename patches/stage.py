@@ -1,41 +1,37 @@
-"""Registers ``stage: hera`` in LLaMA-Factory's trainer entry point.
+"""Registers every declared method's stage (``stage: hera``, ...) in LLaMA-Factory's trainer entry point.
 
 Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything is patched):
 - ``llamafactory.train.tuner`` has ``_training_function(config)``, ``get_train_args`` and ``run_sft``
   as module globals, looked up at call time; ``read_args`` in ``llamafactory.hparams``;
 - ``llamafactory.train.sft.workflow`` has module globals ``run_sft``,
   ``SFTDataCollatorWith4DAttentionMask`` and ``CustomSeq2SeqTrainer``;
-- ``llamafactory.extras.ploting.smooth(values)`` (the loss curves' smoothing, reused by HeRA's own plots).
+- ``llamafactory.extras.ploting.smooth(values)`` (the loss curves' smoothing, reused by the methods' plots).
 
-``stage: hera`` is mapped to ``sft`` before LLaMA-Factory parses the arguments, so every host
-check, the data pipeline and the web UI treat the run as SFT; the SFT workflow then runs whole,
-with a HeRA collator and trainer swapped in for its duration.
+A method's stage is mapped to its host stage (``sft``) before LLaMA-Factory parses the arguments, so
+every host check, the data pipeline and the web UI treat the run as SFT; the method's checks run on
+the raw and the parsed arguments, and its ``run`` replaces ``run_sft`` with :class:`SFTWorkflow`, which
+runs the SFT workflow whole with the method's collator and trainer swapped in for its duration. What
+a method declares is :class:`llamafactory_hera.methods.Method`; nothing here names one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import json
-import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
 from llamafactory_hera import short_errors
-from llamafactory_hera.anatomy.run_plots import plot_run_metrics
-from llamafactory_hera.hera.args import HeraArguments, parse_hera_arguments
-from llamafactory_hera.hera.data_checks import describe_image
+from llamafactory_hera.methods import declared_methods
 
 from . import logging as log_patch
-from .arguments import split_args
+from .arguments import keys_of, split_args
 from .guard import require, warn_if_unchecked
-from .validation import validate_host_args, validate_raw_host_args
 
 _TUNER_NAMES = ("_training_function", "get_train_args", "run_sft")
 _WORKFLOW_NAMES = ("run_sft", "SFTDataCollatorWith4DAttentionMask", "CustomSeq2SeqTrainer")
-HERA_RUN_RECORD = "hera_run.json"
 
 
 def _check_shapes(tuner: ModuleType) -> tuple[ModuleType, ModuleType, ModuleType, ModuleType]:
@@ -49,6 +45,10 @@ def _check_shapes(tuner: ModuleType) -> tuple[ModuleType, ModuleType, ModuleType
     require(ploting, ("smooth",), "stage")
     require(callbacks, ("LogCallback",), "logging")
     require(callbacks.LogCallback, ("on_log", "_write_log"), "logging")
+    for method in declared_methods():
+        if method.host_stage != "sft":
+            raise NotImplementedError(f"llamafactory-hera: method '{method.stage}' extends stage "
+                                      f"'{method.host_stage}'; the stage patch offers only the SFT workflow.")
     return hparams, workflow, callbacks, ploting
 
 
@@ -65,72 +65,23 @@ def _swapped(module: ModuleType, **replacements: Any) -> Iterator[None]:
             setattr(module, name, value)
 
 
-def _hera_classes(workflow: ModuleType, hera_args: HeraArguments,
-                  image_rows: dict[str, int], data_counts: Any) -> tuple[type, type]:
-    from llamafactory_hera.hera.collator import HeraCollatorMixin
-    from llamafactory_hera.hera.teacher import load_image_processor
-    from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
-    from llamafactory_hera.hera.trainer import HeraTrainerMixin
+class SFTWorkflow:
+    """What a method's ``run`` gets of LLaMA-Factory's SFT workflow (0.9.5).
 
-    host_collator = workflow.SFTDataCollatorWith4DAttentionMask
-    host_trainer = workflow.CustomSeq2SeqTrainer
-    cache = TeacherFeatureCache(enabled=hera_args.hera_teacher_cache)  # shared by this run's collator and trainer
-    collator = type("HeraSFTDataCollator", (HeraCollatorMixin, host_collator),
-                    {"hera_image_processor": load_image_processor(hera_args.hera_teacher), "hera_feature_cache": cache,
-                     "hera_image_rows": image_rows})
-
-    class HeraSeq2SeqTrainer(HeraTrainerMixin, host_trainer):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, hera_args=hera_args, hera_feature_cache=cache,
-                             hera_data_counts=data_counts, **kwargs)
-
-    return collator, HeraSeq2SeqTrainer
-
-
-def _plain(value: Any) -> Any:
-    return value if isinstance(value, str | int | float | bool | list | type(None)) else str(value)
-
-
-def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
-                        training_args: Any) -> tuple[dict[str, int], Any]:
-    """(image path -> training-data row, row counts), after checking every image file exists and that the data has
-    images at all (clear errors naming file and row, or the dataset).
-
-    Runs before LLaMA-Factory's preprocessing, which would otherwise fail on a missing file with a bare OSError.
-    Streaming datasets are not scanned (counts None).
+    ``collator`` / ``trainer``: the stock ``SFTDataCollatorWith4DAttentionMask`` / ``CustomSeq2SeqTrainer``
+    (for the method to subclass); ``run(collator, trainer, model_args, ...)``: ``run_sft`` whole with those two
+    replaced for its duration; ``smooth``: the loss curves' smoothing (``extras.ploting.smooth``).
     """
-    if getattr(data_args, "streaming", False) or not training_args.do_train:
-        return {}, None
-    from llamafactory_hera.hera.data_checks import image_rows
-    from llamafactory_hera.hera.preflight import check_image_rows, count_image_rows
-    from llamafactory_hera.patches.model_data import RecipeArgs, load_aligned_rows
 
-    aligned = load_aligned_rows(RecipeArgs(model_args, data_args, finetuning_args), training_args.seed)
-    counts = count_image_rows(aligned)
-    check_image_rows(counts, data_args.dataset)
-    return image_rows(aligned, column="_images"), counts
+    def __init__(self, workflow: ModuleType, smooth: Callable[..., Any]) -> None:
+        self._workflow = workflow
+        self.collator: type = workflow.SFTDataCollatorWith4DAttentionMask
+        self.trainer: type = workflow.CustomSeq2SeqTrainer
+        self.smooth = smooth
 
-
-def _leave_together() -> None:
-    """Barrier at the end of a HeRA run: LLaMA-Factory destroys the process group right after the workflow,
-    and a rank that tears gloo down while rank 0 still saves and plots was seen to abort at exit (SIGABRT,
-    "terminate called without an active exception") in one CI run of the 2-rank test."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _write_run_record(output_dir: str, hera_args: HeraArguments,
-                      host_keys: tuple[tuple[Any, tuple[str, ...]], ...]) -> None:
-    """``hera_run.json``: the HeRA settings and the host settings needed to re-score the run's heads."""
-    os.makedirs(output_dir, exist_ok=True)
-    from llamafactory_hera import __version__
-
-    record = {"stage": "hera", "llamafactory_hera_version": __version__, **hera_args.to_dict(),
-              "host": {key: _plain(getattr(holder, key, None)) for holder, keys in host_keys for key in keys}}
-    with open(os.path.join(output_dir, HERA_RUN_RECORD), "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
+    def run(self, collator: type, trainer: type, *args: Any) -> None:
+        with _swapped(self._workflow, SFTDataCollatorWith4DAttentionMask=collator, CustomSeq2SeqTrainer=trainer):
+            self._workflow.run_sft(*args)
 
 
 def apply(tuner: ModuleType) -> None:
@@ -143,64 +94,39 @@ def apply(tuner: ModuleType) -> None:
     log_patch.apply(callbacks)
     original_training_function = tuner._training_function
 
-    def run_hera(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any, generating_args: Any,
-                 callbacks: Any = None, *, hera_args: HeraArguments) -> None:
-        # the data checks first: an image-less dataset is named as such, not as too few pairs to select heads from
-        rows, counts = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
-        if hera_args.auto_heads:
-            from llamafactory_hera.hera.selection.auto import resolve_auto_heads
-            from llamafactory_hera.patches.model_data import RecipeArgs
-
-            hera_args.hera_heads = resolve_auto_heads(
-                RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,
-                str(training_args.device), training_args.output_dir, training_args.process_index == 0)
-        collator, trainer = _hera_classes(workflow, hera_args, rows, counts)
-        if training_args.should_save:
-            _write_run_record(training_args.output_dir, hera_args, (
-                (model_args, ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),
-                (data_args, ("template", "dataset", "eval_dataset", "dataset_dir", "media_dir", "cutoff_len")),
-                (finetuning_args, ("finetuning_type",)),
-                (training_args, ("seed", "output_dir"))))
-        with _swapped(workflow, SFTDataCollatorWith4DAttentionMask=collator, CustomSeq2SeqTrainer=trainer):
-            try:
-                workflow.run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
-            except OSError as err:  # e.g. PIL's UnidentifiedImageError in the host's preprocessing
-                culprit = next((path for path in rows if path in str(err)), None)
-                if culprit is None:
-                    raise
-                raise ValueError(f"HeRA cannot read {describe_image(culprit, rows)}: {type(err).__name__}: {err}. "
-                                 "Fix or remove the file.") from err
-        if training_args.do_train and finetuning_args.plot_loss and training_args.process_index == 0:
-            written, missing = plot_run_metrics(training_args.output_dir, ("lm_loss", "hera_loss", "hera_temperature"),
-                                                ploting.smooth)
-            for path in written:
-                print(f"Figure saved at: {path}")
-            if missing:
-                print(f"[llamafactory-hera] not logged, so not plotted: {', '.join(missing)}", flush=True)
-        _leave_together()
-
     def training_function(config: dict[str, Any]) -> None:
         raw = hparams.read_args(config.get("args"))
-        host_args, hera_raw, is_hera = split_args(raw)
+        host_args, method_raw, method = split_args(raw)
         config = {**config, "args": host_args}
-        if not is_hera:
-            if hera_raw:
-                warnings.warn(f"llamafactory-hera: ignoring {', '.join(sorted(hera_raw))} because the stage is not "
-                              "'hera' (this is how a recipe's baseline twin runs).", stacklevel=2)
+        if method is None:
+            for other in declared_methods():
+                ignored = sorted(k for k in method_raw if k.startswith(other.prefix))
+                if ignored:
+                    warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is not "
+                                  f"'{other.stage}' (this is how a recipe's baseline twin runs).", stacklevel=2)
             return original_training_function(config)
-        hera_args = parse_hera_arguments(hera_raw)
-        validate_raw_host_args(host_args, hera_args)
+        own, ignored = keys_of(method, method_raw)
+        if ignored:
+            warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is "
+                          f"'{method.stage}'.", stacklevel=2)
+        method_args = method.load("parse_arguments")(own)
+        method.load("check_raw_host_args")(host_args, method_args)
         original_get_train_args = tuner.get_train_args
+        check_host_args = method.load("check_host_args")
+        run = method.load("run")
+        host = SFTWorkflow(workflow, ploting.smooth)
 
         def get_train_args(args: Any = None) -> Any:
             parsed = original_get_train_args(args)
-            validate_host_args(*parsed, hera_args=hera_args)
+            check_host_args(*parsed, method_args)
             return parsed
 
-        def run_sft_or_hera(*args: Any, **kwargs: Any) -> None:
-            return run_hera(*args, **kwargs, hera_args=hera_args)
+        def run_method(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
+                       generating_args: Any, callbacks: Any = None) -> None:
+            return run(host, model_args, data_args, training_args, finetuning_args, generating_args, callbacks,
+                       method_args)
 
-        with _swapped(tuner, get_train_args=get_train_args, run_sft=run_sft_or_hera):
+        with _swapped(tuner, get_train_args=get_train_args, run_sft=run_method):
             return original_training_function(config)
 
     tuner._training_function = training_function

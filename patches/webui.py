@@ -1,17 +1,17 @@
-"""Adds HeRA to LlamaBoard's training-stage dropdown (``extras.constants.TRAINING_STAGES``).
+"""Adds every declared method to LlamaBoard's training-stage dropdown (``extras.constants.TRAINING_STAGES``).
 
 Checked on LLaMA-Factory 0.9.5: the web UI modules import this dict by reference, so an
-in-place update before the UI is built adds the stage everywhere. The HeRA panel, its arguments and
-the loss plot are :mod:`.webui_board`.
+in-place update before the UI is built adds the stage everywhere (label and stage from the method's
+declaration). The methods' panels, their arguments and the loss plot are :mod:`.webui_board`.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from .guard import require
+from llamafactory_hera.methods import declared_methods
 
-STAGE_LABEL = "HeRA (Head-wise Representation Alignment)"
+from .guard import require
 
 
 def apply(constants: ModuleType) -> None:
@@ -19,4 +19,5 @@ def apply(constants: ModuleType) -> None:
     require(constants, ("TRAINING_STAGES",), "webui")
     if not isinstance(constants.TRAINING_STAGES, dict):
         require(constants, ("TRAINING_STAGES_AS_DICT",), "webui")  # raises: unknown shape
-    constants.TRAINING_STAGES.setdefault(STAGE_LABEL, "hera")
+    for method in declared_methods():
+        constants.TRAINING_STAGES.setdefault(method.label, method.stage)

@@ -1,4 +1,4 @@
-"""HeRA as a first-class stage of LlamaBoard (LLaMA-Factory's web UI).
+"""Every declared method as a first-class stage of LlamaBoard (LLaMA-Factory's web UI).
 
 Applied once ``llamafactory.webui.interface`` has executed: by then it has imported every web-UI
 module this patch touches, so all shapes are checked first and then everything is patched (all
@@ -17,8 +17,9 @@ Checked on LLaMA-Factory 0.9.5 (with gradio 5), whose shapes are:
 - ``control.get_trainer_info`` draws the loss with the module global ``gen_loss_plot(trainer_log)``;
 - ``locales.LOCALES`` / ``ALERTS``: element name (or alert) -> language -> texts.
 
-With any other stage the UI, the preview, the command and the saved configs are stock: the panel
-is hidden, nothing is added to the args, and the panel's values are dropped from the saved config.
+Each method's panel is the module its declaration names (:class:`llamafactory_hera.methods.Method`,
+``panel``). With any other stage the UI, the preview, the command and the saved configs are stock: the
+panels are hidden, nothing is added to the args, and the panels' values are dropped from the saved config.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Callable, Generator
 from types import ModuleType
 from typing import Any
 
-from llamafactory_hera.hera import webui_panel as panel
+from llamafactory_hera.methods import Method, declared_methods
 
 from . import CHECKED_VERSIONS
 from .guard import DISABLE_ENV, HostMismatchError, host_version, require, warn_if_unchecked
@@ -79,11 +80,17 @@ def _modules(interface: ModuleType) -> dict[str, ModuleType]:
         _require_signature(f"Runner.{method}", getattr(mods["runner"].Runner, method))
     _require_signature("gen_loss_plot", mods["control"].gen_loss_plot)
     _require_signature("get_trainer_info", mods["control"].get_trainer_info)
-    if panel.HERA_STAGE not in mods["constants"].TRAINING_STAGES.values():  # the .webui patch did not run
-        raise HostMismatchError(f"llamafactory-hera: LLaMA-Factory {host_version()}'s TRAINING_STAGES does not list "
-                                f"the '{panel.HERA_STAGE}' stage; the web UI cannot offer HeRA. Set {DISABLE_ENV}=1 "
-                                "to run LLaMA-Factory without the plugin.")
+    for method in declared_methods():
+        if method.stage not in mods["constants"].TRAINING_STAGES.values():  # the .webui patch did not run
+            raise HostMismatchError(f"llamafactory-hera: LLaMA-Factory {host_version()}'s TRAINING_STAGES does not "
+                                    f"list the '{method.stage}' stage; the web UI cannot offer {method.label}. Set "
+                                    f"{DISABLE_ENV}=1 to run LLaMA-Factory without the plugin.")
     return mods
+
+
+def _panels() -> list[tuple[Method, ModuleType]]:
+    """(method, its panel module) for every declared method with a panel, in declaration order."""
+    return [(method, method.load("panel")) for method in declared_methods() if method.panel]
 
 
 def apply(interface: ModuleType) -> None:
@@ -91,53 +98,68 @@ def apply(interface: ModuleType) -> None:
     if getattr(interface, "_hera_patched", False):
         return
     mods = _modules(interface)
+    panels = _panels()
     warn_if_unchecked()
     stages = mods["constants"].TRAINING_STAGES
 
-    for name, texts in panel.LOCALES.items():
-        mods["locales"].LOCALES.setdefault(name, texts)
-    for name, texts in panel.ALERTS.items():
-        mods["locales"].ALERTS.setdefault(name, texts)
+    for _, panel in panels:
+        for name, texts in panel.LOCALES.items():
+            mods["locales"].LOCALES.setdefault(name, texts)
+        for name, texts in panel.ALERTS.items():
+            mods["locales"].ALERTS.setdefault(name, texts)
 
     original = mods["components.train"].create_train_tab
-    create_train_tab = original if getattr(original, "_hera", False) else _wrap_create_train_tab(original, stages)
+    create_train_tab = original if getattr(original, "_hera", False) else _wrap_create_train_tab(original, stages,
+                                                                                                  panels)
     for module in (interface, mods["components"], mods["components.train"]):
         module.create_train_tab = create_train_tab
     if not getattr(mods["runner"].Runner, "_hera_patched", False):
-        _patch_runner(mods["runner"].Runner, stages, mods)
+        _patch_runner(mods["runner"].Runner, stages, mods, panels)
     if not getattr(mods["control"].gen_loss_plot, "_hera", False):
-        mods["control"].gen_loss_plot = _wrap_gen_loss_plot(mods["control"].gen_loss_plot, mods["ploting"].smooth)
+        mods["control"].gen_loss_plot = _wrap_gen_loss_plot(mods["control"].gen_loss_plot, mods["ploting"].smooth,
+                                                            panels)
     interface._hera_patched = True
 
 
-def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict[str, str]) -> Callable[..., Any]:
+def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict[str, str],
+                           panels: list[tuple[Method, ModuleType]]) -> Callable[..., Any]:
     def create_train_tab(engine: Any) -> dict[str, Any]:
         import gradio as gr
 
-        with gr.Accordion(panel.LOCALES[panel.TAB]["en"]["label"], open=True, visible=False,
-                          elem_id=f"train-{panel.TAB}") as tab:
-            elems = panel.create_panel(gr)
+        tabs, elems = {}, {}
+        for method, panel in panels:
+            with gr.Accordion(panel.LOCALES[panel.TAB]["en"]["label"], open=True, visible=False,
+                              elem_id=f"train-{panel.TAB}") as tab:
+                own = panel.create_panel(gr)
+            tabs[method] = (panel.TAB, tab)
+            elems.update(own)
         manager = engine.manager
-        own = vars(manager).get("get_base_elems")
+        own_base = vars(manager).get("get_base_elems")
         base = manager.get_base_elems
         manager.get_base_elems = lambda: base() | set(elems.values())  # the tab's buttons take these as inputs
         try:
             elem_dict = original(engine)
         finally:
-            if own is None:
+            if own_base is None:
                 vars(manager).pop("get_base_elems", None)
             else:
-                manager.get_base_elems = own
-        _place_before(tab, elem_dict["cmd_preview_btn"])
+                manager.get_base_elems = own_base
         stage = elem_dict["training_stage"]
-        stage.change(lambda label: gr.Accordion(visible=panel.is_hera_stage(stages.get(label))), [stage], [tab],
-                     queue=False)
-        elem_dict.update({panel.TAB: tab, **elems})
+        for method, (name, tab) in tabs.items():
+            _place_before(tab, elem_dict["cmd_preview_btn"])
+            stage.change(_shown_for(method, stages, gr), [stage], [tab], queue=False)
+            elem_dict[name] = tab
+        elem_dict.update(elems)
         return elem_dict
 
     create_train_tab.__wrapped__ = original
     create_train_tab._hera = True
     return create_train_tab
+
+
+def _shown_for(method: Method, stages: dict[str, str], gr: Any) -> Callable[[str], Any]:
+    """The Train tab's stage dropdown -> the method's accordion, shown only for its own stage."""
+    return lambda label: gr.Accordion(visible=method.owns(stages.get(label)))
 
 
 def _place_before(block: Any, anchor: Any) -> None:
@@ -153,12 +175,12 @@ def _place_before(block: Any, anchor: Any) -> None:
     children.insert(children.index(node), block)
 
 
-def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, ModuleType]) -> None:
+def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, ModuleType],
+                  panels: list[tuple[Method, ModuleType]]) -> None:
     original_initialize = runner_cls._initialize
     original_parse = runner_cls._parse_train_args
     original_config = runner_cls._build_config_dict
     original_monitor = runner_cls.monitor
-    prefix = "train.hera_"
 
     def elem_value(self: Any, data: dict[Any, Any], elem_id: str) -> Any:
         try:
@@ -166,46 +188,55 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
         except KeyError:
             return None
 
-    def is_hera(self: Any, data: dict[Any, Any] | None) -> bool:
-        return bool(data) and panel.is_hera_stage(stages.get(elem_value(self, data, "train.training_stage")))
+    def chosen(self: Any, data: dict[Any, Any] | None) -> tuple[Method, ModuleType] | None:
+        """The method (and its panel) whose stage the Train tab selects, if any."""
+        stage = stages.get(elem_value(self, data, "train.training_stage")) if data else None
+        return next(((method, panel) for method, panel in panels if method.owns(stage)), None)
 
-    def panel_values(self: Any, data: dict[Any, Any]) -> dict[str, Any] | None:
+    def panel_values(self: Any, data: dict[Any, Any], panel: ModuleType) -> dict[str, Any] | None:
         values = {key: elem_value(self, data, f"train.{key}") for key in panel.KEYS}
         return None if all(v is None for v in values.values()) else values  # None: a UI without the panel
 
     def _initialize(self: Any, data: dict[Any, Any], do_train: bool, from_preview: bool) -> str:
         error = original_initialize(self, data, do_train, from_preview)
-        if error or not do_train or not is_hera(self, data):
+        selected = chosen(self, data)
+        if error or not do_train or selected is None:
             return error
-        values = panel_values(self, data)
+        panel = selected[1]
+        values = panel_values(self, data, panel)
         problem = panel.validate(values) if values is not None else ""
         if problem:
             lang = elem_value(self, data, "top.lang") or "en"
-            prefix_text = mods["locales"].ALERTS["err_hera_args"].get(lang, panel.ALERTS["err_hera_args"]["en"])
+            alert = panel.ERROR_ALERT
+            prefix_text = mods["locales"].ALERTS[alert].get(lang, panel.ALERTS[alert]["en"])
             return prefix_text + panel.as_markup(problem)
         return error
 
     def _parse_train_args(self: Any, data: dict[Any, Any]) -> dict[str, Any]:
         args = original_parse(self, data)
-        if panel.is_hera_stage(args.get("stage")):
-            values = panel_values(self, data)
-            if values is not None:
-                for key, value in panel.build_hera_args(values).items():
-                    args.setdefault(key, value)  # a hera_* key in the extra-arguments JSON wins
+        for method, panel in panels:
+            if method.owns(args.get("stage")):
+                values = panel_values(self, data, panel)
+                if values is not None:
+                    for key, value in panel.build_args(values).items():
+                        args.setdefault(key, value)  # a key in the extra-arguments JSON wins
         return args
 
     def _build_config_dict(self: Any, data: dict[Any, Any]) -> dict[str, Any]:
         config = original_config(self, data)
-        if not is_hera(self, data):
-            config = {k: v for k, v in config.items() if not k.startswith(prefix)}
+        selected = chosen(self, data)
+        for method, _ in panels:
+            if selected is None or selected[0] is not method:
+                prefix = f"train.{method.prefix}"
+                config = {k: v for k, v in config.items() if not k.startswith(prefix)}
         return config
 
     def monitor(self: Any) -> Generator[dict[Any, Any], None, None]:
         # Stock polls every 2 s and stops when the process ends, so a short run can finish with an
-        # old plot (or none); a HeRA run gets one last loss plot after the stock monitor is done.
+        # old plot (or none); a method's run gets one last loss plot after the stock monitor is done.
         data = self.running_data
         final = None
-        if self.do_train and is_hera(self, data):
+        if self.do_train and chosen(self, data) is not None:
             get = lambda elem_id: elem_value(self, data, elem_id)  # noqa: E731
             output_path = mods["common"].get_save_dir(get("top.model_name"), get("top.finetuning_type"),
                                                       get("train.output_dir"))
@@ -225,10 +256,12 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
     runner_cls._hera_patched = True
 
 
-def _wrap_gen_loss_plot(original: Callable[..., Any], smooth: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_gen_loss_plot(original: Callable[..., Any], smooth: Callable[..., Any],
+                        panels: list[tuple[Method, ModuleType]]) -> Callable[..., Any]:
     def gen_loss_plot(trainer_log: list[dict[str, Any]]) -> Any:
-        if panel.has_hera_loss(trainer_log):
-            return panel.hera_loss_figure(trainer_log, smooth)
+        for _, panel in panels:
+            if panel.owns_loss_plot(trainer_log):
+                return panel.loss_figure(trainer_log, smooth)
         return original(trainer_log)
 
     gen_loss_plot.__wrapped__ = original

@@ -73,7 +73,7 @@ def test_a_dataset_without_any_image_is_refused(assets, tmp_path: Path, heads: s
 
 
 def test_fp16_under_deepspeed_with_a_learned_temperature_is_refused() -> None:
-    from llamafactory_hera.patches.validation import validate_raw_host_args
+    from llamafactory_hera.hera.host_checks import validate_raw_host_args
 
     message = "cannot learn the temperature under DeepSpeed with fp16: true"
     with pytest.raises(ValueError, match=message):

@@ -30,6 +30,7 @@ from llamafactory_hera.hera.args import HeraArguments
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS
 from llamafactory_hera.hera.contrastive import FeatureQueue, all_ranks_true, distributed, gather_batch
 from llamafactory_hera.hera.loss import hera_loss_anchored
+from llamafactory_hera.hera.method import LOG_KEYS
 from llamafactory_hera.hera.preflight import contrastive_geometry
 from llamafactory_hera.hera.run_summary import HeraRunSummary
 from llamafactory_hera.hera.teacher import load_teacher
@@ -39,8 +40,6 @@ from llamafactory_hera.hera.trainer_state import HERA_STATE_NAME, TAU_OPTIMIZER_
 from llamafactory_hera.hera.trainer_teacher import HeraTeacherMixin
 
 __all__ = ["HERA_STATE_NAME", "LOG_KEYS", "TAU_OPTIMIZER_NAME", "HeraTrainerMixin"]
-LOG_KEYS = ("lm_loss", "hera_loss", "hera_weighted_loss", "hera_temperature", "hera_image_samples",
-            "hera_text_only_samples", "hera_batches_without_term", "hera_nonfinite_skipped", "hera_queue_size")
 # Sums since the last log, in this order (float64 on the training device).
 _STATS = ("lm", "hera", "hera_micro", "images", "text_only", "micro", "skipped", "weighted", "no_term")
 

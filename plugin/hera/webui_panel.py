@@ -347,3 +347,10 @@ def hera_loss_figure(trainer_log: list[dict[str, Any]], smooth: Any) -> Any:
 def has_hera_loss(trainer_log: list[dict[str, Any]]) -> bool:
     """Whether a trainer_log.jsonl (as parsed lines) comes from a HeRA run."""
     return any(log.get("hera_loss") is not None for log in trainer_log)
+
+
+# the panel protocol the LlamaBoard patch uses for every declared method (llamafactory_hera.methods.Method.panel)
+ERROR_ALERT = "err_hera_args"  # ALERTS entry that prefixes a validation problem
+build_args = build_hera_args
+owns_loss_plot = has_hera_loss
+loss_figure = hera_loss_figure

@@ -19,8 +19,8 @@ from llamafactory_hera.anatomy.head_plots import format_head_table, plot_before_
 from llamafactory_hera.anatomy.heads import parse_head
 from llamafactory_hera.anatomy.recipe_edit import write_text_atomic
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_heads
+from llamafactory_hera.hera.workflow import HERA_RUN_RECORD as RUN_RECORD
 
-RUN_RECORD = "hera_run.json"
 REPORT_JSON = "hera_report.json"
 REPORT_PNG = "hera_report.png"
 

@@ -1,6 +1,8 @@
-"""Checks a HeRA run's LLaMA-Factory arguments before any model or dataset is loaded.
+"""HeRA's checks of a run's LLaMA-Factory arguments, before any model or dataset is loaded.
 
-Checked on LLaMA-Factory 0.9.5 argument names (``ModelArguments``, ``DataArguments``,
+Declared in :mod:`llamafactory_hera.hera.method` and called by the stage patch. They read recipe keys
+only (the documented fields of LLaMA-Factory's argument objects), never its internals. Checked on
+LLaMA-Factory 0.9.5 argument names (``ModelArguments``, ``DataArguments``,
 ``FinetuningArguments``, ``TrainingArguments``).
 """
 
@@ -71,7 +73,7 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: Her
 
 
 def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
-                       generating_args: Any, *, hera_args: HeraArguments) -> None:
+                       generating_args: Any, hera_args: HeraArguments) -> None:
     """Raise a clear ``ValueError`` for settings HeRA cannot honour; adjust gradient checkpointing.
 
     The heads are checked against the model's config (not its weights), and the teacher's config

@@ -1,0 +1,106 @@
+"""HeRA's verbs of ``llamafactory-hera`` (added by :func:`add_verbs`, declared in :mod:`llamafactory_hera.hera.method`).
+
+    llamafactory-hera select RECIPE.yaml [options]     score every head by MKNN, write hera_heads into the recipe
+    llamafactory-hera select --report RUN_DIR [opts]   score a trained run's heads before/after training
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llamafactory_hera.hera.selection.select import MODES, STRATEGIES
+
+# command-line options that fall back to a recipe key (the same keys hera_heads: auto reads):
+# (flag, type, recipe key, what it sets)
+RECIPE_BACKED: tuple[tuple[str, type, str, str], ...] = (
+    ("--samples", int, "hera_select_samples", "image-caption pairs to score on"),
+    ("--heads", int, "hera_select_num_heads", "number of heads to choose"),
+    ("--strategy", str, "hera_select_strategy", "worst: least aligned (paper); best / random: ablations"),
+    ("--mode", str, "hera_select_mode", "text: captions alone through the language model (paper); multimodal: "
+     "image + caption through the MLLM"),
+    ("--clamp", float, "hera_select_clamp", "PRH's outlier clamp: feature values clamped at this quantile of |value| "
+     "before normalising, both sides; 0 turns it off"),
+    ("--batch-size", int, "hera_select_batch_size", "forward batch size"),
+    ("--k", int, "hera_k", "neighbours for MKNN"),
+    ("--teacher", str, "hera_teacher", "vision teacher"),
+)
+CHOICES = {"hera_select_strategy": STRATEGIES, "hera_select_mode": MODES}
+
+
+def _default_of(key: str) -> Any:
+    """HeraArguments' default for ``key`` (what a recipe without the key gets)."""
+    from dataclasses import fields
+
+    from llamafactory_hera.hera.args import HeraArguments
+
+    return next(f.default for f in fields(HeraArguments) if f.name == key)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
+    """Add ``select`` to the ``llamafactory-hera`` sub-command parsers; verb -> handler."""
+    select = commands.add_parser(
+        "select", help="Rank every attention head by MKNN alignment with the teacher and write the chosen heads.",
+        description="Rank every attention head (layer x head) by its MKNN alignment with the vision teacher on "
+        "image-caption pairs of the recipe's dataset and write the chosen heads into the recipe as hera_heads. "
+        "Model, adapter, template, dataset, teacher and k are read from the recipe. With --report RUN_DIR, score a "
+        "trained run's heads before and after training instead.")
+    select.add_argument("recipe", nargs="?", type=Path, help="LLaMA-Factory training recipe (YAML)")
+    select.add_argument("--report", type=Path, metavar="RUN_DIR",
+                        help="a finished HeRA run's output_dir: before/after heatmaps and a delta table")
+    for flag, kind, key, what in RECIPE_BACKED:
+        options = {"choices": CHOICES[key]} if key in CHOICES else {"type": kind}
+        select.add_argument(flag, default=None, **options,
+                            help=f"{what} (default: the recipe's {key}, else {_default_of(key)})")
+    select.add_argument("--seed", type=int, default=None,
+                        help="sampling seed (default: the recipe's seed, else 42, the Trainer's default, as "
+                        "hera_heads: auto uses)")
+    select.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    select.add_argument("--dataset", default=None, help="comma-separated dataset names from the recipe's "
+                        "dataset_dir (default: the recipe's dataset; with --report, use held-out data here)")
+    select.add_argument("--output", type=Path, default=None, help="write a new recipe here instead of editing RECIPE")
+    select.add_argument("--force", action="store_true", help="replace explicit hera_heads / an existing --output")
+    select.add_argument("--dry-run", action="store_true", help="score and report, write no recipe")
+    return {"select": run_select_verb}
+
+
+def run_select_verb(args: argparse.Namespace) -> None:
+    """``select``: the report of a finished run (``--report``), else the selection written into the recipe."""
+    if args.report is not None:
+        from llamafactory_hera.hera.selection.report import run_report
+
+        run_report(args)
+        return
+    if args.recipe is None:
+        raise ValueError("select: give a RECIPE.yaml (or --report RUN_DIR).")
+    from llamafactory_hera.hera.selection.command import run_select
+
+    run_select(args)
+
+
+def options_from(args: Any, recipe: dict[str, Any]) -> Any:
+    """SelectionOptions from the command line, falling back to the recipe's hera_* keys (the same keys
+    ``hera_heads: auto`` reads, so both choose the same heads for the same recipe)."""
+    from llamafactory_hera.hera.args import parse_hera_arguments
+    from llamafactory_hera.hera.selection.select import SelectionOptions
+
+    hera = parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")}, require_heads=False)
+    value = {}
+    for flag, _, key, _ in RECIPE_BACKED:
+        given = getattr(args, _dest(flag))
+        value[key] = given if given is not None else getattr(hera, key)
+    return SelectionOptions(
+        num_samples=value["hera_select_samples"], num_heads=value["hera_select_num_heads"],
+        strategy=value["hera_select_strategy"], mode=value["hera_select_mode"],
+        seed=args.seed if args.seed is not None else int(recipe.get("seed", 42) or 0),
+        batch_size=value["hera_select_batch_size"], device=args.device, k=value["hera_k"],
+        teacher=value["hera_teacher"], teacher_feature=hera.hera_teacher_feature, clamp=value["hera_select_clamp"],
+        dataset=[d.strip() for d in args.dataset.split(",")] if args.dataset else None,
+    )
+

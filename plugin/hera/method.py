@@ -1,0 +1,28 @@
+"""HeRA's declaration: ``stage: hera``, its ``hera_*`` keys, its run, panel and verbs.
+
+See :mod:`llamafactory_hera.methods` for what each field means.
+
+Imports nothing heavy: everything else is named and imported when first used.
+"""
+
+from __future__ import annotations
+
+from llamafactory_hera.methods import Method
+
+# metrics a HeRA run logs next to LLaMA-Factory's (trainer_log.jsonl, LlamaBoard, the curves)
+LOG_KEYS = ("lm_loss", "hera_loss", "hera_weighted_loss", "hera_temperature", "hera_image_samples",
+            "hera_text_only_samples", "hera_batches_without_term", "hera_nonfinite_skipped", "hera_queue_size")
+
+METHOD = Method(
+    stage="hera",
+    label="HeRA (Head-wise Representation Alignment)",
+    prefix="hera_",
+    host_stage="sft",
+    parse_arguments="llamafactory_hera.hera.args:parse_hera_arguments",
+    check_raw_host_args="llamafactory_hera.hera.host_checks:validate_raw_host_args",
+    check_host_args="llamafactory_hera.hera.host_checks:validate_host_args",
+    run="llamafactory_hera.hera.workflow:run_hera",
+    log_keys=LOG_KEYS,
+    panel="llamafactory_hera.hera.webui_panel",
+    add_cli_verbs="llamafactory_hera.hera.cli:add_verbs",
+)

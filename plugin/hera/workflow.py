@@ -1,0 +1,121 @@
+"""A ``stage: hera`` run: LLaMA-Factory's SFT workflow with HeRA's collator and trainer.
+
+Called by the stage patch (declared in :mod:`llamafactory_hera.hera.method`) with ``host``, the
+patch's handle on the SFT workflow (:class:`llamafactory_hera.patches.stage.SFTWorkflow`: its collator
+and trainer classes, ``run`` with replacements, ``smooth``), in place of ``run_sft``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from llamafactory_hera.anatomy.run_plots import plot_run_metrics
+from llamafactory_hera.hera.args import HeraArguments
+from llamafactory_hera.hera.data_checks import describe_image
+
+HERA_RUN_RECORD = "hera_run.json"
+
+
+def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int],
+                  data_counts: Any) -> tuple[type, type]:
+    from llamafactory_hera.hera.collator import HeraCollatorMixin
+    from llamafactory_hera.hera.teacher import load_image_processor
+    from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
+    from llamafactory_hera.hera.trainer import HeraTrainerMixin
+
+    cache = TeacherFeatureCache(enabled=hera_args.hera_teacher_cache)  # shared by this run's collator and trainer
+    collator = type("HeraSFTDataCollator", (HeraCollatorMixin, host.collator),
+                    {"hera_image_processor": load_image_processor(hera_args.hera_teacher), "hera_feature_cache": cache,
+                     "hera_image_rows": image_rows})
+
+    class HeraSeq2SeqTrainer(HeraTrainerMixin, host.trainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, hera_args=hera_args, hera_feature_cache=cache,
+                             hera_data_counts=data_counts, **kwargs)
+
+    return collator, HeraSeq2SeqTrainer
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, str | int | float | bool | list | type(None)) else str(value)
+
+
+def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
+                        training_args: Any) -> tuple[dict[str, int], Any]:
+    """(image path -> training-data row, row counts), after checking every image file exists and that the data has
+    images at all (clear errors naming file and row, or the dataset).
+
+    Runs before LLaMA-Factory's preprocessing, which would otherwise fail on a missing file with a bare OSError.
+    Streaming datasets are not scanned (counts None).
+    """
+    if getattr(data_args, "streaming", False) or not training_args.do_train:
+        return {}, None
+    from llamafactory_hera.hera.data_checks import image_rows
+    from llamafactory_hera.hera.preflight import check_image_rows, count_image_rows
+    from llamafactory_hera.patches.model_data import RecipeArgs, load_aligned_rows
+
+    aligned = load_aligned_rows(RecipeArgs(model_args, data_args, finetuning_args), training_args.seed)
+    counts = count_image_rows(aligned)
+    check_image_rows(counts, data_args.dataset)
+    return image_rows(aligned, column="_images"), counts
+
+
+def _leave_together() -> None:
+    """Barrier at the end of a HeRA run: LLaMA-Factory destroys the process group right after the workflow,
+    and a rank that tears gloo down while rank 0 still saves and plots was seen to abort at exit (SIGABRT,
+    "terminate called without an active exception") in one CI run of the 2-rank test."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _write_run_record(output_dir: str, hera_args: HeraArguments,
+                      host_keys: tuple[tuple[Any, tuple[str, ...]], ...]) -> None:
+    """``hera_run.json``: the HeRA settings and the host settings needed to re-score the run's heads."""
+    os.makedirs(output_dir, exist_ok=True)
+    from llamafactory_hera import __version__
+
+    record = {"stage": "hera", "llamafactory_hera_version": __version__, **hera_args.to_dict(),
+              "host": {key: _plain(getattr(holder, key, None)) for holder, keys in host_keys for key in keys}}
+    with open(os.path.join(output_dir, HERA_RUN_RECORD), "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2)
+
+
+def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
+             generating_args: Any, callbacks: Any, hera_args: HeraArguments) -> None:
+    """Train (and evaluate) as ``run_sft`` does, with HeRA's collator and trainer; then HeRA's curves."""
+    # the data checks first: an image-less dataset is named as such, not as too few pairs to select heads from
+    rows, counts = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
+    if hera_args.auto_heads:
+        from llamafactory_hera.hera.selection.auto import resolve_auto_heads
+        from llamafactory_hera.patches.model_data import RecipeArgs
+
+        hera_args.hera_heads = resolve_auto_heads(
+            RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,
+            str(training_args.device), training_args.output_dir, training_args.process_index == 0)
+    collator, trainer = _hera_classes(host, hera_args, rows, counts)
+    if training_args.should_save:
+        _write_run_record(training_args.output_dir, hera_args, (
+            (model_args, ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),
+            (data_args, ("template", "dataset", "eval_dataset", "dataset_dir", "media_dir", "cutoff_len")),
+            (finetuning_args, ("finetuning_type",)),
+            (training_args, ("seed", "output_dir"))))
+    try:
+        host.run(collator, trainer, model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
+    except OSError as err:  # e.g. PIL's UnidentifiedImageError in the host's preprocessing
+        culprit = next((path for path in rows if path in str(err)), None)
+        if culprit is None:
+            raise
+        raise ValueError(f"HeRA cannot read {describe_image(culprit, rows)}: {type(err).__name__}: {err}. "
+                         "Fix or remove the file.") from err
+    if training_args.do_train and finetuning_args.plot_loss and training_args.process_index == 0:
+        written, missing = plot_run_metrics(training_args.output_dir, ("lm_loss", "hera_loss", "hera_temperature"),
+                                            host.smooth)
+        for path in written:
+            print(f"Figure saved at: {path}")
+        if missing:
+            print(f"[llamafactory-hera] not logged, so not plotted: {', '.join(missing)}", flush=True)
+    _leave_together()

@@ -1,0 +1,96 @@
+"""The methods this plugin brings to LLaMA-Factory, each declared once, in its own package.
+
+A method's package holds a ``method.py`` with one :class:`Method`: its stage name, its recipe-key
+prefix, the LLaMA-Factory stage whose workflow it extends, and where its arguments, checks, run,
+LlamaBoard panel and command-line verbs live. :mod:`llamafactory_hera.patches` registers every
+method listed in :data:`DECLARATIONS` as a stage, an argument set and a LlamaBoard panel from that
+declaration, and ``llamafactory-hera`` takes its verbs from it; adding a method adds a package and
+one line here, and touches no patch.
+
+Declarations are imported when a patch is applied and by the command line, so they must import
+cheaply (no torch): heavy parts are named as ``"module:attribute"`` strings and imported on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+# "module:attribute" of every method's declaration, in the order the web UI lists them
+DECLARATIONS: tuple[str, ...] = (
+    "llamafactory_hera.hera.method:METHOD",
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method, as LLaMA-Factory's recipes, web UI and logs see it.
+
+    The ``"module:attribute"`` fields are called as follows (``host_args``: a recipe dict or a
+    ``--key value`` list without the method's keys; LLaMA-Factory's parsed argument objects by name):
+
+    - ``parse_arguments(raw: dict[str, Any]) -> args``: the method's prefixed keys, values possibly strings;
+    - ``check_raw_host_args(host_args, args) -> None``: before LLaMA-Factory parses anything (no loading);
+    - ``check_host_args(model_args, data_args, training_args, finetuning_args, generating_args, args) -> None``:
+      right after LLaMA-Factory parsed the recipe, before any model or dataset is loaded;
+    - ``run(host, model_args, data_args, training_args, finetuning_args, generating_args, callbacks, args)
+      -> None``: the run, instead of the host stage's workflow; ``host`` is what the patches
+      offer of that workflow (``patches.stage.SFTWorkflow``: its collator and trainer classes, ``run`` with
+      replacements, ``smooth``);
+    - ``panel``: a module with the LlamaBoard panel (``TAB``, ``KEYS``, ``LOCALES``, ``ALERTS``,
+      ``ERROR_ALERT``, ``create_panel(gr)``, ``validate(values) -> str``, ``as_markup(text)``,
+      ``build_args(values)``, ``owns_loss_plot(trainer_log)``, ``loss_figure(trainer_log, smooth)``);
+    - ``add_cli_verbs(subparsers) -> dict[str, handler]``: its ``llamafactory-hera`` verbs; a handler takes
+      the parsed namespace and raises ``ValueError`` / ``OSError`` subclasses for the user's mistakes.
+    """
+
+    stage: str  # the recipe's ``stage:`` value
+    label: str  # LlamaBoard's training-stage dropdown entry
+    prefix: str  # the method's recipe keys start with this
+    host_stage: str  # the LLaMA-Factory stage that parses the recipe and whose workflow the run extends
+    parse_arguments: str
+    check_raw_host_args: str
+    check_host_args: str
+    run: str
+    log_keys: tuple[str, ...]  # metrics the method logs, merged into trainer_log.jsonl
+    panel: str | None = None
+    add_cli_verbs: str | None = None
+
+    def load(self, field: str) -> Any:
+        """Import what ``field`` names (``"module:attribute"``, or a module for ``panel``)."""
+        return resolve(getattr(self, field))
+
+    def owns(self, stage: Any) -> bool:
+        """Whether a recipe's or the web UI's ``stage`` value selects this method."""
+        return str(stage or "").strip().lower() == self.stage
+
+
+def resolve(target: str) -> Any:
+    """``"package.module:attribute"`` -> the attribute; ``"package.module"`` -> the module."""
+    module, _, attribute = target.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attribute) if attribute else loaded
+
+
+@functools.cache
+def declared_methods() -> tuple[Method, ...]:
+    """Every declared method (each declaration imported once)."""
+    methods = tuple(resolve(target) for target in DECLARATIONS)
+    stages = [method.stage for method in methods]
+    prefixes = [method.prefix for method in methods]
+    if len(set(stages)) != len(stages) or len(set(prefixes)) != len(prefixes):
+        raise RuntimeError(f"llamafactory-hera: two declared methods share a stage or a key prefix: {stages}, "
+                           f"{prefixes}")
+    return methods
+
+
+def method_for_stage(stage: Any) -> Method | None:
+    """The declared method that ``stage`` selects, or None (a LLaMA-Factory stage)."""
+    return next((method for method in declared_methods() if method.owns(stage)), None)
+
+
+def method_of_key(key: Any) -> Method | None:
+    """The declared method whose prefix ``key`` carries, or None (a LLaMA-Factory key)."""
+    return next((method for method in declared_methods() if str(key).startswith(method.prefix)), None)

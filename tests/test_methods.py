@@ -1,0 +1,120 @@
+"""A method registers itself by its declaration alone: stage, keys, checks, run, logs, web-UI stage and verbs.
+
+A toy method declared in this file (not in the plugin) is added to ``DECLARATIONS`` and goes through the same
+patches as HeRA: LLaMA-Factory's real ``run_exp`` trains it on the tiny fixture, its metric reaches
+``trainer_log.jsonl``, LlamaBoard's stage list offers it and ``llamafactory-hera`` runs its verb.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import base_recipe
+from llamafactory_hera import cli, methods
+from llamafactory_hera.methods import Method
+from llamafactory_hera.patches import webui
+from llamafactory_hera.patches.arguments import keys_of, split_args
+
+CALLS: list[tuple[str, Any]] = []
+
+TOY = Method(
+    stage="toy", label="Toy (registry test)", prefix="toy_", host_stage="sft",
+    parse_arguments=f"{__name__}:parse_toy", check_raw_host_args=f"{__name__}:check_raw",
+    check_host_args=f"{__name__}:check_parsed", run=f"{__name__}:run_toy", log_keys=("toy_metric",),
+    add_cli_verbs=f"{__name__}:add_toy_verbs",
+)
+
+
+def parse_toy(raw: dict[str, Any]) -> dict[str, Any]:
+    CALLS.append(("parse", dict(raw)))
+    return {"scale": float(raw.get("toy_scale", 1.0))}
+
+
+def check_raw(host_args: Any, toy_args: dict[str, Any]) -> None:
+    CALLS.append(("check_raw", host_args["stage"]))
+
+
+def check_parsed(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any, generating_args: Any,
+                 toy_args: dict[str, Any]) -> None:
+    CALLS.append(("check_parsed", finetuning_args.stage))
+
+
+def run_toy(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
+            generating_args: Any, callbacks: Any, toy_args: dict[str, Any]) -> None:
+    class ToyTrainer(host.trainer):
+        def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            self._toy = toy_args["scale"] * (loss[0] if isinstance(loss, tuple) else loss).item()
+            return loss
+
+        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if "loss" in logs:
+                logs = {**logs, "toy_metric": self._toy}
+            super().log(logs, *args, **kwargs)
+
+    CALLS.append(("run", host.collator.__name__))
+    host.run(host.collator, ToyTrainer, model_args, data_args, training_args, finetuning_args, generating_args,
+             callbacks)
+
+
+def add_toy_verbs(commands: Any) -> dict[str, Any]:
+    commands.add_parser("toy-verb", help="the toy method's verb").add_argument("--value", type=int, required=True)
+    return {"toy-verb": lambda args: CALLS.append(("verb", args.value))}
+
+
+@pytest.fixture
+def toy_declared(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(methods, "DECLARATIONS", (*methods.DECLARATIONS, f"{__name__}:TOY"))
+    methods.declared_methods.cache_clear()
+    CALLS.clear()
+    yield
+    methods.declared_methods.cache_clear()
+
+
+def test_arguments_are_routed_by_the_declared_stage_and_prefix(toy_declared) -> None:
+    host, own, method = split_args({"stage": "toy", "toy_scale": 2, "hera_k": 3, "model_name_or_path": "m"})
+    assert method == TOY and host == {"stage": "sft", "model_name_or_path": "m"}
+    assert keys_of(method, own) == ({"toy_scale": 2}, ["hera_k"])
+    host, own, method = split_args(["--stage", "toy", "--toy_scale=2", "--do_train"])
+    assert method == TOY and host == ["--stage", "sft", "--do_train"] and own == {"toy_scale": "2"}
+    assert split_args({"stage": "hera"})[2].stage == "hera"  # HeRA's own declaration still there
+
+
+def test_a_declared_method_trains_through_run_exp_and_logs_its_metric(toy_declared, assets, tmp_path: Path) -> None:
+    from llamafactory.train.tuner import run_exp
+
+    recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", max_steps=2)
+    recipe = {k: v for k, v in recipe.items() if not k.startswith("hera_")} | {"stage": "toy", "toy_scale": 2.0}
+    run_exp(recipe)
+    assert [name for name, _ in CALLS] == ["parse", "check_raw", "check_parsed", "run"]
+    assert CALLS[0][1] == {"toy_scale": 2.0} and CALLS[2][1] == "sft"
+    assert CALLS[3][1] == "SFTDataCollatorWith4DAttentionMask"  # the stock classes, for the method to extend
+    lines = [json.loads(line) for line in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "loss" in line]
+    assert len(steps) == 2 and all(line["toy_metric"] == pytest.approx(2 * line["loss"]) for line in steps)
+
+
+def test_the_web_ui_and_the_command_line_offer_a_declared_method(toy_declared, capsys) -> None:
+    constants = types.SimpleNamespace(TRAINING_STAGES={"Supervised Fine-Tuning": "sft"})
+    webui.apply(constants)
+    assert constants.TRAINING_STAGES["Toy (registry test)"] == "toy"
+    assert constants.TRAINING_STAGES["HeRA (Head-wise Representation Alignment)"] == "hera"
+    assert cli.main(["toy-verb", "--value", "7"]) == 0 and CALLS == [("verb", 7)]
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "toy-verb" in capsys.readouterr().out
+
+
+def test_two_methods_cannot_share_a_stage_or_a_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(methods, "DECLARATIONS", (*methods.DECLARATIONS, "llamafactory_hera.hera.method:METHOD"))
+    methods.declared_methods.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="share a stage or a key prefix"):
+            methods.declared_methods()
+    finally:
+        methods.declared_methods.cache_clear()
