@@ -73,7 +73,7 @@ def test_an_unwritable_output_folder_is_refused_before_scoring(assets, tmp_path:
 def test_the_comment_that_described_auto_is_rewritten_in_a_shipped_recipe() -> None:
     from llamafactory_hera.anatomy.recipe_edit import set_hera_heads
 
-    text = (Path(__file__).resolve().parents[1] / "recipes" / "qwen3_8b_hera.yaml").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[2] / "recipes" / "qwen3_8b_hera.yaml").read_text(encoding="utf-8")
     result = set_hera_heads(text, ["L1H0", "L2H3"])
     line = next(line for line in result.splitlines() if line.startswith("hera_heads:"))
     assert line.startswith("hera_heads: [L1H0, L2H3]") and line.endswith("(was: auto)")

@@ -36,7 +36,7 @@ def test_scores_equal_mutual_knn_of_explicit_contributions(assets, family: str) 
     from llamafactory_hera.patches.model_data import load_model_for_scoring, parse_recipe
 
     recipe_args = parse_recipe(base_recipe(assets, family, "/unused"))
-    options = _options(assets, clamp=0.0)  # the clamped scores: tests/test_selection_reference.py
+    options = _options(assets, clamp=0.0)  # the clamped scores: tests/hera/test_selection_reference.py
     pairs, _ = prepare(recipe_args, options)
     got = score_heads(recipe_args, options, pairs)
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import offline_env
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 from assets import PRESETS, build_bench_assets, count_parameters  # noqa: E402
