@@ -8,13 +8,14 @@ patches as HeRA: LLaMA-Factory's real ``run_exp`` trains it on the tiny fixture,
 from __future__ import annotations
 
 import json
+import re
 import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import base_recipe
+from conftest import REPO, base_recipe
 from llamafactory_hera import cli, methods
 from llamafactory_hera.methods import Method
 from llamafactory_hera.patches import webui
@@ -118,3 +119,15 @@ def test_two_methods_cannot_share_a_stage_or_a_prefix(monkeypatch: pytest.Monkey
             methods.declared_methods()
     finally:
         methods.declared_methods.cache_clear()
+
+
+def test_patches_and_the_shared_packages_import_no_method_package() -> None:
+    """The patches know methods only through their declarations, and the anatomy serves every method, so neither
+    imports a method's package (a next method must not have to edit them)."""
+    method_packages = [p.name for p in (REPO / "plugin").iterdir() if (p / "method.py").is_file()]
+    assert method_packages == ["hera"]
+    shared = [*(REPO / "patches").glob("*.py"), *(REPO / "plugin" / "anatomy").glob("*.py"),
+              *(REPO / "plugin" / name for name in ("methods.py", "cli.py", "_bootstrap.py", "short_errors.py"))]
+    pattern = re.compile(rf"^\s*(from|import) llamafactory_hera\.({'|'.join(method_packages)})\b", re.M)
+    offenders = [str(path.relative_to(REPO)) for path in shared if pattern.search(path.read_text(encoding="utf-8"))]
+    assert offenders == []
