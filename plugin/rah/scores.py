@@ -1,0 +1,90 @@
+"""Head scores of RAH-LoRA: I-SAL (paper Eq. 3-4), its per-layer standardisation, and CAF (Eq. 5).
+
+Shapes: ``attn [B, H, T, T]`` (softmax attention of one layer, query x key), masks ``[B, T]`` (bool),
+``grads [N, L, H]`` (d loss / d gate per sample, layer and head).
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-6
+
+
+def _half(attn: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
+          visible_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample and head: (sum of attention over the (query, key) pairs, number of pairs).
+
+    With ``visible_only`` a pair counts only when the key does not come after the query (causal attention);
+    ``attn`` [B, H, T, T], ``queries`` / ``keys`` [B, T] -> ([B, H], [B]).
+    """
+    length = attn.shape[-1]
+    pairs = queries[:, :, None] & keys[:, None, :]  # [B, T, T]
+    if visible_only:
+        pairs = pairs & torch.ones(length, length, dtype=torch.bool, device=attn.device).tril()
+    total = (attn.float() * pairs[:, None]).sum(dim=(-1, -2))
+    return total, pairs.sum(dim=(-1, -2))
+
+
+def isal(attn: torch.Tensor, image_mask: torch.Tensor, text_mask: torch.Tensor,
+         pairs: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
+    """I-SAL per sample and head (Eq. 3): half the mean text->image attention plus half the mean image->text.
+
+    ``pairs="paper"`` (default): the text->image mean runs over every (text query, image key) pair as Eq. 3 writes
+    it, and the image->text mean over the text keys each image query can see (under causal masking, the text
+    before the image). ``pairs="visible"``: both means over visible pairs only (text queries after the image).
+    A half with no pair is left out and the other half counts alone (e.g. an image at the very start, BOS
+    excluded: no text before it). ``text_mask`` excludes BOS (an attention sink). Returns (``[B, H]`` float32
+    scores, ``[B]`` bool: both halves present).
+    """
+    if pairs not in ("paper", "visible"):
+        raise ValueError(f"rah_isal_pairs: got {pairs!r}; allowed values are paper, visible.")
+    t2i, t2i_pairs = _half(attn, text_mask, image_mask, visible_only=pairs == "visible")
+    i2t, i2t_pairs = _half(attn, image_mask, text_mask, visible_only=True)
+    has_t2i, has_i2t = (t2i_pairs > 0)[:, None], (i2t_pairs > 0)[:, None]
+    mean_t2i = t2i / t2i_pairs.clamp(min=1)[:, None]
+    mean_i2t = i2t / i2t_pairs.clamp(min=1)[:, None]
+    both = has_t2i & has_i2t
+    score = torch.where(both, 0.5 * (mean_t2i + mean_i2t), torch.where(has_t2i, mean_t2i, mean_i2t))
+    if not bool((has_t2i | has_i2t).all()):
+        raise ValueError("I-SAL: a sample has no visible pair of text and image tokens (no image token, or no text "
+                         "around it); such samples cannot be scored.")
+    return score, both[:, 0]
+
+
+def standardize_per_layer(scores: torch.Tensor) -> torch.Tensor:
+    """``[L, H]`` -> ``(r - mean_l) / (std_l + eps)`` within each layer (Eq. 4; population std over the heads)."""
+    mean = scores.mean(dim=-1, keepdim=True)
+    std = scores.std(dim=-1, unbiased=False, keepdim=True)
+    return (scores - mean) / (std + EPS)
+
+
+def margin_loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Label-free margin loss (Eq. 5): ``-mean_t log(p_t1 / p_t2)`` over the two most probable tokens.
+
+    ``logits`` [B, T, V], ``positions`` [B, T] bool (the text positions after the image). ``log(p1/p2)`` is the
+    difference of the two largest logits, so the softmax is never formed. Returns a scalar.
+    """
+    top = logits.float().topk(2, dim=-1).values  # [B, T, 2]
+    gap = top[..., 0] - top[..., 1]
+    weights = positions.float()
+    if float(weights.sum()) == 0:
+        raise ValueError("CAF: no text position after the image to score (the probe samples end at their image).")
+    return -(gap * weights).sum() / weights.sum()
+
+
+def caf_scores(grads: torch.Tensor, form: str = "magnitude", weight: float = 0.25) -> torch.Tensor:
+    """CAF per layer and head from gate gradients ``grads`` [N, L, H] (one row per probe sample).
+
+    - ``magnitude`` (default): ``z(|mean g|) + weight * z(mean g^2)``, z standardised within each layer: the size
+      of a head's influence on the margin, whatever its sign.
+    - ``paper``: Eq. 5 as printed, ``mean g + weight * mean g^2`` (signed first term).
+    Returns ``[L, H]`` float32.
+    """
+    grads = grads.float()
+    mean, mean_square = grads.mean(dim=0), grads.pow(2).mean(dim=0)
+    if form == "paper":
+        return mean + weight * mean_square
+    if form != "magnitude":
+        raise ValueError(f"rah_caf_form: got {form!r}; allowed values are magnitude, paper.")
+    return standardize_per_layer(mean.abs()) + weight * standardize_per_layer(mean_square)

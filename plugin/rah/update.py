@@ -1,0 +1,69 @@
+"""The calibration of one head: representative anchor (Eq. 12), low-rank update (Eq. 13), trust region (Eq. 14-15).
+
+Shapes: anchor slices stacked ``[k, m, n]``; a head's slice ``W`` ``[m, n]`` (V: ``[d, D]`` rows of its KV group;
+O: ``[D, d]`` columns); logits ``[B, T, V]``, positions ``[B, T]`` bool.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+def trimmed_mean(stack: torch.Tensor, trim: float = 0.1) -> torch.Tensor:
+    """Element-wise trimmed mean over dim 0 (Eq. 12): drop ``floor(trim * k)`` lowest and highest of the k values at
+    each position, average the rest. With k = 3 and trim 0.1 nothing is dropped: a plain mean."""
+    k = stack.shape[0]
+    cut = math.floor(trim * k)
+    if 2 * cut >= k:
+        raise ValueError(f"rah_trim: got {trim}; with {k} anchors it would drop every value (allowed: < 0.5).")
+    ordered = stack.float().sort(dim=0).values
+    return ordered[cut:k - cut].mean(dim=0)
+
+
+def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` truncated SVD of ``delta`` [m, n] (Eq. 13): (U [m, r], S [r], Vh [r, n]), float32;
+    ``U diag(S) Vh`` is the best rank-r approximation. r is capped at min(m, n)."""
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    r = min(rank, s.shape[0])
+    return u[:, :r], s[:r], vh[:r]
+
+
+def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor) -> float:
+    """Mean over ``positions`` of KL(p_reference || p), both softmaxes in float32."""
+    log_p = torch.log_softmax(reference_logits.float(), dim=-1)
+    log_q = torch.log_softmax(logits.float(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # [B, T]
+    weights = positions.float()
+    return float((kl * weights).sum() / weights.sum().clamp(min=1))
+
+
+@dataclass(frozen=True)
+class TrustRegion:
+    """The outcome of the alpha search for one head: ``alpha`` 0 means rolled back."""
+
+    alpha: float
+    kl: float | None  # the measured mean KL at ``alpha`` (None when rolled back)
+    tried: tuple[tuple[float, float], ...]  # (alpha, measured mean KL), in the order tried
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.alpha == 0.0
+
+
+def search_alpha(kl_at: Callable[[float], float], alpha_max: float = 0.15, delta: float = 0.05,
+                 halvings: int = 5) -> TrustRegion:
+    """The largest alpha of ``alpha_max, alpha_max / 2, ...`` (``halvings`` halvings) whose measured mean KL
+    ``kl_at(alpha)`` is <= ``delta`` (Eq. 14-15); alpha 0 (rollback) when none is."""
+    tried = []
+    alpha = alpha_max
+    for _ in range(halvings + 1):
+        kl = float(kl_at(alpha))
+        tried.append((alpha, kl))
+        if kl <= delta:
+            return TrustRegion(alpha, kl, tuple(tried))
+        alpha /= 2
+    return TrustRegion(0.0, None, tuple(tried))
