@@ -65,9 +65,9 @@ def margin_loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     ``logits`` [B, T, V], ``positions`` [B, T] bool (the text positions after the image). ``log(p1/p2)`` is the
     difference of the two largest logits, so the softmax is never formed. Returns a scalar.
     """
-    top = logits.float().topk(2, dim=-1).values  # [B, T, 2]
+    top = logits.to(torch.promote_types(logits.dtype, torch.float32)).topk(2, dim=-1).values  # [B, T, 2], >= fp32
     gap = top[..., 0] - top[..., 1]
-    weights = positions.float()
+    weights = positions.to(top.dtype)
     if float(weights.sum()) == 0:
         raise ValueError("CAF: no text position after the image to score (the probe samples end at their image).")
     return -(gap * weights).sum() / weights.sum()

@@ -175,3 +175,11 @@ def test_trust_region_keeps_the_largest_alpha_within_delta(scale: float) -> None
     assert region.kl <= 0.05 and region.kl == kl_at(region.alpha)
     assert region.alpha == 0.15 or kl_at(2 * region.alpha) > 0.05
     assert region.tried[-1] == (region.alpha, region.kl)
+
+
+def test_head_slices_follow_the_kv_groups() -> None:
+    from llamafactory_hera.rah.calibrate import Geometry, o_columns, v_rows
+
+    gqa = Geometry(num_heads=4, num_kv_heads=2, head_dim=16)  # Qwen2.5-VL-like: 2 query heads per KV group
+    assert [v_rows(h, gqa) for h in range(4)] == [slice(0, 16), slice(0, 16), slice(16, 32), slice(16, 32)]
+    assert [o_columns(h, gqa) for h in range(4)] == [slice(16 * h, 16 * (h + 1)) for h in range(4)]

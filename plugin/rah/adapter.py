@@ -1,0 +1,72 @@
+"""RAH-LoRA's calibration as a standard PEFT LoRA adapter (scaling 1, dropout 0) on the touched modules only.
+
+A head-slice rank-r update is a rank-r update of the whole matrix. For targets j = 1..m of one module with
+``Delta_j = alpha_j U_j diag(S_j) Vh_j``: ``lora_A`` stacks ``sqrt(S_j) Vh_j`` (rows ``j*r ...``) and ``lora_B``
+places ``alpha_j U_j sqrt(S_j)`` (columns ``j*r ...``). ``v_proj`` (``[kv*d, D]``): A reads all D inputs, B
+writes the head's KV-group rows. ``o_proj`` (``[D, H*d]``): A reads the head's d input columns, B writes all rows.
+Module names are the language model's exact names (a bare ``v_proj`` would also match the vision tower's).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llamafactory_hera.rah.calibrate import Calibration, Geometry, o_columns, v_rows
+from llamafactory_hera.rah.probe import attention_modules
+
+
+def lora_factors(calibration: Calibration, model: nn.Module,
+                 geometry: Geometry) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Exact module name -> (A ``[R, in]``, B ``[out, R]``), float32, for every module a kept update touches."""
+    names = {id(module): name for name, module in model.named_modules()}
+    modules = attention_modules(model)
+    pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for update in calibration.updates:
+        if update.region is None or update.region.rolled_back:
+            continue
+        alpha = update.region.alpha
+        attention = modules[update.layer]
+        for kind, (u, s, vh) in update.factors.items():
+            linear = attention.v_proj if kind == "v" else attention.o_proj
+            root = s.sqrt()
+            a = torch.zeros(len(s), linear.in_features)
+            b = torch.zeros(linear.out_features, len(s))
+            if kind == "v":
+                a[:] = root[:, None] * vh
+                b[v_rows(update.head, geometry)] = alpha * u * root
+            else:
+                a[:, o_columns(update.head, geometry)] = root[:, None] * vh
+                b[:] = alpha * u * root
+            pieces.setdefault(names[id(linear)], []).append((a, b))
+    return {name: (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts], dim=1))
+            for name, parts in pieces.items()}
+
+
+def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], output_dir: str | Path,
+                 base_name: str | None = None) -> list[str]:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's own ``save_pretrained``) for the
+    *uncalibrated* ``model`` plus ``factors``; returns the target module names. ``model`` is left unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    if not factors:
+        raise ValueError("RAH-LoRA: no head was calibrated (every target rolled back or none was found); there is "
+                         "no adapter to write.")
+    ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
+    config = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), lora_dropout=0.0,
+                        target_modules=sorted(factors), rank_pattern=ranks, alpha_pattern=dict(ranks), bias="none",
+                        base_model_name_or_path=base_name)
+    peft_model = get_peft_model(model, config)
+    try:
+        for name, (a, b) in factors.items():
+            layer = peft_model.base_model.model.get_submodule(name)
+            if layer.scaling["default"] != 1.0:
+                raise RuntimeError(f"RAH-LoRA: PEFT gave {name} scaling {layer.scaling['default']}, expected 1.")
+            layer.lora_A["default"].weight.data.copy_(a.to(layer.lora_A["default"].weight.dtype))
+            layer.lora_B["default"].weight.data.copy_(b.to(layer.lora_B["default"].weight.dtype))
+        peft_model.save_pretrained(str(output_dir))
+    finally:
+        peft_model.unload()  # the base model without LoRA layers, as it came in
+    return sorted(factors)

@@ -1,0 +1,170 @@
+"""What RAH-LoRA measures on the model: attention (I-SAL and text->image maps) and head-gate gradients (CAF).
+
+The model must run eager attention (``output_attentions``). Batches are the SFT collator's
+(``input_ids`` / ``attention_mask`` ``[B, T]`` plus the processor's image tensors); answers are not used as labels.
+Shapes: I-SAL ``[B, L, H]`` over the scored layers, maps ``[L, H, P]`` over the P image positions of a sample,
+gate gradients ``[L, H]`` per sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llamafactory_hera.anatomy.projection import text_decoder
+from llamafactory_hera.rah.scores import isal, margin_loss
+
+_MODEL_KEYS = ("labels",)  # dropped from the batch: RAH is label-free
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The text decoder's self-attention modules, one per layer (each with ``v_proj`` and ``o_proj``)."""
+    layers = list(text_decoder(model).layers)
+    modules = [getattr(layer, "self_attn", None) for layer in layers]
+    for index, module in enumerate(modules):
+        linear = all(isinstance(getattr(module, name, None), nn.Linear) for name in ("v_proj", "o_proj"))
+        if module is None or not linear:
+            raise ValueError(f"{type(model).__name__}: decoder layer {index} has no self_attn.v_proj / o_proj Linear; "
+                             "RAH-LoRA calibrates those projections per head.")
+    return modules
+
+
+@dataclass(frozen=True)
+class TokenKinds:
+    """Token ids that decide a position's kind: image placeholders (I), other multimodal tokens (vision start / end,
+    video: neither I nor T) and BOS (an attention sink, left out of T)."""
+
+    image_ids: frozenset[int]
+    other_multimodal_ids: frozenset[int] = frozenset()
+    bos_id: int | None = None
+
+
+def token_kinds(model: nn.Module, tokenizer: Any, processor: Any = None) -> TokenKinds:
+    """The model's image placeholder id (``image_token_id`` / ``image_token_index`` of its config), its other
+    multimodal tokens and the tokenizer's BOS. Raises when the config names no image token."""
+    from llamafactory_hera.anatomy.pooling import multimodal_token_ids
+
+    config = model.config
+    image = {int(v) for v in (getattr(config, "image_token_id", None), getattr(config, "image_token_index", None))
+             if isinstance(v, int)}
+    if not image:
+        raise ValueError(f"RAH-LoRA: the config of model_type '{getattr(config, 'model_type', '?')}' names no image "
+                         "token (image_token_id / image_token_index), so image positions cannot be found. Use a "
+                         "multimodal model such as llava-hf/llava-1.5-7b-hf.")
+    others = multimodal_token_ids(config, processor, tokenizer) - image
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return TokenKinds(frozenset(image), frozenset(others), int(bos) if isinstance(bos, int) else None)
+
+
+def token_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                kinds: TokenKinds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image positions I, text positions T, text positions after the first image token), each ``[B, T]`` bool."""
+    attended = attention_mask.bool()
+
+    def isin(ids: frozenset[int]) -> torch.Tensor:
+        return torch.isin(input_ids, torch.tensor(sorted(ids), dtype=input_ids.dtype, device=input_ids.device))
+
+    image = isin(kinds.image_ids) & attended
+    text = attended & ~image
+    if kinds.other_multimodal_ids:
+        text &= ~isin(kinds.other_multimodal_ids)
+    if kinds.bos_id is not None:
+        text &= input_ids != kinds.bos_id
+    seen_image = image.long().cumsum(dim=1) > 0
+    return image, text, text & seen_image
+
+
+def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in batch.items() if k not in _MODEL_KEYS}
+
+
+@dataclass
+class AttentionProfile:
+    """I-SAL per sample and the mean text->image maps, accumulated over batches."""
+
+    layers: list[int]
+    isal: list[torch.Tensor] = field(default_factory=list)  # [B, L, H] per batch
+    one_sided: int = 0  # samples scored on one half (no text before the image)
+    map_sum: torch.Tensor | None = None  # [L, H, P]
+    map_samples: int = 0
+    map_skipped: int = 0  # samples whose image token count differs from the first sample's
+
+    def scores(self) -> torch.Tensor:
+        """``[N, L, H]``"""
+        return torch.cat(self.isal)
+
+    def maps(self) -> torch.Tensor:
+        """``[L, H, P]`` mean text->image attention (over samples and text queries after the image)."""
+        if self.map_sum is None:
+            raise ValueError("RAH-LoRA: no sample had text after its image, so no text->image attention map exists.")
+        return self.map_sum / self.map_samples
+
+
+@torch.no_grad()
+def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int], kinds: TokenKinds,
+                      profile: AttentionProfile) -> None:
+    """One eager forward with attention weights: add the batch's I-SAL and text->image maps to ``profile``."""
+    outputs = model(**_model_inputs(batch), output_attentions=True, use_cache=False)
+    attentions = outputs.attentions
+    if attentions is None or any(attentions[layer] is None for layer in layers):
+        raise ValueError("RAH-LoRA needs attention weights: the model did not return them (load it with eager "
+                         "attention, flash_attn: disabled).")
+    image, text, after = token_masks(batch["input_ids"], batch["attention_mask"], kinds)
+    per_layer = [isal(attentions[layer], image, text) for layer in layers]
+    profile.isal.append(torch.stack([scores for scores, _ in per_layer], dim=1).cpu())
+    profile.one_sided += int((~per_layer[0][1]).sum())
+    for b in range(image.shape[0]):
+        if not bool(after[b].any()):
+            continue
+        rows = torch.stack([attentions[layer][b][:, after[b]][:, :, image[b]].float().mean(dim=1)
+                            for layer in layers]).cpu()  # [L, H, P]
+        if profile.map_sum is None:
+            profile.map_sum = torch.zeros_like(rows)
+        if rows.shape != profile.map_sum.shape:
+            profile.map_skipped += 1
+            continue
+        profile.map_sum += rows
+        profile.map_samples += 1
+
+
+@contextlib.contextmanager
+def head_gates(modules: list[nn.Module], layers: list[int], num_heads: int,
+               head_dim: int) -> Iterator[dict[int, torch.Tensor]]:
+    """Gates gamma ``[H]`` = 1 (requires grad) on each layer's heads, multiplying the ``o_proj`` input viewed as
+    ``[B, T, H, d_head]`` (Eq. 5): layer -> gate. Removed on exit."""
+    gates: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        o_proj = modules[layer].o_proj
+        gate = torch.ones(num_heads, device=o_proj.weight.device, requires_grad=True,
+                          dtype=torch.promote_types(o_proj.weight.dtype, torch.float32))
+        gates[layer] = gate
+
+        def pre_hook(module: nn.Module, args: tuple[Any, ...], gate: torch.Tensor = gate) -> tuple[Any, ...]:
+            x = args[0]
+            shaped = x.view(*x.shape[:-1], num_heads, head_dim) * gate.to(x.dtype)[:, None]
+            return (shaped.view(x.shape), *args[1:])
+
+        handles.append(o_proj.register_forward_pre_hook(pre_hook))
+    try:
+        yield gates
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def gate_gradients(model: nn.Module, batch: dict[str, Any], layers: list[int], num_heads: int, head_dim: int,
+                   kinds: TokenKinds) -> torch.Tensor:
+    """d(margin loss)/d(gate) of one sample (batch of 1) at gamma = 1: ``[L, H]`` float32."""
+    modules = attention_modules(model)
+    with head_gates(modules, layers, num_heads, head_dim) as gates, torch.enable_grad():
+        logits = model(**_model_inputs(batch), use_cache=False).logits
+        _, _, after = token_masks(batch["input_ids"], batch["attention_mask"], kinds)
+        loss = margin_loss(logits, after)
+        grads = torch.autograd.grad(loss, [gates[layer] for layer in layers])
+    return torch.stack([g.float().cpu() for g in grads])
