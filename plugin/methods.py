@@ -21,6 +21,7 @@ from typing import Any
 # "module:attribute" of every method's declaration, in the order the web UI lists them
 DECLARATIONS: tuple[str, ...] = (
     "llamafactory_hera.hera.method:METHOD",
+    "llamafactory_hera.rah.method:METHOD",
 )
 
 

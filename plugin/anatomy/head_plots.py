@@ -240,6 +240,38 @@ def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tupl
         plt.close(fig)
 
 
+def plot_score_panels(panels: list[tuple[np.ndarray, str]], layer_names: list[int], marked: list[tuple[int, int]],
+                      rolled_back: list[tuple[int, int]], path: Path, title: str) -> Path:
+    """Side-by-side heatmaps of per-head scores ``[L, H]`` over the model layers ``layer_names`` (row i is layer
+    ``layer_names[i]``; each panel its own colour scale, named by its label); ``marked`` (layer, head) cells boxed in
+    red and ``rolled_back`` ones in black on every panel. PNG."""
+    plt = _pyplot()
+    row = {layer: index for index, layer in enumerate(layer_names)}
+    boxes = [(row[layer], head) for layer, head in marked], [(row[layer], head) for layer, head in rolled_back]
+    arrays = [_check(array, boxes[0] + boxes[1], label) for array, label in panels]
+    layers, heads = arrays[0].shape
+    width, height = _map_size(layers, heads, 5.5)
+    fig, axes = plt.subplots(1, len(arrays), figsize=(len(arrays) * (width + 1.3), height + 1.3),
+                             layout="constrained", squeeze=False)
+    try:
+        for ax, array, (_, label) in zip(axes[0], arrays, panels, strict=True):
+            low, high = float(np.nanmin(array)), float(np.nanmax(array))
+            image = ax.imshow(array, cmap="viridis", vmin=low, vmax=high if high > low else low + 1e-6,
+                              aspect="auto", interpolation="nearest")
+            ax.set_title(label, fontsize=10)
+            fig.colorbar(image, ax=ax, label=label, fraction=0.05, pad=0.02)
+            _ticks(ax, layers, heads)
+            ax.set_yticklabels([str(layer_names[int(tick)]) for tick in ax.get_yticks()], fontsize=7)
+            _boxes(ax, boxes[0], _BOX_COLOR)
+            _boxes(ax, boxes[1], _DIFF_BOX_COLOR)
+            if layers * heads <= _MAX_ANNOTATED_CELLS:
+                _annotate_cells(ax, array, signed=True)
+        fit_title(fig, fig.suptitle(title, fontsize=11), title)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def _cell(value: object) -> str:
     if value is None:
         return ""

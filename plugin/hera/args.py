@@ -6,12 +6,14 @@ coerced here so that every error names the key, the value and the allowed range.
 
 from __future__ import annotations
 
-import difflib
-import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from llamafactory_hera.anatomy.heads import HeadRef, parse_head
+from llamafactory_hera.anatomy.recipe_keys import coerce_bool as _coerce_bool
+from llamafactory_hera.anatomy.recipe_keys import coerce_number as _coerce_number
+from llamafactory_hera.anatomy.recipe_keys import fail as _fail
+from llamafactory_hera.anatomy.recipe_keys import unknown_key
 
 HERA_PREFIX = "hera_"
 AUTO = "auto"
@@ -151,45 +153,6 @@ def hera_keys() -> list[str]:
     return [f.name for f in fields(HeraArguments)]
 
 
-def _fail(key: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{key}: got {value!r}; {allowed}")
-
-
-def _coerce_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in {"true", "1", "yes", "on"}:
-        return True
-    if text in {"false", "0", "no", "off"}:
-        return False
-    raise _fail(key, value, "expected true or false.")
-
-
-def _coerce_number(key: str, value: Any, kind: type, meta: dict[str, Any]) -> int | float:
-    expected = "expected a whole number." if kind is int else "expected a number."
-    if isinstance(value, bool):
-        raise _fail(key, value, expected)
-    try:
-        if kind is float:
-            number = float(value)
-        elif isinstance(value, float) and value.is_integer():
-            number = int(value)  # 10.0 from YAML or a web form
-        else:
-            number = value if isinstance(value, int) else int(str(value))
-    except (TypeError, ValueError):
-        raise _fail(key, value, expected) from None
-    if kind is float and not math.isfinite(number):
-        raise _fail(key, value, "expected a finite number.")
-    if "min" in meta and number < meta["min"]:
-        raise _fail(key, value, f"allowed range is >= {meta['min']}.")
-    if "max" in meta and number > meta["max"]:
-        raise _fail(key, value, f"allowed range is <= {meta['max']}.")
-    if "min_exclusive" in meta and number <= meta["min_exclusive"]:
-        raise _fail(key, value, f"allowed range is > {meta['min_exclusive']}.")
-    return number
-
-
 def _coerce_heads(value: Any) -> list[str] | str:
     key = "hera_heads"
     if isinstance(value, str):
@@ -217,9 +180,7 @@ def _coerce_heads(value: Any) -> list[str] | str:
 
 def unknown_key_error(key: str) -> ValueError:
     """Error for a ``hera_*`` key that does not exist, naming the closest valid key."""
-    close = difflib.get_close_matches(key, hera_keys(), n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ValueError(f"Unknown HeRA key '{key}'.{hint} Valid keys: {', '.join(hera_keys())}.")
+    return unknown_key(key, hera_keys(), "HeRA")
 
 
 def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> HeraArguments:

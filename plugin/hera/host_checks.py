@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from llamafactory_hera.anatomy.heads import attention_geometry, check_heads_fit
+from llamafactory_hera.anatomy.recipe_keys import raw_value as _raw_value
+from llamafactory_hera.anatomy.recipe_keys import truthy as _truthy
 from llamafactory_hera.hera.args import HeraArguments
 from llamafactory_hera.hera.data_checks import check_adapter_fits
 from llamafactory_hera.hera.preflight import check_contrastive_geometry, contrastive_geometry
@@ -39,24 +41,6 @@ _INCOMPATIBLE = (
 
 def _incompatible(name: str, why: str) -> ValueError:
     return ValueError(f"stage: hera cannot run with {name}: true ({why}). Remove {name} or use stage: sft.")
-
-
-def _truthy(value: Any) -> bool:
-    return str(value).strip().lower() in {"true", "1", "yes", "on"} if not isinstance(value, bool) else value
-
-
-def _raw_value(host_args: dict[str, Any] | list[str], key: str) -> Any:
-    """A key's value in a recipe dict or a ``--key value`` / ``--key=value`` / bare ``--flag`` list (None if absent)."""
-    if isinstance(host_args, dict):
-        return host_args.get(key)
-    for index, token in enumerate(host_args):
-        name, has_inline, inline = token[2:].partition("=") if token.startswith("--") else ("", "", "")
-        if name == key:
-            if has_inline:
-                return inline
-            following = host_args[index + 1] if index + 1 < len(host_args) else "--"
-            return "true" if following.startswith("--") else following
-    return None
 
 
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:

@@ -1,5 +1,5 @@
 """RAH-LoRA (seed 004): training-free calibration of high-influence, weakly cross-modal attention heads.
 
-Work in progress: the numerical steps (I-SAL, CAF, targets and anchors, similarity, representative
-anchor, low-rank update, trust region) and the PEFT adapter they become; ``stage: rah`` is not declared yet.
+``stage: rah``: I-SAL and CAF scores, targets and same-layer anchors, a rank-r step towards the anchors within a
+KL trust region per head, written as a standard PEFT LoRA adapter. See ``method.py`` for the declaration.
 """

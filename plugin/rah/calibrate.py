@@ -46,6 +46,7 @@ class RahSettings:
     beta: float = 0.25
     caf_form: str = "magnitude"
     caf_weight: float = 0.25
+    isal_pairs: str = "paper"  # paper, visible (scores.isal)
     update: str = "auto"  # vo, o, v; auto: vo under MHA, o under GQA
 
 
@@ -148,7 +149,7 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
     modules = attention_modules(model)
     profile = AttentionProfile(layers)
     for batch in progress(calibration_batches, "I-SAL (attention)"):
-        profile_attention(model, batch, layers, kinds, profile)
+        profile_attention(model, batch, layers, kinds, profile, settings.isal_pairs)
     raw_isal = profile.scores().mean(dim=0)  # [L, H]
     isal_std = standardize_per_layer(raw_isal)
     grads = torch.stack([gate_gradients(model, batch, layers, geometry.num_heads, geometry.head_dim, kinds)

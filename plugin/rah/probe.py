@@ -107,7 +107,7 @@ class AttentionProfile:
 
 @torch.no_grad()
 def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int], kinds: TokenKinds,
-                      profile: AttentionProfile) -> None:
+                      profile: AttentionProfile, pairs: str = "paper") -> None:
     """One eager forward with attention weights: add the batch's I-SAL and text->image maps to ``profile``."""
     outputs = model(**_model_inputs(batch), output_attentions=True, use_cache=False)
     attentions = outputs.attentions
@@ -115,7 +115,7 @@ def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int]
         raise ValueError("RAH-LoRA needs attention weights: the model did not return them (load it with eager "
                          "attention, flash_attn: disabled).")
     image, text, after = token_masks(batch["input_ids"], batch["attention_mask"], kinds)
-    per_layer = [isal(attentions[layer], image, text) for layer in layers]
+    per_layer = [isal(attentions[layer], image, text, pairs) for layer in layers]
     profile.isal.append(torch.stack([scores for scores, _ in per_layer], dim=1).cpu())
     profile.one_sided += int((~per_layer[0][1]).sum())
     for b in range(image.shape[0]):

@@ -1,0 +1,78 @@
+"""Coercing a method's recipe values (typed from YAML, strings from the command line) with errors that name the
+key, the value and what is allowed. Shared by every method's arguments module."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+
+def fail(key: str, value: Any, allowed: str) -> ValueError:
+    """``ValueError`` naming ``key``, the ``value`` given and what is ``allowed``."""
+    return ValueError(f"{key}: got {value!r}; {allowed}")
+
+
+def coerce_bool(key: str, value: Any) -> bool:
+    """``true`` / ``false`` (also 1/0, yes/no, on/off, as strings or booleans)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"true", "1", "yes", "on"}:
+        return True
+    if text in {"false", "0", "no", "off"}:
+        return False
+    raise fail(key, value, "expected true or false.")
+
+
+def coerce_number(key: str, value: Any, kind: type, meta: dict[str, Any]) -> int | float:
+    """An int or float within ``meta``'s ``min`` / ``max`` / ``min_exclusive`` / ``max_exclusive``; 10.0 is 10."""
+    expected = "expected a whole number." if kind is int else "expected a number."
+    if isinstance(value, bool):
+        raise fail(key, value, expected)
+    try:
+        if kind is float:
+            number = float(value)
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)  # 10.0 from YAML or a web form
+        else:
+            number = value if isinstance(value, int) else int(str(value))
+    except (TypeError, ValueError):
+        raise fail(key, value, expected) from None
+    if kind is float and not math.isfinite(number):
+        raise fail(key, value, "expected a finite number.")
+    if "min" in meta and number < meta["min"]:
+        raise fail(key, value, f"allowed range is >= {meta['min']}.")
+    if "max" in meta and number > meta["max"]:
+        raise fail(key, value, f"allowed range is <= {meta['max']}.")
+    if "min_exclusive" in meta and number <= meta["min_exclusive"]:
+        raise fail(key, value, f"allowed range is > {meta['min_exclusive']}.")
+    if "max_exclusive" in meta and number >= meta["max_exclusive"]:
+        raise fail(key, value, f"allowed range is < {meta['max_exclusive']}.")
+    return number
+
+
+def unknown_key(key: str, valid: list[str], method: str) -> ValueError:
+    """Error for a key that does not exist, naming the closest valid key."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ValueError(f"Unknown {method} key '{key}'.{hint} Valid keys: {', '.join(valid)}.")
+
+
+def truthy(value: Any) -> bool:
+    """A recipe flag's value as a bool (``true``, ``1``, ``yes``, ``on``; booleans as they are)."""
+    return str(value).strip().lower() in {"true", "1", "yes", "on"} if not isinstance(value, bool) else value
+
+
+def raw_value(host_args: dict[str, Any] | list[str], key: str) -> Any:
+    """A key's value in a recipe dict or a ``--key value`` / ``--key=value`` / bare ``--flag`` list (None if absent)."""
+    if isinstance(host_args, dict):
+        return host_args.get(key)
+    for index, token in enumerate(host_args):
+        name, has_inline, inline = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        if name == key:
+            if has_inline:
+                return inline
+            following = host_args[index + 1] if index + 1 < len(host_args) else "--"
+            return "true" if following.startswith("--") else following
+    return None

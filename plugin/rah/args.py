@@ -1,0 +1,141 @@
+"""``RahArguments``: every ``rah_*`` key of a ``stage: rah`` recipe, its help text, the paper's default and its checks.
+
+Defaults follow the paper (§3.6) where it states them and ``METHOD.md``'s reading where it does not (rho, w_V,
+w_O, trim, beta, the CAF form and weight, the KL probe). Values arrive typed (YAML) or as strings (command line).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from llamafactory_hera.anatomy.recipe_keys import coerce_bool, coerce_number, fail, unknown_key
+
+RAH_PREFIX = "rah_"
+AUTO = "auto"
+
+
+@dataclass
+class RahArguments:
+    """Settings of RAH-LoRA (paper defaults)."""
+
+    rah_layers: str | list[int] = field(
+        default=AUTO, metadata={"help": "Decoder layers to calibrate: auto (the first half, paper: 0-15 of 32), a "
+                                "range such as 0-15, or a list such as [0, 2, 4]; zero-based."})
+    rah_isal_percentile: float = field(
+        default=15.0, metadata={"help": "Targets have standardised I-SAL below this percentile of their layer "
+                                "(paper: 15).", "min_exclusive": 0.0, "max_exclusive": 100.0})
+    rah_caf_percentile: float = field(
+        default=70.0, metadata={"help": "... and CAF above this percentile of their layer (paper: 70).", "min": 0.0,
+                                "max_exclusive": 100.0})
+    rah_num_anchors: int = field(default=3, metadata={"help": "Anchors per target, most similar first (paper: 3).",
+                                                      "min": 1})
+    rah_rank: int = field(default=8, metadata={"help": "Rank r of each head's update (paper text: 8; its Table 3 "
+                                               "caption says 4).", "min": 1})
+    rah_delta: float = field(default=0.05, metadata={"help": "Trust region: largest mean KL(p || p') on the probe "
+                                                     "batch a head's update may cause (paper: 0.05).",
+                                                     "min_exclusive": 0.0})
+    rah_alpha_max: float = field(default=0.15, metadata={"help": "Largest step alpha towards the anchors (paper: "
+                                                         "0.15); halved until the KL fits.", "min_exclusive": 0.0,
+                                                         "max": 1.0})
+    rah_halvings: int = field(default=5, metadata={"help": "Halvings of alpha before a head is rolled back (paper: "
+                                                   "3-5).", "min": 0})
+    rah_samples: int = field(default=100, metadata={"help": "Unlabelled image-text rows for I-SAL and the attention "
+                                                    "maps (paper: ~100).", "min": 1})
+    rah_probe_samples: int = field(default=32, metadata={"help": "Rows for CAF's gate gradients (paper: 32).",
+                                                         "min": 1})
+    rah_kl_samples: int = field(default=8, metadata={"help": "Rows of the trust region's KL probe (METHOD.md: "
+                                                     "8-16; the authors' script: 1).", "min": 1})
+    rah_rho: float = field(default=0.6, metadata={"help": "Similarity = rho * attention-map cosine + (1 - rho) * "
+                                                  "weight cosine (paper: 0.6).", "min": 0.0, "max": 1.0})
+    rah_w_v: float = field(default=0.7, metadata={"help": "Weight of the V-slice cosine in the weight similarity "
+                                                  "(paper: 0.7; w_O = 1 - w_V = 0.3).", "min": 0.0, "max": 1.0})
+    rah_trim: float = field(default=0.1, metadata={"help": "Element-wise trimmed mean of the anchors' slices (paper: "
+                                                   "0.1; with 3 anchors nothing is trimmed).", "min": 0.0,
+                                                   "max_exclusive": 0.5})
+    rah_beta: float = field(default=0.25, metadata={"help": "Anchors have standardised I-SAL above beta (METHOD.md: "
+                                                    "0.25, about the 60th percentile)."})
+    rah_caf_form: str = field(default="magnitude", metadata={
+        "help": "magnitude: z(|mean g|) + w z(mean g^2) (default: the size of a head's influence); paper: Eq. 5 as "
+        "printed, mean g + w mean g^2.", "choices": ("magnitude", "paper")})
+    rah_caf_weight: float = field(default=0.25, metadata={"help": "w of the squared-gradient term of CAF (the paper's "
+                                                          "lambda is not given; 0.25 as the authors' script).",
+                                                          "min": 0.0})
+    rah_isal_pairs: str = field(default="paper", metadata={
+        "help": "paper: text->image mean over every text query (Eq. 3); visible: only text after the image.",
+        "choices": ("paper", "visible")})
+    rah_update: str = field(default=AUTO, metadata={
+        "help": "Projections to update: auto (V and O under MHA, O only under GQA, where V rows are shared), vo, o, "
+        "v.", "choices": (AUTO, "vo", "o", "v")})
+    rah_batch_size: int = field(default=1, metadata={"help": "Rows per I-SAL forward (attention weights of every "
+                                                     "layer are kept: ~1 GB per 7B sample in bf16).", "min": 1})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def layer_list(self, num_layers: int) -> list[int]:
+        """The layers to calibrate in a model of ``num_layers`` decoder layers; ValueError naming rah_layers."""
+        if self.rah_layers == AUTO:
+            return list(range(max(1, num_layers // 2)))
+        layers = list(self.rah_layers)
+        outside = [layer for layer in layers if layer >= num_layers]
+        if outside:
+            raise ValueError(f"rah_layers: {outside} outside the model, which has decoder layers 0..{num_layers - 1} "
+                             "(zero-based). Use auto or a range within them.")
+        return layers
+
+
+def rah_keys() -> list[str]:
+    """All valid ``rah_*`` keys in declaration order."""
+    return [f.name for f in fields(RahArguments)]
+
+
+def _coerce_layers(value: Any) -> str | list[int]:
+    key = "rah_layers"
+    if isinstance(value, str):
+        text = value.strip().strip("[]").strip()
+        if text.lower() == AUTO:
+            return AUTO
+        match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", text)
+        if match:
+            first, last = int(match.group(1)), int(match.group(2))
+            if first > last:
+                raise fail(key, value, "a range runs from low to high, e.g. 0-15.")
+            return list(range(first, last + 1))
+        items: list[Any] = [t.strip() for t in text.split(",") if t.strip()]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise fail(key, value, "expected auto, a range such as 0-15, or a list such as [0, 2, 4].")
+    try:
+        layers = [int(str(item)) for item in items]
+    except ValueError:
+        raise fail(key, value, "expected auto, a range such as 0-15, or a list of whole numbers.") from None
+    if not layers or min(layers) < 0 or len(set(layers)) != len(layers):
+        raise fail(key, value, "list each layer once, zero-based, e.g. [0, 2, 4].")
+    return sorted(layers)
+
+
+def parse_rah_arguments(raw: dict[str, Any]) -> RahArguments:
+    """Validated :class:`RahArguments` from ``rah_*`` keys; errors name the key, the value and what is allowed."""
+    valid = {f.name: f for f in fields(RahArguments)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in valid:
+            raise unknown_key(key, rah_keys(), "RAH-LoRA")
+        spec, meta = valid[key], dict(valid[key].metadata)
+        if key == "rah_layers":
+            values[key] = _coerce_layers(value)
+        elif "choices" in meta:
+            text = str(value).strip().lower()
+            if text not in meta["choices"]:
+                raise fail(key, value, f"allowed values are {', '.join(meta['choices'])}.")
+            values[key] = text
+        elif spec.type in ("bool", bool):
+            values[key] = coerce_bool(key, value)
+        elif spec.type in ("int", int):
+            values[key] = coerce_number(key, value, int, meta)
+        else:
+            values[key] = coerce_number(key, value, float, meta)
+    return RahArguments(**values)

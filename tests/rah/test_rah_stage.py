@@ -1,0 +1,101 @@
+"""``stage: rah`` through the stock ``llamafactory-cli train``: the adapter, the profile, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import base_recipe, run_train
+from llamafactory_hera.rah.args import parse_rah_arguments
+
+# on 4-head tiny layers the paper's percentiles keep 0 or 1 head: these force targets, anchors and kept steps
+FORCED = {"rah_isal_percentile": 50, "rah_caf_percentile": 0, "rah_beta": -100, "rah_num_anchors": 2, "rah_rank": 2,
+          "rah_delta": 10.0}
+
+
+def rah_recipe(assets, family: str, out: Path, **overrides: Any) -> dict[str, Any]:
+    recipe = {k: v for k, v in base_recipe(assets, family, out).items() if not k.startswith("hera_")}
+    for key in ("max_steps", "learning_rate", "lr_scheduler_type", "per_device_train_batch_size"):
+        recipe.pop(key, None)
+    recipe |= {"stage": "rah", "rah_samples": 8, "rah_probe_samples": 4, "rah_kl_samples": 4, **FORCED}
+    recipe.update(overrides)
+    return {k: v for k, v in recipe.items() if v is not None}
+
+
+def _logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family,module", [("llava", {"v_proj", "o_proj"}), ("qwen2_5_vl", {"o_proj"})])
+def test_rah_writes_an_adapter_that_llamafactory_loads(assets, tmp_path: Path, family: str, module: set[str]) -> None:
+    from llamafactory_hera.patches.model_data import (
+        load_model_for_scoring,
+        multimodal_dataset_and_collator,
+        parse_recipe,
+    )
+
+    out = tmp_path / "out"
+    proc = run_train(rah_recipe(assets, family, out), tmp_path)
+    assert "RAH-LoRA: layers 0..0 (1)" in proc.stdout + proc.stderr  # auto: the first half of 2 layers
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (out / "adapter_model.safetensors").is_file() and (out / "rah_profile.png").is_file()
+    assert {name.rsplit(".", 1)[1] for name in config["target_modules"]} == module
+    assert all(".language_model.layers.0." in name for name in config["target_modules"])
+    profile = json.loads((out / "rah_profile.json").read_text())
+    assert profile["summary"]["calibrated"] >= 1 and profile["layers"] == [0]
+    assert set(profile["isal"]) == {"L0"} and len(profile["caf"]["L0"]) == 4
+    for target in profile["targets"]:
+        if target["outcome"] == "calibrated":
+            assert target["kl"] <= 10.0 and target["alpha"] == 0.15 and len(target["anchors"]) == 2
+    # LLaMA-Factory's own loader takes it as adapter_name_or_path, and it changes the model's outputs
+    base_args = parse_recipe({**rah_recipe(assets, family, out), "stage": "sft"})
+    base, tokenizer_module, template = load_model_for_scoring(base_args, "cpu")
+    dataset, collator = multimodal_dataset_and_collator(base_args, base, tokenizer_module, template, 0, [0])
+    batch = collator([dataset[0]])
+    adapted_args = parse_recipe({**rah_recipe(assets, family, out), "stage": "sft", "adapter_name_or_path": str(out)})
+    adapted, _, _ = load_model_for_scoring(adapted_args, "cpu")
+    assert not torch.allclose(_logits(base.float(), batch), _logits(adapted.float(), batch))
+
+
+def _refusal(assets, tmp_path: Path, **overrides: Any) -> str:
+    proc = run_train(rah_recipe(assets, "llava", tmp_path / "out", **overrides), tmp_path, check=False)
+    assert proc.returncode != 0 and not (tmp_path / "out" / "adapter_config.json").exists()
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"flash_attn": "sdpa"}, "stage: rah needs attention weights, which sdpa attention does not return"),
+    ({"finetuning_type": "full"}, "finetuning_type: full cannot hold it"),
+    ({"rah_layers": "0-5"}, "rah_layers: [2, 3, 4, 5] outside the model, which has decoder layers 0..1"),
+    ({"rah_probe_samples": 40, "rah_samples": 100}, "has 32 image rows, fewer than the 40 the probes need"),
+    ({"rah_dleta": 0.1}, "Unknown RAH-LoRA key 'rah_dleta'. Did you mean 'rah_delta'?"),
+    ({"rah_delta": 0}, "rah_delta: got 0; allowed range is > 0.0."),
+])
+def test_bad_settings_are_refused_before_calibrating(assets, tmp_path: Path, overrides, message) -> None:
+    assert message in _refusal(assets, tmp_path, **overrides)
+
+
+def test_a_dataset_without_images_is_refused(assets, tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    shutil.copytree(assets.dataset_dir, folder)
+    rows = json.loads((folder / "hera_demo.json").read_text())
+    for row in rows:
+        row["images"] = []
+        row["messages"][0]["content"] = row["messages"][0]["content"].replace("<image>", "")
+    (folder / "hera_demo.json").write_text(json.dumps(rows))
+    assert "has no image in any of its 32 rows" in _refusal(assets, tmp_path, dataset_dir=str(folder))
+
+
+def test_rah_layers_forms() -> None:
+    assert parse_rah_arguments({"rah_layers": "0-3"}).rah_layers == [0, 1, 2, 3]
+    assert parse_rah_arguments({"rah_layers": [4, 0, 2]}).rah_layers == [0, 2, 4]
+    assert parse_rah_arguments({}).layer_list(32) == list(range(16))
+    for bad in ("3-1", "[1, 1]", "x"):
+        with pytest.raises(ValueError, match="rah_layers"):
+            parse_rah_arguments({"rah_layers": bad})
