@@ -27,7 +27,7 @@ from conftest import REPO, offline_env, read_trainer_log, run_train
 from llamafactory_hera.fixtures import EXTRA_MODEL_NAMES, TinyAssets, build_tiny_assets
 
 RECIPES = REPO / "recipes"
-RECIPE_FILES = sorted(p.name for p in RECIPES.glob("*.yaml"))
+RECIPE_FILES = sorted(p.name for p in RECIPES.glob("*_hera*.yaml"))  # stage: hera recipes (rah: tests/rah)
 NAME = re.compile(r"^(?P<stem>[a-z0-9_]+?_\d+b)_hera(?P<variant>_full|_stage1)?\.yaml$")
 TABLE2_LLMS = ("Qwen2.5-3B", "Qwen3-4B", "Vicuna-7B", "LLaMA3-8B", "Qwen2.5-7B", "Qwen3-8B", "Vicuna-13B",
                "Qwen2.5-14B", "Qwen3-14B")
