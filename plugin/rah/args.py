@@ -1,6 +1,6 @@
 """``RahArguments``: every ``rah_*`` key of a ``stage: rah`` recipe, its help text, the paper's default and its checks.
 
-Defaults follow the paper (§3.6) where it states them and ``METHOD.md``'s reading where it does not (rho, w_V,
+Defaults follow the paper (§3.6) where it states them and the project's reading where it does not (rho, w_V,
 w_O, trim, beta, the CAF form and weight, the KL probe). Values arrive typed (YAML) or as strings (command line).
 """
 
@@ -45,8 +45,8 @@ class RahArguments:
                                                     "maps (paper: ~100).", "min": 1})
     rah_probe_samples: int = field(default=32, metadata={"help": "Rows for CAF's gate gradients (paper: 32).",
                                                          "min": 1})
-    rah_kl_samples: int = field(default=8, metadata={"help": "Rows of the trust region's KL probe (METHOD.md: "
-                                                     "8-16; the authors' script: 1).", "min": 1})
+    rah_kl_samples: int = field(default=8, metadata={"help": "Rows of the trust region's KL probe (not "
+                                                     "given by the paper; the authors' script: 1).", "min": 1})
     rah_rho: float = field(default=0.6, metadata={"help": "Similarity = rho * attention-map cosine + (1 - rho) * "
                                                   "weight cosine (paper: 0.6).", "min": 0.0, "max": 1.0})
     rah_w_v: float = field(default=0.7, metadata={"help": "Weight of the V-slice cosine in the weight similarity "
@@ -54,8 +54,9 @@ class RahArguments:
     rah_trim: float = field(default=0.1, metadata={"help": "Element-wise trimmed mean of the anchors' slices (paper: "
                                                    "0.1; with 3 anchors nothing is trimmed).", "min": 0.0,
                                                    "max_exclusive": 0.5})
-    rah_beta: float = field(default=0.25, metadata={"help": "Anchors have standardised I-SAL above beta (METHOD.md: "
-                                                    "0.25, about the 60th percentile)."})
+    rah_beta: float = field(default=0.25, metadata={
+        "help": "Anchors have standardised I-SAL above beta (Eq. 8's mu + beta sigma on the standardised scale; beta "
+        "is not given: 0.25, about the 60th percentile, as the authors' script)."})
     rah_caf_form: str = field(default="magnitude", metadata={
         "help": "magnitude: z(|mean g|) + w z(mean g^2) (default: the size of a head's influence); paper: Eq. 5 as "
         "printed, mean g + w mean g^2.", "choices": ("magnitude", "paper")})
