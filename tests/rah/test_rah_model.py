@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import base_recipe
+from conftest import REPO, base_recipe
+from llamafactory_hera.fixtures import EXTRA_MODEL_NAMES, build_tiny_assets
 from llamafactory_hera.patches.model_data import load_model_for_scoring, multimodal_dataset_and_collator, parse_recipe
 from llamafactory_hera.rah.adapter import lora_factors, save_adapter
 from llamafactory_hera.rah.calibrate import RahSettings, calibrate, geometry_of, o_columns, v_rows
@@ -18,9 +19,17 @@ from llamafactory_hera.rah.probe import attention_modules, gate_gradients, token
 from llamafactory_hera.rah.scores import margin_loss
 
 
-def _load(assets, family: str, tmp_path: Path, samples: int = 8) -> tuple[Any, Any, list[dict[str, Any]]]:
-    recipe = {k: v for k, v in base_recipe(assets, family, tmp_path / "unused").items() if not k.startswith("hera_")}
-    recipe |= {"flash_attn": "disabled"}
+@pytest.fixture(scope="module")
+def extra_assets():
+    """LLaVA-NeXT and both InternVL variants (built on request, shared with the HeRA recipe tests)."""
+    return build_tiny_assets(REPO / ".hera_assets" / "recipes", seed=0, models=EXTRA_MODEL_NAMES)
+
+
+def _load(assets, family: str, tmp_path: Path, samples: int = 8, extra=None) -> tuple[Any, Any, list[dict[str, Any]]]:
+    recipe = {k: v for k, v in base_recipe(assets, "llava", tmp_path / "unused").items() if not k.startswith("hera_")}
+    source = extra if extra is not None and family in extra.models else assets
+    recipe |= {"flash_attn": "disabled", "model_name_or_path": str(source.models[family]),
+               "template": source.templates[family]}
     args = parse_recipe(recipe)
     torch.manual_seed(0)
     model, tokenizer_module, template = load_model_for_scoring(args, "cpu")
@@ -66,11 +75,14 @@ def test_gate_gradient_equals_a_finite_difference_of_the_margin_loss(assets, tmp
 FORCED = {"isal_percentile": 50.0, "caf_percentile": 0.0, "beta": -100.0, "num_anchors": 2, "rank": 2}
 
 
-@pytest.mark.parametrize("family,modules", [("llava", ("v", "o")), ("qwen2_5_vl", ("o",))])
-def test_the_adapter_reproduces_the_calibrated_model(assets, tmp_path: Path, family: str, modules) -> None:
+@pytest.mark.parametrize("family,modules", [("llava", ("v", "o")), ("qwen2_5_vl", ("o",)), ("qwen3_vl", ("o",)),
+                                            ("llava_next", ("o",)), ("internvl", ("o",)), ("internvl_qwen3", ("o",))])
+def test_the_adapter_reproduces_the_calibrated_model(assets, extra_assets, tmp_path: Path, family: str,
+                                                     modules) -> None:
+    """Every model type the HeRA recipes use: LLaVA is MHA (V and O), the others GQA (O only by default)."""
     from peft import PeftModel
 
-    model, kinds, batches = _load(assets, family, tmp_path)
+    model, kinds, batches = _load(assets, family, tmp_path, extra=extra_assets)
     before = [w.clone() for w in (m.v_proj.weight for m in attention_modules(model))]
     settings = RahSettings(layers=(0, 1), delta=10.0, **FORCED)
     calibration = calibrate(model, batches[:4], batches[:3], batches[4:6], settings, kinds)
@@ -86,7 +98,7 @@ def test_the_adapter_reproduces_the_calibrated_model(assets, tmp_path: Path, fam
     if modules == ("o",):
         after = [m.v_proj.weight for m in attention_modules(model)]
         assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # GQA: V untouched
-    base, _, _ = _load(assets, family, tmp_path)
+    base, _, _ = _load(assets, family, tmp_path, extra=extra_assets)
     with_adapter = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     for ours, theirs in zip(calibrated, _logits(with_adapter, batches), strict=True):
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
