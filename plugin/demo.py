@@ -1,6 +1,7 @@
 """A two-minute, offline HeRA demo on a tiny random-weight MLLM.
 
-``python -m llamafactory_hera.demo [--output DIR] [--family qwen3_vl|qwen2_5_vl|llava] [--steps N] [--verbose]``
+``python -m llamafactory_hera.demo [--method hera|rah] [--output DIR] [--family qwen3_vl|qwen2_5_vl|llava] [--steps N]
+[--verbose]``
 
 1. builds (or reuses) the tiny offline assets (:func:`llamafactory_hera.fixtures.build_tiny_assets`):
    a 2–3 layer Qwen3-VL / Qwen2.5-VL / LLaVA, a tiny DINOv2 teacher and a 32-image caption set;
@@ -12,7 +13,8 @@
 
 The demo owns ``DIR`` (it leaves a marker file there): running it again replaces its previous outputs and says
 which. A folder without the marker that already holds a ``run/`` is refused unless ``--overwrite``.
-Nothing here is needed to use HeRA: it only shows what a HeRA run looks like.
+Nothing here is needed to use HeRA: it only shows what a HeRA run looks like. ``--method rah`` shows a
+RAH-LoRA calibration instead (:mod:`llamafactory_hera.demo_rah`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 import yaml
 
 from llamafactory_hera.demo_console import ProgressFilter
+from llamafactory_hera.demo_rah import build_rah_recipe, rah_summary
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
@@ -223,6 +226,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="folder for recipe.yaml, train.log and run/ (default: ./demo_output)")
     parser.add_argument("--assets", type=Path, default=None,
                         help="folder of the tiny assets, built if missing (default: OUTPUT/assets)")
+    parser.add_argument("--method", choices=("hera", "rah"), default="hera",
+                        help="hera: a HeRA training run (default); rah: a RAH-LoRA calibration")
     parser.add_argument("--family", choices=FAMILIES, default="qwen3_vl", help="tiny model family (default: qwen3_vl)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps (default: 20)")
     parser.add_argument("--overwrite", action="store_true",
@@ -262,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     (output / MARKER_NAME).write_text("made by python -m llamafactory_hera.demo; the next demo run replaces "
                                       f"{', '.join(OWN_OUTPUTS)} here\n", encoding="utf-8")
     recipe = output / RECIPE_NAME
-    recipe.write_text(yaml.safe_dump(build_recipe(assets, args.family, run_dir, args.steps), sort_keys=False),
-                      encoding="utf-8")
+    content = build_rah_recipe(assets, args.family, run_dir) if args.method == "rah" else \
+        build_recipe(assets, args.family, run_dir, args.steps)
+    recipe.write_text(yaml.safe_dump(content, sort_keys=False), encoding="utf-8")
     print(f"[demo] recipe {recipe}", flush=True)
     print(f"[demo] running: {shlex.join([str(cli), 'train', str(recipe)])}", flush=True)
     print(f"[demo] full output: {output / LOG_NAME}" + ("" if args.verbose else " (--verbose shows it here)"),
@@ -278,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: llamafactory-cli train failed with exit code {code}; full output in {output / LOG_NAME}",
               file=sys.stderr)
         return code
-    print(summary(output, run_dir, recipe, cli, time.perf_counter() - train_start))
+    elapsed = time.perf_counter() - train_start
+    if args.method == "rah":
+        print(rah_summary(output, run_dir, recipe, cli, elapsed, assets.templates[args.family],
+                          str(assets.models[args.family])))
+    else:
+        print(summary(output, run_dir, recipe, cli, elapsed))
     return 0
 
 
