@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +67,28 @@ def run_train(recipe: dict[str, Any], tmp: Path, *cli_overrides: str, check: boo
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    proc = subprocess.run([CLI, "train", str(path), *cli_overrides], cwd=tmp, env=env or offline_env(tmp),
-                          capture_output=True, text=True, timeout=timeout)
+    command = [CLI, "train", str(path), *cli_overrides]
+    proc = subprocess.run(command, cwd=tmp, env=env or offline_env(tmp), capture_output=True, text=True,
+                          timeout=timeout)
+    if _aborted_at_exit(proc, env):
+        # torch's gloo teardown on CPU once aborted a rank after a completed two-rank run (CI, 2026-11-23;
+        # not reproduced in 16 runs since). Run it again from an empty output_dir, once, and say so.
+        warnings.warn(f"torchrun: a rank aborted at exit after training completed; run again:\n{proc.stderr[-1500:]}",
+                      stacklevel=2)
+        shutil.rmtree(recipe.get("output_dir", tmp / "__none__"), ignore_errors=True)
+        proc = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"llamafactory-cli failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def _aborted_at_exit(proc: subprocess.CompletedProcess, env: dict[str, str] | None) -> bool:
+    """A torchrun run whose ranks all completed training, failed only by a C++ abort while a process exited."""
+    return (proc.returncode != 0 and bool((env or {}).get("FORCE_TORCHRUN"))
+            and "terminate called without an active exception" in proc.stderr
+            and "Training completed" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout
+            and proc.stderr.count("Traceback") <= 1)  # the one of torchrun's own report
 
 
 def read_trainer_log(output_dir: Path) -> list[dict[str, Any]]:
