@@ -11,15 +11,21 @@ that need them.
 
 from __future__ import annotations
 
-import html
 import re
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
+from llamafactory_hera.anatomy.panel_widgets import (
+    LANGS,
+    as_markup,
+    build_locales,
+    create_widgets,
+    localized_in,
+    typed_value,
+)
 from llamafactory_hera.hera.args import AUTO, HeraArguments, parse_hera_arguments
 
 HERA_STAGE = "hera"
-LANGS = ("en", "ru", "zh", "ko", "ja")  # LlamaBoard's languages (top.lang); every locale entry needs all of them
 TAB = "hera_tab"  # element id of the accordion (train.hera_tab)
 HERA_COLOR = "#ff7f0e"  # hera_loss in the loss plot (LlamaBoard draws the total loss in #1f77b4)
 
@@ -211,27 +217,16 @@ ALERTS: dict[str, dict[str, str]] = {
 }
 
 
-def _build_locales() -> dict[str, dict[str, dict[str, str]]]:
-    locales: dict[str, dict[str, dict[str, str]]] = {TAB: {lang: {"label": _TAB_LABELS[lang]} for lang in LANGS}}
-    for field in FIELDS:
-        texts = _TEXTS[field.key]
-        entry = {}
-        for lang in LANGS:
-            label, info = texts.get(lang, texts["en"])
-            if field.auto_only:
-                info = _AUTO_NOTE[lang] + info
-            entry[lang] = {"label": label, "info": info}
-        locales[field.key] = entry
-    return locales
+def _auto_note(key: str, lang: str) -> str:
+    return _AUTO_NOTE[lang] if key.startswith("hera_select_") else ""
 
 
-LOCALES = _build_locales()
+LOCALES = build_locales(TAB, _TAB_LABELS, _TEXTS, KEYS, note=_auto_note)
 
 
 def localized(key: str, lang: str) -> dict[str, str]:
     """Label (and info) of a panel element in ``lang``, English where the language is unknown."""
-    entry = LOCALES[key]
-    return dict(entry.get(lang, entry["en"]))
+    return localized_in(LOCALES, key, lang)
 
 
 def is_hera_stage(stage: str | None) -> bool:
@@ -266,10 +261,8 @@ def build_hera_args(values: dict[str, Any]) -> dict[str, Any]:
             value = heads
         elif field.widget == "checkbox":
             value = True if value else "false"
-        elif field.widget == "int" and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        elif isinstance(value, str):
-            value = value.strip()
+        else:
+            value = typed_value(field.widget, value)
         args[field.key] = value
     return args
 
@@ -283,34 +276,12 @@ def validate(values: dict[str, Any]) -> str:
     return ""
 
 
-def as_markup(text: str) -> str:
-    """``text`` for LlamaBoard's alert toast and output box, which render HTML (Markdown): ``L<layer>H<head>``
-    would otherwise be read as two unknown tags and disappear."""
-    return html.escape(text, quote=False)
-
-
 def create_panel(gr: Any) -> dict[str, Any]:
     """Create the panel's inputs in the current gradio layout context (an accordion); element name -> component.
 
     Labels are English here; LlamaBoard replaces them from ``LOCALES`` when the language is set.
     """
-    elems: dict[str, Any] = {}
-    for row in sorted({f.row for f in FIELDS}):
-        with gr.Row():
-            for field in (f for f in FIELDS if f.row == row):
-                common = dict(elem_id=f"train-{field.key}", scale=field.scale, **localized(field.key, "en"))
-                if field.widget == "textbox":
-                    elem = gr.Textbox(value=field.default, **common)
-                elif field.widget in ("int", "number"):
-                    # No minimum / precision: gradio would reject a value out of range with a message that
-                    # names no field, or round 1.5 to 2 silently; validate() names the key and the range.
-                    elem = gr.Number(value=field.default, **common)
-                elif field.widget == "dropdown":
-                    elem = gr.Dropdown(choices=list(field.choices), value=field.default, **common)
-                else:
-                    elem = gr.Checkbox(value=bool(field.default), **common)
-                elems[field.key] = elem
-    return elems
+    return create_widgets(gr, FIELDS, LOCALES)
 
 
 def hera_loss_figure(trainer_log: list[dict[str, Any]], smooth: Any) -> Any:
@@ -351,6 +322,8 @@ def has_hera_loss(trainer_log: list[dict[str, Any]]) -> bool:
 
 # the panel protocol the LlamaBoard patch uses for every declared method (llamafactory_hera.methods.Method.panel)
 ERROR_ALERT = "err_hera_args"  # ALERTS entry that prefixes a validation problem
+__all__ = ["ALERTS", "ERROR_ALERT", "KEYS", "LANGS", "LOCALES", "TAB", "as_markup", "build_args", "create_panel",
+           "loss_figure", "owns_loss_plot", "validate"]
 build_args = build_hera_args
 owns_loss_plot = has_hera_loss
 loss_figure = hera_loss_figure

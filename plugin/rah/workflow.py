@@ -10,26 +10,16 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llamafactory_hera.rah.args import RahArguments
+from llamafactory_hera.rah.board_log import progress, say, start_board_files
 
 PROFILE_JSON = "rah_profile.json"
 PROFILE_PNG = "rah_profile.png"
-
-
-def _say(message: str) -> None:
-    print(f"[llamafactory-hera] {message}", flush=True)
-
-
-def _progress(items: Iterable[Any], label: str) -> Iterable[Any]:
-    from tqdm.auto import tqdm
-
-    return tqdm(list(items), desc=label)
 
 
 def _image_rows(aligned: Any, datasets: list[str], rah_args: RahArguments, seed: int) -> list[int]:
@@ -44,7 +34,7 @@ def _image_rows(aligned: Any, datasets: list[str], rah_args: RahArguments, seed:
                          "(rah_probe_samples / rah_kl_samples). Add rows or lower those keys.")
     random.Random(seed).shuffle(rows)
     if len(rows) < rah_args.rah_samples:
-        _say(f"warning: {len(rows)} image rows, fewer than rah_samples: {rah_args.rah_samples}; calibrating on "
+        say(f"warning: {len(rows)} image rows, fewer than rah_samples: {rah_args.rah_samples}; calibrating on "
              f"{len(rows)}.")
     return rows[:rah_args.rah_samples]
 
@@ -80,6 +70,7 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     from llamafactory_hera.rah.profile import plot_profile, profile_record
 
     started = time.perf_counter()
+    start_board_files()
     recipe = RecipeArgs(model_args, data_args, finetuning_args)
     rows = _image_rows(load_aligned_rows(recipe, training_args.seed), data_args.dataset, rah_args, training_args.seed)
     model, tokenizer_module, template = load_model_for_scoring(recipe, str(training_args.device))
@@ -102,10 +93,10 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
         w_o=1.0 - rah_args.rah_w_v, trim=rah_args.rah_trim, beta=rah_args.rah_beta, caf_form=rah_args.rah_caf_form,
         caf_weight=rah_args.rah_caf_weight, isal_pairs=rah_args.rah_isal_pairs, update=rah_args.rah_update)
     kinds = token_kinds(model, tokenizer_module["tokenizer"], tokenizer_module.get("processor"))
-    _say(f"RAH-LoRA: layers {layers[0]}..{layers[-1]} ({len(layers)}); {len(rows)} rows for I-SAL, "
+    say(f"RAH-LoRA: layers {layers[0]}..{layers[-1]} ({len(layers)}); {len(rows)} rows for I-SAL, "
          f"{rah_args.rah_probe_samples} for CAF, {rah_args.rah_kl_samples} for the KL probe; rank {settings.rank}, "
          f"delta {settings.delta}, alpha_max {settings.alpha_max}; attention eager")
-    calibration = calibrate(model, calibration_batches, caf_batches, kl_batches, settings, kinds, _progress)
+    calibration = calibrate(model, calibration_batches, caf_batches, kl_batches, settings, kinds, progress)
     output = Path(training_args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     factors = lora_factors(calibration, model, geometry_of(model))
@@ -122,7 +113,7 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
                          f"without anchors); no adapter was written. See {output / PROFILE_JSON}; a looser rah_delta "
                          "or other rah_layers may help.")
     names = save_adapter(model, factors, output, base_name=str(model_args.model_name_or_path))
-    _say(f"RAH-LoRA: {len(kept)} of {len(calibration.updates)} targets calibrated ("
+    say(f"RAH-LoRA: {len(kept)} of {len(calibration.updates)} targets calibrated ("
          f"{len(calibration.updates) - len(kept)} rolled back or without anchors) on {len(names)} modules; mean KL "
          f"to the original model on the probe {calibration.kl_to_original:.3g}; adapter, {PROFILE_JSON} and "
          f"{PROFILE_PNG} in {output} ({time.perf_counter() - started:.1f} s)")

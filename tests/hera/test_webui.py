@@ -91,8 +91,10 @@ if "train.hera_tab" in manager._id_to_elem:
         data = data_for("HeRA (Head-wise Representation Alignment)", **{"train." + key: value})
         report["bad_values"][f"{key}={raw}"] = runner._initialize(data, True, True)
     children = tab.parent.children
-    report["panel_before_buttons"] = children.index(tab) + 1 == children.index(
-        manager.get_elem_by_id("train.cmd_preview_btn").parent)
+    buttons = children.index(manager.get_elem_by_id("train.cmd_preview_btn").parent)
+    # right above the buttons, with the other methods' panels (accordions) between at most
+    report["panel_before_buttons"] = children.index(tab) < buttons and all(
+        (getattr(c, "elem_id", "") or "").endswith("_tab") for c in children[children.index(tab):buttons])
 
 for kind in ("hera", "stock"):
     log = [{"current_steps": s, "loss": 2.0 / s, **({"hera_loss": 1.0 / s} if kind == "hera" else {})}

@@ -1,0 +1,74 @@
+"""What a ``stage: rah`` run tells the terminal and, when LlamaBoard launched it, LlamaBoard's monitor.
+
+RAH-LoRA has no Trainer, so nothing would write the files LlamaBoard polls: ``running_log.txt`` (the log box)
+and ``trainer_log.jsonl`` (the progress bar; LLaMA-Factory 0.9.5 reads ``current_steps``, ``total_steps``,
+``percentage``, ``elapsed_time`` and ``remaining_time`` from its last line). LlamaBoard sets
+``LLAMABOARD_ENABLED=1`` and ``LLAMABOARD_WORKDIR`` (the run's output_dir) for the runs it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+RUNNING_LOG = "running_log.txt"
+TRAINER_LOG = "trainer_log.jsonl"
+PHASE_KEY = "rah_phase"  # marks a trainer_log line as RAH-LoRA progress (the panel draws it instead of a loss)
+
+
+def board_dir() -> Path | None:
+    """The folder LlamaBoard monitors, when LlamaBoard started this run; else None."""
+    workdir = os.environ.get("LLAMABOARD_WORKDIR")
+    return Path(workdir) if os.environ.get("LLAMABOARD_ENABLED") == "1" and workdir else None
+
+
+def say(message: str) -> None:
+    """One line on the terminal, and in LlamaBoard's log box when LlamaBoard runs it."""
+    line = f"[llamafactory-hera] {message}"
+    print(line, flush=True)
+    folder = board_dir()
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / RUNNING_LOG, "a", encoding="utf-8") as log:
+            log.write(line + "\n")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(phase: str, done: int, total: int, elapsed: float) -> dict[str, Any]:
+    """A trainer_log.jsonl line LlamaBoard's progress bar reads, for ``done`` of ``total`` items of a phase."""
+    remaining = elapsed / done * (total - done) if done else 0.0
+    return {"current_steps": done, "total_steps": total, "percentage": round(100.0 * done / max(total, 1), 2),
+            "elapsed_time": _clock(elapsed), "remaining_time": _clock(remaining), PHASE_KEY: phase}
+
+
+def progress(items: Iterable[Any], label: str) -> Iterator[Any]:
+    """``items`` with a tqdm bar, and LlamaBoard's progress bar when LlamaBoard runs it."""
+    from tqdm.auto import tqdm
+
+    listed = list(items)
+    folder = board_dir()
+    started = time.perf_counter()
+    for done, item in enumerate(tqdm(listed, desc=label), start=1):
+        yield item
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / TRAINER_LOG, "a", encoding="utf-8") as log:
+                log.write(json.dumps(progress_line(label, done, len(listed), time.perf_counter() - started)) + "\n")
+
+
+def start_board_files() -> None:
+    """A fresh progress file for this run (an earlier run's lines in the same folder would move the bar)."""
+    folder = board_dir()
+    if folder is not None and (folder / TRAINER_LOG).is_file():
+        (folder / TRAINER_LOG).unlink()
+
+
+Progress = Callable[[Iterable[Any], str], Iterable[Any]]

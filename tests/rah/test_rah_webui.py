@@ -1,0 +1,171 @@
+"""LlamaBoard without a browser: the RAH-LoRA panel, the run it starts, and what its monitor shows.
+
+The UI is the stock ``llamafactory.webui.interface.create_ui()`` in a subprocess, driven through the callbacks its
+buttons are bound to; the run is started as LlamaBoard's Runner starts it (its ``save_cmd`` YAML, the stock
+``llamafactory-cli train``, ``LLAMABOARD_ENABLED`` / ``LLAMABOARD_WORKDIR``), on the tiny LLaVA.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import CLI, offline_env
+from llamafactory_hera.rah import webui_panel as panel
+from llamafactory_hera.rah.args import RahArguments
+
+RAH_LABEL = "RAH-LoRA (training-free head calibration)"
+HERA_LABEL = "HeRA (Head-wise Representation Alignment)"
+
+PROBE = r'''
+import json, os, subprocess, sys
+from llamafactory.extras.constants import TRAINING_STAGES
+from llamafactory.webui import control
+from llamafactory.webui.common import save_cmd
+from llamafactory.webui.interface import create_ui
+
+settings = json.loads(sys.argv[1])
+demo = create_ui()
+preview = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "preview_train")
+runner = preview.fn.__self__
+manager = runner.manager
+ids = [manager.get_id_by_elem(c) for c in preview.inputs]
+report = {"stages": list(TRAINING_STAGES), "preview_inputs": sorted(ids),
+          "train_ids": [i for i in manager._id_to_elem if i.startswith("train.")]}
+
+def data_for(label, **overrides):
+    data = {c: c.value for c in preview.inputs}
+    values = {"top.lang": "en", "top.model_name": "Custom", "top.model_path": settings["model"],
+              "top.template": "llava", "train.training_stage": label, "train.dataset": ["hera_demo"],
+              "train.dataset_dir": settings["dataset_dir"], "train.output_dir": "rah1", "train.compute_type": "fp32",
+              **overrides}
+    for elem_id, value in values.items():
+        data[manager.get_elem_by_id(elem_id)] = value
+    return data
+
+tab = manager.get_elem_by_id("train.rah_tab")
+stage = manager.get_elem_by_id("train.training_stage")
+toggle = next(f for f in demo.fns.values() if tab in f.outputs and stage in f.inputs)
+report["visible"] = {label: toggle.fn(label).visible for label in TRAINING_STAGES}
+report["initially_visible"] = tab.visible
+change_lang = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "change_lang")
+report["labels"] = {lang: {manager.get_id_by_elem(e): u.label for e, u in change_lang.fn(lang).items()
+                           if manager.get_id_by_elem(e).startswith("train.rah_")} for lang in ("en", "zh")}
+report["bad"] = {}
+for key, value in (("rah_layers", "3-1"), ("rah_delta", 0), ("rah_num_anchors", 1.5), ("rah_isal_percentile", 100)):
+    report["bad"][key] = runner._initialize(data_for(settings["label"], **{"train." + key: value}), True, True)
+data = data_for(settings["label"], **settings["panel"])
+report["error"] = runner._initialize(data, True, True)
+args = runner._parse_train_args(data)
+report["args"] = args
+report["preview"] = next(runner.preview_train(data))[manager.get_elem_by_id("train.output_box")]
+report["sft_args"] = runner._parse_train_args(data_for("Supervised Fine-Tuning", **settings["panel"]))
+# start the run as Runner._launch does
+env = {**os.environ, "LLAMABOARD_ENABLED": "1", "LLAMABOARD_WORKDIR": args["output_dir"]}
+proc = subprocess.run([settings["cli"], "train", save_cmd(args)], env=env, capture_output=True, text=True)
+report["returncode"] = proc.returncode
+report["tail"] = (proc.stdout + proc.stderr)[-4000:]
+report["output_dir"] = args["output_dir"]
+log, progress, info = control.get_trainer_info("en", args["output_dir"], True)
+report["running_log"] = log
+report["progress_label"] = getattr(progress, "label", None)
+report["plot_title"] = info["loss_viewer"].value is not None if "loss_viewer" in info else None
+fig = control.gen_loss_plot([json.loads(line) for line in open(os.path.join(args["output_dir"], "trainer_log.jsonl"))])
+report["figure_texts"] = [ax.get_title() for ax in fig.axes] + [t.get_text() for ax in fig.axes
+                                                                 for t in ax.get_yticklabels()]
+print("REPORT=" + json.dumps(report, default=str))
+'''
+
+
+@pytest.fixture(scope="module")
+def board(assets, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("rah_board")
+    settings = {
+        "label": RAH_LABEL, "model": str(assets.models["llava"]), "dataset_dir": str(assets.dataset_dir), "cli": CLI,
+        # on 4-head tiny layers the paper's percentiles keep 0 or 1 head: these force targets and kept steps
+        "panel": {"train.rah_layers": "[0]", "train.rah_isal_percentile": 50, "train.rah_caf_percentile": 0,
+                  "train.rah_num_anchors": 2.0, "train.rah_rank": 2, "train.rah_delta": 10.0,
+                  "train.rah_samples": 8, "train.rah_probe_samples": 4, "train.rah_kl_samples": 4,
+                  "train.extra_args": json.dumps({"rah_beta": -100, "rah_rank": 3})},
+    }
+    env = offline_env(tmp, GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(settings)], cwd=tmp, env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT=")]
+    assert proc.returncode == 0 and lines, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    report = json.loads(lines[-1][len("REPORT="):])
+    report["cwd"] = str(tmp)
+    return report
+
+
+def test_panel_defaults_are_the_papers() -> None:
+    specs = {spec.name: spec.default for spec in RahArguments.__dataclass_fields__.values()}
+    assert panel.DEFAULTS == {key: specs[key] for key in panel.KEYS}
+    assert (panel.DEFAULTS["rah_layers"], panel.DEFAULTS["rah_isal_percentile"], panel.DEFAULTS["rah_caf_percentile"],
+            panel.DEFAULTS["rah_num_anchors"], panel.DEFAULTS["rah_rank"], panel.DEFAULTS["rah_delta"],
+            panel.DEFAULTS["rah_alpha_max"], panel.DEFAULTS["rah_samples"], panel.DEFAULTS["rah_probe_samples"]) == (
+        "auto", 15.0, 70.0, 3, 8, 0.05, 0.15, 100, 32)
+    for key, entry in panel.LOCALES.items():
+        assert set(entry) == set(panel.LANGS), key
+        assert entry["zh"]["label"] != entry["en"]["label"] or key in ("rah_update",), key
+
+
+def test_rah_args_from_panel_values() -> None:
+    args = panel.build_rah_args({"rah_layers": " [0, 2  4] ", "rah_rank": 4.0, "rah_update": "o"})
+    assert args["rah_layers"] == "0,2,4" and args["rah_rank"] == 4 and isinstance(args["rah_rank"], int)
+    assert panel.build_rah_args({"rah_layers": " 0 - 15 "})["rah_layers"] == "0-15"
+    assert panel.build_rah_args({})["rah_layers"] == "auto"
+    assert panel.validate({"rah_layers": "0-3"}) == ""
+    assert panel.validate({"rah_layers": "two"}).startswith("rah_layers:")
+    assert panel.validate({"rah_alpha_max": 2}).startswith("rah_alpha_max: got 2")
+
+
+def test_the_panel_shows_for_rah_only(board: dict[str, Any]) -> None:
+    assert RAH_LABEL in board["stages"] and HERA_LABEL in board["stages"]
+    ids = [f"train.{key}" for key in panel.KEYS]
+    assert set(ids + ["train.rah_tab"]) <= set(board["train_ids"])
+    assert set(ids) <= set(board["preview_inputs"])
+    assert board["initially_visible"] is False
+    assert board["visible"] == {label: label == RAH_LABEL for label in board["stages"]}
+    assert board["labels"]["en"]["train.rah_tab"] == "RAH-LoRA configurations"
+    assert board["labels"]["zh"]["train.rah_tab"] == "RAH-LoRA 参数设置"
+    assert board["labels"]["zh"]["train.rah_delta"] == "KL 预算 (delta)"
+
+
+def test_bad_values_name_the_key(board: dict[str, Any]) -> None:
+    for key, message in board["bad"].items():
+        assert message.startswith(f"Invalid RAH-LoRA setting: {key}"), (key, message)
+
+
+def test_the_run_gets_the_panel_and_the_extra_arguments(board: dict[str, Any]) -> None:
+    assert board["error"] == ""
+    args = board["args"]
+    assert args["stage"] == "rah"
+    assert {k: v for k, v in args.items() if k.startswith("rah_")} == {
+        "rah_layers": "0", "rah_isal_percentile": 50, "rah_caf_percentile": 0, "rah_num_anchors": 2,
+        "rah_rank": 3,  # the extra-arguments box wins over the panel
+        "rah_delta": 10.0, "rah_alpha_max": 0.15, "rah_samples": 8, "rah_probe_samples": 4, "rah_kl_samples": 4,
+        "rah_update": "auto", "rah_caf_form": "magnitude", "rah_isal_pairs": "paper", "rah_beta": -100}
+    assert "--stage rah" in board["preview"] and "--rah_layers 0" in board["preview"]
+    assert not any(k.startswith("rah_") and k != "rah_beta" and k != "rah_rank" for k in board["sft_args"])
+
+
+def test_the_run_writes_the_adapter_and_llamaboard_shows_its_progress(board: dict[str, Any]) -> None:
+    assert board["returncode"] == 0, board["tail"]
+    out = Path(board["cwd"]) / board["output_dir"]
+    assert (out / "adapter_config.json").is_file() and (out / "rah_profile.json").is_file()
+    profile = json.loads((out / "rah_profile.json").read_text())
+    assert profile["settings"]["rank"] == 3 and profile["layers"] == [0]
+    assert "RAH-LoRA: layers 0..0 (1)" in board["running_log"] and "targets calibrated" in board["running_log"]
+    lines = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    phases = [line["rah_phase"] for line in lines]
+    assert phases[0] == "I-SAL (attention)" and "CAF (gate gradients)" in phases
+    assert lines[-1]["current_steps"] == lines[-1]["total_steps"] and lines[-1]["percentage"] == 100.0
+    assert board["progress_label"].startswith("Running ") and board["plot_title"]
+    assert "RAH-LoRA calibration (training-free: no loss)" in board["figure_texts"]
+    assert "calibrating targets (trust region)" in board["figure_texts"]
