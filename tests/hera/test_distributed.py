@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import base_recipe, offline_env, read_trainer_log, run_train
+from conftest import base_recipe, offline_env, read_trainer_log, run_once_more_if_aborted_at_exit, run_train
 
 PROBE = str(Path(__file__).with_name("dist_probe.py"))
 
@@ -24,8 +24,10 @@ def _probe(recipe: dict, tmp: Path, processes: int) -> dict:
         port = sock.getsockname()[1]
     launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes),
                 "--master_addr", "127.0.0.1", "--master_port", str(port)] if processes > 1 else [sys.executable]
-    proc = subprocess.run([*launcher, PROBE, str(tmp / "recipe.json"), str(tmp / "out.pt")], cwd=tmp,
-                          env=offline_env(tmp), capture_output=True, text=True, timeout=240)
+    proc = run_once_more_if_aborted_at_exit(
+        [*launcher, PROBE, str(tmp / "recipe.json"), str(tmp / "out.pt")],
+        dict(cwd=tmp, env=offline_env(tmp), capture_output=True, text=True, timeout=240),
+        lambda: shutil.rmtree(recipe.get("output_dir", tmp / "__none__"), ignore_errors=True))
     assert proc.returncode == 0, proc.stderr[-5000:]
     return {**torch.load(tmp / "out.pt", weights_only=False), "stdout": proc.stdout}
 
