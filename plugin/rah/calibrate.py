@@ -8,12 +8,13 @@ as calibrated so far. Rolled-back heads are restored bit for bit. Shapes: V slic
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
+from llamafactory_hera.rah.args import RahArguments
 from llamafactory_hera.rah.heads import anchor_candidates, similarity, targets_in_layer, top_anchors
 from llamafactory_hera.rah.probe import (
     AttentionProfile,
@@ -26,28 +27,38 @@ from llamafactory_hera.rah.probe import (
 from llamafactory_hera.rah.scores import caf_scores, standardize_per_layer
 from llamafactory_hera.rah.update import TrustRegion, low_rank, search_alpha, trimmed_mean
 
+_PAPER = RahArguments()  # the one source of the defaults
+
 
 @dataclass(frozen=True)
 class RahSettings:
-    """The method's settings (paper defaults; see ``RahArguments`` for each key's meaning)."""
+    """The method's settings: ``RahArguments`` without the ``rah_`` prefix (same defaults; see there for each key),
+    with the layers resolved and ``w_o = 1 - w_v``."""
 
     layers: tuple[int, ...]
-    isal_percentile: float = 15.0
-    caf_percentile: float = 70.0
-    num_anchors: int = 3
-    rank: int = 8
-    delta: float = 0.05
-    alpha_max: float = 0.15
-    halvings: int = 5
-    rho: float = 0.6
-    w_v: float = 0.7
-    w_o: float = 0.3
-    trim: float = 0.1
-    beta: float = 0.25
-    caf_form: str = "magnitude"
-    caf_weight: float = 0.25
-    isal_pairs: str = "paper"  # paper, visible (scores.isal)
-    update: str = "auto"  # vo, o, v; auto: vo under MHA, o under GQA
+    isal_percentile: float = _PAPER.rah_isal_percentile
+    caf_percentile: float = _PAPER.rah_caf_percentile
+    num_anchors: int = _PAPER.rah_num_anchors
+    rank: int = _PAPER.rah_rank
+    delta: float = _PAPER.rah_delta
+    alpha_max: float = _PAPER.rah_alpha_max
+    halvings: int = _PAPER.rah_halvings
+    rho: float = _PAPER.rah_rho
+    w_v: float = _PAPER.rah_w_v
+    w_o: float = 1.0 - _PAPER.rah_w_v
+    trim: float = _PAPER.rah_trim
+    beta: float = _PAPER.rah_beta
+    caf_form: str = _PAPER.rah_caf_form
+    caf_weight: float = _PAPER.rah_caf_weight
+    isal_pairs: str = _PAPER.rah_isal_pairs  # paper, visible (scores.isal)
+    update: str = _PAPER.rah_update  # vo, o, v; auto: vo under MHA, o under GQA
+
+    @classmethod
+    def from_arguments(cls, args: RahArguments, layers: list[int]) -> RahSettings:
+        """A recipe's ``rah_*`` values, on the resolved ``layers``."""
+        named = {f.name for f in fields(cls)} - {"layers", "w_o"}
+        values = {name: getattr(args, f"rah_{name}") for name in named}
+        return cls(layers=tuple(layers), w_o=1.0 - args.rah_w_v, **values)
 
 
 @dataclass

@@ -86,12 +86,7 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     kl_batches = [_on(device, collator([dataset[i] for i in kl_rows[j:j + size]]))
                   for j in range(0, len(kl_rows), size)]
     layers = rah_args.layer_list(len(attention_modules(model)))
-    settings = RahSettings(
-        layers=tuple(layers), isal_percentile=rah_args.rah_isal_percentile, caf_percentile=rah_args.rah_caf_percentile,
-        num_anchors=rah_args.rah_num_anchors, rank=rah_args.rah_rank, delta=rah_args.rah_delta,
-        alpha_max=rah_args.rah_alpha_max, halvings=rah_args.rah_halvings, rho=rah_args.rah_rho, w_v=rah_args.rah_w_v,
-        w_o=1.0 - rah_args.rah_w_v, trim=rah_args.rah_trim, beta=rah_args.rah_beta, caf_form=rah_args.rah_caf_form,
-        caf_weight=rah_args.rah_caf_weight, isal_pairs=rah_args.rah_isal_pairs, update=rah_args.rah_update)
+    settings = RahSettings.from_arguments(rah_args, layers)
     kinds = token_kinds(model, tokenizer_module["tokenizer"], tokenizer_module.get("processor"))
     say(f"RAH-LoRA: layers {layers[0]}..{layers[-1]} ({len(layers)}); {len(rows)} rows for I-SAL, "
          f"{rah_args.rah_probe_samples} for CAF, {rah_args.rah_kl_samples} for the KL probe; rank {settings.rank}, "

@@ -183,3 +183,12 @@ def test_head_slices_follow_the_kv_groups() -> None:
     gqa = Geometry(num_heads=4, num_kv_heads=2, head_dim=16)  # Qwen2.5-VL-like: 2 query heads per KV group
     assert [v_rows(h, gqa) for h in range(4)] == [slice(0, 16), slice(0, 16), slice(16, 32), slice(16, 32)]
     assert [o_columns(h, gqa) for h in range(4)] == [slice(16 * h, 16 * (h + 1)) for h in range(4)]
+
+
+def test_settings_take_the_arguments_defaults_and_values() -> None:
+    from llamafactory_hera.rah.args import parse_rah_arguments
+    from llamafactory_hera.rah.calibrate import RahSettings
+
+    assert RahSettings.from_arguments(parse_rah_arguments({}), [0, 1]) == RahSettings(layers=(0, 1))
+    chosen = RahSettings.from_arguments(parse_rah_arguments({"rah_w_v": 0.5, "rah_update": "o", "rah_rank": 4}), [3])
+    assert (chosen.layers, chosen.w_v, chosen.w_o, chosen.update, chosen.rank) == ((3,), 0.5, 0.5, "o", 4)
