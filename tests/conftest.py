@@ -111,6 +111,17 @@ def run_once_more_if_aborted_at_exit(command: list[str], options: dict[str, Any]
     return proc
 
 
+def image_less_dataset(assets: TinyAssets, folder: Path) -> Path:
+    """A copy of the tiny dataset folder whose 32 rows keep their text but lose every image (and <image> tag)."""
+    shutil.copytree(assets.dataset_dir, folder)
+    rows = json.loads((folder / "hera_demo.json").read_text())
+    for row in rows:
+        row["images"] = []
+        row["messages"][0]["content"] = row["messages"][0]["content"].replace("<image>", "")
+    (folder / "hera_demo.json").write_text(json.dumps(rows))
+    return folder
+
+
 def read_trainer_log(output_dir: Path) -> list[dict[str, Any]]:
     """Lines of LLaMA-Factory's trainer_log.jsonl (what LlamaBoard plots)."""
     path = output_dir / "trainer_log.jsonl"

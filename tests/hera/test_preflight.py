@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_train_inprocess import LogProbe
 
-from conftest import base_recipe, run_train
+from conftest import base_recipe, image_less_dataset, run_train
 from llamafactory_hera.hera.args import parse_hera_arguments
 from llamafactory_hera.hera.preflight import check_contrastive_geometry, contrastive_geometry
 
@@ -61,13 +60,7 @@ def test_runs_that_cannot_train_hera_stop_before_the_first_step(assets, tmp_path
 
 @pytest.mark.parametrize("heads", ["listed", "auto"])  # auto: before selection, whose error spoke of too few pairs
 def test_a_dataset_without_any_image_is_refused(assets, tmp_path: Path, heads: str) -> None:
-    folder = tmp_path / "data"
-    shutil.copytree(assets.dataset_dir, folder)
-    rows = json.loads((folder / "hera_demo.json").read_text())
-    for row in rows:
-        row["images"] = []
-        row["messages"][0]["content"] = row["messages"][0]["content"].replace("<image>", "")
-    (folder / "hera_demo.json").write_text(json.dumps(rows))
+    folder = image_less_dataset(assets, tmp_path / "data")
     output = _refused(assets, tmp_path, dataset_dir=str(folder), **({"hera_heads": "auto"} if heads == "auto" else {}))
     assert "dataset: ['hera_demo'] has no image in any of its 32 rows" in output and "use stage: sft" in output
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from conftest import base_recipe, run_train
+from conftest import base_recipe, image_less_dataset, run_train
 from llamafactory_hera.rah.args import parse_rah_arguments
 
 # on 4-head tiny layers the paper's percentiles keep 0 or 1 head: these force targets, anchors and kept steps
@@ -82,13 +81,7 @@ def test_bad_settings_are_refused_before_calibrating(assets, tmp_path: Path, ove
 
 
 def test_a_dataset_without_images_is_refused(assets, tmp_path: Path) -> None:
-    folder = tmp_path / "data"
-    shutil.copytree(assets.dataset_dir, folder)
-    rows = json.loads((folder / "hera_demo.json").read_text())
-    for row in rows:
-        row["images"] = []
-        row["messages"][0]["content"] = row["messages"][0]["content"].replace("<image>", "")
-    (folder / "hera_demo.json").write_text(json.dumps(rows))
+    folder = image_less_dataset(assets, tmp_path / "data")
     assert "has no image in any of its 32 rows" in _refusal(assets, tmp_path, dataset_dir=str(folder))
 
 
