@@ -3,7 +3,7 @@
 Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything is patched):
 - ``llamafactory.train.tuner`` has ``_training_function(config)``, ``get_train_args`` and ``run_sft``
   as module globals, looked up at call time; ``read_args`` in ``llamafactory.hparams``;
-- ``llamafactory.train.sft.workflow`` has module globals ``run_sft``,
+- ``llamafactory.train.sft.workflow`` has module globals ``run_sft``, ``get_dataset``,
   ``SFTDataCollatorWith4DAttentionMask`` and ``CustomSeq2SeqTrainer``;
 - ``llamafactory.extras.ploting.smooth(values)`` (the loss curves' smoothing, reused by the methods' plots).
 
@@ -31,7 +31,7 @@ from .arguments import keys_of, split_args
 from .guard import require, warn_if_unchecked
 
 _TUNER_NAMES = ("_training_function", "get_train_args", "run_sft")
-_WORKFLOW_NAMES = ("run_sft", "SFTDataCollatorWith4DAttentionMask", "CustomSeq2SeqTrainer")
+_WORKFLOW_NAMES = ("run_sft", "get_dataset", "SFTDataCollatorWith4DAttentionMask", "CustomSeq2SeqTrainer")
 
 
 def _check_shapes(tuner: ModuleType) -> tuple[ModuleType, ModuleType, ModuleType, ModuleType]:
@@ -69,8 +69,10 @@ class SFTWorkflow:
     """What a method's ``run`` gets of LLaMA-Factory's SFT workflow (0.9.5).
 
     ``collator`` / ``trainer``: the stock ``SFTDataCollatorWith4DAttentionMask`` / ``CustomSeq2SeqTrainer``
-    (for the method to subclass); ``run(collator, trainer, model_args, ...)``: ``run_sft`` whole with those two
-    replaced for its duration; ``smooth``: the loss curves' smoothing (``extras.ploting.smooth``).
+    (for the method to subclass); ``run(collator, trainer, model_args, ..., get_dataset=None)``: ``run_sft`` whole
+    with those two (and, when given, its ``get_dataset(template, model_args, data_args, training_args, stage,
+    **tokenizer_module) -> {"train_dataset": ..., "eval_dataset": ...}``) replaced for its duration; ``smooth``:
+    the loss curves' smoothing (``extras.ploting.smooth``).
     """
 
     def __init__(self, workflow: ModuleType, smooth: Callable[..., Any]) -> None:
@@ -79,8 +81,11 @@ class SFTWorkflow:
         self.trainer: type = workflow.CustomSeq2SeqTrainer
         self.smooth = smooth
 
-    def run(self, collator: type, trainer: type, *args: Any) -> None:
-        with _swapped(self._workflow, SFTDataCollatorWith4DAttentionMask=collator, CustomSeq2SeqTrainer=trainer):
+    def run(self, collator: type, trainer: type, *args: Any, get_dataset: Callable[..., Any] | None = None) -> None:
+        replaced = {"SFTDataCollatorWith4DAttentionMask": collator, "CustomSeq2SeqTrainer": trainer}
+        if get_dataset is not None:
+            replaced["get_dataset"] = get_dataset
+        with _swapped(self._workflow, **replaced):
             self._workflow.run_sft(*args)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 DECLARATIONS: tuple[str, ...] = (
     "llamafactory_hera.hera.method:METHOD",
     "llamafactory_hera.rah.method:METHOD",
+    "llamafactory_hera.harc.method:METHOD",
 )
 
 

@@ -1,0 +1,159 @@
+"""``HarcArguments``: every ``harc_*`` key of a ``stage: harc`` recipe, its help text, the reference default and its
+checks.
+
+Defaults are those of the authors' code (``microsoft/HARC``, ``main/configs/*.yaml``; the configs win over the code's
+own defaults, e.g. the margin 0.5). Step counts are **optimizer steps** (the reference counts micro-steps with
+gradient accumulation 2: its refresh every 200 micro-steps is 100 optimizer steps, its ramp at 1000 is 500).
+Values arrive typed (YAML) or as strings (command line).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from llamafactory_hera.anatomy.recipe_keys import coerce_bool, coerce_number, fail, unknown_key
+
+HARC_PREFIX = "harc_"
+ROLE_KEYS = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
+
+
+@dataclass
+class HarcArguments:
+    """Settings of HARC (reference defaults)."""
+
+    harc_harmful: str = field(default="", metadata={
+        "help": "Dataset (a name in dataset_dir's dataset_info.json) of harmful prompts with refusal responses: the "
+        "CE target and the coupled rows. Required.", "dataset": True})
+    harc_harmless: str = field(default="", metadata={
+        "help": "Dataset of harmless prompts with helpful responses: retained (KL to the adapter-free model) and "
+        "decoupled. Required.", "dataset": True})
+    harc_pseudo: str = field(default="", metadata={
+        "help": "Dataset of benign prompts that look harmful, with compliant answers (e.g. XSTest): retained like "
+        "the harmless rows. Required unless harc_batch_pseudo is 0.", "dataset": True})
+    harc_harmful_completions: str = field(default="", metadata={
+        "help": "Dataset of harmful prompts with harmful completions, used only for the response-side harmfulness "
+        "direction. Without it response coupling is off (with a warning).", "dataset": True})
+    harc_extract_harmful: str = field(default="", metadata={
+        "help": "Optional dataset whose prompts give the prompt-side harmful mean instead of harc_harmful's held-out "
+        "rows (the reference's Qwen config: AdvBench).", "dataset": True})
+    harc_extract_harmless: str = field(default="", metadata={
+        "help": "Optional dataset whose prompts give the prompt-side harmless mean instead of harc_harmless's "
+        "held-out rows (the reference's Qwen config: Alpaca).", "dataset": True})
+    harc_extract_samples: int = field(default=300, metadata={
+        "help": "Rows per role held out to extract the directions (reference: 300).", "min": 2})
+    harc_validate_samples: int = field(default=100, metadata={
+        "help": "Harmful and harmless rows held out for the diagnostics and the refusal evaluation (reference: "
+        "100).", "min": 1})
+    harc_batch_harmful: int = field(default=6, metadata={"help": "Harmful rows per micro-batch (reference: 6).",
+                                                         "min": 1})
+    harc_batch_harmless: int = field(default=4, metadata={"help": "Harmless rows per micro-batch (reference: 4).",
+                                                          "min": 0})
+    harc_batch_pseudo: int = field(default=2, metadata={"help": "Pseudo-harmful rows per micro-batch (reference: "
+                                                        "2).", "min": 0})
+    harc_margin: float = field(default=0.5, metadata={
+        "help": "Margin m of the coupling: harmful rows are pushed to cosine >= m with the directions (reference "
+        "configs: 0.5; the code's default 0.3).", "min": 0.0, "max": 1.0})
+    harc_weight_couple: float = field(default=1.0, metadata={"help": "Weight of the prompt-side coupling (1).",
+                                                             "min": 0.0})
+    harc_weight_couple_resp: float = field(default=1.0, metadata={
+        "help": "Weight of the response-side coupling (1).", "min": 0.0})
+    harc_weight_kl: float = field(default=10.0, metadata={
+        "help": "Weight of KL(adapter-free || current) on the retain rows' response tokens (10).", "min": 0.0})
+    harc_weight_ce: float = field(default=1.0, metadata={
+        "help": "Weight of the cross-entropy on the harmful rows' refusals (1).", "min": 0.0})
+    harc_response_tokens: int = field(default=32, metadata={
+        "help": "Response tokens pooled for the response-side coupling and directions (reference: 32).", "min": 1})
+    harc_refresh_steps: int = field(default=100, metadata={
+        "help": "Optimizer steps between re-extractions of the directions on the current model (0: never). "
+        "Reference: every 200 micro-steps at gradient accumulation 2 = 100.", "min": 0})
+    harc_refresh_beta: float = field(default=0.3, metadata={
+        "help": "Weight of the fresh directions in the blend normalize((1 - beta) base + beta fresh) (0.3).",
+        "min": 0.0, "max": 1.0})
+    harc_layers: int = field(default=2, metadata={"help": "Layers coupled at the start (reference: 2).", "min": 1})
+    harc_layers_final: int = field(default=4, metadata={"help": "Layers coupled from harc_layers_ramp_step on "
+                                                        "(reference: 4).", "min": 1})
+    harc_layers_ramp_step: int = field(default=500, metadata={
+        "help": "Optimizer step at which harc_layers_final layers are chosen (reference: micro-step 1000 = 500).",
+        "min": 0})
+    harc_band: int = field(default=4, metadata={
+        "help": "Layers are chosen within [band, n - band] of the n decoder layers (reference: 4).", "min": 0})
+    harc_max_length: int = field(default=256, metadata={
+        "help": "Longest prompt (cut on the left) and longest response (cut on the right), in tokens (256).",
+        "min": 8})
+    harc_extract_batch_size: int = field(default=8, metadata={"help": "Rows per forward when extracting (8).",
+                                                              "min": 1})
+    harc_eval: bool = field(default=True, metadata={
+        "help": "At the end, generate answers to the held-out harmful prompts and to pseudo-harmful prompts and "
+        "report the refusal rates (harc_eval.json)."})
+    harc_eval_max_new_tokens: int = field(default=64, metadata={
+        "help": "Tokens generated per prompt for the refusal evaluation (greedy).", "min": 1})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def response_coupling(self) -> bool:
+        """Whether the response-side coupling runs (it needs harmful completions)."""
+        return bool(self.harc_harmful_completions)
+
+    def roles(self) -> dict[str, str]:
+        """role key -> dataset name, for every role given."""
+        return {key: getattr(self, key) for key in (*ROLE_KEYS, "harc_extract_harmful", "harc_extract_harmless")
+                if getattr(self, key)}
+
+
+def harc_keys() -> list[str]:
+    """All valid ``harc_*`` keys in declaration order."""
+    return [f.name for f in fields(HarcArguments)]
+
+
+def _dataset_name(key: str, value: Any) -> str:
+    if isinstance(value, list | tuple):
+        if len(value) != 1:
+            raise fail(key, value, "name one dataset of dataset_info.json (a role takes one dataset).")
+        value = value[0]
+    text = str(value).strip()
+    if "," in text:
+        raise fail(key, value, "name one dataset of dataset_info.json (a role takes one dataset).")
+    return text
+
+
+def check_consistency(args: HarcArguments) -> None:
+    """Checks between keys; ValueError naming the keys and the fix."""
+    if not args.harc_harmful:
+        raise ValueError("harc_harmful: missing. stage: harc needs a dataset of harmful prompts with refusal "
+                         "responses (a name in dataset_info.json); `llamafactory-hera harc-data` writes one.")
+    if not args.harc_harmless:
+        raise ValueError("harc_harmless: missing. stage: harc needs a dataset of harmless prompts with helpful "
+                         "responses (a name in dataset_info.json); `llamafactory-hera harc-data` writes one.")
+    if args.harc_batch_pseudo > 0 and not args.harc_pseudo:
+        raise ValueError(f"harc_pseudo: missing while harc_batch_pseudo is {args.harc_batch_pseudo}. Name a dataset "
+                         "of pseudo-harmful prompts with compliant answers, or set harc_batch_pseudo: 0.")
+    if args.harc_batch_harmless + args.harc_batch_pseudo == 0:
+        raise ValueError("harc_batch_harmless and harc_batch_pseudo are both 0: every micro-batch needs retain rows "
+                         "(the KL and the decoupling). Set harc_batch_harmless: 4 (reference).")
+    if args.harc_layers_final < args.harc_layers:
+        raise ValueError(f"harc_layers_final: {args.harc_layers_final} is fewer than harc_layers: "
+                         f"{args.harc_layers}; the ramp adds layers. Set harc_layers_final >= harc_layers.")
+
+
+def parse_harc_arguments(raw: dict[str, Any]) -> HarcArguments:
+    """Validated :class:`HarcArguments` from ``harc_*`` keys; errors name the key, the value and what is allowed."""
+    valid = {f.name: f for f in fields(HarcArguments)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in valid:
+            raise unknown_key(key, harc_keys(), "HARC")
+        spec, meta = valid[key], dict(valid[key].metadata)
+        if meta.get("dataset"):
+            values[key] = _dataset_name(key, value) if value is not None else ""
+        elif spec.type in ("bool", bool):
+            values[key] = coerce_bool(key, value)
+        elif spec.type in ("int", int):
+            values[key] = coerce_number(key, value, int, meta)
+        else:
+            values[key] = coerce_number(key, value, float, meta)
+    args = HarcArguments(**values)
+    check_consistency(args)
+    return args

@@ -1,0 +1,119 @@
+"""HARC's rows: each role's dataset tokenized with the recipe's LLaMA-Factory template, with the two prompt positions
+of the method located and verified per row, and the seeded extraction / validation / training split.
+
+A row's prompt is ``template.encode_oneturn``'s prompt (system block, earlier turns, the user's content, then the
+template's tokens up to the assistant's answer: ``<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`` for
+``llama3``). The method reads the residual stream at two positions of it:
+
+- ``t_inst``: the last token of the user's content (the instruction);
+- ``t_post``: the last prompt token (the end of the assistant header), ``len(prompt_ids) - 1``.
+
+``t_inst = t_post - P`` where ``P`` is the number of template tokens after the content, found once by encoding two
+different contents and taking the longest common tail of the prompts; every row is then checked to end with exactly
+those ``P`` tokens (a template whose tail merges with the content would fail here, naming the row).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+ROLE_HARMFUL, ROLE_HARMLESS, ROLE_PSEUDO = 0, 1, 2
+ROLE_NAMES = {ROLE_HARMFUL: "harmful", ROLE_HARMLESS: "harmless", ROLE_PSEUDO: "pseudo"}
+_SENTINELS = ("Alpha", "zq 7")
+
+
+@dataclass(frozen=True)
+class EncodedRow:
+    """One row as the method sees it.
+
+    ``prompt_ids``: prompt token ids (left-truncated to the maximum length); ``response_ids``: the answer's ids as the
+    template closes it (right-truncated; empty for prompt-only rows); ``t_inst``: index in ``prompt_ids`` of the
+    user's last content token; the last prompt token ``t_post`` is ``len(prompt_ids) - 1``.
+    """
+
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    t_inst: int
+
+    @property
+    def t_post(self) -> int:
+        return len(self.prompt_ids) - 1
+
+
+def template_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
+    """The template's token ids between the user's content and the answer (the ``P`` tokens after ``t_inst``)."""
+    prompts = [template.encode_oneturn(tokenizer, [{"role": "user", "content": text},
+                                                   {"role": "assistant", "content": "ok"}])[0]
+               for text in _SENTINELS]
+    tail: list[int] = []
+    for first, second in zip(reversed(prompts[0]), reversed(prompts[1]), strict=False):
+        if first != second:
+            break
+        tail.append(first)
+    if not tail:
+        raise ValueError("template: the prompt ends with the user's content (no assistant header after it); HARC "
+                         "reads the residual after the instruction and at the end of the assistant header. Use the "
+                         "model's chat template (e.g. llama3, qwen).")
+    return tuple(reversed(tail))
+
+
+def encode_row(template: Any, tokenizer: Any, tail: tuple[int, ...], prompt: list[dict[str, str]],
+               response: list[dict[str, str]], system: str | None, tools: str | None, max_length: int,
+               where: str) -> EncodedRow:
+    """Tokenize one aligned row (LLaMA-Factory's ``_prompt`` / ``_response`` messages) and locate ``t_inst``.
+
+    ``where`` names the row in errors (dataset and row number).
+    """
+    if not prompt or prompt[-1].get("role") != "user" or not str(prompt[-1].get("content", "")).strip():
+        raise ValueError(f"{where}: the prompt has no user message with content; every HARC row needs one.")
+    answer = response[:1] if response else [{"role": "assistant", "content": ""}]
+    prompt_ids, response_ids = template.encode_oneturn(tokenizer, [*prompt, *answer], system, tools)
+    prompt_ids = list(prompt_ids)[-max_length:]  # the reference cuts long prompts on the left
+    response_ids = list(response_ids)[:max_length] if response and str(response[0].get("content", "")) else []
+    size = len(tail)
+    if tuple(prompt_ids[-size:]) != tail or len(prompt_ids) <= size:
+        raise ValueError(f"{where}: the prompt does not end with the template's assistant header {list(tail)} "
+                         f"(it ends with {prompt_ids[-size:]}); cannot locate the instruction's last token. Check "
+                         "that `template` is the model's chat template.")
+    return EncodedRow(tuple(prompt_ids), tuple(response_ids), len(prompt_ids) - 1 - size)
+
+
+def encode_rows(template: Any, tokenizer: Any, tail: tuple[int, ...], aligned: Any, indices: list[int],
+                max_length: int, dataset: str, key: str, with_response: bool = True) -> list[EncodedRow]:
+    """Rows ``indices`` of an aligned LLaMA-Factory dataset (columns ``_prompt``, ``_response``, ``_system``,
+    ``_tools``), encoded; ``with_response=False`` keeps the prompts only (prompt-side extraction)."""
+    rows = []
+    for index in indices:
+        row = aligned[index]
+        response = row["_response"] if with_response else []
+        if with_response and (not response or not str(response[0].get("content", "")).strip()):
+            raise ValueError(f"{key}: dataset '{dataset}', row {index}: empty response; this role needs an answer "
+                             "per row.")
+        rows.append(encode_row(template, tokenizer, tail, row["_prompt"], response, row.get("_system"),
+                               row.get("_tools"), max_length, f"{key}: dataset '{dataset}', row {index}"))
+    return rows
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row numbers of one role's dataset: held out for extraction, held out for validation, for training."""
+
+    extract: list[int]
+    validate: list[int]
+    train: list[int]
+
+
+def split_rows(num_rows: int, extract: int, validate: int, seed: int) -> Split:
+    """A seeded permutation of ``range(num_rows)``: the first ``extract`` rows, the next ``validate``, the rest."""
+    order = list(range(num_rows))
+    random.Random(seed).shuffle(order)
+    return Split(order[:extract], order[extract:extract + validate], order[extract + validate:])
+
+
+def check_role_size(key: str, dataset: str, num_rows: int, needed: int, what: str) -> None:
+    """ValueError naming the role key and dataset when it has fewer than ``needed`` rows."""
+    if num_rows < needed:
+        raise ValueError(f"{key}: dataset '{dataset}' has {num_rows} rows; {what} need at least {needed}. Add rows "
+                         "or lower harc_extract_samples / harc_validate_samples / the harc_batch_* keys.")

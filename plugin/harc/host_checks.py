@@ -1,0 +1,95 @@
+"""HARC's checks of a run's LLaMA-Factory arguments, before any model or dataset is loaded.
+
+Declared in :mod:`llamafactory_hera.harc.method`; checked on LLaMA-Factory 0.9.5 argument names. HARC reads its data
+from the ``harc_*`` role keys: ``dataset`` may be omitted (it is then set to ``harc_harmful`` only to satisfy
+LLaMA-Factory's parser, which refuses training without one; the stage never reads it). Each micro-batch is composed
+by the stage, so ``per_device_train_batch_size`` is 1 (one composed micro-batch per device and step).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llamafactory_hera.anatomy.recipe_keys import raw_value, truthy
+from llamafactory_hera.harc.args import HarcArguments
+from llamafactory_hera.harc.layers import eligible_layers
+
+
+def _set(host_args: dict[str, Any] | list[str], key: str, value: Any) -> None:
+    if isinstance(host_args, dict):
+        host_args[key] = value  # typed, as YAML gives it
+    else:
+        host_args.extend([f"--{key}", str(value)])
+
+
+def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: HarcArguments) -> None:
+    """Refuse what HARC cannot run, naming the key and the fix; fill ``dataset`` and the batch size when absent."""
+    finetuning = str(raw_value(host_args, "finetuning_type") or "lora").strip().lower()
+    if finetuning != "lora":
+        raise ValueError(f"stage: harc trains a LoRA adapter (the KL reference is the model with its adapter "
+                         f"disabled); finetuning_type: {finetuning} has none. Set finetuning_type: lora.")
+    batch = raw_value(host_args, "per_device_train_batch_size")
+    if batch is None:
+        _set(host_args, "per_device_train_batch_size", 1)
+    elif str(batch).strip() != "1":
+        raise ValueError(f"per_device_train_batch_size: got {batch}; stage: harc composes each micro-batch itself "
+                         f"(harc_batch_harmful {harc_args.harc_batch_harmful} + harc_batch_harmless "
+                         f"{harc_args.harc_batch_harmless} + harc_batch_pseudo {harc_args.harc_batch_pseudo} rows). "
+                         "Remove per_device_train_batch_size (it is 1: one composed micro-batch) and size the "
+                         "micro-batch with the harc_batch_* keys.")
+    for key in ("do_eval", "do_predict", "packing", "neat_packing"):
+        if raw_value(host_args, key) is not None and truthy(raw_value(host_args, key)):
+            raise ValueError(f"{key}: stage: harc has no evaluation split or packing of its own (it evaluates "
+                             "refusals on held-out rows at the end, see harc_eval). Remove it.")
+    for key in ("val_size", "eval_dataset"):
+        value = raw_value(host_args, key)
+        if value not in (None, "", 0, "0", 0.0, "0.0"):
+            raise ValueError(f"{key}: stage: harc holds out its own validation rows (harc_validate_samples); remove "
+                             f"{key}.")
+    if raw_value(host_args, "do_train") is not None and not truthy(raw_value(host_args, "do_train")):
+        raise ValueError("stage: harc trains; set do_train: true.")
+    if not raw_value(host_args, "dataset"):
+        _set(host_args, "dataset", harc_args.harc_harmful)
+    else:
+        print("[llamafactory-hera] note: stage: harc reads its rows from the harc_* role keys; `dataset` is not "
+              "used.", flush=True)
+
+
+def _check_datasets(dataset_dir: str, harc_args: HarcArguments) -> None:
+    info_path = Path(dataset_dir) / "dataset_info.json"
+    if not info_path.is_file():
+        raise ValueError(f"dataset_dir: {dataset_dir} has no dataset_info.json; the harc_* keys name datasets listed "
+                         "there (`llamafactory-hera harc-data --out DIR` writes one).")
+    names = set(json.loads(info_path.read_text(encoding="utf-8")))
+    for key, name in harc_args.roles().items():
+        if name not in names:
+            raise ValueError(f"{key}: dataset '{name}' is not in {info_path} (it lists: {', '.join(sorted(names))}). "
+                             "Add it there or name one of those.")
+
+
+def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
+                       generating_args: Any, harc_args: HarcArguments) -> None:
+    """Checks on the parsed arguments and the model's config (seconds, before the model loads)."""
+    if not data_args.template:
+        raise ValueError("template: stage: harc locates the instruction's last token and the assistant header with "
+                         "the model's chat template; set template (e.g. llama3, qwen).")
+    if not str(data_args.dataset_dir).startswith(("REMOTE:", "ONLINE")):
+        _check_datasets(str(data_args.dataset_dir), harc_args)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                        trust_remote_code=getattr(model_args, "trust_remote_code", False))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = int(text.num_hidden_layers)
+    eligible = eligible_layers(layers, harc_args.harc_band)
+    if len(eligible) < harc_args.harc_layers_final:
+        raise ValueError(f"harc_band: {harc_args.harc_band} leaves {len(eligible)} of {layers} decoder layers of "
+                         f"{model_args.model_name_or_path} to couple, fewer than harc_layers_final: "
+                         f"{harc_args.harc_layers_final}. Lower harc_band or harc_layers_final.")
+    if not getattr(model_args, "disable_gradient_checkpointing", True) and getattr(model_args, "use_reentrant_gc",
+                                                                                   False):
+        # Reentrant checkpointing runs each layer under no_grad: the residuals read by the coupling would carry no
+        # gradient. Non-reentrant checkpointing recomputes the same forward with the graph kept.
+        model_args.use_reentrant_gc = False

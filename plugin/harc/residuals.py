@@ -1,0 +1,100 @@
+"""Reading the residual stream entering decoder layers (what HARC's directions and coupling act on).
+
+``residual entering layer l`` = the hidden state handed to decoder layer ``l`` (the embeddings for l = 0), read by a
+forward pre-hook on ``text_decoder(model).layers[l]``. In the training step the hooks keep the autograd graph (the
+coupling's gradient flows through them); a hook that sees a tensor without gradient while the model trains raises,
+because the coupling would silently do nothing (e.g. under reentrant gradient checkpointing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from llamafactory_hera.anatomy.projection import text_decoder
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a plain, PEFT-wrapped or DDP/DeepSpeed-unwrapped causal LM."""
+    return list(text_decoder(model).layers)
+
+
+def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def reading_layers(model: nn.Module, layers: list[int],
+                   read: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``read(layer, hidden [B, T, D])`` with the residual entering each of ``layers`` during forwards inside."""
+    modules = decoder_layers(model)
+    handles = []
+
+    def hook_for(layer: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            read(layer, _hidden(args, kwargs))
+        return hook
+
+    try:
+        for layer in layers:
+            handles.append(modules[layer].register_forward_pre_hook(hook_for(layer), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def response_window(response_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``[B, T]`` float weights averaging each row's first ``num_tokens`` response tokens (rows without a response:
+    all zero). ``response_mask`` ``[B, T]`` marks response tokens (one contiguous run per row)."""
+    mask = response_mask.bool()
+    rank = torch.cumsum(mask.long(), dim=1)  # 1 at the first response token, 2 at the second, ...
+    window = (mask & (rank <= num_tokens)).float()
+    return window / window.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+class StepCapture:
+    """The residuals of one training forward at the selected layers.
+
+    The hook only keeps a reference to each layer's input ``[B, T, D]`` (no tensor operation runs inside the layer's
+    call, which may be checkpointed: non-reentrant checkpointing requires the recomputed forward to save exactly
+    what the first one saved). :meth:`read` then gives ``inst[l]`` / ``post[l]`` ``[B, D]`` (the rows' ``t_inst`` /
+    ``t_post`` positions) and, when a response window was given, ``response[l]`` ``[B, D]`` (mean over each row's
+    first response tokens), all in the autograd graph.
+    """
+
+    def __init__(self, t_inst: torch.Tensor, t_post: torch.Tensor, window: torch.Tensor | None,
+                 require_grad: bool) -> None:
+        self.t_inst, self.t_post, self.window = t_inst, t_post, window
+        self.require_grad = require_grad
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.inst: dict[int, torch.Tensor] = {}
+        self.post: dict[int, torch.Tensor] = {}
+        self.response: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer: int, hidden: torch.Tensor) -> None:
+        self.hidden.setdefault(layer, hidden)  # a recomputation during backward passes again: keep the first
+
+    def read(self, layers: list[int]) -> None:
+        """Fill ``inst`` / ``post`` / ``response`` for ``layers`` from the kept inputs (after the forward)."""
+        for layer in layers:
+            if layer not in self.hidden:
+                raise RuntimeError(f"HARC: decoder layer {layer} was not called in the forward; its residual could "
+                                   "not be read.")
+            hidden = self.hidden[layer]
+            if self.require_grad and not hidden.requires_grad:
+                raise RuntimeError(f"HARC: the residual entering decoder layer {layer} carries no gradient, so the "
+                                   "coupling loss would not train anything. Causes: reentrant gradient checkpointing "
+                                   "(the stage turns it off; was use_reentrant_gc forced?) or no trainable parameter "
+                                   "below that layer (LoRA must target the decoder layers).")
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            self.inst[layer] = hidden[rows, self.t_inst.to(hidden.device)]
+            self.post[layer] = hidden[rows, self.t_post.to(hidden.device)]
+            if self.window is not None:
+                weights = self.window.to(device=hidden.device, dtype=hidden.dtype)
+                self.response[layer] = torch.einsum("bt,btd->bd", weights, hidden)
+        self.hidden = {}

@@ -1,0 +1,143 @@
+"""Trainer mixin for ``stage: harc``: the four loss terms on composed micro-batches, refreshes, logging.
+
+Mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer``. Per micro-batch (B rows: harmful, harmless, pseudo)::
+
+    loss = w_couple couple + w_couple_resp couple_resp + w_kl KL + w_ce CE
+
+- one forward with grad of the adapted model reads the residuals entering the coupled layers (``t_inst``, ``t_post``,
+  the first response tokens) and gives the logits;
+- KL: the same model with its adapter disabled (no second copy in memory), no grad, on the retain rows;
+- the Trainer divides the loss by the gradient-accumulation steps (``model_accepts_loss_kwargs = False``), as the
+  reference divides by ``grad_accum``;
+- after each optimizer step the state ramps / refreshes the directions and layers when due (every rank in step);
+- logged per logging step (means over its micro-batches and ranks): ``harc_couple``, ``harc_couple_resp``,
+  ``harc_kl``, ``harc_ce`` and ``harc_layers``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from llamafactory_hera.harc.args import HarcArguments
+from llamafactory_hera.harc.batches import BATCH_KEYS
+from llamafactory_hera.harc.data import ROLE_HARMFUL
+from llamafactory_hera.harc.losses import coupling_loss, kl_to_reference, refusal_cross_entropy
+from llamafactory_hera.harc.residuals import StepCapture, reading_layers, response_window
+from llamafactory_hera.harc.state import HarcState
+
+_TERMS = ("couple", "couple_resp", "kl", "ce")
+
+
+class _StepEnd(TrainerCallback):
+    """The state's life cycle on every rank: base directions once the model is wrapped (or the checkpoint's state
+    when resuming), ramp / refresh after each optimizer step, the state saved into every checkpoint."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self.trainer
+        resumed = trainer.harc_resume_folder
+        if resumed is not None:
+            trainer.harc_state.load(resumed)
+            trainer.harc_say(f"HARC: resumed directions and layers {trainer.harc_state.layers} from {resumed}")
+            return
+        trainer.harc_state.start(trainer.accelerator.unwrap_model(trainer.model))
+        trainer.harc_say(f"HARC: base directions extracted; coupling layers {trainer.harc_state.layers}")
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.trainer.harc_state.save(f"{args.output_dir}/checkpoint-{state.global_step}")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        trainer.harc_state.on_step_end(model, state.global_step, state.max_steps, trainer.harc_say)
+
+
+class HarcTrainerMixin:
+    """See the module docstring. Needs ``harc_args``, ``harc_state`` and ``harc_say`` (a one-line reporter)."""
+
+    def __init__(self, *args: Any, harc_args: HarcArguments, harc_state: HarcState, harc_say: Any,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.harc_args, self.harc_state, self.harc_say = harc_args, harc_state, harc_say
+        self.model_accepts_loss_kwargs = False  # the Trainer divides by the accumulation steps, as the reference
+        self._harc_sums = torch.zeros(len(_TERMS) + 1, dtype=torch.float64)
+        self.add_callback(_StepEnd(self))
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        folder = resume_from_checkpoint
+        if folder is True:
+            folder = get_last_checkpoint(self.args.output_dir)
+        self.harc_resume_folder = str(folder) if folder else None
+        result = super().train(resume_from_checkpoint, *args, **kwargs)
+        from llamafactory_hera.harc.outputs import finish_run
+
+        finish_run(self)
+        return result
+
+    def _harc_model(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        extras = {key: inputs.pop(key) for key in BATCH_KEYS if key in inputs}
+        if not model.training or len(extras) != len(BATCH_KEYS):
+            raise RuntimeError("stage: harc trains on its composed micro-batches only (no evaluation dataset).")
+        args, state = self.harc_args, self.harc_state
+        labels = inputs.pop("labels")
+        roles = extras["harc_role"]
+        harmful = roles == ROLE_HARMFUL
+        response = extras["harc_response_mask"]
+        coupled_response = state.current.v_ref_resp is not None
+        window = response_window(response, args.harc_response_tokens) if coupled_response else None
+        capture = StepCapture(extras["harc_t_inst"], extras["harc_t_post"], window, require_grad=True)
+        inner = self._harc_model(model)
+        with reading_layers(inner, state.layers, capture):
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        capture.read(state.layers)
+        logits = outputs.logits
+        couple = coupling_loss(capture.post, capture.inst, state.current.v_ref, state.current.v_harm, harmful,
+                               args.harc_margin)
+        zero = logits.new_zeros((), dtype=torch.float32)
+        couple_resp = zero
+        if coupled_response:
+            couple_resp = coupling_loss(capture.response, capture.response, state.current.v_ref_resp,
+                                        state.current.v_harm_resp, harmful, args.harc_margin)
+        retain = (~harmful).nonzero(as_tuple=True)[0]
+        kl = zero
+        if retain.numel():
+            with torch.no_grad(), inner.disable_adapter():
+                reference = inner(input_ids=inputs["input_ids"][retain],
+                                  attention_mask=inputs["attention_mask"][retain], use_cache=False).logits
+            kl = kl_to_reference(logits[retain], reference, response[retain].to(logits.device))
+        chosen = harmful.nonzero(as_tuple=True)[0]
+        ce = refusal_cross_entropy(logits[chosen], labels[chosen]) if chosen.numel() else zero
+        terms = torch.stack([couple.float(), couple_resp.float(), kl.float(), ce.float()])
+        weights = torch.tensor([args.harc_weight_couple, args.harc_weight_couple_resp, args.harc_weight_kl,
+                                args.harc_weight_ce], device=terms.device)
+        total = (weights * terms).sum()
+        self._harc_sums += torch.cat([terms.detach().double().cpu(), torch.ones(1, dtype=torch.float64)])
+        return (total, outputs) if return_outputs else total
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # a training log: every rank logs at the same step, so the reduction is safe
+            sums = self._harc_sums.clone()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                device = self.args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+                sums = sums.to(device)
+                torch.distributed.all_reduce(sums)
+                sums = sums.cpu()
+            if sums[-1] > 0:
+                for index, term in enumerate(_TERMS):
+                    logs[f"harc_{term}"] = float(sums[index] / sums[-1])
+            logs["harc_layers"] = ",".join(str(layer) for layer in self.harc_state.layers)
+            self._harc_sums.zero_()
+        super().log(logs, *args, **kwargs)

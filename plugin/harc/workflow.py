@@ -1,0 +1,99 @@
+"""A ``stage: harc`` run: LLaMA-Factory's SFT workflow with HARC's data, collator and trainer.
+
+Called by the stage patch (declared in :mod:`llamafactory_hera.harc.method`) in place of ``run_sft``: the model,
+its LoRA adapter, the optimizer, schedule, checkpoints, DDP / DeepSpeed and the saved adapter are LLaMA-Factory's;
+the dataset is replaced by HARC's composed micro-batches (:mod:`~llamafactory_hera.harc.batches`) built from the
+``harc_*`` role datasets, and the trainer adds HARC's loss (:mod:`~llamafactory_hera.harc.trainer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from llamafactory_hera.harc.args import HarcArguments
+
+
+def say(message: str) -> None:
+    """One line from rank 0 (the terminal and LlamaBoard's log box)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return
+    from llamafactory_hera.rah.board_log import say as board_say
+
+    board_say(message)
+
+
+def progress(items: Iterable[Any], label: str) -> Iterable[Any]:
+    """``items`` with a progress bar on rank 0 only."""
+    import torch
+    from tqdm.auto import tqdm
+
+    quiet = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank()
+    return tqdm(list(items), desc=label, disable=bool(quiet), leave=False)
+
+
+@dataclass
+class RunContext:
+    """What the trainer needs beyond the state: rows for the evaluation, tokenizer, stop ids, plotting."""
+
+    rows: Any = None
+    tokenizer: Any = None
+    stop_ids: list[int] | None = None
+    state: Any = None
+    plot: bool = True
+    smooth: Callable[[list[float]], list[float]] | None = None
+    say: Callable[[str], None] = say
+    progress: Callable[[Iterable[Any], str], Iterable[Any]] = progress
+
+
+def _loader(model_args: Any, data_args: Any, training_args: Any) -> Callable[[str], Any]:
+    from llamafactory_hera.patches.model_data import RecipeArgs, load_aligned_rows
+
+    recipe = RecipeArgs(model_args, data_args, None)
+    return lambda name: load_aligned_rows(recipe, training_args.seed, [name])
+
+
+def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
+             generating_args: Any, callbacks: Any, harc_args: HarcArguments) -> None:
+    """Train (see the module docstring)."""
+    from llamafactory_hera.harc.batches import ComposedMicroBatches, HarcCollator
+    from llamafactory_hera.harc.data import ROLE_HARMFUL, ROLE_HARMLESS, ROLE_PSEUDO
+    from llamafactory_hera.harc.roles import load_role_rows
+    from llamafactory_hera.harc.state import HarcState
+    from llamafactory_hera.harc.trainer import HarcTrainerMixin
+
+    run = RunContext(plot=bool(finetuning_args.plot_loss), smooth=host.smooth)
+
+    def get_dataset(template: Any, model_args: Any, data_args: Any, training_args: Any, stage: str = "sft",
+                    tokenizer: Any = None, processor: Any = None, **_: Any) -> dict[str, Any]:
+        rows = load_role_rows(harc_args, _loader(model_args, data_args, training_args), template, tokenizer,
+                              training_args.seed, say)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        stop = [tokenizer.convert_tokens_to_ids(word) for word in getattr(template, "stop_words", []) or []]
+        run.rows, run.tokenizer = rows, tokenizer
+        run.stop_ids = list(dict.fromkeys([tokenizer.eos_token_id, *[i for i in stop if isinstance(i, int)]]))
+        run.state = HarcState(harc_args, rows.extraction, (rows.validate_harmful, rows.validate_harmless), pad_id,
+                              progress)
+        sizes = {ROLE_HARMFUL: harc_args.harc_batch_harmful, ROLE_HARMLESS: harc_args.harc_batch_harmless,
+                 ROLE_PSEUDO: harc_args.harc_batch_pseudo}
+        dataset = ComposedMicroBatches(rows.train, sizes, training_args.seed)
+        counts = ", ".join(f"{key[5:]} {c['train']} train / {c['extract']} extract / {c['validate']} validate"
+                           for key, c in rows.counts.items())
+        say(f"HARC: {counts}; micro-batches of {sum(sizes.values())} rows ({harc_args.harc_batch_harmful} harmful, "
+            f"{harc_args.harc_batch_harmless} harmless, {harc_args.harc_batch_pseudo} pseudo), {len(dataset)} per "
+            f"epoch; margin {harc_args.harc_margin}, weights couple {harc_args.harc_weight_couple} / couple_resp "
+            f"{harc_args.harc_weight_couple_resp if harc_args.response_coupling else 0} / kl "
+            f"{harc_args.harc_weight_kl} / ce {harc_args.harc_weight_ce}; refresh every "
+            f"{harc_args.harc_refresh_steps} optimizer steps")
+        return {"train_dataset": dataset, "eval_dataset": None}
+
+    class HarcSeq2SeqTrainer(HarcTrainerMixin, host.trainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, harc_args=harc_args, harc_state=run.state, harc_say=say, **kwargs)
+            self.harc_run = run
+
+    host.run(HarcCollator, HarcSeq2SeqTrainer, model_args, data_args, training_args, finetuning_args,
+             generating_args, callbacks, get_dataset=get_dataset)
