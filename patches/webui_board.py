@@ -198,8 +198,13 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
         return None if all(v is None for v in values.values()) else values  # None: a UI without the panel
 
     def _initialize(self: Any, data: dict[Any, Any], do_train: bool, from_preview: bool) -> str:
-        error = original_initialize(self, data, do_train, from_preview)
         selected = chosen(self, data)
+        dataset_box = self.manager.get_elem_by_id("train.dataset") if do_train and selected is not None else None
+        if dataset_box is not None and getattr(selected[1], "DATASET_FROM_PANEL", False) and not data.get(dataset_box):
+            # the method reads its rows from its panel's dataset keys: the stock "choose a dataset" check would
+            # refuse an empty Dataset box (the run fills `dataset` itself, see the method's raw host checks)
+            data = {**data, dataset_box: ["(from the panel)"]}
+        error = original_initialize(self, data, do_train, from_preview)
         if error or not do_train or selected is None:
             return error
         panel = selected[1]

@@ -53,6 +53,36 @@ def assets() -> TinyAssets:
     return build_tiny_assets(REPO / ".hera_assets" / "tests", seed=0)
 
 
+@pytest.fixture(scope="session")
+def harc_assets() -> Any:
+    """Tiny Llama-3 / Qwen2 text LLMs and HARC's role datasets (cached under .hera_assets/harc)."""
+    from llamafactory_hera.fixtures.harc_assets import build_harc_assets
+
+    return build_harc_assets(REPO / ".hera_assets" / "harc", seed=0)
+
+
+def harc_recipe(harc_assets: Any, family: str, output_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """A small ``stage: harc`` recipe for a tiny text model (every role; ``None`` overrides drop a key).
+
+    Sizes are scaled down from the reference (8 + 4 held-out rows per role instead of 300 + 100, band 1 of 6 layers
+    instead of 4 of 32, refresh every 2 optimizer steps, ramp at 3) so that a run covers base extraction, a refresh
+    and the ramp in 5 steps.
+    """
+    recipe: dict[str, Any] = {
+        "model_name_or_path": str(harc_assets.models[family]), "template": harc_assets.templates[family],
+        "stage": "harc", "do_train": True, "finetuning_type": "lora", "lora_target": "all", "lora_rank": 8,
+        "lora_alpha": 16, "dataset_dir": str(harc_assets.dataset_dir), "harc_harmful": "harc_harmful",
+        "harc_harmless": "harc_harmless", "harc_pseudo": "harc_pseudo",
+        "harc_harmful_completions": "harc_harmful_completions", "harc_extract_samples": 8,
+        "harc_validate_samples": 4, "harc_band": 1, "harc_refresh_steps": 2, "harc_layers_ramp_step": 3,
+        "harc_eval_max_new_tokens": 8, "max_steps": 5, "gradient_accumulation_steps": 2, "learning_rate": 1e-3,
+        "logging_steps": 1, "output_dir": str(output_dir), "overwrite_output_dir": True, "report_to": "none",
+        "plot_loss": False, "seed": 0, "disable_shuffling": True,
+    }
+    recipe.update(overrides)
+    return {k: v for k, v in recipe.items() if v is not None}
+
+
 def base_recipe(assets: TinyAssets, family: str, output_dir: Path, **overrides: Any) -> dict[str, Any]:
     """The demo's small HeRA recipe for one tiny model family, without plots; ``None`` overrides drop a key."""
     from llamafactory_hera.demo import build_recipe

@@ -21,7 +21,7 @@ def say(message: str) -> None:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
         return
-    from llamafactory_hera.rah.board_log import say as board_say
+    from llamafactory_hera.anatomy.board_log import say as board_say
 
     board_say(message)
 

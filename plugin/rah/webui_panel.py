@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
+from llamafactory_hera.anatomy.board_log import PHASE_KEY
 from llamafactory_hera.anatomy.panel_widgets import (
     LANGS,
     as_markup,
@@ -22,7 +23,6 @@ from llamafactory_hera.anatomy.panel_widgets import (
     typed_value,
 )
 from llamafactory_hera.rah.args import RahArguments, parse_rah_arguments
-from llamafactory_hera.rah.board_log import PHASE_KEY
 
 TAB = "rah_tab"  # element id of the accordion (train.rah_tab)
 _SPECS = {spec.name: spec for spec in fields(RahArguments)}

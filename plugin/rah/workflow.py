@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from llamafactory_hera.anatomy.board_log import progress, say, start_board_files
 from llamafactory_hera.rah.args import RahArguments
-from llamafactory_hera.rah.board_log import progress, say, start_board_files
 
 PROFILE_JSON = "rah_profile.json"
 PROFILE_PNG = "rah_profile.png"

@@ -1,6 +1,7 @@
-"""What a ``stage: rah`` run tells the terminal and, when LlamaBoard launched it, LlamaBoard's monitor.
+"""What a method's run tells the terminal and, when LlamaBoard launched it, LlamaBoard's monitor.
 
-RAH-LoRA has no Trainer, so nothing would write the files LlamaBoard polls: ``running_log.txt`` (the log box)
+Used by ``stage: rah`` (no Trainer: nothing else would write the files LlamaBoard polls) and for the one-line reports
+of ``stage: harc``. Without a Trainer nothing would write the files LlamaBoard polls: ``running_log.txt`` (the log box)
 and ``trainer_log.jsonl`` (the progress bar; LLaMA-Factory 0.9.5 reads ``current_steps``, ``total_steps``,
 ``percentage``, ``elapsed_time`` and ``remaining_time`` from its last line). LlamaBoard sets
 ``LLAMABOARD_ENABLED=1`` and ``LLAMABOARD_WORKDIR`` (the run's output_dir) for the runs it starts.

@@ -1,0 +1,355 @@
+"""``llamafactory-hera harc-data``: the public sources HARC's authors train on, as LLaMA-Factory datasets.
+
+Every dataset is written in LLaMA-Factory's alpaca format (a JSON list of ``{"instruction", "input": "", "output"}``)
+under the name its recipe key takes (``harc_harmful: harc_harmful``), and listed in ``dataset_info.json`` by
+``file_name`` alone (the alpaca columns are LLaMA-Factory's defaults). The rows are read the way the reference
+(``microsoft/HARC``, ``main/data.py`` and ``main/train.py``) reads them:
+
+    Circuit Breakers train JSON   prompt -> llama3_output (harc_harmful), prompt -> output (harc_harmful_completions)
+    XSTest v2 completions CSV     rows with final_label 1_full_compliance: prompt -> completion (harc_pseudo)
+    UltraChat 200k test_sft       first user turn -> first assistant answer, seeded shuffle, cut (harc_harmless)
+    AdvBench / Alpaca             the first prompts in file order, empty output (harc_extract_harmful / _harmless)
+
+Nothing is written before every source has been read and checked and the output folder has been checked.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+FULL_COMPLIANCE = "1_full_compliance"
+ADVBENCH_COLUMNS = ("bad_q", "goal", "prompt")
+READABLE = (".json", ".jsonl", ".csv", ".parquet")
+
+
+@dataclass
+class Converted:
+    """One dataset to write: its name (the dataset_info.json entry and the recipe key), its alpaca rows, the source
+    rows skipped (empty prompt or response, unusable conversation) and a note on what was kept."""
+
+    name: str
+    rows: list[dict[str, str]]
+    skipped: int
+    note: str = ""
+
+    @property
+    def file_name(self) -> str:
+        """The data file's name inside ``--out``."""
+        return f"{self.name}.json"
+
+    def summary(self) -> str:
+        """One line: name, rows, skipped and the note."""
+        note = f"; {self.note}" if self.note else ""
+        return f"{self.name}: {len(self.rows)} rows, {self.skipped} skipped{note} -> {self.file_name}"
+
+
+def alpaca(prompt: str, response: str) -> dict[str, str]:
+    """One alpaca row: the prompt as the instruction, no input, the response as the output."""
+    return {"instruction": prompt, "input": "", "output": response}
+
+
+def _blank(text: str) -> bool:
+    """Whether ``text`` holds nothing but white space (such a prompt or response is skipped)."""
+    return not text.strip()
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _parse_json(text: str, where: str) -> list[Any]:
+    """The records of a JSON file: a list as it is, one object as one record; else JSON Lines (the reference's
+    ``advbench.json`` is JSON Lines under a .json name)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if len([line for line in text.splitlines() if line.strip()]) < 2:
+            raise ValueError(f"{where}: not JSON ({err}).") from None
+        return _parse_jsonl(text, where)
+    return data if isinstance(data, list) else [data]
+
+
+def _parse_jsonl(text: str, where: str) -> list[Any]:
+    """The records of a JSON Lines text, one per non-blank line."""
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: line {number} is not JSON ({err}).") from None
+    return records
+
+
+def read_rows(path: Path, option: str) -> list[Row]:
+    """The rows of a source file (.json list or JSON Lines, .jsonl, .csv with a header, .parquet), each a dict.
+
+    Errors name ``option`` and the path: a missing file (FileNotFoundError), a folder, another suffix, text that does
+    not parse, a record that is not an object (ValueError)."""
+    where = f"{option} {path}"
+    if not path.exists():
+        raise FileNotFoundError(f"{option}: no such file: {path}")
+    if not path.is_file():
+        raise ValueError(f"{where}: not a file.")
+    suffix = path.suffix.lower()
+    if suffix not in READABLE:
+        raise ValueError(f"{where}: cannot read a {suffix or 'suffix-less'} file; give one of {', '.join(READABLE)}.")
+    records: list[Any]
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                records = pq.read_table(path).to_pylist()
+            except (ValueError, OSError) as err:  # pyarrow's errors do not name the file
+                raise ValueError(f"{where}: cannot read it as parquet ({err}).") from None
+        elif suffix == ".csv":
+            with path.open(encoding="utf-8-sig", newline="") as handle:
+                records = list(csv.DictReader(handle))
+        else:
+            text = path.read_text(encoding="utf-8-sig")
+            records = _parse_jsonl(text, where) if suffix == ".jsonl" else _parse_json(text, where)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{where}: cannot read it ({err}).") from None
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: row {number} is a {type(record).__name__}, not an object with columns.")
+    return records
+
+
+def missing_column(row: Row, number: int, column: str, where: str) -> ValueError:
+    """The error for a row without ``column``: the file, the row number (1-based), the column and the row's columns."""
+    return ValueError(f"{where}: row {number} has no column '{column}' (its columns: {', '.join(map(str, row))}).")
+
+
+def column_text(row: Row, number: int, column: str, where: str) -> str:
+    """The text in ``column`` of row ``number`` (1-based); "" for a null. ValueError for a missing column (naming
+    the row and the column) or a value that is not text."""
+    if column not in row:
+        raise missing_column(row, number, column, where)
+    value = row[column]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: row {number}, column '{column}': expected text, got {type(value).__name__}.")
+    return value
+
+
+def _no_rows(where: str, what: str) -> ValueError:
+    """The error for a source that yields no row: the option, the file and why (``what``)."""
+    return ValueError(f"{where}: no usable row ({what}).")
+
+
+# ---------------------------------------------------------------- sources
+
+
+def convert_circuit_breakers(path: Path, option: str = "--circuit-breakers") -> tuple[Converted, Converted]:
+    """``harc_harmful`` (prompt -> llama3_output, the refusal) and ``harc_harmful_completions`` (prompt -> output,
+    the harmful completion) from the Circuit Breakers train JSON.
+
+    Row i of both comes from the same source row, in file order, so a seeded split of the two picks the same prompts
+    (HARC's response-side directions pair a prompt's refusal with its harmful completion). A row with an empty
+    prompt, refusal or completion is skipped in both."""
+    where = f"{option} {path}"
+    refusals, completions, skipped = [], [], 0
+    for number, row in enumerate(read_rows(path, option), 1):
+        prompt, refusal, completion = (column_text(row, number, c, where) for c in ("prompt", "llama3_output",
+                                                                                     "output"))
+        if _blank(prompt) or _blank(refusal) or _blank(completion):
+            skipped += 1
+            continue
+        refusals.append(alpaca(prompt, refusal))
+        completions.append(alpaca(prompt, completion))
+    if not refusals:
+        raise _no_rows(where, f"{skipped} rows with an empty prompt, llama3_output or output")
+    note = "row i of both from the same source row"
+    return (Converted("harc_harmful", refusals, skipped, note),
+            Converted("harc_harmful_completions", completions, skipped, note))
+
+
+def convert_xstest(path: Path, option: str = "--xstest") -> Converted:
+    """``harc_pseudo`` (prompt -> completion) from the XSTest v2 completions CSV: the rows whose ``final_label`` is
+    ``1_full_compliance``, as the reference keeps them, each once and in file order.
+
+    No oversampling: the reference repeats the rows up to 1500, but HARC's trainer cycles through a role's rows
+    (reshuffled each pass), which draws them just as often. Rows with another label are left out, not counted as
+    skipped; a kept row with an empty prompt or completion is skipped."""
+    where = f"{option} {path}"
+    rows, labelled, skipped = [], 0, 0
+    source = read_rows(path, option)
+    for number, row in enumerate(source, 1):
+        label, prompt, completion = (column_text(row, number, c, where) for c in ("final_label", "prompt",
+                                                                                  "completion"))
+        if label.strip() != FULL_COMPLIANCE:
+            continue
+        labelled += 1
+        if _blank(prompt) or _blank(completion):
+            skipped += 1
+            continue
+        rows.append(alpaca(prompt, completion))
+    if not rows:
+        raise _no_rows(where, f"{labelled} of {len(source)} rows have final_label {FULL_COMPLIANCE}, {skipped} of "
+                       "them with an empty prompt or completion")
+    return Converted("harc_pseudo", rows, skipped, f"final_label {FULL_COMPLIANCE}: {labelled} of {len(source)}")
+
+
+def _first_pair(row: Row, number: int, where: str) -> tuple[str, str] | None:
+    """(first user turn, first assistant answer) of an UltraChat row, or None unless its first message is the
+    user's and its second the assistant's (the reference's rule)."""
+    if "messages" not in row:
+        raise missing_column(row, number, "messages", where)
+    messages = row["messages"]
+    if not isinstance(messages, list):
+        raise ValueError(f"{where}: row {number}, column 'messages': expected a list of {{role, content}}, got "
+                         f"{type(messages).__name__}.")
+    for index, message in enumerate(messages[:2]):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"{where}: row {number}, column 'messages': message {index} is not a {{role, content}} "
+                             "object.")
+        if not isinstance(message["content"], str | None):
+            raise ValueError(f"{where}: row {number}, column 'messages': the content of message {index} is not "
+                             "text.")
+    if len(messages) < 2 or messages[0]["role"] != "user" or messages[1]["role"] != "assistant":
+        return None
+    return messages[0]["content"] or "", messages[1]["content"] or ""
+
+
+def convert_ultrachat(path: Path, seed: int = 0, limit: int = 5400, option: str = "--ultrachat") -> Converted:
+    """``harc_harmless`` (first user turn -> first assistant answer) from UltraChat 200k ``test_sft`` rows.
+
+    The row indices are shuffled with ``random.Random(seed)`` and walked in that order until ``limit`` rows are kept,
+    as the reference does (the same file in the hub's order and the same seed give its rows). A row whose first two
+    messages are not user then assistant, or whose turn or answer is empty, is skipped; ``skipped`` counts those
+    met before the cut. Every row's ``messages`` is checked, so a malformed file fails whatever the seed."""
+    where = f"{option} {path}"
+    source = read_rows(path, option)
+    pairs = [_first_pair(row, number, where) for number, row in enumerate(source, 1)]
+    order = list(range(len(source)))
+    random.Random(seed).shuffle(order)
+    rows, skipped = [], 0
+    for index in order:
+        if len(rows) >= limit:
+            break
+        pair = pairs[index]
+        if pair is None or _blank(pair[0]) or _blank(pair[1]):
+            skipped += 1
+            continue
+        rows.append(alpaca(*pair))
+    if not rows:
+        raise _no_rows(where, f"none of {len(source)} rows opens with a non-empty user turn and assistant answer")
+    short = f" (fewer than --harmless-rows {limit})" if len(rows) < limit else ""
+    return Converted("harc_harmless", rows, skipped, f"seed {seed}, {len(rows)} of {len(source)}{short}")
+
+
+def _first_prompts(source: list[Row], where: str, column: str, limit: int, join_input: bool) -> tuple[list[str], int]:
+    """The first ``limit`` non-empty prompts of ``source`` in file order and the empty ones met before; with
+    ``join_input`` a non-empty ``input`` is appended to the instruction after a blank line."""
+    prompts, skipped = [], 0
+    for number, row in enumerate(source, 1):
+        prompt = column_text(row, number, column, where)
+        if join_input and "input" in row:
+            extra = column_text(row, number, "input", where)
+            if not _blank(extra) and not _blank(prompt):
+                prompt = f"{prompt}\n\n{extra}"
+        if len(prompts) < limit:
+            if _blank(prompt):
+                skipped += 1
+            else:
+                prompts.append(prompt)
+    return prompts, skipped
+
+
+def convert_advbench(path: Path, limit: int = 300, option: str = "--advbench") -> Converted:
+    """``harc_extract_harmful`` (prompt -> "") from AdvBench: ``harmful_behaviors.csv`` (column ``goal``) or a JSON /
+    JSON Lines file with ``bad_q`` (the reference's ``advbench.json``), ``goal`` or ``prompt``, the first of them
+    that the first row has. The first ``limit`` non-empty prompts in file order."""
+    where = f"{option} {path}"
+    source = read_rows(path, option)
+    if not source:
+        raise _no_rows(where, "the file has no rows")
+    column = next((c for c in ADVBENCH_COLUMNS if c in source[0]), None)
+    if column is None:
+        raise ValueError(f"{where}: row 1 has none of the columns {', '.join(repr(c) for c in ADVBENCH_COLUMNS)} "
+                         f"(its columns: {', '.join(map(str, source[0]))}).")
+    prompts, skipped = _first_prompts(source, where, column, limit, join_input=False)
+    if not prompts:
+        raise _no_rows(where, f"every '{column}' is empty")
+    return Converted("harc_extract_harmful", [alpaca(p, "") for p in prompts], skipped,
+                     f"the first {len(prompts)} of {len(source)} ('{column}')")
+
+
+def convert_alpaca(path: Path, limit: int = 300, option: str = "--alpaca") -> Converted:
+    """``harc_extract_harmless`` (prompt -> "") from Alpaca (a JSON list or JSON Lines with ``instruction`` and
+    optionally ``input``): instruction and a non-empty input joined by a blank line, the first ``limit`` non-empty
+    prompts in file order."""
+    where = f"{option} {path}"
+    source = read_rows(path, option)
+    if not source:
+        raise _no_rows(where, "the file has no rows")
+    prompts, skipped = _first_prompts(source, where, "instruction", limit, join_input=True)
+    if not prompts:
+        raise _no_rows(where, "every 'instruction' is empty")
+    return Converted("harc_extract_harmless", [alpaca(p, "") for p in prompts], skipped,
+                     f"the first {len(prompts)} of {len(source)}")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def encode(data: Any) -> bytes:
+    """The bytes a JSON file of ours holds (UTF-8, indented, newline at the end)."""
+    return (json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+
+
+def plan_output(out: Path, datasets: list[Converted], force: bool = False) -> dict[Path, bytes]:
+    """path -> bytes for every data file and the merged ``dataset_info.json`` of ``out``, after the checks.
+
+    Existing entries of ``dataset_info.json`` are kept. An entry of ours that exists with other content, or a data
+    file of ours that exists with other bytes, is a FileExistsError naming them, unless ``force``; identical ones
+    are no conflict (a rerun with the same sources)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: not a folder.")
+    info_path = out / "dataset_info.json"
+    info: dict[str, Any] = {}
+    if info_path.exists():
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as err:
+            raise ValueError(f"{info_path}: cannot read it as JSON ({err}); fix or move it, or choose another "
+                             "--out.") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{info_path}: not a JSON object of datasets; fix or move it, or choose another --out.")
+    writes: dict[Path, bytes] = {}
+    conflicts: list[str] = []
+    for dataset in datasets:
+        entry = {"file_name": dataset.file_name}
+        if dataset.name in info and info[dataset.name] != entry:
+            conflicts.append(f"the entry '{dataset.name}' of {info_path}")
+        info[dataset.name] = entry
+        path, data = out / dataset.file_name, encode(dataset.rows)
+        if path.is_dir():
+            raise ValueError(f"--out {out}: {path} is a folder; move it or choose another --out.")
+        if path.exists() and path.read_bytes() != data:
+            conflicts.append(str(path))
+        writes[path] = data
+    if conflicts and not force:
+        raise FileExistsError(f"would change {', '.join(conflicts)}; pass --force to replace them, or choose another "
+                              "--out.")
+    writes[info_path] = encode(info)
+    return writes
+
+
+def write_output(writes: dict[Path, bytes]) -> None:
+    """Write each file through a temporary file and a rename (dataset_info.json last, so it never names a file
+    that is not there)."""
+    for path, data in writes.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
