@@ -1,0 +1,129 @@
+"""``stage: harc`` through the stock ``llamafactory-cli train`` on tiny Llama-3 / Qwen2 text models: the shipped
+recipes run, the outputs are complete, and the objective is the same under every setting that must not change it
+(two ranks instead of gradient accumulation, DeepSpeed ZeRO-3, resuming from a checkpoint)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, harc_recipe, offline_env, read_trainer_log, run_train
+
+RECIPES = {"llama3_1_8b_harc.yaml": "llama3", "qwen2_5_7b_harc.yaml": "qwen2"}
+TERMS = ("harc_couple", "harc_couple_resp", "harc_kl", "harc_ce")
+TINY = {  # the reference's sizes scaled to 6-layer models and 48-row datasets (see conftest.harc_recipe)
+    "harc_extract_samples": 8, "harc_validate_samples": 4, "harc_band": 1, "harc_refresh_steps": 2,
+    "harc_layers_ramp_step": 3, "harc_eval_max_new_tokens": 8, "max_steps": 5, "warmup_steps": 1,
+    "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 1000, "bf16": False, "disable_shuffling": True,
+}
+
+
+def _terms(output_dir: Path) -> list[tuple[float, ...]]:
+    """Per training log line: (loss, the four terms)."""
+    return [tuple(line[key] for key in ("loss", *TERMS)) for line in read_trainer_log(output_dir) if "loss" in line]
+
+
+def _close(a: list[tuple[float, ...]], b: list[tuple[float, ...]], tol: float = 2e-5) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= tol * max(1.0, abs(x)) for ra, rb in zip(a, b, strict=True)
+                                    for x, y in zip(ra, rb, strict=True))
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_shipped_recipe_runs_whole_on_a_tiny_model_of_its_family(name: str, harc_assets: Any, tmp_path: Path) -> None:
+    """The recipe as shipped (LoRA r 32 / alpha 64 on all linear layers, reference weights), only model, data and
+    sizes scaled down: adapter, directions, layers, evaluation, plots and every term logged every step."""
+    family = RECIPES[name]
+    recipe = yaml.safe_load((REPO / "recipes" / name).read_text(encoding="utf-8"))
+    output = tmp_path / "out"
+    recipe.update(TINY, model_name_or_path=str(harc_assets.models[family]), dataset_dir=str(harc_assets.dataset_dir),
+                  output_dir=str(output), overwrite_output_dir=True)
+    proc = run_train(recipe, tmp_path)
+    text = proc.stdout + proc.stderr
+    assert "HARC: base directions extracted" in text and "refusal rate on held-out harmful prompts" in text
+
+    adapter = json.loads((output / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (32, 64)
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"}
+    lines = [line for line in read_trainer_log(output) if "loss" in line]
+    assert len(lines) == 5 and all(all(key in line for key in (*TERMS, "harc_layers")) for line in lines)
+    assert lines[0]["harc_kl"] == 0.0 < lines[-1]["harc_kl"]  # LoRA starts as the identity, then moves
+    assert all(line["harc_couple_resp"] > 0 for line in lines[:1])
+
+    record = torch.load(output / "harc_directions.pt", weights_only=False)
+    hidden = 48 if family == "llama3" else 64
+    for which in ("base", "current"):
+        assert set(record[which]) == {"v_ref", "v_harm", "v_ref_resp", "v_harm_resp"}
+        for tensor in record[which].values():
+            assert tensor.shape == (6, hidden)
+            assert torch.allclose(tensor.norm(dim=-1), torch.ones(6), atol=1e-4)
+    assert not torch.equal(record["base"]["v_ref"], record["current"]["v_ref"])  # refreshed
+
+    history = json.loads((output / "harc_layers.json").read_text())["history"]
+    assert [(e["step"], e["event"], len(e["layers"])) for e in history] == [
+        (0, "base", 2), (2, "refresh", 2), (3, "ramp", 4), (4, "refresh", 4), (5, "end", 4)]
+    assert all(1 <= layer <= 5 for e in history for layer in e["layers"])
+    assert [line["harc_layers"] for line in lines] == [",".join(map(str, e["layers"])) for e in
+                                                       (history[0], history[1], history[2], history[2],
+                                                        history[3])]
+    evaluation = json.loads((output / "harc_eval.json").read_text())
+    refusal = evaluation["refusal"]
+    assert refusal["harmful"]["count"] == 4 and refusal["pseudo"]["count"] == 4
+    assert 0.0 <= refusal["refusal_rate_harmful"] <= 1.0 and "before" in refusal
+    assert evaluation["rows"]["harc_harmful"] == {"rows": 48, "extract": 8, "validate": 4, "train": 36}
+    if family == "qwen2":  # prompt-side means from the extraction datasets (the reference's Qwen config)
+        assert evaluation["rows"]["harc_extract_harmful"]["extract"] == 8
+    assert sorted(p.name for p in output.glob("*.png")) == sorted(
+        ["harc_diagnostics.png", "harc_eval.png", "training_loss.png", *(f"training_{t}.png" for t in TERMS)])
+    assert not (output / "harc_state.pt").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_two_ranks_and_zero3_give_the_losses_of_one_process(harc_assets: Any, tmp_path: Path) -> None:
+    """One process with gradient accumulation 2 == two ranks (gloo DDP) == two ranks under DeepSpeed ZeRO-3, step for
+    step, through the base extraction, a refresh and the ramp (directions and layers equal on every rank)."""
+    runs = {}
+    for name, extra, ranks in (("one", {}, 1), ("ddp", {"gradient_accumulation_steps": 1}, 2),
+                               ("zero3", {"gradient_accumulation_steps": 1,
+                                          "deepspeed": str(REPO / "recipes/deepspeed/ds_z3_config.json")}, 2)):
+        output = tmp_path / name
+        recipe = harc_recipe(harc_assets, "llama3", output, harc_eval=False, max_steps=4, **extra)
+        env = offline_env(tmp_path / name, **({"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2"}
+                                              if ranks == 2 else {}))
+        run_train(recipe, tmp_path / name, env=env)
+        runs[name] = _terms(output)
+        assert [line["harc_layers"] for line in read_trainer_log(output) if "loss" in line][-1].count(",") == 3
+    assert len(runs["one"]) == 4 and runs["one"][0][TERMS.index("harc_kl") + 1] == 0.0
+    assert _close(runs["ddp"], runs["one"]), runs
+    assert _close(runs["zero3"], runs["one"]), runs
+
+
+def test_resuming_from_a_checkpoint_continues_the_same_objective(harc_assets: Any, tmp_path: Path) -> None:
+    """A run resumed from its step-2 checkpoint (just after a refresh) logs the uninterrupted run's losses at steps 3
+    and 4: the checkpoint carries the base and refreshed directions and the layers (harc_state.pt)."""
+    whole = tmp_path / "whole"
+    run_train(harc_recipe(harc_assets, "llama3", whole, harc_eval=False, max_steps=4, save_steps=2), tmp_path / "a")
+    assert (whole / "checkpoint-2" / "harc_state.pt").is_file()
+    resumed = tmp_path / "resumed"
+    proc = run_train(harc_recipe(harc_assets, "llama3", resumed, harc_eval=False, max_steps=4, save_steps=2,
+                                 resume_from_checkpoint=str(whole / "checkpoint-2")), tmp_path / "b")
+    assert "HARC: resumed directions and layers" in proc.stdout + proc.stderr
+    assert _close(_terms(resumed)[-2:], _terms(whole)[-2:])
+
+
+def test_response_coupling_is_off_with_a_warning_without_harmful_completions(harc_assets: Any,
+                                                                            tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    proc = run_train(harc_recipe(harc_assets, "qwen2", output, harc_harmful_completions=None, harc_eval=False,
+                                 max_steps=2), tmp_path)
+    assert "warning: no harc_harmful_completions: the response-side coupling is off" in proc.stdout + proc.stderr
+    lines = [line for line in read_trainer_log(output) if "loss" in line]
+    assert all(line["harc_couple_resp"] == 0.0 and line["harc_couple"] > 0 for line in lines)
+    record = torch.load(output / "harc_directions.pt", weights_only=False)
+    assert set(record["base"]) == {"v_ref", "v_harm"}
