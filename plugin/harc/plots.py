@@ -1,0 +1,140 @@
+"""HARC's figures: ``harc_eval.png`` (refusal rates, base vs trained) and ``harc_diagnostics.png`` (validation cosines
+over training).
+
+Drawn headless (Agg canvases, no pyplot state) with constrained layouts and titles fitted to the figure width, like
+the rest of the plugin's figures, so no label is cut at the canvas edge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llamafactory_hera.anatomy.plot_text import fit_title
+
+_GROUPS = (("harmful", "held-out harmful\n(higher: safer)"), ("pseudo", "pseudo-harmful\n(lower: less over-refusal)"))
+_BEFORE_COLOR, _AFTER_COLOR = "#9e9e9e", "#1f77b4"
+_HARMFUL_COLOR, _HARMLESS_COLOR = "#d62728", "#2ca02c"
+_KEYS = ("ref", "harm")
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=120)
+    return path
+
+
+def _rate(record: dict[str, Any], group: str) -> float | None:
+    value = record.get(f"refusal_rate_{group}")
+    return None if value is None else float(value)
+
+
+def plot_refusal(record: dict[str, Any], path: Path) -> Path:
+    """Bar chart of :func:`~llamafactory_hera.harc.evaluate.refusal_record`'s refusal rates, held-out harmful vs
+    pseudo-harmful prompts, each bar labelled with its percentage (``n/a`` for an empty set).
+
+    When ``record["before"]`` holds a record with the same keys (the model with its adapter disabled), its rates
+    stand beside the trained ones. Returns ``path``.
+    """
+    series = [("trained", record, _AFTER_COLOR)]
+    before = record.get("before")
+    if isinstance(before, dict) and all(f"refusal_rate_{group}" in before for group, _ in _GROUPS):
+        series.insert(0, ("base (adapter disabled)", before, _BEFORE_COLOR))
+    fig = _figure(6.4, 4.4)
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    for k, (name, rates, color) in enumerate(series):
+        for g, (group, _) in enumerate(_GROUPS):
+            x = g + (k - (len(series) - 1) / 2) * width
+            value = _rate(rates, group)
+            ax.bar(x, 0.0 if value is None else value, width * 0.92, color=color,
+                   label=name if g == 0 else None)
+            text = "n/a" if value is None else f"{100 * value:.0f}%"
+            ax.annotate(text, (x, 0.0 if value is None else value), xytext=(0, 3), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=9)
+    counts = [f"{(record.get(group) or {}).get('count', '?')} {group}" for group, _ in _GROUPS]
+    ax.set_xticks(range(len(_GROUPS)), [label for _, label in _GROUPS])
+    ax.set_ylim(0.0, 1.15)
+    ax.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0], ["0%", "25%", "50%", "75%", "100%"])
+    ax.set_ylabel("refusal rate")
+    ax.legend(loc="upper center", ncols=len(series), fontsize=9, frameon=False)
+    title = f"HARC refusal rates (greedy answers to {' and '.join(counts)} prompts; phrase matcher)"
+    fit_title(fig, fig.suptitle(title, fontsize=10), title)
+    return _save(fig, path)
+
+
+def _mean_cosines(entry: dict[str, Any]) -> dict[str, float] | None:
+    """The four validation cosines of one history entry, averaged over its layers (None without validation)."""
+    validation = entry.get("validation") or {}
+    layers = [str(layer) for layer in entry.get("layers") or []]
+    values = [validation[layer] for layer in layers if layer in validation] or list(validation.values())
+    if not values:
+        return None
+    return {key: sum(float(v[key]) for v in values) / len(values)
+            for key in ("harmful_ref", "harmless_ref", "harmful_harm", "harmless_harm")}
+
+
+def _layer_text(layers: list[int]) -> str:
+    return "L" + ",".join(str(layer) for layer in layers)
+
+
+def plot_diagnostics(history: list[dict[str, Any]], path: Path, margin: float | None = None) -> Path:
+    """Validation cosines against the optimizer step: left ``cos(h(t_post), v_ref)``, right
+    ``cos(h(t_inst), v_harm)``, each the mean over held-out harmful (solid) and harmless (dashed) prompts, averaged
+    over the entry's coupled layers.
+
+    ``history``: entries ``{"step": int, "layers": [int, ...], "validation": {"<layer>": {"harmful_ref",
+    "harmless_ref", "harmful_harm", "harmless_harm"}}}`` (other keys ignored; entries without validation skipped).
+    Dotted verticals mark where the coupled layers change; the layer sets are listed under the panels. ``margin``
+    (optional) draws the coupling margin. ValueError when no entry has validation cosines. Returns ``path``.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    points = [(int(entry["step"]), [int(x) for x in entry.get("layers") or []], means)
+              for entry in history if (means := _mean_cosines(entry)) is not None]
+    if not points:
+        raise ValueError("plot_diagnostics: the history has no entry with validation cosines (nothing to plot)")
+    steps = [step for step, _, _ in points]
+    changes: list[tuple[int, list[int]]] = []
+    for step, layers, _ in points:
+        if not changes or changes[-1][1] != layers:
+            changes.append((step, layers))
+    fig = _figure(9.6, 4.4)
+    axes = fig.subplots(1, 2, sharey=True)
+    style = {"marker": "o", "markersize": 4} if len(points) <= 30 else {}
+    for ax, key, name in zip(axes, _KEYS, ("prompt end t_post vs v_ref", "instruction t_inst vs v_harm"),
+                             strict=True):
+        ax.plot(steps, [m[f"harmful_{key}"] for _, _, m in points], color=_HARMFUL_COLOR, linestyle="-",
+                label="held-out harmful", **style)
+        ax.plot(steps, [m[f"harmless_{key}"] for _, _, m in points], color=_HARMLESS_COLOR, linestyle="--",
+                label="held-out harmless", **style)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        if margin is not None:
+            ax.axhline(margin, color="#7f7f7f", linestyle=":", linewidth=1.0, label=f"margin {margin:g}")
+        for step, _ in changes[1:]:
+            ax.axvline(step, color="#7f7f7f", linestyle=":", linewidth=0.8)
+        if len(set(steps)) == 1:
+            ax.set_xlim(steps[0] - 1, steps[0] + 1)
+            ax.set_xticks([steps[0]])
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean cosine over the coupled layers")
+    axes[0].legend(fontsize=8)
+    footer = "coupled layers: " + "; ".join(f"step {step}: {_layer_text(layers)}" for step, layers in changes)
+    fit_title(fig, fig.supxlabel(footer, fontsize=9), footer)
+    title = "HARC validation: residuals of held-out prompts against the directions"
+    fit_title(fig, fig.suptitle(title, fontsize=10), title)
+    return _save(fig, path)
