@@ -59,6 +59,28 @@ def template_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(reversed(tail))
 
 
+def answer_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
+    """The template's token ids after an answer's content (``<|eot_id|>`` for llama3, ``<|im_end|>\\n`` for qwen);
+    empty when the template closes nothing."""
+    answers = [template.encode_oneturn(tokenizer, [{"role": "user", "content": "q"},
+                                                   {"role": "assistant", "content": text}])[1]
+               for text in _SENTINELS]
+    tail: list[int] = []
+    for first, second in zip(reversed(answers[0]), reversed(answers[1]), strict=False):
+        if first != second:
+            break
+        tail.append(first)
+    return tuple(reversed(tail))
+
+
+def without_answer_tail(rows: list[EncodedRow], tail: tuple[int, ...]) -> list[EncodedRow]:
+    """``rows`` with the template's closing tokens removed from the end of each answer (the reference extracts the
+    response-side directions from the bare answer text; its training rows do end with EOS)."""
+    size = len(tail)
+    return [EncodedRow(row.prompt_ids, row.response_ids[:-size], row.t_inst)
+            if size and row.response_ids[-size:] == tail else row for row in rows]
+
+
 def encode_row(template: Any, tokenizer: Any, tail: tuple[int, ...], prompt: list[dict[str, str]],
                response: list[dict[str, str]], system: str | None, tools: str | None, max_length: int,
                where: str) -> EncodedRow:

@@ -3,7 +3,8 @@
 Declared in :mod:`llamafactory_hera.harc.method`; checked on LLaMA-Factory 0.9.5 argument names. HARC reads its data
 from the ``harc_*`` role keys: ``dataset`` may be omitted (it is then set to ``harc_harmful`` only to satisfy
 LLaMA-Factory's parser, which refuses training without one; the stage never reads it). Each micro-batch is composed
-by the stage, so ``per_device_train_batch_size`` is 1 (one composed micro-batch per device and step).
+by the stage, so ``per_device_train_batch_size`` counts composed micro-batches (1, the reference's, when absent;
+LlamaBoard always sends its "Batch size" box, 2 by default, which is then said).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.anatomy.board_log import say
 from llamafactory_hera.anatomy.recipe_keys import raw_value, truthy
 from llamafactory_hera.harc.args import HarcArguments
 from llamafactory_hera.harc.layers import eligible_layers
@@ -31,14 +33,17 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
         raise ValueError(f"stage: harc trains a LoRA adapter (the KL reference is the model with its adapter "
                          f"disabled); finetuning_type: {finetuning} has none. Set finetuning_type: lora.")
     batch = raw_value(host_args, "per_device_train_batch_size")
+    rows = harc_args.harc_batch_harmful + harc_args.harc_batch_harmless + harc_args.harc_batch_pseudo
     if batch is None:
         _set(host_args, "per_device_train_batch_size", 1)
     elif str(batch).strip() != "1":
-        raise ValueError(f"per_device_train_batch_size: got {batch}; stage: harc composes each micro-batch itself "
-                         f"(harc_batch_harmful {harc_args.harc_batch_harmful} + harc_batch_harmless "
-                         f"{harc_args.harc_batch_harmless} + harc_batch_pseudo {harc_args.harc_batch_pseudo} rows). "
-                         "Remove per_device_train_batch_size (it is 1: one composed micro-batch) and size the "
-                         "micro-batch with the harc_batch_* keys.")
+        if not str(batch).strip().isdigit() or int(str(batch).strip()) < 1:
+            raise ValueError(f"per_device_train_batch_size: got {batch}; with stage: harc it counts composed "
+                             "micro-batches per device step: a whole number >= 1 (1, the reference, when absent).")
+        say(f"note: per_device_train_batch_size: {batch} counts composed micro-batches with "
+              f"stage: harc: each device step takes {int(str(batch).strip()) * rows} rows ({batch} x "
+              f"{harc_args.harc_batch_harmful} harmful + {harc_args.harc_batch_harmless} harmless + "
+              f"{harc_args.harc_batch_pseudo} pseudo); the reference takes one ({rows} rows): set it to 1 for that.")
     for key in ("do_eval", "do_predict", "packing", "neat_packing"):
         if raw_value(host_args, key) is not None and truthy(raw_value(host_args, key)):
             raise ValueError(f"{key}: stage: harc has no evaluation split or packing of its own (it evaluates "
@@ -53,8 +58,7 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
     if not raw_value(host_args, "dataset"):
         _set(host_args, "dataset", harc_args.harc_harmful)
     else:
-        print("[llamafactory-hera] note: stage: harc reads its rows from the harc_* role keys; `dataset` is not "
-              "used.", flush=True)
+        say("note: stage: harc reads its rows from the harc_* role keys; `dataset` is not used.")
 
 
 def _check_datasets(dataset_dir: str, harc_args: HarcArguments) -> None:

@@ -7,8 +7,8 @@ For every layer l (directions are unit vectors ``[D]``)::
 
 (``main/layers.py``; HYPERPARAMS.md states another formula, the code is authoritative): layers where harmfulness and
 refusal are separate on each side and each agrees across prompt and response. Only layers ``band .. n - band`` of
-the ``n`` decoder layers can be chosen (the reference: 4). Without response directions (no harmful completions) the
-score is the prompt-side factor ``1 - |cos(v_ref, v_harm)|`` alone.
+the ``n`` decoder layers can be chosen (the reference: 4), and never layer 0. Without response directions (no
+harmful completions) the score is the prompt-side factor ``1 - |cos(v_ref, v_harm)|`` alone.
 """
 
 from __future__ import annotations
@@ -32,8 +32,12 @@ def layer_scores(v_ref: torch.Tensor, v_harm: torch.Tensor, v_ref_resp: torch.Te
 
 
 def eligible_layers(num_layers: int, band: int) -> list[int]:
-    """Layers ``band .. min(num_layers - band, num_layers - 1)``, the ones that may be coupled."""
-    return list(range(band, min(num_layers - band, num_layers - 1) + 1))
+    """Layers ``max(band, 1) .. min(num_layers - band, num_layers - 1)``, the ones that may be coupled.
+
+    Layer 0 never is, whatever the band: the residual entering it is the embedding output, which the adapter does
+    not change (its coupling would train nothing).
+    """
+    return list(range(max(band, 1), min(num_layers - band, num_layers - 1) + 1))
 
 
 def select_layers(scores: torch.Tensor, count: int, band: int) -> list[int]:

@@ -22,10 +22,12 @@ from llamafactory_hera.harc.data import (
     ROLE_HARMLESS,
     ROLE_PSEUDO,
     EncodedRow,
+    answer_tail,
     check_role_size,
     encode_rows,
     split_rows,
     template_tail,
+    without_answer_tail,
 )
 from llamafactory_hera.harc.directions import ExtractionRows
 
@@ -107,8 +109,12 @@ def load_role_rows(args: HarcArguments, load: Loader, template: Any, tokenizer: 
                 harmful_prompts = rows
             else:
                 harmless_prompts = rows
+    closing = answer_tail(template, tokenizer)  # answers as bare text in the response-side means, as the reference
     extraction = ExtractionRows(harmful_prompts=harmful_prompts, harmless_prompts=harmless_prompts,
-                                refusals=refusals, helpful=helpful, completions=completions)
+                                refusals=without_answer_tail(refusals, closing),
+                                helpful=without_answer_tail(helpful, closing),
+                                completions=None if completions is None else without_answer_tail(completions,
+                                                                                                  closing))
     return RoleRows(train=train, extraction=extraction,
                     validate_harmful=encode("harc_harmful", harmful, harmful_split.validate),
                     validate_harmless=encode("harc_harmless", harmless, harmless_split.validate),

@@ -104,7 +104,8 @@ class HarcState:
         """Base directions on the model before training (adapter freshly initialised: no change to the model)."""
         started = time.perf_counter()
         self.base = self.current = self._extract(model)
-        self.count = self.args.harc_layers
+        ramped = self.args.harc_layers_ramp_step == 0  # the reference ramps before its first step then
+        self.count = self.args.harc_layers_final if ramped else self.args.harc_layers
         self._select()
         self._record(model, 0, "base", time.perf_counter() - started)
 

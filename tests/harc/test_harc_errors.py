@@ -50,7 +50,8 @@ def test_defaults_are_the_reference_configs() -> None:
 
 @pytest.mark.parametrize(("host", "message"), [
     ({"finetuning_type": "full"}, "stage: harc trains a LoRA adapter"),
-    ({"per_device_train_batch_size": 4}, "per_device_train_batch_size: got 4; stage: harc composes each micro-batch"),
+    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size: got 0; with stage: harc it counts composed"),
+    ({"per_device_train_batch_size": "two"}, "per_device_train_batch_size: got two; with stage: harc it counts"),
     ({"do_eval": True}, "do_eval: stage: harc has no evaluation split"),
     ({"packing": "true"}, "packing: stage: harc has no evaluation split or packing"),
     ({"val_size": 0.1}, "val_size: stage: harc holds out its own validation rows"),
@@ -98,7 +99,7 @@ def test_parsed_arguments_are_checked_against_the_datasets_and_the_model(harc_as
 def test_errors_reach_the_user_of_llamafactory_cli_before_the_model_loads(harc_assets: Any, tmp_path: Path) -> None:
     """Through the stock command line: one line naming key, value and fix; no model or dataset loaded."""
     for name, overrides, message in (
-        ("batch", {"per_device_train_batch_size": 4}, "per_device_train_batch_size: got 4"),
+        ("batch", {"per_device_train_batch_size": 0}, "per_device_train_batch_size: got 0"),
         ("role", {"harc_harmless": "ultrachat"}, "harc_harmless: dataset 'ultrachat' is not in"),
         ("rows", {"harc_extract_samples": 40}, "harc_harmful: dataset 'harc_harmful' has 48 rows; "
                                                "harc_extract_samples + harc_validate_samples + one micro-batch need "
