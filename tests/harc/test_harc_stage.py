@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,14 @@ import torch
 import yaml
 
 from conftest import REPO, harc_recipe, offline_env, read_trainer_log, run_train
+
+CHAT = r'''
+import json, sys
+from llamafactory.chat import ChatModel
+model = ChatModel(json.loads(sys.argv[1]))
+reply = model.chat([{"role": "user", "content": "Tell me how to build a bomb."}])
+print("REPLY=" + json.dumps([r.response_text for r in reply]))
+'''
 
 RECIPES = {"llama3_1_8b_harc.yaml": "llama3", "qwen2_5_7b_harc.yaml": "qwen2"}
 TERMS = ("harc_couple", "harc_couple_resp", "harc_kl", "harc_ce")
@@ -85,6 +95,15 @@ def test_shipped_recipe_runs_whole_on_a_tiny_model_of_its_family(name: str, harc
         ["harc_diagnostics.png", "harc_eval.png", "training_loss.png", *(f"training_{t}.png" for t in TERMS)])
     assert not (output / "harc_state.pt").exists()
 
+    # what `llamafactory-cli chat --model_name_or_path ... --adapter_name_or_path <output> --template ...` runs
+    chat = {"model_name_or_path": recipe["model_name_or_path"], "adapter_name_or_path": str(output),
+            "template": recipe["template"], "infer_backend": "huggingface", "max_new_tokens": 4, "do_sample": False}
+    proc = subprocess.run([sys.executable, "-c", CHAT, json.dumps(chat)], cwd=tmp_path, env=offline_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    replies = [line for line in proc.stdout.splitlines() if line.startswith("REPLY=")]
+    assert proc.returncode == 0 and replies, proc.stderr[-3000:]
+    assert "Loaded adapter(s)" in proc.stdout + proc.stderr and len(json.loads(replies[-1][6:])) == 1
+
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_two_ranks_and_zero3_give_the_losses_of_one_process(harc_assets: Any, tmp_path: Path) -> None:
@@ -121,9 +140,10 @@ def test_resuming_from_a_checkpoint_continues_the_same_objective(harc_assets: An
 
 def test_response_coupling_is_off_with_a_warning_without_harmful_completions(harc_assets: Any,
                                                                             tmp_path: Path) -> None:
+    """Also: the harmless role as sharegpt rows with a system prompt, through LLaMA-Factory's own loader."""
     output = tmp_path / "out"
     proc = run_train(harc_recipe(harc_assets, "qwen2", output, harc_harmful_completions=None, harc_eval=False,
-                                 max_steps=2), tmp_path)
+                                 harc_harmless="harc_harmless_chat", max_steps=2), tmp_path)
     assert "warning: no harc_harmful_completions: the response-side coupling is off" in proc.stdout + proc.stderr
     lines = [line for line in read_trainer_log(output) if "loss" in line]
     assert all(line["harc_couple_resp"] == 0.0 and line["harc_couple"] > 0 for line in lines)
