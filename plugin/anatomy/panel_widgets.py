@@ -8,8 +8,10 @@ passed in (imported by the caller only when LlamaBoard is built).
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 LANGS = ("en", "ru", "zh", "ko", "ja")  # LlamaBoard's languages (top.lang); every locale entry needs all of them
@@ -94,3 +96,49 @@ def typed_value(widget: str, value: Any) -> Any:
     if isinstance(value, str):
         return value.strip()
     return value
+
+
+@dataclass(frozen=True)
+class ArgumentField:
+    """A :class:`PanelField` for one key of a method's arguments dataclass (``arguments``): its default and choices
+    are that dataclass field's default and ``metadata["choices"]``."""
+
+    key: str
+    widget: str  # textbox | number | int | dropdown | checkbox
+    row: int
+    scale: int = 1
+    arguments: type | None = None
+
+    def _spec(self) -> dataclasses.Field:
+        return next(spec for spec in dataclasses.fields(self.arguments) if spec.name == self.key)
+
+    @property
+    def default(self) -> Any:
+        return self._spec().default
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        return self._spec().metadata.get("choices")
+
+
+def argument_fields(arguments: type, layout: Iterable[tuple[Any, ...]]) -> tuple[ArgumentField, ...]:
+    """The panel's fields from ``(key, widget, row[, scale])`` entries of ``arguments``' keys."""
+    return tuple(ArgumentField(*entry[:3], scale=entry[3] if len(entry) > 3 else 1, arguments=arguments)
+                 for entry in layout)
+
+
+def arguments_from_values(panel_fields: Iterable[PanelField], values: dict[str, Any]) -> dict[str, Any]:
+    """Recipe arguments from a panel's values: every field, missing ones at their defaults, typed
+    (:func:`typed_value`)."""
+    ordered = list(panel_fields)
+    merged = {field.key: values.get(field.key, field.default) for field in ordered}
+    return {field.key: typed_value(field.widget, merged[field.key]) for field in ordered}
+
+
+def validation_problem(parse: Callable[[dict[str, Any]], Any], args: dict[str, Any]) -> str:
+    """Empty when ``parse(args)`` accepts the arguments, else its ``ValueError`` message (which names the key)."""
+    try:
+        parse(args)
+    except ValueError as err:
+        return str(err)
+    return ""

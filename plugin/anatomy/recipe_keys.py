@@ -76,3 +76,18 @@ def raw_value(host_args: dict[str, Any] | list[str], key: str) -> Any:
             following = host_args[index + 1] if index + 1 < len(host_args) else "--"
             return "true" if following.startswith("--") else following
     return None
+
+
+def coerce_field(key: str, value: Any, spec: Any) -> Any:
+    """A value for a method-arguments dataclass field ``spec``: one of ``metadata["choices"]`` (lower-cased), a
+    bool, or a number within the metadata's bounds, by the field's type (errors name key, value and what is
+    allowed)."""
+    meta = dict(spec.metadata)
+    if "choices" in meta:
+        text = str(value).strip().lower()
+        if text not in meta["choices"]:
+            raise fail(key, value, f"allowed values are {', '.join(meta['choices'])}.")
+        return text
+    if spec.type in ("bool", bool):
+        return coerce_bool(key, value)
+    return coerce_number(key, value, int if spec.type in ("int", int) else float, meta)

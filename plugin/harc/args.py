@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from llamafactory_hera.anatomy.recipe_keys import coerce_bool, coerce_number, fail, unknown_key
+from llamafactory_hera.anatomy.recipe_keys import coerce_field, fail, unknown_key
 
 HARC_PREFIX = "harc_"
 ROLE_KEYS = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
@@ -145,15 +145,10 @@ def parse_harc_arguments(raw: dict[str, Any]) -> HarcArguments:
     for key, value in raw.items():
         if key not in valid:
             raise unknown_key(key, harc_keys(), "HARC")
-        spec, meta = valid[key], dict(valid[key].metadata)
-        if meta.get("dataset"):
+        if valid[key].metadata.get("dataset"):
             values[key] = _dataset_name(key, value) if value is not None else ""
-        elif spec.type in ("bool", bool):
-            values[key] = coerce_bool(key, value)
-        elif spec.type in ("int", int):
-            values[key] = coerce_number(key, value, int, meta)
         else:
-            values[key] = coerce_number(key, value, float, meta)
+            values[key] = coerce_field(key, value, valid[key])
     args = HarcArguments(**values)
     check_consistency(args)
     return args

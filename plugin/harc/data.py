@@ -42,21 +42,25 @@ class EncodedRow:
         return len(self.prompt_ids) - 1
 
 
+def _common_tail(first: list[int], second: list[int]) -> tuple[int, ...]:
+    """The longest run of ids both lists end with."""
+    size = 0
+    while size < min(len(first), len(second)) and first[-1 - size] == second[-1 - size]:
+        size += 1
+    return tuple(first[len(first) - size:])
+
+
 def template_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
     """The template's token ids between the user's content and the answer (the ``P`` tokens after ``t_inst``)."""
     prompts = [template.encode_oneturn(tokenizer, [{"role": "user", "content": text},
                                                    {"role": "assistant", "content": "ok"}])[0]
                for text in _SENTINELS]
-    tail: list[int] = []
-    for first, second in zip(reversed(prompts[0]), reversed(prompts[1]), strict=False):
-        if first != second:
-            break
-        tail.append(first)
+    tail = _common_tail(list(prompts[0]), list(prompts[1]))
     if not tail:
         raise ValueError("template: the prompt ends with the user's content (no assistant header after it); HARC "
                          "reads the residual after the instruction and at the end of the assistant header. Use the "
                          "model's chat template (e.g. llama3, qwen).")
-    return tuple(reversed(tail))
+    return tail
 
 
 def answer_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
@@ -65,12 +69,7 @@ def answer_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
     answers = [template.encode_oneturn(tokenizer, [{"role": "user", "content": "q"},
                                                    {"role": "assistant", "content": text}])[1]
                for text in _SENTINELS]
-    tail: list[int] = []
-    for first, second in zip(reversed(answers[0]), reversed(answers[1]), strict=False):
-        if first != second:
-            break
-        tail.append(first)
-    return tuple(reversed(tail))
+    return _common_tail(list(answers[0]), list(answers[1]))
 
 
 def without_answer_tail(rows: list[EncodedRow], tail: tuple[int, ...]) -> list[EncodedRow]:

@@ -13,64 +13,49 @@ Imported only when LlamaBoard is built; gradio and matplotlib are imported insid
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Any
 
 from llamafactory_hera.anatomy.panel_widgets import (
     LANGS,
+    ArgumentField,
+    argument_fields,
+    arguments_from_values,
     as_markup,
     build_locales,
     create_widgets,
     localized_in,
-    typed_value,
+    validation_problem,
 )
 from llamafactory_hera.harc.args import HarcArguments, parse_harc_arguments
 
 TAB = "harc_tab"  # element id of the accordion (train.harc_tab)
 DATASET_FROM_PANEL = True  # rows come from the harc_* role keys: the stock Dataset box may stay empty
-_SPECS = {spec.name: spec for spec in fields(HarcArguments)}
 # HARC's terms in trainer_log.jsonl (llamafactory_hera.harc.method.LOG_KEYS) -> colour in the loss plot
 TERM_COLORS = {"harc_ce": "#d62728", "harc_kl": "#2ca02c", "harc_couple": "#ff7f0e", "harc_couple_resp": "#9467bd"}
 
 
-@dataclass(frozen=True)
-class Field:
-    """One input of the panel: a ``harc_*`` key, its widget and its row in the accordion."""
-
-    key: str
-    widget: str  # textbox | number | int
-    row: int
-    scale: int = 1
-
-    @property
-    def default(self) -> Any:
-        return _SPECS[self.key].default
-
-    @property
-    def choices(self) -> tuple[str, ...] | None:
-        return _SPECS[self.key].metadata.get("choices")
 
 
-FIELDS: tuple[Field, ...] = (
-    Field("harc_harmful", "textbox", 0),
-    Field("harc_harmless", "textbox", 0),
-    Field("harc_pseudo", "textbox", 0),
-    Field("harc_harmful_completions", "textbox", 0),
-    Field("harc_batch_harmful", "int", 1),
-    Field("harc_batch_harmless", "int", 1),
-    Field("harc_batch_pseudo", "int", 1),
-    Field("harc_margin", "number", 1),
-    Field("harc_weight_couple", "number", 2),
-    Field("harc_weight_couple_resp", "number", 2),
-    Field("harc_weight_kl", "number", 2),
-    Field("harc_weight_ce", "number", 2),
-    Field("harc_refresh_steps", "int", 3),
-    Field("harc_layers", "int", 3),
-    Field("harc_layers_final", "int", 3),
-    Field("harc_layers_ramp_step", "int", 3),
-    Field("harc_extract_samples", "int", 4),
-    Field("harc_validate_samples", "int", 4),
-)
+FIELDS: tuple[ArgumentField, ...] = argument_fields(HarcArguments, (
+    ("harc_harmful", "textbox", 0),
+    ("harc_harmless", "textbox", 0),
+    ("harc_pseudo", "textbox", 0),
+    ("harc_harmful_completions", "textbox", 0),
+    ("harc_batch_harmful", "int", 1),
+    ("harc_batch_harmless", "int", 1),
+    ("harc_batch_pseudo", "int", 1),
+    ("harc_margin", "number", 1),
+    ("harc_weight_couple", "number", 2),
+    ("harc_weight_couple_resp", "number", 2),
+    ("harc_weight_kl", "number", 2),
+    ("harc_weight_ce", "number", 2),
+    ("harc_refresh_steps", "int", 3),
+    ("harc_layers", "int", 3),
+    ("harc_layers_final", "int", 3),
+    ("harc_layers_ramp_step", "int", 3),
+    ("harc_extract_samples", "int", 4),
+    ("harc_validate_samples", "int", 4),
+))
 KEYS = tuple(f.key for f in FIELDS)
 DEFAULTS = {f.key: f.default for f in FIELDS}
 
@@ -288,17 +273,12 @@ def build_harc_args(values: dict[str, Any]) -> dict[str, Any]:
     Whole-number floats of the integer fields become ints and the dataset names are stripped; an empty role stays
     ``""`` (LlamaBoard leaves empty values out of the command and the saved YAML).
     """
-    merged = {**DEFAULTS, **{k: v for k, v in values.items() if k in DEFAULTS}}
-    return {field.key: typed_value(field.widget, merged[field.key]) for field in FIELDS}
+    return arguments_from_values(FIELDS, values)
 
 
 def validate(values: dict[str, Any]) -> str:
     """Empty when the panel's values make a valid HARC run, else the problem (naming the key)."""
-    try:
-        parse_harc_arguments(build_harc_args(values))
-    except ValueError as err:
-        return str(err)
-    return ""
+    return validation_problem(parse_harc_arguments, build_harc_args(values))
 
 
 def create_panel(gr: Any) -> dict[str, Any]:

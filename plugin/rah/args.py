@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from llamafactory_hera.anatomy.recipe_keys import coerce_bool, coerce_number, fail, unknown_key
+from llamafactory_hera.anatomy.recipe_keys import coerce_field, fail, unknown_key
 
 RAH_PREFIX = "rah_"
 AUTO = "auto"
@@ -125,18 +125,5 @@ def parse_rah_arguments(raw: dict[str, Any]) -> RahArguments:
     for key, value in raw.items():
         if key not in valid:
             raise unknown_key(key, rah_keys(), "RAH-LoRA")
-        spec, meta = valid[key], dict(valid[key].metadata)
-        if key == "rah_layers":
-            values[key] = _coerce_layers(value)
-        elif "choices" in meta:
-            text = str(value).strip().lower()
-            if text not in meta["choices"]:
-                raise fail(key, value, f"allowed values are {', '.join(meta['choices'])}.")
-            values[key] = text
-        elif spec.type in ("bool", bool):
-            values[key] = coerce_bool(key, value)
-        elif spec.type in ("int", int):
-            values[key] = coerce_number(key, value, int, meta)
-        else:
-            values[key] = coerce_number(key, value, float, meta)
+        values[key] = _coerce_layers(value) if key == "rah_layers" else coerce_field(key, value, valid[key])
     return RahArguments(**values)

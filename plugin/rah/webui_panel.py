@@ -10,57 +10,42 @@ RAH-LoRA trains nothing: in place of the loss plot, LlamaBoard shows how far eac
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
 from typing import Any
 
 from llamafactory_hera.anatomy.board_log import PHASE_KEY
 from llamafactory_hera.anatomy.panel_widgets import (
     LANGS,
+    ArgumentField,
+    argument_fields,
+    arguments_from_values,
     as_markup,
     build_locales,
     create_widgets,
     localized_in,
-    typed_value,
+    validation_problem,
 )
 from llamafactory_hera.rah.args import RahArguments, parse_rah_arguments
 
 TAB = "rah_tab"  # element id of the accordion (train.rah_tab)
-_SPECS = {spec.name: spec for spec in fields(RahArguments)}
 
 
-@dataclass(frozen=True)
-class Field:
-    """One input of the panel: a ``rah_*`` key, its widget and its row in the accordion."""
-
-    key: str
-    widget: str  # textbox | number | int | dropdown
-    row: int
-    scale: int = 1
-
-    @property
-    def default(self) -> Any:
-        return _SPECS[self.key].default
-
-    @property
-    def choices(self) -> tuple[str, ...] | None:
-        return _SPECS[self.key].metadata.get("choices")
 
 
-FIELDS: tuple[Field, ...] = (
-    Field("rah_layers", "textbox", 0, scale=2),
-    Field("rah_isal_percentile", "number", 0),
-    Field("rah_caf_percentile", "number", 0),
-    Field("rah_num_anchors", "int", 0),
-    Field("rah_rank", "int", 0),
-    Field("rah_delta", "number", 1),
-    Field("rah_alpha_max", "number", 1),
-    Field("rah_samples", "int", 1),
-    Field("rah_probe_samples", "int", 1),
-    Field("rah_kl_samples", "int", 1),
-    Field("rah_update", "dropdown", 2),
-    Field("rah_caf_form", "dropdown", 2),
-    Field("rah_isal_pairs", "dropdown", 2),
-)
+FIELDS: tuple[ArgumentField, ...] = argument_fields(RahArguments, (
+    ("rah_layers", "textbox", 0, 2),
+    ("rah_isal_percentile", "number", 0),
+    ("rah_caf_percentile", "number", 0),
+    ("rah_num_anchors", "int", 0),
+    ("rah_rank", "int", 0),
+    ("rah_delta", "number", 1),
+    ("rah_alpha_max", "number", 1),
+    ("rah_samples", "int", 1),
+    ("rah_probe_samples", "int", 1),
+    ("rah_kl_samples", "int", 1),
+    ("rah_update", "dropdown", 2),
+    ("rah_caf_form", "dropdown", 2),
+    ("rah_isal_pairs", "dropdown", 2),
+))
 KEYS = tuple(f.key for f in FIELDS)
 DEFAULTS = {f.key: f.default for f in FIELDS}
 
@@ -195,8 +180,7 @@ def build_rah_args(values: dict[str, Any]) -> dict[str, Any]:
 
     ``rah_layers`` becomes one string the recipe parser reads (``auto``, ``0-15``, ``0,2,4``).
     """
-    merged = {**DEFAULTS, **{k: v for k, v in values.items() if k in DEFAULTS}}
-    args = {field.key: typed_value(field.widget, merged[field.key]) for field in FIELDS}
+    args = arguments_from_values(FIELDS, values)
     args["rah_layers"] = normalize_layers(args["rah_layers"])
     return args
 
@@ -213,11 +197,7 @@ def normalize_layers(value: Any) -> Any:
 
 def validate(values: dict[str, Any]) -> str:
     """Empty when the panel's values make a valid RAH-LoRA run, else the problem (naming the key)."""
-    try:
-        parse_rah_arguments(build_rah_args(values))
-    except ValueError as err:
-        return str(err)
-    return ""
+    return validation_problem(parse_rah_arguments, build_rah_args(values))
 
 
 def create_panel(gr: Any) -> dict[str, Any]:
