@@ -117,7 +117,7 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
                                 2),
                                ("zero3", {"gradient_accumulation_steps": 1, "deepspeed": str(ds / "ds_z3_config.json")},
                                 2)):
-        output = tmp_path / name
+        output = tmp_path / name / "out"  # not the run's folder: a rerun after an abort at exit empties output_dir
         # the end-of-run evaluation generates on every rank in step: run it under ZeRO-3, where that matters
         recipe = harc_recipe(harc_assets, "llama3", output, harc_eval=name == "zero3", max_steps=4, **extra)
         env = offline_env(tmp_path / name, **({"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2"}
@@ -128,7 +128,7 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
     assert len(runs["one"]) == 4 and runs["one"][0][TERMS.index("harc_kl") + 1] == 0.0
     for name in ("ddp", "zero2", "zero3"):
         assert _close(runs[name], runs["one"]), (name, runs)
-    refusal = json.loads((tmp_path / "zero3" / "harc_eval.json").read_text())["refusal"]
+    refusal = json.loads((tmp_path / "zero3" / "out" / "harc_eval.json").read_text())["refusal"]
     assert refusal["harmful"]["count"] == 4 and refusal["before"]["pseudo"]["count"] == 4
 
 
