@@ -96,13 +96,17 @@ def base_recipe(assets: TinyAssets, family: str, output_dir: Path, **overrides: 
 def run_train(recipe: dict[str, Any], tmp: Path, *cli_overrides: str, check: bool = True,
               env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Write the recipe as YAML and run the stock `llamafactory-cli train` on it."""
-    tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+
+    def fresh() -> None:  # also after emptying an output_dir that holds the run's folder
+        tmp.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+
+    fresh()
     command = [CLI, "train", str(path), *cli_overrides]
     proc = run_once_more_if_aborted_at_exit(
         command, dict(cwd=tmp, env=env or offline_env(tmp), capture_output=True, text=True, timeout=timeout),
-        lambda: shutil.rmtree(recipe.get("output_dir", tmp / "__none__"), ignore_errors=True))
+        lambda: (shutil.rmtree(recipe.get("output_dir", tmp / "__none__"), ignore_errors=True), fresh()))
     if check and proc.returncode != 0:
         raise AssertionError(
             f"llamafactory-cli failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
