@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 
 def _cosine(rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """``[B]`` cosines of ``rows`` ``[B, D]`` with ``direction`` ``[D]`` (float32, eps 1e-8 as torch's)."""
-    direction = direction.detach().float()
+    """``[B]`` cosines of ``rows`` ``[B, D]`` with ``direction`` ``[D]`` (float32, eps 1e-8 as torch's); the direction
+    (kept on the CPU by the run's state) is moved to the rows' device."""
+    direction = direction.detach().to(device=rows.device, dtype=torch.float32)
     return F.cosine_similarity(rows.float(), direction.unsqueeze(0).expand(rows.shape[0], -1), dim=-1, eps=1e-8)
 
 

@@ -124,7 +124,9 @@ class HarcTrainerMixin:
         weights = torch.tensor([args.harc_weight_couple, args.harc_weight_couple_resp, args.harc_weight_kl,
                                 args.harc_weight_ce], device=terms.device)
         total = (weights * terms).sum()
-        self._harc_sums += torch.cat([terms.detach().double().cpu(), torch.ones(1, dtype=torch.float64)])
+        # summed on the training device: no host synchronisation in the step (read at logging only)
+        step = torch.cat([terms.detach().double(), terms.new_ones(1, dtype=torch.float64)])
+        self._harc_sums = self._harc_sums.to(step.device) + step
         return (total, outputs) if return_outputs else total
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -134,7 +136,7 @@ class HarcTrainerMixin:
                 device = self.args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
                 sums = sums.to(device)
                 torch.distributed.all_reduce(sums)
-                sums = sums.cpu()
+            sums = sums.cpu()
             if sums[-1] > 0:
                 for index, term in enumerate(_TERMS):
                     logs[f"harc_{term}"] = float(sums[index] / sums[-1])

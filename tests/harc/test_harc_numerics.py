@@ -731,3 +731,11 @@ def test_answer_tail_is_the_templates_closing_text(tiny: dict[str, SimpleNamespa
         assert row.response_ids == cut.response_ids + tail and cut.prompt_ids == row.prompt_ids
         assert t.tokenizer.decode(list(cut.response_ids)).strip() in {"Waves.", "Leaves and water."}
     assert without_answer_tail(bare, tail) == bare  # nothing more is cut
+
+
+def test_coupling_reads_directions_kept_on_the_cpu_against_residuals_on_another_device() -> None:
+    """The run's state keeps the directions on the CPU; on a GPU the residuals are CUDA tensors. The meta device
+    stands in for it here: the directions must be moved to the residuals' device, not the other way round."""
+    rows = {1: torch.randn(3, 4, device="meta", requires_grad=True)}
+    loss = coupling_loss(rows, rows, torch.randn(2, 4), torch.randn(2, 4), torch.tensor([True, False, False]), 0.5)
+    assert loss.device.type == "meta" and loss.shape == ()
