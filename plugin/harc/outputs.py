@@ -49,7 +49,7 @@ def finish_run(trainer: Any) -> None:
     state, run, args = trainer.harc_state, trainer.harc_run, trainer.harc_args
     model = trainer.accelerator.unwrap_model(trainer.model)
     started = time.perf_counter()
-    state._record(model, trainer.state.global_step, "end", 0.0)
+    state.record(model, trainer.state.global_step, "end", 0.0)
     evaluation = None
     if args.harc_eval:
         evaluation = _refusals(trainer, model)

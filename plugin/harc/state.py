@@ -70,7 +70,8 @@ class HarcState:
     def _select(self) -> None:
         self.layers = select_layers(self.scores(), self.count, self.args.harc_band)
 
-    def _record(self, model: nn.Module, step: int, event: str, seconds: float) -> None:
+    def record(self, model: nn.Module, step: int, event: str, seconds: float) -> None:
+        """Append a history entry for ``event`` at ``step``: layers, scores and the validation cosines (every rank)."""
         cosines = validation_cosines(model, *self.validation, self.current, self.layers,
                                      self.args.harc_extract_batch_size, self.pad_id, self.progress)
         self.history.append({"step": step, "event": event, "layers": list(self.layers),
@@ -107,7 +108,7 @@ class HarcState:
         ramped = self.args.harc_layers_ramp_step == 0  # the reference ramps before its first step then
         self.count = self.args.harc_layers_final if ramped else self.args.harc_layers
         self._select()
-        self._record(model, 0, "base", time.perf_counter() - started)
+        self.record(model, 0, "base", time.perf_counter() - started)
 
     def on_step_end(self, model: nn.Module, step: int, max_steps: int, say: Callable[[str], None]) -> bool:
         """Ramp and refresh due after optimizer step ``step``; True when the coupled layers or directions changed."""
@@ -124,7 +125,7 @@ class HarcState:
             self.current = blended(self.base, self._extract(model), args.harc_refresh_beta)
         self._select()
         seconds = time.perf_counter() - started
-        self._record(model, step, "refresh" if refresh else "ramp", seconds)
+        self.record(model, step, "refresh" if refresh else "ramp", seconds)
         if refresh:
             self.refresh_seconds += seconds
             self.refreshes += 1
