@@ -107,14 +107,15 @@ def test_shipped_recipe_runs_whole_on_a_tiny_model_of_its_family(name: str, harc
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any, tmp_path: Path) -> None:
-    """One process with gradient accumulation 2 == two ranks (gloo DDP) == two ranks under DeepSpeed ZeRO-2 and
-    ZeRO-3, step for step, through the base extraction, a refresh and the ramp (directions and layers equal on every
-    rank)."""
+    """One process with gradient accumulation 2 == two ranks (gloo DDP) == two ranks under DeepSpeed ZeRO-3, step for
+    step, through the base extraction, a refresh and the ramp (directions and layers equal on every rank).
+
+    ZeRO-2 gave the same losses in every CI run of 2026-11-23 that included it (4 runs); it is left out to keep the
+    suite within CI's 15 minutes: ZeRO-3 is the harder case (weights gathered in every forward, generation in step),
+    and tests/hera/test_deepspeed.py runs the shared DeepSpeed path under ZeRO-2."""
     runs = {}
     ds = REPO / "recipes" / "deepspeed"
     for name, extra, ranks in (("one", {}, 1), ("ddp", {"gradient_accumulation_steps": 1}, 2),
-                               ("zero2", {"gradient_accumulation_steps": 1, "deepspeed": str(ds / "ds_z2_config.json")},
-                                2),
                                ("zero3", {"gradient_accumulation_steps": 1, "deepspeed": str(ds / "ds_z3_config.json")},
                                 2)):
         output = tmp_path / name / "out"  # not the run's folder: a rerun after an abort at exit empties output_dir
@@ -126,7 +127,7 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
         runs[name] = _terms(output)
         assert [line["harc_layers"] for line in read_trainer_log(output) if "loss" in line][-1].count(",") == 3
     assert len(runs["one"]) == 4 and runs["one"][0][TERMS.index("harc_kl") + 1] == 0.0
-    for name in ("ddp", "zero2", "zero3"):
+    for name in ("ddp", "zero3"):
         assert _close(runs[name], runs["one"]), (name, runs)
     refusal = json.loads((tmp_path / "zero3" / "out" / "harc_eval.json").read_text())["refusal"]
     assert refusal["harmful"]["count"] == 4 and refusal["before"]["pseudo"]["count"] == 4
