@@ -61,6 +61,19 @@ def harc_assets() -> Any:
     return build_harc_assets(REPO / ".hera_assets" / "harc", seed=0)
 
 
+@pytest.fixture
+def accelerator(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A simulated accelerator (tests/accelerator.py) with the host stack patched to place work on it.
+
+    ``with accelerator: run_exp(recipe, callbacks=[StepSyncs(accelerator)])`` runs a real training on it.
+    """
+    from accelerator import SimulatedAccelerator, patch_for_simulated_device
+
+    simulated = SimulatedAccelerator()
+    patch_for_simulated_device(monkeypatch, simulated)
+    return simulated
+
+
 def harc_recipe(harc_assets: Any, family: str, output_dir: Path, **overrides: Any) -> dict[str, Any]:
     """A small ``stage: harc`` recipe for a tiny text model (every role; ``None`` overrides drop a key).
 
