@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
 
 DEVICE = torch.device("meta")
 aten = torch.ops.aten
@@ -95,7 +94,7 @@ class OnDevice(torch.Tensor):
 
 
 def _is_device(value: Any) -> bool:
-    return isinstance(value, OnDevice)
+    return type(value) is OnDevice
 
 
 def _means_device(device: Any) -> bool:
@@ -184,7 +183,7 @@ class SimulatedAccelerator(TorchDispatchMode):
 
     def run(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         """Run ``func`` with every device operand replaced by its CPU value; wrap outputs if it ran on the device."""
-        flat = [a for a in _flatten((args, kwargs)) if isinstance(a, torch.Tensor)]
+        flat = _tensors(args, kwargs)
         on_device = any(_is_device(a) for a in flat)
         target = kwargs.get("device")
         if func is aten._to_copy.default:
@@ -203,14 +202,14 @@ class SimulatedAccelerator(TorchDispatchMode):
             if any(a.device.type == "meta" for a in flat):
                 raise RuntimeError(f"{func}: a genuine meta tensor met the simulated accelerator")
             return func(*args, **kwargs)
-        self._check_devices(func, args, kwargs)
+        self._check_devices(func, args, kwargs, flat)
         self._count_sync(func, args, kwargs)
-        out = func(*tree_map(_unwrap, args), **{k: _unwrap_value(k, v) for k, v in kwargs.items()})
+        out = func(*_map(_unwrap, args), **{k: _unwrap_value(k, v) for k, v in kwargs.items()})
         if not isinstance(out, torch.Tensor | tuple | list):
             return out  # Python scalars and bools land on the host (counted above)
         aliases = {id(a.elem): a for a in flat if _is_device(a)}
         out = _wrap_fresh(out, aliases)
-        return tree_map(lambda v: aliases.get(id(v), v) if isinstance(v, torch.Tensor) else v, out)
+        return _map(lambda v: aliases.get(id(v), v), out)
 
     def _copy(self, args: Any, kwargs: dict[str, Any]) -> Any:
         """``aten._to_copy``: between devices (counted), or a dtype/layout change on one device."""
@@ -222,13 +221,10 @@ class SimulatedAccelerator(TorchDispatchMode):
             self._count("to device" if to_device else "to host")
         return _wrap(out) if to_device else out
 
-    def _check_devices(self, func: Any, args: Any, kwargs: dict[str, Any]) -> None:
+    def _check_devices(self, func: Any, args: Any, kwargs: dict[str, Any], flat: list[torch.Tensor]) -> None:
         if func in _INDEXING:  # CUDA accepts CPU index tensors
-            positional = [args[0], *args[2:]]
-            extra = [a for a in _flatten((positional, kwargs)) if isinstance(a, torch.Tensor)]
-        else:
-            extra = [a for a in _flatten((args, kwargs)) if isinstance(a, torch.Tensor)]
-        cpu = [a for a in extra if not _is_device(a) and a.dim() > 0]
+            flat = _tensors([args[0], *args[2:]], kwargs)
+        cpu = [a for a in flat if type(a) is not OnDevice and a.dim() > 0]
         if cpu:
             raise DeviceMismatch(
                 f"Expected all tensors to be on the same device, but found at least two devices, {DEVICE} "
@@ -249,10 +245,28 @@ class SimulatedAccelerator(TorchDispatchMode):
                 self._count("boolean mask")
 
 
-def _flatten(tree: Any) -> list[Any]:
-    out: list[Any] = []
-    tree_map(out.append, tree)
-    return out
+def _map(fn: Any, value: Any) -> Any:
+    """``fn`` applied to every tensor of an op's arguments or outputs (tensors, lists, tuples; the rest as is).
+
+    A hand-written walk: aten arguments nest at most lists of tensors, and pytree's generality cost 2 ms per op.
+    """
+    kind = type(value)
+    if kind is OnDevice or isinstance(value, torch.Tensor):
+        return fn(value)
+    if kind is tuple or kind is list:
+        return kind([_map(fn, v) for v in value])
+    if isinstance(value, tuple):  # torch.return_types (structseq) and named tuples
+        mapped = [_map(fn, v) for v in value]
+        return kind(*mapped) if hasattr(kind, "_make") else kind(mapped)
+    return value
+
+
+def _tensors(args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """Every tensor among an op's arguments."""
+    found: list[torch.Tensor] = []
+    _map(found.append, args)
+    _map(found.append, list(kwargs.values()))
+    return found
 
 
 def _unwrap(value: Any) -> Any:
@@ -262,26 +276,21 @@ def _unwrap(value: Any) -> Any:
 def _unwrap_value(key: str, value: Any) -> Any:
     if key == "device" and _means_device(value):
         return torch.device("cpu")
-    return tree_map(_unwrap, value)
+    return _map(_unwrap, value)
 
 
 def _wrap_fresh(out: Any, aliases: dict[int, OnDevice]) -> Any:
     """Wrap outputs; an output that is an operand's own value (in-place and ``out=`` ops) stays that operand."""
-    return tree_map(lambda v: v if isinstance(v, torch.Tensor) and id(v) in aliases else _wrap(v), out)
+    return _map(lambda v: v if id(v) in aliases else _wrap(v), out)
 
 
 def _wrap(out: Any) -> Any:
-    def wrap(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and not isinstance(value, OnDevice):
-            return OnDevice(value)
-        return value
-
-    return tree_map(wrap, out)
+    return _map(lambda v: v if isinstance(v, OnDevice) else OnDevice(v), out)
 
 
 def to_device(tree: Any) -> Any:
     """Copy every tensor of a nested structure to the simulated accelerator (inside the mode)."""
-    return tree_map(lambda v: v.to(DEVICE) if isinstance(v, torch.Tensor) else v, tree)
+    return _map(lambda v: v.to(DEVICE), tree)
 
 
 def patch_for_simulated_device(monkeypatch: Any, accelerator: SimulatedAccelerator) -> None:
