@@ -119,6 +119,14 @@ def _dataset_name(key: str, value: Any) -> str:
     return text
 
 
+def moving_weights(args: HarcArguments) -> dict[str, float]:
+    """The weights of the terms that can move a freshly initialised adapter (the KL cannot: see host_checks)."""
+    weights = {"harc_weight_couple": args.harc_weight_couple}
+    if args.response_coupling:  # without harmful completions the response-side term is always 0
+        weights["harc_weight_couple_resp"] = args.harc_weight_couple_resp
+    return {**weights, "harc_weight_ce": args.harc_weight_ce}
+
+
 def check_consistency(args: HarcArguments) -> None:
     """Checks between keys; ValueError naming the keys and the fix."""
     if not args.harc_harmful:
@@ -133,6 +141,11 @@ def check_consistency(args: HarcArguments) -> None:
     if args.harc_batch_harmless + args.harc_batch_pseudo == 0:
         raise ValueError("harc_batch_harmless and harc_batch_pseudo are both 0: every micro-batch needs retain rows "
                          "(the KL and the decoupling). Set harc_batch_harmless: 4 (reference).")
+    if not any(moving_weights(args).values()) and not args.harc_weight_kl:
+        keys = ", ".join(f"{key}: {value:g}" for key, value in {**moving_weights(args), "harc_weight_kl": 0}.items())
+        off = "" if args.response_coupling else " (harc_weight_couple_resp counts only with harc_harmful_completions)"
+        raise ValueError(f"{keys}: every loss term is weighted 0{off}, so nothing would train. Set harc_weight_couple: "
+                         "1, harc_weight_kl: 10 and harc_weight_ce: 1 (reference).")
     if args.harc_layers_final < args.harc_layers:
         raise ValueError(f"harc_layers_final: {args.harc_layers_final} is fewer than harc_layers: "
                          f"{args.harc_layers}; the ramp adds layers. Set harc_layers_final >= harc_layers.")

@@ -15,7 +15,7 @@ from typing import Any
 
 from llamafactory_hera.anatomy.board_log import say
 from llamafactory_hera.anatomy.recipe_keys import raw_value, truthy
-from llamafactory_hera.harc.args import HarcArguments
+from llamafactory_hera.harc.args import HarcArguments, moving_weights
 from llamafactory_hera.harc.layers import eligible_layers
 
 
@@ -29,6 +29,11 @@ def _set(host_args: dict[str, Any] | list[str], key: str, value: Any) -> None:
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: HarcArguments) -> None:
     """Refuse what HARC cannot run, naming the key and the fix; fill ``dataset`` and the batch size when absent."""
     finetuning = str(raw_value(host_args, "finetuning_type") or "lora").strip().lower()
+    if not any(moving_weights(harc_args).values()) and not raw_value(host_args, "adapter_name_or_path"):
+        keys = ", ".join(f"{key}: {value:g}" for key, value in moving_weights(harc_args).items())
+        raise ValueError(f"{keys} leave only harc_weight_kl: {harc_args.harc_weight_kl:g}, and the KL to the "
+                         "adapter-free model is 0 with zero gradient while a new adapter is the identity, so nothing "
+                         "would train. Set harc_weight_couple: 1 and harc_weight_ce: 1 (reference).")
     if finetuning != "lora":
         raise ValueError(f"stage: harc trains a LoRA adapter (the KL reference is the model with its adapter "
                          f"disabled); finetuning_type: {finetuning} has none. Set finetuning_type: lora.")

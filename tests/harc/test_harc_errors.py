@@ -29,6 +29,14 @@ ROLES = {"harc_harmful": "h", "harc_harmless": "s", "harc_pseudo": "p"}
     ({"harc_pseudo": ""}, "harc_pseudo: missing while harc_batch_pseudo is 2"),
     ({"harc_batch_harmless": 0, "harc_batch_pseudo": 0}, "harc_batch_harmless and harc_batch_pseudo are both 0"),
     ({"harc_layers": 3, "harc_layers_final": 2}, "harc_layers_final: 2 is fewer than harc_layers: 3"),
+    ({"harc_weight_couple": 0, "harc_weight_couple_resp": 0, "harc_weight_kl": 0, "harc_weight_ce": 0},
+     "harc_weight_couple: 0, harc_weight_ce: 0, harc_weight_kl: 0: every loss term is weighted 0 "
+     "(harc_weight_couple_resp counts only with harc_harmful_completions), so nothing would train."),
+    ({"harc_weight_couple": 0, "harc_weight_kl": 0, "harc_weight_ce": 0},  # couple_resp is 0 without completions
+     "harc_weight_couple: 0, harc_weight_ce: 0, harc_weight_kl: 0: every loss term is weighted 0"),
+    ({"harc_harmful_completions": "c", "harc_weight_couple": 0, "harc_weight_couple_resp": 0.0, "harc_weight_kl": 0,
+      "harc_weight_ce": "0"}, "harc_weight_couple: 0, harc_weight_couple_resp: 0, harc_weight_ce: 0, harc_weight_kl: "
+                              "0: every loss term is weighted 0, so nothing would train. Set harc_weight_couple: 1"),
 ])
 def test_bad_harc_keys_are_refused_naming_key_and_value(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError) as error:
@@ -60,6 +68,18 @@ def test_defaults_are_the_reference_configs() -> None:
 def test_host_keys_harc_cannot_run_with_are_refused(host: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         validate_raw_host_args(dict(host), HarcArguments(**ROLES))
+
+
+def test_weights_that_leave_only_the_kl_are_refused_for_a_new_adapter() -> None:
+    """With a new adapter (the identity) the KL to the adapter-free model is 0 with zero gradient: alone it trains
+    nothing. A loaded adapter (adapter_name_or_path) starts away from the base model, where the KL does pull."""
+    kl_only = HarcArguments(**ROLES, harc_weight_couple=0.0, harc_weight_ce=0.0)  # couple_resp: no completions
+    with pytest.raises(ValueError, match=r"^harc_weight_couple: 0, harc_weight_ce: 0 leave only harc_weight_kl: 10, "
+                                         r"and the KL .* nothing would train. Set harc_weight_couple: 1"):
+        validate_raw_host_args({}, kl_only)
+    validate_raw_host_args({"adapter_name_or_path": "saves/harc"}, kl_only)
+    validate_raw_host_args({}, HarcArguments(**ROLES, harc_harmful_completions="c", harc_weight_couple=0.0,
+                                             harc_weight_ce=0.0))  # the response coupling still moves it
 
 
 def test_dataset_and_batch_size_are_filled_when_absent_in_both_argument_forms() -> None:
@@ -104,6 +124,11 @@ def test_errors_reach_the_user_of_llamafactory_cli_before_the_model_loads(harc_a
         ("rows", {"harc_extract_samples": 40}, "harc_harmful: dataset 'harc_harmful' has 48 rows; "
                                                "harc_extract_samples + harc_validate_samples + one micro-batch need "
                                                "at least 50"),
+        ("weights", {f"harc_weight_{term}": 0 for term in ("couple", "couple_resp", "kl", "ce")},
+         "harc_weight_couple: 0, harc_weight_couple_resp: 0, harc_weight_ce: 0, harc_weight_kl: 0: every loss term "
+         "is weighted 0"),
+        ("kl_only", {"harc_weight_couple": 0, "harc_weight_couple_resp": 0, "harc_weight_ce": 0},
+         "leave only harc_weight_kl: 10"),
     ):
         proc = run_train(harc_recipe(harc_assets, "llama3", tmp_path / name / "out"), tmp_path / name,
                          *(f"{k}={v}" for k, v in overrides.items()), check=False)
