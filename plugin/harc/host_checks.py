@@ -78,6 +78,15 @@ def _check_datasets(dataset_dir: str, harc_args: HarcArguments) -> None:
                              "Add it there or name one of those.")
 
 
+def _composite_model_types() -> set[str]:
+    """Model types LLaMA-Factory treats as multimodal (vision tower, projector, language model)."""
+    try:
+        from llamafactory.model.model_utils.visual import COMPOSITE_MODELS
+    except ImportError:  # another LLaMA-Factory layout: the config's sub-configs still tell
+        return set()
+    return set(COMPOSITE_MODELS)
+
+
 def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
                        generating_args: Any, harc_args: HarcArguments) -> None:
     """Checks on the parsed arguments and the model's config (seconds, before the model loads)."""
@@ -90,6 +99,12 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
 
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
+    kind = str(getattr(config, "model_type", ""))
+    if kind in _composite_model_types() or any(getattr(config, key, None) is not None
+                                               for key in ("vision_config", "audio_config")):
+        raise ValueError(f"model_name_or_path: {model_args.model_name_or_path} is a multimodal model ({kind}); "
+                         "stage: harc trains text LLMs only (text rows, one decoder's layers). Use a text-only chat "
+                         "model (e.g. Llama-3.1-8B-Instruct, Qwen2.5-7B-Instruct).")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = int(text.num_hidden_layers)
     eligible = eligible_layers(layers, harc_args.harc_band)

@@ -135,3 +135,16 @@ def test_errors_reach_the_user_of_llamafactory_cli_before_the_model_loads(harc_a
         text = proc.stdout + proc.stderr
         assert proc.returncode != 0 and message in text, text[-3000:]
         assert "Traceback" not in text and "model.safetensors" not in text  # short error, before the model
+
+
+def test_a_multimodal_model_is_refused_before_it_loads(assets: Any, harc_assets: Any, tmp_path: Path) -> None:
+    """HARC trains text LLMs: a Qwen2.5-VL checkpoint (which would otherwise train its language model on text rows
+    without a word) is refused through the stock command line, naming the model and the fix."""
+    recipe = harc_recipe(harc_assets, "qwen2", tmp_path / "out", model_name_or_path=str(assets.models["qwen2_5_vl"]),
+                         template="qwen2_vl", harc_layers=1, harc_layers_final=1)  # its 2 layers leave 1 to couple
+    proc = run_train(recipe, tmp_path, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    assert (f"[llamafactory-hera] error: model_name_or_path: {assets.models['qwen2_5_vl']} is a multimodal model "
+            "(qwen2_5_vl); stage: harc trains text LLMs only") in text, text[-3000:]
+    assert "Traceback" not in text and "model.safetensors" not in text
