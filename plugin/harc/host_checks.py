@@ -60,6 +60,11 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
                              f"{key}.")
     if raw_value(host_args, "do_train") is not None and not truthy(raw_value(host_args, "do_train")):
         raise ValueError("stage: harc trains; set do_train: true.")
+    cutoff = raw_value(host_args, "cutoff_len")
+    if cutoff is not None:  # LlamaBoard always sends its "Cutoff length" box
+        say(f"note: cutoff_len: {cutoff} is not used by stage: harc; harc_max_length: {harc_args.harc_max_length} "
+            "limits each prompt (keeping its last tokens) and each answer (keeping its first tokens, then the "
+            "template's closing tokens). Set harc_max_length instead.")
     if not raw_value(host_args, "dataset"):
         _set(host_args, "dataset", harc_args.harc_harmful)
     else:

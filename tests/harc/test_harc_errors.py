@@ -82,6 +82,15 @@ def test_weights_that_leave_only_the_kl_are_refused_for_a_new_adapter() -> None:
                                              harc_weight_ce=0.0))  # the response coupling still moves it
 
 
+def test_cutoff_len_is_said_to_be_unused(capsys: pytest.CaptureFixture[str]) -> None:
+    for host in ({"cutoff_len": 1024}, ["--cutoff_len", "1024"]):
+        validate_raw_host_args(host, HarcArguments(**ROLES))
+        said = capsys.readouterr().out
+        assert "note: cutoff_len: 1024 is not used by stage: harc; harc_max_length: 256 limits" in said
+    validate_raw_host_args({}, HarcArguments(**ROLES))
+    assert "cutoff_len" not in capsys.readouterr().out
+
+
 def test_dataset_and_batch_size_are_filled_when_absent_in_both_argument_forms() -> None:
     as_dict: dict[str, Any] = {"stage": "sft"}
     validate_raw_host_args(as_dict, HarcArguments(**ROLES))
