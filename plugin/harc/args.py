@@ -79,7 +79,8 @@ class HarcArguments:
     harc_band: int = field(default=4, metadata={
         "help": "Layers are chosen within [band, n - band] of the n decoder layers (reference: 4).", "min": 0})
     harc_max_length: int = field(default=256, metadata={
-        "help": "Longest prompt (cut on the left) and longest response (cut on the right), in tokens (256).",
+        "help": "Longest prompt (cut on the left) and longest answer (cut on the right, then closed with the "
+        "template's closing tokens), in tokens (256). cutoff_len is not used.",
         "min": 8})
     harc_extract_batch_size: int = field(default=8, metadata={"help": "Rows per forward when extracting (8).",
                                                               "min": 1})
