@@ -83,6 +83,15 @@ class HarcTrainerMixin:
         finish_run(self)
         return result
 
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        from llamafactory_hera.harc.schedule import reference_warmup, uses_reference_warmup
+
+        if self.lr_scheduler is None and uses_reference_warmup(self.args):  # first update at lr / W, as the reference
+            self.lr_scheduler = reference_warmup(optimizer or self.optimizer,
+                                                 self.args.get_warmup_steps(num_training_steps))
+            self._created_lr_scheduler = True
+        return super().create_scheduler(num_training_steps, optimizer)
+
     def _harc_model(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
 

@@ -184,3 +184,16 @@ def test_each_step_logs_the_layers_it_coupled(first_steps: tuple[str, Path]) -> 
                                                                           (2, "end", 4)]
     lines = [line for line in read_trainer_log(output) if "loss" in line]
     assert [line["harc_layers"] for line in lines] == [",".join(map(str, e["layers"])) for e in history[:2]]
+
+
+def test_the_first_update_moves_the_adapter_as_the_references_warmup(first_steps: tuple[str, Path]) -> None:
+    """The reference sets ``lr * (step + 1) / warmup`` before each update: optimizer step k of W warm-up steps runs at
+    k / W. HF's ``constant_with_warmup`` would run step 1 at rate 0 (LoRA B still 0 after it)."""
+    from safetensors.torch import load_file
+
+    _, output = first_steps
+    first = load_file(output / "checkpoint-1" / "adapter_model.safetensors")
+    b_factors = [tensor for name, tensor in first.items() if "lora_B" in name]
+    assert b_factors and max(float(t.abs().max()) for t in b_factors) > 0  # moved at step 1
+    lines = [line for line in read_trainer_log(output) if "loss" in line]
+    assert [line["lr"] for line in lines] == pytest.approx([1e-3 / 4, 2e-3 / 4])  # the rate each step ran at
