@@ -79,7 +79,8 @@ class HarcArguments:
     harc_band: int = field(default=4, metadata={
         "help": "Layers are chosen within [band, n - band] of the n decoder layers (reference: 4).", "min": 0})
     harc_max_length: int = field(default=256, metadata={
-        "help": "Longest prompt (cut on the left) and longest response (cut on the right), in tokens (256).",
+        "help": "Longest prompt (cut on the left) and longest answer (cut on the right, then closed with the "
+        "template's closing tokens), in tokens (256). cutoff_len is not used.",
         "min": 8})
     harc_extract_batch_size: int = field(default=8, metadata={"help": "Rows per forward when extracting (8).",
                                                               "min": 1})
@@ -119,6 +120,14 @@ def _dataset_name(key: str, value: Any) -> str:
     return text
 
 
+def moving_weights(args: HarcArguments) -> dict[str, float]:
+    """The weights of the terms that can move a freshly initialised adapter (the KL cannot: see host_checks)."""
+    weights = {"harc_weight_couple": args.harc_weight_couple}
+    if args.response_coupling:  # without harmful completions the response-side term is always 0
+        weights["harc_weight_couple_resp"] = args.harc_weight_couple_resp
+    return {**weights, "harc_weight_ce": args.harc_weight_ce}
+
+
 def check_consistency(args: HarcArguments) -> None:
     """Checks between keys; ValueError naming the keys and the fix."""
     if not args.harc_harmful:
@@ -133,6 +142,11 @@ def check_consistency(args: HarcArguments) -> None:
     if args.harc_batch_harmless + args.harc_batch_pseudo == 0:
         raise ValueError("harc_batch_harmless and harc_batch_pseudo are both 0: every micro-batch needs retain rows "
                          "(the KL and the decoupling). Set harc_batch_harmless: 4 (reference).")
+    if not any(moving_weights(args).values()) and not args.harc_weight_kl:
+        keys = ", ".join(f"{key}: {value:g}" for key, value in {**moving_weights(args), "harc_weight_kl": 0}.items())
+        off = "" if args.response_coupling else " (harc_weight_couple_resp counts only with harc_harmful_completions)"
+        raise ValueError(f"{keys}: every loss term is weighted 0{off}, so nothing would train. Set harc_weight_couple: "
+                         "1, harc_weight_kl: 10 and harc_weight_ce: 1 (reference).")
     if args.harc_layers_final < args.harc_layers:
         raise ValueError(f"harc_layers_final: {args.harc_layers_final} is fewer than harc_layers: "
                          f"{args.harc_layers}; the ramp adds layers. Set harc_layers_final >= harc_layers.")

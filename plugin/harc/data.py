@@ -29,8 +29,8 @@ class EncodedRow:
     """One row as the method sees it.
 
     ``prompt_ids``: prompt token ids (left-truncated to the maximum length); ``response_ids``: the answer's ids as the
-    template closes it (right-truncated; empty for prompt-only rows); ``t_inst``: index in ``prompt_ids`` of the
-    user's last content token; the last prompt token ``t_post`` is ``len(prompt_ids) - 1``.
+    template closes it (the answer right-truncated, then closed; empty for prompt-only rows); ``t_inst``: index in
+    ``prompt_ids`` of the user's last content token; the last prompt token ``t_post`` is ``len(prompt_ids) - 1``.
     """
 
     prompt_ids: tuple[int, ...]
@@ -82,17 +82,23 @@ def without_answer_tail(rows: list[EncodedRow], tail: tuple[int, ...]) -> list[E
 
 def encode_row(template: Any, tokenizer: Any, tail: tuple[int, ...], prompt: list[dict[str, str]],
                response: list[dict[str, str]], system: str | None, tools: str | None, max_length: int,
-               where: str) -> EncodedRow:
+               where: str, closing: tuple[int, ...] = ()) -> EncodedRow:
     """Tokenize one aligned row (LLaMA-Factory's ``_prompt`` / ``_response`` messages) and locate ``t_inst``.
 
-    ``where`` names the row in errors (dataset and row number).
+    ``where`` names the row in errors (dataset and row number). A prompt keeps its last ``max_length`` tokens; an
+    answer its first ``max_length`` tokens followed by the template's ``closing`` tokens (:func:`answer_tail`), as the
+    reference cuts the answer and then appends EOS: ``len(response_ids) <= max_length + len(closing)``.
     """
     if not prompt or prompt[-1].get("role") != "user" or not str(prompt[-1].get("content", "")).strip():
         raise ValueError(f"{where}: the prompt has no user message with content; every HARC row needs one.")
     answer = response[:1] if response else [{"role": "assistant", "content": ""}]
     prompt_ids, response_ids = template.encode_oneturn(tokenizer, [*prompt, *answer], system, tools)
     prompt_ids = list(prompt_ids)[-max_length:]  # the reference cuts long prompts on the left
-    response_ids = list(response_ids)[:max_length] if response and str(response[0].get("content", "")) else []
+    response_ids = list(response_ids) if response and str(response[0].get("content", "")) else []
+    if len(response_ids) > max_length:
+        end = len(closing)
+        closed = bool(end) and tuple(response_ids[-end:]) == closing
+        response_ids = [*response_ids[:-end][:max_length], *closing] if closed else response_ids[:max_length]
     size = len(tail)
     if tuple(prompt_ids[-size:]) != tail or len(prompt_ids) <= size:
         raise ValueError(f"{where}: the prompt does not end with the template's assistant header {list(tail)} "
@@ -102,9 +108,11 @@ def encode_row(template: Any, tokenizer: Any, tail: tuple[int, ...], prompt: lis
 
 
 def encode_rows(template: Any, tokenizer: Any, tail: tuple[int, ...], aligned: Any, indices: list[int],
-                max_length: int, dataset: str, key: str, with_response: bool = True) -> list[EncodedRow]:
+                max_length: int, dataset: str, key: str, with_response: bool = True,
+                closing: tuple[int, ...] = ()) -> list[EncodedRow]:
     """Rows ``indices`` of an aligned LLaMA-Factory dataset (columns ``_prompt``, ``_response``, ``_system``,
-    ``_tools``), encoded; ``with_response=False`` keeps the prompts only (prompt-side extraction)."""
+    ``_tools``), encoded (:func:`encode_row`); ``with_response=False`` keeps the prompts only (prompt-side
+    extraction)."""
     rows = []
     for index in indices:
         row = aligned[index]
@@ -113,7 +121,7 @@ def encode_rows(template: Any, tokenizer: Any, tail: tuple[int, ...], aligned: A
             raise ValueError(f"{key}: dataset '{dataset}', row {index}: empty response; this role needs an answer "
                              "per row.")
         rows.append(encode_row(template, tokenizer, tail, row["_prompt"], response, row.get("_system"),
-                               row.get("_tools"), max_length, f"{key}: dataset '{dataset}', row {index}"))
+                               row.get("_tools"), max_length, f"{key}: dataset '{dataset}', row {index}", closing))
     return rows
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from llamafactory_hera.anatomy.board_log import say
 from llamafactory_hera.anatomy.recipe_keys import raw_value, truthy
-from llamafactory_hera.harc.args import HarcArguments
+from llamafactory_hera.harc.args import HarcArguments, moving_weights
 from llamafactory_hera.harc.layers import eligible_layers
 
 
@@ -29,6 +29,11 @@ def _set(host_args: dict[str, Any] | list[str], key: str, value: Any) -> None:
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: HarcArguments) -> None:
     """Refuse what HARC cannot run, naming the key and the fix; fill ``dataset`` and the batch size when absent."""
     finetuning = str(raw_value(host_args, "finetuning_type") or "lora").strip().lower()
+    if not any(moving_weights(harc_args).values()) and not raw_value(host_args, "adapter_name_or_path"):
+        keys = ", ".join(f"{key}: {value:g}" for key, value in moving_weights(harc_args).items())
+        raise ValueError(f"{keys} leave only harc_weight_kl: {harc_args.harc_weight_kl:g}, and the KL to the "
+                         "adapter-free model is 0 with zero gradient while a new adapter is the identity, so nothing "
+                         "would train. Set harc_weight_couple: 1 and harc_weight_ce: 1 (reference).")
     if finetuning != "lora":
         raise ValueError(f"stage: harc trains a LoRA adapter (the KL reference is the model with its adapter "
                          f"disabled); finetuning_type: {finetuning} has none. Set finetuning_type: lora.")
@@ -55,6 +60,11 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
                              f"{key}.")
     if raw_value(host_args, "do_train") is not None and not truthy(raw_value(host_args, "do_train")):
         raise ValueError("stage: harc trains; set do_train: true.")
+    cutoff = raw_value(host_args, "cutoff_len")
+    if cutoff is not None:  # LlamaBoard always sends its "Cutoff length" box
+        say(f"note: cutoff_len: {cutoff} is not used by stage: harc; harc_max_length: {harc_args.harc_max_length} "
+            "limits each prompt (keeping its last tokens) and each answer (keeping its first tokens, then the "
+            "template's closing tokens). Set harc_max_length instead.")
     if not raw_value(host_args, "dataset"):
         _set(host_args, "dataset", harc_args.harc_harmful)
     else:
@@ -73,6 +83,15 @@ def _check_datasets(dataset_dir: str, harc_args: HarcArguments) -> None:
                              "Add it there or name one of those.")
 
 
+def _composite_model_types() -> set[str]:
+    """Model types LLaMA-Factory treats as multimodal (vision tower, projector, language model)."""
+    try:
+        from llamafactory.model.model_utils.visual import COMPOSITE_MODELS
+    except ImportError:  # another LLaMA-Factory layout: the config's sub-configs still tell
+        return set()
+    return set(COMPOSITE_MODELS)
+
+
 def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
                        generating_args: Any, harc_args: HarcArguments) -> None:
     """Checks on the parsed arguments and the model's config (seconds, before the model loads)."""
@@ -85,6 +104,12 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
 
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
+    kind = str(getattr(config, "model_type", ""))
+    if kind in _composite_model_types() or any(getattr(config, key, None) is not None
+                                               for key in ("vision_config", "audio_config")):
+        raise ValueError(f"model_name_or_path: {model_args.model_name_or_path} is a multimodal model ({kind}); "
+                         "stage: harc trains text LLMs only (text rows, one decoder's layers). Use a text-only chat "
+                         "model (e.g. Llama-3.1-8B-Instruct, Qwen2.5-7B-Instruct).")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = int(text.num_hidden_layers)
     eligible = eligible_layers(layers, harc_args.harc_band)

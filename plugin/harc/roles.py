@@ -50,11 +50,13 @@ def load_role_rows(args: HarcArguments, load: Loader, template: Any, tokenizer: 
                    say: Callable[[str], None]) -> RoleRows:
     """Read, check, split and encode every role (errors name the role key, the dataset and the fix)."""
     tail = template_tail(template, tokenizer)
+    closing = answer_tail(template, tokenizer)  # a cut answer still ends with it; removed again for the response means
     size, extract_n, validate_n = args.harc_max_length, args.harc_extract_samples, args.harc_validate_samples
     counts: dict[str, dict[str, int]] = {}
 
     def encode(key: str, aligned: Any, rows: list[int], with_response: bool = True) -> list[EncodedRow]:
-        return encode_rows(template, tokenizer, tail, aligned, rows, size, getattr(args, key), key, with_response)
+        return encode_rows(template, tokenizer, tail, aligned, rows, size, getattr(args, key), key, with_response,
+                           closing)
 
     def held_out(key: str, batch: int) -> tuple[Any, Any]:
         aligned = load(getattr(args, key))
@@ -109,7 +111,7 @@ def load_role_rows(args: HarcArguments, load: Loader, template: Any, tokenizer: 
                 harmful_prompts = rows
             else:
                 harmless_prompts = rows
-    closing = answer_tail(template, tokenizer)  # answers as bare text in the response-side means, as the reference
+    # answers as bare text in the response-side means, as the reference's extraction
     extraction = ExtractionRows(harmful_prompts=harmful_prompts, harmless_prompts=harmless_prompts,
                                 refusals=without_answer_tail(refusals, closing),
                                 helpful=without_answer_tail(helpful, closing),

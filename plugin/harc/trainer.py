@@ -11,7 +11,7 @@ Mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer``. Per micro-batch (B r
   reference divides by ``grad_accum``;
 - after each optimizer step the state ramps / refreshes the directions and layers when due (every rank in step);
 - logged per logging step (means over its micro-batches and ranks): ``harc_couple``, ``harc_couple_resp``,
-  ``harc_kl``, ``harc_ce`` and ``harc_layers``.
+  ``harc_kl``, ``harc_ce`` and ``harc_layers`` (the layers the logging step's last micro-batch coupled).
 """
 
 from __future__ import annotations
@@ -83,6 +83,15 @@ class HarcTrainerMixin:
         finish_run(self)
         return result
 
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        from llamafactory_hera.harc.schedule import reference_warmup, uses_reference_warmup
+
+        if self.lr_scheduler is None and uses_reference_warmup(self.args):  # first update at lr / W, as the reference
+            self.lr_scheduler = reference_warmup(optimizer or self.optimizer,
+                                                 self.args.get_warmup_steps(num_training_steps))
+            self._created_lr_scheduler = True
+        return super().create_scheduler(num_training_steps, optimizer)
+
     def _harc_model(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
 
@@ -92,6 +101,7 @@ class HarcTrainerMixin:
         if not model.training or len(extras) != len(BATCH_KEYS):
             raise RuntimeError("stage: harc trains on its composed micro-batches only (no evaluation dataset).")
         args, state = self.harc_args, self.harc_state
+        self._harc_step_layers = list(state.layers)  # logged with this step (the state may change after it)
         labels = inputs.pop("labels")
         roles = extras["harc_role"]
         harmful = roles == ROLE_HARMFUL
@@ -140,6 +150,8 @@ class HarcTrainerMixin:
             if sums[-1] > 0:
                 for index, term in enumerate(_TERMS):
                     logs[f"harc_{term}"] = float(sums[index] / sums[-1])
-            logs["harc_layers"] = ",".join(str(layer) for layer in self.harc_state.layers)
+            # the layers the logged step coupled: a ramp or refresh at its end has already changed the state's
+            layers = getattr(self, "_harc_step_layers", self.harc_state.layers)
+            logs["harc_layers"] = ",".join(str(layer) for layer in layers)
             self._harc_sums.zero_()
         super().log(logs, *args, **kwargs)

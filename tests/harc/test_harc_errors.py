@@ -29,6 +29,14 @@ ROLES = {"harc_harmful": "h", "harc_harmless": "s", "harc_pseudo": "p"}
     ({"harc_pseudo": ""}, "harc_pseudo: missing while harc_batch_pseudo is 2"),
     ({"harc_batch_harmless": 0, "harc_batch_pseudo": 0}, "harc_batch_harmless and harc_batch_pseudo are both 0"),
     ({"harc_layers": 3, "harc_layers_final": 2}, "harc_layers_final: 2 is fewer than harc_layers: 3"),
+    ({"harc_weight_couple": 0, "harc_weight_couple_resp": 0, "harc_weight_kl": 0, "harc_weight_ce": 0},
+     "harc_weight_couple: 0, harc_weight_ce: 0, harc_weight_kl: 0: every loss term is weighted 0 "
+     "(harc_weight_couple_resp counts only with harc_harmful_completions), so nothing would train."),
+    ({"harc_weight_couple": 0, "harc_weight_kl": 0, "harc_weight_ce": 0},  # couple_resp is 0 without completions
+     "harc_weight_couple: 0, harc_weight_ce: 0, harc_weight_kl: 0: every loss term is weighted 0"),
+    ({"harc_harmful_completions": "c", "harc_weight_couple": 0, "harc_weight_couple_resp": 0.0, "harc_weight_kl": 0,
+      "harc_weight_ce": "0"}, "harc_weight_couple: 0, harc_weight_couple_resp: 0, harc_weight_ce: 0, harc_weight_kl: "
+                              "0: every loss term is weighted 0, so nothing would train. Set harc_weight_couple: 1"),
 ])
 def test_bad_harc_keys_are_refused_naming_key_and_value(raw: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError) as error:
@@ -60,6 +68,27 @@ def test_defaults_are_the_reference_configs() -> None:
 def test_host_keys_harc_cannot_run_with_are_refused(host: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         validate_raw_host_args(dict(host), HarcArguments(**ROLES))
+
+
+def test_weights_that_leave_only_the_kl_are_refused_for_a_new_adapter() -> None:
+    """With a new adapter (the identity) the KL to the adapter-free model is 0 with zero gradient: alone it trains
+    nothing. A loaded adapter (adapter_name_or_path) starts away from the base model, where the KL does pull."""
+    kl_only = HarcArguments(**ROLES, harc_weight_couple=0.0, harc_weight_ce=0.0)  # couple_resp: no completions
+    with pytest.raises(ValueError, match=r"^harc_weight_couple: 0, harc_weight_ce: 0 leave only harc_weight_kl: 10, "
+                                         r"and the KL .* nothing would train. Set harc_weight_couple: 1"):
+        validate_raw_host_args({}, kl_only)
+    validate_raw_host_args({"adapter_name_or_path": "saves/harc"}, kl_only)
+    validate_raw_host_args({}, HarcArguments(**ROLES, harc_harmful_completions="c", harc_weight_couple=0.0,
+                                             harc_weight_ce=0.0))  # the response coupling still moves it
+
+
+def test_cutoff_len_is_said_to_be_unused(capsys: pytest.CaptureFixture[str]) -> None:
+    for host in ({"cutoff_len": 1024}, ["--cutoff_len", "1024"]):
+        validate_raw_host_args(host, HarcArguments(**ROLES))
+        said = capsys.readouterr().out
+        assert "note: cutoff_len: 1024 is not used by stage: harc; harc_max_length: 256 limits" in said
+    validate_raw_host_args({}, HarcArguments(**ROLES))
+    assert "cutoff_len" not in capsys.readouterr().out
 
 
 def test_dataset_and_batch_size_are_filled_when_absent_in_both_argument_forms() -> None:
@@ -104,9 +133,27 @@ def test_errors_reach_the_user_of_llamafactory_cli_before_the_model_loads(harc_a
         ("rows", {"harc_extract_samples": 40}, "harc_harmful: dataset 'harc_harmful' has 48 rows; "
                                                "harc_extract_samples + harc_validate_samples + one micro-batch need "
                                                "at least 50"),
+        ("weights", {f"harc_weight_{term}": 0 for term in ("couple", "couple_resp", "kl", "ce")},
+         "harc_weight_couple: 0, harc_weight_couple_resp: 0, harc_weight_ce: 0, harc_weight_kl: 0: every loss term "
+         "is weighted 0"),
+        ("kl_only", {"harc_weight_couple": 0, "harc_weight_couple_resp": 0, "harc_weight_ce": 0},
+         "leave only harc_weight_kl: 10"),
     ):
         proc = run_train(harc_recipe(harc_assets, "llama3", tmp_path / name / "out"), tmp_path / name,
                          *(f"{k}={v}" for k, v in overrides.items()), check=False)
         text = proc.stdout + proc.stderr
         assert proc.returncode != 0 and message in text, text[-3000:]
         assert "Traceback" not in text and "model.safetensors" not in text  # short error, before the model
+
+
+def test_a_multimodal_model_is_refused_before_it_loads(assets: Any, harc_assets: Any, tmp_path: Path) -> None:
+    """HARC trains text LLMs: a Qwen2.5-VL checkpoint (which would otherwise train its language model on text rows
+    without a word) is refused through the stock command line, naming the model and the fix."""
+    recipe = harc_recipe(harc_assets, "qwen2", tmp_path / "out", model_name_or_path=str(assets.models["qwen2_5_vl"]),
+                         template="qwen2_vl", harc_layers=1, harc_layers_final=1)  # its 2 layers leave 1 to couple
+    proc = run_train(recipe, tmp_path, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    assert (f"[llamafactory-hera] error: model_name_or_path: {assets.models['qwen2_5_vl']} is a multimodal model "
+            "(qwen2_5_vl); stage: harc trains text LLMs only") in text, text[-3000:]
+    assert "Traceback" not in text and "model.safetensors" not in text

@@ -739,3 +739,33 @@ def test_coupling_reads_directions_kept_on_the_cpu_against_residuals_on_another_
     rows = {1: torch.randn(3, 4, device="meta", requires_grad=True)}
     loss = coupling_loss(rows, rows, torch.randn(2, 4), torch.randn(2, 4), torch.tensor([True, False, False]), 0.5)
     assert loss.device.type == "meta" and loss.shape == ()
+
+
+@pytest.mark.parametrize(("family", "closing"), [("llama3", "<|eot_id|>"), ("qwen2", "<|im_end|>\n")])
+def test_long_answers_are_cut_and_then_closed(tiny: dict[str, SimpleNamespace], family: str, closing: str) -> None:
+    """As the reference's collate (answer tokens cut to the maximum length, then EOS appended): a training answer
+    longer than ``harc_max_length`` keeps its first ``harc_max_length`` tokens and still ends with the template's
+    closing tokens; the response-side means read the cut answer without them. Through the run's row loading."""
+    from llamafactory_hera.harc.roles import load_role_rows
+
+    t, size = tiny[family], 16
+    long_answer = " ".join(f"Here is fact {k} about the sea." for k in range(12))
+    answer_ids = t.tokenizer.encode(long_answer, add_special_tokens=False)
+    closing_ids = t.tokenizer.encode(closing, add_special_tokens=False)
+    assert len(answer_ids) > 3 * size
+
+    def aligned(answer: str) -> list[dict[str, Any]]:
+        return [{"_prompt": [{"role": "user", "content": f"Question {k}?"}],
+                 "_response": [{"role": "assistant", "content": answer}], "_system": "", "_tools": ""}
+                for k in range(6)]
+
+    datasets = {"h": aligned("No."), "s": aligned(long_answer)}
+    args = HarcArguments(harc_harmful="h", harc_harmless="s", harc_pseudo="", harc_batch_pseudo=0,
+                         harc_extract_samples=2, harc_validate_samples=1, harc_batch_harmful=1, harc_batch_harmless=1,
+                         harc_max_length=size)
+    rows = load_role_rows(args, datasets.__getitem__, t.template, t.tokenizer, 0, lambda _: None)
+    for row in rows.train[ROLE_HARMLESS]:
+        assert list(row.response_ids) == answer_ids[:size] + closing_ids
+    for row in rows.train[ROLE_HARMFUL]:  # a short answer keeps all its tokens and its closing
+        assert list(row.response_ids) == t.tokenizer.encode("No.", add_special_tokens=False) + closing_ids
+    assert all(list(row.response_ids) == answer_ids[:size] for row in rows.extraction.helpful)

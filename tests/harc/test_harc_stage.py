@@ -81,8 +81,9 @@ def test_shipped_recipe_runs_whole_on_a_tiny_model_of_its_family(name: str, harc
     assert [(e["step"], e["event"], len(e["layers"])) for e in history] == [
         (0, "base", 2), (2, "refresh", 2), (3, "ramp", 4), (4, "refresh", 4), (5, "end", 4)]
     assert all(1 <= layer <= 5 for e in history for layer in e["layers"])
+    # each step logs the layers it coupled: those chosen before it (an event at step s applies from step s + 1)
     assert [line["harc_layers"] for line in lines] == [",".join(map(str, e["layers"])) for e in
-                                                       (history[0], history[1], history[2], history[2],
+                                                       (history[0], history[0], history[1], history[2],
                                                         history[3])]
     evaluation = json.loads((output / "harc_eval.json").read_text())
     refusal = evaluation["refusal"]
@@ -157,3 +158,42 @@ def test_response_coupling_is_off_with_a_warning_without_harmful_completions(har
     assert all(line["harc_couple_resp"] == 0.0 and line["harc_couple"] > 0 for line in lines)
     record = torch.load(output / "harc_directions.pt", weights_only=False)
     assert set(record["base"]) == {"v_ref", "v_harm"}
+
+
+
+@pytest.fixture(scope="module")
+def first_steps(harc_assets: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """Two optimizer steps (the reference's warm-up schedule over 4 steps, a ramp at the end of step 1, a checkpoint
+    after each step, cutoff_len set): the run's terminal text and output_dir."""
+    folder = tmp_path_factory.mktemp("first_steps")
+    output = folder / "out"
+    recipe = harc_recipe(harc_assets, "llama3", output, harc_eval=False, max_steps=2, save_steps=1,
+                         harc_refresh_steps=0, harc_layers_ramp_step=1, lr_scheduler_type="constant_with_warmup",
+                         warmup_steps=4, cutoff_len=64)
+    proc = run_train(recipe, folder)
+    return proc.stdout + proc.stderr, output
+
+
+def test_each_step_logs_the_layers_it_coupled(first_steps: tuple[str, Path]) -> None:
+    """A ramp at the end of step 1 shows in ``harc_layers`` from step 2 on (step 1 coupled the base layers).
+    ``cutoff_len``, which HARC does not read, is said."""
+    text, output = first_steps
+    assert "note: cutoff_len: 64 is not used by stage: harc" in text
+    history = json.loads((output / "harc_layers.json").read_text())["history"]
+    assert [(e["step"], e["event"], len(e["layers"])) for e in history] == [(0, "base", 2), (1, "ramp", 4),
+                                                                          (2, "end", 4)]
+    lines = [line for line in read_trainer_log(output) if "loss" in line]
+    assert [line["harc_layers"] for line in lines] == [",".join(map(str, e["layers"])) for e in history[:2]]
+
+
+def test_the_first_update_moves_the_adapter_as_the_references_warmup(first_steps: tuple[str, Path]) -> None:
+    """The reference sets ``lr * (step + 1) / warmup`` before each update: optimizer step k of W warm-up steps runs at
+    k / W. HF's ``constant_with_warmup`` would run step 1 at rate 0 (LoRA B still 0 after it)."""
+    from safetensors.torch import load_file
+
+    _, output = first_steps
+    first = load_file(output / "checkpoint-1" / "adapter_model.safetensors")
+    b_factors = [tensor for name, tensor in first.items() if "lora_B" in name]
+    assert b_factors and max(float(t.abs().max()) for t in b_factors) > 0  # moved at step 1
+    lines = [line for line in read_trainer_log(output) if "loss" in line]
+    assert [line["lr"] for line in lines] == pytest.approx([1e-3 / 4, 2e-3 / 4])  # the rate each step ran at
