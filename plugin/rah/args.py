@@ -126,4 +126,10 @@ def parse_rah_arguments(raw: dict[str, Any]) -> RahArguments:
         if key not in valid:
             raise unknown_key(key, rah_keys(), "RAH-LoRA")
         values[key] = _coerce_layers(value) if key == "rah_layers" else coerce_field(key, value, valid[key])
-    return RahArguments(**values)
+    args = RahArguments(**values)
+    probes = max(args.rah_probe_samples, args.rah_kl_samples)
+    if args.rah_samples < probes:
+        raise fail("rah_samples", args.rah_samples, f"the CAF and KL probes (rah_probe_samples: "
+                   f"{args.rah_probe_samples}, rah_kl_samples: {args.rah_kl_samples}) are drawn from the calibration "
+                   f"rows, so at least {probes} are needed. Raise rah_samples or lower those keys.")
+    return args

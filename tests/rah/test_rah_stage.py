@@ -65,6 +65,7 @@ def test_rah_writes_an_adapter_that_llamafactory_loads(assets, tmp_path: Path, f
 def _refusal(assets, tmp_path: Path, **overrides: Any) -> str:
     proc = run_train(rah_recipe(assets, "llava", tmp_path / "out", **overrides), tmp_path, check=False)
     assert proc.returncode != 0 and not (tmp_path / "out" / "adapter_config.json").exists()
+    assert "all params:" not in proc.stdout + proc.stderr  # LLaMA-Factory's line once the model has loaded
     return proc.stdout + proc.stderr
 
 
@@ -75,6 +76,8 @@ def _refusal(assets, tmp_path: Path, **overrides: Any) -> str:
     ({"rah_probe_samples": 40, "rah_samples": 100}, "has 32 image rows, fewer than the 40 the probes need"),
     ({"rah_dleta": 0.1}, "Unknown RAH-LoRA key 'rah_dleta'. Did you mean 'rah_delta'?"),
     ({"rah_delta": 0}, "rah_delta: got 0; allowed range is > 0.0."),
+    ({"rah_samples": 2}, "[llamafactory-hera] error: rah_samples: got 2; the CAF and KL probes (rah_probe_samples: 4, "
+                         "rah_kl_samples: 4) are drawn from the calibration rows, so at least 4 are needed."),
 ])
 def test_bad_settings_are_refused_before_calibrating(assets, tmp_path: Path, overrides, message) -> None:
     assert message in _refusal(assets, tmp_path, **overrides)
