@@ -98,7 +98,7 @@ def main() -> None:
             if which == "calibration":
                 result = calibrate(model, calibration_batches, caf_batches, kl_batches, settings, kinds)
                 sweeps = 2 + sum(len(u.region.tried) for u in result.updates if u.region is not None)
-                counts = (len(result.updates), sum(1 for u in result.updates if u.region and not u.region.rolled_back),
+                counts = (len(result.updates), sum(1 for u in result.updates if u.calibrated),
                           sweeps)
             else:
                 _passes(model, calibration_batches, caf_batches, kl_batches, kinds, layers, counts[2])

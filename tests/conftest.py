@@ -169,6 +169,44 @@ def image_less_dataset(assets: TinyAssets, folder: Path) -> Path:
     return folder
 
 
+def gqa_llava(assets: TinyAssets, folder: Path) -> Path:
+    """The tiny LLaVA (``llava`` template: no BOS) with a GQA text model: its 4 query heads share 2 KV heads, so
+    heads 0-1 and 2-3 read the same ``v_proj`` rows. Same tokenizer and processor, weights drawn under seed 0."""
+    import torch
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    if (folder / "model.safetensors").is_file():
+        return folder
+    shutil.copytree(assets.models["llava"], folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.text_config.num_key_value_heads = 2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlavaForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+MIXED_SIZES = {1: (96, 48), 3: (96, 96), 5: (48, 96), 7: (96, 96)}  # row % 8 -> (width, height); others 48 x 48
+
+
+def mixed_size_dataset(assets: TinyAssets, folder: Path) -> Path:
+    """A copy of the tiny dataset folder whose rows have images of 4 sizes (:data:`MIXED_SIZES`): under Qwen's
+    dynamic resolution 2x2, 3x3, 2x3 and 3x2 merged patches (16, 8, 4 and 4 of the 32 rows)."""
+    from PIL import Image
+
+    shutil.copytree(assets.dataset_dir, folder)
+    rows = json.loads((folder / "hera_demo.json").read_text())
+    for index, row in enumerate(rows):
+        size = MIXED_SIZES.get(index % 8)
+        if size is None:
+            continue
+        name = f"images/row{index}_{size[0]}x{size[1]}.png"
+        Image.open(folder / row["images"][0]).convert("RGB").resize(size).save(folder / name)
+        row["images"] = [name]
+    (folder / "hera_demo.json").write_text(json.dumps(rows))
+    return folder
+
+
 def read_trainer_log(output_dir: Path) -> list[dict[str, Any]]:
     """Lines of LLaMA-Factory's trainer_log.jsonl (what LlamaBoard plots)."""
     path = output_dir / "trainer_log.jsonl"

@@ -25,7 +25,7 @@ def lora_factors(calibration: Calibration, model: nn.Module,
     modules = attention_modules(model)
     pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for update in calibration.updates:
-        if update.region is None or update.region.rolled_back:
+        if not update.calibrated:
             continue
         alpha = update.region.alpha
         attention = modules[update.layer]

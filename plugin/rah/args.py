@@ -51,6 +51,9 @@ class RahArguments:
                                                   "weight cosine (paper: 0.6).", "min": 0.0, "max": 1.0})
     rah_w_v: float = field(default=0.7, metadata={"help": "Weight of the V-slice cosine in the weight similarity "
                                                   "(paper: 0.7; w_O = 1 - w_V = 0.3).", "min": 0.0, "max": 1.0})
+    rah_adjacent_layers: int = field(default=2, metadata={
+        "help": "A target whose own layer has no anchor takes them from the nearest calibrated layers within this "
+        "distance, +-1 first (paper: adjacent layers, +-1-2); 0: same layer only.", "min": 0})
     rah_trim: float = field(default=0.1, metadata={"help": "Element-wise trimmed mean of the anchors' slices (paper: "
                                                    "0.1; with 3 anchors nothing is trimmed).", "min": 0.0,
                                                    "max_exclusive": 0.5})
@@ -64,7 +67,8 @@ class RahArguments:
                                                           "lambda is not given; 0.25 as the authors' script).",
                                                           "min": 0.0})
     rah_isal_pairs: str = field(default="paper", metadata={
-        "help": "paper: text->image mean over every text query (Eq. 3); visible: only text after the image.",
+        "help": "paper: text->image mean over every text query (Eq. 3, and the maps of Eq. 10); visible: only text "
+        "after the image.",
         "choices": ("paper", "visible")})
     rah_update: str = field(default=AUTO, metadata={
         "help": "Projections to update: auto (V and O under MHA, O only under GQA, where V rows are shared), vo, o, "
@@ -126,4 +130,10 @@ def parse_rah_arguments(raw: dict[str, Any]) -> RahArguments:
         if key not in valid:
             raise unknown_key(key, rah_keys(), "RAH-LoRA")
         values[key] = _coerce_layers(value) if key == "rah_layers" else coerce_field(key, value, valid[key])
-    return RahArguments(**values)
+    args = RahArguments(**values)
+    probes = max(args.rah_probe_samples, args.rah_kl_samples)
+    if args.rah_samples < probes:
+        raise fail("rah_samples", args.rah_samples, f"the CAF and KL probes (rah_probe_samples: "
+                   f"{args.rah_probe_samples}, rah_kl_samples: {args.rah_kl_samples}) are drawn from the calibration "
+                   f"rows, so at least {probes} are needed. Raise rah_samples or lower those keys.")
+    return args

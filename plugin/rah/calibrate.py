@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from typing import Any
 
 import torch
 from torch import nn
 
 from llamafactory_hera.rah.args import RahArguments
-from llamafactory_hera.rah.heads import anchor_candidates, similarity, targets_in_layer, top_anchors
+from llamafactory_hera.rah.heads import anchor_candidates, anchor_pool, similarity, targets_in_layer, top_anchors
 from llamafactory_hera.rah.probe import (
     AttentionProfile,
     TokenKinds,
@@ -25,7 +26,7 @@ from llamafactory_hera.rah.probe import (
     token_masks,
 )
 from llamafactory_hera.rah.scores import caf_scores, standardize_per_layer
-from llamafactory_hera.rah.update import TrustRegion, low_rank, search_alpha, trimmed_mean
+from llamafactory_hera.rah.update import TrustRegion, low_rank, mean_kl, search_alpha, trimmed_mean
 
 _PAPER = RahArguments()  # the one source of the defaults
 
@@ -48,6 +49,7 @@ class RahSettings:
     w_o: float = 1.0 - _PAPER.rah_w_v
     trim: float = _PAPER.rah_trim
     beta: float = _PAPER.rah_beta
+    adjacent_layers: int = _PAPER.rah_adjacent_layers
     caf_form: str = _PAPER.rah_caf_form
     caf_weight: float = _PAPER.rah_caf_weight
     isal_pairs: str = _PAPER.rah_isal_pairs  # paper, visible (scores.isal)
@@ -67,9 +69,24 @@ class HeadUpdate:
 
     layer: int
     head: int
-    anchors: list[tuple[int, float]]
+    anchors: list[tuple[int, int, float]]  # (layer, head, similarity), most similar first
+    anchor_distance: int | None = None  # layers between the target and its anchors (0: same layer); None: no anchor
     region: TrustRegion | None = None  # None: no anchor, nothing tried
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # U, S, Vh
+    unchanged: bool = False  # the kept step rounds to no change of any weight in the model's dtype
+
+    @property
+    def calibrated(self) -> bool:
+        """A step was kept and it changed the model's weights."""
+        return self.region is not None and not self.region.rolled_back and not self.unchanged
+
+    @property
+    def outcome(self) -> str:
+        if self.region is None:
+            return "no anchor"
+        if self.region.rolled_back:
+            return "rolled back"
+        return "unchanged" if self.unchanged else "calibrated"
 
 
 @dataclass
@@ -84,7 +101,9 @@ class Calibration:
     modules: tuple[str, ...]
     one_sided_samples: int
     maps_skipped: int
+    map_layouts: int = 1  # image layouts (grids) among the rows with a map
     kl_to_original: float | None = None
+    dtype: str = "float32"  # of the calibrated weights
 
 
 @dataclass(frozen=True)
@@ -127,20 +146,11 @@ def _slices(module: nn.Module, heads: Iterable[int], geometry: Geometry) -> tupl
 
 
 def _probe_logits(model: nn.Module, batches: list[dict[str, Any]], masks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Logits at the probe's text positions after the image, float32: ``[n_positions, V]`` per batch."""
+    """Logits at the probe's text positions after the image, float32: ``[n_positions, V]`` per sample."""
     with torch.no_grad():
-        return [model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[mask].float()
-                for batch, mask in zip(batches, masks, strict=True)]
-
-
-def _kl(reference: list[torch.Tensor], current: list[torch.Tensor]) -> float:
-    """Mean KL(reference || current) over every probe position."""
-    total, count = 0.0, 0
-    for ref, cur in zip(reference, current, strict=True):
-        log_p, log_q = torch.log_softmax(ref, dim=-1), torch.log_softmax(cur, dim=-1)
-        total += float((log_p.exp() * (log_p - log_q)).sum())
-        count += ref.shape[0]
-    return total / max(count, 1)
+        logits = [model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+                  for batch in batches]
+    return [rows[b][mask[b]].float() for rows, mask in zip(logits, masks, strict=True) for b in range(len(mask))]
 
 
 def modules_for(settings: RahSettings, geometry: Geometry) -> tuple[str, ...]:
@@ -149,6 +159,11 @@ def modules_for(settings: RahSettings, geometry: Geometry) -> tuple[str, ...]:
     if settings.update == "auto":
         return ("v", "o") if geometry.num_kv_heads == geometry.num_heads else ("o",)
     return tuple(name for name in ("v", "o") if name in settings.update)
+
+
+def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
+    """Per-head tables of several layers, one after the other along dim 0 (no copy for one)."""
+    return tables[0] if len(tables) == 1 else torch.cat(tables)
 
 
 def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_batches: list[dict[str, Any]],
@@ -166,36 +181,64 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
     grads = torch.stack([gate_gradients(model, batch, layers, geometry.num_heads, geometry.head_dim, kinds)
                          for batch in progress(caf_batches, "CAF (gate gradients)")])
     caf = caf_scores(grads, settings.caf_form, settings.caf_weight)
-    maps = profile.maps()
-    updates: list[HeadUpdate] = []
-    for row, layer in enumerate(layers):
-        chosen = targets_in_layer(isal_std[row], caf[row], settings.isal_percentile, settings.caf_percentile)
-        candidates = anchor_candidates(isal_std[row], settings.beta, exclude=chosen)
-        all_heads = list(range(geometry.num_heads))
-        v_all, o_all = _slices(modules[layer], all_heads, geometry)
-        for head in chosen:
-            scores = similarity(head, candidates, maps[row], v_all, o_all, settings.rho, settings.w_v, settings.w_o) \
-                if candidates else torch.empty(0)
-            updates.append(HeadUpdate(layer, head, top_anchors(scores, candidates, settings.num_anchors)))
     names = modules_for(settings, geometry)
+    device = modules[layers[0]].v_proj.weight.device
+    maps = profile.maps().to(device)  # [L, H, P'] next to the weight slices it is added to
+    chosen = {layer: targets_in_layer(isal_std[row], caf[row], settings.isal_percentile, settings.caf_percentile)
+              for row, layer in enumerate(layers)}
+    candidates = {layer: anchor_candidates(isal_std[row], settings.beta, exclude=chosen[layer])
+                  for row, layer in enumerate(layers)}
+    rows = {layer: row for row, layer in enumerate(layers)}
+
+    @lru_cache(maxsize=3)  # the target's layer and, for the fallback, the two at one distance
+    def slices(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _slices(modules[layer], range(geometry.num_heads), geometry)
+
+    updates: list[HeadUpdate] = []
+    for layer in layers:
+        for head in chosen[layer]:
+            distance, pool = anchor_pool(layer, head, candidates, geometry.group, "v" not in names,
+                                         settings.adjacent_layers)
+            if not pool:
+                updates.append(HeadUpdate(layer, head, []))
+                continue
+            blocks = [layer] + sorted({other for other, _ in pool} - {layer})  # tables: own layer's heads first
+            index = {(other, h): i * geometry.num_heads + h for i, other in enumerate(blocks)
+                     for h in range(geometry.num_heads)}
+            v_all, o_all = (_joined([slices(other)[i] for other in blocks]) for i in (0, 1))
+            shared = {index[(layer, h)] for other, h in pool if other == layer and h // geometry.group ==
+                      head // geometry.group}
+            flat = [index[entry] for entry in pool]
+            scores = similarity(index[(layer, head)], flat, _joined([maps[rows[other]] for other in blocks]), v_all,
+                                o_all, settings.rho, settings.w_v, settings.w_o, shared_v=shared)
+            best = top_anchors(scores, flat, settings.num_anchors)
+            entry_of = dict(zip(flat, pool, strict=True))
+            updates.append(HeadUpdate(layer, head, [(*entry_of[i], score) for i, score in best], distance))
+    slices.cache_clear()
     masks = [token_masks(b["input_ids"], b["attention_mask"], kinds)[2] for b in kl_batches]
+    if not any(bool(mask.any()) for mask in masks):
+        raise ValueError("RAH-LoRA: no KL probe row has text after its image, so no update could be measured; use "
+                         "rows whose text follows the image.")
     original = _probe_logits(model, kl_batches, masks)
     reference = original
     for update in progress(updates, "calibrating targets (trust region)"):
         if update.anchors:
-            reference = _calibrate_head(model, modules[update.layer], update, geometry, names, settings, kl_batches,
-                                        masks, reference)
-    kl_to_original = _kl(original, _probe_logits(model, kl_batches, masks)) if updates else 0.0
+            reference = _calibrate_head(model, modules, update, geometry, names, settings, kl_batches, masks,
+                                        reference)
+    kl_to_original = mean_kl(original, _probe_logits(model, kl_batches, masks)) if updates else 0.0
+    dtype = str(modules[layers[0]].o_proj.weight.dtype).removeprefix("torch.")
     return Calibration(layers, raw_isal, isal_std, caf, updates, names, profile.one_sided, profile.map_skipped,
-                       kl_to_original)
+                       len(profile.map_sums), kl_to_original, dtype)
 
 
-def _calibrate_head(model: nn.Module, module: nn.Module, update: HeadUpdate, geometry: Geometry,
+def _calibrate_head(model: nn.Module, modules: list[nn.Module], update: HeadUpdate, geometry: Geometry,
                     names: tuple[str, ...], settings: RahSettings, batches: list[dict[str, Any]],
                     masks: list[torch.Tensor], reference: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Calibrate one target in place; returns the probe logits of the model as it now is."""
-    anchors = [head for head, _ in update.anchors]
-    v_anchor, o_anchor = _slices(module, anchors, geometry)
+    """Calibrate one target in place; returns the probe logits of the model as it now is. Anchors may sit in
+    another layer (the adjacent-layer fallback): their slices are read from their own layer."""
+    module = modules[update.layer]
+    anchor_slices = [_slices(modules[layer], [head], geometry) for layer, head, _ in update.anchors]
+    v_anchor, o_anchor = (torch.cat([pair[i] for pair in anchor_slices]) for i in (0, 1))
     v_head, o_head = _slices(module, [update.head], geometry)
     targets = {"v": (module.v_proj.weight, (v_rows(update.head, geometry), slice(None)), v_head[0], v_anchor),
                "o": (module.o_proj.weight, (slice(None), o_columns(update.head, geometry)), o_head[0], o_anchor)}
@@ -216,14 +259,16 @@ def _calibrate_head(model: nn.Module, module: nn.Module, update: HeadUpdate, geo
     def kl_at(alpha: float) -> float:
         set_alpha(alpha)
         last[alpha] = _probe_logits(model, batches, masks)
-        return _kl(reference, last[alpha])
+        return mean_kl(reference, last[alpha])
 
     region = search_alpha(kl_at, settings.alpha_max, settings.delta, settings.halvings)
     update.region = region
-    if region.rolled_back:
+    if not region.rolled_back:
+        set_alpha(region.alpha)
+        update.unchanged = all(torch.equal(targets[name][0].data[targets[name][1]], saved[name]) for name in names)
+    if region.rolled_back or update.unchanged:
         for name in names:
             weight, index, _, _ = targets[name]
             weight.data[index] = saved[name]
         return reference
-    set_alpha(region.alpha)
     return last[region.alpha]

@@ -1,8 +1,8 @@
-"""Which heads RAH-LoRA calibrates (targets, Eq. 6-7) and from which same-layer heads (anchors, Eq. 8-11).
+"""Which heads RAH-LoRA calibrates (targets, Eq. 6-7) and from which heads (anchors, Eq. 8-11).
 
-Shapes: score tables ``[L, H]`` over the calibrated layers; maps ``[H, P]`` (a head's mean text->image
-attention over P image positions); V slices ``[H, d, D]`` (the head's KV-group rows of ``v_proj``), O slices
-``[H, D, d]`` (the head's input columns of ``o_proj``).
+Shapes: score tables ``[L, H]`` over the calibrated layers; maps ``[H, P]`` (a head's text->image attention over
+P image positions, ``AttentionProfile.maps``); V slices ``[H, d, D]`` (the head's KV-group rows of ``v_proj``),
+O slices ``[H, D, d]`` (the head's input columns of ``o_proj``).
 """
 
 from __future__ import annotations
@@ -32,12 +32,34 @@ def anchor_candidates(isal_std: torch.Tensor, beta: float = 0.25,
     return [int(h) for h in torch.nonzero(isal_std > beta).flatten() if int(h) not in exclude]
 
 
+def anchor_pool(layer: int, head: int, candidates: dict[int, list[int]], group: int = 1, own_group: bool = True,
+                adjacent: int = 0) -> tuple[int | None, list[tuple[int, int]]]:
+    """Where a target's anchors come from: (distance in layers, [(layer, head)]) of the candidates.
+
+    Its own layer's ``candidates[layer]`` (Eq. 8) first; without ``own_group`` the heads of its KV group (``group``
+    query heads per KV head) are left out, as they cannot move a V update (their V slice is the target's own).
+    When none is left, the paper's fallback: the candidates of the layers at distance 1 (``layer - 1`` and
+    ``layer + 1``, those present in ``candidates``), then 2, ... up to ``adjacent``. ``(None, [])`` when none.
+    """
+    own = [h for h in candidates.get(layer, []) if own_group or h // group != head // group]
+    if own:
+        return 0, [(layer, h) for h in own]
+    for distance in range(1, adjacent + 1):
+        pool = [(other, h) for other in (layer - distance, layer + distance) for h in candidates.get(other, [])]
+        if pool:
+            return distance, pool
+    return None, []
+
+
 def similarity(target: int, candidates: list[int], maps: torch.Tensor, v_slices: torch.Tensor,
-               o_slices: torch.Tensor, rho: float = 0.6, w_v: float = 0.7, w_o: float = 0.3) -> torch.Tensor:
+               o_slices: torch.Tensor, rho: float = 0.6, w_v: float = 0.7, w_o: float = 0.3,
+               shared_v: frozenset[int] | set[int] = frozenset()) -> torch.Tensor:
     """``s = rho s_func + (1 - rho) (w_v cos(V) + w_o cos(O))`` of the target against each candidate (Eq. 9-11).
 
-    ``s_func``: cosine of the mean text->image attention maps; ``cos(V)`` / ``cos(O)``: cosine of the flattened
-    weight slices. Returns ``[len(candidates)]`` float32.
+    ``s_func``: cosine of the text->image maps; ``cos(V)`` / ``cos(O)``: cosine of the flattened weight slices.
+    ``shared_v``: candidates whose V slice is the target's own (GQA: the same KV group of the same layer), so that
+    their V cosine is 1 by construction and says nothing about the pair; their weight term is ``cos(O)`` alone.
+    Rows of the tables are indexed by ``target`` / ``candidates``. Returns ``[len(candidates)]`` float32.
     """
     index = torch.tensor(candidates, dtype=torch.long)
 
@@ -45,7 +67,10 @@ def similarity(target: int, candidates: list[int], maps: torch.Tensor, v_slices:
         flat = table.float().flatten(1)
         return F.cosine_similarity(flat[target][None], flat[index], dim=-1)
 
-    return rho * cos(maps) + (1 - rho) * (w_v * cos(v_slices) + w_o * cos(o_slices))
+    cos_v, cos_o = cos(v_slices), cos(o_slices)
+    shared = torch.tensor([c in shared_v for c in candidates], device=cos_v.device)
+    weights = torch.where(shared, cos_o, w_v * cos_v + w_o * cos_o)
+    return rho * cos(maps) + (1 - rho) * weights
 
 
 def top_anchors(scores: torch.Tensor, candidates: list[int], k: int = 3) -> list[tuple[int, float]]:

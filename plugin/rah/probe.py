@@ -3,7 +3,8 @@
 The model must run eager attention (``output_attentions``). Batches are the SFT collator's
 (``input_ids`` / ``attention_mask`` ``[B, T]`` plus the processor's image tensors); answers are not used as labels.
 Shapes: I-SAL ``[B, L, H]`` over the scored layers, maps ``[L, H, P]`` over the P image positions of a sample,
-gate gradients ``[L, H]`` per sample.
+gate gradients ``[L, H]`` per sample. The attention sink, the first attended position of each row (BOS where the
+template adds one; LLaMA-Factory's ``llava`` template adds none), is left out of the text positions.
 """
 
 from __future__ import annotations
@@ -36,17 +37,16 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 @dataclass(frozen=True)
 class TokenKinds:
-    """Token ids that decide a position's kind: image placeholders (I), other multimodal tokens (vision start / end,
-    video: neither I nor T) and BOS (an attention sink, left out of T)."""
+    """Token ids that decide a position's kind: image placeholders (I) and other multimodal tokens (vision start /
+    end, video: neither I nor T)."""
 
     image_ids: frozenset[int]
     other_multimodal_ids: frozenset[int] = frozenset()
-    bos_id: int | None = None
 
 
 def token_kinds(model: nn.Module, tokenizer: Any, processor: Any = None) -> TokenKinds:
-    """The model's image placeholder id (``image_token_id`` / ``image_token_index`` of its config), its other
-    multimodal tokens and the tokenizer's BOS. Raises when the config names no image token."""
+    """The model's image placeholder id (``image_token_id`` / ``image_token_index`` of its config) and its other
+    multimodal tokens. Raises when the config names no image token."""
     from llamafactory_hera.anatomy.pooling import multimodal_token_ids
 
     config = model.config
@@ -57,24 +57,25 @@ def token_kinds(model: nn.Module, tokenizer: Any, processor: Any = None) -> Toke
                          "token (image_token_id / image_token_index), so image positions cannot be found. Use a "
                          "multimodal model such as llava-hf/llava-1.5-7b-hf.")
     others = multimodal_token_ids(config, processor, tokenizer) - image
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return TokenKinds(frozenset(image), frozenset(others), int(bos) if isinstance(bos, int) else None)
+    return TokenKinds(frozenset(image), frozenset(others))
 
 
 def token_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 kinds: TokenKinds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(image positions I, text positions T, text positions after the first image token), each ``[B, T]`` bool."""
+    """(image positions I, text positions T, text positions after the first image token), each ``[B, T]`` bool.
+
+    T leaves out the attention sink: the first attended position of each row, whatever its token (BOS, or the first
+    system token under a template without BOS), wherever the padding is."""
     attended = attention_mask.bool()
+    sink = attended & (attended.long().cumsum(dim=1) == 1)
 
     def isin(ids: frozenset[int]) -> torch.Tensor:
         return torch.isin(input_ids, torch.tensor(sorted(ids), dtype=input_ids.dtype, device=input_ids.device))
 
     image = isin(kinds.image_ids) & attended
-    text = attended & ~image
+    text = attended & ~image & ~sink
     if kinds.other_multimodal_ids:
         text &= ~isin(kinds.other_multimodal_ids)
-    if kinds.bos_id is not None:
-        text &= input_ids != kinds.bos_id
     seen_image = image.long().cumsum(dim=1) > 0
     return image, text, text & seen_image
 
@@ -83,32 +84,76 @@ def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k not in _MODEL_KEYS}
 
 
+def image_layouts(batch: dict[str, Any], image: torch.Tensor) -> list[tuple[int, ...]]:
+    """Per row of ``batch``: its number of image tokens, then (where the batch has ``image_grid_thw``, Qwen's
+    dynamic resolution) the (t, h, w) grid of each of its images, so that rows with the same key have their image
+    positions on the same grid. ``image`` ``[B, T]`` bool -> B keys."""
+    counts = [int(n) for n in image.sum(dim=1)]
+    grids = batch.get("image_grid_thw")
+    if grids is None or not counts or sum(counts) == 0:
+        return [(n,) for n in counts]
+    cells = [int(c) for c in grids.prod(dim=-1)]  # patches per image; tokens = patches / merge^2
+    per_token = sum(cells) / sum(counts)
+    keys, next_image = [], 0
+    for n in counts:
+        row: list[int] = [n]
+        taken = 0
+        while taken < n and next_image < len(cells):
+            row.extend(int(v) for v in grids[next_image])
+            taken += round(cells[next_image] / per_token)
+            next_image += 1
+        keys.append(tuple(row))
+    return keys
+
+
 @dataclass
 class AttentionProfile:
-    """I-SAL per sample and the mean text->image maps, accumulated over batches."""
+    """I-SAL per sample and the text->image maps, accumulated over batches; maps are summed per image layout (rows
+    whose image positions share a grid, :func:`image_layouts`)."""
 
     layers: list[int]
     isal: list[torch.Tensor] = field(default_factory=list)  # [B, L, H] per batch
     one_sided: int = 0  # samples scored on one half (no text before the image)
-    map_sum: torch.Tensor | None = None  # [L, H, P]
-    map_samples: int = 0
-    map_skipped: int = 0  # samples whose image token count differs from the first sample's
+    map_sums: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)  # layout -> [L, H, P_layout]
+    map_rows: dict[tuple[int, ...], int] = field(default_factory=dict)  # layout -> rows summed
+    map_skipped: int = 0  # samples without a map: no text query after their image
 
     def scores(self) -> torch.Tensor:
         """``[N, L, H]``"""
         return torch.cat(self.isal)
 
     def maps(self) -> torch.Tensor:
-        """``[L, H, P]`` mean text->image attention (over samples and text queries after the image)."""
-        if self.map_sum is None:
+        """``[L, H, P']`` whose cosine between two heads is s_func of Eq. 10 over every row with a map.
+
+        Within one layout, Eq. 10 as written: the cosine of the heads' mean maps over its rows. Across layouts (rows
+        of different image sizes have no common grid), the mean of those cosines weighted by each layout's rows.
+        Built as the concatenation over layouts of ``sqrt(w) * mean map / |mean map|`` (``w`` the layout's share of
+        the rows): each head's vector has norm 1 and the dot product of two is that weighted mean. With one layout
+        (LLaVA-1.5: always 576 image tokens) the cosine is exactly Eq. 10's.
+        """
+        if not self.map_sums:
             raise ValueError("RAH-LoRA: no sample had text after its image, so no text->image attention map exists.")
-        return self.map_sum / self.map_samples
+        total = sum(self.map_rows.values())
+        parts = []
+        for layout, summed in self.map_sums.items():
+            mean = summed / self.map_rows[layout]
+            unit = mean / mean.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(mean.dtype).tiny)
+            parts.append(unit * (self.map_rows[layout] / total) ** 0.5)
+        return torch.cat(parts, dim=-1)
+
+    @property
+    def map_samples(self) -> int:
+        return sum(self.map_rows.values())
 
 
 @torch.no_grad()
 def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int], kinds: TokenKinds,
                       profile: AttentionProfile, pairs: str = "paper") -> None:
-    """One eager forward with attention weights: add the batch's I-SAL and text->image maps to ``profile``."""
+    """One eager forward with attention weights: add the batch's I-SAL and text->image maps to ``profile``.
+
+    A row's map is the mean over its text queries (``pairs``: ``paper`` every text position, as Eq. 3 and 10 write
+    T; ``visible`` the text after the image) of the attention to each image position; a row without text after
+    its image has none (its map would be all zeros)."""
     outputs = model(**_model_inputs(batch), output_attentions=True, use_cache=False)
     attentions = outputs.attentions
     if attentions is None or any(attentions[layer] is None for layer in layers):
@@ -118,18 +163,18 @@ def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int]
     per_layer = [isal(attentions[layer], image, text, pairs) for layer in layers]
     profile.isal.append(torch.stack([scores for scores, _ in per_layer], dim=1).cpu())
     profile.one_sided += int((~per_layer[0][1]).sum())
-    for b in range(image.shape[0]):
+    queries = text if pairs == "paper" else after
+    for b, layout in enumerate(image_layouts(batch, image)):
         if not bool(after[b].any()):
-            continue
-        rows = torch.stack([attentions[layer][b][:, after[b]][:, :, image[b]].float().mean(dim=1)
-                            for layer in layers]).cpu()  # [L, H, P]
-        if profile.map_sum is None:
-            profile.map_sum = torch.zeros_like(rows)
-        if rows.shape != profile.map_sum.shape:
             profile.map_skipped += 1
             continue
-        profile.map_sum += rows
-        profile.map_samples += 1
+        rows = torch.stack([attentions[layer][b][:, queries[b]][:, :, image[b]].float().mean(dim=1)
+                            for layer in layers]).cpu()  # [L, H, P]
+        if layout in profile.map_sums:
+            profile.map_sums[layout] += rows
+        else:
+            profile.map_sums[layout] = rows
+        profile.map_rows[layout] = profile.map_rows.get(layout, 0) + 1
 
 
 @contextlib.contextmanager

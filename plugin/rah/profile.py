@@ -11,11 +11,16 @@ from typing import Any
 
 from llamafactory_hera.rah.calibrate import Calibration, RahSettings
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: anchors may come from adjacent layers, outcome "unchanged", map layouts
 
 
 def _table(values: Any, layers: list[int]) -> dict[str, list[float]]:
     return {f"L{layer}": [round(float(v), 6) for v in row] for layer, row in zip(layers, values, strict=True)}
+
+
+def reported_kl(kl: float | None) -> float | None:
+    """A measured mean KL as reported: KL >= 0, so float32 noise below 0 (e.g. -2e-8) is shown as 0."""
+    return None if kl is None else max(0.0, float(kl))
 
 
 def profile_record(calibration: Calibration, settings: RahSettings, identity: dict[str, Any],
@@ -26,37 +31,42 @@ def profile_record(calibration: Calibration, settings: RahSettings, identity: di
         region = update.region
         targets.append({
             "head": f"L{update.layer}H{update.head}",
-            "anchors": [{"head": f"L{update.layer}H{head}", "similarity": round(score, 6)}
-                        for head, score in update.anchors],
+            "anchors": [{"head": f"L{layer}H{head}", "similarity": round(score, 6)}
+                        for layer, head, score in update.anchors],
+            "anchor_distance": update.anchor_distance,
             "alpha": region.alpha if region else 0.0,
-            "kl": region.kl if region else None,
-            "tried": [{"alpha": a, "kl": kl} for a, kl in region.tried] if region else [],
-            "outcome": "no anchor" if region is None else "rolled back" if region.rolled_back else "calibrated",
+            "kl": reported_kl(region.kl) if region else None,
+            "tried": [{"alpha": a, "kl": reported_kl(kl)} for a, kl in region.tried] if region else [],
+            "outcome": update.outcome,
             "modules": list(calibration.modules),
         })
-    calibrated = sum(1 for t in targets if t["outcome"] == "calibrated")
+
+    def count(outcome: str) -> int:
+        return sum(1 for t in targets if t["outcome"] == outcome)
+
     return {
         "record_version": RECORD_VERSION, "stage": "rah", "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "layers": calibration.layers, "isal": _table(calibration.isal, calibration.layers),
         "isal_standardised": _table(calibration.isal_std, calibration.layers),
         "caf": _table(calibration.caf, calibration.layers), "targets": targets,
-        "summary": {"targets": len(targets), "calibrated": calibrated,
-                    "rolled_back": sum(1 for t in targets if t["outcome"] == "rolled back"),
-                    "without_anchor": sum(1 for t in targets if t["outcome"] == "no anchor"),
-                    "kl_to_original": calibration.kl_to_original,
+        "summary": {"targets": len(targets), "calibrated": count("calibrated"), "rolled_back": count("rolled back"),
+                    "without_anchor": count("no anchor"), "unchanged_in_model_dtype": count("unchanged"),
+                    "anchors_from_adjacent_layers": sum(1 for u in calibration.updates if u.anchor_distance),
+                    "kl_to_original": reported_kl(calibration.kl_to_original),
                     "samples_scored_on_one_half": calibration.one_sided_samples,
-                    "samples_without_a_map": calibration.maps_skipped},
+                    "samples_without_a_map": calibration.maps_skipped, "map_layouts": calibration.map_layouts},
         "settings": asdict(settings), "identity": identity, "versions": versions, "duration": duration,
     }
 
 
 def plot_profile(calibration: Calibration, path: Path, model_name: str) -> Path:
-    """I-SAL (standardised) and CAF heatmaps, calibrated targets boxed red, rolled-back ones black."""
+    """I-SAL (standardised) and CAF heatmaps, calibrated targets boxed red, the others (rolled back, unchanged,
+    without anchors) black."""
     from llamafactory_hera.anatomy.head_plots import plot_score_panels
 
-    calibrated = [(u.layer, u.head) for u in calibration.updates if u.region is not None and not u.region.rolled_back]
+    calibrated = [(u.layer, u.head) for u in calibration.updates if u.calibrated]
     others = [(u.layer, u.head) for u in calibration.updates if (u.layer, u.head) not in calibrated]
     title = (f"RAH-LoRA head profile: {Path(model_name).name} ({len(calibrated)} calibrated, {len(others)} rolled "
-             "back or without anchors)")
+             "back, unchanged or without anchors)")
     return plot_score_panels([(calibration.isal_std.numpy(), "I-SAL (standardised)"), (calibration.caf.numpy(), "CAF")],
                              calibration.layers, calibrated, others, path, title)

@@ -33,8 +33,8 @@ def isal(attn: torch.Tensor, image_mask: torch.Tensor, text_mask: torch.Tensor,
     ``pairs="paper"`` (default): the text->image mean runs over every (text query, image key) pair as Eq. 3 writes
     it, and the image->text mean over the text keys each image query can see (under causal masking, the text
     before the image). ``pairs="visible"``: both means over visible pairs only (text queries after the image).
-    A half with no pair is left out and the other half counts alone (e.g. an image at the very start, BOS
-    excluded: no text before it). ``text_mask`` excludes BOS (an attention sink). Returns (``[B, H]`` float32
+    A half with no pair is left out and the other half counts alone (e.g. an image right after the attention
+    sink: no text before it). ``text_mask`` excludes the sink (``probe.token_masks``). Returns (``[B, H]`` float32
     scores, ``[B]`` bool: both halves present).
     """
     if pairs not in ("paper", "visible"):

@@ -1,7 +1,7 @@
 """The calibration of one head: representative anchor (Eq. 12), low-rank update (Eq. 13), trust region (Eq. 14-15).
 
 Shapes: anchor slices stacked ``[k, m, n]``; a head's slice ``W`` ``[m, n]`` (V: ``[d, D]`` rows of its KV group;
-O: ``[D, d]`` columns); logits ``[B, T, V]``, positions ``[B, T]`` bool.
+O: ``[D, d]`` columns); probe logits ``[n_positions, V]`` per sample.
 """
 
 from __future__ import annotations
@@ -32,13 +32,16 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     return u[:, :r], s[:r], vh[:r]
 
 
-def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor) -> float:
-    """Mean over ``positions`` of KL(p_reference || p), both softmaxes in float32."""
-    log_p = torch.log_softmax(reference_logits.float(), dim=-1)
-    log_q = torch.log_softmax(logits.float(), dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # [B, T]
-    weights = positions.float()
-    return float((kl * weights).sum() / weights.sum().clamp(min=1))
+def mean_kl(reference: list[torch.Tensor], current: list[torch.Tensor]) -> float:
+    """E over samples of KL(p_reference || p) (Eq. 15): per sample the mean over its probe positions, then the mean
+    over the samples that have any. One ``[n_positions, V]`` logits tensor per sample; softmaxes in float32."""
+    per_sample = []
+    for ref, cur in zip(reference, current, strict=True):
+        if ref.shape[0] == 0:
+            continue
+        log_p, log_q = torch.log_softmax(ref.float(), dim=-1), torch.log_softmax(cur.float(), dim=-1)
+        per_sample.append(float((log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()))
+    return sum(per_sample) / max(len(per_sample), 1)
 
 
 @dataclass(frozen=True)

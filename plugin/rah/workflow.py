@@ -39,6 +39,33 @@ def _image_rows(aligned: Any, datasets: list[str], rah_args: RahArguments, seed:
     return rows[:rah_args.rah_samples]
 
 
+def _say_what_was_left_out(calibration: Any, rows: int) -> None:
+    """Console lines for what the JSON alone would hide: rows without a map or scored on one half of I-SAL,
+    several image layouts."""
+    if calibration.one_sided_samples:
+        say(f"warning: {calibration.one_sided_samples} of {rows} rows have no text before their image (the attention "
+            "sink apart): their I-SAL is the text->image half alone.")
+    if calibration.maps_skipped:
+        say(f"warning: {calibration.maps_skipped} of {rows} rows have no text after their image and give no "
+            "text->image map (the attention similarity uses the others).")
+    if calibration.map_layouts > 1:
+        say(f"RAH-LoRA: the rows' images come in {calibration.map_layouts} layouts (grids of image tokens); the "
+            "attention similarity averages the per-layout map cosines, weighted by rows (no row is left out).")
+
+
+def _outcomes(calibration: Any, summary: dict[str, Any]) -> str:
+    """``"2 of 5 targets calibrated, 1 rolled back, ..."`` (the parts that are not 0)."""
+    parts = [f"{summary['calibrated']} of {summary['targets']} targets calibrated"]
+    for key, words in (("rolled_back", "rolled back"), ("without_anchor", "without anchors"),
+                       ("unchanged_in_model_dtype", f"unchanged (the step rounds to nothing in {calibration.dtype})")):
+        if summary[key]:
+            parts.append(f"{summary[key]} {words}")
+    if summary["anchors_from_adjacent_layers"]:
+        parts.append(f"{summary['anchors_from_adjacent_layers']} with anchors from adjacent layers (none in their "
+                     "own)")
+    return ", ".join(parts)
+
+
 def _on(device: torch.device, batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -92,10 +119,11 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
          f"{rah_args.rah_probe_samples} for CAF, {rah_args.rah_kl_samples} for the KL probe; rank {settings.rank}, "
          f"delta {settings.delta}, alpha_max {settings.alpha_max}; attention eager")
     calibration = calibrate(model, calibration_batches, caf_batches, kl_batches, settings, kinds, progress)
+    _say_what_was_left_out(calibration, len(rows))
     output = Path(training_args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     factors = lora_factors(calibration, model, geometry_of(model))
-    kept = [u for u in calibration.updates if u.region is not None and not u.region.rolled_back]
+    kept = [u for u in calibration.updates if u.calibrated]
     record = profile_record(calibration, settings, {
         "model_name_or_path": str(model_args.model_name_or_path), "dataset": list(data_args.dataset),
         "dataset_dir": str(data_args.dataset_dir), "template": str(data_args.template), "rows": rows,
@@ -103,12 +131,12 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
                                                     "without_model_loading_s": round(time.perf_counter() - loaded, 3)})
     (output / PROFILE_JSON).write_text(json.dumps(record, indent=2), encoding="utf-8")
     plot_profile(calibration, output / PROFILE_PNG, str(model_args.model_name_or_path))
+    outcomes = _outcomes(calibration, record["summary"])
     if not kept:
-        raise ValueError(f"RAH-LoRA calibrated no head ({len(calibration.updates)} targets, all rolled back or "
-                         f"without anchors); no adapter was written. See {output / PROFILE_JSON}; a looser rah_delta "
-                         "or other rah_layers may help.")
+        raise ValueError(f"RAH-LoRA changed no weight: {outcomes}; no adapter was written. See "
+                         f"{output / PROFILE_JSON}; a looser rah_delta, a larger rah_alpha_max or other rah_layers may "
+                         "help.")
     names = save_adapter(model, factors, output, base_name=str(model_args.model_name_or_path))
-    say(f"RAH-LoRA: {len(kept)} of {len(calibration.updates)} targets calibrated ("
-         f"{len(calibration.updates) - len(kept)} rolled back or without anchors) on {len(names)} modules; mean KL "
-         f"to the original model on the probe {calibration.kl_to_original:.3g}; adapter, {PROFILE_JSON} and "
-         f"{PROFILE_PNG} in {output} ({time.perf_counter() - started:.1f} s)")
+    say(f"RAH-LoRA: {outcomes}; {len(names)} modules changed; mean KL to the original model on the probe "
+        f"{record['summary']['kl_to_original']:.3g}; adapter, {PROFILE_JSON} and {PROFILE_PNG} in {output} "
+        f"({time.perf_counter() - started:.1f} s)")

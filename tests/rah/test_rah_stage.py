@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import base_recipe, image_less_dataset, run_train
+from conftest import base_recipe, gqa_llava, image_less_dataset, mixed_size_dataset, run_train
 from llamafactory_hera.rah.args import parse_rah_arguments
 
 # on 4-head tiny layers the paper's percentiles keep 0 or 1 head: these force targets, anchors and kept steps
@@ -65,6 +65,7 @@ def test_rah_writes_an_adapter_that_llamafactory_loads(assets, tmp_path: Path, f
 def _refusal(assets, tmp_path: Path, **overrides: Any) -> str:
     proc = run_train(rah_recipe(assets, "llava", tmp_path / "out", **overrides), tmp_path, check=False)
     assert proc.returncode != 0 and not (tmp_path / "out" / "adapter_config.json").exists()
+    assert "all params:" not in proc.stdout + proc.stderr  # LLaMA-Factory's line once the model has loaded
     return proc.stdout + proc.stderr
 
 
@@ -75,6 +76,8 @@ def _refusal(assets, tmp_path: Path, **overrides: Any) -> str:
     ({"rah_probe_samples": 40, "rah_samples": 100}, "has 32 image rows, fewer than the 40 the probes need"),
     ({"rah_dleta": 0.1}, "Unknown RAH-LoRA key 'rah_dleta'. Did you mean 'rah_delta'?"),
     ({"rah_delta": 0}, "rah_delta: got 0; allowed range is > 0.0."),
+    ({"rah_samples": 2}, "[llamafactory-hera] error: rah_samples: got 2; the CAF and KL probes (rah_probe_samples: 4, "
+                         "rah_kl_samples: 4) are drawn from the calibration rows, so at least 4 are needed."),
 ])
 def test_bad_settings_are_refused_before_calibrating(assets, tmp_path: Path, overrides, message) -> None:
     assert message in _refusal(assets, tmp_path, **overrides)
@@ -92,3 +95,46 @@ def test_rah_layers_forms() -> None:
     for bad in ("3-1", "[1, 1]", "x"):
         with pytest.raises(ValueError, match="rah_layers"):
             parse_rah_arguments({"rah_layers": bad})
+
+
+def test_a_v_update_under_gqa_takes_anchors_from_other_kv_groups(assets, tmp_path: Path) -> None:
+    """A same-group head has the target's own V rows: as the only anchor it made an all-zero adapter reported as a
+    calibration (KL 0, exit 0). Its anchors now come from the other KV group and the V rows move."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    model = gqa_llava(assets, tmp_path / "gqa_llava")
+    run_train(rah_recipe(assets, "llava", out, model_name_or_path=str(model), rah_update="v", rah_num_anchors=1,
+                         rah_layers="0-1"), tmp_path)
+    profile = json.loads((out / "rah_profile.json").read_text())
+    calibrated = [t for t in profile["targets"] if t["outcome"] == "calibrated"]
+    assert calibrated and profile["summary"]["kl_to_original"] > 0
+    for target in profile["targets"]:  # 4 query heads on 2 KV heads: heads 0-1 and 2-3 share V rows
+        head = int(target["head"].split("H")[1])
+        assert all(int(a["head"].split("H")[1]) // 2 != head // 2 for a in target["anchors"])
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights and all(".v_proj." in k for k in weights) and all(bool(w.abs().sum() > 0) for w in weights.values())
+
+
+def test_a_run_whose_steps_round_to_nothing_is_an_error(assets, tmp_path: Path) -> None:
+    """alpha_max 1e-20 moves no float32 weight (KL 0 fits any delta): no target counts as calibrated, no adapter."""
+    out = tmp_path / "out"
+    proc = run_train(rah_recipe(assets, "llava", out, rah_alpha_max=1e-20), tmp_path, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not (out / "adapter_config.json").exists()
+    profile = json.loads((out / "rah_profile.json").read_text())
+    count = profile["summary"]["targets"]
+    assert count and {t["outcome"] for t in profile["targets"]} == {"unchanged"}
+    assert (f"[llamafactory-hera] error: RAH-LoRA changed no weight: 0 of {count} targets calibrated, {count} "
+            "unchanged (the step rounds to nothing in float32); no adapter was written.") in text
+
+
+def test_rows_of_every_image_size_make_the_maps(assets, tmp_path: Path) -> None:
+    """Qwen2.5-VL on images of 4 sizes: every row has its map and the console says how many layouts there were."""
+    out = tmp_path / "out"
+    folder = mixed_size_dataset(assets, tmp_path / "data")
+    proc = run_train(rah_recipe(assets, "qwen2_5_vl", out, dataset_dir=str(folder), rah_samples=16), tmp_path)
+    summary = json.loads((out / "rah_profile.json").read_text())["summary"]
+    assert summary["samples_without_a_map"] == 0 and summary["map_layouts"] > 1
+    assert (f"the rows' images come in {summary['map_layouts']} layouts (grids of image tokens); the attention "
+            "similarity averages the per-layout map cosines, weighted by rows (no row is left out)") in proc.stdout

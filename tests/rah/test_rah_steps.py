@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from llamafactory_hera.rah.heads import anchor_candidates, similarity, targets_in_layer, top_anchors
+from llamafactory_hera.rah.heads import anchor_candidates, anchor_pool, similarity, targets_in_layer, top_anchors
 from llamafactory_hera.rah.scores import caf_scores, isal, margin_loss, standardize_per_layer
 from llamafactory_hera.rah.update import low_rank, mean_kl, search_alpha, trimmed_mean
 
@@ -124,6 +124,23 @@ def test_similarity_and_top_anchors() -> None:
         assert float(scores[i]) == pytest.approx(expected, rel=1e-5)
     assert top_anchors(torch.tensor([0.2, 0.9, 0.2]), [7, 2, 5], k=2) == [(2, pytest.approx(0.9)),
                                                                         (5, pytest.approx(0.2))]
+    # GQA: candidate 1 reads the target's own V rows (cosine 1 by construction); its weight term is cos(O) alone
+    v[1] = v[0]
+    scores = similarity(0, candidates, maps, v, o, rho=0.6, w_v=0.7, w_o=0.3, shared_v={1})
+    assert float(scores[0]) == pytest.approx(0.6 * cos(maps[0], maps[1]) + 0.4 * cos(o[0], o[1]), rel=1e-5)
+    assert float(scores[1]) == pytest.approx(0.6 * cos(maps[0], maps[3]) + 0.4 * (0.7 * cos(v[0], v[3]) + 0.3 * cos(
+        o[0], o[3])), rel=1e-5)
+
+
+def test_anchor_pool_leaves_out_the_kv_group_and_falls_back_to_adjacent_layers() -> None:
+    candidates = {0: [0, 1], 1: [], 2: [3], 4: [1, 2], 5: []}  # layer 3 is not calibrated
+    assert anchor_pool(0, 0, candidates) == (0, [(0, 0), (0, 1)])
+    assert anchor_pool(0, 0, candidates, group=2, own_group=False) == (None, [])  # heads 0-1: one KV group
+    assert anchor_pool(0, 0, candidates, group=2, own_group=False, adjacent=2) == (2, [(2, 3)])
+    assert anchor_pool(1, 2, candidates, adjacent=2) == (1, [(0, 0), (0, 1), (2, 3)])  # +-1 before +-2
+    assert anchor_pool(5, 0, candidates, adjacent=1) == (1, [(4, 1), (4, 2)])
+    assert anchor_pool(2, 0, {2: [], 4: [1]}, adjacent=1) == (None, [])  # layer 3 holds none: 4 is at distance 2
+    assert anchor_pool(2, 0, {2: [], 4: [1]}, adjacent=2) == (2, [(4, 1)])
 
 
 @pytest.mark.parametrize("k,trim,dropped", [(3, 0.1, 0), (10, 0.1, 1), (10, 0.25, 2)])
@@ -151,18 +168,26 @@ def test_low_rank_is_the_truncated_svd() -> None:
     assert low_rank(delta[:3], 8)[1].shape == (3,)  # rank capped at min(m, n)
 
 
-def test_mean_kl_equals_a_loop() -> None:
+def test_mean_kl_is_the_mean_over_samples_of_each_samples_mean() -> None:
+    """Eq. 15's expectation is over samples (x, v): a row with more probe positions weighs no more than another (the
+    pooled mean over positions differs here); a row without positions is left out."""
     generator = torch.Generator().manual_seed(8)
-    p, q = torch.randn(2, 3, 6, generator=generator), torch.randn(2, 3, 6, generator=generator)
-    positions = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool)
-    terms = []
-    for b in range(2):
-        for t in range(3):
-            if positions[b, t]:
-                pp = np.exp(p[b, t].double().numpy()) / np.exp(p[b, t].double().numpy()).sum()
-                qq = np.exp(q[b, t].double().numpy()) / np.exp(q[b, t].double().numpy()).sum()
-                terms.append(float((pp * np.log(pp / qq)).sum()))
-    assert mean_kl(p, q, positions) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    counts = [1, 4, 0, 2]
+    p = [torch.randn(n, 6, generator=generator) for n in counts]
+    q = [torch.randn(n, 6, generator=generator) for n in counts]
+    samples = []
+    for ref, cur in zip(p, q, strict=True):
+        terms = []
+        for t in range(ref.shape[0]):
+            pp = np.exp(ref[t].double().numpy()) / np.exp(ref[t].double().numpy()).sum()
+            qq = np.exp(cur[t].double().numpy()) / np.exp(cur[t].double().numpy()).sum()
+            terms.append(float((pp * np.log(pp / qq)).sum()))
+        if terms:
+            samples.append(sum(terms) / len(terms))
+    assert mean_kl(p, q) == pytest.approx(sum(samples) / len(samples), rel=1e-5)
+    pooled = sum(s * n for s, n in zip(samples, [c for c in counts if c], strict=True)) / sum(counts)
+    assert abs(mean_kl(p, q) - pooled) > 1e-3
+    assert mean_kl(p, p) == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("scale", [0.01, 0.2, 1.0, 3.0, 100.0])
@@ -192,3 +217,35 @@ def test_settings_take_the_arguments_defaults_and_values() -> None:
     assert RahSettings.from_arguments(parse_rah_arguments({}), [0, 1]) == RahSettings(layers=(0, 1))
     chosen = RahSettings.from_arguments(parse_rah_arguments({"rah_w_v": 0.5, "rah_update": "o", "rah_rank": 4}), [3])
     assert (chosen.layers, chosen.w_v, chosen.w_o, chosen.update, chosen.rank) == ((3,), 0.5, 0.5, "o", 4)
+
+
+def test_rah_samples_below_the_probes_is_refused_by_the_parser() -> None:
+    from llamafactory_hera.rah.args import parse_rah_arguments
+
+    with pytest.raises(ValueError, match=r"rah_samples: got 16; the CAF and KL probes \(rah_probe_samples: 32, "
+                                         r"rah_kl_samples: 8\) are drawn from the calibration rows, so at least 32"):
+        parse_rah_arguments({"rah_samples": 16})
+    assert parse_rah_arguments({"rah_samples": 16, "rah_probe_samples": 16}).rah_samples == 16
+
+
+def test_the_profile_reports_kl_clamped_at_zero() -> None:
+    """KL >= 0: float32 noise such as -2e-8 (measured on tiny models) is reported as 0; the order of outcomes."""
+    from llamafactory_hera.rah.calibrate import Calibration, HeadUpdate, RahSettings
+    from llamafactory_hera.rah.profile import profile_record
+    from llamafactory_hera.rah.update import TrustRegion
+
+    kept = HeadUpdate(0, 1, [(1, 2, 0.5)], 1, TrustRegion(0.15, -2e-8, ((0.15, -2e-8),)))
+    still = HeadUpdate(0, 3, [(0, 2, 0.4)], 0, TrustRegion(0.15, 0.0, ((0.15, 0.0),)), unchanged=True)
+    back = HeadUpdate(0, 0, [(0, 2, 0.3)], 0, TrustRegion(0.0, None, ((0.15, 3e-8), (0.075, -1e-9))))
+    table = torch.zeros(1, 4)
+    calibration = Calibration([0], table, table, table, [kept, still, back, HeadUpdate(0, 2, [])], ("o",), 0, 0,
+                              kl_to_original=-3e-8)
+    record = profile_record(calibration, RahSettings(layers=(0,)), {}, {}, {})
+    targets = record["targets"]
+    assert [t["outcome"] for t in targets] == ["calibrated", "unchanged", "rolled back", "no anchor"]
+    assert targets[0]["kl"] == 0.0 and targets[0]["tried"] == [{"alpha": 0.15, "kl": 0.0}]
+    assert targets[2]["tried"][1]["kl"] == 0.0 and record["summary"]["kl_to_original"] == 0.0
+    assert targets[0]["anchors"] == [{"head": "L1H2", "similarity": 0.5}] and targets[0]["anchor_distance"] == 1
+    summary = record["summary"]
+    assert (summary["calibrated"], summary["unchanged_in_model_dtype"], summary["rolled_back"],
+            summary["without_anchor"], summary["anchors_from_adjacent_layers"]) == (1, 1, 1, 1, 1)
