@@ -173,8 +173,9 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
         candidates = anchor_candidates(isal_std[row], settings.beta, exclude=chosen)
         all_heads = list(range(geometry.num_heads))
         v_all, o_all = _slices(modules[layer], all_heads, geometry)
+        layer_maps = maps[row].to(v_all.device)  # the maps are kept on the host, the weight slices on the model's
         for head in chosen:
-            scores = similarity(head, candidates, maps[row], v_all, o_all, settings.rho, settings.w_v, settings.w_o) \
+            scores = similarity(head, candidates, layer_maps, v_all, o_all, settings.rho, settings.w_v, settings.w_o) \
                 if candidates else torch.empty(0)
             updates.append(HeadUpdate(layer, head, top_anchors(scores, candidates, settings.num_anchors)))
     names = modules_for(settings, geometry)

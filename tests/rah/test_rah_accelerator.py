@@ -1,0 +1,81 @@
+"""RAH-LoRA on the simulated accelerator (tests/accelerator.py): ``stage: rah`` through LLaMA-Factory's ``run_exp``
+with the model on the device, and the calibration's parts (I-SAL, CAF gate gradients, the trust region) giving the
+CPU's values there. Host syncs of a calibration are counted by kind."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamafactory_hera.demo_rah import build_rah_recipe
+
+pytestmark = pytest.mark.accelerator
+
+# fewer rows than the demo (32 / 16 / 8): every op runs through the dispatch mode
+SMALL = {"rah_samples": 6, "rah_probe_samples": 3, "rah_kl_samples": 2}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_stage_rah_calibrates_on_the_accelerator_and_writes_the_adapter(assets, accelerator, tmp_path: Path,
+                                                                        family: str) -> None:
+    """The whole stage with the model on the device: at least one head calibrated, the adapter written; it loads
+    with PEFT on the CPU and is not zero. The host syncs of the run are counted by kind."""
+    from llamafactory.train.tuner import run_exp
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "out"
+    recipe = {**build_rah_recipe(assets, family, out), **SMALL}
+    with accelerator:
+        run_exp(recipe)
+    print(f"{family}: host syncs of the whole stage by kind: {dict(accelerator.counts)}")
+    profile = json.loads((out / "rah_profile.json").read_text())
+    assert profile["summary"]["calibrated"] >= 1, profile["summary"]
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert tensors and all(t.device.type == "cpu" for t in tensors.values())
+    assert any(bool(t.abs().sum() > 0) for name, t in tensors.items() if "lora_B" in name)
+    base = AutoModelForImageTextToText.from_pretrained(recipe["model_name_or_path"], torch_dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(out))
+    loaded = {name: p for name, p in adapted.named_parameters() if "lora_" in name}
+    assert loaded and all(p.device.type == "cpu" for p in loaded.values())
+    assert any(bool(p.abs().sum() > 0) for name, p in loaded.items() if "lora_B" in name)
+
+
+def _on_device(model: torch.nn.Module, batches: list[dict]) -> tuple[torch.nn.Module, list[dict]]:
+    """A copy of ``model`` and the batches on the simulated device (call inside the mode)."""
+    from accelerator import DEVICE
+
+    moved = [{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+    return copy.deepcopy(model).to(DEVICE), moved
+
+
+def test_isal_maps_and_gate_gradients_on_the_accelerator_equal_the_cpu(assets, accelerator, tmp_path: Path) -> None:
+    """I-SAL, the text->image maps and the CAF gate gradients of the device model are the CPU model's, bit for bit
+    (the device computes with the CPU's kernels), and come back on the host (the selection runs there)."""
+    from test_rah_model import _load
+
+    from llamafactory_hera.rah.calibrate import geometry_of
+    from llamafactory_hera.rah.probe import AttentionProfile, gate_gradients, profile_attention
+
+    model, kinds, batches = _load(assets, "qwen2_5_vl", tmp_path, samples=3)
+    geometry = geometry_of(model)
+    cpu = AttentionProfile([0, 1])
+    for batch in batches:
+        profile_attention(model, batch, [0, 1], kinds, cpu)
+    cpu_grads = [gate_gradients(model, b, [0, 1], geometry.num_heads, geometry.head_dim, kinds) for b in batches]
+    with accelerator:
+        on_device, device_batches = _on_device(model, batches)
+        profile = AttentionProfile([0, 1])
+        for batch in device_batches:
+            profile_attention(on_device, batch, [0, 1], kinds, profile)
+        grads = [gate_gradients(on_device, b, [0, 1], geometry.num_heads, geometry.head_dim, kinds)
+                 for b in device_batches]
+    assert profile.scores().device.type == "cpu" and torch.equal(profile.scores(), cpu.scores())
+    assert torch.equal(profile.maps().cpu(), cpu.maps())
+    assert all(g.device.type == "cpu" and torch.equal(g, c) for g, c in zip(grads, cpu_grads, strict=True))
+
