@@ -126,8 +126,11 @@ def _slices(module: nn.Module, heads: Iterable[int], geometry: Geometry) -> tupl
     return v, o
 
 
-def _probe_logits(model: nn.Module, batches: list[dict[str, Any]], masks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Logits at the probe's text positions after the image, float32: ``[n_positions, V]`` per batch."""
+def _probe_logits(model: nn.Module, batches: list[dict[str, Any]],
+                  masks: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+    """Logits at the probe's text positions after the image, float32: ``[n_positions, V]`` per batch. ``masks``
+    holds those positions as index tensors (``mask.nonzero(as_tuple=True)``, found once): indexing with them needs
+    no host sync, where a boolean mask would wait for the device at every alpha tried."""
     with torch.no_grad():
         return [model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[mask].float()
                 for batch, mask in zip(batches, masks, strict=True)]
@@ -135,12 +138,12 @@ def _probe_logits(model: nn.Module, batches: list[dict[str, Any]], masks: list[t
 
 def _kl(reference: list[torch.Tensor], current: list[torch.Tensor]) -> float:
     """Mean KL(reference || current) over every probe position."""
-    total, count = 0.0, 0
+    sums, count = [], 0
     for ref, cur in zip(reference, current, strict=True):
         log_p, log_q = torch.log_softmax(ref, dim=-1), torch.log_softmax(cur, dim=-1)
-        total += float((log_p.exp() * (log_p - log_q)).sum())
+        sums.append((log_p.exp() * (log_p - log_q)).sum())
         count += ref.shape[0]
-    return total / max(count, 1)
+    return sum(torch.stack(sums).tolist()) / max(count, 1) if sums else 0.0  # one host sync, not one per batch
 
 
 def modules_for(settings: RahSettings, geometry: Geometry) -> tuple[str, ...]:
@@ -179,7 +182,7 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
                 if candidates else torch.empty(0)
             updates.append(HeadUpdate(layer, head, top_anchors(scores, candidates, settings.num_anchors)))
     names = modules_for(settings, geometry)
-    masks = [token_masks(b["input_ids"], b["attention_mask"], kinds)[2] for b in kl_batches]
+    masks = [token_masks(b["input_ids"], b["attention_mask"], kinds)[2].nonzero(as_tuple=True) for b in kl_batches]
     original = _probe_logits(model, kl_batches, masks)
     reference = original
     for update in progress(updates, "calibrating targets (trust region)"):
@@ -193,7 +196,7 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
 
 def _calibrate_head(model: nn.Module, module: nn.Module, update: HeadUpdate, geometry: Geometry,
                     names: tuple[str, ...], settings: RahSettings, batches: list[dict[str, Any]],
-                    masks: list[torch.Tensor], reference: list[torch.Tensor]) -> list[torch.Tensor]:
+                    masks: list[tuple[torch.Tensor, ...]], reference: list[torch.Tensor]) -> list[torch.Tensor]:
     """Calibrate one target in place; returns the probe logits of the model as it now is."""
     anchors = [head for head, _ in update.anchors]
     v_anchor, o_anchor = _slices(module, anchors, geometry)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,40 @@ def test_isal_maps_and_gate_gradients_on_the_accelerator_equal_the_cpu(assets, a
     assert torch.equal(profile.maps().cpu(), cpu.maps())
     assert all(g.device.type == "cpu" and torch.equal(g, c) for g, c in zip(grads, cpu_grads, strict=True))
 
+
+def test_calibrate_with_the_trust_region_on_the_accelerator_equals_the_cpu(assets, accelerator,
+                                                                           tmp_path: Path) -> None:
+    """``calibrate()`` on the device with a delta tight enough that heads halve or roll back: the same targets,
+    anchors, alphas tried with their KL and the same weights as on the CPU. Its host syncs are counted by kind;
+    none is per probe batch per alpha tried (one per alpha: the KL the search compares with delta)."""
+    from test_rah_model import FORCED, _load
+
+    from llamafactory_hera.rah.calibrate import RahSettings, calibrate
+
+    model, kinds, batches = _load(assets, "llava", tmp_path, samples=7)
+    on_cpu = copy.deepcopy(model)
+    settings = RahSettings(layers=(0, 1), delta=1e-6, halvings=3, **FORCED)
+    cpu = calibrate(on_cpu, batches[:4], batches[:2], batches[4:7], settings, kinds)
+    regions = [u.region for u in cpu.updates if u.region is not None]
+    assert any(r.alpha < settings.alpha_max for r in regions), [r.tried for r in regions]  # halved or rolled back
+    with accelerator:
+        on_device, device_batches = _on_device(model, batches)
+        accelerator.reset()
+        calibration = calibrate(on_device, device_batches[:4], device_batches[:2], device_batches[4:7], settings,
+                                kinds)
+        syncs = dict(accelerator.counts)
+        where = Counter(accelerator.report().splitlines())
+        weights = {name: p.detach().cpu() for name, p in on_device.named_parameters()}
+    tries = sum(len(u.region.tried) for u in calibration.updates if u.region is not None)
+    print(f"calibrate(): {len(calibration.updates)} targets, {tries} alphas tried on 3 KL batches; host syncs by "
+          f"kind: {syncs}")
+    assert [(u.layer, u.head, [h for h, _ in u.anchors], u.region) for u in calibration.updates] == \
+        [(u.layer, u.head, [h for h, _ in u.anchors], u.region) for u in cpu.updates]
+    assert all(torch.equal(weights[name], p) for name, p in on_cpu.named_parameters())
+    # the selection and the trust region (calibrate.py, heads.py): one sync per alpha tried (the KL compared with
+    # delta), one per KL batch (its positions, found once), one per target (its anchors' similarities)
+    selection = sum(n for line, n in where.items() if "to device" not in line
+                    and any(f"llamafactory_hera/rah/{name}.py" in line for name in ("calibrate", "heads")))
+    targets = len(calibration.updates)
+    print("\n".join(f"{n} {line}" for line, n in where.most_common()))
+    assert selection == (tries + 1) + 3 + targets, where  # +1: the KL of the whole calibration
