@@ -8,7 +8,7 @@ as calibrated so far. Rolled-back heads are restored bit for bit. Shapes: V slic
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from llamafactory_hera.rah.probe import (
     token_masks,
 )
 from llamafactory_hera.rah.scores import caf_scores, standardize_per_layer
-from llamafactory_hera.rah.update import TrustRegion, low_rank, search_alpha, trimmed_mean
+from llamafactory_hera.rah.update import TrustRegion, lora_pair, low_rank, search_alpha, trimmed_mean
 
 _PAPER = RahArguments()  # the one source of the defaults
 
@@ -209,13 +209,18 @@ def _calibrate_head(model: nn.Module, module: nn.Module, update: HeadUpdate, geo
         u, s, vh = low_rank(trimmed_mean(anchor, settings.trim) - own, settings.rank)
         update.factors[name] = (u, s, vh)
         saved[name] = weight.data[index].clone()
-        steps[name] = (u * s) @ vh
+        steps[name] = (u, s, vh)
     last: dict[float, list[torch.Tensor]] = {}
 
     def set_alpha(alpha: float) -> None:
+        # The model as LLaMA-Factory loads the adapter: PEFT merges it as ``weight += B @ A`` (B, A in float32),
+        # rounded once to the model's dtype. So the step is the adapter's own product, added in float32 to the
+        # weights and rounded to their dtype: base + merged adapter equals the model this trust region accepts
+        # (in bf16 too, where the rounded step differs from the exact one; see the README's RAH-LoRA section).
         for name in names:
             weight, index, _, _ = targets[name]
-            weight.data[index] = (saved[name].float() + alpha * steps[name]).to(weight.dtype)
+            b, a = lora_pair(*steps[name], alpha)
+            weight.data[index] = (saved[name].float() + b @ a).to(weight.dtype)
 
     def kl_at(alpha: float) -> float:
         set_alpha(alpha)
@@ -223,11 +228,14 @@ def _calibrate_head(model: nn.Module, module: nn.Module, update: HeadUpdate, geo
         return _kl(reference, last[alpha])
 
     region = search_alpha(kl_at, settings.alpha_max, settings.delta, settings.halvings)
+    if not region.rolled_back:
+        set_alpha(region.alpha)
+        if all(torch.equal(targets[n][0].data[targets[n][1]], saved[n]) for n in names):  # one sync per head
+            region = replace(region, rounds_to_zero=True)  # nothing moved in the model's dtype: not calibrated
     update.region = region
     if region.rolled_back:
         for name in names:
             weight, index, _, _ = targets[name]
             weight.data[index] = saved[name]
         return reference
-    set_alpha(region.alpha)
     return last[region.alpha]

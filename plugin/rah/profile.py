@@ -31,7 +31,8 @@ def profile_record(calibration: Calibration, settings: RahSettings, identity: di
             "alpha": region.alpha if region else 0.0,
             "kl": region.kl if region else None,
             "tried": [{"alpha": a, "kl": kl} for a, kl in region.tried] if region else [],
-            "outcome": "no anchor" if region is None else "rolled back" if region.rolled_back else "calibrated",
+            "outcome": "no anchor" if region is None else "rounds to zero" if region.rounds_to_zero
+            else "rolled back" if region.rolled_back else "calibrated",
             "modules": list(calibration.modules),
         })
     calibrated = sum(1 for t in targets if t["outcome"] == "calibrated")
@@ -43,6 +44,7 @@ def profile_record(calibration: Calibration, settings: RahSettings, identity: di
         "summary": {"targets": len(targets), "calibrated": calibrated,
                     "rolled_back": sum(1 for t in targets if t["outcome"] == "rolled back"),
                     "without_anchor": sum(1 for t in targets if t["outcome"] == "no anchor"),
+                    "rounds_to_zero": sum(1 for t in targets if t["outcome"] == "rounds to zero"),
                     "kl_to_original": calibration.kl_to_original,
                     "samples_scored_on_one_half": calibration.one_sided_samples,
                     "samples_without_a_map": calibration.maps_skipped},

@@ -41,6 +41,13 @@ def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor, positions: tor
     return float((kl * weights).sum() / weights.sum().clamp(min=1))
 
 
+def lora_pair(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B ``[m, r]`` = ``alpha U sqrt(S)``, A ``[r, n]`` = ``sqrt(S) Vh``): the factors the adapter stores, so that
+    ``B @ A`` is the step PEFT adds when it merges the adapter; the trust region applies the same product."""
+    root = s.sqrt()
+    return alpha * u * root, root[:, None] * vh
+
+
 @dataclass(frozen=True)
 class TrustRegion:
     """The outcome of the alpha search for one head: ``alpha`` 0 means rolled back."""
@@ -48,10 +55,12 @@ class TrustRegion:
     alpha: float
     kl: float | None  # the measured mean KL at ``alpha`` (None when rolled back)
     tried: tuple[tuple[float, float], ...]  # (alpha, measured mean KL), in the order tried
+    rounds_to_zero: bool = False  # the accepted step leaves every weight as it was in the model's dtype (bf16)
 
     @property
     def rolled_back(self) -> bool:
-        return self.alpha == 0.0
+        """The head is left as it was: no alpha fits, or the accepted step rounds to no change."""
+        return self.alpha == 0.0 or self.rounds_to_zero
 
 
 def search_alpha(kl_at: Callable[[float], float], alpha_max: float = 0.15, delta: float = 0.05,

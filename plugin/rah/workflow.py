@@ -96,6 +96,10 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     output.mkdir(parents=True, exist_ok=True)
     factors = lora_factors(calibration, model, geometry_of(model))
     kept = [u for u in calibration.updates if u.region is not None and not u.region.rolled_back]
+    rounded = [f"L{u.layer}H{u.head}" for u in calibration.updates if u.region is not None and u.region.rounds_to_zero]
+    if rounded:
+        say(f"warning: the accepted step of {', '.join(rounded)} rounds to no change in the model's dtype "
+            f"({next(model.parameters()).dtype}); counted as not calibrated and left out of the adapter.")
     record = profile_record(calibration, settings, {
         "model_name_or_path": str(model_args.model_name_or_path), "dataset": list(data_args.dataset),
         "dataset_dir": str(data_args.dataset_dir), "template": str(data_args.template), "rows": rows,

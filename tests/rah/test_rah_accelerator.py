@@ -111,9 +111,12 @@ def test_calibrate_with_the_trust_region_on_the_accelerator_equals_the_cpu(asset
         [(u.layer, u.head, [h for h, _ in u.anchors], u.region) for u in cpu.updates]
     assert all(torch.equal(weights[name], p) for name, p in on_cpu.named_parameters())
     # the selection and the trust region (calibrate.py, heads.py): one sync per alpha tried (the KL compared with
-    # delta), one per KL batch (its positions, found once), one per target (its anchors' similarities)
+    # delta), one per KL batch (its positions, found once), one per target (its anchors' similarities), one per
+    # accepted head
     selection = sum(n for line, n in where.items() if "to device" not in line
                     and any(f"llamafactory_hera/rah/{name}.py" in line for name in ("calibrate", "heads")))
     targets = len(calibration.updates)
+    accepted = sum(1 for u in calibration.updates if u.region is not None and u.region.alpha > 0)
     print("\n".join(f"{n} {line}" for line, n in where.most_common()))
-    assert selection == (tries + 1) + 3 + targets, where  # +1: the KL of the whole calibration
+    # +1: the KL of the whole calibration; one per accepted head: did its step move any weight in the model's dtype
+    assert selection == (tries + 1) + 3 + targets + accepted, where
