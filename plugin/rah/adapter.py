@@ -16,6 +16,7 @@ from torch import nn
 
 from llamafactory_hera.rah.calibrate import Calibration, Geometry, o_columns, v_rows
 from llamafactory_hera.rah.probe import attention_modules
+from llamafactory_hera.rah.update import lora_pair
 
 
 def lora_factors(calibration: Calibration, model: nn.Module,
@@ -31,15 +32,15 @@ def lora_factors(calibration: Calibration, model: nn.Module,
         attention = modules[update.layer]
         for kind, (u, s, vh) in update.factors.items():
             linear = attention.v_proj if kind == "v" else attention.o_proj
-            root = s.sqrt()
+            b_head, a_head = lora_pair(u, s, vh, alpha)  # the trust region applied exactly this B @ A
             a = torch.zeros(len(s), linear.in_features)
             b = torch.zeros(linear.out_features, len(s))
             if kind == "v":
-                a[:] = root[:, None] * vh
-                b[v_rows(update.head, geometry)] = alpha * u * root
+                a[:] = a_head
+                b[v_rows(update.head, geometry)] = b_head
             else:
-                a[:, o_columns(update.head, geometry)] = root[:, None] * vh
-                b[:] = alpha * u * root
+                a[:, o_columns(update.head, geometry)] = a_head
+                b[:] = b_head
             pieces.setdefault(names[id(linear)], []).append((a, b))
     return {name: (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts], dim=1))
             for name, parts in pieces.items()}

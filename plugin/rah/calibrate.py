@@ -26,7 +26,7 @@ from llamafactory_hera.rah.probe import (
     token_masks,
 )
 from llamafactory_hera.rah.scores import caf_scores, standardize_per_layer
-from llamafactory_hera.rah.update import TrustRegion, low_rank, mean_kl, search_alpha, trimmed_mean
+from llamafactory_hera.rah.update import TrustRegion, lora_pair, low_rank, mean_kl, search_alpha, trimmed_mean
 
 _PAPER = RahArguments()  # the one source of the defaults
 
@@ -145,12 +145,23 @@ def _slices(module: nn.Module, heads: Iterable[int], geometry: Geometry) -> tupl
     return v, o
 
 
-def _probe_logits(model: nn.Module, batches: list[dict[str, Any]], masks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Logits at the probe's text positions after the image, float32: ``[n_positions, V]`` per sample."""
+def _probe_logits(model: nn.Module, batches: list[dict[str, Any]],
+                  positions: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Logits at the probe's text positions after the image, float32: ``[n_positions, V]`` per sample.
+    ``positions`` holds each sample's positions as an index tensor (found once, :func:`_probe_positions`):
+    indexing with it needs no host sync, where a boolean mask would wait for the device at every alpha tried."""
     with torch.no_grad():
         logits = [model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
                   for batch in batches]
-    return [rows[b][mask[b]].float() for rows, mask in zip(logits, masks, strict=True) for b in range(len(mask))]
+    return [rows[b][index].float() for rows, sample in zip(logits, positions, strict=True)
+            for b, index in enumerate(sample)]
+
+
+def _probe_positions(batches: list[dict[str, Any]], kinds: TokenKinds) -> list[list[torch.Tensor]]:
+    """Per KL probe batch, per sample, the text positions after the image as an index tensor ``[n_positions]``
+    (one host sync per sample, once per calibration)."""
+    masks = [token_masks(b["input_ids"], b["attention_mask"], kinds)[2] for b in batches]
+    return [[row.nonzero(as_tuple=True)[0] for row in mask] for mask in masks]
 
 
 def modules_for(settings: RahSettings, geometry: Geometry) -> tuple[str, ...]:
@@ -215,8 +226,8 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
             entry_of = dict(zip(flat, pool, strict=True))
             updates.append(HeadUpdate(layer, head, [(*entry_of[i], score) for i, score in best], distance))
     slices.cache_clear()
-    masks = [token_masks(b["input_ids"], b["attention_mask"], kinds)[2] for b in kl_batches]
-    if not any(bool(mask.any()) for mask in masks):
+    masks = _probe_positions(kl_batches, kinds)
+    if not any(index.numel() for sample in masks for index in sample):
         raise ValueError("RAH-LoRA: no KL probe row has text after its image, so no update could be measured; use "
                          "rows whose text follows the image.")
     original = _probe_logits(model, kl_batches, masks)
@@ -233,7 +244,7 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
 
 def _calibrate_head(model: nn.Module, modules: list[nn.Module], update: HeadUpdate, geometry: Geometry,
                     names: tuple[str, ...], settings: RahSettings, batches: list[dict[str, Any]],
-                    masks: list[torch.Tensor], reference: list[torch.Tensor]) -> list[torch.Tensor]:
+                    masks: list[list[torch.Tensor]], reference: list[torch.Tensor]) -> list[torch.Tensor]:
     """Calibrate one target in place; returns the probe logits of the model as it now is. Anchors may sit in
     another layer (the adjacent-layer fallback): their slices are read from their own layer."""
     module = modules[update.layer]
@@ -248,13 +259,18 @@ def _calibrate_head(model: nn.Module, modules: list[nn.Module], update: HeadUpda
         u, s, vh = low_rank(trimmed_mean(anchor, settings.trim) - own, settings.rank)
         update.factors[name] = (u, s, vh)
         saved[name] = weight.data[index].clone()
-        steps[name] = (u * s) @ vh
+        steps[name] = (u, s, vh)
     last: dict[float, list[torch.Tensor]] = {}
 
     def set_alpha(alpha: float) -> None:
+        # The model as LLaMA-Factory loads the adapter: PEFT merges it as ``weight += B @ A`` (B, A in float32),
+        # rounded once to the model's dtype. So the step is the adapter's own product, added in float32 to the
+        # weights and rounded to their dtype: base + merged adapter equals the model this trust region accepts
+        # (in bf16 too, where the rounded step differs from the exact one; see docs in the README's RAH-LoRA).
         for name in names:
             weight, index, _, _ = targets[name]
-            weight.data[index] = (saved[name].float() + alpha * steps[name]).to(weight.dtype)
+            b, a = lora_pair(*steps[name], alpha)
+            weight.data[index] = (saved[name].float() + b @ a).to(weight.dtype)
 
     def kl_at(alpha: float) -> float:
         set_alpha(alpha)

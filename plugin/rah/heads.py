@@ -75,5 +75,6 @@ def similarity(target: int, candidates: list[int], maps: torch.Tensor, v_slices:
 
 def top_anchors(scores: torch.Tensor, candidates: list[int], k: int = 3) -> list[tuple[int, float]]:
     """The ``k`` most similar candidates, most similar first (ties: lower head index first)."""
-    order = sorted(range(len(candidates)), key=lambda i: (-float(scores[i]), candidates[i]))
-    return [(candidates[i], float(scores[i])) for i in order[:k]]
+    values = scores.tolist()  # one host sync for the head, not one per candidate
+    order = sorted(range(len(candidates)), key=lambda i: (-values[i], candidates[i]))
+    return [(candidates[i], values[i]) for i in order[:k]]

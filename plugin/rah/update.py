@@ -40,8 +40,15 @@ def mean_kl(reference: list[torch.Tensor], current: list[torch.Tensor]) -> float
         if ref.shape[0] == 0:
             continue
         log_p, log_q = torch.log_softmax(ref.float(), dim=-1), torch.log_softmax(cur.float(), dim=-1)
-        per_sample.append(float((log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()))
-    return sum(per_sample) / max(len(per_sample), 1)
+        per_sample.append((log_p.exp() * (log_p - log_q)).sum(dim=-1).mean())
+    return float(torch.stack(per_sample).mean()) if per_sample else 0.0  # one host sync, not one per sample
+
+
+def lora_pair(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B ``[m, r]`` = ``alpha U sqrt(S)``, A ``[r, n]`` = ``sqrt(S) Vh``): the factors the adapter stores, so that
+    ``B @ A`` is the step PEFT adds when it merges the adapter; the trust region applies the same product."""
+    root = s.sqrt()
+    return alpha * u * root, root[:, None] * vh
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class TrustRegion:
 
     @property
     def rolled_back(self) -> bool:
+        """No alpha fits: the head is left as it was."""
         return self.alpha == 0.0
 
 
