@@ -313,8 +313,8 @@ def patch_for_simulated_device(monkeypatch: Any, accelerator: SimulatedAccelerat
     monkeypatch.setattr(transformers.TrainingArguments, "device",
                         property(lambda self: (self._setup_devices, DEVICE)[1]))
 
-    def keep(self: Any, value: Any) -> None:
-        self.__dict__["_reported_device"] = value
+    def keep(self: Any, value: Any) -> None:  # the state's own device, read again once the patch is undone
+        self.__dict__["device"] = value
 
     for state in (accelerate.state.PartialState, accelerate.state.AcceleratorState):
         monkeypatch.setattr(state, "device", property(lambda self: DEVICE, keep), raising=False)
@@ -323,9 +323,13 @@ def patch_for_simulated_device(monkeypatch: Any, accelerator: SimulatedAccelerat
 
     import importlib
 
-    for name in ("llamafactory.extras.misc", "llamafactory.hparams.parser",
-                 "llamafactory.model.model_utils.quantization"):
-        module = importlib.import_module(name)
+    # Import every module that binds get_current_device by name BEFORE patching: one first imported under the patch
+    # would bind the patched function, and monkeypatch would then "restore" it to that (a later CPU run would load
+    # its model on the simulated device).
+    modules = [importlib.import_module(name) for name in (
+        "llamafactory.extras.misc", "llamafactory.hparams.parser", "llamafactory.model.model_utils.quantization",
+        "llamafactory.model.model_utils.unsloth", "llamafactory.model.loader", "llamafactory.model.patcher")]
+    for module in modules:
         if hasattr(module, "get_current_device"):
             monkeypatch.setattr(module, "get_current_device", lambda: DEVICE)
 
@@ -343,6 +347,13 @@ def patch_for_simulated_device(monkeypatch: Any, accelerator: SimulatedAccelerat
         return model.to(DEVICE) if wanted is not None and _means_device(wanted) else model
 
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so that no device set up under the patches outlives them."""
+    import accelerate.state
+
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
 
 
 class StepSyncs:

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +62,19 @@ def harc_assets() -> Any:
 
 
 @pytest.fixture
-def accelerator(monkeypatch: pytest.MonkeyPatch) -> Any:
+def accelerator(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A simulated accelerator (tests/accelerator.py) with the host stack patched to place work on it.
 
     ``with accelerator: run_exp(recipe, callbacks=[StepSyncs(accelerator)])`` runs a real training on it.
     """
-    from accelerator import SimulatedAccelerator, patch_for_simulated_device
+    from accelerator import SimulatedAccelerator, patch_for_simulated_device, reset_accelerate_state
 
+    reset_accelerate_state()
     simulated = SimulatedAccelerator()
     patch_for_simulated_device(monkeypatch, simulated)
-    return simulated
+    yield simulated
+    monkeypatch.undo()
+    reset_accelerate_state()  # a later in-process run in this worker must set up the CPU again
 
 
 def harc_recipe(harc_assets: Any, family: str, output_dir: Path, **overrides: Any) -> dict[str, Any]:

@@ -121,3 +121,27 @@ def test_step_syncs_counts_per_step() -> None:
         counter.on_train_end(args, None, None)
     assert [(step, logged, counts["item"]) for step, logged, counts in counter.steps] == [
         (1, False, 1), (2, True, 2), (3, False, 3)]
+
+
+def test_a_cpu_run_after_a_device_run_is_on_the_cpu(assets, tmp_path) -> None:
+    """Nothing of the simulated device outlives its patches: a CPU run_exp after one on the device loads and trains
+    on the CPU. Failed before with "Cannot copy out of meta tensor" when LLaMA-Factory's parser was first imported
+    under the patch (it binds get_current_device by name)."""
+    import llamafactory.hparams.parser
+    from llamafactory.train.tuner import run_exp
+
+    from accelerator import patch_for_simulated_device, reset_accelerate_state
+    from conftest import base_recipe
+
+    recipe = {k: v for k, v in base_recipe(assets, "qwen2_5_vl", tmp_path / "device", max_steps=1).items()
+              if not k.startswith("hera_")} | {"stage": "sft", "save_strategy": "no"}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        reset_accelerate_state()
+        accelerator = SimulatedAccelerator()
+        patch_for_simulated_device(monkeypatch, accelerator)
+        with accelerator:
+            run_exp(recipe)
+    reset_accelerate_state()
+    assert llamafactory.hparams.parser.get_current_device().type == "cpu"
+    run_exp(recipe | {"output_dir": str(tmp_path / "cpu")})
+    assert (tmp_path / "cpu" / "trainer_state.json").is_file()
