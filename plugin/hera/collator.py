@@ -9,6 +9,13 @@ exactly what plain SFT produces. Keys added:
 - ``hera_pixel_keys``: the M identities of those rows (``teacher_cache.image_identity``), so the trainer ties
   each computed feature to its image whatever the cache holds by then. An image that appears twice in
   the batch is computed once.
+
+Once the trainer has told it the multimodal token ids and the pooling (``hera_multimodal_ids``,
+``hera_pooling``), it also computes on the CPU what the training step would otherwise ask the GPU for
+(every such question is a host sync):
+- ``hera_token_mask`` ``[B, T]`` bool, the tokens pooled into each sample's head representations;
+- ``hera_anchor_index`` ``[A]`` int64, the samples with images and pooled tokens (the loss's anchors);
+- ``hera_sample_counts``: ``[A, text-only samples, images]`` as Python ints.
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ from typing import Any
 
 import torch
 
+from llamafactory_hera.anatomy.pooling import pooled_token_mask
 from llamafactory_hera.hera.data_checks import describe_image
 from llamafactory_hera.hera.teacher import open_image
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, image_identity, image_key
 
-HERA_BATCH_KEYS = ("hera_pixel_values", "hera_pixel_keys", "hera_image_counts", "hera_image_keys")
+HERA_BATCH_KEYS = ("hera_pixel_values", "hera_pixel_keys", "hera_image_counts", "hera_image_keys", "hera_token_mask",
+                   "hera_anchor_index", "hera_sample_counts")
 
 
 class HeraCollatorMixin:
@@ -30,6 +39,8 @@ class HeraCollatorMixin:
     hera_image_processor: Any = None
     hera_feature_cache: TeacherFeatureCache | None = None
     hera_image_rows: dict[str, int] | None = None  # image path -> dataset row, for error messages
+    hera_multimodal_ids: frozenset[int] | None = None  # set by the trainer (the model's placeholder tokens)
+    hera_pooling: str = "assistant"
 
     def _open(self, image: Any) -> Any:
         try:
@@ -62,4 +73,16 @@ class HeraCollatorMixin:
         batch["hera_pixel_keys"] = todo_ids
         batch["hera_image_keys"] = keys
         batch["hera_image_counts"] = torch.tensor(counts, dtype=torch.long)
+        if self.hera_multimodal_ids is not None and "labels" in batch:
+            self._add_pooling(batch, counts)
         return batch
+
+    def _add_pooling(self, batch: dict[str, Any], counts: list[int]) -> None:
+        """The pooled tokens, the anchors and the sample counts of this batch (CPU; see the module docstring)."""
+        mask = pooled_token_mask(batch["labels"], batch["input_ids"], batch.get("attention_mask"), self.hera_pooling,
+                                 self.hera_multimodal_ids)
+        has_tokens = mask.any(-1).tolist()
+        anchors = [i for i, (n, pooled) in enumerate(zip(counts, has_tokens, strict=True)) if n > 0 and pooled]
+        batch["hera_token_mask"] = mask
+        batch["hera_anchor_index"] = torch.tensor(anchors, dtype=torch.long)
+        batch["hera_sample_counts"] = [len(anchors), counts.count(0), sum(counts)]

@@ -58,10 +58,12 @@ def gather_batch(reps: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tenso
         rank's rows, per-rank sizes).
     """
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    # The one host sync HeRA keeps in a step, under hera_gather only: the gathered batch's shape depends on every
+    # rank's anchor count, which only that rank's collator knows; one copy of the world's counts to the host.
     size = torch.tensor([reps.shape[1]], device=reps.device)
     sizes_t = [torch.zeros_like(size) for _ in range(world)]
     torch.distributed.all_gather(sizes_t, size)
-    sizes = [int(s) for s in sizes_t]
+    sizes = [int(s) for s in torch.cat(sizes_t).tolist()]
     longest = max(sizes)
     pad = longest - reps.shape[1]
     padded = torch.nn.functional.pad(reps, (0, 0, 0, pad)).contiguous()
@@ -74,13 +76,14 @@ def gather_batch(reps: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tenso
     return reps_out, teacher_out, sum(sizes[:rank]), sizes
 
 
-def all_ranks_true(flag: bool, device: torch.device) -> bool:
-    """Logical AND of ``flag`` over ranks (the flag itself outside a process group)."""
+def all_ranks_all(flag: torch.Tensor) -> torch.Tensor:
+    """Logical AND of a 0-d bool device tensor over ranks, as a device tensor (no host sync; the flag itself
+    outside a process group)."""
     if not distributed():
         return flag
-    value = torch.tensor([1 if flag else 0], device=device)
+    value = flag.to(torch.int32).reshape(1)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item())
+    return value[0].bool()
 
 
 class FeatureQueue:

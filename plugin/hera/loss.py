@@ -131,10 +131,9 @@ def hera_loss_anchored(
         a, c = F.normalize(a, dim=-1), F.normalize(c, dim=-1)
     elif similarity != "dot":
         raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
-    rows = torch.arange(anchors.shape[-2], device=a.device)
-    self_mask = torch.zeros(anchors.shape[-2], num_candidates, dtype=torch.bool, device=a.device)
-    has_self = anchor_index >= 0
-    self_mask[rows[has_self], anchor_index[has_self].to(a.device)] = True
+    # [A, C]: True at each anchor's own column (none for -1); a comparison, so no boolean-mask indexing (a sync)
+    columns = torch.arange(num_candidates, device=a.device)
+    self_mask = anchor_index.to(a.device).unsqueeze(-1) == columns
     with torch.no_grad():
         t_a = F.normalize(anchor_teacher.float(), dim=-1)
         t_c = F.normalize(candidate_teacher.float(), dim=-1)

@@ -272,7 +272,8 @@ def load_teacher(name_or_path: str, feature: str, device: torch.device | str, *,
     return _TEACHERS[key]
 
 
-def per_sample_features(image_features: torch.Tensor, image_counts: torch.Tensor) -> torch.Tensor:
+def per_sample_features(image_features: torch.Tensor, image_counts: torch.Tensor,
+                        num_images: int | None = None) -> torch.Tensor:
     """Per sample, the mean of its images' L2-normalised features.
 
     Each image's feature is L2-normalised before averaging, so that in a sample with several images every image
@@ -281,12 +282,14 @@ def per_sample_features(image_features: torch.Tensor, image_counts: torch.Tensor
     Args:
         image_features: ``[N_img, E]`` features of all images of the batch, sample by sample.
         image_counts: ``[B]`` number of images of each sample (sums to N_img).
+        num_images: N_img when the caller knows it (then nothing waits on the device for the counts' sum).
 
     Returns:
         ``[B, E]`` float32; rows of samples without images are zero.
     """
     batch = image_counts.shape[0]
-    owner = torch.repeat_interleave(torch.arange(batch, device=image_counts.device), image_counts)
+    owner = torch.repeat_interleave(torch.arange(batch, device=image_counts.device), image_counts,
+                                    output_size=num_images)
     sums = torch.zeros(batch, image_features.shape[-1], device=image_features.device, dtype=torch.float32)
     sums.index_add_(0, owner.to(image_features.device), F.normalize(image_features.float(), dim=-1))
     return sums / image_counts.to(sums.device).clamp_min(1).unsqueeze(-1).float()

@@ -56,17 +56,20 @@ class TeacherFeatureCache:
     def __contains__(self, key: str | None) -> bool:
         return self.enabled and key is not None and key in self.features
 
-    def lookup(self, keys: list[str | None], computed: torch.Tensor | None,
-               computed_ids: list[str] | None) -> torch.Tensor:
+    def lookup(self, keys: list[str | None], computed: torch.Tensor | None, computed_ids: list[str] | None,
+               device: torch.device | str | None = None) -> torch.Tensor:
         """Features of all ``keys`` in order: this batch's computed rows by identity, else the cache.
 
         Args:
             keys: one content key per image of the batch (None: not cacheable).
             computed: ``[M, E]`` teacher features of the images the collator sent through the teacher.
             computed_ids: the M identities (:func:`image_identity`) of those rows, from the collator.
+            device: where to return them (default: ``computed``'s device, or the CPU when every image was
+                cached). The cached rows travel there in one copy; computed rows new to the cache come to
+                the CPU in one copy.
 
         Returns:
-            ``[len(keys), E]`` on ``computed``'s device (or the CPU when every image was cached).
+            ``[len(keys), E]`` on ``device``.
 
         Raises:
             RuntimeError: when an image is neither computed nor cached (a collator/cache mismatch).
@@ -76,21 +79,38 @@ class TeacherFeatureCache:
         if num_computed != len(computed_ids):
             raise RuntimeError(f"HeRA teacher features: {num_computed} computed rows but {len(computed_ids)} image "
                                "identities from the collator; the batch was not built by the HeRA collator.")
-        fresh = dict(zip(computed_ids, computed if computed is not None else (), strict=True))
-        device = computed.device if computed is not None else torch.device("cpu")
-        rows: list[torch.Tensor] = []
+        if device is None:
+            device = computed.device if computed is not None else torch.device("cpu")
+        fresh = {identity: row for row, identity in enumerate(computed_ids)}
+        sources: list[tuple[str, int]] = []  # ("fresh", row of computed) or ("cached", row of the cached block)
+        cached: list[torch.Tensor] = []
+        to_cache: list[tuple[str, int]] = []
+        new_keys: set[str] = set()
         for position, key in enumerate(keys):
             identity = image_identity(key, position)
             if identity in fresh:
-                row = fresh[identity]
+                sources.append(("fresh", fresh[identity]))
                 self.misses += 1
-                if self.enabled and key is not None and key not in self.features:
-                    self.features[key] = row.detach().to("cpu")
+                if self.enabled and key is not None and key not in self.features and key not in new_keys:
+                    to_cache.append((key, fresh[identity]))
+                    new_keys.add(key)
             elif key in self:
-                row = self.features[key].to(device, non_blocking=True)
+                sources.append(("cached", len(cached)))
+                cached.append(self.features[key])
                 self.hits += 1
             else:
                 raise RuntimeError(f"HeRA teacher features: image {identity} of this batch was neither sent through "
                                    "the teacher nor found in the feature cache.")
-            rows.append(row)
-        return torch.stack(rows)
+        if to_cache:  # features stay on the CPU: one device-to-host copy for all new ones
+            assert computed is not None
+            host = computed.detach().to("cpu")
+            self.features.update({key: host[row] for key, row in to_cache})
+        block = torch.stack(cached).to(device, non_blocking=True) if cached else None
+        fresh_rows = computed.to(device) if computed is not None else None
+        if not sources:
+            width = computed.shape[-1] if computed is not None else 0
+            return torch.zeros(0, width, device=device)
+        if fresh_rows is None:
+            assert block is not None
+            return block  # every image cached: the rows are already in order
+        return torch.stack([fresh_rows[row] if kind == "fresh" else block[row] for kind, row in sources])

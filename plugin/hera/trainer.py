@@ -20,15 +20,10 @@ from torch import nn
 
 from llamafactory_hera.anatomy.capture import HeadCapture
 from llamafactory_hera.anatomy.heads import attention_geometry
-from llamafactory_hera.anatomy.pooling import (
-    multimodal_token_ids,
-    pooled_token_mask,
-    pooling_weights,
-    require_multimodal_ids,
-)
+from llamafactory_hera.anatomy.pooling import multimodal_token_ids, pooling_weights, require_multimodal_ids
 from llamafactory_hera.hera.args import HeraArguments
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS
-from llamafactory_hera.hera.contrastive import FeatureQueue, all_ranks_true, distributed, gather_batch
+from llamafactory_hera.hera.contrastive import FeatureQueue, all_ranks_all, distributed, gather_batch
 from llamafactory_hera.hera.loss import hera_loss_anchored
 from llamafactory_hera.hera.method import LOG_KEYS
 from llamafactory_hera.hera.preflight import contrastive_geometry
@@ -37,11 +32,10 @@ from llamafactory_hera.hera.teacher import load_teacher
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.temperature import TemperatureGradHandler, used_temperature
 from llamafactory_hera.hera.trainer_state import HERA_STATE_NAME, TAU_OPTIMIZER_NAME, HeraStateMixin
+from llamafactory_hera.hera.trainer_stats import HeraStatsMixin
 from llamafactory_hera.hera.trainer_teacher import HeraTeacherMixin
 
 __all__ = ["HERA_STATE_NAME", "LOG_KEYS", "TAU_OPTIMIZER_NAME", "HeraTrainerMixin"]
-# Sums since the last log, in this order (float64 on the training device).
-_STATS = ("lm", "hera", "hera_micro", "images", "text_only", "micro", "skipped", "weighted", "no_term")
 
 
 def _check_same_heads_on_every_rank(heads: list[str]) -> None:
@@ -61,7 +55,7 @@ def _collator_token_sources(collator: Any) -> dict[str, Any]:
             "mm_plugin": getattr(template, "mm_plugin", None)}
 
 
-class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin):
+class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin):
     """Mix in front of a Hugging Face ``Trainer`` subclass; pass ``hera_args=HeraArguments`` to ``__init__``."""
 
     def __init__(self, *args: Any, hera_args: HeraArguments,
@@ -95,11 +89,12 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin):
         self.hera_multimodal_ids = require_multimodal_ids(
             multimodal_token_ids(model.config, **_collator_token_sources(self.data_collator)),
             str(getattr(model.config, "model_type", "?")))
-        self._hera_stats = torch.zeros(len(_STATS), dtype=torch.float64, device=device)
-        self._hera_last_logged_step: int | None = None  # set at the first training step (resume-aware)
+        # the collator computes the pooled tokens and the anchors on the CPU (no host sync in the step)
+        self.data_collator.hera_multimodal_ids = self.hera_multimodal_ids
+        self.data_collator.hera_pooling = hera_args.hera_pooling
+        self._hera_init_stats(device)
         self.hera_summary = HeraRunSummary(hera_args, hera_data_counts)
         self._hera_warned_small_batch = False
-        self._hera_warned_nonfinite = False
 
     @property
     def hera_temperature_lr(self) -> float:
@@ -125,6 +120,7 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin):
         self._hera_precompute_teacher()
         try:
             result = super().train(*args, **kwargs)
+            self._hera_read_stats(reduce=False)  # steps after the last log: their checks, the summary's counts
             self.hera_summary.print_end(self)
             return result
         finally:
@@ -132,27 +128,27 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin):
 
     # ----------------------------------------------------------------------------- loss
     def _hera_term(self, reps: torch.Tensor, pixel_values: torch.Tensor | None, pixel_keys: list[str] | None,
-                   keys: list[str | None], counts: torch.Tensor, token_mask: torch.Tensor
-                   ) -> tuple[torch.Tensor | None, int, int, float]:
-        """HeRA loss of this rank's samples that have images and pooled tokens.
+                   keys: list[str | None], counts: torch.Tensor, anchor_index: torch.Tensor, num_valid: int
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """HeRA loss of this rank's samples that have images and pooled tokens (``anchor_index``, from the collator).
 
         Anchors are this rank's valid samples; candidates are the global batch's (``hera_gather``) plus the
         queue. Every decision that decides whether a collective runs is taken on global quantities, so all
-        ranks always agree.
+        ranks always agree. Nothing here waits on the device, except the exchange of the ranks' anchor counts
+        under ``hera_gather`` (see :func:`gather_batch`).
 
         Returns:
-            (loss or None, image samples used here, text-only samples here, 1.0 if a non-finite loss was dropped).
+            (loss, finite) or (None, None) when the batch has no term: ``loss`` 0-d float32, 0 where the loss
+            was not finite (on any rank under ``hera_gather``), ``finite`` 0-d bool on the device. A non-finite
+            loss sends no gradient (hooks zero it where it enters the heads and the temperature).
         """
         args = self.hera_args
-        has_tokens = token_mask.any(-1)
-        valid = (counts.to(has_tokens.device) > 0) & has_tokens
-        num_valid = int(valid.sum())
-        text_only = int((counts == 0).sum())
         device = reps.device
         if num_valid > 0:
-            teacher_all = self._hera_teacher_features(pixel_values, pixel_keys, keys, counts.to(device))
-            anchors = reps[:, valid.to(device)]
-            anchor_teacher = teacher_all[valid.to(teacher_all.device)].to(device).float()
+            anchor_index = anchor_index.to(device, non_blocking=True)
+            teacher_all = self._hera_teacher_features(pixel_values, pixel_keys, keys, counts.to(device), device)
+            anchors = reps.index_select(1, anchor_index)
+            anchor_teacher = teacher_all.index_select(0, anchor_index).float()
         else:
             anchors = reps[:, :0]
             anchor_teacher = torch.zeros(0, self._hera_teacher_dim, device=device)
@@ -169,25 +165,30 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin):
         self.hera_queue.push(batch_reps, batch_teacher)  # after use: the queue holds earlier batches only
         num_candidates = candidates.shape[1]
         if total_anchors == 0 or num_candidates < 3:  # 2 candidates: the other one is the positive, no negative,
-            return None, num_valid, text_only, 0.0  # so the loss would be exactly 0: not a HeRA term
+            return None, None  # so the loss would be exactly 0: not a HeRA term
         k = min(args.hera_k, num_candidates - 1)
         if k < args.hera_k and not self._hera_warned_small_batch:
             self._hera_warned_small_batch = True
             print(f"[llamafactory-hera] warning: only {num_candidates} candidates in a contrastive set, fewer than "
                   f"hera_k+1={args.hera_k + 1}; using k={k} for such batches.")
         anchor_index = offset + torch.arange(num_valid, device=device)
+        temperature = used_temperature(self.hera_log_tau)
         per_anchor = hera_loss_anchored(anchors, candidates, anchor_index, anchor_teacher, candidate_teacher, k,
-                                        used_temperature(self.hera_log_tau), args.hera_similarity)
+                                        temperature, args.hera_similarity)
         if gather:  # sum of local anchors scaled so that DDP's average over ranks is the global mean
             loss = per_anchor.sum() * (torch.distributed.get_world_size() / total_anchors) + 0.0 * candidates.sum()
         else:
             loss = per_anchor.mean()
-        finite = bool(torch.isfinite(loss))
+        # Never let a NaN/inf reach the weights, and do not wait on the device to find out: the flag stays there
+        # (counted in the stats and warned about at the next log), the loss becomes 0 and its gradient is zeroed
+        # where it enters the model (the head representations) and the temperature.
+        finite = torch.isfinite(loss)
         if gather:
-            finite = all_ranks_true(finite, device)
-        if not finite:
-            return None, num_valid, text_only, 1.0
-        return loss, num_valid, text_only, 0.0
+            finite = all_ranks_all(finite)
+        for entry in (reps, temperature):
+            if entry.requires_grad:
+                entry.register_hook(lambda grad: torch.where(finite, grad, torch.zeros_like(grad)))
+        return torch.where(finite, loss, torch.zeros_like(loss)), finite
 
     def _trainer_divides_by_accumulation(self, num_items_in_batch: Any) -> bool:
         """Mirror of ``Trainer.training_step``'s rule for dividing the loss by the accumulation steps."""
@@ -212,13 +213,18 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin):
         pixel_keys = inputs.pop("hera_pixel_keys", None)
         counts = inputs.pop("hera_image_counts", None)
         keys = inputs.pop("hera_image_keys", None)
+        token_mask = inputs.pop("hera_token_mask", None)
+        anchor_index = inputs.pop("hera_anchor_index", None)
+        sample_counts = inputs.pop("hera_sample_counts", None)
         if not model.training or counts is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+        if token_mask is None or anchor_index is None or sample_counts is None:
+            raise RuntimeError("HeRA: the batch has no hera_token_mask / hera_anchor_index / hera_sample_counts; it "
+                               "was not built by the HeRA collator after the HeRA trainer set it up.")
+        num_valid, text_only, _ = (int(n) for n in sample_counts)
         if self._hera_last_logged_step is None:
             self._hera_last_logged_step = self.state.global_step
-        token_mask = pooled_token_mask(inputs["labels"], inputs["input_ids"], inputs.get("attention_mask"),
-                                       self.hera_args.hera_pooling, self.hera_multimodal_ids)
         self.hera_capture.arm()
         try:
             lm_loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
@@ -227,35 +233,25 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin):
             reps = self.hera_capture.disarm(pooling_weights(token_mask), check_gradient=torch.is_grad_enabled())
         if reps is None:
             raise RuntimeError("HeRA hooks did not fire: the model's o_proj modules were not called in the forward.")
-        term, num_images, text_only, skipped = self._hera_term(reps, pixel_values, pixel_keys, keys, counts,
-                                                               token_mask)
-        if skipped and not self._hera_warned_nonfinite:  # never let a NaN/inf reach the weights
-            self._hera_warned_nonfinite = True
-            print("[llamafactory-hera] warning: non-finite HeRA loss; the term is skipped for such micro-batches "
-                  "(counted as hera_nonfinite_skipped in the logs). Check hera_temperature / bf16 overflow.")
+        term, finite = self._hera_term(reps, pixel_values, pixel_keys, keys, counts, anchor_index, num_valid)
         if term is None:
-            self.hera_summary.note_missing_term(num_images, text_only, int(counts.numel()), self.state.global_step)
+            self.hera_summary.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
         # The Trainer divides the returned loss by the accumulation steps unless the model already normalised it
         # over the whole accumulated batch; in that case the HeRA term is divided here, so that both terms reach
         # backward with the same 1/accumulation weight.
         trainer_divides = self._trainer_divides_by_accumulation(num_items_in_batch)
         accumulation = 1 if trainer_divides else self.current_gradient_accumulation_steps
         total = lm_loss
+        steps = self.current_gradient_accumulation_steps
+        lm = lm_loss.detach().double() / (steps if trainer_divides else 1)
+        device_part = None
         if term is not None:
             total = lm_loss + (self.hera_args.hera_lambda * term / accumulation).to(lm_loss.dtype)
-        steps = self.current_gradient_accumulation_steps
-        increment = torch.zeros(len(_STATS), dtype=torch.float64)
-        increment[2:7] = torch.tensor([float(term is not None), num_images, text_only, 1.0, skipped])
-        increment[8] = float(term is None)
-        increment = increment.to(self._hera_stats.device, non_blocking=True)
-        increment[0] = lm_loss.detach().double() / (steps if trainer_divides else 1)
-        if term is not None:
-            increment[1] = term.detach().double()
+            term_value, ok = term.detach().double(), finite.double()
             # what the term adds to the logged `loss`: lambda * term / accumulation steps, in every configuration
-            increment[7] = self.hera_args.hera_lambda * term.detach().double() / steps
-        self._hera_stats += increment
+            device_part = torch.stack([lm, term_value, ok, 1.0 - ok, self.hera_args.hera_lambda * term_value / steps])
+        self._hera_add_stats(device_part, lm, [num_valid, text_only, 1.0, float(term is None), float(term is not None)])
         self.hera_summary.micro_batches += 1
-        self.hera_summary.with_term += int(term is not None)
         return (total, outputs) if return_outputs else total
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
@@ -265,30 +261,6 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin):
 
     # ----------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs:  # a training log: same decision on every rank, so the reduction below is safe
-            temperature = used_temperature(self.hera_log_tau.detach()).double().reshape(1).to(self._hera_stats.device)
-            stats = torch.cat([self._hera_stats, temperature])
-            world = 1
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(stats)
-                world = torch.distributed.get_world_size()
-            values = dict(zip((*_STATS, "temperature"), stats.tolist(), strict=True))
-            optimizer_steps = max(self.state.global_step - (self._hera_last_logged_step or 0), 1)
-            if values["micro"] > 0:
-                # Same normalisation as the Trainer's logged `loss`: loss == lm_loss + hera_weighted_loss.
-                logs["lm_loss"] = values["lm"] / world / optimizer_steps
-                logs["hera_weighted_loss"] = values["weighted"] / world / optimizer_steps
-                logs["hera_image_samples"] = values["images"] / values["micro"]
-                logs["hera_text_only_samples"] = values["text_only"] / values["micro"]
-                if values["no_term"]:
-                    logs["hera_batches_without_term"] = values["no_term"]
-                if values["skipped"]:
-                    logs["hera_nonfinite_skipped"] = values["skipped"]
-            if values["hera_micro"] > 0:
-                logs["hera_loss"] = values["hera"] / values["hera_micro"]
-            logs["hera_temperature"] = values["temperature"] / world  # mean over ranks (equal when in sync)
-            if self.hera_queue.capacity:
-                logs["hera_queue_size"] = len(self.hera_queue)
-            self._hera_stats.zero_()
-            self._hera_last_logged_step = self.state.global_step
+        if "loss" in logs:  # a training log: same decision on every rank, so the reduction is safe
+            self._hera_log_values(logs)
         super().log(logs, *args, **kwargs)

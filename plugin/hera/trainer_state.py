@@ -19,6 +19,16 @@ HERA_STATE_NAME = "hera_state.json"
 TAU_OPTIMIZER_NAME = "hera_temperature_optimizer.pt"
 
 
+def load_on_cpu(path: str) -> Any:
+    """``torch.load`` of a HeRA checkpoint file onto the CPU; the caller moves what it restores to its device.
+
+    The files are written by a process on a GPU, so their tensors are tagged with that GPU (``cuda:0`` for rank
+    0's). Without ``map_location`` every rank would load them onto that GPU first, and a machine without it
+    (another GPU layout, a CPU-only resume) fails with "Attempting to deserialize object on a CUDA device".
+    """
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 class HeraStateMixin:
     """Saves ``hera_state.json`` (and the temperature optimizer / queue) with every checkpoint, restores on resume."""
 
@@ -56,10 +66,11 @@ class HeraStateMixin:
             return
         tau_optimizer = os.path.join(checkpoint, TAU_OPTIMIZER_NAME)
         if self._hera_tau_handler.own_optimizer is not None and os.path.isfile(tau_optimizer):
-            self._hera_tau_handler.own_optimizer.load_state_dict(torch.load(tau_optimizer, weights_only=True))
+            # load_state_dict moves each state tensor to its parameter's device (``step`` stays on the CPU)
+            self._hera_tau_handler.own_optimizer.load_state_dict(load_on_cpu(tau_optimizer))
         queue_file = os.path.join(checkpoint, f"hera_queue_rank{self.args.process_index}.pt")
         if os.path.isfile(queue_file):
-            self.hera_queue.load_state_dict(torch.load(queue_file, weights_only=True), self.args.device)
+            self.hera_queue.load_state_dict(load_on_cpu(queue_file), self.args.device)
         path = os.path.join(checkpoint, HERA_STATE_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"resume_from_checkpoint: {checkpoint} has no {HERA_STATE_NAME}; it was not "

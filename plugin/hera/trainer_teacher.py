@@ -86,11 +86,12 @@ class HeraTeacherMixin:
                   f"first step in {stats['seconds']:.1f} s ({stats['computed_here']} on this rank){moved}.")
 
     def _hera_teacher_features(self, pixel_values: torch.Tensor | None, pixel_keys: list[str] | None,
-                               keys: list[str | None], counts: torch.Tensor) -> torch.Tensor:
-        """``[B, E]`` per-sample teacher features: this batch's computed images by identity, the others cached."""
+                               keys: list[str | None], counts: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``[B, E]`` per-sample teacher features on ``device``: this batch's computed images by identity, the others
+        cached (one host-to-device copy of the cached rows)."""
         if pixel_values is not None and self._hera_teacher_to(self.args.device):
             print("[llamafactory-hera] an image missed by the precomputed teacher features: the teacher went back "
                   f"to {self.args.device} for the rest of the run.")
         computed = self.hera_teacher(pixel_values) if pixel_values is not None else None
-        image_features = self.hera_feature_cache.lookup(keys, computed, pixel_keys)
-        return per_sample_features(image_features.to(counts.device), counts)
+        image_features = self.hera_feature_cache.lookup(keys, computed, pixel_keys, device)
+        return per_sample_features(image_features, counts.to(device), num_images=len(keys))

@@ -1,0 +1,66 @@
+"""Host syncs of HeRA's training step on the simulated accelerator, against plain SFT's.
+
+A device-to-host sync stalls the CPU until the GPU has run every queued kernel, so the next kernels are launched
+late. Plain SFT (the same recipe, ``stage: sft``, no ``hera_*`` key) syncs where the Trainer logs; a HeRA step that
+does not log must add none to it. Its checks (a non-finite loss, a micro-batch without a term) are counted on
+the device and read at the logging step.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import base_recipe
+
+pytestmark = pytest.mark.accelerator
+
+STEPS = dict(max_steps=4, logging_steps=2, max_samples=32, per_device_train_batch_size=8, save_strategy="no")
+
+
+def sft_recipe(assets: Any, family: str, out: Path, **overrides: Any) -> dict[str, Any]:
+    """The HeRA recipe as plain SFT: ``stage: sft`` and no ``hera_*`` key."""
+    recipe = base_recipe(assets, family, out, **STEPS, **overrides)
+    return {**{k: v for k, v in recipe.items() if not k.startswith("hera_")}, "stage": "sft"}
+
+
+def step_syncs(accelerator: Any, recipe: dict[str, Any]) -> list[tuple[int, bool, Counter[str]]]:
+    """``StepSyncs.steps`` of one run on the device: (global step, logged, Counter of syncs by kind)."""
+    from llamafactory.train.tuner import run_exp
+
+    from accelerator import StepSyncs
+
+    counter = StepSyncs(accelerator)
+    with accelerator:
+        run_exp(recipe, callbacks=[counter])
+    return counter.steps, counter.where
+
+
+def without_copies(counts: Counter[str]) -> Counter[str]:
+    return Counter({kind: n for kind, n in counts.items() if kind != "to device"})
+
+
+@pytest.mark.parametrize("teacher", ["precomputed", "in_step"])
+def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, accelerator, tmp_path: Path, teacher: str) -> None:
+    """Step 3 (not logged): HeRA's device-to-host syncs equal SFT's (16 on this model: the Qwen2.5-VL forward's
+    and the Trainer's own). Its host-to-device copies exceed SFT's by 4 at most: the batch's three HeRA tensors
+    (image counts, pooled-token mask, anchor indices) and one copy of the cached teacher features (in_step: the
+    teacher's pixels instead).
+
+    Before (precomputed): 25 syncs, 9 more than SFT: 3 ``item`` (the trainer's two counts and its finiteness
+    check), 5 boolean masks (2 in the trainer, their backward, 2 in the loss), 1 ``repeat_interleave`` (the
+    teacher features); and 12 copies (SFT: 8).
+    """
+    hera_keys = {"precomputed": {"hera_teacher_precompute": "true"}, "in_step": {"hera_teacher_cache": False}}
+    sft, sft_where = step_syncs(accelerator, sft_recipe(assets, "qwen2_5_vl", tmp_path / "sft"))
+    hera, hera_where = step_syncs(accelerator, base_recipe(assets, "qwen2_5_vl", tmp_path / "hera", **STEPS,
+                                                           **hera_keys[teacher]))
+    print("\nSFT ", [(s, logged, dict(c)) for s, logged, c in sft])
+    print("HeRA", [(s, logged, dict(c)) for s, logged, c in hera])
+    print("HeRA step 3:\n" + hera_where[2])
+    assert [(s, logged) for s, logged, _ in hera] == [(1, False), (2, True), (3, False), (4, True)]
+    assert without_copies(hera[2][2]) == without_copies(sft[2][2]), hera_where[2]
+    assert hera[2][2]["to device"] - sft[2][2]["to device"] <= 4, hera_where[2]
