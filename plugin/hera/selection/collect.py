@@ -138,10 +138,13 @@ class PooledInputRecorder:
             handle.remove()
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair], batch_size: int, device: Any,
                  progress: bool = True) -> list[torch.Tensor]:
     """Pooled ``o_proj`` inputs with the captions alone through the text decoder.
+
+    ``torch.no_grad``, not ``inference_mode``: no graph is kept either way, and the forward also runs on the
+    tests' simulated accelerator, whose wrapper tensors inference mode cannot make (tests/accelerator.py).
 
     Returns:
         Per layer ``[N, H*d_head]`` float32 (CPU).
@@ -161,7 +164,7 @@ def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair],
         recorder.remove()
 
 
-@torch.inference_mode()
+@torch.no_grad()  # as collect_text
 def collect_multimodal(model: nn.Module, dataset: Any, collator: Any, rows: list[int], batch_size: int, device: Any,
                        progress: bool = True) -> list[torch.Tensor]:
     """Pooled ``o_proj`` inputs with image + caption through the MLLM, batches built by the SFT collator.

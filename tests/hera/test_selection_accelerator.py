@@ -1,0 +1,93 @@
+"""Head selection on the simulated accelerator (tests/accelerator.py): ``hera_heads: auto`` at the start of a HeRA
+``run_exp``, ``llamafactory-hera select`` and ``select --report RUN`` run in this process with the model loaded as
+LLaMA-Factory loads it (``device_map`` naming the device). Each scores every head with the same values as on the CPU;
+a CPU tensor meeting a device tensor raises as CUDA would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from conftest import base_recipe
+from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_heads
+
+pytestmark = pytest.mark.accelerator
+
+FAMILY = "qwen2_5_vl"
+KEYS = {"hera_select_samples": 12, "hera_k": 3, "hera_select_num_heads": 2, "hera_select_batch_size": 4}
+
+
+def _cpu_scores(assets: Any, mode: str = "text", recipe: dict[str, Any] | None = None) -> torch.Tensor:
+    """The same selection computed on the CPU, outside the simulated device (the reference)."""
+    from llamafactory_hera.patches.model_data import parse_recipe
+
+    recipe = recipe or base_recipe(assets, FAMILY, Path("/unused"))
+    options = SelectionOptions(num_samples=12, k=3, num_heads=2, batch_size=4, mode=mode, seed=int(recipe["seed"]),
+                               teacher=str(assets.teacher), device="cpu", progress=False)
+    recipe_args = parse_recipe(recipe)
+    pairs, _ = prepare(recipe_args, options)
+    return score_heads(recipe_args, options, pairs)
+
+
+@pytest.mark.parametrize("mode", ["text", "multimodal"])
+def test_auto_heads_select_on_the_device_then_train_them(assets, accelerator, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """``hera_heads: auto`` in ``run_exp`` on the device: the selection loads its model and teacher there, scores
+    every head as the CPU does, and the run trains the chosen heads."""
+    from llamafactory.train.tuner import run_exp
+
+    monkeypatch.setenv("LLAMAFACTORY_HERA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    recipe = base_recipe(assets, FAMILY, out, hera_heads="auto", hera_select_mode=mode, max_steps=1, **KEYS)
+    with accelerator:
+        run_exp(recipe)
+    record = json.loads((out / "hera_selection.json").read_text())
+    assert record["settings"]["device"] == "meta" and len(record["selected"]) == 2
+    torch.testing.assert_close(torch.tensor(record["scores"]), _cpu_scores(assets, mode), atol=1e-6, rtol=0)
+    assert json.loads((out / "hera_state.json").read_text())["heads"] == record["selected"]
+
+
+def test_select_command_scores_on_the_device(assets, accelerator, tmp_path: Path) -> None:
+    """``llamafactory-hera select RECIPE --device meta`` in this process: the model is loaded by LLaMA-Factory with
+    ``device_map`` naming the device, and the scores equal the CPU's."""
+    from llamafactory_hera.cli import main
+
+    recipe = base_recipe(assets, FAMILY, tmp_path / "out", **KEYS)
+    recipe.pop("hera_heads")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    with accelerator:
+        code = main(["select", str(path), "--device", "meta"])
+    assert code == 0
+    record = json.loads((tmp_path / "recipe.hera_selection.json").read_text())
+    assert record["settings"]["device"] == "meta"
+    torch.testing.assert_close(torch.tensor(record["scores"]), _cpu_scores(assets), atol=1e-6, rtol=0)
+    assert yaml.safe_load(path.read_text(encoding="utf-8"))["hera_heads"] == record["selected"]
+
+
+def test_report_of_a_finished_run_on_the_device(assets, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A small HeRA run trained on the CPU, then ``select --report RUN --device meta`` on the device: the before and
+    after maps equal the CPU's report of the same run. (The fixture patches the host stack for the device, so it is
+    requested after the CPU run.)"""
+    from llamafactory.train.tuner import run_exp
+
+    from llamafactory_hera.cli import main
+
+    out = tmp_path / "run"
+    run_exp(base_recipe(assets, FAMILY, out, max_steps=1, **KEYS))
+    args = ["select", "--report", str(out), "--samples", "12", "--k", "3"]
+    assert main([*args, "--device", "cpu"]) == 0
+    on_cpu = json.loads((out / "hera_report.json").read_text())
+    accelerator = request.getfixturevalue("accelerator")
+    with accelerator:
+        assert main([*args, "--device", "meta"]) == 0
+    on_device = json.loads((out / "hera_report.json").read_text())
+    for key in ("before", "after"):
+        torch.testing.assert_close(torch.tensor(on_device[key]), torch.tensor(on_cpu[key]), atol=1e-6, rtol=0)
+
