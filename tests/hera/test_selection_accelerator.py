@@ -20,6 +20,7 @@ from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, s
 pytestmark = pytest.mark.accelerator
 
 FAMILY = "qwen2_5_vl"
+COPIES_PER_BATCH = 1  # the pooled rows of every layer, in one device-to-host copy
 KEYS = {"hera_select_samples": 12, "hera_k": 3, "hera_select_num_heads": 2, "hera_select_batch_size": 4}
 
 
@@ -91,3 +92,39 @@ def test_report_of_a_finished_run_on_the_device(assets, tmp_path: Path, request:
     for key in ("before", "after"):
         torch.testing.assert_close(torch.tensor(on_device[key]), torch.tensor(on_cpu[key]), atol=1e-6, rtol=0)
 
+
+@pytest.mark.parametrize("mode", ["text", "multimodal"])
+def test_one_copy_to_the_host_per_batch(assets, accelerator, mode: str) -> None:
+    """The hooks pool every layer's ``o_proj`` input on the device; the batch's pooled rows of all layers come to the
+    host in one copy (not one per layer), and nothing else in the collection waits on the device."""
+    from llamafactory_hera.anatomy.projection import find_o_proj_modules
+    from llamafactory_hera.hera.selection import collect
+    from llamafactory_hera.hera.teacher_batch import batches_of
+    from llamafactory_hera.patches.model_data import (
+        load_model_for_scoring,
+        multimodal_dataset_and_collator,
+        parse_recipe,
+    )
+
+    recipe_args = parse_recipe(base_recipe(assets, FAMILY, Path("/unused")))
+    options = SelectionOptions(num_samples=12, k=3, batch_size=4, mode=mode, teacher=str(assets.teacher),
+                               progress=False)
+    pairs, _ = prepare(recipe_args, options)
+    batches = len(list(batches_of(pairs, options.batch_size)))
+    with accelerator:
+        model, tokenizer_module, template = load_model_for_scoring(recipe_args, "meta")
+        if mode == "multimodal":
+            dataset, collator = multimodal_dataset_and_collator(recipe_args, model, tokenizer_module, template, 0,
+                                                                [p.row for p in pairs])
+        accelerator.reset()
+        if mode == "text":
+            pooled = collect.collect_text(model, tokenizer_module["tokenizer"], pairs, 4, "meta", progress=False)
+        else:
+            pooled = collect.collect_multimodal(model, dataset, collator, list(range(len(pairs))), 4, "meta",
+                                                progress=False)
+    ours = [(kind, frame) for kind, frame in accelerator.where if "llamafactory_hera" in frame]  # not the model's
+    copies = [frame for kind, frame in ours if kind == "to host"]
+    assert len(pooled) == len(find_o_proj_modules(model)) > 1
+    assert all(p.device.type == "cpu" and p.shape[0] == len(pairs) for p in pooled)
+    assert len(copies) <= batches * COPIES_PER_BATCH, (batches, accelerator.report())
+    assert [kind for kind, _ in ours if kind not in ("to host", "to device")] == [], accelerator.report()
