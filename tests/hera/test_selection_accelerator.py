@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import base_recipe
+from conftest import base_recipe, run_train
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_heads
 
 pytestmark = pytest.mark.accelerator
@@ -66,26 +66,27 @@ def test_select_command_scores_on_the_device(assets, accelerator, tmp_path: Path
     with accelerator:
         code = main(["select", str(path), "--device", "meta"])
     assert code == 0
+    teacher_inputs = [frame for kind, frame in accelerator.where
+                      if kind == "to device" and frame.split(":")[0].endswith("hera/teacher.py")]
+    assert teacher_inputs, "the teacher's images never reached the device: its forward ran on the CPU"
     record = json.loads((tmp_path / "recipe.hera_selection.json").read_text())
     assert record["settings"]["device"] == "meta"
     torch.testing.assert_close(torch.tensor(record["scores"]), _cpu_scores(assets), atol=1e-6, rtol=0)
     assert yaml.safe_load(path.read_text(encoding="utf-8"))["hera_heads"] == record["selected"]
 
 
-def test_report_of_a_finished_run_on_the_device(assets, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """A small HeRA run trained on the CPU, then ``select --report RUN --device meta`` on the device: the before and
-    after maps equal the CPU's report of the same run. (The fixture patches the host stack for the device, so it is
-    requested after the CPU run.)"""
-    from llamafactory.train.tuner import run_exp
-
+def test_report_of_a_finished_run_on_the_device(assets, accelerator, tmp_path: Path) -> None:
+    """A small HeRA run trained on the CPU (``llamafactory-cli train``), then ``select --report RUN --device meta`` on
+    the device in this process: the before and after maps equal the CPU's report of the same run. (The CPU run is a
+    separate process: an in-process CPU ``run_exp`` after another accelerator test of the same process moved its
+    model to the simulated device in ``Trainer._move_model_to_device``.)"""
     from llamafactory_hera.cli import main
 
     out = tmp_path / "run"
-    run_exp(base_recipe(assets, FAMILY, out, max_steps=1, **KEYS))
+    run_train(base_recipe(assets, FAMILY, out, max_steps=1, **KEYS), tmp_path)
     args = ["select", "--report", str(out), "--samples", "12", "--k", "3"]
     assert main([*args, "--device", "cpu"]) == 0
     on_cpu = json.loads((out / "hera_report.json").read_text())
-    accelerator = request.getfixturevalue("accelerator")
     with accelerator:
         assert main([*args, "--device", "meta"]) == 0
     on_device = json.loads((out / "hera_report.json").read_text())
