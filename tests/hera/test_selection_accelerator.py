@@ -24,13 +24,14 @@ COPIES_PER_BATCH = 1  # the pooled rows of every layer, in one device-to-host co
 KEYS = {"hera_select_samples": 12, "hera_k": 3, "hera_select_num_heads": 2, "hera_select_batch_size": 4}
 
 
-def _cpu_scores(assets: Any, mode: str = "text", recipe: dict[str, Any] | None = None) -> torch.Tensor:
+def _cpu_scores(assets: Any, mode: str = "text", recipe: dict[str, Any] | None = None,
+                dtype: str = "float32") -> torch.Tensor:
     """The same selection computed on the CPU, outside the simulated device (the reference)."""
     from llamafactory_hera.patches.model_data import parse_recipe
 
     recipe = recipe or base_recipe(assets, FAMILY, Path("/unused"))
     options = SelectionOptions(num_samples=12, k=3, num_heads=2, batch_size=4, mode=mode, seed=int(recipe["seed"]),
-                               teacher=str(assets.teacher), device="cpu", progress=False)
+                               teacher=str(assets.teacher), device="cpu", progress=False, dtype=dtype)
     recipe_args = parse_recipe(recipe)
     pairs, _ = prepare(recipe_args, options)
     return score_heads(recipe_args, options, pairs)
@@ -54,12 +55,13 @@ def test_auto_heads_select_on_the_device_then_train_them(assets, accelerator, tm
     assert json.loads((out / "hera_state.json").read_text())["heads"] == record["selected"]
 
 
-def test_select_command_scores_on_the_device(assets, accelerator, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_select_command_scores_on_the_device(assets, accelerator, tmp_path: Path, bf16: bool) -> None:
     """``llamafactory-hera select RECIPE --device meta`` in this process: the model is loaded by LLaMA-Factory with
-    ``device_map`` naming the device, and the scores equal the CPU's."""
+    ``device_map`` naming the device, and the scores equal the CPU's (a ``bf16: true`` recipe: in bfloat16 on both)."""
     from llamafactory_hera.cli import main
 
-    recipe = base_recipe(assets, FAMILY, tmp_path / "out", **KEYS)
+    recipe = base_recipe(assets, FAMILY, tmp_path / "out", bf16=bf16 or None, **KEYS)
     recipe.pop("hera_heads")
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
@@ -70,8 +72,9 @@ def test_select_command_scores_on_the_device(assets, accelerator, tmp_path: Path
                       if kind == "to device" and frame.split(":")[0].endswith("hera/teacher.py")]
     assert teacher_inputs, "the teacher's images never reached the device: its forward ran on the CPU"
     record = json.loads((tmp_path / "recipe.hera_selection.json").read_text())
-    assert record["settings"]["device"] == "meta"
-    torch.testing.assert_close(torch.tensor(record["scores"]), _cpu_scores(assets), atol=1e-6, rtol=0)
+    dtype = "bfloat16" if bf16 else "float32"
+    assert record["settings"]["device"] == "meta" and record["settings"]["dtype"] == dtype
+    torch.testing.assert_close(torch.tensor(record["scores"]), _cpu_scores(assets, dtype=dtype), atol=1e-6, rtol=0)
     assert yaml.safe_load(path.read_text(encoding="utf-8"))["hera_heads"] == record["selected"]
 
 
