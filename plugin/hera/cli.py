@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.hera.selection.select import MODES, STRATEGIES
+from llamafactory_hera.hera.selection.select import DTYPES, MODES, STRATEGIES
 
 # command-line options that fall back to a recipe key (the same keys hera_heads: auto reads):
 # (flag, type, recipe key, what it sets)
@@ -62,6 +62,10 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
                         help="sampling seed (default: the recipe's seed, else 42, the Trainer's default, as "
                         "hera_heads: auto uses)")
     select.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    select.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="the model's dtype while scoring (default: the recipe's, or with --report the run's: "
+                        "bfloat16 with bf16: true or pure_bf16: true, float16 with fp16: true, else float32; pooled "
+                        "representations, teacher features and neighbours are float32 in every case)")
     select.add_argument("--dataset", default=None, help="comma-separated dataset names from the recipe's "
                         "dataset_dir (default: the recipe's dataset; with --report, use held-out data here)")
     select.add_argument("--output", type=Path, default=None, help="write a new recipe here instead of editing RECIPE")
@@ -88,7 +92,7 @@ def options_from(args: Any, recipe: dict[str, Any]) -> Any:
     """SelectionOptions from the command line, falling back to the recipe's hera_* keys (the same keys
     ``hera_heads: auto`` reads, so both choose the same heads for the same recipe)."""
     from llamafactory_hera.hera.args import parse_hera_arguments
-    from llamafactory_hera.hera.selection.select import SelectionOptions
+    from llamafactory_hera.hera.selection.select import SelectionOptions, scoring_dtype
 
     hera = parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")}, require_heads=False)
     value = {}
@@ -102,5 +106,6 @@ def options_from(args: Any, recipe: dict[str, Any]) -> Any:
         batch_size=value["hera_select_batch_size"], device=args.device, k=value["hera_k"],
         teacher=value["hera_teacher"], teacher_feature=hera.hera_teacher_feature, clamp=value["hera_select_clamp"],
         dataset=[d.strip() for d in args.dataset.split(",")] if args.dataset else None,
+        dtype=getattr(args, "dtype", None) or scoring_dtype(recipe),
     )
 

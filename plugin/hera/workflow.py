@@ -91,18 +91,21 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
     rows, counts = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
     if hera_args.auto_heads:
         from llamafactory_hera.hera.selection.auto import resolve_auto_heads
+        from llamafactory_hera.hera.selection.select import scoring_dtype
         from llamafactory_hera.patches.model_data import RecipeArgs
 
+        precision = {"bf16": training_args.bf16, "fp16": training_args.fp16, "pure_bf16": finetuning_args.pure_bf16}
         hera_args.hera_heads = resolve_auto_heads(
             RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,
-            str(training_args.device), training_args.output_dir, training_args.process_index == 0)
+            str(training_args.device), training_args.output_dir, training_args.process_index == 0,
+            dtype=scoring_dtype(precision))
     collator, trainer = _hera_classes(host, hera_args, rows, counts)
     if training_args.should_save:
         _write_run_record(training_args.output_dir, hera_args, (
             (model_args, ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),
             (data_args, ("template", "dataset", "eval_dataset", "dataset_dir", "media_dir", "cutoff_len")),
-            (finetuning_args, ("finetuning_type",)),
-            (training_args, ("seed", "output_dir"))))
+            (finetuning_args, ("finetuning_type", "pure_bf16")),
+            (training_args, ("seed", "output_dir", "bf16", "fp16"))))
     try:
         host.run(collator, trainer, model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
     except OSError as err:  # e.g. PIL's UnidentifiedImageError in the host's preprocessing

@@ -2,9 +2,10 @@
 
 Other ranks receive the result by broadcast. A result is cached (``$LLAMAFACTORY_HERA_CACHE``,
 default ``~/.cache/llamafactory_hera/selection``) under a key made of everything the scores
-depend on: model and adapter files, teacher, calibration data, sample count, k, mode, seed and
-teacher feature. The random state of the run is restored afterwards, so a cache hit and a miss
-train identically.
+depend on: model and adapter files, teacher, calibration data, sample count, k, mode, seed,
+teacher feature, clamp and the scoring dtype (the run's: bfloat16 with ``bf16: true``, see
+:func:`llamafactory_hera.hera.selection.select.scoring_dtype`). The random state of the run is
+restored afterwards, so a cache hit and a miss train identically.
 """
 
 from __future__ import annotations
@@ -57,13 +58,13 @@ def preserved_random_state() -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-def options_for_training(hera_args: HeraArguments, seed: int, device: str) -> SelectionOptions:
-    """Selection settings of a run: the hera_select_* keys, hera_k, the teacher and the run's seed."""
+def options_for_training(hera_args: HeraArguments, seed: int, device: str, dtype: str) -> SelectionOptions:
+    """Selection settings of a run: the hera_select_* keys, hera_k, the teacher, the run's seed and scoring dtype."""
     return SelectionOptions(num_samples=hera_args.hera_select_samples, num_heads=hera_args.hera_select_num_heads,
                             strategy=hera_args.hera_select_strategy, mode=hera_args.hera_select_mode, seed=seed,
                             batch_size=hera_args.hera_select_batch_size, device=device, k=hera_args.hera_k,
                             teacher=hera_args.hera_teacher, teacher_feature=hera_args.hera_teacher_feature,
-                            clamp=hera_args.hera_select_clamp, progress=True)
+                            clamp=hera_args.hera_select_clamp, progress=True, dtype=dtype)
 
 
 def select_with_cache(recipe_args: Any, options: SelectionOptions) -> tuple[SelectionResult, bool]:
@@ -86,8 +87,12 @@ def select_with_cache(recipe_args: Any, options: SelectionOptions) -> tuple[Sele
 
 
 def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, device: str, output_dir: str,
-                       is_main: bool) -> list[str]:
-    """Run (or reuse) the selection on the main process and share the heads with every rank."""
+                       is_main: bool, *, dtype: str) -> list[str]:
+    """Run (or reuse) the selection on the main process and share the heads with every rank.
+
+    ``dtype``: the run's scoring dtype, :func:`llamafactory_hera.hera.selection.select.scoring_dtype` of its
+    ``bf16`` / ``pure_bf16`` / ``fp16`` settings (what ``llamafactory-hera select`` reads from the recipe).
+    """
     payload: list[Any] = [None, None]
     if is_main:
         try:
@@ -96,7 +101,7 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
             from llamafactory_hera.patches.deepspeed import zero3_init_disabled
 
             with preserved_random_state(), zero3_init_disabled():  # score an unpartitioned copy on rank 0
-                result, cached = select_with_cache(args, options_for_training(hera_args, seed, device))
+                result, cached = select_with_cache(args, options_for_training(hera_args, seed, device, dtype))
             _record(result, cached, output_dir)
             payload = [result.selected, None]
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below

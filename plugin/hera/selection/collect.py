@@ -108,13 +108,18 @@ def sample_pairs(pairs: list[CalibrationPair], num_samples: int, seed: int, k: i
 class PooledInputRecorder:
     """Hooks on every layer's ``o_proj`` that pool its input ``[B, T, H*d_head]`` with per-sample weights.
 
-    Pooling happens inside the hook (inference only), so memory is ``[B, H*d_head]`` per layer and batch.
+    Pooling happens inside the hook (inference only), on the model's device, in float32: memory is
+    ``[B, H*d_head]`` per layer and batch. After each forward :meth:`flush` brings the batch's pooled rows of all
+    layers to the host in ONE copy (``[B, sum of widths]``), not one per layer: on an accelerator each copy waits
+    for the device.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.o_projs = find_o_proj_modules(model)
         self.weights: torch.Tensor | None = None
-        self.batches: list[list[torch.Tensor]] = [[] for _ in self.o_projs]
+        self.widths: list[int] = []
+        self.batches: list[torch.Tensor] = []  # per batch [B, sum of widths], float32, CPU
+        self._pending: list[torch.Tensor | None] = [None] * len(self.o_projs)
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.o_projs)]
 
     def _hook(self, layer: int):
@@ -123,14 +128,27 @@ class PooledInputRecorder:
             if self.weights is None or x.shape[:2] != self.weights.shape:
                 raise RuntimeError(f"o_proj input of layer {layer} has shape {tuple(x.shape)}, pooling mask "
                                    f"{None if self.weights is None else tuple(self.weights.shape)}")
-            pooled = torch.einsum("bt,btc->bc", self.weights.to(x.device), x.float())
-            self.batches[layer].append(pooled.cpu())
+            if self._pending[layer] is not None:
+                raise RuntimeError(f"o_proj of layer {layer} ran twice in one forward")
+            self._pending[layer] = torch.einsum("bt,btc->bc", self.weights.to(x.device), x.float())
 
         return hook
 
+    def flush(self) -> None:
+        """After one forward: the batch's pooled rows of every layer, concatenated on the device, copied to the
+        host once."""
+        missing = [layer for layer, pooled in enumerate(self._pending) if pooled is None]
+        if missing:
+            raise RuntimeError(f"o_proj of layer(s) {missing} did not run in the forward")
+        pending = [pooled for pooled in self._pending if pooled is not None]
+        self.widths = [pooled.shape[-1] for pooled in pending]
+        self.batches.append(torch.cat(pending, dim=-1).cpu())
+        self._pending = [None] * len(self.o_projs)
+
     def result(self) -> list[torch.Tensor]:
         """Per layer ``[N, H*d_head]`` float32 on CPU, in the order samples were fed."""
-        return [torch.cat(chunks) for chunks in self.batches]
+        merged = torch.cat(self.batches)  # [N, sum of widths]
+        return [part.contiguous() for part in merged.split(self.widths, dim=-1)]
 
     def remove(self) -> None:
         """Remove the hooks."""
@@ -138,10 +156,13 @@ class PooledInputRecorder:
             handle.remove()
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair], batch_size: int, device: Any,
                  progress: bool = True) -> list[torch.Tensor]:
     """Pooled ``o_proj`` inputs with the captions alone through the text decoder.
+
+    ``torch.no_grad``, not ``inference_mode``: no graph is kept either way, and the forward also runs on the
+    tests' simulated accelerator, whose wrapper tensors inference mode cannot make (tests/accelerator.py).
 
     Returns:
         Per layer ``[N, H*d_head]`` float32 (CPU).
@@ -156,12 +177,13 @@ def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair],
             mask = encoded["attention_mask"].bool() & ~encoded["special_tokens_mask"].bool()
             recorder.weights = pooling_weights(mask).to(device)
             decoder(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))
+            recorder.flush()
         return recorder.result()
     finally:
         recorder.remove()
 
 
-@torch.inference_mode()
+@torch.no_grad()  # as collect_text
 def collect_multimodal(model: nn.Module, dataset: Any, collator: Any, rows: list[int], batch_size: int, device: Any,
                        progress: bool = True) -> list[torch.Tensor]:
     """Pooled ``o_proj`` inputs with image + caption through the MLLM, batches built by the SFT collator.
@@ -183,6 +205,7 @@ def collect_multimodal(model: nn.Module, dataset: Any, collator: Any, rows: list
                                      multimodal)
             recorder.weights = pooling_weights(mask).to(device)
             model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+            recorder.flush()
         return recorder.result()
     finally:
         recorder.remove()

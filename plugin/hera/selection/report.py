@@ -18,9 +18,10 @@ import numpy as np
 from llamafactory_hera.anatomy.head_plots import format_head_table, plot_before_after
 from llamafactory_hera.anatomy.heads import parse_head
 from llamafactory_hera.anatomy.recipe_edit import write_text_atomic
-from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_heads
+from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_heads, scoring_dtype
 from llamafactory_hera.hera.workflow import HERA_RUN_RECORD as RUN_RECORD
 
+PRECISION = ("bf16", "fp16", "pure_bf16")  # the run's precision keys in hera_run.json: the scoring dtype
 REPORT_JSON = "hera_report.json"
 REPORT_PNG = "hera_report.png"
 
@@ -39,7 +40,7 @@ def _run_recipe(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     host = record.get("host")
     if not host:
         raise ValueError(f"--report: {path} predates run reports (no 'host' section); re-run training to report")
-    recipe = {k: v for k, v in host.items() if k not in {"seed", "output_dir"} and v is not None}
+    recipe = {k: v for k, v in host.items() if k not in {"seed", "output_dir", *PRECISION} and v is not None}
     if "adapter_name_or_path" in recipe:  # LLaMA-Factory parses a comma-separated string
         recipe["adapter_name_or_path"] = ",".join(_as_list(recipe["adapter_name_or_path"]))
     recipe["stage"] = "sft"
@@ -93,7 +94,8 @@ def run_report(args: Any) -> dict[str, Any]:
                                batch_size=args.batch_size or hera.hera_select_batch_size, device=args.device,
                                k=args.k or hera.hera_k, teacher=args.teacher or hera.hera_teacher,
                                teacher_feature=hera.hera_teacher_feature, dataset=datasets,
-                               clamp=args.clamp if args.clamp is not None else hera.hera_select_clamp)
+                               clamp=args.clamp if args.clamp is not None else hera.hera_select_clamp,
+                               dtype=getattr(args, "dtype", None) or scoring_dtype(record["host"]))
     base_args = parse_recipe(recipe)
     pairs, identity = prepare(base_args, options)
     before = score_heads(base_args, options, pairs).numpy()
@@ -104,7 +106,7 @@ def run_report(args: Any) -> dict[str, Any]:
     report = {"run_dir": str(run_dir), "heads": list(hera.hera_heads), "before": before.tolist(),
               "after": after.tolist(), "summary": rows, "num_pairs": len(pairs), "identity": identity,
               "settings": {"num_samples": options.num_samples, "num_samples_used": len(pairs), "k": options.k,
-                           "mode": options.mode, "seed": seed, "clamp": options.clamp}}
+                           "mode": options.mode, "seed": seed, "clamp": options.clamp, "dtype": options.dtype}}
     write_text_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
     plot_before_after(before, after, selected, run_dir / REPORT_PNG,
                       f"MKNN per head before/after HeRA ({options.mode}, {len(pairs)} pairs, k={options.k})")

@@ -136,6 +136,6 @@ def all_head_scores(pooled: list[torch.Tensor], weights: list[torch.Tensor], tea
     """
     device = device or teacher.device
     teacher_knn = knn_indices(clamp_outliers(teacher.to(device).float(), clamp), k)
-    rows = [layer_head_scores(p.to(device), w.to(device), teacher_knn, k, head_dim, clamp=clamp).cpu()
+    rows = [layer_head_scores(p.to(device), w.to(device), teacher_knn, k, head_dim, clamp=clamp)
             for p, w in zip(pooled, weights, strict=True)]
-    return torch.stack(rows)
+    return torch.stack(rows).cpu()  # one device-to-host copy for every layer

@@ -3,6 +3,16 @@
 Bad input fails before the model's weights are loaded: options, teacher, data (at least k+1
 usable pairs) and the model's structure (``o_proj`` in every decoder layer, checked on an
 empty meta-device copy built from the config).
+
+One stated dtype (:func:`scoring_dtype`), the same for ``llamafactory-hera select``, ``hera_heads: auto`` and
+``select --report``: the language model runs in the recipe's compute dtype, i.e. bfloat16 when the recipe sets
+``bf16: true`` (or ``pure_bf16``), float16 with ``fp16: true``, else float32, whatever the device and the
+checkpoint's dtype. That is the precision training computes the heads in (bf16 autocast or bf16 weights), and the
+model costs the memory training's weights cost. Pooled head inputs, effective ``o_proj`` weights, teacher features,
+Gram matrices and neighbours are float32 in every case. Not LLaMA-Factory's inference default: that loads the
+checkpoint's dtype (``torch_dtype="auto"``) and infers a device-dependent compute dtype (fp16 on a GPU for an fp32
+checkpoint), so ``select`` on a GPU, ``select`` on the CPU and ``auto`` in a bf16 run could score differently. The
+dtype is in the record's settings and in the cache key.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from llamafactory_hera.hera.teacher_batch import teacher_batch_size
 
 STRATEGIES = ("worst", "best", "random")
 MODES = ("text", "multimodal")
+DTYPES = ("float32", "bfloat16", "float16")
 RECORD_VERSION = 1
 
 
@@ -48,6 +59,7 @@ class SelectionOptions:
     dataset: list[str] | None = None  # default: the recipe's datasets
     progress: bool = True
     clamp: float = 0.95  # PRH's outlier clamp quantile (0: off)
+    dtype: str = "float32"  # the language model's dtype while scoring (scoring_dtype); the rest is float32
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the option, the value and the allowed values."""
@@ -55,6 +67,8 @@ class SelectionOptions:
             raise ValueError(f"--strategy: got {self.strategy!r}; allowed values are {', '.join(STRATEGIES)}.")
         if self.mode not in MODES:
             raise ValueError(f"--mode: got {self.mode!r}; allowed values are {', '.join(MODES)}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype: got {self.dtype!r}; allowed values are {', '.join(DTYPES)}.")
         bounds = (("--heads", self.num_heads, 1), ("--k", self.k, 1), ("--batch-size", self.batch_size, 1),
                   ("--samples", self.num_samples, 2))
         for name, value, low in bounds:
@@ -68,6 +82,19 @@ class SelectionOptions:
     def resolved_device(self) -> str:
         """``device`` or the first CUDA device when available, else CPU."""
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _on(value: Any) -> bool:
+    """A recipe's boolean (YAML gives a bool; a command-line override may give a string)."""
+    return value.strip().lower() in ("true", "1", "yes") if isinstance(value, str) else bool(value)
+
+
+def scoring_dtype(precision: Any) -> str:
+    """The dtype heads are scored in, from a recipe's precision keys (``bf16``, ``pure_bf16``, ``fp16``; a mapping):
+    ``bfloat16`` with ``bf16`` or ``pure_bf16``, ``float16`` with ``fp16``, else ``float32`` (see the module doc)."""
+    if _on(precision.get("bf16")) or _on(precision.get("pure_bf16")):
+        return "bfloat16"
+    return "float16" if _on(precision.get("fp16")) else "float32"
 
 
 @dataclass
@@ -197,12 +224,13 @@ def settings_of(options: SelectionOptions, device: str) -> dict[str, Any]:
     """The options that change the scores (plus device and batch size, for the record)."""
     return {"num_samples": options.num_samples, "k": options.k, "mode": options.mode, "seed": options.seed,
             "teacher_feature": options.teacher_feature, "num_heads": options.num_heads,
-            "strategy": options.strategy, "batch_size": options.batch_size, "device": device, "clamp": options.clamp}
+            "strategy": options.strategy, "batch_size": options.batch_size, "device": device, "clamp": options.clamp,
+            "dtype": options.dtype}
 
 
 def cache_key(settings: dict[str, Any], identity: dict[str, Any]) -> str:
-    """Key of a cached result: everything that changes the scores."""
-    scoring = {k: settings[k] for k in ("num_samples", "k", "mode", "seed", "teacher_feature", "clamp")}
+    """Key of a cached result: everything that changes the scores (the scoring dtype included)."""
+    scoring = {k: settings[k] for k in ("num_samples", "k", "mode", "seed", "teacher_feature", "clamp", "dtype")}
     return hashlib.sha256(json.dumps([scoring, identity], sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -249,12 +277,34 @@ def tied_share(scores: torch.Tensor) -> float:
     return sum(1 for value in flat if counts[value] > 1) / max(len(flat), 1)
 
 
+def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str) -> tuple[Any, dict[str, Any], Any]:
+    """(model, tokenizer module, template) loaded the way LLaMA-Factory loads them, the model in ``dtype``.
+
+    LLaMA-Factory's compute dtype is set to ``dtype`` (the compute dtype of a quantized model) and a model whose
+    floating weights load in another dtype (``torch_dtype="auto"``: the checkpoint's) is cast to it; a quantized
+    model keeps its storage. ``recipe_args`` is left as it was.
+    """
+    import copy
+
+    from llamafactory_hera.patches.model_data import load_model_for_scoring
+
+    wanted = getattr(torch, dtype)
+    args = copy.copy(recipe_args)
+    args.model_args = copy.copy(recipe_args.model_args)
+    args.model_args.compute_dtype = wanted
+    model, tokenizer_module, template = load_model_for_scoring(args, device)
+    floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if not getattr(model, "quantization_method", None) and floating - {wanted}:
+        model = model.to(wanted)
+    return model, tokenizer_module, template
+
+
 def score_heads(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> torch.Tensor:
-    """Load the model the way LLaMA-Factory does and return ``[L, H]`` MKNN scores (CPU)."""
-    from llamafactory_hera.patches.model_data import load_model_for_scoring, multimodal_dataset_and_collator
+    """Load the model the way LLaMA-Factory does, in ``options.dtype``, and return ``[L, H]`` MKNN scores (CPU)."""
+    from llamafactory_hera.patches.model_data import multimodal_dataset_and_collator
 
     device = options.resolved_device()
-    model, tokenizer_module, template = load_model_for_scoring(recipe_args, device)
+    model, tokenizer_module, template = load_in_scoring_dtype(recipe_args, device, options.dtype)
     geometry = attention_geometry(model.config)
     if options.mode == "text":
         pooled = collect.collect_text(model, tokenizer_module["tokenizer"], pairs, options.batch_size, device,
