@@ -19,7 +19,8 @@ import torch
 
 from llamafactory_hera.harc.data import ROLE_HARMFUL, EncodedRow
 
-BATCH_KEYS = ("harc_response_mask", "harc_t_inst", "harc_t_post", "harc_role")
+BATCH_KEYS = ("harc_response_mask", "harc_t_inst", "harc_t_post", "harc_role", "harc_harmful_rows",
+              "harc_retain_rows")
 
 
 class ComposedMicroBatches(torch.utils.data.Dataset):
@@ -57,7 +58,9 @@ def collate_rows(rows: list[tuple[int, EncodedRow]], pad_id: int) -> dict[str, t
 
     ``input_ids`` / ``attention_mask`` ``[B, T]``; ``labels`` ``[B, T]``: the response ids on harmful rows (the CE
     target; not yet shifted), -100 elsewhere; ``harc_response_mask`` ``[B, T]``: 1 on every row's response tokens;
-    ``harc_t_inst`` / ``harc_t_post`` ``[B]``; ``harc_role`` ``[B]`` (0 harmful, 1 harmless, 2 pseudo).
+    ``harc_t_inst`` / ``harc_t_post`` ``[B]``; ``harc_role`` ``[B]`` (0 harmful, 1 harmless, 2 pseudo);
+    ``harc_harmful_rows`` ``[H]`` / ``harc_retain_rows`` ``[B - H]``: the indices of the harmful / other rows, known
+    here on the host so that the training step selects rows without reading its roles back from the device.
     """
     width = max(len(row.prompt_ids) + len(row.response_ids) for _, row in rows)
     size = len(rows)
@@ -76,8 +79,12 @@ def collate_rows(rows: list[tuple[int, EncodedRow]], pad_id: int) -> dict[str, t
         if role == ROLE_HARMFUL and answer:
             labels[i, prompt:prompt + answer] = torch.tensor(row.response_ids, dtype=torch.long)
         t_inst[i], t_post[i], roles[i] = row.t_inst, row.t_post, role
+    harmful = [i for i, (role, _) in enumerate(rows) if role == ROLE_HARMFUL]
+    retain = [i for i, (role, _) in enumerate(rows) if role != ROLE_HARMFUL]
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "harc_response_mask": response,
-            "harc_t_inst": t_inst, "harc_t_post": t_post, "harc_role": roles}
+            "harc_t_inst": t_inst, "harc_t_post": t_post, "harc_role": roles,
+            "harc_harmful_rows": torch.tensor(harmful, dtype=torch.long),
+            "harc_retain_rows": torch.tensor(retain, dtype=torch.long)}
 
 
 class HarcCollator:

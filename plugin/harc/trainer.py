@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 from llamafactory_hera.harc.args import HarcArguments
 from llamafactory_hera.harc.batches import BATCH_KEYS
 from llamafactory_hera.harc.data import ROLE_HARMFUL
+from llamafactory_hera.harc.directions import Directions
 from llamafactory_hera.harc.losses import coupling_loss, kl_to_reference, refusal_cross_entropy
 from llamafactory_hera.harc.residuals import StepCapture, reading_layers, response_window
 from llamafactory_hera.harc.state import HarcState
@@ -114,30 +115,50 @@ class HarcTrainerMixin:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         capture.read(state.layers)
         logits = outputs.logits
-        couple = coupling_loss(capture.post, capture.inst, state.current.v_ref, state.current.v_harm, harmful,
+        directions = self._harc_directions(logits.device)
+        couple = coupling_loss(capture.post, capture.inst, directions.v_ref, directions.v_harm, harmful,
                                args.harc_margin)
         zero = logits.new_zeros((), dtype=torch.float32)
         couple_resp = zero
         if coupled_response:
-            couple_resp = coupling_loss(capture.response, capture.response, state.current.v_ref_resp,
-                                        state.current.v_harm_resp, harmful, args.harc_margin)
-        retain = (~harmful).nonzero(as_tuple=True)[0]
+            couple_resp = coupling_loss(capture.response, capture.response, directions.v_ref_resp,
+                                        directions.v_harm_resp, harmful, args.harc_margin)
+        retain = extras["harc_retain_rows"]  # row indices from the collator: no nonzero (a host sync) in the step
         kl = zero
         if retain.numel():
             with torch.no_grad(), inner.disable_adapter():
                 reference = inner(input_ids=inputs["input_ids"][retain],
                                   attention_mask=inputs["attention_mask"][retain], use_cache=False).logits
             kl = kl_to_reference(logits[retain], reference, response[retain].to(logits.device))
-        chosen = harmful.nonzero(as_tuple=True)[0]
+        chosen = extras["harc_harmful_rows"]
         ce = refusal_cross_entropy(logits[chosen], labels[chosen]) if chosen.numel() else zero
         terms = torch.stack([couple.float(), couple_resp.float(), kl.float(), ce.float()])
-        weights = torch.tensor([args.harc_weight_couple, args.harc_weight_couple_resp, args.harc_weight_kl,
-                                args.harc_weight_ce], device=terms.device)
-        total = (weights * terms).sum()
+        total = (self._harc_weights(terms.device) * terms).sum()
         # summed on the training device: no host synchronisation in the step (read at logging only)
         step = torch.cat([terms.detach().double(), terms.new_ones(1, dtype=torch.float64)])
         self._harc_sums = self._harc_sums.to(step.device) + step
         return (total, outputs) if return_outputs else total
+
+    def _harc_directions(self, device: torch.device) -> Directions:
+        """The state's current directions (kept on the CPU) on ``device``: copied in one transfer when they change
+        (base, refresh, resume), not per layer and micro-batch."""
+        current = self.harc_state.current
+        cached = getattr(self, "_harc_on_device", None)
+        if cached is None or cached[0] is not current or cached[1] != device:
+            tensors = current.tensors()
+            moved = torch.stack(list(tensors.values())).to(device).unbind(0)  # [K, L, D] -> K x [L, D]
+            cached = self._harc_on_device = (current, device, Directions(**dict(zip(tensors, moved, strict=True))))
+        return cached[2]
+
+    def _harc_weights(self, device: torch.device) -> torch.Tensor:
+        """``[4]`` float32 weights of :data:`_TERMS` on ``device`` (copied once)."""
+        cached = getattr(self, "_harc_weight_tensor", None)
+        if cached is None or cached.device != device:
+            args = self.harc_args
+            cached = self._harc_weight_tensor = torch.tensor(
+                [args.harc_weight_couple, args.harc_weight_couple_resp, args.harc_weight_kl, args.harc_weight_ce],
+                device=device)
+        return cached
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log: every rank logs at the same step, so the reduction is safe
