@@ -94,7 +94,8 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
         from llamafactory_hera.hera.selection.select import scoring_dtype
         from llamafactory_hera.patches.model_data import RecipeArgs
 
-        precision = {"bf16": training_args.bf16, "fp16": training_args.fp16, "pure_bf16": finetuning_args.pure_bf16}
+        precision = {"bf16": training_args.bf16, "fp16": training_args.fp16, "pure_bf16": finetuning_args.pure_bf16,
+                     "model_name_or_path": model_args.model_name_or_path}
         hera_args.hera_heads = resolve_auto_heads(
             RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,
             str(training_args.device), training_args.output_dir, training_args.process_index == 0,

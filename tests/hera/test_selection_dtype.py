@@ -58,3 +58,25 @@ def test_select_and_auto_agree_on_a_bf16_recipe_and_the_cache_keeps_dtypes_apart
     assert "(selected heads;" in capsys.readouterr().out  # not "reusing cached head selection"
     fp32 = json.loads((tmp_path / "fp32" / "hera_selection.json").read_text())
     assert fp32["settings"]["dtype"] == "float32" and len(list(cache.rglob("*.json"))) == 2
+
+
+def test_without_a_precision_key_the_checkpoints_own_dtype_is_scored(assets, tmp_path) -> None:
+    """No ``bf16`` / ``fp16`` / ``pure_bf16``: LLaMA-Factory trains in the checkpoint's dtype, so selection scores
+    in it too (a bf16 7B checkpoint is not cast to a float32 copy of twice its size); the keys still win."""
+    import json
+    import shutil
+
+    from llamafactory_hera.hera.selection.select import scoring_dtype
+
+    checkpoint = tmp_path / "bf16_checkpoint"
+    checkpoint.mkdir()
+    shutil.copy(assets.models["qwen2_5_vl"] / "config.json", checkpoint / "config.json")
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    config.pop("torch_dtype", None)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    assert scoring_dtype({"model_name_or_path": str(checkpoint)}) == "bfloat16"
+    assert scoring_dtype({"model_name_or_path": str(checkpoint), "fp16": True}) == "float16"
+    assert scoring_dtype({"model_name_or_path": str(tmp_path / "missing")}) == "float32"
+    assert scoring_dtype({}) == "float32"
+    assert scoring_dtype({"bf16": "true"}) == "bfloat16"

@@ -6,13 +6,13 @@ empty meta-device copy built from the config).
 
 One stated dtype (:func:`scoring_dtype`), the same for ``llamafactory-hera select``, ``hera_heads: auto`` and
 ``select --report``: the language model runs in the recipe's compute dtype, i.e. bfloat16 when the recipe sets
-``bf16: true`` (or ``pure_bf16``), float16 with ``fp16: true``, else float32, whatever the device and the
-checkpoint's dtype. That is the precision training computes the heads in (bf16 autocast or bf16 weights), and the
-model costs the memory training's weights cost. Pooled head inputs, effective ``o_proj`` weights, teacher features,
-Gram matrices and neighbours are float32 in every case. Not LLaMA-Factory's inference default: that loads the
-checkpoint's dtype (``torch_dtype="auto"``) and infers a device-dependent compute dtype (fp16 on a GPU for an fp32
-checkpoint), so ``select`` on a GPU, ``select`` on the CPU and ``auto`` in a bf16 run could score differently. The
-dtype is in the record's settings and in the cache key.
+``bf16: true`` (or ``pure_bf16``), float16 with ``fp16: true``, else the checkpoint's own dtype (what training then
+runs in; float32 when its config names none), whatever the device. That is the precision training computes the
+heads in (bf16 autocast or bf16 weights), and the model costs the memory training's weights cost. Pooled head
+inputs, effective ``o_proj`` weights, teacher features, Gram matrices and neighbours are float32 in every case.
+Not LLaMA-Factory's inference default: that loads the checkpoint's dtype (``torch_dtype="auto"``) and infers a
+device-dependent compute dtype (fp16 on a GPU for an fp32 checkpoint), so ``select`` on a GPU, ``select`` on the
+CPU and ``auto`` in a bf16 run could score differently. The dtype is in the record's settings and in the cache key.
 """
 
 from __future__ import annotations
@@ -90,11 +90,35 @@ def _on(value: Any) -> bool:
 
 
 def scoring_dtype(precision: Any) -> str:
-    """The dtype heads are scored in, from a recipe's precision keys (``bf16``, ``pure_bf16``, ``fp16``; a mapping):
-    ``bfloat16`` with ``bf16`` or ``pure_bf16``, ``float16`` with ``fp16``, else ``float32`` (see the module doc)."""
+    """The dtype heads are scored in, from a recipe's precision keys (``bf16``, ``pure_bf16``, ``fp16``; a mapping
+    that may also hold ``model_name_or_path``): ``bfloat16`` with ``bf16`` or ``pure_bf16``, ``float16`` with
+    ``fp16``; with none of them, the checkpoint's own floating dtype (``config.json``), which is what LLaMA-Factory
+    then trains in (``torch_dtype="auto"``, no autocast): a bf16 7B checkpoint is scored in bf16, not cast to a
+    float32 copy of twice its size; ``float32`` when the config names none (see the module doc)."""
     if _on(precision.get("bf16")) or _on(precision.get("pure_bf16")):
         return "bfloat16"
-    return "float16" if _on(precision.get("fp16")) else "float32"
+    if _on(precision.get("fp16")):
+        return "float16"
+    return _checkpoint_dtype(precision.get("model_name_or_path"))
+
+
+def _checkpoint_dtype(model_name_or_path: Any) -> str:
+    """The floating dtype ``config.json`` names (``dtype`` or ``torch_dtype``, top level or the text config)."""
+    if not model_name_or_path:
+        return "float32"
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(model_name_or_path), trust_remote_code=True)
+    except (OSError, ValueError):
+        return "float32"
+    candidates = [config, getattr(config, "text_config", None)]
+    for holder in candidates:
+        for key in ("dtype", "torch_dtype"):
+            name = str(getattr(holder, key, None) or "").removeprefix("torch.")
+            if name in DTYPES:
+                return name
+    return "float32"
 
 
 @dataclass
