@@ -19,6 +19,7 @@ class HeraRunSummary:
         self.data_counts = data_counts  # preflight.ImageRowCounts or None (streaming)
         self.micro_batches = 0
         self.with_term = 0
+        self.nonfinite = 0  # micro-batches whose HeRA term was non-finite and skipped (read at logging steps)
         self.warned_missing = False
 
     def start_line(self, trainer: Any) -> str:
@@ -65,7 +66,9 @@ class HeraRunSummary:
         """Micro-batches with a HeRA term over the run (this process)."""
         if not trainer.is_world_process_zero() or self.micro_batches == 0:
             return
-        missing = self.micro_batches - self.with_term
+        missing = self.micro_batches - self.with_term - self.nonfinite
         share = 100.0 * self.with_term / self.micro_batches
         print(f"{PREFIX} HeRA term in {self.with_term} of {self.micro_batches} micro-batches ({share:.0f}%)"
-              + (f"; {missing} without (text-only or too few image samples)" if missing else "") + ".", flush=True)
+              + (f"; {missing} without (text-only or too few image samples)" if missing else "")
+              + (f"; {self.nonfinite} skipped as non-finite (check hera_temperature / bf16 overflow)"
+                 if self.nonfinite else "") + ".", flush=True)

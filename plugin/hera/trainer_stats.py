@@ -69,6 +69,7 @@ class HeraStatsMixin:
         both = torch.stack([local, stats]).tolist()  # the one device-to-host copy of a logging step
         mine, values = dict(zip(names, both[0], strict=True)), dict(zip(names, both[1], strict=True))
         self.hera_summary.with_term += int(mine["attempts"] - mine["skipped"])
+        self.hera_summary.nonfinite += int(mine["skipped"])
         if values["skipped"] and not self._hera_warned_nonfinite:  # silence would be the worst failure
             self._hera_warned_nonfinite = True
             print(NONFINITE_WARNING, flush=True)

@@ -85,6 +85,21 @@ def test_non_finite_hera_term_is_skipped_and_counted(assets, tmp_path: Path, mon
     assert weights and all(bool(torch.isfinite(w).all()) for w in weights)
 
 
+def test_non_finite_terms_are_reported_without_a_logging_step(assets, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The finiteness check runs on the device and is read at logging steps; a run that never logs (logging_steps
+    above max_steps) still warns and says at its end how many micro-batches were skipped as non-finite."""
+    import llamafactory_hera.hera.trainer as trainer_module
+
+    real = trainer_module.hera_loss_anchored
+    monkeypatch.setattr(trainer_module, "hera_loss_anchored", lambda *a, **k: real(*a, **k) * float("nan"))
+    from llamafactory.train.tuner import run_exp
+
+    run_exp(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", logging_steps=100))
+    out = capsys.readouterr().out
+    assert "warning: non-finite HeRA loss" in out
+    assert "HeRA term in 0 of 3 micro-batches (0%); 3 skipped as non-finite" in out, out[-2000:]
+
+
 def test_adapter_from_another_base_model_is_refused(assets, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
