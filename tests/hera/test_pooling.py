@@ -58,20 +58,21 @@ def test_every_multimodal_token_of_the_model_is_found(assets, family: str) -> No
 
 
 class PoolProbe:
-    """Records every training step's pooled mask and input ids (wraps trainer.pooled_token_mask)."""
+    """Records every training batch's pooled mask and input ids (wraps the collator's pooled_token_mask: the
+    collator builds the mask on the host, the trainer pools exactly it, as ``hera_token_mask``)."""
 
     def __init__(self, monkeypatch) -> None:
-        import llamafactory_hera.hera.trainer as trainer_module
+        import llamafactory_hera.hera.collator as collator_module
 
         self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        original = trainer_module.pooled_token_mask
+        original = collator_module.pooled_token_mask
 
         def recording(labels, input_ids, attention_mask, pooling, ids):
             mask = original(labels, input_ids, attention_mask, pooling, ids)
             self.batches.append((mask.cpu(), input_ids.cpu(), labels.cpu()))
             return mask
 
-        monkeypatch.setattr(trainer_module, "pooled_token_mask", recording)
+        monkeypatch.setattr(collator_module, "pooled_token_mask", recording)
 
 
 def _added_multimodal_ids(tokenizer: Any) -> set[int]:
