@@ -14,7 +14,7 @@ printf 'import site\nsite.addsitedir("/tmp/site")\n' > /tmp/site/sitecustomize.p
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 DISABLE_VERSION_CHECK=1
 export PYTHONUNBUFFERED=1
 PY=python3
-$PY -c "import llamafactory_hera.patches.stage" || { echo "plugin not importable from /tmp/site"; exit 1; }
+$PY -c "import llamafactory_hera_patches.stage" || { echo "plugin not importable from /tmp/site"; exit 1; }
 LOG=${OUT:-/tmp}/gpu_bench.log
 ASSETS=${ASSETS:-/tmp/hera_bench_assets}
 {

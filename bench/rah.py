@@ -60,13 +60,13 @@ def main() -> None:
     sys.path.insert(0, str(BENCH))
     from assets import build_bench_assets
 
-    from llamafactory_hera.patches.model_data import (
+    from llamafactory_hera.rah.calibrate import RahSettings, calibrate
+    from llamafactory_hera.rah.probe import attention_modules, token_kinds
+    from llamafactory_hera_patches.model_data import (
         load_model_for_scoring,
         multimodal_dataset_and_collator,
         parse_recipe,
     )
-    from llamafactory_hera.rah.calibrate import RahSettings, calibrate
-    from llamafactory_hera.rah.probe import attention_modules, token_kinds
 
     assets = build_bench_assets(Path(args.assets), num_images=max(64, args.samples), preset=args.preset)
     recipe = parse_recipe({"model_name_or_path": str(assets.model), "template": assets.template, "stage": "sft",

@@ -34,8 +34,8 @@ def test_disable_switch_installs_nothing(tmp_path: Path) -> None:
 
 
 def test_stage_patch_is_all_or_nothing_on_an_unknown_host_shape() -> None:
-    from llamafactory_hera.patches import stage
-    from llamafactory_hera.patches.guard import HostMismatchError
+    from llamafactory_hera_patches import stage
+    from llamafactory_hera_patches.guard import HostMismatchError
 
     fake = ModuleType("llamafactory.train.tuner")
     fake._training_function = lambda config: None  # run_sft and get_train_args are missing
@@ -52,7 +52,7 @@ def test_stage_patch_applies_once() -> None:
     import llamafactory.train.tuner as tuner
 
     patched = tuner._training_function
-    from llamafactory_hera.patches import stage
+    from llamafactory_hera_patches import stage
 
     stage.apply(tuner)
     assert tuner._training_function is patched and tuner._hera_patched

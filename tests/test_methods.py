@@ -18,8 +18,8 @@ import pytest
 from conftest import REPO, base_recipe
 from llamafactory_hera import cli, methods
 from llamafactory_hera.methods import Method
-from llamafactory_hera.patches import webui
-from llamafactory_hera.patches.arguments import keys_of, split_args
+from llamafactory_hera_patches import webui
+from llamafactory_hera_patches.arguments import keys_of, split_args
 
 CALLS: list[tuple[str, Any]] = []
 
@@ -124,10 +124,11 @@ def test_two_methods_cannot_share_a_stage_or_a_prefix(monkeypatch: pytest.Monkey
 def test_patches_and_the_shared_packages_import_no_method_package() -> None:
     """The patches know methods only through their declarations, and the anatomy serves every method, so neither
     imports a method's package (a next method must not have to edit them)."""
-    method_packages = [p.name for p in (REPO / "plugin").iterdir() if (p / "method.py").is_file()]
+    package = REPO / "plugin" / "llamafactory_hera"
+    method_packages = [p.name for p in package.iterdir() if (p / "method.py").is_file()]
     assert sorted(method_packages) == ["harc", "hera", "rah"]
-    shared = [*(REPO / "patches").glob("*.py"), *(REPO / "plugin" / "anatomy").glob("*.py"),
-              *(REPO / "plugin" / name for name in ("methods.py", "cli.py", "_bootstrap.py", "short_errors.py"))]
+    shared = [*(REPO / "patches" / "llamafactory_hera_patches").glob("*.py"), *(package / "anatomy").glob("*.py"),
+              *(package / name for name in ("methods.py", "cli.py", "_bootstrap.py", "short_errors.py"))]
     pattern = re.compile(rf"^\s*(from|import) llamafactory_hera\.({'|'.join(method_packages)})\b", re.M)
     offenders = [str(path.relative_to(REPO)) for path in shared if pattern.search(path.read_text(encoding="utf-8"))]
     assert offenders == []

@@ -4,7 +4,7 @@ import pytest
 
 from llamafactory_hera.anatomy.heads import AttentionGeometry, HeadRef, check_heads_fit, parse_head
 from llamafactory_hera.hera.args import hera_keys, parse_hera_arguments
-from llamafactory_hera.patches.arguments import split_args
+from llamafactory_hera_patches.arguments import split_args
 
 
 def test_defaults_match_the_paper() -> None:

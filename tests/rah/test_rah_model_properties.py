@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import base_recipe, mixed_size_dataset
-from llamafactory_hera.patches.model_data import load_model_for_scoring, multimodal_dataset_and_collator, parse_recipe
 from llamafactory_hera.rah.calibrate import RahSettings, calibrate
 from llamafactory_hera.rah.probe import AttentionProfile, profile_attention, token_kinds, token_masks
 from llamafactory_hera.rah.profile import profile_record
+from llamafactory_hera_patches.model_data import load_model_for_scoring, multimodal_dataset_and_collator, parse_recipe
 
 
 def _load(assets, family: str, tmp_path: Path, rows: int, **overrides: Any) -> tuple[Any, Any, Any, list]:

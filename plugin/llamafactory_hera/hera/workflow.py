@@ -1,7 +1,7 @@
 """A ``stage: hera`` run: LLaMA-Factory's SFT workflow with HeRA's collator and trainer.
 
 Called by the stage patch (declared in :mod:`llamafactory_hera.hera.method`) with ``host``, the
-patch's handle on the SFT workflow (:class:`llamafactory_hera.patches.stage.SFTWorkflow`: its collator
+patch's handle on the SFT workflow (:class:`llamafactory_hera_patches.stage.SFTWorkflow`: its collator
 and trainer classes, ``run`` with replacements, ``smooth``), in place of ``run_sft``.
 """
 
@@ -54,7 +54,7 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
         return {}, None
     from llamafactory_hera.hera.data_checks import image_rows
     from llamafactory_hera.hera.preflight import check_image_rows, count_image_rows
-    from llamafactory_hera.patches.model_data import RecipeArgs, load_aligned_rows
+    from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
 
     aligned = load_aligned_rows(RecipeArgs(model_args, data_args, finetuning_args), training_args.seed)
     counts = count_image_rows(aligned)
@@ -92,7 +92,7 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
     if hera_args.auto_heads:
         from llamafactory_hera.hera.selection.auto import resolve_auto_heads
         from llamafactory_hera.hera.selection.select import scoring_dtype
-        from llamafactory_hera.patches.model_data import RecipeArgs
+        from llamafactory_hera_patches.model_data import RecipeArgs
 
         precision = {"bf16": training_args.bf16, "fp16": training_args.fp16, "pure_bf16": finetuning_args.pure_bf16,
                      "model_name_or_path": model_args.model_name_or_path}

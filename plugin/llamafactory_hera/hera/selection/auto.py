@@ -98,7 +98,7 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
         try:
             args = copy.deepcopy(recipe_args)
             args.data_args.max_samples = None
-            from llamafactory_hera.patches.deepspeed import zero3_init_disabled
+            from llamafactory_hera_patches.deepspeed import zero3_init_disabled
 
             with preserved_random_state(), zero3_init_disabled():  # score an unpartitioned copy on rank 0
                 result, cached = select_with_cache(args, options_for_training(hera_args, seed, device, dtype))

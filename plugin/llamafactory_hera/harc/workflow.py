@@ -50,7 +50,7 @@ class RunContext:
 
 
 def _loader(model_args: Any, data_args: Any, training_args: Any) -> Callable[[str], Any]:
-    from llamafactory_hera.patches.model_data import RecipeArgs, load_aligned_rows
+    from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
 
     recipe = RecipeArgs(model_args, data_args, None)
     return lambda name: load_aligned_rows(recipe, training_args.seed, [name])

@@ -23,7 +23,7 @@ def raised_by_plugin(error: BaseException) -> bool:
 
     The innermost frame of the traceback is where the exception was raised; a ValueError from torch or
     LLaMA-Factory has its innermost frame there, not here, and keeps its full traceback. Frames are told by their
-    module name (``llamafactory_hera`` and ``llamafactory_hera.patches``), whatever the install layout. The line
+    module name (``llamafactory_hera`` and ``llamafactory_hera_patches``), whatever the install layout. The line
     must be a ``raise`` statement: an error of a C operation the plugin calls (a CUDA out-of-memory error in
     ``a @ b``) also has its innermost Python frame in the plugin, and keeps its traceback.
     """

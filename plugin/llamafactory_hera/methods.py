@@ -2,7 +2,7 @@
 
 A method's package holds a ``method.py`` with one :class:`Method`: its stage name, its recipe-key
 prefix, the LLaMA-Factory stage whose workflow it extends, and where its arguments, checks, run,
-LlamaBoard panel and command-line verbs live. :mod:`llamafactory_hera.patches` registers every
+LlamaBoard panel and command-line verbs live. :mod:`llamafactory_hera_patches` registers every
 method listed in :data:`DECLARATIONS` as a stage, an argument set and a LlamaBoard panel from that
 declaration, and ``llamafactory-hera`` takes its verbs from it; adding a method adds a package and
 one line here, and touches no patch.

@@ -3,7 +3,7 @@
 What is here: the panel's fields (defaults from :class:`~llamafactory_hera.rah.args.RahArguments`, the paper's),
 their labels in LlamaBoard's languages, and turning the panel's values into ``rah_*`` arguments. The other
 ``rah_*`` keys (rho, w_V, adjacent layers, trim, beta, the CAF weight, halvings, batch size) go into LlamaBoard's
-extra-arguments JSON box. How panels are wired into LlamaBoard is :mod:`llamafactory_hera.patches.webui_board`.
+extra-arguments JSON box. How panels are wired into LlamaBoard is :mod:`llamafactory_hera_patches.webui_board`.
 RAH-LoRA trains nothing: in place of the loss plot, LlamaBoard shows how far each phase of the calibration is.
 """
 

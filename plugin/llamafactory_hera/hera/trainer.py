@@ -1,6 +1,6 @@
 """Trainer mixin that adds ``lambda * L_HeRA`` to the language-model loss.
 
-Mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer`` (see ``patches/stage.py``). It
+Mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer`` (see ``llamafactory_hera_patches/stage.py``). It
 - captures the selected heads' pooled representations during the ordinary forward pass,
 - takes the batch's teacher features (precomputed, cached or computed now; ``trainer_teacher``),
 - scales the HeRA term exactly like the LM loss under gradient accumulation,

@@ -58,7 +58,7 @@ def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, titl
 def run_select(args: Any) -> SelectionResult:
     """Run the ``select`` command (see :mod:`llamafactory_hera.hera.cli`)."""
     from llamafactory_hera.hera.cli import options_from
-    from llamafactory_hera.patches.model_data import parse_recipe
+    from llamafactory_hera_patches.model_data import parse_recipe
 
     _, recipe = load_recipe(args.recipe)
     target = args.output or args.recipe

@@ -3,7 +3,7 @@
 What is here: the panel's fields (defaults from :class:`~llamafactory_hera.hera.args.HeraArguments`),
 their labels in LlamaBoard's languages, the gradio components, turning the panel's values into
 ``hera_*`` arguments, and the loss plot with ``hera_loss``. How the panel is wired into
-LlamaBoard is :mod:`llamafactory_hera.patches.webui_board`.
+LlamaBoard is :mod:`llamafactory_hera_patches.webui_board`.
 
 Imported only when LlamaBoard is built; gradio and matplotlib are imported inside the functions
 that need them.

@@ -80,7 +80,7 @@ def summary_rows(before: np.ndarray, after: np.ndarray, selected: list[tuple[int
 def run_report(args: Any) -> dict[str, Any]:
     """Score the run's heads before and after training on the same pairs and write the report."""
     from llamafactory_hera.hera.args import parse_hera_arguments
-    from llamafactory_hera.patches.model_data import parse_recipe
+    from llamafactory_hera_patches.model_data import parse_recipe
 
     run_dir: Path = args.report
     recipe, record = _run_recipe(run_dir)

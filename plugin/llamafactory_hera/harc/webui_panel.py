@@ -6,7 +6,7 @@ HARC's terms beside the loss. The four role datasets are names in the ``dataset_
 dir, one per box. The other ``harc_*`` keys (``harc_extract_harmful``, ``harc_extract_harmless``,
 ``harc_response_tokens``, ``harc_refresh_beta``, ``harc_band``, ``harc_max_length``, ``harc_extract_batch_size``,
 ``harc_eval``, ``harc_eval_max_new_tokens``) go into LlamaBoard's extra-arguments JSON box, which wins over the panel.
-How panels are wired into LlamaBoard is :mod:`llamafactory_hera.patches.webui_board`.
+How panels are wired into LlamaBoard is :mod:`llamafactory_hera_patches.webui_board`.
 
 Imported only when LlamaBoard is built; gradio and matplotlib are imported inside the functions that need them.
 """

@@ -264,7 +264,7 @@ def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.C
     Returns:
         (calibration pairs, identity).
     """
-    from llamafactory_hera.patches.model_data import load_aligned_rows
+    from llamafactory_hera_patches.model_data import load_aligned_rows
 
     options.validate()
     check_teacher_source(options.teacher, options.teacher_feature)
@@ -310,7 +310,7 @@ def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str) -> tuple[An
     """
     import copy
 
-    from llamafactory_hera.patches.model_data import load_model_for_scoring
+    from llamafactory_hera_patches.model_data import load_model_for_scoring
 
     wanted = getattr(torch, dtype)
     args = copy.copy(recipe_args)
@@ -325,7 +325,7 @@ def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str) -> tuple[An
 
 def score_heads(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> torch.Tensor:
     """Load the model the way LLaMA-Factory does, in ``options.dtype``, and return ``[L, H]`` MKNN scores (CPU)."""
-    from llamafactory_hera.patches.model_data import multimodal_dataset_and_collator
+    from llamafactory_hera_patches.model_data import multimodal_dataset_and_collator
 
     device = options.resolved_device()
     model, tokenizer_module, template = load_in_scoring_dtype(recipe_args, device, options.dtype)

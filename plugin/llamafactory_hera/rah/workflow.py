@@ -85,16 +85,16 @@ def _versions() -> dict[str, str]:
 def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
             generating_args: Any, callbacks: Any, rah_args: RahArguments) -> None:
     """Calibrate and write the adapter and the profile (see the module docstring)."""
-    from llamafactory_hera.patches.model_data import (
+    from llamafactory_hera.rah.adapter import lora_factors, save_adapter
+    from llamafactory_hera.rah.calibrate import RahSettings, calibrate, geometry_of
+    from llamafactory_hera.rah.probe import attention_modules, token_kinds
+    from llamafactory_hera.rah.profile import plot_profile, profile_record
+    from llamafactory_hera_patches.model_data import (
         RecipeArgs,
         load_aligned_rows,
         load_model_for_scoring,
         multimodal_dataset_and_collator,
     )
-    from llamafactory_hera.rah.adapter import lora_factors, save_adapter
-    from llamafactory_hera.rah.calibrate import RahSettings, calibrate, geometry_of
-    from llamafactory_hera.rah.probe import attention_modules, token_kinds
-    from llamafactory_hera.rah.profile import plot_profile, profile_record
 
     started = time.perf_counter()
     start_board_files()

@@ -1,7 +1,7 @@
 """Start-up hook installed by ``llamafactory_hera.pth`` in every Python process.
 
 It registers a meta-path finder that reacts only to a handful of LLaMA-Factory module names;
-when one of them finishes executing, the matching patch in ``llamafactory_hera.patches`` runs.
+when one of them finishes executing, the matching patch in ``llamafactory_hera_patches`` runs.
 Processes that never import LLaMA-Factory pay one dict lookup per imported module, nothing
 else (no torch, no transformers). ``LLAMAFACTORY_HERA_DISABLE=1`` skips everything.
 
@@ -16,7 +16,7 @@ import sys
 
 DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
 
-# host module -> patch module (in llamafactory_hera.patches) whose ``apply(module)`` adapts it
+# host module -> patch module (in llamafactory_hera_patches) whose ``apply(module)`` adapts it
 _TARGETS = {
     "llamafactory.extras.constants": "webui",
     "llamafactory.train.tuner": "stage",
@@ -65,7 +65,7 @@ class _PostImportFinder:
 def _apply(patch: str, module) -> None:
     import importlib
 
-    importlib.import_module(f"llamafactory_hera.patches.{patch}").apply(module)
+    importlib.import_module(f"llamafactory_hera_patches.{patch}").apply(module)
 
 
 def _enabled() -> bool:

@@ -262,7 +262,7 @@ def load_teacher(name_or_path: str, feature: str, device: torch.device | str, *,
 
     key = (name_or_path, feature, str(dtype), str(device))
     if key not in _TEACHERS:
-        from llamafactory_hera.patches.deepspeed import zero3_init_disabled
+        from llamafactory_hera_patches.deepspeed import zero3_init_disabled
 
         with zero3_init_disabled():  # the teacher lives outside the DeepSpeed engine: never partition it
             encoder = AutoModel.from_pretrained(resolve_teacher(name_or_path), dtype=dtype)

@@ -1,0 +1,1 @@
+"""What every method shares: head and residual anatomy, metrics, recipe editing, plots, LlamaBoard widgets."""
