@@ -1,4 +1,4 @@
-"""GPU memory estimates for the HeRA recipes: the numbers in the README's "Recipes" table.
+"""GPU memory estimates for the HeRA recipes: the numbers in docs/hera.md's "Recipes" table.
 
 These are estimates from a formula, not measurements. ``python recipes/memory.py`` prints the
 table rows; the batch size, cutoff length, LoRA rank and finetuning type are read from the
@@ -142,7 +142,7 @@ def _cell(name: str, gib: float) -> str:
 
 
 def table_rows() -> list[str]:
-    """The README table's rows, one per backbone."""
+    """The docs/hera.md table's rows, one per backbone."""
     rows = []
     for b in BACKBONES:
         lora, full = f"{b.stem}_hera.yaml", f"{b.stem}_hera_full.yaml"
@@ -162,7 +162,7 @@ def stage1_row() -> str:
 
 
 def main() -> None:
-    """Print the README table rows and the stage-1 line."""
+    """Print the docs/hera.md table rows and the stage-1 line."""
     sys.stdout.write("\n".join([*table_rows(), stage1_row()]) + "\n")
 
 

@@ -1,4 +1,7 @@
-"""The README stays true: its key table matches HeraArguments, CI runs its test command, the demo works."""
+"""The README stays true: CI runs its test command, its install commands need no PyPI, the demo works.
+
+The methods' key tables are in docs/ and checked by tests/hera/test_hera_docs.py, tests/rah/test_rah_docs.py and
+tests/harc/test_harc_docs.py; the front page and every link by tests/test_docs.py."""
 
 from __future__ import annotations
 
@@ -7,9 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
-from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -18,59 +19,14 @@ from conftest import REPO, offline_env
 from llamafactory_hera import demo
 from llamafactory_hera.demo_console import ProgressFilter
 from llamafactory_hera.fixtures import TinyAssets
-from llamafactory_hera.hera.args import HeraArguments
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
-
-
-def _section(title_prefix: str) -> str:
-    """Text of the README section whose ``## `` heading starts with ``title_prefix``."""
-    match = re.search(rf"^## {re.escape(title_prefix)}.*?$(.*?)(?=^## |\Z)", README, flags=re.M | re.S)
-    assert match, f"README has no section '## {title_prefix}...'"
-    return match.group(1)
-
-
-def _table_rows() -> dict[str, list[str]]:
-    """Rows of the reference table: key -> [default, allowed values, meaning] (cells stripped)."""
-    rows: dict[str, list[str]] = {}
-    for line in _section("Reference").splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0].startswith("`hera_"):
-            key = cells[0].strip("`")
-            assert key not in rows, f"{key} is listed twice"
-            rows[key] = cells[1:]
-    return rows
-
-
-def _default(spec: Any) -> Any:
-    return spec.default_factory() if spec.default is MISSING else spec.default
 
 
 def _bash_lines() -> list[str]:
     """Every line of the README's ```bash blocks (comments dropped)."""
     blocks = re.findall(r"^```bash\n(.*?)^```", README, flags=re.M | re.S)
     return [line.split("#")[0].strip() for block in blocks for line in block.splitlines() if line.strip()]
-
-
-def test_reference_table_lists_every_key_with_default_and_range() -> None:
-    rows = _table_rows()
-    specs = {spec.name: spec for spec in fields(HeraArguments)}
-    assert list(rows) == list(specs), "the table must list exactly the HeraArguments keys, in declaration order"
-    for name, spec in specs.items():
-        default_cell, allowed, meaning = rows[name]
-        assert yaml.safe_load(default_cell.strip("`")) == _default(spec), f"{name}: default cell {default_cell!r}"
-        assert meaning, f"{name}: empty meaning"
-        meta = spec.metadata
-        for choice in meta.get("choices", ()):
-            assert f"`{choice}`" in allowed, f"{name}: allowed values miss {choice!r}"
-        if "min" in meta:
-            bound = re.search(r">=\s*(-?[0-9.]+)", allowed)
-            assert bound and float(bound.group(1)) == meta["min"], f"{name}: range should say >= {meta['min']}"
-        if "min_exclusive" in meta:
-            bound = re.search(r"(?<![>=])>\s*(-?[0-9.]+)", allowed)
-            assert bound and float(bound.group(1)) == meta["min_exclusive"], f"{name}: range should say > ..."
-        if _default(spec) is None:
-            assert "`null`" in allowed, f"{name}: null must be listed as allowed"
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
@@ -103,8 +59,9 @@ def test_dev_test_runs_pytest_on_every_core_unless_told_otherwise(monkeypatch: p
 def test_documents_the_repository_points_to_are_in_it() -> None:
     """constraints-torch.txt once sent readers to a HOST.md that only existed outside the repository."""
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
-    sources = ["README.md", "constraints-torch.txt", "pyproject.toml", "Makefile", "dev.py", *[
-        name for name in tracked if name.endswith((".md", ".txt", ".yaml", ".sh")) and not name.startswith("tests/")]]
+    sources = {"README.md", "constraints-torch.txt", "pyproject.toml", "Makefile", "dev.py",
+               *(f"docs/{doc.name}" for doc in (REPO / "docs").glob("*.md")), *(
+        name for name in tracked if name.endswith((".md", ".txt", ".yaml", ".sh")) and not name.startswith("tests/"))}
     named = {(source, ref) for source in sources if (REPO / source).is_file()
              for ref in re.findall(r"(?<![\w/:.-])([\w./-]+\.md)\b", (REPO / source).read_text(encoding="utf-8"))}
     assert named, "no document references found: the pattern is broken"

@@ -6,7 +6,7 @@
   stock ``llamafactory-cli train`` on a tiny random model of the same ``model_type``: only the model path,
   data, sizes, output folder, teacher and precision are overridden; everything else (template, finetuning
   type, LoRA / freeze settings, every ``hera_*`` key including ``hera_heads: auto``) is the recipe's.
-- A lint: names, required keys, paths (relative to the repository root), comments, README table.
+- A lint: names, required keys, paths (relative to the repository root), comments, docs/hera.md table.
 """
 
 from __future__ import annotations
@@ -340,13 +340,13 @@ def test_deepspeed_configs_leave_sizes_to_the_trainer(stage: int) -> None:
         assert config["zero_optimization"]["stage3_max_live_parameters"] == MEMORY.ZERO3_LIVE_PARAMS
 
 
-def test_readme_recipes_table_matches_the_estimates() -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    headings = re.findall(r"^## (.+)$", readme, flags=re.M)
+def test_docs_recipes_table_matches_the_estimates() -> None:
+    hera_doc = (REPO / "docs" / "hera.md").read_text(encoding="utf-8")
+    headings = re.findall(r"^## (.+)$", hera_doc, flags=re.M)
     assert headings.index("Recipes") == headings.index("Quickstart: a real GPU run") + 1
-    section = re.search(r"^## Recipes$(.*?)(?=^## |\Z)", readme, flags=re.M | re.S).group(1)
+    section = re.search(r"^## Recipes$(.*?)(?=^## |\Z)", hera_doc, flags=re.M | re.S).group(1)
     for row in MEMORY.table_rows():
-        assert row in section, f"README table row differs from `python recipes/memory.py`:\n{row}"
+        assert row in section, f"docs/hera.md table row differs from `python recipes/memory.py`:\n{row}"
     assert MEMORY.stage1_row() in section
     for name in RECIPE_FILES:
         assert name in section, name

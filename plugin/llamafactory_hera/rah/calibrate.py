@@ -266,7 +266,7 @@ def _calibrate_head(model: nn.Module, modules: list[nn.Module], update: HeadUpda
         # The model as LLaMA-Factory loads the adapter: PEFT merges it as ``weight += B @ A`` (B, A in float32),
         # rounded once to the model's dtype. So the step is the adapter's own product, added in float32 to the
         # weights and rounded to their dtype: base + merged adapter equals the model this trust region accepts
-        # (in bf16 too, where the rounded step differs from the exact one; see docs in the README's RAH-LoRA).
+        # (in bf16 too, where the rounded step differs from the exact one; see docs/rah.md, "What a run does").
         for name in names:
             weight, index, _, _ = targets[name]
             b, a = lora_pair(*steps[name], alpha)

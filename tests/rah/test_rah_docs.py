@@ -1,24 +1,17 @@
-"""The README's RAH-LoRA key table lists exactly RahArguments, with its defaults and allowed values."""
+"""docs/rah.md's key table lists exactly RahArguments, with its defaults and allowed values."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import fields
 
 import yaml
 
-from conftest import REPO
 from llamafactory_hera.rah.args import RahArguments
+from markdown_docs import key_table, read
 
 
 def test_rah_key_table_matches_the_arguments() -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = re.search(r"^### Every `rah_\*` key$(.*?)(?=^## |\Z)", readme, flags=re.M | re.S).group(1)
-    rows = {}
-    for line in section.splitlines():
-        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
-        if line.startswith("|") and cells[0].startswith("`rah_"):
-            rows[cells[0].strip("`")] = cells[1:]
+    rows = key_table(read("docs/rah.md"), "Every `rah_*` key", "rah_")
     specs = {spec.name: spec for spec in fields(RahArguments)}
     assert list(rows) == list(specs)
     for name, spec in specs.items():

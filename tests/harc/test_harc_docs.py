@@ -1,5 +1,5 @@
-"""The README's HARC key table lists exactly HarcArguments, with its defaults and allowed values; the recipes named
-in the README exist."""
+"""docs/harc.md's key table lists exactly HarcArguments, with its defaults and allowed values; the recipes it names
+are the shipped ones."""
 
 from __future__ import annotations
 
@@ -10,16 +10,13 @@ import yaml
 
 from conftest import REPO
 from llamafactory_hera.harc.args import HarcArguments
+from markdown_docs import key_table, read
+
+KEYS = "Every `harc_*` key"
 
 
 def test_harc_key_table_matches_the_arguments() -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = re.search(r"^### Every `harc_\*` key$(.*?)(?=^## |\Z)", readme, flags=re.M | re.S).group(1)
-    rows = {}
-    for line in section.splitlines():
-        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
-        if line.startswith("|") and cells[0].startswith("`harc_"):
-            rows[cells[0].strip("`")] = cells[1:]
+    rows = key_table(read("docs/harc.md"), KEYS, "harc_")
     specs = {spec.name: spec for spec in fields(HarcArguments)}
     assert list(rows) == list(specs)
     for name, spec in specs.items():
@@ -32,10 +29,10 @@ def test_harc_key_table_matches_the_arguments() -> None:
                 assert f"{text} {spec.metadata[bound]}" in allowed, (name, bound)
 
 
-def test_the_readme_names_the_shipped_harc_recipes_and_no_placeholder() -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## HARC:"):readme.index("### Every `harc_*` key")]
-    named = set(re.findall(r"recipes/(\w+_harc\.yaml)", section))
+def test_the_docs_name_the_shipped_harc_recipes_and_no_placeholder() -> None:
+    text = read("docs/harc.md")
+    prose = text[:text.index(f"## {KEYS}")]
+    named = set(re.findall(r"recipes/(\w+_harc\.yaml)", prose))
     assert named == {p.name for p in (REPO / "recipes").glob("*_harc.yaml")} == {"llama3_1_8b_harc.yaml",
                                                                                  "qwen2_5_7b_harc.yaml"}
-    assert "HARC_BENCH_LINE" not in readme and "TODO" not in section
+    assert "HARC_BENCH_LINE" not in text and "TODO" not in prose

@@ -1,0 +1,109 @@
+"""The README is a front page read whole (three methods, a contents list that works, a line limit), every method
+has a demo, a recipe and an evaluation line there, and every link of the README and docs/*.md resolves."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import yaml
+
+from conftest import REPO
+from markdown_docs import anchor, anchors, bash_lines, documents, headings, links, read, resolve, section
+
+README_LINE_LIMIT = 200
+EVAL_PRESETS = ("vision-centric", "general", "knowledge", "ocr", "hallucination", "capability", "refusal", "demo")
+METHODS = {  # stage -> (README heading starts with, how eval names what the run is compared with)
+    "hera": ("HeRA:", "--baseline"),
+    "rah": ("RAH-LoRA:", "--base"),
+    "harc": ("HARC:", "--base"),
+}
+
+
+def _method_section(stage: str) -> str:
+    readme = read("README.md")
+    titles = [title for level, title in headings(readme) if level == 3 and title.startswith(METHODS[stage][0])]
+    assert len(titles) == 1, f"the README needs one '### {METHODS[stage][0]} ...' section, has {titles}"
+    return section(readme, titles[0])
+
+
+def test_readme_is_a_front_page_under_the_line_limit() -> None:
+    readme = read("README.md")
+    lines = len(readme.splitlines())
+    assert lines <= README_LINE_LIMIT, f"README.md has {lines} lines; move reference text into docs/"
+    intro = readme.split("\n## ", 1)[0]
+    for stage in METHODS:
+        assert f"`stage: {stage}`" in intro, f"the README's first paragraph must name stage: {stage}"
+
+
+def test_readme_contents_list_every_section_and_its_anchors_resolve() -> None:
+    readme = read("README.md")
+    contents = section(readme, "Contents")
+    targets = re.findall(r"\]\((#[^)]+)\)", contents)
+    assert targets, "the README's Contents list has no links"
+    have = anchors(readme)
+    assert [t for t in targets if t[1:] not in have] == [], "Contents links to headings that do not exist"
+    listed = {t[1:] for t in targets}
+    missing = [title for level, title in headings(readme) if level in (2, 3) and title != "Contents"
+               and anchor(title) not in listed]
+    assert missing == [], f"sections missing from Contents: {missing}"
+
+
+def test_each_method_has_a_demo_a_recipe_and_an_eval_line() -> None:
+    presets = set(re.findall(r"^\| `([\w-]+)` \|", section(read("docs/eval.md"), "Task presets"), flags=re.M))
+    assert set(EVAL_PRESETS) <= presets, "docs/eval.md must list every preset"
+    for stage, (_, compare) in METHODS.items():
+        lines = bash_lines(_method_section(stage))
+        assert f"python3 dev.py demo --method {stage}" in lines, stage
+        trains = [shlex.split(line) for line in lines if line.startswith("llamafactory-cli train recipes/")]
+        recipe_path = REPO / trains[0][2]
+        assert recipe_path.is_file(), f"{stage}: {trains[0][2]} does not exist"
+        recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+        assert recipe["stage"] == stage, f"{trains[0][2]} is not a stage: {stage} recipe"
+        evals = [shlex.split(line) for line in lines if line.startswith("llamafactory-hera eval ")]
+        assert len(evals) == 1, f"{stage}: one eval line, found {evals}"
+        words = evals[0]
+        assert words[2] == recipe["output_dir"], f"{stage}: eval reads {words[2]}, not {recipe['output_dir']}"
+        assert compare in words and set(words[words.index("--tasks") + 1].split(",")) <= presets, words
+        if compare == "--baseline":  # the twin: the same recipe as stage=sft into the folder eval compares with
+            twin = words[words.index("--baseline") + 1]
+            assert [*trains[0][:3], "stage=sft", f"output_dir={twin}"] in trains, f"{stage}: no twin line for {twin}"
+
+
+def test_every_link_of_the_readme_and_the_docs_resolves() -> None:
+    broken = []
+    for source in documents():
+        for target in links(read(source)):
+            if re.match(r"^[a-z]+:", target):  # https:, mailto:
+                continue
+            file, fragment = resolve(source, target)
+            if not file.exists():
+                broken.append((source, target, "no such file"))
+            elif fragment and (file.suffix != ".md" or fragment not in anchors(file.read_text(encoding="utf-8"))):
+                broken.append((source, target, "no such heading"))
+    assert broken == []
+
+
+def test_every_doc_is_linked_from_the_readme() -> None:
+    linked = {resolve("README.md", target)[0] for target in links(read("README.md"))}
+    assert [doc for doc in documents()[1:] if (REPO / doc).resolve() not in linked] == []
+
+
+def test_every_repository_path_the_docs_name_exists() -> None:
+    """Recipes, DeepSpeed configs, bench scripts and tests named anywhere in README.md and docs/*.md exist."""
+    pattern = r"(?<![\w/.-])((?:recipes|bench|tests)/[\w./-]+\.(?:yaml|json|py|md))"
+    named = {(source, path) for source in documents() for path in re.findall(pattern, read(source))}
+    assert named, "no repository paths found: the pattern is broken"
+    info = json.loads((REPO / "recipes" / "data" / "dataset_info.json").read_text(encoding="utf-8"))
+    yours = {f"recipes/data/{entry['file_name']}" for entry in info.values() if "file_name" in entry}  # user's data
+    assert [(source, path) for source, path in sorted(named) if not (REPO / path).is_file() and path not in yours] == []
+
+
+def test_each_method_doc_lists_its_sections_at_the_top() -> None:
+    for doc in ("docs/hera.md", "docs/rah.md", "docs/harc.md"):
+        text = read(doc)
+        first_section = text.index("\n## ")
+        listed = set(re.findall(r"^- \[[^\]]+\]\(#([^)]+)\)$", text[:first_section], flags=re.M))
+        sections = [title for level, title in headings(text) if level == 2]
+        assert [title for title in sections if anchor(title) not in listed] == [], doc
