@@ -207,3 +207,18 @@ def test_the_run_writes_the_adapter_and_llamaboard_shows_its_progress(board: dic
     assert board["progress_label"].startswith("Running ") and board["plot_title"]
     assert "RAH-LoRA calibration (training-free: no loss)" in board["figure_texts"]
     assert "calibrating targets (trust region)" in board["figure_texts"]
+
+
+def test_the_depth_is_read_from_the_hugging_face_cache_offline(assets, tmp_path: Path) -> None:
+    # a model named by its hub id, present only in the Hugging Face cache: read without the network
+    snapshot = tmp_path / "hf_home" / "hub" / "models--tiny-org--tiny-llava" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text((Path(assets.models["llava"]) / "config.json").read_text())
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    code = ("from llamafactory_hera.anatomy.panel_checks import local_text_depth as depth; "
+            "print(depth('tiny-org/tiny-llava'), depth('tiny-org/not-cached'), depth(''))")
+    proc = subprocess.run([sys.executable, "-c", code], env=offline_env(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    config = json.loads((Path(assets.models["llava"]) / "config.json").read_text())
+    assert proc.stdout.split() == [str(config["text_config"]["num_hidden_layers"]), "None", "None"], proc.stderr
