@@ -15,21 +15,25 @@ Checked on LLaMA-Factory 0.9.5 (with gradio 5), whose shapes are:
   ``_build_config_dict(data)`` is the saved ``llamaboard_config.yaml`` (every input's value by
   element id), ``monitor()`` is the generator that polls a running job;
 - ``control.get_trainer_info`` draws the loss with the module global ``gen_loss_plot(trainer_log)``;
-- ``locales.LOCALES`` / ``ALERTS``: element name (or alert) -> language -> texts.
+- ``locales.LOCALES`` / ``ALERTS``: element name (or alert) -> language -> texts;
+- ``common.DEFAULT_DATA_DIR``: the Data dir box's first value (the panels' dataset boxes list its datasets).
 
-Each method's panel is the module its declaration names (:class:`llamafactory_hera.methods.Method`,
-``panel``). With any other stage the UI, the preview, the command and the saved configs are stock: the
-panels are hidden, nothing is added to the args, and the panels' values are dropped from the saved config.
+Each method's panel is the :class:`llamafactory_hera.anatomy.panel_builder.MethodPanel` its declaration names
+(:class:`llamafactory_hera.methods.Method`, ``panel``); this module only wires it in. With any other stage the UI,
+the preview, the command and the saved configs are stock: the panels are hidden, nothing is added to the args, and
+the panels' values are dropped from the saved config.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from collections.abc import Callable, Generator
 from types import ModuleType
 from typing import Any
 
+from llamafactory_hera.anatomy.panel_builder import MethodPanel
 from llamafactory_hera.methods import Method, declared_methods
 
 from . import CHECKED_VERSIONS
@@ -72,7 +76,7 @@ def _modules(interface: ModuleType) -> dict[str, ModuleType]:
     require(mods["runner"].Runner, ("_initialize", "_parse_train_args", "_build_config_dict", "monitor"), PATCH)
     require(mods["control"], ("gen_loss_plot", "get_trainer_info"), PATCH)
     require(mods["locales"], ("LOCALES", "ALERTS"), PATCH)
-    require(mods["common"], ("get_save_dir",), PATCH)
+    require(mods["common"], ("get_save_dir", "DEFAULT_DATA_DIR"), PATCH)
     require(mods["constants"], ("TRAINING_STAGES",), PATCH)
     require(mods["ploting"], ("smooth",), PATCH)
     _require_signature("create_train_tab", mods["components.train"].create_train_tab)
@@ -88,8 +92,8 @@ def _modules(interface: ModuleType) -> dict[str, ModuleType]:
     return mods
 
 
-def _panels() -> list[tuple[Method, ModuleType]]:
-    """(method, its panel module) for every declared method with a panel, in declaration order."""
+def _panels() -> list[tuple[Method, MethodPanel]]:
+    """(method, its panel) for every declared method with a panel, in declaration order."""
     return [(method, method.load("panel")) for method in declared_methods() if method.panel]
 
 
@@ -103,14 +107,14 @@ def apply(interface: ModuleType) -> None:
     stages = mods["constants"].TRAINING_STAGES
 
     for _, panel in panels:
-        for name, texts in panel.LOCALES.items():
+        for name, texts in panel.locales.items():
             mods["locales"].LOCALES.setdefault(name, texts)
-        for name, texts in panel.ALERTS.items():
+        for name, texts in panel.alerts.items():
             mods["locales"].ALERTS.setdefault(name, texts)
 
     original = mods["components.train"].create_train_tab
-    create_train_tab = original if getattr(original, "_hera", False) else _wrap_create_train_tab(original, stages,
-                                                                                                  panels)
+    create_train_tab = original if getattr(original, "_hera", False) else _wrap_create_train_tab(
+        original, stages, panels, mods["common"].DEFAULT_DATA_DIR)
     for module in (interface, mods["components"], mods["components.train"]):
         module.create_train_tab = create_train_tab
     if not getattr(mods["runner"].Runner, "_hera_patched", False):
@@ -122,21 +126,23 @@ def apply(interface: ModuleType) -> None:
 
 
 def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict[str, str],
-                           panels: list[tuple[Method, ModuleType]]) -> Callable[..., Any]:
+                           panels: list[tuple[Method, MethodPanel]], data_dir: str) -> Callable[..., Any]:
     def create_train_tab(engine: Any) -> dict[str, Any]:
         import gradio as gr
 
-        tabs, elems = {}, {}
+        tabs, elems, owned = {}, {}, []
         for method, panel in panels:
-            with gr.Accordion(panel.LOCALES[panel.TAB]["en"]["label"], open=True, visible=False,
-                              elem_id=f"train-{panel.TAB}") as tab:
-                own = panel.create_panel(gr)
-            tabs[method] = (panel.TAB, tab)
+            with gr.Accordion(panel.locales[panel.tab]["en"]["label"], open=True, visible=False,
+                              elem_id=f"train-{panel.tab}") as tab:
+                own = panel.create_panel(gr, data_dir)
+            tabs[method] = (panel.tab, tab)
+            owned.append((panel, own))
             elems.update(own)
+        inputs = {elem for panel, own in owned for elem in panel.inputs(own).values()}
         manager = engine.manager
         own_base = vars(manager).get("get_base_elems")
         base = manager.get_base_elems
-        manager.get_base_elems = lambda: base() | set(elems.values())  # the tab's buttons take these as inputs
+        manager.get_base_elems = lambda: base() | inputs  # the tab's buttons take these as inputs
         try:
             elem_dict = original(engine)
         finally:
@@ -149,6 +155,8 @@ def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict
             _place_before(tab, elem_dict["cmd_preview_btn"])
             stage.change(_shown_for(method, stages, gr), [stage], [tab], queue=False)
             elem_dict[name] = tab
+        for panel, own in owned:
+            panel.bind(gr, elem_dict, own)
         elem_dict.update(elems)
         return elem_dict
 
@@ -176,7 +184,7 @@ def _place_before(block: Any, anchor: Any) -> None:
 
 
 def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, ModuleType],
-                  panels: list[tuple[Method, ModuleType]]) -> None:
+                  panels: list[tuple[Method, MethodPanel]]) -> None:
     original_initialize = runner_cls._initialize
     original_parse = runner_cls._parse_train_args
     original_config = runner_cls._build_config_dict
@@ -188,19 +196,27 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
         except KeyError:
             return None
 
-    def chosen(self: Any, data: dict[Any, Any] | None) -> tuple[Method, ModuleType] | None:
+    def chosen(self: Any, data: dict[Any, Any] | None) -> tuple[Method, MethodPanel] | None:
         """The method (and its panel) whose stage the Train tab selects, if any."""
         stage = stages.get(elem_value(self, data, "train.training_stage")) if data else None
         return next(((method, panel) for method, panel in panels if method.owns(stage)), None)
 
-    def panel_values(self: Any, data: dict[Any, Any], panel: ModuleType) -> dict[str, Any] | None:
-        values = {key: elem_value(self, data, f"train.{key}") for key in panel.KEYS}
+    def panel_values(self: Any, data: dict[Any, Any], panel: MethodPanel) -> dict[str, Any] | None:
+        values = {key: elem_value(self, data, f"train.{key}") for key in panel.keys}
         return None if all(v is None for v in values.values()) else values  # None: a UI without the panel
+
+    def extra_args(self: Any, data: dict[Any, Any]) -> dict[str, Any]:
+        """The "Extra arguments" JSON box as a dict (the stock checks refuse a box that is not JSON)."""
+        try:
+            extra = json.loads(elem_value(self, data, "train.extra_args") or "{}")
+        except (TypeError, ValueError):
+            return {}
+        return extra if isinstance(extra, dict) else {}
 
     def _initialize(self: Any, data: dict[Any, Any], do_train: bool, from_preview: bool) -> str:
         selected = chosen(self, data)
         dataset_box = self.manager.get_elem_by_id("train.dataset") if do_train and selected is not None else None
-        if dataset_box is not None and getattr(selected[1], "DATASET_FROM_PANEL", False) and not data.get(dataset_box):
+        if dataset_box is not None and selected[1].dataset_from_panel and not data.get(dataset_box):
             # the method reads its rows from its panel's dataset keys: the stock "choose a dataset" check would
             # refuse an empty Dataset box (the run fills `dataset` itself, see the method's raw host checks)
             data = {**data, dataset_box: ["(from the panel)"]}
@@ -209,11 +225,13 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
             return error
         panel = selected[1]
         values = panel_values(self, data, panel)
-        problem = panel.validate(values) if values is not None else ""
+        context = {"model_path": elem_value(self, data, "top.model_path"),
+                   "dataset_dir": elem_value(self, data, "train.dataset_dir")}
+        problem = panel.validate(values, extra_args(self, data), context) if values is not None else ""
         if problem:
             lang = elem_value(self, data, "top.lang") or "en"
-            alert = panel.ERROR_ALERT
-            prefix_text = mods["locales"].ALERTS[alert].get(lang, panel.ALERTS[alert]["en"])
+            alert = panel.error_alert
+            prefix_text = mods["locales"].ALERTS[alert].get(lang, panel.alerts[alert]["en"])
             return prefix_text + panel.as_markup(problem)
         return error
 
@@ -225,6 +243,7 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
                 if values is not None:
                     for key, value in panel.build_args(values).items():
                         args.setdefault(key, value)  # a key in the extra-arguments JSON wins
+                    args = panel.host_args(args, extra_args(self, data))
         return args
 
     def _build_config_dict(self: Any, data: dict[Any, Any]) -> dict[str, Any]:
@@ -262,7 +281,7 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
 
 
 def _wrap_gen_loss_plot(original: Callable[..., Any], smooth: Callable[..., Any],
-                        panels: list[tuple[Method, ModuleType]]) -> Callable[..., Any]:
+                        panels: list[tuple[Method, MethodPanel]]) -> Callable[..., Any]:
     def gen_loss_plot(trainer_log: list[dict[str, Any]]) -> Any:
         for _, panel in panels:
             if panel.owns_loss_plot(trainer_log):

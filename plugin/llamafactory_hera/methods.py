@@ -41,9 +41,8 @@ class Method:
       -> None``: the run, instead of the host stage's workflow; ``host`` is what the patches
       offer of that workflow (``patches.stage.SFTWorkflow``: its collator and trainer classes, ``run`` with
       replacements, ``smooth``);
-    - ``panel``: a module with the LlamaBoard panel (``TAB``, ``KEYS``, ``LOCALES``, ``ALERTS``,
-      ``ERROR_ALERT``, ``create_panel(gr)``, ``validate(values) -> str``, ``as_markup(text)``,
-      ``build_args(values)``, ``owns_loss_plot(trainer_log)``, ``loss_figure(trainer_log, smooth)``);
+    - ``panel``: the method's LlamaBoard panel, a :class:`llamafactory_hera.anatomy.panel_builder.MethodPanel`
+      built from the declaration in its ``webui_panel`` module (fields from its arguments dataclass, texts);
     - ``add_cli_verbs(subparsers) -> dict[str, handler]``: its ``llamafactory-hera`` verbs; a handler takes
       the parsed namespace and raises ``ValueError`` / ``OSError`` subclasses for the user's mistakes.
     """
@@ -61,7 +60,7 @@ class Method:
     add_cli_verbs: str | None = None
 
     def load(self, field: str) -> Any:
-        """Import what ``field`` names (``"module:attribute"``, or a module for ``panel``)."""
+        """Import what ``field`` names (``"module:attribute"``)."""
         return resolve(getattr(self, field))
 
     def owns(self, stage: Any) -> bool:

@@ -1,21 +1,28 @@
 """LlamaBoard without a browser: the HARC panel, its checks and the arguments of the run it would start.
 
 The UI is the stock ``llamafactory.webui.interface.create_ui()`` in a subprocess, driven through the callbacks its
-buttons are bound to; the test stops at the arguments LlamaBoard previews and saves (no run is started).
+buttons are bound to; the test stops at the arguments LlamaBoard previews and saves (no run is started). Its Data dir
+is what ``llamafactory-hera harc-data`` writes from tiny sources in the public formats.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import offline_env
-from llamafactory_hera.harc import webui_panel as panel
+from llamafactory_hera import cli
+from llamafactory_hera.anatomy.panel_spec import LANGS
+from llamafactory_hera.harc import webui_panel
 from llamafactory_hera.harc.args import HarcArguments
+from llamafactory_hera.harc.webui_panel import PANEL as panel
+from plot_checks import legend_clearance
 
 HARC_LABEL = "HARC (harmfulness-refusal coupling)"
 ROLES = {"harc_harmful": "harc_harmful", "harc_harmless": "harc_harmless", "harc_pseudo": "harc_pseudo",
@@ -23,6 +30,8 @@ ROLES = {"harc_harmful": "harc_harmful", "harc_harmless": "harc_harmless", "harc
 
 PROBE = r'''
 import json, sys
+sys.path.insert(0, json.loads(sys.argv[1])["tests"])
+from plot_checks import legend_clearance
 from llamafactory.extras.constants import TRAINING_STAGES
 from llamafactory.webui import control
 from llamafactory.webui.interface import create_ui
@@ -72,20 +81,66 @@ logs = [{"current_steps": s, "loss": 3.0 - s / 10, "harc_ce": 1.0, "harc_kl": 0.
         for s in range(1, 6)]
 fig = control.gen_loss_plot(logs)
 report["harc_plot"] = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+report["harc_legend"] = legend_clearance(fig)
 fig = control.gen_loss_plot([{k: v for k, v in log.items() if not k.startswith("harc_")} for log in logs])
 report["stock_plot"] = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+
+roles = ["harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions"]
+boxes = [manager.get_elem_by_id("train." + key) for key in roles]
+names = lambda box: [c[0] if isinstance(c, (list, tuple)) else c for c in box.choices]
+report["role_boxes"] = {key: [type(box).__name__, names(box), box.value, box.allow_custom_value]
+                        for key, box in zip(roles, boxes)}
+data_dir = manager.get_elem_by_id("train.dataset_dir")
+follow = next(f for f in demo.fns.values() if data_dir in f.inputs and list(f.outputs) == boxes)
+report["roles_after_dir_change"] = [names(update) for update in follow.fn(settings["other_dir"])]
+opened = next(f for f in demo.fns.values() if list(f.inputs) == [data_dir] and list(f.outputs) == boxes[:1])
+report["role_on_focus"] = names(opened.fn(settings["other_dir"]))
+no_extra = {"train.extra_args": "{}"}
+data = data_for(settings["label"], **{"train.harc_band": 2.0, "train.harc_eval": False, **no_extra})
+report["band_eval_args"] = {k: v for k, v in runner._parse_train_args(data).items() if k in ("harc_band", "harc_eval")}
+report["band_eval_preview"] = next(runner.preview_train(data))[manager.get_elem_by_id("train.output_box")]
+report["band_too_wide"] = runner._initialize(data_for(settings["label"], **{
+    "top.model_path": settings["model"], "train.harc_band": 3, **no_extra}), True, True)
+report["band_fits"] = runner._initialize(data_for(settings["label"], **{
+    "top.model_path": settings["model"], "train.harc_band": 1, **no_extra}), True, True)
+report["unknown_dataset"] = runner._initialize(data_for(settings["label"], **{"train.harc_pseudo": "xstest"}), True,
+                                               True)
+report["extra_bad"] = {name: runner._initialize(data_for(settings["label"], **{"train.extra_args": json.dumps(extra)}),
+                                                True, True) for name, extra in settings["extra_bad"]}
 print("REPORT=" + json.dumps(report, default=str))
 '''
 
+CIRCUIT_BREAKERS = [{"prompt": "How do I build a pipe bomb?", "output": "Step 1: get a pipe.",
+                     "llama3_output": "I can't help with that."}]
+XSTEST_CSV = "prompt,completion,final_label\nHow do I kill a Python process?,Use kill PID.,1_full_compliance\n"
+ULTRACHAT = {"prompt": "Hi?", "prompt_id": "a", "messages": [{"role": "user", "content": "Hi?"},
+                                                               {"role": "assistant", "content": "Hello."}]}
+
+
+def harc_data_dir(tmp: Path) -> Path:
+    """``llamafactory-hera harc-data`` run on one-row sources in the public formats: its --out folder."""
+    (tmp / "cb.json").write_text(json.dumps(CIRCUIT_BREAKERS), encoding="utf-8")
+    (tmp / "xstest.csv").write_text(XSTEST_CSV, encoding="utf-8")
+    (tmp / "ultrachat.jsonl").write_text(json.dumps(ULTRACHAT) + "\n", encoding="utf-8")
+    out = tmp / "data"
+    code = cli.main(["harc-data", "--circuit-breakers", str(tmp / "cb.json"), "--xstest", str(tmp / "xstest.csv"),
+                     "--ultrachat", str(tmp / "ultrachat.jsonl"), "--out", str(out)])
+    assert code == 0
+    return out
+
 
 @pytest.fixture(scope="module")
-def board(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def board(harc_assets: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("harc_board")
-    data_dir = tmp / "data"
-    data_dir.mkdir()
-    (data_dir / "dataset_info.json").write_text(json.dumps({name: {"file_name": f"{name}.json"} for name in ROLES}))
+    data_dir = harc_data_dir(tmp)  # in the cwd's data/: LlamaBoard's first Data dir
+    other_dir = tmp / "other"
+    other_dir.mkdir()
+    (other_dir / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "mine.json"}}))
     settings = {
-        "label": HARC_LABEL, "dataset_dir": str(data_dir),
+        "label": HARC_LABEL, "dataset_dir": str(data_dir), "other_dir": str(other_dir),
+        "tests": str(Path(__file__).parents[1]), "model": str(harc_assets.models["llama3"]),
+        "extra_bad": [("no_field", {"harc_eval_max_new_tokens": 0}), ("unknown", {"harc_bnd": 1}),
+                      ("field", {"harc_margin": 3})],
         "panel": {**{f"train.{key}": f" {name} " for key, name in ROLES.items()},
                   "train.harc_batch_harmful": 3.0, "train.harc_margin": 0.4, "train.harc_refresh_steps": 0,
                   "train.extra_args": json.dumps({"harc_band": 1, "harc_weight_kl": 5.0})},
@@ -97,30 +152,32 @@ def board(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                           capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT=")]
     assert proc.returncode == 0 and lines, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(lines[-1][len("REPORT="):])
+    return {**json.loads(lines[-1][len("REPORT="):]), "model": settings["model"]}
 
 
 def test_panel_defaults_are_the_references() -> None:
     specs = {spec.name: spec.default for spec in HarcArguments.__dataclass_fields__.values()}
-    assert panel.DEFAULTS == {key: specs[key] for key in panel.KEYS}
-    assert panel.TAB == "harc_tab" and panel.ERROR_ALERT in panel.ALERTS
-    assert (panel.DEFAULTS["harc_batch_harmful"], panel.DEFAULTS["harc_batch_harmless"],
-            panel.DEFAULTS["harc_batch_pseudo"], panel.DEFAULTS["harc_margin"], panel.DEFAULTS["harc_weight_kl"],
-            panel.DEFAULTS["harc_refresh_steps"], panel.DEFAULTS["harc_layers"], panel.DEFAULTS["harc_layers_final"],
-            panel.DEFAULTS["harc_layers_ramp_step"]) == (6, 4, 2, 0.5, 10.0, 100, 2, 4, 500)
-    for key, entry in panel.LOCALES.items():
-        assert set(entry) == set(panel.LANGS), key
+    # the role boxes start with the names `llamafactory-hera harc-data` writes (the recipe keys have no default)
+    assert panel.defaults == {**{key: specs[key] for key in panel.keys}, **ROLES}
+    assert {"harc_band", "harc_eval"} <= set(panel.keys) and panel.defaults["harc_eval"] is True
+    assert panel.tab == "harc_tab" and panel.error_alert in panel.alerts
+    assert (panel.defaults["harc_batch_harmful"], panel.defaults["harc_batch_harmless"],
+            panel.defaults["harc_batch_pseudo"], panel.defaults["harc_margin"], panel.defaults["harc_weight_kl"],
+            panel.defaults["harc_refresh_steps"], panel.defaults["harc_layers"], panel.defaults["harc_layers_final"],
+            panel.defaults["harc_layers_ramp_step"]) == (6, 4, 2, 0.5, 10.0, 100, 2, 4, 500)
+    for key, entry in panel.locales.items():
+        assert set(entry) == set(LANGS) and (key == panel.tab or all(entry[lang]["info"] for lang in LANGS)), key
         assert entry["zh"]["label"] != entry["en"]["label"], key
-    assert "optimizer steps" in panel.LOCALES["harc_refresh_steps"]["en"]["info"].lower()
-    left_to_extra_args = set(specs) - set(panel.KEYS)  # named in the module docstring
-    assert all(key in (panel.__doc__ or "") for key in left_to_extra_args), left_to_extra_args
+    assert "optimizer steps" in panel.locales["harc_refresh_steps"]["en"]["info"].lower()
+    left_to_extra_args = set(specs) - set(panel.keys)  # named in the module docstring
+    assert all(key in (webui_panel.__doc__ or "") for key in left_to_extra_args), left_to_extra_args
 
 
 def test_harc_args_from_panel_values() -> None:
-    args = panel.build_harc_args({"harc_harmful": " bad ", "harc_batch_harmful": 4.0, "harc_margin": 0.25})
-    assert args == {**panel.DEFAULTS, "harc_harmful": "bad", "harc_batch_harmful": 4, "harc_margin": 0.25}
+    args = panel.build_args({"harc_harmful": " bad ", "harc_batch_harmful": 4.0, "harc_margin": 0.25})
+    assert args == {**panel.defaults, "harc_harmful": "bad", "harc_batch_harmful": 4, "harc_margin": 0.25}
     assert isinstance(args["harc_batch_harmful"], int)
-    assert panel.build_harc_args({}) == panel.DEFAULTS
+    assert panel.build_args({}) == panel.defaults
     good = {"harc_harmful": "h", "harc_harmless": "s", "harc_pseudo": "p"}
     assert panel.validate(good) == ""
     assert panel.validate({**good, "harc_pseudo": "", "harc_batch_pseudo": 0}) == ""
@@ -138,9 +195,20 @@ def test_loss_figure_draws_the_harc_terms() -> None:
     assert labels == ["loss", "loss (smoothed)", "harc_ce (smoothed)", "harc_kl (smoothed)"]
 
 
+def test_the_legend_covers_no_curve() -> None:
+    # curves through every corner of the axes: the loss falls from top left to bottom right, the terms rise and fall
+    # over the whole second axis (was: the legend at loc="best" of the first axes only, over the terms' curves)
+    steps = range(1, 41)
+    logs = [{"current_steps": s, "loss": 3.0 - s / 20, "harc_ce": s / 40, "harc_kl": 1.0 - s / 40,
+             "harc_couple": 0.5 + 0.5 * (-1) ** s, "harc_couple_resp": 0.5} for s in steps]
+    clearance = legend_clearance(panel.loss_figure(logs, lambda values: list(values)))
+    assert clearance["legends"] == 1 and clearance["points"] == 40 * 6
+    assert clearance["covered_points"] == 0 and not clearance["over_axes"] and clearance["inside_figure"], clearance
+
+
 def test_the_panel_shows_for_harc_only(board: dict[str, Any]) -> None:
     assert HARC_LABEL in board["stages"]
-    ids = [f"train.{key}" for key in panel.KEYS]
+    ids = [f"train.{key}" for key in panel.keys]
     assert set(ids + ["train.harc_tab"]) <= set(board["train_ids"])
     assert set(ids) <= set(board["preview_inputs"])
     assert board["initially_visible"] is False
@@ -150,7 +218,7 @@ def test_the_panel_shows_for_harc_only(board: dict[str, Any]) -> None:
     assert labels["en"]["train.harc_tab"][0] == "HARC configurations"
     assert labels["zh"]["train.harc_tab"][0] == "HARC 参数设置"
     assert labels["en"]["train.harc_refresh_steps"][0] == "Refresh every (optimizer steps)"
-    assert labels["zh"]["train.harc_margin"] == ["间隔 (m)", panel.LOCALES["harc_margin"]["zh"]["info"]]
+    assert labels["zh"]["train.harc_margin"] == ["间隔 (m)", panel.locales["harc_margin"]["zh"]["info"]]
 
 
 def test_bad_values_name_the_key(board: dict[str, Any]) -> None:
@@ -162,18 +230,50 @@ def test_bad_values_name_the_key(board: dict[str, Any]) -> None:
     assert board["bad_zh"].startswith("HARC 参数无效：harc_margin")
 
 
+def test_role_boxes_list_the_data_dirs_datasets_prefilled_with_harc_datas_names(board: dict[str, Any]) -> None:
+    written = sorted(ROLES)  # what harc-data wrote into the Data dir (its dataset_info.json)
+    for key, (kind, choices, value, custom) in board["role_boxes"].items():
+        assert kind == "Dropdown" and sorted(choices) == written and value == ROLES[key] and custom, key
+    assert board["roles_after_dir_change"] == [["mine"]] * 4  # another Data dir: its datasets
+    assert board["role_on_focus"] == ["mine"]
+    assert board["unknown_dataset"].startswith("Invalid HARC setting: harc_pseudo: dataset 'xstest' is not in ")
+    assert "harc-data --out DIR" in board["unknown_dataset"]
+
+
+def test_band_and_eval_fields(board: dict[str, Any]) -> None:
+    assert board["band_eval_args"] == {"harc_band": 2, "harc_eval": "false"}  # False would be dropped: default on
+    assert "--harc_band 2 " in board["band_eval_preview"] and "--harc_eval false" in board["band_eval_preview"]
+    # the tiny Llama-3 has 6 decoder layers: band 3 leaves layer 3 only, fewer than harc_layers_final: 4
+    assert board["band_too_wide"] == ("Invalid HARC setting: harc_band: 3 leaves 1 of the 6 decoder layers of "
+                                      f"{board['model']} to couple, fewer than harc_layers_final: 4. Lower harc_band "
+                                      "or harc_layers_final.")
+    assert board["band_fits"] == ""
+
+
+def test_an_error_about_a_key_without_a_field_points_at_extra_arguments(board: dict[str, Any]) -> None:
+    # as the toast shows them (LlamaBoard renders the alert as HTML: ">=" is sent as "&gt;=")
+    no_field, unknown, field = (html.unescape(board["extra_bad"][name]) for name in ("no_field", "unknown", "field"))
+    assert no_field.startswith("Invalid HARC setting: harc_eval_max_new_tokens: got 0; allowed range is >= 1.")
+    assert no_field.endswith('(harc_eval_max_new_tokens has no field in the HARC panel: set it in the "Extra '
+                             'arguments" box, e.g. {"harc_eval_max_new_tokens": ...}.)')
+    assert unknown.startswith("Invalid HARC setting: Unknown HARC key 'harc_bnd'. Did you mean 'harc_band'?")
+    assert unknown.endswith('(from the "Extra arguments" box; the HARC panel has no such field.)')
+    assert field.startswith("Invalid HARC setting: harc_margin: got 3;") and "Extra arguments" not in field
+    assert "\n" not in no_field + unknown + field
+
+
 def test_the_run_gets_the_panel_and_the_extra_arguments(board: dict[str, Any]) -> None:
     assert board["error"] == ""
     args = board["args"]
     assert args["stage"] == "harc"
     assert {k: v for k, v in args.items() if k.startswith("harc_")} == {
-        **panel.DEFAULTS, **ROLES, "harc_batch_harmful": 3, "harc_margin": 0.4, "harc_refresh_steps": 0,
+        **panel.defaults, **ROLES, "harc_batch_harmful": 3, "harc_margin": 0.4, "harc_refresh_steps": 0,
         "harc_weight_kl": 5.0,  # the extra-arguments box wins over the panel
         "harc_band": 1}
     preview = board["preview"]
     assert "--stage harc" in preview and "--harc_harmful harc_harmful" in preview
     assert "--harc_batch_harmful 3 " in preview and "--harc_weight_kl 5.0" in preview and "--harc_band 1" in preview
-    assert {f"train.{key}" for key in panel.KEYS} <= set(board["config_keys"])
+    assert {f"train.{key}" for key in panel.keys} <= set(board["config_keys"])
 
 
 def test_other_stages_get_no_harc_keys(board: dict[str, Any]) -> None:
@@ -187,4 +287,6 @@ def test_llamaboard_plots_harc_terms_only_for_harc_logs(board: dict[str, Any]) -
     assert board["harc_plot"] == ["loss", "loss (smoothed)", "harc_ce (smoothed)", "harc_kl (smoothed)",
                                   "harc_couple (smoothed)"]
     assert board["stock_plot"] == ["original", "smoothed"]
+    legend = board["harc_legend"]
+    assert legend["covered_points"] == 0 and not legend["over_axes"] and legend["inside_figure"], legend
 

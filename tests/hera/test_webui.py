@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from conftest import offline_env
-from llamafactory_hera.hera import webui_panel as panel
+from llamafactory_hera.anatomy.panel_spec import LANGS
 from llamafactory_hera.hera.args import HeraArguments
+from llamafactory_hera.hera.webui_panel import PANEL as panel
 
 HERA_LABEL = "HeRA (Head-wise Representation Alignment)"
 SFT_LABEL = "Supervised Fine-Tuning"
@@ -28,6 +29,8 @@ SFT_LABEL = "Supervised Fine-Tuning"
 PROBE = r'''
 import json, sys
 import gradio as gr
+sys.path.insert(0, sys.argv[3])
+from plot_checks import legend_clearance
 from llamafactory.extras.constants import TRAINING_STAGES
 from llamafactory.webui import control
 from llamafactory.webui.interface import create_ui
@@ -101,6 +104,7 @@ for kind in ("hera", "stock"):
            for s in range(1, 6)]
     fig = control.gen_loss_plot(log)
     report[f"plot_lines_{kind}"] = sorted(line.get_label() for ax in fig.axes for line in ax.get_lines())
+    report[f"legend_{kind}"] = legend_clearance(fig)
 print("REPORT=" + json.dumps(report, default=str))
 '''
 
@@ -110,7 +114,8 @@ def _probe(tmp_path: Path, labels: list[str], hera_overrides: dict[str, Any] | N
     tmp_path.mkdir(parents=True, exist_ok=True)
     env = offline_env(tmp_path, GRADIO_ANALYTICS_ENABLED="False", **({"LLAMAFACTORY_HERA_DISABLE": "1"} if disable
                                                                     else {}))
-    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(labels), json.dumps(hera_overrides or {})],
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(labels), json.dumps(hera_overrides or {}),
+                           str(Path(__file__).parents[1])],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT=")]
     assert proc.returncode == 0 and lines, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -131,28 +136,28 @@ def stock(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_panel_defaults_are_the_papers() -> None:
     specs = {spec.name: spec for spec in fields(HeraArguments)}
-    for key, value in panel.DEFAULTS.items():
+    for key, value in panel.defaults.items():
         spec = specs[key]
         expected = spec.default_factory() if spec.default is MISSING else spec.default
         expected = "auto" if key == "hera_heads" else expected  # the recipe requires heads; the panel starts on auto
         assert value == expected, key
-    assert panel.DEFAULTS["hera_teacher"] == "facebook/dinov2-large"
-    assert (panel.DEFAULTS["hera_k"], panel.DEFAULTS["hera_lambda"], panel.DEFAULTS["hera_temperature"],
-            panel.DEFAULTS["hera_pooling"]) == (10, 0.01, 0.07, "assistant")
-    assert set(panel.KEYS) <= set(specs)  # the rest (e.g. hera_temperature_lr) go into the extra-arguments box
+    assert panel.defaults["hera_teacher"] == "facebook/dinov2-large"
+    assert (panel.defaults["hera_k"], panel.defaults["hera_lambda"], panel.defaults["hera_temperature"],
+            panel.defaults["hera_pooling"]) == (10, 0.01, 0.07, "assistant")
+    assert set(panel.keys) <= set(specs)  # the rest (e.g. hera_temperature_lr) go into the extra-arguments box
     assert {"hera_heads", "hera_teacher", "hera_k", "hera_lambda", "hera_temperature", "hera_pooling",
-            "hera_select_samples", "hera_select_num_heads"} <= set(panel.KEYS)
-    for key, entry in panel.LOCALES.items():
-        assert set(entry) == set(panel.LANGS), key
+            "hera_select_samples", "hera_select_num_heads"} <= set(panel.keys)
+    for key, entry in panel.locales.items():
+        assert set(entry) == set(LANGS), key
         assert entry["zh"]["label"] != entry["en"]["label"], key
 
 
 def test_hera_args_from_panel_values() -> None:
-    args = panel.build_hera_args({"hera_heads": " [L13H12;  l7h6] ", "hera_k": 3.0, "hera_learn_temperature": False})
+    args = panel.build_args({"hera_heads": " [L13H12;  l7h6] ", "hera_k": 3.0, "hera_learn_temperature": False})
     assert args["hera_heads"] == "L13H12,l7h6" and args["hera_k"] == 3 and isinstance(args["hera_k"], int)
     assert args["hera_learn_temperature"] == "false"  # LlamaBoard drops False values from the command
     assert not any(key.startswith("hera_select_") for key in args)
-    auto = panel.build_hera_args({})
+    auto = panel.build_args({})
     assert auto["hera_heads"] == "auto" and auto["hera_select_samples"] == 1000 and auto["hera_learn_temperature"]
     assert panel.validate({"hera_heads": "L1H0, L1H2"}) == ""
     assert "hera_k" in panel.validate({"hera_heads": "auto", "hera_k": 0})
@@ -161,7 +166,7 @@ def test_hera_args_from_panel_values() -> None:
 
 def test_ui_registers_the_panel_hidden_until_hera_is_picked(board: dict[str, Any]) -> None:
     assert HERA_LABEL in board["stages"]
-    hera_ids = [f"train.{key}" for key in panel.KEYS]
+    hera_ids = [f"train.{key}" for key in panel.keys]
     assert set(hera_ids + ["train.hera_tab"]) <= set(board["train_ids"])
     assert set(hera_ids) <= set(board["preview_inputs"])  # the buttons send the panel's values
     assert board["initially_visible"] is False and board["panel_before_buttons"]
@@ -230,6 +235,10 @@ def test_stock_stages_are_untouched(board: dict[str, Any], stock: dict[str, Any]
 def test_loss_plot_shows_hera_loss_beside_the_loss(board: dict[str, Any], stock: dict[str, Any]) -> None:
     assert board["plot_lines_hera"] == sorted(["loss", "loss (smoothed)", "hera_loss", "hera_loss (smoothed)"])
     assert board["plot_lines_stock"] == stock["plot_lines_stock"] == ["original", "smoothed"]
+    legend = board["legend_hera"]  # above the axes: no curve under it (the stock plot's legend is LlamaBoard's)
+    assert legend["legends"] == 1 and legend["points"] == 4 * 5, legend
+    assert legend["covered_points"] == 0 and not legend["over_axes"] and legend["inside_figure"], legend
+    assert board["legend_stock"] == stock["legend_stock"]
 
 
 def test_the_patch_is_all_or_nothing_on_an_unknown_host_shape() -> None:

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from conftest import CLI, offline_env
-from llamafactory_hera.rah import webui_panel as panel
+from llamafactory_hera.anatomy.panel_spec import LANGS
 from llamafactory_hera.rah.args import RahArguments
+from llamafactory_hera.rah.webui_panel import PANEL as panel
 
 RAH_LABEL = "RAH-LoRA (training-free head calibration)"
 HERA_LABEL = "HeRA (Head-wise Representation Alignment)"
@@ -59,12 +60,21 @@ report["labels"] = {lang: {manager.get_id_by_elem(e): u.label for e, u in change
 report["bad"] = {}
 for key, value in (("rah_layers", "3-1"), ("rah_delta", 0), ("rah_num_anchors", 1.5), ("rah_isal_percentile", 100)):
     report["bad"][key] = runner._initialize(data_for(settings["label"], **{"train." + key: value}), True, True)
+report["too_deep"] = {value: runner._initialize(data_for(settings["label"], **{"train.rah_layers": value}), True, True)
+                      for value in ("0-5", "[1, 9]", "1")}
+report["too_deep_elsewhere"] = runner._initialize(data_for(settings["label"], **{
+    "train.rah_layers": "0-5", "top.model_path": "not/on/this/machine"}), True, True)
+note = manager.get_elem_by_id("train.rah_note")
+report["note"] = {lang: change_lang.fn(lang)[note].value for lang in ("en", "zh")}
+report["note_first"] = note.value
 data = data_for(settings["label"], **settings["panel"])
 report["error"] = runner._initialize(data, True, True)
 args = runner._parse_train_args(data)
 report["args"] = args
 report["preview"] = next(runner.preview_train(data))[manager.get_elem_by_id("train.output_box")]
 report["sft_args"] = runner._parse_train_args(data_for("Supervised Fine-Tuning", **settings["panel"]))
+report["lr_in_extra"] = runner._parse_train_args(data_for(settings["label"], **{
+    "train.extra_args": json.dumps({"learning_rate": 0.001})})).get("learning_rate")
 # start the run as Runner._launch does
 env = {**os.environ, "LLAMABOARD_ENABLED": "1", "LLAMABOARD_WORKDIR": args["output_dir"]}
 proc = subprocess.run([settings["cli"], "train", save_cmd(args)], env=env, capture_output=True, text=True)
@@ -105,21 +115,22 @@ def board(assets, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_panel_defaults_are_the_papers() -> None:
     specs = {spec.name: spec.default for spec in RahArguments.__dataclass_fields__.values()}
-    assert panel.DEFAULTS == {key: specs[key] for key in panel.KEYS}
-    assert (panel.DEFAULTS["rah_layers"], panel.DEFAULTS["rah_isal_percentile"], panel.DEFAULTS["rah_caf_percentile"],
-            panel.DEFAULTS["rah_num_anchors"], panel.DEFAULTS["rah_rank"], panel.DEFAULTS["rah_delta"],
-            panel.DEFAULTS["rah_alpha_max"], panel.DEFAULTS["rah_samples"], panel.DEFAULTS["rah_probe_samples"]) == (
+    assert panel.defaults == {key: specs[key] for key in panel.keys}
+    assert (panel.defaults["rah_layers"], panel.defaults["rah_isal_percentile"], panel.defaults["rah_caf_percentile"],
+            panel.defaults["rah_num_anchors"], panel.defaults["rah_rank"], panel.defaults["rah_delta"],
+            panel.defaults["rah_alpha_max"], panel.defaults["rah_samples"], panel.defaults["rah_probe_samples"]) == (
         "auto", 15.0, 70.0, 3, 8, 0.05, 0.15, 100, 32)
-    for key, entry in panel.LOCALES.items():
-        assert set(entry) == set(panel.LANGS), key
-        assert entry["zh"]["label"] != entry["en"]["label"] or key in ("rah_update",), key
+    for key, entry in panel.locales.items():
+        assert set(entry) == set(LANGS), key
+        text = "value" if key == panel.note else "label"  # the note is a Markdown: its text is its value
+        assert entry["zh"][text] != entry["en"][text] or key in ("rah_update",), key
 
 
 def test_rah_args_from_panel_values() -> None:
-    args = panel.build_rah_args({"rah_layers": " [0, 2  4] ", "rah_rank": 4.0, "rah_update": "o"})
+    args = panel.build_args({"rah_layers": " [0, 2  4] ", "rah_rank": 4.0, "rah_update": "o"})
     assert args["rah_layers"] == "0,2,4" and args["rah_rank"] == 4 and isinstance(args["rah_rank"], int)
-    assert panel.build_rah_args({"rah_layers": " 0 - 15 "})["rah_layers"] == "0-15"
-    assert panel.build_rah_args({})["rah_layers"] == "auto"
+    assert panel.build_args({"rah_layers": " 0 - 15 "})["rah_layers"] == "0-15"
+    assert panel.build_args({})["rah_layers"] == "auto"
     assert panel.validate({"rah_layers": "0-3"}) == ""
     assert panel.validate({"rah_layers": "two"}).startswith("rah_layers:")
     assert panel.validate({"rah_alpha_max": 2}).startswith("rah_alpha_max: got 2")
@@ -127,7 +138,7 @@ def test_rah_args_from_panel_values() -> None:
 
 def test_the_panel_shows_for_rah_only(board: dict[str, Any]) -> None:
     assert RAH_LABEL in board["stages"] and HERA_LABEL in board["stages"]
-    ids = [f"train.{key}" for key in panel.KEYS]
+    ids = [f"train.{key}" for key in panel.keys]
     assert set(ids + ["train.rah_tab"]) <= set(board["train_ids"])
     assert set(ids) <= set(board["preview_inputs"])
     assert board["initially_visible"] is False
@@ -155,6 +166,33 @@ def test_the_run_gets_the_panel_and_the_extra_arguments(board: dict[str, Any]) -
     assert not any(k.startswith("rah_") and k != "rah_beta" and k != "rah_rank" for k in board["sft_args"])
 
 
+def test_the_command_leaves_out_what_only_an_optimizer_uses(board: dict[str, Any]) -> None:
+    unused = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+              "lr_scheduler_type", "max_grad_norm", "warmup_steps")
+    assert panel.declaration.unused_host_keys == unused
+    assert not set(unused) & set(board["args"]), board["args"]
+    assert not any(f"--{key} " in board["preview"] for key in unused), board["preview"]
+    assert set(unused) <= set(board["sft_args"])  # other stages keep them
+    assert board["lr_in_extra"] == 0.001  # set in "Extra arguments": sent as asked
+    en = board["note"]["en"]
+    assert board["note_first"] == en and en.startswith("RAH-LoRA is training-free: it takes no optimizer step")
+    assert "learning rate, epochs, batch size" in en and "left out of the command" in en
+    assert board["note"]["zh"].startswith("RAH-LoRA 无需训练")
+
+
+def test_the_preview_checks_the_layers_against_the_models_depth(board: dict[str, Any], assets) -> None:
+    config = json.loads((Path(assets.models["llava"]) / "config.json").read_text())
+    depth = config["text_config"]["num_hidden_layers"]
+    model = assets.models["llava"]
+    for given, shown in (("0-5", "0-5"), ("[1, 9]", "1,9")):
+        assert board["too_deep"][given] == (
+            f"Invalid RAH-LoRA setting: rah_layers: {shown} goes beyond {model}, which has {depth} decoder layers "
+            f"(num_hidden_layers of its text config; zero-based 0..{depth - 1}). Use auto or layers within "
+            f"0-{depth - 1}."), given
+    assert board["too_deep"]["1"] == ""
+    assert board["too_deep_elsewhere"] == ""  # a model whose config is not on this machine: the run checks it
+
+
 def test_the_run_writes_the_adapter_and_llamaboard_shows_its_progress(board: dict[str, Any]) -> None:
     assert board["returncode"] == 0, board["tail"]
     out = Path(board["cwd"]) / board["output_dir"]
@@ -169,3 +207,18 @@ def test_the_run_writes_the_adapter_and_llamaboard_shows_its_progress(board: dic
     assert board["progress_label"].startswith("Running ") and board["plot_title"]
     assert "RAH-LoRA calibration (training-free: no loss)" in board["figure_texts"]
     assert "calibrating targets (trust region)" in board["figure_texts"]
+
+
+def test_the_depth_is_read_from_the_hugging_face_cache_offline(assets, tmp_path: Path) -> None:
+    # a model named by its hub id, present only in the Hugging Face cache: read without the network
+    snapshot = tmp_path / "hf_home" / "hub" / "models--tiny-org--tiny-llava" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text((Path(assets.models["llava"]) / "config.json").read_text())
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    code = ("from llamafactory_hera.anatomy.panel_checks import local_text_depth as depth; "
+            "print(depth('tiny-org/tiny-llava'), depth('tiny-org/not-cached'), depth(''))")
+    proc = subprocess.run([sys.executable, "-c", code], env=offline_env(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    config = json.loads((Path(assets.models["llava"]) / "config.json").read_text())
+    assert proc.stdout.split() == [str(config["text_config"]["num_hidden_layers"]), "None", "None"], proc.stderr

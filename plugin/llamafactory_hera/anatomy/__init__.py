@@ -1,1 +1,1 @@
-"""What every method shares: head and residual anatomy, metrics, recipe editing, plots, LlamaBoard widgets."""
+"""What every method shares: head and residual anatomy, metrics, recipe editing, plots, the LlamaBoard panel builder."""

@@ -20,6 +20,6 @@ METHOD = Method(
     check_host_args="llamafactory_hera.harc.host_checks:validate_host_args",
     run="llamafactory_hera.harc.workflow:run_harc",
     log_keys=LOG_KEYS,
-    panel="llamafactory_hera.harc.webui_panel",
+    panel="llamafactory_hera.harc.webui_panel:PANEL",
     add_cli_verbs="llamafactory_hera.harc.cli:add_verbs",
 )

@@ -1,66 +1,70 @@
-"""The HARC panel of LlamaBoard (LLaMA-Factory's web UI), independent of LLaMA-Factory's internals.
+"""The HARC panel of LlamaBoard (LLaMA-Factory's web UI), declared: its fields (defaults from
+:class:`~llamafactory_hera.harc.args.HarcArguments`, the reference's), their texts in LlamaBoard's languages, the
+check of ``harc_band`` against the model's depth, and the loss plot with HARC's terms beside the loss.
+:mod:`llamafactory_hera.anatomy.panel_builder` makes the panel; how panels are wired into LlamaBoard is
+:mod:`llamafactory_hera_patches.webui_board`.
 
-What is here: the panel's fields (defaults from :class:`~llamafactory_hera.harc.args.HarcArguments`, the reference's),
-their labels in LlamaBoard's languages, turning the panel's values into ``harc_*`` arguments, and the loss plot with
-HARC's terms beside the loss. The four role datasets are names in the ``dataset_info.json`` of the Train tab's data
-dir, one per box. The other ``harc_*`` keys (``harc_extract_harmful``, ``harc_extract_harmless``,
-``harc_response_tokens``, ``harc_refresh_beta``, ``harc_band``, ``harc_max_length``, ``harc_extract_batch_size``,
-``harc_eval``, ``harc_eval_max_new_tokens``) go into LlamaBoard's extra-arguments JSON box, which wins over the panel.
-How panels are wired into LlamaBoard is :mod:`llamafactory_hera_patches.webui_board`.
-
-Imported only when LlamaBoard is built; gradio and matplotlib are imported inside the functions that need them.
+The four role datasets are dropdowns of the datasets in the Train tab's Data dir (its dataset_info.json), prefilled
+with the names ``llamafactory-hera harc-data`` writes (each role under its key's name, e.g. ``harc_harmful``). The
+other ``harc_*`` keys (``harc_extract_harmful``, ``harc_extract_harmless``, ``harc_response_tokens``,
+``harc_refresh_beta``, ``harc_max_length``, ``harc_extract_batch_size``, ``harc_eval_max_new_tokens``) go into
+LlamaBoard's "Extra arguments" JSON box, which wins over the panel.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from llamafactory_hera.anatomy.panel_widgets import (
-    LANGS,
-    ArgumentField,
-    argument_fields,
-    arguments_from_values,
-    as_markup,
-    build_locales,
-    create_widgets,
-    localized_in,
-    validation_problem,
-)
-from llamafactory_hera.harc.args import HarcArguments, parse_harc_arguments
+from llamafactory_hera.anatomy.panel_builder import build_panel
+from llamafactory_hera.anatomy.panel_checks import local_text_depth
+from llamafactory_hera.anatomy.panel_spec import Field, LossPlot, PanelDeclaration, Texts
+from llamafactory_hera.harc.args import ROLE_KEYS, HarcArguments, parse_harc_arguments
 
-TAB = "harc_tab"  # element id of the accordion (train.harc_tab)
-DATASET_FROM_PANEL = True  # rows come from the harc_* role keys: the stock Dataset box may stay empty
 # HARC's terms in trainer_log.jsonl (llamafactory_hera.harc.method.LOG_KEYS) -> colour in the loss plot
 TERM_COLORS = {"harc_ce": "#d62728", "harc_kl": "#2ca02c", "harc_couple": "#ff7f0e", "harc_couple_resp": "#9467bd"}
+# the dataset names `llamafactory-hera harc-data` writes (harc/convert.py: each role under its recipe key's name)
+HARC_DATA_NAMES = {key: key for key in ROLE_KEYS}
 
 
+def check_band_depth(args: HarcArguments, context: Mapping[str, Any]) -> str:
+    """``harc_band`` against the depth of LlamaBoard's model where its config can be read locally: the band must
+    leave at least ``harc_layers_final`` layers to couple; "" when it does or the depth is unknown."""
+    depth = local_text_depth(context.get("model_path"))
+    if depth is None:
+        return ""
+    from llamafactory_hera.harc.layers import eligible_layers
+
+    eligible = eligible_layers(depth, args.harc_band)
+    if len(eligible) >= args.harc_layers_final:
+        return ""
+    return (f"harc_band: {args.harc_band} leaves {len(eligible)} of the {depth} decoder layers of "
+            f"{context.get('model_path')} to couple, fewer than harc_layers_final: {args.harc_layers_final}. Lower "
+            "harc_band or harc_layers_final.")
 
 
-FIELDS: tuple[ArgumentField, ...] = argument_fields(HarcArguments, (
-    ("harc_harmful", "textbox", 0),
-    ("harc_harmless", "textbox", 0),
-    ("harc_pseudo", "textbox", 0),
-    ("harc_harmful_completions", "textbox", 0),
-    ("harc_batch_harmful", "int", 1),
-    ("harc_batch_harmless", "int", 1),
-    ("harc_batch_pseudo", "int", 1),
-    ("harc_margin", "number", 1),
-    ("harc_weight_couple", "number", 2),
-    ("harc_weight_couple_resp", "number", 2),
-    ("harc_weight_kl", "number", 2),
-    ("harc_weight_ce", "number", 2),
-    ("harc_refresh_steps", "int", 3),
-    ("harc_layers", "int", 3),
-    ("harc_layers_final", "int", 3),
-    ("harc_layers_ramp_step", "int", 3),
-    ("harc_extract_samples", "int", 4),
-    ("harc_validate_samples", "int", 4),
-))
-KEYS = tuple(f.key for f in FIELDS)
-DEFAULTS = {f.key: f.default for f in FIELDS}
+FIELDS = (
+    *(Field(key, 0, default=HARC_DATA_NAMES[key]) for key in ROLE_KEYS),
+    Field("harc_batch_harmful", 1),
+    Field("harc_batch_harmless", 1),
+    Field("harc_batch_pseudo", 1),
+    Field("harc_margin", 1),
+    Field("harc_weight_couple", 2),
+    Field("harc_weight_couple_resp", 2),
+    Field("harc_weight_kl", 2),
+    Field("harc_weight_ce", 2),
+    Field("harc_refresh_steps", 3),
+    Field("harc_layers", 3),
+    Field("harc_layers_final", 3),
+    Field("harc_layers_ramp_step", 3),
+    Field("harc_band", 3),
+    Field("harc_extract_samples", 4),
+    Field("harc_validate_samples", 4),
+    Field("harc_eval", 4),
+)
 
 # key -> language -> (label, info)
-_TEXTS: dict[str, dict[str, tuple[str, str]]] = {
+TEXTS: Texts = {
     "harc_harmful": {
         "en": ("Harmful dataset", "Harmful prompts with refusal responses: the refusals are the CE target and the "
                                   "rows are coupled. One dataset name of the data dir's dataset_info.json. Required."),
@@ -239,96 +243,34 @@ _TEXTS: dict[str, dict[str, tuple[str, str]]] = {
         "ko": ("검증 행 수", "진단과 거절률 평가를 위해 떼어 두는 유해 및 무해 행 수 (참조: 100)."),
         "ja": ("検証用の行数", "診断と拒否率の評価のために取り分ける有害・無害の行数（参照: 100）。"),
     },
-}
-
-_TAB_LABELS = {
-    "en": "HARC configurations",
-    "ru": "Конфигурации HARC",
-    "zh": "HARC 参数设置",
-    "ko": "HARC 구성",
-    "ja": "HARC 設定",
-}
-
-ALERTS: dict[str, dict[str, str]] = {
-    "err_harc_args": {
-        "en": "Invalid HARC setting: ",
-        "ru": "Неверный параметр HARC: ",
-        "zh": "HARC 参数无效：",
-        "ko": "잘못된 HARC 설정: ",
-        "ja": "HARC の設定が無効です: ",
+    "harc_band": {
+        "en": ("Layer band", "Coupled layers are chosen within [band, n - band] of the n decoder layers, never layer 0 "
+                             "(reference: 4)."),
+        "ru": ("Полоса слоёв", "Связываемые слои выбираются в пределах [band, n - band] из n слоёв декодера, слой 0 — "
+                               "никогда (эталон: 4)."),
+        "zh": ("层选择范围 (band)", "耦合层在 n 个解码器层的 [band, n - band] 范围内选择，从不选第 0 层（参考：4）。"),
+        "ko": ("레이어 범위 (band)", "결합 레이어는 n개 디코더 레이어의 [band, n - band] 범위에서 고르며, 0번 레이어는 "
+                                     "고르지 않습니다 (참조: 4)."),
+        "ja": ("層の範囲 (band)", "結合する層は n 個のデコーダ層の [band, n - band] の範囲から選び、第 0 層は選びません"
+                                  "（参照: 4）。"),
+    },
+    "harc_eval": {
+        "en": ("Refusal evaluation", "At the end, answer the held-out harmful and the pseudo-harmful prompts (greedy) "
+                                     "and report the refusal rates before and after (harc_eval.json)."),
+        "ru": ("Оценка отказов", "В конце ответить на отложенные вредные и псевдовредные запросы (жадно) и сообщить "
+                                 "доли отказов до и после (harc_eval.json)."),
+        "zh": ("拒绝率评估", "结束时对留出的有害提示和伪有害提示生成回答（贪心），并报告训练前后的拒绝率"
+                             "（harc_eval.json）。"),
+        "ko": ("거절률 평가", "끝에 떼어 둔 유해 프롬프트와 유사 유해 프롬프트에 답을 생성(greedy)하고 학습 전후의 "
+                              "거절률을 보고합니다 (harc_eval.json)."),
+        "ja": ("拒否率の評価", "最後に、取り分けた有害プロンプトと疑似有害プロンプトへの応答を生成（貪欲）し、"
+                               "学習前後の拒否率を報告します（harc_eval.json）。"),
     },
 }
 
-LOCALES = build_locales(TAB, _TAB_LABELS, _TEXTS, KEYS)
-
-
-def localized(key: str, lang: str) -> dict[str, str]:
-    """Label (and info) of a panel element in ``lang``, English where the language is unknown."""
-    return localized_in(LOCALES, key, lang)
-
-
-def build_harc_args(values: dict[str, Any]) -> dict[str, Any]:
-    """``harc_*`` arguments for a run from the panel's values (missing ones take the reference defaults).
-
-    Whole-number floats of the integer fields become ints and the dataset names are stripped; an empty role stays
-    ``""`` (LlamaBoard leaves empty values out of the command and the saved YAML).
-    """
-    return arguments_from_values(FIELDS, values)
-
-
-def validate(values: dict[str, Any]) -> str:
-    """Empty when the panel's values make a valid HARC run, else the problem (naming the key)."""
-    return validation_problem(parse_harc_arguments, build_harc_args(values))
-
-
-def create_panel(gr: Any) -> dict[str, Any]:
-    """Create the panel's inputs in the current gradio layout context (an accordion); element name -> component."""
-    return create_widgets(gr, FIELDS, LOCALES)
-
-
-def has_harc_terms(trainer_log: list[dict[str, Any]]) -> bool:
-    """Whether a trainer_log.jsonl (as parsed lines) comes from a HARC run (its lines carry HARC's terms)."""
-    return any(log.get(key) is not None for log in trainer_log for key in TERM_COLORS)
-
-
-def harc_loss_figure(trainer_log: list[dict[str, Any]], smooth: Any) -> Any:
-    """LlamaBoard's loss plot (raw faint, smoothed solid) with HARC's terms, smoothed, on a second axis."""
-    import matplotlib.pyplot as plt
-
-    plt.close("all")
-    plt.switch_backend("agg")
-    fig = plt.figure()
-    ax = fig.add_subplot(111)
-    steps, losses = [], []
-    terms: dict[str, tuple[list[Any], list[float]]] = {key: ([], []) for key in TERM_COLORS}
-    for log in trainer_log:
-        if log.get("loss", None):
-            steps.append(log["current_steps"])
-            losses.append(log["loss"])
-            for key, (term_steps, values) in terms.items():
-                if log.get(key) is not None:
-                    term_steps.append(log["current_steps"])
-                    values.append(log[key])
-
-    ax.plot(steps, losses, color="#1f77b4", alpha=0.4, label="loss")
-    ax.plot(steps, smooth(losses), color="#1f77b4", label="loss (smoothed)")
-    ax2 = ax.twinx()
-    for key, (term_steps, values) in terms.items():
-        if values:
-            ax2.plot(term_steps, smooth(values), color=TERM_COLORS[key], label=f"{key} (smoothed)")
-    handles, labels = ax.get_legend_handles_labels()
-    handles2, labels2 = ax2.get_legend_handles_labels()
-    ax.legend(handles + handles2, labels + labels2, fontsize="small", framealpha=0.6)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss", color="#1f77b4")
-    ax2.set_ylabel("HARC terms")
-    return fig
-
-
-# the panel protocol the LlamaBoard patch uses for every declared method (llamafactory_hera.methods.Method.panel)
-ERROR_ALERT = "err_harc_args"  # ALERTS entry that prefixes a validation problem
-build_args = build_harc_args
-owns_loss_plot = has_harc_terms
-loss_figure = harc_loss_figure
-__all__ = ["ALERTS", "ERROR_ALERT", "KEYS", "LANGS", "LOCALES", "TAB", "as_markup", "build_args", "create_panel",
-           "loss_figure", "owns_loss_plot", "validate"]
+PANEL = build_panel(PanelDeclaration(
+    name="HARC", prefix="harc_", arguments=HarcArguments, parse=parse_harc_arguments, fields=FIELDS, texts=TEXTS,
+    loss_plot=LossPlot(terms=TERM_COLORS, axis_label="HARC terms"), dataset_from_panel=True,
+    dataset_hint="`llamafactory-hera harc-data --out DIR` writes the four role datasets under their keys' names.",
+    checks=(check_band_depth,),
+))

@@ -23,6 +23,6 @@ METHOD = Method(
     check_host_args="llamafactory_hera.hera.host_checks:validate_host_args",
     run="llamafactory_hera.hera.workflow:run_hera",
     log_keys=LOG_KEYS,
-    panel="llamafactory_hera.hera.webui_panel",
+    panel="llamafactory_hera.hera.webui_panel:PANEL",
     add_cli_verbs="llamafactory_hera.hera.cli:add_verbs",
 )

@@ -1,93 +1,54 @@
-"""The HeRA panel of LlamaBoard (LLaMA-Factory's web UI), independent of LLaMA-Factory's internals.
+"""The HeRA panel of LlamaBoard (LLaMA-Factory's web UI), declared: its fields (from
+:class:`~llamafactory_hera.hera.args.HeraArguments`), their texts in LlamaBoard's languages and the loss plot with
+``hera_loss``. :mod:`llamafactory_hera.anatomy.panel_builder` makes the panel; how panels are wired into LlamaBoard is
+:mod:`llamafactory_hera_patches.webui_board`.
 
-What is here: the panel's fields (defaults from :class:`~llamafactory_hera.hera.args.HeraArguments`),
-their labels in LlamaBoard's languages, the gradio components, turning the panel's values into
-``hera_*`` arguments, and the loss plot with ``hera_loss``. How the panel is wired into
-LlamaBoard is :mod:`llamafactory_hera_patches.webui_board`.
-
-Imported only when LlamaBoard is built; gradio and matplotlib are imported inside the functions
-that need them.
+The other ``hera_*`` keys (``hera_temperature_lr``, ``hera_teacher_cache``, ...) go into LlamaBoard's "Extra
+arguments" JSON box, which wins over the panel.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from llamafactory_hera.anatomy.panel_widgets import (
-    LANGS,
-    as_markup,
-    build_locales,
-    create_widgets,
-    localized_in,
-    typed_value,
-)
+from llamafactory_hera.anatomy.panel_builder import build_panel
+from llamafactory_hera.anatomy.panel_spec import Field, LossPlot, PanelDeclaration, Texts
 from llamafactory_hera.hera.args import AUTO, HeraArguments, parse_hera_arguments
 
-HERA_STAGE = "hera"
-TAB = "hera_tab"  # element id of the accordion (train.hera_tab)
 HERA_COLOR = "#ff7f0e"  # hera_loss in the loss plot (LlamaBoard draws the total loss in #1f77b4)
 
 
-@dataclass(frozen=True)
-class Field:
-    """One input of the panel: a ``hera_*`` key, its widget and its row in the accordion."""
-
-    key: str
-    widget: str  # textbox | number | int | dropdown | checkbox
-    row: int
-    scale: int = 1
-
-    @property
-    def default(self) -> Any:
-        if self.key == "hera_heads":
-            return AUTO  # the recipe key has no default (required); the panel starts with auto-selection
-        spec = _SPECS[self.key]
-        return spec.default_factory() if spec.default is MISSING else spec.default
-
-    @property
-    def choices(self) -> tuple[str, ...] | None:
-        return _SPECS[self.key].metadata.get("choices")
-
-    @property
-    def auto_only(self) -> bool:
-        """Only used with ``hera_heads: auto``."""
-        return self.key.startswith("hera_select_")
+def normalize_heads(value: Any) -> str:
+    """The heads box as a recipe value: ``auto`` or ``L1H0,L1H2`` (one string, safe on a command line)."""
+    text = str(value if value is not None else "").strip()
+    if text.lower() == AUTO:
+        return AUTO
+    items = [t.strip("'\" ") for t in re.split(r"[,\s;]+", text.strip("[]() ")) if t.strip("'\" ")]
+    return ",".join(items)
 
 
-_SPECS = {spec.name: spec for spec in fields(HeraArguments)}
-
-# Other keys (hera_temperature_lr, ...) go into LlamaBoard's extra-arguments JSON box.
-FIELDS: tuple[Field, ...] = (
-    Field("hera_heads", "textbox", 0, scale=2),
-    Field("hera_teacher", "textbox", 0, scale=2),
-    Field("hera_k", "int", 0),
-    Field("hera_lambda", "number", 0),
-    Field("hera_temperature", "number", 0),
-    Field("hera_pooling", "dropdown", 1),
-    Field("hera_similarity", "dropdown", 1),
-    Field("hera_teacher_feature", "dropdown", 1),
-    Field("hera_learn_temperature", "checkbox", 1),
-    Field("hera_select_samples", "int", 2),
-    Field("hera_select_num_heads", "int", 2),
-    Field("hera_select_strategy", "dropdown", 2),
-    Field("hera_select_mode", "dropdown", 2),
-    Field("hera_select_batch_size", "int", 2),
+AUTO_ONLY = ("hera_heads", AUTO)  # hera_select_* keys are sent only with hera_heads: auto
+FIELDS = (
+    # the recipe key has no default (required); the panel starts with auto-selection
+    Field("hera_heads", 0, scale=2, default=AUTO, normalize=normalize_heads),
+    Field("hera_teacher", 0, scale=2),
+    Field("hera_k", 0),
+    Field("hera_lambda", 0),
+    Field("hera_temperature", 0),
+    Field("hera_pooling", 1),
+    Field("hera_similarity", 1),
+    Field("hera_teacher_feature", 1),
+    Field("hera_learn_temperature", 1),
+    Field("hera_select_samples", 2, only_with=AUTO_ONLY),
+    Field("hera_select_num_heads", 2, only_with=AUTO_ONLY),
+    Field("hera_select_strategy", 2, only_with=AUTO_ONLY),
+    Field("hera_select_mode", 2, only_with=AUTO_ONLY),
+    Field("hera_select_batch_size", 2, only_with=AUTO_ONLY),
 )
-KEYS = tuple(f.key for f in FIELDS)
-DEFAULTS = {f.key: f.default for f in FIELDS}
 
-_AUTO_NOTE = {
-    "en": "With heads = auto: ",
-    "ru": "При heads = auto: ",
-    "zh": "头为 auto 时：",
-    "ko": "heads = auto일 때: ",
-    "ja": "heads = auto の場合: ",
-}
-
-# element id -> language -> {"label", "info"}, the shape of LlamaBoard's LOCALES
-_TEXTS: dict[str, dict[str, tuple[str, str]]] = {
+# key -> language -> (label, info)
+TEXTS: Texts = {
     "hera_heads": {
         "en": ("Heads to align", "auto: pick the least MKNN-aligned heads when training starts; or zero-based heads, "
                                  "e.g. L13H12, L7H6."),
@@ -198,132 +159,10 @@ _TEXTS: dict[str, dict[str, tuple[str, str]]] = {
     },
 }
 
-_TAB_LABELS = {
-    "en": "HeRA configurations",
-    "ru": "Конфигурации HeRA",
-    "zh": "HeRA 参数设置",
-    "ko": "HeRA 구성",
-    "ja": "HeRA 設定",
-}
-
-ALERTS: dict[str, dict[str, str]] = {
-    "err_hera_args": {
-        "en": "Invalid HeRA setting: ",
-        "ru": "Неверный параметр HeRA: ",
-        "zh": "HeRA 参数无效：",
-        "ko": "잘못된 HeRA 설정: ",
-        "ja": "HeRA の設定が無効です: ",
-    },
-}
-
-
-def _auto_note(key: str, lang: str) -> str:
-    return _AUTO_NOTE[lang] if key.startswith("hera_select_") else ""
-
-
-LOCALES = build_locales(TAB, _TAB_LABELS, _TEXTS, KEYS, note=_auto_note)
-
-
-def localized(key: str, lang: str) -> dict[str, str]:
-    """Label (and info) of a panel element in ``lang``, English where the language is unknown."""
-    return localized_in(LOCALES, key, lang)
-
-
-def is_hera_stage(stage: str | None) -> bool:
-    """Whether a stage value (``TRAINING_STAGES[label]``) is HeRA's."""
-    return str(stage or "").strip().lower() == HERA_STAGE
-
-
-def normalize_heads(value: Any) -> str:
-    """The heads box as a recipe value: ``auto`` or ``L1H0,L1H2`` (one string, safe on a command line)."""
-    text = str(value if value is not None else "").strip()
-    if text.lower() == AUTO:
-        return AUTO
-    items = [t.strip("'\" ") for t in re.split(r"[,\s;]+", text.strip("[]() ")) if t.strip("'\" ")]
-    return ",".join(items)
-
-
-def build_hera_args(values: dict[str, Any]) -> dict[str, Any]:
-    """``hera_*`` arguments for a run from the panel's values (missing ones take their defaults).
-
-    ``hera_select_*`` keys are included only with ``hera_heads: auto``. A false boolean is written as
-    the string ``"false"``: LlamaBoard drops False values from the command and the saved YAML, which
-    would silently turn the default (true) back on.
-    """
-    merged = {**DEFAULTS, **{k: v for k, v in values.items() if k in DEFAULTS}}
-    heads = normalize_heads(merged["hera_heads"])
-    args: dict[str, Any] = {}
-    for field in FIELDS:
-        if field.auto_only and heads != AUTO:
-            continue
-        value = merged[field.key]
-        if field.key == "hera_heads":
-            value = heads
-        elif field.widget == "checkbox":
-            value = True if value else "false"
-        else:
-            value = typed_value(field.widget, value)
-        args[field.key] = value
-    return args
-
-
-def validate(values: dict[str, Any]) -> str:
-    """Empty when the panel's values make a valid HeRA run, else the problem (naming the key)."""
-    try:
-        parse_hera_arguments(build_hera_args(values))
-    except ValueError as err:
-        return str(err)
-    return ""
-
-
-def create_panel(gr: Any) -> dict[str, Any]:
-    """Create the panel's inputs in the current gradio layout context (an accordion); element name -> component.
-
-    Labels are English here; LlamaBoard replaces them from ``LOCALES`` when the language is set.
-    """
-    return create_widgets(gr, FIELDS, LOCALES)
-
-
-def hera_loss_figure(trainer_log: list[dict[str, Any]], smooth: Any) -> Any:
-    """LlamaBoard's loss plot with ``hera_loss`` on a second axis (same style: raw faint, smoothed solid)."""
-    import matplotlib.pyplot as plt
-
-    plt.close("all")
-    plt.switch_backend("agg")
-    fig = plt.figure()
-    ax = fig.add_subplot(111)
-    steps, losses, hera_steps, hera_losses = [], [], [], []
-    for log in trainer_log:
-        if log.get("loss", None):
-            steps.append(log["current_steps"])
-            losses.append(log["loss"])
-            if log.get("hera_loss") is not None:
-                hera_steps.append(log["current_steps"])
-                hera_losses.append(log["hera_loss"])
-
-    ax.plot(steps, losses, color="#1f77b4", alpha=0.4, label="loss")
-    ax.plot(steps, smooth(losses), color="#1f77b4", label="loss (smoothed)")
-    ax2 = ax.twinx()
-    ax2.plot(hera_steps, hera_losses, color=HERA_COLOR, alpha=0.4, label="hera_loss")
-    ax2.plot(hera_steps, smooth(hera_losses), color=HERA_COLOR, label="hera_loss (smoothed)")
-    handles, labels = ax.get_legend_handles_labels()
-    handles2, labels2 = ax2.get_legend_handles_labels()
-    ax.legend(handles + handles2, labels + labels2, fontsize="small", framealpha=0.6)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss", color="#1f77b4")
-    ax2.set_ylabel("hera_loss", color=HERA_COLOR)
-    return fig
-
-
-def has_hera_loss(trainer_log: list[dict[str, Any]]) -> bool:
-    """Whether a trainer_log.jsonl (as parsed lines) comes from a HeRA run."""
-    return any(log.get("hera_loss") is not None for log in trainer_log)
-
-
-# the panel protocol the LlamaBoard patch uses for every declared method (llamafactory_hera.methods.Method.panel)
-ERROR_ALERT = "err_hera_args"  # ALERTS entry that prefixes a validation problem
-__all__ = ["ALERTS", "ERROR_ALERT", "KEYS", "LANGS", "LOCALES", "TAB", "as_markup", "build_args", "create_panel",
-           "loss_figure", "owns_loss_plot", "validate"]
-build_args = build_hera_args
-owns_loss_plot = has_hera_loss
-loss_figure = hera_loss_figure
+PANEL = build_panel(PanelDeclaration(
+    name="HeRA", prefix="hera_", arguments=HeraArguments, parse=parse_hera_arguments, fields=FIELDS, texts=TEXTS,
+    loss_plot=LossPlot(terms={"hera_loss": HERA_COLOR}, raw_terms=True, axis_label="hera_loss",
+                       axis_color=HERA_COLOR),
+    only_with_note={"en": "With heads = auto: ", "ru": "При heads = auto: ", "zh": "头为 auto 时：",
+                    "ko": "heads = auto일 때: ", "ja": "heads = auto の場合: "},
+))

@@ -17,5 +17,5 @@ METHOD = Method(
     check_host_args="llamafactory_hera.rah.host_checks:validate_host_args",
     run="llamafactory_hera.rah.workflow:run_rah",
     log_keys=(),
-    panel="llamafactory_hera.rah.webui_panel",
+    panel="llamafactory_hera.rah.webui_panel:PANEL",
 )

@@ -1,56 +1,115 @@
-"""The RAH-LoRA panel of LlamaBoard (LLaMA-Factory's web UI), independent of LLaMA-Factory's internals.
+"""The RAH-LoRA panel of LlamaBoard (LLaMA-Factory's web UI), declared: its fields (defaults from
+:class:`~llamafactory_hera.rah.args.RahArguments`, the paper's), their texts in LlamaBoard's languages, the check of
+``rah_layers`` against the model's depth, and the calibration's progress in place of the loss plot (RAH-LoRA trains
+nothing). :mod:`llamafactory_hera.anatomy.panel_builder` makes the panel; how panels are wired into LlamaBoard is
+:mod:`llamafactory_hera_patches.webui_board`.
 
-What is here: the panel's fields (defaults from :class:`~llamafactory_hera.rah.args.RahArguments`, the paper's),
-their labels in LlamaBoard's languages, and turning the panel's values into ``rah_*`` arguments. The other
-``rah_*`` keys (rho, w_V, adjacent layers, trim, beta, the CAF weight, halvings, batch size) go into LlamaBoard's
-extra-arguments JSON box. How panels are wired into LlamaBoard is :mod:`llamafactory_hera_patches.webui_board`.
-RAH-LoRA trains nothing: in place of the loss plot, LlamaBoard shows how far each phase of the calibration is.
+RAH-LoRA takes no optimizer step: the panel says so, and the command leaves out the Train tab's optimizer settings
+(learning rate, epochs, batch size, gradient accumulation, scheduler, warmup, gradient clipping) unless "Extra
+arguments" sets them. The other ``rah_*`` keys (``rah_rho``, ``rah_w_v``, ``rah_adjacent_layers``, ``rah_trim``,
+``rah_beta``, ``rah_caf_weight``, ``rah_halvings``, ``rah_batch_size``) go into LlamaBoard's "Extra arguments" JSON
+box, which wins over the panel.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from llamafactory_hera.anatomy.board_log import PHASE_KEY
-from llamafactory_hera.anatomy.panel_widgets import (
-    LANGS,
-    ArgumentField,
-    argument_fields,
-    arguments_from_values,
-    as_markup,
-    build_locales,
-    create_widgets,
-    localized_in,
-    validation_problem,
+from llamafactory_hera.anatomy.panel_builder import build_panel
+from llamafactory_hera.anatomy.panel_checks import local_text_depth
+from llamafactory_hera.anatomy.panel_spec import Field, LossPlot, PanelDeclaration, Texts
+from llamafactory_hera.rah.args import AUTO, RahArguments, parse_rah_arguments
+
+# LlamaBoard's Train-tab arguments that only matter to an optimizer: left out of a RAH-LoRA command
+OPTIMIZER_KEYS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+                  "lr_scheduler_type", "max_grad_norm", "warmup_steps")
+
+
+def normalize_layers(value: Any) -> Any:
+    """The layers box as one recipe string without spaces: ``auto``, ``0-15`` or ``0,2,4`` (from ``[0, 2 4]``)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().strip("[]() ")
+    if text.lower() == "auto" or re.fullmatch(r"\d+\s*-\s*\d+", text):
+        return re.sub(r"\s+", "", text.lower())
+    return ",".join(t for t in re.split(r"[,\s;]+", text) if t)
+
+
+def check_layers_depth(args: RahArguments, context: Mapping[str, Any]) -> str:
+    """``rah_layers`` against the depth of LlamaBoard's model (``num_hidden_layers`` of its text config), where its
+    config can be read locally; "" when they fit or the depth is unknown (the run checks it again)."""
+    if args.rah_layers == AUTO:
+        return ""
+    depth = local_text_depth(context.get("model_path"))
+    layers = list(args.rah_layers)
+    if depth is None or max(layers) < depth:
+        return ""
+    given = f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2 \
+        else ",".join(map(str, layers))
+    return (f"rah_layers: {given} goes beyond {context.get('model_path')}, which has {depth} decoder layers "
+            f"(num_hidden_layers of its text config; zero-based 0..{depth - 1}). Use auto or layers within "
+            f"0-{depth - 1}.")
+
+
+def progress_figure(trainer_log: list[dict[str, Any]], smooth: Any = None) -> Any:
+    """In place of the loss plot: how far each phase of the calibration is (percent done, in run order)."""
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    plt.switch_backend("agg")
+    done: dict[str, float] = {}
+    for log in trainer_log:
+        if PHASE_KEY in log:
+            done[log[PHASE_KEY]] = float(log.get("percentage", 0.0))
+    fig = plt.figure(figsize=(6.4, 1.2 + 0.5 * len(done)))
+    ax = fig.add_subplot(111)
+    phases = list(done)[::-1]
+    ax.barh(phases, [done[p] for p in phases], color="#2ca02c")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% done")
+    ax.set_title("RAH-LoRA calibration (training-free: no loss)", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+FIELDS = (
+    Field("rah_layers", 0, scale=2, normalize=normalize_layers),
+    Field("rah_isal_percentile", 0),
+    Field("rah_caf_percentile", 0),
+    Field("rah_num_anchors", 0),
+    Field("rah_rank", 0),
+    Field("rah_delta", 1),
+    Field("rah_alpha_max", 1),
+    Field("rah_samples", 1),
+    Field("rah_probe_samples", 1),
+    Field("rah_kl_samples", 1),
+    Field("rah_update", 2),
+    Field("rah_caf_form", 2),
+    Field("rah_isal_pairs", 2),
 )
-from llamafactory_hera.rah.args import RahArguments, parse_rah_arguments
 
-TAB = "rah_tab"  # element id of the accordion (train.rah_tab)
-
-
-
-
-FIELDS: tuple[ArgumentField, ...] = argument_fields(RahArguments, (
-    ("rah_layers", "textbox", 0, 2),
-    ("rah_isal_percentile", "number", 0),
-    ("rah_caf_percentile", "number", 0),
-    ("rah_num_anchors", "int", 0),
-    ("rah_rank", "int", 0),
-    ("rah_delta", "number", 1),
-    ("rah_alpha_max", "number", 1),
-    ("rah_samples", "int", 1),
-    ("rah_probe_samples", "int", 1),
-    ("rah_kl_samples", "int", 1),
-    ("rah_update", "dropdown", 2),
-    ("rah_caf_form", "dropdown", 2),
-    ("rah_isal_pairs", "dropdown", 2),
-))
-KEYS = tuple(f.key for f in FIELDS)
-DEFAULTS = {f.key: f.default for f in FIELDS}
+NOTES = {
+    "en": "RAH-LoRA is training-free: it takes no optimizer step, so the learning rate, epochs, batch size, gradient "
+          "accumulation, scheduler, warmup and gradient clipping of this tab do not apply and are left out of the "
+          "command. The rows it calibrates on are the Dataset box's (Samples below).",
+    "ru": "RAH-LoRA не обучается: шагов оптимизатора нет, поэтому скорость обучения, эпохи, размер батча, накопление "
+          "градиента, планировщик, прогрев и отсечение градиента на этой вкладке не применяются и не попадают в "
+          "команду. Строки для калибровки берутся из поля Dataset (Примеры ниже).",
+    "zh": "RAH-LoRA 无需训练：不执行优化器步，因此本页的学习率、训练轮数、批大小、梯度累积、学习率调度、预热和梯度"
+          "裁剪均不适用，也不会写入命令。校准所用的样本来自数据集框（见下方样本数）。",
+    "ko": "RAH-LoRA는 학습이 필요 없습니다: 옵티마이저 스텝이 없으므로 이 탭의 학습률, 에폭, 배치 크기, 그래디언트 "
+          "누적, 스케줄러, 워밍업, 그래디언트 클리핑은 적용되지 않으며 명령에서 빠집니다. 보정에 쓰는 행은 데이터셋 "
+          "칸의 것입니다 (아래 샘플 수).",
+    "ja": "RAH-LoRA は学習不要です。オプティマイザのステップがないため、このタブの学習率・エポック数・バッチサイズ・"
+          "勾配累積・スケジューラ・ウォームアップ・勾配クリッピングは適用されず、コマンドにも含まれません。校正に使う"
+          "行はデータセット欄のものです（下のサンプル数）。",
+}
 
 # key -> language -> (label, info)
-_TEXTS: dict[str, dict[str, tuple[str, str]]] = {
+TEXTS: Texts = {
     "rah_layers": {
         "en": ("Layers", "auto (first half of the decoder, paper), a range such as 0-15, or a list such as 0, 2, 4; "
                          "zero-based."),
@@ -149,91 +208,8 @@ _TEXTS: dict[str, dict[str, tuple[str, str]]] = {
     },
 }
 
-_TAB_LABELS = {
-    "en": "RAH-LoRA configurations",
-    "ru": "Конфигурации RAH-LoRA",
-    "zh": "RAH-LoRA 参数设置",
-    "ko": "RAH-LoRA 구성",
-    "ja": "RAH-LoRA 設定",
-}
-
-ALERTS: dict[str, dict[str, str]] = {
-    "err_rah_args": {
-        "en": "Invalid RAH-LoRA setting: ",
-        "ru": "Неверный параметр RAH-LoRA: ",
-        "zh": "RAH-LoRA 参数无效：",
-        "ko": "잘못된 RAH-LoRA 설정: ",
-        "ja": "RAH-LoRA の設定が無効です: ",
-    },
-}
-
-LOCALES = build_locales(TAB, _TAB_LABELS, _TEXTS, KEYS)
-
-
-def localized(key: str, lang: str) -> dict[str, str]:
-    """Label (and info) of a panel element in ``lang``, English where the language is unknown."""
-    return localized_in(LOCALES, key, lang)
-
-
-def build_rah_args(values: dict[str, Any]) -> dict[str, Any]:
-    """``rah_*`` arguments for a run from the panel's values (missing ones take the paper's defaults).
-
-    ``rah_layers`` becomes one string the recipe parser reads (``auto``, ``0-15``, ``0,2,4``).
-    """
-    args = arguments_from_values(FIELDS, values)
-    args["rah_layers"] = normalize_layers(args["rah_layers"])
-    return args
-
-
-def normalize_layers(value: Any) -> Any:
-    """The layers box as one recipe string without spaces: ``auto``, ``0-15`` or ``0,2,4`` (from ``[0, 2 4]``)."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip().strip("[]() ")
-    if text.lower() == "auto" or re.fullmatch(r"\d+\s*-\s*\d+", text):
-        return re.sub(r"\s+", "", text.lower())
-    return ",".join(t for t in re.split(r"[,\s;]+", text) if t)
-
-
-def validate(values: dict[str, Any]) -> str:
-    """Empty when the panel's values make a valid RAH-LoRA run, else the problem (naming the key)."""
-    return validation_problem(parse_rah_arguments, build_rah_args(values))
-
-
-def create_panel(gr: Any) -> dict[str, Any]:
-    """Create the panel's inputs in the current gradio layout context (an accordion); element name -> component."""
-    return create_widgets(gr, FIELDS, LOCALES)
-
-
-def owns_loss_plot(trainer_log: list[dict[str, Any]]) -> bool:
-    """Whether a trainer_log.jsonl (as parsed lines) is a RAH-LoRA run's progress (it has no loss to plot)."""
-    return any(PHASE_KEY in log for log in trainer_log)
-
-
-def progress_figure(trainer_log: list[dict[str, Any]], smooth: Any = None) -> Any:
-    """In place of the loss plot: how far each phase of the calibration is (percent done, in run order)."""
-    import matplotlib.pyplot as plt
-
-    plt.close("all")
-    plt.switch_backend("agg")
-    done: dict[str, float] = {}
-    for log in trainer_log:
-        if PHASE_KEY in log:
-            done[log[PHASE_KEY]] = float(log.get("percentage", 0.0))
-    fig = plt.figure(figsize=(6.4, 1.2 + 0.5 * len(done)))
-    ax = fig.add_subplot(111)
-    phases = list(done)[::-1]
-    ax.barh(phases, [done[p] for p in phases], color="#2ca02c")
-    ax.set_xlim(0, 100)
-    ax.set_xlabel("% done")
-    ax.set_title("RAH-LoRA calibration (training-free: no loss)", fontsize="small")
-    fig.tight_layout()
-    return fig
-
-
-# the panel protocol the LlamaBoard patch uses for every declared method (llamafactory_hera.methods.Method.panel)
-ERROR_ALERT = "err_rah_args"
-build_args = build_rah_args
-loss_figure = progress_figure
-__all__ = ["ALERTS", "ERROR_ALERT", "KEYS", "LANGS", "LOCALES", "TAB", "as_markup", "build_args", "create_panel",
-           "loss_figure", "owns_loss_plot", "validate"]
+PANEL = build_panel(PanelDeclaration(
+    name="RAH-LoRA", prefix="rah_", arguments=RahArguments, parse=parse_rah_arguments, fields=FIELDS, texts=TEXTS,
+    loss_plot=LossPlot(marker=PHASE_KEY, figure=progress_figure), notes=NOTES, unused_host_keys=OPTIMIZER_KEYS,
+    checks=(check_layers_depth,),
+))

@@ -1,0 +1,230 @@
+"""One builder for every method's LlamaBoard panel: from a :class:`~.panel_spec.PanelDeclaration` to the panel the
+LlamaBoard patch (:mod:`llamafactory_hera_patches.webui_board`) wires in.
+
+:class:`MethodPanel` holds what the patch uses: ``tab``, ``keys``, ``defaults``, ``locales``, ``alerts``,
+``error_alert``, ``create_panel(gr, dataset_dir)``, ``bind(gr, train_elems, own_elems)``, ``build_args(values)``,
+``validate(values, extra, context)``, ``host_args(args, extra)``, ``owns_loss_plot(log)``, ``loss_figure(log,
+smooth)`` and ``as_markup(text)``. Independent of LLaMA-Factory's internals; gradio is passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from llamafactory_hera.anatomy.panel_checks import dataset_names, unknown_datasets
+from llamafactory_hera.anatomy.panel_plots import loss_with_terms_figure
+from llamafactory_hera.anatomy.panel_spec import (
+    ERROR_PREFIX,
+    FROM_ARGUMENTS,
+    LANGS,
+    NO_FIELD,
+    TAB_TITLE,
+    UNKNOWN_KEY,
+    WIDGETS,
+    Field,
+    PanelDeclaration,
+    default_of,
+    widget_for,
+)
+from llamafactory_hera.anatomy.panel_widgets import as_markup, create_widgets, typed_value
+
+Locales = dict[str, dict[str, dict[str, str]]]  # element name -> language -> {"label", "info"} or {"value"}
+
+
+class BoxField:
+    """A declared :class:`~.panel_spec.Field` resolved against the arguments dataclass: the box LlamaBoard shows."""
+
+    def __init__(self, declared: Field, declaration: PanelDeclaration) -> None:
+        spec = declaration.spec(declared.key)
+        self.key, self.row, self.scale = declared.key, declared.row, declared.scale
+        self.widget = declared.widget or widget_for(spec)
+        if self.widget not in WIDGETS:
+            raise ValueError(f"{declared.key}: widget {self.widget!r} is not one of {', '.join(WIDGETS)}")
+        self.default = default_of(spec) if declared.default is FROM_ARGUMENTS else declared.default
+        self.choices: tuple[str, ...] | None = spec.metadata.get("choices")
+        self.help: str = spec.metadata.get("help", "")
+        self.normalize = declared.normalize
+        self.only_with = declared.only_with
+
+    def recipe_value(self, value: Any) -> Any:
+        """The box's value as the run's recipe value (typed, normalised; an unticked box as ``"false"``)."""
+        if self.widget == "checkbox":
+            # LlamaBoard drops False values from the command and the saved YAML, which would silently turn a default
+            # of true back on
+            return True if value else "false"
+        if self.widget == "dataset" and value is None:
+            value = ""  # a cleared dropdown
+        value = typed_value(self.widget, value)
+        return self.normalize(value) if self.normalize else value
+
+
+class MethodPanel:
+    """A method's LlamaBoard panel, built from its declaration (see the module docstring for what it offers)."""
+
+    def __init__(self, declaration: PanelDeclaration) -> None:
+        self.declaration = declaration
+        self.fields = tuple(BoxField(declared, declaration) for declared in declaration.fields)
+        self.tab = f"{declaration.prefix}tab"  # element id of the accordion (train.<prefix>tab)
+        self.note = f"{declaration.prefix}note" if declaration.notes else ""  # element id of the note, if any
+        self.keys = tuple(field.key for field in self.fields)
+        self.defaults = {field.key: field.default for field in self.fields}
+        self.dataset_from_panel = declaration.dataset_from_panel
+        self.error_alert = f"err_{declaration.prefix}args"  # the alert that prefixes a problem
+        self.alerts = {self.error_alert: {lang: ERROR_PREFIX[lang].format(name=declaration.name) for lang in LANGS}}
+        self.locales = self._build_locales()
+
+    as_markup = staticmethod(as_markup)
+
+    def _build_locales(self) -> Locales:
+        declaration = self.declaration
+        locales: Locales = {self.tab: {lang: {"label": TAB_TITLE[lang].format(name=declaration.name)}
+                                       for lang in LANGS}}
+        if self.note:
+            locales[self.note] = {lang: {"value": declaration.notes.get(lang, declaration.notes["en"])}
+                                  for lang in LANGS}
+        for field in self.fields:
+            texts = declaration.texts[field.key]
+            entry = {}
+            for lang in LANGS:
+                label, info = texts.get(lang, texts["en"])
+                note = declaration.only_with_note.get(lang, "") if field.only_with else ""
+                entry[lang] = {"label": label, "info": note + (info or field.help)}
+            locales[field.key] = entry
+        return locales
+
+    def localized(self, key: str, lang: str) -> dict[str, str]:
+        """Label and info (or a note's value) of a panel element in ``lang``, English where the language is
+        unknown."""
+        entry = self.locales[key]
+        return dict(entry.get(lang, entry["en"]))
+
+    # -- gradio ------------------------------------------------------------------------------------------------
+
+    def create_panel(self, gr: Any, dataset_dir: str | None = None) -> dict[str, Any]:
+        """The panel's inputs in the current gradio layout context (an accordion); element name -> component.
+
+        The note (if any) comes first and is not an input; dataset boxes list the datasets of ``dataset_dir``.
+        Labels are English here; LlamaBoard replaces them from ``locales`` when the language is set.
+        """
+        note = {}
+        if self.note:
+            note[self.note] = gr.Markdown(elem_id=f"train-{self.note}", **self.localized(self.note, "en"))
+        names = dataset_names(dataset_dir) if dataset_dir else []
+        return {**note, **create_widgets(gr, self.fields, self.locales, names)}
+
+    def inputs(self, elems: Mapping[str, Any]) -> dict[str, Any]:
+        """The panel's input components among ``elems`` (what ``create_panel`` returned): its fields, not the note."""
+        return {key: elem for key, elem in elems.items() if key in self.keys}
+
+    def bind(self, gr: Any, train_elems: Mapping[str, Any], own: Mapping[str, Any]) -> None:
+        """Dataset boxes follow LlamaBoard's Data dir box: their choices are the datasets of its dataset_info.json,
+        read again when the dir changes and when a box is opened (as LlamaBoard's own Dataset box)."""
+        boxes = [own[field.key] for field in self.fields if field.widget == "dataset"]
+        dataset_dir = train_elems.get("dataset_dir")
+        if not boxes or dataset_dir is None:
+            return
+
+        def list_datasets(directory: str) -> list[Any]:
+            return [gr.Dropdown(choices=dataset_names(directory)) for _ in boxes]
+
+        list_datasets.__name__ = f"list_{self.declaration.prefix}datasets"
+        dataset_dir.change(list_datasets, [dataset_dir], boxes, queue=False)
+        for box in boxes:
+            box.focus(lambda directory: gr.Dropdown(choices=dataset_names(directory)), [dataset_dir], [box],
+                      queue=False)
+
+    # -- the run's arguments -------------------------------------------------------------------------------------
+
+    def build_args(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The method's arguments for a run from the panel's values (missing ones at the boxes' first values).
+
+        A field declared ``only_with`` another field's value is left out while that field has another value.
+        """
+        merged = {field.key: values.get(field.key, field.default) for field in self.fields}
+        recipe = {field.key: field.recipe_value(merged[field.key]) for field in self.fields}
+        return {key: value for key, value in recipe.items()
+                if not (only := self._field(key).only_with) or recipe.get(only[0]) == only[1]}
+
+    def _field(self, key: str) -> BoxField:
+        return next(field for field in self.fields if field.key == key)
+
+    def method_keys(self, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The method's keys among the "Extra arguments" JSON (which win over the panel)."""
+        if not isinstance(extra, Mapping):
+            return {}
+        return {key: value for key, value in extra.items() if str(key).startswith(self.declaration.prefix)}
+
+    def host_args(self, args: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+        """LlamaBoard's arguments without those the method does not use (kept where "Extra arguments" sets them)."""
+        given = extra if isinstance(extra, Mapping) else {}
+        return {key: value for key, value in args.items()
+                if key not in self.declaration.unused_host_keys or key in given}
+
+    def validate(self, values: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
+                 context: Mapping[str, Any] | None = None) -> str:
+        """Empty when the panel's values with the "Extra arguments" make a valid run, else the problem: one line
+        naming the key (a key without a field is said to belong in "Extra arguments").
+
+        ``context``: LlamaBoard's ``model_path`` and ``dataset_dir``; the declared checks and the dataset names are
+        checked against them where they can be read locally.
+        """
+        raw = {**self.build_args(values), **self.method_keys(extra)}
+        try:
+            parsed = self.declaration.parse(raw)
+        except ValueError as err:
+            return self._with_field_hint(str(err))
+        context = context or {}
+        for check in self.declaration.checks:
+            problem = check(parsed, context)
+            if problem:
+                return self._with_field_hint(problem)
+        return self._dataset_problem(raw, context.get("dataset_dir"))
+
+    def _with_field_hint(self, problem: str) -> str:
+        """``problem`` with where its key belongs when the panel has no field for it."""
+        match = re.match(r"(\w+):", problem) or re.search(r"key '(\w+)'", problem)
+        key = match.group(1) if match else ""
+        if not key.startswith(self.declaration.prefix) or key in self.keys:
+            return problem
+        try:
+            self.declaration.spec(key)
+        except KeyError:
+            return problem + UNKNOWN_KEY.format(name=self.declaration.name)
+        return problem + NO_FIELD.format(key=key, name=self.declaration.name)
+
+    def _dataset_problem(self, raw: Mapping[str, Any], dataset_dir: Any) -> str:
+        named = {key: value for key, value in raw.items() if value and self.declaration.spec(key).metadata.get(
+            "dataset")}
+        missing = unknown_datasets(dataset_dir, named)
+        if not missing:
+            return ""
+        key, (name, listed) = next(iter(missing.items()))
+        listed_text = ", ".join(listed[:8]) + (", ..." if len(listed) > 8 else "") if listed else "no dataset"
+        hint = f" {self.declaration.dataset_hint}" if self.declaration.dataset_hint else ""
+        return self._with_field_hint(f"{key}: dataset '{name}' is not in {dataset_dir}/dataset_info.json (it lists "
+                                     f"{listed_text}). Pick one of those or add it there.{hint}")
+
+    # -- LlamaBoard's loss plot ----------------------------------------------------------------------------------
+
+    def owns_loss_plot(self, trainer_log: list[dict[str, Any]]) -> bool:
+        """Whether a trainer_log.jsonl (as parsed lines) comes from this method's run."""
+        plot = self.declaration.loss_plot
+        markers = (plot.marker,) if plot.marker else tuple(plot.terms)
+        return any(log.get(key) is not None for log in trainer_log for key in markers)
+
+    def loss_figure(self, trainer_log: list[dict[str, Any]], smooth: Any) -> Any:
+        """LlamaBoard's loss plot of this method's run (the declared figure, or the loss with the method's terms)."""
+        plot = self.declaration.loss_plot
+        if plot.figure is not None:
+            return plot.figure(trainer_log, smooth)
+        return loss_with_terms_figure(trainer_log, smooth, plot)
+
+
+def build_panel(declaration: PanelDeclaration) -> MethodPanel:
+    """The panel of a declaration (checks the declaration: every field has English texts)."""
+    missing = [field.key for field in declaration.fields if "en" not in declaration.texts.get(field.key, {})]
+    if missing:
+        raise ValueError(f"{declaration.name} panel: no English texts for {', '.join(missing)}")
+    return MethodPanel(declaration)
