@@ -87,9 +87,12 @@ def test_a_failing_task_keeps_the_finished_one(hera_pair: tuple[Path, Path], tmp
 
 
 def test_rah_adapter_against_its_base(assets, tmp_path: Path) -> None:
-    from test_rah_stage import rah_recipe
+    from llamafactory_hera.demo_rah import build_rah_recipe
 
-    run_train(rah_recipe(assets, "llava", tmp_path / "rah"), tmp_path / "train")
+    # small and forced to calibrate some heads on the random tiny model (as tests/rah/test_rah_stage.py's FORCED)
+    forced = {"rah_samples": 6, "rah_probe_samples": 3, "rah_kl_samples": 2, "rah_isal_percentile": 50,
+              "rah_caf_percentile": 0, "rah_beta": -100, "rah_num_anchors": 2, "rah_rank": 2, "rah_delta": 10.0}
+    run_train({**build_rah_recipe(assets, "llava", tmp_path / "rah"), **forced}, tmp_path / "train")
     proc, seconds = run_eval(tmp_path, str(tmp_path / "rah"), "--base", "--tasks", "demo")
     ok(proc)
     record = report(tmp_path / "rah")
@@ -160,3 +163,15 @@ def test_the_missing_extra(recorded_run: Path, tmp_path: Path) -> None:
     env = offline_env(tmp_path, PYTHONPATH=str(shadow.parent))
     line = one_line_error(run_eval(tmp_path, str(recorded_run), "--tasks", "demo", env=env)[0])
     assert "pip install 'llamafactory-hera[eval]'" in line
+
+
+def test_every_preset_task_is_in_its_library_registry() -> None:
+    """The presets name tasks of lmms-eval 0.7.3 / lm-eval 0.4.13's own registries (read in-process: no model)."""
+    from llamafactory_hera.evaluation.backends import known_tasks
+    from llamafactory_hera.evaluation.presets import LM, LMMS, PRESETS, REFUSAL_TASK
+
+    for library, modality in ((LMMS, "mllm"), (LM, "text")):
+        known = known_tasks(library)
+        missing = {p.name: [t for t in p.tasks if t not in known and t != REFUSAL_TASK] for p in PRESETS.values()
+                   if p.modality == modality}
+        assert not any(missing.values()), (library, missing)

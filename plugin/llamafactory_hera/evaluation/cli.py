@@ -60,7 +60,12 @@ def require_library(library: str) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     """Check everything cheap first, then evaluate the run (and its baseline) and write the reports."""
+    import os
+
     from llamafactory_hera.evaluation.runs import read_pair
+
+    # LLaMA-Factory (and the transformers logging it configures) at warnings: the progress bars stay readable
+    os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit: {args.limit}; give at least 1 (or leave it out for whole tasks)")

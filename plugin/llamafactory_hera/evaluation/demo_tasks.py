@@ -94,7 +94,7 @@ doc_to_visual: !function utils.mllm_doc_to_visual
 doc_to_text: !function utils.mllm_doc_to_text
 doc_to_target: answer
 generation_kwargs:
-  max_new_tokens: 8
+  max_new_tokens: 4
   temperature: 0
   do_sample: false
 process_results: !function utils.mllm_process_results

@@ -104,6 +104,10 @@ def plan_tasks(spec: str, modality: str, stage: str, known: set[str] | None) -> 
                                  f"a {modality} model; use {', '.join([*fits, DEMO])}")
             names = list(preset.tasks)
         else:
+            preset_typo = difflib.get_close_matches(item, ALL_PRESETS, n=1, cutoff=0.8)
+            if preset_typo and item not in (known or ()):  # a misspelt preset: said without reading the registry
+                raise ValueError(f"--tasks: unknown preset or task '{item}'; did you mean {preset_typo[0]}? presets: "
+                                 f"{', '.join(ALL_PRESETS)}")
             if item != REFUSAL_TASK and known is not None and item not in known:
                 close = difflib.get_close_matches(item, [*ALL_PRESETS, *sorted(known)], n=4, cutoff=0.6)
                 hint = f"did you mean {', '.join(close)}? " if close else ""

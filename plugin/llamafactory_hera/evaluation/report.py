@@ -83,6 +83,8 @@ def _plot(record: dict[str, Any], path: Path) -> None:
             axes.annotate(f"{row['delta']:+.3g}", (max(row["run"] or 0, row["baseline"] or 0), position),
                           xytext=(4, 0), textcoords="offset points", va="center", fontsize=8,
                           color="tab:green" if good else "tab:red")
+    top = max([0.0, *run_values, *[r["baseline"] or 0.0 for r in rows]])
+    axes.set_xlim(0, top * 1.15 if top > 0 else 1.0)  # room for the deltas
     axes.set_yticks(positions, labels, fontsize=8)
     axes.invert_yaxis()
     axes.set_xlabel("score (as the task reports it)")
