@@ -78,8 +78,10 @@ def test_a_failing_task_keeps_the_finished_one(hera_pair: tuple[Path, Path], tmp
     """mmvp cannot be downloaded offline: it fails, the demo's result stays in the report and the cache."""
     run_dir, _ = hera_pair
     proc, seconds = run_eval(tmp_path, str(run_dir), "--tasks", "demo,mmvp")
-    line = one_line_error(proc)
-    assert "run/mmvp" in line and "rerun" in line
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("llamafactory-hera: error: ")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0])  # after the progress bars, one line
+    assert "run/mmvp" in errors[0] and "ConnectionError" in errors[0] and "rerun" in errors[0]
     record = report(run_dir)
     assert {r["task"] for r in record["rows"]} == {"llamafactory_hera_demo_mllm"}
     assert "mmvp" in record["failed"]["run"]

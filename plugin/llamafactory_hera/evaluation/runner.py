@@ -66,7 +66,7 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
                 engine = load_engine(spec)
             result = run_task(engine, spec, rows_from, task, limit, batch_size, spec.label)
         except Exception as err:  # noqa: BLE001 - one task's failure must not lose the others' results
-            line = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".strip()
+            line = _one_line(err)
             outcome.failures[task.name] = line
             say(f"eval: {task.name} failed on the {spec.label} model: {line}")
             (run_dir / CACHE_DIR).mkdir(parents=True, exist_ok=True)
@@ -81,6 +81,18 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
     del engine
     gc.collect()
     return outcome
+
+
+def _one_line(err: BaseException) -> str:
+    """The failure as one line; a retry wrapper (lmms-eval's dataset download) says what it last caught."""
+    attempt = getattr(err, "last_attempt", None)
+    inner = attempt.exception() if attempt is not None and hasattr(attempt, "exception") else None
+    if isinstance(inner, BaseException):
+        err = inner
+    text = str(err).splitlines()[0] if str(err) else ""
+    if isinstance(err, ConnectionError) or "ConnectionError" in type(err).__name__ or "offline" in text.lower():
+        text += " (the task's data could not be fetched: run once with network access so that it is cached in HF_HOME)"
+    return f"{type(err).__name__}: {text}".strip()
 
 
 def _describe(spec: ModelSpec) -> str:
