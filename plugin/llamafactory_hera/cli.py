@@ -2,8 +2,11 @@
 
     llamafactory-hera select RECIPE.yaml [options]     score every head by MKNN, write hera_heads into the recipe
     llamafactory-hera select --report RUN_DIR [opts]   score a trained run's heads before/after training
+    llamafactory-hera eval RUN_DIR [--baseline OTHER_RUN_DIR | --base] --tasks PRESET_OR_TASKS
+                                                       a run against its baseline (lmms-eval / lm-eval)
 
-The verbs come from each method's declaration (``add_cli_verbs``, see :mod:`llamafactory_hera.methods`).
+The methods' verbs come from each method's declaration (``add_cli_verbs``, see :mod:`llamafactory_hera.methods`);
+``eval`` serves every stage, so it is added here (:mod:`llamafactory_hera.evaluation.cli`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
     for method in declared_methods():
         if method.add_cli_verbs:
             handlers.update(method.load("add_cli_verbs")(commands))
+    from llamafactory_hera.evaluation.cli import add_verbs as add_eval_verb
+
+    handlers.update(add_eval_verb(commands))
     return parser, handlers
 
 

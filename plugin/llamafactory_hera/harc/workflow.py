@@ -49,6 +49,28 @@ class RunContext:
     progress: Callable[[Iterable[Any], str], Iterable[Any]] = progress
 
 
+HARC_RUN_RECORD = "harc_run.json"
+_HOST_KEYS = (("model_name_or_path", "adapter_name_or_path", "trust_remote_code"),
+              ("template", "dataset_dir", "cutoff_len"), ("finetuning_type",), ("seed", "output_dir"))
+
+
+def write_run_record(harc_args: HarcArguments, *holders: Any) -> None:
+    """``harc_run.json`` in ``output_dir``: the HARC keys and the host keys that load the model and its role data again
+    (read by ``llamafactory-hera eval``). ``holders``: model, data, fine-tuning and training arguments."""
+    import json
+    from pathlib import Path
+
+    from llamafactory_hera import __version__
+
+    host = {key: value if isinstance(value, str | int | float | bool | list | type(None)) else str(value)
+            for holder, keys in zip(holders, _HOST_KEYS, strict=True) for key in keys
+            for value in [getattr(holder, key, None)]}
+    output = Path(holders[-1].output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    record = {"stage": "harc", "llamafactory_hera_version": __version__, "settings": harc_args.to_dict(), "host": host}
+    (output / HARC_RUN_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
 def _loader(model_args: Any, data_args: Any, training_args: Any) -> Callable[[str], Any]:
     from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
 
@@ -66,6 +88,8 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
     from llamafactory_hera.harc.trainer import HarcTrainerMixin
 
     run = RunContext(plot=bool(finetuning_args.plot_loss), smooth=host.smooth)
+    if training_args.should_save:
+        write_run_record(harc_args, model_args, data_args, finetuning_args, training_args)
 
     def get_dataset(template: Any, model_args: Any, data_args: Any, training_args: Any, stage: str = "sft",
                     tokenizer: Any = None, processor: Any = None, **_: Any) -> dict[str, Any]:

@@ -1,0 +1,156 @@
+"""Running one task on one loaded model: lmms-eval (MLLMs), lm-eval (text models) or HARC's refusal check.
+
+Each returns ``{"entries": [{"task", "metric", "value", "higher_is_better"}], "seconds", "library", "version"}``:
+one entry per (sub)task and metric of the library's ``results`` (standard errors left out), ready for the report
+and the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from llamafactory_hera.evaluation.demo_tasks import write_demo_tasks
+from llamafactory_hera.evaluation.presets import DEMO_MLLM_TASK, DEMO_TEXT_TASK, LM, LMMS, PlannedTask
+from llamafactory_hera.evaluation.runs import ModelSpec
+
+_TASK_MANAGERS: dict[tuple[str, bool], Any] = {}
+
+
+def _demo_folder(library: str) -> Path:
+    return write_demo_tasks(Path(tempfile.mkdtemp(prefix="llamafactory_hera_eval_tasks_")), library)
+
+
+def quiet_libraries() -> None:
+    """lmms-eval logs through loguru at DEBUG (a line per registry file): keep its warnings and errors only."""
+    import sys
+
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    logging.getLogger("lm-eval").setLevel(logging.WARNING)
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+
+
+def task_manager(library: str, registry: bool) -> Any:
+    """The library's ``TaskManager`` with the demo task folder and, when ``registry``, its own tasks (indexing those
+    takes seconds: lmms-eval reads about 2,000 task files); built once per process."""
+    key = (library, registry)
+    if key not in _TASK_MANAGERS:
+        quiet_libraries()
+        if library == LMMS:
+            from lmms_eval.tasks import TaskManager
+
+            _TASK_MANAGERS[key] = TaskManager("WARNING", include_path=str(_demo_folder(library)),
+                                              include_defaults=registry)
+        else:
+            from lm_eval.tasks import TaskManager
+
+            _TASK_MANAGERS[key] = TaskManager(include_path=str(_demo_folder(library)), include_defaults=registry)
+    return _TASK_MANAGERS[key]
+
+
+def known_tasks(library: str) -> set[str]:
+    """Every task, group and tag name the library's registry knows (with the demo tasks)."""
+    return set(task_manager(library, registry=True).all_tasks)
+
+
+def _registry_needed(task: PlannedTask) -> bool:
+    return task.name not in (DEMO_MLLM_TASK, DEMO_TEXT_TASK)
+
+
+def _entries(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """``results["results"]`` -> flat entries (``"metric,filter"`` keys; ``_stderr`` and non-numbers dropped)."""
+    better = results.get("higher_is_better") or {}
+    entries = []
+    for task, metrics in (results.get("results") or {}).items():
+        for key, value in metrics.items():
+            metric = key.split(",")[0]
+            if "_stderr" in key or key == "alias" or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            entries.append({"task": task, "metric": metric if key.endswith(",none") else key, "value": float(value),
+                            "higher_is_better": (better.get(task) or {}).get(metric, True)})
+    return entries
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def run_lmms(model: Any, task: PlannedTask, limit: int | None) -> list[dict[str, Any]]:
+    from lmms_eval import evaluator
+
+    manager = task_manager(LMMS, _registry_needed(task))
+    results = evaluator.simple_evaluate(model=model, tasks=[task.name], task_manager=manager, limit=limit, batch_size=1,
+                                        log_samples=False, bootstrap_iters=0, verbosity="WARNING",
+                                        process_docs_parallel=1)
+    return _entries(results or {})
+
+
+def run_lm(model: Any, task: PlannedTask, limit: int | None) -> list[dict[str, Any]]:
+    from lm_eval import evaluator
+
+    manager = task_manager(LM, _registry_needed(task))
+    results = evaluator.simple_evaluate(model=model, tasks=[task.name], task_manager=manager, limit=limit,
+                                        log_samples=False, bootstrap_iters=0)
+    return _entries(results or {})
+
+
+def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[dict[str, Any]]:
+    """HARC's end-of-run refusal check on ``engine``'s model: greedy answers to the held-out harmful and the
+    pseudo-harmful rows of ``rows_from``'s recipe (the same seeded split as training), scored by the refusal
+    matcher (:mod:`llamafactory_hera.harc.evaluate`)."""
+    from llamafactory_hera.harc.args import parse_harc_arguments
+    from llamafactory_hera.harc.evaluate import generate_answers, refusal_record
+    from llamafactory_hera.harc.roles import load_role_rows
+    from llamafactory_hera.harc.workflow import progress, say
+    from llamafactory_hera_patches.model_data import load_aligned_rows, parse_recipe
+
+    harc_args = parse_harc_arguments(dict(rows_from.harc))
+    recipe = parse_recipe({**rows_from.recipe, "stage": "sft"})
+    rows = load_role_rows(harc_args, lambda name: load_aligned_rows(recipe, rows_from.seed, [name]), engine.template,
+                          engine.tokenizer, rows_from.seed, say)
+    tokenizer = engine.tokenizer
+    stop = [tokenizer.convert_tokens_to_ids(word) for word in getattr(engine.template, "stop_words", []) or []]
+    stop_ids = list(dict.fromkeys([tokenizer.eos_token_id, *[i for i in stop if isinstance(i, int)]]))
+
+    def answers(chosen: list[Any]) -> list[str]:
+        chosen = chosen[:limit] if limit else chosen
+        return generate_answers(engine.model, tokenizer, [row.prompt_ids for row in chosen],
+                                harc_args.harc_eval_max_new_tokens, harc_args.harc_extract_batch_size, stop_ids,
+                                progress, "refusal: generating")
+
+    record = refusal_record(answers(rows.validate_harmful), answers(rows.eval_pseudo))
+    return [{"task": "harc_refusal", "metric": "refusal_rate_harmful", "value": record["refusal_rate_harmful"],
+             "higher_is_better": True},
+            {"task": "harc_refusal", "metric": "refusal_rate_pseudo", "value": record["refusal_rate_pseudo"],
+             "higher_is_better": False}]
+
+
+def run_task(engine: Any, spec: ModelSpec, rows_from: ModelSpec, task: PlannedTask, limit: int | None,
+             batch_size: int, label: str) -> dict[str, Any]:
+    """Run ``task`` on the loaded ``engine`` (of ``spec``); the result record (see the module docstring)."""
+    from llamafactory_hera.evaluation.engine import lm_model, lmms_model
+
+    started = time.perf_counter()
+    if task.library == LMMS:
+        entries = run_lmms(lmms_model(engine, label), task, limit)
+        library = "lmms_eval"
+    elif task.library == LM:
+        entries = run_lm(lm_model(engine, batch_size), task, limit)
+        library = "lm_eval"
+    else:
+        entries = run_refusal(engine, rows_from, limit)
+        library = "llamafactory-hera"
+    if not entries:
+        raise ValueError(f"task {task.name}: {task.library} returned no metric")
+    return {"entries": entries, "seconds": round(time.perf_counter() - started, 3), "library": task.library,
+            "version": _version(library)}

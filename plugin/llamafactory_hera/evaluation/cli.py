@@ -1,0 +1,114 @@
+"""``llamafactory-hera eval``: a run against its baseline on benchmark presets (added to the command line by
+:func:`add_verbs`, see :mod:`llamafactory_hera.cli`).
+
+    llamafactory-hera eval RUN_DIR [--baseline OTHER_RUN_DIR | --base] --tasks PRESET_OR_TASKS [--limit N]
+
+Every user error (no run in RUN_DIR, unknown preset or task, a preset of the other kind of model, the ``eval``
+extra missing) is one line, raised before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llamafactory_hera.evaluation.presets import ALL_PRESETS, DEMO, LM, LMMS, PRESETS, plan_tasks
+
+EXTRA = "pip install 'llamafactory-hera[eval]'"
+_MODULES = {LMMS: "lmms_eval", LM: "lm_eval"}
+
+
+def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
+    """Add ``eval`` to the ``llamafactory-hera`` sub-command parsers; verb -> handler."""
+    presets = "; ".join(f"{name} ({p.holds})" for name, p in PRESETS.items())
+    verb = commands.add_parser(
+        "eval", help="Evaluate a run against its baseline (lmms-eval for MLLMs, lm-eval for text models).",
+        description="Load the run's model as LLaMA-Factory loads it (base + adapter, or the full run) and its "
+        "baseline, run the tasks through lmms-eval (MLLMs) or lm-eval (text models), and write eval_report.json, "
+        "eval_report.md and eval_report.png into RUN_DIR. Finished tasks are cached in RUN_DIR/eval_cache: a rerun "
+        f"skips them. Needs the eval extra: {EXTRA}.")
+    verb.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="output_dir of a finished run (any stage)")
+    against = verb.add_mutually_exclusive_group()
+    against.add_argument("--baseline", type=Path, default=None, metavar="OTHER_RUN_DIR",
+                         help="the run to compare with (e.g. the hera_lambda: 0 twin or a plain sft run)")
+    against.add_argument("--base", action="store_true", help="compare with the run's base model (without the run)")
+    verb.add_argument("--tasks", required=True, metavar="PRESET_OR_TASKS",
+                      help=f"comma-separated presets or task names; presets: {presets}; {DEMO} ({_demo_holds()})")
+    verb.add_argument("--limit", type=int, default=None, metavar="N", help="at most N examples per task (quick look)")
+    verb.add_argument("--batch-size", type=int, default=8, metavar="N", help="lm-eval batch size (default 8)")
+    return {"eval": run_eval}
+
+
+def _demo_holds() -> str:
+    from llamafactory_hera.evaluation.presets import DEMO_HOLDS
+
+    return DEMO_HOLDS
+
+
+def require_library(library: str) -> None:
+    """One-line error unless ``library``'s package imports (the ``eval`` extra)."""
+    if library not in _MODULES:
+        return
+    try:
+        importlib.import_module(_MODULES[library])
+    except ImportError as err:
+        raise ValueError(f"eval: {library} is not installed ({err}); install the eval extra: {EXTRA}") from err
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    """Check everything cheap first, then evaluate the run (and its baseline) and write the reports."""
+    import os
+
+    from llamafactory_hera.evaluation.runs import read_pair
+
+    # LLaMA-Factory (and the transformers logging it configures) at warnings: the progress bars stay readable
+    os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit: {args.limit}; give at least 1 (or leave it out for whole tasks)")
+    run, baseline = read_pair(args.run_dir, args.baseline, args.base)
+    names = [item.strip() for item in args.tasks.split(",") if item.strip()]
+    library = LMMS if run.modality == "mllm" else LM
+    plan_tasks(args.tasks, run.modality, run.stage, None)  # preset errors before the libraries are imported
+    needs_registry = any(name not in ALL_PRESETS for name in names)  # the presets' names are known (tested)
+    require_library(library)
+    known = None
+    if needs_registry:
+        from llamafactory_hera.evaluation.backends import known_tasks
+
+        known = known_tasks(library)
+    tasks = plan_tasks(args.tasks, run.modality, run.stage, known)
+    for task in tasks:
+        require_library(task.library)
+    _evaluate(args, run, baseline, tasks)
+
+
+def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any]) -> None:
+    from llamafactory_hera.anatomy.board_log import say
+    from llamafactory_hera.evaluation.report import REPORT_JSON, REPORT_MD, REPORT_PNG, write_reports
+    from llamafactory_hera.evaluation.runner import evaluate_model
+
+    names = ", ".join(t.name for t in tasks)
+    say(f"eval: {len(tasks)} task{'s' if len(tasks) != 1 else ''} ({names}) on {run.title}"
+        + (f" against {baseline.title}" if baseline else ""))
+    rows_from = run  # the refusal task reads the run's held-out rows for both models
+    outcomes = [evaluate_model(run, rows_from, tasks, args.run_dir, args.limit, args.batch_size, say)]
+    if baseline is not None:
+        outcomes.append(evaluate_model(baseline, rows_from, tasks, args.run_dir, args.limit, args.batch_size, say))
+    record = write_reports(args.run_dir, args.tasks, tasks, outcomes[0], outcomes[1] if baseline else None,
+                           args.limit)
+    for row in record["rows"]:
+        delta = "" if row["delta"] is None else f" ({row['delta']:+.4g})"
+        base = "" if row["baseline"] is None else f" vs {row['baseline']:.4g}"
+        value = "–" if row["run"] is None else f"{row['run']:.4g}"
+        print(f"  {row['group']:<14} {row['task']:<32} {row['metric']:<24} {value}{base}{delta}")
+    say(f"eval: {REPORT_JSON}, {REPORT_MD} and {REPORT_PNG} in {args.run_dir}")
+    failed = {f"{o.spec.label}/{task}": line for o in outcomes for task, line in o.failures.items()}
+    if failed:
+        first = next(iter(failed.items()))
+        raise ValueError(f"eval: {len(failed)} task run(s) failed ({', '.join(failed)}; first: {first[0]}: "
+                         f"{first[1]}); finished tasks are kept in {args.run_dir / 'eval_cache'} and reported; rerun "
+                         "to retry the rest")

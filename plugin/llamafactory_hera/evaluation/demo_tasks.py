@@ -1,0 +1,145 @@
+"""The ``demo`` task set: tiny offline task definitions for lmms-eval (MLLMs) and lm-eval (text models).
+
+Each is an ordinary local task folder of its library (a YAML task, a ``utils.py`` its ``!function`` entries name, a
+JSON-lines dataset loaded by ``datasets``' ``json`` builder), written by :func:`write_demo_tasks` and passed to the
+library as an include path: the same loading, request building, batching and scoring as a hub task, without a hub.
+
+- ``llamafactory_hera_demo_mllm`` (lmms-eval, ``generate_until``): 8 questions on the fixtures' procedural images
+  (one shape on a plain background, drawn from the row's seed by ``fixtures.dataset.draw_shape``): "what colour" /
+  "what shape", four lettered options; scored by the first letter of the answer (``accuracy``).
+- ``llamafactory_hera_demo_text`` (lm-eval, ``multiple_choice``): 8 general-knowledge questions with four choices,
+  scored by log-likelihood (``acc``, ``acc_norm``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from llamafactory_hera.evaluation.presets import DEMO_MLLM_TASK, DEMO_TEXT_TASK
+
+LETTERS = "ABCD"
+_MLLM_ITEMS = (  # (shape, colour, background, asked)
+    ("circle", "red", "white", "colour"), ("square", "blue", "yellow", "shape"),
+    ("triangle", "green", "black", "colour"), ("cross", "yellow", "blue", "shape"),
+    ("square", "purple", "white", "colour"), ("circle", "orange", "black", "shape"),
+    ("cross", "white", "red", "colour"), ("triangle", "black", "white", "shape"),
+)
+_OPTIONS = {"colour": ("red", "blue", "green", "yellow", "purple", "orange", "white", "black"),
+            "shape": ("circle", "square", "triangle", "cross")}
+_TEXT_ITEMS = (
+    ("What colour is the sky on a clear day?", ("green", "blue", "red", "black"), 1),
+    ("How many legs does a dog have?", ("two", "six", "four", "eight"), 2),
+    ("Which animal says meow?", ("cat", "cow", "dog", "duck"), 0),
+    ("What do bees make?", ("milk", "silk", "wool", "honey"), 3),
+    ("Which is the largest?", ("a mouse", "an elephant", "a cat", "a bee"), 1),
+    ("What falls from clouds?", ("rain", "sand", "bread", "paper"), 0),
+    ("Which season is the coldest?", ("summer", "spring", "winter", "autumn"), 2),
+    ("What do you use to write?", ("a spoon", "a shoe", "a cup", "a pen"), 3),
+)
+
+
+def mllm_rows() -> list[dict[str, Any]]:
+    """The MLLM demo's rows: the image recipe, the question, four options and the answer letter."""
+    rows = []
+    for index, (shape, colour, background, asked) in enumerate(_MLLM_ITEMS):
+        truth = colour if asked == "colour" else shape
+        others = [o for o in _OPTIONS[asked] if o != truth and o != background][:3]
+        options = [*others[:index % 4], truth, *others[index % 4:]]  # the answer's letter cycles A, B, C, D
+        rows.append({"id": index, "shape": shape, "colour": colour, "background": background, "seed": 1000 + index,
+                     "question": f"What {asked} is the object in the image?", "options": options,
+                     "answer": LETTERS[options.index(truth)]})
+    return rows
+
+
+def text_rows() -> list[dict[str, Any]]:
+    """The text demo's rows: question, four choices, the index of the right one."""
+    return [{"id": i, "question": q, "choices": list(c), "answer": a} for i, (q, c, a) in enumerate(_TEXT_ITEMS)]
+
+
+# --- lmms-eval's callbacks (named by the task YAML through utils.py) ---
+
+def mllm_doc_to_visual(doc: dict[str, Any]) -> list[Any]:
+    """The row's image (RGB PIL, 48 x 48), drawn from its seed as the fixtures draw their training images."""
+    import numpy as np
+
+    from llamafactory_hera.fixtures.dataset import draw_shape
+
+    return [draw_shape(np.random.default_rng(doc["seed"]), doc["shape"], doc["colour"], doc["background"],
+                       scale="large")]
+
+
+def mllm_doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, Any] | None = None) -> str:
+    """The question, the lettered options and the instruction to answer with a letter (lmms-eval's MMBench style)."""
+    options = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(doc["options"]))
+    return f"{doc['question']}\n{options}\nAnswer with the option's letter from the given choices directly."
+
+
+def mllm_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """``accuracy``: 1 when the answer's first option letter (A-D, as a word) is the right one, else 0."""
+    found = re.search(r"\b([A-D])\b", results[0] if results else "")
+    return {"accuracy": float(bool(found) and found.group(1) == doc["answer"])}
+
+
+_MLLM_YAML = f"""task: {DEMO_MLLM_TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {{data}}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.mllm_doc_to_visual
+doc_to_text: !function utils.mllm_doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 4
+  temperature: 0
+  do_sample: false
+process_results: !function utils.mllm_process_results
+metric_list:
+  - metric: accuracy
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+_TEXT_YAML = f"""task: {DEMO_TEXT_TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {{data}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+_UTILS = ("# callbacks of the llamafactory-hera demo task (see llamafactory_hera.evaluation.demo_tasks)\n"
+          "from llamafactory_hera.evaluation.demo_tasks import (  # noqa: F401\n"
+          "    mllm_doc_to_text, mllm_doc_to_visual, mllm_process_results)\n")
+
+
+def write_demo_tasks(folder: Path, library: str) -> Path:
+    """Write the demo task folder of ``library`` ("lmms-eval" / "lm-eval") into ``folder``; return it (the include
+    path). The dataset's absolute path is written into the YAML, so the folder works from any working directory."""
+    mllm = library == "lmms-eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / ("demo_mllm.jsonl" if mllm else "demo_text.jsonl")
+    data.write_text("".join(json.dumps(row) + "\n" for row in (mllm_rows() if mllm else text_rows())),
+                    encoding="utf-8")
+    yaml_text = (_MLLM_YAML if mllm else _TEXT_YAML).replace("{data}", str(data))
+    (folder / f"{DEMO_MLLM_TASK if mllm else DEMO_TEXT_TASK}.yaml").write_text(yaml_text, encoding="utf-8")
+    if mllm:
+        (folder / "utils.py").write_text(_UTILS, encoding="utf-8")
+    return folder

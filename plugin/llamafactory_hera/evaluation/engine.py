@@ -1,0 +1,103 @@
+"""A model loaded exactly as LLaMA-Factory loads it for inference, and the lmms-eval model class that serves it.
+
+:func:`load_engine` parses the recipe keys with ``llamafactory.hparams.get_infer_args`` and builds
+``llamafactory.chat.hf_engine.HuggingfaceEngine`` (``load_tokenizer``, ``get_template_and_fix_tokenizer``,
+``load_model``: base model, then each adapter of ``adapter_name_or_path`` loaded and merged). Text models are handed
+to lm-eval's own ``HFLM``; MLLMs to :class:`LlamaFactoryLMM`, a ``lmms_eval.api.model.lmms`` whose
+``generate_until`` answers each request with LLaMA-Factory's ``HuggingfaceEngine._chat`` (the recipe's template and
+multimodal plugin: the prompt format the model was trained on) and lmms-eval does everything else.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from llamafactory_hera.evaluation.runs import ModelSpec
+
+
+def load_engine(spec: ModelSpec) -> Any:
+    """``HuggingfaceEngine`` for ``spec`` (model in eval mode, tokenizer, processor, template, generating args)."""
+    hparams = importlib.import_module("llamafactory.hparams")
+    hf_engine = importlib.import_module("llamafactory.chat.hf_engine")
+    model_args, data_args, finetuning_args, generating_args = hparams.get_infer_args(
+        {**spec.recipe, "infer_backend": "huggingface"})
+    engine = hf_engine.HuggingfaceEngine(model_args, data_args, finetuning_args, generating_args)
+    engine.model.eval()
+    return engine
+
+
+def _flatten(visuals: Any) -> list[Any]:
+    if visuals is None:
+        return []
+    if isinstance(visuals, list | tuple):
+        return [item for value in visuals for item in _flatten(value)]
+    return [visuals]
+
+
+def _cut(text: str, until: list[str]) -> str:
+    for stop in until:
+        if stop and stop in text:
+            text = text.split(stop)[0]
+    return text
+
+
+def lmms_model(engine: Any, label: str) -> Any:
+    """An lmms-eval model (``lmms``, simple type) that answers with ``engine`` (see the module docstring)."""
+    import PIL.Image
+    from lmms_eval.api.model import lmms
+    from tqdm.auto import tqdm
+
+    hf_engine = importlib.import_module("llamafactory.chat.hf_engine")
+
+    class LlamaFactoryLMM(lmms):
+        """lmms-eval's view of a LLaMA-Factory-loaded MLLM: greedy ``generate_until`` with images."""
+
+        is_simple = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.engine = engine
+            self.batch_size_per_gpu = 1
+
+        def generate_until(self, requests: list[Any]) -> list[str]:
+            """One greedy answer per request (``args``: context, generation kwargs, doc_to_visual, doc id, task,
+            split); the answer is cut at the first of the request's ``until`` strings."""
+            answers = []
+            for request in tqdm(requests, desc=f"{label}: answering", leave=False):
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+                visuals = _flatten(doc_to_visual(self.task_dict[task][split][doc_id])) if doc_to_visual else []
+                others = [type(v).__name__ for v in visuals if not isinstance(v, PIL.Image.Image)]
+                if others:
+                    raise ValueError(f"task {task}: inputs of type {', '.join(sorted(set(others)))}; llamafactory-hera "
+                                     "eval answers image and text tasks only")
+                kwargs = dict(gen_kwargs or {})
+                until = kwargs.pop("until", None) or []
+                until = [until] if isinstance(until, str) else list(until)
+                temperature = float(kwargs.get("temperature", 0) or 0)
+                input_kwargs = {"max_new_tokens": int(kwargs.get("max_new_tokens", 128)),
+                                "do_sample": temperature > 0}
+                if temperature > 0:
+                    input_kwargs["temperature"] = temperature
+                responses = hf_engine.HuggingfaceEngine._chat(
+                    engine.model, engine.tokenizer, engine.processor, engine.template, engine.generating_args,
+                    [{"role": "user", "content": context}], images=visuals or None, input_kwargs=input_kwargs)
+                answers.append(_cut(responses[0].response_text, until))
+            return answers
+
+        def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
+            task = requests[0].args[-2] if requests and len(requests[0].args) > 2 else "?"
+            raise ValueError(f"task {task} scores by log-likelihood; llamafactory-hera eval runs MLLM tasks that "
+                             "generate answers (generate_until), as every preset's")
+
+        def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
+            raise ValueError("multi-round tasks are not served by llamafactory-hera eval; choose single-turn tasks")
+
+    return LlamaFactoryLMM()
+
+
+def lm_model(engine: Any, batch_size: int) -> Any:
+    """lm-eval's ``HFLM`` around the engine's (merged) model and tokenizer."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=engine.model, tokenizer=engine.tokenizer, batch_size=batch_size)

@@ -1,0 +1,122 @@
+"""Task presets of ``llamafactory-hera eval``: the paper's benchmark groups as lmms-eval / lm-eval task names.
+
+The MLLM groups follow Cambrian-1's grouping (General, Knowledge, OCR & Chart, Vision-Centric) plus hallucination,
+as the HeRA paper reports them; every name is a task or group of lmms-eval 0.7.3's registry. Text runs (HARC) get
+``capability`` (lm-eval 0.4.13 tasks) and ``refusal`` (HARC's own end-of-run refusal check, run on the recipe's
+held-out harmful and pseudo-harmful rows). ``demo`` is a tiny offline task set shipped with the package
+(:mod:`llamafactory_hera.evaluation.demo_tasks`), run through the same libraries.
+
+Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+LMMS, LM, REFUSAL = "lmms-eval", "lm-eval", "refusal"
+DEMO_MLLM_TASK = "llamafactory_hera_demo_mllm"
+DEMO_TEXT_TASK = "llamafactory_hera_demo_text"
+REFUSAL_TASK = "harc_refusal"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of tasks for one kind of model (``mllm`` or ``text``) and the group they are reported under."""
+
+    name: str
+    group: str
+    modality: str
+    tasks: tuple[str, ...]
+    holds: str  # what the README says the preset holds
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("vision-centric", "Vision-Centric", "mllm", ("cv_bench_2d", "cv_bench_3d", "mmvp", "realworldqa"),
+           "CV-Bench 2D and 3D, MMVP, RealWorldQA"),
+    Preset("general", "General", "mllm", ("mme", "mmbench_en_dev", "seedbench", "gqa"),
+           "MME, MMBench (en dev), SEED-Bench (image), GQA"),
+    Preset("knowledge", "Knowledge", "mllm", ("scienceqa_img", "mmmu_val", "mathvista_testmini", "ai2d"),
+           "ScienceQA (image), MMMU (val), MathVista (testmini), AI2D"),
+    Preset("ocr", "OCR & Chart", "mllm", ("chartqa", "ocrbench", "textvqa_val", "docvqa_val"),
+           "ChartQA, OCRBench, TextVQA (val), DocVQA (val)"),
+    Preset("hallucination", "Hallucination", "mllm", ("pope", "hallusion_bench_image"),
+           "POPE (adversarial, popular, random), HallusionBench (image)"),
+    Preset("capability", "Capability", "text", ("mmlu", "arc_easy", "arc_challenge", "hellaswag", "winogrande"),
+           "MMLU, ARC-Easy, ARC-Challenge, HellaSwag, WinoGrande (lm-eval)"),
+    Preset("refusal", "Refusal", "text", (REFUSAL_TASK,),
+           "HARC's refusal rates on the recipe's held-out harmful prompts (should rise) and pseudo-harmful prompts "
+           "(over-refusal, should stay low); HARC runs only"),
+)}
+DEMO = "demo"
+DEMO_HOLDS = ("offline: 8 multiple-choice questions on procedural shape images (MLLMs, lmms-eval) or 8 multiple-choice "
+              "text questions (text models, lm-eval), plus refusal for HARC runs")
+ALL_PRESETS = (*PRESETS, DEMO)
+
+
+@dataclass(frozen=True)
+class PlannedTask:
+    """One task to run: its name in its library, the library, the report group."""
+
+    name: str
+    library: str
+    group: str
+
+
+def library_of(task: str, modality: str) -> str:
+    """The library that runs ``task`` for a model of ``modality``."""
+    if task == REFUSAL_TASK:
+        return REFUSAL
+    return LMMS if modality == "mllm" else LM
+
+
+def _group_of(task: str) -> str:
+    return next((p.group for p in PRESETS.values() if task in p.tasks), "Other" if task != DEMO_MLLM_TASK and
+                task != DEMO_TEXT_TASK else "Demo")
+
+
+def demo_tasks(modality: str, stage: str) -> tuple[str, ...]:
+    """The ``demo`` preset for a model of ``modality`` from a run of ``stage``."""
+    if modality == "mllm":
+        return (DEMO_MLLM_TASK,)
+    return (DEMO_TEXT_TASK, REFUSAL_TASK) if stage == "harc" else (DEMO_TEXT_TASK,)
+
+
+def plan_tasks(spec: str, modality: str, stage: str, known: set[str] | None) -> list[PlannedTask]:
+    """``--tasks`` (comma-separated presets and task names) -> the tasks to run, in order, without repeats.
+
+    ``known``: the task and group names of the library that serves ``modality`` (``None``: not checked). Raises a
+    one-line ``ValueError`` for an empty list, a preset of the other modality, ``refusal`` on a non-HARC run, or an
+    unknown name (with the closest presets and task names).
+    """
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"--tasks: empty; give presets ({', '.join(ALL_PRESETS)}) or task names, comma-separated")
+    planned: list[PlannedTask] = []
+    for item in items:
+        if item == DEMO:
+            names = list(demo_tasks(modality, stage))
+        elif item in PRESETS:
+            preset = PRESETS[item]
+            if preset.modality != modality:
+                fits = [p.name for p in PRESETS.values() if p.modality == modality]
+                raise ValueError(f"--tasks: preset '{item}' is for {preset.modality} models but this run's model is "
+                                 f"a {modality} model; use {', '.join([*fits, DEMO])}")
+            names = list(preset.tasks)
+        else:
+            preset_typo = difflib.get_close_matches(item, ALL_PRESETS, n=1, cutoff=0.8)
+            if preset_typo and item not in (known or ()):  # a misspelt preset: said without reading the registry
+                raise ValueError(f"--tasks: unknown preset or task '{item}'; did you mean {preset_typo[0]}? presets: "
+                                 f"{', '.join(ALL_PRESETS)}")
+            if item != REFUSAL_TASK and known is not None and item not in known:
+                close = difflib.get_close_matches(item, [*ALL_PRESETS, *sorted(known)], n=4, cutoff=0.6)
+                hint = f"did you mean {', '.join(close)}? " if close else ""
+                raise ValueError(f"--tasks: unknown preset or task '{item}'; {hint}presets: {', '.join(ALL_PRESETS)}; "
+                                 f"tasks: any {library_of(item, modality)} task name")
+            names = [item]
+        if REFUSAL_TASK in names and stage != "harc":
+            raise ValueError(f"--tasks: '{item}' needs a stage: harc run (its held-out harmful and pseudo-harmful "
+                             f"rows); this run's stage is '{stage}'")
+        planned.extend(PlannedTask(name, library_of(name, modality), _group_of(name)) for name in names
+                       if name not in {t.name for t in planned})
+    return planned

@@ -1,0 +1,117 @@
+"""``eval_report.json``, ``eval_report.md`` and ``eval_report.png``: the run against its baseline, task by task,
+grouped as the paper groups its benchmarks (Vision-Centric, General, Knowledge, OCR & Chart, Hallucination; text
+runs: Capability, Refusal)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from llamafactory_hera.evaluation.presets import PlannedTask
+from llamafactory_hera.evaluation.runner import Outcome
+
+REPORT_JSON, REPORT_MD, REPORT_PNG = "eval_report.json", "eval_report.md", "eval_report.png"
+GROUP_ORDER = ("Vision-Centric", "General", "Knowledge", "OCR & Chart", "Hallucination", "Capability", "Refusal",
+               "Demo", "Other")
+
+
+def report_rows(tasks: list[PlannedTask], run: Outcome, baseline: Outcome | None) -> list[dict[str, Any]]:
+    """One row per (task, metric) the run or the baseline has: values, delta (run - baseline), group."""
+    rows = []
+    for task in sorted(tasks, key=lambda t: GROUP_ORDER.index(t.group) if t.group in GROUP_ORDER else 99):
+        mine = {(e["task"], e["metric"]): e for e in run.results.get(task.name, {}).get("entries", [])}
+        theirs = ({(e["task"], e["metric"]): e for e in baseline.results.get(task.name, {}).get("entries", [])}
+                  if baseline else {})
+        for key in list(dict.fromkeys([*mine, *theirs])):
+            entry = mine.get(key) or theirs[key]
+            value, other = (mine.get(key) or {}).get("value"), (theirs.get(key) or {}).get("value")
+            delta = None if value is None or other is None else round(value - other, 6)
+            rows.append({"group": task.group, "task": key[0], "metric": key[1], "run": value, "baseline": other,
+                         "delta": delta, "higher_is_better": entry.get("higher_is_better", True),
+                         "library": run.results.get(task.name, {}).get("library", task.library)})
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _markdown(record: dict[str, Any]) -> str:
+    lines = [f"# Evaluation of {record['run']['title']}", "",
+             f"- run: `{record['run']['model']}` (stage {record['run']['stage']})"]
+    if record["baseline"]:
+        lines.append(f"- baseline: `{record['baseline']['model']}` ({record['baseline']['title']})")
+    lines += [f"- tasks: {record['tasks_spec']}" + (f" (limit {record['limit']} examples per task)"
+                                                   if record["limit"] else ""), ""]
+    for group in dict.fromkeys(row["group"] for row in record["rows"]):
+        lines += [f"## {group}", "", "| task | metric | run | baseline | delta |", "| --- | --- | ---: | ---: | ---: |"]
+        for row in (r for r in record["rows"] if r["group"] == group):
+            arrow = "" if row["higher_is_better"] else " (lower is better)"
+            delta = "–" if row["delta"] is None else f"{row['delta']:+.4g}"
+            lines.append(f"| {row['task']} | {row['metric']}{arrow} | {_fmt(row['run'])} | {_fmt(row['baseline'])} "
+                         f"| {delta} |")
+        lines.append("")
+    if record["failed"]:
+        lines += ["## Failed (rerun to retry; finished tasks are cached)", ""]
+        lines += [f"- {who}: {task}: {line}" for who, failed in record["failed"].items() for task, line in
+                  failed.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(record: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in record["rows"] if r["run"] is not None or r["baseline"] is not None]
+    height = max(2.5, 0.45 * len(rows) + 1.2)
+    figure, axes = plt.subplots(figsize=(9, height))
+    labels = [f"{r['group']}: {r['task']} / {r['metric']}" for r in rows]
+    positions = list(range(len(rows)))
+    run_values = [r["run"] or 0.0 for r in rows]
+    axes.barh([p + 0.2 for p in positions], run_values, height=0.4, label=f"run: {record['run']['title']}",
+              color="tab:blue")
+    if record["baseline"]:
+        axes.barh([p - 0.2 for p in positions], [r["baseline"] or 0.0 for r in rows], height=0.4,
+                  label=f"baseline: {record['baseline']['title']}", color="tab:gray")
+    for position, row in zip(positions, rows, strict=True):
+        if row["delta"] is not None:
+            good = (row["delta"] >= 0) == bool(row["higher_is_better"])
+            axes.annotate(f"{row['delta']:+.3g}", (max(row["run"] or 0, row["baseline"] or 0), position),
+                          xytext=(4, 0), textcoords="offset points", va="center", fontsize=8,
+                          color="tab:green" if good else "tab:red")
+    top = max([0.0, *run_values, *[r["baseline"] or 0.0 for r in rows]])
+    axes.set_xlim(0, top * 1.15 if top > 0 else 1.0)  # room for the deltas
+    axes.set_yticks(positions, labels, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlabel("score (as the task reports it)")
+    axes.set_title(f"llamafactory-hera eval: {record['run']['title']}", fontsize=10)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_reports(run_dir: Path, tasks_spec: str, tasks: list[PlannedTask], run: Outcome, baseline: Outcome | None,
+                  limit: int | None) -> dict[str, Any]:
+    """Write the three reports into ``run_dir``; return the JSON record."""
+    from llamafactory_hera.evaluation.runner import _describe
+
+    def who(outcome: Outcome | None) -> dict[str, Any] | None:
+        if outcome is None:
+            return None
+        spec = outcome.spec
+        return {"title": spec.title, "run_dir": str(spec.run_dir), "stage": spec.stage, "model": _describe(spec),
+                "trained": spec.trained, "cached_tasks": outcome.cached,
+                "seconds": {name: r.get("seconds") for name, r in outcome.results.items()}}
+
+    record = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "tasks_spec": tasks_spec, "limit": limit,
+              "run": who(run), "baseline": who(baseline), "rows": report_rows(tasks, run, baseline),
+              "failed": {o.spec.label: o.failures for o in (run, baseline) if o is not None and o.failures}}
+    (run_dir / REPORT_JSON).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    (run_dir / REPORT_MD).write_text(_markdown(record), encoding="utf-8")
+    _plot(record, run_dir / REPORT_PNG)
+    return record

@@ -1,0 +1,153 @@
+"""What ``llamafactory-hera eval`` evaluates: a run directory read back into the recipe LLaMA-Factory loads it with.
+
+A run records its recipe in one of (first found wins):
+
+- ``training_args.yaml``: the whole recipe, written by LlamaBoard for every run it starts (any stage);
+- ``hera_run.json`` (``stage: hera``): the HeRA keys and a ``host`` section (model, adapters, template, data);
+- ``rah_profile.json`` (``stage: rah``): the calibration record, whose ``identity`` names model, template, data;
+- ``harc_run.json`` (``stage: harc``): the HARC keys and a ``host`` section, as HeRA's.
+
+The trained model is the base plus the run's adapter (``adapter_config.json``: appended to the recipe's
+``adapter_name_or_path``) or the run itself (``config.json``: a full or freeze run); ``--base`` is the recipe without
+the run. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LLAMABOARD_ARGS = "training_args.yaml"
+HERA_RECORD = "hera_run.json"
+RAH_RECORD = "rah_profile.json"
+HARC_RECORD = "harc_run.json"
+LOADING_KEYS = ("model_name_or_path", "adapter_name_or_path", "template", "finetuning_type", "trust_remote_code",
+                "dataset_dir", "media_dir", "cutoff_len", "image_max_pixels", "image_min_pixels")
+RECORDS = f"{LLAMABOARD_ARGS}, {HERA_RECORD}, {RAH_RECORD} or {HARC_RECORD}"
+
+
+@dataclass
+class ModelSpec:
+    """One model to evaluate: the recipe keys that load it, where it came from, what kind of model it is."""
+
+    label: str  # "run" / "baseline"
+    run_dir: Path
+    stage: str  # hera / rah / harc / sft
+    recipe: dict[str, Any]  # LLaMA-Factory keys (model_name_or_path, adapter_name_or_path, template, ...)
+    modality: str  # "mllm" / "text"
+    trained: bool  # False: --base (the recipe without the run's training)
+    harc: dict[str, Any] = field(default_factory=dict)  # harc_* keys of a HARC run (for the refusal task)
+    seed: int = 42
+
+    @property
+    def title(self) -> str:
+        return f"{self.run_dir.name}{'' if self.trained else ' (base)'}"
+
+    def cache_key(self) -> str:
+        """Identifies the loaded weights: the loading keys and the size and time of each adapter / model file."""
+        stamp = []
+        for key in ("model_name_or_path", "adapter_name_or_path"):
+            for path in str(self.recipe.get(key) or "").split(","):
+                folder = Path(path.strip())
+                for name in ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "config.json"):
+                    if (folder / name).is_file():
+                        stat = (folder / name).stat()
+                        stamp.append(f"{folder / name}:{stat.st_size}:{stat.st_mtime_ns}")
+        text = json.dumps({"recipe": self.recipe, "files": stamp}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _as_list(value: Any) -> list[str]:
+    if not value:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [v.strip() for v in str(value).split(",")]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"RUN_DIR: cannot read {path}: {err}; re-run training to rewrite it") from err
+
+
+def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any], int]:
+    """(stage, host keys, method keys, seed) from the run's record."""
+    board = run_dir / LLAMABOARD_ARGS
+    if board.is_file():
+        recipe = yaml.safe_load(board.read_text(encoding="utf-8")) or {}
+        stage = str(recipe.get("stage", "sft"))
+        method = {k: v for k, v in recipe.items() if k.startswith("harc_")}
+        return stage, recipe, method, int(recipe.get("seed", 42))
+    if (run_dir / HERA_RECORD).is_file():
+        record = _read_json(run_dir / HERA_RECORD)
+        host = record.get("host") or {}
+        if not host:
+            raise ValueError(f"RUN_DIR: {run_dir / HERA_RECORD} has no 'host' section (an older run); re-run training")
+        return "hera", host, {}, int(host.get("seed") or 42)
+    if (run_dir / RAH_RECORD).is_file():
+        identity = _read_json(run_dir / RAH_RECORD).get("identity") or {}
+        return "rah", {**identity, "finetuning_type": "lora"}, {}, int(identity.get("seed") or 42)
+    if (run_dir / HARC_RECORD).is_file():
+        record = _read_json(run_dir / HARC_RECORD)
+        return "harc", record.get("host") or {}, record.get("settings") or {}, int(record.get("host", {})
+                                                                                     .get("seed") or 42)
+    raise FileNotFoundError(f"RUN_DIR: {run_dir} holds no run record ({RECORDS}); give the output_dir of a "
+                            "finished llamafactory-cli train or LlamaBoard run")
+
+
+def is_multimodal(model_name_or_path: str) -> bool:
+    """Whether the model's ``config.json`` has a vision part (a local folder; hub names read as text models)."""
+    config = Path(model_name_or_path) / "config.json"
+    if not config.is_file():
+        return False
+    data = _read_json(config)
+    return any(key in data for key in ("vision_config", "vision_tower", "mm_vision_tower", "visual"))
+
+
+def read_run(run_dir: Path, label: str, trained: bool) -> ModelSpec:
+    """The model a run directory holds (``trained``) or its base (``not trained``); one-line errors for a folder
+    without a run, a run without its saved model, or a recipe without ``model_name_or_path`` / ``template``."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a folder; give a run's output_dir")
+    stage, host, method, seed = _recorded_recipe(run_dir)
+    recipe = {k: host[k] for k in LOADING_KEYS if host.get(k) is not None}
+    for key in ("model_name_or_path", "template"):
+        if not recipe.get(key):
+            raise ValueError(f"RUN_DIR: the record of {run_dir} names no {key}; re-run training with it set")
+    base_path = str(recipe["model_name_or_path"])
+    adapters = _as_list(recipe.get("adapter_name_or_path"))
+    if trained:
+        if (run_dir / "adapter_config.json").is_file():
+            adapters.append(str(run_dir))
+            recipe["finetuning_type"] = "lora"
+        elif (run_dir / "config.json").is_file():
+            recipe["model_name_or_path"] = str(run_dir)
+            adapters = []
+        else:
+            raise FileNotFoundError(f"RUN_DIR: {run_dir} has neither adapter_config.json nor config.json (did "
+                                    "training finish?); use --base to evaluate its base model")
+    if adapters:
+        recipe["adapter_name_or_path"] = ",".join(adapters)
+    else:
+        recipe.pop("adapter_name_or_path", None)
+    modality = "mllm" if stage in ("hera", "rah") or is_multimodal(base_path) else "text"
+    return ModelSpec(label, run_dir, stage, recipe, modality, trained, method, seed)
+
+
+def read_pair(run_dir: Path, baseline: Path | None, base: bool) -> tuple[ModelSpec, ModelSpec | None]:
+    """The run's model and its baseline (``--baseline`` run, ``--base``, or none)."""
+    run = read_run(run_dir, "run", trained=True)
+    if baseline is not None:
+        other = read_run(baseline, "baseline", trained=True)
+        if other.modality != run.modality:
+            raise ValueError(f"--baseline: {baseline} holds a {other.modality} model but {run_dir} a {run.modality} "
+                             "model; compare runs of the same model family")
+        return run, other
+    if base:
+        return run, read_run(run_dir, "baseline", trained=False)
+    return run, None
