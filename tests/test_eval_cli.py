@@ -46,10 +46,13 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def hera_pair(assets, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A 3-step HeRA run on the tiny Qwen2.5-VL and its hera_lambda: 0 twin."""
+    """A 3-step HeRA run on the tiny Qwen2.5-VL and its twin: the same recipe as a plain ``stage: sft`` run of
+    ``llamafactory-cli`` (which records no template: the eval takes the run's)."""
     tmp = tmp_path_factory.mktemp("eval_hera")
     run_train(base_recipe(assets, "qwen2_5_vl", tmp / "hera"), tmp / "a")
-    run_train(base_recipe(assets, "qwen2_5_vl", tmp / "twin", hera_lambda=0.0), tmp / "b")
+    twin = {k: v for k, v in base_recipe(assets, "qwen2_5_vl", tmp / "twin").items() if not k.startswith("hera_")}
+    run_train({**twin, "stage": "sft"}, tmp / "b")
+    assert not any(p.name.startswith("hera_") for p in (tmp / "twin").iterdir())
     return tmp / "hera", tmp / "twin"
 
 
@@ -63,6 +66,8 @@ def test_hera_run_against_its_twin_on_the_demo_then_cached(hera_pair: tuple[Path
     assert rows[0]["run"] is not None and rows[0]["baseline"] is not None
     assert rows[0]["delta"] == pytest.approx(rows[0]["run"] - rows[0]["baseline"])
     assert record["baseline"]["run_dir"] == str(twin) and not record["failed"]
+    alone = one_line_error(run_eval(tmp_path, str(twin), "--tasks", "demo")[0])  # the twin alone needs --template
+    assert "records no template" in alone and "--template" in alone
     markdown = (run_dir / "eval_report.md").read_text(encoding="utf-8")
     assert "## Demo" in markdown and "| llamafactory_hera_demo_mllm | accuracy |" in markdown
     proc, again = run_eval(tmp_path, str(run_dir), "--baseline", str(twin), "--tasks", "demo")

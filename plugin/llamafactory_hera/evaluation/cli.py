@@ -37,6 +37,9 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
     against.add_argument("--base", action="store_true", help="compare with the run's base model (without the run)")
     verb.add_argument("--tasks", required=True, metavar="PRESET_OR_TASKS",
                       help=f"comma-separated presets or task names; presets: {presets}; {DEMO} ({_demo_holds()})")
+    verb.add_argument("--template", default=None, metavar="NAME",
+                      help="the recipe's template, for a run that recorded none (a plain stage: sft run of "
+                      "llamafactory-cli); a --baseline run without one takes RUN_DIR's")
     verb.add_argument("--limit", type=int, default=None, metavar="N", help="at most N examples per task (quick look)")
     verb.add_argument("--batch-size", type=int, default=8, metavar="N", help="lm-eval batch size (default 8)")
     return {"eval": run_eval}
@@ -69,7 +72,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit: {args.limit}; give at least 1 (or leave it out for whole tasks)")
-    run, baseline = read_pair(args.run_dir, args.baseline, args.base)
+    run, baseline = read_pair(args.run_dir, args.baseline, args.base, args.template)
     names = [item.strip() for item in args.tasks.split(",") if item.strip()]
     library = LMMS if run.modality == "mllm" else LM
     plan_tasks(args.tasks, run.modality, run.stage, None)  # preset errors before the libraries are imported

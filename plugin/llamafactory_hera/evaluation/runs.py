@@ -5,7 +5,10 @@ A run records its recipe in one of (first found wins):
 - ``training_args.yaml``: the whole recipe, written by LlamaBoard for every run it starts (any stage);
 - ``hera_run.json`` (``stage: hera``): the HeRA keys and a ``host`` section (model, adapters, template, data);
 - ``rah_profile.json`` (``stage: rah``): the calibration record, whose ``identity`` names model, template, data;
-- ``harc_run.json`` (``stage: harc``): the HARC keys and a ``host`` section, as HeRA's.
+- ``harc_run.json`` (``stage: harc``): the HARC keys and a ``host`` section, as HeRA's;
+- none of these: a plain ``stage: sft`` LoRA run of ``llamafactory-cli train`` records only its base model
+  (``adapter_config.json``'s ``base_model_name_or_path``), not its template: ``--template`` gives it, and a baseline
+  run without one takes the run's (the twin of a run is the same model family).
 
 The trained model is the base plus the run's adapter (``adapter_config.json``: appended to the recipe's
 ``adapter_name_or_path``) or the run itself (``config.json``: a full or freeze run); ``--base`` is the recipe without
@@ -96,8 +99,13 @@ def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]
         record = _read_json(run_dir / HARC_RECORD)
         return "harc", record.get("host") or {}, record.get("settings") or {}, int(record.get("host", {})
                                                                                      .get("seed") or 42)
-    raise FileNotFoundError(f"RUN_DIR: {run_dir} holds no run record ({RECORDS}); give the output_dir of a "
-                            "finished llamafactory-cli train or LlamaBoard run")
+    adapter_config = run_dir / "adapter_config.json"
+    if adapter_config.is_file():  # a plain llamafactory-cli LoRA run (stage: sft): PEFT records the base model
+        base = _read_json(adapter_config).get("base_model_name_or_path")
+        if base:
+            return "sft", {"model_name_or_path": base, "finetuning_type": "lora"}, {}, 42
+    raise FileNotFoundError(f"RUN_DIR: {run_dir} holds no run record ({RECORDS}) and no LoRA adapter naming its base "
+                            "model; give the output_dir of a finished llamafactory-cli train or LlamaBoard run")
 
 
 def is_multimodal(model_name_or_path: str) -> bool:
@@ -109,16 +117,21 @@ def is_multimodal(model_name_or_path: str) -> bool:
     return any(key in data for key in ("vision_config", "vision_tower", "mm_vision_tower", "visual"))
 
 
-def read_run(run_dir: Path, label: str, trained: bool) -> ModelSpec:
+def read_run(run_dir: Path, label: str, trained: bool, template: str | None = None) -> ModelSpec:
     """The model a run directory holds (``trained``) or its base (``not trained``); one-line errors for a folder
-    without a run, a run without its saved model, or a recipe without ``model_name_or_path`` / ``template``."""
+    without a run, a run without its saved model, or a recipe without ``model_name_or_path`` / ``template``.
+    ``template`` fills in a template the run did not record (a plain ``stage: sft`` run)."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a folder; give a run's output_dir")
     stage, host, method, seed = _recorded_recipe(run_dir)
     recipe = {k: host[k] for k in LOADING_KEYS if host.get(k) is not None}
-    for key in ("model_name_or_path", "template"):
-        if not recipe.get(key):
-            raise ValueError(f"RUN_DIR: the record of {run_dir} names no {key}; re-run training with it set")
+    if template and not recipe.get("template"):
+        recipe["template"] = template
+    if not recipe.get("model_name_or_path"):
+        raise ValueError(f"RUN_DIR: the record of {run_dir} names no model_name_or_path; re-run training with it set")
+    if not recipe.get("template"):
+        raise ValueError(f"RUN_DIR: {run_dir} records no template (a {stage} run of llamafactory-cli keeps none); "
+                         "pass --template with the recipe's template: value, e.g. --template qwen2_vl")
     base_path = str(recipe["model_name_or_path"])
     adapters = _as_list(recipe.get("adapter_name_or_path"))
     if trained:
@@ -139,11 +152,13 @@ def read_run(run_dir: Path, label: str, trained: bool) -> ModelSpec:
     return ModelSpec(label, run_dir, stage, recipe, modality, trained, method, seed)
 
 
-def read_pair(run_dir: Path, baseline: Path | None, base: bool) -> tuple[ModelSpec, ModelSpec | None]:
-    """The run's model and its baseline (``--baseline`` run, ``--base``, or none)."""
-    run = read_run(run_dir, "run", trained=True)
+def read_pair(run_dir: Path, baseline: Path | None, base: bool,
+              template: str | None = None) -> tuple[ModelSpec, ModelSpec | None]:
+    """The run's model and its baseline (``--baseline`` run, ``--base``, or none). A baseline run that recorded no
+    template (a plain ``stage: sft`` twin) takes ``template`` or else the run's."""
+    run = read_run(run_dir, "run", trained=True, template=template)
     if baseline is not None:
-        other = read_run(baseline, "baseline", trained=True)
+        other = read_run(baseline, "baseline", trained=True, template=template or run.recipe["template"])
         if other.modality != run.modality:
             raise ValueError(f"--baseline: {baseline} holds a {other.modality} model but {run_dir} a {run.modality} "
                              "model; compare runs of the same model family")
