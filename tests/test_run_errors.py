@@ -179,3 +179,10 @@ def test_select_refuses_a_recipe_of_another_method_at_once(assets: Any, tmp_path
     assert (f"llamafactory-hera: error: stage: rah: {recipe} is a RAH-LoRA (training-free head calibration) recipe, "
             "not a HeRA recipe (stage: hera)") in proc.stderr
     assert "dinov2" not in proc.stderr and not list(tmp_path.glob("*.log"))
+
+
+def test_harc_with_packing_says_why_through_run_exp(harc_assets: Any, tmp_path: Path, no_model_load: None) -> None:
+    from llamafactory.train.tuner import run_exp
+
+    with pytest.raises(ValueError, match=r"^packing: true is not supported by stage: harc: .* Remove packing\.$"):
+        run_exp(harc_recipe(harc_assets, "llama3", tmp_path / "out", packing=True))

@@ -50,8 +50,9 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
               f"{harc_args.harc_batch_harmful} harmful + {harc_args.harc_batch_harmless} harmless + "
               f"{harc_args.harc_batch_pseudo} pseudo); the reference takes one ({rows} rows): set it to 1 for that.")
     for key in ("packing", "neat_packing"):
-        if raw_value(host_args, key) is not None and truthy(raw_value(host_args, key)):
-            raise ValueError(f"{key}: {raw_value(host_args, key)} is not supported by stage: harc: it composes each "
+        value = raw_value(host_args, key)
+        if value is not None and truthy(value):
+            raise ValueError(f"{key}: {str(value).lower()} is not supported by stage: harc: it composes each "
                              "micro-batch of whole rows of its role datasets and reads every row's residual stream at "
                              "its own instruction and assistant-header positions, which packing several rows into "
                              f"one sequence would mix. Remove {key}.")
