@@ -5,7 +5,9 @@ Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything i
   as module globals, looked up at call time; ``read_args`` in ``llamafactory.hparams``;
 - ``llamafactory.train.sft.workflow`` has module globals ``run_sft``, ``get_dataset``,
   ``SFTDataCollatorWith4DAttentionMask`` and ``CustomSeq2SeqTrainer``;
-- ``llamafactory.extras.ploting.smooth(values)`` (the loss curves' smoothing, reused by the methods' plots).
+- ``llamafactory.extras.ploting.smooth(values)`` (the loss curves' smoothing, reused by the methods' plots);
+- ``FinetuningArguments.stage`` is a ``Literal`` of the host's stages (:func:`.templates.host_stages`): a stage that is
+  neither a method's nor the host's is refused before parsing, with the closest name.
 
 A method's stage is mapped to its host stage (``sft``) before LLaMA-Factory parses the arguments, so
 every host check, the data pipeline and the web UI treat the run as SFT; the method's checks run on
@@ -24,11 +26,14 @@ from types import ModuleType
 from typing import Any
 
 from llamafactory_hera import short_errors
+from llamafactory_hera.anatomy.recipe_keys import raw_value
+from llamafactory_hera.anatomy.run_checks import check_stage
 from llamafactory_hera.methods import declared_methods
 
 from . import logging as log_patch
 from .arguments import keys_of, split_args
 from .guard import require, warn_if_unchecked
+from .templates import host_stages
 
 _TUNER_NAMES = ("_training_function", "get_train_args", "run_sft")
 _WORKFLOW_NAMES = ("run_sft", "get_dataset", "SFTDataCollatorWith4DAttentionMask", "CustomSeq2SeqTrainer")
@@ -40,7 +45,7 @@ def _check_shapes(tuner: ModuleType) -> tuple[ModuleType, ModuleType, ModuleType
     callbacks = importlib.import_module("llamafactory.train.callbacks")
     ploting = importlib.import_module("llamafactory.extras.ploting")
     require(tuner, _TUNER_NAMES, "stage")
-    require(hparams, ("read_args",), "stage")
+    require(hparams, ("read_args", "FinetuningArguments"), "stage")
     require(workflow, _WORKFLOW_NAMES, "stage")
     require(ploting, ("smooth",), "stage")
     require(callbacks, ("LogCallback",), "logging")
@@ -104,6 +109,7 @@ def apply(tuner: ModuleType) -> None:
         host_args, method_raw, method = split_args(raw)
         config = {**config, "args": host_args}
         if method is None:
+            check_stage(raw_value(host_args, "stage"), [m.stage for m in declared_methods()], host_stages())
             for other in declared_methods():
                 ignored = sorted(k for k in method_raw if k.startswith(other.prefix))
                 if ignored:

@@ -44,7 +44,8 @@ LOG_NAME = "train.log"
 MARKER_NAME = ".llamafactory_hera_demo"  # this folder was made by the demo: its outputs may be replaced
 # what the demo and the next steps it prints create in DIR (replaced on the next demo run); assets/ is kept
 OWN_OUTPUTS = (RUN_DIR_NAME, "run_sft", "run_selected", RECIPE_NAME, LOG_NAME, "recipe_selected.yaml",
-               "recipe_selected.hera_selection.json", "recipe_selected.hera_selection.png")
+               "recipe_selected.hera_selection.json", "recipe_selected.hera_selection.png",
+               "recipe_selected.hera_selection.log")
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

@@ -133,14 +133,25 @@ def test_select_command_writes_recipe_record_and_heatmap(assets, tmp_path: Path)
     assert record["duration_s"] > 0 and record["num_pairs"] == 24
     assert (tmp_path / "recipe.hera_selection.png").stat().st_size > 1000
     assert "head" in proc.stdout and "MKNN" in proc.stdout and heads[0] in proc.stdout
-    assert "%|" in proc.stderr  # progress bars
+    assert "%|" in proc.stderr  # the plugin's own progress bars
+    # the host's loading output (LLaMA-Factory's and transformers' loggers, their loaders' bars) is in the log
+    log = tmp_path / "recipe.hera_selection.log"
+    shown = proc.stdout + proc.stderr
+    assert shown.count("\n") <= 40 and "llamafactory." not in shown and "Loading weights" not in shown, shown
+    assert "llamafactory.data.loader" in log.read_text() and "Loading weights" in log.read_text()
+    assert proc.stdout.rstrip().endswith(f"host output (transformers, LLaMA-Factory, warnings): {log} (--verbose "
+                                         "prints it here)")
 
     again = _select(tmp_path, str(recipe), "--samples", "24", "--k", "5")
     assert again.returncode == 2 and "already sets hera_heads" in again.stderr and "--force" in again.stderr
     assert "Loading" not in again.stderr  # refused before any model was loaded
     new = tmp_path / "other.yaml"
-    third = _select(tmp_path, str(recipe), "--samples", "24", "--k", "5", "--strategy", "best", "--output", str(new))
+    third = _select(tmp_path, str(recipe), "--samples", "24", "--k", "5", "--strategy", "best", "--output", str(new),
+                    "--verbose")
     assert third.returncode == 0 and recipe.read_text(encoding="utf-8") == after
+    verbose = third.stdout + third.stderr  # --verbose: the host's lines as before
+    assert "llamafactory.data.loader" in verbose and "Loading weights" in verbose
+    assert not (tmp_path / "other.hera_selection.log").exists()
     assert (tmp_path / "other.hera_selection.json").is_file() and yaml.safe_load(new.read_text())["hera_heads"]
 
 
@@ -167,7 +178,7 @@ def test_select_rejects_bad_input_before_loading(assets, tmp_path: Path) -> None
     _write_recipe(assets, recipe, model_name_or_path=str(gpt2), template="qwen")
     proc = _select(tmp_path, str(recipe), "--k", "5")
     assert proc.returncode == 2 and "o_proj" in proc.stderr and str(gpt2) in proc.stderr
-    assert "Loading weights" not in proc.stderr
+    assert "Loading weights" not in proc.stderr + (tmp_path / "recipe.hera_selection.log").read_text()
 
 
 def test_auto_heads_in_training_cache_report(assets, tmp_path: Path) -> None:
@@ -197,6 +208,10 @@ def test_auto_heads_in_training_cache_report(assets, tmp_path: Path) -> None:
     assert report["heads"] == record["selected"] and len(report["before"]) == 2 and len(report["after"]) == 2
     assert [row["head"] for row in report["summary"][:2]] == record["selected"]
     assert (first / "hera_report.png").stat().st_size > 1000 and "delta" in proc.stdout
+    shown = proc.stdout + proc.stderr  # the table and the plugin's bars; the host's ~1,000 loading lines: the log
+    assert shown.count("\n") <= 40 and "configuration_utils" not in shown, shown
+    assert "configuration_utils" in (first / "hera_report.log").read_text()
+    assert f"host output (transformers, LLaMA-Factory, warnings): {first / 'hera_report.log'}" in proc.stdout
 
 
 def test_report_needs_a_hera_run(tmp_path: Path) -> None:

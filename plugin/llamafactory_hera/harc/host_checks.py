@@ -9,12 +9,12 @@ LlamaBoard always sends its "Batch size" box, 2 by default, which is then said).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.anatomy.board_log import say
 from llamafactory_hera.anatomy.recipe_keys import raw_value, truthy
+from llamafactory_hera.anatomy.run_checks import DATA_CONFIG, check_dataset_names, check_run_inputs
 from llamafactory_hera.harc.args import HarcArguments, moving_weights
 from llamafactory_hera.harc.layers import eligible_layers
 
@@ -49,10 +49,17 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
               f"stage: harc: each device step takes {int(str(batch).strip()) * rows} rows ({batch} x "
               f"{harc_args.harc_batch_harmful} harmful + {harc_args.harc_batch_harmless} harmless + "
               f"{harc_args.harc_batch_pseudo} pseudo); the reference takes one ({rows} rows): set it to 1 for that.")
-    for key in ("do_eval", "do_predict", "packing", "neat_packing"):
+    for key in ("packing", "neat_packing"):
+        value = raw_value(host_args, key)
+        if value is not None and truthy(value):
+            raise ValueError(f"{key}: {str(value).lower()} is not supported by stage: harc: it composes each "
+                             "micro-batch of whole rows of its role datasets and reads every row's residual stream at "
+                             "its own instruction and assistant-header positions, which packing several rows into "
+                             f"one sequence would mix. Remove {key}.")
+    for key in ("do_eval", "do_predict"):
         if raw_value(host_args, key) is not None and truthy(raw_value(host_args, key)):
-            raise ValueError(f"{key}: stage: harc has no evaluation split or packing of its own (it evaluates "
-                             "refusals on held-out rows at the end, see harc_eval). Remove it.")
+            raise ValueError(f"{key}: stage: harc has no evaluation split of its own (it evaluates refusals on "
+                             "held-out rows at the end, see harc_eval). Remove it.")
     for key in ("val_size", "eval_dataset"):
         value = raw_value(host_args, key)
         if value not in (None, "", 0, "0", 0.0, "0.0"):
@@ -72,15 +79,11 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
 
 
 def _check_datasets(dataset_dir: str, harc_args: HarcArguments) -> None:
-    info_path = Path(dataset_dir) / "dataset_info.json"
-    if not info_path.is_file():
-        raise ValueError(f"dataset_dir: {dataset_dir} has no dataset_info.json; the harc_* keys name datasets listed "
+    if not (Path(dataset_dir) / DATA_CONFIG).is_file():
+        raise ValueError(f"dataset_dir: {dataset_dir} has no {DATA_CONFIG}; the harc_* keys name datasets listed "
                          "there (`llamafactory-hera harc-data --out DIR` writes one).")
-    names = set(json.loads(info_path.read_text(encoding="utf-8")))
     for key, name in harc_args.roles().items():
-        if name not in names:
-            raise ValueError(f"{key}: dataset '{name}' is not in {info_path} (it lists: {', '.join(sorted(names))}). "
-                             "Add it there or name one of those.")
+        check_dataset_names(key, [name], dataset_dir, f"Add it there or name one of those in {key}.")
 
 
 def _composite_model_types() -> set[str]:
@@ -100,6 +103,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                          "the model's chat template; set template (e.g. llama3, qwen).")
     if not str(data_args.dataset_dir).startswith(("REMOTE:", "ONLINE")):
         _check_datasets(str(data_args.dataset_dir), harc_args)
+    check_run_inputs(model_args, data_args, training_args, datasets_used=False)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,

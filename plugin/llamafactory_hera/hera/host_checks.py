@@ -13,6 +13,7 @@ from typing import Any
 from llamafactory_hera.anatomy.heads import attention_geometry, check_heads_fit
 from llamafactory_hera.anatomy.recipe_keys import raw_value as _raw_value
 from llamafactory_hera.anatomy.recipe_keys import truthy as _truthy
+from llamafactory_hera.anatomy.run_checks import check_run_inputs
 from llamafactory_hera.hera.args import HeraArguments
 from llamafactory_hera.hera.data_checks import check_adapter_fits
 from llamafactory_hera.hera.preflight import check_contrastive_geometry, contrastive_geometry
@@ -64,6 +65,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     is read, so both fail in seconds, before the MLLM is loaded.
     """
     holders = {"data": data_args, "finetuning": finetuning_args, "model": model_args}
+    check_run_inputs(model_args, data_args, training_args)
     for attribute, holder, why in _INCOMPATIBLE:
         if getattr(holders[holder], attribute, False):
             raise _incompatible(attribute, why)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from llamafactory_hera.anatomy.host_output import progress_file
 from llamafactory_hera.hera.teacher import VisionTeacher, open_image
 
 
@@ -63,7 +64,7 @@ def image_features(teacher: VisionTeacher, image_processor: Any, images: list[An
     chunks = []
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hera-teacher-images") as pool:
         pending = deque(pool.submit(pixels, b) for b in batches[:workers + 1] if workers)
-        for index in tqdm(range(len(batches)), desc=desc, disable=not progress):
+        for index in tqdm(range(len(batches)), desc=desc, disable=not progress, file=progress_file()):
             if workers:
                 batch_pixels = pending.popleft().result()
                 if index + workers + 1 < len(batches):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from llamafactory_hera.anatomy.recipe_keys import raw_value, truthy
+from llamafactory_hera.anatomy.run_checks import check_run_inputs
 from llamafactory_hera.rah.args import RahArguments
 
 _FAST_ATTENTION = {"fa2", "fa3", "sdpa"}
@@ -44,6 +45,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                          "(llamafactory-cli export) and calibrate the merged model.")
     if not data_args.dataset:
         raise ValueError("dataset: stage: rah needs unlabelled image-text rows to calibrate on; name a dataset.")
+    check_run_inputs(model_args, data_args, training_args)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,

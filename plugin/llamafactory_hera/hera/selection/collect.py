@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llamafactory_hera.anatomy.host_output import progress_file
 from llamafactory_hera.anatomy.pooling import multimodal_token_ids, pooled_token_mask, pooling_weights
 from llamafactory_hera.anatomy.projection import effective_weight_columns, find_o_proj_modules, text_decoder
 from llamafactory_hera.hera.teacher import VisionTeacher, per_sample_features
@@ -171,7 +172,8 @@ def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair],
     recorder = PooledInputRecorder(model)
     try:
         batches = list(batches_of(pairs, batch_size))
-        for batch in tqdm(batches, desc="heads (captions through the LM)", disable=not progress):
+        for batch in tqdm(batches, desc="heads (captions through the LM)", disable=not progress,
+                          file=progress_file()):
             encoded = tokenizer([p.caption for p in batch], padding=True, return_tensors="pt",
                                 return_special_tokens_mask=True)
             mask = encoded["attention_mask"].bool() & ~encoded["special_tokens_mask"].bool()
@@ -197,7 +199,7 @@ def collect_multimodal(model: nn.Module, dataset: Any, collator: Any, rows: list
                                       getattr(collator, "tokenizer", None), getattr(template, "mm_plugin", None))
     try:
         for batch_rows in tqdm(list(batches_of(rows, batch_size)), desc="heads (image + caption through the MLLM)",
-                               disable=not progress):
+                               disable=not progress, file=progress_file()):
             features = [dict(dataset[i]) for i in batch_rows]
             batch = collator(features)
             labels = batch.pop("labels")

@@ -9,6 +9,7 @@ import yaml
 
 from llamafactory_hera.anatomy.head_plots import format_head_table, plot_head_heatmap
 from llamafactory_hera.anatomy.heads import parse_head
+from llamafactory_hera.anatomy.host_output import host_output_to, show
 from llamafactory_hera.anatomy.recipe_edit import (
     check_folder_writable,
     check_writable,
@@ -24,6 +25,11 @@ def record_paths(recipe_path: Path) -> tuple[Path, Path]:
     return Path(f"{stem}.hera_selection.json"), Path(f"{stem}.hera_selection.png")
 
 
+def log_path(recipe_path: Path) -> Path:
+    """The host's output of ``select`` (transformers, LLaMA-Factory), written next to the record."""
+    return Path(f"{Path(recipe_path).with_suffix('')}.hera_selection.log")
+
+
 def load_recipe(path: Path) -> tuple[str, dict[str, Any]]:
     """The recipe's text and mapping; clear errors for a missing or non-mapping file."""
     if not path.is_file():
@@ -33,6 +39,18 @@ def load_recipe(path: Path) -> tuple[str, dict[str, Any]]:
     if not isinstance(mapping, dict):
         raise ValueError(f"recipe {path} is not a YAML mapping of LLaMA-Factory keys")
     return text, mapping
+
+
+def check_hera_recipe(path: Path, recipe: dict[str, Any]) -> None:
+    """Refuse (at once, before any loading) a recipe of another method of the plugin: ``select`` chooses HeRA's
+    heads (``hera_heads``) with HeRA's teacher, which such a recipe does not name."""
+    from llamafactory_hera.methods import method_for_stage
+
+    method = method_for_stage(recipe.get("stage"))
+    if method is not None and method.stage != "hera":
+        raise ValueError(f"stage: {recipe.get('stage')}: {path} is a {method.label} recipe, not a HeRA recipe (stage: "
+                         "hera); select chooses hera_heads for HeRA runs. Run it with `llamafactory-cli train "
+                         f"{path}`, or select on a recipe with stage: hera.")
 
 
 def chosen_table(result: SelectionResult) -> str:
@@ -49,7 +67,7 @@ def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, titl
 
     for path in (json_path, png_path):
         if path.exists():
-            print(f"replacing {path}")
+            show(f"replacing {path}")
     write_text_atomic(json_path, result.to_json() + "\n")
     selected = [(parse_head(h).layer, parse_head(h).head) for h in result.selected]
     plot_head_heatmap(np.asarray(result.scores), selected, png_path, title)
@@ -61,23 +79,26 @@ def run_select(args: Any) -> SelectionResult:
     from llamafactory_hera_patches.model_data import parse_recipe
 
     _, recipe = load_recipe(args.recipe)
+    check_hera_recipe(args.recipe, recipe)
     target = args.output or args.recipe
     if not args.dry_run:  # refuse before any heavy work
         check_writable(args.recipe, force=args.force, output=args.output)
     check_folder_writable(Path(target).resolve().parent, "the selection record and heatmap")
     options = options_from(args, recipe)
-    recipe_args = parse_recipe(recipe)
-    _quiet_transformers()
-    result = run_selection(recipe_args, options)
-    print(chosen_table(result))
-    json_path, png_path = record_paths(target)
-    if not args.dry_run:
-        written = update_recipe(args.recipe, result.selected, force=args.force, output=args.output)
-        print(f"hera_heads: [{', '.join(result.selected)}] written to {written}")
-    write_outputs(result, json_path, png_path,
-                  f"MKNN per head: {Path(str(recipe_args.model_args.model_name_or_path)).name} "
-                  f"({options.mode}, {result.num_pairs} pairs, k={options.k}); {options.strategy}-{options.num_heads}")
-    print(f"record: {json_path}\nheatmap: {png_path}\n({result.duration_s:.1f} s)")
+    with host_output_to(None if getattr(args, "verbose", False) else log_path(target)):
+        recipe_args = parse_recipe(recipe)
+        _quiet_transformers()
+        result = run_selection(recipe_args, options)
+        show(chosen_table(result))
+        json_path, png_path = record_paths(target)
+        if not args.dry_run:
+            written = update_recipe(args.recipe, result.selected, force=args.force, output=args.output)
+            show(f"hera_heads: [{', '.join(result.selected)}] written to {written}")
+        write_outputs(result, json_path, png_path,
+                      f"MKNN per head: {Path(str(recipe_args.model_args.model_name_or_path)).name} "
+                      f"({options.mode}, {result.num_pairs} pairs, k={options.k}); {options.strategy}-"
+                      f"{options.num_heads}")
+        show(f"record: {json_path}\nheatmap: {png_path}\n({result.duration_s:.1f} s)")
     return result
 
 

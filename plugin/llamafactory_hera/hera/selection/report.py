@@ -3,7 +3,8 @@
 The run's ``hera_run.json`` names the base model, adapters, template and data. "Before" is the
 model the run started from; "after" adds the run's adapter (LoRA) or loads the run's weights
 (full / freeze). Both are scored on the same pairs with the same teacher features, so the
-difference is the training alone. Writes ``hera_report.json`` and ``hera_report.png`` into RUN_DIR.
+difference is the training alone. Writes ``hera_report.json`` and ``hera_report.png`` into RUN_DIR, and the host's
+loading output into ``hera_report.log`` there (``--verbose``: on the terminal instead).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from llamafactory_hera.anatomy.head_plots import format_head_table, plot_before_after
 from llamafactory_hera.anatomy.heads import parse_head
+from llamafactory_hera.anatomy.host_output import host_output_to, show
 from llamafactory_hera.anatomy.recipe_edit import write_text_atomic
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_heads, scoring_dtype
 from llamafactory_hera.hera.workflow import HERA_RUN_RECORD as RUN_RECORD
@@ -24,6 +26,7 @@ from llamafactory_hera.hera.workflow import HERA_RUN_RECORD as RUN_RECORD
 PRECISION = ("bf16", "fp16", "pure_bf16")  # the run's precision keys in hera_run.json: the scoring dtype
 REPORT_JSON = "hera_report.json"
 REPORT_PNG = "hera_report.png"
+REPORT_LOG = "hera_report.log"  # the host's output (transformers, LLaMA-Factory) while scoring
 
 
 def _as_list(value: Any) -> list[str]:
@@ -87,7 +90,7 @@ def run_report(args: Any) -> dict[str, Any]:
     hera = parse_hera_arguments({k: v for k, v in record.items() if k.startswith("hera_")})
     datasets = [d.strip() for d in args.dataset.split(",")] if args.dataset else None
     if datasets is None:
-        print("note: scoring on the run's training data; pass --dataset NAME for held-out pairs")
+        show("note: scoring on the run's training data; pass --dataset NAME for held-out pairs")
     seed = args.seed if args.seed is not None else int(record["host"].get("seed") or 0) + 1
     options = SelectionOptions(num_samples=args.samples or hera.hera_select_samples,
                                mode=args.mode or hera.hera_select_mode, seed=seed,
@@ -96,19 +99,20 @@ def run_report(args: Any) -> dict[str, Any]:
                                teacher_feature=hera.hera_teacher_feature, dataset=datasets,
                                clamp=args.clamp if args.clamp is not None else hera.hera_select_clamp,
                                dtype=getattr(args, "dtype", None) or scoring_dtype(record["host"]))
-    base_args = parse_recipe(recipe)
-    pairs, identity = prepare(base_args, options)
-    before = score_heads(base_args, options, pairs).numpy()
-    after = score_heads(parse_recipe(_trained_recipe(recipe, run_dir)), options, pairs).numpy()
-    selected = [(parse_head(h).layer, parse_head(h).head) for h in hera.hera_heads]
-    rows = summary_rows(before, after, selected)
-    print(format_head_table(rows, ["head", "before", "after", "delta"]))
-    report = {"run_dir": str(run_dir), "heads": list(hera.hera_heads), "before": before.tolist(),
-              "after": after.tolist(), "summary": rows, "num_pairs": len(pairs), "identity": identity,
-              "settings": {"num_samples": options.num_samples, "num_samples_used": len(pairs), "k": options.k,
-                           "mode": options.mode, "seed": seed, "clamp": options.clamp, "dtype": options.dtype}}
-    write_text_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
-    plot_before_after(before, after, selected, run_dir / REPORT_PNG,
-                      f"MKNN per head before/after HeRA ({options.mode}, {len(pairs)} pairs, k={options.k})")
-    print(f"report: {run_dir / REPORT_JSON}\nplot: {run_dir / REPORT_PNG}")
+    with host_output_to(None if getattr(args, "verbose", False) else run_dir / REPORT_LOG):
+        base_args = parse_recipe(recipe)
+        pairs, identity = prepare(base_args, options)
+        before = score_heads(base_args, options, pairs).numpy()
+        after = score_heads(parse_recipe(_trained_recipe(recipe, run_dir)), options, pairs).numpy()
+        selected = [(parse_head(h).layer, parse_head(h).head) for h in hera.hera_heads]
+        rows = summary_rows(before, after, selected)
+        show(format_head_table(rows, ["head", "before", "after", "delta"]))
+        report = {"run_dir": str(run_dir), "heads": list(hera.hera_heads), "before": before.tolist(),
+                  "after": after.tolist(), "summary": rows, "num_pairs": len(pairs), "identity": identity,
+                  "settings": {"num_samples": options.num_samples, "num_samples_used": len(pairs), "k": options.k,
+                               "mode": options.mode, "seed": seed, "clamp": options.clamp, "dtype": options.dtype}}
+        write_text_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
+        plot_before_after(before, after, selected, run_dir / REPORT_PNG,
+                          f"MKNN per head before/after HeRA ({options.mode}, {len(pairs)} pairs, k={options.k})")
+        show(f"report: {run_dir / REPORT_JSON}\nplot: {run_dir / REPORT_PNG}")
     return report

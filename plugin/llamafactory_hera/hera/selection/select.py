@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
+from llamafactory_hera.anatomy.host_output import show
 from llamafactory_hera.anatomy.projection import find_o_proj_modules
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.scores import all_head_scores
@@ -282,13 +283,13 @@ def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.C
 def _warn_about_data(notes: dict[str, Any], source: str) -> None:
     """Fewer pairs than asked, rows sharing images, repeated captions: said, and kept in the record."""
     if notes["rows_sharing_an_image_dropped"]:
-        print(f"note: dataset {source}: {notes['rows_sharing_an_image_dropped']} of {notes['usable_pairs']} usable "
+        show(f"note: dataset {source}: {notes['rows_sharing_an_image_dropped']} of {notes['usable_pairs']} usable "
               f"rows reuse an image of another row; one pair per image is scored ({notes['distinct_images']} images).")
     if notes["pairs_used"] < notes["pairs_requested"]:
-        print(f"warning: {notes['pairs_used']} image-caption pairs scored, fewer than the {notes['pairs_requested']} "
+        show(f"warning: {notes['pairs_used']} image-caption pairs scored, fewer than the {notes['pairs_requested']} "
               "asked for (hera_select_samples / --samples): the dataset has no more distinct images.")
     if notes["repeated_captions"] > notes["pairs_used"] // 10:
-        print(f"warning: {notes['repeated_captions']} of {notes['pairs_used']} captions repeat another caption; in "
+        show(f"warning: {notes['repeated_captions']} of {notes['pairs_used']} captions repeat another caption; in "
               "text mode those samples get identical head representations and tied neighbours.")
 
 
@@ -355,7 +356,7 @@ def result_from_scores(scores: torch.Tensor, options: SelectionOptions, settings
     notes = dict(identity.get("data_notes", {}))
     notes["tied_heads_share"] = round(tied_share(scores), 4)
     if notes["tied_heads_share"] > 0.5:
-        print(f"warning: {notes['tied_heads_share']:.0%} of the heads share their MKNN score with another head, so the "
+        show(f"warning: {notes['tied_heads_share']:.0%} of the heads share their MKNN score with another head, so the "
               "choice among them is arbitrary. Repeated captions or too few pairs are the usual cause: score on more "
               "distinct image-caption pairs.")
     layers, heads = scores.shape

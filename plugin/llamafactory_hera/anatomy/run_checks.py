@@ -1,0 +1,184 @@
+"""Checks every plugin stage runs on LLaMA-Factory's parsed arguments before any model or dataset loads.
+
+Each raises one ``ValueError`` naming the key, the value and the fix, where LLaMA-Factory would otherwise end the run
+later with a traceback: a dataset name missing from ``dataset_info.json`` (``Undefined dataset nope``), a dataset
+file without rows (``Instruction "train" corresponds to no data!``), an ``output_dir`` that cannot be created or
+written (a raw ``PermissionError`` / ``NotADirectoryError`` after loading), a ``template`` whose special tokens the
+model's tokenizer does not have (``IndexError: index out of range`` in the embedding), and a ``stage`` that is
+nobody's (``Unknown task``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+DATA_CONFIG = "dataset_info.json"
+_EMPTY_TEXTS = ("", "[]", "{}")  # a JSON / JSONL dataset file with no row
+_SMALL_FILE = 64  # bytes: only files this small are read to tell whether they hold a row
+
+
+def as_names(value: Any) -> list[str]:
+    """A recipe's dataset value (``a,b``, a list or None) as names."""
+    if not value:
+        return []
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def _local(dataset_dir: str) -> bool:
+    return not str(dataset_dir).startswith(("REMOTE:", "ONLINE"))
+
+
+def dataset_info(dataset_dir: str, key: str, names: list[str]) -> dict[str, Any]:
+    """``dataset_dir``'s ``dataset_info.json`` (errors name ``key`` and ``names``, which need it)."""
+    path = Path(dataset_dir) / DATA_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{key}: {', '.join(names)} must be listed in {path}, which does not exist (dataset_dir: "
+                         f"{dataset_dir}). Set dataset_dir to the folder holding {DATA_CONFIG}.")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"dataset_dir: {path} cannot be read as JSON ({err}); fix the file.") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"dataset_dir: {path} is not a JSON object of dataset names; fix the file.")
+    return info
+
+
+def _file_without_rows(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    size = path.stat().st_size
+    return size == 0 or (size <= _SMALL_FILE and path.read_text(encoding="utf-8", errors="replace").strip()
+                         in _EMPTY_TEXTS)
+
+
+def check_dataset_names(key: str, names: list[str], dataset_dir: str, fix: str = "") -> None:
+    """Every name is listed in ``dataset_dir/dataset_info.json`` and its local file (if any) has rows.
+
+    ``key`` names the recipe key the names come from (``dataset``, ``harc_pseudo``, ...); ``fix`` replaces the
+    default advice for a name that is not listed.
+    """
+    if not names or not _local(dataset_dir):
+        return
+    info = dataset_info(dataset_dir, key, names)
+    listed = ", ".join(sorted(info)) or "nothing"
+    for name in names:
+        if name not in info:
+            close = difflib.get_close_matches(name, list(info), n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            advice = fix or f"Name one of those, or add '{name}' to {DATA_CONFIG}."
+            raise ValueError(f"{key}: dataset '{name}' is not in {Path(dataset_dir) / DATA_CONFIG} (it lists: "
+                             f"{listed}).{hint} {advice}")
+        entry = info[name] if isinstance(info[name], dict) else {}
+        file_name = entry.get("file_name")
+        if isinstance(file_name, str) and _file_without_rows(Path(dataset_dir) / file_name):
+            raise ValueError(f"{key}: dataset '{name}' has no rows: its file {Path(dataset_dir) / file_name} is "
+                             "empty. Fill it (for HARC's roles: llamafactory-hera harc-data) or name another dataset.")
+
+
+def check_output_dir(output_dir: Any) -> None:
+    """``output_dir`` can be created (its nearest existing ancestor is a writable folder) or written (it exists).
+
+    Probed by creating and removing a temporary file, which is exact for every user (root included); nothing is
+    created otherwise.
+    """
+    if not output_dir:
+        return
+    path = Path(str(output_dir)).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"output_dir: {output_dir} cannot be created: {existing} is a file, not a folder. Choose an "
+                         "output_dir whose parent folders are folders.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".hera_write_probe."):
+            pass
+    except OSError as err:
+        what = "written" if existing == path else f"created (it would go into {existing})"
+        raise ValueError(f"output_dir: {output_dir} cannot be {what}: {err.strerror or err}. Choose a folder you can "
+                         "write to.") from None
+
+
+def _suggested_templates(vocab: set[str], multimodal: bool, model_type: str) -> list[str]:
+    """Templates whose special tokens are all in ``vocab``, the most specific first (most such tokens, then the
+    name closest to ``model_type``), of the model's kind (multimodal or text)."""
+    from llamafactory_hera_patches.templates import template_tokens
+
+    fitting = [t for t in template_tokens().values() if t.needed and t.needed <= vocab and t.multimodal == multimodal]
+    if not fitting:
+        return []
+    most = max(len(t.needed) for t in fitting)
+    best = [t.name for t in fitting if len(t.needed) == most]
+    return sorted(best, key=lambda name: (-difflib.SequenceMatcher(None, name, model_type).ratio(), name))[:3]
+
+
+def check_template(model_args: Any, data_args: Any) -> None:
+    """The recipe's ``template`` fits the model's tokenizer: its stop words and ``<|...|>`` markup are tokens of the
+    vocabulary (else LLaMA-Factory adds them as new ids the embeddings lack, or splits them into pieces).
+
+    Skipped without a template, with ``resize_vocab: true`` (new tokens wanted), or when the tokenizer or the
+    template registry cannot be read here (LLaMA-Factory then reports it itself).
+    """
+    name = getattr(data_args, "template", None)
+    if not name or getattr(model_args, "resize_vocab", False):
+        return
+    from llamafactory_hera_patches.templates import template_tokens
+
+    template = template_tokens().get(name)
+    if template is None or not template.needed:
+        return  # an unknown name: LLaMA-Factory's "Template ... does not exist" is one line already
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = str(model_args.model_name_or_path)
+    trust = bool(getattr(model_args, "trust_remote_code", False))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+    except (OSError, ValueError, KeyError):
+        return
+    vocab = set(tokenizer.get_vocab())
+    missing = sorted(template.needed - vocab)
+    if not missing:
+        return
+    multimodal = any(getattr(config, key, None) is not None for key in ("vision_config", "audio_config"))
+    kind = str(getattr(config, "model_type", ""))
+    suggested = _suggested_templates(vocab, multimodal, kind)
+    fix = (f"Set template: {suggested[0]}" + (f" (also fitting: {', '.join(suggested[1:])})" if suggested[1:] else "")
+           if suggested else "Set template to the model's chat template")
+    raise ValueError(f"template: {name} does not match the tokenizer of {source} ({kind}): its special tokens "
+                     f"{', '.join(missing)} are not in the vocabulary (they would become new tokens the model's "
+                     f"embeddings lack). {fix}, or resize_vocab: true to train new tokens.")
+
+
+def check_run_inputs(model_args: Any, data_args: Any, training_args: Any, datasets_used: bool = True) -> None:
+    """The checks every plugin stage runs right after LLaMA-Factory parsed the recipe (see the module doc).
+
+    ``datasets_used=False``: the stage reads its rows from its own keys; ``dataset`` is still checked when given,
+    with that said in the fix.
+    """
+    fix = "" if datasets_used else ("This stage does not read `dataset` (its rows come from its own keys): remove it, "
+                                    "or name a dataset listed there.")
+    check_dataset_names("dataset", as_names(getattr(data_args, "dataset", None)), str(data_args.dataset_dir), fix)
+    check_dataset_names("eval_dataset", as_names(getattr(data_args, "eval_dataset", None)),
+                        str(data_args.dataset_dir))
+    check_output_dir(getattr(training_args, "output_dir", None))
+    check_template(model_args, data_args)
+
+
+def check_stage(stage: Any, plugin_stages: list[str], host_stages: tuple[str, ...] | None) -> None:
+    """A recipe's ``stage`` is the plugin's or LLaMA-Factory's (``host_stages``; None: not known, not checked)."""
+    if stage is None or host_stages is None:
+        return
+    value = str(stage).strip().lower()
+    if value in plugin_stages or value in host_stages:
+        return
+    close = difflib.get_close_matches(value, [*plugin_stages, *host_stages], n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ValueError(f"stage: {stage} is not a stage; {hint}stages: {', '.join(plugin_stages)} (llamafactory-hera), "
+                     f"{', '.join(host_stages)} (LLaMA-Factory).")
+
