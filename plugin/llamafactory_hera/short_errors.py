@@ -35,7 +35,7 @@ def raised_by_plugin(error: BaseException) -> bool:
     while tb.tb_next is not None:
         tb = tb.tb_next
     module = str(tb.tb_frame.f_globals.get("__name__", ""))
-    if not (module == PACKAGE or module.startswith(PACKAGE + ".")):
+    if not any(module == name or module.startswith(name + ".") for name in (PACKAGE, PACKAGE + "_patches")):
         return False
     line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno, tb.tb_frame.f_globals).lstrip()
     return line.startswith("raise ")
