@@ -77,9 +77,12 @@ def find_cli() -> Path:
 
 
 def offline_env(cache_dir: Path) -> dict[str, str]:
-    """This process's environment with the network off and caches under ``cache_dir``."""
+    """This process's environment with the network off, caches under ``cache_dir`` and, unless the user set it,
+    one OpenMP thread: the tiny models gain nothing from more, and on a busy machine spinning threads made a HARC
+    demo run 20x slower (refreshes 81.8 s against 3.8 s with one thread, same run)."""
     env = dict(os.environ)
     env.update(OFFLINE_ENV)
+    env.setdefault("OMP_NUM_THREADS", "1")
     env["HF_HOME"] = str(cache_dir / "hf_home")
     env["MPLCONFIGDIR"] = str(cache_dir / "mpl")
     return env
