@@ -51,7 +51,7 @@ def test_harc_demo_converts_trains_and_raises_refusal_on_held_out_harmful_prompt
         assert (run_dir / name).is_file() and str(run_dir / name) in proc.stdout, name
 
     # next steps: greedy chat with the adapter, eval against the base model
-    chat = shlex.split(next(line for line in lines if " chat " in line))
+    chat = shlex.split(next(line for line in lines if " chat --model_name_or_path " in line))
     assert chat[1:] == ["chat", "--model_name_or_path", str(harc_assets.models["llama3"]), "--adapter_name_or_path",
                         str(run_dir), "--template", "llama3", "--do_sample", "false", "--max_new_tokens", "32"]
     assert f"eval {run_dir} --base --tasks demo" in proc.stdout
