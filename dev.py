@@ -6,9 +6,11 @@
 
 Set-up (every run, each phase timed): create ``.venv`` in the repository root if it is missing
 (reused otherwise), upgrade pip, install the torch trio pinned by ``constraints-torch.txt``, install
-this package with its test extras NON-editable (``pip install -c constraints-torch.txt ".[test]"``,
-so the ``.pth`` start-up hook is installed exactly as users get it), then force-reinstall the package
-alone so the venv always holds the current tree.
+this package NON-editable (so the ``.pth`` start-up hook is installed exactly as users get it): ``test``
+with its test extras (``pip install -c constraints-torch.txt ".[test]"``: pytest, ruff, deepspeed,
+playwright, ...), ``demo`` without them (``"."``: what a user installs); then force-reinstall the
+package alone so the venv always holds the current tree. A ``.venv`` made by ``demo`` gets the test
+extras on the first ``test``; one made by ``test`` runs the demo as it is.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 USAGE = __doc__.split("\n\n")[1]
+# what each command installs of this package (pip requirement, from the repository root)
+INSTALL_TARGETS = {"test": ".[test]", "demo": "."}
 PYTEST_NO_TESTS = 5
 
 _timings: list[tuple[str, float]] = []
@@ -78,8 +82,9 @@ def venv_bin(name: str) -> Path:
     return scripts / (f"{name}.exe" if os.name == "nt" else name)
 
 
-def setup() -> Path:
-    """Create/reuse ``.venv`` and install the current tree into it; return the venv's python."""
+def setup(command: str) -> Path:
+    """Create/reuse ``.venv`` and install the current tree into it, with what ``command`` needs
+    (:data:`INSTALL_TARGETS`); return the venv's python."""
     python = venv_bin("python")
     with phase("venv"):
         if python.is_file():
@@ -93,7 +98,7 @@ def setup() -> Path:
     with phase("torch trio"):
         run([*pip, "-q", "-c", CONSTRAINTS, *TORCH_TRIO])
     with phase("dependencies"):
-        run([*pip, "-q", "-c", CONSTRAINTS, ".[test]"])
+        run([*pip, "-q", "-c", CONSTRAINTS, INSTALL_TARGETS[command]])
     with phase("reinstall package"):
         run([*pip, "-q", "--no-deps", "--force-reinstall", "."])
     return python
@@ -167,7 +172,7 @@ def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     start = time.perf_counter()
     try:
-        python = setup()
+        python = setup(command)
         code = cmd_test(python, rest) if command == "test" else cmd_demo(python, rest)
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1

@@ -101,7 +101,7 @@ def harc_recipe(harc_assets: Any, family: str, output_dir: Path, **overrides: An
 
 def base_recipe(assets: TinyAssets, family: str, output_dir: Path, **overrides: Any) -> dict[str, Any]:
     """The demo's small HeRA recipe for one tiny model family, without plots; ``None`` overrides drop a key."""
-    from llamafactory_hera.demo import build_recipe
+    from llamafactory_hera.hera.demo import build_recipe
 
     recipe = build_recipe(assets, family, Path(output_dir), steps=3)
     recipe["plot_loss"] = False

@@ -11,14 +11,17 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from conftest import REPO, offline_env
-from llamafactory_hera import demo
-from llamafactory_hera.demo_console import ProgressFilter
+from llamafactory_hera.demo import folders
+from llamafactory_hera.demo.cli import main as demo_main
+from llamafactory_hera.demo.console import ProgressFilter
 from llamafactory_hera.fixtures import TinyAssets
+from llamafactory_hera.hera import demo as hera_demo
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
@@ -42,11 +45,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 def test_dev_test_runs_pytest_on_every_core_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("hera_dev", REPO / "dev.py")
-    dev = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dev)
+    dev = _dev()
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert dev.parallel_args([]) == ["-n", "2", "--dist", "worksteal"]
     assert dev.parallel_args(["-k", "numerics", "-x"]) == ["-n", "2", "--dist", "worksteal"]
@@ -54,6 +53,45 @@ def test_dev_test_runs_pytest_on_every_core_unless_told_otherwise(monkeypatch: p
         assert dev.parallel_args(chosen) == [], chosen
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert dev.parallel_args([]) == []
+
+
+def _dev() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hera_dev", REPO / "dev.py")
+    dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev)
+    return dev
+
+
+def test_dev_demo_installs_no_test_only_package_and_test_installs_them(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's .venv holds what a user installs (the package and its dependencies, the pinned torch trio), not
+    pytest, ruff, deepspeed or playwright; `dev.py test` adds them, also to a .venv that `dev.py demo` made."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+    def name(requirement: str) -> str:
+        return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower()
+
+    test_only = {name(r) for r in project["optional-dependencies"]["test"]}
+    assert {"pytest", "ruff", "deepspeed", "playwright"} <= test_only
+    assert not test_only & {name(r) for r in project["dependencies"]}, "a test-only package is a dependency"
+    dev = _dev()
+    monkeypatch.setattr(dev, "VENV", tmp_path / "venv")
+    dev.venv_bin("python").parent.mkdir(parents=True)
+    dev.venv_bin("python").write_text("", encoding="utf-8")  # an existing .venv: reused, not created
+    installs: dict[str, list[list[str]]] = {}
+    for command in ("demo", "test"):
+        ran: list[list[str]] = []
+        monkeypatch.setattr(dev, "run", lambda cmd, env=None, check=True, ran=ran: ran.append([str(c) for c in cmd]))
+        dev.setup(command)
+        installs[command] = [cmd[cmd.index("install") + 1:] for cmd in ran if "install" in cmd]
+    assert [args[-1] for args in installs["demo"]] == ["pip", "torchaudio", ".", "."], installs["demo"]
+    assert not {name(arg) for args in installs["demo"] for arg in args} & test_only
+    assert not any("[test]" in arg for args in installs["demo"] for arg in args), installs["demo"]
+    assert [args[-1] for args in installs["test"]] == ["pip", "torchaudio", ".[test]", "."], installs["test"]
 
 
 def test_documents_the_repository_points_to_are_in_it() -> None:
@@ -88,29 +126,56 @@ def test_readme_demo_command_and_module_help() -> None:
 
 
 def test_demo_refuses_a_run_folder_it_did_not_make(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run_dir = tmp_path / demo.RUN_DIR_NAME
-    run_dir.mkdir()
+    run_dir = tmp_path / "hera" / folders.RUN_DIR_NAME
+    run_dir.mkdir(parents=True)
     (run_dir / "keep.txt").write_text("earlier run", encoding="utf-8")
-    assert demo.main(["--output", str(tmp_path)]) == 2
+    assert demo_main(["--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert str(run_dir.resolve()) in err and "--overwrite" in err and "not made by the demo" in err
     assert (run_dir / "keep.txt").is_file()
-    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
-    assert demo.prepare_output(tmp_path, overwrite=True) == ["run"]
-    assert not run_dir.exists() and (tmp_path / "notes.txt").is_file()  # only run/ goes, nothing else of the user's
+    (tmp_path / "hera" / "notes.txt").write_text("mine", encoding="utf-8")
+    assert folders.prepare_folder(tmp_path / "hera", hera_demo.OWN_OUTPUTS, overwrite=True) == ["run"]
+    assert not run_dir.exists() and (tmp_path / "hera" / "notes.txt").is_file()  # only run/ goes, nothing else
 
 
 def test_demo_clears_only_its_own_outputs_in_its_own_folder(tmp_path: Path) -> None:
-    (tmp_path / demo.MARKER_NAME).write_text("", encoding="utf-8")
+    folder = tmp_path / "hera"
+    folders.mark(folder, "test")
     for name in ("run", "run_sft"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "x").write_text("", encoding="utf-8")
+        (folder / name).mkdir()
+        (folder / name / "x").write_text("", encoding="utf-8")
     for name in ("recipe.yaml", "train.log", "recipe_selected.yaml", "mine.txt"):
+        (folder / name).write_text("", encoding="utf-8")
+    assert folders.prepare_folder(folder, hera_demo.OWN_OUTPUTS, overwrite=False) == [
+        "run", "run_sft", "recipe.yaml", "train.log", "recipe_selected.yaml"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([folders.MARKER_NAME, "mine.txt"])
+
+
+def test_a_demo_root_loses_the_outputs_the_single_folder_demo_left_at_its_top(tmp_path: Path) -> None:
+    for name in ("run", "assets"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "assets" / "fixtures_stamp.json").write_text("{}", encoding="utf-8")  # the demo made this root
+    for name in ("recipe.yaml", "train.log", "mine.txt"):
         (tmp_path / name).write_text("", encoding="utf-8")
-    (tmp_path / "assets").mkdir()
-    assert demo.prepare_output(tmp_path, overwrite=False) == ["run", "run_sft", "recipe.yaml", "train.log",
-                                                               "recipe_selected.yaml"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([demo.MARKER_NAME, "assets", "mine.txt"])
+    assert folders.remove_legacy_outputs(tmp_path) == ["run", "recipe.yaml", "train.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["assets", "mine.txt"]
+    other = tmp_path / "elsewhere"
+    (other / "run").mkdir(parents=True)
+    assert folders.remove_legacy_outputs(other) == [] and (other / "run").is_dir()  # not the demo's: untouched
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--method", "rah", "--steps", "3"], "--steps 3: RAH-LoRA takes no optimizer step"),
+    (["--method", "harc", "--family", "llava"], "--family llava: the harc demo runs on llama3, qwen2"),
+    (["--method", "hera", "--family", "llama3"], "--family llama3: the hera demo runs on qwen3_vl"),
+    (["--steps", "0"], "--steps 0: must be >= 1"),
+])
+def test_demo_options_a_method_cannot_take_are_one_line_errors(argv: list[str], message: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        demo_main([*argv, "--output", str(tmp_path)])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written
 
 
 def test_progress_filter_shows_plugin_lines_and_one_line_per_step() -> None:
@@ -143,13 +208,19 @@ def _run_demo(out: Path, assets: TinyAssets, tmp_path: Path, *extra: str) -> sub
     return proc
 
 
+def _printed(lines: list[str], *words: str) -> list[str]:
+    """The printed command line holding every one of ``words``, split as a shell would."""
+    return shlex.split(next(line.strip() for line in lines if all(word in line.split() for word in words)))
+
+
 def test_demo_runs_end_to_end_twice_and_its_next_steps_work(assets: TinyAssets, tmp_path: Path) -> None:
     out = tmp_path / "demo"
+    folder = out / "hera"
     proc = _run_demo(out, assets, tmp_path, "--steps", "3")
-    run_dir = out / demo.RUN_DIR_NAME
+    run_dir = folder / folders.RUN_DIR_NAME
     lines = proc.stdout.splitlines()
     assert len(lines) < 50, proc.stdout  # progress and summary, not LLaMA-Factory's ~700 lines
-    assert "Saving model checkpoint" in (out / demo.LOG_NAME).read_text(encoding="utf-8")  # ... which are here
+    assert "Saving model checkpoint" in (folder / folders.LOG_NAME).read_text(encoding="utf-8")  # ... which are here
     assert [line.split("  ")[0] for line in lines if line.startswith("[demo] step")] == [
         "[demo] step 1/3", "[demo] step 2/3", "[demo] step 3/3"]
     assert any(line.startswith("[llamafactory-hera] HeRA: heads [L1H0, L1H2]") for line in lines)
@@ -158,19 +229,30 @@ def test_demo_runs_end_to_end_twice_and_its_next_steps_work(assets: TinyAssets, 
     plots = sorted(run_dir.glob("*.png"))
     assert {"training_loss.png", "training_hera_loss.png"} <= {p.name for p in plots}
     assert f"Plots ({len(plots)}):" in proc.stdout and all(str(p) in proc.stdout for p in plots)
-    assert "stage=sft" in proc.stdout and "--report" in proc.stdout
-    recipe = yaml.safe_load((out / demo.RECIPE_NAME).read_text(encoding="utf-8"))
-    assert recipe["stage"] == "hera" and recipe["max_steps"] == 3
+    assert "stage=sft" in proc.stdout
+    assert _printed(lines, "eval", "--baseline")[2:] == [str(run_dir), "--baseline", str(folder / "run_sft"),
+                                                         "--tasks", "demo"]
+    assert _printed(lines, "eval", "--base")[2:] == [str(run_dir), "--base", "--tasks", "demo"]
+    recipe = yaml.safe_load((folder / folders.RECIPE_NAME).read_text(encoding="utf-8"))
+    assert recipe["stage"] == "hera" and recipe["max_steps"] == 3 and recipe["output_dir"] == str(run_dir)
 
-    select = next(line.strip() for line in lines if " select " in line and "--output" in line)
-    chosen = subprocess.run(shlex.split(select), env=offline_env(tmp_path), capture_output=True, text=True,
-                            timeout=600)  # the printed next step works as printed
-    assert chosen.returncode == 0, chosen.stderr[-3000:]
-    assert yaml.safe_load((out / "recipe_selected.yaml").read_text(encoding="utf-8"))["hera_heads"] != ["L1H0", "L1H2"]
+    # another demo in the same --output keeps this one's outputs, so its printed next steps still work
+    rah = _run_demo(out, assets, tmp_path, "--method", "rah", "--family", "llava", "--quiet")
+    assert "RAH-LoRA demo finished" in rah.stdout and "replaced" not in rah.stdout
+    assert (out / "rah" / "run" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "hera_run.json").is_file() and (run_dir / "adapter_model.safetensors").is_file()
+    for step in (_printed(lines, "select", "--report"), _printed(lines, "select", "--output")):
+        done = subprocess.run(step, env=offline_env(tmp_path), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]  # the printed next step works as printed
+    assert yaml.safe_load((folder / "recipe_selected.yaml").read_text(encoding="utf-8"))["hera_heads"] != [
+        "L1H0", "L1H2"]
 
     again = _run_demo(out, assets, tmp_path, "--steps", "2", "--quiet")  # the README's command, a second time
-    assert f"replaced the previous demo outputs in {out}: run, recipe.yaml, train.log, recipe_selected.yaml" in \
-        again.stdout
+    replaced = next(line for line in again.stdout.splitlines() if "replaced the previous" in line)
+    assert replaced.startswith(f"[demo] replaced the previous HeRA demo outputs in {folder}: run, recipe.yaml, "
+                               "train.log, recipe_selected.yaml"), replaced
+    assert replaced.endswith("(the folders of the other demos, rah/, harc/, are left alone)"), replaced
     assert "[demo] step" not in again.stdout
-    assert yaml.safe_load((out / demo.RECIPE_NAME).read_text(encoding="utf-8"))["max_steps"] == 2
-    assert not (out / "recipe_selected.yaml").exists() and (run_dir / "adapter_model.safetensors").is_file()
+    assert yaml.safe_load((folder / folders.RECIPE_NAME).read_text(encoding="utf-8"))["max_steps"] == 2
+    assert not (folder / "recipe_selected.yaml").exists() and (run_dir / "adapter_model.safetensors").is_file()
+    assert (out / "rah" / "run" / "adapter_model.safetensors").is_file()  # the RAH-LoRA demo's outputs stay

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamafactory_hera.demo_rah import build_rah_recipe
+from llamafactory_hera.rah.demo import build_rah_recipe
 
 pytestmark = pytest.mark.accelerator
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from llamafactory_hera.demo_rah import build_rah_recipe
+from llamafactory_hera.rah.demo import build_rah_recipe
 
 SMALL = {"rah_samples": 6, "rah_probe_samples": 3, "rah_kl_samples": 2}
 

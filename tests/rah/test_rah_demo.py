@@ -18,5 +18,6 @@ def test_rah_demo_calibrates_and_prints_its_outputs_and_next_steps(tmp_path: Pat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "RAH-LoRA demo finished" in proc.stdout and "--adapter_name_or_path" in proc.stdout
     assert "loosened thresholds" in proc.stdout
-    profile = json.loads((out / "run" / "rah_profile.json").read_text())
-    assert profile["summary"]["calibrated"] >= 1 and (out / "run" / "adapter_model.safetensors").is_file()
+    assert "--do_sample false" in proc.stdout and f"eval {out / 'rah' / 'run'} --base --tasks demo" in proc.stdout
+    profile = json.loads((out / "rah" / "run" / "rah_profile.json").read_text())
+    assert profile["summary"]["calibrated"] >= 1 and (out / "rah" / "run" / "adapter_model.safetensors").is_file()

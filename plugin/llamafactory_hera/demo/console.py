@@ -15,7 +15,10 @@ from collections.abc import Callable
 
 PLUGIN_PREFIX = "[llamafactory-hera]"
 _STEP_DICT = re.compile(r"\{'loss': [^{}]*\}")
-_SHOWN_METRICS = (("loss", "loss"), ("lm_loss", "lm_loss"), ("hera_loss", "hera_loss"), ("hera_temperature", "tau"))
+# (key in the Trainer's log dictionary, label shown): HeRA's and HARC's terms; a key a run does not log is left out
+_SHOWN_METRICS = (("loss", "loss"), ("lm_loss", "lm_loss"), ("hera_loss", "hera_loss"), ("hera_temperature", "tau"),
+                  ("harc_couple", "couple"), ("harc_couple_resp", "couple_resp"), ("harc_kl", "kl"),
+                  ("harc_ce", "ce"))
 
 
 def step_line(step: int, total: int, metrics: dict[str, object]) -> str:
@@ -33,9 +36,10 @@ class ProgressFilter:
     dictionary on the same physical line), so a step's dictionary is found wherever the bar left it.
     """
 
-    def __init__(self, total_steps: int, emit: Callable[[str], None]) -> None:
+    def __init__(self, total_steps: int, emit: Callable[[str], None], logging_steps: int = 1) -> None:
         self.total_steps = total_steps
         self.emit = emit
+        self.logging_steps = logging_steps  # the n-th log dictionary is step n * logging_steps
         self.steps_seen = 0
         self._pending = ""
 
@@ -62,4 +66,5 @@ class ProgressFilter:
             except (ValueError, SyntaxError):
                 continue
             self.steps_seen += 1
-            self.emit(step_line(self.steps_seen, self.total_steps, metrics))
+            self.emit(step_line(min(self.steps_seen * self.logging_steps, self.total_steps), self.total_steps,
+                                metrics))

@@ -1,0 +1,7 @@
+"""``python -m llamafactory_hera.demo``: see :mod:`llamafactory_hera.demo.cli`."""
+
+import sys
+
+from llamafactory_hera.demo.cli import main
+
+sys.exit(main())

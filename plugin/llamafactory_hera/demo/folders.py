@@ -1,0 +1,79 @@
+"""The demos' output folders: one per method under the demos' root, each replaced only by its own demo.
+
+Layout of the root (``--output``, default ``./demo_output``)::
+
+    .llamafactory_hera_demo   marker: the root was made by the demos
+    assets/                   tiny Qwen3-VL / Qwen2.5-VL / LLaVA, DINOv2 teacher, captions (HeRA and RAH-LoRA)
+    assets_harc/              tiny Llama-3 / Qwen2 text models (HARC)
+    hera/ rah/ harc/          one demo's outputs each: recipe.yaml, train.log, run/, and what its next steps write
+
+A method folder carries the marker too. Running a demo again removes that demo's own outputs (the names its
+method lists, see :func:`prepare_folder`) from its folder alone, and says which; the other methods' folders and the
+asset caches are left alone. A folder without the marker whose ``run/`` holds files is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+MARKER_NAME = ".llamafactory_hera_demo"
+RUN_DIR_NAME = "run"
+RECIPE_NAME = "recipe.yaml"
+LOG_NAME = "train.log"
+# what the single-folder demo (before the per-method folders) wrote at the root; removed from a root it made
+LEGACY_ROOT_OUTPUTS = (RUN_DIR_NAME, "run_sft", "run_selected", RECIPE_NAME, LOG_NAME, "recipe_selected.yaml",
+                       "recipe_selected.hera_selection.json", "recipe_selected.hera_selection.png",
+                       "recipe_selected.hera_selection.log")
+
+
+class DemoError(RuntimeError):
+    """A problem the user can fix; printed as one line without a traceback."""
+
+
+def owns(folder: Path) -> bool:
+    """``folder`` was made by a demo (its marker file; or, for a root from before the marker, the demo's asset
+    build)."""
+    return (folder / MARKER_NAME).is_file() or (folder / "assets" / "fixtures_stamp.json").is_file()
+
+
+def _remove(folder: Path, names: tuple[str, ...]) -> list[str]:
+    """Remove each of ``names`` that exists in ``folder`` (file, link or folder); return the names removed."""
+    removed = []
+    for name in names:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def prepare_folder(folder: Path, own_outputs: tuple[str, ...], overwrite: bool) -> list[str]:
+    """Make room for a new demo run in ``folder`` (one method's folder); return the names of earlier outputs removed.
+
+    A folder the demo made (see :func:`owns`) loses ``own_outputs`` (its method's outputs; nothing else of it). In
+    any other folder a ``run/`` that holds files is refused (:class:`DemoError`) unless ``overwrite``, which removes
+    ``run/`` alone.
+    """
+    run_dir = folder / RUN_DIR_NAME
+    mine = owns(folder)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not (overwrite or mine):
+        raise DemoError(f"{run_dir} already exists, is not empty and was not made by the demo; pass --overwrite "
+                        "to replace it, or choose another --output.")
+    return _remove(folder, own_outputs if mine else (RUN_DIR_NAME,))
+
+
+def remove_legacy_outputs(root: Path) -> list[str]:
+    """Remove what the single-folder demo left at the top of a root it made (its ``run/`` would now be mistaken for
+    a method's); return the names removed. A root the demo did not make is not touched."""
+    return _remove(root, LEGACY_ROOT_OUTPUTS) if owns(root) else []
+
+
+def mark(folder: Path, what: str) -> None:
+    """Create ``folder`` and write the marker saying what the demo keeps there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER_NAME).write_text(f"made by python -m llamafactory_hera.demo; {what}\n", encoding="utf-8")

@@ -1,0 +1,161 @@
+"""HARC's demo (``python3 dev.py demo --method harc``): safety fine-tuning of a tiny Llama-3, refusals before/after.
+
+1. builds (or reuses) the tiny offline text models (:func:`llamafactory_hera.fixtures.harc_assets.build_harc_assets`);
+2. writes tiny copies of the public sources in their real formats into ``DIR/harc/sources/`` (Circuit Breakers JSON,
+   XSTest CSV, UltraChat JSON Lines) and converts them with ``llamafactory-hera harc-data --out DIR/harc/data``, the
+   command a user runs on the real files;
+3. writes ``DIR/harc/recipe.yaml`` (``stage: harc``, LoRA, sizes scaled down from the reference) and runs the stock
+   ``llamafactory-cli train`` on it;
+4. prints the refusal rates of the end-of-run evaluation (``harc_eval.json``): greedy answers to the held-out harmful
+   prompts and to pseudo-harmful ones, by the base model (the adapter disabled) and by the trained one; then the
+   outputs, the plots and the next steps (greedy chat with the adapter, ``eval``, a real model).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llamafactory_hera.demo.folders import LOG_NAME, RECIPE_NAME, RUN_DIR_NAME
+from llamafactory_hera.demo.runner import DemoContext, command, plot_lines, say, train, where, write_recipe
+
+TITLE = "HARC"
+FAMILIES = ("llama3", "qwen2")
+DEFAULT_STEPS = 80
+ASSETS_NAME = "assets_harc"
+SOURCES_NAME = "sources"
+DATA_NAME = "data"
+OWN_OUTPUTS = (RUN_DIR_NAME, SOURCES_NAME, DATA_NAME, RECIPE_NAME, LOG_NAME)
+SOURCE_ROWS = 48  # rows per source file (harmful, harmless); 12 pseudo-harmful
+LOGGING_STEPS = 5
+ROLES = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
+
+
+def build_harc_recipe(model: Path, template: str, data_dir: Path, run_dir: Path, steps: int,
+                      logging_steps: int = LOGGING_STEPS) -> dict[str, Any]:
+    """A ``stage: harc`` recipe for a tiny text model (paths absolute).
+
+    Scaled down from the reference (300 + 100 held-out rows per role, band 4 of 32 layers, refresh every 100
+    optimizer steps, ramp at 500): 16 + 8 held-out rows, band 1 of 6 layers, a refresh every 20 steps and the ramp
+    to 4 layers at step 40, so that a short run shows the base extraction, refreshes and the ramp.
+    """
+    return {
+        "model_name_or_path": str(model), "template": template, "stage": "harc", "do_train": True,
+        "finetuning_type": "lora", "lora_target": "all", "lora_rank": 8, "lora_alpha": 16,
+        "dataset_dir": str(data_dir), **{role: role for role in ROLES},
+        "harc_extract_samples": 16, "harc_validate_samples": 8, "harc_band": 1, "harc_refresh_steps": 20,
+        "harc_layers_ramp_step": 40, "harc_eval_max_new_tokens": 16,
+        "max_steps": steps, "gradient_accumulation_steps": 1, "learning_rate": 1.0e-3,
+        "lr_scheduler_type": "constant", "logging_steps": logging_steps, "save_strategy": "no", "plot_loss": True,
+        "output_dir": str(run_dir), "overwrite_output_dir": True, "report_to": "none", "seed": 0,
+    }
+
+
+def convert_sources(ctx: DemoContext) -> int:
+    """Write the tiny source files and run ``llamafactory-hera harc-data`` on them (its lines shown); exit code."""
+    from llamafactory_hera.fixtures.harc_assets import write_source_files
+
+    sources = write_source_files(ctx.folder / SOURCES_NAME, count=SOURCE_ROWS)
+    say(f"tiny copies of the public sources in {ctx.folder / SOURCES_NAME}: "
+        + ", ".join(path.name for path in sources.values()))
+    given = [str(part) for flag, path in sources.items() for part in (flag, path)]
+    converter = [str(ctx.hera_cli), "harc-data", *given, "--harmless-rows", str(SOURCE_ROWS), "--out",
+                 str(ctx.folder / DATA_NAME)]
+    say("converting: " + command(*converter).strip())
+    proc = subprocess.run(converter, env=ctx.env, capture_output=True, text=True)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        print(f"  {line}", flush=True)
+    return proc.returncode
+
+
+def _rate(record: dict[str, Any], group: str) -> str:
+    """``3/8 (38%)`` for one group (``harmful`` / ``pseudo``) of a refusal record."""
+    part = record[group]
+    if not part["count"]:
+        return "n/a"
+    return f"{part['refusals']}/{part['count']} ({100 * part['refusals'] / part['count']:.0f}%)"
+
+
+def _example(record: dict[str, Any], group: str) -> str:
+    """The first greedy answer of a group, quoted and cut to 70 characters."""
+    examples = record[group]["examples"]
+    if not examples:
+        return ""
+    answer = " ".join(examples[0]["answer"].split())
+    return repr(answer if len(answer) <= 70 else answer[:67] + "...")
+
+
+def refusal_lines(run_dir: Path) -> list[str]:
+    """The refusal rates before (the base model: the adapter disabled) and after, with one answer each."""
+    path = run_dir / "harc_eval.json"
+    refusal = json.loads(path.read_text(encoding="utf-8")).get("refusal") if path.is_file() else None
+    if not refusal:
+        return [f"  refusal rates: not found ({path} has no 'refusal')"]
+    before = refusal["before"]
+    return [
+        "Refusal rate (greedy answers, refusal-phrase matcher; before = the base model, the adapter disabled):",
+        f"  held-out harmful prompts   {_rate(before, 'harmful'):>12} -> {_rate(refusal, 'harmful'):<12} "
+        "(should rise)",
+        f"  pseudo-harmful prompts     {_rate(before, 'pseudo'):>12} -> {_rate(refusal, 'pseudo'):<12} "
+        "(benign prompts that look harmful, drawn from harc_pseudo; should stay low)",
+        f"  a held-out harmful prompt, answer before: {_example(before, 'harmful')}",
+        f"                             answer after:  {_example(refusal, 'harmful')}",
+    ]
+
+
+def harc_summary(ctx: DemoContext, elapsed: float, model: Path, template: str) -> str:
+    """Refusal rates, outputs, plots and the next steps of a finished HARC demo."""
+    run_dir = ctx.run_dir
+    return "\n".join([
+        "",
+        f"HARC demo finished in {elapsed:.1f}s. Outputs in {run_dir}:",
+        where(run_dir, "adapter_model.safetensors", "LoRA adapter"),
+        where(run_dir, "harc_eval.json", "refusal rates, validation cosines"),
+        where(run_dir, "harc_layers.json", "coupled layers over the run"),
+        where(run_dir, "harc_directions.pt", "refusal / harmfulness directions"),
+        where(run_dir, "trainer_log.jsonl", "per-step log (trainer_log.jsonl)"),
+        f"  {'datasets (harc-data output)':<34} {ctx.folder / DATA_NAME}",
+        f"  {'full training output':<34} {ctx.log}",
+        *plot_lines(run_dir),
+        "",
+        *refusal_lines(run_dir),
+        "",
+        f"Next steps (the next HARC demo run replaces {ctx.folder}; the other demos leave it):",
+        "  1. chat with the adapter, greedy (sampling a tiny random model prints noise); try a harmful prompt:",
+        command(ctx.cli, "chat", "--model_name_or_path", model, "--adapter_name_or_path", run_dir, "--template",
+                template, "--do_sample", "false", "--max_new_tokens", "32"),
+        "  2. evaluate the run against its base model:",
+        command(ctx.hera_cli, "eval", run_dir, "--base", "--tasks", "demo"),
+        "  3. a real model: convert the public sources, then train (see recipes/llama3_1_8b_harc.yaml):",
+        "     llamafactory-hera harc-data --circuit-breakers circuit_breakers_train.json --xstest "
+        "xstest_v2_completions_gpt4_gpteval.csv --ultrachat test_sft.parquet --out data/harc",
+        "     llamafactory-cli train recipes/llama3_1_8b_harc.yaml",
+        f"  4. the recipe of this run: {ctx.recipe}",
+    ])
+
+
+def run(ctx: DemoContext) -> int:
+    """Build the tiny model, convert the tiny sources, train, print the refusal rates and the summary; exit code."""
+    from llamafactory_hera.fixtures.harc_assets import build_harc_assets
+
+    start = time.perf_counter()
+    say(f"tiny text models in {ctx.assets} (built on first use) ...")
+    assets = build_harc_assets(ctx.assets)
+    say(f"assets ready ({time.perf_counter() - start:.1f}s)")
+    code = convert_sources(ctx)
+    if code != 0:
+        print(f"error: llamafactory-hera harc-data failed with exit code {code}", file=sys.stderr)
+        return code
+    model, template = assets.models[ctx.family], assets.templates[ctx.family]
+    steps = ctx.steps or DEFAULT_STEPS
+    logging_steps = min(LOGGING_STEPS, steps)
+    write_recipe(ctx, build_harc_recipe(model, template, ctx.folder / DATA_NAME, ctx.run_dir, steps, logging_steps))
+    train_start = time.perf_counter()
+    code = train(ctx, logging_steps)
+    if code == 0:
+        print(harc_summary(ctx, time.perf_counter() - train_start, model, template))
+    return code

@@ -1,0 +1,124 @@
+"""HeRA's demo (``python3 dev.py demo``, ``--method hera``): a 20-step ``stage: hera`` LoRA run on a tiny MLLM.
+
+1. builds (or reuses) the tiny offline assets (:func:`llamafactory_hera.fixtures.build_tiny_assets`): a 2–3 layer
+   Qwen3-VL / Qwen2.5-VL / LLaVA, a tiny DINOv2 teacher and a 32-image caption set;
+2. writes ``DIR/hera/recipe.yaml``, an ordinary LLaMA-Factory recipe with ``stage: hera`` (LoRA);
+3. runs the stock ``llamafactory-cli train`` on it (:func:`llamafactory_hera.demo.runner.train`);
+4. prints where the outputs and plots are, the first/last ``lm_loss`` and ``hera_loss``, and the next steps
+   (choosing heads with ``select``, the before/after ``--report``, the SFT baseline twin, ``eval`` against it).
+
+Nothing here is needed to use HeRA: it only shows what a HeRA run looks like.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from llamafactory_hera.demo.folders import LOG_NAME, RECIPE_NAME, RUN_DIR_NAME
+from llamafactory_hera.demo.runner import (
+    DemoContext,
+    command,
+    first_last,
+    plot_lines,
+    read_log,
+    say,
+    train,
+    where,
+    write_recipe,
+)
+from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
+
+TITLE = "HeRA"
+FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
+DEFAULT_STEPS = 20
+ASSETS_NAME = "assets"  # shared with the RAH-LoRA demo (same tiny models)
+DEMO_HEADS = ["L1H0", "L1H2"]  # the tiny models have >= 2 layers and 4 heads
+# what the demo and the next steps it prints create in its folder (replaced on the next HeRA demo run)
+OWN_OUTPUTS = (RUN_DIR_NAME, "run_sft", "run_selected", RECIPE_NAME, LOG_NAME, "recipe_selected.yaml",
+               "recipe_selected.hera_selection.json", "recipe_selected.hera_selection.png",
+               "recipe_selected.hera_selection.log")
+
+
+def build_recipe(assets: TinyAssets, family: str, run_dir: Path, steps: int) -> dict[str, Any]:
+    """A small LoRA recipe with ``stage: hera`` for one tiny model family (paths absolute)."""
+    return {
+        "model_name_or_path": str(assets.models[family]),
+        "trust_remote_code": True,
+        "stage": "hera",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "dataset": "hera_demo",
+        "dataset_dir": str(assets.dataset_dir),
+        "template": assets.templates[family],
+        "cutoff_len": 256,
+        "max_samples": 64,
+        "overwrite_cache": True,
+        "preprocessing_num_workers": 1,
+        "dataloader_num_workers": 0,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1.0e-3,
+        "max_steps": steps,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "plot_loss": True,
+        "output_dir": str(run_dir),
+        "overwrite_output_dir": True,
+        "report_to": "none",
+        "seed": 0,
+        "hera_heads": list(DEMO_HEADS),
+        "hera_teacher": str(assets.teacher),
+        "hera_k": 3,
+    }
+
+
+def summary(ctx: DemoContext, elapsed: float) -> str:
+    """Human-readable report of a finished demo run: outputs, every plot, losses, next steps."""
+    run_dir, folder, cli = ctx.run_dir, ctx.folder, ctx.cli
+    log = read_log(run_dir)
+    selected = folder / "recipe_selected.yaml"
+    twin = folder / "run_sft"
+    return "\n".join([
+        "",
+        f"HeRA demo finished in {elapsed:.1f}s. Outputs in {run_dir}:",
+        where(run_dir, "adapter_model.safetensors", "LoRA adapter"),
+        where(run_dir, "trainer_log.jsonl", "per-step log (trainer_log.jsonl)"),
+        where(run_dir, "trainer_state.json", "HF trainer state"),
+        where(run_dir, "hera_state.json", "learned temperature (hera_state)"),
+        where(run_dir, "hera_run.json", "HeRA settings (hera_run)"),
+        f"  {'full training output':<34} {ctx.log}",
+        *plot_lines(run_dir),
+        "",
+        f"  lm_loss   {first_last(log, 'lm_loss')}",
+        f"  hera_loss {first_last(log, 'hera_loss')}",
+        "",
+        f"Next steps (each writes into {folder}; the next HeRA demo run replaces them, the other demos leave them):",
+        "  1. choose the heads by MKNN (the least aligned), into a copy of the recipe:",
+        command(ctx.hera_cli, "select", ctx.recipe, "--output", selected),
+        command(cli, "train", selected, f"output_dir={folder / 'run_selected'}"),
+        "  2. every head's alignment before and after this run (heatmaps, delta table):",
+        command(ctx.hera_cli, "select", "--report", run_dir),
+        "  3. the SFT baseline twin (same recipe, HeRA off; its hera_* keys are ignored with a warning):",
+        command(cli, "train", ctx.recipe, "stage=sft", f"output_dir={twin}"),
+        "  4. evaluate the run against its SFT twin (after step 3), or against the base model:",
+        command(ctx.hera_cli, "eval", run_dir, "--baseline", twin, "--tasks", "demo"),
+        command(ctx.hera_cli, "eval", run_dir, "--base", "--tasks", "demo"),
+    ])
+
+
+def run(ctx: DemoContext) -> int:
+    """Build the assets, write the recipe, train, print the summary; the exit code."""
+    start = time.perf_counter()
+    say(f"tiny assets in {ctx.assets} (built on first use) ...")
+    assets = build_tiny_assets(ctx.assets)
+    say(f"assets ready ({time.perf_counter() - start:.1f}s)")
+    write_recipe(ctx, build_recipe(assets, ctx.family, ctx.run_dir, ctx.steps or DEFAULT_STEPS))
+    train_start = time.perf_counter()
+    code = train(ctx)
+    if code == 0:
+        print(summary(ctx, time.perf_counter() - train_start))
+    return code
