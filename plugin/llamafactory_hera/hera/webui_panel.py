@@ -24,10 +24,10 @@ from llamafactory_hera.anatomy.panel_widgets import (
     typed_value,
 )
 from llamafactory_hera.hera.args import AUTO, HeraArguments, parse_hera_arguments
+from llamafactory_hera.hera.board_plot import hera_loss_figure
 
 HERA_STAGE = "hera"
 TAB = "hera_tab"  # element id of the accordion (train.hera_tab)
-HERA_COLOR = "#ff7f0e"  # hera_loss in the loss plot (LlamaBoard draws the total loss in #1f77b4)
 
 
 @dataclass(frozen=True)
@@ -282,37 +282,6 @@ def create_panel(gr: Any) -> dict[str, Any]:
     Labels are English here; LlamaBoard replaces them from ``LOCALES`` when the language is set.
     """
     return create_widgets(gr, FIELDS, LOCALES)
-
-
-def hera_loss_figure(trainer_log: list[dict[str, Any]], smooth: Any) -> Any:
-    """LlamaBoard's loss plot with ``hera_loss`` on a second axis (same style: raw faint, smoothed solid)."""
-    import matplotlib.pyplot as plt
-
-    plt.close("all")
-    plt.switch_backend("agg")
-    fig = plt.figure()
-    ax = fig.add_subplot(111)
-    steps, losses, hera_steps, hera_losses = [], [], [], []
-    for log in trainer_log:
-        if log.get("loss", None):
-            steps.append(log["current_steps"])
-            losses.append(log["loss"])
-            if log.get("hera_loss") is not None:
-                hera_steps.append(log["current_steps"])
-                hera_losses.append(log["hera_loss"])
-
-    ax.plot(steps, losses, color="#1f77b4", alpha=0.4, label="loss")
-    ax.plot(steps, smooth(losses), color="#1f77b4", label="loss (smoothed)")
-    ax2 = ax.twinx()
-    ax2.plot(hera_steps, hera_losses, color=HERA_COLOR, alpha=0.4, label="hera_loss")
-    ax2.plot(hera_steps, smooth(hera_losses), color=HERA_COLOR, label="hera_loss (smoothed)")
-    handles, labels = ax.get_legend_handles_labels()
-    handles2, labels2 = ax2.get_legend_handles_labels()
-    ax.legend(handles + handles2, labels + labels2, fontsize="small", framealpha=0.6)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss", color="#1f77b4")
-    ax2.set_ylabel("hera_loss", color=HERA_COLOR)
-    return fig
 
 
 def has_hera_loss(trainer_log: list[dict[str, Any]]) -> bool:
