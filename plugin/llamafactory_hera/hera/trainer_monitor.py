@@ -27,6 +27,11 @@ from transformers import TrainerCallback
 from llamafactory_hera.hera.monitor import BUDGET, AlignmentMonitor, ProbeSet, control_heads
 
 
+def _by_steps(strategy: Any) -> bool:
+    """Whether a Trainer ``*_strategy`` (an enum or its string) is ``steps``."""
+    return str(getattr(strategy, "value", strategy)).lower() == "steps"
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -89,8 +94,8 @@ class HeraMonitorMixin:
         steps = self.hera_args.hera_monitor_steps
         if steps is None:
             args = self.args
-            every = (f"eval_steps ({args.eval_steps})" if str(args.eval_strategy).endswith("steps")
-                     else f"logging_steps ({args.logging_steps})" if str(args.logging_strategy).endswith("steps")
+            every = (f"eval_steps ({args.eval_steps})" if _by_steps(args.eval_strategy)
+                     else f"logging_steps ({args.logging_steps})" if _by_steps(args.logging_strategy)
                      else "every 1/20 of the run")
             when = f"at step 0 and with {every} within {BUDGET:.0%} of the training time"
         else:
@@ -106,9 +111,9 @@ class HeraMonitorMixin:
         if steps is not None:
             return int(steps), False
         args, state = self.args, self.state
-        if str(args.eval_strategy).endswith("steps") and state.eval_steps:
+        if _by_steps(args.eval_strategy) and state.eval_steps:
             return int(state.eval_steps), True
-        if str(args.logging_strategy).endswith("steps") and state.logging_steps:
+        if _by_steps(args.logging_strategy) and state.logging_steps:
             return int(state.logging_steps), True
         return max(1, int(state.max_steps) // 20), True
 
