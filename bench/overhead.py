@@ -121,6 +121,16 @@ def worker(args: argparse.Namespace) -> None:
         monitor_prepare.append(time.perf_counter() - start)
 
     HeraTrainerMixin._hera_monitor_prepare_teacher = timed_prepare  # type: ignore[method-assign]
+    monitor_points: list[float] = []
+    original_point = HeraTrainerMixin._hera_monitor_point
+
+    def timed_point(self: HeraTrainerMixin) -> dict:  # one point: the probe forward and the scoring, synced
+        start = time.perf_counter()
+        logs = original_point(self)
+        monitor_points.append(time.perf_counter() - start)
+        return logs
+
+    HeraTrainerMixin._hera_monitor_point = timed_point  # type: ignore[method-assign]
 
     class MonitorPoints(TrainerCallback):
         def __init__(self) -> None:
@@ -144,6 +154,7 @@ def worker(args: argparse.Namespace) -> None:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("BENCH " + json.dumps({"stage": args.worker, "steps": steps, "train_s": timer.ends[-1] - timer.ends[0],
                                  "monitor_prepare_s": sum(monitor_prepare), "monitor_steps": points.steps,
+                                 "monitor_points_s": monitor_points,
                                  "precompute_s": sum(precompute_seconds), "step_tensors_mb": memory.peak_mb,
                                  "peak_rss_mb": peak_rss,
                                  "peak_gpu_mb": peak_gpu}), flush=True)
@@ -261,7 +272,12 @@ def _print_monitor(off: list[dict], on: list[dict]) -> None:
           f"{statistics.median(pairs):.3f} ({pairs[0]:.3f}-{pairs[-1]:.3f})")
     print(f"{'+ probe teacher pass (s)':26}{train_off:10.2f}{train_on + prepare:10.2f}"
           f"{(train_on + prepare) / train_off:8.3f}   teacher features of the probe pairs: {prepare * 1e3:.1f} ms")
-    print(f"{'monitor points (steps)':26}{'':10}{str(on[0]['monitor_steps']):>10}")
+    for run in on:  # measured inside the run itself: robust to the machine's load changing between runs
+        spent = sum(run["monitor_points_s"])
+        print(f"{'monitor, in its own run':26}points at steps {run['monitor_steps']}, {spent:.2f} s "
+              f"({', '.join(f'{t * 1e3:.0f}' for t in run['monitor_points_s'])} ms) = "
+              f"{100 * spent / (run['train_s'] - spent):.1f} % of its training time; with the teacher pass "
+              f"{100 * (spent + run['monitor_prepare_s']) / (run['train_s'] - spent):.1f} %")
 
 if __name__ == "__main__":
     main()
