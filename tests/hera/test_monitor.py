@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import base_recipe, offline_env, read_log_history, read_trainer_log, run_train
 
-SELECT = str(Path(__import__("sys").executable).with_name("llamafactory-hera"))
+SELECT = str(Path(sys.executable).with_name("llamafactory-hera"))
 HEADS = ["L1H0", "L1H2"]
 # 32 steps of 8 pairs (8 epochs of the 32 fixture pairs), lambda 1, learning rate 5e-3: the aligned heads move within
 # the run on the tiny Qwen3-VL. Scored in multimodal mode (image + caption through the MLLM, pooled over the answer as
