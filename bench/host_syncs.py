@@ -7,7 +7,8 @@ method on the simulated accelerator (``tests/accelerator.py``: real values on th
 every transfer counted with the frame that asked for it) and prints, per optimizer step, the transfers of a
 logging step and of an ordinary step, for the method and for SFT on the same tiny model and data.
 
-HeRA is compared with SFT on the tiny Qwen2.5-VL (teacher features cached before step 1, the default), HARC
+HeRA is compared with SFT on the tiny Qwen2.5-VL (teacher features cached before step 1, the default), without
+its alignment monitor and with it scoring at every logging step (``hera_monitor_steps: LOGGING_STEPS``), HARC
 with SFT on the tiny Llama-3 (harmless rows; HARC's refresh and ramp at step 100, so no step here refreshes or
 ramps). Counts do not depend on the machine: they are the same on every run.
 
@@ -48,7 +49,10 @@ def _recipes(out: Path, steps: int, logging_steps: int) -> dict[str, dict[str, A
     sft_text = {k: v for k, v in harc_run.items() if not k.startswith("harc_")} | {
         "stage": "sft", "dataset": "harc_harmless", "output_dir": str(out / "sft_text"),
         "per_device_train_batch_size": 12, "cutoff_len": 256}
-    return {"sft (Qwen2.5-VL)": sft_vl, "hera": hera, "sft (Llama-3)": sft_text, "harc": harc_run}
+    monitored = dict(hera, hera_monitor_steps=logging_steps, output_dir=str(out / "hera_monitor"))
+    hera = dict(hera, hera_monitor_steps=0)
+    return {"sft (Qwen2.5-VL)": sft_vl, "hera": hera, "hera, monitor at every logging step": monitored,
+            "sft (Llama-3)": sft_text, "harc": harc_run}
 
 
 def _run(recipe: dict[str, Any]) -> tuple[list[tuple[int, bool, Counter[str]]], list[str]]:

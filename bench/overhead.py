@@ -1,4 +1,6 @@
 """HeRA's cost next to plain SFT: the same recipe as ``stage: sft`` and ``stage: hera``, interleaved A/B.
+With ``--monitor``: the alignment monitor's cost, ``stage: hera`` with ``hera_monitor_steps: 0`` (A) against the
+monitor's defaults (B), on the same recipe.
 
 Every run is its own process (``llamafactory-cli``'s ``run_exp`` with a step timer), so peak
 memory is per run. Step time is measured from one optimizer step's end to the next, so data
@@ -7,7 +9,7 @@ loading and the collator (where HeRA preprocesses the teacher's images) are incl
 runs on every image) and later epochs (teacher features come from the cache).
 
 Usage: python bench/overhead.py [--repeats 3] [--epochs 3] [--images 64] [--batch 8] [--device cpu]
-       [--preset cpu-mid|qwen3-vl-8b|qwen2.5-vl-7b]
+       [--preset cpu-mid|qwen3-vl-8b|qwen2.5-vl-7b] [--monitor]
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFL
 
 
 def recipe(assets, stage: str, output_dir: str, args: argparse.Namespace) -> dict:
-    """The benchmark recipe: LoRA on all linear layers, 5 heads spread over the depth, k=7, lambda=0.01."""
+    """The benchmark recipe: LoRA on all linear layers, 5 heads spread over the depth, k=7, lambda=0.01.
+
+    ``stage``: ``sft``, ``hera`` (the monitor at its defaults) or ``hera_off`` (``hera_monitor_steps: 0``).
+    """
     return {
-        "model_name_or_path": str(assets.model), "stage": stage, "do_train": True, "finetuning_type": "lora",
+        "model_name_or_path": str(assets.model), "stage": "sft" if stage == "sft" else "hera", "do_train": True,
+        "finetuning_type": "lora",
         "lora_target": "all", "lora_rank": 8, "dataset": "hera_demo", "dataset_dir": str(assets.dataset_dir),
         "template": assets.template, "cutoff_len": assets.preset.cutoff_len, "overwrite_cache": True,
         "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "per_device_train_batch_size": args.batch,
@@ -41,6 +47,7 @@ def recipe(assets, stage: str, output_dir: str, args: argparse.Namespace) -> dic
         "seed": 0, "bf16": args.device != "cpu", "disable_tqdm": True,
         "hera_heads": assets.hera_heads(), "hera_teacher": str(assets.teacher), "hera_k": 7,
         "hera_teacher_precompute": args.precompute,
+        **({"hera_monitor_steps": 0} if stage == "hera_off" or (stage == "hera" and not args.monitor) else {}),
         **({"use_reentrant_gc": False} if args.baseline_non_reentrant else {}),
     }
 
@@ -105,17 +112,49 @@ def worker(args: argparse.Namespace) -> None:
         precompute_seconds.append(time.perf_counter() - start)
 
     HeraTrainerMixin._hera_precompute_teacher = timed_precompute  # type: ignore[method-assign]
+    monitor_prepare: list[float] = []
+    original_prepare = HeraTrainerMixin._hera_monitor_prepare_teacher
+
+    def timed_prepare(self: HeraTrainerMixin) -> None:  # the probe pairs' teacher features, once, before step 1
+        start = time.perf_counter()
+        original_prepare(self)
+        monitor_prepare.append(time.perf_counter() - start)
+
+    HeraTrainerMixin._hera_monitor_prepare_teacher = timed_prepare  # type: ignore[method-assign]
+    monitor_points: list[float] = []
+    original_point = HeraTrainerMixin._hera_monitor_point
+
+    def timed_point(self: HeraTrainerMixin) -> dict:  # one point: the probe forward and the scoring, synced
+        start = time.perf_counter()
+        logs = original_point(self)
+        monitor_points.append(time.perf_counter() - start)
+        return logs
+
+    HeraTrainerMixin._hera_monitor_point = timed_point  # type: ignore[method-assign]
+
+    class MonitorPoints(TrainerCallback):
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+            if logs and "hera_mknn" in logs:
+                self.steps.append(state.global_step)
+
+    points = MonitorPoints()
     assets = build_bench_assets(Path(args.assets), num_images=args.images, preset=args.preset)
     timer = StepTimer()
     memory = StepMemory(args.warmup + 1)
     with tempfile.TemporaryDirectory() as out:
-        run_exp(recipe(assets, args.worker, out, args), callbacks=[timer] + ([memory] if args.step_tensors else []))
+        run_exp(recipe(assets, args.worker, out, args),
+                callbacks=[timer, points] + ([memory] if args.step_tensors else []))
     steps = [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)]
     if memory.peak_mb is not None:  # the profiled step is slower: leave it out of the timings
         steps[memory.step] = float("nan")
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("BENCH " + json.dumps({"stage": args.worker, "steps": steps,
+    print("BENCH " + json.dumps({"stage": args.worker, "steps": steps, "train_s": timer.ends[-1] - timer.ends[0],
+                                 "monitor_prepare_s": sum(monitor_prepare), "monitor_steps": points.steps,
+                                 "monitor_points_s": monitor_points,
                                  "precompute_s": sum(precompute_seconds), "step_tensors_mb": memory.peak_mb,
                                  "peak_rss_mb": peak_rss,
                                  "peak_gpu_mb": peak_gpu}), flush=True)
@@ -129,6 +168,8 @@ def run_one(stage: str, args: argparse.Namespace) -> dict:
         cmd.append("--step-tensors")
     if args.baseline_non_reentrant:
         cmd.append("--baseline-non-reentrant")
+    if args.monitor:
+        cmd.append("--monitor")
     env = {**os.environ, **OFFLINE, "PYTHONPATH": str(BENCH)}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -157,8 +198,11 @@ def main() -> None:
     parser.add_argument("--baseline-non-reentrant", action="store_true",
                         help="give the SFT runs the non-reentrant gradient checkpointing that HeRA runs use, to "
                              "separate HeRA's own cost from the checkpointing mode's")
+    parser.add_argument("--monitor", action="store_true",
+                        help="compare HeRA with the alignment monitor off (hera_monitor_steps: 0, A) and at its "
+                             "defaults (B) instead of SFT (A) and HeRA (B, monitor off)")
     parser.add_argument("--assets", default=str(Path(tempfile.gettempdir()) / "hera_bench_assets"))
-    parser.add_argument("--worker", choices=["sft", "hera"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["sft", "hera", "hera_off"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -169,7 +213,8 @@ def main() -> None:
     print(f"preset {args.preset}: model {assets.model}, teacher {assets.teacher}, heads {assets.hera_heads()}",
           flush=True)
     per_epoch = -(-args.images // args.batch)
-    results: dict[str, list[dict]] = {"sft": [], "hera": []}
+    base, other = ("hera_off", "hera") if args.monitor else ("sft", "hera")
+    results: dict[str, list[dict]] = {base: [], other: []}
 
     def steps_of(run: dict, part: str) -> list[float]:
         series = run["steps"]
@@ -178,10 +223,11 @@ def main() -> None:
         return [value for value in chosen if value == value]  # NaN: the step profiled for memory
 
     for repeat in range(args.repeats):
-        for stage in (("sft", "hera"), ("hera", "sft"))[repeat % 2]:  # ABBA...: order effects cancel
+        for stage in ((base, other), (other, base))[repeat % 2]:  # ABBA...: order effects cancel
             results[stage].append(run_one(stage, args))
             print(f"repeat {repeat + 1}/{args.repeats} {stage}: median step "
-                  f"{statistics.median(steps_of(results[stage][-1], 'all')) * 1e3:.1f} ms", flush=True)
+                  f"{statistics.median(steps_of(results[stage][-1], 'all')) * 1e3:.1f} ms, training "
+                  f"{results[stage][-1]['train_s']:.2f} s", flush=True)
 
     def median_of(stage: str, part: str) -> float:
         return statistics.median(s for run in results[stage] for s in steps_of(run, part))
@@ -191,27 +237,47 @@ def main() -> None:
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}, device {args.device}; {args.repeats} repeats (A/B interleaved, ABBA order), "
           f"{args.epochs} epochs x {per_epoch} steps, batch {args.batch}, warm-up {args.warmup} steps dropped")
-    print(f"{'':26}{'sft':>10}{'hera':>10}{'ratio':>8}   per A/B pair (median, range)")
+    print(f"{'':26}{base:>10}{other:>10}{'ratio':>8}   per A/B pair (median, range)")
     for part, label in (("first", "first epoch"), ("later", "later epochs"), ("all", "all")):
-        a, b = median_of("sft", part), median_of("hera", part)
+        a, b = median_of(base, part), median_of(other, part)
         pairs = sorted(statistics.median(steps_of(h, part)) / statistics.median(steps_of(s, part))
-                       for s, h in zip(results["sft"], results["hera"], strict=True))
+                       for s, h in zip(results[base], results[other], strict=True))
         print(f"{f'step, {label} (ms)':26}{a * 1e3:10.1f}{b * 1e3:10.1f}{b / a:8.3f}   "
               f"{statistics.median(pairs):.3f} ({pairs[0]:.3f}-{pairs[-1]:.3f})")
+    if args.monitor:
+        _print_monitor(results[base], results[other])
     pre = statistics.median(run["precompute_s"] for run in results["hera"])
-    if pre > 0:
+    if pre > 0 and not args.monitor:
         a, b = median_of("sft", "first"), median_of("hera", "first")
         print(f"{'teacher pass before step 1':26}{'':10}{pre * 1e3:10.1f}   ms per run (hera_teacher_precompute)")
         print(f"{'first epoch incl. the pass':26}{a * per_epoch:10.1f}{b * per_epoch + pre:10.1f}"
               f"{(b * per_epoch + pre) / (a * per_epoch):8.3f}   s, step medians x {per_epoch} steps")
     for key, label in (("step_tensors_mb", "step tensors, peak (MiB)"), ("peak_rss_mb", "peak RSS (MiB)"),
                        ("peak_gpu_mb", "peak GPU mem (MiB)")):
-        if results["sft"][0][key] is None:
+        if results[base][0][key] is None:
             continue
-        a = max(r[key] for r in results["sft"])
-        b = max(r[key] for r in results["hera"])
+        a = max(r[key] for r in results[base])
+        b = max(r[key] for r in results[other])
         print(f"{label:26}{a:10.1f}{b:10.1f}{b / a:8.3f}")
 
+
+def _print_monitor(off: list[dict], on: list[dict]) -> None:
+    """The monitor's cost: whole training time (train begin to the last step's end, so the point at step 0 and
+    every later point are in it), without and with the probe pairs' teacher pass before step 1."""
+    train_off = statistics.median(run["train_s"] for run in off)
+    train_on = statistics.median(run["train_s"] for run in on)
+    prepare = statistics.median(run["monitor_prepare_s"] for run in on)
+    pairs = sorted(b["train_s"] / a["train_s"] for a, b in zip(off, on, strict=True))
+    print(f"{'training time (s)':26}{train_off:10.2f}{train_on:10.2f}{train_on / train_off:8.3f}   "
+          f"{statistics.median(pairs):.3f} ({pairs[0]:.3f}-{pairs[-1]:.3f})")
+    print(f"{'+ probe teacher pass (s)':26}{train_off:10.2f}{train_on + prepare:10.2f}"
+          f"{(train_on + prepare) / train_off:8.3f}   teacher features of the probe pairs: {prepare * 1e3:.1f} ms")
+    for run in on:  # measured inside the run itself: robust to the machine's load changing between runs
+        spent = sum(run["monitor_points_s"])
+        print(f"{'monitor, in its own run':26}points at steps {run['monitor_steps']}, {spent:.2f} s "
+              f"({', '.join(f'{t * 1e3:.0f}' for t in run['monitor_points_s'])} ms) = "
+              f"{100 * spent / (run['train_s'] - spent):.1f} % of its training time; with the teacher pass "
+              f"{100 * (spent + run['monitor_prepare_s']) / (run['train_s'] - spent):.1f} %")
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,8 @@
 
 Checked on LLaMA-Factory 0.9.5: ``LogCallback.on_log`` builds a fixed dict of keys from
 ``state.log_history[-1]`` and hands it to ``_write_log`` on a one-thread pool. The patch remembers
-the methods' keys of the newest log entry per step and merges them into the line being written.
+the methods' keys of the newest log entry per step and merges them into the line being written (a training
+line, or a line of the method's own, e.g. an alignment-monitor point at a step that logs no loss).
 """
 
 from __future__ import annotations
@@ -13,6 +14,16 @@ from typing import Any
 from llamafactory_hera.methods import declared_methods
 
 from .guard import require
+
+
+def is_method_key(key: str) -> bool:
+    """Whether a logged key is a declared method's metric: one of its ``log_keys``, or a key under one of its keys
+    that ends in ``/`` (a family such as ``hera_mknn/`` for ``hera_mknn/L1H0``)."""
+    for method in declared_methods():
+        for name in method.log_keys:
+            if key == name or (name.endswith("/") and key.startswith(name)):
+                return True
+    return False
 
 
 def apply(callbacks: ModuleType) -> None:
@@ -27,13 +38,15 @@ def apply(callbacks: ModuleType) -> None:
 
     def on_log(self: Any, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         latest = state.log_history[-1] if state.log_history else {}
-        extra = {key: latest[key] for method in declared_methods() for key in method.log_keys if key in latest}
+        extra = {key: value for key, value in latest.items() if is_method_key(key)}
         if extra:
             self.__dict__.setdefault("_hera_pending", {})[state.global_step] = extra
         return original_on_log(self, args, state, control, **kwargs)
 
     def _write_log(self: Any, output_dir: str, logs: dict[str, Any]) -> None:
-        if "loss" in logs:  # training lines only; eval lines at the same step keep the stock keys
+        # training lines, and a method's own lines (e.g. HeRA's alignment monitor at a step that does not log the
+        # loss); evaluation and prediction lines at the same step keep the stock keys
+        if "loss" in logs or not any(key in logs for key in ("eval_loss", "predict_loss")):
             extra = self.__dict__.get("_hera_pending", {}).pop(logs.get("current_steps"), None)
             if extra:
                 logs = {**logs, **extra}

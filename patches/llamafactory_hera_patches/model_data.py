@@ -10,7 +10,9 @@ Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified by :func:`check_h
 - ``llamafactory.data.loader._get_merged_dataset(names, model_args, data_args, training_args, stage)``
   returning the aligned columns ``_prompt``, ``_response`` and ``_images``, and
   ``_get_preprocessed_dataset(dataset, data_args, training_args, stage, template, tokenizer, processor)``
-  (the training tokenization, one output row per valid input row).
+  (the training tokenization, one output row per valid input row);
+- ``llamafactory.data.data_utils.split_dataset(dataset, eval_dataset, data_args, seed)`` -> (train dict, eval
+  dict with ``validation``): how ``val_size`` holds rows out.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def check_host() -> None:
     require(model, ("load_tokenizer", "load_model"), "selection")
     require(data, ("get_template_and_fix_tokenizer", "SFTDataCollatorWith4DAttentionMask"), "selection")
     require(loader, ("_get_merged_dataset", "_get_preprocessed_dataset"), "selection")
+    require(importlib.import_module("llamafactory.data.data_utils"), ("split_dataset",), "selection")
 
 
 def parse_recipe(recipe: dict[str, Any]) -> RecipeArgs:
@@ -108,15 +111,36 @@ def multimodal_dataset_and_collator(args: RecipeArgs, model: Any, tokenizer_modu
     Only those rows are tokenized, so that no validation split (``val_size`` shuffles the rest) and no row the
     tokenizer drops elsewhere can shift which tokens go with which teacher feature.
     """
+    return tokenized_rows_and_collator(args, model, tokenizer_module, template, seed,
+                                       load_aligned_rows(args, seed, dataset).select(rows))
+
+
+def tokenized_rows_and_collator(args: RecipeArgs, model: Any, tokenizer_module: dict[str, Any], template: Any,
+                                seed: int, chosen: Any, training_args: Any = None) -> tuple[Any, Any]:
+    """Aligned rows ``chosen`` tokenized as training tokenizes them (row ``i`` of the result is ``chosen[i]``), and
+    the SFT collator (no HeRA keys). Inside a run pass its ``training_args``: building new training arguments there
+    would reset accelerate's state."""
     data = importlib.import_module("llamafactory.data")
     loader = importlib.import_module("llamafactory.data.loader")
-    reading = training_args_for_reading(seed)
-    chosen = load_aligned_rows(args, seed, dataset).select(rows)
+    reading = training_args or training_args_for_reading(seed)
     tokenized = loader._get_preprocessed_dataset(chosen, args.data_args, reading, "sft", template,
                                                  tokenizer_module["tokenizer"], tokenizer_module.get("processor"))
-    if len(tokenized) != len(rows):
-        raise ValueError(f"head selection: LLaMA-Factory's tokenization kept {len(tokenized)} of the {len(rows)} "
+    if len(tokenized) != len(chosen):
+        raise ValueError(f"head scoring: LLaMA-Factory's tokenization kept {len(tokenized)} of the {len(chosen)} "
                          "chosen image-caption rows; each must be one user turn and one answer.")
     collator = data.SFTDataCollatorWith4DAttentionMask(template=template, model=model, pad_to_multiple_of=8,
                                                       label_pad_token_id=-100, **tokenizer_module)
     return tokenized, collator
+
+
+def split_rows(args: RecipeArgs, seed: int, rows: Any) -> tuple[Any, Any, str]:
+    """(training rows, held-out rows or None, what was held out) as LLaMA-Factory splits a run's data: the aligned
+    rows of ``eval_dataset``, or the ``val_size`` split of ``rows`` (its ``split_dataset`` with the run's seed)."""
+    data_args = args.data_args
+    if data_args.eval_dataset:
+        return rows, load_aligned_rows(args, seed, data_args.eval_dataset), f"eval_dataset {data_args.eval_dataset}"
+    if data_args.val_size > 1e-6 and not data_args.streaming:
+        data_utils = importlib.import_module("llamafactory.data.data_utils")
+        train, held_out = data_utils.split_dataset(rows, None, data_args, seed=seed)
+        return train["train"], held_out["validation"], f"val_size {data_args.val_size}"
+    return rows, None, ""

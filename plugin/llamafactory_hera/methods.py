@@ -55,7 +55,7 @@ class Method:
     check_raw_host_args: str
     check_host_args: str
     run: str
-    log_keys: tuple[str, ...]  # metrics the method logs, merged into trainer_log.jsonl
+    log_keys: tuple[str, ...]  # metrics the method logs, merged into trainer_log.jsonl ("x/": every "x/..." key)
     panel: str | None = None
     add_cli_verbs: str | None = None
 

@@ -17,15 +17,20 @@ from conftest import REPO, base_recipe, offline_env, read_trainer_log, run_train
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
 
-def _losses(assets, tmp: Path, deepspeed: str | None, precompute: str) -> list[tuple[float, float, float]]:
+def _losses(assets, tmp: Path, deepspeed: str | None, precompute: str) -> list[tuple[float, ...]]:
+    """Per step (loss, hera_loss, hera_temperature, hera_mknn, hera_mknn_control); the alignment monitor scores at
+    steps 0, 1 and 2 (every rank takes part in its forward; under ZeRO-3 the o_proj weights are gathered)."""
     recipe = base_recipe(assets, "qwen2_5_vl", tmp / "out", finetuning_type="full", per_device_train_batch_size=4,
-                         max_steps=2, hera_temperature_lr=0.05, deepspeed=deepspeed, hera_teacher_precompute=precompute)
+                         max_steps=2, hera_temperature_lr=0.05, deepspeed=deepspeed, hera_teacher_precompute=precompute,
+                         hera_monitor_steps=1, hera_k=3)
     proc = run_train(recipe, tmp, env=offline_env(tmp, FORCE_TORCHRUN="1", NPROC_PER_NODE="2"), timeout=400)
     output = proc.stdout + proc.stderr
     precomputed = "teacher features of 32 training images computed before the first step" in output
     assert precomputed == (precompute == "true") and precomputed == ("(16 on this rank)" in output)
-    return [(line["loss"], line["hera_loss"], line["hera_temperature"]) for line in read_trainer_log(tmp / "out")
-            if "loss" in line]
+    lines = read_trainer_log(tmp / "out")
+    assert [line["current_steps"] for line in lines if "hera_mknn" in line] == [0, 1, 2]
+    return [(line["loss"], line["hera_loss"], line["hera_temperature"], line["hera_mknn"], line["hera_mknn_control"])
+            for line in lines if "loss" in line]
 
 
 def test_zero2_and_zero3_train_hera_like_ddp(assets, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import base_recipe
+from conftest import base_recipe, read_trainer_log
 
 pytestmark = pytest.mark.accelerator
 
@@ -50,11 +50,15 @@ def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, accelerator, tmp_pa
     (image counts, pooled-token mask, anchor indices) and one copy of the cached teacher features (in_step: the
     teacher's pixels instead).
 
+    The precomputed run also has the alignment monitor scoring at every logging step (``hera_monitor_steps: 2``):
+    step 3 has none of its work.
+
     Before (precomputed): 25 syncs, 9 more than SFT: 3 ``item`` (the trainer's two counts and its finiteness
     check), 5 boolean masks (2 in the trainer, their backward, 2 in the loss), 1 ``repeat_interleave`` (the
     teacher features); and 12 copies (SFT: 8).
     """
-    hera_keys = {"precomputed": {"hera_teacher_precompute": "true"}, "in_step": {"hera_teacher_cache": False}}
+    hera_keys = {"precomputed": {"hera_teacher_precompute": "true", "hera_monitor_steps": 2},
+                 "in_step": {"hera_teacher_cache": False}}
     sft, sft_where = step_syncs(accelerator, sft_recipe(assets, "qwen2_5_vl", tmp_path / "sft"))
     hera, hera_where = step_syncs(accelerator, base_recipe(assets, "qwen2_5_vl", tmp_path / "hera", **STEPS,
                                                            **hera_keys[teacher]))
@@ -64,3 +68,6 @@ def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, accelerator, tmp_pa
     assert [(s, logged) for s, logged, _ in hera] == [(1, False), (2, True), (3, False), (4, True)]
     assert without_copies(hera[2][2]) == without_copies(sft[2][2]), hera_where[2]
     assert hera[2][2]["to device"] - sft[2][2]["to device"] <= 4, hera_where[2]
+    if teacher == "precomputed":  # the alignment monitor scored at the logging steps only (and before step 1)
+        points = [line["current_steps"] for line in read_trainer_log(tmp_path / "hera") if "hera_mknn" in line]
+        assert points == [0, 2, 4]

@@ -124,6 +124,20 @@ class HeraArguments:
     hera_select_batch_size: int = field(
         default=16, metadata={"help": "With hera_heads: auto, batch size of the scoring forward passes.", "min": 1}
     )
+    hera_monitor_steps: int | None = field(
+        default=None,
+        metadata={"help": "Score the aligned heads' MKNN with the teacher on a fixed probe set every this many "
+                  "optimizer steps (logged as hera_mknn, hera_mknn/L<l>H<h> and hera_mknn_control, a mean of as "
+                  "many unaligned heads of the same layers), scored as `llamafactory-hera select` scores "
+                  "(hera_select_mode, hera_select_clamp, hera_k, hera_select_batch_size). null: at step 0 and with "
+                  "logging_steps (eval_steps when evaluation is on), skipping a step while the probes would cost "
+                  "more than 5% of the training time; 0: off.", "min": 0},
+    )
+    hera_monitor_pairs: int = field(
+        default=256,
+        metadata={"help": "Image-caption pairs in the monitor's probe set: held-out rows (eval_dataset or val_size) "
+                  "when there are any, else a fixed sample of training rows.", "min": 2},
+    )
 
     def queue_capacity(self, needed: bool) -> int:
         """Queue size to use: the configured number, or 4*(k+1) once ``needed`` under ``auto``."""
@@ -215,7 +229,7 @@ def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> Her
             values[key] = text
         elif spec.type in ("bool", bool):
             values[key] = _coerce_bool(key, value)
-        elif spec.type in ("int", int):
+        elif spec.type in ("int", int, "int | None"):
             values[key] = _coerce_number(key, value, int, meta)
         elif spec.type in ("float", float, "float | None"):
             values[key] = _coerce_number(key, value, float, meta)
@@ -229,6 +243,10 @@ def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> Her
         raise ValueError("hera_teacher_precompute: got true with hera_teacher_cache: false; the precomputed features "
                          "are kept in the teacher cache. Set hera_teacher_cache: true, or hera_teacher_precompute: "
                          "auto / false.")
+    if args.hera_monitor_steps != 0 and args.hera_monitor_pairs < args.hera_k + 1:
+        raise ValueError(f"hera_monitor_pairs: got {args.hera_monitor_pairs}; the monitor's MKNN with hera_k="
+                         f"{args.hera_k} needs at least {args.hera_k + 1} pairs. Raise it, lower hera_k, or set "
+                         "hera_monitor_steps: 0.")
     if require_heads and not args.hera_heads:
         raise ValueError("hera_heads: missing; stage: hera needs the heads to align, e.g. hera_heads: [L13H12, L7H6] "
                          "(zero-based; choose them with `llamafactory-hera select`).")

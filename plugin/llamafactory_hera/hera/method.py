@@ -10,8 +10,10 @@ from __future__ import annotations
 from llamafactory_hera.methods import Method
 
 # metrics a HeRA run logs next to LLaMA-Factory's (trainer_log.jsonl, LlamaBoard, the curves)
+# ("hera_mknn/": every per-head key of the alignment monitor, hera_mknn/L<l>H<h>)
 LOG_KEYS = ("lm_loss", "hera_loss", "hera_weighted_loss", "hera_temperature", "hera_image_samples",
-            "hera_text_only_samples", "hera_batches_without_term", "hera_nonfinite_skipped", "hera_queue_size")
+            "hera_text_only_samples", "hera_batches_without_term", "hera_nonfinite_skipped", "hera_queue_size",
+            "hera_mknn", "hera_mknn/", "hera_mknn_control")
 
 METHOD = Method(
     stage="hera",

@@ -48,7 +48,7 @@ class HeraRunSummary:
         return (f"{PREFIX} HeRA: heads [{', '.join(args.hera_heads)}]; teacher {args.hera_teacher} "
                 f"({args.hera_teacher_feature}); k {args.hera_k}; lambda {args.hera_lambda}; {temperature}; "
                 f"pooling {args.hera_pooling}; {gather}; contrastive set up to {geometry.largest} samples; {queue}; "
-                f"precompute {args.hera_teacher_precompute} -> {precompute}; {data}")
+                f"precompute {args.hera_teacher_precompute} -> {precompute}; {data}; {trainer.hera_monitor_line()}")
 
     def print_start(self, trainer: Any) -> None:
         print(self.start_line(trainer), flush=True)

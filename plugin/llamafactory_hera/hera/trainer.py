@@ -7,7 +7,8 @@ Mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer`` (see ``llamafactory_h
 - keeps the learnable log-temperature in its own optimizer group (``temperature``) and in every
   checkpoint (``trainer_state``),
 - logs ``lm_loss``, ``hera_loss``, ``hera_weighted_loss``, ``hera_temperature`` and the sample counts
-  every logging step, and says so when micro-batches carry no HeRA term.
+  every logging step, and says so when micro-batches carry no HeRA term,
+- scores the aligned heads' MKNN with the teacher on a probe set during training (``trainer_monitor``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from llamafactory_hera.hera.run_summary import HeraRunSummary
 from llamafactory_hera.hera.teacher import load_teacher
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.temperature import TemperatureGradHandler, used_temperature
+from llamafactory_hera.hera.trainer_monitor import HeraMonitorMixin
 from llamafactory_hera.hera.trainer_state import HERA_STATE_NAME, TAU_OPTIMIZER_NAME, HeraStateMixin
 from llamafactory_hera.hera.trainer_stats import HeraStatsMixin
 from llamafactory_hera.hera.trainer_teacher import HeraTeacherMixin
@@ -55,12 +57,12 @@ def _collator_token_sources(collator: Any) -> dict[str, Any]:
             "mm_plugin": getattr(template, "mm_plugin", None)}
 
 
-class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin):
+class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin, HeraMonitorMixin):
     """Mix in front of a Hugging Face ``Trainer`` subclass; pass ``hera_args=HeraArguments`` to ``__init__``."""
 
     def __init__(self, *args: Any, hera_args: HeraArguments,
                  hera_feature_cache: TeacherFeatureCache | None = None, hera_data_counts: Any = None,
-                 **kwargs: Any) -> None:
+                 hera_probe: Any = None, hera_recipe_args: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.hera_args = hera_args
         model = self.model
@@ -95,6 +97,7 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin):
         self._hera_init_stats(device)
         self.hera_summary = HeraRunSummary(hera_args, hera_data_counts)
         self._hera_warned_small_batch = False
+        self._hera_init_monitor(hera_probe, hera_recipe_args)  # hera_probe: monitor.ProbeSet, None when off
 
     @property
     def hera_temperature_lr(self) -> float:
@@ -117,6 +120,7 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if self.is_world_process_zero():
             self.hera_summary.print_start(self)
+        self._hera_monitor_prepare_teacher()  # before the teacher may leave the device
         self._hera_precompute_teacher()
         try:
             result = super().train(*args, **kwargs)
@@ -263,4 +267,5 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log: same decision on every rank, so the reduction is safe
             self._hera_log_values(logs)
+            self._hera_monitor_merge(logs)
         super().log(logs, *args, **kwargs)

@@ -15,8 +15,7 @@ from typing import Any
 from llamafactory_hera.anatomy.panel_builder import build_panel
 from llamafactory_hera.anatomy.panel_spec import Field, LossPlot, PanelDeclaration, Texts
 from llamafactory_hera.hera.args import AUTO, HeraArguments, parse_hera_arguments
-
-HERA_COLOR = "#ff7f0e"  # hera_loss in the loss plot (LlamaBoard draws the total loss in #1f77b4)
+from llamafactory_hera.hera.board_plot import HERA_TERMS, hera_loss_figure
 
 
 def normalize_heads(value: Any) -> str:
@@ -161,8 +160,7 @@ TEXTS: Texts = {
 
 PANEL = build_panel(PanelDeclaration(
     name="HeRA", prefix="hera_", arguments=HeraArguments, parse=parse_hera_arguments, fields=FIELDS, texts=TEXTS,
-    loss_plot=LossPlot(terms={"hera_loss": HERA_COLOR}, raw_terms=True, axis_label="hera_loss",
-                       axis_color=HERA_COLOR),
+    loss_plot=LossPlot(terms=HERA_TERMS.terms, figure=hera_loss_figure),
     only_with_note={"en": "With heads = auto: ", "ru": "При heads = auto: ", "zh": "头为 auto 时：",
                     "ko": "heads = auto일 때: ", "ja": "heads = auto の場合: "},
 ))

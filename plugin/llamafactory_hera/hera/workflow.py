@@ -19,7 +19,7 @@ HERA_RUN_RECORD = "hera_run.json"
 
 
 def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int],
-                  data_counts: Any) -> tuple[type, type]:
+                  data_counts: Any, probe: Any, recipe_args: Any) -> tuple[type, type]:
     from llamafactory_hera.hera.collator import HeraCollatorMixin
     from llamafactory_hera.hera.teacher import load_image_processor
     from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
@@ -33,7 +33,7 @@ def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int
     class HeraSeq2SeqTrainer(HeraTrainerMixin, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, hera_args=hera_args, hera_feature_cache=cache,
-                             hera_data_counts=data_counts, **kwargs)
+                             hera_data_counts=data_counts, hera_probe=probe, hera_recipe_args=recipe_args, **kwargs)
 
     return collator, HeraSeq2SeqTrainer
 
@@ -43,15 +43,15 @@ def _plain(value: Any) -> Any:
 
 
 def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
-                        training_args: Any) -> tuple[dict[str, int], Any]:
-    """(image path -> training-data row, row counts), after checking every image file exists and that the data has
-    images at all (clear errors naming file and row, or the dataset).
+                        training_args: Any) -> tuple[dict[str, int], Any, Any]:
+    """(image path -> training-data row, row counts, the aligned rows), after checking every image file exists and
+    that the data has images at all (clear errors naming file and row, or the dataset).
 
     Runs before LLaMA-Factory's preprocessing, which would otherwise fail on a missing file with a bare OSError.
-    Streaming datasets are not scanned (counts None).
+    Streaming datasets are not scanned (counts and rows None).
     """
     if getattr(data_args, "streaming", False) or not training_args.do_train:
-        return {}, None
+        return {}, None, None
     from llamafactory_hera.hera.data_checks import image_rows
     from llamafactory_hera.hera.preflight import check_image_rows, count_image_rows
     from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
@@ -59,7 +59,7 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
     aligned = load_aligned_rows(RecipeArgs(model_args, data_args, finetuning_args), training_args.seed)
     counts = count_image_rows(aligned)
     check_image_rows(counts, data_args.dataset)
-    return image_rows(aligned, column="_images"), counts
+    return image_rows(aligned, column="_images"), counts, aligned
 
 
 def _leave_together() -> None:
@@ -88,7 +88,7 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
              generating_args: Any, callbacks: Any, hera_args: HeraArguments) -> None:
     """Train (and evaluate) as ``run_sft`` does, with HeRA's collator and trainer; then HeRA's curves."""
     # the data checks first: an image-less dataset is named as such, not as too few pairs to select heads from
-    rows, counts = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
+    rows, counts, aligned = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
     if hera_args.auto_heads:
         from llamafactory_hera.hera.selection.auto import resolve_auto_heads
         from llamafactory_hera.hera.selection.select import scoring_dtype
@@ -100,7 +100,12 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
             RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,
             str(training_args.device), training_args.output_dir, training_args.process_index == 0,
             dtype=scoring_dtype(precision))
-    collator, trainer = _hera_classes(host, hera_args, rows, counts)
+    from llamafactory_hera.hera.monitor import probe_set
+    from llamafactory_hera_patches.model_data import RecipeArgs
+
+    recipe_args = RecipeArgs(model_args, data_args, finetuning_args)
+    probe = probe_set(hera_args, recipe_args, aligned, training_args.seed)  # before the model loads
+    collator, trainer = _hera_classes(host, hera_args, rows, counts, probe, recipe_args)
     if training_args.should_save:
         _write_run_record(training_args.output_dir, hera_args, (
             (model_args, ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),

@@ -118,6 +118,12 @@ def _clamped_layer_scores(p: torch.Tensor, w: torch.Tensor, teacher_knn: torch.T
     return torch.cat(scores)
 
 
+def teacher_neighbours(teacher: torch.Tensor, k: int, device: torch.device | str, clamp: float = 0.0) -> torch.Tensor:
+    """``[N, k]`` neighbours of each sample among the teacher features ``[N, E]`` (clamped as the heads are), on
+    ``device``: the side of MKNN that every head is compared with."""
+    return knn_indices(clamp_outliers(teacher.to(device).float(), clamp), k)
+
+
 def all_head_scores(pooled: list[torch.Tensor], weights: list[torch.Tensor], teacher: torch.Tensor, k: int,
                     head_dim: int, device: torch.device | str | None = None, clamp: float = 0.0) -> torch.Tensor:
     """MKNN of every head of every layer.
@@ -135,7 +141,7 @@ def all_head_scores(pooled: list[torch.Tensor], weights: list[torch.Tensor], tea
         ``[L, H]`` float32 scores on CPU.
     """
     device = device or teacher.device
-    teacher_knn = knn_indices(clamp_outliers(teacher.to(device).float(), clamp), k)
+    teacher_knn = teacher_neighbours(teacher, k, device, clamp)
     rows = [layer_head_scores(p.to(device), w.to(device), teacher_knn, k, head_dim, clamp=clamp)
             for p, w in zip(pooled, weights, strict=True)]
     return torch.stack(rows).cpu()  # one device-to-host copy for every layer

@@ -1,0 +1,207 @@
+"""Alignment during training: the aligned heads' MKNN with the teacher on a fixed probe set (``hera_monitor_*``).
+
+The probe set is drawn once, before the model loads (:func:`probe_set`): up to ``hera_monitor_pairs`` image-caption
+pairs of the rows LLaMA-Factory holds out from training (``eval_dataset``, or the ``val_size`` split), else of the
+training rows, one pair per distinct image, drawn as ``llamafactory-hera select --report`` draws its pairs (the
+run's seed + 1). Every point is scored exactly as selection scores a head (:mod:`llamafactory_hera.hera.selection`:
+the same collection of pooled ``o_proj`` inputs in ``hera_select_mode``, the same PRH clamp, neighbours and ties,
+with ``hera_k`` neighbours and ``hera_select_batch_size`` batches), so the point at step 0 equals ``select --report``'s
+"before" on the same pairs. The teacher's side (its features and neighbours) is computed once: the teacher is frozen.
+
+Control heads: as many unaligned heads as aligned ones, each in the layer of an aligned head, drawn with the run's
+seed; their mean is logged as ``hera_mknn_control``, the line an aligned head's curve is read against.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llamafactory_hera.anatomy.heads import HeadRef
+from llamafactory_hera.anatomy.projection import effective_weight_columns, find_o_proj_modules, head_columns
+from llamafactory_hera.hera.selection import collect
+from llamafactory_hera.hera.selection.scores import layer_head_scores, teacher_neighbours
+from llamafactory_hera.hera.teacher_batch import teacher_batch_size
+
+PREFIX = "[llamafactory-hera]"
+BUDGET = 0.05  # hera_monitor_steps: null keeps the probes under this share of the training time
+MEAN_KEY = "hera_mknn"
+HEAD_PREFIX = "hera_mknn/"
+CONTROL_KEY = "hera_mknn_control"
+
+
+@dataclass
+class ProbeSet:
+    """The monitor's fixed image-caption pairs and where they come from."""
+
+    pairs: list[collect.CalibrationPair]
+    rows: Any  # the aligned rows the pairs index (``pair.row``), for the multimodal mode's tokenization
+    source: str  # said in the start line
+    notes: list[str] = field(default_factory=list)
+
+
+def _pairs_of(rows: Any, count: int, seed: int, k: int, source: str) -> list[collect.CalibrationPair]:
+    """Up to ``count`` pairs with distinct images, drawn as ``select`` draws them (dataset order kept); all of them
+    when there are fewer than ``k + 1`` (the caller says so)."""
+    usable = collect.usable_pairs(rows)
+    distinct = collect.distinct_image_pairs(usable, seed)
+    if len(distinct) < k + 1:
+        return distinct
+    return collect.sample_pairs(distinct, count, seed, k, source, len(usable))
+
+
+def probe_set(hera_args: Any, recipe_args: Any, training_rows: Any, seed: int) -> ProbeSet | None:
+    """The probe pairs of a run (held-out rows when there are enough, else training rows), or None with the monitor
+    off (``hera_monitor_steps: 0``, or too few pairs under the default).
+
+    Raises:
+        ValueError: an explicit ``hera_monitor_steps`` with fewer than ``hera_k + 1`` usable pairs (one line, before
+            the model loads).
+    """
+    if hera_args.hera_monitor_steps == 0 or training_rows is None:
+        return None
+    from llamafactory_hera_patches.model_data import split_rows
+
+    needed = hera_args.hera_k + 1
+    pair_seed = seed + 1  # as `select --report` draws its pairs by default
+    train, held_out, held_out_name = split_rows(recipe_args, seed, training_rows)
+    notes: list[str] = []
+    if held_out is not None:
+        pairs = _pairs_of(held_out, hera_args.hera_monitor_pairs, pair_seed, hera_args.hera_k, held_out_name)
+        if len(pairs) >= needed:
+            return ProbeSet(pairs, held_out, f"{len(pairs)} held-out pairs ({held_out_name})")
+        notes.append(f"the held-out rows ({held_out_name}) give {len(pairs)} usable pairs, fewer than hera_k+1="
+                     f"{needed}")
+    pairs = _pairs_of(train, hera_args.hera_monitor_pairs, pair_seed, hera_args.hera_k, "training rows")
+    if len(pairs) < needed:
+        problem = (f"only {len(pairs)} usable image-caption pairs with distinct images, fewer than hera_k+1={needed}"
+                   + (f"; {notes[0]}" if notes else ""))
+        if hera_args.hera_monitor_steps is not None:
+            raise ValueError(f"hera_monitor_steps: got {hera_args.hera_monitor_steps}, but the monitor has {problem}."
+                             " Add data, lower hera_k, or set hera_monitor_steps: 0.")
+        print(f"{PREFIX} warning: alignment monitor off: {problem}.", flush=True)
+        return None
+    reason = notes[0] if notes else "no val_size / eval_dataset"
+    return ProbeSet(pairs, train, f"{len(pairs)} training pairs ({reason})", notes)
+
+
+def control_heads(aligned: list[HeadRef], num_heads: int, seed: int) -> list[HeadRef]:
+    """As many unaligned heads as aligned ones, each in an aligned head's layer (fewer when a layer has no unaligned
+    head left), drawn with ``seed``; sorted."""
+    rng = random.Random(seed)
+    taken = set(aligned)
+    chosen: list[HeadRef] = []
+    for layer in sorted({ref.layer for ref in aligned}):
+        wanted = sum(ref.layer == layer for ref in aligned)
+        free = [HeadRef(layer, head) for head in range(num_heads) if HeadRef(layer, head) not in taken]
+        chosen += rng.sample(free, min(wanted, len(free)))
+    return sorted(chosen)
+
+
+def _gathered(module: nn.Module) -> Any:
+    """Context in which a ZeRO-3 partitioned module's parameters are whole (a collective: every rank enters it)."""
+    import contextlib
+
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+class AlignmentMonitor:
+    """Scores the aligned and control heads of a model on the probe set; the teacher's side is computed once."""
+
+    def __init__(self, hera_args: Any, probe: ProbeSet, aligned: list[HeadRef], control: list[HeadRef],
+                 head_dim: int, device: torch.device) -> None:
+        self.hera_args = hera_args
+        self.probe = probe
+        self.aligned = list(aligned)
+        self.control = list(control)
+        self.head_dim = head_dim
+        self.device = device
+        self.k = hera_args.hera_k
+        self.clamp = hera_args.hera_select_clamp
+        self.mode = hera_args.hera_select_mode
+        self.batch_size = hera_args.hera_select_batch_size
+        self.teacher_knn: torch.Tensor | None = None  # [N, k] on the device, once
+        self.tokenizer: Any = None  # text mode
+        self.dataset: Any = None  # multimodal mode: the probe rows tokenized as training tokenizes them
+        self.collator: Any = None
+        by_layer: dict[int, list[int]] = {}
+        for ref in (*self.aligned, *self.control):
+            by_layer.setdefault(ref.layer, []).append(ref.head)
+        self.by_layer = dict(sorted(by_layer.items()))
+
+    def keys(self) -> list[str]:
+        """The metric names of one point, in a fixed order."""
+        return [MEAN_KEY, *(f"{HEAD_PREFIX}{ref}" for ref in self.aligned), CONTROL_KEY]
+
+    def prepare_text(self, model: nn.Module, tokenizer: Any, collator: Any, recipe_args: Any, seed: int,
+                     training_args: Any) -> None:
+        """What the student side needs, once: the tokenizer (text mode) or the tokenized probe rows and the SFT
+        collator (multimodal mode, as selection builds them)."""
+        self.tokenizer = tokenizer
+        if self.mode == "multimodal":
+            from llamafactory_hera_patches.model_data import tokenized_rows_and_collator
+
+            chosen = self.probe.rows.select([pair.row for pair in self.probe.pairs])
+            tokenizer_module = {"tokenizer": tokenizer, "processor": getattr(collator, "processor", None)}
+            self.dataset, self.collator = tokenized_rows_and_collator(
+                recipe_args, model, tokenizer_module, collator.template, seed, chosen, training_args)
+
+    @torch.no_grad()
+    def prepare_teacher(self, teacher: Any, image_processor: Any) -> float:
+        """Teacher features of the probe pairs and their neighbours, kept for the run. Returns seconds taken."""
+        import time
+
+        start = time.perf_counter()
+        feats = collect.collect_teacher(teacher, image_processor, self.probe.pairs,
+                                        teacher_batch_size(self.batch_size), progress=False)
+        self.teacher_knn = teacher_neighbours(feats, self.k, self.device, self.clamp)
+        return time.perf_counter() - start
+
+    def _pooled(self, model: nn.Module) -> list[torch.Tensor]:
+        """Per layer ``[N, H*d_head]`` pooled ``o_proj`` inputs of the probe pairs (selection's collection)."""
+        if self.mode == "multimodal":
+            return collect.collect_multimodal(model, self.dataset, self.collator, list(range(len(self.probe.pairs))),
+                                              self.batch_size, self.device, progress=False)
+        return collect.collect_text(model, self.tokenizer, self.probe.pairs, self.batch_size, self.device,
+                                    progress=False)
+
+    @torch.no_grad()
+    def score(self, model: nn.Module) -> torch.Tensor:
+        """``[len(aligned) + len(control)]`` float32 MKNN on the device, aligned heads first (recipe order), then
+        the control heads. The forward runs without autograd in eval mode; the model's mode is restored."""
+        if self.teacher_knn is None:
+            raise RuntimeError("alignment monitor: prepare_teacher was not called before the first score")
+        was_training = model.training
+        model.eval()
+        try:
+            pooled = self._pooled(model)
+        finally:
+            model.train(was_training)
+        o_projs = find_o_proj_modules(model)
+        per_head: dict[HeadRef, torch.Tensor] = {}
+        for layer, heads in self.by_layer.items():
+            columns = head_columns(heads, self.head_dim)
+            with _gathered(o_projs[layer]):
+                weight = effective_weight_columns(o_projs[layer], columns.to(self.device)).detach()  # [d, n*dh]
+            scores = layer_head_scores(pooled[layer][:, columns].to(self.device), weight, self.teacher_knn, self.k,
+                                       self.head_dim, clamp=self.clamp)
+            per_head.update({HeadRef(layer, head): score for head, score in zip(heads, scores, strict=True)})
+        return torch.stack([per_head[ref] for ref in (*self.aligned, *self.control)])
+
+    def logs(self, scores: list[float]) -> dict[str, float]:
+        """The logged metrics of one point from :meth:`score`'s values (host floats)."""
+        aligned, control = scores[:len(self.aligned)], scores[len(self.aligned):]
+        logs = {MEAN_KEY: sum(aligned) / len(aligned)}
+        logs.update({f"{HEAD_PREFIX}{ref}": value for ref, value in zip(self.aligned, aligned, strict=True)})
+        if control:
+            logs[CONTROL_KEY] = sum(control) / len(control)
+        return logs
