@@ -5,6 +5,7 @@ Imports nothing heavy: everything else is named and imported when first used.
 
 from __future__ import annotations
 
+from llamafactory_hera.anatomy.training_plot import TrainingPlot
 from llamafactory_hera.methods import Method
 
 # metrics a HARC run logs every step next to LLaMA-Factory's loss (trainer_log.jsonl, LlamaBoard, the curves)
@@ -23,3 +24,6 @@ METHOD = Method(
     panel="llamafactory_hera.harc.webui_panel",
     add_cli_verbs="llamafactory_hera.harc.cli:add_verbs",
 )
+
+# the run's training.png: HARC's four terms beside the loss
+TRAINING_PLOT = TrainingPlot(terms=("harc_couple", "harc_couple_resp", "harc_kl", "harc_ce"), terms_label="HARC terms")
