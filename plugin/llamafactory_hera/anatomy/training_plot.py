@@ -21,7 +21,6 @@ from llamafactory_hera.anatomy.plot_text import fit_title
 
 Smooth = Callable[[list[float]], list[float]]
 TRAINING_PNG = "training.png"
-LOSS_KEYS = ("loss", "lm_loss")  # the left axis of the loss panel (eval_loss is drawn there as points)
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -43,11 +42,13 @@ class Panel:
 
 @dataclass(frozen=True)
 class TrainingPlot:
-    """What a method's ``training.png`` draws: its loss terms (right axis of the loss panel) and its panels."""
+    """What a method's ``training.png`` draws: its losses (left axis of the loss panel, with ``eval_loss`` as points
+    when evaluated), its loss terms (right axis) and its panels."""
 
     terms: tuple[str, ...]
     terms_label: str
     panels: tuple[Panel, ...] = ()
+    losses: tuple[str, ...] = ("loss",)
 
 
 Series = dict[str, tuple[list[int], list[float]]]
@@ -113,7 +114,7 @@ def _loss_panel(ax: Any, data: Series, plot: TrainingPlot, smooth: Smooth) -> li
     """Losses on ``ax``, the method's terms on a twin axis; returns the keys drawn."""
     drawn: list[str] = []
     colors = iter(_COLORS)
-    for key in LOSS_KEYS:
+    for key in plot.losses:
         if key in data:
             _curve(ax, data[key], next(colors), key, smooth)
             drawn.append(key)
@@ -172,7 +173,7 @@ def draw_training(data: Series, plot: TrainingPlot, run_name: str, stage: str, s
 
     panels = [panel for panel in plot.panels if any(key in data for key in panel.keys)
               or (panel.prefix and any(key.startswith(panel.prefix) for key in data))]
-    has_losses = any(key in data for key in (*LOSS_KEYS, *plot.terms))
+    has_losses = any(key in data for key in (*plot.losses, *plot.terms))
     if not has_losses and not panels:
         raise ValueError(f"training plot of {run_name}: no loss, term or panel series was logged")
     widths = [1.6] * has_losses + [1.0] * len(panels)
@@ -202,4 +203,4 @@ def plot_training(output_dir: str | Path, stage: str, plot: TrainingPlot, smooth
     fig = draw_training(data, plot, output_dir.name, stage, smooth)
     path = output_dir / TRAINING_PNG
     fig.savefig(path, format="png", dpi=110)
-    return path, [key for key in (*LOSS_KEYS, *plot.terms) if key not in data]
+    return path, [key for key in (*plot.losses, *plot.terms) if key not in data]

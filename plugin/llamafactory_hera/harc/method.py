@@ -25,5 +25,7 @@ METHOD = Method(
     add_cli_verbs="llamafactory_hera.harc.cli:add_verbs",
 )
 
-# the run's training.png: HARC's four terms beside the loss
-TRAINING_PLOT = TrainingPlot(terms=("harc_couple", "harc_couple_resp", "harc_kl", "harc_ce"), terms_label="HARC terms")
+# the run's training.png: the loss and the cross-entropy term (same scale) on the left axis, the coupling and KL
+# terms (an order of magnitude smaller) on the right one
+TRAINING_PLOT = TrainingPlot(terms=("harc_couple", "harc_couple_resp", "harc_kl"), losses=("loss", "harc_ce"),
+                             terms_label="HARC coupling and KL terms")

@@ -31,7 +31,7 @@ METHOD = Method(
 # the run's training.png: the HeRA term beside the losses, the learned temperature, and the alignment monitor's
 # series (aligned heads' mean MKNN, the control heads' mean, one faint line per head) when the run logged them
 TRAINING_PLOT = TrainingPlot(
-    terms=("hera_loss",), terms_label="HeRA loss (InfoNCE)",
+    terms=("hera_loss",), terms_label="HeRA loss (InfoNCE)", losses=("loss", "lm_loss"),
     panels=(Panel("learned temperature", "temperature (tau)", ("hera_temperature",)),
             Panel("alignment with the teacher (MKNN)", "MKNN", ("hera_mknn", "hera_mknn_control"),
                   labels={"hera_mknn": "aligned heads (mean)", "hera_mknn_control": "control heads (mean)",

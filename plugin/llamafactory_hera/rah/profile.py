@@ -66,8 +66,8 @@ def plot_profile(calibration: Calibration, path: Path, model_name: str) -> Path:
 
     calibrated = [(u.layer, u.head) for u in calibration.updates if u.calibrated]
     others = [(u.layer, u.head) for u in calibration.updates if (u.layer, u.head) not in calibrated]
-    title = (f"{Path(path).parent.name} (stage: rah): head profile of {Path(model_name).name}, {len(calibrated)} "
-             f"targets calibrated, {len(others)} not")
+    title = (f"{Path(path).parent.name} (stage: rah): head profile of {Path(model_name).name}, {len(calibrated)} of "
+             f"{len(calibrated) + len(others)} targets calibrated")
     return plot_score_panels([(calibration.isal_std.numpy(), "I-SAL (standardised)"), (calibration.caf.numpy(), "CAF")],
                              calibration.layers, calibrated, others, path, title,
                              box_labels=("calibrated targets", "other targets (rolled back, unchanged or without "

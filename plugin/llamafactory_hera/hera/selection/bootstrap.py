@@ -130,7 +130,7 @@ class PairedBootstrap:
 
 
 def paired_bootstrap(before_order: torch.Tensor, after_order: torch.Tensor, teacher_order: torch.Tensor, k: int,
-                     resamples: int = 1000, seed: int = 0, confidence: float = 0.95, batch: int = 16,
+                     resamples: int = 1000, seed: int = 0, confidence: float = 0.95, batch: int | None = None,
                      device: torch.device | str = "cpu") -> PairedBootstrap:
     """Percentile bootstrap interval of ``after - before`` MKNN per head, the same resample for both.
 
@@ -142,10 +142,14 @@ def paired_bootstrap(before_order: torch.Tensor, after_order: torch.Tensor, teac
         seed: seeds the CPU generator that draws them (the interval is the same on any device).
         confidence: the interval's coverage (0.95: the 2.5 and 97.5 percentiles).
         batch: resamples scored together (memory: ``batch * N^2`` floats and ``batch * heads * N * P`` elements in
-            chunks).
+            chunks of heads); default: as many as keep one block near ``2**24`` elements (all 1000 at once for a few
+            dozen heads and pairs, where per-call overhead would dominate).
         device: where to score.
     """
     num = teacher_order.shape[0]
+    if batch is None:
+        per_resample = num * num + before_order.shape[0] * num * before_order.shape[-1]
+        batch = max(1, min(resamples, _CHUNK_ELEMENTS // per_resample))
     generator = torch.Generator().manual_seed(seed)
     kept: list[torch.Tensor] = []
     total = redrawn = 0
