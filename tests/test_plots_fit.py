@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from llamafactory_hera.anatomy.head_plots import plot_before_after, plot_head_heatmap
-from llamafactory_hera.anatomy.run_plots import metric_series, plot_run_metrics
+from llamafactory_hera.anatomy.training_plot import plot_training
+from llamafactory_hera.hera.method import TRAINING_PLOT
 
 LONG_TITLE = ("MKNN alignment of every head of /data/checkpoints/qwen3-vl-8b-instruct/merged on 1000 image-caption "
               "pairs of llava_665k_subset (text mode, k = 10)")
@@ -32,25 +33,16 @@ def _ink_on_border(path: Path, border: int = 2) -> list[str]:
     return [name for name, strip in edges.items() if (strip < 250).any()]
 
 
-def test_metric_series_reads_every_logged_step() -> None:
-    history = [{"step": 1, "loss": 2.0, "hera_loss": 1.5}, {"step": 2, "loss": 1.9}, {"step": 3, "hera_loss": 1.2},
-               {"step": 3, "train_runtime": 4.0}]
-    assert metric_series(history, "hera_loss") == ([1, 3], [1.5, 1.2])
-    assert metric_series(history, "hera_temperature") == ([], [])
-
-
-def test_training_curves_fit_their_canvas(tmp_path: Path) -> None:
+def test_training_plot_fits_its_canvas(tmp_path: Path) -> None:
     run = tmp_path / "saves" / "qwen3-vl-8b-instruct-lora-hera-lambda0.01-k10-five-heads-learned-temperature"
     run.mkdir(parents=True)
     taus = [0.07 + 0.0000137 * step for step in range(1, 21)]  # moves in its 4th significant digit, as in the demo
-    history = [{"step": s, "lm_loss": 6.2 - 0.01 * s, "hera_loss": 1.9 - 0.02 * s, "hera_temperature": t}
-               for s, t in zip(range(1, 21), taus, strict=True)]
+    history = [{"step": s, "loss": 6.3 - 0.01 * s, "lm_loss": 6.2 - 0.01 * s, "hera_loss": 1.9 - 0.02 * s,
+                "hera_temperature": t} for s, t in zip(range(1, 21), taus, strict=True)]
     (run / "trainer_state.json").write_text(json.dumps({"log_history": history}), encoding="utf-8")
-    written, missing = plot_run_metrics(run, ("lm_loss", "hera_loss", "hera_temperature", "eval_loss"), _host_smooth)
-    assert [p.name for p in written] == ["training_lm_loss.png", "training_hera_loss.png",
-                                         "training_hera_temperature.png"] and missing == ["eval_loss"]
-    for path in written:
-        assert _ink_on_border(path) == [], path.name
+    path, missing = plot_training(run, "hera", TRAINING_PLOT, _host_smooth)
+    assert path.name == "training.png" and missing == []
+    assert _ink_on_border(path) == []
 
 
 @pytest.mark.parametrize("layers,heads", [(2, 4), (36, 32)])

@@ -227,7 +227,7 @@ def test_demo_runs_end_to_end_twice_and_its_next_steps_work(assets: TinyAssets, 
     assert "trainer_log.jsonl" in proc.stdout and "(missing)" not in proc.stdout, proc.stdout
     assert re.search(r"hera_loss\s+[0-9.]+ -> [0-9.]+", proc.stdout), proc.stdout
     plots = sorted(run_dir.glob("*.png"))
-    assert {"training_loss.png", "training_hera_loss.png"} <= {p.name for p in plots}
+    assert {"training_loss.png", "training.png"} <= {p.name for p in plots}
     assert f"Plots ({len(plots)}):" in proc.stdout and all(str(p) in proc.stdout for p in plots)
     assert "stage=sft" in proc.stdout
     assert _printed(lines, "eval", "--baseline")[2:] == [str(run_dir), "--baseline", str(folder / "run_sft"),

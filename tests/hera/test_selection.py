@@ -212,6 +212,13 @@ def test_auto_heads_in_training_cache_report(assets, tmp_path: Path) -> None:
     assert shown.count("\n") <= 40 and "configuration_utils" not in shown, shown
     assert "configuration_utils" in (first / "hera_report.log").read_text()
     assert f"host output (transformers, LLaMA-Factory, warnings): {first / 'hera_report.log'}" in proc.stdout
+    # whether each change is real: resolution 1/(24 pairs x k=5), a paired bootstrap interval, the noise marks
+    assert report["resolution"] == pytest.approx(1 / 120) and report["bootstrap"]["resamples"] == 1000
+    shape = [len(row) for row in report["before"]]
+    assert [len(row) for row in report["delta_ci_low"]] == [len(row) for row in report["within_noise"]] == shape
+    for row in report["summary"]:
+        assert row["ci_low"] <= row["ci_high"] and row["change"] in ("within noise", "beyond noise")
+    assert "resolution: 1/(24 pairs x k=5) = 0.0083" in proc.stdout and "within noise" in proc.stdout
 
 
 def test_report_needs_a_hera_run(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from llamafactory_hera.anatomy.plot_text import fit_title
+from llamafactory_hera.anatomy.plot_text import fit_title, number, signed_number
 
 _MAX_TICKS = 20
 _MAX_LABELS = 40  # more selected heads than this are boxed but not labelled (the labels would bury the map)
@@ -149,8 +149,34 @@ def _annotate_cells(ax: Any, array: np.ndarray, signed: bool) -> None:
             continue
         r, g, b, _ = image.cmap(image.norm(value))
         color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-        ax.text(head, layer, f"{value:+.3f}" if signed else f"{value:.3f}", ha="center", va="center", fontsize=7,
+        ax.text(head, layer, signed_number(value) if signed else number(value), ha="center", va="center", fontsize=7,
                 color=color)
+
+
+def _hatch(ax: Any, cells: np.ndarray) -> None:
+    """Grey hatching over every ``True`` cell of ``cells`` ``[layers, heads]`` (differences within noise)."""
+    from matplotlib.patches import Rectangle
+
+    for layer, head in zip(*np.nonzero(cells), strict=True):
+        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, hatch="//", edgecolor=(0, 0, 0, 0.3),
+                               linewidth=0, zorder=2))
+
+
+def _legend(fig: Any, entries: list[tuple[Any, str]]) -> None:
+    """A legend under the panels; an entry's handle is a box colour, a tuple of them (one handle, several colours),
+    or ``"hatch"``."""
+    from matplotlib.legend_handler import HandlerTuple
+    from matplotlib.patches import Patch
+
+    def patch(color: str) -> Any:
+        if color == "hatch":
+            return Patch(facecolor="white", edgecolor=(0, 0, 0, 0.45), hatch="//", linewidth=0.8)
+        return Patch(facecolor="none", edgecolor=color, linewidth=1.6)
+
+    handles = [tuple(patch(c) for c in colors) if isinstance(colors, tuple) else patch(colors)
+               for colors, _ in entries]
+    fig.legend(handles, [label for _, label in entries], loc="outside lower center", ncols=len(entries),
+               fontsize=8, frameon=False, handler_map={tuple: HandlerTuple(ndivide=None, pad=0.3)})
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -167,13 +193,14 @@ def _label_fontsize(heads: int, map_width: float) -> float:
     return float(min(8.0, max(5.5, cell_pt * 0.9)))
 
 
-def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path: Path, title: str) -> Path:
+def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path: Path, title: str,
+                      box_label: str = "selected heads") -> Path:
     """scores [L, H] (MKNN in [0,1]); heatmap with layers on the y axis (L0 at top) and heads on the x axis,
     a colorbar labelled 'MKNN', selected (layer, head) cells marked with a visible box and their label, sensible
     figure size for up to ~64 layers x ~64 heads (tick labels thinned when many), saved as PNG at `path`.
 
     The colour scale runs from 0 to the highest score (NaN cells are left blank). Labels are omitted beyond
-    40 selected heads; the boxes are always drawn.
+    40 selected heads; the boxes are always drawn, and a legend under the map says what they are (``box_label``).
     """
     plt = _pyplot()
     array = _check(scores, selected, "scores")
@@ -188,6 +215,8 @@ def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path:
         _ticks(ax, layers, heads)
         fit_title(fig, fig.suptitle(title, fontsize=10), title)
         _boxes(ax, selected, _BOX_COLOR)
+        if selected:
+            _legend(fig, [(_BOX_COLOR, box_label)])
         if layers * heads <= _MAX_ANNOTATED_CELLS:
             _annotate_cells(ax, array, signed=False)
         else:
@@ -198,11 +227,14 @@ def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path:
 
 
 def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tuple[int, int]], path: Path,
-                      title: str) -> Path:
+                      title: str, box_label: str = "selected heads", noise: np.ndarray | None = None,
+                      noise_label: str = "within noise") -> Path:
     """Three panels side by side: before, after (same colour scale), and after - before with a diverging colormap
     centred at 0 (symmetric limits); selected heads boxed in all three. PNG.
 
-    The selected heads are labelled on the difference panel, where the effect of training shows.
+    The selected heads are labelled on the difference panel, where the effect of training shows. ``noise``
+    (``[layers, heads]`` bool, optional) hatches the differences that are within noise on the difference panel. A
+    legend under the panels names the boxes (``box_label``) and the hatching (``noise_label``).
     """
     plt = _pyplot()
     first = _check(before, selected, "before")
@@ -228,6 +260,14 @@ def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tupl
         for ax, color in zip(axes, (_BOX_COLOR, _BOX_COLOR, _DIFF_BOX_COLOR), strict=True):
             _ticks(ax, layers, heads)
             _boxes(ax, selected, color)
+        entries: list[tuple[Any, str]] = [((_BOX_COLOR, _DIFF_BOX_COLOR), box_label)] if selected else []
+        if noise is not None:
+            if np.shape(noise) != first.shape:
+                raise ValueError(f"noise {np.shape(noise)} must have the maps' [layers, heads] shape {first.shape}")
+            _hatch(axes[2], np.asarray(noise, dtype=bool))
+            entries.append(("hatch", noise_label))
+        if entries:
+            _legend(fig, entries)
         fit_title(fig, fig.suptitle(title, fontsize=11), title)
         if layers * heads <= _MAX_ANNOTATED_CELLS:
             for ax, array in ((axes[0], first), (axes[1], second)):
@@ -241,10 +281,11 @@ def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tupl
 
 
 def plot_score_panels(panels: list[tuple[np.ndarray, str]], layer_names: list[int], marked: list[tuple[int, int]],
-                      rolled_back: list[tuple[int, int]], path: Path, title: str) -> Path:
+                      rolled_back: list[tuple[int, int]], path: Path, title: str,
+                      box_labels: tuple[str, str] = ("marked", "rolled back")) -> Path:
     """Side-by-side heatmaps of per-head scores ``[L, H]`` over the model layers ``layer_names`` (row i is layer
     ``layer_names[i]``; each panel its own colour scale, named by its label); ``marked`` (layer, head) cells boxed in
-    red and ``rolled_back`` ones in black on every panel. PNG."""
+    red and ``rolled_back`` ones in black on every panel, named in a legend by ``box_labels``. PNG."""
     plt = _pyplot()
     row = {layer: index for index, layer in enumerate(layer_names)}
     boxes = [(row[layer], head) for layer, head in marked], [(row[layer], head) for layer, head in rolled_back]
@@ -266,6 +307,10 @@ def plot_score_panels(panels: list[tuple[np.ndarray, str]], layer_names: list[in
             _boxes(ax, boxes[1], _DIFF_BOX_COLOR)
             if layers * heads <= _MAX_ANNOTATED_CELLS:
                 _annotate_cells(ax, array, signed=True)
+        entries = [(color, label) for color, label, cells in zip((_BOX_COLOR, _DIFF_BOX_COLOR), box_labels, boxes,
+                                                                 strict=True) if cells]
+        if entries:
+            _legend(fig, entries)
         fit_title(fig, fig.suptitle(title, fontsize=11), title)
         return _save(fig, path)
     finally:
@@ -278,7 +323,7 @@ def _cell(value: object) -> str:
     if isinstance(value, bool | np.bool_):
         return str(bool(value))
     if isinstance(value, float | np.floating):
-        return f"{float(value):.4f}"
+        return number(float(value), 4)
     return str(value)
 
 
@@ -287,7 +332,8 @@ def _is_number(value: object) -> bool:
 
 
 def format_head_table(rows: list[dict[str, object]], columns: list[str]) -> str:
-    """Plain fixed-width text table (header, a dashed rule, one line per row; floats with 4 decimals).
+    """Plain fixed-width text table (header, a dashed rule, one line per row; floats with 4 decimals, a negative
+    zero as ``0.0000``).
 
     Columns are separated by two spaces; a column whose values are all numbers is right-aligned, any other
     left-aligned. A missing or None value is an empty cell. Lines carry no trailing spaces; the table ends

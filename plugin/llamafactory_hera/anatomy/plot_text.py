@@ -1,4 +1,5 @@
-"""Titles that fit their figure: wrapped on the rendered width, not on a guess of characters per inch."""
+"""Text in figures: titles that fit their figure (wrapped on the rendered width, not on a guess of characters per
+inch) and numbers without a negative zero."""
 
 from __future__ import annotations
 
@@ -20,3 +21,16 @@ def fit_title(fig: Any, text: Any, title: str, margin: float = 0.96) -> None:
         if width <= 8 or text.get_window_extent(renderer).width <= limit:
             return
         width = int(width * 0.9)
+
+
+def signed_number(value: float, digits: int = 3) -> str:
+    """``value`` with an explicit sign and ``digits`` decimals, a value that rounds to zero as plain ``0.000``
+    (never ``-0.000`` nor ``+0.000``: a sign on a zero says nothing)."""
+    rounded = round(float(value), digits)
+    return f"{0.0:.{digits}f}" if rounded == 0 else f"{rounded:+.{digits}f}"
+
+
+def number(value: float, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals; a negative value that rounds to zero is ``0.000``, not ``-0.000``."""
+    rounded = round(float(value), digits)
+    return f"{(0.0 if rounded == 0 else rounded):.{digits}f}"

@@ -5,6 +5,7 @@ Imports nothing heavy: everything else is named and imported when first used.
 
 from __future__ import annotations
 
+from llamafactory_hera.anatomy.training_plot import TrainingPlot
 from llamafactory_hera.methods import Method
 
 # metrics a HARC run logs every step next to LLaMA-Factory's loss (trainer_log.jsonl, LlamaBoard, the curves)
@@ -23,3 +24,8 @@ METHOD = Method(
     panel="llamafactory_hera.harc.webui_panel:PANEL",
     add_cli_verbs="llamafactory_hera.harc.cli:add_verbs",
 )
+
+# the run's training.png: the loss and the cross-entropy term (same scale) on the left axis, the coupling and KL
+# terms (an order of magnitude smaller) on the right one
+TRAINING_PLOT = TrainingPlot(terms=("harc_couple", "harc_couple_resp", "harc_kl"), losses=("loss", "harc_ce"),
+                             terms_label="HARC coupling and KL terms")

@@ -4,7 +4,7 @@
 - ``harc_layers.json``: the coupled layers after the base extraction, each ramp and refresh, with the layer scores;
 - ``harc_eval.json``: validation cosines over time and, with ``harc_eval``, the refusal rates of the trained model
   and of the same model with its adapter disabled (``before``) on held-out harmful prompts and pseudo-harmful ones;
-- ``harc_eval.png``, ``harc_diagnostics.png`` and ``training_harc_<term>.png`` (the four loss terms' curves).
+- ``harc_eval.png``, ``harc_diagnostics.png`` and ``training.png`` (the loss and the four terms over the steps).
 
 Everything is computed on every rank in step (ZeRO-3 needs all ranks in each forward) and written by rank 0.
 """
@@ -25,7 +25,6 @@ LAYERS_FILE = "harc_layers.json"
 EVAL_FILE = "harc_eval.json"
 EVAL_PLOT = "harc_eval.png"
 DIAGNOSTICS_PLOT = "harc_diagnostics.png"
-CURVES = ("harc_couple", "harc_couple_resp", "harc_kl", "harc_ce")
 
 
 def _refusals(trainer: Any, model: Any) -> dict[str, Any]:
@@ -91,11 +90,12 @@ def _pct(value: float | None) -> str:
 def _plots(trainer: Any, output: Path, evaluation: dict[str, Any] | None, history: list[dict[str, Any]]) -> None:
     if not trainer.harc_run.plot:
         return
-    from llamafactory_hera.anatomy.run_plots import plot_run_metrics
+    from llamafactory_hera.anatomy.training_plot import plot_training
+    from llamafactory_hera.harc.method import TRAINING_PLOT
     from llamafactory_hera.harc.plots import plot_diagnostics, plot_refusal
 
     if evaluation is not None:
-        plot_refusal(evaluation, output / EVAL_PLOT)
-    plot_diagnostics(history, output / DIAGNOSTICS_PLOT)
+        plot_refusal(evaluation, output / EVAL_PLOT, output.name)
+    plot_diagnostics(history, output / DIAGNOSTICS_PLOT, run_name=output.name)
     trainer.save_state()  # trainer_state.json: the curves are read from its log history
-    plot_run_metrics(output, CURVES, trainer.harc_run.smooth)
+    plot_training(output, "harc", TRAINING_PLOT, trainer.harc_run.smooth)

@@ -39,9 +39,10 @@ def _rate(record: dict[str, Any], group: str) -> float | None:
     return None if value is None else float(value)
 
 
-def plot_refusal(record: dict[str, Any], path: Path) -> Path:
+def plot_refusal(record: dict[str, Any], path: Path, run_name: str | None = None) -> Path:
     """Bar chart of :func:`~llamafactory_hera.harc.evaluate.refusal_record`'s refusal rates, held-out harmful vs
-    pseudo-harmful prompts, each bar labelled with its percentage (``n/a`` for an empty set).
+    pseudo-harmful prompts (their counts under the bars), each bar labelled with its percentage (``n/a`` for an
+    empty set); the title names the run (``run_name``, default: ``path``'s folder).
 
     When ``record["before"]`` holds a record with the same keys (the model with its adapter disabled), its rates
     stand beside the trained ones. Returns ``path``.
@@ -62,13 +63,15 @@ def plot_refusal(record: dict[str, Any], path: Path) -> Path:
             text = "n/a" if value is None else f"{100 * value:.0f}%"
             ax.annotate(text, (x, 0.0 if value is None else value), xytext=(0, 3), textcoords="offset points",
                         ha="center", va="bottom", fontsize=9)
-    counts = [f"{(record.get(group) or {}).get('count', '?')} {group}" for group, _ in _GROUPS]
-    ax.set_xticks(range(len(_GROUPS)), [label for _, label in _GROUPS])
+    counts = [(record.get(group) or {}).get("count", "?") for group, _ in _GROUPS]
+    ax.set_xticks(range(len(_GROUPS)), [label.replace("\n", f" ({count} prompts)\n", 1)
+                                        for (_, label), count in zip(_GROUPS, counts, strict=True)])
     ax.set_ylim(0.0, 1.15)
     ax.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0], ["0%", "25%", "50%", "75%", "100%"])
     ax.set_ylabel("refusal rate")
     ax.legend(loc="upper center", ncols=len(series), fontsize=9, frameon=False)
-    title = f"HARC refusal rates (greedy answers to {' and '.join(counts)} prompts; phrase matcher)"
+    ax.set_title("greedy answers; a refusal is found by a phrase matcher", fontsize=8)
+    title = f"{run_name or Path(path).parent.name} (stage: harc): refusal rates"
     fit_title(fig, fig.suptitle(title, fontsize=10), title)
     return _save(fig, path)
 
@@ -88,7 +91,8 @@ def _layer_text(layers: list[int]) -> str:
     return "L" + ",".join(str(layer) for layer in layers)
 
 
-def plot_diagnostics(history: list[dict[str, Any]], path: Path, margin: float | None = None) -> Path:
+def plot_diagnostics(history: list[dict[str, Any]], path: Path, margin: float | None = None,
+                     run_name: str | None = None) -> Path:
     """Validation cosines against the optimizer step: left ``cos(h(t_post), v_ref)``, right
     ``cos(h(t_inst), v_harm)``, each the mean over held-out harmful (solid) and harmless (dashed) prompts, averaged
     over the entry's coupled layers.
@@ -96,7 +100,8 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path, margin: float | 
     ``history``: entries ``{"step": int, "layers": [int, ...], "validation": {"<layer>": {"harmful_ref",
     "harmless_ref", "harmful_harm", "harmless_harm"}}}`` (other keys ignored; entries without validation skipped).
     Dotted verticals mark where the coupled layers change; the layer sets are listed under the panels. ``margin``
-    (optional) draws the coupling margin. ValueError when no entry has validation cosines. Returns ``path``.
+    (optional) draws the coupling margin. The title names the run (``run_name``, default: ``path``'s folder).
+    ValueError when no entry has validation cosines. Returns ``path``.
     """
     from matplotlib.ticker import MaxNLocator
 
@@ -135,6 +140,6 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path, margin: float | 
     axes[0].legend(fontsize=8)
     footer = "coupled layers: " + "; ".join(f"step {step}: {_layer_text(layers)}" for step, layers in changes)
     fit_title(fig, fig.supxlabel(footer, fontsize=9), footer)
-    title = "HARC validation: residuals of held-out prompts against the directions"
+    title = f"{run_name or Path(path).parent.name} (stage: harc): held-out prompts' residuals against the directions"
     fit_title(fig, fig.suptitle(title, fontsize=10), title)
     return _save(fig, path)

@@ -7,6 +7,7 @@ Imports nothing heavy: everything else is named and imported when first used.
 
 from __future__ import annotations
 
+from llamafactory_hera.anatomy.training_plot import Panel, TrainingPlot
 from llamafactory_hera.methods import Method
 
 # metrics a HeRA run logs next to LLaMA-Factory's (trainer_log.jsonl, LlamaBoard, the curves)
@@ -28,3 +29,13 @@ METHOD = Method(
     panel="llamafactory_hera.hera.webui_panel:PANEL",
     add_cli_verbs="llamafactory_hera.hera.cli:add_verbs",
 )
+
+# the run's training.png: the HeRA term beside the losses, the learned temperature, and the alignment monitor's
+# series (aligned heads' mean MKNN, the control heads' mean, one faint line per head) when the run logged them
+TRAINING_PLOT = TrainingPlot(
+    terms=("hera_loss",), terms_label="HeRA loss (InfoNCE)", losses=("loss", "lm_loss"),
+    panels=(Panel("learned temperature", "temperature (tau)", ("hera_temperature",)),
+            Panel("alignment with the teacher (MKNN)", "MKNN", ("hera_mknn", "hera_mknn_control"),
+                  labels={"hera_mknn": "aligned heads (mean)", "hera_mknn_control": "control heads (mean)",
+                          "hera_mknn/": "each aligned head"},
+                  prefix="hera_mknn/", ylim=(0.0, 1.0))))

@@ -11,9 +11,10 @@ import json
 import os
 from typing import Any
 
-from llamafactory_hera.anatomy.run_plots import plot_run_metrics
+from llamafactory_hera.anatomy.training_plot import plot_training
 from llamafactory_hera.hera.args import HeraArguments
 from llamafactory_hera.hera.data_checks import describe_image
+from llamafactory_hera.hera.method import TRAINING_PLOT
 
 HERA_RUN_RECORD = "hera_run.json"
 
@@ -121,10 +122,8 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
         raise ValueError(f"HeRA cannot read {describe_image(culprit, rows)}: {type(err).__name__}: {err}. "
                          "Fix or remove the file.") from err
     if training_args.do_train and finetuning_args.plot_loss and training_args.process_index == 0:
-        written, missing = plot_run_metrics(training_args.output_dir, ("lm_loss", "hera_loss", "hera_temperature"),
-                                            host.smooth)
-        for path in written:
-            print(f"Figure saved at: {path}")
+        path, missing = plot_training(training_args.output_dir, "hera", TRAINING_PLOT, host.smooth)
+        print(f"Figure saved at: {path}")
         if missing:
             print(f"[llamafactory-hera] not logged, so not plotted: {', '.join(missing)}", flush=True)
     _leave_together()

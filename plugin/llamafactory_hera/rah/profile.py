@@ -61,12 +61,14 @@ def profile_record(calibration: Calibration, settings: RahSettings, identity: di
 
 def plot_profile(calibration: Calibration, path: Path, model_name: str) -> Path:
     """I-SAL (standardised) and CAF heatmaps, calibrated targets boxed red, the others (rolled back, unchanged,
-    without anchors) black."""
+    without anchors) black, as the legend says; the title names the run (``path``'s folder)."""
     from llamafactory_hera.anatomy.head_plots import plot_score_panels
 
     calibrated = [(u.layer, u.head) for u in calibration.updates if u.calibrated]
     others = [(u.layer, u.head) for u in calibration.updates if (u.layer, u.head) not in calibrated]
-    title = (f"RAH-LoRA head profile: {Path(model_name).name} ({len(calibrated)} calibrated, {len(others)} rolled "
-             "back, unchanged or without anchors)")
+    title = (f"{Path(path).parent.name} (stage: rah): head profile of {Path(model_name).name}, {len(calibrated)} of "
+             f"{len(calibrated) + len(others)} targets calibrated")
     return plot_score_panels([(calibration.isal_std.numpy(), "I-SAL (standardised)"), (calibration.caf.numpy(), "CAF")],
-                             calibration.layers, calibrated, others, path, title)
+                             calibration.layers, calibrated, others, path, title,
+                             box_labels=("calibrated targets", "other targets (rolled back, unchanged or without "
+                                                               "anchors)"))

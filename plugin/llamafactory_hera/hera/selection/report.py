@@ -5,6 +5,9 @@ model the run started from; "after" adds the run's adapter (LoRA) or loads the r
 (full / freeze). Both are scored on the same pairs with the same teacher features, so the
 difference is the training alone. Writes ``hera_report.json`` and ``hera_report.png`` into RUN_DIR, and the host's
 loading output into ``hera_report.log`` there (``--verbose``: on the terminal instead).
+
+Each difference comes with its resolution and a paired bootstrap interval over the pairs, and is marked when it is
+within noise (:mod:`llamafactory_hera.hera.selection.change`) in the table, the JSON and the plot.
 """
 
 from __future__ import annotations
@@ -14,13 +17,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from llamafactory_hera.anatomy.head_plots import format_head_table, plot_before_after
 from llamafactory_hera.anatomy.heads import parse_head
 from llamafactory_hera.anatomy.host_output import host_output_to, show
 from llamafactory_hera.anatomy.recipe_edit import write_text_atomic
-from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_heads, scoring_dtype
+from llamafactory_hera.hera.selection.bootstrap import prefix_length
+from llamafactory_hera.hera.selection.change import (
+    TABLE_COLUMNS,
+    change_note,
+    measure_change,
+    report_fields,
+    summary_rows,
+)
+from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours, scoring_dtype
 from llamafactory_hera.hera.workflow import HERA_RUN_RECORD as RUN_RECORD
 
 PRECISION = ("bf16", "fp16", "pure_bf16")  # the run's precision keys in hera_run.json: the scoring dtype
@@ -65,21 +74,6 @@ def _trained_recipe(recipe: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return trained
 
 
-def summary_rows(before: np.ndarray, after: np.ndarray, selected: list[tuple[int, int]]) -> list[dict[str, Any]]:
-    """Per aligned head: before, after, delta; then one row for all other heads (mean and minimum delta)."""
-    delta = after - before
-    rows = [{"head": f"L{layer}H{head}", "before": float(before[layer, head]), "after": float(after[layer, head]),
-             "delta": float(delta[layer, head])} for layer, head in selected]
-    others = np.ones_like(delta, dtype=bool)
-    for layer, head in selected:
-        others[layer, head] = False
-    if others.any():
-        rows.append({"head": f"others ({int(others.sum())}) mean", "before": float(before[others].mean()),
-                     "after": float(after[others].mean()), "delta": float(delta[others].mean())})
-        rows.append({"head": "others: largest drop", "before": "", "after": "", "delta": float(delta[others].min())})
-    return rows
-
-
 def run_report(args: Any) -> dict[str, Any]:
     """Score the run's heads before and after training on the same pairs and write the report."""
     from llamafactory_hera.hera.args import parse_hera_arguments
@@ -102,17 +96,25 @@ def run_report(args: Any) -> dict[str, Any]:
     with host_output_to(None if getattr(args, "verbose", False) else run_dir / REPORT_LOG):
         base_args = parse_recipe(recipe)
         pairs, identity = prepare(base_args, options)
-        before = score_heads(base_args, options, pairs).numpy()
-        after = score_heads(parse_recipe(_trained_recipe(recipe, run_dir)), options, pairs).numpy()
+        prefix = prefix_length(len(pairs), options.k)
+        before = score_head_neighbours(base_args, options, pairs, prefix)
+        after = score_head_neighbours(parse_recipe(_trained_recipe(recipe, run_dir)), options, pairs, prefix)
+        change = measure_change(before, after, options.k, seed, device=options.resolved_device())
         selected = [(parse_head(h).layer, parse_head(h).head) for h in hera.hera_heads]
-        rows = summary_rows(before, after, selected)
-        show(format_head_table(rows, ["head", "before", "after", "delta"]))
-        report = {"run_dir": str(run_dir), "heads": list(hera.hera_heads), "before": before.tolist(),
-                  "after": after.tolist(), "summary": rows, "num_pairs": len(pairs), "identity": identity,
+        rows = summary_rows(change, selected)
+        show(format_head_table(rows, TABLE_COLUMNS))
+        show(change_note(change, len(pairs), options.k))
+        report = {"run_dir": str(run_dir), "heads": list(hera.hera_heads), "before": change.before.tolist(),
+                  "after": change.after.tolist(), **report_fields(change), "summary": rows, "num_pairs": len(pairs),
+                  "identity": identity,
                   "settings": {"num_samples": options.num_samples, "num_samples_used": len(pairs), "k": options.k,
                                "mode": options.mode, "seed": seed, "clamp": options.clamp, "dtype": options.dtype}}
         write_text_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
-        plot_before_after(before, after, selected, run_dir / REPORT_PNG,
-                          f"MKNN per head before/after HeRA ({options.mode}, {len(pairs)} pairs, k={options.k})")
+        percent = f"{100 * change.settings['confidence']:g}%"
+        plot_before_after(change.before, change.after, selected, run_dir / REPORT_PNG,
+                          f"{run_dir.name} (stage: hera): MKNN per head before/after training ({options.mode}, "
+                          f"{len(pairs)} pairs, k={options.k})", box_label="aligned heads (hera_heads)",
+                          noise=change.noise, noise_label=f"within noise: the {percent} bootstrap interval of the "
+                          f"difference contains 0, or it is under one step ({change.resolution:.4f})")
         show(f"report: {run_dir / REPORT_JSON}\nplot: {run_dir / REPORT_PNG}")
     return report

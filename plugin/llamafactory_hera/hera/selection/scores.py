@@ -15,9 +15,22 @@ teacher features are clamped the same way. ``clamp`` 0 (or 1) skips the clamp an
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 
 from llamafactory_hera.anatomy.metrics import knn_indices, knn_overlap, top_k_stable
+
+
+def ranked_similarity(gram: torch.Tensor) -> torch.Tensor:
+    """``[..., N, N]`` cosine ranking of each row from Gram matrices ``[..., N, N]``: row i ranks j by
+    ``<m_i, m_j> / |m_j|`` (the positive row factor ``1/|m_i|`` leaves the ranking unchanged, so only the column
+    norms are divided out), the diagonal (self) at ``-inf``."""
+    norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()  # [..., N]
+    ranked = gram / norms.unsqueeze(-2)
+    ranked.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
+    return ranked
 
 
 def gram_knn(gram: torch.Tensor, k: int) -> torch.Tensor:
@@ -33,12 +46,7 @@ def gram_knn(gram: torch.Tensor, k: int) -> torch.Tensor:
     num = gram.shape[-1]
     if not 1 <= k <= num - 1:
         raise ValueError(f"k={k} needs 1 <= k <= N-1 with N={num} samples; use fewer neighbours or more samples.")
-    # Row i ranks j by <m_i, m_j> / (|m_i| |m_j|); the positive row factor 1/|m_i| leaves that ranking
-    # unchanged, so only the column norms are divided out.
-    norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()  # [..., N]
-    ranked = gram / norms.unsqueeze(-2)
-    ranked.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
-    return top_k_stable(ranked, k)
+    return top_k_stable(ranked_similarity(gram), k)
 
 
 def row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -85,37 +93,52 @@ def layer_head_scores(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: t
     Returns:
         ``[H]`` float32 scores in [0, 1].
     """
+    return layer_head_neighbours(pooled, weight, teacher_knn, k, head_dim, max_chunk_elements, clamp)[0]
+
+
+def layer_head_neighbours(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: torch.Tensor, k: int,
+                          head_dim: int, max_chunk_elements: int = 2**26, clamp: float = 0.0,
+                          prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`layer_head_scores` and, with ``prefix`` > 0, each head's ``prefix`` nearest neighbours of every sample.
+
+    Returns:
+        (``[H]`` float32 scores, ``[H, N, prefix]`` int32 ranked neighbours (nearest first, ties towards the lower
+        index, :func:`~llamafactory_hera.hera.selection.bootstrap.ranked_prefix`) or None when ``prefix`` is 0).
+    """
+    from llamafactory_hera.hera.selection.bootstrap import ranked_prefix
+
     num = pooled.shape[0]
+    if not 1 <= k <= num - 1:
+        raise ValueError(f"k={k} needs 1 <= k <= N-1 with N={num} samples; use fewer neighbours or more samples.")
     heads = pooled.shape[1] // head_dim
     p = pooled.float().unflatten(-1, (heads, head_dim)).transpose(0, 1)  # [H, N, dh]
     w = weight.float().to(p.device).unflatten(-1, (heads, head_dim))  # [d, H, dh]
+    scores, orders = [], []
+    for ranked in _ranked_blocks(p, w, max_chunk_elements, clamp):  # [h, N, N]
+        overlap = knn_overlap(top_k_stable(ranked, k), teacher_knn.to(ranked.device).unsqueeze(0), num)  # [h, N]
+        scores.append(overlap.mean(-1))
+        if prefix:
+            orders.append(ranked_prefix(ranked, prefix))
+    return torch.cat(scores), (torch.cat(orders) if prefix else None)
+
+
+def _ranked_blocks(p: torch.Tensor, w: torch.Tensor, max_chunk_elements: int, clamp: float) -> Iterator[torch.Tensor]:
+    """Each chunk of heads' cosine ranking ``[h, N, N]`` (:func:`ranked_similarity`) from ``p`` ``[H, N, dh]`` and
+    ``w`` ``[d, H, dh]``: by the Gram form, or with PRH's clamp (``0 < clamp < 1``) on explicit ``M_h = P_h W_h^T``
+    ``[h, N, d]``."""
+    heads, num = p.shape[0], p.shape[1]
     if 0 < clamp < 1:
-        return _clamped_layer_scores(p, w, teacher_knn, k, max_chunk_elements, clamp)
+        chunk = max(1, max_chunk_elements // (num * max(num, w.shape[0])))
+        for start in range(0, heads, chunk):
+            reps = torch.einsum("hnk,dhk->hnd", p[start:start + chunk], w[:, start:start + chunk])  # [h, N, d]
+            unit = torch.nn.functional.normalize(clamp_outliers(reps, clamp), dim=-1)
+            yield ranked_similarity(unit @ unit.transpose(-1, -2))
+        return
     covariance = torch.einsum("dhk,dhj->hkj", w, w)  # [H, dh, dh] = W_h^T W_h
     chunk = max(1, max_chunk_elements // (num * num))
-    scores = []
     for start in range(0, heads, chunk):
         p_c = p[start:start + chunk]
-        gram = p_c @ covariance[start:start + chunk] @ p_c.transpose(-1, -2)  # [h, N, N]
-        overlap = knn_overlap(gram_knn(gram, k), teacher_knn.to(gram.device).unsqueeze(0), num)  # [h, N]
-        scores.append(overlap.mean(-1))
-    return torch.cat(scores)
-
-
-def _clamped_layer_scores(p: torch.Tensor, w: torch.Tensor, teacher_knn: torch.Tensor, k: int,
-                          max_chunk_elements: int, clamp: float) -> torch.Tensor:
-    """Scores with PRH's clamp on explicit ``M_h = P_h W_h^T`` ``[h, N, d]`` (p ``[H, N, dh]``, w ``[d, H, dh]``)."""
-    heads, num = p.shape[0], p.shape[1]
-    width = w.shape[0]
-    chunk = max(1, max_chunk_elements // (num * max(num, width)))
-    scores = []
-    for start in range(0, heads, chunk):
-        reps = torch.einsum("hnk,dhk->hnd", p[start:start + chunk], w[:, start:start + chunk])  # [h, N, d]
-        unit = torch.nn.functional.normalize(clamp_outliers(reps, clamp), dim=-1)
-        knn = gram_knn(unit @ unit.transpose(-1, -2), k)
-        overlap = knn_overlap(knn, teacher_knn.to(reps.device).unsqueeze(0), num)  # [h, N]
-        scores.append(overlap.mean(-1))
-    return torch.cat(scores)
+        yield ranked_similarity(p_c @ covariance[start:start + chunk] @ p_c.transpose(-1, -2))
 
 
 def teacher_neighbours(teacher: torch.Tensor, k: int, device: torch.device | str, clamp: float = 0.0) -> torch.Tensor:
@@ -140,8 +163,34 @@ def all_head_scores(pooled: list[torch.Tensor], weights: list[torch.Tensor], tea
     Returns:
         ``[L, H]`` float32 scores on CPU.
     """
+    return all_head_neighbours(pooled, weights, teacher, k, head_dim, device, clamp).scores
+
+
+@dataclass
+class HeadNeighbours:
+    """Every head's MKNN and, when asked for, the ranked neighbours the bootstrap resamples (CPU tensors)."""
+
+    scores: torch.Tensor  # [L, H] float32
+    heads: torch.Tensor | None = None  # [L, H, N, P] int32, nearest first
+    teacher: torch.Tensor | None = None  # [N, P] int32
+
+
+def all_head_neighbours(pooled: list[torch.Tensor], weights: list[torch.Tensor], teacher: torch.Tensor, k: int,
+                        head_dim: int, device: torch.device | str | None = None, clamp: float = 0.0,
+                        prefix: int = 0) -> HeadNeighbours:
+    """:func:`all_head_scores`, and with ``prefix`` > 0 the ``prefix`` nearest neighbours of every sample for every
+    head and for the teacher (arguments as there)."""
+    from llamafactory_hera.hera.selection.bootstrap import ranked_prefix
+
     device = device or teacher.device
-    teacher_knn = teacher_neighbours(teacher, k, device, clamp)
-    rows = [layer_head_scores(p.to(device), w.to(device), teacher_knn, k, head_dim, clamp=clamp)
+    teacher_feats = clamp_outliers(teacher.to(device).float(), clamp)
+    teacher_knn = knn_indices(teacher_feats, k)  # what teacher_neighbours gives (the monitor's side)
+    rows = [layer_head_neighbours(p.to(device), w.to(device), teacher_knn, k, head_dim, clamp=clamp, prefix=prefix)
             for p, w in zip(pooled, weights, strict=True)]
-    return torch.stack(rows).cpu()  # one device-to-host copy for every layer
+    scores = torch.stack([row[0] for row in rows]).cpu()  # one device-to-host copy for every layer
+    if not prefix:
+        return HeadNeighbours(scores)
+    unit = torch.nn.functional.normalize(teacher_feats, dim=-1)  # ranked exactly as knn_indices ranks it
+    teacher_ranked = (unit @ unit.transpose(-1, -2)).fill_diagonal_(float("-inf"))
+    teacher_order = ranked_prefix(teacher_ranked, prefix)
+    return HeadNeighbours(scores, torch.stack([row[1] for row in rows]).cpu(), teacher_order.cpu())

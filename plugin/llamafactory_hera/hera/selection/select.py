@@ -33,7 +33,7 @@ from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
 from llamafactory_hera.anatomy.host_output import show
 from llamafactory_hera.anatomy.projection import find_o_proj_modules
 from llamafactory_hera.hera.selection import collect
-from llamafactory_hera.hera.selection.scores import all_head_scores
+from llamafactory_hera.hera.selection.scores import HeadNeighbours, all_head_neighbours
 from llamafactory_hera.hera.teacher import check_teacher_source, load_image_processor, load_teacher
 from llamafactory_hera.hera.teacher_batch import teacher_batch_size
 
@@ -326,6 +326,13 @@ def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str) -> tuple[An
 
 def score_heads(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> torch.Tensor:
     """Load the model the way LLaMA-Factory does, in ``options.dtype``, and return ``[L, H]`` MKNN scores (CPU)."""
+    return score_head_neighbours(recipe_args, options, pairs).scores
+
+
+def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair],
+                          prefix: int = 0) -> HeadNeighbours:
+    """:func:`score_heads`, and with ``prefix`` > 0 every head's and the teacher's ``prefix`` nearest neighbours of
+    each pair (:func:`~llamafactory_hera.hera.selection.scores.all_head_neighbours`)."""
     from llamafactory_hera_patches.model_data import multimodal_dataset_and_collator
 
     device = options.resolved_device()
@@ -346,7 +353,8 @@ def score_heads(recipe_args: Any, options: SelectionOptions, pairs: list[collect
     teacher = load_teacher(options.teacher, options.teacher_feature, device)
     feats = collect.collect_teacher(teacher, load_image_processor(options.teacher), pairs,
                                     teacher_batch_size(options.batch_size), options.progress)
-    return all_head_scores(pooled, weights, feats, options.k, geometry.head_dim, device, clamp=options.clamp)
+    return all_head_neighbours(pooled, weights, feats, options.k, geometry.head_dim, device, clamp=options.clamp,
+                               prefix=prefix)
 
 
 def result_from_scores(scores: torch.Tensor, options: SelectionOptions, settings: dict[str, Any],

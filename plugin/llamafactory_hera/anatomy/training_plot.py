@@ -1,0 +1,206 @@
+"""One figure per run, ``training.png``: the losses and the method's terms on twin axes, and beside them the method's
+other logged series (HeRA's temperature, its alignment monitor), when logged.
+
+The series are read from ``trainer_log.jsonl`` (the lines LlamaBoard reads, with the methods' keys merged in) and
+``trainer_state.json`` (``log_history``: every key ``Trainer.log`` received, and the evaluation losses), whichever
+the run left; a key in both gives the same value. Drawn headless (an Agg canvas, no pyplot state); the steps are
+integers on every axis, the title names the run (``output_dir``'s folder and stage) and fits the figure, and the
+smoothing is the host's own (passed in by the patch), so the curves match LlamaBoard's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llamafactory_hera.anatomy.plot_text import fit_title
+
+Smooth = Callable[[list[float]], list[float]]
+TRAINING_PNG = "training.png"
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+@dataclass(frozen=True)
+class Panel:
+    """A panel beside the loss panel, drawn when one of its series was logged.
+
+    ``keys``: series drawn as solid lines with markers; ``prefix``: every other logged key starting with it is drawn
+    thin and faint (e.g. one line per head); ``ylim``: fixed limits (None: fitted).
+    """
+
+    title: str
+    ylabel: str
+    keys: tuple[str, ...]
+    labels: dict[str, str] = field(default_factory=dict)  # key (or the prefix) -> legend label (default: the key)
+    prefix: str | None = None
+    ylim: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class TrainingPlot:
+    """What a method's ``training.png`` draws: its losses (left axis of the loss panel, with ``eval_loss`` as points
+    when evaluated), its loss terms (right axis) and its panels."""
+
+    terms: tuple[str, ...]
+    terms_label: str
+    panels: tuple[Panel, ...] = ()
+    losses: tuple[str, ...] = ("loss",)
+
+
+Series = dict[str, tuple[list[int], list[float]]]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def read_series(output_dir: str | Path) -> Series:
+    """Every numeric key logged at a training step (and ``eval_loss``) -> (steps, values), steps increasing.
+
+    Reads ``trainer_log.jsonl`` (``current_steps``) and ``trainer_state.json`` (``log_history``, ``step``).
+    """
+    output_dir = Path(output_dir)
+    rows: dict[str, dict[int, float]] = {}
+
+    def add(step: Any, entry: dict[str, Any]) -> None:
+        if not isinstance(step, int):
+            return
+        training = "loss" in entry
+        for key, value in entry.items():
+            number = _number(value)
+            if number is not None and (training or key == "eval_loss"):
+                rows.setdefault(key, {})[step] = number
+
+    state = output_dir / "trainer_state.json"
+    if state.is_file():
+        for entry in json.loads(state.read_text(encoding="utf-8")).get("log_history", []):
+            add(entry.get("step"), entry)
+    log = output_dir / "trainer_log.jsonl"
+    if log.is_file():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                add(entry.get("current_steps"), entry)
+    skip = {"step", "current_steps", "total_steps", "epoch", "percentage", "lr", "learning_rate", "grad_norm"}
+    return {key: (sorted(steps), [steps[s] for s in sorted(steps)]) for key, steps in rows.items() if key not in skip}
+
+
+def _integer_steps(ax: Any, steps: list[int]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    if len(set(steps)) == 1:
+        ax.set_xlim(steps[0] - 1, steps[0] + 1)
+        ax.set_xticks([steps[0]])
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+
+
+def _curve(ax: Any, series: tuple[list[int], list[float]], color: str, label: str, smooth: Smooth,
+           style: str = "-") -> None:
+    steps, values = series
+    marker = {"marker": "o", "markersize": 3} if len(steps) <= 30 else {}
+    ax.plot(steps, values, color=color, alpha=0.35, linewidth=1.0, linestyle=style, **marker)
+    ax.plot(steps, smooth(list(values)), color=color, linewidth=1.8, linestyle=style, label=label)
+
+
+def _loss_panel(ax: Any, data: Series, plot: TrainingPlot, smooth: Smooth) -> list[str]:
+    """Losses on ``ax``, the method's terms on a twin axis; returns the keys drawn."""
+    drawn: list[str] = []
+    colors = iter(_COLORS)
+    for key in plot.losses:
+        if key in data:
+            _curve(ax, data[key], next(colors), key, smooth)
+            drawn.append(key)
+    if "eval_loss" in data:
+        ax.plot(*data["eval_loss"], color="black", marker="s", markersize=5, linestyle=":", label="eval_loss")
+        drawn.append("eval_loss")
+    ax.set_ylabel("loss")
+    handles, labels = ax.get_legend_handles_labels()
+    terms = [key for key in plot.terms if key in data]
+    if terms:
+        twin = ax.twinx()
+        for key in terms:
+            _curve(twin, data[key], next(colors), key, smooth, style="--")
+        twin.set_ylabel(plot.terms_label)
+        twin.ticklabel_format(axis="y", useOffset=False, style="plain")
+        more_handles, more_labels = twin.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+        drawn.extend(terms)
+    ax.set_title("losses (solid: left axis, dashed: right axis)", fontsize=9)
+    ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=min(3, len(labels)),
+              title="faint: as logged, bold: smoothed", title_fontsize=8, frameon=False)
+    return drawn
+
+
+def _side_panel(ax: Any, data: Series, panel: Panel) -> list[str]:
+    """One panel's series on ``ax``; returns the keys drawn."""
+    drawn: list[str] = []
+    faint = sorted(key for key in data if panel.prefix and key.startswith(panel.prefix) and key not in panel.keys)
+    for key in faint:
+        ax.plot(*data[key], color="#7f7f7f", alpha=0.35, linewidth=0.9)
+    if faint:
+        name = panel.labels.get(str(panel.prefix), f"{panel.prefix}*")
+        ax.plot([], [], color="#7f7f7f", alpha=0.35, linewidth=0.9, label=f"{name} ({len(faint)})")
+    for key, color in zip(panel.keys, _COLORS, strict=False):
+        if key in data:
+            steps = data[key][0]
+            ax.plot(*data[key], color=color, linewidth=1.8, label=panel.labels.get(key, key),
+                    **({"marker": "o", "markersize": 3} if len(steps) <= 30 else {}))
+            drawn.append(key)
+    if panel.ylim is not None:
+        ax.set_ylim(*panel.ylim)
+    else:
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    ax.set_ylabel(panel.ylabel)
+    ax.set_title(panel.title, fontsize=9)
+    if len(drawn) + bool(faint) > 1:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=1, frameon=False)
+    return drawn + faint
+
+
+def draw_training(data: Series, plot: TrainingPlot, run_name: str, stage: str, smooth: Smooth) -> Any:
+    """The figure (a ``matplotlib.figure.Figure`` on an Agg canvas, not saved): the loss panel, then each of
+    ``plot.panels`` that has a logged series. ValueError when nothing of it was logged."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [panel for panel in plot.panels if any(key in data for key in panel.keys)
+              or (panel.prefix and any(key.startswith(panel.prefix) for key in data))]
+    has_losses = any(key in data for key in (*plot.losses, *plot.terms))
+    if not has_losses and not panels:
+        raise ValueError(f"training plot of {run_name}: no loss, term or panel series was logged")
+    widths = [1.6] * has_losses + [1.0] * len(panels)
+    fig = Figure(figsize=(4.2 * sum(widths) + 1.0, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(widths), squeeze=False, width_ratios=widths, sharex=True)[0]
+    steps: list[int] = []
+    if has_losses:
+        drawn = _loss_panel(axes[0], data, plot, smooth)
+        steps = [s for key in drawn for s in data[key][0]]
+    for ax, panel in zip(axes[int(has_losses):], panels, strict=True):
+        drawn = _side_panel(ax, data, panel)
+        steps += [s for key in drawn for s in data[key][0]]
+    for ax in fig.axes:  # twins too: they share x with their panel
+        _integer_steps(ax, steps)
+        ax.grid(alpha=0.25)
+    title = f"{run_name} (stage: {stage}): training"
+    fit_title(fig, fig.suptitle(title, fontsize=11), title)
+    return fig
+
+
+def plot_training(output_dir: str | Path, stage: str, plot: TrainingPlot, smooth: Smooth) -> tuple[Path, list[str]]:
+    """Write ``output_dir/training.png`` from the run's logs. Returns (its path, the losses and terms never
+    logged, to say so)."""
+    output_dir = Path(output_dir)
+    data = read_series(output_dir)
+    fig = draw_training(data, plot, output_dir.name, stage, smooth)
+    path = output_dir / TRAINING_PNG
+    fig.savefig(path, format="png", dpi=110)
+    return path, [key for key in (*plot.losses, *plot.terms) if key not in data]
