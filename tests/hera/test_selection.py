@@ -224,6 +224,8 @@ def test_auto_heads_in_training_cache_report(assets, tmp_path: Path) -> None:
 def test_report_needs_a_hera_run(tmp_path: Path) -> None:
     proc = _select(tmp_path, "--report", str(tmp_path))
     assert proc.returncode == 2 and "has no hera_run.json" in proc.stderr
+    proc = _select(tmp_path, "--report", str(tmp_path), "--bootstrap", "10")
+    assert proc.returncode == 2 and "--bootstrap: 10; give at least 100 resamples" in proc.stderr
 
 
 def test_auto_heads_under_torchrun_are_chosen_once_and_shared(assets, tmp_path: Path) -> None:

@@ -150,9 +150,15 @@ def paired_bootstrap(before_order: torch.Tensor, after_order: torch.Tensor, teac
     if batch is None:
         per_resample = num * num + before_order.shape[0] * num * before_order.shape[-1]
         batch = max(1, min(resamples, _CHUNK_ELEMENTS // per_resample))
+    from tqdm.auto import tqdm
+
+    from llamafactory_hera.anatomy.host_output import progress_file
+
     generator = torch.Generator().manual_seed(seed)
     kept: list[torch.Tensor] = []
     total = redrawn = 0
+    bar = tqdm(total=resamples, desc=f"bootstrap ({before_order.shape[0]} heads x {num} pairs)", unit="resample",
+               file=progress_file(), disable=resamples <= batch, leave=False)  # one batch: a blink, no bar
     while total < resamples:
         counts = resample_counts(draw_resamples(num, min(batch, resamples - total), generator), num).to(device)
         before, valid_before = resampled_scores(before_order, teacher_order, counts, k)
@@ -161,10 +167,12 @@ def paired_bootstrap(before_order: torch.Tensor, after_order: torch.Tensor, teac
         redrawn += int((~valid).sum())
         kept.append((after - before).cpu()[valid])
         total += int(valid.sum())
+        bar.update(min(int(valid.sum()), resamples - bar.n))
         if redrawn > 10 * resamples:
             raise RuntimeError(f"bootstrap: {redrawn} resamples of {num} pairs could not be scored with k={k}; "
                                "score on more pairs or with a smaller k")
-    deltas = torch.cat(kept)
+    bar.close()
+    deltas = torch.cat(kept)[:resamples]
     tail = (1.0 - confidence) / 2
     bounds = torch.quantile(deltas.double(), torch.tensor([tail, 1.0 - tail], dtype=torch.float64), dim=0)
     return PairedBootstrap(low=bounds[0].float(), high=bounds[1].float(), deltas=deltas, resamples=len(deltas),

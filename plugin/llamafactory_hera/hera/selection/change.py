@@ -16,6 +16,7 @@ from llamafactory_hera.hera.selection.bootstrap import paired_bootstrap, resolut
 from llamafactory_hera.hera.selection.scores import HeadNeighbours
 
 RESAMPLES = 1000
+MIN_RESAMPLES = 100  # select --report --bootstrap N: the fewest it takes
 CONFIDENCE = 0.95
 
 

@@ -23,6 +23,8 @@ from llamafactory_hera.anatomy.host_output import host_output_to, show
 from llamafactory_hera.anatomy.recipe_edit import write_text_atomic
 from llamafactory_hera.hera.selection.bootstrap import prefix_length
 from llamafactory_hera.hera.selection.change import (
+    MIN_RESAMPLES,
+    RESAMPLES,
     TABLE_COLUMNS,
     change_note,
     measure_change,
@@ -79,6 +81,10 @@ def run_report(args: Any) -> dict[str, Any]:
     from llamafactory_hera.hera.args import parse_hera_arguments
     from llamafactory_hera_patches.model_data import parse_recipe
 
+    resamples = getattr(args, "bootstrap", RESAMPLES)
+    if resamples < MIN_RESAMPLES:
+        raise ValueError(f"--bootstrap: {resamples}; give at least {MIN_RESAMPLES} resamples (an interval from fewer "
+                         f"is noise itself), or leave it out for {RESAMPLES}")
     run_dir: Path = args.report
     recipe, record = _run_recipe(run_dir)
     hera = parse_hera_arguments({k: v for k, v in record.items() if k.startswith("hera_")})
@@ -99,7 +105,7 @@ def run_report(args: Any) -> dict[str, Any]:
         prefix = prefix_length(len(pairs), options.k)
         before = score_head_neighbours(base_args, options, pairs, prefix)
         after = score_head_neighbours(parse_recipe(_trained_recipe(recipe, run_dir)), options, pairs, prefix)
-        change = measure_change(before, after, options.k, seed, device=options.resolved_device())
+        change = measure_change(before, after, options.k, seed, resamples=resamples, device=options.resolved_device())
         selected = [(parse_head(h).layer, parse_head(h).head) for h in hera.hera_heads]
         rows = summary_rows(change, selected)
         show(format_head_table(rows, TABLE_COLUMNS))
