@@ -94,7 +94,7 @@ def test_a_failing_task_keeps_the_finished_one(hera_pair: tuple[Path, Path], tmp
 
 
 def test_rah_adapter_against_its_base(assets, tmp_path: Path) -> None:
-    from llamafactory_hera.demo_rah import build_rah_recipe
+    from llamafactory_hera.rah.demo import build_rah_recipe
 
     # small and forced to calibrate some heads on the random tiny model (as tests/rah/test_rah_stage.py's FORCED)
     forced = {"rah_samples": 6, "rah_probe_samples": 3, "rah_kl_samples": 2, "rah_isal_percentile": 50,

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ import yaml
 
 from conftest import base_recipe, harc_recipe, offline_env, run_train
 from llamafactory_hera.anatomy.run_checks import check_output_dir, check_stage
-from llamafactory_hera.demo_rah import build_rah_recipe
+from llamafactory_hera.rah.demo import build_rah_recipe
 
 SELECT = str(Path(sys.executable).with_name("llamafactory-hera"))
 
@@ -51,6 +52,30 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(workflow, "load_model", refuse)
     monkeypatch.setattr(workflow, "load_tokenizer", refuse)
+
+
+def test_a_llama_3_0_tokenizer_without_the_later_stop_word_keeps_the_llama3_template(harc_assets: Any,
+                                                                                    tmp_path: Path) -> None:
+    """Llama-3.0 tokenizers lack ``<|eom_id|>``, the llama3 template's second stop word (id 128008 is a reserved
+    token there): it only stops generation and never meets the inputs, so the template fits (found by review: the
+    check refused recipes/llama3_8b_hera.yaml's model)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from llamafactory_hera.anatomy.run_checks import check_template
+
+    folder = tmp_path / "llama3_0"
+    shutil.copytree(harc_assets.models["llama3"], folder)
+    for path in folder.glob("*.json"):
+        path.write_text(path.read_text(encoding="utf-8").replace("<|eom_id|>", "<|reserved_special_token_4|>"),
+                        encoding="utf-8")
+    assert "<|eom_id|>" not in AutoTokenizer.from_pretrained(folder).get_vocab()
+    model_args = SimpleNamespace(model_name_or_path=str(folder), trust_remote_code=False, resize_vocab=False)
+    for template in ("llama3", "llava_next_llama3"):
+        check_template(model_args, SimpleNamespace(template=template))  # no error
+    with pytest.raises(ValueError, match="template: qwen does not match"):
+        check_template(model_args, SimpleNamespace(template="qwen"))
 
 
 @pytest.mark.parametrize("stage", ["hera", "rah", "harc"])
@@ -115,7 +140,7 @@ def test_a_template_of_another_family_is_refused_with_the_right_one(harc_assets:
     assert str(error.value) == (
         f"template: qwen does not match the tokenizer of {harc_assets.models['llama3']} (llama): its special tokens "
         "<|im_end|>, <|im_start|> are not in the vocabulary (they would become new tokens the model's embeddings "
-        "lack). Set template: llama3, or resize_vocab: true to train new tokens.")
+        "lack). Set template: llama3 (also fitting: openchat-3.6), or resize_vocab: true to train new tokens.")
     with pytest.raises(ValueError, match=r"template: llama3 does not match .* Set template: qwen"):
         run_exp(harc_recipe(harc_assets, "qwen2", tmp_path / "out", template="llama3"))
     with pytest.raises(ValueError, match=r"template: qwen2_vl does not match .*\(llava\).* Set template to the "):

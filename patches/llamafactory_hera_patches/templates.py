@@ -31,10 +31,14 @@ class TemplateTokens:
     stop_words: tuple[str, ...]  # added to the tokenizer (new ids, outside the embeddings) when missing
     markup: tuple[str, ...]  # ``<|...|>`` strings of its formats: split into pieces when missing
     multimodal: bool  # the template has a multimodal plugin
+    replace_eos: bool = False  # the first stop word becomes EOS, which ends every training sequence
 
     @property
     def needed(self) -> set[str]:
-        return set(self.stop_words) | set(self.markup)
+        """The markup, and the first stop word when it replaces EOS. The other stop words only stop generation: a
+        tokenizer without them (Llama-3.0 lacks ``<|eom_id|>`` of the ``llama3`` template) never meets them in
+        inputs, so they are not needed."""
+        return set(self.markup) | ({self.stop_words[0]} if self.replace_eos and self.stop_words else set())
 
 
 def _slots(formatter: object) -> list[str]:
@@ -51,7 +55,8 @@ def template_tokens() -> dict[str, TemplateTokens]:
         markup = sorted({token for fmt in _FORMATS for slot in _slots(getattr(template, fmt))
                          for token in _MARKUP.findall(slot)})
         out[name] = TemplateTokens(name, tuple(template.stop_words or ()), tuple(markup),
-                                   type(template.mm_plugin).__name__ != "BasePlugin")
+                                   type(template.mm_plugin).__name__ != "BasePlugin",
+                                   bool(getattr(template, "replace_eos", False)))
     return out
 
 
