@@ -162,6 +162,30 @@ def test_a_run_without_its_model(recorded_run: Path, tmp_path: Path) -> None:
     assert "neither adapter_config.json nor config.json" in line and "--base" in line
 
 
+def test_twins_without_a_record_read_as_the_runs_kind_of_model(tmp_path: Path) -> None:
+    """A HeRA run on a hub-id MLLM (no local config.json: the template tells it is multimodal) against the two
+    record-less SFT twins its recipes document: the LoRA twin (base in adapter_config.json) and the full twin (the
+    folder is the model; --base cannot know its base). Found by review: both were refused or read as text models."""
+    from llamafactory_hera.evaluation.runs import read_pair
+
+    run_dir, lora_twin, full_twin = tmp_path / "hera", tmp_path / "lora_sft", tmp_path / "full_sft"
+    for folder in (run_dir, lora_twin, full_twin):
+        folder.mkdir()
+    host = {"model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct", "template": "qwen2_vl", "image_max_pixels": 262144}
+    (run_dir / "hera_run.json").write_text(json.dumps({"stage": "hera", "host": host}), encoding="utf-8")
+    (run_dir / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (lora_twin / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": host["model_name_or_path"]}),
+                                                  encoding="utf-8")
+    (full_twin / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}), encoding="utf-8")
+    run, twin = read_pair(run_dir, lora_twin, base=False)
+    assert run.modality == twin.modality == "mllm" and run.recipe["image_max_pixels"] == 262144
+    assert twin.recipe["template"] == "qwen2_vl" and twin.recipe["adapter_name_or_path"] == str(lora_twin)
+    run, twin = read_pair(run_dir, full_twin, base=False)
+    assert twin.modality == "mllm" and twin.recipe["model_name_or_path"] == str(full_twin)
+    with pytest.raises(ValueError, match="--base: .* is a full fine-tuning run without a run record"):
+        read_pair(full_twin, None, base=True, template="qwen2_vl")
+
+
 def test_the_missing_extra(recorded_run: Path, tmp_path: Path) -> None:
     """Without lmms-eval (an import that fails, as in an environment without the extra) the fix is named."""
     shadow = tmp_path / "shadow" / "lmms_eval"

@@ -39,7 +39,7 @@ def apply(callbacks: ModuleType) -> None:
     def on_log(self: Any, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         latest = state.log_history[-1] if state.log_history else {}
         extra = {key: value for key, value in latest.items() if is_method_key(key)}
-        if extra:
+        if extra and getattr(args, "should_save", True):  # other ranks write no log: keeping theirs would only grow
             self.__dict__.setdefault("_hera_pending", {})[state.global_step] = extra
         return original_on_log(self, args, state, control, **kwargs)
 

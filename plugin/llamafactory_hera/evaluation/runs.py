@@ -30,7 +30,8 @@ HERA_RECORD = "hera_run.json"
 RAH_RECORD = "rah_profile.json"
 HARC_RECORD = "harc_run.json"
 LOADING_KEYS = ("model_name_or_path", "adapter_name_or_path", "template", "finetuning_type", "trust_remote_code",
-                "dataset_dir", "media_dir", "cutoff_len", "image_max_pixels", "image_min_pixels")
+                "dataset_dir", "media_dir", "cutoff_len", "image_max_pixels", "image_min_pixels", "enable_thinking",
+                "default_system")
 RECORDS = f"{LLAMABOARD_ARGS}, {HERA_RECORD}, {RAH_RECORD} or {HARC_RECORD}"
 
 
@@ -104,17 +105,26 @@ def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]
         base = _read_json(adapter_config).get("base_model_name_or_path")
         if base:
             return "sft", {"model_name_or_path": base, "finetuning_type": "lora"}, {}, 42
+    if (run_dir / "config.json").is_file():  # a plain full / freeze run: the run is the model, its base unknown
+        return "sft", {"model_name_or_path": str(run_dir), "finetuning_type": "full", "_no_base": True}, {}, 42
     raise FileNotFoundError(f"RUN_DIR: {run_dir} holds no run record ({RECORDS}) and no LoRA adapter naming its base "
                             "model; give the output_dir of a finished llamafactory-cli train or LlamaBoard run")
 
 
-def is_multimodal(model_name_or_path: str) -> bool:
-    """Whether the model's ``config.json`` has a vision part (a local folder; hub names read as text models)."""
+def is_multimodal(model_name_or_path: str, template: str | None = None) -> bool:
+    """Whether the model has a vision part: its ``config.json`` (a local folder) or, for a hub id, the recipe's
+    template (a template with a multimodal plugin, e.g. ``qwen2_vl``, ``llava``, ``llava_next_llama3``)."""
     config = Path(model_name_or_path) / "config.json"
-    if not config.is_file():
-        return False
-    data = _read_json(config)
-    return any(key in data for key in ("vision_config", "vision_tower", "mm_vision_tower", "visual"))
+    if config.is_file():
+        data = _read_json(config)
+        if any(key in data for key in ("vision_config", "vision_tower", "mm_vision_tower", "visual")):
+            return True
+    if template:
+        from llamafactory_hera_patches.templates import template_tokens
+
+        found = template_tokens().get(template)
+        return bool(found and found.multimodal)
+    return False
 
 
 def read_run(run_dir: Path, label: str, trained: bool, template: str | None = None) -> ModelSpec:
@@ -124,6 +134,9 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
     if not run_dir.is_dir():
         raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a folder; give a run's output_dir")
     stage, host, method, seed = _recorded_recipe(run_dir)
+    if host.get("_no_base") and not trained:
+        raise ValueError(f"--base: {run_dir} is a full fine-tuning run without a run record, so its base model is "
+                         "unknown; give the base as a run with --baseline, or evaluate the run alone")
     recipe = {k: host[k] for k in LOADING_KEYS if host.get(k) is not None}
     if template and not recipe.get("template"):
         recipe["template"] = template
@@ -148,7 +161,7 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
         recipe["adapter_name_or_path"] = ",".join(adapters)
     else:
         recipe.pop("adapter_name_or_path", None)
-    modality = "mllm" if stage in ("hera", "rah") or is_multimodal(base_path) else "text"
+    modality = "mllm" if stage in ("hera", "rah") or is_multimodal(base_path, recipe["template"]) else "text"
     return ModelSpec(label, run_dir, stage, recipe, modality, trained, method, seed)
 
 
@@ -159,6 +172,8 @@ def read_pair(run_dir: Path, baseline: Path | None, base: bool,
     run = read_run(run_dir, "run", trained=True, template=template)
     if baseline is not None:
         other = read_run(baseline, "baseline", trained=True, template=template or run.recipe["template"])
+        if other.stage == "sft" and other.modality != run.modality:  # a record-less twin: the run's kind of model
+            other.modality = run.modality
         if other.modality != run.modality:
             raise ValueError(f"--baseline: {baseline} holds a {other.modality} model but {run_dir} a {run.modality} "
                              "model; compare runs of the same model family")

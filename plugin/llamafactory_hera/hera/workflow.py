@@ -110,7 +110,9 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
     if training_args.should_save:
         _write_run_record(training_args.output_dir, hera_args, (
             (model_args, ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),
-            (data_args, ("template", "dataset", "eval_dataset", "dataset_dir", "media_dir", "cutoff_len")),
+            (data_args, ("template", "dataset", "eval_dataset", "dataset_dir", "media_dir", "cutoff_len",
+                         "enable_thinking", "default_system")),
+            (model_args, ("image_max_pixels", "image_min_pixels")),
             (finetuning_args, ("finetuning_type", "pure_bf16")),
             (training_args, ("seed", "output_dir", "bf16", "fp16"))))
     try:
