@@ -196,6 +196,16 @@ def test_the_missing_extra(recorded_run: Path, tmp_path: Path) -> None:
     assert "pip install 'llamafactory-hera[eval]'" in line
 
 
+def test_the_demos_install_line_names_the_eval_extra_of_pyproject() -> None:
+    import tomllib
+
+    from conftest import REPO
+    from llamafactory_hera.evaluation.cli import EXTRA_PACKAGES
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert list(EXTRA_PACKAGES) == extras["eval"] and set(EXTRA_PACKAGES) <= set(extras["test"])
+
+
 def test_every_preset_task_is_in_its_library_registry() -> None:
     """The presets name tasks of lmms-eval 0.7.3 / lm-eval 0.4.13's own registries (read in-process: no model)."""
     from llamafactory_hera.evaluation.backends import known_tasks

@@ -172,3 +172,17 @@ def plot_lines(run_dir: Path) -> list[str]:
 def command(*parts: str | Path) -> str:
     """A command line to print, indented under its step, quoted so that it can be pasted."""
     return "     " + shlex.join([str(part) for part in parts])
+
+
+def eval_extra_lines() -> list[str]:
+    """The line that installs the ``eval`` extra's libraries into this environment, when they are missing (the demo
+    installs what the demo needs; ``llamafactory-hera eval`` needs lmms-eval / lm-eval as well)."""
+    import importlib.util
+
+    from llamafactory_hera.evaluation.cli import EXTRA_PACKAGES
+
+    if all(importlib.util.find_spec(module) for module in ("lmms_eval", "lm_eval")):
+        return []
+    return ["     (once, the eval extra's libraries: " + shlex.join([sys.executable, "-m", "pip", "install",
+                                                                     *EXTRA_PACKAGES]) + ")"]
+

@@ -18,6 +18,7 @@ from typing import Any
 from llamafactory_hera.evaluation.presets import ALL_PRESETS, DEMO, LM, LMMS, PRESETS, plan_tasks
 
 EXTRA = "pip install 'llamafactory-hera[eval]'"
+EXTRA_PACKAGES = ("lmms-eval==0.7.3", "lm-eval==0.4.13")  # pyproject's eval extra (tests/test_eval_cli.py checks)
 _MODULES = {LMMS: "lmms_eval", LM: "lm_eval"}
 
 

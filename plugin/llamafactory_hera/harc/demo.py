@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.demo.folders import LOG_NAME, RECIPE_NAME, RUN_DIR_NAME
-from llamafactory_hera.demo.runner import DemoContext, command, plot_lines, say, train, where, write_recipe
+from llamafactory_hera.demo.runner import (
+    DemoContext,
+    command,
+    eval_extra_lines,
+    plot_lines,
+    say,
+    train,
+    where,
+    write_recipe,
+)
 
 TITLE = "HARC"
 FAMILIES = ("llama3", "qwen2")
@@ -130,6 +139,7 @@ def harc_summary(ctx: DemoContext, elapsed: float, model: Path, template: str) -
                 template, "--do_sample", "false", "--max_new_tokens", "32"),
         "  2. evaluate the run against its base model:",
         command(ctx.hera_cli, "eval", run_dir, "--base", "--tasks", "demo"),
+        *eval_extra_lines(),
         "  3. a real model: convert the public sources, then train (see recipes/llama3_1_8b_harc.yaml):",
         "     llamafactory-hera harc-data --circuit-breakers circuit_breakers_train.json --xstest "
         "xstest_v2_completions_gpt4_gpteval.csv --ultrachat test_sft.parquet --out data/harc",

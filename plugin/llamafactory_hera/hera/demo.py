@@ -20,6 +20,7 @@ from llamafactory_hera.demo.folders import LOG_NAME, RECIPE_NAME, RUN_DIR_NAME
 from llamafactory_hera.demo.runner import (
     DemoContext,
     command,
+    eval_extra_lines,
     first_last,
     plot_lines,
     read_log,
@@ -107,6 +108,7 @@ def summary(ctx: DemoContext, elapsed: float) -> str:
         "  4. evaluate the run against its SFT twin (after step 3), or against the base model:",
         command(ctx.hera_cli, "eval", run_dir, "--baseline", twin, "--tasks", "demo"),
         command(ctx.hera_cli, "eval", run_dir, "--base", "--tasks", "demo"),
+        *eval_extra_lines(),
     ])
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.demo.folders import LOG_NAME, RECIPE_NAME, RUN_DIR_NAME
-from llamafactory_hera.demo.runner import DemoContext, command, say, train, where, write_recipe
+from llamafactory_hera.demo.runner import DemoContext, command, eval_extra_lines, say, train, where, write_recipe
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
 
 TITLE = "RAH-LoRA"
@@ -68,6 +68,7 @@ def rah_summary(ctx: DemoContext, elapsed: float, template: str, model: str) -> 
                 template, "--do_sample", "false"),
         "  2. evaluate the calibrated model against the base model:",
         command(ctx.hera_cli, "eval", run_dir, "--base", "--tasks", "demo"),
+        *eval_extra_lines(),
         "  3. calibrate a real model: llamafactory-cli train recipes/vicuna_7b_rah.yaml",
         f"  4. the recipe of this run: {ctx.recipe}",
     ])
