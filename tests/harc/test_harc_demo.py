@@ -47,7 +47,7 @@ def test_harc_demo_converts_trains_and_raises_refusal_on_held_out_harmful_prompt
 
     # outputs and plots, each printed
     for name in ("adapter_model.safetensors", "harc_eval.json", "harc_layers.json", "harc_directions.pt",
-                 "harc_eval.png", "harc_diagnostics.png", "training_loss.png", "training_harc_ce.png"):
+                 "harc_eval.png", "harc_diagnostics.png", "training_loss.png", "training.png"):
         assert (run_dir / name).is_file() and str(run_dir / name) in proc.stdout, name
 
     # next steps: greedy chat with the adapter, eval against the base model
