@@ -319,3 +319,16 @@ def test_llamafactory_loads_the_written_datasets(src: SimpleNamespace, tmp_path:
         want = [([{"role": "user", "content": r["instruction"]}], [{"role": "assistant", "content": r["output"]}])
                 for r in rows(out, name)]
         assert got == want and got, name
+
+
+def test_the_tiny_harc_build_never_replaces_a_folder_it_did_not_make(tmp_path) -> None:
+    """``--assets`` pointed at the HeRA demo's assets once made the HARC build replace them (found at the end of the
+    session); a non-empty folder without the HARC stamp is refused and left as it was."""
+    import pytest
+
+    from llamafactory_hera.fixtures.harc_assets import build_harc_assets
+
+    (tmp_path / "fixtures_stamp.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(FileExistsError, match="holds no tiny HARC build; refusing to overwrite it"):
+        build_harc_assets(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["fixtures_stamp.json"]
