@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import os
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -74,7 +75,9 @@ def training_args_for_reading(seed: int) -> Any:
     """Minimal ``Seq2SeqTrainingArguments`` that LLaMA-Factory's data loader expects."""
     from transformers import Seq2SeqTrainingArguments
 
-    args = Seq2SeqTrainingArguments(output_dir=tempfile.mkdtemp(prefix="hera_select_"), seed=seed, report_to=[])
+    # The loader never writes to output_dir; a path that is not created keeps every call from leaving a folder behind.
+    unused = os.path.join(tempfile.gettempdir(), "llamafactory_hera_reading_unused")
+    args = Seq2SeqTrainingArguments(output_dir=unused, seed=seed, report_to=[])
     # Selection runs on one rank only (hera_heads: auto runs it on rank 0 while the others wait in a broadcast):
     # the loader's "main process first" barrier would hang, so it is a no-op here.
     args.main_process_first = lambda *a, **k: contextlib.nullcontext()

@@ -7,8 +7,10 @@ and the cache.
 
 from __future__ import annotations
 
+import atexit
 import importlib.metadata
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +24,10 @@ _TASK_MANAGERS: dict[tuple[str, bool], Any] = {}
 
 
 def _demo_folder(library: str) -> Path:
-    return write_demo_tasks(Path(tempfile.mkdtemp(prefix="llamafactory_hera_eval_tasks_")), library)
+    """The demo task set written for this process; removed when the process exits (not one folder per call left)."""
+    folder = Path(tempfile.mkdtemp(prefix="llamafactory_hera_eval_tasks_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return write_demo_tasks(folder, library)
 
 
 def quiet_libraries() -> None:
