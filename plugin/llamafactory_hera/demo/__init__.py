@@ -4,8 +4,9 @@
 
 This package holds what the demos share: the dispatcher (:mod:`.cli`, run by ``__main__``), the output folders
 (:mod:`.folders`: one folder per method under ``DIR``, each replaced only by its own demo's next run), running
-``llamafactory-cli train`` with its output filtered (:mod:`.runner`, :mod:`.console`). Each method's demo lives in
-its own package: :mod:`llamafactory_hera.hera.demo`, :mod:`llamafactory_hera.rah.demo`,
+``llamafactory-cli train`` with its output filtered (:mod:`.runner`, :mod:`.console`), the summary printed after the
+run (:mod:`.summary`). Each method's demo lives in its own package and declares only what is its own (assets,
+recipe, outputs, figures, next steps): :mod:`llamafactory_hera.hera.demo`, :mod:`llamafactory_hera.rah.demo`,
 :mod:`llamafactory_hera.harc.demo`. Importing this package is cheap (no torch).
 """
 

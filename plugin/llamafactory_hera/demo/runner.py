@@ -1,20 +1,23 @@
-"""Running the stock ``llamafactory-cli train`` for a demo, and the lines its summary is made of.
+"""Running the stock ``llamafactory-cli train`` for a demo: the steps every method's demo takes.
 
 :class:`DemoContext` is what every method's demo gets: the folders, the tiny model family, the steps, the
-``llamafactory-cli`` beside this interpreter and an environment with the network off.
+``llamafactory-cli`` beside this interpreter and an environment with the network off. A demo builds its assets
+(:func:`prepare_assets`), then writes its recipe, trains and prints its summary (:func:`train_and_report`); the
+summary's lines are made in :mod:`llamafactory_hera.demo.summary`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -29,6 +32,7 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "WANDB_DISABLED": "true",
 }
+Assets = TypeVar("Assets")
 
 
 @dataclass(frozen=True)
@@ -141,48 +145,23 @@ def train(ctx: DemoContext, logging_steps: int = 1) -> int:
     return code
 
 
-def read_log(run_dir: Path) -> list[dict[str, Any]]:
-    """Lines of ``trainer_log.jsonl`` (empty if missing)."""
-    path = run_dir / "trainer_log.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def prepare_assets(ctx: DemoContext, what: str, build: Callable[[Path], Assets]) -> Assets:
+    """Build (or reuse) the demo's tiny assets in ``ctx.assets`` with ``build``, saying where and how long it took;
+    ``what`` names them (``tiny assets``)."""
+    start = time.perf_counter()
+    say(f"{what} in {ctx.assets} (built on first use) ...")
+    assets = build(ctx.assets)
+    say(f"assets ready ({time.perf_counter() - start:.1f}s)")
+    return assets
 
 
-def first_last(log: list[dict[str, Any]], key: str) -> str:
-    """``first -> last  (n logged steps)`` of ``key`` in ``trainer_log.jsonl`` lines, or ``not logged``."""
-    values = [entry[key] for entry in log if key in entry]
-    if not values:
-        return "not logged"
-    return f"{values[0]:.4f} -> {values[-1]:.4f}  ({len(values)} logged steps)"
-
-
-def where(run_dir: Path, name: str, what: str) -> str:
-    """A summary line: what an output is and its path, marked ``(missing)`` if the run did not write it."""
-    path = run_dir / name
-    return f"  {what:<34} {path}{'' if path.exists() else '  (missing)'}"
-
-
-def plot_lines(run_dir: Path) -> list[str]:
-    """``Plots (n):`` and one line per PNG the run wrote."""
-    plots = sorted(run_dir.glob("*.png"))
-    return [f"Plots ({len(plots)}):", *[f"  {path}" for path in plots]]
-
-
-def command(*parts: str | Path) -> str:
-    """A command line to print, indented under its step, quoted so that it can be pasted."""
-    return "     " + shlex.join([str(part) for part in parts])
-
-
-def eval_extra_lines() -> list[str]:
-    """The line that installs the ``eval`` extra's libraries into this environment, when they are missing (the demo
-    installs what the demo needs; ``llamafactory-hera eval`` needs lmms-eval / lm-eval as well)."""
-    import importlib.util
-
-    from llamafactory_hera.evaluation.cli import EXTRA_PACKAGES
-
-    if all(importlib.util.find_spec(module) for module in ("lmms_eval", "lm_eval")):
-        return []
-    return ["     (once, the eval extra's libraries: " + shlex.join([sys.executable, "-m", "pip", "install",
-                                                                     *EXTRA_PACKAGES]) + ")"]
-
+def train_and_report(ctx: DemoContext, recipe: dict[str, Any], summary: Callable[[float], str],
+                     logging_steps: int = 1) -> int:
+    """Write ``recipe``, train on it and, when training succeeded, print ``summary(seconds the training took)``;
+    returns the exit code."""
+    write_recipe(ctx, recipe)
+    train_start = time.perf_counter()
+    code = train(ctx, logging_steps)
+    if code == 0:
+        print(summary(time.perf_counter() - train_start))
+    return code

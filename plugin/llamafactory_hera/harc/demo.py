@@ -16,21 +16,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.demo.folders import LOG_NAME, RECIPE_NAME, RUN_DIR_NAME
-from llamafactory_hera.demo.runner import (
-    DemoContext,
-    command,
-    eval_extra_lines,
-    plot_lines,
-    say,
-    train,
-    where,
-    write_recipe,
-)
+from llamafactory_hera.demo.runner import DemoContext, prepare_assets, say, train_and_report
+from llamafactory_hera.demo.summary import chat_command, command, eval_base_lines, summary_text
 
 TITLE = "HARC"
 FAMILIES = ("llama3", "qwen2")
@@ -42,6 +33,11 @@ OWN_OUTPUTS = (RUN_DIR_NAME, SOURCES_NAME, DATA_NAME, RECIPE_NAME, LOG_NAME)
 SOURCE_ROWS = 48  # rows per source file (harmful, harmless); 12 pseudo-harmful
 LOGGING_STEPS = 5
 ROLES = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
+# (file in the run's folder, what it is), as the summary lists them
+OUTPUTS = (("adapter_model.safetensors", "LoRA adapter"), ("harc_eval.json", "refusal rates, validation cosines"),
+           ("harc_layers.json", "coupled layers over the run"),
+           ("harc_directions.pt", "refusal / harmfulness directions"),
+           ("trainer_log.jsonl", "per-step log (trainer_log.jsonl)"))
 
 
 def build_harc_recipe(model: Path, template: str, data_dir: Path, run_dir: Path, steps: int,
@@ -118,28 +114,13 @@ def refusal_lines(run_dir: Path) -> list[str]:
 
 def harc_summary(ctx: DemoContext, elapsed: float, model: Path, template: str) -> str:
     """Refusal rates, outputs, plots and the next steps of a finished HARC demo."""
-    run_dir = ctx.run_dir
-    return "\n".join([
-        "",
-        f"HARC demo finished in {elapsed:.1f}s. Outputs in {run_dir}:",
-        where(run_dir, "adapter_model.safetensors", "LoRA adapter"),
-        where(run_dir, "harc_eval.json", "refusal rates, validation cosines"),
-        where(run_dir, "harc_layers.json", "coupled layers over the run"),
-        where(run_dir, "harc_directions.pt", "refusal / harmfulness directions"),
-        where(run_dir, "trainer_log.jsonl", "per-step log (trainer_log.jsonl)"),
-        f"  {'datasets (harc-data output)':<34} {ctx.folder / DATA_NAME}",
-        f"  {'full training output':<34} {ctx.log}",
-        *plot_lines(run_dir),
-        "",
-        *refusal_lines(run_dir),
-        "",
+    paths = {"datasets (harc-data output)": ctx.folder / DATA_NAME, "full training output": ctx.log}
+    return summary_text(ctx, TITLE, elapsed, OUTPUTS, paths, figures=refusal_lines(ctx.run_dir), next_steps=[
         f"Next steps (the next HARC demo run replaces {ctx.folder}; the other demos leave it):",
         "  1. chat with the adapter, greedy (sampling a tiny random model prints noise); try a harmful prompt:",
-        command(ctx.cli, "chat", "--model_name_or_path", model, "--adapter_name_or_path", run_dir, "--template",
-                template, "--do_sample", "false", "--max_new_tokens", "32"),
+        chat_command(ctx, model, template, "--max_new_tokens", "32"),
         "  2. evaluate the run against its base model:",
-        command(ctx.hera_cli, "eval", run_dir, "--base", "--tasks", "demo"),
-        *eval_extra_lines(),
+        *eval_base_lines(ctx),
         "  3. a real model: convert the public sources, then train (see recipes/llama3_1_8b_harc.yaml):",
         "     llamafactory-hera harc-data --circuit-breakers circuit_breakers_train.json --xstest "
         "xstest_v2_completions_gpt4_gpteval.csv --ultrachat test_sft.parquet --out data/harc",
@@ -152,10 +133,7 @@ def run(ctx: DemoContext) -> int:
     """Build the tiny model, convert the tiny sources, train, print the refusal rates and the summary; exit code."""
     from llamafactory_hera.fixtures.harc_assets import build_harc_assets
 
-    start = time.perf_counter()
-    say(f"tiny text models in {ctx.assets} (built on first use) ...")
-    assets = build_harc_assets(ctx.assets)
-    say(f"assets ready ({time.perf_counter() - start:.1f}s)")
+    assets = prepare_assets(ctx, "tiny text models", build_harc_assets)
     code = convert_sources(ctx)
     if code != 0:
         print(f"error: llamafactory-hera harc-data failed with exit code {code}", file=sys.stderr)
@@ -163,9 +141,5 @@ def run(ctx: DemoContext) -> int:
     model, template = assets.models[ctx.family], assets.templates[ctx.family]
     steps = ctx.steps or DEFAULT_STEPS
     logging_steps = min(LOGGING_STEPS, steps)
-    write_recipe(ctx, build_harc_recipe(model, template, ctx.folder / DATA_NAME, ctx.run_dir, steps, logging_steps))
-    train_start = time.perf_counter()
-    code = train(ctx, logging_steps)
-    if code == 0:
-        print(harc_summary(ctx, time.perf_counter() - train_start, model, template))
-    return code
+    recipe = build_harc_recipe(model, template, ctx.folder / DATA_NAME, ctx.run_dir, steps, logging_steps)
+    return train_and_report(ctx, recipe, lambda elapsed: harc_summary(ctx, elapsed, model, template), logging_steps)

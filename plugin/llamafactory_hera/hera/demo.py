@@ -12,23 +12,12 @@ Nothing here is needed to use HeRA: it only shows what a HeRA run looks like.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.demo.folders import LOG_NAME, RECIPE_NAME, RUN_DIR_NAME
-from llamafactory_hera.demo.runner import (
-    DemoContext,
-    command,
-    eval_extra_lines,
-    first_last,
-    plot_lines,
-    read_log,
-    say,
-    train,
-    where,
-    write_recipe,
-)
+from llamafactory_hera.demo.runner import DemoContext, prepare_assets, train_and_report
+from llamafactory_hera.demo.summary import command, eval_base_lines, first_last, read_log, summary_text
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
 
 TITLE = "HeRA"
@@ -40,6 +29,10 @@ DEMO_HEADS = ["L1H0", "L1H2"]  # the tiny models have >= 2 layers and 4 heads
 OWN_OUTPUTS = (RUN_DIR_NAME, "run_sft", "run_selected", RECIPE_NAME, LOG_NAME, "recipe_selected.yaml",
                "recipe_selected.hera_selection.json", "recipe_selected.hera_selection.png",
                "recipe_selected.hera_selection.log")
+# (file in the run's folder, what it is), as the summary lists them
+OUTPUTS = (("adapter_model.safetensors", "LoRA adapter"), ("trainer_log.jsonl", "per-step log (trainer_log.jsonl)"),
+           ("trainer_state.json", "HF trainer state"), ("hera_state.json", "learned temperature (hera_state)"),
+           ("hera_run.json", "HeRA settings (hera_run)"))
 
 
 def build_recipe(assets: TinyAssets, family: str, run_dir: Path, steps: int) -> dict[str, Any]:
@@ -83,20 +76,10 @@ def summary(ctx: DemoContext, elapsed: float) -> str:
     log = read_log(run_dir)
     selected = folder / "recipe_selected.yaml"
     twin = folder / "run_sft"
-    return "\n".join([
-        "",
-        f"HeRA demo finished in {elapsed:.1f}s. Outputs in {run_dir}:",
-        where(run_dir, "adapter_model.safetensors", "LoRA adapter"),
-        where(run_dir, "trainer_log.jsonl", "per-step log (trainer_log.jsonl)"),
-        where(run_dir, "trainer_state.json", "HF trainer state"),
-        where(run_dir, "hera_state.json", "learned temperature (hera_state)"),
-        where(run_dir, "hera_run.json", "HeRA settings (hera_run)"),
-        f"  {'full training output':<34} {ctx.log}",
-        *plot_lines(run_dir),
-        "",
+    return summary_text(ctx, TITLE, elapsed, OUTPUTS, {"full training output": ctx.log}, figures=[
         f"  lm_loss   {first_last(log, 'lm_loss')}",
         f"  hera_loss {first_last(log, 'hera_loss')}",
-        "",
+    ], next_steps=[
         f"Next steps (each writes into {folder}; the next HeRA demo run replaces them, the other demos leave them):",
         "  1. choose the heads by MKNN (the least aligned), into a copy of the recipe:",
         command(ctx.hera_cli, "select", ctx.recipe, "--output", selected),
@@ -107,20 +90,12 @@ def summary(ctx: DemoContext, elapsed: float) -> str:
         command(cli, "train", ctx.recipe, "stage=sft", f"output_dir={twin}"),
         "  4. evaluate the run against its SFT twin (after step 3), or against the base model:",
         command(ctx.hera_cli, "eval", run_dir, "--baseline", twin, "--tasks", "demo"),
-        command(ctx.hera_cli, "eval", run_dir, "--base", "--tasks", "demo"),
-        *eval_extra_lines(),
+        *eval_base_lines(ctx),
     ])
 
 
 def run(ctx: DemoContext) -> int:
     """Build the assets, write the recipe, train, print the summary; the exit code."""
-    start = time.perf_counter()
-    say(f"tiny assets in {ctx.assets} (built on first use) ...")
-    assets = build_tiny_assets(ctx.assets)
-    say(f"assets ready ({time.perf_counter() - start:.1f}s)")
-    write_recipe(ctx, build_recipe(assets, ctx.family, ctx.run_dir, ctx.steps or DEFAULT_STEPS))
-    train_start = time.perf_counter()
-    code = train(ctx)
-    if code == 0:
-        print(summary(ctx, time.perf_counter() - train_start))
-    return code
+    assets = prepare_assets(ctx, "tiny assets", build_tiny_assets)
+    recipe = build_recipe(assets, ctx.family, ctx.run_dir, ctx.steps or DEFAULT_STEPS)
+    return train_and_report(ctx, recipe, lambda elapsed: summary(ctx, elapsed))

@@ -9,12 +9,12 @@ tiny models (the same ``assets/`` folder) and writes into its own folder, ``DIR/
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.demo.folders import LOG_NAME, RECIPE_NAME, RUN_DIR_NAME
-from llamafactory_hera.demo.runner import DemoContext, command, eval_extra_lines, say, train, where, write_recipe
+from llamafactory_hera.demo.runner import DemoContext, prepare_assets, train_and_report
+from llamafactory_hera.demo.summary import chat_command, eval_base_lines, summary_text
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
 
 TITLE = "RAH-LoRA"
@@ -25,6 +25,9 @@ OWN_OUTPUTS = (RUN_DIR_NAME, RECIPE_NAME, LOG_NAME)
 # what the tiny 4-head layers need to have targets at all (the recipes keep the paper's values)
 DEMO_THRESHOLDS = {"rah_isal_percentile": 50, "rah_caf_percentile": 0, "rah_beta": -100.0, "rah_num_anchors": 2,
                    "rah_rank": 2}
+# (file in the run's folder, what it is), as the summary lists them
+OUTPUTS = (("adapter_model.safetensors", "LoRA adapter (PEFT)"), ("adapter_config.json", "adapter config"),
+           ("rah_profile.json", "profile (scores, targets, KL)"), ("rah_profile.png", "I-SAL and CAF heatmaps"))
 
 
 def build_rah_recipe(assets: TinyAssets, family: str, run_dir: Path) -> dict[str, Any]:
@@ -41,34 +44,23 @@ def build_rah_recipe(assets: TinyAssets, family: str, run_dir: Path) -> dict[str
 
 def rah_summary(ctx: DemoContext, elapsed: float, template: str, model: str) -> str:
     """Outputs, the profile's figures and the next steps of a finished RAH-LoRA demo."""
-    run_dir = ctx.run_dir
-    profile_path = run_dir / "rah_profile.json"
+    profile_path = ctx.run_dir / "rah_profile.json"
     profile = json.loads(profile_path.read_text(encoding="utf-8")) if profile_path.is_file() else {}
     summary = profile.get("summary", {})
     targets = [f"{t['head']} ({t['outcome']}, alpha {t['alpha']:g})" for t in profile.get("targets", [])]
-    return "\n".join([
-        "",
-        f"RAH-LoRA demo finished in {elapsed:.1f}s. Outputs in {run_dir}:",
-        where(run_dir, "adapter_model.safetensors", "LoRA adapter (PEFT)"),
-        where(run_dir, "adapter_config.json", "adapter config"),
-        where(run_dir, "rah_profile.json", "profile (scores, targets, KL)"),
-        where(run_dir, "rah_profile.png", "I-SAL and CAF heatmaps"),
-        f"  {'full output':<34} {ctx.log}",
-        "",
+    return summary_text(ctx, TITLE, elapsed, OUTPUTS, {"full output": ctx.log}, plots=False, figures=[
         f"  layers {profile.get('layers')}; targets: {', '.join(targets) or 'none'}",
         f"  calibrated {summary.get('calibrated')} of {summary.get('targets')}; mean KL to the original model on "
         f"the probe {summary.get('kl_to_original', float('nan')):.3g}",
         "  (tiny 4-head layers: targets found with loosened thresholds "
         + ", ".join(f"{k}: {v}" for k, v in DEMO_THRESHOLDS.items()) + "; the recipes keep the paper's)",
-        "",
+    ], next_steps=[
         "Next steps:",
         "  1. chat with the calibrated model (the adapter loads like any LoRA adapter; greedy, since sampling a tiny "
         "random model prints noise):",
-        command(ctx.cli, "chat", "--model_name_or_path", model, "--adapter_name_or_path", run_dir, "--template",
-                template, "--do_sample", "false"),
+        chat_command(ctx, model, template),
         "  2. evaluate the calibrated model against the base model:",
-        command(ctx.hera_cli, "eval", run_dir, "--base", "--tasks", "demo"),
-        *eval_extra_lines(),
+        *eval_base_lines(ctx),
         "  3. calibrate a real model: llamafactory-cli train recipes/vicuna_7b_rah.yaml",
         f"  4. the recipe of this run: {ctx.recipe}",
     ])
@@ -76,14 +68,7 @@ def rah_summary(ctx: DemoContext, elapsed: float, template: str, model: str) -> 
 
 def run(ctx: DemoContext) -> int:
     """Build (or reuse) the tiny models, write the recipe, calibrate, print the summary; the exit code."""
-    start = time.perf_counter()
-    say(f"tiny assets in {ctx.assets} (built on first use) ...")
-    assets = build_tiny_assets(ctx.assets)
-    say(f"assets ready ({time.perf_counter() - start:.1f}s)")
-    write_recipe(ctx, build_rah_recipe(assets, ctx.family, ctx.run_dir))
-    calibrate_start = time.perf_counter()
-    code = train(ctx)
-    if code == 0:
-        print(rah_summary(ctx, time.perf_counter() - calibrate_start, assets.templates[ctx.family],
-                          str(assets.models[ctx.family])))
-    return code
+    assets = prepare_assets(ctx, "tiny assets", build_tiny_assets)
+    template, model = assets.templates[ctx.family], str(assets.models[ctx.family])
+    return train_and_report(ctx, build_rah_recipe(assets, ctx.family, ctx.run_dir),
+                            lambda elapsed: rah_summary(ctx, elapsed, template, model))

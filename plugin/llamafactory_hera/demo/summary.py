@@ -1,0 +1,99 @@
+"""The summary a demo prints after its run: its outputs, what the run shows, and the next steps to paste.
+
+Every demo's summary has the same frame (:func:`summary_text`): the title and the seconds it took, one line per
+output (``(missing)`` when the run did not write it), the plots, the demo's own figures, its next steps. The lines
+the demos' next steps share (the greedy chat with the adapter, ``eval`` against the base model) are made here too.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from llamafactory_hera.demo.runner import DemoContext
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    """Lines of ``trainer_log.jsonl`` (empty if missing)."""
+    path = run_dir / "trainer_log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def first_last(log: list[dict[str, Any]], key: str) -> str:
+    """``first -> last  (n logged steps)`` of ``key`` in ``trainer_log.jsonl`` lines, or ``not logged``."""
+    values = [entry[key] for entry in log if key in entry]
+    if not values:
+        return "not logged"
+    return f"{values[0]:.4f} -> {values[-1]:.4f}  ({len(values)} logged steps)"
+
+
+def where(run_dir: Path, name: str, what: str) -> str:
+    """A summary line: what an output is and its path, marked ``(missing)`` if the run did not write it."""
+    path = run_dir / name
+    return f"  {what:<34} {path}{'' if path.exists() else '  (missing)'}"
+
+
+def plot_lines(run_dir: Path) -> list[str]:
+    """``Plots (n):`` and one line per PNG the run wrote."""
+    plots = sorted(run_dir.glob("*.png"))
+    return [f"Plots ({len(plots)}):", *[f"  {path}" for path in plots]]
+
+
+def command(*parts: str | Path) -> str:
+    """A command line to print, indented under its step, quoted so that it can be pasted."""
+    return "     " + shlex.join([str(part) for part in parts])
+
+
+def eval_extra_lines() -> list[str]:
+    """The line that installs the ``eval`` extra's libraries into this environment, when they are missing (the demo
+    installs what the demo needs; ``llamafactory-hera eval`` needs lmms-eval / lm-eval as well)."""
+    import importlib.util
+
+    from llamafactory_hera.evaluation.cli import EXTRA_PACKAGES
+
+    if all(importlib.util.find_spec(module) for module in ("lmms_eval", "lm_eval")):
+        return []
+    return ["     (once, the eval extra's libraries: " + shlex.join([sys.executable, "-m", "pip", "install",
+                                                                     *EXTRA_PACKAGES]) + ")"]
+
+
+def chat_command(ctx: DemoContext, model: str | Path, template: str, *extra: str) -> str:
+    """``llamafactory-cli chat`` with the run's adapter on ``model``, greedy (sampling a tiny random model prints
+    noise), then ``extra`` arguments."""
+    return command(ctx.cli, "chat", "--model_name_or_path", model, "--adapter_name_or_path", ctx.run_dir,
+                   "--template", template, "--do_sample", "false", *extra)
+
+
+def eval_base_lines(ctx: DemoContext) -> list[str]:
+    """``llamafactory-hera eval`` of the run against its base model, and the line installing the eval extra when
+    this environment lacks it."""
+    return [command(ctx.hera_cli, "eval", ctx.run_dir, "--base", "--tasks", "demo"), *eval_extra_lines()]
+
+
+def summary_text(ctx: DemoContext, title: str, elapsed: float, outputs: Sequence[tuple[str, str]],
+                 paths: Mapping[str, Path], figures: Sequence[str], next_steps: Sequence[str],
+                 plots: bool = True) -> str:
+    """The summary of a finished demo run.
+
+    ``outputs``: (file name in the run's folder, what it is); ``paths``: what it is -> a path outside the run's
+    folder; ``plots``: list the run's PNGs; ``figures``: the lines of what the run shows; ``next_steps``: their
+    heading and the numbered steps.
+    """
+    run_dir = ctx.run_dir
+    return "\n".join([
+        "",
+        f"{title} demo finished in {elapsed:.1f}s. Outputs in {run_dir}:",
+        *[where(run_dir, name, what) for name, what in outputs],
+        *[f"  {what:<34} {path}" for what, path in paths.items()],
+        *(plot_lines(run_dir) if plots else []),
+        "",
+        *figures,
+        "",
+        *next_steps,
+    ])
