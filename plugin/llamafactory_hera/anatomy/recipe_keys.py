@@ -1,11 +1,21 @@
 """Coercing a method's recipe values (typed from YAML, strings from the command line) with errors that name the
-key, the value and what is allowed. Shared by every method's arguments module."""
+key, the value and what is allowed; declaring such a key (:func:`recipe_key`). Shared by every method's arguments
+module."""
 
 from __future__ import annotations
 
 import difflib
 import math
+from dataclasses import field
 from typing import Any
+
+
+def recipe_key(default: Any, help_text: str, **checks: Any) -> Any:
+    """A method-arguments dataclass field for one recipe key: its ``default``, its ``help_text`` (LlamaBoard's
+    descriptions, ``llamafactory-hera`` help, the docs' keys tables) and the ``checks`` its value gets: ``min``,
+    ``max``, ``min_exclusive``, ``max_exclusive``, ``choices`` (read by :func:`coerce_field`), ``dataset`` (HARC's
+    role keys), all kept in the field's metadata beside ``help``."""
+    return field(default=default, metadata={"help": help_text, **checks})
 
 
 def fail(key: str, value: Any, allowed: str) -> ValueError:

@@ -9,10 +9,10 @@ Values arrive typed (YAML) or as strings (command line).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from llamafactory_hera.anatomy.recipe_keys import coerce_field, fail, unknown_key
+from llamafactory_hera.anatomy.recipe_keys import coerce_field, fail, recipe_key, unknown_key
 
 HARC_PREFIX = "harc_"
 ROLE_KEYS = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
@@ -22,73 +22,63 @@ ROLE_KEYS = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_compl
 class HarcArguments:
     """Settings of HARC (reference defaults)."""
 
-    harc_harmful: str = field(default="", metadata={
-        "help": "Dataset (a name in dataset_dir's dataset_info.json) of harmful prompts with refusal responses: the "
-        "CE target and the coupled rows. Required.", "dataset": True})
-    harc_harmless: str = field(default="", metadata={
-        "help": "Dataset of harmless prompts with helpful responses: retained (KL to the adapter-free model) and "
-        "decoupled. Required.", "dataset": True})
-    harc_pseudo: str = field(default="", metadata={
-        "help": "Dataset of benign prompts that look harmful, with compliant answers (e.g. XSTest): retained like "
-        "the harmless rows. Required unless harc_batch_pseudo is 0.", "dataset": True})
-    harc_harmful_completions: str = field(default="", metadata={
-        "help": "Dataset of harmful prompts with harmful completions, used only for the response-side harmfulness "
-        "direction. Without it response coupling is off (with a warning).", "dataset": True})
-    harc_extract_harmful: str = field(default="", metadata={
-        "help": "Optional dataset whose prompts give the prompt-side harmful mean instead of harc_harmful's held-out "
-        "rows (the reference's Qwen config: AdvBench).", "dataset": True})
-    harc_extract_harmless: str = field(default="", metadata={
-        "help": "Optional dataset whose prompts give the prompt-side harmless mean instead of harc_harmless's "
-        "held-out rows (the reference's Qwen config: Alpaca).", "dataset": True})
-    harc_extract_samples: int = field(default=300, metadata={
-        "help": "Rows per role held out to extract the directions (reference: 300).", "min": 2})
-    harc_validate_samples: int = field(default=100, metadata={
-        "help": "Harmful and harmless rows held out for the diagnostics and the refusal evaluation (reference: "
-        "100).", "min": 1})
-    harc_batch_harmful: int = field(default=6, metadata={"help": "Harmful rows per micro-batch (reference: 6).",
-                                                         "min": 1})
-    harc_batch_harmless: int = field(default=4, metadata={"help": "Harmless rows per micro-batch (reference: 4).",
-                                                          "min": 0})
-    harc_batch_pseudo: int = field(default=2, metadata={"help": "Pseudo-harmful rows per micro-batch (reference: "
-                                                        "2).", "min": 0})
-    harc_margin: float = field(default=0.5, metadata={
-        "help": "Margin m of the coupling: harmful rows are pushed to cosine >= m with the directions (reference "
-        "configs: 0.5; the code's default 0.3).", "min": 0.0, "max": 1.0})
-    harc_weight_couple: float = field(default=1.0, metadata={"help": "Weight of the prompt-side coupling (1).",
-                                                             "min": 0.0})
-    harc_weight_couple_resp: float = field(default=1.0, metadata={
-        "help": "Weight of the response-side coupling (1).", "min": 0.0})
-    harc_weight_kl: float = field(default=10.0, metadata={
-        "help": "Weight of KL(adapter-free || current) on the retain rows' response tokens (10).", "min": 0.0})
-    harc_weight_ce: float = field(default=1.0, metadata={
-        "help": "Weight of the cross-entropy on the harmful rows' refusals (1).", "min": 0.0})
-    harc_response_tokens: int = field(default=32, metadata={
-        "help": "Response tokens pooled for the response-side coupling and directions (reference: 32).", "min": 1})
-    harc_refresh_steps: int = field(default=100, metadata={
-        "help": "Optimizer steps between re-extractions of the directions on the current model (0: never). "
-        "Reference: every 200 micro-steps at gradient accumulation 2 = 100.", "min": 0})
-    harc_refresh_beta: float = field(default=0.3, metadata={
-        "help": "Weight of the fresh directions in the blend normalize((1 - beta) base + beta fresh) (0.3).",
-        "min": 0.0, "max": 1.0})
-    harc_layers: int = field(default=2, metadata={"help": "Layers coupled at the start (reference: 2).", "min": 1})
-    harc_layers_final: int = field(default=4, metadata={"help": "Layers coupled from harc_layers_ramp_step on "
-                                                        "(reference: 4).", "min": 1})
-    harc_layers_ramp_step: int = field(default=500, metadata={
-        "help": "Optimizer step at which harc_layers_final layers are chosen (reference: micro-step 1000 = 500).",
-        "min": 0})
-    harc_band: int = field(default=4, metadata={
-        "help": "Layers are chosen within [band, n - band] of the n decoder layers (reference: 4).", "min": 0})
-    harc_max_length: int = field(default=256, metadata={
-        "help": "Longest prompt (cut on the left) and longest answer (cut on the right, then closed with the "
-        "template's closing tokens), in tokens (256). cutoff_len is not used.",
-        "min": 8})
-    harc_extract_batch_size: int = field(default=8, metadata={"help": "Rows per forward when extracting (8).",
-                                                              "min": 1})
-    harc_eval: bool = field(default=True, metadata={
-        "help": "At the end, generate answers to the held-out harmful prompts and to pseudo-harmful prompts and "
-        "report the refusal rates (harc_eval.json)."})
-    harc_eval_max_new_tokens: int = field(default=64, metadata={
-        "help": "Tokens generated per prompt for the refusal evaluation (greedy).", "min": 1})
+    harc_harmful: str = recipe_key(
+        "", "Dataset (a name in dataset_dir's dataset_info.json) of harmful prompts with refusal responses: the CE "
+        "target and the coupled rows. Required.", dataset=True)
+    harc_harmless: str = recipe_key(
+        "", "Dataset of harmless prompts with helpful responses: retained (KL to the adapter-free model) and "
+        "decoupled. Required.", dataset=True)
+    harc_pseudo: str = recipe_key(
+        "", "Dataset of benign prompts that look harmful, with compliant answers (e.g. XSTest): retained like the "
+        "harmless rows. Required unless harc_batch_pseudo is 0.", dataset=True)
+    harc_harmful_completions: str = recipe_key(
+        "", "Dataset of harmful prompts with harmful completions, used only for the response-side harmfulness "
+        "direction. Without it response coupling is off (with a warning).", dataset=True)
+    harc_extract_harmful: str = recipe_key(
+        "", "Optional dataset whose prompts give the prompt-side harmful mean instead of harc_harmful's held-out rows "
+        "(the reference's Qwen config: AdvBench).", dataset=True)
+    harc_extract_harmless: str = recipe_key(
+        "", "Optional dataset whose prompts give the prompt-side harmless mean instead of harc_harmless's held-out "
+        "rows (the reference's Qwen config: Alpaca).", dataset=True)
+    harc_extract_samples: int = recipe_key(
+        300, "Rows per role held out to extract the directions (reference: 300).", min=2)
+    harc_validate_samples: int = recipe_key(
+        100, "Harmful and harmless rows held out for the diagnostics and the refusal evaluation (reference: 100).",
+        min=1)
+    harc_batch_harmful: int = recipe_key(6, "Harmful rows per micro-batch (reference: 6).", min=1)
+    harc_batch_harmless: int = recipe_key(4, "Harmless rows per micro-batch (reference: 4).", min=0)
+    harc_batch_pseudo: int = recipe_key(2, "Pseudo-harmful rows per micro-batch (reference: 2).", min=0)
+    harc_margin: float = recipe_key(
+        0.5, "Margin m of the coupling: harmful rows are pushed to cosine >= m with the directions (reference configs: "
+        "0.5; the code's default 0.3).", min=0.0, max=1.0)
+    harc_weight_couple: float = recipe_key(1.0, "Weight of the prompt-side coupling (1).", min=0.0)
+    harc_weight_couple_resp: float = recipe_key(1.0, "Weight of the response-side coupling (1).", min=0.0)
+    harc_weight_kl: float = recipe_key(
+        10.0, "Weight of KL(adapter-free || current) on the retain rows' response tokens (10).", min=0.0)
+    harc_weight_ce: float = recipe_key(1.0, "Weight of the cross-entropy on the harmful rows' refusals (1).", min=0.0)
+    harc_response_tokens: int = recipe_key(
+        32, "Response tokens pooled for the response-side coupling and directions (reference: 32).", min=1)
+    harc_refresh_steps: int = recipe_key(
+        100, "Optimizer steps between re-extractions of the directions on the current model (0: never). Reference: "
+        "every 200 micro-steps at gradient accumulation 2 = 100.", min=0)
+    harc_refresh_beta: float = recipe_key(
+        0.3, "Weight of the fresh directions in the blend normalize((1 - beta) base + beta fresh) (0.3).",
+        min=0.0, max=1.0)
+    harc_layers: int = recipe_key(2, "Layers coupled at the start (reference: 2).", min=1)
+    harc_layers_final: int = recipe_key(4, "Layers coupled from harc_layers_ramp_step on (reference: 4).", min=1)
+    harc_layers_ramp_step: int = recipe_key(
+        500, "Optimizer step at which harc_layers_final layers are chosen (reference: micro-step 1000 = 500).", min=0)
+    harc_band: int = recipe_key(
+        4, "Layers are chosen within [band, n - band] of the n decoder layers (reference: 4).", min=0)
+    harc_max_length: int = recipe_key(
+        256, "Longest prompt (cut on the left) and longest answer (cut on the right, then closed with the template's "
+        "closing tokens), in tokens (256). cutoff_len is not used.", min=8)
+    harc_extract_batch_size: int = recipe_key(8, "Rows per forward when extracting (8).", min=1)
+    harc_eval: bool = recipe_key(
+        True, "At the end, generate answers to the held-out harmful prompts and to pseudo-harmful prompts and report "
+        "the refusal rates (harc_eval.json).")
+    harc_eval_max_new_tokens: int = recipe_key(
+        64, "Tokens generated per prompt for the refusal evaluation (greedy).", min=1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

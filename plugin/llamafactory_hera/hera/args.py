@@ -13,7 +13,7 @@ from llamafactory_hera.anatomy.heads import HeadRef, parse_head
 from llamafactory_hera.anatomy.recipe_keys import coerce_bool as _coerce_bool
 from llamafactory_hera.anatomy.recipe_keys import coerce_number as _coerce_number
 from llamafactory_hera.anatomy.recipe_keys import fail as _fail
-from llamafactory_hera.anatomy.recipe_keys import unknown_key
+from llamafactory_hera.anatomy.recipe_keys import recipe_key, unknown_key
 
 HERA_PREFIX = "hera_"
 AUTO = "auto"
@@ -29,115 +29,72 @@ class HeraArguments:
                   "auto: select them by MKNN at the start of training (hera_select_* keys). Required with stage: "
                   "hera. `llamafactory-hera select RECIPE` writes them into the recipe."},
     )
-    hera_teacher: str = field(
-        default="facebook/dinov2-large",
-        metadata={"help": "Frozen vision teacher: any Hugging Face vision model id or local path (paper: DINOv2-L)."},
-    )
-    hera_teacher_feature: str = field(
-        default="cls",
-        metadata={"help": "Teacher feature per image: 'cls' (the family's own pooled image "
-                  "feature: DINOv2's last-layer [CLS], paper; CLIP's post-layernorm [CLS]; SigLIP's attention-pool "
-                  "head) or 'mean' (mean of the last layer's patch tokens).",
-                  "choices": ("cls", "mean")},
-    )
-    hera_k: int = field(
-        default=10, metadata={"help": "Teacher nearest neighbours used as positives per sample (paper: 10).", "min": 1}
-    )
-    hera_lambda: float = field(
-        default=0.01, metadata={"help": "Weight of the HeRA term: loss = lm_loss + lambda * hera_loss (paper: 0.01).",
-                                "min": 0.0}
-    )
-    hera_temperature: float = field(
-        default=0.07, metadata={"help": "Initial InfoNCE temperature tau (paper: 0.07); tau is clamped to [0.01, 100] "
-                                "where used (CLIP caps 1/tau at 100).", "min": 0.01, "max": 100.0}
-    )
-    hera_learn_temperature: bool = field(
-        default=True,
-        metadata={"help": "Learn tau in log space with its own optimizer group (paper); false freezes it."},
-    )
-    hera_temperature_lr: float | None = field(
-        default=1e-3, metadata={"help": "Learning rate of log(tau) (Adam moves log tau by about this much per "
-                                "step; null: the run's learning_rate, with which tau barely leaves its start).",
-                                "min_exclusive": 0.0}
-    )
-    hera_teacher_cache: bool = field(
-        default=True,
-        metadata={"help": "Cache each image's teacher feature (CPU, float32: 4 KB per image for DINOv2-L) so epochs "
-                  "after the first run no teacher forward; false recomputes every step."},
-    )
-    hera_teacher_precompute: str = field(
-        default="auto",
-        metadata={"help": "Compute every training image's teacher feature in one pass before the first step (split "
-                  "over the ranks), then move the teacher off the GPU: the steps hold no teacher weights (DINOv2-L: "
-                  "1.2 GB in float32) and run no teacher forward. Same features as computing them in the steps. auto: "
-                  "on when hera_teacher_cache is on and the run covers the whole training set; true; false.",
-                  "choices": ("auto", "true", "false")},
-    )
-    hera_gather: bool = field(
-        default=True,
-        metadata={"help": "With several data-parallel processes, take neighbours and negatives from the whole "
-                  "global batch (differentiable all-gather; the paper's batches were global). false: per device."},
-    )
-    hera_queue_size: str = field(
-        default="auto",
-        metadata={"help": "Queue of recent teacher features and detached head representations that extends the "
-                  "contrastive set: auto (a queue of 4*(hera_k+1) samples when the configured batch geometry, "
-                  "per_device_train_batch_size x gathered processes, gives fewer than hera_k+1 samples; decided "
-                  "once at the start), 0 (off) or a number of samples."},
-    )
-    hera_similarity: str = field(
-        default="cosine",
-        metadata={"help": "Student similarity: 'cosine' (L2-normalised, default) or 'dot' (raw dot product).",
-                  "choices": ("cosine", "dot")},
-    )
-    hera_pooling: str = field(
-        default="assistant",
-        metadata={"help": "Tokens averaged into a head's representation: 'assistant' (tokens with a label, paper's "
-                  "stage 2; the caption when it is the response) or 'text' (every attended token after the sample's "
-                  "first image); never a multimodal placeholder nor anything before the first image.",
-                  "choices": ("assistant", "text")},
-    )
+    hera_teacher: str = recipe_key(
+        "facebook/dinov2-large", "Frozen vision teacher: any Hugging Face vision model id or local path (paper: "
+        "DINOv2-L).")
+    hera_teacher_feature: str = recipe_key(
+        "cls", "Teacher feature per image: 'cls' (the family's own pooled image feature: DINOv2's last-layer [CLS], "
+        "paper; CLIP's post-layernorm [CLS]; SigLIP's attention-pool head) or 'mean' (mean of the last layer's patch "
+        "tokens).", choices=("cls", "mean"))
+    hera_k: int = recipe_key(10, "Teacher nearest neighbours used as positives per sample (paper: 10).", min=1)
+    hera_lambda: float = recipe_key(
+        0.01, "Weight of the HeRA term: loss = lm_loss + lambda * hera_loss (paper: 0.01).", min=0.0)
+    hera_temperature: float = recipe_key(
+        0.07, "Initial InfoNCE temperature tau (paper: 0.07); tau is clamped to [0.01, 100] where used (CLIP caps "
+        "1/tau at 100).", min=0.01, max=100.0)
+    hera_learn_temperature: bool = recipe_key(
+        True, "Learn tau in log space with its own optimizer group (paper); false freezes it.")
+    hera_temperature_lr: float | None = recipe_key(
+        1e-3, "Learning rate of log(tau) (Adam moves log tau by about this much per step; null: the run's "
+        "learning_rate, with which tau barely leaves its start).", min_exclusive=0.0)
+    hera_teacher_cache: bool = recipe_key(
+        True, "Cache each image's teacher feature (CPU, float32: 4 KB per image for DINOv2-L) so epochs after the "
+        "first run no teacher forward; false recomputes every step.")
+    hera_teacher_precompute: str = recipe_key(
+        "auto", "Compute every training image's teacher feature in one pass before the first step (split over the "
+        "ranks), then move the teacher off the GPU: the steps hold no teacher weights (DINOv2-L: 1.2 GB in float32) "
+        "and run no teacher forward. Same features as computing them in the steps. auto: on when hera_teacher_cache is "
+        "on and the run covers the whole training set; true; false.", choices=("auto", "true", "false"))
+    hera_gather: bool = recipe_key(
+        True, "With several data-parallel processes, take neighbours and negatives from the whole global batch "
+        "(differentiable all-gather; the paper's batches were global). false: per device.")
+    hera_queue_size: str = recipe_key(
+        "auto", "Queue of recent teacher features and detached head representations that extends the contrastive set: "
+        "auto (a queue of 4*(hera_k+1) samples when the configured batch geometry, per_device_train_batch_size x "
+        "gathered processes, gives fewer than hera_k+1 samples; decided once at the start), 0 (off) or a number of "
+        "samples.")
+    hera_similarity: str = recipe_key(
+        "cosine", "Student similarity: 'cosine' (L2-normalised, default) or 'dot' (raw dot product).",
+        choices=("cosine", "dot"))
+    hera_pooling: str = recipe_key(
+        "assistant", "Tokens averaged into a head's representation: 'assistant' (tokens with a label, paper's stage 2; "
+        "the caption when it is the response) or 'text' (every attended token after the sample's first image); never a "
+        "multimodal placeholder nor anything before the first image.", choices=("assistant", "text"))
 
-    hera_select_samples: int = field(
-        default=1000, metadata={"help": "With hera_heads: auto, image-caption pairs used to score the heads (paper: "
-                                "1000).", "min": 2}
-    )
-    hera_select_num_heads: int = field(
-        default=5, metadata={"help": "With hera_heads: auto, number of heads to align (paper: 5).", "min": 1}
-    )
-    hera_select_strategy: str = field(
-        default="worst",
-        metadata={"help": "With hera_heads: auto, which heads: 'worst' (least MKNN-aligned, paper), 'best' or "
-                  "'random' (ablations).", "choices": ("worst", "best", "random")},
-    )
-    hera_select_mode: str = field(
-        default="text",
-        metadata={"help": "With hera_heads: auto, 'text' (captions alone through the language model, paper) or "
-                  "'multimodal' (image + caption through the MLLM).", "choices": ("text", "multimodal")},
-    )
-    hera_select_clamp: float = field(
-        default=0.95,
-        metadata={"help": "With hera_heads: auto (and `llamafactory-hera select`), clamp every feature value at this "
-                  "quantile of |value| before normalising, on both sides, as the Platonic Representation Hypothesis "
-                  "code does (0.95); 0 turns the clamp off.", "min": 0.0, "max": 1.0},
-    )
-    hera_select_batch_size: int = field(
-        default=16, metadata={"help": "With hera_heads: auto, batch size of the scoring forward passes.", "min": 1}
-    )
-    hera_monitor_steps: int | None = field(
-        default=None,
-        metadata={"help": "Score the aligned heads' MKNN with the teacher on a fixed probe set every this many "
-                  "optimizer steps (logged as hera_mknn, hera_mknn/L<l>H<h> and hera_mknn_control, a mean of as "
-                  "many unaligned heads of the same layers), scored as `llamafactory-hera select` scores "
-                  "(hera_select_mode, hera_select_clamp, hera_k, hera_select_batch_size). null: at step 0 and with "
-                  "logging_steps (eval_steps when evaluation is on), skipping a step while the probes would cost "
-                  "more than 5% of the training time; 0: off.", "min": 0},
-    )
-    hera_monitor_pairs: int = field(
-        default=256,
-        metadata={"help": "Image-caption pairs in the monitor's probe set: held-out rows (eval_dataset or val_size) "
-                  "when there are any, else a fixed sample of training rows.", "min": 2},
-    )
+    hera_select_samples: int = recipe_key(
+        1000, "With hera_heads: auto, image-caption pairs used to score the heads (paper: 1000).", min=2)
+    hera_select_num_heads: int = recipe_key(5, "With hera_heads: auto, number of heads to align (paper: 5).", min=1)
+    hera_select_strategy: str = recipe_key(
+        "worst", "With hera_heads: auto, which heads: 'worst' (least MKNN-aligned, paper), 'best' or 'random' "
+        "(ablations).", choices=("worst", "best", "random"))
+    hera_select_mode: str = recipe_key(
+        "text", "With hera_heads: auto, 'text' (captions alone through the language model, paper) or 'multimodal' "
+        "(image + caption through the MLLM).", choices=("text", "multimodal"))
+    hera_select_clamp: float = recipe_key(
+        0.95, "With hera_heads: auto (and `llamafactory-hera select`), clamp every feature value at this quantile of "
+        "|value| before normalising, on both sides, as the Platonic Representation Hypothesis code does (0.95); 0 "
+        "turns the clamp off.", min=0.0, max=1.0)
+    hera_select_batch_size: int = recipe_key(
+        16, "With hera_heads: auto, batch size of the scoring forward passes.", min=1)
+    hera_monitor_steps: int | None = recipe_key(
+        None, "Score the aligned heads' MKNN with the teacher on a fixed probe set every this many optimizer steps "
+        "(logged as hera_mknn, hera_mknn/L<l>H<h> and hera_mknn_control, a mean of as many unaligned heads of the same "
+        "layers), scored as `llamafactory-hera select` scores (hera_select_mode, hera_select_clamp, hera_k, "
+        "hera_select_batch_size). null: at step 0 and with logging_steps (eval_steps when evaluation is on), skipping "
+        "a step while the probes would cost more than 5% of the training time; 0: off.", min=0)
+    hera_monitor_pairs: int = recipe_key(
+        256, "Image-caption pairs in the monitor's probe set: held-out rows (eval_dataset or val_size) when there are "
+        "any, else a fixed sample of training rows.", min=2)
 
     def queue_capacity(self, needed: bool) -> int:
         """Queue size to use: the configured number, or 4*(k+1) once ``needed`` under ``auto``."""

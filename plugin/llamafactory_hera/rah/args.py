@@ -7,10 +7,10 @@ w_O, trim, beta, the CAF form and weight, the KL probe). Values arrive typed (YA
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from llamafactory_hera.anatomy.recipe_keys import coerce_field, fail, unknown_key
+from llamafactory_hera.anatomy.recipe_keys import coerce_field, fail, recipe_key, unknown_key
 
 RAH_PREFIX = "rah_"
 AUTO = "auto"
@@ -20,61 +20,56 @@ AUTO = "auto"
 class RahArguments:
     """Settings of RAH-LoRA (paper defaults)."""
 
-    rah_layers: str | list[int] = field(
-        default=AUTO, metadata={"help": "Decoder layers to calibrate: auto (the first half, paper: 0-15 of 32), a "
-                                "range such as 0-15, or a list such as [0, 2, 4]; zero-based."})
-    rah_isal_percentile: float = field(
-        default=15.0, metadata={"help": "Targets have standardised I-SAL below this percentile of their layer "
-                                "(paper: 15).", "min_exclusive": 0.0, "max_exclusive": 100.0})
-    rah_caf_percentile: float = field(
-        default=70.0, metadata={"help": "... and CAF above this percentile of their layer (paper: 70).", "min": 0.0,
-                                "max_exclusive": 100.0})
-    rah_num_anchors: int = field(default=3, metadata={"help": "Anchors per target, most similar first (paper: 3).",
-                                                      "min": 1})
-    rah_rank: int = field(default=8, metadata={"help": "Rank r of each head's update (paper text: 8; its Table 3 "
-                                               "caption says 4).", "min": 1})
-    rah_delta: float = field(default=0.05, metadata={"help": "Trust region: largest mean KL(p || p') on the probe "
-                                                     "batch a head's update may cause (paper: 0.05).",
-                                                     "min_exclusive": 0.0})
-    rah_alpha_max: float = field(default=0.15, metadata={"help": "Largest step alpha towards the anchors (paper: "
-                                                         "0.15); halved until the KL fits.", "min_exclusive": 0.0,
-                                                         "max": 1.0})
-    rah_halvings: int = field(default=5, metadata={"help": "Halvings of alpha before a head is rolled back (paper: "
-                                                   "3-5).", "min": 0})
-    rah_samples: int = field(default=100, metadata={"help": "Unlabelled image-text rows for I-SAL and the attention "
-                                                    "maps (paper: ~100).", "min": 1})
-    rah_probe_samples: int = field(default=32, metadata={"help": "Rows for CAF's gate gradients (paper: 32).",
-                                                         "min": 1})
-    rah_kl_samples: int = field(default=8, metadata={"help": "Rows of the trust region's KL probe (not "
-                                                     "given by the paper; the authors' script: 1).", "min": 1})
-    rah_rho: float = field(default=0.6, metadata={"help": "Similarity = rho * attention-map cosine + (1 - rho) * "
-                                                  "weight cosine (paper: 0.6).", "min": 0.0, "max": 1.0})
-    rah_w_v: float = field(default=0.7, metadata={"help": "Weight of the V-slice cosine in the weight similarity "
-                                                  "(paper: 0.7; w_O = 1 - w_V = 0.3).", "min": 0.0, "max": 1.0})
-    rah_adjacent_layers: int = field(default=2, metadata={
-        "help": "A target whose own layer has no anchor takes them from the nearest calibrated layers within this "
-        "distance, +-1 first (paper: adjacent layers, +-1-2); 0: same layer only.", "min": 0})
-    rah_trim: float = field(default=0.1, metadata={"help": "Element-wise trimmed mean of the anchors' slices (paper: "
-                                                   "0.1; with 3 anchors nothing is trimmed).", "min": 0.0,
-                                                   "max_exclusive": 0.5})
-    rah_beta: float = field(default=0.25, metadata={
-        "help": "Anchors have standardised I-SAL above beta (Eq. 8's mu + beta sigma on the standardised scale; beta "
-        "is not given: 0.25, about the 60th percentile, as the authors' script)."})
-    rah_caf_form: str = field(default="magnitude", metadata={
-        "help": "magnitude: z(|mean g|) + w z(mean g^2) (default: the size of a head's influence); paper: Eq. 5 as "
-        "printed, mean g + w mean g^2.", "choices": ("magnitude", "paper")})
-    rah_caf_weight: float = field(default=0.25, metadata={"help": "w of the squared-gradient term of CAF (the paper's "
-                                                          "lambda is not given; 0.25 as the authors' script).",
-                                                          "min": 0.0})
-    rah_isal_pairs: str = field(default="paper", metadata={
-        "help": "paper: text->image mean over every text query (Eq. 3, and the maps of Eq. 10); visible: only text "
-        "after the image.",
-        "choices": ("paper", "visible")})
-    rah_update: str = field(default=AUTO, metadata={
-        "help": "Projections to update: auto (V and O under MHA, O only under GQA, where V rows are shared), vo, o, "
-        "v.", "choices": (AUTO, "vo", "o", "v")})
-    rah_batch_size: int = field(default=1, metadata={"help": "Rows per I-SAL forward (attention weights of every "
-                                                     "layer are kept: ~1 GB per 7B sample in bf16).", "min": 1})
+    rah_layers: str | list[int] = recipe_key(
+        AUTO, "Decoder layers to calibrate: auto (the first half, paper: 0-15 of 32), a range such as 0-15, or a list "
+        "such as [0, 2, 4]; zero-based.")
+    rah_isal_percentile: float = recipe_key(
+        15.0, "Targets have standardised I-SAL below this percentile of their layer (paper: 15).",
+        min_exclusive=0.0, max_exclusive=100.0)
+    rah_caf_percentile: float = recipe_key(
+        70.0, "... and CAF above this percentile of their layer (paper: 70).", min=0.0, max_exclusive=100.0)
+    rah_num_anchors: int = recipe_key(3, "Anchors per target, most similar first (paper: 3).", min=1)
+    rah_rank: int = recipe_key(8, "Rank r of each head's update (paper text: 8; its Table 3 caption says 4).", min=1)
+    rah_delta: float = recipe_key(
+        0.05, "Trust region: largest mean KL(p || p') on the probe batch a head's update may cause (paper: 0.05).",
+        min_exclusive=0.0)
+    rah_alpha_max: float = recipe_key(
+        0.15, "Largest step alpha towards the anchors (paper: 0.15); halved until the KL fits.",
+        min_exclusive=0.0, max=1.0)
+    rah_halvings: int = recipe_key(5, "Halvings of alpha before a head is rolled back (paper: 3-5).", min=0)
+    rah_samples: int = recipe_key(
+        100, "Unlabelled image-text rows for I-SAL and the attention maps (paper: ~100).", min=1)
+    rah_probe_samples: int = recipe_key(32, "Rows for CAF's gate gradients (paper: 32).", min=1)
+    rah_kl_samples: int = recipe_key(
+        8, "Rows of the trust region's KL probe (not given by the paper; the authors' script: 1).", min=1)
+    rah_rho: float = recipe_key(
+        0.6, "Similarity = rho * attention-map cosine + (1 - rho) * weight cosine (paper: 0.6).", min=0.0, max=1.0)
+    rah_w_v: float = recipe_key(
+        0.7, "Weight of the V-slice cosine in the weight similarity (paper: 0.7; w_O = 1 - w_V = 0.3).",
+        min=0.0, max=1.0)
+    rah_adjacent_layers: int = recipe_key(
+        2, "A target whose own layer has no anchor takes them from the nearest calibrated layers within this distance, "
+        "+-1 first (paper: adjacent layers, +-1-2); 0: same layer only.", min=0)
+    rah_trim: float = recipe_key(
+        0.1, "Element-wise trimmed mean of the anchors' slices (paper: 0.1; with 3 anchors nothing is trimmed).",
+        min=0.0, max_exclusive=0.5)
+    rah_beta: float = recipe_key(
+        0.25, "Anchors have standardised I-SAL above beta (Eq. 8's mu + beta sigma on the standardised scale; beta is "
+        "not given: 0.25, about the 60th percentile, as the authors' script).")
+    rah_caf_form: str = recipe_key(
+        "magnitude", "magnitude: z(|mean g|) + w z(mean g^2) (default: the size of a head's influence); paper: Eq. 5 "
+        "as printed, mean g + w mean g^2.", choices=("magnitude", "paper"))
+    rah_caf_weight: float = recipe_key(
+        0.25, "w of the squared-gradient term of CAF (the paper's lambda is not given; 0.25 as the authors' script).",
+        min=0.0)
+    rah_isal_pairs: str = recipe_key(
+        "paper", "paper: text->image mean over every text query (Eq. 3, and the maps of Eq. 10); visible: only text "
+        "after the image.", choices=("paper", "visible"))
+    rah_update: str = recipe_key(
+        AUTO, "Projections to update: auto (V and O under MHA, O only under GQA, where V rows are shared), vo, o, v.",
+        choices=(AUTO, "vo", "o", "v"))
+    rah_batch_size: int = recipe_key(
+        1, "Rows per I-SAL forward (attention weights of every layer are kept: ~1 GB per 7B sample in bf16).", min=1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
