@@ -25,15 +25,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
+from runs import print_result, run_worker, step_timer
+
 # name -> (hidden, layers, heads, kv heads, MLP, vocabulary, dtype); ids of the tiny tokenizer stay < 512
 PRESETS = {
     "cpu-mid": (512, 12, 8, 2, 1536, 512, "float32"),
@@ -91,22 +87,9 @@ def worker(args: argparse.Namespace) -> None:
 
     import torch
     from llamafactory.train.tuner import run_exp
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-
-        def on_train_begin(self, *a, **k) -> None:
-            self.ends.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
 
     folder = build_assets(Path(args.assets), args.preset, args.rows)
-    timer = StepTimer()
+    timer = step_timer()
     refresh: list[dict] = []
     with tempfile.TemporaryDirectory() as out:
         run_exp(recipe(folder, args.worker, out, args), callbacks=[timer])
@@ -116,22 +99,15 @@ def worker(args: argparse.Namespace) -> None:
     steps = [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)]
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("BENCH " + json.dumps({"stage": args.worker, "steps": steps, "history": refresh, "peak_rss_mb": peak_rss,
-                                 "peak_gpu_mb": peak_gpu}), flush=True)
+    print_result({"stage": args.worker, "steps": steps, "history": refresh, "peak_rss_mb": peak_rss,
+                  "peak_gpu_mb": peak_gpu})
 
 
 def run_one(stage: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, str(Path(__file__)), "--worker", stage, "--assets", args.assets, "--steps", str(args.steps),
-           "--extract", str(args.extract), "--validate", str(args.validate), "--preset", args.preset, "--device",
-           args.device, "--rows", str(args.rows), "--refresh-at", str(args.refresh_at)]
-    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(BENCH)}
-    if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{stage} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("BENCH "):])
+    options = ["--assets", args.assets, "--steps", str(args.steps), "--extract", str(args.extract), "--validate",
+               str(args.validate), "--preset", args.preset, "--device", args.device, "--rows", str(args.rows),
+               "--refresh-at", str(args.refresh_at)]
+    return run_worker(str(Path(__file__)), stage, args.device, options)
 
 
 def plain_steps(run: dict, warmup: int) -> list[float]:

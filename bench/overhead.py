@@ -15,19 +15,16 @@ Usage: python bench/overhead.py [--repeats 3] [--epochs 3] [--images 64] [--batc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
+from runs import BENCH, print_result, run_worker, step_timer
 
 
 def recipe(assets, stage: str, output_dir: str, args: argparse.Namespace) -> dict:
@@ -52,6 +49,21 @@ def recipe(assets, stage: str, output_dir: str, args: argparse.Namespace) -> dic
     }
 
 
+def time_calls(owner: type, name: str) -> list[float]:
+    """Replace method ``name`` of ``owner`` by one that also appends each call's seconds to the returned list."""
+    original = getattr(owner, name)
+    seconds: list[float] = []
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = original(self, *args, **kwargs)
+        seconds.append(time.perf_counter() - start)
+        return result
+
+    setattr(owner, name, timed)
+    return seconds
+
+
 def worker(args: argparse.Namespace) -> None:
     """One run in this process; prints a JSON line with step end times and peak memory."""
     import resource
@@ -60,18 +72,6 @@ def worker(args: argparse.Namespace) -> None:
     from assets import build_bench_assets
     from llamafactory.train.tuner import run_exp
     from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-
-        def on_train_begin(self, *a, **k) -> None:
-            self.ends.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
 
     class StepMemory(TrainerCallback):
         """CPU runs: peak bytes of tensors allocated during one step (torch profiler), from the step's start.
@@ -103,34 +103,11 @@ def worker(args: argparse.Namespace) -> None:
 
     from llamafactory_hera.hera.trainer import HeraTrainerMixin
 
-    precompute_seconds: list[float] = []
-    original = HeraTrainerMixin._hera_precompute_teacher
-
-    def timed_precompute(self: HeraTrainerMixin) -> None:  # the teacher pass before the first step, if any
-        start = time.perf_counter()
-        original(self)
-        precompute_seconds.append(time.perf_counter() - start)
-
-    HeraTrainerMixin._hera_precompute_teacher = timed_precompute  # type: ignore[method-assign]
-    monitor_prepare: list[float] = []
-    original_prepare = HeraTrainerMixin._hera_monitor_prepare_teacher
-
-    def timed_prepare(self: HeraTrainerMixin) -> None:  # the probe pairs' teacher features, once, before step 1
-        start = time.perf_counter()
-        original_prepare(self)
-        monitor_prepare.append(time.perf_counter() - start)
-
-    HeraTrainerMixin._hera_monitor_prepare_teacher = timed_prepare  # type: ignore[method-assign]
-    monitor_points: list[float] = []
-    original_point = HeraTrainerMixin._hera_monitor_point
-
-    def timed_point(self: HeraTrainerMixin) -> dict:  # one point: the probe forward and the scoring, synced
-        start = time.perf_counter()
-        logs = original_point(self)
-        monitor_points.append(time.perf_counter() - start)
-        return logs
-
-    HeraTrainerMixin._hera_monitor_point = timed_point  # type: ignore[method-assign]
+    # the teacher pass before the first step, if any; the probe pairs' teacher features, once, before step 1; each
+    # monitor point (the probe forward and the scoring, synced)
+    precompute_seconds = time_calls(HeraTrainerMixin, "_hera_precompute_teacher")
+    monitor_prepare = time_calls(HeraTrainerMixin, "_hera_monitor_prepare_teacher")
+    monitor_points = time_calls(HeraTrainerMixin, "_hera_monitor_point")
 
     class MonitorPoints(TrainerCallback):
         def __init__(self) -> None:
@@ -142,7 +119,7 @@ def worker(args: argparse.Namespace) -> None:
 
     points = MonitorPoints()
     assets = build_bench_assets(Path(args.assets), num_images=args.images, preset=args.preset)
-    timer = StepTimer()
+    timer = step_timer()
     memory = StepMemory(args.warmup + 1)
     with tempfile.TemporaryDirectory() as out:
         run_exp(recipe(assets, args.worker, out, args),
@@ -152,32 +129,23 @@ def worker(args: argparse.Namespace) -> None:
         steps[memory.step] = float("nan")
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("BENCH " + json.dumps({"stage": args.worker, "steps": steps, "train_s": timer.ends[-1] - timer.ends[0],
-                                 "monitor_prepare_s": sum(monitor_prepare), "monitor_steps": points.steps,
-                                 "monitor_points_s": monitor_points,
-                                 "precompute_s": sum(precompute_seconds), "step_tensors_mb": memory.peak_mb,
-                                 "peak_rss_mb": peak_rss,
-                                 "peak_gpu_mb": peak_gpu}), flush=True)
+    print_result({"stage": args.worker, "steps": steps, "train_s": timer.ends[-1] - timer.ends[0],
+                  "monitor_prepare_s": sum(monitor_prepare), "monitor_steps": points.steps,
+                  "monitor_points_s": monitor_points, "precompute_s": sum(precompute_seconds),
+                  "step_tensors_mb": memory.peak_mb, "peak_rss_mb": peak_rss, "peak_gpu_mb": peak_gpu})
 
 
 def run_one(stage: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, str(Path(__file__)), "--worker", stage, "--assets", args.assets, "--epochs",
-           str(args.epochs), "--images", str(args.images), "--batch", str(args.batch), "--device", args.device,
-           "--preset", args.preset, "--precompute", args.precompute, "--warmup", str(args.warmup)]
+    options = ["--assets", args.assets, "--epochs", str(args.epochs), "--images", str(args.images), "--batch",
+               str(args.batch), "--device", args.device, "--preset", args.preset, "--precompute", args.precompute,
+               "--warmup", str(args.warmup)]
     if args.step_tensors:
-        cmd.append("--step-tensors")
+        options.append("--step-tensors")
     if args.baseline_non_reentrant:
-        cmd.append("--baseline-non-reentrant")
+        options.append("--baseline-non-reentrant")
     if args.monitor:
-        cmd.append("--monitor")
-    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(BENCH)}
-    if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{stage} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("BENCH "):])
+        options.append("--monitor")
+    return run_worker(str(Path(__file__)), stage, args.device, options)
 
 
 def main() -> None:

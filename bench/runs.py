@@ -1,0 +1,61 @@
+"""What the A/B benchmarks that train each measured run in its own process share (``overhead.py``, ``harc.py``).
+
+The parent starts one worker process per run (:func:`run_worker`: offline, CPU-only on ``--device cpu``, this
+folder importable) and reads the one ``BENCH {json}`` line the worker prints; the worker hands :func:`step_timer`
+to ``run_exp``. Importing this module is cheap (torch and transformers are imported by :func:`step_timer`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
+RESULT_PREFIX = "BENCH "
+
+
+def run_worker(script: str, stage: str, device: str, options: list[str]) -> dict:
+    """Run ``script --worker stage *options`` in a new process and return the JSON of its last ``BENCH`` line;
+    RuntimeError with the output's tails when it fails or prints none."""
+    cmd = [sys.executable, script, "--worker", stage, *options]
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(BENCH)}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{stage} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """The worker's one ``BENCH {json}`` line, which :func:`run_worker` reads."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def step_timer() -> Any:
+    """A ``TrainerCallback`` whose ``ends`` holds ``time.perf_counter()`` at train begin and at every optimizer
+    step's end (after a CUDA synchronize on a GPU), so consecutive differences are step times."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_train_begin(self, *a, **k) -> None:
+            self.ends.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    return StepTimer()
