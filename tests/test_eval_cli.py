@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from conftest import base_recipe, harc_recipe, mixed_size_dataset, offline_env, run_train
+from conftest import base_recipe, harc_recipe, mixed_size_dataset, offline_env
 
 EVAL = str(Path(sys.executable).with_name("llamafactory-hera"))
 REPORTS = ("eval_report.json", "eval_report.md", "eval_report.png")
@@ -86,16 +86,25 @@ def error_in_process(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Mon
     return line
 
 
+def train(recipe: dict[str, Any]) -> None:
+    """The recipe through LLaMA-Factory's ``run_exp`` (what ``llamafactory-cli train`` runs) in this process: the runs
+    are what the eval reads, not what is tested here, and each new process would import torch and LLaMA-Factory
+    again (about 10 s)."""
+    from llamafactory.train.tuner import run_exp
+
+    run_exp(recipe)
+
+
 @pytest.fixture(scope="module")
 def hera_pair(assets, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 1-step HeRA run on the tiny Qwen2.5-VL, on images of mixed sizes, and its twin: the same recipe as a plain
     ``stage: sft`` run of ``llamafactory-cli`` (which records no template: the eval takes the run's)."""
     tmp = tmp_path_factory.mktemp("eval_hera")
     data = {"max_steps": 1, "dataset_dir": str(mixed_size_dataset(assets, tmp / "data"))}
-    run_train(base_recipe(assets, "qwen2_5_vl", tmp / "hera", **data), tmp / "a")
+    train(base_recipe(assets, "qwen2_5_vl", tmp / "hera", **data))
     twin = {k: v for k, v in base_recipe(assets, "qwen2_5_vl", tmp / "twin", **data).items()
             if not k.startswith("hera_")}
-    run_train({**twin, "stage": "sft"}, tmp / "b")
+    train({**twin, "stage": "sft"})
     assert not any(p.name.startswith("hera_") for p in (tmp / "twin").iterdir())
     return tmp / "hera", tmp / "twin"
 
@@ -189,7 +198,7 @@ def test_rah_adapter_against_its_base(assets, tmp_path: Path) -> None:
     # small and forced to calibrate some heads on the random tiny model (as tests/rah/test_rah_stage.py's FORCED)
     forced = {"rah_samples": 6, "rah_probe_samples": 3, "rah_kl_samples": 2, "rah_isal_percentile": 50,
               "rah_caf_percentile": 0, "rah_beta": -100, "rah_num_anchors": 2, "rah_rank": 2, "rah_delta": 10.0}
-    run_train({**build_rah_recipe(assets, "llava", tmp_path / "rah"), **forced}, tmp_path / "train")
+    train({**build_rah_recipe(assets, "llava", tmp_path / "rah"), **forced})
     evaluated = run_eval(tmp_path, str(tmp_path / "rah"), "--base", "--tasks", "demo")
     ok(evaluated)
     record = report(tmp_path / "rah")
@@ -200,7 +209,7 @@ def test_rah_adapter_against_its_base(assets, tmp_path: Path) -> None:
 
 
 def test_harc_run_against_its_base(harc_assets, tmp_path: Path) -> None:
-    run_train(harc_recipe(harc_assets, "qwen2", tmp_path / "harc", harc_eval=False), tmp_path / "train")
+    train(harc_recipe(harc_assets, "qwen2", tmp_path / "harc", harc_eval=False))
     evaluated = run_eval(tmp_path, str(tmp_path / "harc"), "--base", "--tasks", "demo", "--batch-size", "4")
     ok(evaluated)
     record = report(tmp_path / "harc")
