@@ -4,10 +4,10 @@
 it); no task folder left in the temporary directory; and the user's mistakes, each one line before any model (or
 library) is loaded.
 
-Cost: every eval of a model is one ``llamafactory-hera`` process (imports torch, LLaMA-Factory and the library):
-the HeRA pair is evaluated twice in all (``demo,mmvp`` then the cached ``demo`` rerun) and several tests read those
-two runs; the one-line errors run ``main(argv)`` in the test process (and once all together in a fresh process, to
-show they import nothing heavy)."""
+Cost: the runs are trained through ``run_exp`` in the test process; every eval of a model is one
+``llamafactory-hera`` process (imports torch, LLaMA-Factory and the library): the HeRA pair is evaluated twice in
+all (``demo,mmvp`` then the cached ``demo`` rerun) and several tests read those two runs; the one-line errors run
+``main(argv)`` in the test process (and once all together in a fresh process, to show they import nothing heavy)."""
 
 from __future__ import annotations
 
