@@ -89,10 +89,18 @@ def error_in_process(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Mon
 def train(recipe: dict[str, Any]) -> None:
     """The recipe through LLaMA-Factory's ``run_exp`` (what ``llamafactory-cli train`` runs) in this process: the runs
     are what the eval reads, not what is tested here, and each new process would import torch and LLaMA-Factory
-    again (about 10 s)."""
+    again (about 10 s). On one thread, as ``offline_env`` runs a process (OMP_NUM_THREADS=1): torch's default of
+    one per core fights the other work on a shared 2-core machine (measured serially under load: the HARC test took
+    177 s with it, 58 s on one thread)."""
+    import torch
     from llamafactory.train.tuner import run_exp
 
-    run_exp(recipe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_exp(recipe)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
