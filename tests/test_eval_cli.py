@@ -1,34 +1,58 @@
 """``llamafactory-hera eval`` through its real command line on the tiny models: a HeRA run against its
 ``hera_lambda: 0`` twin, a RAH-LoRA adapter against its base and a HARC run against its base, each on the offline
 ``demo`` tasks run by lmms-eval / lm-eval; the cache (a finished task is kept when a later one fails, a rerun skips
-it); and the user's mistakes, each one line before any model is loaded."""
+it); no task folder left in the temporary directory; and the user's mistakes, each one line before any model (or
+library) is loaded.
+
+Cost: the runs are trained through ``run_exp`` in the test process; every eval of a model is one
+``llamafactory-hera`` process (imports torch, LLaMA-Factory and the library): the HeRA pair is evaluated twice in
+all (``demo,mmvp`` then the cached ``demo`` rerun) and several tests read those two runs; the one-line errors run
+``main(argv)`` in the test process (and once all together in a fresh process, to show they import nothing heavy)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import base_recipe, harc_recipe, offline_env, run_train
+from conftest import base_recipe, harc_recipe, mixed_size_dataset, offline_env
 
 EVAL = str(Path(sys.executable).with_name("llamafactory-hera"))
 REPORTS = ("eval_report.json", "eval_report.md", "eval_report.png")
+TASK_FOLDERS = "llamafactory_hera_eval_tasks_*"  # backends._demo_folder's prefix
+HEAVY = ("torch", "transformers", "llamafactory", "lmms_eval", "lm_eval")  # loaded by no one-line error
 
 
-def run_eval(tmp: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
+@dataclass
+class Evaluated:
+    """One ``llamafactory-hera eval`` process: its result, wall seconds, and the task folders it left in TMPDIR."""
+
+    proc: subprocess.CompletedProcess
+    seconds: float
+    left_in_tmp: list[str]
+
+
+def run_eval(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Evaluated:
+    """The console script in a fresh process whose TMPDIR is a fresh folder (read back for left-behind folders)."""
+    scratch = Path(tempfile.mkdtemp(prefix="tmpdir_", dir=tmp))
     started = time.perf_counter()
-    proc = subprocess.run([EVAL, "eval", *args], cwd=tmp, env=env or offline_env(tmp), capture_output=True,
-                          text=True, timeout=900)
-    return proc, time.perf_counter() - started
+    proc = subprocess.run([EVAL, "eval", *args], cwd=tmp, env={**(env or offline_env(tmp)), "TMPDIR": str(scratch)},
+                          capture_output=True, text=True, timeout=900)
+    return Evaluated(proc, time.perf_counter() - started, sorted(p.name for p in scratch.glob(TASK_FOLDERS)))
 
 
-def ok(proc: subprocess.CompletedProcess) -> None:
+def ok(evaluated: Evaluated) -> None:
+    proc = evaluated.proc
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert not evaluated.left_in_tmp, evaluated.left_in_tmp
 
 
 def report(run_dir: Path) -> dict[str, Any]:
@@ -44,53 +68,136 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def error_in_process(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str,
+                     reads_registry: bool = False) -> str:
+    """``llamafactory-hera eval ARGS`` as the console script runs it (``cli.main``), in this process: its one line.
+    Unless the test process had them already (or the error is an unknown task name, which reads the library's
+    registry), the heavy libraries are still unloaded after the error."""
+    from llamafactory_hera.cli import main
+
+    monkeypatch.setenv("LLAMAFACTORY_VERBOSITY", os.environ.get("LLAMAFACTORY_VERBOSITY", "WARN"))  # eval sets it
+    loaded_before = {name for name in HEAVY if name in sys.modules}
+    capsys.readouterr()
+    code = main(["eval", *args])
+    captured = capsys.readouterr()
+    line = one_line_error(subprocess.CompletedProcess(args, code, captured.out, captured.err))
+    if not reads_registry:
+        assert {name for name in HEAVY if name in sys.modules} <= loaded_before, "an error path loaded a library"
+    return line
+
+
+def train(recipe: dict[str, Any]) -> None:
+    """The recipe through LLaMA-Factory's ``run_exp`` (what ``llamafactory-cli train`` runs) in this process: the runs
+    are what the eval reads, not what is tested here, and each new process would import torch and LLaMA-Factory
+    again (about 10 s). On one thread, as ``offline_env`` runs a process (OMP_NUM_THREADS=1): torch's default of
+    one per core fights the other work on a shared 2-core machine (measured serially under load: the HARC test took
+    177 s with it, 58 s on one thread)."""
+    import torch
+    from llamafactory.train.tuner import run_exp
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_exp(recipe)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def hera_pair(assets, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A 3-step HeRA run on the tiny Qwen2.5-VL and its twin: the same recipe as a plain ``stage: sft`` run of
-    ``llamafactory-cli`` (which records no template: the eval takes the run's)."""
+    """A 1-step HeRA run on the tiny Qwen2.5-VL, on images of mixed sizes, and its twin: the same recipe as a plain
+    ``stage: sft`` run of ``llamafactory-cli`` (which records no template: the eval takes the run's)."""
     tmp = tmp_path_factory.mktemp("eval_hera")
-    run_train(base_recipe(assets, "qwen2_5_vl", tmp / "hera"), tmp / "a")
-    twin = {k: v for k, v in base_recipe(assets, "qwen2_5_vl", tmp / "twin").items() if not k.startswith("hera_")}
-    run_train({**twin, "stage": "sft"}, tmp / "b")
+    data = {"max_steps": 1, "dataset_dir": str(mixed_size_dataset(assets, tmp / "data"))}
+    train(base_recipe(assets, "qwen2_5_vl", tmp / "hera", **data))
+    twin = {k: v for k, v in base_recipe(assets, "qwen2_5_vl", tmp / "twin", **data).items()
+            if not k.startswith("hera_")}
+    train({**twin, "stage": "sft"})
     assert not any(p.name.startswith("hera_") for p in (tmp / "twin").iterdir())
     return tmp / "hera", tmp / "twin"
 
 
-def test_hera_run_against_its_twin_on_the_demo_then_cached(hera_pair: tuple[Path, Path], tmp_path: Path) -> None:
+@dataclass
+class HeraEvals:
+    """The HeRA run against its twin on ``demo,mmvp`` (mmvp fails offline) and the rerun on ``demo`` (cached)."""
+
+    run_dir: Path
+    twin: Path
+    first: Evaluated
+    first_record: dict[str, Any]
+    first_markdown: str
+    rerun: Evaluated
+    rerun_record: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def hera_evals(hera_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> HeraEvals:
     run_dir, twin = hera_pair
-    proc, first = run_eval(tmp_path, str(run_dir), "--baseline", str(twin), "--tasks", "demo")
-    ok(proc)
-    record = report(run_dir)
+    tmp = tmp_path_factory.mktemp("eval_hera_runs")
+    first = run_eval(tmp, str(run_dir), "--baseline", str(twin), "--tasks", "demo,mmvp")
+    first_record, first_markdown = report(run_dir), (run_dir / "eval_report.md").read_text(encoding="utf-8")
+    rerun = run_eval(tmp, str(run_dir), "--baseline", str(twin), "--tasks", "demo")
+    print(f"hera vs twin on demo,mmvp: {first.seconds:.1f} s; cached demo rerun {rerun.seconds:.1f} s")
+    return HeraEvals(run_dir, twin, first, first_record, first_markdown, rerun, report(run_dir))
+
+
+def test_hera_run_against_its_twin_on_the_demo(hera_evals: HeraEvals) -> None:
+    record = hera_evals.first_record
     rows = [r for r in record["rows"] if r["task"] == "llamafactory_hera_demo_mllm"]
     assert [r["metric"] for r in rows] == ["accuracy"] and rows[0]["group"] == "Demo"
     assert rows[0]["run"] is not None and rows[0]["baseline"] is not None
     assert rows[0]["delta"] == pytest.approx(rows[0]["run"] - rows[0]["baseline"])
-    assert record["baseline"]["run_dir"] == str(twin) and not record["failed"]
-    alone = one_line_error(run_eval(tmp_path, str(twin), "--tasks", "demo")[0])  # the twin alone needs --template
-    assert "records no template" in alone and "--template" in alone
-    markdown = (run_dir / "eval_report.md").read_text(encoding="utf-8")
-    assert "## Demo" in markdown and "| llamafactory_hera_demo_mllm | accuracy |" in markdown
-    proc, again = run_eval(tmp_path, str(run_dir), "--baseline", str(twin), "--tasks", "demo")
-    ok(proc)
-    record = report(run_dir)
-    assert record["run"]["cached_tasks"] == ["llamafactory_hera_demo_mllm"]
-    assert record["baseline"]["cached_tasks"] == ["llamafactory_hera_demo_mllm"]
-    assert "loading" not in proc.stdout + proc.stderr  # nothing loaded on a rerun
-    print(f"hera vs twin: first {first:.1f} s, cached rerun {again:.1f} s")
+    assert record["baseline"]["run_dir"] == str(hera_evals.twin) and record["run"]["stage"] == "hera"
+    assert "## Demo" in hera_evals.first_markdown
+    assert "| llamafactory_hera_demo_mllm | accuracy |" in hera_evals.first_markdown
 
 
-def test_a_failing_task_keeps_the_finished_one(hera_pair: tuple[Path, Path], tmp_path: Path) -> None:
-    """mmvp cannot be downloaded offline: it fails, the demo's result stays in the report and the cache."""
-    run_dir, _ = hera_pair
-    proc, seconds = run_eval(tmp_path, str(run_dir), "--tasks", "demo,mmvp")
+def test_a_failing_task_keeps_the_finished_one(hera_evals: HeraEvals) -> None:
+    """mmvp cannot be downloaded offline: it fails on both models, the demo's results stay in the report and the
+    cache (the rerun reads them)."""
+    proc = hera_evals.first.proc
     assert proc.returncode == 2, proc.stderr[-4000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("llamafactory-hera: error: ")]
     assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0])  # after the progress bars, one line
-    assert "run/mmvp" in errors[0] and "ConnectionError" in errors[0] and "rerun" in errors[0]
-    record = report(run_dir)
+    assert "run/mmvp" in errors[0] and "baseline/mmvp" in errors[0]
+    assert "ConnectionError" in errors[0] and "rerun" in errors[0]
+    record = hera_evals.first_record
     assert {r["task"] for r in record["rows"]} == {"llamafactory_hera_demo_mllm"}
-    assert "mmvp" in record["failed"]["run"]
-    print(f"demo cached + mmvp failing offline: {seconds:.1f} s")
+    assert "mmvp" in record["failed"]["run"] and "mmvp" in record["failed"]["baseline"]
+    assert "- run: mmvp: " in hera_evals.first_markdown
+
+
+def test_a_rerun_reads_the_finished_tasks_from_the_cache(hera_evals: HeraEvals) -> None:
+    ok(hera_evals.rerun)
+    record = hera_evals.rerun_record
+    assert record["run"]["cached_tasks"] == ["llamafactory_hera_demo_mllm"]
+    assert record["baseline"]["cached_tasks"] == ["llamafactory_hera_demo_mllm"]
+    assert "loading" not in hera_evals.rerun.proc.stdout + hera_evals.rerun.proc.stderr  # nothing loaded
+    assert not record["failed"] and record["rows"] == hera_evals.first_record["rows"]
+
+
+def test_eval_leaves_no_task_folder_in_the_temporary_directory(hera_evals: HeraEvals) -> None:
+    """Each process wrote its demo task folder under its TMPDIR (the test's own folder) and removed it at exit, on
+    the failing run (exit 2) as on the finished one."""
+    assert hera_evals.first.left_in_tmp == [] and hera_evals.rerun.left_in_tmp == []
+
+
+def test_the_demo_images_are_of_mixed_sizes_and_its_answers_long(hera_evals: HeraEvals) -> None:
+    """The MLLM demo asks on images of several sizes and shapes and lets answers run long (as benchmarks do); the
+    HeRA pair's eval above (tiny Qwen2.5-VL, trained on images of mixed sizes) and the RAH one (tiny LLaVA) run it."""
+    from llamafactory_hera.evaluation.demo_tasks import mllm_doc_to_visual, mllm_rows, write_demo_tasks
+
+    sizes = {mllm_doc_to_visual(row)[0].size for row in mllm_rows()}
+    assert len(sizes) >= 4 and any(width != height for width, height in sizes), sizes
+    task = write_demo_tasks(hera_evals.run_dir.parent / "demo_task", "lmms-eval")
+    yaml_text = (task / "llamafactory_hera_demo_mllm.yaml").read_text(encoding="utf-8")
+    assert int(yaml_text.split("max_new_tokens:")[1].split()[0]) >= 32
+    assert all(r["run"] is not None for r in hera_evals.first_record["rows"])
+
+
+def test_the_twin_alone_needs_a_template(hera_pair: tuple[Path, Path], capsys, monkeypatch) -> None:
+    line = error_in_process(capsys, monkeypatch, str(hera_pair[1]), "--tasks", "demo")
+    assert "records no template" in line and "--template" in line
 
 
 def test_rah_adapter_against_its_base(assets, tmp_path: Path) -> None:
@@ -99,20 +206,20 @@ def test_rah_adapter_against_its_base(assets, tmp_path: Path) -> None:
     # small and forced to calibrate some heads on the random tiny model (as tests/rah/test_rah_stage.py's FORCED)
     forced = {"rah_samples": 6, "rah_probe_samples": 3, "rah_kl_samples": 2, "rah_isal_percentile": 50,
               "rah_caf_percentile": 0, "rah_beta": -100, "rah_num_anchors": 2, "rah_rank": 2, "rah_delta": 10.0}
-    run_train({**build_rah_recipe(assets, "llava", tmp_path / "rah"), **forced}, tmp_path / "train")
-    proc, seconds = run_eval(tmp_path, str(tmp_path / "rah"), "--base", "--tasks", "demo")
-    ok(proc)
+    train({**build_rah_recipe(assets, "llava", tmp_path / "rah"), **forced})
+    evaluated = run_eval(tmp_path, str(tmp_path / "rah"), "--base", "--tasks", "demo")
+    ok(evaluated)
     record = report(tmp_path / "rah")
     assert record["run"]["stage"] == "rah" and record["baseline"]["trained"] is False
     assert "adapter" in record["run"]["model"] and "adapter" not in record["baseline"]["model"]
     assert all(r["run"] is not None and r["baseline"] is not None for r in record["rows"])
-    print(f"rah vs base: {seconds:.1f} s")
+    print(f"rah vs base: {evaluated.seconds:.1f} s")
 
 
 def test_harc_run_against_its_base(harc_assets, tmp_path: Path) -> None:
-    run_train(harc_recipe(harc_assets, "qwen2", tmp_path / "harc", harc_eval=False), tmp_path / "train")
-    proc, seconds = run_eval(tmp_path, str(tmp_path / "harc"), "--base", "--tasks", "demo", "--batch-size", "4")
-    ok(proc)
+    train(harc_recipe(harc_assets, "qwen2", tmp_path / "harc", harc_eval=False))
+    evaluated = run_eval(tmp_path, str(tmp_path / "harc"), "--base", "--tasks", "demo", "--batch-size", "4")
+    ok(evaluated)
     record = report(tmp_path / "harc")
     metrics = {(r["group"], r["task"], r["metric"]) for r in record["rows"]}
     assert ("Demo", "llamafactory_hera_demo_text", "acc") in metrics
@@ -120,7 +227,7 @@ def test_harc_run_against_its_base(harc_assets, tmp_path: Path) -> None:
     assert ("Refusal", "harc_refusal", "refusal_rate_pseudo") in metrics
     assert all(r["run"] is not None and r["baseline"] is not None for r in record["rows"])
     assert "## Refusal" in (tmp_path / "harc" / "eval_report.md").read_text(encoding="utf-8")
-    print(f"harc vs base: {seconds:.1f} s")
+    print(f"harc vs base: {evaluated.seconds:.1f} s")
 
 
 # --- the user's mistakes: one line, before any model is loaded ---
@@ -136,29 +243,29 @@ def recorded_run(assets, tmp_path: Path) -> Path:
     return run_dir
 
 
-def test_unknown_preset_names_the_closest(recorded_run: Path, tmp_path: Path) -> None:
-    line = one_line_error(run_eval(tmp_path, str(recorded_run), "--tasks", "vision-centrc")[0])
+def test_unknown_preset_names_the_closest(recorded_run: Path, capsys, monkeypatch) -> None:
+    line = error_in_process(capsys, monkeypatch, str(recorded_run), "--tasks", "vision-centrc")
     assert "unknown preset or task 'vision-centrc'" in line and "did you mean vision-centric" in line
 
 
-def test_unknown_task_names_the_closest_registry_task(recorded_run: Path, tmp_path: Path) -> None:
-    line = one_line_error(run_eval(tmp_path, str(recorded_run), "--tasks", "realworldq")[0])
+def test_unknown_task_names_the_closest_registry_task(recorded_run: Path, capsys, monkeypatch) -> None:
+    line = error_in_process(capsys, monkeypatch, str(recorded_run), "--tasks", "realworldq", reads_registry=True)
     assert "unknown preset or task 'realworldq'" in line and "realworldqa" in line
 
 
-def test_a_text_preset_on_an_mllm_run(recorded_run: Path, tmp_path: Path) -> None:
-    line = one_line_error(run_eval(tmp_path, str(recorded_run), "--tasks", "capability")[0])
+def test_a_text_preset_on_an_mllm_run(recorded_run: Path, capsys, monkeypatch) -> None:
+    line = error_in_process(capsys, monkeypatch, str(recorded_run), "--tasks", "capability")
     assert "preset 'capability' is for text models" in line and "vision-centric" in line
 
 
-def test_a_folder_without_a_run(tmp_path: Path) -> None:
-    line = one_line_error(run_eval(tmp_path, str(tmp_path), "--tasks", "demo")[0])
+def test_a_folder_without_a_run(tmp_path: Path, capsys, monkeypatch) -> None:
+    line = error_in_process(capsys, monkeypatch, str(tmp_path), "--tasks", "demo")
     assert "holds no run record" in line and "hera_run.json" in line
 
 
-def test_a_run_without_its_model(recorded_run: Path, tmp_path: Path) -> None:
+def test_a_run_without_its_model(recorded_run: Path, capsys, monkeypatch) -> None:
     (recorded_run / "adapter_config.json").unlink()
-    line = one_line_error(run_eval(tmp_path, str(recorded_run), "--tasks", "demo")[0])
+    line = error_in_process(capsys, monkeypatch, str(recorded_run), "--tasks", "demo")
     assert "neither adapter_config.json nor config.json" in line and "--base" in line
 
 
@@ -186,14 +293,45 @@ def test_twins_without_a_record_read_as_the_runs_kind_of_model(tmp_path: Path) -
         read_pair(full_twin, None, base=True, template="qwen2_vl")
 
 
-def test_the_missing_extra(recorded_run: Path, tmp_path: Path) -> None:
-    """Without lmms-eval (an import that fails, as in an environment without the extra) the fix is named."""
+def shadow_without_lmms_eval(tmp_path: Path) -> Path:
+    """A folder whose ``lmms_eval`` fails to import, as in an environment without the extra (put it first on the
+    path)."""
     shadow = tmp_path / "shadow" / "lmms_eval"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'lmms_eval'\")\n", encoding="utf-8")
-    env = offline_env(tmp_path, PYTHONPATH=str(shadow.parent))
-    line = one_line_error(run_eval(tmp_path, str(recorded_run), "--tasks", "demo", env=env)[0])
+    return shadow.parent
+
+
+def test_the_missing_extra(recorded_run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Without lmms-eval (an import that fails, as in an environment without the extra) the fix is named."""
+    monkeypatch.delitem(sys.modules, "lmms_eval", raising=False)  # an earlier test may have imported the real one
+    monkeypatch.syspath_prepend(str(shadow_without_lmms_eval(tmp_path)))
+    line = error_in_process(capsys, monkeypatch, str(recorded_run), "--tasks", "demo")
     assert "pip install 'llamafactory-hera[eval]'" in line
+
+
+def test_the_users_mistakes_load_no_library(recorded_run: Path, tmp_path: Path) -> None:
+    """The one-line errors above, all in one fresh process (``cli.main`` as the console script runs it, the extra
+    shadowed as missing): each is one line, and none loaded torch, transformers, LLaMA-Factory or either library."""
+    no_model, empty = tmp_path / "no_model", tmp_path / "empty"
+    for folder in (no_model, empty):
+        folder.mkdir()
+    (no_model / "hera_run.json").write_bytes((recorded_run / "hera_run.json").read_bytes())
+    cases = [[str(recorded_run), "--tasks", "vision-centrc"], [str(recorded_run), "--tasks", "capability"],
+             [str(empty), "--tasks", "demo"], [str(no_model), "--tasks", "demo"],
+             [str(recorded_run), "--tasks", "demo"]]  # the last: the extra is missing
+    script = ("import json, sys\nfrom llamafactory_hera.cli import main\n"
+              "codes = [main(['eval', *case]) for case in json.loads(sys.argv[1])]\n"
+              f"print(json.dumps({{'codes': codes, 'loaded': [m for m in {HEAVY!r} if m in sys.modules]}}))\n")
+    env = offline_env(tmp_path, PYTHONPATH=str(shadow_without_lmms_eval(tmp_path)))
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    outcome = json.loads(proc.stdout.splitlines()[-1])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert outcome == {"codes": [2] * len(cases), "loaded": []}, (outcome, proc.stderr[-4000:])
+    assert len(lines) == len(cases) and all(line.startswith("llamafactory-hera: error: ") for line in lines), lines
+    assert "pip install 'llamafactory-hera[eval]'" in lines[-1]
 
 
 def test_the_demos_install_line_names_the_eval_extra_of_pyproject() -> None:
@@ -207,7 +345,8 @@ def test_the_demos_install_line_names_the_eval_extra_of_pyproject() -> None:
 
 
 def test_every_preset_task_is_in_its_library_registry() -> None:
-    """The presets name tasks of lmms-eval 0.7.3 / lm-eval 0.4.13's own registries (read in-process: no model)."""
+    """The presets name tasks of lmms-eval 0.7.3 / lm-eval 0.4.13's own registries (read in-process: no model;
+    each registry is built once per process and shared with the unknown-task test)."""
     from llamafactory_hera.evaluation.backends import known_tasks
     from llamafactory_hera.evaluation.presets import LM, LMMS, PRESETS, REFUSAL_TASK
 

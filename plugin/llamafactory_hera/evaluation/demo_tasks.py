@@ -5,8 +5,9 @@ JSON-lines dataset loaded by ``datasets``' ``json`` builder), written by :func:`
 library as an include path: the same loading, request building, batching and scoring as a hub task, without a hub.
 
 - ``llamafactory_hera_demo_mllm`` (lmms-eval, ``generate_until``): 8 questions on the fixtures' procedural images
-  (one shape on a plain background, drawn from the row's seed by ``fixtures.dataset.draw_shape``): "what colour" /
-  "what shape", four lettered options; scored by the first letter of the answer (``accuracy``).
+  (one shape on a plain background, drawn from the row's seed by ``fixtures.dataset.draw_shape``), of mixed sizes
+  and shapes as a benchmark's are (32 x 32 to 128 x 128, some wide, some tall): "what colour" / "what shape", four
+  lettered options; answers of up to 32 new tokens, scored by their first option letter (``accuracy``).
 - ``llamafactory_hera_demo_text`` (lm-eval, ``multiple_choice``): 8 general-knowledge questions with four choices,
   scored by log-likelihood (``acc``, ``acc_norm``).
 """
@@ -27,6 +28,7 @@ _MLLM_ITEMS = (  # (shape, colour, background, asked)
     ("square", "purple", "white", "colour"), ("circle", "orange", "black", "shape"),
     ("cross", "white", "red", "colour"), ("triangle", "black", "white", "shape"),
 )
+_IMAGE_SIZES = ((48, 48), (96, 64), (40, 72), (128, 128), (64, 48), (56, 112), (32, 32), (80, 80))  # (width, height)
 _OPTIONS = {"colour": ("red", "blue", "green", "yellow", "purple", "orange", "white", "black"),
             "shape": ("circle", "square", "triangle", "cross")}
 _TEXT_ITEMS = (
@@ -49,6 +51,7 @@ def mllm_rows() -> list[dict[str, Any]]:
         others = [o for o in _OPTIONS[asked] if o != truth and o != background][:3]
         options = [*others[:index % 4], truth, *others[index % 4:]]  # the answer's letter cycles A, B, C, D
         rows.append({"id": index, "shape": shape, "colour": colour, "background": background, "seed": 1000 + index,
+                     "size": list(_IMAGE_SIZES[index]),
                      "question": f"What {asked} is the object in the image?", "options": options,
                      "answer": LETTERS[options.index(truth)]})
     return rows
@@ -62,13 +65,22 @@ def text_rows() -> list[dict[str, Any]]:
 # --- lmms-eval's callbacks (named by the task YAML through utils.py) ---
 
 def mllm_doc_to_visual(doc: dict[str, Any]) -> list[Any]:
-    """The row's image (RGB PIL, 48 x 48), drawn from its seed as the fixtures draw their training images."""
+    """The row's image (RGB PIL, the row's ``size`` = [width, height]), drawn from its seed as the fixtures draw their
+    training images: the shape on a square of the shorter side, centred on a canvas of the background's colour."""
     import numpy as np
+    from PIL import Image
 
-    from llamafactory_hera.fixtures.dataset import draw_shape
+    from llamafactory_hera.fixtures.dataset import IMAGE_SIZE, draw_shape
 
-    return [draw_shape(np.random.default_rng(doc["seed"]), doc["shape"], doc["colour"], doc["background"],
-                       scale="large")]
+    width, height = doc.get("size") or (IMAGE_SIZE, IMAGE_SIZE)
+    side = min(width, height)
+    square = draw_shape(np.random.default_rng(doc["seed"]), doc["shape"], doc["colour"], doc["background"],
+                        scale="large", size=side)
+    if width == height:
+        return [square]
+    canvas = Image.new("RGB", (width, height), square.getpixel((0, 0)))
+    canvas.paste(square, ((width - side) // 2, (height - side) // 2))
+    return [canvas]
 
 
 def mllm_doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, Any] | None = None) -> str:
@@ -94,7 +106,7 @@ doc_to_visual: !function utils.mllm_doc_to_visual
 doc_to_text: !function utils.mllm_doc_to_text
 doc_to_target: answer
 generation_kwargs:
-  max_new_tokens: 4
+  max_new_tokens: 32
   temperature: 0
   do_sample: false
 process_results: !function utils.mllm_process_results

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.hera.selection.select import DTYPES, MODES, STRATEGIES
+from llamafactory_hera.hera.selection.choices import DTYPES, MODES, STRATEGIES
 
 # command-line options that fall back to a recipe key (the same keys hera_heads: auto reads):
 # (flag, type, recipe key, what it sets)

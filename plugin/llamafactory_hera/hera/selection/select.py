@@ -33,13 +33,11 @@ from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
 from llamafactory_hera.anatomy.host_output import show
 from llamafactory_hera.anatomy.projection import find_o_proj_modules
 from llamafactory_hera.hera.selection import collect
+from llamafactory_hera.hera.selection.choices import DTYPES, MODES, STRATEGIES  # noqa: F401 - this module's names too
 from llamafactory_hera.hera.selection.scores import HeadNeighbours, all_head_neighbours
 from llamafactory_hera.hera.teacher import check_teacher_source, load_image_processor, load_teacher
 from llamafactory_hera.hera.teacher_batch import teacher_batch_size
 
-STRATEGIES = ("worst", "best", "random")
-MODES = ("text", "multimodal")
-DTYPES = ("float32", "bfloat16", "float16")
 RECORD_VERSION = 1
 
 
