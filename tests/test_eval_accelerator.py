@@ -37,9 +37,11 @@ def test_engine_and_refusal_check_in_bf16_on_the_device(harc_assets: Any, accele
     """The engine's model lands on the device in bfloat16 (every weight), and the refusal check (greedy generation
     through it, batched and left-padded) answers 2 held-out harmful and 2 pseudo-harmful rows with rates in [0, 1].
 
-    Not covered here: lmms-eval's and lm-eval's own loops (``HFLM`` around the engine's model, the lmms-eval class of
-    :mod:`llamafactory_hera.evaluation.engine`) were not run on the simulated device; they run on the CPU in
-    tests/test_eval_cli.py.
+    Not covered here (they run on the CPU in tests/test_eval_cli.py): lm-eval's loop cannot run on the simulated
+    device: ``HFLM._model_call`` enters ``torch.autocast(device_type=self.device.type, ...)``, which torch refuses for
+    the simulated device's type (tried: "RuntimeError: unsupported scalarType" from ``autocast_mode.py``); lmms-eval's
+    loop (:func:`~llamafactory_hera.evaluation.engine.lmms_model`, LLaMA-Factory's ``HuggingfaceEngine._chat``) was
+    not run on the simulated device.
     """
     import llamafactory.extras.misc as misc
 
