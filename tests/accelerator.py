@@ -338,6 +338,8 @@ def patch_for_simulated_device(monkeypatch: Any, accelerator: SimulatedAccelerat
     def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
         device_map = kwargs.pop("device_map", None)
         wanted = device_map.get("") if isinstance(device_map, dict) else device_map
+        if wanted == "auto":  # inference loading (get_infer_args): on one GPU accelerate's map puts it all there
+            wanted = DEVICE
         if wanted is not None and not _means_device(wanted):
             kwargs["device_map"] = device_map
         if SimulatedAccelerator.current is not accelerator:
