@@ -14,6 +14,7 @@ from llamafactory_hera.anatomy.recipe_keys import coerce_bool as _coerce_bool
 from llamafactory_hera.anatomy.recipe_keys import coerce_number as _coerce_number
 from llamafactory_hera.anatomy.recipe_keys import fail as _fail
 from llamafactory_hera.anatomy.recipe_keys import recipe_key, unknown_key
+from llamafactory_hera.hera.selection.choices import MODES, STRATEGIES
 
 HERA_PREFIX = "hera_"
 AUTO = "auto"
@@ -76,10 +77,10 @@ class HeraArguments:
     hera_select_num_heads: int = recipe_key(5, "With hera_heads: auto, number of heads to align (paper: 5).", min=1)
     hera_select_strategy: str = recipe_key(
         "worst", "With hera_heads: auto, which heads: 'worst' (least MKNN-aligned, paper), 'best' or 'random' "
-        "(ablations).", choices=("worst", "best", "random"))
+        "(ablations).", choices=STRATEGIES)
     hera_select_mode: str = recipe_key(
         "text", "With hera_heads: auto, 'text' (captions alone through the language model, paper) or 'multimodal' "
-        "(image + caption through the MLLM).", choices=("text", "multimodal"))
+        "(image + caption through the MLLM).", choices=MODES)
     hera_select_clamp: float = recipe_key(
         0.95, "With hera_heads: auto (and `llamafactory-hera select`), clamp every feature value at this quantile of "
         "|value| before normalising, on both sides, as the Platonic Representation Hypothesis code does (0.95); 0 "
