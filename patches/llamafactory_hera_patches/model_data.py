@@ -76,7 +76,7 @@ def training_args_for_reading(seed: int) -> Any:
     from transformers import Seq2SeqTrainingArguments
 
     # The loader never writes to output_dir; a path that is not created keeps every call from leaving a folder behind.
-    unused = os.path.join(tempfile.gettempdir(), "llamafactory_hera_reading_unused")
+    unused = os.path.join(tempfile.gettempdir(), f"llamafactory_hera_reading_unused_{os.getpid()}")
     args = Seq2SeqTrainingArguments(output_dir=unused, seed=seed, report_to=[])
     # Selection runs on one rank only (hera_heads: auto runs it on rank 0 while the others wait in a broadcast):
     # the loader's "main process first" barrier would hang, so it is a no-op here.

@@ -8,6 +8,7 @@ and the cache.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import importlib.metadata
 import logging
 import shutil
@@ -140,6 +141,18 @@ def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[di
              "higher_is_better": False}]
 
 
+def task_revision(task: PlannedTask) -> str:
+    """What a cached result of ``task`` was computed under: the demo task set's source (its questions, images and
+    scoring are written by this package) or the running library's version. A cache entry of another revision is
+    run again, so a changed task is never reported from an old result."""
+    if task.name in (DEMO_MLLM_TASK, DEMO_TEXT_TASK):
+        from llamafactory_hera.evaluation import demo_tasks
+
+        return "demo:" + hashlib.sha256(Path(demo_tasks.__file__).read_bytes()).hexdigest()[:16]
+    library = {LMMS: "lmms_eval", LM: "lm_eval"}.get(task.library, "llamafactory-hera")
+    return f"{library}=={_version(library)}"
+
+
 def run_task(engine: Any, spec: ModelSpec, rows_from: ModelSpec, task: PlannedTask, limit: int | None,
              batch_size: int, label: str) -> dict[str, Any]:
     """Run ``task`` on the loaded ``engine`` (of ``spec``); the result record (see the module docstring)."""
@@ -158,4 +171,4 @@ def run_task(engine: Any, spec: ModelSpec, rows_from: ModelSpec, task: PlannedTa
     if not entries:
         raise ValueError(f"task {task.name}: {task.library} returned no metric")
     return {"entries": entries, "seconds": round(time.perf_counter() - started, 3), "library": task.library,
-            "version": _version(library)}
+            "version": _version(library), "task_revision": task_revision(task)}

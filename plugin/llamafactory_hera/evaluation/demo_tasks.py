@@ -89,10 +89,25 @@ def mllm_doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, A
     return f"{doc['question']}\n{options}\nAnswer with the option's letter from the given choices directly."
 
 
+_ANSWER_PATTERNS = (
+    r"(?i:answer is|answer:)\s*\(?([A-D])\b",  # "... so the answer is B."
+    r"^\s*\(?([A-D])(?:[.):]|$|\s(?![a-z]))",  # "B", "(C) a circle", "D. ..."; not "A red circle"
+    r"\b([A-D])\b(?!\s+[a-z])",  # a letter standing alone, not the article in "A blue square"
+)
+
+
+def answer_letter(text: str) -> str | None:
+    """The option letter an answer gives: "the answer is X" first, then a leading letter, then a letter alone."""
+    for pattern in _ANSWER_PATTERNS:
+        found = re.search(pattern, text)
+        if found:
+            return found.group(1)
+    return None
+
+
 def mllm_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    """``accuracy``: 1 when the answer's first option letter (A-D, as a word) is the right one, else 0."""
-    found = re.search(r"\b([A-D])\b", results[0] if results else "")
-    return {"accuracy": float(bool(found) and found.group(1) == doc["answer"])}
+    """``accuracy``: 1 when the answer's option letter (:func:`answer_letter`) is the right one, else 0."""
+    return {"accuracy": float(answer_letter(results[0] if results else "") == doc["answer"])}
 
 
 _MLLM_YAML = f"""task: {DEMO_MLLM_TASK}
@@ -115,7 +130,7 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 metadata:
-  version: 1.0
+  version: 2.0
 """
 _TEXT_YAML = f"""task: {DEMO_TEXT_TASK}
 dataset_path: json
@@ -135,7 +150,7 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 metadata:
-  version: 1.0
+  version: 2.0
 """
 _UTILS = ("# callbacks of the llamafactory-hera demo task (see llamafactory_hera.evaluation.demo_tasks)\n"
           "from llamafactory_hera.evaluation.demo_tasks import (  # noqa: F401\n"

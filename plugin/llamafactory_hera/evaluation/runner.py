@@ -47,14 +47,14 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
     """Run (or read from the cache) every task on ``spec``'s model; a failing task is recorded and the next runs."""
     from tqdm.auto import tqdm
 
-    from llamafactory_hera.evaluation.backends import run_task
+    from llamafactory_hera.evaluation.backends import run_task, task_revision
 
     outcome = Outcome(spec)
     engine = None
     for task in tqdm(tasks, desc=f"eval {spec.label}: {spec.title}", unit="task"):
         path = cache_file(run_dir, spec, task.name)
         hit = _read_cache(path)
-        if hit is not None and hit.get("limit") == limit:
+        if hit is not None and hit.get("limit") == limit and hit.get("task_revision") == task_revision(task):
             outcome.results[task.name] = hit
             outcome.cached.append(task.name)
             continue
