@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from counters import thread_counters
 from runs import BENCH, print_result, run_worker, step_timer
 
 
@@ -45,6 +46,7 @@ def recipe(assets, stage: str, output_dir: str, args: argparse.Namespace) -> dic
         "hera_heads": assets.hera_heads(), "hera_teacher": str(assets.teacher), "hera_k": 7,
         "hera_teacher_precompute": args.precompute,
         **({"hera_monitor_steps": 0} if stage == "hera_off" or (stage == "hera" and not args.monitor) else {}),
+        **({"hera_monitor_steps": args.monitor_steps} if stage == "hera" and args.monitor_steps is not None else {}),
         **({"use_reentrant_gc": False} if args.baseline_non_reentrant else {}),
     }
 
@@ -119,7 +121,8 @@ def worker(args: argparse.Namespace) -> None:
 
     points = MonitorPoints()
     assets = build_bench_assets(Path(args.assets), num_images=args.images, preset=args.preset)
-    timer = step_timer()
+    counters, unavailable = thread_counters() if args.counters else (None, "not asked for (--counters)")
+    timer = step_timer(counters)
     memory = StepMemory(args.warmup + 1)
     with tempfile.TemporaryDirectory() as out:
         run_exp(recipe(assets, args.worker, out, args),
@@ -129,10 +132,12 @@ def worker(args: argparse.Namespace) -> None:
         steps[memory.step] = float("nan")
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print_result({"stage": args.worker, "steps": steps, "train_s": timer.ends[-1] - timer.ends[0],
+    print_result({"stage": args.worker, "steps": steps, "train_s": timer.end - timer.ends[0],
                   "monitor_prepare_s": sum(monitor_prepare), "monitor_steps": points.steps,
                   "monitor_points_s": monitor_points, "precompute_s": sum(precompute_seconds),
-                  "step_tensors_mb": memory.peak_mb, "peak_rss_mb": peak_rss, "peak_gpu_mb": peak_gpu})
+                  "step_tensors_mb": memory.peak_mb, "peak_rss_mb": peak_rss, "peak_gpu_mb": peak_gpu,
+                  "counts": timer.counts, "end_count": timer.end_count, "counters_unavailable": unavailable,
+                  "torch_threads": torch.get_num_threads()})
 
 
 def run_one(stage: str, args: argparse.Namespace) -> dict:
@@ -145,6 +150,10 @@ def run_one(stage: str, args: argparse.Namespace) -> dict:
         options.append("--baseline-non-reentrant")
     if args.monitor:
         options.append("--monitor")
+    if args.counters:
+        options.append("--counters")
+    if args.monitor_steps is not None:
+        options += ["--monitor-steps", str(args.monitor_steps)]
     return run_worker(str(Path(__file__)), stage, args.device, options)
 
 
@@ -169,9 +178,19 @@ def main() -> None:
     parser.add_argument("--monitor", action="store_true",
                         help="compare HeRA with the alignment monitor off (hera_monitor_steps: 0, A) and at its "
                              "defaults (B) instead of SFT (A) and HeRA (B, monitor off)")
+    parser.add_argument("--monitor-steps", type=int,
+                        help="with --monitor: hera_monitor_steps of the monitored runs (default: the monitor's "
+                             "default, with logging_steps within its 5 %% budget)")
+    parser.add_argument("--counters", action="store_true",
+                        help="also count the instructions and cycles the training thread retires (Linux hardware "
+                             "counters, bench/counters.py): the work of each run, which the machine's load does not "
+                             "move; set OMP_NUM_THREADS=1 so that the training runs on that thread")
     parser.add_argument("--assets", default=str(Path(tempfile.gettempdir()) / "hera_bench_assets"))
+    parser.add_argument("--save", help="also write every run's measurements (step times, points) to this JSON file")
     parser.add_argument("--worker", choices=["sft", "hera", "hera_off"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.monitor_steps is not None and not args.monitor:
+        parser.error("--monitor-steps: only with --monitor")
     if args.worker:
         return worker(args)
     sys.path.insert(0, str(BENCH))
@@ -197,6 +216,11 @@ def main() -> None:
                   f"{statistics.median(steps_of(results[stage][-1], 'all')) * 1e3:.1f} ms, training "
                   f"{results[stage][-1]['train_s']:.2f} s", flush=True)
 
+    if args.save:
+        import json
+
+        Path(args.save).write_text(json.dumps(results, indent=1))
+
     def median_of(stage: str, part: str) -> float:
         return statistics.median(s for run in results[stage] for s in steps_of(run, part))
 
@@ -207,6 +231,9 @@ def main() -> None:
           f"{args.epochs} epochs x {per_epoch} steps, batch {args.batch}, warm-up {args.warmup} steps dropped")
     print(f"{'':26}{base:>10}{other:>10}{'ratio':>8}   per A/B pair (median, range)")
     for part, label in (("first", "first epoch"), ("later", "later epochs"), ("all", "all")):
+        if not all(steps_of(run, part) for run in (*results[base], *results[other])):
+            print(f"{f'step, {label} (ms)':26}no steps (--epochs {args.epochs}, --warmup {args.warmup})")
+            continue
         a, b = median_of(base, part), median_of(other, part)
         pairs = sorted(statistics.median(steps_of(h, part)) / statistics.median(steps_of(s, part))
                        for s, h in zip(results[base], results[other], strict=True))
@@ -214,6 +241,7 @@ def main() -> None:
               f"{statistics.median(pairs):.3f} ({pairs[0]:.3f}-{pairs[-1]:.3f})")
     if args.monitor:
         _print_monitor(results[base], results[other])
+        _print_monitor_counters(results[base], results[other])
     pre = statistics.median(run["precompute_s"] for run in results["hera"])
     if pre > 0 and not args.monitor:
         a, b = median_of("sft", "first"), median_of("hera", "first")
@@ -230,8 +258,8 @@ def main() -> None:
 
 
 def _print_monitor(off: list[dict], on: list[dict]) -> None:
-    """The monitor's cost: whole training time (train begin to the last step's end, so the point at step 0 and
-    every later point are in it), without and with the probe pairs' teacher pass before step 1."""
+    """The monitor's cost: whole training time (train begin to train end, so the point at step 0 and every later
+    point, the last step's included, are in it), without and with the probe pairs' teacher pass before step 1."""
     train_off = statistics.median(run["train_s"] for run in off)
     train_on = statistics.median(run["train_s"] for run in on)
     prepare = statistics.median(run["monitor_prepare_s"] for run in on)
@@ -246,6 +274,43 @@ def _print_monitor(off: list[dict], on: list[dict]) -> None:
               f"({', '.join(f'{t * 1e3:.0f}' for t in run['monitor_points_s'])} ms) = "
               f"{100 * spent / (run['train_s'] - spent):.1f} % of its training time; with the teacher pass "
               f"{100 * (spent + run['monitor_prepare_s']) / (run['train_s'] - spent):.1f} %")
+
+
+def _print_monitor_counters(off: list[dict], on: list[dict]) -> None:
+    """The monitor's cost in the work the training thread does (instructions; cycles for what it cost here), which
+    the machine's load does not move: whole training per A/B pair, and each step without a point against the same
+    step of the run without the monitor (same data, same order)."""
+    if not all(run["counts"] for run in (*off, *on)):
+        print(f"{'instructions, cycles':26}not counted: {(off + on)[0]['counters_unavailable']}")
+        return
+    if any(run["torch_threads"] != 1 for run in (*off, *on)):
+        print(f"{'':26}note: torch ran {on[0]['torch_threads']} threads; only the main thread is counted "
+              "(set OMP_NUM_THREADS=1)")
+    def total(run: dict, index: int) -> float:
+        return (run["end_count"][index] - run["counts"][0][index]) / 1e9  # train begin to train end
+
+    for index, label in ((0, "instructions"), (1, "cycles")):
+        pairs = sorted(total(b, index) / total(a, index) for a, b in zip(off, on, strict=True))
+        a, b = statistics.median(total(r, index) for r in off), statistics.median(total(r, index) for r in on)
+        print(f"{f'{label}, training (G)':26}{a:10.2f}{b:10.2f}{b / a:8.3f}   "
+              f"{statistics.median(pairs):.3f} ({pairs[0]:.3f}-{pairs[-1]:.3f})")
+    ratios = []
+    for a, b in zip(off, on, strict=True):
+        scored = set(b["monitor_steps"])
+        for step in range(1, len(b["counts"])):
+            # counts[s] is read at the end of step s before the monitor's callback: a point at step s (0: at train
+            # begin, after counts[0]) falls in the interval from counts[s] to counts[s + 1]
+            if step - 1 in scored:
+                continue
+            ratios.append((b["counts"][step][0] - b["counts"][step - 1][0])
+                          / (a["counts"][step][0] - a["counts"][step - 1][0]))
+    if not ratios:
+        print(f"{'steps without a point':26}none: every step scored {on[0]['monitor_steps']}")
+        return
+    ratios.sort()
+    print(f"{'steps without a point':26}instructions on/off, same step: median {statistics.median(ratios):.4f} "
+          f"({ratios[0]:.4f}-{ratios[-1]:.4f}) over {len(ratios)} steps")
+
 
 if __name__ == "__main__":
     main()

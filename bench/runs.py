@@ -40,22 +40,39 @@ def print_result(result: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def step_timer() -> Any:
+def step_timer(counters: Any = None) -> Any:
     """A ``TrainerCallback`` whose ``ends`` holds ``time.perf_counter()`` at train begin and at every optimizer
-    step's end (after a CUDA synchronize on a GPU), so consecutive differences are step times."""
+    step's end (after a CUDA synchronize on a GPU), so consecutive differences are step times; ``end`` is the time at
+    train end, after every callback of the last step (a callback added later, such as the alignment monitor's, runs
+    after this one at each event). With ``counters`` (:class:`counters.ThreadCounters`) ``counts`` and ``end_count``
+    hold their (instructions, cycles) at the same moments."""
     import torch
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.ends: list[float] = []
+            self.counts: list[tuple[int, int]] = []
+            self.end = float("nan")
+            self.end_count: tuple[int, int] | None = None
+
+        def _mark(self) -> None:
+            self.ends.append(time.perf_counter())
+            if counters is not None:
+                self.counts.append(counters.read())
 
         def on_train_begin(self, *a, **k) -> None:
-            self.ends.append(time.perf_counter())
+            self._mark()
 
         def on_step_end(self, *a, **k) -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
+            self._mark()
+
+        def on_train_end(self, *a, **k) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.end = time.perf_counter()
+            self.end_count = counters.read() if counters is not None else None
 
     return StepTimer()

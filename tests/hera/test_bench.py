@@ -75,6 +75,24 @@ def test_overhead_script_runs_both_stages_and_prints_ratios(bench_root: Path) ->
     assert "heads ['L7H1', 'L3H5', 'L2H2', 'L7H7', 'L5H0']" in out
 
 
+def test_overhead_script_measures_the_monitor_side_by_side(bench_root: Path) -> None:
+    """``--monitor``: HeRA with the monitor off and on (here every 2 steps), the points' share inside the run, and the
+    instructions the training thread retired (or why they were not counted): equal on the step without a point."""
+    out = _run(bench_root, "overhead.py", "--monitor", "--monitor-steps", "2", "--counters", "--repeats", "1",
+               "--epochs", "1", "--images", "16", "--batch", "8", "--warmup", "0", "--preset", "qwen3-vl-8b-smoke",
+               "--assets", str(bench_root))
+    assert re.search(r"^training time \(s\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", out, re.M), out
+    assert re.search(r"^monitor, in its own run\s+points at steps \[0, 2\], [\d.]+ s .* % of its training time",
+                     out, re.M), out
+    counted = re.search(r"^steps without a point\s+instructions on/off, same step: median ([\d.]+) "
+                        r"\(([\d.]+)-([\d.]+)\) over 1 steps$", out, re.M)
+    if counted is None:  # no hardware counters here (a container, perf_event_paranoid > 2, not Linux)
+        assert re.search(r"^instructions, cycles\s+not counted: hardware counters: ", out, re.M), out
+        return
+    assert all(abs(float(value) - 1) < 2e-3 for value in counted.groups()), out
+    assert re.search(r"^instructions, training \(G\)\s+[\d.]+\s+[\d.]+\s+1\.0\d\d", out, re.M), out
+
+
 def test_selection_script_prints_ratio_breakdown_and_end_to_end(bench_root: Path) -> None:
     out = _run(bench_root, "selection.py", "--samples", "24", "--repeats", "1", "--k", "5", "--end-to-end",
                "--preset", "qwen2.5-vl-7b-smoke", "--assets", str(bench_root))
