@@ -25,6 +25,7 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DAT
                      "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}.items():
     os.environ.setdefault(_key, _value)
 CLI = str(Path(sys.executable).with_name("llamafactory-cli"))
+HERA_CLI = str(Path(sys.executable).with_name("llamafactory-hera"))
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # share the cores between pytest-xdist workers, not oversubscribe
     import torch
@@ -150,15 +151,46 @@ def run_once_more_if_aborted_at_exit(command: list[str], options: dict[str, Any]
     (PYTHONFAULTHANDLER=1 in offline_env) showed the main thread with no Python frame: the abort comes after
     all Python code, in interpreter finalization. The warning quotes the stderr.
     """
-    proc = subprocess.run(command, **options)
+    proc = run_command(command, **options)
     for _ in range(tries - 1):
         if not aborted_at_exit(proc):
             break
         warnings.warn("a rank aborted at exit after training completed; ran again:\n" + proc.stderr[-6000:],
                       stacklevel=3)
         clean()
-        proc = subprocess.run(command, **options)
+        proc = run_command(command, **options)
     return proc
+
+
+_FORK_SERVER_HOME: list[Path] = []
+
+
+def _fork_server_env() -> dict[str, str]:
+    """The environment of this process's fork server (tests/forked_cli.py): offline_env of a folder removed at exit."""
+    if not _FORK_SERVER_HOME:
+        import atexit
+        import tempfile
+
+        home = Path(tempfile.mkdtemp(prefix="forked_cli_server_"))
+        atexit.register(shutil.rmtree, home, ignore_errors=True)
+        _FORK_SERVER_HOME.append(home)
+    return offline_env(_FORK_SERVER_HOME[0])
+
+
+def run_command(command: list[str], *, cwd: Path, env: dict[str, str], capture_output: bool, text: bool,
+                timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, ...)``; a ``llamafactory-cli`` or ``llamafactory-hera`` command whose environment
+    allows it runs forked from a server that imported LLaMA-Factory once (tests/forked_cli.py: same entry point,
+    argv, environment, folder, output and exit code, without the 10-17 s of imports).
+    ``HERA_TESTS_FRESH_PROCESSES=1`` turns that off."""
+    from forked_cli import forkable, run_forked
+
+    assert capture_output and text
+    if command[0] in (CLI, HERA_CLI) and not os.environ.get("HERA_TESTS_FRESH_PROCESSES"):
+        base = _fork_server_env()
+        if forkable(env, base):
+            return run_forked(command, env, cwd, timeout, base)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def image_less_dataset(assets: TinyAssets, folder: Path) -> Path:

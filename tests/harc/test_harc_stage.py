@@ -106,17 +106,29 @@ def test_shipped_recipe_runs_whole_on_a_tiny_model_of_its_family(name: str, harc
     assert "Loaded adapter(s)" in proc.stdout + proc.stderr and len(json.loads(replies[-1][6:])) == 1
 
 
+@pytest.fixture(scope="module")
+def four_steps(harc_assets: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, 4 optimizer steps of gradient accumulation 2 (base extraction, a refresh at step 2, the ramp at
+    step 3), a checkpoint every 2 steps: the output_dir. The reference of the rank and resume tests."""
+    folder = tmp_path_factory.mktemp("four_steps")
+    output = folder / "out"
+    run_train(harc_recipe(harc_assets, "llama3", output, harc_eval=False, max_steps=4, save_steps=2), folder)
+    return output
+
+
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any, tmp_path: Path) -> None:
+def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any, four_steps: Path,
+                                                                tmp_path: Path) -> None:
     """One process with gradient accumulation 2 == two ranks (gloo DDP) == two ranks under DeepSpeed ZeRO-3, step for
     step, through the base extraction, a refresh and the ramp (directions and layers equal on every rank).
 
     ZeRO-2 gave the same losses in every CI run of 2026-11-23 that included it (4 runs); it is left out to keep the
     suite within CI's 15 minutes: ZeRO-3 is the harder case (weights gathered in every forward, generation in step),
     and tests/hera/test_deepspeed.py runs the shared DeepSpeed path under ZeRO-2."""
-    runs = {}
+    runs = {"one": _terms(four_steps)}
+    assert [line["harc_layers"] for line in read_trainer_log(four_steps) if "loss" in line][-1].count(",") == 3
     ds = REPO / "recipes" / "deepspeed"
-    for name, extra, ranks in (("one", {}, 1), ("ddp", {"gradient_accumulation_steps": 1}, 2),
+    for name, extra, ranks in (("ddp", {"gradient_accumulation_steps": 1}, 2),
                                ("zero3", {"gradient_accumulation_steps": 1, "deepspeed": str(ds / "ds_z3_config.json")},
                                 2)):
         output = tmp_path / name / "out"  # not the run's folder: a rerun after an abort at exit empties output_dir
@@ -134,11 +146,11 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
     assert refusal["harmful"]["count"] == 4 and refusal["before"]["pseudo"]["count"] == 4
 
 
-def test_resuming_from_a_checkpoint_continues_the_same_objective(harc_assets: Any, tmp_path: Path) -> None:
+def test_resuming_from_a_checkpoint_continues_the_same_objective(harc_assets: Any, four_steps: Path,
+                                                                tmp_path: Path) -> None:
     """A run resumed from its step-2 checkpoint (just after a refresh) logs the uninterrupted run's losses at steps 3
     and 4: the checkpoint carries the base and refreshed directions and the layers (harc_state.pt)."""
-    whole = tmp_path / "whole"
-    run_train(harc_recipe(harc_assets, "llama3", whole, harc_eval=False, max_steps=4, save_steps=2), tmp_path / "a")
+    whole = four_steps
     assert (whole / "checkpoint-2" / "harc_state.pt").is_file()
     resumed = tmp_path / "resumed"
     proc = run_train(harc_recipe(harc_assets, "llama3", resumed, harc_eval=False, max_steps=4, save_steps=2,

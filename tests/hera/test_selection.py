@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import base_recipe, offline_env, read_trainer_log, run_train
+from conftest import base_recipe, offline_env, read_trainer_log, run_command, run_train
 from llamafactory_hera.anatomy.metrics import mutual_knn
 from llamafactory_hera.anatomy.projection import find_o_proj_modules, head_contributions
 from llamafactory_hera.hera.selection import collect
@@ -111,8 +111,8 @@ def _write_recipe(assets, path: Path, family: str = "qwen3_vl", **overrides) -> 
 
 
 def _select(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([SELECT, "select", *args], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+    return run_command([SELECT, "select", *args], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True,
+                       text=True, timeout=300)
 
 
 def test_select_command_writes_recipe_record_and_heatmap(assets, tmp_path: Path) -> None:
