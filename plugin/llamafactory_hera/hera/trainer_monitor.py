@@ -5,8 +5,9 @@ Mixed into :class:`llamafactory_hera.hera.trainer.HeraTrainerMixin` (uses ``hera
 
 - A point at step 0 (before the first update: the "before" of ``select --report``), then at the steps
   ``hera_monitor_steps`` names. With ``null``: the logging steps (the eval steps when evaluation is on), each skipped
-  while the probes so far plus one more would exceed :data:`~llamafactory_hera.hera.monitor.BUDGET` of the training
-  time (rank 0's clock, broadcast so every rank decides alike).
+  while the probe pairs' teacher pass, the probes so far and one more would exceed
+  :data:`~llamafactory_hera.hera.monitor.BUDGET` of the training time (rank 0's clock, broadcast so every rank
+  decides alike). The point at step 0 is always scored.
 - Points are computed at the end of the optimizer step, after the update, on every rank with the same pairs (under
   ZeRO-3 every rank must take part in the forward); rank 0's values are broadcast, so all ranks log the same.
 - A point at a logging step goes into that step's training log (one line with ``loss``); at another step it is a
@@ -74,6 +75,7 @@ class HeraMonitorMixin:
         self._hera_monitor_started = 0.0
         self._hera_monitor_spent = 0.0  # seconds of probes since train() started
         self._hera_monitor_last = 0.0  # seconds of the latest probe
+        self._hera_monitor_prepared = 0.0  # seconds of the probe pairs' teacher pass (once, before step 1)
         self._hera_monitor_points = 0
         if probe is None:
             return
@@ -118,10 +120,13 @@ class HeraMonitorMixin:
         return max(1, int(state.max_steps) // 20), True
 
     def _hera_monitor_within_budget(self) -> bool:
-        """Whether one more probe keeps the probes within the budget of the training time (rank 0 decides)."""
+        """Whether one more probe keeps the monitor within the budget of the training time (rank 0 decides): the
+        probe pairs' teacher pass, the probes so far and one more (timed like the latest) against the time trained
+        since train began (probes excluded)."""
         elapsed = time.perf_counter() - self._hera_monitor_started
         spent = self._hera_monitor_spent
-        decision = [spent + self._hera_monitor_last <= BUDGET * max(elapsed - spent, 0.0)]
+        cost = self._hera_monitor_prepared + spent + self._hera_monitor_last
+        decision = [cost <= BUDGET * max(elapsed - spent, 0.0)]
         if _distributed():
             torch.distributed.broadcast_object_list(decision, src=0)
         return bool(decision[0])
@@ -136,7 +141,7 @@ class HeraMonitorMixin:
 
         processor = getattr(self.data_collator, "hera_image_processor", None) or load_image_processor(
             self.hera_args.hera_teacher)
-        monitor.prepare_teacher(self.hera_teacher, processor)
+        self._hera_monitor_prepared = monitor.prepare_teacher(self.hera_teacher, processor)
 
     def _hera_monitor_point(self) -> dict[str, float]:
         """Score the heads now (every rank; rank 0's values) and return the metrics."""
