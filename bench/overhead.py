@@ -121,7 +121,12 @@ def worker(args: argparse.Namespace) -> None:
 
     points = MonitorPoints()
     assets = build_bench_assets(Path(args.assets), num_images=args.images, preset=args.preset)
-    counters, unavailable = thread_counters() if args.counters else (None, "not asked for (--counters)")
+    if not args.counters:
+        counters, unavailable = None, "not asked for (--counters)"
+    elif args.device != "cpu":  # the driver's spin-wait in each synchronize would count as the thread's work
+        counters, unavailable = None, f"CPU runs only (--device {args.device})"
+    else:
+        counters, unavailable = thread_counters()
     timer = step_timer(counters)
     memory = StepMemory(args.warmup + 1)
     with tempfile.TemporaryDirectory() as out:

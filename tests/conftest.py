@@ -94,7 +94,7 @@ def harc_recipe(harc_assets: Any, family: str, output_dir: Path, **overrides: An
         "harc_validate_samples": 4, "harc_band": 1, "harc_refresh_steps": 2, "harc_layers_ramp_step": 3,
         "harc_eval_max_new_tokens": 8, "max_steps": 5, "gradient_accumulation_steps": 2, "learning_rate": 1e-3,
         "logging_steps": 1, "output_dir": str(output_dir), "overwrite_output_dir": True, "report_to": "none",
-        "plot_loss": False, "seed": 0, "disable_shuffling": True,
+        "plot_loss": False, "seed": 0, "disable_shuffling": True, "overwrite_cache": True,
     }
     recipe.update(overrides)
     return {k: v for k, v in recipe.items() if v is not None}

@@ -31,7 +31,9 @@ from typing import Any
 
 PRELOAD = ["forked_cli_preload"]  # tests/forked_cli_preload.py: what the server imports once
 READ_AFTER_IMPORT = {"HF_HOME", "MPLCONFIGDIR", "LLAMAFACTORY_HERA_CACHE", "FORCE_TORCHRUN", "NNODES",
-                     "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "TMPDIR", "PWD", "OLDPWD"}
+                     "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "TMPDIR", "PWD", "OLDPWD",
+                     # set by in-process runs of this worker (LLaMA-Factory's run_exp, accelerate), read when parsing
+                     "LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}
 _server_env: dict[str, str] | None = None
 
 
@@ -96,12 +98,14 @@ def _context(base_env: dict[str, str]) -> Any:
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        _server_env = base_env
+        _server_env = dict(base_env)
     return context
 
 
 def forkable(env: dict[str, str], base_env: dict[str, str]) -> bool:
-    """Whether a run with ``env`` may be forked from a server started with ``base_env``."""
+    """Whether a run with ``env`` may be forked from the server: started with ``base_env``, or with the environment
+    it was actually started with once it runs (this process's environment may have changed since)."""
+    base_env = _server_env if _server_env is not None else base_env
     keys = (set(env) | set(base_env)) - READ_AFTER_IMPORT
     return all(env.get(key) == base_env.get(key) for key in keys)
 

@@ -28,6 +28,7 @@ class FakeMonitor:
     def __init__(self, clock: Clock, seconds: float, prepare: float) -> None:
         self.clock, self.seconds, self.prepare = clock, seconds, prepare
         self.teacher_knn = None
+        self.device = torch.device("cpu")
 
     def prepare_teacher(self, teacher: Any, processor: Any) -> float:
         self.clock.now += self.prepare
@@ -120,3 +121,16 @@ def test_an_explicit_schedule_is_not_thinned(monkeypatch: pytest.MonkeyPatch) ->
         run.state.global_step = step
         run._hera_monitor_step(SimpleNamespace(should_log=False))
     assert run.scored == [0, 2, 4, 6, 8, 10]
+
+
+def test_a_second_train_call_charges_no_teacher_pass_it_did_not_make(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe pairs' features are kept by the trainer: a second ``train()`` skips the pass, and its budget must not
+    carry the first call's seconds (it would thin the second call's points for nothing)."""
+    clock = Clock()
+    monkeypatch.setattr(trainer_monitor.time, "perf_counter", clock)
+    run = Run(FakeMonitor(clock, 0.2, 3.0), 1, 10)
+    run._hera_monitor_prepare_teacher()
+    assert run._hera_monitor_prepared == 3.0
+    before = clock.now
+    run._hera_monitor_prepare_teacher()
+    assert run._hera_monitor_prepared == 0.0 and clock.now == before

@@ -102,6 +102,14 @@ def control_heads(aligned: list[HeadRef], num_heads: int, seed: int) -> list[Hea
     return sorted(chosen)
 
 
+def wait_for_device(device: Any) -> None:
+    """On a CUDA device, wait for the work queued so far, so that a clock read next measures only what follows. The
+    monitor calls it only when it scores or prepares, never on a step without a point."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
 def _gathered(module: nn.Module) -> Any:
     """Context in which a ZeRO-3 partitioned module's parameters are whole (a collective: every rank enters it)."""
     import contextlib
@@ -160,10 +168,12 @@ class AlignmentMonitor:
         """Teacher features of the probe pairs and their neighbours, kept for the run. Returns seconds taken."""
         import time
 
+        wait_for_device(self.device)  # work queued before is not the monitor's
         start = time.perf_counter()
         feats = collect.collect_teacher(teacher, image_processor, self.probe.pairs,
                                         teacher_batch_size(self.batch_size), progress=False)
         self.teacher_knn = teacher_neighbours(feats, self.k, self.device, self.clamp)
+        wait_for_device(self.device)
         return time.perf_counter() - start
 
     def _pooled(self, model: nn.Module) -> list[torch.Tensor]:

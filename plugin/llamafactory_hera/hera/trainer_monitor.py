@@ -7,7 +7,7 @@ Mixed into :class:`llamafactory_hera.hera.trainer.HeraTrainerMixin` (uses ``hera
   ``hera_monitor_steps`` names. With ``null``: the logging steps (the eval steps when evaluation is on), each skipped
   while the probe pairs' teacher pass, the probes so far and one more would exceed
   :data:`~llamafactory_hera.hera.monitor.BUDGET` of the training time (rank 0's clock, broadcast so every rank
-  decides alike). The point at step 0 is always scored.
+  decides alike). The point at step 0 of a fresh run is always scored (a resumed run starts after it).
 - Points are computed at the end of the optimizer step, after the update, on every rank with the same pairs (under
   ZeRO-3 every rank must take part in the forward); rank 0's values are broadcast, so all ranks log the same.
 - A point at a logging step goes into that step's training log (one line with ``loss``); at another step it is a
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from llamafactory_hera.hera.monitor import BUDGET, AlignmentMonitor, ProbeSet, control_heads
+from llamafactory_hera.hera.monitor import BUDGET, AlignmentMonitor, ProbeSet, control_heads, wait_for_device
 
 
 def _by_steps(strategy: Any) -> bool:
@@ -136,6 +136,7 @@ class HeraMonitorMixin:
         """Teacher features of the probe pairs, once, before the teacher may leave the device."""
         monitor = self.hera_monitor
         if monitor is None or monitor.teacher_knn is not None:
+            self._hera_monitor_prepared = 0.0  # computed by an earlier train() of this trainer: not this one's cost
             return
         from llamafactory_hera.hera.teacher import load_image_processor
 
@@ -146,6 +147,7 @@ class HeraMonitorMixin:
     def _hera_monitor_point(self) -> dict[str, float]:
         """Score the heads now (every rank; rank 0's values) and return the metrics."""
         assert self.hera_monitor is not None
+        wait_for_device(self.hera_monitor.device)  # the step's queued kernels are the step's time, not the point's
         start = time.perf_counter()
         scores = self.hera_monitor.score(self.model)
         if _distributed():
