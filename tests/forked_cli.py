@@ -102,11 +102,19 @@ def _context(base_env: dict[str, str]) -> Any:
     return context
 
 
+# Keys that the interpreter, torch, transformers, datasets, huggingface_hub, LLaMA-Factory or the plugin may read at
+# start-up or import: a run whose value differs from the server's start gets a fresh interpreter.
+IMPORT_TIME_PREFIXES = ("PYTHON", "HF_", "HUGGINGFACE", "TRANSFORMERS", "DATASETS", "TOKENIZERS", "LLAMAFACTORY",
+                        "TORCH", "PYTORCH", "OMP_", "MKL_", "KMP_", "CUDA", "NCCL", "XDG_", "HOME", "WANDB",
+                        "ACCELERATE", "DISABLE_VERSION_CHECK", "USE_", "MPL", "TMP", "TEMP", "LD_", "GRADIO", "PATH")
+
+
 def forkable(env: dict[str, str], base_env: dict[str, str]) -> bool:
-    """Whether a run with ``env`` may be forked from the server: started with ``base_env``, or with the environment
-    it was actually started with once it runs (this process's environment may have changed since)."""
+    """Whether a run with ``env`` may be forked from the server, compared with the environment the server started
+    with (``base_env`` before it runs). Keys outside :data:`IMPORT_TIME_PREFIXES` (say ``no_proxy`` or the ranks an
+    in-process run of this worker left in ``os.environ``) are read when used, from the child's own environment."""
     base_env = _server_env if _server_env is not None else base_env
-    keys = (set(env) | set(base_env)) - READ_AFTER_IMPORT
+    keys = {key for key in set(env) | set(base_env) if key.startswith(IMPORT_TIME_PREFIXES)} - READ_AFTER_IMPORT
     return all(env.get(key) == base_env.get(key) for key in keys)
 
 
