@@ -25,7 +25,10 @@ def run_worker(script: str, stage: str, device: str, options: list[str]) -> dict
     """Run ``script --worker stage *options`` in a new process and return the JSON of its last ``BENCH`` line;
     RuntimeError with the output's tails when it fails or prints none."""
     cmd = [sys.executable, script, "--worker", stage, *options]
-    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(BENCH)}
+    # this folder first, then the caller's path: on the GPU machine the plugin and LLaMA-Factory live in a target
+    # folder on PYTHONPATH (bench/gpu.sh), which a worker that replaced the variable could not import
+    path = os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": path}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
