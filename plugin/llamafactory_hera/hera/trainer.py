@@ -231,8 +231,9 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin, HeraMon
             self._hera_last_logged_step = self.state.global_step
         self.hera_capture.arm()
         try:
-            lm_loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                    num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            # LLaMA-Factory's ASFT path (use_asft_loss) returns the loss alone, whatever return_outputs says
+            lm_loss, outputs = result if isinstance(result, tuple) else (result, None)
         finally:
             reps = self.hera_capture.disarm(pooling_weights(token_mask), check_gradient=torch.is_grad_enabled())
         if reps is None:
