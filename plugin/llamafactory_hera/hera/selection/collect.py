@@ -241,6 +241,18 @@ def layer_weights(model: nn.Module) -> list[torch.Tensor]:
     return weights
 
 
+def release_memory(device: Any) -> None:
+    """Collect garbage (a model copy in a reference cycle outlives its last name) and give the device's cached
+    blocks back, so that what was deleted is really free for what loads next."""
+    import gc
+
+    gc.collect()
+    kind = torch.device(device).type
+    backend = getattr(torch, kind, None)
+    if kind != "cpu" and backend is not None and hasattr(backend, "empty_cache") and backend.is_available():
+        backend.empty_cache()
+
+
 def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off on ``device`` (pooling stays float32 inside a bf16 training forward); a no-op on a device type
     autocast does not know (the tests' simulated accelerator reports ``meta``)."""
