@@ -250,6 +250,7 @@ def test_answer_tail_is_the_templates_closing_text(tiny: dict[str, SimpleNamespa
     assert without_answer_tail(bare, tail) == bare  # nothing more is cut
 
 
+@pytest.mark.accelerator  # a device-placement check: `-m accelerator` must run it
 def test_coupling_reads_directions_kept_on_the_cpu_against_residuals_on_another_device() -> None:
     """The run's state keeps the directions on the CPU; on a GPU the residuals are CUDA tensors. The meta device
     stands in for it here: the directions must be moved to the residuals' device, not the other way round."""

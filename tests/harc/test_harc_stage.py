@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from engine_checks import assert_engine, evidence_env, read_evidence
 
 from conftest import REPO, harc_recipe, offline_env, read_trainer_log, run_train
 
@@ -135,9 +136,15 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
         # the end-of-run evaluation generates on every rank in step: run it under ZeRO-3, where that matters
         recipe = harc_recipe(harc_assets, "llama3", output, harc_eval=name == "zero3", max_steps=4, **extra)
         env = offline_env(tmp_path / name, **({"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2"}
-                                              if ranks == 2 else {}))
+                                              if ranks == 2 else {}), **evidence_env(tmp_path / name / "engine"))
         run_train(recipe, tmp_path / name, env=env)
         runs[name] = _terms(output)
+        # equal losses prove nothing if DeepSpeed silently fell back to DDP: the run's engine is what it says
+        engine = read_evidence(tmp_path / name / "engine", ranks=2)
+        assert_engine(engine, 3 if name == "zero3" else None)
+        if name == "ddp":
+            with pytest.raises(AssertionError):  # the check tells a DDP run from a ZeRO-3 one
+                assert_engine(engine, 3)
         assert [line["harc_layers"] for line in read_trainer_log(output) if "loss" in line][-1].count(",") == 3
     assert len(runs["one"]) == 4 and runs["one"][0][TERMS.index("harc_kl") + 1] == 0.0
     for name in ("ddp", "zero3"):

@@ -9,39 +9,53 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pytest
+from engine_checks import assert_engine, evidence_env, read_evidence
 
 from conftest import REPO, base_recipe, offline_env, read_trainer_log, run_train
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
 
-def _losses(assets, tmp: Path, deepspeed: str | None, precompute: str) -> list[tuple[float, ...]]:
+def _losses(assets, tmp: Path, deepspeed: str | None, precompute: str
+            ) -> tuple[list[tuple[float, ...]], list[dict[str, Any]]]:
     """Per step (loss, hera_loss, hera_temperature, hera_mknn, hera_mknn_control); the alignment monitor scores at
-    steps 0, 1 and 2 (every rank takes part in its forward; under ZeRO-3 the o_proj weights are gathered)."""
+    steps 0, 1 and 2 (every rank takes part in its forward; under ZeRO-3 the o_proj weights are gathered). And each
+    rank's engine evidence (tests/engine_checks.py), taken at its first training step."""
     recipe = base_recipe(assets, "qwen2_5_vl", tmp / "out", finetuning_type="full", per_device_train_batch_size=4,
                          max_steps=2, hera_temperature_lr=0.05, deepspeed=deepspeed, hera_teacher_precompute=precompute,
                          hera_monitor_steps=1, hera_k=3)
     # 900 s: on a busy 2-core CI machine one two-rank ZeRO-3 run with the monitor has come near 400 s
-    proc = run_train(recipe, tmp, env=offline_env(tmp, FORCE_TORCHRUN="1", NPROC_PER_NODE="2"), timeout=900)
+    env = offline_env(tmp, FORCE_TORCHRUN="1", NPROC_PER_NODE="2", **evidence_env(tmp / "engine"))
+    proc = run_train(recipe, tmp, env=env, timeout=900)
     output = proc.stdout + proc.stderr
     precomputed = "teacher features of 32 training images computed before the first step" in output
     assert precomputed == (precompute == "true") and precomputed == ("(16 on this rank)" in output)
     lines = read_trainer_log(tmp / "out")
     assert [line["current_steps"] for line in lines if "hera_mknn" in line] == [0, 1, 2]
     return [(line["loss"], line["hera_loss"], line["hera_temperature"], line["hera_mknn"], line["hera_mknn_control"])
-            for line in lines if "loss" in line]
+            for line in lines if "loss" in line], read_evidence(tmp / "engine", ranks=2)
 
 
 def test_zero2_and_zero3_train_hera_like_ddp(assets, tmp_path: Path) -> None:
     """ZeRO-3 also fills the teacher cache before step 1 (split over both ranks, all-gathered); DDP and ZeRO-2 run
     the teacher inside the steps: the same losses either way."""
-    runs = {name: _losses(assets, tmp_path / name, config, precompute) for name, config, precompute in (
+    runs, engines = {}, {}
+    for name, config, precompute in (
         ("ddp", None, "false"),
         ("zero2", str(REPO / "recipes" / "deepspeed" / "ds_z2_config.json"), "false"),
         ("zero3", str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json"), "true"),
-    )}
+    ):
+        runs[name], engines[name] = _losses(assets, tmp_path / name, config, precompute)
+    # equal losses prove nothing if DeepSpeed silently fell back to DDP: each run's engine is what it says
+    assert_engine(engines["ddp"], None)
+    assert_engine(engines["zero2"], 2)
+    assert_engine(engines["zero3"], 3)
+    for fallback, stage in (("ddp", 2), ("ddp", 3), ("zero2", 3)):  # the checks tell the engines apart
+        with pytest.raises(AssertionError):
+            assert_engine(engines[fallback], stage)
     assert len(runs["ddp"]) == 2
     for name in ("zero2", "zero3"):
         for got, want in zip(runs[name], runs["ddp"], strict=True):

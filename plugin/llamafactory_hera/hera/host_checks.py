@@ -91,6 +91,13 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
         raise ValueError(f"hera_select_num_heads: got {hera_args.hera_select_num_heads}; allowed range is 1.."
                          f"{geometry.num_layers * geometry.num_heads} (the heads of {model_args.model_name_or_path}).")
     check_teacher_source(hera_args.hera_teacher, hera_args.hera_teacher_feature)
+    if hera_args.auto_heads and getattr(training_args, "process_index", 0) == 0:
+        from llamafactory_hera.hera.selection.auto import short_ddp_timeout_warning
+
+        warning = short_ddp_timeout_warning(int(getattr(training_args, "world_size", 1)),
+                                            getattr(training_args, "ddp_timeout", None))
+        if warning:
+            print(warning, flush=True)
     geometry = contrastive_geometry(hera_args, training_args.per_device_train_batch_size, training_args.world_size)
     check_contrastive_geometry(geometry, hera_args)
 

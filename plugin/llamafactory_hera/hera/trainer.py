@@ -32,6 +32,7 @@ from llamafactory_hera.hera.run_summary import HeraRunSummary
 from llamafactory_hera.hera.teacher import load_teacher
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.temperature import TemperatureGradHandler, used_temperature
+from llamafactory_hera.hera.trainable_heads import check_heads_train
 from llamafactory_hera.hera.trainer_monitor import HeraMonitorMixin
 from llamafactory_hera.hera.trainer_state import HERA_STATE_NAME, TAU_OPTIMIZER_NAME, HeraStateMixin
 from llamafactory_hera.hera.trainer_stats import HeraStatsMixin
@@ -62,12 +63,15 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin, HeraMon
 
     def __init__(self, *args: Any, hera_args: HeraArguments,
                  hera_feature_cache: TeacherFeatureCache | None = None, hera_data_counts: Any = None,
-                 hera_probe: Any = None, hera_recipe_args: Any = None, **kwargs: Any) -> None:
+                 hera_probe: Any = None, hera_recipe_args: Any = None, hera_auto_heads: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.hera_args = hera_args
         model = self.model
         _check_same_heads_on_every_rank(list(hera_args.hera_heads))
         self.hera_geometry = attention_geometry(model.config)
+        # before anything else loads: heads no trainable weight can move would train only the temperature
+        check_heads_train(model, hera_args.head_refs, hera_auto_heads, getattr(self, "finetuning_args", None))
         self.hera_capture = HeadCapture(model, hera_args.head_refs, self.hera_geometry)
         device = self.args.device
         # float32 (teacher.TEACHER_DTYPE) whatever the model's dtype; precomputed, it leaves the GPU after its pass
@@ -231,8 +235,9 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin, HeraMon
             self._hera_last_logged_step = self.state.global_step
         self.hera_capture.arm()
         try:
-            lm_loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                    num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            # LLaMA-Factory's ASFT path (use_asft_loss) returns the loss alone, whatever return_outputs says
+            lm_loss, outputs = result if isinstance(result, tuple) else (result, None)
         finally:
             reps = self.hera_capture.disarm(pooling_weights(token_mask), check_gradient=torch.is_grad_enabled())
         if reps is None:

@@ -20,7 +20,7 @@ HERA_RUN_RECORD = "hera_run.json"
 
 
 def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int],
-                  data_counts: Any, probe: Any, recipe_args: Any) -> tuple[type, type]:
+                  data_counts: Any, probe: Any, recipe_args: Any, auto: bool) -> tuple[type, type]:
     from llamafactory_hera.hera.collator import HeraCollatorMixin
     from llamafactory_hera.hera.teacher import load_image_processor
     from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
@@ -34,7 +34,8 @@ def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int
     class HeraSeq2SeqTrainer(HeraTrainerMixin, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, hera_args=hera_args, hera_feature_cache=cache,
-                             hera_data_counts=data_counts, hera_probe=probe, hera_recipe_args=recipe_args, **kwargs)
+                             hera_data_counts=data_counts, hera_probe=probe, hera_recipe_args=recipe_args,
+                             hera_auto_heads=auto, **kwargs)
 
     return collator, HeraSeq2SeqTrainer
 
@@ -90,7 +91,8 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
     """Train (and evaluate) as ``run_sft`` does, with HeRA's collator and trainer; then HeRA's curves."""
     # the data checks first: an image-less dataset is named as such, not as too few pairs to select heads from
     rows, counts, aligned = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
-    if hera_args.auto_heads:
+    auto = hera_args.auto_heads
+    if auto:
         from llamafactory_hera.hera.selection.auto import resolve_auto_heads
         from llamafactory_hera.hera.selection.select import scoring_dtype
         from llamafactory_hera_patches.model_data import RecipeArgs
@@ -106,7 +108,7 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
 
     recipe_args = RecipeArgs(model_args, data_args, finetuning_args)
     probe = probe_set(hera_args, recipe_args, aligned, training_args.seed)  # before the model loads
-    collator, trainer = _hera_classes(host, hera_args, rows, counts, probe, recipe_args)
+    collator, trainer = _hera_classes(host, hera_args, rows, counts, probe, recipe_args, auto)
     if training_args.should_save:
         _write_run_record(training_args.output_dir, hera_args, (
             (model_args, ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),

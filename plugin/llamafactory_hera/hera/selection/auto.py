@@ -37,6 +37,23 @@ RECORD_NAME = "hera_selection.json"
 HEATMAP_NAME = "hera_selection.png"
 
 
+# rank 0 loads a model and scores every head while the other ranks wait in a collective for ddp_timeout seconds
+SHORT_DDP_TIMEOUT_S = 3 * 3600
+FITTING_DDP_TIMEOUT_S = 180000000  # the project's recipes
+
+
+def short_ddp_timeout_warning(world_size: int, ddp_timeout: int | None) -> str | None:
+    """The warning for ``hera_heads: auto`` on several ranks with a ``ddp_timeout`` the selection may outlast."""
+    if world_size <= 1 or ddp_timeout is None or ddp_timeout >= SHORT_DDP_TIMEOUT_S:
+        return None
+    others = world_size - 1
+    return (f"[llamafactory-hera] warning: hera_heads: auto scores the heads on rank 0 while the other {others} "
+            f"rank(s) wait for at most ddp_timeout: {ddp_timeout} s; loading a large model (after its first "
+            "download) and scoring can take longer, and the run then dies in a timeout. Set ddp_timeout: "
+            f"{FITTING_DDP_TIMEOUT_S} (as the recipes do), or list the heads of `llamafactory-hera select` in "
+            "hera_heads.")
+
+
 def cache_dir() -> Path:
     """Folder of cached selection results."""
     root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "llamafactory_hera")
@@ -103,6 +120,9 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
             with preserved_random_state(), zero3_init_disabled():  # score an unpartitioned copy on rank 0
                 result, cached = select_with_cache(args, options_for_training(hera_args, seed, device, dtype))
             _record(result, cached, output_dir)
+            from llamafactory_hera.hera.selection.collect import release_memory
+
+            release_memory(device)  # the scoring copy's blocks, before this rank loads the model it trains
             payload = [result.selected, None]
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
             payload = [None, f"{type(err).__name__}: {err}"]

@@ -10,6 +10,7 @@ Modes (paper §3.3):
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -131,7 +132,9 @@ class PooledInputRecorder:
                                    f"{None if self.weights is None else tuple(self.weights.shape)}")
             if self._pending[layer] is not None:
                 raise RuntimeError(f"o_proj of layer {layer} ran twice in one forward")
-            self._pending[layer] = torch.einsum("bt,btc->bc", self.weights.to(x.device), x.float())
+            with _without_autocast(x.device):  # the monitor's forward runs in training's autocast (bf16)
+                self._pending[layer] = torch.einsum("bt,btc->bc", self.weights.to(x.device, torch.float32),
+                                                    x.float())
 
         return hook
 
@@ -238,14 +241,38 @@ def layer_weights(model: nn.Module) -> list[torch.Tensor]:
     return weights
 
 
+def release_memory(device: Any) -> None:
+    """Collect garbage (a model copy in a reference cycle outlives its last name) and give the device's cached
+    blocks back, so that what was deleted is really free for what loads next."""
+    import gc
+
+    gc.collect()
+    kind = torch.device(device).type
+    backend = getattr(torch, kind, None)
+    if kind != "cpu" and backend is not None and hasattr(backend, "empty_cache") and backend.is_available():
+        backend.empty_cache()
+
+
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device`` (pooling stays float32 inside a bf16 training forward); a no-op on a device type
+    autocast does not know (the tests' simulated accelerator reports ``meta``)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
 def _last_logits_only(model: torch.nn.Module) -> dict[str, int]:
     """``logits_to_keep=1`` where the model's forward takes it: the full-vocabulary logits of a 7B MLLM's batch
-    (16 x 800 tokens x 152k x 2 bytes, about 3.9 GB) are never read by the scoring."""
+    (16 x 800 tokens x 152k x 2 bytes, about 3.9 GB, plus a float32 copy) are never read by the scoring.
+
+    Under PEFT the wrapper's forward takes ``**kwargs`` and passes them on: the base model's forward decides.
+    """
     import inspect
 
-    forward = getattr(model, "forward", None)
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    forward = getattr(base, "forward", None)
     try:
         return {"logits_to_keep": 1} if forward and "logits_to_keep" in inspect.signature(forward).parameters else {}
     except (TypeError, ValueError):
         return {}
-

@@ -336,6 +336,7 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: li
     device = options.resolved_device()
     model, tokenizer_module, template = load_in_scoring_dtype(recipe_args, device, options.dtype)
     geometry = attention_geometry(model.config)
+    dataset = collator = None
     if options.mode == "text":
         pooled = collect.collect_text(model, tokenizer_module["tokenizer"], pairs, options.batch_size, device,
                                       options.progress)
@@ -345,7 +346,8 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: li
         pooled = collect.collect_multimodal(model, dataset, collator, list(range(len(pairs))), options.batch_size,
                                             device, options.progress)
     weights = collect.layer_weights(model)
-    del model
+    del model, dataset, collator  # the collator holds the model (mRoPE): both go before the teacher loads
+    collect.release_memory(device)  # and the memory with them (under hera_heads: auto, rank 0 trains next)
     # float32 as in training, whatever the model's dtype (it was the model's: bf16 on a GPU, other neighbours than
     # training's, and with hera_heads: auto a second teacher left on the GPU)
     teacher = load_teacher(options.teacher, options.teacher_feature, device)

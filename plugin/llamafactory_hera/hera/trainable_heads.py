@@ -1,0 +1,50 @@
+"""Refuse a HeRA run whose heads no trainable weight can move.
+
+HeRA's gradient reaches a head through its layer's ``o_proj`` (the head's ``W_O`` columns, or a LoRA on it) and
+through whatever produces the ``o_proj`` input (the layer's attention projections and norm, earlier layers, the
+embeddings, the vision tower and projector). When none of these trains under the recipe (``finetuning_type: freeze``
+training only later layers, ``lora_target`` limited to later layers, a frozen language model without a trained
+projector), only the temperature moves while ``hera_loss`` is logged as if it worked. Checked once the model is
+loaded (its trainable set known) and before the first step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from llamafactory_hera.anatomy.capture import trainable_upstream
+from llamafactory_hera.anatomy.heads import HeadRef
+from llamafactory_hera.anatomy.projection import find_o_proj_modules
+
+
+def trainable_layers(model: nn.Module) -> list[int]:
+    """Decoder layers whose heads the recipe can train: their ``o_proj`` trains, or a trainable parameter feeds it."""
+    o_projs = find_o_proj_modules(model)
+    fed = trainable_upstream(model, list(range(len(o_projs))))
+    return [layer for layer, o_proj in enumerate(o_projs)
+            if fed[layer] or any(p.requires_grad for p in o_proj.parameters())]
+
+
+def check_heads_train(model: nn.Module, heads: list[HeadRef], auto: bool, finetuning_args: Any = None) -> None:
+    """Raise ``ValueError`` naming the heads no trainable parameter can move, and the fix."""
+    layers = trainable_layers(model)
+    stuck = [ref for ref in heads if ref.layer not in layers]
+    if not stuck:
+        return
+    def listed(refs: list[HeadRef]) -> str:
+        return "[" + ", ".join(str(ref) for ref in refs) + "]"
+
+    finetuning = getattr(finetuning_args, "finetuning_type", None)
+    how = {"freeze": "raise freeze_trainable_layers (or list the layers in freeze_trainable_modules)",
+           "lora": "add those layers' o_proj to lora_target (or use lora_target: all)"}.get(
+        str(finetuning), "unfreeze those layers (freeze_language_model: false)")
+    where = f"layers {layers}" if layers else "no layer (nothing in or before the language model trains)"
+    which = f"hera_heads: auto selected {listed(heads)}; {listed(stuck)} of them" if auto else \
+        f"hera_heads: {listed(stuck)}"
+    choose = "list heads of those layers in hera_heads" if auto else "choose heads there"
+    raise ValueError(
+        f"{which} cannot train under this recipe (finetuning_type: {finetuning}): their layer's o_proj is frozen and "
+        f"no trainable parameter feeds its input, so HeRA would move only the temperature. The recipe trains heads in "
+        f"{where}: {how}, or {choose}.")
