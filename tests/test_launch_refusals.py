@@ -2,7 +2,7 @@
 teacher) loaded, or with an unrelated message or a traceback. Each is now one line naming the key, the value and the
 fix, raised before anything loads, through LLaMA-Factory's real ``run_exp`` (``no_model_load`` fails the test if the
 model loads first). Shared checks: ``anatomy/launch_checks.py`` (raw recipe and environment), ``anatomy/run_checks.py``
-(parsed arguments)."""
+(parsed arguments). Each is one the command line prints alone (``short_errors.raised_by_plugin``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 
 from conftest import base_recipe, harc_recipe
 from llamafactory_hera.rah.demo import build_rah_recipe
+from llamafactory_hera.short_errors import raised_by_plugin
 
 STAGES = ("hera", "rah", "harc")
 
@@ -51,6 +52,7 @@ def _refused(recipe: dict[str, Any]) -> str:
         run_exp(recipe)
     message = str(error.value)
     assert "\n" not in message, message
+    assert raised_by_plugin(error.value), "llamafactory-cli would print a traceback, not the message alone"
     return message
 
 
