@@ -33,7 +33,7 @@ _TRUE = {"true", "1", "yes", "y", "on", "t"}  # accelerate's str_to_bool
 _STREAMING = {
     "hera": "accelerate's batch dispatcher concatenates a streamed dataset's batches, and HeRA's per-row list-valued "
             "batch keys (image paths, teacher rows) cannot be concatenated: TypeError at the first step, even on "
-            "one process; HeRA also checks every row's image and draws its pairs by row before training",
+            "one process",
     "rah": "RAH-LoRA draws its probe and calibration rows by index from the whole dataset",
     "harc": "HARC draws its extraction, validation and training rows by index from whole role datasets",
 }
