@@ -84,14 +84,19 @@ def training_args_for_reading(seed: int) -> Any:
     return args
 
 
-def load_aligned_rows(args: RecipeArgs, seed: int, dataset: list[str] | None = None) -> Any:
-    """The recipe's datasets in LLaMA-Factory's aligned format (``_prompt``, ``_response``, ``_images``)."""
+def load_aligned_rows(args: RecipeArgs, seed: int, dataset: list[str] | None = None, training_args: Any = None) -> Any:
+    """The recipe's datasets in LLaMA-Factory's aligned format (``_prompt``, ``_response``, ``_images``).
+
+    Inside a run pass its ``training_args`` (and call this under its ``main_process_first``): ranks other than each
+    node's first then read the datasets cache (LLaMA-Factory's ``local_process_index != 0`` rule), and no new training
+    arguments reset accelerate's state.
+    """
     loader = importlib.import_module("llamafactory.data.loader")
     names = dataset or args.data_args.dataset
     if not names:
         raise ValueError("dataset: the recipe names no dataset; head selection needs image-caption pairs.")
-    return loader._get_merged_dataset(names, args.model_args, args.data_args, training_args_for_reading(seed),
-                                      stage="sft")
+    return loader._get_merged_dataset(names, args.model_args, args.data_args,
+                                      training_args or training_args_for_reading(seed), stage="sft")
 
 
 def load_model_for_scoring(args: RecipeArgs, device: str) -> tuple[Any, dict[str, Any], Any]:

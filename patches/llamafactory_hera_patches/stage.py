@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from llamafactory_hera import short_errors
+from llamafactory_hera.anatomy.launch_checks import check_raw_launch
 from llamafactory_hera.anatomy.recipe_keys import raw_value
 from llamafactory_hera.anatomy.run_checks import check_stage
 from llamafactory_hera.methods import declared_methods
@@ -121,6 +122,7 @@ def apply(tuner: ModuleType) -> None:
             warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is "
                           f"'{method.stage}'.", stacklevel=2)
         method_args = method.load("parse_arguments")(own)
+        check_raw_launch(method.stage, host_args)  # precision, DeepSpeed path, FSDP, streaming: every method's
         method.load("check_raw_host_args")(host_args, method_args)
         original_get_train_args = tuner.get_train_args
         check_host_args = method.load("check_host_args")

@@ -2,10 +2,11 @@
 
 Each raises one ``ValueError`` naming the key, the value and the fix, where LLaMA-Factory would otherwise end the run
 later with a traceback: a dataset name missing from ``dataset_info.json`` (``Undefined dataset nope``), a dataset
-file without rows (``Instruction "train" corresponds to no data!``), an ``output_dir`` that cannot be created or
-written (a raw ``PermissionError`` / ``NotADirectoryError`` after loading), a ``template`` whose special tokens the
-model's tokenizer does not have (``IndexError: index out of range`` in the embedding), and a ``stage`` that is
-nobody's (``Unknown task``).
+file without rows (``Instruction "train" corresponds to no data!``) or that is not there (``File ... not found.``), a
+``resume_from_checkpoint`` that is no checkpoint (after the model loaded), FSDP however it was set (see
+:mod:`.launch_checks`), an ``output_dir`` that cannot be created or written (a raw ``PermissionError`` /
+``NotADirectoryError`` after loading), a ``template`` whose special tokens the model's tokenizer does not have
+(``IndexError: index out of range`` in the embedding), and a ``stage`` that is nobody's (``Unknown task``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.anatomy.launch_checks import check_fsdp_parsed
+
 DATA_CONFIG = "dataset_info.json"
 _EMPTY_TEXTS = ("", "[]", "{}")  # a JSON / JSONL dataset file with no row
+_NOT_FROM_FILE = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")  # LLaMA-Factory reads
+# an entry with any of these from there, not from file_name (data/parser.py)
 _SMALL_FILE = 64  # bytes: only files this small are read to tell whether they hold a row
 
 
@@ -75,6 +80,11 @@ def check_dataset_names(key: str, names: list[str], dataset_dir: str, fix: str =
                              f"{listed}).{hint} {advice}")
         entry = info[name] if isinstance(info[name], dict) else {}
         file_name = entry.get("file_name")
+        from_file = isinstance(file_name, str) and not any(key in entry for key in _NOT_FROM_FILE)
+        if from_file and not (Path(dataset_dir) / file_name).exists():
+            raise ValueError(f"{key}: dataset '{name}' is listed in {Path(dataset_dir) / DATA_CONFIG} with file_name: "
+                             f"{file_name}, but {Path(dataset_dir) / file_name} does not exist. Put the file there, "
+                             "or correct its file_name (relative to dataset_dir).")
         if isinstance(file_name, str) and _file_without_rows(Path(dataset_dir) / file_name):
             raise ValueError(f"{key}: dataset '{name}' has no rows: its file {Path(dataset_dir) / file_name} is "
                              "empty. Fill it (for HARC's roles: llamafactory-hera harc-data) or name another dataset.")
@@ -155,7 +165,24 @@ def check_template(model_args: Any, data_args: Any) -> None:
                      f"embeddings lack). {fix}, or resize_vocab: true to train new tokens.")
 
 
-def check_run_inputs(model_args: Any, data_args: Any, training_args: Any, datasets_used: bool = True) -> None:
+def check_resume(training_args: Any) -> None:
+    """A ``resume_from_checkpoint`` path names a Trainer checkpoint (the Trainer would fail on it only after the model
+    loaded); ``true`` (the last checkpoint of ``output_dir``) is left to the Trainer."""
+    value = getattr(training_args, "resume_from_checkpoint", None)
+    if not isinstance(value, str) or not value.strip():
+        return
+    path = Path(value).expanduser()
+    fix = ("Name a checkpoint folder of an earlier run (OUTPUT_DIR/checkpoint-N), or remove resume_from_checkpoint "
+           "(a run whose output_dir holds checkpoints resumes from the last one unless overwrite_output_dir: true).")
+    if not path.is_dir():
+        raise ValueError(f"resume_from_checkpoint: {value} is not a folder. {fix}")
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"resume_from_checkpoint: {value} is not a Trainer checkpoint (it has no trainer_state.json). "
+                         f"{fix}")
+
+
+def check_run_inputs(model_args: Any, data_args: Any, training_args: Any, datasets_used: bool = True, *,
+                     stage: str) -> None:
     """The checks every plugin stage runs right after LLaMA-Factory parsed the recipe (see the module doc).
 
     ``datasets_used=False``: the stage reads its rows from its own keys; ``dataset`` is still checked when given,
@@ -168,6 +195,8 @@ def check_run_inputs(model_args: Any, data_args: Any, training_args: Any, datase
                         str(data_args.dataset_dir))
     check_output_dir(getattr(training_args, "output_dir", None))
     check_template(model_args, data_args)
+    check_fsdp_parsed(stage, training_args)
+    check_resume(training_args)
 
 
 def check_stage(stage: Any, plugin_stages: list[str], host_stages: tuple[str, ...] | None) -> None:

@@ -103,7 +103,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                          "the model's chat template; set template (e.g. llama3, qwen).")
     if not str(data_args.dataset_dir).startswith(("REMOTE:", "ONLINE")):
         _check_datasets(str(data_args.dataset_dir), harc_args)
-    check_run_inputs(model_args, data_args, training_args, datasets_used=False)
+    check_run_inputs(model_args, data_args, training_args, datasets_used=False, stage="harc")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,

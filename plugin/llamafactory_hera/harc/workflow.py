@@ -75,7 +75,7 @@ def _loader(model_args: Any, data_args: Any, training_args: Any) -> Callable[[st
     from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
 
     recipe = RecipeArgs(model_args, data_args, None)
-    return lambda name: load_aligned_rows(recipe, training_args.seed, [name])
+    return lambda name: load_aligned_rows(recipe, training_args.seed, [name], training_args=training_args)
 
 
 def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
@@ -93,8 +93,11 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
 
     def get_dataset(template: Any, model_args: Any, data_args: Any, training_args: Any, stage: str = "sft",
                     tokenizer: Any = None, processor: Any = None, **_: Any) -> dict[str, Any]:
-        rows = load_role_rows(harc_args, _loader(model_args, data_args, training_args), template, tokenizer,
-                              training_args.seed, say)
+        # main process first, as LLaMA-Factory's own get_dataset: the other ranks then read the datasets cache
+        with training_args.main_process_first(desc="load HARC's role datasets",
+                                              local=not getattr(data_args, "data_shared_file_system", False)):
+            rows = load_role_rows(harc_args, _loader(model_args, data_args, training_args), template, tokenizer,
+                                  training_args.seed, say)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         stop = [tokenizer.convert_tokens_to_ids(word) for word in getattr(template, "stop_words", []) or []]
         run.rows, run.tokenizer = rows, tokenizer

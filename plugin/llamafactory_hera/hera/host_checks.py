@@ -57,6 +57,25 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: Her
                          "bf16: true, or set hera_learn_temperature: false.")
 
 
+def check_multimodal(model_args: Any, data_args: Any, config: Any) -> None:
+    """The model takes images and ``template`` has an image plugin (LLaMA-Factory's "This model does not support image
+    input" came after the tokenization otherwise)."""
+    from llamafactory_hera_patches.templates import template_tokens
+
+    kind = str(getattr(config, "model_type", "?"))
+    if getattr(config, "vision_config", None) is None:
+        raise ValueError(f"model_name_or_path: {model_args.model_name_or_path} is a text-only model ({kind}); stage: "
+                         "hera aligns a multimodal model's attention heads with an image teacher. Use an MLLM (e.g. "
+                         "Qwen/Qwen2.5-VL-7B-Instruct with template: qwen2_vl), or stage: sft.")
+    name = getattr(data_args, "template", None)
+    template = template_tokens().get(name) if name else None
+    if not name or (template is not None and not template.multimodal):
+        what = f"template: {name} has no image plugin" if name else "template: not set"
+        raise ValueError(f"{what}; stage: hera trains on image rows of {model_args.model_name_or_path} ({kind}), "
+                         "whose image tokens the template's plugin inserts. Set the model's multimodal template "
+                         "(e.g. qwen2_vl for Qwen2.5-VL, qwen3_vl for Qwen3-VL, llava for LLaVA-1.5).")
+
+
 def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
                        generating_args: Any, hera_args: HeraArguments) -> None:
     """Raise a clear ``ValueError`` for settings HeRA cannot honour; adjust gradient checkpointing.
@@ -65,7 +84,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     is read, so both fail in seconds, before the MLLM is loaded.
     """
     holders = {"data": data_args, "finetuning": finetuning_args, "model": model_args}
-    check_run_inputs(model_args, data_args, training_args)
+    check_run_inputs(model_args, data_args, training_args, stage="hera")
     for attribute, holder, why in _INCOMPATIBLE:
         if getattr(holders[holder], attribute, False):
             raise _incompatible(attribute, why)
@@ -74,13 +93,11 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
             f"stage: hera cannot run with quantization_bit: {model_args.quantization_bit} (HeRA reads W_O per head and "
             "needs an unquantized o_proj). Remove quantization_bit (use LoRA in bf16) or use stage: sft."
         )
-    if getattr(training_args, "fsdp", None):
-        raise ValueError("stage: hera does not support FSDP yet (the sharded o_proj weight cannot be sliced by head). "
-                         "Use DeepSpeed ZeRO-2 or a single process.")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
+    check_multimodal(model_args, data_args, config)
     geometry = attention_geometry(config)
     adapters = model_args.adapter_name_or_path
     check_adapter_fits(adapters if isinstance(adapters, list) else [adapters] if adapters else [],

@@ -58,10 +58,15 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
     from llamafactory_hera.hera.preflight import check_image_rows, count_image_rows
     from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
 
-    aligned = load_aligned_rows(RecipeArgs(model_args, data_args, finetuning_args), training_args.seed)
-    counts = count_image_rows(aligned)
-    check_image_rows(counts, data_args.dataset)
-    return image_rows(aligned, column="_images"), counts, aligned
+    # Main process first, as LLaMA-Factory loads a dataset: the others then read the datasets cache it wrote instead
+    # of aligning with preprocessing_num_workers processes each (and checking every image) at the same time.
+    with training_args.main_process_first(desc="align the dataset and check its images",
+                                          local=not getattr(data_args, "data_shared_file_system", False)):
+        aligned = load_aligned_rows(RecipeArgs(model_args, data_args, finetuning_args), training_args.seed,
+                                    training_args=training_args)
+        counts = count_image_rows(aligned)
+        check_image_rows(counts, data_args.dataset)
+        return image_rows(aligned, column="_images"), counts, aligned
 
 
 def _leave_together() -> None:

@@ -29,14 +29,26 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], rah_args: RahA
         raise ValueError("stage: rah takes no optimizer step and runs on one device; remove deepspeed.")
     if raw_value(host_args, "do_train") is not None and not truthy(raw_value(host_args, "do_train")):
         raise ValueError("stage: rah calibrates with llamafactory-cli train; set do_train: true.")
+    for key in ("packing", "neat_packing"):
+        value = raw_value(host_args, key)
+        if value is not None and truthy(value):
+            raise ValueError(f"{key}: {str(value).lower()} is not supported by stage: rah: it scores each calibration "
+                             "row's attention between its own text and image tokens, which packing several rows into "
+                             f"one sequence would mix. Remove {key}.")
+    resume = raw_value(host_args, "resume_from_checkpoint")
+    if resume not in (None, "") and not (isinstance(resume, bool) and not resume):
+        raise ValueError(f"resume_from_checkpoint: {resume} does not apply to stage: rah: the calibration takes no "
+                         "optimizer step and writes no checkpoint to resume (it runs whole, in minutes). Remove "
+                         "resume_from_checkpoint.")
 
 
 def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
                        generating_args: Any, rah_args: RahArguments) -> None:
     """Checks on the parsed arguments and the model's config (seconds, before the model loads); eager attention."""
     if getattr(training_args, "world_size", 1) > 1:
-        raise ValueError(f"stage: rah runs on one process (found {training_args.world_size}); the calibration is "
-                         "sequential and takes no optimizer step. Run it without torchrun / several GPUs.")
+        raise ValueError(f"stage: rah runs on one process (found {training_args.world_size}: llamafactory-cli starts "
+                         "one per visible GPU); the calibration is sequential and takes no optimizer step. Pin one "
+                         "GPU: CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE.")
     if getattr(model_args, "quantization_bit", None) is not None:
         raise ValueError(f"stage: rah cannot run with quantization_bit: {model_args.quantization_bit} (it edits V and "
                          "O weights per head). Remove quantization_bit.")
@@ -45,7 +57,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                          "(llamafactory-cli export) and calibrate the merged model.")
     if not data_args.dataset:
         raise ValueError("dataset: stage: rah needs unlabelled image-text rows to calibrate on; name a dataset.")
-    check_run_inputs(model_args, data_args, training_args)
+    check_run_inputs(model_args, data_args, training_args, stage="rah")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,

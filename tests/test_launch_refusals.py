@@ -1,0 +1,190 @@
+"""Issue 31 ("at scale"): inputs that used to pass the pre-flight and end the run late, after the model (and HeRA's
+teacher) loaded, or with an unrelated message or a traceback. Each is now one line naming the key, the value and the
+fix, raised before anything loads, through LLaMA-Factory's real ``run_exp`` (``no_model_load`` fails the test if the
+model loads first). Shared checks: ``anatomy/launch_checks.py`` (raw recipe and environment), ``anatomy/run_checks.py``
+(parsed arguments). Each is one the command line prints alone (``short_errors.raised_by_plugin``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import base_recipe, harc_recipe
+from llamafactory_hera.rah.demo import build_rah_recipe
+from llamafactory_hera.short_errors import raised_by_plugin
+
+STAGES = ("hera", "rah", "harc")
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a model or tokenizer fails the test (RAH loads through the offline tools' loader)."""
+    import llamafactory.model as model
+    import llamafactory.train.sft.workflow as workflow
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was loaded before the error")
+
+    for module in (workflow, model):
+        monkeypatch.setattr(module, "load_model", refuse)
+        monkeypatch.setattr(module, "load_tokenizer", refuse)
+
+
+def _recipe(stage: str, assets: Any, harc_assets: Any, out: Path, **overrides: Any) -> dict[str, Any]:
+    if stage == "hera":
+        recipe = base_recipe(assets, "qwen2_5_vl", out)
+    elif stage == "rah":
+        recipe = build_rah_recipe(assets, "qwen2_5_vl", out)
+    else:
+        recipe = harc_recipe(harc_assets, "llama3", out)
+    recipe.update(overrides)
+    return {k: v for k, v in recipe.items() if v is not None}
+
+
+def _refused(recipe: dict[str, Any]) -> str:
+    from llamafactory.train.tuner import run_exp
+
+    with pytest.raises(ValueError) as error:
+        run_exp(recipe)
+    message = str(error.value)
+    assert "\n" not in message, message
+    assert raised_by_plugin(error.value), "llamafactory-cli would print a traceback, not the message alone"
+    return message
+
+
+FSDP_SOURCES = {  # name -> (recipe overrides, environment, what the message starts with)
+    "fsdp key": ({"fsdp": "full_shard auto_wrap"}, {}, "fsdp: full_shard auto_wrap: "),
+    "fsdp_config key": ({"fsdp_config": {"fsdp_version": 2}}, {}, "fsdp_config: {'fsdp_version': 2}: "),
+    "accelerate FSDP1": ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
+                         "ACCELERATE_USE_FSDP=true (FSDP_VERSION=1), set by accelerate launch with an FSDP config: "),
+    "accelerate FSDP2": ({}, {"ACCELERATE_USE_FSDP": "1", "FSDP_VERSION": "2"},
+                         "ACCELERATE_USE_FSDP=1 (FSDP_VERSION=2), set by accelerate launch with an FSDP config: "),
+}
+
+
+@pytest.mark.parametrize("source", list(FSDP_SOURCES))
+@pytest.mark.parametrize("stage", STAGES)
+def test_fsdp_is_refused_for_every_stage_however_it_is_set(stage: str, source: str, assets: Any, harc_assets: Any,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           no_model_load: None) -> None:
+    """HeRA's check read ``training_args.fsdp`` only: ``accelerate launch`` with an FSDP config loaded the model and
+    the teacher and failed at the first projection; HARC and RAH-LoRA had no check at all."""
+    overrides, environment, start = FSDP_SOURCES[source]
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    message = _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", **overrides))
+    assert message.startswith(f"{start}stage: {stage} cannot run under FSDP ("), message
+    fix = "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train" if stage == "rah" else "DeepSpeed"
+    assert fix in message
+
+
+def test_fsdp_off_in_the_environment_is_not_refused() -> None:
+    from llamafactory_hera.anatomy.launch_checks import check_raw_launch
+
+    for value in ("false", "0", ""):
+        check_raw_launch("hera", {"fsdp": "", "fsdp_config": None}, {"ACCELERATE_USE_FSDP": value})
+    check_raw_launch("harc", ["--fsdp", ""], {"FSDP_VERSION": "2"})  # a version alone does not turn FSDP on
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_streaming_is_refused_naming_why(stage: str, assets: Any, harc_assets: Any, tmp_path: Path,
+                                         no_model_load: None) -> None:
+    """HeRA: accelerate's dispatcher concatenates streamed batches and HeRA's list-valued keys raise TypeError, even
+    on one process; HARC and RAH-LoRA ended in a bare StopIteration (they draw rows by index)."""
+    message = _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", streaming=True, max_steps=3,
+                               max_samples=None))
+    assert message.startswith(f"streaming: true is not supported by stage: {stage} ("), message
+    assert message.endswith("Remove streaming: the datasets are read once and cached on disk.")
+
+
+def _without_file(dataset_dir: Path, tmp_path: Path, name: str) -> tuple[Path, Path]:
+    copy = tmp_path / "data"
+    shutil.copytree(dataset_dir, copy)
+    missing = copy / json.loads((copy / "dataset_info.json").read_text())[name]["file_name"]
+    missing.unlink()
+    return copy, missing
+
+
+def _checkpointless(tmp_path: Path) -> str:
+    folder = tmp_path / "not_a_checkpoint"
+    folder.mkdir()
+    return str(folder)
+
+
+# (stage, overrides or a function of (assets, harc_assets, tmp_path) giving them, what the message starts with)
+BAD_INPUTS: dict[str, tuple[str, Any, str]] = {
+    "hera dataset file missing": ("hera", lambda a, h, t: {"dataset_dir": str(_without_file(a.dataset_dir, t,
+                                                                                             "hera_demo")[0])},
+                                  "dataset: dataset 'hera_demo' is listed in "),
+    "harc role file missing": ("harc", lambda a, h, t: {"dataset_dir": str(_without_file(h.dataset_dir, t,
+                                                                                          "harc_pseudo")[0])},
+                               "harc_pseudo: dataset 'harc_pseudo' is listed in "),
+    "hera on a text-only model": ("hera", lambda a, h, t: {"model_name_or_path": str(h.models["llama3"]),
+                                                           "template": "llama3"},
+                                  "model_name_or_path: "),
+    "hera without template": ("hera", {"template": None}, "template: not set; stage: hera trains on image rows"),
+    "hera with a text template": ("hera", {"template": "qwen"}, "template: qwen has no image plugin; stage: hera"),
+    "missing deepspeed config": ("hera", {"deepspeed": "/nonexistent/ds_z3_config.json"},
+                                 "deepspeed: /nonexistent/ds_z3_config.json is not a file. Point it at"),
+    "hera resume from nothing": ("hera", {"resume_from_checkpoint": "/nonexistent/checkpoint-5"},
+                                 "resume_from_checkpoint: /nonexistent/checkpoint-5 is not a folder. Name a"),
+    "harc resume from nothing": ("harc", {"resume_from_checkpoint": "/nonexistent/checkpoint-5"},
+                                 "resume_from_checkpoint: /nonexistent/checkpoint-5 is not a folder. Name a"),
+    "harc resume from a plain folder": ("harc", lambda a, h, t: {"resume_from_checkpoint": _checkpointless(t)},
+                                        "resume_from_checkpoint: "),
+    "fp16 and bf16": ("hera", {"fp16": True, "bf16": True}, "fp16: true and bf16: true: a run trains in one "),
+    "rah with packing": ("rah", {"packing": True}, "packing: true is not supported by stage: rah: "),
+    "rah with resume": ("rah", {"resume_from_checkpoint": "/nonexistent/checkpoint-5"},
+                        "resume_from_checkpoint: /nonexistent/checkpoint-5 does not apply to stage: rah: "),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_a_bad_input_is_one_line_before_loading(case: str, assets: Any, harc_assets: Any, tmp_path: Path,
+                                                no_model_load: None) -> None:
+    """Each used to end in a traceback or an unrelated message, several after the weights loaded (the issue's list);
+    RAH-LoRA ignored ``resume_from_checkpoint`` silently."""
+    stage, overrides, start = BAD_INPUTS[case]
+    if callable(overrides):
+        overrides = overrides(assets, harc_assets, tmp_path)
+    message = _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", **overrides))
+    assert message.startswith(start), message
+
+
+def test_a_not_quite_checkpoint_names_what_it_lacks(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from llamafactory_hera.anatomy.run_checks import check_resume
+
+    with pytest.raises(ValueError, match=r"is not a Trainer checkpoint \(it has no trainer_state.json\)"):
+        check_resume(SimpleNamespace(resume_from_checkpoint=_checkpointless(tmp_path)))
+    (tmp_path / "not_a_checkpoint" / "trainer_state.json").write_text("{}")
+    for fine in (str(tmp_path / "not_a_checkpoint"), True, None):
+        check_resume(SimpleNamespace(resume_from_checkpoint=fine))
+
+
+def test_a_deepspeed_config_given_inline_is_not_refused() -> None:
+    import base64
+
+    from llamafactory_hera.anatomy.launch_checks import check_precision_and_deepspeed
+
+    text = '{"zero_optimization": {"stage": 2}}'
+    for value in (text, base64.b64encode(text.encode()).decode(), "recipes/deepspeed/ds_z2_config.json"):
+        check_precision_and_deepspeed({"deepspeed": value})
+
+
+def test_rah_on_several_ranks_says_how_to_pin_one_gpu() -> None:
+    """``llamafactory-cli train`` starts one process per visible GPU: the refusal names the way to pin one."""
+    from types import SimpleNamespace
+
+    from llamafactory_hera.rah.args import RahArguments
+    from llamafactory_hera.rah.host_checks import validate_host_args
+
+    with pytest.raises(ValueError) as error:
+        validate_host_args(SimpleNamespace(), SimpleNamespace(), SimpleNamespace(world_size=8), SimpleNamespace(),
+                           SimpleNamespace(), RahArguments())
+    assert "found 8" in str(error.value) and "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train" in str(error.value)

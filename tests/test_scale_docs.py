@@ -1,0 +1,47 @@
+"""Issue 31 items 5 and 10: the one-GPU recipes and the methods' docs say how to pin one GPU (``llamafactory-cli
+train`` starts a process on every visible GPU: a one-GPU HeRA recipe on an 8-GPU node trains on 8x the samples per
+step at the same learning rate, HARC on 8x the rows with the same schedule, RAH-LoRA refuses), and the docs say that
+FSDP is refused and DeepSpeed ZeRO is the supported sharding."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from markdown_docs import read
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+PIN = "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train"
+
+
+def _header(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))]
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if not p.stem.endswith("_full")], ids=lambda p: p.name)
+def test_a_one_gpu_recipe_header_pins_one_gpu(path: Path) -> None:
+    header = _header(path)
+    assert any(line.startswith("# One GPU: llamafactory-cli starts a process on every visible GPU") for line in header)
+    runs = [line for line in header if f"llamafactory-cli train recipes/{path.name}" in line]
+    assert runs and all(PIN in line for line in runs), runs
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem.endswith("_full")], ids=lambda p: p.name)
+def test_an_eight_gpu_recipe_header_does_not_pin(path: Path) -> None:
+    header = "\n".join(_header(path))
+    assert "8 GPUs" in header and "CUDA_VISIBLE_DEVICES" not in header
+
+
+@pytest.mark.parametrize("doc", ["docs/hera.md", "docs/rah.md", "docs/harc.md"])
+def test_method_docs_pin_one_gpu_and_refuse_fsdp(doc: str) -> None:
+    text = read(doc)
+    assert any(line.startswith(f"{PIN} recipes/") for line in text.splitlines()), doc  # in a command block
+    prose = " ".join(text.split())
+    assert re.search(r"FSDP[^.]*(refused|`fsdp`, `fsdp_config`)", prose), doc
+    assert "ACCELERATE_USE_FSDP" in prose or "accelerate launch` with an FSDP config" in prose, doc
+    if doc != "docs/rah.md":  # RAH-LoRA runs on one process, DeepSpeed refused too
+        assert re.search(r"DeepSpeed ZeRO(-2/3)? is the supported sharding", prose), doc
