@@ -143,3 +143,27 @@ def test_a_failed_plain_run_and_a_killed_one_are_refused(assets, tmp_path: Path,
     with pytest.raises(ValueError, match=r"llamafactory_hera_run.json says status: running \(killed, or still "
                                          r"training\)"):
         read_pair(tmp_path / "killed", None, base=True)
+
+
+def test_a_failed_runs_own_record_is_marked_but_an_older_runs_is_not(tmp_path: Path) -> None:
+    """What the stage patch does when a run raises, for RAH-LoRA's record (a calibration that changed no weight
+    writes rah_profile.json, then raises): the record this run wrote is marked failed; one an earlier run left in the
+    folder, untouched by this run, is not rewritten."""
+    import os
+
+    from llamafactory_hera.anatomy.run_record import write_ended, write_started
+    from llamafactory_hera.rah.method import METHOD
+
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "rah_profile.json").write_text(json.dumps({"identity": {}}), encoding="utf-8")
+    os.utime(older / "rah_profile.json", ns=(1, 1))
+    for folder, marked in ((tmp_path / "this", True), (older, False)):
+        path = write_started(folder, "rah", {"seed": 0})
+        if marked:
+            (folder / "rah_profile.json").write_text(json.dumps({"identity": {}}), encoding="utf-8")
+        write_ended(path, ValueError("RAH-LoRA changed no weight: 0 of 5 targets calibrated\nmore"), METHOD.records)
+        profile = json.loads((folder / "rah_profile.json").read_text(encoding="utf-8"))
+        assert (profile.get("status") == "failed") == marked, folder
+        error = json.loads(path.read_text(encoding="utf-8"))["error"]
+        assert error == "ValueError: RAH-LoRA changed no weight: 0 of 5 targets calibrated"
