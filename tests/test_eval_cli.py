@@ -26,7 +26,7 @@ import pytest
 from conftest import base_recipe, harc_recipe, mixed_size_dataset, offline_env
 
 EVAL = str(Path(sys.executable).with_name("llamafactory-hera"))
-REPORTS = ("eval_report.json", "eval_report.md", "eval_report.png")
+REPORT_SUFFIXES = (".json", ".md", ".png")
 TASK_FOLDERS = "llamafactory_hera_eval_tasks_*"  # backends._demo_folder's prefix
 HEAVY = ("torch", "transformers", "llamafactory", "lmms_eval", "lm_eval")  # loaded by no one-line error
 
@@ -55,10 +55,12 @@ def ok(evaluated: Evaluated) -> None:
     assert not evaluated.left_in_tmp, evaluated.left_in_tmp
 
 
-def report(run_dir: Path) -> dict[str, Any]:
-    for name in REPORTS:
-        assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
-    return json.loads((run_dir / "eval_report.json").read_text(encoding="utf-8"))
+def report(run_dir: Path, stem: str) -> dict[str, Any]:
+    """The comparison's report (``eval_report_vs_base``, ``eval_report_vs_<baseline folder>``), its three files."""
+    for suffix in REPORT_SUFFIXES:
+        path = run_dir / f"{stem}{suffix}"
+        assert path.is_file() and path.stat().st_size > 0, path.name
+    return json.loads((run_dir / f"{stem}.json").read_text(encoding="utf-8"))
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -106,7 +108,7 @@ def train(recipe: dict[str, Any]) -> None:
 @pytest.fixture(scope="module")
 def hera_pair(assets, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 1-step HeRA run on the tiny Qwen2.5-VL, on images of mixed sizes, and its twin: the same recipe as a plain
-    ``stage: sft`` run of ``llamafactory-cli`` (which records no template: the eval takes the run's)."""
+    ``stage: sft`` run of ``llamafactory-cli`` (recorded by the plugin's llamafactory_hera_run.json)."""
     tmp = tmp_path_factory.mktemp("eval_hera")
     data = {"max_steps": 1, "dataset_dir": str(mixed_size_dataset(assets, tmp / "data"))}
     train(base_recipe(assets, "qwen2_5_vl", tmp / "hera", **data))
@@ -135,10 +137,11 @@ def hera_evals(hera_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFa
     run_dir, twin = hera_pair
     tmp = tmp_path_factory.mktemp("eval_hera_runs")
     first = run_eval(tmp, str(run_dir), "--baseline", str(twin), "--tasks", "demo,mmvp")
-    first_record, first_markdown = report(run_dir), (run_dir / "eval_report.md").read_text(encoding="utf-8")
+    first_record = report(run_dir, "eval_report_vs_twin")
+    first_markdown = (run_dir / "eval_report_vs_twin.md").read_text(encoding="utf-8")
     rerun = run_eval(tmp, str(run_dir), "--baseline", str(twin), "--tasks", "demo")
     print(f"hera vs twin on demo,mmvp: {first.seconds:.1f} s; cached demo rerun {rerun.seconds:.1f} s")
-    return HeraEvals(run_dir, twin, first, first_record, first_markdown, rerun, report(run_dir))
+    return HeraEvals(run_dir, twin, first, first_record, first_markdown, rerun, report(run_dir, "eval_report_vs_twin"))
 
 
 def test_hera_run_against_its_twin_on_the_demo(hera_evals: HeraEvals) -> None:
@@ -195,8 +198,15 @@ def test_the_demo_images_are_of_mixed_sizes_and_its_answers_long(hera_evals: Her
     assert all(r["run"] is not None for r in hera_evals.first_record["rows"])
 
 
-def test_the_twin_alone_needs_a_template(hera_pair: tuple[Path, Path], capsys, monkeypatch) -> None:
-    line = error_in_process(capsys, monkeypatch, str(hera_pair[1]), "--tasks", "demo")
+def test_a_twin_without_a_record_alone_needs_a_template(hera_pair: tuple[Path, Path], tmp_path: Path, capsys,
+                                                         monkeypatch) -> None:
+    """The plugin's run record names the twin's template; a twin trained without the plugin (its adapter alone)
+    needs --template."""
+    from llamafactory_hera.evaluation.runs import read_run
+
+    assert read_run(hera_pair[1], "run", trained=True).recipe["template"] == "qwen2_vl"
+    (tmp_path / "adapter_config.json").write_bytes((hera_pair[1] / "adapter_config.json").read_bytes())
+    line = error_in_process(capsys, monkeypatch, str(tmp_path), "--tasks", "demo")
     assert "records no template" in line and "--template" in line
 
 
@@ -209,7 +219,7 @@ def test_rah_adapter_against_its_base(assets, tmp_path: Path) -> None:
     train({**build_rah_recipe(assets, "llava", tmp_path / "rah"), **forced})
     evaluated = run_eval(tmp_path, str(tmp_path / "rah"), "--base", "--tasks", "demo")
     ok(evaluated)
-    record = report(tmp_path / "rah")
+    record = report(tmp_path / "rah", "eval_report_vs_base")
     assert record["run"]["stage"] == "rah" and record["baseline"]["trained"] is False
     assert "adapter" in record["run"]["model"] and "adapter" not in record["baseline"]["model"]
     assert all(r["run"] is not None and r["baseline"] is not None for r in record["rows"])
@@ -220,13 +230,13 @@ def test_harc_run_against_its_base(harc_assets, tmp_path: Path) -> None:
     train(harc_recipe(harc_assets, "qwen2", tmp_path / "harc", harc_eval=False))
     evaluated = run_eval(tmp_path, str(tmp_path / "harc"), "--base", "--tasks", "demo", "--batch-size", "4")
     ok(evaluated)
-    record = report(tmp_path / "harc")
+    record = report(tmp_path / "harc", "eval_report_vs_base")
     metrics = {(r["group"], r["task"], r["metric"]) for r in record["rows"]}
     assert ("Demo", "llamafactory_hera_demo_text", "acc") in metrics
     assert ("Refusal", "harc_refusal", "refusal_rate_harmful") in metrics
     assert ("Refusal", "harc_refusal", "refusal_rate_pseudo") in metrics
     assert all(r["run"] is not None and r["baseline"] is not None for r in record["rows"])
-    assert "## Refusal" in (tmp_path / "harc" / "eval_report.md").read_text(encoding="utf-8")
+    assert "## Refusal" in (tmp_path / "harc" / "eval_report_vs_base.md").read_text(encoding="utf-8")
     print(f"harc vs base: {evaluated.seconds:.1f} s")
 
 

@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from llamafactory_hera import short_errors
+from llamafactory_hera.anatomy import run_record
 from llamafactory_hera.anatomy.launch_checks import check_raw_launch
 from llamafactory_hera.anatomy.recipe_keys import raw_value
 from llamafactory_hera.anatomy.run_checks import check_stage
@@ -116,31 +117,66 @@ def apply(tuner: ModuleType) -> None:
                 if ignored:
                     warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is not "
                                   f"'{other.stage}' (this is how a recipe's baseline twin runs).", stacklevel=2)
-            return original_training_function(config)
-        own, ignored = keys_of(method, method_raw)
-        if ignored:
-            warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is "
-                          f"'{method.stage}'.", stacklevel=2)
-        method_args = method.load("parse_arguments")(own)
-        check_raw_launch(method.stage, host_args)  # precision, DeepSpeed path, FSDP, streaming: every method's
-        method.load("check_raw_host_args")(host_args, method_args)
-        original_get_train_args = tuner.get_train_args
-        check_host_args = method.load("check_host_args")
-        run = method.load("run")
-        host = SFTWorkflow(workflow, ploting.smooth)
-
-        def get_train_args(args: Any = None) -> Any:
-            parsed = original_get_train_args(args)
-            check_host_args(*parsed, method_args)
-            return parsed
-
-        def run_method(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
-                       generating_args: Any, callbacks: Any = None) -> None:
-            return run(host, model_args, data_args, training_args, finetuning_args, generating_args, callbacks,
-                       method_args)
-
-        with _swapped(tuner, get_train_args=get_train_args, run_sft=run_method):
+            with _recorded(tuner, str(raw_value(host_args, "stage") or "sft"), None, ()):
+                return original_training_function(config)
+        check, run_method = _method_parts(method, method_raw, host_args, SFTWorkflow(workflow, ploting.smooth))
+        with _recorded(tuner, method.stage, check, method.records), _swapped(tuner, run_sft=run_method):
             return original_training_function(config)
 
     tuner._training_function = training_function
     tuner._hera_patched = True
+
+
+def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,
+                  host: SFTWorkflow) -> tuple[Callable[..., None], Callable[..., None]]:
+    """(the method's checks of the parsed arguments, its run in place of ``run_sft``), after its raw checks."""
+    own, ignored = keys_of(method, method_raw)
+    if ignored:
+        warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is "
+                      f"'{method.stage}'.", stacklevel=2)
+    method_args = method.load("parse_arguments")(own)
+    check_raw_launch(method.stage, host_args)  # precision, DeepSpeed path, FSDP, streaming: every method's
+    method.load("check_raw_host_args")(host_args, method_args)
+    check_host_args = method.load("check_host_args")
+    run = method.load("run")
+
+    def check(*parsed: Any) -> None:
+        check_host_args(*parsed, method_args)
+
+    def run_method(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
+                   generating_args: Any, callbacks: Any = None) -> None:
+        return run(host, model_args, data_args, training_args, finetuning_args, generating_args, callbacks,
+                   method_args)
+
+    return check, run_method
+
+
+@contextlib.contextmanager
+def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
+              method_records: tuple[str, ...]) -> Iterator[None]:
+    """``get_train_args`` for the run's duration: LLaMA-Factory's parse, the method's ``check`` of it, then the run's
+    :mod:`~llamafactory_hera.anatomy.run_record` (every stage, by the saving rank) written ``running``; marked
+    ``finished`` or ``failed`` when the run ends. A recipe refused by a check records nothing (an earlier run's
+    record in ``output_dir`` is left as it was)."""
+    written: list[Any] = []
+    parse = tuner.get_train_args
+
+    def get_train_args(args: Any = None) -> Any:
+        parsed = parse(args)
+        if check is not None:
+            check(*parsed)
+        model_args, data_args, training_args, finetuning_args = parsed[:4]
+        if getattr(training_args, "should_save", True) and getattr(training_args, "output_dir", None):
+            written.append(run_record.write_started(training_args.output_dir, stage, run_record.loading_keys(
+                model_args, data_args, finetuning_args, training_args)))
+        return parsed
+
+    with _swapped(tuner, get_train_args=get_train_args):
+        try:
+            yield
+        except BaseException as err:
+            for path in written:
+                run_record.write_ended(path, err, method_records)
+            raise
+    for path in written:
+        run_record.write_ended(path, None)

@@ -58,6 +58,7 @@ class Method:
     log_keys: tuple[str, ...]  # metrics the method logs, merged into trainer_log.jsonl ("x/": every "x/..." key)
     panel: str | None = None
     add_cli_verbs: str | None = None
+    records: tuple[str, ...] = ()  # files the run writes into output_dir that say a run happened (marked if it fails)
 
     def load(self, field: str) -> Any:
         """Import what ``field`` names (``"module:attribute"``)."""

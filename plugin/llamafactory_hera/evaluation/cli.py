@@ -92,12 +92,17 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any]) -> None:
     from llamafactory_hera.anatomy.board_log import say
-    from llamafactory_hera.evaluation.report import REPORT_JSON, REPORT_MD, REPORT_PNG, write_reports
+    from llamafactory_hera.evaluation.report import write_reports
     from llamafactory_hera.evaluation.runner import evaluate_model
 
     names = ", ".join(t.name for t in tasks)
     say(f"eval: {len(tasks)} task{'s' if len(tasks) != 1 else ''} ({names}) on {run.title}"
         + (f" against {baseline.title}" if baseline else ""))
+    for spec in (run, baseline):
+        if spec is not None and spec.inherited:
+            say(f"eval: {spec.label} {spec.run_dir} recorded no {', '.join(spec.inherited)}; loading it with "
+                + ", ".join(f"{k}: {v}" for k, v in spec.inherited.items())
+                + (" (the other model's)" if baseline is not None else " (--template)"))
     rows_from = run  # the refusal task reads the run's held-out rows for both models
     outcomes = [evaluate_model(run, rows_from, tasks, args.run_dir, args.limit, args.batch_size, say)]
     if baseline is not None:
@@ -109,7 +114,11 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
         base = "" if row["baseline"] is None else f" vs {row['baseline']:.4g}"
         value = "–" if row["run"] is None else f"{row['run']:.4g}"
         print(f"  {row['group']:<14} {row['task']:<32} {row['metric']:<24} {value}{base}{delta}")
-    say(f"eval: {REPORT_JSON}, {REPORT_MD} and {REPORT_PNG} in {args.run_dir}")
+    old = record["replaces"]
+    if old:
+        say(f"eval: replaced {old['file']} and its .md / .png (of {old.get('created')}, tasks {old.get('tasks_spec')}, "
+            f"against {old.get('baseline') or 'nothing'})")
+    say(f"eval: {', '.join(record['files'])} in {args.run_dir}")
     failed = {f"{o.spec.label}/{task}": line for o in outcomes for task, line in o.failures.items()}
     if failed:
         first = next(iter(failed.items()))

@@ -15,6 +15,21 @@ from typing import Any
 
 from llamafactory_hera.evaluation.runs import ModelSpec
 
+PIN = "CUDA_VISIBLE_DEVICES=0 llamafactory-hera eval ..."
+
+
+def device_note() -> str | None:
+    """A line when several GPUs are visible: LLaMA-Factory's ``get_infer_args`` loads with ``device_map: auto``,
+    which splits a model across every visible GPU (layers as a pipeline, one GPU at work at a time, batch size 1 for
+    MLLMs): a model that fits one GPU runs faster pinned to it."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count <= 1:
+        return None
+    return (f"eval: {count} GPUs visible: the model is loaded with device_map: auto, split across all {count} (a "
+            f"pipeline, one GPU at work at a time); a model that fits one GPU runs faster pinned to it: {PIN}")
+
 
 def load_engine(spec: ModelSpec) -> Any:
     """``HuggingfaceEngine`` for ``spec`` (model in eval mode, tokenizer, processor, template, generating args)."""

@@ -1,10 +1,15 @@
-"""``eval_report.json``, ``eval_report.md`` and ``eval_report.png``: the run against its baseline, task by task,
-grouped as the paper groups its benchmarks (Vision-Centric, General, Knowledge, OCR & Chart, Hallucination; text
-runs: Capability, Refusal)."""
+"""``eval_report*.json``, ``.md`` and ``.png``: the run against its baseline, task by task, grouped as the paper
+groups its benchmarks (Vision-Centric, General, Knowledge, OCR & Chart, Hallucination; text runs: Capability,
+Refusal).
+
+One report per comparison, named after it (:func:`report_stem`): ``eval_report_vs_base`` (``--base``),
+``eval_report_vs_<baseline folder>`` (``--baseline``), ``eval_report`` (the run alone). A rerun of the same
+comparison replaces its report and says so (the record's ``replaces``)."""
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,7 +17,8 @@ from typing import Any
 from llamafactory_hera.evaluation.presets import PlannedTask
 from llamafactory_hera.evaluation.runner import Outcome
 
-REPORT_JSON, REPORT_MD, REPORT_PNG = "eval_report.json", "eval_report.md", "eval_report.png"
+REPORT_STEM = "eval_report"
+SUFFIXES = (".json", ".md", ".png")
 GROUP_ORDER = ("Vision-Centric", "General", "Knowledge", "OCR & Chart", "Hallucination", "Capability", "Refusal",
                "Demo", "Other")
 
@@ -43,6 +49,11 @@ def _markdown(record: dict[str, Any]) -> str:
              f"- run: `{record['run']['model']}` (stage {record['run']['stage']})"]
     if record["baseline"]:
         lines.append(f"- baseline: `{record['baseline']['model']}` ({record['baseline']['title']})")
+    for side in ("run", "baseline"):
+        taken = (record[side] or {}).get("inherited")
+        if taken:
+            lines.append(f"- {side} recorded no {', '.join(taken)}: loaded with "
+                         + ", ".join(f"{k}: {v}" for k, v in taken.items()) + " (the other model's, or --template)")
     lines += [f"- tasks: {record['tasks_spec']}" + (f" (limit {record['limit']} examples per task)"
                                                    if record["limit"] else ""), ""]
     for group in dict.fromkeys(row["group"] for row in record["rows"]):
@@ -95,9 +106,32 @@ def _plot(record: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def report_stem(baseline: Any) -> str:
+    """The reports' file name without suffix, after the comparison (``baseline``: a ModelSpec or None)."""
+    if baseline is None:
+        return REPORT_STEM
+    if not baseline.trained:
+        return f"{REPORT_STEM}_vs_base"
+    return f"{REPORT_STEM}_vs_{re.sub(r'[^A-Za-z0-9._-]+', '_', baseline.run_dir.name) or 'baseline'}"
+
+
+def _replaced(path: Path) -> dict[str, Any] | None:
+    """What an existing report at ``path`` held (when, which tasks, against what), or None."""
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {"file": path.name}
+    against = (old.get("baseline") or {}).get("run_dir")
+    return {"file": path.name, "created": old.get("created"), "tasks_spec": old.get("tasks_spec"),
+            "baseline": ("base" if not (old.get("baseline") or {}).get("trained", True) else against)}
+
+
 def write_reports(run_dir: Path, tasks_spec: str, tasks: list[PlannedTask], run: Outcome, baseline: Outcome | None,
                   limit: int | None) -> dict[str, Any]:
-    """Write the three reports into ``run_dir``; return the JSON record."""
+    """Write the three reports of this comparison into ``run_dir``; return the JSON record (``files``: their names;
+    ``replaces``: what the replaced report of the same name held, or None)."""
     from llamafactory_hera.evaluation.runner import _describe
 
     def who(outcome: Outcome | None) -> dict[str, Any] | None:
@@ -106,12 +140,18 @@ def write_reports(run_dir: Path, tasks_spec: str, tasks: list[PlannedTask], run:
         spec = outcome.spec
         return {"title": spec.title, "run_dir": str(spec.run_dir), "stage": spec.stage, "model": _describe(spec),
                 "trained": spec.trained, "cached_tasks": outcome.cached,
+                "loading": {k: v for k, v in spec.recipe.items() if k not in ("model_name_or_path",
+                                                                              "adapter_name_or_path")},
+                "inherited": spec.inherited,
                 "seconds": {name: r.get("seconds") for name, r in outcome.results.items()}}
 
+    stem = report_stem(baseline.spec if baseline is not None else None)
+    files = [stem + suffix for suffix in SUFFIXES]
     record = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "tasks_spec": tasks_spec, "limit": limit,
               "run": who(run), "baseline": who(baseline), "rows": report_rows(tasks, run, baseline),
-              "failed": {o.spec.label: o.failures for o in (run, baseline) if o is not None and o.failures}}
-    (run_dir / REPORT_JSON).write_text(json.dumps(record, indent=2), encoding="utf-8")
-    (run_dir / REPORT_MD).write_text(_markdown(record), encoding="utf-8")
-    _plot(record, run_dir / REPORT_PNG)
+              "failed": {o.spec.label: o.failures for o in (run, baseline) if o is not None and o.failures},
+              "files": files, "replaces": _replaced(run_dir / files[0])}
+    (run_dir / files[0]).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    (run_dir / files[1]).write_text(_markdown(record), encoding="utf-8")
+    _plot(record, run_dir / files[2])
     return record

@@ -60,8 +60,11 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
             continue
         try:
             if engine is None:
-                from llamafactory_hera.evaluation.engine import load_engine
+                from llamafactory_hera.evaluation.engine import device_note, load_engine
 
+                note = device_note()
+                if note:
+                    say(note)
                 say(f"eval: loading the {spec.label} model ({_describe(spec)})")
                 engine = load_engine(spec)
             result = run_task(engine, spec, rows_from, task, limit, batch_size, spec.label)

@@ -2,13 +2,20 @@
 
 A run records its recipe in one of (first found wins):
 
+- ``llamafactory_hera_run.json``: the loading keys of every run the plugin saw (any stage, ``sft`` included) and
+  whether it finished (:mod:`llamafactory_hera.anatomy.run_record`); a run that did not finish is refused. A HARC
+  run's own keys still come from ``harc_run.json`` (or ``training_args.yaml``);
 - ``training_args.yaml``: the whole recipe, written by LlamaBoard for every run it starts (any stage);
 - ``hera_run.json`` (``stage: hera``): the HeRA keys and a ``host`` section (model, adapters, template, data);
 - ``rah_profile.json`` (``stage: rah``): the calibration record, whose ``identity`` names model, template, data;
 - ``harc_run.json`` (``stage: harc``): the HARC keys and a ``host`` section, as HeRA's;
-- none of these: a plain ``stage: sft`` LoRA run of ``llamafactory-cli train`` records only its base model
-  (``adapter_config.json``'s ``base_model_name_or_path``), not its template: ``--template`` gives it, and a baseline
-  run without one takes the run's (the twin of a run is the same model family).
+- none of these (a plain ``stage: sft`` LoRA run trained without the plugin, or before it kept a record): only its
+  base model is known (``adapter_config.json``'s ``base_model_name_or_path``), not its template: ``--template``
+  gives it, and a baseline run without one takes the run's (the twin of a run is the same model family).
+
+A run and its ``--baseline`` must be loaded alike: a key of :data:`COMPARED` both recorded with different values
+(``image_max_pixels: 262144`` against ``589824``: 2.25x the image tokens) is refused, naming the key; a key only one
+of them recorded is taken over by the other, and said (:attr:`ModelSpec.inherited`).
 
 The trained model is the base plus the run's adapter (``adapter_config.json``: appended to the recipe's
 ``adapter_name_or_path``) or the run itself (``config.json``: a full or freeze run); ``--base`` is the recipe without
@@ -25,14 +32,21 @@ from typing import Any
 
 import yaml
 
+from llamafactory_hera.anatomy.run_record import FINISHED, RUN_RECORD, read_record
+
 LLAMABOARD_ARGS = "training_args.yaml"
 HERA_RECORD = "hera_run.json"
 RAH_RECORD = "rah_profile.json"
 HARC_RECORD = "harc_run.json"
-LOADING_KEYS = ("model_name_or_path", "adapter_name_or_path", "template", "finetuning_type", "trust_remote_code",
-                "dataset_dir", "media_dir", "cutoff_len", "image_max_pixels", "image_min_pixels", "enable_thinking",
-                "default_system")
-RECORDS = f"{LLAMABOARD_ARGS}, {HERA_RECORD}, {RAH_RECORD} or {HARC_RECORD}"
+# how the model, its processor and its prompts are read: what must be the same for a run and its baseline
+COMPARED = ("template", "cutoff_len", "image_max_pixels", "image_min_pixels", "image_do_pan_and_scan",
+            "crop_to_patches", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen",
+            "use_audio_in_video", "audio_sampling_rate", "use_fast_tokenizer", "resize_vocab", "split_special_tokens",
+            "add_tokens", "add_special_tokens", "tool_format", "default_system", "enable_thinking", "preserve_thinking")
+LOADING_KEYS = ("model_name_or_path", "adapter_name_or_path", "finetuning_type", "trust_remote_code", "dataset_dir",
+                "media_dir", *COMPARED)
+RECORDS = f"{RUN_RECORD}, {LLAMABOARD_ARGS}, {HERA_RECORD}, {RAH_RECORD} or {HARC_RECORD}"
+DEFAULT_SEED = 42  # LLaMA-Factory's (TrainingArguments.seed): a run that recorded none was trained with it
 
 
 @dataclass
@@ -46,7 +60,8 @@ class ModelSpec:
     modality: str  # "mllm" / "text"
     trained: bool  # False: --base (the recipe without the run's training)
     harc: dict[str, Any] = field(default_factory=dict)  # harc_* keys of a HARC run (for the refusal task)
-    seed: int = 42
+    seed: int = DEFAULT_SEED
+    inherited: dict[str, Any] = field(default_factory=dict)  # COMPARED keys taken over from the other model
 
     @property
     def title(self) -> str:
@@ -79,34 +94,68 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"RUN_DIR: cannot read {path}: {err}; re-run training to rewrite it") from err
 
 
+def _seed(value: Any) -> int:
+    """The recorded seed as recorded (``seed: 0`` is 0); LLaMA-Factory's default when none was recorded."""
+    return DEFAULT_SEED if value is None else int(value)
+
+
+def _finished(run_dir: Path, name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` unless it says its run did not finish (a one-line error naming the record and the fix)."""
+    status = record.get("status")
+    if status is not None and status != FINISHED:
+        why = f": {record['error']}" if record.get("error") else (" (killed, or still training)"
+                                                                  if status == "running" else "")
+        raise ValueError(f"RUN_DIR: {run_dir / name} says status: {status}{why}; that run did not finish, so its "
+                         "folder holds no model to evaluate. Re-run training into it (or give a finished run)")
+    return record
+
+
+def _method_keys(run_dir: Path) -> dict[str, Any]:
+    """A HARC run's own keys (for the refusal task), from its ``harc_run.json`` or ``training_args.yaml``."""
+    if (run_dir / HARC_RECORD).is_file():
+        return _finished(run_dir, HARC_RECORD, _read_json(run_dir / HARC_RECORD)).get("settings") or {}
+    board = run_dir / LLAMABOARD_ARGS
+    if board.is_file():
+        return {k: v for k, v in (yaml.safe_load(board.read_text(encoding="utf-8")) or {}).items()
+                if k.startswith("harc_")}
+    return {}
+
+
 def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any], int]:
     """(stage, host keys, method keys, seed) from the run's record."""
+    if (run_dir / RUN_RECORD).is_file():
+        record = _finished(run_dir, RUN_RECORD, read_record(run_dir / RUN_RECORD))
+        loading = record.get("loading") or {}
+        if loading:
+            stage = str(record.get("stage") or "sft")
+            return stage, loading, _method_keys(run_dir) if stage == "harc" else {}, _seed(loading.get("seed"))
     board = run_dir / LLAMABOARD_ARGS
     if board.is_file():
         recipe = yaml.safe_load(board.read_text(encoding="utf-8")) or {}
         stage = str(recipe.get("stage", "sft"))
         method = {k: v for k, v in recipe.items() if k.startswith("harc_")}
-        return stage, recipe, method, int(recipe.get("seed", 42))
+        return stage, recipe, method, _seed(recipe.get("seed"))
     if (run_dir / HERA_RECORD).is_file():
-        record = _read_json(run_dir / HERA_RECORD)
+        record = _finished(run_dir, HERA_RECORD, _read_json(run_dir / HERA_RECORD))
         host = record.get("host") or {}
         if not host:
             raise ValueError(f"RUN_DIR: {run_dir / HERA_RECORD} has no 'host' section (an older run); re-run training")
-        return "hera", host, {}, int(host.get("seed") or 42)
+        return "hera", host, {}, _seed(host.get("seed"))
     if (run_dir / RAH_RECORD).is_file():
-        identity = _read_json(run_dir / RAH_RECORD).get("identity") or {}
-        return "rah", {**identity, "finetuning_type": "lora"}, {}, int(identity.get("seed") or 42)
+        identity = _finished(run_dir, RAH_RECORD, _read_json(run_dir / RAH_RECORD)).get("identity") or {}
+        return "rah", {**identity, "finetuning_type": "lora"}, {}, _seed(identity.get("seed"))
     if (run_dir / HARC_RECORD).is_file():
-        record = _read_json(run_dir / HARC_RECORD)
-        return "harc", record.get("host") or {}, record.get("settings") or {}, int(record.get("host", {})
-                                                                                     .get("seed") or 42)
+        record = _finished(run_dir, HARC_RECORD, _read_json(run_dir / HARC_RECORD))
+        host = record.get("host") or {}
+        return "harc", host, record.get("settings") or {}, _seed(host.get("seed"))
     adapter_config = run_dir / "adapter_config.json"
     if adapter_config.is_file():  # a plain llamafactory-cli LoRA run (stage: sft): PEFT records the base model
         base = _read_json(adapter_config).get("base_model_name_or_path")
         if base:
-            return "sft", {"model_name_or_path": base, "finetuning_type": "lora"}, {}, 42
+            return "sft", {"model_name_or_path": base, "finetuning_type": "lora"}, {}, DEFAULT_SEED
     if (run_dir / "config.json").is_file():  # a plain full / freeze run: the run is the model, its base unknown
-        return "sft", {"model_name_or_path": str(run_dir), "finetuning_type": "full", "_no_base": True}, {}, 42
+        return "sft", {"model_name_or_path": str(run_dir), "finetuning_type": "full", "_no_base": True}, {}, \
+            DEFAULT_SEED
     raise FileNotFoundError(f"RUN_DIR: {run_dir} holds no run record ({RECORDS}) and no LoRA adapter naming its base "
                             "model; give the output_dir of a finished llamafactory-cli train or LlamaBoard run")
 
@@ -138,8 +187,9 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
         raise ValueError(f"--base: {run_dir} is a full fine-tuning run without a run record, so its base model is "
                          "unknown; give the base as a run with --baseline, or evaluate the run alone")
     recipe = {k: host[k] for k in LOADING_KEYS if host.get(k) is not None}
+    inherited = {}
     if template and not recipe.get("template"):
-        recipe["template"] = template
+        recipe["template"] = inherited["template"] = template
     if not recipe.get("model_name_or_path"):
         raise ValueError(f"RUN_DIR: the record of {run_dir} names no model_name_or_path; re-run training with it set")
     if not recipe.get("template"):
@@ -162,13 +212,29 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
     else:
         recipe.pop("adapter_name_or_path", None)
     modality = "mllm" if stage in ("hera", "rah") or is_multimodal(base_path, recipe["template"]) else "text"
-    return ModelSpec(label, run_dir, stage, recipe, modality, trained, method, seed)
+    return ModelSpec(label, run_dir, stage, recipe, modality, trained, method, seed, inherited)
+
+
+def align_loading(run: ModelSpec, other: ModelSpec, flag: str) -> None:
+    """Refuse (one line naming the key) when ``run`` and ``other`` recorded a :data:`COMPARED` key with different
+    values; a key only one of them recorded is set on the other (listed in its ``inherited``)."""
+    for key in COMPARED:
+        mine, theirs = run.recipe.get(key), other.recipe.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise ValueError(f"{flag}: {other.run_dir} loads with {key}: {theirs!r} but {run.run_dir} with {key}: "
+                             f"{mine!r} (as each was trained); every delta would mix in that difference. Compare "
+                             f"runs trained with the same {key} (re-train one with {key}: {mine!r})")
+        if mine is None and theirs is not None:
+            run.recipe[key] = run.inherited[key] = theirs
+        elif theirs is None and mine is not None:
+            other.recipe[key] = other.inherited[key] = mine
 
 
 def read_pair(run_dir: Path, baseline: Path | None, base: bool,
               template: str | None = None) -> tuple[ModelSpec, ModelSpec | None]:
     """The run's model and its baseline (``--baseline`` run, ``--base``, or none). A baseline run that recorded no
-    template (a plain ``stage: sft`` twin) takes ``template`` or else the run's."""
+    template (a plain ``stage: sft`` twin) takes ``template`` or else the run's; both must be loaded alike
+    (:func:`align_loading`)."""
     run = read_run(run_dir, "run", trained=True, template=template)
     if baseline is not None:
         other = read_run(baseline, "baseline", trained=True, template=template or run.recipe["template"])
@@ -177,6 +243,7 @@ def read_pair(run_dir: Path, baseline: Path | None, base: bool,
         if other.modality != run.modality:
             raise ValueError(f"--baseline: {baseline} holds a {other.modality} model but {run_dir} a {run.modality} "
                              "model; compare runs of the same model family")
+        align_loading(run, other, "--baseline")
         return run, other
     if base:
         return run, read_run(run_dir, "baseline", trained=False)

@@ -23,6 +23,7 @@ METHOD = Method(
     log_keys=LOG_KEYS,
     panel="llamafactory_hera.harc.webui_panel:PANEL",
     add_cli_verbs="llamafactory_hera.harc.cli:add_verbs",
+    records=("harc_run.json",),
 )
 
 # the run's training.png: the loss and the cross-entropy term (same scale) on the left axis, the coupling and KL

@@ -28,6 +28,7 @@ METHOD = Method(
     log_keys=LOG_KEYS,
     panel="llamafactory_hera.hera.webui_panel:PANEL",
     add_cli_verbs="llamafactory_hera.hera.cli:add_verbs",
+    records=("hera_run.json",),
 )
 
 # the run's training.png: the HeRA term beside the losses, the learned temperature, and the alignment monitor's

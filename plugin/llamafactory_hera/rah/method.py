@@ -18,4 +18,5 @@ METHOD = Method(
     run="llamafactory_hera.rah.workflow:run_rah",
     log_keys=(),
     panel="llamafactory_hera.rah.webui_panel:PANEL",
+    records=("rah_profile.json",),
 )

@@ -1,0 +1,95 @@
+"""``llamafactory_hera_run.json``: what every ``llamafactory-cli train`` run loaded its model with, and how it ended.
+
+Written by the stage patch (:mod:`llamafactory_hera_patches.stage`) into ``output_dir`` for every run the plugin
+sees, plain LLaMA-Factory stages (``sft``, ``dpo``, ...) included: right after LLaMA-Factory parsed the recipe with
+``status: running``, then ``finished`` when the run returns or ``failed`` (with the error's first line) when it
+raises. A run killed from outside keeps ``running``. ``llamafactory-hera eval`` reads the loading keys back (a plain
+``stage: sft`` twin is then evaluated as it was trained, not at LLaMA-Factory's defaults) and refuses a run whose
+record is not ``finished``.
+
+Values are the parsed ones (LLaMA-Factory's defaults filled in), so two records compare key by key. A method's own
+record (``hera_run.json``, ``rah_profile.json``, ``harc_run.json``: :attr:`Method.records`) left by a failed run is
+marked ``"status": "failed"`` too. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+RUN_RECORD = "llamafactory_hera_run.json"
+RUNNING, FINISHED, FAILED = "running", "finished", "failed"
+# the keys that decide how the model, its processor and its prompts are loaded, by the argument object holding them
+MODEL_KEYS = ("model_name_or_path", "adapter_name_or_path", "trust_remote_code", "use_fast_tokenizer",
+              "resize_vocab", "split_special_tokens", "add_tokens", "add_special_tokens", "image_max_pixels",
+              "image_min_pixels", "image_do_pan_and_scan", "crop_to_patches", "video_max_pixels", "video_min_pixels",
+              "video_fps", "video_maxlen", "use_audio_in_video", "audio_sampling_rate")
+DATA_KEYS = ("template", "dataset", "eval_dataset", "dataset_dir", "media_dir", "cutoff_len", "tool_format",
+             "default_system", "enable_thinking", "preserve_thinking")
+FINETUNING_KEYS = ("finetuning_type",)
+TRAINING_KEYS = ("seed", "output_dir")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
+def loading_keys(model_args: Any, data_args: Any, finetuning_args: Any, training_args: Any) -> dict[str, Any]:
+    """The recorded keys of LLaMA-Factory's parsed arguments (a key the host version lacks is left out)."""
+    found = {}
+    for holder, keys in ((model_args, MODEL_KEYS), (data_args, DATA_KEYS), (finetuning_args, FINETUNING_KEYS),
+                         (training_args, TRAINING_KEYS)):
+        for key in keys:
+            if hasattr(holder, key):
+                found[key] = _plain(getattr(holder, key))
+    return found
+
+
+def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any]) -> Path:
+    """The record with ``status: running`` (replacing a previous run's in the same ``output_dir``)."""
+    from llamafactory_hera import __version__
+
+    path = Path(output_dir) / RUN_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"stage": stage, "status": RUNNING, "llamafactory_hera_version": __version__, "loading": loading}
+    _write(path, record)
+    return path
+
+
+def write_ended(path: Path, error: BaseException | None, method_records: tuple[str, ...] = ()) -> None:
+    """``finished``, or ``failed`` with the error's first line (and the method's own records marked failed)."""
+    record = read_record(path) if path.is_file() else {}
+    if not record:
+        return
+    record["status"] = FINISHED if error is None else FAILED
+    if error is not None:
+        record["error"] = _first_line(error)
+        for name in method_records:
+            other = path.parent / name
+            mine = read_record(other) if other.is_file() else {}
+            if mine and other.stat().st_mtime_ns >= path.stat().st_mtime_ns:  # written by this run, not an older one
+                _write(other, {**mine, "status": FAILED, "error": record["error"]})
+    _write(path, record)
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """The record, or ``{}`` when it cannot be read as a JSON object."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".strip()
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    temporary.replace(path)

@@ -1,0 +1,169 @@
+"""What ``llamafactory-hera eval`` reads back from a run folder (issue 31): every run records its loading keys and
+how it ended (``llamafactory_hera_run.json``, plain ``stage: sft`` runs included); a run and its baseline that load
+differently are refused, naming the key; a recorded ``seed: 0`` is 0; a failed run is refused.
+
+Cost: two tiny in-process runs through ``run_exp`` (one plain SFT step; one HeRA run stopped where the SFT workflow
+would start), the rest reads hand-written records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_eval_cli import train
+
+from conftest import base_recipe
+from llamafactory_hera.anatomy.run_record import RUN_RECORD
+from llamafactory_hera.evaluation.runs import read_pair, read_run
+
+QWEN_RECIPE_PIXELS = 262144  # image_max_pixels of the Qwen recipes (recipes/*.yaml)
+
+
+def _hera_folder(folder: Path, **host: Any) -> Path:
+    """A HeRA run as hera_run.json records it (a LoRA adapter beside), no weights needed: nothing is loaded."""
+    folder.mkdir(parents=True, exist_ok=True)
+    host = {"model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct", "template": "qwen2_vl", **host}
+    (folder / "hera_run.json").write_text(json.dumps({"stage": "hera", "host": host}), encoding="utf-8")
+    (folder / "adapter_config.json").write_text("{}", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sft_twin(assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One step of a plain ``stage: sft`` LoRA run of the tiny Qwen2.5-VL, at LLaMA-Factory's default pixels."""
+    tmp = tmp_path_factory.mktemp("sft_twin")
+    recipe = {k: v for k, v in base_recipe(assets, "qwen2_5_vl", tmp / "twin", max_steps=1).items()
+              if not k.startswith("hera_") and k != "image_max_pixels"}
+    train({**recipe, "stage": "sft"})
+    return tmp / "twin"
+
+
+def test_a_plain_sft_run_records_how_it_loads(sft_twin: Path) -> None:
+    record = json.loads((sft_twin / RUN_RECORD).read_text(encoding="utf-8"))
+    assert record["stage"] == "sft" and record["status"] == "finished"
+    loading = record["loading"]
+    assert loading["template"] == "qwen2_vl" and loading["image_max_pixels"] == 768 * 768  # the host's default
+    assert {"image_min_pixels", "video_max_pixels", "cutoff_len", "seed"} <= set(loading)
+    twin = read_run(sft_twin, "baseline", trained=True)  # no --template needed any more
+    assert twin.recipe["template"] == "qwen2_vl" and twin.recipe["image_max_pixels"] == 768 * 768
+
+
+def test_a_baseline_that_loads_differently_is_refused(sft_twin: Path, tmp_path: Path) -> None:
+    """Issue 31: the HeRA run at its recipe's 262144 pixels, the twin at the default 589824 (2.25x the image
+    tokens): every vision delta would be confounded. Refused, naming the key, both values and the fix."""
+    run_dir = _hera_folder(tmp_path / "hera", model_name_or_path=str(read_run(sft_twin, "b", True)
+                                                                        .recipe["model_name_or_path"]),
+                           image_max_pixels=QWEN_RECIPE_PIXELS)
+    with pytest.raises(ValueError, match=r"^--baseline: .*image_max_pixels: 589824 but .*image_max_pixels: 262144 "
+                                         r".*re-train one with image_max_pixels: 262144"):
+        read_pair(run_dir, sft_twin, base=False)
+
+
+def test_a_key_only_one_side_recorded_is_taken_over_and_said(tmp_path: Path) -> None:
+    run_dir = _hera_folder(tmp_path / "hera", image_max_pixels=QWEN_RECIPE_PIXELS, seed=0)
+    twin = tmp_path / "legacy_twin"  # a plain sft LoRA run without any record (trained without the plugin)
+    twin.mkdir()
+    (twin / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct"}),
+                                              encoding="utf-8")
+    run, other = read_pair(run_dir, twin, base=False)
+    assert other.recipe["image_max_pixels"] == QWEN_RECIPE_PIXELS
+    assert other.inherited == {"template": "qwen2_vl", "image_max_pixels": QWEN_RECIPE_PIXELS}
+    assert run.inherited == {}
+
+
+@pytest.mark.parametrize("kind", ["run_record", "hera", "rah", "harc", "llamaboard"])
+def test_a_recorded_seed_of_0_is_read_as_0(kind: str, tmp_path: Path) -> None:
+    """Issue 31: ``int(seed or 42)`` read seed 0 as 42, so HARC's refusal check drew another held-out split than
+    training did (the demo's harmful refusal 100 % at the end of training, 62.5 % in eval)."""
+    host = {"model_name_or_path": "Qwen/Qwen2-0.5B-Instruct", "template": "qwen", "seed": 0}
+    records = {"run_record": (RUN_RECORD, {"stage": "harc", "status": "finished", "loading": host}),
+               "hera": ("hera_run.json", {"stage": "hera", "host": host}),
+               "rah": ("rah_profile.json", {"identity": host}),
+               "harc": ("harc_run.json", {"stage": "harc", "host": host, "settings": {"harc_margin": 0.0}}),
+               "llamaboard": ("training_args.yaml", {**host, "stage": "harc", "harc_margin": 0.0})}
+    name, record = records[kind]
+    (tmp_path / name).write_text(json.dumps(record), encoding="utf-8")  # JSON is YAML too
+    (tmp_path / "adapter_config.json").write_text("{}", encoding="utf-8")
+    spec = read_run(tmp_path, "run", trained=True)
+    assert spec.seed == 0
+    if kind in ("harc", "llamaboard"):
+        assert spec.harc == {"harc_margin": 0.0}
+
+
+def test_without_a_recorded_seed_the_hosts_default_is_used(tmp_path: Path) -> None:
+    _hera_folder(tmp_path)
+    assert read_run(tmp_path, "run", trained=True).seed == 42
+
+
+# --- runs that failed ---
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _fail_in_the_workflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLaMA-Factory's SFT workflow raises where it would load the model (after the run's records are written)."""
+    import llamafactory.train.sft.workflow as workflow
+    import llamafactory.train.tuner as tuner
+
+    def boom(*_: Any, **__: Any) -> None:
+        raise _Boom("out of memory while loading (simulated)")
+
+    monkeypatch.setattr(workflow, "run_sft", boom)
+    monkeypatch.setattr(tuner, "run_sft", boom)
+
+
+def test_a_failed_hera_run_is_marked_and_refused(assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 31: a failed run left ``hera_run.json`` as if a run had happened, and eval took it for one."""
+    _fail_in_the_workflow(monkeypatch)
+    with pytest.raises(_Boom):
+        train(base_recipe(assets, "qwen2_5_vl", tmp_path / "hera", max_steps=1))
+    (tmp_path / "hera" / "adapter_config.json").write_text("{}", encoding="utf-8")  # even with an adapter left over
+    hera_record = json.loads((tmp_path / "hera" / "hera_run.json").read_text(encoding="utf-8"))
+    assert hera_record["status"] == "failed" and "simulated" in hera_record["error"]
+    record = json.loads((tmp_path / "hera" / RUN_RECORD).read_text(encoding="utf-8"))
+    assert record["status"] == "failed" and record["error"].startswith("_Boom: out of memory")
+    with pytest.raises(ValueError, match=r"^RUN_DIR: .*llamafactory_hera_run.json says status: failed: _Boom: .*"
+                                         r"did not finish.*Re-run training"):
+        read_run(tmp_path / "hera", "run", trained=True)
+
+
+def test_a_failed_plain_run_and_a_killed_one_are_refused(assets, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    _fail_in_the_workflow(monkeypatch)
+    recipe = {k: v for k, v in base_recipe(assets, "qwen2_5_vl", tmp_path / "sft", max_steps=1).items()
+              if not k.startswith("hera_")}
+    with pytest.raises(_Boom):
+        train({**recipe, "stage": "sft"})
+    assert json.loads((tmp_path / "sft" / RUN_RECORD).read_text(encoding="utf-8"))["status"] == "failed"
+    _hera_folder(tmp_path / "killed")  # a run killed from outside (out of host memory): its record says running
+    (tmp_path / "killed" / RUN_RECORD).write_text(json.dumps({"stage": "hera", "status": "running", "loading": {}}))
+    with pytest.raises(ValueError, match=r"llamafactory_hera_run.json says status: running \(killed, or still "
+                                         r"training\)"):
+        read_pair(tmp_path / "killed", None, base=True)
+
+
+def test_a_failed_runs_own_record_is_marked_but_an_older_runs_is_not(tmp_path: Path) -> None:
+    """What the stage patch does when a run raises, for RAH-LoRA's record (a calibration that changed no weight
+    writes rah_profile.json, then raises): the record this run wrote is marked failed; one an earlier run left in the
+    folder, untouched by this run, is not rewritten."""
+    import os
+
+    from llamafactory_hera.anatomy.run_record import write_ended, write_started
+    from llamafactory_hera.rah.method import METHOD
+
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "rah_profile.json").write_text(json.dumps({"identity": {}}), encoding="utf-8")
+    os.utime(older / "rah_profile.json", ns=(1, 1))
+    for folder, marked in ((tmp_path / "this", True), (older, False)):
+        path = write_started(folder, "rah", {"seed": 0})
+        if marked:
+            (folder / "rah_profile.json").write_text(json.dumps({"identity": {}}), encoding="utf-8")
+        write_ended(path, ValueError("RAH-LoRA changed no weight: 0 of 5 targets calibrated\nmore"), METHOD.records)
+        profile = json.loads((folder / "rah_profile.json").read_text(encoding="utf-8"))
+        assert (profile.get("status") == "failed") == marked, folder
+        error = json.loads(path.read_text(encoding="utf-8"))["error"]
+        assert error == "ValueError: RAH-LoRA changed no weight: 0 of 5 targets calibrated"

@@ -1,0 +1,109 @@
+"""``llamafactory-hera eval``'s reports and device placement (issue 31): one report per comparison (``--baseline TWIN``
+then ``--base`` used to overwrite ``eval_report.*`` silently), the rerun of a comparison says what it replaced; several
+visible GPUs get the pinning note, and docs/eval.md tells how to pin.
+
+In-process, no model: the evaluation loop is replaced by fixed results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llamafactory_hera.evaluation.runs import ModelSpec, read_pair
+from markdown_docs import bash_lines, read, section
+
+
+def _run_folder(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    host = {"model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct", "template": "qwen2_vl", "image_max_pixels": 262144}
+    (folder / "hera_run.json").write_text(json.dumps({"stage": "hera", "host": host}), encoding="utf-8")
+    (folder / "adapter_config.json").write_text("{}", encoding="utf-8")
+    return folder
+
+
+def _evaluate(monkeypatch: pytest.MonkeyPatch, run_dir: Path, baseline: Path | None, base: bool) -> dict[str, Any]:
+    """``eval RUN_DIR [--baseline B | --base] --tasks demo`` past the checks, each model scoring 0.5 (run) / 0.25."""
+    from llamafactory_hera.evaluation import cli, runner
+    from llamafactory_hera.evaluation.presets import plan_tasks
+    from llamafactory_hera.evaluation.runner import Outcome
+
+    def scored(spec: ModelSpec, rows_from: ModelSpec, tasks: list[Any], *_: Any) -> Outcome:
+        value = 0.5 if spec.label == "run" else 0.25
+        return Outcome(spec, {t.name: {"entries": [{"task": t.name, "metric": "accuracy", "value": value,
+                                                    "higher_is_better": True}], "seconds": 0.1} for t in tasks})
+
+    monkeypatch.setattr(runner, "evaluate_model", scored)
+    run, other = read_pair(run_dir, baseline, base)
+    args = argparse.Namespace(run_dir=run_dir, tasks="demo", limit=None, batch_size=8)
+    said: list[str] = []
+    monkeypatch.setattr("llamafactory_hera.anatomy.board_log.say", said.append)
+    cli._evaluate(args, run, other, plan_tasks("demo", run.modality, run.stage, None))
+    return {"said": said}
+
+
+def test_each_comparison_keeps_its_own_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir, twin = _run_folder(tmp_path / "hera"), _run_folder(tmp_path / "sft twin")
+    first = _evaluate(monkeypatch, run_dir, twin, base=False)
+    assert not any("replaced" in line for line in first["said"])
+    _evaluate(monkeypatch, run_dir, None, base=True)
+    against_twin = json.loads((run_dir / "eval_report_vs_sft_twin.json").read_text(encoding="utf-8"))
+    against_base = json.loads((run_dir / "eval_report_vs_base.json").read_text(encoding="utf-8"))
+    assert against_twin["baseline"]["run_dir"] == str(twin) and against_base["baseline"]["trained"] is False
+    for stem in ("eval_report_vs_sft_twin", "eval_report_vs_base"):
+        assert all((run_dir / f"{stem}{suffix}").stat().st_size > 0 for suffix in (".json", ".md", ".png"))
+    assert not (run_dir / "eval_report.json").exists()
+    again = _evaluate(monkeypatch, run_dir, twin, base=False)  # the same comparison again: replaced, and said
+    replaced = [line for line in again["said"] if "replaced" in line]
+    assert len(replaced) == 1 and "eval_report_vs_sft_twin.json" in replaced[0], again["said"]
+    assert against_twin["created"] in replaced[0] and str(twin) in replaced[0]
+    assert json.loads((run_dir / "eval_report_vs_base.json").read_text(encoding="utf-8")) == against_base
+    _evaluate(monkeypatch, run_dir, None, base=False)
+    assert (run_dir / "eval_report.json").is_file()  # the run alone
+
+
+def test_the_report_names_what_a_model_took_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir, twin = _run_folder(tmp_path / "hera"), tmp_path / "legacy"
+    twin.mkdir()
+    (twin / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct"}))
+    said = _evaluate(monkeypatch, run_dir, twin, base=False)["said"]
+    assert any("baseline" in line and "recorded no template, image_max_pixels" in line and "262144" in line
+               for line in said), said
+    markdown = (run_dir / "eval_report_vs_legacy.md").read_text(encoding="utf-8")
+    assert "- baseline recorded no template, image_max_pixels: loaded with template: qwen2_vl" in markdown
+
+
+@pytest.mark.parametrize(("count", "noted"), [(0, False), (1, False), (8, True)])
+def test_several_visible_gpus_get_the_pinning_note(count: int, noted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from llamafactory_hera.evaluation.engine import PIN, device_note
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    note = device_note()
+    assert (note is not None) == noted
+    if noted:
+        assert "device_map: auto" in note and "8" in note and PIN in note
+
+
+def test_the_docs_tell_how_to_pin_an_eval_to_one_gpu() -> None:
+    """Issue 31: on an 8-GPU node a 7B-14B model was split across all GPUs as a pipeline at batch size 1."""
+    from llamafactory_hera.evaluation.engine import PIN
+
+    doc = read("docs/eval.md")
+    text = section(doc, "On a node with several GPUs")
+    assert "device_map: auto" in text
+    pinned = [line for line in bash_lines(text) if line.startswith(PIN.removesuffix(" ..."))]
+    assert pinned and all(" --base" in line or " --baseline " in line for line in pinned), pinned
+    assert "#on-a-node-with-several-gpus" in doc.split("\n## ", 1)[0]
+
+
+def test_the_docs_name_each_comparisons_report() -> None:
+    text = section(read("docs/eval.md"), "Outputs")
+    for name in ("`eval_report_vs_base.*`", "`eval_report_vs_<OTHER_RUN_DIR's folder name>.*`", "`eval_report.*`"):
+        assert name in text
+    assert "replaces its report" in text and "says what it replaced" in text
