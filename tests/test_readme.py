@@ -55,6 +55,52 @@ def test_dev_test_runs_pytest_on_every_core_unless_told_otherwise(monkeypatch: p
     assert dev.parallel_args([]) == []
 
 
+def test_dev_test_asks_pytest_for_failures_as_they_happen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--instafail`` when the venv's python has pytest-instafail (the test extra), not when it lacks it or the
+    caller passed it; the pytest command of ``dev.py test`` carries it (issue 31 item 22)."""
+    dev = _dev()
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    monkeypatch.setenv("PYTHONPATH", str(stub))
+    (stub / "pytest_instafail.py").write_text("", encoding="utf-8")
+    python = Path(sys.executable)
+    assert dev.report_args(python, ["-x"]) == ["--instafail"]
+    assert dev.report_args(python, ["--instafail"]) == []
+    ran: list[list[str]] = []
+    monkeypatch.setattr(dev, "run", lambda cmd, env=None, check=True: ran.append([str(c) for c in cmd]) or 0)
+    assert dev.cmd_test(python, ["-k", "x"]) == 0
+    (pytest_command,) = [cmd for cmd in ran if cmd[1:3] == ["-m", "pytest"]]
+    assert "--instafail" in pytest_command and pytest_command[-2:] == ["-k", "x"], pytest_command
+    (stub / "pytest_instafail.py").write_text("raise ImportError('not installed')\n", encoding="utf-8")
+    assert dev.report_args(python, []) == []
+
+
+def test_a_failure_shows_while_the_run_goes_on(tmp_path: Path) -> None:
+    """Under pytest-xdist with dev.py's report options, a failing test's text is printed while a later test still
+    runs: that test waits (up to 10 s) until the failure's text has been read from pytest's output, so a run stopped
+    early shows it too (issue 31 item 22: an interrupted ``dev.py test`` showed no failure text)."""
+    pytest.importorskip("pytest_instafail", reason="pytest-instafail (the test extra) is not installed")
+    dev = _dev()
+    flag = tmp_path / "failure_seen"
+    (tmp_path / "test_inner.py").write_text(
+        "import os, pathlib, time\n\n\ndef test_fails():\n    assert 'BOOM-31-22' == 'ok'\n\n\n"
+        "def test_waits():\n    flag, deadline = pathlib.Path(os.environ['FAILURE_SEEN']), time.monotonic() + 10\n"
+        "    while not flag.exists() and time.monotonic() < deadline:\n        time.sleep(0.05)\n"
+        "    assert flag.exists(), 'the failure was not shown while the run went on'\n", encoding="utf-8")
+    options = ["-n", "1", *dev.report_args(Path(sys.executable), ["-n", "1"])]
+    env = {**os.environ, "FAILURE_SEEN": str(flag), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options,
+                             "test_inner.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "BOOM-31-22" in line:
+            flag.touch()
+    out = "".join(lines)
+    assert proc.wait(timeout=120) == 1, out
+    assert "1 failed, 1 passed" in out, out
+
+
 def _dev() -> Any:
     import importlib.util
 
