@@ -101,6 +101,54 @@ def test_a_failure_shows_while_the_run_goes_on(tmp_path: Path) -> None:
     assert "1 failed, 1 passed" in out, out
 
 
+def _summaries(tmp_path: Path) -> dict[str, str]:
+    """What each demo prints after its run (outputs missing: only the next steps matter here)."""
+    from llamafactory_hera.demo.runner import DemoContext
+    from llamafactory_hera.harc.demo import harc_summary
+    from llamafactory_hera.rah.demo import rah_summary
+
+    def ctx(method: str) -> DemoContext:
+        return DemoContext(output=tmp_path, folder=tmp_path / method, assets=tmp_path / "assets", family="llava",
+                           steps=3, cli=tmp_path / ".venv" / "bin" / "llamafactory-cli", env={}, show="none")
+
+    return {"hera": hera_demo.summary(ctx("hera"), 1.0), "rah": rah_summary(ctx("rah"), 1.0, "llava", "m"),
+            "harc": harc_summary(ctx("harc"), 1.0, tmp_path / "m", "llama3")}
+
+
+def test_readme_says_what_the_demos_run_and_print(tmp_path: Path) -> None:
+    """The README's demo lines say what each demo runs and its next steps what each prints (issue 31 item 21: it
+    said the HeRA demo runs ``select --report``, a next step it prints, and that every demo ends with a chat line,
+    which HeRA's does not print)."""
+    from markdown_docs import section
+
+    clone = section(README, "Try it from a clone")
+    demo_lines = {(re.findall(r"--method (\w+)", line) or ["hera"])[0]: line.split("#", 1)[1]
+                  for line in re.findall(r"^python3 dev\.py demo.*$", clone, re.M)}
+    assert "select" not in demo_lines["hera"] and "report" not in demo_lines["hera"], demo_lines["hera"]
+    assert "20-step" in demo_lines["hera"] and hera_demo.DEFAULT_STEPS == 20
+    steps = " ".join(re.search(r"Each ends with its\s+next steps(.*?)\n\n", clone, re.S).group(1).split())
+    printed = _summaries(tmp_path)
+    chat = re.search(r"([^:;]*) chat with", steps)
+    says_chat = {stage for stage, name in (("hera", "HeRA"), ("rah", "RAH-LoRA"), ("harc", "HARC"))
+                 if chat and re.search(rf"\b{re.escape(name)}'s", chat.group(1))}
+    assert says_chat == {stage for stage, text in printed.items() if " chat " in text}, (steps, says_chat)
+    hera = printed["hera"]
+    for shown, said in ((" select ", "llamafactory-hera select"), (" select --report ", "select --report"),
+                        ("stage=sft", "SFT twin"), (" --baseline ", "evaluate against it")):
+        assert shown in hera and said in steps, (shown, said, steps)
+
+
+def test_readme_says_what_the_set_up_costs_and_needs() -> None:
+    """Disk of the .venv (measured: 6.8 GB with the test extras), activating it for llamafactory-cli and the web UI,
+    the suite's time, and the browser test's Chromium from apt-get (issue 31 item 21)."""
+    from markdown_docs import section
+
+    clone = " ".join(section(README, "Try it from a clone").split())
+    for words in ("4.7 GB", "6.8 GB with the test tools", "source .venv/bin/activate", "`llamafactory-cli webui`",
+                  "about 10 minutes on a 2-core machine", "Chromium with `apt-get`"):
+        assert words in clone, words
+
+
 def _dev() -> Any:
     import importlib.util
 
