@@ -131,6 +131,16 @@ def parallel_args(pytest_args: Sequence[str]) -> list[str]:
     return [] if chose or cores < 2 else ["-n", str(min(cores, 8)), "--dist", "worksteal"]
 
 
+def report_args(python: Path, pytest_args: Sequence[str]) -> list[str]:
+    """``--instafail`` (pytest-instafail, in the test extra): each failure's text prints when the test fails, so a
+    run stopped early (Ctrl-C, a CI time limit) still shows it. Left out when the caller passed it or the venv's
+    python lacks the plugin."""
+    if "--instafail" in pytest_args:
+        return []
+    found = subprocess.run([python, "-c", "import pytest_instafail"], capture_output=True, check=False)
+    return ["--instafail"] if found.returncode == 0 else []
+
+
 def cmd_test(python: Path, pytest_args: list[str]) -> int:
     """Ruff, then pytest; both always run. Exit code: pytest's, else ruff's; 'no tests' is a failure."""
     with offline_env() as env:
@@ -138,8 +148,8 @@ def cmd_test(python: Path, pytest_args: list[str]) -> int:
         with phase("ruff"):
             ruff_code = run([venv_bin("ruff"), "check", *lint_paths], env=env, check=False)
         with phase("pytest"):
-            test_code = run([python, "-m", "pytest", "-q", *parallel_args(pytest_args), *pytest_args], env=env,
-                            check=False)
+            options = [*parallel_args(pytest_args), *report_args(python, pytest_args)]
+            test_code = run([python, "-m", "pytest", "-q", *options, *pytest_args], env=env, check=False)
     if test_code == PYTEST_NO_TESTS:
         log("pytest collected no tests (exit code 5); treating that as a failure")
         return 1

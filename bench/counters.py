@@ -50,8 +50,8 @@ class ThreadCounters:
             fd = libc.syscall(number, ctypes.byref(attr), 0, -1, -1, 0)
             if fd < 0:
                 errno = ctypes.get_errno()
-                raise OSError(errno, f"hardware counters: perf_event_open: {os.strerror(errno)} (a container or "
-                                     "kernel.perf_event_paranoid > 2 can forbid them)")
+                raise OSError(errno, f"hardware counters: perf_event_open: {os.strerror(errno)} (a virtual machine "
+                                     "without a PMU, a container or kernel.perf_event_paranoid > 2 can forbid them)")
             self._fds.append(fd)
 
     def read(self) -> tuple[int, int]:
@@ -61,8 +61,9 @@ class ThreadCounters:
 
 
 def thread_counters() -> tuple[ThreadCounters | None, str]:
-    """(counters of the calling thread, "") or (None, why they are unavailable)."""
+    """(counters of the calling thread, "") or (None, why they are unavailable: "hardware counters: ...", without
+    the ``[Errno N]`` that ``str(OSError)`` puts first; the reason names the errno's text)."""
     try:
         return ThreadCounters(), ""
     except OSError as err:
-        return None, str(err)
+        return None, err.strerror if err.errno is not None and err.strerror else str(err)

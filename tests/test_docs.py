@@ -107,3 +107,18 @@ def test_each_method_doc_lists_its_sections_at_the_top() -> None:
         listed = set(re.findall(r"^- \[[^\]]+\]\(#([^)]+)\)$", text[:first_section], flags=re.M))
         sections = [title for level, title in headings(text) if level == 2]
         assert [title for title in sections if anchor(title) not in listed] == [], doc
+
+
+PAPERS = {"docs/rah.md": '"RAH-LoRA: Training-Free Calibration of High-Influence Attention Heads in MLLMs", 2026, '
+                         'under double-blind review',
+          "docs/harc.md": '"HARC: Harmfulness-Refusal Coupling", arXiv 2607.00572, 2026'}
+
+
+def test_method_docs_name_their_papers_not_the_projects_planning_words() -> None:
+    """docs/rah.md and docs/harc.md opened with the project's planning words ("seed 004", "seed 003"): each names its
+    paper in its first paragraph, and no document or docstring says "seed 00" (issue 31 item 21)."""
+    for doc, paper in PAPERS.items():
+        first = " ".join(read(doc).split("\n\n")[2].split())
+        assert paper in first, (doc, first[:300])
+    sources = [*documents(), *(str(p.relative_to(REPO)) for p in (REPO / "plugin").rglob("*.py"))]
+    assert [path for path in sources if re.search(r"seed 00\d", read(path))] == []

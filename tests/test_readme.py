@@ -55,6 +55,100 @@ def test_dev_test_runs_pytest_on_every_core_unless_told_otherwise(monkeypatch: p
     assert dev.parallel_args([]) == []
 
 
+def test_dev_test_asks_pytest_for_failures_as_they_happen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--instafail`` when the venv's python has pytest-instafail (the test extra), not when it lacks it or the
+    caller passed it; the pytest command of ``dev.py test`` carries it (issue 31 item 22)."""
+    dev = _dev()
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    monkeypatch.setenv("PYTHONPATH", str(stub))
+    (stub / "pytest_instafail.py").write_text("", encoding="utf-8")
+    python = Path(sys.executable)
+    assert dev.report_args(python, ["-x"]) == ["--instafail"]
+    assert dev.report_args(python, ["--instafail"]) == []
+    ran: list[list[str]] = []
+    monkeypatch.setattr(dev, "run", lambda cmd, env=None, check=True: ran.append([str(c) for c in cmd]) or 0)
+    assert dev.cmd_test(python, ["-k", "x"]) == 0
+    (pytest_command,) = [cmd for cmd in ran if cmd[1:3] == ["-m", "pytest"]]
+    assert "--instafail" in pytest_command and pytest_command[-2:] == ["-k", "x"], pytest_command
+    (stub / "pytest_instafail.py").write_text("raise ImportError('not installed')\n", encoding="utf-8")
+    assert dev.report_args(python, []) == []
+
+
+def test_a_failure_shows_while_the_run_goes_on(tmp_path: Path) -> None:
+    """Under pytest-xdist with dev.py's report options, a failing test's text is printed while a later test still
+    runs: that test waits (up to 10 s) until the failure's text has been read from pytest's output, so a run stopped
+    early shows it too (issue 31 item 22: an interrupted ``dev.py test`` showed no failure text)."""
+    pytest.importorskip("pytest_instafail", reason="pytest-instafail (the test extra) is not installed")
+    dev = _dev()
+    flag = tmp_path / "failure_seen"
+    (tmp_path / "test_inner.py").write_text(
+        "import os, pathlib, time\n\n\ndef test_fails():\n    assert 'BOOM-31-22' == 'ok'\n\n\n"
+        "def test_waits():\n    flag, deadline = pathlib.Path(os.environ['FAILURE_SEEN']), time.monotonic() + 10\n"
+        "    while not flag.exists() and time.monotonic() < deadline:\n        time.sleep(0.05)\n"
+        "    assert flag.exists(), 'the failure was not shown while the run went on'\n", encoding="utf-8")
+    options = ["-n", "1", *dev.report_args(Path(sys.executable), ["-n", "1"])]
+    env = {**os.environ, "FAILURE_SEEN": str(flag), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options,
+                             "test_inner.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "BOOM-31-22" in line:
+            flag.touch()
+    out = "".join(lines)
+    assert proc.wait(timeout=120) == 1, out
+    assert "1 failed, 1 passed" in out, out
+
+
+def _summaries(tmp_path: Path) -> dict[str, str]:
+    """What each demo prints after its run (outputs missing: only the next steps matter here)."""
+    from llamafactory_hera.demo.runner import DemoContext
+    from llamafactory_hera.harc.demo import harc_summary
+    from llamafactory_hera.rah.demo import rah_summary
+
+    def ctx(method: str) -> DemoContext:
+        return DemoContext(output=tmp_path, folder=tmp_path / method, assets=tmp_path / "assets", family="llava",
+                           steps=3, cli=tmp_path / ".venv" / "bin" / "llamafactory-cli", env={}, show="none")
+
+    return {"hera": hera_demo.summary(ctx("hera"), 1.0), "rah": rah_summary(ctx("rah"), 1.0, "llava", "m"),
+            "harc": harc_summary(ctx("harc"), 1.0, tmp_path / "m", "llama3")}
+
+
+def test_readme_says_what_the_demos_run_and_print(tmp_path: Path) -> None:
+    """The README's demo lines say what each demo runs and its next steps what each prints (issue 31 item 21: it
+    said the HeRA demo runs ``select --report``, a next step it prints, and that every demo ends with a chat line,
+    which HeRA's does not print)."""
+    from markdown_docs import section
+
+    clone = section(README, "Try it from a clone")
+    demo_lines = {(re.findall(r"--method (\w+)", line) or ["hera"])[0]: line.split("#", 1)[1]
+                  for line in re.findall(r"^python3 dev\.py demo.*$", clone, re.M)}
+    assert "select" not in demo_lines["hera"] and "report" not in demo_lines["hera"], demo_lines["hera"]
+    assert "20-step" in demo_lines["hera"] and hera_demo.DEFAULT_STEPS == 20
+    steps = " ".join(re.search(r"Each ends with its\s+next steps(.*?)\n\n", clone, re.S).group(1).split())
+    printed = _summaries(tmp_path)
+    chat = re.search(r"([^:;]*) chat with", steps)
+    says_chat = {stage for stage, name in (("hera", "HeRA"), ("rah", "RAH-LoRA"), ("harc", "HARC"))
+                 if chat and re.search(rf"\b{re.escape(name)}'s", chat.group(1))}
+    assert says_chat == {stage for stage, text in printed.items() if " chat " in text}, (steps, says_chat)
+    hera = printed["hera"]
+    for shown, said in ((" select ", "llamafactory-hera select"), (" select --report ", "select --report"),
+                        ("stage=sft", "SFT twin"), (" --baseline ", "evaluate against it")):
+        assert shown in hera and said in steps, (shown, said, steps)
+
+
+def test_readme_says_what_the_set_up_costs_and_needs() -> None:
+    """Disk of the .venv (measured: 6.8 GB with the test extras), activating it for llamafactory-cli and the web UI,
+    the suite's time, and the browser test's Chromium from apt-get (issue 31 item 21)."""
+    from markdown_docs import section
+
+    clone = " ".join(section(README, "Try it from a clone").split())
+    for words in ("4.7 GB", "6.8 GB with the test tools", "source .venv/bin/activate", "`llamafactory-cli webui`",
+                  "about 10 minutes on a 2-core machine", "Chromium with `apt-get`"):
+        assert words in clone, words
+
+
 def _dev() -> Any:
     import importlib.util
 

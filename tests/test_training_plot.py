@@ -121,7 +121,7 @@ def test_series_merge_the_log_and_the_trainer_state(tmp_path: Path) -> None:
     assert series["loss"][0] == [1, 2, 3, 4] and "train_runtime" not in series and "epoch" not in series
 
 
-def test_single_step_and_nothing_logged(saved: list[Figure], tmp_path: Path) -> None:
+def test_single_step_and_nothing_logged(saved: list[Figure], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from llamafactory_hera.harc.method import TRAINING_PLOT
 
     run = tmp_path / "harc-one-step"
@@ -134,8 +134,32 @@ def test_single_step_and_nothing_logged(saved: list[Figure], tmp_path: Path) -> 
     assert len(fig.axes) == 2 and [float(t) for t in fig.axes[0].get_xticks()] == [1.0]
     _check_text(fig, "harc-one-step", wrapped=False)
     (run / "trainer_log.jsonl").write_text(json.dumps({"current_steps": 1, "eval_loss": 1.0}) + "\n")
-    with pytest.raises(ValueError, match="no loss"):
-        plot_training(run, "harc", TRAINING_PLOT, _smooth)
+    capsys.readouterr()
+    (run / "training.png").unlink()
+    assert plot_training(run, "harc", TRAINING_PLOT, _smooth)[0] is None  # a warning, as the host's plot_loss
+    assert "warning: training plot of harc-one-step: no loss" in capsys.readouterr().out
+    assert len(saved) == 1 and not (run / "training.png").exists()
+
+
+@pytest.mark.parametrize("stage", ["hera", "rah", "harc"])
+def test_a_run_shorter_than_logging_steps_warns_and_exits_0(assets: Any, harc_assets: Any, stage: str,
+                                                            tmp_path: Path) -> None:
+    """A one-step smoke test (``max_steps: 1`` below ``logging_steps: 5``) logs no loss: ``llamafactory-cli train``
+    warns that nothing was plotted and exits 0, as the stock ``plot_loss`` does (issue 31 item 7: it used to fail
+    after training with ``no loss, term or panel series was logged``)."""
+    from conftest import base_recipe, harc_recipe, run_train
+    from llamafactory_hera.rah.demo import build_rah_recipe
+
+    out = tmp_path / f"one-step-{stage}"
+    short = {"max_steps": 1, "logging_steps": 5, "plot_loss": True}
+    recipe = {"hera": lambda: base_recipe(assets, "qwen2_5_vl", out, **short),
+              "rah": lambda: {**build_rah_recipe(assets, "qwen2_5_vl", out), **short},
+              "harc": lambda: harc_recipe(harc_assets, "llama3", out, **short)}[stage]()
+    proc = run_train(recipe, tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    if stage != "rah":  # training-free: no loss to plot
+        assert "warning: training plot of one-step-" in proc.stdout, proc.stdout[-3000:]
+        assert "training.png not drawn" in proc.stdout and not (out / "training.png").exists()
 
 
 def test_head_figures_say_what_boxes_and_hatching_mean(saved: list[Figure], tmp_path: Path) -> None:

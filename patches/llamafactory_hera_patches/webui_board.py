@@ -151,6 +151,7 @@ def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict
             else:
                 manager.get_base_elems = own_base
         stage = elem_dict["training_stage"]
+        _widen_stage_box(stage)
         for method, (name, tab) in tabs.items():
             _place_before(tab, elem_dict["cmd_preview_btn"])
             stage.change(_shown_for(method, stages, gr), [stage], [tab], queue=False)
@@ -163,6 +164,17 @@ def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict
     create_train_tab.__wrapped__ = original
     create_train_tab._hera = True
     return create_train_tab
+
+
+# The Stage dropdown's least width (px): stock gives it 1/6 of its row (157 px of text at a 1600 px window), which cuts
+# the methods' names off ("HeRA (Head-wise Representation Alignment)" takes 313 px); at this width the longest name
+# fits beside the dropdown's arrow from a 1280 px window up, and the other boxes of the row keep their share.
+STAGE_MIN_WIDTH = 420
+
+
+def _widen_stage_box(stage: Any) -> None:
+    """Give the Train tab's Stage dropdown room for the stage names (read when gradio renders the page)."""
+    stage.min_width = max(int(getattr(stage, "min_width", None) or 0), STAGE_MIN_WIDTH)
 
 
 def _shown_for(method: Method, stages: dict[str, str], gr: Any) -> Callable[[str], Any]:

@@ -75,6 +75,23 @@ def test_overhead_script_runs_both_stages_and_prints_ratios(bench_root: Path) ->
     assert "heads ['L7H1', 'L3H5', 'L2H2', 'L7H7', 'L5H0']" in out
 
 
+NOT_COUNTED = re.compile(r"^instructions, cycles\s+not counted: hardware counters: \S", re.M)
+SAME_STEP = re.compile(r"^steps without a point\s+instructions on/off, same step: median ([\d.]+) "
+                       r"\(([\d.]+)-([\d.]+)\) over \d+ steps$", re.M)
+
+
+def _check_counters(out: str) -> bool:
+    """The counters' lines of ``overhead.py --monitor --counters``, either branch; True when counted."""
+    counted = SAME_STEP.search(out)
+    if counted is None:  # no hardware counters here (a VM without a PMU, a container, perf_event_paranoid > 2)
+        assert NOT_COUNTED.search(out), out
+        assert "[Errno" not in out, out
+        return False
+    assert all(abs(float(value) - 1) < 2e-3 for value in counted.groups()), out
+    assert re.search(r"^instructions, training \(G\)\s+[\d.]+\s+[\d.]+\s+1\.0\d\d", out, re.M), out
+    return True
+
+
 def test_overhead_script_measures_the_monitor_side_by_side(bench_root: Path) -> None:
     """``--monitor``: HeRA with the monitor off and on (here every 2 steps), the points' share inside the run, and the
     instructions the training thread retired (or why they were not counted): equal on the step without a point."""
@@ -84,13 +101,65 @@ def test_overhead_script_measures_the_monitor_side_by_side(bench_root: Path) -> 
     assert re.search(r"^training time \(s\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", out, re.M), out
     assert re.search(r"^monitor, in its own run\s+points at steps \[0, 2\], [\d.]+ s .* % of its training time",
                      out, re.M), out
-    counted = re.search(r"^steps without a point\s+instructions on/off, same step: median ([\d.]+) "
-                        r"\(([\d.]+)-([\d.]+)\) over 1 steps$", out, re.M)
-    if counted is None:  # no hardware counters here (a container, perf_event_paranoid > 2, not Linux)
-        assert re.search(r"^instructions, cycles\s+not counted: hardware counters: ", out, re.M), out
+    _check_counters(out)
+
+
+def _fake_libc(errno: int) -> type:
+    class Libc:  # perf_event_open refused with this errno
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def syscall(self, *args: object) -> int:
+            return -1
+
+    return Libc
+
+
+def _refuse_counters(monkeypatch: pytest.MonkeyPatch, why: str) -> None:
+    """Make ``thread_counters`` find no counters: perf_event_open fails with errno ``why``, or the OS is not Linux."""
+    import ctypes
+    import errno
+    import platform
+
+    if why == "not Linux":
+        monkeypatch.setattr(platform, "system", lambda: "Darwin")
         return
-    assert all(abs(float(value) - 1) < 2e-3 for value in counted.groups()), out
-    assert re.search(r"^instructions, training \(G\)\s+[\d.]+\s+[\d.]+\s+1\.0\d\d", out, re.M), out
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(ctypes, "CDLL", _fake_libc(getattr(errno, why)))
+    monkeypatch.setattr(ctypes, "get_errno", lambda: getattr(errno, why))
+
+
+@pytest.mark.parametrize("why", ["ENOENT", "EACCES", "not Linux"])
+def test_counters_unavailable_say_why_in_the_checked_words(monkeypatch: pytest.MonkeyPatch, why: str) -> None:
+    """Without hardware counters (a VM without a PMU: ENOENT; perf_event_paranoid > 2: EACCES; another OS) the reason
+    starts with ``hardware counters:`` (it used to start with ``[Errno 2]``, which the script's check refused)."""
+    import counters
+
+    _refuse_counters(monkeypatch, why)
+    found, reason = counters.thread_counters()
+    assert found is None and reason.startswith("hardware counters: "), reason
+    assert ("on Darwin" in reason) == (why == "not Linux") and "[Errno" not in reason, reason
+
+
+def test_overhead_prints_the_counters_in_both_branches(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """The monitor's counters table from synthetic runs: counted (same work on the step without a point) and not
+    counted (with the reason thread_counters gives on a machine without them); both pass the script test's check."""
+    import counters
+    import overhead
+
+    def run(counts: list[list[int]], points: list[int], unavailable: str = "") -> dict:
+        return {"counts": counts, "end_count": counts[-1] if counts else None, "monitor_steps": points,
+                "torch_threads": 1, "counters_unavailable": unavailable}
+
+    steps = [[10**9 * s, 2 * 10**9 * s] for s in range(4)]
+    monitored = [[c[0] + (10**8 if s >= 1 else 0), c[1]] for s, c in enumerate(steps)]  # a point at step 0
+    overhead._print_monitor_counters([run(steps, [])], [run(monitored, [0])])
+    assert _check_counters(capsys.readouterr().out)
+    _refuse_counters(monkeypatch, "ENOENT")
+    reason = counters.thread_counters()[1]
+    overhead._print_monitor_counters([run([], [], reason)], [run([], [0], reason)])
+    assert not _check_counters(capsys.readouterr().out)
 
 
 def test_selection_script_prints_ratio_breakdown_and_end_to_end(bench_root: Path) -> None:

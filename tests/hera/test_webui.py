@@ -27,7 +27,7 @@ SFT_LABEL = "Supervised Fine-Tuning"
 
 # Runs in a fresh interpreter (cwd: a temporary folder, where LlamaBoard keeps its cache and saves).
 PROBE = r'''
-import json, sys
+import json, os, sys
 import gradio as gr
 sys.path.insert(0, sys.argv[3])
 from plot_checks import legend_clearance
@@ -82,6 +82,15 @@ if "train.hera_tab" in manager._id_to_elem:
                         if manager.get_id_by_elem(e).startswith("train.hera_")}
     bad = data_for("HeRA (Head-wise Representation Alignment)", **{"train.hera_heads": "L1X0"})
     report["bad_heads_error"] = runner._initialize(bad, True, True)
+    model, output_box = os.environ.get("HERA_PROBE_MODEL"), manager.get_elem_by_id("train.output_box")
+    report["heads_vs_model"] = {}
+    for heads in ("L99H0", "L0H99", "L1H0, L1H2", "auto") if model else ():
+        data = data_for("HeRA (Head-wise Representation Alignment)", **{"top.model_path": model,
+                                                                        "train.hera_heads": heads})
+        report["heads_vs_model"][heads] = {"error": runner._initialize(data, True, True),
+                                           "preview": next(runner.preview_train(data))[output_box]}
+    report["heads_elsewhere"] = runner._initialize(data_for("HeRA (Head-wise Representation Alignment)",
+                                                            **{"train.hera_heads": "L99H0"}), True, True)
     report["bad_values"] = {}
     for key, raw in (("hera_k", 0), ("hera_k", 1.5), ("hera_k", None), ("hera_temperature", 0),
                      ("hera_lambda", -1), ("hera_select_num_heads", 0)):
@@ -110,10 +119,12 @@ print("REPORT=" + json.dumps(report, default=str))
 
 
 def _probe(tmp_path: Path, labels: list[str], hera_overrides: dict[str, Any] | None = None, *,
-           disable: bool = False) -> dict[str, Any]:
+           disable: bool = False, model: Path | None = None) -> dict[str, Any]:
+    """The PROBE's report; ``model``: a local model the HeRA heads are checked against in the preview."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     env = offline_env(tmp_path, GRADIO_ANALYTICS_ENABLED="False", **({"LLAMAFACTORY_HERA_DISABLE": "1"} if disable
-                                                                    else {}))
+                                                                    else {}),
+                      **({"HERA_PROBE_MODEL": str(model)} if model else {}))
     proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(labels), json.dumps(hera_overrides or {}),
                            str(Path(__file__).parents[1])],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -123,10 +134,11 @@ def _probe(tmp_path: Path, labels: list[str], hera_overrides: dict[str, Any] | N
 
 
 @pytest.fixture(scope="module")
-def board(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def board(assets: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     overrides = {"train.hera_heads": "[L1H0, L1H2]", "train.hera_teacher": "/models/teacher", "train.hera_k": 3,
                  "train.hera_learn_temperature": False}
-    return _probe(tmp_path_factory.mktemp("board"), [SFT_LABEL, "DPO", HERA_LABEL], overrides)
+    return _probe(tmp_path_factory.mktemp("board"), [SFT_LABEL, "DPO", HERA_LABEL], overrides,
+                  model=assets.models["qwen3_vl"])
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +222,24 @@ class _BrowserText(HTMLParser):
 
 def shown(markup: str) -> str:
     return "".join(_BrowserText(markup).parts)
+
+
+def test_the_preview_checks_the_heads_against_the_models_config(board: dict[str, Any], assets: Any) -> None:
+    """Heads outside the model's layers or heads are refused by the preview (and Start) with the run's own line, where
+    the model's config can be read locally, as RAH-LoRA's layers are (issue 31 item 20: ``L99H0`` failed only after
+    Start, in the run's log)."""
+    model = assets.models["qwen3_vl"]
+    text = json.loads((model / "config.json").read_text(encoding="utf-8"))["text_config"]
+    layers, heads = text["num_hidden_layers"], text["num_attention_heads"]
+    for given in ("L99H0", "L0H99"):
+        want = (f"Invalid HeRA setting: hera_heads: {given} is outside {model}, which has layers L0..L{layers - 1} "
+                f"and heads H0..H{heads - 1} per layer (zero-based). Fix or remove {given}.")
+        shown_now = board["heads_vs_model"][given]
+        assert shown(shown_now["error"]) == want and shown(shown_now["preview"]) == want, shown_now
+    fits = board["heads_vs_model"]["L1H0, L1H2"]
+    assert fits["error"] == "" and "--hera_heads L1H0,L1H2" in fits["preview"], fits
+    assert board["heads_vs_model"]["auto"]["error"] == ""
+    assert board["heads_elsewhere"] == ""  # a model whose config is not on this machine: the run checks it
 
 
 def test_bad_values_show_the_key_and_the_head_format(board: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""What a LlamaBoard panel can read locally before a run starts: the datasets of the Data dir and a model's depth.
+"""What a LlamaBoard panel can read locally before a run starts: the datasets of the Data dir and a model's depth and
+attention heads.
 
 Both answer "unknown" (an empty list, None) where nothing can be read locally (no ``dataset_info.json``, a remote or
 online dataset dir, a model neither on disk nor in the Hugging Face cache): the run checks the same things itself
@@ -11,6 +12,8 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from llamafactory_hera.anatomy.heads import AttentionGeometry, attention_geometry
 
 _NOT_LOCAL = ("REMOTE:", "ONLINE")  # LLaMA-Factory's dataset_dir values that are not a folder
 
@@ -41,9 +44,9 @@ def unknown_datasets(dataset_dir: Any, named: Mapping[str, Any]) -> dict[str, tu
     return {key: (str(name), list(info)) for key, name in named.items() if str(name) not in info}
 
 
-def local_text_depth(model_path: Any) -> int | None:
-    """``num_hidden_layers`` of the text config of ``model_path`` (a folder or a Hugging Face id) where its config
-    can be read without the network (the folder, or the Hugging Face cache); None otherwise."""
+def local_text_config(model_path: Any) -> Any:
+    """The text config of ``model_path`` (a folder or a Hugging Face id) where its config can be read without the
+    network (the folder, or the Hugging Face cache); None otherwise."""
     if not model_path or not str(model_path).strip():
         return None
     from transformers import AutoConfig
@@ -52,8 +55,23 @@ def local_text_depth(model_path: Any) -> int | None:
         # trust_remote_code=False: a config that needs the repository's code is refused at once, never run (nor
         # asked about on a terminal)
         config = AutoConfig.from_pretrained(str(model_path).strip(), local_files_only=True, trust_remote_code=False)
-    except Exception:  # noqa: BLE001 - not local, needs custom code, unreadable: the run checks the depth itself
+    except Exception:  # noqa: BLE001 - not local, needs custom code, unreadable: the run checks it itself
         return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    depth = getattr(text, "num_hidden_layers", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def local_text_depth(model_path: Any) -> int | None:
+    """``num_hidden_layers`` of the text config of ``model_path`` where it can be read locally
+    (:func:`local_text_config`); None otherwise."""
+    depth = getattr(local_text_config(model_path), "num_hidden_layers", None)
     return depth if isinstance(depth, int) and depth > 0 else None
+
+
+def local_attention_geometry(model_path: Any) -> AttentionGeometry | None:
+    """The text decoder's layers and heads (:func:`~llamafactory_hera.anatomy.heads.attention_geometry`) of
+    ``model_path`` where its config can be read locally (:func:`local_text_config`); None otherwise."""
+    text = local_text_config(model_path)
+    try:
+        return None if text is None else attention_geometry(text)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):  # not a decoder config the run could use
+        return None

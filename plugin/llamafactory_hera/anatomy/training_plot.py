@@ -195,12 +195,20 @@ def draw_training(data: Series, plot: TrainingPlot, run_name: str, stage: str, s
     return fig
 
 
-def plot_training(output_dir: str | Path, stage: str, plot: TrainingPlot, smooth: Smooth) -> tuple[Path, list[str]]:
+def plot_training(output_dir: str | Path, stage: str, plot: TrainingPlot,
+                  smooth: Smooth) -> tuple[Path | None, list[str]]:
     """Write ``output_dir/training.png`` from the run's logs. Returns (its path, the losses and terms never
-    logged, to say so)."""
+    logged, to say so). A run that logged nothing to plot (e.g. ``max_steps`` below ``logging_steps``) gets a
+    warning and no figure (path None), as the host's ``plot_loss`` warns and goes on."""
     output_dir = Path(output_dir)
     data = read_series(output_dir)
-    fig = draw_training(data, plot, output_dir.name, stage, smooth)
+    missing = [key for key in (*plot.losses, *plot.terms) if key not in data]
+    try:
+        fig = draw_training(data, plot, output_dir.name, stage, smooth)
+    except ValueError as err:
+        print(f"[llamafactory-hera] warning: {err} (was max_steps below logging_steps?); {TRAINING_PNG} not drawn",
+              flush=True)
+        return None, missing
     path = output_dir / TRAINING_PNG
     fig.savefig(path, format="png", dpi=110)
-    return path, [key for key in (*plot.losses, *plot.terms) if key not in data]
+    return path, missing

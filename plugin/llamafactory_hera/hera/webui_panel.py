@@ -1,6 +1,7 @@
 """The HeRA panel of LlamaBoard (LLaMA-Factory's web UI), declared: its fields (from
-:class:`~llamafactory_hera.hera.args.HeraArguments`), their texts in LlamaBoard's languages and the loss plot with
-``hera_loss``. :mod:`llamafactory_hera.anatomy.panel_builder` makes the panel; how panels are wired into LlamaBoard is
+:class:`~llamafactory_hera.hera.args.HeraArguments`), their texts in LlamaBoard's languages, the check of
+``hera_heads`` against the model's layers and heads, and the loss plot with ``hera_loss``.
+:mod:`llamafactory_hera.anatomy.panel_builder` makes the panel; how panels are wired into LlamaBoard is
 :mod:`llamafactory_hera_patches.webui_board`.
 
 The other ``hera_*`` keys (``hera_temperature_lr``, ``hera_teacher_cache``, ...) go into LlamaBoard's "Extra
@@ -10,9 +11,12 @@ arguments" JSON box, which wins over the panel.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
+from llamafactory_hera.anatomy.heads import check_heads_fit
 from llamafactory_hera.anatomy.panel_builder import build_panel
+from llamafactory_hera.anatomy.panel_checks import local_attention_geometry
 from llamafactory_hera.anatomy.panel_spec import Field, LossPlot, PanelDeclaration, Texts
 from llamafactory_hera.hera.args import AUTO, HeraArguments, parse_hera_arguments
 from llamafactory_hera.hera.board_plot import HERA_TERMS, hera_loss_figure
@@ -25,6 +29,22 @@ def normalize_heads(value: Any) -> str:
         return AUTO
     items = [t.strip("'\" ") for t in re.split(r"[,\s;]+", text.strip("[]() ")) if t.strip("'\" ")]
     return ",".join(items)
+
+
+def check_heads_geometry(args: HeraArguments, context: Mapping[str, Any]) -> str:
+    """``hera_heads`` against the layers and heads of LlamaBoard's model, where its config can be read locally (the
+    run's own check, :func:`~llamafactory_hera.anatomy.heads.check_heads_fit`, so the same line); "" when they fit,
+    under ``auto`` or when the model is unknown here (the run checks it again)."""
+    if args.auto_heads:
+        return ""
+    geometry = local_attention_geometry(context.get("model_path"))
+    if geometry is None:
+        return ""
+    try:
+        check_heads_fit(args.head_refs, geometry, str(context.get("model_path")).strip())
+    except ValueError as err:
+        return str(err)
+    return ""
 
 
 AUTO_ONLY = ("hera_heads", AUTO)  # hera_select_* keys are sent only with hera_heads: auto
@@ -160,7 +180,7 @@ TEXTS: Texts = {
 
 PANEL = build_panel(PanelDeclaration(
     name="HeRA", prefix="hera_", arguments=HeraArguments, parse=parse_hera_arguments, fields=FIELDS, texts=TEXTS,
-    loss_plot=LossPlot(terms=HERA_TERMS.terms, figure=hera_loss_figure),
+    loss_plot=LossPlot(terms=HERA_TERMS.terms, figure=hera_loss_figure), checks=(check_heads_geometry,),
     only_with_note={"en": "With heads = auto: ", "ru": "При heads = auto: ", "zh": "头为 auto 时：",
                     "ko": "heads = auto일 때: ", "ja": "heads = auto の場合: "},
 ))

@@ -132,7 +132,8 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
                          "Fix or remove the file.") from err
     if training_args.do_train and finetuning_args.plot_loss and training_args.process_index == 0:
         path, missing = plot_training(training_args.output_dir, "hera", TRAINING_PLOT, host.smooth)
-        print(f"Figure saved at: {path}")
-        if missing:
+        if path is not None:
+            print(f"Figure saved at: {path}")
+        if path is not None and missing:
             print(f"[llamafactory-hera] not logged, so not plotted: {', '.join(missing)}", flush=True)
     _leave_together()
