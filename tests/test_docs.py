@@ -56,7 +56,11 @@ def test_each_method_has_a_demo_a_recipe_and_an_eval_line() -> None:
     for stage, (_, compare) in METHODS.items():
         lines = bash_lines(_method_section(stage))
         assert f"python3 dev.py demo --method {stage}" in lines, stage
-        trains = [shlex.split(line) for line in lines if line.startswith("llamafactory-cli train recipes/")]
+        # one-GPU recipes pin one GPU (issue 31 item 10): a node's other GPUs would each start a rank
+        pinned = "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train recipes/"
+        assert not [line for line in lines if line.startswith("llamafactory-cli train recipes/")], \
+            f"{stage}: the README's one-GPU train lines start with CUDA_VISIBLE_DEVICES=0"
+        trains = [shlex.split(line)[1:] for line in lines if line.startswith(pinned)]
         recipe_path = REPO / trains[0][2]
         assert recipe_path.is_file(), f"{stage}: {trains[0][2]} does not exist"
         recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
