@@ -167,3 +167,68 @@ def test_a_failed_runs_own_record_is_marked_but_an_older_runs_is_not(tmp_path: P
         assert (profile.get("status") == "failed") == marked, folder
         error = json.loads(path.read_text(encoding="utf-8"))["error"]
         assert error == "ValueError: RAH-LoRA changed no weight: 0 of 5 targets calibrated"
+
+
+# --- review of issue 31 on an 8-GPU node ---
+
+def test_a_run_that_failed_after_saving_its_model_is_evaluated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A failing do_predict, reporting backend or an interrupt after save_model left a saved model that eval refused
+    ('holds no model to evaluate'); it is now finished with the error kept, and eval says so."""
+    from llamafactory_hera.anatomy.run_record import write_ended, write_started
+
+    host = {"model_name_or_path": "Qwen/Qwen2-0.5B-Instruct", "template": "qwen", "seed": 0}
+    path = write_started(tmp_path, "sft", host)
+    (tmp_path / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"saved")
+    write_ended(path, KeyboardInterrupt("at the end"))
+    record = json.loads(path.read_text(encoding="utf-8"))
+    assert record["status"] == "finished" and record["error_after_save"] == "KeyboardInterrupt: at the end"
+    assert read_run(tmp_path, "run", trained=True).recipe["model_name_or_path"] == host["model_name_or_path"]
+    assert "saved its model, then failed (KeyboardInterrupt: at the end)" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tmp")), "the temporary file is replaced, not left"
+
+
+def test_a_checkpoint_folder_loads_as_its_run_recorded(tmp_path: Path) -> None:
+    """eval RUN/checkpoint-N: the checkpoint has no record of its own; it took the baseline's image_max_pixels."""
+    host = {"model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct", "template": "qwen2_vl",
+            "image_max_pixels": QWEN_RECIPE_PIXELS, "seed": 0, "output_dir": str(tmp_path)}
+    (tmp_path / RUN_RECORD).write_text(json.dumps({"stage": "hera", "status": "finished", "loading": host}))
+    checkpoint = tmp_path / "checkpoint-5"
+    checkpoint.mkdir()
+    (checkpoint / "adapter_config.json").write_text("{}", encoding="utf-8")
+    spec = read_run(checkpoint, "run", trained=True)
+    assert spec.recipe["image_max_pixels"] == QWEN_RECIPE_PIXELS and spec.stage == "hera"
+    assert spec.recipe["adapter_name_or_path"] == str(checkpoint)
+
+
+def test_a_run_that_names_itself_as_adapter_loads_it_once(tmp_path: Path) -> None:
+    """A record whose adapter_name_or_path is the run itself (a do_predict into the training folder, recorded before
+    that rule) applied the LoRA twice."""
+    host = {"model_name_or_path": "Qwen/Qwen2-0.5B-Instruct", "template": "qwen",
+            "adapter_name_or_path": [str(tmp_path)]}
+    (tmp_path / RUN_RECORD).write_text(json.dumps({"stage": "sft", "status": "finished", "loading": host}))
+    (tmp_path / "adapter_config.json").write_text("{}", encoding="utf-8")
+    assert read_run(tmp_path, "run", trained=True).recipe["adapter_name_or_path"] == str(tmp_path)
+
+
+def test_token_lists_compare_alike_in_both_record_forms(tmp_path: Path) -> None:
+    """A run record keeps add_tokens as a list, LlamaBoard's training_args.yaml as 'a,b': not a difference."""
+    host = {"model_name_or_path": "Qwen/Qwen2-0.5B-Instruct", "template": "qwen"}
+    run_dir, twin = tmp_path / "run", tmp_path / "twin"
+    for folder in (run_dir, twin):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (run_dir / RUN_RECORD).write_text(json.dumps({"stage": "sft", "status": "finished",
+                                                  "loading": {**host, "add_tokens": ["<a>", "<b>"]}}))
+    (twin / "training_args.yaml").write_text(json.dumps({**host, "stage": "sft", "add_tokens": "<a>,<b>"}))
+    read_pair(run_dir, twin, base=False)
+
+
+def test_a_run_that_does_not_train_writes_no_record(assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """do_predict into a training folder replaced the training run's record (and named the run as its adapter)."""
+    _fail_in_the_workflow(monkeypatch)
+    recipe = {k: v for k, v in base_recipe(assets, "qwen2_5_vl", tmp_path / "sft", max_steps=1).items()
+              if not k.startswith("hera_")}
+    with pytest.raises(_Boom):
+        train({**recipe, "stage": "sft", "do_train": False, "do_eval": True, "eval_dataset": recipe["dataset"]})
+    assert not (tmp_path / "sft" / RUN_RECORD).exists()

@@ -58,11 +58,12 @@ def _refused(recipe: dict[str, Any]) -> str:
 
 FSDP_SOURCES = {  # name -> (recipe overrides, environment, what the message starts with)
     "fsdp key": ({"fsdp": "full_shard auto_wrap"}, {}, "fsdp: full_shard auto_wrap: "),
-    "fsdp_config key": ({"fsdp_config": {"fsdp_version": 2}}, {}, "fsdp_config: {'fsdp_version': 2}: "),
+    "fsdp with fsdp_config": ({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}, {},
+                              "fsdp: full_shard (fsdp_config: {'fsdp_version': 2}): "),
     "accelerate FSDP1": ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
                          "ACCELERATE_USE_FSDP=true (FSDP_VERSION=1), set by accelerate launch with an FSDP config: "),
-    "accelerate FSDP2": ({}, {"ACCELERATE_USE_FSDP": "1", "FSDP_VERSION": "2"},
-                         "ACCELERATE_USE_FSDP=1 (FSDP_VERSION=2), set by accelerate launch with an FSDP config: "),
+    "accelerate FSDP2": ({}, {"ACCELERATE_USE_FSDP": "True", "FSDP_VERSION": "2"},
+                         "ACCELERATE_USE_FSDP=True (FSDP_VERSION=2), set by accelerate launch with an FSDP config: "),
 }
 
 
@@ -85,8 +86,11 @@ def test_fsdp_is_refused_for_every_stage_however_it_is_set(stage: str, source: s
 def test_fsdp_off_in_the_environment_is_not_refused() -> None:
     from llamafactory_hera.anatomy.launch_checks import check_raw_launch
 
-    for value in ("false", "0", ""):
+    # accelerate 1.11 turns FSDP on for ACCELERATE_USE_FSDP "true" (any case) only: "1" is no FSDP run (review)
+    for value in ("false", "0", "", "1"):
         check_raw_launch("hera", {"fsdp": "", "fsdp_config": None}, {"ACCELERATE_USE_FSDP": value})
+    # fsdp_config without fsdp: transformers warns and ignores it
+    check_raw_launch("hera", {"fsdp": "", "fsdp_config": {"fsdp_version": 2}}, {})
     check_raw_launch("harc", ["--fsdp", ""], {"FSDP_VERSION": "2"})  # a version alone does not turn FSDP on
 
 

@@ -155,7 +155,7 @@ def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,
 def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
               method_records: tuple[str, ...]) -> Iterator[None]:
     """``get_train_args`` for the run's duration: LLaMA-Factory's parse, the method's ``check`` of it, then the run's
-    :mod:`~llamafactory_hera.anatomy.run_record` (every stage, by the saving rank) written ``running``; marked
+    :mod:`~llamafactory_hera.anatomy.run_record` (every training stage, by the main process) written ``running``; marked
     ``finished`` or ``failed`` when the run ends. A recipe refused by a check records nothing (an earlier run's
     record in ``output_dir`` is left as it was)."""
     written: list[Any] = []
@@ -166,7 +166,10 @@ def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
         if check is not None:
             check(*parsed)
         model_args, data_args, training_args, finetuning_args = parsed[:4]
-        if getattr(training_args, "should_save", True) and getattr(training_args, "output_dir", None):
+        # by the one global main process (save_on_each_node makes a main per node: one writer per folder), and for
+        # training runs only (a do_predict run into the training folder must not replace its record)
+        if (getattr(training_args, "process_index", 0) == 0 and getattr(training_args, "do_train", True)
+                and getattr(training_args, "output_dir", None)):
             written.append(run_record.write_started(training_args.output_dir, stage, run_record.loading_keys(
                 model_args, data_args, finetuning_args, training_args)))
         return parsed

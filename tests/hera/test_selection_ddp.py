@@ -76,7 +76,7 @@ def test_host_checks_print_the_ddp_timeout_warning(assets, tmp_path: Path, monke
                                fsdp="", do_train=True, output_dir=str(tmp_path / "out"))
     import llamafactory_hera.hera.host_checks as host_checks
 
-    monkeypatch.setattr(host_checks, "check_run_inputs", lambda *args: None)
+    monkeypatch.setattr(host_checks, "check_run_inputs", lambda *args, **kwargs: None)
     hera = parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")})
     validate_host_args(model, data, training, SimpleNamespace(), SimpleNamespace(), hera)
     assert "ddp_timeout: 1800 s" in capsys.readouterr().out

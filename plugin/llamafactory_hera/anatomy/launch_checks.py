@@ -27,8 +27,6 @@ from typing import Any
 
 from llamafactory_hera.anatomy.recipe_keys import raw_value, truthy
 
-_TRUE = {"true", "1", "yes", "y", "on", "t"}  # accelerate's str_to_bool
-
 # why a stage cannot read its rows from an iterable (streamed) dataset
 _STREAMING = {
     "hera": "accelerate's batch dispatcher concatenates a streamed dataset's batches, and HeRA's per-row list-valued "
@@ -64,12 +62,12 @@ def _fsdp_refusal(stage: str, what: str, fix: str = _DEFAULT_FSDP_FIX) -> ValueE
 
 def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mapping[str, str]) -> None:
     """No FSDP from the recipe's ``fsdp`` / ``fsdp_config`` or from ``accelerate launch``'s environment."""
-    for key in ("fsdp", "fsdp_config"):
-        value = raw_value(host_args, key)
-        if _set(value):
-            raise _fsdp_refusal(stage, f"{key}: {value}")
+    value = raw_value(host_args, "fsdp")
+    if _set(value):  # fsdp_config alone is ignored by transformers (it warns), so it is no FSDP run
+        config = raw_value(host_args, "fsdp_config")
+        raise _fsdp_refusal(stage, f"fsdp: {value}" + (f" (fsdp_config: {config})" if _set(config) else ""))
     used = environ.get("ACCELERATE_USE_FSDP", "")
-    if used.strip().lower() in _TRUE:
+    if used.lower() == "true":  # exactly how accelerate's Accelerator reads it (1.11: "1" does not turn FSDP on)
         version = environ.get("FSDP_VERSION")
         shown = f"ACCELERATE_USE_FSDP={used}" + (f" (FSDP_VERSION={version})" if version else "")
         raise _fsdp_refusal(stage, f"{shown}, set by accelerate launch with an FSDP config",

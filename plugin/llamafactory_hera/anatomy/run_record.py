@@ -5,7 +5,9 @@ sees, plain LLaMA-Factory stages (``sft``, ``dpo``, ...) included: right after L
 ``status: running``, then ``finished`` when the run returns or ``failed`` (with the error's first line) when it
 raises. A run killed from outside keeps ``running``. ``llamafactory-hera eval`` reads the loading keys back (a plain
 ``stage: sft`` twin is then evaluated as it was trained, not at LLaMA-Factory's defaults) and refuses a run whose
-record is not ``finished``.
+record is not ``finished``. A run that fails after it saved its model (a failing ``do_predict``, a reporting
+backend, an interrupt at the end) is ``finished`` with the error kept as ``error_after_save``: the saved model is
+there to evaluate.
 
 Values are the parsed ones (LLaMA-Factory's defaults filled in), so two records compare key by key. A method's own
 record (``hera_run.json``, ``rah_profile.json``, ``harc_run.json``: :attr:`Method.records`) left by a failed run is
@@ -15,6 +17,9 @@ marked ``"status": "failed"`` too. Imports nothing heavy.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +59,8 @@ def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any]) -
 
     path = Path(output_dir) / RUN_RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"stage": stage, "status": RUNNING, "llamafactory_hera_version": __version__, "loading": loading}
+    record = {"stage": stage, "status": RUNNING, "llamafactory_hera_version": __version__,
+              "started_ns": time.time_ns(), "loading": loading}
     _write(path, record)
     return path
 
@@ -64,8 +70,11 @@ def write_ended(path: Path, error: BaseException | None, method_records: tuple[s
     record = read_record(path) if path.is_file() else {}
     if not record:
         return
-    record["status"] = FINISHED if error is None else FAILED
-    if error is not None:
+    saved = error is not None and _saved_since(path.parent, record.get("started_ns"))
+    record["status"] = FINISHED if error is None or saved else FAILED
+    if saved:
+        record["error_after_save"] = _first_line(error)
+    elif error is not None:
         record["error"] = _first_line(error)
         for name in method_records:
             other = path.parent / name
@@ -84,12 +93,24 @@ def read_record(path: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
+SAVED_MODEL_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors",
+                     "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _saved_since(folder: Path, started_ns: Any) -> bool:
+    """Whether the run saved its model (adapter or full weights) into ``folder`` after it started."""
+    if not isinstance(started_ns, int):
+        return False
+    return any((folder / name).is_file() and (folder / name).stat().st_mtime_ns >= started_ns
+               for name in SAVED_MODEL_FILES)
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}".strip()
 
 
 def _write(path: Path, record: dict[str, Any]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # one per writer
     temporary.write_text(json.dumps(record, indent=2), encoding="utf-8")
     temporary.replace(path)

@@ -28,8 +28,9 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
     verb = commands.add_parser(
         "eval", help="Evaluate a run against its baseline (lmms-eval for MLLMs, lm-eval for text models).",
         description="Load the run's model as LLaMA-Factory loads it (base + adapter, or the full run) and its "
-        "baseline, run the tasks through lmms-eval (MLLMs) or lm-eval (text models), and write eval_report.json, "
-        "eval_report.md and eval_report.png into RUN_DIR. Finished tasks are cached in RUN_DIR/eval_cache: a rerun "
+        "baseline, run the tasks through lmms-eval (MLLMs) or lm-eval (text models), and write one report per "
+        "comparison into RUN_DIR (eval_report_vs_base.*, eval_report_vs_<baseline folder>.*, or eval_report.* for the "
+        "run alone: .json, .md, .png). Finished tasks are cached in RUN_DIR/eval_cache: a rerun "
         f"skips them. Needs the eval extra: {EXTRA}.")
     verb.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="output_dir of a finished run (any stage)")
     against = verb.add_mutually_exclusive_group()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,9 @@ def _seed(value: Any) -> int:
 def _finished(run_dir: Path, name: str, record: dict[str, Any]) -> dict[str, Any]:
     """``record`` unless it says its run did not finish (a one-line error naming the record and the fix)."""
     status = record.get("status")
+    if record.get("error_after_save"):
+        print(f"note: {run_dir / name}: the run saved its model, then failed ({record['error_after_save']}); "
+              "evaluating the saved model", file=sys.stderr)
     if status is not None and status != FINISHED:
         why = f": {record['error']}" if record.get("error") else (" (killed, or still training)"
                                                                   if status == "running" else "")
@@ -122,7 +126,13 @@ def _method_keys(run_dir: Path) -> dict[str, Any]:
 
 
 def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any], int]:
-    """(stage, host keys, method keys, seed) from the run's record."""
+    """(stage, host keys, method keys, seed) from the run's record; a ``checkpoint-N`` folder without one: its run's
+    (else it would take the baseline's loading keys, the confound the records exist to catch)."""
+    own = (RUN_RECORD, LLAMABOARD_ARGS, HERA_RECORD, RAH_RECORD, HARC_RECORD)
+    if (run_dir.name.startswith("checkpoint-") and not any((run_dir / name).is_file() for name in own)
+            and (run_dir.parent / RUN_RECORD).is_file()):
+        stage, host, method, seed = _recorded_recipe(run_dir.parent)
+        return stage, {k: v for k, v in host.items() if k != "output_dir"}, method, seed
     if (run_dir / RUN_RECORD).is_file():
         record = _finished(run_dir, RUN_RECORD, read_record(run_dir / RUN_RECORD))
         loading = record.get("loading") or {}
@@ -199,7 +209,8 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
     adapters = _as_list(recipe.get("adapter_name_or_path"))
     if trained:
         if (run_dir / "adapter_config.json").is_file():
-            adapters.append(str(run_dir))
+            # a run recorded by a later do_predict into its own folder names itself as an adapter already
+            adapters = [a for a in adapters if Path(a).resolve() != run_dir.resolve()] + [str(run_dir)]
             recipe["finetuning_type"] = "lora"
         elif (run_dir / "config.json").is_file():
             recipe["model_name_or_path"] = str(run_dir)
@@ -220,7 +231,7 @@ def align_loading(run: ModelSpec, other: ModelSpec, flag: str) -> None:
     values; a key only one of them recorded is set on the other (listed in its ``inherited``)."""
     for key in COMPARED:
         mine, theirs = run.recipe.get(key), other.recipe.get(key)
-        if mine is not None and theirs is not None and mine != theirs:
+        if mine is not None and theirs is not None and _comparable(key, mine) != _comparable(key, theirs):
             raise ValueError(f"{flag}: {other.run_dir} loads with {key}: {theirs!r} but {run.run_dir} with {key}: "
                              f"{mine!r} (as each was trained); every delta would mix in that difference. Compare "
                              f"runs trained with the same {key} (re-train one with {key}: {mine!r})")
@@ -228,6 +239,11 @@ def align_loading(run: ModelSpec, other: ModelSpec, flag: str) -> None:
             run.recipe[key] = run.inherited[key] = theirs
         elif theirs is None and mine is not None:
             other.recipe[key] = other.inherited[key] = mine
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """A recorded value in one form: token lists are a list in a run record, ``"a,b"`` in LlamaBoard's args."""
+    return _as_list(value) if key in ("add_tokens", "add_special_tokens") else value
 
 
 def read_pair(run_dir: Path, baseline: Path | None, base: bool,

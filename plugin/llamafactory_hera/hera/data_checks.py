@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 
-def image_rows(dataset: Any, column: str = "images") -> dict[str, int]:
-    """Map every image path of a (map-style) dataset's image column to its first row index.
+def image_rows(dataset: Any, column: str = "images", check_files: bool = True) -> dict[str, int]:
+    """Map every image path of a (map-style) dataset's image column to its first row index; with ``check_files``,
+    also check that each file exists (ranks other than the main one skip it: the main process checked them).
 
     Raises:
         FileNotFoundError: naming the first missing image file and its dataset row.
@@ -22,7 +23,7 @@ def image_rows(dataset: Any, column: str = "images") -> dict[str, int]:
             path = image.get("path") if isinstance(image, dict) else image
             if not isinstance(path, str):
                 continue
-            if not os.path.isfile(path):
+            if check_files and not os.path.isfile(path):
                 raise FileNotFoundError(f"image {path!r} of training dataset row {row} does not exist; fix the path "
                                         "in the dataset (or media_dir) or remove the row")
             rows.setdefault(path, row)

@@ -37,7 +37,8 @@ def check_heads_train(model: nn.Module, heads: list[HeadRef], auto: bool, finetu
         return "[" + ", ".join(str(ref) for ref in refs) + "]"
 
     finetuning = getattr(finetuning_args, "finetuning_type", None)
-    how = {"freeze": "raise freeze_trainable_layers (or list the layers in freeze_trainable_modules)",
+    how = {"freeze": "raise freeze_trainable_layers to cover them (a negative value, e.g. -N, trains the first N "
+                     "layers; a positive N the last N)",
            "lora": "add those layers' o_proj to lora_target (or use lora_target: all)"}.get(
         str(finetuning), "unfreeze those layers (freeze_language_model: false)")
     where = f"layers {layers}" if layers else "no layer (nothing in or before the language model trains)"
