@@ -11,15 +11,14 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from llamafactory_hera.methods import declared_methods
-
 from .guard import require
+from .registry import registered_methods
 
 
 def is_method_key(key: str) -> bool:
-    """Whether a logged key is a declared method's metric: one of its ``log_keys``, or a key under one of its keys
+    """Whether a logged key is a registered method's metric: one of its ``log_keys``, or a key under one of its keys
     that ends in ``/`` (a family such as ``hera_mknn/`` for ``hera_mknn/L1H0``)."""
-    for method in declared_methods():
+    for method in registered_methods():
         for name in method.log_keys:
             if key == name or (name.endswith("/") and key.startswith(name)):
                 return True

@@ -18,8 +18,8 @@ Checked on LLaMA-Factory 0.9.5 (with gradio 5), whose shapes are:
 - ``locales.LOCALES`` / ``ALERTS``: element name (or alert) -> language -> texts;
 - ``common.DEFAULT_DATA_DIR``: the Data dir box's first value (the panels' dataset boxes list its datasets).
 
-Each method's panel is the :class:`llamafactory_hera.anatomy.panel_builder.MethodPanel` its declaration names
-(:class:`llamafactory_hera.methods.Method`, ``panel``); this module only wires it in. With any other stage the UI,
+Each method's panel is the plugin's ``MethodPanel`` (``llamafactory_hera.anatomy.panel_builder``) its registered
+declaration names (``panel``, see :mod:`.registry`); this module only wires it in. With any other stage the UI,
 the preview, the command and the saved configs are stock: the panels are hidden, nothing is added to the args, and
 the panels' values are dropped from the saved config.
 """
@@ -33,11 +33,12 @@ from collections.abc import Callable, Generator
 from types import ModuleType
 from typing import Any
 
-from llamafactory_hera.anatomy.panel_builder import MethodPanel
-from llamafactory_hera.methods import Method, declared_methods
-
 from . import CHECKED_VERSIONS
 from .guard import DISABLE_ENV, HostMismatchError, host_version, require, warn_if_unchecked
+from .registry import registered_methods
+
+Method = Any  # a registered method (:mod:`.registry`)
+MethodPanel = Any  # its LlamaBoard panel: tab, keys, locales, alerts, create_panel, bind, validate, build_args, ...
 
 PATCH = "webui"
 _WEBUI = "llamafactory.webui"
@@ -84,7 +85,7 @@ def _modules(interface: ModuleType) -> dict[str, ModuleType]:
         _require_signature(f"Runner.{method}", getattr(mods["runner"].Runner, method))
     _require_signature("gen_loss_plot", mods["control"].gen_loss_plot)
     _require_signature("get_trainer_info", mods["control"].get_trainer_info)
-    for method in declared_methods():
+    for method in registered_methods():
         if method.stage not in mods["constants"].TRAINING_STAGES.values():  # the .webui patch did not run
             raise HostMismatchError(f"llamafactory-hera: LLaMA-Factory {host_version()}'s TRAINING_STAGES does not "
                                     f"list the '{method.stage}' stage; the web UI cannot offer {method.label}. Set "
@@ -93,8 +94,8 @@ def _modules(interface: ModuleType) -> dict[str, ModuleType]:
 
 
 def _panels() -> list[tuple[Method, MethodPanel]]:
-    """(method, its panel) for every declared method with a panel, in declaration order."""
-    return [(method, method.load("panel")) for method in declared_methods() if method.panel]
+    """(method, its panel) for every registered method with a panel, in declaration order."""
+    return [(method, method.load("panel")) for method in registered_methods() if method.panel]
 
 
 def apply(interface: ModuleType) -> None:

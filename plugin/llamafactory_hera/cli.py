@@ -15,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from llamafactory_hera._bootstrap import register_methods
 from llamafactory_hera.methods import declared_methods
 
 
@@ -33,6 +34,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``llamafactory-hera`` console script."""
+    register_methods()  # the patches it uses read recipes by the methods' stages and keys, even with the hook off
     parser, handlers = _parser()
     args = parser.parse_args(argv)
     try:
