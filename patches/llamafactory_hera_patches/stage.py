@@ -94,7 +94,7 @@ class SFTWorkflow:
 
 def apply(tuner: ModuleType) -> None:
     """Patch ``llamafactory.train.tuner`` (all or nothing)."""
-    if getattr(tuner, "_hera_patched", False):
+    if getattr(tuner, "_llamafactory_hera_patched", False):
         return
     hparams, workflow, callbacks, ploting = _check_shapes(tuner)
     warn_if_unchecked()
@@ -119,7 +119,7 @@ def apply(tuner: ModuleType) -> None:
             return original_training_function(config)
 
     tuner._training_function = training_function
-    tuner._hera_patched = True
+    tuner._llamafactory_hera_patched = True
 
 
 def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,

@@ -100,7 +100,7 @@ def _panels() -> list[tuple[Method, MethodPanel]]:
 
 def apply(interface: ModuleType) -> None:
     """Patch LlamaBoard (``llamafactory.webui.*``) in place; all checks before any change."""
-    if getattr(interface, "_hera_patched", False):
+    if getattr(interface, "_llamafactory_hera_patched", False):
         return
     mods = _modules(interface)
     panels = _panels()
@@ -114,16 +114,16 @@ def apply(interface: ModuleType) -> None:
             mods["locales"].ALERTS.setdefault(name, texts)
 
     original = mods["components.train"].create_train_tab
-    create_train_tab = original if getattr(original, "_hera", False) else _wrap_create_train_tab(
+    create_train_tab = original if getattr(original, "_llamafactory_hera", False) else _wrap_create_train_tab(
         original, stages, panels, mods["common"].DEFAULT_DATA_DIR)
     for module in (interface, mods["components"], mods["components.train"]):
         module.create_train_tab = create_train_tab
-    if not getattr(mods["runner"].Runner, "_hera_patched", False):
+    if not getattr(mods["runner"].Runner, "_llamafactory_hera_patched", False):
         _patch_runner(mods["runner"].Runner, stages, mods, panels)
-    if not getattr(mods["control"].gen_loss_plot, "_hera", False):
+    if not getattr(mods["control"].gen_loss_plot, "_llamafactory_hera", False):
         mods["control"].gen_loss_plot = _wrap_gen_loss_plot(mods["control"].gen_loss_plot, mods["ploting"].smooth,
                                                             panels)
-    interface._hera_patched = True
+    interface._llamafactory_hera_patched = True
 
 
 def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict[str, str],
@@ -162,7 +162,7 @@ def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict
         return elem_dict
 
     create_train_tab.__wrapped__ = original
-    create_train_tab._hera = True
+    create_train_tab._llamafactory_hera = True
     return create_train_tab
 
 
@@ -278,7 +278,7 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
         func.__name__ = name
         func.__qualname__ = f"{runner_cls.__name__}.{name}"
         setattr(runner_cls, name, func)
-    runner_cls._hera_patched = True
+    runner_cls._llamafactory_hera_patched = True
 
 
 def _wrap_gen_loss_plot(original: Callable[..., Any], smooth: Callable[..., Any],
@@ -290,5 +290,5 @@ def _wrap_gen_loss_plot(original: Callable[..., Any], smooth: Callable[..., Any]
         return original(trainer_log)
 
     gen_loss_plot.__wrapped__ = original
-    gen_loss_plot._hera = True
+    gen_loss_plot._llamafactory_hera = True
     return gen_loss_plot

@@ -20,7 +20,10 @@ from llamafactory_hera.methods import declared_methods
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], None]]]:
-    parser = argparse.ArgumentParser(prog="llamafactory-hera", description="HeRA tools for LLaMA-Factory.")
+    parser = argparse.ArgumentParser(
+        prog="llamafactory-hera",
+        description="HeRA, RAH-LoRA and HARC for LLaMA-Factory: the methods' commands (HeRA's select, HARC's "
+        "harc-data) and eval of a run against its baseline.")
     commands = parser.add_subparsers(dest="command", required=True)
     handlers: dict[str, Callable[[argparse.Namespace], None]] = {}
     for method in declared_methods():
