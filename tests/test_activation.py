@@ -55,7 +55,7 @@ def test_stage_patch_applies_once() -> None:
     from llamafactory_hera_patches import stage
 
     stage.apply(tuner)
-    assert tuner._training_function is patched and tuner._hera_patched
+    assert tuner._training_function is patched and tuner._llamafactory_hera_patched
 
 
 def _free_port() -> int:

@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 from conftest import base_recipe, harc_recipe, offline_env, run_command, run_train
-from llamafactory_hera.anatomy.run_checks import check_output_dir, check_stage
+from llamafactory_hera.anatomy.run_checks import check_output_dir
 from llamafactory_hera.rah.demo import build_rah_recipe
+from llamafactory_hera_patches.stage import check_stage
 
 SELECT = str(Path(sys.executable).with_name("llamafactory-hera"))
 

@@ -3,18 +3,20 @@
 LLaMA-Factory 0.9.5 (``hparams.parser.read_args``) hands the trainer either a dict (YAML or JSON
 recipe merged with ``key=value`` overrides) or a list of command-line strings
 (``--key value`` / ``--key=value``). Both forms are handled. Which stages and key prefixes belong to
-the plugin comes from the declared methods (:mod:`llamafactory_hera.methods`).
+the plugin comes from the registered methods (:mod:`.registry`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from llamafactory_hera.methods import Method, method_for_stage, method_of_key
+from .registry import method_for_stage, method_of_key
+
+Method = Any  # a registered method (see :mod:`.registry`)
 
 
 def split_dict(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Method | None]:
-    """Return (host args with a method's stage mapped to its host stage, every declared method's keys, the method
+    """Return (host args with a method's stage mapped to its host stage, every registered method's keys, the method
     the stage selects or None)."""
     host = {k: v for k, v in args.items() if method_of_key(k) is None}
     own = {k: v for k, v in args.items() if method_of_key(k) is not None}
@@ -62,3 +64,17 @@ def keys_of(method: Method, keys: dict[str, Any]) -> tuple[dict[str, Any], list[
     """(the keys with ``method``'s prefix, the other methods' keys, sorted: ignored in this run)."""
     mine = {k: v for k, v in keys.items() if str(k).startswith(method.prefix)}
     return mine, sorted(k for k in keys if k not in mine)
+
+
+def raw_value(host_args: dict[str, Any] | list[str], key: str) -> Any:
+    """A key's value in a recipe dict or a ``--key value`` / ``--key=value`` / bare ``--flag`` list (None if absent)."""
+    if isinstance(host_args, dict):
+        return host_args.get(key)
+    for index, token in enumerate(host_args):
+        name, has_inline, inline = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        if name == key:
+            if has_inline:
+                return inline
+            following = host_args[index + 1] if index + 1 < len(host_args) else "--"
+            return "true" if following.startswith("--") else following
+    return None

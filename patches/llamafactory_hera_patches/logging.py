@@ -11,15 +11,14 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from llamafactory_hera.methods import declared_methods
-
 from .guard import require
+from .registry import registered_methods
 
 
 def is_method_key(key: str) -> bool:
-    """Whether a logged key is a declared method's metric: one of its ``log_keys``, or a key under one of its keys
+    """Whether a logged key is a registered method's metric: one of its ``log_keys``, or a key under one of its keys
     that ends in ``/`` (a family such as ``hera_mknn/`` for ``hera_mknn/L1H0``)."""
-    for method in declared_methods():
+    for method in registered_methods():
         for name in method.log_keys:
             if key == name or (name.endswith("/") and key.startswith(name)):
                 return True
@@ -31,7 +30,7 @@ def apply(callbacks: ModuleType) -> None:
     require(callbacks, ("LogCallback",), "logging")
     log_callback = callbacks.LogCallback
     require(log_callback, ("on_log", "_write_log"), "logging")
-    if getattr(log_callback, "_hera_patched", False):
+    if getattr(log_callback, "_llamafactory_hera_patched", False):
         return
     original_on_log = log_callback.on_log
     original_write = log_callback._write_log
@@ -40,18 +39,18 @@ def apply(callbacks: ModuleType) -> None:
         latest = state.log_history[-1] if state.log_history else {}
         extra = {key: value for key, value in latest.items() if is_method_key(key)}
         if extra and getattr(args, "should_save", True):  # other ranks write no log: keeping theirs would only grow
-            self.__dict__.setdefault("_hera_pending", {})[state.global_step] = extra
+            self.__dict__.setdefault("_llamafactory_hera_pending", {})[state.global_step] = extra
         return original_on_log(self, args, state, control, **kwargs)
 
     def _write_log(self: Any, output_dir: str, logs: dict[str, Any]) -> None:
         # training lines, and a method's own lines (e.g. HeRA's alignment monitor at a step that does not log the
         # loss); evaluation and prediction lines at the same step keep the stock keys
         if "loss" in logs or not any(key in logs for key in ("eval_loss", "predict_loss")):
-            extra = self.__dict__.get("_hera_pending", {}).pop(logs.get("current_steps"), None)
+            extra = self.__dict__.get("_llamafactory_hera_pending", {}).pop(logs.get("current_steps"), None)
             if extra:
                 logs = {**logs, **extra}
         original_write(self, output_dir, logs)
 
     log_callback.on_log = on_log
     log_callback._write_log = _write_log
-    log_callback._hera_patched = True
+    log_callback._llamafactory_hera_patched = True

@@ -25,9 +25,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from llamafactory_hera.methods import method_for_stage, method_of_key
-
 from .guard import require
+from .registry import method_for_stage, method_of_key
 
 
 @dataclass

@@ -13,28 +13,24 @@ A method's stage is mapped to its host stage (``sft``) before LLaMA-Factory pars
 every host check, the data pipeline and the web UI treat the run as SFT; the method's checks run on
 the raw and the parsed arguments, and its ``run`` replaces ``run_sft`` with :class:`SFTWorkflow`, which
 runs the SFT workflow whole with the method's collator and trainer swapped in for its duration. What
-a method declares is :class:`llamafactory_hera.methods.Method`; nothing here names one.
+a method declares is the plugin's ``Method``, registered with :mod:`.registry`; nothing here names one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import warnings
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
-from llamafactory_hera import short_errors
-from llamafactory_hera.anatomy import run_record
-from llamafactory_hera.anatomy.launch_checks import check_raw_launch
-from llamafactory_hera.anatomy.recipe_keys import raw_value
-from llamafactory_hera.anatomy.run_checks import check_stage
-from llamafactory_hera.methods import declared_methods
-
 from . import logging as log_patch
-from .arguments import keys_of, split_args
+from . import run_record
+from .arguments import keys_of, raw_value, split_args
 from .guard import require, warn_if_unchecked
+from .registry import registered_methods
 from .templates import host_stages
 
 _TUNER_NAMES = ("_training_function", "get_train_args", "run_sft")
@@ -52,7 +48,7 @@ def _check_shapes(tuner: ModuleType) -> tuple[ModuleType, ModuleType, ModuleType
     require(ploting, ("smooth",), "stage")
     require(callbacks, ("LogCallback",), "logging")
     require(callbacks.LogCallback, ("on_log", "_write_log"), "logging")
-    for method in declared_methods():
+    for method in registered_methods():
         if method.host_stage != "sft":
             raise NotImplementedError(f"llamafactory-hera: method '{method.stage}' extends stage "
                                       f"'{method.host_stage}'; the stage patch offers only the SFT workflow.")
@@ -98,11 +94,10 @@ class SFTWorkflow:
 
 def apply(tuner: ModuleType) -> None:
     """Patch ``llamafactory.train.tuner`` (all or nothing)."""
-    if getattr(tuner, "_hera_patched", False):
+    if getattr(tuner, "_llamafactory_hera_patched", False):
         return
     hparams, workflow, callbacks, ploting = _check_shapes(tuner)
     warn_if_unchecked()
-    short_errors.install()
     log_patch.apply(callbacks)
     original_training_function = tuner._training_function
 
@@ -111,8 +106,8 @@ def apply(tuner: ModuleType) -> None:
         host_args, method_raw, method = split_args(raw)
         config = {**config, "args": host_args}
         if method is None:
-            check_stage(raw_value(host_args, "stage"), [m.stage for m in declared_methods()], host_stages())
-            for other in declared_methods():
+            check_stage(raw_value(host_args, "stage"), [m.stage for m in registered_methods()], host_stages())
+            for other in registered_methods():
                 ignored = sorted(k for k in method_raw if k.startswith(other.prefix))
                 if ignored:
                     warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is not "
@@ -124,7 +119,7 @@ def apply(tuner: ModuleType) -> None:
             return original_training_function(config)
 
     tuner._training_function = training_function
-    tuner._hera_patched = True
+    tuner._llamafactory_hera_patched = True
 
 
 def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,
@@ -135,8 +130,7 @@ def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,
         warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is "
                       f"'{method.stage}'.", stacklevel=2)
     method_args = method.load("parse_arguments")(own)
-    check_raw_launch(method.stage, host_args)  # precision, DeepSpeed path, FSDP, streaming: every method's
-    method.load("check_raw_host_args")(host_args, method_args)
+    method.check_raw(host_args, method_args)
     check_host_args = method.load("check_host_args")
     run = method.load("run")
 
@@ -155,7 +149,7 @@ def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,
 def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
               method_records: tuple[str, ...]) -> Iterator[None]:
     """``get_train_args`` for the run's duration: LLaMA-Factory's parse, the method's ``check`` of it, then the run's
-    :mod:`~llamafactory_hera.anatomy.run_record` (every training stage, by the main process) written ``running``; marked
+    :mod:`.run_record` (every training stage, by the main process) written ``running``; marked
     ``finished`` or ``failed`` when the run ends. A recipe refused by a check records nothing (an earlier run's
     record in ``output_dir`` is left as it was)."""
     written: list[Any] = []
@@ -183,3 +177,16 @@ def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
             raise
     for path in written:
         run_record.write_ended(path, None)
+
+
+def check_stage(stage: Any, method_stages: list[str], host_stages: tuple[str, ...] | None) -> None:
+    """A recipe's ``stage`` is the plugin's or LLaMA-Factory's (``host_stages``; None: not known, not checked)."""
+    if stage is None or host_stages is None:
+        return
+    value = str(stage).strip().lower()
+    if value in method_stages or value in host_stages:
+        return
+    close = difflib.get_close_matches(value, [*method_stages, *host_stages], n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ValueError(f"stage: {stage} is not a stage; {hint}stages: {', '.join(method_stages)} (llamafactory-hera), "
+                     f"{', '.join(host_stages)} (LLaMA-Factory).")

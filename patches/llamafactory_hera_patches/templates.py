@@ -1,5 +1,5 @@
-"""What each of LLaMA-Factory's chat templates needs of a tokenizer, and which stages its parser accepts, read (not
-patched) for the plugin's checks before any model loads (:mod:`llamafactory_hera.anatomy.run_checks`).
+"""What each of LLaMA-Factory's chat templates needs of a tokenizer, which stages its parser accepts and which model
+types it treats as multimodal, read (not patched) for the plugin's checks before any model loads.
 
 Checked on LLaMA-Factory 0.9.5:
 - ``llamafactory.data.template.TEMPLATES``: name -> ``Template`` with ``stop_words`` (``fix_special_tokens`` adds
@@ -7,7 +7,9 @@ Checked on LLaMA-Factory 0.9.5:
   model's embeddings do not have), the formatters ``format_user`` / ``format_assistant`` / ``format_system`` /
   ``format_prefix`` whose ``slots`` hold the template's markup strings, and ``mm_plugin`` (``BasePlugin`` for a
   text-only template);
-- ``llamafactory.hparams.FinetuningArguments.stage``: a ``Literal`` of the host's stages.
+- ``llamafactory.hparams.FinetuningArguments.stage``: a ``Literal`` of the host's stages;
+- ``llamafactory.model.model_utils.visual.COMPOSITE_MODELS``: model type -> its vision tower, projector and language
+  model (the multimodal models LLaMA-Factory knows).
 """
 
 from __future__ import annotations
@@ -70,3 +72,10 @@ def host_stages() -> tuple[str, ...] | None:
         return None
     values = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
     return tuple(str(v) for v in values) or None
+
+
+def composite_model_types() -> set[str]:
+    """Model types LLaMA-Factory treats as multimodal (vision tower, projector, language model)."""
+    visual = importlib.import_module("llamafactory.model.model_utils.visual")
+    require(visual, ("COMPOSITE_MODELS",), "templates")
+    return set(visual.COMPOSITE_MODELS)

@@ -1,4 +1,4 @@
-"""Adds every declared method to LlamaBoard's training-stage dropdown (``extras.constants.TRAINING_STAGES``).
+"""Adds every registered method to LlamaBoard's training-stage dropdown (``extras.constants.TRAINING_STAGES``).
 
 Checked on LLaMA-Factory 0.9.5: the web UI modules import this dict by reference, so an
 in-place update before the UI is built adds the stage everywhere (label and stage from the method's
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from llamafactory_hera.methods import declared_methods
-
 from .guard import require
+from .registry import registered_methods
 
 
 def apply(constants: ModuleType) -> None:
@@ -19,5 +18,5 @@ def apply(constants: ModuleType) -> None:
     require(constants, ("TRAINING_STAGES",), "webui")
     if not isinstance(constants.TRAINING_STAGES, dict):
         require(constants, ("TRAINING_STAGES_AS_DICT",), "webui")  # raises: unknown shape
-    for method in declared_methods():
+    for method in registered_methods():
         constants.TRAINING_STAGES.setdefault(method.label, method.stage)

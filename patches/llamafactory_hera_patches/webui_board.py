@@ -18,8 +18,8 @@ Checked on LLaMA-Factory 0.9.5 (with gradio 5), whose shapes are:
 - ``locales.LOCALES`` / ``ALERTS``: element name (or alert) -> language -> texts;
 - ``common.DEFAULT_DATA_DIR``: the Data dir box's first value (the panels' dataset boxes list its datasets).
 
-Each method's panel is the :class:`llamafactory_hera.anatomy.panel_builder.MethodPanel` its declaration names
-(:class:`llamafactory_hera.methods.Method`, ``panel``); this module only wires it in. With any other stage the UI,
+Each method's panel is the plugin's ``MethodPanel`` (``llamafactory_hera.anatomy.panel_builder``) its registered
+declaration names (``panel``, see :mod:`.registry`); this module only wires it in. With any other stage the UI,
 the preview, the command and the saved configs are stock: the panels are hidden, nothing is added to the args, and
 the panels' values are dropped from the saved config.
 """
@@ -33,11 +33,12 @@ from collections.abc import Callable, Generator
 from types import ModuleType
 from typing import Any
 
-from llamafactory_hera.anatomy.panel_builder import MethodPanel
-from llamafactory_hera.methods import Method, declared_methods
-
 from . import CHECKED_VERSIONS
 from .guard import DISABLE_ENV, HostMismatchError, host_version, require, warn_if_unchecked
+from .registry import registered_methods
+
+Method = Any  # a registered method (:mod:`.registry`)
+MethodPanel = Any  # its LlamaBoard panel: tab, keys, locales, alerts, create_panel, bind, validate, build_args, ...
 
 PATCH = "webui"
 _WEBUI = "llamafactory.webui"
@@ -84,7 +85,7 @@ def _modules(interface: ModuleType) -> dict[str, ModuleType]:
         _require_signature(f"Runner.{method}", getattr(mods["runner"].Runner, method))
     _require_signature("gen_loss_plot", mods["control"].gen_loss_plot)
     _require_signature("get_trainer_info", mods["control"].get_trainer_info)
-    for method in declared_methods():
+    for method in registered_methods():
         if method.stage not in mods["constants"].TRAINING_STAGES.values():  # the .webui patch did not run
             raise HostMismatchError(f"llamafactory-hera: LLaMA-Factory {host_version()}'s TRAINING_STAGES does not "
                                     f"list the '{method.stage}' stage; the web UI cannot offer {method.label}. Set "
@@ -93,13 +94,13 @@ def _modules(interface: ModuleType) -> dict[str, ModuleType]:
 
 
 def _panels() -> list[tuple[Method, MethodPanel]]:
-    """(method, its panel) for every declared method with a panel, in declaration order."""
-    return [(method, method.load("panel")) for method in declared_methods() if method.panel]
+    """(method, its panel) for every registered method with a panel, in declaration order."""
+    return [(method, method.load("panel")) for method in registered_methods() if method.panel]
 
 
 def apply(interface: ModuleType) -> None:
     """Patch LlamaBoard (``llamafactory.webui.*``) in place; all checks before any change."""
-    if getattr(interface, "_hera_patched", False):
+    if getattr(interface, "_llamafactory_hera_patched", False):
         return
     mods = _modules(interface)
     panels = _panels()
@@ -113,16 +114,16 @@ def apply(interface: ModuleType) -> None:
             mods["locales"].ALERTS.setdefault(name, texts)
 
     original = mods["components.train"].create_train_tab
-    create_train_tab = original if getattr(original, "_hera", False) else _wrap_create_train_tab(
+    create_train_tab = original if getattr(original, "_llamafactory_hera", False) else _wrap_create_train_tab(
         original, stages, panels, mods["common"].DEFAULT_DATA_DIR)
     for module in (interface, mods["components"], mods["components.train"]):
         module.create_train_tab = create_train_tab
-    if not getattr(mods["runner"].Runner, "_hera_patched", False):
+    if not getattr(mods["runner"].Runner, "_llamafactory_hera_patched", False):
         _patch_runner(mods["runner"].Runner, stages, mods, panels)
-    if not getattr(mods["control"].gen_loss_plot, "_hera", False):
+    if not getattr(mods["control"].gen_loss_plot, "_llamafactory_hera", False):
         mods["control"].gen_loss_plot = _wrap_gen_loss_plot(mods["control"].gen_loss_plot, mods["ploting"].smooth,
                                                             panels)
-    interface._hera_patched = True
+    interface._llamafactory_hera_patched = True
 
 
 def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict[str, str],
@@ -162,7 +163,7 @@ def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict
         return elem_dict
 
     create_train_tab.__wrapped__ = original
-    create_train_tab._hera = True
+    create_train_tab._llamafactory_hera = True
     return create_train_tab
 
 
@@ -289,7 +290,7 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
         func.__name__ = name
         func.__qualname__ = f"{runner_cls.__name__}.{name}"
         setattr(runner_cls, name, func)
-    runner_cls._hera_patched = True
+    runner_cls._llamafactory_hera_patched = True
 
 
 def _wrap_gen_loss_plot(original: Callable[..., Any], smooth: Callable[..., Any],
@@ -301,5 +302,5 @@ def _wrap_gen_loss_plot(original: Callable[..., Any], smooth: Callable[..., Any]
         return original(trainer_log)
 
     gen_loss_plot.__wrapped__ = original
-    gen_loss_plot._hera = True
+    gen_loss_plot._llamafactory_hera = True
     return gen_loss_plot

@@ -5,9 +5,13 @@ when one of them finishes executing, the matching patch in ``llamafactory_hera_p
 Processes that never import LLaMA-Factory pay one dict lookup per imported module, nothing
 else (no torch, no transformers). ``LLAMAFACTORY_HERA_DISABLE=1`` skips everything.
 
+The patches never import the plugin: :func:`register_methods` hands them the declared methods
+(:mod:`llamafactory_hera_patches.registry`) before any patch is applied, and the plugin's short error reports are
+installed here when the stage patch is (a training process).
+
 Start-up cost matters here, so this module imports only what ``site`` has already loaded
-(``os``, ``sys``); ``importlib`` is imported only when a LLaMA-Factory module is being patched, and
-the finder and loader follow the import protocols by duck typing instead of subclassing
+(``os``, ``sys``) and the registry (which imports nothing); ``importlib`` is imported only when a LLaMA-Factory
+module is being patched, and the finder and loader follow the import protocols by duck typing instead of subclassing
 ``importlib.abc`` (which would pull in ``typing`` and more).
 """
 
@@ -20,7 +24,7 @@ DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
 _TARGETS = {
     "llamafactory.extras.constants": "webui",
     "llamafactory.train.tuner": "stage",
-    "llamafactory.webui.interface": "webui_board",  # LlamaBoard: HeRA panel, args, saved config, loss plot
+    "llamafactory.webui.interface": "webui_board",  # LlamaBoard: the methods' panels, args, saved config, loss plot
 }
 
 
@@ -66,6 +70,22 @@ def _apply(patch: str, module) -> None:
     import importlib
 
     importlib.import_module(f"llamafactory_hera_patches.{patch}").apply(module)
+    if patch == "stage":  # a training process: the plugin's own errors end it with their message alone
+        importlib.import_module("llamafactory_hera.short_errors").install()
+
+
+def _declared_methods():
+    from llamafactory_hera.methods import declared_methods
+
+    return declared_methods()
+
+
+def register_methods() -> None:
+    """Register the plugin's declared methods with the patches (idempotent; the declarations are imported at the
+    patches' first lookup)."""
+    from llamafactory_hera_patches.registry import register_methods as register
+
+    register(_declared_methods)
 
 
 def _enabled() -> bool:
@@ -76,6 +96,7 @@ def install() -> None:
     """Register the finder once (idempotent); patch modules that were imported before this ran."""
     if not _enabled() or any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
         return
+    register_methods()
     sys.meta_path.insert(0, _PostImportFinder())
     for name, patch in _TARGETS.items():
         module = sys.modules.get(name)

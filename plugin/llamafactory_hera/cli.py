@@ -15,11 +15,15 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from llamafactory_hera._bootstrap import register_methods
 from llamafactory_hera.methods import declared_methods
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], None]]]:
-    parser = argparse.ArgumentParser(prog="llamafactory-hera", description="HeRA tools for LLaMA-Factory.")
+    parser = argparse.ArgumentParser(
+        prog="llamafactory-hera",
+        description="HeRA, RAH-LoRA and HARC for LLaMA-Factory: the methods' commands (HeRA's select, HARC's "
+        "harc-data) and eval of a run against its baseline.")
     commands = parser.add_subparsers(dest="command", required=True)
     handlers: dict[str, Callable[[argparse.Namespace], None]] = {}
     for method in declared_methods():
@@ -33,6 +37,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``llamafactory-hera`` console script."""
+    register_methods()  # the patches it uses read recipes by the methods' stages and keys, even with the hook off
     parser, handlers = _parser()
     args = parser.parse_args(argv)
     try:

@@ -2,10 +2,10 @@
 
 A method's package holds a ``method.py`` with one :class:`Method`: its stage name, its recipe-key
 prefix, the LLaMA-Factory stage whose workflow it extends, and where its arguments, checks, run,
-LlamaBoard panel and command-line verbs live. :mod:`llamafactory_hera_patches` registers every
-method listed in :data:`DECLARATIONS` as a stage, an argument set and a LlamaBoard panel from that
-declaration, and ``llamafactory-hera`` takes its verbs from it; adding a method adds a package and
-one line here, and touches no patch.
+LlamaBoard panel and command-line verbs live. The start-up hook registers the methods listed in
+:data:`DECLARATIONS` with :mod:`llamafactory_hera_patches.registry` (the patches never import the plugin), and the
+patches make each a stage, an argument set and a LlamaBoard panel from its declaration; ``llamafactory-hera`` takes
+its verbs from it. Adding a method adds a package and one line here, and touches no patch.
 
 Declarations are imported when a patch is applied and by the command line, so they must import
 cheaply (no torch): heavy parts are named as ``"module:attribute"`` strings and imported on first use.
@@ -64,6 +64,14 @@ class Method:
         """Import what ``field`` names (``"module:attribute"``)."""
         return resolve(getattr(self, field))
 
+    def check_raw(self, host_args: dict[str, Any] | list[str], args: Any) -> None:
+        """Before LLaMA-Factory parses anything: the launch checks every method runs (precision, DeepSpeed path, FSDP,
+        streaming), then the method's own ``check_raw_host_args``."""
+        from llamafactory_hera.anatomy.launch_checks import check_raw_launch
+
+        check_raw_launch(self.stage, host_args)
+        self.load("check_raw_host_args")(host_args, args)
+
     def owns(self, stage: Any) -> bool:
         """Whether a recipe's or the web UI's ``stage`` value selects this method."""
         return str(stage or "").strip().lower() == self.stage
@@ -91,8 +99,3 @@ def declared_methods() -> tuple[Method, ...]:
 def method_for_stage(stage: Any) -> Method | None:
     """The declared method that ``stage`` selects, or None (a LLaMA-Factory stage)."""
     return next((method for method in declared_methods() if method.owns(stage)), None)
-
-
-def method_of_key(key: Any) -> Method | None:
-    """The declared method whose prefix ``key`` carries, or None (a LLaMA-Factory key)."""
-    return next((method for method in declared_methods() if str(key).startswith(method.prefix)), None)

@@ -1,4 +1,4 @@
-"""HeRA's own error messages without the traceback around them.
+"""The plugin's own error messages without the traceback around them.
 
 A bad recipe value (``hera_heads: [L9H0]``) used to end a ``llamafactory-cli train`` run with a ~20-line traceback
 through LLaMA-Factory and the plugin, the message on the last line. Such errors are deliberate: the plugin raised
@@ -50,7 +50,7 @@ def short_report(error: BaseException) -> str:
 def install() -> None:
     """Route uncaught plugin errors to :func:`short_report` (idempotent; off with LLAMAFACTORY_HERA_TRACEBACK=1)."""
     previous = sys.excepthook
-    if getattr(previous, "_hera", False) or os.environ.get(TRACEBACK_ENV, "") not in {"", "0"}:
+    if getattr(previous, "_llamafactory_hera", False) or os.environ.get(TRACEBACK_ENV, "") not in {"", "0"}:
         return
 
     def excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
@@ -60,5 +60,5 @@ def install() -> None:
         else:
             previous(kind, error, tb)
 
-    excepthook._hera = True  # type: ignore[attr-defined]
+    excepthook._llamafactory_hera = True  # type: ignore[attr-defined]
     sys.excepthook = excepthook

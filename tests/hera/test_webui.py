@@ -282,4 +282,4 @@ def test_the_patch_is_all_or_nothing_on_an_unknown_host_shape() -> None:
     with pytest.raises(HostMismatchError) as info:
         webui_board.apply(fake)
     assert "LLaMA-Factory 0.9.5" in str(info.value) and "create_train_tab" in str(info.value)
-    assert not hasattr(fake, "_hera_patched")
+    assert not hasattr(fake, "_llamafactory_hera_patched")

@@ -25,7 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.recipe_keys import raw_value, truthy
+from llamafactory_hera.anatomy.recipe_keys import truthy
+from llamafactory_hera_patches.arguments import raw_value
 
 # why a stage cannot read its rows from an iterable (streamed) dataset
 _STREAMING = {

@@ -25,7 +25,7 @@ def text_decoder(model: nn.Module) -> nn.Module:
     if getattr(decoder, "layers", None) is None:
         raise ValueError(
             f"{type(base).__name__} has no text decoder with `layers` (looked at get_decoder().layers); "
-            "HeRA needs decoder layers whose attention has an `o_proj` output projection."
+            "llamafactory-hera needs decoder layers whose attention has an `o_proj` output projection."
         )
     return decoder
 
@@ -44,8 +44,8 @@ def find_o_proj_modules(model: nn.Module) -> list[nn.Module]:
         o_proj = getattr(getattr(layer, "self_attn", None), "o_proj", None)
         if o_proj is None:
             raise ValueError(
-                f"{type(model).__name__}: decoder layer {index} has no `self_attn.o_proj`; HeRA splits the attention "
-                "output projection by head and cannot run on this architecture."
+                f"{type(model).__name__}: decoder layer {index} has no `self_attn.o_proj`; llamafactory-hera "
+                "splits the attention output projection by head and cannot run on this architecture."
             )
         modules.append(o_proj)
     return modules
@@ -68,7 +68,8 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
     base = getattr(o_proj, "base_layer", None)
     if base is None:
         if not isinstance(o_proj, nn.Linear):
-            raise TypeError(f"o_proj is a {type(o_proj).__name__}; HeRA supports nn.Linear and LoRA-wrapped Linear.")
+            raise TypeError(f"o_proj is a {type(o_proj).__name__}; llamafactory-hera supports nn.Linear and "
+                            "LoRA-wrapped Linear.")
         return o_proj.weight[:, columns].float()
     _check_lora_base(base)
     weight = base.weight[:, columns].float()
@@ -82,7 +83,8 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
 def _check_lora_base(base: nn.Module) -> None:
     if not isinstance(base, nn.Linear) or getattr(base, "weight", None) is None or base.weight.ndim != 2:
         raise TypeError(
-            f"o_proj wraps a {type(base).__name__}; HeRA needs a plain (unquantized) Linear base layer to read W_O."
+            f"o_proj wraps a {type(base).__name__}; llamafactory-hera needs a plain (unquantized) Linear base layer to "
+            "read W_O."
         )
 
 
@@ -165,7 +167,8 @@ def project_heads_by_call(o_proj: nn.Module, x_heads: torch.Tensor, heads: list[
     base = getattr(o_proj, "base_layer", None)
     if base is None:
         if not isinstance(o_proj, nn.Linear):
-            raise TypeError(f"o_proj is a {type(o_proj).__name__}; HeRA supports nn.Linear and LoRA-wrapped Linear.")
+            raise TypeError(f"o_proj is a {type(o_proj).__name__}; llamafactory-hera supports nn.Linear and "
+                            "LoRA-wrapped Linear.")
         base, adapters = o_proj, []
     else:
         _check_lora_base(base)

@@ -74,20 +74,6 @@ def truthy(value: Any) -> bool:
     return str(value).strip().lower() in {"true", "1", "yes", "on"} if not isinstance(value, bool) else value
 
 
-def raw_value(host_args: dict[str, Any] | list[str], key: str) -> Any:
-    """A key's value in a recipe dict or a ``--key value`` / ``--key=value`` / bare ``--flag`` list (None if absent)."""
-    if isinstance(host_args, dict):
-        return host_args.get(key)
-    for index, token in enumerate(host_args):
-        name, has_inline, inline = token[2:].partition("=") if token.startswith("--") else ("", "", "")
-        if name == key:
-            if has_inline:
-                return inline
-            following = host_args[index + 1] if index + 1 < len(host_args) else "--"
-            return "true" if following.startswith("--") else following
-    return None
-
-
 def coerce_field(key: str, value: Any, spec: Any) -> Any:
     """A value for a method-arguments dataclass field ``spec``: one of ``metadata["choices"]`` (lower-cased), a
     bool, or a number within the metadata's bounds, by the field's type (errors name key, value and what is

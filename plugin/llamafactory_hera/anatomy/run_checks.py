@@ -6,7 +6,8 @@ file without rows (``Instruction "train" corresponds to no data!``) or that is n
 ``resume_from_checkpoint`` that is no checkpoint (after the model loaded), FSDP however it was set (see
 :mod:`.launch_checks`), an ``output_dir`` that cannot be created or written (a raw ``PermissionError`` /
 ``NotADirectoryError`` after loading), a ``template`` whose special tokens the model's tokenizer does not have
-(``IndexError: index out of range`` in the embedding), and a ``stage`` that is nobody's (``Unknown task``).
+(``IndexError: index out of range`` in the embedding). A ``stage`` that is nobody's (``Unknown task``) is refused
+by the stage patch (:func:`llamafactory_hera_patches.stage.check_stage`).
 """
 
 from __future__ import annotations
@@ -197,17 +198,3 @@ def check_run_inputs(model_args: Any, data_args: Any, training_args: Any, datase
     check_template(model_args, data_args)
     check_fsdp_parsed(stage, training_args)
     check_resume(training_args)
-
-
-def check_stage(stage: Any, plugin_stages: list[str], host_stages: tuple[str, ...] | None) -> None:
-    """A recipe's ``stage`` is the plugin's or LLaMA-Factory's (``host_stages``; None: not known, not checked)."""
-    if stage is None or host_stages is None:
-        return
-    value = str(stage).strip().lower()
-    if value in plugin_stages or value in host_stages:
-        return
-    close = difflib.get_close_matches(value, [*plugin_stages, *host_stages], n=1, cutoff=0.5)
-    hint = f"did you mean {close[0]}? " if close else ""
-    raise ValueError(f"stage: {stage} is not a stage; {hint}stages: {', '.join(plugin_stages)} (llamafactory-hera), "
-                     f"{', '.join(host_stages)} (LLaMA-Factory).")
-

@@ -1,19 +1,18 @@
 """A model loaded exactly as LLaMA-Factory loads it for inference, and the lmms-eval model class that serves it.
 
-:func:`load_engine` parses the recipe keys with ``llamafactory.hparams.get_infer_args`` and builds
-``llamafactory.chat.hf_engine.HuggingfaceEngine`` (``load_tokenizer``, ``get_template_and_fix_tokenizer``,
-``load_model``: base model, then each adapter of ``adapter_name_or_path`` loaded and merged). Text models are handed
-to lm-eval's own ``HFLM``; MLLMs to :class:`LlamaFactoryLMM`, a ``lmms_eval.api.model.lmms`` whose
-``generate_until`` answers each request with LLaMA-Factory's ``HuggingfaceEngine._chat`` (the recipe's template and
-multimodal plugin: the prompt format the model was trained on) and lmms-eval does everything else.
+:func:`load_engine` loads the run's recipe as LLaMA-Factory's ``HuggingfaceEngine``
+(:mod:`llamafactory_hera_patches.inference`: base model, then each adapter of ``adapter_name_or_path`` loaded and
+merged). Text models are handed to lm-eval's own ``HFLM``; MLLMs to :class:`LlamaFactoryLMM`, a
+``lmms_eval.api.model.lmms`` whose ``generate_until`` answers each request with LLaMA-Factory's chat (the recipe's
+template and multimodal plugin: the prompt format the model was trained on) and lmms-eval does everything else.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from llamafactory_hera.evaluation.runs import ModelSpec
+from llamafactory_hera_patches import inference
 
 PIN = "CUDA_VISIBLE_DEVICES=0 llamafactory-hera eval ..."
 
@@ -33,13 +32,7 @@ def device_note() -> str | None:
 
 def load_engine(spec: ModelSpec) -> Any:
     """``HuggingfaceEngine`` for ``spec`` (model in eval mode, tokenizer, processor, template, generating args)."""
-    hparams = importlib.import_module("llamafactory.hparams")
-    hf_engine = importlib.import_module("llamafactory.chat.hf_engine")
-    model_args, data_args, finetuning_args, generating_args = hparams.get_infer_args(
-        {**spec.recipe, "infer_backend": "huggingface"})
-    engine = hf_engine.HuggingfaceEngine(model_args, data_args, finetuning_args, generating_args)
-    engine.model.eval()
-    return engine
+    return inference.load_engine(spec.recipe)
 
 
 def _flatten(visuals: Any) -> list[Any]:
@@ -62,8 +55,6 @@ def lmms_model(engine: Any, label: str) -> Any:
     import PIL.Image
     from lmms_eval.api.model import lmms
     from tqdm.auto import tqdm
-
-    hf_engine = importlib.import_module("llamafactory.chat.hf_engine")
 
     class LlamaFactoryLMM(lmms):
         """lmms-eval's view of a LLaMA-Factory-loaded MLLM: greedy ``generate_until`` with images."""
@@ -94,10 +85,9 @@ def lmms_model(engine: Any, label: str) -> Any:
                                 "do_sample": temperature > 0}
                 if temperature > 0:
                     input_kwargs["temperature"] = temperature
-                responses = hf_engine.HuggingfaceEngine._chat(
-                    engine.model, engine.tokenizer, engine.processor, engine.template, engine.generating_args,
-                    [{"role": "user", "content": context}], images=visuals or None, input_kwargs=input_kwargs)
-                answers.append(_cut(responses[0].response_text, until))
+                text = inference.answer(engine, [{"role": "user", "content": context}], visuals or None,
+                                        input_kwargs)
+                answers.append(_cut(text, until))
             return answers
 
         def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:

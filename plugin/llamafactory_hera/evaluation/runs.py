@@ -3,7 +3,7 @@
 A run records its recipe in one of (first found wins):
 
 - ``llamafactory_hera_run.json``: the loading keys of every run the plugin saw (any stage, ``sft`` included) and
-  whether it finished (:mod:`llamafactory_hera.anatomy.run_record`); a run that did not finish is refused. A HARC
+  whether it finished (:mod:`llamafactory_hera_patches.run_record`); a run that did not finish is refused. A HARC
   run's own keys still come from ``harc_run.json`` (or ``training_args.yaml``);
 - ``training_args.yaml``: the whole recipe, written by LlamaBoard for every run it starts (any stage);
 - ``hera_run.json`` (``stage: hera``): the HeRA keys and a ``host`` section (model, adapters, template, data);
@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from llamafactory_hera.anatomy.run_record import FINISHED, RUN_RECORD, read_record
+from llamafactory_hera_patches.run_record import FINISHED, RUN_RECORD, read_record
 
 LLAMABOARD_ARGS = "training_args.yaml"
 HERA_RECORD = "hera_run.json"

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.anatomy.board_log import say
-from llamafactory_hera.anatomy.recipe_keys import raw_value, truthy
+from llamafactory_hera.anatomy.recipe_keys import truthy
 from llamafactory_hera.anatomy.run_checks import DATA_CONFIG, check_dataset_names, check_run_inputs
 from llamafactory_hera.harc.args import HarcArguments, moving_weights
 from llamafactory_hera.harc.layers import eligible_layers
+from llamafactory_hera_patches.arguments import raw_value
+from llamafactory_hera_patches.templates import composite_model_types
 
 
 def _set(host_args: dict[str, Any] | list[str], key: str, value: Any) -> None:
@@ -86,15 +88,6 @@ def _check_datasets(dataset_dir: str, harc_args: HarcArguments) -> None:
         check_dataset_names(key, [name], dataset_dir, f"Add it there or name one of those in {key}.")
 
 
-def _composite_model_types() -> set[str]:
-    """Model types LLaMA-Factory treats as multimodal (vision tower, projector, language model)."""
-    try:
-        from llamafactory.model.model_utils.visual import COMPOSITE_MODELS
-    except ImportError:  # another LLaMA-Factory layout: the config's sub-configs still tell
-        return set()
-    return set(COMPOSITE_MODELS)
-
-
 def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
                        generating_args: Any, harc_args: HarcArguments) -> None:
     """Checks on the parsed arguments and the model's config (seconds, before the model loads)."""
@@ -109,7 +102,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
     kind = str(getattr(config, "model_type", ""))
-    if kind in _composite_model_types() or any(getattr(config, key, None) is not None
+    if kind in composite_model_types() or any(getattr(config, key, None) is not None
                                                for key in ("vision_config", "audio_config")):
         raise ValueError(f"model_name_or_path: {model_args.model_name_or_path} is a multimodal model ({kind}); "
                          "stage: harc trains text LLMs only (text rows, one decoder's layers). Use a text-only chat "

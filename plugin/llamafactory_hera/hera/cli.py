@@ -11,23 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.hera.selection.choices import DTYPES, MODES, STRATEGIES
-
-# command-line options that fall back to a recipe key (the same keys hera_heads: auto reads):
-# (flag, type, recipe key, what it sets)
-RECIPE_BACKED: tuple[tuple[str, type, str, str], ...] = (
-    ("--samples", int, "hera_select_samples", "image-caption pairs to score on"),
-    ("--heads", int, "hera_select_num_heads", "number of heads to choose"),
-    ("--strategy", str, "hera_select_strategy", "worst: least aligned (paper); best / random: ablations"),
-    ("--mode", str, "hera_select_mode", "text: captions alone through the language model (paper); multimodal: "
-     "image + caption through the MLLM"),
-    ("--clamp", float, "hera_select_clamp", "PRH's outlier clamp: feature values clamped at this quantile of |value| "
-     "before normalising, both sides; 0 turns it off"),
-    ("--batch-size", int, "hera_select_batch_size", "forward batch size"),
-    ("--k", int, "hera_k", "neighbours for MKNN"),
-    ("--teacher", str, "hera_teacher", "vision teacher"),
-)
-CHOICES = {"hera_select_strategy": STRATEGIES, "hera_select_mode": MODES}
+from llamafactory_hera.hera.selection.choices import CHOICES, DTYPES, RECIPE_BACKED
 
 
 def _default_of(key: str) -> Any:
@@ -37,10 +21,6 @@ def _default_of(key: str) -> Any:
     from llamafactory_hera.hera.args import HeraArguments
 
     return next(f.default for f in fields(HeraArguments) if f.name == key)
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
@@ -93,26 +73,3 @@ def run_select_verb(args: argparse.Namespace) -> None:
     from llamafactory_hera.hera.selection.command import run_select
 
     run_select(args)
-
-
-def options_from(args: Any, recipe: dict[str, Any]) -> Any:
-    """SelectionOptions from the command line, falling back to the recipe's hera_* keys (the same keys
-    ``hera_heads: auto`` reads, so both choose the same heads for the same recipe)."""
-    from llamafactory_hera.hera.args import parse_hera_arguments
-    from llamafactory_hera.hera.selection.select import SelectionOptions, scoring_dtype
-
-    hera = parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")}, require_heads=False)
-    value = {}
-    for flag, _, key, _ in RECIPE_BACKED:
-        given = getattr(args, _dest(flag))
-        value[key] = given if given is not None else getattr(hera, key)
-    return SelectionOptions(
-        num_samples=value["hera_select_samples"], num_heads=value["hera_select_num_heads"],
-        strategy=value["hera_select_strategy"], mode=value["hera_select_mode"],
-        seed=args.seed if args.seed is not None else int(recipe.get("seed", 42) or 0),
-        batch_size=value["hera_select_batch_size"], device=args.device, k=value["hera_k"],
-        teacher=value["hera_teacher"], teacher_feature=hera.hera_teacher_feature, clamp=value["hera_select_clamp"],
-        dataset=[d.strip() for d in args.dataset.split(",")] if args.dataset else None,
-        dtype=getattr(args, "dtype", None) or scoring_dtype(recipe),
-    )
-

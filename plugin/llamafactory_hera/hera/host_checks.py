@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from llamafactory_hera.anatomy.heads import attention_geometry, check_heads_fit
-from llamafactory_hera.anatomy.recipe_keys import raw_value as _raw_value
 from llamafactory_hera.anatomy.recipe_keys import truthy as _truthy
 from llamafactory_hera.anatomy.run_checks import check_run_inputs
 from llamafactory_hera.hera.args import HeraArguments
 from llamafactory_hera.hera.data_checks import check_adapter_fits
 from llamafactory_hera.hera.preflight import check_contrastive_geometry, contrastive_geometry
 from llamafactory_hera.hera.teacher import check_teacher_source
+from llamafactory_hera_patches.arguments import raw_value as _raw_value
 
 # (object attribute, holder name, why it cannot work with HeRA)
 _INCOMPATIBLE = (

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamafactory_hera.anatomy.recipe_keys import raw_value, truthy
+from llamafactory_hera.anatomy.recipe_keys import truthy
 from llamafactory_hera.anatomy.run_checks import check_run_inputs
 from llamafactory_hera.rah.args import RahArguments
+from llamafactory_hera_patches.arguments import raw_value
 
 _FAST_ATTENTION = {"fa2", "fa3", "sdpa"}
 

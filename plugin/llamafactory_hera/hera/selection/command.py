@@ -16,7 +16,8 @@ from llamafactory_hera.anatomy.recipe_edit import (
     update_recipe,
     write_text_atomic,
 )
-from llamafactory_hera.hera.selection.select import SelectionResult, run_selection
+from llamafactory_hera.hera.selection.choices import RECIPE_BACKED, dest
+from llamafactory_hera.hera.selection.select import SelectionOptions, SelectionResult, run_selection, scoring_dtype
 
 
 def record_paths(recipe_path: Path) -> tuple[Path, Path]:
@@ -75,7 +76,6 @@ def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, titl
 
 def run_select(args: Any) -> SelectionResult:
     """Run the ``select`` command (see :mod:`llamafactory_hera.hera.cli`)."""
-    from llamafactory_hera.hera.cli import options_from
     from llamafactory_hera_patches.model_data import parse_recipe
 
     _, recipe = load_recipe(args.recipe)
@@ -100,6 +100,27 @@ def run_select(args: Any) -> SelectionResult:
                       f"{options.num_heads}")
         show(f"record: {json_path}\nheatmap: {png_path}\n({result.duration_s:.1f} s)")
     return result
+
+
+def options_from(args: Any, recipe: dict[str, Any]) -> SelectionOptions:
+    """SelectionOptions from the command line, falling back to the recipe's hera_* keys (the same keys
+    ``hera_heads: auto`` reads, so both choose the same heads for the same recipe)."""
+    from llamafactory_hera.hera.args import parse_hera_arguments
+
+    hera = parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")}, require_heads=False)
+    value = {}
+    for flag, _, key, _ in RECIPE_BACKED:
+        given = getattr(args, dest(flag))
+        value[key] = given if given is not None else getattr(hera, key)
+    return SelectionOptions(
+        num_samples=value["hera_select_samples"], num_heads=value["hera_select_num_heads"],
+        strategy=value["hera_select_strategy"], mode=value["hera_select_mode"],
+        seed=args.seed if args.seed is not None else int(recipe.get("seed", 42) or 0),
+        batch_size=value["hera_select_batch_size"], device=args.device, k=value["hera_k"],
+        teacher=value["hera_teacher"], teacher_feature=hera.hera_teacher_feature, clamp=value["hera_select_clamp"],
+        dataset=[d.strip() for d in args.dataset.split(",")] if args.dataset else None,
+        dtype=getattr(args, "dtype", None) or scoring_dtype(recipe),
+    )
 
 
 def _quiet_transformers() -> None:

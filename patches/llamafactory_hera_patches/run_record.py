@@ -1,6 +1,6 @@
 """``llamafactory_hera_run.json``: what every ``llamafactory-cli train`` run loaded its model with, and how it ended.
 
-Written by the stage patch (:mod:`llamafactory_hera_patches.stage`) into ``output_dir`` for every run the plugin
+Written by the stage patch (:mod:`.stage`) into ``output_dir`` for every run the plugin
 sees, plain LLaMA-Factory stages (``sft``, ``dpo``, ...) included: right after LLaMA-Factory parsed the recipe with
 ``status: running``, then ``finished`` when the run returns or ``failed`` (with the error's first line) when it
 raises. A run killed from outside keeps ``running``. ``llamafactory-hera eval`` reads the loading keys back (a plain
@@ -55,11 +55,9 @@ def loading_keys(model_args: Any, data_args: Any, finetuning_args: Any, training
 
 def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any]) -> Path:
     """The record with ``status: running`` (replacing a previous run's in the same ``output_dir``)."""
-    from llamafactory_hera import __version__
-
     path = Path(output_dir) / RUN_RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"stage": stage, "status": RUNNING, "llamafactory_hera_version": __version__,
+    record = {"stage": stage, "status": RUNNING, "llamafactory_hera_version": _plugin_version(),
               "started_ns": time.time_ns(), "loading": loading}
     _write(path, record)
     return path
@@ -103,6 +101,16 @@ def _saved_since(folder: Path, started_ns: Any) -> bool:
         return False
     return any((folder / name).is_file() and (folder / name).stat().st_mtime_ns >= started_ns
                for name in SAVED_MODEL_FILES)
+
+
+def _plugin_version() -> str:
+    """The installed llamafactory-hera's version (the patches ship with the plugin; they do not import it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llamafactory-hera")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _first_line(error: BaseException) -> str:

@@ -1,0 +1,49 @@
+"""LLaMA-Factory's inference engine, for ``llamafactory-hera eval``: a recipe's model loaded exactly as LLaMA-Factory
+loads it for inference, and one answer from it.
+
+Checked on LLaMA-Factory 0.9.5 (verified by :func:`check_host` before anything loads):
+- ``llamafactory.hparams.get_infer_args(dict)`` -> (model, data, fine-tuning, generating arguments);
+- ``llamafactory.chat.hf_engine.HuggingfaceEngine(model_args, data_args, finetuning_args, generating_args)``
+  (``load_tokenizer``, ``get_template_and_fix_tokenizer``, ``load_model``: base model, then each adapter of
+  ``adapter_name_or_path`` loaded and merged), whose ``model``, ``tokenizer``, ``processor``, ``template`` and
+  ``generating_args`` feed the static ``HuggingfaceEngine._chat(model, tokenizer, processor, template,
+  generating_args, messages, ..., images=..., input_kwargs=...)``, which returns responses with ``response_text``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .guard import require
+
+
+def check_host() -> None:
+    """Raise ``HostMismatchError`` unless every host name this module uses exists."""
+    require(importlib.import_module("llamafactory.hparams"), ("get_infer_args",), "inference")
+    hf_engine = importlib.import_module("llamafactory.chat.hf_engine")
+    require(hf_engine, ("HuggingfaceEngine",), "inference")
+    require(hf_engine.HuggingfaceEngine, ("_chat",), "inference")
+
+
+def load_engine(recipe: dict[str, Any]) -> Any:
+    """LLaMA-Factory's ``HuggingfaceEngine`` for ``recipe`` (model in eval mode, tokenizer, processor, template,
+    generating arguments)."""
+    check_host()
+    hparams = importlib.import_module("llamafactory.hparams")
+    hf_engine = importlib.import_module("llamafactory.chat.hf_engine")
+    model_args, data_args, finetuning_args, generating_args = hparams.get_infer_args(
+        {**recipe, "infer_backend": "huggingface"})
+    engine = hf_engine.HuggingfaceEngine(model_args, data_args, finetuning_args, generating_args)
+    engine.model.eval()
+    return engine
+
+
+def answer(engine: Any, messages: list[dict[str, str]], images: list[Any] | None,
+           input_kwargs: dict[str, Any]) -> str:
+    """The engine's first response text to ``messages`` (with ``images``), as LLaMA-Factory's chat answers."""
+    hf_engine = importlib.import_module("llamafactory.chat.hf_engine")
+    responses = hf_engine.HuggingfaceEngine._chat(
+        engine.model, engine.tokenizer, engine.processor, engine.template, engine.generating_args, messages,
+        images=images, input_kwargs=input_kwargs)
+    return responses[0].response_text

@@ -1,0 +1,41 @@
+"""The methods the patches serve, as the plugin registers them: the patches never import the plugin.
+
+The plugin's start-up hook (``llamafactory_hera._bootstrap``) registers, before any patch is applied, a source of its
+declared methods (``llamafactory_hera.methods.declared_methods``); the source is called at each lookup, so that a
+process that never asks imports no declaration, and a test that declares one more method is seen at once. A method is
+the plugin's declaration (``llamafactory_hera.methods.Method``), used here by these names only: ``stage``, ``label``,
+``prefix``, ``host_stage``, ``log_keys``, ``records``, ``panel``, ``owns(stage)``, ``load(field)`` and
+``check_raw(host_args, args)``.
+
+Imported at every interpreter start (by the hook): it imports nothing.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from typing import Any
+
+_sources: list[Callable[[], Iterable[Any]]] = []
+
+
+def register_methods(source: Callable[[], Iterable[Any]]) -> None:
+    """Register ``source``, a callable returning method declarations (registering it again changes nothing)."""
+    if source not in _sources:
+        _sources.append(source)
+
+
+def registered_methods() -> tuple[Any, ...]:
+    """Every registered method, in the order of its source's declarations."""
+    return tuple(method for source in _sources for method in source())
+
+
+def method_for_stage(stage: Any) -> Any:
+    """The registered method that ``stage`` selects, or None (a LLaMA-Factory stage)."""
+    return next((method for method in registered_methods() if method.owns(stage)), None)
+
+
+def method_of_key(key: Any) -> Any:
+    """The registered method whose prefix ``key`` carries, or None (a LLaMA-Factory key)."""
+    return next((method for method in registered_methods() if str(key).startswith(method.prefix)), None)
