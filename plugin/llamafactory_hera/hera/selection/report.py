@@ -20,7 +20,6 @@ from typing import Any
 from llamafactory_hera.anatomy.head_plots import format_head_table, plot_before_after
 from llamafactory_hera.anatomy.heads import parse_head
 from llamafactory_hera.anatomy.host_output import host_output_to, show
-from llamafactory_hera.anatomy.recipe_edit import write_text_atomic
 from llamafactory_hera.hera.selection.bootstrap import prefix_length
 from llamafactory_hera.hera.selection.change import (
     MIN_RESAMPLES,
@@ -31,6 +30,7 @@ from llamafactory_hera.hera.selection.change import (
     report_fields,
     summary_rows,
 )
+from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours, scoring_dtype
 from llamafactory_hera.hera.workflow import HERA_RUN_RECORD as RUN_RECORD
 
