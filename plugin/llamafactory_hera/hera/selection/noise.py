@@ -121,7 +121,7 @@ def paired_bootstrap(before: HeadNeighbours, after: HeadNeighbours, k: int, seed
         raise ValueError("paired_bootstrap needs the ranked neighbours (score with prefix > 0)")
     from tqdm.auto import tqdm
 
-    from llamafactory_hera.anatomy.host_output import progress_file
+    from llamafactory_hera.hera.host_output import progress_file
 
     layers, heads, num, prefix = before.heads.shape
     first, second = before.heads.flatten(0, 1), after.heads.flatten(0, 1)

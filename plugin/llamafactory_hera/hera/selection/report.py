@@ -21,7 +21,7 @@ import numpy as np
 
 from llamafactory_hera.anatomy.head_plots import format_head_table, plot_before_after
 from llamafactory_hera.anatomy.heads import parse_head
-from llamafactory_hera.anatomy.host_output import host_output_to, show
+from llamafactory_hera.hera.host_output import host_output_to, show
 from llamafactory_hera.hera.selection.noise import (
     MIN_RESAMPLES,
     RESAMPLES,

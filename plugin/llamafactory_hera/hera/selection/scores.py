@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llamafactory_hera.anatomy.metrics import knn_indices, knn_overlap, top_k_stable
+from llamafactory_hera.hera.metrics import knn_indices, knn_overlap, top_k_stable
 
 
 def ranked_similarity(gram: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ def gram_knn(gram: torch.Tensor, k: int) -> torch.Tensor:
         k: neighbours per row, ``1 <= k <= N - 1``.
 
     Returns:
-        ``[..., N, k]`` int64 indices (same ordering rule as :func:`llamafactory_hera.anatomy.metrics.knn_indices`).
+        ``[..., N, k]`` int64 indices (same ordering rule as :func:`llamafactory_hera.hera.metrics.knn_indices`).
     """
     num = gram.shape[-1]
     if not 1 <= k <= num - 1:
