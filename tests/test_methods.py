@@ -132,3 +132,28 @@ def test_patches_and_the_shared_packages_import_no_method_package() -> None:
     pattern = re.compile(rf"^\s*(from|import) llamafactory_hera\.({'|'.join(method_packages)})\b", re.M)
     offenders = [str(path.relative_to(REPO)) for path in shared if pattern.search(path.read_text(encoding="utf-8"))]
     assert offenders == []
+
+
+def test_the_anatomy_holds_only_what_two_methods_or_the_shared_code_use() -> None:
+    """A module one method alone uses (directly or through another anatomy module) lives in that method's package."""
+    package = REPO / "plugin" / "llamafactory_hera"
+    names = {path.stem for path in (package / "anatomy").glob("*.py")} - {"__init__"}
+    pattern = re.compile(r"llamafactory_hera\.anatomy(?:\.(\w+)| import \(?([\w, \n]+))")
+
+    def imported(paths: list[Path]) -> set[str]:
+        found = set()
+        for match in pattern.finditer("\n".join(path.read_text(encoding="utf-8") for path in paths)):
+            found |= {match.group(1)} if match.group(1) else set(re.split(r"[,\s]+", match.group(2)))
+        return found & names
+
+    def closure(start: set[str]) -> set[str]:
+        seen: set[str] = set()
+        while start - seen:
+            seen |= start
+            start = imported([package / "anatomy" / f"{name}.py" for name in seen])
+        return seen
+
+    users = {method: closure(imported(list((package / method).rglob("*.py")))) for method in ("hera", "rah", "harc")}
+    shared = closure(imported([*(REPO / "patches").rglob("*.py"), *(package / "evaluation").rglob("*.py")]))
+    alone = {name: [m for m in users if name in users[m]] for name in sorted(names - shared)}
+    assert {name: used_by for name, used_by in alone.items() if len(used_by) < 2} == {}

@@ -147,7 +147,7 @@ def test_monitor_in_bf16_on_the_device(assets, accelerator, tmp_path: Path, monk
     assert len(keys) == 4 and {key: points[0][key] for key in keys} == {key: first[key] for key in keys}
 
     from llamafactory_hera.cli import main
-    from llamafactory_hera.hera.selection.bootstrap import resolution
+    from llamafactory_hera.hera.selection.noise import resolution
 
     assert main(["select", "--report", str(on), "--samples", "256", "--k", "3", "--device", "cpu"]) == 0
     report = json.loads((on / "hera_report.json").read_text())

@@ -12,16 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from llamafactory_hera.hera.selection.bootstrap import (
-    draw_resamples,
+from llamafactory_hera.hera.selection.noise import (
     paired_bootstrap,
     prefix_length,
-    resample_counts,
     resampled_scores,
     resolution,
     within_noise,
 )
-from llamafactory_hera.hera.selection.change import measure_change, report_fields, summary_rows
+from llamafactory_hera.hera.selection.report import report_fields, summary_rows
 from llamafactory_hera.hera.selection.scores import HeadNeighbours, all_head_neighbours, clamp_outliers
 
 LAYERS, HEADS, HEAD_DIM, WIDTH = 2, 3, 4, 12
@@ -35,6 +33,12 @@ def _inputs(num: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]
     after = [w + 0.6 * torch.randn(w.shape, generator=gen) for w in before]
     teacher = torch.randn(num, 10, generator=gen)
     return pooled, before, after, teacher
+
+
+def _draw(num: int, count: int, seed: int) -> list[list[int]]:
+    """The resamples the bootstrap draws with ``seed``: ``count`` rows of ``num`` pair indices (with replacement, a
+    seeded CPU generator), each row sorted."""
+    return torch.randint(num, (count, num), generator=torch.Generator().manual_seed(seed)).sort(dim=-1).values.tolist()
 
 
 def _cosines(rows: torch.Tensor) -> list[list[float]]:
@@ -82,10 +86,11 @@ def test_resampled_scores_equal_a_brute_force_mknn_of_the_resampled_pairs(num: i
     assert bool(valid.all())
     torch.testing.assert_close(whole[0], got.scores.flatten(), atol=1e-6, rtol=0)
 
-    picks = draw_resamples(num, 6, torch.Generator().manual_seed(1))
-    scores, valid = resampled_scores(orders, got.teacher, resample_counts(picks, num), k)
+    picks = _draw(num, 6, seed=1)
+    counts = torch.tensor([[row.count(pair) for pair in range(num)] for row in picks], dtype=torch.float32)
+    scores, valid = resampled_scores(orders, got.teacher, counts, k)
     assert bool(valid.all())
-    for r, row in enumerate(picks.tolist()):
+    for r, row in enumerate(picks):
         assert len(set(row)) < num  # a real resample: some pairs twice, some left out
         for h, sims in enumerate(head_sims):
             assert float(scores[r, h]) == pytest.approx(_brute_mknn(sims, teacher_sims, row, k), abs=1e-6), (r, h)
@@ -97,21 +102,19 @@ def test_paired_bootstrap_interval_is_the_percentile_of_brute_force_deltas() -> 
     prefix = prefix_length(num, k)
     before = all_head_neighbours(pooled, before_w, teacher, k, HEAD_DIM, prefix=prefix)
     after = all_head_neighbours(pooled, after_w, teacher, k, HEAD_DIM, prefix=prefix)
-    boot = paired_bootstrap(before.heads.flatten(0, 1), after.heads.flatten(0, 1), before.teacher, k,
-                            resamples=resamples, seed=seed, batch=resamples)
-    assert boot.resamples == resamples and boot.redrawn == 0
+    boot = paired_bootstrap(before, after, k, seed, resamples=resamples, batch=resamples)
+    assert boot.settings["resamples"] == resamples and boot.settings["redrawn"] == 0
     # the reference draws the same resamples and scores both sides of each with a plain loop
-    picks = draw_resamples(num, resamples, torch.Generator().manual_seed(seed)).tolist()
+    picks = _draw(num, resamples, seed)
     sims_before, sims_after = _head_sims(pooled, before_w, 0.0), _head_sims(pooled, after_w, 0.0)
     teacher_sims = _cosines(teacher)
     want = np.array([[_brute_mknn(a, teacher_sims, row, k) - _brute_mknn(b, teacher_sims, row, k)
                       for b, a in zip(sims_before, sims_after, strict=True)] for row in picks])
-    np.testing.assert_allclose(boot.deltas.numpy(), want, atol=1e-6)
-    np.testing.assert_allclose(boot.low.numpy(), np.quantile(want, 0.025, axis=0), atol=1e-6)
-    np.testing.assert_allclose(boot.high.numpy(), np.quantile(want, 0.975, axis=0), atol=1e-6)
-    again = paired_bootstrap(before.heads.flatten(0, 1), after.heads.flatten(0, 1), before.teacher, k,
-                             resamples=resamples, seed=seed, batch=4)  # batches change nothing, the seed fixes it
-    torch.testing.assert_close(again.deltas, boot.deltas)
+    np.testing.assert_allclose(boot.deltas.reshape(resamples, -1), want, atol=1e-6)
+    np.testing.assert_allclose(boot.low.flatten(), np.quantile(want, 0.025, axis=0), atol=1e-6)
+    np.testing.assert_allclose(boot.high.flatten(), np.quantile(want, 0.975, axis=0), atol=1e-6)
+    again = paired_bootstrap(before, after, k, seed, resamples=resamples, batch=4)  # batches change nothing
+    np.testing.assert_array_equal(again.deltas, boot.deltas)
 
 
 def test_resamples_that_cannot_be_scored_are_redrawn_and_counted() -> None:
@@ -122,8 +125,8 @@ def test_resamples_that_cannot_be_scored_are_redrawn_and_counted() -> None:
     counts = torch.tensor([[3.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     _, valid = resampled_scores(got.heads.flatten(0, 1), got.teacher, counts, k)
     assert valid.tolist() == [False, True]
-    boot = paired_bootstrap(got.heads.flatten(0, 1), got.heads.flatten(0, 1), got.teacher, k, resamples=200, seed=0)
-    assert boot.resamples == 200 and boot.redrawn > 0 and float(boot.deltas.abs().max()) == 0.0
+    boot = paired_bootstrap(got, got, k, seed=0, resamples=200)
+    assert boot.settings["resamples"] == 200 and boot.settings["redrawn"] > 0 and float(abs(boot.deltas).max()) == 0.0
 
 
 def _constructed(num: int = 24, k: int = 3) -> tuple[HeadNeighbours, HeadNeighbours]:
@@ -148,7 +151,7 @@ def test_changes_within_noise_are_marked_in_rows_json_and_plot(tmp_path: Path) -
     from llamafactory_hera.anatomy.head_plots import plot_before_after
 
     before, after = _constructed()
-    change = measure_change(before, after, 3, seed=0, resamples=200)
+    change = paired_bootstrap(before, after, 3, seed=0, resamples=200)
     assert change.resolution == pytest.approx(1 / 72) and change.settings["resamples"] == 200
     assert change.noise.tolist() == [[True, False]]
     assert change.delta[0, 0] == 0 and change.low[0, 1] > 0  # the interval of the real change excludes 0

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from conftest import base_recipe, offline_env, read_trainer_log, run_command, run_train
-from llamafactory_hera.anatomy.metrics import mutual_knn
 from llamafactory_hera.anatomy.projection import find_o_proj_modules, head_contributions
+from llamafactory_hera.hera.metrics import mutual_knn
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_heads
 from llamafactory_hera.hera.teacher import load_image_processor, load_teacher

@@ -63,7 +63,7 @@ def test_a_read_only_recipe_is_refused_before_scoring(assets, tmp_path: Path) ->
 def test_an_unwritable_output_folder_is_refused_before_scoring(assets, tmp_path: Path) -> None:
     import pytest
 
-    from llamafactory_hera.anatomy.safe_write import check_folder_writable
+    from llamafactory_hera.hera.selection.recipe_write import check_folder_writable
 
     with pytest.raises(PermissionError, match="cannot write the selection record and heatmap into"):
         check_folder_writable(tmp_path / "missing", "the selection record and heatmap")
@@ -71,7 +71,7 @@ def test_an_unwritable_output_folder_is_refused_before_scoring(assets, tmp_path:
 
 
 def test_the_comment_that_described_auto_is_rewritten_in_a_shipped_recipe() -> None:
-    from llamafactory_hera.anatomy.recipe_edit import set_hera_heads
+    from llamafactory_hera.hera.selection.recipe_write import set_hera_heads
 
     text = (Path(__file__).resolve().parents[2] / "recipes" / "qwen3_8b_hera.yaml").read_text(encoding="utf-8")
     result = set_hera_heads(text, ["L1H0", "L2H3"])

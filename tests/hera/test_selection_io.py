@@ -1,4 +1,5 @@
-"""Writing selected heads into hand-written recipes (byte-exact, atomic) and the selection figures and tables."""
+"""Writing selected heads into hand-written recipes (comments and key order kept, nothing overwritten silently)
+and the selection figures and tables."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ import pytest
 import yaml
 
 from llamafactory_hera.anatomy.head_plots import format_head_table, plot_before_after, plot_head_heatmap
-from llamafactory_hera.anatomy.recipe_edit import (
+from llamafactory_hera.hera.selection.recipe_write import (
     HeadsExistError,
-    read_heads_entry,
+    check_writable,
     set_hera_heads,
     update_recipe,
-    write_text_atomic,
 )
 
 HEADS = ["L13H12", "L7H6"]
@@ -56,94 +56,58 @@ report_to: none  # choices: [none, wandb, tensorboard]
 learning_rate: 1.0e-4
 """
 
-# (existing entry, the entry set_hera_heads must leave in its place)
+# the forms an existing entry takes (its lines), each replaced by the one line `hera_heads: [L13H12, L7H6]`
 FORMS = {
-    "flow": ("hera_heads: [L1H0, L1H2]\n", NEW + "\n"),
-    "flow_quoted_with_comment": ("hera_heads: ['L1H0', \"L1H2\"]  # from select\n", NEW + "  # from select\n"),
-    "flow_multiline": ("hera_heads: [L1H0,\n  L1H2,   # strongest]\n  L3H4]\n", NEW + "\n"),
-    "flow_multiline_closing_at_column_0": ("hera_heads: [  # by hand\n  L1H0,\n  L1H2,\n]\n",
-                                           NEW + "  # by hand\n"),
-    "flow_on_next_line": ("hera_heads:\n  [L1H0, L1H2]\n", NEW + "\n"),
-    "flow_empty": ("hera_heads: []\n", NEW + "\n"),
-    "block_column_0": ("hera_heads:\n- L1H0\n- L1H2\n", NEW + "\n"),
-    "block_with_comments": ("hera_heads:    # picked by hand\n  # strongest first\n  - L1H0\n\n  # runner-up\n"
-                            "  - 'L1H2'  # weak\n", NEW + "    # picked by hand\n"),
-    "auto": ("hera_heads: auto\n", NEW + "\n"),
-    "auto_single_quoted_with_comment": ("hera_heads: 'auto'  # let select decide\n",
-                                        NEW + "  # chosen by `llamafactory-hera select` (was: auto)\n"),
-    "auto_double_quoted": ('hera_heads: "auto"\n', NEW + "\n"),
-    "null": ("hera_heads:\n", NEW + "\n"),
-    "scalar_with_hash_in_quotes": ("hera_heads: 'a # b'   # note\n", NEW + "   # note\n"),
+    "flow": "hera_heads: [L1H0, L1H2]\n",
+    "flow_multiline": "hera_heads: [L1H0,\n  L1H2,   # strongest]\n  L3H4]\n",
+    "flow_on_next_line": "hera_heads:\n  [L1H0, L1H2]\n",
+    "block": "hera_heads:\n- L1H0\n- 'L1H2'\n",
+    "auto": "hera_heads: auto\n",
+    "auto_quoted": 'hera_heads: "auto"\n',
+    "null": "hera_heads:\n",
+    "absent": "",
 }
 
 
-def _lines(text: str) -> list[str]:
-    return text.splitlines(keepends=True)
+def _same_mapping_but_heads(original: str, result: str, heads: list[str]) -> bool:
+    return yaml.safe_load(result) == {**(yaml.safe_load(original) or {}), "hera_heads": heads}
 
 
-def _crlf(text: str) -> str:
-    return text.replace("\n", "\r\n")
-
-
-def _assert_same_mapping_but_heads(original: str, result: str, heads: list[str]) -> None:
-    expected = yaml.safe_load(original) or {}
-    expected["hera_heads"] = heads
-    assert yaml.safe_load(result) == expected
-
-
-@pytest.mark.parametrize("eol", ["\n", "\r\n"], ids=["lf", "crlf"])
 @pytest.mark.parametrize("form", FORMS, ids=list(FORMS))
-def test_set_hera_heads_replaces_only_the_entry(form: str, eol: str) -> None:
-    entry, replaced = FORMS[form]
-    original = RECIPE.format(entry=entry).replace("\n", eol)
-    expected = RECIPE.format(entry=replaced).replace("\n", eol)
+def test_only_the_heads_change_comments_and_order_stay(form: str) -> None:
+    original = RECIPE.format(entry=FORMS[form])
     result = set_hera_heads(original, HEADS)
-    assert _lines(result) == _lines(expected)
-    assert result == expected
-    _assert_same_mapping_but_heads(original, result, HEADS)
-    assert read_heads_entry(result) == HEADS
+    lines = result.splitlines()
+    heads_line = lines.index(NEW)
+    assert lines[:heads_line] + lines[heads_line + 1:] == RECIPE.format(entry="").splitlines()
+    if form == "absent":  # a new entry goes after stage:
+        assert lines[heads_line - 1] == "stage: hera"
+    assert _same_mapping_but_heads(original, result, HEADS)
     assert set_hera_heads(result, HEADS) == result  # idempotent
 
 
-@pytest.mark.parametrize("eol", ["\n", "\r\n"], ids=["lf", "crlf"])
-def test_absent_entry_goes_after_stage(eol: str) -> None:
-    original = RECIPE.format(entry="").replace("\n", eol)
-    result = set_hera_heads(original, HEADS)
-    expected = original.replace(f"stage: hera{eol}", f"stage: hera{eol}{NEW}{eol}")
-    assert _lines(result) == _lines(expected)
-    _assert_same_mapping_but_heads(original, result, HEADS)
+def test_the_comment_on_the_heads_line_is_kept() -> None:
+    result = set_hera_heads(RECIPE.format(entry="hera_heads: ['L1H0', \"L1H2\"]  # from select\n"), HEADS)
+    line = next(line for line in result.splitlines() if line.startswith("hera_heads:"))
+    assert line.startswith(NEW) and line.endswith("# from select")
 
 
-@pytest.mark.parametrize("eol", ["\n", "\r\n"], ids=["lf", "crlf"])
-def test_absent_entry_without_stage_is_appended(eol: str) -> None:
-    original = RECIPE.format(entry="").replace("stage: hera\n", "").replace("\n", eol)
-    assert set_hera_heads(original, HEADS) == original + NEW + eol
-    without_final_newline = original.rstrip("\r\n")
-    result = set_hera_heads(without_final_newline, HEADS)
-    assert result == without_final_newline + eol + NEW + eol
-    _assert_same_mapping_but_heads(original, result, HEADS)
+def test_a_comment_that_described_auto_says_where_the_heads_came_from() -> None:
+    result = set_hera_heads("stage: hera\nhera_heads: 'auto'  # let select decide\n#   (continued)\nk: 1\n", HEADS)
+    assert result.splitlines()[1].startswith(NEW)
+    assert result.splitlines()[1].endswith("# chosen by `llamafactory-hera select` (was: auto)")
+    assert "#   (continued)" in result  # a comment line at column 0 belongs to what follows and stays
+
+
+def test_without_stage_the_entry_is_appended() -> None:
+    assert set_hera_heads("do_train: true  # yes\nlr: 1.0e-4", HEADS) == f"do_train: true  # yes\nlr: 1.0e-4\n{NEW}\n"
     assert set_hera_heads("", HEADS) == NEW + "\n"
-
-
-def test_stage_as_last_line_without_newline() -> None:
-    assert set_hera_heads("do_train: true\nstage: hera", HEADS) == f"do_train: true\nstage: hera\n{NEW}\n"
-
-
-@pytest.mark.parametrize("entry", ["hera_heads: auto", "hera_heads: [L1H0,\n  L1H2]", "hera_heads:\n- L1H0\n- L1H2",
-                                   "hera_heads:  # mine\n  - L1H0"])
-def test_entry_at_the_end_of_a_file_without_final_newline(entry: str) -> None:
-    original = "stage: hera\n\n# heads\n" + entry
-    result = set_hera_heads(original, HEADS)
-    comment = "  # mine" if "# mine" in entry else ""
-    assert result == f"stage: hera\n\n# heads\n{NEW}{comment}"
-    _assert_same_mapping_but_heads(original, result, HEADS)
 
 
 def test_only_the_top_level_key_counts() -> None:
     original = "stage: hera\nhera_heads_note: keep\nextra:\n  hera_heads: [L0H0]\n# hera_heads: [L9H9]\n"
     result = set_hera_heads(original, HEADS)
     assert result == f"stage: hera\n{NEW}\nhera_heads_note: keep\nextra:\n  hera_heads: [L0H0]\n# hera_heads: [L9H9]\n"
-    _assert_same_mapping_but_heads(original, result, HEADS)
 
 
 def test_heads_are_validated_and_normalised() -> None:
@@ -152,26 +116,19 @@ def test_heads_are_validated_and_normalised() -> None:
         set_hera_heads("stage: hera\n", ["L1H2, L3H4"])
 
 
-def test_duplicate_entry_is_refused() -> None:
-    with pytest.raises(ValueError, match="appears 2 times"):
+def test_a_recipe_that_is_not_a_mapping_or_repeats_a_key_is_refused() -> None:
+    with pytest.raises(ValueError, match="not valid YAML"):
         set_hera_heads("hera_heads: auto\nstage: hera\nhera_heads: [L0H0]\n", HEADS)
-
-
-def test_read_heads_entry() -> None:
-    assert read_heads_entry("stage: hera\nhera_heads: [L1H0, 'L1H2']\n") == ["L1H0", "L1H2"]
-    assert read_heads_entry("hera_heads:\n  - L1H0  # c\n") == ["L1H0"]
-    assert read_heads_entry("hera_heads: auto  # c\n") == "auto"
-    assert read_heads_entry("hera_heads: []\n") == []
-    assert read_heads_entry("stage: hera\n") is None
-    assert read_heads_entry("") is None
+    with pytest.raises(ValueError, match="mapping"):
+        set_hera_heads("- stage: hera\n", HEADS)
 
 
 # ---------------------------------------------------------------------------------------------- update_recipe
 
 
-def _recipe(tmp_path: Path, entry: str, eol: str = "\n", name: str = "recipe.yaml") -> Path:
+def _recipe(tmp_path: Path, entry: str, name: str = "recipe.yaml") -> Path:
     path = tmp_path / name
-    path.write_bytes(RECIPE.format(entry=entry).replace("\n", eol).encode())
+    path.write_text(RECIPE.format(entry=entry))
     return path
 
 
@@ -184,7 +141,7 @@ def test_update_refuses_explicit_heads_without_force(tmp_path: Path) -> None:
     assert str(path) in message and "[L1H0, L1H2]" in message and "--force" in message and "--output" in message
     assert path.read_bytes() == before
     assert update_recipe(path, HEADS, force=True) == path
-    assert path.read_bytes() == RECIPE.format(entry=NEW + "\n").encode()
+    assert path.read_text() == RECIPE.format(entry=NEW + "\n")
 
 
 @pytest.mark.parametrize("entry", ["hera_heads: auto\n", "hera_heads: 'AUTO'\n", "hera_heads: []\n", "hera_heads:\n",
@@ -192,13 +149,15 @@ def test_update_refuses_explicit_heads_without_force(tmp_path: Path) -> None:
 def test_update_replaces_auto_empty_or_absent_without_force(tmp_path: Path, entry: str) -> None:
     path = _recipe(tmp_path, entry)
     update_recipe(path, HEADS)
-    assert read_heads_entry(path.read_text()) == HEADS
+    assert yaml.safe_load(path.read_text())["hera_heads"] == HEADS
 
 
-def test_update_keeps_crlf(tmp_path: Path) -> None:
-    path = _recipe(tmp_path, "hera_heads:\n- L1H0\n", eol="\r\n")
-    update_recipe(path, HEADS, force=True)
-    assert path.read_bytes() == _crlf(RECIPE.format(entry=NEW + "\n")).encode()
+def test_update_refuses_a_read_only_recipe(tmp_path: Path) -> None:
+    path = _recipe(tmp_path, "hera_heads: auto\n")
+    path.chmod(0o444)
+    with pytest.raises(PermissionError, match=r"read-only \(mode 0444\).*--output NEW.yaml"):
+        check_writable(path)
+    assert check_writable(path, output=tmp_path / "copy.yaml") == tmp_path / "copy.yaml"
 
 
 def test_update_to_output_leaves_the_source_alone(tmp_path: Path) -> None:
@@ -208,7 +167,7 @@ def test_update_to_output_leaves_the_source_alone(tmp_path: Path) -> None:
     output = tmp_path / "selected.yaml"
     assert update_recipe(source, HEADS, output=output) == output
     assert source.read_bytes() == before
-    assert output.read_bytes() == RECIPE.format(entry=NEW + "\n").encode()
+    assert output.read_text() == RECIPE.format(entry=NEW + "\n")
     assert stat.S_IMODE(output.stat().st_mode) == 0o640
 
     output.write_text("stage: hera\nhera_heads: [L2H2]\n")
@@ -217,39 +176,25 @@ def test_update_to_output_leaves_the_source_alone(tmp_path: Path) -> None:
     assert str(output) in str(err.value) and "--force" in str(err.value)
     assert output.read_text() == "stage: hera\nhera_heads: [L2H2]\n"
     update_recipe(source, ["L3H3"], output=output, force=True)
-    assert read_heads_entry(output.read_text()) == ["L3H3"]
+    assert yaml.safe_load(output.read_text())["hera_heads"] == ["L3H3"]
     assert source.read_bytes() == before
 
 
-# ------------------------------------------------------------------------------------------------- atomicity
-
-
-@pytest.mark.parametrize("failing", ["replace", "fsync"])
-def test_failed_write_leaves_the_original_and_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           failing: str) -> None:
+def test_a_failed_write_leaves_the_recipe_and_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _recipe(tmp_path, "hera_heads: auto\n")
+    path.chmod(0o664)
     before = path.read_bytes()
 
     def boom(*args: object, **kwargs: object) -> None:
-        raise OSError(f"simulated {failing} failure")
+        raise OSError("simulated replace failure")
 
-    monkeypatch.setattr(os, failing, boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="simulated"):
         update_recipe(path, HEADS)
     monkeypatch.undo()
-    assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
-
-
-@pytest.mark.parametrize("mode", [0o600, 0o644, 0o664])
-def test_write_keeps_permission_bits(tmp_path: Path, mode: int) -> None:
-    path = tmp_path / "recipe.yaml"
-    path.write_text("stage: hera\n")
-    path.chmod(mode)
-    write_text_atomic(path, "stage: hera\nhera_heads: [L0H0]\r\n")
-    assert stat.S_IMODE(path.stat().st_mode) == mode
-    assert path.read_bytes() == b"stage: hera\nhera_heads: [L0H0]\r\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+    update_recipe(path, HEADS)  # the written recipe keeps its permission bits
+    assert stat.S_IMODE(path.stat().st_mode) == 0o664 and sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
 def test_write_through_a_symlink_keeps_the_link(tmp_path: Path) -> None:

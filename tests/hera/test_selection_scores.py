@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamafactory_hera.anatomy.metrics import mutual_knn
+from llamafactory_hera.hera.metrics import mutual_knn
 from llamafactory_hera.hera.selection.scores import all_head_scores, gram_knn
 
 
 def test_gram_knn_matches_explicit_knn() -> None:
-    from llamafactory_hera.anatomy.metrics import knn_indices
+    from llamafactory_hera.hera.metrics import knn_indices
 
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(3, 20, 6, generator=gen)
@@ -34,7 +34,7 @@ def test_all_head_scores_equal_per_head_mutual_knn(heads: int, head_dim: int, d:
 
 
 def test_chunking_does_not_change_scores() -> None:
-    from llamafactory_hera.anatomy.metrics import knn_indices
+    from llamafactory_hera.hera.metrics import knn_indices
     from llamafactory_hera.hera.selection.scores import layer_head_scores
 
     gen = torch.Generator().manual_seed(1)

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from llamafactory_hera.anatomy.metrics import knn_indices
+from llamafactory_hera.hera.metrics import knn_indices
 
 Similarity = Literal["cosine", "dot"]
 

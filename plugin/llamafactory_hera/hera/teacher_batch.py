@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from llamafactory_hera.anatomy.host_output import progress_file
+from llamafactory_hera.hera.host_output import progress_file
 from llamafactory_hera.hera.teacher import VisionTeacher, open_image
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from llamafactory_hera.anatomy.capture import trainable_upstream
 from llamafactory_hera.anatomy.heads import HeadRef
 from llamafactory_hera.anatomy.projection import find_o_proj_modules
+from llamafactory_hera.hera.capture import trainable_upstream
 
 
 def trainable_layers(model: nn.Module) -> list[int]:

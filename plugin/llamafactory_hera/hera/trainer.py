@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamafactory_hera.anatomy.capture import HeadCapture
 from llamafactory_hera.anatomy.heads import attention_geometry
 from llamafactory_hera.anatomy.pooling import multimodal_token_ids, pooling_weights, require_multimodal_ids
 from llamafactory_hera.hera.args import HeraArguments
+from llamafactory_hera.hera.capture import HeadCapture
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS
 from llamafactory_hera.hera.contrastive import FeatureQueue, all_ranks_all, distributed, gather_batch
 from llamafactory_hera.hera.loss import hera_loss_anchored

@@ -86,7 +86,7 @@ def options_for_training(hera_args: HeraArguments, seed: int, device: str, dtype
 
 def select_with_cache(recipe_args: Any, options: SelectionOptions) -> tuple[SelectionResult, bool]:
     """Selection result (from the cache when the key matches) and whether it came from the cache."""
-    from llamafactory_hera.anatomy.recipe_edit import write_text_atomic
+    from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
 
     start = time.perf_counter()
     pairs, identity = prepare(recipe_args, options)

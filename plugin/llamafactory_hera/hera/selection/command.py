@@ -9,8 +9,8 @@ import yaml
 
 from llamafactory_hera.anatomy.head_plots import format_head_table, plot_head_heatmap
 from llamafactory_hera.anatomy.heads import parse_head
-from llamafactory_hera.anatomy.host_output import host_output_to, show
-from llamafactory_hera.anatomy.recipe_edit import (
+from llamafactory_hera.hera.host_output import host_output_to, show
+from llamafactory_hera.hera.selection.recipe_write import (
     check_folder_writable,
     check_writable,
     update_recipe,

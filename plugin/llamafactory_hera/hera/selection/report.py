@@ -7,7 +7,7 @@ difference is the training alone. Writes ``hera_report.json`` and ``hera_report.
 loading output into ``hera_report.log`` there (``--verbose``: on the terminal instead).
 
 Each difference comes with its resolution and a paired bootstrap interval over the pairs, and is marked when it is
-within noise (:mod:`llamafactory_hera.hera.selection.change`) in the table, the JSON and the plot.
+within noise (:mod:`llamafactory_hera.hera.selection.noise`) in the table, the JSON and the plot.
 """
 
 from __future__ import annotations
@@ -17,20 +17,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llamafactory_hera.anatomy.head_plots import format_head_table, plot_before_after
 from llamafactory_hera.anatomy.heads import parse_head
-from llamafactory_hera.anatomy.host_output import host_output_to, show
-from llamafactory_hera.anatomy.recipe_edit import write_text_atomic
-from llamafactory_hera.hera.selection.bootstrap import prefix_length
-from llamafactory_hera.hera.selection.change import (
+from llamafactory_hera.hera.host_output import host_output_to, show
+from llamafactory_hera.hera.selection.noise import (
     MIN_RESAMPLES,
     RESAMPLES,
-    TABLE_COLUMNS,
-    change_note,
-    measure_change,
-    report_fields,
-    summary_rows,
+    HeadChange,
+    paired_bootstrap,
+    prefix_length,
+    within_noise,
 )
+from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours, scoring_dtype
 from llamafactory_hera.hera.workflow import HERA_RUN_RECORD as RUN_RECORD
 
@@ -38,6 +38,7 @@ PRECISION = ("bf16", "fp16", "pure_bf16")  # the run's precision keys in hera_ru
 REPORT_JSON = "hera_report.json"
 REPORT_PNG = "hera_report.png"
 REPORT_LOG = "hera_report.log"  # the host's output (transformers, LLaMA-Factory) while scoring
+TABLE_COLUMNS = ["head", "before", "after", "delta", "ci", "change"]
 
 
 def _as_list(value: Any) -> list[str]:
@@ -76,6 +77,60 @@ def _trained_recipe(recipe: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return trained
 
 
+def _interval(low: float, high: float) -> str:
+    from llamafactory_hera.anatomy.plot_text import signed_number
+
+    return f"[{signed_number(low, 4)}, {signed_number(high, 4)}]"
+
+
+def _row(head: str, before: Any, after: Any, delta: float, low: float, high: float, noise: bool) -> dict[str, Any]:
+    return {"head": head, "before": before, "after": after, "delta": delta, "ci_low": low, "ci_high": high,
+            "ci": _interval(low, high), "within_noise": noise, "change": "within noise" if noise else "beyond noise"}
+
+
+def summary_rows(change: HeadChange, selected: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Per aligned head: before, after, delta, its interval and whether it is within noise; then the mean of all
+    other heads (interval of the mean difference over the same resamples) and the other head that dropped most."""
+    delta = change.delta
+    rows = [_row(f"L{layer}H{head}", float(change.before[layer, head]), float(change.after[layer, head]),
+                 float(delta[layer, head]), float(change.low[layer, head]), float(change.high[layer, head]),
+                 bool(change.noise[layer, head])) for layer, head in selected]
+    others = np.ones_like(delta, dtype=bool)
+    for layer, head in selected:
+        others[layer, head] = False
+    if others.any():
+        mean = float(delta[others].mean())
+        tail = (1.0 - change.settings["confidence"]) / 2
+        low, high = np.quantile(change.deltas[:, others].mean(-1), [tail, 1.0 - tail]) if len(change.deltas) else (
+            np.nan, np.nan)
+        noise = bool(within_noise(mean, low, high, change.resolution))
+        rows.append(_row(f"others ({int(others.sum())}) mean", float(change.before[others].mean()),
+                         float(change.after[others].mean()), mean, float(low), float(high), noise))
+        masked = np.where(others, delta, np.inf)
+        layer, head = np.unravel_index(int(np.argmin(masked)), masked.shape)
+        rows.append(_row(f"others: largest drop L{layer}H{head}", float(change.before[layer, head]),
+                         float(change.after[layer, head]), float(delta[layer, head]), float(change.low[layer, head]),
+                         float(change.high[layer, head]), bool(change.noise[layer, head])))
+    return rows
+
+
+def change_note(change: HeadChange, num_pairs: int, k: int) -> str:
+    """The lines printed under the table: what the resolution and the interval are."""
+    settings = change.settings
+    percent = f"{100 * settings['confidence']:g}%"
+    redrawn = f"; {settings['redrawn']} resamples redrawn" if settings["redrawn"] else ""
+    return (f"resolution: 1/({num_pairs} pairs x k={k}) = {change.resolution:.4f} (the smallest step a score moves)\n"
+            f"ci: {percent} paired bootstrap interval of delta, {settings['resamples']} resamples of the {num_pairs} "
+            f"pairs (seed {settings['seed']}{redrawn}); within noise: the interval contains 0 or |delta| < resolution\n"
+            f"{int(change.noise.sum())} of {change.noise.size} heads changed within noise")
+
+
+def report_fields(change: HeadChange) -> dict[str, Any]:
+    """The report JSON's fields for the change (``[L][H]`` lists)."""
+    return {"delta": change.delta.tolist(), "delta_ci_low": change.low.tolist(), "delta_ci_high": change.high.tolist(),
+            "within_noise": change.noise.tolist(), "resolution": change.resolution, "bootstrap": change.settings}
+
+
 def run_report(args: Any) -> dict[str, Any]:
     """Score the run's heads before and after training on the same pairs and write the report."""
     from llamafactory_hera.hera.args import parse_hera_arguments
@@ -105,7 +160,7 @@ def run_report(args: Any) -> dict[str, Any]:
         prefix = prefix_length(len(pairs), options.k)
         before = score_head_neighbours(base_args, options, pairs, prefix)
         after = score_head_neighbours(parse_recipe(_trained_recipe(recipe, run_dir)), options, pairs, prefix)
-        change = measure_change(before, after, options.k, seed, resamples=resamples, device=options.resolved_device())
+        change = paired_bootstrap(before, after, options.k, seed, resamples=resamples, device=options.resolved_device())
         selected = [(parse_head(h).layer, parse_head(h).head) for h in hera.hera_heads]
         rows = summary_rows(change, selected)
         show(format_head_table(rows, TABLE_COLUMNS))

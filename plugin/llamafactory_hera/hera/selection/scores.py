@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llamafactory_hera.anatomy.metrics import knn_indices, knn_overlap, top_k_stable
+from llamafactory_hera.hera.metrics import knn_indices, knn_overlap, top_k_stable
 
 
 def ranked_similarity(gram: torch.Tensor) -> torch.Tensor:
@@ -33,6 +33,22 @@ def ranked_similarity(gram: torch.Tensor) -> torch.Tensor:
     return ranked
 
 
+def ranked_prefix(ranked: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The ``prefix`` nearest neighbours of every row, nearest first, ties towards the lower index (what the
+    report's bootstrap resamples, :mod:`llamafactory_hera.hera.selection.noise`).
+
+    Args:
+        ranked: ``[..., N, N]`` similarities with the diagonal at ``-inf`` (what :func:`gram_knn` ranks).
+        prefix: neighbours kept per row, ``1 <= prefix <= N - 1``.
+
+    Returns:
+        ``[..., N, prefix]`` int32 indices; the first k are the set ``top_k_stable(ranked, k)`` holds.
+    """
+    chosen = top_k_stable(ranked, prefix).sort(dim=-1).values  # the prefix set, in index order
+    order = ranked.gather(-1, chosen).sort(dim=-1, descending=True, stable=True).indices
+    return chosen.gather(-1, order).to(torch.int32)
+
+
 def gram_knn(gram: torch.Tensor, k: int) -> torch.Tensor:
     """k nearest neighbours by cosine similarity from Gram matrices, self excluded.
 
@@ -41,7 +57,7 @@ def gram_knn(gram: torch.Tensor, k: int) -> torch.Tensor:
         k: neighbours per row, ``1 <= k <= N - 1``.
 
     Returns:
-        ``[..., N, k]`` int64 indices (same ordering rule as :func:`llamafactory_hera.anatomy.metrics.knn_indices`).
+        ``[..., N, k]`` int64 indices (same ordering rule as :func:`llamafactory_hera.hera.metrics.knn_indices`).
     """
     num = gram.shape[-1]
     if not 1 <= k <= num - 1:
@@ -103,10 +119,8 @@ def layer_head_neighbours(pooled: torch.Tensor, weight: torch.Tensor, teacher_kn
 
     Returns:
         (``[H]`` float32 scores, ``[H, N, prefix]`` int32 ranked neighbours (nearest first, ties towards the lower
-        index, :func:`~llamafactory_hera.hera.selection.bootstrap.ranked_prefix`) or None when ``prefix`` is 0).
+        index, :func:`ranked_prefix`) or None when ``prefix`` is 0).
     """
-    from llamafactory_hera.hera.selection.bootstrap import ranked_prefix
-
     num = pooled.shape[0]
     if not 1 <= k <= num - 1:
         raise ValueError(f"k={k} needs 1 <= k <= N-1 with N={num} samples; use fewer neighbours or more samples.")
@@ -180,8 +194,6 @@ def all_head_neighbours(pooled: list[torch.Tensor], weights: list[torch.Tensor],
                         prefix: int = 0) -> HeadNeighbours:
     """:func:`all_head_scores`, and with ``prefix`` > 0 the ``prefix`` nearest neighbours of every sample for every
     head and for the teacher (arguments as there)."""
-    from llamafactory_hera.hera.selection.bootstrap import ranked_prefix
-
     device = device or teacher.device
     teacher_feats = clamp_outliers(teacher.to(device).float(), clamp)
     teacher_knn = knn_indices(teacher_feats, k)  # what teacher_neighbours gives (the monitor's side)

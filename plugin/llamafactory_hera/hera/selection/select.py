@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
-from llamafactory_hera.anatomy.host_output import show
 from llamafactory_hera.anatomy.projection import find_o_proj_modules
+from llamafactory_hera.hera.host_output import show
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.choices import DTYPES, MODES, STRATEGIES  # noqa: F401 - this module's names too
 from llamafactory_hera.hera.selection.scores import HeadNeighbours, all_head_neighbours
