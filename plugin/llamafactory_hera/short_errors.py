@@ -15,6 +15,13 @@ from types import TracebackType
 
 PACKAGE = __name__.rpartition(".")[0]  # "llamafactory_hera"
 TRACEBACK_ENV = "LLAMAFACTORY_HERA_TRACEBACK"
+
+
+class RecipeError(ValueError):
+    """A user error found by the plugin's checks (recipe, data, environment, command line): its message names the
+    key or input, the value and the fix. A ``ValueError``, so callers catching that still do."""
+
+
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, RuntimeError)
 
 

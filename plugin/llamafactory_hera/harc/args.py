@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from llamafactory_hera.anatomy.recipe_keys import coerce_field, fail, recipe_key, unknown_key
+from llamafactory_hera.anatomy.recipe_keys import fail, parse_keys, recipe_key
 
 HARC_PREFIX = "harc_"
 ROLE_KEYS = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
@@ -100,6 +100,8 @@ def harc_keys() -> list[str]:
 
 
 def _dataset_name(key: str, value: Any) -> str:
+    if value is None:
+        return ""
     if isinstance(value, list | tuple):
         if len(value) != 1:
             raise fail(key, value, "name one dataset of dataset_info.json (a role takes one dataset).")
@@ -144,15 +146,7 @@ def check_consistency(args: HarcArguments) -> None:
 
 def parse_harc_arguments(raw: dict[str, Any]) -> HarcArguments:
     """Validated :class:`HarcArguments` from ``harc_*`` keys; errors name the key, the value and what is allowed."""
-    valid = {f.name: f for f in fields(HarcArguments)}
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in valid:
-            raise unknown_key(key, harc_keys(), "HARC")
-        if valid[key].metadata.get("dataset"):
-            values[key] = _dataset_name(key, value) if value is not None else ""
-        else:
-            values[key] = coerce_field(key, value, valid[key])
-    args = HarcArguments(**values)
+    datasets = {spec.name: _dataset_name for spec in fields(HarcArguments) if spec.metadata.get("dataset")}
+    args = parse_keys(HarcArguments, raw, "HARC", datasets)
     check_consistency(args)
     return args
