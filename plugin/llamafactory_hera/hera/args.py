@@ -12,6 +12,7 @@ from typing import Any
 from llamafactory_hera.anatomy.heads import HeadRef, parse_head
 from llamafactory_hera.anatomy.recipe_keys import fail, parse_keys, recipe_key
 from llamafactory_hera.hera.selection.choices import MODES, STRATEGIES
+from llamafactory_hera.short_errors import RecipeError
 
 HERA_PREFIX = "hera_"
 AUTO = "auto"
@@ -140,7 +141,7 @@ def _coerce_heads(key: str, value: Any) -> list[str] | str:
         try:
             refs.append(parse_head(item))
         except ValueError as err:
-            raise ValueError(f"{key}: {err}") from None
+            raise RecipeError(f"{key}: {err}") from None
     duplicates = sorted({str(r) for r in refs if refs.count(r) > 1})
     if duplicates:
         raise fail(key, value, f"each head may appear once; repeated: {', '.join(duplicates)}.")
@@ -163,14 +164,14 @@ def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> Her
     special = {"hera_heads": _coerce_heads, "hera_queue_size": _coerce_queue_size}
     args = parse_keys(HeraArguments, raw, "HeRA", special)
     if args.hera_teacher_precompute == "true" and not args.hera_teacher_cache:
-        raise ValueError("hera_teacher_precompute: got true with hera_teacher_cache: false; the precomputed features "
-                         "are kept in the teacher cache. Set hera_teacher_cache: true, or hera_teacher_precompute: "
-                         "auto / false.")
+        raise RecipeError("hera_teacher_precompute: got true with hera_teacher_cache: false; the precomputed features "
+                          "are kept in the teacher cache. Set hera_teacher_cache: true, or hera_teacher_precompute: "
+                          "auto / false.")
     if args.hera_monitor_steps != 0 and args.hera_monitor_pairs < args.hera_k + 1:
-        raise ValueError(f"hera_monitor_pairs: got {args.hera_monitor_pairs}; the monitor's MKNN with hera_k="
-                         f"{args.hera_k} needs at least {args.hera_k + 1} pairs. Raise it, lower hera_k, or set "
-                         "hera_monitor_steps: 0.")
+        raise RecipeError(f"hera_monitor_pairs: got {args.hera_monitor_pairs}; the monitor's MKNN with hera_k="
+                          f"{args.hera_k} needs at least {args.hera_k + 1} pairs. Raise it, lower hera_k, or set "
+                          "hera_monitor_steps: 0.")
     if require_heads and not args.hera_heads:
-        raise ValueError("hera_heads: missing; stage: hera needs the heads to align, e.g. hera_heads: [L13H12, L7H6] "
-                         "(zero-based; choose them with `llamafactory-hera select`).")
+        raise RecipeError("hera_heads: missing; stage: hera needs the heads to align, e.g. hera_heads: [L13H12, L7H6] "
+                          "(zero-based; choose them with `llamafactory-hera select`).")
     return args

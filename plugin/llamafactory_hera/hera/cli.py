@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.hera.selection.choices import DTYPES, MODES, STRATEGIES
+from llamafactory_hera.short_errors import RecipeError
 
 # command-line options that fall back to a recipe key (the same keys hera_heads: auto reads):
 # (flag, type, recipe key, what it sets)
@@ -89,7 +90,7 @@ def run_select_verb(args: argparse.Namespace) -> None:
         run_report(args)
         return
     if args.recipe is None:
-        raise ValueError("select: give a RECIPE.yaml (or --report RUN_DIR).")
+        raise RecipeError("select: give a RECIPE.yaml (or --report RUN_DIR).")
     from llamafactory_hera.hera.selection.command import run_select
 
     run_select(args)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from llamafactory_hera.anatomy.recipe_keys import fail, parse_keys, recipe_key
+from llamafactory_hera.short_errors import RecipeError
 
 RAH_PREFIX = "rah_"
 AUTO = "auto"
@@ -81,8 +82,8 @@ class RahArguments:
         layers = list(self.rah_layers)
         outside = [layer for layer in layers if layer >= num_layers]
         if outside:
-            raise ValueError(f"rah_layers: {outside} outside the model, which has decoder layers 0..{num_layers - 1} "
-                             "(zero-based). Use auto or a range within them.")
+            raise RecipeError(f"rah_layers: {outside} outside the model, which has decoder layers 0..{num_layers - 1} "
+                              "(zero-based). Use auto or a range within them.")
         return layers
 
 

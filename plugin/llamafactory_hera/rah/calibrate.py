@@ -27,6 +27,7 @@ from llamafactory_hera.rah.probe import (
 )
 from llamafactory_hera.rah.scores import caf_scores, standardize_per_layer
 from llamafactory_hera.rah.update import TrustRegion, lora_pair, low_rank, mean_kl, search_alpha, trimmed_mean
+from llamafactory_hera.short_errors import RecipeError
 
 
 @dataclass
@@ -195,8 +196,8 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
     slices.cache_clear()
     masks = _probe_positions(kl_batches, kinds)
     if not any(index.numel() for sample in masks for index in sample):
-        raise ValueError("RAH-LoRA: no KL probe row has text after its image, so no update could be measured; use "
-                         "rows whose text follows the image.")
+        raise RecipeError("RAH-LoRA: no KL probe row has text after its image, so no update could be measured; use "
+                          "rows whose text follows the image.")
     original = _probe_logits(model, kl_batches, masks)
     reference = original
     for update in progress(updates, "calibrating targets (trust region)"):

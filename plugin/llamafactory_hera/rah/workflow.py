@@ -17,6 +17,7 @@ import torch
 
 from llamafactory_hera.anatomy.board_log import progress, say, start_board_files
 from llamafactory_hera.rah.args import RahArguments
+from llamafactory_hera.short_errors import RecipeError
 
 PROFILE_JSON = "rah_profile.json"
 PROFILE_PNG = "rah_profile.png"
@@ -27,11 +28,11 @@ def _image_rows(aligned: Any, datasets: list[str], rah_args: RahArguments, seed:
     rows = [index for index, images in enumerate(aligned["_images"]) if images]
     needed = max(rah_args.rah_probe_samples, rah_args.rah_kl_samples)
     if not rows:
-        raise ValueError(f"dataset: {datasets} has no image in any of its {len(aligned)} rows; RAH-LoRA calibrates "
-                         "heads by their attention between text and image tokens. Use image-text rows.")
+        raise RecipeError(f"dataset: {datasets} has no image in any of its {len(aligned)} rows; RAH-LoRA calibrates "
+                          "heads by their attention between text and image tokens. Use image-text rows.")
     if len(rows) < needed:
-        raise ValueError(f"dataset: {datasets} has {len(rows)} image rows, fewer than the {needed} the probes need "
-                         "(rah_probe_samples / rah_kl_samples). Add rows or lower those keys.")
+        raise RecipeError(f"dataset: {datasets} has {len(rows)} image rows, fewer than the {needed} the probes need "
+                          "(rah_probe_samples / rah_kl_samples). Add rows or lower those keys.")
     random.Random(seed).shuffle(rows)
     if len(rows) < rah_args.rah_samples:
         say(f"warning: {len(rows)} image rows, fewer than rah_samples: {rah_args.rah_samples}; calibrating on "
@@ -132,9 +133,9 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     plot_profile(calibration, output / PROFILE_PNG, str(model_args.model_name_or_path))
     outcomes = _outcomes(calibration, record["summary"])
     if not kept:
-        raise ValueError(f"RAH-LoRA changed no weight: {outcomes}; no adapter was written. See "
-                         f"{output / PROFILE_JSON}; a looser rah_delta, a larger rah_alpha_max or other rah_layers "
-                         "may help.")
+        raise RecipeError(f"RAH-LoRA changed no weight: {outcomes}; no adapter was written. See "
+                          f"{output / PROFILE_JSON}; a looser rah_delta, a larger rah_alpha_max or other rah_layers "
+                          "may help.")
     names = save_adapter(model, factors, output, base_name=str(model_args.model_name_or_path))
     say(f"RAH-LoRA: {outcomes}; {len(names)} modules changed; mean KL to the original model on the probe "
         f"{record['summary']['kl_to_original']:.3g}; adapter, {PROFILE_JSON} and {PROFILE_PNG} in {output} "

@@ -17,6 +17,7 @@ from llamafactory_hera.anatomy.recipe_edit import (
     write_text_atomic,
 )
 from llamafactory_hera.hera.selection.select import SelectionResult, run_selection
+from llamafactory_hera.short_errors import RecipeError
 
 
 def record_paths(recipe_path: Path) -> tuple[Path, Path]:
@@ -37,7 +38,7 @@ def load_recipe(path: Path) -> tuple[str, dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
     mapping = yaml.safe_load(text)
     if not isinstance(mapping, dict):
-        raise ValueError(f"recipe {path} is not a YAML mapping of LLaMA-Factory keys")
+        raise RecipeError(f"recipe {path} is not a YAML mapping of LLaMA-Factory keys")
     return text, mapping
 
 
@@ -48,9 +49,9 @@ def check_hera_recipe(path: Path, recipe: dict[str, Any]) -> None:
 
     method = method_for_stage(recipe.get("stage"))
     if method is not None and method.stage != "hera":
-        raise ValueError(f"stage: {recipe.get('stage')}: {path} is a {method.label} recipe, not a HeRA recipe (stage: "
-                         "hera); select chooses hera_heads for HeRA runs. Run it with `llamafactory-cli train "
-                         f"{path}`, or select on a recipe with stage: hera.")
+        raise RecipeError(f"stage: {recipe.get('stage')}: {path} is a {method.label} recipe, not a HeRA recipe (stage: "
+                          "hera); select chooses hera_heads for HeRA runs. Run it with `llamafactory-cli train "
+                          f"{path}`, or select on a recipe with stage: hera.")
 
 
 def chosen_table(result: SelectionResult) -> str:
