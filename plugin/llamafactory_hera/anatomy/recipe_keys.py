@@ -102,7 +102,7 @@ def coerce_field(key: str, value: Any, spec: Any) -> Any:
     if value is None or (isinstance(value, str) and value.strip().lower() in NULLS):
         if spec.default is None or "None" in str(spec.type):
             return None
-        if value is None or spec.type in ("str", str):
+        if spec.type in ("str", str) and "choices" not in meta:
             raise fail(key, value, "a value is required.")
     if "choices" in meta:
         text = str(value).strip().lower()
