@@ -77,3 +77,23 @@ def test_the_full_traceback_is_one_variable_away(value: str) -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "LLAMAFACTORY_HERA_TRACEBACK": value})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "hera_k" in proc.stderr
+
+
+@pytest.mark.parametrize("raised,expected", [(short_errors.RecipeError, short_errors.RecipeError),
+                                             (ZeroDivisionError, RuntimeError)])
+def test_auto_selection_keeps_a_user_error_a_user_error_on_every_rank(monkeypatch: pytest.MonkeyPatch, raised: type,
+                                                                      expected: type) -> None:
+    """``hera_heads: auto`` re-raises rank 0's failure on every rank: a user error there (too few pairs) stays one."""
+    from types import SimpleNamespace
+
+    from llamafactory_hera.hera.selection import auto
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise raised("dataset d: only 3 usable image-caption pairs")
+
+    monkeypatch.setattr(auto, "select_with_cache", fail)
+    recipe = SimpleNamespace(data_args=SimpleNamespace(max_samples=None))
+    error = _caught(lambda: auto.resolve_auto_heads(recipe, parse_hera_arguments({"hera_heads": "auto"}), 0, "cpu",
+                                                    "out", True, dtype="float32"))
+    assert type(error) is expected and "head selection failed on rank 0" in str(error)
+    assert short_errors.raised_by_plugin(error) == (expected is short_errors.RecipeError)
