@@ -126,7 +126,8 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
             release_memory(device)  # the scoring copy's blocks, before this rank loads the model it trains
             payload = [result.selected, None, False]
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            payload = [None, f"{type(err).__name__}: {err}", isinstance(err, RecipeError)]
+            by_user = isinstance(err, RecipeError)  # its message names the input; a bug's type says what it is
+            payload = [None, str(err) if by_user else f"{type(err).__name__}: {err}", by_user]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(payload, src=0)
     heads, error, by_user = payload
