@@ -60,7 +60,8 @@ def main() -> None:
     sys.path.insert(0, str(BENCH))
     from assets import build_bench_assets
 
-    from llamafactory_hera.rah.calibrate import RahSettings, calibrate
+    from llamafactory_hera.rah.args import RahArguments
+    from llamafactory_hera.rah.calibrate import calibrate
     from llamafactory_hera.rah.probe import attention_modules, token_kinds
     from llamafactory_hera_patches.model_data import (
         load_model_for_scoring,
@@ -81,7 +82,7 @@ def main() -> None:
     kl_batches = [on(collator([dataset[i] for i in range(args.kl)]))]
     kinds = token_kinds(model, tokenizer_module["tokenizer"], tokenizer_module.get("processor"))
     layers = list(range(len(attention_modules(model)) // 2))
-    settings = RahSettings(layers=tuple(layers), isal_percentile=50.0, caf_percentile=30.0)
+    settings = RahArguments(rah_layers=layers, rah_isal_percentile=50.0, rah_caf_percentile=30.0)
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     times: dict[str, list[float]] = {"passes": [], "calibration": []}

@@ -1,4 +1,4 @@
-"""Which uncaught exceptions get the short report: only those the plugin raised itself, on purpose."""
+"""Which uncaught exceptions get the short report: the plugin's user errors (``RecipeError``), by their type."""
 
 from __future__ import annotations
 
@@ -22,10 +22,19 @@ def _caught(call) -> BaseException:
 
 def test_a_plugin_message_is_short_and_a_host_error_is_not() -> None:
     ours = _caught(lambda: parse_hera_arguments({"hera_k": 0, "hera_heads": ["L0H0"]}))
-    assert isinstance(ours, ValueError) and short_errors.raised_by_plugin(ours)
+    assert isinstance(ours, short_errors.RecipeError) and isinstance(ours, ValueError)
+    assert short_errors.raised_by_plugin(ours)
     assert short_errors.short_report(ours).startswith(f"[llamafactory-hera] error: {ours}\n")
     assert not short_errors.raised_by_plugin(_caught(lambda: int("x")))  # a ValueError raised outside the plugin
     assert not short_errors.raised_by_plugin(_caught(lambda: {}["missing"]))  # a bug: not a message
+
+
+def test_an_internal_value_error_raised_by_the_plugin_keeps_its_traceback() -> None:
+    """A ``ValueError`` the plugin raises on a ``raise`` line of its own for a programming error (asking for the heads
+    of an unresolved ``hera_heads: auto``) is not a user error: the type decides, not the source line."""
+    auto = parse_hera_arguments({"hera_heads": "auto"})
+    error = _caught(lambda: auto.head_refs)
+    assert type(error) is ValueError and not short_errors.raised_by_plugin(error)
 
 
 def test_an_error_of_a_torch_operation_called_by_the_plugin_keeps_its_traceback() -> None:
@@ -53,6 +62,11 @@ def test_excepthook_prints_only_the_message_for_plugin_errors() -> None:
     other = subprocess.run([sys.executable, "-c", script.replace("parse_hera_arguments({", "int('x') or ({")],
                            capture_output=True, text=True, timeout=120)
     assert other.returncode == 1 and "Traceback" in other.stderr and "[llamafactory-hera]" not in other.stderr
+    internal = subprocess.run([sys.executable, "-c", script.replace(
+        "parse_hera_arguments({'hera_k': 0, 'hera_heads': ['L0H0']})",
+        "parse_hera_arguments({'hera_heads': 'auto'}).head_refs")], capture_output=True, text=True, timeout=120)
+    assert internal.returncode == 1 and "Traceback" in internal.stderr and "not been resolved" in internal.stderr
+    assert "[llamafactory-hera]" not in internal.stderr
 
 
 @pytest.mark.parametrize("value", ["1", "yes"])
@@ -63,3 +77,24 @@ def test_the_full_traceback_is_one_variable_away(value: str) -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "LLAMAFACTORY_HERA_TRACEBACK": value})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "hera_k" in proc.stderr
+
+
+@pytest.mark.parametrize("raised,expected", [(short_errors.RecipeError, short_errors.RecipeError),
+                                             (ZeroDivisionError, RuntimeError)])
+def test_auto_selection_keeps_a_user_error_a_user_error_on_every_rank(monkeypatch: pytest.MonkeyPatch, raised: type,
+                                                                      expected: type) -> None:
+    """``hera_heads: auto`` re-raises rank 0's failure on every rank: a user error there (too few pairs) stays one."""
+    from types import SimpleNamespace
+
+    from llamafactory_hera.hera.selection import auto
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise raised("dataset d: only 3 usable image-caption pairs")
+
+    monkeypatch.setattr(auto, "select_with_cache", fail)
+    recipe = SimpleNamespace(data_args=SimpleNamespace(max_samples=None))
+    error = _caught(lambda: auto.resolve_auto_heads(recipe, parse_hera_arguments({"hera_heads": "auto"}), 0, "cpu",
+                                                    "out", True, dtype="float32"))
+    shown = "" if raised is short_errors.RecipeError else "ZeroDivisionError: "  # a user error needs no type name
+    assert type(error) is expected and f"failed on rank 0: {shown}dataset d" in str(error)
+    assert short_errors.raised_by_plugin(error) == (expected is short_errors.RecipeError)

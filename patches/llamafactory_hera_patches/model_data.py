@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from llamafactory_hera_patches.errors import RecipeError
+
 from .guard import require
 from .registry import method_for_stage, method_of_key
 
@@ -93,7 +95,7 @@ def load_aligned_rows(args: RecipeArgs, seed: int, dataset: list[str] | None = N
     loader = importlib.import_module("llamafactory.data.loader")
     names = dataset or args.data_args.dataset
     if not names:
-        raise ValueError("dataset: the recipe names no dataset; head selection needs image-caption pairs.")
+        raise RecipeError("dataset: the recipe names no dataset; head selection needs image-caption pairs.")
     return loader._get_merged_dataset(names, args.model_args, args.data_args,
                                       training_args or training_args_for_reading(seed), stage="sft")
 
@@ -133,8 +135,8 @@ def tokenized_rows_and_collator(args: RecipeArgs, model: Any, tokenizer_module: 
     tokenized = loader._get_preprocessed_dataset(chosen, args.data_args, reading, "sft", template,
                                                  tokenizer_module["tokenizer"], tokenizer_module.get("processor"))
     if len(tokenized) != len(chosen):
-        raise ValueError(f"head scoring: LLaMA-Factory's tokenization kept {len(tokenized)} of the {len(chosen)} "
-                         "chosen image-caption rows; each must be one user turn and one answer.")
+        raise RecipeError(f"head scoring: LLaMA-Factory's tokenization kept {len(tokenized)} of the {len(chosen)} "
+                          "chosen image-caption rows; each must be one user turn and one answer.")
     collator = data.SFTDataCollatorWith4DAttentionMask(template=template, model=model, pad_to_multiple_of=8,
                                                       label_pad_token_id=-100, **tokenizer_module)
     return tokenized, collator

@@ -29,6 +29,7 @@ from typing import Any
 from . import logging as log_patch
 from . import run_record
 from .arguments import keys_of, raw_value, split_args
+from .errors import RecipeError
 from .guard import require, warn_if_unchecked
 from .registry import registered_methods
 from .templates import host_stages
@@ -188,5 +189,5 @@ def check_stage(stage: Any, method_stages: list[str], host_stages: tuple[str, ..
         return
     close = difflib.get_close_matches(value, [*method_stages, *host_stages], n=1, cutoff=0.5)
     hint = f"did you mean {close[0]}? " if close else ""
-    raise ValueError(f"stage: {stage} is not a stage; {hint}stages: {', '.join(method_stages)} (llamafactory-hera), "
-                     f"{', '.join(host_stages)} (LLaMA-Factory).")
+    raise RecipeError(f"stage: {stage} is not a stage; {hint}stages: {', '.join(method_stages)} (llamafactory-hera), "
+                      f"{', '.join(host_stages)} (LLaMA-Factory).")

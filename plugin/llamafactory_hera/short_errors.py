@@ -1,44 +1,27 @@
-"""The plugin's own error messages without the traceback around them.
+"""The plugin's user-error type, :class:`RecipeError`, and its one-line report.
 
 A bad recipe value (``hera_heads: [L9H0]``) used to end a ``llamafactory-cli train`` run with a ~20-line traceback
-through LLaMA-Factory and the plugin, the message on the last line. Such errors are deliberate: the plugin raised
-them with a message that names the key, the value and the fix. When one ends the process, only that message is
-printed (and a line saying how to get the traceback); every other exception keeps Python's full report.
+through LLaMA-Factory and the plugin, the message on the last line. The plugin's checks raise :class:`RecipeError`
+with a message that names the key, the value and the fix; when one ends the process, only that message is printed
+(and a line saying how to get the traceback). Every other exception, a ``ValueError`` of torch or of the plugin's
+own internals included, keeps Python's full report.
 """
 
 from __future__ import annotations
 
-import linecache
 import os
 import sys
 from types import TracebackType
 
-PACKAGE = __name__.rpartition(".")[0]  # "llamafactory_hera"
+from llamafactory_hera_patches.errors import RecipeError
+
+__all__ = ["RecipeError", "install", "raised_by_plugin", "short_report"]
 TRACEBACK_ENV = "LLAMAFACTORY_HERA_TRACEBACK"
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, RuntimeError)
 
 
 def raised_by_plugin(error: BaseException) -> bool:
-    """True if ``error`` is a message the plugin raised on purpose (its ``raise`` is in this package's code).
-
-    The innermost frame of the traceback is where the exception was raised; a ValueError from torch or
-    LLaMA-Factory has its innermost frame there, not here, and keeps its full traceback. Frames are told by their
-    module name (``llamafactory_hera`` and ``llamafactory_hera_patches``), whatever the install layout. The line
-    must be a ``raise`` statement: an error of a C operation the plugin calls (a CUDA out-of-memory error in
-    ``a @ b``) also has its innermost Python frame in the plugin, and keeps its traceback.
-    """
-    if not isinstance(error, USER_ERRORS):
-        return False
-    tb = error.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    module = str(tb.tb_frame.f_globals.get("__name__", ""))
-    if not any(module == name or module.startswith(name + ".") for name in (PACKAGE, PACKAGE + "_patches")):
-        return False
-    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno, tb.tb_frame.f_globals).lstrip()
-    return line.startswith("raise ")
+    """True if ``error`` is one of the plugin's user errors (a :class:`RecipeError`), printed alone."""
+    return isinstance(error, RecipeError)
 
 
 def short_report(error: BaseException) -> str:

@@ -47,6 +47,7 @@ from llamafactory_hera.harc.directions import (
 from llamafactory_hera.harc.layers import layer_scores, select_layers
 from llamafactory_hera.harc.losses import coupling_loss, kl_to_reference, refusal_cross_entropy
 from llamafactory_hera.harc.residuals import StepCapture, reading_layers, response_window
+from llamafactory_hera.short_errors import RecipeError
 
 # the session fixtures, shared by both numerics files
 numerics_assets = harc_numerics_helpers.numerics_assets
@@ -298,7 +299,7 @@ def test_step_capture_reads_keep_the_graph() -> None:
 
     no_grad = StepCapture(t_inst, t_post, None, require_grad=True)
     no_grad(1, base)
-    with pytest.raises(RuntimeError, match="decoder layer 1 carries no gradient"):
+    with pytest.raises(RecipeError, match="decoder layer 1 carries no gradient"):
         no_grad.read([1])
     allowed = StepCapture(t_inst, t_post, None, require_grad=False)
     allowed(1, base)

@@ -12,6 +12,7 @@ import torch
 from test_train_inprocess import LogProbe
 
 from conftest import base_recipe
+from llamafactory_hera.short_errors import RecipeError
 
 
 def _tiny_lora_model(assets, family: str, targets: list[str]):
@@ -52,7 +53,7 @@ def test_a_cut_gradient_below_the_captured_heads_is_an_error(assets) -> None:
     assert capture.fed_by_trainable == {1: True}
     reps = _forward(model, capture, no_grad_layers=False)
     assert reps is not None and reps.requires_grad
-    with pytest.raises(RuntimeError, match=r"layer\(s\) \[1\] carries no gradient.*use_unsloth_gc"):
+    with pytest.raises(RecipeError, match=r"layer\(s\) \[1\] carries no gradient.*use_unsloth_gc"):
         _forward(model, capture, no_grad_layers=True)
 
 

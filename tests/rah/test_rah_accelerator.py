@@ -88,14 +88,15 @@ def test_calibrate_with_the_trust_region_on_the_accelerator_equals_the_cpu(asset
     none is per probe batch per alpha tried (one per alpha: the KL the search compares with delta)."""
     from test_rah_model import FORCED, _load
 
-    from llamafactory_hera.rah.calibrate import RahSettings, calibrate
+    from llamafactory_hera.rah.args import RahArguments
+    from llamafactory_hera.rah.calibrate import calibrate
 
     model, kinds, batches = _load(assets, "llava", tmp_path, samples=7)
     on_cpu = copy.deepcopy(model)
-    settings = RahSettings(layers=(0, 1), delta=1e-6, halvings=3, **FORCED)
+    settings = RahArguments(rah_layers=[0, 1], rah_delta=1e-6, rah_halvings=3, **FORCED)
     cpu = calibrate(on_cpu, batches[:4], batches[:2], batches[4:7], settings, kinds)
     regions = [u.region for u in cpu.updates if u.region is not None]
-    assert any(r.alpha < settings.alpha_max for r in regions), [r.tried for r in regions]  # halved or rolled back
+    assert any(r.alpha < settings.rah_alpha_max for r in regions), [r.tried for r in regions]  # halved or rolled back
     with accelerator:
         on_device, device_batches = _on_device(model, batches)
         accelerator.reset()

@@ -122,7 +122,8 @@ def test_a_step_that_rounds_to_no_change_is_not_calibrated(assets, tmp_path: Pat
     from test_rah_model import FORCED
 
     from llamafactory_hera.rah.adapter import lora_factors
-    from llamafactory_hera.rah.calibrate import RahSettings, calibrate, geometry_of
+    from llamafactory_hera.rah.args import RahArguments
+    from llamafactory_hera.rah.calibrate import calibrate, geometry_of
     from llamafactory_hera.rah.probe import token_kinds
     from llamafactory_hera.rah.profile import profile_record
     from llamafactory_hera_patches.model_data import parse_recipe
@@ -133,7 +134,7 @@ def test_a_step_that_rounds_to_no_change_is_not_calibrated(assets, tmp_path: Pat
     tokenizer_module = load_tokenizer(parse_recipe({**recipe, "stage": "sft"}).model_args)
     kinds = token_kinds(model, tokenizer_module["tokenizer"], tokenizer_module.get("processor"))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    settings = RahSettings(layers=(0, 1), delta=10.0, alpha_max=1e-20, **FORCED)
+    settings = RahArguments(rah_layers=[0, 1], rah_delta=10.0, rah_alpha_max=1e-20, **FORCED)
     calibration = calibrate(model, batches[:3], batches[:2], batches[2:4], settings, kinds)
     scored = [u for u in calibration.updates if u.region is not None]
     assert scored and all(u.region.alpha == 1e-20 and u.unchanged and not u.calibrated for u in scored)

@@ -13,7 +13,8 @@ import torch
 from conftest import REPO, base_recipe
 from llamafactory_hera.fixtures import EXTRA_MODEL_NAMES, build_tiny_assets
 from llamafactory_hera.rah.adapter import lora_factors, save_adapter
-from llamafactory_hera.rah.calibrate import RahSettings, calibrate, geometry_of, o_columns, v_rows
+from llamafactory_hera.rah.args import RahArguments
+from llamafactory_hera.rah.calibrate import calibrate, geometry_of, o_columns, v_rows
 from llamafactory_hera.rah.probe import attention_modules, gate_gradients, token_kinds, token_masks
 from llamafactory_hera.rah.scores import margin_loss
 from llamafactory_hera_patches.model_data import load_model_for_scoring, multimodal_dataset_and_collator, parse_recipe
@@ -72,7 +73,8 @@ def test_gate_gradient_equals_a_finite_difference_of_the_margin_loss(assets, tmp
 
 
 # settings that force targets and anchors on 4-head layers (the paper's percentiles keep 0 or 1 head there)
-FORCED = {"isal_percentile": 50.0, "caf_percentile": 0.0, "beta": -100.0, "num_anchors": 2, "rank": 2}
+FORCED = {"rah_isal_percentile": 50.0, "rah_caf_percentile": 0.0, "rah_beta": -100.0, "rah_num_anchors": 2,
+          "rah_rank": 2}
 
 
 @pytest.mark.parametrize("family,modules", [("llava", ("v", "o")), ("qwen2_5_vl", ("o",)), ("qwen3_vl", ("o",)),
@@ -84,7 +86,7 @@ def test_the_adapter_reproduces_the_calibrated_model(assets, extra_assets, tmp_p
 
     model, kinds, batches = _load(assets, family, tmp_path, extra=extra_assets)
     before = [w.clone() for w in (m.v_proj.weight for m in attention_modules(model))]
-    settings = RahSettings(layers=(0, 1), delta=10.0, **FORCED)
+    settings = RahArguments(rah_layers=[0, 1], rah_delta=10.0, **FORCED)
     calibration = calibrate(model, batches[:4], batches[:3], batches[4:6], settings, kinds)
     kept = [u for u in calibration.updates if u.region is not None and not u.region.rolled_back]
     assert calibration.modules == modules and kept and all(u.region.alpha == 0.15 for u in kept)
@@ -107,7 +109,7 @@ def test_the_adapter_reproduces_the_calibrated_model(assets, extra_assets, tmp_p
 def test_rollbacks_leave_every_head_bit_identical(assets, tmp_path: Path) -> None:
     model, kinds, batches = _load(assets, "llava", tmp_path)
     saved = {name: p.detach().clone() for name, p in model.named_parameters()}
-    settings = RahSettings(layers=(0, 1), delta=-1.0, halvings=2, **FORCED)  # no alpha can fit
+    settings = RahArguments(rah_layers=[0, 1], rah_delta=-1.0, rah_halvings=2, **FORCED)  # no alpha can fit
     calibration = calibrate(model, batches[:4], batches[:2], batches[4:6], settings, kinds)
     assert calibration.updates and all(u.region.rolled_back for u in calibration.updates if u.anchors)
     assert all(len(u.region.tried) == 3 for u in calibration.updates if u.anchors)
@@ -119,12 +121,12 @@ def test_rollbacks_leave_every_head_bit_identical(assets, tmp_path: Path) -> Non
 
 def test_trust_region_on_the_model_keeps_kl_within_delta(assets, tmp_path: Path) -> None:
     model, kinds, batches = _load(assets, "llava", tmp_path)
-    first = RahSettings(layers=(0, 1), delta=10.0, **FORCED)
+    first = RahArguments(rah_layers=[0, 1], rah_delta=10.0, **FORCED)
     loose = calibrate(model, batches[:4], batches[:2], batches[4:6], first, kinds)
     kls = [kl for u in loose.updates if u.region for _, kl in u.region.tried]
     model, kinds, batches = _load(assets, "llava", tmp_path)
     delta = sorted(kls)[len(kls) // 2] / 4 if kls else 1e-4  # tight enough that some heads halve or roll back
-    tight = calibrate(model, batches[:4], batches[:2], batches[4:6], RahSettings(layers=(0, 1), delta=delta,
+    tight = calibrate(model, batches[:4], batches[:2], batches[4:6], RahArguments(rah_layers=[0, 1], rah_delta=delta,
                                                                                  **FORCED), kinds)
     regions = [u.region for u in tight.updates if u.region is not None]
     assert any(r.alpha < 0.15 for r in regions) and len(regions) >= 2  # the search halved somewhere

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import base_recipe, mixed_size_dataset
-from llamafactory_hera.rah.calibrate import RahSettings, calibrate
+from llamafactory_hera.rah.args import RahArguments
+from llamafactory_hera.rah.calibrate import calibrate
 from llamafactory_hera.rah.probe import AttentionProfile, profile_attention, token_kinds, token_masks
 from llamafactory_hera.rah.profile import profile_record
 from llamafactory_hera_patches.model_data import load_model_for_scoring, multimodal_dataset_and_collator, parse_recipe
@@ -112,7 +113,8 @@ def test_maps_use_every_row_whatever_its_image_size(assets, tmp_path: Path) -> N
 
 
 # targets forced on 4-head layers as in test_rah_model; beta is set per test
-FORCED = {"isal_percentile": 50.0, "caf_percentile": 0.0, "num_anchors": 2, "rank": 2, "delta": 10.0}
+FORCED = {"rah_isal_percentile": 50.0, "rah_caf_percentile": 0.0, "rah_num_anchors": 2, "rah_rank": 2,
+          "rah_delta": 10.0}
 
 
 def test_a_layer_without_anchors_takes_them_from_the_adjacent_layer(assets, tmp_path: Path) -> None:
@@ -121,7 +123,7 @@ def test_a_layer_without_anchors_takes_them_from_the_adjacent_layer(assets, tmp_
     weights); with rah_adjacent_layers 0 they have none."""
     model, _, kinds, batches = _load(assets, "llava", tmp_path, rows=8)
     saved = {name: p.detach().clone() for name, p in model.named_parameters()}
-    probe = calibrate(model, batches[:4], batches[:3], batches[4:6], RahSettings(layers=(0, 1), beta=-100.0,
+    probe = calibrate(model, batches[:4], batches[:3], batches[4:6], RahArguments(rah_layers=[0, 1], rah_beta=-100.0,
                                                                                   **FORCED), kinds)
     targets = {layer: {u.head for u in probe.updates if u.layer == layer} for layer in (0, 1)}
     best = [max(float(probe.isal_std[layer, h]) for h in range(4) if h not in targets[layer]) for layer in (0, 1)]
@@ -129,12 +131,12 @@ def test_a_layer_without_anchors_takes_them_from_the_adjacent_layer(assets, tmp_
     beta = (best[0] + best[1]) / 2
     for name, p in model.named_parameters():
         p.data.copy_(saved[name])
-    result = calibrate(model, batches[:4], batches[:3], batches[4:6], RahSettings(layers=(0, 1), beta=beta,
+    result = calibrate(model, batches[:4], batches[:3], batches[4:6], RahArguments(rah_layers=[0, 1], rah_beta=beta,
                                                                                    **FORCED), kinds)
     fallback = [u for u in result.updates if u.layer == poor]
     assert fallback and all(u.anchor_distance == 1 and {layer for layer, _, _ in u.anchors} == {rich}
                             for u in fallback)
-    assert profile_record(result, RahSettings(layers=(0, 1)), {}, {}, {})["summary"][
+    assert profile_record(result, RahArguments(rah_layers=[0, 1]), {}, {}, {})["summary"][
         "anchors_from_adjacent_layers"] == len(fallback)
     prefix, head_dim = "model.language_model.layers", 16
     assert any(u.calibrated for u in fallback)
@@ -152,6 +154,6 @@ def test_a_layer_without_anchors_takes_them_from_the_adjacent_layer(assets, tmp_
             np.testing.assert_allclose(((u * s) @ vh).numpy(), (ref_u[:, :2] * ref_s[:2]) @ ref_vh[:2], atol=1e-5)
     for name, p in model.named_parameters():
         p.data.copy_(saved[name])
-    none = calibrate(model, batches[:4], batches[:3], batches[4:6], RahSettings(layers=(0, 1), beta=beta,
-                                                                                 adjacent_layers=0, **FORCED), kinds)
+    alone = RahArguments(rah_layers=[0, 1], rah_beta=beta, rah_adjacent_layers=0, **FORCED)
+    none = calibrate(model, batches[:4], batches[:3], batches[4:6], alone, kinds)
     assert all(u.region is None and not u.anchors for u in none.updates if u.layer == poor)

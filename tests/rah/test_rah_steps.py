@@ -210,13 +210,13 @@ def test_head_slices_follow_the_kv_groups() -> None:
     assert [o_columns(h, gqa) for h in range(4)] == [slice(16 * h, 16 * (h + 1)) for h in range(4)]
 
 
-def test_settings_take_the_arguments_defaults_and_values() -> None:
+def test_the_profile_settings_are_the_arguments_without_prefix() -> None:
     from llamafactory_hera.rah.args import parse_rah_arguments
-    from llamafactory_hera.rah.calibrate import RahSettings
+    from llamafactory_hera.rah.profile import settings_record
 
-    assert RahSettings.from_arguments(parse_rah_arguments({}), [0, 1]) == RahSettings(layers=(0, 1))
-    chosen = RahSettings.from_arguments(parse_rah_arguments({"rah_w_v": 0.5, "rah_update": "o", "rah_rank": 4}), [3])
-    assert (chosen.layers, chosen.w_v, chosen.w_o, chosen.update, chosen.rank) == ((3,), 0.5, 0.5, "o", 4)
+    chosen = settings_record(parse_rah_arguments({"rah_w_v": 0.5, "rah_update": "o", "rah_rank": 4}), [3])
+    assert (chosen["layers"], chosen["w_v"], chosen["w_o"], chosen["update"], chosen["rank"]) == ([3], 0.5, 0.5, "o", 4)
+    assert settings_record(parse_rah_arguments({}), [0, 1])["delta"] == 0.05
 
 
 def test_rah_samples_below_the_probes_is_refused_by_the_parser() -> None:
@@ -230,7 +230,8 @@ def test_rah_samples_below_the_probes_is_refused_by_the_parser() -> None:
 
 def test_the_profile_reports_kl_clamped_at_zero() -> None:
     """KL >= 0: float32 noise such as -2e-8 (measured on tiny models) is reported as 0; the order of outcomes."""
-    from llamafactory_hera.rah.calibrate import Calibration, HeadUpdate, RahSettings
+    from llamafactory_hera.rah.args import RahArguments
+    from llamafactory_hera.rah.calibrate import Calibration, HeadUpdate
     from llamafactory_hera.rah.profile import profile_record
     from llamafactory_hera.rah.update import TrustRegion
 
@@ -240,7 +241,7 @@ def test_the_profile_reports_kl_clamped_at_zero() -> None:
     table = torch.zeros(1, 4)
     calibration = Calibration([0], table, table, table, [kept, still, back, HeadUpdate(0, 2, [])], ("o",), 0, 0,
                               kl_to_original=-3e-8)
-    record = profile_record(calibration, RahSettings(layers=(0,)), {}, {}, {})
+    record = profile_record(calibration, RahArguments(rah_layers=[0]), {}, {}, {})
     targets = record["targets"]
     assert [t["outcome"] for t in targets] == ["calibrated", "unchanged", "rolled back", "no anchor"]
     assert targets[0]["kl"] == 0.0 and targets[0]["tried"] == [{"alpha": 0.15, "kl": 0.0}]

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from llamafactory_hera.short_errors import RecipeError
+
 _HEAD_RE = re.compile(r"^\s*L(\d+)\s*H(\d+)\s*$", re.IGNORECASE)
 
 
@@ -40,7 +42,7 @@ def parse_head(text: str) -> HeadRef:
     """Parse ``"L13H12"`` (case-insensitive) into a :class:`HeadRef`; raise ``ValueError`` otherwise."""
     match = _HEAD_RE.match(str(text))
     if match is None:
-        raise ValueError(f"'{text}' is not a head; write heads as L<layer>H<head>, zero-based, e.g. L13H12")
+        raise RecipeError(f"'{text}' is not a head; write heads as L<layer>H<head>, zero-based, e.g. L13H12")
     return HeadRef(int(match.group(1)), int(match.group(2)))
 
 
@@ -61,7 +63,7 @@ def check_heads_fit(heads: list[HeadRef], geometry: AttentionGeometry, model_nam
     """Raise ``ValueError`` naming ``hera_heads`` if a head lies outside the model's layers or heads."""
     for ref in heads:
         if not (0 <= ref.layer < geometry.num_layers and 0 <= ref.head < geometry.num_heads):
-            raise ValueError(
+            raise RecipeError(
                 f"hera_heads: {ref} is outside {model_name}, which has layers L0..L{geometry.num_layers - 1} "
                 f"and heads H0..H{geometry.num_heads - 1} per layer (zero-based). Fix or remove {ref}."
             )

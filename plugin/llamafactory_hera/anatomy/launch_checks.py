@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.anatomy.recipe_keys import truthy
+from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value
 
 # why a stage cannot read its rows from an iterable (streamed) dataset
@@ -56,9 +57,9 @@ def _set(value: Any) -> bool:
     return bool(value) and str(value).strip().lower() not in {"", "false", "0", "no", "off", "none", "[]", "{}"}
 
 
-def _fsdp_refusal(stage: str, what: str, fix: str = _DEFAULT_FSDP_FIX) -> ValueError:
+def _fsdp_refusal(stage: str, what: str, fix: str = _DEFAULT_FSDP_FIX) -> RecipeError:
     reason = _FSDP.get(stage, "the stage reads whole weights outside the wrapped forward, which FSDP shards")
-    return ValueError(f"{what}: stage: {stage} cannot run under FSDP ({reason}); {_FSDP_FIX.get(stage, fix)}.")
+    return RecipeError(f"{what}: stage: {stage} cannot run under FSDP ({reason}); {_FSDP_FIX.get(stage, fix)}.")
 
 
 def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mapping[str, str]) -> None:
@@ -106,14 +107,14 @@ def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None
     """``fp16`` and ``bf16`` are not both on; a ``deepspeed`` path names a file."""
     fp16, bf16 = raw_value(host_args, "fp16"), raw_value(host_args, "bf16")
     if fp16 is not None and bf16 is not None and truthy(fp16) and truthy(bf16):
-        raise ValueError("fp16: true and bf16: true: a run trains in one precision; keep bf16: true (GPUs since "
-                         "Ampere) and remove fp16, or keep fp16: true on older GPUs.")
+        raise RecipeError("fp16: true and bf16: true: a run trains in one precision; keep bf16: true (GPUs since "
+                          "Ampere) and remove fp16, or keep fp16: true on older GPUs.")
     deepspeed = raw_value(host_args, "deepspeed")
     if isinstance(deepspeed, str) and deepspeed.strip() and not _deepspeed_config_readable(deepspeed):
         where = Path(deepspeed).expanduser()
         relative = "" if where.is_absolute() else f", relative to the folder the run starts in ({Path.cwd()})"
-        raise ValueError(f"deepspeed: {deepspeed} is not a file{relative}. Point it at a DeepSpeed JSON config "
-                         "(e.g. recipes/deepspeed/ds_z3_config.json, run from the repository root) or remove it.")
+        raise RecipeError(f"deepspeed: {deepspeed} is not a file{relative}. Point it at a DeepSpeed JSON config "
+                          "(e.g. recipes/deepspeed/ds_z3_config.json, run from the repository root) or remove it.")
 
 
 def check_streaming(stage: str, host_args: dict[str, Any] | list[str]) -> None:
@@ -121,8 +122,8 @@ def check_streaming(stage: str, host_args: dict[str, Any] | list[str]) -> None:
     value = raw_value(host_args, "streaming")
     if value is not None and truthy(value):
         reason = _STREAMING.get(stage, "the stage reads its rows by index")
-        raise ValueError(f"streaming: {str(value).lower()} is not supported by stage: {stage} ({reason}). Remove "
-                         "streaming: the datasets are read once and cached on disk.")
+        raise RecipeError(f"streaming: {str(value).lower()} is not supported by stage: {stage} ({reason}). Remove "
+                          "streaming: the datasets are read once and cached on disk.")
 
 
 def check_raw_launch(stage: str, host_args: dict[str, Any] | list[str],

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from llamafactory_hera.short_errors import RecipeError
+
 IGNORE_INDEX = -100
 POOLINGS = ("assistant", "text")
 
@@ -95,7 +97,7 @@ def require_multimodal_ids(ids: frozenset[int], model_type: str) -> frozenset[in
     """``ids`` when there is at least one, else a ValueError: without a placeholder id no token lies "after the
     first image", every pooling mask is empty, and the run would be plain SFT with a warning per micro-batch."""
     if not ids:
-        raise ValueError(
+        raise RecipeError(
             f"stage: hera: found no multimodal placeholder token (image_token_id / image_token_index / video_token_id "
             f"...) in the config of model_type '{model_type}', its processor or the template's mm_plugin, so HeRA "
             "cannot tell where a sample's image is and would pool nothing. Use a multimodal model with its "

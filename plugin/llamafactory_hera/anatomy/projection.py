@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from llamafactory_hera.short_errors import RecipeError
+
 
 def text_decoder(model: nn.Module) -> nn.Module:
     """The text decoder (the module with ``layers``) of a plain or PEFT-wrapped (M)LLM.
@@ -23,7 +25,7 @@ def text_decoder(model: nn.Module) -> nn.Module:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if getattr(decoder, "layers", None) is None:
-        raise ValueError(
+        raise RecipeError(
             f"{type(base).__name__} has no text decoder with `layers` (looked at get_decoder().layers); "
             "llamafactory-hera needs decoder layers whose attention has an `o_proj` output projection."
         )
@@ -43,7 +45,7 @@ def find_o_proj_modules(model: nn.Module) -> list[nn.Module]:
     for index, layer in enumerate(text_decoder(model).layers):
         o_proj = getattr(getattr(layer, "self_attn", None), "o_proj", None)
         if o_proj is None:
-            raise ValueError(
+            raise RecipeError(
                 f"{type(model).__name__}: decoder layer {index} has no `self_attn.o_proj`; llamafactory-hera "
                 "splits the attention output projection by head and cannot run on this architecture."
             )

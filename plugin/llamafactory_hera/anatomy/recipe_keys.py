@@ -1,13 +1,19 @@
-"""Coercing a method's recipe values (typed from YAML, strings from the command line) with errors that name the
-key, the value and what is allowed; declaring such a key (:func:`recipe_key`). Shared by every method's arguments
-module."""
+"""The one recipe-key parser: a method's raw ``<prefix>_*`` keys (typed from YAML, strings from the command line)
+into its arguments dataclass (:func:`parse_keys`), with errors that name the key, the value and what is allowed;
+declaring such a key (:func:`recipe_key`). Shared by every method's arguments module."""
 
 from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import field, fields
+from typing import Any, TypeVar
+
+from llamafactory_hera.short_errors import RecipeError
+
+T = TypeVar("T")
+NULLS = {"none", "null", ""}
 
 
 def recipe_key(default: Any, help_text: str, **checks: Any) -> Any:
@@ -18,9 +24,9 @@ def recipe_key(default: Any, help_text: str, **checks: Any) -> Any:
     return field(default=default, metadata={"help": help_text, **checks})
 
 
-def fail(key: str, value: Any, allowed: str) -> ValueError:
-    """``ValueError`` naming ``key``, the ``value`` given and what is ``allowed``."""
-    return ValueError(f"{key}: got {value!r}; {allowed}")
+def fail(key: str, value: Any, allowed: str) -> RecipeError:
+    """:class:`RecipeError` naming ``key``, the ``value`` given and what is ``allowed``."""
+    return RecipeError(f"{key}: got {value!r}; {allowed}")
 
 
 def coerce_bool(key: str, value: Any) -> bool:
@@ -62,11 +68,11 @@ def coerce_number(key: str, value: Any, kind: type, meta: dict[str, Any]) -> int
     return number
 
 
-def unknown_key(key: str, valid: list[str], method: str) -> ValueError:
+def unknown_key(key: str, valid: list[str], method: str) -> RecipeError:
     """Error for a key that does not exist, naming the closest valid key."""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ValueError(f"Unknown {method} key '{key}'.{hint} Valid keys: {', '.join(valid)}.")
+    return RecipeError(f"Unknown {method} key '{key}'.{hint} Valid keys: {', '.join(valid)}.")
 
 
 def truthy(value: Any) -> bool:
@@ -75,10 +81,15 @@ def truthy(value: Any) -> bool:
 
 
 def coerce_field(key: str, value: Any, spec: Any) -> Any:
-    """A value for a method-arguments dataclass field ``spec``: one of ``metadata["choices"]`` (lower-cased), a
-    bool, or a number within the metadata's bounds, by the field's type (errors name key, value and what is
-    allowed)."""
+    """A value for a method-arguments dataclass field ``spec``: None (null) where the default is None, one of
+    ``metadata["choices"]`` (lower-cased), a bool, a number within the metadata's bounds, or a non-empty string, by the
+    field's type (errors name key, value and what is allowed)."""
     meta = dict(spec.metadata)
+    if value is None or (isinstance(value, str) and value.strip().lower() in NULLS):
+        if spec.default is None or "None" in str(spec.type):
+            return None
+        if spec.type in ("str", str) and "choices" not in meta:
+            raise fail(key, value, "a value is required.")
     if "choices" in meta:
         text = str(value).strip().lower()
         if text not in meta["choices"]:
@@ -86,4 +97,21 @@ def coerce_field(key: str, value: Any, spec: Any) -> Any:
         return text
     if spec.type in ("bool", bool):
         return coerce_bool(key, value)
-    return coerce_number(key, value, int if spec.type in ("int", int) else float, meta)
+    if spec.type in ("str", str):
+        return str(value).strip()
+    return coerce_number(key, value, int if spec.type in ("int", int, "int | None") else float, meta)
+
+
+def parse_keys(cls: type[T], raw: dict[str, Any], method: str,
+               special: dict[str, Callable[[str, Any], Any]] | None = None) -> T:
+    """``cls`` (a method's arguments dataclass) from its raw recipe keys: each value coerced by its field's
+    declaration (:func:`coerce_field`) or by the method's own coercer for the key in ``special``; an unknown key is
+    refused naming the closest valid one. Checks between keys are the method's, after this."""
+    valid = {spec.name: spec for spec in fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in valid:
+            raise unknown_key(key, list(valid), method)
+        coerce = (special or {}).get(key)
+        values[key] = coerce(key, value) if coerce else coerce_field(key, value, valid[key])
+    return cls(**values)

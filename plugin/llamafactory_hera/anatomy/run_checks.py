@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.anatomy.launch_checks import check_fsdp_parsed
+from llamafactory_hera.short_errors import RecipeError
 
 DATA_CONFIG = "dataset_info.json"
 _EMPTY_TEXTS = ("", "[]", "{}")  # a JSON / JSONL dataset file with no row
@@ -43,14 +44,14 @@ def dataset_info(dataset_dir: str, key: str, names: list[str]) -> dict[str, Any]
     """``dataset_dir``'s ``dataset_info.json`` (errors name ``key`` and ``names``, which need it)."""
     path = Path(dataset_dir) / DATA_CONFIG
     if not path.is_file():
-        raise ValueError(f"{key}: {', '.join(names)} must be listed in {path}, which does not exist (dataset_dir: "
-                         f"{dataset_dir}). Set dataset_dir to the folder holding {DATA_CONFIG}.")
+        raise RecipeError(f"{key}: {', '.join(names)} must be listed in {path}, which does not exist (dataset_dir: "
+                          f"{dataset_dir}). Set dataset_dir to the folder holding {DATA_CONFIG}.")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ValueError(f"dataset_dir: {path} cannot be read as JSON ({err}); fix the file.") from None
+        raise RecipeError(f"dataset_dir: {path} cannot be read as JSON ({err}); fix the file.") from None
     if not isinstance(info, dict):
-        raise ValueError(f"dataset_dir: {path} is not a JSON object of dataset names; fix the file.")
+        raise RecipeError(f"dataset_dir: {path} is not a JSON object of dataset names; fix the file.")
     return info
 
 
@@ -77,18 +78,18 @@ def check_dataset_names(key: str, names: list[str], dataset_dir: str, fix: str =
             close = difflib.get_close_matches(name, list(info), n=1, cutoff=0.6)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             advice = fix or f"Name one of those, or add '{name}' to {DATA_CONFIG}."
-            raise ValueError(f"{key}: dataset '{name}' is not in {Path(dataset_dir) / DATA_CONFIG} (it lists: "
-                             f"{listed}).{hint} {advice}")
+            raise RecipeError(f"{key}: dataset '{name}' is not in {Path(dataset_dir) / DATA_CONFIG} (it lists: "
+                              f"{listed}).{hint} {advice}")
         entry = info[name] if isinstance(info[name], dict) else {}
         file_name = entry.get("file_name")
         from_file = isinstance(file_name, str) and not any(key in entry for key in _NOT_FROM_FILE)
         if from_file and not (Path(dataset_dir) / file_name).exists():
-            raise ValueError(f"{key}: dataset '{name}' is listed in {Path(dataset_dir) / DATA_CONFIG} with file_name: "
-                             f"{file_name}, but {Path(dataset_dir) / file_name} does not exist. Put the file there, "
-                             "or correct its file_name (relative to dataset_dir).")
+            raise RecipeError(f"{key}: dataset '{name}' is listed in {Path(dataset_dir) / DATA_CONFIG} with file_name: "
+                              f"{file_name}, but {Path(dataset_dir) / file_name} does not exist. Put the file there, "
+                              "or correct its file_name (relative to dataset_dir).")
         if isinstance(file_name, str) and _file_without_rows(Path(dataset_dir) / file_name):
-            raise ValueError(f"{key}: dataset '{name}' has no rows: its file {Path(dataset_dir) / file_name} is "
-                             "empty. Fill it (for HARC's roles: llamafactory-hera harc-data) or name another dataset.")
+            raise RecipeError(f"{key}: dataset '{name}' has no rows: its file {Path(dataset_dir) / file_name} is "
+                              "empty. Fill it (for HARC's roles: llamafactory-hera harc-data) or name another dataset.")
 
 
 def check_output_dir(output_dir: Any) -> None:
@@ -104,15 +105,15 @@ def check_output_dir(output_dir: Any) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"output_dir: {output_dir} cannot be created: {existing} is a file, not a folder. Choose an "
-                         "output_dir whose parent folders are folders.")
+        raise RecipeError(f"output_dir: {output_dir} cannot be created: {existing} is a file, not a folder. Choose an "
+                          "output_dir whose parent folders are folders.")
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".hera_write_probe."):
             pass
     except OSError as err:
         what = "written" if existing == path else f"created (it would go into {existing})"
-        raise ValueError(f"output_dir: {output_dir} cannot be {what}: {err.strerror or err}. Choose a folder you can "
-                         "write to.") from None
+        raise RecipeError(f"output_dir: {output_dir} cannot be {what}: {err.strerror or err}. Choose a folder you can "
+                          "write to.") from None
 
 
 def _suggested_templates(vocab: set[str], multimodal: bool, model_type: str) -> list[str]:
@@ -161,9 +162,9 @@ def check_template(model_args: Any, data_args: Any) -> None:
     suggested = _suggested_templates(vocab, multimodal, kind)
     fix = (f"Set template: {suggested[0]}" + (f" (also fitting: {', '.join(suggested[1:])})" if suggested[1:] else "")
            if suggested else "Set template to the model's chat template")
-    raise ValueError(f"template: {name} does not match the tokenizer of {source} ({kind}): its special tokens "
-                     f"{', '.join(missing)} are not in the vocabulary (they would become new tokens the model's "
-                     f"embeddings lack). {fix}, or resize_vocab: true to train new tokens.")
+    raise RecipeError(f"template: {name} does not match the tokenizer of {source} ({kind}): its special tokens "
+                      f"{', '.join(missing)} are not in the vocabulary (they would become new tokens the model's "
+                      f"embeddings lack). {fix}, or resize_vocab: true to train new tokens.")
 
 
 def check_resume(training_args: Any) -> None:
@@ -176,10 +177,10 @@ def check_resume(training_args: Any) -> None:
     fix = ("Name a checkpoint folder of an earlier run (OUTPUT_DIR/checkpoint-N), or remove resume_from_checkpoint "
            "(a run whose output_dir holds checkpoints resumes from the last one unless overwrite_output_dir: true).")
     if not path.is_dir():
-        raise ValueError(f"resume_from_checkpoint: {value} is not a folder. {fix}")
+        raise RecipeError(f"resume_from_checkpoint: {value} is not a folder. {fix}")
     if not (path / "trainer_state.json").is_file():
-        raise ValueError(f"resume_from_checkpoint: {value} is not a Trainer checkpoint (it has no trainer_state.json). "
-                         f"{fix}")
+        raise RecipeError(f"resume_from_checkpoint: {value} is not a Trainer checkpoint (it has no "
+                          f"trainer_state.json). {fix}")
 
 
 def check_run_inputs(model_args: Any, data_args: Any, training_args: Any, datasets_used: bool = True, *,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.evaluation.presets import ALL_PRESETS, DEMO, LM, LMMS, PRESETS, plan_tasks
+from llamafactory_hera.short_errors import RecipeError
 
 EXTRA = "pip install 'llamafactory-hera[eval]'"
 EXTRA_PACKAGES = ("lmms-eval==0.7.3", "lm-eval==0.4.13")  # pyproject's eval extra (tests/test_eval_cli.py checks)
@@ -60,7 +61,7 @@ def require_library(library: str) -> None:
     try:
         importlib.import_module(_MODULES[library])
     except ImportError as err:
-        raise ValueError(f"eval: {library} is not installed ({err}); install the eval extra: {EXTRA}") from err
+        raise RecipeError(f"eval: {library} is not installed ({err}); install the eval extra: {EXTRA}") from err
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -73,7 +74,7 @@ def run_eval(args: argparse.Namespace) -> None:
     os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
 
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit: {args.limit}; give at least 1 (or leave it out for whole tasks)")
+        raise RecipeError(f"--limit: {args.limit}; give at least 1 (or leave it out for whole tasks)")
     run, baseline = read_pair(args.run_dir, args.baseline, args.base, args.template)
     names = [item.strip() for item in args.tasks.split(",") if item.strip()]
     library = LMMS if run.modality == "mllm" else LM
@@ -123,6 +124,6 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
     failed = {f"{o.spec.label}/{task}": line for o in outcomes for task, line in o.failures.items()}
     if failed:
         first = next(iter(failed.items()))
-        raise ValueError(f"eval: {len(failed)} task run(s) failed ({', '.join(failed)}; first: {first[0]}: "
-                         f"{first[1]}); finished tasks are kept in {args.run_dir / 'eval_cache'} and reported; rerun "
-                         "to retry the rest")
+        raise RecipeError(f"eval: {len(failed)} task run(s) failed ({', '.join(failed)}; first: {first[0]}: "
+                          f"{first[1]}); finished tasks are kept in {args.run_dir / 'eval_cache'} and reported; rerun "
+                          "to retry the rest")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from llamafactory_hera.evaluation.runs import ModelSpec
+from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches import inference
 
 PIN = "CUDA_VISIBLE_DEVICES=0 llamafactory-hera eval ..."
@@ -75,8 +76,8 @@ def lmms_model(engine: Any, label: str) -> Any:
                 visuals = _flatten(doc_to_visual(self.task_dict[task][split][doc_id])) if doc_to_visual else []
                 others = [type(v).__name__ for v in visuals if not isinstance(v, PIL.Image.Image)]
                 if others:
-                    raise ValueError(f"task {task}: inputs of type {', '.join(sorted(set(others)))}; llamafactory-hera "
-                                     "eval answers image and text tasks only")
+                    raise RecipeError(f"task {task}: inputs of type {', '.join(sorted(set(others)))}; "
+                                      "llamafactory-hera eval answers image and text tasks only")
                 kwargs = dict(gen_kwargs or {})
                 until = kwargs.pop("until", None) or []
                 until = [until] if isinstance(until, str) else list(until)
@@ -92,11 +93,11 @@ def lmms_model(engine: Any, label: str) -> Any:
 
         def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
             task = requests[0].args[-2] if requests and len(requests[0].args) > 2 else "?"
-            raise ValueError(f"task {task} scores by log-likelihood; llamafactory-hera eval runs MLLM tasks that "
-                             "generate answers (generate_until), as every preset's")
+            raise RecipeError(f"task {task} scores by log-likelihood; llamafactory-hera eval runs MLLM tasks that "
+                              "generate answers (generate_until), as every preset's")
 
         def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
-            raise ValueError("multi-round tasks are not served by llamafactory-hera eval; choose single-turn tasks")
+            raise RecipeError("multi-round tasks are not served by llamafactory-hera eval; choose single-turn tasks")
 
     return LlamaFactoryLMM()
 

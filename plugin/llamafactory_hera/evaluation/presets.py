@@ -14,6 +14,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+from llamafactory_hera.short_errors import RecipeError
+
 LMMS, LM, REFUSAL = "lmms-eval", "lm-eval", "refusal"
 DEMO_MLLM_TASK = "llamafactory_hera_demo_mllm"
 DEMO_TEXT_TASK = "llamafactory_hera_demo_text"
@@ -93,7 +95,7 @@ def plan_tasks(spec: str, modality: str, stage: str, known: set[str] | None) -> 
     """
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
-        raise ValueError(f"--tasks: empty; give presets ({', '.join(ALL_PRESETS)}) or task names, comma-separated")
+        raise RecipeError(f"--tasks: empty; give presets ({', '.join(ALL_PRESETS)}) or task names, comma-separated")
     planned: list[PlannedTask] = []
     for item in items:
         if item == DEMO:
@@ -102,23 +104,23 @@ def plan_tasks(spec: str, modality: str, stage: str, known: set[str] | None) -> 
             preset = PRESETS[item]
             if preset.modality != modality:
                 fits = [p.name for p in PRESETS.values() if p.modality == modality]
-                raise ValueError(f"--tasks: preset '{item}' is for {preset.modality} models but this run's model is "
-                                 f"a {modality} model; use {', '.join([*fits, DEMO])}")
+                raise RecipeError(f"--tasks: preset '{item}' is for {preset.modality} models but this run's model is "
+                                  f"a {modality} model; use {', '.join([*fits, DEMO])}")
             names = list(preset.tasks)
         else:
             preset_typo = difflib.get_close_matches(item, ALL_PRESETS, n=1, cutoff=0.8)
             if preset_typo and item not in (known or ()):  # a misspelt preset: said without reading the registry
-                raise ValueError(f"--tasks: unknown preset or task '{item}'; did you mean {preset_typo[0]}? presets: "
-                                 f"{', '.join(ALL_PRESETS)}")
+                raise RecipeError(f"--tasks: unknown preset or task '{item}'; did you mean {preset_typo[0]}? presets: "
+                                  f"{', '.join(ALL_PRESETS)}")
             if item != REFUSAL_TASK and known is not None and item not in known:
                 close = difflib.get_close_matches(item, [*ALL_PRESETS, *sorted(known)], n=4, cutoff=0.6)
                 hint = f"did you mean {', '.join(close)}? " if close else ""
-                raise ValueError(f"--tasks: unknown preset or task '{item}'; {hint}presets: {', '.join(ALL_PRESETS)}; "
-                                 f"tasks: any {library_of(item, modality)} task name")
+                raise RecipeError(f"--tasks: unknown preset or task '{item}'; {hint}presets: {', '.join(ALL_PRESETS)}; "
+                                  f"tasks: any {library_of(item, modality)} task name")
             names = [item]
         if REFUSAL_TASK in names and stage != "harc":
-            raise ValueError(f"--tasks: '{item}' needs a stage: harc run (its held-out harmful and pseudo-harmful "
-                             f"rows); this run's stage is '{stage}'")
+            raise RecipeError(f"--tasks: '{item}' needs a stage: harc run (its held-out harmful and pseudo-harmful "
+                              f"rows); this run's stage is '{stage}'")
         planned.extend(PlannedTask(name, library_of(name, modality), _group_of(name)) for name in names
                        if name not in {t.name for t in planned})
     return planned

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.run_record import FINISHED, RUN_RECORD, read_record
 
 LLAMABOARD_ARGS = "training_args.yaml"
@@ -92,7 +93,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"RUN_DIR: cannot read {path}: {err}; re-run training to rewrite it") from err
+        raise RecipeError(f"RUN_DIR: cannot read {path}: {err}; re-run training to rewrite it") from err
 
 
 def _seed(value: Any) -> int:
@@ -109,8 +110,8 @@ def _finished(run_dir: Path, name: str, record: dict[str, Any]) -> dict[str, Any
     if status is not None and status != FINISHED:
         why = f": {record['error']}" if record.get("error") else (" (killed, or still training)"
                                                                   if status == "running" else "")
-        raise ValueError(f"RUN_DIR: {run_dir / name} says status: {status}{why}; that run did not finish, so its "
-                         "folder holds no model to evaluate. Re-run training into it (or give a finished run)")
+        raise RecipeError(f"RUN_DIR: {run_dir / name} says status: {status}{why}; that run did not finish, so its "
+                          "folder holds no model to evaluate. Re-run training into it (or give a finished run)")
     return record
 
 
@@ -149,7 +150,7 @@ def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]
         record = _finished(run_dir, HERA_RECORD, _read_json(run_dir / HERA_RECORD))
         host = record.get("host") or {}
         if not host:
-            raise ValueError(f"RUN_DIR: {run_dir / HERA_RECORD} has no 'host' section (an older run); re-run training")
+            raise RecipeError(f"RUN_DIR: {run_dir / HERA_RECORD} has no 'host' section (an older run); re-run training")
         return "hera", host, {}, _seed(host.get("seed"))
     if (run_dir / RAH_RECORD).is_file():
         identity = _finished(run_dir, RAH_RECORD, _read_json(run_dir / RAH_RECORD)).get("identity") or {}
@@ -194,17 +195,17 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
         raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a folder; give a run's output_dir")
     stage, host, method, seed = _recorded_recipe(run_dir)
     if host.get("_no_base") and not trained:
-        raise ValueError(f"--base: {run_dir} is a full fine-tuning run without a run record, so its base model is "
-                         "unknown; give the base as a run with --baseline, or evaluate the run alone")
+        raise RecipeError(f"--base: {run_dir} is a full fine-tuning run without a run record, so its base model is "
+                          "unknown; give the base as a run with --baseline, or evaluate the run alone")
     recipe = {k: host[k] for k in LOADING_KEYS if host.get(k) is not None}
     inherited = {}
     if template and not recipe.get("template"):
         recipe["template"] = inherited["template"] = template
     if not recipe.get("model_name_or_path"):
-        raise ValueError(f"RUN_DIR: the record of {run_dir} names no model_name_or_path; re-run training with it set")
+        raise RecipeError(f"RUN_DIR: the record of {run_dir} names no model_name_or_path; re-run training with it set")
     if not recipe.get("template"):
-        raise ValueError(f"RUN_DIR: {run_dir} records no template (a {stage} run of llamafactory-cli keeps none); "
-                         "pass --template with the recipe's template: value, e.g. --template qwen2_vl")
+        raise RecipeError(f"RUN_DIR: {run_dir} records no template (a {stage} run of llamafactory-cli keeps none); "
+                          "pass --template with the recipe's template: value, e.g. --template qwen2_vl")
     base_path = str(recipe["model_name_or_path"])
     adapters = _as_list(recipe.get("adapter_name_or_path"))
     if trained:
@@ -232,9 +233,9 @@ def align_loading(run: ModelSpec, other: ModelSpec, flag: str) -> None:
     for key in COMPARED:
         mine, theirs = run.recipe.get(key), other.recipe.get(key)
         if mine is not None and theirs is not None and _comparable(key, mine) != _comparable(key, theirs):
-            raise ValueError(f"{flag}: {other.run_dir} loads with {key}: {theirs!r} but {run.run_dir} with {key}: "
-                             f"{mine!r} (as each was trained); every delta would mix in that difference. Compare "
-                             f"runs trained with the same {key} (re-train one with {key}: {mine!r})")
+            raise RecipeError(f"{flag}: {other.run_dir} loads with {key}: {theirs!r} but {run.run_dir} with {key}: "
+                              f"{mine!r} (as each was trained); every delta would mix in that difference. Compare "
+                              f"runs trained with the same {key} (re-train one with {key}: {mine!r})")
         if mine is None and theirs is not None:
             run.recipe[key] = run.inherited[key] = theirs
         elif theirs is None and mine is not None:
@@ -257,8 +258,8 @@ def read_pair(run_dir: Path, baseline: Path | None, base: bool,
         if other.stage == "sft" and other.modality != run.modality:  # a record-less twin: the run's kind of model
             other.modality = run.modality
         if other.modality != run.modality:
-            raise ValueError(f"--baseline: {baseline} holds a {other.modality} model but {run_dir} a {run.modality} "
-                             "model; compare runs of the same model family")
+            raise RecipeError(f"--baseline: {baseline} holds a {other.modality} model but {run_dir} a {run.modality} "
+                              "model; compare runs of the same model family")
         align_loading(run, other, "--baseline")
         return run, other
     if base:

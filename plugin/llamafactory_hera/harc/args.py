@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from llamafactory_hera.anatomy.recipe_keys import coerce_field, fail, recipe_key, unknown_key
+from llamafactory_hera.anatomy.recipe_keys import fail, parse_keys, recipe_key
+from llamafactory_hera.short_errors import RecipeError
 
 HARC_PREFIX = "harc_"
 ROLE_KEYS = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
@@ -100,6 +101,8 @@ def harc_keys() -> list[str]:
 
 
 def _dataset_name(key: str, value: Any) -> str:
+    if value is None:
+        return ""
     if isinstance(value, list | tuple):
         if len(value) != 1:
             raise fail(key, value, "name one dataset of dataset_info.json (a role takes one dataset).")
@@ -121,38 +124,30 @@ def moving_weights(args: HarcArguments) -> dict[str, float]:
 def check_consistency(args: HarcArguments) -> None:
     """Checks between keys; ValueError naming the keys and the fix."""
     if not args.harc_harmful:
-        raise ValueError("harc_harmful: missing. stage: harc needs a dataset of harmful prompts with refusal "
-                         "responses (a name in dataset_info.json); `llamafactory-hera harc-data` writes one.")
+        raise RecipeError("harc_harmful: missing. stage: harc needs a dataset of harmful prompts with refusal "
+                          "responses (a name in dataset_info.json); `llamafactory-hera harc-data` writes one.")
     if not args.harc_harmless:
-        raise ValueError("harc_harmless: missing. stage: harc needs a dataset of harmless prompts with helpful "
-                         "responses (a name in dataset_info.json); `llamafactory-hera harc-data` writes one.")
+        raise RecipeError("harc_harmless: missing. stage: harc needs a dataset of harmless prompts with helpful "
+                          "responses (a name in dataset_info.json); `llamafactory-hera harc-data` writes one.")
     if args.harc_batch_pseudo > 0 and not args.harc_pseudo:
-        raise ValueError(f"harc_pseudo: missing while harc_batch_pseudo is {args.harc_batch_pseudo}. Name a dataset "
-                         "of pseudo-harmful prompts with compliant answers, or set harc_batch_pseudo: 0.")
+        raise RecipeError(f"harc_pseudo: missing while harc_batch_pseudo is {args.harc_batch_pseudo}. Name a dataset "
+                          "of pseudo-harmful prompts with compliant answers, or set harc_batch_pseudo: 0.")
     if args.harc_batch_harmless + args.harc_batch_pseudo == 0:
-        raise ValueError("harc_batch_harmless and harc_batch_pseudo are both 0: every micro-batch needs retain rows "
-                         "(the KL and the decoupling). Set harc_batch_harmless: 4 (reference).")
+        raise RecipeError("harc_batch_harmless and harc_batch_pseudo are both 0: every micro-batch needs retain rows "
+                          "(the KL and the decoupling). Set harc_batch_harmless: 4 (reference).")
     if not any(moving_weights(args).values()) and not args.harc_weight_kl:
         keys = ", ".join(f"{key}: {value:g}" for key, value in {**moving_weights(args), "harc_weight_kl": 0}.items())
         off = "" if args.response_coupling else " (harc_weight_couple_resp counts only with harc_harmful_completions)"
-        raise ValueError(f"{keys}: every loss term is weighted 0{off}, so nothing would train. Set harc_weight_couple: "
-                         "1, harc_weight_kl: 10 and harc_weight_ce: 1 (reference).")
+        raise RecipeError(f"{keys}: every loss term is weighted 0{off}, so nothing would train. Set "
+                          "harc_weight_couple: 1, harc_weight_kl: 10 and harc_weight_ce: 1 (reference).")
     if args.harc_layers_final < args.harc_layers:
-        raise ValueError(f"harc_layers_final: {args.harc_layers_final} is fewer than harc_layers: "
-                         f"{args.harc_layers}; the ramp adds layers. Set harc_layers_final >= harc_layers.")
+        raise RecipeError(f"harc_layers_final: {args.harc_layers_final} is fewer than harc_layers: "
+                          f"{args.harc_layers}; the ramp adds layers. Set harc_layers_final >= harc_layers.")
 
 
 def parse_harc_arguments(raw: dict[str, Any]) -> HarcArguments:
     """Validated :class:`HarcArguments` from ``harc_*`` keys; errors name the key, the value and what is allowed."""
-    valid = {f.name: f for f in fields(HarcArguments)}
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in valid:
-            raise unknown_key(key, harc_keys(), "HARC")
-        if valid[key].metadata.get("dataset"):
-            values[key] = _dataset_name(key, value) if value is not None else ""
-        else:
-            values[key] = coerce_field(key, value, valid[key])
-    args = HarcArguments(**values)
+    datasets = {spec.name: _dataset_name for spec in fields(HarcArguments) if spec.metadata.get("dataset")}
+    args = parse_keys(HarcArguments, raw, "HARC", datasets)
     check_consistency(args)
     return args

@@ -25,6 +25,7 @@ from llamafactory_hera.harc.convert import (
     plan_output,
     write_output,
 )
+from llamafactory_hera.short_errors import RecipeError
 
 # (flag, what it holds, what it gives)
 SOURCES: tuple[tuple[str, str, str], ...] = (
@@ -74,10 +75,10 @@ def convert_sources(args: argparse.Namespace) -> list[Converted]:
     option or source (before anything is written)."""
     given = [flag for flag, _, _ in SOURCES if getattr(args, _dest(flag)) is not None]
     if not given:
-        raise ValueError("harc-data: give at least one source: " + ", ".join(flag for flag, _, _ in SOURCES) + ".")
+        raise RecipeError("harc-data: give at least one source: " + ", ".join(flag for flag, _, _ in SOURCES) + ".")
     for flag in ("--harmless-rows", "--extract-rows"):
         if getattr(args, _dest(flag)) < 1:
-            raise ValueError(f"harc-data: {flag} must be at least 1, got {getattr(args, _dest(flag))}.")
+            raise RecipeError(f"harc-data: {flag} must be at least 1, got {getattr(args, _dest(flag))}.")
     datasets: list[Converted] = []
     if args.circuit_breakers is not None:
         datasets.extend(convert_circuit_breakers(args.circuit_breakers))

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.short_errors import RecipeError
+
 Row = dict[str, Any]
 FULL_COMPLIANCE = "1_full_compliance"
 ADVBENCH_COLUMNS = ("bad_q", "goal", "prompt")
@@ -70,7 +72,7 @@ def _parse_json(text: str, where: str) -> list[Any]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if len([line for line in text.splitlines() if line.strip()]) < 2:
-            raise ValueError(f"{where}: not JSON ({err}).") from None
+            raise RecipeError(f"{where}: not JSON ({err}).") from None
         return _parse_jsonl(text, where)
     return data if isinstance(data, list) else [data]
 
@@ -83,7 +85,7 @@ def _parse_jsonl(text: str, where: str) -> list[Any]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: line {number} is not JSON ({err}).") from None
+                raise RecipeError(f"{where}: line {number} is not JSON ({err}).") from None
     return records
 
 
@@ -96,10 +98,10 @@ def read_rows(path: Path, option: str) -> list[Row]:
     if not path.exists():
         raise FileNotFoundError(f"{option}: no such file: {path}")
     if not path.is_file():
-        raise ValueError(f"{where}: not a file.")
+        raise RecipeError(f"{where}: not a file.")
     suffix = path.suffix.lower()
     if suffix not in READABLE:
-        raise ValueError(f"{where}: cannot read a {suffix or 'suffix-less'} file; give one of {', '.join(READABLE)}.")
+        raise RecipeError(f"{where}: cannot read a {suffix or 'suffix-less'} file; give one of {', '.join(READABLE)}.")
     records: list[Any]
     try:
         if suffix == ".parquet":
@@ -108,7 +110,7 @@ def read_rows(path: Path, option: str) -> list[Row]:
             try:
                 records = pq.read_table(path).to_pylist()
             except (ValueError, OSError) as err:  # pyarrow's errors do not name the file
-                raise ValueError(f"{where}: cannot read it as parquet ({err}).") from None
+                raise RecipeError(f"{where}: cannot read it as parquet ({err}).") from None
         elif suffix == ".csv":
             with path.open(encoding="utf-8-sig", newline="") as handle:
                 records = list(csv.DictReader(handle))
@@ -116,16 +118,16 @@ def read_rows(path: Path, option: str) -> list[Row]:
             text = path.read_text(encoding="utf-8-sig")
             records = _parse_jsonl(text, where) if suffix == ".jsonl" else _parse_json(text, where)
     except (UnicodeDecodeError, csv.Error) as err:
-        raise ValueError(f"{where}: cannot read it ({err}).") from None
+        raise RecipeError(f"{where}: cannot read it ({err}).") from None
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict):
-            raise ValueError(f"{where}: row {number} is a {type(record).__name__}, not an object with columns.")
+            raise RecipeError(f"{where}: row {number} is a {type(record).__name__}, not an object with columns.")
     return records
 
 
-def missing_column(row: Row, number: int, column: str, where: str) -> ValueError:
+def missing_column(row: Row, number: int, column: str, where: str) -> RecipeError:
     """The error for a row without ``column``: the file, the row number (1-based), the column and the row's columns."""
-    return ValueError(f"{where}: row {number} has no column '{column}' (its columns: {', '.join(map(str, row))}).")
+    return RecipeError(f"{where}: row {number} has no column '{column}' (its columns: {', '.join(map(str, row))}).")
 
 
 def column_text(row: Row, number: int, column: str, where: str) -> str:
@@ -137,13 +139,13 @@ def column_text(row: Row, number: int, column: str, where: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"{where}: row {number}, column '{column}': expected text, got {type(value).__name__}.")
+        raise RecipeError(f"{where}: row {number}, column '{column}': expected text, got {type(value).__name__}.")
     return value
 
 
-def _no_rows(where: str, what: str) -> ValueError:
+def _no_rows(where: str, what: str) -> RecipeError:
     """The error for a source that yields no row: the option, the file and why (``what``)."""
-    return ValueError(f"{where}: no usable row ({what}).")
+    return RecipeError(f"{where}: no usable row ({what}).")
 
 
 # ---------------------------------------------------------------- sources
@@ -206,15 +208,15 @@ def _first_pair(row: Row, number: int, where: str) -> tuple[str, str] | None:
         raise missing_column(row, number, "messages", where)
     messages = row["messages"]
     if not isinstance(messages, list):
-        raise ValueError(f"{where}: row {number}, column 'messages': expected a list of {{role, content}}, got "
-                         f"{type(messages).__name__}.")
+        raise RecipeError(f"{where}: row {number}, column 'messages': expected a list of {{role, content}}, got "
+                          f"{type(messages).__name__}.")
     for index, message in enumerate(messages[:2]):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"{where}: row {number}, column 'messages': message {index} is not a {{role, content}} "
-                             "object.")
+            raise RecipeError(f"{where}: row {number}, column 'messages': message {index} is not a {{role, content}} "
+                              "object.")
         if not isinstance(message["content"], str | None):
-            raise ValueError(f"{where}: row {number}, column 'messages': the content of message {index} is not "
-                             "text.")
+            raise RecipeError(f"{where}: row {number}, column 'messages': the content of message {index} is not "
+                              "text.")
     if len(messages) < 2 or messages[0]["role"] != "user" or messages[1]["role"] != "assistant":
         return None
     return messages[0]["content"] or "", messages[1]["content"] or ""
@@ -275,8 +277,8 @@ def convert_advbench(path: Path, limit: int = 300, option: str = "--advbench") -
         raise _no_rows(where, "the file has no rows")
     column = next((c for c in ADVBENCH_COLUMNS if c in source[0]), None)
     if column is None:
-        raise ValueError(f"{where}: row 1 has none of the columns {', '.join(repr(c) for c in ADVBENCH_COLUMNS)} "
-                         f"(its columns: {', '.join(map(str, source[0]))}).")
+        raise RecipeError(f"{where}: row 1 has none of the columns {', '.join(repr(c) for c in ADVBENCH_COLUMNS)} "
+                          f"(its columns: {', '.join(map(str, source[0]))}).")
     prompts, skipped = _first_prompts(source, where, column, limit, join_input=False)
     if not prompts:
         raise _no_rows(where, f"every '{column}' is empty")
@@ -314,17 +316,17 @@ def plan_output(out: Path, datasets: list[Converted], force: bool = False) -> di
     file of ours that exists with other bytes, is a FileExistsError naming them, unless ``force``; identical ones
     are no conflict (a rerun with the same sources)."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: not a folder.")
+        raise RecipeError(f"--out {out}: not a folder.")
     info_path = out / "dataset_info.json"
     info: dict[str, Any] = {}
     if info_path.exists():
         try:
             info = json.loads(info_path.read_text(encoding="utf-8"))
         except (ValueError, OSError) as err:
-            raise ValueError(f"{info_path}: cannot read it as JSON ({err}); fix or move it, or choose another "
-                             "--out.") from None
+            raise RecipeError(f"{info_path}: cannot read it as JSON ({err}); fix or move it, or choose another "
+                              "--out.") from None
         if not isinstance(info, dict):
-            raise ValueError(f"{info_path}: not a JSON object of datasets; fix or move it, or choose another --out.")
+            raise RecipeError(f"{info_path}: not a JSON object of datasets; fix or move it, or choose another --out.")
     writes: dict[Path, bytes] = {}
     conflicts: list[str] = []
     for dataset in datasets:
@@ -334,7 +336,7 @@ def plan_output(out: Path, datasets: list[Converted], force: bool = False) -> di
         info[dataset.name] = entry
         path, data = out / dataset.file_name, encode(dataset.rows)
         if path.is_dir():
-            raise ValueError(f"--out {out}: {path} is a folder; move it or choose another --out.")
+            raise RecipeError(f"--out {out}: {path} is a folder; move it or choose another --out.")
         if path.exists() and path.read_bytes() != data:
             conflicts.append(str(path))
         writes[path] = data

@@ -19,6 +19,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from llamafactory_hera.short_errors import RecipeError
+
 ROLE_HARMFUL, ROLE_HARMLESS, ROLE_PSEUDO = 0, 1, 2
 ROLE_NAMES = {ROLE_HARMFUL: "harmful", ROLE_HARMLESS: "harmless", ROLE_PSEUDO: "pseudo"}
 _SENTINELS = ("Alpha", "zq 7")
@@ -57,9 +59,9 @@ def template_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
                for text in _SENTINELS]
     tail = _common_tail(list(prompts[0]), list(prompts[1]))
     if not tail:
-        raise ValueError("template: the prompt ends with the user's content (no assistant header after it); HARC "
-                         "reads the residual after the instruction and at the end of the assistant header. Use the "
-                         "model's chat template (e.g. llama3, qwen).")
+        raise RecipeError("template: the prompt ends with the user's content (no assistant header after it); HARC "
+                          "reads the residual after the instruction and at the end of the assistant header. Use the "
+                          "model's chat template (e.g. llama3, qwen).")
     return tail
 
 
@@ -90,7 +92,7 @@ def encode_row(template: Any, tokenizer: Any, tail: tuple[int, ...], prompt: lis
     reference cuts the answer and then appends EOS: ``len(response_ids) <= max_length + len(closing)``.
     """
     if not prompt or prompt[-1].get("role") != "user" or not str(prompt[-1].get("content", "")).strip():
-        raise ValueError(f"{where}: the prompt has no user message with content; every HARC row needs one.")
+        raise RecipeError(f"{where}: the prompt has no user message with content; every HARC row needs one.")
     answer = response[:1] if response else [{"role": "assistant", "content": ""}]
     prompt_ids, response_ids = template.encode_oneturn(tokenizer, [*prompt, *answer], system, tools)
     prompt_ids = list(prompt_ids)[-max_length:]  # the reference cuts long prompts on the left
@@ -101,9 +103,9 @@ def encode_row(template: Any, tokenizer: Any, tail: tuple[int, ...], prompt: lis
         response_ids = [*response_ids[:-end][:max_length], *closing] if closed else response_ids[:max_length]
     size = len(tail)
     if tuple(prompt_ids[-size:]) != tail or len(prompt_ids) <= size:
-        raise ValueError(f"{where}: the prompt does not end with the template's assistant header {list(tail)} "
-                         f"(it ends with {prompt_ids[-size:]}); cannot locate the instruction's last token. Check "
-                         "that `template` is the model's chat template.")
+        raise RecipeError(f"{where}: the prompt does not end with the template's assistant header {list(tail)} "
+                          f"(it ends with {prompt_ids[-size:]}); cannot locate the instruction's last token. Check "
+                          "that `template` is the model's chat template.")
     return EncodedRow(tuple(prompt_ids), tuple(response_ids), len(prompt_ids) - 1 - size)
 
 
@@ -118,8 +120,8 @@ def encode_rows(template: Any, tokenizer: Any, tail: tuple[int, ...], aligned: A
         row = aligned[index]
         response = row["_response"] if with_response else []
         if with_response and (not response or not str(response[0].get("content", "")).strip()):
-            raise ValueError(f"{key}: dataset '{dataset}', row {index}: empty response; this role needs an answer "
-                             "per row.")
+            raise RecipeError(f"{key}: dataset '{dataset}', row {index}: empty response; this role needs an answer "
+                              "per row.")
         rows.append(encode_row(template, tokenizer, tail, row["_prompt"], response, row.get("_system"),
                                row.get("_tools"), max_length, f"{key}: dataset '{dataset}', row {index}", closing))
     return rows
@@ -144,5 +146,5 @@ def split_rows(num_rows: int, extract: int, validate: int, seed: int) -> Split:
 def check_role_size(key: str, dataset: str, num_rows: int, needed: int, what: str) -> None:
     """ValueError naming the role key and dataset when it has fewer than ``needed`` rows."""
     if num_rows < needed:
-        raise ValueError(f"{key}: dataset '{dataset}' has {num_rows} rows; {what} need at least {needed}. Add rows "
-                         "or lower harc_extract_samples / harc_validate_samples / the harc_batch_* keys.")
+        raise RecipeError(f"{key}: dataset '{dataset}' has {num_rows} rows; {what} need at least {needed}. Add rows "
+                          "or lower harc_extract_samples / harc_validate_samples / the harc_batch_* keys.")

@@ -17,6 +17,7 @@ from llamafactory_hera.anatomy.recipe_keys import truthy
 from llamafactory_hera.anatomy.run_checks import DATA_CONFIG, check_dataset_names, check_run_inputs
 from llamafactory_hera.harc.args import HarcArguments, moving_weights
 from llamafactory_hera.harc.layers import eligible_layers
+from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value
 from llamafactory_hera_patches.templates import composite_model_types
 
@@ -33,20 +34,20 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
     finetuning = str(raw_value(host_args, "finetuning_type") or "lora").strip().lower()
     if not any(moving_weights(harc_args).values()) and not raw_value(host_args, "adapter_name_or_path"):
         keys = ", ".join(f"{key}: {value:g}" for key, value in moving_weights(harc_args).items())
-        raise ValueError(f"{keys} leave only harc_weight_kl: {harc_args.harc_weight_kl:g}, and the KL to the "
-                         "adapter-free model is 0 with zero gradient while a new adapter is the identity, so nothing "
-                         "would train. Set harc_weight_couple: 1 and harc_weight_ce: 1 (reference).")
+        raise RecipeError(f"{keys} leave only harc_weight_kl: {harc_args.harc_weight_kl:g}, and the KL to the "
+                          "adapter-free model is 0 with zero gradient while a new adapter is the identity, so nothing "
+                          "would train. Set harc_weight_couple: 1 and harc_weight_ce: 1 (reference).")
     if finetuning != "lora":
-        raise ValueError(f"stage: harc trains a LoRA adapter (the KL reference is the model with its adapter "
-                         f"disabled); finetuning_type: {finetuning} has none. Set finetuning_type: lora.")
+        raise RecipeError(f"stage: harc trains a LoRA adapter (the KL reference is the model with its adapter "
+                          f"disabled); finetuning_type: {finetuning} has none. Set finetuning_type: lora.")
     batch = raw_value(host_args, "per_device_train_batch_size")
     rows = harc_args.harc_batch_harmful + harc_args.harc_batch_harmless + harc_args.harc_batch_pseudo
     if batch is None:
         _set(host_args, "per_device_train_batch_size", 1)
     elif str(batch).strip() != "1":
         if not str(batch).strip().isdigit() or int(str(batch).strip()) < 1:
-            raise ValueError(f"per_device_train_batch_size: got {batch}; with stage: harc it counts composed "
-                             "micro-batches per device step: a whole number >= 1 (1, the reference, when absent).")
+            raise RecipeError(f"per_device_train_batch_size: got {batch}; with stage: harc it counts composed "
+                              "micro-batches per device step: a whole number >= 1 (1, the reference, when absent).")
         say(f"note: per_device_train_batch_size: {batch} counts composed micro-batches with "
               f"stage: harc: each device step takes {int(str(batch).strip()) * rows} rows ({batch} x "
               f"{harc_args.harc_batch_harmful} harmful + {harc_args.harc_batch_harmless} harmless + "
@@ -54,21 +55,21 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
     for key in ("packing", "neat_packing"):
         value = raw_value(host_args, key)
         if value is not None and truthy(value):
-            raise ValueError(f"{key}: {str(value).lower()} is not supported by stage: harc: it composes each "
-                             "micro-batch of whole rows of its role datasets and reads every row's residual stream at "
-                             "its own instruction and assistant-header positions, which packing several rows into "
-                             f"one sequence would mix. Remove {key}.")
+            raise RecipeError(f"{key}: {str(value).lower()} is not supported by stage: harc: it composes each "
+                              "micro-batch of whole rows of its role datasets and reads every row's residual stream at "
+                              "its own instruction and assistant-header positions, which packing several rows into "
+                              f"one sequence would mix. Remove {key}.")
     for key in ("do_eval", "do_predict"):
         if raw_value(host_args, key) is not None and truthy(raw_value(host_args, key)):
-            raise ValueError(f"{key}: stage: harc has no evaluation split of its own (it evaluates refusals on "
-                             "held-out rows at the end, see harc_eval). Remove it.")
+            raise RecipeError(f"{key}: stage: harc has no evaluation split of its own (it evaluates refusals on "
+                              "held-out rows at the end, see harc_eval). Remove it.")
     for key in ("val_size", "eval_dataset"):
         value = raw_value(host_args, key)
         if value not in (None, "", 0, "0", 0.0, "0.0"):
-            raise ValueError(f"{key}: stage: harc holds out its own validation rows (harc_validate_samples); remove "
-                             f"{key}.")
+            raise RecipeError(f"{key}: stage: harc holds out its own validation rows (harc_validate_samples); remove "
+                              f"{key}.")
     if raw_value(host_args, "do_train") is not None and not truthy(raw_value(host_args, "do_train")):
-        raise ValueError("stage: harc trains; set do_train: true.")
+        raise RecipeError("stage: harc trains; set do_train: true.")
     cutoff = raw_value(host_args, "cutoff_len")
     if cutoff is not None:  # LlamaBoard always sends its "Cutoff length" box
         say(f"note: cutoff_len: {cutoff} is not used by stage: harc; harc_max_length: {harc_args.harc_max_length} "
@@ -82,8 +83,8 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
 
 def _check_datasets(dataset_dir: str, harc_args: HarcArguments) -> None:
     if not (Path(dataset_dir) / DATA_CONFIG).is_file():
-        raise ValueError(f"dataset_dir: {dataset_dir} has no {DATA_CONFIG}; the harc_* keys name datasets listed "
-                         "there (`llamafactory-hera harc-data --out DIR` writes one).")
+        raise RecipeError(f"dataset_dir: {dataset_dir} has no {DATA_CONFIG}; the harc_* keys name datasets listed "
+                          "there (`llamafactory-hera harc-data --out DIR` writes one).")
     for key, name in harc_args.roles().items():
         check_dataset_names(key, [name], dataset_dir, f"Add it there or name one of those in {key}.")
 
@@ -92,8 +93,8 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                        generating_args: Any, harc_args: HarcArguments) -> None:
     """Checks on the parsed arguments and the model's config (seconds, before the model loads)."""
     if not data_args.template:
-        raise ValueError("template: stage: harc locates the instruction's last token and the assistant header with "
-                         "the model's chat template; set template (e.g. llama3, qwen).")
+        raise RecipeError("template: stage: harc locates the instruction's last token and the assistant header with "
+                          "the model's chat template; set template (e.g. llama3, qwen).")
     if not str(data_args.dataset_dir).startswith(("REMOTE:", "ONLINE")):
         _check_datasets(str(data_args.dataset_dir), harc_args)
     check_run_inputs(model_args, data_args, training_args, datasets_used=False, stage="harc")
@@ -104,16 +105,16 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     kind = str(getattr(config, "model_type", ""))
     if kind in composite_model_types() or any(getattr(config, key, None) is not None
                                                for key in ("vision_config", "audio_config")):
-        raise ValueError(f"model_name_or_path: {model_args.model_name_or_path} is a multimodal model ({kind}); "
-                         "stage: harc trains text LLMs only (text rows, one decoder's layers). Use a text-only chat "
-                         "model (e.g. Llama-3.1-8B-Instruct, Qwen2.5-7B-Instruct).")
+        raise RecipeError(f"model_name_or_path: {model_args.model_name_or_path} is a multimodal model ({kind}); "
+                          "stage: harc trains text LLMs only (text rows, one decoder's layers). Use a text-only chat "
+                          "model (e.g. Llama-3.1-8B-Instruct, Qwen2.5-7B-Instruct).")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = int(text.num_hidden_layers)
     eligible = eligible_layers(layers, harc_args.harc_band)
     if len(eligible) < harc_args.harc_layers_final:
-        raise ValueError(f"harc_band: {harc_args.harc_band} leaves {len(eligible)} of {layers} decoder layers of "
-                         f"{model_args.model_name_or_path} to couple, fewer than harc_layers_final: "
-                         f"{harc_args.harc_layers_final}. Lower harc_band or harc_layers_final.")
+        raise RecipeError(f"harc_band: {harc_args.harc_band} leaves {len(eligible)} of {layers} decoder layers of "
+                          f"{model_args.model_name_or_path} to couple, fewer than harc_layers_final: "
+                          f"{harc_args.harc_layers_final}. Lower harc_band or harc_layers_final.")
     if not getattr(model_args, "disable_gradient_checkpointing", True) and getattr(model_args, "use_reentrant_gc",
                                                                                    False):
         # Reentrant checkpointing runs each layer under no_grad: the residuals read by the coupling would carry no

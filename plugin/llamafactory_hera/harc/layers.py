@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from llamafactory_hera.short_errors import RecipeError
+
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine of ``[L, D]`` tensors -> ``[L]``."""
@@ -44,7 +46,7 @@ def select_layers(scores: torch.Tensor, count: int, band: int) -> list[int]:
     """The ``count`` eligible layers of highest score, ascending (ties: the lower layer first)."""
     eligible = eligible_layers(scores.numel(), band)
     if len(eligible) < count:
-        raise ValueError(f"harc_band: {band} leaves {len(eligible)} of {scores.numel()} decoder layers to choose "
-                         f"from, fewer than the {count} to couple (harc_layers / harc_layers_final). Lower harc_band.")
+        raise RecipeError(f"harc_band: {band} leaves {len(eligible)} of {scores.numel()} decoder layers to choose "
+                          f"from, fewer than the {count} to couple (harc_layers / harc_layers_final). Lower harc_band.")
     ranked = sorted(eligible, key=lambda layer: (-float(scores[layer]), layer))
     return sorted(ranked[:count])

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llamafactory_hera.anatomy.projection import text_decoder
+from llamafactory_hera.short_errors import RecipeError
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -87,10 +88,10 @@ class StepCapture:
                                    "not be read.")
             hidden = self.hidden[layer]
             if self.require_grad and not hidden.requires_grad:
-                raise RuntimeError(f"HARC: the residual entering decoder layer {layer} carries no gradient, so the "
-                                   "coupling loss would not train anything. Causes: reentrant gradient checkpointing "
-                                   "(the stage turns it off; was use_reentrant_gc forced?) or no trainable parameter "
-                                   "below that layer (LoRA must target the decoder layers).")
+                raise RecipeError(f"HARC: the residual entering decoder layer {layer} carries no gradient, so the "
+                                  "coupling loss would not train anything. Causes: reentrant gradient checkpointing "
+                                  "(the stage turns it off; was use_reentrant_gc forced?) or no trainable parameter "
+                                  "below that layer (LoRA must target the decoder layers).")
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             self.inst[layer] = hidden[rows, self.t_inst.to(hidden.device)]
             self.post[layer] = hidden[rows, self.t_post.to(hidden.device)]

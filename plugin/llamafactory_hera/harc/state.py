@@ -20,6 +20,7 @@ from llamafactory_hera.harc.args import HarcArguments
 from llamafactory_hera.harc.directions import Directions, ExtractionRows, Progress, blended, extract
 from llamafactory_hera.harc.layers import layer_scores, select_layers
 from llamafactory_hera.harc.validation import validation_cosines
+from llamafactory_hera.short_errors import RecipeError
 
 STATE_FILE = "harc_state.pt"
 
@@ -93,9 +94,9 @@ class HarcState:
         """Take the state of a checkpoint written by :meth:`save` (resuming); error naming the file when absent."""
         path = Path(folder) / STATE_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"resume_from_checkpoint: {folder} has no {STATE_FILE}; it was not written by "
-                                    "stage: harc, so its base directions are unknown. Resume from a HARC checkpoint "
-                                    "or start a new run.")
+            raise RecipeError(f"resume_from_checkpoint: {folder} has no {STATE_FILE}; it was not written by "
+                              "stage: harc, so its base directions are unknown. Resume from a HARC checkpoint "
+                              "or start a new run.")
         record = torch.load(path, map_location="cpu", weights_only=False)
         self.base, self.current = Directions(**record["base"]), Directions(**record["current"])
         self.layers, self.count, self.history = list(record["layers"]), int(record["count"]), list(record["history"])

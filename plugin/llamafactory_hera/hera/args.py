@@ -6,15 +6,13 @@ coerced here so that every error names the key, the value and the allowed range.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from llamafactory_hera.anatomy.heads import HeadRef, parse_head
-from llamafactory_hera.anatomy.recipe_keys import coerce_bool as _coerce_bool
-from llamafactory_hera.anatomy.recipe_keys import coerce_number as _coerce_number
-from llamafactory_hera.anatomy.recipe_keys import fail as _fail
-from llamafactory_hera.anatomy.recipe_keys import recipe_key, unknown_key
+from llamafactory_hera.anatomy.recipe_keys import fail, parse_keys, recipe_key
 from llamafactory_hera.hera.selection.choices import MODES, STRATEGIES
+from llamafactory_hera.short_errors import RecipeError
 
 HERA_PREFIX = "hera_"
 AUTO = "auto"
@@ -126,8 +124,7 @@ def hera_keys() -> list[str]:
     return [f.name for f in fields(HeraArguments)]
 
 
-def _coerce_heads(value: Any) -> list[str] | str:
-    key = "hera_heads"
+def _coerce_heads(key: str, value: Any) -> list[str] | str:
     if isinstance(value, str):
         text = value.strip().strip("[]")
         if text.lower() == AUTO:
@@ -136,77 +133,45 @@ def _coerce_heads(value: Any) -> list[str] | str:
     elif isinstance(value, list | tuple):
         items = [str(v).strip() for v in value]
     else:
-        raise _fail(key, value, "expected a list of heads such as [L13H12, L7H6].")
+        raise fail(key, value, "expected a list of heads such as [L13H12, L7H6].")
     if not items:
-        raise _fail(key, value, "list at least one head, e.g. [L13H12, L7H6] (zero-based).")
+        raise fail(key, value, "list at least one head, e.g. [L13H12, L7H6] (zero-based).")
     refs = []
     for item in items:
         try:
             refs.append(parse_head(item))
         except ValueError as err:
-            raise ValueError(f"{key}: {err}") from None
+            raise RecipeError(f"{key}: {err}") from None
     duplicates = sorted({str(r) for r in refs if refs.count(r) > 1})
     if duplicates:
-        raise _fail(key, value, f"each head may appear once; repeated: {', '.join(duplicates)}.")
+        raise fail(key, value, f"each head may appear once; repeated: {', '.join(duplicates)}.")
     return [str(r) for r in refs]
 
 
-def unknown_key_error(key: str) -> ValueError:
-    """Error for a ``hera_*`` key that does not exist, naming the closest valid key."""
-    return unknown_key(key, hera_keys(), "HeRA")
+def _coerce_queue_size(key: str, value: Any) -> str:
+    text = str(value).strip().lower()
+    if text != AUTO and not text.isdigit():
+        raise fail(key, value, "allowed values are auto or a whole number >= 0.")
+    return text
 
 
 def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> HeraArguments:
-    """Build validated :class:`HeraArguments` from ``hera_*`` keys (typed or string values).
+    """Validated :class:`HeraArguments` from ``hera_*`` keys (typed or string values).
 
     Raises:
-        ValueError: naming the key, the value and the allowed range, or the closest valid key.
+        RecipeError: naming the key, the value and the allowed range, or the closest valid key.
     """
-    valid = {f.name: f for f in fields(HeraArguments)}
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in valid:
-            raise unknown_key_error(key)
-        spec = valid[key]
-        meta = dict(spec.metadata)
-        if key == "hera_heads":
-            values[key] = _coerce_heads(value)
-        elif key == "hera_queue_size":
-            text = str(value).strip().lower()
-            if text != AUTO and not (text.isdigit()):
-                raise _fail(key, value, "allowed values are auto or a whole number >= 0.")
-            values[key] = text
-        elif value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", ""}):
-            if "None" in str(spec.type) or (spec.default is not MISSING and spec.default is None):
-                values[key] = None
-            else:
-                raise _fail(key, value, "a value is required.")
-        elif "choices" in meta:
-            text = str(value).strip().lower()
-            if text not in meta["choices"]:
-                raise _fail(key, value, f"allowed values are {', '.join(meta['choices'])}.")
-            values[key] = text
-        elif spec.type in ("bool", bool):
-            values[key] = _coerce_bool(key, value)
-        elif spec.type in ("int", int, "int | None"):
-            values[key] = _coerce_number(key, value, int, meta)
-        elif spec.type in ("float", float, "float | None"):
-            values[key] = _coerce_number(key, value, float, meta)
-        else:
-            text = str(value).strip()
-            if not text:
-                raise _fail(key, value, "a non-empty value is required.")
-            values[key] = text
-    args = HeraArguments(**values)
+    special = {"hera_heads": _coerce_heads, "hera_queue_size": _coerce_queue_size}
+    args = parse_keys(HeraArguments, raw, "HeRA", special)
     if args.hera_teacher_precompute == "true" and not args.hera_teacher_cache:
-        raise ValueError("hera_teacher_precompute: got true with hera_teacher_cache: false; the precomputed features "
-                         "are kept in the teacher cache. Set hera_teacher_cache: true, or hera_teacher_precompute: "
-                         "auto / false.")
+        raise RecipeError("hera_teacher_precompute: got true with hera_teacher_cache: false; the precomputed features "
+                          "are kept in the teacher cache. Set hera_teacher_cache: true, or hera_teacher_precompute: "
+                          "auto / false.")
     if args.hera_monitor_steps != 0 and args.hera_monitor_pairs < args.hera_k + 1:
-        raise ValueError(f"hera_monitor_pairs: got {args.hera_monitor_pairs}; the monitor's MKNN with hera_k="
-                         f"{args.hera_k} needs at least {args.hera_k + 1} pairs. Raise it, lower hera_k, or set "
-                         "hera_monitor_steps: 0.")
+        raise RecipeError(f"hera_monitor_pairs: got {args.hera_monitor_pairs}; the monitor's MKNN with hera_k="
+                          f"{args.hera_k} needs at least {args.hera_k + 1} pairs. Raise it, lower hera_k, or set "
+                          "hera_monitor_steps: 0.")
     if require_heads and not args.hera_heads:
-        raise ValueError("hera_heads: missing; stage: hera needs the heads to align, e.g. hera_heads: [L13H12, L7H6] "
-                         "(zero-based; choose them with `llamafactory-hera select`).")
+        raise RecipeError("hera_heads: missing; stage: hera needs the heads to align, e.g. hera_heads: [L13H12, L7H6] "
+                          "(zero-based; choose them with `llamafactory-hera select`).")
     return args

@@ -23,6 +23,7 @@ from llamafactory_hera.anatomy.projection import (
     project_heads,
     project_heads_by_call,
 )
+from llamafactory_hera.short_errors import RecipeError
 
 __all__ = ["HeadCapture", "IGNORE_INDEX", "pooled_token_mask", "pooling_weights"]
 
@@ -66,7 +67,7 @@ class HeadCapture:
         """Raise when a captured input carries no gradient although trainable parameters feed it (training only)."""
         cut = [layer for layer, x in sorted(inputs.items()) if self.fed_by_trainable[layer] and not x.requires_grad]
         if cut:
-            raise RuntimeError(
+            raise RecipeError(
                 f"HeRA: the o_proj input of layer(s) {cut} carries no gradient although trainable parameters feed "
                 "it, so the HeRA gradient would reach only the selected heads' W_O columns. The forward ran without "
                 "autograd: gradient checkpointing that runs it under torch.no_grad (use_unsloth_gc, or reentrant "

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.hera.selection.choices import CHOICES, DTYPES, RECIPE_BACKED
+from llamafactory_hera.short_errors import RecipeError
 
 
 def _default_of(key: str) -> Any:
@@ -69,7 +70,7 @@ def run_select_verb(args: argparse.Namespace) -> None:
         run_report(args)
         return
     if args.recipe is None:
-        raise ValueError("select: give a RECIPE.yaml (or --report RUN_DIR).")
+        raise RecipeError("select: give a RECIPE.yaml (or --report RUN_DIR).")
     from llamafactory_hera.hera.selection.command import run_select
 
     run_select(args)

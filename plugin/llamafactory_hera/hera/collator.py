@@ -28,6 +28,7 @@ from llamafactory_hera.anatomy.pooling import pooled_token_mask
 from llamafactory_hera.hera.data_checks import describe_image
 from llamafactory_hera.hera.teacher import open_image
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, image_identity, image_key
+from llamafactory_hera.short_errors import RecipeError
 
 HERA_BATCH_KEYS = ("hera_pixel_values", "hera_pixel_keys", "hera_image_counts", "hera_image_keys", "hera_token_mask",
                    "hera_anchor_index", "hera_sample_counts")
@@ -47,7 +48,7 @@ class HeraCollatorMixin:
             return open_image(image)
         except Exception as err:  # noqa: BLE001 - any decoding failure becomes one clear message
             where = describe_image(image, self.hera_image_rows or {})
-            raise ValueError(f"HeRA cannot read {where} for the teacher: {type(err).__name__}: {err}") from None
+            raise RecipeError(f"HeRA cannot read {where} for the teacher: {type(err).__name__}: {err}") from None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         images: list[Any] = []

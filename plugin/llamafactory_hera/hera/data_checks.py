@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.short_errors import RecipeError
+
 
 def image_rows(dataset: Any, column: str = "images", check_files: bool = True) -> dict[str, int]:
     """Map every image path of a (map-style) dataset's image column to its first row index; with ``check_files``,
@@ -24,8 +26,8 @@ def image_rows(dataset: Any, column: str = "images", check_files: bool = True) -
             if not isinstance(path, str):
                 continue
             if check_files and not os.path.isfile(path):
-                raise FileNotFoundError(f"image {path!r} of training dataset row {row} does not exist; fix the path "
-                                        "in the dataset (or media_dir) or remove the row")
+                raise RecipeError(f"image {path!r} of training dataset row {row} does not exist; fix the path "
+                                  "in the dataset (or media_dir) or remove the row")
             rows.setdefault(path, row)
     return rows
 
@@ -61,13 +63,13 @@ def check_adapter_fits(adapters: list[str] | None, hidden_size: int, attention_w
                     continue
                 width = handle.get_slice(name).get_shape()[1]
                 if width != attention_width:
-                    raise ValueError(
+                    raise RecipeError(
                         f"adapter_name_or_path: {adapter} was trained on another base model (its o_proj LoRA expects "
                         f"inputs of width {width}, {model_name} has {attention_width}; the adapter's base is "
                         f"{config.get('base_model_name_or_path', 'unknown')}). Use an adapter of this base model."
                     )
             for name in handle.keys():
                 if ".self_attn.o_proj.lora_B" in name and handle.get_slice(name).get_shape()[0] != hidden_size:
-                    raise ValueError(f"adapter_name_or_path: {adapter} was trained on another base model (o_proj "
-                                     f"output width {handle.get_slice(name).get_shape()[0]}, {model_name} has "
-                                     f"{hidden_size}). Use an adapter of this base model.")
+                    raise RecipeError(f"adapter_name_or_path: {adapter} was trained on another base model (o_proj "
+                                      f"output width {handle.get_slice(name).get_shape()[0]}, {model_name} has "
+                                      f"{hidden_size}). Use an adapter of this base model.")

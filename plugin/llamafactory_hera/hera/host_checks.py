@@ -17,6 +17,7 @@ from llamafactory_hera.hera.args import HeraArguments
 from llamafactory_hera.hera.data_checks import check_adapter_fits
 from llamafactory_hera.hera.preflight import check_contrastive_geometry, contrastive_geometry
 from llamafactory_hera.hera.teacher import check_teacher_source
+from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value as _raw_value
 
 # (object attribute, holder name, why it cannot work with HeRA)
@@ -40,8 +41,8 @@ _INCOMPATIBLE = (
 )
 
 
-def _incompatible(name: str, why: str) -> ValueError:
-    return ValueError(f"stage: hera cannot run with {name}: true ({why}). Remove {name} or use stage: sft.")
+def _incompatible(name: str, why: str) -> RecipeError:
+    return RecipeError(f"stage: hera cannot run with {name}: true ({why}). Remove {name} or use stage: sft.")
 
 
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
@@ -52,9 +53,9 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: Her
     """
     if (_raw_value(host_args, "deepspeed") and _truthy(_raw_value(host_args, "fp16") or False)
             and hera_args.hera_learn_temperature):
-        raise ValueError("stage: hera cannot learn the temperature under DeepSpeed with fp16: true (the temperature's "
-                         "own optimizer would step on loss-scaled gradients and would not skip overflow steps). Use "
-                         "bf16: true, or set hera_learn_temperature: false.")
+        raise RecipeError("stage: hera cannot learn the temperature under DeepSpeed with fp16: true (the temperature's "
+                          "own optimizer would step on loss-scaled gradients and would not skip overflow steps). Use "
+                          "bf16: true, or set hera_learn_temperature: false.")
 
 
 def check_multimodal(model_args: Any, data_args: Any, config: Any) -> None:
@@ -64,16 +65,16 @@ def check_multimodal(model_args: Any, data_args: Any, config: Any) -> None:
 
     kind = str(getattr(config, "model_type", "?"))
     if getattr(config, "vision_config", None) is None:
-        raise ValueError(f"model_name_or_path: {model_args.model_name_or_path} is a text-only model ({kind}); stage: "
-                         "hera aligns a multimodal model's attention heads with an image teacher. Use an MLLM (e.g. "
-                         "Qwen/Qwen2.5-VL-7B-Instruct with template: qwen2_vl), or stage: sft.")
+        raise RecipeError(f"model_name_or_path: {model_args.model_name_or_path} is a text-only model ({kind}); stage: "
+                          "hera aligns a multimodal model's attention heads with an image teacher. Use an MLLM (e.g. "
+                          "Qwen/Qwen2.5-VL-7B-Instruct with template: qwen2_vl), or stage: sft.")
     name = getattr(data_args, "template", None)
     template = template_tokens().get(name) if name else None
     if not name or (template is not None and not template.multimodal):
         what = f"template: {name} has no image plugin" if name else "template: not set"
-        raise ValueError(f"{what}; stage: hera trains on image rows of {model_args.model_name_or_path} ({kind}), "
-                         "whose image tokens the template's plugin inserts. Set the model's multimodal template "
-                         "(e.g. qwen2_vl for Qwen2.5-VL, qwen3_vl for Qwen3-VL, llava for LLaVA-1.5).")
+        raise RecipeError(f"{what}; stage: hera trains on image rows of {model_args.model_name_or_path} ({kind}), "
+                          "whose image tokens the template's plugin inserts. Set the model's multimodal template "
+                          "(e.g. qwen2_vl for Qwen2.5-VL, qwen3_vl for Qwen3-VL, llava for LLaVA-1.5).")
 
 
 def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
@@ -89,7 +90,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
         if getattr(holders[holder], attribute, False):
             raise _incompatible(attribute, why)
     if getattr(model_args, "quantization_bit", None) is not None:
-        raise ValueError(
+        raise RecipeError(
             f"stage: hera cannot run with quantization_bit: {model_args.quantization_bit} (HeRA reads W_O per head and "
             "needs an unquantized o_proj). Remove quantization_bit (use LoRA in bf16) or use stage: sft."
         )
@@ -105,8 +106,8 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     if not hera_args.auto_heads:
         check_heads_fit(hera_args.head_refs, geometry, str(model_args.model_name_or_path))
     elif hera_args.hera_select_num_heads > geometry.num_layers * geometry.num_heads:
-        raise ValueError(f"hera_select_num_heads: got {hera_args.hera_select_num_heads}; allowed range is 1.."
-                         f"{geometry.num_layers * geometry.num_heads} (the heads of {model_args.model_name_or_path}).")
+        raise RecipeError(f"hera_select_num_heads: got {hera_args.hera_select_num_heads}; allowed range is 1.."
+                          f"{geometry.num_layers * geometry.num_heads} (the heads of {model_args.model_name_or_path}).")
     check_teacher_source(hera_args.hera_teacher, hera_args.hera_teacher_feature)
     if hera_args.auto_heads and getattr(training_args, "process_index", 0) == 0:
         from llamafactory_hera.hera.selection.auto import short_ddp_timeout_warning

@@ -26,6 +26,7 @@ from llamafactory_hera.anatomy.projection import effective_weight_columns, find_
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.scores import layer_head_scores, teacher_neighbours
 from llamafactory_hera.hera.teacher_batch import teacher_batch_size
+from llamafactory_hera.short_errors import RecipeError
 
 PREFIX = "[llamafactory-hera]"
 BUDGET = 0.05  # hera_monitor_steps: null keeps the probes under this share of the training time
@@ -81,8 +82,8 @@ def probe_set(hera_args: Any, recipe_args: Any, training_rows: Any, seed: int) -
         problem = (f"only {len(pairs)} usable image-caption pairs with distinct images, fewer than hera_k+1={needed}"
                    + (f"; {notes[0]}" if notes else ""))
         if hera_args.hera_monitor_steps is not None:
-            raise ValueError(f"hera_monitor_steps: got {hera_args.hera_monitor_steps}, but the monitor has {problem}."
-                             " Add data, lower hera_k, or set hera_monitor_steps: 0.")
+            raise RecipeError(f"hera_monitor_steps: got {hera_args.hera_monitor_steps}, but the monitor has {problem}."
+                              " Add data, lower hera_k, or set hera_monitor_steps: 0.")
         print(f"{PREFIX} warning: alignment monitor off: {problem}.", flush=True)
         return None
     reason = notes[0] if notes else "no val_size / eval_dataset"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamafactory_hera.hera.args import AUTO, HeraArguments
+from llamafactory_hera.short_errors import RecipeError
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,9 @@ def check_contrastive_geometry(geometry: ContrastiveGeometry, hera_args: HeraArg
     else:
         what = ("hold at most 2 image samples: the only other sample is the positive, there is no negative, and "
                 "hera_loss would be exactly 0 every step")
-    raise ValueError(f"stage: hera: with {setting}, the contrastive sets {what}. Raise per_device_train_batch_size "
-                     f"(at least {max(hera_args.hera_k + 1, 3)} is best), or set hera_queue_size: auto (or a "
-                     "number >= 2) to add recent samples from a queue.")
+    raise RecipeError(f"stage: hera: with {setting}, the contrastive sets {what}. Raise per_device_train_batch_size "
+                      f"(at least {max(hera_args.hera_k + 1, 3)} is best), or set hera_queue_size: auto (or a "
+                      "number >= 2) to add recent samples from a queue.")
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,6 @@ def check_image_rows(counts: ImageRowCounts | None, datasets: Any) -> None:
         return
     videos = (f" ({counts.video_only_rows} rows have only videos, which have no teacher feature)"
               if counts.video_only_rows else "")
-    raise ValueError(f"dataset: {datasets} has no image in any of its {counts.rows} rows{videos}; stage: hera aligns "
-                     "heads to the teacher's image neighbourhoods and would train plain SFT. Add image-text rows "
-                     "(sharegpt `images` column, registered in dataset_info.json) or use stage: sft.")
+    raise RecipeError(f"dataset: {datasets} has no image in any of its {counts.rows} rows{videos}; stage: hera aligns "
+                      "heads to the teacher's image neighbourhoods and would train plain SFT. Add image-text rows "
+                      "(sharegpt `images` column, registered in dataset_info.json) or use stage: sft.")

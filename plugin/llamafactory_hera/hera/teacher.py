@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from llamafactory_hera.short_errors import RecipeError
+
 # Dual image-text encoders whose image tower (``.vision_model``) can serve as teacher.
 DUAL_ENCODER_TYPES = frozenset({"clip", "siglip", "siglip2"})
 # Image towers whose last layer starts with a [CLS] token (then register tokens where the config declares them)
@@ -91,7 +93,7 @@ def check_teacher_source(name_or_path: str, feature: str | None = None) -> None:
 
     path = resolve_teacher(name_or_path)
     if looks_like_path(name_or_path) and not Path(path).is_dir():
-        raise ValueError(
+        raise RecipeError(
             f"hera_teacher: folder '{name_or_path}' does not exist ({Path(path).absolute()}). Give an existing local "
             "folder with config.json and preprocessor_config.json, or a Hugging Face model id (e.g. "
             "facebook/dinov2-large)."
@@ -99,13 +101,13 @@ def check_teacher_source(name_or_path: str, feature: str | None = None) -> None:
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear message
-        raise ValueError(
+        raise RecipeError(
             f"hera_teacher: cannot load '{name_or_path}' ({type(err).__name__}: {str(err).splitlines()[0]}). "
             "Give a Hugging Face vision model id that is cached locally or a local folder with config.json "
             "and preprocessor_config.json (e.g. facebook/dinov2-large)."
         ) from None
     if not is_vision_encoder_config(config):
-        raise ValueError(
+        raise RecipeError(
             f"hera_teacher: '{name_or_path}' is a '{config.model_type}' model, not a vision encoder. "
             "Use a self-supervised vision model such as facebook/dinov2-large (or a CLIP/SigLIP checkpoint, "
             "whose image tower is used)."
@@ -116,13 +118,13 @@ def check_teacher_source(name_or_path: str, feature: str | None = None) -> None:
 def check_feature(layout: FeatureLayout | None, name_or_path: str, model_type: str, feature: str | None) -> None:
     """Refuse a family whose image feature is unknown, and ``cls`` where the tower has no pooled image feature."""
     if layout is None:
-        raise ValueError(
+        raise RecipeError(
             f"hera_teacher: '{name_or_path}' is a '{model_type}' vision model, whose image feature HeRA does not "
             f"know (which token holds it differs per family). Use a {SUPPORTED_FAMILIES} checkpoint, "
             "e.g. facebook/dinov2-large."
         )
     if feature == "cls" and layout.pooled is None:
-        raise ValueError(
+        raise RecipeError(
             f"hera_teacher_feature: got 'cls', but the teacher '{name_or_path}' ({layout.model_type} with "
             "vision_use_head: false) has no [CLS] token and no attention-pooling head, so no pooled image feature. "
             "Set hera_teacher_feature: mean (the mean of its patch tokens), or use a checkpoint with its head."

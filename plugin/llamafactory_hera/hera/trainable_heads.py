@@ -17,6 +17,7 @@ from torch import nn
 from llamafactory_hera.anatomy.heads import HeadRef
 from llamafactory_hera.anatomy.projection import find_o_proj_modules
 from llamafactory_hera.hera.capture import trainable_upstream
+from llamafactory_hera.short_errors import RecipeError
 
 
 def trainable_layers(model: nn.Module) -> list[int]:
@@ -45,7 +46,7 @@ def check_heads_train(model: nn.Module, heads: list[HeadRef], auto: bool, finetu
     which = f"hera_heads: auto selected {listed(heads)}; {listed(stuck)} of them" if auto else \
         f"hera_heads: {listed(stuck)}"
     choose = "list heads of those layers in hera_heads" if auto else "choose heads there"
-    raise ValueError(
+    raise RecipeError(
         f"{which} cannot train under this recipe (finetuning_type: {finetuning}): their layer's o_proj is frozen and "
         f"no trainable parameter feeds its input, so HeRA would move only the temperature. The recipe trains heads in "
         f"{where}: {how}, or {choose}.")

@@ -37,6 +37,7 @@ from llamafactory_hera.hera.trainer_monitor import HeraMonitorMixin
 from llamafactory_hera.hera.trainer_state import HERA_STATE_NAME, TAU_OPTIMIZER_NAME, HeraStateMixin
 from llamafactory_hera.hera.trainer_stats import HeraStatsMixin
 from llamafactory_hera.hera.trainer_teacher import HeraTeacherMixin
+from llamafactory_hera.short_errors import RecipeError
 
 __all__ = ["HERA_STATE_NAME", "LOG_KEYS", "TAU_OPTIMIZER_NAME", "HeraTrainerMixin"]
 
@@ -48,7 +49,7 @@ def _check_same_heads_on_every_rank(heads: list[str]) -> None:
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, heads)
     if any(other != heads for other in gathered):
-        raise RuntimeError(f"hera_heads differ across ranks: {gathered}; every rank must align the same heads")
+        raise RecipeError(f"hera_heads differ across ranks: {gathered}; every rank must align the same heads")
 
 
 def _collator_token_sources(collator: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from llamafactory_hera import __version__
+from llamafactory_hera.short_errors import RecipeError
 
 HERA_STATE_NAME = "hera_state.json"
 TAU_OPTIMIZER_NAME = "hera_temperature_optimizer.pt"
@@ -73,12 +74,12 @@ class HeraStateMixin:
             self.hera_queue.load_state_dict(load_on_cpu(queue_file), self.args.device)
         path = os.path.join(checkpoint, HERA_STATE_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"resume_from_checkpoint: {checkpoint} has no {HERA_STATE_NAME}; it was not "
-                                    "written by a HeRA run. Resume from a HeRA checkpoint or start a fresh run.")
+            raise RecipeError(f"resume_from_checkpoint: {checkpoint} has no {HERA_STATE_NAME}; it was not "
+                              "written by a HeRA run. Resume from a HeRA checkpoint or start a fresh run.")
         with open(path, encoding="utf-8") as handle:
             state = json.load(handle)
         if state["heads"] != list(self.hera_args.hera_heads):
-            raise ValueError(f"hera_heads: the checkpoint {checkpoint} trained heads {state['heads']} but the recipe "
-                             f"says {self.hera_args.hera_heads}; resume with the same heads or start a fresh run.")
+            raise RecipeError(f"hera_heads: the checkpoint {checkpoint} trained heads {state['heads']} but the recipe "
+                              f"says {self.hera_args.hera_heads}; resume with the same heads or start a fresh run.")
         with torch.no_grad():
             self.hera_log_tau.fill_(state["log_temperature"])

@@ -15,6 +15,7 @@ from llamafactory_hera.anatomy.training_plot import plot_training
 from llamafactory_hera.hera.args import HeraArguments
 from llamafactory_hera.hera.data_checks import describe_image
 from llamafactory_hera.hera.method import TRAINING_PLOT
+from llamafactory_hera.short_errors import RecipeError
 
 HERA_RUN_RECORD = "hera_run.json"
 
@@ -131,8 +132,8 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
         culprit = next((path for path in rows if path in str(err)), None)
         if culprit is None:
             raise
-        raise ValueError(f"HeRA cannot read {describe_image(culprit, rows)}: {type(err).__name__}: {err}. "
-                         "Fix or remove the file.") from err
+        raise RecipeError(f"HeRA cannot read {describe_image(culprit, rows)}: {type(err).__name__}: {err}. "
+                          "Fix or remove the file.") from err
     if training_args.do_train and finetuning_args.plot_loss and training_args.process_index == 0:
         path, missing = plot_training(training_args.output_dir, "hera", TRAINING_PLOT, host.smooth)
         if path is not None:

@@ -17,6 +17,7 @@ from torch import nn
 from llamafactory_hera.rah.calibrate import Calibration, Geometry, o_columns, v_rows
 from llamafactory_hera.rah.probe import attention_modules
 from llamafactory_hera.rah.update import lora_pair
+from llamafactory_hera.short_errors import RecipeError
 
 
 def lora_factors(calibration: Calibration, model: nn.Module,
@@ -53,8 +54,8 @@ def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.
     from peft import LoraConfig, get_peft_model
 
     if not factors:
-        raise ValueError("RAH-LoRA: no head was calibrated (every target rolled back or none was found); there is "
-                         "no adapter to write.")
+        raise RecipeError("RAH-LoRA: no head was calibrated (every target rolled back or none was found); there is "
+                          "no adapter to write.")
     ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
     config = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), lora_dropout=0.0,
                         target_modules=sorted(factors), rank_pattern=ranks, alpha_pattern=dict(ranks), bias="none",

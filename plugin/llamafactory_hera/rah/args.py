@@ -10,7 +10,8 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from llamafactory_hera.anatomy.recipe_keys import coerce_field, fail, recipe_key, unknown_key
+from llamafactory_hera.anatomy.recipe_keys import fail, parse_keys, recipe_key
+from llamafactory_hera.short_errors import RecipeError
 
 RAH_PREFIX = "rah_"
 AUTO = "auto"
@@ -81,8 +82,8 @@ class RahArguments:
         layers = list(self.rah_layers)
         outside = [layer for layer in layers if layer >= num_layers]
         if outside:
-            raise ValueError(f"rah_layers: {outside} outside the model, which has decoder layers 0..{num_layers - 1} "
-                             "(zero-based). Use auto or a range within them.")
+            raise RecipeError(f"rah_layers: {outside} outside the model, which has decoder layers 0..{num_layers - 1} "
+                              "(zero-based). Use auto or a range within them.")
         return layers
 
 
@@ -91,8 +92,7 @@ def rah_keys() -> list[str]:
     return [f.name for f in fields(RahArguments)]
 
 
-def _coerce_layers(value: Any) -> str | list[int]:
-    key = "rah_layers"
+def _coerce_layers(key: str, value: Any) -> str | list[int]:
     if isinstance(value, str):
         text = value.strip().strip("[]").strip()
         if text.lower() == AUTO:
@@ -119,13 +119,7 @@ def _coerce_layers(value: Any) -> str | list[int]:
 
 def parse_rah_arguments(raw: dict[str, Any]) -> RahArguments:
     """Validated :class:`RahArguments` from ``rah_*`` keys; errors name the key, the value and what is allowed."""
-    valid = {f.name: f for f in fields(RahArguments)}
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in valid:
-            raise unknown_key(key, rah_keys(), "RAH-LoRA")
-        values[key] = _coerce_layers(value) if key == "rah_layers" else coerce_field(key, value, valid[key])
-    args = RahArguments(**values)
+    args = parse_keys(RahArguments, raw, "RAH-LoRA", {"rah_layers": _coerce_layers})
     probes = max(args.rah_probe_samples, args.rah_kl_samples)
     if args.rah_samples < probes:
         raise fail("rah_samples", args.rah_samples, f"the CAF and KL probes (rah_probe_samples: "

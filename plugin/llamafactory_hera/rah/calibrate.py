@@ -8,7 +8,7 @@ as calibrated so far. Rolled-back heads are restored bit for bit. Shapes: V slic
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -27,40 +27,7 @@ from llamafactory_hera.rah.probe import (
 )
 from llamafactory_hera.rah.scores import caf_scores, standardize_per_layer
 from llamafactory_hera.rah.update import TrustRegion, lora_pair, low_rank, mean_kl, search_alpha, trimmed_mean
-
-_PAPER = RahArguments()  # the one source of the defaults
-
-
-@dataclass(frozen=True)
-class RahSettings:
-    """The method's settings: ``RahArguments`` without the ``rah_`` prefix (same defaults; see there for each key),
-    with the layers resolved and ``w_o = 1 - w_v``."""
-
-    layers: tuple[int, ...]
-    isal_percentile: float = _PAPER.rah_isal_percentile
-    caf_percentile: float = _PAPER.rah_caf_percentile
-    num_anchors: int = _PAPER.rah_num_anchors
-    rank: int = _PAPER.rah_rank
-    delta: float = _PAPER.rah_delta
-    alpha_max: float = _PAPER.rah_alpha_max
-    halvings: int = _PAPER.rah_halvings
-    rho: float = _PAPER.rah_rho
-    w_v: float = _PAPER.rah_w_v
-    w_o: float = 1.0 - _PAPER.rah_w_v
-    trim: float = _PAPER.rah_trim
-    beta: float = _PAPER.rah_beta
-    adjacent_layers: int = _PAPER.rah_adjacent_layers
-    caf_form: str = _PAPER.rah_caf_form
-    caf_weight: float = _PAPER.rah_caf_weight
-    isal_pairs: str = _PAPER.rah_isal_pairs  # paper, visible (scores.isal)
-    update: str = _PAPER.rah_update  # vo, o, v; auto: vo under MHA, o under GQA
-
-    @classmethod
-    def from_arguments(cls, args: RahArguments, layers: list[int]) -> RahSettings:
-        """A recipe's ``rah_*`` values, on the resolved ``layers``."""
-        named = {f.name for f in fields(cls)} - {"layers", "w_o"}
-        values = {name: getattr(args, f"rah_{name}") for name in named}
-        return cls(layers=tuple(layers), w_o=1.0 - args.rah_w_v, **values)
+from llamafactory_hera.short_errors import RecipeError
 
 
 @dataclass
@@ -164,12 +131,12 @@ def _probe_positions(batches: list[dict[str, Any]], kinds: TokenKinds) -> list[l
     return [[row.nonzero(as_tuple=True)[0] for row in mask] for mask in masks]
 
 
-def modules_for(settings: RahSettings, geometry: Geometry) -> tuple[str, ...]:
+def modules_for(args: RahArguments, geometry: Geometry) -> tuple[str, ...]:
     """Which projections are updated: ``auto`` is V and O under MHA, O only under GQA (a V row block there serves
     several query heads)."""
-    if settings.update == "auto":
+    if args.rah_update == "auto":
         return ("v", "o") if geometry.num_kv_heads == geometry.num_heads else ("o",)
-    return tuple(name for name in ("v", "o") if name in settings.update)
+    return tuple(name for name in ("v", "o") if name in args.rah_update)
 
 
 def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
@@ -178,26 +145,27 @@ def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
 
 
 def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_batches: list[dict[str, Any]],
-              kl_batches: list[dict[str, Any]], settings: RahSettings, kinds: TokenKinds,
+              kl_batches: list[dict[str, Any]], args: RahArguments, kinds: TokenKinds,
               progress: Callable[[Iterable[Any], str], Iterable[Any]] = lambda items, _: items) -> Calibration:
-    """Score, select and calibrate in place; ``caf_batches`` hold one sample each. Returns the record of it all."""
-    layers = list(settings.layers)
+    """Score, select and calibrate in place the layers ``args.rah_layers`` names; ``caf_batches`` hold one sample
+    each. Returns the record of it all."""
     geometry = geometry_of(model)
     modules = attention_modules(model)
+    layers = args.layer_list(len(modules))
     profile = AttentionProfile(layers)
     for batch in progress(calibration_batches, "I-SAL (attention)"):
-        profile_attention(model, batch, layers, kinds, profile, settings.isal_pairs)
+        profile_attention(model, batch, layers, kinds, profile, args.rah_isal_pairs)
     raw_isal = profile.scores().mean(dim=0)  # [L, H]
     isal_std = standardize_per_layer(raw_isal)
     grads = torch.stack([gate_gradients(model, batch, layers, geometry.num_heads, geometry.head_dim, kinds)
                          for batch in progress(caf_batches, "CAF (gate gradients)")])
-    caf = caf_scores(grads, settings.caf_form, settings.caf_weight)
-    names = modules_for(settings, geometry)
+    caf = caf_scores(grads, args.rah_caf_form, args.rah_caf_weight)
+    names = modules_for(args, geometry)
     device = modules[layers[0]].v_proj.weight.device
     maps = profile.maps().to(device)  # [L, H, P'] next to the weight slices it is added to
-    chosen = {layer: targets_in_layer(isal_std[row], caf[row], settings.isal_percentile, settings.caf_percentile)
+    chosen = {layer: targets_in_layer(isal_std[row], caf[row], args.rah_isal_percentile, args.rah_caf_percentile)
               for row, layer in enumerate(layers)}
-    candidates = {layer: anchor_candidates(isal_std[row], settings.beta, exclude=chosen[layer])
+    candidates = {layer: anchor_candidates(isal_std[row], args.rah_beta, exclude=chosen[layer])
                   for row, layer in enumerate(layers)}
     rows = {layer: row for row, layer in enumerate(layers)}
 
@@ -209,7 +177,7 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
     for layer in layers:
         for head in chosen[layer]:
             distance, pool = anchor_pool(layer, head, candidates, geometry.group, "v" not in names,
-                                         settings.adjacent_layers)
+                                         args.rah_adjacent_layers)
             if not pool:
                 updates.append(HeadUpdate(layer, head, []))
                 continue
@@ -221,20 +189,20 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
                       head // geometry.group}
             flat = [index[entry] for entry in pool]
             scores = similarity(index[(layer, head)], flat, _joined([maps[rows[other]] for other in blocks]), v_all,
-                                o_all, settings.rho, settings.w_v, settings.w_o, shared_v=shared)
-            best = top_anchors(scores, flat, settings.num_anchors)
+                                o_all, args.rah_rho, args.rah_w_v, 1.0 - args.rah_w_v, shared_v=shared)
+            best = top_anchors(scores, flat, args.rah_num_anchors)
             entry_of = dict(zip(flat, pool, strict=True))
             updates.append(HeadUpdate(layer, head, [(*entry_of[i], score) for i, score in best], distance))
     slices.cache_clear()
     masks = _probe_positions(kl_batches, kinds)
     if not any(index.numel() for sample in masks for index in sample):
-        raise ValueError("RAH-LoRA: no KL probe row has text after its image, so no update could be measured; use "
-                         "rows whose text follows the image.")
+        raise RecipeError("RAH-LoRA: no KL probe row has text after its image, so no update could be measured; use "
+                          "rows whose text follows the image.")
     original = _probe_logits(model, kl_batches, masks)
     reference = original
     for update in progress(updates, "calibrating targets (trust region)"):
         if update.anchors:
-            reference = _calibrate_head(model, modules, update, geometry, names, settings, kl_batches, masks,
+            reference = _calibrate_head(model, modules, update, geometry, names, args, kl_batches, masks,
                                         reference)
     kl_to_original = mean_kl(original, _probe_logits(model, kl_batches, masks)) if updates else 0.0
     dtype = str(modules[layers[0]].o_proj.weight.dtype).removeprefix("torch.")
@@ -243,7 +211,7 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
 
 
 def _calibrate_head(model: nn.Module, modules: list[nn.Module], update: HeadUpdate, geometry: Geometry,
-                    names: tuple[str, ...], settings: RahSettings, batches: list[dict[str, Any]],
+                    names: tuple[str, ...], args: RahArguments, batches: list[dict[str, Any]],
                     masks: list[list[torch.Tensor]], reference: list[torch.Tensor]) -> list[torch.Tensor]:
     """Calibrate one target in place; returns the probe logits of the model as it now is. Anchors may sit in
     another layer (the adjacent-layer fallback): their slices are read from their own layer."""
@@ -256,7 +224,7 @@ def _calibrate_head(model: nn.Module, modules: list[nn.Module], update: HeadUpda
     saved, steps = {}, {}
     for name in names:
         weight, index, own, anchor = targets[name]
-        u, s, vh = low_rank(trimmed_mean(anchor, settings.trim) - own, settings.rank)
+        u, s, vh = low_rank(trimmed_mean(anchor, args.rah_trim) - own, args.rah_rank)
         update.factors[name] = (u, s, vh)
         saved[name] = weight.data[index].clone()
         steps[name] = (u, s, vh)
@@ -277,7 +245,7 @@ def _calibrate_head(model: nn.Module, modules: list[nn.Module], update: HeadUpda
         last[alpha] = _probe_logits(model, batches, masks)
         return mean_kl(reference, last[alpha])
 
-    region = search_alpha(kl_at, settings.alpha_max, settings.delta, settings.halvings)
+    region = search_alpha(kl_at, args.rah_alpha_max, args.rah_delta, args.rah_halvings)
     update.region = region
     if not region.rolled_back:
         set_alpha(region.alpha)

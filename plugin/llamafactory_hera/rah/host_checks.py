@@ -11,6 +11,7 @@ from typing import Any
 from llamafactory_hera.anatomy.recipe_keys import truthy
 from llamafactory_hera.anatomy.run_checks import check_run_inputs
 from llamafactory_hera.rah.args import RahArguments
+from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value
 
 _FAST_ATTENTION = {"fa2", "fa3", "sdpa"}
@@ -20,57 +21,57 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], rah_args: RahA
     """Refuse what cannot work with a training-free calibration, naming the key and the fix."""
     attention = str(raw_value(host_args, "flash_attn") or "auto").strip().lower()
     if attention in _FAST_ATTENTION:
-        raise ValueError(f"stage: rah needs attention weights, which {attention} attention does not return; remove "
-                         "flash_attn (the stage loads the model with eager attention) or set flash_attn: disabled.")
+        raise RecipeError(f"stage: rah needs attention weights, which {attention} attention does not return; remove "
+                          "flash_attn (the stage loads the model with eager attention) or set flash_attn: disabled.")
     finetuning = str(raw_value(host_args, "finetuning_type") or "lora").strip().lower()
     if finetuning != "lora":
-        raise ValueError(f"stage: rah writes a LoRA adapter; finetuning_type: {finetuning} cannot hold it. Set "
-                         "finetuning_type: lora.")
+        raise RecipeError(f"stage: rah writes a LoRA adapter; finetuning_type: {finetuning} cannot hold it. Set "
+                          "finetuning_type: lora.")
     if raw_value(host_args, "deepspeed"):
-        raise ValueError("stage: rah takes no optimizer step and runs on one device; remove deepspeed.")
+        raise RecipeError("stage: rah takes no optimizer step and runs on one device; remove deepspeed.")
     if raw_value(host_args, "do_train") is not None and not truthy(raw_value(host_args, "do_train")):
-        raise ValueError("stage: rah calibrates with llamafactory-cli train; set do_train: true.")
+        raise RecipeError("stage: rah calibrates with llamafactory-cli train; set do_train: true.")
     for key in ("packing", "neat_packing"):
         value = raw_value(host_args, key)
         if value is not None and truthy(value):
-            raise ValueError(f"{key}: {str(value).lower()} is not supported by stage: rah: it scores each calibration "
-                             "row's attention between its own text and image tokens, which packing several rows into "
-                             f"one sequence would mix. Remove {key}.")
+            raise RecipeError(f"{key}: {str(value).lower()} is not supported by stage: rah: it scores each calibration "
+                              "row's attention between its own text and image tokens, which packing several rows into "
+                              f"one sequence would mix. Remove {key}.")
     resume = raw_value(host_args, "resume_from_checkpoint")
     if resume not in (None, "") and not (isinstance(resume, bool) and not resume):
-        raise ValueError(f"resume_from_checkpoint: {resume} does not apply to stage: rah: the calibration takes no "
-                         "optimizer step and writes no checkpoint to resume (it runs whole, in minutes). Remove "
-                         "resume_from_checkpoint.")
+        raise RecipeError(f"resume_from_checkpoint: {resume} does not apply to stage: rah: the calibration takes no "
+                          "optimizer step and writes no checkpoint to resume (it runs whole, in minutes). Remove "
+                          "resume_from_checkpoint.")
 
 
 def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
                        generating_args: Any, rah_args: RahArguments) -> None:
     """Checks on the parsed arguments and the model's config (seconds, before the model loads); eager attention."""
     if getattr(training_args, "world_size", 1) > 1:
-        raise ValueError(f"stage: rah runs on one process (found {training_args.world_size}: llamafactory-cli starts "
-                         "one per visible GPU); the calibration is sequential and takes no optimizer step. Pin one "
-                         "GPU: CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE.")
+        raise RecipeError(f"stage: rah runs on one process (found {training_args.world_size}: llamafactory-cli starts "
+                          "one per visible GPU); the calibration is sequential and takes no optimizer step. Pin one "
+                          "GPU: CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE.")
     if getattr(model_args, "quantization_bit", None) is not None:
-        raise ValueError(f"stage: rah cannot run with quantization_bit: {model_args.quantization_bit} (it edits V and "
-                         "O weights per head). Remove quantization_bit.")
+        raise RecipeError(f"stage: rah cannot run with quantization_bit: {model_args.quantization_bit} (it edits V and "
+                          "O weights per head). Remove quantization_bit.")
     if model_args.adapter_name_or_path:
-        raise ValueError("stage: rah calibrates the base model; adapter_name_or_path is set. Merge the adapter first "
-                         "(llamafactory-cli export) and calibrate the merged model.")
+        raise RecipeError("stage: rah calibrates the base model; adapter_name_or_path is set. Merge the adapter first "
+                          "(llamafactory-cli export) and calibrate the merged model.")
     if not data_args.dataset:
-        raise ValueError("dataset: stage: rah needs unlabelled image-text rows to calibrate on; name a dataset.")
+        raise RecipeError("dataset: stage: rah needs unlabelled image-text rows to calibrate on; name a dataset.")
     check_run_inputs(model_args, data_args, training_args, stage="rah")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
     if not any(isinstance(getattr(config, name, None), int) for name in ("image_token_id", "image_token_index")):
-        raise ValueError(f"stage: rah: {model_args.model_name_or_path} (model_type "
-                         f"'{getattr(config, 'model_type', '?')}') names no image token; RAH-LoRA calibrates the heads "
-                         "of a multimodal model by their attention between text and image tokens.")
+        raise RecipeError(f"stage: rah: {model_args.model_name_or_path} (model_type "
+                          f"'{getattr(config, 'model_type', '?')}') names no image token; RAH-LoRA calibrates the "
+                          "heads of a multimodal model by their attention between text and image tokens.")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     rah_args.layer_list(int(text.num_hidden_layers))  # raises naming rah_layers
     samples_needed = max(rah_args.rah_probe_samples, rah_args.rah_kl_samples)
     if data_args.max_samples is not None and data_args.max_samples < samples_needed:
-        raise ValueError(f"max_samples: {data_args.max_samples} is fewer than the {samples_needed} rows the probes "
-                         "need (rah_probe_samples / rah_kl_samples). Raise max_samples or lower those keys.")
+        raise RecipeError(f"max_samples: {data_args.max_samples} is fewer than the {samples_needed} rows the probes "
+                          "need (rah_probe_samples / rah_kl_samples). Raise max_samples or lower those keys.")
     model_args.flash_attn = "disabled"  # eager attention: LLaMA-Factory's AttentionFunction.DISABLED

@@ -19,6 +19,7 @@ from torch import nn
 
 from llamafactory_hera.anatomy.projection import text_decoder
 from llamafactory_hera.rah.scores import isal, margin_loss
+from llamafactory_hera.short_errors import RecipeError
 
 _MODEL_KEYS = ("labels",)  # dropped from the batch: RAH is label-free
 
@@ -30,8 +31,8 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     for index, module in enumerate(modules):
         linear = all(isinstance(getattr(module, name, None), nn.Linear) for name in ("v_proj", "o_proj"))
         if module is None or not linear:
-            raise ValueError(f"{type(model).__name__}: decoder layer {index} has no self_attn.v_proj / o_proj Linear; "
-                             "RAH-LoRA calibrates those projections per head.")
+            raise RecipeError(f"{type(model).__name__}: decoder layer {index} has no self_attn.v_proj / o_proj Linear; "
+                              "RAH-LoRA calibrates those projections per head.")
     return modules
 
 
@@ -53,9 +54,9 @@ def token_kinds(model: nn.Module, tokenizer: Any, processor: Any = None) -> Toke
     image = {int(v) for v in (getattr(config, "image_token_id", None), getattr(config, "image_token_index", None))
              if isinstance(v, int)}
     if not image:
-        raise ValueError(f"RAH-LoRA: the config of model_type '{getattr(config, 'model_type', '?')}' names no image "
-                         "token (image_token_id / image_token_index), so image positions cannot be found. Use a "
-                         "multimodal model such as llava-hf/llava-1.5-7b-hf.")
+        raise RecipeError(f"RAH-LoRA: the config of model_type '{getattr(config, 'model_type', '?')}' names no image "
+                          "token (image_token_id / image_token_index), so image positions cannot be found. Use a "
+                          "multimodal model such as llava-hf/llava-1.5-7b-hf.")
     others = multimodal_token_ids(config, processor, tokenizer) - image
     return TokenKinds(frozenset(image), frozenset(others))
 
@@ -132,7 +133,7 @@ class AttentionProfile:
         (LLaVA-1.5: always 576 image tokens) the cosine is exactly Eq. 10's.
         """
         if not self.map_sums:
-            raise ValueError("RAH-LoRA: no sample had text after its image, so no text->image attention map exists.")
+            raise RecipeError("RAH-LoRA: no sample had text after its image, so no text->image attention map exists.")
         total = sum(self.map_rows.values())
         parts = []
         for layout, summed in self.map_sums.items():
@@ -157,8 +158,8 @@ def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int]
     outputs = model(**_model_inputs(batch), output_attentions=True, use_cache=False)
     attentions = outputs.attentions
     if attentions is None or any(attentions[layer] is None for layer in layers):
-        raise ValueError("RAH-LoRA needs attention weights: the model did not return them (load it with eager "
-                         "attention, flash_attn: disabled).")
+        raise RecipeError("RAH-LoRA needs attention weights: the model did not return them (load it with eager "
+                          "attention, flash_attn: disabled).")
     image, text, after = token_masks(batch["input_ids"], batch["attention_mask"], kinds)
     per_layer = [isal(attentions[layer], image, text, pairs) for layer in layers]
     profile.isal.append(torch.stack([scores for scores, _ in per_layer], dim=1).cpu())

@@ -4,12 +4,12 @@ targets boxed as in the paper's Figure 3)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.rah.calibrate import Calibration, RahSettings
+from llamafactory_hera.rah.args import RahArguments
+from llamafactory_hera.rah.calibrate import Calibration
 
 RECORD_VERSION = 2  # 2: anchors may come from adjacent layers, outcome "unchanged", map layouts
 
@@ -23,7 +23,14 @@ def reported_kl(kl: float | None) -> float | None:
     return None if kl is None else max(0.0, float(kl))
 
 
-def profile_record(calibration: Calibration, settings: RahSettings, identity: dict[str, Any],
+def settings_record(args: RahArguments, layers: list[int]) -> dict[str, Any]:
+    """The profile's ``settings``: the ``rah_*`` values without the prefix, on the calibrated ``layers``, with
+    ``w_o = 1 - w_v``."""
+    values = {key.removeprefix("rah_"): value for key, value in args.to_dict().items()}
+    return {**values, "layers": list(layers), "w_o": 1.0 - args.rah_w_v}
+
+
+def profile_record(calibration: Calibration, args: RahArguments, identity: dict[str, Any],
                    versions: dict[str, str], duration: dict[str, float]) -> dict[str, Any]:
     """The JSON-ready record of a calibration."""
     targets = []
@@ -55,7 +62,8 @@ def profile_record(calibration: Calibration, settings: RahSettings, identity: di
                     "kl_to_original": reported_kl(calibration.kl_to_original),
                     "samples_scored_on_one_half": calibration.one_sided_samples,
                     "samples_without_a_map": calibration.maps_skipped, "map_layouts": calibration.map_layouts},
-        "settings": asdict(settings), "identity": identity, "versions": versions, "duration": duration,
+        "settings": settings_record(args, calibration.layers), "identity": identity, "versions": versions,
+        "duration": duration,
     }
 
 

@@ -17,6 +17,7 @@ import torch
 
 from llamafactory_hera.anatomy.board_log import progress, say, start_board_files
 from llamafactory_hera.rah.args import RahArguments
+from llamafactory_hera.short_errors import RecipeError
 
 PROFILE_JSON = "rah_profile.json"
 PROFILE_PNG = "rah_profile.png"
@@ -27,11 +28,11 @@ def _image_rows(aligned: Any, datasets: list[str], rah_args: RahArguments, seed:
     rows = [index for index, images in enumerate(aligned["_images"]) if images]
     needed = max(rah_args.rah_probe_samples, rah_args.rah_kl_samples)
     if not rows:
-        raise ValueError(f"dataset: {datasets} has no image in any of its {len(aligned)} rows; RAH-LoRA calibrates "
-                         "heads by their attention between text and image tokens. Use image-text rows.")
+        raise RecipeError(f"dataset: {datasets} has no image in any of its {len(aligned)} rows; RAH-LoRA calibrates "
+                          "heads by their attention between text and image tokens. Use image-text rows.")
     if len(rows) < needed:
-        raise ValueError(f"dataset: {datasets} has {len(rows)} image rows, fewer than the {needed} the probes need "
-                         "(rah_probe_samples / rah_kl_samples). Add rows or lower those keys.")
+        raise RecipeError(f"dataset: {datasets} has {len(rows)} image rows, fewer than the {needed} the probes need "
+                          "(rah_probe_samples / rah_kl_samples). Add rows or lower those keys.")
     random.Random(seed).shuffle(rows)
     if len(rows) < rah_args.rah_samples:
         say(f"warning: {len(rows)} image rows, fewer than rah_samples: {rah_args.rah_samples}; calibrating on "
@@ -86,7 +87,7 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
             generating_args: Any, callbacks: Any, rah_args: RahArguments) -> None:
     """Calibrate and write the adapter and the profile (see the module docstring)."""
     from llamafactory_hera.rah.adapter import lora_factors, save_adapter
-    from llamafactory_hera.rah.calibrate import RahSettings, calibrate, geometry_of
+    from llamafactory_hera.rah.calibrate import calibrate, geometry_of
     from llamafactory_hera.rah.probe import attention_modules, token_kinds
     from llamafactory_hera.rah.profile import plot_profile, profile_record
     from llamafactory_hera_patches.model_data import (
@@ -113,18 +114,17 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     kl_batches = [_on(device, collator([dataset[i] for i in kl_rows[j:j + size]]))
                   for j in range(0, len(kl_rows), size)]
     layers = rah_args.layer_list(len(attention_modules(model)))
-    settings = RahSettings.from_arguments(rah_args, layers)
     kinds = token_kinds(model, tokenizer_module["tokenizer"], tokenizer_module.get("processor"))
     say(f"RAH-LoRA: layers {layers[0]}..{layers[-1]} ({len(layers)}); {len(rows)} rows for I-SAL, "
-         f"{rah_args.rah_probe_samples} for CAF, {rah_args.rah_kl_samples} for the KL probe; rank {settings.rank}, "
-         f"delta {settings.delta}, alpha_max {settings.alpha_max}; attention eager")
-    calibration = calibrate(model, calibration_batches, caf_batches, kl_batches, settings, kinds, progress)
+         f"{rah_args.rah_probe_samples} for CAF, {rah_args.rah_kl_samples} for the KL probe; rank {rah_args.rah_rank}, "
+         f"delta {rah_args.rah_delta}, alpha_max {rah_args.rah_alpha_max}; attention eager")
+    calibration = calibrate(model, calibration_batches, caf_batches, kl_batches, rah_args, kinds, progress)
     _say_what_was_left_out(calibration, len(rows))
     output = Path(training_args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     factors = lora_factors(calibration, model, geometry_of(model))
     kept = [u for u in calibration.updates if u.calibrated]
-    record = profile_record(calibration, settings, {
+    record = profile_record(calibration, rah_args, {
         "model_name_or_path": str(model_args.model_name_or_path), "dataset": list(data_args.dataset),
         "dataset_dir": str(data_args.dataset_dir), "template": str(data_args.template), "rows": rows,
         "seed": training_args.seed}, _versions(), {"total_s": round(time.perf_counter() - started, 3),
@@ -133,9 +133,9 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     plot_profile(calibration, output / PROFILE_PNG, str(model_args.model_name_or_path))
     outcomes = _outcomes(calibration, record["summary"])
     if not kept:
-        raise ValueError(f"RAH-LoRA changed no weight: {outcomes}; no adapter was written. See "
-                         f"{output / PROFILE_JSON}; a looser rah_delta, a larger rah_alpha_max or other rah_layers may "
-                         "help.")
+        raise RecipeError(f"RAH-LoRA changed no weight: {outcomes}; no adapter was written. See "
+                          f"{output / PROFILE_JSON}; a looser rah_delta, a larger rah_alpha_max or other rah_layers "
+                          "may help.")
     names = save_adapter(model, factors, output, base_name=str(model_args.model_name_or_path))
     say(f"RAH-LoRA: {outcomes}; {len(names)} modules changed; mean KL to the original model on the probe "
         f"{record['summary']['kl_to_original']:.3g}; adapter, {PROFILE_JSON} and {PROFILE_PNG} in {output} "

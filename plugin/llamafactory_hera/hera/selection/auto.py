@@ -31,6 +31,7 @@ from llamafactory_hera.hera.selection.select import (
     score_heads,
     settings_of,
 )
+from llamafactory_hera.short_errors import RecipeError
 
 CACHE_ENV = "LLAMAFACTORY_HERA_CACHE"
 RECORD_NAME = "hera_selection.json"
@@ -110,7 +111,7 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
     ``dtype``: the run's scoring dtype, :func:`llamafactory_hera.hera.selection.select.scoring_dtype` of its
     ``bf16`` / ``pure_bf16`` / ``fp16`` settings (what ``llamafactory-hera select`` reads from the recipe).
     """
-    payload: list[Any] = [None, None]
+    payload: list[Any] = [None, None, False]  # heads, rank 0's error, whether it is a user error
     if is_main:
         try:
             args = copy.deepcopy(recipe_args)
@@ -123,14 +124,15 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
             from llamafactory_hera.hera.selection.collect import release_memory
 
             release_memory(device)  # the scoring copy's blocks, before this rank loads the model it trains
-            payload = [result.selected, None]
+            payload = [result.selected, None, False]
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            payload = [None, f"{type(err).__name__}: {err}"]
+            by_user = isinstance(err, RecipeError)  # its message names the input; a bug's type says what it is
+            payload = [None, str(err) if by_user else f"{type(err).__name__}: {err}", by_user]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(payload, src=0)
-    heads, error = payload
+    heads, error, by_user = payload
     if error is not None:
-        raise RuntimeError(f"hera_heads: auto: head selection failed on rank 0: {error}")
+        raise (RecipeError if by_user else RuntimeError)(f"hera_heads: auto: head selection failed on rank 0: {error}")
     return list(heads)
 
 

@@ -25,6 +25,7 @@ from llamafactory_hera.anatomy.projection import effective_weight_columns, find_
 from llamafactory_hera.hera.host_output import progress_file
 from llamafactory_hera.hera.teacher import VisionTeacher, per_sample_features
 from llamafactory_hera.hera.teacher_batch import batches_of, image_features
+from llamafactory_hera.short_errors import RecipeError
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def sample_pairs(pairs: list[CalibrationPair], num_samples: int, seed: int, k: i
     if len(pairs) < k + 1:
         rows = usable_rows if usable_rows is not None else len(pairs)
         shared = "; rows that share an image count once" if rows > len(pairs) else ""
-        raise ValueError(
+        raise RecipeError(
             f"dataset {source}: only {len(pairs)} usable image-caption pairs with distinct images, from {rows} "
             f"row(s) with an image and a non-empty answer{shared}; scoring heads with k={k} needs at least {k + 1}. "
             "Add data with other images or lower k (hera_k / --k)."

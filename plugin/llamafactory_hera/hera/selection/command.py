@@ -10,14 +10,15 @@ import yaml
 from llamafactory_hera.anatomy.head_plots import format_head_table, plot_head_heatmap
 from llamafactory_hera.anatomy.heads import parse_head
 from llamafactory_hera.hera.host_output import host_output_to, show
+from llamafactory_hera.hera.selection.choices import RECIPE_BACKED, dest
 from llamafactory_hera.hera.selection.recipe_write import (
     check_folder_writable,
     check_writable,
     update_recipe,
     write_text_atomic,
 )
-from llamafactory_hera.hera.selection.choices import RECIPE_BACKED, dest
 from llamafactory_hera.hera.selection.select import SelectionOptions, SelectionResult, run_selection, scoring_dtype
+from llamafactory_hera.short_errors import RecipeError
 
 
 def record_paths(recipe_path: Path) -> tuple[Path, Path]:
@@ -38,7 +39,7 @@ def load_recipe(path: Path) -> tuple[str, dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
     mapping = yaml.safe_load(text)
     if not isinstance(mapping, dict):
-        raise ValueError(f"recipe {path} is not a YAML mapping of LLaMA-Factory keys")
+        raise RecipeError(f"recipe {path} is not a YAML mapping of LLaMA-Factory keys")
     return text, mapping
 
 
@@ -49,9 +50,9 @@ def check_hera_recipe(path: Path, recipe: dict[str, Any]) -> None:
 
     method = method_for_stage(recipe.get("stage"))
     if method is not None and method.stage != "hera":
-        raise ValueError(f"stage: {recipe.get('stage')}: {path} is a {method.label} recipe, not a HeRA recipe (stage: "
-                         "hera); select chooses hera_heads for HeRA runs. Run it with `llamafactory-cli train "
-                         f"{path}`, or select on a recipe with stage: hera.")
+        raise RecipeError(f"stage: {recipe.get('stage')}: {path} is a {method.label} recipe, not a HeRA recipe (stage: "
+                          "hera); select chooses hera_heads for HeRA runs. Run it with `llamafactory-cli train "
+                          f"{path}`, or select on a recipe with stage: hera.")
 
 
 def chosen_table(result: SelectionResult) -> str:

@@ -33,6 +33,7 @@ from llamafactory_hera.hera.selection.noise import (
 from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours, scoring_dtype
 from llamafactory_hera.hera.workflow import HERA_RUN_RECORD as RUN_RECORD
+from llamafactory_hera.short_errors import RecipeError
 
 PRECISION = ("bf16", "fp16", "pure_bf16")  # the run's precision keys in hera_run.json: the scoring dtype
 REPORT_JSON = "hera_report.json"
@@ -54,7 +55,7 @@ def _run_recipe(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     record = json.loads(path.read_text(encoding="utf-8"))
     host = record.get("host")
     if not host:
-        raise ValueError(f"--report: {path} predates run reports (no 'host' section); re-run training to report")
+        raise RecipeError(f"--report: {path} predates run reports (no 'host' section); re-run training to report")
     recipe = {k: v for k, v in host.items() if k not in {"seed", "output_dir", *PRECISION} and v is not None}
     if "adapter_name_or_path" in recipe:  # LLaMA-Factory parses a comma-separated string
         recipe["adapter_name_or_path"] = ",".join(_as_list(recipe["adapter_name_or_path"]))
@@ -138,8 +139,8 @@ def run_report(args: Any) -> dict[str, Any]:
 
     resamples = getattr(args, "bootstrap", RESAMPLES)
     if resamples < MIN_RESAMPLES:
-        raise ValueError(f"--bootstrap: {resamples}; give at least {MIN_RESAMPLES} resamples (an interval from fewer "
-                         f"is noise itself), or leave it out for {RESAMPLES}")
+        raise RecipeError(f"--bootstrap: {resamples}; give at least {MIN_RESAMPLES} resamples (an interval from fewer "
+                          f"is noise itself), or leave it out for {RESAMPLES}")
     run_dir: Path = args.report
     recipe, record = _run_recipe(run_dir)
     hera = parse_hera_arguments({k: v for k, v in record.items() if k.startswith("hera_")})

@@ -37,6 +37,7 @@ from llamafactory_hera.hera.selection.choices import DTYPES, MODES, STRATEGIES  
 from llamafactory_hera.hera.selection.scores import HeadNeighbours, all_head_neighbours
 from llamafactory_hera.hera.teacher import check_teacher_source, load_image_processor, load_teacher
 from llamafactory_hera.hera.teacher_batch import teacher_batch_size
+from llamafactory_hera.short_errors import RecipeError
 
 RECORD_VERSION = 1
 
@@ -63,20 +64,20 @@ class SelectionOptions:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the option, the value and the allowed values."""
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"--strategy: got {self.strategy!r}; allowed values are {', '.join(STRATEGIES)}.")
+            raise RecipeError(f"--strategy: got {self.strategy!r}; allowed values are {', '.join(STRATEGIES)}.")
         if self.mode not in MODES:
-            raise ValueError(f"--mode: got {self.mode!r}; allowed values are {', '.join(MODES)}.")
+            raise RecipeError(f"--mode: got {self.mode!r}; allowed values are {', '.join(MODES)}.")
         if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype: got {self.dtype!r}; allowed values are {', '.join(DTYPES)}.")
+            raise RecipeError(f"--dtype: got {self.dtype!r}; allowed values are {', '.join(DTYPES)}.")
         bounds = (("--heads", self.num_heads, 1), ("--k", self.k, 1), ("--batch-size", self.batch_size, 1),
                   ("--samples", self.num_samples, 2))
         for name, value, low in bounds:
             if value < low:
-                raise ValueError(f"{name}: got {value}; allowed range is >= {low}.")
+                raise RecipeError(f"{name}: got {value}; allowed range is >= {low}.")
         if not 0 <= self.clamp <= 1:
-            raise ValueError(f"--clamp: got {self.clamp}; allowed range is 0..1 (0 turns the clamp off).")
+            raise RecipeError(f"--clamp: got {self.clamp}; allowed range is 0..1 (0 turns the clamp off).")
         if self.num_samples < self.k + 1:
-            raise ValueError(f"--samples: got {self.num_samples}; with k={self.k} at least {self.k + 1} are needed.")
+            raise RecipeError(f"--samples: got {self.num_samples}; with k={self.k} at least {self.k + 1} are needed.")
 
     def resolved_device(self) -> str:
         """``device`` or the first CUDA device when available, else CPU."""
@@ -154,7 +155,7 @@ def choose_heads(scores: torch.Tensor, num_heads: int, strategy: str, seed: int)
     """
     layers, heads = scores.shape
     if num_heads > layers * heads:
-        raise ValueError(f"--heads: got {num_heads}; the model has only {layers * heads} heads.")
+        raise RecipeError(f"--heads: got {num_heads}; the model has only {layers * heads} heads.")
     refs = [HeadRef(layer, head) for layer in range(layers) for head in range(heads)]
     flat = scores.flatten().tolist()
     if strategy == "random":
@@ -222,7 +223,7 @@ def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> N
         try:
             find_o_proj_modules(model)
         except ValueError as err:
-            raise ValueError(f"model_name_or_path: {model_name_or_path}: {err}") from None
+            raise RecipeError(f"model_name_or_path: {model_name_or_path}: {err}") from None
 
 
 def identity_of(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> dict[str, Any]:
