@@ -205,7 +205,8 @@ def test_harc_figures_name_the_run_on_one_line(saved: list[Figure], tmp_path: Pa
 
 def test_a_real_hera_run_draws_one_training_plot(assets: Any, saved: list[Figure], tmp_path: Path) -> None:
     """``llamafactory-cli train`` with ``plot_loss: true`` leaves training.png (and the host's training_loss.png) and no
-    per-metric curves; redrawn here from the run's own logs, it has the losses, the term and the temperature."""
+    per-metric curves; redrawn here from the run's own logs, it has the losses, the term, the temperature and the
+    alignment monitor's points (the default schedule scores every step of this 3-step run)."""
     from conftest import base_recipe, run_train
     from llamafactory_hera.hera.method import TRAINING_PLOT
 
@@ -214,7 +215,7 @@ def test_a_real_hera_run_draws_one_training_plot(assets: Any, saved: list[Figure
     assert sorted(p.name for p in out.glob("*.png")) == ["training.png", "training_loss.png"]
     plot_training(out, "hera", TRAINING_PLOT, _smooth)
     (fig,) = saved
-    assert len(fig.axes) == 3
+    assert len(fig.axes) == 4 and fig.axes[2].get_title() == "alignment with the teacher (MKNN)"
     _check_text(fig, "tiny-qwen3vl-hera", wrapped=False)
     _integer_ticks(fig)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

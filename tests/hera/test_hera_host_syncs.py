@@ -58,7 +58,8 @@ def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, accelerator, tmp_pa
     teacher features); and 12 copies (SFT: 8).
     """
     hera_keys = {"precomputed": {"hera_teacher_precompute": "true", "hera_monitor_steps": 2},
-                 "in_step": {"hera_teacher_cache": False}}
+                 "in_step": {"hera_teacher_cache": False, "hera_monitor_steps": 0}}  # the default scores every step
+    # of a 4-step run; the precomputed case checks that a step without a point has none of the monitor's work
     sft, sft_where = step_syncs(accelerator, sft_recipe(assets, "qwen2_5_vl", tmp_path / "sft"))
     hera, hera_where = step_syncs(accelerator, base_recipe(assets, "qwen2_5_vl", tmp_path / "hera", **STEPS,
                                                            **hera_keys[teacher]))

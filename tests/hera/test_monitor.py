@@ -69,21 +69,33 @@ def test_aligned_heads_rise_with_hera_and_stay_flat_without(assets, tmp_path: Pa
 
 def test_held_out_probe_and_default_schedule(assets, tmp_path: Path) -> None:
     """With val_size the probe pairs are the held-out rows (said in the start line); by default the monitor scores at
-    step 0 and at eval steps, within its budget; the LlamaBoard figure draws the points."""
+    step 0 and at evenly spaced steps to the last (every step of this 4-step run, the eval steps among them); the
+    LlamaBoard figure draws the points."""
     out = tmp_path / "out"
     recipe = base_recipe(assets, "qwen2_5_vl", out, max_steps=4, hera_k=3, val_size=0.25, eval_strategy="steps",
                          eval_steps=2, per_device_eval_batch_size=4)
     proc = run_train(recipe, tmp_path)
-    assert "alignment monitor at step 0 and with eval_steps (2) within 5% of the training time on 8 held-out pairs " \
-           "(val_size 0.25)" in proc.stdout
-    points = _points(out)
-    assert points and points[0]["current_steps"] == 0
-    assert {p["current_steps"] for p in points} <= {0, 2, 4}
+    assert "alignment monitor at step 0 and 10 evenly spaced steps to the last on 8 held-out pairs (val_size 0.25)" \
+           in proc.stdout
+    assert [p["current_steps"] for p in _points(out)] == [0, 1, 2, 3, 4]
 
     from llamafactory_hera.hera.board_plot import hera_loss_figure
 
     figure = hera_loss_figure(read_trainer_log(out), lambda values: values)
     assert len(figure.axes) == 3  # loss, hera_loss (twin axis), MKNN
+
+
+def test_fixed_schedule() -> None:
+    """``hera_monitor_steps: null``: step 0 and 10 evenly spaced steps, the last at the last step (every step of a
+    shorter run); an explicit value: step 0 and its multiples; 0: none. The same on every rank (no clock)."""
+    from llamafactory_hera.hera.monitor import monitor_steps
+
+    assert sorted(monitor_steps(None, 1000)) == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]
+    assert sorted(monitor_steps(None, 24)) == [0, 2, 5, 7, 10, 12, 14, 17, 19, 22, 24]
+    assert sorted(monitor_steps(None, 4)) == [0, 1, 2, 3, 4]
+    assert sorted(monitor_steps(2, 10)) == [0, 2, 4, 6, 8, 10]
+    assert sorted(monitor_steps(8, 30)) == [0, 8, 16, 24]
+    assert monitor_steps(0, 10) == set()
 
 
 def test_probe_pairs_are_held_out_rows(assets) -> None:

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import torch
 import transformers
 
-from llamafactory_hera.hera.trainer import HeraTrainerMixin
+from llamafactory_hera.hera.trainer import HeraTrainer
 
 
-class _Trainer(HeraTrainerMixin, transformers.Trainer):
+class _Trainer(HeraTrainer, transformers.Trainer):
     pass
 
 

@@ -89,9 +89,8 @@ class HeraArguments:
         None, "Score the aligned heads' MKNN with the teacher on a fixed probe set every this many optimizer steps "
         "(logged as hera_mknn, hera_mknn/L<l>H<h> and hera_mknn_control, a mean of as many unaligned heads of the same "
         "layers), scored as `llamafactory-hera select` scores (hera_select_mode, hera_select_clamp, hera_k, "
-        "hera_select_batch_size). null: at step 0 and with logging_steps (eval_steps when evaluation is on), skipping "
-        "a step while the probe pairs' teacher pass and the probes would cost more than 5% of the training time; "
-        "0: off.", min=0)
+        "hera_select_batch_size), and at step 0. null: at step 0 and 10 evenly spaced steps, the last at the last "
+        "step; 0: off.", min=0)
     hera_monitor_pairs: int = recipe_key(
         256, "Image-caption pairs in the monitor's probe set: held-out rows (eval_dataset or val_size) when there are "
         "any, else a fixed sample of training rows.", min=2)

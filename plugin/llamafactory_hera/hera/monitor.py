@@ -10,6 +10,15 @@ with ``hera_k`` neighbours and ``hera_select_batch_size`` batches), so the point
 
 Control heads: as many unaligned heads as aligned ones, each in the layer of an aligned head, drawn with the run's
 seed; their mean is logged as ``hera_mknn_control``, the line an aligned head's curve is read against.
+
+When (:class:`MonitorCallback`, a ``TrainerCallback``): on a fixed schedule (:func:`monitor_steps`), the same on every
+rank. A point at step 0 (before the first update: the "before" of ``select --report``; a resumed run starts after it),
+then every ``hera_monitor_steps`` steps, or with ``null`` at :data:`DEFAULT_POINTS` evenly spaced steps, the last one
+at the last step. Points are scored at the end of the optimizer step, after the update, on every rank with the same
+pairs (under ZeRO-3 every rank must take part in the forward); rank 0's values are broadcast. A point at a logging
+step joins that step's training log (one line with ``loss``); at another step it is a log of its own. Either way it
+passes through the Trainer's ``log()``: ``trainer_state.json``, every ``report_to`` backend, ``trainer_log.jsonl`` and
+LlamaBoard. A step without a point does nothing on the device. The cost is measured by ``bench/overhead.py --monitor``.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from llamafactory_hera.anatomy.heads import HeadRef
 from llamafactory_hera.anatomy.projection import effective_weight_columns, find_o_proj_modules, head_columns
@@ -29,7 +39,7 @@ from llamafactory_hera.hera.teacher_batch import teacher_batch_size
 from llamafactory_hera.short_errors import RecipeError
 
 PREFIX = "[llamafactory-hera]"
-BUDGET = 0.05  # hera_monitor_steps: null keeps the probes under this share of the training time
+DEFAULT_POINTS = 10  # hera_monitor_steps: null scores at step 0 and at this many evenly spaced steps
 MEAN_KEY = "hera_mknn"
 HEAD_PREFIX = "hera_mknn/"
 CONTROL_KEY = "hera_mknn_control"
@@ -165,17 +175,14 @@ class AlignmentMonitor:
                 recipe_args, model, tokenizer_module, collator.template, seed, chosen, training_args)
 
     @torch.no_grad()
-    def prepare_teacher(self, teacher: Any, image_processor: Any) -> float:
-        """Teacher features of the probe pairs and their neighbours, kept for the run. Returns seconds taken."""
-        import time
-
+    def prepare_teacher(self, teacher: Any, image_processor: Any) -> None:
+        """Teacher features of the probe pairs and their neighbours, kept for the run (synced, so that a clock read
+        around it, as ``bench/overhead.py --monitor`` does, measures it alone)."""
         wait_for_device(self.device)  # work queued before is not the monitor's
-        start = time.perf_counter()
         feats = collect.collect_teacher(teacher, image_processor, self.probe.pairs,
                                         teacher_batch_size(self.batch_size), progress=False)
         self.teacher_knn = teacher_neighbours(feats, self.k, self.device, self.clamp)
         wait_for_device(self.device)
-        return time.perf_counter() - start
 
     def _pooled(self, model: nn.Module) -> list[torch.Tensor]:
         """Per layer ``[N, H*d_head]`` pooled ``o_proj`` inputs of the probe pairs (selection's collection)."""
@@ -216,3 +223,95 @@ class AlignmentMonitor:
         if control:
             logs[CONTROL_KEY] = sum(control) / len(control)
         return logs
+
+
+def monitor_steps(every: int | None, max_steps: int) -> set[int]:
+    """The optimizer steps that get a point: 0 and every ``every`` steps, or (``None``) 0 and :data:`DEFAULT_POINTS`
+    evenly spaced steps, the last at ``max_steps`` (every step of a shorter run)."""
+    if every is not None:
+        return {0, *range(every, max_steps + 1, every)} if every > 0 else set()
+    return {0, *((i * max_steps + DEFAULT_POINTS // 2) // DEFAULT_POINTS for i in range(1, DEFAULT_POINTS + 1))}
+
+
+def monitor_callback(trainer: Any, hera_args: Any, probe: ProbeSet | None, geometry: Any,
+                     recipe_args: Any) -> MonitorCallback | None:
+    """The run's monitor (control heads drawn, the student side's inputs built; nothing runs on the model yet), or
+    None when it is off (``probe`` None)."""
+    if probe is None:
+        return None
+    args = trainer.args
+    aligned = hera_args.head_refs
+    monitor = AlignmentMonitor(hera_args, probe, aligned, control_heads(aligned, geometry.num_heads, args.seed),
+                               geometry.head_dim, args.device)
+    collator = trainer.data_collator
+    monitor.prepare_text(trainer.model, getattr(collator, "tokenizer", None), collator, recipe_args, args.seed, args)
+    return MonitorCallback(trainer, monitor, hera_args.hera_monitor_steps)
+
+
+class MonitorCallback(TrainerCallback):
+    """``hera_monitor_steps``: scores the heads at the schedule's steps and logs the points through ``trainer.log``.
+
+    Added by the trainer after LLaMA-Factory's and the Trainer's own callbacks, so ``control.should_log`` is decided
+    when ``on_step_end`` reaches it; the trainer's ``log`` calls :meth:`merge` on every training log.
+    """
+
+    def __init__(self, trainer: Any, monitor: AlignmentMonitor, every: int | None) -> None:
+        self.trainer = trainer
+        self.monitor = monitor
+        self.every = every
+        self.steps: set[int] = set()
+        self.pending: tuple[int, dict[str, float]] | None = None
+
+    def line(self) -> str:
+        """What the monitor does in this run, for the start line."""
+        monitor = self.monitor
+        when = (f"every {self.every} steps" if self.every is not None
+                else f"{DEFAULT_POINTS} evenly spaced steps to the last")
+        control = ", ".join(str(ref) for ref in monitor.control) or "none"
+        return (f"alignment monitor at step 0 and {when} on {monitor.probe.source}, {monitor.mode} mode, "
+                f"k {monitor.k}, control heads [{control}]")
+
+    def prepare_teacher(self, teacher: Any, image_processor: Any) -> None:
+        """The probe pairs' teacher features, once, before the teacher may leave the device."""
+        if self.monitor.teacher_knn is None:
+            self.monitor.prepare_teacher(teacher, image_processor)
+
+    def point(self, model: nn.Module) -> dict[str, float]:
+        """Score the heads now (every rank; rank 0's values) and return the metrics."""
+        wait_for_device(self.monitor.device)  # the step's queued kernels are the step's time, not the point's
+        scores = self.monitor.score(model)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(scores, src=0)
+        return self.monitor.logs(scores.tolist())  # the monitor's one device-to-host copy
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
+        self.steps = monitor_steps(self.every, int(state.max_steps))
+        if state.global_step == 0:
+            self.trainer.log(self.point(self.trainer.model))
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
+        self.flush()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
+        if state.global_step not in self.steps:
+            return
+        logs = self.point(self.trainer.model)
+        if control.should_log:
+            self.pending = (state.global_step, logs)
+        else:
+            self.trainer.log(logs)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
+        self.flush()
+
+    def merge(self, logs: dict[str, float], step: int) -> None:
+        """Put the point of this step into the Trainer's training log of this step."""
+        if self.pending is not None and self.pending[0] == step:
+            logs.update(self.pending[1])
+            self.pending = None
+
+    def flush(self) -> None:
+        """A point that no training log took (the Trainer did not log after all) is logged on its own."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            self.trainer.log(dict(pending[1]))

@@ -1,14 +1,20 @@
-"""Trainer mixin that adds ``lambda * L_HeRA`` to the language-model loss.
+"""HeRA's training step: ``loss = lm_loss + lambda * L_HeRA``, one class read top to bottom.
 
-Mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer`` (see ``llamafactory_hera_patches/stage.py``). It
-- captures the selected heads' pooled representations during the ordinary forward pass,
-- takes the batch's teacher features (precomputed, cached or computed now; ``trainer_teacher``),
-- scales the HeRA term exactly like the LM loss under gradient accumulation,
-- keeps the learnable log-temperature in its own optimizer group (``temperature``) and in every
-  checkpoint (``trainer_state``),
-- logs ``lm_loss``, ``hera_loss``, ``hera_weighted_loss``, ``hera_temperature`` and the sample counts
-  every logging step, and says so when micro-batches carry no HeRA term,
-- scores the aligned heads' MKNN with the teacher on a probe set during training (``trainer_monitor``).
+:class:`HeraTrainer` is mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer`` (``hera/workflow.py``). One
+optimizer step, from :meth:`HeraTrainer.compute_loss` to the loss value:
+
+1. the batch (``hera/collator.py``): the model's inputs, the teacher's pixels or cache keys, the pooled-token mask and
+   the anchors (samples with images and pooled tokens), all computed on the CPU;
+2. the captured head inputs: the ordinary LM forward, with hooks on the selected heads' ``o_proj`` inputs armed;
+3. the projection: those inputs pooled over the mask and projected through each head's ``W_O`` columns
+   (``HeadCapture.disarm``), ``[H, B, d]``;
+4. the contrastive set (:meth:`HeraTrainer.hera_term`): this rank's anchors and their teacher features, the global
+   batch under ``hera_gather``, the feature queue;
+5. the loss (``hera/loss.py``, pure), made 0 when not finite, scaled like the LM loss under gradient accumulation.
+
+Around the step, plain helpers the trainer calls: the teacher's life cycle (``teacher_run.RunTeacher``), checkpoint
+state (``checkpoint``), per-log sums and the run summary (``run_summary``), the learnable temperature's gradient
+(``temperature.TemperatureGradHandler``) and the alignment monitor (``monitor.MonitorCallback``), both callbacks.
 """
 
 from __future__ import annotations
@@ -21,25 +27,22 @@ from torch import nn
 
 from llamafactory_hera.anatomy.heads import attention_geometry
 from llamafactory_hera.anatomy.pooling import multimodal_token_ids, pooling_weights, require_multimodal_ids
+from llamafactory_hera.hera import checkpoint
 from llamafactory_hera.hera.args import HeraArguments
 from llamafactory_hera.hera.capture import HeadCapture
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS
 from llamafactory_hera.hera.contrastive import FeatureQueue, all_ranks_all, distributed, gather_batch
 from llamafactory_hera.hera.loss import hera_loss_anchored
-from llamafactory_hera.hera.method import LOG_KEYS
+from llamafactory_hera.hera.monitor import monitor_callback
 from llamafactory_hera.hera.preflight import contrastive_geometry
-from llamafactory_hera.hera.run_summary import HeraRunSummary
-from llamafactory_hera.hera.teacher import load_teacher
+from llamafactory_hera.hera.run_summary import HeraRunSummary, StepStats
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
+from llamafactory_hera.hera.teacher_run import RunTeacher
 from llamafactory_hera.hera.temperature import TemperatureGradHandler, used_temperature
 from llamafactory_hera.hera.trainable_heads import check_heads_train
-from llamafactory_hera.hera.trainer_monitor import HeraMonitorMixin
-from llamafactory_hera.hera.trainer_state import HERA_STATE_NAME, TAU_OPTIMIZER_NAME, HeraStateMixin
-from llamafactory_hera.hera.trainer_stats import HeraStatsMixin
-from llamafactory_hera.hera.trainer_teacher import HeraTeacherMixin
 from llamafactory_hera.short_errors import RecipeError
 
-__all__ = ["HERA_STATE_NAME", "LOG_KEYS", "TAU_OPTIMIZER_NAME", "HeraTrainerMixin"]
+__all__ = ["HeraTrainer"]
 
 
 def _check_same_heads_on_every_rank(heads: list[str]) -> None:
@@ -59,7 +62,7 @@ def _collator_token_sources(collator: Any) -> dict[str, Any]:
             "mm_plugin": getattr(template, "mm_plugin", None)}
 
 
-class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin, HeraMonitorMixin):
+class HeraTrainer:
     """Mix in front of a Hugging Face ``Trainer`` subclass; pass ``hera_args=HeraArguments`` to ``__init__``."""
 
     def __init__(self, *args: Any, hera_args: HeraArguments,
@@ -68,17 +71,13 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin, HeraMon
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.hera_args = hera_args
-        model = self.model
+        model, device = self.model, self.args.device
         _check_same_heads_on_every_rank(list(hera_args.hera_heads))
-        self.hera_geometry = attention_geometry(model.config)
+        geometry = attention_geometry(model.config)
         # before anything else loads: heads no trainable weight can move would train only the temperature
         check_heads_train(model, hera_args.head_refs, hera_auto_heads, getattr(self, "finetuning_args", None))
-        self.hera_capture = HeadCapture(model, hera_args.head_refs, self.hera_geometry)
-        device = self.args.device
-        # float32 (teacher.TEACHER_DTYPE) whatever the model's dtype; precomputed, it leaves the GPU after its pass
-        self.hera_teacher = load_teacher(hera_args.hera_teacher, hera_args.hera_teacher_feature, device)
-        self.hera_feature_cache = hera_feature_cache or TeacherFeatureCache(enabled=False)
-        self._hera_teacher_dim = int(self.hera_teacher.encoder.config.hidden_size)
+        self.hera_capture = HeadCapture(model, hera_args.head_refs, geometry)
+        self.hera_teacher = RunTeacher(hera_args, hera_feature_cache, device)
         self.hera_contrastive = contrastive_geometry(hera_args, self.args.per_device_train_batch_size,
                                                      self.args.world_size)
         self.hera_queue = FeatureQueue(self.hera_contrastive.queue)
@@ -86,59 +85,83 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin, HeraMon
             torch.tensor(math.log(hera_args.hera_temperature), dtype=torch.float32, device=device),
             requires_grad=hera_args.hera_learn_temperature,
         )
-        self._hera_tau_handler = TemperatureGradHandler(self.hera_log_tau, self.hera_temperature_lr)
+        self.hera_temperature_lr = hera_args.hera_temperature_lr or self.args.learning_rate
+        self.hera_tau = TemperatureGradHandler(self.hera_log_tau, self.hera_temperature_lr)
         if hera_args.hera_learn_temperature:
-            self.add_callback(self._hera_tau_handler)
-            if getattr(self, "is_deepspeed_enabled", False):
-                self._hera_tau_handler.own_optimizer = torch.optim.AdamW(
-                    [self.hera_log_tau], lr=self._hera_tau_handler.base_lr, betas=(self.args.adam_beta1,
+            self.add_callback(self.hera_tau)
+            if getattr(self, "is_deepspeed_enabled", False):  # ZeRO's optimizer takes only the model's parameters
+                self.hera_tau.own_optimizer = torch.optim.AdamW(
+                    [self.hera_log_tau], lr=self.hera_temperature_lr, betas=(self.args.adam_beta1,
                     self.args.adam_beta2), eps=self.args.adam_epsilon, weight_decay=0.0)
-        self.hera_multimodal_ids = require_multimodal_ids(
+        multimodal_ids = require_multimodal_ids(
             multimodal_token_ids(model.config, **_collator_token_sources(self.data_collator)),
             str(getattr(model.config, "model_type", "?")))
         # the collator computes the pooled tokens and the anchors on the CPU (no host sync in the step)
-        self.data_collator.hera_multimodal_ids = self.hera_multimodal_ids
+        self.data_collator.hera_multimodal_ids = multimodal_ids
         self.data_collator.hera_pooling = hera_args.hera_pooling
-        self._hera_init_stats(device)
         self.hera_summary = HeraRunSummary(hera_args, hera_data_counts)
+        self.hera_stats = StepStats(device, self.hera_summary)
         self._hera_warned_small_batch = False
-        self._hera_init_monitor(hera_probe, hera_recipe_args)  # hera_probe: monitor.ProbeSet, None when off
+        # hera_probe: monitor.ProbeSet, None when the monitor is off
+        self.hera_monitor = monitor_callback(self, hera_args, hera_probe, geometry, hera_recipe_args)
+        if self.hera_monitor is not None:
+            self.add_callback(self.hera_monitor)
 
-    @property
-    def hera_temperature_lr(self) -> float:
-        """Learning rate of log(tau): ``hera_temperature_lr``, or the run's ``learning_rate`` when null."""
-        return self.hera_args.hera_temperature_lr or self.args.learning_rate
-
-    # ----------------------------------------------------------------------------- optimizer
-    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
-        optimizer = super().create_optimizer(*args, **kwargs)
-        if self._hera_tau_handler.own_optimizer is not None:  # DeepSpeed: the temperature has its own optimizer
-            return optimizer
-        if self.hera_args.hera_learn_temperature and not any(
-            p is self.hera_log_tau for group in optimizer.param_groups for p in group["params"]
-        ):
-            optimizer.add_param_group({"params": [self.hera_log_tau], "lr": self.hera_temperature_lr,
-                                       "weight_decay": 0.0})
-        return optimizer
-
-    # ----------------------------------------------------------------------------- run
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        if self.is_world_process_zero():
-            self.hera_summary.print_start(self)
-        self._hera_monitor_prepare_teacher()  # before the teacher may leave the device
-        self._hera_precompute_teacher()
+    # ----------------------------------------------------------------------------- the step
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """The LM loss plus ``lambda * L_HeRA`` of this micro-batch (evaluation and HeRA-less batches: LM only)."""
+        pixel_values = inputs.pop("hera_pixel_values", None)
+        pixel_keys = inputs.pop("hera_pixel_keys", None)
+        counts = inputs.pop("hera_image_counts", None)
+        keys = inputs.pop("hera_image_keys", None)
+        token_mask = inputs.pop("hera_token_mask", None)
+        anchor_index = inputs.pop("hera_anchor_index", None)
+        sample_counts = inputs.pop("hera_sample_counts", None)
+        if not model.training or counts is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        if token_mask is None or anchor_index is None or sample_counts is None:
+            raise RuntimeError("HeRA: the batch has no hera_token_mask / hera_anchor_index / hera_sample_counts; it "
+                               "was not built by the HeRA collator after the HeRA trainer set it up.")
+        num_valid, text_only, _ = (int(n) for n in sample_counts)
+        if self.hera_stats.last_logged_step is None:
+            self.hera_stats.last_logged_step = self.state.global_step
+        # 2-3. the LM forward with the heads' o_proj inputs captured, then pooled and projected: reps [H, B, d]
+        self.hera_capture.arm()
         try:
-            result = super().train(*args, **kwargs)
-            self._hera_read_stats(reduce=False)  # steps after the last log: their checks, the summary's counts
-            self.hera_summary.print_end(self)
-            return result
+            result = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            # LLaMA-Factory's ASFT path (use_asft_loss) returns the loss alone, whatever return_outputs says
+            lm_loss, outputs = result if isinstance(result, tuple) else (result, None)
         finally:
-            self._hera_teacher_to(self.args.device)  # the process-wide teacher goes back where load_teacher put it
+            reps = self.hera_capture.disarm(pooling_weights(token_mask), check_gradient=torch.is_grad_enabled())
+        if reps is None:
+            raise RuntimeError("HeRA hooks did not fire: the model's o_proj modules were not called in the forward.")
+        # 4-5. the contrastive set and the HeRA loss
+        term, finite = self.hera_term(reps, pixel_values, pixel_keys, keys, counts, anchor_index, num_valid)
+        if term is None:
+            self.hera_summary.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
+        # The Trainer divides the returned loss by the accumulation steps unless the model already normalised it
+        # over the whole accumulated batch; in that case the HeRA term is divided here, so that both terms reach
+        # backward with the same 1/accumulation weight.
+        trainer_divides = (not self.model_accepts_loss_kwargs or num_items_in_batch is None) and \
+            self.compute_loss_func is None  # Trainer.training_step's rule
+        steps = self.current_gradient_accumulation_steps
+        accumulation = 1 if trainer_divides else steps
+        total = lm_loss
+        lm = lm_loss.detach().double() / (steps if trainer_divides else 1)
+        device_part = None
+        if term is not None:
+            total = lm_loss + (self.hera_args.hera_lambda * term / accumulation).to(lm_loss.dtype)
+            term_value, ok = term.detach().double(), finite.double()
+            # what the term adds to the logged `loss`: lambda * term / accumulation steps, in every configuration
+            device_part = torch.stack([lm, term_value, ok, 1.0 - ok, self.hera_args.hera_lambda * term_value / steps])
+        self.hera_stats.add(device_part, lm, [num_valid, text_only, 1.0, float(term is None), float(term is not None)])
+        return (total, outputs) if return_outputs else total
 
-    # ----------------------------------------------------------------------------- loss
-    def _hera_term(self, reps: torch.Tensor, pixel_values: torch.Tensor | None, pixel_keys: list[str] | None,
-                   keys: list[str | None], counts: torch.Tensor, anchor_index: torch.Tensor, num_valid: int
-                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def hera_term(self, reps: torch.Tensor, pixel_values: torch.Tensor | None, pixel_keys: list[str] | None,
+                  keys: list[str | None], counts: torch.Tensor, anchor_index: torch.Tensor, num_valid: int
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """HeRA loss of this rank's samples that have images and pooled tokens (``anchor_index``, from the collator).
 
         Anchors are this rank's valid samples; candidates are the global batch's (``hera_gather``) plus the
@@ -155,12 +178,12 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin, HeraMon
         device = reps.device
         if num_valid > 0:
             anchor_index = anchor_index.to(device, non_blocking=True)
-            teacher_all = self._hera_teacher_features(pixel_values, pixel_keys, keys, counts.to(device), device)
+            teacher_all = self.hera_teacher.features(pixel_values, pixel_keys, keys, counts.to(device), device)
             anchors = reps.index_select(1, anchor_index)
             anchor_teacher = teacher_all.index_select(0, anchor_index).float()
         else:
             anchors = reps[:, :0]
-            anchor_teacher = torch.zeros(0, self._hera_teacher_dim, device=device)
+            anchor_teacher = torch.zeros(0, self.hera_teacher.dim, device=device)
         gather = args.hera_gather and distributed()
         if gather:
             candidates, candidate_teacher, offset, sizes = gather_batch(anchors, anchor_teacher)
@@ -199,10 +222,7 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin, HeraMon
                 entry.register_hook(lambda grad: torch.where(finite, grad, torch.zeros_like(grad)))
         return torch.where(finite, loss, torch.zeros_like(loss)), finite
 
-    def _trainer_divides_by_accumulation(self, num_items_in_batch: Any) -> bool:
-        """Mirror of ``Trainer.training_step``'s rule for dividing the loss by the accumulation steps."""
-        return (not self.model_accepts_loss_kwargs or num_items_in_batch is None) and self.compute_loss_func is None
-
+    # ----------------------------------------------------------------------------- around the step
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The Trainer's input preparation, except for the teacher's pixels ``[N_img, C, H, W]``.
 
@@ -216,62 +236,66 @@ class HeraTrainerMixin(HeraTeacherMixin, HeraStateMixin, HeraStatsMixin, HeraMon
             prepared["hera_pixel_values"] = pixels
         return prepared
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
-        pixel_values = inputs.pop("hera_pixel_values", None)
-        pixel_keys = inputs.pop("hera_pixel_keys", None)
-        counts = inputs.pop("hera_image_counts", None)
-        keys = inputs.pop("hera_image_keys", None)
-        token_mask = inputs.pop("hera_token_mask", None)
-        anchor_index = inputs.pop("hera_anchor_index", None)
-        sample_counts = inputs.pop("hera_sample_counts", None)
-        if not model.training or counts is None:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-        if token_mask is None or anchor_index is None or sample_counts is None:
-            raise RuntimeError("HeRA: the batch has no hera_token_mask / hera_anchor_index / hera_sample_counts; it "
-                               "was not built by the HeRA collator after the HeRA trainer set it up.")
-        num_valid, text_only, _ = (int(n) for n in sample_counts)
-        if self._hera_last_logged_step is None:
-            self._hera_last_logged_step = self.state.global_step
-        self.hera_capture.arm()
-        try:
-            result = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-            # LLaMA-Factory's ASFT path (use_asft_loss) returns the loss alone, whatever return_outputs says
-            lm_loss, outputs = result if isinstance(result, tuple) else (result, None)
-        finally:
-            reps = self.hera_capture.disarm(pooling_weights(token_mask), check_gradient=torch.is_grad_enabled())
-        if reps is None:
-            raise RuntimeError("HeRA hooks did not fire: the model's o_proj modules were not called in the forward.")
-        term, finite = self._hera_term(reps, pixel_values, pixel_keys, keys, counts, anchor_index, num_valid)
-        if term is None:
-            self.hera_summary.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
-        # The Trainer divides the returned loss by the accumulation steps unless the model already normalised it
-        # over the whole accumulated batch; in that case the HeRA term is divided here, so that both terms reach
-        # backward with the same 1/accumulation weight.
-        trainer_divides = self._trainer_divides_by_accumulation(num_items_in_batch)
-        accumulation = 1 if trainer_divides else self.current_gradient_accumulation_steps
-        total = lm_loss
-        steps = self.current_gradient_accumulation_steps
-        lm = lm_loss.detach().double() / (steps if trainer_divides else 1)
-        device_part = None
-        if term is not None:
-            total = lm_loss + (self.hera_args.hera_lambda * term / accumulation).to(lm_loss.dtype)
-            term_value, ok = term.detach().double(), finite.double()
-            # what the term adds to the logged `loss`: lambda * term / accumulation steps, in every configuration
-            device_part = torch.stack([lm, term_value, ok, 1.0 - ok, self.hera_args.hera_lambda * term_value / steps])
-        self._hera_add_stats(device_part, lm, [num_valid, text_only, 1.0, float(term is None), float(term is not None)])
-        self.hera_summary.micro_batches += 1
-        return (total, outputs) if return_outputs else total
-
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         for key in HERA_BATCH_KEYS:
             inputs.pop(key, None)
         return super().prediction_step(model, inputs, *args, **kwargs)
 
-    # ----------------------------------------------------------------------------- logging
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """The Trainer's optimizer plus the learnable temperature in its own group (``hera_temperature_lr``)."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.hera_tau.own_optimizer is not None:  # DeepSpeed: the temperature has its own optimizer
+            return optimizer
+        if self.hera_args.hera_learn_temperature and not any(
+            p is self.hera_log_tau for group in optimizer.param_groups for p in group["params"]
+        ):
+            optimizer.add_param_group({"params": [self.hera_log_tau], "lr": self.hera_temperature_lr,
+                                       "weight_decay": 0.0})
+        return optimizer
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """Start line, the teacher's passes before step 1, the run, the end-of-run count."""
+        main = self.is_world_process_zero()
+        teacher = self.hera_teacher
+        if main:
+            monitor_line = self.hera_monitor.line() if self.hera_monitor is not None else (
+                "alignment monitor off (" + ("hera_monitor_steps: 0" if self.hera_args.hera_monitor_steps == 0
+                                             else "no probe pairs") + ")")
+            print(self.hera_summary.start_line(self.hera_contrastive, self.hera_temperature_lr, self.args.world_size,
+                                               teacher.precompute_decision(self.train_dataset, self.args),
+                                               monitor_line), flush=True)
+        if self.hera_monitor is not None:  # before the teacher may leave the device
+            self.hera_monitor.prepare_teacher(teacher.model, teacher.image_processor(self.data_collator))
+        teacher.precompute(self.train_dataset, self.data_collator, self.args, main)
+        try:
+            result = super().train(*args, **kwargs)
+            self.hera_stats.read(self.hera_log_tau, reduce=False)  # steps after the last log: checks, summary counts
+            self.hera_summary.print_end(main)
+            return result
+        finally:
+            teacher.to(teacher.device)  # the process-wide teacher goes back where load_teacher put it
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log: same decision on every rank, so the reduction is safe
-            self._hera_log_values(logs)
-            self._hera_monitor_merge(logs)
+            self.hera_stats.log_values(logs, self.hera_log_tau, len(self.hera_queue) if self.hera_queue.capacity
+                                       else None, self.state.global_step)
+            if self.hera_monitor is not None:
+                self.hera_monitor.merge(logs, self.state.global_step)
         super().log(logs, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            checkpoint.save_state(output_dir or self.args.output_dir, self.hera_args, self.hera_log_tau)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        checkpoint.save_optimizer_state(output_dir, self.hera_tau.own_optimizer, self.hera_queue,
+                                        self.args.process_index, self.args.should_save)
+
+    def _load_optimizer_and_scheduler(self, checkpoint_dir: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint_dir)
+        if checkpoint_dir is not None:
+            checkpoint.load_state(checkpoint_dir, self.hera_args, self.hera_log_tau, self.hera_tau.own_optimizer,
+                                  self.hera_queue, self.args.process_index, self.args.device)

@@ -25,14 +25,14 @@ def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int
     from llamafactory_hera.hera.collator import HeraCollatorMixin
     from llamafactory_hera.hera.teacher import load_image_processor
     from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
-    from llamafactory_hera.hera.trainer import HeraTrainerMixin
+    from llamafactory_hera.hera.trainer import HeraTrainer
 
     cache = TeacherFeatureCache(enabled=hera_args.hera_teacher_cache)  # shared by this run's collator and trainer
     collator = type("HeraSFTDataCollator", (HeraCollatorMixin, host.collator),
                     {"hera_image_processor": load_image_processor(hera_args.hera_teacher), "hera_feature_cache": cache,
                      "hera_image_rows": image_rows})
 
-    class HeraSeq2SeqTrainer(HeraTrainerMixin, host.trainer):
+    class HeraSeq2SeqTrainer(HeraTrainer, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, hera_args=hera_args, hera_feature_cache=cache,
                              hera_data_counts=data_counts, hera_probe=probe, hera_recipe_args=recipe_args,

@@ -1,0 +1,84 @@
+"""What a HeRA checkpoint holds besides the model: temperature, its optimizer, the feature queue.
+
+Plain functions the trainer calls from ``save_model`` and the Trainer's optimizer save / load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+
+from llamafactory_hera import __version__
+from llamafactory_hera.short_errors import RecipeError
+
+HERA_STATE_NAME = "hera_state.json"
+TAU_OPTIMIZER_NAME = "hera_temperature_optimizer.pt"
+
+
+def load_on_cpu(path: str) -> Any:
+    """``torch.load`` of a HeRA checkpoint file onto the CPU; the caller moves what it restores to its device.
+
+    The files are written by a process on a GPU, so their tensors are tagged with that GPU (``cuda:0`` for rank
+    0's). Without ``map_location`` every rank would load them onto that GPU first, and a machine without it
+    (another GPU layout, a CPU-only resume) fails with "Attempting to deserialize object on a CUDA device".
+    """
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def hera_state(hera_args: Any, log_tau: torch.Tensor) -> dict[str, Any]:
+    """What a checkpoint needs to resume HeRA exactly (JSON-serialisable)."""
+    value = float(log_tau.detach().cpu())
+    return {"version": __version__, "log_temperature": value, "temperature": math.exp(value),
+            "heads": list(hera_args.hera_heads), "hera_args": hera_args.to_dict()}
+
+
+def save_state(folder: str, hera_args: Any, log_tau: torch.Tensor) -> None:
+    """``hera_state.json`` into ``folder`` (with every saved model)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, HERA_STATE_NAME), "w", encoding="utf-8") as handle:
+        json.dump(hera_state(hera_args, log_tau), handle, indent=2)
+
+
+def _queue_file(folder: str, process_index: int) -> str:
+    return os.path.join(folder, f"hera_queue_rank{process_index}.pt")
+
+
+def save_optimizer_state(folder: str, tau_optimizer: torch.optim.Optimizer | None, queue: Any, process_index: int,
+                         should_save: bool) -> None:
+    """The temperature's own optimizer (DeepSpeed) and this rank's feature queue, beside the Trainer's optimizer."""
+    if tau_optimizer is not None and should_save:
+        torch.save(tau_optimizer.state_dict(), os.path.join(folder, TAU_OPTIMIZER_NAME))
+    if queue.capacity:  # every rank its own file (queues differ per rank without hera_gather)
+        torch.save(queue.state_dict(), _queue_file(folder, process_index))
+
+
+def load_state(checkpoint: str, hera_args: Any, log_tau: torch.Tensor, tau_optimizer: torch.optim.Optimizer | None,
+               queue: Any, process_index: int, device: torch.device) -> None:
+    """Restore what :func:`save_state` and :func:`save_optimizer_state` wrote (resume_from_checkpoint).
+
+    Raises:
+        FileNotFoundError: the checkpoint has no ``hera_state.json`` (not a HeRA run's).
+        ValueError: it trained other heads than the recipe names.
+    """
+    tau_file = os.path.join(checkpoint, TAU_OPTIMIZER_NAME)
+    if tau_optimizer is not None and os.path.isfile(tau_file):
+        # load_state_dict moves each state tensor to its parameter's device (``step`` stays on the CPU)
+        tau_optimizer.load_state_dict(load_on_cpu(tau_file))
+    queue_file = _queue_file(checkpoint, process_index)
+    if os.path.isfile(queue_file):
+        queue.load_state_dict(load_on_cpu(queue_file), device)
+    path = os.path.join(checkpoint, HERA_STATE_NAME)
+    if not os.path.isfile(path):
+        raise RecipeError(f"resume_from_checkpoint: {checkpoint} has no {HERA_STATE_NAME}; it was not "
+                          "written by a HeRA run. Resume from a HeRA checkpoint or start a fresh run.")
+    with open(path, encoding="utf-8") as handle:
+        state = json.load(handle)
+    if state["heads"] != list(hera_args.hera_heads):
+        raise RecipeError(f"hera_heads: the checkpoint {checkpoint} trained heads {state['heads']} but the recipe "
+                          f"says {hera_args.hera_heads}; resume with the same heads or start a fresh run.")
+    with torch.no_grad():
+        log_tau.fill_(state["log_temperature"])
