@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO, offline_env, read_trainer_log, run_train
+from conftest import REPO, read_trainer_log, run_train
 from llamafactory_hera.fixtures import EXTRA_MODEL_NAMES, TinyAssets, build_tiny_assets
 
 RECIPES = REPO / "recipes"
@@ -150,7 +150,7 @@ def training_runs(families: dict[str, tuple[Path, str]], assets: TinyAssets,
         name, _ = TRAINED[family]
         tmp = root / family
         recipe = _training_recipe(name, families[family][0], assets, tmp / "out")
-        env = offline_env(tmp, LLAMAFACTORY_HERA_CACHE=str(tmp / "selection_cache"))
+        env = {"LLAMAFACTORY_HERA_CACHE": str(tmp / "selection_cache")}
         return tmp / "out", run_train(recipe, tmp, check=False, env=env), recipe
 
     workers = max(1, min(3, os.cpu_count() or 1))
