@@ -9,8 +9,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +33,9 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DAT
 CLI = str(Path(sys.executable).with_name("llamafactory-cli"))
 HERA_CLI = str(Path(sys.executable).with_name("llamafactory-hera"))
 
+RUN_ENV = "HERA_TESTS_RUN"  # names this pytest run in the environment of every process it starts
+if not os.environ.get("PYTEST_XDIST_WORKER"):  # the run's controller (or a run without workers); workers inherit it
+    os.environ[RUN_ENV] = f"{os.getpid()}-{time.time_ns()}"
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # share the cores between pytest-xdist workers, not oversubscribe
     import torch
 
@@ -39,7 +44,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # share the cores between pytes
 
 def offline_env(tmp: Path, **extra: str) -> dict[str, str]:
     """Environment for a subprocess that must never touch the network."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMAFACTORY_HERA_", "FORCE_TORCHRUN"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LLAMAFACTORY_HERA_", "FORCE_TORCHRUN", "PYTEST_XDIST_"))}
     env.update({
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
         "HF_HOME": str(tmp / "hf_home"), "MPLCONFIGDIR": str(tmp / "mpl"), "DISABLE_VERSION_CHECK": "1",
@@ -208,15 +214,69 @@ def run_once_more_if_aborted_at_exit(command: list[str], options: dict[str, Any]
     (PYTHONFAULTHANDLER=1 in offline_env) showed the main thread with no Python frame: the abort comes after
     all Python code, in interpreter finalization. The warning quotes the stderr.
     """
-    proc = subprocess.run(command, **options)
+    proc = run_process(command, **options)
     for _ in range(tries - 1):
         if not aborted_at_exit(proc):
             break
         warnings.warn("a rank aborted at exit after training completed; ran again:\n" + proc.stderr[-6000:],
                       stacklevel=3)
         clean()
-        proc = subprocess.run(command, **options)
+        proc = run_process(command, **options)
     return proc
+
+
+def run_process(command: list[str], *, timeout: float, **options: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True, ...)`` in a process group of its own, the whole
+    group killed on timeout: torchrun's ranks and a launcher's children end with it (``subprocess.run`` kills only
+    the child; its ranks would train on, orphaned, beside the rest of the suite)."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                          **options) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def leftover_processes() -> list[Any]:
+    """Processes of this run (:data:`RUN_ENV` in their environment) still alive, other than pytest's own."""
+    import psutil
+
+    mine = os.environ[RUN_ENV]
+    own = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
+    left = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if process.pid not in own and process.environ().get(RUN_ENV) == mine and not any(
+                    "multiprocessing.resource_tracker" in part for part in process.info["cmdline"] or []):
+                left.append(process)
+        except (psutil.Error, OSError):  # gone meanwhile, or not ours to read
+            continue
+    return left
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
+    """The run ends everything it started: a process still alive at the end (a web UI, a rank, a server) is
+    killed and fails the run (checked once, by the controller after xdist has stopped its workers)."""
+    yield
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import psutil
+
+    left = leftover_processes()
+    _, alive = psutil.wait_procs(left, timeout=10)  # give processes that are exiting the time to
+    if not alive:
+        return
+    names = "\n".join(f"  {p.pid}: {' '.join(p.info['cmdline'] or [])[:200]}" for p in alive)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    sys.stderr.write(f"\nthe test run left {len(alive)} process(es) running; killed:\n{names}\n")
+    if session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def image_less_dataset(assets: TinyAssets, folder: Path) -> Path:
