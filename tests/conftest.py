@@ -122,7 +122,7 @@ def run_train(recipe: dict[str, Any], tmp: Path, *cli_overrides: str, check: boo
     fresh()
     proc = run_once_more_if_aborted_at_exit(
         [CLI, "train", str(path)],
-        dict(cwd=tmp, env=offline_env(tmp, **(env or {})), capture_output=True, text=True, timeout=timeout),
+        dict(cwd=tmp, env=offline_env(tmp, **(env or {})), timeout=timeout),
         lambda: (shutil.rmtree(recipe.get("output_dir", tmp / "__none__"), ignore_errors=True), fresh()))
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -225,12 +225,12 @@ def run_once_more_if_aborted_at_exit(command: list[str], options: dict[str, Any]
     return proc
 
 
-def run_process(command: list[str], *, timeout: float, **options: Any) -> subprocess.CompletedProcess:
+def run_process(command: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """``subprocess.run(command, capture_output=True, text=True, ...)`` in a process group of its own, the whole
     group killed on timeout: torchrun's ranks and a launcher's children end with it (``subprocess.run`` kills only
     the child; its ranks would train on, orphaned, beside the rest of the suite)."""
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                          **options) as process:
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
