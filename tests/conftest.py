@@ -31,7 +31,6 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DAT
                      "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}.items():
     os.environ.setdefault(_key, _value)
 CLI = str(Path(sys.executable).with_name("llamafactory-cli"))
-HERA_CLI = str(Path(sys.executable).with_name("llamafactory-hera"))
 
 RUN_ENV = "HERA_TESTS_RUN"  # names this pytest run in the environment of every process it starts
 if not os.environ.get("PYTEST_XDIST_WORKER"):  # the run's controller (or a run without workers); workers inherit it
