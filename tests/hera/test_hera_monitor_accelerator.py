@@ -141,7 +141,7 @@ def test_monitor_in_bf16_on_the_device(assets, accelerator, tmp_path: Path, monk
     assert [p["current_steps"] for p in points] == [0, MONITOR_STEP]
     fp32 = tmp_path / "fp32"
     run_train(base_recipe(assets, FAMILY, fp32, **{**KEYS, "max_steps": 1}, hera_monitor_steps=MONITOR_STEP),
-              tmp_path / "cpu")
+              tmp_path / "cpu", process=True)  # on the CPU: this process holds the accelerator's patches
     first = _points(fp32)[0]
     keys = [key for key in points[0] if key.startswith("hera_mknn")]
     assert len(keys) == 4 and {key: points[0][key] for key in keys} == {key: first[key] for key in keys}

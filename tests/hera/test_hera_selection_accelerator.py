@@ -86,7 +86,7 @@ def test_report_of_a_finished_run_on_the_device(assets, accelerator, tmp_path: P
     from llamafactory_hera.cli import main
 
     out = tmp_path / "run"
-    run_train(base_recipe(assets, FAMILY, out, max_steps=1, **KEYS), tmp_path)
+    run_train(base_recipe(assets, FAMILY, out, max_steps=1, **KEYS), tmp_path, process=True)  # on the CPU
     args = ["select", "--report", str(out), "--samples", "12", "--k", "3"]
     assert main([*args, "--device", "cpu"]) == 0
     on_cpu = json.loads((out / "hera_report.json").read_text())
