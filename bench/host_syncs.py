@@ -3,7 +3,7 @@
 A device-to-host transfer (``.item()``, ``.cpu()``, ``.tolist()``, ``nonzero``, a boolean mask, ``repeat_interleave``
 without ``output_size``, a tensor's truth value) makes the host wait for the GPU; a step that has one cannot queue
 the next step's kernels ahead. This script runs the real ``run_exp`` of LLaMA-Factory for ``stage: sft`` and each
-method on the simulated accelerator (``tests/accelerator.py``: real values on the CPU, another device reported,
+method on the simulated accelerator (``fixtures/accelerator.py``: real values on the CPU, another device reported,
 every transfer counted with the frame that asked for it) and prints, per optimizer step, the transfers of a
 logging step and of an ordinary step, for the method and for SFT on the same tiny model and data.
 
@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                      "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}.items():
     os.environ.setdefault(_key, _value)
@@ -34,9 +32,9 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DAT
 
 def _recipes(out: Path, steps: int, logging_steps: int) -> dict[str, dict[str, Any]]:
     """The recipes compared: each method and the SFT run it is compared with."""
-    from conftest import base_recipe, harc_recipe
     from llamafactory_hera.fixtures import build_tiny_assets
     from llamafactory_hera.fixtures.harc_assets import build_harc_assets
+    from llamafactory_hera.fixtures.recipes import base_recipe, harc_recipe
 
     assets = build_tiny_assets(REPO / ".hera_assets" / "tests", seed=0)
     harc = build_harc_assets(REPO / ".hera_assets" / "harc", seed=0)
@@ -60,7 +58,7 @@ def _run(recipe: dict[str, Any]) -> tuple[list[tuple[int, bool, Counter[str]]], 
     import pytest
     from llamafactory.train.tuner import run_exp
 
-    from accelerator import SimulatedAccelerator, StepSyncs, patch_for_simulated_device
+    from llamafactory_hera.fixtures.accelerator import SimulatedAccelerator, StepSyncs, patch_for_simulated_device
 
     accelerator = SimulatedAccelerator()
     with pytest.MonkeyPatch.context() as monkeypatch:

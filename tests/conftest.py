@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +22,7 @@ import pytest
 import yaml
 
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
+from llamafactory_hera.fixtures.recipes import base_recipe, harc_recipe  # noqa: F401 - the tests import them from here
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,8 +31,10 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DAT
                      "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}.items():
     os.environ.setdefault(_key, _value)
 CLI = str(Path(sys.executable).with_name("llamafactory-cli"))
-HERA_CLI = str(Path(sys.executable).with_name("llamafactory-hera"))
 
+RUN_ENV = "HERA_TESTS_RUN"  # names this pytest run in the environment of every process it starts
+if not os.environ.get("PYTEST_XDIST_WORKER"):  # the run's controller (or a run without workers); workers inherit it
+    os.environ[RUN_ENV] = f"{os.getpid()}-{time.time_ns()}"
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # share the cores between pytest-xdist workers, not oversubscribe
     import torch
 
@@ -35,7 +43,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # share the cores between pytes
 
 def offline_env(tmp: Path, **extra: str) -> dict[str, str]:
     """Environment for a subprocess that must never touch the network."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMAFACTORY_HERA_", "FORCE_TORCHRUN"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LLAMAFACTORY_HERA_", "FORCE_TORCHRUN", "PYTEST_XDIST_"))}
     env.update({
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
         "HF_HOME": str(tmp / "hf_home"), "MPLCONFIGDIR": str(tmp / "mpl"), "DISABLE_VERSION_CHECK": "1",
@@ -64,11 +73,15 @@ def harc_assets() -> Any:
 
 @pytest.fixture
 def accelerator(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """A simulated accelerator (tests/accelerator.py) with the host stack patched to place work on it.
+    """A simulated accelerator (fixtures/accelerator.py) with the host stack patched to place work on it.
 
     ``with accelerator: run_exp(recipe, callbacks=[StepSyncs(accelerator)])`` runs a real training on it.
     """
-    from accelerator import SimulatedAccelerator, patch_for_simulated_device, reset_accelerate_state
+    from llamafactory_hera.fixtures.accelerator import (
+        SimulatedAccelerator,
+        patch_for_simulated_device,
+        reset_accelerate_state,
+    )
 
     reset_accelerate_state()
     simulated = SimulatedAccelerator()
@@ -78,41 +91,27 @@ def accelerator(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     reset_accelerate_state()  # a later in-process run in this worker must set up the CPU again
 
 
-def harc_recipe(harc_assets: Any, family: str, output_dir: Path, **overrides: Any) -> dict[str, Any]:
-    """A small ``stage: harc`` recipe for a tiny text model (every role; ``None`` overrides drop a key).
-
-    Sizes are scaled down from the reference (8 + 4 held-out rows per role instead of 300 + 100, band 1 of 6 layers
-    instead of 4 of 32, refresh every 2 optimizer steps, ramp at 3) so that a run covers base extraction, a refresh
-    and the ramp in 5 steps.
-    """
-    recipe: dict[str, Any] = {
-        "model_name_or_path": str(harc_assets.models[family]), "template": harc_assets.templates[family],
-        "stage": "harc", "do_train": True, "finetuning_type": "lora", "lora_target": "all", "lora_rank": 8,
-        "lora_alpha": 16, "dataset_dir": str(harc_assets.dataset_dir), "harc_harmful": "harc_harmful",
-        "harc_harmless": "harc_harmless", "harc_pseudo": "harc_pseudo",
-        "harc_harmful_completions": "harc_harmful_completions", "harc_extract_samples": 8,
-        "harc_validate_samples": 4, "harc_band": 1, "harc_refresh_steps": 2, "harc_layers_ramp_step": 3,
-        "harc_eval_max_new_tokens": 8, "max_steps": 5, "gradient_accumulation_steps": 2, "learning_rate": 1e-3,
-        "logging_steps": 1, "output_dir": str(output_dir), "overwrite_output_dir": True, "report_to": "none",
-        "plot_loss": False, "seed": 0, "disable_shuffling": True, "overwrite_cache": True,
-    }
-    recipe.update(overrides)
-    return {k: v for k, v in recipe.items() if v is not None}
-
-
-def base_recipe(assets: TinyAssets, family: str, output_dir: Path, **overrides: Any) -> dict[str, Any]:
-    """The demo's small HeRA recipe for one tiny model family, without plots; ``None`` overrides drop a key."""
-    from llamafactory_hera.hera.demo import build_recipe
-
-    recipe = build_recipe(assets, family, Path(output_dir), steps=3)
-    recipe["plot_loss"] = False
-    recipe.update(overrides)
-    return {k: v for k, v in recipe.items() if v is not None}
+# A run whose environment sets one of these is a real process: ranks, or what the start-up hook reads.
+PROCESS_ENV = ("FORCE_TORCHRUN", "LLAMAFACTORY_HERA_DISABLE", "LLAMAFACTORY_HERA_TRACEBACK", "PYTHONPATH")
 
 
 def run_train(recipe: dict[str, Any], tmp: Path, *cli_overrides: str, check: bool = True,
-              env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Write the recipe as YAML and run the stock `llamafactory-cli train` on it."""
+              env: dict[str, str] | None = None, process: bool = False,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    """Train on ``recipe`` (``key=value`` overrides as on the command line); exit code, stdout and stderr come back.
+
+    In this process through LLaMA-Factory's ``run_exp`` (what ``llamafactory-cli train`` calls; see
+    :func:`run_in_process`), with ``env`` set and cwd ``tmp`` for the run. A real ``llamafactory-cli train`` process
+    where the process is what is tested: ``process=True`` or ``env`` naming a key of :data:`PROCESS_ENV` (torchrun
+    ranks, what the start-up hook reads). ``check``: a failed run raises AssertionError.
+    """
+    recipe = {**recipe, **{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in cli_overrides)}}
+    tmp.mkdir(parents=True, exist_ok=True)
+    if not process and not set(env or {}) & set(PROCESS_ENV):
+        proc = run_in_process(recipe, tmp, env or {})
+        if check and proc.returncode != 0:
+            raise AssertionError(f"run_exp failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        return proc
     path = tmp / "recipe.yaml"
 
     def fresh() -> None:  # also after emptying an output_dir that holds the run's folder
@@ -120,14 +119,77 @@ def run_train(recipe: dict[str, Any], tmp: Path, *cli_overrides: str, check: boo
         path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
 
     fresh()
-    command = [CLI, "train", str(path), *cli_overrides]
     proc = run_once_more_if_aborted_at_exit(
-        command, dict(cwd=tmp, env=env or offline_env(tmp), capture_output=True, text=True, timeout=timeout),
+        [CLI, "train", str(path)],
+        dict(cwd=tmp, env=offline_env(tmp, **(env or {})), timeout=timeout),
         lambda: (shutil.rmtree(recipe.get("output_dir", tmp / "__none__"), ignore_errors=True), fresh()))
     if check and proc.returncode != 0:
         raise AssertionError(
             f"llamafactory-cli failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+@contextlib.contextmanager
+def isolated_run(cwd: Path, env: dict[str, str]) -> Iterator[None]:
+    """An in-process run with ``env`` added and ``cwd`` as folder; afterwards os.environ, the folder and accelerate's
+    process-wide state are as before (run_exp sets the ranks' variables and the state's device)."""
+    from llamafactory_hera.fixtures.accelerator import reset_accelerate_state
+
+    saved, folder = dict(os.environ), os.getcwd()
+    reset_accelerate_state()
+    os.environ.update(env)
+    os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.chdir(folder)
+        os.environ.clear()
+        os.environ.update(saved)
+        reset_accelerate_state()
+
+
+def run_in_process(recipe: dict[str, Any], tmp: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``run_exp(recipe)`` in this process (see :func:`isolated_run`), reported as its console script's process would
+    be: what it printed, logged and warned (once per place) as stdout and stderr; an uncaught error through
+    ``sys.excepthook`` (the plugin's short errors) and exit code 1, a ``SystemExit`` its code."""
+    from llamafactory.train.tuner import run_exp
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with isolated_run(tmp, env), captured(out, err), warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
+        try:
+            run_exp(recipe)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+        except Exception as error:  # noqa: BLE001 - reported as the interpreter reports an uncaught error
+            sys.excepthook(type(error), error, error.__traceback__)
+            code = 1
+    return subprocess.CompletedProcess(["run_exp"], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def captured(out: io.StringIO, err: io.StringIO) -> Iterator[None]:
+    """``sys.stdout`` / ``sys.stderr`` and every logging handler writing to them (LLaMA-Factory's and transformers'
+    handlers keep the stream they were made with) go to ``out`` / ``err``; handlers made meanwhile go back too."""
+    streams = {id(sys.stdout): out, id(sys.stderr): err}
+    back = {id(out): sys.stdout, id(err): sys.stderr}
+
+    def swap(mapping: dict[int, Any]) -> None:
+        loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(lg, logging.Logger))]
+        for handler in {h for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler}:
+            if id(handler.stream) in mapping:
+                handler.setStream(mapping[id(handler.stream)])
+
+    swap(streams)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        swap(back)
 
 
 def aborted_at_exit(proc: subprocess.CompletedProcess) -> bool:
@@ -151,46 +213,69 @@ def run_once_more_if_aborted_at_exit(command: list[str], options: dict[str, Any]
     (PYTHONFAULTHANDLER=1 in offline_env) showed the main thread with no Python frame: the abort comes after
     all Python code, in interpreter finalization. The warning quotes the stderr.
     """
-    proc = run_command(command, **options)
+    proc = run_process(command, **options)
     for _ in range(tries - 1):
         if not aborted_at_exit(proc):
             break
         warnings.warn("a rank aborted at exit after training completed; ran again:\n" + proc.stderr[-6000:],
                       stacklevel=3)
         clean()
-        proc = run_command(command, **options)
+        proc = run_process(command, **options)
     return proc
 
 
-_FORK_SERVER_HOME: list[Path] = []
+def run_process(command: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True, ...)`` in a process group of its own, the whole
+    group killed on timeout: torchrun's ranks and a launcher's children end with it (``subprocess.run`` kills only
+    the child; its ranks would train on, orphaned, beside the rest of the suite)."""
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def _fork_server_env() -> dict[str, str]:
-    """The environment of this process's fork server (tests/forked_cli.py): offline_env of a folder removed at exit."""
-    if not _FORK_SERVER_HOME:
-        import atexit
-        import tempfile
+def leftover_processes() -> list[Any]:
+    """Processes of this run (:data:`RUN_ENV` in their environment) still alive, other than pytest's own."""
+    import psutil
 
-        home = Path(tempfile.mkdtemp(prefix="forked_cli_server_"))
-        atexit.register(shutil.rmtree, home, ignore_errors=True)
-        _FORK_SERVER_HOME.append(home)
-    return offline_env(_FORK_SERVER_HOME[0])
+    mine = os.environ[RUN_ENV]
+    own = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
+    left = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if process.pid not in own and process.environ().get(RUN_ENV) == mine and not any(
+                    "multiprocessing.resource_tracker" in part for part in process.info["cmdline"] or []):
+                left.append(process)
+        except (psutil.Error, OSError):  # gone meanwhile, or not ours to read
+            continue
+    return left
 
 
-def run_command(command: list[str], *, cwd: Path, env: dict[str, str], capture_output: bool, text: bool,
-                timeout: float) -> subprocess.CompletedProcess:
-    """``subprocess.run(command, ...)``; a ``llamafactory-cli`` or ``llamafactory-hera`` command whose environment
-    allows it runs forked from a server that imported LLaMA-Factory once (tests/forked_cli.py: same entry point,
-    argv, environment, folder, output and exit code, without the 10-17 s of imports).
-    ``HERA_TESTS_FRESH_PROCESSES=1`` turns that off."""
-    from forked_cli import forkable, run_forked
+@pytest.hookimpl(hookwrapper=True)
+def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
+    """The run ends everything it started: a process still alive at the end (a web UI, a rank, a server) is
+    killed and fails the run (checked once, by the controller after xdist has stopped its workers)."""
+    yield
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import psutil
 
-    assert capture_output and text
-    if command[0] in (CLI, HERA_CLI) and not os.environ.get("HERA_TESTS_FRESH_PROCESSES"):
-        base = _fork_server_env()
-        if forkable(env, base):
-            return run_forked(command, env, cwd, timeout, base)
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    left = leftover_processes()
+    _, alive = psutil.wait_procs(left, timeout=10)  # give processes that are exiting the time to
+    if not alive:
+        return
+    names = "\n".join(f"  {p.pid}: {' '.join(p.info['cmdline'] or [])[:200]}" for p in alive)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    sys.stderr.write(f"\nthe test run left {len(alive)} process(es) running; killed:\n{names}\n")
+    if session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def image_less_dataset(assets: TinyAssets, folder: Path) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import offline_env, read_trainer_log, run_train
+from conftest import read_trainer_log, run_train
 
 PROMPTS = ["Name a colour.", "Count to three.", "Say hello.", "Describe a circle.", "What is red?", "Name a shape.",
            "Say goodbye.", "Describe a square."]
@@ -56,7 +56,7 @@ def test_stock_stage_trains_identically_with_the_plugin(assets, tmp_path: Path, 
             "max_steps": 2, "logging_steps": 1, "learning_rate": 1e-3, "save_strategy": "no",
             "output_dir": str(out), "overwrite_output_dir": True, "report_to": "none", "seed": 0,
         }
-        run_train(recipe, tmp_path / label, env=offline_env(tmp_path / label, **extra_env))
+        run_train(recipe, tmp_path / label, env=extra_env, process=True)  # both runs alike: two fresh processes
         losses[label] = [line["loss"] for line in read_trainer_log(out) if "loss" in line]
         assert not (out / "hera_state.json").exists()
     assert len(losses["plugin"]) == 2 and losses["plugin"] == losses["stock"]

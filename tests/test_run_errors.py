@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import base_recipe, harc_recipe, offline_env, run_command, run_train
+from conftest import base_recipe, harc_recipe, offline_env, run_train
 from llamafactory_hera.anatomy.run_checks import check_output_dir
 from llamafactory_hera.rah.demo import build_rah_recipe
 from llamafactory_hera_patches.stage import check_stage
@@ -198,8 +199,8 @@ def test_select_refuses_a_recipe_of_another_method_at_once(assets: Any, tmp_path
     facebook/dinov2-large; it now says what the recipe is before loading anything."""
     recipe = tmp_path / "rah.yaml"
     recipe.write_text(yaml.safe_dump(build_rah_recipe(assets, "qwen2_5_vl", tmp_path / "out")), encoding="utf-8")
-    proc = run_command([SELECT, "select", str(recipe)], cwd=tmp_path, env=offline_env(tmp_path),
-                       capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([SELECT, "select", str(recipe)], cwd=tmp_path, env=offline_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert (f"llamafactory-hera: error: stage: rah: {recipe} is a RAH-LoRA (training-free head calibration) recipe, "
             "not a HeRA recipe (stage: hera)") in proc.stderr

@@ -211,7 +211,8 @@ def test_a_real_hera_run_draws_one_training_plot(assets: Any, saved: list[Figure
     from llamafactory_hera.hera.method import TRAINING_PLOT
 
     out = tmp_path / "tiny-qwen3vl-hera"
-    run_train(base_recipe(assets, "qwen3_vl", out, plot_loss=True, max_steps=3), tmp_path)
+    # a process of its own: the ``saved`` fixture catches this process's savefig
+    run_train(base_recipe(assets, "qwen3_vl", out, plot_loss=True, max_steps=3), tmp_path, process=True)
     assert sorted(p.name for p in out.glob("*.png")) == ["training.png", "training_loss.png"]
     plot_training(out, "hera", TRAINING_PLOT, _smooth)
     (fig,) = saved

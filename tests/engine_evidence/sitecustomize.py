@@ -3,7 +3,7 @@
 Put this folder on ``PYTHONPATH`` and name a folder in ``HERA_TEST_ENGINE_EVIDENCE``: at its first training step
 every rank writes ``rank<N>.json`` there with whether DeepSpeed is on, the ZeRO stage its engine runs, the engine's
 class, and the first decoder layer's ``o_proj`` weight as the step sees it outside any gather (ZeRO-3 leaves an empty
-placeholder with a ``ds_id``). tests/hera/test_deepspeed.py and tests/harc/test_harc_stage.py read it, so ZeRO
+placeholder with a ``ds_id``). tests/hera/test_hera_deepspeed.py and tests/harc/test_harc_stage.py read it, so ZeRO
 losses equal to DDP losses cannot hide a silent fallback to DDP. Without the variable nothing is imported.
 """
 

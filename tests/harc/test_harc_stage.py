@@ -125,7 +125,7 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
 
     ZeRO-2 gave the same losses in every CI run of 2026-11-23 that included it (4 runs); it is left out to keep the
     suite within CI's 15 minutes: ZeRO-3 is the harder case (weights gathered in every forward, generation in step),
-    and tests/hera/test_deepspeed.py runs the shared DeepSpeed path under ZeRO-2."""
+    and tests/hera/test_hera_deepspeed.py runs the shared DeepSpeed path under ZeRO-2."""
     runs = {"one": _terms(four_steps)}
     assert [line["harc_layers"] for line in read_trainer_log(four_steps) if "loss" in line][-1].count(",") == 3
     ds = REPO / "recipes" / "deepspeed"
@@ -135,8 +135,8 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
         output = tmp_path / name / "out"  # not the run's folder: a rerun after an abort at exit empties output_dir
         # the end-of-run evaluation generates on every rank in step: run it under ZeRO-3, where that matters
         recipe = harc_recipe(harc_assets, "llama3", output, harc_eval=name == "zero3", max_steps=4, **extra)
-        env = offline_env(tmp_path / name, **({"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2"}
-                                              if ranks == 2 else {}), **evidence_env(tmp_path / name / "engine"))
+        env = {**({"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2"} if ranks == 2 else {}),
+               **evidence_env(tmp_path / name / "engine")}
         run_train(recipe, tmp_path / name, env=env)
         runs[name] = _terms(output)
         # equal losses prove nothing if DeepSpeed silently fell back to DDP: the run's engine is what it says

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_train_inprocess import LogProbe
+from test_hera_train_inprocess import LogProbe
 
 from conftest import base_recipe
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, image_identity

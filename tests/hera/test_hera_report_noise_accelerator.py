@@ -1,10 +1,10 @@
-"""``select --report``'s bootstrap on the simulated accelerator (tests/accelerator.py), from bf16 head inputs.
+"""``select --report``'s bootstrap on the simulated accelerator (fixtures/accelerator.py), from bf16 head inputs.
 
 The neighbours are ranked and the resamples scored on the device (``all_head_neighbours(..., device=)``,
 ``paired_bootstrap(..., device=)``, as ``select --report --device`` runs them) from bfloat16 pooled inputs, weights and
 teacher features (a ``bf16: true`` recipe's). Checked against the CPU run of the same calls (device placement changes
 no number: the resamples are drawn by a seeded CPU generator) and against the brute-force reference of
-tests/hera/test_report_noise.py (a plain Python loop over the same resamples, float64 similarities of the same
+tests/hera/test_hera_report_noise.py (a plain Python loop over the same resamples, float64 similarities of the same
 bf16-rounded values).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_report_noise import HEAD_DIM, _brute_mknn, _cosines, _draw, _head_sims, _inputs
+from test_hera_report_noise import HEAD_DIM, _brute_mknn, _cosines, _draw, _head_sims, _inputs
 
 from llamafactory_hera.hera.selection.noise import paired_bootstrap, prefix_length
 from llamafactory_hera.hera.selection.scores import all_head_neighbours
@@ -31,7 +31,7 @@ def _neighbours(pooled, before_w, after_w, teacher, device):
 
 
 def test_bootstrap_on_the_device_from_bf16_inputs(accelerator) -> None:
-    from accelerator import DEVICE, to_device
+    from llamafactory_hera.fixtures.accelerator import DEVICE, to_device
 
     inputs = [[t.bfloat16() for t in group] if isinstance(group, list) else group.bfloat16()
               for group in _inputs(NUM, seed=3)]

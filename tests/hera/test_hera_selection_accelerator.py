@@ -1,4 +1,4 @@
-"""Head selection on the simulated accelerator (tests/accelerator.py): ``hera_heads: auto`` at the start of a HeRA
+"""Head selection on the simulated accelerator (fixtures/accelerator.py): ``hera_heads: auto`` at the start of a HeRA
 ``run_exp``, ``llamafactory-hera select`` and ``select --report RUN`` run in this process with the model loaded as
 LLaMA-Factory loads it (``device_map`` naming the device). Each scores every head with the same values as on the CPU;
 a CPU tensor meeting a device tensor raises as CUDA would.
@@ -86,7 +86,7 @@ def test_report_of_a_finished_run_on_the_device(assets, accelerator, tmp_path: P
     from llamafactory_hera.cli import main
 
     out = tmp_path / "run"
-    run_train(base_recipe(assets, FAMILY, out, max_steps=1, **KEYS), tmp_path)
+    run_train(base_recipe(assets, FAMILY, out, max_steps=1, **KEYS), tmp_path, process=True)  # on the CPU
     args = ["select", "--report", str(out), "--samples", "12", "--k", "3"]
     assert main([*args, "--device", "cpu"]) == 0
     on_cpu = json.loads((out / "hera_report.json").read_text())

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_train_inprocess import LogProbe
+from test_hera_train_inprocess import LogProbe
 
 from conftest import base_recipe
 from llamafactory_hera.short_errors import RecipeError
@@ -55,7 +55,7 @@ def test_unreadable_image_names_file_and_row(assets, tmp_path: Path, precompute:
 
 def test_a_dataset_without_any_image_is_refused_before_training(assets, tmp_path: Path) -> None:
     """It used to train plain SFT under `stage: hera` (exit 0, no hera_loss); micro-batches without images inside
-    an image dataset are covered in test_preflight.py."""
+    an image dataset are covered in test_hera_preflight.py."""
     def edit(rows, folder):
         for row in rows:
             row["images"] = []

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import base_recipe, offline_env, read_log_history, read_trainer_log, run_command, run_train
+from conftest import base_recipe, offline_env, read_log_history, read_trainer_log, run_train
 
 SELECT = str(Path(sys.executable).with_name("llamafactory-hera"))
 HEADS = ["L1H0", "L1H2"]
@@ -50,9 +51,9 @@ def test_aligned_heads_rise_with_hera_and_stay_flat_without(assets, tmp_path: Pa
     history = [entry for entry in read_log_history(runs["hera"]) if "hera_mknn" in entry]  # what report_to gets
     assert [entry["step"] for entry in history] == [0, 8, 16, 24, 32]
 
-    report = run_command([SELECT, "select", "--report", str(runs["hera"]), "--samples", "256", "--k", "3",
-                          "--device", "cpu"], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True,
-                         text=True, timeout=300)
+    report = subprocess.run([SELECT, "select", "--report", str(runs["hera"]), "--samples", "256", "--k", "3",
+                            "--device", "cpu"], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True,
+                            text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     before = json.loads((runs["hera"] / "hera_report.json").read_text())
     assert before["num_pairs"] == 32

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import base_recipe, offline_env, read_log_history, read_trainer_log, run_train
+from conftest import base_recipe, read_log_history, read_trainer_log, run_train
 
 HERA_KEYS = ("lm_loss", "hera_loss", "hera_temperature", "hera_image_samples", "hera_text_only_samples")
 
@@ -107,7 +107,7 @@ def test_torchrun_ranks_accept_stage_hera_and_share_one_temperature(assets, tmp_
     out = tmp_path / "out"
     recipe = base_recipe(assets, "qwen2_5_vl", out, per_device_train_batch_size=4, max_steps=2,
                          hera_temperature_lr=0.05)
-    run_train(recipe, tmp_path, env=offline_env(tmp_path, FORCE_TORCHRUN="1", NPROC_PER_NODE="2"))
+    run_train(recipe, tmp_path, env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})
     lines = _train_lines(out)
     assert len(lines) == 2 and all("hera_loss" in line for line in lines)
     # The logged temperature is the mean over ranks, the saved one is rank 0's: equal only if the ranks agree.
@@ -118,7 +118,7 @@ def test_torchrun_ranks_accept_stage_hera_and_share_one_temperature(assets, tmp_
 
 def test_cli_errors_reach_the_terminal_before_any_model_is_loaded(assets, tmp_path: Path) -> None:
     recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", hera_heads=["L9H0"])
-    proc = run_train(recipe, tmp_path, check=False)
+    proc = run_train(recipe, tmp_path, check=False, process=True)  # the real process: exit code, short error
     assert proc.returncode != 0
     assert "hera_heads: L9H0 is outside" in proc.stderr and "layers L0..L1 and heads H0..H3" in proc.stderr
     assert "Loading weights" not in proc.stderr + proc.stdout and not (tmp_path / "out").exists()
@@ -126,11 +126,11 @@ def test_cli_errors_reach_the_terminal_before_any_model_is_loaded(assets, tmp_pa
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "[llamafactory-hera] error: hera_heads: L9H0 is outside" in proc.stderr
     assert "LLAMAFACTORY_HERA_TRACEBACK=1" in proc.stderr
-    full = run_train(recipe, tmp_path, check=False, env=offline_env(tmp_path, LLAMAFACTORY_HERA_TRACEBACK="1"))
+    full = run_train(recipe, tmp_path, check=False, env={"LLAMAFACTORY_HERA_TRACEBACK": "1"})
     assert full.returncode != 0 and "Traceback" in full.stderr and "hera_heads: L9H0 is outside" in full.stderr
 
 
 def test_disabled_plugin_leaves_llamafactory_stock(assets, tmp_path: Path) -> None:
     recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out")
-    proc = run_train(recipe, tmp_path, check=False, env=offline_env(tmp_path, LLAMAFACTORY_HERA_DISABLE="1"))
+    proc = run_train(recipe, tmp_path, check=False, env={"LLAMAFACTORY_HERA_DISABLE": "1"})
     assert proc.returncode != 0 and "hera" in proc.stderr and "llamafactory_hera" not in proc.stderr

@@ -26,7 +26,7 @@ def _probe(recipe: dict, tmp: Path, processes: int) -> dict:
                 "--master_addr", "127.0.0.1", "--master_port", str(port)] if processes > 1 else [sys.executable]
     proc = run_once_more_if_aborted_at_exit(
         [*launcher, PROBE, str(tmp / "recipe.json"), str(tmp / "out.pt")],
-        dict(cwd=tmp, env=offline_env(tmp), capture_output=True, text=True, timeout=240),
+        dict(cwd=tmp, env=offline_env(tmp), timeout=240),
         lambda: shutil.rmtree(recipe.get("output_dir", tmp / "__none__"), ignore_errors=True))
     assert proc.returncode == 0, proc.stderr[-5000:]
     return {**torch.load(tmp / "out.pt", weights_only=False), "stdout": proc.stdout}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_inprocess import LogProbe
+from test_hera_train_inprocess import LogProbe
 
 from conftest import base_recipe
 from llamafactory_hera.short_errors import RecipeError

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_train_inprocess import LogProbe
+from test_hera_train_inprocess import LogProbe
 
 from conftest import base_recipe
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import base_recipe, offline_env, read_trainer_log, run_command, run_train
+from conftest import base_recipe, offline_env, read_trainer_log, run_train
 from llamafactory_hera.anatomy.projection import find_o_proj_modules, head_contributions
 from llamafactory_hera.hera.metrics import mutual_knn
 from llamafactory_hera.hera.selection import collect
@@ -36,7 +36,7 @@ def test_scores_equal_mutual_knn_of_explicit_contributions(assets, family: str) 
     from llamafactory_hera_patches.model_data import load_model_for_scoring, parse_recipe
 
     recipe_args = parse_recipe(base_recipe(assets, family, "/unused"))
-    options = _options(assets, clamp=0.0)  # the clamped scores: tests/hera/test_selection_reference.py
+    options = _options(assets, clamp=0.0)  # the clamped scores: tests/hera/test_hera_selection_reference.py
     pairs, _ = prepare(recipe_args, options)
     got = score_heads(recipe_args, options, pairs)
 
@@ -111,8 +111,8 @@ def _write_recipe(assets, path: Path, family: str = "qwen3_vl", **overrides) -> 
 
 
 def _select(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return run_command([SELECT, "select", *args], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True,
-                       text=True, timeout=300)
+    return subprocess.run([SELECT, "select", *args], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_select_command_writes_recipe_record_and_heatmap(assets, tmp_path: Path) -> None:
@@ -188,7 +188,7 @@ def test_auto_heads_in_training_cache_report(assets, tmp_path: Path) -> None:
         out = tmp_path / name / "out"
         recipe = base_recipe(assets, "qwen2_5_vl", out, hera_heads="auto", hera_select_samples=24, hera_k=5,
                              hera_select_num_heads=2, max_steps=2)
-        proc = run_train(recipe, tmp_path / name, env=offline_env(tmp_path / name, LLAMAFACTORY_HERA_CACHE=str(cache)))
+        proc = run_train(recipe, tmp_path / name, env={"LLAMAFACTORY_HERA_CACHE": str(cache)})
         runs.append((out, proc.stdout + proc.stderr))
     (first, log_first), (second, log_second) = runs
     assert "(selected heads;" in log_first and "(reusing cached head selection;" in log_second
@@ -235,7 +235,7 @@ def test_auto_heads_under_torchrun_are_chosen_once_and_shared(assets, tmp_path: 
     recipe = base_recipe(assets, "qwen2_5_vl", out, hera_heads="auto", hera_select_samples=24, hera_k=5,
                          hera_select_mode="multimodal", hera_select_num_heads=3, per_device_train_batch_size=6,
                          max_steps=2)
-    env = offline_env(tmp_path, FORCE_TORCHRUN="1", NPROC_PER_NODE="2", LLAMAFACTORY_HERA_CACHE=str(tmp_path / "c"))
+    env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "LLAMAFACTORY_HERA_CACHE": str(tmp_path / "c")}
     proc = run_train(recipe, tmp_path, env=env)
     assert (proc.stdout + proc.stderr).count("hera_heads: auto ->") == 1  # rank 0 only
     record = json.loads((out / "hera_selection.json").read_text())

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from conftest import REPO, offline_env, read_trainer_log, run_train
+from conftest import REPO, read_trainer_log, run_train
 from llamafactory_hera.fixtures import EXTRA_MODEL_NAMES, TinyAssets, build_tiny_assets
 
 RECIPES = REPO / "recipes"
@@ -143,19 +141,14 @@ def _training_recipe(name: str, model: Path, assets: TinyAssets, out: Path) -> d
 @pytest.fixture(scope="module")
 def training_runs(families: dict[str, tuple[Path, str]], assets: TinyAssets,
                   tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any, dict[str, Any]]]:
-    """Train every entry of TRAINED once, a few at a time (each run is one `llamafactory-cli` process)."""
+    """Train every entry of TRAINED once (in this process, one after another: run_exp's state is per process)."""
     root = tmp_path_factory.mktemp("recipes")
-
-    def run(family: str) -> tuple[Path, Any, dict[str, Any]]:
-        name, _ = TRAINED[family]
+    results = {}
+    for family, (name, _) in TRAINED.items():
         tmp = root / family
         recipe = _training_recipe(name, families[family][0], assets, tmp / "out")
-        env = offline_env(tmp, LLAMAFACTORY_HERA_CACHE=str(tmp / "selection_cache"))
-        return tmp / "out", run_train(recipe, tmp, check=False, env=env), recipe
-
-    workers = max(1, min(3, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = dict(zip(TRAINED, pool.map(run, TRAINED), strict=True))
+        env = {"LLAMAFACTORY_HERA_CACHE": str(tmp / "selection_cache")}
+        results[family] = tmp / "out", run_train(recipe, tmp, check=False, env=env), recipe
     return results
 
 

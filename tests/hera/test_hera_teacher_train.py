@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_train_inprocess import LogProbe
+from test_hera_train_inprocess import LogProbe
 
 from conftest import base_recipe
 from llamafactory_hera.fixtures.teachers import build_vision_teacher

@@ -1,6 +1,6 @@
 """The alignment monitor (``hera_monitor_steps``) in a bf16 HeRA run on the simulated accelerator.
 
-The run is ``bf16: true`` as the recipes set it, through the real ``run_exp`` on the device (tests/accelerator.py).
+The run is ``bf16: true`` as the recipes set it, through the real ``run_exp`` on the device (fixtures/accelerator.py).
 LLaMA-Factory loads a model in its checkpoint's dtype: the tiny checkpoint is float32, so its weights stay float32
 (asserted), and the monitor's scoring runs in float32 (``layer_head_scores`` casts both sides). Checked here:
 
@@ -89,7 +89,7 @@ def _device_run(accelerator: Any, recipe: dict[str, Any]) -> list[tuple[int, boo
     """``StepSyncs.steps`` of a ``run_exp`` on the device."""
     from llamafactory.train.tuner import run_exp
 
-    from accelerator import StepSyncs
+    from llamafactory_hera.fixtures.accelerator import StepSyncs
 
     counter = StepSyncs(accelerator)
     dtypes = _Dtypes()
@@ -141,7 +141,7 @@ def test_monitor_in_bf16_on_the_device(assets, accelerator, tmp_path: Path, monk
     assert [p["current_steps"] for p in points] == [0, MONITOR_STEP]
     fp32 = tmp_path / "fp32"
     run_train(base_recipe(assets, FAMILY, fp32, **{**KEYS, "max_steps": 1}, hera_monitor_steps=MONITOR_STEP),
-              tmp_path / "cpu")
+              tmp_path / "cpu", process=True)  # on the CPU: this process holds the accelerator's patches
     first = _points(fp32)[0]
     keys = [key for key in points[0] if key.startswith("hera_mknn")]
     assert len(keys) == 4 and {key: points[0][key] for key in keys} == {key: first[key] for key in keys}

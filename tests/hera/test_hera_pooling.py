@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_teacher_identity import REUSED, reused_image_dataset
+from test_hera_teacher_identity import REUSED, reused_image_dataset
 from transformers import AutoConfig, AutoProcessor
 
 from conftest import base_recipe

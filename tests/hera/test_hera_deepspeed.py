@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from engine_checks import assert_engine, evidence_env, read_evidence
 
-from conftest import REPO, base_recipe, offline_env, read_trainer_log, run_train
+from conftest import REPO, base_recipe, read_trainer_log, run_train
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
@@ -28,7 +28,7 @@ def _losses(assets, tmp: Path, deepspeed: str | None, precompute: str
                          max_steps=2, hera_temperature_lr=0.05, deepspeed=deepspeed, hera_teacher_precompute=precompute,
                          hera_monitor_steps=1, hera_k=3)
     # 900 s: on a busy 2-core CI machine one two-rank ZeRO-3 run with the monitor has come near 400 s
-    env = offline_env(tmp, FORCE_TORCHRUN="1", NPROC_PER_NODE="2", **evidence_env(tmp / "engine"))
+    env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", **evidence_env(tmp / "engine")}
     proc = run_train(recipe, tmp, env=env, timeout=900)
     output = proc.stdout + proc.stderr
     precomputed = "teacher features of 32 training images computed before the first step" in output

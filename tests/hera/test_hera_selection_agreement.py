@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import yaml
-from test_selection import _select
+from test_hera_selection import _select
 
-from conftest import base_recipe, offline_env, run_train
+from conftest import base_recipe, run_train
 
 
 def test_select_and_auto_choose_the_same_heads_from_the_recipe_keys(assets, tmp_path: Path) -> None:
@@ -25,15 +25,14 @@ def test_select_and_auto_choose_the_same_heads_from_the_recipe_keys(assets, tmp_
     assert "32 image-caption pairs scored, fewer than the 1000 asked for" in proc.stdout
     assert selected["settings"]["clamp"] == 0.95 and selected["data_notes"]["distinct_images"] == 32
 
-    run = run_train(recipe, tmp_path / "train", env=offline_env(tmp_path / "train",
-                                                                LLAMAFACTORY_HERA_CACHE=str(tmp_path / "cache")))
+    run = run_train(recipe, tmp_path / "train", env={"LLAMAFACTORY_HERA_CACHE": str(tmp_path / "cache")})
     auto = json.loads((tmp_path / "out" / "hera_selection.json").read_text())
     assert auto["selected"] == selected["selected"], run.stdout[-2000:]
     assert auto["scores"] == selected["scores"]
 
 
 def test_rows_sharing_an_image_are_scored_once(assets, tmp_path: Path) -> None:
-    from test_teacher_identity import REUSED, reused_image_dataset
+    from test_hera_teacher_identity import REUSED, reused_image_dataset
 
     from llamafactory_hera.hera.selection.select import SelectionOptions, prepare
     from llamafactory_hera_patches.model_data import parse_recipe
