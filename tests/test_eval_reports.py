@@ -65,6 +65,22 @@ def test_each_comparison_keeps_its_own_report(tmp_path: Path, monkeypatch: pytes
     assert (run_dir / "eval_report.json").is_file()  # the run alone
 
 
+def test_baselines_in_same_named_folders_keep_their_own_reports(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--baseline a/sft`` then ``--baseline b/sft``: the second used to replace the first's report."""
+    run_dir = _run_folder(tmp_path / "hera")
+    first, second = _run_folder(tmp_path / "a" / "sft"), _run_folder(tmp_path / "b" / "sft")
+    _evaluate(monkeypatch, run_dir, first, base=False)
+    said = _evaluate(monkeypatch, run_dir, second, base=False)["said"]
+    assert not any("replaced" in line for line in said), said
+    reports = {json.loads(path.read_text(encoding="utf-8"))["baseline"]["run_dir"]: path.name
+               for path in run_dir.glob("eval_report_vs_sft*.json")}
+    assert set(reports) == {str(first), str(second)} and reports[str(first)] == "eval_report_vs_sft.json"
+    again = _evaluate(monkeypatch, run_dir, second, base=False)["said"]  # the second comparison again: its own file
+    assert any("replaced" in line and reports[str(second)] in line for line in again), again
+    assert len(list(run_dir.glob("eval_report_vs_sft*.json"))) == 2
+
+
 def test_the_report_names_what_a_model_took_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir, twin = _run_folder(tmp_path / "hera"), tmp_path / "legacy"
     twin.mkdir()

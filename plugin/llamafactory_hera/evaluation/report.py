@@ -8,6 +8,7 @@ comparison replaces its report and says so (the record's ``replaces``)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from datetime import UTC, datetime
@@ -106,13 +107,19 @@ def _plot(record: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def report_stem(baseline: Any) -> str:
-    """The reports' file name without suffix, after the comparison (``baseline``: a ModelSpec or None)."""
+def report_stem(baseline: Any, run_dir: Path | None = None) -> str:
+    """The reports' file name without suffix, after the comparison (``baseline``: a ModelSpec or None). A baseline
+    folder named like one whose report ``run_dir`` already holds (``a/sft`` then ``b/sft``) gets its path's short
+    hash in the name, so neither comparison replaces the other's report."""
     if baseline is None:
         return REPORT_STEM
     if not baseline.trained:
         return f"{REPORT_STEM}_vs_base"
-    return f"{REPORT_STEM}_vs_{re.sub(r'[^A-Za-z0-9._-]+', '_', baseline.run_dir.name) or 'baseline'}"
+    stem = f"{REPORT_STEM}_vs_{re.sub(r'[^A-Za-z0-9._-]+', '_', baseline.run_dir.name) or 'baseline'}"
+    held = (_replaced(run_dir / f"{stem}.json") or {}) if run_dir is not None else {}
+    if held.get("baseline") not in (None, str(baseline.run_dir)):
+        stem += "_" + hashlib.sha1(str(baseline.run_dir).encode()).hexdigest()[:6]
+    return stem
 
 
 def _replaced(path: Path) -> dict[str, Any] | None:
@@ -145,7 +152,7 @@ def write_reports(run_dir: Path, tasks_spec: str, tasks: list[PlannedTask], run:
                 "inherited": spec.inherited,
                 "seconds": {name: r.get("seconds") for name, r in outcome.results.items()}}
 
-    stem = report_stem(baseline.spec if baseline is not None else None)
+    stem = report_stem(baseline.spec if baseline is not None else None, run_dir)
     files = [stem + suffix for suffix in SUFFIXES]
     record = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "tasks_spec": tasks_spec, "limit": limit,
               "run": who(run), "baseline": who(baseline), "rows": report_rows(tasks, run, baseline),
