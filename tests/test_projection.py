@@ -11,8 +11,9 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
+from llamafactory_hera.anatomy.pooling import pooling_weights
 from llamafactory_hera.anatomy.projection import find_o_proj_modules, head_contributions
-from llamafactory_hera.hera.capture import HeadCapture, pooling_weights
+from llamafactory_hera.hera.trainer import HeadCapture
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
 

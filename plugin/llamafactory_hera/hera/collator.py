@@ -34,6 +34,13 @@ HERA_BATCH_KEYS = ("hera_pixel_values", "hera_pixel_keys", "hera_image_counts", 
                    "hera_anchor_index", "hera_sample_counts")
 
 
+def collator_token_sources(collator: Any) -> dict[str, Any]:
+    """Processor, tokenizer and LLaMA-Factory mm_plugin known to the SFT collator (for multimodal token ids)."""
+    template = getattr(collator, "template", None)
+    return {"processor": getattr(collator, "processor", None), "tokenizer": getattr(collator, "tokenizer", None),
+            "mm_plugin": getattr(template, "mm_plugin", None)}
+
+
 class HeraCollatorMixin:
     """Mix in front of a LLaMA-Factory multimodal collator; set ``hera_image_processor`` on the class."""
 

@@ -1,4 +1,5 @@
-"""What can be decided about a HeRA run before its first step: contrastive set sizes, the queue, image rows.
+"""What can be decided about a HeRA run before its first step: contrastive set sizes, the queue, image rows, the
+same heads on every rank.
 
 A HeRA run that cannot form a loss with a negative (a contrastive set of fewer than 3 samples: the
 anchor, one positive and at least one other candidate) or has no image at all would train plain SFT
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from llamafactory_hera.hera.args import AUTO, HeraArguments
 from llamafactory_hera.short_errors import RecipeError
@@ -78,6 +81,16 @@ def check_contrastive_geometry(geometry: ContrastiveGeometry, hera_args: HeraArg
     raise RecipeError(f"stage: hera: with {setting}, the contrastive sets {what}. Raise per_device_train_batch_size "
                       f"(at least {max(hera_args.hera_k + 1, 3)} is best), or set hera_queue_size: auto (or a "
                       "number >= 2) to add recent samples from a queue.")
+
+
+def check_same_heads_on_every_rank(heads: list[str]) -> None:
+    """Raise unless every data-parallel rank aligns the same heads (once, at trainer start)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, heads)
+    if any(other != heads for other in gathered):
+        raise RecipeError(f"hera_heads differ across ranks: {gathered}; every rank must align the same heads")
 
 
 @dataclass(frozen=True)

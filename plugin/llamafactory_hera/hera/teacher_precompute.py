@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llamafactory_hera.hera.contrastive import distributed
+from llamafactory_hera.hera.loss import distributed
 from llamafactory_hera.hera.teacher import VisionTeacher
 from llamafactory_hera.hera.teacher_batch import image_features
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, image_key

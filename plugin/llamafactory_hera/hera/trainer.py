@@ -1,65 +1,57 @@
 """HeRA's training step: ``loss = lm_loss + lambda * L_HeRA``, one class read top to bottom.
 
 :class:`HeraTrainer` is mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer`` (``hera/workflow.py``). One
-optimizer step, from :meth:`HeraTrainer.compute_loss` to the loss value:
+optimizer step, from :meth:`HeraTrainer.compute_loss` to the loss value, reads in three files:
 
 1. the batch (``hera/collator.py``): the model's inputs, the teacher's pixels or cache keys, the pooled-token mask and
    the anchors (samples with images and pooled tokens), all computed on the CPU;
-2. the captured head inputs: the ordinary LM forward, with hooks on the selected heads' ``o_proj`` inputs armed;
+2. the captured head inputs: the ordinary LM forward, with hooks on the selected heads' ``o_proj`` inputs armed
+   (:class:`HeadCapture`, at the end of this file);
 3. the projection: those inputs pooled over the mask and projected through each head's ``W_O`` columns
    (``HeadCapture.disarm``), ``[H, B, d]``;
 4. the contrastive set (:meth:`HeraTrainer.hera_term`): this rank's anchors and their teacher features, the global
-   batch under ``hera_gather``, the feature queue;
-5. the loss (``hera/loss.py``, pure), made 0 when not finite, scaled like the LM loss under gradient accumulation.
+   batch under ``hera_gather``, the feature queue (``hera/loss.py``'s second part, the distributed candidate set);
+5. the loss (``hera/loss.py``'s equations, pure), made 0 when not finite, scaled like the LM loss under gradient
+   accumulation.
 
-Around the step, plain helpers the trainer calls: the teacher's life cycle (``teacher_run.RunTeacher``), checkpoint
-state (``checkpoint``), per-log sums and the run summary (``run_summary``), the learnable temperature's gradient
-(``temperature.TemperatureGradHandler``) and the alignment monitor (``monitor.MonitorCallback``), both callbacks.
+Inputs the step takes from helpers without their logic: the teacher's features (``teacher_run.RunTeacher.features``)
+and the clamped temperature (``temperature.used_temperature``). Around the step, plain helpers the trainer calls: the
+teacher's life cycle (``teacher_run``), checkpoint state (``checkpoint``), per-log sums and the run summary
+(``run_summary``), the learnable temperature's gradient (``temperature.TemperatureGradHandler``) and the alignment
+monitor (``monitor.MonitorCallback``), both callbacks.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from typing import Any
 
 import torch
 from torch import nn
 
-from llamafactory_hera.anatomy.heads import attention_geometry
+from llamafactory_hera.anatomy.heads import AttentionGeometry, HeadRef, attention_geometry
 from llamafactory_hera.anatomy.pooling import multimodal_token_ids, pooling_weights, require_multimodal_ids
+from llamafactory_hera.anatomy.projection import (
+    find_o_proj_modules,
+    is_partitioned,
+    project_heads,
+    project_heads_by_call,
+)
 from llamafactory_hera.hera import checkpoint
 from llamafactory_hera.hera.args import HeraArguments
-from llamafactory_hera.hera.capture import HeadCapture
-from llamafactory_hera.hera.collator import HERA_BATCH_KEYS
-from llamafactory_hera.hera.contrastive import FeatureQueue, all_ranks_all, distributed, gather_batch
-from llamafactory_hera.hera.loss import hera_loss_anchored
+from llamafactory_hera.hera.collator import HERA_BATCH_KEYS, collator_token_sources
+from llamafactory_hera.hera.loss import FeatureQueue, all_ranks_all, distributed, gather_batch, hera_loss_anchored
 from llamafactory_hera.hera.monitor import monitor_callback
-from llamafactory_hera.hera.preflight import contrastive_geometry
+from llamafactory_hera.hera.preflight import check_same_heads_on_every_rank, contrastive_geometry
 from llamafactory_hera.hera.run_summary import HeraRunSummary, StepStats
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher
 from llamafactory_hera.hera.temperature import TemperatureGradHandler, used_temperature
-from llamafactory_hera.hera.trainable_heads import check_heads_train
+from llamafactory_hera.hera.trainable_heads import check_heads_train, trainable_upstream
 from llamafactory_hera.short_errors import RecipeError
 
 __all__ = ["HeraTrainer"]
-
-
-def _check_same_heads_on_every_rank(heads: list[str]) -> None:
-    """Raise unless every data-parallel rank aligns the same heads (once, at trainer start)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, heads)
-    if any(other != heads for other in gathered):
-        raise RecipeError(f"hera_heads differ across ranks: {gathered}; every rank must align the same heads")
-
-
-def _collator_token_sources(collator: Any) -> dict[str, Any]:
-    """Processor, tokenizer and LLaMA-Factory mm_plugin known to the SFT collator (for multimodal token ids)."""
-    template = getattr(collator, "template", None)
-    return {"processor": getattr(collator, "processor", None), "tokenizer": getattr(collator, "tokenizer", None),
-            "mm_plugin": getattr(template, "mm_plugin", None)}
 
 
 class HeraTrainer:
@@ -72,7 +64,7 @@ class HeraTrainer:
         super().__init__(*args, **kwargs)
         self.hera_args = hera_args
         model, device = self.model, self.args.device
-        _check_same_heads_on_every_rank(list(hera_args.hera_heads))
+        check_same_heads_on_every_rank(list(hera_args.hera_heads))
         geometry = attention_geometry(model.config)
         # before anything else loads: heads no trainable weight can move would train only the temperature
         check_heads_train(model, hera_args.head_refs, hera_auto_heads, getattr(self, "finetuning_args", None))
@@ -94,7 +86,7 @@ class HeraTrainer:
                     [self.hera_log_tau], lr=self.hera_temperature_lr, betas=(self.args.adam_beta1,
                     self.args.adam_beta2), eps=self.args.adam_epsilon, weight_decay=0.0)
         multimodal_ids = require_multimodal_ids(
-            multimodal_token_ids(model.config, **_collator_token_sources(self.data_collator)),
+            multimodal_token_ids(model.config, **collator_token_sources(self.data_collator)),
             str(getattr(model.config, "model_type", "?")))
         # the collator computes the pooled tokens and the anchors on the CPU (no host sync in the step)
         self.data_collator.hera_multimodal_ids = multimodal_ids
@@ -299,3 +291,102 @@ class HeraTrainer:
         if checkpoint_dir is not None:
             checkpoint.load_state(checkpoint_dir, self.hera_args, self.hera_log_tau, self.hera_tau.own_optimizer,
                                   self.hera_queue, self.args.process_index, self.args.device)
+
+
+# ----------------------------------------------------------------------------- the captured heads (steps 2-3)
+class HeadCapture:
+    """Forward hooks that produce ``[n_heads, B, d]`` head representations for one forward pass.
+
+    A forward hook on each selected layer's ``o_proj`` copies the selected heads' slices of its input
+    (``[B, T, n*d_head]``; slicing and concatenation save no tensors for backward, so gradient
+    checkpointing's recomputation sees the same saved tensors with or without the hook). After the
+    forward, the slices are pooled over the chosen tokens and projected through each head's ``W_O``
+    columns, outside any checkpointed region, so the HeRA loss has a full autograd graph.
+    Hooks act only while armed: recomputation during backward and evaluation forwards are ignored.
+    """
+
+    def __init__(self, model: nn.Module, heads: list[HeadRef], geometry: AttentionGeometry) -> None:
+        self.heads = list(heads)
+        self.geometry = geometry
+        o_projs = find_o_proj_modules(model)
+        if len(o_projs) != geometry.num_layers:
+            raise ValueError(f"model has {len(o_projs)} decoder layers but its config says {geometry.num_layers}")
+        self._by_layer: dict[int, list[int]] = defaultdict(list)
+        for ref in self.heads:
+            self._by_layer[ref.layer].append(ref.head)
+        self._modules = {layer: o_projs[layer] for layer in self._by_layer}
+        self._armed = False
+        self._inputs: dict[int, torch.Tensor] = {}
+        self.fed_by_trainable = trainable_upstream(model, sorted(self._by_layer))
+        self._handles = [self._modules[layer].register_forward_hook(self._make_hook(layer))
+                         for layer in sorted(self._by_layer)]
+
+    def _make_hook(self, layer: int):
+        dh = self.geometry.head_dim
+        slices = [slice(h * dh, (h + 1) * dh) for h in self._by_layer[layer]]
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self._armed:
+                x = args[0]  # [B, T, H*dh]
+                self._inputs[layer] = torch.cat([x[..., s] for s in slices], dim=-1)  # [B, T, n*dh], a copy
+
+        return hook
+
+    def arm(self) -> None:
+        """Capture the next forward pass."""
+        self._armed = True
+        self._inputs = {}
+
+    def _check_gradient_reaches(self, inputs: dict[int, torch.Tensor]) -> None:
+        """Raise when a captured input carries no gradient although trainable parameters feed it (training only)."""
+        cut = [layer for layer, x in sorted(inputs.items()) if self.fed_by_trainable[layer] and not x.requires_grad]
+        if cut:
+            raise RecipeError(
+                f"HeRA: the o_proj input of layer(s) {cut} carries no gradient although trainable parameters feed "
+                "it, so the HeRA gradient would reach only the selected heads' W_O columns. The forward ran without "
+                "autograd: gradient checkpointing that runs it under torch.no_grad (use_unsloth_gc, or reentrant "
+                "checkpointing) is the usual cause. Remove use_unsloth_gc / set use_reentrant_gc: false.")
+
+    def disarm(self, weights: torch.Tensor, check_gradient: bool = False) -> torch.Tensor | None:
+        """Stop capturing and build the representations.
+
+        Args:
+            weights: ``[B, T]`` float pooling weights (rows sum to 1, or 0 for samples without tokens).
+            check_gradient: in a training step, raise if a captured input that trainable parameters feed
+                carries no gradient (a silently cut HeRA gradient).
+
+        Returns:
+            ``[n_heads, B, d]`` float32 in recipe order, or None if no hook fired.
+        """
+        self._armed = False
+        inputs, self._inputs = self._inputs, {}
+        if not inputs:
+            return None
+        missing = sorted(set(self._by_layer) - set(inputs))
+        if missing:
+            raise RuntimeError(f"o_proj of layers {missing} did not run in this forward pass")
+        if check_gradient:
+            self._check_gradient_reaches(inputs)
+        reps: dict[HeadRef, torch.Tensor] = {}
+        for layer, x_heads in inputs.items():
+            if x_heads.shape[:2] != weights.shape:
+                raise RuntimeError(
+                    f"o_proj input of layer {layer} has shape {tuple(x_heads.shape)} but the pooling mask is "
+                    f"{tuple(weights.shape)}; the model changes the sequence length internally."
+                )
+            pooled = torch.einsum("bt,btc->bc", weights.to(x_heads.device, torch.float32), x_heads.float())
+            heads = self._by_layer[layer]
+            module = self._modules[layer]
+            if is_partitioned(module):  # DeepSpeed ZeRO-3: let the module's hooks gather its weights
+                projected = project_heads_by_call(module, pooled, heads, self.geometry.head_dim,
+                                                  self.geometry.num_heads * self.geometry.head_dim)
+            else:
+                projected = project_heads(module, pooled, heads, self.geometry.head_dim)  # [n, B, d]
+            reps.update({HeadRef(layer, h): rep for h, rep in zip(heads, projected, strict=True)})
+        return torch.stack([reps[ref] for ref in self.heads])
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
