@@ -3,6 +3,7 @@ loading: the recipe keys (``harc_*``), the host keys HARC cannot run with, the r
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from conftest import harc_recipe, run_train
-from llamafactory_hera.harc.args import HarcArguments, harc_keys, parse_harc_arguments
+from llamafactory_hera.harc.args import HarcArguments, parse_harc_arguments
 from llamafactory_hera.harc.host_checks import validate_host_args, validate_raw_host_args
 
 ROLES = {"harc_harmful": "h", "harc_harmless": "s", "harc_pseudo": "p"}
@@ -53,7 +54,8 @@ def test_defaults_are_the_reference_configs() -> None:
     assert (args.harc_refresh_steps, args.harc_refresh_beta, args.harc_layers, args.harc_layers_final,
             args.harc_layers_ramp_step, args.harc_band) == (100, 0.3, 2, 4, 500, 4)
     assert parse_harc_arguments({**ROLES, "harc_batch_pseudo": "0", "harc_pseudo": ""}).harc_batch_pseudo == 0
-    assert harc_keys()[:4] == ["harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions"]
+    roles = ["harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions"]
+    assert [spec.name for spec in fields(HarcArguments)][:4] == roles
 
 
 @pytest.mark.parametrize(("host", "message"), [

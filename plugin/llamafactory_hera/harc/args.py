@@ -15,7 +15,6 @@ from typing import Any
 from llamafactory_hera.anatomy.recipe_keys import fail, parse_keys, recipe_key
 from llamafactory_hera.short_errors import RecipeError
 
-HARC_PREFIX = "harc_"
 ROLE_KEYS = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
 
 
@@ -93,11 +92,6 @@ class HarcArguments:
         """role key -> dataset name, for every role given."""
         return {key: getattr(self, key) for key in (*ROLE_KEYS, "harc_extract_harmful", "harc_extract_harmless")
                 if getattr(self, key)}
-
-
-def harc_keys() -> list[str]:
-    """All valid ``harc_*`` keys in declaration order."""
-    return [f.name for f in fields(HarcArguments)]
 
 
 def _dataset_name(key: str, value: Any) -> str:

@@ -22,7 +22,6 @@ from typing import Any
 from llamafactory_hera.short_errors import RecipeError
 
 ROLE_HARMFUL, ROLE_HARMLESS, ROLE_PSEUDO = 0, 1, 2
-ROLE_NAMES = {ROLE_HARMFUL: "harmful", ROLE_HARMLESS: "harmless", ROLE_PSEUDO: "pseudo"}
 _SENTINELS = ("Alpha", "zq 7")
 
 

@@ -6,7 +6,7 @@ coerced here so that every error names the key, the value and the allowed range.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from llamafactory_hera.anatomy.heads import HeadRef, parse_head
@@ -14,7 +14,6 @@ from llamafactory_hera.anatomy.recipe_keys import fail, parse_keys, recipe_key
 from llamafactory_hera.hera.selection.choices import MODES, STRATEGIES
 from llamafactory_hera.short_errors import RecipeError
 
-HERA_PREFIX = "hera_"
 AUTO = "auto"
 
 
@@ -116,11 +115,6 @@ class HeraArguments:
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict view (for JSON records)."""
         return asdict(self)
-
-
-def hera_keys() -> list[str]:
-    """All valid ``hera_*`` keys in declaration order."""
-    return [f.name for f in fields(HeraArguments)]
 
 
 def _coerce_heads(key: str, value: Any) -> list[str] | str:

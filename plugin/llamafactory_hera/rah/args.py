@@ -7,13 +7,12 @@ w_O, trim, beta, the CAF form and weight, the KL probe). Values arrive typed (YA
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from llamafactory_hera.anatomy.recipe_keys import fail, parse_keys, recipe_key
 from llamafactory_hera.short_errors import RecipeError
 
-RAH_PREFIX = "rah_"
 AUTO = "auto"
 
 
@@ -85,11 +84,6 @@ class RahArguments:
             raise RecipeError(f"rah_layers: {outside} outside the model, which has decoder layers 0..{num_layers - 1} "
                               "(zero-based). Use auto or a range within them.")
         return layers
-
-
-def rah_keys() -> list[str]:
-    """All valid ``rah_*`` keys in declaration order."""
-    return [f.name for f in fields(RahArguments)]
 
 
 def _coerce_layers(key: str, value: Any) -> str | list[int]:
