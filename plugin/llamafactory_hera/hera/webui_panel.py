@@ -10,7 +10,6 @@ arguments" JSON box, which wins over the panel.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +17,7 @@ from llamafactory_hera.anatomy.heads import check_heads_fit
 from llamafactory_hera.anatomy.panel_builder import build_panel
 from llamafactory_hera.anatomy.panel_checks import local_attention_geometry
 from llamafactory_hera.anatomy.panel_spec import Field, LossPlot, PanelDeclaration
+from llamafactory_hera.anatomy.panel_widgets import comma_list
 from llamafactory_hera.hera.args import AUTO, HeraArguments, parse_hera_arguments
 from llamafactory_hera.hera.board_plot import HERA_TERMS, hera_loss_figure
 
@@ -25,10 +25,7 @@ from llamafactory_hera.hera.board_plot import HERA_TERMS, hera_loss_figure
 def normalize_heads(value: Any) -> str:
     """The heads box as a recipe value: ``auto`` or ``L1H0,L1H2`` (one string, safe on a command line)."""
     text = str(value if value is not None else "").strip()
-    if text.lower() == AUTO:
-        return AUTO
-    items = [t.strip("'\" ") for t in re.split(r"[,\s;]+", text.strip("[]() ")) if t.strip("'\" ")]
-    return ",".join(items)
+    return AUTO if text.lower() == AUTO else comma_list(text)
 
 
 def check_heads_geometry(args: HeraArguments, context: Mapping[str, Any]) -> str:

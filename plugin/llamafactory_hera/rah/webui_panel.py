@@ -21,6 +21,7 @@ from llamafactory_hera.anatomy.board_log import PHASE_KEY
 from llamafactory_hera.anatomy.panel_builder import build_panel
 from llamafactory_hera.anatomy.panel_checks import local_text_depth
 from llamafactory_hera.anatomy.panel_spec import Field, LossPlot, PanelDeclaration
+from llamafactory_hera.anatomy.panel_widgets import comma_list
 from llamafactory_hera.rah.args import AUTO, RahArguments, parse_rah_arguments
 
 # LlamaBoard's Train-tab arguments that only matter to an optimizer: left out of a RAH-LoRA command
@@ -35,7 +36,7 @@ def normalize_layers(value: Any) -> Any:
     text = value.strip().strip("[]() ")
     if text.lower() == "auto" or re.fullmatch(r"\d+\s*-\s*\d+", text):
         return re.sub(r"\s+", "", text.lower())
-    return ",".join(t for t in re.split(r"[,\s;]+", text) if t)
+    return comma_list(text)
 
 
 def check_layers_depth(args: RahArguments, context: Mapping[str, Any]) -> str:
