@@ -42,23 +42,29 @@ MethodPanel = Any  # its LlamaBoard panel: tab, keys, locales, alerts, create_pa
 
 PATCH = "webui"
 _WEBUI = "llamafactory.webui"
+# the web-UI functions this patch wraps or calls: (module, attribute) -> their parameters
 _SIGNATURES = {
-    "create_train_tab": ("engine",),
-    "Runner._initialize": ("self", "data", "do_train", "from_preview"),
-    "Runner._parse_train_args": ("self", "data"),
-    "Runner._build_config_dict": ("self", "data"),
-    "Runner.monitor": ("self",),
-    "gen_loss_plot": ("trainer_log",),
-    "get_trainer_info": ("lang", "output_path", "do_train"),
+    ("components.train", "create_train_tab"): ("engine",),
+    ("runner", "Runner._initialize"): ("self", "data", "do_train", "from_preview"),
+    ("runner", "Runner._parse_train_args"): ("self", "data"),
+    ("runner", "Runner._build_config_dict"): ("self", "data"),
+    ("runner", "Runner.monitor"): ("self",),
+    ("control", "gen_loss_plot"): ("trainer_log",),
+    ("control", "get_trainer_info"): ("lang", "output_path", "do_train"),
 }
 
 
-def _require_signature(name: str, func: Callable[..., Any]) -> None:
+def _require_signature(module: ModuleType, path: str, expected: tuple[str, ...]) -> None:
+    """Raise :class:`HostMismatchError` unless ``module`` has ``path`` (e.g. ``Runner.monitor``) taking ``expected``."""
+    func: Any = module
+    for name in path.split("."):
+        require(func, (name,), PATCH)
+        func = getattr(func, name)
     params = tuple(inspect.signature(func).parameters)
-    if params != _SIGNATURES[name]:
+    if params != expected:
         raise HostMismatchError(
             f"llamafactory-hera: LLaMA-Factory {host_version()} does not have the internals the '{PATCH}' patch was "
-            f"written for ({name} takes ({', '.join(params)}), expected ({', '.join(_SIGNATURES[name])})). The "
+            f"written for ({path} takes ({', '.join(params)}), expected ({', '.join(expected)})). The "
             f"plugin was checked on LLaMA-Factory {', '.join(CHECKED_VERSIONS)}; install one of those, upgrade "
             f"llamafactory-hera, or set {DISABLE_ENV}=1 to run LLaMA-Factory without the plugin."
         )
@@ -72,19 +78,12 @@ def _modules(interface: ModuleType) -> dict[str, ModuleType]:
     mods["constants"] = importlib.import_module("llamafactory.extras.constants")
     mods["ploting"] = importlib.import_module("llamafactory.extras.ploting")
     require(mods["components"], ("create_train_tab",), PATCH)
-    require(mods["components.train"], ("create_train_tab",), PATCH)
-    require(mods["runner"], ("Runner",), PATCH)
-    require(mods["runner"].Runner, ("_initialize", "_parse_train_args", "_build_config_dict", "monitor"), PATCH)
-    require(mods["control"], ("gen_loss_plot", "get_trainer_info"), PATCH)
     require(mods["locales"], ("LOCALES", "ALERTS"), PATCH)
     require(mods["common"], ("get_save_dir", "DEFAULT_DATA_DIR"), PATCH)
     require(mods["constants"], ("TRAINING_STAGES",), PATCH)
     require(mods["ploting"], ("smooth",), PATCH)
-    _require_signature("create_train_tab", mods["components.train"].create_train_tab)
-    for method in ("_initialize", "_parse_train_args", "_build_config_dict", "monitor"):
-        _require_signature(f"Runner.{method}", getattr(mods["runner"].Runner, method))
-    _require_signature("gen_loss_plot", mods["control"].gen_loss_plot)
-    _require_signature("get_trainer_info", mods["control"].get_trainer_info)
+    for (module, path), expected in _SIGNATURES.items():
+        _require_signature(mods[module], path, expected)
     for method in registered_methods():
         if method.stage not in mods["constants"].TRAINING_STAGES.values():  # the .webui patch did not run
             raise HostMismatchError(f"llamafactory-hera: LLaMA-Factory {host_version()}'s TRAINING_STAGES does not "
