@@ -15,7 +15,7 @@ Checked on LLaMA-Factory 0.9.5 (with gradio 5), whose shapes are:
   ``_build_config_dict(data)`` is the saved ``llamaboard_config.yaml`` (every input's value by
   element id), ``monitor()`` is the generator that polls a running job;
 - ``control.get_trainer_info`` draws the loss with the module global ``gen_loss_plot(trainer_log)``;
-- ``locales.LOCALES`` / ``ALERTS``: element name (or alert) -> language -> texts;
+- ``locales.LOCALES``: element name -> language -> texts (label and info, or a note's value);
 - ``common.DEFAULT_DATA_DIR``: the Data dir box's first value (the panels' dataset boxes list its datasets).
 
 Each method's panel is the plugin's ``MethodPanel`` (``llamafactory_hera.anatomy.panel_builder``) its registered
@@ -38,7 +38,7 @@ from .guard import DISABLE_ENV, HostMismatchError, host_version, require, warn_i
 from .registry import registered_methods
 
 Method = Any  # a registered method (:mod:`.registry`)
-MethodPanel = Any  # its LlamaBoard panel: tab, keys, locales, alerts, create_panel, bind, validate, build_args, ...
+MethodPanel = Any  # its LlamaBoard panel: tab, keys, locales, create_panel, bind, validate, build_args, ...
 
 PATCH = "webui"
 _WEBUI = "llamafactory.webui"
@@ -78,7 +78,7 @@ def _modules(interface: ModuleType) -> dict[str, ModuleType]:
     mods["constants"] = importlib.import_module("llamafactory.extras.constants")
     mods["ploting"] = importlib.import_module("llamafactory.extras.ploting")
     require(mods["components"], ("create_train_tab",), PATCH)
-    require(mods["locales"], ("LOCALES", "ALERTS"), PATCH)
+    require(mods["locales"], ("LOCALES",), PATCH)
     require(mods["common"], ("get_save_dir", "DEFAULT_DATA_DIR"), PATCH)
     require(mods["constants"], ("TRAINING_STAGES",), PATCH)
     require(mods["ploting"], ("smooth",), PATCH)
@@ -109,8 +109,6 @@ def apply(interface: ModuleType) -> None:
     for _, panel in panels:
         for name, texts in panel.locales.items():
             mods["locales"].LOCALES.setdefault(name, texts)
-        for name, texts in panel.alerts.items():
-            mods["locales"].ALERTS.setdefault(name, texts)
 
     original = mods["components.train"].create_train_tab
     create_train_tab = original if getattr(original, "_llamafactory_hera", False) else _wrap_create_train_tab(
@@ -241,10 +239,7 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
                    "dataset_dir": elem_value(self, data, "train.dataset_dir")}
         problem = panel.validate(values, extra_args(self, data), context) if values is not None else ""
         if problem:
-            lang = elem_value(self, data, "top.lang") or "en"
-            alert = panel.error_alert
-            prefix_text = mods["locales"].ALERTS[alert].get(lang, panel.alerts[alert]["en"])
-            return prefix_text + panel.as_markup(problem)
+            return panel.error_text(problem, elem_value(self, data, "top.lang") or "en")
         return error
 
     def _parse_train_args(self: Any, data: dict[Any, Any]) -> dict[str, Any]:

@@ -2,10 +2,10 @@
 data file ``panel_texts.yaml`` beside it) to the panel the LlamaBoard patch
 (:mod:`llamafactory_hera_patches.webui_board`) wires in.
 
-:class:`MethodPanel` holds what the patch uses: ``tab``, ``keys``, ``defaults``, ``locales``, ``alerts``,
-``error_alert``, ``create_panel(gr, dataset_dir)``, ``bind(gr, train_elems, own_elems)``, ``build_args(values)``,
-``validate(values, extra, context)``, ``host_args(args, extra)``, ``owns_loss_plot(log)``, ``loss_figure(log,
-smooth)`` and ``as_markup(text)``. Independent of LLaMA-Factory's internals; gradio is passed in by the caller.
+:class:`MethodPanel` holds what the patch uses: ``tab``, ``keys``, ``defaults``, ``locales``,
+``create_panel(gr, dataset_dir)``, ``bind(gr, train_elems, own_elems)``, ``build_args(values)``, ``validate(values,
+extra, context)``, ``error_text(problem, lang)``, ``host_args(args, extra)``, ``owns_loss_plot(log)`` and
+``loss_figure(log, smooth)``. Independent of LLaMA-Factory's internals; gradio is passed in by the caller.
 """
 
 from __future__ import annotations
@@ -112,19 +112,16 @@ class MethodPanel:
         self.keys = tuple(field.key for field in self.fields)
         self.defaults = {field.key: field.default for field in self.fields}
         self.dataset_from_panel = declaration.dataset_from_panel
-        self.error_alert = f"err_{declaration.prefix}args"  # the alert that prefixes a problem
-        named = {section: {lang: text.format(name=declaration.name) for lang, text in shared[section].items()}
-                 for section in SHARED_SECTIONS}
-        self.alerts = {self.error_alert: named["error_prefix"]}
-        self.locales: Locales = {self.tab: {lang: {"label": text} for lang, text in named["tab_title"].items()}}
+        # language -> what starts an error about the panel's values
+        self.error_prefix = {lang: text.format(name=declaration.name) for lang, text in shared["error_prefix"].items()}
+        self.locales: Locales = {self.tab: {lang: {"label": text.format(name=declaration.name)}
+                                            for lang, text in shared["tab_title"].items()}}
         if self.note:
             self.locales[self.note] = {lang: {"value": text} for lang, text in texts["note"].items()}
         for field in self.fields:
             lead = texts.get("only_with_note", {}) if field.only_with else {}
             self.locales[field.key] = {lang: {"label": label, "info": lead.get(lang, "") + info}
                                        for lang, (label, info) in texts["fields"][field.key].items()}
-
-    as_markup = staticmethod(as_markup)
 
     # -- gradio ------------------------------------------------------------------------------------------------
 
@@ -207,6 +204,11 @@ class MethodPanel:
             if problem:
                 return self._with_field_hint(problem)
         return self._dataset_problem(raw, context.get("dataset_dir"))
+
+    def error_text(self, problem: str, lang: str) -> str:
+        """``problem`` as LlamaBoard shows it in ``lang`` (English where the language is unknown): after the panel's
+        error prefix, made safe for the alert toast, which renders HTML."""
+        return self.error_prefix.get(lang, self.error_prefix["en"]) + as_markup(problem)
 
     def _with_field_hint(self, problem: str) -> str:
         """``problem`` with where its key belongs when the panel has no field for it."""
