@@ -69,13 +69,14 @@ def test_a_panel_with_a_missing_translation_is_not_built(tmp_path: Path, monkeyp
     package = tmp_path / "toy_panel"
     package.mkdir()
     (package / "__init__.py").write_text("")
+    texts_file = package / "panel_texts.yaml"
     lines = ["fields:", "  toy_rows:"] + [f"    {lang}: [Rows, How many rows.]" for lang in LANGS if lang != "ko"]
-    (package / "panel_texts.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    texts_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
     declaration = PanelDeclaration(name="Toy", prefix="toy_", package="toy_panel", arguments=ToyArguments,
                                    parse=lambda raw: ToyArguments(**raw), fields=(Field("toy_rows", 0),),
                                    loss_plot=LossPlot())
     with pytest.raises(ValueError, match=r"^Toy panel: toy_panel/panel_texts.yaml: fields: toy_rows: no ko text$"):
         build_panel(declaration)
-    (package / "panel_texts.yaml").write_text("\n".join(lines + ["    ko: [Rows, How many rows.]"]) + "\n")
+    texts_file.write_text("\n".join(lines + ["    ko: [Rows, How many rows.]"]) + "\n", encoding="utf-8")
     assert build_panel(declaration).locales["toy_rows"]["ko"] == {"label": "Rows", "info": "How many rows."}
