@@ -20,7 +20,6 @@ import yaml
 from llamafactory_hera.anatomy.panel_checks import dataset_names, unknown_datasets
 from llamafactory_hera.anatomy.panel_plots import loss_with_terms_figure
 from llamafactory_hera.anatomy.panel_spec import (
-    FROM_ARGUMENTS,
     LANGS,
     NO_FIELD,
     UNKNOWN_KEY,
@@ -84,7 +83,7 @@ class BoxField:
         self.widget = declared.widget or widget_for(spec)
         if self.widget not in WIDGETS:
             raise ValueError(f"{declared.key}: widget {self.widget!r} is not one of {', '.join(WIDGETS)}")
-        self.default = default_of(spec) if declared.default is FROM_ARGUMENTS else declared.default
+        self.default = default_of(spec) if declared.default is None else declared.default
         self.choices: tuple[str, ...] | None = spec.metadata.get("choices")
         self.normalize = declared.normalize
         self.only_with = declared.only_with

@@ -20,15 +20,6 @@ LANGS = ("en", "ru", "zh", "ko", "ja")  # LlamaBoard's languages (top.lang); eve
 WIDGETS = ("textbox", "number", "int", "dropdown", "checkbox", "dataset")
 
 
-class _FromArguments:
-    """The default of a :class:`Field` that takes its arguments dataclass field's default."""
-
-    def __repr__(self) -> str:
-        return "FROM_ARGUMENTS"
-
-
-FROM_ARGUMENTS: Any = _FromArguments()
-
 # (parsed arguments, LlamaBoard's context: model_path, dataset_dir) -> "" or the problem, one line naming the key
 Check = Callable[[Any, Mapping[str, Any]], str]
 
@@ -38,15 +29,15 @@ class Field:
     """One input of a panel: a key of the method's arguments dataclass and where it sits in the accordion.
 
     ``widget`` empty: from the dataclass field (:func:`widget_for`). ``default``: the box's first value when it is
-    not the dataclass default. ``normalize``: the typed box value -> the recipe value. ``only_with``: (key, value):
-    the key is sent to the run only while that other field's recipe value is ``value``.
+    not the dataclass default (None: the dataclass default). ``normalize``: the typed box value -> the recipe value.
+    ``only_with``: (key, value): the key is sent to the run only while that other field's recipe value is ``value``.
     """
 
     key: str
     row: int
     scale: int = 1
     widget: str = ""
-    default: Any = FROM_ARGUMENTS
+    default: Any = None
     normalize: Callable[[Any], Any] | None = None
     only_with: tuple[str, Any] | None = None
 
