@@ -128,15 +128,12 @@ def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict
     def create_train_tab(engine: Any) -> dict[str, Any]:
         import gradio as gr
 
-        tabs, elems, owned = {}, {}, []
+        built = []  # (method, panel, its accordion, its elements)
         for method, panel in panels:
             with gr.Accordion(panel.locales[panel.tab]["en"]["label"], open=True, visible=False,
                               elem_id=f"train-{panel.tab}") as tab:
-                own = panel.create_panel(gr, data_dir)
-            tabs[method] = (panel.tab, tab)
-            owned.append((panel, own))
-            elems.update(own)
-        inputs = {elem for panel, own in owned for elem in panel.inputs(own).values()}
+                built.append((method, panel, tab, panel.create_panel(gr, data_dir)))
+        inputs = {elem for _, panel, _, own in built for elem in panel.inputs(own).values()}
         manager = engine.manager
         own_base = vars(manager).get("get_base_elems")
         base = manager.get_base_elems
@@ -150,13 +147,12 @@ def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict
                 manager.get_base_elems = own_base
         stage = elem_dict["training_stage"]
         _widen_stage_box(stage)
-        for method, (name, tab) in tabs.items():
+        for method, panel, tab, own in built:
             _place_before(tab, elem_dict["cmd_preview_btn"])
             stage.change(_shown_for(method, stages, gr), [stage], [tab], queue=False)
-            elem_dict[name] = tab
-        for panel, own in owned:
             panel.bind(gr, elem_dict, own)
-        elem_dict.update(elems)
+            elem_dict[panel.tab] = tab
+            elem_dict.update(own)
         return elem_dict
 
     create_train_tab.__wrapped__ = original
