@@ -140,6 +140,9 @@ def test_the_standard_wheel_is_built_as_before(checkout: Path, tmp_path: Path) -
                 expected.add(f"{prefix}/{path.relative_to(ROOT / folder).as_posix()}")
     code = {name for name in names if name.endswith((".py", ".pth"))}
     assert code == expected, (code ^ expected)
+    texts = {f"{package}/{path.relative_to(ROOT / folder).as_posix()}" for package, folder in _packages().items()
+             for path in (ROOT / folder).rglob("panel_texts.yaml")}
+    assert len(texts) == 4 and texts <= names  # the LlamaBoard panels' texts ship beside their declarations
     assert not any("editable" in name for name in names)
 
 

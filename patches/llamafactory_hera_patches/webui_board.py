@@ -15,7 +15,7 @@ Checked on LLaMA-Factory 0.9.5 (with gradio 5), whose shapes are:
   ``_build_config_dict(data)`` is the saved ``llamaboard_config.yaml`` (every input's value by
   element id), ``monitor()`` is the generator that polls a running job;
 - ``control.get_trainer_info`` draws the loss with the module global ``gen_loss_plot(trainer_log)``;
-- ``locales.LOCALES`` / ``ALERTS``: element name (or alert) -> language -> texts;
+- ``locales.LOCALES``: element name -> language -> texts (label and info, or a note's value);
 - ``common.DEFAULT_DATA_DIR``: the Data dir box's first value (the panels' dataset boxes list its datasets).
 
 Each method's panel is the plugin's ``MethodPanel`` (``llamafactory_hera.anatomy.panel_builder``) its registered
@@ -38,27 +38,33 @@ from .guard import DISABLE_ENV, HostMismatchError, host_version, require, warn_i
 from .registry import registered_methods
 
 Method = Any  # a registered method (:mod:`.registry`)
-MethodPanel = Any  # its LlamaBoard panel: tab, keys, locales, alerts, create_panel, bind, validate, build_args, ...
+MethodPanel = Any  # its LlamaBoard panel: tab, keys, locales, create_panel, bind, validate, build_args, ...
 
 PATCH = "webui"
 _WEBUI = "llamafactory.webui"
+# the web-UI functions this patch wraps or calls: (module, attribute) -> their parameters
 _SIGNATURES = {
-    "create_train_tab": ("engine",),
-    "Runner._initialize": ("self", "data", "do_train", "from_preview"),
-    "Runner._parse_train_args": ("self", "data"),
-    "Runner._build_config_dict": ("self", "data"),
-    "Runner.monitor": ("self",),
-    "gen_loss_plot": ("trainer_log",),
-    "get_trainer_info": ("lang", "output_path", "do_train"),
+    ("components.train", "create_train_tab"): ("engine",),
+    ("runner", "Runner._initialize"): ("self", "data", "do_train", "from_preview"),
+    ("runner", "Runner._parse_train_args"): ("self", "data"),
+    ("runner", "Runner._build_config_dict"): ("self", "data"),
+    ("runner", "Runner.monitor"): ("self",),
+    ("control", "gen_loss_plot"): ("trainer_log",),
+    ("control", "get_trainer_info"): ("lang", "output_path", "do_train"),
 }
 
 
-def _require_signature(name: str, func: Callable[..., Any]) -> None:
+def _require_signature(module: ModuleType, path: str, expected: tuple[str, ...]) -> None:
+    """Raise :class:`HostMismatchError` unless ``module`` has ``path`` (e.g. ``Runner.monitor``) taking ``expected``."""
+    func: Any = module
+    for name in path.split("."):
+        require(func, (name,), PATCH)
+        func = getattr(func, name)
     params = tuple(inspect.signature(func).parameters)
-    if params != _SIGNATURES[name]:
+    if params != expected:
         raise HostMismatchError(
             f"llamafactory-hera: LLaMA-Factory {host_version()} does not have the internals the '{PATCH}' patch was "
-            f"written for ({name} takes ({', '.join(params)}), expected ({', '.join(_SIGNATURES[name])})). The "
+            f"written for ({path} takes ({', '.join(params)}), expected ({', '.join(expected)})). The "
             f"plugin was checked on LLaMA-Factory {', '.join(CHECKED_VERSIONS)}; install one of those, upgrade "
             f"llamafactory-hera, or set {DISABLE_ENV}=1 to run LLaMA-Factory without the plugin."
         )
@@ -72,19 +78,12 @@ def _modules(interface: ModuleType) -> dict[str, ModuleType]:
     mods["constants"] = importlib.import_module("llamafactory.extras.constants")
     mods["ploting"] = importlib.import_module("llamafactory.extras.ploting")
     require(mods["components"], ("create_train_tab",), PATCH)
-    require(mods["components.train"], ("create_train_tab",), PATCH)
-    require(mods["runner"], ("Runner",), PATCH)
-    require(mods["runner"].Runner, ("_initialize", "_parse_train_args", "_build_config_dict", "monitor"), PATCH)
-    require(mods["control"], ("gen_loss_plot", "get_trainer_info"), PATCH)
-    require(mods["locales"], ("LOCALES", "ALERTS"), PATCH)
+    require(mods["locales"], ("LOCALES",), PATCH)
     require(mods["common"], ("get_save_dir", "DEFAULT_DATA_DIR"), PATCH)
     require(mods["constants"], ("TRAINING_STAGES",), PATCH)
     require(mods["ploting"], ("smooth",), PATCH)
-    _require_signature("create_train_tab", mods["components.train"].create_train_tab)
-    for method in ("_initialize", "_parse_train_args", "_build_config_dict", "monitor"):
-        _require_signature(f"Runner.{method}", getattr(mods["runner"].Runner, method))
-    _require_signature("gen_loss_plot", mods["control"].gen_loss_plot)
-    _require_signature("get_trainer_info", mods["control"].get_trainer_info)
+    for (module, path), expected in _SIGNATURES.items():
+        _require_signature(mods[module], path, expected)
     for method in registered_methods():
         if method.stage not in mods["constants"].TRAINING_STAGES.values():  # the .webui patch did not run
             raise HostMismatchError(f"llamafactory-hera: LLaMA-Factory {host_version()}'s TRAINING_STAGES does not "
@@ -110,8 +109,6 @@ def apply(interface: ModuleType) -> None:
     for _, panel in panels:
         for name, texts in panel.locales.items():
             mods["locales"].LOCALES.setdefault(name, texts)
-        for name, texts in panel.alerts.items():
-            mods["locales"].ALERTS.setdefault(name, texts)
 
     original = mods["components.train"].create_train_tab
     create_train_tab = original if getattr(original, "_llamafactory_hera", False) else _wrap_create_train_tab(
@@ -131,15 +128,12 @@ def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict
     def create_train_tab(engine: Any) -> dict[str, Any]:
         import gradio as gr
 
-        tabs, elems, owned = {}, {}, []
+        built = []  # (method, panel, its accordion, its elements)
         for method, panel in panels:
             with gr.Accordion(panel.locales[panel.tab]["en"]["label"], open=True, visible=False,
                               elem_id=f"train-{panel.tab}") as tab:
-                own = panel.create_panel(gr, data_dir)
-            tabs[method] = (panel.tab, tab)
-            owned.append((panel, own))
-            elems.update(own)
-        inputs = {elem for panel, own in owned for elem in panel.inputs(own).values()}
+                built.append((method, panel, tab, panel.create_panel(gr, data_dir)))
+        inputs = {elem for _, panel, _, own in built for elem in panel.inputs(own).values()}
         manager = engine.manager
         own_base = vars(manager).get("get_base_elems")
         base = manager.get_base_elems
@@ -153,13 +147,12 @@ def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict
                 manager.get_base_elems = own_base
         stage = elem_dict["training_stage"]
         _widen_stage_box(stage)
-        for method, (name, tab) in tabs.items():
+        for method, panel, tab, own in built:
             _place_before(tab, elem_dict["cmd_preview_btn"])
             stage.change(_shown_for(method, stages, gr), [stage], [tab], queue=False)
-            elem_dict[name] = tab
-        for panel, own in owned:
             panel.bind(gr, elem_dict, own)
-        elem_dict.update(elems)
+            elem_dict[panel.tab] = tab
+            elem_dict.update(own)
         return elem_dict
 
     create_train_tab.__wrapped__ = original
@@ -242,10 +235,7 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
                    "dataset_dir": elem_value(self, data, "train.dataset_dir")}
         problem = panel.validate(values, extra_args(self, data), context) if values is not None else ""
         if problem:
-            lang = elem_value(self, data, "top.lang") or "en"
-            alert = panel.error_alert
-            prefix_text = mods["locales"].ALERTS[alert].get(lang, panel.alerts[alert]["en"])
-            return prefix_text + panel.as_markup(problem)
+            return panel.error_text(problem, elem_value(self, data, "top.lang") or "en")
         return error
 
     def _parse_train_args(self: Any, data: dict[Any, Any]) -> dict[str, Any]:

@@ -42,7 +42,8 @@ class Method:
       offer of that workflow (``patches.stage.SFTWorkflow``: its collator and trainer classes, ``run`` with
       replacements, ``smooth``);
     - ``panel``: the method's LlamaBoard panel, a :class:`llamafactory_hera.anatomy.panel_builder.MethodPanel`
-      built from the declaration in its ``webui_panel`` module (fields from its arguments dataclass, texts);
+      built from the declaration in its ``webui_panel`` module (fields from its arguments dataclass) and the texts
+      of its ``panel_texts.yaml``;
     - ``add_cli_verbs(subparsers) -> dict[str, handler]``: its ``llamafactory-hera`` verbs; a handler takes
       the parsed namespace and raises ``ValueError`` / ``OSError`` subclasses for the user's mistakes.
     """

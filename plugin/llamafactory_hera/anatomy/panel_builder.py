@@ -1,26 +1,27 @@
-"""One builder for every method's LlamaBoard panel: from a :class:`~.panel_spec.PanelDeclaration` to the panel the
-LlamaBoard patch (:mod:`llamafactory_hera_patches.webui_board`) wires in.
+"""One builder for every method's LlamaBoard panel: from a :class:`~.panel_spec.PanelDeclaration` and its texts (the
+data file ``panel_texts.yaml`` beside it) to the panel the LlamaBoard patch
+(:mod:`llamafactory_hera_patches.webui_board`) wires in.
 
-:class:`MethodPanel` holds what the patch uses: ``tab``, ``keys``, ``defaults``, ``locales``, ``alerts``,
-``error_alert``, ``create_panel(gr, dataset_dir)``, ``bind(gr, train_elems, own_elems)``, ``build_args(values)``,
-``validate(values, extra, context)``, ``host_args(args, extra)``, ``owns_loss_plot(log)``, ``loss_figure(log,
-smooth)`` and ``as_markup(text)``. Independent of LLaMA-Factory's internals; gradio is passed in by the caller.
+:class:`MethodPanel` holds what the patch uses: ``tab``, ``keys``, ``defaults``, ``locales``,
+``create_panel(gr, dataset_dir)``, ``bind(gr, train_elems, own_elems)``, ``build_args(values)``, ``validate(values,
+extra, context)``, ``error_text(problem, lang)``, ``host_args(args, extra)``, ``owns_loss_plot(log)`` and
+``loss_figure(log, smooth)``. Independent of LLaMA-Factory's internals; gradio is passed in by the caller.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
 from typing import Any
+
+import yaml
 
 from llamafactory_hera.anatomy.panel_checks import dataset_names, unknown_datasets
 from llamafactory_hera.anatomy.panel_plots import loss_with_terms_figure
 from llamafactory_hera.anatomy.panel_spec import (
-    ERROR_PREFIX,
-    FROM_ARGUMENTS,
     LANGS,
     NO_FIELD,
-    TAB_TITLE,
     UNKNOWN_KEY,
     WIDGETS,
     Field,
@@ -32,6 +33,46 @@ from llamafactory_hera.anatomy.panel_widgets import as_markup, create_widgets, t
 
 Locales = dict[str, dict[str, dict[str, str]]]  # element name -> language -> {"label", "info"} or {"value"}
 
+TEXTS_FILE = "panel_texts.yaml"
+# A method's texts: fields (recipe key -> language -> [label, info]), the panel's note and what the info of an
+# ``only_with`` field starts with (language -> text); the texts every panel shares (language -> text, {name} filled in)
+# are in this package's own file
+PANEL_SECTIONS = ("fields", "note", "only_with_note")
+SHARED_SECTIONS = ("tab_title", "error_prefix")
+
+
+def read_texts(package: str) -> dict[str, Any]:
+    """The texts of ``package``'s ``panel_texts.yaml``, read from the installed package (a wheel or the source tree)."""
+    return yaml.safe_load(resources.files(package).joinpath(TEXTS_FILE).read_text(encoding="utf-8")) or {}
+
+
+def text_problems(texts: Mapping[str, Any], keys: Sequence[str], sections: Sequence[str]) -> list[str]:
+    """What is wrong with a panel's texts for the declared field ``keys``: a field without texts, a text of a key that
+    is not declared, a section not in ``sections``, a language missing or not LlamaBoard's, a field's text that is not
+    [label, info]; empty when every text is there."""
+    fields = texts.get("fields") or {}
+    problems = [f"{section}: not one of {', '.join(sections)}" for section in texts if section not in sections]
+    problems += [f"fields: no texts for {key}" for key in keys if key not in fields]
+    problems += [f"fields: {key} is not a declared field" for key in fields if key not in keys]
+    for key, entry in fields.items():
+        problems += _language_problems(f"fields: {key}", entry, _is_label_and_info, "[label, info]")
+    for section, entry in texts.items():
+        if section != "fields" and section in sections:
+            problems += _language_problems(section, entry, lambda text: isinstance(text, str), "a text")
+    return problems
+
+
+def _is_label_and_info(text: Any) -> bool:
+    return isinstance(text, list) and len(text) == 2 and all(isinstance(part, str) and part for part in text)
+
+
+def _language_problems(where: str, entry: Any, fits: Callable[[Any], bool], shape: str) -> list[str]:
+    if not isinstance(entry, Mapping):
+        return [f"{where}: not a mapping of language -> text"]
+    problems = [f"{where}: no {lang} text" for lang in LANGS if lang not in entry]
+    problems += [f"{where}: {lang} is not one of LlamaBoard's languages" for lang in entry if lang not in LANGS]
+    return problems + [f"{where}: {lang} is not {shape}" for lang, text in entry.items() if not fits(text)]
+
 
 class BoxField:
     """A declared :class:`~.panel_spec.Field` resolved against the arguments dataclass: the box LlamaBoard shows."""
@@ -42,9 +83,8 @@ class BoxField:
         self.widget = declared.widget or widget_for(spec)
         if self.widget not in WIDGETS:
             raise ValueError(f"{declared.key}: widget {self.widget!r} is not one of {', '.join(WIDGETS)}")
-        self.default = default_of(spec) if declared.default is FROM_ARGUMENTS else declared.default
+        self.default = default_of(spec) if declared.default is None else declared.default
         self.choices: tuple[str, ...] | None = spec.metadata.get("choices")
-        self.help: str = spec.metadata.get("help", "")
         self.normalize = declared.normalize
         self.only_with = declared.only_with
 
@@ -63,42 +103,24 @@ class BoxField:
 class MethodPanel:
     """A method's LlamaBoard panel, built from its declaration (see the module docstring for what it offers)."""
 
-    def __init__(self, declaration: PanelDeclaration) -> None:
+    def __init__(self, declaration: PanelDeclaration, texts: Mapping[str, Any], shared: Mapping[str, Any]) -> None:
         self.declaration = declaration
         self.fields = tuple(BoxField(declared, declaration) for declared in declaration.fields)
         self.tab = f"{declaration.prefix}tab"  # element id of the accordion (train.<prefix>tab)
-        self.note = f"{declaration.prefix}note" if declaration.notes else ""  # element id of the note, if any
+        self.note = f"{declaration.prefix}note" if "note" in texts else ""  # element id of the note, if any
         self.keys = tuple(field.key for field in self.fields)
         self.defaults = {field.key: field.default for field in self.fields}
         self.dataset_from_panel = declaration.dataset_from_panel
-        self.error_alert = f"err_{declaration.prefix}args"  # the alert that prefixes a problem
-        self.alerts = {self.error_alert: {lang: ERROR_PREFIX[lang].format(name=declaration.name) for lang in LANGS}}
-        self.locales = self._build_locales()
-
-    as_markup = staticmethod(as_markup)
-
-    def _build_locales(self) -> Locales:
-        declaration = self.declaration
-        locales: Locales = {self.tab: {lang: {"label": TAB_TITLE[lang].format(name=declaration.name)}
-                                       for lang in LANGS}}
+        # language -> what starts an error about the panel's values
+        self.error_prefix = {lang: text.format(name=declaration.name) for lang, text in shared["error_prefix"].items()}
+        self.locales: Locales = {self.tab: {lang: {"label": text.format(name=declaration.name)}
+                                            for lang, text in shared["tab_title"].items()}}
         if self.note:
-            locales[self.note] = {lang: {"value": declaration.notes.get(lang, declaration.notes["en"])}
-                                  for lang in LANGS}
+            self.locales[self.note] = {lang: {"value": text} for lang, text in texts["note"].items()}
         for field in self.fields:
-            texts = declaration.texts[field.key]
-            entry = {}
-            for lang in LANGS:
-                label, info = texts.get(lang, texts["en"])
-                note = declaration.only_with_note.get(lang, "") if field.only_with else ""
-                entry[lang] = {"label": label, "info": note + (info or field.help)}
-            locales[field.key] = entry
-        return locales
-
-    def localized(self, key: str, lang: str) -> dict[str, str]:
-        """Label and info (or a note's value) of a panel element in ``lang``, English where the language is
-        unknown."""
-        entry = self.locales[key]
-        return dict(entry.get(lang, entry["en"]))
+            lead = texts.get("only_with_note", {}) if field.only_with else {}
+            self.locales[field.key] = {lang: {"label": label, "info": lead.get(lang, "") + info}
+                                       for lang, (label, info) in texts["fields"][field.key].items()}
 
     # -- gradio ------------------------------------------------------------------------------------------------
 
@@ -110,7 +132,7 @@ class MethodPanel:
         """
         note = {}
         if self.note:
-            note[self.note] = gr.Markdown(elem_id=f"train-{self.note}", **self.localized(self.note, "en"))
+            note[self.note] = gr.Markdown(elem_id=f"train-{self.note}", **self.locales[self.note]["en"])
         names = dataset_names(dataset_dir) if dataset_dir else []
         return {**note, **create_widgets(gr, self.fields, self.locales, names)}
 
@@ -182,6 +204,11 @@ class MethodPanel:
                 return self._with_field_hint(problem)
         return self._dataset_problem(raw, context.get("dataset_dir"))
 
+    def error_text(self, problem: str, lang: str) -> str:
+        """``problem`` as LlamaBoard shows it in ``lang`` (English where the language is unknown): after the panel's
+        error prefix, made safe for the alert toast, which renders HTML."""
+        return self.error_prefix.get(lang, self.error_prefix["en"]) + as_markup(problem)
+
     def _with_field_hint(self, problem: str) -> str:
         """``problem`` with where its key belongs when the panel has no field for it."""
         match = re.match(r"(\w+):", problem) or re.search(r"key '(\w+)'", problem)
@@ -223,8 +250,12 @@ class MethodPanel:
 
 
 def build_panel(declaration: PanelDeclaration) -> MethodPanel:
-    """The panel of a declaration (checks the declaration: every field has English texts)."""
-    missing = [field.key for field in declaration.fields if "en" not in declaration.texts.get(field.key, {})]
-    if missing:
-        raise ValueError(f"{declaration.name} panel: no English texts for {', '.join(missing)}")
-    return MethodPanel(declaration)
+    """The panel of a declaration, with its texts (ValueError naming the file and what is wrong with its texts)."""
+    texts, shared = read_texts(declaration.package), read_texts(__package__)
+    keys = [declared.key for declared in declaration.fields]
+    problems = [f"{declaration.package}/{TEXTS_FILE}: {problem}"
+                for problem in text_problems(texts, keys, PANEL_SECTIONS)]
+    problems += [f"{__package__}/{TEXTS_FILE}: {problem}" for problem in text_problems(shared, (), SHARED_SECTIONS)]
+    if problems:
+        raise ValueError(f"{declaration.name} panel: {'; '.join(problems)}")
+    return MethodPanel(declaration, texts, shared)

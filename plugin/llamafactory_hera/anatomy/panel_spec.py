@@ -1,9 +1,10 @@
 """What a method declares about its LlamaBoard panel; :mod:`.panel_builder` makes the panel from it.
 
 A declaration names the method's arguments dataclass and lists, per field, only where it sits (row, scale) and what
-differs from that dataclass (key, type, default, help and choices come from the dataclass field: see
-:func:`widget_for`). Texts are declared per key and language; everything else (the accordion's title, the error
-prefix, the locales, the arguments sent to the run, the checks) is built the same way for every method.
+differs from that dataclass (key, type, default and choices come from the dataclass field: see :func:`widget_for`).
+The texts are data: ``panel_texts.yaml`` beside the declaration, read by :func:`.panel_builder.read_texts`;
+everything else (the accordion, the error prefix, the locales, the arguments sent to the run, the checks) is built the
+same way for every method.
 
 Imports nothing heavy: declarations are read when LlamaBoard is built and by the tests.
 """
@@ -19,17 +20,6 @@ LANGS = ("en", "ru", "zh", "ko", "ja")  # LlamaBoard's languages (top.lang); eve
 WIDGETS = ("textbox", "number", "int", "dropdown", "checkbox", "dataset")
 
 
-class _FromArguments:
-    """The default of a :class:`Field` that takes its arguments dataclass field's default."""
-
-    def __repr__(self) -> str:
-        return "FROM_ARGUMENTS"
-
-
-FROM_ARGUMENTS: Any = _FromArguments()
-
-# key -> language -> (label, info); a missing language reads English, a missing info the dataclass help
-Texts = Mapping[str, Mapping[str, tuple[str, str]]]
 # (parsed arguments, LlamaBoard's context: model_path, dataset_dir) -> "" or the problem, one line naming the key
 Check = Callable[[Any, Mapping[str, Any]], str]
 
@@ -39,15 +29,15 @@ class Field:
     """One input of a panel: a key of the method's arguments dataclass and where it sits in the accordion.
 
     ``widget`` empty: from the dataclass field (:func:`widget_for`). ``default``: the box's first value when it is
-    not the dataclass default. ``normalize``: the typed box value -> the recipe value. ``only_with``: (key, value):
-    the key is sent to the run only while that other field's recipe value is ``value``.
+    not the dataclass default (None: the dataclass default). ``normalize``: the typed box value -> the recipe value.
+    ``only_with``: (key, value): the key is sent to the run only while that other field's recipe value is ``value``.
     """
 
     key: str
     row: int
     scale: int = 1
     widget: str = ""
-    default: Any = FROM_ARGUMENTS
+    default: Any = None
     normalize: Callable[[Any], Any] | None = None
     only_with: tuple[str, Any] | None = None
 
@@ -74,27 +64,25 @@ class PanelDeclaration:
     """Everything method-specific about a LlamaBoard panel.
 
     ``name``: the method as users read it (accordion title "<name> configurations", error prefix "Invalid <name>
-    setting: "). ``prefix``: its recipe keys' prefix (the accordion is ``<prefix>tab``). ``parse``: the method's
-    argument parser (raw keys -> dataclass, ``ValueError`` naming the key). ``notes``: language -> a note shown at
-    the top of the panel. ``unused_host_keys``: arguments of LlamaBoard's Train tab the method does not use, left out
-    of the command unless set in "Extra arguments". ``dataset_from_panel``: the rows come from the panel's dataset
-    fields, so LlamaBoard's Dataset box may stay empty. ``dataset_hint``: said when a dataset field names a dataset
-    that ``dataset_dir`` does not list. ``only_with_note``: language -> text put before the info of ``only_with``
-    fields. ``checks``: run on the parsed arguments with LlamaBoard's context when the preview or the run is asked.
+    setting: "). ``prefix``: its recipe keys' prefix (the accordion is ``<prefix>tab``). ``package``: the package
+    whose ``panel_texts.yaml`` holds the panel's texts. ``parse``: the method's argument parser (raw keys ->
+    dataclass, ``ValueError`` naming the key). ``unused_host_keys``: arguments of LlamaBoard's Train tab the method
+    does not use, left out of the command unless set in "Extra arguments". ``dataset_from_panel``: the rows come from
+    the panel's dataset fields, so LlamaBoard's Dataset box may stay empty. ``dataset_hint``: said when a dataset
+    field names a dataset that ``dataset_dir`` does not list. ``checks``: run on the parsed arguments with
+    LlamaBoard's context when the preview or the run is asked.
     """
 
     name: str
     prefix: str
+    package: str
     arguments: type
     parse: Callable[[dict[str, Any]], Any]
     fields: tuple[Field, ...]
-    texts: Texts
     loss_plot: LossPlot
-    notes: Mapping[str, str] = field(default_factory=dict)
     unused_host_keys: tuple[str, ...] = ()
     dataset_from_panel: bool = False
     dataset_hint: str = ""
-    only_with_note: Mapping[str, str] = field(default_factory=dict)
     checks: tuple[Check, ...] = ()
 
     def spec(self, key: str) -> dataclasses.Field:
@@ -125,11 +113,6 @@ def default_of(spec: dataclasses.Field) -> Any:
     return None
 
 
-# The texts every panel shares, per language: the accordion's title, the error prefix, and what an error about a key
-# without a field adds ({key} and {name} filled in).
-TAB_TITLE = {"en": "{name} configurations", "ru": "Конфигурации {name}", "zh": "{name} 参数设置",
-             "ko": "{name} 구성", "ja": "{name} 設定"}
-ERROR_PREFIX = {"en": "Invalid {name} setting: ", "ru": "Неверный параметр {name}: ", "zh": "{name} 参数无效：",
-                "ko": "잘못된 {name} 설정: ", "ja": "{name} の設定が無効です: "}
+# What an error about a key without a field adds ({key} and {name} filled in).
 NO_FIELD = ' ({key} has no field in the {name} panel: set it in the "Extra arguments" box, e.g. {{"{key}": ...}}.)'
 UNKNOWN_KEY = ' (from the "Extra arguments" box; the {name} panel has no such field.)'

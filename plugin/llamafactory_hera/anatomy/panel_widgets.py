@@ -8,6 +8,7 @@ the caller only when LlamaBoard is built).
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -68,3 +69,9 @@ def typed_value(widget: str, value: Any) -> Any:
     if isinstance(value, str):
         return value.strip()
     return value
+
+
+def comma_list(text: str) -> str:
+    """A list typed in a box (``[L1H0; 'L1H2' L3H4]``) as one recipe string without spaces (``L1H0,L1H2,L3H4``)."""
+    items = (item.strip("'\" ") for item in re.split(r"[,\s;]+", text.strip().strip("[]() ")))
+    return ",".join(item for item in items if item)
