@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, base_recipe, read_trainer_log, run_train
 from llamafactory_hera import cli
 
 SHIPPED_INFO = REPO / "recipes" / "data" / "dataset_info.json"
@@ -143,7 +143,8 @@ def test_the_shipped_entries_read_llavas_files_through_llamafactorys_loader(tree
 
 
 def test_check_counts_a_complete_558k_style_dataset(tree, tmp_path, capsys) -> None:
-    recipe = write_recipe(tree, tmp_path, dataset="llava_pretrain_558k", media_dir=str(tree.pretrain / "images"))
+    recipe = write_recipe(tree, tmp_path, dataset="llava_pretrain_558k", media_dir=str(tree.pretrain / "images"),
+                          streaming=True)  # counted all the same
     code, out, err = hera(capsys, "data", "check", recipe)
     assert code == 0, err
     assert table(out)["llava_pretrain_558k"] == {
@@ -276,3 +277,25 @@ def test_convert_replaces_a_different_output_only_with_force(tree, tmp_path, cap
     assert tree.converted.read_text() == "[]"
     assert hera(capsys, "data", "convert", tree.mixture, "--force")[0] == 0
     assert len(json.loads(tree.converted.read_text())) == 9
+
+
+def test_hera_trains_a_tiny_llava_on_the_mixture_with_its_text_only_rows(assets, tree, tmp_path, capsys) -> None:
+    """The shipped 665k entry, checked and then trained under stage: hera through LLaMA-Factory's run (template
+    llava: LLaVA's <image> marks expand to the image tokens): the text-only rows get the LM loss only, no failure."""
+    from llamafactory_hera.llava_data.convert import convert_file
+
+    rows = [row for row in json.loads(tree.mixture.read_text())
+            if not str(row.get("image", "")).startswith(("ocr_vqa", "textvqa", "vg/VG_100K/"))]  # the bad images
+    tree.mixture.write_text(json.dumps(rows))
+    convert_file(tree.mixture)
+    keys = {"dataset": "llava_v1_5_mix665k", "dataset_dir": str(tree.data), "media_dir": str(tree.llava)}
+    recipe = base_recipe(assets, "llava", tmp_path / "out", max_steps=2, per_device_train_batch_size=6, **keys)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    code, out, err = hera(capsys, "data", "check", tmp_path / "recipe.yaml")
+    assert code == 0, err
+    assert {k: table(out)["llava_v1_5_mix665k"][k] for k in ("rows", "text-only", "usable by HeRA")} == \
+        {"rows": "6", "text-only": "2", "usable by HeRA": "4"}
+    run_train(recipe, tmp_path)
+    lines = [line for line in read_trainer_log(tmp_path / "out") if "loss" in line]
+    assert len(lines) == 2 and sum(line["hera_text_only_samples"] for line in lines) > 0
+    assert sum(line["hera_image_samples"] for line in lines) > 0

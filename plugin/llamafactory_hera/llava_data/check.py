@@ -27,6 +27,7 @@ from typing import Any
 from llamafactory_hera.short_errors import RecipeError
 
 FIRST_PATHS = 10  # bad paths listed after the table
+IMAGE_CHUNK = 4096  # images handed to the threads at a time
 MISSING, UNREADABLE = "missing", "unreadable"
 
 
@@ -132,14 +133,16 @@ def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: b
             bar.update(len(batch["_images"]))
     distinct = list(dict.fromkeys(path for paths in row_images for path in paths))  # in row order
     counts.images = len(distinct)
+    problems: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
             total=len(distinct), desc=f"{name}: images ({'decode' if decode else 'stat'})", unit="img",
             disable=disable) as bar:
-        problems: dict[str, str] = {}
-        for path, problem in zip(distinct, pool.map(lambda p: image_problem(p, decode), distinct), strict=True):
-            if problem:
-                problems[path] = problem
-            bar.update(1)
+        for start in range(0, len(distinct), IMAGE_CHUNK):  # chunks: no future per image of the whole mixture at once
+            chunk = distinct[start:start + IMAGE_CHUNK]
+            for path, problem in zip(chunk, pool.map(lambda p: image_problem(p, decode), chunk), strict=True):
+                if problem:
+                    problems[path] = problem
+            bar.update(len(chunk))
     counts.bad_images = {_shown(path, media_dir): problem for path, problem in problems.items()}
     counts.usable_rows = sum(1 for paths, ok in zip(row_images, marks_ok, strict=True)
                              if ok and not any(path in problems for path in paths))
@@ -183,7 +186,7 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int, progress: bool |
         raise RecipeError(f"dataset: {recipe_path} names no dataset; data check reads the datasets a recipe trains "
                           "on. Add dataset: llava_pretrain_558k (stage 1) or llava_v1_5_mix665k (stage 2) with "
                           "dataset_dir: recipes/data (docs/llava-data.md).")
-    recipe_args = parse_recipe(recipe)
+    recipe_args = parse_recipe({**recipe, "streaming": False})  # the same rows, as a table that can be counted
     dataset_dir, media_dir = str(recipe_args.data_args.dataset_dir), str(recipe_args.data_args.media_dir)
     for key, keyed in names.items():
         check_dataset_names(key, keyed, dataset_dir)
