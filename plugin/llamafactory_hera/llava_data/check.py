@@ -99,53 +99,59 @@ def _shown(path: str, media_dir: str) -> str:
     return path if os.path.isabs(path) else os.path.join(media_dir, path)
 
 
-def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: bool, workers: int,
-               progress: bool | None = None) -> DatasetCounts:
-    """Count ``rows`` (LLaMA-Factory's aligned dataset: ``_prompt``, ``_response``, ``_images``) and check each
-    distinct image file once (``workers`` threads; a progress bar on a terminal unless ``progress`` says)."""
+def _aligned(rows: Any) -> Any:
+    """(prompt, response, images) of each row of LLaMA-Factory's aligned dataset, read in batches."""
+    for batch in rows.select_columns(["_prompt", "_response", "_images"]).iter(batch_size=4096):
+        yield from zip(batch["_prompt"], batch["_response"], batch["_images"], strict=True)
+
+
+def check_images(paths: list[str], decode: bool, workers: int, desc: str, disable: bool | None) -> dict[str, str]:
+    """``path -> MISSING | UNREADABLE`` for the bad ones of ``paths``, checked by ``workers`` threads."""
     from tqdm import tqdm
 
-    counts = DatasetCounts(name, rows=len(rows))
-    row_images: list[list[str]] = []  # the file paths of each valid image row
-    marks_ok: list[bool] = []
-    batches = rows.select_columns(["_prompt", "_response", "_images"]).iter(batch_size=4096)
-    disable = None if progress is None else not progress  # tqdm: None = only on a terminal
-    with tqdm(total=len(rows), desc=f"{name}: rows", unit="row", disable=disable) as bar:
-        row = -1
-        for batch in batches:
-            for prompt, response, images in zip(batch["_prompt"], batch["_response"], batch["_images"], strict=True):
-                row += 1
-                images = images or []
-                if not prompt or not response:
-                    counts.dropped_rows += 1
-                    continue
-                counts.images_per_row[len(images)] += 1
-                marks = sum(str(message.get("content") or "").count(placeholder) for message in prompt + response)
-                if marks != len(images):
-                    counts.mismatched_rows += 1
-                    if len(counts.first_mismatches) < FIRST_PATHS:
-                        counts.first_mismatches.append(row)
-                if not images:
-                    counts.text_only_rows += 1
-                    continue
-                row_images.append([path for path in map(_file_path, images) if path is not None])
-                marks_ok.append(marks == len(images))
-            bar.update(len(batch["_images"]))
-    distinct = list(dict.fromkeys(path for paths in row_images for path in paths))  # in row order
-    counts.images = len(distinct)
     problems: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-            total=len(distinct), desc=f"{name}: images ({'decode' if decode else 'stat'})", unit="img",
-            disable=disable) as bar:
-        for start in range(0, len(distinct), IMAGE_CHUNK):  # chunks: no future per image of the whole mixture at once
-            chunk = distinct[start:start + IMAGE_CHUNK]
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(paths), desc=desc, unit="img",
+                                                               disable=disable) as bar:
+        for start in range(0, len(paths), IMAGE_CHUNK):  # in chunks: no future per image of the mixture at once
+            chunk = paths[start:start + IMAGE_CHUNK]
             for path, problem in zip(chunk, pool.map(lambda p: image_problem(p, decode), chunk), strict=True):
                 if problem:
                     problems[path] = problem
             bar.update(len(chunk))
+    return problems
+
+
+def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: bool, workers: int,
+               progress: bool | None = None) -> DatasetCounts:
+    """Count ``rows`` (LLaMA-Factory's aligned dataset: ``_prompt``, ``_response``, ``_images``) and check each
+    distinct image file once (``workers`` threads; progress bars on a terminal unless ``progress`` says)."""
+    from tqdm import tqdm
+
+    counts = DatasetCounts(name, rows=len(rows))
+    image_rows: list[tuple[list[str], bool]] = []  # each image row's files and whether its marks match
+    disable = None if progress is None else not progress  # tqdm: None = only on a terminal
+    for row, (prompt, response, images) in enumerate(tqdm(_aligned(rows), total=len(rows), desc=f"{name}: rows",
+                                                           unit="row", disable=disable)):
+        images = images or []
+        if not prompt or not response:
+            counts.dropped_rows += 1
+            continue
+        counts.images_per_row[len(images)] += 1
+        marks = sum(str(message.get("content") or "").count(placeholder) for message in prompt + response)
+        if marks != len(images):
+            counts.mismatched_rows += 1
+            if len(counts.first_mismatches) < FIRST_PATHS:
+                counts.first_mismatches.append(row)
+        if images:
+            image_rows.append(([path for path in map(_file_path, images) if path is not None], marks == len(images)))
+        else:
+            counts.text_only_rows += 1
+    distinct = list(dict.fromkeys(path for paths, _ in image_rows for path in paths))  # in row order
+    counts.images = len(distinct)
+    problems = check_images(distinct, decode, workers, f"{name}: images ({'decode' if decode else 'stat'})", disable)
     counts.bad_images = {_shown(path, media_dir): problem for path, problem in problems.items()}
-    counts.usable_rows = sum(1 for paths, ok in zip(row_images, marks_ok, strict=True)
-                             if ok and not any(path in problems for path in paths))
+    counts.usable_rows = sum(1 for paths, marks_match in image_rows
+                             if marks_match and not any(path in problems for path in paths))
     return counts
 
 
