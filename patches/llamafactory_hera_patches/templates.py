@@ -79,3 +79,11 @@ def composite_model_types() -> set[str]:
     visual = importlib.import_module("llamafactory.model.model_utils.visual")
     require(visual, ("COMPOSITE_MODELS",), "templates")
     return set(visual.COMPOSITE_MODELS)
+
+
+def image_placeholder() -> str:
+    """The mark of an image's place in a message (``llamafactory.extras.constants.IMAGE_PLACEHOLDER``, ``<image>``
+    unless the environment says otherwise): the multimodal templates' plugins require one per image of a row."""
+    constants = importlib.import_module("llamafactory.extras.constants")
+    require(constants, ("IMAGE_PLACEHOLDER",), "templates")
+    return str(constants.IMAGE_PLACEHOLDER)

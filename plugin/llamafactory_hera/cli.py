@@ -4,9 +4,12 @@
     llamafactory-hera select --report RUN_DIR [opts]   score a trained run's heads before/after training
     llamafactory-hera eval RUN_DIR [--baseline OTHER_RUN_DIR | --base] --tasks PRESET_OR_TASKS
                                                        a run against its baseline (lmms-eval / lm-eval)
+    llamafactory-hera data check RECIPE.yaml | data convert LLAVA.json
+                                                       a recipe's rows and images before a long run; LLaVA's JSON
 
 The methods' verbs come from each method's declaration (``add_cli_verbs``, see :mod:`llamafactory_hera.methods`);
-``eval`` serves every stage, so it is added here (:mod:`llamafactory_hera.evaluation.cli`).
+``eval`` serves every stage, so it is added here (:mod:`llamafactory_hera.evaluation.cli`), and so is ``data``
+(:mod:`llamafactory_hera.llava_data.cli`).
 """
 
 from __future__ import annotations
@@ -23,15 +26,17 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
     parser = argparse.ArgumentParser(
         prog="llamafactory-hera",
         description="HeRA, RAH-LoRA and HARC for LLaMA-Factory: the methods' commands (HeRA's select, HARC's "
-        "harc-data) and eval of a run against its baseline.")
+        "harc-data), eval of a run against its baseline, and data (check a recipe's datasets before a long run).")
     commands = parser.add_subparsers(dest="command", required=True)
     handlers: dict[str, Callable[[argparse.Namespace], None]] = {}
     for method in declared_methods():
         if method.add_cli_verbs:
             handlers.update(method.load("add_cli_verbs")(commands))
     from llamafactory_hera.evaluation.cli import add_verbs as add_eval_verb
+    from llamafactory_hera.llava_data.cli import add_verbs as add_data_verb
 
     handlers.update(add_eval_verb(commands))
+    handlers.update(add_data_verb(commands))
     return parser, handlers
 
 
