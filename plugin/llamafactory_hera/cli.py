@@ -4,9 +4,12 @@
     llamafactory-hera select --report RUN_DIR [opts]   score a trained run's heads before/after training
     llamafactory-hera eval RUN_DIR [--baseline OTHER_RUN_DIR | --base] --tasks PRESET_OR_TASKS
                                                        a run against its baseline (lmms-eval / lm-eval)
+    llamafactory-hera compose --llm LLM [--vision VISION] --output DIR
+                                                       a LLaVA-1.5-style model from a text-only LLM and an image encoder
 
 The methods' verbs come from each method's declaration (``add_cli_verbs``, see :mod:`llamafactory_hera.methods`);
-``eval`` serves every stage, so it is added here (:mod:`llamafactory_hera.evaluation.cli`).
+``eval`` serves every stage, so it is added here (:mod:`llamafactory_hera.evaluation.cli`), and so is ``compose``, which
+builds the model the stages train (:mod:`llamafactory_hera.llava_compose.cli`).
 """
 
 from __future__ import annotations
@@ -23,15 +26,18 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
     parser = argparse.ArgumentParser(
         prog="llamafactory-hera",
         description="HeRA, RAH-LoRA and HARC for LLaMA-Factory: the methods' commands (HeRA's select, HARC's "
-        "harc-data) and eval of a run against its baseline.")
+        "harc-data), eval of a run against its baseline, and compose of a LLaVA-1.5-style model from an LLM and an "
+        "image encoder.")
     commands = parser.add_subparsers(dest="command", required=True)
     handlers: dict[str, Callable[[argparse.Namespace], None]] = {}
     for method in declared_methods():
         if method.add_cli_verbs:
             handlers.update(method.load("add_cli_verbs")(commands))
     from llamafactory_hera.evaluation.cli import add_verbs as add_eval_verb
+    from llamafactory_hera.llava_compose.cli import add_verbs as add_compose_verb
 
     handlers.update(add_eval_verb(commands))
+    handlers.update(add_compose_verb(commands))
     return parser, handlers
 
 
