@@ -72,7 +72,7 @@ def test_compose_writes_llava_of_the_parts(parts: Path, pair: str, template: str
     pieces = [(model.model.language_model, llm.model), (model.lm_head, llm.lm_head),
               (model.model.vision_tower, _loaded(parts / vision_kind).vision_model)]
     for mine, theirs in pieces:  # the LLM and the vision tower, unchanged (the image token's new row aside)
-        theirs = theirs.state_dict()
+        theirs = {k: v for k, v in theirs.state_dict().items() if not k.startswith("head.")}  # SigLIP's pooling head
         assert mine.state_dict().keys() == theirs.keys()
         assert all(torch.equal(weight[: len(theirs[key])], theirs[key]) for key, weight in mine.state_dict().items())
     projector = {name for name, _ in model.model.multi_modal_projector.named_parameters()}
@@ -106,8 +106,8 @@ def test_compose_processor_expands_image_to_the_encoder_length(parts: Path) -> N
 
 
 # Run with `python -E -S`: no PYTHONPATH, site-packages added without its .pth files (no start-up hook), and neither
-# the plugin nor LLaMA-Factory importable. Prints the logits' shape for an image+text input and whether a text-only
-# input gives the LLM's own logits.
+# the plugin nor LLaMA-Factory importable. Prints the logits' shape for an image+text input, whether a text-only
+# input gives the LLM's own logits, and the checkpoint's keys the model did not take as they are.
 _PLAIN = """
 import sys
 class NoPlugin:
@@ -120,7 +120,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 for composed, llm in zip(sys.argv[2::2], sys.argv[3::2]):
-    model = AutoModelForImageTextToText.from_pretrained(composed).eval()
+    model, info = AutoModelForImageTextToText.from_pretrained(composed, output_loading_info=True)
+    model.eval()
     processor = AutoProcessor.from_pretrained(composed)
     inputs = processor(images=Image.new("RGB", (48, 40), (200, 30, 90)), text="a <image> of", return_tensors="pt")
     text = AutoTokenizer.from_pretrained(llm)("a red square", return_tensors="pt")
@@ -128,7 +129,8 @@ for composed, llm in zip(sys.argv[2::2], sys.argv[3::2]):
         logits = model(**inputs).logits
         own = AutoModelForCausalLM.from_pretrained(llm).eval()(**text).logits
         same = torch.equal(model(**text).logits[..., : own.shape[-1]], own)
-    print(type(model).__name__, tuple(logits.shape), bool(torch.isfinite(logits).all()), same)
+    off = [key for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") for key in info[kind]]
+    print(type(model).__name__, tuple(logits.shape), bool(torch.isfinite(logits).all()), same, off)
 print("plugin imported:", any(m.startswith("llamafactory") for m in sys.modules))
 """
 
@@ -139,8 +141,9 @@ def test_compose_loads_in_plain_transformers_without_the_plugin(parts: Path, tmp
                           env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
-    assert lines[-3:] == ["LlavaForConditionalGeneration (1, 7, 513) True True",
-                          "LlavaForConditionalGeneration (1, 8, 512) True True", "plugin imported: False"], proc.stdout
+    assert lines[-3:] == ["LlavaForConditionalGeneration (1, 7, 513) True True []",
+                          "LlavaForConditionalGeneration (1, 8, 512) True True []",
+                          "plugin imported: False"], proc.stdout
 
 
 def test_compose_detects_the_family_from_config_and_tokenizer(parts: Path) -> None:

@@ -2,7 +2,9 @@
 LLM, an image encoder's vision tower and a fresh projector, with its ``LlavaProcessor`` and a record of how.
 
 - The LLM's modules and the vision tower are moved into the LLaVA model as they are (one dtype for the whole
-  checkpoint, the LLM's: a vision tower stored in another one is cast, and the record says so).
+  checkpoint, the LLM's: a vision tower stored in another one is cast, and the record says so), but for SigLIP's
+  attention-pooling head, which LLaVA never reads (it reads patch tokens; LLaVA-OneVision's checkpoints have no
+  head either): it is left out, so that no trainable tower holds parameters without gradients.
 - The image token ``<image>`` is added to the LLM's tokenizer when it lacks it; its input embedding row (and output
   row when the embeddings are untied) is set to the mean of the rows of the tokens the tokenizer had, the embedding
   matrices grown by one row only when the new id is past their end (Qwen's have unused rows: the id's row is reused).
@@ -73,6 +75,9 @@ def _vision_tower(name: str) -> Any:
     if info["missing_keys"]:
         raise ValueError(f"--vision {name}: its checkpoint lacks vision tower weights "
                          f"({', '.join(sorted(info['missing_keys'])[:3])}, ...)")
+    if getattr(tower, "use_head", False):  # LLaVA reads patch tokens, never SigLIP's pooled one (as LLaVA-OneVision)
+        tower.use_head = tower.config.vision_use_head = False
+        del tower.head
     return tower
 
 
@@ -128,7 +133,8 @@ def compose(plan: ComposePlan, tokenizer: Any) -> dict[str, Any]:
     record = {
         "llm": plan.llm, "vision": plan.vision, "family": plan.family, "family_from": plan.family_reason,
         "template": plan.template, "architecture": "LlavaForConditionalGeneration",
-        "vision_encoder": geometry.encoder, "vision_feature_layer": geometry.feature_layer,
+        "vision_encoder": geometry.encoder, "vision_left_out": "SigLIP's attention-pooling head (never read)"
+        if geometry.encoder == "siglip" else "nothing", "vision_feature_layer": geometry.feature_layer,
         "vision_feature_select_strategy": geometry.select_strategy, "image_size": geometry.image_size,
         "patch_size": geometry.patch_size, "image_seq_length": geometry.image_seq_length,
         "image_token": IMAGE_TOKEN, "image_token_id": model.config.image_token_index, "added_token": token_words,
