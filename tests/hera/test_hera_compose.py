@@ -1,5 +1,6 @@
 """``llamafactory-hera compose``: a LLaVA model from tiny parts (SigLIP + Qwen3, CLIP + Llama in Vicuna's format), its
-processor and template, loading in plain transformers without the plugin, a stock SFT step, and each refusal."""
+processor and template, loading in plain transformers without the plugin, a stock SFT step, export and chat, and each
+refusal."""
 
 from __future__ import annotations
 
@@ -188,6 +189,35 @@ def test_compose_trains_with_stock_sft(parts: Path, tmp_path: Path) -> None:
     state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
     assert state["global_step"] == 1, proc.stdout[-2000:]
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+# What `llamafactory-cli export` and `llamafactory-cli chat` run, in one process (one import of LLaMA-Factory): export
+# the composed model with its template, then answer an image question with the exported folder.
+_EXPORT_AND_CHAT = """
+import json, sys
+from llamafactory.chat import ChatModel
+from llamafactory.train.tuner import export_model
+args, exported = json.loads(sys.argv[1]), sys.argv[2]
+export_model({**args, "export_dir": exported, "export_device": "cpu"})
+reply = ChatModel({**args, "model_name_or_path": exported, "max_new_tokens": 4}).chat(
+    [{"role": "user", "content": "<image>What is it?"}], images=[sys.argv[3]])
+print("REPLIES", len(reply), reply[0].prompt_length)
+"""
+
+
+def test_compose_exports_and_chats_with_stock_llamafactory(parts: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (48, 48), (10, 200, 30)).save(tmp_path / "image.png")
+    args = {"model_name_or_path": str(parts / "composed" / "qwen3_siglip"), "template": "llava_qwen3"}
+    proc = subprocess.run([sys.executable, "-c", _EXPORT_AND_CHAT, json.dumps(args), str(tmp_path / "exported"),
+                           str(tmp_path / "image.png")],
+                          cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    replies, prompt_length = proc.stdout.split("REPLIES")[-1].split()
+    assert replies == "1" and int(prompt_length) > 4  # the four image tokens and the question's
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["model_type"] == "llava"
+    assert (tmp_path / "exported" / "processor_config.json").exists()
 
 
 def _config_folder(folder: Path, config: dict[str, Any]) -> Path:
