@@ -21,7 +21,7 @@ from llamafactory_hera.fixtures.parts import build_part
 from llamafactory_hera.llava_compose.build import RECORD
 from llamafactory_hera.llava_compose.plan import detect_family
 
-PAIRS = {"qwen3_siglip": ("qwen3", "siglip"), "llama_clip": ("llama", "clip")}
+PAIRS = {"qwen3_siglip": ("qwen3", "siglip"), "llama_clip": ("llama", "clip"), "qwen2_clip": ("qwen2", "clip")}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny parts, each in a folder named as its kind, and one composed model per pair (``composed/PAIR``, with
     what ``compose`` printed in ``PAIR.out``)."""
     root = tmp_path_factory.mktemp("compose")
-    for kind in ("qwen3", "llama", "llama3", "siglip", "clip"):
+    for kind in ("qwen3", "qwen2", "llama", "llama3", "siglip", "clip"):
         build_part(kind, root / kind)
     for pair, (llm, vision) in PAIRS.items():
         out = root / "composed" / pair
@@ -54,10 +54,11 @@ def _record(parts: Path, pair: str) -> dict[str, Any]:
     return json.loads((parts / "composed" / pair / RECORD).read_text())
 
 
-@pytest.mark.parametrize(("pair", "template", "strategy", "token_added"), [
-    ("qwen3_siglip", "llava_qwen3", "full", True), ("llama_clip", "llava", "default", False)])
+@pytest.mark.parametrize(("pair", "template", "strategy", "image_row"), [
+    ("qwen3_siglip", "llava_qwen3", "full", "new"), ("llama_clip", "llava", "default", "kept"),
+    ("qwen2_clip", "llava_qwen2_5", "default", "spare")])
 def test_compose_writes_llava_of_the_parts(parts: Path, pair: str, template: str, strategy: str,
-                                           token_added: bool) -> None:
+                                           image_row: str) -> None:
     llm_kind, vision_kind = PAIRS[pair]
     folder = parts / "composed" / pair
     config = json.loads((folder / "config.json").read_text())
@@ -69,21 +70,32 @@ def test_compose_writes_llava_of_the_parts(parts: Path, pair: str, template: str
     assert config["projector_hidden_act"] == "gelu" and config["multimodal_projector_bias"] is True
     assert config["image_seq_length"] == record["image_seq_length"] == 4  # 28 px / 14 px: 2x2 patches, no [CLS] kept
     model, llm = _loaded(folder), _loaded(parts / llm_kind)
-    token, known = config["image_token_index"], llm.get_input_embeddings().weight.shape[0]
+    token, rows = config["image_token_index"], llm.get_input_embeddings().weight.shape[0]
     pieces = [(model.model.language_model, llm.model), (model.lm_head, llm.lm_head),
               (model.model.vision_tower, _loaded(parts / vision_kind).vision_model)]
-    for mine, theirs in pieces:  # the LLM and the vision tower, unchanged (the image token's new row aside)
+    for mine, theirs in pieces:  # the LLM and the vision tower, unchanged (the image token's row aside)
         theirs = {k: v for k, v in theirs.state_dict().items() if not k.startswith("head.")}  # SigLIP's pooling head
         assert mine.state_dict().keys() == theirs.keys()
-        assert all(torch.equal(weight[: len(theirs[key])], theirs[key]) for key, weight in mine.state_dict().items())
+        for key, weight in mine.state_dict().items():
+            weight = weight[: len(theirs[key])]
+            if key in ("embed_tokens.weight", "weight"):  # the input and output embeddings
+                assert torch.equal(weight[:token], theirs[key][:token])
+                assert torch.equal(weight[token + 1:], theirs[key][token + 1:])
+            else:
+                assert torch.equal(weight, theirs[key]), key
     projector = {name for name, _ in model.model.multi_modal_projector.named_parameters()}
     assert projector == {f"linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
-    if token_added:  # a new row: the mean of the tokenizer's rows, input and output (untied)
-        assert token == known and "added as token" in record["added_token"]
-        for rows in (model.get_input_embeddings().weight, model.lm_head.weight):
-            torch.testing.assert_close(rows[token], rows[:token].mean(0))
-    else:
-        assert "already in the LLM's tokenizer" in record["added_token"] and token < known
+    embeddings = model.get_input_embeddings().weight
+    assert (model.lm_head.weight is embeddings) == bool(llm.config.tie_word_embeddings)
+    if image_row == "kept":
+        assert "already in the LLM's tokenizer" in record["added_token"] and token < rows
+        return
+    # a new row (Qwen3, untied), or the first spare row (Qwen2, tied): the mean of the tokenizer's rows
+    assert token == 512 and (token == rows) == (image_row == "new")
+    assert f"<image> added as token 512: {'a new row' if image_row == 'new' else 'row 512 of 520'}" in record[
+        "added_token"]
+    for matrix in {id(m): m for m in (embeddings, model.lm_head.weight)}.values():
+        torch.testing.assert_close(matrix[token], matrix[:token].mean(0))
 
 
 def _loaded(folder: Path) -> Any:
@@ -108,7 +120,7 @@ def test_compose_processor_expands_image_to_the_encoder_length(parts: Path) -> N
 
 # Run with `python -E -S`: no PYTHONPATH, site-packages added without its .pth files (no start-up hook), and neither
 # the plugin nor LLaMA-Factory importable. Prints the logits' shape for an image+text input, whether a text-only
-# input gives the LLM's own logits, and the checkpoint's keys the model did not take as they are.
+# input gives the LLM's own logits (over the LLM's tokens), and the checkpoint's keys the model did not take as is.
 _PLAIN = """
 import sys
 class NoPlugin:
@@ -125,11 +137,12 @@ for composed, llm in zip(sys.argv[2::2], sys.argv[3::2]):
     model.eval()
     processor = AutoProcessor.from_pretrained(composed)
     inputs = processor(images=Image.new("RGB", (48, 40), (200, 30, 90)), text="a <image> of", return_tensors="pt")
-    text = AutoTokenizer.from_pretrained(llm)("a red square", return_tensors="pt")
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    text, known = tokenizer("a red square", return_tensors="pt"), len(tokenizer)  # known: the LLM's tokens
     with torch.no_grad():
         logits = model(**inputs).logits
         own = AutoModelForCausalLM.from_pretrained(llm).eval()(**text).logits
-        same = torch.equal(model(**text).logits[..., : own.shape[-1]], own)
+        same = torch.equal(model(**text).logits[..., :known], own[..., :known])
     off = [key for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") for key in info[kind]]
     print(type(model).__name__, tuple(logits.shape), bool(torch.isfinite(logits).all()), same, off)
 print("plugin imported:", any(m.startswith("llamafactory") for m in sys.modules))
@@ -142,8 +155,9 @@ def test_compose_loads_in_plain_transformers_without_the_plugin(parts: Path, tmp
                           env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
-    assert lines[-3:] == ["LlavaForConditionalGeneration (1, 7, 513) True True []",
+    assert lines[-4:] == ["LlavaForConditionalGeneration (1, 7, 513) True True []",
                           "LlavaForConditionalGeneration (1, 8, 512) True True []",
+                          "LlavaForConditionalGeneration (1, 7, 520) True True []",
                           "plugin imported: False"], proc.stdout
 
 

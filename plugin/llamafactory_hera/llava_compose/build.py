@@ -126,24 +126,24 @@ def compose(plan: ComposePlan, tokenizer: Any) -> dict[str, Any]:
 
     llm = AutoModelForCausalLM.from_pretrained(plan.llm, dtype="auto")
     tower = _vision_tower(plan.vision)
-    vision_dtype = str(tower.dtype).removeprefix("torch.")
+    dtype, vision_dtype = (str(module.dtype).removeprefix("torch.") for module in (llm, tower))
     token_words = add_image_token(tokenizer, llm)
     model = _llava_model(plan, llm, tower, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     geometry, projector = plan.geometry, model.model.multi_modal_projector
     record = {
         "llm": plan.llm, "vision": plan.vision, "family": plan.family, "family_from": plan.family_reason,
         "template": plan.template, "architecture": "LlavaForConditionalGeneration",
-        "vision_encoder": geometry.encoder, "vision_left_out": "SigLIP's attention-pooling head (never read)"
-        if geometry.encoder == "siglip" else "nothing", "vision_feature_layer": geometry.feature_layer,
+        "vision_encoder": geometry.encoder,
+        "vision_left_out": "SigLIP's attention-pooling head (never read)" if geometry.encoder == "siglip" else "none",
+        "vision_feature_layer": geometry.feature_layer,
         "vision_feature_select_strategy": geometry.select_strategy, "image_size": geometry.image_size,
         "patch_size": geometry.patch_size, "image_seq_length": geometry.image_seq_length,
         "image_token": IMAGE_TOKEN, "image_token_id": model.config.image_token_index, "added_token": token_words,
         "projector": (f"mlp2x_gelu: Linear({projector.linear_1.in_features}, {projector.linear_1.out_features}), GELU, "
                       f"Linear({projector.linear_2.in_features}, {projector.linear_2.out_features}), with biases"),
         "projector_init": "PyTorch nn.Linear default (Kaiming-uniform weights, uniform biases), as LLaVA-1.5's",
-        "seed": plan.seed, "dtype": str(llm.dtype).removeprefix("torch."),
-        "vision_dtype": vision_dtype if vision_dtype == str(llm.dtype).removeprefix("torch.") else
-        f"{vision_dtype}, cast to the LLM's {str(llm.dtype).removeprefix('torch.')}",
+        "seed": plan.seed, "dtype": dtype,
+        "vision_dtype": vision_dtype if vision_dtype == dtype else f"{vision_dtype}, cast to the LLM's {dtype}",
     }
     output = plan.output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)

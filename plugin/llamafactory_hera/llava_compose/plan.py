@@ -105,7 +105,7 @@ def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
         raise RecipeError(f"--vision {name}: model type '{model_type}' is not an image encoder compose knows{hint}; "
                           f"give a CLIP or SigLIP checkpoint: {DEFAULT_VISION} (the default, the HeRA paper's) or "
                           "openai/clip-vit-large-patch14-336 (LLaVA-1.5's).")
-    vision = config.get("vision_config") or {} if model_type in ("clip", "siglip") else config
+    vision = (config.get("vision_config") or {}) if model_type in ("clip", "siglip") else config  # whole model or tower
     image_size, patch_size = vision.get("image_size"), vision.get("patch_size")
     if not isinstance(image_size, int) or not isinstance(patch_size, int):
         raise RecipeError(f"--vision {name}: its vision config gives no image_size / patch_size (found {image_size} / "
