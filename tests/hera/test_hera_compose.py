@@ -19,7 +19,7 @@ from llamafactory_hera.cli import main as hera_cli
 from llamafactory_hera.fixtures.dataset import DATASET_NAME, build_dataset
 from llamafactory_hera.fixtures.parts import build_part
 from llamafactory_hera.llava_compose.build import RECORD
-from llamafactory_hera.llava_compose.plan import detect_family
+from llamafactory_hera.llava_compose.plan import detect_family, vision_geometry
 
 PAIRS = {"qwen3_siglip": ("qwen3", "siglip"), "llama_clip": ("llama", "clip"), "qwen2_clip": ("qwen2", "clip")}
 
@@ -171,6 +171,16 @@ def test_compose_detects_the_family_from_config_and_tokenizer(parts: Path) -> No
     assert detect_family("x", {"model_type": "llama"}, AutoTokenizer.from_pretrained(parts / "llama3"))[0] == "llama3"
     llama.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
     assert detect_family("x", {"model_type": "llama"}, llama)[0] == "llama2"
+
+
+def test_compose_reads_the_encoder_geometry_with_its_defaults(tmp_path: Path) -> None:
+    """A config.json leaves out default values (SigLIP2-base-patch16-512 has no patch_size): transformers' fill them."""
+    config = {"model_type": "siglip", "vision_config": {"image_size": 64, "model_type": "siglip_vision_model"}}
+    geometry = vision_geometry(str(_config_folder(tmp_path / "s", config)), config)
+    assert (geometry.patch_size, geometry.image_seq_length, geometry.select_strategy) == (16, 16, "full")
+    config = {"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14}
+    geometry = vision_geometry(str(_config_folder(tmp_path / "c", config)), config)
+    assert (geometry.image_seq_length, geometry.select_strategy, geometry.feature_layer) == (576, "default", -2)
 
 
 def test_compose_template_is_the_family_format_with_llava_plugin(parts: Path) -> None:

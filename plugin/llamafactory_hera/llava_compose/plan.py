@@ -96,7 +96,11 @@ def check_text_only(name: str, config: dict[str, Any]) -> None:
 
 
 def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
-    """The geometry of a CLIP or SigLIP checkpoint (whole two-tower model or vision tower alone)."""
+    """The geometry of a CLIP or SigLIP checkpoint (whole two-tower model or vision tower alone); ``config``: its
+    config.json, whose model type is checked before transformers reads it (a config.json leaves out the values that
+    are the defaults, ``patch_size`` 16 of SigLIP: the sizes are read from transformers' config)."""
+    from transformers import AutoConfig
+
     model_type = str(config.get("model_type"))
     encoder = _ENCODER_OF_TYPE.get(model_type)
     if encoder is None:
@@ -105,8 +109,9 @@ def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
         raise RecipeError(f"--vision {name}: model type '{model_type}' is not an image encoder compose knows{hint}; "
                           f"give a CLIP or SigLIP checkpoint: {DEFAULT_VISION} (the default, the HeRA paper's) or "
                           "openai/clip-vit-large-patch14-336 (LLaVA-1.5's).")
-    vision = (config.get("vision_config") or {}) if model_type in ("clip", "siglip") else config  # whole model or tower
-    image_size, patch_size = vision.get("image_size"), vision.get("patch_size")
+    full = AutoConfig.from_pretrained(name)
+    vision = getattr(full, "vision_config", None) or full  # whole model or tower alone
+    image_size, patch_size = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
     if not isinstance(image_size, int) or not isinstance(patch_size, int):
         raise RecipeError(f"--vision {name}: its vision config gives no image_size / patch_size (found {image_size} / "
                           f"{patch_size}); give a fixed-resolution CLIP or SigLIP checkpoint.")
