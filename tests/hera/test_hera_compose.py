@@ -203,6 +203,7 @@ def test_compose_template_is_the_family_format_with_llava_plugin(parts: Path) ->
 
 
 def test_compose_trains_with_stock_sft(parts: Path, tmp_path: Path) -> None:
+    """LLaVA-1.5's stage 1 with the stock SFT stage: the projector alone learns."""
     build_dataset(tmp_path / "data", seed=0, num_images=4)
     recipe = {"model_name_or_path": str(parts / "composed" / "qwen3_siglip"), "template": "llava_qwen3",
               "stage": "sft", "do_train": True, "finetuning_type": "full", "freeze_language_model": True,
@@ -212,7 +213,10 @@ def test_compose_trains_with_stock_sft(parts: Path, tmp_path: Path) -> None:
     proc = run_train(recipe, tmp_path)
     state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
     assert state["global_step"] == 1, proc.stdout[-2000:]
-    assert (tmp_path / "run" / "model.safetensors").exists()
+    before = _loaded(parts / "composed" / "qwen3_siglip").state_dict()
+    changed = {name for name, weight in _loaded(tmp_path / "run").state_dict().items()
+               if not torch.equal(weight, before[name])}
+    assert changed == {f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
 
 
 # What `llamafactory-cli export` and `llamafactory-cli chat` run, in one process (one import of LLaMA-Factory): export
