@@ -118,7 +118,7 @@ def test_the_shipped_entries_read_llavas_files_through_llamafactorys_loader(tree
     from llamafactory.data.parser import get_dataset_list
     from llamafactory.hparams import DataArguments
 
-    from llamafactory_hera.llava_data.convert import convert_file
+    from llamafactory_hera.llava.data_convert import convert_file
 
     convert_file(tree.mixture)
     attrs = get_dataset_list(list(NAMES), str(tree.data))
@@ -157,7 +157,7 @@ def test_check_counts_a_complete_558k_style_dataset(tree, tmp_path, capsys) -> N
 
 def test_check_of_the_mixture_exits_non_zero_with_the_first_missing_paths(tree, tmp_path, capsys) -> None:
     """Stat only by default: the missing and the empty file fail, the corrupt one passes until --verify-images."""
-    from llamafactory_hera.llava_data.convert import convert_file
+    from llamafactory_hera.llava.data_convert import convert_file
 
     convert_file(tree.mixture)
     recipe = write_recipe(tree, tmp_path, dataset="llava_v1_5_mix665k", media_dir=str(tree.llava))
@@ -282,7 +282,7 @@ def test_convert_replaces_a_different_output_only_with_force(tree, tmp_path, cap
 def test_hera_trains_a_tiny_llava_on_the_mixture_with_its_text_only_rows(assets, tree, tmp_path, capsys) -> None:
     """The shipped 665k entry, checked and then trained under stage: hera through LLaMA-Factory's run (template
     llava: LLaVA's <image> marks expand to the image tokens): the text-only rows get the LM loss only, no failure."""
-    from llamafactory_hera.llava_data.convert import convert_file
+    from llamafactory_hera.llava.data_convert import convert_file
 
     rows = [row for row in json.loads(tree.mixture.read_text())
             if not str(row.get("image", "")).startswith(("ocr_vqa", "textvqa", "vg/VG_100K/"))]  # the bad images

@@ -22,6 +22,7 @@ DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
 
 # host module -> patch module (in llamafactory_hera_patches) whose ``apply(module)`` adapts it
 _TARGETS = {
+    "llamafactory.data.template": "llava_templates",  # LLaVA-1.5 templates of the families compose builds from
     "llamafactory.extras.constants": "webui",
     "llamafactory.train.tuner": "stage",
     "llamafactory.webui.interface": "webui_board",  # LlamaBoard: the methods' panels, args, saved config, loss plot

@@ -6,10 +6,13 @@
                                                        a run against its baseline (lmms-eval / lm-eval)
     llamafactory-hera data check RECIPE.yaml | data convert LLAVA.json
                                                        a recipe's rows and images before a long run; LLaVA's JSON
+    llamafactory-hera compose --llm LLM [--vision VISION] --output DIR
+                                                       a LLaVA-1.5-style model from a text-only LLM and an image encoder
 
 The methods' verbs come from each method's declaration (``add_cli_verbs``, see :mod:`llamafactory_hera.methods`);
-``eval`` serves every stage, so it is added here (:mod:`llamafactory_hera.evaluation.cli`), and so is ``data``
-(:mod:`llamafactory_hera.llava_data.cli`).
+``eval`` serves every stage, so it is added here (:mod:`llamafactory_hera.evaluation.cli`), and so are the LLaVA-1.5
+experiment's ``compose`` (the model the stages train) and ``data`` (its datasets checked before a long run),
+from :mod:`llamafactory_hera.llava.cli`.
 """
 
 from __future__ import annotations
@@ -26,17 +29,18 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
     parser = argparse.ArgumentParser(
         prog="llamafactory-hera",
         description="HeRA, RAH-LoRA and HARC for LLaMA-Factory: the methods' commands (HeRA's select, HARC's "
-        "harc-data), eval of a run against its baseline, and data (check a recipe's datasets before a long run).")
+        "harc-data), eval of a run against its baseline, compose of a LLaVA-1.5-style model from an LLM and an image "
+        "encoder, and data (check a recipe's datasets before a long run).")
     commands = parser.add_subparsers(dest="command", required=True)
     handlers: dict[str, Callable[[argparse.Namespace], None]] = {}
     for method in declared_methods():
         if method.add_cli_verbs:
             handlers.update(method.load("add_cli_verbs")(commands))
     from llamafactory_hera.evaluation.cli import add_verbs as add_eval_verb
-    from llamafactory_hera.llava_data.cli import add_verbs as add_data_verb
+    from llamafactory_hera.llava.cli import add_verbs as add_llava_verbs
 
     handlers.update(add_eval_verb(commands))
-    handlers.update(add_data_verb(commands))
+    handlers.update(add_llava_verbs(commands))
     return parser, handlers
 
 

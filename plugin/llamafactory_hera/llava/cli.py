@@ -1,5 +1,7 @@
-"""The ``data`` verb of ``llamafactory-hera`` (added by :func:`add_verbs` in :mod:`llamafactory_hera.cli`).
+"""The LLaVA-1.5 experiment's verbs of ``llamafactory-hera`` (added in :mod:`llamafactory_hera.cli`).
 
+    llamafactory-hera compose --llm LLM [--vision VISION] --output DIR [--family F] [--seed N]
+                                                       a LLaVA-1.5-style model from a text-only LLM and an image encoder
     llamafactory-hera data check RECIPE.yaml [--verify-images] [--workers N]
                                                        count a recipe's rows and images; non-zero exit on missing ones
     llamafactory-hera data convert LLAVA.json [--output OUT.json] [--force]
@@ -14,13 +16,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.llava.compose_plan import DEFAULT_VISION
 from llamafactory_hera.short_errors import RecipeError
 
 DEFAULT_WORKERS = min(16, os.cpu_count() or 1)
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
-    """Add ``data`` (``check``, ``convert``) to the ``llamafactory-hera`` sub-command parsers; verb -> handler."""
+    """Add ``compose`` and ``data`` (``check``, ``convert``) to the ``llamafactory-hera`` sub-command parsers; verb ->
+    handler."""
+    parser = commands.add_parser(
+        "compose", help="a LLaVA-1.5-style model from a text-only LLM and an image encoder",
+        description="Write a LLaVA checkpoint (transformers' LlavaForConditionalGeneration) of the LLM's and the "
+        "vision tower's weights and a fresh seeded 2-layer MLP projector, its processor, and "
+        "llamafactory_hera_compose.json; print the template: line to train it with.")
+    parser.add_argument("--llm", required=True, help="a text-only LLM: Hub id or local folder")
+    parser.add_argument("--vision", default=DEFAULT_VISION,
+                        help=f"a CLIP or SigLIP image encoder: Hub id or local folder (default {DEFAULT_VISION})")
+    parser.add_argument("--output", required=True, type=Path, help="a new (or empty) folder for the checkpoint")
+    parser.add_argument("--family", default=None,
+                        help="the LLM's conversation format, instead of the one read from its config and tokenizer")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the projector's initialisation (default 42)")
     data = commands.add_parser(
         "data", help="Check a recipe's datasets and images before a long run; convert LLaVA's JSON where needed.",
         description="LLaVA's training data as it is downloaded (docs/llava-data.md).")
@@ -45,20 +61,39 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
     convert.add_argument("--output", type=Path, default=None, help="where to write (default: SOURCE's folder, "
                          "NAME.string_ids.json)")
     convert.add_argument("--force", action="store_true", help="replace an existing different --output")
-    return {"data": run_data_verb}
+    return {"compose": run_compose, "data": run_data_verb}
 
 
 def run_data_verb(args: argparse.Namespace) -> None:
     """``data check`` or ``data convert``."""
     if args.data_command == "convert":
-        from llamafactory_hera.llava_data.convert import convert_file
+        from llamafactory_hera.llava.data_convert import convert_file
 
         print(convert_file(args.source, args.output, force=args.force).summary())
         return
-    from llamafactory_hera.llava_data.check import check_recipe, failure, report
+    from llamafactory_hera.llava.data_check import check_recipe, failure, report
 
     counts, media_dir = check_recipe(args.recipe, decode=args.verify_images, workers=args.workers)
     print(report(counts, media_dir, decode=args.verify_images), flush=True)
     problem = failure(counts)
     if problem:
         raise RecipeError(problem)
+
+
+def run_compose(args: argparse.Namespace) -> None:
+    """Plan (refusing before any weight loads), build, write; print what was made and the template line."""
+    from llamafactory_hera.llava.compose_build import RECORD, compose
+    from llamafactory_hera.llava.compose_plan import plan_compose
+
+    plan, tokenizer = plan_compose(args.llm, args.vision, args.output, args.family, args.seed)
+    record = compose(plan, tokenizer)
+    strategy = {"default": "its [CLS] dropped", "full": "every patch token (no [CLS])"}[plan.geometry.select_strategy]
+    print(f"composed {record['architecture']} in {plan.output}")
+    print(f"  llm:       {plan.llm} (family {plan.family}: {plan.family_reason})")
+    print(f"  vision:    {plan.vision} ({plan.geometry.encoder}, layer {plan.geometry.feature_layer}, {strategy}: "
+          f"{plan.geometry.image_seq_length} image tokens per image)")
+    print(f"  projector: {record['projector']}; {record['projector_init']}, seed {plan.seed}")
+    print(f"  tokenizer: {record['added_token']}")
+    print(f"  dtype:     {record['dtype']} (vision tower: {record['vision_dtype']})")
+    print(f"  record:    {plan.output / RECORD}")
+    print(f"template: {plan.template}")

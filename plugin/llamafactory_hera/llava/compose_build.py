@@ -1,0 +1,162 @@
+"""Build and write a composed checkpoint: transformers' LLaVA (``LlavaForConditionalGeneration``) from a text-only
+LLM, an image encoder's vision tower and a fresh projector, with its ``LlavaProcessor`` and a record of how.
+
+- The LLM's modules and the vision tower are moved into the LLaVA model as they are (one dtype for the whole
+  checkpoint, the LLM's: a vision tower stored in another one is cast, and the record says so), but for SigLIP's
+  attention-pooling head, which LLaVA never reads (it reads patch tokens; LLaVA-OneVision's checkpoints have no
+  head either): it is left out, so that no trainable tower holds parameters without gradients.
+- The image token ``<image>`` is added to the LLM's tokenizer when it lacks it; its input embedding row (and output
+  row when the embeddings are untied) is set to the mean of the rows of the tokens the tokenizer had, the embedding
+  matrices grown by one row only when the new id is past their end (Qwen's have unused rows: the id's row is reused).
+- The projector is LLaVA-1.5's ``mlp2x_gelu`` (transformers' ``LlavaMultiModalProjector``: linear, GELU, linear, with
+  biases), drawn with PyTorch's default ``nn.Linear`` initialisation (as LLaVA-1.5's ``build_vision_projector``)
+  under ``torch.manual_seed(seed)``.
+- Everything is written to a temporary sibling folder, moved to ``--output`` at the end: a failed compose leaves
+  nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from llamafactory_hera.llava.compose_plan import ComposePlan
+from llamafactory_hera_patches.llava_templates import IMAGE_TOKEN
+
+RECORD = "llamafactory_hera_compose.json"
+
+
+def add_image_token(tokenizer: Any, llm: Any) -> str:
+    """Add ``<image>`` to ``tokenizer`` and give it an embedding row in ``llm``; return what was done, in words."""
+    import torch
+    from tokenizers import AddedToken
+
+    if IMAGE_TOKEN in tokenizer.get_vocab():
+        return f"{IMAGE_TOKEN} already in the LLM's tokenizer (id {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}): kept"
+    known = len(tokenizer)
+    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    rows = llm.get_input_embeddings().weight.shape[0]
+    grown = token_id >= rows
+    if grown:
+        llm.resize_token_embeddings(token_id + 1, mean_resizing=False)
+    inputs, outputs = llm.get_input_embeddings().weight, llm.get_output_embeddings().weight
+    tied = outputs is inputs
+    mean_of = min(known, rows)
+    with torch.no_grad():
+        for matrix in (inputs,) if tied else (inputs, outputs):
+            matrix[token_id] = matrix[:mean_of].float().mean(0).to(matrix.dtype)
+    where = "a new row" if grown else f"row {token_id} of {rows} (unused by the tokenizer)"
+    sides = "input embedding (tied with the output)" if tied else "input and output embeddings"
+    return (f"{IMAGE_TOKEN} added as token {token_id}: {where} of the {sides} set to the mean of the {mean_of} rows of "
+            "the tokens the LLM's tokenizer had")
+
+
+def _vision_tower(name: str) -> Any:
+    """The encoder's vision tower (``CLIPVisionModel`` / ``SiglipVisionModel``) with its weights, from a whole
+    two-tower checkpoint or a vision-only one."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    from transformers.utils import logging
+
+    config = AutoConfig.from_pretrained(name)
+    vision_config = getattr(config, "vision_config", None) or config
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the text tower's weights are left out on purpose: no report of them
+    try:
+        tower, info = MODEL_MAPPING[type(vision_config)].from_pretrained(name, config=vision_config, dtype="auto",
+                                                                         output_loading_info=True)
+    finally:
+        logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        raise ValueError(f"--vision {name}: its checkpoint lacks vision tower weights "
+                         f"({', '.join(sorted(info['missing_keys'])[:3])}, ...)")
+    if getattr(tower, "use_head", False):  # LLaVA reads patch tokens, never SigLIP's pooled one (as LLaVA-OneVision)
+        tower.use_head = tower.config.vision_use_head = False
+        del tower.head
+    return tower
+
+
+def _llava_model(plan: ComposePlan, llm: Any, tower: Any, token_id: int) -> Any:
+    """The LLaVA model holding ``llm``'s modules, ``tower`` and a fresh seeded projector."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    geometry = plan.geometry
+    config = LlavaConfig(
+        text_config=llm.config, vision_config=tower.config, image_token_index=token_id,
+        image_seq_length=geometry.image_seq_length, projector_hidden_act="gelu", multimodal_projector_bias=True,
+        vision_feature_layer=geometry.feature_layer, vision_feature_select_strategy=geometry.select_strategy,
+        tie_word_embeddings=bool(llm.config.tie_word_embeddings))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(plan.seed)
+        projector = LlavaMultiModalProjector(config).to(llm.dtype)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = tower.to(llm.dtype)
+    model.model.multi_modal_projector = projector
+    model.model.language_model = getattr(llm, llm.base_model_prefix)
+    model.lm_head = llm.get_output_embeddings()
+    model.generation_config = llm.generation_config
+    model.config.dtype = llm.dtype
+    left = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if left:
+        raise RuntimeError(f"llamafactory-hera compose: LLaVA model tensors not filled from the parts: {left[:3]}")
+    return model
+
+
+def _processor(plan: ComposePlan, tokenizer: Any) -> Any:
+    from transformers import AutoImageProcessor, LlavaProcessor
+
+    geometry = plan.geometry
+    return LlavaProcessor(image_processor=AutoImageProcessor.from_pretrained(plan.vision), tokenizer=tokenizer,
+                          patch_size=geometry.patch_size, vision_feature_select_strategy=geometry.select_strategy,
+                          num_additional_image_tokens=geometry.cls_tokens, image_token=IMAGE_TOKEN)
+
+
+def compose(plan: ComposePlan, tokenizer: Any) -> dict[str, Any]:
+    """Build the model of ``plan`` and write it, its processor and :data:`RECORD` to ``plan.output``; return the
+    record."""
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(plan.llm, dtype="auto")
+    tower = _vision_tower(plan.vision)
+    dtype, vision_dtype = (str(module.dtype).removeprefix("torch.") for module in (llm, tower))
+    token_words = add_image_token(tokenizer, llm)
+    model = _llava_model(plan, llm, tower, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    geometry, projector = plan.geometry, model.model.multi_modal_projector
+    record = {
+        "llm": plan.llm, "vision": plan.vision, "family": plan.family, "family_from": plan.family_reason,
+        "template": plan.template, "architecture": "LlavaForConditionalGeneration",
+        "vision_encoder": geometry.encoder,
+        "vision_left_out": "SigLIP's attention-pooling head (never read)" if geometry.encoder == "siglip" else "none",
+        "vision_feature_layer": geometry.feature_layer,
+        "vision_feature_select_strategy": geometry.select_strategy, "image_size": geometry.image_size,
+        "patch_size": geometry.patch_size, "image_seq_length": geometry.image_seq_length,
+        "image_token": IMAGE_TOKEN, "image_token_id": model.config.image_token_index, "added_token": token_words,
+        "projector": (f"mlp2x_gelu: Linear({projector.linear_1.in_features}, {projector.linear_1.out_features}), GELU, "
+                      f"Linear({projector.linear_2.in_features}, {projector.linear_2.out_features}), with biases"),
+        "projector_init": "PyTorch nn.Linear default (Kaiming-uniform weights, uniform biases), as LLaVA-1.5's",
+        "seed": plan.seed, "dtype": dtype,
+        "vision_dtype": vision_dtype if vision_dtype == dtype else f"{vision_dtype}, cast to the LLM's {dtype}",
+    }
+    output = plan.output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.composing-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # a folder's usual mode, not mkdtemp's 0700
+    try:
+        model.save_pretrained(staging)
+        _processor(plan, tokenizer).save_pretrained(staging)
+        (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        os.replace(staging, output)  # onto a missing or empty folder
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return record
