@@ -9,8 +9,9 @@ Set-up (every run, each phase timed): create ``.venv`` in the repository root if
 this package NON-editable (so the ``.pth`` start-up hook is installed exactly as users get it): ``test``
 with its test extras (``pip install -c constraints-torch.txt ".[test]"``: pytest, ruff, deepspeed,
 playwright, ...), ``demo`` without them (``"."``: what a user installs); then force-reinstall the
-package alone so the venv always holds the current tree. A ``.venv`` made by ``demo`` gets the test
-extras on the first ``test``; one made by ``test`` runs the demo as it is.
+package alone so the venv always holds the current tree; ``test`` then (re)installs the tests' and bench's support
+code, ``testing/`` (``llamafactory_hera_testing``: the simulated accelerator, small recipes), which users do not get.
+A ``.venv`` made by ``demo`` gets the test extras on the first ``test``; one made by ``test`` runs the demo as it is.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 CONSTRAINTS = ROOT / "constraints-torch.txt"
 TORCH_TRIO = ("torch", "torchvision", "torchaudio")
-LINT_PATHS = ("plugin", "patches", "tests", "bench", "dev.py")
+LINT_PATHS = ("plugin", "patches", "testing", "tests", "bench", "dev.py")
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -101,6 +102,9 @@ def setup(command: str) -> Path:
         run([*pip, "-q", "-c", CONSTRAINTS, INSTALL_TARGETS[command]])
     with phase("reinstall package"):
         run([*pip, "-q", "--no-deps", "--force-reinstall", "."])
+    if command == "test":
+        with phase("test support"):
+            run([*pip, "-q", "--no-deps", "--force-reinstall", "./testing"])
     return python
 
 

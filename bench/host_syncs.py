@@ -3,8 +3,8 @@
 A device-to-host transfer (``.item()``, ``.cpu()``, ``.tolist()``, ``nonzero``, a boolean mask, ``repeat_interleave``
 without ``output_size``, a tensor's truth value) makes the host wait for the GPU; a step that has one cannot queue
 the next step's kernels ahead. This script runs the real ``run_exp`` of LLaMA-Factory for ``stage: sft`` and each
-method on the simulated accelerator (``fixtures/accelerator.py``: real values on the CPU, another device reported,
-every transfer counted with the frame that asked for it) and prints, per optimizer step, the transfers of a
+method on the simulated accelerator (``llamafactory_hera_testing.accelerator``: real values on the CPU, another device
+reported, every transfer counted with the frame that asked for it) and prints, per optimizer step, the transfers of a
 logging step and of an ordinary step, for the method and for SFT on the same tiny model and data.
 
 HeRA is compared with SFT on the tiny Qwen2.5-VL (teacher features cached before step 1, the default), without
@@ -34,7 +34,7 @@ def _recipes(out: Path, steps: int, logging_steps: int) -> dict[str, dict[str, A
     """The recipes compared: each method and the SFT run it is compared with."""
     from llamafactory_hera.fixtures import build_tiny_assets
     from llamafactory_hera.fixtures.harc_assets import build_harc_assets
-    from llamafactory_hera.fixtures.recipes import base_recipe, harc_recipe
+    from llamafactory_hera_testing.recipes import base_recipe, harc_recipe
 
     assets = build_tiny_assets(REPO / ".hera_assets" / "tests", seed=0)
     harc = build_harc_assets(REPO / ".hera_assets" / "harc", seed=0)
@@ -58,7 +58,7 @@ def _run(recipe: dict[str, Any]) -> tuple[list[tuple[int, bool, Counter[str]]], 
     import pytest
     from llamafactory.train.tuner import run_exp
 
-    from llamafactory_hera.fixtures.accelerator import SimulatedAccelerator, StepSyncs, patch_for_simulated_device
+    from llamafactory_hera_testing.accelerator import SimulatedAccelerator, StepSyncs, patch_for_simulated_device
 
     accelerator = SimulatedAccelerator()
     with pytest.MonkeyPatch.context() as monkeypatch:

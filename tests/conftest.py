@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
-from llamafactory_hera.fixtures.recipes import base_recipe, harc_recipe  # noqa: F401 - the tests import them from here
+from llamafactory_hera_testing.recipes import base_recipe, harc_recipe  # noqa: F401 - the tests import them from here
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,11 +73,11 @@ def harc_assets() -> Any:
 
 @pytest.fixture
 def accelerator(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """A simulated accelerator (fixtures/accelerator.py) with the host stack patched to place work on it.
+    """A simulated accelerator (llamafactory_hera_testing/accelerator.py), the host stack patched to place work on it.
 
     ``with accelerator: run_exp(recipe, callbacks=[StepSyncs(accelerator)])`` runs a real training on it.
     """
-    from llamafactory_hera.fixtures.accelerator import (
+    from llamafactory_hera_testing.accelerator import (
         SimulatedAccelerator,
         patch_for_simulated_device,
         reset_accelerate_state,
@@ -133,7 +133,7 @@ def run_train(recipe: dict[str, Any], tmp: Path, *cli_overrides: str, check: boo
 def isolated_run(cwd: Path, env: dict[str, str]) -> Iterator[None]:
     """An in-process run with ``env`` added and ``cwd`` as folder; afterwards os.environ, the folder and accelerate's
     process-wide state are as before (run_exp sets the ranks' variables and the state's device)."""
-    from llamafactory_hera.fixtures.accelerator import reset_accelerate_state
+    from llamafactory_hera_testing.accelerator import reset_accelerate_state
 
     saved, folder = dict(os.environ), os.getcwd()
     reset_accelerate_state()

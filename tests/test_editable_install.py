@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILD_INPUTS = ("pyproject.toml", "README.md", "llamafactory_hera.pth", "plugin", "patches")
+# testing/ (the test support) is copied too: the wheels must leave it out
+BUILD_INPUTS = ("pyproject.toml", "README.md", "llamafactory_hera.pth", "plugin", "patches", "testing")
 
 
 def _packages() -> dict[str, str]:
@@ -143,6 +144,7 @@ def test_the_standard_wheel_is_built_as_before(checkout: Path, tmp_path: Path) -
     texts = {f"{package}/{path.relative_to(ROOT / folder).as_posix()}" for package, folder in _packages().items()
              for path in (ROOT / folder).rglob("panel_texts.yaml")}
     assert len(texts) == 4 and texts <= names  # the LlamaBoard panels' texts ship beside their declarations
+    assert not any("llamafactory_hera_testing" in name for name in names)  # the test support is not installed
     assert not any("editable" in name for name in names)
 
 

@@ -1,4 +1,4 @@
-"""``llamafactory-hera eval``'s loaded-model path on the simulated accelerator (fixtures/accelerator.py), in bf16.
+"""``llamafactory-hera eval``'s loaded-model path on the simulated accelerator, in bf16.
 
 On a GPU, eval loads a model as LLaMA-Factory's inference does (``get_infer_args``: ``device_map: auto``,
 ``infer_dtype: auto``, so a bf16 checkpoint loads in bfloat16 and an fp32 one in float16). Here the host reports a

@@ -1,9 +1,10 @@
-"""One door to the host: the import graph of ``plugin/`` and ``patches/``, drawn from the code with ``ast``.
+"""One door to the host: the import graph of ``plugin/``, ``patches/`` and ``testing/``, drawn from the code (``ast``).
 
 Every import counts, at module level or inside a function, and so does ``importlib.import_module("...")`` with a
-literal name. Asserted: no import cycle among the plugin's and the patches' modules; only
-``llamafactory_hera_patches`` modules import ``llamafactory``; no patches module imports ``llamafactory_hera`` (the
-patches learn the methods by registration, :mod:`llamafactory_hera_patches.registry`).
+literal name. Asserted: no import cycle among the plugin's, the patches' and the test support's modules; of the
+package users install (plugin and patches), only ``llamafactory_hera_patches`` modules import ``llamafactory`` (the
+test support, ``llamafactory_hera_testing``, may); no patches module imports ``llamafactory_hera`` (the patches learn
+the methods by registration, :mod:`llamafactory_hera_patches.registry`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from pathlib import Path
 
 from conftest import REPO
 
-PLUGIN, PATCHES = "llamafactory_hera", "llamafactory_hera_patches"
+PLUGIN, PATCHES, TESTING = "llamafactory_hera", "llamafactory_hera_patches", "llamafactory_hera_testing"
 
 
 def _modules() -> dict[str, Path]:
     modules = {}
-    for base in (REPO / "plugin", REPO / "patches"):
+    for base in (REPO / "plugin", REPO / "patches", REPO / "testing"):
         for path in base.rglob("*.py"):
             parts = list(path.relative_to(base).with_suffix("").parts)
             modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
@@ -50,7 +51,7 @@ def _within(name: str, package: str) -> bool:
 
 
 def _graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-    """(module -> the plugin/patches modules it imports, module -> every name it imports)."""
+    """(module -> the plugin/patches/testing modules it imports, module -> every name it imports)."""
     modules = _modules()
     imports = {module: _imported_names(module, path) for module, path in modules.items()}
     graph: dict[str, set[str]] = {}
@@ -100,9 +101,10 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_the_graph_is_drawn_from_both_packages() -> None:
+def test_the_graph_is_drawn_from_the_three_packages() -> None:
     graph, _ = _graph()
     assert f"{PLUGIN}.methods" in graph and f"{PATCHES}.stage" in graph and f"{PATCHES}.registry" in graph
+    assert f"{PLUGIN}.hera.demo" in graph[f"{TESTING}.recipes"]
     assert f"{PATCHES}.registry" in graph[f"{PLUGIN}._bootstrap"]
 
 
@@ -118,7 +120,9 @@ def test_a_cycle_is_found_when_there_is_one() -> None:
 def test_only_the_patches_import_llamafactory() -> None:
     _, imports = _graph()
     importers = sorted(module for module, names in imports.items() if any(_within(n, "llamafactory") for n in names))
-    assert importers and all(_within(module, PATCHES) for module in importers), importers
+    assert f"{TESTING}.accelerator" in importers  # the test support's imports are read too
+    package = [module for module in importers if not _within(module, TESTING)]
+    assert package and all(_within(module, PATCHES) for module in package), package
 
 
 def test_the_patches_do_not_import_the_plugin() -> None:

@@ -161,7 +161,8 @@ def _dev() -> Any:
 def test_dev_demo_installs_no_test_only_package_and_test_installs_them(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The demo's .venv holds what a user installs (the package and its dependencies, the pinned torch trio), not
-    pytest, ruff, deepspeed or playwright; `dev.py test` adds them, also to a .venv that `dev.py demo` made."""
+    pytest, ruff, deepspeed or playwright, nor the test support (testing/); `dev.py test` adds them (the test support
+    last, after the package), also to a .venv that `dev.py demo` made."""
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
@@ -185,7 +186,8 @@ def test_dev_demo_installs_no_test_only_package_and_test_installs_them(tmp_path:
     assert [args[-1] for args in installs["demo"]] == ["pip", "torchaudio", ".", "."], installs["demo"]
     assert not {name(arg) for args in installs["demo"] for arg in args} & test_only
     assert not any("[test]" in arg for args in installs["demo"] for arg in args), installs["demo"]
-    assert [args[-1] for args in installs["test"]] == ["pip", "torchaudio", ".[test]", "."], installs["test"]
+    assert [args[-1] for args in installs["test"]] == ["pip", "torchaudio", ".[test]", ".", "./testing"], installs
+    assert "--force-reinstall" in installs["test"][-1]  # a second run installs the current tree again
 
 
 def test_documents_the_repository_points_to_are_in_it() -> None:

@@ -1,4 +1,4 @@
-"""``stage: harc`` through ``run_exp`` on the simulated accelerator (fixtures/accelerator.py): base extraction, steps
+"""``stage: harc`` through ``run_exp`` on the simulated accelerator: base extraction, steps
 with all four terms and their backward, a refresh and the ramp, the end-of-run validation and refusal generation,
 all with the model, batches and losses on a device that is not the CPU (CUDA's device rules, host syncs counted)."""
 

@@ -1,6 +1,6 @@
 """Host syncs of one HARC optimizer step on the simulated accelerator, against plain SFT's on the same tiny Llama-3.
 
-Counted with ``StepSyncs`` (fixtures/accelerator.py) per optimizer step, logging steps apart. A step that is neither a
+Counted with ``StepSyncs`` per optimizer step, logging steps apart. A step that is neither a
 logging step nor a refresh / ramp (which extracts directions: forwards on held-out rows read back to the host) must
 wait on the device no more often than SFT's, except for transformers' own mask check in HARC's second forward (the
 KL reference): before, ``compute_loss`` added two ``nonzero`` per micro-batch (roles read back to select rows).
@@ -26,7 +26,7 @@ STEPS = {"max_steps": 4, "logging_steps": 2, "gradient_accumulation_steps": 1, "
 def _run(recipe: dict[str, Any], accelerator: Any) -> Any:
     from llamafactory.train.tuner import run_exp
 
-    from llamafactory_hera.fixtures.accelerator import StepSyncs
+    from llamafactory_hera_testing.accelerator import StepSyncs
 
     steps = StepSyncs(accelerator)
     with accelerator:

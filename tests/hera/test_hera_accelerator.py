@@ -1,4 +1,4 @@
-"""HeRA's training step on the simulated accelerator (fixtures/accelerator.py): the real ``run_exp`` path.
+"""HeRA's training step on the simulated accelerator: the real ``run_exp`` path.
 
 Each run trains 2 optimizer steps (forward, backward, AdamW with the temperature's group) on the device, with the
 teacher features from the precomputed cache, from the teacher in the step, and with the feature queue on; the

@@ -31,7 +31,7 @@ def step_syncs(accelerator: Any, recipe: dict[str, Any]) -> list[tuple[int, bool
     """``StepSyncs.steps`` of one run on the device: (global step, logged, Counter of syncs by kind)."""
     from llamafactory.train.tuner import run_exp
 
-    from llamafactory_hera.fixtures.accelerator import StepSyncs
+    from llamafactory_hera_testing.accelerator import StepSyncs
 
     counter = StepSyncs(accelerator)
     with accelerator:

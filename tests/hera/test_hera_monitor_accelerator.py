@@ -1,6 +1,6 @@
 """The alignment monitor (``hera_monitor_steps``) in a bf16 HeRA run on the simulated accelerator.
 
-The run is ``bf16: true`` as the recipes set it, through the real ``run_exp`` on the device (fixtures/accelerator.py).
+The run is ``bf16: true`` as the recipes set it, through the real ``run_exp`` on the device.
 LLaMA-Factory loads a model in its checkpoint's dtype: the tiny checkpoint is float32, so its weights stay float32
 (asserted), and the monitor's scoring runs in float32 (``layer_head_scores`` casts both sides). Checked here:
 
@@ -89,7 +89,7 @@ def _device_run(accelerator: Any, recipe: dict[str, Any]) -> list[tuple[int, boo
     """``StepSyncs.steps`` of a ``run_exp`` on the device."""
     from llamafactory.train.tuner import run_exp
 
-    from llamafactory_hera.fixtures.accelerator import StepSyncs
+    from llamafactory_hera_testing.accelerator import StepSyncs
 
     counter = StepSyncs(accelerator)
     dtypes = _Dtypes()

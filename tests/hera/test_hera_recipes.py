@@ -22,7 +22,13 @@ import pytest
 import yaml
 
 from conftest import REPO, read_trainer_log, run_train
-from llamafactory_hera.fixtures import EXTRA_MODEL_NAMES, TinyAssets, build_tiny_assets
+from llamafactory_hera.fixtures import TinyAssets
+from llamafactory_hera_testing.families import (
+    EXTRA_FAMILIES,
+    EXTRA_MODEL_NAMES,
+    build_extra_families,
+    build_extra_model,
+)
 
 RECIPES = REPO / "recipes"
 RECIPE_FILES = sorted(p.name for p in RECIPES.glob("*_hera*.yaml"))  # stage: hera recipes (rah: tests/rah)
@@ -117,9 +123,8 @@ def test_recipe_parses_with_llamafactory_and_the_plugin(name: str, tmp_path: Pat
 @pytest.fixture(scope="module")
 def families(assets: TinyAssets) -> dict[str, tuple[Path, str]]:
     """Tiny model folder and template of every family: the session's three plus LLaVA-NeXT and both InternVLs."""
-    extra = build_tiny_assets(REPO / ".hera_assets" / "recipes", seed=0, models=EXTRA_MODEL_NAMES)
-    both = [assets, extra]
-    return {name: (a.models[name], a.templates[name]) for a in both for name in a.models}
+    extra = build_extra_families(REPO / ".hera_assets" / "extra_families", seed=0)
+    return {name: (a.models[name], a.templates[name]) for a in (assets, extra) for name in a.models}
 
 
 def _training_recipe(name: str, model: Path, assets: TinyAssets, out: Path) -> dict[str, Any]:
@@ -164,9 +169,7 @@ def test_extra_tiny_families_have_heads_and_image_tokens(name: str, families: di
     from llamafactory.model import load_tokenizer
     from transformers import AutoModelForImageTextToText
 
-    from llamafactory_hera.fixtures.models import FAMILIES, build_model
-
-    spec, path = FAMILIES[name], families[name][0]
+    spec, path = EXTRA_FAMILIES[name], families[name][0]
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     layers = model.get_decoder().layers
     assert len(layers) == spec.num_layers
@@ -190,7 +193,7 @@ def test_extra_tiny_families_have_heads_and_image_tokens(name: str, families: di
 
     digests = []
     for folder in ("a", "b"):  # deterministic: the same weights and tokenizer from the same seed
-        out = build_model(name, tmp_path / folder, seed=0)
+        out = build_extra_model(name, tmp_path / folder, seed=0)
         digests.append({f: hashlib.sha256((out / f).read_bytes()).hexdigest()
                         for f in ("model.safetensors", "tokenizer.json")})
     assert digests[0] == digests[1] == {f: hashlib.sha256((path / f).read_bytes()).hexdigest() for f in digests[0]}

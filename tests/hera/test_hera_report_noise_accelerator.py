@@ -1,4 +1,4 @@
-"""``select --report``'s bootstrap on the simulated accelerator (fixtures/accelerator.py), from bf16 head inputs.
+"""``select --report``'s bootstrap on the simulated accelerator, from bf16 head inputs.
 
 The neighbours are ranked and the resamples scored on the device (``all_head_neighbours(..., device=)``,
 ``paired_bootstrap(..., device=)``, as ``select --report --device`` runs them) from bfloat16 pooled inputs, weights and
@@ -31,7 +31,7 @@ def _neighbours(pooled, before_w, after_w, teacher, device):
 
 
 def test_bootstrap_on_the_device_from_bf16_inputs(accelerator) -> None:
-    from llamafactory_hera.fixtures.accelerator import DEVICE, to_device
+    from llamafactory_hera_testing.accelerator import DEVICE, to_device
 
     inputs = [[t.bfloat16() for t in group] if isinstance(group, list) else group.bfloat16()
               for group in _inputs(NUM, seed=3)]

@@ -1,4 +1,4 @@
-"""Head selection on the simulated accelerator (fixtures/accelerator.py): ``hera_heads: auto`` at the start of a HeRA
+"""Head selection on the simulated accelerator: ``hera_heads: auto`` at the start of a HeRA
 ``run_exp``, ``llamafactory-hera select`` and ``select --report RUN`` run in this process with the model loaded as
 LLaMA-Factory loads it (``device_map`` naming the device). Each scores every head with the same values as on the CPU;
 a CPU tensor meeting a device tensor raises as CUDA would.

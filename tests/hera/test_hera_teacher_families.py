@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
-from llamafactory_hera.fixtures.teachers import TEACHER_FAMILIES, build_vision_teacher
 from llamafactory_hera.hera.teacher import (
     check_teacher_source,
     load_image_processor,
@@ -19,6 +18,7 @@ from llamafactory_hera.hera.teacher import (
     pack_naflex,
     unpack_naflex,
 )
+from llamafactory_hera_testing.teachers import TEACHER_FAMILIES, build_vision_teacher
 
 SIZES = [(40, 40), (30, 60), (64, 20), (50, 33)]  # (height, width): SigLIP2 gets a different patch grid for each
 

@@ -8,7 +8,7 @@ import pytest
 from test_hera_train_inprocess import LogProbe
 
 from conftest import base_recipe
-from llamafactory_hera.fixtures.teachers import build_vision_teacher
+from llamafactory_hera_testing.teachers import build_vision_teacher
 
 
 def test_siglip2_teacher_trains_the_same_computed_in_the_steps_or_precomputed(assets, tmp_path: Path) -> None:

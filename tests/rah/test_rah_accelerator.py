@@ -1,4 +1,4 @@
-"""RAH-LoRA on the simulated accelerator (fixtures/accelerator.py): ``stage: rah`` through LLaMA-Factory's ``run_exp``
+"""RAH-LoRA on the simulated accelerator: ``stage: rah`` through LLaMA-Factory's ``run_exp``
 with the model on the device, and the calibration's parts (I-SAL, CAF gate gradients, the trust region) giving the
 CPU's values there. Host syncs of a calibration are counted by kind."""
 
@@ -49,7 +49,7 @@ def test_stage_rah_calibrates_on_the_accelerator_and_writes_the_adapter(assets, 
 
 def _on_device(model: torch.nn.Module, batches: list[dict]) -> tuple[torch.nn.Module, list[dict]]:
     """A copy of ``model`` and the batches on the simulated device (call inside the mode)."""
-    from llamafactory_hera.fixtures.accelerator import DEVICE
+    from llamafactory_hera_testing.accelerator import DEVICE
 
     moved = [{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
     return copy.deepcopy(model).to(DEVICE), moved

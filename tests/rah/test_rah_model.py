@@ -11,19 +11,19 @@ import pytest
 import torch
 
 from conftest import REPO, base_recipe
-from llamafactory_hera.fixtures import EXTRA_MODEL_NAMES, build_tiny_assets
 from llamafactory_hera.rah.adapter import lora_factors, save_adapter
 from llamafactory_hera.rah.args import RahArguments
 from llamafactory_hera.rah.calibrate import calibrate, geometry_of, o_columns, v_rows
 from llamafactory_hera.rah.probe import attention_modules, gate_gradients, token_kinds, token_masks
 from llamafactory_hera.rah.scores import margin_loss
 from llamafactory_hera_patches.model_data import load_model_for_scoring, multimodal_dataset_and_collator, parse_recipe
+from llamafactory_hera_testing.families import build_extra_families
 
 
 @pytest.fixture(scope="module")
 def extra_assets():
     """LLaVA-NeXT and both InternVL variants (built on request, shared with the HeRA recipe tests)."""
-    return build_tiny_assets(REPO / ".hera_assets" / "recipes", seed=0, models=EXTRA_MODEL_NAMES)
+    return build_extra_families(REPO / ".hera_assets" / "extra_families", seed=0)
 
 
 def _load(assets, family: str, tmp_path: Path, samples: int = 8, extra=None) -> tuple[Any, Any, list[dict[str, Any]]]:

@@ -167,7 +167,8 @@ def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair],
     """Pooled ``o_proj`` inputs with the captions alone through the text decoder.
 
     ``torch.no_grad``, not ``inference_mode``: no graph is kept either way, and the forward also runs on the
-    tests' simulated accelerator, whose wrapper tensors inference mode cannot make (fixtures/accelerator.py).
+    tests' simulated accelerator, whose wrapper tensors inference mode cannot make
+    (llamafactory_hera_testing.accelerator).
 
     Returns:
         Per layer ``[N, H*d_head]`` float32 (CPU).
