@@ -17,9 +17,9 @@ import torch
 from conftest import offline_env, run_train
 from llamafactory_hera.cli import main as hera_cli
 from llamafactory_hera.fixtures.dataset import DATASET_NAME, build_dataset
-from llamafactory_hera.fixtures.parts import build_part
 from llamafactory_hera.llava.compose_build import RECORD
 from llamafactory_hera.llava.compose_plan import detect_family, vision_geometry
+from llamafactory_hera_testing.parts import build_part
 
 PAIRS = {"qwen3_siglip": ("qwen3", "siglip"), "llama_clip": ("llama", "clip"), "qwen2_clip": ("qwen2", "clip")}
 
