@@ -46,7 +46,10 @@ def test_harc_trains_refreshes_and_evaluates_on_the_device(harc_assets: Any, acc
     for line in lines:
         assert all(math.isfinite(line[term]) for term in (*TERMS, "loss")), line
     assert lines[0]["harc_couple"] > 0 and lines[0]["harc_couple_resp"] > 0 and lines[0]["harc_ce"] > 0
-    assert lines[0]["harc_kl"] == 0.0 < lines[-1]["harc_kl"]  # the adapter moved the model: backward reached it
+    # LoRA starts as the identity: KL 0 up to float noise (2.4e-09 seen under the simulator in a one-process run with
+    # two threads; 0.0 under xdist), then the adapter moved the model: backward reached it
+    assert abs(lines[0]["harc_kl"]) < 1e-7 and lines[-1]["harc_kl"] > 1e3 * max(abs(lines[0]["harc_kl"]), 1e-7), \
+        [line["harc_kl"] for line in lines]
 
     weights = load_file(output / "adapter_model.safetensors")
     assert any("lora_B" in name and tensor.abs().max() > 0 for name, tensor in weights.items())
