@@ -11,7 +11,11 @@ there to evaluate.
 
 Values are the parsed ones (LLaMA-Factory's defaults filled in), so two records compare key by key. A method's own
 record (``hera_run.json``, ``rah_profile.json``, ``harc_run.json``: :attr:`Method.records`) left by a failed run is
-marked ``"status": "failed"`` too. Imports nothing heavy.
+marked ``"status": "failed"`` too.
+
+``chain``: the records that produced the model, read when the run starts: a model_name_or_path that is a composed
+model (its :data:`COMPOSE_RECORD`) or an earlier run's output (its record's own chain) is followed back, so a stage-2
+run records compose -> stage 1 -> stage 2, and ``llamafactory-hera eval`` names it. Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 RUN_RECORD = "llamafactory_hera_run.json"
+COMPOSE_RECORD = "llamafactory_hera_compose.json"  # written by ``llamafactory-hera compose`` beside the model
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"
 # the keys that decide how the model, its processor and its prompts are loaded, by the argument object holding them
 MODEL_KEYS = ("model_name_or_path", "adapter_name_or_path", "trust_remote_code", "use_fast_tokenizer",
@@ -58,9 +63,27 @@ def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any]) -
     path = Path(output_dir) / RUN_RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"stage": stage, "status": RUNNING, "llamafactory_hera_version": _plugin_version(),
-              "started_ns": time.time_ns(), "loading": loading}
+              "started_ns": time.time_ns(), "loading": loading,
+              "chain": stage_chain(loading.get("model_name_or_path"), stage, path.parent)}
     _write(path, record)
     return path
+
+
+def stage_chain(model_name_or_path: Any, stage: str, output_dir: Path) -> list[dict[str, Any]]:
+    """How the model came to be: the composed model's record (``compose``, ``llm``, ``vision``) and the earlier runs
+    (``stage``, ``output_dir``) whose output is the next one's model, then this run. A model without a record (a
+    hub id) starts the chain at this run; a ``checkpoint-N`` folder is its run's."""
+    folder = Path(str(model_name_or_path or ""))
+    if folder.name.startswith("checkpoint-") and not (folder / RUN_RECORD).is_file():
+        folder = folder.parent
+    earlier: list[dict[str, Any]] = []
+    if (folder / RUN_RECORD).is_file():
+        record = read_record(folder / RUN_RECORD)
+        earlier = record.get("chain") or [{"stage": record.get("stage"), "output_dir": str(folder.resolve())}]
+    elif (folder / COMPOSE_RECORD).is_file():
+        composed = read_record(folder / COMPOSE_RECORD)
+        earlier = [{"compose": str(folder.resolve()), "llm": composed.get("llm"), "vision": composed.get("vision")}]
+    return [*earlier, {"stage": stage, "output_dir": str(Path(output_dir).resolve())}]
 
 
 def write_ended(path: Path, error: BaseException | None, method_records: tuple[str, ...] = ()) -> None:

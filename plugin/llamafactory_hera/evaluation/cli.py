@@ -94,7 +94,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any]) -> None:
     from llamafactory_hera.anatomy.board_log import say
-    from llamafactory_hera.evaluation.report import write_reports
+    from llamafactory_hera.evaluation.report import table2_lines, write_reports
     from llamafactory_hera.evaluation.runner import evaluate_model
 
     names = ", ".join(t.name for t in tasks)
@@ -116,6 +116,8 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
         base = "" if row["baseline"] is None else f" vs {row['baseline']:.4g}"
         value = "–" if row["run"] is None else f"{row['run']:.4g}"
         print(f"  {row['group']:<14} {row['task']:<32} {row['metric']:<24} {value}{base}{delta}")
+    if record["table2"]:
+        print("\n".join(["", *table2_lines(record)]))
     old = record["replaces"]
     if old:
         say(f"eval: replaced {old['file']} and its .md / .png (of {old.get('created')}, tasks {old.get('tasks_spec')}, "

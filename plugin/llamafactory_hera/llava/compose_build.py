@@ -26,8 +26,7 @@ from typing import Any
 
 from llamafactory_hera.llava.compose_plan import ComposePlan
 from llamafactory_hera_patches.llava_templates import IMAGE_TOKEN
-
-RECORD = "llamafactory_hera_compose.json"
+from llamafactory_hera_patches.run_record import COMPOSE_RECORD as RECORD  # a run's record reads it back (its chain)
 
 
 def add_image_token(tokenizer: Any, llm: Any) -> str:

@@ -1,0 +1,180 @@
+"""``llamafactory-hera eval RUN --baseline TWIN --tasks general,knowledge,ocr,vision-centric`` scored as the paper's
+Table 2 (issue 33, section 4): the group means and Delta Vision, the paper's published rows for a backbone of Table 2
+(none for another), and the stage chain each run record holds, read from the records a compose and two runs left.
+
+In-process, no model: the evaluation loop is replaced by fixed per-task scores."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llamafactory_hera.evaluation.presets import PRESETS
+from llamafactory_hera.evaluation.runs import ModelSpec, read_pair
+from llamafactory_hera.evaluation.table2 import GROUPS, PAPER_FILE, SCORES, group_means, paper_backbone
+from llamafactory_hera_patches import run_record
+from markdown_docs import read, section
+
+TASKS = "general,knowledge,ocr,vision-centric"
+# each task's scores as lmms-eval reports them (fractions, MME out of 2000, MMBench in percent), plus metrics the
+# layout must not average (MME cognition, MMVP pairs, SEED video, ChartQA's human split)
+RUN = {"mme": {"mme_perception_score": 1500.0, "mme_cognition_score": 300.0},
+       "mmbench_en_dev_static": {"gpt_eval_score": 70.0}, "seedbench": {"seed_image": 0.65, "seed_video": 0.1},
+       "gqa": {"exact_match": 0.6}, "scienceqa_img": {"exact_match": 0.7}, "mmmu_val": {"mmmu_acc": 0.4},
+       "ai2d": {"exact_match,flexible-extract": 0.7}, "chartqa": {"relaxed_overall": 0.5, "relaxed_human_split": 0.9},
+       "ocrbench": {"ocrbench_accuracy": 0.4}, "textvqa_val": {"exact_match": 0.6}, "docvqa_val": {"anls": 0.7},
+       "cv_bench_2d": {"cv_bench_acc": 0.6}, "cv_bench_3d": {"cv_bench_acc": 0.7},
+       "mmvp": {"mmvp_accuracy": 0.5, "mmvp_pair_accuracy": 0.2}, "realworldqa": {"exact_match": 0.6}}
+TWIN = {**RUN, "cv_bench_2d": {"cv_bench_acc": 0.5}, "cv_bench_3d": {"cv_bench_acc": 0.6},
+        "realworldqa": {"exact_match": 0.55}}
+# the same means by hand: every score on 0-100, MME-P / 2000
+GENERAL = (1500 / 2000 * 100 + 70.0 + 65.0 + 60.0) / 4  # 67.5
+KNOWLEDGE = (70.0 + 40.0 + 70.0) / 3  # 60.0
+OCR = (50.0 + 40.0 + 60.0 + 70.0) / 4  # 55.0
+VISION = (60.0 + 70.0 + 50.0 + 60.0) / 4  # 60.0
+TWIN_VISION = (50.0 + 60.0 + 50.0 + 55.0) / 4  # 53.75
+
+
+def _trained(folder: Path, stage: str, model: Path) -> Path:
+    """A finished full run of ``stage`` from ``model``, its record written as training writes it."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"vision_config": {}}), encoding="utf-8")
+    path = run_record.write_started(folder, stage, {"model_name_or_path": str(model), "template": "qwen3_llava"})
+    run_record.write_ended(path, None)
+    return folder
+
+
+def _chains(tmp_path: Path, llm: str) -> tuple[Path, Path]:
+    """compose (``llm`` + SigLIP2) -> HeRA stage 1 -> HeRA stage 2, and its SFT twin of both stages."""
+    composed = tmp_path / "composed"
+    composed.mkdir()
+    (composed / run_record.COMPOSE_RECORD).write_text(json.dumps({"llm": llm, "vision":
+                                                                  "google/siglip2-so400m-patch14-384"}))
+    hera = _trained(tmp_path / "s2" / "hera", "hera", _trained(tmp_path / "s1" / "hera", "hera", composed))
+    sft = _trained(tmp_path / "s2" / "sft", "sft", _trained(tmp_path / "s1" / "sft", "sft", composed))
+    return hera, sft
+
+
+def _evaluate(monkeypatch: pytest.MonkeyPatch, run_dir: Path, baseline: Path, tasks: str,
+              capsys: pytest.CaptureFixture[str]) -> tuple[dict[str, Any], str]:
+    """``eval RUN_DIR --baseline BASELINE --tasks TASKS`` past the checks with :data:`RUN` / :data:`TWIN`'s scores;
+    the .json report and the console."""
+    from llamafactory_hera.evaluation import cli, runner
+    from llamafactory_hera.evaluation.presets import plan_tasks
+    from llamafactory_hera.evaluation.report import report_stem
+    from llamafactory_hera.evaluation.runner import Outcome
+
+    def scored(spec: ModelSpec, rows_from: ModelSpec, planned: list[Any], *_: Any) -> Outcome:
+        scores = RUN if spec.label == "run" else TWIN
+        return Outcome(spec, {t.name: {"entries": [{"task": t.name, "metric": metric, "value": value,
+                                                    "higher_is_better": True}
+                                                   for metric, value in scores[t.name].items()], "seconds": 0.1}
+                              for t in planned})
+
+    monkeypatch.setattr(runner, "evaluate_model", scored)
+    monkeypatch.setattr("llamafactory_hera.anatomy.board_log.say", lambda line: None)
+    run, other = read_pair(run_dir, baseline, False)
+    args = argparse.Namespace(run_dir=run_dir, tasks=tasks, limit=None, batch_size=8)
+    cli._evaluate(args, run, other, plan_tasks(tasks, run.modality, run.stage, None))
+    stem = report_stem(other, run_dir)
+    return json.loads((run_dir / f"{stem}.json").read_text(encoding="utf-8")), capsys.readouterr().out
+
+
+def test_the_run_record_holds_the_stage_chain(tmp_path: Path) -> None:
+    hera, _ = _chains(tmp_path, "Qwen/Qwen3-8B")
+    chain = run_record.read_record(hera / run_record.RUN_RECORD)["chain"]
+    assert chain == [{"compose": str((tmp_path / "composed").resolve()), "llm": "Qwen/Qwen3-8B",
+                      "vision": "google/siglip2-so400m-patch14-384"},
+                     {"stage": "hera", "output_dir": str((tmp_path / "s1" / "hera").resolve())},
+                     {"stage": "hera", "output_dir": str(hera.resolve())}]
+    from_hub = _trained(tmp_path / "lora", "sft", Path("Qwen/Qwen3-VL-8B-Instruct"))  # no record: starts here
+    assert run_record.read_record(from_hub / run_record.RUN_RECORD)["chain"] == [
+        {"stage": "sft", "output_dir": str(from_hub.resolve())}]
+    (tmp_path / "s1" / "hera" / "checkpoint-5").mkdir()  # stage 2 from a checkpoint of stage 1: stage 1's chain
+    again = _trained(tmp_path / "s2" / "from-checkpoint", "hera", tmp_path / "s1" / "hera" / "checkpoint-5")
+    assert run_record.read_record(again / run_record.RUN_RECORD)["chain"][:2] == chain[:2]
+
+
+def test_group_means_delta_vision_and_the_papers_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    hera, sft = _chains(tmp_path, "Qwen/Qwen3-8B")
+    record, console = _evaluate(monkeypatch, hera, sft, TASKS, capsys)
+    layout = record["table2"]
+    assert {column: layout["run"][column]["mean"] for column in GROUPS} == pytest.approx(
+        {"General": GENERAL, "Knowledge": KNOWLEDGE, "OCR": OCR, "Vision": VISION})
+    assert layout["baseline"]["Vision"]["mean"] == pytest.approx(TWIN_VISION)
+    assert layout["delta_vision"] == pytest.approx(VISION - TWIN_VISION)  # +6.25
+    assert layout["title"] == ("Qwen3-8B + siglip2-so400m-patch14-384, HeRA stage 1 -> HeRA stage 2 vs SFT -> SFT")
+    paper = layout["paper"]
+    assert paper["backbone"] == "Qwen3-8B" and "aimagelab.github.io/HeRA" in paper["source"]
+    assert paper["baseline"] == {"General": 74.7, "Knowledge": 49.7, "OCR": 43.5, "Vision": 55.9}
+    assert paper["hera"] == {"General": 76.9, "Knowledge": 51.1, "OCR": 47.6, "Vision": 59.5}
+    assert paper["delta_vision"] == 3.6
+    markdown = (hera / "eval_report_vs_sft.md").read_text(encoding="utf-8")
+    for text in (markdown, console):
+        assert f"Table 2 layout: {layout['title']}" in text
+        assert "| run: hera | 67.5 | 60.0 | 55.0 | 60.0 | +6.2 |" in text  # 6.25, one decimal as the paper
+        assert "| baseline: sft | 67.5 | 60.0 | 55.0 | 53.8 | – |" in text
+        assert "| paper's Table 2: Qwen3-8B LLaVA-1.5 baseline | 74.7 | 49.7 | 43.5 | 55.9 |  |" in text
+        assert "| paper's Table 2: Qwen3-8B + HeRA | 76.9 | 51.1 | 47.6 | 59.5 | +3.6 |" in text
+        assert "MathVista" in text  # the Knowledge preset is not the paper's Knowledge mean
+    assert markdown.index("Table 2 layout") < markdown.index("## Vision-Centric")  # beside the per-task table
+
+
+def test_no_papers_row_for_another_backbone_and_no_mean_for_a_missing_benchmark(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    hera, sft = _chains(tmp_path, "example/TinyLM-7B")
+    record, console = _evaluate(monkeypatch, hera, sft, "vision-centric,gqa", capsys)
+    layout = record["table2"]
+    assert layout["paper"] is None and "paper's Table 2" not in console
+    assert layout["title"].startswith("TinyLM-7B + siglip2-so400m-patch14-384, HeRA stage 1 -> HeRA stage 2")
+    assert layout["run"]["Vision"]["mean"] == pytest.approx(VISION)
+    general = layout["run"]["General"]
+    assert general["mean"] is None and general["missing"] == ["mme", "mmbench_en_dev_static", "seedbench"]
+    assert "- run General: no mean, missing mme, mmbench_en_dev_static, seedbench" in console
+
+
+def test_a_demo_eval_has_no_table2_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    hera, sft = _chains(tmp_path, "Qwen/Qwen3-8B")
+    monkeypatch.setitem(RUN, "llamafactory_hera_demo_mllm", {"accuracy": 0.5})
+    monkeypatch.setitem(TWIN, "llamafactory_hera_demo_mllm", {"accuracy": 0.25})
+    record, console = _evaluate(monkeypatch, hera, sft, "demo", capsys)
+    assert record["table2"] is None and "Table 2 layout" not in console
+
+
+@pytest.mark.parametrize(("name", "backbone"), [
+    ("Qwen/Qwen3-8B", "Qwen3-8B"), ("/models/Qwen3-8B-Base", "Qwen3-8B"), ("Qwen/Qwen2.5-3B-Instruct", "Qwen2.5-3B"),
+    ("lmsys/vicuna-7b-v1.5", "Vicuna-7B"), ("lmsys/vicuna-13b-v1.5", "Vicuna-13B"),
+    ("meta-llama/Meta-Llama-3-8B-Instruct", "LLaMA3-8B"), ("Qwen/Qwen3-14B", "Qwen3-14B"),
+    ("Qwen/Qwen3-VL-8B-Instruct", None), ("meta-llama/Llama-3.1-8B-Instruct", None),
+    ("llava-hf/llava-1.5-7b-hf", None), ("Qwen/Qwen3-80B", None), ("Qwen/Qwen2.5-VL-7B-Instruct", None)])
+def test_backbones_of_table2_are_known_by_name(name: str, backbone: str | None) -> None:
+    found = paper_backbone([None, name])
+    assert (found[0] if found else None) == backbone
+
+
+def test_scores_cover_the_four_presets_and_the_papers_rows_are_whole() -> None:
+    import yaml
+
+    assert set(SCORES) == {task for preset in GROUPS.values() for task in PRESETS[preset].tasks}
+    assert group_means([], "run")["Vision"] == {"mean": None, "benchmarks": dict.fromkeys(
+        PRESETS["vision-centric"].tasks), "missing": list(PRESETS["vision-centric"].tasks)}
+    paper = yaml.safe_load(PAPER_FILE.read_text(encoding="utf-8"))
+    assert paper["columns"] == list(GROUPS) and len(paper["backbones"]) == 9
+    for entry in paper["backbones"].values():  # each published Delta Vision is its rows' Vision difference
+        assert entry["delta_vision"] == pytest.approx(entry["hera"][3] - entry["baseline"][3], abs=0.05)
+
+
+def test_the_docs_describe_the_table2_layout() -> None:
+    text = section(read("docs/eval.md"), "Scored as Table 2")
+    for words in ("general,knowledge,ocr,vision-centric", "Δ Vision", "2000", "MathVista", "aimagelab.github.io/HeRA",
+                  "paper_table2.yaml", "not published here", "chain", "llamafactory_hera_compose.json",
+                  "HeRA stage 1 -> HeRA stage 2 vs SFT -> SFT"):
+        assert words in text, words
+    for task, (metric, _) in SCORES.items():
+        assert f"`{task}`" in text and f"`{metric}`" in text, task
