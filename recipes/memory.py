@@ -1,4 +1,5 @@
-"""GPU memory estimates for the HeRA recipes: the numbers in docs/hera.md's "Recipes" table.
+"""GPU memory estimates for the HeRA recipes: the numbers in docs/hera.md's "Recipes" table, in its table of the
+paper's experiment and in the recipes/llava15/ headers.
 
 These are estimates from a formula, not measurements. ``python recipes/memory.py`` prints the
 table rows; the batch size, cutoff length, LoRA rank and finetuning type are read from the
