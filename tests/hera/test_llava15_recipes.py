@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -168,3 +170,22 @@ def test_docs_section_gives_the_chain_and_the_table() -> None:
         assert row in section, f"docs/hera.md table row differs from `python recipes/memory.py`:\n{row}"
     commands = [shlex.split(line) for line in section.splitlines() if line.startswith(("llamafactory-", "sed "))]
     assert commands == _header_commands("llava15/qwen3_4b_stage1.yaml")  # the chain the recipes' headers give
+
+
+def test_the_headers_sed_line_copies_the_heads_select_writes_into_stage2(tmp_path: Path) -> None:
+    """The chain's copy step, run as the header writes it (bash, sed, grep) on copies of the two recipes."""
+    from llamafactory_hera.hera.selection.recipe_write import update_recipe
+
+    backbone = next(b for b in BACKBONES if not b.paper_heads)
+    names = MEMORY.llava15_recipes(backbone)
+    for name in names:
+        (tmp_path / "recipes" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "recipes" / name, tmp_path / "recipes" / name)
+    heads = ["L13H12", "L7H6", "L3H5", "L13H13", "L1H0"]
+    update_recipe(tmp_path / "recipes" / names[0], heads)  # what `llamafactory-hera select` writes
+    lines = (REPO / "recipes" / names[0]).read_text(encoding="utf-8").splitlines()
+    sed = next(line[4:] for line in lines if line.startswith("#   sed "))
+    subprocess.run(["bash", "-c", sed], cwd=tmp_path, check=True)
+    stage1, stage2 = (yaml.safe_load((tmp_path / "recipes" / name).read_text(encoding="utf-8")) for name in names)
+    assert stage1["hera_heads"] == stage2["hera_heads"] == heads
+    assert {**stage2, "hera_heads": "auto"} == _recipe(names[1])  # nothing else of stage 2 changed
