@@ -1,4 +1,5 @@
-"""GPU memory estimates for the HeRA recipes: the numbers in docs/hera.md's "Recipes" table.
+"""GPU memory estimates for the HeRA recipes: the numbers in docs/hera.md's "Recipes" table, in its table of the
+paper's experiment and in the recipes/llava15/ headers.
 
 These are estimates from a formula, not measurements. ``python recipes/memory.py`` prints the
 table rows; the batch size, cutoff length, LoRA rank and finetuning type are read from the
@@ -25,6 +26,12 @@ Method (bytes per GPU, worst case: every sequence of the micro-batch is ``cutoff
   step 1, so this term is a margin); the HeRA term itself adds B x heads x d floats, negligible;
 - 2 GiB for the CUDA context, cuBLAS/NCCL workspaces and allocator slack.
 
+The paper's own experiment (Table 2, recipes/llava15/): the model ``llamafactory-hera compose`` builds from the
+text-only LLM, its parameters = the LLM's + the SigLIP2-SO400M/14@384 vision tower (~0.4 B) + the fresh
+``mlp2x_gelu`` projector (1152 x d + d x d weights and biases), full fine-tune with ZeRO-3 over 8 GPUs in both
+stages; stage 1 (language model frozen, projector trained): 2 bytes per parameter / N (frozen bf16 weights, sharded)
++ 16 bytes per projector parameter / N + the gathered parameters, as above.
+
 Not included: the frozen vision tower's activations (no gradient flows into it), memory
 fragmentation, evaluation. An 80 GB card has about 79 GiB usable.
 """
@@ -32,7 +39,7 @@ fragmentation, evaluation. An 80 GB card has about 79 GiB usable.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -45,13 +52,17 @@ TEACHER_PARAMS = 0.304e9  # facebook/dinov2-large
 OVERHEAD = 2 * GIB
 ZERO3_LIVE_PARAMS = 1e9  # recipes/deepspeed/ds_z3_config.json: stage3_max_live_parameters
 LOGIT_BYTES = 10
+VISION_TOWER_PARAMS = 0.4e9  # google/siglip2-so400m-patch14-384's vision tower (compose's default encoder)
+VISION_WIDTH = 1152  # its hidden size: the projector's input
+LLAVA15 = "llava15"  # recipes/llava15/<stem>_stage1.yaml, <stem>_stage2.yaml: the paper's experiment
 
 
 @dataclass(frozen=True)
 class Backbone:
     """One LLM of the paper's Table 2 and the public MLLM its recipes are built on.
 
-    Shapes are those of the MLLM's language model; ``params_b`` is the whole MLLM (model card, rounded).
+    Shapes are those of the MLLM's language model, which are the text-only LLM's (``llm_id``) too; ``params_b`` is
+    the whole MLLM (model card, rounded).
     """
 
     llm: str  # as in the paper's Table 2
@@ -70,30 +81,45 @@ class Backbone:
     vocab: int
     projector_b: float = 0.0  # projector parameters (stage-1 recipe), billions
     paper_heads: tuple[str, ...] = ()  # paper, Table 5 (found on the text-only LLM)
+    # The text-only LLM itself, for the paper's experiment (recipes/llava15/): compose --llm, its parameters (model
+    # card), vocabulary and family (a key of compose's family -> template map).
+    llm_id: str = ""
+    llm_params_b: float = 0.0
+    llm_vocab: int = 0
+    llm_family: str = ""
 
 
 BACKBONES: tuple[Backbone, ...] = (
     Backbone("Qwen2.5-3B", "+2.4", "qwen2_5_3b", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_vl", "qwen2_5_vl",
              3.75, 36, 2048, 16, 2, 128, 11008, 151936,
-             paper_heads=("L3H4", "L5H11", "L5H14", "L5H9", "L5H15")),
+             paper_heads=("L3H4", "L5H11", "L5H14", "L5H9", "L5H15"),
+             llm_id="Qwen/Qwen2.5-3B-Instruct", llm_params_b=3.09, llm_vocab=151936, llm_family="qwen2.5"),
     Backbone("Qwen3-4B", "+2.2", "qwen3_4b", "Qwen/Qwen3-VL-4B-Instruct", "qwen3_vl_nothink", "qwen3_vl",
-             4.44, 36, 2560, 32, 8, 128, 9728, 151936),
+             4.44, 36, 2560, 32, 8, 128, 9728, 151936,
+             llm_id="Qwen/Qwen3-4B", llm_params_b=4.02, llm_vocab=151936, llm_family="qwen3"),
     Backbone("Vicuna-7B", "+2.3", "vicuna_7b", "llava-hf/llava-1.5-7b-hf", "llava", "llava",
              7.06, 32, 4096, 32, 32, 128, 11008, 32064, projector_b=0.021,
-             paper_heads=("L0H14", "L1H1", "L0H1", "L0H3", "L0H30")),
+             paper_heads=("L0H14", "L1H1", "L0H1", "L0H3", "L0H30"),
+             llm_id="lmsys/vicuna-7b-v1.5", llm_params_b=6.74, llm_vocab=32000, llm_family="vicuna"),
     Backbone("LLaMA3-8B", "+1.3", "llama3_8b", "llava-hf/llama3-llava-next-8b-hf", "llava_next_llama3", "llava_next",
-             8.36, 32, 4096, 32, 8, 128, 14336, 128320),
+             8.36, 32, 4096, 32, 8, 128, 14336, 128320,
+             llm_id="meta-llama/Meta-Llama-3-8B-Instruct", llm_params_b=8.03, llm_vocab=128256, llm_family="llama3"),
     Backbone("Qwen2.5-7B", "+0.7", "qwen2_5_7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_vl", "qwen2_5_vl",
-             8.29, 28, 3584, 28, 4, 128, 18944, 152064),
+             8.29, 28, 3584, 28, 4, 128, 18944, 152064,
+             llm_id="Qwen/Qwen2.5-7B-Instruct", llm_params_b=7.62, llm_vocab=152064, llm_family="qwen2.5"),
     Backbone("Qwen3-8B", "+3.6", "qwen3_8b", "Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl_nothink", "qwen3_vl",
              8.77, 36, 4096, 32, 8, 128, 12288, 151936,
-             paper_heads=("L13H12", "L7H6", "L3H5", "L13H13", "L13H15")),
+             paper_heads=("L13H12", "L7H6", "L3H5", "L13H13", "L13H15"),
+             llm_id="Qwen/Qwen3-8B", llm_params_b=8.19, llm_vocab=151936, llm_family="qwen3"),
     Backbone("Vicuna-13B", "+1.2", "vicuna_13b", "llava-hf/llava-1.5-13b-hf", "llava", "llava",
-             13.35, 40, 5120, 40, 40, 128, 13824, 32064),
+             13.35, 40, 5120, 40, 40, 128, 13824, 32064,
+             llm_id="lmsys/vicuna-13b-v1.5", llm_params_b=13.0, llm_vocab=32000, llm_family="vicuna"),
     Backbone("Qwen2.5-14B", "+3.4", "qwen2_5_14b", "OpenGVLab/InternVL3-14B-hf", "intern_vl", "internvl",
-             15.1, 48, 5120, 40, 8, 128, 13824, 151674),
+             15.1, 48, 5120, 40, 8, 128, 13824, 151674,
+             llm_id="Qwen/Qwen2.5-14B-Instruct", llm_params_b=14.77, llm_vocab=152064, llm_family="qwen2.5"),
     Backbone("Qwen3-14B", "+0.7", "qwen3_14b", "OpenGVLab/InternVL3_5-14B-HF", "intern_vl", "internvl",
-             15.1, 40, 5120, 40, 8, 128, 17408, 151936),
+             15.1, 40, 5120, 40, 8, 128, 17408, 151936,
+             llm_id="Qwen/Qwen3-14B", llm_params_b=14.77, llm_vocab=151936, llm_family="qwen3"),
 )
 
 
@@ -125,6 +151,8 @@ def estimate_gib(b: Backbone, recipe: dict, zero: int | None = None, num_gpus: i
     fixed = TEACHER_PARAMS * 4 + OVERHEAD + activation_bytes(b, batch, seq)
     if recipe["finetuning_type"] == "lora":
         states = params * 2 + lora_params(b, int(recipe.get("lora_rank", 8))) * 16
+    elif recipe.get("freeze_language_model") and zero == 3:  # stage 1 of the paper's experiment, sharded
+        states = (params * 2 + b.projector_b * 1e9 * 16) / num_gpus + ZERO3_LIVE_PARAMS * 2
     elif recipe.get("freeze_language_model"):  # stage-1 style: projector only
         states = params * 2 + b.projector_b * 1e9 * 16
     elif zero == 3:
@@ -134,6 +162,23 @@ def estimate_gib(b: Backbone, recipe: dict, zero: int | None = None, num_gpus: i
     else:
         raise ValueError("a full fine-tune needs zero=2 or zero=3")
     return (states + fixed) / GIB
+
+
+def composed(b: Backbone) -> Backbone:
+    """The model ``llamafactory-hera compose --llm b.llm_id`` builds: the LLM, SigLIP2-SO400M and the projector."""
+    projector = VISION_WIDTH * b.hidden + b.hidden + b.hidden * b.hidden + b.hidden  # linear, GELU, linear
+    params = b.llm_params_b * 1e9 + VISION_TOWER_PARAMS + projector
+    return replace(b, model_id=b.llm_id, params_b=params / 1e9, vocab=b.llm_vocab, projector_b=projector / 1e9)
+
+
+def llava15_recipes(b: Backbone) -> tuple[str, str]:
+    """The paper's experiment for backbone ``b``: its stage-1 and stage-2 recipes, relative to recipes/."""
+    return f"{LLAVA15}/{b.stem}_stage1.yaml", f"{LLAVA15}/{b.stem}_stage2.yaml"
+
+
+def llava15_gib(b: Backbone, name: str) -> float:
+    """Estimated peak GiB per GPU of a recipes/llava15/ recipe (ZeRO-3 over 8 GPUs) on the composed model."""
+    return estimate_gib(composed(b), load_recipe(name), zero=3)
 
 
 def _cell(name: str, gib: float) -> str:
@@ -161,9 +206,18 @@ def stage1_row() -> str:
     return f"{_cell(name, estimate_gib(b, load_recipe(name)))}, one GPU"
 
 
+def llava15_rows() -> list[str]:
+    """The rows of docs/hera.md's table of the paper's experiment, one per backbone."""
+    rows = []
+    for b in BACKBONES:
+        cells = " | ".join(_cell(f"recipes/{name}", llava15_gib(b, name)) for name in llava15_recipes(b))
+        rows.append(f"| {b.llm} | `{b.llm_id}` | {cells} |")
+    return rows
+
+
 def main() -> None:
-    """Print the docs/hera.md table rows and the stage-1 line."""
-    sys.stdout.write("\n".join([*table_rows(), stage1_row()]) + "\n")
+    """Print the docs/hera.md table rows, the stage-1 line and the paper's experiment's table rows."""
+    sys.stdout.write("\n".join([*table_rows(), stage1_row(), *llava15_rows()]) + "\n")
 
 
 if __name__ == "__main__":

@@ -295,6 +295,7 @@ def test_recipe_keys_paths_and_comments(name: str) -> None:
 
     text = (RECIPES / name).read_text(encoding="utf-8")
     _check_comments(name, text)
+    assert text.startswith("# HeRA, the paper's secondary setting (fine-tuning an existing MLLM), ")  # not Table 2's
     assert f"llamafactory-cli train recipes/{name}" in text and "stage=sft" in text  # run + baseline twin
     if backbone.paper_heads:
         heads = f"[{', '.join(backbone.paper_heads)}]"
