@@ -4,6 +4,7 @@ a real `llamafactory-cli` process) and the `llamafactory-hera` verbs in-process 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -139,8 +140,19 @@ def isolated_run(cwd: Path, env: dict[str, str]) -> Iterator[None]:
     process-wide state are as before (run_exp sets the ranks' variables and the state's device)."""
     from llamafactory_hera.fixtures.accelerator import reset_accelerate_state
 
-    saved, folder = dict(os.environ), os.getcwd()
     reset_accelerate_state()
+    try:
+        with environment(cwd, env):
+            yield
+    finally:
+        reset_accelerate_state()
+
+
+@contextlib.contextmanager
+def environment(cwd: Path, env: dict[str, str]) -> Iterator[None]:
+    """``env`` added and ``cwd`` as folder for the block; afterwards os.environ (with what the block set: the ranks'
+    variables of run_exp, eval's LLAMAFACTORY_VERBOSITY) and the folder are as before."""
+    saved, folder = dict(os.environ), os.getcwd()
     os.environ.update(env)
     os.chdir(cwd)
     try:
@@ -149,7 +161,6 @@ def isolated_run(cwd: Path, env: dict[str, str]) -> Iterator[None]:
         os.chdir(folder)
         os.environ.clear()
         os.environ.update(saved)
-        reset_accelerate_state()
 
 
 def run_in_process(recipe: dict[str, Any], tmp: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -177,17 +188,26 @@ def run_verb(capfd: pytest.CaptureFixture[str], *argv: str | Path, cwd: Path | N
     from llamafactory_hera.cli import main
 
     capfd.readouterr()  # what the test printed before: not the command's
+    out, err = descriptor_streams()
     transformers_level = logging.getLogger("transformers").level
     logging.getLogger("transformers").setLevel(logging.WARNING)
     try:
-        with (open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False) as out,
-              open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False) as err,
-              isolated_run(cwd or Path.cwd(), env or {}), captured(out, err)):
+        with environment(cwd or Path.cwd(), env or {}), captured(out, err):
             code = exit_code_of(main, [str(arg) for arg in argv])
     finally:
         logging.getLogger("transformers").setLevel(transformers_level)
+        out.flush()
+        err.flush()
     printed = capfd.readouterr()
     return subprocess.CompletedProcess(["llamafactory-hera", *map(str, argv)], code, printed.out, printed.err)
+
+
+@functools.cache
+def descriptor_streams() -> tuple[TextIO, TextIO]:
+    """Text streams writing to file descriptors 1 and 2, to wherever they point when written; made once and never
+    closed, since a library may keep the stream it found (lmms-eval's loguru sink keeps ``sys.stderr``)."""
+    return (open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False),
+            open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False))
 
 
 def exit_code_of(entry: Callable[[Any], Any], argument: Any) -> int:
