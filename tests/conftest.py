@@ -4,7 +4,6 @@ a real `llamafactory-cli` process) and the `llamafactory-hera` verbs in-process 
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import logging
@@ -36,6 +35,10 @@ CLI = str(Path(sys.executable).with_name("llamafactory-cli"))
 # sys.stdout / sys.stderr of this pytest session (its own capture's while it captures), which the host's logging
 # handlers made outside a capturing fixture keep: see :func:`captured`
 SESSION_STREAMS = (sys.stdout, sys.stderr)
+# run_verb's stdout and stderr: text streams writing to descriptors 1 and 2, wherever they point when written; never
+# closed, since a library may keep the stream it found (lmms-eval's loguru sink keeps sys.stderr)
+DESCRIPTOR_STREAMS = tuple(open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+                           for fd in (1, 2))
 
 RUN_ENV = "HERA_TESTS_RUN"  # names this pytest run in the environment of every process it starts
 if not os.environ.get("PYTEST_XDIST_WORKER"):  # the run's controller (or a run without workers); workers inherit it
@@ -184,11 +187,11 @@ def run_verb(capfd: pytest.CaptureFixture[str], *argv: str | Path, cwd: Path | N
     points them at a log file (hera/host_output.py), so for the run ``sys.stdout`` / ``sys.stderr`` and the logging
     handlers write to the descriptors, as in a process, and transformers logs at the WARNING level a process starts
     with (an earlier in-process run leaves the INFO of LLaMA-Factory's parser). A real process only where the process
-    is what is tested: the console script's exit code and one-line error, what a fresh interpreter has imported."""
+    is what is tested: the console script's exit code and one-line error, a fresh interpreter's imports, its exit."""
     from llamafactory_hera.cli import main
 
     capfd.readouterr()  # what the test printed before: not the command's
-    out, err = descriptor_streams()
+    out, err = DESCRIPTOR_STREAMS
     transformers_level = logging.getLogger("transformers").level
     logging.getLogger("transformers").setLevel(logging.WARNING)
     try:
@@ -200,14 +203,6 @@ def run_verb(capfd: pytest.CaptureFixture[str], *argv: str | Path, cwd: Path | N
         err.flush()
     printed = capfd.readouterr()
     return subprocess.CompletedProcess(["llamafactory-hera", *map(str, argv)], code, printed.out, printed.err)
-
-
-@functools.cache
-def descriptor_streams() -> tuple[TextIO, TextIO]:
-    """Text streams writing to file descriptors 1 and 2, to wherever they point when written; made once and never
-    closed, since a library may keep the stream it found (lmms-eval's loguru sink keeps ``sys.stderr``)."""
-    return (open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False),
-            open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False))
 
 
 def exit_code_of(entry: Callable[[Any], Any], argument: Any) -> int:
