@@ -8,6 +8,7 @@ cycles say what that work cost on this machine at that moment.
 
 Counted: user space of the calling thread only (``exclude_kernel``, allowed at ``perf_event_paranoid`` <= 2), so
 the benchmarks that use it run torch with one thread (``OMP_NUM_THREADS=1``), where the training is on that thread.
+:func:`print_monitor_counters` prints ``overhead.py --monitor --counters``' table of them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import statistics
 import struct
 
 _SYSCALL = {"x86_64": 298, "aarch64": 241}  # __NR_perf_event_open
@@ -67,3 +69,39 @@ def thread_counters() -> tuple[ThreadCounters | None, str]:
         return ThreadCounters(), ""
     except OSError as err:
         return None, err.strerror if err.errno is not None and err.strerror else str(err)
+
+
+def print_monitor_counters(off: list[dict], on: list[dict]) -> None:
+    """The monitor's cost in the work the training thread does (instructions; cycles for what it cost here), which
+    the machine's load does not move: whole training per A/B pair, and each step without a point against the same
+    step of the run without the monitor (same data, same order)."""
+    if not all(run["counts"] for run in (*off, *on)):
+        print(f"{'instructions, cycles':26}not counted: {(off + on)[0]['counters_unavailable']}")
+        return
+    if any(run["torch_threads"] != 1 for run in (*off, *on)):
+        print(f"{'':26}note: torch ran {on[0]['torch_threads']} threads; only the main thread is counted "
+              "(set OMP_NUM_THREADS=1)")
+    def total(run: dict, index: int) -> float:
+        return (run["end_count"][index] - run["counts"][0][index]) / 1e9  # train begin to train end
+
+    for index, label in ((0, "instructions"), (1, "cycles")):
+        pairs = sorted(total(b, index) / total(a, index) for a, b in zip(off, on, strict=True))
+        a, b = statistics.median(total(r, index) for r in off), statistics.median(total(r, index) for r in on)
+        print(f"{f'{label}, training (G)':26}{a:10.2f}{b:10.2f}{b / a:8.3f}   "
+              f"{statistics.median(pairs):.3f} ({pairs[0]:.3f}-{pairs[-1]:.3f})")
+    ratios = []
+    for a, b in zip(off, on, strict=True):
+        scored = set(b["monitor_steps"])
+        for step in range(1, len(b["counts"])):
+            # counts[s] is read at the end of step s before the monitor's callback: a point at step s (0: at train
+            # begin, after counts[0]) falls in the interval from counts[s] to counts[s + 1]
+            if step - 1 in scored:
+                continue
+            ratios.append((b["counts"][step][0] - b["counts"][step - 1][0])
+                          / (a["counts"][step][0] - a["counts"][step - 1][0]))
+    if not ratios:
+        print(f"{'steps without a point':26}none: every step scored {on[0]['monitor_steps']}")
+        return
+    ratios.sort()
+    print(f"{'steps without a point':26}instructions on/off, same step: median {statistics.median(ratios):.4f} "
+          f"({ratios[0]:.4f}-{ratios[-1]:.4f}) over {len(ratios)} steps")

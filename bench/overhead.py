@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from counters import thread_counters
+from counters import print_monitor_counters, thread_counters
 from runs import BENCH, print_result, run_worker, step_timer
 
 
@@ -247,7 +247,7 @@ def main() -> None:
               f"{statistics.median(pairs):.3f} ({pairs[0]:.3f}-{pairs[-1]:.3f})")
     if args.monitor:
         _print_monitor(results[base], results[other])
-        _print_monitor_counters(results[base], results[other])
+        print_monitor_counters(results[base], results[other])
     pre = statistics.median(run["precompute_s"] for run in results["hera"])
     if pre > 0 and not args.monitor:
         a, b = median_of("sft", "first"), median_of("hera", "first")
@@ -280,42 +280,6 @@ def _print_monitor(off: list[dict], on: list[dict]) -> None:
               f"({', '.join(f'{t * 1e3:.0f}' for t in run['monitor_points_s'])} ms) = "
               f"{100 * spent / (run['train_s'] - spent):.1f} % of its training time; with the teacher pass "
               f"{100 * (spent + run['monitor_prepare_s']) / (run['train_s'] - spent):.1f} %")
-
-
-def _print_monitor_counters(off: list[dict], on: list[dict]) -> None:
-    """The monitor's cost in the work the training thread does (instructions; cycles for what it cost here), which
-    the machine's load does not move: whole training per A/B pair, and each step without a point against the same
-    step of the run without the monitor (same data, same order)."""
-    if not all(run["counts"] for run in (*off, *on)):
-        print(f"{'instructions, cycles':26}not counted: {(off + on)[0]['counters_unavailable']}")
-        return
-    if any(run["torch_threads"] != 1 for run in (*off, *on)):
-        print(f"{'':26}note: torch ran {on[0]['torch_threads']} threads; only the main thread is counted "
-              "(set OMP_NUM_THREADS=1)")
-    def total(run: dict, index: int) -> float:
-        return (run["end_count"][index] - run["counts"][0][index]) / 1e9  # train begin to train end
-
-    for index, label in ((0, "instructions"), (1, "cycles")):
-        pairs = sorted(total(b, index) / total(a, index) for a, b in zip(off, on, strict=True))
-        a, b = statistics.median(total(r, index) for r in off), statistics.median(total(r, index) for r in on)
-        print(f"{f'{label}, training (G)':26}{a:10.2f}{b:10.2f}{b / a:8.3f}   "
-              f"{statistics.median(pairs):.3f} ({pairs[0]:.3f}-{pairs[-1]:.3f})")
-    ratios = []
-    for a, b in zip(off, on, strict=True):
-        scored = set(b["monitor_steps"])
-        for step in range(1, len(b["counts"])):
-            # counts[s] is read at the end of step s before the monitor's callback: a point at step s (0: at train
-            # begin, after counts[0]) falls in the interval from counts[s] to counts[s + 1]
-            if step - 1 in scored:
-                continue
-            ratios.append((b["counts"][step][0] - b["counts"][step - 1][0])
-                          / (a["counts"][step][0] - a["counts"][step - 1][0]))
-    if not ratios:
-        print(f"{'steps without a point':26}none: every step scored {on[0]['monitor_steps']}")
-        return
-    ratios.sort()
-    print(f"{'steps without a point':26}instructions on/off, same step: median {statistics.median(ratios):.4f} "
-          f"({ratios[0]:.4f}-{ratios[-1]:.4f}) over {len(ratios)} steps")
 
 
 if __name__ == "__main__":

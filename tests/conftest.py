@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny offline assets (built once per session) and a real `llamafactory-cli` runner."""
+"""Shared fixtures: tiny offline assets (built once per session), training runs (`run_train`: in-process `run_exp` or
+a real `llamafactory-cli` process) and the `llamafactory-hera` verbs in-process (`run_verb`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 import yaml
@@ -31,6 +32,13 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DAT
                      "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}.items():
     os.environ.setdefault(_key, _value)
 CLI = str(Path(sys.executable).with_name("llamafactory-cli"))
+# sys.stdout / sys.stderr of this pytest session (its own capture's while it captures), which the host's logging
+# handlers made outside a capturing fixture keep: see :func:`captured`
+SESSION_STREAMS = (sys.stdout, sys.stderr)
+# run_verb's stdout and stderr: text streams writing to descriptors 1 and 2, wherever they point when written; never
+# closed, since a library may keep the stream it found (lmms-eval's loguru sink keeps sys.stderr)
+DESCRIPTOR_STREAMS = tuple(open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+                           for fd in (1, 2))
 
 RUN_ENV = "HERA_TESTS_RUN"  # names this pytest run in the environment of every process it starts
 if not os.environ.get("PYTEST_XDIST_WORKER"):  # the run's controller (or a run without workers); workers inherit it
@@ -135,8 +143,19 @@ def isolated_run(cwd: Path, env: dict[str, str]) -> Iterator[None]:
     process-wide state are as before (run_exp sets the ranks' variables and the state's device)."""
     from llamafactory_hera_testing.accelerator import reset_accelerate_state
 
-    saved, folder = dict(os.environ), os.getcwd()
     reset_accelerate_state()
+    try:
+        with environment(cwd, env):
+            yield
+    finally:
+        reset_accelerate_state()
+
+
+@contextlib.contextmanager
+def environment(cwd: Path, env: dict[str, str]) -> Iterator[None]:
+    """``env`` added and ``cwd`` as folder for the block; afterwards os.environ (with what the block set: the ranks'
+    variables of run_exp, eval's LLAMAFACTORY_VERBOSITY) and the folder are as before."""
+    saved, folder = dict(os.environ), os.getcwd()
     os.environ.update(env)
     os.chdir(cwd)
     try:
@@ -145,7 +164,6 @@ def isolated_run(cwd: Path, env: dict[str, str]) -> Iterator[None]:
         os.chdir(folder)
         os.environ.clear()
         os.environ.update(saved)
-        reset_accelerate_state()
 
 
 def run_in_process(recipe: dict[str, Any], tmp: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -155,41 +173,82 @@ def run_in_process(recipe: dict[str, Any], tmp: Path, env: dict[str, str]) -> su
     from llamafactory.train.tuner import run_exp
 
     out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with isolated_run(tmp, env), captured(out, err), warnings.catch_warnings():
-        warnings.simplefilter("default")
-        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
-            warnings.formatwarning(message, category, filename, lineno, line))
-        try:
-            run_exp(recipe)
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
-        except Exception as error:  # noqa: BLE001 - reported as the interpreter reports an uncaught error
-            sys.excepthook(type(error), error, error.__traceback__)
-            code = 1
+    with isolated_run(tmp, env), captured(out, err):
+        code = exit_code_of(run_exp, recipe)
     return subprocess.CompletedProcess(["run_exp"], code, out.getvalue(), err.getvalue())
 
 
-@contextlib.contextmanager
-def captured(out: io.StringIO, err: io.StringIO) -> Iterator[None]:
-    """``sys.stdout`` / ``sys.stderr`` and every logging handler writing to them (LLaMA-Factory's and transformers'
-    handlers keep the stream they were made with) go to ``out`` / ``err``; handlers made meanwhile go back too."""
-    streams = {id(sys.stdout): out, id(sys.stderr): err}
-    back = {id(out): sys.stdout, id(err): sys.stderr}
+def run_verb(capfd: pytest.CaptureFixture[str], *argv: str | Path, cwd: Path | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``llamafactory-hera ARGV`` in this process (``cli.main(argv)``, what its console script calls), reported as the
+    script's process would be (see :func:`run_in_process`), with ``env`` set and cwd ``cwd`` (if given) for the run.
 
-    def swap(mapping: dict[int, Any]) -> None:
-        loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
-                                          if isinstance(lg, logging.Logger))]
-        for handler in {h for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler}:
-            if id(handler.stream) in mapping:
-                handler.setStream(mapping[id(handler.stream)])
+    stdout and stderr are read at file descriptors 1 and 2 (``capfd``): while a command loads through the host it
+    points them at a log file (hera/host_output.py), so for the run ``sys.stdout`` / ``sys.stderr`` and the logging
+    handlers write to the descriptors, as in a process, and transformers logs at the WARNING level a process starts
+    with (an earlier in-process run leaves the INFO of LLaMA-Factory's parser). A real process only where the process
+    is what is tested: the console script's exit code and one-line error, a fresh interpreter's imports, its exit."""
+    from llamafactory_hera.cli import main
 
-    swap(streams)
+    capfd.readouterr()  # what the test printed before: not the command's
+    out, err = DESCRIPTOR_STREAMS
+    transformers_level = logging.getLogger("transformers").level
+    logging.getLogger("transformers").setLevel(logging.WARNING)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with environment(cwd or Path.cwd(), env or {}), captured(out, err):
+            code = exit_code_of(main, [str(arg) for arg in argv])
+    finally:
+        logging.getLogger("transformers").setLevel(transformers_level)
+        out.flush()
+        err.flush()
+    printed = capfd.readouterr()
+    return subprocess.CompletedProcess(["llamafactory-hera", *map(str, argv)], code, printed.out, printed.err)
+
+
+def exit_code_of(entry: Callable[[Any], Any], argument: Any) -> int:
+    """The exit code of a process whose console script runs ``sys.exit(entry(argument))``: a ``SystemExit``'s code; an
+    uncaught error goes through ``sys.excepthook`` (the plugin's short errors) and exits 1."""
+    try:
+        result = entry(argument)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+    except Exception as error:  # noqa: BLE001 - reported as the interpreter reports an uncaught error
+        sys.excepthook(type(error), error, error.__traceback__)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+@contextlib.contextmanager
+def captured(out: TextIO, err: TextIO) -> Iterator[None]:
+    """``sys.stdout`` / ``sys.stderr``, ``warnings`` (shown once per place, as by a process) and every logging handler
+    writing to either (LLaMA-Factory's and transformers' handlers keep the stream they were made with: the session's
+    or the current one) go to ``out`` / ``err``; afterwards those handlers write where they did, and handlers made
+    meanwhile to the session's streams."""
+    streams = {id(stream): new for stream, new in ((sys.stdout, out), (sys.stderr, err), (SESSION_STREAMS[0], out),
+                                                   (SESSION_STREAMS[1], err))}
+    swapped = {handler: handler.stream for handler in _stream_handlers() if id(handler.stream) in streams}
+    for handler in swapped:
+        handler.setStream(streams[id(handler.stream)])
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+                sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
             yield
     finally:
-        swap(back)
+        back = {id(out): SESSION_STREAMS[0], id(err): SESSION_STREAMS[1]}
+        for handler in _stream_handlers():
+            if handler in swapped:
+                handler.setStream(swapped[handler])
+            elif id(handler.stream) in back:
+                handler.setStream(back[id(handler.stream)])
+
+
+def _stream_handlers() -> set[logging.StreamHandler]:
+    """Every plain ``StreamHandler`` of a logger (not pytest's capturing handlers, not file handlers)."""
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    return {handler for lg in loggers for handler in lg.handlers if type(handler) is logging.StreamHandler}
 
 
 def aborted_at_exit(proc: subprocess.CompletedProcess) -> bool:

@@ -4,26 +4,28 @@
 it); no task folder left in the temporary directory; and the user's mistakes, each one line before any model (or
 library) is loaded.
 
-Cost: the runs are trained through ``run_exp`` in the test process; every eval of a model is one
-``llamafactory-hera`` process (imports torch, LLaMA-Factory and the library): the HeRA pair is evaluated twice in
-all (``demo,mmvp`` then the cached ``demo`` rerun) and several tests read those two runs; the one-line errors run
-``main(argv)`` in the test process (and once all together in a fresh process, to show they import nothing heavy)."""
+Cost: the runs are trained through ``run_exp`` in the test process, and the RAH-LoRA and HARC evals and the one-line
+errors run ``main(argv)`` there too (:func:`run_verb`). Real ``llamafactory-hera`` processes where the process is
+tested: the HeRA pair's two evals (``demo,mmvp`` then the cached ``demo`` rerun; several tests read them), whose demo
+task folder is removed at the process's exit and whose failing run ends with one error line and exit code 2; and the
+one-line errors all together in a fresh interpreter, to show they import nothing heavy."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import base_recipe, harc_recipe, mixed_size_dataset, offline_env
+from conftest import base_recipe, harc_recipe, mixed_size_dataset, offline_env, run_verb
 
 EVAL = str(Path(sys.executable).with_name("llamafactory-hera"))
 REPORT_SUFFIXES = (".json", ".md", ".png")
@@ -41,7 +43,8 @@ class Evaluated:
 
 
 def run_eval(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Evaluated:
-    """The console script in a fresh process whose TMPDIR is a fresh folder (read back for left-behind folders)."""
+    """The console script in a fresh process whose TMPDIR is a fresh folder (read back for left-behind folders: the
+    demo task folder is removed at the process's exit)."""
     scratch = Path(tempfile.mkdtemp(prefix="tmpdir_", dir=tmp))
     started = time.perf_counter()
     proc = subprocess.run([EVAL, "eval", *args], cwd=tmp, env={**(env or offline_env(tmp)), "TMPDIR": str(scratch)},
@@ -70,19 +73,12 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def error_in_process(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str,
-                     reads_registry: bool = False) -> str:
-    """``llamafactory-hera eval ARGS`` as the console script runs it (``cli.main``), in this process: its one line.
-    Unless the test process had them already (or the error is an unknown task name, which reads the library's
-    registry), the heavy libraries are still unloaded after the error."""
-    from llamafactory_hera.cli import main
-
-    monkeypatch.setenv("LLAMAFACTORY_VERBOSITY", os.environ.get("LLAMAFACTORY_VERBOSITY", "WARN"))  # eval sets it
+def error_in_process(capfd: pytest.CaptureFixture[str], *args: str, reads_registry: bool = False) -> str:
+    """``llamafactory-hera eval ARGS`` in this process (:func:`run_verb`): its one line. Unless the test process had
+    them already (or the error is an unknown task name, which reads the library's registry), the heavy libraries are
+    still unloaded after the error."""
     loaded_before = {name for name in HEAVY if name in sys.modules}
-    capsys.readouterr()
-    code = main(["eval", *args])
-    captured = capsys.readouterr()
-    line = one_line_error(subprocess.CompletedProcess(args, code, captured.out, captured.err))
+    line = one_line_error(run_verb(capfd, "eval", *args))
     if not reads_registry:
         assert {name for name in HEAVY if name in sys.modules} <= loaded_before, "an error path loaded a library"
     return line
@@ -91,16 +87,24 @@ def error_in_process(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Mon
 def train(recipe: dict[str, Any]) -> None:
     """The recipe through LLaMA-Factory's ``run_exp`` (what ``llamafactory-cli train`` runs) in this process: the runs
     are what the eval reads, not what is tested here, and each new process would import torch and LLaMA-Factory
-    again (about 10 s). On one thread, as ``offline_env`` runs a process (OMP_NUM_THREADS=1): torch's default of
+    again (about 10 s). On one thread (:func:`one_thread`)."""
+    from llamafactory.train.tuner import run_exp
+
+    with one_thread():
+        run_exp(recipe)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the block, as ``offline_env`` runs a process (OMP_NUM_THREADS=1): torch's default of
     one per core fights the other work on a shared 2-core machine (measured serially under load: the HARC test took
     177 s with it, 58 s on one thread)."""
     import torch
-    from llamafactory.train.tuner import run_exp
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_exp(recipe)
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -198,38 +202,40 @@ def test_the_demo_images_are_of_mixed_sizes_and_its_answers_long(hera_evals: Her
     assert all(r["run"] is not None for r in hera_evals.first_record["rows"])
 
 
-def test_a_twin_without_a_record_alone_needs_a_template(hera_pair: tuple[Path, Path], tmp_path: Path, capsys,
-                                                         monkeypatch) -> None:
+def test_a_twin_without_a_record_alone_needs_a_template(hera_pair: tuple[Path, Path], tmp_path: Path,
+                                                         capfd) -> None:
     """The plugin's run record names the twin's template; a twin trained without the plugin (its adapter alone)
     needs --template."""
     from llamafactory_hera.evaluation.runs import read_run
 
     assert read_run(hera_pair[1], "run", trained=True).recipe["template"] == "qwen2_vl"
     (tmp_path / "adapter_config.json").write_bytes((hera_pair[1] / "adapter_config.json").read_bytes())
-    line = error_in_process(capsys, monkeypatch, str(tmp_path), "--tasks", "demo")
+    line = error_in_process(capfd, str(tmp_path), "--tasks", "demo")
     assert "records no template" in line and "--template" in line
 
 
-def test_rah_adapter_against_its_base(assets, tmp_path: Path) -> None:
+def test_rah_adapter_against_its_base(assets, tmp_path: Path, capfd) -> None:
     from llamafactory_hera.rah.demo import build_rah_recipe
 
     # small and forced to calibrate some heads on the random tiny model (as tests/rah/test_rah_stage.py's FORCED)
     forced = {"rah_samples": 6, "rah_probe_samples": 3, "rah_kl_samples": 2, "rah_isal_percentile": 50,
               "rah_caf_percentile": 0, "rah_beta": -100, "rah_num_anchors": 2, "rah_rank": 2, "rah_delta": 10.0}
     train({**build_rah_recipe(assets, "llava", tmp_path / "rah"), **forced})
-    evaluated = run_eval(tmp_path, str(tmp_path / "rah"), "--base", "--tasks", "demo")
-    ok(evaluated)
+    with one_thread():
+        proc = run_verb(capfd, "eval", tmp_path / "rah", "--base", "--tasks", "demo", cwd=tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     record = report(tmp_path / "rah", "eval_report_vs_base")
     assert record["run"]["stage"] == "rah" and record["baseline"]["trained"] is False
     assert "adapter" in record["run"]["model"] and "adapter" not in record["baseline"]["model"]
     assert all(r["run"] is not None and r["baseline"] is not None for r in record["rows"])
-    print(f"rah vs base: {evaluated.seconds:.1f} s")
 
 
-def test_harc_run_against_its_base(harc_assets, tmp_path: Path) -> None:
+def test_harc_run_against_its_base(harc_assets, tmp_path: Path, capfd) -> None:
     train(harc_recipe(harc_assets, "qwen2", tmp_path / "harc", harc_eval=False))
-    evaluated = run_eval(tmp_path, str(tmp_path / "harc"), "--base", "--tasks", "demo", "--batch-size", "4")
-    ok(evaluated)
+    with one_thread():
+        proc = run_verb(capfd, "eval", tmp_path / "harc", "--base", "--tasks", "demo", "--batch-size", "4",
+                        cwd=tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     record = report(tmp_path / "harc", "eval_report_vs_base")
     metrics = {(r["group"], r["task"], r["metric"]) for r in record["rows"]}
     assert ("Demo", "llamafactory_hera_demo_text", "acc") in metrics
@@ -237,7 +243,6 @@ def test_harc_run_against_its_base(harc_assets, tmp_path: Path) -> None:
     assert ("Refusal", "harc_refusal", "refusal_rate_pseudo") in metrics
     assert all(r["run"] is not None and r["baseline"] is not None for r in record["rows"])
     assert "## Refusal" in (tmp_path / "harc" / "eval_report_vs_base.md").read_text(encoding="utf-8")
-    print(f"harc vs base: {evaluated.seconds:.1f} s")
 
 
 # --- the user's mistakes: one line, before any model is loaded ---
@@ -253,29 +258,29 @@ def recorded_run(assets, tmp_path: Path) -> Path:
     return run_dir
 
 
-def test_unknown_preset_names_the_closest(recorded_run: Path, capsys, monkeypatch) -> None:
-    line = error_in_process(capsys, monkeypatch, str(recorded_run), "--tasks", "vision-centrc")
+def test_unknown_preset_names_the_closest(recorded_run: Path, capfd) -> None:
+    line = error_in_process(capfd, str(recorded_run), "--tasks", "vision-centrc")
     assert "unknown preset or task 'vision-centrc'" in line and "did you mean vision-centric" in line
 
 
-def test_unknown_task_names_the_closest_registry_task(recorded_run: Path, capsys, monkeypatch) -> None:
-    line = error_in_process(capsys, monkeypatch, str(recorded_run), "--tasks", "realworldq", reads_registry=True)
+def test_unknown_task_names_the_closest_registry_task(recorded_run: Path, capfd) -> None:
+    line = error_in_process(capfd, str(recorded_run), "--tasks", "realworldq", reads_registry=True)
     assert "unknown preset or task 'realworldq'" in line and "realworldqa" in line
 
 
-def test_a_text_preset_on_an_mllm_run(recorded_run: Path, capsys, monkeypatch) -> None:
-    line = error_in_process(capsys, monkeypatch, str(recorded_run), "--tasks", "capability")
+def test_a_text_preset_on_an_mllm_run(recorded_run: Path, capfd) -> None:
+    line = error_in_process(capfd, str(recorded_run), "--tasks", "capability")
     assert "preset 'capability' is for text models" in line and "vision-centric" in line
 
 
-def test_a_folder_without_a_run(tmp_path: Path, capsys, monkeypatch) -> None:
-    line = error_in_process(capsys, monkeypatch, str(tmp_path), "--tasks", "demo")
+def test_a_folder_without_a_run(tmp_path: Path, capfd) -> None:
+    line = error_in_process(capfd, str(tmp_path), "--tasks", "demo")
     assert "holds no run record" in line and "hera_run.json" in line
 
 
-def test_a_run_without_its_model(recorded_run: Path, capsys, monkeypatch) -> None:
+def test_a_run_without_its_model(recorded_run: Path, capfd) -> None:
     (recorded_run / "adapter_config.json").unlink()
-    line = error_in_process(capsys, monkeypatch, str(recorded_run), "--tasks", "demo")
+    line = error_in_process(capfd, str(recorded_run), "--tasks", "demo")
     assert "neither adapter_config.json nor config.json" in line and "--base" in line
 
 
@@ -312,11 +317,11 @@ def shadow_without_lmms_eval(tmp_path: Path) -> Path:
     return shadow.parent
 
 
-def test_the_missing_extra(recorded_run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_the_missing_extra(recorded_run: Path, tmp_path: Path, capfd, monkeypatch) -> None:
     """Without lmms-eval (an import that fails, as in an environment without the extra) the fix is named."""
     monkeypatch.delitem(sys.modules, "lmms_eval", raising=False)  # an earlier test may have imported the real one
     monkeypatch.syspath_prepend(str(shadow_without_lmms_eval(tmp_path)))
-    line = error_in_process(capsys, monkeypatch, str(recorded_run), "--tasks", "demo")
+    line = error_in_process(capfd, str(recorded_run), "--tasks", "demo")
     assert "pip install 'llamafactory-hera[eval]'" in line
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,12 +16,12 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import base_recipe, harc_recipe, offline_env, run_train
+from conftest import base_recipe, harc_recipe, offline_env, run_process, run_train
 from llamafactory_hera.anatomy.run_checks import check_output_dir
 from llamafactory_hera.rah.demo import build_rah_recipe
 from llamafactory_hera_patches.stage import check_stage
 
-SELECT = str(Path(sys.executable).with_name("llamafactory-hera"))
+HERA = str(Path(sys.executable).with_name("llamafactory-hera"))
 
 
 def _recipe(stage: str, assets: Any, harc_assets: Any, out: Path, **overrides: Any) -> dict[str, Any]:
@@ -196,15 +195,16 @@ def test_one_line_errors_through_the_stock_command_line(assets: Any, tmp_path: P
 
 def test_select_refuses_a_recipe_of_another_method_at_once(assets: Any, tmp_path: Path) -> None:
     """A ``stage: rah`` recipe names no HeRA teacher: select used to load for 30 s and then fail to reach
-    facebook/dinov2-large; it now says what the recipe is before loading anything."""
+    facebook/dinov2-large; it now says what the recipe is before loading anything. A real process of the installed
+    console script (select's one): its exit code and its one-line error, nothing else printed."""
     recipe = tmp_path / "rah.yaml"
     recipe.write_text(yaml.safe_dump(build_rah_recipe(assets, "qwen2_5_vl", tmp_path / "out")), encoding="utf-8")
-    proc = subprocess.run([SELECT, "select", str(recipe)], cwd=tmp_path, env=offline_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_process([HERA, "select", str(recipe)], cwd=tmp_path, env=offline_env(tmp_path), timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert (f"llamafactory-hera: error: stage: rah: {recipe} is a RAH-LoRA (training-free head calibration) recipe, "
-            "not a HeRA recipe (stage: hera)") in proc.stderr
-    assert "dinov2" not in proc.stderr and not list(tmp_path.glob("*.log"))
+    assert proc.stderr.startswith(f"llamafactory-hera: error: stage: rah: {recipe} is a RAH-LoRA (training-free "
+                                  "head calibration) recipe, not a HeRA recipe (stage: hera); ")
+    assert proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert proc.stdout == "" and not list(tmp_path.glob("*.log"))
 
 
 def test_harc_with_packing_says_why_through_run_exp(harc_assets: Any, tmp_path: Path, no_model_load: None) -> None:

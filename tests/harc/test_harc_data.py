@@ -9,15 +9,13 @@ from __future__ import annotations
 import csv
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import offline_env
-from llamafactory_hera import cli
+from conftest import offline_env, run_process, run_verb
 
 HERA = str(Path(sys.executable).with_name("llamafactory-hera"))
 NAMES = ("harc_harmful", "harc_harmful_completions", "harc_harmless", "harc_pseudo", "harc_extract_harmful",
@@ -134,17 +132,9 @@ def info(out: Path) -> dict:
     return json.loads((out / "dataset_info.json").read_text(encoding="utf-8"))
 
 
-def harc_data(capsys: pytest.CaptureFixture, *argv: str | Path) -> tuple[int, str, str]:
-    """The verb in this process, through the real parser and dispatcher: exit code, stdout, stderr."""
-    code = cli.main(["harc-data", *map(str, argv)])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_every_source_through_the_console_script(src: SimpleNamespace, tmp_path: Path) -> None:
+def test_every_source(src: SimpleNamespace, tmp_path: Path, capfd) -> None:
     out = tmp_path / "data"
-    proc = subprocess.run([HERA, "harc-data", *all_sources(src), "--extract-rows", "3", "--out", str(out)],
-                          capture_output=True, text=True, env=offline_env(tmp_path), timeout=120)
+    proc = run_verb(capfd, "harc-data", *all_sources(src), "--extract-rows", "3", "--out", out)
     assert proc.returncode == 0, proc.stderr
     expected = {
         "harc_harmful": expected_harmful("llama3_output"),
@@ -169,10 +159,9 @@ def test_every_source_through_the_console_script(src: SimpleNamespace, tmp_path:
     assert proc.stderr == ""
 
 
-def test_refusals_and_completions_are_row_aligned(src: SimpleNamespace, tmp_path: Path, capsys) -> None:
+def test_refusals_and_completions_are_row_aligned(src: SimpleNamespace, tmp_path: Path, capfd) -> None:
     """Row i of both comes from the same source row, so a seeded split of either picks the same prompts."""
-    code, _, _ = harc_data(capsys, "--circuit-breakers", src.cb, "--out", tmp_path / "out")
-    assert code == 0
+    assert run_verb(capfd, "harc-data", "--circuit-breakers", src.cb, "--out", tmp_path / "out").returncode == 0
     refusals, completions = rows(tmp_path / "out", "harc_harmful"), rows(tmp_path / "out", "harc_harmful_completions")
     assert [r["instruction"] for r in refusals] == [r["instruction"] for r in completions]
     source = {r["prompt"]: r for r in CB}
@@ -183,12 +172,12 @@ def test_refusals_and_completions_are_row_aligned(src: SimpleNamespace, tmp_path
     assert [refusals[i]["instruction"] for i in order] == [completions[i]["instruction"] for i in order]
 
 
-def test_ultrachat_shuffle_is_seeded_and_the_formats_agree(src: SimpleNamespace, tmp_path: Path, capsys) -> None:
+def test_ultrachat_shuffle_is_seeded_and_the_formats_agree(src: SimpleNamespace, tmp_path: Path, capfd) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     def run(path: Path, out: str, *extra: str) -> list[dict[str, str]]:
-        assert harc_data(capsys, "--ultrachat", path, "--out", tmp_path / out, *extra)[0] == 0
+        assert run_verb(capfd, "harc-data", "--ultrachat", path, "--out", tmp_path / out, *extra).returncode == 0
         return rows(tmp_path / out, "harc_harmless")
 
     first, again, other = run(src.uc, "a"), run(src.uc, "b"), run(src.uc, "c", "--seed", "1")
@@ -203,47 +192,49 @@ def test_ultrachat_shuffle_is_seeded_and_the_formats_agree(src: SimpleNamespace,
     assert run(listed, "e") == run(parquet, "f") == first
 
 
-def test_reference_advbench_json_lines_and_alpaca_json_lines(tmp_path: Path, capsys) -> None:
+def test_reference_advbench_json_lines_and_alpaca_json_lines(tmp_path: Path, capfd) -> None:
     """The reference's advbench.json (JSON Lines under a .json name, column bad_q) and a JSON Lines Alpaca."""
     adv = write_json(tmp_path / "advbench.json", [{"bad_q": goal, "target": t} for goal, t in ADV], lines=True)
     alp = write_json(tmp_path / "alpaca_data_instruction.jsonl", ALPACA, lines=True)
-    code, stdout, _ = harc_data(capsys, "--advbench", adv, "--alpaca", alp, "--out", tmp_path / "out")
-    assert code == 0
+    proc = run_verb(capfd, "harc-data", "--advbench", adv, "--alpaca", alp, "--out", tmp_path / "out")
+    assert proc.returncode == 0
     assert rows(tmp_path / "out", "harc_extract_harmful") == [alpaca(goal, "") for goal, _ in ADV if goal]
     assert [r["instruction"] for r in rows(tmp_path / "out", "harc_extract_harmless")][1] == \
         "Translate the sentence.\n\nBonjour le monde"
-    assert "harc_extract_harmful: 4 rows, 1 skipped" in stdout
+    assert "harc_extract_harmful: 4 rows, 1 skipped" in proc.stdout
 
 
-def test_dataset_info_merge_keeps_foreign_entries(src: SimpleNamespace, tmp_path: Path, capsys) -> None:
+def test_dataset_info_merge_keeps_foreign_entries(src: SimpleNamespace, tmp_path: Path, capfd) -> None:
     out = tmp_path / "out"
     out.mkdir()
     foreign = {"alpaca_en_demo": {"file_name": "alpaca_en_demo.json"}, "mine": {"hf_hub_url": "me/mine"}}
     write_json(out / "dataset_info.json", foreign)
-    assert harc_data(capsys, "--xstest", src.xs, "--out", out)[0] == 0
-    assert harc_data(capsys, "--circuit-breakers", src.cb, "--out", out)[0] == 0
-    assert harc_data(capsys, "--circuit-breakers", src.cb, "--out", out)[0] == 0  # same rows again: no conflict
+    assert run_verb(capfd, "harc-data", "--xstest", src.xs, "--out", out).returncode == 0
+    assert run_verb(capfd, "harc-data", "--circuit-breakers", src.cb, "--out", out).returncode == 0
+    again = run_verb(capfd, "harc-data", "--circuit-breakers", src.cb, "--out", out)
+    assert again.returncode == 0  # same rows again: no conflict
     assert list(info(out)) == ["alpaca_en_demo", "mine", "harc_pseudo", "harc_harmful", "harc_harmful_completions"]
     assert {k: info(out)[k] for k in foreign} == foreign
     assert rows(out, "harc_pseudo") == EXPECTED_PSEUDO
 
 
-def test_conflicts_are_refused_without_force(src: SimpleNamespace, tmp_path: Path, capsys) -> None:
+def test_conflicts_are_refused_without_force(src: SimpleNamespace, tmp_path: Path, capfd) -> None:
     out = tmp_path / "out"
     out.mkdir()
     old = {"alpaca_en_demo": {"file_name": "alpaca_en_demo.json"}, "harc_harmful": {"file_name": "theirs.json"}}
     write_json(out / "dataset_info.json", old)
-    code, _, err = harc_data(capsys, "--circuit-breakers", src.cb, "--out", out)
-    assert code == 2 and f"the entry 'harc_harmful' of {out / 'dataset_info.json'}" in err and "--force" in err
+    proc = run_verb(capfd, "harc-data", "--circuit-breakers", src.cb, "--out", out)
+    assert proc.returncode == 2 and f"the entry 'harc_harmful' of {out / 'dataset_info.json'}" in proc.stderr
+    assert "--force" in proc.stderr
     assert info(out) == old and sorted(p.name for p in out.iterdir()) == ["dataset_info.json"]  # nothing written
-    assert harc_data(capsys, "--circuit-breakers", src.cb, "--out", out, "--force")[0] == 0
+    assert run_verb(capfd, "harc-data", "--circuit-breakers", src.cb, "--out", out, "--force").returncode == 0
     assert info(out)["harc_harmful"] == {"file_name": "harc_harmful.json"} and "alpaca_en_demo" in info(out)
 
-    assert harc_data(capsys, "--ultrachat", src.uc, "--out", out)[0] == 0
-    code, _, err = harc_data(capsys, "--ultrachat", src.uc, "--out", out, "--seed", "1")
-    assert code == 2 and f"would change {out / 'harc_harmless.json'}; pass --force" in err
+    assert run_verb(capfd, "harc-data", "--ultrachat", src.uc, "--out", out).returncode == 0
+    proc = run_verb(capfd, "harc-data", "--ultrachat", src.uc, "--out", out, "--seed", "1")
+    assert proc.returncode == 2 and f"would change {out / 'harc_harmless.json'}; pass --force" in proc.stderr
     assert rows(out, "harc_harmless") == expected_harmless(0, 5400)
-    assert harc_data(capsys, "--ultrachat", src.uc, "--out", out, "--seed", "1", "--force")[0] == 0
+    assert run_verb(capfd, "harc-data", "--ultrachat", src.uc, "--out", out, "--seed", "1", "--force").returncode == 0
     assert rows(out, "harc_harmless") == expected_harmless(1, 5400)
 
 
@@ -281,32 +272,33 @@ def bad_sources(folder: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-def test_every_error_is_one_line_and_writes_nothing(src: SimpleNamespace, tmp_path: Path, capsys) -> None:
+def test_every_error_is_one_line_and_writes_nothing(src: SimpleNamespace, tmp_path: Path, capfd) -> None:
     out = tmp_path / "out"
     for case, (argv, message) in bad_sources(tmp_path / "src").items():
         good = [] if case == "no source" else ["--alpaca", str(src.alpaca)]  # a later same flag wins in argparse
-        code, stdout, err = harc_data(capsys, *good, *argv, "--out", out)
-        assert code == 2, case
+        proc = run_verb(capfd, "harc-data", *good, *argv, "--out", out)
+        assert proc.returncode == 2, case
+        err = proc.stderr
         assert err.startswith("llamafactory-hera: error: ") and message in err and err.count("\n") == 1, (case, err)
-        assert stdout == "" and not out.exists(), case  # checked before anything is written
+        assert proc.stdout == "" and not out.exists(), case  # checked before anything is written
 
 
 def test_an_error_through_the_console_script(tmp_path: Path) -> None:
-    proc = subprocess.run([HERA, "harc-data", "--ultrachat", str(tmp_path / "missing.parquet"), "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True, env=offline_env(tmp_path),
-                          timeout=120)
+    """A real process of the installed console script (harc-data's one): its exit code and one-line error."""
+    proc = run_process([HERA, "harc-data", "--ultrachat", str(tmp_path / "missing.parquet"), "--out",
+                        str(tmp_path / "out")], cwd=tmp_path, env=offline_env(tmp_path), timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == f"llamafactory-hera: error: --ultrachat: no such file: {tmp_path / 'missing.parquet'}\n"
 
 
-def test_llamafactory_loads_the_written_datasets(src: SimpleNamespace, tmp_path: Path, capsys) -> None:
+def test_llamafactory_loads_the_written_datasets(src: SimpleNamespace, tmp_path: Path, capfd) -> None:
     """LLaMA-Factory's own dataset_info.json parser and loader read every file as alpaca: prompt and response."""
     from llamafactory.data.loader import _get_merged_dataset
     from llamafactory.data.parser import get_dataset_list
     from llamafactory.hparams import DataArguments
 
     out = tmp_path / "out"
-    assert harc_data(capsys, *all_sources(src), "--out", out)[0] == 0
+    assert run_verb(capfd, "harc-data", *all_sources(src), "--out", out).returncode == 0
     attrs = get_dataset_list(list(NAMES), str(out))
     assert [(a.load_from, a.dataset_name, a.formatting, a.prompt, a.query, a.response) for a in attrs] == \
         [("file", f"{name}.json", "alpaca", "instruction", "input", "output") for name in NAMES]

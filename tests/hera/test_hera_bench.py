@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from conftest import offline_env
+from conftest import REPO, offline_env, run_process
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
+BENCH = REPO / "bench"
 
-from assets import PRESETS, build_bench_assets, count_parameters  # noqa: E402
+
+def bench_module(name: str) -> ModuleType:
+    """bench/NAME.py as module ``bench_NAME``, loaded from its file: bench/ holds scripts, not a package on sys.path
+    (the two read here, assets.py and counters.py, import no other bench script)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # where dataclasses look their module up while it runs
+    spec.loader.exec_module(module)
+    return module
+
+
+assets, counters = bench_module("assets"), bench_module("counters")
+PRESETS, build_bench_assets, count_parameters = assets.PRESETS, assets.build_bench_assets, assets.count_parameters
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +73,7 @@ def test_unknown_preset_is_refused_with_the_choices(bench_root: Path) -> None:
 
 
 def _run(tmp: Path, script: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
-                          env=offline_env(tmp), timeout=600, check=False)
+    proc = run_process([sys.executable, str(BENCH / script), *args], cwd=tmp, env=offline_env(tmp), timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -133,8 +144,6 @@ def _refuse_counters(monkeypatch: pytest.MonkeyPatch, why: str) -> None:
 def test_counters_unavailable_say_why_in_the_checked_words(monkeypatch: pytest.MonkeyPatch, why: str) -> None:
     """Without hardware counters (a VM without a PMU: ENOENT; perf_event_paranoid > 2: EACCES; another OS) the reason
     starts with ``hardware counters:`` (it used to start with ``[Errno 2]``, which the script's check refused)."""
-    import counters
-
     _refuse_counters(monkeypatch, why)
     found, reason = counters.thread_counters()
     assert found is None and reason.startswith("hardware counters: "), reason
@@ -145,20 +154,17 @@ def test_overhead_prints_the_counters_in_both_branches(monkeypatch: pytest.Monke
                                                        capsys: pytest.CaptureFixture) -> None:
     """The monitor's counters table from synthetic runs: counted (same work on the step without a point) and not
     counted (with the reason thread_counters gives on a machine without them); both pass the script test's check."""
-    import counters
-    import overhead
-
     def run(counts: list[list[int]], points: list[int], unavailable: str = "") -> dict:
         return {"counts": counts, "end_count": counts[-1] if counts else None, "monitor_steps": points,
                 "torch_threads": 1, "counters_unavailable": unavailable}
 
     steps = [[10**9 * s, 2 * 10**9 * s] for s in range(4)]
     monitored = [[c[0] + (10**8 if s >= 1 else 0), c[1]] for s, c in enumerate(steps)]  # a point at step 0
-    overhead._print_monitor_counters([run(steps, [])], [run(monitored, [0])])
+    counters.print_monitor_counters([run(steps, [])], [run(monitored, [0])])
     assert _check_counters(capsys.readouterr().out)
     _refuse_counters(monkeypatch, "ENOENT")
     reason = counters.thread_counters()[1]
-    overhead._print_monitor_counters([run([], [], reason)], [run([], [0], reason)])
+    counters.print_monitor_counters([run([], [], reason)], [run([], [0], reason)])
     assert not _check_counters(capsys.readouterr().out)
 
 

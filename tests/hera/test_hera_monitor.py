@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import base_recipe, offline_env, read_log_history, read_trainer_log, run_train
+from conftest import base_recipe, read_log_history, read_trainer_log, run_train, run_verb
 
-SELECT = str(Path(sys.executable).with_name("llamafactory-hera"))
 HEADS = ["L1H0", "L1H2"]
 # 32 steps of 8 pairs (8 epochs of the 32 fixture pairs), lambda 1, learning rate 5e-3: the aligned heads move within
 # the run on the tiny Qwen3-VL. Scored in multimodal mode (image + caption through the MLLM, pooled over the answer as
@@ -24,7 +21,7 @@ def _points(out: Path) -> list[dict]:
     return [line for line in read_trainer_log(out) if "hera_mknn" in line]
 
 
-def test_aligned_heads_rise_with_hera_and_stay_flat_without(assets, tmp_path: Path) -> None:
+def test_aligned_heads_rise_with_hera_and_stay_flat_without(assets, tmp_path: Path, capfd) -> None:
     """Points at steps 0, 8, ..., 32 in trainer_log.jsonl and trainer_state.json; with HeRA the aligned heads' MKNN
     rises well above its start and above the lambda-0 twin's, which stays near its start. The point at step 0 is
     `select --report`'s "before" of the same heads on the same pairs; a run with the monitor off logs the same
@@ -51,9 +48,8 @@ def test_aligned_heads_rise_with_hera_and_stay_flat_without(assets, tmp_path: Pa
     history = [entry for entry in read_log_history(runs["hera"]) if "hera_mknn" in entry]  # what report_to gets
     assert [entry["step"] for entry in history] == [0, 8, 16, 24, 32]
 
-    report = subprocess.run([SELECT, "select", "--report", str(runs["hera"]), "--samples", "256", "--k", "3",
-                            "--device", "cpu"], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True,
-                            text=True, timeout=300)
+    report = run_verb(capfd, "select", "--report", runs["hera"], "--samples", "256", "--k", "3", "--device", "cpu",
+                      cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
     before = json.loads((runs["hera"] / "hera_report.json").read_text())
     assert before["num_pairs"] == 32

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import base_recipe, offline_env, read_trainer_log, run_train
+from conftest import base_recipe, read_trainer_log, run_train, run_verb
 from llamafactory_hera.anatomy.projection import find_o_proj_modules, head_contributions
 from llamafactory_hera.hera.metrics import mutual_knn
 from llamafactory_hera.hera.selection import collect
@@ -20,7 +18,6 @@ from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, s
 from llamafactory_hera.hera.teacher import load_image_processor, load_teacher
 from llamafactory_hera.hera.teacher_batch import prefetch_workers
 
-SELECT = str(Path(sys.executable).with_name("llamafactory-hera"))
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
 
 
@@ -110,15 +107,11 @@ def _write_recipe(assets, path: Path, family: str = "qwen3_vl", **overrides) -> 
     return text
 
 
-def _select(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([SELECT, "select", *args], cwd=tmp_path, env=offline_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
-
-
-def test_select_command_writes_recipe_record_and_heatmap(assets, tmp_path: Path) -> None:
+def test_select_command_writes_recipe_record_and_heatmap(assets, tmp_path: Path, capfd) -> None:
     recipe = tmp_path / "recipe.yaml"
     before = _write_recipe(assets, recipe)
-    proc = _select(tmp_path, str(recipe), "--samples", "24", "--k", "5", "--heads", "3", "--device", "cpu")
+    proc = run_verb(capfd, "select", recipe, "--samples", "24", "--k", "5", "--heads", "3", "--device", "cpu",
+                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = recipe.read_text(encoding="utf-8")
     changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
@@ -142,12 +135,12 @@ def test_select_command_writes_recipe_record_and_heatmap(assets, tmp_path: Path)
     assert proc.stdout.rstrip().endswith(f"host output (transformers, LLaMA-Factory, warnings): {log} (--verbose "
                                          "prints it here)")
 
-    again = _select(tmp_path, str(recipe), "--samples", "24", "--k", "5")
+    again = run_verb(capfd, "select", recipe, "--samples", "24", "--k", "5", cwd=tmp_path)
     assert again.returncode == 2 and "already sets hera_heads" in again.stderr and "--force" in again.stderr
     assert "Loading" not in again.stderr  # refused before any model was loaded
     new = tmp_path / "other.yaml"
-    third = _select(tmp_path, str(recipe), "--samples", "24", "--k", "5", "--strategy", "best", "--output", str(new),
-                    "--verbose")
+    third = run_verb(capfd, "select", recipe, "--samples", "24", "--k", "5", "--strategy", "best", "--output", new,
+                     "--device", "cpu", "--verbose", cwd=tmp_path)
     assert third.returncode == 0 and recipe.read_text(encoding="utf-8") == after
     verbose = third.stdout + third.stderr  # --verbose: the host's lines as before
     assert "llamafactory.data.loader" in verbose and "Loading weights" in verbose
@@ -155,10 +148,10 @@ def test_select_command_writes_recipe_record_and_heatmap(assets, tmp_path: Path)
     assert (tmp_path / "other.hera_selection.json").is_file() and yaml.safe_load(new.read_text())["hera_heads"]
 
 
-def test_select_rejects_bad_input_before_loading(assets, tmp_path: Path) -> None:
+def test_select_rejects_bad_input_before_loading(assets, tmp_path: Path, capfd) -> None:
     recipe = tmp_path / "recipe.yaml"
     _write_recipe(assets, recipe)
-    proc = _select(tmp_path, str(recipe), "--strategy", "median")
+    proc = run_verb(capfd, "select", recipe, "--strategy", "median", cwd=tmp_path)
     assert proc.returncode == 2 and "invalid choice: 'median'" in proc.stderr
 
     small = tmp_path / "small"  # a dataset with fewer usable pairs than k + 1
@@ -166,7 +159,7 @@ def test_select_rejects_bad_input_before_loading(assets, tmp_path: Path) -> None
     rows = json.loads((small / "hera_demo.json").read_text())
     (small / "hera_demo.json").write_text(json.dumps(rows[:3] + [dict(rows[3], images=[])]))
     _write_recipe(assets, recipe, dataset_dir=str(small))
-    proc = _select(tmp_path, str(recipe), "--k", "5")
+    proc = run_verb(capfd, "select", recipe, "--k", "5", cwd=tmp_path)
     assert proc.returncode == 2 and "only 3 usable image-caption pairs" in proc.stderr and "at least 6" in proc.stderr
 
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -176,12 +169,12 @@ def test_select_rejects_bad_input_before_loading(assets, tmp_path: Path) -> None
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(assets.models["qwen2_5_vl"] / name, gpt2 / name)
     _write_recipe(assets, recipe, model_name_or_path=str(gpt2), template="qwen")
-    proc = _select(tmp_path, str(recipe), "--k", "5")
+    proc = run_verb(capfd, "select", recipe, "--k", "5", cwd=tmp_path)
     assert proc.returncode == 2 and "o_proj" in proc.stderr and str(gpt2) in proc.stderr
     assert "Loading weights" not in proc.stderr + (tmp_path / "recipe.hera_selection.log").read_text()
 
 
-def test_auto_heads_in_training_cache_report(assets, tmp_path: Path) -> None:
+def test_auto_heads_in_training_cache_report(assets, tmp_path: Path, capfd) -> None:
     cache = tmp_path / "cache"
     runs = []
     for name in ("first", "second"):
@@ -202,7 +195,8 @@ def test_auto_heads_in_training_cache_report(assets, tmp_path: Path) -> None:
     assert losses[0] == losses[1]  # a cached selection trains exactly like a fresh one
     assert len(list(cache.rglob("*.json"))) == 1
 
-    proc = _select(tmp_path, "--report", str(first), "--samples", "24", "--k", "5", "--device", "cpu")
+    proc = run_verb(capfd, "select", "--report", first, "--samples", "24", "--k", "5", "--device", "cpu",
+                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((first / "hera_report.json").read_text())
     assert report["heads"] == record["selected"] and len(report["before"]) == 2 and len(report["after"]) == 2
@@ -221,10 +215,10 @@ def test_auto_heads_in_training_cache_report(assets, tmp_path: Path) -> None:
     assert "resolution: 1/(24 pairs x k=5) = 0.0083" in proc.stdout and "within noise" in proc.stdout
 
 
-def test_report_needs_a_hera_run(tmp_path: Path) -> None:
-    proc = _select(tmp_path, "--report", str(tmp_path))
+def test_report_needs_a_hera_run(tmp_path: Path, capfd) -> None:
+    proc = run_verb(capfd, "select", "--report", tmp_path, cwd=tmp_path)
     assert proc.returncode == 2 and "has no hera_run.json" in proc.stderr
-    proc = _select(tmp_path, "--report", str(tmp_path), "--bootstrap", "10")
+    proc = run_verb(capfd, "select", "--report", tmp_path, "--bootstrap", "10", cwd=tmp_path)
     assert proc.returncode == 2 and "--bootstrap: 10; give at least 100 resamples" in proc.stderr
 
 
