@@ -6,18 +6,17 @@ import json
 from pathlib import Path
 
 import yaml
-from test_hera_selection import _select
 
-from conftest import base_recipe, run_train
+from conftest import base_recipe, run_train, run_verb
 
 
-def test_select_and_auto_choose_the_same_heads_from_the_recipe_keys(assets, tmp_path: Path) -> None:
+def test_select_and_auto_choose_the_same_heads_from_the_recipe_keys(assets, tmp_path: Path, capfd) -> None:
     keys = {"hera_select_num_heads": 2, "hera_select_mode": "multimodal", "hera_select_samples": 1000,
             "hera_select_batch_size": 8, "hera_k": 5}
     recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", hera_heads="auto", max_steps=1, **keys)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    proc = _select(tmp_path, str(path), "--device", "cpu", "--dry-run")
+    proc = run_verb(capfd, "select", str(path), "--device", "cpu", "--dry-run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     selected = json.loads((tmp_path / "recipe.hera_selection.json").read_text())
     assert len(selected["selected"]) == 2 and selected["settings"]["mode"] == "multimodal"
@@ -46,7 +45,7 @@ def test_rows_sharing_an_image_are_scored_once(assets, tmp_path: Path) -> None:
     assert identity["data_notes"]["rows_sharing_an_image_dropped"] > 0
 
 
-def test_a_read_only_recipe_is_refused_before_scoring(assets, tmp_path: Path) -> None:
+def test_a_read_only_recipe_is_refused_before_scoring(assets, tmp_path: Path, capfd) -> None:
     import os
 
     recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", hera_heads="auto", hera_k=5)
@@ -54,7 +53,7 @@ def test_a_read_only_recipe_is_refused_before_scoring(assets, tmp_path: Path) ->
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     os.chmod(path, 0o444)
     before = path.read_text()
-    proc = _select(tmp_path, str(path), "--device", "cpu")
+    proc = run_verb(capfd, "select", str(path), "--device", "cpu", cwd=tmp_path)
     assert proc.returncode == 2 and "is read-only (mode 0444)" in proc.stderr and "--output NEW.yaml" in proc.stderr
     assert "Loading" not in proc.stderr and path.read_text() == before and os.stat(path).st_mode & 0o777 == 0o444
 
