@@ -5,7 +5,9 @@ These are estimates from a formula, not measurements. ``python recipes/memory.py
 table rows; the batch size, cutoff length, LoRA rank and finetuning type are read from the
 recipe files themselves, so the table follows the recipes.
 
-Method (bytes per GPU, worst case: every sequence of the micro-batch is ``cutoff_len`` long):
+Method (bytes per GPU, worst case: every sequence of the micro-batch is ``cutoff_len`` long; B below is
+``per_device_train_batch_size``: activations and logits are per device, ``hera_gather`` gathers only the pooled head
+representations across the GPUs):
 
 - weights: bf16, 2 bytes per parameter of the whole MLLM (vision tower included);
 - trainable parameters: 16 bytes each (fp32 weight 4 + fp32 gradient 4 + Adam moments 8) for
@@ -23,14 +25,18 @@ Method (bytes per GPU, worst case: every sequence of the micro-batch is ``cutoff
   log-softmax and its gradient; V: vocabulary size);
 - the HeRA teacher, DINOv2 ViT-L/14 in float32 (always, see trainer.py): 0.3 B parameters x 4 bytes (its activations,
   without gradient, are small; under the default hera_teacher_precompute it leaves the GPU before
-  step 1, so this term is a margin); the HeRA term itself adds B x heads x d floats, negligible;
+  step 1, so this term is a margin); the HeRA term itself adds the contrastive set's pooled head representations,
+  (B x GPUs under hera_gather) x heads x head width floats, and their similarities: a few MB, negligible;
 - 2 GiB for the CUDA context, cuBLAS/NCCL workspaces and allocator slack.
 
 The paper's own experiment (Table 2, recipes/llava15/): the model ``llamafactory-hera compose`` builds from the
 text-only LLM, its parameters = the LLM's + the SigLIP2-SO400M/14@384 vision tower (~0.4 B) + the fresh
 ``mlp2x_gelu`` projector (1152 x d + d x d weights and biases), full fine-tune with ZeRO-3 over 8 GPUs in both
 stages; stage 1 (language model frozen, projector trained): 2 bytes per parameter / N (frozen bf16 weights, sharded)
-+ 16 bytes per projector parameter / N + the gathered parameters, as above.
++ 16 bytes per projector parameter / N + the gathered parameters, as above. The recipes' per-device batch is
+LLaVA-1.5's 16 where that estimate stays under ``FIT_GIB``, else 8 with twice the gradient accumulation: the same
+global batch (256, 128) and optimizer step; the contrastive set per micro-step is per-device x 8 GPUs under
+``hera_gather``.
 
 Not included: the frozen vision tower's activations (no gradient flows into it), memory
 fragmentation, evaluation. An 80 GB card has about 79 GiB usable.
@@ -48,6 +54,7 @@ RECIPES = Path(__file__).resolve().parent
 GIB = 2**30
 NUM_GPUS = 8  # the _full recipes are written for one node with 8 GPUs
 GPU_GIB = 79.0  # usable memory of an 80 GB card
+FIT_GIB = 76.0  # recipes/llava15/ keep their estimate under this: ~3 GiB of an 80 GB card for what is not counted
 TEACHER_PARAMS = 0.304e9  # facebook/dinov2-large
 OVERHEAD = 2 * GIB
 ZERO3_LIVE_PARAMS = 1e9  # recipes/deepspeed/ds_z3_config.json: stage3_max_live_parameters
@@ -210,7 +217,8 @@ def llava15_rows() -> list[str]:
     """The rows of docs/hera.md's table of the paper's experiment, one per backbone."""
     rows = []
     for b in BACKBONES:
-        cells = " | ".join(_cell(f"recipes/{name}", llava15_gib(b, name)) for name in llava15_recipes(b))
+        cells = " | ".join(f"{_cell(f'recipes/{name}', llava15_gib(b, name))}, per-device batch "
+                           f"{load_recipe(name)['per_device_train_batch_size']}" for name in llava15_recipes(b))
         rows.append(f"| {b.llm} | `{b.llm_id}` | {cells} |")
     return rows
 

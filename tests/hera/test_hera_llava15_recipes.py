@@ -5,6 +5,9 @@
   projector alone then LLM + projector, the datasets and ``media_dir`` docs/llava-data.md gives, HeRA's pooling of
   each stage, the template compose prints for the LLM's family (its map, imported), stage 2 starting from stage 1's
   ``output_dir`` and stage 1 from compose's ``--output``.
+- Every recipe fits an 80 GB GPU by one rule: LLaVA-1.5's per-device batch 16 where recipes/memory.py's estimate stays
+  under its ``FIT_GIB``, else 8 with twice the accumulation; HeRA's contrastive set per micro-step, per-device x 8
+  GPUs under ``hera_gather``, holds at least ``hera_k + 1`` samples.
 - The header's commands are the whole chain with the right files and folders, and its memory figure is
   recipes/memory.py's; docs/hera.md's table is too. No model is loaded.
 """
@@ -39,6 +42,12 @@ SECTION = "The paper's experiment (Table 2): LLaVA-1.5 from an LLM"
 
 def _recipe(name: str) -> dict[str, Any]:
     return yaml.safe_load((REPO / "recipes" / name).read_text(encoding="utf-8"))
+
+
+def _estimate_gib(backbone: Any, name: str, per_device: int) -> float:
+    """recipes/memory.py's estimate for recipe ``name`` with ``per_device_train_batch_size`` set to ``per_device``."""
+    recipe = {**_recipe(name), "per_device_train_batch_size": per_device}
+    return MEMORY.estimate_gib(MEMORY.composed(backbone), recipe, zero=3)
 
 
 def _header_commands(name: str) -> list[list[str]]:
@@ -83,7 +92,8 @@ def test_recipe_parses_with_llamafactory_and_the_plugin(name: str, tmp_path: Pat
     assert model_args.model_name_or_path == recipe["model_name_or_path"] and data_args.template == recipe["template"]
     assert data_args.media_dir == recipe["media_dir"] and data_args.cutoff_len == 2048
     assert finetuning_args.finetuning_type == "full" and finetuning_args.freeze_vision_tower
-    assert training_args.bf16 and training_args.per_device_train_batch_size >= hera.hera_k + 1
+    assert training_args.bf16 and hera.hera_gather  # the contrastive set per micro-step: per device x 8 GPUs
+    assert training_args.per_device_train_batch_size * MEMORY.NUM_GPUS >= hera.hera_k + 1
     assert hera.hera_pooling == recipe["hera_pooling"]
 
 
@@ -117,6 +127,14 @@ def test_the_two_stages_are_llava15s(backbone: Any) -> None:
 
 
 @pytest.mark.parametrize("name", RECIPE_NAMES)
+def test_per_device_batch_is_llava15s_16_unless_that_does_not_fit(name: str) -> None:
+    backbone = next(b for b in BACKBONES if name in MEMORY.llava15_recipes(b))
+    fits_16 = _estimate_gib(backbone, name, 16) <= MEMORY.FIT_GIB
+    assert _recipe(name)["per_device_train_batch_size"] == (16 if fits_16 else 8)
+    assert MEMORY.llava15_gib(backbone, name) <= MEMORY.FIT_GIB < MEMORY.GPU_GIB
+
+
+@pytest.mark.parametrize("name", RECIPE_NAMES)
 def test_header_gives_the_whole_chain_and_the_memory(name: str) -> None:
     backbone = next(b for b in BACKBONES if name in MEMORY.llava15_recipes(b))
     s1, s2 = (f"recipes/{n}" for n in MEMORY.llava15_recipes(backbone))
@@ -143,6 +161,8 @@ def test_header_gives_the_whole_chain_and_the_memory(name: str) -> None:
     gib = MEMORY.llava15_gib(backbone, name)
     assert f"# GPU memory, estimated (recipes/memory.py): ~{gib:.0f} GiB per GPU" in text
     assert ("exceeds 80 GB" in text) == (gib > MEMORY.GPU_GIB)
+    if _recipe(name)["per_device_train_batch_size"] != 16:  # the header says why: LLaVA-1.5's 16, its estimate
+        assert f"LLaVA-1.5's 16 would need ~{_estimate_gib(backbone, name, 16):.0f} GiB" in text
     _check_comments(name, text)
     if backbone.paper_heads:
         heads = f"[{', '.join(backbone.paper_heads)}]"
@@ -157,8 +177,8 @@ def test_composed_model_memory_counts_the_llm_the_vision_tower_and_the_projector
     projector = 1152 * 4096 + 4096 + 4096 * 4096 + 4096
     assert composed.projector_b * 1e9 == pytest.approx(projector)
     assert composed.params_b * 1e9 == pytest.approx(8.19e9 + 0.4e9 + projector)
-    stage1, stage2 = (MEMORY.llava15_gib(qwen3_8b, name) for name in MEMORY.llava15_recipes(qwen3_8b))
-    assert stage1 < stage2  # the frozen LLM keeps no gradient or Adam state
+    stage1, stage2 = (_estimate_gib(qwen3_8b, name, 16) for name in MEMORY.llava15_recipes(qwen3_8b))
+    assert stage1 < stage2  # at the same micro-batch: the frozen LLM keeps no gradient or Adam state
 
 
 def test_docs_section_gives_the_chain_and_the_table() -> None:
