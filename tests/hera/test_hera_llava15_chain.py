@@ -40,7 +40,7 @@ from llamafactory_hera_testing.parts import build_part
 
 # family -> (tiny LLM part, tiny vision part, the shipped recipes' stem)
 FAMILIES = {"qwen3": ("qwen3", "siglip", "qwen3_8b"), "vicuna": ("llama", "clip", "vicuna_7b")}
-CAPTIONS = 8  # rows of the tiny 558k file, each its own image
+CAPTIONS = 16  # rows of the tiny 558k file, each its own image
 # what the tiny chain changes in the shipped recipes: sizes, paths (set per run), the tiny teacher, CPU precision
 TINY = {"hera_k": 2, "hera_select_samples": CAPTIONS, "hera_select_batch_size": 4, "gradient_accumulation_steps": 1,
         "max_steps": 2, "logging_steps": 1, "save_steps": 100, "cutoff_len": 256, "preprocessing_num_workers": 1,
@@ -288,7 +288,11 @@ def test_stage2_trains_the_llm_and_the_projector_from_stage1(chain: Chain) -> No
 
 
 def test_hera_term_is_logged_in_both_stages_and_text_only_rows_train(chain: Chain) -> None:
+    """Both stages align select's heads with the shipped recipe's pooling (captions, then answers)."""
     for stage in (1, 2):
+        settings = json.loads((chain.runs[f"stage{stage}/hera"] / "hera_run.json").read_text())
+        assert settings["hera_heads"] == chain.selection["composed"]["selected"]
+        assert settings["hera_pooling"] == shipped(FAMILIES[chain.family][2], stage)["hera_pooling"]
         lines = [line for line in read_trainer_log(chain.runs[f"stage{stage}/hera"]) if "loss" in line]
         assert len(lines) == TINY["max_steps"], stage
         assert all(line["hera_loss"] > 0 for line in lines), lines
