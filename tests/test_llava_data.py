@@ -5,78 +5,23 @@ and ``data check`` counts rows and images, exiting non-zero with the first missi
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from PIL import Image
 
 from conftest import REPO, base_recipe, read_trainer_log, run_train
 from llamafactory_hera import cli
+from llamafactory_hera_testing.llava_data import keep_loadable_rows, write_tree
 
 SHIPPED_INFO = REPO / "recipes" / "data" / "dataset_info.json"
 NAMES = ("llava_pretrain_558k", "llava_v1_5_mix665k")
 
 
-def turn(who: str, text: str) -> dict[str, str]:
-    return {"from": who, "value": text}
-
-
-def png(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (10, 200, 30)).save(path)
-    return str(path)
-
-
-def write_tree(root: Path) -> SimpleNamespace:
-    """A dataset_dir holding the shipped dataset_info.json and LLaVA's files in its layout (``llava/`` as LLaVA's
-    ``playground/data``): a 558k-style caption file and a 665k-style mixture with a missing, an empty and a corrupt
-    image, two text-only rows, an image two rows share and integer ids beside string ones."""
-    data = root / "data"
-    llava = data / "llava"
-    data.mkdir(parents=True)
-    shutil.copy(SHIPPED_INFO, data / "dataset_info.json")
-    pretrain = llava / "LLaVA-Pretrain"
-    captions = []
-    for i in range(3):
-        png(pretrain / "images" / "00000" / f"00000000{i}.png")
-        prompt = "<image>\nWrite a terse but informative summary of the picture." if i % 2 else \
-            "Render a clear and concise summary of the photo.\n<image>"
-        captions.append({"id": f"00000000{i}", "image": f"00000/00000000{i}.png",
-                         "conversations": [turn("human", prompt), turn("gpt", f"a green square number {i}")]})
-    (pretrain / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(captions))
-    for image in ("coco/train2017/000000000001.png", "gqa/images/1.png", "vg/VG_100K_2/2.png"):
-        png(llava / image)
-    (llava / "textvqa" / "train_images").mkdir(parents=True)
-    (llava / "textvqa" / "train_images" / "empty.jpg").write_bytes(b"")
-    (llava / "vg" / "VG_100K").mkdir(parents=True)
-    (llava / "vg" / "VG_100K" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
-
-    def vqa(row_id: object, image: str, question: str = "<image>\nWhat colour is it?") -> dict[str, object]:
-        return {"id": row_id, "image": image, "conversations": [turn("human", question), turn("gpt", "Green."),
-                                                                  turn("human", "Sure?"), turn("gpt", "Yes.")]}
-
-    mixture = [
-        vqa("000000000001", "coco/train2017/000000000001.png"),
-        vqa("000000000001", "coco/train2017/000000000001.png", "Describe it.\n<image>"),
-        vqa("1", "gqa/images/1.png"),
-        {"id": "i6IyJda_0", "model": "", "conversations": [turn("human", "Hi"), turn("gpt", "Hello")]},
-        {"id": "wgByO4Y_0", "model": "", "conversations": [turn("human", "Tell a joke"), turn("gpt", "No.")]},
-        vqa("B00000J0AD", "ocr_vqa/images/B00000J0AD.jpg"),
-        vqa("textvqa_1", "textvqa/train_images/empty.jpg"),
-        vqa(7, "vg/VG_100K/corrupt.jpg"),
-        vqa(2, "vg/VG_100K_2/2.png"),
-    ]
-    (llava / "llava_v1_5_mix665k.json").write_text(json.dumps(mixture))
-    return SimpleNamespace(data=data, llava=llava, pretrain=pretrain, mixture=llava / "llava_v1_5_mix665k.json",
-                           converted=llava / "llava_v1_5_mix665k.string_ids.json")
-
-
 @pytest.fixture
 def tree(tmp_path: Path) -> SimpleNamespace:
-    return write_tree(tmp_path)
+    return write_tree(tmp_path, SHIPPED_INFO)
 
 
 def write_recipe(tree: SimpleNamespace, tmp_path: Path, name: str = "stage.yaml", **keys: object) -> Path:
@@ -284,9 +229,7 @@ def test_hera_trains_a_tiny_llava_on_the_mixture_with_its_text_only_rows(assets,
     llava: LLaVA's <image> marks expand to the image tokens): the text-only rows get the LM loss only, no failure."""
     from llamafactory_hera.llava.data_convert import convert_file
 
-    rows = [row for row in json.loads(tree.mixture.read_text())
-            if not str(row.get("image", "")).startswith(("ocr_vqa", "textvqa", "vg/VG_100K/"))]  # the bad images
-    tree.mixture.write_text(json.dumps(rows))
+    keep_loadable_rows(tree.mixture)
     convert_file(tree.mixture)
     keys = {"dataset": "llava_v1_5_mix665k", "dataset_dir": str(tree.data), "media_dir": str(tree.llava)}
     recipe = base_recipe(assets, "llava", tmp_path / "out", max_steps=2, per_device_train_batch_size=6, **keys)

@@ -182,13 +182,16 @@ def test_composed_model_memory_counts_the_llm_the_vision_tower_and_the_projector
 
 
 def test_docs_section_gives_the_chain_and_the_table() -> None:
+    """docs/hera.md's section has the recipes' table and, under "Reproduce Table 2", the chain a header gives."""
     text = (REPO / "docs" / "hera.md").read_text(encoding="utf-8")
     headings = re.findall(r"^## (.+)$", text, flags=re.M)
     assert headings.index(SECTION) == headings.index("Compose a LLaVA-1.5 model from an LLM") + 1
     section = re.search(rf"^## {re.escape(SECTION)}$(.*?)(?=^## |\Z)", text, flags=re.M | re.S).group(1)
     for row in MEMORY.llava15_rows():
         assert row in section, f"docs/hera.md table row differs from `python recipes/memory.py`:\n{row}"
-    commands = [shlex.split(line) for line in section.splitlines() if line.startswith(("llamafactory-", "sed "))]
+    assert re.findall(r"^### (.+)$", section, flags=re.M) == ["Reproduce Table 2"]  # the issue's "Done when"
+    reproduce = section.split("### Reproduce Table 2", 1)[1]
+    commands = [shlex.split(line) for line in reproduce.splitlines() if line.startswith(("llamafactory-", "sed "))]
     assert commands == _header_commands("llava15/qwen3_4b_stage1.yaml")  # the chain the recipes' headers give
 
 
