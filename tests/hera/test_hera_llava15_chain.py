@@ -186,6 +186,8 @@ def run_chain(family: str, assets: Any, tree: Any, root: Path, capfd: Any) -> Ch
             proc = run_verb(capfd, "select", path, *flags["select"], cwd=root)
         assert proc.returncode == 0, proc.stderr[-3000:]
         chain.selection[name] = json.loads(record_paths(path)[0].read_text())
+        if isinstance(yaml.safe_load(path.read_text()).get("hera_heads"), list):  # the paper's Table 5 heads
+            assert "the recipe's hera_heads:" in proc.stdout and "not in this model" in proc.stdout, proc.stdout
     heads = chain.selection["composed"]["selected"]  # what `select --force` and the header's sed line would write
 
     # the two stages' recipes; `data check` of each, then stage 1, stage 2 and their twin (the header's overrides:

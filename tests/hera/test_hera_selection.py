@@ -236,3 +236,20 @@ def test_auto_heads_under_torchrun_are_chosen_once_and_shared(assets, tmp_path: 
     assert record["settings"]["mode"] == "multimodal" and len(record["selected"]) == 3
     assert json.loads((out / "hera_state.json").read_text())["heads"] == record["selected"]
     assert all("hera_loss" in line for line in read_trainer_log(out) if "loss" in line)
+
+
+def test_dry_run_shows_the_recipes_own_heads_beside_the_choice() -> None:
+    """``select --dry-run``, the paper's heads in the recipe: each one's MKNN and rank, or that the model lacks it."""
+    from types import SimpleNamespace
+
+    from llamafactory_hera.hera.selection.command import recipe_heads_table
+
+    result = SimpleNamespace(scores=[[0.4, 0.1], [0.3, 0.2]], ranking=[{"head": h} for h in ("L0H1", "L1H1", "L1H0",
+                                                                                             "L0H0")])
+    table = recipe_heads_table(["l1h0", "L13H12"], result)
+    lines = table.splitlines()
+    assert lines[0] == "the recipe's hera_heads:"
+    assert any("l1h0" in line and "0.3" in line and "3/4" in line for line in lines), table
+    assert any("L13H12" in line and "not in this model" in line for line in lines), table
+    assert recipe_heads_table("auto", result) is None and recipe_heads_table([], result) is None
+

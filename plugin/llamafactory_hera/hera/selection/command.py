@@ -63,6 +63,21 @@ def chosen_table(result: SelectionResult) -> str:
     return format_head_table(rows, ["head", "MKNN", "rank"])
 
 
+def recipe_heads_table(heads: Any, result: SelectionResult) -> str | None:
+    """The recipe's own ``hera_heads`` (an explicit list, e.g. the paper's Table 5 heads) beside the choice: each head's
+    MKNN and rank as :func:`chosen_table` gives them, or that the model has no such head; None for ``auto`` or none."""
+    if not isinstance(heads, list) or not heads:
+        return None
+    rank = {row["head"]: i + 1 for i, row in enumerate(result.ranking)}
+    rows = []
+    for head in heads:
+        ref = parse_head(head)
+        inside = ref.layer < len(result.scores) and ref.head < len(result.scores[ref.layer])
+        rows.append({"head": head, "MKNN": result.scores[ref.layer][ref.head] if inside else "-",
+                     "rank": f"{rank[str(ref)]}/{len(rank)}" if inside else "not in this model"})
+    return "the recipe's hera_heads:\n" + format_head_table(rows, ["head", "MKNN", "rank"])
+
+
 def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, title: str) -> None:
     """Record (atomic) and heatmap, saying when an earlier one is replaced."""
     import numpy as np
@@ -91,6 +106,9 @@ def run_select(args: Any) -> SelectionResult:
         _quiet_transformers()
         result = run_selection(recipe_args, options)
         show(chosen_table(result))
+        beside = recipe_heads_table(recipe_heads(recipe), result)
+        if beside:
+            show(beside)
         json_path, png_path = record_paths(target)
         if not args.dry_run:
             written = update_recipe(args.recipe, result.selected, force=args.force, output=args.output)
@@ -101,6 +119,14 @@ def run_select(args: Any) -> SelectionResult:
                       f"{options.num_heads}")
         show(f"record: {json_path}\nheatmap: {png_path}\n({result.duration_s:.1f} s)")
     return result
+
+
+def recipe_heads(recipe: dict[str, Any]) -> list[str] | str:
+    """The recipe's ``hera_heads`` as the run parses it (a list of ``L<layer>H<head>``, or ``auto``)."""
+    from llamafactory_hera.hera.args import parse_hera_arguments
+
+    return parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")},
+                                require_heads=False).hera_heads
 
 
 def options_from(args: Any, recipe: dict[str, Any]) -> SelectionOptions:
