@@ -55,7 +55,7 @@ def _record(parts: Path, pair: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("pair", "template", "strategy", "image_row"), [
-    ("qwen3_siglip", "llava_qwen3", "full", "new"), ("llama_clip", "llava", "default", "kept"),
+    ("qwen3_siglip", "llava_qwen3", "full", "new"), ("llama_clip", "llava_vicuna", "default", "kept"),
     ("qwen2_clip", "llava_qwen2_5", "default", "spare")])
 def test_compose_writes_llava_of_the_parts(parts: Path, pair: str, template: str, strategy: str,
                                            image_row: str) -> None:
@@ -197,6 +197,12 @@ def test_compose_template_is_the_family_format_with_llava_plugin(parts: Path) ->
             family.format_user, family.stop_words, type(family))
     processor = AutoProcessor.from_pretrained(parts / "composed" / "qwen3_siglip")
     messages = [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": "A square."}]
+    # Vicuna: LLaMA-Factory's vicuna format, each row started with the BOS LLaVA-1.5 writes (its llava/vicuna do not)
+    tokenizer = AutoProcessor.from_pretrained(parts / "composed" / "llama_clip").tokenizer
+    prompt, answer = TEMPLATES["llava_vicuna"].encode_oneturn(tokenizer, messages)
+    vicuna_prompt, vicuna_answer = TEMPLATES["vicuna"].encode_oneturn(tokenizer, messages)
+    assert prompt == [tokenizer.bos_token_id, *vicuna_prompt] and answer == vicuna_answer
+    assert tokenizer.decode(prompt).startswith(f"{tokenizer.bos_token}A chat between")
     expanded = TEMPLATES["llava_qwen3"].mm_plugin.process_messages(messages, [Image.new("RGB", (48, 48))], [], [],
                                                                     processor)
     assert expanded[0]["content"] == "<image>" * 4 + "What is it?"
