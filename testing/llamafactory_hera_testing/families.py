@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tokenizers import AddedToken, processors
 from transformers import (
     GotOcr2ImageProcessor,
@@ -42,6 +41,7 @@ from llamafactory_hera.fixtures.models import (
     _llava_config_kwargs,
     _llava_processor_kwargs,
     _text_kwargs,
+    save_built,
 )
 from llamafactory_hera.fixtures.tokenizer import (
     LLAMA3_SPECIAL_TOKENS,
@@ -210,15 +210,8 @@ EXTRA_BUILDERS: dict[str, Callable[[], tuple[PreTrainedModel, ProcessorMixin]]] 
 
 def build_extra_model(name: str, out_dir: Path, seed: int) -> Path:
     """Build family ``name`` with weights drawn under ``seed`` and save it (model + processor) to ``out_dir``."""
-    offset = len(BUILDERS) + list(EXTRA_BUILDERS).index(name)  # one RNG stream per family, after the fixtures' three
-    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG state untouched
-        torch.manual_seed(seed * 1000 + offset)
-        model, processor = EXTRA_BUILDERS[name]()
-    model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    # one RNG stream per family, after the fixtures' three
+    return save_built(EXTRA_BUILDERS[name], out_dir, seed, len(BUILDERS) + list(EXTRA_BUILDERS).index(name))
 
 
 @dataclass(frozen=True)
