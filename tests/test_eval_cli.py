@@ -363,10 +363,10 @@ def test_every_preset_task_is_in_its_library_registry() -> None:
     """The presets name tasks of lmms-eval 0.7.3 / lm-eval 0.4.13's own registries (read in-process: no model;
     each registry is built once per process and shared with the unknown-task test)."""
     from llamafactory_hera.evaluation.backends import known_tasks
-    from llamafactory_hera.evaluation.presets import LM, LMMS, PRESETS, REFUSAL_TASK
+    from llamafactory_hera.evaluation.presets import LM, LMMS, PRESETS, library_of
 
     for library, modality in ((LMMS, "mllm"), (LM, "text")):
         known = known_tasks(library)
-        missing = {p.name: [t for t in p.tasks if t not in known and t != REFUSAL_TASK] for p in PRESETS.values()
-                   if p.modality == modality}
+        missing = {p.name: [t for t in p.tasks if t not in known and library_of(t, modality) == library]
+                   for p in PRESETS.values() if p.modality == modality}
         assert not any(missing.values()), (library, missing)

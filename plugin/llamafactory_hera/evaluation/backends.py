@@ -1,4 +1,5 @@
-"""Running one task on one loaded model: lmms-eval (MLLMs), lm-eval (text models) or HARC's refusal check.
+"""Running one task on one loaded model: lmms-eval (MLLMs), lm-eval (text models), HARC's refusal check or the
+jailbreak attacks (:mod:`.jailbreak`).
 
 Each returns ``{"entries": [{"task", "metric", "value", "higher_is_better"}], "seconds", "library", "version"}``:
 one entry per (sub)task and metric of the library's ``results`` (standard errors left out), ready for the report
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.evaluation.demo_tasks import write_demo_tasks
-from llamafactory_hera.evaluation.presets import DEMO_MLLM_TASK, DEMO_TEXT_TASK, LM, LMMS, PlannedTask
+from llamafactory_hera.evaluation.jailbreak import JailbreakSetup, run_jailbreak
+from llamafactory_hera.evaluation.presets import DEMO_MLLM_TASK, DEMO_TEXT_TASK, JAILBREAK, LM, LMMS, PlannedTask
 from llamafactory_hera.evaluation.runs import ModelSpec
 
 _TASK_MANAGERS: dict[tuple[str, bool], Any] = {}
@@ -110,6 +112,13 @@ def run_lm(model: Any, task: PlannedTask, limit: int | None) -> list[dict[str, A
     return _entries(results or {})
 
 
+def stop_ids(engine: Any) -> list[int]:
+    """The ids that end a generated answer: the tokenizer's EOS and the template's stop words."""
+    tokenizer = engine.tokenizer
+    stop = [tokenizer.convert_tokens_to_ids(word) for word in getattr(engine.template, "stop_words", []) or []]
+    return list(dict.fromkeys([tokenizer.eos_token_id, *[i for i in stop if isinstance(i, int)]]))
+
+
 def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[dict[str, Any]]:
     """HARC's end-of-run refusal check on ``engine``'s model: greedy answers to the held-out harmful and the
     pseudo-harmful rows of ``rows_from``'s recipe (the same seeded split as training), scored by the refusal
@@ -124,15 +133,11 @@ def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[di
     recipe = parse_recipe({**rows_from.recipe, "stage": "sft"})
     rows = load_role_rows(harc_args, lambda name: load_aligned_rows(recipe, rows_from.seed, [name]), engine.template,
                           engine.tokenizer, rows_from.seed, say)
-    tokenizer = engine.tokenizer
-    stop = [tokenizer.convert_tokens_to_ids(word) for word in getattr(engine.template, "stop_words", []) or []]
-    stop_ids = list(dict.fromkeys([tokenizer.eos_token_id, *[i for i in stop if isinstance(i, int)]]))
-
     def answers(chosen: list[Any]) -> list[str]:
         chosen = chosen[:limit] if limit else chosen
-        return generate_answers(engine.model, tokenizer, [row.prompt_ids for row in chosen],
-                                harc_args.harc_eval_max_new_tokens, harc_args.harc_extract_batch_size, stop_ids,
-                                progress, "refusal: generating")
+        return generate_answers(engine.model, engine.tokenizer, [row.prompt_ids for row in chosen],
+                                harc_args.harc_eval_max_new_tokens, harc_args.harc_extract_batch_size,
+                                stop_ids(engine), progress, "refusal: generating")
 
     record = refusal_record(answers(rows.validate_harmful), answers(rows.eval_pseudo))
     return [{"task": "harc_refusal", "metric": "refusal_rate_harmful", "value": record["refusal_rate_harmful"],
@@ -141,10 +146,13 @@ def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[di
              "higher_is_better": False}]
 
 
-def task_revision(task: PlannedTask) -> str:
+def task_revision(task: PlannedTask, jailbreak: JailbreakSetup | None = None) -> str:
     """What a cached result of ``task`` was computed under: the demo task set's source (its questions, images and
     scoring are written by this package) or the running library's version. A cache entry of another revision is
-    run again, so a changed task is never reported from an old result."""
+    run again, so a changed task is never reported from an old result. The jailbreak task's revision also holds its
+    attacks, templates and prompts (:meth:`JailbreakSetup.revision`)."""
+    if task.library == JAILBREAK:
+        return (jailbreak or JailbreakSetup()).revision()
     if task.name in (DEMO_MLLM_TASK, DEMO_TEXT_TASK):
         from llamafactory_hera.evaluation import demo_tasks
 
@@ -154,21 +162,27 @@ def task_revision(task: PlannedTask) -> str:
 
 
 def run_task(engine: Any, spec: ModelSpec, rows_from: ModelSpec, task: PlannedTask, limit: int | None,
-             batch_size: int, label: str) -> dict[str, Any]:
-    """Run ``task`` on the loaded ``engine`` (of ``spec``); the result record (see the module docstring)."""
+             batch_size: int, label: str, jailbreak: JailbreakSetup | None = None) -> dict[str, Any]:
+    """Run ``task`` on the loaded ``engine`` (of ``spec``); the result record (see the module docstring; the
+    jailbreak task's also holds its scored ``answers`` and its ``settings``)."""
     from llamafactory_hera.evaluation.engine import lm_model, lmms_model
 
     started = time.perf_counter()
+    extra: dict[str, Any] = {}
     if task.library == LMMS:
         entries = run_lmms(lmms_model(engine, label), task, limit)
         library = "lmms_eval"
     elif task.library == LM:
         entries = run_lm(lm_model(engine, batch_size), task, limit)
         library = "lm_eval"
+    elif task.library == JAILBREAK:
+        extra = run_jailbreak(engine, rows_from, jailbreak or JailbreakSetup(), limit, batch_size, stop_ids(engine))
+        entries = extra.pop("entries")
+        library = "llamafactory-hera"
     else:
         entries = run_refusal(engine, rows_from, limit)
         library = "llamafactory-hera"
     if not entries:
         raise ValueError(f"task {task.name}: {task.library} returned no metric")
     return {"entries": entries, "seconds": round(time.perf_counter() - started, 3), "library": task.library,
-            "version": _version(library), "task_revision": task_revision(task)}
+            "version": _version(library), "task_revision": task_revision(task, jailbreak), **extra}

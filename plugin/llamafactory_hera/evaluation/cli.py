@@ -2,6 +2,7 @@
 :func:`add_verbs`, see :mod:`llamafactory_hera.cli`).
 
     llamafactory-hera eval RUN_DIR [--baseline OTHER_RUN_DIR | --base] --tasks PRESET_OR_TASKS [--limit N]
+        [--attacks direct,prefilling,templates] [--prompts FILE]
 
 Every user error (no run in RUN_DIR, unknown preset or task, a preset of the other kind of model, the ``eval``
 extra missing) is one line, raised before any model is loaded.
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.evaluation.presets import ALL_PRESETS, DEMO, LM, LMMS, PRESETS, plan_tasks
+from llamafactory_hera.evaluation.presets import ALL_PRESETS, DEMO, JAILBREAK, LM, LMMS, PRESETS, plan_tasks
 from llamafactory_hera.short_errors import RecipeError
 
 EXTRA = "pip install 'llamafactory-hera[eval]'"
@@ -44,7 +45,14 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
                       help="the recipe's template, for a run that recorded none (a plain stage: sft run of "
                       "llamafactory-cli); a --baseline run without one takes RUN_DIR's")
     verb.add_argument("--limit", type=int, default=None, metavar="N", help="at most N examples per task (quick look)")
-    verb.add_argument("--batch-size", type=int, default=8, metavar="N", help="lm-eval batch size (default 8)")
+    verb.add_argument("--batch-size", type=int, default=8, metavar="N",
+                      help="lm-eval batch size, and the jailbreak task's generation batch (default 8)")
+    verb.add_argument("--attacks", default=None, metavar="ATTACKS",
+                      help="jailbreak task: comma-separated attacks of direct, prefilling, templates (default: all)")
+    verb.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                      help="jailbreak task: harmful prompts, a JSON list or JSONL (strings or objects with 'prompt'); "
+                      "default: a HARC run's held-out harmful rows")
+    verb.add_argument("--judge", default=None, metavar="MODEL", help="jailbreak task: a judge model (not yet)")
     return {"eval": run_eval}
 
 
@@ -79,6 +87,7 @@ def run_eval(args: argparse.Namespace) -> None:
     names = [item.strip() for item in args.tasks.split(",") if item.strip()]
     library = LMMS if run.modality == "mllm" else LM
     plan_tasks(args.tasks, run.modality, run.stage, None)  # preset errors before the libraries are imported
+    jailbreak = _jailbreak_setup(args, run.stage)
     needs_registry = any(name not in ALL_PRESETS for name in names)  # the presets' names are known (tested)
     require_library(library)
     known = None
@@ -89,10 +98,30 @@ def run_eval(args: argparse.Namespace) -> None:
     tasks = plan_tasks(args.tasks, run.modality, run.stage, known)
     for task in tasks:
         require_library(task.library)
-    _evaluate(args, run, baseline, tasks)
+    _evaluate(args, run, baseline, tasks, jailbreak)
 
 
-def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any]) -> None:
+def _jailbreak_setup(args: argparse.Namespace, stage: str) -> Any:
+    """The jailbreak task's settings (:mod:`.jailbreak`), checked: one-line errors for an option without the task,
+    an unknown or not yet implemented attack, ``--judge``, a missing or empty prompts file, no prompts for a non-HARC
+    run."""
+    from llamafactory_hera.evaluation.jailbreak import ATTACKS, setup_from_args
+
+    wanted = JAILBREAK in [item.strip() for item in args.tasks.split(",")]
+    given = [name for name, value in (("--attacks", args.attacks), ("--prompts", args.prompts),
+                                      ("--judge", args.judge)) if value is not None]
+    if not wanted:
+        if given:
+            raise RecipeError(f"{', '.join(given)}: options of the jailbreak task; add jailbreak to --tasks")
+        return None
+    setup = setup_from_args(args.attacks or ",".join(ATTACKS), args.prompts, args.judge)
+    if not setup.prompts and stage != "harc":
+        raise RecipeError(f"--tasks jailbreak: this run's stage is '{stage}'; give --prompts FILE (a JSON list or "
+                          "JSONL of harmful prompts), or evaluate a stage: harc run (its held-out harmful rows)")
+    return setup
+
+
+def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any], jailbreak: Any = None) -> None:
     from llamafactory_hera.anatomy.board_log import say
     from llamafactory_hera.evaluation.report import table2_lines, write_reports
     from llamafactory_hera.evaluation.runner import evaluate_model
@@ -106,9 +135,10 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
                 + ", ".join(f"{k}: {v}" for k, v in spec.inherited.items())
                 + (" (the other model's)" if baseline is not None else " (--template)"))
     rows_from = run  # the refusal task reads the run's held-out rows for both models
-    outcomes = [evaluate_model(run, rows_from, tasks, args.run_dir, args.limit, args.batch_size, say)]
+    outcomes = [evaluate_model(run, rows_from, tasks, args.run_dir, args.limit, args.batch_size, say, jailbreak)]
     if baseline is not None:
-        outcomes.append(evaluate_model(baseline, rows_from, tasks, args.run_dir, args.limit, args.batch_size, say))
+        outcomes.append(evaluate_model(baseline, rows_from, tasks, args.run_dir, args.limit, args.batch_size, say,
+                                       jailbreak))
     record = write_reports(args.run_dir, args.tasks, tasks, outcomes[0], outcomes[1] if baseline else None,
                            args.limit)
     for row in record["rows"]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from llamafactory_hera.short_errors import RecipeError
 
-LMMS, LM, REFUSAL = "lmms-eval", "lm-eval", "refusal"
+LMMS, LM, REFUSAL, JAILBREAK = "lmms-eval", "lm-eval", "refusal", "jailbreak"
 DEMO_MLLM_TASK = "llamafactory_hera_demo_mllm"
 DEMO_TEXT_TASK = "llamafactory_hera_demo_text"
 REFUSAL_TASK = "harc_refusal"
@@ -51,6 +51,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("refusal", "Refusal", "text", (REFUSAL_TASK,),
            "HARC's refusal rates on the recipe's held-out harmful prompts (should rise) and pseudo-harmful prompts "
            "(over-refusal, should stay low); HARC runs only"),
+    Preset("jailbreak", "Jailbreak", "text", (JAILBREAK,),
+           "attack success rates (lower is better) of direct, prefilling and template jailbreaks on a HARC run's "
+           "held-out harmful prompts or --prompts FILE"),
 )}
 DEMO = "demo"
 DEMO_HOLDS = ("offline: 8 multiple-choice questions on procedural shape images (MLLMs, lmms-eval) or 8 multiple-choice "
@@ -71,6 +74,8 @@ def library_of(task: str, modality: str) -> str:
     """The library that runs ``task`` for a model of ``modality``."""
     if task == REFUSAL_TASK:
         return REFUSAL
+    if task == JAILBREAK:
+        return JAILBREAK
     return LMMS if modality == "mllm" else LM
 
 

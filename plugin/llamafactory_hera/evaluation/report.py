@@ -15,14 +15,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.evaluation.presets import PlannedTask
+from llamafactory_hera.evaluation.presets import JAILBREAK, PlannedTask
 from llamafactory_hera.evaluation.runner import Outcome
 from llamafactory_hera.evaluation.table2 import markdown_lines, table2
 
 REPORT_STEM = "eval_report"
 SUFFIXES = (".json", ".md", ".png")
 GROUP_ORDER = ("Vision-Centric", "General", "Knowledge", "OCR & Chart", "Hallucination", "Capability", "Refusal",
-               "Demo", "Other")
+               "Jailbreak", "Demo", "Other")
+JAILBREAK_SUFFIX = "_jailbreak.jsonl"
 
 
 def report_rows(tasks: list[PlannedTask], run: Outcome, baseline: Outcome | None) -> list[dict[str, Any]]:
@@ -57,7 +58,16 @@ def _markdown(record: dict[str, Any]) -> str:
             lines.append(f"- {side} recorded no {', '.join(taken)}: loaded with "
                          + ", ".join(f"{k}: {v}" for k, v in taken.items()) + " (the other model's, or --template)")
     lines += [f"- tasks: {record['tasks_spec']}" + (f" (limit {record['limit']} examples per task)"
-                                                   if record["limit"] else ""), ""]
+                                                   if record["limit"] else "")]
+    if record.get("jailbreak"):
+        settings = record["jailbreak"]["settings"]
+        both = len({json.dumps(s, sort_keys=True) for s in settings.values()}) == 1
+        for side, held in (list(settings.items())[:1] if both else settings.items()):
+            lines.append(f"- jailbreak{'' if both else f' ({side})'}: "
+                         + "; ".join(f"{k}: {v}" for k, v in held.items()))
+        lines.append(f"- jailbreak answers, one per line (attack, template, prompt, answer, refused, success): "
+                     f"`{record['jailbreak']['answers_file']}`")
+    lines.append("")
     if record["table2"]:
         title, *table = table2_lines(record)
         lines += [f"## {title}", *table, ""]
@@ -144,6 +154,23 @@ def _replaced(path: Path) -> dict[str, Any] | None:
             "baseline": ("base" if not (old.get("baseline") or {}).get("trained", True) else against)}
 
 
+def _write_jailbreak_answers(path: Path, run: Outcome, baseline: Outcome | None) -> dict[str, Any] | None:
+    """The jailbreak task's scored answers of both models as JSONL at ``path`` (a line per model, attack, prompt and
+    template); what the record says of it (``answers_file``, ``settings`` per model), or None when it did not run."""
+    lines, settings = [], {}
+    for outcome in (run, baseline):
+        result = outcome.results.get(JAILBREAK) if outcome is not None else None
+        if not result:
+            continue
+        settings[outcome.spec.label] = result.get("settings", {})
+        lines += [json.dumps({"model": outcome.spec.label, "title": outcome.spec.title, **answer}, ensure_ascii=False)
+                  for answer in result.get("answers", [])]
+    if not settings:
+        return None
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return {"answers_file": path.name, "settings": settings}
+
+
 def write_reports(run_dir: Path, tasks_spec: str, tasks: list[PlannedTask], run: Outcome, baseline: Outcome | None,
                   limit: int | None) -> dict[str, Any]:
     """Write the three reports of this comparison into ``run_dir``; return the JSON record (``files``: their names;
@@ -168,6 +195,9 @@ def write_reports(run_dir: Path, tasks_spec: str, tasks: list[PlannedTask], run:
               "failed": {o.spec.label: o.failures for o in (run, baseline) if o is not None and o.failures},
               "files": files, "replaces": _replaced(run_dir / files[0])}
     record["table2"] = table2(record)
+    record["jailbreak"] = _write_jailbreak_answers(run_dir / f"{stem}{JAILBREAK_SUFFIX}", run, baseline)
+    if record["jailbreak"]:
+        files.append(record["jailbreak"]["answers_file"])
     (run_dir / files[0]).write_text(json.dumps(record, indent=2), encoding="utf-8")
     (run_dir / files[1]).write_text(_markdown(record), encoding="utf-8")
     _plot(record, run_dir / files[2])

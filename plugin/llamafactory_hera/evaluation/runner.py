@@ -43,8 +43,9 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
 
 
 def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTask], run_dir: Path, limit: int | None,
-                   batch_size: int, say: Any) -> Outcome:
-    """Run (or read from the cache) every task on ``spec``'s model; a failing task is recorded and the next runs."""
+                   batch_size: int, say: Any, jailbreak: Any = None) -> Outcome:
+    """Run (or read from the cache) every task on ``spec``'s model; a failing task is recorded and the next runs.
+    ``jailbreak``: the jailbreak task's :class:`~.jailbreak.JailbreakSetup` (None: its defaults)."""
     from tqdm.auto import tqdm
 
     from llamafactory_hera.evaluation.backends import run_task, task_revision
@@ -54,7 +55,7 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
     for task in tqdm(tasks, desc=f"eval {spec.label}: {spec.title}", unit="task"):
         path = cache_file(run_dir, spec, task.name)
         hit = _read_cache(path)
-        if hit is not None and hit.get("limit") == limit and hit.get("task_revision") == task_revision(task):
+        if hit is not None and hit.get("limit") == limit and hit.get("task_revision") == task_revision(task, jailbreak):
             outcome.results[task.name] = hit
             outcome.cached.append(task.name)
             continue
@@ -67,7 +68,7 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
                     say(note)
                 say(f"eval: loading the {spec.label} model ({_describe(spec)})")
                 engine = load_engine(spec)
-            result = run_task(engine, spec, rows_from, task, limit, batch_size, spec.label)
+            result = run_task(engine, spec, rows_from, task, limit, batch_size, spec.label, jailbreak)
         except Exception as err:  # noqa: BLE001 - one task's failure must not lose the others' results
             line = _one_line(err)
             outcome.failures[task.name] = line
