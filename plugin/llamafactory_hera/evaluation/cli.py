@@ -96,6 +96,7 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
     from llamafactory_hera.anatomy.board_log import say
     from llamafactory_hera.evaluation.report import table2_lines, write_reports
     from llamafactory_hera.evaluation.runner import evaluate_model
+    from llamafactory_hera.evaluation.table2 import RAH_TABLE1, TABLE2
 
     names = ", ".join(t.name for t in tasks)
     say(f"eval: {len(tasks)} task{'s' if len(tasks) != 1 else ''} ({names}) on {run.title}"
@@ -116,8 +117,9 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
         base = "" if row["baseline"] is None else f" vs {row['baseline']:.4g}"
         value = "–" if row["run"] is None else f"{row['run']:.4g}"
         print(f"  {row['group']:<14} {row['task']:<32} {row['metric']:<24} {value}{base}{delta}")
-    if record["table2"]:
-        print("\n".join(["", *table2_lines(record)]))
+    for paper_table in (TABLE2, RAH_TABLE1):
+        if record[paper_table.key]:
+            print("\n".join(["", *table2_lines(record, paper_table)]))
     old = record["replaces"]
     if old:
         say(f"eval: replaced {old['file']} and its .md / .png (of {old.get('created')}, tasks {old.get('tasks_spec')}, "

@@ -1,7 +1,8 @@
 """Task presets of ``llamafactory-hera eval``: the paper's benchmark groups as lmms-eval / lm-eval task names.
 
 The MLLM groups follow Cambrian-1's grouping (General, Knowledge, OCR & Chart, Vision-Centric) plus hallucination,
-as the HeRA paper reports them; every name is a task or group of lmms-eval 0.7.3's registry. Text runs (HARC) get
+as the HeRA paper reports them, and ``rah``: RAH-LoRA's Table 1; every name is a task or group of lmms-eval 0.7.3's
+registry. Text runs (HARC) get
 ``capability`` (lm-eval 0.4.13 tasks) and ``refusal`` (HARC's own end-of-run refusal check, run on the recipe's
 held-out harmful and pseudo-harmful rows). ``demo`` is a tiny offline task set shipped with the package
 (:mod:`llamafactory_hera.evaluation.demo_tasks`), run through the same libraries.
@@ -44,8 +45,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "ScienceQA (image), MMMU (val), AI2D"),
     Preset("ocr", "OCR & Chart", "mllm", ("chartqa", "ocrbench", "textvqa_val", "docvqa_val"),
            "ChartQA, OCRBench, TextVQA (val), DocVQA (val)"),
-    Preset("hallucination", "Hallucination", "mllm", ("pope",),
-           "POPE (adversarial, popular, random)"),
+    # HeRA's hallucination benchmarks that lmms-eval scores without a key: HallusionBench's aggregation asks GPT-4
+    # (hallusion_bench/utils.py: evaluate_by_chatgpt), and AMBER's discriminative part has no task of its own
+    Preset("hallucination", "Hallucination", "mllm", ("pope", "coco_cap_chair", "amber_g"),
+           "POPE (adversarial, popular, random), CHAIR on MSCOCO captions, AMBER (generative)"),
+    # RAH-LoRA's Table 1 in the paper's column order: VQAv2 on val (test-dev is scored only by the EvalAI server)
+    Preset("rah", "RAH-LoRA Table 1", "mllm", ("vqav2_val", "textvqa_val", "gqa", "pope", "mme",
+                                              "mmbench_en_dev_static", "scienceqa_img", "seedbench"),
+           "RAH-LoRA's Table 1: VQAv2 (val), TextVQA (val), GQA, POPE, MME, MMBench (en dev, static choice "
+           "extraction), ScienceQA (image), SEED-Bench (image)"),
     Preset("capability", "Capability", "text", ("mmlu", "arc_easy", "arc_challenge", "hellaswag", "winogrande"),
            "MMLU, ARC-Easy, ARC-Challenge, HellaSwag, WinoGrande (lm-eval)"),
     Preset("refusal", "Refusal", "text", (REFUSAL_TASK,),
