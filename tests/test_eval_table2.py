@@ -230,3 +230,32 @@ def test_rahs_paper_rows_are_whole() -> None:
     assert set(PRESETS["rah"].tasks) <= set(RAH_TABLE1.scores)
     for entry in paper["backbones"].values():
         assert len(entry["baseline"]) == len(entry["rah"]) == len(paper["columns"])
+
+
+def test_hallucination_tasks_not_set_up_are_refused_before_loading(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """CHAIR needs NLTK's data and AMBER spaCy and its metadata files, none of which lmms-eval installs: eval says what
+    is missing and the --tasks without those tasks, before a model loads; set up, nothing is said."""
+    import importlib.util
+
+    from llamafactory_hera.evaluation import presets
+    from llamafactory_hera.short_errors import RecipeError
+
+    planned = presets.plan_tasks("hallucination", "mllm", "hera", None)
+    assert all(isinstance(line, str) for line in presets._nltk_missing())  # the real look-up runs (here: no data)
+    monkeypatch.setenv("AMBER_BASE_DIR", str(tmp_path / "amber"))
+    monkeypatch.setattr(presets, "_nltk_missing", lambda: ["NLTK's wordnet (python -m nltk.downloader wordnet)"])
+    with pytest.raises(RecipeError) as refused:
+        presets.check_task_setup(planned)
+    message = str(refused.value)
+    assert "coco_cap_chair needs NLTK's wordnet" in message and "amber_g needs" in message
+    assert str(tmp_path / "amber" / "metadata") in message and message.endswith("--tasks pope")
+    (tmp_path / "amber" / "metadata").mkdir(parents=True)
+    for name in presets.AMBER_FILES:
+        (tmp_path / "amber" / "metadata" / name).write_text("{}")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name.startswith(("spacy", "en_core"))
+                        else real_find_spec(name, *a))
+    monkeypatch.setattr(presets, "_nltk_missing", lambda: [])
+    presets.check_task_setup(planned)  # all set up: nothing raised
+

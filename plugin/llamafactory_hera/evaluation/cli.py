@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.evaluation.presets import ALL_PRESETS, DEMO, LM, LMMS, PRESETS, plan_tasks
+from llamafactory_hera.evaluation.presets import ALL_PRESETS, DEMO, LM, LMMS, PRESETS, check_task_setup, plan_tasks
 from llamafactory_hera.short_errors import RecipeError
 
 EXTRA = "pip install 'llamafactory-hera[eval]'"
@@ -89,6 +89,7 @@ def run_eval(args: argparse.Namespace) -> None:
     tasks = plan_tasks(args.tasks, run.modality, run.stage, known)
     for task in tasks:
         require_library(task.library)
+    check_task_setup(tasks)
     _evaluate(args, run, baseline, tasks)
 
 

@@ -13,7 +13,10 @@ Imports nothing heavy.
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from llamafactory_hera.short_errors import RecipeError
 
@@ -132,3 +135,56 @@ def plan_tasks(spec: str, modality: str, stage: str, known: set[str] | None) -> 
         planned.extend(PlannedTask(name, library_of(name, modality), _group_of(name)) for name in names
                        if name not in {t.name for t in planned})
     return planned
+
+
+# Tasks of the presets whose scoring needs what lmms-eval 0.7.3 does not install (docs/eval.md, "Hallucination"):
+AMBER_FILES = ("relation.json", "safe_words.txt", "annotations.json", "metrics.txt")
+NLTK_DATA = {"punkt_tab": "tokenizers/punkt_tab", "wordnet": "corpora/wordnet",
+             "averaged_perceptron_tagger_eng": "taggers/averaged_perceptron_tagger_eng"}
+
+
+def _nltk_missing() -> list[str]:
+    """NLTK's data that CHAIR's and AMBER's scoring read (tokenizer, tagger, WordNet), where absent."""
+    if importlib.util.find_spec("nltk") is None:
+        return ["NLTK (pip install nltk)"]
+    import nltk
+
+    absent = []
+    for name, path in NLTK_DATA.items():
+        try:
+            nltk.data.find(path)
+        except LookupError:
+            try:
+                nltk.data.find(f"{path}.zip")
+            except LookupError:
+                absent.append(name)
+    return [f"NLTK's {', '.join(absent)} (python -m nltk.downloader {' '.join(absent)})"] if absent else []
+
+
+def _amber_missing() -> list[str]:
+    """What AMBER's generative scoring needs besides NLTK: spaCy with an English model and AMBER's metadata files."""
+    missing = [] if importlib.util.find_spec("spacy") else ["spaCy (pip install spacy)"]
+    if not any(importlib.util.find_spec(model) for model in ("en_core_web_md", "en_core_web_sm", "en_core_web_lg")):
+        missing.append("a spaCy English model (python -m spacy download en_core_web_md)")
+    metadata = Path(os.environ.get("AMBER_BASE_DIR", "./data/amber")) / "metadata"
+    absent = [name for name in AMBER_FILES if not (metadata / name).is_file()]
+    if absent:
+        missing.append(f"AMBER's {', '.join(absent)} in {metadata} (the data/metadata folder of "
+                       "https://github.com/junyangwang0410/AMBER; AMBER_BASE_DIR sets where)")
+    return missing
+
+
+SETUP_CHECKS = {"coco_cap_chair": lambda: _nltk_missing(), "amber_g": lambda: _amber_missing() + _nltk_missing()}
+
+
+def check_task_setup(planned: list[PlannedTask]) -> None:
+    """Refuse, before any model loads, tasks whose scoring needs what is not set up here, naming what and how, and
+    the ``--tasks`` without them."""
+    problems = {task.name: SETUP_CHECKS[task.name]() for task in planned if task.name in SETUP_CHECKS}
+    problems = {name: missing for name, missing in problems.items() if missing}
+    if problems:
+        said = "; ".join(f"{name} needs {', '.join(missing)}" for name, missing in problems.items())
+        rest = ",".join(task.name for task in planned if task.name not in problems)
+        raise RecipeError(f"--tasks: {said}. Set them up (docs/eval.md, Hallucination) or leave them out: "
+                          f"--tasks {rest}")
+
