@@ -13,7 +13,8 @@ from conftest import REPO
 from markdown_docs import anchor, anchors, bash_lines, documents, headings, links, read, resolve, section
 
 README_LINE_LIMIT = 200
-EVAL_PRESETS = ("vision-centric", "general", "knowledge", "ocr", "hallucination", "capability", "refusal", "demo")
+EVAL_PRESETS = ("vision-centric", "general", "knowledge", "ocr", "hallucination", "rah", "capability", "refusal",
+                "demo")
 METHODS = {  # stage -> (README heading starts with, how eval names what the run is compared with)
     "hera": ("HeRA:", "--baseline"),
     "rah": ("RAH-LoRA:", "--base"),
@@ -126,3 +127,18 @@ def test_method_docs_name_their_papers_not_the_projects_planning_words() -> None
         assert paper in first, (doc, first[:300])
     sources = [*documents(), *(str(p.relative_to(REPO)) for p in (REPO / "plugin").rglob("*.py"))]
     assert [path for path in sources if re.search(r"seed 00\d", read(path))] == []
+
+
+def test_the_eval_presets_table_is_the_code() -> None:
+    """docs/eval.md's presets table says what each preset holds and its prose names each preset's library tasks, as
+    :mod:`llamafactory_hera.evaluation.presets` defines them."""
+    from llamafactory_hera.evaluation.presets import DEMO, DEMO_HOLDS, PRESETS
+
+    text = section(read("docs/eval.md"), "Task presets")
+    rows = dict(re.findall(r"^\| `([\w-]+)` \| [^|\n]+ \| (.+) \|$", text, flags=re.M))
+    holds = {**{preset.name: preset.holds for preset in PRESETS.values()}, DEMO: DEMO_HOLDS}
+    holds["refusal"] = holds["refusal"].removesuffix("; HARC runs only")  # the table says it in its models column
+    assert rows == holds
+    named = {name: tuple(re.findall(r"`(\w+)`", tasks))
+             for name, tasks in re.findall(r"`([\w-]+)` = ((?:`\w+`(?:,\s*)?)+)", text)}
+    assert named == {preset.name: preset.tasks for preset in PRESETS.values() if preset.name != "refusal"}

@@ -1,6 +1,8 @@
 """``llamafactory-hera eval RUN --baseline TWIN --tasks general,knowledge,ocr,vision-centric`` scored as the paper's
 Table 2 (issue 33, section 4): the group means and Delta Vision, the paper's published rows for a backbone of Table 2
 (none for another), and the stage chain each run record holds, read from the records a compose and two runs left.
+``--tasks rah`` scored as RAH-LoRA's Table 1 (issue 34, section 2): its columns in the paper's order, and the paper's
+LLaVA-1.5-7B rows beside them for a run of that model only.
 
 In-process, no model: the evaluation loop is replaced by fixed per-task scores."""
 
@@ -15,7 +17,15 @@ import pytest
 
 from llamafactory_hera.evaluation.presets import PRESETS
 from llamafactory_hera.evaluation.runs import ModelSpec, read_pair
-from llamafactory_hera.evaluation.table2 import GROUPS, PAPER_FILE, SCORES, group_means, paper_backbone
+from llamafactory_hera.evaluation.table2 import (
+    GROUPS,
+    PAPER_FILE,
+    RAH_PAPER_FILE,
+    RAH_TABLE1,
+    SCORES,
+    group_means,
+    paper_backbone,
+)
 from llamafactory_hera_patches import run_record
 from markdown_docs import read, section
 
@@ -28,7 +38,8 @@ RUN = {"mme": {"mme_perception_score": 1500.0, "mme_cognition_score": 300.0},
        "ai2d": {"exact_match,flexible-extract": 0.7}, "chartqa": {"relaxed_overall": 0.5, "relaxed_human_split": 0.9},
        "ocrbench": {"ocrbench_accuracy": 0.4}, "textvqa_val": {"exact_match": 0.6}, "docvqa_val": {"anls": 0.7},
        "cv_bench_2d": {"cv_bench_acc": 0.6}, "cv_bench_3d": {"cv_bench_acc": 0.7},
-       "mmvp": {"mmvp_accuracy": 0.5, "mmvp_pair_accuracy": 0.2}, "realworldqa": {"exact_match": 0.6}}
+       "mmvp": {"mmvp_accuracy": 0.5, "mmvp_pair_accuracy": 0.2}, "realworldqa": {"exact_match": 0.6},
+       "vqav2_val": {"exact_match": 0.75}, "pope": {"pope_accuracy": 0.8, "pope_f1_score": 0.85}}
 TWIN = {**RUN, "cv_bench_2d": {"cv_bench_acc": 0.5}, "cv_bench_3d": {"cv_bench_acc": 0.6},
         "realworldqa": {"exact_match": 0.55}}
 # the same means by hand: every score on 0-100, MME-P / 2000
@@ -178,3 +189,73 @@ def test_the_docs_describe_the_table2_layout() -> None:
         assert words in text, words
     for task, (metric, _) in SCORES.items():
         assert f"`{task}`" in text and f"`{metric}`" in text, task
+
+
+@pytest.mark.parametrize("model", ["llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf"])
+def test_rah_preset_is_laid_out_as_rah_loras_table1(model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    rah = _trained(tmp_path / "rah", "rah", Path(model))
+    twin = _trained(tmp_path / "sft", "sft", Path(model))
+    record, console = _evaluate(monkeypatch, rah, twin, "rah", capsys)
+    layout = record["rah_table1"]
+    assert {column: layout["run"][column]["mean"] for column in RAH_TABLE1.columns} == pytest.approx(
+        {"VQAv2": 75.0, "TextVQA": 60.0, "GQA": 60.0, "POPE": 85.0, "MME": 1500.0, "MM-Bench": 70.0, "SciQA": 70.0,
+         "SEED": 65.0})  # POPE is its F1; MME its perception score as the paper prints it
+    markdown = (rah / "eval_report_vs_sft.md").read_text(encoding="utf-8")
+    header = "| model | VQAv2 | TextVQA | GQA | POPE | MME | MM-Bench | SciQA | SEED |"  # the paper's order
+    row = "| run: rah | 75.0 | 60.0 | 60.0 | 85.0 | 1500.0 | 70.0 | 70.0 | 65.0 |"
+    papers = ["| paper's RAH-LoRA Table 1: LLaVA-1.5-7B baseline | 78.5 | 58.2 | 62.0 | 85.9 | 1511.0 | 64.3 | 66.8 "
+              "| 58.6 |",
+              "| paper's RAH-LoRA Table 1: LLaVA-1.5-7B + RAH-LoRA | 79.8 | 59.6 | 63.1 | 86.3 | 1547.0 | 65.4 | 68.3 "
+              "| 59.8 |"]
+    for text in (markdown, console):
+        assert f"RAH-LoRA Table 1 layout: {layout['title']}" in text and header in text and row in text
+        assert "test-dev" in text  # vqav2_val is not the paper's VQAv2 split
+        if "-7b-" in model:
+            assert all(line in text for line in papers) and "RAH-LoRA paper, Table 1" in text
+        else:
+            assert "paper's RAH-LoRA Table 1" not in text
+    assert (layout["paper"] or {}).get("backbone") == ("LLaVA-1.5-7B" if "-7b-" in model else None)
+    groups = {row["task"]: row["group"] for row in record["rows"]}  # a task of another preset keeps its group
+    assert (groups["vqav2_val"], groups["pope"], groups["mme"]) == ("RAH-LoRA Table 1", "Hallucination", "General")
+
+
+def test_rahs_paper_rows_are_whole() -> None:
+    import yaml
+
+    paper = yaml.safe_load(RAH_PAPER_FILE.read_text(encoding="utf-8"))
+    assert paper["columns"] == list(RAH_TABLE1.columns) == ["VQAv2", "TextVQA", "GQA", "POPE", "MME", "MM-Bench",
+                                                            "SciQA", "SEED"]
+    assert [task for tasks in RAH_TABLE1.columns.values() for task in tasks] == list(PRESETS["rah"].tasks)
+    assert set(PRESETS["rah"].tasks) <= set(RAH_TABLE1.scores)
+    for entry in paper["backbones"].values():
+        assert len(entry["baseline"]) == len(entry["rah"]) == len(paper["columns"])
+
+
+def test_hallucination_tasks_not_set_up_are_refused_before_loading(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """CHAIR needs NLTK's data and AMBER spaCy and its metadata files, none of which lmms-eval installs: eval says what
+    is missing and the --tasks without those tasks, before a model loads; set up, nothing is said."""
+    import importlib.util
+
+    from llamafactory_hera.evaluation import presets
+    from llamafactory_hera.short_errors import RecipeError
+
+    planned = presets.plan_tasks("hallucination", "mllm", "hera", None)
+    assert all(isinstance(line, str) for line in presets._nltk_missing())  # the real look-up runs (here: no data)
+    monkeypatch.setenv("AMBER_BASE_DIR", str(tmp_path / "amber"))
+    monkeypatch.setattr(presets, "_nltk_missing", lambda: ["NLTK's wordnet (python -m nltk.downloader wordnet)"])
+    with pytest.raises(RecipeError) as refused:
+        presets.check_task_setup(planned)
+    message = str(refused.value)
+    assert "coco_cap_chair needs NLTK's wordnet" in message and "amber_g needs" in message
+    assert str(tmp_path / "amber" / "metadata") in message and message.endswith("--tasks pope")
+    (tmp_path / "amber" / "metadata").mkdir(parents=True)
+    for name in presets.AMBER_FILES:
+        (tmp_path / "amber" / "metadata" / name).write_text("{}")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name.startswith(("spacy", "en_core"))
+                        else real_find_spec(name, *a))
+    monkeypatch.setattr(presets, "_nltk_missing", lambda: [])
+    presets.check_task_setup(planned)  # all set up: nothing raised
+

@@ -16,7 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.evaluation.presets import ALL_PRESETS, DEMO, JAILBREAK, LM, LMMS, PRESETS, plan_tasks
+from llamafactory_hera.evaluation.presets import (
+    ALL_PRESETS,
+    DEMO,
+    JAILBREAK,
+    LM,
+    LMMS,
+    PRESETS,
+    check_task_setup,
+    plan_tasks,
+)
 from llamafactory_hera.short_errors import RecipeError
 
 EXTRA = "pip install 'llamafactory-hera[eval]'"
@@ -98,6 +107,7 @@ def run_eval(args: argparse.Namespace) -> None:
     tasks = plan_tasks(args.tasks, run.modality, run.stage, known)
     for task in tasks:
         require_library(task.library)
+    check_task_setup(tasks)
     _evaluate(args, run, baseline, tasks, jailbreak)
 
 
@@ -125,6 +135,7 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
     from llamafactory_hera.anatomy.board_log import say
     from llamafactory_hera.evaluation.report import table2_lines, write_reports
     from llamafactory_hera.evaluation.runner import evaluate_model
+    from llamafactory_hera.evaluation.table2 import RAH_TABLE1, TABLE2
 
     names = ", ".join(t.name for t in tasks)
     say(f"eval: {len(tasks)} task{'s' if len(tasks) != 1 else ''} ({names}) on {run.title}"
@@ -146,8 +157,9 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
         base = "" if row["baseline"] is None else f" vs {row['baseline']:.4g}"
         value = "–" if row["run"] is None else f"{row['run']:.4g}"
         print(f"  {row['group']:<14} {row['task']:<32} {row['metric']:<24} {value}{base}{delta}")
-    if record["table2"]:
-        print("\n".join(["", *table2_lines(record)]))
+    for paper_table in (TABLE2, RAH_TABLE1):
+        if record[paper_table.key]:
+            print("\n".join(["", *table2_lines(record, paper_table)]))
     old = record["replaces"]
     if old:
         say(f"eval: replaced {old['file']} and its .md / .png (of {old.get('created')}, tasks {old.get('tasks_spec')}, "

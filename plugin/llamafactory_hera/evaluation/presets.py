@@ -1,7 +1,8 @@
 """Task presets of ``llamafactory-hera eval``: the paper's benchmark groups as lmms-eval / lm-eval task names.
 
 The MLLM groups follow Cambrian-1's grouping (General, Knowledge, OCR & Chart, Vision-Centric) plus hallucination,
-as the HeRA paper reports them; every name is a task or group of lmms-eval 0.7.3's registry. Text runs (HARC) get
+as the HeRA paper reports them, and ``rah``: RAH-LoRA's Table 1; every name is a task or group of lmms-eval 0.7.3's
+registry. Text runs (HARC) get
 ``capability`` (lm-eval 0.4.13 tasks) and ``refusal`` (HARC's own end-of-run refusal check, run on the recipe's
 held-out harmful and pseudo-harmful rows). ``demo`` is a tiny offline task set shipped with the package
 (:mod:`llamafactory_hera.evaluation.demo_tasks`), run through the same libraries.
@@ -12,7 +13,10 @@ Imports nothing heavy.
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from llamafactory_hera.short_errors import RecipeError
 
@@ -44,8 +48,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "ScienceQA (image), MMMU (val), AI2D"),
     Preset("ocr", "OCR & Chart", "mllm", ("chartqa", "ocrbench", "textvqa_val", "docvqa_val"),
            "ChartQA, OCRBench, TextVQA (val), DocVQA (val)"),
-    Preset("hallucination", "Hallucination", "mllm", ("pope",),
-           "POPE (adversarial, popular, random)"),
+    # HeRA's hallucination benchmarks that lmms-eval scores without a key: HallusionBench's aggregation asks GPT-4
+    # (hallusion_bench/utils.py: evaluate_by_chatgpt), and AMBER's discriminative part has no task of its own
+    Preset("hallucination", "Hallucination", "mllm", ("pope", "coco_cap_chair", "amber_g"),
+           "POPE (adversarial, popular, random), CHAIR on MSCOCO captions, AMBER (generative)"),
+    # RAH-LoRA's Table 1 in the paper's column order: VQAv2 on val (test-dev is scored only by the EvalAI server)
+    Preset("rah", "RAH-LoRA Table 1", "mllm", ("vqav2_val", "textvqa_val", "gqa", "pope", "mme",
+                                              "mmbench_en_dev_static", "scienceqa_img", "seedbench"),
+           "RAH-LoRA's Table 1: VQAv2 (val), TextVQA (val), GQA, POPE, MME, MMBench (en dev, static choice "
+           "extraction), ScienceQA (image), SEED-Bench (image)"),
     Preset("capability", "Capability", "text", ("mmlu", "arc_easy", "arc_challenge", "hellaswag", "winogrande"),
            "MMLU, ARC-Easy, ARC-Challenge, HellaSwag, WinoGrande (lm-eval)"),
     Preset("refusal", "Refusal", "text", (REFUSAL_TASK,),
@@ -129,3 +140,56 @@ def plan_tasks(spec: str, modality: str, stage: str, known: set[str] | None) -> 
         planned.extend(PlannedTask(name, library_of(name, modality), _group_of(name)) for name in names
                        if name not in {t.name for t in planned})
     return planned
+
+
+# Tasks of the presets whose scoring needs what lmms-eval 0.7.3 does not install (docs/eval.md, "Hallucination"):
+AMBER_FILES = ("relation.json", "safe_words.txt", "annotations.json", "metrics.txt")
+NLTK_DATA = {"punkt_tab": "tokenizers/punkt_tab", "wordnet": "corpora/wordnet",
+             "averaged_perceptron_tagger_eng": "taggers/averaged_perceptron_tagger_eng"}
+
+
+def _nltk_missing() -> list[str]:
+    """NLTK's data that CHAIR's and AMBER's scoring read (tokenizer, tagger, WordNet), where absent."""
+    if importlib.util.find_spec("nltk") is None:
+        return ["NLTK (pip install nltk)"]
+    import nltk
+
+    absent = []
+    for name, path in NLTK_DATA.items():
+        try:
+            nltk.data.find(path)
+        except LookupError:
+            try:
+                nltk.data.find(f"{path}.zip")
+            except LookupError:
+                absent.append(name)
+    return [f"NLTK's {', '.join(absent)} (python -m nltk.downloader {' '.join(absent)})"] if absent else []
+
+
+def _amber_missing() -> list[str]:
+    """What AMBER's generative scoring needs besides NLTK: spaCy with an English model and AMBER's metadata files."""
+    missing = [] if importlib.util.find_spec("spacy") else ["spaCy (pip install spacy)"]
+    if not any(importlib.util.find_spec(model) for model in ("en_core_web_md", "en_core_web_sm", "en_core_web_lg")):
+        missing.append("a spaCy English model (python -m spacy download en_core_web_md)")
+    metadata = Path(os.environ.get("AMBER_BASE_DIR", "./data/amber")) / "metadata"
+    absent = [name for name in AMBER_FILES if not (metadata / name).is_file()]
+    if absent:
+        missing.append(f"AMBER's {', '.join(absent)} in {metadata} (the data/metadata folder of "
+                       "https://github.com/junyangwang0410/AMBER; AMBER_BASE_DIR sets where)")
+    return missing
+
+
+SETUP_CHECKS = {"coco_cap_chair": lambda: _nltk_missing(), "amber_g": lambda: _amber_missing() + _nltk_missing()}
+
+
+def check_task_setup(planned: list[PlannedTask]) -> None:
+    """Refuse, before any model loads, tasks whose scoring needs what is not set up here, naming what and how, and
+    the ``--tasks`` without them."""
+    problems = {task.name: SETUP_CHECKS[task.name]() for task in planned if task.name in SETUP_CHECKS}
+    problems = {name: missing for name, missing in problems.items() if missing}
+    if problems:
+        said = "; ".join(f"{name} needs {', '.join(missing)}" for name, missing in problems.items())
+        rest = ",".join(task.name for task in planned if task.name not in problems)
+        raise RecipeError(f"--tasks: {said}. Set them up (docs/eval.md, Hallucination) or leave them out: "
+                          f"--tasks {rest}")
+

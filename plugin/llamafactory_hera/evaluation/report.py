@@ -1,6 +1,7 @@
 """``eval_report*.json``, ``.md`` and ``.png``: the run against its baseline, task by task, grouped as the paper
 groups its benchmarks (Vision-Centric, General, Knowledge, OCR & Chart, Hallucination; text runs: Capability,
-Refusal), after the paper's Table 2 layout when a task of its groups ran (:mod:`.table2`, the record's ``table2``).
+Refusal), after the paper's Table 2 layout when a task of its groups ran (:mod:`.table2`, the record's ``table2``) and
+RAH-LoRA's Table 1 layout when a task of it ran (the record's ``rah_table1``).
 
 One report per comparison, named after it (:func:`report_stem`): ``eval_report_vs_base`` (``--base``),
 ``eval_report_vs_<baseline folder>`` (``--baseline``), ``eval_report`` (the run alone). A rerun of the same
@@ -17,12 +18,12 @@ from typing import Any
 
 from llamafactory_hera.evaluation.presets import JAILBREAK, PlannedTask
 from llamafactory_hera.evaluation.runner import Outcome
-from llamafactory_hera.evaluation.table2 import markdown_lines, table2
+from llamafactory_hera.evaluation.table2 import RAH_TABLE1, TABLE2, PaperTable, markdown_lines, table2
 
 REPORT_STEM = "eval_report"
 SUFFIXES = (".json", ".md", ".png")
-GROUP_ORDER = ("Vision-Centric", "General", "Knowledge", "OCR & Chart", "Hallucination", "Capability", "Refusal",
-               "Jailbreak", "Demo", "Other")
+GROUP_ORDER = ("Vision-Centric", "General", "Knowledge", "OCR & Chart", "Hallucination", "RAH-LoRA Table 1",
+               "Capability", "Refusal", "Jailbreak", "Demo", "Other")
 JAILBREAK_SUFFIX = "_jailbreak.jsonl"
 
 
@@ -68,9 +69,10 @@ def _markdown(record: dict[str, Any]) -> str:
         lines.append(f"- jailbreak answers, one per line (attack, template, prompt, answer, refused, success): "
                      f"`{record['jailbreak']['answers_file']}`")
     lines.append("")
-    if record["table2"]:
-        title, *table = table2_lines(record)
-        lines += [f"## {title}", *table, ""]
+    for paper_table in (TABLE2, RAH_TABLE1):
+        if record.get(paper_table.key):
+            title, *table = table2_lines(record, paper_table)
+            lines += [f"## {title}", *table, ""]
     for group in dict.fromkeys(row["group"] for row in record["rows"]):
         lines += [f"## {group}", "", "| task | metric | run | baseline | delta |", "| --- | --- | ---: | ---: | ---: |"]
         for row in (r for r in record["rows"] if r["group"] == group):
@@ -86,9 +88,10 @@ def _markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table2_lines(record: dict[str, Any]) -> list[str]:
-    """The record's Table 2 layout as markdown lines (the .md report and the console)."""
-    return markdown_lines(record["table2"], record["run"]["title"], (record["baseline"] or {}).get("title"))
+def table2_lines(record: dict[str, Any], paper_table: PaperTable = TABLE2) -> list[str]:
+    """The record's layout of ``paper_table`` as markdown lines (the .md report and the console)."""
+    return markdown_lines(record[paper_table.key], record["run"]["title"], (record["baseline"] or {}).get("title"),
+                          paper_table)
 
 
 def _plot(record: dict[str, Any], path: Path) -> None:
@@ -194,7 +197,8 @@ def write_reports(run_dir: Path, tasks_spec: str, tasks: list[PlannedTask], run:
               "run": who(run), "baseline": who(baseline), "rows": report_rows(tasks, run, baseline),
               "failed": {o.spec.label: o.failures for o in (run, baseline) if o is not None and o.failures},
               "files": files, "replaces": _replaced(run_dir / files[0])}
-    record["table2"] = table2(record)
+    for paper_table in (TABLE2, RAH_TABLE1):
+        record[paper_table.key] = table2(record, paper_table)
     record["jailbreak"] = _write_jailbreak_answers(run_dir / f"{stem}{JAILBREAK_SUFFIX}", run, baseline)
     if record["jailbreak"]:
         files.append(record["jailbreak"]["answers_file"])

@@ -1,6 +1,7 @@
-"""The paper's Table 2 layout of an eval: General, Knowledge, OCR and Vision group means, Delta Vision (run minus
-baseline), the stage chains that produced both models, and, for a backbone of Table 2, the paper's published rows
-beside them, marked as the paper's (:data:`PAPER_FILE`, with its source).
+"""A paper's table layout of an eval (:class:`PaperTable`): HeRA's Table 2 (:data:`TABLE2`: General, Knowledge, OCR
+and Vision group means, Delta Vision, run minus baseline) and RAH-LoRA's Table 1 (:data:`RAH_TABLE1`: one column per
+benchmark, the ``rah`` preset), the stage chains that produced both models, and, for a backbone of the table, the
+paper's published rows beside them, marked as the paper's (the table's YAML file, with its source).
 
 A group is a preset of :mod:`.presets` (Cambrian-1's groups, as the paper reports them); its mean is the mean of its
 benchmarks' headline scores (:data:`SCORES`), each put on a 0-100 scale first: accuracies reported as fractions
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from llamafactory_hera.evaluation.presets import PRESETS
 from llamafactory_hera_patches.run_record import RUN_RECORD, read_record
 
 PAPER_FILE = Path(__file__).with_name("paper_table2.yaml")
+RAH_PAPER_FILE = Path(__file__).with_name("paper_rah_table1.yaml")
 # the paper's column -> the preset holding its benchmarks
 GROUPS = {"General": "general", "Knowledge": "knowledge", "OCR": "ocr", "Vision": "vision-centric"}
 # each benchmark's headline metric (as lmms-eval 0.7.3 names it) and the factor that puts it on 0-100
@@ -47,22 +50,50 @@ DIFFERS = {"Knowledge": "the paper's Knowledge (Cambrian-1's) also averages Math
 NOT_PUBLISHED = "not published here"
 
 
-def _scores(rows: list[dict[str, Any]], side: str) -> dict[str, float]:
-    """task -> its headline score on 0-100, for ``side`` ("run" / "baseline")."""
+@dataclass(frozen=True)
+class PaperTable:
+    """A paper's table: its columns (each the mean of its benchmarks), their headline scores, the column whose
+    run-minus-baseline difference is shown (None: none), the paper's rows (YAML ``file``) and their labels."""
+
+    key: str  # the report record's key
+    title: str
+    file: Path
+    columns: dict[str, tuple[str, ...]]
+    scores: dict[str, tuple[str, float]]
+    delta: str | None
+    paper_rows: tuple[tuple[str, str], ...]  # (the YAML key of a paper row, its label)
+    differs: dict[str, str]
+
+
+TABLE2 = PaperTable("table2", "Table 2", PAPER_FILE, {column: PRESETS[preset].tasks for column, preset in
+                                                     GROUPS.items()}, SCORES, "Vision",
+                    (("baseline", "LLaVA-1.5 baseline"), ("hera", "+ HeRA")), DIFFERS)
+# RAH-LoRA's Table 1, in the paper's column order; MME is its perception score as the paper prints it (out of 2000),
+# POPE LLaVA-1.5's F1 (over lmms-eval's three POPE splits together)
+RAH_TABLE1 = PaperTable("rah_table1", "RAH-LoRA Table 1", RAH_PAPER_FILE, {
+    "VQAv2": ("vqav2_val",), "TextVQA": ("textvqa_val",), "GQA": ("gqa",), "POPE": ("pope",), "MME": ("mme",),
+    "MM-Bench": ("mmbench_en_dev_static",), "SciQA": ("scienceqa_img",), "SEED": ("seedbench",)},
+    {**SCORES, "vqav2_val": ("exact_match", 100.0), "pope": ("pope_f1_score", 100.0),
+     "mme": ("mme_perception_score", 1.0)}, None, (("baseline", "baseline"), ("rah", "+ RAH-LoRA")),
+    {"VQAv2": "the paper's VQAv2 is LLaVA-1.5's test-dev (scored on the EvalAI server); vqav2_val is the validation "
+              "split lmms-eval scores locally: compare that column with care"})
+
+
+def _scores(rows: list[dict[str, Any]], side: str, table: PaperTable) -> dict[str, float]:
+    """task -> its headline score on the table's scale, for ``side`` ("run" / "baseline")."""
     found = {}
     for row in rows:
-        wanted = SCORES.get(row["task"])
+        wanted = table.scores.get(row["task"])
         if wanted and row["metric"] == wanted[0] and row.get(side) is not None:
             found[row["task"]] = row[side] * wanted[1]
     return found
 
 
-def group_means(rows: list[dict[str, Any]], side: str) -> dict[str, dict[str, Any]]:
+def group_means(rows: list[dict[str, Any]], side: str, table: PaperTable = TABLE2) -> dict[str, dict[str, Any]]:
     """column -> ``{"mean", "benchmarks", "missing"}`` for ``side``; ``mean`` is None when a benchmark is missing."""
-    scores = _scores(rows, side)
+    scores = _scores(rows, side, table)
     means = {}
-    for column, preset in GROUPS.items():
-        tasks = PRESETS[preset].tasks
+    for column, tasks in table.columns.items():
         missing = [task for task in tasks if task not in scores]
         mean = None if missing else round(sum(scores[task] for task in tasks) / len(tasks), 4)
         means[column] = {"mean": mean, "benchmarks": {task: scores.get(task) for task in tasks}, "missing": missing}
@@ -93,24 +124,24 @@ def _name(path: Any) -> str:
 
 
 @functools.cache
-def _paper() -> dict[str, Any]:
-    return yaml.safe_load(PAPER_FILE.read_text(encoding="utf-8"))
+def _paper(file: Path = PAPER_FILE) -> dict[str, Any]:
+    return yaml.safe_load(file.read_text(encoding="utf-8"))
 
 
-def paper_backbone(names: list[Any]) -> tuple[str, dict[str, Any]] | None:
-    """The first of ``names`` (LLM names or paths) that is a backbone of Table 2: (the paper's name, its entry)."""
+def paper_backbone(names: list[Any], table: PaperTable = TABLE2) -> tuple[str, dict[str, Any]] | None:
+    """The first of ``names`` (LLM names or paths) that is a backbone of ``table``: (the paper's name, its entry)."""
     for name in names:
         short = _name(name).lower()
-        for backbone, entry in _paper()["backbones"].items():
+        for backbone, entry in _paper(table.file)["backbones"].items():
             if short and re.search(rf"(?<![a-z0-9.]){entry['match']}(?![0-9.])", short):
                 return backbone, entry
     return None
 
 
-def table2(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The layout of an eval report ``record`` (see :mod:`.report`), or None when no task of the four groups ran."""
+def table2(record: dict[str, Any], table: PaperTable = TABLE2) -> dict[str, Any] | None:
+    """``table``'s layout of an eval report ``record`` (see :mod:`.report`), or None when no task of it ran."""
     planned = {row["task"] for row in record["rows"]}
-    if not planned & {task for preset in GROUPS.values() for task in PRESETS[preset].tasks}:
+    if not planned & {task for tasks in table.columns.values() for task in tasks}:
         return None
     recorded = _run_record(record["run"]["run_dir"])
     run_chain = recorded.get("chain") or []
@@ -122,41 +153,55 @@ def table2(record: dict[str, Any]) -> dict[str, Any] | None:
         chain_words(run_chain, numbered=True)) if part)
     if record["baseline"]:
         title += " vs " + (chain_words(base_chain, numbered=False) or record["baseline"]["title"])
-    run, baseline = group_means(record["rows"], "run"), group_means(record["rows"], "baseline")
-    mine, theirs = run["Vision"]["mean"], baseline["Vision"]["mean"]
-    found = paper_backbone([llm["llm"] if llm else None, (recorded.get("loading") or {}).get("model_name_or_path")])
+    run, baseline = group_means(record["rows"], "run", table), group_means(record["rows"], "baseline", table)
+    found = paper_backbone([llm["llm"] if llm else None, (recorded.get("loading") or {}).get("model_name_or_path")],
+                           table)
+    delta = {}
+    if table.delta:
+        mine, theirs = run[table.delta]["mean"], baseline[table.delta]["mean"]
+        delta = {_delta_key(table): None if mine is None or theirs is None else round(mine - theirs, 4)}
     paper = None
     if found:
         backbone, entry = found
-        paper = {"backbone": backbone, "source": _paper()["source"], "delta_vision": entry.get("delta_vision"),
-                 **{side: dict(zip(GROUPS, entry.get(side) or [None] * len(GROUPS), strict=True))
-                    for side in ("baseline", "hera")}}
+        paper = {"backbone": backbone, "source": _paper(table.file)["source"],
+                 **({_delta_key(table): entry.get(_delta_key(table))} if table.delta else {}),
+                 **{side: dict(zip(table.columns, entry.get(side) or [None] * len(table.columns), strict=True))
+                    for side, _ in table.paper_rows}}
     return {"title": title, "run_chain": run_chain, "baseline_chain": base_chain, "run": run, "baseline": baseline,
-            "delta_vision": None if mine is None or theirs is None else round(mine - theirs, 4), "paper": paper,
-            "notes": [f"{column}: {note}" for column, note in DIFFERS.items()
-                      if planned & set(run[column]["benchmarks"])]}
+            **delta, "paper": paper, "notes": [f"{column}: {note}" for column, note in table.differs.items()
+                                                if planned & set(run[column]["benchmarks"])]}
+
+
+def _delta_key(table: PaperTable) -> str:
+    return f"delta_{(table.delta or '').lower()}"
 
 
 def _cell(value: float | None, signed: bool = False, absent: str = "–") -> str:
     return absent if value is None else (f"{value:+.1f}" if signed else f"{value:.1f}")
 
 
-def markdown_lines(layout: dict[str, Any], run_title: str, baseline_title: str | None) -> list[str]:
+def markdown_lines(layout: dict[str, Any], run_title: str, baseline_title: str | None,
+                   table: PaperTable = TABLE2) -> list[str]:
     """The layout as a markdown table (also what the console prints), then what is missing and the notes."""
-    lines = [f"Table 2 layout: {layout['title']}", "", f"| model | {' | '.join(GROUPS)} | Δ Vision |",
-             "| --- |" + " ---: |" * (len(GROUPS) + 1)]
-    sides = [("run: " + run_title, layout["run"], layout["delta_vision"])]
+    columns = list(table.columns)
+    delta_head = f" Δ {table.delta} |" if table.delta else ""
+    lines = [f"{table.title} layout: {layout['title']}", "", f"| model | {' | '.join(columns)} |{delta_head}",
+             "| --- |" + " ---: |" * (len(columns) + bool(table.delta))]
+    sides = [("run: " + run_title, layout["run"], layout.get(_delta_key(table)))]
     if baseline_title:
         sides.append(("baseline: " + baseline_title, layout["baseline"], None))
     for label, means, delta in sides:
-        cells = " | ".join(_cell(means[column]["mean"]) for column in GROUPS)
-        lines.append(f"| {label} | {cells} | {_cell(delta, signed=True)} |")
+        cells = " | ".join(_cell(means[column]["mean"]) for column in columns)
+        lines.append(f"| {label} | {cells} |" + (f" {_cell(delta, signed=True)} |" if table.delta else ""))
     paper = layout["paper"]
     if paper:
-        for side, label in (("baseline", "LLaVA-1.5 baseline"), ("hera", "+ HeRA")):
-            cells = " | ".join(_cell(paper[side][column], absent=NOT_PUBLISHED) for column in GROUPS)
-            delta = _cell(paper["delta_vision"], signed=True, absent=NOT_PUBLISHED) if side == "hera" else ""
-            lines.append(f"| paper's Table 2: {paper['backbone']} {label} | {cells} | {delta} |")
+        for number, (side, label) in enumerate(table.paper_rows):
+            cells = " | ".join(_cell(paper[side][column], absent=NOT_PUBLISHED) for column in columns)
+            delta = ""
+            if table.delta:  # the paper's difference, on its method's (last) row
+                shown = _cell(paper[_delta_key(table)], signed=True, absent=NOT_PUBLISHED)
+                delta = f" {shown if number == len(table.paper_rows) - 1 else ''} |"
+            lines.append(f"| paper's {table.title}: {paper['backbone']} {label} | {cells} |{delta}")
     lines.append("")
     for label, means in (("run", layout["run"]), ("baseline", layout["baseline"] if baseline_title else {})):
         for column, group in means.items():
