@@ -46,6 +46,9 @@ INSTALL_TARGETS = {"test": ".[test]", "demo": "."}
 PYTEST_NO_TESTS = 5
 
 _timings: list[tuple[str, float]] = []
+# CI runs in a fresh clone that is deleted afterwards: each run under CI appends its timings and the machine's load
+# here, so the next developer on the same machine can compare CI's wall time with an idle run's (issue 32)
+CI_TIMINGS_LOG = Path.home() / ".cache" / "llamafactory-hera" / "ci-timings.log"
 
 
 def log(message: str) -> None:
@@ -184,7 +187,7 @@ def main(argv: list[str]) -> int:
         print(f"usage:\n{USAGE}", file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
-    start = time.perf_counter()
+    start, load_at_start = time.perf_counter(), os.getloadavg()[0]
     try:
         python = setup(command)
         code = cmd_test(python, rest) if command == "test" else cmd_demo(python, rest)
@@ -195,7 +198,24 @@ def main(argv: list[str]) -> int:
     log("timings: " + ", ".join(f"{name} {secs:.1f}s" for name, secs in _timings)
         + f"; total {time.perf_counter() - start:.1f}s")
     log(f"exit code {code}")
+    if os.environ.get("CI"):
+        record_ci_run(command, code, time.perf_counter() - start, load_at_start)
     return code
+
+
+def record_ci_run(command: str, code: int, seconds: float, load_at_start: float) -> None:
+    """Append one line for this CI run to ``CI_TIMINGS_LOG`` (never fails the run)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=False).stdout.strip()
+    phases = " ".join(f"{name}={secs:.0f}s" for name, secs in _timings)
+    line = (f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {head or '?'} {command} exit={code} total={seconds:.0f}s "
+            f"{phases} load1_start={load_at_start:.2f} load1_end={os.getloadavg()[0]:.2f} cores={os.cpu_count()}\n")
+    try:
+        CI_TIMINGS_LOG.parent.mkdir(parents=True, exist_ok=True)
+        with CI_TIMINGS_LOG.open("a") as log_file:
+            log_file.write(line)
+    except OSError as error:
+        log(f"could not record CI timings in {CI_TIMINGS_LOG}: {error}")
 
 
 if __name__ == "__main__":

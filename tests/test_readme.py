@@ -352,3 +352,15 @@ def test_demo_runs_end_to_end_twice_and_its_next_steps_work(assets: TinyAssets, 
     assert yaml.safe_load((folder / folders.RECIPE_NAME).read_text(encoding="utf-8"))["max_steps"] == 2
     assert not (folder / "recipe_selected.yaml").exists() and (run_dir / "adapter_model.safetensors").is_file()
     assert (out / "rah" / "run" / "adapter_model.safetensors").is_file()  # the RAH-LoRA demo's outputs stay
+
+
+def test_dev_records_a_ci_runs_timings_outside_the_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI's clone is deleted after the run; its wall time and load go to a log the next developer can read (32)."""
+    dev = _dev()
+    monkeypatch.setattr(dev, "CI_TIMINGS_LOG", tmp_path / "cache" / "ci-timings.log")
+    monkeypatch.setattr(dev, "_timings", [("setup", 100.4), ("pytest", 600.2)])
+    dev.record_ci_run("test", 0, 712.3, 0.5)
+    dev.record_ci_run("test", 1, 80.0, 1.5)
+    first, second = (tmp_path / "cache" / "ci-timings.log").read_text(encoding="utf-8").splitlines()
+    assert " test exit=0 total=712s setup=100s pytest=600s load1_start=0.50 " in first, first
+    assert " exit=1 total=80s " in second, second
