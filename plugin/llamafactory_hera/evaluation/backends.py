@@ -20,7 +20,15 @@ from typing import Any
 
 from llamafactory_hera.evaluation.demo_tasks import write_demo_tasks
 from llamafactory_hera.evaluation.jailbreak import JailbreakSetup, run_jailbreak
-from llamafactory_hera.evaluation.presets import DEMO_MLLM_TASK, DEMO_TEXT_TASK, JAILBREAK, LM, LMMS, PlannedTask
+from llamafactory_hera.evaluation.presets import (
+    DEMO_MLLM_TASK,
+    DEMO_TEXT_TASK,
+    JAILBREAK,
+    LM,
+    LMMS,
+    MODULES,
+    PlannedTask,
+)
 from llamafactory_hera.evaluation.runs import ModelSpec
 
 _TASK_MANAGERS: dict[tuple[str, bool], Any] = {}
@@ -54,22 +62,19 @@ def task_manager(library: str, registry: bool) -> Any:
         if library == LMMS:
             from lmms_eval.tasks import TaskManager
 
-            _TASK_MANAGERS[key] = TaskManager("WARNING", include_path=str(_demo_folder(library)),
-                                              include_defaults=registry)
+            verbosity: tuple[str, ...] = ("WARNING",)
         else:
             from lm_eval.tasks import TaskManager
 
-            _TASK_MANAGERS[key] = TaskManager(include_path=str(_demo_folder(library)), include_defaults=registry)
+            verbosity = ()
+        _TASK_MANAGERS[key] = TaskManager(*verbosity, include_path=str(_demo_folder(library)),
+                                          include_defaults=registry)
     return _TASK_MANAGERS[key]
 
 
 def known_tasks(library: str) -> set[str]:
     """Every task, group and tag name the library's registry knows (with the demo tasks)."""
     return set(task_manager(library, registry=True).all_tasks)
-
-
-def _registry_needed(task: PlannedTask) -> bool:
-    return task.name not in (DEMO_MLLM_TASK, DEMO_TEXT_TASK)
 
 
 def _entries(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -93,22 +98,19 @@ def _version(name: str) -> str:
         return "?"
 
 
-def run_lmms(model: Any, task: PlannedTask, limit: int | None) -> list[dict[str, Any]]:
-    from lmms_eval import evaluator
+def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[str, Any]]:
+    """``task`` through its library's ``simple_evaluate`` (a demo task without indexing the library's registry)."""
+    if task.library == LMMS:
+        from lmms_eval import evaluator
 
-    manager = task_manager(LMMS, _registry_needed(task))
-    results = evaluator.simple_evaluate(model=model, tasks=[task.name], task_manager=manager, limit=limit, batch_size=1,
-                                        log_samples=False, bootstrap_iters=0, verbosity="WARNING",
-                                        process_docs_parallel=1)
-    return _entries(results or {})
+        options: dict[str, Any] = {"batch_size": 1, "verbosity": "WARNING", "process_docs_parallel": 1}
+    else:
+        from lm_eval import evaluator
 
-
-def run_lm(model: Any, task: PlannedTask, limit: int | None) -> list[dict[str, Any]]:
-    from lm_eval import evaluator
-
-    manager = task_manager(LM, _registry_needed(task))
+        options = {}
+    manager = task_manager(task.library, task.name not in (DEMO_MLLM_TASK, DEMO_TEXT_TASK))
     results = evaluator.simple_evaluate(model=model, tasks=[task.name], task_manager=manager, limit=limit,
-                                        log_samples=False, bootstrap_iters=0)
+                                        log_samples=False, bootstrap_iters=0, **options)
     return _entries(results or {})
 
 
@@ -157,7 +159,7 @@ def task_revision(task: PlannedTask, jailbreak: JailbreakSetup | None = None) ->
         from llamafactory_hera.evaluation import demo_tasks
 
         return "demo:" + hashlib.sha256(Path(demo_tasks.__file__).read_bytes()).hexdigest()[:16]
-    library = {LMMS: "lmms_eval", LM: "lm_eval"}.get(task.library, "llamafactory-hera")
+    library = MODULES.get(task.library, "llamafactory-hera")
     return f"{library}=={_version(library)}"
 
 
@@ -172,20 +174,17 @@ def run_task(engine: Any, spec: ModelSpec, rows_from: ModelSpec, task: PlannedTa
     started = time.perf_counter()
     extra: dict[str, Any] = {}
     if task.library == LMMS:
-        entries = run_lmms(lmms_model(engine, label), task, limit)
-        library = "lmms_eval"
+        entries = run_library(lmms_model(engine, label), task, limit)
     elif task.library == LM:
-        entries = run_lm(lm_model(engine, batch_size), task, limit)
-        library = "lm_eval"
+        entries = run_library(lm_model(engine, batch_size), task, limit)
     elif task.library == JAILBREAK:
         extra = run_jailbreak(engine, rows_from, jailbreak or JailbreakSetup(), limit, batch_size, stop_ids(engine),
                               cache_dir / "gcg_suffixes" if cache_dir is not None else None)
         entries = extra.pop("entries")
-        library = "llamafactory-hera"
     else:
         entries = run_refusal(engine, rows_from, limit)
-        library = "llamafactory-hera"
     if not entries:
         raise ValueError(f"task {task.name}: {task.library} returned no metric")
     return {"entries": entries, "seconds": round(time.perf_counter() - started, 3), "library": task.library,
-            "version": _version(library), "task_revision": task_revision(task, jailbreak), **extra}
+            "version": _version(MODULES.get(task.library, "llamafactory-hera")),
+            "task_revision": task_revision(task, jailbreak), **extra}

@@ -19,9 +19,11 @@ from typing import Any
 from llamafactory_hera.evaluation.presets import (
     ALL_PRESETS,
     DEMO,
+    DEMO_HOLDS,
     JAILBREAK,
     LM,
     LMMS,
+    MODULES,
     PRESETS,
     check_task_setup,
     plan_tasks,
@@ -30,7 +32,6 @@ from llamafactory_hera.short_errors import RecipeError
 
 EXTRA = "pip install 'llamafactory-hera[eval]'"
 EXTRA_PACKAGES = ("lmms-eval==0.7.3", "lm-eval==0.4.13")  # pyproject's eval extra (tests/test_eval_cli.py checks)
-_MODULES = {LMMS: "lmms_eval", LM: "lm_eval"}
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
@@ -49,7 +50,7 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
                          help="the run to compare with (e.g. the hera_lambda: 0 twin or a plain sft run)")
     against.add_argument("--base", action="store_true", help="compare with the run's base model (without the run)")
     verb.add_argument("--tasks", required=True, metavar="PRESET_OR_TASKS",
-                      help=f"comma-separated presets or task names; presets: {presets}; {DEMO} ({_demo_holds()})")
+                      help=f"comma-separated presets or task names; presets: {presets}; {DEMO} ({DEMO_HOLDS})")
     verb.add_argument("--template", default=None, metavar="NAME",
                       help="the recipe's template, for a run that recorded none (a plain stage: sft run of "
                       "llamafactory-cli); a --baseline run without one takes RUN_DIR's")
@@ -71,18 +72,12 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
     return {"eval": run_eval}
 
 
-def _demo_holds() -> str:
-    from llamafactory_hera.evaluation.presets import DEMO_HOLDS
-
-    return DEMO_HOLDS
-
-
 def require_library(library: str) -> None:
     """One-line error unless ``library``'s package imports (the ``eval`` extra)."""
-    if library not in _MODULES:
+    if library not in MODULES:
         return
     try:
-        importlib.import_module(_MODULES[library])
+        importlib.import_module(MODULES[library])
     except ImportError as err:
         raise RecipeError(f"eval: {library} is not installed ({err}); install the eval extra: {EXTRA}") from err
 

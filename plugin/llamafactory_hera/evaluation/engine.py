@@ -44,13 +44,6 @@ def _flatten(visuals: Any) -> list[Any]:
     return [visuals]
 
 
-def _cut(text: str, until: list[str]) -> str:
-    for stop in until:
-        if stop and stop in text:
-            text = text.split(stop)[0]
-    return text
-
-
 def lmms_model(engine: Any, label: str) -> Any:
     """An lmms-eval model (``lmms``, simple type) that answers with ``engine`` (see the module docstring)."""
     import PIL.Image
@@ -88,7 +81,9 @@ def lmms_model(engine: Any, label: str) -> Any:
                     input_kwargs["temperature"] = temperature
                 text = inference.answer(engine, [{"role": "user", "content": context}], visuals or None,
                                         input_kwargs)
-                answers.append(_cut(text, until))
+                for stop in until:
+                    text = text.split(stop)[0] if stop else text
+                answers.append(text)
             return answers
 
         def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:

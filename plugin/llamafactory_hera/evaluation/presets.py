@@ -21,6 +21,7 @@ from pathlib import Path
 from llamafactory_hera.short_errors import RecipeError
 
 LMMS, LM, REFUSAL, JAILBREAK = "lmms-eval", "lm-eval", "refusal", "jailbreak"
+MODULES = {LMMS: "lmms_eval", LM: "lm_eval"}  # the libraries' import names
 DEMO_MLLM_TASK = "llamafactory_hera_demo_mllm"
 DEMO_TEXT_TASK = "llamafactory_hera_demo_text"
 REFUSAL_TASK = "harc_refusal"
@@ -84,29 +85,12 @@ class PlannedTask:
 
 def library_of(task: str, modality: str) -> str:
     """The library that runs ``task`` for a model of ``modality``."""
-    if task == REFUSAL_TASK:
-        return REFUSAL
-    if task == JAILBREAK:
-        return JAILBREAK
-    return LMMS if modality == "mllm" else LM
+    return {REFUSAL_TASK: REFUSAL, JAILBREAK: JAILBREAK}.get(task, LMMS if modality == "mllm" else LM)
 
 
 def _group_of(task: str) -> str:
     return next((p.group for p in PRESETS.values() if task in p.tasks), "Other" if task != DEMO_MLLM_TASK and
                 task != DEMO_TEXT_TASK else "Demo")
-
-
-def demo_tasks(modality: str, stage: str) -> tuple[str, ...]:
-    """The ``demo`` preset for a model of ``modality`` from a run of ``stage``."""
-    if modality == "mllm":
-        return (DEMO_MLLM_TASK,)
-    return (DEMO_TEXT_TASK, REFUSAL_TASK) if stage == "harc" else (DEMO_TEXT_TASK,)
-
-
-def jailbreak_tasks(stage: str) -> tuple[str, ...]:
-    """The ``jailbreak`` preset from a run of ``stage``: a HARC run's also measures over-refusal on its pseudo-harmful
-    rows (``harc_refusal``), the usability of HARC's trade-off table (:mod:`.tradeoff`)."""
-    return (JAILBREAK, REFUSAL_TASK) if stage == "harc" else (JAILBREAK,)
 
 
 def plan_tasks(spec: str, modality: str, stage: str, known: set[str] | None) -> list[PlannedTask]:
@@ -120,16 +104,18 @@ def plan_tasks(spec: str, modality: str, stage: str, known: set[str] | None) -> 
     if not items:
         raise RecipeError(f"--tasks: empty; give presets ({', '.join(ALL_PRESETS)}) or task names, comma-separated")
     planned: list[PlannedTask] = []
+    # a HARC run's demo and jailbreak also run harc_refusal: over-refusal, the usability of the trade-off (.tradeoff)
+    refusal = [REFUSAL_TASK] if stage == "harc" else []
     for item in items:
         if item == DEMO:
-            names = list(demo_tasks(modality, stage))
+            names = [DEMO_MLLM_TASK] if modality == "mllm" else [DEMO_TEXT_TASK, *refusal]
         elif item in PRESETS:
             preset = PRESETS[item]
             if preset.modality != modality:
                 fits = [p.name for p in PRESETS.values() if p.modality == modality]
                 raise RecipeError(f"--tasks: preset '{item}' is for {preset.modality} models but this run's model is "
                                   f"a {modality} model; use {', '.join([*fits, DEMO])}")
-            names = list(jailbreak_tasks(stage) if item == JAILBREAK else preset.tasks)
+            names = [JAILBREAK, *refusal] if item == JAILBREAK else list(preset.tasks)
         else:
             preset_typo = difflib.get_close_matches(item, ALL_PRESETS, n=1, cutoff=0.8)
             if preset_typo and item not in (known or ()):  # a misspelt preset: said without reading the registry
