@@ -1,9 +1,6 @@
-"""Running one task on one loaded model: lmms-eval (MLLMs), lm-eval (text models), HARC's refusal check or the
-jailbreak attacks (:mod:`.jailbreak`).
-
-Each returns ``{"entries": [{"task", "metric", "value", "higher_is_better"}], "seconds", "library", "version"}``:
-one entry per (sub)task and metric of the library's ``results`` (standard errors left out), ready for the report
-and the cache.
+"""One task on one loaded model: lmms-eval (MLLMs), lm-eval (text models), HARC's refusal check or the jailbreak
+attacks (:mod:`.jailbreak`). Each gives ``{"entries": [{"task", "metric", "value", "higher_is_better"}], "seconds",
+"library", "version", "task_revision"}``, one entry per (sub)task and metric (standard errors left out).
 """
 
 from __future__ import annotations

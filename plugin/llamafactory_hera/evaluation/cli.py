@@ -1,11 +1,5 @@
-"""``llamafactory-hera eval``: a run against its baseline on benchmark presets (added to the command line by
-:func:`add_verbs`, see :mod:`llamafactory_hera.cli`).
-
-    llamafactory-hera eval RUN_DIR [--baseline OTHER_RUN_DIR | --base] --tasks PRESET_OR_TASKS [--limit N]
-        [--attacks direct,prefilling,templates,gcg] [--prompts FILE] [--gcg-steps N] [--judge MODEL]
-
-Every user error (no run in RUN_DIR, unknown preset or task, a preset of the other kind of model, the ``eval``
-extra missing) is one line, raised before any model is loaded.
+"""``llamafactory-hera eval``: a run against its baseline on benchmark presets (docs/eval.md). Every user error is
+one line, raised before any model or library is loaded.
 """
 
 from __future__ import annotations

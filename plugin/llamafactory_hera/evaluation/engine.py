@@ -1,10 +1,6 @@
-"""A model loaded exactly as LLaMA-Factory loads it for inference, and the lmms-eval model class that serves it.
-
-:func:`load_engine` loads the run's recipe as LLaMA-Factory's ``HuggingfaceEngine``
-(:mod:`llamafactory_hera_patches.inference`: base model, then each adapter of ``adapter_name_or_path`` loaded and
-merged). Text models are handed to lm-eval's own ``HFLM``; MLLMs to :class:`LlamaFactoryLMM`, a
-``lmms_eval.api.model.lmms`` whose ``generate_until`` answers each request with LLaMA-Factory's chat (the recipe's
-template and multimodal plugin: the prompt format the model was trained on) and lmms-eval does everything else.
+"""A model loaded as LLaMA-Factory loads it for inference (``HuggingfaceEngine``: base, then each adapter merged),
+served to lm-eval by its own ``HFLM`` and to lmms-eval by :func:`lmms_model`, whose ``generate_until`` answers with
+LLaMA-Factory's chat (the recipe's template and multimodal plugin: the prompt format the model was trained on).
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
-"""Task presets of ``llamafactory-hera eval``: the paper's benchmark groups as lmms-eval / lm-eval task names.
-
-The MLLM groups follow Cambrian-1's grouping (General, Knowledge, OCR & Chart, Vision-Centric) plus hallucination,
-as the HeRA paper reports them, and ``rah``: RAH-LoRA's Table 1; every name is a task or group of lmms-eval 0.7.3's
-registry. Text runs (HARC) get
-``capability`` (lm-eval 0.4.13 tasks) and ``refusal`` (HARC's own end-of-run refusal check, run on the recipe's
-held-out harmful and pseudo-harmful rows). ``demo`` is a tiny offline task set shipped with the package
-(:mod:`llamafactory_hera.evaluation.demo_tasks`), run through the same libraries.
-
-Imports nothing heavy.
+"""Task presets of ``llamafactory-hera eval``: the paper's benchmark groups as lmms-eval 0.7.3 / lm-eval 0.4.13 task
+names (docs/eval.md, "Task presets"), ``refusal`` (HARC's refusal check), ``jailbreak`` (:mod:`.jailbreak`) and
+``demo`` (:mod:`.demo_tasks`). Imports nothing heavy.
 """
 
 from __future__ import annotations

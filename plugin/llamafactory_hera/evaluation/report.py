@@ -1,11 +1,7 @@
-"""``eval_report*.json``, ``.md`` and ``.png``: the run against its baseline, task by task, grouped as the paper
-groups its benchmarks (Vision-Centric, General, Knowledge, OCR & Chart, Hallucination; text runs: Capability,
-Refusal), after the paper's Table 2 layout when a task of its groups ran (:mod:`.table2`, the record's ``table2``) and
-RAH-LoRA's Table 1 layout when a task of it ran (the record's ``rah_table1``).
-
-One report per comparison, named after it (:func:`report_stem`): ``eval_report_vs_base`` (``--base``),
-``eval_report_vs_<baseline folder>`` (``--baseline``), ``eval_report`` (the run alone). A rerun of the same
-comparison replaces its report and says so (the record's ``replaces``)."""
+"""``eval_report*.json``, ``.md`` and ``.png`` (docs/eval.md, "Outputs"): the run against its baseline, task by
+task, grouped as the paper groups its benchmarks, after the papers' table layouts (:mod:`.table2`) and the trade-off
+(:mod:`.tradeoff`) when they apply. One report per comparison, named after it (:func:`report_stem`); a rerun of the
+same comparison replaces its report and says so (the record's ``replaces``)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""``llamafactory-hera eval``'s loop: each model loaded once, each task run once per model and cached.
-
-Cache: ``RUN_DIR/eval_cache/<model key>/<task>.json`` (the model key hashes the loading keys and the weights' file
-sizes and times, :meth:`ModelSpec.cache_key`). A finished task's result is written at once, so it is kept when a
-later task fails, and a rerun reads it instead of running it again. A model is loaded only when one of its tasks is
-not cached.
+"""``llamafactory-hera eval``'s loop: each model loaded once, only when one of its tasks is not cached, and each
+finished task written at once to ``RUN_DIR/eval_cache/<model key>/<task>.json`` (:meth:`ModelSpec.cache_key`), so a
+later failure keeps it and a rerun reads it.
 """
 
 from __future__ import annotations

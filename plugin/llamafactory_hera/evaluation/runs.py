@@ -1,25 +1,11 @@
-"""What ``llamafactory-hera eval`` evaluates: a run directory read back into the recipe LLaMA-Factory loads it with.
+"""What ``llamafactory-hera eval`` evaluates: a run directory read back into the recipe LLaMA-Factory loads it with
+(docs/eval.md, "What is loaded").
 
-A run records its recipe in one of (first found wins):
-
-- ``llamafactory_hera_run.json``: the loading keys of every run the plugin saw (any stage, ``sft`` included) and
-  whether it finished (:mod:`llamafactory_hera_patches.run_record`); a run that did not finish is refused. A HARC
-  run's own keys still come from ``harc_run.json`` (or ``training_args.yaml``);
-- ``training_args.yaml``: the whole recipe, written by LlamaBoard for every run it starts (any stage);
-- ``hera_run.json`` (``stage: hera``): the HeRA keys and a ``host`` section (model, adapters, template, data);
-- ``rah_profile.json`` (``stage: rah``): the calibration record, whose ``identity`` names model, template, data;
-- ``harc_run.json`` (``stage: harc``): the HARC keys and a ``host`` section, as HeRA's;
-- none of these (a plain ``stage: sft`` LoRA run trained without the plugin, or before it kept a record): only its
-  base model is known (``adapter_config.json``'s ``base_model_name_or_path``), not its template: ``--template``
-  gives it, and a baseline run without one takes the run's (the twin of a run is the same model family).
-
-A run and its ``--baseline`` must be loaded alike: a key of :data:`COMPARED` both recorded with different values
-(``image_max_pixels: 262144`` against ``589824``: 2.25x the image tokens) is refused, naming the key; a key only one
-of them recorded is taken over by the other, and said (:attr:`ModelSpec.inherited`).
-
-The trained model is the base plus the run's adapter (``adapter_config.json``: appended to the recipe's
-``adapter_name_or_path``) or the run itself (``config.json``: a full or freeze run); ``--base`` is the recipe without
-the run. Imports nothing heavy.
+The first record found wins: ``llamafactory_hera_run.json`` (any stage; a run that did not finish is refused),
+``training_args.yaml`` (LlamaBoard), ``hera_run.json``, ``rah_profile.json``, ``harc_run.json``; else a plain LoRA
+run's ``adapter_config.json`` gives its base model only (its template from ``--template`` or the run's). A run and
+its ``--baseline`` recording a key of :data:`COMPARED` with different values are refused; a key only one recorded is
+taken over by the other (:attr:`ModelSpec.inherited`). Imports nothing heavy.
 """
 
 from __future__ import annotations

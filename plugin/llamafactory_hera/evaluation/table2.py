@@ -1,12 +1,9 @@
 """A paper's table layout of an eval (:class:`PaperTable`): HeRA's Table 2 (:data:`TABLE2`: General, Knowledge, OCR
-and Vision group means, Delta Vision, run minus baseline) and RAH-LoRA's Table 1 (:data:`RAH_TABLE1`: one column per
-benchmark, the ``rah`` preset), the stage chains that produced both models, and, for a backbone of the table, the
-paper's published rows beside them, marked as the paper's (the table's YAML file, with its source).
+and Vision group means, Delta Vision) and RAH-LoRA's Table 1 (:data:`RAH_TABLE1`: one column per benchmark), the
+stage chains of both models, and for a backbone of the table the paper's published rows (its YAML file).
 
-A group is a preset of :mod:`.presets` (Cambrian-1's groups, as the paper reports them); its mean is the mean of its
-benchmarks' headline scores (:data:`SCORES`), each put on a 0-100 scale first: accuracies reported as fractions
-times 100, MME's perception score (0-2000) divided by 20. A group with a benchmark missing (not run, or failed) has no
-mean: the table names what is missing instead of averaging the rest. Imports nothing heavy.
+A column's mean is the mean of its benchmarks' headline scores (:data:`SCORES`) on a 0-100 scale (fractions times
+100, MME-P / 20); a column with a benchmark missing has no mean (docs/eval.md, "Group means"). Imports nothing heavy.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """HARC's trade-off (issue 34, section 1) in one table and one plot, from the report record's rows
-(:func:`.report.report_rows`), when the jailbreak task ran: the run against its base (or baseline) on
-
-- **Robustness**: each attack's ASR (every ``asr_<attack>`` row of the jailbreak task, in the order found; not the
-  per-template ``asr_template:<id>`` rows), lower is better;
-- **Usability**: over-refusal, ``refusal_rate_pseudo`` of ``harc_refusal`` (a HARC recipe's held-out pseudo-harmful
-  rows), lower is better;
-- **Capability**: each task of the Capability group by its main score (``acc_norm`` where the task reports it, else
-  ``acc``: MMLU and WinoGrande report ``acc`` only) and their mean, higher is better; when the capability preset did
-  not run, the demo text task stands in for it (said in the table).
-
-The record's ``tradeoff``: ``{"rows", "not_measured", "notes", "capability"}`` (None without the jailbreak task);
-:func:`markdown_lines` is the table of the .md and the console, :func:`plot` writes ``<report stem>_tradeoff.png``.
+(:func:`.report.report_rows`), when the jailbreak task ran (docs/eval.md, "Trade-off"): robustness (each attack's
+ASR), usability (over-refusal, ``refusal_rate_pseudo``) and capability (the Capability tasks' main scores and their
+mean, or the demo text task standing in). The record's ``tradeoff``: ``{"rows", "not_measured", "notes",
+"capability"}``; :func:`markdown_lines` is the table of the .md and the console, :func:`plot` the ``_tradeoff.png``.
 """
 
 from __future__ import annotations
