@@ -149,6 +149,7 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
     from llamafactory_hera.evaluation.report import table2_lines, write_reports
     from llamafactory_hera.evaluation.runner import evaluate_model
     from llamafactory_hera.evaluation.table2 import RAH_TABLE1, TABLE2
+    from llamafactory_hera.evaluation.tradeoff import cell
     from llamafactory_hera.evaluation.tradeoff import markdown_lines as tradeoff_lines
 
     names = ", ".join(t.name for t in tasks)
@@ -174,8 +175,7 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
     for row in record["rows"]:
         delta = "" if row["delta"] is None else f" ({row['delta']:+.4g})"
         base = "" if row["baseline"] is None else f" vs {row['baseline']:.4g}"
-        value = "–" if row["run"] is None else f"{row['run']:.4g}"
-        print(f"  {row['group']:<14} {row['task']:<32} {row['metric']:<24} {value}{base}{delta}")
+        print(f"  {row['group']:<14} {row['task']:<32} {row['metric']:<24} {cell(row['run'])}{base}{delta}")
     for paper_table in (TABLE2, RAH_TABLE1):
         if record[paper_table.key]:
             print("\n".join(["", *table2_lines(record, paper_table)]))

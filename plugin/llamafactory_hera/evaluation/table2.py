@@ -45,6 +45,7 @@ SCORES: dict[str, tuple[str, float]] = {
 DIFFERS = {"Knowledge": "the paper's Knowledge (Cambrian-1's) also averages MathVista, which the knowledge preset "
                         "leaves out (a GPT judge): compare its Knowledge column with care"}
 NOT_PUBLISHED = "not published here"
+STAGE_NAMES = {"hera": "HeRA", "sft": "SFT", "rah": "RAH-LoRA", "harc": "HARC"}
 
 
 @dataclass(frozen=True)
@@ -105,14 +106,11 @@ def _run_record(run_dir: str) -> dict[str, Any]:
     return read_record(folder / RUN_RECORD)
 
 
-def _stage_name(stage: Any) -> str:
-    return {"hera": "HeRA", "sft": "SFT", "rah": "RAH-LoRA", "harc": "HARC"}.get(str(stage), str(stage))
-
-
 def chain_words(chain: list[dict[str, Any]], numbered: bool) -> str:
     """``HeRA stage 1 -> HeRA stage 2`` (``numbered``) or ``SFT -> SFT``; empty for no recorded chain."""
     runs = [link for link in chain if "stage" in link]
-    return " -> ".join(_stage_name(link["stage"]) + (f" stage {number}" if numbered and len(runs) > 1 else "")
+    return " -> ".join(STAGE_NAMES.get(str(link["stage"]), str(link["stage"]))
+                       + (f" stage {number}" if numbered and len(runs) > 1 else "")
                        for number, link in enumerate(runs, 1))
 
 
