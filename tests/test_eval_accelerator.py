@@ -46,8 +46,8 @@ def test_engine_and_refusal_check_in_bf16_on_the_device(harc_assets: Any, accele
     """
     import llamafactory.extras.misc as misc
 
-    from llamafactory_hera.evaluation.backends import run_refusal
     from llamafactory_hera.evaluation.engine import load_engine
+    from llamafactory_hera.evaluation.runner import run_refusal
     from llamafactory_hera.evaluation.runs import LOADING_KEYS, ModelSpec
 
     monkeypatch.setattr(misc, "_is_bf16_available", True)
