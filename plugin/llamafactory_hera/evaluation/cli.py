@@ -171,7 +171,6 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
     if baseline is not None and other is None:
         other = evaluate(baseline, jailbreak)
     record = write_reports(args.run_dir, args.tasks, tasks, mine, other, args.limit)
-    outcomes = [mine, *([other] if other is not None else [])]
     for row in record["rows"]:
         delta = "" if row["delta"] is None else f" ({row['delta']:+.4g})"
         base = "" if row["baseline"] is None else f" vs {row['baseline']:.4g}"
@@ -186,7 +185,8 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
         say(f"eval: replaced {old['file']} and its .md / .png (of {old.get('created')}, tasks {old.get('tasks_spec')}, "
             f"against {old.get('baseline') or 'nothing'})")
     say(f"eval: {', '.join(record['files'])} in {args.run_dir}")
-    failed = {f"{o.spec.label}/{task}": line for o in outcomes for task, line in o.failures.items()}
+    failed = {f"{o.spec.label}/{task}": line for o in (mine, other) if o is not None
+              for task, line in o.failures.items()}
     if failed:
         first = next(iter(failed.items()))
         raise RecipeError(f"eval: {len(failed)} task run(s) failed ({', '.join(failed)}; first: {first[0]}: "

@@ -41,9 +41,6 @@ class JudgeSpec:
     harmful_id: int | None
     fingerprint: str
 
-    def describe(self) -> str:
-        return f"{self.name} ({self.kind}, harmful label '{self.harmful_label}')"
-
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")

@@ -87,12 +87,8 @@ def _group_of(task: str) -> str:
 
 
 def plan_tasks(spec: str, modality: str, stage: str, known: set[str] | None) -> list[PlannedTask]:
-    """``--tasks`` (comma-separated presets and task names) -> the tasks to run, in order, without repeats.
-
-    ``known``: the task and group names of the library that serves ``modality`` (``None``: not checked). Raises a
-    one-line ``ValueError`` for an empty list, a preset of the other modality, ``refusal`` on a non-HARC run, or an
-    unknown name (with the closest presets and task names).
-    """
+    """``--tasks`` (comma-separated presets and task names) -> the tasks to run, in order, without repeats; ``known``:
+    the task and group names of the library that serves ``modality`` (``None``: not checked)."""
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
         raise RecipeError(f"--tasks: empty; give presets ({', '.join(ALL_PRESETS)}) or task names, comma-separated")

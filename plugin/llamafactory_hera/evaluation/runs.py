@@ -118,8 +118,7 @@ def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]
     own = (RUN_RECORD, LLAMABOARD_ARGS, HERA_RECORD, RAH_RECORD, HARC_RECORD)
     if (run_dir.name.startswith("checkpoint-") and not any((run_dir / name).is_file() for name in own)
             and (run_dir.parent / RUN_RECORD).is_file()):
-        stage, host, method, seed = _recorded_recipe(run_dir.parent)
-        return stage, {k: v for k, v in host.items() if k != "output_dir"}, method, seed
+        return _recorded_recipe(run_dir.parent)
     if (run_dir / RUN_RECORD).is_file():
         record = _finished(run_dir, RUN_RECORD, read_record(run_dir / RUN_RECORD))
         loading = record.get("loading") or {}
