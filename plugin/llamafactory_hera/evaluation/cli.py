@@ -109,9 +109,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def _jailbreak_setup(args: argparse.Namespace, stage: str) -> Any:
-    """The jailbreak task's settings (:mod:`.jailbreak`), checked: one-line errors for an option without the task,
-    an unknown or not yet implemented attack, a ``--judge`` that cannot judge, a missing or empty prompts file, no
-    prompts for a non-HARC run."""
+    """The jailbreak task's settings (:mod:`.jailbreak`), checked (None without the task)."""
     from llamafactory_hera.evaluation.jailbreak import DEFAULT_ATTACKS, setup_from_args
 
     wanted = JAILBREAK in [item.strip() for item in args.tasks.split(",")]

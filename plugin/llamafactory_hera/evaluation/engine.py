@@ -15,9 +15,8 @@ PIN = "CUDA_VISIBLE_DEVICES=0 llamafactory-hera eval ..."
 
 
 def device_note() -> str | None:
-    """A line when several GPUs are visible: LLaMA-Factory's ``get_infer_args`` loads with ``device_map: auto``,
-    which splits a model across every visible GPU (layers as a pipeline, one GPU at work at a time, batch size 1 for
-    MLLMs): a model that fits one GPU runs faster pinned to it."""
+    """A line when several GPUs are visible: LLaMA-Factory loads with ``device_map: auto``, a pipeline over all of
+    them (docs/eval.md, "On a node with several GPUs")."""
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0

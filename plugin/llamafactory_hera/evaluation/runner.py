@@ -156,10 +156,8 @@ def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[di
 
 
 def task_revision(task: PlannedTask, jailbreak: JailbreakSetup | None = None) -> str:
-    """What a cached result of ``task`` was computed under: the demo task set's source (its questions, images and
-    scoring are written by this package) or the running library's version. A cache entry of another revision is
-    run again, so a changed task is never reported from an old result. The jailbreak task's revision also holds its
-    attacks, templates and prompts (:meth:`JailbreakSetup.revision`)."""
+    """What a cached result of ``task`` was computed under (a cache entry of another revision is run again): the demo
+    task set's source, the jailbreak task's settings (:meth:`JailbreakSetup.revision`), or the library's version."""
     if task.library == JAILBREAK:
         return (jailbreak or JailbreakSetup()).revision()
     if task.name in (DEMO_MLLM_TASK, DEMO_TEXT_TASK):
@@ -173,9 +171,8 @@ def task_revision(task: PlannedTask, jailbreak: JailbreakSetup | None = None) ->
 def run_task(engine: Any, spec: ModelSpec, rows_from: ModelSpec, task: PlannedTask, limit: int | None,
              batch_size: int, label: str, jailbreak: JailbreakSetup | None = None,
              cache_dir: Path | None = None) -> dict[str, Any]:
-    """Run ``task`` on the loaded ``engine`` (of ``spec``); the result record (see the module docstring; the
-    jailbreak task's also holds its scored ``answers`` and its ``settings``). ``cache_dir``: the model's eval cache
-    folder (the jailbreak task keeps its GCG suffixes there)."""
+    """``task``'s result on the loaded ``engine`` (the jailbreak task's also holds its ``answers`` and ``settings``;
+    it keeps GCG's suffixes in ``cache_dir``, the model's eval cache folder)."""
     from llamafactory_hera.evaluation.engine import lm_model, lmms_model
 
     started = time.perf_counter()

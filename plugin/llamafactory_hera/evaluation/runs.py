@@ -173,9 +173,8 @@ def is_multimodal(model_name_or_path: str, template: str | None = None) -> bool:
 
 
 def read_run(run_dir: Path, label: str, trained: bool, template: str | None = None) -> ModelSpec:
-    """The model a run directory holds (``trained``) or its base (``not trained``); one-line errors for a folder
-    without a run, a run without its saved model, or a recipe without ``model_name_or_path`` / ``template``.
-    ``template`` fills in a template the run did not record (a plain ``stage: sft`` run)."""
+    """The model a run directory holds (``trained``) or its base (``not trained``); ``template`` fills in a template
+    the run did not record (a plain ``stage: sft`` run)."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a folder; give a run's output_dir")
     stage, host, method, seed = _recorded_recipe(run_dir)
