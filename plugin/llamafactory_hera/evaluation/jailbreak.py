@@ -29,14 +29,6 @@ TASK = "jailbreak"
 
 
 @dataclass(frozen=True)
-class Template:
-    """One jailbreak framing: its id and its text with ``{prompt}`` or ``{first_half}`` / ``{second_half}``."""
-
-    id: str
-    text: str
-
-
-@dataclass(frozen=True)
 class JailbreakSetup:
     """What ``--attacks``, ``--prompts``, ``--gcg-steps`` and ``--judge`` asked for: the attacks in order, the
     prompts file and its prompts (empty: a HARC run's held-out harmful rows), GCG's budget and its per-prompt
@@ -130,20 +122,21 @@ def setup_from_args(attacks: str, prompts: Path | None, judge: str | None, gcg_s
                           judge=check_judge(judge) if judge is not None else None)
 
 
-def load_templates() -> tuple[int, list[Template]]:
-    """The version and the templates of :data:`TEMPLATES_FILE`."""
+def load_templates() -> tuple[int, dict[str, str]]:
+    """The version of :data:`TEMPLATES_FILE` and its framings, id -> text with ``{prompt}`` or ``{first_half}`` /
+    ``{second_half}``."""
     import yaml
 
     data = yaml.safe_load(TEMPLATES_FILE.read_text(encoding="utf-8"))
-    return int(data["version"]), [Template(str(t["id"]), str(t["text"])) for t in data["templates"]]
+    return int(data["version"]), {str(t["id"]): str(t["text"]) for t in data["templates"]}
 
 
-def apply_template(template: Template, prompt: str) -> str:
-    """``template``'s text with the prompt (or its two halves, split at the middle word) put in, nothing else
+def apply_template(text: str, prompt: str) -> str:
+    """A framing's ``text`` with the prompt (or its two halves, split at the middle word) put in, nothing else
     changed."""
     words = prompt.split()
     middle = (len(words) + 1) // 2
-    return (template.text.replace("{first_half}", " ".join(words[:middle]))
+    return (text.replace("{first_half}", " ".join(words[:middle]))
             .replace("{second_half}", " ".join(words[middle:])).replace("{prompt}", prompt))
 
 
@@ -157,7 +150,8 @@ def attack_cases(attacks: tuple[str, ...], prompts: list[str]) -> list[Case]:
         elif attack == "prefilling":
             cases += [Case(attack, None, p, p, PREFIX) for p in prompts]
         elif attack == "templates":
-            cases += [Case(attack, t.id, p, apply_template(t, p)) for t in load_templates()[1] for p in prompts]
+            cases += [Case(attack, template_id, p, apply_template(text, p))
+                      for template_id, text in load_templates()[1].items() for p in prompts]
     return cases
 
 
