@@ -41,7 +41,7 @@ def test_a_cached_result_of_another_task_revision_runs_again(tmp_path: Path, mon
     spec = _spec(tmp_path)
     ran: list[str] = []
 
-    def fake_run(engine, spec, rows_from, task, limit, batch_size, label, jailbreak=None, cache_dir=None):  # stand-in
+    def fake_run(engine, spec, rows_from, task, limit, batch_size, jailbreak=None, cache_dir=None):  # stand-in
         ran.append(task.name)
         return {"entries": [{"task": task.name, "metric": "accuracy", "value": 0.5, "higher_is_better": True}],
                 "seconds": 0.0, "library": task.library, "version": "x", "task_revision": runner.task_revision(task)}

@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -48,24 +49,17 @@ def _demo_folder(library: str) -> Path:
     return write_demo_tasks(folder, library)
 
 
-def quiet_libraries() -> None:
-    """lmms-eval logs through loguru at DEBUG (a line per registry file): keep its warnings and errors only."""
-    import sys
-
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    logging.getLogger("lm-eval").setLevel(logging.WARNING)
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-
-
 def task_manager(library: str, registry: bool) -> Any:
     """The library's ``TaskManager`` with the demo task folder and, when ``registry``, its own tasks (indexing those
     takes seconds: lmms-eval reads about 2,000 task files); built once per process."""
     key = (library, registry)
     if key not in _TASK_MANAGERS:
-        quiet_libraries()
+        from loguru import logger
+
+        logger.remove()  # lmms-eval logs through loguru at DEBUG (a line per registry file): warnings and errors only
+        logger.add(sys.stderr, level="WARNING")
+        logging.getLogger("lm-eval").setLevel(logging.WARNING)
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
         if library == LMMS:
             from lmms_eval.tasks import TaskManager
 
@@ -169,8 +163,7 @@ def task_revision(task: PlannedTask, jailbreak: JailbreakSetup | None = None) ->
 
 
 def run_task(engine: Any, spec: ModelSpec, rows_from: ModelSpec, task: PlannedTask, limit: int | None,
-             batch_size: int, label: str, jailbreak: JailbreakSetup | None = None,
-             cache_dir: Path | None = None) -> dict[str, Any]:
+             batch_size: int, jailbreak: JailbreakSetup | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
     """``task``'s result on the loaded ``engine`` (the jailbreak task's also holds its ``answers`` and ``settings``;
     it keeps GCG's suffixes in ``cache_dir``, the model's eval cache folder)."""
     from llamafactory_hera.evaluation.engine import lm_model, lmms_model
@@ -178,7 +171,7 @@ def run_task(engine: Any, spec: ModelSpec, rows_from: ModelSpec, task: PlannedTa
     started = time.perf_counter()
     extra: dict[str, Any] = {}
     if task.library == LMMS:
-        entries = run_library(lmms_model(engine, label), task, limit)
+        entries = run_library(lmms_model(engine, spec.label), task, limit)
     elif task.library == LM:
         entries = run_library(lm_model(engine, batch_size), task, limit)
     elif task.library == JAILBREAK:
@@ -239,8 +232,7 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
                     say(note)
                 say(f"eval: loading the {spec.label} model ({_describe(spec)})")
                 engine = load_engine(spec)
-            result = run_task(engine, spec, rows_from, task, limit, batch_size, spec.label, jailbreak,
-                              cache_dir=path.parent)
+            result = run_task(engine, spec, rows_from, task, limit, batch_size, jailbreak, cache_dir=path.parent)
         except Exception as err:  # noqa: BLE001 - one task's failure must not lose the others' results
             line = _one_line(err)
             outcome.failures[task.name] = line
