@@ -47,7 +47,7 @@ def test_a_cached_result_of_another_task_revision_runs_again(tmp_path: Path, mon
                 "seconds": 0.0, "library": task.library, "version": "x", "task_revision": runner.task_revision(task)}
 
     monkeypatch.setattr(runner, "run_task", fake_run)
-    monkeypatch.setattr("llamafactory_hera.evaluation.engine.load_engine", lambda spec: object())
+    monkeypatch.setattr("llamafactory_hera.evaluation.runner.load_engine", lambda spec: object())
     path = runner.cache_file(tmp_path, spec, task.name)
     path.parent.mkdir(parents=True)
     old = {"entries": [{"task": task.name, "metric": "accuracy", "value": 1.0, "higher_is_better": True}],

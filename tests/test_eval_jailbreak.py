@@ -179,12 +179,12 @@ def _error(capfd: pytest.CaptureFixture[str], *args: str | Path) -> str:
 
 
 def test_the_users_mistakes(text_lora_run: Path, tmp_path: Path, capfd, monkeypatch) -> None:
-    from llamafactory_hera.evaluation import engine
+    from llamafactory_hera.evaluation import runner
 
     def no_model(*_: Any) -> None:
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(engine, "load_engine", no_model)  # (a text run's template is read through LLaMA-Factory)
+    monkeypatch.setattr(runner, "load_engine", no_model)  # (a text run's template is read through LLaMA-Factory)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n", encoding="utf-8")
     empty = tmp_path / "empty.json"

@@ -99,7 +99,7 @@ def test_the_report_names_what_a_model_took_over(tmp_path: Path, monkeypatch: py
 def test_several_visible_gpus_get_the_pinning_note(count: int, noted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from llamafactory_hera.evaluation.engine import PIN, device_note
+    from llamafactory_hera.evaluation.runner import PIN, device_note
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
@@ -111,7 +111,7 @@ def test_several_visible_gpus_get_the_pinning_note(count: int, noted: bool, monk
 
 def test_the_docs_tell_how_to_pin_an_eval_to_one_gpu() -> None:
     """Issue 31: on an 8-GPU node a 7B-14B model was split across all GPUs as a pipeline at batch size 1."""
-    from llamafactory_hera.evaluation.engine import PIN
+    from llamafactory_hera.evaluation.runner import PIN
 
     doc = read("docs/eval.md")
     text = section(doc, "On a node with several GPUs")
