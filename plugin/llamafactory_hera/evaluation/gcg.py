@@ -71,10 +71,6 @@ def allowed_tokens(tokenizer: Any, vocab_rows: int) -> torch.Tensor:
     return allowed
 
 
-def _embed(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    return model.get_input_embeddings()(ids)
-
-
 def _embedding_scale(embedding: Any) -> Any:
     """What the embedding module multiplies its rows by (Gemma's scaled embeddings), else 1."""
     scale = getattr(embedding, "embed_scale", None)
@@ -98,8 +94,8 @@ def token_gradients(model: Any, problem: Problem, suffix: torch.Tensor) -> torch
     one_hot.scatter_(1, suffix.to(weight.device).unsqueeze(1), 1.0)
     one_hot.requires_grad_(True)
     with torch.enable_grad():
-        embeds = torch.cat([_embed(model, problem.before), (one_hot @ weight) * _embedding_scale(embedding),
-                            _embed(model, problem.after), _embed(model, problem.target)])
+        embeds = torch.cat([embedding(problem.before), (one_hot @ weight) * _embedding_scale(embedding),
+                            embedding(problem.after), embedding(problem.target)])
         logits = model(inputs_embeds=embeds.unsqueeze(0), logits_to_keep=len(problem.target) + 1,
                        use_cache=False).logits
         loss = _target_loss(logits[:, :-1], problem.target)[0]
