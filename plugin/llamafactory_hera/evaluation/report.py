@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.evaluation.presets import JAILBREAK, PlannedTask
+from llamafactory_hera.evaluation.presets import JAILBREAK, PRESETS, PlannedTask
 from llamafactory_hera.evaluation.runner import Outcome
 from llamafactory_hera.evaluation.table2 import RAH_TABLE1, TABLE2, PaperTable, markdown_lines, table2
 from llamafactory_hera.evaluation.tradeoff import PLOT_SUFFIX, cell, plot, tradeoff
@@ -20,8 +20,7 @@ from llamafactory_hera.evaluation.tradeoff import markdown_lines as tradeoff_lin
 
 REPORT_STEM = "eval_report"
 SUFFIXES = (".json", ".md", ".png")
-GROUP_ORDER = ("Vision-Centric", "General", "Knowledge", "OCR & Chart", "Hallucination", "RAH-LoRA Table 1",
-               "Capability", "Refusal", "Jailbreak", "Demo", "Other")
+GROUP_ORDER = (*dict.fromkeys(p.group for p in PRESETS.values()), "Demo", "Other")  # the presets' order
 JAILBREAK_SUFFIX = "_jailbreak.jsonl"
 
 
