@@ -40,14 +40,13 @@ def test_engine_and_refusal_check_in_bf16_on_the_device(harc_assets: Any, accele
     Not covered here (they run on the CPU in tests/test_eval_cli.py): lm-eval's loop cannot run on the simulated
     device: ``HFLM._model_call`` enters ``torch.autocast(device_type=self.device.type, ...)``, which torch refuses for
     the simulated device's type (tried: "RuntimeError: unsupported scalarType" from ``autocast_mode.py``). lmms-eval's
-    loop (:func:`~llamafactory_hera.evaluation.engine.lmms_model` answering through LLaMA-Factory's
+    loop (:func:`~llamafactory_hera.evaluation.runner.lmms_model` answering through LLaMA-Factory's
     ``HuggingfaceEngine._chat``) was tried once on the tiny Qwen2.5-VL: its ``generate`` stopped in the simulator
     itself (``RecursionError`` in ``OnDevice.tolist`` at ``rot_pos_emb``'s ``grid_thw.tolist()``), not investigated.
     """
     import llamafactory.extras.misc as misc
 
-    from llamafactory_hera.evaluation.backends import run_refusal
-    from llamafactory_hera.evaluation.engine import load_engine
+    from llamafactory_hera.evaluation.runner import load_engine, run_refusal
     from llamafactory_hera.evaluation.runs import LOADING_KEYS, ModelSpec
 
     monkeypatch.setattr(misc, "_is_bf16_available", True)
@@ -79,8 +78,8 @@ def test_gcg_on_the_device_in_bf16(harc_assets: Any, accelerator: Any, tmp_path:
     import llamafactory.extras.misc as misc
 
     from llamafactory_hera.evaluation import gcg
-    from llamafactory_hera.evaluation.engine import load_engine
     from llamafactory_hera.evaluation.jailbreak import gcg_problem
+    from llamafactory_hera.evaluation.runner import load_engine
     from llamafactory_hera.evaluation.runs import LOADING_KEYS, ModelSpec
 
     monkeypatch.setattr(misc, "_is_bf16_available", True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llamafactory_hera.evaluation import backends, runner
+from llamafactory_hera.evaluation import runner
 from llamafactory_hera.evaluation.demo_tasks import answer_letter
 from llamafactory_hera.evaluation.presets import DEMO_MLLM_TASK, LMMS, PlannedTask
 from llamafactory_hera.evaluation.runs import ModelSpec
@@ -41,13 +41,13 @@ def test_a_cached_result_of_another_task_revision_runs_again(tmp_path: Path, mon
     spec = _spec(tmp_path)
     ran: list[str] = []
 
-    def fake_run(engine, spec, rows_from, task, limit, batch_size, label, jailbreak=None, cache_dir=None):  # stand-in
+    def fake_run(engine, spec, rows_from, task, limit, batch_size, jailbreak=None, cache_dir=None):  # stand-in
         ran.append(task.name)
         return {"entries": [{"task": task.name, "metric": "accuracy", "value": 0.5, "higher_is_better": True}],
-                "seconds": 0.0, "library": task.library, "version": "x", "task_revision": backends.task_revision(task)}
+                "seconds": 0.0, "library": task.library, "version": "x", "task_revision": runner.task_revision(task)}
 
-    monkeypatch.setattr(backends, "run_task", fake_run)
-    monkeypatch.setattr("llamafactory_hera.evaluation.engine.load_engine", lambda spec: object())
+    monkeypatch.setattr(runner, "run_task", fake_run)
+    monkeypatch.setattr("llamafactory_hera.evaluation.runner.load_engine", lambda spec: object())
     path = runner.cache_file(tmp_path, spec, task.name)
     path.parent.mkdir(parents=True)
     old = {"entries": [{"task": task.name, "metric": "accuracy", "value": 1.0, "higher_is_better": True}],
@@ -60,6 +60,6 @@ def test_a_cached_result_of_another_task_revision_runs_again(tmp_path: Path, mon
 
 
 def test_the_demo_revision_follows_the_task_sets_source() -> None:
-    revision = backends.task_revision(PlannedTask(DEMO_MLLM_TASK, LMMS, "Demo"))
+    revision = runner.task_revision(PlannedTask(DEMO_MLLM_TASK, LMMS, "Demo"))
     assert revision.startswith("demo:") and len(revision) == len("demo:") + 16
-    assert backends.task_revision(PlannedTask("mmvp", LMMS, "Vision-Centric")).startswith("lmms_eval==")
+    assert runner.task_revision(PlannedTask("mmvp", LMMS, "Vision-Centric")).startswith("lmms_eval==")

@@ -105,7 +105,7 @@ def test_candidate_losses_are_each_candidates_exact_target_loss(tiny_llama3: Sim
                                                                 problem: gcg.Problem) -> None:
     model = tiny_llama3.model
     candidates = torch.randint(0, 500, (7, 4), generator=torch.Generator().manual_seed(2))
-    losses = gcg.target_losses(model, problem, candidates, chunk=3)  # three chunks: 3, 3, 1
+    losses, _ = gcg.target_losses(model, problem, candidates, chunk=3)  # three chunks: 3, 3, 1
     before, after, target = problem.before.tolist(), problem.after.tolist(), problem.target.tolist()
     with torch.no_grad():
         expected = [float(_loss_by_loop(model, [*before, *row, *after], target)) for row in candidates.tolist()]
@@ -185,23 +185,23 @@ def test_the_gradient_follows_a_scaled_embedding(tiny_llama3: SimpleNamespace, p
 
 def test_each_suffix_is_cached_the_moment_it_is_found_and_read_back(tiny_llama3: SimpleNamespace, problem: gcg.Problem,
                                                                     tmp_path, monkeypatch, capsys) -> None:
-    from llamafactory_hera.evaluation import gcg_run
+    from llamafactory_hera.evaluation.gcg import optimised_suffixes, suffix_key
 
     budget, said = gcg.Budget(steps=2, width=16, top_k=8, suffix_tokens=4), []
-    found = gcg_run.optimised_suffixes(tiny_llama3.model, tiny_llama3.tokenizer, {PROMPT: (problem, PREFIX)}, budget,
+    found = optimised_suffixes(tiny_llama3.model, tiny_llama3.tokenizer, {PROMPT: (problem, PREFIX)}, budget,
                                        tmp_path, said.append)
-    assert [path.name for path in tmp_path.iterdir()] == [f"{gcg_run.suffix_key(PROMPT, PREFIX, budget)}.json"]
+    assert [path.name for path in tmp_path.iterdir()] == [f"{suffix_key(PROMPT, PREFIX, budget)}.json"]
     assert said[0].startswith("jailbreak: GCG prompt 1/1: target loss ") and " in 2 steps, " in said[0]
 
     def no_optimising(*_: object, **__: object) -> None:
         raise AssertionError("a cached suffix was optimised again")
 
     monkeypatch.setattr(gcg, "optimise_suffix", no_optimising)
-    again = gcg_run.optimised_suffixes(tiny_llama3.model, tiny_llama3.tokenizer, {PROMPT: (problem, PREFIX)}, budget,
+    again = optimised_suffixes(tiny_llama3.model, tiny_llama3.tokenizer, {PROMPT: (problem, PREFIX)}, budget,
                                        tmp_path, said.append)
     assert again == found and said[-1].startswith("jailbreak: GCG: 1 of 1 suffixes read from ")
-    assert gcg_run.suffix_key(PROMPT, PREFIX, gcg.Budget(steps=3)) != gcg_run.suffix_key(PROMPT, PREFIX, budget)
-    assert gcg_run.suffix_key(PROMPT, "Sure, here is how", budget) != gcg_run.suffix_key(PROMPT, PREFIX, budget)
+    assert suffix_key(PROMPT, PREFIX, gcg.Budget(steps=3)) != suffix_key(PROMPT, PREFIX, budget)
+    assert suffix_key(PROMPT, "Sure, here is how", budget) != suffix_key(PROMPT, PREFIX, budget)
 
 
 def test_a_prompts_file_may_give_each_prompt_its_gcg_target(tiny_llama3: SimpleNamespace, tmp_path) -> None:

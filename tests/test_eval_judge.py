@@ -166,12 +166,12 @@ def test_judges_that_cannot_judge(lora_pair: tuple[Path, Path], judges: SimpleNa
                                   monkeypatch) -> None:
     from test_eval_jailbreak import _error
 
-    from llamafactory_hera.evaluation import engine, jailbreak
+    from llamafactory_hera.evaluation import jailbreak, runner
 
     def no_model(*_: Any, **__: Any) -> None:
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(engine, "load_engine", no_model)
+    monkeypatch.setattr(runner, "load_engine", no_model)
     monkeypatch.setattr(jailbreak, "judge_answers", no_model)
     run_dir, _ = lora_pair
     common = (run_dir, "--base", "--tasks", "jailbreak", "--prompts", run_dir.parent / "prompts.json", "--judge")

@@ -12,56 +12,59 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_eval_records import _hera_folder
 
 from llamafactory_hera.evaluation.runs import ModelSpec, read_pair
 from markdown_docs import bash_lines, read, section
 
 
 def _run_folder(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    host = {"model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct", "template": "qwen2_vl", "image_max_pixels": 262144}
-    (folder / "hera_run.json").write_text(json.dumps({"stage": "hera", "host": host}), encoding="utf-8")
-    (folder / "adapter_config.json").write_text("{}", encoding="utf-8")
-    return folder
+    return _hera_folder(folder, image_max_pixels=262144)
 
 
-def _evaluate(monkeypatch: pytest.MonkeyPatch, run_dir: Path, baseline: Path | None, base: bool) -> dict[str, Any]:
-    """``eval RUN_DIR [--baseline B | --base] --tasks demo`` past the checks, each model scoring 0.5 (run) / 0.25."""
+def evaluate_scored(monkeypatch: pytest.MonkeyPatch, run_dir: Path, baseline: Path | None, base: bool,
+                    tasks: str = "demo", scores: Any = None) -> list[str]:
+    """``eval RUN_DIR [--baseline B | --base] --tasks TASKS`` past the checks, the loop replaced by fixed results:
+    ``scores(label, task)`` (metric -> value; default: ``accuracy`` 0.5 for the run, 0.25 for the baseline). What
+    was said."""
     from llamafactory_hera.evaluation import cli, runner
     from llamafactory_hera.evaluation.presets import plan_tasks
     from llamafactory_hera.evaluation.runner import Outcome
 
-    def scored(spec: ModelSpec, rows_from: ModelSpec, tasks: list[Any], *_: Any) -> Outcome:
-        value = 0.5 if spec.label == "run" else 0.25
-        return Outcome(spec, {t.name: {"entries": [{"task": t.name, "metric": "accuracy", "value": value,
-                                                    "higher_is_better": True}], "seconds": 0.1} for t in tasks})
+    scores = scores or (lambda label, task: {"accuracy": 0.5 if label == "run" else 0.25})
+
+    def scored(spec: ModelSpec, rows_from: ModelSpec, planned: list[Any], *_: Any) -> Outcome:
+        return Outcome(spec, {t.name: {"entries": [{"task": t.name, "metric": metric, "value": value,
+                                                    "higher_is_better": True}
+                                                   for metric, value in scores(spec.label, t.name).items()],
+                                       "seconds": 0.1} for t in planned})
 
     monkeypatch.setattr(runner, "evaluate_model", scored)
     run, other = read_pair(run_dir, baseline, base)
-    args = argparse.Namespace(run_dir=run_dir, tasks="demo", limit=None, batch_size=8)
+    args = argparse.Namespace(run_dir=run_dir, tasks=tasks, limit=None, batch_size=8)
     said: list[str] = []
     monkeypatch.setattr("llamafactory_hera.anatomy.board_log.say", said.append)
-    cli._evaluate(args, run, other, plan_tasks("demo", run.modality, run.stage, None))
-    return {"said": said}
+    cli._evaluate(args, run, other, plan_tasks(tasks, run.modality, run.stage, None))
+    return said
 
 
 def test_each_comparison_keeps_its_own_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir, twin = _run_folder(tmp_path / "hera"), _run_folder(tmp_path / "sft twin")
-    first = _evaluate(monkeypatch, run_dir, twin, base=False)
-    assert not any("replaced" in line for line in first["said"])
-    _evaluate(monkeypatch, run_dir, None, base=True)
+    first = evaluate_scored(monkeypatch, run_dir, twin, base=False)
+    assert not any("replaced" in line for line in first)
+    evaluate_scored(monkeypatch, run_dir, None, base=True)
     against_twin = json.loads((run_dir / "eval_report_vs_sft_twin.json").read_text(encoding="utf-8"))
     against_base = json.loads((run_dir / "eval_report_vs_base.json").read_text(encoding="utf-8"))
     assert against_twin["baseline"]["run_dir"] == str(twin) and against_base["baseline"]["trained"] is False
     for stem in ("eval_report_vs_sft_twin", "eval_report_vs_base"):
         assert all((run_dir / f"{stem}{suffix}").stat().st_size > 0 for suffix in (".json", ".md", ".png"))
     assert not (run_dir / "eval_report.json").exists()
-    again = _evaluate(monkeypatch, run_dir, twin, base=False)  # the same comparison again: replaced, and said
-    replaced = [line for line in again["said"] if "replaced" in line]
-    assert len(replaced) == 1 and "eval_report_vs_sft_twin.json" in replaced[0], again["said"]
+    again = evaluate_scored(monkeypatch, run_dir, twin, base=False)  # the same comparison again: replaced, and said
+    replaced = [line for line in again if "replaced" in line]
+    assert len(replaced) == 1 and "eval_report_vs_sft_twin.json" in replaced[0], again
     assert against_twin["created"] in replaced[0] and str(twin) in replaced[0]
     assert json.loads((run_dir / "eval_report_vs_base.json").read_text(encoding="utf-8")) == against_base
-    _evaluate(monkeypatch, run_dir, None, base=False)
+    evaluate_scored(monkeypatch, run_dir, None, base=False)
     assert (run_dir / "eval_report.json").is_file()  # the run alone
 
 
@@ -70,13 +73,13 @@ def test_baselines_in_same_named_folders_keep_their_own_reports(tmp_path: Path,
     """``--baseline a/sft`` then ``--baseline b/sft``: the second used to replace the first's report."""
     run_dir = _run_folder(tmp_path / "hera")
     first, second = _run_folder(tmp_path / "a" / "sft"), _run_folder(tmp_path / "b" / "sft")
-    _evaluate(monkeypatch, run_dir, first, base=False)
-    said = _evaluate(monkeypatch, run_dir, second, base=False)["said"]
+    evaluate_scored(monkeypatch, run_dir, first, base=False)
+    said = evaluate_scored(monkeypatch, run_dir, second, base=False)
     assert not any("replaced" in line for line in said), said
     reports = {json.loads(path.read_text(encoding="utf-8"))["baseline"]["run_dir"]: path.name
                for path in run_dir.glob("eval_report_vs_sft*.json")}
     assert set(reports) == {str(first), str(second)} and reports[str(first)] == "eval_report_vs_sft.json"
-    again = _evaluate(monkeypatch, run_dir, second, base=False)["said"]  # the second comparison again: its own file
+    again = evaluate_scored(monkeypatch, run_dir, second, base=False)  # the second comparison again: its own file
     assert any("replaced" in line and reports[str(second)] in line for line in again), again
     assert len(list(run_dir.glob("eval_report_vs_sft*.json"))) == 2
 
@@ -85,7 +88,7 @@ def test_the_report_names_what_a_model_took_over(tmp_path: Path, monkeypatch: py
     run_dir, twin = _run_folder(tmp_path / "hera"), tmp_path / "legacy"
     twin.mkdir()
     (twin / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct"}))
-    said = _evaluate(monkeypatch, run_dir, twin, base=False)["said"]
+    said = evaluate_scored(monkeypatch, run_dir, twin, base=False)
     assert any("baseline" in line and "recorded no template, image_max_pixels" in line and "262144" in line
                for line in said), said
     markdown = (run_dir / "eval_report_vs_legacy.md").read_text(encoding="utf-8")
@@ -96,7 +99,7 @@ def test_the_report_names_what_a_model_took_over(tmp_path: Path, monkeypatch: py
 def test_several_visible_gpus_get_the_pinning_note(count: int, noted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from llamafactory_hera.evaluation.engine import PIN, device_note
+    from llamafactory_hera.evaluation.runner import PIN, device_note
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
@@ -108,7 +111,7 @@ def test_several_visible_gpus_get_the_pinning_note(count: int, noted: bool, monk
 
 def test_the_docs_tell_how_to_pin_an_eval_to_one_gpu() -> None:
     """Issue 31: on an 8-GPU node a 7B-14B model was split across all GPUs as a pipeline at batch size 1."""
-    from llamafactory_hera.evaluation.engine import PIN
+    from llamafactory_hera.evaluation.runner import PIN
 
     doc = read("docs/eval.md")
     text = section(doc, "On a node with several GPUs")

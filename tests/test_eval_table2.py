@@ -8,15 +8,15 @@ In-process, no model: the evaluation loop is replaced by fixed per-task scores."
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_eval_reports import evaluate_scored
 
 from llamafactory_hera.evaluation.presets import PRESETS
-from llamafactory_hera.evaluation.runs import ModelSpec, read_pair
+from llamafactory_hera.evaluation.runs import read_pair
 from llamafactory_hera.evaluation.table2 import (
     GROUPS,
     PAPER_FILE,
@@ -74,24 +74,11 @@ def _evaluate(monkeypatch: pytest.MonkeyPatch, run_dir: Path, baseline: Path, ta
               capsys: pytest.CaptureFixture[str]) -> tuple[dict[str, Any], str]:
     """``eval RUN_DIR --baseline BASELINE --tasks TASKS`` past the checks with :data:`RUN` / :data:`TWIN`'s scores;
     the .json report and the console."""
-    from llamafactory_hera.evaluation import cli, runner
-    from llamafactory_hera.evaluation.presets import plan_tasks
     from llamafactory_hera.evaluation.report import report_stem
-    from llamafactory_hera.evaluation.runner import Outcome
 
-    def scored(spec: ModelSpec, rows_from: ModelSpec, planned: list[Any], *_: Any) -> Outcome:
-        scores = RUN if spec.label == "run" else TWIN
-        return Outcome(spec, {t.name: {"entries": [{"task": t.name, "metric": metric, "value": value,
-                                                    "higher_is_better": True}
-                                                   for metric, value in scores[t.name].items()], "seconds": 0.1}
-                              for t in planned})
-
-    monkeypatch.setattr(runner, "evaluate_model", scored)
-    monkeypatch.setattr("llamafactory_hera.anatomy.board_log.say", lambda line: None)
-    run, other = read_pair(run_dir, baseline, False)
-    args = argparse.Namespace(run_dir=run_dir, tasks=tasks, limit=None, batch_size=8)
-    cli._evaluate(args, run, other, plan_tasks(tasks, run.modality, run.stage, None))
-    stem = report_stem(other, run_dir)
+    evaluate_scored(monkeypatch, run_dir, baseline, False, tasks,
+                    lambda label, task: (RUN if label == "run" else TWIN)[task])
+    stem = report_stem(read_pair(run_dir, baseline, False)[1], run_dir)
     return json.loads((run_dir / f"{stem}.json").read_text(encoding="utf-8")), capsys.readouterr().out
 
 

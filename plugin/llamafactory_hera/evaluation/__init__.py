@@ -4,7 +4,7 @@
 - :mod:`.runs`: a run directory read back into the recipe keys LLaMA-Factory loads it with;
 - :mod:`.presets`: the paper's benchmark groups as task names, and ``demo``;
 - :mod:`.demo_tasks`: the offline demo task folders (local lmms-eval / lm-eval task definitions);
-- :mod:`.engine`: the model loaded by LLaMA-Factory, wrapped for lmms-eval / lm-eval;
-- :mod:`.backends`: one task on one model; :mod:`.runner`: the loop with its per-model, per-task cache;
+- :mod:`.runner`: the model loaded by LLaMA-Factory, served to lmms-eval / lm-eval; one task on it, and the loop
+  with its per-model, per-task cache;
 - :mod:`.report`: ``eval_report_vs_<baseline>.json`` / ``.md`` / ``.png``, one per comparison.
 """

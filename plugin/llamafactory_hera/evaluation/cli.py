@@ -1,11 +1,5 @@
-"""``llamafactory-hera eval``: a run against its baseline on benchmark presets (added to the command line by
-:func:`add_verbs`, see :mod:`llamafactory_hera.cli`).
-
-    llamafactory-hera eval RUN_DIR [--baseline OTHER_RUN_DIR | --base] --tasks PRESET_OR_TASKS [--limit N]
-        [--attacks direct,prefilling,templates,gcg] [--prompts FILE] [--gcg-steps N] [--judge MODEL]
-
-Every user error (no run in RUN_DIR, unknown preset or task, a preset of the other kind of model, the ``eval``
-extra missing) is one line, raised before any model is loaded.
+"""``llamafactory-hera eval``: a run against its baseline on benchmark presets (docs/eval.md). Every user error is
+one line, raised before any model or library is loaded.
 """
 
 from __future__ import annotations
@@ -19,9 +13,11 @@ from typing import Any
 from llamafactory_hera.evaluation.presets import (
     ALL_PRESETS,
     DEMO,
+    DEMO_HOLDS,
     JAILBREAK,
     LM,
     LMMS,
+    MODULES,
     PRESETS,
     check_task_setup,
     plan_tasks,
@@ -30,7 +26,6 @@ from llamafactory_hera.short_errors import RecipeError
 
 EXTRA = "pip install 'llamafactory-hera[eval]'"
 EXTRA_PACKAGES = ("lmms-eval==0.7.3", "lm-eval==0.4.13")  # pyproject's eval extra (tests/test_eval_cli.py checks)
-_MODULES = {LMMS: "lmms_eval", LM: "lm_eval"}
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
@@ -49,7 +44,7 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
                          help="the run to compare with (e.g. the hera_lambda: 0 twin or a plain sft run)")
     against.add_argument("--base", action="store_true", help="compare with the run's base model (without the run)")
     verb.add_argument("--tasks", required=True, metavar="PRESET_OR_TASKS",
-                      help=f"comma-separated presets or task names; presets: {presets}; {DEMO} ({_demo_holds()})")
+                      help=f"comma-separated presets or task names; presets: {presets}; {DEMO} ({DEMO_HOLDS})")
     verb.add_argument("--template", default=None, metavar="NAME",
                       help="the recipe's template, for a run that recorded none (a plain stage: sft run of "
                       "llamafactory-cli); a --baseline run without one takes RUN_DIR's")
@@ -71,18 +66,12 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
     return {"eval": run_eval}
 
 
-def _demo_holds() -> str:
-    from llamafactory_hera.evaluation.presets import DEMO_HOLDS
-
-    return DEMO_HOLDS
-
-
 def require_library(library: str) -> None:
     """One-line error unless ``library``'s package imports (the ``eval`` extra)."""
-    if library not in _MODULES:
+    if library not in MODULES:
         return
     try:
-        importlib.import_module(_MODULES[library])
+        importlib.import_module(MODULES[library])
     except ImportError as err:
         raise RecipeError(f"eval: {library} is not installed ({err}); install the eval extra: {EXTRA}") from err
 
@@ -109,7 +98,7 @@ def run_eval(args: argparse.Namespace) -> None:
     require_library(library)
     known = None
     if needs_registry:
-        from llamafactory_hera.evaluation.backends import known_tasks
+        from llamafactory_hera.evaluation.runner import known_tasks
 
         known = known_tasks(library)
     tasks = plan_tasks(args.tasks, run.modality, run.stage, known)
@@ -120,9 +109,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def _jailbreak_setup(args: argparse.Namespace, stage: str) -> Any:
-    """The jailbreak task's settings (:mod:`.jailbreak`), checked: one-line errors for an option without the task,
-    an unknown or not yet implemented attack, a ``--judge`` that cannot judge, a missing or empty prompts file, no
-    prompts for a non-HARC run."""
+    """The jailbreak task's settings (:mod:`.jailbreak`), checked (None without the task)."""
     from llamafactory_hera.evaluation.jailbreak import DEFAULT_ATTACKS, setup_from_args
 
     wanted = JAILBREAK in [item.strip() for item in args.tasks.split(",")]
@@ -160,6 +147,7 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
     from llamafactory_hera.evaluation.report import table2_lines, write_reports
     from llamafactory_hera.evaluation.runner import evaluate_model
     from llamafactory_hera.evaluation.table2 import RAH_TABLE1, TABLE2
+    from llamafactory_hera.evaluation.tradeoff import cell
     from llamafactory_hera.evaluation.tradeoff import markdown_lines as tradeoff_lines
 
     names = ", ".join(t.name for t in tasks)
@@ -181,12 +169,10 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
     if baseline is not None and other is None:
         other = evaluate(baseline, jailbreak)
     record = write_reports(args.run_dir, args.tasks, tasks, mine, other, args.limit)
-    outcomes = [mine, *([other] if other is not None else [])]
     for row in record["rows"]:
         delta = "" if row["delta"] is None else f" ({row['delta']:+.4g})"
         base = "" if row["baseline"] is None else f" vs {row['baseline']:.4g}"
-        value = "–" if row["run"] is None else f"{row['run']:.4g}"
-        print(f"  {row['group']:<14} {row['task']:<32} {row['metric']:<24} {value}{base}{delta}")
+        print(f"  {row['group']:<14} {row['task']:<32} {row['metric']:<24} {cell(row['run'])}{base}{delta}")
     for paper_table in (TABLE2, RAH_TABLE1):
         if record[paper_table.key]:
             print("\n".join(["", *table2_lines(record, paper_table)]))
@@ -197,7 +183,8 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
         say(f"eval: replaced {old['file']} and its .md / .png (of {old.get('created')}, tasks {old.get('tasks_spec')}, "
             f"against {old.get('baseline') or 'nothing'})")
     say(f"eval: {', '.join(record['files'])} in {args.run_dir}")
-    failed = {f"{o.spec.label}/{task}": line for o in outcomes for task, line in o.failures.items()}
+    failed = {f"{o.spec.label}/{task}": line for o in (mine, other) if o is not None
+              for task, line in o.failures.items()}
     if failed:
         first = next(iter(failed.items()))
         raise RecipeError(f"eval: {len(failed)} task run(s) failed ({', '.join(failed)}; first: {first[0]}: "

@@ -1,15 +1,10 @@
 """The ``demo`` task set: tiny offline task definitions for lmms-eval (MLLMs) and lm-eval (text models).
 
-Each is an ordinary local task folder of its library (a YAML task, a ``utils.py`` its ``!function`` entries name, a
-JSON-lines dataset loaded by ``datasets``' ``json`` builder), written by :func:`write_demo_tasks` and passed to the
-library as an include path: the same loading, request building, batching and scoring as a hub task, without a hub.
-
-- ``llamafactory_hera_demo_mllm`` (lmms-eval, ``generate_until``): 8 questions on the fixtures' procedural images
-  (one shape on a plain background, drawn from the row's seed by ``fixtures.dataset.draw_shape``), of mixed sizes
-  and shapes as a benchmark's are (32 x 32 to 128 x 128, some wide, some tall): "what colour" / "what shape", four
-  lettered options; answers of up to 32 new tokens, scored by their first option letter (``accuracy``).
-- ``llamafactory_hera_demo_text`` (lm-eval, ``multiple_choice``): 8 general-knowledge questions with four choices,
-  scored by log-likelihood (``acc``, ``acc_norm``).
+Ordinary local task folders of each library (a YAML task, the ``utils.py`` its ``!function`` entries name, a JSON-lines
+dataset), written by :func:`write_demo_tasks` and passed as an include path: a hub task's loading and scoring without a
+hub. ``llamafactory_hera_demo_mllm``: 8 colour / shape questions on procedural images of mixed sizes, four lettered
+options, scored by the answer's option letter (``accuracy``). ``llamafactory_hera_demo_text``: 8 four-choice
+questions scored by log-likelihood (``acc``, ``acc_norm``).
 """
 
 from __future__ import annotations

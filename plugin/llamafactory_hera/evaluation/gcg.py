@@ -16,23 +16,25 @@ of ``steps`` iterations:
 4. :func:`target_losses`: every candidate's loss, exactly (forward passes in chunks); the best one is the next
    suffix. The result is the suffix of the lowest loss seen (:func:`optimise_suffix`).
 
-Own code, not nanogcg: nanogcg 0.3.0 pins transformers <= 4.47.1 (LLaMA-Factory 0.9.5's stack has 5.x), its default
-prefix cache fails on transformers 5 (``'DynamicCache' object is not subscriptable``) and it builds prompts from the
-tokenizer's chat template, not the recipe's LLaMA-Factory template that the other attacks and training use.
+:func:`optimised_suffixes` runs it over the task's prompts, each suffix cached on its own the moment it is found
+(``RUN_DIR/eval_cache/<model key>/gcg_suffixes/``: minutes each on a 7-8B model). Own code, not nanogcg: docs/eval.md
+says why.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from llamafactory_hera.evaluation.gcg_budget import DEFAULT_STEPS, Budget
+from llamafactory_hera.evaluation.gcg_budget import Budget
 
-__all__ = ["DEFAULT_STEPS", "Budget", "Problem", "Suffix", "allowed_tokens", "initial_suffix", "keep_retokenizable",
-           "optimise_suffix", "sample_candidates", "target_losses", "token_gradients"]
 CHUNK = 64  # candidates per forward pass (halved on out-of-memory)
 
 
@@ -69,10 +71,6 @@ def allowed_tokens(tokenizer: Any, vocab_rows: int) -> torch.Tensor:
     return allowed
 
 
-def _embed(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    return model.get_input_embeddings()(ids)
-
-
 def _embedding_scale(embedding: Any) -> Any:
     """What the embedding module multiplies its rows by (Gemma's scaled embeddings), else 1."""
     scale = getattr(embedding, "embed_scale", None)
@@ -96,8 +94,8 @@ def token_gradients(model: Any, problem: Problem, suffix: torch.Tensor) -> torch
     one_hot.scatter_(1, suffix.to(weight.device).unsqueeze(1), 1.0)
     one_hot.requires_grad_(True)
     with torch.enable_grad():
-        embeds = torch.cat([_embed(model, problem.before), (one_hot @ weight) * _embedding_scale(embedding),
-                            _embed(model, problem.after), _embed(model, problem.target)])
+        embeds = torch.cat([embedding(problem.before), (one_hot @ weight) * _embedding_scale(embedding),
+                            embedding(problem.after), embedding(problem.target)])
         logits = model(inputs_embeds=embeds.unsqueeze(0), logits_to_keep=len(problem.target) + 1,
                        use_cache=False).logits
         loss = _target_loss(logits[:, :-1], problem.target)[0]
@@ -125,14 +123,10 @@ def keep_retokenizable(tokenizer: Any, candidates: torch.Tensor) -> torch.Tensor
     return candidates[torch.tensor(keep, dtype=torch.bool)]
 
 
-def target_losses(model: Any, problem: Problem, candidates: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def target_losses(model: Any, problem: Problem, candidates: torch.Tensor, chunk: int = CHUNK
+                  ) -> tuple[torch.Tensor, int]:
     """Every candidate's target loss ``[B]`` (float32, on the CPU), in forward passes of ``chunk`` rows (halved when
-    the device runs out of memory)."""
-    return _losses_in_chunks(model, problem, candidates, chunk)[0]
-
-
-def _losses_in_chunks(model: Any, problem: Problem, candidates: torch.Tensor, chunk: int) -> tuple[torch.Tensor, int]:
-    """:func:`target_losses` and the chunk size that fitted (the next step starts from it)."""
+    the device runs out of memory), and the chunk size that fitted (the next step starts from it)."""
     device = problem.before.device
     width = len(candidates)
 
@@ -175,14 +169,14 @@ def optimise_suffix(model: Any, tokenizer: Any, problem: Problem, budget: Budget
     if allowed is None:
         allowed = allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
     suffix = initial_suffix(tokenizer, budget.suffix_tokens)
-    best_loss = initial = float(target_losses(model, problem, suffix.unsqueeze(0))[0])
+    best_loss = initial = float(target_losses(model, problem, suffix.unsqueeze(0))[0][0])
     best, history, chunk = suffix, [], CHUNK
     for step in range(budget.steps):
         grad = token_gradients(model, problem, suffix)
         candidates = keep_retokenizable(tokenizer, sample_candidates(suffix, grad, budget.top_k, budget.width,
                                                                      allowed, generator))
         if len(candidates):
-            losses, chunk = _losses_in_chunks(model, problem, candidates, chunk)
+            losses, chunk = target_losses(model, problem, candidates, chunk)
             pick = int(losses.argmin())
             suffix = candidates[pick]
             if float(losses[pick]) < best_loss:
@@ -191,3 +185,58 @@ def optimise_suffix(model: Any, tokenizer: Any, problem: Problem, budget: Budget
         if on_step is not None:
             on_step(step, best_loss)
     return Suffix(tuple(best.tolist()), tokenizer.decode(best), best_loss, initial, tuple(history))
+
+
+def suffix_key(prompt: str, target: str, budget: Budget) -> str:
+    """The cache file's name of one suffix: what it was optimised for and under."""
+    text = json.dumps([prompt, target, repr(budget), Path(__file__).read_text(encoding="utf-8")])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _read(path: Path) -> Suffix | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return Suffix(tuple(data["ids"]), data["text"], data["loss"], data["initial_loss"], tuple(data["losses"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent, torn or of another layout: optimise again
+
+
+def optimised_suffixes(model: Any, tokenizer: Any, problems: dict[str, tuple[Problem, str]], budget: Budget,
+                       cache_dir: Path | None, say: Callable[[str], None]) -> dict[str, Suffix]:
+    """A suffix per prompt of ``problems`` (prompt -> (problem, target text)), read from ``cache_dir`` or optimised
+    and written there at once."""
+    from tqdm.auto import tqdm
+
+    allowed = None
+    found: dict[str, Suffix] = {}
+    cached = 0
+    for number, (prompt, (problem, target)) in enumerate(problems.items(), start=1):
+        path = cache_dir / f"{suffix_key(prompt, target, budget)}.json" if cache_dir is not None else None
+        hit = _read(path) if path is not None else None
+        if hit is not None:
+            found[prompt], cached = hit, cached + 1
+            continue
+        if allowed is None:
+            allowed = allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
+        started = time.perf_counter()
+        with tqdm(total=budget.steps, desc=f"jailbreak: GCG prompt {number}/{len(problems)}", leave=False) as bar:
+            def step(_: int, loss: float) -> None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+
+            suffix = optimise_suffix(model, tokenizer, problem, budget, allowed, on_step=step)
+        found[prompt] = suffix
+        say(f"jailbreak: GCG prompt {number}/{len(problems)}: target loss {suffix.initial_loss:.3f} -> "
+            f"{suffix.loss:.3f} in {budget.steps} steps, {time.perf_counter() - started:.0f} s")
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(asdict(suffix)), encoding="utf-8")
+            temporary.replace(path)
+    if cached:
+        say(f"jailbreak: GCG: {cached} of {len(problems)} suffixes read from {cache_dir} (found by an earlier run)")
+    stuck = sum(s.loss >= s.initial_loss for s in found.values())
+    if stuck:
+        say(f"jailbreak: GCG did not lower the target loss for {stuck} of {len(found)} prompts in {budget.steps} "
+            "steps (their suffix is the initial one); raise --gcg-steps")
+    return found

@@ -1,18 +1,10 @@
-"""``--judge MODEL`` of the jailbreak task: a safety classifier that says whether an answer is harmful.
+"""``--judge MODEL`` of the jailbreak task: a safety classifier that says whether an answer is harmful (the two kinds
+and what each reads: docs/eval.md, "Judge").
 
 :func:`check_judge` reads only the checkpoint's config (and, for a causal LM, its tokenizer's chat template), never
-its weights, and refuses what cannot judge with one line before any model loads. Two kinds are accepted:
-
-- ``classifier``: a sequence-classification checkpoint (``architectures`` ending in ``ForSequenceClassification``,
-  e.g. GPTFuzz's RoBERTa judge), given the answer alone (as GPTFuzz's judge was trained); the harmful class is the
-  ``id2label`` name meaning harmful (:data:`HARMFUL_WORDS`, not negated), or ``LABEL_1`` of a 2-label head whose
-  labels are the generic ``LABEL_0`` / ``LABEL_1`` (GPTFuzz's convention: 1 = jailbroken);
-- ``llama_guard``: a Llama Guard-style generative classifier, a causal LM whose chat template mentions ``unsafe``
-  (Llama Guard 1-3), given the conversation [user: prompt, assistant: answer] through that template; its greedy
-  verdict (a few tokens) counts as harmful when it starts with ``unsafe``.
-
-HarmBench's classifier (``cais/HarmBench-Llama-2-13b-cls``) is a causal LM answering yes/no to its own prompt (a
-behaviour and a generation), with no chat template: it is refused by name.
+its weights, and refuses what cannot judge with one line before any model loads: a ``classifier``
+(``*ForSequenceClassification``, the answer alone) or a ``llama_guard`` causal LM (the conversation through its chat
+template, harmful when its greedy verdict starts with ``unsafe``). HarmBench's yes/no classifier is refused by name.
 """
 
 from __future__ import annotations
@@ -48,9 +40,6 @@ class JudgeSpec:
     harmful_label: str
     harmful_id: int | None
     fingerprint: str
-
-    def describe(self) -> str:
-        return f"{self.name} ({self.kind}, harmful label '{self.harmful_label}')"
 
 
 def _offline() -> bool:

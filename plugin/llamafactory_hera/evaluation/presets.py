@@ -1,13 +1,6 @@
-"""Task presets of ``llamafactory-hera eval``: the paper's benchmark groups as lmms-eval / lm-eval task names.
-
-The MLLM groups follow Cambrian-1's grouping (General, Knowledge, OCR & Chart, Vision-Centric) plus hallucination,
-as the HeRA paper reports them, and ``rah``: RAH-LoRA's Table 1; every name is a task or group of lmms-eval 0.7.3's
-registry. Text runs (HARC) get
-``capability`` (lm-eval 0.4.13 tasks) and ``refusal`` (HARC's own end-of-run refusal check, run on the recipe's
-held-out harmful and pseudo-harmful rows). ``demo`` is a tiny offline task set shipped with the package
-(:mod:`llamafactory_hera.evaluation.demo_tasks`), run through the same libraries.
-
-Imports nothing heavy.
+"""Task presets of ``llamafactory-hera eval``: the paper's benchmark groups as lmms-eval 0.7.3 / lm-eval 0.4.13 task
+names (docs/eval.md, "Task presets"), ``refusal`` (HARC's refusal check), ``jailbreak`` (:mod:`.jailbreak`) and
+``demo`` (:mod:`.demo_tasks`). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -21,6 +14,7 @@ from pathlib import Path
 from llamafactory_hera.short_errors import RecipeError
 
 LMMS, LM, REFUSAL, JAILBREAK = "lmms-eval", "lm-eval", "refusal", "jailbreak"
+MODULES = {LMMS: "lmms_eval", LM: "lm_eval"}  # the libraries' import names
 DEMO_MLLM_TASK = "llamafactory_hera_demo_mllm"
 DEMO_TEXT_TASK = "llamafactory_hera_demo_text"
 REFUSAL_TASK = "harc_refusal"
@@ -84,11 +78,7 @@ class PlannedTask:
 
 def library_of(task: str, modality: str) -> str:
     """The library that runs ``task`` for a model of ``modality``."""
-    if task == REFUSAL_TASK:
-        return REFUSAL
-    if task == JAILBREAK:
-        return JAILBREAK
-    return LMMS if modality == "mllm" else LM
+    return {REFUSAL_TASK: REFUSAL, JAILBREAK: JAILBREAK}.get(task, LMMS if modality == "mllm" else LM)
 
 
 def _group_of(task: str) -> str:
@@ -96,40 +86,25 @@ def _group_of(task: str) -> str:
                 task != DEMO_TEXT_TASK else "Demo")
 
 
-def demo_tasks(modality: str, stage: str) -> tuple[str, ...]:
-    """The ``demo`` preset for a model of ``modality`` from a run of ``stage``."""
-    if modality == "mllm":
-        return (DEMO_MLLM_TASK,)
-    return (DEMO_TEXT_TASK, REFUSAL_TASK) if stage == "harc" else (DEMO_TEXT_TASK,)
-
-
-def jailbreak_tasks(stage: str) -> tuple[str, ...]:
-    """The ``jailbreak`` preset from a run of ``stage``: a HARC run's also measures over-refusal on its pseudo-harmful
-    rows (``harc_refusal``), the usability of HARC's trade-off table (:mod:`.tradeoff`)."""
-    return (JAILBREAK, REFUSAL_TASK) if stage == "harc" else (JAILBREAK,)
-
-
 def plan_tasks(spec: str, modality: str, stage: str, known: set[str] | None) -> list[PlannedTask]:
-    """``--tasks`` (comma-separated presets and task names) -> the tasks to run, in order, without repeats.
-
-    ``known``: the task and group names of the library that serves ``modality`` (``None``: not checked). Raises a
-    one-line ``ValueError`` for an empty list, a preset of the other modality, ``refusal`` on a non-HARC run, or an
-    unknown name (with the closest presets and task names).
-    """
+    """``--tasks`` (comma-separated presets and task names) -> the tasks to run, in order, without repeats; ``known``:
+    the task and group names of the library that serves ``modality`` (``None``: not checked)."""
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
         raise RecipeError(f"--tasks: empty; give presets ({', '.join(ALL_PRESETS)}) or task names, comma-separated")
     planned: list[PlannedTask] = []
+    # a HARC run's demo and jailbreak also run harc_refusal: over-refusal, the usability of the trade-off (.tradeoff)
+    refusal = [REFUSAL_TASK] if stage == "harc" else []
     for item in items:
         if item == DEMO:
-            names = list(demo_tasks(modality, stage))
+            names = [DEMO_MLLM_TASK] if modality == "mllm" else [DEMO_TEXT_TASK, *refusal]
         elif item in PRESETS:
             preset = PRESETS[item]
             if preset.modality != modality:
                 fits = [p.name for p in PRESETS.values() if p.modality == modality]
                 raise RecipeError(f"--tasks: preset '{item}' is for {preset.modality} models but this run's model is "
                                   f"a {modality} model; use {', '.join([*fits, DEMO])}")
-            names = list(jailbreak_tasks(stage) if item == JAILBREAK else preset.tasks)
+            names = [JAILBREAK, *refusal] if item == JAILBREAK else list(preset.tasks)
         else:
             preset_typo = difflib.get_close_matches(item, ALL_PRESETS, n=1, cutoff=0.8)
             if preset_typo and item not in (known or ()):  # a misspelt preset: said without reading the registry

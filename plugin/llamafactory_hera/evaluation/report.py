@@ -1,11 +1,7 @@
-"""``eval_report*.json``, ``.md`` and ``.png``: the run against its baseline, task by task, grouped as the paper
-groups its benchmarks (Vision-Centric, General, Knowledge, OCR & Chart, Hallucination; text runs: Capability,
-Refusal), after the paper's Table 2 layout when a task of its groups ran (:mod:`.table2`, the record's ``table2``) and
-RAH-LoRA's Table 1 layout when a task of it ran (the record's ``rah_table1``).
-
-One report per comparison, named after it (:func:`report_stem`): ``eval_report_vs_base`` (``--base``),
-``eval_report_vs_<baseline folder>`` (``--baseline``), ``eval_report`` (the run alone). A rerun of the same
-comparison replaces its report and says so (the record's ``replaces``)."""
+"""``eval_report*.json``, ``.md`` and ``.png`` (docs/eval.md, "Outputs"): the run against its baseline, task by
+task, grouped as the paper groups its benchmarks, after the papers' table layouts (:mod:`.table2`) and the trade-off
+(:mod:`.tradeoff`) when they apply. One report per comparison, named after it (:func:`report_stem`); a rerun of the
+same comparison replaces its report and says so (the record's ``replaces``)."""
 
 from __future__ import annotations
 
@@ -16,16 +12,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.evaluation.presets import JAILBREAK, PlannedTask
+from llamafactory_hera.evaluation.presets import JAILBREAK, PRESETS, PlannedTask
 from llamafactory_hera.evaluation.runner import Outcome
 from llamafactory_hera.evaluation.table2 import RAH_TABLE1, TABLE2, PaperTable, markdown_lines, table2
-from llamafactory_hera.evaluation.tradeoff import PLOT_SUFFIX, plot, tradeoff
+from llamafactory_hera.evaluation.tradeoff import PLOT_SUFFIX, cell, plot, tradeoff
 from llamafactory_hera.evaluation.tradeoff import markdown_lines as tradeoff_lines
 
 REPORT_STEM = "eval_report"
 SUFFIXES = (".json", ".md", ".png")
-GROUP_ORDER = ("Vision-Centric", "General", "Knowledge", "OCR & Chart", "Hallucination", "RAH-LoRA Table 1",
-               "Capability", "Refusal", "Jailbreak", "Demo", "Other")
+GROUP_ORDER = (*dict.fromkeys(p.group for p in PRESETS.values()), "Demo", "Other")  # the presets' order
 JAILBREAK_SUFFIX = "_jailbreak.jsonl"
 
 
@@ -44,10 +39,6 @@ def report_rows(tasks: list[PlannedTask], run: Outcome, baseline: Outcome | None
                          "delta": delta, "higher_is_better": entry.get("higher_is_better", True),
                          "library": run.results.get(task.name, {}).get("library", task.library)})
     return rows
-
-
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4g}"
 
 
 def _markdown(record: dict[str, Any]) -> str:
@@ -82,9 +73,8 @@ def _markdown(record: dict[str, Any]) -> str:
         lines += [f"## {group}", "", "| task | metric | run | baseline | delta |", "| --- | --- | ---: | ---: | ---: |"]
         for row in (r for r in record["rows"] if r["group"] == group):
             arrow = "" if row["higher_is_better"] else " (lower is better)"
-            delta = "–" if row["delta"] is None else f"{row['delta']:+.4g}"
-            lines.append(f"| {row['task']} | {row['metric']}{arrow} | {_fmt(row['run'])} | {_fmt(row['baseline'])} "
-                         f"| {delta} |")
+            lines.append(f"| {row['task']} | {row['metric']}{arrow} | {cell(row['run'])} | {cell(row['baseline'])} "
+                         f"| {cell(row['delta'], signed=True)} |")
         lines.append("")
     if record["failed"]:
         lines += ["## Failed (rerun to retry; finished tasks are cached)", ""]
@@ -100,14 +90,12 @@ def table2_lines(record: dict[str, Any], paper_table: PaperTable = TABLE2) -> li
 
 
 def _plot(record: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     rows = [r for r in record["rows"] if r["run"] is not None or r["baseline"] is not None]
     height = max(2.5, 0.45 * len(rows) + 1.2)
-    figure, axes = plt.subplots(figsize=(9, height))
+    figure = Figure(figsize=(9, height))
+    axes = figure.subplots()
     labels = [f"{r['group']}: {r['task']} / {r['metric']}" for r in rows]
     positions = list(range(len(rows)))
     run_values = [r["run"] or 0.0 for r in rows]
@@ -131,7 +119,6 @@ def _plot(record: dict[str, Any], path: Path) -> None:
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def report_stem(baseline: Any, run_dir: Path | None = None) -> str:

@@ -1,24 +1,279 @@
-"""``llamafactory-hera eval``'s loop: each model loaded once, each task run once per model and cached.
+"""``llamafactory-hera eval``'s runs: one task on one loaded model (lmms-eval for MLLMs, lm-eval for text models,
+HARC's refusal check, the jailbreak attacks of :mod:`.jailbreak`) and the loop over models and tasks.
 
-Cache: ``RUN_DIR/eval_cache/<model key>/<task>.json`` (the model key hashes the loading keys and the weights' file
-sizes and times, :meth:`ModelSpec.cache_key`). A finished task's result is written at once, so it is kept when a
-later task fails, and a rerun reads it instead of running it again. A model is loaded only when one of its tasks is
-not cached.
+The model is loaded as LLaMA-Factory loads it for inference (``HuggingfaceEngine``: base, then each adapter merged),
+served to lm-eval by its own ``HFLM`` and to lmms-eval by :func:`lmms_model`, whose ``generate_until`` answers with
+LLaMA-Factory's chat (the recipe's template and multimodal plugin: the prompt format the model was trained on).
+A task's result: ``{"entries": [{"task", "metric", "value", "higher_is_better"}], "seconds", "library", "version",
+"task_revision"}``, one entry per (sub)task and metric (standard errors left out). Each model is loaded once, only
+when one of its tasks is not cached, and each finished task is written at once to
+``RUN_DIR/eval_cache/<model key>/<task>.json`` (:meth:`ModelSpec.cache_key`), so a later failure keeps it and a
+rerun reads it.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
+import hashlib
+import importlib.metadata
 import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.evaluation.presets import PlannedTask
+from llamafactory_hera.evaluation.demo_tasks import write_demo_tasks
+from llamafactory_hera.evaluation.jailbreak import JailbreakSetup, run_jailbreak
+from llamafactory_hera.evaluation.presets import (
+    DEMO_MLLM_TASK,
+    DEMO_TEXT_TASK,
+    JAILBREAK,
+    LM,
+    LMMS,
+    MODULES,
+    PlannedTask,
+)
 from llamafactory_hera.evaluation.runs import ModelSpec
+from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches import inference
 
 CACHE_DIR = "eval_cache"
+PIN = "CUDA_VISIBLE_DEVICES=0 llamafactory-hera eval ..."
+_TASK_MANAGERS: dict[tuple[str, bool], Any] = {}
+
+
+def _demo_folder(library: str) -> Path:
+    """The demo task set written for this process; removed when the process exits (not one folder per call left)."""
+    folder = Path(tempfile.mkdtemp(prefix="llamafactory_hera_eval_tasks_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return write_demo_tasks(folder, library)
+
+
+def task_manager(library: str, registry: bool) -> Any:
+    """The library's ``TaskManager`` with the demo task folder and, when ``registry``, its own tasks (indexing those
+    takes seconds: lmms-eval reads about 2,000 task files); built once per process."""
+    key = (library, registry)
+    if key not in _TASK_MANAGERS:
+        from loguru import logger
+
+        logger.remove()  # lmms-eval logs through loguru at DEBUG (a line per registry file): warnings and errors only
+        logger.add(sys.stderr, level="WARNING")
+        logging.getLogger("lm-eval").setLevel(logging.WARNING)
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        if library == LMMS:
+            from lmms_eval.tasks import TaskManager
+
+            verbosity: tuple[str, ...] = ("WARNING",)
+        else:
+            from lm_eval.tasks import TaskManager
+
+            verbosity = ()
+        _TASK_MANAGERS[key] = TaskManager(*verbosity, include_path=str(_demo_folder(library)),
+                                          include_defaults=registry)
+    return _TASK_MANAGERS[key]
+
+
+def known_tasks(library: str) -> set[str]:
+    """Every task, group and tag name the library's registry knows (with the demo tasks)."""
+    return set(task_manager(library, registry=True).all_tasks)
+
+
+def _entries(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """``results["results"]`` -> flat entries (``"metric,filter"`` keys; ``_stderr`` and non-numbers dropped)."""
+    better = results.get("higher_is_better") or {}
+    entries = []
+    for task, metrics in (results.get("results") or {}).items():
+        for key, value in metrics.items():
+            metric = key.split(",")[0]
+            if "_stderr" in key or key == "alias" or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            entries.append({"task": task, "metric": metric if key.endswith(",none") else key, "value": float(value),
+                            "higher_is_better": (better.get(task) or {}).get(metric, True)})
+    return entries
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[str, Any]]:
+    """``task`` through its library's ``simple_evaluate`` (a demo task without indexing the library's registry)."""
+    if task.library == LMMS:
+        from lmms_eval import evaluator
+
+        options: dict[str, Any] = {"batch_size": 1, "verbosity": "WARNING", "process_docs_parallel": 1}
+    else:
+        from lm_eval import evaluator
+
+        options = {}
+    manager = task_manager(task.library, task.name not in (DEMO_MLLM_TASK, DEMO_TEXT_TASK))
+    results = evaluator.simple_evaluate(model=model, tasks=[task.name], task_manager=manager, limit=limit,
+                                        log_samples=False, bootstrap_iters=0, **options)
+    return _entries(results or {})
+
+
+def stop_ids(engine: Any) -> list[int]:
+    """The ids that end a generated answer: the tokenizer's EOS and the template's stop words."""
+    tokenizer = engine.tokenizer
+    stop = [tokenizer.convert_tokens_to_ids(word) for word in getattr(engine.template, "stop_words", []) or []]
+    return list(dict.fromkeys([tokenizer.eos_token_id, *[i for i in stop if isinstance(i, int)]]))
+
+
+def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[dict[str, Any]]:
+    """HARC's end-of-run refusal check on ``engine``'s model: greedy answers to the held-out harmful and the
+    pseudo-harmful rows of ``rows_from``'s recipe (the same seeded split as training), scored by the refusal
+    matcher (:mod:`llamafactory_hera.harc.evaluate`)."""
+    from llamafactory_hera.harc.args import parse_harc_arguments
+    from llamafactory_hera.harc.evaluate import generate_answers, refusal_record
+    from llamafactory_hera.harc.roles import load_role_rows
+    from llamafactory_hera.harc.workflow import progress, say
+    from llamafactory_hera_patches.model_data import load_aligned_rows, parse_recipe
+
+    harc_args = parse_harc_arguments(dict(rows_from.harc))
+    recipe = parse_recipe({**rows_from.recipe, "stage": "sft"})
+    rows = load_role_rows(harc_args, lambda name: load_aligned_rows(recipe, rows_from.seed, [name]), engine.template,
+                          engine.tokenizer, rows_from.seed, say)
+    def answers(chosen: list[Any]) -> list[str]:
+        chosen = chosen[:limit] if limit else chosen
+        return generate_answers(engine.model, engine.tokenizer, [row.prompt_ids for row in chosen],
+                                harc_args.harc_eval_max_new_tokens, harc_args.harc_extract_batch_size,
+                                stop_ids(engine), progress, "refusal: generating")
+
+    record = refusal_record(answers(rows.validate_harmful), answers(rows.eval_pseudo))
+    return [{"task": "harc_refusal", "metric": "refusal_rate_harmful", "value": record["refusal_rate_harmful"],
+             "higher_is_better": True},
+            {"task": "harc_refusal", "metric": "refusal_rate_pseudo", "value": record["refusal_rate_pseudo"],
+             "higher_is_better": False}]
+
+
+def task_revision(task: PlannedTask, jailbreak: JailbreakSetup | None = None) -> str:
+    """What a cached result of ``task`` was computed under (a cache entry of another revision is run again): the demo
+    task set's source, the jailbreak task's settings (:meth:`JailbreakSetup.revision`), or the library's version."""
+    if task.library == JAILBREAK:
+        return (jailbreak or JailbreakSetup()).revision()
+    if task.name in (DEMO_MLLM_TASK, DEMO_TEXT_TASK):
+        from llamafactory_hera.evaluation import demo_tasks
+
+        return "demo:" + hashlib.sha256(Path(demo_tasks.__file__).read_bytes()).hexdigest()[:16]
+    library = MODULES.get(task.library, "llamafactory-hera")
+    return f"{library}=={_version(library)}"
+
+
+def device_note() -> str | None:
+    """A line when several GPUs are visible: LLaMA-Factory loads with ``device_map: auto``, a pipeline over all of
+    them (docs/eval.md, "On a node with several GPUs")."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count <= 1:
+        return None
+    return (f"eval: {count} GPUs visible: the model is loaded with device_map: auto, split across all {count} (a "
+            f"pipeline, one GPU at work at a time); a model that fits one GPU runs faster pinned to it: {PIN}")
+
+
+def load_engine(spec: ModelSpec) -> Any:
+    """``HuggingfaceEngine`` for ``spec`` (model in eval mode, tokenizer, processor, template, generating args)."""
+    return inference.load_engine(spec.recipe)
+
+
+def _flatten(visuals: Any) -> list[Any]:
+    if visuals is None:
+        return []
+    if isinstance(visuals, list | tuple):
+        return [item for value in visuals for item in _flatten(value)]
+    return [visuals]
+
+
+def lmms_model(engine: Any, label: str) -> Any:
+    """An lmms-eval model (``lmms``, simple type) that answers with ``engine`` (see the module docstring)."""
+    import PIL.Image
+    from lmms_eval.api.model import lmms
+    from tqdm.auto import tqdm
+
+    class LlamaFactoryLMM(lmms):
+        """lmms-eval's view of a LLaMA-Factory-loaded MLLM: greedy ``generate_until`` with images."""
+
+        is_simple = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.engine = engine
+            self.batch_size_per_gpu = 1
+
+        def generate_until(self, requests: list[Any]) -> list[str]:
+            """One greedy answer per request (``args``: context, generation kwargs, doc_to_visual, doc id, task,
+            split); the answer is cut at the first of the request's ``until`` strings."""
+            answers = []
+            for request in tqdm(requests, desc=f"{label}: answering", leave=False):
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+                visuals = _flatten(doc_to_visual(self.task_dict[task][split][doc_id])) if doc_to_visual else []
+                others = [type(v).__name__ for v in visuals if not isinstance(v, PIL.Image.Image)]
+                if others:
+                    raise RecipeError(f"task {task}: inputs of type {', '.join(sorted(set(others)))}; "
+                                      "llamafactory-hera eval answers image and text tasks only")
+                kwargs = dict(gen_kwargs or {})
+                until = kwargs.pop("until", None) or []
+                until = [until] if isinstance(until, str) else list(until)
+                temperature = float(kwargs.get("temperature", 0) or 0)
+                input_kwargs = {"max_new_tokens": int(kwargs.get("max_new_tokens", 128)),
+                                "do_sample": temperature > 0}
+                if temperature > 0:
+                    input_kwargs["temperature"] = temperature
+                text = inference.answer(engine, [{"role": "user", "content": context}], visuals or None,
+                                        input_kwargs)
+                for stop in until:
+                    text = text.split(stop)[0] if stop else text
+                answers.append(text)
+            return answers
+
+        def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
+            task = requests[0].args[-2] if requests and len(requests[0].args) > 2 else "?"
+            raise RecipeError(f"task {task} scores by log-likelihood; llamafactory-hera eval runs MLLM tasks that "
+                              "generate answers (generate_until), as every preset's")
+
+        def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
+            raise RecipeError("multi-round tasks are not served by llamafactory-hera eval; choose single-turn tasks")
+
+    return LlamaFactoryLMM()
+
+
+def lm_model(engine: Any, batch_size: int) -> Any:
+    """lm-eval's ``HFLM`` around the engine's (merged) model and tokenizer."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=engine.model, tokenizer=engine.tokenizer, batch_size=batch_size)
+
+
+def run_task(engine: Any, spec: ModelSpec, rows_from: ModelSpec, task: PlannedTask, limit: int | None,
+             batch_size: int, jailbreak: JailbreakSetup | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+    """``task``'s result on the loaded ``engine`` (the jailbreak task's also holds its ``answers`` and ``settings``;
+    it keeps GCG's suffixes in ``cache_dir``, the model's eval cache folder)."""
+    started = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if task.library == LMMS:
+        entries = run_library(lmms_model(engine, spec.label), task, limit)
+    elif task.library == LM:
+        entries = run_library(lm_model(engine, batch_size), task, limit)
+    elif task.library == JAILBREAK:
+        extra = run_jailbreak(engine, rows_from, jailbreak or JailbreakSetup(), limit, batch_size, stop_ids(engine),
+                              cache_dir / "gcg_suffixes" if cache_dir is not None else None)
+        entries = extra.pop("entries")
+    else:
+        entries = run_refusal(engine, rows_from, limit)
+    if not entries:
+        raise ValueError(f"task {task.name}: {task.library} returned no metric")
+    return {"entries": entries, "seconds": round(time.perf_counter() - started, 3), "library": task.library,
+            "version": _version(MODULES.get(task.library, "llamafactory-hera")),
+            "task_revision": task_revision(task, jailbreak), **extra}
 
 
 @dataclass
@@ -48,8 +303,6 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
     ``jailbreak``: the jailbreak task's :class:`~.jailbreak.JailbreakSetup` (None: its defaults)."""
     from tqdm.auto import tqdm
 
-    from llamafactory_hera.evaluation.backends import run_task, task_revision
-
     outcome = Outcome(spec)
     engine = None
     for task in tqdm(tasks, desc=f"eval {spec.label}: {spec.title}", unit="task"):
@@ -61,15 +314,12 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
             continue
         try:
             if engine is None:
-                from llamafactory_hera.evaluation.engine import device_note, load_engine
-
                 note = device_note()
                 if note:
                     say(note)
                 say(f"eval: loading the {spec.label} model ({_describe(spec)})")
                 engine = load_engine(spec)
-            result = run_task(engine, spec, rows_from, task, limit, batch_size, spec.label, jailbreak,
-                              cache_dir=path.parent)
+            result = run_task(engine, spec, rows_from, task, limit, batch_size, jailbreak, cache_dir=path.parent)
         except Exception as err:  # noqa: BLE001 - one task's failure must not lose the others' results
             line = _one_line(err)
             outcome.failures[task.name] = line

@@ -1,25 +1,11 @@
-"""What ``llamafactory-hera eval`` evaluates: a run directory read back into the recipe LLaMA-Factory loads it with.
+"""What ``llamafactory-hera eval`` evaluates: a run directory read back into the recipe LLaMA-Factory loads it with
+(docs/eval.md, "What is loaded").
 
-A run records its recipe in one of (first found wins):
-
-- ``llamafactory_hera_run.json``: the loading keys of every run the plugin saw (any stage, ``sft`` included) and
-  whether it finished (:mod:`llamafactory_hera_patches.run_record`); a run that did not finish is refused. A HARC
-  run's own keys still come from ``harc_run.json`` (or ``training_args.yaml``);
-- ``training_args.yaml``: the whole recipe, written by LlamaBoard for every run it starts (any stage);
-- ``hera_run.json`` (``stage: hera``): the HeRA keys and a ``host`` section (model, adapters, template, data);
-- ``rah_profile.json`` (``stage: rah``): the calibration record, whose ``identity`` names model, template, data;
-- ``harc_run.json`` (``stage: harc``): the HARC keys and a ``host`` section, as HeRA's;
-- none of these (a plain ``stage: sft`` LoRA run trained without the plugin, or before it kept a record): only its
-  base model is known (``adapter_config.json``'s ``base_model_name_or_path``), not its template: ``--template``
-  gives it, and a baseline run without one takes the run's (the twin of a run is the same model family).
-
-A run and its ``--baseline`` must be loaded alike: a key of :data:`COMPARED` both recorded with different values
-(``image_max_pixels: 262144`` against ``589824``: 2.25x the image tokens) is refused, naming the key; a key only one
-of them recorded is taken over by the other, and said (:attr:`ModelSpec.inherited`).
-
-The trained model is the base plus the run's adapter (``adapter_config.json``: appended to the recipe's
-``adapter_name_or_path``) or the run itself (``config.json``: a full or freeze run); ``--base`` is the recipe without
-the run. Imports nothing heavy.
+The first record found wins: ``llamafactory_hera_run.json`` (any stage; a run that did not finish is refused),
+``training_args.yaml`` (LlamaBoard), ``hera_run.json``, ``rah_profile.json``, ``harc_run.json``; else a plain LoRA
+run's ``adapter_config.json`` gives its base model only (its template from ``--template`` or the run's). A run and
+its ``--baseline`` recording a key of :data:`COMPARED` with different values are refused; a key only one recorded is
+taken over by the other (:attr:`ModelSpec.inherited`). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -132,8 +118,7 @@ def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]
     own = (RUN_RECORD, LLAMABOARD_ARGS, HERA_RECORD, RAH_RECORD, HARC_RECORD)
     if (run_dir.name.startswith("checkpoint-") and not any((run_dir / name).is_file() for name in own)
             and (run_dir.parent / RUN_RECORD).is_file()):
-        stage, host, method, seed = _recorded_recipe(run_dir.parent)
-        return stage, {k: v for k, v in host.items() if k != "output_dir"}, method, seed
+        return _recorded_recipe(run_dir.parent)
     if (run_dir / RUN_RECORD).is_file():
         record = _finished(run_dir, RUN_RECORD, read_record(run_dir / RUN_RECORD))
         loading = record.get("loading") or {}
@@ -188,9 +173,8 @@ def is_multimodal(model_name_or_path: str, template: str | None = None) -> bool:
 
 
 def read_run(run_dir: Path, label: str, trained: bool, template: str | None = None) -> ModelSpec:
-    """The model a run directory holds (``trained``) or its base (``not trained``); one-line errors for a folder
-    without a run, a run without its saved model, or a recipe without ``model_name_or_path`` / ``template``.
-    ``template`` fills in a template the run did not record (a plain ``stage: sft`` run)."""
+    """The model a run directory holds (``trained``) or its base (``not trained``); ``template`` fills in a template
+    the run did not record (a plain ``stage: sft`` run)."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a folder; give a run's output_dir")
     stage, host, method, seed = _recorded_recipe(run_dir)

@@ -1,12 +1,9 @@
 """A paper's table layout of an eval (:class:`PaperTable`): HeRA's Table 2 (:data:`TABLE2`: General, Knowledge, OCR
-and Vision group means, Delta Vision, run minus baseline) and RAH-LoRA's Table 1 (:data:`RAH_TABLE1`: one column per
-benchmark, the ``rah`` preset), the stage chains that produced both models, and, for a backbone of the table, the
-paper's published rows beside them, marked as the paper's (the table's YAML file, with its source).
+and Vision group means, Delta Vision) and RAH-LoRA's Table 1 (:data:`RAH_TABLE1`: one column per benchmark), the
+stage chains of both models, and for a backbone of the table the paper's published rows (its YAML file).
 
-A group is a preset of :mod:`.presets` (Cambrian-1's groups, as the paper reports them); its mean is the mean of its
-benchmarks' headline scores (:data:`SCORES`), each put on a 0-100 scale first: accuracies reported as fractions
-times 100, MME's perception score (0-2000) divided by 20. A group with a benchmark missing (not run, or failed) has no
-mean: the table names what is missing instead of averaging the rest. Imports nothing heavy.
+A column's mean is the mean of its benchmarks' headline scores (:data:`SCORES`) on a 0-100 scale (fractions times
+100, MME-P / 20); a column with a benchmark missing has no mean (docs/eval.md, "Group means"). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -48,6 +45,7 @@ SCORES: dict[str, tuple[str, float]] = {
 DIFFERS = {"Knowledge": "the paper's Knowledge (Cambrian-1's) also averages MathVista, which the knowledge preset "
                         "leaves out (a GPT judge): compare its Knowledge column with care"}
 NOT_PUBLISHED = "not published here"
+STAGE_NAMES = {"hera": "HeRA", "sft": "SFT", "rah": "RAH-LoRA", "harc": "HARC"}
 
 
 @dataclass(frozen=True)
@@ -108,14 +106,11 @@ def _run_record(run_dir: str) -> dict[str, Any]:
     return read_record(folder / RUN_RECORD)
 
 
-def _stage_name(stage: Any) -> str:
-    return {"hera": "HeRA", "sft": "SFT", "rah": "RAH-LoRA", "harc": "HARC"}.get(str(stage), str(stage))
-
-
 def chain_words(chain: list[dict[str, Any]], numbered: bool) -> str:
     """``HeRA stage 1 -> HeRA stage 2`` (``numbered``) or ``SFT -> SFT``; empty for no recorded chain."""
     runs = [link for link in chain if "stage" in link]
-    return " -> ".join(_stage_name(link["stage"]) + (f" stage {number}" if numbered and len(runs) > 1 else "")
+    return " -> ".join(STAGE_NAMES.get(str(link["stage"]), str(link["stage"]))
+                       + (f" stage {number}" if numbered and len(runs) > 1 else "")
                        for number, link in enumerate(runs, 1))
 
 

@@ -1,16 +1,8 @@
 """HARC's trade-off (issue 34, section 1) in one table and one plot, from the report record's rows
-(:func:`.report.report_rows`), when the jailbreak task ran: the run against its base (or baseline) on
-
-- **Robustness**: each attack's ASR (every ``asr_<attack>`` row of the jailbreak task, in the order found; not the
-  per-template ``asr_template:<id>`` rows), lower is better;
-- **Usability**: over-refusal, ``refusal_rate_pseudo`` of ``harc_refusal`` (a HARC recipe's held-out pseudo-harmful
-  rows), lower is better;
-- **Capability**: each task of the Capability group by its main score (``acc_norm`` where the task reports it, else
-  ``acc``: MMLU and WinoGrande report ``acc`` only) and their mean, higher is better; when the capability preset did
-  not run, the demo text task stands in for it (said in the table).
-
-The record's ``tradeoff``: ``{"rows", "not_measured", "notes", "capability"}`` (None without the jailbreak task);
-:func:`markdown_lines` is the table of the .md and the console, :func:`plot` writes ``<report stem>_tradeoff.png``.
+(:func:`.report.report_rows`), when the jailbreak task ran (docs/eval.md, "Trade-off"): robustness (each attack's
+ASR), usability (over-refusal, ``refusal_rate_pseudo``) and capability (the Capability tasks' main scores and their
+mean, or the demo text task standing in). The record's ``tradeoff``: ``{"rows", "not_measured", "notes",
+"capability"}``; :func:`markdown_lines` is the table of the .md and the console, :func:`plot` the ``_tradeoff.png``.
 """
 
 from __future__ import annotations
@@ -108,7 +100,7 @@ def tradeoff(record: dict[str, Any]) -> dict[str, Any] | None:
             "capability": source}
 
 
-def _cell(value: float | None, signed: bool = False) -> str:
+def cell(value: float | None, signed: bool = False) -> str:
     return "–" if value is None else (f"{value:+.4g}" if signed else f"{value:.4g}")
 
 
@@ -134,8 +126,8 @@ def markdown_lines(record: dict[str, Any]) -> list[str]:
              "", f"| axis | measure | run | {other} | delta | better |", "| --- | --- | ---: | ---: | ---: | --- |"]
     for axis in AXES:
         for row in (r for r in held["rows"] if r["axis"] == axis):
-            lines.append(f"| {axis} | {row['measure']} | {_cell(row['run'])} | {_cell(row['baseline'])} | "
-                         f"{_cell(row['delta'], signed=True)} | {_better(row, other)} |")
+            lines.append(f"| {axis} | {row['measure']} | {cell(row['run'])} | {cell(row['baseline'])} | "
+                         f"{cell(row['delta'], signed=True)} | {_better(row, other)} |")
         if axis in held["not_measured"]:
             measure = OVER_REFUSAL if axis == USABILITY else "capability"
             better = "lower" if axis == USABILITY else "higher"
@@ -149,10 +141,7 @@ def markdown_lines(record: dict[str, Any]) -> list[str]:
 def plot(record: dict[str, Any], path: Path) -> None:
     """Three panels (robustness, usability, capability): run and base (or baseline) bars per measure, with value
     labels, each titled with the direction that is better."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     held, baseline = record["tradeoff"], record["baseline"]
     other = "base" if baseline and not baseline["trained"] else "baseline"
@@ -161,8 +150,8 @@ def plot(record: dict[str, Any], path: Path) -> None:
               CAPABILITY: f"Capability{': ' + DEMO_STAND_IN if held['capability'] == 'demo' else ''}\n"
                           "(higher is better)"}
     widths = [max(1, len([r for r in held["rows"] if r["axis"] == axis])) + 1 for axis in AXES]
-    figure, panels = plt.subplots(1, 3, figsize=(min(18, 3 + 1.1 * sum(widths)), 4.6),
-                                  gridspec_kw={"width_ratios": widths})
+    figure = Figure(figsize=(min(18, 3 + 1.1 * sum(widths)), 4.6))
+    panels = figure.subplots(1, 3, gridspec_kw={"width_ratios": widths})
     for axis, panel in zip(AXES, panels, strict=True):
         rows = [r for r in held["rows"] if r["axis"] == axis]
         panel.set_title(titles[axis], fontsize=10)
@@ -182,7 +171,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
             values = [r[key] if r[key] is not None else 0.0 for r in rows]
             bars = panel.bar([p + (number - (len(sides) - 1) / 2) * width for p in positions], values, width,
                              label=label, color=color)
-            panel.bar_label(bars, labels=[_cell(r[key]) for r in rows], fontsize=7, padding=1)
+            panel.bar_label(bars, labels=[cell(r[key]) for r in rows], fontsize=7, padding=1)
         top = max([1.0, *[r[k] or 0.0 for r in rows for k in ("run", "baseline")]])
         panel.set_ylim(0, top * 1.15)
         panel.set_xticks(positions, [textwrap.fill(r["measure"], 14) for r in rows], fontsize=7)
@@ -190,4 +179,3 @@ def plot(record: dict[str, Any], path: Path) -> None:
     figure.legend(*panels[0].get_legend_handles_labels(), loc="upper left", fontsize=8, frameon=False)  # off the bars
     figure.tight_layout(rect=(0, 0, 1, 0.92))
     figure.savefig(path, dpi=110)
-    plt.close(figure)
