@@ -2,7 +2,7 @@
 
 Matplotlib runs headless (Agg) and is imported only when a figure is drawn, so importing this module is cheap.
 Layers run down the y axis (L0 at the top), heads along the x axis; selected heads are boxed and labelled
-``L<layer>H<head>`` with labels placed so that they avoid each other and the boxes where there is room.
+``L<layer>H<head>`` beside the box (small maps write every cell's value instead).
 """
 
 from __future__ import annotations
@@ -83,62 +83,17 @@ def _boxes(ax: Any, selected: list[tuple[int, int]], color: str) -> None:
         ax.add_patch(box)
 
 
-def _overlap(a: Any, b: Any) -> float:
-    width = min(a.x1, b.x1) - max(a.x0, b.x0)
-    height = min(a.y1, b.y1) - max(a.y0, b.y0)
-    return width * height if width > 0 and height > 0 else 0.0
-
-
 def _labels(ax: Any, selected: list[tuple[int, int]], fontsize: float) -> None:
-    """Label each selected cell beside its box, choosing for each the side that collides least.
-
-    Needs a drawn figure (positions are measured in display pixels with the final layout).
-    """
-    from matplotlib.transforms import Bbox
-
-    if not selected or len(selected) > _MAX_LABELS:
+    """``L<layer>H<head>`` beside each selected box, on the side towards the map's middle (none beyond
+    ``_MAX_LABELS``)."""
+    if len(selected) > _MAX_LABELS:
         return
-    fig = ax.figure
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    to_px = ax.transData.transform
-    axes_box = ax.get_window_extent(renderer)
-    occupied = [Bbox(to_px([(h - 0.5, lay - 0.5), (h + 0.5, lay + 0.5)])) for lay, h in selected]
-    occupied = [Bbox.from_extents(min(b.x0, b.x1), min(b.y0, b.y1), max(b.x0, b.x1), max(b.y0, b.y1))
-                for b in occupied]
-    gap = 3
-    for layer, head in sorted(selected):
-        # (anchor in data coordinates, offset in points, ha, va): right, left, above, below, then the diagonals
-        candidates = [
-            ((head + 0.5, layer), (gap, 0), "left", "center"),
-            ((head - 0.5, layer), (-gap, 0), "right", "center"),
-            ((head, layer - 0.5), (0, gap), "center", "bottom"),
-            ((head, layer + 0.5), (0, -gap), "center", "top"),
-            ((head + 0.5, layer - 0.5), (gap, gap), "left", "bottom"),
-            ((head - 0.5, layer - 0.5), (-gap, gap), "right", "bottom"),
-            ((head + 0.5, layer + 0.5), (gap, -gap), "left", "top"),
-            ((head - 0.5, layer + 0.5), (-gap, -gap), "right", "top"),
-        ]
-        best: tuple[float, Any, Any] | None = None
-        for anchor, offset, ha, va in candidates:
-            text = ax.annotate(f"L{layer}H{head}", anchor, xytext=offset, textcoords="offset points", ha=ha, va=va,
-                               fontsize=fontsize, zorder=4, annotation_clip=False,
-                               bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none",
-                                     "alpha": 0.85})
-            text.set_in_layout(False)
-            extent = text.get_window_extent(renderer).padded(2)
-            outside = extent.width * extent.height - _overlap(extent, axes_box)
-            cost = sum(_overlap(extent, other) for other in occupied) + 4 * outside
-            if best is None or cost < best[0]:
-                if best is not None:
-                    best[1].remove()
-                best = (cost, text, extent)
-            else:
-                text.remove()
-            if cost == 0:
-                break
-        assert best is not None
-        occupied.append(best[2])
+    heads = ax.get_images()[0].get_array().shape[1]
+    for layer, head in selected:
+        side = 1 if head < heads / 2 else -1
+        ax.annotate(f"L{layer}H{head}", (head + 0.5 * side, layer), xytext=(3 * side, 0), textcoords="offset points",
+                    ha="left" if side > 0 else "right", va="center", fontsize=fontsize, zorder=4,
+                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
 
 
 def _annotate_cells(ax: Any, array: np.ndarray, signed: bool) -> None:
