@@ -24,16 +24,21 @@ def host_version() -> str:
         return "unknown"
 
 
+def mismatch(patch: str, found: str) -> HostMismatchError:
+    """The error for a host whose internals the ``patch`` was not written for (``found``: what differs)."""
+    return HostMismatchError(
+        f"llamafactory-hera: LLaMA-Factory {host_version()} does not have the internals the '{patch}' patch "
+        f"was written for ({found}). The plugin was checked on "
+        f"LLaMA-Factory {', '.join(CHECKED_VERSIONS)}; install one of those, upgrade llamafactory-hera, or set "
+        f"{DISABLE_ENV}=1 to run LLaMA-Factory without the plugin."
+    )
+
+
 def require(module: ModuleType, names: tuple[str, ...], patch: str) -> None:
     """Raise :class:`HostMismatchError` unless ``module`` has every attribute in ``names``."""
     missing = [name for name in names if not hasattr(module, name)]
     if missing:
-        raise HostMismatchError(
-            f"llamafactory-hera: LLaMA-Factory {host_version()} does not have the internals the '{patch}' patch "
-            f"was written for ({module.__name__} lacks {', '.join(missing)}). The plugin was checked on "
-            f"LLaMA-Factory {', '.join(CHECKED_VERSIONS)}; install one of those, upgrade llamafactory-hera, or set "
-            f"{DISABLE_ENV}=1 to run LLaMA-Factory without the plugin."
-        )
+        raise mismatch(patch, f"{module.__name__} lacks {', '.join(missing)}")
 
 
 _warned = False

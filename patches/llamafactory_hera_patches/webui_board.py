@@ -33,8 +33,7 @@ from collections.abc import Callable, Generator
 from types import ModuleType
 from typing import Any
 
-from . import CHECKED_VERSIONS
-from .guard import DISABLE_ENV, HostMismatchError, host_version, require, warn_if_unchecked
+from .guard import DISABLE_ENV, HostMismatchError, host_version, mismatch, require, warn_if_unchecked
 from .registry import registered_methods
 
 Method = Any  # a registered method (:mod:`.registry`)
@@ -62,12 +61,7 @@ def _require_signature(module: ModuleType, path: str, expected: tuple[str, ...])
         func = getattr(func, name)
     params = tuple(inspect.signature(func).parameters)
     if params != expected:
-        raise HostMismatchError(
-            f"llamafactory-hera: LLaMA-Factory {host_version()} does not have the internals the '{PATCH}' patch was "
-            f"written for ({path} takes ({', '.join(params)}), expected ({', '.join(expected)})). The "
-            f"plugin was checked on LLaMA-Factory {', '.join(CHECKED_VERSIONS)}; install one of those, upgrade "
-            f"llamafactory-hera, or set {DISABLE_ENV}=1 to run LLaMA-Factory without the plugin."
-        )
+        raise mismatch(PATCH, f"{path} takes ({', '.join(params)}), expected ({', '.join(expected)})")
 
 
 def _modules(interface: ModuleType) -> dict[str, ModuleType]:
