@@ -67,37 +67,35 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
     Returns:
         ``[d, C]`` float32 weight, LoRA delta of every active, unmerged adapter included.
     """
-    base = getattr(o_proj, "base_layer", None)
-    if base is None:
-        if not isinstance(o_proj, nn.Linear):
-            raise TypeError(f"o_proj is a {type(o_proj).__name__}; llamafactory-hera supports nn.Linear and "
-                            "LoRA-wrapped Linear.")
-        return o_proj.weight[:, columns].float()
-    _check_lora_base(base)
+    base, adapters = _base_and_adapters(o_proj)
     weight = base.weight[:, columns].float()
-    for name in _active_lora(o_proj):
+    for name in adapters:
         lora_a = o_proj.lora_A[name].weight[:, columns].float()  # [r, C]
         lora_b = o_proj.lora_B[name].weight.float()  # [d, r]
         weight = weight + o_proj.scaling[name] * (lora_b @ lora_a)
     return weight
 
 
-def _check_lora_base(base: nn.Module) -> None:
+def _base_and_adapters(o_proj: nn.Module) -> tuple[nn.Linear, list[str]]:
+    """(the plain Linear holding ``W_O``, the names of the LoRA adapters whose delta adds to it: none for a plain
+    ``o_proj``, or when merged or disabled)."""
+    base = getattr(o_proj, "base_layer", None)
+    if base is None:
+        if not isinstance(o_proj, nn.Linear):
+            raise TypeError(f"o_proj is a {type(o_proj).__name__}; llamafactory-hera supports nn.Linear and "
+                            "LoRA-wrapped Linear.")
+        return o_proj, []
     if not isinstance(base, nn.Linear) or getattr(base, "weight", None) is None or base.weight.ndim != 2:
         raise TypeError(
             f"o_proj wraps a {type(base).__name__}; llamafactory-hera needs a plain (unquantized) Linear base layer to "
             "read W_O."
         )
-
-
-def _active_lora(o_proj: nn.Module) -> list[str]:
-    """Names of the LoRA adapters whose delta adds to a LoRA ``o_proj``'s weight (none when merged or disabled)."""
     if getattr(o_proj, "merged", False) or getattr(o_proj, "disable_adapters", False):
-        return []
+        return base, []
     names = [name for name in o_proj.active_adapters if name in o_proj.lora_A]
     if any(o_proj.use_dora.get(name, False) for name in names):
         raise TypeError("o_proj uses DoRA; HeRA's per-head weight split supports plain LoRA only.")
-    return names
+    return base, names
 
 
 def head_columns(heads: list[int], head_dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -166,15 +164,7 @@ def project_heads_by_call(o_proj: nn.Module, x_heads: torch.Tensor, heads: list[
     Returns:
         ``[len(heads), B, d]`` float32 contributions.
     """
-    base = getattr(o_proj, "base_layer", None)
-    if base is None:
-        if not isinstance(o_proj, nn.Linear):
-            raise TypeError(f"o_proj is a {type(o_proj).__name__}; llamafactory-hera supports nn.Linear and "
-                            "LoRA-wrapped Linear.")
-        base, adapters = o_proj, []
-    else:
-        _check_lora_base(base)
-        adapters = _active_lora(o_proj)
+    base, adapters = _base_and_adapters(o_proj)
     if base.in_features != width:
         raise ValueError(f"o_proj takes {base.in_features} inputs, expected num_heads * head_dim = {width}")
     columns = head_columns(heads, head_dim, x_heads.device)
