@@ -1,11 +1,7 @@
 """One builder for every method's LlamaBoard panel: from a :class:`~.panel_spec.PanelDeclaration` and its texts (the
-data file ``panel_texts.yaml`` beside it) to the panel the LlamaBoard patch
-(:mod:`llamafactory_hera_patches.webui_board`) wires in.
-
-:class:`MethodPanel` holds what the patch uses: ``tab``, ``keys``, ``defaults``, ``locales``,
-``create_panel(gr, dataset_dir)``, ``bind(gr, train_elems, own_elems)``, ``build_args(values)``, ``validate(values,
-extra, context)``, ``error_text(problem, lang)``, ``host_args(args, extra)``, ``owns_loss_plot(log)`` and
-``loss_figure(log, smooth)``. Independent of LLaMA-Factory's internals; gradio is passed in by the caller.
+data file ``panel_texts.yaml`` beside it) to the :class:`MethodPanel` the LlamaBoard patch
+(:mod:`llamafactory_hera_patches.webui_board`) wires in. Independent of LLaMA-Factory's internals; gradio is passed in
+by the caller.
 """
 
 from __future__ import annotations
@@ -101,7 +97,7 @@ class BoxField:
 
 
 class MethodPanel:
-    """A method's LlamaBoard panel, built from its declaration (see the module docstring for what it offers)."""
+    """A method's LlamaBoard panel, built from its declaration."""
 
     def __init__(self, declaration: PanelDeclaration, texts: Mapping[str, Any], shared: Mapping[str, Any]) -> None:
         self.declaration = declaration
