@@ -122,22 +122,6 @@ def project_heads(o_proj: nn.Module, x_heads: torch.Tensor, heads: list[int], he
     return torch.einsum("...nk,dnk->n...d", x_sel, w_sel)
 
 
-def head_contributions(o_proj: nn.Module, x: torch.Tensor, heads: list[int], head_dim: int) -> torch.Tensor:
-    """Each head's contribution to the residual stream.
-
-    Args:
-        o_proj: the layer's output projection (plain or LoRA).
-        x: ``[..., H * head_dim]`` input of ``o_proj``.
-        heads: query-head indices to project.
-        head_dim: width of one head.
-
-    Returns:
-        ``[len(heads), ..., d]`` contributions in float32; summed over all heads they equal
-        ``o_proj(x) - bias`` (LoRA dropout aside).
-    """
-    return project_heads(o_proj, x[..., head_columns(heads, head_dim, x.device)], heads, head_dim)
-
-
 def is_partitioned(o_proj: nn.Module) -> bool:
     """True when ``o_proj``'s weight is a DeepSpeed ZeRO-3 partition (only gathered inside the module's forward)."""
     base = getattr(o_proj, "base_layer", o_proj)
