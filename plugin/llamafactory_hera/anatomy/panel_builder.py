@@ -7,7 +7,7 @@ by the caller.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
@@ -16,7 +16,6 @@ import yaml
 from llamafactory_hera.anatomy.panel_checks import dataset_names, unknown_datasets
 from llamafactory_hera.anatomy.panel_plots import loss_with_terms_figure
 from llamafactory_hera.anatomy.panel_spec import (
-    LANGS,
     NO_FIELD,
     UNKNOWN_KEY,
     WIDGETS,
@@ -29,45 +28,14 @@ from llamafactory_hera.anatomy.panel_widgets import as_markup, create_widgets, t
 
 Locales = dict[str, dict[str, dict[str, str]]]  # element name -> language -> {"label", "info"} or {"value"}
 
-TEXTS_FILE = "panel_texts.yaml"
-# A method's texts: fields (recipe key -> language -> [label, info]), the panel's note and what the info of an
-# ``only_with`` field starts with (language -> text); the texts every panel shares (language -> text, {name} filled in)
-# are in this package's own file
-PANEL_SECTIONS = ("fields", "note", "only_with_note")
-SHARED_SECTIONS = ("tab_title", "error_prefix")
+TEXTS_FILE = "panel_texts.yaml"  # a method's: fields (key -> language -> [label, info]), note, only_with_note; this
+# package's: tab_title and error_prefix (language -> text, {name} filled in); every text in every LlamaBoard language,
+# checked by the tests (tests/test_panel_texts.py)
 
 
 def read_texts(package: str) -> dict[str, Any]:
     """The texts of ``package``'s ``panel_texts.yaml``, read from the installed package (a wheel or the source tree)."""
     return yaml.safe_load(resources.files(package).joinpath(TEXTS_FILE).read_text(encoding="utf-8")) or {}
-
-
-def text_problems(texts: Mapping[str, Any], keys: Sequence[str], sections: Sequence[str]) -> list[str]:
-    """What is wrong with a panel's texts for the declared field ``keys``: a field without texts, a text of a key that
-    is not declared, a section not in ``sections``, a language missing or not LlamaBoard's, a field's text that is not
-    [label, info]; empty when every text is there."""
-    fields = texts.get("fields") or {}
-    problems = [f"{section}: not one of {', '.join(sections)}" for section in texts if section not in sections]
-    problems += [f"fields: no texts for {key}" for key in keys if key not in fields]
-    problems += [f"fields: {key} is not a declared field" for key in fields if key not in keys]
-    for key, entry in fields.items():
-        problems += _language_problems(f"fields: {key}", entry, _is_label_and_info, "[label, info]")
-    for section, entry in texts.items():
-        if section != "fields" and section in sections:
-            problems += _language_problems(section, entry, lambda text: isinstance(text, str), "a text")
-    return problems
-
-
-def _is_label_and_info(text: Any) -> bool:
-    return isinstance(text, list) and len(text) == 2 and all(isinstance(part, str) and part for part in text)
-
-
-def _language_problems(where: str, entry: Any, fits: Callable[[Any], bool], shape: str) -> list[str]:
-    if not isinstance(entry, Mapping):
-        return [f"{where}: not a mapping of language -> text"]
-    problems = [f"{where}: no {lang} text" for lang in LANGS if lang not in entry]
-    problems += [f"{where}: {lang} is not one of LlamaBoard's languages" for lang in entry if lang not in LANGS]
-    return problems + [f"{where}: {lang} is not {shape}" for lang, text in entry.items() if not fits(text)]
 
 
 class BoxField:
@@ -246,12 +214,5 @@ class MethodPanel:
 
 
 def build_panel(declaration: PanelDeclaration) -> MethodPanel:
-    """The panel of a declaration, with its texts (ValueError naming the file and what is wrong with its texts)."""
-    texts, shared = read_texts(declaration.package), read_texts(__package__)
-    keys = [declared.key for declared in declaration.fields]
-    problems = [f"{declaration.package}/{TEXTS_FILE}: {problem}"
-                for problem in text_problems(texts, keys, PANEL_SECTIONS)]
-    problems += [f"{__package__}/{TEXTS_FILE}: {problem}" for problem in text_problems(shared, (), SHARED_SECTIONS)]
-    if problems:
-        raise ValueError(f"{declaration.name} panel: {'; '.join(problems)}")
-    return MethodPanel(declaration, texts, shared)
+    """The panel of a declaration, with its texts."""
+    return MethodPanel(declaration, read_texts(declaration.package), read_texts(__package__))
