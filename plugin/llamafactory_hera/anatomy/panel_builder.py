@@ -130,11 +130,8 @@ class MethodPanel:
         """
         merged = {field.key: values.get(field.key, field.default) for field in self.fields}
         recipe = {field.key: field.recipe_value(merged[field.key]) for field in self.fields}
-        return {key: value for key, value in recipe.items()
-                if not (only := self._field(key).only_with) or recipe.get(only[0]) == only[1]}
-
-    def _field(self, key: str) -> BoxField:
-        return next(field for field in self.fields if field.key == key)
+        return {field.key: recipe[field.key] for field in self.fields
+                if not field.only_with or recipe.get(field.only_with[0]) == field.only_with[1]}
 
     def method_keys(self, extra: Mapping[str, Any] | None) -> dict[str, Any]:
         """The method's keys among the "Extra arguments" JSON (which win over the panel)."""

@@ -15,12 +15,12 @@ from typing import Any
 
 from llamafactory_hera.anatomy.heads import AttentionGeometry, attention_geometry
 
-_NOT_LOCAL = ("REMOTE:", "ONLINE")  # LLaMA-Factory's dataset_dir values that are not a folder
+NOT_LOCAL = ("REMOTE:", "ONLINE")  # LLaMA-Factory's dataset_dir values that are not a folder
 
 
 def _dataset_info(dataset_dir: Any) -> dict[str, Any] | None:
     """``dataset_dir``'s dataset_info.json as a dict, None when it cannot be read locally."""
-    if not dataset_dir or str(dataset_dir).startswith(_NOT_LOCAL):
+    if not dataset_dir or str(dataset_dir).startswith(NOT_LOCAL):
         return None
     path = Path(str(dataset_dir)) / "dataset_info.json"
     try:
