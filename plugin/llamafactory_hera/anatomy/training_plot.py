@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.plot_text import fit_title
+from llamafactory_hera.anatomy.plot_text import agg_figure, fit_title
 
 Smooth = Callable[[list[float]], list[float]]
 TRAINING_PNG = "training.png"
@@ -170,17 +170,13 @@ def _side_panel(ax: Any, data: Series, panel: Panel) -> list[str]:
 def draw_training(data: Series, plot: TrainingPlot, smooth: Smooth, title: str = "") -> Any:
     """The figure (a ``matplotlib.figure.Figure`` on an Agg canvas, not saved): the loss panel, then each of
     ``plot.panels`` that has a logged series, under ``title``. None when nothing of it was logged."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     panels = [panel for panel in plot.panels if any(key in data for key in panel.keys)
               or (panel.prefix and any(key.startswith(panel.prefix) for key in data))]
     has_losses = any(key in data for key in (*plot.losses, *plot.terms))
     if not has_losses and not panels:
         return None
     widths = [1.6] * has_losses + [1.0] * len(panels)
-    fig = Figure(figsize=(4.2 * sum(widths) + 1.0, 4.6), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = agg_figure(figsize=(4.2 * sum(widths) + 1.0, 4.6))
     axes = fig.subplots(1, len(widths), squeeze=False, width_ratios=widths, sharex=True)[0]
     steps: list[int] = []
     if has_losses:
