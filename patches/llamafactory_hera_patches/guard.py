@@ -14,12 +14,12 @@ class HostMismatchError(RuntimeError):
     """LLaMA-Factory's internals do not have the shape a patch was written for."""
 
 
-def host_version() -> str:
-    """Installed LLaMA-Factory version string."""
+def host_version(distribution: str = "llamafactory") -> str:
+    """The installed version of ``distribution`` (LLaMA-Factory's by default), ``unknown`` when it is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("llamafactory")
+        return version(distribution)
     except PackageNotFoundError:
         return "unknown"
 
