@@ -89,13 +89,10 @@ def register_methods() -> None:
     register(_declared_methods)
 
 
-def _enabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip().lower() not in {"1", "true", "yes", "y"}
-
-
 def install() -> None:
     """Register the finder once (idempotent); patch modules that were imported before this ran."""
-    if not _enabled() or any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+    disabled = os.environ.get(DISABLE_ENV, "").strip().lower() in {"1", "true", "yes", "y"}
+    if disabled or any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
         return
     register_methods()
     sys.meta_path.insert(0, _PostImportFinder())
