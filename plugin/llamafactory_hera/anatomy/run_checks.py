@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.anatomy.launch_checks import check_fsdp_parsed
-from llamafactory_hera.anatomy.panel_checks import NOT_LOCAL
 from llamafactory_hera.short_errors import RecipeError
 
 DATA_CONFIG = "dataset_info.json"
+NOT_LOCAL = ("REMOTE:", "ONLINE")  # LLaMA-Factory's dataset_dir values that are not a folder
 _EMPTY_TEXTS = ("", "[]", "{}")  # a JSON / JSONL dataset file with no row
 _NOT_FROM_FILE = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")  # LLaMA-Factory reads
 # an entry with any of these from there, not from file_name (data/parser.py)
