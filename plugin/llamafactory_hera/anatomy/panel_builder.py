@@ -134,16 +134,13 @@ class MethodPanel:
                 if not field.only_with or recipe.get(field.only_with[0]) == field.only_with[1]}
 
     def method_keys(self, extra: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The method's keys among the "Extra arguments" JSON (which win over the panel)."""
-        if not isinstance(extra, Mapping):
-            return {}
-        return {key: value for key, value in extra.items() if str(key).startswith(self.declaration.prefix)}
+        """The method's keys among the "Extra arguments" JSON (a dict, or None; they win over the panel)."""
+        return {key: value for key, value in (extra or {}).items() if str(key).startswith(self.declaration.prefix)}
 
     def host_args(self, args: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
         """LlamaBoard's arguments without those the method does not use (kept where "Extra arguments" sets them)."""
-        given = extra if isinstance(extra, Mapping) else {}
         return {key: value for key, value in args.items()
-                if key not in self.declaration.unused_host_keys or key in given}
+                if key not in self.declaration.unused_host_keys or key in (extra or {})}
 
     def validate(self, values: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
                  context: Mapping[str, Any] | None = None) -> str:
