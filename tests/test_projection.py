@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
 from llamafactory_hera.anatomy.pooling import pooling_weights
-from llamafactory_hera.anatomy.projection import find_o_proj_modules, head_contributions
+from llamafactory_hera.anatomy.projection import find_o_proj_modules, project_heads
 from llamafactory_hera.hera.trainer import HeadCapture
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
@@ -53,7 +53,7 @@ def test_head_contributions_sum_to_o_proj(assets, family: str, lora: bool) -> No
     assert sorted(seen) == list(range(geometry.num_layers))
     for layer, (x, out) in seen.items():
         assert x.shape[-1] == geometry.num_heads * geometry.head_dim
-        parts = head_contributions(o_projs[layer], x, list(range(geometry.num_heads)), geometry.head_dim)
+        parts = project_heads(o_projs[layer], x, list(range(geometry.num_heads)), geometry.head_dim)  # every head
         bias = getattr(getattr(o_projs[layer], "base_layer", o_projs[layer]), "bias", None)
         expected = out - (bias if bias is not None else 0)
         torch.testing.assert_close(parts.sum(0), expected.float(), rtol=1e-4, atol=1e-5)
@@ -88,7 +88,8 @@ def test_capture_equals_explicit_pooled_contributions(assets, family: str) -> No
         handle.remove()
     assert got.shape == (len(heads), mask.shape[0], geometry.hidden_size)
     for n, ref in enumerate(heads):
-        per_token = head_contributions(o_projs[ref.layer], inputs[ref.layer], [ref.head], geometry.head_dim)[0]
+        head_input = inputs[ref.layer][..., ref.head * geometry.head_dim:(ref.head + 1) * geometry.head_dim]
+        per_token = project_heads(o_projs[ref.layer], head_input, [ref.head], geometry.head_dim)[0]
         for b in range(mask.shape[0]):  # slow reference: explicit mean over the selected tokens
             want = per_token[b][mask[b]].mean(0)
             torch.testing.assert_close(got[n, b], want, rtol=1e-4, atol=1e-5)

@@ -26,6 +26,20 @@ def split_dict(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Me
     return host, own, method
 
 
+def _option(args: list[str], index: int) -> tuple[str, str, int]:
+    """(name, value, index after it) of the option at ``index``: ``--key value``, ``--key=value`` or a bare ``--flag``
+    (value ``"true"``); name ``""`` for a token that is no option."""
+    token = args[index]
+    if not token.startswith("--"):
+        return "", token, index + 1
+    name, has_inline, inline = token[2:].partition("=")
+    if has_inline:
+        return name, inline, index + 1
+    if index + 1 < len(args) and not args[index + 1].startswith("--"):
+        return name, args[index + 1], index + 2
+    return name, "true", index + 1
+
+
 def split_list(args: list[str]) -> tuple[list[str], dict[str, Any], Method | None]:
     """The same for a ``--key value`` list; values stay strings (coerced later)."""
     host: list[str] = []
@@ -33,23 +47,15 @@ def split_list(args: list[str]) -> tuple[list[str], dict[str, Any], Method | Non
     method = None
     index = 0
     while index < len(args):
-        token = args[index]
-        name, has_inline, inline = token[2:].partition("=") if token.startswith("--") else ("", False, "")
-        if method_of_key(name) is not None or name == "stage":
-            if has_inline:
-                value, index = inline, index + 1
-            elif index + 1 < len(args) and not args[index + 1].startswith("--"):
-                value, index = args[index + 1], index + 2
-            else:
-                value, index = "true", index + 1
-            if name == "stage":
-                method = method_for_stage(value)
-                host += ["--stage", method.host_stage if method is not None else value]
-            else:
-                own[name] = value
-            continue
-        host.append(token)
-        index += 1
+        name, value, after = _option(args, index)
+        if name == "stage":
+            method = method_for_stage(value)
+            host += ["--stage", method.host_stage if method is not None else value]
+        elif name and method_of_key(name) is not None:
+            own[name] = value
+        else:
+            host += args[index:after]
+        index = after
     return host, own, method
 
 
@@ -70,11 +76,9 @@ def raw_value(host_args: dict[str, Any] | list[str], key: str) -> Any:
     """A key's value in a recipe dict or a ``--key value`` / ``--key=value`` / bare ``--flag`` list (None if absent)."""
     if isinstance(host_args, dict):
         return host_args.get(key)
-    for index, token in enumerate(host_args):
-        name, has_inline, inline = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+    index = 0
+    while index < len(host_args):
+        name, value, index = _option(host_args, index)
         if name == key:
-            if has_inline:
-                return inline
-            following = host_args[index + 1] if index + 1 < len(host_args) else "--"
-            return "true" if following.startswith("--") else following
+            return value
     return None

@@ -14,26 +14,31 @@ class HostMismatchError(RuntimeError):
     """LLaMA-Factory's internals do not have the shape a patch was written for."""
 
 
-def host_version() -> str:
-    """Installed LLaMA-Factory version string."""
+def host_version(distribution: str = "llamafactory") -> str:
+    """The installed version of ``distribution`` (LLaMA-Factory's by default), ``unknown`` when it is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("llamafactory")
+        return version(distribution)
     except PackageNotFoundError:
         return "unknown"
+
+
+def mismatch(patch: str, found: str) -> HostMismatchError:
+    """The error for a host whose internals the ``patch`` was not written for (``found``: what differs)."""
+    return HostMismatchError(
+        f"llamafactory-hera: LLaMA-Factory {host_version()} does not have the internals the '{patch}' patch "
+        f"was written for ({found}). The plugin was checked on "
+        f"LLaMA-Factory {', '.join(CHECKED_VERSIONS)}; install one of those, upgrade llamafactory-hera, or set "
+        f"{DISABLE_ENV}=1 to run LLaMA-Factory without the plugin."
+    )
 
 
 def require(module: ModuleType, names: tuple[str, ...], patch: str) -> None:
     """Raise :class:`HostMismatchError` unless ``module`` has every attribute in ``names``."""
     missing = [name for name in names if not hasattr(module, name)]
     if missing:
-        raise HostMismatchError(
-            f"llamafactory-hera: LLaMA-Factory {host_version()} does not have the internals the '{patch}' patch "
-            f"was written for ({module.__name__} lacks {', '.join(missing)}). The plugin was checked on "
-            f"LLaMA-Factory {', '.join(CHECKED_VERSIONS)}; install one of those, upgrade llamafactory-hera, or set "
-            f"{DISABLE_ENV}=1 to run LLaMA-Factory without the plugin."
-        )
+        raise mismatch(patch, f"{module.__name__} lacks {', '.join(missing)}")
 
 
 _warned = False

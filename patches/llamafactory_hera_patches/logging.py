@@ -11,7 +11,6 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from .guard import require
 from .registry import registered_methods
 
 
@@ -26,10 +25,8 @@ def is_method_key(key: str) -> bool:
 
 
 def apply(callbacks: ModuleType) -> None:
-    """Patch ``llamafactory.train.callbacks.LogCallback``."""
-    require(callbacks, ("LogCallback",), "logging")
+    """Patch ``llamafactory.train.callbacks.LogCallback`` (its shape checked by the stage patch, which applies this)."""
     log_callback = callbacks.LogCallback
-    require(log_callback, ("on_log", "_write_log"), "logging")
     if getattr(log_callback, "_llamafactory_hera_patched", False):
         return
     original_on_log = log_callback.on_log

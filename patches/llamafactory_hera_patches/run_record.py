@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .guard import host_version
+
 RUN_RECORD = "llamafactory_hera_run.json"
 COMPOSE_RECORD = "llamafactory_hera_compose.json"  # written by ``llamafactory-hera compose`` beside the model
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"
@@ -62,7 +64,7 @@ def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any]) -
     """The record with ``status: running`` (replacing a previous run's in the same ``output_dir``)."""
     path = Path(output_dir) / RUN_RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"stage": stage, "status": RUNNING, "llamafactory_hera_version": _plugin_version(),
+    record = {"stage": stage, "status": RUNNING, "llamafactory_hera_version": host_version("llamafactory-hera"),
               "started_ns": time.time_ns(), "loading": loading,
               "chain": stage_chain(loading.get("model_name_or_path"), stage, path.parent)}
     _write(path, record)
@@ -124,16 +126,6 @@ def _saved_since(folder: Path, started_ns: Any) -> bool:
         return False
     return any((folder / name).is_file() and (folder / name).stat().st_mtime_ns >= started_ns
                for name in SAVED_MODEL_FILES)
-
-
-def _plugin_version() -> str:
-    """The installed llamafactory-hera's version (the patches ship with the plugin; they do not import it)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llamafactory-hera")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _first_line(error: BaseException) -> str:

@@ -33,8 +33,7 @@ from collections.abc import Callable, Generator
 from types import ModuleType
 from typing import Any
 
-from . import CHECKED_VERSIONS
-from .guard import DISABLE_ENV, HostMismatchError, host_version, require, warn_if_unchecked
+from .guard import DISABLE_ENV, HostMismatchError, host_version, mismatch, require, warn_if_unchecked
 from .registry import registered_methods
 
 Method = Any  # a registered method (:mod:`.registry`)
@@ -62,12 +61,7 @@ def _require_signature(module: ModuleType, path: str, expected: tuple[str, ...])
         func = getattr(func, name)
     params = tuple(inspect.signature(func).parameters)
     if params != expected:
-        raise HostMismatchError(
-            f"llamafactory-hera: LLaMA-Factory {host_version()} does not have the internals the '{PATCH}' patch was "
-            f"written for ({path} takes ({', '.join(params)}), expected ({', '.join(expected)})). The "
-            f"plugin was checked on LLaMA-Factory {', '.join(CHECKED_VERSIONS)}; install one of those, upgrade "
-            f"llamafactory-hera, or set {DISABLE_ENV}=1 to run LLaMA-Factory without the plugin."
-        )
+        raise mismatch(PATCH, f"{path} takes ({', '.join(params)}), expected ({', '.join(expected)})")
 
 
 def _modules(interface: ModuleType) -> dict[str, ModuleType]:
@@ -92,17 +86,12 @@ def _modules(interface: ModuleType) -> dict[str, ModuleType]:
     return mods
 
 
-def _panels() -> list[tuple[Method, MethodPanel]]:
-    """(method, its panel) for every registered method with a panel, in declaration order."""
-    return [(method, method.load("panel")) for method in registered_methods() if method.panel]
-
-
 def apply(interface: ModuleType) -> None:
     """Patch LlamaBoard (``llamafactory.webui.*``) in place; all checks before any change."""
     if getattr(interface, "_llamafactory_hera_patched", False):
         return
     mods = _modules(interface)
-    panels = _panels()
+    panels = [(method, method.load("panel")) for method in registered_methods() if method.panel]  # declaration order
     warn_if_unchecked()
     stages = mods["constants"].TRAINING_STAGES
 
@@ -146,7 +135,7 @@ def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict
             else:
                 manager.get_base_elems = own_base
         stage = elem_dict["training_stage"]
-        _widen_stage_box(stage)
+        stage.min_width = max(int(getattr(stage, "min_width", None) or 0), STAGE_MIN_WIDTH)  # read when rendered
         for method, panel, tab, own in built:
             _place_before(tab, elem_dict["cmd_preview_btn"])
             stage.change(_shown_for(method, stages, gr), [stage], [tab], queue=False)
@@ -164,11 +153,6 @@ def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict
 # the methods' names off ("HeRA (Head-wise Representation Alignment)" takes 313 px); at this width the longest name
 # fits beside the dropdown's arrow from a 1280 px window up, and the other boxes of the row keep their share.
 STAGE_MIN_WIDTH = 420
-
-
-def _widen_stage_box(stage: Any) -> None:
-    """Give the Train tab's Stage dropdown room for the stage names (read when gradio renders the page)."""
-    stage.min_width = max(int(getattr(stage, "min_width", None) or 0), STAGE_MIN_WIDTH)
 
 
 def _shown_for(method: Method, stages: dict[str, str], gr: Any) -> Callable[[str], Any]:

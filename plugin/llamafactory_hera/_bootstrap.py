@@ -1,18 +1,13 @@
 """Start-up hook installed by ``llamafactory_hera.pth`` in every Python process.
 
-It registers a meta-path finder that reacts only to a handful of LLaMA-Factory module names;
-when one of them finishes executing, the matching patch in ``llamafactory_hera_patches`` runs.
-Processes that never import LLaMA-Factory pay one dict lookup per imported module, nothing
-else (no torch, no transformers). ``LLAMAFACTORY_HERA_DISABLE=1`` skips everything.
+It registers a meta-path finder that reacts only to a handful of LLaMA-Factory module names; when one of them
+finishes executing, the matching patch in ``llamafactory_hera_patches`` runs (after :func:`register_methods` handed
+the patches the declared methods). ``LLAMAFACTORY_HERA_DISABLE=1`` skips everything.
 
-The patches never import the plugin: :func:`register_methods` hands them the declared methods
-(:mod:`llamafactory_hera_patches.registry`) before any patch is applied, and the plugin's short error reports are
-installed here when the stage patch is (a training process).
-
-Start-up cost matters here, so this module imports only what ``site`` has already loaded
-(``os``, ``sys``) and the registry (which imports nothing); ``importlib`` is imported only when a LLaMA-Factory
-module is being patched, and the finder and loader follow the import protocols by duck typing instead of subclassing
-``importlib.abc`` (which would pull in ``typing`` and more).
+Start-up cost matters here: processes that never import LLaMA-Factory pay one dict lookup per imported module. This
+module imports only what ``site`` has already loaded (``os``, ``sys``) and the registry (which imports nothing);
+``importlib`` is imported only when a module is being patched, and the finder and loader follow the import protocols
+by duck typing instead of subclassing ``importlib.abc`` (which would pull in ``typing`` and more).
 """
 
 import os
@@ -89,13 +84,10 @@ def register_methods() -> None:
     register(_declared_methods)
 
 
-def _enabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip().lower() not in {"1", "true", "yes", "y"}
-
-
 def install() -> None:
     """Register the finder once (idempotent); patch modules that were imported before this ran."""
-    if not _enabled() or any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+    disabled = os.environ.get(DISABLE_ENV, "").strip().lower() in {"1", "true", "yes", "y"}
+    if disabled or any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
         return
     register_methods()
     sys.meta_path.insert(0, _PostImportFinder())

@@ -1,18 +1,8 @@
-"""``llamafactory-hera``: the plugin's command line; each declared method adds its verbs.
+"""``llamafactory-hera``: the plugin's command line (``llamafactory-hera --help`` lists the verbs).
 
-    llamafactory-hera select RECIPE.yaml [options]     score every head by MKNN, write hera_heads into the recipe
-    llamafactory-hera select --report RUN_DIR [opts]   score a trained run's heads before/after training
-    llamafactory-hera eval RUN_DIR [--baseline OTHER_RUN_DIR | --base] --tasks PRESET_OR_TASKS
-                                                       a run against its baseline (lmms-eval / lm-eval)
-    llamafactory-hera data check RECIPE.yaml | data convert LLAVA.json
-                                                       a recipe's rows and images before a long run; LLaVA's JSON
-    llamafactory-hera compose --llm LLM [--vision VISION] --output DIR
-                                                       a LLaVA-1.5-style model from a text-only LLM and an image encoder
-
-The methods' verbs come from each method's declaration (``add_cli_verbs``, see :mod:`llamafactory_hera.methods`);
-``eval`` serves every stage, so it is added here (:mod:`llamafactory_hera.evaluation.cli`), and so are the LLaVA-1.5
-experiment's ``compose`` (the model the stages train) and ``data`` (its datasets checked before a long run),
-from :mod:`llamafactory_hera.llava.cli`.
+The methods' verbs (``select``, ``harc-data``) come from each method's declaration (``add_cli_verbs``, see
+:mod:`llamafactory_hera.methods`); ``eval`` serves every stage (:mod:`llamafactory_hera.evaluation.cli`), ``compose``
+and ``data`` serve the LLaVA-1.5 experiment (:mod:`llamafactory_hera.llava.cli`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import base_recipe, read_trainer_log, run_train, run_verb
-from llamafactory_hera.anatomy.projection import find_o_proj_modules, head_contributions
+from llamafactory_hera.anatomy.projection import find_o_proj_modules, project_heads
 from llamafactory_hera.hera.metrics import mutual_knn
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_heads
@@ -52,7 +52,7 @@ def test_scores_equal_mutual_knn_of_explicit_contributions(assets, family: str) 
             keep = ~encoded["special_tokens_mask"][0].bool()
             model.get_decoder()(input_ids=encoded["input_ids"])
             for layer, o_proj in enumerate(o_projs):
-                per_token = head_contributions(o_proj, seen[layer][0], list(range(heads)), head_dim)  # [H, T, d]
+                per_token = project_heads(o_proj, seen[layer][0], list(range(heads)), head_dim)  # [H, T, d]
                 reps[layer, :, n] = per_token[:, keep].mean(1)
     for handle in hooks:
         handle.remove()

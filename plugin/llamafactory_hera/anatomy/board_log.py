@@ -27,15 +27,20 @@ def board_dir() -> Path | None:
     return Path(workdir) if os.environ.get("LLAMABOARD_ENABLED") == "1" and workdir else None
 
 
+def _append(name: str, line: str) -> None:
+    """``line`` appended to the file ``name`` LlamaBoard polls, when LlamaBoard runs this."""
+    folder = board_dir()
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / name, "a", encoding="utf-8") as log:
+            log.write(line + "\n")
+
+
 def say(message: str) -> None:
     """One line on the terminal, and in LlamaBoard's log box when LlamaBoard runs it."""
     line = f"[llamafactory-hera] {message}"
     print(line, flush=True)
-    folder = board_dir()
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / RUNNING_LOG, "a", encoding="utf-8") as log:
-            log.write(line + "\n")
+    _append(RUNNING_LOG, line)
 
 
 def _clock(seconds: float) -> str:
@@ -55,14 +60,10 @@ def progress(items: Iterable[Any], label: str) -> Iterator[Any]:
     from tqdm.auto import tqdm
 
     listed = list(items)
-    folder = board_dir()
     started = time.perf_counter()
     for done, item in enumerate(tqdm(listed, desc=label), start=1):
         yield item
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / TRAINER_LOG, "a", encoding="utf-8") as log:
-                log.write(json.dumps(progress_line(label, done, len(listed), time.perf_counter() - started)) + "\n")
+        _append(TRAINER_LOG, json.dumps(progress_line(label, done, len(listed), time.perf_counter() - started)))
 
 
 def start_board_files() -> None:

@@ -1,8 +1,8 @@
 """Figures and text tables for head selection: per-head MKNN heatmaps and before/after comparisons.
 
-Matplotlib runs headless (Agg) and is imported only when a figure is drawn, so importing this module is cheap.
+Figures are drawn headless (:func:`~.plot_text.agg_figure`), matplotlib imported only then: importing this is cheap.
 Layers run down the y axis (L0 at the top), heads along the x axis; selected heads are boxed and labelled
-``L<layer>H<head>`` with labels placed so that they avoid each other and the boxes where there is room.
+``L<layer>H<head>`` beside the box (small maps write every cell's value instead).
 """
 
 from __future__ import annotations
@@ -14,23 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from llamafactory_hera.anatomy.plot_text import fit_title, number, signed_number
+from llamafactory_hera.anatomy.plot_text import agg_figure, fit_title, number, signed_number
 
 _MAX_TICKS = 20
 _MAX_LABELS = 40  # more selected heads than this are boxed but not labelled (the labels would bury the map)
 _MAX_ANNOTATED_CELLS = 256  # maps this small show each cell's value inside it; boxes then suffice as labels
 _BOX_COLOR = "#e4002b"
 _DIFF_BOX_COLOR = "black"
-
-
-def _pyplot() -> Any:
-    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _check(scores: np.ndarray, selected: list[tuple[int, int]], name: str) -> np.ndarray:
@@ -83,62 +73,17 @@ def _boxes(ax: Any, selected: list[tuple[int, int]], color: str) -> None:
         ax.add_patch(box)
 
 
-def _overlap(a: Any, b: Any) -> float:
-    width = min(a.x1, b.x1) - max(a.x0, b.x0)
-    height = min(a.y1, b.y1) - max(a.y0, b.y0)
-    return width * height if width > 0 and height > 0 else 0.0
-
-
 def _labels(ax: Any, selected: list[tuple[int, int]], fontsize: float) -> None:
-    """Label each selected cell beside its box, choosing for each the side that collides least.
-
-    Needs a drawn figure (positions are measured in display pixels with the final layout).
-    """
-    from matplotlib.transforms import Bbox
-
-    if not selected or len(selected) > _MAX_LABELS:
+    """``L<layer>H<head>`` beside each selected box, on the side towards the map's middle (none beyond
+    ``_MAX_LABELS``)."""
+    if len(selected) > _MAX_LABELS:
         return
-    fig = ax.figure
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    to_px = ax.transData.transform
-    axes_box = ax.get_window_extent(renderer)
-    occupied = [Bbox(to_px([(h - 0.5, lay - 0.5), (h + 0.5, lay + 0.5)])) for lay, h in selected]
-    occupied = [Bbox.from_extents(min(b.x0, b.x1), min(b.y0, b.y1), max(b.x0, b.x1), max(b.y0, b.y1))
-                for b in occupied]
-    gap = 3
-    for layer, head in sorted(selected):
-        # (anchor in data coordinates, offset in points, ha, va): right, left, above, below, then the diagonals
-        candidates = [
-            ((head + 0.5, layer), (gap, 0), "left", "center"),
-            ((head - 0.5, layer), (-gap, 0), "right", "center"),
-            ((head, layer - 0.5), (0, gap), "center", "bottom"),
-            ((head, layer + 0.5), (0, -gap), "center", "top"),
-            ((head + 0.5, layer - 0.5), (gap, gap), "left", "bottom"),
-            ((head - 0.5, layer - 0.5), (-gap, gap), "right", "bottom"),
-            ((head + 0.5, layer + 0.5), (gap, -gap), "left", "top"),
-            ((head - 0.5, layer + 0.5), (-gap, -gap), "right", "top"),
-        ]
-        best: tuple[float, Any, Any] | None = None
-        for anchor, offset, ha, va in candidates:
-            text = ax.annotate(f"L{layer}H{head}", anchor, xytext=offset, textcoords="offset points", ha=ha, va=va,
-                               fontsize=fontsize, zorder=4, annotation_clip=False,
-                               bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none",
-                                     "alpha": 0.85})
-            text.set_in_layout(False)
-            extent = text.get_window_extent(renderer).padded(2)
-            outside = extent.width * extent.height - _overlap(extent, axes_box)
-            cost = sum(_overlap(extent, other) for other in occupied) + 4 * outside
-            if best is None or cost < best[0]:
-                if best is not None:
-                    best[1].remove()
-                best = (cost, text, extent)
-            else:
-                text.remove()
-            if cost == 0:
-                break
-        assert best is not None
-        occupied.append(best[2])
+    heads = ax.get_images()[0].get_array().shape[1]
+    for layer, head in selected:
+        side = 1 if head < heads / 2 else -1
+        ax.annotate(f"L{layer}H{head}", (head + 0.5 * side, layer), xytext=(3 * side, 0), textcoords="offset points",
+                    ha="left" if side > 0 else "right", va="center", fontsize=fontsize, zorder=4,
+                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
 
 
 def _annotate_cells(ax: Any, array: np.ndarray, signed: bool) -> None:
@@ -202,28 +147,25 @@ def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path:
     The colour scale runs from 0 to the highest score (NaN cells are left blank). Labels are omitted beyond
     40 selected heads; the boxes are always drawn, and a legend under the map says what they are (``box_label``).
     """
-    plt = _pyplot()
     array = _check(scores, selected, "scores")
     layers, heads = array.shape
     width, height = _map_size(layers, heads, 10.0)
-    fig, ax = plt.subplots(figsize=(width + 1.6, height + 1.0), layout="constrained")
-    try:
-        low, high = _limits(array)
-        image = ax.imshow(array, cmap="viridis", vmin=low, vmax=high, aspect="auto", interpolation="nearest",
-                          origin="upper")
-        fig.colorbar(image, ax=ax, label="MKNN", fraction=0.05, pad=0.02)
-        _ticks(ax, layers, heads)
-        fit_title(fig, fig.suptitle(title, fontsize=10), title)
-        _boxes(ax, selected, _BOX_COLOR)
-        if selected:
-            _legend(fig, [(_BOX_COLOR, box_label)])
-        if layers * heads <= _MAX_ANNOTATED_CELLS:
-            _annotate_cells(ax, array, signed=False)
-        else:
-            _labels(ax, selected, _label_fontsize(heads, width))
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    fig = agg_figure(figsize=(width + 1.6, height + 1.0))
+    ax = fig.subplots()
+    low, high = _limits(array)
+    image = ax.imshow(array, cmap="viridis", vmin=low, vmax=high, aspect="auto", interpolation="nearest",
+                      origin="upper")
+    fig.colorbar(image, ax=ax, label="MKNN", fraction=0.05, pad=0.02)
+    _ticks(ax, layers, heads)
+    fit_title(fig, fig.suptitle(title, fontsize=10), title)
+    _boxes(ax, selected, _BOX_COLOR)
+    if selected:
+        _legend(fig, [(_BOX_COLOR, box_label)])
+    if layers * heads <= _MAX_ANNOTATED_CELLS:
+        _annotate_cells(ax, array, signed=False)
+    else:
+        _labels(ax, selected, _label_fontsize(heads, width))
+    return _save(fig, path)
 
 
 def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tuple[int, int]], path: Path,
@@ -236,48 +178,45 @@ def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tupl
     (``[layers, heads]`` bool, optional) hatches the differences that are within noise on the difference panel. A
     legend under the panels names the boxes (``box_label``) and the hatching (``noise_label``).
     """
-    plt = _pyplot()
     first = _check(before, selected, "before")
     second = _check(after, selected, "after")
     if first.shape != second.shape:
         raise ValueError(f"before {first.shape} and after {second.shape} must have the same [layers, heads] shape")
     layers, heads = first.shape
     width, height = _map_size(layers, heads, 5.5)
-    fig, axes = plt.subplots(1, 3, figsize=(3 * width + 2.6, height + 1.3), layout="constrained")
-    try:
-        low, high = _limits(first, second)
-        for ax, array, name in ((axes[0], first, "before"), (axes[1], second, "after")):
-            image = ax.imshow(array, cmap="viridis", vmin=low, vmax=high, aspect="auto", interpolation="nearest")
-            ax.set_title(name, fontsize=10)
-        fig.colorbar(image, ax=axes[:2], label="MKNN", fraction=0.05, pad=0.02, shrink=0.9)
-        diff = second - first
-        finite = np.abs(diff[np.isfinite(diff)])
-        bound = float(finite.max()) if finite.size and finite.max() > 0 else 1e-6
-        diff_image = axes[2].imshow(diff, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto",
-                                    interpolation="nearest")
-        axes[2].set_title("after \u2212 before", fontsize=10)
-        fig.colorbar(diff_image, ax=axes[2], label="\u0394 MKNN", fraction=0.05, pad=0.02)
-        for ax, color in zip(axes, (_BOX_COLOR, _BOX_COLOR, _DIFF_BOX_COLOR), strict=True):
-            _ticks(ax, layers, heads)
-            _boxes(ax, selected, color)
-        entries: list[tuple[Any, str]] = [((_BOX_COLOR, _DIFF_BOX_COLOR), box_label)] if selected else []
-        if noise is not None:
-            if np.shape(noise) != first.shape:
-                raise ValueError(f"noise {np.shape(noise)} must have the maps' [layers, heads] shape {first.shape}")
-            _hatch(axes[2], np.asarray(noise, dtype=bool))
-            entries.append(("hatch", noise_label))
-        if entries:
-            _legend(fig, entries)
-        fit_title(fig, fig.suptitle(title, fontsize=11), title)
-        if layers * heads <= _MAX_ANNOTATED_CELLS:
-            for ax, array in ((axes[0], first), (axes[1], second)):
-                _annotate_cells(ax, array, signed=False)
-            _annotate_cells(axes[2], diff, signed=True)
-        else:
-            _labels(axes[2], selected, _label_fontsize(heads, width))
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    fig = agg_figure(figsize=(3 * width + 2.6, height + 1.3))
+    axes = fig.subplots(1, 3)
+    low, high = _limits(first, second)
+    for ax, array, name in ((axes[0], first, "before"), (axes[1], second, "after")):
+        image = ax.imshow(array, cmap="viridis", vmin=low, vmax=high, aspect="auto", interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+    fig.colorbar(image, ax=axes[:2], label="MKNN", fraction=0.05, pad=0.02, shrink=0.9)
+    diff = second - first
+    finite = np.abs(diff[np.isfinite(diff)])
+    bound = float(finite.max()) if finite.size and finite.max() > 0 else 1e-6
+    diff_image = axes[2].imshow(diff, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto",
+                                interpolation="nearest")
+    axes[2].set_title("after \u2212 before", fontsize=10)
+    fig.colorbar(diff_image, ax=axes[2], label="\u0394 MKNN", fraction=0.05, pad=0.02)
+    for ax, color in zip(axes, (_BOX_COLOR, _BOX_COLOR, _DIFF_BOX_COLOR), strict=True):
+        _ticks(ax, layers, heads)
+        _boxes(ax, selected, color)
+    entries: list[tuple[Any, str]] = [((_BOX_COLOR, _DIFF_BOX_COLOR), box_label)] if selected else []
+    if noise is not None:
+        if np.shape(noise) != first.shape:
+            raise ValueError(f"noise {np.shape(noise)} must have the maps' [layers, heads] shape {first.shape}")
+        _hatch(axes[2], np.asarray(noise, dtype=bool))
+        entries.append(("hatch", noise_label))
+    if entries:
+        _legend(fig, entries)
+    fit_title(fig, fig.suptitle(title, fontsize=11), title)
+    if layers * heads <= _MAX_ANNOTATED_CELLS:
+        for ax, array in ((axes[0], first), (axes[1], second)):
+            _annotate_cells(ax, array, signed=False)
+        _annotate_cells(axes[2], diff, signed=True)
+    else:
+        _labels(axes[2], selected, _label_fontsize(heads, width))
+    return _save(fig, path)
 
 
 def plot_score_panels(panels: list[tuple[np.ndarray, str]], layer_names: list[int], marked: list[tuple[int, int]],
@@ -286,35 +225,30 @@ def plot_score_panels(panels: list[tuple[np.ndarray, str]], layer_names: list[in
     """Side-by-side heatmaps of per-head scores ``[L, H]`` over the model layers ``layer_names`` (row i is layer
     ``layer_names[i]``; each panel its own colour scale, named by its label); ``marked`` (layer, head) cells boxed in
     red and ``rolled_back`` ones in black on every panel, named in a legend by ``box_labels``. PNG."""
-    plt = _pyplot()
     row = {layer: index for index, layer in enumerate(layer_names)}
     boxes = [(row[layer], head) for layer, head in marked], [(row[layer], head) for layer, head in rolled_back]
     arrays = [_check(array, boxes[0] + boxes[1], label) for array, label in panels]
     layers, heads = arrays[0].shape
     width, height = _map_size(layers, heads, 5.5)
-    fig, axes = plt.subplots(1, len(arrays), figsize=(len(arrays) * (width + 1.3), height + 1.3),
-                             layout="constrained", squeeze=False)
-    try:
-        for ax, array, (_, label) in zip(axes[0], arrays, panels, strict=True):
-            low, high = float(np.nanmin(array)), float(np.nanmax(array))
-            image = ax.imshow(array, cmap="viridis", vmin=low, vmax=high if high > low else low + 1e-6,
-                              aspect="auto", interpolation="nearest")
-            ax.set_title(label, fontsize=10)
-            fig.colorbar(image, ax=ax, label=label, fraction=0.05, pad=0.02)
-            _ticks(ax, layers, heads)
-            ax.set_yticklabels([str(layer_names[int(tick)]) for tick in ax.get_yticks()], fontsize=7)
-            _boxes(ax, boxes[0], _BOX_COLOR)
-            _boxes(ax, boxes[1], _DIFF_BOX_COLOR)
-            if layers * heads <= _MAX_ANNOTATED_CELLS:
-                _annotate_cells(ax, array, signed=True)
-        entries = [(color, label) for color, label, cells in zip((_BOX_COLOR, _DIFF_BOX_COLOR), box_labels, boxes,
-                                                                 strict=True) if cells]
-        if entries:
-            _legend(fig, entries)
-        fit_title(fig, fig.suptitle(title, fontsize=11), title)
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    fig = agg_figure(figsize=(len(arrays) * (width + 1.3), height + 1.3))
+    for ax, array, (_, label) in zip(fig.subplots(1, len(arrays), squeeze=False)[0], arrays, panels, strict=True):
+        low, high = float(np.nanmin(array)), float(np.nanmax(array))
+        image = ax.imshow(array, cmap="viridis", vmin=low, vmax=high if high > low else low + 1e-6,
+                          aspect="auto", interpolation="nearest")
+        ax.set_title(label, fontsize=10)
+        fig.colorbar(image, ax=ax, label=label, fraction=0.05, pad=0.02)
+        _ticks(ax, layers, heads)
+        ax.set_yticklabels([str(layer_names[int(tick)]) for tick in ax.get_yticks()], fontsize=7)
+        _boxes(ax, boxes[0], _BOX_COLOR)
+        _boxes(ax, boxes[1], _DIFF_BOX_COLOR)
+        if layers * heads <= _MAX_ANNOTATED_CELLS:
+            _annotate_cells(ax, array, signed=True)
+    entries = [(color, label) for color, label, cells in zip((_BOX_COLOR, _DIFF_BOX_COLOR), box_labels, boxes,
+                                                             strict=True) if cells]
+    if entries:
+        _legend(fig, entries)
+    fit_title(fig, fig.suptitle(title, fontsize=11), title)
+    return _save(fig, path)
 
 
 def _cell(value: object) -> str:

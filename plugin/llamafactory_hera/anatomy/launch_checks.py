@@ -8,10 +8,9 @@ unrelated message or a traceback, some of them only after the model and the teac
 - a ``deepspeed`` config path that is not a file (accelerate's "Expected a string path to an existing deepspeed
   config" while the arguments are built);
 - FSDP, from the recipe (``fsdp``, ``fsdp_config``) or from ``accelerate launch`` with an FSDP config
-  (``ACCELERATE_USE_FSDP``, with ``FSDP_VERSION`` 1 or 2): the plugins read whole projection weights outside the
-  wrapped forward (HeRA's head slices and monitor, HARC's LoRA reference, RAH's calibration), which FSDP shards; the
-  run used to pass HeRA's check (it read ``fsdp`` only), load the model and the teacher, and fail at the first
-  projection or monitor point. DeepSpeed ZeRO is the supported sharding (HeRA, HARC);
+  (``ACCELERATE_USE_FSDP``, with ``FSDP_VERSION`` 1 or 2): every method reads whole weights outside the wrapped
+  forward, which FSDP shards (why, per method: :data:`_FSDP`); the run would load the model and the teacher, then fail
+  at the first projection. DeepSpeed ZeRO is the supported sharding (HeRA, HARC);
 - ``streaming: true``: every stage reads its rows as a map-style dataset (see :data:`_STREAMING`).
 """
 

@@ -1,17 +1,13 @@
 """One builder for every method's LlamaBoard panel: from a :class:`~.panel_spec.PanelDeclaration` and its texts (the
-data file ``panel_texts.yaml`` beside it) to the panel the LlamaBoard patch
-(:mod:`llamafactory_hera_patches.webui_board`) wires in.
-
-:class:`MethodPanel` holds what the patch uses: ``tab``, ``keys``, ``defaults``, ``locales``,
-``create_panel(gr, dataset_dir)``, ``bind(gr, train_elems, own_elems)``, ``build_args(values)``, ``validate(values,
-extra, context)``, ``error_text(problem, lang)``, ``host_args(args, extra)``, ``owns_loss_plot(log)`` and
-``loss_figure(log, smooth)``. Independent of LLaMA-Factory's internals; gradio is passed in by the caller.
+data file ``panel_texts.yaml`` beside it) to the :class:`MethodPanel` the LlamaBoard patch
+(:mod:`llamafactory_hera_patches.webui_board`) wires in. Independent of LLaMA-Factory's internals; gradio is passed in
+by the caller.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
@@ -20,7 +16,6 @@ import yaml
 from llamafactory_hera.anatomy.panel_checks import dataset_names, unknown_datasets
 from llamafactory_hera.anatomy.panel_plots import loss_with_terms_figure
 from llamafactory_hera.anatomy.panel_spec import (
-    LANGS,
     NO_FIELD,
     UNKNOWN_KEY,
     WIDGETS,
@@ -33,45 +28,14 @@ from llamafactory_hera.anatomy.panel_widgets import as_markup, create_widgets, t
 
 Locales = dict[str, dict[str, dict[str, str]]]  # element name -> language -> {"label", "info"} or {"value"}
 
-TEXTS_FILE = "panel_texts.yaml"
-# A method's texts: fields (recipe key -> language -> [label, info]), the panel's note and what the info of an
-# ``only_with`` field starts with (language -> text); the texts every panel shares (language -> text, {name} filled in)
-# are in this package's own file
-PANEL_SECTIONS = ("fields", "note", "only_with_note")
-SHARED_SECTIONS = ("tab_title", "error_prefix")
+TEXTS_FILE = "panel_texts.yaml"  # a method's: fields (key -> language -> [label, info]), note, only_with_note; this
+# package's: tab_title and error_prefix (language -> text, {name} filled in); every text in every LlamaBoard language,
+# checked by the tests (tests/test_panel_texts.py)
 
 
 def read_texts(package: str) -> dict[str, Any]:
     """The texts of ``package``'s ``panel_texts.yaml``, read from the installed package (a wheel or the source tree)."""
     return yaml.safe_load(resources.files(package).joinpath(TEXTS_FILE).read_text(encoding="utf-8")) or {}
-
-
-def text_problems(texts: Mapping[str, Any], keys: Sequence[str], sections: Sequence[str]) -> list[str]:
-    """What is wrong with a panel's texts for the declared field ``keys``: a field without texts, a text of a key that
-    is not declared, a section not in ``sections``, a language missing or not LlamaBoard's, a field's text that is not
-    [label, info]; empty when every text is there."""
-    fields = texts.get("fields") or {}
-    problems = [f"{section}: not one of {', '.join(sections)}" for section in texts if section not in sections]
-    problems += [f"fields: no texts for {key}" for key in keys if key not in fields]
-    problems += [f"fields: {key} is not a declared field" for key in fields if key not in keys]
-    for key, entry in fields.items():
-        problems += _language_problems(f"fields: {key}", entry, _is_label_and_info, "[label, info]")
-    for section, entry in texts.items():
-        if section != "fields" and section in sections:
-            problems += _language_problems(section, entry, lambda text: isinstance(text, str), "a text")
-    return problems
-
-
-def _is_label_and_info(text: Any) -> bool:
-    return isinstance(text, list) and len(text) == 2 and all(isinstance(part, str) and part for part in text)
-
-
-def _language_problems(where: str, entry: Any, fits: Callable[[Any], bool], shape: str) -> list[str]:
-    if not isinstance(entry, Mapping):
-        return [f"{where}: not a mapping of language -> text"]
-    problems = [f"{where}: no {lang} text" for lang in LANGS if lang not in entry]
-    problems += [f"{where}: {lang} is not one of LlamaBoard's languages" for lang in entry if lang not in LANGS]
-    return problems + [f"{where}: {lang} is not {shape}" for lang, text in entry.items() if not fits(text)]
 
 
 class BoxField:
@@ -101,7 +65,7 @@ class BoxField:
 
 
 class MethodPanel:
-    """A method's LlamaBoard panel, built from its declaration (see the module docstring for what it offers)."""
+    """A method's LlamaBoard panel, built from its declaration."""
 
     def __init__(self, declaration: PanelDeclaration, texts: Mapping[str, Any], shared: Mapping[str, Any]) -> None:
         self.declaration = declaration
@@ -166,23 +130,17 @@ class MethodPanel:
         """
         merged = {field.key: values.get(field.key, field.default) for field in self.fields}
         recipe = {field.key: field.recipe_value(merged[field.key]) for field in self.fields}
-        return {key: value for key, value in recipe.items()
-                if not (only := self._field(key).only_with) or recipe.get(only[0]) == only[1]}
-
-    def _field(self, key: str) -> BoxField:
-        return next(field for field in self.fields if field.key == key)
+        return {field.key: recipe[field.key] for field in self.fields
+                if not field.only_with or recipe.get(field.only_with[0]) == field.only_with[1]}
 
     def method_keys(self, extra: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The method's keys among the "Extra arguments" JSON (which win over the panel)."""
-        if not isinstance(extra, Mapping):
-            return {}
-        return {key: value for key, value in extra.items() if str(key).startswith(self.declaration.prefix)}
+        """The method's keys among the "Extra arguments" JSON (a dict, or None; they win over the panel)."""
+        return {key: value for key, value in (extra or {}).items() if str(key).startswith(self.declaration.prefix)}
 
     def host_args(self, args: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
         """LlamaBoard's arguments without those the method does not use (kept where "Extra arguments" sets them)."""
-        given = extra if isinstance(extra, Mapping) else {}
         return {key: value for key, value in args.items()
-                if key not in self.declaration.unused_host_keys or key in given}
+                if key not in self.declaration.unused_host_keys or key in (extra or {})}
 
     def validate(self, values: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
                  context: Mapping[str, Any] | None = None) -> str:
@@ -250,12 +208,5 @@ class MethodPanel:
 
 
 def build_panel(declaration: PanelDeclaration) -> MethodPanel:
-    """The panel of a declaration, with its texts (ValueError naming the file and what is wrong with its texts)."""
-    texts, shared = read_texts(declaration.package), read_texts(__package__)
-    keys = [declared.key for declared in declaration.fields]
-    problems = [f"{declaration.package}/{TEXTS_FILE}: {problem}"
-                for problem in text_problems(texts, keys, PANEL_SECTIONS)]
-    problems += [f"{__package__}/{TEXTS_FILE}: {problem}" for problem in text_problems(shared, (), SHARED_SECTIONS)]
-    if problems:
-        raise ValueError(f"{declaration.name} panel: {'; '.join(problems)}")
-    return MethodPanel(declaration, texts, shared)
+    """The panel of a declaration, with its texts."""
+    return MethodPanel(declaration, read_texts(declaration.package), read_texts(__package__))

@@ -8,26 +8,22 @@ when it starts, before anything heavy is loaded.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.anatomy.heads import AttentionGeometry, attention_geometry
-
-_NOT_LOCAL = ("REMOTE:", "ONLINE")  # LLaMA-Factory's dataset_dir values that are not a folder
+from llamafactory_hera.anatomy.run_checks import NOT_LOCAL, dataset_info
+from llamafactory_hera.short_errors import RecipeError
 
 
 def _dataset_info(dataset_dir: Any) -> dict[str, Any] | None:
     """``dataset_dir``'s dataset_info.json as a dict, None when it cannot be read locally."""
-    if not dataset_dir or str(dataset_dir).startswith(_NOT_LOCAL):
+    if not dataset_dir or str(dataset_dir).startswith(NOT_LOCAL):
         return None
-    path = Path(str(dataset_dir)) / "dataset_info.json"
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return dataset_info(str(dataset_dir), "dataset", [])
+    except RecipeError:
         return None
-    return info if isinstance(info, dict) else None
 
 
 def dataset_names(dataset_dir: Any) -> list[str]:

@@ -46,9 +46,10 @@ class Field:
 class LossPlot:
     """How LlamaBoard's loss plot shows the method's runs (``trainer_log.jsonl`` lines as dicts).
 
-    A log is the method's when a line carries ``marker`` (empty: any of ``terms``). ``terms``: log key -> colour,
-    drawn smoothed on a second axis beside LlamaBoard's loss (raw and faint too with ``raw_terms``). ``figure``:
-    ``(trainer_log, smooth) -> Figure`` drawn instead (a method without a loss).
+    A log is the method's when a line carries ``marker`` (empty: any of ``terms``). ``terms``' keys: drawn on a second
+    axis (``axis_label``) beside the loss, as the training plot draws them (:mod:`.panel_plots`; the colours,
+    ``raw_terms`` and ``axis_color`` are no longer read). ``figure``: ``(trainer_log, smooth) -> Figure`` drawn
+    instead (a method without a loss).
     """
 
     terms: Mapping[str, str] = field(default_factory=dict)

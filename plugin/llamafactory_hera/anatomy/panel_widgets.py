@@ -10,18 +10,7 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
-
-
-class PanelField(Protocol):
-    """One input of a panel: a recipe key, its widget and its row in the accordion."""
-
-    key: str
-    widget: str
-    row: int
-    scale: int
-    default: Any
-    choices: tuple[str, ...] | None
+from typing import Any
 
 
 def as_markup(text: str) -> str:
@@ -30,7 +19,7 @@ def as_markup(text: str) -> str:
     return html.escape(text, quote=False)
 
 
-def create_widgets(gr: Any, panel_fields: Iterable[PanelField], locales: dict[str, dict[str, dict[str, str]]],
+def create_widgets(gr: Any, panel_fields: Iterable[Any], locales: dict[str, dict[str, dict[str, str]]],
                    datasets: Sequence[str] = ()) -> dict[str, Any]:
     """The panel's inputs in the current gradio layout context (an accordion), row by row; key -> component.
 

@@ -1,10 +1,20 @@
-"""Text in figures: titles that fit their figure (wrapped on the rendered width, not on a guess of characters per
-inch) and numbers without a negative zero."""
+"""What every figure of the plugin shares: a headless figure, titles that fit it (wrapped on the rendered width, not
+on a guess of characters per inch) and numbers without a negative zero."""
 
 from __future__ import annotations
 
 import textwrap
 from typing import Any
+
+
+def agg_figure(**kwargs: Any) -> Any:
+    """A constrained-layout ``matplotlib.figure.Figure`` on an Agg canvas: headless, and no pyplot state to close."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(layout="constrained", **kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def fit_title(fig: Any, text: Any, title: str, margin: float = 0.96) -> None:

@@ -66,17 +66,9 @@ def _string_tokens(holder: Any) -> set[str]:
 
 def multimodal_token_ids(config: Any, processor: Any = None, tokenizer: Any = None,
                          mm_plugin: Any = None) -> frozenset[int]:
-    """Ids of every multimodal placeholder token (image, video, audio, vision start/end/pad) the model uses.
-
-    Args:
-        config: the (M)LLM config.
-        processor: the model's processor (its ``image_token`` etc.), if any.
-        tokenizer: converts token strings to ids (default: ``processor.tokenizer``).
-        mm_plugin: LLaMA-Factory's ``template.mm_plugin`` (its ``image_token`` etc.), if any.
-
-    Returns:
-        The ids; strings that the tokenizer does not know as a single token are skipped.
-    """
+    """Ids of every multimodal placeholder token (image, video, audio, vision start/end/pad) the model uses: from
+    ``config``, and the ``image_token`` etc. of ``processor`` and of LLaMA-Factory's ``template.mm_plugin`` converted
+    by ``tokenizer`` (default ``processor.tokenizer``; a string it does not know as a single token is skipped)."""
     ids = _config_token_ids(config)
     tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
     strings = _string_tokens(processor) | _string_tokens(mm_plugin)
@@ -117,12 +109,8 @@ def pooled_token_mask(labels: torch.Tensor, input_ids: torch.Tensor, attention_m
                       pooling: str, multimodal_ids: Iterable[int] | int | None) -> torch.Tensor:
     """``[B, T]`` bool mask of the tokens averaged into a head representation (see the module docstring).
 
-    Args:
-        labels: ``[B, T]`` unshifted labels (-100: no loss).
-        input_ids: ``[B, T]``.
-        attention_mask: ``[B, T]`` (1 = attended) or None; other shapes are ignored.
-        pooling: ``"assistant"`` or ``"text"``.
-        multimodal_ids: ids of multimodal placeholder tokens (a single id is accepted).
+    ``labels``: ``[B, T]`` unshifted (-100: no loss); ``attention_mask``: ``[B, T]`` (1 = attended) or None (other
+    shapes are ignored); ``multimodal_ids``: the placeholder tokens' ids (a single id is accepted).
     """
     if pooling not in POOLINGS:
         raise ValueError(f"hera_pooling must be 'assistant' or 'text', got {pooling!r}")

@@ -17,11 +17,7 @@ from llamafactory_hera.short_errors import RecipeError
 
 
 def text_decoder(model: nn.Module) -> nn.Module:
-    """The text decoder (the module with ``layers``) of a plain or PEFT-wrapped (M)LLM.
-
-    Raises:
-        ValueError: when the model exposes no decoder with ``layers``.
-    """
+    """The text decoder (the module with ``layers``) of a plain or PEFT-wrapped (M)LLM (ValueError when none)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if getattr(decoder, "layers", None) is None:
@@ -33,14 +29,8 @@ def text_decoder(model: nn.Module) -> nn.Module:
 
 
 def find_o_proj_modules(model: nn.Module) -> list[nn.Module]:
-    """``o_proj`` of every text-decoder layer, in layer order.
-
-    Works on plain transformers MLLMs and on PEFT-wrapped ones (``get_base_model``); the
-    returned modules are the LoRA layers themselves when LoRA targets ``o_proj``.
-
-    Raises:
-        ValueError: when the model has no ``layers[i].self_attn.o_proj`` in its text decoder.
-    """
+    """``o_proj`` of every text-decoder layer, in layer order, of a plain or PEFT-wrapped (M)LLM: the LoRA layers
+    themselves when LoRA targets ``o_proj`` (ValueError when a layer has no ``self_attn.o_proj``)."""
     modules = []
     for index, layer in enumerate(text_decoder(model).layers):
         o_proj = getattr(getattr(layer, "self_attn", None), "o_proj", None)
@@ -54,50 +44,42 @@ def find_o_proj_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.Tensor:
-    """Effective ``o_proj`` weight restricted to input ``columns``, summed in float32.
+    """``[d, C]`` effective weight of ``o_proj`` (``nn.Linear`` or a PEFT LoRA ``Linear`` wrapping one) at the
+    ``[C]`` input ``columns``: the LoRA delta of every active, unmerged adapter included, summed in float32.
 
     The base weight and each LoRA delta are cast to float32 before they are added: in bf16 a LoRA delta a
     few 1e-5 of the weight (early in training) is mostly rounded away by the sum (at |delta|/|W| = 7e-5, 98.6 %
     of its effect on the projected value).
-
-    Args:
-        o_proj: ``nn.Linear`` or a PEFT LoRA ``Linear`` wrapping one.
-        columns: ``[C]`` int64 input-column indices.
-
-    Returns:
-        ``[d, C]`` float32 weight, LoRA delta of every active, unmerged adapter included.
     """
-    base = getattr(o_proj, "base_layer", None)
-    if base is None:
-        if not isinstance(o_proj, nn.Linear):
-            raise TypeError(f"o_proj is a {type(o_proj).__name__}; llamafactory-hera supports nn.Linear and "
-                            "LoRA-wrapped Linear.")
-        return o_proj.weight[:, columns].float()
-    _check_lora_base(base)
+    base, adapters = _base_and_adapters(o_proj)
     weight = base.weight[:, columns].float()
-    for name in _active_lora(o_proj):
+    for name in adapters:
         lora_a = o_proj.lora_A[name].weight[:, columns].float()  # [r, C]
         lora_b = o_proj.lora_B[name].weight.float()  # [d, r]
         weight = weight + o_proj.scaling[name] * (lora_b @ lora_a)
     return weight
 
 
-def _check_lora_base(base: nn.Module) -> None:
+def _base_and_adapters(o_proj: nn.Module) -> tuple[nn.Linear, list[str]]:
+    """(the plain Linear holding ``W_O``, the names of the LoRA adapters whose delta adds to it: none for a plain
+    ``o_proj``, or when merged or disabled)."""
+    base = getattr(o_proj, "base_layer", None)
+    if base is None:
+        if not isinstance(o_proj, nn.Linear):
+            raise TypeError(f"o_proj is a {type(o_proj).__name__}; llamafactory-hera supports nn.Linear and "
+                            "LoRA-wrapped Linear.")
+        return o_proj, []
     if not isinstance(base, nn.Linear) or getattr(base, "weight", None) is None or base.weight.ndim != 2:
         raise TypeError(
             f"o_proj wraps a {type(base).__name__}; llamafactory-hera needs a plain (unquantized) Linear base layer to "
             "read W_O."
         )
-
-
-def _active_lora(o_proj: nn.Module) -> list[str]:
-    """Names of the LoRA adapters whose delta adds to a LoRA ``o_proj``'s weight (none when merged or disabled)."""
     if getattr(o_proj, "merged", False) or getattr(o_proj, "disable_adapters", False):
-        return []
+        return base, []
     names = [name for name in o_proj.active_adapters if name in o_proj.lora_A]
     if any(o_proj.use_dora.get(name, False) for name in names):
         raise TypeError("o_proj uses DoRA; HeRA's per-head weight split supports plain LoRA only.")
-    return names
+    return base, names
 
 
 def head_columns(heads: list[int], head_dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -107,37 +89,14 @@ def head_columns(heads: list[int], head_dim: int, device: torch.device | None = 
 
 
 def project_heads(o_proj: nn.Module, x_heads: torch.Tensor, heads: list[int], head_dim: int) -> torch.Tensor:
-    """Project already-sliced head inputs through their ``W_O`` columns, in float32 (inputs and weight cast).
-
-    Args:
-        o_proj: the layer's output projection (plain or LoRA).
-        x_heads: ``[..., len(heads) * head_dim]`` the slices of the ``o_proj`` input for ``heads``, in that order.
-        heads: query-head indices.
-        head_dim: width of one head.
-
-    Returns:
-        ``[len(heads), ..., d]`` float32 contributions to the residual stream.
-    """
+    """``[len(heads), ..., d]``: each head's contribution to the residual stream, its slice of ``x_heads``
+    ``[..., len(heads) * head_dim]`` (the ``o_proj`` input's slices for ``heads``, in that order) through its ``W_O``
+    columns, in float32 (inputs and weight cast). Over every head they sum to ``o_proj(x) - bias`` (LoRA dropout
+    aside)."""
     columns = head_columns(heads, head_dim, x_heads.device)
     w_sel = effective_weight_columns(o_proj, columns).unflatten(-1, (len(heads), head_dim))  # [d, n, dh] float32
     x_sel = x_heads.float().unflatten(-1, (len(heads), head_dim))  # [..., n, dh]
     return torch.einsum("...nk,dnk->n...d", x_sel, w_sel)
-
-
-def head_contributions(o_proj: nn.Module, x: torch.Tensor, heads: list[int], head_dim: int) -> torch.Tensor:
-    """Each head's contribution to the residual stream.
-
-    Args:
-        o_proj: the layer's output projection (plain or LoRA).
-        x: ``[..., H * head_dim]`` input of ``o_proj``.
-        heads: query-head indices to project.
-        head_dim: width of one head.
-
-    Returns:
-        ``[len(heads), ..., d]`` contributions in float32; summed over all heads they equal
-        ``o_proj(x) - bias`` (LoRA dropout aside).
-    """
-    return project_heads(o_proj, x[..., head_columns(heads, head_dim, x.device)], heads, head_dim)
 
 
 def is_partitioned(o_proj: nn.Module) -> bool:
@@ -155,26 +114,10 @@ def project_heads_by_call(o_proj: nn.Module, x_heads: torch.Tensor, heads: list[
     its ``forward`` swapped for the float32 product of the head columns of its own weight. The result is
     :func:`project_heads`'s ``x @ (W + s B A)^T`` computed as ``x W^T + s (x A^T) B^T``, all in float32: the two
     paths differ by float32 rounding only. LoRA dropout is not applied (as in the effective-weight path).
-
-    Args:
-        o_proj: the layer's output projection.
-        x_heads: ``[B, len(heads) * head_dim]`` pooled head inputs.
-        heads: query-head indices, in the order of ``x_heads``.
-        head_dim: width of one head.
-        width: ``num_heads * head_dim``, the input width of ``o_proj`` (checked against the weight).
-
-    Returns:
-        ``[len(heads), B, d]`` float32 contributions.
+    ``x_heads``: ``[B, len(heads) * head_dim]`` pooled head inputs; ``width``: ``num_heads * head_dim``, the input
+    width of ``o_proj`` (checked against the weight). Returns ``[len(heads), B, d]`` float32 contributions.
     """
-    base = getattr(o_proj, "base_layer", None)
-    if base is None:
-        if not isinstance(o_proj, nn.Linear):
-            raise TypeError(f"o_proj is a {type(o_proj).__name__}; llamafactory-hera supports nn.Linear and "
-                            "LoRA-wrapped Linear.")
-        base, adapters = o_proj, []
-    else:
-        _check_lora_base(base)
-        adapters = _active_lora(o_proj)
+    base, adapters = _base_and_adapters(o_proj)
     if base.in_features != width:
         raise ValueError(f"o_proj takes {base.in_features} inputs, expected num_heads * head_dim = {width}")
     columns = head_columns(heads, head_dim, x_heads.device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import field, fields
 from typing import Any, TypeVar
@@ -14,6 +15,9 @@ from llamafactory_hera.short_errors import RecipeError
 
 T = TypeVar("T")
 NULLS = {"none", "null", ""}
+# a recipe key's bound (its field's metadata) -> (how an error states it, whether a value keeps it)
+BOUNDS = {"min": (">=", operator.ge), "max": ("<=", operator.le), "min_exclusive": (">", operator.gt),
+          "max_exclusive": ("<", operator.lt)}
 
 
 def recipe_key(default: Any, help_text: str, **checks: Any) -> Any:
@@ -57,14 +61,9 @@ def coerce_number(key: str, value: Any, kind: type, meta: dict[str, Any]) -> int
         raise fail(key, value, expected) from None
     if kind is float and not math.isfinite(number):
         raise fail(key, value, "expected a finite number.")
-    if "min" in meta and number < meta["min"]:
-        raise fail(key, value, f"allowed range is >= {meta['min']}.")
-    if "max" in meta and number > meta["max"]:
-        raise fail(key, value, f"allowed range is <= {meta['max']}.")
-    if "min_exclusive" in meta and number <= meta["min_exclusive"]:
-        raise fail(key, value, f"allowed range is > {meta['min_exclusive']}.")
-    if "max_exclusive" in meta and number >= meta["max_exclusive"]:
-        raise fail(key, value, f"allowed range is < {meta['max_exclusive']}.")
+    for bound, allowed in BOUNDS.items():
+        if bound in meta and not allowed[1](number, meta[bound]):
+            raise fail(key, value, f"allowed range is {allowed[0]} {meta[bound]}.")
     return number
 
 

@@ -22,6 +22,7 @@ from llamafactory_hera.anatomy.launch_checks import check_fsdp_parsed
 from llamafactory_hera.short_errors import RecipeError
 
 DATA_CONFIG = "dataset_info.json"
+NOT_LOCAL = ("REMOTE:", "ONLINE")  # LLaMA-Factory's dataset_dir values that are not a folder
 _EMPTY_TEXTS = ("", "[]", "{}")  # a JSON / JSONL dataset file with no row
 _NOT_FROM_FILE = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")  # LLaMA-Factory reads
 # an entry with any of these from there, not from file_name (data/parser.py)
@@ -34,10 +35,6 @@ def as_names(value: Any) -> list[str]:
         return []
     items = value if isinstance(value, list | tuple) else str(value).split(",")
     return [str(item).strip() for item in items if str(item).strip()]
-
-
-def _local(dataset_dir: str) -> bool:
-    return not str(dataset_dir).startswith(("REMOTE:", "ONLINE"))
 
 
 def dataset_info(dataset_dir: str, key: str, names: list[str]) -> dict[str, Any]:
@@ -69,7 +66,7 @@ def check_dataset_names(key: str, names: list[str], dataset_dir: str, fix: str =
     ``key`` names the recipe key the names come from (``dataset``, ``harc_pseudo``, ...); ``fix`` replaces the
     default advice for a name that is not listed.
     """
-    if not names or not _local(dataset_dir):
+    if not names or str(dataset_dir).startswith(NOT_LOCAL):
         return
     info = dataset_info(dataset_dir, key, names)
     listed = ", ".join(sorted(info)) or "nothing"

@@ -5,23 +5,24 @@ The series are read from ``trainer_log.jsonl`` (the lines LlamaBoard reads, with
 ``trainer_state.json`` (``log_history``: every key ``Trainer.log`` received, and the evaluation losses), whichever
 the run left; a key in both gives the same value. Drawn headless (an Agg canvas, no pyplot state); the steps are
 integers on every axis, the title names the run (``output_dir``'s folder and stage) and fits the figure, and the
-smoothing is the host's own (passed in by the patch), so the curves match LlamaBoard's.
+smoothing is the host's own (passed in by the patch), so the curves match LlamaBoard's. LlamaBoard's loss plot of a
+method's run is this figure too (:mod:`.panel_plots`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.plot_text import fit_title
+from llamafactory_hera.anatomy.plot_text import agg_figure, fit_title
 
 Smooth = Callable[[list[float]], list[float]]
 TRAINING_PNG = "training.png"
-_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
 @dataclass(frozen=True)
@@ -60,35 +61,36 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def read_series(output_dir: str | Path) -> Series:
-    """Every numeric key logged at a training step (and ``eval_loss``) -> (steps, values), steps increasing.
-
-    Reads ``trainer_log.jsonl`` (``current_steps``) and ``trainer_state.json`` (``log_history``, ``step``).
-    """
-    output_dir = Path(output_dir)
+def series(entries: Iterable[tuple[Any, dict[str, Any]]]) -> Series:
+    """Every numeric key of the (step, log entry) pairs logged at a training step (an entry with ``loss``), and
+    ``eval_loss`` -> (steps, values), steps increasing."""
     rows: dict[str, dict[int, float]] = {}
-
-    def add(step: Any, entry: dict[str, Any]) -> None:
+    for step, entry in entries:
         if not isinstance(step, int):
-            return
+            continue
         training = "loss" in entry
         for key, value in entry.items():
             number = _number(value)
             if number is not None and (training or key == "eval_loss"):
                 rows.setdefault(key, {})[step] = number
-
-    state = output_dir / "trainer_state.json"
-    if state.is_file():
-        for entry in json.loads(state.read_text(encoding="utf-8")).get("log_history", []):
-            add(entry.get("step"), entry)
-    log = output_dir / "trainer_log.jsonl"
-    if log.is_file():
-        for line in log.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                add(entry.get("current_steps"), entry)
     skip = {"step", "current_steps", "total_steps", "epoch", "percentage", "lr", "learning_rate", "grad_norm"}
     return {key: (sorted(steps), [steps[s] for s in sorted(steps)]) for key, steps in rows.items() if key not in skip}
+
+
+def read_series(output_dir: str | Path) -> Series:
+    """:func:`series` of ``trainer_state.json`` (``log_history``, ``step``) and ``trainer_log.jsonl``
+    (``current_steps``)."""
+    output_dir = Path(output_dir)
+    entries: list[tuple[Any, dict[str, Any]]] = []
+    state = output_dir / "trainer_state.json"
+    if state.is_file():
+        entries += [(entry.get("step"), entry) for entry in json.loads(state.read_text(encoding="utf-8")).get(
+            "log_history", [])]
+    log = output_dir / "trainer_log.jsonl"
+    if log.is_file():
+        lines = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+        entries += [(entry.get("current_steps"), entry) for entry in lines]
+    return series(entries)
 
 
 def _integer_steps(ax: Any, steps: list[int]) -> None:
@@ -113,7 +115,7 @@ def _curve(ax: Any, series: tuple[list[int], list[float]], color: str, label: st
 def _loss_panel(ax: Any, data: Series, plot: TrainingPlot, smooth: Smooth) -> list[str]:
     """Losses on ``ax``, the method's terms on a twin axis; returns the keys drawn."""
     drawn: list[str] = []
-    colors = iter(_COLORS)
+    colors = iter(COLORS)
     for key in plot.losses:
         if key in data:
             _curve(ax, data[key], next(colors), key, smooth)
@@ -148,7 +150,7 @@ def _side_panel(ax: Any, data: Series, panel: Panel) -> list[str]:
     if faint:
         name = panel.labels.get(str(panel.prefix), f"{panel.prefix}*")
         ax.plot([], [], color="#7f7f7f", alpha=0.35, linewidth=0.9, label=f"{name} ({len(faint)})")
-    for key, color in zip(panel.keys, _COLORS, strict=False):
+    for key, color in zip(panel.keys, COLORS, strict=False):
         if key in data:
             steps = data[key][0]
             ax.plot(*data[key], color=color, linewidth=1.8, label=panel.labels.get(key, key),
@@ -165,20 +167,16 @@ def _side_panel(ax: Any, data: Series, panel: Panel) -> list[str]:
     return drawn + faint
 
 
-def draw_training(data: Series, plot: TrainingPlot, run_name: str, stage: str, smooth: Smooth) -> Any:
+def draw_training(data: Series, plot: TrainingPlot, smooth: Smooth, title: str = "") -> Any:
     """The figure (a ``matplotlib.figure.Figure`` on an Agg canvas, not saved): the loss panel, then each of
-    ``plot.panels`` that has a logged series. ValueError when nothing of it was logged."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    ``plot.panels`` that has a logged series, under ``title``. None when nothing of it was logged."""
     panels = [panel for panel in plot.panels if any(key in data for key in panel.keys)
               or (panel.prefix and any(key.startswith(panel.prefix) for key in data))]
     has_losses = any(key in data for key in (*plot.losses, *plot.terms))
     if not has_losses and not panels:
-        raise ValueError(f"training plot of {run_name}: no loss, term or panel series was logged")
+        return None
     widths = [1.6] * has_losses + [1.0] * len(panels)
-    fig = Figure(figsize=(4.2 * sum(widths) + 1.0, 4.6), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = agg_figure(figsize=(4.2 * sum(widths) + 1.0, 4.6))
     axes = fig.subplots(1, len(widths), squeeze=False, width_ratios=widths, sharex=True)[0]
     steps: list[int] = []
     if has_losses:
@@ -190,8 +188,8 @@ def draw_training(data: Series, plot: TrainingPlot, run_name: str, stage: str, s
     for ax in fig.axes:  # twins too: they share x with their panel
         _integer_steps(ax, steps)
         ax.grid(alpha=0.25)
-    title = f"{run_name} (stage: {stage}): training"
-    fit_title(fig, fig.suptitle(title, fontsize=11), title)
+    if title:
+        fit_title(fig, fig.suptitle(title, fontsize=11), title)
     return fig
 
 
@@ -203,11 +201,10 @@ def plot_training(output_dir: str | Path, stage: str, plot: TrainingPlot,
     output_dir = Path(output_dir)
     data = read_series(output_dir)
     missing = [key for key in (*plot.losses, *plot.terms) if key not in data]
-    try:
-        fig = draw_training(data, plot, output_dir.name, stage, smooth)
-    except ValueError as err:
-        print(f"[llamafactory-hera] warning: {err} (was max_steps below logging_steps?); {TRAINING_PNG} not drawn",
-              flush=True)
+    fig = draw_training(data, plot, smooth, f"{output_dir.name} (stage: {stage}): training")
+    if fig is None:
+        print(f"[llamafactory-hera] warning: training plot of {output_dir.name}: no loss, term or panel series was "
+              f"logged (was max_steps below logging_steps?); {TRAINING_PNG} not drawn", flush=True)
         return None, missing
     path = output_dir / TRAINING_PNG
     fig.savefig(path, format="png", dpi=110)

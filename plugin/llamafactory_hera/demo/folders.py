@@ -1,15 +1,10 @@
-"""The demos' output folders: one per method under the demos' root, each replaced only by its own demo.
+"""The demos' output folders: one per method under the demos' root (``--output``, default ``./demo_output``; its
+layout: docs/development.md), each replaced only by its own demo.
 
-Layout of the root (``--output``, default ``./demo_output``)::
-
-    .llamafactory_hera_demo   marker: the root was made by the demos
-    assets/                   tiny Qwen3-VL / Qwen2.5-VL / LLaVA, DINOv2 teacher, captions (HeRA and RAH-LoRA)
-    assets_harc/              tiny Llama-3 / Qwen2 text models (HARC)
-    hera/ rah/ harc/          one demo's outputs each: recipe.yaml, train.log, run/, and what its next steps write
-
-A method folder carries the marker too. Running a demo again removes that demo's own outputs (the names its
-method lists, see :func:`prepare_folder`) from its folder alone, and says which; the other methods' folders and the
-asset caches are left alone. A folder without the marker whose ``run/`` holds files is refused unless ``--overwrite``.
+The root and each method folder carry a marker file (:data:`MARKER_NAME`). Running a demo again removes that demo's
+own outputs (the names its method lists, see :func:`prepare_folder`) from its folder alone, and says which; the other
+methods' folders and the asset caches are left alone. A folder without the marker whose ``run/`` holds files is
+refused unless ``--overwrite``.
 """
 
 from __future__ import annotations

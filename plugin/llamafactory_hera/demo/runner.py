@@ -97,45 +97,28 @@ def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def write_recipe(ctx: DemoContext, recipe: dict[str, Any]) -> None:
-    """Write ``recipe`` as ``ctx.recipe`` (YAML, keys in the given order)."""
-    ctx.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    say(f"recipe {ctx.recipe}")
-
-
-def run_training(cli: Path, recipe: Path, log_path: Path, env: dict[str, str], show: str, steps: int,
-                 logging_steps: int = 1) -> int:
-    """Run ``llamafactory-cli train recipe``; all output to ``log_path``; on stdout per ``show``.
-
-    ``show``: ``progress`` (the plugin's lines and one line per logged step, every ``logging_steps`` of ``steps``),
-    ``all`` or ``none``.
-    """
-    def echo(line: str) -> None:
-        print(line, flush=True)
-
-    progress = ProgressFilter(steps, echo, logging_steps)
-    with open(log_path, "wb") as log, subprocess.Popen([str(cli), "train", str(recipe)], cwd=recipe.parent, env=env,
-                                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+def train(ctx: DemoContext, logging_steps: int = 1) -> int:
+    """Run ``llamafactory-cli train`` on the demo's recipe (saying what runs and where its output goes), all its output
+    to ``ctx.log`` and on stdout per ``ctx.show``: ``progress`` (the plugin's lines and one line per logged step, every
+    ``logging_steps``), ``all`` or ``none``. On failure print the log's last 40 lines (unless already shown) and the
+    exit code. Returns the exit code."""
+    say(f"running: {shlex.join([str(ctx.cli), 'train', str(ctx.recipe)])}")
+    say(f"full output: {ctx.log}" + ("" if ctx.show == "all" else " (--verbose shows it here)"))
+    progress = ProgressFilter(ctx.steps or 1, lambda line: print(line, flush=True), logging_steps)
+    with open(ctx.log, "wb") as log, subprocess.Popen([str(ctx.cli), "train", str(ctx.recipe)], cwd=ctx.folder,
+                                                      env=ctx.env, stdout=subprocess.PIPE,
+                                                      stderr=subprocess.STDOUT) as proc:
         assert proc.stdout is not None
         while chunk := proc.stdout.read1(65536):
             log.write(chunk)
             log.flush()
-            if show == "all":
+            if ctx.show == "all":
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
-            elif show == "progress":
+            elif ctx.show == "progress":
                 progress.feed(chunk.decode("utf-8", errors="replace"))
         progress.close()
-        return proc.wait()
-
-
-def train(ctx: DemoContext, logging_steps: int = 1) -> int:
-    """Run ``llamafactory-cli train`` on the demo's recipe (saying what runs and where its output goes); on failure
-    print the log's last 40 lines (unless already shown) and the exit code. Returns the exit code."""
-    say(f"running: {shlex.join([str(ctx.cli), 'train', str(ctx.recipe)])}")
-    say(f"full output: {ctx.log}" + ("" if ctx.show == "all" else " (--verbose shows it here)"))
-    code = run_training(ctx.cli, ctx.recipe, ctx.log, ctx.env, ctx.show, ctx.steps or 1,
-                        logging_steps)
+        code = proc.wait()
     if code != 0:
         tail = ctx.log.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
         if ctx.show != "all":
@@ -159,7 +142,8 @@ def train_and_report(ctx: DemoContext, recipe: dict[str, Any], summary: Callable
                      logging_steps: int = 1) -> int:
     """Write ``recipe``, train on it and, when training succeeded, print ``summary(seconds the training took)``;
     returns the exit code."""
-    write_recipe(ctx, recipe)
+    ctx.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")  # keys in the given order
+    say(f"recipe {ctx.recipe}")
     train_start = time.perf_counter()
     code = train(ctx, logging_steps)
     if code == 0:

@@ -39,12 +39,6 @@ def where(run_dir: Path, name: str, what: str) -> str:
     return f"  {what:<34} {path}{'' if path.exists() else '  (missing)'}"
 
 
-def plot_lines(run_dir: Path) -> list[str]:
-    """``Plots (n):`` and one line per PNG the run wrote."""
-    plots = sorted(run_dir.glob("*.png"))
-    return [f"Plots ({len(plots)}):", *[f"  {path}" for path in plots]]
-
-
 def command(*parts: str | Path) -> str:
     """A command line to print, indented under its step, quoted so that it can be pasted."""
     return "     " + shlex.join([str(part) for part in parts])
@@ -86,12 +80,13 @@ def summary_text(ctx: DemoContext, title: str, elapsed: float, outputs: Sequence
     heading and the numbered steps.
     """
     run_dir = ctx.run_dir
+    pngs = sorted(run_dir.glob("*.png"))
     return "\n".join([
         "",
         f"{title} demo finished in {elapsed:.1f}s. Outputs in {run_dir}:",
         *[where(run_dir, name, what) for name, what in outputs],
         *[f"  {what:<34} {path}" for what, path in paths.items()],
-        *(plot_lines(run_dir) if plots else []),
+        *([f"Plots ({len(pngs)}):", *[f"  {path}" for path in pngs]] if plots else []),
         "",
         *figures,
         "",

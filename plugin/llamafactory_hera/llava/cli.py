@@ -1,12 +1,5 @@
-"""The LLaVA-1.5 experiment's verbs of ``llamafactory-hera`` (added in :mod:`llamafactory_hera.cli`).
-
-    llamafactory-hera compose --llm LLM [--vision VISION] --output DIR [--family F] [--seed N]
-                                                       a LLaVA-1.5-style model from a text-only LLM and an image encoder
-    llamafactory-hera data check RECIPE.yaml [--verify-images] [--workers N]
-                                                       count a recipe's rows and images; non-zero exit on missing ones
-    llamafactory-hera data convert LLAVA.json [--output OUT.json] [--force]
-                                                       LLaVA's JSON with string ids, as LLaMA-Factory's loader needs
-"""
+"""The LLaVA-1.5 experiment's verbs of ``llamafactory-hera``: ``compose`` (a LLaVA-1.5-style model from a text-only
+LLM and an image encoder), ``data check`` and ``data convert`` (its datasets before a long run)."""
 
 from __future__ import annotations
 

@@ -1,18 +1,8 @@
 """Build and write a composed checkpoint: transformers' LLaVA (``LlavaForConditionalGeneration``) from a text-only
-LLM, an image encoder's vision tower and a fresh projector, with its ``LlavaProcessor`` and a record of how.
-
-- The LLM's modules and the vision tower are moved into the LLaVA model as they are (one dtype for the whole
-  checkpoint, the LLM's: a vision tower stored in another one is cast, and the record says so), but for SigLIP's
-  attention-pooling head, which LLaVA never reads (it reads patch tokens; LLaVA-OneVision's checkpoints have no
-  head either): it is left out, so that no trainable tower holds parameters without gradients.
-- The image token ``<image>`` is added to the LLM's tokenizer when it lacks it; its input embedding row (and output
-  row when the embeddings are untied) is set to the mean of the rows of the tokens the tokenizer had, the embedding
-  matrices grown by one row only when the new id is past their end (Qwen's have unused rows: the id's row is reused).
-- The projector is LLaVA-1.5's ``mlp2x_gelu`` (transformers' ``LlavaMultiModalProjector``: linear, GELU, linear, with
-  biases), drawn with PyTorch's default ``nn.Linear`` initialisation (as LLaVA-1.5's ``build_vision_projector``)
-  under ``torch.manual_seed(seed)``.
-- Everything is written to a temporary sibling folder, moved to ``--output`` at the end: a failed compose leaves
-  nothing behind.
+LLM, an image encoder's vision tower and a fresh projector, with its ``LlavaProcessor`` and a record of how (what
+each part becomes: docs/hera.md, "Compose a LLaVA-1.5 model from an LLM"). SigLIP's attention-pooling head is left
+out so that no trainable tower holds parameters without gradients. Everything is written to a temporary sibling
+folder, moved to ``--output`` at the end: a failed compose leaves nothing behind.
 """
 
 from __future__ import annotations

@@ -1,19 +1,7 @@
 """What ``llamafactory-hera compose`` will build, read from the parts' configs and the LLM's tokenizer alone (no
-weights), and its refusals: a non-empty ``--output``, an LLM that is already multimodal, a vision model that is not an
-image encoder it knows, an LLM family without a template.
-
-The vision feature layer and selection are LLaVA-1.5's for each encoder family:
-- CLIP (LLaVA-1.5's own ViT-L/14-336): the penultimate layer (-2), its [CLS] dropped (``default``): (336/14)^2 = 576
-  image tokens;
-- SigLIP (the HeRA paper's SigLIP2-SO400M/14@384; the fixed-resolution SigLIP2 checkpoints are model type
-  ``siglip``): SigLIP has no [CLS], so every patch token (``full``): (384/14)^2 = 729 image tokens; the penultimate
-  layer (-2) as for CLIP, which is what LLaVA-style models with SigLIP read (LLaVA-OneVision's SigLIP tower drops
-  the last layer and reads the new last one).
-
-The family, hence the template, comes from the LLM's config and tokenizer: model type ``qwen2`` -> ``qwen2.5``,
-``qwen3`` -> ``qwen3``; ``llama`` -> ``llama3`` when the tokenizer has Llama-3's ``<|eot_id|>``, else ``llama2``
-when its chat template is Llama-2-chat's (``[INST]``), else ``vicuna`` (Vicuna v1.5, a Llama-2 with LLaVA-1.5's own
-conversation format). ``--family`` overrides the detection.
+weights), and its refusals. The vision features read for each encoder family (LLaVA-1.5's: CLIP's penultimate layer
+without its [CLS], SigLIP's every patch token of it), the family detection and its templates are described, with the
+why, in docs/hera.md ("Compose a LLaVA-1.5 model from an LLM").
 """
 
 from __future__ import annotations

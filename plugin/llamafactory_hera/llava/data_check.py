@@ -1,17 +1,6 @@
-"""``llamafactory-hera data check RECIPE``: a recipe's datasets, read as its run will read them, before a long run.
-
-Each dataset of the recipe's ``dataset`` (and ``eval_dataset``) is loaded by LLaMA-Factory's own loader
-(``dataset_dir/dataset_info.json``, its ``formatting``, ``columns`` and ``tags``, image paths joined with ``media_dir``
-where the file exists there, as the run resolves them); then every distinct image file is checked: by default that
-it exists and is not empty (a stat: minutes for LLaVA's ~0.6 M image references), with ``--verify-images`` that PIL
-opens, verifies and decodes it (hours of CPU for the full mixture: do it once after a download). Counted per dataset:
-rows, rows LLaMA-Factory drops (broken turns), text-only rows (HeRA trains them with the LM loss alone: they are never
-contrastive anchors, and no run fails on them), rows whose ``<image>`` marks differ from their images (LLaMA-Factory
-stops the run on the first), rows HeRA can use (at least one image, every image readable, marks matching), distinct
-images, missing and unreadable ones, and a histogram of images per row.
-
-Missing or unreadable images, or rows whose marks do not match, end the command with a non-zero exit after the table
-and the first paths (up to 10): the run would stop on the first one it meets.
+"""``llamafactory-hera data check RECIPE``: a recipe's datasets, read as its run will read them (LLaMA-Factory's own
+loader), and every distinct image file checked once (a stat, or with ``--verify-images`` PIL's decode), before a long
+run. What it counts, prints and exits with: docs/llava-data.md ("Checking the data").
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """``llamafactory-hera data convert``: a LLaVA JSON file (558k, mix665k) as LLaMA-Factory's loader can read it.
 
-LLaMA-Factory reads LLaVA's rows in their own format (``formatting: sharegpt`` with ``columns`` and ``tags``, images
-joined with ``media_dir``), but its loader (``datasets``' JSON builder, through pandas and Arrow) needs one type per
-column: ``llava_v1_5_mix665k.json`` mixes string and integer ``id`` values, and loading it ends in ``ArrowTypeError:
-Expected bytes, got a 'int' object ... Conversion failed for column id``. The only change made here is every
-``id`` written as a string; images, conversations and every other field are copied as they are.
-
-The written file goes beside the source (``<stem>.string_ids.json``) unless ``--output`` says otherwise; running the
-command again is a no-op when the file already holds exactly this conversion, and a different file of that name is
-replaced only with ``--force``.
+Its loader needs one type per column, and ``llava_v1_5_mix665k.json`` mixes string and integer ``id`` values
+(``ArrowTypeError ... Conversion failed for column id``): every ``id`` is written as a string, nothing else changes.
+Where it writes, and when again is a no-op: docs/llava-data.md.
 """
 
 from __future__ import annotations
