@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 from llamafactory_hera.anatomy.heads import HeadRef
 from llamafactory_hera.anatomy.projection import effective_weight_columns, find_o_proj_modules, head_columns
 from llamafactory_hera.hera.selection import collect
-from llamafactory_hera.hera.selection.scores import layer_head_scores, teacher_neighbours
+from llamafactory_hera.hera.selection.scores import layer_head_neighbours, teacher_neighbours
 from llamafactory_hera.hera.teacher_batch import teacher_batch_size
 from llamafactory_hera.short_errors import RecipeError
 
@@ -210,8 +210,8 @@ class AlignmentMonitor:
             columns = head_columns(heads, self.head_dim)
             with _gathered(o_projs[layer]):
                 weight = effective_weight_columns(o_projs[layer], columns.to(self.device)).detach()  # [d, n*dh]
-            scores = layer_head_scores(pooled[layer][:, columns].to(self.device), weight, self.teacher_knn, self.k,
-                                       self.head_dim, clamp=self.clamp)
+            scores, _ = layer_head_neighbours(pooled[layer][:, columns].to(self.device), weight, self.teacher_knn,
+                                              self.k, self.head_dim, clamp=self.clamp)
             per_head.update({HeadRef(layer, head): score for head, score in zip(heads, scores, strict=True)})
         return torch.stack([per_head[ref] for ref in (*self.aligned, *self.control)])
 
