@@ -11,7 +11,6 @@ from llamafactory_hera.anatomy.head_plots import format_head_table, plot_head_he
 from llamafactory_hera.anatomy.heads import parse_head
 from llamafactory_hera.hera.args import HeraArguments, parse_hera_arguments
 from llamafactory_hera.hera.host_output import host_output_to, show
-from llamafactory_hera.hera.selection.choices import RECIPE_BACKED, dest
 from llamafactory_hera.hera.selection.recipe_write import (
     check_folder_writable,
     check_writable,
@@ -102,11 +101,14 @@ def run_select(args: Any) -> SelectionResult:
         check_writable(args.recipe, force=args.force, output=args.output)
     check_folder_writable(Path(target).resolve().parent, "the selection record and heatmap")
     hera = recipe_hera_arguments(recipe)
-    options = options_from(args, recipe, hera)
+    # the same keys hera_heads: auto reads, so both choose the same heads for the same recipe
+    seed = args.seed if args.seed is not None else int(recipe.get("seed", 42) or 0)
+    options = SelectionOptions.from_keys(hera, args, seed=seed, device=args.device,
+                                         dtype=getattr(args, "dtype", None) or scoring_dtype(recipe))
     with host_output_to(None if getattr(args, "verbose", False) else log_path(target)):
         recipe_args = parse_recipe(recipe)
         _quiet_transformers()
-        result = run_selection(recipe_args, options)
+        result, _ = run_selection(recipe_args, options)
         show(chosen_table(result))
         beside = recipe_heads_table(hera.hera_heads, result)
         if beside:
@@ -126,24 +128,6 @@ def run_select(args: Any) -> SelectionResult:
 def recipe_hera_arguments(recipe: dict[str, Any]) -> HeraArguments:
     """The recipe's ``hera_*`` keys as the run parses them (``hera_heads`` may be missing: ``select`` chooses them)."""
     return parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")}, require_heads=False)
-
-
-def options_from(args: Any, recipe: dict[str, Any], hera: HeraArguments) -> SelectionOptions:
-    """SelectionOptions from the command line, falling back to the recipe's hera_* keys, ``hera`` (the same keys
-    ``hera_heads: auto`` reads, so both choose the same heads for the same recipe)."""
-    value = {}
-    for flag, _, key, _ in RECIPE_BACKED:
-        given = getattr(args, dest(flag))
-        value[key] = given if given is not None else getattr(hera, key)
-    return SelectionOptions(
-        num_samples=value["hera_select_samples"], num_heads=value["hera_select_num_heads"],
-        strategy=value["hera_select_strategy"], mode=value["hera_select_mode"],
-        seed=args.seed if args.seed is not None else int(recipe.get("seed", 42) or 0),
-        batch_size=value["hera_select_batch_size"], device=args.device, k=value["hera_k"],
-        teacher=value["hera_teacher"], teacher_feature=hera.hera_teacher_feature, clamp=value["hera_select_clamp"],
-        dataset=[d.strip() for d in args.dataset.split(",")] if args.dataset else None,
-        dtype=getattr(args, "dtype", None) or scoring_dtype(recipe),
-    )
 
 
 def _quiet_transformers() -> None:

@@ -144,17 +144,11 @@ def run_report(args: Any) -> dict[str, Any]:
     run_dir: Path = args.report
     recipe, record = _run_recipe(run_dir)
     hera = parse_hera_arguments({k: v for k, v in record.items() if k.startswith("hera_")})
-    datasets = [d.strip() for d in args.dataset.split(",")] if args.dataset else None
-    if datasets is None:
-        show("note: scoring on the run's training data; pass --dataset NAME for held-out pairs")
     seed = args.seed if args.seed is not None else int(record["host"].get("seed") or 0) + 1
-    options = SelectionOptions(num_samples=args.samples or hera.hera_select_samples,
-                               mode=args.mode or hera.hera_select_mode, seed=seed,
-                               batch_size=args.batch_size or hera.hera_select_batch_size, device=args.device,
-                               k=args.k or hera.hera_k, teacher=args.teacher or hera.hera_teacher,
-                               teacher_feature=hera.hera_teacher_feature, dataset=datasets,
-                               clamp=args.clamp if args.clamp is not None else hera.hera_select_clamp,
-                               dtype=getattr(args, "dtype", None) or scoring_dtype(record["host"]))
+    options = SelectionOptions.from_keys(hera, args, seed=seed, device=args.device,
+                                         dtype=getattr(args, "dtype", None) or scoring_dtype(record["host"]))
+    if options.dataset is None:
+        show("note: scoring on the run's training data; pass --dataset NAME for held-out pairs")
     with host_output_to(None if getattr(args, "verbose", False) else run_dir / REPORT_LOG):
         base_args = parse_recipe(recipe)
         pairs, identity = prepare(base_args, options)

@@ -33,7 +33,7 @@ from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
 from llamafactory_hera.anatomy.projection import find_o_proj_modules
 from llamafactory_hera.hera.host_output import show
 from llamafactory_hera.hera.selection import collect
-from llamafactory_hera.hera.selection.choices import DTYPES, MODES, STRATEGIES  # noqa: F401 - this module's names too
+from llamafactory_hera.hera.selection.choices import DTYPES, MODES, RECIPE_BACKED, STRATEGIES, dest
 from llamafactory_hera.hera.selection.scores import HeadNeighbours, all_head_neighbours
 from llamafactory_hera.hera.teacher import check_teacher_source, load_image_processor, load_teacher
 from llamafactory_hera.hera.teacher_batch import teacher_batch_size
@@ -78,6 +78,20 @@ class SelectionOptions:
             raise RecipeError(f"--clamp: got {self.clamp}; allowed range is 0..1 (0 turns the clamp off).")
         if self.num_samples < self.k + 1:
             raise RecipeError(f"--samples: got {self.num_samples}; with k={self.k} at least {self.k + 1} are needed.")
+
+    @classmethod
+    def from_keys(cls, hera: Any, args: Any = None, **settings: Any) -> SelectionOptions:
+        """The options of a recipe's ``hera_select_*`` keys, ``hera_k`` and teacher (``hera``: its HeraArguments), each
+        replaced by the command-line option in ``args`` that names it when given; ``--dataset`` too. One place, so that
+        ``select``, ``select --report`` and ``hera_heads: auto`` read a recipe alike."""
+        value = {key: getattr(hera, key) if getattr(args, dest(flag), None) is None else getattr(args, dest(flag))
+                 for flag, _, key, _ in RECIPE_BACKED}
+        if getattr(args, "dataset", None):
+            settings["dataset"] = [d.strip() for d in args.dataset.split(",")]
+        return cls(num_samples=value["hera_select_samples"], num_heads=value["hera_select_num_heads"],
+                   strategy=value["hera_select_strategy"], mode=value["hera_select_mode"],
+                   batch_size=value["hera_select_batch_size"], k=value["hera_k"], teacher=value["hera_teacher"],
+                   clamp=value["hera_select_clamp"], teacher_feature=hera.hera_teacher_feature, **settings)
 
     def resolved_device(self) -> str:
         """``device`` or the first CUDA device when available, else CPU."""
@@ -141,11 +155,6 @@ class SelectionResult:
     def to_json(self) -> str:
         """The JSON record."""
         return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> SelectionResult:
-        """Inverse of :meth:`to_json`."""
-        return cls(**json.loads(text))
 
 
 def choose_heads(scores: torch.Tensor, num_heads: int, strategy: str, seed: int) -> list[HeadRef]:
@@ -244,20 +253,6 @@ def identity_of(recipe_args: Any, options: SelectionOptions, pairs: list[collect
     }
 
 
-def settings_of(options: SelectionOptions, device: str) -> dict[str, Any]:
-    """The options that change the scores (plus device and batch size, for the record)."""
-    return {"num_samples": options.num_samples, "k": options.k, "mode": options.mode, "seed": options.seed,
-            "teacher_feature": options.teacher_feature, "num_heads": options.num_heads,
-            "strategy": options.strategy, "batch_size": options.batch_size, "device": device, "clamp": options.clamp,
-            "dtype": options.dtype}
-
-
-def cache_key(settings: dict[str, Any], identity: dict[str, Any]) -> str:
-    """Key of a cached result: everything that changes the scores (the scoring dtype included)."""
-    scoring = {k: settings[k] for k in ("num_samples", "k", "mode", "seed", "teacher_feature", "clamp", "dtype")}
-    return hashlib.sha256(json.dumps([scoring, identity], sort_keys=True).encode()).hexdigest()[:24]
-
-
 def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.CalibrationPair], dict[str, Any]]:
     """Everything that can fail cheaply, before any weights load: options, teacher, data, model structure.
 
@@ -323,15 +318,11 @@ def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str) -> tuple[An
     return model, tokenizer_module, template
 
 
-def score_heads(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> torch.Tensor:
-    """Load the model the way LLaMA-Factory does, in ``options.dtype``, and return ``[L, H]`` MKNN scores (CPU)."""
-    return score_head_neighbours(recipe_args, options, pairs).scores
-
-
 def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair],
                           prefix: int = 0) -> HeadNeighbours:
-    """:func:`score_heads`, and with ``prefix`` > 0 every head's and the teacher's ``prefix`` nearest neighbours of
-    each pair (:func:`~llamafactory_hera.hera.selection.scores.all_head_neighbours`)."""
+    """Load the model the way LLaMA-Factory does, in ``options.dtype``: ``[L, H]`` MKNN scores (CPU), and with
+    ``prefix`` > 0 every head's and the teacher's ``prefix`` nearest neighbours of each pair
+    (:func:`~llamafactory_hera.hera.selection.scores.all_head_neighbours`)."""
     from llamafactory_hera_patches.model_data import multimodal_dataset_and_collator
 
     device = options.resolved_device()
@@ -358,12 +349,31 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: li
                                prefix=prefix)
 
 
-def result_from_scores(scores: torch.Tensor, options: SelectionOptions, settings: dict[str, Any],
-                       identity: dict[str, Any], num_pairs: int, duration: float) -> SelectionResult:
-    """Choose heads and assemble the record (warns when many heads tie)."""
+def run_selection(recipe_args: Any, options: SelectionOptions,
+                  cache: Path | None = None) -> tuple[SelectionResult, bool]:
+    """Score every head and choose ``options.num_heads`` of them; with a ``cache`` folder, reuse (or store) the scores
+    under a key of everything that changes them (the scoring dtype included). Returns (result, from the cache)."""
+    from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
+
+    start = time.perf_counter()
+    pairs, identity = prepare(recipe_args, options)
+    # the options that change the scores, plus device and batch size for the record
+    settings = {"num_samples": options.num_samples, "k": options.k, "mode": options.mode, "seed": options.seed,
+                "teacher_feature": options.teacher_feature, "num_heads": options.num_heads,
+                "strategy": options.strategy, "batch_size": options.batch_size, "device": options.resolved_device(),
+                "clamp": options.clamp, "dtype": options.dtype}
+    scoring = {k: settings[k] for k in ("num_samples", "k", "mode", "seed", "teacher_feature", "clamp", "dtype")}
+    key = hashlib.sha256(json.dumps([scoring, identity], sort_keys=True).encode()).hexdigest()[:24]
+    path = None if cache is None else cache / f"{key}.json"
+    hit = path is not None and path.is_file()
+    if hit:
+        cached = SelectionResult(**json.loads(path.read_text(encoding="utf-8")))
+        scores, duration = torch.tensor(cached.scores), cached.duration_s
+    else:
+        scores = score_head_neighbours(recipe_args, options, pairs).scores
+        duration = time.perf_counter() - start
     chosen = choose_heads(scores, options.num_heads, options.strategy, options.seed)
-    notes = dict(identity.get("data_notes", {}))
-    notes["tied_heads_share"] = round(tied_share(scores), 4)
+    notes = {**identity.get("data_notes", {}), "tied_heads_share": round(tied_share(scores), 4)}
     if notes["tied_heads_share"] > 0.5:
         show(f"warning: {notes['tied_heads_share']:.0%} of the heads share their MKNN score with another head, so the "
               "choice among them is arbitrary. Repeated captions or too few pairs are the usual cause: score on more "
@@ -371,16 +381,11 @@ def result_from_scores(scores: torch.Tensor, options: SelectionOptions, settings
     layers, heads = scores.shape
     ranking = sorted(({"head": str(HeadRef(layer, head)), "score": float(scores[layer, head])}
                       for layer in range(layers) for head in range(heads)), key=lambda r: r["score"])
-    settings = {**settings, "num_samples_used": num_pairs}
-    return SelectionResult(scores=scores.tolist(), selected=[str(h) for h in chosen], strategy=options.strategy,
-                           ranking=ranking, settings=settings, identity=identity, versions=_versions(),
-                           num_pairs=num_pairs, duration_s=round(duration, 3), data_notes=notes)
-
-
-def run_selection(recipe_args: Any, options: SelectionOptions) -> SelectionResult:
-    """Score every head and choose ``options.num_heads`` of them."""
-    start = time.perf_counter()
-    pairs, identity = prepare(recipe_args, options)
-    settings = settings_of(options, options.resolved_device())
-    scores = score_heads(recipe_args, options, pairs)
-    return result_from_scores(scores, options, settings, identity, len(pairs), time.perf_counter() - start)
+    result = SelectionResult(scores=scores.tolist(), selected=[str(h) for h in chosen], strategy=options.strategy,
+                             ranking=ranking, settings={**settings, "num_samples_used": len(pairs)}, identity=identity,
+                             versions=_versions(), num_pairs=len(pairs), duration_s=round(duration, 3),
+                             data_notes=notes)
+    if path is not None and not hit:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, result.to_json() + "\n")
+    return result, hit
