@@ -41,10 +41,6 @@ _INCOMPATIBLE = (
 )
 
 
-def _incompatible(name: str, why: str) -> RecipeError:
-    return RecipeError(f"stage: hera cannot run with {name}: true ({why}). Remove {name} or use stage: sft.")
-
-
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
     """Checks on the recipe's own keys, before LLaMA-Factory parses them (some combinations fail there obscurely).
 
@@ -88,7 +84,8 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     check_run_inputs(model_args, data_args, training_args, stage="hera")
     for attribute, holder, why in _INCOMPATIBLE:
         if getattr(holders[holder], attribute, False):
-            raise _incompatible(attribute, why)
+            raise RecipeError(f"stage: hera cannot run with {attribute}: true ({why}). Remove {attribute} or use "
+                              "stage: sft.")
     if getattr(model_args, "quantization_bit", None) is not None:
         raise RecipeError(
             f"stage: hera cannot run with quantization_bit: {model_args.quantization_bit} (HeRA reads W_O per head and "

@@ -318,8 +318,8 @@ class HeadCapture:
         self._armed = False
         self._inputs: dict[int, torch.Tensor] = {}
         self.fed_by_trainable = trainable_upstream(model, sorted(self._by_layer))
-        self._handles = [self._modules[layer].register_forward_hook(self._make_hook(layer))
-                         for layer in sorted(self._by_layer)]
+        for layer in sorted(self._by_layer):
+            self._modules[layer].register_forward_hook(self._make_hook(layer))
 
     def _make_hook(self, layer: int):
         dh = self.geometry.head_dim
@@ -336,16 +336,6 @@ class HeadCapture:
         """Capture the next forward pass."""
         self._armed = True
         self._inputs = {}
-
-    def _check_gradient_reaches(self, inputs: dict[int, torch.Tensor]) -> None:
-        """Raise when a captured input carries no gradient although trainable parameters feed it (training only)."""
-        cut = [layer for layer, x in sorted(inputs.items()) if self.fed_by_trainable[layer] and not x.requires_grad]
-        if cut:
-            raise RecipeError(
-                f"HeRA: the o_proj input of layer(s) {cut} carries no gradient although trainable parameters feed "
-                "it, so the HeRA gradient would reach only the selected heads' W_O columns. The forward ran without "
-                "autograd: gradient checkpointing that runs it under torch.no_grad (use_unsloth_gc, or reentrant "
-                "checkpointing) is the usual cause. Remove use_unsloth_gc / set use_reentrant_gc: false.")
 
     def disarm(self, weights: torch.Tensor, check_gradient: bool = False) -> torch.Tensor | None:
         """Stop capturing and build the representations.
@@ -365,8 +355,13 @@ class HeadCapture:
         missing = sorted(set(self._by_layer) - set(inputs))
         if missing:
             raise RuntimeError(f"o_proj of layers {missing} did not run in this forward pass")
-        if check_gradient:
-            self._check_gradient_reaches(inputs)
+        cut = [layer for layer, x in sorted(inputs.items()) if self.fed_by_trainable[layer] and not x.requires_grad]
+        if check_gradient and cut:
+            raise RecipeError(
+                f"HeRA: the o_proj input of layer(s) {cut} carries no gradient although trainable parameters feed "
+                "it, so the HeRA gradient would reach only the selected heads' W_O columns. The forward ran without "
+                "autograd: gradient checkpointing that runs it under torch.no_grad (use_unsloth_gc, or reentrant "
+                "checkpointing) is the usual cause. Remove use_unsloth_gc / set use_reentrant_gc: false.")
         reps: dict[HeadRef, torch.Tensor] = {}
         for layer, x_heads in inputs.items():
             if x_heads.shape[:2] != weights.shape:
@@ -384,9 +379,3 @@ class HeadCapture:
                 projected = project_heads(module, pooled, heads, self.geometry.head_dim)  # [n, B, d]
             reps.update({HeadRef(layer, h): rep for h, rep in zip(heads, projected, strict=True)})
         return torch.stack([reps[ref] for ref in self.heads])
-
-    def remove(self) -> None:
-        """Remove the hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
