@@ -126,6 +126,7 @@ def test_select_command_writes_recipe_record_and_heatmap(assets, tmp_path: Path,
     assert record["duration_s"] > 0 and record["num_pairs"] == 24
     assert (tmp_path / "recipe.hera_selection.png").stat().st_size > 1000
     assert "head" in proc.stdout and "MKNN" in proc.stdout and heads[0] in proc.stdout
+    assert "the recipe's hera_heads:" not in proc.stdout  # hera_heads: auto, no list of its own to show beside
     assert "%|" in proc.stderr  # the plugin's own progress bars
     # the host's loading output (LLaMA-Factory's and transformers' loggers, their loaders' bars) is in the log
     log = tmp_path / "recipe.hera_selection.log"
@@ -242,14 +243,12 @@ def test_dry_run_shows_the_recipes_own_heads_beside_the_choice() -> None:
     """``select --dry-run``, the paper's heads in the recipe: each one's MKNN and rank, or that the model lacks it."""
     from types import SimpleNamespace
 
-    from llamafactory_hera.hera.selection.command import recipe_heads_table
+    from llamafactory_hera.hera.selection.command import heads_table
 
     result = SimpleNamespace(scores=[[0.4, 0.1], [0.3, 0.2]], ranking=[{"head": h} for h in ("L0H1", "L1H1", "L1H0",
                                                                                              "L0H0")])
-    table = recipe_heads_table(["l1h0", "L13H12"], result)
+    table = heads_table(["l1h0", "L13H12"], result)
     lines = table.splitlines()
-    assert lines[0] == "the recipe's hera_heads:"
     assert any("l1h0" in line and "0.3" in line and "3/4" in line for line in lines), table
     assert any("L13H12" in line and "not in this model" in line for line in lines), table
-    assert recipe_heads_table("auto", result) is None and recipe_heads_table([], result) is None
 

@@ -55,19 +55,8 @@ def check_hera_recipe(path: Path, recipe: dict[str, Any]) -> None:
                           f"{path}`, or select on a recipe with stage: hera.")
 
 
-def chosen_table(result: SelectionResult) -> str:
-    """The chosen heads with their MKNN and rank among all heads (1 = least aligned)."""
-    rank = {row["head"]: i + 1 for i, row in enumerate(result.ranking)}
-    rows = [{"head": head, "MKNN": result.scores[parse_head(head).layer][parse_head(head).head],
-             "rank": f"{rank[head]}/{len(rank)}"} for head in result.selected]
-    return format_head_table(rows, ["head", "MKNN", "rank"])
-
-
-def recipe_heads_table(heads: Any, result: SelectionResult) -> str | None:
-    """The recipe's own ``hera_heads`` (an explicit list, e.g. the paper's Table 5 heads) beside the choice: each head's
-    MKNN and rank as :func:`chosen_table` gives them, or that the model has no such head; None for ``auto`` or none."""
-    if not isinstance(heads, list) or not heads:
-        return None
+def heads_table(heads: list[str], result: SelectionResult) -> str:
+    """``heads`` with their MKNN and rank among all heads (1 = least aligned), or that the model has no such head."""
     rank = {row["head"]: i + 1 for i, row in enumerate(result.ranking)}
     rows = []
     for head in heads:
@@ -75,7 +64,7 @@ def recipe_heads_table(heads: Any, result: SelectionResult) -> str | None:
         inside = ref.layer < len(result.scores) and ref.head < len(result.scores[ref.layer])
         rows.append({"head": head, "MKNN": result.scores[ref.layer][ref.head] if inside else "-",
                      "rank": f"{rank[str(ref)]}/{len(rank)}" if inside else "not in this model"})
-    return "the recipe's hera_heads:\n" + format_head_table(rows, ["head", "MKNN", "rank"])
+    return format_head_table(rows, ["head", "MKNN", "rank"])
 
 
 def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, title: str) -> None:
@@ -109,10 +98,9 @@ def run_select(args: Any) -> SelectionResult:
         recipe_args = parse_recipe(recipe)
         _quiet_transformers()
         result, _ = run_selection(recipe_args, options)
-        show(chosen_table(result))
-        beside = recipe_heads_table(hera.hera_heads, result)
-        if beside:
-            show(beside)
+        show(heads_table(result.selected, result))
+        if isinstance(hera.hera_heads, list) and hera.hera_heads:  # an explicit list (e.g. the paper's) beside it
+            show("the recipe's hera_heads:\n" + heads_table(hera.hera_heads, result))
         json_path, png_path = record_paths(target)
         if not args.dry_run:
             written = update_recipe(args.recipe, result.selected, force=args.force, output=args.output)
