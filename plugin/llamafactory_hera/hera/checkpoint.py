@@ -29,18 +29,13 @@ def load_on_cpu(path: str) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def hera_state(hera_args: Any, log_tau: torch.Tensor) -> dict[str, Any]:
-    """What a checkpoint needs to resume HeRA exactly (JSON-serialisable)."""
-    value = float(log_tau.detach().cpu())
-    return {"version": __version__, "log_temperature": value, "temperature": math.exp(value),
-            "heads": list(hera_args.hera_heads), "hera_args": hera_args.to_dict()}
-
-
 def save_state(folder: str, hera_args: Any, log_tau: torch.Tensor) -> None:
-    """``hera_state.json`` into ``folder`` (with every saved model)."""
+    """``hera_state.json`` into ``folder`` (with every saved model): what a checkpoint needs to resume HeRA exactly."""
+    value = float(log_tau.detach().cpu())
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, HERA_STATE_NAME), "w", encoding="utf-8") as handle:
-        json.dump(hera_state(hera_args, log_tau), handle, indent=2)
+        json.dump({"version": __version__, "log_temperature": value, "temperature": math.exp(value),
+                   "heads": list(hera_args.hera_heads), "hera_args": hera_args.to_dict()}, handle, indent=2)
 
 
 def _queue_file(folder: str, process_index: int) -> str:

@@ -28,12 +28,9 @@ class ContrastiveGeometry:
     per_device: int
     processes: int
     gather: bool
+    batch_set: int
     queue: int
     queue_reason: str
-
-    @property
-    def batch_set(self) -> int:
-        return self.per_device * (self.processes if self.gather and self.processes > 1 else 1)
 
     @property
     def largest(self) -> int:
@@ -48,18 +45,19 @@ def contrastive_geometry(hera_args: HeraArguments, per_device: int, processes: i
     otherwise be refused with advice it already follows). One ragged last batch of an epoch does not switch it on.
     """
     gather = hera_args.hera_gather
-    batch_set = per_device * (processes if gather and processes > 1 else 1)
+    gathered = processes if gather and processes > 1 else 1
+    batch_set = per_device * gathered
     smallest_useful = max(hera_args.hera_k + 1, 3)
     needed = batch_set < smallest_useful
     queue = hera_args.queue_capacity(needed=needed)
-    where = f"per_device_train_batch_size {per_device} x {processes if gather and processes > 1 else 1} process(es)"
+    where = f"per_device_train_batch_size {per_device} x {gathered} process(es)"
     if hera_args.hera_queue_size == AUTO:
         reason = (f"auto: contrastive sets of at most {batch_set} image samples ({where}) are smaller than "
                   f"{smallest_useful} (hera_k+1, and at least 3 for a negative)" if needed else
                   f"auto: off, the contrastive set holds up to {batch_set} image samples ({where})")
     else:
         reason = f"hera_queue_size: {queue}"
-    return ContrastiveGeometry(per_device, processes, gather, queue, reason)
+    return ContrastiveGeometry(per_device, processes, gather, batch_set, queue, reason)
 
 
 def check_contrastive_geometry(geometry: ContrastiveGeometry, hera_args: HeraArguments) -> None:

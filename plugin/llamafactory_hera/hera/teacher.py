@@ -50,14 +50,11 @@ class FeatureLayout:
     naflex: bool = False
 
 
-def vision_config(config: Any) -> Any:
-    """The image tower's config (``vision_config`` of CLIP / SigLIP / SigLIP2 dual encoders, else ``config``)."""
-    return config.vision_config if config.model_type in DUAL_ENCODER_TYPES else config
-
-
 def feature_layout(config: Any) -> FeatureLayout | None:
-    """The image-feature layout of a teacher config (full checkpoint or image tower); ``None`` for other families."""
-    config = vision_config(config)
+    """The image-feature layout of a teacher config (an image tower, or a CLIP / SigLIP / SigLIP2 dual encoder whose
+    ``vision_config`` is read); ``None`` for other families."""
+    if config.model_type in DUAL_ENCODER_TYPES:
+        config = config.vision_config
     model_type = getattr(config, "model_type", None)
     if model_type in FIRST_TOKEN_TYPES:
         return FeatureLayout(model_type, "first_token", 1 + int(getattr(config, "num_register_tokens", 0) or 0))

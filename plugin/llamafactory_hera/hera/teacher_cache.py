@@ -50,8 +50,6 @@ class TeacherFeatureCache:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.features: dict[str, torch.Tensor] = {}
-        self.hits = 0
-        self.misses = 0
 
     def __contains__(self, key: str | None) -> bool:
         return self.enabled and key is not None and key in self.features
@@ -90,14 +88,12 @@ class TeacherFeatureCache:
             identity = image_identity(key, position)
             if identity in fresh:
                 sources.append(("fresh", fresh[identity]))
-                self.misses += 1
                 if self.enabled and key is not None and key not in self.features and key not in new_keys:
                     to_cache.append((key, fresh[identity]))
                     new_keys.add(key)
             elif key in self:
                 sources.append(("cached", len(cached)))
                 cached.append(self.features[key])
-                self.hits += 1
             else:
                 raise RuntimeError(f"HeRA teacher features: image {identity} of this batch was neither sent through "
                                    "the teacher nor found in the feature cache.")

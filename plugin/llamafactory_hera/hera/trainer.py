@@ -44,7 +44,7 @@ from llamafactory_hera.hera.collator import HERA_BATCH_KEYS, collator_token_sour
 from llamafactory_hera.hera.loss import FeatureQueue, all_ranks_all, distributed, gather_batch, hera_loss_anchored
 from llamafactory_hera.hera.monitor import monitor_callback
 from llamafactory_hera.hera.preflight import check_same_heads_on_every_rank, contrastive_geometry
-from llamafactory_hera.hera.run_summary import HeraRunSummary, StepStats
+from llamafactory_hera.hera.run_summary import HeraRunStats
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher
 from llamafactory_hera.hera.temperature import TemperatureGradHandler, used_temperature
@@ -91,8 +91,7 @@ class HeraTrainer:
         # the collator computes the pooled tokens and the anchors on the CPU (no host sync in the step)
         self.data_collator.hera_multimodal_ids = multimodal_ids
         self.data_collator.hera_pooling = hera_args.hera_pooling
-        self.hera_summary = HeraRunSummary(hera_args, hera_data_counts)
-        self.hera_stats = StepStats(device, self.hera_summary)
+        self.hera_stats = HeraRunStats(hera_args, hera_data_counts, device)
         self._hera_warned_small_batch = False
         # hera_probe: monitor.ProbeSet, None when the monitor is off
         self.hera_monitor = monitor_callback(self, hera_args, hera_probe, geometry, hera_recipe_args)
@@ -132,7 +131,7 @@ class HeraTrainer:
         # 4-5. the contrastive set and the HeRA loss
         term, finite = self.hera_term(reps, pixel_values, pixel_keys, keys, counts, anchor_index, num_valid)
         if term is None:
-            self.hera_summary.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
+            self.hera_stats.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
         # The Trainer divides the returned loss by the accumulation steps unless the model already normalised it
         # over the whole accumulated batch; in that case the HeRA term is divided here, so that both terms reach
         # backward with the same 1/accumulation weight.
@@ -253,7 +252,7 @@ class HeraTrainer:
             monitor_line = self.hera_monitor.line() if self.hera_monitor is not None else (
                 "alignment monitor off (" + ("hera_monitor_steps: 0" if self.hera_args.hera_monitor_steps == 0
                                              else "no probe pairs") + ")")
-            print(self.hera_summary.start_line(self.hera_contrastive, self.hera_temperature_lr, self.args.world_size,
+            print(self.hera_stats.start_line(self.hera_contrastive, self.hera_temperature_lr, self.args.world_size,
                                                teacher.precompute_decision(self.train_dataset, self.args),
                                                monitor_line), flush=True)
         if self.hera_monitor is not None:  # before the teacher may leave the device
@@ -262,7 +261,7 @@ class HeraTrainer:
         try:
             result = super().train(*args, **kwargs)
             self.hera_stats.read(self.hera_log_tau, reduce=False)  # steps after the last log: checks, summary counts
-            self.hera_summary.print_end(main)
+            self.hera_stats.print_end(main)
             return result
         finally:
             teacher.to(teacher.device)  # the process-wide teacher goes back where load_teacher put it

@@ -73,16 +73,6 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
         return image_rows(aligned, column="_images", check_files=main), counts, aligned
 
 
-def _leave_together() -> None:
-    """Barrier at the end of a HeRA run: LLaMA-Factory destroys the process group right after the workflow,
-    and a rank that tears gloo down while rank 0 still saves and plots was seen to abort at exit (SIGABRT,
-    "terminate called without an active exception") in one CI run of the 2-rank test."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _write_run_record(output_dir: str, hera_args: HeraArguments,
                       host_keys: tuple[tuple[Any, tuple[str, ...]], ...]) -> None:
     """``hera_run.json``: the HeRA settings and the host settings needed to re-score the run's heads."""
@@ -140,4 +130,9 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
             print(f"Figure saved at: {path}")
         if path is not None and missing:
             print(f"[llamafactory-hera] not logged, so not plotted: {', '.join(missing)}", flush=True)
-    _leave_together()
+    # LLaMA-Factory destroys the process group right after the workflow, and a rank that tears gloo down while rank 0
+    # still saves and plots was seen to abort at exit (SIGABRT) in one CI run of the 2-rank test: leave together
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -93,9 +93,13 @@ def summary_rows(change: HeadChange, selected: list[tuple[int, int]]) -> list[di
     """Per aligned head: before, after, delta, its interval and whether it is within noise; then the mean of all
     other heads (interval of the mean difference over the same resamples) and the other head that dropped most."""
     delta = change.delta
-    rows = [_row(f"L{layer}H{head}", float(change.before[layer, head]), float(change.after[layer, head]),
-                 float(delta[layer, head]), float(change.low[layer, head]), float(change.high[layer, head]),
-                 bool(change.noise[layer, head])) for layer, head in selected]
+
+    def head_row(name: str, layer: int, head: int) -> dict[str, Any]:
+        return _row(name, float(change.before[layer, head]), float(change.after[layer, head]),
+                    float(delta[layer, head]), float(change.low[layer, head]), float(change.high[layer, head]),
+                    bool(change.noise[layer, head]))
+
+    rows = [head_row(f"L{layer}H{head}", layer, head) for layer, head in selected]
     others = np.ones_like(delta, dtype=bool)
     for layer, head in selected:
         others[layer, head] = False
@@ -107,11 +111,8 @@ def summary_rows(change: HeadChange, selected: list[tuple[int, int]]) -> list[di
         noise = bool(within_noise(mean, low, high, change.resolution))
         rows.append(_row(f"others ({int(others.sum())}) mean", float(change.before[others].mean()),
                          float(change.after[others].mean()), mean, float(low), float(high), noise))
-        masked = np.where(others, delta, np.inf)
-        layer, head = np.unravel_index(int(np.argmin(masked)), masked.shape)
-        rows.append(_row(f"others: largest drop L{layer}H{head}", float(change.before[layer, head]),
-                         float(change.after[layer, head]), float(delta[layer, head]), float(change.low[layer, head]),
-                         float(change.high[layer, head]), bool(change.noise[layer, head])))
+        layer, head = np.unravel_index(int(np.argmin(np.where(others, delta, np.inf))), delta.shape)
+        rows.append(head_row(f"others: largest drop L{layer}H{head}", layer, head))
     return rows
 
 
