@@ -20,12 +20,8 @@ TAU_OPTIMIZER_NAME = "hera_temperature_optimizer.pt"
 
 
 def load_on_cpu(path: str) -> Any:
-    """``torch.load`` of a HeRA checkpoint file onto the CPU; the caller moves what it restores to its device.
-
-    The files are written by a process on a GPU, so their tensors are tagged with that GPU (``cuda:0`` for rank
-    0's). Without ``map_location`` every rank would load them onto that GPU first, and a machine without it
-    (another GPU layout, a CPU-only resume) fails with "Attempting to deserialize object on a CUDA device".
-    """
+    """``torch.load`` of a HeRA checkpoint file onto the CPU; the caller moves what it restores to its device (the
+    tensors are tagged with the GPU that wrote them: a resume without it would fail to deserialize)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -53,12 +49,8 @@ def save_optimizer_state(folder: str, tau_optimizer: torch.optim.Optimizer | Non
 
 def load_state(checkpoint: str, hera_args: Any, log_tau: torch.Tensor, tau_optimizer: torch.optim.Optimizer | None,
                queue: Any, process_index: int, device: torch.device) -> None:
-    """Restore what :func:`save_state` and :func:`save_optimizer_state` wrote (resume_from_checkpoint).
-
-    Raises:
-        FileNotFoundError: the checkpoint has no ``hera_state.json`` (not a HeRA run's).
-        ValueError: it trained other heads than the recipe names.
-    """
+    """Restore what :func:`save_state` and :func:`save_optimizer_state` wrote (resume_from_checkpoint); refuse a
+    checkpoint without ``hera_state.json`` or of other heads."""
     tau_file = os.path.join(checkpoint, TAU_OPTIMIZER_NAME)
     if tau_optimizer is not None and os.path.isfile(tau_file):
         # load_state_dict moves each state tensor to its parameter's device (``step`` stays on the CPU)

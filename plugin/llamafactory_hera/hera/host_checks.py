@@ -1,9 +1,5 @@
-"""HeRA's checks of a run's LLaMA-Factory arguments, before any model or dataset is loaded.
-
-Declared in :mod:`llamafactory_hera.hera.method` and called by the stage patch. They read recipe keys
-only (the documented fields of LLaMA-Factory's argument objects), never its internals. Checked on
-LLaMA-Factory 0.9.5 argument names (``ModelArguments``, ``DataArguments``,
-``FinetuningArguments``, ``TrainingArguments``).
+"""HeRA's checks of a run's LLaMA-Factory arguments (recipe keys only, as named in LLaMA-Factory 0.9.5), before
+any model or dataset is loaded; declared in :mod:`llamafactory_hera.hera.method`, called by the stage patch.
 """
 
 from __future__ import annotations
@@ -75,11 +71,8 @@ def check_multimodal(model_args: Any, data_args: Any, config: Any) -> None:
 
 def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
                        generating_args: Any, hera_args: HeraArguments) -> None:
-    """Raise a clear ``ValueError`` for settings HeRA cannot honour; adjust gradient checkpointing.
-
-    The heads are checked against the model's config (not its weights), and the teacher's config
-    is read, so both fail in seconds, before the MLLM is loaded.
-    """
+    """Refuse settings HeRA cannot honour; adjust gradient checkpointing. Heads and teacher are checked from their
+    configs, so both fail in seconds, before the MLLM is loaded."""
     holders = {"data": data_args, "finetuning": finetuning_args, "model": model_args}
     check_run_inputs(model_args, data_args, training_args, stage="hera")
     for attribute, holder, why in _INCOMPATIBLE:

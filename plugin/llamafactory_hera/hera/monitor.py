@@ -1,30 +1,21 @@
-"""Alignment during training: the aligned heads' MKNN with the teacher on a fixed probe set (``hera_monitor_*``).
+"""Alignment during training: the aligned heads' MKNN with the teacher on a fixed probe set (``hera_monitor_*``;
+docs/hera.md "Alignment during training").
 
-The probe set is drawn once, before the model loads (:func:`probe_set`): up to ``hera_monitor_pairs`` image-caption
-pairs of the rows LLaMA-Factory holds out from training (``eval_dataset``, or the ``val_size`` split), else of the
-training rows, one pair per distinct image, drawn as ``llamafactory-hera select --report`` draws its pairs (the
-run's seed + 1). Every point is scored exactly as selection scores a head (:mod:`llamafactory_hera.hera.selection`:
-the same collection of pooled ``o_proj`` inputs in ``hera_select_mode``, the same PRH clamp, neighbours and ties,
-with ``hera_k`` neighbours and ``hera_select_batch_size`` batches), so the point at step 0 equals ``select --report``'s
-"before" on the same pairs. The teacher's side (its features and neighbours) is computed once: the teacher is frozen.
+The probe pairs are drawn once, before the model loads (:func:`probe_set`), as ``select --report`` draws its pairs,
+and every point is scored exactly as selection scores a head, so the point at step 0 equals ``select --report``'s
+"before" on the same pairs. The teacher's side is computed once (the teacher is frozen). Control heads (as many
+unaligned heads in the aligned heads' layers) give ``hera_mknn_control``, the line an aligned head is read against.
 
-Control heads: as many unaligned heads as aligned ones, each in the layer of an aligned head, drawn with the run's
-seed; their mean is logged as ``hera_mknn_control``, the line an aligned head's curve is read against.
-
-When (:class:`MonitorCallback`, a ``TrainerCallback``): on a fixed schedule (:func:`monitor_steps`), the same on every
-rank. A point at step 0 (before the first update: the "before" of ``select --report``; a resumed run starts after it),
-then every ``hera_monitor_steps`` steps, or with ``null`` at :data:`DEFAULT_POINTS` evenly spaced steps, the last one
-at the last step. Points are scored at the end of the optimizer step, after the update, on every rank with the same
-pairs (under ZeRO-3 every rank must take part in the forward); rank 0's values are broadcast. A point at a logging
-step joins that step's training log (one line with ``loss``); at another step it is a log of its own. Either way it
-passes through the Trainer's ``log()``: ``trainer_state.json``, every ``report_to`` backend, ``trainer_log.jsonl`` and
-LlamaBoard. A step without a point does nothing on the device. The cost is measured by ``bench/overhead.py --monitor``.
+Points come on a fixed schedule (:func:`monitor_steps`), the same on every rank, at the end of the optimizer step:
+every rank scores (under ZeRO-3 every rank must take part in the forward) and rank 0's values are broadcast. A point
+at a logging step joins that step's training log, else it is a log of its own; either way it passes through the
+Trainer's ``log()``. A step without a point does nothing on the device.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,7 +43,6 @@ class ProbeSet:
     pairs: list[collect.CalibrationPair]
     rows: Any  # the aligned rows the pairs index (``pair.row``), for the multimodal mode's tokenization
     source: str  # said in the start line
-    notes: list[str] = field(default_factory=list)
 
 
 def _pairs_of(rows: Any, count: int, seed: int, k: int, source: str) -> list[collect.CalibrationPair]:
@@ -67,12 +57,8 @@ def _pairs_of(rows: Any, count: int, seed: int, k: int, source: str) -> list[col
 
 def probe_set(hera_args: Any, recipe_args: Any, training_rows: Any, seed: int) -> ProbeSet | None:
     """The probe pairs of a run (held-out rows when there are enough, else training rows), or None with the monitor
-    off (``hera_monitor_steps: 0``, or too few pairs under the default).
-
-    Raises:
-        ValueError: an explicit ``hera_monitor_steps`` with fewer than ``hera_k + 1`` usable pairs (one line, before
-            the model loads).
-    """
+    off (``hera_monitor_steps: 0``, or too few pairs under the default; an explicit ``hera_monitor_steps`` with too
+    few pairs is a RecipeError)."""
     if hera_args.hera_monitor_steps == 0 or training_rows is None:
         return None
     from llamafactory_hera_patches.model_data import split_rows
@@ -97,7 +83,7 @@ def probe_set(hera_args: Any, recipe_args: Any, training_rows: Any, seed: int) -
         print(f"{PREFIX} warning: alignment monitor off: {problem}.", flush=True)
         return None
     reason = notes[0] if notes else "no val_size / eval_dataset"
-    return ProbeSet(pairs, train, f"{len(pairs)} training pairs ({reason})", notes)
+    return ProbeSet(pairs, train, f"{len(pairs)} training pairs ({reason})")
 
 
 def control_heads(aligned: list[HeadRef], num_heads: int, seed: int) -> list[HeadRef]:

@@ -1,9 +1,6 @@
 """What can be decided about a HeRA run before its first step: contrastive set sizes, the queue, image rows, the
-same heads on every rank.
-
-A HeRA run that cannot form a loss with a negative (a contrastive set of fewer than 3 samples: the
-anchor, one positive and at least one other candidate) or has no image at all would train plain SFT
-while looking like HeRA. These checks stop such runs with a message that names the setting and the fix.
+same heads on every rank. A run that cannot form a loss with a negative (a set of fewer than 3 samples) or has no
+image would train plain SFT while looking like HeRA: these checks stop it, naming the setting and the fix.
 """
 
 from __future__ import annotations
@@ -61,11 +58,7 @@ def contrastive_geometry(hera_args: HeraArguments, per_device: int, processes: i
 
 
 def check_contrastive_geometry(geometry: ContrastiveGeometry, hera_args: HeraArguments) -> None:
-    """Raise when no contrastive set of the run can ever hold a negative.
-
-    Raises:
-        ValueError: naming the batch size, processes, ``hera_gather`` and ``hera_queue_size``, and the fix.
-    """
+    """Refuse a run none of whose contrastive sets can ever hold a negative."""
     if geometry.largest >= 3:
         return
     setting = (f"per_device_train_batch_size: {geometry.per_device} on {geometry.processes} process(es)"
@@ -117,11 +110,7 @@ def count_image_rows(dataset: Any) -> ImageRowCounts | None:
 
 
 def check_image_rows(counts: ImageRowCounts | None, datasets: Any) -> None:
-    """Raise when the training data has no image at all.
-
-    Raises:
-        ValueError: naming the dataset and the fix.
-    """
+    """Refuse training data without any image."""
     if counts is None or counts.image_rows > 0:
         return
     videos = (f" ({counts.video_only_rows} rows have only videos, which have no teacher feature)"

@@ -1,10 +1,8 @@
 """Per-image cache of teacher features, so epochs after the first pay no teacher forward.
 
-Keys identify an image's content cheaply: a file path with its size and modification time, or a
-hash of raw bytes; in-memory PIL images have no key and are never cached. The collator (possibly
-in forked dataloader workers) skips preprocessing of images whose key it sees in the cache; the
-trainer, in the training process, owns the features. Workers forked at an epoch start see the
-keys cached before it; a worker that does not know a key merely preprocesses an image for nothing.
+Keys identify an image's content cheaply (:func:`image_key`); in-memory PIL images have none and are never cached.
+The collator (possibly in forked dataloader workers) skips images whose key it sees in the cache; the trainer owns
+the features. A worker forked before a key was cached merely preprocesses an image for nothing.
 """
 
 from __future__ import annotations

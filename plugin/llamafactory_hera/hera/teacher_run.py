@@ -1,12 +1,9 @@
-"""The teacher inside a HeRA run: features before step 1, features in the steps, where it lives.
+"""The teacher inside a HeRA run (:class:`RunTeacher`, a plain object the trainer owns): features before step 1,
+features in the steps, where it lives.
 
-A plain object the trainer owns (:class:`RunTeacher`); it holds the frozen teacher and the run's feature cache.
-
-With ``hera_teacher_precompute`` the feature cache is filled by one pass over the training set's distinct images
-(split over the data-parallel ranks and all-gathered), so the training steps run no teacher forward and the teacher's
-weights (DINOv2-L: 1.2 GB in float32) can leave the GPU for the whole run. The features are those the steps would
-compute: same teacher, dtype and preprocessing; float32 (what
-:class:`~llamafactory_hera.hera.teacher.VisionTeacher` returns), also in the all-gather.
+With ``hera_teacher_precompute`` one pass over the training set's distinct images (split over the ranks and
+all-gathered, float32 throughout) fills the feature cache with the features the steps would compute, so the steps
+run no teacher forward and the teacher's weights (DINOv2-L: 1.2 GB) can leave the GPU for the whole run.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""A ``stage: hera`` run: LLaMA-Factory's SFT workflow with HeRA's collator and trainer.
-
-Called by the stage patch (declared in :mod:`llamafactory_hera.hera.method`) with ``host``, the
-patch's handle on the SFT workflow (:class:`llamafactory_hera_patches.stage.SFTWorkflow`: its collator
-and trainer classes, ``run`` with replacements, ``smooth``), in place of ``run_sft``.
+"""A ``stage: hera`` run: LLaMA-Factory's SFT workflow with HeRA's collator and trainer, called by the stage patch
+in place of ``run_sft`` with ``host`` (:class:`llamafactory_hera_patches.stage.SFTWorkflow`).
 """
 
 from __future__ import annotations

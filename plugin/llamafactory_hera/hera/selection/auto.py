@@ -1,11 +1,6 @@
-"""``hera_heads: auto``: select heads at the start of training, once, on global rank 0.
-
-Other ranks receive the result by broadcast. A result is cached (``$LLAMAFACTORY_HERA_CACHE``,
-default ``~/.cache/llamafactory_hera/selection``) under a key made of everything the scores
-depend on: model and adapter files, teacher, calibration data, sample count, k, mode, seed,
-teacher feature, clamp and the scoring dtype (the run's: bfloat16 with ``bf16: true``, see
-:func:`llamafactory_hera.hera.selection.select.scoring_dtype`). The random state of the run is
-restored afterwards, so a cache hit and a miss train identically.
+"""``hera_heads: auto``: select heads at the start of training, once, on global rank 0; the other ranks receive them
+by broadcast. Results are cached (``$LLAMAFACTORY_HERA_CACHE``) under a key of everything the scores depend on, and
+the run's random state is restored afterwards, so a cache hit and a miss train identically.
 """
 
 from __future__ import annotations
@@ -69,11 +64,8 @@ def preserved_random_state() -> Iterator[None]:
 
 def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, device: str, output_dir: str,
                        is_main: bool, *, dtype: str) -> list[str]:
-    """Run (or reuse) the selection on the main process and share the heads with every rank.
-
-    ``dtype``: the run's scoring dtype, :func:`llamafactory_hera.hera.selection.select.scoring_dtype` of its
-    ``bf16`` / ``pure_bf16`` / ``fp16`` settings (what ``llamafactory-hera select`` reads from the recipe).
-    """
+    """Run (or reuse) the selection on the main process in the run's scoring ``dtype`` and share the heads with every
+    rank."""
     payload: list[Any] = [None, None, False]  # heads, rank 0's error, whether it is a user error
     if is_main:
         try:

@@ -1,13 +1,8 @@
 """``llamafactory-hera select --report RUN_DIR``: every head's MKNN before and after a HeRA run.
 
-The run's ``hera_run.json`` names the base model, adapters, template and data. "Before" is the
-model the run started from; "after" adds the run's adapter (LoRA) or loads the run's weights
-(full / freeze). Both are scored on the same pairs with the same teacher features, so the
-difference is the training alone. Writes ``hera_report.json`` and ``hera_report.png`` into RUN_DIR, and the host's
-loading output into ``hera_report.log`` there (``--verbose``: on the terminal instead).
-
-Each difference comes with its resolution and a paired bootstrap interval over the pairs, and is marked when it is
-within noise (:mod:`llamafactory_hera.hera.selection.noise`) in the table, the JSON and the plot.
+"Before" is the model the run started from (its ``hera_run.json``), "after" adds the run's adapter or weights; both
+are scored on the same pairs with the same teacher features, so the difference is the training alone, marked when
+within noise (:mod:`llamafactory_hera.hera.selection.noise`). Writes ``hera_report.json``, ``.png`` and ``.log``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """Head selection end to end: recipe -> calibration pairs -> per-head MKNN -> chosen heads + record.
 
-Bad input fails before the model's weights are loaded: options, teacher, data (at least k+1
-usable pairs) and the model's structure (``o_proj`` in every decoder layer, checked on an
-empty meta-device copy built from the config).
-
-One stated dtype (:func:`scoring_dtype`), the same for ``llamafactory-hera select``, ``hera_heads: auto`` and
-``select --report``: the language model runs in the recipe's compute dtype, i.e. bfloat16 when the recipe sets
-``bf16: true`` (or ``pure_bf16``), float16 with ``fp16: true``, else the checkpoint's own dtype (what training then
-runs in; float32 when its config names none), whatever the device. That is the precision training computes the
-heads in (bf16 autocast or bf16 weights), and the model costs the memory training's weights cost. Pooled head
-inputs, effective ``o_proj`` weights, teacher features, Gram matrices and neighbours are float32 in every case.
-Not LLaMA-Factory's inference default: that loads the checkpoint's dtype (``torch_dtype="auto"``) and infers a
-device-dependent compute dtype (fp16 on a GPU for an fp32 checkpoint), so ``select`` on a GPU, ``select`` on the
-CPU and ``auto`` in a bf16 run could score differently. The dtype is in the record's settings and in the cache key.
+Bad input fails before the model's weights are loaded (:func:`prepare`). One stated dtype (:func:`scoring_dtype`,
+docs/hera.md "One dtype"), the same for ``select``, ``hera_heads: auto`` and ``--report``: the recipe's compute
+dtype whatever the device, not LLaMA-Factory's device-dependent inference default, so the three score alike;
+everything after the language model is float32.
 """
 
 from __future__ import annotations
@@ -62,7 +53,7 @@ class SelectionOptions:
     dtype: str = "float32"  # the language model's dtype while scoring (scoring_dtype); the rest is float32
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the option, the value and the allowed values."""
+        """Raise a RecipeError naming the option, the value and the allowed values."""
         if self.strategy not in STRATEGIES:
             raise RecipeError(f"--strategy: got {self.strategy!r}; allowed values are {', '.join(STRATEGIES)}.")
         if self.mode not in MODES:
@@ -104,11 +95,9 @@ def _on(value: Any) -> bool:
 
 
 def scoring_dtype(precision: Any) -> str:
-    """The dtype heads are scored in, from a recipe's precision keys (``bf16``, ``pure_bf16``, ``fp16``; a mapping
-    that may also hold ``model_name_or_path``): ``bfloat16`` with ``bf16`` or ``pure_bf16``, ``float16`` with
-    ``fp16``; with none of them, the checkpoint's own floating dtype (``config.json``), which is what LLaMA-Factory
-    then trains in (``torch_dtype="auto"``, no autocast): a bf16 7B checkpoint is scored in bf16, not cast to a
-    float32 copy of twice its size; ``float32`` when the config names none (see the module doc)."""
+    """The dtype heads are scored in, from a recipe's precision keys (a mapping that may also hold
+    ``model_name_or_path``); with none set, the checkpoint's own floating dtype, what LLaMA-Factory then trains in (a
+    bf16 7B checkpoint is not cast to a float32 copy of twice its size)."""
     if _on(precision.get("bf16")) or _on(precision.get("pure_bf16")):
         return "bfloat16"
     if _on(precision.get("fp16")):
@@ -212,11 +201,8 @@ def pairs_fingerprint(pairs: list[collect.CalibrationPair]) -> str:
 
 
 def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> None:
-    """Build an empty (meta-device) model from the config and check every decoder layer has ``o_proj``.
-
-    Raises:
-        ValueError: naming the model and the missing module. Unknown architectures are left to the load.
-    """
+    """Build an empty (meta-device) model from the config and check every decoder layer has ``o_proj`` (unknown
+    architectures are left to the load)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
@@ -254,11 +240,8 @@ def identity_of(recipe_args: Any, options: SelectionOptions, pairs: list[collect
 
 
 def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.CalibrationPair], dict[str, Any]]:
-    """Everything that can fail cheaply, before any weights load: options, teacher, data, model structure.
-
-    Returns:
-        (calibration pairs, identity).
-    """
+    """(calibration pairs, identity) after everything that can fail cheaply, before any weights load: options,
+    teacher, data (at least k+1 usable pairs), model structure."""
     from llamafactory_hera_patches.model_data import load_aligned_rows
 
     options.validate()
