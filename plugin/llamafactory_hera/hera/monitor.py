@@ -143,40 +143,17 @@ class AlignmentMonitor:
             by_layer.setdefault(ref.layer, []).append(ref.head)
         self.by_layer = dict(sorted(by_layer.items()))
 
-    def keys(self) -> list[str]:
-        """The metric names of one point, in a fixed order."""
-        return [MEAN_KEY, *(f"{HEAD_PREFIX}{ref}" for ref in self.aligned), CONTROL_KEY]
-
-    def prepare_text(self, model: nn.Module, tokenizer: Any, collator: Any, recipe_args: Any, seed: int,
-                     training_args: Any) -> None:
-        """What the student side needs, once: the tokenizer (text mode) or the tokenized probe rows and the SFT
-        collator (multimodal mode, as selection builds them)."""
-        self.tokenizer = tokenizer
-        if self.mode == "multimodal":
-            from llamafactory_hera_patches.model_data import tokenized_rows_and_collator
-
-            chosen = self.probe.rows.select([pair.row for pair in self.probe.pairs])
-            tokenizer_module = {"tokenizer": tokenizer, "processor": getattr(collator, "processor", None)}
-            self.dataset, self.collator = tokenized_rows_and_collator(
-                recipe_args, model, tokenizer_module, collator.template, seed, chosen, training_args)
-
     @torch.no_grad()
     def prepare_teacher(self, teacher: Any, image_processor: Any) -> None:
-        """Teacher features of the probe pairs and their neighbours, kept for the run (synced, so that a clock read
-        around it, as ``bench/overhead.py --monitor`` does, measures it alone)."""
+        """Teacher features of the probe pairs and their neighbours, once, kept for the run (synced, so that a clock
+        read around it, as ``bench/overhead.py --monitor`` does, measures it alone)."""
+        if self.teacher_knn is not None:
+            return
         wait_for_device(self.device)  # work queued before is not the monitor's
         feats = collect.collect_teacher(teacher, image_processor, self.probe.pairs,
                                         teacher_batch_size(self.batch_size), progress=False)
         self.teacher_knn = teacher_neighbours(feats, self.k, self.device, self.clamp)
         wait_for_device(self.device)
-
-    def _pooled(self, model: nn.Module) -> list[torch.Tensor]:
-        """Per layer ``[N, H*d_head]`` pooled ``o_proj`` inputs of the probe pairs (selection's collection)."""
-        if self.mode == "multimodal":
-            return collect.collect_multimodal(model, self.dataset, self.collator, list(range(len(self.probe.pairs))),
-                                              self.batch_size, self.device, progress=False)
-        return collect.collect_text(model, self.tokenizer, self.probe.pairs, self.batch_size, self.device,
-                                    progress=False)
 
     @torch.no_grad()
     def score(self, model: nn.Module) -> torch.Tensor:
@@ -186,8 +163,14 @@ class AlignmentMonitor:
             raise RuntimeError("alignment monitor: prepare_teacher was not called before the first score")
         was_training = model.training
         model.eval()
-        try:
-            pooled = self._pooled(model)
+        try:  # per layer [N, H*d_head] pooled o_proj inputs of the probe pairs, collected as selection collects them
+            if self.mode == "multimodal":
+                pooled = collect.collect_multimodal(model, self.dataset, self.collator,
+                                                    list(range(len(self.probe.pairs))), self.batch_size, self.device,
+                                                    progress=False)
+            else:
+                pooled = collect.collect_text(model, self.tokenizer, self.probe.pairs, self.batch_size, self.device,
+                                              progress=False)
         finally:
             model.train(was_training)
         o_projs = find_o_proj_modules(model)
@@ -230,7 +213,14 @@ def monitor_callback(trainer: Any, hera_args: Any, probe: ProbeSet | None, geome
     monitor = AlignmentMonitor(hera_args, probe, aligned, control_heads(aligned, geometry.num_heads, args.seed),
                                geometry.head_dim, args.device)
     collator = trainer.data_collator
-    monitor.prepare_text(trainer.model, getattr(collator, "tokenizer", None), collator, recipe_args, args.seed, args)
+    monitor.tokenizer = getattr(collator, "tokenizer", None)
+    if monitor.mode == "multimodal":  # the probe rows tokenized and collated as training (and selection) does
+        from llamafactory_hera_patches.model_data import tokenized_rows_and_collator
+
+        chosen = probe.rows.select([pair.row for pair in probe.pairs])
+        tokenizer_module = {"tokenizer": monitor.tokenizer, "processor": getattr(collator, "processor", None)}
+        monitor.dataset, monitor.collator = tokenized_rows_and_collator(
+            recipe_args, trainer.model, tokenizer_module, collator.template, args.seed, chosen, args)
     return MonitorCallback(trainer, monitor, hera_args.hera_monitor_steps)
 
 
@@ -256,11 +246,6 @@ class MonitorCallback(TrainerCallback):
         control = ", ".join(str(ref) for ref in monitor.control) or "none"
         return (f"alignment monitor at step 0 and {when} on {monitor.probe.source}, {monitor.mode} mode, "
                 f"k {monitor.k}, control heads [{control}]")
-
-    def prepare_teacher(self, teacher: Any, image_processor: Any) -> None:
-        """The probe pairs' teacher features, once, before the teacher may leave the device."""
-        if self.monitor.teacher_knn is None:
-            self.monitor.prepare_teacher(teacher, image_processor)
 
     def point(self, model: nn.Module) -> dict[str, float]:
         """Score the heads now (every rank; rank 0's values) and return the metrics."""

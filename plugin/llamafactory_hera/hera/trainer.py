@@ -102,13 +102,8 @@ class HeraTrainer:
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         """The LM loss plus ``lambda * L_HeRA`` of this micro-batch (evaluation and HeRA-less batches: LM only)."""
-        pixel_values = inputs.pop("hera_pixel_values", None)
-        pixel_keys = inputs.pop("hera_pixel_keys", None)
-        counts = inputs.pop("hera_image_counts", None)
-        keys = inputs.pop("hera_image_keys", None)
-        token_mask = inputs.pop("hera_token_mask", None)
-        anchor_index = inputs.pop("hera_anchor_index", None)
-        sample_counts = inputs.pop("hera_sample_counts", None)
+        pixel_values, pixel_keys, counts, keys, token_mask, anchor_index, sample_counts = (
+            inputs.pop(key, None) for key in HERA_BATCH_KEYS)  # what the collator added (hera/collator.py)
         if not model.training or counts is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -255,8 +250,8 @@ class HeraTrainer:
             print(self.hera_stats.start_line(self.hera_contrastive, self.hera_temperature_lr, self.args.world_size,
                                                teacher.precompute_decision(self.train_dataset, self.args),
                                                monitor_line), flush=True)
-        if self.hera_monitor is not None:  # before the teacher may leave the device
-            self.hera_monitor.prepare_teacher(teacher.model, teacher.image_processor(self.data_collator))
+        if self.hera_monitor is not None:  # the probe pairs' teacher features, before the teacher may leave the device
+            self.hera_monitor.monitor.prepare_teacher(teacher.model, teacher.image_processor(self.data_collator))
         teacher.precompute(self.train_dataset, self.data_collator, self.args, main)
         try:
             result = super().train(*args, **kwargs)

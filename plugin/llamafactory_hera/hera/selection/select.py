@@ -13,6 +13,7 @@ import json
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 
 from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
 from llamafactory_hera.anatomy.projection import find_o_proj_modules
+from llamafactory_hera.anatomy.recipe_keys import truthy
 from llamafactory_hera.hera.host_output import show
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.choices import DTYPES, MODES, RECIPE_BACKED, STRATEGIES, dest
@@ -89,18 +91,13 @@ class SelectionOptions:
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _on(value: Any) -> bool:
-    """A recipe's boolean (YAML gives a bool; a command-line override may give a string)."""
-    return value.strip().lower() in ("true", "1", "yes") if isinstance(value, str) else bool(value)
-
-
 def scoring_dtype(precision: Any) -> str:
     """The dtype heads are scored in, from a recipe's precision keys (a mapping that may also hold
     ``model_name_or_path``); with none set, the checkpoint's own floating dtype, what LLaMA-Factory then trains in (a
     bf16 7B checkpoint is not cast to a float32 copy of twice its size)."""
-    if _on(precision.get("bf16")) or _on(precision.get("pure_bf16")):
+    if truthy(precision.get("bf16")) or truthy(precision.get("pure_bf16")):
         return "bfloat16"
-    if _on(precision.get("fp16")):
+    if truthy(precision.get("fp16")):
         return "float16"
     return _checkpoint_dtype(precision.get("model_name_or_path"))
 
@@ -272,11 +269,8 @@ def _warn_about_data(notes: dict[str, Any], source: str) -> None:
 
 def tied_share(scores: torch.Tensor) -> float:
     """Share of heads whose score equals another head's score exactly."""
-    flat = scores.flatten().tolist()
-    counts: dict[float, int] = {}
-    for value in flat:
-        counts[value] = counts.get(value, 0) + 1
-    return sum(1 for value in flat if counts[value] > 1) / max(len(flat), 1)
+    counts = Counter(scores.flatten().tolist())
+    return sum(n for n in counts.values() if n > 1) / max(scores.numel(), 1)
 
 
 def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str) -> tuple[Any, dict[str, Any], Any]:
