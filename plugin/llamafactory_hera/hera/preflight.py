@@ -46,9 +46,10 @@ def contrastive_geometry(hera_args: HeraArguments, per_device: int, processes: i
     batch_set = per_device * gathered
     smallest_useful = max(hera_args.hera_k + 1, 3)
     needed = batch_set < smallest_useful
-    queue = hera_args.queue_capacity(needed=needed)
+    auto = hera_args.hera_queue_size == AUTO
+    queue = (4 * (hera_args.hera_k + 1) if needed else 0) if auto else int(hera_args.hera_queue_size)
     where = f"per_device_train_batch_size {per_device} x {gathered} process(es)"
-    if hera_args.hera_queue_size == AUTO:
+    if auto:
         reason = (f"auto: contrastive sets of at most {batch_set} image samples ({where}) are smaller than "
                   f"{smallest_useful} (hera_k+1, and at least 3 for a negative)" if needed else
                   f"auto: off, the contrastive set holds up to {batch_set} image samples ({where})")
