@@ -45,11 +45,8 @@ def _plain(value: Any) -> Any:
 def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
                         training_args: Any) -> tuple[dict[str, int], Any, Any]:
     """(image path -> training-data row, row counts, the aligned rows), after checking every image file exists and
-    that the data has images at all (clear errors naming file and row, or the dataset).
-
-    Runs before LLaMA-Factory's preprocessing, which would otherwise fail on a missing file with a bare OSError.
-    Streaming datasets are not scanned (counts and rows None).
-    """
+    that the data has images at all, before LLaMA-Factory's preprocessing fails on a missing file with a bare OSError.
+    Streaming datasets are not scanned (counts and rows None)."""
     if getattr(data_args, "streaming", False) or not training_args.do_train:
         return {}, None, None
     from llamafactory_hera.hera.data_checks import image_rows

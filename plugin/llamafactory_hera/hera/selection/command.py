@@ -21,15 +21,10 @@ from llamafactory_hera.hera.selection.select import SelectionOptions, SelectionR
 from llamafactory_hera.short_errors import RecipeError
 
 
-def record_paths(recipe_path: Path) -> tuple[Path, Path]:
-    """(JSON record, heatmap PNG) written next to a recipe."""
-    stem = recipe_path.with_suffix("")
-    return Path(f"{stem}.hera_selection.json"), Path(f"{stem}.hera_selection.png")
-
-
-def log_path(recipe_path: Path) -> Path:
-    """The host's output of ``select`` (transformers, LLaMA-Factory), written next to the record."""
-    return Path(f"{Path(recipe_path).with_suffix('')}.hera_selection.log")
+def record_paths(recipe_path: Path) -> tuple[Path, ...]:
+    """(JSON record, heatmap PNG, the host's output while scoring) written next to a recipe."""
+    stem = Path(recipe_path).with_suffix("")
+    return tuple(Path(f"{stem}.hera_selection.{suffix}") for suffix in ("json", "png", "log"))
 
 
 def load_recipe(path: Path) -> tuple[str, dict[str, Any]]:
@@ -94,14 +89,14 @@ def run_select(args: Any) -> SelectionResult:
     seed = args.seed if args.seed is not None else int(recipe.get("seed", 42) or 0)
     options = SelectionOptions.from_keys(hera, args, seed=seed, device=args.device,
                                          dtype=getattr(args, "dtype", None) or scoring_dtype(recipe))
-    with host_output_to(None if getattr(args, "verbose", False) else log_path(target)):
+    json_path, png_path, log_path = record_paths(target)
+    with host_output_to(None if getattr(args, "verbose", False) else log_path):
         recipe_args = parse_recipe(recipe)
         _quiet_transformers()
         result, _ = run_selection(recipe_args, options)
         show(heads_table(result.selected, result))
         if isinstance(hera.hera_heads, list) and hera.hera_heads:  # an explicit list (e.g. the paper's) beside it
             show("the recipe's hera_heads:\n" + heads_table(hera.hera_heads, result))
-        json_path, png_path = record_paths(target)
         if not args.dry_run:
             written = update_recipe(args.recipe, result.selected, force=args.force, output=args.output)
             show(f"hera_heads: [{', '.join(result.selected)}] written to {written}")
