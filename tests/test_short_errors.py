@@ -91,7 +91,7 @@ def test_auto_selection_keeps_a_user_error_a_user_error_on_every_rank(monkeypatc
     def fail(*args: object, **kwargs: object) -> None:
         raise raised("dataset d: only 3 usable image-caption pairs")
 
-    monkeypatch.setattr(auto, "select_with_cache", fail)
+    monkeypatch.setattr(auto, "run_selection", fail)
     recipe = SimpleNamespace(data_args=SimpleNamespace(max_samples=None))
     error = _caught(lambda: auto.resolve_auto_heads(recipe, parse_hera_arguments({"hera_heads": "auto"}), 0, "cpu",
                                                     "out", True, dtype="float32"))

@@ -115,7 +115,7 @@ def test_split_dict_and_list_forms() -> None:
 
 
 def test_precompute_auto_runs_only_when_the_run_covers_the_training_set() -> None:
-    from llamafactory_hera.hera.teacher_precompute import precompute_wanted
+    from llamafactory_hera.hera.teacher_run import precompute_wanted
 
     # (setting, cache on, samples, max_steps, global batch) -> wanted
     assert precompute_wanted("auto", True, 32, -1, 8)  # epochs-based run

@@ -111,10 +111,11 @@ def test_small_micro_batches_switch_the_queue_on_and_resume_restores_it(assets, 
 
 def test_queue_size_validation() -> None:
     from llamafactory_hera.hera.args import parse_hera_arguments
+    from llamafactory_hera.hera.preflight import contrastive_geometry
 
     args = parse_hera_arguments({"hera_heads": ["L0H0"], "hera_queue_size": "32"})
-    assert args.queue_capacity(needed=False) == 32
-    assert parse_hera_arguments({"hera_heads": ["L0H0"]}).queue_capacity(needed=True) == 44
-    assert parse_hera_arguments({"hera_heads": ["L0H0"], "hera_queue_size": 0}).queue_capacity(needed=True) == 0
+    assert contrastive_geometry(args, 64, 1).queue == 32  # 64 samples per set: a queue is not needed
+    assert contrastive_geometry(parse_hera_arguments({"hera_heads": ["L0H0"]}), 2, 1).queue == 44  # auto, needed
+    assert contrastive_geometry(parse_hera_arguments({"hera_heads": ["L0H0"], "hera_queue_size": 0}), 2, 1).queue == 0
     with pytest.raises(ValueError, match="hera_queue_size: got 'big'; allowed values are auto or a whole number"):
         parse_hera_arguments({"hera_heads": ["L0H0"], "hera_queue_size": "big"})

@@ -2,7 +2,7 @@
 
 The run is ``bf16: true`` as the recipes set it, through the real ``run_exp`` on the device.
 LLaMA-Factory loads a model in its checkpoint's dtype: the tiny checkpoint is float32, so its weights stay float32
-(asserted), and the monitor's scoring runs in float32 (``layer_head_scores`` casts both sides). Checked here:
+(asserted), and the monitor's scoring runs in float32 (``layer_head_neighbours`` casts both sides). Checked here:
 
 * values: the step-0 point equals the fp32 CPU run's step-0 point, and lies within one resolution step of
   ``select --report``'s "before" (which loads the model in bfloat16 for a ``bf16: true`` recipe);

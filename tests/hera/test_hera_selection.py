@@ -14,7 +14,7 @@ from conftest import base_recipe, read_trainer_log, run_train, run_verb
 from llamafactory_hera.anatomy.projection import find_o_proj_modules, project_heads
 from llamafactory_hera.hera.metrics import mutual_knn
 from llamafactory_hera.hera.selection import collect
-from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_heads
+from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours
 from llamafactory_hera.hera.teacher import load_image_processor, load_teacher
 from llamafactory_hera.hera.teacher_batch import prefetch_workers
 
@@ -35,7 +35,7 @@ def test_scores_equal_mutual_knn_of_explicit_contributions(assets, family: str) 
     recipe_args = parse_recipe(base_recipe(assets, family, "/unused"))
     options = _options(assets, clamp=0.0)  # the clamped scores: tests/hera/test_hera_selection_reference.py
     pairs, _ = prepare(recipe_args, options)
-    got = score_heads(recipe_args, options, pairs)
+    got = score_head_neighbours(recipe_args, options, pairs).scores
 
     model, tokenizer_module, _ = load_model_for_scoring(parse_recipe(base_recipe(assets, family, "/unused")), "cpu")
     tokenizer = tokenizer_module["tokenizer"]
@@ -87,13 +87,13 @@ def test_multimodal_mode_scores_every_head(assets) -> None:
     recipe_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused"))
     options = _options(assets, mode="multimodal")
     pairs, _ = prepare(recipe_args, options)
-    scores = score_heads(recipe_args, options, pairs)
+    scores = score_head_neighbours(recipe_args, options, pairs).scores
     assert scores.shape == (2, 4) and bool(((scores >= 0) & (scores <= 1)).all())
     # a validation split shuffles LLaMA-Factory's train_dataset: rows must still meet their own teacher features
     split_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused", val_size=0.25))
     split_pairs, _ = prepare(split_args, options)
     assert [p.row for p in split_pairs] == [p.row for p in pairs]
-    torch.testing.assert_close(score_heads(split_args, options, split_pairs), scores, atol=0, rtol=0)
+    torch.testing.assert_close(score_head_neighbours(split_args, options, split_pairs).scores, scores, atol=0, rtol=0)
 
 
 RECIPE_HEAD = "### model\n# a user's comment that must survive\n"
@@ -126,6 +126,7 @@ def test_select_command_writes_recipe_record_and_heatmap(assets, tmp_path: Path,
     assert record["duration_s"] > 0 and record["num_pairs"] == 24
     assert (tmp_path / "recipe.hera_selection.png").stat().st_size > 1000
     assert "head" in proc.stdout and "MKNN" in proc.stdout and heads[0] in proc.stdout
+    assert "the recipe's hera_heads:" not in proc.stdout  # hera_heads: auto, no list of its own to show beside
     assert "%|" in proc.stderr  # the plugin's own progress bars
     # the host's loading output (LLaMA-Factory's and transformers' loggers, their loaders' bars) is in the log
     log = tmp_path / "recipe.hera_selection.log"
@@ -242,14 +243,12 @@ def test_dry_run_shows_the_recipes_own_heads_beside_the_choice() -> None:
     """``select --dry-run``, the paper's heads in the recipe: each one's MKNN and rank, or that the model lacks it."""
     from types import SimpleNamespace
 
-    from llamafactory_hera.hera.selection.command import recipe_heads_table
+    from llamafactory_hera.hera.selection.command import heads_table
 
     result = SimpleNamespace(scores=[[0.4, 0.1], [0.3, 0.2]], ranking=[{"head": h} for h in ("L0H1", "L1H1", "L1H0",
                                                                                              "L0H0")])
-    table = recipe_heads_table(["l1h0", "L13H12"], result)
+    table = heads_table(["l1h0", "L13H12"], result)
     lines = table.splitlines()
-    assert lines[0] == "the recipe's hera_heads:"
     assert any("l1h0" in line and "0.3" in line and "3/4" in line for line in lines), table
     assert any("L13H12" in line and "not in this model" in line for line in lines), table
-    assert recipe_heads_table("auto", result) is None and recipe_heads_table([], result) is None
 

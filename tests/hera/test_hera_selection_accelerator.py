@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from conftest import base_recipe, run_train
-from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_heads
+from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours
 
 pytestmark = pytest.mark.accelerator
 
@@ -34,7 +34,7 @@ def _cpu_scores(assets: Any, mode: str = "text", recipe: dict[str, Any] | None =
                                teacher=str(assets.teacher), device="cpu", progress=False, dtype=dtype)
     recipe_args = parse_recipe(recipe)
     pairs, _ = prepare(recipe_args, options)
-    return score_heads(recipe_args, options, pairs)
+    return score_head_neighbours(recipe_args, options, pairs).scores
 
 
 @pytest.mark.parametrize("mode", ["text", "multimodal"])

@@ -43,7 +43,7 @@ def test_scoring_copy_is_released_before_the_teacher_loads(assets, monkeypatch: 
     options = select.SelectionOptions(num_samples=6, k=3, batch_size=3, mode=mode, teacher=str(assets.teacher),
                                       device="cpu", progress=False)
     pairs, _ = select.prepare(recipe_args, options)
-    scores = select.score_heads(recipe_args, options, pairs)
+    scores = select.score_head_neighbours(recipe_args, options, pairs).scores
     assert scores.shape == (2, 4)
     assert alive_when_teacher_loads == [False]
 

@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from llamafactory_hera.hera.metrics import mutual_knn
-from llamafactory_hera.hera.selection.scores import all_head_scores, gram_knn
+from llamafactory_hera.hera.selection.scores import all_head_scores, layer_head_neighbours
 
 
-def test_gram_knn_matches_explicit_knn() -> None:
-    from llamafactory_hera.hera.metrics import knn_indices
+def test_gram_ranking_matches_explicit_knn() -> None:
+    from llamafactory_hera.hera.metrics import knn_indices, top_k_stable
+    from llamafactory_hera.hera.selection.scores import ranked_similarity
 
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(3, 20, 6, generator=gen)
-    assert torch.equal(gram_knn(feats @ feats.transpose(-1, -2), 4), knn_indices(feats, 4))
+    assert torch.equal(top_k_stable(ranked_similarity(feats @ feats.transpose(-1, -2)), 4), knn_indices(feats, 4))
 
 
 @pytest.mark.parametrize("heads,head_dim,d", [(4, 8, 24), (3, 16, 10)])
@@ -35,12 +36,11 @@ def test_all_head_scores_equal_per_head_mutual_knn(heads: int, head_dim: int, d:
 
 def test_chunking_does_not_change_scores() -> None:
     from llamafactory_hera.hera.metrics import knn_indices
-    from llamafactory_hera.hera.selection.scores import layer_head_scores
 
     gen = torch.Generator().manual_seed(1)
     pooled, weight = torch.randn(30, 6 * 4, generator=gen), torch.randn(9, 24, generator=gen)
     teacher = torch.randn(30, 5, generator=gen)
     teacher_knn = knn_indices(teacher, 3)
-    whole = layer_head_scores(pooled, weight, teacher_knn, 3, 4)
-    one_at_a_time = layer_head_scores(pooled, weight, teacher_knn, 3, 4, max_chunk_elements=30 * 30)
+    whole, _ = layer_head_neighbours(pooled, weight, teacher_knn, 3, 4)
+    one_at_a_time, _ = layer_head_neighbours(pooled, weight, teacher_knn, 3, 4, max_chunk_elements=30 * 30)
     assert torch.equal(whole, one_at_a_time)

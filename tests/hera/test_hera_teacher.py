@@ -141,7 +141,7 @@ def test_features_are_float32_through_batching_selection_and_precompute(assets) 
     from llamafactory_hera.hera.selection.collect import CalibrationPair, collect_teacher
     from llamafactory_hera.hera.teacher_batch import image_features
     from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
-    from llamafactory_hera.hera.teacher_precompute import precompute_teacher_features, training_images
+    from llamafactory_hera.hera.teacher_run import precompute_teacher_features, training_images
 
     teacher = load_teacher(str(assets.teacher), "cls", "cpu", dtype=torch.bfloat16)
     processor = load_image_processor(str(assets.teacher))
@@ -159,7 +159,7 @@ def test_features_are_float32_through_batching_selection_and_precompute(assets) 
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
     cache = TeacherFeatureCache()
-    precompute_teacher_features(teacher, processor, training_images([paths[:3], paths[3:]]), cache, 8, open_image,
-                                progress=False)
+    by_key, _ = training_images([paths[:3], paths[3:]])
+    precompute_teacher_features(teacher, processor, by_key, cache, 8, open_image, progress=False)
     stored = {key: row for key, row in cache.features.items()}
     assert len(stored) == 5 and all(row.dtype == torch.float32 for row in stored.values())

@@ -94,12 +94,6 @@ class HeraArguments:
         256, "Image-caption pairs in the monitor's probe set: held-out rows (eval_dataset or val_size) when there are "
         "any, else a fixed sample of training rows.", min=2)
 
-    def queue_capacity(self, needed: bool) -> int:
-        """Queue size to use: the configured number, or 4*(k+1) once ``needed`` under ``auto``."""
-        if self.hera_queue_size == AUTO:
-            return 4 * (self.hera_k + 1) if needed else 0
-        return int(self.hera_queue_size)
-
     @property
     def auto_heads(self) -> bool:
         """True when the heads are to be selected at the start of training."""

@@ -1,7 +1,5 @@
-"""LlamaBoard's loss plot of a HeRA run: the loss with ``hera_loss`` on a second axis (the shared panel plot), and,
-when the run's alignment monitor logged points, the aligned heads' MKNN (``hera_mknn``) against the control heads'
-(``hera_mknn_control``) below it. Same style as LlamaBoard's own plot: raw values faint, smoothed solid; every legend
-stands outside its axes, so it covers no curve.
+"""LlamaBoard's loss plot of a HeRA run: the loss with ``hera_loss`` on a second axis, and below it the monitor's
+``hera_mknn`` against ``hera_mknn_control`` when logged. LlamaBoard's style; legends outside the axes.
 """
 
 from __future__ import annotations

@@ -20,27 +20,18 @@ TAU_OPTIMIZER_NAME = "hera_temperature_optimizer.pt"
 
 
 def load_on_cpu(path: str) -> Any:
-    """``torch.load`` of a HeRA checkpoint file onto the CPU; the caller moves what it restores to its device.
-
-    The files are written by a process on a GPU, so their tensors are tagged with that GPU (``cuda:0`` for rank
-    0's). Without ``map_location`` every rank would load them onto that GPU first, and a machine without it
-    (another GPU layout, a CPU-only resume) fails with "Attempting to deserialize object on a CUDA device".
-    """
+    """``torch.load`` of a HeRA checkpoint file onto the CPU; the caller moves what it restores to its device (the
+    tensors are tagged with the GPU that wrote them: a resume without it would fail to deserialize)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def hera_state(hera_args: Any, log_tau: torch.Tensor) -> dict[str, Any]:
-    """What a checkpoint needs to resume HeRA exactly (JSON-serialisable)."""
-    value = float(log_tau.detach().cpu())
-    return {"version": __version__, "log_temperature": value, "temperature": math.exp(value),
-            "heads": list(hera_args.hera_heads), "hera_args": hera_args.to_dict()}
-
-
 def save_state(folder: str, hera_args: Any, log_tau: torch.Tensor) -> None:
-    """``hera_state.json`` into ``folder`` (with every saved model)."""
+    """``hera_state.json`` into ``folder`` (with every saved model): what a checkpoint needs to resume HeRA exactly."""
+    value = float(log_tau.detach().cpu())
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, HERA_STATE_NAME), "w", encoding="utf-8") as handle:
-        json.dump(hera_state(hera_args, log_tau), handle, indent=2)
+        json.dump({"version": __version__, "log_temperature": value, "temperature": math.exp(value),
+                   "heads": list(hera_args.hera_heads), "hera_args": hera_args.to_dict()}, handle, indent=2)
 
 
 def _queue_file(folder: str, process_index: int) -> str:
@@ -58,12 +49,8 @@ def save_optimizer_state(folder: str, tau_optimizer: torch.optim.Optimizer | Non
 
 def load_state(checkpoint: str, hera_args: Any, log_tau: torch.Tensor, tau_optimizer: torch.optim.Optimizer | None,
                queue: Any, process_index: int, device: torch.device) -> None:
-    """Restore what :func:`save_state` and :func:`save_optimizer_state` wrote (resume_from_checkpoint).
-
-    Raises:
-        FileNotFoundError: the checkpoint has no ``hera_state.json`` (not a HeRA run's).
-        ValueError: it trained other heads than the recipe names.
-    """
+    """Restore what :func:`save_state` and :func:`save_optimizer_state` wrote (resume_from_checkpoint); refuse a
+    checkpoint without ``hera_state.json`` or of other heads."""
     tau_file = os.path.join(checkpoint, TAU_OPTIMIZER_NAME)
     if tau_optimizer is not None and os.path.isfile(tau_file):
         # load_state_dict moves each state tensor to its parameter's device (``step`` stays on the CPU)

@@ -81,16 +81,12 @@ class HeraCollatorMixin:
         batch["hera_pixel_keys"] = todo_ids
         batch["hera_image_keys"] = keys
         batch["hera_image_counts"] = torch.tensor(counts, dtype=torch.long)
-        if self.hera_multimodal_ids is not None and "labels" in batch:
-            self._add_pooling(batch, counts)
+        if self.hera_multimodal_ids is not None and "labels" in batch:  # the pooled tokens, anchors, sample counts
+            mask = pooled_token_mask(batch["labels"], batch["input_ids"], batch.get("attention_mask"),
+                                     self.hera_pooling, self.hera_multimodal_ids)
+            has_tokens = mask.any(-1).tolist()
+            anchors = [i for i, (n, pooled) in enumerate(zip(counts, has_tokens, strict=True)) if n > 0 and pooled]
+            batch["hera_token_mask"] = mask
+            batch["hera_anchor_index"] = torch.tensor(anchors, dtype=torch.long)
+            batch["hera_sample_counts"] = [len(anchors), counts.count(0), sum(counts)]
         return batch
-
-    def _add_pooling(self, batch: dict[str, Any], counts: list[int]) -> None:
-        """The pooled tokens, the anchors and the sample counts of this batch (CPU; see the module docstring)."""
-        mask = pooled_token_mask(batch["labels"], batch["input_ids"], batch.get("attention_mask"), self.hera_pooling,
-                                 self.hera_multimodal_ids)
-        has_tokens = mask.any(-1).tolist()
-        anchors = [i for i, (n, pooled) in enumerate(zip(counts, has_tokens, strict=True)) if n > 0 and pooled]
-        batch["hera_token_mask"] = mask
-        batch["hera_anchor_index"] = torch.tensor(anchors, dtype=torch.long)
-        batch["hera_sample_counts"] = [len(anchors), counts.count(0), sum(counts)]

@@ -59,16 +59,12 @@ def check_adapter_fits(adapters: list[str] | None, hidden_size: int, attention_w
             Path(adapter) / "adapter_config.json").is_file() else {}
         with safe_open(str(weights), "pt") as handle:
             for name in handle.keys():
-                if ".self_attn.o_proj.lora_A" not in name:
-                    continue
-                width = handle.get_slice(name).get_shape()[1]
-                if width != attention_width:
+                if ".self_attn.o_proj.lora_A" in name and handle.get_slice(name).get_shape()[1] != attention_width:
                     raise RecipeError(
                         f"adapter_name_or_path: {adapter} was trained on another base model (its o_proj LoRA expects "
-                        f"inputs of width {width}, {model_name} has {attention_width}; the adapter's base is "
-                        f"{config.get('base_model_name_or_path', 'unknown')}). Use an adapter of this base model."
-                    )
-            for name in handle.keys():
+                        f"inputs of width {handle.get_slice(name).get_shape()[1]}, {model_name} has {attention_width}; "
+                        f"the adapter's base is {config.get('base_model_name_or_path', 'unknown')}). Use an adapter of "
+                        "this base model.")
                 if ".self_attn.o_proj.lora_B" in name and handle.get_slice(name).get_shape()[0] != hidden_size:
                     raise RecipeError(f"adapter_name_or_path: {adapter} was trained on another base model (o_proj "
                                       f"output width {handle.get_slice(name).get_shape()[0]}, {model_name} has "

@@ -1,13 +1,6 @@
-"""HeRA's demo (``python3 dev.py demo``, ``--method hera``): a 20-step ``stage: hera`` LoRA run on a tiny MLLM.
-
-1. builds (or reuses) the tiny offline assets (:func:`llamafactory_hera.fixtures.build_tiny_assets`): a 2–3 layer
-   Qwen3-VL / Qwen2.5-VL / LLaVA, a tiny DINOv2 teacher and a 32-image caption set;
-2. writes ``DIR/hera/recipe.yaml``, an ordinary LLaMA-Factory recipe with ``stage: hera`` (LoRA);
-3. runs the stock ``llamafactory-cli train`` on it (:func:`llamafactory_hera.demo.runner.train`);
-4. prints where the outputs and plots are, the first/last ``lm_loss`` and ``hera_loss``, and the next steps
-   (choosing heads with ``select``, the before/after ``--report``, the SFT baseline twin, ``eval`` against it).
-
-Nothing here is needed to use HeRA: it only shows what a HeRA run looks like.
+"""HeRA's demo (``python3 dev.py demo``, ``--method hera``): a 20-step ``stage: hera`` LoRA run on a tiny offline
+MLLM (:func:`llamafactory_hera.fixtures.build_tiny_assets`) with the stock ``llamafactory-cli train``, then where the
+outputs are, the first/last losses and the next steps. Nothing here is needed to use HeRA.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""HeRA's checks of a run's LLaMA-Factory arguments, before any model or dataset is loaded.
-
-Declared in :mod:`llamafactory_hera.hera.method` and called by the stage patch. They read recipe keys
-only (the documented fields of LLaMA-Factory's argument objects), never its internals. Checked on
-LLaMA-Factory 0.9.5 argument names (``ModelArguments``, ``DataArguments``,
-``FinetuningArguments``, ``TrainingArguments``).
+"""HeRA's checks of a run's LLaMA-Factory arguments (recipe keys only, as named in LLaMA-Factory 0.9.5), before
+any model or dataset is loaded; declared in :mod:`llamafactory_hera.hera.method`, called by the stage patch.
 """
 
 from __future__ import annotations
@@ -41,10 +37,6 @@ _INCOMPATIBLE = (
 )
 
 
-def _incompatible(name: str, why: str) -> RecipeError:
-    return RecipeError(f"stage: hera cannot run with {name}: true ({why}). Remove {name} or use stage: sft.")
-
-
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
     """Checks on the recipe's own keys, before LLaMA-Factory parses them (some combinations fail there obscurely).
 
@@ -79,16 +71,14 @@ def check_multimodal(model_args: Any, data_args: Any, config: Any) -> None:
 
 def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
                        generating_args: Any, hera_args: HeraArguments) -> None:
-    """Raise a clear ``ValueError`` for settings HeRA cannot honour; adjust gradient checkpointing.
-
-    The heads are checked against the model's config (not its weights), and the teacher's config
-    is read, so both fail in seconds, before the MLLM is loaded.
-    """
+    """Refuse settings HeRA cannot honour; adjust gradient checkpointing. Heads and teacher are checked from their
+    configs, so both fail in seconds, before the MLLM is loaded."""
     holders = {"data": data_args, "finetuning": finetuning_args, "model": model_args}
     check_run_inputs(model_args, data_args, training_args, stage="hera")
     for attribute, holder, why in _INCOMPATIBLE:
         if getattr(holders[holder], attribute, False):
-            raise _incompatible(attribute, why)
+            raise RecipeError(f"stage: hera cannot run with {attribute}: true ({why}). Remove {attribute} or use "
+                              "stage: sft.")
     if getattr(model_args, "quantization_bit", None) is not None:
         raise RecipeError(
             f"stage: hera cannot run with quantization_bit: {model_args.quantization_bit} (HeRA reads W_O per head and "

@@ -1,11 +1,9 @@
 """The plugin's commands keep the terminal for their own lines; the host's output goes to a log file.
 
-A command such as ``llamafactory-hera select`` loads a model, a tokenizer and datasets through LLaMA-Factory and
-transformers, which print hundreds of lines (INFO logs with whole configs, warnings, the loaders' progress bars)
-around the command's few lines of results. Inside :func:`host_output_to`, the process's standard output and error
-(file descriptors 1 and 2, so Python loggers, ``warnings``, tqdm bars and C extensions alike) write to a log file,
-and the plugin writes its own lines (:func:`show`) and progress bars (:func:`progress_file`) to the terminal, i.e.
-the standard output and error as they were before. Outside it (and with ``--verbose``) both are the ordinary streams.
+Inside :func:`host_output_to`, file descriptors 1 and 2 (Python loggers, ``warnings``, tqdm bars and C extensions
+alike: hundreds of lines while a model loads) write to a log file, and the plugin's own lines (:func:`show`) and
+progress bars (:func:`progress_file`) go to the terminal. Outside it (and with ``--verbose``) both are the ordinary
+streams.
 """
 
 from __future__ import annotations

@@ -1,30 +1,21 @@
-"""Alignment during training: the aligned heads' MKNN with the teacher on a fixed probe set (``hera_monitor_*``).
+"""Alignment during training: the aligned heads' MKNN with the teacher on a fixed probe set (``hera_monitor_*``;
+docs/hera.md "Alignment during training").
 
-The probe set is drawn once, before the model loads (:func:`probe_set`): up to ``hera_monitor_pairs`` image-caption
-pairs of the rows LLaMA-Factory holds out from training (``eval_dataset``, or the ``val_size`` split), else of the
-training rows, one pair per distinct image, drawn as ``llamafactory-hera select --report`` draws its pairs (the
-run's seed + 1). Every point is scored exactly as selection scores a head (:mod:`llamafactory_hera.hera.selection`:
-the same collection of pooled ``o_proj`` inputs in ``hera_select_mode``, the same PRH clamp, neighbours and ties,
-with ``hera_k`` neighbours and ``hera_select_batch_size`` batches), so the point at step 0 equals ``select --report``'s
-"before" on the same pairs. The teacher's side (its features and neighbours) is computed once: the teacher is frozen.
+The probe pairs are drawn once, before the model loads (:func:`probe_set`), as ``select --report`` draws its pairs,
+and every point is scored exactly as selection scores a head, so the point at step 0 equals ``select --report``'s
+"before" on the same pairs. The teacher's side is computed once (the teacher is frozen). Control heads (as many
+unaligned heads in the aligned heads' layers) give ``hera_mknn_control``, the line an aligned head is read against.
 
-Control heads: as many unaligned heads as aligned ones, each in the layer of an aligned head, drawn with the run's
-seed; their mean is logged as ``hera_mknn_control``, the line an aligned head's curve is read against.
-
-When (:class:`MonitorCallback`, a ``TrainerCallback``): on a fixed schedule (:func:`monitor_steps`), the same on every
-rank. A point at step 0 (before the first update: the "before" of ``select --report``; a resumed run starts after it),
-then every ``hera_monitor_steps`` steps, or with ``null`` at :data:`DEFAULT_POINTS` evenly spaced steps, the last one
-at the last step. Points are scored at the end of the optimizer step, after the update, on every rank with the same
-pairs (under ZeRO-3 every rank must take part in the forward); rank 0's values are broadcast. A point at a logging
-step joins that step's training log (one line with ``loss``); at another step it is a log of its own. Either way it
-passes through the Trainer's ``log()``: ``trainer_state.json``, every ``report_to`` backend, ``trainer_log.jsonl`` and
-LlamaBoard. A step without a point does nothing on the device. The cost is measured by ``bench/overhead.py --monitor``.
+Points come on a fixed schedule (:func:`monitor_steps`), the same on every rank, at the end of the optimizer step:
+every rank scores (under ZeRO-3 every rank must take part in the forward) and rank 0's values are broadcast. A point
+at a logging step joins that step's training log, else it is a log of its own; either way it passes through the
+Trainer's ``log()``. A step without a point does nothing on the device.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +25,7 @@ from transformers import TrainerCallback
 from llamafactory_hera.anatomy.heads import HeadRef
 from llamafactory_hera.anatomy.projection import effective_weight_columns, find_o_proj_modules, head_columns
 from llamafactory_hera.hera.selection import collect
-from llamafactory_hera.hera.selection.scores import layer_head_scores, teacher_neighbours
+from llamafactory_hera.hera.selection.scores import layer_head_neighbours, teacher_neighbours
 from llamafactory_hera.hera.teacher_batch import teacher_batch_size
 from llamafactory_hera.short_errors import RecipeError
 
@@ -52,7 +43,6 @@ class ProbeSet:
     pairs: list[collect.CalibrationPair]
     rows: Any  # the aligned rows the pairs index (``pair.row``), for the multimodal mode's tokenization
     source: str  # said in the start line
-    notes: list[str] = field(default_factory=list)
 
 
 def _pairs_of(rows: Any, count: int, seed: int, k: int, source: str) -> list[collect.CalibrationPair]:
@@ -67,12 +57,8 @@ def _pairs_of(rows: Any, count: int, seed: int, k: int, source: str) -> list[col
 
 def probe_set(hera_args: Any, recipe_args: Any, training_rows: Any, seed: int) -> ProbeSet | None:
     """The probe pairs of a run (held-out rows when there are enough, else training rows), or None with the monitor
-    off (``hera_monitor_steps: 0``, or too few pairs under the default).
-
-    Raises:
-        ValueError: an explicit ``hera_monitor_steps`` with fewer than ``hera_k + 1`` usable pairs (one line, before
-            the model loads).
-    """
+    off (``hera_monitor_steps: 0``, or too few pairs under the default; an explicit ``hera_monitor_steps`` with too
+    few pairs is a RecipeError)."""
     if hera_args.hera_monitor_steps == 0 or training_rows is None:
         return None
     from llamafactory_hera_patches.model_data import split_rows
@@ -97,7 +83,7 @@ def probe_set(hera_args: Any, recipe_args: Any, training_rows: Any, seed: int) -
         print(f"{PREFIX} warning: alignment monitor off: {problem}.", flush=True)
         return None
     reason = notes[0] if notes else "no val_size / eval_dataset"
-    return ProbeSet(pairs, train, f"{len(pairs)} training pairs ({reason})", notes)
+    return ProbeSet(pairs, train, f"{len(pairs)} training pairs ({reason})")
 
 
 def control_heads(aligned: list[HeadRef], num_heads: int, seed: int) -> list[HeadRef]:
@@ -157,40 +143,17 @@ class AlignmentMonitor:
             by_layer.setdefault(ref.layer, []).append(ref.head)
         self.by_layer = dict(sorted(by_layer.items()))
 
-    def keys(self) -> list[str]:
-        """The metric names of one point, in a fixed order."""
-        return [MEAN_KEY, *(f"{HEAD_PREFIX}{ref}" for ref in self.aligned), CONTROL_KEY]
-
-    def prepare_text(self, model: nn.Module, tokenizer: Any, collator: Any, recipe_args: Any, seed: int,
-                     training_args: Any) -> None:
-        """What the student side needs, once: the tokenizer (text mode) or the tokenized probe rows and the SFT
-        collator (multimodal mode, as selection builds them)."""
-        self.tokenizer = tokenizer
-        if self.mode == "multimodal":
-            from llamafactory_hera_patches.model_data import tokenized_rows_and_collator
-
-            chosen = self.probe.rows.select([pair.row for pair in self.probe.pairs])
-            tokenizer_module = {"tokenizer": tokenizer, "processor": getattr(collator, "processor", None)}
-            self.dataset, self.collator = tokenized_rows_and_collator(
-                recipe_args, model, tokenizer_module, collator.template, seed, chosen, training_args)
-
     @torch.no_grad()
     def prepare_teacher(self, teacher: Any, image_processor: Any) -> None:
-        """Teacher features of the probe pairs and their neighbours, kept for the run (synced, so that a clock read
-        around it, as ``bench/overhead.py --monitor`` does, measures it alone)."""
+        """Teacher features of the probe pairs and their neighbours, once, kept for the run (synced, so that a clock
+        read around it, as ``bench/overhead.py --monitor`` does, measures it alone)."""
+        if self.teacher_knn is not None:
+            return
         wait_for_device(self.device)  # work queued before is not the monitor's
         feats = collect.collect_teacher(teacher, image_processor, self.probe.pairs,
                                         teacher_batch_size(self.batch_size), progress=False)
         self.teacher_knn = teacher_neighbours(feats, self.k, self.device, self.clamp)
         wait_for_device(self.device)
-
-    def _pooled(self, model: nn.Module) -> list[torch.Tensor]:
-        """Per layer ``[N, H*d_head]`` pooled ``o_proj`` inputs of the probe pairs (selection's collection)."""
-        if self.mode == "multimodal":
-            return collect.collect_multimodal(model, self.dataset, self.collator, list(range(len(self.probe.pairs))),
-                                              self.batch_size, self.device, progress=False)
-        return collect.collect_text(model, self.tokenizer, self.probe.pairs, self.batch_size, self.device,
-                                    progress=False)
 
     @torch.no_grad()
     def score(self, model: nn.Module) -> torch.Tensor:
@@ -200,8 +163,14 @@ class AlignmentMonitor:
             raise RuntimeError("alignment monitor: prepare_teacher was not called before the first score")
         was_training = model.training
         model.eval()
-        try:
-            pooled = self._pooled(model)
+        try:  # per layer [N, H*d_head] pooled o_proj inputs of the probe pairs, collected as selection collects them
+            if self.mode == "multimodal":
+                pooled = collect.collect_multimodal(model, self.dataset, self.collator,
+                                                    list(range(len(self.probe.pairs))), self.batch_size, self.device,
+                                                    progress=False)
+            else:
+                pooled = collect.collect_text(model, self.tokenizer, self.probe.pairs, self.batch_size, self.device,
+                                              progress=False)
         finally:
             model.train(was_training)
         o_projs = find_o_proj_modules(model)
@@ -210,8 +179,8 @@ class AlignmentMonitor:
             columns = head_columns(heads, self.head_dim)
             with _gathered(o_projs[layer]):
                 weight = effective_weight_columns(o_projs[layer], columns.to(self.device)).detach()  # [d, n*dh]
-            scores = layer_head_scores(pooled[layer][:, columns].to(self.device), weight, self.teacher_knn, self.k,
-                                       self.head_dim, clamp=self.clamp)
+            scores, _ = layer_head_neighbours(pooled[layer][:, columns].to(self.device), weight, self.teacher_knn,
+                                              self.k, self.head_dim, clamp=self.clamp)
             per_head.update({HeadRef(layer, head): score for head, score in zip(heads, scores, strict=True)})
         return torch.stack([per_head[ref] for ref in (*self.aligned, *self.control)])
 
@@ -244,7 +213,14 @@ def monitor_callback(trainer: Any, hera_args: Any, probe: ProbeSet | None, geome
     monitor = AlignmentMonitor(hera_args, probe, aligned, control_heads(aligned, geometry.num_heads, args.seed),
                                geometry.head_dim, args.device)
     collator = trainer.data_collator
-    monitor.prepare_text(trainer.model, getattr(collator, "tokenizer", None), collator, recipe_args, args.seed, args)
+    monitor.tokenizer = getattr(collator, "tokenizer", None)
+    if monitor.mode == "multimodal":  # the probe rows tokenized and collated as training (and selection) does
+        from llamafactory_hera_patches.model_data import tokenized_rows_and_collator
+
+        chosen = probe.rows.select([pair.row for pair in probe.pairs])
+        tokenizer_module = {"tokenizer": monitor.tokenizer, "processor": getattr(collator, "processor", None)}
+        monitor.dataset, monitor.collator = tokenized_rows_and_collator(
+            recipe_args, trainer.model, tokenizer_module, collator.template, args.seed, chosen, args)
     return MonitorCallback(trainer, monitor, hera_args.hera_monitor_steps)
 
 
@@ -270,11 +246,6 @@ class MonitorCallback(TrainerCallback):
         control = ", ".join(str(ref) for ref in monitor.control) or "none"
         return (f"alignment monitor at step 0 and {when} on {monitor.probe.source}, {monitor.mode} mode, "
                 f"k {monitor.k}, control heads [{control}]")
-
-    def prepare_teacher(self, teacher: Any, image_processor: Any) -> None:
-        """The probe pairs' teacher features, once, before the teacher may leave the device."""
-        if self.monitor.teacher_knn is None:
-            self.monitor.prepare_teacher(teacher, image_processor)
 
     def point(self, model: nn.Module) -> dict[str, float]:
         """Score the heads now (every rank; rank 0's values) and return the metrics."""

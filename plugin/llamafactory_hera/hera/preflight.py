@@ -1,9 +1,6 @@
 """What can be decided about a HeRA run before its first step: contrastive set sizes, the queue, image rows, the
-same heads on every rank.
-
-A HeRA run that cannot form a loss with a negative (a contrastive set of fewer than 3 samples: the
-anchor, one positive and at least one other candidate) or has no image at all would train plain SFT
-while looking like HeRA. These checks stop such runs with a message that names the setting and the fix.
+same heads on every rank. A run that cannot form a loss with a negative (a set of fewer than 3 samples) or has no
+image would train plain SFT while looking like HeRA: these checks stop it, naming the setting and the fix.
 """
 
 from __future__ import annotations
@@ -28,12 +25,9 @@ class ContrastiveGeometry:
     per_device: int
     processes: int
     gather: bool
+    batch_set: int
     queue: int
     queue_reason: str
-
-    @property
-    def batch_set(self) -> int:
-        return self.per_device * (self.processes if self.gather and self.processes > 1 else 1)
 
     @property
     def largest(self) -> int:
@@ -48,26 +42,24 @@ def contrastive_geometry(hera_args: HeraArguments, per_device: int, processes: i
     otherwise be refused with advice it already follows). One ragged last batch of an epoch does not switch it on.
     """
     gather = hera_args.hera_gather
-    batch_set = per_device * (processes if gather and processes > 1 else 1)
+    gathered = processes if gather and processes > 1 else 1
+    batch_set = per_device * gathered
     smallest_useful = max(hera_args.hera_k + 1, 3)
     needed = batch_set < smallest_useful
-    queue = hera_args.queue_capacity(needed=needed)
-    where = f"per_device_train_batch_size {per_device} x {processes if gather and processes > 1 else 1} process(es)"
-    if hera_args.hera_queue_size == AUTO:
+    auto = hera_args.hera_queue_size == AUTO
+    queue = (4 * (hera_args.hera_k + 1) if needed else 0) if auto else int(hera_args.hera_queue_size)
+    where = f"per_device_train_batch_size {per_device} x {gathered} process(es)"
+    if auto:
         reason = (f"auto: contrastive sets of at most {batch_set} image samples ({where}) are smaller than "
                   f"{smallest_useful} (hera_k+1, and at least 3 for a negative)" if needed else
                   f"auto: off, the contrastive set holds up to {batch_set} image samples ({where})")
     else:
         reason = f"hera_queue_size: {queue}"
-    return ContrastiveGeometry(per_device, processes, gather, queue, reason)
+    return ContrastiveGeometry(per_device, processes, gather, batch_set, queue, reason)
 
 
 def check_contrastive_geometry(geometry: ContrastiveGeometry, hera_args: HeraArguments) -> None:
-    """Raise when no contrastive set of the run can ever hold a negative.
-
-    Raises:
-        ValueError: naming the batch size, processes, ``hera_gather`` and ``hera_queue_size``, and the fix.
-    """
+    """Refuse a run none of whose contrastive sets can ever hold a negative."""
     if geometry.largest >= 3:
         return
     setting = (f"per_device_train_batch_size: {geometry.per_device} on {geometry.processes} process(es)"
@@ -119,11 +111,7 @@ def count_image_rows(dataset: Any) -> ImageRowCounts | None:
 
 
 def check_image_rows(counts: ImageRowCounts | None, datasets: Any) -> None:
-    """Raise when the training data has no image at all.
-
-    Raises:
-        ValueError: naming the dataset and the fix.
-    """
+    """Refuse training data without any image."""
     if counts is None or counts.image_rows > 0:
         return
     videos = (f" ({counts.video_only_rows} rows have only videos, which have no teacher feature)"

@@ -2,7 +2,7 @@
 micro-batches carry no HeRA term, and a count at the end, so a run that trains less HeRA than it seems to is never
 silent.
 
-Per-log sums (:class:`StepStats`): a training step must not wait on the GPU (every ``.item()``, ``bool(tensor)``,
+Per-log sums (:class:`HeraRunStats`): a training step must not wait on the GPU (every ``.item()``, ``bool(tensor)``,
 boolean mask or ``.cpu()`` does). So the sums that come from the device (the losses, whether the HeRA loss was finite)
 stay on the device, and the counts the collator already knew (image samples, text-only samples, micro-batches without a
 term) stay on the host; both are read together when the Trainer logs, which syncs anyway. The checks are made there: a
@@ -29,16 +29,21 @@ NONFINITE_WARNING = ("[llamafactory-hera] warning: non-finite HeRA loss; the ter
                      "(counted as hera_nonfinite_skipped in the logs). Check hera_temperature / bf16 overflow.")
 
 
-class HeraRunSummary:
-    """Start line, first-missing-term warning and end-of-run count of micro-batches with a HeRA term."""
+class HeraRunStats:
+    """Start line, per-log sums of the HeRA step (device and host parts) and their reading at a logging step,
+    first-missing-term warning and end-of-run count of micro-batches with a HeRA term."""
 
-    def __init__(self, hera_args: HeraArguments, data_counts: Any = None) -> None:
+    def __init__(self, hera_args: HeraArguments, data_counts: Any, device: torch.device) -> None:
         self.hera_args = hera_args
         self.data_counts = data_counts  # preflight.ImageRowCounts or None (streaming)
+        self.device_sums = torch.zeros(len(DEVICE_STATS), dtype=torch.float64, device=device)
+        self.host_sums = [0.0] * len(HOST_STATS)
+        self.last_logged_step: int | None = None  # set at the first training step (resume-aware)
         self.micro_batches = 0
         self.with_term = 0
         self.nonfinite = 0  # micro-batches whose HeRA term was non-finite and skipped (read at logging steps)
         self.warned_missing = False
+        self.warned_nonfinite = False
 
     def start_line(self, geometry: Any, temperature_lr: float, processes: int, precompute: bool,
                    monitor_line: str) -> str:
@@ -88,17 +93,6 @@ class HeraRunSummary:
               + (f"; {self.nonfinite} skipped as non-finite (check hera_temperature / bf16 overflow)"
                  if self.nonfinite else "") + ".", flush=True)
 
-
-class StepStats:
-    """Per-log sums of the HeRA step (device and host parts) and their reading at a logging step."""
-
-    def __init__(self, device: torch.device, summary: HeraRunSummary) -> None:
-        self.device_sums = torch.zeros(len(DEVICE_STATS), dtype=torch.float64, device=device)
-        self.host_sums = [0.0] * len(HOST_STATS)
-        self.summary = summary
-        self.last_logged_step: int | None = None  # set at the first training step (resume-aware)
-        self.warned_nonfinite = False
-
     def add(self, device_part: torch.Tensor | None, lm: torch.Tensor, host_part: list[float]) -> None:
         """Add one micro-batch: ``device_part`` ``[5]`` (``DEVICE_STATS``; None: LM loss ``lm`` only) and
         ``host_part`` (``HOST_STATS``). Device work only: no sync."""
@@ -107,12 +101,13 @@ class StepStats:
         else:
             self.device_sums += device_part
         self.host_sums = [a + b for a, b in zip(self.host_sums, host_part, strict=True)]
-        self.summary.micro_batches += 1
+        self.micro_batches += 1
 
     def read(self, log_tau: torch.Tensor, reduce: bool) -> tuple[dict[str, float], int]:
         """The sums since the last read (all ranks' when ``reduce``) and the world size; resets them. One sync.
 
-        Also tells the run summary this rank's micro-batches with a term and warns at the first non-finite term.
+        Also counts this rank's micro-batches with a term for the end of the run and warns at the first non-finite
+        term.
         """
         device = self.device_sums.device
         temperature = used_temperature(log_tau.detach()).double().reshape(1).to(device)
@@ -125,8 +120,8 @@ class StepStats:
         names = (*DEVICE_STATS, *HOST_STATS, "temperature")
         both = torch.stack([local, stats]).tolist()  # the one device-to-host copy of a logging step
         mine, values = dict(zip(names, both[0], strict=True)), dict(zip(names, both[1], strict=True))
-        self.summary.with_term += int(mine["attempts"] - mine["skipped"])
-        self.summary.nonfinite += int(mine["skipped"])
+        self.with_term += int(mine["attempts"] - mine["skipped"])
+        self.nonfinite += int(mine["skipped"])
         if values["skipped"] and not self.warned_nonfinite:  # silence would be the worst failure
             self.warned_nonfinite = True
             print(NONFINITE_WARNING, flush=True)

@@ -1,11 +1,7 @@
 """The frozen vision teacher (DINOv2 by default): loading, image preprocessing and features.
 
-The teacher is kept outside the trained model, frozen and in eval mode, loaded once per process
-and run under ``torch.no_grad`` in the compute dtype; its features are returned in float32.
-
-Each encoder family has its own image feature (:func:`feature_layout`): the [CLS] token after the final
-layernorm for DINOv2 / DINOv3 / ViT, the ``post_layernorm`` of [CLS] for CLIP (its image embedding before the
-projection), the attention-pooling head's output for SigLIP / SigLIP2 (which have no [CLS] token).
+Kept outside the trained model, frozen and in eval mode, loaded once per process in float32 (:data:`TEACHER_DTYPE`)
+and run under ``torch.no_grad``. Each encoder family has its own image feature (:class:`VisionTeacher`).
 """
 
 from __future__ import annotations
@@ -50,14 +46,11 @@ class FeatureLayout:
     naflex: bool = False
 
 
-def vision_config(config: Any) -> Any:
-    """The image tower's config (``vision_config`` of CLIP / SigLIP / SigLIP2 dual encoders, else ``config``)."""
-    return config.vision_config if config.model_type in DUAL_ENCODER_TYPES else config
-
-
 def feature_layout(config: Any) -> FeatureLayout | None:
-    """The image-feature layout of a teacher config (full checkpoint or image tower); ``None`` for other families."""
-    config = vision_config(config)
+    """The image-feature layout of a teacher config (an image tower, or a CLIP / SigLIP / SigLIP2 dual encoder whose
+    ``vision_config`` is read); ``None`` for other families."""
+    if config.model_type in DUAL_ENCODER_TYPES:
+        config = config.vision_config
     model_type = getattr(config, "model_type", None)
     if model_type in FIRST_TOKEN_TYPES:
         return FeatureLayout(model_type, "first_token", 1 + int(getattr(config, "num_register_tokens", 0) or 0))
@@ -85,9 +78,6 @@ def check_teacher_source(name_or_path: str, feature: str | None = None) -> None:
     """Fail fast (before the MLLM is loaded) when the teacher cannot serve: missing folder, unreadable config,
     not a vision model, a family whose image feature HeRA does not know, or ``feature="cls"`` on an image tower
     without a pooled image feature (SigLIP with ``vision_use_head: false``). ``feature=None`` skips that last check.
-
-    Raises:
-        ValueError: naming ``hera_teacher`` (or ``hera_teacher_feature``), the value and the fix.
     """
     from transformers import AutoConfig
 
@@ -202,10 +192,8 @@ class VisionTeacher(nn.Module):
     ``feature="cls"``: the family's pooled image feature (:func:`feature_layout`): last-layer [CLS] after the final
     layernorm (DINOv2 / DINOv3 / ViT), ``pooler_output`` = post_layernorm([CLS]) (CLIP) or the attention-pooling
     head's output (SigLIP / SigLIP2). ``feature="mean"``: mean of the last layer's patch tokens, leaving out [CLS]
-    and register tokens where the family has them (SigLIP: every token) and SigLIP2's padding.
-
-    Raises:
-        ValueError: for a family whose layout is unknown, or ``cls`` without a pooled feature.
+    and register tokens where the family has them (SigLIP: every token) and SigLIP2's padding. A family whose layout
+    is unknown, or ``cls`` without a pooled feature, is refused (:func:`check_feature`).
     """
 
     def __init__(self, encoder: nn.Module, feature: str, name: str = "the teacher") -> None:

@@ -45,16 +45,10 @@ def batches_of(items: list[Any], size: int) -> Iterator[list[Any]]:
 def image_features(teacher: VisionTeacher, image_processor: Any, images: list[Any], batch_size: int,
                    workers: int | None = None, progress: bool = True, desc: str = "teacher features",
                    opener: Callable[[Any], Any] = open_image) -> torch.Tensor:
-    """``[N, E]`` teacher features of ``images`` (LLaMA-Factory image entries), in order.
-
-    With ``workers > 0`` (default: :func:`prefetch_workers` of the teacher's device) image decoding
-    (``opener``) and preprocessing run in background threads (PIL and torchvision release the GIL), up
-    to ``workers + 1`` batches ahead, so they overlap the teacher's forward on the accelerator.
-
-    Returns:
-        ``[N, E]`` float32 (``VisionTeacher`` converts the encoder's output), on the
-        teacher's device.
-    """
+    """``[N, E]`` float32 teacher features of ``images`` (LLaMA-Factory image entries), in order, on the teacher's
+    device. With ``workers > 0`` (default: :func:`prefetch_workers`) decoding (``opener``) and preprocessing run in
+    background threads (PIL and torchvision release the GIL) up to ``workers + 1`` batches ahead, overlapping the
+    teacher's forward on an accelerator."""
     def pixels(batch: list[Any]) -> torch.Tensor:
         return image_processor([opener(image) for image in batch], return_tensors="pt")["pixel_values"]
 

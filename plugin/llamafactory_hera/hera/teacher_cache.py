@@ -1,10 +1,8 @@
 """Per-image cache of teacher features, so epochs after the first pay no teacher forward.
 
-Keys identify an image's content cheaply: a file path with its size and modification time, or a
-hash of raw bytes; in-memory PIL images have no key and are never cached. The collator (possibly
-in forked dataloader workers) skips preprocessing of images whose key it sees in the cache; the
-trainer, in the training process, owns the features. Workers forked at an epoch start see the
-keys cached before it; a worker that does not know a key merely preprocesses an image for nothing.
+Keys identify an image's content cheaply (:func:`image_key`); in-memory PIL images have none and are never cached.
+The collator (possibly in forked dataloader workers) skips images whose key it sees in the cache; the trainer owns
+the features. A worker forked before a key was cached merely preprocesses an image for nothing.
 """
 
 from __future__ import annotations
@@ -50,8 +48,6 @@ class TeacherFeatureCache:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.features: dict[str, torch.Tensor] = {}
-        self.hits = 0
-        self.misses = 0
 
     def __contains__(self, key: str | None) -> bool:
         return self.enabled and key is not None and key in self.features
@@ -90,14 +86,12 @@ class TeacherFeatureCache:
             identity = image_identity(key, position)
             if identity in fresh:
                 sources.append(("fresh", fresh[identity]))
-                self.misses += 1
                 if self.enabled and key is not None and key not in self.features and key not in new_keys:
                     to_cache.append((key, fresh[identity]))
                     new_keys.add(key)
             elif key in self:
                 sources.append(("cached", len(cached)))
                 cached.append(self.features[key])
-                self.hits += 1
             else:
                 raise RuntimeError(f"HeRA teacher features: image {identity} of this batch was neither sent through "
                                    "the teacher nor found in the feature cache.")

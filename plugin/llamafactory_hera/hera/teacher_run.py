@@ -1,23 +1,90 @@
-"""The teacher inside a HeRA run: features before step 1, features in the steps, where it lives.
+"""The teacher inside a HeRA run (:class:`RunTeacher`, a plain object the trainer owns): features before step 1,
+features in the steps, where it lives.
 
-A plain object the trainer owns (:class:`RunTeacher`); it holds the frozen teacher and the run's feature cache.
+With ``hera_teacher_precompute`` one pass over the training set's distinct images (split over the ranks and
+all-gathered, float32 throughout) fills the feature cache with the features the steps would compute, so the steps
+run no teacher forward and the teacher's weights (DINOv2-L: 1.2 GB) can leave the GPU for the whole run.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from llamafactory_hera.hera.teacher import load_image_processor, load_teacher, open_image, per_sample_features
-from llamafactory_hera.hera.teacher_batch import teacher_batch_size
-from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
-from llamafactory_hera.hera.teacher_precompute import (
-    precompute_teacher_features,
-    precompute_wanted,
-    teacher_bytes,
-    training_images,
+from llamafactory_hera.hera.loss import distributed
+from llamafactory_hera.hera.teacher import (
+    VisionTeacher,
+    load_image_processor,
+    load_teacher,
+    open_image,
+    per_sample_features,
 )
+from llamafactory_hera.hera.teacher_batch import image_features, teacher_batch_size
+from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, image_key
+
+GATHER_ROWS = 4096  # rows per all-gather round: [4096, 1024] float32 is 16 MB per rank
+
+
+def precompute_wanted(setting: str, cache_enabled: bool, num_samples: int | None, max_steps: int,
+                      global_batch: int) -> bool:
+    """Whether to precompute: ``true`` / ``false``, or under ``auto`` when the cache is on and the run sees every
+    training sample at least once (no ``max_steps`` that ends it inside the first epoch)."""
+    if setting != "auto":
+        return setting == "true"
+    if not cache_enabled or num_samples is None:
+        return False
+    return max_steps <= 0 or max_steps * global_batch >= num_samples
+
+
+def training_images(rows: Iterable[list[Any] | None]) -> tuple[dict[str, Any], int]:
+    """Distinct image entries of the ``images`` column of LLaMA-Factory's processed training set by cache key, and
+    how many entries cannot be keyed."""
+    by_key: dict[str, Any] = {}
+    uncacheable = 0
+    for images in rows:
+        for image in images or ():
+            key = image_key(image)
+            if key is None:
+                uncacheable += 1
+            else:
+                by_key.setdefault(key, image)
+    return by_key, uncacheable
+
+
+def precompute_teacher_features(teacher: VisionTeacher, image_processor: Any, by_key: dict[str, Any],
+                                cache: TeacherFeatureCache, batch_size: int, opener: Callable[[Any], Any],
+                                progress: bool) -> int:
+    """Fill ``cache`` with the teacher feature of every keyed training image: this rank computes ``keys[rank::world]``
+    and all-gathers every rank's rows. Collective under ``torch.distributed``: every rank calls it with the same
+    images. Returns the number of images this rank sent through the teacher."""
+    keys = sorted(by_key)
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1)
+    mine = keys[rank::world]
+    local = image_features(teacher, image_processor, [by_key[k] for k in mine], batch_size, progress=progress,
+                           desc="teacher features (before training)", opener=opener).float()  # [len(mine), E]
+    if world == 1:
+        for key, row in zip(mine, local, strict=True):
+            cache.features[key] = row.to("cpu")
+        return len(mine)
+    backend = torch.distributed.get_backend()
+    comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    per_rank = -(-len(keys) // world)
+    padded = torch.zeros(per_rank, local.shape[-1], dtype=local.dtype, device=comm)
+    padded[:len(mine)] = local.to(comm)
+    for start in range(0, per_rank, GATHER_ROWS):
+        piece = padded[start:start + GATHER_ROWS].contiguous()
+        gathered = [torch.empty_like(piece) for _ in range(world)]
+        torch.distributed.all_gather(gathered, piece)
+        for source, block in enumerate(gathered):
+            block = block.to("cpu")
+            for offset in range(block.shape[0]):
+                index = (start + offset) * world + source  # keys[source::world][start + offset]
+                if index < len(keys):
+                    cache.features[keys[index]] = block[offset].clone()
+    return len(mine)
 
 
 def _has_images(dataset: Any) -> bool:
@@ -66,22 +133,25 @@ class RunTeacher:
             print("[llamafactory-hera] hera_teacher_precompute: the training set has no readable `images` column "
                   "(streaming?) or the teacher cache is off; teacher features are computed in the steps.")
             return
-        images = training_images(dataset["images"])
-        stats = precompute_teacher_features(
-            self.model, self.image_processor(collator), images, self.cache,
+        start = time.perf_counter()
+        by_key, uncacheable = training_images(dataset["images"])
+        computed_here = precompute_teacher_features(
+            self.model, self.image_processor(collator), by_key, self.cache,
             teacher_batch_size(args.per_device_train_batch_size), getattr(collator, "_open", open_image),
             progress=main_process and not args.disable_tqdm)
+        seconds = time.perf_counter() - start
         moved = ""
-        if images.uncacheable == 0 and torch.device(args.device).type != "cpu":
+        if uncacheable == 0 and torch.device(args.device).type != "cpu":
             self.to("cpu")
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            moved = f"; teacher moved off {args.device} ({teacher_bytes(self.model) / 2**30:.2f} GiB)"
-        elif images.uncacheable:
-            moved = f"; {images.uncacheable} in-memory images cannot be cached, so the teacher stays on {args.device}"
+            size = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+            moved = f"; teacher moved off {args.device} ({size / 2**30:.2f} GiB)"
+        elif uncacheable:
+            moved = f"; {uncacheable} in-memory images cannot be cached, so the teacher stays on {args.device}"
         if main_process:
-            print(f"[llamafactory-hera] teacher features of {stats['images']} training images computed before the "
-                  f"first step in {stats['seconds']:.1f} s ({stats['computed_here']} on this rank){moved}.")
+            print(f"[llamafactory-hera] teacher features of {len(by_key)} training images computed before the "
+                  f"first step in {seconds:.1f} s ({computed_here} on this rank){moved}.")
 
     def features(self, pixel_values: torch.Tensor | None, pixel_keys: list[str] | None, keys: list[str | None],
                  counts: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,11 +1,6 @@
-"""Refuse a HeRA run whose heads no trainable weight can move.
-
-HeRA's gradient reaches a head through its layer's ``o_proj`` (the head's ``W_O`` columns, or a LoRA on it) and
-through whatever produces the ``o_proj`` input (the layer's attention projections and norm, earlier layers, the
-embeddings, the vision tower and projector). When none of these trains under the recipe (``finetuning_type: freeze``
-training only later layers, ``lora_target`` limited to later layers, a frozen language model without a trained
-projector), only the temperature moves while ``hera_loss`` is logged as if it worked. Checked once the model is
-loaded (its trainable set known) and before the first step.
+"""Refuse a HeRA run whose heads no trainable weight can move (``freeze`` or ``lora_target`` limited to later
+layers, a frozen language model without a trained projector): only the temperature would move while ``hera_loss``
+is logged as if it worked. Checked once the model is loaded, before the first step.
 """
 
 from __future__ import annotations
@@ -55,7 +50,7 @@ def trainable_layers(model: nn.Module) -> list[int]:
 
 
 def check_heads_train(model: nn.Module, heads: list[HeadRef], auto: bool, finetuning_args: Any = None) -> None:
-    """Raise ``ValueError`` naming the heads no trainable parameter can move, and the fix."""
+    """Refuse, naming the heads no trainable parameter can move, and the fix."""
     layers = trainable_layers(model)
     stuck = [ref for ref in heads if ref.layer not in layers]
     if not stuck:

@@ -44,7 +44,7 @@ from llamafactory_hera.hera.collator import HERA_BATCH_KEYS, collator_token_sour
 from llamafactory_hera.hera.loss import FeatureQueue, all_ranks_all, distributed, gather_batch, hera_loss_anchored
 from llamafactory_hera.hera.monitor import monitor_callback
 from llamafactory_hera.hera.preflight import check_same_heads_on_every_rank, contrastive_geometry
-from llamafactory_hera.hera.run_summary import HeraRunSummary, StepStats
+from llamafactory_hera.hera.run_summary import HeraRunStats
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher
 from llamafactory_hera.hera.temperature import TemperatureGradHandler, used_temperature
@@ -91,8 +91,7 @@ class HeraTrainer:
         # the collator computes the pooled tokens and the anchors on the CPU (no host sync in the step)
         self.data_collator.hera_multimodal_ids = multimodal_ids
         self.data_collator.hera_pooling = hera_args.hera_pooling
-        self.hera_summary = HeraRunSummary(hera_args, hera_data_counts)
-        self.hera_stats = StepStats(device, self.hera_summary)
+        self.hera_stats = HeraRunStats(hera_args, hera_data_counts, device)
         self._hera_warned_small_batch = False
         # hera_probe: monitor.ProbeSet, None when the monitor is off
         self.hera_monitor = monitor_callback(self, hera_args, hera_probe, geometry, hera_recipe_args)
@@ -103,13 +102,8 @@ class HeraTrainer:
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         """The LM loss plus ``lambda * L_HeRA`` of this micro-batch (evaluation and HeRA-less batches: LM only)."""
-        pixel_values = inputs.pop("hera_pixel_values", None)
-        pixel_keys = inputs.pop("hera_pixel_keys", None)
-        counts = inputs.pop("hera_image_counts", None)
-        keys = inputs.pop("hera_image_keys", None)
-        token_mask = inputs.pop("hera_token_mask", None)
-        anchor_index = inputs.pop("hera_anchor_index", None)
-        sample_counts = inputs.pop("hera_sample_counts", None)
+        pixel_values, pixel_keys, counts, keys, token_mask, anchor_index, sample_counts = (
+            inputs.pop(key, None) for key in HERA_BATCH_KEYS)  # what the collator added (hera/collator.py)
         if not model.training or counts is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -132,7 +126,7 @@ class HeraTrainer:
         # 4-5. the contrastive set and the HeRA loss
         term, finite = self.hera_term(reps, pixel_values, pixel_keys, keys, counts, anchor_index, num_valid)
         if term is None:
-            self.hera_summary.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
+            self.hera_stats.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
         # The Trainer divides the returned loss by the accumulation steps unless the model already normalised it
         # over the whole accumulated batch; in that case the HeRA term is divided here, so that both terms reach
         # backward with the same 1/accumulation weight.
@@ -253,16 +247,16 @@ class HeraTrainer:
             monitor_line = self.hera_monitor.line() if self.hera_monitor is not None else (
                 "alignment monitor off (" + ("hera_monitor_steps: 0" if self.hera_args.hera_monitor_steps == 0
                                              else "no probe pairs") + ")")
-            print(self.hera_summary.start_line(self.hera_contrastive, self.hera_temperature_lr, self.args.world_size,
+            print(self.hera_stats.start_line(self.hera_contrastive, self.hera_temperature_lr, self.args.world_size,
                                                teacher.precompute_decision(self.train_dataset, self.args),
                                                monitor_line), flush=True)
-        if self.hera_monitor is not None:  # before the teacher may leave the device
-            self.hera_monitor.prepare_teacher(teacher.model, teacher.image_processor(self.data_collator))
+        if self.hera_monitor is not None:  # the probe pairs' teacher features, before the teacher may leave the device
+            self.hera_monitor.monitor.prepare_teacher(teacher.model, teacher.image_processor(self.data_collator))
         teacher.precompute(self.train_dataset, self.data_collator, self.args, main)
         try:
             result = super().train(*args, **kwargs)
             self.hera_stats.read(self.hera_log_tau, reduce=False)  # steps after the last log: checks, summary counts
-            self.hera_summary.print_end(main)
+            self.hera_stats.print_end(main)
             return result
         finally:
             teacher.to(teacher.device)  # the process-wide teacher goes back where load_teacher put it
@@ -318,8 +312,8 @@ class HeadCapture:
         self._armed = False
         self._inputs: dict[int, torch.Tensor] = {}
         self.fed_by_trainable = trainable_upstream(model, sorted(self._by_layer))
-        self._handles = [self._modules[layer].register_forward_hook(self._make_hook(layer))
-                         for layer in sorted(self._by_layer)]
+        for layer in sorted(self._by_layer):
+            self._modules[layer].register_forward_hook(self._make_hook(layer))
 
     def _make_hook(self, layer: int):
         dh = self.geometry.head_dim
@@ -336,16 +330,6 @@ class HeadCapture:
         """Capture the next forward pass."""
         self._armed = True
         self._inputs = {}
-
-    def _check_gradient_reaches(self, inputs: dict[int, torch.Tensor]) -> None:
-        """Raise when a captured input carries no gradient although trainable parameters feed it (training only)."""
-        cut = [layer for layer, x in sorted(inputs.items()) if self.fed_by_trainable[layer] and not x.requires_grad]
-        if cut:
-            raise RecipeError(
-                f"HeRA: the o_proj input of layer(s) {cut} carries no gradient although trainable parameters feed "
-                "it, so the HeRA gradient would reach only the selected heads' W_O columns. The forward ran without "
-                "autograd: gradient checkpointing that runs it under torch.no_grad (use_unsloth_gc, or reentrant "
-                "checkpointing) is the usual cause. Remove use_unsloth_gc / set use_reentrant_gc: false.")
 
     def disarm(self, weights: torch.Tensor, check_gradient: bool = False) -> torch.Tensor | None:
         """Stop capturing and build the representations.
@@ -365,8 +349,13 @@ class HeadCapture:
         missing = sorted(set(self._by_layer) - set(inputs))
         if missing:
             raise RuntimeError(f"o_proj of layers {missing} did not run in this forward pass")
-        if check_gradient:
-            self._check_gradient_reaches(inputs)
+        cut = [layer for layer, x in sorted(inputs.items()) if self.fed_by_trainable[layer] and not x.requires_grad]
+        if check_gradient and cut:
+            raise RecipeError(
+                f"HeRA: the o_proj input of layer(s) {cut} carries no gradient although trainable parameters feed "
+                "it, so the HeRA gradient would reach only the selected heads' W_O columns. The forward ran without "
+                "autograd: gradient checkpointing that runs it under torch.no_grad (use_unsloth_gc, or reentrant "
+                "checkpointing) is the usual cause. Remove use_unsloth_gc / set use_reentrant_gc: false.")
         reps: dict[HeadRef, torch.Tensor] = {}
         for layer, x_heads in inputs.items():
             if x_heads.shape[:2] != weights.shape:
@@ -384,9 +373,3 @@ class HeadCapture:
                 projected = project_heads(module, pooled, heads, self.geometry.head_dim)  # [n, B, d]
             reps.update({HeadRef(layer, h): rep for h, rep in zip(heads, projected, strict=True)})
         return torch.stack([reps[ref] for ref in self.heads])
-
-    def remove(self) -> None:
-        """Remove the hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []

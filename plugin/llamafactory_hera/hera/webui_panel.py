@@ -1,10 +1,5 @@
-"""The HeRA panel of LlamaBoard (LLaMA-Factory's web UI), declared: its fields (from
-:class:`~llamafactory_hera.hera.args.HeraArguments`), the check of ``hera_heads`` against the model's layers and
-heads, and the loss plot with ``hera_loss``; their texts in LlamaBoard's languages are ``panel_texts.yaml`` beside it.
-:mod:`llamafactory_hera.anatomy.panel_builder` makes the panel; how panels are wired into LlamaBoard is
-:mod:`llamafactory_hera_patches.webui_board`.
-
-The other ``hera_*`` keys (``hera_temperature_lr``, ``hera_teacher_cache``, ...) go into LlamaBoard's "Extra
+"""The HeRA panel of LlamaBoard, declared: its fields, the check of ``hera_heads`` against the model, the loss plot
+(:mod:`llamafactory_hera.anatomy.panel_builder` builds it). The other ``hera_*`` keys go into LlamaBoard's "Extra
 arguments" JSON box, which wins over the panel.
 """
 

@@ -1,8 +1,5 @@
-"""A ``stage: hera`` run: LLaMA-Factory's SFT workflow with HeRA's collator and trainer.
-
-Called by the stage patch (declared in :mod:`llamafactory_hera.hera.method`) with ``host``, the
-patch's handle on the SFT workflow (:class:`llamafactory_hera_patches.stage.SFTWorkflow`: its collator
-and trainer classes, ``run`` with replacements, ``smooth``), in place of ``run_sft``.
+"""A ``stage: hera`` run: LLaMA-Factory's SFT workflow with HeRA's collator and trainer, called by the stage patch
+in place of ``run_sft`` with ``host`` (:class:`llamafactory_hera_patches.stage.SFTWorkflow`).
 """
 
 from __future__ import annotations
@@ -48,11 +45,8 @@ def _plain(value: Any) -> Any:
 def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
                         training_args: Any) -> tuple[dict[str, int], Any, Any]:
     """(image path -> training-data row, row counts, the aligned rows), after checking every image file exists and
-    that the data has images at all (clear errors naming file and row, or the dataset).
-
-    Runs before LLaMA-Factory's preprocessing, which would otherwise fail on a missing file with a bare OSError.
-    Streaming datasets are not scanned (counts and rows None).
-    """
+    that the data has images at all, before LLaMA-Factory's preprocessing fails on a missing file with a bare OSError.
+    Streaming datasets are not scanned (counts and rows None)."""
     if getattr(data_args, "streaming", False) or not training_args.do_train:
         return {}, None, None
     from llamafactory_hera.hera.data_checks import image_rows
@@ -71,16 +65,6 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
         counts = count_image_rows(aligned)
         check_image_rows(counts, data_args.dataset)
         return image_rows(aligned, column="_images", check_files=main), counts, aligned
-
-
-def _leave_together() -> None:
-    """Barrier at the end of a HeRA run: LLaMA-Factory destroys the process group right after the workflow,
-    and a rank that tears gloo down while rank 0 still saves and plots was seen to abort at exit (SIGABRT,
-    "terminate called without an active exception") in one CI run of the 2-rank test."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _write_run_record(output_dir: str, hera_args: HeraArguments,
@@ -140,4 +124,9 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
             print(f"Figure saved at: {path}")
         if path is not None and missing:
             print(f"[llamafactory-hera] not logged, so not plotted: {', '.join(missing)}", flush=True)
-    _leave_together()
+    # LLaMA-Factory destroys the process group right after the workflow, and a rank that tears gloo down while rank 0
+    # still saves and plots was seen to abort at exit (SIGABRT) in one CI run of the 2-rank test: leave together
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,11 +1,6 @@
-"""``hera_heads: auto``: select heads at the start of training, once, on global rank 0.
-
-Other ranks receive the result by broadcast. A result is cached (``$LLAMAFACTORY_HERA_CACHE``,
-default ``~/.cache/llamafactory_hera/selection``) under a key made of everything the scores
-depend on: model and adapter files, teacher, calibration data, sample count, k, mode, seed,
-teacher feature, clamp and the scoring dtype (the run's: bfloat16 with ``bf16: true``, see
-:func:`llamafactory_hera.hera.selection.select.scoring_dtype`). The random state of the run is
-restored afterwards, so a cache hit and a miss train identically.
+"""``hera_heads: auto``: select heads at the start of training, once, on global rank 0; the other ranks receive them
+by broadcast. Results are cached (``$LLAMAFACTORY_HERA_CACHE``) under a key of everything the scores depend on, and
+the run's random state is restored afterwards, so a cache hit and a miss train identically.
 """
 
 from __future__ import annotations
@@ -14,7 +9,6 @@ import contextlib
 import copy
 import os
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,15 +16,7 @@ from typing import Any
 import torch
 
 from llamafactory_hera.hera.args import HeraArguments
-from llamafactory_hera.hera.selection.select import (
-    SelectionOptions,
-    SelectionResult,
-    cache_key,
-    prepare,
-    result_from_scores,
-    score_heads,
-    settings_of,
-)
+from llamafactory_hera.hera.selection.select import SelectionOptions, SelectionResult, run_selection
 from llamafactory_hera.short_errors import RecipeError
 
 CACHE_ENV = "LLAMAFACTORY_HERA_CACHE"
@@ -76,41 +62,10 @@ def preserved_random_state() -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-def options_for_training(hera_args: HeraArguments, seed: int, device: str, dtype: str) -> SelectionOptions:
-    """Selection settings of a run: the hera_select_* keys, hera_k, the teacher, the run's seed and scoring dtype."""
-    return SelectionOptions(num_samples=hera_args.hera_select_samples, num_heads=hera_args.hera_select_num_heads,
-                            strategy=hera_args.hera_select_strategy, mode=hera_args.hera_select_mode, seed=seed,
-                            batch_size=hera_args.hera_select_batch_size, device=device, k=hera_args.hera_k,
-                            teacher=hera_args.hera_teacher, teacher_feature=hera_args.hera_teacher_feature,
-                            clamp=hera_args.hera_select_clamp, progress=True, dtype=dtype)
-
-
-def select_with_cache(recipe_args: Any, options: SelectionOptions) -> tuple[SelectionResult, bool]:
-    """Selection result (from the cache when the key matches) and whether it came from the cache."""
-    from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
-
-    start = time.perf_counter()
-    pairs, identity = prepare(recipe_args, options)
-    settings = settings_of(options, options.resolved_device())
-    path = cache_dir() / f"{cache_key(settings, identity)}.json"
-    if path.is_file():
-        cached = SelectionResult.from_json(path.read_text(encoding="utf-8"))
-        scores = torch.tensor(cached.scores)
-        return result_from_scores(scores, options, settings, identity, len(pairs), cached.duration_s), True
-    scores = score_heads(recipe_args, options, pairs)
-    result = result_from_scores(scores, options, settings, identity, len(pairs), time.perf_counter() - start)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, result.to_json() + "\n")
-    return result, False
-
-
 def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, device: str, output_dir: str,
                        is_main: bool, *, dtype: str) -> list[str]:
-    """Run (or reuse) the selection on the main process and share the heads with every rank.
-
-    ``dtype``: the run's scoring dtype, :func:`llamafactory_hera.hera.selection.select.scoring_dtype` of its
-    ``bf16`` / ``pure_bf16`` / ``fp16`` settings (what ``llamafactory-hera select`` reads from the recipe).
-    """
+    """Run (or reuse) the selection on the main process in the run's scoring ``dtype`` and share the heads with every
+    rank."""
     payload: list[Any] = [None, None, False]  # heads, rank 0's error, whether it is a user error
     if is_main:
         try:
@@ -119,7 +74,8 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
             from llamafactory_hera_patches.deepspeed import zero3_init_disabled
 
             with preserved_random_state(), zero3_init_disabled():  # score an unpartitioned copy on rank 0
-                result, cached = select_with_cache(args, options_for_training(hera_args, seed, device, dtype))
+                options = SelectionOptions.from_keys(hera_args, seed=seed, device=device, dtype=dtype)
+                result, cached = run_selection(args, options, cache_dir())
             _record(result, cached, output_dir)
             from llamafactory_hera.hera.selection.collect import release_memory
 

@@ -85,15 +85,8 @@ def data_notes(usable: int, distinct: int, chosen: list[CalibrationPair], reques
 
 def sample_pairs(pairs: list[CalibrationPair], num_samples: int, seed: int, k: int,
                  source: str, usable_rows: int | None = None) -> list[CalibrationPair]:
-    """Up to ``num_samples`` pairs drawn without replacement with ``seed`` (kept in dataset order).
-
-    Args:
-        pairs: one pair per distinct image (:func:`distinct_image_pairs`).
-        usable_rows: rows with an image and a non-empty answer before that, for the error message.
-
-    Raises:
-        ValueError: when fewer than ``k + 1`` pairs exist (kNN needs k other samples).
-    """
+    """Up to ``num_samples`` of ``pairs`` (one per distinct image) drawn without replacement with ``seed``, in
+    dataset order; fewer than ``k + 1`` (kNN needs k other samples) is a RecipeError that counts ``usable_rows``."""
     if len(pairs) < k + 1:
         rows = usable_rows if usable_rows is not None else len(pairs)
         shared = "; rows that share an image count once" if rows > len(pairs) else ""
@@ -193,11 +186,8 @@ def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair],
 @torch.no_grad()  # as collect_text
 def collect_multimodal(model: nn.Module, dataset: Any, collator: Any, rows: list[int], batch_size: int, device: Any,
                        progress: bool = True) -> list[torch.Tensor]:
-    """Pooled ``o_proj`` inputs with image + caption through the MLLM, batches built by the SFT collator.
-
-    Returns:
-        Per layer ``[N, H*d_head]`` float32 (CPU).
-    """
+    """Per layer ``[N, H*d_head]`` float32 (CPU) pooled ``o_proj`` inputs with image + caption through the MLLM,
+    batches built by the SFT collator."""
     recorder = PooledInputRecorder(model)
     template = getattr(collator, "template", None)
     multimodal = multimodal_token_ids(model.config, getattr(collator, "processor", None),

@@ -11,7 +11,6 @@ from llamafactory_hera.anatomy.head_plots import format_head_table, plot_head_he
 from llamafactory_hera.anatomy.heads import parse_head
 from llamafactory_hera.hera.args import HeraArguments, parse_hera_arguments
 from llamafactory_hera.hera.host_output import host_output_to, show
-from llamafactory_hera.hera.selection.choices import RECIPE_BACKED, dest
 from llamafactory_hera.hera.selection.recipe_write import (
     check_folder_writable,
     check_writable,
@@ -22,15 +21,10 @@ from llamafactory_hera.hera.selection.select import SelectionOptions, SelectionR
 from llamafactory_hera.short_errors import RecipeError
 
 
-def record_paths(recipe_path: Path) -> tuple[Path, Path]:
-    """(JSON record, heatmap PNG) written next to a recipe."""
-    stem = recipe_path.with_suffix("")
-    return Path(f"{stem}.hera_selection.json"), Path(f"{stem}.hera_selection.png")
-
-
-def log_path(recipe_path: Path) -> Path:
-    """The host's output of ``select`` (transformers, LLaMA-Factory), written next to the record."""
-    return Path(f"{Path(recipe_path).with_suffix('')}.hera_selection.log")
+def record_paths(recipe_path: Path) -> tuple[Path, ...]:
+    """(JSON record, heatmap PNG, the host's output while scoring) written next to a recipe."""
+    stem = Path(recipe_path).with_suffix("")
+    return tuple(Path(f"{stem}.hera_selection.{suffix}") for suffix in ("json", "png", "log"))
 
 
 def load_recipe(path: Path) -> tuple[str, dict[str, Any]]:
@@ -56,19 +50,8 @@ def check_hera_recipe(path: Path, recipe: dict[str, Any]) -> None:
                           f"{path}`, or select on a recipe with stage: hera.")
 
 
-def chosen_table(result: SelectionResult) -> str:
-    """The chosen heads with their MKNN and rank among all heads (1 = least aligned)."""
-    rank = {row["head"]: i + 1 for i, row in enumerate(result.ranking)}
-    rows = [{"head": head, "MKNN": result.scores[parse_head(head).layer][parse_head(head).head],
-             "rank": f"{rank[head]}/{len(rank)}"} for head in result.selected]
-    return format_head_table(rows, ["head", "MKNN", "rank"])
-
-
-def recipe_heads_table(heads: Any, result: SelectionResult) -> str | None:
-    """The recipe's own ``hera_heads`` (an explicit list, e.g. the paper's Table 5 heads) beside the choice: each head's
-    MKNN and rank as :func:`chosen_table` gives them, or that the model has no such head; None for ``auto`` or none."""
-    if not isinstance(heads, list) or not heads:
-        return None
+def heads_table(heads: list[str], result: SelectionResult) -> str:
+    """``heads`` with their MKNN and rank among all heads (1 = least aligned), or that the model has no such head."""
     rank = {row["head"]: i + 1 for i, row in enumerate(result.ranking)}
     rows = []
     for head in heads:
@@ -76,7 +59,7 @@ def recipe_heads_table(heads: Any, result: SelectionResult) -> str | None:
         inside = ref.layer < len(result.scores) and ref.head < len(result.scores[ref.layer])
         rows.append({"head": head, "MKNN": result.scores[ref.layer][ref.head] if inside else "-",
                      "rank": f"{rank[str(ref)]}/{len(rank)}" if inside else "not in this model"})
-    return "the recipe's hera_heads:\n" + format_head_table(rows, ["head", "MKNN", "rank"])
+    return format_head_table(rows, ["head", "MKNN", "rank"])
 
 
 def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, title: str) -> None:
@@ -102,16 +85,18 @@ def run_select(args: Any) -> SelectionResult:
         check_writable(args.recipe, force=args.force, output=args.output)
     check_folder_writable(Path(target).resolve().parent, "the selection record and heatmap")
     hera = recipe_hera_arguments(recipe)
-    options = options_from(args, recipe, hera)
-    with host_output_to(None if getattr(args, "verbose", False) else log_path(target)):
+    # the same keys hera_heads: auto reads, so both choose the same heads for the same recipe
+    seed = args.seed if args.seed is not None else int(recipe.get("seed", 42) or 0)
+    options = SelectionOptions.from_keys(hera, args, seed=seed, device=args.device,
+                                         dtype=getattr(args, "dtype", None) or scoring_dtype(recipe))
+    json_path, png_path, log_path = record_paths(target)
+    with host_output_to(None if getattr(args, "verbose", False) else log_path):
         recipe_args = parse_recipe(recipe)
         _quiet_transformers()
-        result = run_selection(recipe_args, options)
-        show(chosen_table(result))
-        beside = recipe_heads_table(hera.hera_heads, result)
-        if beside:
-            show(beside)
-        json_path, png_path = record_paths(target)
+        result, _ = run_selection(recipe_args, options)
+        show(heads_table(result.selected, result))
+        if isinstance(hera.hera_heads, list) and hera.hera_heads:  # an explicit list (e.g. the paper's) beside it
+            show("the recipe's hera_heads:\n" + heads_table(hera.hera_heads, result))
         if not args.dry_run:
             written = update_recipe(args.recipe, result.selected, force=args.force, output=args.output)
             show(f"hera_heads: [{', '.join(result.selected)}] written to {written}")
@@ -126,24 +111,6 @@ def run_select(args: Any) -> SelectionResult:
 def recipe_hera_arguments(recipe: dict[str, Any]) -> HeraArguments:
     """The recipe's ``hera_*`` keys as the run parses them (``hera_heads`` may be missing: ``select`` chooses them)."""
     return parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")}, require_heads=False)
-
-
-def options_from(args: Any, recipe: dict[str, Any], hera: HeraArguments) -> SelectionOptions:
-    """SelectionOptions from the command line, falling back to the recipe's hera_* keys, ``hera`` (the same keys
-    ``hera_heads: auto`` reads, so both choose the same heads for the same recipe)."""
-    value = {}
-    for flag, _, key, _ in RECIPE_BACKED:
-        given = getattr(args, dest(flag))
-        value[key] = given if given is not None else getattr(hera, key)
-    return SelectionOptions(
-        num_samples=value["hera_select_samples"], num_heads=value["hera_select_num_heads"],
-        strategy=value["hera_select_strategy"], mode=value["hera_select_mode"],
-        seed=args.seed if args.seed is not None else int(recipe.get("seed", 42) or 0),
-        batch_size=value["hera_select_batch_size"], device=args.device, k=value["hera_k"],
-        teacher=value["hera_teacher"], teacher_feature=hera.hera_teacher_feature, clamp=value["hera_select_clamp"],
-        dataset=[d.strip() for d in args.dataset.split(",")] if args.dataset else None,
-        dtype=getattr(args, "dtype", None) or scoring_dtype(recipe),
-    )
 
 
 def _quiet_transformers() -> None:

@@ -1,13 +1,8 @@
 """``llamafactory-hera select --report RUN_DIR``: every head's MKNN before and after a HeRA run.
 
-The run's ``hera_run.json`` names the base model, adapters, template and data. "Before" is the
-model the run started from; "after" adds the run's adapter (LoRA) or loads the run's weights
-(full / freeze). Both are scored on the same pairs with the same teacher features, so the
-difference is the training alone. Writes ``hera_report.json`` and ``hera_report.png`` into RUN_DIR, and the host's
-loading output into ``hera_report.log`` there (``--verbose``: on the terminal instead).
-
-Each difference comes with its resolution and a paired bootstrap interval over the pairs, and is marked when it is
-within noise (:mod:`llamafactory_hera.hera.selection.noise`) in the table, the JSON and the plot.
+"Before" is the model the run started from (its ``hera_run.json``), "after" adds the run's adapter or weights; both
+are scored on the same pairs with the same teacher features, so the difference is the training alone, marked when
+within noise (:mod:`llamafactory_hera.hera.selection.noise`). Writes ``hera_report.json``, ``.png`` and ``.log``.
 """
 
 from __future__ import annotations
@@ -93,9 +88,13 @@ def summary_rows(change: HeadChange, selected: list[tuple[int, int]]) -> list[di
     """Per aligned head: before, after, delta, its interval and whether it is within noise; then the mean of all
     other heads (interval of the mean difference over the same resamples) and the other head that dropped most."""
     delta = change.delta
-    rows = [_row(f"L{layer}H{head}", float(change.before[layer, head]), float(change.after[layer, head]),
-                 float(delta[layer, head]), float(change.low[layer, head]), float(change.high[layer, head]),
-                 bool(change.noise[layer, head])) for layer, head in selected]
+
+    def head_row(name: str, layer: int, head: int) -> dict[str, Any]:
+        return _row(name, float(change.before[layer, head]), float(change.after[layer, head]),
+                    float(delta[layer, head]), float(change.low[layer, head]), float(change.high[layer, head]),
+                    bool(change.noise[layer, head]))
+
+    rows = [head_row(f"L{layer}H{head}", layer, head) for layer, head in selected]
     others = np.ones_like(delta, dtype=bool)
     for layer, head in selected:
         others[layer, head] = False
@@ -107,11 +106,8 @@ def summary_rows(change: HeadChange, selected: list[tuple[int, int]]) -> list[di
         noise = bool(within_noise(mean, low, high, change.resolution))
         rows.append(_row(f"others ({int(others.sum())}) mean", float(change.before[others].mean()),
                          float(change.after[others].mean()), mean, float(low), float(high), noise))
-        masked = np.where(others, delta, np.inf)
-        layer, head = np.unravel_index(int(np.argmin(masked)), masked.shape)
-        rows.append(_row(f"others: largest drop L{layer}H{head}", float(change.before[layer, head]),
-                         float(change.after[layer, head]), float(delta[layer, head]), float(change.low[layer, head]),
-                         float(change.high[layer, head]), bool(change.noise[layer, head])))
+        layer, head = np.unravel_index(int(np.argmin(np.where(others, delta, np.inf))), delta.shape)
+        rows.append(head_row(f"others: largest drop L{layer}H{head}", layer, head))
     return rows
 
 
@@ -144,17 +140,11 @@ def run_report(args: Any) -> dict[str, Any]:
     run_dir: Path = args.report
     recipe, record = _run_recipe(run_dir)
     hera = parse_hera_arguments({k: v for k, v in record.items() if k.startswith("hera_")})
-    datasets = [d.strip() for d in args.dataset.split(",")] if args.dataset else None
-    if datasets is None:
-        show("note: scoring on the run's training data; pass --dataset NAME for held-out pairs")
     seed = args.seed if args.seed is not None else int(record["host"].get("seed") or 0) + 1
-    options = SelectionOptions(num_samples=args.samples or hera.hera_select_samples,
-                               mode=args.mode or hera.hera_select_mode, seed=seed,
-                               batch_size=args.batch_size or hera.hera_select_batch_size, device=args.device,
-                               k=args.k or hera.hera_k, teacher=args.teacher or hera.hera_teacher,
-                               teacher_feature=hera.hera_teacher_feature, dataset=datasets,
-                               clamp=args.clamp if args.clamp is not None else hera.hera_select_clamp,
-                               dtype=getattr(args, "dtype", None) or scoring_dtype(record["host"]))
+    options = SelectionOptions.from_keys(hera, args, seed=seed, device=args.device,
+                                         dtype=getattr(args, "dtype", None) or scoring_dtype(record["host"]))
+    if options.dataset is None:
+        show("note: scoring on the run's training data; pass --dataset NAME for held-out pairs")
     with host_output_to(None if getattr(args, "verbose", False) else run_dir / REPORT_LOG):
         base_args = parse_recipe(recipe)
         pairs, identity = prepare(base_args, options)

@@ -38,7 +38,7 @@ def ranked_prefix(ranked: torch.Tensor, prefix: int) -> torch.Tensor:
     report's bootstrap resamples, :mod:`llamafactory_hera.hera.selection.noise`).
 
     Args:
-        ranked: ``[..., N, N]`` similarities with the diagonal at ``-inf`` (what :func:`gram_knn` ranks).
+        ranked: ``[..., N, N]`` similarities with the diagonal at ``-inf`` (:func:`ranked_similarity`).
         prefix: neighbours kept per row, ``1 <= prefix <= N - 1``.
 
     Returns:
@@ -47,22 +47,6 @@ def ranked_prefix(ranked: torch.Tensor, prefix: int) -> torch.Tensor:
     chosen = top_k_stable(ranked, prefix).sort(dim=-1).values  # the prefix set, in index order
     order = ranked.gather(-1, chosen).sort(dim=-1, descending=True, stable=True).indices
     return chosen.gather(-1, order).to(torch.int32)
-
-
-def gram_knn(gram: torch.Tensor, k: int) -> torch.Tensor:
-    """k nearest neighbours by cosine similarity from Gram matrices, self excluded.
-
-    Args:
-        gram: ``[..., N, N]`` inner products ``<m_i, m_j>``.
-        k: neighbours per row, ``1 <= k <= N - 1``.
-
-    Returns:
-        ``[..., N, k]`` int64 indices (same ordering rule as :func:`llamafactory_hera.hera.metrics.knn_indices`).
-    """
-    num = gram.shape[-1]
-    if not 1 <= k <= num - 1:
-        raise ValueError(f"k={k} needs 1 <= k <= N-1 with N={num} samples; use fewer neighbours or more samples.")
-    return top_k_stable(ranked_similarity(gram), k)
 
 
 def row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -92,9 +76,11 @@ def clamp_outliers(feats: torch.Tensor, q: float) -> torch.Tensor:
     return torch.maximum(torch.minimum(feats, threshold), -threshold)
 
 
-def layer_head_scores(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: torch.Tensor, k: int,
-                      head_dim: int, max_chunk_elements: int = 2**26, clamp: float = 0.0) -> torch.Tensor:
-    """MKNN of each head of one layer against precomputed teacher neighbours.
+def layer_head_neighbours(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: torch.Tensor, k: int,
+                          head_dim: int, max_chunk_elements: int = 2**26, clamp: float = 0.0,
+                          prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MKNN of each head of one layer against precomputed teacher neighbours, and with ``prefix`` > 0 each head's
+    ``prefix`` nearest neighbours of every sample.
 
     Args:
         pooled: ``[N, H * head_dim]`` pooled ``o_proj`` inputs of the N calibration samples.
@@ -107,19 +93,8 @@ def layer_head_scores(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: t
         clamp: PRH's outlier quantile (0 or 1: no clamp).
 
     Returns:
-        ``[H]`` float32 scores in [0, 1].
-    """
-    return layer_head_neighbours(pooled, weight, teacher_knn, k, head_dim, max_chunk_elements, clamp)[0]
-
-
-def layer_head_neighbours(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: torch.Tensor, k: int,
-                          head_dim: int, max_chunk_elements: int = 2**26, clamp: float = 0.0,
-                          prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`layer_head_scores` and, with ``prefix`` > 0, each head's ``prefix`` nearest neighbours of every sample.
-
-    Returns:
-        (``[H]`` float32 scores, ``[H, N, prefix]`` int32 ranked neighbours (nearest first, ties towards the lower
-        index, :func:`ranked_prefix`) or None when ``prefix`` is 0).
+        (``[H]`` float32 scores in [0, 1], ``[H, N, prefix]`` int32 ranked neighbours (nearest first, ties towards
+        the lower index, :func:`ranked_prefix`) or None when ``prefix`` is 0).
     """
     num = pooled.shape[0]
     if not 1 <= k <= num - 1:
@@ -163,20 +138,7 @@ def teacher_neighbours(teacher: torch.Tensor, k: int, device: torch.device | str
 
 def all_head_scores(pooled: list[torch.Tensor], weights: list[torch.Tensor], teacher: torch.Tensor, k: int,
                     head_dim: int, device: torch.device | str | None = None, clamp: float = 0.0) -> torch.Tensor:
-    """MKNN of every head of every layer.
-
-    Args:
-        pooled: per layer ``[N, H * head_dim]`` pooled ``o_proj`` inputs (any device).
-        weights: per layer ``[d, H * head_dim]`` effective ``o_proj`` weights.
-        teacher: ``[N, E]`` teacher features of the same N samples.
-        k: neighbours per sample.
-        head_dim: width of one head.
-        device: where to compute (default: the teacher's device).
-        clamp: PRH's outlier quantile for both sides (0 or 1: no clamp).
-
-    Returns:
-        ``[L, H]`` float32 scores on CPU.
-    """
+    """``[L, H]`` float32 MKNN of every head of every layer, on CPU (:func:`all_head_neighbours`' scores)."""
     return all_head_neighbours(pooled, weights, teacher, k, head_dim, device, clamp).scores
 
 
@@ -192,8 +154,18 @@ class HeadNeighbours:
 def all_head_neighbours(pooled: list[torch.Tensor], weights: list[torch.Tensor], teacher: torch.Tensor, k: int,
                         head_dim: int, device: torch.device | str | None = None, clamp: float = 0.0,
                         prefix: int = 0) -> HeadNeighbours:
-    """:func:`all_head_scores`, and with ``prefix`` > 0 the ``prefix`` nearest neighbours of every sample for every
-    head and for the teacher (arguments as there)."""
+    """MKNN of every head of every layer, and with ``prefix`` > 0 the ``prefix`` nearest neighbours of every sample
+    for every head and for the teacher.
+
+    Args:
+        pooled: per layer ``[N, H * head_dim]`` pooled ``o_proj`` inputs (any device).
+        weights: per layer ``[d, H * head_dim]`` effective ``o_proj`` weights.
+        teacher: ``[N, E]`` teacher features of the same N samples.
+        k: neighbours per sample.
+        head_dim: width of one head.
+        device: where to compute (default: the teacher's device).
+        clamp: PRH's outlier quantile for both sides (0 or 1: no clamp).
+    """
     device = device or teacher.device
     teacher_feats = clamp_outliers(teacher.to(device).float(), clamp)
     teacher_knn = knn_indices(teacher_feats, k)  # what teacher_neighbours gives (the monitor's side)

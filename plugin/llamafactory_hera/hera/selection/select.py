@@ -1,18 +1,9 @@
 """Head selection end to end: recipe -> calibration pairs -> per-head MKNN -> chosen heads + record.
 
-Bad input fails before the model's weights are loaded: options, teacher, data (at least k+1
-usable pairs) and the model's structure (``o_proj`` in every decoder layer, checked on an
-empty meta-device copy built from the config).
-
-One stated dtype (:func:`scoring_dtype`), the same for ``llamafactory-hera select``, ``hera_heads: auto`` and
-``select --report``: the language model runs in the recipe's compute dtype, i.e. bfloat16 when the recipe sets
-``bf16: true`` (or ``pure_bf16``), float16 with ``fp16: true``, else the checkpoint's own dtype (what training then
-runs in; float32 when its config names none), whatever the device. That is the precision training computes the
-heads in (bf16 autocast or bf16 weights), and the model costs the memory training's weights cost. Pooled head
-inputs, effective ``o_proj`` weights, teacher features, Gram matrices and neighbours are float32 in every case.
-Not LLaMA-Factory's inference default: that loads the checkpoint's dtype (``torch_dtype="auto"``) and infers a
-device-dependent compute dtype (fp16 on a GPU for an fp32 checkpoint), so ``select`` on a GPU, ``select`` on the
-CPU and ``auto`` in a bf16 run could score differently. The dtype is in the record's settings and in the cache key.
+Bad input fails before the model's weights are loaded (:func:`prepare`). One stated dtype (:func:`scoring_dtype`,
+docs/hera.md "One dtype"), the same for ``select``, ``hera_heads: auto`` and ``--report``: the recipe's compute
+dtype whatever the device, not LLaMA-Factory's device-dependent inference default, so the three score alike;
+everything after the language model is float32.
 """
 
 from __future__ import annotations
@@ -22,6 +13,7 @@ import json
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -31,9 +23,10 @@ import torch
 
 from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
 from llamafactory_hera.anatomy.projection import find_o_proj_modules
+from llamafactory_hera.anatomy.recipe_keys import truthy
 from llamafactory_hera.hera.host_output import show
 from llamafactory_hera.hera.selection import collect
-from llamafactory_hera.hera.selection.choices import DTYPES, MODES, STRATEGIES  # noqa: F401 - this module's names too
+from llamafactory_hera.hera.selection.choices import DTYPES, MODES, RECIPE_BACKED, STRATEGIES, dest
 from llamafactory_hera.hera.selection.scores import HeadNeighbours, all_head_neighbours
 from llamafactory_hera.hera.teacher import check_teacher_source, load_image_processor, load_teacher
 from llamafactory_hera.hera.teacher_batch import teacher_batch_size
@@ -62,7 +55,7 @@ class SelectionOptions:
     dtype: str = "float32"  # the language model's dtype while scoring (scoring_dtype); the rest is float32
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the option, the value and the allowed values."""
+        """Raise a RecipeError naming the option, the value and the allowed values."""
         if self.strategy not in STRATEGIES:
             raise RecipeError(f"--strategy: got {self.strategy!r}; allowed values are {', '.join(STRATEGIES)}.")
         if self.mode not in MODES:
@@ -79,25 +72,32 @@ class SelectionOptions:
         if self.num_samples < self.k + 1:
             raise RecipeError(f"--samples: got {self.num_samples}; with k={self.k} at least {self.k + 1} are needed.")
 
+    @classmethod
+    def from_keys(cls, hera: Any, args: Any = None, **settings: Any) -> SelectionOptions:
+        """The options of a recipe's ``hera_select_*`` keys, ``hera_k`` and teacher (``hera``: its HeraArguments), each
+        replaced by the command-line option in ``args`` that names it when given; ``--dataset`` too. One place, so that
+        ``select``, ``select --report`` and ``hera_heads: auto`` read a recipe alike."""
+        value = {key: getattr(hera, key) if getattr(args, dest(flag), None) is None else getattr(args, dest(flag))
+                 for flag, _, key, _ in RECIPE_BACKED}
+        if getattr(args, "dataset", None):
+            settings["dataset"] = [d.strip() for d in args.dataset.split(",")]
+        return cls(num_samples=value["hera_select_samples"], num_heads=value["hera_select_num_heads"],
+                   strategy=value["hera_select_strategy"], mode=value["hera_select_mode"],
+                   batch_size=value["hera_select_batch_size"], k=value["hera_k"], teacher=value["hera_teacher"],
+                   clamp=value["hera_select_clamp"], teacher_feature=hera.hera_teacher_feature, **settings)
+
     def resolved_device(self) -> str:
         """``device`` or the first CUDA device when available, else CPU."""
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _on(value: Any) -> bool:
-    """A recipe's boolean (YAML gives a bool; a command-line override may give a string)."""
-    return value.strip().lower() in ("true", "1", "yes") if isinstance(value, str) else bool(value)
-
-
 def scoring_dtype(precision: Any) -> str:
-    """The dtype heads are scored in, from a recipe's precision keys (``bf16``, ``pure_bf16``, ``fp16``; a mapping
-    that may also hold ``model_name_or_path``): ``bfloat16`` with ``bf16`` or ``pure_bf16``, ``float16`` with
-    ``fp16``; with none of them, the checkpoint's own floating dtype (``config.json``), which is what LLaMA-Factory
-    then trains in (``torch_dtype="auto"``, no autocast): a bf16 7B checkpoint is scored in bf16, not cast to a
-    float32 copy of twice its size; ``float32`` when the config names none (see the module doc)."""
-    if _on(precision.get("bf16")) or _on(precision.get("pure_bf16")):
+    """The dtype heads are scored in, from a recipe's precision keys (a mapping that may also hold
+    ``model_name_or_path``); with none set, the checkpoint's own floating dtype, what LLaMA-Factory then trains in (a
+    bf16 7B checkpoint is not cast to a float32 copy of twice its size)."""
+    if truthy(precision.get("bf16")) or truthy(precision.get("pure_bf16")):
         return "bfloat16"
-    if _on(precision.get("fp16")):
+    if truthy(precision.get("fp16")):
         return "float16"
     return _checkpoint_dtype(precision.get("model_name_or_path"))
 
@@ -141,11 +141,6 @@ class SelectionResult:
     def to_json(self) -> str:
         """The JSON record."""
         return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> SelectionResult:
-        """Inverse of :meth:`to_json`."""
-        return cls(**json.loads(text))
 
 
 def choose_heads(scores: torch.Tensor, num_heads: int, strategy: str, seed: int) -> list[HeadRef]:
@@ -203,11 +198,8 @@ def pairs_fingerprint(pairs: list[collect.CalibrationPair]) -> str:
 
 
 def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> None:
-    """Build an empty (meta-device) model from the config and check every decoder layer has ``o_proj``.
-
-    Raises:
-        ValueError: naming the model and the missing module. Unknown architectures are left to the load.
-    """
+    """Build an empty (meta-device) model from the config and check every decoder layer has ``o_proj`` (unknown
+    architectures are left to the load)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
@@ -244,26 +236,9 @@ def identity_of(recipe_args: Any, options: SelectionOptions, pairs: list[collect
     }
 
 
-def settings_of(options: SelectionOptions, device: str) -> dict[str, Any]:
-    """The options that change the scores (plus device and batch size, for the record)."""
-    return {"num_samples": options.num_samples, "k": options.k, "mode": options.mode, "seed": options.seed,
-            "teacher_feature": options.teacher_feature, "num_heads": options.num_heads,
-            "strategy": options.strategy, "batch_size": options.batch_size, "device": device, "clamp": options.clamp,
-            "dtype": options.dtype}
-
-
-def cache_key(settings: dict[str, Any], identity: dict[str, Any]) -> str:
-    """Key of a cached result: everything that changes the scores (the scoring dtype included)."""
-    scoring = {k: settings[k] for k in ("num_samples", "k", "mode", "seed", "teacher_feature", "clamp", "dtype")}
-    return hashlib.sha256(json.dumps([scoring, identity], sort_keys=True).encode()).hexdigest()[:24]
-
-
 def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.CalibrationPair], dict[str, Any]]:
-    """Everything that can fail cheaply, before any weights load: options, teacher, data, model structure.
-
-    Returns:
-        (calibration pairs, identity).
-    """
+    """(calibration pairs, identity) after everything that can fail cheaply, before any weights load: options,
+    teacher, data (at least k+1 usable pairs), model structure."""
     from llamafactory_hera_patches.model_data import load_aligned_rows
 
     options.validate()
@@ -294,11 +269,8 @@ def _warn_about_data(notes: dict[str, Any], source: str) -> None:
 
 def tied_share(scores: torch.Tensor) -> float:
     """Share of heads whose score equals another head's score exactly."""
-    flat = scores.flatten().tolist()
-    counts: dict[float, int] = {}
-    for value in flat:
-        counts[value] = counts.get(value, 0) + 1
-    return sum(1 for value in flat if counts[value] > 1) / max(len(flat), 1)
+    counts = Counter(scores.flatten().tolist())
+    return sum(n for n in counts.values() if n > 1) / max(scores.numel(), 1)
 
 
 def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str) -> tuple[Any, dict[str, Any], Any]:
@@ -323,15 +295,11 @@ def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str) -> tuple[An
     return model, tokenizer_module, template
 
 
-def score_heads(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> torch.Tensor:
-    """Load the model the way LLaMA-Factory does, in ``options.dtype``, and return ``[L, H]`` MKNN scores (CPU)."""
-    return score_head_neighbours(recipe_args, options, pairs).scores
-
-
 def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair],
                           prefix: int = 0) -> HeadNeighbours:
-    """:func:`score_heads`, and with ``prefix`` > 0 every head's and the teacher's ``prefix`` nearest neighbours of
-    each pair (:func:`~llamafactory_hera.hera.selection.scores.all_head_neighbours`)."""
+    """Load the model the way LLaMA-Factory does, in ``options.dtype``: ``[L, H]`` MKNN scores (CPU), and with
+    ``prefix`` > 0 every head's and the teacher's ``prefix`` nearest neighbours of each pair
+    (:func:`~llamafactory_hera.hera.selection.scores.all_head_neighbours`)."""
     from llamafactory_hera_patches.model_data import multimodal_dataset_and_collator
 
     device = options.resolved_device()
@@ -358,12 +326,31 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: li
                                prefix=prefix)
 
 
-def result_from_scores(scores: torch.Tensor, options: SelectionOptions, settings: dict[str, Any],
-                       identity: dict[str, Any], num_pairs: int, duration: float) -> SelectionResult:
-    """Choose heads and assemble the record (warns when many heads tie)."""
+def run_selection(recipe_args: Any, options: SelectionOptions,
+                  cache: Path | None = None) -> tuple[SelectionResult, bool]:
+    """Score every head and choose ``options.num_heads`` of them; with a ``cache`` folder, reuse (or store) the scores
+    under a key of everything that changes them (the scoring dtype included). Returns (result, from the cache)."""
+    from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
+
+    start = time.perf_counter()
+    pairs, identity = prepare(recipe_args, options)
+    # the options that change the scores, plus device and batch size for the record
+    settings = {"num_samples": options.num_samples, "k": options.k, "mode": options.mode, "seed": options.seed,
+                "teacher_feature": options.teacher_feature, "num_heads": options.num_heads,
+                "strategy": options.strategy, "batch_size": options.batch_size, "device": options.resolved_device(),
+                "clamp": options.clamp, "dtype": options.dtype}
+    scoring = {k: settings[k] for k in ("num_samples", "k", "mode", "seed", "teacher_feature", "clamp", "dtype")}
+    key = hashlib.sha256(json.dumps([scoring, identity], sort_keys=True).encode()).hexdigest()[:24]
+    path = None if cache is None else cache / f"{key}.json"
+    hit = path is not None and path.is_file()
+    if hit:
+        cached = SelectionResult(**json.loads(path.read_text(encoding="utf-8")))
+        scores, duration = torch.tensor(cached.scores), cached.duration_s
+    else:
+        scores = score_head_neighbours(recipe_args, options, pairs).scores
+        duration = time.perf_counter() - start
     chosen = choose_heads(scores, options.num_heads, options.strategy, options.seed)
-    notes = dict(identity.get("data_notes", {}))
-    notes["tied_heads_share"] = round(tied_share(scores), 4)
+    notes = {**identity.get("data_notes", {}), "tied_heads_share": round(tied_share(scores), 4)}
     if notes["tied_heads_share"] > 0.5:
         show(f"warning: {notes['tied_heads_share']:.0%} of the heads share their MKNN score with another head, so the "
               "choice among them is arbitrary. Repeated captions or too few pairs are the usual cause: score on more "
@@ -371,16 +358,11 @@ def result_from_scores(scores: torch.Tensor, options: SelectionOptions, settings
     layers, heads = scores.shape
     ranking = sorted(({"head": str(HeadRef(layer, head)), "score": float(scores[layer, head])}
                       for layer in range(layers) for head in range(heads)), key=lambda r: r["score"])
-    settings = {**settings, "num_samples_used": num_pairs}
-    return SelectionResult(scores=scores.tolist(), selected=[str(h) for h in chosen], strategy=options.strategy,
-                           ranking=ranking, settings=settings, identity=identity, versions=_versions(),
-                           num_pairs=num_pairs, duration_s=round(duration, 3), data_notes=notes)
-
-
-def run_selection(recipe_args: Any, options: SelectionOptions) -> SelectionResult:
-    """Score every head and choose ``options.num_heads`` of them."""
-    start = time.perf_counter()
-    pairs, identity = prepare(recipe_args, options)
-    settings = settings_of(options, options.resolved_device())
-    scores = score_heads(recipe_args, options, pairs)
-    return result_from_scores(scores, options, settings, identity, len(pairs), time.perf_counter() - start)
+    result = SelectionResult(scores=scores.tolist(), selected=[str(h) for h in chosen], strategy=options.strategy,
+                             ranking=ranking, settings={**settings, "num_samples_used": len(pairs)}, identity=identity,
+                             versions=_versions(), num_pairs=len(pairs), duration_s=round(duration, 3),
+                             data_notes=notes)
+    if path is not None and not hit:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, result.to_json() + "\n")
+    return result, hit
