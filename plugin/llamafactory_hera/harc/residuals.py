@@ -49,6 +49,11 @@ def reading_layers(model: nn.Module, layers: list[int],
             handle.remove()
 
 
+def at_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``hidden[b, positions[b]]`` for each row: ``[B, T, D]``, ``[B]`` -> ``[B, D]``."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)]
+
+
 def response_window(response_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """``[B, T]`` float weights averaging each row's first ``num_tokens`` response tokens (rows without a response:
     all zero). ``response_mask`` ``[B, T]`` marks response tokens (one contiguous run per row)."""
@@ -92,9 +97,8 @@ class StepCapture:
                                   "coupling loss would not train anything. Causes: reentrant gradient checkpointing "
                                   "(the stage turns it off; was use_reentrant_gc forced?) or no trainable parameter "
                                   "below that layer (LoRA must target the decoder layers).")
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            self.inst[layer] = hidden[rows, self.t_inst.to(hidden.device)]
-            self.post[layer] = hidden[rows, self.t_post.to(hidden.device)]
+            self.inst[layer] = at_positions(hidden, self.t_inst)
+            self.post[layer] = at_positions(hidden, self.t_post)
             if self.window is not None:
                 weights = self.window.to(device=hidden.device, dtype=hidden.dtype)
                 self.response[layer] = torch.einsum("bt,btd->bd", weights, hidden)
