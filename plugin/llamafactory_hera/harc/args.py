@@ -97,12 +97,10 @@ class HarcArguments:
 def _dataset_name(key: str, value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, list | tuple):
-        if len(value) != 1:
-            raise fail(key, value, "name one dataset of dataset_info.json (a role takes one dataset).")
+    if isinstance(value, list | tuple) and len(value) == 1:
         value = value[0]
     text = str(value).strip()
-    if "," in text:
+    if isinstance(value, list | tuple) or "," in text:
         raise fail(key, value, "name one dataset of dataset_info.json (a role takes one dataset).")
     return text
 

@@ -24,10 +24,6 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(text_decoder(model).layers)
 
 
-def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 @contextmanager
 def reading_layers(model: nn.Module, layers: list[int],
                    read: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
@@ -37,7 +33,7 @@ def reading_layers(model: nn.Module, layers: list[int],
 
     def hook_for(layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            read(layer, _hidden(args, kwargs))
+            read(layer, args[0] if args else kwargs["hidden_states"])
         return hook
 
     try:

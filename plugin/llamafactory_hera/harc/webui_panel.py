@@ -24,8 +24,6 @@ from llamafactory_hera.harc.args import ROLE_KEYS, HarcArguments, parse_harc_arg
 
 # HARC's terms in trainer_log.jsonl (llamafactory_hera.harc.method.LOG_KEYS) -> colour in the loss plot
 TERM_COLORS = {"harc_ce": "#d62728", "harc_kl": "#2ca02c", "harc_couple": "#ff7f0e", "harc_couple_resp": "#9467bd"}
-# the dataset names `llamafactory-hera harc-data` writes (harc/convert.py: each role under its recipe key's name)
-HARC_DATA_NAMES = {key: key for key in ROLE_KEYS}
 
 
 def check_band_depth(args: HarcArguments, context: Mapping[str, Any]) -> str:
@@ -45,7 +43,7 @@ def check_band_depth(args: HarcArguments, context: Mapping[str, Any]) -> str:
 
 
 FIELDS = (
-    *(Field(key, 0, default=HARC_DATA_NAMES[key]) for key in ROLE_KEYS),
+    *(Field(key, 0, default=key) for key in ROLE_KEYS),  # `harc-data` writes each role under its key's name
     Field("harc_batch_harmful", 1),
     Field("harc_batch_harmless", 1),
     Field("harc_batch_pseudo", 1),

@@ -119,8 +119,7 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
 
     class HarcSeq2SeqTrainer(HarcTrainerMixin, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, harc_args=harc_args, harc_state=run.state, harc_say=say, **kwargs)
-            self.harc_run = run
+            super().__init__(*args, harc_args=harc_args, harc_run=run, **kwargs)
 
     host.run(HarcCollator, HarcSeq2SeqTrainer, model_args, data_args, training_args, finetuning_args,
              generating_args, callbacks, get_dataset=get_dataset)
