@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def finish_run(trainer: Any) -> None:
                                                         for e in state.history],
                   "rows": run.rows.counts, "refreshes": state.refreshes,
                   "refresh_seconds": round(state.refresh_seconds, 3), "end_seconds": round(seconds, 3),
-                  "settings": args.to_dict()}
+                  "settings": asdict(args)}
         (output / EVAL_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
         _plots(trainer, output, evaluation, state.history)
         stale = output / STATE_FILE
@@ -95,7 +96,7 @@ def _plots(trainer: Any, output: Path, evaluation: dict[str, Any] | None, histor
     from llamafactory_hera.harc.plots import plot_diagnostics, plot_refusal
 
     if evaluation is not None:
-        plot_refusal(evaluation, output / EVAL_PLOT, output.name)
-    plot_diagnostics(history, output / DIAGNOSTICS_PLOT, run_name=output.name)
+        plot_refusal(evaluation, output / EVAL_PLOT)
+    plot_diagnostics(history, output / DIAGNOSTICS_PLOT)
     trainer.save_state()  # trainer_state.json: the curves are read from its log history
     plot_training(output, "harc", TRAINING_PLOT, trainer.harc_run.smooth)

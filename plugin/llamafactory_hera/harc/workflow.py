@@ -9,7 +9,7 @@ the dataset is replaced by HARC's composed micro-batches (:mod:`~llamafactory_he
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from llamafactory_hera.harc.args import HarcArguments
@@ -67,7 +67,7 @@ def write_run_record(harc_args: HarcArguments, *holders: Any) -> None:
             for value in [getattr(holder, key, None)]}
     output = Path(holders[-1].output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    record = {"stage": "harc", "llamafactory_hera_version": __version__, "settings": harc_args.to_dict(), "host": host}
+    record = {"stage": "harc", "llamafactory_hera_version": __version__, "settings": asdict(harc_args), "host": host}
     (output / HARC_RUN_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
