@@ -216,13 +216,11 @@ def _calibrate_head(model: nn.Module, modules: list[nn.Module], update: HeadUpda
     v_head, o_head = _slices(module, [update.head], geometry)
     targets = {"v": (module.v_proj.weight, (v_rows(update.head, geometry), slice(None)), v_head[0], v_anchor),
                "o": (module.o_proj.weight, (slice(None), o_columns(update.head, geometry)), o_head[0], o_anchor)}
-    saved, steps = {}, {}
+    saved = {}
     for name in names:
         weight, index, own, anchor = targets[name]
-        u, s, vh = low_rank(trimmed_mean(anchor, args.rah_trim) - own, args.rah_rank)
-        update.factors[name] = (u, s, vh)
+        update.factors[name] = low_rank(trimmed_mean(anchor, args.rah_trim) - own, args.rah_rank)
         saved[name] = weight.data[index].clone()
-        steps[name] = (u, s, vh)
     last: dict[float, list[torch.Tensor]] = {}
 
     def set_alpha(alpha: float) -> None:
@@ -232,7 +230,7 @@ def _calibrate_head(model: nn.Module, modules: list[nn.Module], update: HeadUpda
         # (in bf16 too, where the rounded step differs from the exact one; see docs/rah.md, "What a run does").
         for name in names:
             weight, index, _, _ = targets[name]
-            b, a = lora_pair(*steps[name], alpha)
+            b, a = lora_pair(*update.factors[name], alpha)
             weight.data[index] = (saved[name].float() + b @ a).to(weight.dtype)
 
     def kl_at(alpha: float) -> float:

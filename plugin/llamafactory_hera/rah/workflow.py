@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def profile_record(calibration: Any, args: RahArguments, identity: dict[str, Any
                     "kl_to_original": reported_kl(calibration.kl_to_original),
                     "samples_scored_on_one_half": calibration.one_sided_samples,
                     "samples_without_a_map": calibration.maps_skipped, "map_layouts": calibration.map_layouts},
-        "settings": {**{key.removeprefix("rah_"): value for key, value in args.to_dict().items()},
+        "settings": {**{key.removeprefix("rah_"): value for key, value in asdict(args).items()},
                      "layers": list(calibration.layers), "w_o": 1.0 - args.rah_w_v},
         "identity": identity, "versions": versions, "duration": duration,
     }
