@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamafactory_hera.anatomy.board_log import Progress
-from llamafactory_hera.harc.batches import chunks, collate_rows
+from llamafactory_hera.anatomy.projection import text_decoder
+from llamafactory_hera.harc.batches import collate_rows
 from llamafactory_hera.harc.data import ROLE_HARMLESS, EncodedRow
-from llamafactory_hera.harc.residuals import at_positions, decoder_layers, reading_layers, response_window
+from llamafactory_hera.harc.residuals import at_positions, reading_layers, response_window
 
 
 @dataclass
@@ -77,7 +78,7 @@ def _hidden_sums(model: nn.Module, rows: list[EncodedRow], layers: list[int], an
     model.eval()
     try:
         with torch.no_grad(), reading_layers(model, layers, read):
-            for group in progress(chunks(cut, batch_size), label):
+            for group in progress([cut[i:i + batch_size] for i in range(0, len(cut), batch_size)], label):
                 batch = collate_rows([(ROLE_HARMLESS, row) for row in group], pad_id)
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                       use_cache=False)
@@ -90,7 +91,7 @@ def prompt_means(model: nn.Module, rows: list[EncodedRow], batch_size: int, pad_
                  label: str) -> torch.Tensor:
     """``[L, 2, D]`` float64: mean residual entering each layer at ``t_inst`` (index 0) and ``t_post`` (index 1) of
     the prompts of ``rows`` (answers are not fed)."""
-    layers = list(range(len(decoder_layers(model))))
+    layers = list(range(len(text_decoder(model).layers)))
     sums = _hidden_sums(model, rows, layers, 0, lambda _, hidden, batch: torch.stack(
         [at_positions(hidden, batch["harc_t_inst"]), at_positions(hidden, batch["harc_t_post"])], dim=1),
         batch_size, pad_id, progress, label)
@@ -106,7 +107,7 @@ def response_means(model: nn.Module, rows: list[EncodedRow], num_tokens: int, ba
         window = response_window(batch["harc_response_mask"], num_tokens).to(hidden.device, torch.float64)
         return torch.einsum("bt,btd->bd", window, hidden.double())
 
-    layers = list(range(len(decoder_layers(model))))
+    layers = list(range(len(text_decoder(model).layers)))
     sums = _hidden_sums(model, rows, layers, num_tokens, pooled, batch_size, pad_id, progress, label)
     return torch.stack([sums[layer] for layer in layers]).cpu() / len(rows)
 

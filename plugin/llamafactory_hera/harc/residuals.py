@@ -19,16 +19,11 @@ from llamafactory_hera.anatomy.projection import text_decoder
 from llamafactory_hera.short_errors import RecipeError
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a plain, PEFT-wrapped or DDP/DeepSpeed-unwrapped causal LM."""
-    return list(text_decoder(model).layers)
-
-
 @contextmanager
 def reading_layers(model: nn.Module, layers: list[int],
                    read: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
     """Call ``read(layer, hidden [B, T, D])`` with the residual entering each of ``layers`` during forwards inside."""
-    modules = decoder_layers(model)
+    modules = text_decoder(model).layers  # of a plain, PEFT-wrapped or unwrapped DDP / DeepSpeed causal LM
     handles = []
 
     def hook_for(layer: int) -> Callable[..., None]:

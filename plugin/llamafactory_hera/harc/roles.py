@@ -100,7 +100,8 @@ def load_role_rows(args: HarcArguments, load: Loader, template: Any, tokenizer: 
             "prompts with harmful completions to run HARC whole.")
     helpful = encode("harc_harmless", harmless, harmless_split.extract)
     prompts = {"harc_extract_harmful": refusals, "harc_extract_harmless": helpful}  # prompt-side means
-    for key, name in ((key, getattr(args, key)) for key in prompts):
+    for key in prompts:
+        name = getattr(args, key)
         if name:
             aligned = load(name)
             check_role_size(key, name, len(aligned), 2, "the prompt-side means")
