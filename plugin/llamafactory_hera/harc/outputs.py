@@ -50,9 +50,7 @@ def finish_run(trainer: Any) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     started = time.perf_counter()
     state.record(model, trainer.state.global_step, "end", 0.0)
-    evaluation = None
-    if args.harc_eval:
-        evaluation = _refusals(trainer, model)
+    evaluation = _refusals(trainer, model) if args.harc_eval else None
     seconds = time.perf_counter() - started
     if trainer.is_world_process_zero():
         output = Path(trainer.args.output_dir)
@@ -69,9 +67,7 @@ def finish_run(trainer: Any) -> None:
                   "settings": asdict(args)}
         (output / EVAL_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
         _plots(trainer, output, evaluation, state.history)
-        stale = output / STATE_FILE
-        if stale.is_file():
-            stale.unlink()
+        (output / STATE_FILE).unlink(missing_ok=True)
         rates = ""
         if evaluation is not None:
             before = evaluation["before"]
