@@ -257,7 +257,6 @@ def test_plot_diagnostics(tmp_path: Path) -> None:
     history = [_entry(0, [2, 3], 0.0), _entry(2, [2, 3], 0.1), _entry(3, [1, 2, 3, 4], 0.2),
                _entry(4, [1, 3, 4, 5], 0.3), _entry(5, [1, 3, 4, 5], 0.35)]
     check_png(plot_diagnostics(history, tmp_path / "diagnostics.png"))
-    check_png(plot_diagnostics(history, tmp_path / "margin.png", margin=0.5))
     check_png(plot_diagnostics(history[:1], tmp_path / "single.png"))
     with pytest.raises(ValueError, match="no entry"):
         plot_diagnostics([], tmp_path / "empty.png")

@@ -125,7 +125,7 @@ def test_a_step_that_rounds_to_no_change_is_not_calibrated(assets, tmp_path: Pat
     from llamafactory_hera.rah.args import RahArguments
     from llamafactory_hera.rah.calibrate import calibrate, geometry_of
     from llamafactory_hera.rah.probe import token_kinds
-    from llamafactory_hera.rah.profile import profile_record
+    from llamafactory_hera.rah.workflow import profile_record
     from llamafactory_hera_patches.model_data import parse_recipe
 
     model_dir = _checkpoint(assets, "llava", torch.bfloat16, tmp_path / "model")

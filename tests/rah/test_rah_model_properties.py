@@ -16,7 +16,7 @@ from conftest import base_recipe, mixed_size_dataset
 from llamafactory_hera.rah.args import RahArguments
 from llamafactory_hera.rah.calibrate import calibrate
 from llamafactory_hera.rah.probe import AttentionProfile, profile_attention, token_kinds, token_masks
-from llamafactory_hera.rah.profile import profile_record
+from llamafactory_hera.rah.workflow import profile_record
 from llamafactory_hera_patches.model_data import load_model_for_scoring, multimodal_dataset_and_collator, parse_recipe
 
 
@@ -83,7 +83,7 @@ def test_maps_use_every_row_whatever_its_image_size(assets, tmp_path: Path) -> N
     profile = AttentionProfile([0, 1])
     for batch in batches:
         profile_attention(model, batch, [0, 1], kinds, profile)
-    assert (profile.map_samples, profile.map_skipped, len(profile.map_sums)) == (32, 0, 4)
+    assert (sum(profile.map_rows.values()), profile.map_skipped, len(profile.map_sums)) == (32, 0, 4)
     image_id, *others = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                          "<|vision_end|>"])
     groups: dict[tuple[int, ...], list[list[list[list[float]]]]] = {}  # grid -> rows -> layer -> head -> map

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import Any
 
 import numpy as np
 import pytest
@@ -212,11 +213,17 @@ def test_head_slices_follow_the_kv_groups() -> None:
 
 def test_the_profile_settings_are_the_arguments_without_prefix() -> None:
     from llamafactory_hera.rah.args import parse_rah_arguments
-    from llamafactory_hera.rah.profile import settings_record
+    from llamafactory_hera.rah.calibrate import Calibration
+    from llamafactory_hera.rah.workflow import profile_record
 
-    chosen = settings_record(parse_rah_arguments({"rah_w_v": 0.5, "rah_update": "o", "rah_rank": 4}), [3])
+    def settings(args: Any, layers: list[int]) -> dict[str, Any]:
+        table = torch.zeros(len(layers), 4)
+        calibration = Calibration(layers, table, table, table, [], ("o",), 0, 0)
+        return profile_record(calibration, args, {}, {}, {})["settings"]
+
+    chosen = settings(parse_rah_arguments({"rah_w_v": 0.5, "rah_update": "o", "rah_rank": 4}), [3])
     assert (chosen["layers"], chosen["w_v"], chosen["w_o"], chosen["update"], chosen["rank"]) == ([3], 0.5, 0.5, "o", 4)
-    assert settings_record(parse_rah_arguments({}), [0, 1])["delta"] == 0.05
+    assert settings(parse_rah_arguments({}), [0, 1])["delta"] == 0.05
 
 
 def test_rah_samples_below_the_probes_is_refused_by_the_parser() -> None:
@@ -232,8 +239,8 @@ def test_the_profile_reports_kl_clamped_at_zero() -> None:
     """KL >= 0: float32 noise such as -2e-8 (measured on tiny models) is reported as 0; the order of outcomes."""
     from llamafactory_hera.rah.args import RahArguments
     from llamafactory_hera.rah.calibrate import Calibration, HeadUpdate
-    from llamafactory_hera.rah.profile import profile_record
     from llamafactory_hera.rah.update import TrustRegion
+    from llamafactory_hera.rah.workflow import profile_record
 
     kept = HeadUpdate(0, 1, [(1, 2, 0.5)], 1, TrustRegion(0.15, -2e-8, ((0.15, -2e-8),)))
     still = HeadUpdate(0, 3, [(0, 2, 0.4)], 0, TrustRegion(0.15, 0.0, ((0.15, 0.0),)), unchanged=True)

@@ -9,7 +9,7 @@ Values arrive typed (YAML) or as strings (command line).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from llamafactory_hera.anatomy.recipe_keys import fail, parse_keys, recipe_key
@@ -80,29 +80,19 @@ class HarcArguments:
     harc_eval_max_new_tokens: int = recipe_key(
         64, "Tokens generated per prompt for the refusal evaluation (greedy).", min=1)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @property
     def response_coupling(self) -> bool:
         """Whether the response-side coupling runs (it needs harmful completions)."""
         return bool(self.harc_harmful_completions)
 
-    def roles(self) -> dict[str, str]:
-        """role key -> dataset name, for every role given."""
-        return {key: getattr(self, key) for key in (*ROLE_KEYS, "harc_extract_harmful", "harc_extract_harmless")
-                if getattr(self, key)}
-
 
 def _dataset_name(key: str, value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, list | tuple):
-        if len(value) != 1:
-            raise fail(key, value, "name one dataset of dataset_info.json (a role takes one dataset).")
+    if isinstance(value, list | tuple) and len(value) == 1:
         value = value[0]
     text = str(value).strip()
-    if "," in text:
+    if isinstance(value, list | tuple) or "," in text:
         raise fail(key, value, "name one dataset of dataset_info.json (a role takes one dataset).")
     return text
 

@@ -99,8 +99,3 @@ class HarcCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [pair for feature in features for pair in feature["harc_rows"]]
         return collate_rows(rows, self.pad_id)
-
-
-def chunks(rows: list[EncodedRow], size: int) -> list[list[EncodedRow]]:
-    """``rows`` in consecutive groups of at most ``size`` (extraction forwards)."""
-    return [rows[i:i + size] for i in range(0, len(rows), size)]

@@ -1,5 +1,11 @@
 """``llamafactory-hera harc-data``: the public sources HARC's authors train on, as LLaMA-Factory datasets.
 
+    llamafactory-hera harc-data --out DIR [--circuit-breakers JSON] [--xstest CSV] [--ultrachat FILE]
+                                [--advbench FILE] [--alpaca FILE] [--seed N] [--harmless-rows N] [--extract-rows N]
+                                [--force]
+
+(the verb is added by :func:`add_verbs`, declared in :mod:`llamafactory_hera.harc.method`).
+
 Every dataset is written in LLaMA-Factory's alpaca format (a JSON list of ``{"instruction", "input": "", "output"}``)
 under the name its recipe key takes (``harc_harmful: harc_harmful``), and listed in ``dataset_info.json`` by
 ``file_name`` alone (the alpaca columns are LLaMA-Factory's defaults). The rows are read the way the reference
@@ -15,10 +21,12 @@ Nothing is written before every source has been read and checked and the output 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,11 +63,6 @@ class Converted:
 def alpaca(prompt: str, response: str) -> dict[str, str]:
     """One alpaca row: the prompt as the instruction, no input, the response as the output."""
     return {"instruction": prompt, "input": "", "output": response}
-
-
-def _blank(text: str) -> bool:
-    """Whether ``text`` holds nothing but white space (such a prompt or response is skipped)."""
-    return not text.strip()
 
 
 # ---------------------------------------------------------------- reading
@@ -163,7 +166,7 @@ def convert_circuit_breakers(path: Path, option: str = "--circuit-breakers") -> 
     for number, row in enumerate(read_rows(path, option), 1):
         prompt, refusal, completion = (column_text(row, number, c, where) for c in ("prompt", "llama3_output",
                                                                                      "output"))
-        if _blank(prompt) or _blank(refusal) or _blank(completion):
+        if not prompt.strip() or not refusal.strip() or not completion.strip():
             skipped += 1
             continue
         refusals.append(alpaca(prompt, refusal))
@@ -191,7 +194,7 @@ def convert_xstest(path: Path, option: str = "--xstest") -> Converted:
         if label.strip() != FULL_COMPLIANCE:
             continue
         labelled += 1
-        if _blank(prompt) or _blank(completion):
+        if not prompt.strip() or not completion.strip():
             skipped += 1
             continue
         rows.append(alpaca(prompt, completion))
@@ -239,7 +242,7 @@ def convert_ultrachat(path: Path, seed: int = 0, limit: int = 5400, option: str 
         if len(rows) >= limit:
             break
         pair = pairs[index]
-        if pair is None or _blank(pair[0]) or _blank(pair[1]):
+        if pair is None or not pair[0].strip() or not pair[1].strip():
             skipped += 1
             continue
         rows.append(alpaca(*pair))
@@ -249,56 +252,39 @@ def convert_ultrachat(path: Path, seed: int = 0, limit: int = 5400, option: str 
     return Converted("harc_harmless", rows, skipped, f"seed {seed}, {len(rows)} of {len(source)}{short}")
 
 
-def _first_prompts(source: list[Row], where: str, column: str, limit: int, join_input: bool) -> tuple[list[str], int]:
-    """The first ``limit`` non-empty prompts of ``source`` in file order and the empty ones met before; with
-    ``join_input`` a non-empty ``input`` is appended to the instruction after a blank line."""
+def convert_prompts(path: Path, option: str, name: str, columns: tuple[str, ...], limit: int) -> Converted:
+    """``name`` (prompt -> "") from the first ``limit`` non-empty prompts in file order (the empty ones met before
+    are skipped), read from the first of ``columns`` that row 1 has.
+
+    ``harc_extract_harmful`` from AdvBench: ``harmful_behaviors.csv`` (column ``goal``) or a JSON / JSON Lines file
+    with ``bad_q`` (the reference's ``advbench.json``), ``goal`` or ``prompt``; ``harc_extract_harmless`` from
+    Alpaca (a JSON list or JSON Lines with ``instruction`` and optionally ``input``, a non-empty input appended to
+    the instruction after a blank line)."""
+    where = f"{option} {path}"
+    source = read_rows(path, option)
+    if not source:
+        raise _no_rows(where, "the file has no rows")
+    column = next((c for c in columns if c in source[0]), columns[0])
+    if len(columns) > 1 and column not in source[0]:
+        raise RecipeError(f"{where}: row 1 has none of the columns {', '.join(repr(c) for c in columns)} "
+                          f"(its columns: {', '.join(map(str, source[0]))}).")
     prompts, skipped = [], 0
     for number, row in enumerate(source, 1):
         prompt = column_text(row, number, column, where)
-        if join_input and "input" in row:
+        if column == "instruction" and "input" in row:
             extra = column_text(row, number, "input", where)
-            if not _blank(extra) and not _blank(prompt):
+            if extra.strip() and prompt.strip():
                 prompt = f"{prompt}\n\n{extra}"
         if len(prompts) < limit:
-            if _blank(prompt):
-                skipped += 1
-            else:
+            if prompt.strip():
                 prompts.append(prompt)
-    return prompts, skipped
-
-
-def convert_advbench(path: Path, limit: int = 300, option: str = "--advbench") -> Converted:
-    """``harc_extract_harmful`` (prompt -> "") from AdvBench: ``harmful_behaviors.csv`` (column ``goal``) or a JSON /
-    JSON Lines file with ``bad_q`` (the reference's ``advbench.json``), ``goal`` or ``prompt``, the first of them
-    that the first row has. The first ``limit`` non-empty prompts in file order."""
-    where = f"{option} {path}"
-    source = read_rows(path, option)
-    if not source:
-        raise _no_rows(where, "the file has no rows")
-    column = next((c for c in ADVBENCH_COLUMNS if c in source[0]), None)
-    if column is None:
-        raise RecipeError(f"{where}: row 1 has none of the columns {', '.join(repr(c) for c in ADVBENCH_COLUMNS)} "
-                          f"(its columns: {', '.join(map(str, source[0]))}).")
-    prompts, skipped = _first_prompts(source, where, column, limit, join_input=False)
+            else:
+                skipped += 1
     if not prompts:
         raise _no_rows(where, f"every '{column}' is empty")
-    return Converted("harc_extract_harmful", [alpaca(p, "") for p in prompts], skipped,
-                     f"the first {len(prompts)} of {len(source)} ('{column}')")
-
-
-def convert_alpaca(path: Path, limit: int = 300, option: str = "--alpaca") -> Converted:
-    """``harc_extract_harmless`` (prompt -> "") from Alpaca (a JSON list or JSON Lines with ``instruction`` and
-    optionally ``input``): instruction and a non-empty input joined by a blank line, the first ``limit`` non-empty
-    prompts in file order."""
-    where = f"{option} {path}"
-    source = read_rows(path, option)
-    if not source:
-        raise _no_rows(where, "the file has no rows")
-    prompts, skipped = _first_prompts(source, where, "instruction", limit, join_input=True)
-    if not prompts:
-        raise _no_rows(where, "every 'instruction' is empty")
-    return Converted("harc_extract_harmless", [alpaca(p, "") for p in prompts], skipped,
-                     f"the first {len(prompts)} of {len(source)}")
+    named = f" ('{column}')" if len(columns) > 1 else ""
+    return Converted(name, [alpaca(p, "") for p in prompts], skipped,
+                     f"the first {len(prompts)} of {len(source)}{named}")
 
 
 # ---------------------------------------------------------------- writing
@@ -355,3 +341,81 @@ def write_output(writes: dict[Path, bytes]) -> None:
         temporary = path.with_name(f".{path.name}.tmp")
         temporary.write_bytes(data)
         os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------- the verb
+
+# (flag, what it holds, what it gives)
+SOURCES: tuple[tuple[str, str, str], ...] = (
+    ("--circuit-breakers", "Circuit Breakers train JSON (circuit_breakers_train.json: prompt, output, llama3_output)",
+     "harc_harmful (prompt -> refusal) and harc_harmful_completions (prompt -> harmful completion), row-aligned"),
+    ("--ultrachat", "UltraChat 200k test_sft rows as .jsonl, .json or .parquet (messages: [{role, content}])",
+     "harc_harmless (first user turn -> first answer; seeded shuffle, cut to --harmless-rows)"),
+    ("--xstest", "XSTest v2 completions CSV (xstest_v2_completions_gpt4_gpteval.csv: prompt, completion, "
+     "final_label)", "harc_pseudo (prompt -> completion, rows labelled 1_full_compliance)"),
+    ("--advbench", "AdvBench harmful_behaviors.csv (goal), or JSON / JSON Lines with bad_q, goal or prompt",
+     "harc_extract_harmful (prompts for the prompt-side harmful mean; the reference's Qwen config)"),
+    ("--alpaca", "Alpaca JSON list or JSON Lines (instruction, optional input)",
+     "harc_extract_harmless (prompts for the prompt-side harmless mean; the reference's Qwen config)"),
+)
+
+
+def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
+    """Add ``harc-data`` to the ``llamafactory-hera`` sub-command parsers; verb -> handler."""
+    verb = commands.add_parser(
+        "harc-data", help="Convert HARC's public data sources into LLaMA-Factory datasets for stage: harc.",
+        description="Convert the public sources the HARC authors train on (Circuit Breakers, UltraChat 200k, XSTest "
+        "v2, optionally AdvBench and Alpaca) into alpaca-format datasets in --out, list them in its "
+        "dataset_info.json (existing entries kept) and print the recipe lines that name them. Nothing is written "
+        "unless every given source reads cleanly.")
+    for flag, holds, gives in SOURCES:
+        verb.add_argument(flag, type=Path, default=None, metavar="PATH", help=f"{holds}; writes {gives}")
+    verb.add_argument("--out", type=Path, required=True, metavar="DIR",
+                      help="folder for the data files and dataset_info.json (the recipe's dataset_dir)")
+    verb.add_argument("--seed", type=int, default=0, help="seed of the UltraChat shuffle (default: 0, the reference's)")
+    verb.add_argument("--harmless-rows", type=int, default=5400,
+                      help="UltraChat rows to keep (default: 5400 = 5000 training + 300 extraction + 100 validation, "
+                      "the reference's)")
+    verb.add_argument("--extract-rows", type=int, default=300,
+                      help="AdvBench and Alpaca rows to keep each, in file order (default: 300, the reference's)")
+    verb.add_argument("--force", action="store_true",
+                      help="replace data files and dataset_info.json entries of the same names whose content differs")
+    return {"harc-data": run_harc_data}
+
+
+def convert_sources(args: argparse.Namespace) -> list[Converted]:
+    """Every dataset the given sources yield, in recipe order; ValueError / FileNotFoundError on the first bad
+    option or source (before anything is written)."""
+    if all(getattr(args, flag[2:].replace("-", "_")) is None for flag, _, _ in SOURCES):
+        raise RecipeError("harc-data: give at least one source: " + ", ".join(flag for flag, _, _ in SOURCES) + ".")
+    for flag, rows in (("--harmless-rows", args.harmless_rows), ("--extract-rows", args.extract_rows)):
+        if rows < 1:
+            raise RecipeError(f"harc-data: {flag} must be at least 1, got {rows}.")
+    datasets: list[Converted] = []
+    if args.circuit_breakers is not None:
+        datasets.extend(convert_circuit_breakers(args.circuit_breakers))
+    if args.ultrachat is not None:
+        datasets.append(convert_ultrachat(args.ultrachat, seed=args.seed, limit=args.harmless_rows))
+    if args.xstest is not None:
+        datasets.append(convert_xstest(args.xstest))
+    if args.advbench is not None:
+        datasets.append(convert_prompts(args.advbench, "--advbench", "harc_extract_harmful", ADVBENCH_COLUMNS,
+                                        args.extract_rows))
+    if args.alpaca is not None:
+        datasets.append(convert_prompts(args.alpaca, "--alpaca", "harc_extract_harmless", ("instruction",),
+                                        args.extract_rows))
+    return datasets
+
+
+def run_harc_data(args: argparse.Namespace) -> None:
+    """``harc-data``: read and check every source, check --out, write the datasets and dataset_info.json, print one
+    summary line per dataset and the recipe lines."""
+    datasets = convert_sources(args)
+    write_output(plan_output(args.out, datasets, force=args.force))
+    for dataset in datasets:
+        print(dataset.summary())
+    written = f"{len(datasets)} dataset{'' if len(datasets) == 1 else 's'}"
+    print(f"# wrote {written} and dataset_info.json to {args.out}; in the stage: harc recipe:")
+    for dataset in datasets:  # the role key is the dataset's name
+        print(f"{dataset.name}: {dataset.name}")
+    print(f"dataset_dir: {args.out.resolve()}")

@@ -43,8 +43,12 @@ class EncodedRow:
         return len(self.prompt_ids) - 1
 
 
-def _common_tail(first: list[int], second: list[int]) -> tuple[int, ...]:
-    """The longest run of ids both lists end with."""
+def _fixed_tail(template: Any, tokenizer: Any, side: int) -> tuple[int, ...]:
+    """The ids that side ``side`` (0: the prompt, 1: the answer) of a one-turn encoding ends with whatever its
+    content: the longest common tail of two encodings with different contents."""
+    first, second = (list(template.encode_oneturn(tokenizer, [{"role": "user", "content": "q" if side else text},
+                                                              {"role": "assistant", "content": text if side else "ok"}]
+                                                  )[side]) for text in _SENTINELS)
     size = 0
     while size < min(len(first), len(second)) and first[-1 - size] == second[-1 - size]:
         size += 1
@@ -53,10 +57,7 @@ def _common_tail(first: list[int], second: list[int]) -> tuple[int, ...]:
 
 def template_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
     """The template's token ids between the user's content and the answer (the ``P`` tokens after ``t_inst``)."""
-    prompts = [template.encode_oneturn(tokenizer, [{"role": "user", "content": text},
-                                                   {"role": "assistant", "content": "ok"}])[0]
-               for text in _SENTINELS]
-    tail = _common_tail(list(prompts[0]), list(prompts[1]))
+    tail = _fixed_tail(template, tokenizer, 0)
     if not tail:
         raise RecipeError("template: the prompt ends with the user's content (no assistant header after it); HARC "
                           "reads the residual after the instruction and at the end of the assistant header. Use the "
@@ -67,10 +68,7 @@ def template_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
 def answer_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
     """The template's token ids after an answer's content (``<|eot_id|>`` for llama3, ``<|im_end|>\\n`` for qwen);
     empty when the template closes nothing."""
-    answers = [template.encode_oneturn(tokenizer, [{"role": "user", "content": "q"},
-                                                   {"role": "assistant", "content": text}])[1]
-               for text in _SENTINELS]
-    return _common_tail(list(answers[0]), list(answers[1]))
+    return _fixed_tail(template, tokenizer, 1)
 
 
 def without_answer_tail(rows: list[EncodedRow], tail: tuple[int, ...]) -> list[EncodedRow]:

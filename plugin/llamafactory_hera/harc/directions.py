@@ -17,18 +17,18 @@ right-padded; padding never enters a mean). Refreshes blend with the base direct
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamafactory_hera.harc.batches import chunks, collate_rows
+from llamafactory_hera.anatomy.board_log import Progress
+from llamafactory_hera.anatomy.projection import text_decoder
+from llamafactory_hera.harc.batches import collate_rows
 from llamafactory_hera.harc.data import ROLE_HARMLESS, EncodedRow
-from llamafactory_hera.harc.residuals import decoder_layers, reading_layers, response_window
-
-Progress = Callable[[Iterable, str], Iterable]
+from llamafactory_hera.harc.residuals import at_positions, reading_layers, response_window
 
 
 @dataclass
@@ -55,59 +55,60 @@ def blend(base: torch.Tensor, fresh: torch.Tensor, beta: float) -> torch.Tensor:
     return F.normalize((1.0 - beta) * base + beta * fresh, dim=-1)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def _hidden_sums(model: nn.Module, rows: list[EncodedRow], layers: list[int], answer_tokens: int,
+                 pick: Callable[[int, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], batch_size: int,
+                 pad_id: int, progress: Progress, label: str) -> dict[int, torch.Tensor]:
+    """layer -> float64 sum over ``rows`` of ``pick(layer, hidden [B, T, D], batch)`` (``[B, ...]``), read from the
+    residual entering each of ``layers``, in eval mode (as the reference: no dropout), without grad.
+
+    Rows are fed ``batch_size`` at a time, right-padded, with only their first ``answer_tokens`` answer tokens: under
+    causal attention the residuals there do not depend on what follows, so the sums are those of the whole rows (the
+    reference feeds whole answers) at a fraction of the cost.
+    """
+    sums: dict[int, torch.Tensor] = {}
+    batch: dict[str, torch.Tensor] = {}
+
+    def read(layer: int, hidden: torch.Tensor) -> None:
+        total = pick(layer, hidden, batch).double().sum(0)
+        sums[layer] = sums[layer] + total if layer in sums else total
+
+    device = next(model.parameters()).device
+    cut = [EncodedRow(row.prompt_ids, row.response_ids[:answer_tokens], row.t_inst) for row in rows]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), reading_layers(model, layers, read):
+            for group in progress([cut[i:i + batch_size] for i in range(0, len(cut), batch_size)], label):
+                batch = collate_rows([(ROLE_HARMLESS, row) for row in group], pad_id)
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                      use_cache=False)
+    finally:
+        model.train(training)
+    return sums
 
 
-@torch.no_grad()
 def prompt_means(model: nn.Module, rows: list[EncodedRow], batch_size: int, pad_id: int, progress: Progress,
                  label: str) -> torch.Tensor:
     """``[L, 2, D]`` float64: mean residual entering each layer at ``t_inst`` (index 0) and ``t_post`` (index 1) of
     the prompts of ``rows`` (answers are not fed)."""
-    layers = list(range(len(decoder_layers(model))))
-    sums: dict[int, torch.Tensor] = {}
-
-    def read(layer: int, hidden: torch.Tensor) -> None:
-        at = torch.arange(hidden.shape[0], device=hidden.device)
-        picked = torch.stack([hidden[at, batch["harc_t_inst"].to(hidden.device)],
-                              hidden[at, batch["harc_t_post"].to(hidden.device)]], dim=1)  # [B, 2, D]
-        total = picked.double().sum(0)
-        sums[layer] = sums[layer] + total if layer in sums else total
-
-    device = _device(model)
-    with reading_layers(model, layers, read):
-        for group in progress(chunks([EncodedRow(r.prompt_ids, (), r.t_inst) for r in rows], batch_size), label):
-            batch = collate_rows([(ROLE_HARMLESS, row) for row in group], pad_id)
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                  use_cache=False)
+    layers = list(range(len(text_decoder(model).layers)))
+    sums = _hidden_sums(model, rows, layers, 0, lambda _, hidden, batch: torch.stack(
+        [at_positions(hidden, batch["harc_t_inst"]), at_positions(hidden, batch["harc_t_post"])], dim=1),
+        batch_size, pad_id, progress, label)
     return torch.stack([sums[layer] for layer in layers]).cpu() / len(rows)
 
 
-@torch.no_grad()
 def response_means(model: nn.Module, rows: list[EncodedRow], num_tokens: int, batch_size: int, pad_id: int,
                    progress: Progress, label: str) -> torch.Tensor:
     """``[L, D]`` float64: mean over ``rows`` of the residual entering each layer averaged over the row's first
-    ``num_tokens`` answer tokens.
+    ``num_tokens`` answer tokens."""
 
-    Answers are fed only up to those tokens: under causal attention the residuals there do not depend on what
-    follows, so the means are those of the whole rows (the reference feeds whole answers) at a fraction of the cost.
-    """
-    rows = [EncodedRow(row.prompt_ids, row.response_ids[:num_tokens], row.t_inst) for row in rows]
-    layers = list(range(len(decoder_layers(model))))
-    sums: dict[int, torch.Tensor] = {}
+    def pooled(_: int, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        window = response_window(batch["harc_response_mask"], num_tokens).to(hidden.device, torch.float64)
+        return torch.einsum("bt,btd->bd", window, hidden.double())
 
-    def read(layer: int, hidden: torch.Tensor) -> None:
-        weights = window.to(device=hidden.device, dtype=torch.float64)
-        total = torch.einsum("bt,btd->d", weights, hidden.double())
-        sums[layer] = sums[layer] + total if layer in sums else total
-
-    device = _device(model)
-    with reading_layers(model, layers, read):
-        for group in progress(chunks(rows, batch_size), label):
-            batch = collate_rows([(ROLE_HARMLESS, row) for row in group], pad_id)
-            window = response_window(batch["harc_response_mask"], num_tokens)
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                  use_cache=False)
+    layers = list(range(len(text_decoder(model).layers)))
+    sums = _hidden_sums(model, rows, layers, num_tokens, pooled, batch_size, pad_id, progress, label)
     return torch.stack([sums[layer] for layer in layers]).cpu() / len(rows)
 
 
@@ -145,3 +146,26 @@ def blended(base: Directions, fresh: Directions, beta: float) -> Directions:
     """Each direction of ``fresh`` blended with ``base``'s (:func:`blend`)."""
     pairs = {name: blend(value, getattr(fresh, name), beta) for name, value in base.tensors().items()}
     return Directions(**pairs)
+
+
+def validation_cosines(model: nn.Module, harmful: list[EncodedRow], harmless: list[EncodedRow],
+                       directions: Directions, layers: list[int], batch_size: int, pad_id: int,
+                       progress: Progress) -> dict[str, dict[str, float]]:
+    """The diagnostic on held-out prompts (the reference's ``project_validation``): for each coupled layer ``l``, the
+    mean over held-out harmful (and harmless) prompts of ``cos(h_l(t_post), v_ref[l])`` and
+    ``cos(h_l(t_inst), v_harm[l])``: ``{"<layer>": {"harmful_ref", "harmless_ref", "harmful_harm",
+    "harmless_harm"}}``. Coupling works when the harmful means rise towards the margin and the harmless ones stay at
+    or below zero."""
+
+    def cosines(layer: int, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # [B, 2]
+        post = at_positions(hidden, batch["harc_t_post"]).float()
+        inst = at_positions(hidden, batch["harc_t_inst"]).float()
+        return torch.stack([F.cosine_similarity(post, directions.v_ref[layer].to(post.device)[None], dim=-1),
+                            F.cosine_similarity(inst, directions.v_harm[layer].to(inst.device)[None], dim=-1)], 1)
+
+    means = {}
+    for name, rows in (("harmful", harmful), ("harmless", harmless)):
+        sums = _hidden_sums(model, rows, layers, 0, cosines, batch_size, pad_id, progress, f"HARC validation: {name}")
+        means[name] = {layer: (sums[layer] / len(rows)).tolist() for layer in layers}
+    return {str(layer): {f"{name}_{key}": round(means[name][layer][k], 6) for key, k in (("ref", 0), ("harm", 1))
+                         for name in ("harmful", "harmless")} for layer in layers}

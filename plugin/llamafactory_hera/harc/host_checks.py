@@ -15,7 +15,7 @@ from typing import Any
 from llamafactory_hera.anatomy.board_log import say
 from llamafactory_hera.anatomy.recipe_keys import truthy
 from llamafactory_hera.anatomy.run_checks import DATA_CONFIG, check_dataset_names, check_run_inputs
-from llamafactory_hera.harc.args import HarcArguments, moving_weights
+from llamafactory_hera.harc.args import ROLE_KEYS, HarcArguments, moving_weights
 from llamafactory_hera.harc.layers import eligible_layers
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value
@@ -81,22 +81,21 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
         say("note: stage: harc reads its rows from the harc_* role keys; `dataset` is not used.")
 
 
-def _check_datasets(dataset_dir: str, harc_args: HarcArguments) -> None:
-    if not (Path(dataset_dir) / DATA_CONFIG).is_file():
-        raise RecipeError(f"dataset_dir: {dataset_dir} has no {DATA_CONFIG}; the harc_* keys name datasets listed "
-                          "there (`llamafactory-hera harc-data --out DIR` writes one).")
-    for key, name in harc_args.roles().items():
-        check_dataset_names(key, [name], dataset_dir, f"Add it there or name one of those in {key}.")
-
-
 def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
                        generating_args: Any, harc_args: HarcArguments) -> None:
     """Checks on the parsed arguments and the model's config (seconds, before the model loads)."""
     if not data_args.template:
         raise RecipeError("template: stage: harc locates the instruction's last token and the assistant header with "
                           "the model's chat template; set template (e.g. llama3, qwen).")
-    if not str(data_args.dataset_dir).startswith(("REMOTE:", "ONLINE")):
-        _check_datasets(str(data_args.dataset_dir), harc_args)
+    dataset_dir = str(data_args.dataset_dir)
+    if not dataset_dir.startswith(("REMOTE:", "ONLINE")):
+        if not (Path(dataset_dir) / DATA_CONFIG).is_file():
+            raise RecipeError(f"dataset_dir: {dataset_dir} has no {DATA_CONFIG}; the harc_* keys name datasets listed "
+                              "there (`llamafactory-hera harc-data --out DIR` writes one).")
+        for key in (*ROLE_KEYS, "harc_extract_harmful", "harc_extract_harmless"):
+            if getattr(harc_args, key):
+                check_dataset_names(key, [getattr(harc_args, key)], dataset_dir,
+                                    f"Add it there or name one of those in {key}.")
     check_run_inputs(model_args, data_args, training_args, datasets_used=False, stage="harc")
     from transformers import AutoConfig
 

@@ -22,7 +22,7 @@ METHOD = Method(
     run="llamafactory_hera.harc.workflow:run_harc",
     log_keys=LOG_KEYS,
     panel="llamafactory_hera.harc.webui_panel:PANEL",
-    add_cli_verbs="llamafactory_hera.harc.cli:add_verbs",
+    add_cli_verbs="llamafactory_hera.harc.convert:add_verbs",
     records=("harc_run.json",),
 )
 

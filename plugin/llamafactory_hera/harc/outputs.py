@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,7 @@ def finish_run(trainer: Any) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     started = time.perf_counter()
     state.record(model, trainer.state.global_step, "end", 0.0)
-    evaluation = None
-    if args.harc_eval:
-        evaluation = _refusals(trainer, model)
+    evaluation = _refusals(trainer, model) if args.harc_eval else None
     seconds = time.perf_counter() - started
     if trainer.is_world_process_zero():
         output = Path(trainer.args.output_dir)
@@ -65,12 +64,10 @@ def finish_run(trainer: Any) -> None:
                                                         for e in state.history],
                   "rows": run.rows.counts, "refreshes": state.refreshes,
                   "refresh_seconds": round(state.refresh_seconds, 3), "end_seconds": round(seconds, 3),
-                  "settings": args.to_dict()}
+                  "settings": asdict(args)}
         (output / EVAL_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
         _plots(trainer, output, evaluation, state.history)
-        stale = output / STATE_FILE
-        if stale.is_file():
-            stale.unlink()
+        (output / STATE_FILE).unlink(missing_ok=True)
         rates = ""
         if evaluation is not None:
             before = evaluation["before"]
@@ -95,7 +92,7 @@ def _plots(trainer: Any, output: Path, evaluation: dict[str, Any] | None, histor
     from llamafactory_hera.harc.plots import plot_diagnostics, plot_refusal
 
     if evaluation is not None:
-        plot_refusal(evaluation, output / EVAL_PLOT, output.name)
-    plot_diagnostics(history, output / DIAGNOSTICS_PLOT, run_name=output.name)
+        plot_refusal(evaluation, output / EVAL_PLOT)
+    plot_diagnostics(history, output / DIAGNOSTICS_PLOT)
     trainer.save_state()  # trainer_state.json: the curves are read from its log history
     plot_training(output, "harc", TRAINING_PLOT, trainer.harc_run.smooth)

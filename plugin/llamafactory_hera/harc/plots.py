@@ -15,7 +15,6 @@ from llamafactory_hera.anatomy.plot_text import fit_title
 _GROUPS = (("harmful", "held-out harmful\n(higher: safer)"), ("pseudo", "pseudo-harmful\n(lower: less over-refusal)"))
 _BEFORE_COLOR, _AFTER_COLOR = "#9e9e9e", "#1f77b4"
 _HARMFUL_COLOR, _HARMLESS_COLOR = "#d62728", "#2ca02c"
-_KEYS = ("ref", "harm")
 
 
 def _figure(width: float, height: float) -> Any:
@@ -34,15 +33,10 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _rate(record: dict[str, Any], group: str) -> float | None:
-    value = record.get(f"refusal_rate_{group}")
-    return None if value is None else float(value)
-
-
-def plot_refusal(record: dict[str, Any], path: Path, run_name: str | None = None) -> Path:
+def plot_refusal(record: dict[str, Any], path: Path) -> Path:
     """Bar chart of :func:`~llamafactory_hera.harc.evaluate.refusal_record`'s refusal rates, held-out harmful vs
     pseudo-harmful prompts (their counts under the bars), each bar labelled with its percentage (``n/a`` for an
-    empty set); the title names the run (``run_name``, default: ``path``'s folder).
+    empty set); the title names the run (``path``'s folder).
 
     When ``record["before"]`` holds a record with the same keys (the model with its adapter disabled), its rates
     stand beside the trained ones. Returns ``path``.
@@ -57,7 +51,7 @@ def plot_refusal(record: dict[str, Any], path: Path, run_name: str | None = None
     for k, (name, rates, color) in enumerate(series):
         for g, (group, _) in enumerate(_GROUPS):
             x = g + (k - (len(series) - 1) / 2) * width
-            value = _rate(rates, group)
+            value = rates.get(f"refusal_rate_{group}")
             ax.bar(x, 0.0 if value is None else value, width * 0.92, color=color,
                    label=name if g == 0 else None)
             text = "n/a" if value is None else f"{100 * value:.0f}%"
@@ -71,7 +65,7 @@ def plot_refusal(record: dict[str, Any], path: Path, run_name: str | None = None
     ax.set_ylabel("refusal rate")
     ax.legend(loc="upper center", ncols=len(series), fontsize=9, frameon=False)
     ax.set_title("greedy answers; a refusal is found by a phrase matcher", fontsize=8)
-    title = f"{run_name or Path(path).parent.name} (stage: harc): refusal rates"
+    title = f"{Path(path).parent.name} (stage: harc): refusal rates"
     fit_title(fig, fig.suptitle(title, fontsize=10), title)
     return _save(fig, path)
 
@@ -87,20 +81,15 @@ def _mean_cosines(entry: dict[str, Any]) -> dict[str, float] | None:
             for key in ("harmful_ref", "harmless_ref", "harmful_harm", "harmless_harm")}
 
 
-def _layer_text(layers: list[int]) -> str:
-    return "L" + ",".join(str(layer) for layer in layers)
-
-
-def plot_diagnostics(history: list[dict[str, Any]], path: Path, margin: float | None = None,
-                     run_name: str | None = None) -> Path:
+def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
     """Validation cosines against the optimizer step: left ``cos(h(t_post), v_ref)``, right
     ``cos(h(t_inst), v_harm)``, each the mean over held-out harmful (solid) and harmless (dashed) prompts, averaged
     over the entry's coupled layers.
 
     ``history``: entries ``{"step": int, "layers": [int, ...], "validation": {"<layer>": {"harmful_ref",
     "harmless_ref", "harmful_harm", "harmless_harm"}}}`` (other keys ignored; entries without validation skipped).
-    Dotted verticals mark where the coupled layers change; the layer sets are listed under the panels. ``margin``
-    (optional) draws the coupling margin. The title names the run (``run_name``, default: ``path``'s folder).
+    Dotted verticals mark where the coupled layers change; the layer sets are listed under the panels. The title
+    names the run (``path``'s folder).
     ValueError when no entry has validation cosines. Returns ``path``.
     """
     from matplotlib.ticker import MaxNLocator
@@ -117,15 +106,13 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path, margin: float | 
     fig = _figure(9.6, 4.4)
     axes = fig.subplots(1, 2, sharey=True)
     style = {"marker": "o", "markersize": 4} if len(points) <= 30 else {}
-    for ax, key, name in zip(axes, _KEYS, ("prompt end t_post vs v_ref", "instruction t_inst vs v_harm"),
+    for ax, key, name in zip(axes, ("ref", "harm"), ("prompt end t_post vs v_ref", "instruction t_inst vs v_harm"),
                              strict=True):
         ax.plot(steps, [m[f"harmful_{key}"] for _, _, m in points], color=_HARMFUL_COLOR, linestyle="-",
                 label="held-out harmful", **style)
         ax.plot(steps, [m[f"harmless_{key}"] for _, _, m in points], color=_HARMLESS_COLOR, linestyle="--",
                 label="held-out harmless", **style)
         ax.axhline(0.0, color="black", linewidth=0.6)
-        if margin is not None:
-            ax.axhline(margin, color="#7f7f7f", linestyle=":", linewidth=1.0, label=f"margin {margin:g}")
         for step, _ in changes[1:]:
             ax.axvline(step, color="#7f7f7f", linestyle=":", linewidth=0.8)
         if len(set(steps)) == 1:
@@ -138,8 +125,8 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path, margin: float | 
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean cosine over the coupled layers")
     axes[0].legend(fontsize=8)
-    footer = "coupled layers: " + "; ".join(f"step {step}: {_layer_text(layers)}" for step, layers in changes)
+    footer = "coupled layers: " + "; ".join(f"step {step}: L{','.join(map(str, layers))}" for step, layers in changes)
     fit_title(fig, fig.supxlabel(footer, fontsize=9), footer)
-    title = f"{run_name or Path(path).parent.name} (stage: harc): held-out prompts' residuals against the directions"
+    title = f"{Path(path).parent.name} (stage: harc): held-out prompts' residuals against the directions"
     fit_title(fig, fig.suptitle(title, fontsize=10), title)
     return _save(fig, path)

@@ -19,25 +19,16 @@ from llamafactory_hera.anatomy.projection import text_decoder
 from llamafactory_hera.short_errors import RecipeError
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a plain, PEFT-wrapped or DDP/DeepSpeed-unwrapped causal LM."""
-    return list(text_decoder(model).layers)
-
-
-def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 @contextmanager
 def reading_layers(model: nn.Module, layers: list[int],
                    read: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
     """Call ``read(layer, hidden [B, T, D])`` with the residual entering each of ``layers`` during forwards inside."""
-    modules = decoder_layers(model)
+    modules = text_decoder(model).layers  # of a plain, PEFT-wrapped or unwrapped DDP / DeepSpeed causal LM
     handles = []
 
     def hook_for(layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            read(layer, _hidden(args, kwargs))
+            read(layer, args[0] if args else kwargs["hidden_states"])
         return hook
 
     try:
@@ -47,6 +38,11 @@ def reading_layers(model: nn.Module, layers: list[int],
     finally:
         for handle in handles:
             handle.remove()
+
+
+def at_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``hidden[b, positions[b]]`` for each row: ``[B, T, D]``, ``[B]`` -> ``[B, D]``."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)]
 
 
 def response_window(response_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -92,9 +88,8 @@ class StepCapture:
                                   "coupling loss would not train anything. Causes: reentrant gradient checkpointing "
                                   "(the stage turns it off; was use_reentrant_gc forced?) or no trainable parameter "
                                   "below that layer (LoRA must target the decoder layers).")
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            self.inst[layer] = hidden[rows, self.t_inst.to(hidden.device)]
-            self.post[layer] = hidden[rows, self.t_post.to(hidden.device)]
+            self.inst[layer] = at_positions(hidden, self.t_inst)
+            self.post[layer] = at_positions(hidden, self.t_post)
             if self.window is not None:
                 weights = self.window.to(device=hidden.device, dtype=hidden.dtype)
                 self.response[layer] = torch.einsum("bt,btd->bd", weights, hidden)

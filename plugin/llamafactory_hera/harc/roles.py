@@ -99,20 +99,17 @@ def load_role_rows(args: HarcArguments, load: Loader, template: Any, tokenizer: 
             "and layers are scored on the prompt side only, 1 - |cos(v_ref, v_harm)|. Name a dataset of harmful "
             "prompts with harmful completions to run HARC whole.")
     helpful = encode("harc_harmless", harmless, harmless_split.extract)
-    harmful_prompts, harmless_prompts = refusals, helpful
-    for key, role_split in (("harc_extract_harmful", "harmful"), ("harc_extract_harmless", "harmless")):
+    prompts = {"harc_extract_harmful": refusals, "harc_extract_harmless": helpful}  # prompt-side means
+    for key in prompts:
         name = getattr(args, key)
         if name:
             aligned = load(name)
             check_role_size(key, name, len(aligned), 2, "the prompt-side means")
-            rows = encode(key, aligned, list(range(min(extract_n, len(aligned)))), with_response=False)
-            counts[key] = {"rows": len(aligned), "extract": len(rows), "validate": 0, "train": 0}
-            if role_split == "harmful":
-                harmful_prompts = rows
-            else:
-                harmless_prompts = rows
+            prompts[key] = encode(key, aligned, list(range(min(extract_n, len(aligned)))), with_response=False)
+            counts[key] = {"rows": len(aligned), "extract": len(prompts[key]), "validate": 0, "train": 0}
     # answers as bare text in the response-side means, as the reference's extraction
-    extraction = ExtractionRows(harmful_prompts=harmful_prompts, harmless_prompts=harmless_prompts,
+    extraction = ExtractionRows(harmful_prompts=prompts["harc_extract_harmful"],
+                                harmless_prompts=prompts["harc_extract_harmless"],
                                 refusals=without_answer_tail(refusals, closing),
                                 helpful=without_answer_tail(helpful, closing),
                                 completions=None if completions is None else without_answer_tail(completions,

@@ -17,9 +17,15 @@ import torch
 from torch import nn
 
 from llamafactory_hera.harc.args import HarcArguments
-from llamafactory_hera.harc.directions import Directions, ExtractionRows, Progress, blended, extract
+from llamafactory_hera.harc.directions import (
+    Directions,
+    ExtractionRows,
+    Progress,
+    blended,
+    extract,
+    validation_cosines,
+)
 from llamafactory_hera.harc.layers import layer_scores, select_layers
-from llamafactory_hera.harc.validation import validation_cosines
 from llamafactory_hera.short_errors import RecipeError
 
 STATE_FILE = "harc_state.pt"
@@ -54,13 +60,8 @@ class HarcState:
 
     def _extract(self, model: nn.Module) -> Directions:
         args = self.args
-        training = model.training
-        model.eval()  # as the reference: no dropout while extracting
-        try:
-            found = extract(model, self.rows, args.harc_response_tokens, args.harc_extract_batch_size, self.pad_id,
-                            self.progress)
-        finally:
-            model.train(training)
+        found = extract(model, self.rows, args.harc_response_tokens, args.harc_extract_batch_size, self.pad_id,
+                        self.progress)
         return Directions(**_broadcast({k: v.cpu() for k, v in found.tensors().items()}))
 
     def scores(self) -> torch.Tensor:

@@ -28,7 +28,6 @@ from llamafactory_hera.harc.data import ROLE_HARMFUL
 from llamafactory_hera.harc.directions import Directions
 from llamafactory_hera.harc.losses import coupling_loss, kl_to_reference, refusal_cross_entropy
 from llamafactory_hera.harc.residuals import StepCapture, reading_layers, response_window
-from llamafactory_hera.harc.state import HarcState
 
 _TERMS = ("couple", "couple_resp", "kl", "ce")
 
@@ -45,10 +44,10 @@ class _StepEnd(TrainerCallback):
         resumed = trainer.harc_resume_folder
         if resumed is not None:
             trainer.harc_state.load(resumed)
-            trainer.harc_say(f"HARC: resumed directions and layers {trainer.harc_state.layers} from {resumed}")
+            trainer.harc_run.say(f"HARC: resumed directions and layers {trainer.harc_state.layers} from {resumed}")
             return
         trainer.harc_state.start(trainer.accelerator.unwrap_model(trainer.model))
-        trainer.harc_say(f"HARC: base directions extracted; coupling layers {trainer.harc_state.layers}")
+        trainer.harc_run.say(f"HARC: base directions extracted; coupling layers {trainer.harc_state.layers}")
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
@@ -57,16 +56,16 @@ class _StepEnd(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
-        trainer.harc_state.on_step_end(model, state.global_step, state.max_steps, trainer.harc_say)
+        trainer.harc_state.on_step_end(model, state.global_step, state.max_steps, trainer.harc_run.say)
 
 
 class HarcTrainerMixin:
-    """See the module docstring. Needs ``harc_args``, ``harc_state`` and ``harc_say`` (a one-line reporter)."""
+    """See the module docstring. ``harc_run``: the run's context (:class:`~llamafactory_hera.harc.workflow.RunContext`,
+    its state included)."""
 
-    def __init__(self, *args: Any, harc_args: HarcArguments, harc_state: HarcState, harc_say: Any,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, harc_args: HarcArguments, harc_run: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.harc_args, self.harc_state, self.harc_say = harc_args, harc_state, harc_say
+        self.harc_args, self.harc_run, self.harc_state = harc_args, harc_run, harc_run.state
         self.model_accepts_loss_kwargs = False  # the Trainer divides by the accumulation steps, as the reference
         self._harc_sums = torch.zeros(len(_TERMS) + 1, dtype=torch.float64)
         self.add_callback(_StepEnd(self))
@@ -85,16 +84,19 @@ class HarcTrainerMixin:
         return result
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        from llamafactory_hera.harc.schedule import reference_warmup, uses_reference_warmup
+        """``constant_with_warmup`` as the reference's (``main/train.py``, ``lr_at``: ``lr * (step + 1) / warmup``):
+        optimizer step ``k`` of ``W`` warm-up steps runs at ``k / W`` of the rate, so the first update already moves
+        the adapter. HF's schedule of that name runs step ``k`` at ``(k - 1) / W``: its first update is at rate 0
+        (with LoRA: the B factors stay 0). The other schedules are LLaMA-Factory's."""
+        from transformers import SchedulerType
 
-        if self.lr_scheduler is None and uses_reference_warmup(self.args):  # first update at lr / W, as the reference
-            self.lr_scheduler = reference_warmup(optimizer or self.optimizer,
-                                                 self.args.get_warmup_steps(num_training_steps))
+        warmup = SchedulerType(self.args.lr_scheduler_type) == SchedulerType.CONSTANT_WITH_WARMUP
+        if self.lr_scheduler is None and warmup:
+            steps = self.args.get_warmup_steps(num_training_steps)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, lambda step: min(1.0, (step + 1) / steps) if steps > 0 else 1.0)
             self._created_lr_scheduler = True
         return super().create_scheduler(num_training_steps, optimizer)
-
-    def _harc_model(self, model: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(model)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -110,7 +112,7 @@ class HarcTrainerMixin:
         coupled_response = state.current.v_ref_resp is not None
         window = response_window(response, args.harc_response_tokens) if coupled_response else None
         capture = StepCapture(extras["harc_t_inst"], extras["harc_t_post"], window, require_grad=True)
-        inner = self._harc_model(model)
+        inner = self.accelerator.unwrap_model(model)
         with reading_layers(inner, state.layers, capture):
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         capture.read(state.layers)

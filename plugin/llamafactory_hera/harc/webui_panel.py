@@ -1,15 +1,10 @@
-"""The HARC panel of LlamaBoard (LLaMA-Factory's web UI), declared: its fields (defaults from
-:class:`~llamafactory_hera.harc.args.HarcArguments`, the reference's), the check of ``harc_band`` against the model's
-depth, and the loss plot with HARC's terms beside the loss; their texts in LlamaBoard's languages are
-``panel_texts.yaml`` beside it.
-:mod:`llamafactory_hera.anatomy.panel_builder` makes the panel; how panels are wired into LlamaBoard is
-:mod:`llamafactory_hera_patches.webui_board`.
-
-The four role datasets are dropdowns of the datasets in the Train tab's Data dir (its dataset_info.json), prefilled
-with the names ``llamafactory-hera harc-data`` writes (each role under its key's name, e.g. ``harc_harmful``). The
-other ``harc_*`` keys (``harc_extract_harmful``, ``harc_extract_harmless``, ``harc_response_tokens``,
-``harc_refresh_beta``, ``harc_max_length``, ``harc_extract_batch_size``, ``harc_eval_max_new_tokens``) go into
-LlamaBoard's "Extra arguments" JSON box, which wins over the panel.
+"""The HARC panel of LlamaBoard, declared: its fields (defaults from
+:class:`~llamafactory_hera.harc.args.HarcArguments`, the reference's; texts in ``panel_texts.yaml``), the check of
+``harc_band`` against the model's depth, and the loss plot with HARC's terms. The role datasets are dropdowns of the
+Data dir's datasets, prefilled with the names ``harc-data`` writes; the keys without a field (``harc_extract_harmful``,
+``harc_extract_harmless``, ``harc_response_tokens``, ``harc_refresh_beta``, ``harc_max_length``,
+``harc_extract_batch_size``, ``harc_eval_max_new_tokens``) go into "Extra arguments". What users see: docs/harc.md,
+"LlamaBoard"; the builder: :mod:`llamafactory_hera.anatomy.panel_builder`.
 """
 
 from __future__ import annotations
@@ -24,8 +19,6 @@ from llamafactory_hera.harc.args import ROLE_KEYS, HarcArguments, parse_harc_arg
 
 # HARC's terms in trainer_log.jsonl (llamafactory_hera.harc.method.LOG_KEYS) -> colour in the loss plot
 TERM_COLORS = {"harc_ce": "#d62728", "harc_kl": "#2ca02c", "harc_couple": "#ff7f0e", "harc_couple_resp": "#9467bd"}
-# the dataset names `llamafactory-hera harc-data` writes (harc/convert.py: each role under its recipe key's name)
-HARC_DATA_NAMES = {key: key for key in ROLE_KEYS}
 
 
 def check_band_depth(args: HarcArguments, context: Mapping[str, Any]) -> str:
@@ -45,7 +38,7 @@ def check_band_depth(args: HarcArguments, context: Mapping[str, Any]) -> str:
 
 
 FIELDS = (
-    *(Field(key, 0, default=HARC_DATA_NAMES[key]) for key in ROLE_KEYS),
+    *(Field(key, 0, default=key) for key in ROLE_KEYS),  # `harc-data` writes each role under its key's name
     Field("harc_batch_harmful", 1),
     Field("harc_batch_harmless", 1),
     Field("harc_batch_pseudo", 1),

@@ -9,7 +9,7 @@ the dataset is replaced by HARC's composed micro-batches (:mod:`~llamafactory_he
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from llamafactory_hera.harc.args import HarcArguments
@@ -67,15 +67,8 @@ def write_run_record(harc_args: HarcArguments, *holders: Any) -> None:
             for value in [getattr(holder, key, None)]}
     output = Path(holders[-1].output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    record = {"stage": "harc", "llamafactory_hera_version": __version__, "settings": harc_args.to_dict(), "host": host}
+    record = {"stage": "harc", "llamafactory_hera_version": __version__, "settings": asdict(harc_args), "host": host}
     (output / HARC_RUN_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
-
-
-def _loader(model_args: Any, data_args: Any, training_args: Any) -> Callable[[str], Any]:
-    from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
-
-    recipe = RecipeArgs(model_args, data_args, None)
-    return lambda name: load_aligned_rows(recipe, training_args.seed, [name], training_args=training_args)
 
 
 def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
@@ -86,6 +79,7 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
     from llamafactory_hera.harc.roles import load_role_rows
     from llamafactory_hera.harc.state import HarcState
     from llamafactory_hera.harc.trainer import HarcTrainerMixin
+    from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
 
     run = RunContext(plot=bool(finetuning_args.plot_loss), smooth=host.smooth)
     if training_args.should_save:
@@ -96,8 +90,10 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
         # main process first, as LLaMA-Factory's own get_dataset: the other ranks then read the datasets cache
         with training_args.main_process_first(desc="load HARC's role datasets",
                                               local=not getattr(data_args, "data_shared_file_system", False)):
-            rows = load_role_rows(harc_args, _loader(model_args, data_args, training_args), template, tokenizer,
-                                  training_args.seed, say)
+            recipe = RecipeArgs(model_args, data_args, None)
+            rows = load_role_rows(harc_args, lambda name: load_aligned_rows(recipe, training_args.seed, [name],
+                                                                            training_args=training_args),
+                                  template, tokenizer, training_args.seed, say)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         stop = [tokenizer.convert_tokens_to_ids(word) for word in getattr(template, "stop_words", []) or []]
         run.rows, run.tokenizer = rows, tokenizer
@@ -119,8 +115,7 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
 
     class HarcSeq2SeqTrainer(HarcTrainerMixin, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, harc_args=harc_args, harc_state=run.state, harc_say=say, **kwargs)
-            self.harc_run = run
+            super().__init__(*args, harc_args=harc_args, harc_run=run, **kwargs)
 
     host.run(HarcCollator, HarcSeq2SeqTrainer, model_args, data_args, training_args, finetuning_args,
              generating_args, callbacks, get_dataset=get_dataset)

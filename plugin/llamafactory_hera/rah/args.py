@@ -7,7 +7,7 @@ w_O, trim, beta, the CAF form and weight, the KL probe). Values arrive typed (YA
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from llamafactory_hera.anatomy.recipe_keys import fail, parse_keys, recipe_key
@@ -70,9 +70,6 @@ class RahArguments:
         choices=(AUTO, "vo", "o", "v"))
     rah_batch_size: int = recipe_key(
         1, "Rows per I-SAL forward (attention weights of every layer are kept: ~1 GB per 7B sample in bf16).", min=1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def layer_list(self, num_layers: int) -> list[int]:
         """The layers to calibrate in a model of ``num_layers`` decoder layers; ValueError naming rah_layers."""

@@ -22,6 +22,7 @@ from llamafactory_hera.rah.probe import (
     TokenKinds,
     attention_modules,
     gate_gradients,
+    model_inputs,
     profile_attention,
     token_masks,
 )
@@ -115,20 +116,12 @@ def _slices(module: nn.Module, heads: Iterable[int], geometry: Geometry) -> tupl
 def _probe_logits(model: nn.Module, batches: list[dict[str, Any]],
                   positions: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     """Logits at the probe's text positions after the image, float32: ``[n_positions, V]`` per sample.
-    ``positions`` holds each sample's positions as an index tensor (found once, :func:`_probe_positions`):
-    indexing with it needs no host sync, where a boolean mask would wait for the device at every alpha tried."""
+    ``positions`` holds each sample's positions as an index tensor (found once, in :func:`calibrate`): indexing
+    with it needs no host sync, where a boolean mask would wait for the device at every alpha tried."""
     with torch.no_grad():
-        logits = [model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-                  for batch in batches]
+        logits = [model(**model_inputs(batch), use_cache=False).logits for batch in batches]
     return [rows[b][index].float() for rows, sample in zip(logits, positions, strict=True)
             for b, index in enumerate(sample)]
-
-
-def _probe_positions(batches: list[dict[str, Any]], kinds: TokenKinds) -> list[list[torch.Tensor]]:
-    """Per KL probe batch, per sample, the text positions after the image as an index tensor ``[n_positions]``
-    (one host sync per sample, once per calibration)."""
-    masks = [token_masks(b["input_ids"], b["attention_mask"], kinds)[2] for b in batches]
-    return [[row.nonzero(as_tuple=True)[0] for row in mask] for mask in masks]
 
 
 def modules_for(args: RahArguments, geometry: Geometry) -> tuple[str, ...]:
@@ -194,7 +187,9 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
             entry_of = dict(zip(flat, pool, strict=True))
             updates.append(HeadUpdate(layer, head, [(*entry_of[i], score) for i, score in best], distance))
     slices.cache_clear()
-    masks = _probe_positions(kl_batches, kinds)
+    # per KL probe batch and sample, the text positions after the image (one host sync per sample, once)
+    masks = [[row.nonzero(as_tuple=True)[0] for row in token_masks(b["input_ids"], b["attention_mask"], kinds)[2]]
+             for b in kl_batches]
     if not any(index.numel() for sample in masks for index in sample):
         raise RecipeError("RAH-LoRA: no KL probe row has text after its image, so no update could be measured; use "
                           "rows whose text follows the image.")
@@ -221,13 +216,11 @@ def _calibrate_head(model: nn.Module, modules: list[nn.Module], update: HeadUpda
     v_head, o_head = _slices(module, [update.head], geometry)
     targets = {"v": (module.v_proj.weight, (v_rows(update.head, geometry), slice(None)), v_head[0], v_anchor),
                "o": (module.o_proj.weight, (slice(None), o_columns(update.head, geometry)), o_head[0], o_anchor)}
-    saved, steps = {}, {}
+    saved = {}
     for name in names:
         weight, index, own, anchor = targets[name]
-        u, s, vh = low_rank(trimmed_mean(anchor, args.rah_trim) - own, args.rah_rank)
-        update.factors[name] = (u, s, vh)
+        update.factors[name] = low_rank(trimmed_mean(anchor, args.rah_trim) - own, args.rah_rank)
         saved[name] = weight.data[index].clone()
-        steps[name] = (u, s, vh)
     last: dict[float, list[torch.Tensor]] = {}
 
     def set_alpha(alpha: float) -> None:
@@ -237,7 +230,7 @@ def _calibrate_head(model: nn.Module, modules: list[nn.Module], update: HeadUpda
         # (in bf16 too, where the rounded step differs from the exact one; see docs/rah.md, "What a run does").
         for name in names:
             weight, index, _, _ = targets[name]
-            b, a = lora_pair(*steps[name], alpha)
+            b, a = lora_pair(*update.factors[name], alpha)
             weight.data[index] = (saved[name].float() + b @ a).to(weight.dtype)
 
     def kl_at(alpha: float) -> float:

@@ -11,17 +11,13 @@ import torch
 import torch.nn.functional as F
 
 
-def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """The ``q``-th percentile (0-100) of a 1-D tensor, linear interpolation (numpy's default)."""
-    return torch.quantile(values.float(), q / 100.0)
-
-
 def targets_in_layer(isal_std: torch.Tensor, caf: torch.Tensor, isal_percentile: float = 15.0,
                      caf_percentile: float = 70.0) -> list[int]:
     """Heads of one layer with standardised I-SAL below its ``isal_percentile`` AND CAF above its
-    ``caf_percentile`` (Eq. 6-7): weakly cross-modal yet influential. ``[H]``, ``[H]`` -> head indices."""
-    low = isal_std < percentile(isal_std, isal_percentile)
-    high = caf > percentile(caf, caf_percentile)
+    ``caf_percentile`` (Eq. 6-7): weakly cross-modal yet influential. ``[H]``, ``[H]`` -> head indices. Percentiles
+    interpolate linearly (numpy's default)."""
+    low = isal_std < torch.quantile(isal_std.float(), isal_percentile / 100.0)
+    high = caf > torch.quantile(caf.float(), caf_percentile / 100.0)
     return [int(h) for h in torch.nonzero(low & high).flatten()]
 
 

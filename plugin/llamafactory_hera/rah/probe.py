@@ -21,8 +21,6 @@ from llamafactory_hera.anatomy.projection import text_decoder
 from llamafactory_hera.rah.scores import isal, margin_loss
 from llamafactory_hera.short_errors import RecipeError
 
-_MODEL_KEYS = ("labels",)  # dropped from the batch: RAH is label-free
-
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The text decoder's self-attention modules, one per layer (each with ``v_proj`` and ``o_proj``)."""
@@ -81,8 +79,9 @@ def token_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return image, text, text & seen_image
 
 
-def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in batch.items() if k not in _MODEL_KEYS}
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` without its labels (RAH-LoRA is label-free)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def image_layouts(batch: dict[str, Any], image: torch.Tensor) -> list[tuple[int, ...]]:
@@ -142,10 +141,6 @@ class AttentionProfile:
             parts.append(unit * (self.map_rows[layout] / total) ** 0.5)
         return torch.cat(parts, dim=-1)
 
-    @property
-    def map_samples(self) -> int:
-        return sum(self.map_rows.values())
-
 
 @torch.no_grad()
 def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int], kinds: TokenKinds,
@@ -155,7 +150,7 @@ def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int]
     A row's map is the mean over its text queries (``pairs``: ``paper`` every text position, as Eq. 3 and 10 write
     T; ``visible`` the text after the image) of the attention to each image position; a row without text after
     its image has none (its map would be all zeros)."""
-    outputs = model(**_model_inputs(batch), output_attentions=True, use_cache=False)
+    outputs = model(**model_inputs(batch), output_attentions=True, use_cache=False)
     attentions = outputs.attentions
     if attentions is None or any(attentions[layer] is None for layer in layers):
         raise RecipeError("RAH-LoRA needs attention weights: the model did not return them (load it with eager "
@@ -209,7 +204,7 @@ def gate_gradients(model: nn.Module, batch: dict[str, Any], layers: list[int], n
     """d(margin loss)/d(gate) of one sample (batch of 1) at gamma = 1: ``[L, H]`` float32."""
     modules = attention_modules(model)
     with head_gates(modules, layers, num_heads, head_dim) as gates, torch.enable_grad():
-        logits = model(**_model_inputs(batch), use_cache=False).logits
+        logits = model(**model_inputs(batch), use_cache=False).logits
         _, _, after = token_masks(batch["input_ids"], batch["attention_mask"], kinds)
         loss = margin_loss(logits, after)
         grads = torch.autograd.grad(loss, [gates[layer] for layer in layers])

@@ -1,14 +1,8 @@
-"""The RAH-LoRA panel of LlamaBoard (LLaMA-Factory's web UI), declared: its fields (defaults from
-:class:`~llamafactory_hera.rah.args.RahArguments`, the paper's), the check of ``rah_layers`` against the model's
-depth, and the calibration's progress in place of the loss plot (RAH-LoRA trains nothing); their texts and the note
-in LlamaBoard's languages are ``panel_texts.yaml`` beside it. :mod:`llamafactory_hera.anatomy.panel_builder` makes
-the panel; how panels are wired into LlamaBoard is :mod:`llamafactory_hera_patches.webui_board`.
-
-RAH-LoRA takes no optimizer step: the panel says so, and the command leaves out the Train tab's optimizer settings
-(learning rate, epochs, batch size, gradient accumulation, scheduler, warmup, gradient clipping) unless "Extra
-arguments" sets them. The other ``rah_*`` keys (``rah_rho``, ``rah_w_v``, ``rah_adjacent_layers``, ``rah_trim``,
-``rah_beta``, ``rah_caf_weight``, ``rah_halvings``, ``rah_batch_size``) go into LlamaBoard's "Extra arguments" JSON
-box, which wins over the panel.
+"""The RAH-LoRA panel of LlamaBoard, declared: its fields (defaults from
+:class:`~llamafactory_hera.rah.args.RahArguments`, texts in ``panel_texts.yaml``), the check of ``rah_layers``
+against the model's depth, and the calibration's progress in place of the loss plot (RAH-LoRA takes no optimizer step,
+so the command also leaves out the Train tab's optimizer settings). What users see: docs/rah.md, "LlamaBoard"; the
+builder: :mod:`llamafactory_hera.anatomy.panel_builder`.
 """
 
 from __future__ import annotations
