@@ -1,7 +1,7 @@
 """Whether a head's MKNN change is real (``select --report``): the paired bootstrap against an independent brute-force
-reference (explicit head representations, cosine similarities in float64, neighbour lists of the resampled set by
-an explicit sort with ties to the lower position, Python set intersections), and the within-noise marking on
-constructed cases."""
+reference (explicit head representations, cosine similarities in float64, neighbour sets by an explicit sort with
+ties to the lower index, Python set intersections, a plain loop over the resamples and their pairs), and the
+within-noise marking on constructed cases."""
 
 from __future__ import annotations
 
@@ -12,13 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from llamafactory_hera.hera.selection.noise import (
-    paired_bootstrap,
-    prefix_length,
-    resampled_scores,
-    resolution,
-    within_noise,
-)
+from llamafactory_hera.hera.selection import noise
+from llamafactory_hera.hera.selection.noise import paired_bootstrap, resolution, within_noise
 from llamafactory_hera.hera.selection.report import report_fields, summary_rows
 from llamafactory_hera.hera.selection.scores import HeadNeighbours, all_head_neighbours, clamp_outliers
 
@@ -37,8 +32,8 @@ def _inputs(num: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]
 
 def _draw(num: int, count: int, seed: int) -> list[list[int]]:
     """The resamples the bootstrap draws with ``seed``: ``count`` rows of ``num`` pair indices (with replacement, a
-    seeded CPU generator), each row sorted."""
-    return torch.randint(num, (count, num), generator=torch.Generator().manual_seed(seed)).sort(dim=-1).values.tolist()
+    seeded CPU generator)."""
+    return torch.randint(num, (count, num), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _cosines(rows: torch.Tensor) -> list[list[float]]:
@@ -46,16 +41,21 @@ def _cosines(rows: torch.Tensor) -> list[list[float]]:
     return (unit @ unit.T).tolist()
 
 
-def _brute_mknn(head_sims: list[list[float]], teacher_sims: list[list[float]], picks: list[int], k: int) -> float:
-    """MKNN of the resampled set ``picks`` (pair indices, one position each): position a's neighbours are the k
-    positions b of other pairs (``picks[b] != picks[a]``) most similar to it, ties to the lower position."""
+def _shared(head_sims: list[list[float]], teacher_sims: list[list[float]], k: int) -> list[int]:
+    """Each pair's number of neighbours shared by the head and the teacher: pair i's neighbours are the k other pairs
+    most similar to it, ties to the lower index."""
 
-    def neighbours(sims: list[list[float]], a: int) -> set[int]:
-        others = [b for b in range(len(picks)) if picks[b] != picks[a]]
-        return set(sorted(others, key=lambda b: (-sims[picks[a]][picks[b]], b))[:k])
+    def neighbours(sims: list[list[float]], i: int) -> set[int]:
+        return set(sorted((j for j in range(len(sims)) if j != i), key=lambda j: (-sims[i][j], j))[:k])
 
-    shared = sum(len(neighbours(head_sims, a) & neighbours(teacher_sims, a)) for a in range(len(picks)))
-    return shared / (len(picks) * k)
+    return [len(neighbours(head_sims, i) & neighbours(teacher_sims, i)) for i in range(len(head_sims))]
+
+
+def _brute_deltas(before: list[list[int]], after: list[list[int]], picks: list[list[int]], k: int) -> np.ndarray:
+    """``[resamples, heads]`` after - before MKNN of each resample: its pairs' shared neighbours as counted on the full
+    set, summed pair by pair."""
+    return np.array([[sum(a[i] - b[i] for i in row) / (len(row) * k) for b, a in zip(before, after, strict=True)]
+                     for row in picks])
 
 
 def _head_sims(pooled: list[torch.Tensor], weights: list[torch.Tensor], clamp: float) -> list[list[list[float]]]:
@@ -69,80 +69,52 @@ def _head_sims(pooled: list[torch.Tensor], weights: list[torch.Tensor], clamp: f
     return out
 
 
-@pytest.mark.parametrize("num,k,clamp", [(16, 3, 0.0), (64, 3, 0.95)])  # the second keeps a prefix shorter than N-1
-def test_resampled_scores_equal_a_brute_force_mknn_of_the_resampled_pairs(num: int, k: int, clamp: float) -> None:
+@pytest.mark.parametrize("num,k,clamp", [(16, 3, 0.0), (64, 3, 0.95)])
+def test_each_pairs_overlap_is_its_brute_force_shared_neighbours(num: int, k: int, clamp: float) -> None:
     pooled, weights, _, teacher = _inputs(num, seed=num)
-    prefix = prefix_length(num, k)
-    assert prefix == min(num - 1, 4 * k + 24)
-    got = all_head_neighbours(pooled, weights, teacher, k, HEAD_DIM, clamp=clamp, prefix=prefix)
-    assert got.heads is not None and got.teacher is not None
-    assert got.heads.shape == (LAYERS, HEADS, num, prefix) and got.teacher.shape == (num, prefix)
-    orders = got.heads.flatten(0, 1)
-    head_sims = _head_sims(pooled, weights, clamp)
+    got = all_head_neighbours(pooled, weights, teacher, k, HEAD_DIM, clamp=clamp)
+    assert got.scores.shape == (LAYERS, HEADS) and got.overlaps.shape == (LAYERS, HEADS, num)
+    assert torch.equal(got.scores, got.overlaps.mean(-1))  # the score is the mean of the kept overlaps
     teacher_sims = _cosines(clamp_outliers(teacher.double(), clamp))
-
-    # every pair once: the scores themselves
-    whole, valid = resampled_scores(orders, got.teacher, torch.ones(1, num), k)
-    assert bool(valid.all())
-    torch.testing.assert_close(whole[0], got.scores.flatten(), atol=1e-6, rtol=0)
-
-    picks = _draw(num, 6, seed=1)
-    counts = torch.tensor([[row.count(pair) for pair in range(num)] for row in picks], dtype=torch.float32)
-    scores, valid = resampled_scores(orders, got.teacher, counts, k)
-    assert bool(valid.all())
-    for r, row in enumerate(picks):
-        assert len(set(row)) < num  # a real resample: some pairs twice, some left out
-        for h, sims in enumerate(head_sims):
-            assert float(scores[r, h]) == pytest.approx(_brute_mknn(sims, teacher_sims, row, k), abs=1e-6), (r, h)
+    want = [_shared(sims, teacher_sims, k) for sims in _head_sims(pooled, weights, clamp)]
+    assert (got.overlaps * k).flatten(0, 1).tolist() == want
 
 
-def test_paired_bootstrap_interval_is_the_percentile_of_brute_force_deltas() -> None:
+def test_paired_bootstrap_equals_a_brute_force_loop_over_resamples_and_pairs(monkeypatch) -> None:
     num, k, resamples, seed = 20, 3, 25, 7
     pooled, before_w, after_w, teacher = _inputs(num, seed=3)
-    prefix = prefix_length(num, k)
-    before = all_head_neighbours(pooled, before_w, teacher, k, HEAD_DIM, prefix=prefix)
-    after = all_head_neighbours(pooled, after_w, teacher, k, HEAD_DIM, prefix=prefix)
-    boot = paired_bootstrap(before, after, k, seed, resamples=resamples, batch=resamples)
-    assert boot.settings["resamples"] == resamples and boot.settings["redrawn"] == 0
-    # the reference draws the same resamples and scores both sides of each with a plain loop
-    picks = _draw(num, resamples, seed)
-    sims_before, sims_after = _head_sims(pooled, before_w, 0.0), _head_sims(pooled, after_w, 0.0)
+    before = all_head_neighbours(pooled, before_w, teacher, k, HEAD_DIM)
+    after = all_head_neighbours(pooled, after_w, teacher, k, HEAD_DIM)
+    boot = paired_bootstrap(before, after, k, seed, resamples=resamples)
+    assert boot.settings["resamples"] == resamples and boot.deltas.shape == (resamples, LAYERS, HEADS)
     teacher_sims = _cosines(teacher)
-    want = np.array([[_brute_mknn(a, teacher_sims, row, k) - _brute_mknn(b, teacher_sims, row, k)
-                      for b, a in zip(sims_before, sims_after, strict=True)] for row in picks])
-    np.testing.assert_allclose(boot.deltas.reshape(resamples, -1), want, atol=1e-6)
-    np.testing.assert_allclose(boot.low.flatten(), np.quantile(want, 0.025, axis=0), atol=1e-6)
-    np.testing.assert_allclose(boot.high.flatten(), np.quantile(want, 0.975, axis=0), atol=1e-6)
-    again = paired_bootstrap(before, after, k, seed, resamples=resamples, batch=4)  # batches change nothing
-    np.testing.assert_array_equal(again.deltas, boot.deltas)
-
-
-def test_resamples_that_cannot_be_scored_are_redrawn_and_counted() -> None:
-    """Four pairs, k = 2: a resample holding a pair three times leaves that pair one other copy, fewer than k."""
-    num, k = 4, 2
-    pooled, weights, _, teacher = _inputs(num, seed=5)
-    got = all_head_neighbours(pooled, weights, teacher, k, HEAD_DIM, prefix=prefix_length(num, k))
-    counts = torch.tensor([[3.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    _, valid = resampled_scores(got.heads.flatten(0, 1), got.teacher, counts, k)
-    assert valid.tolist() == [False, True]
-    boot = paired_bootstrap(got, got, k, seed=0, resamples=200)
-    assert boot.settings["resamples"] == 200 and boot.settings["redrawn"] > 0 and float(abs(boot.deltas).max()) == 0.0
+    picks = _draw(num, resamples, seed)
+    assert all(len(set(row)) < num for row in picks)  # real resamples: some pairs twice, some left out
+    want = _brute_deltas([_shared(sims, teacher_sims, k) for sims in _head_sims(pooled, before_w, 0.0)],
+                         [_shared(sims, teacher_sims, k) for sims in _head_sims(pooled, after_w, 0.0)], picks, k)
+    np.testing.assert_array_equal(boot.deltas.reshape(resamples, -1), want)
+    tail = (1.0 - 0.95) / 2  # the 95% interval's tails as the bootstrap computes them (0.025 + 2e-17)
+    np.testing.assert_array_equal(boot.low.flatten(), np.quantile(want, tail, axis=0))
+    np.testing.assert_array_equal(boot.high.flatten(), np.quantile(want, 1.0 - tail, axis=0))
+    np.testing.assert_array_equal(boot.noise, within_noise(boot.delta, boot.low, boot.high, resolution(num, k)))
+    monkeypatch.setattr(noise, "_CHUNK_ELEMENTS", 4 * num)  # resamples drawn 4 at a time: no number changes
+    np.testing.assert_array_equal(paired_bootstrap(before, after, k, seed, resamples=resamples).deltas, boot.deltas)
+    assert not np.array_equal(paired_bootstrap(before, after, k, seed + 1, resamples=resamples).deltas, boot.deltas)
 
 
 def _constructed(num: int = 24, k: int = 3) -> tuple[HeadNeighbours, HeadNeighbours]:
     """Two heads (one layer): head 0 unchanged by training; head 1 random before and the teacher's own neighbours
     after (MKNN 1.0), a change far beyond noise."""
-    prefix = prefix_length(num, k)
     gen = torch.Generator().manual_seed(0)
     teacher_feats = torch.randn(num, 6, generator=gen)
-    teacher = all_head_neighbours([teacher_feats], [torch.eye(6)], teacher_feats, k, 6, prefix=prefix)
+    teacher = all_head_neighbours([teacher_feats], [torch.eye(6)], teacher_feats, k, 6)
     random_feats = torch.randn(num, 6, generator=gen)
-    unchanged = all_head_neighbours([random_feats], [torch.eye(6)], teacher_feats, k, 6, prefix=prefix)
+    unchanged = all_head_neighbours([random_feats], [torch.eye(6)], teacher_feats, k, 6)
     assert float(teacher.scores[0, 0]) == 1.0 and float(unchanged.scores[0, 0]) < 0.5
 
     def stack(*heads: HeadNeighbours) -> HeadNeighbours:
-        return HeadNeighbours(torch.cat([h.scores for h in heads], dim=1), torch.cat([h.heads for h in heads], dim=1),
-                              teacher.teacher)
+        return HeadNeighbours(torch.cat([h.scores for h in heads], dim=1),
+                              torch.cat([h.overlaps for h in heads], dim=1))
 
     return stack(unchanged, unchanged), stack(unchanged, teacher)
 

@@ -54,8 +54,7 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
     select.add_argument("--dry-run", action="store_true", help="score and report, write no recipe")
     select.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="with --report: resamples of the pairs for each head's interval (default 1000; at least "
-                        "100). Every head of every layer is resampled: on a CPU a 7B model's 1,000 pairs take about "
-                        "90 min at 1000, so use a GPU (--device cuda) or fewer resamples there")
+                        "100)")
     select.add_argument("--verbose", action="store_true",
                         help="print the host's loading output (transformers, LLaMA-Factory, warnings) here; by default "
                         "it goes to a log next to the outputs (RECIPE.hera_selection.log, RUN_DIR/hera_report.log)")

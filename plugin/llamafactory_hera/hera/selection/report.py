@@ -22,7 +22,6 @@ from llamafactory_hera.hera.selection.noise import (
     RESAMPLES,
     HeadChange,
     paired_bootstrap,
-    prefix_length,
     within_noise,
 )
 from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
@@ -115,10 +114,9 @@ def change_note(change: HeadChange, num_pairs: int, k: int) -> str:
     """The lines printed under the table: what the resolution and the interval are."""
     settings = change.settings
     percent = f"{100 * settings['confidence']:g}%"
-    redrawn = f"; {settings['redrawn']} resamples redrawn" if settings["redrawn"] else ""
     return (f"resolution: 1/({num_pairs} pairs x k={k}) = {change.resolution:.4f} (the smallest step a score moves)\n"
             f"ci: {percent} paired bootstrap interval of delta, {settings['resamples']} resamples of the {num_pairs} "
-            f"pairs (seed {settings['seed']}{redrawn}); within noise: the interval contains 0 or |delta| < resolution\n"
+            f"pairs (seed {settings['seed']}); within noise: the interval contains 0 or |delta| < resolution\n"
             f"{int(change.noise.sum())} of {change.noise.size} heads changed within noise")
 
 
@@ -148,10 +146,9 @@ def run_report(args: Any) -> dict[str, Any]:
     with host_output_to(None if getattr(args, "verbose", False) else run_dir / REPORT_LOG):
         base_args = parse_recipe(recipe)
         pairs, identity = prepare(base_args, options)
-        prefix = prefix_length(len(pairs), options.k)
-        before = score_head_neighbours(base_args, options, pairs, prefix)
-        after = score_head_neighbours(parse_recipe(_trained_recipe(recipe, run_dir)), options, pairs, prefix)
-        change = paired_bootstrap(before, after, options.k, seed, resamples=resamples, device=options.resolved_device())
+        before = score_head_neighbours(base_args, options, pairs)
+        after = score_head_neighbours(parse_recipe(_trained_recipe(recipe, run_dir)), options, pairs)
+        change = paired_bootstrap(before, after, options.k, seed, resamples=resamples)
         selected = [(parse_head(h).layer, parse_head(h).head) for h in hera.hera_heads]
         rows = summary_rows(change, selected)
         show(format_head_table(rows, TABLE_COLUMNS))

@@ -33,22 +33,6 @@ def ranked_similarity(gram: torch.Tensor) -> torch.Tensor:
     return ranked
 
 
-def ranked_prefix(ranked: torch.Tensor, prefix: int) -> torch.Tensor:
-    """The ``prefix`` nearest neighbours of every row, nearest first, ties towards the lower index (what the
-    report's bootstrap resamples, :mod:`llamafactory_hera.hera.selection.noise`).
-
-    Args:
-        ranked: ``[..., N, N]`` similarities with the diagonal at ``-inf`` (:func:`ranked_similarity`).
-        prefix: neighbours kept per row, ``1 <= prefix <= N - 1``.
-
-    Returns:
-        ``[..., N, prefix]`` int32 indices; the first k are the set ``top_k_stable(ranked, k)`` holds.
-    """
-    chosen = top_k_stable(ranked, prefix).sort(dim=-1).values  # the prefix set, in index order
-    order = ranked.gather(-1, chosen).sort(dim=-1, descending=True, stable=True).indices
-    return chosen.gather(-1, order).to(torch.int32)
-
-
 def row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     """``[...]`` q-quantile of each row of ``values`` ``[..., D]`` with linear interpolation (as ``torch.quantile``).
 
@@ -77,10 +61,9 @@ def clamp_outliers(feats: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def layer_head_neighbours(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: torch.Tensor, k: int,
-                          head_dim: int, max_chunk_elements: int = 2**26, clamp: float = 0.0,
-                          prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """MKNN of each head of one layer against precomputed teacher neighbours, and with ``prefix`` > 0 each head's
-    ``prefix`` nearest neighbours of every sample.
+                          head_dim: int, max_chunk_elements: int = 2**26,
+                          clamp: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """MKNN of each head of one layer against precomputed teacher neighbours, and each sample's own overlap.
 
     Args:
         pooled: ``[N, H * head_dim]`` pooled ``o_proj`` inputs of the N calibration samples.
@@ -93,8 +76,8 @@ def layer_head_neighbours(pooled: torch.Tensor, weight: torch.Tensor, teacher_kn
         clamp: PRH's outlier quantile (0 or 1: no clamp).
 
     Returns:
-        (``[H]`` float32 scores in [0, 1], ``[H, N, prefix]`` int32 ranked neighbours (nearest first, ties towards
-        the lower index, :func:`ranked_prefix`) or None when ``prefix`` is 0).
+        (``[H]`` float32 scores in [0, 1], ``[H, N]`` float32 ``|kNN_head(i) ∩ kNN_teacher(i)| / k`` of each
+        sample i: the scores are their means).
     """
     num = pooled.shape[0]
     if not 1 <= k <= num - 1:
@@ -102,13 +85,9 @@ def layer_head_neighbours(pooled: torch.Tensor, weight: torch.Tensor, teacher_kn
     heads = pooled.shape[1] // head_dim
     p = pooled.float().unflatten(-1, (heads, head_dim)).transpose(0, 1)  # [H, N, dh]
     w = weight.float().to(p.device).unflatten(-1, (heads, head_dim))  # [d, H, dh]
-    scores, orders = [], []
-    for ranked in _ranked_blocks(p, w, max_chunk_elements, clamp):  # [h, N, N]
-        overlap = knn_overlap(top_k_stable(ranked, k), teacher_knn.to(ranked.device).unsqueeze(0), num)  # [h, N]
-        scores.append(overlap.mean(-1))
-        if prefix:
-            orders.append(ranked_prefix(ranked, prefix))
-    return torch.cat(scores), (torch.cat(orders) if prefix else None)
+    overlaps = torch.cat([knn_overlap(top_k_stable(ranked, k), teacher_knn.to(ranked.device).unsqueeze(0), num)
+                          for ranked in _ranked_blocks(p, w, max_chunk_elements, clamp)])  # [H, N]
+    return overlaps.mean(-1), overlaps
 
 
 def _ranked_blocks(p: torch.Tensor, w: torch.Tensor, max_chunk_elements: int, clamp: float) -> Iterator[torch.Tensor]:
@@ -144,18 +123,15 @@ def all_head_scores(pooled: list[torch.Tensor], weights: list[torch.Tensor], tea
 
 @dataclass
 class HeadNeighbours:
-    """Every head's MKNN and, when asked for, the ranked neighbours the bootstrap resamples (CPU tensors)."""
+    """Every head's MKNN and each pair's overlap it averages (CPU tensors; the report's bootstrap resamples them)."""
 
     scores: torch.Tensor  # [L, H] float32
-    heads: torch.Tensor | None = None  # [L, H, N, P] int32, nearest first
-    teacher: torch.Tensor | None = None  # [N, P] int32
+    overlaps: torch.Tensor  # [L, H, N] float32 |kNN_head(i) ∩ kNN_teacher(i)| / k
 
 
 def all_head_neighbours(pooled: list[torch.Tensor], weights: list[torch.Tensor], teacher: torch.Tensor, k: int,
-                        head_dim: int, device: torch.device | str | None = None, clamp: float = 0.0,
-                        prefix: int = 0) -> HeadNeighbours:
-    """MKNN of every head of every layer, and with ``prefix`` > 0 the ``prefix`` nearest neighbours of every sample
-    for every head and for the teacher.
+                        head_dim: int, device: torch.device | str | None = None, clamp: float = 0.0) -> HeadNeighbours:
+    """MKNN of every head of every layer and each pair's overlap (:func:`layer_head_neighbours`).
 
     Args:
         pooled: per layer ``[N, H * head_dim]`` pooled ``o_proj`` inputs (any device).
@@ -167,14 +143,8 @@ def all_head_neighbours(pooled: list[torch.Tensor], weights: list[torch.Tensor],
         clamp: PRH's outlier quantile for both sides (0 or 1: no clamp).
     """
     device = device or teacher.device
-    teacher_feats = clamp_outliers(teacher.to(device).float(), clamp)
-    teacher_knn = knn_indices(teacher_feats, k)  # what teacher_neighbours gives (the monitor's side)
-    rows = [layer_head_neighbours(p.to(device), w.to(device), teacher_knn, k, head_dim, clamp=clamp, prefix=prefix)
+    teacher_knn = teacher_neighbours(teacher, k, device, clamp)
+    rows = [layer_head_neighbours(p.to(device), w.to(device), teacher_knn, k, head_dim, clamp=clamp)
             for p, w in zip(pooled, weights, strict=True)]
-    scores = torch.stack([row[0] for row in rows]).cpu()  # one device-to-host copy for every layer
-    if not prefix:
-        return HeadNeighbours(scores)
-    unit = torch.nn.functional.normalize(teacher_feats, dim=-1)  # ranked exactly as knn_indices ranks it
-    teacher_ranked = (unit @ unit.transpose(-1, -2)).fill_diagonal_(float("-inf"))
-    teacher_order = ranked_prefix(teacher_ranked, prefix)
-    return HeadNeighbours(scores, torch.stack([row[1] for row in rows]).cpu(), teacher_order.cpu())
+    # one device-to-host copy for every layer
+    return HeadNeighbours(torch.stack([row[0] for row in rows]).cpu(), torch.stack([row[1] for row in rows]).cpu())

@@ -295,11 +295,10 @@ def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str) -> tuple[An
     return model, tokenizer_module, template
 
 
-def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair],
-                          prefix: int = 0) -> HeadNeighbours:
-    """Load the model the way LLaMA-Factory does, in ``options.dtype``: ``[L, H]`` MKNN scores (CPU), and with
-    ``prefix`` > 0 every head's and the teacher's ``prefix`` nearest neighbours of each pair
-    (:func:`~llamafactory_hera.hera.selection.scores.all_head_neighbours`)."""
+def score_head_neighbours(recipe_args: Any, options: SelectionOptions,
+                          pairs: list[collect.CalibrationPair]) -> HeadNeighbours:
+    """Load the model the way LLaMA-Factory does, in ``options.dtype``: ``[L, H]`` MKNN scores and each pair's
+    overlap (CPU, :func:`~llamafactory_hera.hera.selection.scores.all_head_neighbours`)."""
     from llamafactory_hera_patches.model_data import multimodal_dataset_and_collator
 
     device = options.resolved_device()
@@ -322,8 +321,7 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: li
     teacher = load_teacher(options.teacher, options.teacher_feature, device)
     feats = collect.collect_teacher(teacher, load_image_processor(options.teacher), pairs,
                                     teacher_batch_size(options.batch_size), options.progress)
-    return all_head_neighbours(pooled, weights, feats, options.k, geometry.head_dim, device, clamp=options.clamp,
-                               prefix=prefix)
+    return all_head_neighbours(pooled, weights, feats, options.k, geometry.head_dim, device, clamp=options.clamp)
 
 
 def run_selection(recipe_args: Any, options: SelectionOptions,
