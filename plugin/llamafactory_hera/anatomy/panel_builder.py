@@ -74,7 +74,6 @@ class MethodPanel:
         self.note = f"{declaration.prefix}note" if "note" in texts else ""  # element id of the note, if any
         self.keys = tuple(field.key for field in self.fields)
         self.defaults = {field.key: field.default for field in self.fields}
-        self.dataset_from_panel = declaration.dataset_from_panel
         # language -> what starts an error about the panel's values
         self.error_prefix = {lang: text.format(name=declaration.name) for lang, text in shared["error_prefix"].items()}
         self.locales: Locales = {self.tab: {lang: {"label": text.format(name=declaration.name)}
