@@ -103,13 +103,13 @@ def worker(args: argparse.Namespace) -> None:
                 peak = max(peak, live)
             self.peak_mb, self.profiler = peak / 2**20, None
 
-    from llamafactory_hera.hera.monitor import AlignmentMonitor, MonitorCallback
+    from llamafactory_hera.hera.monitor import MonitorCallback
     from llamafactory_hera.hera.teacher_run import RunTeacher
 
     # the teacher pass before the first step, if any; the probe pairs' teacher features, once, before step 1; each
     # monitor point (the probe forward and the scoring, synced)
     precompute_seconds = time_calls(RunTeacher, "precompute")
-    monitor_prepare = time_calls(AlignmentMonitor, "prepare_teacher")
+    monitor_prepare = time_calls(MonitorCallback, "prepare_teacher")
     monitor_points = time_calls(MonitorCallback, "point")
 
     class MonitorPoints(TrainerCallback):

@@ -48,7 +48,7 @@ def main() -> None:
     from llamafactory_hera.anatomy.heads import attention_geometry
     from llamafactory_hera.anatomy.projection import text_decoder
     from llamafactory_hera.hera.selection import collect
-    from llamafactory_hera.hera.selection.scores import all_head_scores
+    from llamafactory_hera.hera.selection.scores import all_head_neighbours
     from llamafactory_hera.hera.selection.select import SelectionOptions, prepare
     from llamafactory_hera.hera.teacher import load_image_processor, load_teacher
     from llamafactory_hera.hera.teacher_batch import teacher_batch_size
@@ -91,7 +91,7 @@ def main() -> None:
         feats = collect.collect_teacher(teacher, processor, pairs, teacher_batch_size(args.batch), progress=False)
         sync()
         t2 = time.perf_counter()
-        all_head_scores(pooled, collect.layer_weights(model), feats, args.k, head_dim, args.device, clamp=args.clamp)
+        all_head_neighbours(pooled, collect.layer_weights(model), feats, args.k, head_dim, args.device, args.clamp)
         sync()
         t3 = time.perf_counter()
         return {"total": t3 - t0, "forward+pooling": t1 - t0, "teacher": t2 - t1, "scoring": t3 - t2}

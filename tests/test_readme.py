@@ -247,19 +247,6 @@ def test_demo_clears_only_its_own_outputs_in_its_own_folder(tmp_path: Path) -> N
     assert sorted(p.name for p in folder.iterdir()) == sorted([folders.MARKER_NAME, "mine.txt"])
 
 
-def test_a_demo_root_loses_the_outputs_the_single_folder_demo_left_at_its_top(tmp_path: Path) -> None:
-    for name in ("run", "assets"):
-        (tmp_path / name).mkdir()
-    (tmp_path / "assets" / "fixtures_stamp.json").write_text("{}", encoding="utf-8")  # the demo made this root
-    for name in ("recipe.yaml", "train.log", "mine.txt"):
-        (tmp_path / name).write_text("", encoding="utf-8")
-    assert folders.remove_legacy_outputs(tmp_path) == ["run", "recipe.yaml", "train.log"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["assets", "mine.txt"]
-    other = tmp_path / "elsewhere"
-    (other / "run").mkdir(parents=True)
-    assert folders.remove_legacy_outputs(other) == [] and (other / "run").is_dir()  # not the demo's: untouched
-
-
 @pytest.mark.parametrize(("argv", "message"), [
     (["--method", "rah", "--steps", "3"], "--steps 3: RAH-LoRA takes no optimizer step"),
     (["--method", "harc", "--family", "llava"], "--family llava: the harc demo runs on llama3, qwen2"),

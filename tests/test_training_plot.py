@@ -111,13 +111,15 @@ def test_hera_training_plot_from_the_log(saved: list[Figure], tmp_path: Path, mo
 
 
 def test_series_merge_the_log_and_the_trainer_state(tmp_path: Path) -> None:
-    """Keys only in trainer_state.json (e.g. a monitor key the log patch does not copy) and eval_loss are read."""
+    """Keys only in trainer_state.json (e.g. a monitor key the log patch does not copy), a method's own entry (the
+    monitor's point at step 0) and eval_loss are read; the Trainer's summaries are not."""
     _hera_log(tmp_path, 4, monitor=False)
-    history = [{"step": 2, "loss": 6.24, "hera_mknn": 0.4}, {"step": 2, "eval_loss": 6.5},
-               {"step": 4, "train_runtime": 3.0}]
+    history = [{"step": 0, "hera_mknn": 0.35}, {"step": 2, "loss": 6.24, "hera_mknn": 0.4},
+               {"step": 2, "eval_loss": 6.5, "eval_runtime": 1.0}, {"step": 4, "train_runtime": 3.0}]
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}), encoding="utf-8")
     series = read_series(tmp_path)
-    assert series["hera_mknn"] == ([2], [0.4]) and series["eval_loss"] == ([2], [6.5])
+    assert series["hera_mknn"] == ([0, 2], [0.35, 0.4]) and series["eval_loss"] == ([2], [6.5])
+    assert "eval_runtime" not in series
     assert series["loss"][0] == [1, 2, 3, 4] and "train_runtime" not in series and "epoch" not in series
 
 
@@ -145,8 +147,8 @@ def test_single_step_and_nothing_logged(saved: list[Figure], tmp_path: Path, cap
 def test_a_run_shorter_than_logging_steps_warns_and_exits_0(assets: Any, harc_assets: Any, stage: str,
                                                             tmp_path: Path) -> None:
     """A one-step smoke test (``max_steps: 1`` below ``logging_steps: 5``) logs no loss: ``llamafactory-cli train``
-    warns that nothing was plotted and exits 0, as the stock ``plot_loss`` does (issue 31 item 7: it used to fail
-    after training with ``no loss, term or panel series was logged``)."""
+    exits 0, as the stock ``plot_loss`` does (issue 31 item 7: it used to fail after training with ``no loss, term or
+    panel series was logged``), warning that nothing was plotted (HeRA plots its monitor's points)."""
     from conftest import base_recipe, harc_recipe, run_train
     from llamafactory_hera.rah.demo import build_rah_recipe
 
@@ -157,9 +159,12 @@ def test_a_run_shorter_than_logging_steps_warns_and_exits_0(assets: Any, harc_as
               "harc": lambda: harc_recipe(harc_assets, "llama3", out, **short)}[stage]()
     proc = run_train(recipe, tmp_path, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    if stage != "rah":  # training-free: no loss to plot
+    if stage == "harc":  # training-free: no loss to plot
         assert "warning: training plot of one-step-" in proc.stdout, proc.stdout[-3000:]
         assert "training.png not drawn" in proc.stdout and not (out / "training.png").exists()
+    if stage == "hera":  # no loss either, but the alignment monitor's points at steps 0 and 1 are drawn
+        assert (out / "training.png").exists(), proc.stdout[-3000:]
+        assert "not logged, so not plotted: loss, lm_loss, hera_loss" in proc.stdout
 
 
 def test_head_figures_say_what_boxes_and_hatching_mean(saved: list[Figure], tmp_path: Path) -> None:

@@ -206,7 +206,7 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
     def _initialize(self: Any, data: dict[Any, Any], do_train: bool, from_preview: bool) -> str:
         selected = chosen(self, data)
         dataset_box = self.manager.get_elem_by_id("train.dataset") if do_train and selected is not None else None
-        if dataset_box is not None and selected[1].dataset_from_panel and not data.get(dataset_box):
+        if dataset_box is not None and selected[1].declaration.dataset_from_panel and not data.get(dataset_box):
             # the method reads its rows from its panel's dataset keys: the stock "choose a dataset" check would
             # refuse an empty Dataset box (the run fills `dataset` itself, see the method's raw host checks)
             data = {**data, dataset_box: ["(from the panel)"]}

@@ -95,8 +95,3 @@ def declared_methods() -> tuple[Method, ...]:
         raise RuntimeError(f"llamafactory-hera: two declared methods share a stage or a key prefix: {stages}, "
                            f"{prefixes}")
     return methods
-
-
-def method_for_stage(stage: Any) -> Method | None:
-    """The declared method that ``stage`` selects, or None (a LLaMA-Factory stage)."""
-    return next((method for method in declared_methods() if method.owns(stage)), None)

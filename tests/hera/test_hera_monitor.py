@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import base_recipe, read_log_history, read_trainer_log, run_train, run_verb
+from plot_checks import legend_clearance
 
 HEADS = ["L1H0", "L1H2"]
 # 32 steps of 8 pairs (8 epochs of the 32 fixture pairs), lambda 1, learning rate 5e-3: the aligned heads move within
@@ -76,10 +77,14 @@ def test_held_out_probe_and_default_schedule(assets, tmp_path: Path) -> None:
            in proc.stdout
     assert [p["current_steps"] for p in _points(out)] == [0, 1, 2, 3, 4]
 
-    from llamafactory_hera.hera.board_plot import hera_loss_figure
+    from llamafactory_hera.hera.webui_panel import PANEL
 
-    figure = hera_loss_figure(read_trainer_log(out), lambda values: values)
-    assert len(figure.axes) == 3  # loss, hera_loss (twin axis), MKNN
+    figure = PANEL.loss_figure(read_trainer_log(out), lambda values: values)
+    assert len(figure.axes) == 3  # loss, MKNN, hera_loss (the loss's twin axis)
+    mean = [line for line in figure.axes[1].get_lines() if line.get_label() == "aligned heads (mean)"]
+    assert [list(line.get_xdata()) for line in mean] == [[0, 1, 2, 3, 4]]  # step 0's point of its own too
+    clearance = legend_clearance(figure)
+    assert clearance["covered_points"] == 0 and not clearance["over_axes"] and clearance["inside_figure"], clearance
 
 
 def test_fixed_schedule() -> None:

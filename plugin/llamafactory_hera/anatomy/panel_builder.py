@@ -14,7 +14,6 @@ from typing import Any
 import yaml
 
 from llamafactory_hera.anatomy.panel_checks import dataset_names, unknown_datasets
-from llamafactory_hera.anatomy.panel_plots import loss_with_terms_figure
 from llamafactory_hera.anatomy.panel_spec import (
     NO_FIELD,
     UNKNOWN_KEY,
@@ -25,6 +24,7 @@ from llamafactory_hera.anatomy.panel_spec import (
     widget_for,
 )
 from llamafactory_hera.anatomy.panel_widgets import as_markup, create_widgets, typed_value
+from llamafactory_hera.anatomy.training_plot import TrainingPlot, draw_training, series
 
 Locales = dict[str, dict[str, dict[str, str]]]  # element name -> language -> {"label", "info"} or {"value"}
 
@@ -74,7 +74,6 @@ class MethodPanel:
         self.note = f"{declaration.prefix}note" if "note" in texts else ""  # element id of the note, if any
         self.keys = tuple(field.key for field in self.fields)
         self.defaults = {field.key: field.default for field in self.fields}
-        self.dataset_from_panel = declaration.dataset_from_panel
         # language -> what starts an error about the panel's values
         self.error_prefix = {lang: text.format(name=declaration.name) for lang, text in shared["error_prefix"].items()}
         self.locales: Locales = {self.tab: {lang: {"label": text.format(name=declaration.name)}
@@ -200,11 +199,15 @@ class MethodPanel:
         return any(log.get(key) is not None for log in trainer_log for key in markers)
 
     def loss_figure(self, trainer_log: list[dict[str, Any]], smooth: Any) -> Any:
-        """LlamaBoard's loss plot of this method's run (the declared figure, or the loss with the method's terms)."""
+        """LlamaBoard's loss plot of this method's run: the declared figure, or the figure of its ``training.png``
+        (:func:`.training_plot.draw_training`: the loss, the method's terms on a second axis, its panels; every legend
+        outside the axes so that it covers no curve) of the lines LlamaBoard passes, with LlamaBoard's smoothing. None
+        when none of them was logged."""
         plot = self.declaration.loss_plot
         if plot.figure is not None:
             return plot.figure(trainer_log, smooth)
-        return loss_with_terms_figure(trainer_log, smooth, plot)
+        data = series((log.get("current_steps"), log) for log in trainer_log)
+        return draw_training(data, TrainingPlot(tuple(plot.terms), plot.axis_label, plot.panels), smooth)
 
 
 def build_panel(declaration: PanelDeclaration) -> MethodPanel:

@@ -12,9 +12,11 @@ Imports nothing heavy: declarations are read when LlamaBoard is built and by the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
+
+from llamafactory_hera.anatomy.training_plot import Panel
 
 LANGS = ("en", "ru", "zh", "ko", "ja")  # LlamaBoard's languages (top.lang); every locale entry has all of them
 WIDGETS = ("textbox", "number", "int", "dropdown", "checkbox", "dataset")
@@ -46,16 +48,15 @@ class Field:
 class LossPlot:
     """How LlamaBoard's loss plot shows the method's runs (``trainer_log.jsonl`` lines as dicts).
 
-    A log is the method's when a line carries ``marker`` (empty: any of ``terms``). ``terms``' keys: drawn on a second
-    axis (``axis_label``) beside the loss, as the training plot draws them (:mod:`.panel_plots`; the colours,
-    ``raw_terms`` and ``axis_color`` are no longer read). ``figure``: ``(trainer_log, smooth) -> Figure`` drawn
-    instead (a method without a loss).
+    A log is the method's when a line carries ``marker`` (empty: any of ``terms``). ``terms`` (their keys, for a
+    mapping such as HARC's colour table): drawn on a second axis (``axis_label``) beside the loss, and ``panels``
+    beside that, as the training plot draws them. ``figure``: ``(trainer_log, smooth) -> Figure`` drawn instead (a
+    method without a loss).
     """
 
-    terms: Mapping[str, str] = field(default_factory=dict)
-    raw_terms: bool = False
+    terms: Collection[str] = ()
     axis_label: str = ""
-    axis_color: str | None = None
+    panels: tuple[Panel, ...] = ()
     marker: str = ""
     figure: Callable[[list[dict[str, Any]], Any], Any] | None = None
 

@@ -6,7 +6,7 @@ The series are read from ``trainer_log.jsonl`` (the lines LlamaBoard reads, with
 the run left; a key in both gives the same value. Drawn headless (an Agg canvas, no pyplot state); the steps are
 integers on every axis, the title names the run (``output_dir``'s folder and stage) and fits the figure, and the
 smoothing is the host's own (passed in by the patch), so the curves match LlamaBoard's. LlamaBoard's loss plot of a
-method's run is this figure too (:mod:`.panel_plots`).
+method's run is drawn by this code too (:meth:`.panel_builder.MethodPanel.loss_figure`).
 """
 
 from __future__ import annotations
@@ -62,13 +62,14 @@ def _number(value: Any) -> float | None:
 
 
 def series(entries: Iterable[tuple[Any, dict[str, Any]]]) -> Series:
-    """Every numeric key of the (step, log entry) pairs logged at a training step (an entry with ``loss``), and
-    ``eval_loss`` -> (steps, values), steps increasing."""
+    """Every numeric key of the (step, log entry) pairs of the training (an entry with ``loss``, or a method's own
+    entry such as HeRA's monitor point at step 0: none of the Trainer's ``eval_*``, ``predict_*`` or ``train_*``
+    summaries), and ``eval_loss`` -> (steps, values), steps increasing."""
     rows: dict[str, dict[int, float]] = {}
     for step, entry in entries:
         if not isinstance(step, int):
             continue
-        training = "loss" in entry
+        training = "loss" in entry or not any(key.startswith(("eval_", "predict_", "train_")) for key in entry)
         for key, value in entry.items():
             number = _number(value)
             if number is not None and (training or key == "eval_loss"):

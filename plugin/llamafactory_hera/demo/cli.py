@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from llamafactory_hera.demo.folders import DemoError, mark, prepare_folder, remove_legacy_outputs
+from llamafactory_hera.demo.folders import DemoError, mark, prepare_folder
 from llamafactory_hera.demo.runner import DemoContext, find_cli, offline_env, say
 from llamafactory_hera.harc import demo as harc_demo
 from llamafactory_hera.hera import demo as hera_demo
@@ -83,10 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    legacy = remove_legacy_outputs(output)
-    if legacy:
-        say(f"removed the outputs of the earlier single-folder demo from {output}: {', '.join(legacy)} (each demo "
-            "now writes into its own folder)")
     if removed:
         others = ", ".join(f"{name}/" for name in DEMOS if name != args.method)
         say(f"replaced the previous {module.TITLE} demo outputs in {folder}: {', '.join(removed)} (the folders of "

@@ -16,20 +16,10 @@ MARKER_NAME = ".llamafactory_hera_demo"
 RUN_DIR_NAME = "run"
 RECIPE_NAME = "recipe.yaml"
 LOG_NAME = "train.log"
-# what the single-folder demo (before the per-method folders) wrote at the root; removed from a root it made
-LEGACY_ROOT_OUTPUTS = (RUN_DIR_NAME, "run_sft", "run_selected", RECIPE_NAME, LOG_NAME, "recipe_selected.yaml",
-                       "recipe_selected.hera_selection.json", "recipe_selected.hera_selection.png",
-                       "recipe_selected.hera_selection.log")
 
 
 class DemoError(RuntimeError):
     """A problem the user can fix; printed as one line without a traceback."""
-
-
-def owns(folder: Path) -> bool:
-    """``folder`` was made by a demo (its marker file; or, for a root from before the marker, the demo's asset
-    build)."""
-    return (folder / MARKER_NAME).is_file() or (folder / "assets" / "fixtures_stamp.json").is_file()
 
 
 def _remove(folder: Path, names: tuple[str, ...]) -> list[str]:
@@ -50,22 +40,16 @@ def _remove(folder: Path, names: tuple[str, ...]) -> list[str]:
 def prepare_folder(folder: Path, own_outputs: tuple[str, ...], overwrite: bool) -> list[str]:
     """Make room for a new demo run in ``folder`` (one method's folder); return the names of earlier outputs removed.
 
-    A folder the demo made (see :func:`owns`) loses ``own_outputs`` (its method's outputs; nothing else of it). In
+    A folder the demo made (its marker file) loses ``own_outputs`` (its method's outputs; nothing else of it). In
     any other folder a ``run/`` that holds files is refused (:class:`DemoError`) unless ``overwrite``, which removes
     ``run/`` alone.
     """
     run_dir = folder / RUN_DIR_NAME
-    mine = owns(folder)
+    mine = (folder / MARKER_NAME).is_file()
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not (overwrite or mine):
         raise DemoError(f"{run_dir} already exists, is not empty and was not made by the demo; pass --overwrite "
                         "to replace it, or choose another --output.")
     return _remove(folder, own_outputs if mine else (RUN_DIR_NAME,))
-
-
-def remove_legacy_outputs(root: Path) -> list[str]:
-    """Remove what the single-folder demo left at the top of a root it made (its ``run/`` would now be mistaken for
-    a method's); return the names removed. A root the demo did not make is not touched."""
-    return _remove(root, LEGACY_ROOT_OUTPUTS) if owns(root) else []
 
 
 def mark(folder: Path, what: str) -> None:

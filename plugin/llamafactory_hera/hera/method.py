@@ -31,12 +31,13 @@ METHOD = Method(
     records=("hera_run.json",),
 )
 
-# the run's training.png: the HeRA term beside the losses, the learned temperature, and the alignment monitor's
-# series (aligned heads' mean MKNN, the control heads' mean, one faint line per head) when the run logged them
+# the alignment monitor's series (aligned heads' mean MKNN, the control heads' mean, one faint line per head) when
+# the run logged them, in training.png and in LlamaBoard's loss plot (webui_panel)
+ALIGNMENT_PANEL = Panel("alignment with the teacher (MKNN)", "MKNN", ("hera_mknn", "hera_mknn_control"),
+                        labels={"hera_mknn": "aligned heads (mean)", "hera_mknn_control": "control heads (mean)",
+                                "hera_mknn/": "each aligned head"},
+                        prefix="hera_mknn/", ylim=(0.0, 1.0))
+# the run's training.png: the HeRA term beside the losses, the learned temperature, the alignment panel
 TRAINING_PLOT = TrainingPlot(
     terms=("hera_loss",), terms_label="HeRA loss (InfoNCE)", losses=("loss", "lm_loss"),
-    panels=(Panel("learned temperature", "temperature (tau)", ("hera_temperature",)),
-            Panel("alignment with the teacher (MKNN)", "MKNN", ("hera_mknn", "hera_mknn_control"),
-                  labels={"hera_mknn": "aligned heads (mean)", "hera_mknn_control": "control heads (mean)",
-                          "hera_mknn/": "each aligned head"},
-                  prefix="hera_mknn/", ylim=(0.0, 1.0))))
+    panels=(Panel("learned temperature", "temperature (tau)", ("hera_temperature",)), ALIGNMENT_PANEL))

@@ -119,29 +119,54 @@ def _gathered(module: nn.Module) -> Any:
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-class AlignmentMonitor:
-    """Scores the aligned and control heads of a model on the probe set; the teacher's side is computed once."""
+def monitor_steps(every: int | None, max_steps: int) -> set[int]:
+    """The optimizer steps that get a point: 0 and every ``every`` steps, or (``None``) 0 and :data:`DEFAULT_POINTS`
+    evenly spaced steps, the last at ``max_steps`` (every step of a shorter run)."""
+    if every is not None:
+        return {0, *range(every, max_steps + 1, every)} if every > 0 else set()
+    return {0, *((i * max_steps + DEFAULT_POINTS // 2) // DEFAULT_POINTS for i in range(1, DEFAULT_POINTS + 1))}
 
-    def __init__(self, hera_args: Any, probe: ProbeSet, aligned: list[HeadRef], control: list[HeadRef],
-                 head_dim: int, device: torch.device) -> None:
-        self.hera_args = hera_args
+
+class MonitorCallback(TrainerCallback):
+    """``hera_monitor_steps``: scores the aligned and control heads on the probe set at the schedule's steps and logs
+    the points through ``trainer.log``; the teacher's side is computed once.
+
+    Added by the trainer after LLaMA-Factory's and the Trainer's own callbacks, so ``control.should_log`` is decided
+    when ``on_step_end`` reaches it; the trainer's ``log`` calls :meth:`merge` on every training log. Built before
+    training (control heads drawn, the student side's inputs built); nothing runs on the model yet.
+    """
+
+    def __init__(self, trainer: Any, hera_args: Any, probe: ProbeSet, geometry: Any, recipe_args: Any) -> None:
+        args = trainer.args
+        self.trainer = trainer
         self.probe = probe
-        self.aligned = list(aligned)
-        self.control = list(control)
-        self.head_dim = head_dim
-        self.device = device
+        self.every = hera_args.hera_monitor_steps
+        self.aligned = list(hera_args.head_refs)
+        self.control = control_heads(self.aligned, geometry.num_heads, args.seed)
+        self.head_dim = geometry.head_dim
+        self.device = args.device
         self.k = hera_args.hera_k
         self.clamp = hera_args.hera_select_clamp
         self.mode = hera_args.hera_select_mode
         self.batch_size = hera_args.hera_select_batch_size
         self.teacher_knn: torch.Tensor | None = None  # [N, k] on the device, once
-        self.tokenizer: Any = None  # text mode
-        self.dataset: Any = None  # multimodal mode: the probe rows tokenized as training tokenizes them
-        self.collator: Any = None
+        self.steps: set[int] = set()
+        self.pending: tuple[int, dict[str, float]] | None = None
         by_layer: dict[int, list[int]] = {}
         for ref in (*self.aligned, *self.control):
             by_layer.setdefault(ref.layer, []).append(ref.head)
         self.by_layer = dict(sorted(by_layer.items()))
+        collator = trainer.data_collator
+        self.tokenizer = getattr(collator, "tokenizer", None)  # text mode
+        self.dataset: Any = None  # multimodal mode: the probe rows tokenized and collated as training (and selection)
+        self.collator: Any = None
+        if self.mode == "multimodal":
+            from llamafactory_hera_patches.model_data import tokenized_rows_and_collator
+
+            chosen = probe.rows.select([pair.row for pair in probe.pairs])
+            tokenizer_module = {"tokenizer": self.tokenizer, "processor": getattr(collator, "processor", None)}
+            self.dataset, self.collator = tokenized_rows_and_collator(
+                recipe_args, trainer.model, tokenizer_module, collator.template, args.seed, chosen, args)
 
     @torch.no_grad()
     def prepare_teacher(self, teacher: Any, image_processor: Any) -> None:
@@ -193,67 +218,21 @@ class AlignmentMonitor:
             logs[CONTROL_KEY] = sum(control) / len(control)
         return logs
 
-
-def monitor_steps(every: int | None, max_steps: int) -> set[int]:
-    """The optimizer steps that get a point: 0 and every ``every`` steps, or (``None``) 0 and :data:`DEFAULT_POINTS`
-    evenly spaced steps, the last at ``max_steps`` (every step of a shorter run)."""
-    if every is not None:
-        return {0, *range(every, max_steps + 1, every)} if every > 0 else set()
-    return {0, *((i * max_steps + DEFAULT_POINTS // 2) // DEFAULT_POINTS for i in range(1, DEFAULT_POINTS + 1))}
-
-
-def monitor_callback(trainer: Any, hera_args: Any, probe: ProbeSet | None, geometry: Any,
-                     recipe_args: Any) -> MonitorCallback | None:
-    """The run's monitor (control heads drawn, the student side's inputs built; nothing runs on the model yet), or
-    None when it is off (``probe`` None)."""
-    if probe is None:
-        return None
-    args = trainer.args
-    aligned = hera_args.head_refs
-    monitor = AlignmentMonitor(hera_args, probe, aligned, control_heads(aligned, geometry.num_heads, args.seed),
-                               geometry.head_dim, args.device)
-    collator = trainer.data_collator
-    monitor.tokenizer = getattr(collator, "tokenizer", None)
-    if monitor.mode == "multimodal":  # the probe rows tokenized and collated as training (and selection) does
-        from llamafactory_hera_patches.model_data import tokenized_rows_and_collator
-
-        chosen = probe.rows.select([pair.row for pair in probe.pairs])
-        tokenizer_module = {"tokenizer": monitor.tokenizer, "processor": getattr(collator, "processor", None)}
-        monitor.dataset, monitor.collator = tokenized_rows_and_collator(
-            recipe_args, trainer.model, tokenizer_module, collator.template, args.seed, chosen, args)
-    return MonitorCallback(trainer, monitor, hera_args.hera_monitor_steps)
-
-
-class MonitorCallback(TrainerCallback):
-    """``hera_monitor_steps``: scores the heads at the schedule's steps and logs the points through ``trainer.log``.
-
-    Added by the trainer after LLaMA-Factory's and the Trainer's own callbacks, so ``control.should_log`` is decided
-    when ``on_step_end`` reaches it; the trainer's ``log`` calls :meth:`merge` on every training log.
-    """
-
-    def __init__(self, trainer: Any, monitor: AlignmentMonitor, every: int | None) -> None:
-        self.trainer = trainer
-        self.monitor = monitor
-        self.every = every
-        self.steps: set[int] = set()
-        self.pending: tuple[int, dict[str, float]] | None = None
-
     def line(self) -> str:
         """What the monitor does in this run, for the start line."""
-        monitor = self.monitor
         when = (f"every {self.every} steps" if self.every is not None
                 else f"{DEFAULT_POINTS} evenly spaced steps to the last")
-        control = ", ".join(str(ref) for ref in monitor.control) or "none"
-        return (f"alignment monitor at step 0 and {when} on {monitor.probe.source}, {monitor.mode} mode, "
-                f"k {monitor.k}, control heads [{control}]")
+        control = ", ".join(str(ref) for ref in self.control) or "none"
+        return (f"alignment monitor at step 0 and {when} on {self.probe.source}, {self.mode} mode, "
+                f"k {self.k}, control heads [{control}]")
 
     def point(self, model: nn.Module) -> dict[str, float]:
         """Score the heads now (every rank; rank 0's values) and return the metrics."""
-        wait_for_device(self.monitor.device)  # the step's queued kernels are the step's time, not the point's
-        scores = self.monitor.score(model)
+        wait_for_device(self.device)  # the step's queued kernels are the step's time, not the point's
+        scores = self.score(model)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.broadcast(scores, src=0)
-        return self.monitor.logs(scores.tolist())  # the monitor's one device-to-host copy
+        return self.logs(scores.tolist())  # the monitor's one device-to-host copy
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
         self.steps = monitor_steps(self.every, int(state.max_steps))

@@ -204,7 +204,6 @@ class VisionTeacher(nn.Module):
         check_feature(layout, name, str(getattr(encoder.config, "model_type", "?")), feature)
         assert layout is not None
         self.layout = layout
-        self.num_prefix = layout.prefix
 
     def train(self, mode: bool = True) -> VisionTeacher:
         """The teacher stays in eval mode whatever the trainer asks."""

@@ -42,7 +42,7 @@ from llamafactory_hera.hera import checkpoint
 from llamafactory_hera.hera.args import HeraArguments
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS, collator_token_sources
 from llamafactory_hera.hera.loss import FeatureQueue, all_ranks_all, distributed, gather_batch, hera_loss_anchored
-from llamafactory_hera.hera.monitor import monitor_callback
+from llamafactory_hera.hera.monitor import MonitorCallback
 from llamafactory_hera.hera.preflight import check_same_heads_on_every_rank, contrastive_geometry
 from llamafactory_hera.hera.run_summary import HeraRunStats
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
@@ -93,9 +93,9 @@ class HeraTrainer:
         self.data_collator.hera_pooling = hera_args.hera_pooling
         self.hera_stats = HeraRunStats(hera_args, hera_data_counts, device)
         self._hera_warned_small_batch = False
-        # hera_probe: monitor.ProbeSet, None when the monitor is off
-        self.hera_monitor = monitor_callback(self, hera_args, hera_probe, geometry, hera_recipe_args)
-        if self.hera_monitor is not None:
+        self.hera_monitor = None  # hera_probe: monitor.ProbeSet, None when the monitor is off
+        if hera_probe is not None:
+            self.hera_monitor = MonitorCallback(self, hera_args, hera_probe, geometry, hera_recipe_args)
             self.add_callback(self.hera_monitor)
 
     # ----------------------------------------------------------------------------- the step
@@ -251,7 +251,7 @@ class HeraTrainer:
                                                teacher.precompute_decision(self.train_dataset, self.args),
                                                monitor_line), flush=True)
         if self.hera_monitor is not None:  # the probe pairs' teacher features, before the teacher may leave the device
-            self.hera_monitor.monitor.prepare_teacher(teacher.model, teacher.image_processor(self.data_collator))
+            self.hera_monitor.prepare_teacher(teacher.model, teacher.image_processor(self.data_collator))
         teacher.precompute(self.train_dataset, self.data_collator, self.args, main)
         try:
             result = super().train(*args, **kwargs)

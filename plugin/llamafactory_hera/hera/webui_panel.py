@@ -14,7 +14,7 @@ from llamafactory_hera.anatomy.panel_checks import local_attention_geometry
 from llamafactory_hera.anatomy.panel_spec import Field, LossPlot, PanelDeclaration
 from llamafactory_hera.anatomy.panel_widgets import comma_list
 from llamafactory_hera.hera.args import AUTO, HeraArguments, parse_hera_arguments
-from llamafactory_hera.hera.board_plot import HERA_TERMS, hera_loss_figure
+from llamafactory_hera.hera.method import ALIGNMENT_PANEL
 
 
 def normalize_heads(value: Any) -> str:
@@ -60,5 +60,7 @@ FIELDS = (
 
 PANEL = build_panel(PanelDeclaration(
     name="HeRA", prefix="hera_", package=__package__, arguments=HeraArguments, parse=parse_hera_arguments,
-    fields=FIELDS, loss_plot=LossPlot(terms=HERA_TERMS.terms, figure=hera_loss_figure), checks=(check_heads_geometry,),
+    fields=FIELDS, checks=(check_heads_geometry,),
+    # hera_loss beside the loss; the alignment monitor's MKNN beside them when logged
+    loss_plot=LossPlot(terms=("hera_loss",), axis_label="hera_loss", panels=(ALIGNMENT_PANEL,)),
 ))

@@ -41,9 +41,9 @@ def load_recipe(path: Path) -> tuple[str, dict[str, Any]]:
 def check_hera_recipe(path: Path, recipe: dict[str, Any]) -> None:
     """Refuse (at once, before any loading) a recipe of another method of the plugin: ``select`` chooses HeRA's
     heads (``hera_heads``) with HeRA's teacher, which such a recipe does not name."""
-    from llamafactory_hera.methods import method_for_stage
+    from llamafactory_hera.methods import declared_methods
 
-    method = method_for_stage(recipe.get("stage"))
+    method = next((method for method in declared_methods() if method.owns(recipe.get("stage"))), None)
     if method is not None and method.stage != "hera":
         raise RecipeError(f"stage: {recipe.get('stage')}: {path} is a {method.label} recipe, not a HeRA recipe (stage: "
                           "hera); select chooses hera_heads for HeRA runs. Run it with `llamafactory-cli train "

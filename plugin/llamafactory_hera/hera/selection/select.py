@@ -15,7 +15,6 @@ import random
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,10 @@ from llamafactory_hera.hera.selection.scores import HeadNeighbours, all_head_nei
 from llamafactory_hera.hera.teacher import check_teacher_source, load_image_processor, load_teacher
 from llamafactory_hera.hera.teacher_batch import teacher_batch_size
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.guard import host_version
 
 RECORD_VERSION = 1
+VERSIONED = ("llamafactory-hera", "llamafactory", "transformers", "torch", "peft")  # the record's versions
 
 
 @dataclass
@@ -157,16 +158,6 @@ def choose_heads(scores: torch.Tensor, num_heads: int, strategy: str, seed: int)
         return sorted(random.Random(seed).sample(refs, num_heads))
     order = sorted(range(len(refs)), key=lambda i: (flat[i] if strategy == "worst" else -flat[i], i))
     return [refs[i] for i in order[:num_heads]]
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in ("llamafactory-hera", "llamafactory", "transformers", "torch", "peft"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def path_fingerprint(path: str | None) -> str | None:
@@ -358,8 +349,8 @@ def run_selection(recipe_args: Any, options: SelectionOptions,
                       for layer in range(layers) for head in range(heads)), key=lambda r: r["score"])
     result = SelectionResult(scores=scores.tolist(), selected=[str(h) for h in chosen], strategy=options.strategy,
                              ranking=ranking, settings={**settings, "num_samples_used": len(pairs)}, identity=identity,
-                             versions=_versions(), num_pairs=len(pairs), duration_s=round(duration, 3),
-                             data_notes=notes)
+                             versions={name: host_version(name) for name in VERSIONED}, num_pairs=len(pairs),
+                             duration_s=round(duration, 3), data_notes=notes)
     if path is not None and not hit:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, result.to_json() + "\n")
