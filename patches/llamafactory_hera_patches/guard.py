@@ -24,6 +24,11 @@ def host_version(distribution: str = "llamafactory") -> str:
         return "unknown"
 
 
+def recorded_versions() -> dict[str, str]:
+    """The versions a run's record names (select's and RAH-LoRA's), ``unknown`` for one not installed."""
+    return {name: host_version(name) for name in ("llamafactory-hera", "llamafactory", "transformers", "torch", "peft")}
+
+
 def mismatch(patch: str, found: str) -> HostMismatchError:
     """The error for a host whose internals the ``patch`` was not written for (``found``: what differs)."""
     return HostMismatchError(

@@ -22,6 +22,7 @@ import torch
 from llamafactory_hera.anatomy.board_log import progress, say, start_board_files
 from llamafactory_hera.rah.args import RahArguments
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.guard import recorded_versions
 
 PROFILE_JSON = "rah_profile.json"
 PROFILE_PNG = "rah_profile.png"
@@ -139,18 +140,6 @@ def _on(device: torch.device, batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("llamafactory-hera", "llamafactory", "transformers", "peft", "torch"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
-
 def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
             generating_args: Any, callbacks: Any, rah_args: RahArguments) -> None:
     """Calibrate and write the adapter and the profile (see the module docstring)."""
@@ -194,8 +183,9 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     record = profile_record(calibration, rah_args, {
         "model_name_or_path": str(model_args.model_name_or_path), "dataset": list(data_args.dataset),
         "dataset_dir": str(data_args.dataset_dir), "template": str(data_args.template), "rows": rows,
-        "seed": training_args.seed}, _versions(), {"total_s": round(time.perf_counter() - started, 3),
-                                                    "without_model_loading_s": round(time.perf_counter() - loaded, 3)})
+        "seed": training_args.seed}, recorded_versions(), {
+        "total_s": round(time.perf_counter() - started, 3),
+        "without_model_loading_s": round(time.perf_counter() - loaded, 3)})
     (output / PROFILE_JSON).write_text(json.dumps(record, indent=2), encoding="utf-8")
     plot_profile(calibration, output / PROFILE_PNG, str(model_args.model_name_or_path))
     outcomes = _outcomes(calibration, record["summary"])

@@ -30,10 +30,9 @@ from llamafactory_hera.hera.selection.scores import HeadNeighbours, all_head_nei
 from llamafactory_hera.hera.teacher import check_teacher_source, load_image_processor, load_teacher
 from llamafactory_hera.hera.teacher_batch import teacher_batch_size
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.guard import host_version
+from llamafactory_hera_patches.guard import recorded_versions
 
 RECORD_VERSION = 1
-VERSIONED = ("llamafactory-hera", "llamafactory", "transformers", "torch", "peft")  # the record's versions
 
 
 @dataclass
@@ -349,7 +348,7 @@ def run_selection(recipe_args: Any, options: SelectionOptions,
                       for layer in range(layers) for head in range(heads)), key=lambda r: r["score"])
     result = SelectionResult(scores=scores.tolist(), selected=[str(h) for h in chosen], strategy=options.strategy,
                              ranking=ranking, settings={**settings, "num_samples_used": len(pairs)}, identity=identity,
-                             versions={name: host_version(name) for name in VERSIONED}, num_pairs=len(pairs),
+                             versions=recorded_versions(), num_pairs=len(pairs),
                              duration_s=round(duration, 3), data_notes=notes)
     if path is not None and not hit:
         path.parent.mkdir(parents=True, exist_ok=True)
