@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import gc
 import hashlib
-import importlib.metadata
 import json
 import logging
 import shutil
@@ -42,6 +41,7 @@ from llamafactory_hera.evaluation.presets import (
 from llamafactory_hera.evaluation.runs import ModelSpec
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches import inference
+from llamafactory_hera_patches.guard import host_version
 
 CACHE_DIR = "eval_cache"
 PIN = "CUDA_VISIBLE_DEVICES=0 llamafactory-hera eval ..."
@@ -98,13 +98,6 @@ def _entries(results: dict[str, Any]) -> list[dict[str, Any]]:
     return entries
 
 
-def _version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
-
-
 def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[str, Any]]:
     """``task`` through its library's ``simple_evaluate`` (a demo task without indexing the library's registry)."""
     if task.library == LMMS:
@@ -121,19 +114,12 @@ def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[s
     return _entries(results or {})
 
 
-def stop_ids(engine: Any) -> list[int]:
-    """The ids that end a generated answer: the tokenizer's EOS and the template's stop words."""
-    tokenizer = engine.tokenizer
-    stop = [tokenizer.convert_tokens_to_ids(word) for word in getattr(engine.template, "stop_words", []) or []]
-    return list(dict.fromkeys([tokenizer.eos_token_id, *[i for i in stop if isinstance(i, int)]]))
-
-
 def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[dict[str, Any]]:
     """HARC's end-of-run refusal check on ``engine``'s model: greedy answers to the held-out harmful and the
     pseudo-harmful rows of ``rows_from``'s recipe (the same seeded split as training), scored by the refusal
     matcher (:mod:`llamafactory_hera.harc.evaluate`)."""
     from llamafactory_hera.harc.args import parse_harc_arguments
-    from llamafactory_hera.harc.evaluate import generate_answers, refusal_record
+    from llamafactory_hera.harc.evaluate import generate_answers, refusal_record, stop_ids
     from llamafactory_hera.harc.roles import load_role_rows
     from llamafactory_hera.harc.workflow import progress, say
     from llamafactory_hera_patches.model_data import load_aligned_rows, parse_recipe
@@ -146,7 +132,7 @@ def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[di
         chosen = chosen[:limit] if limit else chosen
         return generate_answers(engine.model, engine.tokenizer, [row.prompt_ids for row in chosen],
                                 harc_args.harc_eval_max_new_tokens, harc_args.harc_extract_batch_size,
-                                stop_ids(engine), progress, "refusal: generating")
+                                stop_ids(engine.tokenizer, engine.template), progress, "refusal: generating")
 
     record = refusal_record(answers(rows.validate_harmful), answers(rows.eval_pseudo))
     return [{"task": "harc_refusal", "metric": "refusal_rate_harmful", "value": record["refusal_rate_harmful"],
@@ -165,7 +151,7 @@ def task_revision(task: PlannedTask, jailbreak: JailbreakSetup | None = None) ->
 
         return "demo:" + hashlib.sha256(Path(demo_tasks.__file__).read_bytes()).hexdigest()[:16]
     library = MODULES.get(task.library, "llamafactory-hera")
-    return f"{library}=={_version(library)}"
+    return f"{library}=={host_version(library)}"
 
 
 def device_note() -> str | None:
@@ -264,7 +250,10 @@ def run_task(engine: Any, spec: ModelSpec, rows_from: ModelSpec, task: PlannedTa
     elif task.library == LM:
         entries = run_library(lm_model(engine, batch_size), task, limit)
     elif task.library == JAILBREAK:
-        extra = run_jailbreak(engine, rows_from, jailbreak or JailbreakSetup(), limit, batch_size, stop_ids(engine),
+        from llamafactory_hera.harc.evaluate import stop_ids
+
+        extra = run_jailbreak(engine, rows_from, jailbreak or JailbreakSetup(), limit, batch_size,
+                              stop_ids(engine.tokenizer, engine.template),
                               cache_dir / "gcg_suffixes" if cache_dir is not None else None)
         entries = extra.pop("entries")
     else:
@@ -272,7 +261,7 @@ def run_task(engine: Any, spec: ModelSpec, rows_from: ModelSpec, task: PlannedTa
     if not entries:
         raise ValueError(f"task {task.name}: {task.library} returned no metric")
     return {"entries": entries, "seconds": round(time.perf_counter() - started, 3), "library": task.library,
-            "version": _version(MODULES.get(task.library, "llamafactory-hera")),
+            "version": host_version(MODULES.get(task.library, "llamafactory-hera")),
             "task_revision": task_revision(task, jailbreak), **extra}
 
 

@@ -52,6 +52,12 @@ def is_refusal(text: str) -> bool:
     return any(marker in window for marker in REFUSAL_MARKERS)
 
 
+def stop_ids(tokenizer: Any, template: Any) -> list[int]:
+    """The ids that end a generated answer: the tokenizer's EOS and the template's stop words."""
+    stop = [tokenizer.convert_tokens_to_ids(word) for word in getattr(template, "stop_words", []) or []]
+    return list(dict.fromkeys([tokenizer.eos_token_id, *[i for i in stop if isinstance(i, int)]]))
+
+
 def generate_ids(model: Any, tokenizer: Any, prompts: list[tuple[int, ...]], max_new_tokens: int, batch_size: int,
                  stop_ids: list[int], progress: Progress, label: str = LABEL) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (token ids, templated up to the assistant header), in input order.

@@ -76,6 +76,7 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
     """Train (see the module docstring)."""
     from llamafactory_hera.harc.batches import ComposedMicroBatches, HarcCollator
     from llamafactory_hera.harc.data import ROLE_HARMFUL, ROLE_HARMLESS, ROLE_PSEUDO
+    from llamafactory_hera.harc.evaluate import stop_ids
     from llamafactory_hera.harc.roles import load_role_rows
     from llamafactory_hera.harc.state import HarcState
     from llamafactory_hera.harc.trainer import HarcTrainerMixin
@@ -95,9 +96,7 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
                                                                             training_args=training_args),
                                   template, tokenizer, training_args.seed, say)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        stop = [tokenizer.convert_tokens_to_ids(word) for word in getattr(template, "stop_words", []) or []]
-        run.rows, run.tokenizer = rows, tokenizer
-        run.stop_ids = list(dict.fromkeys([tokenizer.eos_token_id, *[i for i in stop if isinstance(i, int)]]))
+        run.rows, run.tokenizer, run.stop_ids = rows, tokenizer, stop_ids(tokenizer, template)
         run.state = HarcState(harc_args, rows.extraction, (rows.validate_harmful, rows.validate_harmless), pad_id,
                               progress)
         sizes = {ROLE_HARMFUL: harc_args.harc_batch_harmful, ROLE_HARMLESS: harc_args.harc_batch_harmless,
