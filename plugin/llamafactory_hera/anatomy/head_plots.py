@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from llamafactory_hera.anatomy.plot_text import agg_figure, fit_title, number, signed_number
+from llamafactory_hera.anatomy.plot_text import agg_figure, fit_title, number, save_png, signed_number
 
 _MAX_TICKS = 20
 _MAX_LABELS = 40  # more selected heads than this are boxed but not labelled (the labels would bury the map)
@@ -124,14 +124,6 @@ def _legend(fig: Any, entries: list[tuple[Any, str]]) -> None:
                fontsize=8, frameon=False, handler_map={tuple: HandlerTuple(ndivide=None, pad=0.3)})
 
 
-def _save(fig: Any, path: Path) -> Path:
-    """Write ``fig`` as a 150 dpi PNG at ``path`` (parent folders created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, format="png")
-    return path
-
-
 def _label_fontsize(heads: int, map_width: float) -> float:
     """Smaller labels on denser maps (cell width in points bounds what fits beside a box)."""
     cell_pt = 72 * map_width / heads
@@ -165,7 +157,7 @@ def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path:
         _annotate_cells(ax, array, signed=False)
     else:
         _labels(ax, selected, _label_fontsize(heads, width))
-    return _save(fig, path)
+    return save_png(fig, path, dpi=150)
 
 
 def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tuple[int, int]], path: Path,
@@ -216,7 +208,7 @@ def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tupl
         _annotate_cells(axes[2], diff, signed=True)
     else:
         _labels(axes[2], selected, _label_fontsize(heads, width))
-    return _save(fig, path)
+    return save_png(fig, path, dpi=150)
 
 
 def plot_score_panels(panels: list[tuple[np.ndarray, str]], layer_names: list[int], marked: list[tuple[int, int]],
@@ -248,7 +240,7 @@ def plot_score_panels(panels: list[tuple[np.ndarray, str]], layer_names: list[in
     if entries:
         _legend(fig, entries)
     fit_title(fig, fig.suptitle(title, fontsize=11), title)
-    return _save(fig, path)
+    return save_png(fig, path, dpi=150)
 
 
 def _cell(value: object) -> str:

@@ -4,6 +4,7 @@ on a guess of characters per inch) and numbers without a negative zero."""
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 from typing import Any
 
 
@@ -15,6 +16,14 @@ def agg_figure(**kwargs: Any) -> Any:
     fig = Figure(layout="constrained", **kwargs)
     FigureCanvasAgg(fig)
     return fig
+
+
+def save_png(fig: Any, path: Path, dpi: int) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
 
 
 def fit_title(fig: Any, text: Any, title: str, margin: float = 0.96) -> None:

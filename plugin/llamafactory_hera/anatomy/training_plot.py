@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.plot_text import agg_figure, fit_title
+from llamafactory_hera.anatomy.plot_text import agg_figure, fit_title, save_png
 
 Smooth = Callable[[list[float]], list[float]]
 TRAINING_PNG = "training.png"
@@ -207,6 +207,4 @@ def plot_training(output_dir: str | Path, stage: str, plot: TrainingPlot,
         print(f"[llamafactory-hera] warning: training plot of {output_dir.name}: no loss, term or panel series was "
               f"logged (was max_steps below logging_steps?); {TRAINING_PNG} not drawn", flush=True)
         return None, missing
-    path = output_dir / TRAINING_PNG
-    fig.savefig(path, format="png", dpi=110)
-    return path, missing
+    return save_png(fig, output_dir / TRAINING_PNG, dpi=110), missing

@@ -10,27 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.plot_text import fit_title
+from llamafactory_hera.anatomy.plot_text import agg_figure, fit_title, save_png
 
 _GROUPS = (("harmful", "held-out harmful\n(higher: safer)"), ("pseudo", "pseudo-harmful\n(lower: less over-refusal)"))
 _BEFORE_COLOR, _AFTER_COLOR = "#9e9e9e", "#1f77b4"
 _HARMFUL_COLOR, _HARMLESS_COLOR = "#d62728", "#2ca02c"
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
-    return path
 
 
 def plot_refusal(record: dict[str, Any], path: Path) -> Path:
@@ -45,7 +29,7 @@ def plot_refusal(record: dict[str, Any], path: Path) -> Path:
     before = record.get("before")
     if isinstance(before, dict) and all(f"refusal_rate_{group}" in before for group, _ in _GROUPS):
         series.insert(0, ("base (adapter disabled)", before, _BEFORE_COLOR))
-    fig = _figure(6.4, 4.4)
+    fig = agg_figure(figsize=(6.4, 4.4))
     ax = fig.subplots()
     width = 0.8 / len(series)
     for k, (name, rates, color) in enumerate(series):
@@ -67,7 +51,7 @@ def plot_refusal(record: dict[str, Any], path: Path) -> Path:
     ax.set_title("greedy answers; a refusal is found by a phrase matcher", fontsize=8)
     title = f"{Path(path).parent.name} (stage: harc): refusal rates"
     fit_title(fig, fig.suptitle(title, fontsize=10), title)
-    return _save(fig, path)
+    return save_png(fig, path, dpi=120)
 
 
 def _mean_cosines(entry: dict[str, Any]) -> dict[str, float] | None:
@@ -103,7 +87,7 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
     for step, layers, _ in points:
         if not changes or changes[-1][1] != layers:
             changes.append((step, layers))
-    fig = _figure(9.6, 4.4)
+    fig = agg_figure(figsize=(9.6, 4.4))
     axes = fig.subplots(1, 2, sharey=True)
     style = {"marker": "o", "markersize": 4} if len(points) <= 30 else {}
     for ax, key, name in zip(axes, ("ref", "harm"), ("prompt end t_post vs v_ref", "instruction t_inst vs v_harm"),
@@ -129,4 +113,4 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
     fit_title(fig, fig.supxlabel(footer, fontsize=9), footer)
     title = f"{Path(path).parent.name} (stage: harc): held-out prompts' residuals against the directions"
     fit_title(fig, fig.suptitle(title, fontsize=10), title)
-    return _save(fig, path)
+    return save_png(fig, path, dpi=120)
