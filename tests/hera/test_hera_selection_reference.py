@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from llamafactory_hera.hera.selection.scores import all_head_scores
+from llamafactory_hera.hera.selection.scores import all_head_neighbours
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -45,7 +45,7 @@ def brute_mknn(a: list[list[float]], b: list[list[float]], k: int, q: float) -> 
 
 
 def _check(pooled, weights, teacher, k: int, head_dim: int, clamp: float, abs_tol: float = 1e-6) -> torch.Tensor:
-    got = all_head_scores(pooled, weights, teacher, k, head_dim, clamp=clamp)
+    got = all_head_neighbours(pooled, weights, teacher, k, head_dim, clamp=clamp).scores
     heads = pooled[0].shape[1] // head_dim
     for layer in range(len(pooled)):
         for head in range(heads):
@@ -76,7 +76,7 @@ def test_the_clamp_changes_which_heads_score_lowest_when_features_have_outlier_d
     teacher = torch.randn(60, 8, generator=gen)
     teacher[:, :2] *= 25
     clamped = _check(pooled, weights, teacher, 5, 4, 0.95)
-    plain = all_head_scores(pooled, weights, teacher, 5, 4, clamp=0.0)
+    plain = all_head_neighbours(pooled, weights, teacher, 5, 4, clamp=0.0).scores
     assert not torch.equal(clamped, plain)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llamafactory_hera.hera.metrics import mutual_knn
-from llamafactory_hera.hera.selection.scores import all_head_scores, layer_head_neighbours
+from llamafactory_hera.hera.selection.scores import all_head_neighbours, layer_head_neighbours
 
 
 def test_gram_ranking_matches_explicit_knn() -> None:
@@ -19,13 +19,13 @@ def test_gram_ranking_matches_explicit_knn() -> None:
 
 
 @pytest.mark.parametrize("heads,head_dim,d", [(4, 8, 24), (3, 16, 10)])
-def test_all_head_scores_equal_per_head_mutual_knn(heads: int, head_dim: int, d: int) -> None:
+def test_all_head_neighbours_scores_equal_per_head_mutual_knn(heads: int, head_dim: int, d: int) -> None:
     gen = torch.Generator().manual_seed(heads)
     num, layers, k = 40, 2, 5
     pooled = [torch.randn(num, heads * head_dim, generator=gen) for _ in range(layers)]
     weights = [torch.randn(d, heads * head_dim, generator=gen) for _ in range(layers)]
     teacher = torch.randn(num, 7, generator=gen)
-    got = all_head_scores(pooled, weights, teacher, k, head_dim)
+    got = all_head_neighbours(pooled, weights, teacher, k, head_dim).scores
     assert got.shape == (layers, heads)
     for layer in range(layers):
         for head in range(heads):

@@ -115,12 +115,6 @@ def teacher_neighbours(teacher: torch.Tensor, k: int, device: torch.device | str
     return knn_indices(clamp_outliers(teacher.to(device).float(), clamp), k)
 
 
-def all_head_scores(pooled: list[torch.Tensor], weights: list[torch.Tensor], teacher: torch.Tensor, k: int,
-                    head_dim: int, device: torch.device | str | None = None, clamp: float = 0.0) -> torch.Tensor:
-    """``[L, H]`` float32 MKNN of every head of every layer, on CPU (:func:`all_head_neighbours`' scores)."""
-    return all_head_neighbours(pooled, weights, teacher, k, head_dim, device, clamp).scores
-
-
 @dataclass
 class HeadNeighbours:
     """Every head's MKNN and each pair's overlap it averages (CPU tensors; the report's bootstrap resamples them)."""
