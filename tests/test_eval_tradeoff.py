@@ -151,9 +151,12 @@ def test_a_harc_run_against_its_base_prints_and_plots_the_tradeoff(harc_run: Pat
     assert record["tradeoff"]["capability"] == "demo" and DEMO_STAND_IN in proc.stdout
     plot_file = harc_run / "eval_report_vs_base_tradeoff.png"
     assert plot_file.stat().st_size > 15_000 and plot_file.name in record["files"]
+    answers = harc_run / "eval_report_vs_base_jailbreak.jsonl"
+    assert answers.stat().st_size > 0 and answers.name in record["files"]
     assert "## HARC trade-off" in (harc_run / "eval_report_vs_base.md").read_text(encoding="utf-8")
     assert json.loads((harc_run / "eval_report_vs_base.json").read_text())["tradeoff"] == record["tradeoff"]
 
     again = run_verb(capfd, "eval", harc_run, "--base", "--tasks", "demo", "--limit", "2", cwd=harc_run.parent)
     assert again.returncode == 0  # the same comparison without the jailbreak task: its plot goes with its report
     assert report(harc_run, "eval_report_vs_base")["tradeoff"] is None and not plot_file.exists()
+    assert not answers.exists()  # nor do the replaced report's jailbreak answers stay beside the new one

@@ -161,6 +161,7 @@ def _write_jailbreak_answers(path: Path, run: Outcome, baseline: Outcome | None)
         lines += [json.dumps({"model": outcome.spec.label, "title": outcome.spec.title, **answer}, ensure_ascii=False)
                   for answer in result.get("answers", [])]
     if not settings:
+        path.unlink(missing_ok=True)  # the replaced report's: this one ran no jailbreak
         return None
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return {"answers_file": path.name, "settings": settings}
