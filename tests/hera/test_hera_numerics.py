@@ -178,3 +178,22 @@ def test_anchored_loss_equals_hera_loss_when_anchors_are_the_candidates() -> Non
     student, teacher = torch.randn(3, 12, 6, generator=gen), torch.randn(12, 5, generator=gen)
     per_anchor = hera_loss_anchored(student, student, torch.arange(12), teacher, teacher, 4, 0.07)
     assert float(per_anchor.mean()) == pytest.approx(float(hera_loss(student, teacher, k=4)), rel=1e-6)
+
+
+def test_anchored_loss_breaks_teacher_ties_of_reused_images_towards_the_lower_index() -> None:
+    """Reused images: candidates 0-1, 2-4 and 5-6 share a teacher feature (one-hot, so every similarity is exactly 0
+    or 1 and the k-th place is a tie); the loop's stable sort picks the lower indices, and so must the loss."""
+    from llamafactory_hera.hera.loss import hera_loss_anchored
+
+    gen = torch.Generator().manual_seed(9)
+    image_of = [0, 0, 1, 1, 1, 2, 2, 3, 4]
+    teacher = torch.eye(5)[image_of]
+    candidates = torch.randn(2, len(image_of), 6, generator=gen)
+    anchor_index = torch.tensor([0, 3, 5])
+    anchors = candidates[:, anchor_index]
+    for k in (2, 3, 5):
+        got = hera_loss_anchored(anchors, candidates, anchor_index, teacher[anchor_index], teacher, k, 0.2)
+        want = _loop_anchored(anchors, candidates, anchor_index, teacher[anchor_index], teacher, k, 0.2)
+        assert got.tolist() == pytest.approx(want, rel=1e-5), k
+    whole = hera_loss_anchored(candidates, candidates, torch.arange(len(image_of)), teacher, teacher, 3, 0.2)
+    assert float(whole.mean()) == pytest.approx(float(hera_loss(candidates, teacher, k=3, temperature=0.2)), rel=1e-6)
