@@ -142,6 +142,7 @@ def test_a_harc_run_against_its_base_prints_and_plots_the_tradeoff(harc_run: Pat
                         "direct,prefilling", "--limit", "2", cwd=harc_run.parent)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert "HARC trade-off:" in proc.stdout and "| Usability | over-refusal (pseudo-harmful) |" in proc.stdout
+    assert "not a git repository" not in proc.stderr  # lm-eval's git call, outside a repository (the demo text task)
     record = report(harc_run, "eval_report_vs_base")
     rows = record["tradeoff"]["rows"]
     assert [r["measure"] for r in rows if r["axis"] == "Robustness"] == ["ASR direct", "ASR prefilling"]

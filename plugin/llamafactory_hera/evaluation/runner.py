@@ -14,6 +14,7 @@ rerun reads it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import hashlib
 import json
@@ -26,6 +27,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from llamafactory_hera.evaluation.demo_tasks import write_demo_tasks
 from llamafactory_hera.evaluation.jailbreak import JailbreakSetup, run_jailbreak
@@ -109,8 +111,14 @@ def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[s
 
         options = {}
     manager = task_manager(task.library, task.name not in (DEMO_MLLM_TASK, DEMO_TEXT_TASK))
-    results = evaluator.simple_evaluate(model=model, tasks=[task.name], task_manager=manager, limit=limit,
-                                        log_samples=False, bootstrap_iters=0, **options)
+    with contextlib.ExitStack() as stack:
+        # lm-eval adds the working folder's git commit and torch's environment report to results that are not kept
+        # here: its git call prints "fatal: not a git repository" outside one, and the report takes ~2 s per task
+        for name, stand_in in (("get_git_commit_hash", lambda: None), ("add_env_info", lambda results: None)):
+            if task.library == LM and hasattr(evaluator, name):
+                stack.enter_context(mock.patch.object(evaluator, name, stand_in))
+        results = evaluator.simple_evaluate(model=model, tasks=[task.name], task_manager=manager, limit=limit,
+                                            log_samples=False, bootstrap_iters=0, **options)
     return _entries(results or {})
 
 
