@@ -126,3 +126,17 @@ def test_the_docs_name_each_comparisons_report() -> None:
     for name in ("`eval_report_vs_base.*`", "`eval_report_vs_<OTHER_RUN_DIR's folder name>.*`", "`eval_report.*`"):
         assert name in text
     assert "replaces its report" in text and "says what it replaced" in text
+
+
+def test_a_baseline_folder_named_base_does_not_take_the_base_comparisons_report(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--baseline runs/base`` then ``--base``: both used to be ``eval_report_vs_base.*``, the second replacing the
+    first (and its jailbreak answers file)."""
+    run_dir, named_base = _run_folder(tmp_path / "hera"), _run_folder(tmp_path / "runs" / "base")
+    evaluate_scored(monkeypatch, run_dir, named_base, base=False)
+    said = evaluate_scored(monkeypatch, run_dir, None, base=True)
+    assert not any("replaced" in line for line in said), said
+    reports = {path.name: json.loads(path.read_text(encoding="utf-8"))["baseline"]
+               for path in run_dir.glob("eval_report_vs_base*.json")}
+    assert reports["eval_report_vs_base.json"]["trained"] is False and len(reports) == 2
+    assert [b["run_dir"] for name, b in reports.items() if name != "eval_report_vs_base.json"] == [str(named_base)]

@@ -123,15 +123,16 @@ def _plot(record: dict[str, Any], path: Path) -> None:
 
 def report_stem(baseline: Any, run_dir: Path | None = None) -> str:
     """The reports' file name without suffix, after the comparison (``baseline``: a ModelSpec or None). A baseline
-    folder named like one whose report ``run_dir`` already holds (``a/sft`` then ``b/sft``) gets its path's short
-    hash in the name, so neither comparison replaces the other's report."""
+    folder named like one whose report ``run_dir`` already holds (``a/sft`` then ``b/sft``), or named ``base``, gets
+    its path's short hash in the name, so neither comparison replaces the other's report."""
     if baseline is None:
         return REPORT_STEM
     if not baseline.trained:
         return f"{REPORT_STEM}_vs_base"
-    stem = f"{REPORT_STEM}_vs_{re.sub(r'[^A-Za-z0-9._-]+', '_', baseline.run_dir.name) or 'baseline'}"
+    name = re.sub(r'[^A-Za-z0-9._-]+', '_', baseline.run_dir.name) or 'baseline'
+    stem = f"{REPORT_STEM}_vs_{name}"
     held = (_replaced(run_dir / f"{stem}.json") or {}) if run_dir is not None else {}
-    if held.get("baseline") not in (None, str(baseline.run_dir)):
+    if name == "base" or held.get("baseline") not in (None, str(baseline.run_dir)):  # the plain name is --base's
         stem += "_" + hashlib.sha1(str(baseline.run_dir).encode()).hexdigest()[:6]
     return stem
 

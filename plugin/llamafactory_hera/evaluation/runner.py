@@ -114,7 +114,7 @@ def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[s
     with contextlib.ExitStack() as stack:
         # lm-eval adds the working folder's git commit and torch's environment report to results that are not kept
         # here: its git call prints "fatal: not a git repository" outside one, and the report takes ~2 s per task
-        for name, stand_in in (("get_git_commit_hash", lambda: None), ("add_env_info", lambda results: None)):
+        for name, stand_in in (("get_git_commit_hash", lambda: None), ("add_env_info", lambda *_, **__: None)):
             if task.library == LM and hasattr(evaluator, name):
                 stack.enter_context(mock.patch.object(evaluator, name, stand_in))
         results = evaluator.simple_evaluate(model=model, tasks=[task.name], task_manager=manager, limit=limit,

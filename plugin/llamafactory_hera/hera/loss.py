@@ -154,7 +154,7 @@ def hera_loss_anchored(
         teacher_sim = (t_a @ t_c.T).masked_fill(self_mask, float("-inf"))
         # [A, k]; a stable sort, so a tie at the k-th place (reused images have equal teacher features) goes to
         # the lower index on every device, as top_k_stable's, without its host sync
-        neighbours = teacher_sim.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+        neighbours = teacher_sim.sort(dim=-1, descending=True, stable=True).indices[:, :k].contiguous()  # not [A, C]
     logits = (a @ c.transpose(-1, -2) / temperature).masked_fill(self_mask, float("-inf"))  # [H, A, C]
     log_probs = torch.log_softmax(logits, dim=-1)
     picked = log_probs.gather(-1, neighbours.unsqueeze(0).expand(log_probs.shape[0], -1, -1))  # [H, A, k]
