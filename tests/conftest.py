@@ -34,7 +34,8 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DAT
     os.environ.setdefault(_key, _value)
 CLI = str(Path(sys.executable).with_name("llamafactory-cli"))
 # sys.stdout / sys.stderr of this pytest session (its own capture's while it captures), which the host's logging
-# handlers made outside a capturing fixture keep: see :func:`captured`
+# handlers made outside a capturing fixture keep (see :func:`captured`), and those made inside one from the end of its
+# test on (see :func:`_release_test_streams`)
 SESSION_STREAMS = (sys.stdout, sys.stderr)
 # run_verb's stdout and stderr: text streams writing to descriptors 1 and 2, wherever they point when written; never
 # closed, since a library may keep the stream it found (lmms-eval's loguru sink keeps sys.stderr)
@@ -268,6 +269,41 @@ def captured(out: TextIO, err: TextIO) -> Iterator[None]:
                 handler.setStream(swapped[handler])
             elif id(handler.stream) in back:
                 handler.setStream(back[id(handler.stream)])
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    try:
+        return (yield)
+    finally:
+        _release_test_streams()
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    try:
+        return (yield)
+    finally:
+        _release_test_streams()
+
+
+def _release_test_streams() -> None:
+    """Logging handlers writing to this test's ``capfd`` / ``capsys`` streams write to the session's afterwards.
+
+    A library configures its handler once per process with the ``sys.stdout`` / ``sys.stderr`` of that moment:
+    LLaMA-Factory's ``StreamHandler(sys.stdout)`` at its first import, transformers' ``StreamHandler()`` with ``flush``
+    bound to that ``sys.stderr``'s. Made while a test's ``capfd`` captures (a test body or fixture that imports the
+    library first), the handler would keep the fixture's file, closed when the test ends, and a later test's record
+    would print "--- Logging error ---" (``ValueError: I/O operation on closed file``). Runs innermost of the phase's
+    hook wrappers (``trylast``), while the capture fixture's streams are still ``sys.stdout`` / ``sys.stderr``."""
+    moved = [(test, session) for test, session in zip((sys.stdout, sys.stderr), SESSION_STREAMS, strict=True)
+             if test is not session]
+    for handler in _stream_handlers():
+        for test_stream, session_stream in moved:
+            if getattr(handler.__dict__.get("flush"), "__self__", None) is test_stream:
+                handler.flush = session_stream.flush  # before setStream, which flushes
+            if handler.stream is test_stream:
+                handler.setStream(session_stream)
 
 
 def _stream_handlers() -> set[logging.StreamHandler]:

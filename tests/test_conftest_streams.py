@@ -1,0 +1,46 @@
+"""Test files run together in one process (``-p no:xdist``) log cleanly: a library's logging handler made while a
+test's ``capfd`` captured is pointed at the session's streams when the test ends (conftest.py
+``_release_test_streams``), not left on the fixture's closed file ("--- Logging error ---" in every later record)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import offline_env, run_process
+
+INNER_TESTS = '''
+import logging
+import sys
+
+
+def test_a_library_configures_its_logging_while_capfd_captures(capfd):
+    # as LLaMA-Factory's first import (extras/logging.py): StreamHandler(sys.stdout)
+    logging.getLogger("like_llamafactory").addHandler(logging.StreamHandler(sys.stdout))
+    # as transformers' (utils/logging.py): StreamHandler() on sys.stderr, its flush bound to that stream's
+    handler = logging.StreamHandler()
+    handler.flush = sys.stderr.flush
+    logging.getLogger("like_transformers").addHandler(handler)
+
+
+def test_a_later_test_logs_through_those_handlers(capsys):
+    logging.getLogger("like_llamafactory").warning("to stdout")
+    logging.getLogger("like_transformers").warning("to stderr")
+    assert "Logging error" not in capsys.readouterr().err
+'''
+
+
+@pytest.mark.parametrize("capture", ["fd", "no"])
+def test_handlers_made_under_capfd_outlive_the_test(tmp_path: Path, capture: str) -> None:
+    """Under pytest's own capture (the session's streams are its files) and without (the terminal's)."""
+    (tmp_path / "conftest.py").write_text(Path(__file__).with_name("conftest.py").read_text(encoding="utf-8"),
+                                          encoding="utf-8")
+    (tmp_path / "test_inner.py").write_text(INNER_TESTS, encoding="utf-8")
+    proc = run_process([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+                        f"--capture={capture}", "test_inner.py"], cwd=tmp_path, env=offline_env(tmp_path), timeout=120)
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Logging error" not in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if capture == "no":  # the records reached the terminal's streams
+        assert "to stdout" in proc.stdout and "to stderr" in proc.stderr, proc.stdout + proc.stderr
