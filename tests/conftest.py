@@ -272,19 +272,15 @@ def captured(out: TextIO, err: TextIO) -> Iterator[None]:
 
 
 @pytest.hookimpl(wrapper=True, trylast=True)
-def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+def _releasing_test_streams(item: pytest.Item) -> Iterator[None]:
     try:
         return (yield)
     finally:
         _release_test_streams()
 
 
-@pytest.hookimpl(wrapper=True, trylast=True)
-def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    try:
-        return (yield)
-    finally:
-        _release_test_streams()
+# the same wrapper ends the setup and the call phase (pluggy matches a hook by the module attribute's name)
+pytest_runtest_setup = pytest_runtest_call = _releasing_test_streams
 
 
 def _release_test_streams() -> None:
