@@ -349,9 +349,9 @@ class HeadCapture:
         missing = sorted(set(self._by_layer) - set(inputs))
         if missing:
             raise RuntimeError(f"o_proj of layers {missing} did not run in this forward pass")
-        cut = [layer for layer, x in sorted(inputs.items())
-               if check_gradient and self.fed_by_trainable[layer] and not x.requires_grad]  # checked steps only
-        if cut:
+        # scanned on the checked steps only
+        if check_gradient and (cut := [layer for layer, x in sorted(inputs.items())
+                                       if self.fed_by_trainable[layer] and not x.requires_grad]):
             raise RecipeError(
                 f"HeRA: the o_proj input of layer(s) {cut} carries no gradient although trainable parameters feed "
                 "it, so the HeRA gradient would reach only the selected heads' W_O columns. The forward ran without "
