@@ -15,7 +15,7 @@ Once the trainer has told it the multimodal token ids and the pooling (``hera_mu
 (every such question is a host sync):
 - ``hera_token_mask`` ``[B, T]`` bool, the tokens pooled into each sample's head representations;
 - ``hera_anchor_index`` ``[A]`` int64, the samples with images and pooled tokens (the loss's anchors);
-- ``hera_sample_counts``: ``[A, text-only samples, images]`` as Python ints.
+- ``hera_sample_counts``: ``[A, text-only samples]`` as Python ints.
 """
 
 from __future__ import annotations
@@ -88,5 +88,5 @@ class HeraCollatorMixin:
             anchors = [i for i, (n, pooled) in enumerate(zip(counts, has_tokens, strict=True)) if n > 0 and pooled]
             batch["hera_token_mask"] = mask
             batch["hera_anchor_index"] = torch.tensor(anchors, dtype=torch.long)
-            batch["hera_sample_counts"] = [len(anchors), counts.count(0), sum(counts)]
+            batch["hera_sample_counts"] = [len(anchors), counts.count(0)]
         return batch

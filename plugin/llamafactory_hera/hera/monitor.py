@@ -66,23 +66,22 @@ def probe_set(hera_args: Any, recipe_args: Any, training_rows: Any, seed: int) -
     needed = hera_args.hera_k + 1
     pair_seed = seed + 1  # as `select --report` draws its pairs by default
     train, held_out, held_out_name = split_rows(recipe_args, seed, training_rows)
-    notes: list[str] = []
+    note = ""  # why the held-out rows were not used
     if held_out is not None:
         pairs = _pairs_of(held_out, hera_args.hera_monitor_pairs, pair_seed, hera_args.hera_k, held_out_name)
         if len(pairs) >= needed:
             return ProbeSet(pairs, held_out, f"{len(pairs)} held-out pairs ({held_out_name})")
-        notes.append(f"the held-out rows ({held_out_name}) give {len(pairs)} usable pairs, fewer than hera_k+1="
-                     f"{needed}")
+        note = f"the held-out rows ({held_out_name}) give {len(pairs)} usable pairs, fewer than hera_k+1={needed}"
     pairs = _pairs_of(train, hera_args.hera_monitor_pairs, pair_seed, hera_args.hera_k, "training rows")
     if len(pairs) < needed:
         problem = (f"only {len(pairs)} usable image-caption pairs with distinct images, fewer than hera_k+1={needed}"
-                   + (f"; {notes[0]}" if notes else ""))
+                   + (f"; {note}" if note else ""))
         if hera_args.hera_monitor_steps is not None:
             raise RecipeError(f"hera_monitor_steps: got {hera_args.hera_monitor_steps}, but the monitor has {problem}."
                               " Add data, lower hera_k, or set hera_monitor_steps: 0.")
         print(f"{PREFIX} warning: alignment monitor off: {problem}.", flush=True)
         return None
-    reason = notes[0] if notes else "no val_size / eval_dataset"
+    reason = note or "no val_size / eval_dataset"
     return ProbeSet(pairs, train, f"{len(pairs)} training pairs ({reason})")
 
 

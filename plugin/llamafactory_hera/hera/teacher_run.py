@@ -133,8 +133,8 @@ class RunTeacher:
             print("[llamafactory-hera] hera_teacher_precompute: the training set has no readable `images` column "
                   "(streaming?) or the teacher cache is off; teacher features are computed in the steps.")
             return
-        start = time.perf_counter()
         by_key, uncacheable = training_images(dataset["images"])
+        start = time.perf_counter()  # the teacher pass and the gather, not the keys above
         computed_here = precompute_teacher_features(
             self.model, self.image_processor(collator), by_key, self.cache,
             teacher_batch_size(args.per_device_train_batch_size), getattr(collator, "_open", open_image),

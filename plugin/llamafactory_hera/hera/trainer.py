@@ -110,7 +110,7 @@ class HeraTrainer:
         if token_mask is None or anchor_index is None or sample_counts is None:
             raise RuntimeError("HeRA: the batch has no hera_token_mask / hera_anchor_index / hera_sample_counts; it "
                                "was not built by the HeRA collator after the HeRA trainer set it up.")
-        num_valid, text_only, _ = (int(n) for n in sample_counts)
+        num_valid, text_only = (int(n) for n in sample_counts)
         if self.hera_stats.last_logged_step is None:
             self.hera_stats.last_logged_step = self.state.global_step
         # 2-3. the LM forward with the heads' o_proj inputs captured, then pooled and projected: reps [H, B, d]
