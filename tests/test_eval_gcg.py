@@ -239,3 +239,13 @@ def test_a_prompt_that_merges_with_the_template_tail_is_refused() -> None:
     assert gcg_problem(engine, "fine prompt").after.tolist() == [9, 8]
     with pytest.raises(RecipeError, match="merges with the template's tail"):
         gcg_problem(engine, "a prompt ending in!")
+
+
+def test_suffixes_are_keyed_by_the_algorithm_not_by_the_cache_code() -> None:
+    """Editing the per-prompt loop or its messages keeps the cached suffixes (minutes each on a 7-8B model); the
+    algorithm above it keys them."""
+    from llamafactory_hera.evaluation.gcg_budget import algorithm_source
+
+    source = algorithm_source()
+    assert "def optimise_suffix(" in source and "def target_losses(" in source
+    assert "def suffix_key(" not in source and "def optimised_suffixes(" not in source

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from llamafactory_hera.evaluation.gcg_budget import Budget
+from llamafactory_hera.evaluation.gcg_budget import Budget, algorithm_source
 
 CHUNK = 64  # candidates per forward pass (halved on out-of-memory)
 
@@ -187,9 +187,12 @@ def optimise_suffix(model: Any, tokenizer: Any, problem: Problem, budget: Budget
     return Suffix(tuple(best.tolist()), tokenizer.decode(best), best_loss, initial, tuple(history))
 
 
+# ---------------------------------------------------------------- cached suffixes, one per prompt (not hashed)
+
+
 def suffix_key(prompt: str, target: str, budget: Budget) -> str:
     """The cache file's name of one suffix: what it was optimised for and under."""
-    text = json.dumps([prompt, target, repr(budget), Path(__file__).read_text(encoding="utf-8")])
+    text = json.dumps([prompt, target, repr(budget), algorithm_source()])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

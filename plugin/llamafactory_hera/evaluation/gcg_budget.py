@@ -1,9 +1,11 @@
-"""GCG's budget (:mod:`.gcg`): what one suffix may cost, the paper's values but the steps. Imports nothing heavy: the
-command line checks and records it before torch loads."""
+"""GCG's budget (:mod:`.gcg`): what one suffix may cost, the paper's values but the steps; and the source its cached
+suffixes and jailbreak results are keyed by. Imports nothing heavy: the command line checks and records them before
+torch loads."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 SUFFIX_TOKENS = 20  # the paper's suffix length, initialised as "! ! ! ..."
 SEARCH_WIDTH = 512  # B, the paper's batch of candidates per step
@@ -20,3 +22,11 @@ class Budget:
     top_k: int = TOP_K
     suffix_tokens: int = SUFFIX_TOKENS
     seed: int = 0
+
+
+def algorithm_source() -> str:
+    """``gcg.py``'s text above its cache section, the algorithm that makes a suffix: what cached suffixes and jailbreak
+    results were computed under (the cache and the per-prompt loop change no suffix, so editing them keeps the
+    suffixes, minutes each on a 7-8B model)."""
+    text = Path(__file__).with_name("gcg.py").read_text(encoding="utf-8")
+    return text[:text.index("\n# ---------------------------------------------------------------- cached suffixes")]

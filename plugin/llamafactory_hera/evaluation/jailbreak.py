@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.evaluation.gcg_budget import DEFAULT_STEPS, Budget
+from llamafactory_hera.evaluation.gcg_budget import DEFAULT_STEPS, Budget, algorithm_source
 from llamafactory_hera.evaluation.judge import JudgeSpec, check_judge, judge_answers
 from llamafactory_hera.evaluation.presets import JAILBREAK
 from llamafactory_hera.short_errors import RecipeError
@@ -47,8 +47,7 @@ class JailbreakSetup:
     def revision(self) -> str:
         """What a cached result was computed under: this module and GCG's, the templates, the attacks, the prompts,
         GCG's budget, the transferred suffixes and the judge (its config and :mod:`.judge`'s source)."""
-        modules = (Path(__file__), Path(__file__).with_name("gcg.py"), TEMPLATES_FILE)
-        sources = [module.read_text(encoding="utf-8") for module in modules]
+        sources = [path.read_text(encoding="utf-8") for path in (Path(__file__), TEMPLATES_FILE)] + [algorithm_source()]
         gcg_settings = [repr(self.budget), self.targets, self.transfer] if "gcg" in self.attacks else []
         text = json.dumps([*sources, self.attacks, self.prompts, gcg_settings, self.judge and self.judge.fingerprint])
         return "jailbreak:" + hashlib.sha256(text.encode()).hexdigest()[:16]
