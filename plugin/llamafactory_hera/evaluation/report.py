@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.anatomy.plot_text import save_png
 from llamafactory_hera.evaluation.presets import JAILBREAK, PRESETS, PlannedTask
-from llamafactory_hera.evaluation.runner import Outcome
+from llamafactory_hera.evaluation.runner import Outcome, _describe
 from llamafactory_hera.evaluation.table2 import RAH_TABLE1, TABLE2, PaperTable, markdown_lines, table2
 from llamafactory_hera.evaluation.tradeoff import PLOT_SUFFIX, cell, plot, tradeoff
 from llamafactory_hera.evaluation.tradeoff import markdown_lines as tradeoff_lines
@@ -118,7 +119,7 @@ def _plot(record: dict[str, Any], path: Path) -> None:
     axes.set_title(f"llamafactory-hera eval: {record['run']['title']}", fontsize=10)
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_png(figure, path, dpi=110)
 
 
 def report_stem(baseline: Any, run_dir: Path | None = None) -> str:
@@ -172,7 +173,6 @@ def write_reports(run_dir: Path, tasks_spec: str, tasks: list[PlannedTask], run:
                   limit: int | None) -> dict[str, Any]:
     """Write the three reports of this comparison into ``run_dir``; return the JSON record (``files``: their names;
     ``replaces``: what the replaced report of the same name held, or None)."""
-    from llamafactory_hera.evaluation.runner import _describe
 
     def who(outcome: Outcome | None) -> dict[str, Any] | None:
         if outcome is None:

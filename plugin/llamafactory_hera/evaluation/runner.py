@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import gc
 import hashlib
 import json
@@ -47,7 +48,6 @@ from llamafactory_hera_patches.guard import host_version
 
 CACHE_DIR = "eval_cache"
 PIN = "CUDA_VISIBLE_DEVICES=0 llamafactory-hera eval ..."
-_TASK_MANAGERS: dict[tuple[str, bool], Any] = {}
 
 
 def _demo_folder(library: str) -> Path:
@@ -57,33 +57,30 @@ def _demo_folder(library: str) -> Path:
     return write_demo_tasks(folder, library)
 
 
+@functools.cache
 def task_manager(library: str, registry: bool) -> Any:
     """The library's ``TaskManager`` with the demo task folder and, when ``registry``, its own tasks (indexing those
     takes seconds: lmms-eval reads about 2,000 task files); built once per process."""
-    key = (library, registry)
-    if key not in _TASK_MANAGERS:
-        from loguru import logger
+    from loguru import logger
 
-        logger.remove()  # lmms-eval logs through loguru at DEBUG (a line per registry file): warnings and errors only
-        logger.add(sys.stderr, level="WARNING")
-        logging.getLogger("lm-eval").setLevel(logging.WARNING)
-        logging.getLogger("lm_eval").setLevel(logging.WARNING)
-        if library == LMMS:
-            from lmms_eval.tasks import TaskManager
+    logger.remove()  # lmms-eval logs through loguru at DEBUG (a line per registry file): warnings and errors only
+    logger.add(sys.stderr, level="WARNING")
+    logging.getLogger("lm-eval").setLevel(logging.WARNING)
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    if library == LMMS:
+        from lmms_eval.tasks import TaskManager
 
-            verbosity: tuple[str, ...] = ("WARNING",)
-        else:
-            from lm_eval.tasks import TaskManager
+        verbosity: tuple[str, ...] = ("WARNING",)
+    else:
+        from lm_eval.tasks import TaskManager
 
-            verbosity = ()
-        _TASK_MANAGERS[key] = TaskManager(*verbosity, include_path=str(_demo_folder(library)),
-                                          include_defaults=registry)
-    return _TASK_MANAGERS[key]
+        verbosity = ()
+    return TaskManager(*verbosity, include_path=str(_demo_folder(library)), include_defaults=registry)
 
 
 def known_tasks(library: str) -> set[str]:
     """Every task, group and tag name the library's registry knows (with the demo tasks)."""
-    return set(task_manager(library, registry=True).all_tasks)
+    return set(task_manager(library, True).all_tasks)  # positional: one cache key with run_library's
 
 
 def _entries(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -200,7 +197,6 @@ def lmms_model(engine: Any, label: str) -> Any:
 
         def __init__(self) -> None:
             super().__init__()
-            self.engine = engine
             self.batch_size_per_gpu = 1
 
         def generate_until(self, requests: list[Any]) -> list[str]:

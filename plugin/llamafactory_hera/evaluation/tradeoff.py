@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.anatomy.plot_text import save_png
 from llamafactory_hera.evaluation.presets import DEMO_TEXT_TASK, JAILBREAK, PRESETS, REFUSAL_TASK
 
 ROBUSTNESS, USABILITY, CAPABILITY = "Robustness", "Usability", "Capability"
@@ -178,4 +179,4 @@ def plot(record: dict[str, Any], path: Path) -> None:
     figure.suptitle(f"{_title(record)}: {record['run']['title']}" + (f" vs {other}" if baseline else ""), fontsize=11)
     figure.legend(*panels[0].get_legend_handles_labels(), loc="upper left", fontsize=8, frameon=False)  # off the bars
     figure.tight_layout(rect=(0, 0, 1, 0.92))
-    figure.savefig(path, dpi=110)
+    save_png(figure, path, dpi=110)
