@@ -187,7 +187,7 @@ def main(argv: list[str]) -> int:
         print(f"usage:\n{USAGE}", file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
-    start, load_at_start = time.perf_counter(), os.getloadavg()[0]
+    start, load_at_start = time.perf_counter(), load_average()
     try:
         python = setup(command)
         code = cmd_test(python, rest) if command == "test" else cmd_demo(python, rest)
@@ -203,14 +203,19 @@ def main(argv: list[str]) -> int:
     return code
 
 
+def load_average() -> float:
+    """The 1-minute load average (NaN where the OS has none: Windows)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def record_ci_run(command: str, code: int, seconds: float, load_at_start: float) -> None:
     """Append one line for this CI run to ``CI_TIMINGS_LOG`` (never fails the run)."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                          check=False).stdout.strip()
     phases = " ".join(f"{name}={secs:.0f}s" for name, secs in _timings)
-    line = (f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {head or '?'} {command} exit={code} total={seconds:.0f}s "
-            f"{phases} load1_start={load_at_start:.2f} load1_end={os.getloadavg()[0]:.2f} cores={os.cpu_count()}\n")
     try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=False).stdout.strip()
+        line = (f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {head or '?'} {command} exit={code} total={seconds:.0f}s "
+                f"{phases} load1_start={load_at_start:.2f} load1_end={load_average():.2f} cores={os.cpu_count()}\n")
         CI_TIMINGS_LOG.parent.mkdir(parents=True, exist_ok=True)
         with CI_TIMINGS_LOG.open("a") as log_file:
             log_file.write(line)

@@ -5,6 +5,7 @@ tests/harc/test_harc_docs.py; the front page and every link by tests/test_docs.p
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -351,3 +352,7 @@ def test_dev_records_a_ci_runs_timings_outside_the_clone(tmp_path: Path, monkeyp
     first, second = (tmp_path / "cache" / "ci-timings.log").read_text(encoding="utf-8").splitlines()
     assert " test exit=0 total=712s setup=100s pytest=600s load1_start=0.50 " in first, first
     assert " exit=1 total=80s " in second, second
+    monkeypatch.delattr("os.getloadavg")  # Windows has none: dev.py still runs and records
+    assert math.isnan(dev.load_average())
+    dev.record_ci_run("test", 0, 10.0, dev.load_average())
+    assert "load1_start=nan load1_end=nan" in (tmp_path / "cache" / "ci-timings.log").read_text().splitlines()[-1]
