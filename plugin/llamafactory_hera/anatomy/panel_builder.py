@@ -195,7 +195,7 @@ class MethodPanel:
     def owns_loss_plot(self, trainer_log: list[dict[str, Any]]) -> bool:
         """Whether a trainer_log.jsonl (as parsed lines) comes from this method's run."""
         plot = self.declaration.loss_plot
-        markers = (plot.marker,) if plot.marker else tuple(plot.terms)
+        markers = (plot.marker,) if plot.marker else plot.plot.terms if plot.plot else ()
         return any(log.get(key) is not None for log in trainer_log for key in markers)
 
     def loss_figure(self, trainer_log: list[dict[str, Any]], smooth: Any) -> Any:
@@ -207,7 +207,7 @@ class MethodPanel:
         if plot.figure is not None:
             return plot.figure(trainer_log, smooth)
         data = series((log.get("current_steps"), log) for log in trainer_log)
-        return draw_training(data, TrainingPlot(tuple(plot.terms), plot.axis_label, plot.panels), smooth)
+        return draw_training(data, plot.plot or TrainingPlot((), ""), smooth)  # no plot declared: the loss alone
 
 
 def build_panel(declaration: PanelDeclaration) -> MethodPanel:

@@ -12,11 +12,11 @@ Imports nothing heavy: declarations are read when LlamaBoard is built and by the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llamafactory_hera.anatomy.training_plot import Panel
+from llamafactory_hera.anatomy.training_plot import TrainingPlot
 
 LANGS = ("en", "ru", "zh", "ko", "ja")  # LlamaBoard's languages (top.lang); every locale entry has all of them
 WIDGETS = ("textbox", "number", "int", "dropdown", "checkbox", "dataset")
@@ -48,15 +48,12 @@ class Field:
 class LossPlot:
     """How LlamaBoard's loss plot shows the method's runs (``trainer_log.jsonl`` lines as dicts).
 
-    A log is the method's when a line carries ``marker`` (empty: any of ``terms``). ``terms`` (their keys, for a
-    mapping such as HARC's colour table): drawn on a second axis (``axis_label``) beside the loss, and ``panels``
-    beside that, as the training plot draws them. ``figure``: ``(trainer_log, smooth) -> Figure`` drawn instead (a
-    method without a loss).
+    ``plot``: what the training plot draws of it (its terms on a second axis beside the loss, its panels beside
+    that); a log is the method's when a line carries ``marker`` (empty: any of the plot's terms). ``figure``:
+    ``(trainer_log, smooth) -> Figure`` drawn instead (a method without a loss).
     """
 
-    terms: Collection[str] = ()
-    axis_label: str = ""
-    panels: tuple[Panel, ...] = ()
+    plot: TrainingPlot | None = None
     marker: str = ""
     figure: Callable[[list[dict[str, Any]], Any], Any] | None = None
 

@@ -15,10 +15,11 @@ from typing import Any
 from llamafactory_hera.anatomy.panel_builder import build_panel
 from llamafactory_hera.anatomy.panel_checks import local_text_depth
 from llamafactory_hera.anatomy.panel_spec import Field, LossPlot, PanelDeclaration
+from llamafactory_hera.anatomy.training_plot import TrainingPlot
 from llamafactory_hera.harc.args import ROLE_KEYS, HarcArguments, parse_harc_arguments
 
-# HARC's terms in trainer_log.jsonl (llamafactory_hera.harc.method.LOG_KEYS) -> colour in the loss plot
-TERM_COLORS = {"harc_ce": "#d62728", "harc_kl": "#2ca02c", "harc_couple": "#ff7f0e", "harc_couple_resp": "#9467bd"}
+# HARC's terms in trainer_log.jsonl (llamafactory_hera.harc.method.LOG_KEYS), on the loss plot's second axis
+TERMS = ("harc_ce", "harc_kl", "harc_couple", "harc_couple_resp")
 
 
 def check_band_depth(args: HarcArguments, context: Mapping[str, Any]) -> str:
@@ -59,7 +60,7 @@ FIELDS = (
 
 PANEL = build_panel(PanelDeclaration(
     name="HARC", prefix="harc_", package=__package__, arguments=HarcArguments, parse=parse_harc_arguments,
-    fields=FIELDS, loss_plot=LossPlot(terms=TERM_COLORS, axis_label="HARC terms"), dataset_from_panel=True,
+    fields=FIELDS, loss_plot=LossPlot(TrainingPlot(TERMS, "HARC terms")), dataset_from_panel=True,
     dataset_hint="`llamafactory-hera harc-data --out DIR` writes the four role datasets under their keys' names.",
     checks=(check_band_depth,),
 ))

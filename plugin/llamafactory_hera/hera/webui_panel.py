@@ -13,6 +13,7 @@ from llamafactory_hera.anatomy.panel_builder import build_panel
 from llamafactory_hera.anatomy.panel_checks import local_attention_geometry
 from llamafactory_hera.anatomy.panel_spec import Field, LossPlot, PanelDeclaration
 from llamafactory_hera.anatomy.panel_widgets import comma_list
+from llamafactory_hera.anatomy.training_plot import TrainingPlot
 from llamafactory_hera.hera.args import AUTO, HeraArguments, parse_hera_arguments
 from llamafactory_hera.hera.method import ALIGNMENT_PANEL
 
@@ -62,5 +63,5 @@ PANEL = build_panel(PanelDeclaration(
     name="HeRA", prefix="hera_", package=__package__, arguments=HeraArguments, parse=parse_hera_arguments,
     fields=FIELDS, checks=(check_heads_geometry,),
     # hera_loss beside the loss; the alignment monitor's MKNN beside them when logged
-    loss_plot=LossPlot(terms=("hera_loss",), axis_label="hera_loss", panels=(ALIGNMENT_PANEL,)),
+    loss_plot=LossPlot(TrainingPlot(("hera_loss",), "hera_loss", (ALIGNMENT_PANEL,))),
 ))
