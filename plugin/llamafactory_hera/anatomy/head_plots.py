@@ -73,12 +73,11 @@ def _boxes(ax: Any, selected: list[tuple[int, int]], color: str) -> None:
         ax.add_patch(box)
 
 
-def _labels(ax: Any, selected: list[tuple[int, int]], fontsize: float) -> None:
+def _labels(ax: Any, selected: list[tuple[int, int]], heads: int, fontsize: float) -> None:
     """``L<layer>H<head>`` beside each selected box, on the side towards the map's middle (none beyond
     ``_MAX_LABELS``)."""
     if len(selected) > _MAX_LABELS:
         return
-    heads = ax.get_images()[0].get_array().shape[1]
     for layer, head in selected:
         side = 1 if head < heads / 2 else -1
         ax.annotate(f"L{layer}H{head}", (head + 0.5 * side, layer), xytext=(3 * side, 0), textcoords="offset points",
@@ -156,7 +155,7 @@ def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path:
     if layers * heads <= _MAX_ANNOTATED_CELLS:
         _annotate_cells(ax, array, signed=False)
     else:
-        _labels(ax, selected, _label_fontsize(heads, width))
+        _labels(ax, selected, heads, _label_fontsize(heads, width))
     return save_png(fig, path, dpi=150)
 
 
@@ -207,7 +206,7 @@ def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tupl
             _annotate_cells(ax, array, signed=False)
         _annotate_cells(axes[2], diff, signed=True)
     else:
-        _labels(axes[2], selected, _label_fontsize(heads, width))
+        _labels(axes[2], selected, heads, _label_fontsize(heads, width))
     return save_png(fig, path, dpi=150)
 
 
