@@ -26,7 +26,8 @@ COMMON = {"max_samples": 16, "per_device_train_batch_size": 4, "hera_queue_size"
 SAVED_PREFIX = {"llava": "language_model.model.layers.", "qwen2_5_vl": "model.layers."}
 
 
-@pytest.mark.parametrize("family,finetuning", [("llava", "full"), ("llava", "freeze"), ("qwen2_5_vl", "full")])
+@pytest.mark.parametrize("family,finetuning", [("llava", "full"), ("llava", "freeze"), ("qwen2_5_vl", "full"),
+                                               ("qwen2_5_vl", "freeze")])
 def test_resumed_run_ends_as_the_run_not_stopped(assets, tmp_path: Path, family: str, finetuning: str) -> None:
     whole, resumed = tmp_path / "whole" / "out", tmp_path / "resumed" / "out"
     run_train(base_recipe(assets, family, whole, finetuning_type=finetuning, **COMMON), tmp_path / "whole")
