@@ -5,7 +5,8 @@ names the model has in memory (``model.language_model.*``): the Trainer's own re
 and trained on from the base weights (huggingface/transformers#43701). Each run here stops at step 1 and resumes to
 step 2; weights, optimizer, HeRA's temperature, its optimizer and queue end bit-identical to the run not stopped
 (``llamafactory_hera_testing.resume``). LoRA: tests/hera/test_hera_train_cli.py and test_hera_distributed.py; a
-composed LLaVA: test_hera_llava15_chain.py; HARC: tests/harc/test_harc_stage.py.
+composed LLaVA: test_hera_llava15_chain.py; ZeRO-2 and ZeRO-3: test_hera_deepspeed.py; HARC (also under ZeRO-3):
+tests/harc/test_harc_stage.py.
 """
 
 from __future__ import annotations
