@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conftest import base_recipe
+from conftest import base_recipe, run_train
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.media_warnings import CONVERTER_LOGGER, is_media_warning, media_warnings_held
 from llamafactory_hera_patches.model_data import load_aligned_rows, parse_recipe
@@ -72,3 +72,17 @@ def test_media_warnings_are_logged_as_the_host_logs_them_when_the_check_passes(a
         logging.getLogger(CONVERTER_LOGGER).warning("Media x.png does not exist in `media_dir`. Use original path.")
         raise OSError("disk")
     assert kept.records[-1].getMessage().startswith("Media x.png")
+
+
+def test_hera_names_a_missing_image_without_the_converters_lines(assets: Any, tmp_path: Path, kept: Any) -> None:
+    """HeRA's own check of its training images (``hera/workflow.py``) holds them too; RAH-LoRA's, through the real
+    process: tests/test_host_key_refusals.py."""
+    copy = tmp_path / "data"
+    shutil.copytree(assets.dataset_dir, copy)
+    shutil.rmtree(copy / "images")
+    proc = run_train(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", dataset_dir=str(copy)), tmp_path,
+                     check=False)
+    assert proc.returncode == 1 and proc.stderr.rstrip().splitlines()[-1].startswith(
+        "[llamafactory-hera] error: image 'images/0000.png' of training dataset row 0 does not exist"), proc.stderr
+    assert not [r for r in kept.records if is_media_warning(r.getMessage())]
+    assert "does not exist in `media_dir`" not in proc.stdout + proc.stderr
