@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import yaml
-from test_launch_refusals import _recipe, _refused, no_model_load  # noqa: F401 - the fixture, used by name
+from test_launch_refusals import _recipe, _refused, _without_images, no_model_load  # noqa: F401 - the fixture
 
-from conftest import REPO, base_recipe, run_train
+from conftest import REPO, run_train
 from llamafactory_hera.anatomy.host_keys import check_bf16_device, check_choices, check_host_keys
 from llamafactory_hera.anatomy.model_checks import check_lora_target, check_model_paths
 from llamafactory_hera.short_errors import RecipeError
@@ -146,15 +146,23 @@ def test_bf16_where_transformers_finds_no_bf16_device_is_refused() -> None:
     check_bf16_device({"bf16": "false"})
 
 
-def test_a_refused_recipe_prints_a_few_lines_the_message_last(assets: Any, tmp_path: Path) -> None:
-    """A check after LLaMA-Factory's parse, which turns transformers' info logging on: the check's reads of the
-    tokenizer and the config printed every file read and the whole config (145 lines) before the message."""
-    proc = run_train(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", template="llama3"), tmp_path, check=False,
-                     process=True)
+def test_a_refused_recipe_prints_a_few_lines_the_message_last(assets: Any, harc_assets: Any, tmp_path: Path) -> None:
+    """One real ``llamafactory-cli train`` process, refused after LLaMA-Factory's parse and its alignment of the rows:
+    ``stage: rah`` on a dataset whose 32 image files are missing. It printed 45 lines: 32 of them LLaMA-Factory's
+    converter warnings, one per missing image (so hundreds on a real dataset), above the message
+    (:mod:`llamafactory_hera_patches.media_warnings` holds them while the plugin checks the files). The check also reads
+    the model's config after the parse, which turns transformers' info logging on: a template check's reads printed
+    every file read and the whole config (145 lines) before its message (that refusal's text:
+    tests/test_run_errors.py)."""
+    recipe = _recipe("rah", assets, harc_assets, tmp_path / "out",
+                     dataset_dir=str(_without_images(assets.dataset_dir, tmp_path)))
+    proc = run_train(recipe, tmp_path, check=False, process=True)
     lines = (proc.stdout + proc.stderr).rstrip("\n").split("\n")
-    assert proc.returncode == 1 and len(lines) <= 12, "\n".join(lines)
-    assert lines[-1].startswith("[llamafactory-hera] error: template: llama3 does not match the tokenizer of "), \
-        "\n".join(lines)
+    assert proc.returncode == 1 and len(lines) <= 15, "\n".join(lines)
+    assert not any("does not exist in `media_dir`" in line for line in lines), "\n".join(lines)
+    assert lines[-1].startswith("[llamafactory-hera] error: image 'images/"), "\n".join(lines)
+    assert lines[-1].endswith("of training dataset row 3 does not exist; fix the path in the dataset (or media_dir) or "
+                              "remove the row"), "\n".join(lines)
 
 
 def test_a_model_that_cannot_be_built_without_weights_skips_the_lora_target_check(

@@ -108,6 +108,11 @@ def test_shipped_recipe_runs_whole_on_a_tiny_model_of_its_family(name: str, harc
     assert "Loaded adapter(s)" in proc.stdout + proc.stderr and len(json.loads(replies[-1][6:])) == 1
 
 
+# two ranks under ZeRO-3, a checkpoint every 2 steps (the resumed run's start)
+ZERO3 = {"gradient_accumulation_steps": 1, "deepspeed": str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json"),
+         "save_steps": 2}
+
+
 @pytest.fixture(scope="module")
 def four_steps(harc_assets: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process, 4 optimizer steps of gradient accumulation 2 (base extraction, a refresh at step 2, the ramp at
@@ -126,13 +131,11 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
 
     ZeRO-2 gave the same losses in every CI run of 2026-11-23 that included it (4 runs); it is left out to keep the
     suite within CI's 15 minutes: ZeRO-3 is the harder case (weights gathered in every forward, generation in step),
-    and tests/hera/test_hera_deepspeed.py runs the shared DeepSpeed path under ZeRO-2."""
+    and tests/hera/test_hera_deepspeed.py runs the shared DeepSpeed path under ZeRO-2. The ZeRO-3 run, stopped at step
+    2 and resumed, ends as the run not stopped (HARC's resume under DeepSpeed)."""
     runs = {"one": _terms(four_steps)}
     assert [line["harc_layers"] for line in read_trainer_log(four_steps) if "loss" in line][-1].count(",") == 3
-    ds = REPO / "recipes" / "deepspeed"
-    for name, extra, ranks in (("ddp", {"gradient_accumulation_steps": 1}, 2),
-                               ("zero3", {"gradient_accumulation_steps": 1, "deepspeed": str(ds / "ds_z3_config.json")},
-                                2)):
+    for name, extra, ranks in (("ddp", {"gradient_accumulation_steps": 1}, 2), ("zero3", ZERO3, 2)):
         output = tmp_path / name / "out"  # not the run's folder: a rerun after an abort at exit empties output_dir
         # the end-of-run evaluation generates on every rank in step: run it under ZeRO-3, where that matters
         recipe = harc_recipe(harc_assets, "llama3", output, harc_eval=name == "zero3", max_steps=4, **extra)
@@ -152,6 +155,18 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
         assert _close(runs[name], runs["one"]), (name, runs)
     refusal = json.loads((tmp_path / "zero3" / "out" / "harc_eval.json").read_text())["refusal"]
     assert refusal["harmful"]["count"] == 4 and refusal["before"]["pseudo"]["count"] == 4
+
+    # ZeRO-3 stopped at step 2 (just after a refresh) and resumed: its engine's partitions of the LoRA weights and of
+    # the optimizer state, the adapter, the directions, layers and history as the run not stopped, bit for bit
+    whole, resumed = tmp_path / "zero3" / "out", tmp_path / "zero3_resumed" / "out"
+    proc = run_train(harc_recipe(harc_assets, "llama3", resumed, harc_eval=False, max_steps=4, **ZERO3,
+                                 resume_from_checkpoint=str(whole / "checkpoint-2")), tmp_path / "zero3_resumed",
+                     env={"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2",
+                          **evidence_env(tmp_path / "zero3_resumed" / "engine")})
+    assert "HARC: resumed directions and layers" in proc.stdout + proc.stderr
+    assert_engine(read_evidence(tmp_path / "zero3_resumed" / "engine", ranks=2), 3)
+    assert {"model", "harc_state.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
+        assert_resumed_equals_whole(whole, resumed, 4))
 
 
 def test_resuming_from_a_checkpoint_continues_the_same_objective(harc_assets: Any, four_steps: Path,

@@ -5,7 +5,8 @@ names the model has in memory (``model.language_model.*``): the Trainer's own re
 and trained on from the base weights (huggingface/transformers#43701). Each run here stops at step 1 and resumes to
 step 2; weights, optimizer, HeRA's temperature, its optimizer and queue end bit-identical to the run not stopped
 (``llamafactory_hera_testing.resume``). LoRA: tests/hera/test_hera_train_cli.py and test_hera_distributed.py; a
-composed LLaVA: test_hera_llava15_chain.py; HARC: tests/harc/test_harc_stage.py.
+composed LLaVA: test_hera_llava15_chain.py; ZeRO-2 and ZeRO-3: test_hera_deepspeed.py; HARC (also under ZeRO-3):
+tests/harc/test_harc_stage.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ COMMON = {"max_samples": 16, "per_device_train_batch_size": 4, "hera_queue_size"
 SAVED_PREFIX = {"llava": "language_model.model.layers.", "qwen2_5_vl": "model.layers."}
 
 
-@pytest.mark.parametrize("family,finetuning", [("llava", "full"), ("llava", "freeze"), ("qwen2_5_vl", "full")])
+@pytest.mark.parametrize("family,finetuning", [("llava", "full"), ("llava", "freeze"), ("qwen2_5_vl", "full"),
+                                               ("qwen2_5_vl", "freeze")])
 def test_resumed_run_ends_as_the_run_not_stopped(assets, tmp_path: Path, family: str, finetuning: str) -> None:
     whole, resumed = tmp_path / "whole" / "out", tmp_path / "resumed" / "out"
     run_train(base_recipe(assets, family, whole, finetuning_type=finetuning, **COMMON), tmp_path / "whole")

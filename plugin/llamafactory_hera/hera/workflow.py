@@ -21,6 +21,7 @@ from llamafactory_hera.hera.preflight import (
     queue_cap_line,
 )
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.media_warnings import media_warnings_held
 
 HERA_RUN_RECORD = "hera_run.json"
 
@@ -65,7 +66,8 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
     # file system: 8 ranks per node checking every image of a 665k-row dataset at once is what this avoids).
     local = not getattr(data_args, "data_shared_file_system", False)
     main = (training_args.local_process_index if local else training_args.process_index) == 0
-    with training_args.main_process_first(desc="align the dataset and check its images", local=local):
+    with (training_args.main_process_first(desc="align the dataset and check its images", local=local),
+          media_warnings_held()):  # a missing file is named alone, not below the converter's line per image
         aligned = load_aligned_rows(RecipeArgs(model_args, data_args, finetuning_args), training_args.seed,
                                     training_args=training_args)
         counts = count_image_rows(aligned)

@@ -24,6 +24,7 @@ from llamafactory_hera.anatomy.image_files import image_rows
 from llamafactory_hera.rah.args import RahArguments
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.guard import recorded_versions
+from llamafactory_hera_patches.media_warnings import media_warnings_held
 
 PROFILE_JSON = "rah_profile.json"
 PROFILE_PNG = "rah_profile.png"
@@ -157,9 +158,10 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     started = time.perf_counter()
     start_board_files()
     recipe = RecipeArgs(model_args, data_args, finetuning_args)
-    aligned = load_aligned_rows(recipe, training_args.seed)
-    rows = _image_rows(aligned, data_args.dataset, rah_args, training_args.seed)
-    image_rows(aligned, column="_images", only=rows)  # a missing file is named before the model loads
+    with media_warnings_held():  # a missing file is named before the model loads, not below a line per image
+        aligned = load_aligned_rows(recipe, training_args.seed)
+        rows = _image_rows(aligned, data_args.dataset, rah_args, training_args.seed)
+        image_rows(aligned, column="_images", only=rows)
     model, tokenizer_module, template = load_model_for_scoring(recipe, str(training_args.device))
     loaded = time.perf_counter()
     dataset, collator = multimodal_dataset_and_collator(recipe, model, tokenizer_module, template, training_args.seed,

@@ -1,0 +1,77 @@
+"""LLaMA-Factory's "Media ... does not exist in `media_dir`" warnings, held while a method checks its image files.
+
+Checked on LLaMA-Factory 0.9.5: ``DatasetConverter._find_medias`` (``llamafactory.data.converter``) logs
+``Media {path} does not exist in `media_dir`. Use original path.`` once per such file, as it aligns the rows, before a
+method's own check of the files can run. A dataset whose images are missing printed one line per image (hundreds on
+a real dataset) above the check's one-line refusal. Inside :func:`media_warnings_held` those lines are held: dropped
+when the block ends in the plugin's refusal (which names the first missing file), logged as LLaMA-Factory would
+have (deduplicated) when it passes. The converter's worker processes (``preprocessing_num_workers``) hold theirs
+alike: they inherit the filter and append to the same file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import RecipeError
+
+CONVERTER_LOGGER = "llamafactory.data.converter"
+_FIELDS = ("name", "levelno", "levelname", "pathname", "filename", "module", "lineno", "funcName", "created", "msecs",
+           "relativeCreated", "process", "processName", "thread", "threadName")
+
+
+def is_media_warning(message: str) -> bool:
+    return message.startswith("Media ") and "does not exist in `media_dir`" in message
+
+
+class _Hold(logging.Filter):
+    """Keeps the converter's media warnings out of the handlers, one JSON line each in ``path``."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not is_media_warning(message):
+            return True
+        fields = {key: getattr(record, key, None) for key in _FIELDS}
+        with open(self.path, "a", encoding="utf-8") as held:  # appended by the worker processes too
+            held.write(json.dumps({**fields, "msg": message}) + "\n")
+        return False
+
+
+@contextlib.contextmanager
+def media_warnings_held() -> Iterator[Path]:
+    """Hold the converter's media warnings for the block (see the module docstring); yields the file holding them."""
+    logger = logging.getLogger(CONVERTER_LOGGER)
+    with tempfile.TemporaryDirectory(prefix="llamafactory_hera_media_") as folder:
+        hold = _Hold(os.path.join(folder, "held.jsonl"))
+        Path(hold.path).touch()
+        logger.addFilter(hold)
+        try:
+            yield Path(hold.path)
+        except RecipeError:
+            raise  # the refusal names the first missing file: the converter's lines would only bury it
+        except BaseException:
+            logger.removeFilter(hold)
+            _replay(logger, hold.path)  # another failure: the lines as LLaMA-Factory prints them, above it
+            raise
+        finally:
+            logger.removeFilter(hold)
+        _replay(logger, hold.path)
+
+
+def _replay(logger: logging.Logger, path: str) -> None:
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as held:
+        records = {fields["msg"]: fields for fields in map(json.loads, held) if fields.get("msg")}
+    for fields in records.values():
+        logger.handle(logging.makeLogRecord({**fields, "args": None}))
