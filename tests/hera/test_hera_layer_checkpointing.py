@@ -22,9 +22,9 @@ import torch
 import transformers.integrations
 from transformers import TrainerCallback
 
-import llamafactory_hera.hera.host_checks as host_checks
+import llamafactory_hera.hera.checks as host_checks
 from conftest import base_recipe
-from llamafactory_hera.hera.args import parse_hera_arguments
+from llamafactory_hera.hera.config import parse_hera_arguments
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from llamafactory_hera.rah.demo import build_rah_recipe
+from llamafactory_hera.demo.rah import build_rah_recipe
 
 SMALL = {"rah_samples": 6, "rah_probe_samples": 3, "rah_kl_samples": 2}
 
@@ -122,8 +122,8 @@ def test_a_step_that_rounds_to_no_change_is_not_calibrated(assets, tmp_path: Pat
     from test_rah_model import FORCED
 
     from llamafactory_hera.rah.adapter import lora_factors
-    from llamafactory_hera.rah.args import RahArguments
     from llamafactory_hera.rah.calibrate import calibrate, geometry_of
+    from llamafactory_hera.rah.config import RahArguments
     from llamafactory_hera.rah.probe import token_kinds
     from llamafactory_hera.rah.workflow import profile_record
     from llamafactory_hera_patches.model_data import parse_recipe

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from llamafactory_hera.anatomy.board_log import Progress
+from llamafactory_hera.log import Progress
 
 # llm-attacks@098262e experiments/evaluate.py _test_prefixes (29), then demo.ipynb's test_prefixes not in it (3)
 GCG_TEST_PREFIXES: tuple[str, ...] = (

@@ -87,9 +87,9 @@ def _pct(value: float | None) -> str:
 def _plots(trainer: Any, output: Path, evaluation: dict[str, Any] | None, history: list[dict[str, Any]]) -> None:
     if not trainer.harc_run.plot:
         return
-    from llamafactory_hera.anatomy.training_plot import plot_training
-    from llamafactory_hera.harc.method import TRAINING_PLOT
+    from llamafactory_hera.harc.config import TRAINING_PLOT
     from llamafactory_hera.harc.plots import plot_diagnostics, plot_refusal
+    from llamafactory_hera.plots.training import plot_training
 
     if evaluation is not None:
         plot_refusal(evaluation, output / EVAL_PLOT)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.plot_text import agg_figure, fit_title, save_png
+from llamafactory_hera.plots.text import agg_figure, fit_title, save_png
 
 _GROUPS = (("harmful", "held-out harmful\n(higher: safer)"), ("pseudo", "pseudo-harmful\n(lower: less over-refusal)"))
 _BEFORE_COLOR, _AFTER_COLOR = "#9e9e9e", "#1f77b4"

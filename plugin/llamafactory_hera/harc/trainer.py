@@ -22,13 +22,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from llamafactory_hera.anatomy.checkpoint_weights import RestoresCheckpointWeights
-from llamafactory_hera.harc.args import HarcArguments
 from llamafactory_hera.harc.batches import BATCH_KEYS
+from llamafactory_hera.harc.config import HarcArguments
 from llamafactory_hera.harc.data import ROLE_HARMFUL
 from llamafactory_hera.harc.directions import Directions
 from llamafactory_hera.harc.losses import coupling_loss, kl_to_reference, refusal_cross_entropy
 from llamafactory_hera.harc.residuals import StepCapture, reading_layers, response_window
+from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
 
 _TERMS = ("couple", "couple_resp", "kl", "ce")
 

@@ -1,4 +1,4 @@
-"""HeRA's verbs of ``llamafactory-hera`` (added by :func:`add_verbs`, declared in :mod:`llamafactory_hera.hera.method`).
+"""HeRA's verbs of ``llamafactory-hera`` (added by :func:`add_verbs`, declared in :mod:`llamafactory_hera.methods`).
 
     llamafactory-hera select RECIPE.yaml [options]     score every head by MKNN, write hera_heads into the recipe
     llamafactory-hera select --report RUN_DIR [opts]   score a trained run's heads before/after training
@@ -19,7 +19,7 @@ def _default_of(key: str) -> Any:
     """HeraArguments' default for ``key`` (what a recipe without the key gets)."""
     from dataclasses import fields
 
-    from llamafactory_hera.hera.args import HeraArguments
+    from llamafactory_hera.hera.config import HeraArguments
 
     return next(f.default for f in fields(HeraArguments) if f.name == key)
 

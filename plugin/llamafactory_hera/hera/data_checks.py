@@ -1,5 +1,5 @@
 """Checks of a HeRA run's adapter files against its base model, with errors that name the culprit (the image files of
-its data: :mod:`llamafactory_hera.anatomy.image_files`)."""
+its data: :mod:`llamafactory_hera.recipe.image_files`)."""
 
 from __future__ import annotations
 

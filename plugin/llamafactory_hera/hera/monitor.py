@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from llamafactory_hera.anatomy.heads import HeadRef
-from llamafactory_hera.anatomy.projection import effective_weight_columns, find_o_proj_modules, head_columns
+from llamafactory_hera.heads.geometry import HeadRef
+from llamafactory_hera.heads.projection import effective_weight_columns, find_o_proj_modules, head_columns
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.scores import layer_head_neighbours, teacher_neighbours
 from llamafactory_hera.hera.teacher_batch import teacher_batch_size

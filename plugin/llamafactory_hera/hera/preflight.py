@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from llamafactory_hera.hera.args import AUTO, HeraArguments
+from llamafactory_hera.hera.config import AUTO, HeraArguments
 from llamafactory_hera.short_errors import RecipeError
 
 

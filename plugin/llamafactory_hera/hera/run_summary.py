@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from llamafactory_hera.hera.args import HeraArguments
+from llamafactory_hera.hera.config import HeraArguments
 from llamafactory_hera.hera.temperature import TAU_MAX, TAU_MIN, used_temperature
 
 PREFIX = "[llamafactory-hera]"

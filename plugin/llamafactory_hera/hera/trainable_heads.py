@@ -9,8 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from llamafactory_hera.anatomy.heads import HeadRef
-from llamafactory_hera.anatomy.projection import find_o_proj_modules, text_decoder
+from llamafactory_hera.heads.geometry import HeadRef
+from llamafactory_hera.heads.projection import find_o_proj_modules, text_decoder
 from llamafactory_hera.short_errors import RecipeError
 
 

@@ -8,11 +8,7 @@ import json
 import os
 from typing import Any
 
-from llamafactory_hera.anatomy.board_log import say
-from llamafactory_hera.anatomy.image_files import describe_image, image_rows
-from llamafactory_hera.anatomy.training_plot import plot_training
-from llamafactory_hera.hera.args import HeraArguments
-from llamafactory_hera.hera.method import TRAINING_PLOT
+from llamafactory_hera.hera.config import TRAINING_PLOT, HeraArguments
 from llamafactory_hera.hera.preflight import (
     check_contrastive_geometry,
     check_image_rows,
@@ -20,6 +16,9 @@ from llamafactory_hera.hera.preflight import (
     count_image_rows,
     queue_cap_line,
 )
+from llamafactory_hera.log import say
+from llamafactory_hera.plots.training import plot_training
+from llamafactory_hera.recipe.image_files import describe_image, image_rows
 from llamafactory_hera.short_errors import RecipeError
 
 HERA_RUN_RECORD = "hera_run.json"

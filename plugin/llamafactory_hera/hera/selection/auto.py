@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from llamafactory_hera.hera.args import HeraArguments
+from llamafactory_hera.hera.config import HeraArguments
 from llamafactory_hera.hera.selection.select import SelectionOptions, SelectionResult, run_selection
 from llamafactory_hera.hera.teacher_store import cache_root
 from llamafactory_hera.short_errors import RecipeError

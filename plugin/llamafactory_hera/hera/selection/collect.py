@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llamafactory_hera.anatomy.pooling import multimodal_token_ids, pooled_token_mask, pooling_weights
-from llamafactory_hera.anatomy.projection import effective_weight_columns, find_o_proj_modules, text_decoder
+from llamafactory_hera.heads.pooling import multimodal_token_ids, pooled_token_mask, pooling_weights
+from llamafactory_hera.heads.projection import effective_weight_columns, find_o_proj_modules, text_decoder
 from llamafactory_hera.hera.host_output import progress_file
 from llamafactory_hera.hera.teacher import VisionTeacher, per_sample_features
 from llamafactory_hera.hera.teacher_batch import batches_of, image_features

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
-from llamafactory_hera.anatomy.projection import find_o_proj_modules
-from llamafactory_hera.anatomy.recipe_keys import truthy
+from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
+from llamafactory_hera.heads.projection import find_o_proj_modules
 from llamafactory_hera.hera.host_output import show
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.choices import DTYPES, MODES, RECIPE_BACKED, STRATEGIES, dest
@@ -30,6 +29,7 @@ from llamafactory_hera.hera.selection.scores import HeadNeighbours, all_head_nei
 from llamafactory_hera.hera.teacher import check_teacher_source, load_image_processor, load_teacher, looks_like_path
 from llamafactory_hera.hera.teacher_batch import teacher_batch_size
 from llamafactory_hera.hera.teacher_store import feature_store, path_fingerprint
+from llamafactory_hera.recipe.keys import truthy
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.guard import recorded_versions
 

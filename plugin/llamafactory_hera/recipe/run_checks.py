@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.launch_checks import check_fsdp_parsed
+from llamafactory_hera.recipe.launch_checks import check_fsdp_parsed
 from llamafactory_hera.short_errors import RecipeError
 
 DATA_CONFIG = "dataset_info.json"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from llamafactory_hera.anatomy.plot_text import agg_figure, fit_title, number, save_png, signed_number
+from llamafactory_hera.plots.text import agg_figure, fit_title, number, save_png, signed_number
 
 _MAX_TICKS = 20
 _MAX_LABELS = 40  # more selected heads than this are boxed but not labelled (the labels would bury the map)

@@ -1,5 +1,5 @@
 """HeRA's checks of a run's LLaMA-Factory arguments (recipe keys only, as named in LLaMA-Factory 0.9.5), before
-any model or dataset is loaded; declared in :mod:`llamafactory_hera.hera.method`, called by the stage patch.
+any model or dataset is loaded; declared in :mod:`llamafactory_hera.methods`, called by the stage patch.
 """
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from llamafactory_hera.anatomy.heads import attention_geometry, check_heads_fit
-from llamafactory_hera.anatomy.recipe_keys import truthy as _truthy
-from llamafactory_hera.anatomy.run_checks import check_run_inputs
-from llamafactory_hera.hera.args import HeraArguments
+from llamafactory_hera.heads.geometry import attention_geometry, check_heads_fit
+from llamafactory_hera.hera.config import HeraArguments
 from llamafactory_hera.hera.data_checks import check_adapter_fits
 from llamafactory_hera.hera.preflight import check_contrastive_geometry, contrastive_geometry
 from llamafactory_hera.hera.teacher import check_teacher_source
+from llamafactory_hera.recipe.keys import truthy as _truthy
+from llamafactory_hera.recipe.run_checks import check_run_inputs
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value as _raw_value
 from llamafactory_hera_patches.guard import host_version

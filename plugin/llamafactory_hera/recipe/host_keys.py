@@ -1,5 +1,5 @@
 """Checks of a plugin stage's recipe keys that LLaMA-Factory reads, before it parses them (nothing is loaded yet).
-Run once for every stage by :func:`llamafactory_hera.anatomy.launch_checks.check_raw_recipe`.
+Run once for every stage by :func:`llamafactory_hera.recipe.launch_checks.check_raw_recipe`.
 
 Each raises one :class:`RecipeError` naming the key, the value, why and the fix, where LLaMA-Factory would stop with a
 traceback whose last line names neither the key nor the value, or only after the tokenizer or the model loaded:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.plot_text import agg_figure, fit_title, save_png
+from llamafactory_hera.plots.text import agg_figure, fit_title, save_png
 
 Smooth = Callable[[list[float]], list[float]]
 TRAINING_PNG = "training.png"

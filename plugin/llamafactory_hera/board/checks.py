@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from llamafactory_hera.anatomy.heads import AttentionGeometry, attention_geometry
-from llamafactory_hera.anatomy.run_checks import NOT_LOCAL, dataset_info
+from llamafactory_hera.heads.geometry import AttentionGeometry, attention_geometry
+from llamafactory_hera.recipe.run_checks import NOT_LOCAL, dataset_info
 from llamafactory_hera.short_errors import RecipeError
 
 
@@ -64,7 +64,7 @@ def local_text_depth(model_path: Any) -> int | None:
 
 
 def local_attention_geometry(model_path: Any) -> AttentionGeometry | None:
-    """The text decoder's layers and heads (:func:`~llamafactory_hera.anatomy.heads.attention_geometry`) of
+    """The text decoder's layers and heads (:func:`~llamafactory_hera.heads.geometry.attention_geometry`) of
     ``model_path`` where its config can be read locally (:func:`local_text_config`); None otherwise."""
     text = local_text_config(model_path)
     try:
