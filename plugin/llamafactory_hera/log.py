@@ -80,7 +80,7 @@ def progress_line(phase: str, done: int, total: int, elapsed: float) -> dict[str
 
 def progress(items: Iterable[Any], label: str) -> Iterator[Any]:
     """``items`` with a tqdm bar, and LlamaBoard's progress bar when LlamaBoard runs it."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # lazy: tqdm only when a bar is drawn, not for every line said
 
     listed = list(items)
     started = time.perf_counter()

@@ -89,7 +89,7 @@ def test_projection_by_call_ignores_lora_dropout_like_the_weight_path() -> None:
 
 
 def test_temperature_is_clamped_where_used_and_after_each_step() -> None:
-    from llamafactory_hera.hera.temperature import TAU_MAX, TAU_MIN, TemperatureGradHandler, used_temperature
+    from llamafactory_hera.hera.loss import TAU_MAX, TAU_MIN, TemperatureGradHandler, used_temperature
 
     assert float(used_temperature(torch.tensor(math.log(1e-4)))) == pytest.approx(TAU_MIN)
     assert float(used_temperature(torch.tensor(math.log(1e4)))) == pytest.approx(TAU_MAX)

@@ -103,7 +103,7 @@ def test_one_copy_to_the_host_per_batch(assets, accelerator, mode: str) -> None:
     host in one copy (not one per layer), and nothing else in the collection waits on the device."""
     from llamafactory_hera.heads.projection import find_o_proj_modules
     from llamafactory_hera.hera.selection import collect
-    from llamafactory_hera.hera.teacher_batch import batches_of
+    from llamafactory_hera.hera.teacher import batches_of
     from llamafactory_hera_patches.model_data import (
         load_model_for_scoring,
         multimodal_dataset_and_collator,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from llamafactory_hera.heads.geometry import AttentionGeometry, attention_geometry
-from llamafactory_hera.recipe.run_checks import NOT_LOCAL, dataset_info
+from llamafactory_hera.recipe.checks import NOT_LOCAL, dataset_info
 from llamafactory_hera.short_errors import RecipeError
 
 

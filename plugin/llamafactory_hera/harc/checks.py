@@ -12,11 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig
+
 from llamafactory_hera.harc.config import ROLE_KEYS, HarcArguments, moving_weights
 from llamafactory_hera.harc.layers import eligible_layers
 from llamafactory_hera.log import say
+from llamafactory_hera.recipe.checks import DATA_CONFIG, check_dataset_names, check_run_inputs
 from llamafactory_hera.recipe.keys import truthy
-from llamafactory_hera.recipe.run_checks import DATA_CONFIG, check_dataset_names, check_run_inputs
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value
 from llamafactory_hera_patches.templates import composite_model_types
@@ -97,7 +99,6 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                 check_dataset_names(key, [getattr(harc_args, key)], dataset_dir,
                                     f"Add it there or name one of those in {key}.")
     check_run_inputs(model_args, data_args, training_args, datasets_used=False, stage="harc")
-    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))

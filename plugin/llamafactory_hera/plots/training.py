@@ -95,7 +95,7 @@ def read_series(output_dir: str | Path) -> Series:
 
 
 def _integer_steps(ax: Any, steps: list[int]) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: matplotlib only when a figure is drawn (see plots.text)
 
     if len(set(steps)) == 1:
         ax.set_xlim(steps[0] - 1, steps[0] + 1)

@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from llamafactory_hera.recipe.launch_checks import check_raw_launch, check_raw_recipe
+from llamafactory_hera.recipe.checks import check_raw_launch, check_raw_recipe
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Checks of a plugin stage's model keys before LLaMA-Factory parses the recipe: the model and adapter paths, and
 ``lora_target`` against the model's own module names (read from its config on the meta device: no weight is loaded).
-Run once for every stage by :func:`llamafactory_hera.recipe.launch_checks.check_raw_recipe`.
+Run once for every stage by :func:`llamafactory_hera.recipe.checks.check_raw_recipe`.
 
 Where LLaMA-Factory would fail otherwise:
 
@@ -75,6 +75,7 @@ def _model_on_meta_device(source: str, trust: bool) -> Any:
     when the config cannot be read here (LLaMA-Factory then reports it itself) or the model cannot be built from it
     (one note line: the check is skipped)."""
     # transformers and accelerate only here: every other check of the raw recipe runs without them
+    # lazy: accelerate and transformers only when a recipe is checked, not when the declarations are imported
     from accelerate import init_empty_weights
     from transformers import (
         AutoConfig,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import transformers
 import yaml
 
 from llamafactory_hera.heads.geometry import parse_head
@@ -19,6 +21,7 @@ from llamafactory_hera.hera.selection.recipe_write import (
 from llamafactory_hera.hera.selection.select import SelectionOptions, SelectionResult, run_selection, scoring_dtype
 from llamafactory_hera.plots.heads import format_head_table, plot_head_heatmap
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.model_data import parse_recipe
 from llamafactory_hera_patches.registry import method_for_stage
 
 
@@ -63,8 +66,6 @@ def heads_table(heads: list[str], result: SelectionResult) -> str:
 
 def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, title: str) -> None:
     """Record (atomic) and heatmap, saying when an earlier one is replaced."""
-    import numpy as np
-
     for path in (json_path, png_path):
         if path.exists():
             show(f"replacing {path}")
@@ -75,8 +76,6 @@ def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, titl
 
 def run_select(args: Any) -> SelectionResult:
     """Run the ``select`` command (see :mod:`llamafactory_hera.hera.cli`)."""
-    from llamafactory_hera_patches.model_data import parse_recipe
-
     _, recipe = load_recipe(args.recipe)
     check_hera_recipe(args.recipe, recipe)
     target = args.output or args.recipe
@@ -114,6 +113,4 @@ def recipe_hera_arguments(recipe: dict[str, Any]) -> HeraArguments:
 
 def _quiet_transformers() -> None:
     """LLaMA-Factory's parser sets transformers to INFO; selection output stays readable at WARNING."""
-    import transformers
-
     transformers.utils.logging.set_verbosity_warning()
