@@ -1,7 +1,9 @@
 """One door to the host: the import graph of ``plugin/``, ``patches/`` and ``testing/``, drawn from the code (``ast``).
 
-Every import counts, at module level or inside a function, and so does ``importlib.import_module("...")`` with a
-literal name. Asserted: no import cycle among the plugin's, the patches' and the test support's modules; of the
+Every import counts, at module level or inside a function, and so do ``importlib.import_module("...")`` with a
+literal name and a declaration's ``"llamafactory_hera.module:attribute"`` string (what runs, not only what a file's head
+shows). Asserted: no import cycle among the plugin's, the patches' and the test support's modules, and none among the
+plugin's folders (no import runs back up); a lazy import on a run's path says why it is lazy; of the
 package users install (plugin and patches), only ``llamafactory_hera_patches`` modules import ``llamafactory`` (the
 test support, ``llamafactory_hera_testing``, may); no patches module imports ``llamafactory_hera`` (the patches learn
 the methods by registration, :mod:`llamafactory_hera_patches.registry`).
@@ -10,11 +12,13 @@ the methods by registration, :mod:`llamafactory_hera_patches.registry`).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import REPO
 
 PLUGIN, PATCHES, TESTING = "llamafactory_hera", "llamafactory_hera_patches", "llamafactory_hera_testing"
+DECLARED = re.compile(rf"^({PLUGIN}(?:\.\w+)+)(?::\w+)?$")  # "package.module:attribute", imported on first use
 
 
 def _modules() -> dict[str, Path]:
@@ -43,6 +47,8 @@ def _imported_names(module: str, path: Path) -> set[str]:
         elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
               and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
             names.add(node.args[0].value)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and DECLARED.match(node.value):
+            names.add(DECLARED.match(node.value).group(1))
     return names
 
 
@@ -130,3 +136,63 @@ def test_the_patches_do_not_import_the_plugin() -> None:
     offenders = {module: sorted(n for n in names if _within(n, PLUGIN))
                  for module, names in imports.items() if _within(module, PATCHES)}
     assert {module: names for module, names in offenders.items() if names} == {}
+
+
+def _folder(module: str) -> str:
+    """The plugin folder (or top-level module) ``module`` lives in: ``llamafactory_hera.hera.loss`` -> ``hera``."""
+    return module.split(".")[1] if module.count(".") else module
+
+
+def test_a_declarations_string_is_an_edge() -> None:
+    graph, _ = _graph()
+    assert f"{PLUGIN}.hera.workflow" in graph[f"{PLUGIN}.methods"]
+
+
+def test_no_import_runs_back_up_between_the_plugins_folders() -> None:
+    """Folders as rooms: the graph of which folder imports which has no cycle (the package's face, its __init__,
+    is no folder)."""
+    graph, _ = _graph()
+    folders: dict[str, set[str]] = {}
+    for module, edges in graph.items():
+        if not _within(module, PLUGIN) or module == PLUGIN:
+            continue
+        folders.setdefault(_folder(module), set()).update(
+            _folder(other) for other in edges
+            if _within(other, PLUGIN) and other != PLUGIN and _folder(other) != _folder(module))
+    assert _cycles({folder: folders.get(folder, set()) & set(folders) for folder in folders}) == []
+
+
+def _lazy_imports_without_a_reason(path: Path) -> list[int]:
+    """Lines of the imports inside functions of ``path`` with no ``# lazy: <why>`` on them, or on the line above them
+    or above the group they open."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    tree = ast.parse("\n".join(lines))
+    inside = {id(sub) for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+              for sub in ast.walk(node) if sub is not node}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom) and id(node) in inside:
+            above = node.lineno - 2
+            while above >= 0 and re.match(r"\s*(from|import) ", lines[above]):
+                above -= 1
+            said = " ".join(lines[node.lineno - 1:node.end_lineno]) + (lines[above] if above >= 0 else "")
+            if "# lazy" not in said:
+                found.append(node.lineno)
+    return found
+
+
+def test_every_lazy_import_on_a_runs_path_says_why() -> None:
+    """From each declared method's parts (its run, checks, arguments), every module a run imports: an import inside a
+    function there is lazy for a reason it states (start-up, an optional extra), or it sits at the top."""
+    graph, _ = _graph()
+    modules = _modules()
+    todo, seen = [name for name in graph[f"{PLUGIN}.methods"]], set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(graph.get(module, ()))
+    assert {f"{PLUGIN}.hera.trainer", f"{PLUGIN}.rah.calibrate", f"{PLUGIN}.harc.state"} <= seen
+    offenders = {module: lines for module in sorted(seen) if not _within(module, TESTING)
+                 for lines in [_lazy_imports_without_a_reason(modules[module])] if lines}
+    assert offenders == {}

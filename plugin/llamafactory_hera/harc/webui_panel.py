@@ -16,6 +16,7 @@ from llamafactory_hera.board.builder import build_panel
 from llamafactory_hera.board.checks import local_text_depth
 from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration
 from llamafactory_hera.harc.config import ROLE_KEYS, HarcArguments, parse_harc_arguments
+from llamafactory_hera.harc.layers import eligible_layers
 from llamafactory_hera.plots.training import TrainingPlot
 
 # HARC's terms in trainer_log.jsonl (llamafactory_hera.harc.config.LOG_KEYS), on the loss plot's second axis
@@ -28,7 +29,6 @@ def check_band_depth(args: HarcArguments, context: Mapping[str, Any]) -> str:
     depth = local_text_depth(context.get("model_path"))
     if depth is None:
         return ""
-    from llamafactory_hera.harc.layers import eligible_layers
 
     eligible = eligible_layers(depth, args.harc_band)
     if len(eligible) >= args.harc_layers_final:

@@ -21,6 +21,7 @@ from llamafactory_hera.hera.config import AUTO, HeraArguments
 from llamafactory_hera.short_errors import RecipeError
 
 
+@dataclass(frozen=True)
 class ContrastiveGeometry:
     """Largest contrastive set a run can form, from the configured batch geometry (and the training data's distinct
     images, when known).

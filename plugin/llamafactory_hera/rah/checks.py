@@ -12,7 +12,7 @@ from transformers import AutoConfig
 
 from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.recipe.checks import check_run_inputs
-from llamafactory_hera.recipe.keys import truthy
+from llamafactory_hera.recipe.declaration import truthy
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value
 

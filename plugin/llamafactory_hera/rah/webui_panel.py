@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import matplotlib.pyplot as plt
+
 from llamafactory_hera.board.builder import build_panel
 from llamafactory_hera.board.checks import local_text_depth
 from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration
@@ -51,8 +53,6 @@ def check_layers_depth(args: RahArguments, context: Mapping[str, Any]) -> str:
 
 def progress_figure(trainer_log: list[dict[str, Any]], smooth: Any = None) -> Any:
     """In place of the loss plot: how far each phase of the calibration is (percent done, in run order)."""
-    import matplotlib.pyplot as plt
-
     plt.close("all")
     plt.switch_backend("agg")
     done: dict[str, float] = {}

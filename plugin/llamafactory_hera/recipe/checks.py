@@ -41,10 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.recipe.host_keys import check_bf16_device, check_host_keys
-from llamafactory_hera.recipe.keys import truthy
 from llamafactory_hera.recipe.model_checks import check_lora_target, check_model_paths
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.arguments import given_keys, raw_value
+from llamafactory_hera_patches.arguments import given_keys, raw_value, truthy
 from llamafactory_hera_patches.templates import template_tokens
 
 DATA_CONFIG = "dataset_info.json"

@@ -37,7 +37,7 @@ from llamafactory_hera.hera.teacher import (
     teacher_batch_size,
 )
 from llamafactory_hera.hera.teacher_cache import feature_store, path_fingerprint
-from llamafactory_hera.recipe.keys import truthy
+from llamafactory_hera.recipe.declaration import truthy
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.guard import recorded_versions
 from llamafactory_hera_patches.model_data import (
