@@ -70,6 +70,7 @@ def test_the_adapter_merged_as_llamafactory_loads_it_is_the_accepted_model(asset
     from peft import PeftModel
 
     import llamafactory_hera.rah.adapter as adapter_module
+    import llamafactory_hera.rah.workflow as workflow_module
 
     model_dir = _checkpoint(assets, "llava", dtype, tmp_path / "model")
     out = tmp_path / "out"
@@ -83,7 +84,7 @@ def test_the_adapter_merged_as_llamafactory_loads_it_is_the_accepted_model(asset
         caught["factors"] = {name: (a.clone(), b.clone()) for name, (a, b) in factors.items()}
         return save(model, factors, *args, **kwargs)
 
-    monkeypatch.setattr(adapter_module, "save_adapter", spy)
+    monkeypatch.setattr(workflow_module, "save_adapter", spy)  # where the stage calls it
     run_exp(recipe)
     accepted = caught["weights"]
     assert {p.dtype for p in accepted.values()} == {dtype}

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from llamafactory_hera.recipe.checks import check_raw_launch, check_raw_recipe
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import truthy  # noqa: F401 - the host's flag reading, re-exported here
 
@@ -67,6 +66,10 @@ class Method:
         """Before LLaMA-Factory parses anything: the launch checks every method runs (precision, DeepSpeed path, FSDP,
         streaming), the method's own ``check_raw_host_args``, then the checks every method runs of the keys
         LLaMA-Factory reads (unknown keys, values, template, numbers, model paths, ``lora_target``)."""
+        # lazy: the checks only when a recipe is checked; a method's config, which declares its keys here, and the
+        # registry import this module
+        from llamafactory_hera.recipe.checks import check_raw_launch, check_raw_recipe
+
         check_raw_launch(self.stage, host_args)
         self.load("check_raw_host_args")(host_args, args)
         check_raw_recipe(host_args)
