@@ -60,8 +60,8 @@ def main() -> None:
     sys.path.insert(0, str(BENCH))
     from assets import build_bench_assets
 
-    from llamafactory_hera.rah.args import RahArguments
     from llamafactory_hera.rah.calibrate import calibrate
+    from llamafactory_hera.rah.config import RahArguments
     from llamafactory_hera.rah.probe import attention_modules, token_kinds
     from llamafactory_hera_patches.model_data import (
         load_model_for_scoring,

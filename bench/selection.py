@@ -45,13 +45,12 @@ def main() -> None:
     import torch
     from assets import build_bench_assets
 
-    from llamafactory_hera.anatomy.heads import attention_geometry
-    from llamafactory_hera.anatomy.projection import text_decoder
+    from llamafactory_hera.heads.geometry import attention_geometry
+    from llamafactory_hera.heads.projection import text_decoder
     from llamafactory_hera.hera.selection import collect
     from llamafactory_hera.hera.selection.scores import all_head_neighbours
     from llamafactory_hera.hera.selection.select import SelectionOptions, prepare
-    from llamafactory_hera.hera.teacher import load_image_processor, load_teacher
-    from llamafactory_hera.hera.teacher_batch import teacher_batch_size
+    from llamafactory_hera.hera.teacher import load_image_processor, load_teacher, teacher_batch_size
     from llamafactory_hera_patches.model_data import load_model_for_scoring, parse_recipe
 
     assets = build_bench_assets(Path(args.assets), num_images=args.samples, preset=args.preset)

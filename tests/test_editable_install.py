@@ -109,10 +109,10 @@ def test_editable_install_imports_the_checkout_and_runs_the_start_up_hook(checko
     (checkout / "plugin" / "llamafactory_hera" / "edited_after_install.py").write_text("VALUE = 42\n")
     probe = (
         "import site, sys, json; site.addsitedir(sys.argv[1]); sys.path.append(sys.argv[2]);"
-        "import llamafactory_hera, llamafactory_hera_patches, llamafactory_hera.anatomy.heads, llamafactory_hera.cli;"
+        "import llamafactory_hera, llamafactory_hera_patches, llamafactory_hera.heads.geometry, llamafactory_hera.cli;"
         "from llamafactory_hera import edited_after_install;"
         "print(json.dumps({'package': llamafactory_hera.__file__, 'patches': llamafactory_hera_patches.__file__,"
-        "'heads': llamafactory_hera.anatomy.heads.__file__, 'edited': edited_after_install.VALUE,"
+        "'heads': llamafactory_hera.heads.geometry.__file__, 'edited': edited_after_install.VALUE,"
         "'finders': [type(f).__name__ for f in sys.meta_path]}))"
     )
     env = {k: v for k, v in os.environ.items() if k != "LLAMAFACTORY_HERA_DISABLE"}
@@ -125,7 +125,7 @@ def test_editable_install_imports_the_checkout_and_runs_the_start_up_hook(checko
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(seen["package"]) == checkout / "plugin" / "llamafactory_hera" / "__init__.py"
     assert Path(seen["patches"]) == checkout / "patches" / "llamafactory_hera_patches" / "__init__.py"
-    assert Path(seen["heads"]) == checkout / "plugin" / "llamafactory_hera" / "anatomy" / "heads.py"
+    assert Path(seen["heads"]) == checkout / "plugin" / "llamafactory_hera" / "heads" / "geometry.py"
     assert seen["edited"] == 42
     assert "_PostImportFinder" in seen["finders"]  # llamafactory_hera.pth ran: stage: hera is registered
 

@@ -222,7 +222,7 @@ def test_a_twin_without_a_record_alone_needs_a_template(hera_pair: tuple[Path, P
 
 
 def test_rah_adapter_against_its_base(assets, tmp_path: Path, capfd) -> None:
-    from llamafactory_hera.rah.demo import build_rah_recipe
+    from llamafactory_hera.demo.rah import build_rah_recipe
 
     # small and forced to calibrate some heads on the random tiny model (as tests/rah/test_rah_stage.py's FORCED)
     forced = {"rah_samples": 6, "rah_probe_samples": 3, "rah_kl_samples": 2, "rah_isal_percentile": 50,

@@ -169,7 +169,7 @@ def test_a_failed_runs_own_record_is_marked_but_an_older_runs_is_not(tmp_path: P
     folder, untouched by this run, is not rewritten."""
     import os
 
-    from llamafactory_hera.rah.method import METHOD
+    from llamafactory_hera.methods import RAH as METHOD
     from llamafactory_hera_patches.run_record import write_ended, write_started
 
     older = tmp_path / "older"

@@ -1,7 +1,7 @@
 """Issue 31 ("at scale"): inputs that used to pass the pre-flight and end the run late, after the model (and HeRA's
 teacher) loaded, or with an unrelated message or a traceback. Each is now one line naming the key, the value and the
 fix, raised before anything loads, through LLaMA-Factory's real ``run_exp`` (``no_model_load`` fails the test if the
-model loads first). Shared checks: ``anatomy/launch_checks.py`` (raw recipe and environment), ``anatomy/run_checks.py``
+model loads first). Shared checks: ``recipe/checks.py`` (raw recipe and environment), ``recipe/checks.py``
 (parsed arguments). Each is one the command line prints alone (``short_errors.raised_by_plugin``)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import base_recipe, harc_recipe
-from llamafactory_hera.rah.demo import build_rah_recipe
+from llamafactory_hera.demo.rah import build_rah_recipe
 from llamafactory_hera.short_errors import raised_by_plugin
 
 STAGES = ("hera", "rah", "harc")
@@ -84,7 +84,7 @@ def test_fsdp_is_refused_for_every_stage_however_it_is_set(stage: str, source: s
 
 
 def test_fsdp_off_in_the_environment_is_not_refused() -> None:
-    from llamafactory_hera.anatomy.launch_checks import check_raw_launch
+    from llamafactory_hera.recipe.checks import check_raw_launch
 
     # accelerate 1.11 turns FSDP on for ACCELERATE_USE_FSDP "true" (any case) only: "1" is no FSDP run (review)
     for value in ("false", "0", "", "1"):
@@ -187,7 +187,7 @@ def test_a_bad_input_is_one_line_before_loading(case: str, assets: Any, harc_ass
 def test_a_not_quite_checkpoint_names_what_it_lacks(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from llamafactory_hera.anatomy.run_checks import check_resume
+    from llamafactory_hera.recipe.checks import check_resume
 
     with pytest.raises(ValueError, match=r"is not a Trainer checkpoint \(it has no trainer_state.json\)"):
         check_resume(SimpleNamespace(resume_from_checkpoint=_checkpointless(tmp_path)))
@@ -199,7 +199,7 @@ def test_a_not_quite_checkpoint_names_what_it_lacks(tmp_path: Path) -> None:
 def test_a_deepspeed_config_given_inline_is_not_refused() -> None:
     import base64
 
-    from llamafactory_hera.anatomy.launch_checks import check_precision_and_deepspeed
+    from llamafactory_hera.recipe.checks import check_precision_and_deepspeed
 
     text = '{"zero_optimization": {"stage": 2}}'
     for value in (text, base64.b64encode(text.encode()).decode(), "recipes/deepspeed/ds_z2_config.json"):
@@ -210,8 +210,8 @@ def test_rah_on_several_ranks_says_how_to_pin_one_gpu() -> None:
     """``llamafactory-cli train`` starts one process per visible GPU: the refusal names the way to pin one."""
     from types import SimpleNamespace
 
-    from llamafactory_hera.rah.args import RahArguments
-    from llamafactory_hera.rah.host_checks import validate_host_args
+    from llamafactory_hera.rah.checks import validate_host_args
+    from llamafactory_hera.rah.config import RahArguments
 
     with pytest.raises(ValueError) as error:
         validate_host_args(SimpleNamespace(), SimpleNamespace(), SimpleNamespace(world_size=8), SimpleNamespace(),

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import REPO, base_recipe
 from llamafactory_hera import cli, methods
-from llamafactory_hera.methods import Method
+from llamafactory_hera.recipe.declaration import Method
 from llamafactory_hera_patches import webui
 from llamafactory_hera_patches.arguments import keys_of, split_args
 
@@ -70,7 +70,7 @@ def add_toy_verbs(commands: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def toy_declared(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(methods, "DECLARATIONS", (*methods.DECLARATIONS, f"{__name__}:TOY"))
+    monkeypatch.setattr(methods, "DECLARATIONS", (*methods.DECLARATIONS, TOY))
     methods.declared_methods.cache_clear()
     CALLS.clear()
     yield
@@ -112,7 +112,7 @@ def test_the_web_ui_and_the_command_line_offer_a_declared_method(toy_declared, c
 
 
 def test_two_methods_cannot_share_a_stage_or_a_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(methods, "DECLARATIONS", (*methods.DECLARATIONS, "llamafactory_hera.hera.method:METHOD"))
+    monkeypatch.setattr(methods, "DECLARATIONS", (*methods.DECLARATIONS, methods.HERA))
     methods.declared_methods.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="share a stage or a key prefix"):
@@ -121,39 +121,46 @@ def test_two_methods_cannot_share_a_stage_or_a_prefix(monkeypatch: pytest.Monkey
         methods.declared_methods.cache_clear()
 
 
+SHARED = ("heads", "board", "plots", "recipe", "training")  # the folders every method uses, one job each
+
+
 def test_patches_and_the_shared_packages_import_no_method_package() -> None:
-    """The patches know methods only through their declarations, and the anatomy serves every method, so neither
-    imports a method's package (a next method must not have to edit them)."""
+    """The patches know methods only through their declarations, and the shared folders serve every method, so neither
+    imports a method's package (a next method must not have to edit them); only the registry above them does."""
     package = REPO / "plugin" / "llamafactory_hera"
-    method_packages = [p.name for p in package.iterdir() if (p / "method.py").is_file()]
+    method_packages = [p.name for p in package.iterdir() if (p / "workflow.py").is_file()]
     assert sorted(method_packages) == ["harc", "hera", "rah"]
-    shared = [*(REPO / "patches" / "llamafactory_hera_patches").glob("*.py"), *(package / "anatomy").glob("*.py"),
-              *(package / name for name in ("methods.py", "cli.py", "_bootstrap.py", "short_errors.py"))]
+    shared = [*(REPO / "patches" / "llamafactory_hera_patches").glob("*.py"),
+              *(path for folder in SHARED for path in (package / folder).glob("*.py")),
+              *(package / name for name in ("cli.py", "_bootstrap.py", "short_errors.py"))]
     pattern = re.compile(rf"^\s*(from|import) llamafactory_hera\.({'|'.join(method_packages)})\b", re.M)
     offenders = [str(path.relative_to(REPO)) for path in shared if pattern.search(path.read_text(encoding="utf-8"))]
     assert offenders == []
 
 
-def test_the_anatomy_holds_only_what_two_methods_or_the_shared_code_use() -> None:
-    """A module one method alone uses (directly or through another anatomy module) lives in that method's package."""
+def test_the_shared_folders_hold_only_what_two_methods_or_the_shared_code_use() -> None:
+    """A module one method alone uses (directly or through another shared module) lives in that method's package."""
     package = REPO / "plugin" / "llamafactory_hera"
-    names = {path.stem for path in (package / "anatomy").glob("*.py")} - {"__init__"}
-    pattern = re.compile(r"llamafactory_hera\.anatomy(?:\.(\w+)| import \(?([\w, \n]+))")
+    names = {f"{folder}.{path.stem}" for folder in SHARED for path in (package / folder).glob("*.py")}
+    names -= {f"{folder}.__init__" for folder in SHARED}
+    pattern = re.compile(rf"llamafactory_hera\.({'|'.join(SHARED)})(?:\.(\w+)| import \(?([\w, \n]+))")
 
     def imported(paths: list[Path]) -> set[str]:
         found = set()
         for match in pattern.finditer("\n".join(path.read_text(encoding="utf-8") for path in paths)):
-            found |= {match.group(1)} if match.group(1) else set(re.split(r"[,\s]+", match.group(2)))
+            modules = [match.group(2)] if match.group(2) else re.split(r"[,\s]+", match.group(3))
+            found |= {f"{match.group(1)}.{module}" for module in modules}
         return found & names
 
     def closure(start: set[str]) -> set[str]:
         seen: set[str] = set()
         while start - seen:
             seen |= start
-            start = imported([package / "anatomy" / f"{name}.py" for name in seen])
+            start = imported([package / f"{name.replace('.', '/')}.py" for name in seen])
         return seen
 
     users = {method: closure(imported(list((package / method).rglob("*.py")))) for method in ("hera", "rah", "harc")}
-    shared = closure(imported([*(REPO / "patches").rglob("*.py"), *(package / "evaluation").rglob("*.py")]))
+    top = [package / name for name in ("methods.py", "cli.py", "_bootstrap.py")]
+    shared = closure(imported([*(REPO / "patches").rglob("*.py"), *(package / "evaluation").rglob("*.py"), *top]))
     alone = {name: [m for m in users if name in users[m]] for name in sorted(names - shared)}
     assert {name: used_by for name, used_by in alone.items() if len(used_by) < 2} == {}

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from llamafactory_hera import methods
-from llamafactory_hera.anatomy.panel_builder import build_panel, read_texts
-from llamafactory_hera.anatomy.panel_spec import LANGS, Field, LossPlot, PanelDeclaration
+from llamafactory_hera.board.builder import build_panel, read_texts
+from llamafactory_hera.board.spec import LANGS, Field, LossPlot, PanelDeclaration
 
 PANELS = {method.stage: method.load("panel") for method in methods.declared_methods() if method.panel}
 
@@ -52,7 +52,7 @@ def test_every_declared_field_has_every_language_and_no_text_names_an_undeclared
 
 
 def test_the_shared_texts_have_every_language() -> None:
-    texts = read_texts("llamafactory_hera.anatomy")
+    texts = read_texts("llamafactory_hera.board")
     assert set(texts) == {"tab_title", "error_prefix"}
     assert all(_in_every_language(entry, False) for entry in texts.values())
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llamafactory_hera.anatomy.head_plots import plot_before_after, plot_head_heatmap
-from llamafactory_hera.anatomy.training_plot import plot_training
-from llamafactory_hera.hera.method import TRAINING_PLOT
+from llamafactory_hera.hera.config import TRAINING_PLOT
+from llamafactory_hera.plots.heads import plot_before_after, plot_head_heatmap
+from llamafactory_hera.plots.training import plot_training
 
 LONG_TITLE = ("MKNN alignment of every head of /data/checkpoints/qwen3-vl-8b-instruct/merged on 1000 image-caption "
               "pairs of llava_665k_subset (text mode, k = 10)")

@@ -10,9 +10,9 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
-from llamafactory_hera.anatomy.pooling import pooling_weights
-from llamafactory_hera.anatomy.projection import find_o_proj_modules, project_heads
+from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
+from llamafactory_hera.heads.pooling import pooling_weights
+from llamafactory_hera.heads.projection import find_o_proj_modules, project_heads
 from llamafactory_hera.hera.trainer import HeadCapture
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")

@@ -19,10 +19,10 @@ import yaml
 
 from conftest import REPO, offline_env
 from llamafactory_hera.demo import folders
+from llamafactory_hera.demo import hera as hera_demo
 from llamafactory_hera.demo.cli import main as demo_main
 from llamafactory_hera.demo.console import ProgressFilter
 from llamafactory_hera.fixtures import TinyAssets
-from llamafactory_hera.hera import demo as hera_demo
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
@@ -104,9 +104,9 @@ def test_a_failure_shows_while_the_run_goes_on(tmp_path: Path) -> None:
 
 def _summaries(tmp_path: Path) -> dict[str, str]:
     """What each demo prints after its run (outputs missing: only the next steps matter here)."""
+    from llamafactory_hera.demo.harc import harc_summary
+    from llamafactory_hera.demo.rah import rah_summary
     from llamafactory_hera.demo.runner import DemoContext
-    from llamafactory_hera.harc.demo import harc_summary
-    from llamafactory_hera.rah.demo import rah_summary
 
     def ctx(method: str) -> DemoContext:
         return DemoContext(output=tmp_path, folder=tmp_path / method, assets=tmp_path / "assets", family="llava",

@@ -16,7 +16,7 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from llamafactory_hera.anatomy.training_plot import plot_training, read_series
+from llamafactory_hera.plots.training import plot_training, read_series
 
 NEGATIVE_ZERO = re.compile(r"[-\u2212]0\.0+(?![0-9])")
 
@@ -85,7 +85,7 @@ def _hera_log(run: Path, steps: int, monitor: bool) -> None:
 
 @pytest.mark.parametrize("monitor,axes", [(False, 3), (True, 4)])
 def test_hera_training_plot_from_the_log(saved: list[Figure], tmp_path: Path, monitor: bool, axes: int) -> None:
-    from llamafactory_hera.hera.method import TRAINING_PLOT
+    from llamafactory_hera.hera.config import TRAINING_PLOT
 
     run = tmp_path / "qwen3vl-lora-hera"
     _hera_log(run, 7, monitor)
@@ -124,7 +124,7 @@ def test_series_merge_the_log_and_the_trainer_state(tmp_path: Path) -> None:
 
 
 def test_single_step_and_nothing_logged(saved: list[Figure], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from llamafactory_hera.harc.method import TRAINING_PLOT
+    from llamafactory_hera.harc.config import TRAINING_PLOT
 
     run = tmp_path / "harc-one-step"
     run.mkdir()
@@ -150,7 +150,7 @@ def test_a_run_shorter_than_logging_steps_warns_and_exits_0(assets: Any, harc_as
     exits 0, as the stock ``plot_loss`` does (issue 31 item 7: it used to fail after training with ``no loss, term or
     panel series was logged``), warning that nothing was plotted (HeRA plots its monitor's points)."""
     from conftest import base_recipe, harc_recipe, run_train
-    from llamafactory_hera.rah.demo import build_rah_recipe
+    from llamafactory_hera.demo.rah import build_rah_recipe
 
     out = tmp_path / f"one-step-{stage}"
     short = {"max_steps": 1, "logging_steps": 5, "plot_loss": True}
@@ -169,7 +169,7 @@ def test_a_run_shorter_than_logging_steps_warns_and_exits_0(assets: Any, harc_as
 
 def test_head_figures_say_what_boxes_and_hatching_mean(saved: list[Figure], tmp_path: Path) -> None:
     """The report's boxes and within-noise hatching have a legend; cell values never read -0.000."""
-    from llamafactory_hera.anatomy.head_plots import plot_before_after, plot_head_heatmap, plot_score_panels
+    from llamafactory_hera.plots.heads import plot_before_after, plot_head_heatmap, plot_score_panels
 
     before = np.array([[0.5, 0.25, 0.125, 0.5], [0.3, 0.2, 0.1, 0.0]])
     after = before + np.array([[-1e-9, 0.0, 0.0417, -0.0833], [0.0, -0.0002, 0.0, 0.0]])
@@ -213,7 +213,7 @@ def test_a_real_hera_run_draws_one_training_plot(assets: Any, saved: list[Figure
     per-metric curves; redrawn here from the run's own logs, it has the losses, the term, the temperature and the
     alignment monitor's points (the default schedule scores every step of this 3-step run)."""
     from conftest import base_recipe, run_train
-    from llamafactory_hera.hera.method import TRAINING_PLOT
+    from llamafactory_hera.hera.config import TRAINING_PLOT
 
     out = tmp_path / "tiny-qwen3vl-hera"
     # a process of its own: the ``saved`` fixture catches this process's savefig

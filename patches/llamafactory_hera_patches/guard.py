@@ -16,7 +16,7 @@ class HostMismatchError(RuntimeError):
 
 def host_version(distribution: str = "llamafactory") -> str:
     """The installed version of ``distribution`` (LLaMA-Factory's by default), ``unknown`` when it is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import PackageNotFoundError, version  # lazy: the patches load at every start-up
 
     try:
         return version(distribution)

@@ -74,7 +74,7 @@ def parse_recipe(recipe: dict[str, Any]) -> RecipeArgs:
 
 def training_args_for_reading(seed: int) -> Any:
     """Minimal ``Seq2SeqTrainingArguments`` that LLaMA-Factory's data loader expects."""
-    from transformers import Seq2SeqTrainingArguments
+    from transformers import Seq2SeqTrainingArguments  # lazy: only for reading rows outside a run
 
     # The loader never writes to output_dir; a path that is not created keeps every call from leaving a folder behind.
     unused = os.path.join(tempfile.gettempdir(), f"llamafactory_hera_reading_unused_{os.getpid()}")

@@ -3,8 +3,8 @@
 The plugin's start-up hook (``llamafactory_hera._bootstrap``) registers, before any patch is applied, a source of its
 declared methods (``llamafactory_hera.methods.declared_methods``); the source is called at each lookup, so that a
 process that never asks imports no declaration, and a test that declares one more method is seen at once. A method is
-the plugin's declaration (``llamafactory_hera.methods.Method``), used here by these names only: ``stage``, ``label``,
-``prefix``, ``host_stage``, ``log_keys``, ``records``, ``panel``, ``owns(stage)``, ``load(field)`` and
+the plugin's declaration (``llamafactory_hera.recipe.declaration.Method``), used here by these names only: ``stage``,
+``label``, ``prefix``, ``host_stage``, ``log_keys``, ``records``, ``panel``, ``owns(stage)``, ``load(field)`` and
 ``check_raw(host_args, args)``.
 
 Imported at every interpreter start (by the hook): it imports nothing.

@@ -18,7 +18,7 @@ Checked on LLaMA-Factory 0.9.5 (with gradio 5), whose shapes are:
 - ``locales.LOCALES``: element name -> language -> texts (label and info, or a note's value);
 - ``common.DEFAULT_DATA_DIR``: the Data dir box's first value (the panels' dataset boxes list its datasets).
 
-Each method's panel is the plugin's ``MethodPanel`` (``llamafactory_hera.anatomy.panel_builder``) its registered
+Each method's panel is the plugin's ``MethodPanel`` (``llamafactory_hera.board.builder``) its registered
 declaration names (``panel``, see :mod:`.registry`); this module only wires it in. With any other stage the UI,
 the preview, the command and the saved configs are stock: the panels are hidden, nothing is added to the args, and
 the panels' values are dropped from the saved config.

@@ -25,7 +25,7 @@ if os.environ.get("HERA_TEST_ENGINE_EVIDENCE"):
                   "engine": type(model).__name__,
                   "engine_zero_stage": engine_stage() if callable(engine_stage) else None}
         try:
-            from llamafactory_hera.anatomy.projection import find_o_proj_modules
+            from llamafactory_hera.heads.projection import find_o_proj_modules
 
             o_proj = find_o_proj_modules(trainer.model)[0]
             weight = getattr(o_proj, "base_layer", o_proj).weight

@@ -13,7 +13,7 @@ from typing import Any
 
 from conftest import offline_env, run_verb
 from llamafactory_hera.demo import folders
-from llamafactory_hera.harc import demo as harc_demo
+from llamafactory_hera.demo import harc as harc_demo
 
 
 def test_harc_demo_converts_trains_and_raises_refusal_on_held_out_harmful_prompts(harc_assets: Any, tmp_path: Path,

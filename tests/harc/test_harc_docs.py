@@ -9,7 +9,7 @@ from dataclasses import fields
 import yaml
 
 from conftest import REPO
-from llamafactory_hera.harc.args import HarcArguments
+from llamafactory_hera.harc.config import HarcArguments
 from markdown_docs import key_table, read
 
 KEYS = "Every `harc_*` key"

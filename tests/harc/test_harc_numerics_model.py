@@ -29,8 +29,8 @@ from harc_numerics_helpers import (
     training_rows,
 )
 
-from llamafactory_hera.harc.args import HarcArguments
 from llamafactory_hera.harc.batches import collate_rows
+from llamafactory_hera.harc.config import HarcArguments
 from llamafactory_hera.harc.data import ROLE_HARMFUL, ROLE_HARMLESS, encode_row, template_tail
 from llamafactory_hera.harc.directions import Directions
 from llamafactory_hera.harc.losses import coupling_loss
@@ -217,7 +217,7 @@ def test_random_contents_keep_positions(tiny: dict[str, SimpleNamespace]) -> Non
 def test_a_ramp_at_step_0_couples_the_final_count_from_the_start(tiny: dict[str, SimpleNamespace]) -> None:
     """``harc_layers_ramp_step: 0`` (the reference ramps before its first micro-step then); optimizer steps count
     from 1, so the ramp must happen at the base extraction."""
-    from llamafactory_hera.harc.args import HarcArguments
+    from llamafactory_hera.harc.config import HarcArguments
     from llamafactory_hera.harc.state import HarcState
 
     t = tiny["llama3"]

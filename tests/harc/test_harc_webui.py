@@ -16,9 +16,9 @@ import pytest
 
 from conftest import offline_env
 from llamafactory_hera import cli
-from llamafactory_hera.anatomy.panel_spec import LANGS
+from llamafactory_hera.board.spec import LANGS
 from llamafactory_hera.harc import webui_panel
-from llamafactory_hera.harc.args import HarcArguments
+from llamafactory_hera.harc.config import HarcArguments
 from llamafactory_hera.harc.webui_panel import PANEL as panel
 from plot_checks import legend_clearance
 from webui_probe import run_probe

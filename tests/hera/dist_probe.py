@@ -11,7 +11,7 @@ import torch
 from llamafactory.train.tuner import run_exp
 from transformers import TrainerCallback
 
-from llamafactory_hera.anatomy.projection import find_o_proj_modules
+from llamafactory_hera.heads.projection import find_o_proj_modules
 
 
 class Probe(TrainerCallback):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from llamafactory_hera.anatomy.heads import AttentionGeometry, HeadRef, check_heads_fit, parse_head
-from llamafactory_hera.hera.args import parse_hera_arguments
+from llamafactory_hera.heads.geometry import AttentionGeometry, HeadRef, check_heads_fit, parse_head
+from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera_patches.arguments import split_args
 
 
@@ -96,7 +96,7 @@ def test_heads_outside_the_model() -> None:
 def test_every_key_has_help_text() -> None:
     from dataclasses import fields
 
-    from llamafactory_hera.hera.args import HeraArguments
+    from llamafactory_hera.hera.config import HeraArguments
 
     for spec in fields(HeraArguments):
         assert spec.name.startswith("hera_") and len(spec.metadata["help"]) > 20

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from llamafactory_hera.hera.args import HeraArguments
+from llamafactory_hera.hera.config import HeraArguments
 from markdown_docs import key_table, read
 
 

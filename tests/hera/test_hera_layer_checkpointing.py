@@ -19,12 +19,11 @@ from typing import Any
 
 import pytest
 import torch
-import transformers.integrations
 from transformers import TrainerCallback
 
-import llamafactory_hera.hera.host_checks as host_checks
+import llamafactory_hera.hera.checks as host_checks
 from conftest import base_recipe
-from llamafactory_hera.hera.args import parse_hera_arguments
+from llamafactory_hera.hera.config import parse_hera_arguments
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -146,7 +145,7 @@ def test_host_checks_print_the_zero3_lora_warning(assets, tmp_path, monkeypatch,
                                output_dir=str(tmp_path / "out"), deepspeed="ds_z3_config.json")
     monkeypatch.setattr(host_checks, "check_run_inputs", lambda *args, **kwargs: None)
     monkeypatch.setattr(host_checks, "host_version", lambda name: "0.19.2" if name == "deepspeed" else "unknown")
-    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setattr(host_checks, "is_deepspeed_zero3_enabled", lambda: True)
     hera = parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")})
     host_checks.validate_host_args(model, data, training, SimpleNamespace(finetuning_type="lora"), SimpleNamespace(),
                                    hera)

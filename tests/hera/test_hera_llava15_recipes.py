@@ -77,7 +77,7 @@ def test_recipe_parses_with_llamafactory_and_the_plugin(name: str, tmp_path: Pat
     """As `llamafactory-cli train recipes/llava15/<name>` reads it; DeepSpeed dropped and the CPU used (no GPU here)."""
     from llamafactory.hparams import get_train_args, read_args
 
-    from llamafactory_hera.hera.args import parse_hera_arguments
+    from llamafactory_hera.hera.config import parse_hera_arguments
     from llamafactory_hera_patches.arguments import split_args
 
     monkeypatch.setattr(sys, "argv", ["llamafactory-cli", str(REPO / "recipes" / name),

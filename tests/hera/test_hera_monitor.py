@@ -101,7 +101,7 @@ def test_fixed_schedule() -> None:
 
 
 def test_probe_pairs_are_held_out_rows(assets) -> None:
-    from llamafactory_hera.hera.args import parse_hera_arguments
+    from llamafactory_hera.hera.config import parse_hera_arguments
     from llamafactory_hera.hera.monitor import probe_set
     from llamafactory_hera_patches.model_data import load_aligned_rows, parse_recipe, split_rows
 
@@ -121,7 +121,7 @@ def test_probe_pairs_are_held_out_rows(assets) -> None:
 
 
 def test_control_heads_share_the_aligned_layers() -> None:
-    from llamafactory_hera.anatomy.heads import parse_head
+    from llamafactory_hera.heads.geometry import parse_head
     from llamafactory_hera.hera.monitor import control_heads
 
     aligned = [parse_head(h) for h in ("L1H0", "L1H2", "L3H1")]
@@ -133,7 +133,7 @@ def test_control_heads_share_the_aligned_layers() -> None:
 
 
 def test_monitor_keys_are_checked() -> None:
-    from llamafactory_hera.hera.args import parse_hera_arguments
+    from llamafactory_hera.hera.config import parse_hera_arguments
 
     assert parse_hera_arguments({"hera_heads": HEADS}).hera_monitor_steps is None
     assert parse_hera_arguments({"hera_heads": HEADS, "hera_monitor_steps": "5"}).hera_monitor_steps == 5

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from llamafactory_hera.anatomy.projection import find_o_proj_modules
+from llamafactory_hera.heads.projection import find_o_proj_modules
 from llamafactory_hera.hera.selection import collect
 
 FAMILY = "qwen2_5_vl"

@@ -120,7 +120,7 @@ def test_per_sample_features_average_each_samples_images() -> None:
 
 
 def test_pooled_token_mask_modes() -> None:
-    from llamafactory_hera.anatomy.pooling import pooled_token_mask, pooling_weights
+    from llamafactory_hera.heads.pooling import pooled_token_mask, pooling_weights
 
     labels = torch.tensor([[-100, -100, 7, 8, -100]])  # the labelled image token: train_on_prompt
     input_ids = torch.tensor([[1, 99, 99, 5, 0]])  # 99 = image token; last position is padding

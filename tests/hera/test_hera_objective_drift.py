@@ -26,8 +26,8 @@ def _tiny_lora_model(assets, family: str, targets: list[str]):
 
 
 def _forward(model, capture, no_grad_layers: bool) -> torch.Tensor | None:
-    from llamafactory_hera.anatomy.pooling import pooling_weights
-    from llamafactory_hera.anatomy.projection import text_decoder
+    from llamafactory_hera.heads.pooling import pooling_weights
+    from llamafactory_hera.heads.projection import text_decoder
 
     layers = text_decoder(model).layers
     originals = [layer.forward for layer in layers]
@@ -45,7 +45,7 @@ def _forward(model, capture, no_grad_layers: bool) -> torch.Tensor | None:
 
 
 def test_a_cut_gradient_below_the_captured_heads_is_an_error(assets) -> None:
-    from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
+    from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
     from llamafactory_hera.hera.trainer import HeadCapture
 
     model = _tiny_lora_model(assets, "qwen2_5_vl", ["q_proj", "v_proj", "o_proj"])
@@ -59,7 +59,7 @@ def test_a_cut_gradient_below_the_captured_heads_is_an_error(assets) -> None:
 
 def test_heads_fed_by_nothing_trainable_are_not_an_error(assets) -> None:
     """LoRA on o_proj only, a head of layer 0: nothing trainable feeds its input; HeRA trains its W_O columns."""
-    from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
+    from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
     from llamafactory_hera.hera.trainer import HeadCapture
 
     model = _tiny_lora_model(assets, "qwen2_5_vl", ["o_proj"])
@@ -72,7 +72,7 @@ def test_projection_by_call_ignores_lora_dropout_like_the_weight_path() -> None:
     mode both must give the same head representations."""
     from peft import LoraConfig, get_peft_model
 
-    from llamafactory_hera.anatomy.projection import project_heads, project_heads_by_call
+    from llamafactory_hera.heads.projection import project_heads, project_heads_by_call
 
     torch.manual_seed(0)
     holder = torch.nn.Module()
@@ -89,7 +89,7 @@ def test_projection_by_call_ignores_lora_dropout_like_the_weight_path() -> None:
 
 
 def test_temperature_is_clamped_where_used_and_after_each_step() -> None:
-    from llamafactory_hera.hera.temperature import TAU_MAX, TAU_MIN, TemperatureGradHandler, used_temperature
+    from llamafactory_hera.hera.loss import TAU_MAX, TAU_MIN, TemperatureGradHandler, used_temperature
 
     assert float(used_temperature(torch.tensor(math.log(1e-4)))) == pytest.approx(TAU_MIN)
     assert float(used_temperature(torch.tensor(math.log(1e4)))) == pytest.approx(TAU_MAX)

@@ -12,7 +12,7 @@ from test_hera_teacher_identity import REUSED, reused_image_dataset
 from transformers import AutoConfig, AutoProcessor
 
 from conftest import base_recipe
-from llamafactory_hera.anatomy.pooling import multimodal_token_ids, pooled_token_mask
+from llamafactory_hera.heads.pooling import multimodal_token_ids, pooled_token_mask
 
 # Independent of the code under test: a token whose text names an image, a video or the vision stream.
 MULTIMODAL_TEXT = re.compile(r"image|video|vision|<img>|</img>|IMG_CONTEXT", re.IGNORECASE)
@@ -118,7 +118,7 @@ def test_a_model_without_multimodal_placeholders_is_refused() -> None:
     """No placeholder id: every mask would be empty (nothing lies after a first image), so the run is refused."""
     from transformers import LlamaConfig
 
-    from llamafactory_hera.anatomy.pooling import require_multimodal_ids
+    from llamafactory_hera.heads.pooling import require_multimodal_ids
 
     ids = multimodal_token_ids(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
                                            num_attention_heads=2, intermediate_size=32))

@@ -10,7 +10,7 @@ import pytest
 from test_hera_train_inprocess import LogProbe
 
 from conftest import base_recipe, image_less_dataset, read_trainer_log, run_train
-from llamafactory_hera.hera.args import parse_hera_arguments
+from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.hera.preflight import check_contrastive_geometry, contrastive_geometry
 
 
@@ -143,7 +143,7 @@ def test_a_dataset_without_any_image_is_refused(assets, tmp_path: Path, heads: s
 
 
 def test_fp16_under_deepspeed_with_a_learned_temperature_is_refused() -> None:
-    from llamafactory_hera.hera.host_checks import validate_raw_host_args
+    from llamafactory_hera.hera.checks import validate_raw_host_args
 
     message = "cannot learn the temperature under DeepSpeed with fp16: true"
     with pytest.raises(ValueError, match=message):

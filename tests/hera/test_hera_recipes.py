@@ -97,7 +97,7 @@ def test_recipe_parses_with_llamafactory_and_the_plugin(name: str, tmp_path: Pat
     """
     from llamafactory.hparams import get_train_args, read_args
 
-    from llamafactory_hera.hera.args import parse_hera_arguments
+    from llamafactory_hera.hera.config import parse_hera_arguments
     from llamafactory_hera_patches.arguments import split_args
 
     monkeypatch.setattr(sys, "argv", ["llamafactory-cli", str(RECIPES / name), f"output_dir={tmp_path / 'out'}"])
@@ -316,7 +316,7 @@ def _check_comments(name: str, text: str) -> None:
 
 
 def test_paper_heads_fit_the_real_models() -> None:
-    from llamafactory_hera.anatomy.heads import parse_head
+    from llamafactory_hera.heads.geometry import parse_head
 
     for b in MEMORY.BACKBONES:
         for head in b.paper_heads:

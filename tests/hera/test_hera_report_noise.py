@@ -120,7 +120,7 @@ def _constructed(num: int = 24, k: int = 3) -> tuple[HeadNeighbours, HeadNeighbo
 
 
 def test_changes_within_noise_are_marked_in_rows_json_and_plot(tmp_path: Path) -> None:
-    from llamafactory_hera.anatomy.head_plots import plot_before_after
+    from llamafactory_hera.plots.heads import plot_before_after
 
     before, after = _constructed()
     change = paired_bootstrap(before, after, 3, seed=0, resamples=200)

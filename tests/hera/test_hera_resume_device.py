@@ -16,7 +16,7 @@ import torch
 
 from conftest import base_recipe
 from llamafactory_hera.hera.checkpoint import TAU_OPTIMIZER_NAME
-from llamafactory_hera.hera.temperature import TemperatureGradHandler
+from llamafactory_hera.hera.loss import TemperatureGradHandler
 
 
 @pytest.fixture

@@ -11,12 +11,11 @@ import torch
 import yaml
 
 from conftest import base_recipe, read_trainer_log, run_train, run_verb
-from llamafactory_hera.anatomy.projection import find_o_proj_modules, project_heads
+from llamafactory_hera.heads.projection import find_o_proj_modules, project_heads
 from llamafactory_hera.hera.metrics import mutual_knn
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours
-from llamafactory_hera.hera.teacher import load_image_processor, load_teacher
-from llamafactory_hera.hera.teacher_batch import prefetch_workers
+from llamafactory_hera.hera.teacher import load_image_processor, load_teacher, prefetch_workers
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
 

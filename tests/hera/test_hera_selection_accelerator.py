@@ -101,9 +101,9 @@ def test_report_of_a_finished_run_on_the_device(assets, accelerator, tmp_path: P
 def test_one_copy_to_the_host_per_batch(assets, accelerator, mode: str) -> None:
     """The hooks pool every layer's ``o_proj`` input on the device; the batch's pooled rows of all layers come to the
     host in one copy (not one per layer), and nothing else in the collection waits on the device."""
-    from llamafactory_hera.anatomy.projection import find_o_proj_modules
+    from llamafactory_hera.heads.projection import find_o_proj_modules
     from llamafactory_hera.hera.selection import collect
-    from llamafactory_hera.hera.teacher_batch import batches_of
+    from llamafactory_hera.hera.teacher import batches_of
     from llamafactory_hera_patches.model_data import (
         load_model_for_scoring,
         multimodal_dataset_and_collator,

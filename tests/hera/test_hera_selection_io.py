@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import yaml
 
-from llamafactory_hera.anatomy.head_plots import format_head_table, plot_before_after, plot_head_heatmap
 from llamafactory_hera.hera.selection.recipe_write import (
     HeadsExistError,
     check_writable,
     set_hera_heads,
     update_recipe,
 )
+from llamafactory_hera.plots.heads import format_head_table, plot_before_after, plot_head_heatmap
 
 HEADS = ["L13H12", "L7H6"]
 NEW = "hera_heads: [L13H12, L7H6]"

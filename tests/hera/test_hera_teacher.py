@@ -139,7 +139,7 @@ def test_features_are_float32_through_batching_selection_and_precompute(assets) 
     """A bf16 teacher: ``image_features``, ``collect_teacher`` (several images per pair) and the precomputed cache
     hold float32, equal to the brute-force float32 conversion of the teacher's rows."""
     from llamafactory_hera.hera.selection.collect import CalibrationPair, collect_teacher
-    from llamafactory_hera.hera.teacher_batch import image_features
+    from llamafactory_hera.hera.teacher import image_features
     from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
     from llamafactory_hera.hera.teacher_run import precompute_teacher_features, training_images
 

@@ -1,5 +1,5 @@
 """One teacher pass per dataset: head selection, the monitor's probe pairs and the training run's precompute share
-the float32 teacher features by teacher and image (``hera/teacher_store.py``), in one process (``hera_heads: auto``)
+the float32 teacher features by teacher and image (``hera/teacher_cache.py``), in one process (``hera_heads: auto``)
 and across two (``select``, then ``llamafactory-cli train``: the store on disk)."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def teacher_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def new_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """What a new process forgets: the in-memory stores (the teachers stay loaded, as a warm cache would)."""
-    from llamafactory_hera.hera import teacher_store
+    from llamafactory_hera.hera import teacher_cache as teacher_store
 
     monkeypatch.setattr(teacher_store, "_STORES", {})
 
@@ -75,7 +75,7 @@ def test_select_then_train_in_another_process_share_the_stored_features(assets, 
     from llamafactory.train.tuner import run_exp
 
     from llamafactory_hera.cli import main
-    from llamafactory_hera.hera.teacher_store import STORE_NAME
+    from llamafactory_hera.hera.teacher_cache import STORE_NAME
 
     store = Path(os.environ["LLAMAFACTORY_HERA_CACHE"]) / STORE_NAME
     rows = teacher_rows(monkeypatch)
@@ -111,9 +111,8 @@ def test_a_changed_image_or_another_teacher_gets_a_fresh_pass(assets, tmp_path: 
     """Rows are keyed by image content (path, size, mtime) and teacher (files, feature kind, dtype, device type):
     a touched file and the ``mean`` feature go through the teacher again; the stored rows equal the teacher's own,
     read back from disk by a new process. ``trim`` keeps the folder under its bound, oldest files first."""
-    from llamafactory_hera.hera import teacher_store
-    from llamafactory_hera.hera.teacher import load_image_processor, load_teacher
-    from llamafactory_hera.hera.teacher_batch import image_features
+    from llamafactory_hera.hera import teacher_cache as teacher_store
+    from llamafactory_hera.hera.teacher import image_features, load_image_processor, load_teacher
 
     images = []
     for source in sorted((assets.dataset_dir / "images").glob("*.png"))[:3]:
@@ -178,7 +177,7 @@ def test_ranks_with_node_local_image_copies_leave_out_rank_0s_stored_rows_by_pos
     leaves out the positions rank 0's store holds (not the keys it holds), so both gather the same rows; ranks that
     see different numbers of images are refused by name before any gather."""
     from llamafactory_hera.hera import teacher_run
-    from llamafactory_hera.hera.teacher_store import TeacherFeatureStore
+    from llamafactory_hera.hera.teacher_cache import TeacherFeatureStore
     from llamafactory_hera.short_errors import RecipeError
 
     keys0 = [f"path:/data/{i}.png|10|{100 + i}" for i in range(4)]
@@ -201,7 +200,7 @@ def test_a_failing_store_write_warns_and_selection_goes_on(assets, tmp_path: Pat
     """The store on disk only saves a later pass: a write that fails (read-only or full disk) prints one warning and
     selection gets its features; ``trim`` skips files another job removed meanwhile and clears ``*.tmp`` files of
     writes that died over an hour ago (a fresh one may be a live write)."""
-    from llamafactory_hera.hera import teacher_store
+    from llamafactory_hera.hera import teacher_cache as teacher_store
     from llamafactory_hera.hera.teacher import load_image_processor, load_teacher
 
     images = [str(p) for p in sorted((assets.dataset_dir / "images").glob("*.png"))[:2]]

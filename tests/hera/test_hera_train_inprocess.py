@@ -10,7 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import base_recipe
-from llamafactory_hera.anatomy.projection import find_o_proj_modules
+from llamafactory_hera.heads.projection import find_o_proj_modules
 
 
 class GradientProbe(TrainerCallback):

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from conftest import offline_env
-from llamafactory_hera.anatomy.panel_spec import LANGS
-from llamafactory_hera.hera.args import HeraArguments
+from llamafactory_hera.board.spec import LANGS
+from llamafactory_hera.hera.config import HeraArguments
 from llamafactory_hera.hera.webui_panel import PANEL as panel
 from webui_probe import run_probe
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamafactory_hera.rah.demo import build_rah_recipe
+from llamafactory_hera.demo.rah import build_rah_recipe
 
 pytestmark = pytest.mark.accelerator
 
@@ -88,8 +88,8 @@ def test_calibrate_with_the_trust_region_on_the_accelerator_equals_the_cpu(asset
     none is per probe batch per alpha tried (one per alpha: the KL the search compares with delta)."""
     from test_rah_model import FORCED, _load
 
-    from llamafactory_hera.rah.args import RahArguments
     from llamafactory_hera.rah.calibrate import calibrate
+    from llamafactory_hera.rah.config import RahArguments
 
     model, kinds, batches = _load(assets, "llava", tmp_path, samples=7)
     on_cpu = copy.deepcopy(model)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from llamafactory_hera.rah.demo import build_rah_recipe
+from llamafactory_hera.demo.rah import build_rah_recipe
 
 SMALL = {"rah_samples": 6, "rah_probe_samples": 3, "rah_kl_samples": 2}
 
@@ -70,6 +70,7 @@ def test_the_adapter_merged_as_llamafactory_loads_it_is_the_accepted_model(asset
     from peft import PeftModel
 
     import llamafactory_hera.rah.adapter as adapter_module
+    import llamafactory_hera.rah.workflow as workflow_module
 
     model_dir = _checkpoint(assets, "llava", dtype, tmp_path / "model")
     out = tmp_path / "out"
@@ -83,7 +84,7 @@ def test_the_adapter_merged_as_llamafactory_loads_it_is_the_accepted_model(asset
         caught["factors"] = {name: (a.clone(), b.clone()) for name, (a, b) in factors.items()}
         return save(model, factors, *args, **kwargs)
 
-    monkeypatch.setattr(adapter_module, "save_adapter", spy)
+    monkeypatch.setattr(workflow_module, "save_adapter", spy)  # where the stage calls it
     run_exp(recipe)
     accepted = caught["weights"]
     assert {p.dtype for p in accepted.values()} == {dtype}
@@ -122,8 +123,8 @@ def test_a_step_that_rounds_to_no_change_is_not_calibrated(assets, tmp_path: Pat
     from test_rah_model import FORCED
 
     from llamafactory_hera.rah.adapter import lora_factors
-    from llamafactory_hera.rah.args import RahArguments
     from llamafactory_hera.rah.calibrate import calibrate, geometry_of
+    from llamafactory_hera.rah.config import RahArguments
     from llamafactory_hera.rah.probe import token_kinds
     from llamafactory_hera.rah.workflow import profile_record
     from llamafactory_hera_patches.model_data import parse_recipe

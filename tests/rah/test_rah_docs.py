@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import yaml
 
-from llamafactory_hera.rah.args import RahArguments
+from llamafactory_hera.rah.config import RahArguments
 from markdown_docs import key_table, read
 
 

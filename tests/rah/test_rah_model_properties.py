@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import base_recipe, mixed_size_dataset
-from llamafactory_hera.rah.args import RahArguments
 from llamafactory_hera.rah.calibrate import calibrate
+from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.rah.probe import AttentionProfile, profile_attention, token_kinds, token_masks
 from llamafactory_hera.rah.workflow import profile_record
 from llamafactory_hera_patches.model_data import load_model_for_scoring, multimodal_dataset_and_collator, parse_recipe

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_train
-from llamafactory_hera.rah.args import parse_rah_arguments
+from llamafactory_hera.rah.config import parse_rah_arguments
 
 RECIPES = REPO / "recipes"
 RAH_RECIPES = {  # recipe -> (model id, template, tiny family, model's decoder layers)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import base_recipe, gqa_llava, image_less_dataset, mixed_size_dataset, run_train
-from llamafactory_hera.rah.args import parse_rah_arguments
+from llamafactory_hera.rah.config import parse_rah_arguments
 
 # on 4-head tiny layers the paper's percentiles keep 0 or 1 head: these force targets, anchors and kept steps
 FORCED = {"rah_isal_percentile": 50, "rah_caf_percentile": 0, "rah_beta": -100, "rah_num_anchors": 2, "rah_rank": 2,

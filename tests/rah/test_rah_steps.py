@@ -212,8 +212,8 @@ def test_head_slices_follow_the_kv_groups() -> None:
 
 
 def test_the_profile_settings_are_the_arguments_without_prefix() -> None:
-    from llamafactory_hera.rah.args import parse_rah_arguments
     from llamafactory_hera.rah.calibrate import Calibration
+    from llamafactory_hera.rah.config import parse_rah_arguments
     from llamafactory_hera.rah.workflow import profile_record
 
     def settings(args: Any, layers: list[int]) -> dict[str, Any]:
@@ -227,7 +227,7 @@ def test_the_profile_settings_are_the_arguments_without_prefix() -> None:
 
 
 def test_rah_samples_below_the_probes_is_refused_by_the_parser() -> None:
-    from llamafactory_hera.rah.args import parse_rah_arguments
+    from llamafactory_hera.rah.config import parse_rah_arguments
 
     with pytest.raises(ValueError, match=r"rah_samples: got 16; the CAF and KL probes \(rah_probe_samples: 32, "
                                          r"rah_kl_samples: 8\) are drawn from the calibration rows, so at least 32"):
@@ -237,8 +237,8 @@ def test_rah_samples_below_the_probes_is_refused_by_the_parser() -> None:
 
 def test_the_profile_reports_kl_clamped_at_zero() -> None:
     """KL >= 0: float32 noise such as -2e-8 (measured on tiny models) is reported as 0; the order of outcomes."""
-    from llamafactory_hera.rah.args import RahArguments
     from llamafactory_hera.rah.calibrate import Calibration, HeadUpdate
+    from llamafactory_hera.rah.config import RahArguments
     from llamafactory_hera.rah.update import TrustRegion
     from llamafactory_hera.rah.workflow import profile_record
 

@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from llamafactory_hera.demo import harc as harc_demo
+from llamafactory_hera.demo import hera as hera_demo
+from llamafactory_hera.demo import rah as rah_demo
 from llamafactory_hera.demo.folders import DemoError, mark, prepare_folder
 from llamafactory_hera.demo.runner import DemoContext, find_cli, offline_env, say
-from llamafactory_hera.harc import demo as harc_demo
-from llamafactory_hera.hera import demo as hera_demo
-from llamafactory_hera.rah import demo as rah_demo
 
 # method -> its demo module: TITLE, FAMILIES (the first is the default), DEFAULT_STEPS (None: takes no step),
 # ASSETS_NAME (folder under DIR), OWN_OUTPUTS (names in DIR/<method> it replaces), run(ctx) -> int

@@ -148,7 +148,7 @@ def _with_transfer(setup: Any, baseline: Any) -> Any:
     answers = (baseline.results.get(JAILBREAK) or {}).get("answers", [])
     transfer = tuple((a["prompt"], a["suffix"]) for a in answers if a["attack"] == "gcg_adaptive")
     if not transfer:
-        from llamafactory_hera.anatomy.board_log import say
+        from llamafactory_hera.log import say
 
         say(f"eval: the {baseline.spec.label} found no GCG suffix (its jailbreak task failed), so the run gets "
             "gcg_adaptive only, no gcg_transfer")
@@ -156,12 +156,12 @@ def _with_transfer(setup: Any, baseline: Any) -> Any:
 
 
 def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any], jailbreak: Any = None) -> None:
-    from llamafactory_hera.anatomy.board_log import say
     from llamafactory_hera.evaluation.report import table2_lines, write_reports
     from llamafactory_hera.evaluation.runner import evaluate_model
     from llamafactory_hera.evaluation.table2 import RAH_TABLE1, TABLE2
     from llamafactory_hera.evaluation.tradeoff import cell
     from llamafactory_hera.evaluation.tradeoff import markdown_lines as tradeoff_lines
+    from llamafactory_hera.log import say
 
     names = ", ".join(t.name for t in tasks)
     say(f"eval: {len(tasks)} task{'s' if len(tasks) != 1 else ''} ({names}) on {run.title}"

@@ -98,7 +98,7 @@ def harmbench_verdicts(model: Any, tokenizer: Any, pairs: list[tuple[str, str]],
     """(harmful, the generated token's text) for every (behaviour, generation) pair with its context: one greedy
     token each, ``batch_size`` prompts at a time (left-padded, :func:`..harc.evaluate.generate_ids`)."""
     from llamafactory_hera.harc.evaluate import generate_ids  # lazy: torch only when a judge runs (as _guard's)
-    from llamafactory_hera.harc.workflow import progress
+    from llamafactory_hera.log import progress_once as progress
 
     inputs = [tuple(tokenizer(classifier_input(behaviour, clip(tokenizer, generation), context))["input_ids"])
               for (behaviour, generation), context in zip(pairs, contexts, strict=True)]  # with BOS, as vLLM's

@@ -189,7 +189,7 @@ def gcg_cases(engine: Any, prompts: list[str], setup: JailbreakSetup, suffix_cac
     """``gcg_adaptive``: a suffix optimised on ``engine``'s model for each prompt (cached in ``suffix_cache``);
     ``gcg_transfer``: the other model's suffix for the prompt, encoded by this model's tokenizer."""
     from llamafactory_hera.evaluation.gcg import optimised_suffixes
-    from llamafactory_hera.harc.workflow import say
+    from llamafactory_hera.log import say_once as say
 
     targets = dict(setup.targets)
     problems = {p: (gcg_problem(engine, p, targets.get(p, PREFIX)), targets.get(p, PREFIX)) for p in prompts}
@@ -214,7 +214,7 @@ def gcg_cases(engine: Any, prompts: list[str], setup: JailbreakSetup, suffix_cac
 
 def harc_prompts(rows_from: Any) -> list[str]:
     """A HARC run's held-out harmful prompts: the last user message of its ``harc_harmful`` validation rows."""
-    from llamafactory_hera.harc.args import parse_harc_arguments
+    from llamafactory_hera.harc.config import parse_harc_arguments
     from llamafactory_hera.harc.data import split_rows
     from llamafactory_hera_patches.model_data import load_aligned_rows, parse_recipe
 
@@ -242,7 +242,7 @@ def run_jailbreak(engine: Any, rows_from: Any, setup: JailbreakSetup, limit: int
                   stop_ids: list[int], suffix_cache: Path | None = None) -> dict[str, Any]:
     """Answer every case greedily on ``engine``'s model and score it: ``{"entries", "answers", "settings"}``."""
     from llamafactory_hera.harc.evaluate import MATCHER, generate_answers, is_refusal
-    from llamafactory_hera.harc.workflow import progress
+    from llamafactory_hera.log import progress_once as progress
 
     prompts = list(setup.prompts) or harc_prompts(rows_from)
     prompts = prompts[:limit] if limit else prompts

@@ -200,7 +200,7 @@ def guard_input(tokenizer: Any, prompt: str, answer: str) -> tuple[int, ...]:
 
 def _guard(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], batch_size: int) -> list[str]:
     from llamafactory_hera.harc.evaluate import generate_ids
-    from llamafactory_hera.harc.workflow import progress
+    from llamafactory_hera.log import progress_once as progress
 
     inputs = [guard_input(tokenizer, prompt, answer) for prompt, answer in pairs]
     ids = generate_ids(model, tokenizer, inputs, VERDICT_TOKENS, batch_size, [tokenizer.eos_token_id], progress,

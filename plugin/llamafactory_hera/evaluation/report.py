@@ -13,13 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.plot_text import save_png
 from llamafactory_hera.evaluation.presets import JAILBREAK, PRESETS, PlannedTask
 from llamafactory_hera.evaluation.protocols import MARK
 from llamafactory_hera.evaluation.runner import Outcome, _describe
 from llamafactory_hera.evaluation.table2 import RAH_TABLE1, TABLE2, PaperTable, markdown_lines, table2
 from llamafactory_hera.evaluation.tradeoff import PLOT_SUFFIX, cell, plot, tradeoff
 from llamafactory_hera.evaluation.tradeoff import markdown_lines as tradeoff_lines
+from llamafactory_hera.plots.text import save_png
 
 REPORT_STEM = "eval_report"
 SUFFIXES = (".json", ".md", ".png")

@@ -133,10 +133,11 @@ def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[di
     """HARC's end-of-run refusal check on ``engine``'s model: greedy answers to the held-out harmful and the
     pseudo-harmful rows of ``rows_from``'s recipe (the same seeded split as training), scored by the refusal
     matcher (:mod:`llamafactory_hera.harc.evaluate`)."""
-    from llamafactory_hera.harc.args import parse_harc_arguments
+    from llamafactory_hera.harc.config import parse_harc_arguments
     from llamafactory_hera.harc.evaluate import generate_answers, refusal_record, stop_ids
     from llamafactory_hera.harc.roles import load_role_rows
-    from llamafactory_hera.harc.workflow import progress, say
+    from llamafactory_hera.log import progress_once as progress
+    from llamafactory_hera.log import say_once as say
     from llamafactory_hera_patches.model_data import load_aligned_rows, parse_recipe
 
     harc_args = parse_harc_arguments(dict(rows_from.harc))

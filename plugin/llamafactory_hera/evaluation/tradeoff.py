@@ -11,8 +11,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.plot_text import save_png
 from llamafactory_hera.evaluation.presets import DEMO_TEXT_TASK, JAILBREAK, PRESETS, REFUSAL_TASK
+from llamafactory_hera.plots.text import save_png
 
 ROBUSTNESS, USABILITY, CAPABILITY = "Robustness", "Usability", "Capability"
 AXES = (ROBUSTNESS, USABILITY, CAPABILITY)

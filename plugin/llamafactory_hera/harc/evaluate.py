@@ -35,8 +35,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.integrations import is_deepspeed_zero3_enabled
 
-from llamafactory_hera.anatomy.board_log import Progress
+from llamafactory_hera.log import Progress
 
 # llm-attacks@098262e experiments/evaluate.py _test_prefixes (29), then demo.ipynb's test_prefixes not in it (3)
 GCG_TEST_PREFIXES: tuple[str, ...] = (
@@ -124,7 +125,6 @@ def generate_ids(model: Any, tokenizer: Any, prompts: list[tuple[int, ...]], max
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     greedy = {"do_sample": False, "num_beams": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "typical_p": 1.0,
               "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():  # every rank must run each forward: keep them in step until all have stopped
         greedy["synced_gpus"] = True

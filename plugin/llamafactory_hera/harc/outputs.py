@@ -19,7 +19,11 @@ from typing import Any
 
 import torch
 
+from llamafactory_hera.harc.config import TRAINING_PLOT
+from llamafactory_hera.harc.evaluate import generate_answers, refusal_record
+from llamafactory_hera.harc.plots import plot_diagnostics, plot_refusal
 from llamafactory_hera.harc.state import STATE_FILE
+from llamafactory_hera.plots.training import plot_training
 
 DIRECTIONS_FILE = "harc_directions.pt"
 LAYERS_FILE = "harc_layers.json"
@@ -29,8 +33,6 @@ DIAGNOSTICS_PLOT = "harc_diagnostics.png"
 
 
 def _refusals(trainer: Any, model: Any) -> dict[str, Any]:
-    from llamafactory_hera.harc.evaluate import generate_answers, refusal_record
-
     run = trainer.harc_run
     args = trainer.harc_args
 
@@ -87,9 +89,6 @@ def _pct(value: float | None) -> str:
 def _plots(trainer: Any, output: Path, evaluation: dict[str, Any] | None, history: list[dict[str, Any]]) -> None:
     if not trainer.harc_run.plot:
         return
-    from llamafactory_hera.anatomy.training_plot import plot_training
-    from llamafactory_hera.harc.method import TRAINING_PLOT
-    from llamafactory_hera.harc.plots import plot_diagnostics, plot_refusal
 
     if evaluation is not None:
         plot_refusal(evaluation, output / EVAL_PLOT)

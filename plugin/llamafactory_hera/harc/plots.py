@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.plot_text import agg_figure, fit_title, save_png
+from matplotlib.ticker import MaxNLocator
+
+from llamafactory_hera.plots.text import agg_figure, fit_title, save_png
 
 _GROUPS = (("harmful", "held-out harmful\n(higher: safer)"), ("pseudo", "pseudo-harmful\n(lower: less over-refusal)"))
 _BEFORE_COLOR, _AFTER_COLOR = "#9e9e9e", "#1f77b4"
@@ -76,8 +78,6 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
     names the run (``path``'s folder).
     ValueError when no entry has validation cosines. Returns ``path``.
     """
-    from matplotlib.ticker import MaxNLocator
-
     points = [(int(entry["step"]), [int(x) for x in entry.get("layers") or []], means)
               for entry in history if (means := _mean_cosines(entry)) is not None]
     if not points:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from llamafactory_hera.harc.args import HarcArguments
+from llamafactory_hera.harc.config import HarcArguments
 from llamafactory_hera.harc.data import (
     ROLE_HARMFUL,
     ROLE_HARMLESS,

@@ -98,7 +98,7 @@ def read_rows(path: Path, option: str) -> list[Row]:
         raise RecipeError(f"{where}: cannot read a {suffix or 'suffix-less'} file; give one of {', '.join(READABLE)}.")
     records: list[Any]
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: only for a parquet source
 
         try:
             records = pq.read_table(path).to_pylist()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamafactory_hera.harc.args import HarcArguments
+from llamafactory_hera.harc.config import HarcArguments
 from llamafactory_hera.harc.directions import (
     Directions,
     ExtractionRows,

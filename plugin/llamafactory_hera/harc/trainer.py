@@ -20,15 +20,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import SchedulerType, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
-from llamafactory_hera.anatomy.checkpoint_weights import RestoresCheckpointWeights
-from llamafactory_hera.harc.args import HarcArguments
 from llamafactory_hera.harc.batches import BATCH_KEYS
+from llamafactory_hera.harc.config import HarcArguments
 from llamafactory_hera.harc.data import ROLE_HARMFUL
 from llamafactory_hera.harc.directions import Directions
 from llamafactory_hera.harc.losses import coupling_loss, kl_to_reference, refusal_cross_entropy
+from llamafactory_hera.harc.outputs import finish_run
 from llamafactory_hera.harc.residuals import StepCapture, reading_layers, response_window
+from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
 
 _TERMS = ("couple", "couple_resp", "kl", "ce")
 
@@ -72,14 +74,11 @@ class HarcTrainerMixin(RestoresCheckpointWeights):
         self.add_callback(_StepEnd(self))
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
-        from transformers.trainer_utils import get_last_checkpoint
-
         folder = resume_from_checkpoint
         if folder is True:
             folder = get_last_checkpoint(self.args.output_dir)
         self.harc_resume_folder = str(folder) if folder else None
         result = super().train(resume_from_checkpoint, *args, **kwargs)
-        from llamafactory_hera.harc.outputs import finish_run
 
         finish_run(self)
         return result
@@ -89,8 +88,6 @@ class HarcTrainerMixin(RestoresCheckpointWeights):
         optimizer step ``k`` of ``W`` warm-up steps runs at ``k / W`` of the rate, so the first update already moves
         the adapter. HF's schedule of that name runs step ``k`` at ``(k - 1) / W``: its first update is at rate 0
         (with LoRA: the B factors stay 0). The other schedules are LLaMA-Factory's."""
-        from transformers import SchedulerType
-
         warmup = SchedulerType(self.args.lr_scheduler_type) == SchedulerType.CONSTANT_WITH_WARMUP
         if self.lr_scheduler is None and warmup:
             steps = self.args.get_warmup_steps(num_training_steps)

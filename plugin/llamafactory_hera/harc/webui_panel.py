@@ -1,10 +1,10 @@
 """The HARC panel of LlamaBoard, declared: its fields (defaults from
-:class:`~llamafactory_hera.harc.args.HarcArguments`, the reference's; texts in ``panel_texts.yaml``), the check of
+:class:`~llamafactory_hera.harc.config.HarcArguments`, the reference's; texts in ``panel_texts.yaml``), the check of
 ``harc_band`` against the model's depth, and the loss plot with HARC's terms. The role datasets are dropdowns of the
 Data dir's datasets, prefilled with the names ``harc-data`` writes; the keys without a field (``harc_extract_harmful``,
 ``harc_extract_harmless``, ``harc_response_tokens``, ``harc_refresh_beta``, ``harc_max_length``,
 ``harc_extract_batch_size``, ``harc_eval_max_new_tokens``) go into "Extra arguments". What users see: docs/harc.md,
-"LlamaBoard"; the builder: :mod:`llamafactory_hera.anatomy.panel_builder`.
+"LlamaBoard"; the builder: :mod:`llamafactory_hera.board.builder`.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from llamafactory_hera.anatomy.panel_builder import build_panel
-from llamafactory_hera.anatomy.panel_checks import local_text_depth
-from llamafactory_hera.anatomy.panel_spec import Field, LossPlot, PanelDeclaration
-from llamafactory_hera.anatomy.training_plot import TrainingPlot
-from llamafactory_hera.harc.args import ROLE_KEYS, HarcArguments, parse_harc_arguments
+from llamafactory_hera.board.builder import build_panel
+from llamafactory_hera.board.checks import local_text_depth
+from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration
+from llamafactory_hera.harc.config import ROLE_KEYS, HarcArguments, parse_harc_arguments
+from llamafactory_hera.harc.layers import eligible_layers
+from llamafactory_hera.plots.training import TrainingPlot
 
-# HARC's terms in trainer_log.jsonl (llamafactory_hera.harc.method.LOG_KEYS), on the loss plot's second axis
+# HARC's terms in trainer_log.jsonl (llamafactory_hera.harc.config.LOG_KEYS), on the loss plot's second axis
 TERMS = ("harc_ce", "harc_kl", "harc_couple", "harc_couple_resp")
 
 
@@ -28,7 +29,6 @@ def check_band_depth(args: HarcArguments, context: Mapping[str, Any]) -> str:
     depth = local_text_depth(context.get("model_path"))
     if depth is None:
         return ""
-    from llamafactory_hera.harc.layers import eligible_layers
 
     eligible = eligible_layers(depth, args.harc_band)
     if len(eligible) >= args.harc_layers_final:

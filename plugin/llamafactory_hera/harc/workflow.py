@@ -1,6 +1,6 @@
 """A ``stage: harc`` run: LLaMA-Factory's SFT workflow with HARC's data, collator and trainer.
 
-Called by the stage patch (declared in :mod:`llamafactory_hera.harc.method`) in place of ``run_sft``: the model,
+Called by the stage patch (declared in :mod:`llamafactory_hera.methods`) in place of ``run_sft``: the model,
 its LoRA adapter, the optimizer, schedule, checkpoints, DDP / DeepSpeed and the saved adapter are LLaMA-Factory's;
 the dataset is replaced by HARC's composed micro-batches (:mod:`~llamafactory_hera.harc.batches`) built from the
 ``harc_*`` role datasets, and the trainer adds HARC's loss (:mod:`~llamafactory_hera.harc.trainer`).
@@ -8,31 +8,22 @@ the dataset is replaced by HARC's composed micro-batches (:mod:`~llamafactory_he
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.harc.args import HarcArguments
-
-
-def say(message: str) -> None:
-    """One line from rank 0 (the terminal and LlamaBoard's log box)."""
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
-        return
-    from llamafactory_hera.anatomy.board_log import say as board_say
-
-    board_say(message)
-
-
-def progress(items: Iterable[Any], label: str) -> Iterable[Any]:
-    """``items`` with a progress bar on rank 0 only."""
-    import torch
-    from tqdm.auto import tqdm
-
-    quiet = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank()
-    return tqdm(list(items), desc=label, disable=bool(quiet), leave=False)
+from llamafactory_hera import __version__
+from llamafactory_hera.harc.batches import ComposedMicroBatches, HarcCollator
+from llamafactory_hera.harc.config import HarcArguments
+from llamafactory_hera.harc.data import ROLE_HARMFUL, ROLE_HARMLESS, ROLE_PSEUDO
+from llamafactory_hera.harc.evaluate import stop_ids
+from llamafactory_hera.harc.roles import load_role_rows
+from llamafactory_hera.harc.state import HarcState
+from llamafactory_hera.harc.trainer import HarcTrainerMixin
+from llamafactory_hera.log import progress_once, say_once
+from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
 
 
 @dataclass
@@ -45,8 +36,8 @@ class RunContext:
     state: Any = None
     plot: bool = True
     smooth: Callable[[list[float]], list[float]] | None = None
-    say: Callable[[str], None] = say
-    progress: Callable[[Iterable[Any], str], Iterable[Any]] = progress
+    say: Callable[[str], None] = say_once
+    progress: Callable[[Iterable[Any], str], Iterable[Any]] = progress_once
 
 
 HARC_RUN_RECORD = "harc_run.json"
@@ -57,11 +48,6 @@ _HOST_KEYS = (("model_name_or_path", "adapter_name_or_path", "trust_remote_code"
 def write_run_record(harc_args: HarcArguments, *holders: Any) -> None:
     """``harc_run.json`` in ``output_dir``: the HARC keys and the host keys that load the model and its role data again
     (read by ``llamafactory-hera eval``). ``holders``: model, data, fine-tuning and training arguments."""
-    import json
-    from pathlib import Path
-
-    from llamafactory_hera import __version__
-
     host = {key: value if isinstance(value, str | int | float | bool | list | type(None)) else str(value)
             for holder, keys in zip(holders, _HOST_KEYS, strict=True) for key in keys
             for value in [getattr(holder, key, None)]}
@@ -74,14 +60,6 @@ def write_run_record(harc_args: HarcArguments, *holders: Any) -> None:
 def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
              generating_args: Any, callbacks: Any, harc_args: HarcArguments) -> None:
     """Train (see the module docstring)."""
-    from llamafactory_hera.harc.batches import ComposedMicroBatches, HarcCollator
-    from llamafactory_hera.harc.data import ROLE_HARMFUL, ROLE_HARMLESS, ROLE_PSEUDO
-    from llamafactory_hera.harc.evaluate import stop_ids
-    from llamafactory_hera.harc.roles import load_role_rows
-    from llamafactory_hera.harc.state import HarcState
-    from llamafactory_hera.harc.trainer import HarcTrainerMixin
-    from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
-
     run = RunContext(plot=bool(finetuning_args.plot_loss), smooth=host.smooth)
     if training_args.should_save:
         write_run_record(harc_args, model_args, data_args, finetuning_args, training_args)
@@ -94,22 +72,23 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
             recipe = RecipeArgs(model_args, data_args, None)
             rows = load_role_rows(harc_args, lambda name: load_aligned_rows(recipe, training_args.seed, [name],
                                                                             training_args=training_args),
-                                  template, tokenizer, training_args.seed, say)
+                                  template, tokenizer, training_args.seed, say_once)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         run.rows, run.tokenizer, run.stop_ids = rows, tokenizer, stop_ids(tokenizer, template)
         run.state = HarcState(harc_args, rows.extraction, (rows.validate_harmful, rows.validate_harmless), pad_id,
-                              progress)
+                              progress_once)
         sizes = {ROLE_HARMFUL: harc_args.harc_batch_harmful, ROLE_HARMLESS: harc_args.harc_batch_harmless,
                  ROLE_PSEUDO: harc_args.harc_batch_pseudo}
         dataset = ComposedMicroBatches(rows.train, sizes, training_args.seed)
         counts = ", ".join(f"{key[5:]} {c['train']} train / {c['extract']} extract / {c['validate']} validate"
                            for key, c in rows.counts.items())
-        say(f"HARC: {counts}; micro-batches of {sum(sizes.values())} rows ({harc_args.harc_batch_harmful} harmful, "
-            f"{harc_args.harc_batch_harmless} harmless, {harc_args.harc_batch_pseudo} pseudo), {len(dataset)} per "
-            f"epoch; margin {harc_args.harc_margin}, weights couple {harc_args.harc_weight_couple} / couple_resp "
-            f"{harc_args.harc_weight_couple_resp if harc_args.response_coupling else 0} / kl "
-            f"{harc_args.harc_weight_kl} / ce {harc_args.harc_weight_ce}; refresh every "
-            f"{harc_args.harc_refresh_steps} optimizer steps")
+        say_once(f"HARC: {counts}; micro-batches of {sum(sizes.values())} rows ({harc_args.harc_batch_harmful} "
+                 f"harmful, {harc_args.harc_batch_harmless} harmless, {harc_args.harc_batch_pseudo} pseudo), "
+                 f"{len(dataset)} per epoch; margin {harc_args.harc_margin}, weights couple "
+                 f"{harc_args.harc_weight_couple} / couple_resp "
+                 f"{harc_args.harc_weight_couple_resp if harc_args.response_coupling else 0} / kl "
+                 f"{harc_args.harc_weight_kl} / ce {harc_args.harc_weight_ce}; refresh every "
+                 f"{harc_args.harc_refresh_steps} optimizer steps")
         return {"train_dataset": dataset, "eval_dataset": None}
 
     class HarcSeq2SeqTrainer(HarcTrainerMixin, host.trainer):

@@ -1,4 +1,4 @@
-"""HeRA's verbs of ``llamafactory-hera`` (added by :func:`add_verbs`, declared in :mod:`llamafactory_hera.hera.method`).
+"""HeRA's verbs of ``llamafactory-hera`` (added by :func:`add_verbs`, declared in :mod:`llamafactory_hera.methods`).
 
     llamafactory-hera select RECIPE.yaml [options]     score every head by MKNN, write hera_heads into the recipe
     llamafactory-hera select --report RUN_DIR [opts]   score a trained run's heads before/after training
@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.hera.config import HeraArguments
 from llamafactory_hera.hera.selection.choices import CHOICES, DTYPES, RECIPE_BACKED
 from llamafactory_hera.short_errors import RecipeError
 
 
 def _default_of(key: str) -> Any:
     """HeraArguments' default for ``key`` (what a recipe without the key gets)."""
-    from dataclasses import fields
-
-    from llamafactory_hera.hera.args import HeraArguments
-
     return next(f.default for f in fields(HeraArguments) if f.name == key)
 
 
@@ -63,16 +61,17 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
 
 def run_select_verb(args: argparse.Namespace) -> None:
     """``select``: the report of a finished run (``--report``), else the selection written into the recipe."""
-    from llamafactory_hera.hera.selection.select import check_device  # imports torch: not for every verb's --help
+    # lazy: torch and the model loaders only when the verb runs, not for every verb's --help
+    from llamafactory_hera.hera.selection.select import check_device
 
     check_device(args.device)  # before anything loads
     if args.report is not None:
-        from llamafactory_hera.hera.selection.report import run_report
+        from llamafactory_hera.hera.selection.report import run_report  # lazy: as check_device
 
         run_report(args)
         return
     if args.recipe is None:
         raise RecipeError("select: give a RECIPE.yaml (or --report RUN_DIR).")
-    from llamafactory_hera.hera.selection.command import run_select
+    from llamafactory_hera.hera.selection.command import run_select  # lazy: as check_device
 
     run_select(args)

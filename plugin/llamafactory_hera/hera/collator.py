@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from llamafactory_hera.anatomy.image_files import describe_image
-from llamafactory_hera.anatomy.pooling import pooled_token_mask
+from llamafactory_hera.heads.pooling import pooled_token_mask
 from llamafactory_hera.hera.teacher import open_image
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, image_identity, image_key
+from llamafactory_hera.recipe.image_files import describe_image
 from llamafactory_hera.short_errors import RecipeError
 
 HERA_BATCH_KEYS = ("hera_pixel_values", "hera_pixel_keys", "hera_image_counts", "hera_image_keys", "hera_token_mask",

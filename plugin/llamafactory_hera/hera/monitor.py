@@ -14,6 +14,7 @@ Trainer's ``log()``. A step without a point does nothing on the device.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +23,14 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from llamafactory_hera.anatomy.heads import HeadRef
-from llamafactory_hera.anatomy.projection import effective_weight_columns, find_o_proj_modules, head_columns
+from llamafactory_hera.heads.geometry import HeadRef
+from llamafactory_hera.heads.projection import effective_weight_columns, find_o_proj_modules, head_columns
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.scores import layer_head_neighbours, teacher_neighbours
-from llamafactory_hera.hera.teacher_batch import teacher_batch_size
-from llamafactory_hera.hera.teacher_store import feature_store
+from llamafactory_hera.hera.teacher import teacher_batch_size
+from llamafactory_hera.hera.teacher_cache import feature_store
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.model_data import split_rows, tokenized_rows_and_collator
 
 PREFIX = "[llamafactory-hera]"
 DEFAULT_POINTS = 10  # hera_monitor_steps: null scores at step 0 and at this many evenly spaced steps
@@ -62,7 +64,6 @@ def probe_set(hera_args: Any, recipe_args: Any, training_rows: Any, seed: int) -
     few pairs is a RecipeError)."""
     if hera_args.hera_monitor_steps == 0 or training_rows is None:
         return None
-    from llamafactory_hera_patches.model_data import split_rows
 
     needed = hera_args.hera_k + 1
     pair_seed = seed + 1  # as `select --report` draws its pairs by default
@@ -109,12 +110,10 @@ def wait_for_device(device: Any) -> None:
 
 def _gathered(module: nn.Module) -> Any:
     """Context in which a ZeRO-3 partitioned module's parameters are whole (a collective: every rank enters it)."""
-    import contextlib
-
     params = [p for p in module.parameters() if hasattr(p, "ds_id")]
     if not params:
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # lazy: an optional install, only under ZeRO-3
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
@@ -161,8 +160,6 @@ class MonitorCallback(TrainerCallback):
         self.dataset: Any = None  # multimodal mode: the probe rows tokenized and collated as training (and selection)
         self.collator: Any = None
         if self.mode == "multimodal":
-            from llamafactory_hera_patches.model_data import tokenized_rows_and_collator
-
             chosen = probe.rows.select([pair.row for pair in probe.pairs])
             tokenizer_module = {"tokenizer": self.tokenizer, "processor": getattr(collator, "processor", None)}
             self.dataset, self.collator = tokenized_rows_and_collator(

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from llamafactory_hera.hera.args import HeraArguments
-from llamafactory_hera.hera.temperature import TAU_MAX, TAU_MIN, used_temperature
+from llamafactory_hera.hera.config import HeraArguments
+from llamafactory_hera.hera.loss import TAU_MAX, TAU_MIN, used_temperature
 
 PREFIX = "[llamafactory-hera]"
 # On the device (float64): LM loss, HeRA loss (finite ones), finite HeRA terms, non-finite (skipped) HeRA terms,

@@ -2,12 +2,20 @@
 
 Kept outside the trained model, frozen and in eval mode, loaded once per process in float32 (:data:`TEACHER_DTYPE`)
 and run under ``torch.no_grad``. Each encoder family has its own image feature (:class:`VisionTeacher`).
+
+Teacher features of many images: batched forwards with decoding and preprocessing in background threads.
+
+Used by head selection (calibration pairs) and by the pre-training pass that fills the teacher
+feature cache (``hera_teacher_precompute``).
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +24,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
+from llamafactory_hera.hera.host_output import progress_file
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.deepspeed import zero3_init_disabled
 
 # Dual image-text encoders whose image tower (``.vision_model``) can serve as teacher.
 DUAL_ENCODER_TYPES = frozenset({"clip", "siglip", "siglip2"})
@@ -79,8 +91,6 @@ def check_teacher_source(name_or_path: str, feature: str | None = None) -> None:
     not a vision model, a family whose image feature HeRA does not know, or ``feature="cls"`` on an image tower
     without a pooled image feature (SigLIP with ``vision_use_head: false``). ``feature=None`` skips that last check.
     """
-    from transformers import AutoConfig
-
     path = resolve_teacher(name_or_path)
     if looks_like_path(name_or_path) and not Path(path).is_dir():
         raise RecipeError(
@@ -144,8 +154,6 @@ def open_image(image: Any) -> Image.Image:
 
 def load_image_processor(name_or_path: str) -> Any:
     """The teacher's own image processor; for SigLIP2 (NaFlex) wrapped so that one tensor carries each image."""
-    from transformers import AutoImageProcessor
-
     processor = AutoImageProcessor.from_pretrained(resolve_teacher(name_or_path))
     if "spatial_shapes" in getattr(processor, "model_input_names", ()):
         return NaFlexProcessor(processor)
@@ -249,12 +257,8 @@ def load_teacher(name_or_path: str, feature: str, device: torch.device | str, *,
                  dtype: torch.dtype = TEACHER_DTYPE) -> VisionTeacher:
     """Load (once per process and settings) the frozen teacher on ``device``, its weights in ``dtype`` (float32
     unless a test asks otherwise)."""
-    from transformers import AutoModel
-
     key = (name_or_path, feature, str(dtype), str(device))
     if key not in _TEACHERS:
-        from llamafactory_hera_patches.deepspeed import zero3_init_disabled
-
         with zero3_init_disabled():  # the teacher lives outside the DeepSpeed engine: never partition it
             encoder = AutoModel.from_pretrained(resolve_teacher(name_or_path), dtype=dtype)
         if hasattr(encoder, "vision_model"):  # CLIP/SigLIP-style dual encoders: keep the image tower only
@@ -284,3 +288,56 @@ def per_sample_features(image_features: torch.Tensor, image_counts: torch.Tensor
     sums = torch.zeros(batch, image_features.shape[-1], device=image_features.device, dtype=torch.float32)
     sums.index_add_(0, owner.to(image_features.device), F.normalize(image_features.float(), dim=-1))
     return sums / image_counts.to(sums.device).clamp_min(1).unsqueeze(-1).float()
+
+
+def prefetch_workers(device: torch.device) -> int:
+    """Threads that decode and preprocess images ahead of the teacher's forward.
+
+    0 when the teacher runs on the CPU: there the forward already uses every core and background
+    preprocessing only competes with it (bench/selection.py, 2 cores: 0.46 s serial, 0.60 s with one
+    worker for 512 images). On an accelerator: half the CPUs, 1 to 8.
+    """
+    return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def teacher_batch_size(batch_size: int) -> int:
+    """The teacher's batch: 4x the LM's (at least 32); a ViT on single images has short sequences and gains from
+    wider GEMMs (measured with bench/selection.py)."""
+    return max(32, 4 * batch_size)
+
+
+def batches_of(items: list[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive slices of ``items`` of ``size`` (the last one shorter)."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def image_features(teacher: VisionTeacher, image_processor: Any, images: list[Any], batch_size: int,
+                   workers: int | None = None, progress: bool = True, desc: str = "teacher features",
+                   opener: Callable[[Any], Any] = open_image) -> torch.Tensor:
+    """``[N, E]`` float32 teacher features of ``images`` (LLaMA-Factory image entries), in order, on the teacher's
+    device. With ``workers > 0`` (default: :func:`prefetch_workers`) decoding (``opener``) and preprocessing run in
+    background threads (PIL and torchvision release the GIL) up to ``workers + 1`` batches ahead, overlapping the
+    teacher's forward on an accelerator."""
+    def pixels(batch: list[Any]) -> torch.Tensor:
+        return image_processor([opener(image) for image in batch], return_tensors="pt")["pixel_values"]
+
+    batches = list(batches_of(images, batch_size))
+    if workers is None:
+        workers = prefetch_workers(next(teacher.parameters()).device)
+    chunks = []
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hera-teacher-images") as pool:
+        pending = deque(pool.submit(pixels, b) for b in batches[:workers + 1] if workers)
+        for index in tqdm(range(len(batches)), desc=desc, disable=not progress, file=progress_file()):
+            if workers:
+                batch_pixels = pending.popleft().result()
+                if index + workers + 1 < len(batches):
+                    pending.append(pool.submit(pixels, batches[index + workers + 1]))
+            else:
+                batch_pixels = pixels(batches[index])
+            chunks.append(teacher(batch_pixels))
+    if not chunks:
+        param = next(teacher.parameters())
+        return torch.zeros(0, int(teacher.encoder.config.hidden_size), dtype=torch.float32, device=param.device)
+    return torch.cat(chunks)

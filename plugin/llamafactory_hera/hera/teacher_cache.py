@@ -1,20 +1,45 @@
-"""Per-image cache of teacher features, so epochs after the first pay no teacher forward.
+"""Teacher features kept, so that an image goes through the teacher once: the run's per-image cache (epochs after the
+first pay no teacher forward) and the store that head selection, the alignment monitor and a run's precompute share.
 
-Keys identify an image's content cheaply (:func:`image_key`); in-memory PIL images have none and are never cached.
-The collator (possibly in forked dataloader workers) skips images whose key it sees in the cache; the trainer owns
-the features. A worker forked before a key was cached merely preprocesses an image for nothing.
+The cache. Keys identify an image's content cheaply (:func:`image_key`); in-memory PIL images have none and are never
+cached. The collator (possibly in forked dataloader workers) skips images whose key it sees in the cache; the trainer
+owns the features. A worker forked before a key was cached merely preprocesses an image for nothing.
 
 Cached rows reach a CUDA device from page-locked memory (:func:`rows_to_device`): a non-blocking copy from pageable
 memory can make the host wait for the stream, i.e. for the step's forward, in the middle of the step.
+
+The store: float32 teacher features shared by head selection, the alignment monitor and a HeRA run's precompute, one
+teacher pass per dataset. Rows are keyed by the teacher (:func:`teacher_identity`: its files, feature kind, dtype and
+the device type it ran on) and by the image (:func:`image_key`: path, size and mtime, or the bytes' hash). Selection
+(``select``, ``hera_heads: auto``, ``select --report``) and the monitor's probe pairs take the rows they find and send
+only the other images through the teacher; the training run's precompute then takes every row found and computes the
+rest. The three read images alike (the teacher's own image processor, :func:`open_image`) and keep the teacher's float32
+output, so a shared row is the row the pass would have computed, up to the rounding of another batch composition (the
+same freedom the steps' cache already has).
+
+Where: in the process, one :class:`TeacherFeatureStore` per teacher; on disk, what selection computed (at most
+``hera_select_samples`` images per selection, 4 KB each for DINOv2-L), so that ``select`` followed by ``llamafactory-cli
+train`` in another process shares it too: ``$LLAMAFACTORY_HERA_CACHE/teacher_features/<teacher>/`` (default
+``~/.cache/llamafactory_hera``). A training run's own features are not written. Each write keeps the whole
+``teacher_features`` folder under :data:`MAX_STORE_BYTES` (oldest files go first, and say so) and names the folder;
+deleting it clears the store. A failed write (read-only or full disk) warns once and costs only that sharing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from llamafactory_hera.hera.host_output import show
+from llamafactory_hera.hera.teacher import VisionTeacher, image_features, open_image
 
 
 def image_key(image: Any) -> str | None:
@@ -131,3 +156,179 @@ class TeacherFeatureCache:
             assert block is not None
             return block  # every image cached: the rows are already in order
         return torch.stack([fresh_rows[row] if kind == "fresh" else block[row] for kind, row in sources])
+
+
+CACHE_ENV = "LLAMAFACTORY_HERA_CACHE"
+STORE_NAME = "teacher_features"
+MAX_STORE_BYTES = 256 * 2**20  # 64k DINOv2-L features; a selection writes at most hera_select_samples rows
+STALE_TMP_SECONDS = 3600  # a *.tmp this old is a write that died (a live one takes seconds)
+
+
+def cache_root() -> Path:
+    """The plugin's cache folder: ``$LLAMAFACTORY_HERA_CACHE``, default ``~/.cache/llamafactory_hera``."""
+    return Path(os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "llamafactory_hera"))
+
+
+def path_fingerprint(path: str | None) -> str | None:
+    """Content identity of a local model/adapter folder: names, sizes and mtimes of its files (hub ids as is)."""
+    if path is None:
+        return None
+    folder = Path(path).expanduser()  # hera_teacher: ~/dinov2 is a folder, as the teacher loader reads it
+    if not folder.exists():
+        return f"id:{path}"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def teacher_identity(source: str, feature: str, dtype: torch.dtype, device_type: str) -> str:
+    """Name of one teacher's rows: its files (or hub id), feature kind (``cls`` / ``mean``), weights' dtype and the
+    device type that computed them (kernels of another device round differently)."""
+    text = json.dumps([path_fingerprint(source), feature, str(dtype), device_type])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class TeacherFeatureStore:
+    """One teacher's float32 ``[E]`` CPU features by image key: this process's, and those selection left on disk
+    (read once, on first use)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.rows: dict[str, torch.Tensor] = {}
+        self._read = False
+
+    def get(self, keys: Iterable[str | None]) -> dict[str, torch.Tensor]:
+        """The stored rows of ``keys`` (absent keys left out)."""
+        self._read_disk()
+        return {key: self.rows[key] for key in keys if key is not None and key in self.rows}
+
+    def add(self, rows: dict[str, torch.Tensor], persist: bool) -> None:
+        """Keep ``rows`` (new keys only) for this process, and with ``persist`` on disk for the next one."""
+        self._read_disk()
+        new = {key: row.detach().float().cpu() for key, row in rows.items() if key not in self.rows}
+        self.rows.update(new)
+        if persist and new:
+            self._write(new)
+
+    def _read_disk(self) -> None:
+        if self._read:
+            return
+        self._read = True
+        for shard in sorted(self.folder.glob("*.pt")):
+            try:
+                data = torch.load(shard, map_location="cpu", weights_only=True)
+                rows = dict(zip(data["keys"], data["features"], strict=True))
+            except Exception as err:  # noqa: BLE001 - a damaged file costs a teacher pass, never the run
+                show(f"[llamafactory-hera] teacher feature store: {shard} unreadable ({type(err).__name__}); its "
+                     "images go through the teacher again.")
+                continue
+            for key, row in rows.items():
+                self.rows.setdefault(key, row.clone())
+
+    def _write(self, new: dict[str, torch.Tensor]) -> None:
+        try:
+            removed, size = self._save(new)
+        except OSError as err:  # the store only saves a later teacher pass: a full or read-only disk costs that
+            show(f"[llamafactory-hera] teacher feature store: cannot write {self.folder} ({type(err).__name__}: "
+                 f"{err}); the training run computes these {len(new)} images' teacher features again.")
+            return
+        note = f"; {removed} older file(s) removed to stay under {MAX_STORE_BYTES >> 20} MiB" if removed else ""
+        show(f"[llamafactory-hera] teacher features of {len(new)} images kept in {self.folder} for the training run "
+             f"({size / 2**20:.1f} MiB in {self.folder.parent}{note}; delete that folder to clear it).")
+
+    def _save(self, new: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """Write one shard atomically, then trim the store; returns (files removed, bytes the store holds)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        temporary, shard = self.folder / f"{name}.tmp", self.folder / f"{name}.pt"
+        try:
+            torch.save({"keys": list(new), "features": torch.stack(list(new.values()))}, temporary)
+            os.replace(temporary, shard)
+        finally:
+            temporary.unlink(missing_ok=True)
+        removed = trim(self.folder.parent, MAX_STORE_BYTES, keep=shard)
+        return removed, sum(stat.st_size for _, stat in _existing(self.folder.parent, "*.pt"))
+
+
+def _existing(root: Path, pattern: str) -> list[tuple[Path, os.stat_result]]:
+    """Files matching ``pattern`` under ``root`` with their stat, leaving out those another job removed meanwhile."""
+    found = []
+    for path in root.rglob(pattern):
+        try:
+            found.append((path, path.stat()))
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def trim(root: Path, limit: int, keep: Path | None = None) -> int:
+    """Remove the oldest ``*.pt`` files under ``root`` (never ``keep``) until they total at most ``limit`` bytes, and
+    ``*.tmp`` files older than :data:`STALE_TMP_SECONDS` (a write killed midway); returns how many ``*.pt`` went.
+    Files another job removes meanwhile are skipped."""
+    stale = time.time_ns() - STALE_TMP_SECONDS * 10**9
+    for leftover, stat in _existing(root, "*.tmp"):
+        if stat.st_mtime_ns < stale:
+            leftover.unlink(missing_ok=True)
+    files = sorted(_existing(root, "*.pt"), key=lambda item: item[1].st_mtime_ns)
+    total = sum(stat.st_size for _, stat in files)
+    removed = 0
+    for file, stat in files:
+        if total <= limit:
+            break
+        if file == keep:
+            continue
+        total -= stat.st_size
+        file.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+_STORES: dict[str, TeacherFeatureStore] = {}
+
+
+def feature_store(teacher: VisionTeacher) -> TeacherFeatureStore | None:
+    """The store of ``teacher`` as it runs now (device type included) under the cache folder; None for a teacher not
+    made by :func:`~llamafactory_hera.hera.teacher.load_teacher` (no source to name it by)."""
+    source = getattr(teacher, "source", None)
+    if source is None:
+        return None
+    param = next(teacher.parameters())
+    folder = cache_root() / STORE_NAME / teacher_identity(source, teacher.feature, param.dtype, param.device.type)
+    return _STORES.setdefault(str(folder), TeacherFeatureStore(folder))
+
+
+def stored_image_features(teacher: VisionTeacher, image_processor: Any, images: list[Any], batch_size: int,
+                          store: TeacherFeatureStore, *, persist: bool, workers: int | None = None,
+                          progress: bool = True, desc: str = "teacher features",
+                          opener: Callable[[Any], Any] = open_image) -> torch.Tensor:
+    """``[N, E]`` float32 teacher features of ``images`` in order, on the teacher's device: the rows ``store`` holds,
+    and each other distinct image through the teacher once (:func:`image_features`), then kept in ``store`` (on
+    disk too with ``persist``). Images without a key (in-memory PIL objects) always go through the teacher."""
+    keys = [image_key(image) for image in images]
+    found = store.get(keys)
+    todo: dict[str | int, int] = {}  # key (or position, unkeyed) -> row of the teacher's output
+    todo_images = []
+    for position, (image, key) in enumerate(zip(images, keys, strict=True)):
+        name: str | int = position if key is None else key
+        if name not in found and name not in todo:
+            todo[name] = len(todo_images)
+            todo_images.append(image)
+    device = next(teacher.parameters()).device
+    if found and not todo_images:
+        return rows_to_device([found[key] for key in keys], device)  # type: ignore[index]
+    computed = image_features(teacher, image_processor, todo_images, batch_size, workers, progress, desc, opener)
+    store.add({name: computed[row] for name, row in todo.items() if isinstance(name, str)}, persist)
+    if not found:  # every image computed; one of them twice where images repeat
+        return computed if len(todo_images) == len(images) else computed[
+            torch.tensor([todo[_name(key, i)] for i, key in enumerate(keys)])]
+    stored_keys = list(found)
+    stored = rows_to_device([found[key] for key in stored_keys], device)
+    where = {key: row for row, key in enumerate(stored_keys)}
+    return torch.stack([stored[where[key]] if key in where else computed[todo[_name(key, i)]]
+                        for i, key in enumerate(keys)])
+
+
+def _name(key: str | None, position: int) -> str | int:
+    return position if key is None else key

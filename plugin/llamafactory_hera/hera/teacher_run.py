@@ -19,14 +19,14 @@ import torch
 from llamafactory_hera.hera.loss import distributed
 from llamafactory_hera.hera.teacher import (
     VisionTeacher,
+    image_features,
     load_image_processor,
     load_teacher,
     open_image,
     per_sample_features,
+    teacher_batch_size,
 )
-from llamafactory_hera.hera.teacher_batch import image_features, teacher_batch_size
-from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, image_key
-from llamafactory_hera.hera.teacher_store import TeacherFeatureStore, feature_store
+from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, TeacherFeatureStore, feature_store, image_key
 from llamafactory_hera.short_errors import RecipeError
 
 GATHER_ROWS = 4096  # rows per all-gather round: [4096, 1024] float32 is 16 MB per rank

@@ -30,28 +30,39 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamafactory_hera.anatomy.checkpoint_weights import RestoresCheckpointWeights
-from llamafactory_hera.anatomy.heads import AttentionGeometry, HeadRef, attention_geometry
-from llamafactory_hera.anatomy.pooling import multimodal_token_ids, pooling_weights, require_multimodal_ids
-from llamafactory_hera.anatomy.projection import (
+from llamafactory_hera.heads.geometry import AttentionGeometry, HeadRef, attention_geometry
+from llamafactory_hera.heads.pooling import multimodal_token_ids, pooling_weights, require_multimodal_ids
+from llamafactory_hera.heads.projection import (
     find_o_proj_modules,
     is_partitioned,
     project_heads,
     project_heads_by_call,
 )
 from llamafactory_hera.hera import checkpoint
-from llamafactory_hera.hera.args import HeraArguments
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS, collator_token_sources
+from llamafactory_hera.hera.config import HeraArguments
 from llamafactory_hera.hera.layer_checkpointing import HeadLayerCheckpointing
-from llamafactory_hera.hera.loss import FeatureQueue, all_ranks_all, distributed, gather_batch, hera_loss_anchored
+from llamafactory_hera.hera.loss import (
+    FeatureQueue,
+    TemperatureGradHandler,
+    all_ranks_all,
+    distributed,
+    gather_batch,
+    hera_loss_anchored,
+    used_temperature,
+)
 from llamafactory_hera.hera.monitor import MonitorCallback
-from llamafactory_hera.hera.preflight import check_same_heads_on_every_rank, contrastive_geometry
+from llamafactory_hera.hera.preflight import (
+    check_heads_train,
+    check_same_heads_on_every_rank,
+    contrastive_geometry,
+    trainable_upstream,
+)
 from llamafactory_hera.hera.run_summary import HeraRunStats, StartLine
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher
-from llamafactory_hera.hera.temperature import TemperatureGradHandler, used_temperature
-from llamafactory_hera.hera.trainable_heads import check_heads_train, trainable_upstream
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
 
 __all__ = ["HeraTrainer"]
 

@@ -1,5 +1,5 @@
 """The HeRA panel of LlamaBoard, declared: its fields, the check of ``hera_heads`` against the model, the loss plot
-(:mod:`llamafactory_hera.anatomy.panel_builder` builds it). The other ``hera_*`` keys go into LlamaBoard's "Extra
+(:mod:`llamafactory_hera.board.builder` builds it). The other ``hera_*`` keys go into LlamaBoard's "Extra
 arguments" JSON box, which wins over the panel.
 """
 
@@ -8,14 +8,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from llamafactory_hera.anatomy.heads import check_heads_fit
-from llamafactory_hera.anatomy.panel_builder import build_panel
-from llamafactory_hera.anatomy.panel_checks import local_attention_geometry
-from llamafactory_hera.anatomy.panel_spec import Field, LossPlot, PanelDeclaration
-from llamafactory_hera.anatomy.panel_widgets import comma_list
-from llamafactory_hera.anatomy.training_plot import TrainingPlot
-from llamafactory_hera.hera.args import AUTO, HeraArguments, parse_hera_arguments
-from llamafactory_hera.hera.method import ALIGNMENT_PANEL
+from llamafactory_hera.board.builder import build_panel
+from llamafactory_hera.board.checks import local_attention_geometry
+from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration
+from llamafactory_hera.board.widgets import comma_list
+from llamafactory_hera.heads.geometry import check_heads_fit
+from llamafactory_hera.hera.config import ALIGNMENT_PANEL, AUTO, HeraArguments, parse_hera_arguments
+from llamafactory_hera.plots.training import TrainingPlot
 
 
 def normalize_heads(value: Any) -> str:
@@ -26,7 +25,7 @@ def normalize_heads(value: Any) -> str:
 
 def check_heads_geometry(args: HeraArguments, context: Mapping[str, Any]) -> str:
     """``hera_heads`` against the layers and heads of LlamaBoard's model, where its config can be read locally (the
-    run's own check, :func:`~llamafactory_hera.anatomy.heads.check_heads_fit`, so the same line); "" when they fit,
+    run's own check, :func:`~llamafactory_hera.heads.geometry.check_heads_fit`, so the same line); "" when they fit,
     under ``auto`` or when the model is unknown here (the run checks it again)."""
     if args.auto_heads:
         return ""

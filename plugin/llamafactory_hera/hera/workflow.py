@@ -8,11 +8,12 @@ import json
 import os
 from typing import Any
 
-from llamafactory_hera.anatomy.board_log import say
-from llamafactory_hera.anatomy.image_files import describe_image, image_rows
-from llamafactory_hera.anatomy.training_plot import plot_training
-from llamafactory_hera.hera.args import HeraArguments
-from llamafactory_hera.hera.method import TRAINING_PLOT
+import torch.distributed as dist
+
+from llamafactory_hera import __version__
+from llamafactory_hera.hera.collator import HeraCollatorMixin
+from llamafactory_hera.hera.config import TRAINING_PLOT, HeraArguments
+from llamafactory_hera.hera.monitor import probe_set
 from llamafactory_hera.hera.preflight import (
     check_contrastive_geometry,
     check_image_rows,
@@ -20,19 +21,23 @@ from llamafactory_hera.hera.preflight import (
     count_image_rows,
     queue_cap_line,
 )
+from llamafactory_hera.hera.selection.auto import resolve_auto_heads
+from llamafactory_hera.hera.selection.select import scoring_dtype
+from llamafactory_hera.hera.teacher import load_image_processor
+from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
+from llamafactory_hera.hera.trainer import HeraTrainer
+from llamafactory_hera.log import say
+from llamafactory_hera.plots.training import plot_training
+from llamafactory_hera.recipe.image_files import describe_image, image_rows
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.media_warnings import media_warnings_held
+from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
 
 HERA_RUN_RECORD = "hera_run.json"
 
 
 def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int],
                   data_counts: Any, probe: Any, recipe_args: Any, auto: bool) -> tuple[type, type]:
-    from llamafactory_hera.hera.collator import HeraCollatorMixin
-    from llamafactory_hera.hera.teacher import load_image_processor
-    from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
-    from llamafactory_hera.hera.trainer import HeraTrainer
-
     cache = TeacherFeatureCache(enabled=hera_args.hera_teacher_cache)  # shared by this run's collator and trainer
     collator = type("HeraSFTDataCollator", (HeraCollatorMixin, host.collator),
                     {"hera_image_processor": load_image_processor(hera_args.hera_teacher), "hera_feature_cache": cache,
@@ -58,7 +63,6 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
     Streaming datasets are not scanned (counts and rows None)."""
     if getattr(data_args, "streaming", False) or not training_args.do_train:
         return {}, None, None
-    from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
 
     # Main process first, as LLaMA-Factory loads a dataset: the others then read the datasets cache it wrote instead
     # of aligning with preprocessing_num_workers processes each (and checking every image) at the same time.
@@ -94,7 +98,6 @@ def _write_run_record(output_dir: str, hera_args: HeraArguments,
                       host_keys: tuple[tuple[Any, tuple[str, ...]], ...]) -> None:
     """``hera_run.json``: the HeRA settings and the host settings needed to re-score the run's heads."""
     os.makedirs(output_dir, exist_ok=True)
-    from llamafactory_hera import __version__
 
     record = {"stage": "hera", "llamafactory_hera_version": __version__, **hera_args.to_dict(),
               "host": {key: _plain(getattr(holder, key, None)) for holder, keys in host_keys for key in keys}}
@@ -110,18 +113,12 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
     _check_distinct_images(hera_args, counts, data_args, training_args)
     auto = hera_args.auto_heads
     if auto:
-        from llamafactory_hera.hera.selection.auto import resolve_auto_heads
-        from llamafactory_hera.hera.selection.select import scoring_dtype
-        from llamafactory_hera_patches.model_data import RecipeArgs
-
         precision = {"bf16": training_args.bf16, "fp16": training_args.fp16, "pure_bf16": finetuning_args.pure_bf16,
                      "model_name_or_path": model_args.model_name_or_path}
         hera_args.hera_heads = resolve_auto_heads(
             RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,
             str(training_args.device), training_args.output_dir, training_args.process_index == 0,
             dtype=scoring_dtype(precision))
-    from llamafactory_hera.hera.monitor import probe_set
-    from llamafactory_hera_patches.model_data import RecipeArgs
 
     recipe_args = RecipeArgs(model_args, data_args, finetuning_args)
     probe = probe_set(hera_args, recipe_args, aligned, training_args.seed)  # before the model loads
@@ -150,7 +147,5 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
             print(f"[llamafactory-hera] not logged, so not plotted: {', '.join(missing)}", flush=True)
     # LLaMA-Factory destroys the process group right after the workflow, and a rank that tears gloo down while rank 0
     # still saves and plots was seen to abort at exit (SIGABRT) in one CI run of the 2-rank test: leave together
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.run_checks import check_output_dir
+from llamafactory_hera.recipe.checks import check_output_dir
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.llava_templates import FAMILY_TEMPLATES
 

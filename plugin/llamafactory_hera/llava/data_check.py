@@ -172,8 +172,8 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int, progress: bool |
         RecipeError: a recipe without datasets, a dataset not in ``dataset_info.json`` or without its file, a
             ``media_dir`` that is no folder, a file LLaMA-Factory cannot load, ``workers`` below 1.
     """
-    from llamafactory_hera.anatomy.run_checks import as_names, check_dataset_names, dataset_info
     from llamafactory_hera.hera.selection.command import load_recipe
+    from llamafactory_hera.recipe.checks import as_names, check_dataset_names, dataset_info
     from llamafactory_hera_patches.model_data import parse_recipe
     from llamafactory_hera_patches.templates import image_placeholder
 
@@ -206,7 +206,7 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int, progress: bool |
 def report(counts: list[DatasetCounts], media_dir: str, decode: bool) -> str:
     """The table, the histograms, what text-only rows mean for HeRA, how images were checked and the first bad
     paths."""
-    from llamafactory_hera.anatomy.head_plots import format_head_table
+    from llamafactory_hera.plots.heads import format_head_table
 
     rows = [c.table_row() for c in counts]
     lines = [format_head_table(rows, list(rows[0])), *(c.histogram() for c in counts)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from llamafactory_hera.rah.calibrate import Calibration, Geometry, o_columns, v_rows
@@ -51,8 +52,6 @@ def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.
                  base_name: str | None = None) -> list[str]:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's own ``save_pretrained``) for the
     *uncalibrated* ``model`` plus ``factors``; returns the target module names. ``model`` is left unchanged."""
-    from peft import LoraConfig, get_peft_model
-
     if not factors:
         raise RecipeError("RAH-LoRA: no head was calibrated (every target rolled back or none was found); there is "
                           "no adapter to write.")

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamafactory_hera.rah.args import RahArguments
+from llamafactory_hera.heads.geometry import attention_geometry
+from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.rah.heads import anchor_candidates, anchor_pool, similarity, targets_in_layer, top_anchors
 from llamafactory_hera.rah.probe import (
     AttentionProfile,
@@ -87,8 +88,6 @@ class Geometry:
 
 def geometry_of(model: nn.Module) -> Geometry:
     """Query heads, KV heads and head width of the text decoder (from the config)."""
-    from llamafactory_hera.anatomy.heads import attention_geometry
-
     geometry = attention_geometry(model.config)
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     kv = int(getattr(text, "num_key_value_heads", None) or geometry.num_heads)

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamafactory_hera.anatomy.projection import text_decoder
+from llamafactory_hera.heads.pooling import multimodal_token_ids
+from llamafactory_hera.heads.projection import text_decoder
 from llamafactory_hera.rah.scores import isal, margin_loss
 from llamafactory_hera.short_errors import RecipeError
 
@@ -46,8 +47,6 @@ class TokenKinds:
 def token_kinds(model: nn.Module, tokenizer: Any, processor: Any = None) -> TokenKinds:
     """The model's image placeholder id (``image_token_id`` / ``image_token_index`` of its config) and its other
     multimodal tokens. Raises when the config names no image token."""
-    from llamafactory_hera.anatomy.pooling import multimodal_token_ids
-
     config = model.config
     image = {int(v) for v in (getattr(config, "image_token_id", None), getattr(config, "image_token_index", None))
              if isinstance(v, int)}

@@ -1,8 +1,8 @@
 """The RAH-LoRA panel of LlamaBoard, declared: its fields (defaults from
-:class:`~llamafactory_hera.rah.args.RahArguments`, texts in ``panel_texts.yaml``), the check of ``rah_layers``
+:class:`~llamafactory_hera.rah.config.RahArguments`, texts in ``panel_texts.yaml``), the check of ``rah_layers``
 against the model's depth, and the calibration's progress in place of the loss plot (RAH-LoRA takes no optimizer step,
 so the command also leaves out the Train tab's optimizer settings). What users see: docs/rah.md, "LlamaBoard"; the
-builder: :mod:`llamafactory_hera.anatomy.panel_builder`.
+builder: :mod:`llamafactory_hera.board.builder`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from llamafactory_hera.anatomy.board_log import PHASE_KEY
-from llamafactory_hera.anatomy.panel_builder import build_panel
-from llamafactory_hera.anatomy.panel_checks import local_text_depth
-from llamafactory_hera.anatomy.panel_spec import Field, LossPlot, PanelDeclaration
-from llamafactory_hera.anatomy.panel_widgets import comma_list
-from llamafactory_hera.rah.args import AUTO, RahArguments, parse_rah_arguments
+import matplotlib.pyplot as plt
+
+from llamafactory_hera.board.builder import build_panel
+from llamafactory_hera.board.checks import local_text_depth
+from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration
+from llamafactory_hera.board.widgets import comma_list
+from llamafactory_hera.log import PHASE_KEY
+from llamafactory_hera.rah.config import AUTO, RahArguments, parse_rah_arguments
 
 # LlamaBoard's Train-tab arguments that only matter to an optimizer: left out of a RAH-LoRA command
 OPTIMIZER_KEYS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -51,8 +53,6 @@ def check_layers_depth(args: RahArguments, context: Mapping[str, Any]) -> str:
 
 def progress_figure(trainer_log: list[dict[str, Any]], smooth: Any = None) -> Any:
     """In place of the loss plot: how far each phase of the calibration is (percent done, in run order)."""
-    import matplotlib.pyplot as plt
-
     plt.close("all")
     plt.switch_backend("agg")
     done: dict[str, float] = {}

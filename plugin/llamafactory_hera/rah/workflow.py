@@ -1,6 +1,6 @@
 """A ``stage: rah`` run: calibrate the recipe's model on its unlabelled image-text rows and write a LoRA adapter.
 
-Called by the stage patch (declared in :mod:`llamafactory_hera.rah.method`) in place of ``run_sft``; no optimizer
+Called by the stage patch (declared in :mod:`llamafactory_hera.methods`) in place of ``run_sft``; no optimizer
 step is taken. ``output_dir`` receives ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format, on
 the touched language-model ``v_proj`` / ``o_proj`` modules), ``rah_profile.json`` (every head's scores, the targets
 with their anchors, alpha and KL, rollbacks, settings, identity, versions, duration) and ``rah_profile.png`` (I-SAL and
@@ -19,12 +19,22 @@ from typing import Any
 
 import torch
 
-from llamafactory_hera.anatomy.board_log import progress, say, start_board_files
-from llamafactory_hera.anatomy.image_files import image_rows
-from llamafactory_hera.rah.args import RahArguments
+from llamafactory_hera.log import progress, say, start_board_files
+from llamafactory_hera.plots.heads import plot_score_panels
+from llamafactory_hera.rah.adapter import lora_factors, save_adapter
+from llamafactory_hera.rah.calibrate import calibrate, geometry_of
+from llamafactory_hera.rah.config import RahArguments
+from llamafactory_hera.rah.probe import attention_modules, token_kinds
+from llamafactory_hera.recipe.image_files import image_rows
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.guard import recorded_versions
 from llamafactory_hera_patches.media_warnings import media_warnings_held
+from llamafactory_hera_patches.model_data import (
+    RecipeArgs,
+    load_aligned_rows,
+    load_model_for_scoring,
+    multimodal_dataset_and_collator,
+)
 
 PROFILE_JSON = "rah_profile.json"
 PROFILE_PNG = "rah_profile.png"
@@ -82,8 +92,6 @@ def profile_record(calibration: Any, args: RahArguments, identity: dict[str, Any
 def plot_profile(calibration: Any, path: Path, model_name: str) -> Path:
     """I-SAL (standardised) and CAF heatmaps, calibrated targets boxed red, the others (rolled back, unchanged,
     without anchors) black, as the legend says; the title names the run (``path``'s folder)."""
-    from llamafactory_hera.anatomy.head_plots import plot_score_panels
-
     calibrated = [(u.layer, u.head) for u in calibration.updates if u.calibrated]
     others = [(u.layer, u.head) for u in calibration.updates if (u.layer, u.head) not in calibrated]
     title = (f"{Path(path).parent.name} (stage: rah): head profile of {Path(model_name).name}, {len(calibrated)} of "
@@ -145,16 +153,6 @@ def _on(device: torch.device, batch: dict[str, Any]) -> dict[str, Any]:
 def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
             generating_args: Any, callbacks: Any, rah_args: RahArguments) -> None:
     """Calibrate and write the adapter and the profile (see the module docstring)."""
-    from llamafactory_hera.rah.adapter import lora_factors, save_adapter
-    from llamafactory_hera.rah.calibrate import calibrate, geometry_of
-    from llamafactory_hera.rah.probe import attention_modules, token_kinds
-    from llamafactory_hera_patches.model_data import (
-        RecipeArgs,
-        load_aligned_rows,
-        load_model_for_scoring,
-        multimodal_dataset_and_collator,
-    )
-
     started = time.perf_counter()
     start_board_files()
     recipe = RecipeArgs(model_args, data_args, finetuning_args)

@@ -13,12 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from llamafactory_hera.hera.args import HeraArguments
+from llamafactory_hera.hera.config import HeraArguments
+from llamafactory_hera.hera.selection.collect import release_memory
+from llamafactory_hera.hera.selection.command import write_outputs
 from llamafactory_hera.hera.selection.select import SelectionOptions, SelectionResult, run_selection
-from llamafactory_hera.hera.teacher_store import cache_root
+from llamafactory_hera.hera.teacher_cache import cache_root
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.deepspeed import zero3_init_disabled
 
 RECORD_NAME = "hera_selection.json"
 HEATMAP_NAME = "hera_selection.png"
@@ -49,8 +53,6 @@ def cache_dir() -> Path:
 @contextlib.contextmanager
 def preserved_random_state() -> Iterator[None]:
     """Restore Python's, NumPy's and torch's (CPU and CUDA) random state on exit."""
-    import numpy as np
-
     py_state, np_state = random.getstate(), np.random.get_state()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
@@ -70,13 +72,11 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
         try:
             args = copy.deepcopy(recipe_args)
             args.data_args.max_samples = None
-            from llamafactory_hera_patches.deepspeed import zero3_init_disabled
 
             with preserved_random_state(), zero3_init_disabled():  # score an unpartitioned copy on rank 0
                 options = SelectionOptions.from_keys(hera_args, seed=seed, device=device, dtype=dtype)
                 result, cached = run_selection(args, options, cache_dir())
             _record(result, cached, output_dir)
-            from llamafactory_hera.hera.selection.collect import release_memory
 
             release_memory(device)  # the scoring copy's blocks, before this rank loads the model it trains
             payload = [result.selected, None, False]
@@ -92,8 +92,6 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
 
 
 def _record(result: SelectionResult, cached: bool, output_dir: str) -> None:
-    from llamafactory_hera.hera.selection.command import write_outputs
-
     os.makedirs(output_dir, exist_ok=True)
     write_outputs(result, Path(output_dir) / RECORD_NAME, Path(output_dir) / HEATMAP_NAME,
                   f"MKNN per head ({result.settings['mode']}, {result.num_pairs} pairs, k={result.settings['k']}); "

@@ -11,6 +11,10 @@ Modes (paper §3.3):
 from __future__ import annotations
 
 import contextlib
+import gc
+import hashlib
+import inspect
+import os
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,12 +24,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llamafactory_hera.anatomy.pooling import multimodal_token_ids, pooled_token_mask, pooling_weights
-from llamafactory_hera.anatomy.projection import effective_weight_columns, find_o_proj_modules, text_decoder
+from llamafactory_hera.heads.pooling import multimodal_token_ids, pooled_token_mask, pooling_weights
+from llamafactory_hera.heads.projection import effective_weight_columns, find_o_proj_modules, text_decoder
 from llamafactory_hera.hera.host_output import progress_file
-from llamafactory_hera.hera.teacher import VisionTeacher, per_sample_features
-from llamafactory_hera.hera.teacher_batch import batches_of, image_features
-from llamafactory_hera.hera.teacher_store import TeacherFeatureStore, stored_image_features
+from llamafactory_hera.hera.teacher import VisionTeacher, batches_of, image_features, per_sample_features
+from llamafactory_hera.hera.teacher_cache import TeacherFeatureStore, stored_image_features
 from llamafactory_hera.short_errors import RecipeError
 
 
@@ -53,9 +56,6 @@ def usable_pairs(rows: Iterable[dict[str, Any]]) -> list[CalibrationPair]:
 
 def _image_identity(image: Any) -> str:
     """Identity of an image entry for de-duplication: its resolved path, or its bytes' hash."""
-    import hashlib
-    import os
-
     if isinstance(image, dict):
         image = image.get("path") or image.get("bytes")
     if isinstance(image, bytes):
@@ -217,8 +217,8 @@ def collect_teacher(teacher: VisionTeacher, image_processor: Any, pairs: list[Ca
     """``[N, E]`` float32 teacher features (mean over each pair's images), on the teacher's device.
 
     Batches of ``batch_size`` images; decoding and preprocessing overlap the forward on an accelerator
-    (:func:`llamafactory_hera.hera.teacher_batch.image_features`). With a ``store``, the images it holds skip the
-    teacher and the others are added to it (on disk with ``persist``: :mod:`~llamafactory_hera.hera.teacher_store`).
+    (:func:`llamafactory_hera.hera.teacher.image_features`). With a ``store``, the images it holds skip the
+    teacher and the others are added to it (on disk with ``persist``: :mod:`~llamafactory_hera.hera.teacher_cache`).
     """
     images = [image for pair in pairs for image in pair.images]
     if store is not None:
@@ -243,8 +243,6 @@ def layer_weights(model: nn.Module) -> list[torch.Tensor]:
 def release_memory(device: Any) -> None:
     """Collect garbage (a model copy in a reference cycle outlives its last name) and give the device's cached
     blocks back, so that what was deleted is really free for what loads next."""
-    import gc
-
     gc.collect()
     kind = torch.device(device).type
     backend = getattr(torch, kind, None)
@@ -267,8 +265,6 @@ def _last_logits_only(model: torch.nn.Module) -> dict[str, int]:
 
     Under PEFT the wrapper's forward takes ``**kwargs`` and passes them on: the base model's forward decides.
     """
-    import inspect
-
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     forward = getattr(base, "forward", None)
     try:

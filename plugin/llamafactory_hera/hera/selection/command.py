@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import transformers
 import yaml
 
-from llamafactory_hera.anatomy.head_plots import format_head_table, plot_head_heatmap
-from llamafactory_hera.anatomy.heads import parse_head
-from llamafactory_hera.hera.args import HeraArguments, parse_hera_arguments
+from llamafactory_hera.heads.geometry import parse_head
+from llamafactory_hera.hera.config import HeraArguments, parse_hera_arguments
 from llamafactory_hera.hera.host_output import host_output_to, show
 from llamafactory_hera.hera.selection.recipe_write import (
     check_folder_writable,
@@ -18,7 +19,10 @@ from llamafactory_hera.hera.selection.recipe_write import (
     write_text_atomic,
 )
 from llamafactory_hera.hera.selection.select import SelectionOptions, SelectionResult, run_selection, scoring_dtype
+from llamafactory_hera.plots.heads import format_head_table, plot_head_heatmap
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.model_data import parse_recipe
+from llamafactory_hera_patches.registry import method_for_stage
 
 
 def record_paths(recipe_path: Path) -> tuple[Path, ...]:
@@ -41,9 +45,7 @@ def load_recipe(path: Path) -> tuple[str, dict[str, Any]]:
 def check_hera_recipe(path: Path, recipe: dict[str, Any]) -> None:
     """Refuse (at once, before any loading) a recipe of another method of the plugin: ``select`` chooses HeRA's
     heads (``hera_heads``) with HeRA's teacher, which such a recipe does not name."""
-    from llamafactory_hera.methods import declared_methods
-
-    method = next((method for method in declared_methods() if method.owns(recipe.get("stage"))), None)
+    method = method_for_stage(recipe.get("stage"))
     if method is not None and method.stage != "hera":
         raise RecipeError(f"stage: {recipe.get('stage')}: {path} is a {method.label} recipe, not a HeRA recipe (stage: "
                           "hera); select chooses hera_heads for HeRA runs. Run it with `llamafactory-cli train "
@@ -64,8 +66,6 @@ def heads_table(heads: list[str], result: SelectionResult) -> str:
 
 def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, title: str) -> None:
     """Record (atomic) and heatmap, saying when an earlier one is replaced."""
-    import numpy as np
-
     for path in (json_path, png_path):
         if path.exists():
             show(f"replacing {path}")
@@ -76,8 +76,6 @@ def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, titl
 
 def run_select(args: Any) -> SelectionResult:
     """Run the ``select`` command (see :mod:`llamafactory_hera.hera.cli`)."""
-    from llamafactory_hera_patches.model_data import parse_recipe
-
     _, recipe = load_recipe(args.recipe)
     check_hera_recipe(args.recipe, recipe)
     target = args.output or args.recipe
@@ -115,6 +113,4 @@ def recipe_hera_arguments(recipe: dict[str, Any]) -> HeraArguments:
 
 def _quiet_transformers() -> None:
     """LLaMA-Factory's parser sets transformers to INFO; selection output stays readable at WARNING."""
-    import transformers
-
     transformers.utils.logging.set_verbosity_warning()

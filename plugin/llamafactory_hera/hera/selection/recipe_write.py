@@ -20,7 +20,7 @@ import yaml
 from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from llamafactory_hera.anatomy.heads import parse_head
+from llamafactory_hera.heads.geometry import parse_head
 
 KEY = "hera_heads"
 AUTO_NOTE = "# chosen by `llamafactory-hera select` (was: auto)"

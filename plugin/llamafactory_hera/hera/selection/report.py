@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from llamafactory_hera.anatomy.head_plots import format_head_table, plot_before_after
-from llamafactory_hera.anatomy.heads import parse_head
+from llamafactory_hera.heads.geometry import parse_head
+from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.hera.host_output import host_output_to, show
 from llamafactory_hera.hera.selection.noise import (
     MIN_RESAMPLES,
@@ -27,7 +27,10 @@ from llamafactory_hera.hera.selection.noise import (
 from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours, scoring_dtype
 from llamafactory_hera.hera.workflow import HERA_RUN_RECORD as RUN_RECORD
+from llamafactory_hera.plots.heads import format_head_table, plot_before_after
+from llamafactory_hera.plots.text import signed_number
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.model_data import parse_recipe
 
 PRECISION = ("bf16", "fp16", "pure_bf16")  # the run's precision keys in hera_run.json: the scoring dtype
 REPORT_JSON = "hera_report.json"
@@ -73,8 +76,6 @@ def _trained_recipe(recipe: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def _interval(low: float, high: float) -> str:
-    from llamafactory_hera.anatomy.plot_text import signed_number
-
     return f"[{signed_number(low, 4)}, {signed_number(high, 4)}]"
 
 
@@ -128,9 +129,6 @@ def report_fields(change: HeadChange) -> dict[str, Any]:
 
 def run_report(args: Any) -> dict[str, Any]:
     """Score the run's heads before and after training on the same pairs and write the report."""
-    from llamafactory_hera.hera.args import parse_hera_arguments
-    from llamafactory_hera_patches.model_data import parse_recipe
-
     resamples = getattr(args, "bootstrap", RESAMPLES)
     if resamples < MIN_RESAMPLES:
         raise RecipeError(f"--bootstrap: {resamples}; give at least {MIN_RESAMPLES} resamples (an interval from fewer "

@@ -8,6 +8,7 @@ everything after the language model is float32.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -19,19 +20,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-from llamafactory_hera.anatomy.heads import HeadRef, attention_geometry
-from llamafactory_hera.anatomy.projection import find_o_proj_modules
-from llamafactory_hera.anatomy.recipe_keys import truthy
+from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
+from llamafactory_hera.heads.projection import find_o_proj_modules
 from llamafactory_hera.hera.host_output import show
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.choices import DTYPES, MODES, RECIPE_BACKED, STRATEGIES, dest
+from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
 from llamafactory_hera.hera.selection.scores import HeadNeighbours, all_head_neighbours
-from llamafactory_hera.hera.teacher import check_teacher_source, load_image_processor, load_teacher, looks_like_path
-from llamafactory_hera.hera.teacher_batch import teacher_batch_size
-from llamafactory_hera.hera.teacher_store import feature_store, path_fingerprint
+from llamafactory_hera.hera.teacher import (
+    check_teacher_source,
+    load_image_processor,
+    load_teacher,
+    looks_like_path,
+    teacher_batch_size,
+)
+from llamafactory_hera.hera.teacher_cache import feature_store, path_fingerprint
+from llamafactory_hera.recipe.declaration import truthy
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.guard import recorded_versions
+from llamafactory_hera_patches.model_data import (
+    load_aligned_rows,
+    load_model_for_scoring,
+    multimodal_dataset_and_collator,
+)
 
 RECORD_VERSION = 1
 
@@ -108,8 +121,6 @@ def _checkpoint_dtype(model_name_or_path: Any) -> str:
     if not model_name_or_path:
         return "float32"
     try:
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(str(model_name_or_path), trust_remote_code=True)
     except (OSError, ValueError):
         return "float32"
@@ -210,8 +221,6 @@ def check_model_source(model_name_or_path: str) -> None:
 def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> None:
     """Build an empty (meta-device) model from the config and check every decoder layer has ``o_proj`` (unknown
     architectures are left to the load)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
     try:
         config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -254,8 +263,6 @@ def identity_of(recipe_args: Any, options: SelectionOptions, pairs: list[collect
 def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.CalibrationPair], dict[str, Any]]:
     """(calibration pairs, identity) after everything that can fail cheaply, before any weights load: options,
     teacher, data (at least k+1 usable pairs), model structure."""
-    from llamafactory_hera_patches.model_data import load_aligned_rows
-
     options.validate()
     check_model_source(recipe_args.model_args.model_name_or_path)
     check_teacher_source(options.teacher, options.teacher_feature)
@@ -296,9 +303,6 @@ def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str) -> tuple[An
     floating weights load in another dtype (``torch_dtype="auto"``: the checkpoint's) is cast to it; a quantized
     model keeps its storage. ``recipe_args`` is left as it was.
     """
-    import copy
-
-    from llamafactory_hera_patches.model_data import load_model_for_scoring
 
     wanted = getattr(torch, dtype)
     args = copy.copy(recipe_args)
@@ -315,8 +319,6 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions,
                           pairs: list[collect.CalibrationPair]) -> HeadNeighbours:
     """Load the model the way LLaMA-Factory does, in ``options.dtype``: ``[L, H]`` MKNN scores and each pair's
     overlap (CPU, :func:`~llamafactory_hera.hera.selection.scores.all_head_neighbours`)."""
-    from llamafactory_hera_patches.model_data import multimodal_dataset_and_collator
-
     device = options.resolved_device()
     model, tokenizer_module, template = load_in_scoring_dtype(recipe_args, device, options.dtype)
     geometry = attention_geometry(model.config)
@@ -347,8 +349,6 @@ def run_selection(recipe_args: Any, options: SelectionOptions,
                   cache: Path | None = None) -> tuple[SelectionResult, bool]:
     """Score every head and choose ``options.num_heads`` of them; with a ``cache`` folder, reuse (or store) the scores
     under a key of everything that changes them (the scoring dtype included). Returns (result, from the cache)."""
-    from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
-
     start = time.perf_counter()
     pairs, identity = prepare(recipe_args, options)
     # the options that change the scores, plus device and batch size for the record

@@ -10,6 +10,7 @@ from typing import Any
 
 def agg_figure(**kwargs: Any) -> Any:
     """A constrained-layout ``matplotlib.figure.Figure`` on an Agg canvas: headless, and no pyplot state to close."""
+    # lazy: matplotlib only when a figure is drawn (the methods' declarations import the plots)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llamafactory_hera.anatomy.heads import HeadRef, parse_head
-from llamafactory_hera.anatomy.recipe_keys import fail, parse_keys, recipe_key
+from llamafactory_hera.heads.geometry import HeadRef, parse_head
 from llamafactory_hera.hera.selection.choices import MODES, STRATEGIES
+from llamafactory_hera.plots.training import Panel, TrainingPlot
+from llamafactory_hera.recipe.declaration import fail, parse_keys, recipe_key
 from llamafactory_hera.short_errors import RecipeError
 
 AUTO = "auto"
@@ -162,3 +163,21 @@ def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> Her
         raise RecipeError("hera_heads: missing; stage: hera needs the heads to align, e.g. hera_heads: [L13H12, L7H6] "
                           "(zero-based; choose them with `llamafactory-hera select`).")
     return args
+
+
+# metrics a HeRA run logs next to LLaMA-Factory's (trainer_log.jsonl, LlamaBoard, the curves)
+# ("hera_mknn/": every per-head key of the alignment monitor, hera_mknn/L<l>H<h>)
+LOG_KEYS = ("lm_loss", "hera_loss", "hera_weighted_loss", "hera_temperature", "hera_image_samples",
+            "hera_text_only_samples", "hera_batches_without_term", "hera_nonfinite_skipped", "hera_queue_size",
+            "hera_mknn", "hera_mknn/", "hera_mknn_control")
+
+# the alignment monitor's series (aligned heads' mean MKNN, the control heads' mean, one faint line per head) when
+# the run logged them, in training.png and in LlamaBoard's loss plot (webui_panel)
+ALIGNMENT_PANEL = Panel("alignment with the teacher (MKNN)", "MKNN", ("hera_mknn", "hera_mknn_control"),
+                        labels={"hera_mknn": "aligned heads (mean)", "hera_mknn_control": "control heads (mean)",
+                                "hera_mknn/": "each aligned head"},
+                        prefix="hera_mknn/", ylim=(0.0, 1.0))
+# the run's training.png: the HeRA term beside the losses, the learned temperature, the alignment panel
+TRAINING_PLOT = TrainingPlot(
+    terms=("hera_loss",), terms_label="HeRA loss (InfoNCE)", losses=("loss", "lm_loss"),
+    panels=(Panel("learned temperature", "temperature (tau)", ("hera_temperature",)), ALIGNMENT_PANEL))

@@ -1,23 +1,32 @@
 """HeRA's checks of a run's LLaMA-Factory arguments (recipe keys only, as named in LLaMA-Factory 0.9.5), before
-any model or dataset is loaded; declared in :mod:`llamafactory_hera.hera.method`, called by the stage patch.
+any model or dataset is loaded; declared in :mod:`llamafactory_hera.methods`, called by the stage patch.
+
+Checks of a HeRA run's adapter files against its base model, with errors that name the culprit (the image files of
+its data: :mod:`llamafactory_hera.recipe.image_files`).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
+from safetensors import safe_open
+from transformers import AutoConfig
+from transformers.integrations import is_deepspeed_zero3_enabled
 
-from llamafactory_hera.anatomy.heads import attention_geometry, check_heads_fit
-from llamafactory_hera.anatomy.recipe_keys import truthy as _truthy
-from llamafactory_hera.anatomy.run_checks import check_run_inputs
-from llamafactory_hera.hera.args import HeraArguments
-from llamafactory_hera.hera.data_checks import check_adapter_fits
+from llamafactory_hera.heads.geometry import attention_geometry, check_heads_fit
+from llamafactory_hera.hera.config import HeraArguments
 from llamafactory_hera.hera.preflight import check_contrastive_geometry, contrastive_geometry
+from llamafactory_hera.hera.selection.auto import short_ddp_timeout_warning
 from llamafactory_hera.hera.teacher import check_teacher_source
+from llamafactory_hera.recipe.checks import check_run_inputs
+from llamafactory_hera.recipe.declaration import truthy as _truthy
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value as _raw_value
 from llamafactory_hera_patches.guard import host_version
+from llamafactory_hera_patches.templates import template_tokens
 
 # deepspeedai/DeepSpeed#8148 (first released in 0.19.3): ZeRO-3 keeps frozen parameters whole during a non-reentrant
 # checkpoint's recompute; before it, the recompute sees them partitioned (shape [0]) and backward fails
@@ -71,8 +80,6 @@ def check_trains(training_args: Any) -> None:
 def check_multimodal(model_args: Any, data_args: Any, config: Any) -> None:
     """The model takes images and ``template`` has an image plugin (LLaMA-Factory's "This model does not support image
     input" came after the tokenization otherwise)."""
-    from llamafactory_hera_patches.templates import template_tokens
-
     kind = str(getattr(config, "model_type", "?"))
     if getattr(config, "vision_config", None) is None:
         raise RecipeError(f"model_name_or_path: {model_args.model_name_or_path} is a text-only model ({kind}); stage: "
@@ -121,7 +128,6 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
             f"stage: hera cannot run with quantization_bit: {model_args.quantization_bit} (HeRA reads W_O per head and "
             "needs an unquantized o_proj). Remove quantization_bit (use LoRA in bf16) or use stage: sft."
         )
-    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
@@ -137,15 +143,11 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                           f"{geometry.num_layers * geometry.num_heads} (the heads of {model_args.model_name_or_path}).")
     check_teacher_source(hera_args.hera_teacher, hera_args.hera_teacher_feature)
     if hera_args.auto_heads and getattr(training_args, "process_index", 0) == 0:
-        from llamafactory_hera.hera.selection.auto import short_ddp_timeout_warning
-
         warning = short_ddp_timeout_warning(int(getattr(training_args, "world_size", 1)),
                                             getattr(training_args, "ddp_timeout", None))
         if warning:
             print(warning, flush=True)
     if getattr(training_args, "deepspeed", None) and getattr(training_args, "process_index", 0) == 0:
-        from transformers.integrations import is_deepspeed_zero3_enabled  # only with a DeepSpeed config
-
         warning = zero3_frozen_recompute_warning(
             str(getattr(finetuning_args, "finetuning_type", "")), is_deepspeed_zero3_enabled(),
             not getattr(model_args, "disable_gradient_checkpointing", False)
@@ -155,3 +157,30 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     geometry = contrastive_geometry(hera_args, training_args.per_device_train_batch_size, training_args.world_size)
     check_contrastive_geometry(geometry, hera_args)
 
+
+def check_adapter_fits(adapters: list[str] | None, hidden_size: int, attention_width: int, model_name: str) -> None:
+    """Raise when an adapter's LoRA matrices cannot belong to this base model (shapes checked, no weights loaded).
+
+    Args:
+        adapters: ``adapter_name_or_path`` entries (local folders are checked, hub ids skipped).
+        hidden_size: the text model's width d.
+        attention_width: ``num_heads * head_dim`` (input width of o_proj, output width of q_proj).
+    """
+    for adapter in adapters or []:
+        weights = Path(adapter) / "adapter_model.safetensors"
+        if not weights.is_file():
+            continue
+        config = json.loads((Path(adapter) / "adapter_config.json").read_text()) if (
+            Path(adapter) / "adapter_config.json").is_file() else {}
+        with safe_open(str(weights), "pt") as handle:
+            for name in handle.keys():
+                if ".self_attn.o_proj.lora_A" in name and handle.get_slice(name).get_shape()[1] != attention_width:
+                    raise RecipeError(
+                        f"adapter_name_or_path: {adapter} was trained on another base model (its o_proj LoRA expects "
+                        f"inputs of width {handle.get_slice(name).get_shape()[1]}, {model_name} has {attention_width}; "
+                        f"the adapter's base is {config.get('base_model_name_or_path', 'unknown')}). Use an adapter of "
+                        "this base model.")
+                if ".self_attn.o_proj.lora_B" in name and handle.get_slice(name).get_shape()[0] != hidden_size:
+                    raise RecipeError(f"adapter_name_or_path: {adapter} was trained on another base model (o_proj "
+                                      f"output width {handle.get_slice(name).get_shape()[0]}, {model_name} has "
+                                      f"{hidden_size}). Use an adapter of this base model.")

@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from llamafactory_hera.anatomy.panel_checks import dataset_names, unknown_datasets
-from llamafactory_hera.anatomy.panel_spec import (
+from llamafactory_hera.board.checks import dataset_names, unknown_datasets
+from llamafactory_hera.board.spec import (
     NO_FIELD,
     UNKNOWN_KEY,
     WIDGETS,
@@ -23,8 +23,8 @@ from llamafactory_hera.anatomy.panel_spec import (
     default_of,
     widget_for,
 )
-from llamafactory_hera.anatomy.panel_widgets import as_markup, create_widgets, typed_value
-from llamafactory_hera.anatomy.training_plot import TrainingPlot, draw_training, series
+from llamafactory_hera.board.widgets import as_markup, create_widgets, typed_value
+from llamafactory_hera.plots.training import TrainingPlot, draw_training, series
 
 Locales = dict[str, dict[str, dict[str, str]]]  # element name -> language -> {"label", "info"} or {"value"}
 

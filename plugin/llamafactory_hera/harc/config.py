@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from llamafactory_hera.anatomy.recipe_keys import fail, parse_keys, recipe_key
+from llamafactory_hera.plots.training import TrainingPlot
+from llamafactory_hera.recipe.declaration import fail, parse_keys, recipe_key
 from llamafactory_hera.short_errors import RecipeError
 
 ROLE_KEYS = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
@@ -135,3 +136,12 @@ def parse_harc_arguments(raw: dict[str, Any]) -> HarcArguments:
     args = parse_keys(HarcArguments, raw, "HARC", datasets)
     check_consistency(args)
     return args
+
+
+# metrics a HARC run logs every step next to LLaMA-Factory's loss (trainer_log.jsonl, LlamaBoard, the curves)
+LOG_KEYS = ("harc_couple", "harc_couple_resp", "harc_kl", "harc_ce", "harc_layers")
+
+# the run's training.png: the loss and the cross-entropy term (same scale) on the left axis, the coupling and KL
+# terms (an order of magnitude smaller) on the right one
+TRAINING_PLOT = TrainingPlot(terms=("harc_couple", "harc_couple_resp", "harc_kl"), losses=("loss", "harc_ce"),
+                             terms_label="HARC coupling and KL terms")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -43,6 +44,28 @@ def say(message: str) -> None:
     _append(RUNNING_LOG, line)
 
 
+def _another_rank() -> bool:
+    """Whether this process is a rank other than 0 of a running torch.distributed group (torch is looked up, not
+    imported: a process that has not imported it runs no group)."""
+    torch = sys.modules.get("torch")
+    distributed = getattr(torch, "distributed", None)
+    return bool(distributed is not None and distributed.is_available() and distributed.is_initialized()
+                and distributed.get_rank())
+
+
+def say_once(message: str) -> None:
+    """:func:`say` on rank 0 only (a line every rank would print the same)."""
+    if not _another_rank():
+        say(message)
+
+
+def progress_once(items: Iterable[Any], label: str) -> Iterable[Any]:
+    """``items`` with a progress bar on rank 0 only (no LlamaBoard progress lines: a Trainer writes those)."""
+    from tqdm.auto import tqdm  # lazy: tqdm only when a bar is drawn, not for every line said
+
+    return tqdm(list(items), desc=label, disable=_another_rank(), leave=False)
+
+
 def _clock(seconds: float) -> str:
     seconds = int(max(0.0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -57,7 +80,7 @@ def progress_line(phase: str, done: int, total: int, elapsed: float) -> dict[str
 
 def progress(items: Iterable[Any], label: str) -> Iterator[Any]:
     """``items`` with a tqdm bar, and LlamaBoard's progress bar when LlamaBoard runs it."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # lazy: tqdm only when a bar is drawn, not for every line said
 
     listed = list(items)
     started = time.perf_counter()

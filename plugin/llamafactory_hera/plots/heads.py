@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import patheffects
+from matplotlib.legend_handler import HandlerTuple
+from matplotlib.patches import Patch, Rectangle
 
-from llamafactory_hera.anatomy.plot_text import agg_figure, fit_title, number, save_png, signed_number
+from llamafactory_hera.plots.text import agg_figure, fit_title, number, save_png, signed_number
 
 _MAX_TICKS = 20
 _MAX_LABELS = 40  # more selected heads than this are boxed but not labelled (the labels would bury the map)
@@ -64,9 +67,6 @@ def _limits(*arrays: np.ndarray) -> tuple[float, float]:
 
 def _boxes(ax: Any, selected: list[tuple[int, int]], color: str) -> None:
     """A box around every selected cell, with a white halo so it shows on any colour."""
-    from matplotlib import patheffects
-    from matplotlib.patches import Rectangle
-
     for layer, head in selected:
         box = Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor=color, linewidth=1.6, zorder=3)
         box.set_path_effects([patheffects.Stroke(linewidth=3.2, foreground="white"), patheffects.Normal()])
@@ -99,8 +99,6 @@ def _annotate_cells(ax: Any, array: np.ndarray, signed: bool) -> None:
 
 def _hatch(ax: Any, cells: np.ndarray) -> None:
     """Grey hatching over every ``True`` cell of ``cells`` ``[layers, heads]`` (differences within noise)."""
-    from matplotlib.patches import Rectangle
-
     for layer, head in zip(*np.nonzero(cells), strict=True):
         ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, hatch="//", edgecolor=(0, 0, 0, 0.3),
                                linewidth=0, zorder=2))
@@ -109,9 +107,6 @@ def _hatch(ax: Any, cells: np.ndarray) -> None:
 def _legend(fig: Any, entries: list[tuple[Any, str]]) -> None:
     """A legend under the panels; an entry's handle is a box colour, a tuple of them (one handle, several colours),
     or ``"hatch"``."""
-    from matplotlib.legend_handler import HandlerTuple
-    from matplotlib.patches import Patch
-
     def patch(color: str) -> Any:
         if color == "hatch":
             return Patch(facecolor="white", edgecolor=(0, 0, 0, 0.45), hatch="//", linewidth=0.8)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llamafactory_hera.anatomy.training_plot import TrainingPlot
+from llamafactory_hera.plots.training import TrainingPlot
 
 LANGS = ("en", "ru", "zh", "ko", "ja")  # LlamaBoard's languages (top.lang); every locale entry has all of them
 WIDGETS = ("textbox", "number", "int", "dropdown", "checkbox", "dataset")

@@ -1,6 +1,6 @@
 """Checks of a plugin stage's model keys before LLaMA-Factory parses the recipe: the model and adapter paths, and
 ``lora_target`` against the model's own module names (read from its config on the meta device: no weight is loaded).
-Run once for every stage by :func:`llamafactory_hera.anatomy.launch_checks.check_raw_recipe`.
+Run once for every stage by :func:`llamafactory_hera.recipe.checks.check_raw_recipe`.
 
 Where LLaMA-Factory would fail otherwise:
 
@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.board_log import say
+from llamafactory_hera.log import say
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.host_arguments import host_keys
 from llamafactory_hera_patches.templates import composite_model_types
@@ -75,6 +75,7 @@ def _model_on_meta_device(source: str, trust: bool) -> Any:
     when the config cannot be read here (LLaMA-Factory then reports it itself) or the model cannot be built from it
     (one note line: the check is skipped)."""
     # transformers and accelerate only here: every other check of the raw recipe runs without them
+    # lazy: accelerate and transformers only when a recipe is checked, not when the declarations are imported
     from accelerate import init_empty_weights
     from transformers import (
         AutoConfig,

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from llamafactory_hera.anatomy.heads import AttentionGeometry, attention_geometry
-from llamafactory_hera.anatomy.run_checks import NOT_LOCAL, dataset_info
+from transformers import AutoConfig
+
+from llamafactory_hera.heads.geometry import AttentionGeometry, attention_geometry
+from llamafactory_hera.recipe.checks import NOT_LOCAL, dataset_info
 from llamafactory_hera.short_errors import RecipeError
 
 
@@ -45,7 +47,6 @@ def local_text_config(model_path: Any) -> Any:
     network (the folder, or the Hugging Face cache); None otherwise."""
     if not model_path or not str(model_path).strip():
         return None
-    from transformers import AutoConfig
 
     try:
         # trust_remote_code=False: a config that needs the repository's code is refused at once, never run (nor
@@ -64,7 +65,7 @@ def local_text_depth(model_path: Any) -> int | None:
 
 
 def local_attention_geometry(model_path: Any) -> AttentionGeometry | None:
-    """The text decoder's layers and heads (:func:`~llamafactory_hera.anatomy.heads.attention_geometry`) of
+    """The text decoder's layers and heads (:func:`~llamafactory_hera.heads.geometry.attention_geometry`) of
     ``model_path`` where its config can be read locally (:func:`local_text_config`); None otherwise."""
     text = local_text_config(model_path)
     try:

@@ -1,6 +1,6 @@
 """The gradio side of every method's LlamaBoard panel: its inputs, row by row, and text made safe for its toasts.
 
-Fields are :class:`~llamafactory_hera.anatomy.panel_builder.BoxField` objects (``key``, ``widget``: textbox | number |
+Fields are :class:`~llamafactory_hera.board.builder.BoxField` objects (``key``, ``widget``: textbox | number |
 int | dropdown | checkbox | dataset, ``row``, ``scale``, ``default``, ``choices``). gradio is passed in (imported by
 the caller only when LlamaBoard is built).
 """

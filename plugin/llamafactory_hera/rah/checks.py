@@ -1,6 +1,6 @@
 """RAH-LoRA's checks of a run's LLaMA-Factory arguments, before any model or dataset is loaded.
 
-Declared in :mod:`llamafactory_hera.rah.method`; they read recipe keys only (checked on LLaMA-Factory 0.9.5
+Declared in :mod:`llamafactory_hera.methods`; they read recipe keys only (checked on LLaMA-Factory 0.9.5
 argument names). The model is loaded with eager attention (attention weights are needed).
 """
 
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamafactory_hera.anatomy.recipe_keys import truthy
-from llamafactory_hera.anatomy.run_checks import check_run_inputs
-from llamafactory_hera.rah.args import RahArguments
+from transformers import AutoConfig
+
+from llamafactory_hera.rah.config import RahArguments
+from llamafactory_hera.recipe.checks import check_run_inputs
+from llamafactory_hera.recipe.declaration import truthy
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value
 
@@ -60,7 +62,6 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     if not data_args.dataset:
         raise RecipeError("dataset: stage: rah needs unlabelled image-text rows to calibrate on; name a dataset.")
     check_run_inputs(model_args, data_args, training_args, stage="rah")
-    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))

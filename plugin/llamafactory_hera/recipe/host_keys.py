@@ -1,5 +1,5 @@
 """Checks of a plugin stage's recipe keys that LLaMA-Factory reads, before it parses them (nothing is loaded yet).
-Run once for every stage by :func:`llamafactory_hera.anatomy.launch_checks.check_raw_recipe`.
+Run once for every stage by :func:`llamafactory_hera.recipe.checks.check_raw_recipe`.
 
 Each raises one :class:`RecipeError` naming the key, the value, why and the fix, where LLaMA-Factory would stop with a
 traceback whose last line names neither the key nor the value, or only after the tokenizer or the model loaded:
@@ -190,6 +190,7 @@ def _flag(given: dict[str, Any], key: str) -> bool:
 def check_report_to(given: dict[str, Any]) -> None:
     """``report_to`` names transformers' loggers (or ``all`` / ``none``)."""
     # transformers only here: the other checks of the raw recipe read LLaMA-Factory's arguments alone
+    # lazy: transformers only when a recipe is checked, not when the declarations are imported
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
     value = given.get("report_to")
@@ -205,7 +206,7 @@ def check_bf16_device(host_args: dict[str, Any] | list[str]) -> None:
     """``bf16`` / ``bf16_full_eval`` only where transformers finds a bf16 device, or with ``use_cpu: true`` (its own
     test, in ``TrainingArguments``): a check of this machine, not of the recipe."""
     # transformers only here, as above; the names TrainingArguments itself calls, read from its module at check time
-    from transformers import training_args
+    from transformers import training_args  # lazy: as above
 
     given = given_keys(host_args)
     for key in ("bf16", "bf16_full_eval"):

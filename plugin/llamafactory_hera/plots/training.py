@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.plot_text import agg_figure, fit_title, save_png
+from llamafactory_hera.plots.text import agg_figure, fit_title, save_png
 
 Smooth = Callable[[list[float]], list[float]]
 TRAINING_PNG = "training.png"
@@ -95,7 +95,7 @@ def read_series(output_dir: str | Path) -> Series:
 
 
 def _integer_steps(ax: Any, steps: list[int]) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: matplotlib only when a figure is drawn (see plots.text)
 
     if len(set(steps)) == 1:
         ax.set_xlim(steps[0] - 1, steps[0] + 1)

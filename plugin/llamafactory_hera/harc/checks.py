@@ -1,6 +1,6 @@
 """HARC's checks of a run's LLaMA-Factory arguments, before any model or dataset is loaded.
 
-Declared in :mod:`llamafactory_hera.harc.method`; checked on LLaMA-Factory 0.9.5 argument names. HARC reads its data
+Declared in :mod:`llamafactory_hera.methods`; checked on LLaMA-Factory 0.9.5 argument names. HARC reads its data
 from the ``harc_*`` role keys: ``dataset`` may be omitted (it is then set to ``harc_harmful`` only to satisfy
 LLaMA-Factory's parser, which refuses training without one; the stage never reads it). Each micro-batch is composed
 by the stage, so ``per_device_train_batch_size`` counts composed micro-batches (1, the reference's, when absent;
@@ -12,11 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.anatomy.board_log import say
-from llamafactory_hera.anatomy.recipe_keys import truthy
-from llamafactory_hera.anatomy.run_checks import DATA_CONFIG, check_dataset_names, check_run_inputs
-from llamafactory_hera.harc.args import ROLE_KEYS, HarcArguments, moving_weights
+from transformers import AutoConfig
+
+from llamafactory_hera.harc.config import ROLE_KEYS, HarcArguments, moving_weights
 from llamafactory_hera.harc.layers import eligible_layers
+from llamafactory_hera.log import say
+from llamafactory_hera.recipe.checks import DATA_CONFIG, check_dataset_names, check_run_inputs
+from llamafactory_hera.recipe.declaration import truthy
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value
 from llamafactory_hera_patches.templates import composite_model_types
@@ -97,7 +99,6 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                 check_dataset_names(key, [getattr(harc_args, key)], dataset_dir,
                                     f"Add it there or name one of those in {key}.")
     check_run_inputs(model_args, data_args, training_args, datasets_used=False, stage="harc")
-    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))

@@ -1,18 +1,90 @@
-"""The one recipe-key parser: a method's raw ``<prefix>_*`` keys (typed from YAML, strings from the command line)
+"""A method's declaration: how LLaMA-Factory's recipes, web UI and logs see it (:class:`Method`).
+
+Every method is declared once, in :mod:`llamafactory_hera.methods`, the registry above the methods' packages; the
+patches read a declaration by these field names only. A declaration imports cheaply (no torch): the parts it names as
+``"module:attribute"`` strings are imported on first use (:func:`resolve`).
+
+The one recipe-key parser: a method's raw ``<prefix>_*`` keys (typed from YAML, strings from the command line)
 into its arguments dataclass (:func:`parse_keys`), with errors that name the key, the value and what is allowed;
-declaring such a key (:func:`recipe_key`). Shared by every method's arguments module."""
+declaring such a key (:func:`recipe_key`). Shared by every method's arguments module.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import truthy  # noqa: F401 - the host's flag reading, re-exported here
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method, as LLaMA-Factory's recipes, web UI and logs see it.
+
+    The ``"module:attribute"`` fields are called as follows (``host_args``: a recipe dict or a
+    ``--key value`` list without the method's keys; LLaMA-Factory's parsed argument objects by name):
+
+    - ``parse_arguments(raw: dict[str, Any]) -> args``: the method's prefixed keys, values possibly strings;
+    - ``check_raw_host_args(host_args, args) -> None``: before LLaMA-Factory parses anything (no loading);
+    - ``check_host_args(model_args, data_args, training_args, finetuning_args, generating_args, args) -> None``:
+      right after LLaMA-Factory parsed the recipe, before any model or dataset is loaded;
+    - ``run(host, model_args, data_args, training_args, finetuning_args, generating_args, callbacks, args)
+      -> None``: the run, instead of the host stage's workflow; ``host`` is what the patches
+      offer of that workflow (``patches.stage.SFTWorkflow``: its collator and trainer classes, ``run`` with
+      replacements, ``smooth``);
+    - ``panel``: the method's LlamaBoard panel, a :class:`llamafactory_hera.board.builder.MethodPanel`
+      built from the declaration in its ``webui_panel`` module (fields from its arguments dataclass) and the texts
+      of its ``panel_texts.yaml``;
+    - ``add_cli_verbs(subparsers) -> dict[str, handler]``: its ``llamafactory-hera`` verbs; a handler takes
+      the parsed namespace and raises ``ValueError`` / ``OSError`` subclasses for the user's mistakes.
+    """
+
+    stage: str  # the recipe's ``stage:`` value
+    label: str  # LlamaBoard's training-stage dropdown entry
+    prefix: str  # the method's recipe keys start with this
+    host_stage: str  # the LLaMA-Factory stage that parses the recipe and whose workflow the run extends
+    parse_arguments: str
+    check_raw_host_args: str
+    check_host_args: str
+    run: str
+    log_keys: tuple[str, ...]  # metrics the method logs, merged into trainer_log.jsonl ("x/": every "x/..." key)
+    panel: str | None = None
+    add_cli_verbs: str | None = None
+    records: tuple[str, ...] = ()  # files the run writes into output_dir that say a run happened (marked if it fails)
+
+    def load(self, field: str) -> Any:
+        """Import what ``field`` names (``"module:attribute"``)."""
+        return resolve(getattr(self, field))
+
+    def check_raw(self, host_args: dict[str, Any] | list[str], args: Any) -> None:
+        """Before LLaMA-Factory parses anything: the launch checks every method runs (precision, DeepSpeed path, FSDP,
+        streaming), the method's own ``check_raw_host_args``, then the checks every method runs of the keys
+        LLaMA-Factory reads (unknown keys, values, template, numbers, model paths, ``lora_target``)."""
+        # lazy: the checks only when a recipe is checked; a method's config, which declares its keys here, and the
+        # registry import this module
+        from llamafactory_hera.recipe.checks import check_raw_launch, check_raw_recipe
+
+        check_raw_launch(self.stage, host_args)
+        self.load("check_raw_host_args")(host_args, args)
+        check_raw_recipe(host_args)
+
+    def owns(self, stage: Any) -> bool:
+        """Whether a recipe's or the web UI's ``stage`` value selects this method."""
+        return str(stage or "").strip().lower() == self.stage
+
+
+def resolve(target: str) -> Any:
+    """``"package.module:attribute"`` -> the attribute; ``"package.module"`` -> the module."""
+    module, _, attribute = target.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attribute) if attribute else loaded
+
 
 T = TypeVar("T")
 NULLS = {"none", "null", ""}

@@ -1,1 +1,0 @@
-"""What every method shares: head and residual anatomy, metrics, recipe editing, plots, the LlamaBoard panel builder."""

@@ -1,0 +1,1 @@
+"""Figures: a run's training curves, head heatmaps and tables, and the text and saving they share."""

@@ -1,0 +1,212 @@
+"""The import graph of ``plugin/``, ``patches/`` and ``testing/``, drawn from the code (``ast``): what the import-graph
+tests assert and ``bench/house.py`` measures.
+
+Every import counts, at module level or inside a function, and so do ``importlib.import_module("...")`` with a
+literal name and a declaration's ``"llamafactory_hera.module:attribute"`` string: what runs, not only what a file's
+head shows. ``top_only=True`` draws what a file's head shows instead (imports at module level alone).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PLUGIN, PATCHES, TESTING = "llamafactory_hera", "llamafactory_hera_patches", "llamafactory_hera_testing"
+DECLARED = re.compile(rf"^({PLUGIN}(?:\.\w+)+)(?::\w+)?$")  # "package.module:attribute", imported on first use
+Graph = dict[str, set[str]]
+
+
+def modules(repo: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for the three import packages of ``repo``."""
+    found = {}
+    for base in (repo / "plugin", repo / "patches", repo / "testing"):
+        for path in base.rglob("*.py"):
+            parts = list(path.relative_to(base).with_suffix("").parts)
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def _inside_functions(tree: ast.AST) -> set[int]:
+    """``id`` of every node inside a function body."""
+    return {id(sub) for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            for sub in ast.walk(node) if sub is not node}
+
+
+def imported_names(module: str, path: Path, top_only: bool = False) -> set[str]:
+    """Every dotted name ``module`` imports (``from a import b`` gives ``a`` and ``a.b``)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    inside = _inside_functions(tree) if top_only else set()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in inside:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+        elif top_only:
+            continue
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            names.add(node.args[0].value)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and DECLARED.match(node.value):
+            names.add(DECLARED.match(node.value).group(1))
+    return names
+
+
+def within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def graph(repo: Path, top_only: bool = False) -> tuple[Graph, dict[str, set[str]]]:
+    """(module -> the plugin/patches/testing modules it imports, module -> every name it imports)."""
+    found = modules(repo)
+    imports = {module: imported_names(module, path, top_only) for module, path in found.items()}
+    edges: Graph = {}
+    for module, names in imports.items():
+        targets = set()
+        for name in names:
+            while name and name not in found:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                targets.add(name)
+        edges[module] = targets
+    return edges, imports
+
+
+def cycles(edges: Graph) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in edges[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def closure(edges: Graph, *starts: str) -> set[str]:
+    """``starts`` and every module they import, transitively."""
+    todo, seen = list(starts), set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(edges.get(module, ()))
+    return seen
+
+
+def folder(module: str) -> str:
+    """The plugin folder (or top-level module) ``module`` lives in: ``llamafactory_hera.hera.loss`` -> ``hera``."""
+    return module.split(".")[1] if module.count(".") else module
+
+
+def folder_graph(edges: Graph) -> Graph:
+    """Which plugin folder imports which (the package's face, its ``__init__``, is no folder)."""
+    folders: Graph = {}
+    for module, targets in edges.items():
+        if within(module, PLUGIN) and module != PLUGIN:
+            folders.setdefault(folder(module), set()).update(
+                folder(other) for other in targets
+                if within(other, PLUGIN) and other != PLUGIN and folder(other) != folder(module))
+    return {name: targets & set(folders) for name, targets in folders.items()}
+
+
+def lazy_imports(path: Path) -> list[tuple[int, bool]]:
+    """(line, says why) of each import inside a function of ``path``: why is a ``# lazy: <why>`` on it, or in the
+    comment above it or above the group of imports it is in."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    tree = ast.parse("\n".join(lines))
+    inside = _inside_functions(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom) and id(node) in inside:
+            above = node.lineno - 2
+            while above >= 0 and re.match(r"\s*(from|import) ", lines[above]):
+                above -= 1
+            comment = []
+            while above >= 0 and lines[above].strip().startswith("#"):
+                comment.append(lines[above])
+                above -= 1
+            said = " ".join(lines[node.lineno - 1:node.end_lineno] + comment)
+            found.append((node.lineno, "# lazy" in said))
+    return sorted(found)
+
+
+ENTRIES = ("hera.trainer", "hera.workflow", "rah.workflow", "harc.trainer", "harc.workflow")
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text(encoding="utf-8").splitlines())
+
+
+def house(repo: Path) -> str:
+    """The measures of the plugin's house as text: each run's import closure (the plugin's files and lines it imports,
+    counted from the file heads alone and with lazy imports and declarations), imports inside functions, cycles, the
+    folders with their files and lines."""
+    found = modules(repo)
+    full, _ = graph(repo)
+    heads, _ = graph(repo, top_only=True)
+    plugin = {module for module in found if within(module, PLUGIN)}
+    out = ["run closures (plugin files / lines): file heads only | with lazy imports and declarations"]
+    for entry in ENTRIES:
+        row = []
+        for edges in (heads, full):
+            reached = closure(edges, f"{PLUGIN}.{entry}") & plugin
+            row.append(f"{len(reached)} / {sum(_lines(found[m]) for m in reached)}")
+        out.append(f"  {entry}: {row[0]} | {row[1]}")
+    package = [path for module, path in found.items() if within(module, PLUGIN) or within(module, PATCHES)]
+    statements = inside = 0
+    for path in package:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        lazy = _inside_functions(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                statements += 1
+                inside += id(node) in lazy
+    out.append(f"import statements (plugin and patches): {statements}, inside functions: {inside}")
+    out.append(f"module cycles: {len(cycles(full))}; folder cycles: {len(cycles(folder_graph(full)))}")
+    folders: dict[str, list[int]] = {}
+    for module in plugin:
+        if module != PLUGIN:
+            folders.setdefault(folder(module), []).append(_lines(found[module]))
+    out.append(f"package: {len(plugin)} modules, {sum(sum(v) for v in folders.values()) + _lines(found[PLUGIN])} lines")
+    out.extend(f"  {name}: {len(sizes)} files, {sum(sizes)} lines" for name, sizes in sorted(folders.items()))
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(house(Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd()))
