@@ -43,7 +43,7 @@ def evaluate_scored(monkeypatch: pytest.MonkeyPatch, run_dir: Path, baseline: Pa
     run, other = read_pair(run_dir, baseline, base)
     args = argparse.Namespace(run_dir=run_dir, tasks=tasks, limit=None, batch_size=8)
     said: list[str] = []
-    monkeypatch.setattr("llamafactory_hera.log.say", said.append)
+    monkeypatch.setattr(cli, "say", said.append)  # where eval says it
     cli._evaluate(args, run, other, plan_tasks(tasks, run.modality, run.stage, None))
     return said
 

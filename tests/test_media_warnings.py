@@ -86,3 +86,21 @@ def test_hera_names_a_missing_image_without_the_converters_lines(assets: Any, tm
         "[llamafactory-hera] error: image 'images/0000.png' of training dataset row 0 does not exist"), proc.stderr
     assert not [r for r in kept.records if is_media_warning(r.getMessage())]
     assert "does not exist in `media_dir`" not in proc.stdout + proc.stderr
+
+
+def test_a_process_holds_a_bounded_number_of_lines_and_says_what_it_left_out(monkeypatch: pytest.MonkeyPatch,
+                                                                              kept: Any) -> None:
+    """A dataset whose every path resolves outside ``media_dir`` warns for each image and trains: the hold keeps the
+    first lines of each process (not a file and a dict of 665k), and one line says there were more."""
+    from llamafactory_hera_patches import media_warnings
+
+    monkeypatch.setattr(media_warnings, "MAX_HELD", 5)
+    with media_warnings_held() as held:
+        for i in [*range(8), 0, 1]:  # repeats are held once
+            logging.getLogger(CONVERTER_LOGGER).warning(f"Media {i}.png does not exist in `media_dir`. Use original "
+                                                        "path.")
+        assert len(held.read_text().splitlines()) == 6  # the first 5, and one mark
+    messages = [r.getMessage() for r in kept.records]
+    assert messages[:5] == [f"Media {i}.png does not exist in `media_dir`. Use original path." for i in range(5)]
+    assert messages[5:] == ["More files than these 5 do not exist in `media_dir` (each process shows its first 5); "
+                            "LLaMA-Factory used their original paths."]

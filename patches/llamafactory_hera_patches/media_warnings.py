@@ -6,7 +6,9 @@ method's own check of the files can run. A dataset whose images are missing prin
 a real dataset) above the check's one-line refusal. Inside :func:`media_warnings_held` those lines are held: dropped
 when the block ends in the plugin's refusal (which names the first missing file), logged as LLaMA-Factory would
 have (deduplicated) when it passes. The converter's worker processes (``preprocessing_num_workers``) hold theirs
-alike: they inherit the filter and append to the same file.
+alike: they inherit the filter and append to the same file. Each process holds at most :data:`MAX_HELD` distinct
+lines (a dataset of 665k rows whose paths resolve outside ``media_dir`` warns for each image and still trains); what
+is left out is said in one line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from .errors import RecipeError
 
 CONVERTER_LOGGER = "llamafactory.data.converter"
+MAX_HELD = 1000  # distinct warnings held per process; the rest are counted out in one line
 _FIELDS = ("name", "levelno", "levelname", "pathname", "filename", "module", "lineno", "funcName", "created", "msecs",
            "relativeCreated", "process", "processName", "thread", "threadName")
 
@@ -36,14 +39,21 @@ class _Hold(logging.Filter):
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
+        self.seen: set[str] = set()  # this process's (a forked worker starts from its parent's)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if not is_media_warning(message):
             return True
-        fields = {key: getattr(record, key, None) for key in _FIELDS}
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        if len(self.seen) > MAX_HELD + 1:
+            return False
+        line = {"capped": True} if len(self.seen) > MAX_HELD else {
+            **{key: getattr(record, key, None) for key in _FIELDS}, "msg": message}
         with open(self.path, "a", encoding="utf-8") as held:  # appended by the worker processes too
-            held.write(json.dumps({**fields, "msg": message}) + "\n")
+            held.write(json.dumps(line) + "\n")
         return False
 
 
@@ -72,6 +82,10 @@ def _replay(logger: logging.Logger, path: str) -> None:
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as held:
-        records = {fields["msg"]: fields for fields in map(json.loads, held) if fields.get("msg")}
+        lines = [json.loads(line) for line in held]
+    records = {fields["msg"]: fields for fields in lines if fields.get("msg")}
     for fields in records.values():
         logger.handle(logging.makeLogRecord({**fields, "args": None}))
+    if any(fields.get("capped") for fields in lines):
+        logger.warning(f"More files than these {len(records)} do not exist in `media_dir` (each process shows its "
+                       f"first {MAX_HELD}); LLaMA-Factory used their original paths.")

@@ -1,7 +1,8 @@
-"""What a method's run tells the terminal and, when LlamaBoard launched it, LlamaBoard's monitor.
+"""The one log helper: what the plugin tells the terminal and, when LlamaBoard launched the run, LlamaBoard's monitor.
 
-Used by ``stage: rah`` (no Trainer: nothing else would write the files LlamaBoard polls) and for the one-line reports
-of ``stage: harc``. Without a Trainer nothing would write the files LlamaBoard polls: ``running_log.txt`` (the log box)
+:func:`say` prints a line (every rank), :func:`say_once` on rank 0 only; :func:`progress` draws a bar and LlamaBoard's
+progress bar, :func:`progress_once` a bar on rank 0 only. Used by the methods' runs, the recipe checks and ``eval``.
+``stage: rah`` has no Trainer, so nothing else would write the files LlamaBoard polls: ``running_log.txt`` (the log box)
 and ``trainer_log.jsonl`` (the progress bar; LLaMA-Factory 0.9.5 reads ``current_steps``, ``total_steps``,
 ``percentage``, ``elapsed_time`` and ``remaining_time`` from its last line). LlamaBoard sets
 ``LLAMABOARD_ENABLED=1`` and ``LLAMABOARD_WORKDIR`` (the run's output_dir) for the runs it starts.

@@ -1,4 +1,4 @@
-"""One builder for every method's LlamaBoard panel: from a :class:`~.panel_spec.PanelDeclaration` and its texts (the
+"""One builder for every method's LlamaBoard panel: from a :class:`~.spec.PanelDeclaration` and its texts (the
 data file ``panel_texts.yaml`` beside it) to the :class:`MethodPanel` the LlamaBoard patch
 (:mod:`llamafactory_hera_patches.webui_board`) wires in. Independent of LLaMA-Factory's internals; gradio is passed in
 by the caller.
@@ -39,7 +39,7 @@ def read_texts(package: str) -> dict[str, Any]:
 
 
 class BoxField:
-    """A declared :class:`~.panel_spec.Field` resolved against the arguments dataclass: the box LlamaBoard shows."""
+    """A declared :class:`~.spec.Field` resolved against the arguments dataclass: the box LlamaBoard shows."""
 
     def __init__(self, declared: Field, declaration: PanelDeclaration) -> None:
         spec = declaration.spec(declared.key)
@@ -200,9 +200,9 @@ class MethodPanel:
 
     def loss_figure(self, trainer_log: list[dict[str, Any]], smooth: Any) -> Any:
         """LlamaBoard's loss plot of this method's run: the declared figure, or the figure of its ``training.png``
-        (:func:`.training_plot.draw_training`: the loss, the method's terms on a second axis, its panels; every legend
-        outside the axes so that it covers no curve) of the lines LlamaBoard passes, with LlamaBoard's smoothing. None
-        when none of them was logged."""
+        (:func:`llamafactory_hera.plots.training.draw_training`: the loss, the method's terms on a second axis, its
+        panels; every legend outside the axes so that it covers no curve) of the lines LlamaBoard passes, with
+        LlamaBoard's smoothing. None when none of them was logged."""
         plot = self.declaration.loss_plot
         if plot.figure is not None:
             return plot.figure(trainer_log, smooth)

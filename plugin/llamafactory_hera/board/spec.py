@@ -1,8 +1,8 @@
-"""What a method declares about its LlamaBoard panel; :mod:`.panel_builder` makes the panel from it.
+"""What a method declares about its LlamaBoard panel; :mod:`.builder` makes the panel from it.
 
 A declaration names the method's arguments dataclass and lists, per field, only where it sits (row, scale) and what
 differs from that dataclass (key, type, default and choices come from the dataclass field: see :func:`widget_for`).
-The texts are data: ``panel_texts.yaml`` beside the declaration, read by :func:`.panel_builder.read_texts`;
+The texts are data: ``panel_texts.yaml`` beside the declaration, read by :func:`.builder.read_texts`;
 everything else (the accordion, the error prefix, the locales, the arguments sent to the run, the checks) is built the
 same way for every method.
 

@@ -22,6 +22,7 @@ from llamafactory_hera.evaluation.presets import (
     check_task_setup,
     plan_tasks,
 )
+from llamafactory_hera.log import say
 from llamafactory_hera.short_errors import RecipeError
 
 EXTRA = "pip install 'llamafactory-hera[eval]'"
@@ -148,8 +149,6 @@ def _with_transfer(setup: Any, baseline: Any) -> Any:
     answers = (baseline.results.get(JAILBREAK) or {}).get("answers", [])
     transfer = tuple((a["prompt"], a["suffix"]) for a in answers if a["attack"] == "gcg_adaptive")
     if not transfer:
-        from llamafactory_hera.log import say
-
         say(f"eval: the {baseline.spec.label} found no GCG suffix (its jailbreak task failed), so the run gets "
             "gcg_adaptive only, no gcg_transfer")
     return dataclasses.replace(setup, transfer=transfer)
@@ -161,7 +160,6 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
     from llamafactory_hera.evaluation.table2 import RAH_TABLE1, TABLE2
     from llamafactory_hera.evaluation.tradeoff import cell
     from llamafactory_hera.evaluation.tradeoff import markdown_lines as tradeoff_lines
-    from llamafactory_hera.log import say
 
     names = ", ".join(t.name for t in tasks)
     say(f"eval: {len(tasks)} task{'s' if len(tasks) != 1 else ''} ({names}) on {run.title}"

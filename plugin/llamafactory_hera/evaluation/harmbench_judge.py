@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from llamafactory_hera.log import progress_once
+
 HARMBENCH = "harmbench"
 CLIP_TOKENS = 512  # evaluate_completions.py --num_tokens: each generation clipped to this many classifier tokens
 YES, NO = "yes", "no"
@@ -98,11 +100,10 @@ def harmbench_verdicts(model: Any, tokenizer: Any, pairs: list[tuple[str, str]],
     """(harmful, the generated token's text) for every (behaviour, generation) pair with its context: one greedy
     token each, ``batch_size`` prompts at a time (left-padded, :func:`..harc.evaluate.generate_ids`)."""
     from llamafactory_hera.harc.evaluate import generate_ids  # lazy: torch only when a judge runs (as _guard's)
-    from llamafactory_hera.log import progress_once as progress
 
     inputs = [tuple(tokenizer(classifier_input(behaviour, clip(tokenizer, generation), context))["input_ids"])
               for (behaviour, generation), context in zip(pairs, contexts, strict=True)]  # with BOS, as vLLM's
-    ids = generate_ids(model, tokenizer, inputs, 1, batch_size, [tokenizer.eos_token_id], progress,
+    ids = generate_ids(model, tokenizer, inputs, 1, batch_size, [tokenizer.eos_token_id], progress_once,
                        "jailbreak: judging")
     raw = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in ids]
     return [label(text) == 1 for text in raw], raw

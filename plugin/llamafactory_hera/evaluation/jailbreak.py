@@ -23,6 +23,7 @@ from llamafactory_hera.evaluation.gcg_budget import DEFAULT_STEPS, Budget, algor
 from llamafactory_hera.evaluation.harmbench_judge import HARMBENCH
 from llamafactory_hera.evaluation.judge import JudgeSpec, check_judge, judge_answers, scorer_name
 from llamafactory_hera.evaluation.presets import JAILBREAK
+from llamafactory_hera.log import progress_once, say_once
 from llamafactory_hera.short_errors import RecipeError
 
 ATTACKS = ("direct", "prefilling", "templates", "gcg")
@@ -189,11 +190,10 @@ def gcg_cases(engine: Any, prompts: list[str], setup: JailbreakSetup, suffix_cac
     """``gcg_adaptive``: a suffix optimised on ``engine``'s model for each prompt (cached in ``suffix_cache``);
     ``gcg_transfer``: the other model's suffix for the prompt, encoded by this model's tokenizer."""
     from llamafactory_hera.evaluation.gcg import optimised_suffixes
-    from llamafactory_hera.log import say_once as say
 
     targets = dict(setup.targets)
     problems = {p: (gcg_problem(engine, p, targets.get(p, PREFIX)), targets.get(p, PREFIX)) for p in prompts}
-    found = optimised_suffixes(engine.model, engine.tokenizer, problems, setup.budget, suffix_cache, say)
+    found = optimised_suffixes(engine.model, engine.tokenizer, problems, setup.budget, suffix_cache, say_once)
     cases: list[Case] = []
     for prompt, suffix in found.items():
         problem = problems[prompt][0]
@@ -202,7 +202,7 @@ def gcg_cases(engine: Any, prompts: list[str], setup: JailbreakSetup, suffix_cac
                           initial_loss=suffix.initial_loss, ids=ids))
     transfer = [(prompt, text) for prompt, text in setup.transfer if prompt in problems]
     if len(transfer) < len(setup.transfer):
-        say(f"jailbreak: {len(setup.transfer) - len(transfer)} of the other model's GCG suffixes are for prompts "
+        say_once(f"jailbreak: {len(setup.transfer) - len(transfer)} of the other model's GCG suffixes are for prompts "
             "this model was not asked (another --limit or prompts file); they are not tried")
     for prompt, text in transfer:
         problem = problems[prompt][0]
@@ -242,7 +242,6 @@ def run_jailbreak(engine: Any, rows_from: Any, setup: JailbreakSetup, limit: int
                   stop_ids: list[int], suffix_cache: Path | None = None) -> dict[str, Any]:
     """Answer every case greedily on ``engine``'s model and score it: ``{"entries", "answers", "settings"}``."""
     from llamafactory_hera.harc.evaluate import MATCHER, generate_answers, is_refusal
-    from llamafactory_hera.log import progress_once as progress
 
     prompts = list(setup.prompts) or harc_prompts(rows_from)
     prompts = prompts[:limit] if limit else prompts
@@ -251,8 +250,8 @@ def run_jailbreak(engine: Any, rows_from: Any, setup: JailbreakSetup, limit: int
     if "gcg" in setup.attacks:
         cases += gcg_cases(engine, prompts, setup, suffix_cache)
     inputs = [encode_case(engine.template, engine.tokenizer, case) for case in cases]
-    texts = generate_answers(engine.model, engine.tokenizer, inputs, max_new_tokens, batch_size, stop_ids, progress,
-                             "jailbreak: generating")
+    texts = generate_answers(engine.model, engine.tokenizer, inputs, max_new_tokens, batch_size, stop_ids,
+                             progress_once, "jailbreak: generating")
     answers = []
     for case, text in zip(cases, texts, strict=True):
         refused = is_refusal(text)

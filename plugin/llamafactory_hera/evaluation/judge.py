@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.evaluation.harmbench_judge import HARMBENCH, harmbench_verdicts
+from llamafactory_hera.log import progress_once
 from llamafactory_hera.short_errors import RecipeError
 
 CLASSIFIER = "classifier"
@@ -200,9 +201,8 @@ def guard_input(tokenizer: Any, prompt: str, answer: str) -> tuple[int, ...]:
 
 def _guard(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], batch_size: int) -> list[str]:
     from llamafactory_hera.harc.evaluate import generate_ids
-    from llamafactory_hera.log import progress_once as progress
 
     inputs = [guard_input(tokenizer, prompt, answer) for prompt, answer in pairs]
-    ids = generate_ids(model, tokenizer, inputs, VERDICT_TOKENS, batch_size, [tokenizer.eos_token_id], progress,
+    ids = generate_ids(model, tokenizer, inputs, VERDICT_TOKENS, batch_size, [tokenizer.eos_token_id], progress_once,
                        "jailbreak: judging")
     return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in ids]

@@ -45,6 +45,7 @@ from llamafactory_hera.evaluation.presets import (
 )
 from llamafactory_hera.evaluation.protocols import DERIVED, DERIVED_REVISION, derived_entries, write_protocol_tasks
 from llamafactory_hera.evaluation.runs import ModelSpec
+from llamafactory_hera.log import progress_once, say_once
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches import inference
 from llamafactory_hera_patches.guard import host_version
@@ -136,19 +137,17 @@ def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[di
     from llamafactory_hera.harc.config import parse_harc_arguments
     from llamafactory_hera.harc.evaluate import generate_answers, refusal_record, stop_ids
     from llamafactory_hera.harc.roles import load_role_rows
-    from llamafactory_hera.log import progress_once as progress
-    from llamafactory_hera.log import say_once as say
     from llamafactory_hera_patches.model_data import load_aligned_rows, parse_recipe
 
     harc_args = parse_harc_arguments(dict(rows_from.harc))
     recipe = parse_recipe({**rows_from.recipe, "stage": "sft"})
     rows = load_role_rows(harc_args, lambda name: load_aligned_rows(recipe, rows_from.seed, [name]), engine.template,
-                          engine.tokenizer, rows_from.seed, say)
+                          engine.tokenizer, rows_from.seed, say_once)
     def answers(chosen: list[Any]) -> list[str]:
         chosen = chosen[:limit] if limit else chosen
         return generate_answers(engine.model, engine.tokenizer, [row.prompt_ids for row in chosen],
                                 harc_args.harc_eval_max_new_tokens, harc_args.harc_extract_batch_size,
-                                stop_ids(engine.tokenizer, engine.template), progress, "refusal: generating")
+                                stop_ids(engine.tokenizer, engine.template), progress_once, "refusal: generating")
 
     record = refusal_record(answers(rows.validate_harmful), answers(rows.eval_pseudo))
     return [{"task": "harc_refusal", "metric": "refusal_rate_harmful", "value": record["refusal_rate_harmful"],

@@ -4,7 +4,8 @@ checks.
 Defaults are those of the authors' code (``microsoft/HARC``, ``main/configs/*.yaml``; the configs win over the code's
 own defaults, e.g. the margin 0.5). Step counts are **optimizer steps** (the reference counts micro-steps with
 gradient accumulation 2: its refresh every 200 micro-steps is 100 optimizer steps, its ramp at 1000 is 500).
-Values arrive typed (YAML) or as strings (command line).
+Values arrive typed (YAML) or as strings (command line). Also what a HARC run logs and plots (:data:`LOG_KEYS`,
+:data:`TRAINING_PLOT`).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _dataset_name(key: str, value: Any) -> str:
 
 
 def moving_weights(args: HarcArguments) -> dict[str, float]:
-    """The weights of the terms that can move a freshly initialised adapter (the KL cannot: see host_checks)."""
+    """The weights of the terms that can move a freshly initialised adapter (the KL cannot: see harc/checks.py)."""
     weights = {"harc_weight_couple": args.harc_weight_couple}
     if args.response_coupling:  # without harmful completions the response-side term is always 0
         weights["harc_weight_couple_resp"] = args.harc_weight_couple_resp

@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from matplotlib.ticker import MaxNLocator
-
 from llamafactory_hera.plots.text import agg_figure, fit_title, save_png
 
 _GROUPS = (("harmful", "held-out harmful\n(higher: safer)"), ("pseudo", "pseudo-harmful\n(lower: less over-refusal)"))
@@ -78,6 +76,8 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
     names the run (``path``'s folder).
     ValueError when no entry has validation cosines. Returns ``path``.
     """
+    from matplotlib.ticker import MaxNLocator  # lazy: matplotlib only when a figure is drawn (see plots.text)
+
     points = [(int(entry["step"]), [int(x) for x in entry.get("layers") or []], means)
               for entry in history if (means := _mean_cosines(entry)) is not None]
     if not points:

@@ -1,8 +1,7 @@
-"""HeRA's checks of a run's LLaMA-Factory arguments (recipe keys only, as named in LLaMA-Factory 0.9.5), before
-any model or dataset is loaded; declared in :mod:`llamafactory_hera.methods`, called by the stage patch.
-
-Checks of a HeRA run's adapter files against its base model, with errors that name the culprit (the image files of
-its data: :mod:`llamafactory_hera.recipe.image_files`).
+"""HeRA's checks before any model or dataset is loaded: its recipe keys against LLaMA-Factory's (as named in
+LLaMA-Factory 0.9.5), the model's heads, the teacher, and an adapter's shapes against its base model (errors that
+name the culprit); declared in :mod:`llamafactory_hera.methods`, called by the stage patch. What needs the data or the
+model is checked before the first step (:mod:`.preflight`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``HeraArguments``: every ``hera_*`` key of a recipe, its help text, the paper's default and its checks.
+"""``HeraArguments``: every ``hera_*`` key of a recipe, its help text, the paper's default and its checks; and what a
+HeRA run logs and plots (:data:`LOG_KEYS`, :data:`TRAINING_PLOT`) and the name of its run record.
 
 Values arrive either typed (YAML / OmegaConf) or as strings (command-line flags); both are
 coerced here so that every error names the key, the value and the allowed range.
@@ -164,6 +165,8 @@ def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> Her
                           "(zero-based; choose them with `llamafactory-hera select`).")
     return args
 
+
+HERA_RUN_RECORD = "hera_run.json"  # the run's settings, written into output_dir (read by `select --report`, `eval`)
 
 # metrics a HeRA run logs next to LLaMA-Factory's (trainer_log.jsonl, LlamaBoard, the curves)
 # ("hera_mknn/": every per-head key of the alignment monitor, hera_mknn/L<l>H<h>)

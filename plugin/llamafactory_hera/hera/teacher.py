@@ -1,9 +1,8 @@
 """The frozen vision teacher (DINOv2 by default): loading, image preprocessing and features.
 
 Kept outside the trained model, frozen and in eval mode, loaded once per process in float32 (:data:`TEACHER_DTYPE`)
-and run under ``torch.no_grad``. Each encoder family has its own image feature (:class:`VisionTeacher`).
-
-Teacher features of many images: batched forwards with decoding and preprocessing in background threads.
+and run under ``torch.no_grad``. Each encoder family has its own image feature (:class:`VisionTeacher`). Features of
+many images come from batched forwards, with decoding and preprocessing in background threads (:func:`image_features`).
 
 Used by head selection (calibration pairs) and by the pre-training pass that fills the teacher
 feature cache (``hera_teacher_precompute``).
@@ -25,7 +24,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from llamafactory_hera.hera.host_output import progress_file
 from llamafactory_hera.short_errors import RecipeError
@@ -98,6 +96,9 @@ def check_teacher_source(name_or_path: str, feature: str | None = None) -> None:
             "folder with config.json and preprocessor_config.json, or a Hugging Face model id (e.g. "
             "facebook/dinov2-large)."
         )
+    # lazy: transformers only when a teacher is read (`select` imports this module before its one-line checks)
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear message
@@ -154,6 +155,8 @@ def open_image(image: Any) -> Image.Image:
 
 def load_image_processor(name_or_path: str) -> Any:
     """The teacher's own image processor; for SigLIP2 (NaFlex) wrapped so that one tensor carries each image."""
+    from transformers import AutoImageProcessor  # lazy: as load_teacher's AutoModel
+
     processor = AutoImageProcessor.from_pretrained(resolve_teacher(name_or_path))
     if "spatial_shapes" in getattr(processor, "model_input_names", ()):
         return NaFlexProcessor(processor)
@@ -257,6 +260,10 @@ def load_teacher(name_or_path: str, feature: str, device: torch.device | str, *,
                  dtype: torch.dtype = TEACHER_DTYPE) -> VisionTeacher:
     """Load (once per process and settings) the frozen teacher on ``device``, its weights in ``dtype`` (float32
     unless a test asks otherwise)."""
+    # lazy: transformers' model classes (its generation code, scikit-learn) only when a teacher loads, so that the
+    # checks and `select`'s one-line errors that import this module come at once
+    from transformers import AutoModel
+
     key = (name_or_path, feature, str(dtype), str(device))
     if key not in _TEACHERS:
         with zero3_init_disabled():  # the teacher lives outside the DeepSpeed engine: never partition it

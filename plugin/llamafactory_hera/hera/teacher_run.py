@@ -4,7 +4,7 @@ features in the steps, where it lives.
 With ``hera_teacher_precompute`` one pass over the training set's distinct images (split over the ranks and
 all-gathered, float32 throughout) fills the feature cache with the features the steps would compute, so the steps
 run no teacher forward and the teacher's weights (DINOv2-L: 1.2 GB) can leave the GPU for the whole run. Images head
-selection or the monitor already sent through this teacher are taken from its store (``teacher_store``), not
+selection or the monitor already sent through this teacher are taken from its store (``teacher_cache``), not
 computed again.
 """
 

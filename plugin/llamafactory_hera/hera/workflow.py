@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from llamafactory_hera import __version__
 from llamafactory_hera.hera.collator import HeraCollatorMixin
-from llamafactory_hera.hera.config import TRAINING_PLOT, HeraArguments
+from llamafactory_hera.hera.config import HERA_RUN_RECORD, TRAINING_PLOT, HeraArguments
 from llamafactory_hera.hera.monitor import probe_set
 from llamafactory_hera.hera.preflight import (
     check_contrastive_geometry,
@@ -32,8 +32,6 @@ from llamafactory_hera.recipe.image_files import describe_image, image_rows
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.media_warnings import media_warnings_held
 from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
-
-HERA_RUN_RECORD = "hera_run.json"
 
 
 def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int],

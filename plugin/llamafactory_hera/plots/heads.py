@@ -1,6 +1,6 @@
 """Figures and text tables for head selection: per-head MKNN heatmaps and before/after comparisons.
 
-Figures are drawn headless (:func:`~.plot_text.agg_figure`), matplotlib imported only then: importing this is cheap.
+Figures are drawn headless (:func:`~.text.agg_figure`), matplotlib imported only then: importing this is cheap.
 Layers run down the y axis (L0 at the top), heads along the x axis; selected heads are boxed and labelled
 ``L<layer>H<head>`` beside the box (small maps write every cell's value instead).
 """
@@ -13,9 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import patheffects
-from matplotlib.legend_handler import HandlerTuple
-from matplotlib.patches import Patch, Rectangle
 
 from llamafactory_hera.plots.text import agg_figure, fit_title, number, save_png, signed_number
 
@@ -67,6 +64,10 @@ def _limits(*arrays: np.ndarray) -> tuple[float, float]:
 
 def _boxes(ax: Any, selected: list[tuple[int, int]], color: str) -> None:
     """A box around every selected cell, with a white halo so it shows on any colour."""
+    # lazy: matplotlib only when a figure is drawn (`data check` prints this module's text tables)
+    from matplotlib import patheffects
+    from matplotlib.patches import Rectangle
+
     for layer, head in selected:
         box = Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor=color, linewidth=1.6, zorder=3)
         box.set_path_effects([patheffects.Stroke(linewidth=3.2, foreground="white"), patheffects.Normal()])
@@ -99,6 +100,8 @@ def _annotate_cells(ax: Any, array: np.ndarray, signed: bool) -> None:
 
 def _hatch(ax: Any, cells: np.ndarray) -> None:
     """Grey hatching over every ``True`` cell of ``cells`` ``[layers, heads]`` (differences within noise)."""
+    from matplotlib.patches import Rectangle  # lazy: matplotlib only when a figure is drawn
+
     for layer, head in zip(*np.nonzero(cells), strict=True):
         ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, hatch="//", edgecolor=(0, 0, 0, 0.3),
                                linewidth=0, zorder=2))
@@ -107,6 +110,10 @@ def _hatch(ax: Any, cells: np.ndarray) -> None:
 def _legend(fig: Any, entries: list[tuple[Any, str]]) -> None:
     """A legend under the panels; an entry's handle is a box colour, a tuple of them (one handle, several colours),
     or ``"hatch"``."""
+    # lazy: matplotlib only when a figure is drawn
+    from matplotlib.legend_handler import HandlerTuple
+    from matplotlib.patches import Patch
+
     def patch(color: str) -> Any:
         if color == "hatch":
             return Patch(facecolor="white", edgecolor=(0, 0, 0, 0.45), hatch="//", linewidth=0.8)

@@ -6,7 +6,7 @@ The series are read from ``trainer_log.jsonl`` (the lines LlamaBoard reads, with
 the run left; a key in both gives the same value. Drawn headless (an Agg canvas, no pyplot state); the steps are
 integers on every axis, the title names the run (``output_dir``'s folder and stage) and fits the figure, and the
 smoothing is the host's own (passed in by the patch), so the curves match LlamaBoard's. LlamaBoard's loss plot of a
-method's run is drawn by this code too (:meth:`.panel_builder.MethodPanel.loss_figure`).
+method's run is drawn by this code too (:meth:`llamafactory_hera.board.builder.MethodPanel.loss_figure`).
 """
 
 from __future__ import annotations

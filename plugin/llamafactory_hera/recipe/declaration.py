@@ -1,4 +1,5 @@
-"""A method's declaration: how LLaMA-Factory's recipes, web UI and logs see it (:class:`Method`).
+"""A method's declaration and the one recipe-key parser: how LLaMA-Factory's recipes, web UI and logs see a method
+(:class:`Method`), and how its keys are declared and read (:func:`recipe_key`, :func:`parse_keys`).
 
 Every method is declared once, in :mod:`llamafactory_hera.methods`, the registry above the methods' packages; the
 patches read a declaration by these field names only. A declaration imports cheaply (no torch): the parts it names as
@@ -6,7 +7,7 @@ patches read a declaration by these field names only. A declaration imports chea
 
 The one recipe-key parser: a method's raw ``<prefix>_*`` keys (typed from YAML, strings from the command line)
 into its arguments dataclass (:func:`parse_keys`), with errors that name the key, the value and what is allowed;
-declaring such a key (:func:`recipe_key`). Shared by every method's arguments module.
+declaring such a key (:func:`recipe_key`). Shared by every method's ``config.py``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
 from llamafactory_hera.heads.projection import find_o_proj_modules
@@ -120,6 +119,8 @@ def _checkpoint_dtype(model_name_or_path: Any) -> str:
     """The floating dtype ``config.json`` names (``dtype`` or ``torch_dtype``, top level or the text config)."""
     if not model_name_or_path:
         return "float32"
+    from transformers import AutoConfig  # lazy: transformers only when a config is read (see below)
+
     try:
         config = AutoConfig.from_pretrained(str(model_name_or_path), trust_remote_code=True)
     except (OSError, ValueError):
@@ -221,12 +222,18 @@ def check_model_source(model_name_or_path: str) -> None:
 def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> None:
     """Build an empty (meta-device) model from the config and check every decoder layer has ``o_proj`` (unknown
     architectures are left to the load)."""
+    from transformers import AutoConfig  # lazy: transformers only when a config is read (see below)
+
     try:
         config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise RecipeError(f"model_name_or_path: {model_name_or_path}: its config cannot be read "
                           f"({str(err).splitlines()[0]}). Give the folder of a local model (holding its config.json) "
                           "or a Hugging Face model id that is cached or reachable.") from None
+    # lazy: transformers and its model classes (its generation code, scikit-learn) only once a model is read, so that
+    # `select`'s one-line errors (--device, the recipe) come at once
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
     model = None
     for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
         try:
