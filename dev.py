@@ -96,10 +96,7 @@ def setup(command: str) -> Path:
         else:
             log(f"creating {VENV}")
             venv.EnvBuilder(with_pip=True, clear=VENV.exists()).create(VENV)
-    # --no-compile: byte-compiling all of the stack at install (torch, transformers, the eval extra: 27,800 files) took
-    # 64 of its 125 s, while a run imports some 5,000 of them; the run's processes write the bytecode of what they
-    # import instead (offline_env lets them where PYTHONDONTWRITEBYTECODE is set, as on the project's machines)
-    pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-compile"]
+    pip = [python, "-m", "pip", "install", "--disable-pip-version-check"]
     with phase("pip upgrade"):
         run([*pip, "-q", "--upgrade", "pip"])
     with phase("torch trio"):
@@ -116,7 +113,7 @@ def setup(command: str) -> Path:
 
 @contextmanager
 def offline_env() -> Iterator[dict[str, str]]:
-    """Environment without network access, with HF/matplotlib caches in a temporary folder, that writes bytecode."""
+    """Environment without network access, with HF/matplotlib caches in a temporary folder."""
     tmp = Path(tempfile.mkdtemp(prefix="hera-dev-"))
     env = dict(os.environ)
     env.update(OFFLINE_ENV)
@@ -124,10 +121,6 @@ def offline_env() -> Iterator[dict[str, str]]:
     env["MPLCONFIGDIR"] = str(tmp / "mpl")
     env["VIRTUAL_ENV"] = str(VENV)
     env["PATH"] = str(venv_bin("python").parent) + os.pathsep + env.get("PATH", "")
-    # the venv was installed without bytecode (setup): each module imported gets it once, and every later process of
-    # the run reads it instead of compiling its source again (with PYTHONDONTWRITEBYTECODE set, each test process
-    # compiled torch and transformers anew: the suite ran some 2x slower)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
     try:
         yield env
     finally:
