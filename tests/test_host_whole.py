@@ -1,17 +1,21 @@
 """LLaMA-Factory stays whole with the plugin installed: every stock stage trains exactly as without it.
 
-For pt, sft, dpo, kto and rm, the same recipe runs through the stock `llamafactory-cli train` twice, with the
-plugin active and with LLAMAFACTORY_HERA_DISABLE=1; the logged losses must be identical step for step.
+For pt, sft, dpo, kto and rm, the same recipe runs through LLaMA-Factory's ``run_exp`` (what ``llamafactory-cli
+train`` calls) in a fresh process with the plugin active, and in another with LLAMAFACTORY_HERA_DISABLE=1; the logged
+losses must be identical step for step. Each process trains the five stages one after the other, in the same order
+(accelerate's process-wide state reset between them, as between the suite's in-process runs): a process start costs
+more than the stage's two steps.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-import pytest
+import yaml
 
-from conftest import read_trainer_log, run_train
+from conftest import offline_env, read_trainer_log, run_process
 
 PROMPTS = ["Name a colour.", "Count to three.", "Say hello.", "Describe a circle.", "What is red?", "Name a shape.",
            "Say goodbye.", "Describe a square."]
@@ -41,22 +45,40 @@ def _datasets(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("stage,dataset", [("pt", "pt_text"), ("sft", "sft_text"), ("dpo", "pairs_text"),
-                                           ("kto", "kto_text"), ("rm", "pairs_text")])
-def test_stock_stage_trains_identically_with_the_plugin(assets, tmp_path: Path, stage: str, dataset: str) -> None:
+STAGES = (("pt", "pt_text"), ("sft", "sft_text"), ("dpo", "pairs_text"), ("kto", "kto_text"), ("rm", "pairs_text"))
+# one process, the recipes in turn through run_exp, accelerate's state reset before each (what the start-up hook does
+# on LLAMAFACTORY_HERA_DISABLE is read once, at the process's start)
+RUN_ALL = ("import sys, yaml\n"
+           "from llamafactory.train.tuner import run_exp\n"
+           "from llamafactory_hera_testing.accelerator import reset_accelerate_state\n"
+           "for path in sys.argv[1:]:\n"
+           "    reset_accelerate_state()\n"
+           "    run_exp(yaml.safe_load(open(path, encoding='utf-8')))\n")
+
+
+def test_stock_stages_train_identically_with_the_plugin(assets, tmp_path: Path) -> None:
     data = _datasets(tmp_path / "data")
-    losses = {}
+    losses: dict[str, dict[str, list[float]]] = {}
     for label, extra_env in (("plugin", {}), ("stock", {"LLAMAFACTORY_HERA_DISABLE": "1"})):
-        out = tmp_path / label / "out"
-        recipe = {
-            "model_name_or_path": str(assets.models["qwen2_5_vl"]), "trust_remote_code": True, "stage": stage,
-            "do_train": True, "finetuning_type": "lora", "lora_target": "all", "dataset": dataset,
-            "dataset_dir": str(data), "template": assets.templates["qwen2_5_vl"], "cutoff_len": 64,
-            "overwrite_cache": True, "preprocessing_num_workers": 1, "per_device_train_batch_size": 4,
-            "max_steps": 2, "logging_steps": 1, "learning_rate": 1e-3, "save_strategy": "no",
-            "output_dir": str(out), "overwrite_output_dir": True, "report_to": "none", "seed": 0,
-        }
-        run_train(recipe, tmp_path / label, env=extra_env, process=True)  # both runs alike: two fresh processes
-        losses[label] = [line["loss"] for line in read_trainer_log(out) if "loss" in line]
-        assert not (out / "hera_state.json").exists()
-    assert len(losses["plugin"]) == 2 and losses["plugin"] == losses["stock"]
+        paths = []
+        for stage, dataset in STAGES:
+            recipe = {
+                "model_name_or_path": str(assets.models["qwen2_5_vl"]), "trust_remote_code": True, "stage": stage,
+                "do_train": True, "finetuning_type": "lora", "lora_target": "all", "dataset": dataset,
+                "dataset_dir": str(data), "template": assets.templates["qwen2_5_vl"], "cutoff_len": 64,
+                "overwrite_cache": True, "preprocessing_num_workers": 1, "per_device_train_batch_size": 4,
+                "max_steps": 2, "logging_steps": 1, "learning_rate": 1e-3, "save_strategy": "no",
+                "output_dir": str(tmp_path / label / stage), "overwrite_output_dir": True, "report_to": "none",
+                "seed": 0,
+            }
+            paths.append(tmp_path / label / f"{stage}.yaml")
+            paths[-1].parent.mkdir(parents=True, exist_ok=True)
+            paths[-1].write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        proc = run_process([sys.executable, "-c", RUN_ALL, *map(str, paths)], cwd=tmp_path / label,
+                           env=offline_env(tmp_path / label, **extra_env), timeout=900)
+        assert proc.returncode == 0, (label, proc.stdout[-4000:], proc.stderr[-8000:])
+        losses[label] = {stage: [line["loss"] for line in read_trainer_log(tmp_path / label / stage) if "loss" in line]
+                         for stage, _ in STAGES}
+        assert not any((tmp_path / label / stage / "hera_state.json").exists() for stage, _ in STAGES)
+    for stage, _ in STAGES:
+        assert len(losses["plugin"][stage]) == 2 and losses["plugin"][stage] == losses["stock"][stage], stage
