@@ -45,8 +45,8 @@ def main() -> None:
     import torch
     from assets import build_bench_assets
 
+    from llamafactory_hera.heads.architecture import text_decoder
     from llamafactory_hera.heads.geometry import attention_geometry
-    from llamafactory_hera.heads.projection import text_decoder
     from llamafactory_hera.hera.selection import collect
     from llamafactory_hera.hera.selection.scores import all_head_neighbours
     from llamafactory_hera.hera.selection.select import SelectionOptions, prepare

@@ -10,9 +10,10 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
 from llamafactory_hera.heads.pooling import pooling_weights
-from llamafactory_hera.heads.projection import find_o_proj_modules, project_heads
+from llamafactory_hera.heads.projection import project_heads
 from llamafactory_hera.hera.trainer import HeadCapture
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
@@ -41,11 +42,11 @@ def _batch(assets, family: str) -> dict[str, torch.Tensor]:
 def test_head_contributions_sum_to_o_proj(assets, family: str, lora: bool) -> None:
     model = _load(assets, family, lora)
     geometry = attention_geometry(AutoConfig.from_pretrained(assets.models[family]))
-    o_projs = find_o_proj_modules(model)
+    o_projs = head_projections(model)
     assert len(o_projs) == geometry.num_layers
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = [m.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(i, (a[0], out)))
-               for i, m in enumerate(o_projs)]
+               for i, m in o_projs.items()]
     with torch.no_grad():
         model(**_batch(assets, family))
     for handle in handles:
@@ -75,7 +76,7 @@ def test_capture_equals_explicit_pooled_contributions(assets, family: str) -> No
     batch = _batch(assets, family)
     mask = batch["attention_mask"].bool() & (torch.rand(batch["input_ids"].shape, generator=torch.Generator()
                                                          .manual_seed(1)) > 0.3)
-    o_projs = find_o_proj_modules(model)
+    o_projs = head_projections(model)
     inputs: dict[int, torch.Tensor] = {}
     handles = [o_projs[h.layer].register_forward_hook(lambda mod, a, out, i=h.layer: inputs.__setitem__(i, a[0]))
                for h in heads]

@@ -25,9 +25,9 @@ if os.environ.get("HERA_TEST_ENGINE_EVIDENCE"):
                   "engine": type(model).__name__,
                   "engine_zero_stage": engine_stage() if callable(engine_stage) else None}
         try:
-            from llamafactory_hera.heads.projection import find_o_proj_modules
+            from llamafactory_hera.heads.architecture import head_projections
 
-            o_proj = find_o_proj_modules(trainer.model)[0]
+            o_proj = head_projections(trainer.model)[0]
             weight = getattr(o_proj, "base_layer", o_proj).weight
             record.update(o_proj_numel=int(weight.numel()), o_proj_ds_id=getattr(weight, "ds_id", None))
         except Exception as error:  # noqa: BLE001 - recorded, the test says what is missing

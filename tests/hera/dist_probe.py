@@ -11,7 +11,7 @@ import torch
 from llamafactory.train.tuner import run_exp
 from transformers import TrainerCallback
 
-from llamafactory_hera.heads.projection import find_o_proj_modules
+from llamafactory_hera.heads.architecture import head_projections
 
 
 class Probe(TrainerCallback):
@@ -21,7 +21,7 @@ class Probe(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if not self.grads:
-            self.grads = {i: m.weight.grad.detach().clone() for i, m in enumerate(find_o_proj_modules(model))}
+            self.grads = {i: m.weight.grad.detach().clone() for i, m in head_projections(model).items()}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:

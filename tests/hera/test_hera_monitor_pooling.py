@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from llamafactory_hera.heads.projection import find_o_proj_modules
+from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.hera.selection import collect
 
 FAMILY = "qwen2_5_vl"
@@ -31,7 +31,7 @@ def test_pooling_is_float32_inside_bf16_autocast(tiny) -> None:
     pairs = [collect.CalibrationPair(row, caption, ()) for row, caption in enumerate(CAPTIONS)]
     seen: dict[int, torch.Tensor] = {}
     handles = [m.register_forward_hook(lambda _m, args, _o, i=i: seen.__setitem__(i, args[0].detach().clone()))
-               for i, m in enumerate(find_o_proj_modules(model))]
+               for i, m in head_projections(model).items()]
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             pooled = collect.collect_text(model, tokenizer, pairs, len(pairs), "cpu", progress=False)

@@ -26,8 +26,8 @@ def _tiny_lora_model(assets, family: str, targets: list[str]):
 
 
 def _forward(model, capture, no_grad_layers: bool) -> torch.Tensor | None:
+    from llamafactory_hera.heads.architecture import text_decoder
     from llamafactory_hera.heads.pooling import pooling_weights
-    from llamafactory_hera.heads.projection import text_decoder
 
     layers = text_decoder(model).layers
     originals = [layer.forward for layer in layers]

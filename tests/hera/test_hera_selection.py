@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from conftest import base_recipe, read_trainer_log, run_train, run_verb
-from llamafactory_hera.heads.projection import find_o_proj_modules, project_heads
+from llamafactory_hera.heads.architecture import head_projections
+from llamafactory_hera.heads.projection import project_heads
 from llamafactory_hera.hera.metrics import mutual_knn
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours
@@ -38,19 +39,19 @@ def test_scores_equal_mutual_knn_of_explicit_contributions(assets, family: str) 
 
     model, tokenizer_module, _ = load_model_for_scoring(parse_recipe(base_recipe(assets, family, "/unused")), "cpu")
     tokenizer = tokenizer_module["tokenizer"]
-    o_projs = find_o_proj_modules(model)
+    o_projs = head_projections(model)
     text = model.config.get_text_config()
     heads, head_dim = text.num_attention_heads, getattr(text, "head_dim", None) or text.hidden_size // \
         text.num_attention_heads
     seen: dict[int, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(i, a[0])) for i, m in enumerate(o_projs)]
+    hooks = [m.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(i, a[0])) for i, m in o_projs.items()]
     reps = torch.zeros(len(o_projs), heads, len(pairs), text.hidden_size)
     with torch.no_grad():
         for n, pair in enumerate(pairs):
             encoded = tokenizer(pair.caption, return_tensors="pt", return_special_tokens_mask=True)
             keep = ~encoded["special_tokens_mask"][0].bool()
             model.get_decoder()(input_ids=encoded["input_ids"])
-            for layer, o_proj in enumerate(o_projs):
+            for layer, o_proj in o_projs.items():
                 per_token = project_heads(o_proj, seen[layer][0], list(range(heads)), head_dim)  # [H, T, d]
                 reps[layer, :, n] = per_token[:, keep].mean(1)
     for handle in hooks:

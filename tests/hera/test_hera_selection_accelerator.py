@@ -101,7 +101,7 @@ def test_report_of_a_finished_run_on_the_device(assets, accelerator, tmp_path: P
 def test_one_copy_to_the_host_per_batch(assets, accelerator, mode: str) -> None:
     """The hooks pool every layer's ``o_proj`` input on the device; the batch's pooled rows of all layers come to the
     host in one copy (not one per layer), and nothing else in the collection waits on the device."""
-    from llamafactory_hera.heads.projection import find_o_proj_modules
+    from llamafactory_hera.heads.architecture import head_projections
     from llamafactory_hera.hera.selection import collect
     from llamafactory_hera.hera.teacher import batches_of
     from llamafactory_hera_patches.model_data import (
@@ -128,7 +128,7 @@ def test_one_copy_to_the_host_per_batch(assets, accelerator, mode: str) -> None:
                                                 progress=False)
     ours = [(kind, frame) for kind, frame in accelerator.where if "llamafactory_hera" in frame]  # not the model's
     copies = [frame for kind, frame in ours if kind == "to host"]
-    assert len(pooled) == len(find_o_proj_modules(model)) > 1
-    assert all(p.device.type == "cpu" and p.shape[0] == len(pairs) for p in pooled)
+    assert len(pooled) == len(head_projections(model)) > 1
+    assert all(p.device.type == "cpu" and p.shape[0] == len(pairs) for p in pooled.values())
     assert len(copies) <= batches * COPIES_PER_BATCH, (batches, accelerator.report())
     assert [kind for kind, _ in ours if kind not in ("to host", "to device")] == [], accelerator.report()

@@ -10,7 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import base_recipe
-from llamafactory_hera.heads.projection import find_o_proj_modules
+from llamafactory_hera.heads.architecture import head_projections
 
 
 class GradientProbe(TrainerCallback):
@@ -22,7 +22,7 @@ class GradientProbe(TrainerCallback):
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self.grads:
             return
-        for layer, o_proj in enumerate(find_o_proj_modules(model)):
+        for layer, o_proj in head_projections(model).items():
             weight = o_proj.lora_A["default"].weight if hasattr(o_proj, "lora_A") else o_proj.weight
             self.grads[layer] = weight.grad.detach().clone()
 

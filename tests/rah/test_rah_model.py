@@ -60,7 +60,7 @@ def test_gate_gradient_equals_a_finite_difference_of_the_margin_loss(assets, tmp
     eps = 1e-2
     for layer in (0, 1):
         for head in range(geometry.num_heads):
-            weight = modules[layer].o_proj.weight
+            weight = modules[layer].output.weight
             columns = o_columns(head, geometry)
             original = weight.data[:, columns].clone()
             losses = []
@@ -85,7 +85,7 @@ def test_the_adapter_reproduces_the_calibrated_model(assets, extra_assets, tmp_p
     from peft import PeftModel
 
     model, kinds, batches = _load(assets, family, tmp_path, extra=extra_assets)
-    before = [w.clone() for w in (m.v_proj.weight for m in attention_modules(model))]
+    before = [w.clone() for w in (m.value.weight for m in attention_modules(model).values())]
     settings = RahArguments(rah_layers=[0, 1], rah_delta=10.0, **FORCED)
     calibration = calibrate(model, batches[:4], batches[:3], batches[4:6], settings, kinds)
     kept = [u for u in calibration.updates if u.region is not None and not u.region.rolled_back]
@@ -98,7 +98,7 @@ def test_the_adapter_reproduces_the_calibrated_model(assets, extra_assets, tmp_p
     assert sorted(config["target_modules"]) == names and config["lora_dropout"] == 0.0
     assert all(config["alpha_pattern"][n] == config["rank_pattern"][n] for n in names)  # scaling 1
     if modules == ("o",):
-        after = [m.v_proj.weight for m in attention_modules(model)]
+        after = [m.value.weight for m in attention_modules(model).values()]
         assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # GQA: V untouched
     base, _, _ = _load(assets, family, tmp_path, extra=extra_assets)
     with_adapter = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()

@@ -27,7 +27,7 @@ from torch import nn
 from llamafactory_hera.harc.batches import collate_rows
 from llamafactory_hera.harc.data import ROLE_HARMLESS, EncodedRow
 from llamafactory_hera.harc.residuals import at_positions, reading_layers, response_window
-from llamafactory_hera.heads.projection import text_decoder
+from llamafactory_hera.heads.architecture import text_decoder
 from llamafactory_hera.log import Progress
 
 

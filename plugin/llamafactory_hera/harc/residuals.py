@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamafactory_hera.heads.projection import text_decoder
+from llamafactory_hera.heads.architecture import text_decoder
 from llamafactory_hera.short_errors import RecipeError
 
 

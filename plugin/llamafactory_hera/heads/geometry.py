@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from llamafactory_hera.heads.architecture import head_layers, layer_list, plan_layers
 from llamafactory_hera.short_errors import RecipeError
 
 _HEAD_RE = re.compile(r"^\s*L(\d+)\s*H(\d+)\s*$", re.IGNORECASE)
@@ -29,13 +30,21 @@ class HeadRef:
 class AttentionGeometry:
     """Shape facts of the text decoder's attention, read from the model config.
 
-    ``o_proj`` maps ``[.., num_heads * head_dim]`` to ``[.., hidden_size]``.
+    ``o_proj`` maps ``[.., num_heads * head_dim]`` to ``[.., hidden_size]``. ``head_layers``: the decoder layers
+    with heads (softmax self-attention), by the model's own layer index; ``kinds``: every layer's kind.
     """
 
     num_layers: int
     num_heads: int
     head_dim: int
     hidden_size: int
+    head_layers: tuple[int, ...] = ()
+    kinds: tuple[str, ...] = ()
+
+    @property
+    def num_model_heads(self) -> int:
+        """Heads over every layer that has them."""
+        return len(self.head_layers) * self.num_heads
 
 
 def parse_head(text: str) -> HeadRef:
@@ -56,7 +65,9 @@ def attention_geometry(config: Any) -> AttentionGeometry:
     num_heads = int(text.num_attention_heads)
     hidden = int(text.hidden_size)
     head_dim = getattr(text, "head_dim", None) or hidden // num_heads
-    return AttentionGeometry(int(text.num_hidden_layers), num_heads, int(head_dim), hidden)
+    plans = plan_layers(config)
+    return AttentionGeometry(int(text.num_hidden_layers), num_heads, int(head_dim), hidden,
+                             tuple(head_layers(plans)), tuple(str(plan.kind) for plan in plans))
 
 
 def check_heads_fit(heads: list[HeadRef], geometry: AttentionGeometry, model_name: str) -> None:
@@ -67,3 +78,19 @@ def check_heads_fit(heads: list[HeadRef], geometry: AttentionGeometry, model_nam
                 f"hera_heads: {ref} is outside {model_name}, which has layers L0..L{geometry.num_layers - 1} "
                 f"and heads H0..H{geometry.num_heads - 1} per layer (zero-based). Fix or remove {ref}."
             )
+        if geometry.head_layers and ref.layer not in geometry.head_layers:
+            raise RecipeError(
+                f"hera_heads: {ref} is in layer L{ref.layer} of {model_name}, a {geometry.kinds[ref.layer]} layer "
+                f"without heads; its heads are in layers {layer_list(list(geometry.head_layers))}. Choose heads there."
+            )
+
+
+def check_has_heads(geometry: AttentionGeometry, config: Any, stage: str) -> None:
+    """Refuse, before loading, a model none of whose decoder layers has softmax self-attention (no head to align or
+    calibrate), naming its family and its layers."""
+    if geometry.head_layers:
+        return
+    kinds = sorted(set(geometry.kinds))
+    raise RecipeError(f"{stage} cannot run on model_type '{getattr(config, 'model_type', '?')}': none of its "
+                      f"{geometry.num_layers} decoder layers has softmax self-attention with a per-head output "
+                      f"projection (its layers: {', '.join(kinds)}). Use stage: sft for this model.")

@@ -13,35 +13,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from llamafactory_hera.short_errors import RecipeError
-
-
-def text_decoder(model: nn.Module) -> nn.Module:
-    """The text decoder (the module with ``layers``) of a plain or PEFT-wrapped (M)LLM (ValueError when none)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    if getattr(decoder, "layers", None) is None:
-        raise RecipeError(
-            f"{type(base).__name__} has no text decoder with `layers` (looked at get_decoder().layers); "
-            "llamafactory-hera needs decoder layers whose attention has an `o_proj` output projection."
-        )
-    return decoder
-
-
-def find_o_proj_modules(model: nn.Module) -> list[nn.Module]:
-    """``o_proj`` of every text-decoder layer, in layer order, of a plain or PEFT-wrapped (M)LLM: the LoRA layers
-    themselves when LoRA targets ``o_proj`` (ValueError when a layer has no ``self_attn.o_proj``)."""
-    modules = []
-    for index, layer in enumerate(text_decoder(model).layers):
-        o_proj = getattr(getattr(layer, "self_attn", None), "o_proj", None)
-        if o_proj is None:
-            raise RecipeError(
-                f"{type(model).__name__}: decoder layer {index} has no `self_attn.o_proj`; llamafactory-hera "
-                "splits the attention output projection by head and cannot run on this architecture."
-            )
-        modules.append(o_proj)
-    return modules
-
 
 def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.Tensor:
     """``[d, C]`` effective weight of ``o_proj`` (``nn.Linear`` or a PEFT LoRA ``Linear`` wrapping one) at the

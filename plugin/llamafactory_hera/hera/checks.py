@@ -15,7 +15,8 @@ from safetensors import safe_open
 from transformers import AutoConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from llamafactory_hera.heads.geometry import attention_geometry, check_heads_fit
+from llamafactory_hera.heads.architecture import layer_list
+from llamafactory_hera.heads.geometry import attention_geometry, check_has_heads, check_heads_fit
 from llamafactory_hera.hera.config import HeraArguments
 from llamafactory_hera.hera.preflight import check_contrastive_geometry, contrastive_geometry
 from llamafactory_hera.hera.selection.auto import short_ddp_timeout_warning
@@ -132,14 +133,16 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
     check_multimodal(model_args, data_args, config)
     geometry = attention_geometry(config)
+    check_has_heads(geometry, config, "stage: hera")
     adapters = model_args.adapter_name_or_path
     check_adapter_fits(adapters if isinstance(adapters, list) else [adapters] if adapters else [],
                        geometry.hidden_size, geometry.num_heads * geometry.head_dim, str(model_args.model_name_or_path))
     if not hera_args.auto_heads:
         check_heads_fit(hera_args.head_refs, geometry, str(model_args.model_name_or_path))
-    elif hera_args.hera_select_num_heads > geometry.num_layers * geometry.num_heads:
+    elif hera_args.hera_select_num_heads > geometry.num_model_heads:
         raise RecipeError(f"hera_select_num_heads: got {hera_args.hera_select_num_heads}; allowed range is 1.."
-                          f"{geometry.num_layers * geometry.num_heads} (the heads of {model_args.model_name_or_path}).")
+                          f"{geometry.num_model_heads} (the heads of {model_args.model_name_or_path}, in layers "
+                          f"{layer_list(list(geometry.head_layers))}).")
     check_teacher_source(hera_args.hera_teacher, hera_args.hera_teacher_feature)
     if hera_args.auto_heads and getattr(training_args, "process_index", 0) == 0:
         warning = short_ddp_timeout_warning(int(getattr(training_args, "world_size", 1)),

@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llamafactory_hera.heads.projection import text_decoder
+from llamafactory_hera.heads.architecture import text_decoder
 from llamafactory_hera_patches.checkpointing import checkpoints_trainable_only, non_reentrant_checkpointing
 
 __all__ = ["NO_TRAINABLE", "HeadLayerCheckpointing", "checkpointing_kind"]

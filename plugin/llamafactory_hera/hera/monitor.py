@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import HeadRef
-from llamafactory_hera.heads.projection import effective_weight_columns, find_o_proj_modules, head_columns
+from llamafactory_hera.heads.projection import effective_weight_columns, head_columns
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.scores import layer_head_neighbours, teacher_neighbours
 from llamafactory_hera.hera.teacher import teacher_batch_size
@@ -196,7 +197,7 @@ class MonitorCallback(TrainerCallback):
                                               progress=False)
         finally:
             model.train(was_training)
-        o_projs = find_o_proj_modules(model)
+        o_projs = head_projections(model)
         per_head: dict[HeadRef, torch.Tensor] = {}
         for layer, heads in self.by_layer.items():
             columns = head_columns(heads, self.head_dim)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from llamafactory_hera.heads.architecture import head_projections, text_decoder
 from llamafactory_hera.heads.geometry import HeadRef
-from llamafactory_hera.heads.projection import find_o_proj_modules, text_decoder
 from llamafactory_hera.hera.config import AUTO, HeraArguments
 from llamafactory_hera.short_errors import RecipeError
 
@@ -206,9 +206,9 @@ def trainable_upstream(model: nn.Module, layers: list[int]) -> dict[int, bool]:
 
 def trainable_layers(model: nn.Module) -> list[int]:
     """Decoder layers whose heads the recipe can train: their ``o_proj`` trains, or a trainable parameter feeds it."""
-    o_projs = find_o_proj_modules(model)
-    fed = trainable_upstream(model, list(range(len(o_projs))))
-    return [layer for layer, o_proj in enumerate(o_projs)
+    o_projs = head_projections(model)
+    fed = trainable_upstream(model, list(o_projs))
+    return [layer for layer, o_proj in o_projs.items()
             if fed[layer] or any(p.requires_grad for p in o_proj.parameters())]
 
 

@@ -30,14 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import AttentionGeometry, HeadRef, attention_geometry
 from llamafactory_hera.heads.pooling import multimodal_token_ids, pooling_weights, require_multimodal_ids
-from llamafactory_hera.heads.projection import (
-    find_o_proj_modules,
-    is_partitioned,
-    project_heads,
-    project_heads_by_call,
-)
+from llamafactory_hera.heads.projection import is_partitioned, project_heads, project_heads_by_call
 from llamafactory_hera.hera import checkpoint
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS, collator_token_sources
 from llamafactory_hera.hera.config import HeraArguments
@@ -323,9 +319,11 @@ class HeadCapture:
     def __init__(self, model: nn.Module, heads: list[HeadRef], geometry: AttentionGeometry) -> None:
         self.heads = list(heads)
         self.geometry = geometry
-        o_projs = find_o_proj_modules(model)
-        if len(o_projs) != geometry.num_layers:
-            raise ValueError(f"model has {len(o_projs)} decoder layers but its config says {geometry.num_layers}")
+        o_projs = head_projections(model)
+        missing = sorted({ref.layer for ref in heads} - set(o_projs))
+        if missing:
+            raise ValueError(f"decoder layer(s) {missing} of the loaded model have no heads (layers with heads: "
+                             f"{sorted(o_projs)}); the config's plan said {list(geometry.head_layers)}")
         self._by_layer: dict[int, list[int]] = defaultdict(list)
         for ref in self.heads:
             self._by_layer[ref.layer].append(ref.head)

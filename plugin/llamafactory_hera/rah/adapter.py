@@ -33,7 +33,7 @@ def lora_factors(calibration: Calibration, model: nn.Module,
         alpha = update.region.alpha
         attention = modules[update.layer]
         for kind, (u, s, vh) in update.factors.items():
-            linear = attention.v_proj if kind == "v" else attention.o_proj
+            linear = attention.value if kind == "v" else attention.output
             b_head, a_head = lora_pair(u, s, vh, alpha)  # the trust region applied exactly this B @ A
             a = torch.zeros(len(s), linear.in_features)
             b = torch.zeros(linear.out_features, len(s))

@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from llamafactory_hera.heads.geometry import attention_geometry
-from llamafactory_hera.rah.config import RahArguments
+from llamafactory_hera.rah.config import AUTO, RahArguments
 from llamafactory_hera.rah.heads import anchor_candidates, anchor_pool, similarity, targets_in_layer, top_anchors
 from llamafactory_hera.rah.probe import (
     AttentionProfile,
     TokenKinds,
     attention_modules,
     gate_gradients,
+    left_out_layers,
     model_inputs,
     profile_attention,
     token_masks,
@@ -107,8 +108,8 @@ def o_columns(head: int, geometry: Geometry) -> slice:
 
 def _slices(module: nn.Module, heads: Iterable[int], geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
     """(V slices ``[n, d, D]``, O slices ``[n, D, d]``) of ``heads``, float32."""
-    v = torch.stack([module.v_proj.weight[v_rows(h, geometry)].float() for h in heads])
-    o = torch.stack([module.o_proj.weight[:, o_columns(h, geometry)].float() for h in heads])
+    v = torch.stack([module.value.weight[v_rows(h, geometry)].float() for h in heads])
+    o = torch.stack([module.output.weight[:, o_columns(h, geometry)].float() for h in heads])
     return v, o
 
 
@@ -136,6 +137,17 @@ def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
     return tables[0] if len(tables) == 1 else torch.cat(tables)
 
 
+def layers_to_calibrate(model: nn.Module, args: RahArguments) -> tuple[list[int], dict[int, str]]:
+    """(the layers ``rah_layers`` asks for that can be calibrated, those it asks for or that ``auto`` passes over,
+    each with why it cannot be): ``auto`` takes the first half of the calibratable layers."""
+    modules, left = attention_modules(model), left_out_layers(model)
+    asked = args.layer_list(len(modules) + len(left), list(modules))
+    if args.rah_layers == AUTO:
+        last = asked[-1]
+        return asked, {layer: why for layer, why in left.items() if layer < last}
+    return [layer for layer in asked if layer in modules], {layer: left[layer] for layer in asked if layer in left}
+
+
 def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_batches: list[dict[str, Any]],
               kl_batches: list[dict[str, Any]], args: RahArguments, kinds: TokenKinds,
               progress: Callable[[Iterable[Any], str], Iterable[Any]] = lambda items, _: items) -> Calibration:
@@ -143,7 +155,7 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
     each. Returns the record of it all."""
     geometry = geometry_of(model)
     modules = attention_modules(model)
-    layers = args.layer_list(len(modules))
+    layers, _ = layers_to_calibrate(model, args)
     profile = AttentionProfile(layers)
     for batch in progress(calibration_batches, "I-SAL (attention)"):
         profile_attention(model, batch, layers, kinds, profile, args.rah_isal_pairs)
@@ -153,7 +165,7 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
                          for batch in progress(caf_batches, "CAF (gate gradients)")])
     caf = caf_scores(grads, args.rah_caf_form, args.rah_caf_weight)
     names = modules_for(args, geometry)
-    device = modules[layers[0]].v_proj.weight.device
+    device = modules[layers[0]].output.weight.device
     maps = profile.maps().to(device)  # [L, H, P'] next to the weight slices it is added to
     chosen = {layer: targets_in_layer(isal_std[row], caf[row], args.rah_isal_percentile, args.rah_caf_percentile)
               for row, layer in enumerate(layers)}
@@ -199,7 +211,7 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
             reference = _calibrate_head(model, modules, update, geometry, names, args, kl_batches, masks,
                                         reference)
     kl_to_original = mean_kl(original, _probe_logits(model, kl_batches, masks)) if updates else 0.0
-    dtype = str(modules[layers[0]].o_proj.weight.dtype).removeprefix("torch.")
+    dtype = str(modules[layers[0]].output.weight.dtype).removeprefix("torch.")
     return Calibration(layers, raw_isal, isal_std, caf, updates, names, profile.one_sided, profile.map_skipped,
                        len(profile.map_sums), kl_to_original, dtype)
 
@@ -213,8 +225,8 @@ def _calibrate_head(model: nn.Module, modules: list[nn.Module], update: HeadUpda
     anchor_slices = [_slices(modules[layer], [head], geometry) for layer, head, _ in update.anchors]
     v_anchor, o_anchor = (torch.cat([pair[i] for pair in anchor_slices]) for i in (0, 1))
     v_head, o_head = _slices(module, [update.head], geometry)
-    targets = {"v": (module.v_proj.weight, (v_rows(update.head, geometry), slice(None)), v_head[0], v_anchor),
-               "o": (module.o_proj.weight, (slice(None), o_columns(update.head, geometry)), o_head[0], o_anchor)}
+    targets = {"v": (module.value.weight, (v_rows(update.head, geometry), slice(None)), v_head[0], v_anchor),
+               "o": (module.output.weight, (slice(None), o_columns(update.head, geometry)), o_head[0], o_anchor)}
     saved = {}
     for name in names:
         weight, index, own, anchor = targets[name]

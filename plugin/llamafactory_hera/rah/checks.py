@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import AutoConfig
 
+from llamafactory_hera.heads.architecture import describe, layer_list, per_head_value_layers, plan_layers
 from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.recipe.checks import check_run_inputs
 from llamafactory_hera.recipe.declaration import truthy
@@ -69,8 +70,19 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
         raise RecipeError(f"stage: rah: {model_args.model_name_or_path} (model_type "
                           f"'{getattr(config, 'model_type', '?')}') names no image token; RAH-LoRA calibrates the "
                           "heads of a multimodal model by their attention between text and image tokens.")
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    rah_args.layer_list(int(text.num_hidden_layers))  # raises naming rah_layers
+    plans = plan_layers(config)
+    calibratable, left = per_head_value_layers(plans)
+    if not calibratable:
+        raise RecipeError(f"stage: rah cannot run on model_type '{getattr(config, 'model_type', '?')}': no decoder "
+                          "layer has softmax self-attention whose heads own their V and O projections "
+                          f"({describe(plans)}). Use another model.")
+    asked = rah_args.layer_list(len(plans), calibratable)  # raises naming rah_layers
+    named = [layer for layer in asked if layer in left]
+    if named and len(named) == len(asked):
+        why = ", ".join(f"L{i}: {left[i]}" for i in named)
+        raise RecipeError(f"rah_layers: none of the layers named can be calibrated ({why}); "
+                          f"the calibratable layers of {model_args.model_name_or_path} are {layer_list(calibratable)}. "
+                          "Use auto or name some of those.")
     samples_needed = max(rah_args.rah_probe_samples, rah_args.rah_kl_samples)
     if data_args.max_samples is not None and data_args.max_samples < samples_needed:
         raise RecipeError(f"max_samples: {data_args.max_samples} is fewer than the {samples_needed} rows the probes "

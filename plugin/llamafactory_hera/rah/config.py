@@ -71,10 +71,13 @@ class RahArguments:
     rah_batch_size: int = recipe_key(
         1, "Rows per I-SAL forward (attention weights of every layer are kept: ~1 GB per 7B sample in bf16).", min=1)
 
-    def layer_list(self, num_layers: int) -> list[int]:
-        """The layers to calibrate in a model of ``num_layers`` decoder layers; ValueError naming rah_layers."""
+    def layer_list(self, num_layers: int, calibratable: list[int] | None = None) -> list[int]:
+        """The layers to calibrate in a model of ``num_layers`` decoder layers, of which ``calibratable`` (default:
+        all) have heads with their own V and O: ``auto`` is the first half of those (at least one); named layers are
+        checked against the model's depth (ValueError naming rah_layers)."""
         if self.rah_layers == AUTO:
-            return list(range(max(1, num_layers // 2)))
+            usable = list(range(num_layers)) if calibratable is None else list(calibratable)
+            return usable[:max(1, len(usable) // 2)]
         layers = list(self.rah_layers)
         outside = [layer for layer in layers if layer >= num_layers]
         if outside:

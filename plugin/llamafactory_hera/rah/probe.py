@@ -17,22 +17,49 @@ from typing import Any
 import torch
 from torch import nn
 
+from llamafactory_hera.heads.architecture import DecoderLayer, decoder_layers, describe, per_head_value_layers
 from llamafactory_hera.heads.pooling import multimodal_token_ids
-from llamafactory_hera.heads.projection import text_decoder
 from llamafactory_hera.rah.scores import isal, margin_loss
 from llamafactory_hera.short_errors import RecipeError
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The text decoder's self-attention modules, one per layer (each with ``v_proj`` and ``o_proj``)."""
-    layers = list(text_decoder(model).layers)
-    modules = [getattr(layer, "self_attn", None) for layer in layers]
-    for index, module in enumerate(modules):
-        linear = all(isinstance(getattr(module, name, None), nn.Linear) for name in ("v_proj", "o_proj"))
-        if module is None or not linear:
-            raise RecipeError(f"{type(model).__name__}: decoder layer {index} has no self_attn.v_proj / o_proj Linear; "
-                              "RAH-LoRA calibrates those projections per head.")
-    return modules
+def attention_modules(model: nn.Module) -> dict[int, DecoderLayer]:
+    """Decoder layer index -> the layer, for the layers RAH-LoRA can calibrate: softmax self-attention whose heads own
+    their ``v_proj`` and output projection (:func:`~llamafactory_hera.heads.architecture.per_head_value_layers`)."""
+    layers = decoder_layers(model)
+    kept, _ = per_head_value_layers(layers)
+    if not kept:
+        raise RecipeError(f"{type(model).__name__}: no decoder layer has softmax self-attention whose heads own a "
+                          f"v_proj and an output projection Linear ({describe(layers)}); RAH-LoRA calibrates those "
+                          "projections per head.")
+    return {index: layers[index] for index in kept}
+
+
+def left_out_layers(model: nn.Module) -> dict[int, str]:
+    """Decoder layer index -> why RAH-LoRA cannot calibrate it (no heads, KV shared, no plain Linear)."""
+    return per_head_value_layers(decoder_layers(model))[1]
+
+
+@contextlib.contextmanager
+def attention_weights(modules: dict[int, DecoderLayer], layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Layer -> the attention weights ``[B, H, T, T]`` its self-attention returned in the last forward (eager
+    attention returns them as the second output): read from the layers themselves, so a hybrid model's layer
+    indices stay the model's own."""
+    weights: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
+                weights[layer] = output[1]
+
+        return hook
+
+    handles = [modules[layer].module.self_attn.register_forward_hook(keep(layer)) for layer in layers]
+    try:
+        yield weights
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -149,9 +176,9 @@ def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int]
     A row's map is the mean over its text queries (``pairs``: ``paper`` every text position, as Eq. 3 and 10 write
     T; ``visible`` the text after the image) of the attention to each image position; a row without text after
     its image has none (its map would be all zeros)."""
-    outputs = model(**model_inputs(batch), output_attentions=True, use_cache=False)
-    attentions = outputs.attentions
-    if attentions is None or any(attentions[layer] is None for layer in layers):
+    with attention_weights(attention_modules(model), layers) as attentions:
+        model(**model_inputs(batch), output_attentions=True, use_cache=False)
+    if any(attentions.get(layer) is None for layer in layers):
         raise RecipeError("RAH-LoRA needs attention weights: the model did not return them (load it with eager "
                           "attention, flash_attn: disabled).")
     image, text, after = token_masks(batch["input_ids"], batch["attention_mask"], kinds)
@@ -173,14 +200,14 @@ def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int]
 
 
 @contextlib.contextmanager
-def head_gates(modules: list[nn.Module], layers: list[int], num_heads: int,
+def head_gates(modules: dict[int, DecoderLayer], layers: list[int], num_heads: int,
                head_dim: int) -> Iterator[dict[int, torch.Tensor]]:
     """Gates gamma ``[H]`` = 1 (requires grad) on each layer's heads, multiplying the ``o_proj`` input viewed as
     ``[B, T, H, d_head]`` (Eq. 5): layer -> gate. Removed on exit."""
     gates: dict[int, torch.Tensor] = {}
     handles = []
     for layer in layers:
-        o_proj = modules[layer].o_proj
+        o_proj = modules[layer].output
         gate = torch.ones(num_heads, device=o_proj.weight.device, requires_grad=True,
                           dtype=torch.promote_types(o_proj.weight.dtype, torch.float32))
         gates[layer] = gate

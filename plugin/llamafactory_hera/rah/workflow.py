@@ -22,9 +22,9 @@ import torch
 from llamafactory_hera.log import progress, say, start_board_files
 from llamafactory_hera.plots.heads import plot_score_panels
 from llamafactory_hera.rah.adapter import lora_factors, save_adapter
-from llamafactory_hera.rah.calibrate import calibrate, geometry_of
+from llamafactory_hera.rah.calibrate import calibrate, geometry_of, layers_to_calibrate
 from llamafactory_hera.rah.config import RahArguments
-from llamafactory_hera.rah.probe import attention_modules, token_kinds
+from llamafactory_hera.rah.probe import token_kinds
 from llamafactory_hera.recipe.image_files import image_rows
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.guard import recorded_versions
@@ -172,7 +172,9 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     kl_rows = list(range(rah_args.rah_kl_samples))
     kl_batches = [_on(device, collator([dataset[i] for i in kl_rows[j:j + size]]))
                   for j in range(0, len(kl_rows), size)]
-    layers = rah_args.layer_list(len(attention_modules(model)))
+    layers, left = layers_to_calibrate(model, rah_args)
+    if left:  # never silently: a KV-shared layer's V update would do nothing, a linear-attention layer has no heads
+        say(f"RAH-LoRA: leaves out {', '.join(f'L{layer} ({why})' for layer, why in sorted(left.items()))}")
     kinds = token_kinds(model, tokenizer_module["tokenizer"], tokenizer_module.get("processor"))
     say(f"RAH-LoRA: layers {layers[0]}..{layers[-1]} ({len(layers)}); {len(rows)} rows for I-SAL, "
          f"{rah_args.rah_probe_samples} for CAF, {rah_args.rah_kl_samples} for the KL probe; rank {rah_args.rah_rank}, "

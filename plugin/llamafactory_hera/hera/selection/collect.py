@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llamafactory_hera.heads.architecture import head_projections, text_decoder
 from llamafactory_hera.heads.pooling import multimodal_token_ids, pooled_token_mask, pooling_weights
-from llamafactory_hera.heads.projection import effective_weight_columns, find_o_proj_modules, text_decoder
+from llamafactory_hera.heads.projection import effective_weight_columns
 from llamafactory_hera.hera.host_output import progress_file
 from llamafactory_hera.hera.teacher import VisionTeacher, batches_of, image_features, per_sample_features
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureStore, stored_image_features
@@ -103,7 +104,7 @@ def sample_pairs(pairs: list[CalibrationPair], num_samples: int, seed: int, k: i
 
 
 class PooledInputRecorder:
-    """Hooks on every layer's ``o_proj`` that pool its input ``[B, T, H*d_head]`` with per-sample weights.
+    """Hooks on each head layer's ``o_proj`` that pool its input ``[B, T, H*d_head]`` with per-sample weights.
 
     Pooling happens inside the hook (inference only), on the model's device, in float32: memory is
     ``[B, H*d_head]`` per layer and batch. After each forward :meth:`flush` brings the batch's pooled rows of all
@@ -112,12 +113,12 @@ class PooledInputRecorder:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.o_projs = find_o_proj_modules(model)
+        self.o_projs = head_projections(model)
         self.weights: torch.Tensor | None = None
         self.widths: list[int] = []
         self.batches: list[torch.Tensor] = []  # per batch [B, sum of widths], float32, CPU
-        self._pending: list[torch.Tensor | None] = [None] * len(self.o_projs)
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.o_projs)]
+        self._pending: dict[int, torch.Tensor | None] = dict.fromkeys(self.o_projs)
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in self.o_projs.items()]
 
     def _hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -136,18 +137,19 @@ class PooledInputRecorder:
     def flush(self) -> None:
         """After one forward: the batch's pooled rows of every layer, concatenated on the device, copied to the
         host once."""
-        missing = [layer for layer, pooled in enumerate(self._pending) if pooled is None]
+        missing = [layer for layer, pooled in self._pending.items() if pooled is None]
         if missing:
             raise RuntimeError(f"o_proj of layer(s) {missing} did not run in the forward")
-        pending = [pooled for pooled in self._pending if pooled is not None]
+        pending = [pooled for pooled in self._pending.values() if pooled is not None]
         self.widths = [pooled.shape[-1] for pooled in pending]
         self.batches.append(torch.cat(pending, dim=-1).cpu())
-        self._pending = [None] * len(self.o_projs)
+        self._pending = dict.fromkeys(self.o_projs)
 
-    def result(self) -> list[torch.Tensor]:
-        """Per layer ``[N, H*d_head]`` float32 on CPU, in the order samples were fed."""
+    def result(self) -> dict[int, torch.Tensor]:
+        """Layer with heads -> ``[N, H*d_head]`` float32 on CPU, in the order samples were fed."""
         merged = torch.cat(self.batches)  # [N, sum of widths]
-        return [part.contiguous() for part in merged.split(self.widths, dim=-1)]
+        return {layer: part.contiguous() for layer, part in zip(self.o_projs, merged.split(self.widths, dim=-1),
+                                                                 strict=True)}
 
     def remove(self) -> None:
         """Remove the hooks."""
@@ -157,7 +159,7 @@ class PooledInputRecorder:
 
 @torch.no_grad()
 def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair], batch_size: int, device: Any,
-                 progress: bool = True) -> list[torch.Tensor]:
+                 progress: bool = True) -> dict[int, torch.Tensor]:
     """Pooled ``o_proj`` inputs with the captions alone through the text decoder.
 
     ``torch.no_grad``, not ``inference_mode``: no graph is kept either way, and the forward also runs on the
@@ -165,7 +167,7 @@ def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair],
     (llamafactory_hera_testing.accelerator).
 
     Returns:
-        Per layer ``[N, H*d_head]`` float32 (CPU).
+        Layer with heads -> ``[N, H*d_head]`` float32 (CPU).
     """
     decoder = text_decoder(model)
     recorder = PooledInputRecorder(model)
@@ -186,8 +188,8 @@ def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair],
 
 @torch.no_grad()  # as collect_text
 def collect_multimodal(model: nn.Module, dataset: Any, collator: Any, rows: list[int], batch_size: int, device: Any,
-                       progress: bool = True) -> list[torch.Tensor]:
-    """Per layer ``[N, H*d_head]`` float32 (CPU) pooled ``o_proj`` inputs with image + caption through the MLLM,
+                       progress: bool = True) -> dict[int, torch.Tensor]:
+    """Head layer -> ``[N, H*d_head]`` float32 (CPU) pooled ``o_proj`` inputs with image + caption through the MLLM,
     batches built by the SFT collator."""
     recorder = PooledInputRecorder(model)
     template = getattr(collator, "template", None)
@@ -230,13 +232,13 @@ def collect_teacher(teacher: VisionTeacher, image_processor: Any, pairs: list[Ca
     return per_sample_features(feats, counts)
 
 
-def layer_weights(model: nn.Module) -> list[torch.Tensor]:
-    """Per layer the effective ``o_proj`` weight ``[d, H*d_head]`` (LoRA delta included), detached."""
-    weights = []
-    for o_proj in find_o_proj_modules(model):
+def layer_weights(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Layer with heads -> the effective ``o_proj`` weight ``[d, H*d_head]`` (LoRA delta included), detached."""
+    weights = {}
+    for layer, o_proj in head_projections(model).items():
         base = getattr(o_proj, "base_layer", o_proj)
         columns = torch.arange(base.weight.shape[1], device=base.weight.device)
-        weights.append(effective_weight_columns(o_proj, columns).detach())
+        weights[layer] = effective_weight_columns(o_proj, columns).detach()
     return weights
 
 

@@ -71,7 +71,7 @@ def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, titl
             show(f"replacing {path}")
     write_text_atomic(json_path, result.to_json() + "\n")
     selected = [(parse_head(h).layer, parse_head(h).head) for h in result.selected]
-    plot_head_heatmap(np.asarray(result.scores), selected, png_path, title)
+    plot_head_heatmap(np.asarray(result.scores, dtype=float), selected, png_path, title)
 
 
 def run_select(args: Any) -> SelectionResult:

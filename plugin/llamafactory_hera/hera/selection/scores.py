@@ -15,7 +15,7 @@ teacher features are clamped the same way. ``clamp`` 0 (or 1) skips the clamp an
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -123,22 +123,38 @@ class HeadNeighbours:
     overlaps: torch.Tensor  # [L, H, N] float32 |kNN_head(i) ∩ kNN_teacher(i)| / k
 
 
-def all_head_neighbours(pooled: list[torch.Tensor], weights: list[torch.Tensor], teacher: torch.Tensor, k: int,
-                        head_dim: int, device: torch.device | str | None = None, clamp: float = 0.0) -> HeadNeighbours:
-    """MKNN of every head of every layer and each pair's overlap (:func:`layer_head_neighbours`).
+def all_head_neighbours(pooled: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+                        weights: Mapping[int, torch.Tensor] | Sequence[torch.Tensor], teacher: torch.Tensor,
+                        k: int, head_dim: int, device: torch.device | str | None = None, clamp: float = 0.0,
+                        num_layers: int | None = None) -> HeadNeighbours:
+    """MKNN of every head of every layer with heads and each pair's overlap (:func:`layer_head_neighbours`); the rows
+    of layers without heads (linear attention, convolution, cross-attention) are NaN.
 
     Args:
-        pooled: per layer ``[N, H * head_dim]`` pooled ``o_proj`` inputs (any device).
-        weights: per layer ``[d, H * head_dim]`` effective ``o_proj`` weights.
+        pooled: layer with heads -> ``[N, H * head_dim]`` pooled ``o_proj`` inputs (any device); a sequence is
+            layers 0, 1, ...
+        weights: the same layers -> ``[d, H * head_dim]`` effective ``o_proj`` weights.
         teacher: ``[N, E]`` teacher features of the same N samples.
         k: neighbours per sample.
         head_dim: width of one head.
         device: where to compute (default: the teacher's device).
         clamp: PRH's outlier quantile for both sides (0 or 1: no clamp).
+        num_layers: the decoder's depth (default: one past the last layer with heads).
     """
     device = device or teacher.device
+    pooled = pooled if isinstance(pooled, Mapping) else dict(enumerate(pooled))
+    weights = weights if isinstance(weights, Mapping) else dict(enumerate(weights))
     teacher_knn = teacher_neighbours(teacher, k, device, clamp)
-    rows = [layer_head_neighbours(p.to(device), w.to(device), teacher_knn, k, head_dim, clamp=clamp)
-            for p, w in zip(pooled, weights, strict=True)]
+    rows = {layer: layer_head_neighbours(p.to(device), weights[layer].to(device), teacher_knn, k, head_dim,
+                                         clamp=clamp) for layer, p in pooled.items()}
     # one device-to-host copy for every layer
-    return HeadNeighbours(torch.stack([row[0] for row in rows]).cpu(), torch.stack([row[1] for row in rows]).cpu())
+    scores = torch.stack([r[0] for r in rows.values()]).cpu()
+    overlaps = torch.stack([r[1] for r in rows.values()]).cpu()
+    depth = max(rows) + 1 if num_layers is None else num_layers
+    if list(rows) == list(range(depth)):
+        return HeadNeighbours(scores, overlaps)
+    index = torch.tensor(list(rows))
+    full_scores = torch.full((depth, *scores.shape[1:]), float("nan"))
+    full_overlaps = torch.full((depth, *overlaps.shape[1:]), float("nan"))
+    full_scores[index], full_overlaps[index] = scores, overlaps
+    return HeadNeighbours(full_scores, full_overlaps)

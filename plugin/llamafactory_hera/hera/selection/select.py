@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -21,8 +22,8 @@ from typing import Any
 
 import torch
 
+from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
-from llamafactory_hera.heads.projection import find_o_proj_modules
 from llamafactory_hera.hera.host_output import show
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.choices import DTYPES, MODES, RECIPE_BACKED, STRATEGIES, dest
@@ -157,15 +158,18 @@ class SelectionResult:
 
 
 def choose_heads(scores: torch.Tensor, num_heads: int, strategy: str, seed: int) -> list[HeadRef]:
-    """``num_heads`` heads by ``strategy``: lowest scores (worst), highest (best) or a seeded random draw.
+    """``num_heads`` heads by ``strategy``: lowest scores (worst), highest (best) or a seeded random draw, among the
+    scored heads (a layer without heads has NaN scores).
 
     Ties are broken by (layer, head) order.
     """
     layers, heads = scores.shape
-    if num_heads > layers * heads:
-        raise RecipeError(f"--heads: got {num_heads}; the model has only {layers * heads} heads.")
-    refs = [HeadRef(layer, head) for layer in range(layers) for head in range(heads)]
-    flat = scores.flatten().tolist()
+    scored = [(layer, head) for layer in range(layers) for head in range(heads)
+              if not math.isnan(float(scores[layer, head]))]
+    if num_heads > len(scored):
+        raise RecipeError(f"--heads: got {num_heads}; the model has only {len(scored)} heads.")
+    refs = [HeadRef(layer, head) for layer, head in scored]
+    flat = [float(scores[layer, head]) for layer, head in scored]
     if strategy == "random":
         return sorted(random.Random(seed).sample(refs, num_heads))
     order = sorted(range(len(refs)), key=lambda i: (flat[i] if strategy == "worst" else -flat[i], i))
@@ -244,7 +248,7 @@ def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> N
             continue
     if model is not None:
         try:
-            find_o_proj_modules(model)
+            head_projections(model)
         except ValueError as err:
             raise RecipeError(f"model_name_or_path: {model_name_or_path}: {err}") from None
 
@@ -299,8 +303,9 @@ def _warn_about_data(notes: dict[str, Any], source: str) -> None:
 
 def tied_share(scores: torch.Tensor) -> float:
     """Share of heads whose score equals another head's score exactly."""
-    counts = Counter(scores.flatten().tolist())
-    return sum(n for n in counts.values() if n > 1) / max(scores.numel(), 1)
+    values = [v for v in scores.flatten().tolist() if not math.isnan(v)]  # NaN: a layer without heads
+    counts = Counter(values)
+    return sum(n for n in counts.values() if n > 1) / max(len(values), 1)
 
 
 def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str) -> tuple[Any, dict[str, Any], Any]:
@@ -349,7 +354,8 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions,
     feats = collect.collect_teacher(teacher, load_image_processor(options.teacher), pairs,
                                     teacher_batch_size(options.batch_size), options.progress,
                                     store=feature_store(teacher), persist=True)
-    return all_head_neighbours(pooled, weights, feats, options.k, geometry.head_dim, device, clamp=options.clamp)
+    return all_head_neighbours(pooled, weights, feats, options.k, geometry.head_dim, device, clamp=options.clamp,
+                               num_layers=geometry.num_layers)
 
 
 def run_selection(recipe_args: Any, options: SelectionOptions,
@@ -369,7 +375,8 @@ def run_selection(recipe_args: Any, options: SelectionOptions,
     hit = path is not None and path.is_file()
     if hit:
         cached = SelectionResult(**json.loads(path.read_text(encoding="utf-8")))
-        scores, duration = torch.tensor(cached.scores), cached.duration_s
+        scores = torch.tensor([[math.nan if v is None else v for v in row] for row in cached.scores])
+        duration = cached.duration_s
     else:
         scores = score_head_neighbours(recipe_args, options, pairs).scores
         duration = time.perf_counter() - start
@@ -381,8 +388,10 @@ def run_selection(recipe_args: Any, options: SelectionOptions,
               "distinct image-caption pairs.")
     layers, heads = scores.shape
     ranking = sorted(({"head": str(HeadRef(layer, head)), "score": float(scores[layer, head])}
-                      for layer in range(layers) for head in range(heads)), key=lambda r: r["score"])
-    result = SelectionResult(scores=scores.tolist(), selected=[str(h) for h in chosen], strategy=options.strategy,
+                      for layer in range(layers) for head in range(heads)
+                      if not math.isnan(float(scores[layer, head]))), key=lambda r: r["score"])
+    stored = [[None if math.isnan(v) else v for v in row] for row in scores.tolist()]  # JSON: no NaN
+    result = SelectionResult(scores=stored, selected=[str(h) for h in chosen], strategy=options.strategy,
                              ranking=ranking, settings={**settings, "num_samples_used": len(pairs)}, identity=identity,
                              versions=recorded_versions(), num_pairs=len(pairs),
                              duration_s=round(duration, 3), data_notes=notes)

@@ -1,0 +1,197 @@
+"""Where a decoder's heads live: the one place that knows model architectures.
+
+A text decoder is a stack of layers of a few kinds (:class:`LayerKind`): softmax self-attention with a per-head
+output projection (``o_proj``, ``out_proj`` in LFM2), linear attention (Qwen3.5's Gated DeltaNet), short
+convolutions (LFM2), cross-attention to the image (Llama-3.2-Vision), each possibly reading its keys and values from
+an earlier layer (Gemma 3n / Gemma 4's KV sharing). Only softmax self-attention layers have heads in HeRA's sense
+(a per-head block of ``o_proj``'s input); layer indices are always the model's own decoder-layer indices.
+
+Two views that agree (a test holds them together on every family the suite builds):
+- before loading, from the config: :func:`plan_layers` (``layer_types``, ``cross_attention_layers``,
+  ``num_kv_shared_layers``);
+- after loading, from the modules of a plain, PEFT-wrapped or unwrapped DDP / DeepSpeed model: :func:`text_decoder`
+  (nested decoders as Llama 4's included) and :func:`decoder_layers`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from torch import nn
+
+from llamafactory_hera.short_errors import RecipeError
+
+
+class LayerKind(StrEnum):
+    """What mixes tokens in a decoder layer."""
+
+    ATTENTION = "softmax attention"
+    LINEAR = "linear attention"
+    CONVOLUTION = "convolution"
+    CROSS = "cross-attention"
+    OTHER = "no attention"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One decoder layer as its config describes it: its kind and, for a KV-shared layer, the layer whose keys and
+    values it reads (its own ``k_proj`` / ``v_proj``, where it has them, do nothing)."""
+
+    index: int
+    kind: LayerKind
+    kv_source: int | None = None
+
+    @property
+    def has_heads(self) -> bool:
+        """True for softmax self-attention: per-head blocks of the output projection's input."""
+        return self.kind is LayerKind.ATTENTION
+
+
+@dataclass(frozen=True)
+class DecoderLayer(LayerPlan):
+    """One loaded decoder layer: its plan plus the modules. ``output`` / ``value``: the attention's output and value
+    projections (``None`` where the layer has no softmax self-attention, ``value`` also where it has no ``v_proj``)."""
+
+    module: nn.Module | None = None
+    output: nn.Module | None = None
+    value: nn.Module | None = None
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _kind_of_type(layer_type: str) -> LayerKind:
+    """``layer_types`` entry -> kind: full / sliding / chunked attention are softmax attention."""
+    name = str(layer_type).lower()
+    if "linear" in name:
+        return LayerKind.LINEAR
+    if "conv" in name:
+        return LayerKind.CONVOLUTION
+    if "cross" in name:
+        return LayerKind.CROSS
+    return LayerKind.ATTENTION if "attention" in name else LayerKind.OTHER
+
+
+def plan_layers(config: Any) -> list[LayerPlan]:
+    """Every decoder layer's :class:`LayerPlan`, read from an (M)LLM config (no weight loaded)."""
+    text = _text_config(config)
+    count = int(text.num_hidden_layers)
+    types = list(getattr(text, "layer_types", None) or [])
+    kinds = [_kind_of_type(t) for t in types] if len(types) == count else [LayerKind.ATTENTION] * count
+    for index in getattr(text, "cross_attention_layers", None) or []:
+        if 0 <= int(index) < count:
+            kinds[int(index)] = LayerKind.CROSS
+    shared = int(getattr(text, "num_kv_shared_layers", 0) or 0)
+    first_shared = count - shared
+    sources: list[int | None] = [None] * count
+    if 0 < shared < count:
+        for index in range(first_shared, count):
+            same = [i for i in range(first_shared) if not types or types[i] == types[index]]
+            sources[index] = same[-1] if same else None
+    return [LayerPlan(i, kinds[i], sources[i]) for i in range(count)]
+
+
+def text_decoder(model: nn.Module) -> nn.Module:
+    """The text decoder (the module with ``layers``) of a plain or PEFT-wrapped (M)LLM; nested decoders (Llama 4's
+    ``get_decoder()`` is a causal LM whose ``model`` holds the layers) are followed down."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    for _ in range(3):  # a causal LM inside the MLLM: its own decoder, one level down
+        if decoder is None or getattr(decoder, "layers", None) is not None:
+            break
+        inner = decoder.get_decoder() if hasattr(decoder, "get_decoder") else getattr(decoder, "model", None)
+        decoder = None if inner is decoder else inner
+    if getattr(decoder, "layers", None) is None:
+        raise RecipeError(
+            f"{type(base).__name__} has no text decoder with `layers` (looked at get_decoder().layers and one level "
+            "down); llamafactory-hera needs decoder layers whose attention has a per-head output projection."
+        )
+    return decoder
+
+
+def _output_projection(attention: nn.Module | None) -> nn.Module | None:
+    for name in ("o_proj", "out_proj"):
+        module = getattr(attention, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def _loaded_layer(index: int, layer: nn.Module) -> DecoderLayer:
+    attention = getattr(layer, "self_attn", None)
+    output = _output_projection(attention)
+    if attention is not None and output is not None:
+        shared = bool(getattr(attention, "is_kv_shared_layer", False))
+        source = getattr(attention, "kv_shared_layer_index", None) if shared else None
+        return DecoderLayer(index, LayerKind.ATTENTION, source if shared else None, layer, output,
+                            getattr(attention, "v_proj", None))
+    kind = next((kind for name, kind in (("cross_attn", LayerKind.CROSS), ("linear_attn", LayerKind.LINEAR),
+                                         ("conv", LayerKind.CONVOLUTION)) if hasattr(layer, name)), LayerKind.OTHER)
+    return DecoderLayer(index, kind, None, layer)
+
+
+def decoder_layers(model: nn.Module) -> list[DecoderLayer]:
+    """Every text-decoder layer of a loaded model, in order, with its kind and attention projections."""
+    return [_loaded_layer(index, layer) for index, layer in enumerate(text_decoder(model).layers)]
+
+
+def head_projections(model: nn.Module) -> dict[int, nn.Module]:
+    """Decoder layer index -> its attention's output projection (``o_proj``; the LoRA layer itself when LoRA
+    targets it), for the layers with heads; refused when no layer has any."""
+    layers = decoder_layers(model)
+    found = {layer.index: layer.output for layer in layers if layer.has_heads and layer.output is not None}
+    if not found:
+        raise RecipeError(f"{type(model).__name__}: no decoder layer has softmax self-attention with a per-head output "
+                          f"projection ({describe(layers)}); llamafactory-hera splits that projection by head and "
+                          "cannot run on this architecture.")
+    return found
+
+
+def per_head_value_layers(plans: list[LayerPlan]) -> tuple[list[int], dict[int, str]]:
+    """(layers whose heads own their value and output projections: RAH-LoRA's calibratable layers, the others -> why
+    they are left out). A KV-shared layer reads another layer's values: its own ``v_proj``, where it has one, does
+    nothing, so a V update there would be silently void; a loaded layer also needs ``v_proj`` and the output
+    projection as plain ``nn.Linear``."""
+    kept, left = [], {}
+    for plan in plans:
+        if not plan.has_heads:
+            left[plan.index] = f"{plan.kind}, no heads"
+        elif plan.kv_source is not None:
+            left[plan.index] = f"reads the keys and values of L{plan.kv_source}"
+        elif isinstance(plan, DecoderLayer) and not (isinstance(plan.value, nn.Linear)
+                                                     and isinstance(plan.output, nn.Linear)):
+            left[plan.index] = "no plain Linear v_proj and output projection"
+        else:
+            kept.append(plan.index)
+    return kept, left
+
+
+def head_layers(plans: list[LayerPlan]) -> list[int]:
+    """The indices of the layers with heads."""
+    return [plan.index for plan in plans if plan.has_heads]
+
+
+def describe(plans: list[LayerPlan]) -> str:
+    """Runs of layers by kind, e.g. ``L0-L2 linear attention, L3 softmax attention, ...`` (KV sharing named)."""
+    runs: list[tuple[int, int, str]] = []
+    for plan in plans:
+        what = str(plan.kind) + (f" (keys and values of L{plan.kv_source})" if plan.kv_source is not None else "")
+        if runs and runs[-1][2] == what and runs[-1][1] == plan.index - 1:
+            runs[-1] = (runs[-1][0], plan.index, what)
+        else:
+            runs.append((plan.index, plan.index, what))
+    return ", ".join((f"L{a}" if a == b else f"L{a}-L{b}") + f" {what}" for a, b, what in runs)
+
+
+def layer_list(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``L0-L2, L5``."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and runs[-1][-1] == index - 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return ", ".join(f"L{r[0]}" if len(r) == 1 else f"L{r[0]}-L{r[-1]}" for r in runs) or "none"
