@@ -102,7 +102,8 @@ def text_decoder(model: nn.Module) -> nn.Module:
     for _ in range(3):  # a causal LM inside the MLLM: its own decoder, one level down
         if decoder is None or getattr(decoder, "layers", None) is not None:
             break
-        inner = decoder.get_decoder() if hasattr(decoder, "get_decoder") else getattr(decoder, "model", None)
+        inner = decoder.get_decoder() if hasattr(decoder, "get_decoder") else None
+        inner = getattr(decoder, "model", None) if inner is None or inner is decoder else inner
         decoder = None if inner is decoder else inner
     if getattr(decoder, "layers", None) is None:
         raise RecipeError(

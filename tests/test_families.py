@@ -1,0 +1,122 @@
+"""Every image-text family LLaMA-Factory ships (issue 49's table, docs/families.md): on a tiny model of each, the stock
+path runs `llamafactory-hera select`, HeRA with `hera_heads: auto` (one step; the HeRA term's own gradient reaches the
+chosen heads' layer) and RAH-LoRA (an adapter written; the layers it leaves out named).
+
+The families of the fixtures and of the recipes (qwen3_vl, qwen2_5_vl, llava, llava_next, intern_vl) are trained by
+their own tests (tests/hera/test_hera_recipes.py, tests/rah/test_rah_model.py); this module takes the rest, one
+family per test so that pytest-xdist spreads them. The config's layer plan and the loaded modules agree on every
+family (heads/architecture.py's two views).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from conftest import base_recipe, run_train, run_verb
+from llamafactory_hera.fixtures import TinyAssets
+from llamafactory_hera.heads.architecture import decoder_layers, head_projections, plan_layers
+from llamafactory_hera.hera.trainer import HeraTrainer
+from llamafactory_hera_testing.zoo import ZOO, zoo_model
+
+# what each family's layers are, as the docs' table says (the plan's kinds beyond plain softmax attention)
+LAYER_MIX = {
+    "qwen3_5": {"linear attention"}, "qwen3_5_moe": {"linear attention"}, "lfm2_vl": {"convolution"},
+    "mllama": {"cross-attention"},
+}
+# RAH-LoRA: families with per-head V and O in every softmax layer calibrate every head layer's first half; these
+# leave layers out, each named in the run's output
+LEFT_OUT = {"qwen3_5": "linear attention, no heads", "qwen3_5_moe": "linear attention, no heads",
+            "lfm2_vl": "convolution, no heads", "mllama": "cross-attention, no heads",
+            "gemma3n": "reads the keys and values of", "gemma4": "reads the keys and values of"}
+# lora_target: all fails in LLaMA-Factory 0.9.5 + PEFT for two families (tests/test_zoo_*_sft.py pin the host's error):
+# ERNIE-4.5-VL (the resampler's Linear `mlp` also names the decoder's MLP blocks) and Gemma 3n (AltUp's Linear layers
+# in ModuleLists are named "0", "1", ..., which match every decoder layer's path; `up_proj` matches
+# `altup_projections`): the decoder's linear layers, as their users must write them
+LORA_TARGET = {"ernie4_5_vl_moe": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+               "gemma3n": "q_proj,k_proj,v_proj,o_proj,gate_proj,down_proj"}
+RAH_FORCED = {"rah_isal_percentile": 50, "rah_caf_percentile": 0, "rah_beta": -100, "rah_num_anchors": 2,
+              "rah_rank": 2, "rah_delta": 10.0}  # on 4-head tiny layers: targets, anchors and kept steps
+
+
+class TermGradient:
+    """Wraps :meth:`HeraTrainer.hera_term`: at the first term, the gradient of the HeRA term alone with respect to
+    the trainable parameters of each chosen head's layer's ``o_proj`` (its summed absolute value per layer)."""
+
+    def __init__(self) -> None:
+        self.per_layer: dict[int, float] = {}
+        self.original = HeraTrainer.hera_term
+
+    def __call__(self, trainer: HeraTrainer, reps: torch.Tensor, *args: Any) -> Any:
+        term, finite = self.original(trainer, reps, *args)
+        if term is not None and not self.per_layer:
+            o_projs = head_projections(trainer.model)
+            layers = sorted({ref.layer for ref in trainer.hera_args.head_refs})
+            params = {layer: [p for p in o_projs[layer].parameters() if p.requires_grad] for layer in layers}
+            flat = [p for layer in layers for p in params[layer]]
+            grads = iter(torch.autograd.grad(term, flat, retain_graph=True, allow_unused=True))
+            for layer in layers:
+                self.per_layer[layer] = sum(float(g.abs().sum()) for g in (next(grads) for _ in params[layer])
+                                            if g is not None)
+        return term, finite
+
+
+@pytest.fixture(scope="session")
+def zoo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("zoo")
+
+
+def _family_assets(assets: TinyAssets, name: str, root: Path) -> TinyAssets:
+    return dataclasses.replace(assets, models={name: zoo_model(name, root)}, templates={name: ZOO[name][0]})
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_family_runs_select_hera_and_rah(name: str, assets: TinyAssets, zoo_root: Path, tmp_path: Path,
+                                         capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    family = _family_assets(assets, name, zoo_root)
+    model_path = family.models[name]
+
+    # the two views of the architecture agree: the config's plan (before loading) and the loaded modules
+    config = AutoConfig.from_pretrained(model_path)
+    plans = plan_layers(config)
+    with torch.device("meta"):
+        loaded = decoder_layers(AutoModelForImageTextToText.from_config(config))
+    assert [(p.index, p.kind, p.kv_source) for p in plans] == [(d.index, d.kind, d.kv_source) for d in loaded]
+    assert {str(p.kind) for p in plans} - {"softmax attention"} == LAYER_MIX.get(name, set())
+    head_layers = [p.index for p in plans if p.has_heads]
+
+    # select through the command line's entry (scores cached for the HeRA run below)
+    hera = base_recipe(family, name, tmp_path / "hera", hera_heads="auto", hera_select_num_heads=2,
+                       hera_select_samples=12, max_samples=16, per_device_train_batch_size=4, max_steps=1,
+                       lora_target=LORA_TARGET.get(name, "all"), plot_loss=False, hera_monitor_steps=0)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(hera), encoding="utf-8")
+    proc = run_verb(capfd, "select", recipe, "--dry-run", "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # HeRA, auto heads: the chosen heads lie in layers with heads and the term's gradient reaches their o_proj
+    probe = TermGradient()
+    monkeypatch.setattr(HeraTrainer, "hera_term", lambda trainer, reps, *args: probe(trainer, reps, *args))
+    run_train(hera, tmp_path)
+    run = json.loads((tmp_path / "hera" / "hera_run.json").read_text(encoding="utf-8"))
+    chosen = {int(head.split("H")[0][1:]) for head in run["hera_heads"]}
+    assert chosen and chosen <= set(head_layers), (run["hera_heads"], head_layers)
+    assert set(probe.per_layer) == chosen and all(v > 0 for v in probe.per_layer.values()), probe.per_layer
+
+    # RAH-LoRA: an adapter, and every layer left out named with its reason
+    rah = {k: v for k, v in base_recipe(family, name, tmp_path / "rah").items() if not k.startswith("hera_")}
+    for key in ("max_steps", "learning_rate", "lr_scheduler_type", "per_device_train_batch_size"):
+        rah.pop(key, None)
+    rah |= {"stage": "rah", "rah_samples": 8, "rah_probe_samples": 4, "rah_kl_samples": 4, "max_samples": 16,
+            **RAH_FORCED}
+    proc = run_train(rah, tmp_path)
+    assert (tmp_path / "rah" / "adapter_model.safetensors").is_file()
+    if name in LEFT_OUT:
+        assert "RAH-LoRA: leaves out" in proc.stdout + proc.stderr and LEFT_OUT[name] in proc.stdout + proc.stderr
