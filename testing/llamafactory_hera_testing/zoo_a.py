@@ -17,11 +17,19 @@ from transformers import (
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessor,
     Gemma3Processor,
+    Llama4Config,
+    Llama4ForConditionalGeneration,
+    Llama4ImageProcessor,
+    Llama4Processor,
     LlavaConfig,
     LlavaForConditionalGeneration,
     Mistral3Config,
     Mistral3ForConditionalGeneration,
     MistralConfig,
+    MllamaConfig,
+    MllamaForConditionalGeneration,
+    MllamaImageProcessor,
+    MllamaProcessor,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
@@ -34,7 +42,7 @@ from transformers import (
     SiglipImageProcessor,
 )
 
-from llamafactory_hera.fixtures.tokenizer import bos_first, bpe_with, fast
+from llamafactory_hera.fixtures.tokenizer import LLAMA3_SPECIAL_TOKENS, bos_first, bpe_with, fast
 
 Builder = Callable[[], tuple[PreTrainedModel, ProcessorMixin]]
 
@@ -195,9 +203,104 @@ def _build_mistral_small() -> tuple[PreTrainedModel, ProcessorMixin]:
     return Mistral3ForConditionalGeneration(config), processor
 
 
+# ------------------------------------------------------------------------------------------------ Llama 3.2 Vision
+
+MLLAMA_TRAILING = ("<|python_tag|>", "<|finetune_right_pad_id|>", "<|image|>")
+
+# meta-llama/Llama-3.2-11B-Vision-Instruct style (without its default system block): "<|image|>" per image.
+MLLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|image|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def build_mllama_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 3.2 Vision-style tokenizer: BPE, the Llama-3 specials, ``<|python_tag|>``, the pad token and
+    ``<|image|>`` last (as id 128256 in the real one); bos added on encode."""
+    tok = bpe_with((*LLAMA3_SPECIAL_TOKENS, *MLLAMA_TRAILING))
+    bos_first(tok, "<|begin_of_text|>")
+    named = {"<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"}
+    return fast(tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>",
+                extra_special_tokens=[t for t in (*LLAMA3_SPECIAL_TOKENS, *MLLAMA_TRAILING) if t not in named],
+                chat_template=MLLAMA_CHAT_TEMPLATE)
+
+
+MLLAMA_TILE, MLLAMA_PATCH = 16, 8  # one 16 px tile of 2x2 patches (+ CLS) per image: cross-attended, not in the text
+
+
+def _build_mllama() -> tuple[PreTrainedModel, ProcessorMixin]:
+    # meta-llama/Llama-3.2-11B-Vision: 40 text layers, every 5th a cross-attention layer ([3, 8, 13, ...]) with no
+    # self-attention, GQA 32/8, head_dim 128 = 4096 / 32; here layer 0 self-attention, layer 1 cross-attention
+    tok = build_mllama_tokenizer()
+    text = _text(tok, cross_attention_layers=[1], rope_parameters={"rope_type": "default", "rope_theta": 500_000.0})
+    del text["head_dim"]  # MllamaTextConfig has none: hidden_size / num_attention_heads
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_global_layers": 1,
+              "attention_heads": 2, "image_size": MLLAMA_TILE, "patch_size": MLLAMA_PATCH, "max_num_tiles": 1,
+              "supported_aspect_ratios": [[1, 1]], "intermediate_layers_indices": [0], "vision_output_dim": 64}
+    config = MllamaConfig(text_config=text, vision_config=vision,
+                          image_token_index=tok.convert_tokens_to_ids("<|image|>"))
+    image = MllamaImageProcessor(size=_image_size(MLLAMA_TILE), max_image_tiles=1)
+    return MllamaForConditionalGeneration(config), MllamaProcessor(image, tok, chat_template=tok.chat_template)
+
+
+# ------------------------------------------------------------------------------------------------ Llama 4
+
+LLAMA4_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>", "<|eom|>",
+                   "<|python_start|>", "<|finetune_right_pad|>", "<|image_start|>", "<|image_end|>", "<|image|>",
+                   "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>")
+
+# meta-llama/Llama-4-Scout-17B-16E-Instruct style: "<|image|>" per image (the processor expands it).
+LLAMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|header_start|>{{ message['role'] }}<|header_end|>\n\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|image|>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
+)
+
+
+def build_llama4_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 4-style tokenizer: BPE, then the header, turn and image tokens; bos added on encode."""
+    tok = bpe_with(LLAMA4_SPECIALS)
+    bos_first(tok, "<|begin_of_text|>")
+    named = {"<|begin_of_text|>", "<|eot|>", "<|finetune_right_pad|>"}
+    return fast(tok, bos_token="<|begin_of_text|>", eos_token="<|eot|>", pad_token="<|finetune_right_pad|>",
+                extra_special_tokens=[t for t in LLAMA4_SPECIALS if t not in named], chat_template=LLAMA4_CHAT_TEMPLATE)
+
+
+LLAMA4_TILE, LLAMA4_PATCH = 32, 8  # one 32 px tile of 4x4 patches, pixel-shuffled (0.5) to 2x2 = 4 image tokens
+
+
+def _build_llama4() -> tuple[PreTrainedModel, ProcessorMixin]:
+    # meta-llama/Llama-4-Maverick-17B-128E: 48 layers, MoE every 2nd layer (dense MLP between), chunked attention with
+    # RoPE on 3 of 4 layers and full attention without RoPE (no_rope_layers) on every 4th, GQA 40/8, head_dim 128; here
+    # layer 0 chunked + RoPE + dense MLP, layer 1 full attention + NoPE + MoE (4 tiny experts, top-1, shared expert)
+    tok = build_llama4_tokenizer()
+    text = _text(tok, intermediate_size=32, intermediate_size_mlp=2 * WIDTH, num_local_experts=4,
+                 num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layers=[1, 0], attention_chunk_size=16,
+                 rope_parameters={"rope_type": "default", "rope_theta": 500_000.0})
+    vision = {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": LLAMA4_TILE, "patch_size": LLAMA4_PATCH, "pixel_shuffle_ratio": 0.5,
+              "projector_input_dim": WIDTH, "projector_output_dim": WIDTH, "vision_output_dim": WIDTH,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}}
+    ids = tok.convert_tokens_to_ids(["<|image_start|>", "<|image_end|>", "<|patch|>"])
+    config = Llama4Config(text_config=text, vision_config=vision, boi_token_index=ids[0], eoi_token_index=ids[1],
+                          image_token_index=ids[2])
+    image = Llama4ImageProcessor(size=_image_size(LLAMA4_TILE), max_patches=1, resize_to_max_canvas=False,
+                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Llama4Processor(image_processor=image, tokenizer=tok, patch_size=LLAMA4_PATCH,
+                                pixel_shuffle_ratio=0.5, chat_template=tok.chat_template)
+    return Llama4ForConditionalGeneration(config), processor
+
+
 ZOO_A: dict[str, tuple[str, Builder]] = {
     "gemma3": ("gemma3", _build_gemma3),
     "paligemma": ("paligemma", _build_paligemma),
     "pixtral": ("pixtral", _build_pixtral),
     "mistral_small": ("mistral_small", _build_mistral_small),
+    "mllama": ("mllama", _build_mllama),
+    "llama4": ("llama4", _build_llama4),
 }
