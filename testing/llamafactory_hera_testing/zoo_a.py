@@ -17,6 +17,10 @@ from transformers import (
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessor,
     Gemma3Processor,
+    Lfm2VlConfig,
+    Lfm2VlForConditionalGeneration,
+    Lfm2VlImageProcessor,
+    Lfm2VlProcessor,
     Llama4Config,
     Llama4ForConditionalGeneration,
     Llama4ImageProcessor,
@@ -296,6 +300,50 @@ def _build_llama4() -> tuple[PreTrainedModel, ProcessorMixin]:
     return Llama4ForConditionalGeneration(config), processor
 
 
+# ------------------------------------------------------------------------------------------------ LFM2-VL
+
+LFM2_SPECIALS = ("<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|tool_call_start|>",
+                 "<|tool_call_end|>", "<|tool_response_start|>", "<|tool_response_end|>")
+LFM2_IMAGE = ("<image>", "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>")
+
+# LiquidAI/LFM2-VL-450M style (ChatML): "<image>" per image (the processor expands it).
+LFM2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_lfm2_tokenizer() -> PreTrainedTokenizerFast:
+    """LFM2-style tokenizer: ``<|pad|>``, ``<|startoftext|>``, ``<|endoftext|>`` and the ChatML and tool tokens first,
+    BPE, the image tokens last; bos added on encode."""
+    tok = bpe_with(LFM2_IMAGE, leading=LFM2_SPECIALS)
+    bos_first(tok, "<|startoftext|>")
+    named = {"<|pad|>", "<|startoftext|>", "<|im_end|>"}
+    return fast(tok, bos_token="<|startoftext|>", eos_token="<|im_end|>", pad_token="<|pad|>",
+                extra_special_tokens=[t for t in (*LFM2_SPECIALS, *LFM2_IMAGE) if t not in named],
+                chat_template=LFM2_CHAT_TEMPLATE)
+
+
+LFM2_PATCH = 8  # 48 px images: 6x6 SigLIP2 patches, pixel-unshuffled (2) to 3x3 = 9 image tokens
+
+
+def _build_lfm2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
+    # LiquidAI/LFM2-VL-450M: SigLIP2 NaFlex tower, LFM2-350M text model (16 layers: 10 gated short-convolution layers,
+    # 6 GQA attention layers 16/8, head_dim 64 = 1024 / 16); here layer 0 convolution, layer 1 attention
+    tok = build_lfm2_tokenizer()
+    text = _text(tok, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False, conv_L_cache=3)
+    del text["head_dim"]  # Lfm2Config has none: hidden_size / num_attention_heads
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_patches": 64, "patch_size": LFM2_PATCH, "vision_use_head": False}
+    config = Lfm2VlConfig(text_config=text, vision_config=vision, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                          projector_hidden_size=WIDTH, downsample_factor=2)
+    image = Lfm2VlImageProcessor(encoder_patch_size=LFM2_PATCH, downsample_factor=2, do_image_splitting=False,
+                                 min_image_tokens=4, max_image_tokens=16, max_num_patches=64, use_thumbnail=False)
+    return Lfm2VlForConditionalGeneration(config), Lfm2VlProcessor(image, tok, chat_template=tok.chat_template)
+
+
 ZOO_A: dict[str, tuple[str, Builder]] = {
     "gemma3": ("gemma3", _build_gemma3),
     "paligemma": ("paligemma", _build_paligemma),
@@ -303,4 +351,5 @@ ZOO_A: dict[str, tuple[str, Builder]] = {
     "mistral_small": ("mistral_small", _build_mistral_small),
     "mllama": ("mllama", _build_mllama),
     "llama4": ("llama4", _build_llama4),
+    "lfm2_vl": ("lfm2_vl", _build_lfm2_vl),
 }
