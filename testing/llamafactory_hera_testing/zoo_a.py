@@ -15,6 +15,10 @@ from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessor,
+    Gemma3nAudioFeatureExtractor,
+    Gemma3nConfig,
+    Gemma3nForConditionalGeneration,
+    Gemma3nProcessor,
     Gemma3Processor,
     Gemma4AudioFeatureExtractor,
     Gemma4Config,
@@ -59,10 +63,13 @@ GEMMA3_CHAT_TEMPLATE = (
 
 
 def build_gemma_tokenizer(named: dict[str, str], chat_template: str | None = None, extra: tuple[str, ...] = (),
-                          turns: tuple[str, ...] = GEMMA_TURNS) -> PreTrainedTokenizerFast:
+                          turns: tuple[str, ...] = GEMMA_TURNS,
+                          blocks: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """Gemma-style tokenizer: ``<pad>``, ``<eos>``, ``<bos>``, ``<unk>`` at ids 0-3, BPE, the turn markers, ``extra``
-    and the ``named`` tokens (tokenizer attributes, e.g. ``image_token``) last; bos added on encode."""
-    tok = bpe_with((*turns, *extra, *named.values()), leading=GEMMA_LEADING)
+    and the ``named`` tokens (tokenizer attributes, e.g. ``image_token``) last, or ``blocks`` last when given (which
+    must hold the named tokens not in ``extra``); bos added on encode."""
+    tail = blocks or tuple(named.values())
+    tok = bpe_with((*turns, *extra, *tail), leading=GEMMA_LEADING)
     bos_first(tok, "<bos>")
     return fast(tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
                 extra_special_tokens=dict(named), chat_template=chat_template)
@@ -104,6 +111,54 @@ def _build_paligemma() -> tuple[PreTrainedModel, ProcessorMixin]:
         image_token_index=tok.image_token_id, projection_dim=WIDTH, hidden_size=WIDTH,
     )
     return PaliGemmaForConditionalGeneration(config), processor
+
+# ------------------------------------------------------------------------------------------------ Gemma 3n
+
+# Gemma 3n's vocabulary ends with a vision block (<end_of_image>, <image_soft_token>, ...) and an audio block: token
+# ids in a block are embedded by that modality's embedder. Here 8 ids each, after 496 text ids.
+GEMMA3N_BLOCK, GEMMA3N_TEXT_VOCAB = 8, 496
+GEMMA3N_NAMED = {"boi_token": "<start_of_image>", "boa_token": "<start_of_audio>", "eoi_token": "<end_of_image>",
+                 "image_token": "<image_soft_token>", "eoa_token": "<end_of_audio>",
+                 "audio_token": "<audio_soft_token>"}
+GEMMA3N_SIDE, GEMMA3N_TOKENS = 64, 4  # 64 px images through a stride-32 ConvNeXt: 2x2 = 4 soft tokens
+# LLaMA-Factory adds a silent clip padded to 30 s to every batch without audio: its 2,997 frames give 188 soft tokens
+GEMMA3N_AUDIO_TOKENS = 188
+
+
+def build_gemma3n_tokenizer() -> PreTrainedTokenizerFast:
+    """Gemma 3n-style tokenizer: the Gemma layout whose last 16 ids are the vision block (``<end_of_image>``,
+    ``<image_soft_token>``, padding) and the audio block (``<end_of_audio>``, ``<audio_soft_token>``, padding)."""
+    pads = [[f"<|{kind}_{i}|>" for i in range(GEMMA3N_BLOCK - 2)] for kind in ("vision", "audio")]
+    blocks = ("<end_of_image>", "<image_soft_token>", *pads[0], "<end_of_audio>", "<audio_soft_token>", *pads[1])
+    return build_gemma_tokenizer(GEMMA3N_NAMED, GEMMA3_CHAT_TEMPLATE, extra=("<start_of_image>", "<start_of_audio>"),
+                                 blocks=blocks)
+
+
+def _build_gemma3n() -> tuple[PreTrainedModel, ProcessorMixin]:
+    # google/gemma-3n-E4B-it: MobileNetV5 vision tower, 35 layers (4 sliding-window layers per full-attention layer),
+    # the last 15 layers reading earlier layers' keys and values (no k_proj / v_proj of their own), GQA 8/2,
+    # head_dim 256, AltUp, LAuReL and per-layer inputs; here layers sliding, full, sliding reading layer 0's keys and
+    # values, a tiny timm ConvNeXt (4 one-block stages, width 32) in place of MobileNetV5 (timm has no small one)
+    tok = build_gemma3n_tokenizer()
+    text = _text(tok, 3, layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=16,
+                 num_kv_shared_layers=1, vocab_size_per_layer_input=GEMMA3N_TEXT_VOCAB, hidden_size_per_layer_input=8,
+                 laurel_rank=4)
+    vision = {"architecture": "test_convnext", "model_args": {"depths": [1] * 4, "dims": [8, 16, 24, 32]},
+              "hidden_size": 32, "vocab_size": GEMMA3N_BLOCK, "vocab_offset": GEMMA3N_TEXT_VOCAB}
+    audio = {"hidden_size": 32, "conf_num_hidden_layers": 1, "conf_num_attention_heads": 2,
+             "sscp_conv_channel_size": [8, 8], "vocab_size": GEMMA3N_BLOCK,
+             "vocab_offset": GEMMA3N_TEXT_VOCAB + GEMMA3N_BLOCK}
+    ids = {f"{key}_id": tok.convert_tokens_to_ids(token) for key, token in GEMMA3N_NAMED.items()}
+    config = Gemma3nConfig(
+        text_config=text, vision_config=vision, audio_config=audio, vision_soft_tokens_per_image=GEMMA3N_TOKENS,
+        audio_soft_tokens_per_image=GEMMA3N_AUDIO_TOKENS, **ids,
+    )
+    image = SiglipImageProcessor(size=_image_size(GEMMA3N_SIDE), image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Gemma3nProcessor(feature_extractor=Gemma3nAudioFeatureExtractor(), image_processor=image,
+                                 tokenizer=tok, chat_template=tok.chat_template, audio_seq_length=GEMMA3N_AUDIO_TOKENS,
+                                 image_seq_length=GEMMA3N_TOKENS)
+    return Gemma3nForConditionalGeneration(config), processor
+
 
 # ------------------------------------------------------------------------------------------------ Gemma 4
 
@@ -149,6 +204,7 @@ def _build_gemma4() -> tuple[PreTrainedModel, ProcessorMixin]:
 
 ZOO_A: dict[str, tuple[str, Builder]] = {
     "gemma3": ("gemma3", _build_gemma3),
+    "gemma3n": ("gemma3n", _build_gemma3n),
     "gemma4": ("gemma4", _build_gemma4),
     "paligemma": ("paligemma", _build_paligemma),
     **ZOO_A2,
