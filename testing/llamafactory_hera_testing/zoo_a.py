@@ -180,10 +180,10 @@ GEMMA4_PATCH, GEMMA4_POOL, GEMMA4_SOFT_TOKENS = 4, 3, 70
 
 
 def _build_gemma4() -> tuple[PreTrainedModel, ProcessorMixin]:
-    # google/gemma-4-e2b-it: 35 layers, 4 sliding-window layers per full-attention layer (the last one full), the
-    # last 20 layers reading earlier layers' keys and values (num_kv_shared_layers), head_dim 256 on sliding and 512
-    # on full layers, per-layer input embeddings; here layers sliding, full, full reading layer 1's keys and values,
-    # head_dim 16 (sliding) and 32 (full)
+    # google/gemma-4-e2b-it: sliding-window layers with a full-attention layer between runs of them (the last layer
+    # full), the last layers reading earlier layers' keys and values (num_kv_shared_layers: no k_proj / v_proj of
+    # their own), head_dim 256 on sliding and global_head_dim 512 on full layers, per-layer input embeddings; here
+    # layers sliding, full, full reading layer 1's keys and values, head_dim 16 (sliding) and 32 (full)
     tok = build_gemma_tokenizer(GEMMA4_IMAGE, GEMMA4_CHAT_TEMPLATE, extra=("<|video|>",), turns=GEMMA4_TURNS)
     text = _text(tok, 3, layer_types=["sliding_attention", "full_attention", "full_attention"], sliding_window=16,
                  head_dim=16, global_head_dim=HEAD_DIM, num_kv_shared_layers=1, hidden_size_per_layer_input=8,
