@@ -64,6 +64,7 @@ from llamafactory_hera.fixtures.tokenizer import (
     fast,
 )
 from llamafactory_hera_testing.families import LLAVA_NEXT_PINPOINTS
+from llamafactory_hera_testing.zoo_b2 import ZOO_B2
 
 # llava-hf video checkpoints' chat template: images then videos before the text of each turn.
 LLAVA_VIDEO_CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE.replace(
@@ -199,4 +200,5 @@ ZOO_B: dict[str, tuple[str, Builder]] = {
     "qwen3_5_moe": ("qwen3_5", lambda: _build_qwen3_5(moe=True)),
     "llava_next_video": ("llava_next_video", _build_llava_next_video),
     "video_llava": ("video_llava", _build_video_llava),
+    **ZOO_B2,
 }
