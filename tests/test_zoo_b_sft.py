@@ -15,14 +15,22 @@ from llamafactory_hera.fixtures import TinyAssets
 from llamafactory_hera.fixtures.models import save_built
 from llamafactory_hera_testing.zoo_b import ZOO_B
 
-# family -> why it cannot train stage: sft on transformers 5.6 + LLaMA-Factory 0.9.5 (the error line)
-XFAIL: dict[str, str] = {}
 STREAM = 200  # RNG streams of these builds: after the fixtures' and families.py's
+# ERNIE-4.5-VL: LLaMA-Factory 0.9.5 lists no vision keys for it, so `lora_target: all` also names the resampler's
+# Linear `mlp`, which PEFT then matches on the decoder's dense MLP block too; explicit targets train.
+DECODER_LINEARS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+XFAIL: dict[tuple[str, str], str] = {
+    ("ernie4_5_vl_moe", "all"): "ValueError: Target module Ernie4_5_VLMoeMLP(...) is not supported (PEFT, raised "
+                                "from llamafactory/model/adapter.py _setup_lora_tuning: `lora_target: all` names the "
+                                "resampler's Linear `mlp`, which also matches the decoder layers' `mlp` blocks)",
+}
+CASES = [(name, "all") for name in ZOO_B] + [("ernie4_5_vl_moe", DECODER_LINEARS)]
 
 
-def _families() -> list[object]:
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=XFAIL[name])) if name in XFAIL else name
-            for name in ZOO_B]
+def _cases() -> list[object]:
+    return [pytest.param(*case, id=f"{case[0]}-{'all' if case[1] == 'all' else 'decoder'}",
+                         marks=[pytest.mark.xfail(strict=True, reason=XFAIL[case])] if case in XFAIL else [])
+            for case in CASES]
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +48,15 @@ def _model(name: str, built: dict[str, tuple[Path, float]], tmp_path_factory: py
     return built[name][0]
 
 
-@pytest.mark.parametrize("name", _families())
-def test_family_trains_one_sft_step(name: str, built: dict[str, tuple[Path, float]], assets: TinyAssets,
-                                    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "lora_target"), _cases())
+def test_family_trains_one_sft_step(name: str, lora_target: str, built: dict[str, tuple[Path, float]],
+                                    assets: TinyAssets, tmp_path_factory: pytest.TempPathFactory,
+                                    tmp_path: Path) -> None:
     model = _model(name, built, tmp_path_factory)
     out = tmp_path / "out"
     recipe = {
         "model_name_or_path": str(model), "template": ZOO_B[name][0], "stage": "sft", "do_train": True,
-        "finetuning_type": "lora", "lora_target": "all", "dataset": "hera_demo",
+        "finetuning_type": "lora", "lora_target": lora_target, "dataset": "hera_demo",
         "dataset_dir": str(assets.dataset_dir), "max_samples": 4, "cutoff_len": 512,
         "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": 1, "logging_steps": 1,
         "output_dir": str(out), "overwrite_output_dir": True, "report_to": "none", "plot_loss": False,

@@ -9,6 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from transformers import (
+    Ernie4_5_VLMoeConfig,
+    Ernie4_5_VLMoeForConditionalGeneration,
+    Ernie4_5_VLMoeImageProcessor,
+    Ernie4_5_VLMoeProcessor,
+    Ernie4_5_VLMoeVideoProcessor,
     Glm4vConfig,
     Glm4vForConditionalGeneration,
     Glm4vImageProcessor,
@@ -34,6 +39,7 @@ SPECS: dict[str, FamilySpec] = {
     # GLM-4.5V sets head_dim 128 with 96 heads on a 4096 width: here 32 with 4 heads on 64.
     "glm4v_moe": FamilySpec("glm4_5v", 2, 64, 4, 2, 32, 4),
     "glm_ocr": FamilySpec("glm_ocr", 2, 64, 4, 2, 16, 4),
+    "ernie4_5_vl_moe": FamilySpec("ernie_vl", 2, 64, 4, 2, 16, 4),
 }
 
 # GLM-4.1V / 4.5V / OCR tokenizers: ChatGLM's turn and mask tokens, the vision wrappers; reasoning tags as text.
@@ -110,8 +116,62 @@ def _build_glm(name: str) -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, _glm_processor(tok)
 
 
+# ERNIE-4.5-VL: the processor reads its six vision tokens as named tokenizer attributes.
+ERNIE_NAMED_TOKENS: dict[str, str] = {
+    "image_token": "<|IMAGE_PLACEHOLDER|>", "image_start_token": "<|IMAGE_START|>", "image_end_token": "<|IMAGE_END|>",
+    "video_token": "<|VIDEO_PLACEHOLDER|>", "video_start_token": "<|VIDEO_START|>", "video_end_token": "<|VIDEO_END|>",
+}
+ERNIE_LEADING_SPECIALS: tuple[str, ...] = ("<unk>", "<s>", "</s>")
+ERNIE_SPECIAL_TOKENS: tuple[str, ...] = ("<|begin_of_sentence|>", "<|end_of_sentence|>", *ERNIE_NAMED_TOKENS.values())
+ERNIE_CHAT_TEMPLATE = (
+    "<|begin_of_sentence|>{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}User: {% elif message['role'] == 'assistant' %}Assistant: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "Picture {{ image_count.value }}:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}<|end_of_sentence|>{% else %}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
+def build_ernie_tokenizer() -> PreTrainedTokenizerFast:
+    """ERNIE-4.5-style tokenizer: ``<unk>``, ``<s>``, ``</s>`` first, then BPE, sentence markers, the vision tokens."""
+    tok = bpe_with(ERNIE_SPECIAL_TOKENS, leading=ERNIE_LEADING_SPECIALS)
+    return fast(tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
+                extra_special_tokens=dict(ERNIE_NAMED_TOKENS), chat_template=ERNIE_CHAT_TEMPLATE)
+
+
+def _build_ernie4_5_vl_moe() -> tuple[PreTrainedModel, ProcessorMixin]:
+    # baidu/ERNIE-4.5-VL-28B-A3B-PT: 28 softmax-attention layers, the first dense, then MoE with modality-isolated
+    # experts (64 text + 64 vision, 6 active, 2 shared), GQA 20/4, head_dim 128 = hidden / heads, 3D RoPE.
+    spec = SPECS["ernie4_5_vl_moe"]
+    tok = build_ernie_tokenizer()
+    text = _text_kwargs(spec, tok) | {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 500_000.0, "mrope_section": [3, 3, 2]},
+        "mlp_layer_types": ["dense", "sparse"], "moe_intermediate_size": [32, 16], "moe_num_experts": 4, "moe_k": 2,
+        "moe_num_shared_experts": 1,
+    }
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": GLM_PATCH,
+              "spatial_merge_size": MERGE, "temporal_merge_size": 2}
+    ids = {f"{key}_id": tok.convert_tokens_to_ids(token) for key, token in ERNIE_NAMED_TOKENS.items()}
+    model = Ernie4_5_VLMoeForConditionalGeneration(Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision, **ids))
+    side = GLM_PATCH * MERGE
+    common = {"patch_size": GLM_PATCH, "merge_size": MERGE, "image_mean": list(OPENAI_CLIP_MEAN),
+              "image_std": list(OPENAI_CLIP_STD)}
+    image = Ernie4_5_VLMoeImageProcessor(size={"shortest_edge": side**2, "longest_edge": (4 * side) ** 2}, **common)
+    # no timestamps drawn on frames: that needs a font file beside the processor
+    video = Ernie4_5_VLMoeVideoProcessor(size={"shortest_edge": side**2, "longest_edge": 4 * (4 * side) ** 2},
+                                         draw_on_frames=False, **common)
+    processor = Ernie4_5_VLMoeProcessor(image_processor=image, tokenizer=tok, video_processor=video,
+                                        chat_template=tok.chat_template)
+    return model, processor
+
+
 ZOO_B2: dict[str, tuple[str, Builder]] = {
     "glm4v": ("glm4v", lambda: _build_glm("glm4v")),
     "glm4v_moe": ("glm4_5v", lambda: _build_glm("glm4v_moe")),
     "glm_ocr": ("glm_ocr", lambda: _build_glm("glm_ocr")),
+    "ernie4_5_vl_moe": ("ernie_vl", _build_ernie4_5_vl_moe),
 }
