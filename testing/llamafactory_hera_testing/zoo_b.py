@@ -75,7 +75,7 @@ LLAVA_VIDEO_CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE.replace(
 
 Builder = Callable[[], tuple[PreTrainedModel, ProcessorMixin]]
 
-# GQA (4 query heads, 2 KV heads) everywhere; head_dim 32 != 64 / 4 where the real model sets head_dim explicitly.
+# GQA (4 query heads, 2 KV heads) where the real model has it; head_dim 32 != 64 / 4 where it sets head_dim.
 SPECS: dict[str, FamilySpec] = {
     "qwen2_vl": FamilySpec("qwen2_vl", 2, 64, 4, 2, 16, 4),
     "qwen3_vl_moe": FamilySpec("qwen3_vl_nothink", 2, 64, 4, 2, 32, 4),
@@ -92,12 +92,11 @@ QWEN3_5_ROPE = {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rot
 # Qwen3.5's gated-delta-net (linear attention) layers: 2 key heads of 16, 4 value heads of 16, conv kernel 4.
 QWEN3_5_LINEAR = {"linear_conv_kernel_dim": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
                   "linear_num_key_heads": 2, "linear_num_value_heads": 4}
-# Two tiny routed experts of width 32, one picked per token (MoE families).
+# Four tiny routed experts of width 32, two picked per token (MoE families).
 TINY_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 
 
 def _build_qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
-    # Qwen/Qwen2-VL-7B-Instruct: 28 softmax-attention layers, GQA 28/4, head_dim 128 = hidden / heads.
     spec = SPECS["qwen2_vl"]
     tok = build_qwen_tokenizer(QWEN2_VL_CHAT_TEMPLATE)
     text = _text_kwargs(spec, tok) | {
@@ -113,8 +112,6 @@ def _build_qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
 
 
 def _build_qwen3_vl_moe() -> tuple[PreTrainedModel, ProcessorMixin]:
-    # Qwen/Qwen3-VL-30B-A3B-Instruct: 48 softmax-attention layers, every MLP a 128-expert MoE (8 active), GQA 32/4,
-    # head_dim 128 != 2048 / 32, DeepStack features into the first LM layers.
     spec = SPECS["qwen3_vl_moe"]
     tok = build_qwen_tokenizer(QWEN3_VL_CHAT_TEMPLATE)
     text = _text_kwargs(spec, tok) | TINY_MOE | {
@@ -130,9 +127,6 @@ def _build_qwen3_vl_moe() -> tuple[PreTrainedModel, ProcessorMixin]:
 
 
 def _build_qwen3_5(moe: bool) -> tuple[PreTrainedModel, ProcessorMixin]:
-    # Qwen/Qwen3.5-9B (dense) and Qwen/Qwen3.5-35B-A3B (MoE: 256 experts, 8 active, a shared expert): layers in
-    # groups of three gated-delta-net (linear attention) then one gated softmax attention, head_dim 256; here one
-    # of each kind.
     spec = SPECS["qwen3_5_moe" if moe else "qwen3_5"]
     tok = build_qwen_tokenizer(QWEN3_VL_CHAT_TEMPLATE)
     text = _text_kwargs(spec, tok) | QWEN3_5_LINEAR | {
@@ -164,8 +158,6 @@ def _vicuna_text(spec: FamilySpec, tok: PreTrainedTokenizerFast) -> LlamaConfig:
 
 
 def _build_llava_next_video() -> tuple[PreTrainedModel, ProcessorMixin]:
-    # llava-hf/LLaVA-NeXT-Video-7B-hf: Vicuna-7B (32 softmax-attention layers, MHA 32/32, head_dim 128), CLIP-L/336
-    # tower, anyres images, 2x2-pooled video frames.
     spec = SPECS["llava_next_video"]
     tok = _llava_video_tokenizer()
     config = LlavaNextVideoConfig(
@@ -179,8 +171,6 @@ def _build_llava_next_video() -> tuple[PreTrainedModel, ProcessorMixin]:
 
 
 def _build_video_llava() -> tuple[PreTrainedModel, ProcessorMixin]:
-    # LanguageBind/Video-LLaVA-7B-hf: Vicuna-7B (32 softmax-attention layers, MHA 32/32, head_dim 128), separate
-    # CLIP-L image and video towers of one config.
     spec = SPECS["video_llava"]
     tok = _llava_video_tokenizer()
     frame_tokens = (LLAVA_IMAGE_SIZE // LLAVA_PATCH) ** 2 + 1  # patches + CLS per frame, 8 frames
@@ -193,12 +183,22 @@ def _build_video_llava() -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, VideoLlavaProcessor(image_processor=image, video_processor=video, **_llava_processor_kwargs(tok))
 
 
+_BUILDERS: dict[str, Builder] = {
+    # Qwen/Qwen2-VL-7B-Instruct: 28 softmax-attention layers, GQA 28/4, head_dim 128 = hidden / heads
+    "qwen2_vl": _build_qwen2_vl,
+    # Qwen/Qwen3-VL-30B-A3B-Instruct: 48 softmax-attention layers, MoE (128 experts, 8 active), GQA 32/4, head_dim 128
+    "qwen3_vl_moe": _build_qwen3_vl_moe,
+    # Qwen/Qwen3.5-9B: 3 gated-delta-net (linear attention) layers then 1 gated softmax one, repeated; head_dim 256
+    "qwen3_5": lambda: _build_qwen3_5(moe=False),
+    # Qwen/Qwen3.5-35B-A3B: the same hybrid mix, every MLP a MoE (256 experts, 8 active, one shared expert)
+    "qwen3_5_moe": lambda: _build_qwen3_5(moe=True),
+    # llava-hf/LLaVA-NeXT-Video-7B-hf: Vicuna-7B, 32 softmax-attention layers, MHA 32/32; anyres, pooled video frames
+    "llava_next_video": _build_llava_next_video,
+    # LanguageBind/Video-LLaVA-7B-hf: Vicuna-7B, 32 softmax-attention layers, MHA 32/32; image and video CLIP towers
+    "video_llava": _build_video_llava,
+}
+# LLaMA-Factory family name -> (LLaMA-Factory template, builder), both parts
 ZOO_B: dict[str, tuple[str, Builder]] = {
-    "qwen2_vl": ("qwen2_vl", _build_qwen2_vl),
-    "qwen3_vl_moe": ("qwen3_vl_nothink", _build_qwen3_vl_moe),
-    "qwen3_5": ("qwen3_5", lambda: _build_qwen3_5(moe=False)),
-    "qwen3_5_moe": ("qwen3_5", lambda: _build_qwen3_5(moe=True)),
-    "llava_next_video": ("llava_next_video", _build_llava_next_video),
-    "video_llava": ("video_llava", _build_video_llava),
+    **{name: (SPECS[name].template, builder) for name, builder in _BUILDERS.items()},
     **ZOO_B2,
 }

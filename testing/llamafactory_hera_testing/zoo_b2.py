@@ -97,9 +97,6 @@ def _glm_processor(tok: PreTrainedTokenizerFast) -> ProcessorMixin:
 
 
 def _build_glm(name: str) -> tuple[PreTrainedModel, ProcessorMixin]:
-    # glm4v: zai-org/GLM-4.1V-9B-Thinking, 40 softmax-attention layers (4 norms each), GQA 32/2, head_dim 128 =
-    # hidden / heads. glm4v_moe: zai-org/GLM-4.5V, 46 layers, the first dense, then 128-expert MoE (8 active, one
-    # shared), GQA 96/8, head_dim 128 != 4096 / 96. glm_ocr: zai-org/GLM-OCR, 16 softmax-attention layers, GQA 16/8.
     spec = SPECS[name]
     tok = build_glm_tokenizer()
     text = _text_kwargs(spec, tok) | {"rope_parameters": GLM_ROPE | {"mrope_section": [1, 1, 2]}}
@@ -144,8 +141,6 @@ def build_ernie_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _build_ernie4_5_vl_moe() -> tuple[PreTrainedModel, ProcessorMixin]:
-    # baidu/ERNIE-4.5-VL-28B-A3B-PT: 28 softmax-attention layers, the first dense, then MoE with modality-isolated
-    # experts (64 text + 64 vision, 6 active, 2 shared), GQA 20/4, head_dim 128 = hidden / heads, 3D RoPE.
     spec = SPECS["ernie4_5_vl_moe"]
     tok = build_ernie_tokenizer()
     text = _text_kwargs(spec, tok) | {
@@ -169,9 +164,15 @@ def _build_ernie4_5_vl_moe() -> tuple[PreTrainedModel, ProcessorMixin]:
     return model, processor
 
 
-ZOO_B2: dict[str, tuple[str, Builder]] = {
-    "glm4v": ("glm4v", lambda: _build_glm("glm4v")),
-    "glm4v_moe": ("glm4_5v", lambda: _build_glm("glm4v_moe")),
-    "glm_ocr": ("glm_ocr", lambda: _build_glm("glm_ocr")),
-    "ernie4_5_vl_moe": ("ernie_vl", _build_ernie4_5_vl_moe),
+_BUILDERS: dict[str, Builder] = {
+    # zai-org/GLM-4.1V-9B-Thinking: 40 softmax-attention layers (4 norms each, fused gate_up_proj), GQA 32/2
+    "glm4v": lambda: _build_glm("glm4v"),
+    # zai-org/GLM-4.5V: 46 softmax-attention layers, the first dense MLP, then MoE (128 experts, 8 active, 1 shared)
+    "glm4v_moe": lambda: _build_glm("glm4v_moe"),
+    # zai-org/GLM-OCR: 16 softmax-attention layers as GLM-4.1V's (4 norms each, fused gate_up_proj), GQA 16/8
+    "glm_ocr": lambda: _build_glm("glm_ocr"),
+    # baidu/ERNIE-4.5-VL-28B-A3B-PT: 28 softmax-attention layers, first dense, then text/vision-isolated MoE, GQA 20/4
+    "ernie4_5_vl_moe": _build_ernie4_5_vl_moe,
 }
+# LLaMA-Factory family name -> (LLaMA-Factory template, builder); GLM-4.5V's template is glm4_5v
+ZOO_B2: dict[str, tuple[str, Builder]] = {name: (SPECS[name].template, builder) for name, builder in _BUILDERS.items()}
