@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conftest import base_recipe, harc_recipe
+from conftest import REPO, base_recipe, harc_recipe
 from llamafactory_hera.demo.rah import build_rah_recipe
 from llamafactory_hera.short_errors import raised_by_plugin
 
@@ -150,6 +150,9 @@ BAD_INPUTS: dict[str, tuple[str, Any, str]] = {
                                         "resume_from_checkpoint: "),
     "fp16 and bf16": ("hera", {"fp16": True, "bf16": True}, "fp16: true and bf16: true: a run trains in one "),
     "rah with packing": ("rah", {"packing": True}, "packing: true is not supported by stage: rah: "),
+    # a single rank under ZeRO-3 (one GPU, or FORCE_TORCHRUN=1 NPROC_PER_NODE=1): RAH has no optimizer to shard
+    "rah with deepspeed": ("rah", {"deepspeed": str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json")},
+                           "stage: rah takes no optimizer step and runs on one device; remove deepspeed."),
     "rah with resume": ("rah", {"resume_from_checkpoint": "/nonexistent/checkpoint-5"},
                         "resume_from_checkpoint: /nonexistent/checkpoint-5 does not apply to stage: rah: "),
     # issue 43: a bare StopIteration while the rows were aligned (HeRA), or a late or no error

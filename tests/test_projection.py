@@ -98,3 +98,50 @@ def test_capture_equals_explicit_pooled_contributions(assets, family: str) -> No
     with torch.no_grad():
         model(**batch)
     assert capture.disarm(pooling_weights(mask)) is None
+
+
+def _partition_like_zero3(module: torch.nn.Module) -> None:
+    """Every parameter of ``module`` as DeepSpeed ZeRO-3 leaves it: a ``ds_id``, its shape in ``ds_shape``, the data an
+    empty 1-D placeholder outside its own module's call (gathered by a pre-hook, released by a hook)."""
+    for index, sub in enumerate(module.modules()):
+        own = dict(sub.named_parameters(recurse=False))
+        if not own:
+            continue
+        whole = {name: p.data for name, p in own.items()}
+        for p in own.values():
+            p.ds_id, p.ds_shape = index, p.shape
+            p.data = torch.empty(0, dtype=p.dtype)
+
+        def gather(mod, args, params=own, data=whole):
+            for name, p in params.items():
+                p.data = data[name]
+
+        def release(mod, args, output, params=own):
+            for p in params.values():
+                p.data = torch.empty(0, dtype=p.dtype)
+
+        sub.register_forward_pre_hook(gather)
+        sub.register_forward_hook(release)
+
+
+def test_a_zero3_partitioned_lora_o_proj_projects_through_its_calls() -> None:
+    """Issue 49: under ZeRO-3 the LoRA base layer's weight is an empty 1-D placeholder and the LoRA path was refused
+    as a quantized base ("needs a plain (unquantized) Linear"); it now projects through the modules' calls as the
+    unpartitioned weights do, and reading the weight outside a gather names the fix."""
+    from llamafactory_hera.heads.projection import effective_weight_columns, is_partitioned, project_heads_by_call
+
+    torch.manual_seed(0)
+    models = []
+    for _ in range(2):
+        holder = torch.nn.Module()
+        holder.o_proj = torch.nn.Linear(12, 8, bias=False)
+        models.append(get_peft_model(holder, LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False)))
+    models[1].load_state_dict(models[0].state_dict())
+    whole, partitioned = (model.base_model.model.o_proj for model in models)
+    _partition_like_zero3(partitioned)
+    assert is_partitioned(partitioned) and partitioned.base_layer.weight.ndim == 1
+    pooled = torch.randn(5, 2 * 4)
+    torch.testing.assert_close(project_heads_by_call(partitioned, pooled, [0, 2], 4, 12),
+                               project_heads(whole, pooled, [0, 2], 4))
+    with pytest.raises(RuntimeError, match="ZeRO-3 partition; read it inside deepspeed.zero.GatheredParameters"):
+        effective_weight_columns(partitioned, torch.arange(4))

@@ -23,6 +23,9 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
     of its effect on the projected value).
     """
     base, adapters = _base_and_adapters(o_proj)
+    if base.weight.ndim != 2:  # a ZeRO-3 partition outside its gather: an empty 1-D placeholder
+        raise RuntimeError("o_proj's weight is a DeepSpeed ZeRO-3 partition; read it inside "
+                           "deepspeed.zero.GatheredParameters, or project through project_heads_by_call.")
     weight = base.weight[:, columns].float()
     for name in adapters:
         lora_a = o_proj.lora_A[name].weight[:, columns].float()  # [r, C]
@@ -40,7 +43,7 @@ def _base_and_adapters(o_proj: nn.Module) -> tuple[nn.Linear, list[str]]:
             raise TypeError(f"o_proj is a {type(o_proj).__name__}; llamafactory-hera supports nn.Linear and "
                             "LoRA-wrapped Linear.")
         return o_proj, []
-    if not isinstance(base, nn.Linear) or getattr(base, "weight", None) is None or base.weight.ndim != 2:
+    if not isinstance(base, nn.Linear) or len(_full_shape(getattr(base, "weight", None))) != 2:
         raise TypeError(
             f"o_proj wraps a {type(base).__name__}; llamafactory-hera needs a plain (unquantized) Linear base layer to "
             "read W_O."
@@ -51,6 +54,14 @@ def _base_and_adapters(o_proj: nn.Module) -> tuple[nn.Linear, list[str]]:
     if any(o_proj.use_dora.get(name, False) for name in names):
         raise TypeError("o_proj uses DoRA; HeRA's per-head weight split supports plain LoRA only.")
     return base, names
+
+
+def _full_shape(weight: torch.Tensor | None) -> tuple[int, ...]:
+    """The shape of ``weight`` as the model defines it: a DeepSpeed ZeRO-3 partition (a ``ds_id``) keeps it in
+    ``ds_shape`` (outside a gather its data is an empty 1-D placeholder); () for no weight."""
+    if weight is None:
+        return ()
+    return tuple(weight.ds_shape) if hasattr(weight, "ds_id") else tuple(weight.shape)
 
 
 def head_columns(heads: list[int], head_dim: int, device: torch.device | None = None) -> torch.Tensor:
