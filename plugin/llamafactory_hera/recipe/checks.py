@@ -18,9 +18,9 @@ traceback, some of them only after the model and the teacher loaded:
 - a ``deepspeed`` config path that is not a file (accelerate's "Expected a string path to an existing deepspeed config"
   while the arguments are built);
 - FSDP, from the recipe (``fsdp``, ``fsdp_config``) or from ``accelerate launch`` with an FSDP config
-  (``ACCELERATE_USE_FSDP``, with ``FSDP_VERSION`` 1 or 2): every method reads whole weights outside the wrapped forward,
-  which FSDP shards (why, per method: :data:`_FSDP`); the run would load the model and the teacher, then fail at the
-  first projection. DeepSpeed ZeRO is the supported sharding (HeRA, HARC);
+  (``ACCELERATE_USE_FSDP``, with ``FSDP_VERSION`` 1 or 2), why per method and version in :mod:`.fsdp` (what was
+  measured of FSDP2 included); the run would load the model and the teacher first. DeepSpeed ZeRO-3 is the supported
+  sharding (HeRA, HARC);
 - ``streaming: true``: every stage reads its rows as a map-style dataset (see :data:`_STREAMING`).
 
 :func:`check_raw_recipe`, run after these and the method's own raw checks, runs the checks of the keys LLaMA-Factory
@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.recipe.fsdp import check_fsdp, check_fsdp_parsed
 from llamafactory_hera.recipe.host_keys import check_bf16_device, check_host_keys
 from llamafactory_hera.recipe.model_checks import check_lora_target, check_model_paths
 from llamafactory_hera.short_errors import RecipeError
@@ -240,55 +241,6 @@ _STREAMING = {
     "rah": "RAH-LoRA draws its probe and calibration rows by index from the whole dataset",
     "harc": "HARC draws its extraction, validation and training rows by index from whole role datasets",
 }
-_FSDP = {
-    "hera": "HeRA slices o_proj's weight by head and its monitor reads it between steps, outside the wrapped forward "
-            "where FSDP gathers it",
-    "rah": "RAH-LoRA runs on one process and edits whole V and O weights",
-    "harc": "HARC reads the residual stream and the LoRA reference (adapter disabled) outside FSDP's wrapped forward",
-}
-_FSDP_FIX = {
-    "rah": "run it on one process: CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE",
-}
-_DEFAULT_FSDP_FIX = ("shard with DeepSpeed ZeRO instead (deepspeed: recipes/deepspeed/ds_z3_config.json or "
-                     "ds_z2_config.json), or run one process")
-
-
-def _set(value: Any) -> bool:
-    """A recipe value that turns something on (not absent, empty, ``false`` or an empty list / dict)."""
-    if isinstance(value, bool):
-        return value
-    return bool(value) and str(value).strip().lower() not in {"", "false", "0", "no", "off", "none", "[]", "{}"}
-
-
-def _fsdp_refusal(stage: str, what: str, fix: str = _DEFAULT_FSDP_FIX) -> RecipeError:
-    reason = _FSDP.get(stage, "the stage reads whole weights outside the wrapped forward, which FSDP shards")
-    return RecipeError(f"{what}: stage: {stage} cannot run under FSDP ({reason}); {_FSDP_FIX.get(stage, fix)}.")
-
-
-def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mapping[str, str]) -> None:
-    """No FSDP from the recipe's ``fsdp`` / ``fsdp_config`` or from ``accelerate launch``'s environment."""
-    value = raw_value(host_args, "fsdp")
-    if _set(value):  # fsdp_config alone is ignored by transformers (it warns), so it is no FSDP run
-        config = raw_value(host_args, "fsdp_config")
-        raise _fsdp_refusal(stage, f"fsdp: {value}" + (f" (fsdp_config: {config})" if _set(config) else ""))
-    used = environ.get("ACCELERATE_USE_FSDP", "")
-    if used.lower() == "true":  # exactly how accelerate's Accelerator reads it (1.11: "1" does not turn FSDP on)
-        version = environ.get("FSDP_VERSION")
-        shown = f"ACCELERATE_USE_FSDP={used}" + (f" (FSDP_VERSION={version})" if version else "")
-        raise _fsdp_refusal(stage, f"{shown}, set by accelerate launch with an FSDP config",
-                            "launch with llamafactory-cli train, or accelerate launch with a DeepSpeed config (ZeRO "
-                            "is the supported sharding), not an FSDP one")
-
-
-def check_fsdp_parsed(stage: str, training_args: Any) -> None:
-    """The parsed ``fsdp`` option (set by any front end, e.g. LlamaBoard's extra arguments) is empty."""
-    value = getattr(training_args, "fsdp", None)
-    if value:
-        shown = " ".join(str(getattr(option, "value", option)) for option in value) if isinstance(value, list) \
-            else value
-        raise _fsdp_refusal(stage, f"fsdp: {shown}")
-
-
 def _deepspeed_config_readable(value: str) -> bool:
     """A JSON file, or what accelerate also accepts in its place: inline JSON or base64-encoded JSON."""
     text = value.strip()
