@@ -88,7 +88,8 @@ def test_family_runs_select_hera_and_rah(name: str, assets: TinyAssets, zoo_root
     plans = plan_layers(config)
     with torch.device("meta"):
         loaded = decoder_layers(AutoModelForImageTextToText.from_config(config))
-    assert [(p.index, p.kind, p.kv_source) for p in plans] == [(d.index, d.kind, d.kv_source) for d in loaded]
+    assert [(p.index, p.kind, p.kv_source, p.head_dim) for p in plans] == \
+        [(d.index, d.kind, d.kv_source, d.head_dim) for d in loaded]
     assert {str(p.kind) for p in plans} - {"softmax attention"} == LAYER_MIX.get(name, set())
     head_layers = [p.index for p in plans if p.has_heads]
 

@@ -42,6 +42,7 @@ class LayerPlan:
     index: int
     kind: LayerKind
     kv_source: int | None = None
+    head_dim: int | None = None  # layers with heads: the width of one head (Gemma 4's global layers: wider)
 
     @property
     def has_heads(self) -> bool:
@@ -84,6 +85,9 @@ def plan_layers(config: Any) -> list[LayerPlan]:
     for index in getattr(text, "cross_attention_layers", None) or []:
         if 0 <= int(index) < count:
             kinds[int(index)] = LayerKind.CROSS
+    base_dim = int(getattr(text, "head_dim", None) or int(text.hidden_size) // int(text.num_attention_heads))
+    wide = getattr(text, "global_head_dim", None)  # Gemma 4: full-attention layers use heads of this width
+    dims = [int(wide) if wide and types and types[i] == "full_attention" else base_dim for i in range(count)]
     shared = int(getattr(text, "num_kv_shared_layers", 0) or 0)
     first_shared = count - shared
     sources: list[int | None] = [None] * count
@@ -91,7 +95,8 @@ def plan_layers(config: Any) -> list[LayerPlan]:
         for index in range(first_shared, count):
             same = [i for i in range(first_shared) if not types or types[i] == types[index]]
             sources[index] = same[-1] if same else None
-    return [LayerPlan(i, kinds[i], sources[i]) for i in range(count)]
+    return [LayerPlan(i, kinds[i], sources[i], dims[i] if kinds[i] is LayerKind.ATTENTION else None)
+            for i in range(count)]
 
 
 def text_decoder(model: nn.Module) -> nn.Module:
@@ -127,11 +132,12 @@ def _loaded_layer(index: int, layer: nn.Module) -> DecoderLayer:
     if attention is not None and output is not None:
         shared = bool(getattr(attention, "is_kv_shared_layer", False))
         source = getattr(attention, "kv_shared_layer_index", None) if shared else None
-        return DecoderLayer(index, LayerKind.ATTENTION, source if shared else None, layer, output,
-                            getattr(attention, "v_proj", None))
+        head_dim = getattr(attention, "head_dim", None)
+        return DecoderLayer(index, LayerKind.ATTENTION, source if shared else None,
+                            int(head_dim) if head_dim else None, layer, output, getattr(attention, "v_proj", None))
     kind = next((kind for name, kind in (("cross_attn", LayerKind.CROSS), ("linear_attn", LayerKind.LINEAR),
                                          ("conv", LayerKind.CONVOLUTION)) if hasattr(layer, name)), LayerKind.OTHER)
-    return DecoderLayer(index, kind, None, layer)
+    return DecoderLayer(index, kind, None, None, layer)
 
 
 def decoder_layers(model: nn.Module) -> list[DecoderLayer]:
@@ -151,17 +157,20 @@ def head_projections(model: nn.Module) -> dict[int, nn.Module]:
     return found
 
 
-def per_head_value_layers(plans: list[LayerPlan]) -> tuple[list[int], dict[int, str]]:
+def per_head_value_layers(plans: list[LayerPlan], head_dim: int | None = None) -> tuple[list[int], dict[int, str]]:
     """(layers whose heads own their value and output projections: RAH-LoRA's calibratable layers, the others -> why
     they are left out). A KV-shared layer reads another layer's values: its own ``v_proj``, where it has one, does
     nothing, so a V update there would be silently void; a loaded layer also needs ``v_proj`` and the output
-    projection as plain ``nn.Linear``."""
+    projection as plain ``nn.Linear``. With ``head_dim``, a layer whose heads have another width (Gemma 4's
+    full-attention layers) is left out too: RAH-LoRA's slices and anchors assume one head width."""
     kept, left = [], {}
     for plan in plans:
         if not plan.has_heads:
             left[plan.index] = f"{plan.kind}, no heads"
         elif plan.kv_source is not None:
             left[plan.index] = f"reads the keys and values of L{plan.kv_source}"
+        elif head_dim is not None and plan.head_dim is not None and plan.head_dim != head_dim:
+            left[plan.index] = f"heads of width {plan.head_dim}, not the model's {head_dim}"
         elif isinstance(plan, DecoderLayer) and not (isinstance(plan.value, nn.Linear)
                                                      and isinstance(plan.output, nn.Linear)):
             left[plan.index] = "no plain Linear v_proj and output projection"

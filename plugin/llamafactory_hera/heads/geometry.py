@@ -40,6 +40,11 @@ class AttentionGeometry:
     hidden_size: int
     head_layers: tuple[int, ...] = ()
     kinds: tuple[str, ...] = ()
+    layer_head_dims: tuple[int | None, ...] = ()  # per layer (None: no heads); where empty, head_dim everywhere
+
+    def head_dim_of(self, layer: int) -> int:
+        """The width of one head of ``layer`` (Gemma 4's full-attention layers have wider heads)."""
+        return self.layer_head_dims[layer] or self.head_dim if self.layer_head_dims else self.head_dim
 
     @property
     def num_model_heads(self) -> int:
@@ -67,7 +72,8 @@ def attention_geometry(config: Any) -> AttentionGeometry:
     head_dim = getattr(text, "head_dim", None) or hidden // num_heads
     plans = plan_layers(config)
     return AttentionGeometry(int(text.num_hidden_layers), num_heads, int(head_dim), hidden,
-                             tuple(head_layers(plans)), tuple(str(plan.kind) for plan in plans))
+                             tuple(head_layers(plans)), tuple(str(plan.kind) for plan in plans),
+                             tuple(plan.head_dim for plan in plans))
 
 
 def check_heads_fit(heads: list[HeadRef], geometry: AttentionGeometry, model_name: str) -> None:

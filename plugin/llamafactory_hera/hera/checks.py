@@ -136,7 +136,9 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     check_has_heads(geometry, config, "stage: hera")
     adapters = model_args.adapter_name_or_path
     check_adapter_fits(adapters if isinstance(adapters, list) else [adapters] if adapters else [],
-                       geometry.hidden_size, geometry.num_heads * geometry.head_dim, str(model_args.model_name_or_path))
+                       geometry.hidden_size, {geometry.num_heads * geometry.head_dim_of(layer)
+                                              for layer in geometry.head_layers or range(geometry.num_layers)},
+                       str(model_args.model_name_or_path))
     if not hera_args.auto_heads:
         check_heads_fit(hera_args.head_refs, geometry, str(model_args.model_name_or_path))
     elif hera_args.hera_select_num_heads > geometry.num_model_heads:
@@ -160,13 +162,14 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     check_contrastive_geometry(geometry, hera_args)
 
 
-def check_adapter_fits(adapters: list[str] | None, hidden_size: int, attention_width: int, model_name: str) -> None:
+def check_adapter_fits(adapters: list[str] | None, hidden_size: int, attention_widths: set[int],
+                       model_name: str) -> None:
     """Raise when an adapter's LoRA matrices cannot belong to this base model (shapes checked, no weights loaded).
 
     Args:
         adapters: ``adapter_name_or_path`` entries (local folders are checked, hub ids skipped).
         hidden_size: the text model's width d.
-        attention_width: ``num_heads * head_dim`` (input width of o_proj, output width of q_proj).
+        attention_widths: ``num_heads * head_dim`` of the layers (input width of o_proj; Gemma 4's layers differ).
     """
     for adapter in adapters or []:
         weights = Path(adapter) / "adapter_model.safetensors"
@@ -176,10 +179,11 @@ def check_adapter_fits(adapters: list[str] | None, hidden_size: int, attention_w
             Path(adapter) / "adapter_config.json").is_file() else {}
         with safe_open(str(weights), "pt") as handle:
             for name in handle.keys():
-                if ".self_attn.o_proj.lora_A" in name and handle.get_slice(name).get_shape()[1] != attention_width:
+                if ".self_attn.o_proj.lora_A" in name and handle.get_slice(name).get_shape()[1] not in attention_widths:
                     raise RecipeError(
                         f"adapter_name_or_path: {adapter} was trained on another base model (its o_proj LoRA expects "
-                        f"inputs of width {handle.get_slice(name).get_shape()[1]}, {model_name} has {attention_width}; "
+                        f"inputs of width {handle.get_slice(name).get_shape()[1]}, {model_name} has "
+                        f"{' or '.join(map(str, sorted(attention_widths)))}; "
                         f"the adapter's base is {config.get('base_model_name_or_path', 'unknown')}). Use an adapter of "
                         "this base model.")
                 if ".self_attn.o_proj.lora_B" in name and handle.get_slice(name).get_shape()[0] != hidden_size:

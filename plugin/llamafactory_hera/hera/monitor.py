@@ -143,7 +143,7 @@ class MonitorCallback(TrainerCallback):
         self.every = hera_args.hera_monitor_steps
         self.aligned = list(hera_args.head_refs)
         self.control = control_heads(self.aligned, geometry.num_heads, args.seed)
-        self.head_dim = geometry.head_dim
+        self.geometry = geometry
         self.device = args.device
         self.k = hera_args.hera_k
         self.clamp = hera_args.hera_select_clamp
@@ -200,11 +200,12 @@ class MonitorCallback(TrainerCallback):
         o_projs = head_projections(model)
         per_head: dict[HeadRef, torch.Tensor] = {}
         for layer, heads in self.by_layer.items():
-            columns = head_columns(heads, self.head_dim)
+            head_dim = self.geometry.head_dim_of(layer)
+            columns = head_columns(heads, head_dim)
             with _gathered(o_projs[layer]):
                 weight = effective_weight_columns(o_projs[layer], columns.to(self.device)).detach()  # [d, n*dh]
             scores, _ = layer_head_neighbours(pooled[layer][:, columns].to(self.device), weight, self.teacher_knn,
-                                              self.k, self.head_dim, clamp=self.clamp)
+                                              self.k, head_dim, clamp=self.clamp)
             per_head.update({HeadRef(layer, head): score for head, score in zip(heads, scores, strict=True)})
         return torch.stack([per_head[ref] for ref in (*self.aligned, *self.control)])
 

@@ -335,7 +335,7 @@ class HeadCapture:
             self._modules[layer].register_forward_hook(self._make_hook(layer))
 
     def _make_hook(self, layer: int):
-        dh = self.geometry.head_dim
+        dh = self.geometry.head_dim_of(layer)
         slices = [slice(h * dh, (h + 1) * dh) for h in self._by_layer[layer]]
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -387,10 +387,10 @@ class HeadCapture:
             pooled = torch.einsum("bt,btc->bc", weights.to(x_heads.device, torch.float32), x_heads.float())
             heads = self._by_layer[layer]
             module = self._modules[layer]
+            head_dim = self.geometry.head_dim_of(layer)
             if is_partitioned(module):  # DeepSpeed ZeRO-3: let the module's hooks gather its weights
-                projected = project_heads_by_call(module, pooled, heads, self.geometry.head_dim,
-                                                  self.geometry.num_heads * self.geometry.head_dim)
+                projected = project_heads_by_call(module, pooled, heads, head_dim, self.geometry.num_heads * head_dim)
             else:
-                projected = project_heads(module, pooled, heads, self.geometry.head_dim)  # [n, B, d]
+                projected = project_heads(module, pooled, heads, head_dim)  # [n, B, d]
             reps.update({HeadRef(layer, h): rep for h, rep in zip(heads, projected, strict=True)})
         return torch.stack([reps[ref] for ref in self.heads])

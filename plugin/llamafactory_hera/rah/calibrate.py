@@ -138,13 +138,13 @@ def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
 
 
 def layers_to_calibrate(model: nn.Module, args: RahArguments) -> tuple[list[int], dict[int, str]]:
-    """(the layers ``rah_layers`` asks for that can be calibrated, those it asks for or that ``auto`` passes over,
-    each with why it cannot be): ``auto`` takes the first half of the calibratable layers."""
+    """(the layers ``rah_layers`` asks for that can be calibrated, the layers left out, each with why it cannot be
+    calibrated: under ``auto``, which takes the first half of the calibratable layers, every such layer of the
+    model; else those ``rah_layers`` names)."""
     modules, left = attention_modules(model), left_out_layers(model)
     asked = args.layer_list(len(modules) + len(left), list(modules))
     if args.rah_layers == AUTO:
-        last = asked[-1]
-        return asked, {layer: why for layer, why in left.items() if layer < last}
+        return asked, left
     return [layer for layer in asked if layer in modules], {layer: left[layer] for layer in asked if layer in left}
 
 

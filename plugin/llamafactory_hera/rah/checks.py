@@ -11,6 +11,7 @@ from typing import Any
 from transformers import AutoConfig
 
 from llamafactory_hera.heads.architecture import describe, layer_list, per_head_value_layers, plan_layers
+from llamafactory_hera.heads.geometry import attention_geometry
 from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.recipe.checks import check_run_inputs
 from llamafactory_hera.recipe.declaration import truthy
@@ -71,7 +72,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                           f"'{getattr(config, 'model_type', '?')}') names no image token; RAH-LoRA calibrates the "
                           "heads of a multimodal model by their attention between text and image tokens.")
     plans = plan_layers(config)
-    calibratable, left = per_head_value_layers(plans)
+    calibratable, left = per_head_value_layers(plans, attention_geometry(config).head_dim)
     if not calibratable:
         raise RecipeError(f"stage: rah cannot run on model_type '{getattr(config, 'model_type', '?')}': no decoder "
                           "layer has softmax self-attention whose heads own their V and O projections "

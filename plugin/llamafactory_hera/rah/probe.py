@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from llamafactory_hera.heads.architecture import DecoderLayer, decoder_layers, describe, per_head_value_layers
+from llamafactory_hera.heads.geometry import attention_geometry
 from llamafactory_hera.heads.pooling import multimodal_token_ids
 from llamafactory_hera.rah.scores import isal, margin_loss
 from llamafactory_hera.short_errors import RecipeError
@@ -27,7 +28,7 @@ def attention_modules(model: nn.Module) -> dict[int, DecoderLayer]:
     """Decoder layer index -> the layer, for the layers RAH-LoRA can calibrate: softmax self-attention whose heads own
     their ``v_proj`` and output projection (:func:`~llamafactory_hera.heads.architecture.per_head_value_layers`)."""
     layers = decoder_layers(model)
-    kept, _ = per_head_value_layers(layers)
+    kept, _ = per_head_value_layers(layers, attention_geometry(model.config).head_dim)
     if not kept:
         raise RecipeError(f"{type(model).__name__}: no decoder layer has softmax self-attention whose heads own a "
                           f"v_proj and an output projection Linear ({describe(layers)}); RAH-LoRA calibrates those "
@@ -37,7 +38,7 @@ def attention_modules(model: nn.Module) -> dict[int, DecoderLayer]:
 
 def left_out_layers(model: nn.Module) -> dict[int, str]:
     """Decoder layer index -> why RAH-LoRA cannot calibrate it (no heads, KV shared, no plain Linear)."""
-    return per_head_value_layers(decoder_layers(model))[1]
+    return per_head_value_layers(decoder_layers(model), attention_geometry(model.config).head_dim)[1]
 
 
 @contextlib.contextmanager

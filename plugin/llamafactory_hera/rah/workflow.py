@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from llamafactory_hera.heads.architecture import layer_list
 from llamafactory_hera.log import progress, say, start_board_files
 from llamafactory_hera.plots.heads import plot_score_panels
 from llamafactory_hera.rah.adapter import lora_factors, save_adapter
@@ -174,7 +175,8 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
                   for j in range(0, len(kl_rows), size)]
     layers, left = layers_to_calibrate(model, rah_args)
     if left:  # never silently: a KV-shared layer's V update would do nothing, a linear-attention layer has no heads
-        say(f"RAH-LoRA: leaves out {', '.join(f'L{layer} ({why})' for layer, why in sorted(left.items()))}")
+        reasons = {why: [layer for layer in sorted(left) if left[layer] == why] for why in left.values()}
+        say("RAH-LoRA: leaves out " + "; ".join(f"{layer_list(layers)} ({why})" for why, layers in reasons.items()))
     kinds = token_kinds(model, tokenizer_module["tokenizer"], tokenizer_module.get("processor"))
     say(f"RAH-LoRA: layers {layers[0]}..{layers[-1]} ({len(layers)}); {len(rows)} rows for I-SAL, "
          f"{rah_args.rah_probe_samples} for CAF, {rah_args.rah_kl_samples} for the KL probe; rank {rah_args.rah_rank}, "

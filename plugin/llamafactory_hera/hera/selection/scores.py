@@ -125,7 +125,8 @@ class HeadNeighbours:
 
 def all_head_neighbours(pooled: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
                         weights: Mapping[int, torch.Tensor] | Sequence[torch.Tensor], teacher: torch.Tensor,
-                        k: int, head_dim: int, device: torch.device | str | None = None, clamp: float = 0.0,
+                        k: int, head_dim: int | Mapping[int, int], device: torch.device | str | None = None,
+                        clamp: float = 0.0,
                         num_layers: int | None = None) -> HeadNeighbours:
     """MKNN of every head of every layer with heads and each pair's overlap (:func:`layer_head_neighbours`); the rows
     of layers without heads (linear attention, convolution, cross-attention) are NaN.
@@ -136,7 +137,7 @@ def all_head_neighbours(pooled: Mapping[int, torch.Tensor] | Sequence[torch.Tens
         weights: the same layers -> ``[d, H * head_dim]`` effective ``o_proj`` weights.
         teacher: ``[N, E]`` teacher features of the same N samples.
         k: neighbours per sample.
-        head_dim: width of one head.
+        head_dim: width of one head, or layer -> its heads' width (Gemma 4's layers differ).
         device: where to compute (default: the teacher's device).
         clamp: PRH's outlier quantile for both sides (0 or 1: no clamp).
         num_layers: the decoder's depth (default: one past the last layer with heads).
@@ -145,7 +146,8 @@ def all_head_neighbours(pooled: Mapping[int, torch.Tensor] | Sequence[torch.Tens
     pooled = pooled if isinstance(pooled, Mapping) else dict(enumerate(pooled))
     weights = weights if isinstance(weights, Mapping) else dict(enumerate(weights))
     teacher_knn = teacher_neighbours(teacher, k, device, clamp)
-    rows = {layer: layer_head_neighbours(p.to(device), weights[layer].to(device), teacher_knn, k, head_dim,
+    dims = head_dim if isinstance(head_dim, Mapping) else dict.fromkeys(pooled, head_dim)
+    rows = {layer: layer_head_neighbours(p.to(device), weights[layer].to(device), teacher_knn, k, dims[layer],
                                          clamp=clamp) for layer, p in pooled.items()}
     # one device-to-host copy for every layer
     scores = torch.stack([r[0] for r in rows.values()]).cpu()

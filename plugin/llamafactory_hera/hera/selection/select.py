@@ -354,7 +354,8 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions,
     feats = collect.collect_teacher(teacher, load_image_processor(options.teacher), pairs,
                                     teacher_batch_size(options.batch_size), options.progress,
                                     store=feature_store(teacher), persist=True)
-    return all_head_neighbours(pooled, weights, feats, options.k, geometry.head_dim, device, clamp=options.clamp,
+    head_dims = {layer: geometry.head_dim_of(layer) for layer in pooled}
+    return all_head_neighbours(pooled, weights, feats, options.k, head_dims, device, clamp=options.clamp,
                                num_layers=geometry.num_layers)
 
 
