@@ -121,3 +121,47 @@ def test_family_runs_select_hera_and_rah(name: str, assets: TinyAssets, zoo_root
     assert (tmp_path / "rah" / "adapter_model.safetensors").is_file()
     if name in LEFT_OUT:
         assert "RAH-LoRA: leaves out" in proc.stdout + proc.stderr and LEFT_OUT[name] in proc.stdout + proc.stderr
+
+
+def test_a_head_in_a_layer_without_heads_is_refused_before_loading(assets: TinyAssets, zoo_root: Path,
+                                                                   tmp_path: Path) -> None:
+    """Qwen3.5 (L0 linear attention, L1 softmax): HeRA's hera_heads and RAH-LoRA's rah_layers naming L0 are refused
+    before the model loads (no "all params" line of the loader), naming the layers that have heads."""
+    family = _family_assets(assets, "qwen3_5", zoo_root)
+    hera = base_recipe(family, "qwen3_5", tmp_path / "hera", hera_heads=["L0H1"])
+    proc = run_train(hera, tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "all params" not in out, out[-3000:]
+    assert "hera_heads: L0H1 is in layer L0" in out and "a linear attention layer without heads; its heads are in " \
+        "layers L1. Choose heads there." in out, out[-3000:]
+    rah = {k: v for k, v in base_recipe(family, "qwen3_5", tmp_path / "rah").items() if not k.startswith("hera_")}
+    rah |= {"stage": "rah", "rah_layers": [0], "max_steps": None}
+    proc = run_train({k: v for k, v in rah.items() if v is not None}, tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "all params" not in out, out[-3000:]
+    assert "rah_layers: none of the layers named can be calibrated (L0: linear attention, no heads); the " \
+        "calibratable layers of" in out and "are L1. Use auto or name some of those." in out, out[-3000:]
+
+
+def test_a_model_without_softmax_attention_is_refused_by_name() -> None:
+    """No decoder layer with heads (every layer linear attention): HeRA and RAH-LoRA refuse the family by name from its
+    config; the plan of a mixed model names its layers in runs."""
+    from llamafactory_hera.heads.architecture import describe, per_head_value_layers
+    from llamafactory_hera.heads.geometry import attention_geometry, check_has_heads
+    from llamafactory_hera.short_errors import RecipeError
+
+    text = {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "layer_types": ["linear_attention"] * 4}
+    config = AutoConfig.for_model("qwen3_5", text_config=text)
+    with pytest.raises(RecipeError, match=r"stage: hera cannot run on model_type 'qwen3_5': none of its 4 decoder "
+                                          r"layers has softmax self-attention .*\(its layers: linear attention\)"):
+        check_has_heads(attention_geometry(config), config, "stage: hera")
+    assert per_head_value_layers(plan_layers(config))[0] == []
+    mixed = AutoConfig.for_model("qwen3_5", text_config=text | {"layer_types": ["linear_attention"] * 3
+                                                                             + ["full_attention"]})
+    assert describe(plan_layers(mixed)) == "L0-L2 linear attention, L3 softmax attention"
+    gemma3n = AutoConfig.for_model("gemma3n", text_config={"num_hidden_layers": 4, "num_kv_shared_layers": 2,
+                                                           "layer_types": ["sliding_attention", "full_attention"] * 2})
+    assert [p.kv_source for p in plan_layers(gemma3n)] == [None, None, 0, 1]
+    assert per_head_value_layers(plan_layers(gemma3n))[1] == {2: "reads the keys and values of L0",
+                                                             3: "reads the keys and values of L1"}
