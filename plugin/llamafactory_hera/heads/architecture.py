@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from llamafactory_hera.short_errors import RecipeError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class LayerKind(StrEnum):
@@ -58,6 +59,7 @@ class DecoderLayer(LayerPlan):
     module: nn.Module | None = None
     output: nn.Module | None = None
     value: nn.Module | None = None
+    plain_linear: bool = False  # value and output projections are plain nn.Linear (RAH-LoRA edits their slices)
 
 
 def _text_config(config: Any) -> Any:
@@ -118,23 +120,20 @@ def text_decoder(model: nn.Module) -> nn.Module:
     return decoder
 
 
-def _output_projection(attention: nn.Module | None) -> nn.Module | None:
-    for name in ("o_proj", "out_proj"):
-        module = getattr(attention, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    return None
-
-
 def _loaded_layer(index: int, layer: nn.Module) -> DecoderLayer:
+    from torch import nn  # lazy: a loaded model has torch; the config view (geometry, before loading) needs none
+
     attention = getattr(layer, "self_attn", None)
-    output = _output_projection(attention)
+    output = next((module for module in (getattr(attention, name, None) for name in ("o_proj", "out_proj"))
+                   if isinstance(module, nn.Module)), None)
     if attention is not None and output is not None:
         shared = bool(getattr(attention, "is_kv_shared_layer", False))
         source = getattr(attention, "kv_shared_layer_index", None) if shared else None
         head_dim = getattr(attention, "head_dim", None)
+        value = getattr(attention, "v_proj", None)
         return DecoderLayer(index, LayerKind.ATTENTION, source if shared else None,
-                            int(head_dim) if head_dim else None, layer, output, getattr(attention, "v_proj", None))
+                            int(head_dim) if head_dim else None, layer, output, value,
+                            isinstance(value, nn.Linear) and isinstance(output, nn.Linear))
     kind = next((kind for name, kind in (("cross_attn", LayerKind.CROSS), ("linear_attn", LayerKind.LINEAR),
                                          ("conv", LayerKind.CONVOLUTION)) if hasattr(layer, name)), LayerKind.OTHER)
     return DecoderLayer(index, kind, None, None, layer)
@@ -171,8 +170,7 @@ def per_head_value_layers(plans: list[LayerPlan], head_dim: int | None = None) -
             left[plan.index] = f"reads the keys and values of L{plan.kv_source}"
         elif head_dim is not None and plan.head_dim is not None and plan.head_dim != head_dim:
             left[plan.index] = f"heads of width {plan.head_dim}, not the model's {head_dim}"
-        elif isinstance(plan, DecoderLayer) and not (isinstance(plan.value, nn.Linear)
-                                                     and isinstance(plan.output, nn.Linear)):
+        elif isinstance(plan, DecoderLayer) and not plan.plain_linear:
             left[plan.index] = "no plain Linear v_proj and output projection"
         else:
             kept.append(plan.index)
