@@ -115,8 +115,5 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
         raise RecipeError(f"harc_band: {harc_args.harc_band} leaves {len(eligible)} of {layers} decoder layers of "
                           f"{model_args.model_name_or_path} to couple, fewer than harc_layers_final: "
                           f"{harc_args.harc_layers_final}. Lower harc_band or harc_layers_final.")
-    if not getattr(model_args, "disable_gradient_checkpointing", True) and getattr(model_args, "use_reentrant_gc",
-                                                                                   False):
-        # Reentrant checkpointing runs each layer under no_grad: the residuals read by the coupling would carry no
-        # gradient. Non-reentrant checkpointing recomputes the same forward with the graph kept.
-        model_args.use_reentrant_gc = False
+    # Gradient checkpointing stays the recipe's: the trainer runs only the coupled layers, whose input residuals the
+    # coupling reads, non-reentrant (reentrant runs a layer under no_grad; training/layer_checkpointing.py)

@@ -31,6 +31,7 @@ from llamafactory_hera.harc.losses import coupling_loss, kl_to_reference, refusa
 from llamafactory_hera.harc.outputs import finish_run
 from llamafactory_hera.harc.residuals import StepCapture, reading_layers, response_window
 from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
+from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
 _TERMS = ("couple", "couple_resp", "kl", "ce")
 
@@ -45,12 +46,17 @@ class _StepEnd(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer
         resumed = trainer.harc_resume_folder
+        model = trainer.accelerator.unwrap_model(trainer.model)
         if resumed is not None:
             trainer.harc_state.load(resumed)
             trainer.harc_run.say(f"HARC: resumed directions and layers {trainer.harc_state.layers} from {resumed}")
-            return
-        trainer.harc_state.start(trainer.accelerator.unwrap_model(trainer.model))
-        trainer.harc_run.say(f"HARC: base directions extracted; coupling layers {trainer.harc_state.layers}")
+        else:
+            trainer.harc_state.start(model)
+            trainer.harc_run.say(f"HARC: base directions extracted; coupling layers {trainer.harc_state.layers}")
+        # the coupled layers non-reentrant (their hooks need autograd in the first forward), the others as recipe'd;
+        # they follow the coupled layers at every refresh
+        trainer.harc_checkpointing = LayerCheckpointing(model, trainer.harc_state.layers, "HARC's coupled layers")
+        trainer.harc_run.say(f"HARC: {trainer.harc_checkpointing.line()}")
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
@@ -111,6 +117,8 @@ class HarcTrainerMixin(RestoresCheckpointWeights):
         window = response_window(response, args.harc_response_tokens) if coupled_response else None
         capture = StepCapture(extras["harc_t_inst"], extras["harc_t_post"], window, require_grad=True)
         inner = self.accelerator.unwrap_model(model)
+        self.harc_checkpointing.set_layers(state.layers)  # a refresh may have moved them
+        self.harc_checkpointing.ensure()
         with reading_layers(inner, state.layers, capture):
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         capture.read(state.layers)

@@ -115,7 +115,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                        generating_args: Any, hera_args: HeraArguments) -> None:
     """Refuse settings HeRA cannot honour. Heads and teacher are checked from their configs, so both fail in seconds,
     before the MLLM is loaded. Gradient checkpointing stays the recipe's: the trainer switches only the layers that
-    hold selected heads to the non-reentrant kind (:mod:`llamafactory_hera.hera.layer_checkpointing`)."""
+    hold selected heads to the non-reentrant kind (:mod:`llamafactory_hera.training.layer_checkpointing`)."""
     holders = {"data": data_args, "finetuning": finetuning_args, "model": model_args}
     check_trains(training_args)
     check_run_inputs(model_args, data_args, training_args, stage="hera")

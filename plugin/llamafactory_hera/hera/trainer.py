@@ -37,7 +37,6 @@ from llamafactory_hera.heads.projection import is_partitioned, project_heads, pr
 from llamafactory_hera.hera import checkpoint
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS, collator_token_sources
 from llamafactory_hera.hera.config import HeraArguments
-from llamafactory_hera.hera.layer_checkpointing import HeadLayerCheckpointing
 from llamafactory_hera.hera.loss import (
     FeatureQueue,
     TemperatureGradHandler,
@@ -59,6 +58,7 @@ from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
+from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
 __all__ = ["HeraTrainer"]
 
@@ -79,7 +79,7 @@ class HeraTrainer(RestoresCheckpointWeights):
         check_heads_train(model, hera_args.head_refs, hera_auto_heads, getattr(self, "finetuning_args", None))
         self.hera_capture = HeadCapture(model, hera_args.head_refs, geometry)
         # the heads' layers non-reentrant (their hooks need autograd in the first forward), the others as recipe'd
-        self.hera_checkpointing = HeadLayerCheckpointing(model, [ref.layer for ref in hera_args.head_refs])
+        self.hera_checkpointing = LayerCheckpointing(model, [ref.layer for ref in hera_args.head_refs])
         self.hera_start = StartLine()  # before the monitor's callback: the start line comes before its step 0
         self.add_callback(self.hera_start)
         self.hera_teacher = RunTeacher(hera_args, hera_feature_cache, device)

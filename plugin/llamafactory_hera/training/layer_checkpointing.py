@@ -1,12 +1,14 @@
-"""Gradient checkpointing where HeRA needs it: the non-reentrant kind in the decoder layers that hold selected heads,
-the recipe's kind in every other layer.
+"""Gradient checkpointing where a method reads activations inside decoder layers: the non-reentrant kind in those
+layers (HeRA: the layers that hold its heads; HARC: the coupled layers, whose input residuals it reads), the
+recipe's kind in every other layer.
 
-Reentrant checkpointing (LLaMA-Factory's default) runs a layer's first forward without autograd, so the ``o_proj``
-inputs HeRA's hooks capture inside such a layer would carry no gradient. Only the layers with hooks need the
-non-reentrant kind: a reentrant layer below them recomputes its forward with autograd in backward and passes
-whatever gradient reaches its output (the LM loss's and HeRA's, summed) to its parameters and its input, as it does
-for the LM loss alone. Non-reentrant checkpointing costs host time in every layer it runs in (torch's saved-tensor
-hooks: some 20 more aten ops and 600 more Python calls per layer and step), so HeRA pays it in its heads' layers only.
+Reentrant checkpointing (LLaMA-Factory's default) runs a layer's first forward without autograd, so what a hook
+captures inside such a layer (HeRA's ``o_proj`` inputs, HARC's residuals entering the layer) would carry no gradient.
+Only the layers with hooks need the non-reentrant kind: a reentrant layer below them recomputes its forward with
+autograd in backward and passes whatever gradient reaches its output (the LM loss's and the method's, summed) to its
+parameters and its input, as it does for the LM loss alone. Non-reentrant checkpointing costs host time in every layer
+it runs in (torch's saved-tensor hooks: some 20 more aten ops and 600 more Python calls per layer and step), so a
+method pays it in its own layers only.
 LLaMA-Factory's function checkpoints only layers with a trainable parameter (it calls the others plainly, with
 autograd), so a frozen layer needs no switch and runs no checkpoint at all.
 """
@@ -24,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from llamafactory_hera.heads.architecture import text_decoder
 from llamafactory_hera_patches.checkpointing import checkpoints_trainable_only, non_reentrant_checkpointing
 
-__all__ = ["NO_TRAINABLE", "HeadLayerCheckpointing", "checkpointing_kind"]
+__all__ = ["NO_TRAINABLE", "LayerCheckpointing", "checkpointing_kind"]
 
 NO_TRAINABLE = "off (no trainable parameters)"
 
@@ -47,21 +49,41 @@ def checkpointing_kind(module: nn.Module) -> str:
     return "custom"
 
 
-class HeadLayerCheckpointing:
-    """Switches the decoder layers ``layers`` (those holding selected heads) from reentrant to non-reentrant
-    checkpointing, LLaMA-Factory's own function as under ``use_reentrant_gc: false``; other layers keep theirs.
+class LayerCheckpointing:
+    """Switches the decoder layers ``layers`` (the method's: ``owner`` names them in :meth:`line`) from reentrant to
+    non-reentrant checkpointing, LLaMA-Factory's own function as under ``use_reentrant_gc: false``; other layers keep
+    theirs. :meth:`set_layers` moves the switch (HARC's coupled layers change at a refresh): a layer left gets its
+    recipe's function back.
 
     :meth:`ensure` runs before every training forward: the Trainer re-enables checkpointing in every layer when
     training starts under ``gradient_checkpointing: true`` (reentrant, LLaMA-Factory's default), which would undo the
     switch.
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[int]) -> None:
+    def __init__(self, model: nn.Module, layers: Iterable[int], owner: str = "HeRA's heads") -> None:
         self._decoder_layers = list(text_decoder(model).layers)
         self._heads = sorted(set(layers))
-        self.recipe: dict[int, str] = {}  # head layer -> its kind before HeRA's switch, at its last change
+        self.owner = owner
+        self.recipe: dict[int, str] = {}  # method layer -> its kind before the switch, at its last change
+        self._replaced: dict[int, Any] = {}  # switched layer -> the recipe's function it had
         self._function: Any = None  # LLaMA-Factory's non-reentrant function, built at the first switch
         self._seen: dict[int, tuple[bool, Any]] = {}
+        self.ensure()
+
+    def set_layers(self, layers: Iterable[int]) -> None:
+        """Switch ``layers`` instead (a no-op when they are the current ones); the layers left run the recipe's
+        checkpointing again."""
+        wanted = sorted(set(layers))
+        if wanted == self._heads:
+            return
+        for index in set(self._heads) - set(wanted):
+            layer = self._decoder_layers[index]
+            if index in self._replaced and getattr(layer, "_gradient_checkpointing_func", None) is self._function:
+                layer._gradient_checkpointing_func = self._replaced[index]
+            self._replaced.pop(index, None)
+            self._seen.pop(index, None)
+            self.recipe.pop(index, None)
+        self._heads = wanted
         self.ensure()
 
     def ensure(self) -> None:
@@ -77,12 +99,13 @@ class HeadLayerCheckpointing:
             if self.recipe[index] == "reentrant":
                 if self._function is None:
                     self._function = non_reentrant_checkpointing()
+                self._replaced[index] = layer._gradient_checkpointing_func
                 layer._gradient_checkpointing_func = self._function
                 state = (state[0], self._function)
             self._seen[index] = state
 
     def switched(self) -> list[int]:
-        """The head layers HeRA made non-reentrant (they were reentrant)."""
+        """The method's layers made non-reentrant here (they were reentrant)."""
         return [index for index in self._heads if self.recipe.get(index) == "reentrant"
                 and checkpointing_kind(self._decoder_layers[index]) == "non-reentrant"]
 
@@ -104,5 +127,5 @@ class HeadLayerCheckpointing:
                  for kind, count in kinds.items()]
         if switched:
             parts.append(f"non-reentrant in layer{'s' if len(switched) > 1 else ''} "
-                         f"{', '.join(map(str, switched))} (HeRA's heads)")
+                         f"{', '.join(map(str, switched))} ({self.owner})")
         return "gradient checkpointing: " + "; ".join(parts)
