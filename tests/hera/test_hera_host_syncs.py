@@ -61,10 +61,13 @@ def pinned_buffers(monkeypatch: Any) -> dict[int, bool]:
 
 
 def without_copies(counts: Counter[str]) -> Counter[str]:
-    return Counter({kind: n for kind, n in counts.items() if kind != "to device"})
+    """The syncs of ``counts``: copies to the device and non-blocking ones to the host are not waited for."""
+    from llamafactory_hera_testing.accelerator import ASYNC_TO_HOST
+
+    return Counter({kind: n for kind, n in counts.items() if kind not in ("to device", ASYNC_TO_HOST)})
 
 
-@pytest.mark.parametrize("teacher", ["precomputed", "in_step"])
+@pytest.mark.parametrize("teacher", ["precomputed", "in_step", "in_step_cached"])
 def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, accelerator, tmp_path: Path, teacher: str,
                                                      monkeypatch) -> None:
     """Step 3 (not logged): HeRA's device-to-host syncs equal SFT's (16 on this model: the Qwen2.5-VL forward's
@@ -85,10 +88,13 @@ def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, accelerator, tmp_pa
     from llamafactory_hera_testing.accelerator import StepSyncs
 
     hera_keys = {"precomputed": {"hera_teacher_precompute": "true", "hera_monitor_steps": 2},
-                 "in_step": {"hera_teacher_cache": False, "hera_monitor_steps": 0}}  # the default scores every step
-    # of a 4-step run; the precomputed case checks that a step without a point has none of the monitor's work
+                 "in_step": {"hera_teacher_cache": False, "hera_monitor_steps": 0},  # the default scores every step
+                 # of a 4-step run; the precomputed case checks that a step without a point has none of the monitor's
+                 # work. in_step_cached: the teacher runs in the steps and its new rows go to the cache (what
+                 # hera_teacher_precompute: auto does when max_steps ends inside the first epoch)
+                 "in_step_cached": {"hera_teacher_precompute": "false", "hera_monitor_steps": 0}}
     sft, sft_where = step_syncs(accelerator, sft_recipe(assets, "qwen2_5_vl", tmp_path / "sft"))
-    asked = pinned_buffers(monkeypatch) if teacher == "precomputed" else {}
+    asked = pinned_buffers(monkeypatch) if teacher != "in_step" else {}
     counter = StepSyncs(accelerator)
     hera, hera_where = step_syncs(accelerator, base_recipe(assets, "qwen2_5_vl", tmp_path / "hera", **STEPS,
                                                            **hera_keys[teacher]), counter)
@@ -101,8 +107,12 @@ def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, accelerator, tmp_pa
     feature_copies = [ptr for ptr, frame in counter.copy_sources[2] if "teacher_cache.py" in frame]
     if teacher == "precomputed":
         assert len(feature_copies) == 1 and asked.get(feature_copies[0]) is True, (feature_copies, asked)
-    else:
+    elif teacher == "in_step":
         assert not feature_copies  # no cache: the teacher's own features, already on the device
+    else:  # the new rows leave for the cache without a wait; rows cached at an earlier step come from pinned memory
+        assert all(asked.get(ptr) is True for ptr in feature_copies) and len(feature_copies) <= 1, feature_copies
+        cache_lines = [line for line in hera_where[2].splitlines() if "teacher_cache.py" in line]
+        assert [line.split(":")[0] for line in cache_lines] == ["to host, non-blocking"], hera_where[2]
     if teacher == "precomputed":  # the alignment monitor scored at the logging steps only (and before step 1)
         points = [line["current_steps"] for line in read_trainer_log(tmp_path / "hera") if "hera_mknn" in line]
         assert points == [0, 2, 4]

@@ -6,7 +6,9 @@ cached. The collator (possibly in forked dataloader workers) skips images whose 
 owns the features. A worker forked before a key was cached merely preprocesses an image for nothing.
 
 Cached rows reach a CUDA device from page-locked memory (:func:`rows_to_device`): a non-blocking copy from pageable
-memory can make the host wait for the stream, i.e. for the step's forward, in the middle of the step.
+memory can make the host wait for the stream, i.e. for the step's forward, in the middle of the step. Rows new to the
+cache leave the device without waiting too (:func:`rows_to_host`): a blocking copy would stall the host until the
+step's teacher forward has run; the host reads them only at a later step, after their copy has run.
 
 The store: float32 teacher features shared by head selection, the alignment monitor and a HeRA run's precompute, one
 teacher pass per dataset. Rows are keyed by the teacher (:func:`teacher_identity`: its files, feature kind, dtype and
@@ -83,6 +85,18 @@ def rows_to_device(rows: list[torch.Tensor], device: torch.device | str) -> torc
     return staging.to(device, non_blocking=True)
 
 
+def rows_to_host(computed: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``computed`` ``[M, E]`` copied to the host without waiting for the device (torch gives a non-blocking copy from
+    an accelerator a page-locked destination), and the event after the copy (None where copies are synchronous: a
+    CPU tensor). The host copy may be read only once the event has completed."""
+    host = computed.detach().to("cpu", non_blocking=True)
+    if computed.device.type in ("cpu", "meta"):  # meta: the tests' simulated accelerator, synchronous
+        return host, None
+    event = torch.Event(device=computed.device)
+    event.record()
+    return host, event
+
+
 class TeacherFeatureCache:
     """Features ``[E]`` by image key, kept on the CPU as the teacher returns them.
 
@@ -96,6 +110,14 @@ class TeacherFeatureCache:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.features: dict[str, torch.Tensor] = {}
+        self._copying: list[tuple[Any, set[str]]] = []  # (event after a device-to-host copy, the keys it brings)
+
+    def _settle(self, keys: set[str]) -> None:
+        """Wait for the copies that bring any of ``keys`` (by a later step they have long run: no wait)."""
+        for event, copied in self._copying:
+            if copied & keys and not event.query():
+                event.synchronize()
+        self._copying = [(event, copied) for event, copied in self._copying if not event.query()]
 
     def __contains__(self, key: str | None) -> bool:
         return self.enabled and key is not None and key in self.features
@@ -143,10 +165,14 @@ class TeacherFeatureCache:
             else:
                 raise RuntimeError(f"HeRA teacher features: image {identity} of this batch was neither sent through "
                                    "the teacher nor found in the feature cache.")
-        if to_cache:  # features stay on the CPU: one device-to-host copy for all new ones
+        if to_cache:  # features stay on the CPU: one device-to-host copy for all new ones, not waited for
             assert computed is not None
-            host = computed.detach().to("cpu")
+            host, event = rows_to_host(computed)
             self.features.update({key: host[row] for key, row in to_cache})
+            if event is not None:
+                self._copying.append((event, {key for key, _ in to_cache}))
+        if cached and self._copying:
+            self._settle({key for key in keys if key is not None})
         block = rows_to_device(cached, device) if cached else None
         fresh_rows = computed.to(device) if computed is not None else None
         if not sources:
