@@ -163,3 +163,37 @@ def test_features_are_float32_through_batching_selection_and_precompute(assets) 
     precompute_teacher_features(teacher, processor, by_key, cache, 8, open_image, progress=False)
     stored = {key: row for key, row in cache.features.items()}
     assert len(stored) == 5 and all(row.dtype == torch.float32 for row in stored.values())
+
+
+def test_rows_new_to_the_cache_are_read_only_after_their_copy_has_run(monkeypatch) -> None:
+    """A row computed on an accelerator reaches the cache by a copy the host does not wait for; a later lookup of that
+    row first waits for its copy's event (only when the event has not completed), a lookup of other rows does not."""
+    from llamafactory_hera.hera import teacher_cache
+
+    class Event:  # a CUDA event whose copy has not run until something waits for it
+        def __init__(self) -> None:
+            self.done, self.waits = False, 0
+
+        def query(self) -> bool:
+            return self.done
+
+        def synchronize(self) -> None:
+            self.waits, self.done = self.waits + 1, True
+
+    events: list[Event] = []
+
+    def rows_to_host(computed: torch.Tensor) -> tuple[torch.Tensor, Event]:
+        events.append(Event())
+        return computed.detach().clone(), events[-1]
+
+    monkeypatch.setattr(teacher_cache, "rows_to_host", rows_to_host)
+    cache = teacher_cache.TeacherFeatureCache()
+    a, b = torch.randn(1, 4), torch.randn(1, 4)
+    cache.lookup(["a"], a, ["a"])
+    cache.lookup(["b"], b, ["b"])
+    assert [e.waits for e in events] == [0, 0]  # nothing read yet
+    torch.testing.assert_close(cache.lookup(["a", "c"], torch.randn(1, 4), ["c"])[0], a[0])
+    assert [e.waits for e in events[:2]] == [1, 0]  # only the copy that brings "a"
+    events[1].done = True  # "b"'s copy ran meanwhile: read without a wait
+    torch.testing.assert_close(cache.lookup(["b"], None, []), b)
+    assert [e.waits for e in events] == [1, 0, 0]

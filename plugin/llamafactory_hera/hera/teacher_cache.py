@@ -150,6 +150,7 @@ class TeacherFeatureCache:
         fresh = {identity: row for row, identity in enumerate(computed_ids)}
         sources: list[tuple[str, int]] = []  # ("fresh", row of computed) or ("cached", row of the cached block)
         cached: list[torch.Tensor] = []
+        cached_keys: set[str] = set()
         to_cache: list[tuple[str, int]] = []
         new_keys: set[str] = set()
         for position, key in enumerate(keys):
@@ -162,6 +163,7 @@ class TeacherFeatureCache:
             elif key in self:
                 sources.append(("cached", len(cached)))
                 cached.append(self.features[key])
+                cached_keys.add(key)
             else:
                 raise RuntimeError(f"HeRA teacher features: image {identity} of this batch was neither sent through "
                                    "the teacher nor found in the feature cache.")
@@ -172,7 +174,7 @@ class TeacherFeatureCache:
             if event is not None:
                 self._copying.append((event, {key for key, _ in to_cache}))
         if cached and self._copying:
-            self._settle({key for key in keys if key is not None})
+            self._settle(cached_keys)
         block = rows_to_device(cached, device) if cached else None
         fresh_rows = computed.to(device) if computed is not None else None
         if not sources:
