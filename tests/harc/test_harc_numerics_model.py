@@ -63,8 +63,9 @@ def test_adapter_disabled_equals_a_separate_base_copy(tiny: dict[str, SimpleName
 def test_trainer_objective_term_by_term(tiny: dict[str, SimpleNamespace], family: str) -> None:
     """HarcTrainerMixin.compute_loss on a micro-batch against every term recomputed from single-row forwards of the
     adapted model and of a separately loaded base (the reference's two copies). The Trainer itself is not built:
-    compute_loss only reads harc_args, harc_state, accelerator.unwrap_model and _harc_sums."""
+    compute_loss only reads harc_args, harc_state, accelerator.unwrap_model, harc_checkpointing and _harc_sums."""
     from llamafactory_hera.harc.trainer import HarcTrainerMixin
+    from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
     t = tiny[family]
     peft_model = lora_model(t.folder, seed=2).train()
@@ -82,6 +83,7 @@ def test_trainer_objective_term_by_term(tiny: dict[str, SimpleNamespace], family
     trainer.harc_args, trainer.harc_state = args, SimpleNamespace(current=directions, layers=layers)
     trainer.accelerator = SimpleNamespace(unwrap_model=lambda model: model)
     trainer._harc_sums = torch.zeros(5, dtype=torch.float64)
+    trainer.harc_checkpointing = LayerCheckpointing(peft_model, layers, "HARC's coupled layers")
 
     batch = collate_rows(rows, t.tokenizer.pad_token_id)
     total = trainer.compute_loss(peft_model, dict(batch))
