@@ -5,6 +5,9 @@
 #              HeRA against SFT with LLaMA-Factory's defaults (reentrant checkpointing), as users run it
 #              (BASELINE_NON_REENTRANT=1: SFT with use_reentrant_gc: false instead, --baseline-non-reentrant)
 #   selection: Qwen2.5-VL-7B architecture, N = 1000, DINOv2-L; plus `llamafactory-hera select` end to end
+#   harc:      Llama-3.1-8B architecture, random weights, bf16, LoRA on all linear layers; HARC against SFT with
+#              LLaMA-Factory's defaults (reentrant checkpointing), as users run it (HARC: its coupled layers only
+#              non-reentrant)
 # Budget: ~17 GB of weights per preset are drawn on the GPU and written once (disk: 64 GB), then each
 # overhead run loads them again (separate processes, so peak memory is per run).
 set -euo pipefail
@@ -27,6 +30,9 @@ ASSETS=${ASSETS:-/tmp/hera_bench_assets}
                     --images 128 --batch 8 --warmup 3 --assets "$ASSETS" \
                     ${BASELINE_NON_REENTRANT:+--baseline-non-reentrant} ;;&
     selection|all) $PY bench/selection.py --device cuda --preset qwen2.5-vl-7b --samples 1000 --repeats 3 \
-                    --batch 32 --end-to-end --assets "$ASSETS" ;;
+                    --batch 32 --end-to-end --assets "$ASSETS" ;;&
+    harc|all) echo "HARC against SFT with LLaMA-Factory's defaults (reentrant gradient checkpointing), as users run it"
+              $PY bench/harc.py --device cuda --preset llama3.1-8b --repeats "${REPEATS:-2}" --steps 12 \
+                    --assets "${ASSETS}/harc" ;;
   esac
 } 2>&1 | tee "$LOG"

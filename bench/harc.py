@@ -1,7 +1,8 @@
 """HARC's cost next to plain SFT: ``stage: harc`` and ``stage: sft`` with the same model, LoRA, batch and steps.
 
 Both stages train the same LoRA (all linear layers) on the same model with micro-batches of 12 rows and gradient
-accumulation 2: SFT on the three role datasets mixed (``per_device_train_batch_size: 12``), HARC on its composed
+accumulation 2, with LLaMA-Factory's default gradient checkpointing (reentrant; HARC switches its coupled layers):
+SFT on the three role datasets mixed (``per_device_train_batch_size: 12``), HARC on its composed
 6 + 4 + 2 micro-batches. Every run is its own process (``run_exp`` with a step timer), A/B interleaved in ABBA
 order; the first ``--warmup`` steps of each run are dropped. Reported:
 
@@ -34,6 +35,7 @@ from runs import print_result, run_worker, step_timer
 PRESETS = {
     "cpu-mid": (512, 12, 8, 2, 1536, 512, "float32"),
     "smoke": (64, 12, 4, 2, 128, 512, "float32"),
+    "smoke-8": (64, 8, 4, 2, 128, 512, "float32"),  # step_counts.py: 2 coupled layers of 8
     "llama3.1-8b": (4096, 32, 32, 8, 14336, 128256, "bfloat16"),  # the published architecture (GPU only)
 }
 ROWS_PER_ROLE = {"smoke": 80}  # default: extract + validate + 200 training rows
@@ -71,7 +73,7 @@ def recipe(folder: Path, stage: str, output_dir: str, args: argparse.Namespace) 
         "lr_scheduler_type": "constant", "max_steps": args.steps, "logging_steps": 1, "save_strategy": "no",
         "output_dir": output_dir, "overwrite_output_dir": True, "report_to": "none", "seed": 0,
         "bf16": args.device != "cpu", "disable_tqdm": True, "plot_loss": False, "cutoff_len": 512,
-        "dataloader_num_workers": 0, "use_reentrant_gc": False,  # both stages: HARC needs non-reentrant
+        "dataloader_num_workers": 0,  # gradient checkpointing as LLaMA-Factory's defaults have it (reentrant)
     }
     if stage == "sft":
         return {**common, "dataset": "harc_harmful,harc_harmless,harc_pseudo", "per_device_train_batch_size": 12,
@@ -160,6 +162,8 @@ def main() -> None:
           f"{args.repeats} repeats (ABBA), {args.steps} steps of 12 rows x accumulation 2, warm-up {args.warmup} "
           f"dropped; extraction {args.extract} + {args.extract} prompts, 3 x {args.extract} answers, validation "
           f"{args.validate} + {args.validate}")
+    print("baseline: SFT with LLaMA-Factory's defaults, as users run it (reentrant gradient checkpointing in every "
+          "layer; HARC runs its coupled layers non-reentrant)")
     print(f"{'':30}{'sft':>12}{'harc':>12}{'ratio':>8}   target")
     print(f"{'step time (ms)':30}{step['sft'] * 1e3:12.1f}{step['harc'] * 1e3:12.1f}{step['harc'] / step['sft']:8.3f}"
           f"   <= 1.6   (per A/B pair: median {statistics.median(pairs):.3f}, {pairs[0]:.3f}-{pairs[-1]:.3f})")

@@ -1,36 +1,60 @@
-"""HeRA's cost per step in counts that no machine moves: aten ops dispatched and Python calls, HeRA against SFT.
+"""A method's cost per step in counts that no machine moves: aten ops dispatched and Python calls, against SFT.
 
-One optimizer step (the second of two: the first pays one-time imports and caches) of the real ``run_exp`` on a
-preset (default ``qwen3-vl-8b-smoke``: the GPU preset's architecture shrunk to 8 layers, bf16, 448 px images), with
-the recipe of ``overhead.py`` (LoRA on all linear layers, the teacher's features computed before step 1, the
-alignment monitor off). Counted from the step's start to its end (forward, backward, optimizer; not the collator):
+One optimizer step (the second of two: the first pays one-time imports and caches) of the real ``run_exp``,
+counted from the step's start to its end (forward, backward, optimizer step, callbacks; not the collator):
 
 - aten ops: every op dispatched, by a ``TorchDispatchMode`` (recomputations by gradient checkpointing included);
 - Python calls: ``sys.setprofile`` call events, outside the counting mode's own frames; and those of them in
   ``torch/utils/checkpoint.py``: the host cost of non-reentrant checkpointing (saved-tensor hooks per tensor).
 
-Rows: SFT as users run it (LLaMA-Factory's defaults: reentrant checkpointing), SFT with ``use_reentrant_gc: false``,
-HeRA with the preset's 5 heads, HeRA with 5 heads in one layer; SFT and HeRA again at a larger batch (more images).
-The gate (``--check``, asserted by tests/hera/test_hera_bench.py): HeRA adds at most 900 ops; with its heads in one
-layer, its checkpoint.py calls grow by at most a quarter of what non-reentrant checkpointing in every layer adds;
-HeRA's extra ops do not grow with the batch (at most ``--batch-slack`` more).
+``--method hera`` (default) on a preset of ``assets.py`` (default ``qwen3-vl-8b-smoke``: the GPU preset's
+architecture shrunk to 8 layers, bf16, 448 px images), the recipe of ``overhead.py`` (LoRA on all linear layers,
+the teacher's features computed before step 1, the alignment monitor off). Rows: SFT as users run it (LLaMA-Factory's
+defaults: reentrant checkpointing), SFT with ``use_reentrant_gc: false``, HeRA with the preset's 5 heads, HeRA with 5
+heads in one layer; SFT and HeRA again at a larger batch (more images). The gate (``--check``, asserted by
+tests/hera/test_hera_bench.py): HeRA adds at most 900 ops; with its heads in one layer, its checkpoint.py calls grow
+by at most a quarter of what non-reentrant checkpointing in every layer adds; HeRA's extra ops do not grow with the
+batch (at most ``--batch-slack`` more).
 
-Usage: python bench/step_counts.py [--preset qwen3-vl-8b-smoke] [--batches 4 16] [--check] [--json FILE]
+``--method harc`` on a text preset of ``harc.py`` (default ``smoke-8``: Llama architecture, 8 layers), the recipe of
+``harc.py`` (LoRA on all linear layers, 12-row micro-batches; SFT on the three role datasets mixed). Rows: SFT at
+LLaMA-Factory's defaults, SFT with ``use_reentrant_gc: false``, HARC (2 coupled layers: ``harc_layers``' default).
+HARC's extra ops are named one by one (:data:`HARC_SECTIONS`: its second forward, the KL reference with the adapter
+off; the residual capture; each term's forward); the rest is the terms' backward and the loss's sum. The gate
+(asserted by tests/harc/test_harc_bench.py): HARC's checkpoint.py calls grow by at most a quarter of non-reentrant
+checkpointing in every layer (2 coupled layers of 8); the ops outside the named sections are at most
+``HARC_REST_SHARE`` of the named ones (the terms' backward).
+
+Usage: python bench/step_counts.py [--method hera|harc] [--preset PRESET] [--batches 4 16] [--check] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 OPS_LIMIT = 900
 CHECKPOINT_SHARE = 0.25
+HARC_REST_SHARE = 0.5
+# the parts of HARC's step named in its ops: (label, module, attribute) of the function whose ops they are
+HARC_SECTIONS = (
+    ("second forward: the KL reference (adapter off, retain rows)", "llamafactory_hera.harc.trainer",
+     "AdapterSwitch.off"),
+    ("residual capture (hooks, read)", "llamafactory_hera.harc.residuals", "StepCapture.__call__"),
+    ("residual capture (hooks, read)", "llamafactory_hera.harc.residuals", "StepCapture.read"),
+    ("coupling terms (forward)", "llamafactory_hera.harc.trainer", "coupling_loss"),
+    ("KL term (forward)", "llamafactory_hera.harc.trainer", "kl_to_reference"),
+    ("refusal CE term (forward)", "llamafactory_hera.harc.trainer", "refusal_cross_entropy"),
+)
+_SECTION: list[str] = []  # the named section the counted code is in (innermost last)
 
 
 @dataclass
@@ -38,6 +62,33 @@ class Counts:
     ops: int = 0
     calls: int = 0
     checkpoint_calls: int = 0
+    sections: dict[str, int] = field(default_factory=dict)  # aten ops inside each named section
+    section_calls: dict[str, int] = field(default_factory=dict)  # Python calls inside each named section
+
+
+@contextlib.contextmanager
+def section(name: str) -> Iterator[None]:
+    """Ops counted inside go to ``name`` too."""
+    _SECTION.append(name)
+    try:
+        yield
+    finally:
+        _SECTION.pop()
+
+
+def in_section(name: str, function: Callable[..., Any], context: bool = False) -> Callable[..., Any]:
+    """``function`` counting its ops (a context manager's: those of its body) into ``name``."""
+    if context:
+        @contextlib.contextmanager
+        def managed(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            with section(name), function(*args, **kwargs) as value:
+                yield value
+        return managed
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        with section(name):
+            return function(*args, **kwargs)
+    return counted
 
 
 def step_counter(step: int) -> Any:
@@ -55,6 +106,8 @@ def step_counter(step: int) -> Any:
     class OpCount(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
             counts.ops += 1
+            if _SECTION:
+                counts.sections[_SECTION[-1]] = counts.sections.get(_SECTION[-1], 0) + 1
             depth[0] += 1
             try:
                 return func(*args, **(kwargs or {}))
@@ -67,6 +120,8 @@ def step_counter(step: int) -> Any:
         if event != "call" or depth[0] or frame.f_code is dispatch_code:
             return
         counts.calls += 1
+        if _SECTION:
+            counts.section_calls[_SECTION[-1]] = counts.section_calls.get(_SECTION[-1], 0) + 1
         if frame.f_code.co_filename == checkpoint_file:
             counts.checkpoint_calls += 1
 
@@ -130,6 +185,85 @@ def count_runs(preset: str, batches: list[int], root: Path) -> dict[str, dict[st
     return results
 
 
+def harc_configurations() -> list[tuple[str, str, dict[str, Any]]]:
+    """(key, label, recipe overrides) of every counted HARC run."""
+    return [("sft", "SFT (LLaMA-Factory defaults)", {"stage": "sft"}),
+            ("sft_nonreentrant", "SFT, use_reentrant_gc: false", {"stage": "sft", "use_reentrant_gc": False}),
+            ("harc", "HARC (2 coupled layers)", {"stage": "harc"})]
+
+
+@contextlib.contextmanager
+def harc_sections() -> Iterator[None]:
+    """:data:`HARC_SECTIONS` counted by name for the duration."""
+    import importlib
+
+    saved = []
+    for label, module_name, path in HARC_SECTIONS:
+        owner: Any = importlib.import_module(module_name)
+        *parents, name = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        saved.append((owner, name, owner.__dict__[name]))
+        setattr(owner, name, in_section(label, owner.__dict__[name], context=name == "off"))
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
+def count_harc_runs(preset: str, root: Path) -> dict[str, dict[str, Any]]:
+    """Every HARC configuration's counts, in this process (the counted step is the second of each run)."""
+    sys.path.insert(0, str(BENCH))
+    from harc import PRESETS, build_assets, recipe
+    from llamafactory.train.tuner import run_exp
+
+    options = argparse.Namespace(steps=2, extract=16, validate=8, refresh_at=100, device="cpu")
+    folder = build_assets(root, preset, 64)
+    results: dict[str, dict[str, Any]] = {}
+    for key, label, overrides in harc_configurations():
+        with tempfile.TemporaryDirectory() as out:
+            run = {**recipe(folder, overrides["stage"], out, options), "harc_band": 1, **overrides}
+            counter = step_counter(1)
+            with harc_sections() if overrides["stage"] == "harc" else contextlib.nullcontext():
+                run_exp(run, callbacks=[counter])
+        results[key] = {"label": label, "batch": 12, "layers": PRESETS[preset][1], **asdict(counter.counts)}
+        print(f"counted {key}: {results[key]}", flush=True)
+    return results
+
+
+def harc_gate(results: dict[str, dict[str, Any]]) -> list[tuple[str, bool]]:
+    """(statement, holds) of each HARC target."""
+    sft, non_reentrant, harc = (results[k] for k in ("sft", "sft_nonreentrant", "harc"))
+    every_layer = non_reentrant["checkpoint_calls"] - sft["checkpoint_calls"]
+    coupled = harc["checkpoint_calls"] - sft["checkpoint_calls"]
+    extra = harc["ops"] - sft["ops"]
+    named = sum(harc_parts(results).values())
+    return [(f"HARC's 2 coupled layers add {coupled:+,} checkpoint.py calls, non-reentrant in every layer "
+             f"{every_layer:+,} (at most a quarter: {every_layer * CHECKPOINT_SHARE:+,.0f})",
+             0 < coupled <= every_layer * CHECKPOINT_SHARE),
+            (f"HARC adds {extra:+,} aten ops: {named:,} in its named parts, {extra - named:+,} elsewhere (the "
+             f"terms' backward; at most {HARC_REST_SHARE:.0%} of the named: {named * HARC_REST_SHARE:,.0f})",
+             extra - named <= named * HARC_REST_SHARE)]
+
+
+def harc_parts(results: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """HARC's extra ops by part: its named sections, and non-reentrant checkpointing in its 2 coupled layers (2/8 of
+    what it adds to SFT in all 8: the SFT rows)."""
+    layers = results["harc"].get("layers", 8)
+    checkpointing = (results["sft_nonreentrant"]["ops"] - results["sft"]["ops"]) * 2 // layers
+    return {**results["harc"]["sections"], f"non-reentrant checkpointing in 2 of {layers} layers": checkpointing}
+
+
+def print_harc_sections(results: dict[str, dict[str, Any]]) -> None:
+    parts = harc_parts(results)
+    print("\nHARC's extra aten ops, by part of its step")
+    for name, ops in parts.items():
+        print(f"  {name:62}{ops:9,}")
+    rest = results["harc"]["ops"] - results["sft"]["ops"] - sum(parts.values())
+    print(f"  {'the rest (the terms backward, the loss sum)':62}{rest:+9,}")
+
+
 def gate(results: dict[str, dict[str, Any]], batches: list[int], batch_slack: int) -> list[tuple[str, bool]]:
     """(statement, holds) of each target."""
     sft, non_reentrant, hera, one = (results[k] for k in ("sft", "sft_nonreentrant", "hera", "hera_one_layer"))
@@ -147,8 +281,8 @@ def gate(results: dict[str, dict[str, Any]], batches: list[int], batch_slack: in
     return checks
 
 
-def print_table(results: dict[str, dict[str, Any]], preset: str) -> None:
-    print(f"\nper step, preset {preset}, bf16, one optimizer step (the second), real run_exp")
+def print_table(results: dict[str, dict[str, Any]], preset: str, dtype: str = "bf16") -> None:
+    print(f"\nper step, preset {preset}, {dtype}, one optimizer step (the second), real run_exp")
     print(f"{'':44}{'batch':>6}{'aten ops':>11}{'Python calls':>14}{'in checkpoint.py':>18}")
     for row in results.values():
         print(f"{row['label']:44}{row['batch']:6d}{row['ops']:11,}{row['calls']:14,}{row['checkpoint_calls']:18,}")
@@ -156,7 +290,8 @@ def print_table(results: dict[str, dict[str, Any]], preset: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="qwen3-vl-8b-smoke")
+    parser.add_argument("--method", choices=["hera", "harc"], default="hera")
+    parser.add_argument("--preset", help="default: qwen3-vl-8b-smoke (hera), smoke-8 (harc)")
     parser.add_argument("--batches", type=int, nargs="+", default=[4, 16],
                         help="the first for the main rows; SFT and HeRA again at each further one")
     parser.add_argument("--batch-slack", type=int, default=8,
@@ -165,11 +300,19 @@ def main() -> None:
     parser.add_argument("--assets", default=str(Path(tempfile.gettempdir()) / "hera_bench_assets"))
     parser.add_argument("--json", help="also write the counts to this JSON file")
     args = parser.parse_args()
-    results = count_runs(args.preset, args.batches, Path(args.assets))
-    print_table(results, args.preset)
+    if args.method == "harc":
+        args.preset = args.preset or "smoke-8"
+        results = count_harc_runs(args.preset, Path(args.assets))
+        print_table(results, args.preset, "float32")
+        print_harc_sections(results)
+        checks = harc_gate(results)
+    else:
+        args.preset = args.preset or "qwen3-vl-8b-smoke"
+        results = count_runs(args.preset, args.batches, Path(args.assets))
+        print_table(results, args.preset)
+        checks = gate(results, args.batches, args.batch_slack)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    checks = gate(results, args.batches, args.batch_slack)
     for statement, holds in checks:
         print(f"{'ok  ' if holds else 'FAIL'} {statement}")
     if args.check and not all(holds for _, holds in checks):
