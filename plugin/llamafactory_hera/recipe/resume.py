@@ -187,9 +187,11 @@ def _wanted(stage: str, given: dict[str, Any], config: dict[str, Any] | None) ->
     return f"stage: {stage}, finetuning_type: {finetuning}{rank} of {model}"
 
 
-def check_checkpoint(stage: str, given: dict[str, Any], folder: Path, named: str, fix: str) -> None:
+def check_checkpoint(stage: str, given: dict[str, Any], folder: Path, named: str, afresh: str) -> None:
     """``folder`` is a checkpoint of the run ``given`` asks for; ``named`` starts a refusal (the key and value that
-    lead to ``folder``), ``fix`` ends it (the ways on besides a matching recipe)."""
+    lead to ``folder``), ``afresh`` ends it (how to train without it)."""
+    afresh = afresh[0].lower() + afresh[1:]
+    fix = f"Name a checkpoint of an earlier run (its OUTPUT_DIR/checkpoint-N), or {afresh}."
     if not (folder / TRAINER_STATE).is_file():
         raise RecipeError(f"{named} is not a Trainer checkpoint (it has no {TRAINER_STATE}). {fix}")
     held = read_checkpoint(folder)
@@ -204,7 +206,7 @@ def check_checkpoint(stage: str, given: dict[str, Any], folder: Path, named: str
     start = ("adapter_name_or_path" if held.kind in ("lora", "oft") else "model_name_or_path") + f": {folder}"
     raise RecipeError(f"{named} is {held.described()}; this recipe trains {_wanted(stage, given, wanted_config)}"
                       f"{how}. Resume it with the settings of the run that wrote it ({', '.join(matching)}), or "
-                      f"{fix[0].lower()}{fix[1:]} (a new run can start from its weights: {start}).")
+                      f"{afresh} (a new run can start from its weights: {start}).")
 
 
 def _run_folder(folder: Path) -> bool:
