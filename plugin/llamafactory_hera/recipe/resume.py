@@ -29,19 +29,18 @@ from typing import Any
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import given_keys, truthy
 from llamafactory_hera_patches.host_arguments import host_keys
-from llamafactory_hera_patches.output_dir import END_FILES
 from llamafactory_hera_patches.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR and get_last_checkpoint
 TRAINER_STATE, ADAPTER_CONFIG, MODEL_CONFIG = "trainer_state.json", "adapter_config.json", "config.json"
 WHOLE_MODEL_FILES = tuple(name for name in SAVED_MODEL_FILES if not name.startswith("adapter_"))
-RUN_FOLDER_FILES = (RUN_RECORD, *(name for name in END_FILES if name != TRAINER_STATE))  # never in a checkpoint
+# never in a checkpoint: the run record and the Trainer's end-of-run results (LLaMA-Factory's save_metrics)
+RUN_FOLDER_FILES = (RUN_RECORD, "train_results.json", "all_results.json")
 # the sizes that decide every weight's shape, at the config's top level and in its sub-configs (vocab_size left out:
 # resize_vocab and added tokens change it)
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
              "head_dim", "depth", "embed_dim", "num_heads", "patch_size", "temporal_patch_size", "spatial_merge_size",
              "out_hidden_size", "image_size", "projection_dim", "hidden_dim", "num_layers")
-_NULLS = {"", "none", "null", "false"}
 _SHOWN = 3
 
 
@@ -223,7 +222,7 @@ def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
     value, output_dir = given.get("resume_from_checkpoint"), given.get("output_dir")
     overwrite = truthy(given.get("overwrite_output_dir", False))
     afresh = "Remove resume_from_checkpoint to train afresh"
-    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _NULLS):
+    if value is None:  # LLaMA-Factory resumes an output_dir's last checkpoint by itself
         out = Path(str(output_dir)).expanduser() if output_dir else None
         last = last_checkpoint(out) if out is not None and truthy(given.get("do_train", False)) and not overwrite \
             else None
@@ -233,7 +232,9 @@ def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
                              "Set overwrite_output_dir: true to train afresh (its files move aside), or another "
                              "output_dir")
         return
-    if value is True or str(value).strip().lower() == "true" and not Path(str(value)).exists():
+    if value is False or (isinstance(value, str) and not value.strip()):  # no resume (the Trainer's False)
+        return
+    if value is True:  # a YAML true (a string "true" is a path to the Trainer, as here)
         out = Path(str(output_dir)).expanduser() if output_dir else None
         if overwrite:
             raise RecipeError(f"resume_from_checkpoint: true resumes the last checkpoint of output_dir: {output_dir}, "
