@@ -159,12 +159,14 @@ def _differences(held: Checkpoint, stage: str, given: dict[str, Any],
     elif held.finetuning_type in ("full", "freeze") and finetuning in ("full", "freeze") and \
             held.finetuning_type != finetuning:
         matching.append(f"finetuning_type: {held.finetuning_type}")
-    elif adapter and held.rank is not None and held.rank != int(_value(given, "lora_rank")):
+    elif adapter and held.rank is not None and str(held.rank) != str(_value(given, "lora_rank")).strip():
         matching.append(f"lora_rank: {held.rank}")
     elif adapter and held.dora is not None and held.dora != truthy(_value(given, "use_dora")):
         matching.append(f"use_dora: {str(held.dora).lower()}")
     if held.config is not None and wanted_config is not None:
-        if architecture(held.config, "") != architecture(wanted_config, ""):
+        # by model_type, not by class: the class a loader chose may differ from the one a config names
+        if (held.config.get("model_type") or architecture(held.config, "")) != \
+                (wanted_config.get("model_type") or architecture(wanted_config, "")):
             differ.append("another architecture")
         else:
             theirs, ours = sizes(held.config), sizes(wanted_config)
