@@ -212,18 +212,6 @@ def test_a_bad_input_is_one_line_before_loading(case: str, assets: Any, harc_ass
     assert message.startswith(start), message
 
 
-def test_a_not_quite_checkpoint_names_what_it_lacks(tmp_path: Path) -> None:
-    from types import SimpleNamespace
-
-    from llamafactory_hera.recipe.checks import check_resume
-
-    with pytest.raises(ValueError, match=r"is not a Trainer checkpoint \(it has no trainer_state.json\)"):
-        check_resume(SimpleNamespace(resume_from_checkpoint=_checkpointless(tmp_path)))
-    (tmp_path / "not_a_checkpoint" / "trainer_state.json").write_text("{}")
-    for fine in (str(tmp_path / "not_a_checkpoint"), True, None):
-        check_resume(SimpleNamespace(resume_from_checkpoint=fine))
-
-
 def test_a_deepspeed_config_given_inline_is_not_refused() -> None:
     import base64
 

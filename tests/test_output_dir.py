@@ -142,6 +142,8 @@ def test_overwrite_refuses_to_move_a_checkpoint_it_resumes_from(assets, tmp_path
     out = tmp_path / "out"
     (out / "checkpoint-1").mkdir(parents=True)
     (out / "checkpoint-1" / "trainer_state.json").write_text("{}", encoding="utf-8")
+    # a LoRA checkpoint as far as recipe/resume.py reads one before the parse
+    (out / "checkpoint-1" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}', encoding="utf-8")
     recipe = base_recipe(assets, "qwen2_5_vl", out, **{**ONE_STEP, "overwrite_output_dir": True},
                          resume_from_checkpoint=str(out / "checkpoint-1"))
     proc = run_train(recipe, tmp_path / "run", check=False)

@@ -74,3 +74,30 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(assets, tmp_path: P
     assert best.name == "checkpoint-1"
     saved, wanted = load_file(out / "model.safetensors"), load_file(best / "model.safetensors")
     assert saved.keys() == wanted.keys() and all(torch.equal(saved[key], wanted[key]) for key in saved)
+
+
+def test_a_checkpoint_with_or_without_the_base_model_prefix_restores_every_tensor(tmp_path: Path) -> None:
+    """The renaming's base-model-prefix case, as ``from_pretrained`` renames: the bare decoder's checkpoint
+    (``layers.0.*``, what a base model's ``save_pretrained`` writes) restores into the model with a head
+    (``model.layers.0.*``), and the head model's checkpoint into the bare decoder (``model.`` dropped, ``lm_head`` left
+    out). Without the prefix (issue 50's surviving mutant: ``prefix = None``) neither restores a tensor."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    from llamafactory_hera.training.checkpoint_weights import model_keys, restore_weights
+
+    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    saved = LlamaForCausalLM(config)
+    for name, model, tensors in (("bare", LlamaForCausalLM(config), saved.model.state_dict()),
+                                 ("with_head", LlamaModel(config), saved.state_dict())):
+        own = "model.layers.0.mlp.up_proj.weight" if name == "bare" else "layers.0.mlp.up_proj.weight"
+        assert model_keys(model, ["layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight"]) == {
+            "layers.0.mlp.up_proj.weight": own, "model.layers.0.mlp.up_proj.weight": own}
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file({key: value.clone() for key, value in tensors.items()}, folder / "model.safetensors")
+        inner = model.model if name == "bare" else model
+        assert not torch.equal(inner.layers[0].mlp.up_proj.weight, saved.model.layers[0].mlp.up_proj.weight)
+        restore_weights(model, str(folder))  # raises unless every trained tensor was restored
+        assert all(torch.equal(value, saved.model.state_dict()[key]) for key, value in inner.state_dict().items())

@@ -4,11 +4,12 @@ environment, before LLaMA-Factory parses the recipe; then on LLaMA-Factory's par
 After the parse, each raises one ``ValueError`` naming the key, the value and the fix, where LLaMA-Factory would
 otherwise end the run later with a traceback: a dataset name missing from ``dataset_info.json`` (``Undefined dataset
 nope``), a dataset file without rows (``Instruction "train" corresponds to no data!``) or that is not there (``File ...
-not found.``), a ``resume_from_checkpoint`` that is no checkpoint (after the model loaded), a ``max_samples`` below 1 (a
-bare ``StopIteration`` while the rows are aligned), FSDP however it was set (see below), an ``output_dir`` that cannot
-be created or written (a raw ``PermissionError`` / ``NotADirectoryError`` after loading), a ``template`` whose special
-tokens the model's tokenizer does not have (``IndexError: index out of range`` in the embedding). A ``stage`` that is
-nobody's (``Unknown task``) is refused by the stage patch (:func:`llamafactory_hera_patches.stage.check_stage`).
+not found.``), a ``max_samples`` below 1 (a bare ``StopIteration`` while the rows are aligned), FSDP however it was set
+(see below), an ``output_dir`` that cannot be created or written (a raw ``PermissionError`` / ``NotADirectoryError``
+after loading), a ``template`` whose special tokens the model's tokenizer does not have (``IndexError: index out of
+range`` in the embedding). A ``stage`` that is nobody's (``Unknown task``) is refused by the stage patch
+(:func:`llamafactory_hera_patches.stage.check_stage`); the checkpoint a run resumes from, before the parse, by
+:mod:`.resume`.
 
 Before the parse (nothing is loaded yet; called once, by the stage patch, for every method's stage), each raises one
 ``ValueError`` naming the key, the value and the fix, where the run would otherwise end with an unrelated message or a
@@ -189,22 +190,6 @@ def check_template(model_args: Any, data_args: Any) -> None:
                       f"embeddings lack). {fix}, or resize_vocab: true to train new tokens.")
 
 
-def check_resume(training_args: Any) -> None:
-    """A ``resume_from_checkpoint`` path names a Trainer checkpoint (the Trainer would fail on it only after the model
-    loaded); ``true`` (the last checkpoint of ``output_dir``) is left to the Trainer."""
-    value = getattr(training_args, "resume_from_checkpoint", None)
-    if not isinstance(value, str) or not value.strip():
-        return
-    path = Path(value).expanduser()
-    fix = ("Name a checkpoint folder of an earlier run (OUTPUT_DIR/checkpoint-N), or remove resume_from_checkpoint "
-           "(a run whose output_dir holds checkpoints resumes from the last one unless overwrite_output_dir: true).")
-    if not path.is_dir():
-        raise RecipeError(f"resume_from_checkpoint: {value} is not a folder. {fix}")
-    if not (path / "trainer_state.json").is_file():
-        raise RecipeError(f"resume_from_checkpoint: {value} is not a Trainer checkpoint (it has no "
-                          f"trainer_state.json). {fix}")
-
-
 def check_max_samples(data_args: Any) -> None:
     """``max_samples`` keeps at least one row (LLaMA-Factory keeps the first ``max_samples`` rows of each dataset; with
     none left its aligning ends in a bare ``StopIteration``)."""
@@ -230,7 +215,6 @@ def check_run_inputs(model_args: Any, data_args: Any, training_args: Any, datase
     check_output_dir(getattr(training_args, "output_dir", None))
     check_template(model_args, data_args)
     check_fsdp_parsed(stage, training_args)
-    check_resume(training_args)
 
 
 # why a stage cannot read its rows from an iterable (streamed) dataset

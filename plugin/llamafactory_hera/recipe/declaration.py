@@ -66,14 +66,17 @@ class Method:
     def check_raw(self, host_args: dict[str, Any] | list[str], args: Any) -> None:
         """Before LLaMA-Factory parses anything: the launch checks every method runs (precision, DeepSpeed path, FSDP,
         streaming), the method's own ``check_raw_host_args``, then the checks every method runs of the keys
-        LLaMA-Factory reads (unknown keys, values, template, numbers, model paths, ``lora_target``)."""
+        LLaMA-Factory reads (unknown keys, values, template, numbers, model paths, ``lora_target``) and of the
+        checkpoint it resumes from (:mod:`llamafactory_hera.recipe.resume`)."""
         # lazy: the checks only when a recipe is checked; a method's config, which declares its keys here, and the
         # registry import this module
         from llamafactory_hera.recipe.checks import check_raw_launch, check_raw_recipe
+        from llamafactory_hera.recipe.resume import check_resume
 
         check_raw_launch(self.stage, host_args)
         self.load("check_raw_host_args")(host_args, args)
         check_raw_recipe(host_args)
+        check_resume(self.stage, host_args)
 
     def owns(self, stage: Any) -> bool:
         """Whether a recipe's or the web UI's ``stage`` value selects this method."""

@@ -1,0 +1,268 @@
+"""The checkpoint a plugin stage resumes from, checked before LLaMA-Factory parses the recipe (no model loads).
+
+Without this, resuming from a checkpoint of another kind of run ended after the model loaded, in a traceback of
+about 600 lines: a full run of one model from another model's checkpoint (``size mismatch for ...`` while the
+weights were restored), a full run from a LoRA checkpoint (the Trainer's ``Can't find a checkpoint index``), a LoRA
+run from a full checkpoint (no adapter restored, then the optimizer's ``loaded state dict contains a parameter group
+that doesn't match``), ``resume_from_checkpoint: true`` with no checkpoint in ``output_dir`` (transformers' ``No
+valid checkpoint found``). A finished run's output folder named instead of one of its checkpoints was accepted (it
+has the run's end ``trainer_state.json``): no optimizer state, the steps left of ``max_steps`` or none, exit 0.
+
+What is resumed: ``resume_from_checkpoint``'s folder; ``true``: the last ``checkpoint-N`` of ``output_dir``, as
+transformers resolves it; not given, a training run into an ``output_dir`` with checkpoints and without
+``overwrite_output_dir``: its last checkpoint, which LLaMA-Factory resumes by itself. That folder must be a
+checkpoint (a Trainer's ``trainer_state.json``; not a run's output folder) of the kind of run the recipe asks for:
+LoRA (its ``adapter_config.json``: rank, DoRA) or whole-model weights (full or freeze: the run record says which),
+of a model with the same architecture and sizes (``config.json``: the checkpoint's own, or a LoRA checkpoint's base
+model's), written by the same stage (the run record, :mod:`llamafactory_hera_patches.run_record`, in the
+checkpoint's run folder). Only small files are read; what a file does not say is not checked.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.arguments import given_keys, truthy
+from llamafactory_hera_patches.host_arguments import host_keys
+from llamafactory_hera_patches.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR and get_last_checkpoint
+TRAINER_STATE, ADAPTER_CONFIG, MODEL_CONFIG = "trainer_state.json", "adapter_config.json", "config.json"
+WHOLE_MODEL_FILES = tuple(name for name in SAVED_MODEL_FILES if not name.startswith("adapter_"))
+# never in a checkpoint: the run record and the Trainer's end-of-run results (LLaMA-Factory's save_metrics)
+RUN_FOLDER_FILES = (RUN_RECORD, "train_results.json", "all_results.json")
+# the sizes that decide every weight's shape, at the config's top level and in its sub-configs (vocab_size left out:
+# resize_vocab and added tokens change it)
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "depth", "embed_dim", "num_heads", "patch_size", "temporal_patch_size", "spatial_merge_size",
+             "out_hidden_size", "image_size", "projection_dim", "hidden_dim", "num_layers")
+_SHOWN = 3
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint folder holds, as far as its small files say (None: not said)."""
+
+    folder: Path
+    kind: str | None  # "lora" / "oft" (an adapter's PEFT type), "whole" (full or freeze weights), None: unknown
+    finetuning_type: str | None  # from its run's record
+    stage: str | None  # from its run's record
+    rank: int | None
+    dora: bool | None
+    config: dict[str, Any] | None  # the model's config.json (a LoRA checkpoint's: its base model's)
+    model: str  # what the model is called in messages: its class, else its path
+    source: str | None  # the model_name_or_path it was trained from
+
+    def described(self) -> str:
+        if self.kind in ("lora", "oft"):
+            what = f"{self.kind.upper() if self.kind == 'oft' else 'LoRA'}" + (
+                f" (rank {self.rank}{', DoRA' if self.dora else ''})" if self.rank is not None else "")
+        else:
+            what = self.finetuning_type or "full or freeze"
+        stage = f"stage: {self.stage} " if self.stage else ""
+        return f"a {stage}{what} checkpoint of {self.model}"
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """``folder``'s ``checkpoint-N`` with the highest N (transformers' ``get_last_checkpoint``), or None."""
+    if not folder.is_dir():
+        return None
+    found = [(int(match.group(1)), entry) for entry in folder.iterdir()
+             if (match := CHECKPOINT_NAME.match(entry.name)) and entry.is_dir()]
+    return max(found)[1] if found else None
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def model_config(source: Any) -> dict[str, Any] | None:
+    """A model's ``config.json`` (a local folder, or a hub id already in the local cache), None when not here."""
+    if not source:
+        return None
+    folder = Path(str(source)).expanduser()
+    if folder.is_dir():
+        return _json(folder / MODEL_CONFIG)
+    # lazy: huggingface_hub only for a hub id (the checks of a local recipe read files only)
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(str(source), MODEL_CONFIG)
+    except ValueError:  # not a hub id either
+        return None
+    return _json(Path(cached)) if isinstance(cached, str) else None
+
+
+def architecture(config: dict[str, Any] | None, fallback: Any) -> str:
+    """The config's model class (``architectures[0]``, else ``model_type``), else ``fallback``."""
+    names = (config or {}).get("architectures") or []
+    return str(names[0] if names else (config or {}).get("model_type") or fallback)
+
+
+def sizes(config: dict[str, Any]) -> dict[str, Any]:
+    """``{key: value}`` of :data:`SIZE_KEYS`, top level and one level of sub-configs (``text_config.hidden_size``)."""
+    found = {key: config[key] for key in SIZE_KEYS if key in config}
+    for name, sub in config.items():
+        if isinstance(sub, dict):
+            found.update({f"{name}.{key}": sub[key] for key in SIZE_KEYS if key in sub})
+    return found
+
+
+def read_checkpoint(folder: Path) -> Checkpoint:
+    """What ``folder`` (a checkpoint) holds: its adapter's config or its weights, and its run's record (in the run's
+    folder, the checkpoint's parent; a folder not named ``checkpoint-N``: its own, if any)."""
+    record_folder = folder.parent if CHECKPOINT_NAME.match(folder.name) else folder
+    record = read_record(record_folder / RUN_RECORD) if (record_folder / RUN_RECORD).is_file() else {}
+    loading = record.get("loading") if isinstance(record.get("loading"), dict) else {}
+    adapter = _json(folder / ADAPTER_CONFIG)
+    if adapter is not None:
+        base = adapter.get("base_model_name_or_path") or loading.get("model_name_or_path")
+        config = model_config(base) or model_config(loading.get("model_name_or_path"))
+        rank = adapter.get("r")
+        return Checkpoint(folder, str(adapter.get("peft_type", "lora")).lower(), loading.get("finetuning_type"),
+                          record.get("stage"), rank if isinstance(rank, int) else None, bool(adapter.get("use_dora")),
+                          config, architecture(config, base), base)
+    whole = (folder / MODEL_CONFIG).is_file() or any((folder / name).is_file() for name in WHOLE_MODEL_FILES)
+    config = _json(folder / MODEL_CONFIG) if whole else None
+    finetuning = loading.get("finetuning_type")
+    return Checkpoint(folder, "whole" if whole else None, finetuning if finetuning in ("full", "freeze") else None,
+                      record.get("stage"), None, None, config, architecture(config, "an unknown model"),
+                      loading.get("model_name_or_path"))
+
+
+def _value(given: dict[str, Any], key: str) -> Any:
+    """The recipe's value of a LLaMA-Factory key, else LLaMA-Factory's default."""
+    value = given.get(key)
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
+        return host_keys()[key].default if key in host_keys() else None
+    return value
+
+
+def _differences(held: Checkpoint, stage: str, given: dict[str, Any],
+                 wanted_config: dict[str, Any] | None) -> tuple[list[str], list[str]]:
+    """(how the checkpoint differs from the recipe, the recipe settings that would match it)."""
+    finetuning = str(_value(given, "finetuning_type")).strip().lower()
+    differ: list[str] = []
+    matching: list[str] = []
+    adapter = held.kind in ("lora", "oft")
+    if (held.kind is not None and adapter != (finetuning in ("lora", "oft"))) or (adapter and held.kind != finetuning):
+        matching.append(f"finetuning_type: {held.kind if adapter else held.finetuning_type or 'full or freeze'}")
+    elif held.finetuning_type in ("full", "freeze") and finetuning in ("full", "freeze") and \
+            held.finetuning_type != finetuning:
+        matching.append(f"finetuning_type: {held.finetuning_type}")
+    elif adapter and held.rank is not None and str(held.rank) != str(_value(given, "lora_rank")).strip():
+        matching.append(f"lora_rank: {held.rank}")
+    elif adapter and held.dora is not None and held.dora != truthy(_value(given, "use_dora")):
+        matching.append(f"use_dora: {str(held.dora).lower()}")
+    if held.config is not None and wanted_config is not None:
+        # by model_type, not by class: the class a loader chose may differ from the one a config names
+        if (held.config.get("model_type") or architecture(held.config, "")) != \
+                (wanted_config.get("model_type") or architecture(wanted_config, "")):
+            differ.append("another architecture")
+        else:
+            theirs, ours = sizes(held.config), sizes(wanted_config)
+            changed = [key for key in theirs if key in ours and theirs[key] != ours[key]]
+            if changed:
+                differ.append("other sizes: " + ", ".join(f"{key} {theirs[key]} there, {ours[key]} here"
+                                                          for key in changed[:_SHOWN]))
+        if differ:
+            matching.append(f"model_name_or_path: {held.source or f'a {held.model} of its sizes'}")
+    if held.stage and held.stage != stage:
+        matching.append(f"stage: {held.stage}")
+    return differ, matching
+
+
+def _wanted(stage: str, given: dict[str, Any], config: dict[str, Any] | None) -> str:
+    finetuning = str(_value(given, "finetuning_type")).strip().lower()
+    rank = f" (lora_rank: {_value(given, 'lora_rank')})" if finetuning in ("lora", "oft") else ""
+    model = architecture(config, _value(given, "model_name_or_path"))
+    return f"stage: {stage}, finetuning_type: {finetuning}{rank} of {model}"
+
+
+def check_checkpoint(stage: str, given: dict[str, Any], folder: Path, named: str, afresh: str) -> None:
+    """``folder`` is a checkpoint of the run ``given`` asks for; ``named`` starts a refusal (the key and value that
+    lead to ``folder``), ``afresh`` ends it (how to train without it)."""
+    afresh = afresh[0].lower() + afresh[1:]
+    fix = f"Name a checkpoint of an earlier run (its OUTPUT_DIR/checkpoint-N), or {afresh}."
+    if not (folder / TRAINER_STATE).is_file():
+        raise RecipeError(f"{named} is not a Trainer checkpoint (it has no {TRAINER_STATE}). {fix}")
+    held = read_checkpoint(folder)
+    if held.kind is None and not any(entry.name.startswith("global_step") for entry in folder.iterdir()):
+        raise RecipeError(f"{named} holds no model weights (no {ADAPTER_CONFIG}, no {', '.join(WHOLE_MODEL_FILES)})."
+                          f" {fix}")
+    wanted_config = model_config(_value(given, "model_name_or_path"))
+    differ, matching = _differences(held, stage, given, wanted_config)
+    if not matching:
+        return
+    how = f" ({'; '.join(differ)})" if differ else ""
+    start = ("adapter_name_or_path" if held.kind in ("lora", "oft") else "model_name_or_path") + f": {folder}"
+    raise RecipeError(f"{named} is {held.described()}; this recipe trains {_wanted(stage, given, wanted_config)}"
+                      f"{how}. Resume it with the settings of the run that wrote it ({', '.join(matching)}), or "
+                      f"{afresh} (a new run can start from its weights: {start}).")
+
+
+def _run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a run's output folder (its record, end-of-run results or checkpoints), not a
+    checkpoint."""
+    return not CHECKPOINT_NAME.match(folder.name) and (
+        any((folder / name).is_file() for name in RUN_FOLDER_FILES) or last_checkpoint(folder) is not None)
+
+
+def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
+    """The checkpoint the recipe resumes from, if any, fits it (see the module doc); called by every plugin stage
+    before LLaMA-Factory parses ``host_args`` (after the model paths are checked)."""
+    given = given_keys(host_args)
+    value, output_dir = given.get("resume_from_checkpoint"), given.get("output_dir")
+    overwrite = truthy(given.get("overwrite_output_dir", False))
+    afresh = "Remove resume_from_checkpoint to train afresh"
+    if value is None:  # LLaMA-Factory resumes an output_dir's last checkpoint by itself
+        out = Path(str(output_dir)).expanduser() if output_dir else None
+        last = last_checkpoint(out) if out is not None and truthy(given.get("do_train", False)) and not overwrite \
+            else None
+        if last is not None:
+            check_checkpoint(stage, given, last, f"output_dir: {output_dir} holds an unfinished run, which "
+                             f"LLaMA-Factory resumes from its last checkpoint; {last}",
+                             "Set overwrite_output_dir: true to train afresh (its files move aside), or another "
+                             "output_dir")
+        return
+    if value is False or (isinstance(value, str) and not value.strip()):  # no resume (the Trainer's False)
+        return
+    if value is True:  # a YAML true (a string "true" is a path to the Trainer, as here)
+        out = Path(str(output_dir)).expanduser() if output_dir else None
+        if overwrite:
+            raise RecipeError(f"resume_from_checkpoint: true resumes the last checkpoint of output_dir: {output_dir}, "
+                              "but overwrite_output_dir: true moves that folder's files aside first. Remove one of "
+                              "them: resume_from_checkpoint to train afresh, overwrite_output_dir to resume.")
+        last = last_checkpoint(out) if out is not None else None
+        if last is None:
+            where = "which holds no checkpoint-N folder" if out is not None and out.is_dir() else "which does not exist"
+            raise RecipeError(f"resume_from_checkpoint: true resumes the last checkpoint of output_dir: {output_dir}, "
+                              f"{where}: there is nothing to resume. {afresh}, or name a checkpoint of an earlier "
+                              "run (its OUTPUT_DIR/checkpoint-N).")
+        check_checkpoint(stage, given, last, f"resume_from_checkpoint: true (the last checkpoint of output_dir) "
+                         f"{last}", afresh)
+        return
+    folder = Path(str(value)).expanduser()
+    fix = ("Name a checkpoint folder of an earlier run (OUTPUT_DIR/checkpoint-N), or remove resume_from_checkpoint "
+           "(a run whose output_dir holds checkpoints resumes from the last one unless overwrite_output_dir: true).")
+    if not folder.is_dir():
+        raise RecipeError(f"resume_from_checkpoint: {value} is not a folder. {fix}")
+    if _run_folder(folder):
+        last = last_checkpoint(folder)
+        named = (f"resume_from_checkpoint: {last} (its last checkpoint) to train that run further" if last else
+                 "one of its checkpoint-N folders (it has none: save_strategy was no, or they were deleted)")
+        start = "adapter_name_or_path" if (folder / ADAPTER_CONFIG).is_file() else "model_name_or_path"
+        raise RecipeError(f"resume_from_checkpoint: {value} is a run's output folder, not a checkpoint: resuming "
+                          "from it restores no optimizer state and trains on from that run's end (no step when it "
+                          f"reached max_steps). Name {named}, or, for a new run from its final model, set {start}: "
+                          f"{value} and remove resume_from_checkpoint.")
+    check_checkpoint(stage, given, folder, f"resume_from_checkpoint: {value}", afresh)

@@ -1,0 +1,227 @@
+"""Issue 50, item 3: the checkpoint a run resumes from is checked before LLaMA-Factory parses the recipe
+(``recipe/resume.py``), through LLaMA-Factory's real ``run_exp`` with the model load forbidden.
+
+Before, each case below loaded the model and ended in a traceback of about 600 lines: a full Qwen3-VL run from a
+Qwen2.5-VL checkpoint (``size mismatch`` while restoring), a full run from a LoRA checkpoint (``Can't find a
+checkpoint index``), a LoRA run from a full checkpoint (the optimizer's ``parameter group that doesn't match``),
+``resume_from_checkpoint: true`` with no checkpoint (``No valid checkpoint found``); a finished run's output folder
+instead of a checkpoint trained on silently (exit 0). Now each is one line naming what the checkpoint holds, what the
+recipe asks and the way on. The checkpoints are real: two 1-step runs, once for the module; the variants (other sizes,
+freeze, another stage, another rank) are copies of their small files with one value changed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import base_recipe, run_train
+from llamafactory_hera_patches.run_record import RUN_RECORD
+
+ONE_STEP = {"max_samples": 16, "per_device_train_batch_size": 4, "hera_queue_size": 8, "save_strategy": "steps",
+            "save_steps": 1, "max_steps": 1}
+SMALL_FILES = ("trainer_state.json", "config.json", "adapter_config.json")  # what the check reads of a checkpoint
+
+
+@pytest.fixture(scope="module")
+def runs(assets: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two finished 1-step HeRA runs, a checkpoint-1 each: Qwen3-VL LoRA (rank 8) and Qwen2.5-VL full."""
+    folder = tmp_path_factory.mktemp("resume_runs")
+    made = {"qwen3_vl lora": ("qwen3_vl", "lora"), "qwen2_5_vl full": ("qwen2_5_vl", "full")}
+    for name, (family, finetuning) in made.items():
+        run_train(base_recipe(assets, family, folder / name, finetuning_type=finetuning, **ONE_STEP), folder)
+    return {name: folder / name for name in made}
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a model or tokenizer fails the test: every refusal here comes before."""
+    import llamafactory.model as model
+    import llamafactory.train.sft.workflow as workflow
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was loaded before the error")
+
+    for module in (workflow, model):
+        monkeypatch.setattr(module, "load_model", refuse)
+        monkeypatch.setattr(module, "load_tokenizer", refuse)
+
+
+def _refusal(recipe: dict[str, Any], tmp: Path) -> str:
+    """The one error line of a run refused before loading (exit code 1, no traceback, nothing trained)."""
+    proc = run_train(recipe, tmp, check=False)
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode == 1, printed[-3000:]
+    assert "Traceback" not in printed and "the model was loaded" not in printed, printed[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("[llamafactory-hera] error: ")]
+    assert len(errors) == 1 and len(printed.splitlines()) <= 4, printed[-3000:]
+    assert not (Path(recipe["output_dir"]) / "checkpoint-2").exists()
+    return errors[0].removeprefix("[llamafactory-hera] error: ")
+
+
+def _copy(checkpoint: Path, to: Path, record: dict[str, Any] | None = None, **changed: Any) -> Path:
+    """A copy of ``checkpoint``'s small files into ``to/checkpoint-1`` (its run's record beside it, with ``record``
+    merged into it), its config (or its adapter's) with ``changed`` merged into it."""
+    copy = to / "checkpoint-1"
+    copy.mkdir(parents=True)
+    for name in SMALL_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copy(checkpoint / name, copy / name)
+    target = copy / ("adapter_config.json" if (copy / "adapter_config.json").is_file() else "config.json")
+    target.write_text(json.dumps({**json.loads(target.read_text()), **changed}))
+    saved = json.loads((checkpoint.parent / RUN_RECORD).read_text())
+    (to / RUN_RECORD).write_text(json.dumps({**saved, **(record or {}),
+                                             "loading": {**saved["loading"], **(record or {}).get("loading", {})}}))
+    return copy
+
+
+def test_a_full_run_from_another_models_checkpoint(assets: Any, runs: dict[str, Path], tmp_path: Path,
+                                                   no_model_load: None) -> None:
+    """Before: 579 lines, ``size mismatch for model.visual.patch_embed.proj.weight`` after the model loaded."""
+    checkpoint = runs["qwen2_5_vl full"] / "checkpoint-1"
+    message = _refusal(base_recipe(assets, "qwen3_vl", tmp_path / "out", finetuning_type="full",
+                                   resume_from_checkpoint=str(checkpoint)), tmp_path)
+    assert message == (
+        f"resume_from_checkpoint: {checkpoint} is a stage: hera full checkpoint of Qwen2_5_VLForConditionalGeneration; "
+        "this recipe trains stage: hera, finetuning_type: full of Qwen3VLForConditionalGeneration (another "
+        "architecture). Resume it with the settings of the run that wrote it (model_name_or_path: "
+        f"{assets.models['qwen2_5_vl']}), or remove resume_from_checkpoint to train afresh (a new run can start from "
+        f"its weights: model_name_or_path: {checkpoint}).")
+
+
+def test_a_full_run_from_a_lora_checkpoint(assets: Any, runs: dict[str, Path], tmp_path: Path,
+                                           no_model_load: None) -> None:
+    """Before: 578 lines, the Trainer's ``Can't find a checkpoint index`` after the model loaded."""
+    checkpoint = runs["qwen3_vl lora"] / "checkpoint-1"
+    message = _refusal(base_recipe(assets, "qwen3_vl", tmp_path / "out", finetuning_type="full",
+                                   resume_from_checkpoint=str(checkpoint)), tmp_path)
+    assert message.startswith(f"resume_from_checkpoint: {checkpoint} is a stage: hera LoRA (rank 8) checkpoint of "
+                              "Qwen3VLForConditionalGeneration; this recipe trains stage: hera, finetuning_type: full "
+                              "of Qwen3VLForConditionalGeneration. Resume it with the settings of the run that wrote "
+                              "it (finetuning_type: lora), or remove resume_from_checkpoint"), message
+    assert message.endswith(f"(a new run can start from its weights: adapter_name_or_path: {checkpoint}).")
+
+
+def test_a_lora_run_from_a_full_checkpoint(assets: Any, runs: dict[str, Path], tmp_path: Path,
+                                           no_model_load: None) -> None:
+    """Before: 593 lines, no adapter restored, then the optimizer's ``loaded state dict contains a parameter group
+    that doesn't match``."""
+    checkpoint = runs["qwen2_5_vl full"] / "checkpoint-1"
+    message = _refusal(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", resume_from_checkpoint=str(checkpoint)),
+                       tmp_path)
+    assert message.startswith(f"resume_from_checkpoint: {checkpoint} is a stage: hera full checkpoint of "
+                              "Qwen2_5_VLForConditionalGeneration; this recipe trains stage: hera, finetuning_type: "
+                              "lora (lora_rank: 8) of Qwen2_5_VLForConditionalGeneration. Resume it with the settings "
+                              "of the run that wrote it (finetuning_type: full), or "), message
+
+
+def test_true_with_nothing_to_resume(assets: Any, tmp_path: Path, no_model_load: None) -> None:
+    """Before: 570 lines, transformers' ``No valid checkpoint found in output directory`` after the model loaded."""
+    out = tmp_path / "out"
+    message = _refusal(base_recipe(assets, "qwen3_vl", out, resume_from_checkpoint=True, overwrite_output_dir=False),
+                       tmp_path)
+    assert message == (f"resume_from_checkpoint: true resumes the last checkpoint of output_dir: {out}, which does not "
+                       "exist: there is nothing to resume. Remove resume_from_checkpoint to train afresh, or name a "
+                       "checkpoint of an earlier run (its OUTPUT_DIR/checkpoint-N).")
+    out.mkdir()
+    assert "which holds no checkpoint-N folder: there is nothing" in _refusal(
+        base_recipe(assets, "qwen3_vl", out, resume_from_checkpoint=True, overwrite_output_dir=False), tmp_path)
+    # overwrite_output_dir moves the folder's checkpoints aside before the Trainer would look for them
+    assert "but overwrite_output_dir: true moves that folder's files aside first" in _refusal(
+        base_recipe(assets, "qwen3_vl", out, resume_from_checkpoint=True, overwrite_output_dir=True), tmp_path)
+
+
+def test_a_finished_runs_folder_is_not_a_checkpoint(assets: Any, runs: dict[str, Path], tmp_path: Path,
+                                                    no_model_load: None) -> None:
+    """Before: accepted (the folder has the run's end trainer_state.json): trained on from the end with no optimizer
+    state, or no step at all, exit 0, and the model written again."""
+    finished = runs["qwen3_vl lora"]
+    message = _refusal(base_recipe(assets, "qwen3_vl", tmp_path / "out", resume_from_checkpoint=str(finished)),
+                       tmp_path)
+    assert message == (
+        f"resume_from_checkpoint: {finished} is a run's output folder, not a checkpoint: resuming from it restores no "
+        "optimizer state and trains on from that run's end (no step when it reached max_steps). Name "
+        f"resume_from_checkpoint: {finished / 'checkpoint-1'} (its last checkpoint) to train that run further, or, "
+        f"for a new run from its final model, set adapter_name_or_path: {finished} and remove "
+        "resume_from_checkpoint.")
+
+
+# (what the copy changes: its run record, its config or adapter config; the recipe's overrides; the message's part)
+VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], str]] = {
+    "other sizes": ("qwen2_5_vl full", {}, {"text_config": {"hidden_size": 96, "num_hidden_layers": 4}},
+                    {"finetuning_type": "full"},
+                    "(other sizes: text_config.hidden_size 96 there, 64 here, text_config.num_hidden_layers 4 there, "
+                    "2 here)"),
+    "freeze for full": ("qwen2_5_vl full", {"loading": {"finetuning_type": "freeze"}}, {},
+                        {"finetuning_type": "full"}, "is a stage: hera freeze checkpoint of Qwen2_5_VL"),
+    "another stage": ("qwen2_5_vl full", {"stage": "sft"}, {}, {"finetuning_type": "full"},
+                      "settings of the run that wrote it (stage: sft)"),
+    "another rank": ("qwen3_vl lora", {}, {}, {"lora_rank": 16}, "LoRA (rank 8) checkpoint of Qwen3VLForConditional"
+                     "Generation; this recipe trains stage: hera, finetuning_type: lora (lora_rank: 16) of "),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_checkpoint_of_another_kind_of_run(variant: str, assets: Any, runs: dict[str, Path], tmp_path: Path,
+                                             no_model_load: None) -> None:
+    run, record, config, overrides, part = VARIANTS[variant]
+    if "text_config" in config:
+        saved = json.loads((runs[run] / "checkpoint-1" / "config.json").read_text())
+        config = {"text_config": {**saved["text_config"], **config["text_config"]}}
+    checkpoint = _copy(runs[run] / "checkpoint-1", tmp_path / "earlier", record, **config)
+    family = "qwen3_vl" if run.startswith("qwen3_vl") else "qwen2_5_vl"
+    message = _refusal(base_recipe(assets, family, tmp_path / "out", resume_from_checkpoint=str(checkpoint),
+                                   **overrides), tmp_path)
+    assert part in message, message
+
+
+def test_true_and_an_unfinished_output_dir_resolve_as_transformers_does(assets: Any, runs: dict[str, Path],
+                                                                        tmp_path: Path, no_model_load: None) -> None:
+    """``true``: the output_dir's last checkpoint-N (by number: 10 after 9); not given, LLaMA-Factory's own resume of
+    an unfinished output_dir: both checked as a named checkpoint is."""
+    out = tmp_path / "out"
+    _copy(runs["qwen3_vl lora"] / "checkpoint-1", out, {"status": "running"})  # killed after step 10
+    (out / "checkpoint-1").rename(out / "checkpoint-10")
+    _copy(runs["qwen2_5_vl full"] / "checkpoint-1", tmp_path / "other")
+    shutil.copytree(tmp_path / "other" / "checkpoint-1", out / "checkpoint-9")
+    full = {"finetuning_type": "full", "overwrite_output_dir": False}
+    message = _refusal(base_recipe(assets, "qwen3_vl", out, resume_from_checkpoint=True, **full), tmp_path)
+    assert message.startswith("resume_from_checkpoint: true (the last checkpoint of output_dir) "
+                              f"{out / 'checkpoint-10'} is a stage: hera LoRA (rank 8) checkpoint"), message
+    message = _refusal(base_recipe(assets, "qwen3_vl", out, **full), tmp_path)
+    assert message.startswith(f"output_dir: {out} holds an unfinished run, which LLaMA-Factory resumes from its last "
+                              f"checkpoint; {out / 'checkpoint-10'} is a stage: hera LoRA (rank 8) checkpoint"), message
+    assert message.endswith("set overwrite_output_dir: true to train afresh (its files move aside), or another "
+                            "output_dir (a new run can start from its weights: adapter_name_or_path: "
+                            f"{out / 'checkpoint-10'}).")
+
+
+def test_not_a_checkpoint(assets: Any, tmp_path: Path, no_model_load: None) -> None:
+    """A folder without the Trainer's state, or with it and no weights, names what it lacks."""
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    recipe = base_recipe(assets, "qwen3_vl", tmp_path / "out", resume_from_checkpoint=str(folder))
+    assert _refusal(recipe, tmp_path) == (f"resume_from_checkpoint: {folder} is not a Trainer checkpoint (it has no "
+                                          "trainer_state.json). Name a checkpoint of an earlier run (its "
+                                          "OUTPUT_DIR/checkpoint-N), or remove resume_from_checkpoint to train "
+                                          "afresh.")
+    (folder / "trainer_state.json").write_text("{}")
+    assert _refusal(recipe, tmp_path).startswith(f"resume_from_checkpoint: {folder} holds no model weights (no "
+                                                 "adapter_config.json, no model.safetensors")
+
+
+def test_the_checkpoint_of_the_same_kind_of_run_passes(assets: Any, runs: dict[str, Path]) -> None:
+    """The run each checkpoint came from passes the check (a renamed checkpoint folder too); a resume that trains
+    on: tests/hera/test_hera_resume_weights.py, test_output_dir.py (an interrupted run), harc/test_harc_stage.py."""
+    from llamafactory_hera.recipe.resume import check_resume
+
+    for name, family, finetuning in (("qwen3_vl lora", "qwen3_vl", "lora"),
+                                     ("qwen2_5_vl full", "qwen2_5_vl", "full")):
+        recipe = base_recipe(assets, family, runs[name].parent / "again", finetuning_type=finetuning,
+                             resume_from_checkpoint=str(runs[name] / "checkpoint-1"))
+        check_resume("hera", recipe)
+        check_resume("hera", [f"--{key}={value}" for key, value in recipe.items() if not isinstance(value, list)])
