@@ -16,7 +16,8 @@ traceback, some of them only after the model and the teacher loaded:
 
 - ``fp16`` and ``bf16`` both true (transformers names the CPU's missing bf16, or fails later, not the conflict);
 - a ``deepspeed`` config path that is not a file (accelerate's "Expected a string path to an existing deepspeed config"
-  while the arguments are built);
+  while the arguments are built), or names one where DeepSpeed is not installed (transformers'
+  ``PackageNotFoundError``, 70 lines: now the ``pip install`` command);
 - FSDP, from the recipe (``fsdp``, ``fsdp_config``) or from ``accelerate launch`` with an FSDP config
   (``ACCELERATE_USE_FSDP``, with ``FSDP_VERSION`` 1 or 2), why per method and version in :mod:`.fsdp` (what was
   measured of FSDP2 included); the run would load the model and the teacher first. DeepSpeed ZeRO-3 is the supported
@@ -33,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import importlib.util
 import json
 import os
 import tempfile
@@ -258,8 +260,26 @@ def _deepspeed_config_readable(value: str) -> bool:
         return False
 
 
+def _deepspeed_requirement() -> str:
+    """What transformers requires of DeepSpeed (``deepspeed>=0.9.3`` in transformers 5.6), as pip takes it."""
+    # lazy: transformers only when a recipe names a DeepSpeed config
+    from transformers.dependency_versions_table import deps
+
+    return str(deps.get("deepspeed", "deepspeed"))
+
+
+def check_deepspeed_installed(deepspeed: Any) -> None:
+    """A recipe naming a DeepSpeed config runs where DeepSpeed is installed (else transformers' ``PackageNotFoundError``
+    traceback, 70 lines, while the arguments are parsed)."""
+    if importlib.util.find_spec("deepspeed") is not None:
+        return
+    requirement = _deepspeed_requirement()
+    raise RecipeError(f"deepspeed: {deepspeed} needs DeepSpeed, which is not installed here. Install it: pip install "
+                      f"'{requirement}' (or remove deepspeed to train without it).")
+
+
 def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None:
-    """``fp16`` and ``bf16`` are not both on; a ``deepspeed`` path names a file."""
+    """``fp16`` and ``bf16`` are not both on; a ``deepspeed`` path names a file, and DeepSpeed is installed."""
     fp16, bf16 = raw_value(host_args, "fp16"), raw_value(host_args, "bf16")
     if fp16 is not None and bf16 is not None and truthy(fp16) and truthy(bf16):
         raise RecipeError("fp16: true and bf16: true: a run trains in one precision; keep bf16: true (GPUs since "
@@ -270,6 +290,8 @@ def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None
         relative = "" if where.is_absolute() else f", relative to the folder the run starts in ({Path.cwd()})"
         raise RecipeError(f"deepspeed: {deepspeed} is not a file{relative}. Point it at a DeepSpeed JSON config "
                           "(e.g. recipes/deepspeed/ds_z3_config.json, run from the repository root) or remove it.")
+    if deepspeed is not None and str(deepspeed).strip() and str(deepspeed).strip().lower() not in {"none", "null"}:
+        check_deepspeed_installed(deepspeed)
 
 
 def check_streaming(stage: str, host_args: dict[str, Any] | list[str]) -> None:
