@@ -15,6 +15,8 @@ refusal that rank 0 did not reach). torchrun's own report of the failed job (its
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 import time
@@ -45,6 +47,18 @@ def waits_for_rank_0(environ: Mapping[str, str]) -> bool:
     return bool(environ.get("TORCHELASTIC_RUN_ID")) and environ.get("RANK", "0").strip() not in {"", "0"}
 
 
+def _tell_torchrun(environ: Mapping[str, str]) -> None:
+    """In a torchrun rank, the error file its agent reads (``TORCHELASTIC_ERROR_FILE``): its report of the failed job
+    then points at the line above instead of saying how to get a traceback."""
+    path = environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    note = "refused by llamafactory-hera's checks: see the [llamafactory-hera] error line above"
+    with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as file:
+        # the form torch's own @record writes (a bare string message makes the agent warn twice)
+        json.dump({"message": {"message": note, "extraInfo": {"timestamp": str(int(time.time()))}}}, file)
+
+
 def install() -> None:
     """Route uncaught plugin errors to :func:`short_report` (idempotent; off with LLAMAFACTORY_HERA_TRACEBACK=1)."""
     previous = sys.excepthook
@@ -56,6 +70,7 @@ def install() -> None:
             if waits_for_rank_0(os.environ):
                 time.sleep(RANK_WAIT_S)  # torchrun's agent stops this rank once rank 0 has failed
             sys.stderr.write(short_report(error))
+            _tell_torchrun(os.environ)
             sys.stderr.flush()
         else:
             previous(kind, error, tb)
