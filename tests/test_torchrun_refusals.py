@@ -91,6 +91,24 @@ def test_a_deepspeed_config_without_deepspeed_is_one_line_with_the_install_comma
 
 
 @pytest.mark.usefixtures("no_model_load")
+def test_rah_without_deepspeed_still_says_to_remove_deepspeed(assets: Any, harc_assets: Any, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """RAH-LoRA refuses DeepSpeed: its own message comes first, not the install command."""
+    import importlib.util
+
+    from test_launch_refusals import _recipe
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "deepspeed" else find_spec(name, *rest))
+    config = str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json")
+    assert _refused(_recipe("rah", assets, harc_assets, tmp_path / "out", deepspeed=config)).endswith(
+        "stage: rah takes no optimizer step and runs on one device; remove deepspeed.")
+    assert _refused(_recipe("harc", assets, harc_assets, tmp_path / "out", deepspeed=config)).startswith(
+        f"deepspeed: {config} needs DeepSpeed, which is not installed here.")
+
+
+@pytest.mark.usefixtures("no_model_load")
 def test_a_number_key_given_no_number_is_refused_before_the_parse(harc_assets: Any, tmp_path: Path) -> None:
     """``image_max_pixels: big`` ended in ``TypeError: '<' not supported between instances of 'str' and 'int'`` in
     LLaMA-Factory's ``ProcessorArguments.__post_init__``."""

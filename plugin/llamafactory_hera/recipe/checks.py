@@ -16,15 +16,16 @@ traceback, some of them only after the model and the teacher loaded:
 
 - ``fp16`` and ``bf16`` both true (transformers names the CPU's missing bf16, or fails later, not the conflict);
 - a ``deepspeed`` config path that is not a file (accelerate's "Expected a string path to an existing deepspeed config"
-  while the arguments are built), or names one where DeepSpeed is not installed (transformers'
-  ``PackageNotFoundError``, 70 lines: now the ``pip install`` command);
+  while the arguments are built);
 - FSDP, from the recipe (``fsdp``, ``fsdp_config``) or from ``accelerate launch`` with an FSDP config
   (``ACCELERATE_USE_FSDP``, with ``FSDP_VERSION`` 1 or 2), why per method and version in :mod:`.fsdp` (what was
   measured of FSDP2 included); the run would load the model and the teacher first. DeepSpeed ZeRO-3 is the supported
   sharding (HeRA, HARC);
 - ``streaming: true``: every stage reads its rows as a map-style dataset (see :data:`_STREAMING`).
 
-:func:`check_raw_recipe`, run after these and the method's own raw checks, runs the checks of the keys LLaMA-Factory
+:func:`check_raw_recipe`, run after these and the method's own raw checks, checks that DeepSpeed is installed where the
+recipe names a config (transformers' ``PackageNotFoundError``, 70 lines, while the arguments were parsed: now the
+``pip install`` command), runs the checks of the keys LLaMA-Factory
 reads (:mod:`.host_keys`: unknown keys, values outside a key's choices, ``template``, numbers) and of the model
 (:mod:`.model_checks`: model and adapter paths, ``lora_target``).
 """
@@ -268,10 +269,13 @@ def _deepspeed_requirement() -> str:
     return str(deps.get("deepspeed", "deepspeed"))
 
 
-def check_deepspeed_installed(deepspeed: Any) -> None:
+def check_deepspeed_installed(host_args: dict[str, Any] | list[str]) -> None:
     """A recipe naming a DeepSpeed config runs where DeepSpeed is installed (else transformers' ``PackageNotFoundError``
-    traceback, 70 lines, while the arguments are parsed)."""
-    if importlib.util.find_spec("deepspeed") is not None:
+    traceback, 70 lines, while the arguments are parsed). After the method's own checks: a stage that refuses
+    DeepSpeed (RAH-LoRA) says so instead."""
+    deepspeed = raw_value(host_args, "deepspeed")
+    if deepspeed is None or str(deepspeed).strip().lower() in {"", "none", "null"} \
+            or importlib.util.find_spec("deepspeed") is not None:
         return
     requirement = _deepspeed_requirement()
     raise RecipeError(f"deepspeed: {deepspeed} needs DeepSpeed, which is not installed here. Install it: pip install "
@@ -279,7 +283,7 @@ def check_deepspeed_installed(deepspeed: Any) -> None:
 
 
 def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None:
-    """``fp16`` and ``bf16`` are not both on; a ``deepspeed`` path names a file, and DeepSpeed is installed."""
+    """``fp16`` and ``bf16`` are not both on; a ``deepspeed`` path names a file."""
     fp16, bf16 = raw_value(host_args, "fp16"), raw_value(host_args, "bf16")
     if fp16 is not None and bf16 is not None and truthy(fp16) and truthy(bf16):
         raise RecipeError("fp16: true and bf16: true: a run trains in one precision; keep bf16: true (GPUs since "
@@ -290,8 +294,6 @@ def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None
         relative = "" if where.is_absolute() else f", relative to the folder the run starts in ({Path.cwd()})"
         raise RecipeError(f"deepspeed: {deepspeed} is not a file{relative}. Point it at a DeepSpeed JSON config "
                           "(e.g. recipes/deepspeed/ds_z3_config.json, run from the repository root) or remove it.")
-    if deepspeed is not None and str(deepspeed).strip() and str(deepspeed).strip().lower() not in {"none", "null"}:
-        check_deepspeed_installed(deepspeed)
 
 
 def check_streaming(stage: str, host_args: dict[str, Any] | list[str]) -> None:
@@ -313,10 +315,12 @@ def check_raw_launch(stage: str, host_args: dict[str, Any] | list[str],
 
 def check_raw_recipe(host_args: dict[str, Any] | list[str]) -> None:
     """What every plugin stage checks of the recipe's LLaMA-Factory keys before LLaMA-Factory parses them, after
-    :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific): the keys
+    :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific): DeepSpeed
+    installed where the recipe names it, the keys
     (:mod:`.host_keys`), the model paths, this machine's bf16, and last ``lora_target`` against the model's modules
     (:mod:`.model_checks`, the one that reads the model's config)."""
     given = given_keys(host_args)
+    check_deepspeed_installed(host_args)
     check_host_keys(host_args)
     check_model_paths(given)
     check_bf16_device(host_args)
