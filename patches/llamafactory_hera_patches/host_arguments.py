@@ -31,21 +31,25 @@ _CLASSES = ("ModelArguments", "DataArguments", "TrainingArguments", "FinetuningA
 @dataclass(frozen=True)
 class HostKey:
     """One key of LLaMA-Factory's training recipe: its dataclass, its default and, for a ``Literal`` or ``Enum``
-    type, the values it accepts (``None`` allowed when the type is optional)."""
+    type, the values it accepts (``None`` allowed when the type is optional); for a number, ``int`` or ``float``
+    (``HfArgumentParser.parse_dict`` passes a YAML string on as it is: ``image_max_pixels: big`` ended in a
+    ``TypeError`` in the dataclass's ``__post_init__``) and its help text."""
 
     name: str
     holder: str  # the dataclass, e.g. FinetuningArguments
     default: typing.Any
     choices: tuple[str, ...] = ()
     optional: bool = False
+    number: type | None = None  # int or float: the key takes a number of this type (None allowed if optional)
+    help: str = ""
 
 
 def _choices(hint: typing.Any) -> tuple[tuple[str, ...], bool]:
     """(the string values a ``Literal`` / ``Enum`` type, or a union of them with None, accepts; whether None is
-    accepted). Empty when any other type is in the union (the value is then checked by the host only)."""
+    accepted). No values when any other type is in the union (the value is then checked by the host only)."""
     members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     values: list[str] = []
-    optional = False
+    optional = other = False
     for member in members:
         if member is type(None):
             optional = True
@@ -54,8 +58,15 @@ def _choices(hint: typing.Any) -> tuple[tuple[str, ...], bool]:
         elif isinstance(member, type) and issubclass(member, enum.Enum):
             values += [str(item.value) for item in member]
         elif member is not str:  # a free string beside an enum (lr_scheduler_type) is still looked up in the enum
-            return (), optional
-    return tuple(values), optional
+            other = True
+    return (() if other else tuple(values)), optional
+
+
+def _number(hint: typing.Any) -> type | None:
+    """``int`` / ``float`` for a type that is one of them (or it or None); None for any other type."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    numbers = [member for member in members if member is not type(None)]
+    return numbers[0] if len(numbers) == 1 and numbers[0] in (int, float) else None
 
 
 @functools.cache
@@ -74,7 +85,8 @@ def host_keys() -> dict[str, HostKey]:
             if spec.init and spec.name not in keys:
                 choices, optional = _choices(hints.get(spec.name))
                 default = spec.default if spec.default is not dataclasses.MISSING else None
-                keys[spec.name] = HostKey(spec.name, holder, default, choices, optional)
+                keys[spec.name] = HostKey(spec.name, holder, default, choices, optional,
+                                          _number(hints.get(spec.name)), str(spec.metadata.get("help", "")))
     return keys
 
 

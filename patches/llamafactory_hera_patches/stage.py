@@ -29,7 +29,7 @@ from typing import Any
 from transformers.utils import logging as transformers_logging
 
 from . import logging as log_patch
-from . import output_dir, run_record
+from . import output_dir, recipe_file, run_record
 from .arguments import keys_of, raw_value, split_args
 from .errors import RecipeError
 from .guard import require, warn_if_unchecked
@@ -101,6 +101,7 @@ def apply(tuner: ModuleType) -> None:
         return
     hparams, workflow, callbacks, ploting = _check_shapes(tuner)
     warn_if_unchecked()
+    recipe_file.apply(tuner)  # run_exp's read of the recipe file: its mistakes named
     log_patch.apply(callbacks)
     original_training_function = tuner._training_function
 
@@ -133,8 +134,7 @@ def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,
     if ignored:
         warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is "
                       f"'{method.stage}'.", stacklevel=2)
-    method_args = method.load("parse_arguments")(own)
-    method.check_raw(host_args, method_args)
+    method_args = method_arguments(method, own, host_args)
     check_host_args = method.load("check_host_args")
     run = method.load("run")
 
@@ -147,6 +147,14 @@ def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,
                    method_args)
 
     return check, run_method
+
+
+def method_arguments(method: Any, own: dict[str, Any], host_args: Any) -> Any:
+    """The method's arguments from its own keys (``own``), after its checks of the raw recipe (nothing loaded): what
+    a run checks before LLaMA-Factory parses the recipe (also run by :mod:`.launch` before torchrun starts)."""
+    method_args = method.load("parse_arguments")(own)
+    method.check_raw(host_args, method_args)
+    return method_args
 
 
 @contextlib.contextmanager

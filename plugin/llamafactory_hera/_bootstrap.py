@@ -19,6 +19,7 @@ DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
 _TARGETS = {
     "llamafactory.data.template": "llava_templates",  # LLaVA-1.5 templates of the families compose builds from
     "llamafactory.extras.constants": "webui",
+    "llamafactory.launcher": "launch",  # llamafactory-cli train under torchrun: the recipe checked before the ranks
     "llamafactory.train.tuner": "stage",
     "llamafactory.webui.interface": "webui_board",  # LlamaBoard: the methods' panels, args, saved config, loss plot
 }
@@ -66,7 +67,8 @@ def _apply(patch: str, module) -> None:
     import importlib
 
     importlib.import_module(f"llamafactory_hera_patches.{patch}").apply(module)
-    if patch == "stage":  # a training process: the plugin's own errors end it with their message alone
+    if patch in ("stage", "launch"):  # a training process or its launcher: the plugin's errors end it with their
+        # message alone
         importlib.import_module("llamafactory_hera.short_errors").install()
 
 

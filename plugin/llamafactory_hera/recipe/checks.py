@@ -24,7 +24,9 @@ traceback, some of them only after the model and the teacher loaded:
   sharding (HeRA, HARC);
 - ``streaming: true``: every stage reads its rows as a map-style dataset (see :data:`_STREAMING`).
 
-:func:`check_raw_recipe`, run after these and the method's own raw checks, runs the checks of the keys LLaMA-Factory
+:func:`check_raw_recipe`, run after these and the method's own raw checks, checks that DeepSpeed is installed where the
+recipe names a config (transformers' ``PackageNotFoundError``, 70 lines, while the arguments were parsed: now the
+``pip install`` command), runs the checks of the keys LLaMA-Factory
 reads (:mod:`.host_keys`: unknown keys, values outside a key's choices, ``template``, numbers) and of the model
 (:mod:`.model_checks`: model and adapter paths, ``lora_target``).
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import importlib.util
 import json
 import os
 import tempfile
@@ -242,6 +245,27 @@ def _deepspeed_config_readable(value: str) -> bool:
         return False
 
 
+def _deepspeed_requirement() -> str:
+    """What transformers requires of DeepSpeed (``deepspeed>=0.9.3`` in transformers 5.6), as pip takes it."""
+    # lazy: transformers only when a recipe names a DeepSpeed config
+    from transformers.dependency_versions_table import deps
+
+    return str(deps.get("deepspeed", "deepspeed"))
+
+
+def check_deepspeed_installed(host_args: dict[str, Any] | list[str]) -> None:
+    """A recipe naming a DeepSpeed config runs where DeepSpeed is installed (else transformers' ``PackageNotFoundError``
+    traceback, 70 lines, while the arguments are parsed). After the method's own checks: a stage that refuses
+    DeepSpeed (RAH-LoRA) says so instead."""
+    deepspeed = raw_value(host_args, "deepspeed")
+    if deepspeed is None or str(deepspeed).strip().lower() in {"", "none", "null"} \
+            or importlib.util.find_spec("deepspeed") is not None:
+        return
+    requirement = _deepspeed_requirement()
+    raise RecipeError(f"deepspeed: {deepspeed} needs DeepSpeed, which is not installed here. Install it: pip install "
+                      f"'{requirement}' (or remove deepspeed to train without it).")
+
+
 def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None:
     """``fp16`` and ``bf16`` are not both on; a ``deepspeed`` path names a file."""
     fp16, bf16 = raw_value(host_args, "fp16"), raw_value(host_args, "bf16")
@@ -275,10 +299,12 @@ def check_raw_launch(stage: str, host_args: dict[str, Any] | list[str],
 
 def check_raw_recipe(host_args: dict[str, Any] | list[str]) -> None:
     """What every plugin stage checks of the recipe's LLaMA-Factory keys before LLaMA-Factory parses them, after
-    :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific): the keys
+    :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific): DeepSpeed
+    installed where the recipe names it, the keys
     (:mod:`.host_keys`), the model paths, this machine's bf16, and last ``lora_target`` against the model's modules
     (:mod:`.model_checks`, the one that reads the model's config)."""
     given = given_keys(host_args)
+    check_deepspeed_installed(host_args)
     check_host_keys(host_args)
     check_model_paths(given)
     check_bf16_device(host_args)

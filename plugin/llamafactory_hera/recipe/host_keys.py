@@ -9,7 +9,9 @@ traceback whose last line names neither the key nor the value, or only after the
 - a value outside a key's ``Literal`` / ``Enum`` values (``finetuning_type: lorra``: ``AssertionError: Invalid
   fine-tuning method.``; ``lr_scheduler_type: cosin``: ``'cosin' is not a valid SchedulerType``), with the nearest;
 - a ``template`` LLaMA-Factory does not have (``Template ... does not exist``, after the tokenizer loaded);
-- numbers no run can use (:data:`BOUNDS`: ``cutoff_len: 0``, a negative ``learning_rate``, ...);
+- numbers no run can use (:data:`BOUNDS`: ``cutoff_len: 0``, a negative ``learning_rate``, ...), and a key typed as
+  a number given none (``image_max_pixels: big``: ``TypeError: '<' not supported between instances of 'str' and
+  'int'``);
 - a ``report_to`` that is no logger of transformers (``tensorbord``: after the model loaded), ``bf16: true`` where
   transformers finds no bf16 device (``Your setup doesn't support bf16/gpu``).
 """
@@ -174,6 +176,34 @@ def check_numbers(given: dict[str, Any]) -> None:
                               "above 0). Set num_train_epochs above 0, or max_steps to the number of steps.")
 
 
+def _reads_as(kind: type, value: Any) -> bool:
+    try:
+        kind(str(value).strip())
+    except ValueError:
+        return False
+    return True
+
+
+def check_number_types(given: dict[str, Any]) -> None:
+    """A key LLaMA-Factory types as a number (``int`` / ``float``, :data:`BOUNDS`' keys aside: checked with their
+    range) is given one: LLaMA-Factory's parse passes a YAML string on as it is (``image_max_pixels: big``: a
+    ``TypeError`` in the dataclass's check), a ``--key value`` list stops in argparse after its whole usage."""
+    known = host_keys()
+    for name, value in given.items():
+        key = known.get(str(name))
+        if key is None or key.number is None or name in BOUNDS or isinstance(value, bool | int | float):
+            continue
+        if _is_null(value):
+            if key.optional or key.default is None:
+                continue
+        elif isinstance(value, str) and _reads_as(key.number, value):
+            continue
+        what = "a whole number" if key.number is int else "a number"
+        about = f"{key.help.strip().rstrip('.')}; " if key.help.strip() else ""
+        raise RecipeError(f"{name}: {value!r} is not {what} ({key.holder}: {about}default {key.default}). Set "
+                          f"{name} to {what}.")
+
+
 def _number_or_none(value: Any) -> float | None:
     try:
         number = float(value)
@@ -225,4 +255,5 @@ def check_host_keys(host_args: dict[str, Any] | list[str]) -> None:
     check_choices(given)
     check_template_name(given)
     check_numbers(given)
+    check_number_types(given)
     check_report_to(given)

@@ -1,0 +1,94 @@
+"""``llamafactory-cli train`` under torchrun: the recipe is checked once, in the launcher, before the ranks start.
+
+Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything is patched):
+- ``llamafactory.launcher.launch()`` pops the command from ``sys.argv``; for ``train`` with ``FORCE_TORCHRUN`` (or
+  ``USE_MCA``), or more than one device without Ray or KTransformers (``llamafactory.extras.misc``: ``is_env_enabled``,
+  ``get_device_count``, ``use_ray``, ``use_kt``), it runs ``torchrun ... launcher.py <args>`` with
+  ``subprocess.run(check=True)``: a failed job's ``CalledProcessError`` traceback followed torchrun's own report;
+- ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (see :mod:`.recipe_file`).
+
+Every rank used to run the plugin's checks of the raw recipe and print a refused recipe's line (once per rank, 8
+copies on 8 GPUs), then torchrun's ``ChildFailedError`` traceback and the launcher's. Now the launcher runs those checks
+first (:func:`check_before_ranks`: the stage's name; a plugin stage's keys and
+:func:`.stage.method_arguments`); a refused recipe raises its :class:`RecipeError` there (one line, exit code 1, as
+without torchrun), and torchrun does not start. A job that fails later ends with torchrun's report and its exit code,
+without the launcher's traceback. A bare ``torchrun`` has no launcher to patch: its ranks print a refusal once (see
+``llamafactory_hera.short_errors``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+from .arguments import keys_of, raw_value, split_args
+from .guard import require
+from .recipe_file import read_recipe
+from .registry import registered_methods
+from .stage import check_stage, method_arguments
+from .templates import host_stages
+
+_MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt")
+_HELP = ("-h", "--help")
+
+
+def starts_torchrun(misc: ModuleType, argv: list[str]) -> bool:
+    """Whether ``launch()`` will run ``argv``'s command under torchrun (LLaMA-Factory 0.9.5's own condition)."""
+    if len(argv) < 2 or argv[1] != "train":
+        return False
+    return bool(misc.is_env_enabled("FORCE_TORCHRUN") or misc.is_env_enabled("USE_MCA")
+                or (misc.get_device_count() > 1 and not misc.use_ray() and not misc.use_kt()))
+
+
+@contextlib.contextmanager
+def _argv(argv: list[str]) -> Iterator[None]:
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def check_before_ranks(argv: list[str]) -> None:
+    """The checks every rank would run of the recipe before LLaMA-Factory parses it, run once on ``argv``
+    (``llamafactory-cli train <recipe> [key=value ...]``); raises :class:`RecipeError`."""
+    # lazy: LLaMA-Factory's arguments (transformers' TrainingArguments) only for a run that starts torchrun
+    hparams = importlib.import_module("llamafactory.hparams")
+    require(hparams, ("read_args",), "launch")
+    with _argv([argv[0], *argv[2:]]):
+        raw: Any = read_recipe(hparams.read_args)
+    if isinstance(raw, list) and any(flag in raw for flag in _HELP):
+        return
+    host_args, method_raw, method = split_args(raw)
+    if method is None:
+        check_stage(raw_value(host_args, "stage"), [m.stage for m in registered_methods()], host_stages())
+        return
+    method_arguments(method, keys_of(method, method_raw)[0], host_args)
+
+
+def apply(launcher: ModuleType) -> None:
+    """Patch ``llamafactory.launcher`` (all or nothing)."""
+    if getattr(launcher, "_llamafactory_hera_patched", False):
+        return
+    misc = importlib.import_module("llamafactory.extras.misc")
+    require(launcher, ("launch",), "launch")
+    require(misc, _MISC_NAMES, "launch")
+    original = launcher.launch
+
+    def launch() -> None:
+        if not starts_torchrun(misc, sys.argv):
+            return original()
+        check_before_ranks(sys.argv)
+        try:
+            return original()
+        except subprocess.CalledProcessError as error:  # torchrun's report is above: its exit code, no traceback
+            raise SystemExit(error.returncode) from None
+
+    launcher.launch = launch
+    launcher._llamafactory_hera_patched = True

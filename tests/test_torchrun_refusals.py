@@ -1,0 +1,162 @@
+"""Issue 50, items 5 and 6: a refused recipe under torchrun, a missing DeepSpeed, and the recipe mistakes that still
+ended in LLaMA-Factory's or its libraries' tracebacks with a plugin stage.
+
+Before: under ``FORCE_TORCHRUN=1 NPROC_PER_NODE=2 llamafactory-cli train`` a misspelt plugin key printed its line once
+per rank, then torch's ``ChildFailedError`` traceback and the launcher's ``CalledProcessError`` (58 lines); under a bare
+``torchrun --nproc_per_node 2`` the same lines without the launcher's (45); a recipe naming a DeepSpeed config where
+DeepSpeed is not installed, transformers' ``PackageNotFoundError`` (71 lines); ``image_max_pixels: big`` a
+``TypeError`` (39), a YAML syntax error PyYAML's ``ParserError`` (35), a recipe path that does not exist omegaconf's
+``FileNotFoundError`` (19). Now: ``llamafactory-cli train`` checks the recipe once before it starts torchrun
+(``patches/.../launch.py``); a bare torchrun's rank 0 prints the refusal and the other ranks are stopped by torchrun
+(``short_errors``); the rest are one line each (``recipe_file.py``, ``recipe/checks.py``, ``recipe/host_keys.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_launch_refusals import _refused, no_model_load  # noqa: F401 - the fixture
+
+from conftest import REPO, harc_recipe, offline_env, run_process, run_train
+from llamafactory_hera.short_errors import RecipeError, waits_for_rank_0
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+ERROR = "[llamafactory-hera] error: "
+
+
+def _lines(proc: Any) -> list[str]:
+    return (proc.stdout + proc.stderr).rstrip("\n").split("\n")
+
+
+def _misspelt(harc_assets: Any, tmp_path: Path) -> dict[str, Any]:
+    return harc_recipe(harc_assets, "llama3", tmp_path / "out", max_steps=1, harc_bandd=1)
+
+
+MISSPELT = f"{ERROR}Unknown HARC key 'harc_bandd'. Did you mean 'harc_band'? Valid keys: "
+
+
+def test_llamafactory_cli_checks_the_recipe_once_before_torchrun(harc_assets: Any, tmp_path: Path) -> None:
+    """``FORCE_TORCHRUN=1 NPROC_PER_NODE=2``: the launcher refuses the recipe; no rank starts (58 lines before, the
+    message twice, torch's and the launcher's tracebacks)."""
+    proc = run_train(_misspelt(harc_assets, tmp_path), tmp_path, check=False,
+                     env={"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2"})
+    lines = _lines(proc)
+    assert proc.returncode == 1 and len(lines) <= 4, "\n".join(lines)
+    assert lines[-1].startswith(MISSPELT), "\n".join(lines)
+    assert not any("distributed tasks" in line or "Traceback" in line for line in lines), "\n".join(lines)
+
+
+def test_a_bare_torchrun_prints_a_refusal_once(harc_assets: Any, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 .../llamafactory/launcher.py recipe.yaml``: every rank refuses; rank 0 prints the
+    line, rank 1 is stopped by torchrun before it prints its own. What remains is torch's report of the failed job
+    (its ``ChildFailedError``), whose root cause points at the line instead of saying how to get a traceback."""
+    import llamafactory.launcher
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(_misspelt(harc_assets, tmp_path), sort_keys=False), encoding="utf-8")
+    proc = run_process([TORCHRUN, "--nproc_per_node", "2", llamafactory.launcher.__file__, str(recipe)],
+                       cwd=tmp_path, env=offline_env(tmp_path), timeout=300)
+    lines = _lines(proc)
+    assert proc.returncode == 1, "\n".join(lines)
+    assert sum(line.startswith(MISSPELT) for line in lines) == 1, "\n".join(lines)
+    assert "  traceback : refused by llamafactory-hera's checks: see the [llamafactory-hera] error line above" \
+        in lines, "\n".join(lines)
+
+
+def test_only_another_rank_of_a_torchrun_job_waits_for_rank_0() -> None:
+    job = {"TORCHELASTIC_RUN_ID": "none"}
+    assert waits_for_rank_0({**job, "RANK": "1"}) and waits_for_rank_0({**job, "RANK": "7"})
+    assert not waits_for_rank_0({**job, "RANK": "0"}) and not waits_for_rank_0(job)
+    assert not waits_for_rank_0({"RANK": "1"})  # not torchrun's (no agent stops it): it prints its own
+
+
+def test_a_deepspeed_config_without_deepspeed_is_one_line_with_the_install_command(harc_assets: Any,
+                                                                                    tmp_path: Path) -> None:
+    """The README's environment has no DeepSpeed (tests/without_deepspeed hides the test environment's): a recipe
+    naming a ZeRO config ended in transformers' ``PackageNotFoundError`` traceback (71 lines) while the arguments
+    were parsed."""
+    config = REPO / "recipes" / "deepspeed" / "ds_z3_config.json"
+    recipe = harc_recipe(harc_assets, "llama3", tmp_path / "out", max_steps=1, deepspeed=str(config))
+    hidden = os.pathsep.join([str(REPO / "tests" / "without_deepspeed"), os.environ.get("PYTHONPATH", "")])
+    proc = run_train(recipe, tmp_path, check=False, env={"PYTHONPATH": hidden})
+    lines = _lines(proc)
+    assert proc.returncode == 1 and len(lines) <= 4, "\n".join(lines)
+    assert lines[-1] == (f"{ERROR}deepspeed: {config} needs DeepSpeed, which is not installed here. Install it: pip "
+                         "install 'deepspeed>=0.9.3' (or remove deepspeed to train without it)."), "\n".join(lines)
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_rah_without_deepspeed_still_says_to_remove_deepspeed(assets: Any, harc_assets: Any, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """RAH-LoRA refuses DeepSpeed: its own message comes first, not the install command."""
+    import importlib.util
+
+    from test_launch_refusals import _recipe
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "deepspeed" else find_spec(name, *rest))
+    config = str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json")
+    assert _refused(_recipe("rah", assets, harc_assets, tmp_path / "out", deepspeed=config)).endswith(
+        "stage: rah takes no optimizer step and runs on one device; remove deepspeed.")
+    assert _refused(_recipe("harc", assets, harc_assets, tmp_path / "out", deepspeed=config)).startswith(
+        f"deepspeed: {config} needs DeepSpeed, which is not installed here.")
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_a_number_key_given_no_number_is_refused_before_the_parse(harc_assets: Any, tmp_path: Path) -> None:
+    """``image_max_pixels: big`` ended in ``TypeError: '<' not supported between instances of 'str' and 'int'`` in
+    LLaMA-Factory's ``ProcessorArguments.__post_init__``."""
+    recipe = harc_recipe(harc_assets, "llama3", tmp_path / "out", image_max_pixels="big")
+    assert _refused(recipe) == ("image_max_pixels: 'big' is not a whole number (ModelArguments: The maximum number "
+                                "of pixels of image inputs; default 589824). Set image_max_pixels to a whole number.")
+    message = _refused(harc_recipe(harc_assets, "llama3", tmp_path / "out", temperature="warm"))
+    assert message.startswith("temperature: 'warm' is not a number (GeneratingArguments: "), message
+
+
+def test_number_keys_given_numbers_pass() -> None:
+    from llamafactory_hera.recipe.host_keys import check_number_types
+
+    check_number_types({"image_max_pixels": 1024, "video_fps": "2.5", "max_samples": None, "lora_alpha": "null",
+                        "temperature": 0.5, "top_k": "40", "quantization_bit": None})
+    with pytest.raises(RecipeError, match=r"^video_maxlen: '1.5' is not a whole number \(ModelArguments: "):
+        check_number_types({"video_maxlen": "1.5"})  # a --key value list: argparse's int() would stop on it
+    with pytest.raises(RecipeError, match=r"^image_max_pixels: None is not a whole number "):
+        check_number_types({"image_max_pixels": None})  # not optional: the same TypeError
+
+
+def _run_exp_on(path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``llamafactory-cli train <path>``'s ``run_exp()``: it reads the recipe from ``sys.argv``."""
+    from llamafactory.train.tuner import run_exp
+
+    monkeypatch.setattr(sys, "argv", ["llamafactory-cli", str(path)])
+    with pytest.raises(RecipeError) as error:
+        run_exp()
+    return str(error.value)
+
+
+def test_a_recipe_path_that_does_not_exist_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert _run_exp_on(Path("recipes/nosuch.yaml"), monkeypatch) == (
+        f"recipe: recipes/nosuch.yaml does not exist (relative to the folder the run starts in, {tmp_path}). Name a "
+        "recipe file: llamafactory-cli train path/to/recipe.yaml.")
+    (tmp_path / "folder.yaml").mkdir()
+    assert _run_exp_on(tmp_path / "folder.yaml", monkeypatch).startswith(
+        f"recipe: {tmp_path / 'folder.yaml'} is a folder, not a file. Name a recipe file")
+
+
+def test_a_yaml_syntax_error_names_the_file_and_the_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("stage: harc\nharc_layers: [1, 2\nharc_band: 1\n", encoding="utf-8")
+    assert _run_exp_on(path, monkeypatch) == (
+        f"recipe: {path} is not valid YAML: did not find expected ',' or ']' at line 3, column 10 (while parsing a "
+        "flow sequence at line 2, column 14). Correct the YAML there.")
+    path.write_text("stage: harc\n\tharc_band: 1\n", encoding="utf-8")
+    assert _run_exp_on(path, monkeypatch) == (f"recipe: {path} is not valid YAML: found a tab character that violates "
+                                              "indentation at line 2, column 1 (while scanning a plain scalar at line "
+                                              "1, column 8). Correct the YAML there.")
