@@ -29,7 +29,7 @@ from typing import Any
 from transformers.utils import logging as transformers_logging
 
 from . import logging as log_patch
-from . import output_dir, run_record
+from . import output_dir, run_claim, run_record
 from .arguments import keys_of, raw_value, split_args
 from .errors import RecipeError
 from .guard import require, warn_if_unchecked
@@ -107,6 +107,11 @@ def apply(tuner: ModuleType) -> None:
     def training_function(config: dict[str, Any]) -> None:
         raw = hparams.read_args(config.get("args"))
         host_args, method_raw, method = split_args(raw)
+        # one live run per output_dir, for every stage: claimed before anything else reads or writes the folder
+        with run_claim.claimed(host_args, str(raw_value(raw, "stage") or "sft")):
+            return _run(config, host_args, method_raw, method)
+
+    def _run(config: dict[str, Any], host_args: Any, method_raw: dict[str, Any], method: Any) -> None:
         config = {**config, "args": host_args}
         output_dir.refuse_finished(host_args)  # before the parse, which would resume it
         if method is None:
