@@ -120,7 +120,7 @@ def apply(tuner: ModuleType) -> None:
                 ignored = sorted(k for k in method_raw if k.startswith(other.prefix))
                 if ignored:
                     warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is not "
-                                  f"'{other.stage}' (this is how a recipe's baseline twin runs).", stacklevel=2)
+                                  f"'{other.stage}' (this is how a recipe's baseline twin runs).", stacklevel=3)
             with _recorded(tuner, str(raw_value(host_args, "stage") or "sft"), None, ()):
                 return original_training_function(config)
         check, run_method = _method_parts(method, method_raw, host_args, SFTWorkflow(workflow, ploting.smooth))
