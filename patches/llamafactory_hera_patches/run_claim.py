@@ -225,17 +225,22 @@ def _missing_folders(folder: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def claimed(host_args: Any, stage: str) -> Iterator[None]:
-    """The run's ``output_dir`` claimed for the block (nothing to claim without one); released when it ends, and the
-    folders the claim made removed when still empty (a refused run leaves no empty folder behind)."""
+    """The run's ``output_dir`` claimed for the block (nothing to claim without one, nor in a folder this process
+    cannot write to); released when it ends, and the folders the claim made removed when still empty (a refused run
+    leaves no empty folder behind)."""
     value = raw_value(host_args, "output_dir")
     if not value:
         yield
         return
     folder = Path(str(value)).expanduser().resolve()
     made = _missing_folders(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         mine = take(folder, stage)
+    except OSError:  # a folder this run cannot write to: it can lose no run's files there, and its checks name it
+        mine = None
+        _remove_empty(made)
+        made = []
     except BaseException:
         _remove_empty(made)
         raise
