@@ -55,10 +55,10 @@ def _steps(out: Path) -> int:
 
 @pytest.mark.parametrize("stage", ["sft", "hera"])
 def test_a_finished_run_asked_for_more_steps_continues_in_its_folder(stage: str, assets, tmp_path: Path) -> None:
-    """A 2-step LoRA run (saving every 500 steps, and at its end), then its recipe with max_steps: 3 (stock LLaMA-Factory's way: before, refused as a
-    finished run): resumed from checkpoint-2 to step 3, the record finished again; that recipe once more is refused
-    (stock would train a step past max_steps and write over the final model). ``sft``: the plain stage (no hera_*
-    key), ``hera``: the plugin's."""
+    """A 2-step LoRA run (saving every 500 steps, and at its end), then its recipe with max_steps: 3 (stock
+    LLaMA-Factory's way; before, refused as a finished run): resumed from checkpoint-2 to step 3, the record finished
+    again; that recipe once more is refused (stock would train a step past max_steps and write over the final model).
+    ``sft``: the plain stage (no hera_* key), ``hera``: the plugin's."""
     out = tmp_path / "out"
     recipe = base_recipe(assets, "qwen2_5_vl", out, **{**ONE_STEP, "max_steps": 2, "save_strategy": "steps"})
     if stage == "sft":
@@ -222,3 +222,30 @@ def test_every_rank_checks_the_move_and_only_the_mover_moves(tmp_path: Path, mon
     assert [path.name for path in out.iterdir()] == ["checkpoint-1"] and waited == [True]
     output_dir.clear_for_overwrite({}, SimpleNamespace(**{**vars(args), "process_index": 0}))
     assert [path.name for path in out.iterdir()][0].startswith("previous_run_") and waited == [True, True]
+
+
+@pytest.mark.parametrize(("recipe", "continues"), [
+    ({"max_steps": 5}, True), ({"max_steps": 4}, False), ({"max_steps": 3}, False),
+    ({"max_steps": -1, "num_train_epochs": 3}, True), ({"num_train_epochs": 2}, False), ({}, True),
+    ({"num_train_epochs": "2.0"}, False), ({"max_steps": 5, "resume_from_checkpoint": "checkpoint-4"}, True),
+    ({"max_steps": 5, "resume_from_checkpoint": "checkpoint-2"}, False)])
+def test_a_recipe_continues_a_finished_run_when_it_asks_for_more(recipe: dict, continues: bool,
+                                                                 tmp_path: Path) -> None:
+    """A finished run of 4 steps, 2 epochs, checkpoints at 2 and 4: more steps (max_steps), or without max_steps
+    more epochs (num_train_epochs, the Trainer's default 3), from its last checkpoint alone."""
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "epoch": 2.0}), encoding="utf-8")
+    if "resume_from_checkpoint" in recipe:
+        recipe = {**recipe, "resume_from_checkpoint": str(tmp_path / recipe["resume_from_checkpoint"])}
+    assert output_dir.continues_finished(tmp_path, recipe) is continues
+    as_list = [token for key, value in recipe.items() for token in (f"--{key}", str(value))]  # command-line form
+    assert output_dir.continues_finished(tmp_path, as_list) is continues
+
+
+def test_a_finished_run_without_a_checkpoint_or_its_state_is_not_continued(tmp_path: Path) -> None:
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "epoch": 2.0}), encoding="utf-8")
+    assert not output_dir.continues_finished(tmp_path, {"max_steps": 9})
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "trainer_state.json").unlink()
+    assert not output_dir.continues_finished(tmp_path, {"max_steps": 9})
