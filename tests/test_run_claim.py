@@ -179,3 +179,12 @@ def test_a_torchrun_job_shares_its_claim(assets, tmp_path: Path) -> None:
     assert lines and all("stage: rah runs on one process (found 2" in line for line in lines), proc.stderr[-3000:]
     assert "is in use by another run" not in proc.stdout + proc.stderr
     assert not out.exists() or CLAIM not in [path.name for path in out.iterdir()]
+
+
+def test_an_unreadable_claim_is_taken_over(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / CLAIM).write_text("{not json", encoding="utf-8")
+    assert run_claim.take(tmp_path, "sft", env={}) is not None
+    assert capsys.readouterr().out == (f"[llamafactory-hera] output_dir: {tmp_path}: took over an unreadable claim "
+                                       f"({CLAIM}).\n")
+    run_claim.release(tmp_path / CLAIM)
+    assert list(tmp_path.iterdir()) == []

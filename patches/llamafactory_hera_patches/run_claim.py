@@ -182,12 +182,12 @@ def take(folder: Path, stage: str, env: Mapping[str, str] = os.environ) -> dict[
         if found is None:
             continue  # released meanwhile
         text, other = found
-        here = other.get("host") == mine["host"]
+        here = not other or other.get("host") == mine["host"]  # an unreadable claim names no live process
         if here and not is_alive_here(other.get("pid"), other.get("process_start")):
             if _take_over(path, text, mine):
-                what = f"the claim of {_describe(other)}" if other else f"an unreadable claim ({path.name})"
-                print(f"[llamafactory-hera] output_dir: {folder}: took over {what}, which is no longer running.",
-                      flush=True)
+                what = (f"the claim of {_describe(other)}, which is no longer running" if other else
+                        f"an unreadable claim ({path.name})")
+                print(f"[llamafactory-hera] output_dir: {folder}: took over {what}.", flush=True)
             continue
         if mine["job"] is not None and other.get("job") == mine["job"]:
             return None  # another rank of this job holds it
