@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -188,3 +189,23 @@ def test_an_unreadable_claim_is_taken_over(tmp_path: Path, capsys: pytest.Captur
                                        f"({CLAIM}).\n")
     run_claim.release(tmp_path / CLAIM)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_of_runs_started_at_once_one_gets_the_folder(tmp_path: Path) -> None:
+    """Four processes claim one folder at the same moment (each holds what it got for a second): one gets it, the
+    others are refused naming it."""
+    code = ("import sys, time; from pathlib import Path; from llamafactory_hera_patches import run_claim\n"
+            "from llamafactory_hera_patches.errors import RecipeError\n"
+            "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
+            f"try:\n    run_claim.take(Path({str(tmp_path)!r}), 'sft', env={{}})\n"
+            "except RecipeError as error:\n    print(error)\nelse:\n    print('claimed')\ntime.sleep(1)\n")
+    start = str(time.time() + 1.0)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = [subprocess.Popen([sys.executable, "-c", code, start], env=env, stdout=subprocess.PIPE, text=True)
+            for _ in range(4)]
+    outputs = [run.communicate(timeout=60)[0].strip() for run in runs]
+    winners = [run.pid for run, output in zip(runs, outputs, strict=True) if output == "claimed"]
+    assert len(winners) == 1, outputs
+    assert all(f"is in use by another run (process {winners[0]} on host " in output
+               for output in outputs if output != "claimed")
+    assert list(tmp_path.iterdir()) == []  # released at the winner's exit
