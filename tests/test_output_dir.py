@@ -42,24 +42,57 @@ def test_a_finished_run_is_refused_before_anything_loads(assets, tmp_path: Path)
         "again would resume it or write over its model. Set another output_dir for a new run, or "
         f"overwrite_output_dir: true to move that run's files into {out}/previous_run_<time>/ and train afresh. To "
         f"train that run further, set another output_dir and resume_from_checkpoint: {out}/checkpoint-N (one of its "
-        "checkpoints).")
+        "checkpoints). To continue it here from its last checkpoint (checkpoint-1), ask for more than it took: "
+        "max_steps above 1, or without max_steps num_train_epochs above 0.5.")
     assert "loading weights file" not in proc.stdout + proc.stderr and "Resuming" not in proc.stdout + proc.stderr
     assert (out / "adapter_model.safetensors").read_bytes() == adapter
     assert json.loads((out / RUN_RECORD).read_text())["status"] == "finished"
 
 
+def _steps(out: Path) -> int:
+    return json.loads((out / "trainer_state.json").read_text())["global_step"]
+
+
+@pytest.mark.parametrize("stage", ["sft", "hera"])
+def test_a_finished_run_asked_for_more_steps_continues_in_its_folder(stage: str, assets, tmp_path: Path) -> None:
+    """A 2-step LoRA run (saving every 500 steps, and at its end), then its recipe with max_steps: 3 (stock
+    LLaMA-Factory's way; before, refused as a finished run): resumed from checkpoint-2 to step 3, the record finished
+    again; that recipe once more is refused (stock would train a step past max_steps and write over the final model).
+    ``sft``: the plain stage (no hera_* key), ``hera``: the plugin's."""
+    out = tmp_path / "out"
+    recipe = base_recipe(assets, "qwen2_5_vl", out, **{**ONE_STEP, "max_steps": 2, "save_strategy": "steps"})
+    if stage == "sft":
+        recipe = {key: value for key, value in recipe.items() if not key.startswith("hera_")} | {"stage": "sft"}
+    run_train(recipe, tmp_path / "first")
+    assert _steps(out) == 2 and (out / "checkpoint-2").is_dir()
+    proc = run_train({**recipe, "max_steps": 3}, tmp_path / "more")
+    assert f"Resuming training from {out / 'checkpoint-2'}" in proc.stdout + proc.stderr
+    assert _steps(out) == 3 and (out / "checkpoint-3").is_dir()
+    record = json.loads((out / RUN_RECORD).read_text())
+    assert record["status"] == "finished" and record["stage"] == stage
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    proc = run_train({**recipe, "max_steps": 3}, tmp_path / "again", check=False)
+    assert proc.returncode == 1
+    assert _error_line(proc.stderr).endswith(
+        "(one of its checkpoints). To continue it here from its last checkpoint (checkpoint-3), ask for more than it "
+        "took: max_steps above 3, or without max_steps num_train_epochs above 1.5.")
+    assert "loading weights file" not in proc.stdout + proc.stderr
+    assert _steps(out) == 3 and (out / "adapter_model.safetensors").read_bytes() == adapter
+
+
 def test_a_finished_run_trains_further_from_its_checkpoint_into_another_output_dir(assets, tmp_path: Path) -> None:
-    """Extending a finished run with resume_from_checkpoint into its own folder is refused (naming the checkpoint);
-    the way the message gives, another output_dir with that resume_from_checkpoint, continues from it."""
+    """Its recipe again with resume_from_checkpoint into its own folder is refused (naming the checkpoint); the way
+    the message gives, another output_dir with that resume_from_checkpoint and more steps, continues from it."""
     out, further = tmp_path / "out", tmp_path / "further"
     recipe = base_recipe(assets, "qwen2_5_vl", out, save_strategy="steps", save_steps=1, **ONE_STEP)
     run_train(recipe, tmp_path / "first")
     checkpoint = out / "checkpoint-1"
-    more = {**recipe, "max_steps": 2, "resume_from_checkpoint": str(checkpoint)}
-    proc = run_train(more, tmp_path / "again", check=False)
+    proc = run_train({**recipe, "resume_from_checkpoint": str(checkpoint)}, tmp_path / "again", check=False)
     assert proc.returncode == 1
-    assert _error_line(proc.stderr).endswith(f"set another output_dir and resume_from_checkpoint: {checkpoint} (one "
-                                             "of its checkpoints).")
+    assert f"set another output_dir and resume_from_checkpoint: {checkpoint} (one of its checkpoints). " \
+        in _error_line(proc.stderr)
+    assert _error_line(proc.stderr).endswith("and leave resume_from_checkpoint unset.")
+    more = {**recipe, "max_steps": 2, "resume_from_checkpoint": str(checkpoint)}
     proc = run_train({**more, "output_dir": str(further)}, tmp_path / "further_run")
     assert "Resuming training from checkpoint with epoch 0 and global step 1" in proc.stdout + proc.stderr
     assert json.loads((further / "trainer_state.json").read_text())["global_step"] == 2
@@ -191,3 +224,30 @@ def test_every_rank_checks_the_move_and_only_the_mover_moves(tmp_path: Path, mon
     assert [path.name for path in out.iterdir()] == ["checkpoint-1"] and waited == [True]
     output_dir.clear_for_overwrite({}, SimpleNamespace(**{**vars(args), "process_index": 0}))
     assert [path.name for path in out.iterdir()][0].startswith("previous_run_") and waited == [True, True]
+
+
+@pytest.mark.parametrize(("recipe", "continues"), [
+    ({"max_steps": 5}, True), ({"max_steps": 4}, False), ({"max_steps": 3}, False),
+    ({"max_steps": -1, "num_train_epochs": 3}, True), ({"num_train_epochs": 2}, False), ({}, True),
+    ({"num_train_epochs": "2.0"}, False), ({"max_steps": 5, "resume_from_checkpoint": "checkpoint-4"}, True),
+    ({"max_steps": 5, "resume_from_checkpoint": "checkpoint-2"}, False)])
+def test_a_recipe_continues_a_finished_run_when_it_asks_for_more(recipe: dict, continues: bool,
+                                                                 tmp_path: Path) -> None:
+    """A finished run of 4 steps, 2 epochs, checkpoints at 2 and 4: more steps (max_steps), or without max_steps
+    more epochs (num_train_epochs, the Trainer's default 3), from its last checkpoint alone."""
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "epoch": 2.0}), encoding="utf-8")
+    if "resume_from_checkpoint" in recipe:
+        recipe = {**recipe, "resume_from_checkpoint": str(tmp_path / recipe["resume_from_checkpoint"])}
+    assert output_dir.continues_finished(tmp_path, recipe) is continues
+    as_list = [token for key, value in recipe.items() for token in (f"--{key}", str(value))]  # command-line form
+    assert output_dir.continues_finished(tmp_path, as_list) is continues
+
+
+def test_a_finished_run_without_a_checkpoint_or_its_state_is_not_continued(tmp_path: Path) -> None:
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "epoch": 2.0}), encoding="utf-8")
+    assert not output_dir.continues_finished(tmp_path, {"max_steps": 9})
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "trainer_state.json").unlink()
+    assert not output_dir.continues_finished(tmp_path, {"max_steps": 9})

@@ -7,7 +7,9 @@ with ``overwrite_output_dir: true`` writes the new run among the earlier one's f
 - a folder holding a finished run (its :mod:`.run_record` says ``finished``, or it holds the final model or the
   Trainer's end-of-run ``trainer_state.json`` / ``train_results.json`` / ``all_results.json``) is refused, naming
   the folder and the ways on (another ``output_dir``; ``overwrite_output_dir: true``; to train it further, another
-  ``output_dir`` with ``resume_from_checkpoint`` at one of its checkpoints), unless ``overwrite_output_dir: true``;
+  ``output_dir`` with ``resume_from_checkpoint`` at one of its checkpoints, or in its folder a recipe asking for more
+  steps or epochs than it took), unless ``overwrite_output_dir: true``; a recipe asking for more steps or epochs than
+  the finished run took, which left a checkpoint, continues it from its last checkpoint (LLaMA-Factory's resume);
 - an interrupted run's folder (checkpoints, no final model) is left to LLaMA-Factory, which resumes from its last
   checkpoint;
 - with ``overwrite_output_dir: true`` every entry of the folder but earlier ``previous_run_*`` folders moves into one
@@ -32,9 +34,11 @@ from typing import Any
 
 from .arguments import raw_value, truthy
 from .errors import RecipeError
+from .run_claim import CLAIM
 from .run_record import FINISHED, RUN_RECORD, SAVED_MODEL_FILES, read_record
 
 PREVIOUS_PREFIX = "previous_run_"
+CHECKPOINT_PREFIX = "checkpoint-"
 END_FILES = ("trainer_state.json", "train_results.json", "all_results.json")  # written once training has ended
 READ_KEYS = ("model_name_or_path", "adapter_name_or_path", "dataset_dir", "media_dir", "deepspeed",
              "resume_from_checkpoint")
@@ -79,9 +83,10 @@ def _check_movable(folder: Path, host_args: Any) -> None:
 
 def movable_entries(folder: Path) -> list[Path]:
     """The entries of ``folder`` an overwrite moves aside: all but earlier ``previous_run_*`` folders and this run's
-    own files."""
+    own files (the recipe, LlamaBoard's, its :mod:`.run_claim`)."""
     kept = _kept(folder)
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(PREVIOUS_PREFIX) and p.resolve() not in kept)
+    return sorted(p for p in folder.iterdir() if not p.name.startswith((PREVIOUS_PREFIX, CLAIM))
+                  and p.resolve() not in kept)
 
 
 def move_aside(folder: Path, entries: list[Path]) -> Path | None:
@@ -110,20 +115,74 @@ def move_aside(folder: Path, entries: list[Path]) -> Path | None:
     return target
 
 
+def _checkpoints(folder: Path) -> list[Path]:
+    """``folder``'s ``checkpoint-N`` folders, by step (the last is the one LLaMA-Factory resumes from)."""
+    found = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return [path for _, path in sorted(found)]
+
+
+def _number(value: Any, default: float) -> float:
+    try:
+        return float(value) if value is not None and str(value).strip() != "" else default
+    except ValueError:
+        return default
+
+
+def _asks_more(host_args: Any, state: dict[str, Any]) -> bool:
+    """Whether the recipe asks for more than the finished run took: ``max_steps`` above its steps, or without
+    ``max_steps`` (unset or <= 0, the Trainer's rule) ``num_train_epochs`` (default 3) above its epochs."""
+    max_steps = _number(raw_value(host_args, "max_steps"), -1)
+    if max_steps > 0:
+        return max_steps > _number(state.get("global_step"), 0)
+    return _number(raw_value(host_args, "num_train_epochs"), 3.0) > _number(state.get("epoch"), 0) + 1e-6
+
+
+def continues_finished(folder: Path, host_args: Any) -> bool:
+    """Whether the recipe trains the finished run in ``folder`` further from its last checkpoint (see
+    :func:`refuse_finished`): the run left its ``trainer_state.json`` and a checkpoint, the recipe asks for more
+    steps or epochs than it took, and names no other checkpoint to resume from."""
+    state = read_record(folder / "trainer_state.json")
+    checkpoints = _checkpoints(folder)
+    if not state or not checkpoints:
+        return False
+    resume = raw_value(host_args, "resume_from_checkpoint")
+    if resume and Path(str(resume)).expanduser().resolve() != checkpoints[-1]:
+        return False
+    return _asks_more(host_args, state)
+
+
+def _how_to_continue(folder: Path, resume: Any) -> str:
+    state, checkpoints = read_record(folder / "trainer_state.json"), _checkpoints(folder)
+    if not state or not checkpoints:
+        return ""
+    steps, epochs = state.get("global_step"), round(_number(state.get("epoch"), 0), 4)
+    unset = " and leave resume_from_checkpoint unset" if resume else ""
+    return (f" To continue it here from its last checkpoint ({checkpoints[-1].name}), ask for more than it took: "
+            f"max_steps above {steps}, or without max_steps num_train_epochs above {epochs:g}{unset}.")
+
+
 def refuse_finished(host_args: Any) -> None:
-    """Before LLaMA-Factory parses: a training run into a finished run's folder without ``overwrite_output_dir``."""
+    """Before LLaMA-Factory parses: a training run into a finished run's folder without ``overwrite_output_dir``.
+
+    A recipe asking for more steps or epochs than the finished run took (:func:`continues_finished`) goes on, for
+    every stage: LLaMA-Factory resumes from the run's last checkpoint and trains on to the new end, as without the
+    plugin. The same recipe again (or one asking for no more) is refused for every stage, LLaMA-Factory's own
+    included: without the plugin it resumes from the last checkpoint, trains one step past ``max_steps`` and writes
+    that model over the finished run's final one (lost), which is what the refusal keeps."""
     if not truthy(raw_value(host_args, "do_train")) or not raw_value(host_args, "output_dir") or \
             truthy(raw_value(host_args, "overwrite_output_dir")):
         return
     folder = Path(str(raw_value(host_args, "output_dir"))).expanduser().resolve()
     evidence = finished_evidence(folder) if folder.is_dir() else None
-    if evidence is not None:
-        resume = raw_value(host_args, "resume_from_checkpoint") or f"{folder}/checkpoint-N"
+    if evidence is not None and not continues_finished(folder, host_args):
+        given = raw_value(host_args, "resume_from_checkpoint")
+        resume = given or f"{folder}/{CHECKPOINT_PREFIX}N"
         raise RecipeError(f"output_dir: {folder} holds a finished run ({evidence}); training again would resume it "
                           "or write over its model. Set another output_dir for a new run, or overwrite_output_dir: "
                           f"true to move that run's files into {folder}/{PREVIOUS_PREFIX}<time>/ and train afresh. "
                           f"To train that run further, set another output_dir and resume_from_checkpoint: {resume} "
-                          "(one of its checkpoints).")
+                          f"(one of its checkpoints).{_how_to_continue(folder, given)}")
 
 
 def moves_here(training_args: Any) -> bool:

@@ -29,7 +29,7 @@ from typing import Any
 from transformers.utils import logging as transformers_logging
 
 from . import logging as log_patch
-from . import output_dir, recipe_file, run_record
+from . import output_dir, recipe_file, run_claim, run_record
 from .arguments import keys_of, raw_value, split_args
 from .errors import RecipeError
 from .guard import require, warn_if_unchecked
@@ -108,6 +108,11 @@ def apply(tuner: ModuleType) -> None:
     def training_function(config: dict[str, Any]) -> None:
         raw = hparams.read_args(config.get("args"))
         host_args, method_raw, method = split_args(raw)
+        # one live run per output_dir, for every stage: claimed before anything else reads or writes the folder
+        with run_claim.claimed(host_args, str(raw_value(raw, "stage") or "sft")):
+            return _run(config, host_args, method_raw, method)
+
+    def _run(config: dict[str, Any], host_args: Any, method_raw: dict[str, Any], method: Any) -> None:
         config = {**config, "args": host_args}
         output_dir.refuse_finished(host_args)  # before the parse, which would resume it
         if method is None:
@@ -116,7 +121,7 @@ def apply(tuner: ModuleType) -> None:
                 ignored = sorted(k for k in method_raw if k.startswith(other.prefix))
                 if ignored:
                     warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is not "
-                                  f"'{other.stage}' (this is how a recipe's baseline twin runs).", stacklevel=2)
+                                  f"'{other.stage}' (this is how a recipe's baseline twin runs).", stacklevel=3)
             with _recorded(tuner, str(raw_value(host_args, "stage") or "sft"), None, ()):
                 return original_training_function(config)
         check, run_method = _method_parts(method, method_raw, host_args, SFTWorkflow(workflow, ploting.smooth))

@@ -1,0 +1,260 @@
+"""One live run per ``output_dir``: ``llamafactory_hera_claim.json``, taken before LLaMA-Factory parses the recipe.
+
+Two runs started into one folder used to both run to the end, each writing over the other's files (the folder held
+the later one's adapter and state, the earlier run's were lost without a word). Every run the stage patch sees
+(:mod:`.stage`: the plugin's stages and LLaMA-Factory's own, training or not) with an ``output_dir`` claims it first:
+
+- the claim (the process id, the host, its start time, the stage and the job identity below) is created atomically
+  (written beside it, then hard-linked into place; ``O_CREAT | O_EXCL`` where the file system has no hard links), so
+  of two runs started at once one gets it;
+- a folder a live run holds is refused before anything loads, naming the folder, that run (process, host, start
+  time) and the ways on. ``overwrite_output_dir: true`` does not override it (it would move the live run's files);
+- a claim whose process has ended on this host (a run killed, a machine restarted) is stale: it is taken over, with
+  a line saying so; a claim from another host cannot be checked and counts as live unless it is this run's own job
+  (the refusal says which file to delete if that run is no longer running);
+- the ranks of one job share the claim, on one node and across nodes writing to a shared folder: its identity is
+  ``TORCHELASTIC_RUN_ID`` and ``MASTER_ADDR:MASTER_PORT`` (torchrun, LLaMA-Factory's ``FORCE_TORCHRUN`` launch; the
+  host name is added to a loopback address) or, for another launcher, ``MASTER_ADDR:MASTER_PORT`` with a
+  ``WORLD_SIZE`` above 1; a single process has none;
+- the process that created the claim removes it when the run ends (returns, raises, or exits: ``atexit``), with the
+  folder if the claim made it and it is still empty.
+
+Imports nothing heavy: it runs before the parse.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from .arguments import raw_value
+from .errors import RecipeError
+
+CLAIM = "llamafactory_hera_claim.json"
+_LOOPBACK = ("localhost", "::1")
+_ATTEMPTS = 8
+_held: dict[Path, dict[str, Any]] = {}  # this process's claims, by file: released at exit if not before
+
+
+def job_identity(env: Mapping[str, str] = os.environ) -> str | None:
+    """What the ranks of one distributed job share (see the module docstring), or None for a single process."""
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    try:
+        several = int(env.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        several = False
+    if run_id is None and not (several and addr and port):
+        return None
+    if addr and (addr.startswith("127.") or addr in _LOOPBACK):
+        addr = f"{socket.gethostname()}/{addr}"  # a loopback master: a job of this host alone
+    return f"{run_id or ''}@{addr or ''}:{port or ''}"
+
+
+def _process_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of a process, from ``/proc`` (None where it cannot be read)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()
+    return (fields[0], fields[19]) if len(fields) > 19 else None
+
+
+def is_alive_here(pid: Any, process_start: Any = None) -> bool:
+    """Whether process ``pid`` of this host runs (not a zombie, and the same process where its start time was
+    recorded: not a later one given the same id)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    except OSError:
+        return False
+    stat = _process_stat(pid)
+    if stat is None:
+        return True
+    return stat[0] != "Z" and (process_start is None or stat[1] == process_start)
+
+
+def new_claim(stage: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """This process's claim."""
+    stat = _process_stat(os.getpid())
+    return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": stat[1] if stat else None,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "stage": stage,
+            "job": job_identity(env), "token": uuid.uuid4().hex}
+
+
+def _create(path: Path, claim: dict[str, Any]) -> bool:
+    """Whether ``claim`` was created at ``path`` (False: a claim is there)."""
+    text = json.dumps(claim, indent=2)
+    temporary = path.with_name(f"{CLAIM}.{claim['host']}.{claim['pid']}.{claim['token'][:8]}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    try:
+        os.link(temporary, path)  # all or nothing: another run never reads half a claim
+        return True
+    except FileExistsError:
+        return False
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS):
+            raise
+    finally:
+        temporary.unlink(missing_ok=True)
+    try:  # a file system without hard links
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(text)
+    return True
+
+
+def _read(path: Path) -> tuple[str, dict[str, Any]] | None:
+    """(the claim's text, the claim or ``{}`` when it is no JSON object), or None when there is none."""
+    for attempt in range(3):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            claim = json.loads(text)
+        except json.JSONDecodeError:
+            claim = None
+        if isinstance(claim, dict):
+            return text, claim
+        if attempt < 2:
+            time.sleep(0.2)  # being written (a file system without hard links)
+    return text, {}
+
+
+def _take_over(path: Path, seen: str, mine: dict[str, Any]) -> bool:
+    """Remove the stale claim whose text is ``seen``; False when another run replaced it meanwhile (put back)."""
+    aside = path.with_name(f"{CLAIM}.{mine['host']}.{mine['pid']}.{mine['token'][:8]}.stale")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        if aside.read_text(encoding="utf-8") == seen:
+            return True
+        with contextlib.suppress(FileExistsError):  # another run's fresh claim, moved by mistake: back in place
+            os.link(aside, path)
+        return False
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+def _describe(claim: dict[str, Any]) -> str:
+    stage = f", stage {claim['stage']}" if claim.get("stage") else ""
+    return (f"process {claim.get('pid', '?')} on host {claim.get('host', '?')}, started "
+            f"{claim.get('started', 'at an unknown time')}{stage}")
+
+
+def _refuse(folder: Path, path: Path, other: dict[str, Any], here: bool) -> RecipeError:
+    ways = (f"Wait for it to end, stop it (kill {other.get('pid')}), or set another output_dir." if here else
+            f"Wait for it to end or set another output_dir; if that run is no longer running, delete {path}.")
+    return RecipeError(f"output_dir: {folder} is in use by another run ({_describe(other)}); two runs in one folder "
+                       f"write over each other's files, overwrite_output_dir: true included. {ways}")
+
+
+def take(folder: Path, stage: str, env: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
+    """Claim ``folder`` for this run: the claim created (to release), or None when this run's job holds it already.
+    Raises :class:`RecipeError` when a live run of another job holds it."""
+    path = folder / CLAIM
+    mine = new_claim(stage, env)
+    for _ in range(_ATTEMPTS):
+        if _create(path, mine):
+            _held[path] = mine
+            return mine
+        found = _read(path)
+        if found is None:
+            continue  # released meanwhile
+        text, other = found
+        here = not other or other.get("host") == mine["host"]  # an unreadable claim names no live process
+        if here and not is_alive_here(other.get("pid"), other.get("process_start")):
+            if _take_over(path, text, mine):
+                what = (f"the claim of {_describe(other)}, which is no longer running" if other else
+                        f"an unreadable claim ({path.name})")
+                print(f"[llamafactory-hera] output_dir: {folder}: took over {what}.", flush=True)
+            continue
+        if mine["job"] is not None and other.get("job") == mine["job"]:
+            return None  # another rank of this job holds it
+        raise _refuse(folder, path, other, here)
+    raise RecipeError(f"output_dir: {folder}: could not claim it ({path} changed {_ATTEMPTS} times while this run "
+                      "tried); other runs are starting into it. Set an output_dir of its own for each run.")
+
+
+def release(path: Path) -> None:
+    """Remove this process's claim at ``path`` (if it is still this process's own)."""
+    mine = _held.pop(path, None)
+    if mine is None or mine["pid"] != os.getpid():
+        return
+    found = _read(path)
+    if found is not None and found[1].get("token") == mine["token"]:
+        path.unlink(missing_ok=True)
+
+
+def _release_all() -> None:
+    for path in list(_held):
+        release(path)
+
+
+atexit.register(_release_all)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+@contextlib.contextmanager
+def claimed(host_args: Any, stage: str) -> Iterator[None]:
+    """The run's ``output_dir`` claimed for the block (nothing to claim without one, nor in a folder this process
+    cannot write to); released when it ends, and the folders the claim made removed when still empty (a refused run
+    leaves no empty folder behind)."""
+    value = raw_value(host_args, "output_dir")
+    if not value:
+        yield
+        return
+    folder = Path(str(value)).expanduser().resolve()
+    made = _missing_folders(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        mine = take(folder, stage)
+    except OSError:  # a folder this run cannot write to: it can lose no run's files there, and its checks name it
+        mine = None
+        _remove_empty(made)
+        made = []
+    except BaseException:
+        _remove_empty(made)
+        raise
+    try:
+        yield
+    finally:
+        if mine is not None:
+            release(folder / CLAIM)
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for made in folders:
+        try:
+            made.rmdir()
+        except OSError:
+            return  # not empty (the run wrote into it), or gone
