@@ -170,15 +170,15 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "llamafactory_hera"))
 
 
-_unwritable_said: list[str] = []  # the cache folder this process already said it cannot write
+_unwritable_said: set[str] = set()  # the cache folders this process already said it cannot write
 
 
 def cache_unwritable(folder: Path, err: OSError) -> None:
-    """Say once per process that the cache folder cannot be written (a file, read-only, full): selections and teacher
-    features then stay in this process's memory, and the command goes on."""
-    if _unwritable_said:
+    """Say once per process and cache folder that it cannot be written (a file, read-only, full): selections and
+    teacher features then stay in this process's memory, and the command goes on."""
+    if str(cache_root()) in _unwritable_said:
         return
-    _unwritable_said.append(str(folder))
+    _unwritable_said.add(str(cache_root()))
     show(f"[llamafactory-hera] warning: cannot write the cache folder {cache_root()} (${CACHE_ENV}; {folder}: "
          f"{type(err).__name__}: {err.strerror or err}); head selections and teacher features stay in memory for "
          f"this command only. Point {CACHE_ENV} at a writable folder to share them between commands.")
