@@ -147,3 +147,14 @@ def test_a_cache_folder_that_is_a_file_is_said_once_and_every_command_goes_on(as
     output = proc.stdout + proc.stderr
     assert output.count(said) == 1 and "hera_heads: auto -> [" in output, output[-3000:]
     assert "NotADirectoryError" in output.split(said)[1].split("\n")[0]
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava"])
+def test_a_cutoff_len_that_cuts_text_only_passes_the_check(family: str, assets: Any, tmp_path: Path) -> None:
+    """Rows truncated after their image tokens (the answer cut) are not refused: the run goes on to load the model."""
+    from llamafactory.train.tuner import run_exp
+
+    cutoff = {"qwen3_vl": 24, "llava": 100}[family]  # rows of 37 / 107 tokens, 4 of the image near their start
+    with pytest.raises(AssertionError, match="the model was loaded before the error"):
+        run_exp(base_recipe(assets, family, tmp_path / "out", cutoff_len=cutoff, overwrite_cache=True))

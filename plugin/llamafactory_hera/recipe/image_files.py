@@ -78,7 +78,8 @@ def image_rows(dataset: Any, column: str = "images", check_files: bool = True, o
     """Map every image path of a (map-style) dataset's image column to its first row index; with ``check_files``,
     also check that each file exists (ranks other than the main one skip it: the main process checked them), with
     ``decode`` that PIL decodes it. ``only``: the rows to read (default: every row). ``placeholder``: also check that
-    each row of LLaMA-Factory's aligned dataset (``_prompt``, ``_response``) holds one such mark per image.
+    each row of LLaMA-Factory's aligned dataset (``_prompt``, ``_response``) holds one such mark per image (rows the
+    host's supervised preprocessing drops, "Dropped invalid example", are left to it).
     ``data``: what the errors name the rows of (:func:`describe_data`).
 
     Raises:
@@ -92,7 +93,8 @@ def image_rows(dataset: Any, column: str = "images", check_files: bool = True, o
     marked = placeholder is not None and {"_prompt", "_response"} <= set(dataset.column_names)
     for row, values in _rows(dataset, [column, "_prompt", "_response"] if marked else [column], only):
         images = values[column] or []
-        if marked and (marks := image_marks(values["_prompt"] + values["_response"], placeholder)) != len(images):
+        valid = marked and len(values["_prompt"]) % 2 == 1 and len(values["_response"]) == 1  # else the host drops it
+        if valid and (marks := image_marks(values["_prompt"] + values["_response"], placeholder)) != len(images):
             raise RecipeError(f"training dataset row {row}{of} has {len(images)} image(s) and {marks} {placeholder} "
                               f"mark(s) in its messages; LLaMA-Factory needs one mark per image, where the image "
                               "goes: add or remove marks (or images) in that row, or remove the row")

@@ -32,6 +32,18 @@ def looks_cut(input_ids: list[int], labels: list[int], token: int, images: int, 
     return end == len(input_ids) or labels[end] != ignored
 
 
+def _path(image: Any) -> Any:
+    return image.get("path") if isinstance(image, dict) else image
+
+
+def _aligned_row(index: int, image: Any, aligned: Any, rows: dict[str, int], tokenized_rows: int) -> int | None:
+    """The aligned row that tokenized row ``index`` came from: the same index where no row was dropped or moved (its
+    first image agrees), else the first row holding its first image (the same image tokens; another text)."""
+    if tokenized_rows == len(aligned) and _path((aligned[index]["_images"] or [None])[0]) == _path(image):
+        return index
+    return rows.get(_path(image)) if isinstance(_path(image), str) else None
+
+
 def check_image_tokens(tokenized: Any, aligned: Any, rows: dict[str, int], template: Any,
                        tokenizer_module: dict[str, Any], cutoff_len: int, data: str) -> None:
     """Refuse the first row of ``tokenized`` (LLaMA-Factory's tokenized training rows, ``input_ids``, ``labels``,
@@ -51,8 +63,7 @@ def check_image_tokens(tokenized: Any, aligned: Any, rows: dict[str, int], templ
         images = row["images"] or []
         if not images or not looks_cut(row["input_ids"], row["labels"], token, len(images), ignored):
             continue
-        first = images[0].get("path") if isinstance(images[0], dict) else images[0]
-        source = rows.get(first) if isinstance(first, str) else None
+        source = _aligned_row(index, images[0], aligned, rows, len(tokenized))
         if source is None:
             continue
         expected, length = whole_row(template, tokenizer, tokenizer_module.get("processor"), aligned[source])
