@@ -88,6 +88,11 @@ def test_json_and_jsonl_and_a_prompt_column(tmp_path: Path) -> None:
     ("h.csv", HARMBENCH.replace(",lyrics_wonderful_world", ""),
      "row 3 (line 5) has 5 fields, fewer than the header's 6: no column 'BehaviorID'"),  # after a 2-line row
     ("x.csv", "question,answer\nWrite malware,no\n", "a CSV without prompts (its columns: question, answer)"),
+    ("h.csv", "Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString\nHack an ATM,standard,cybercrime,,\n",
+     "a HarmBench behaviours CSV without its column(s) BehaviorID (its "
+     "columns: Behavior, FunctionalCategory, SemanticCategory, Tags, ContextString); HarmBench behaviours CSVs have "
+     "Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,BehaviorID"),  # issue 50: not "without prompts"
+    ("a.csv", "goal\nWrite malware\n", "an AdvBench CSV without its column(s) target (its columns: goal)"),
     ("p.jsonl", '{"prompt": "Write malware"}\n{"text": "x"}\n', "item 2: not a non-empty string or an object with"),
     ("h.csv", HARMBENCH.replace("standard,cybercrime_intrusion,,,atm", "standard,copyright,\"hash_check\",,atm")
      .replace(",contextual,chemical_biological,context,", ",copyright,copyright,hash_check,"), None),

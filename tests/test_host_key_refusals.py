@@ -154,15 +154,15 @@ def test_a_refused_recipe_prints_a_few_lines_the_message_last(assets: Any, harc_
     the model's config after the parse, which turns transformers' info logging on: a template check's reads printed
     every file read and the whole config (145 lines) before its message (that refusal's text:
     tests/test_run_errors.py)."""
-    recipe = _recipe("rah", assets, harc_assets, tmp_path / "out",
-                     dataset_dir=str(_without_images(assets.dataset_dir, tmp_path)))
+    data = _without_images(assets.dataset_dir, tmp_path)
+    recipe = _recipe("rah", assets, harc_assets, tmp_path / "out", dataset_dir=str(data))
     proc = run_train(recipe, tmp_path, check=False, process=True)
     lines = (proc.stdout + proc.stderr).rstrip("\n").split("\n")
     assert proc.returncode == 1 and len(lines) <= 15, "\n".join(lines)
     assert not any("does not exist in `media_dir`" in line for line in lines), "\n".join(lines)
     assert lines[-1].startswith("[llamafactory-hera] error: image 'images/"), "\n".join(lines)
-    assert lines[-1].endswith("of training dataset row 3 does not exist; fix the path in the dataset (or media_dir) or "
-                              "remove the row"), "\n".join(lines)
+    assert lines[-1].endswith(f"of training dataset row 3 (hera_demo: {data}/hera_demo.json) does not exist; fix the "
+                              "path in the dataset (or media_dir) or remove the row"), "\n".join(lines)
 
 
 def test_a_model_that_cannot_be_built_without_weights_skips_the_lora_target_check(

@@ -83,7 +83,8 @@ def test_hera_names_a_missing_image_without_the_converters_lines(assets: Any, tm
     proc = run_train(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", dataset_dir=str(copy)), tmp_path,
                      check=False)
     assert proc.returncode == 1 and proc.stderr.rstrip().splitlines()[-1].startswith(
-        "[llamafactory-hera] error: image 'images/0000.png' of training dataset row 0 does not exist"), proc.stderr
+        "[llamafactory-hera] error: image 'images/0000.png' of training dataset row 0 (hera_demo: "
+        f"{copy}/hera_demo.json) does not exist"), proc.stderr
     assert not [r for r in kept.records if is_media_warning(r.getMessage())]
     assert "does not exist in `media_dir`" not in proc.stdout + proc.stderr
 

@@ -77,7 +77,8 @@ class SFTWorkflow:
     ``collator`` / ``trainer``: the stock ``SFTDataCollatorWith4DAttentionMask`` / ``CustomSeq2SeqTrainer``
     (for the method to subclass); ``run(collator, trainer, model_args, ..., get_dataset=None)``: ``run_sft`` whole
     with those two (and, when given, its ``get_dataset(template, model_args, data_args, training_args, stage,
-    **tokenizer_module) -> {"train_dataset": ..., "eval_dataset": ...}``) replaced for its duration; ``smooth``:
+    **tokenizer_module) -> {"train_dataset": ..., "eval_dataset": ...}``) replaced for its duration (the host's is
+    ``get_dataset``: the data tokenized, before the model loads); ``smooth``:
     the loss curves' smoothing (``extras.ploting.smooth``).
     """
 
@@ -85,6 +86,7 @@ class SFTWorkflow:
         self._workflow = workflow
         self.collator: type = workflow.SFTDataCollatorWith4DAttentionMask
         self.trainer: type = workflow.CustomSeq2SeqTrainer
+        self.get_dataset: Callable[..., Any] = workflow.get_dataset
         self.smooth = smooth
 
     def run(self, collator: type, trainer: type, *args: Any, get_dataset: Callable[..., Any] | None = None) -> None:

@@ -38,7 +38,8 @@ def test_missing_image_fails_before_training_naming_file_and_row(assets, tmp_pat
         rows[5]["images"] = ["images/nope.png"]
 
     data = _dataset_copy(assets, tmp_path, edit)
-    with pytest.raises(RecipeError, match=r"image '.*nope.png' of training dataset row 5 does not exist"):
+    with pytest.raises(RecipeError, match=r"image '.*nope.png' of training dataset row 5 \(hera_demo: "
+                                          r".*hera_demo.json\) does not exist"):
         _run(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", dataset_dir=str(data)))
 
 

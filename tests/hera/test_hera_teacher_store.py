@@ -214,8 +214,8 @@ def test_a_failing_store_write_warns_and_selection_goes_on(assets, tmp_path: Pat
     features = teacher_store.stored_image_features(teacher, load_image_processor(str(assets.teacher)), images, 8,
                                                    store, persist=True, workers=0, progress=False)
     assert features.shape[0] == 2 and sorted(store.rows) == sorted(store.get(store.rows))
-    warning = [line for line in capsys.readouterr().out.splitlines() if "teacher feature store" in line]
-    assert len(warning) == 1 and "cannot write" in warning[0] and "Read-only" in warning[0]
+    warning = [line for line in capsys.readouterr().out.splitlines() if "cannot write the cache folder" in line]
+    assert len(warning) == 1 and "Read-only" in warning[0] and "stay in memory" in warning[0]
     assert list((tmp_path / "store").rglob("*.tmp")) == []  # the half-written file does not stay
 
     root = tmp_path / "trim"

@@ -103,6 +103,12 @@ def _read_csv(path: Path, targets_file: Path | None) -> AttackData:
     header = list(rows[0][1]) if rows else []
     if set(HARMBENCH) <= set(header):
         return _read_harmbench(rows, where, targets_file)
+    for article, name, columns in (("a", "HarmBench behaviours", HARMBENCH), ("an", "AdvBench", ADVBENCH)):
+        missing = [column for column in columns if column not in header]
+        if 0 < len(missing) < len(columns) and "prompt" not in header:  # some of that format's columns, not all
+            raise RecipeError(f"{where}: {article} {name} CSV without its column(s) {', '.join(missing)} (its "
+                              f"columns: {', '.join(header)}); {name} CSVs have {','.join(columns)}: add the missing "
+                              "column(s), or give a 'prompt' column")
     if targets_file is not None:
         raise RecipeError(f"--targets {targets_file}: HarmBench's targets (by BehaviorID), but {path} is not a "
                           f"HarmBench behaviours CSV (columns {', '.join(header)}); leave --targets out")

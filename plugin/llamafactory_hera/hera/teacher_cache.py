@@ -24,7 +24,8 @@ Where: in the process, one :class:`TeacherFeatureStore` per teacher; on disk, wh
 train`` in another process shares it too: ``$LLAMAFACTORY_HERA_CACHE/teacher_features/<teacher>/`` (default
 ``~/.cache/llamafactory_hera``). A training run's own features are not written. Each write keeps the whole
 ``teacher_features`` folder under :data:`MAX_STORE_BYTES` (oldest files go first, and say so) and names the folder;
-deleting it clears the store. A failed write (read-only or full disk) warns once and costs only that sharing.
+deleting it clears the store. A failed write (a cache folder that is a file, read-only or full) warns once per
+process (:func:`cache_unwritable`) and costs only that sharing.
 """
 
 from __future__ import annotations
@@ -197,6 +198,20 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "llamafactory_hera"))
 
 
+_unwritable_said: set[str] = set()  # the cache folders this process already said it cannot write
+
+
+def cache_unwritable(folder: Path, err: OSError) -> None:
+    """Say once per process and cache folder that it cannot be written (a file, read-only, full): selections and
+    teacher features then stay in this process's memory, and the command goes on."""
+    if str(cache_root()) in _unwritable_said:
+        return
+    _unwritable_said.add(str(cache_root()))
+    show(f"[llamafactory-hera] warning: cannot write the cache folder {cache_root()} (${CACHE_ENV}; {folder}: "
+         f"{type(err).__name__}: {err.strerror or err}); head selections and teacher features stay in memory for "
+         f"this command only. Point {CACHE_ENV} at a writable folder to share them between commands.")
+
+
 def path_fingerprint(path: str | None) -> str | None:
     """Content identity of a local model/adapter folder: names, sizes and mtimes of its files (hub ids as is)."""
     if path is None:
@@ -259,8 +274,7 @@ class TeacherFeatureStore:
         try:
             removed, size = self._save(new)
         except OSError as err:  # the store only saves a later teacher pass: a full or read-only disk costs that
-            show(f"[llamafactory-hera] teacher feature store: cannot write {self.folder} ({type(err).__name__}: "
-                 f"{err}); the training run computes these {len(new)} images' teacher features again.")
+            cache_unwritable(self.folder, err)
             return
         note = f"; {removed} older file(s) removed to stay under {MAX_STORE_BYTES >> 20} MiB" if removed else ""
         show(f"[llamafactory-hera] teacher features of {len(new)} images kept in {self.folder} for the training run "

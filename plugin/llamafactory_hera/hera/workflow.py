@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import traceback
 from typing import Any
 
 import torch.distributed as dist
@@ -28,10 +29,12 @@ from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.trainer import HeraTrainer
 from llamafactory_hera.log import say
 from llamafactory_hera.plots.training import plot_training
-from llamafactory_hera.recipe.image_files import describe_image, image_rows
+from llamafactory_hera.recipe.image_files import describe_data, describe_image, first_unreadable, image_rows
+from llamafactory_hera.recipe.image_tokens import check_image_tokens
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.media_warnings import media_warnings_held
 from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
+from llamafactory_hera_patches.templates import image_placeholder
 
 
 def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int],
@@ -74,7 +77,14 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
                                     training_args=training_args)
         counts = count_image_rows(aligned)
         check_image_rows(counts, data_args.dataset)
-        return image_rows(aligned, column="_images", check_files=main), counts, aligned
+        return image_rows(aligned, column="_images", check_files=main, placeholder=image_placeholder(),
+                          data=describe_data(data_args)), counts, aligned
+
+
+def _from_pil(err: BaseException) -> bool:
+    """Whether PIL raised ``err`` (in this process, or in a preprocessing worker: its traceback text is the cause)."""
+    text = "".join(traceback.format_exception(err))
+    return f"{os.sep}PIL{os.sep}" in text
 
 
 def _check_distinct_images(hera_args: HeraArguments, counts: Any, data_args: Any, training_args: Any) -> None:
@@ -129,12 +139,23 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
             (model_args, ("image_max_pixels", "image_min_pixels")),
             (finetuning_args, ("finetuning_type", "pure_bf16")),
             (training_args, ("seed", "output_dir", "bf16", "fp16"))))
+    def get_dataset(template: Any, *args: Any, **tokenizer_module: Any) -> dict[str, Any]:
+        module = host.get_dataset(template, *args, **tokenizer_module)  # tokenized; the model loads next
+        if not data_args.packing and training_args.process_index == 0:
+            check_image_tokens(module.get("train_dataset"), aligned, rows, template, tokenizer_module,
+                               data_args.cutoff_len, describe_data(data_args))
+        return module
+
     try:
-        host.run(collator, trainer, model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
+        host.run(collator, trainer, model_args, data_args, training_args, finetuning_args, generating_args, callbacks,
+                 get_dataset=get_dataset)
     except OSError as err:  # e.g. PIL's UnidentifiedImageError in the host's preprocessing
         culprit = next((path for path in rows if path in str(err)), None)
-        if culprit is None:
-            raise
+        if culprit is None:  # PIL's "Truncated File Read" names no file: the first that does not decode
+            found = first_unreadable(rows, describe_data(data_args)) if _from_pil(err) else None
+            if found is None:
+                raise
+            raise RecipeError(f"{found} (LLaMA-Factory's preprocessing: {type(err).__name__}: {err})") from err
         raise RecipeError(f"HeRA cannot read {describe_image(culprit, rows)}: {type(err).__name__}: {err}. "
                           "Fix or remove the file.") from err
     if training_args.do_train and finetuning_args.plot_loss and training_args.process_index == 0:

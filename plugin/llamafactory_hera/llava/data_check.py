@@ -6,18 +6,17 @@ run. What it counts, prints and exits with: docs/llava-data.md ("Checking the da
 from __future__ import annotations
 
 import os
-import stat
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.recipe.image_files import MISSING, UNREADABLE, image_marks, image_problem
 from llamafactory_hera.short_errors import RecipeError
 
 FIRST_PATHS = 10  # bad paths listed after the table
 IMAGE_CHUNK = 4096  # images handed to the threads at a time
-MISSING, UNREADABLE = "missing", "unreadable"
 
 
 @dataclass
@@ -47,30 +46,6 @@ class DatasetCounts:
     def histogram(self) -> str:
         return f"images per row ({self.name}): " + " · ".join(
             f"{n}: {rows:,}" for n, rows in sorted(self.images_per_row.items()))
-
-
-def image_problem(path: str, decode: bool) -> str | None:
-    """None when the image at ``path`` reads, else :data:`MISSING` or :data:`UNREADABLE` (an empty file; with
-    ``decode``, one PIL cannot open, verify or decode)."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return MISSING
-    if not stat.S_ISREG(info.st_mode):
-        return MISSING
-    if info.st_size == 0:
-        return UNREADABLE
-    if decode:
-        from PIL import Image
-
-        try:
-            with Image.open(path) as image:
-                image.verify()  # structure and checksums; the image cannot be used after it
-            with Image.open(path) as image:
-                image.load()  # the pixels: a truncated file fails here
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            return UNREADABLE
-    return None
 
 
 def _file_path(image: Any) -> str | None:
@@ -130,7 +105,7 @@ def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: b
             counts.dropped_rows += 1
             continue
         counts.images_per_row[len(images)] += 1
-        marks = sum(str(message.get("content") or "").count(placeholder) for message in prompt + response)
+        marks = image_marks(prompt + response, placeholder)
         if marks != len(images):
             counts.mismatched_rows += 1
             if len(counts.first_mismatches) < FIRST_PATHS:

@@ -26,7 +26,7 @@ from llamafactory_hera.rah.adapter import lora_factors, save_adapter
 from llamafactory_hera.rah.calibrate import calibrate, geometry_of, layers_to_calibrate
 from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.rah.probe import token_kinds
-from llamafactory_hera.recipe.image_files import image_rows
+from llamafactory_hera.recipe.image_files import describe_data, image_rows
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.guard import recorded_versions
 from llamafactory_hera_patches.media_warnings import media_warnings_held
@@ -36,6 +36,7 @@ from llamafactory_hera_patches.model_data import (
     load_model_for_scoring,
     multimodal_dataset_and_collator,
 )
+from llamafactory_hera_patches.templates import image_placeholder
 
 PROFILE_JSON = "rah_profile.json"
 PROFILE_PNG = "rah_profile.png"
@@ -160,7 +161,8 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     with media_warnings_held():  # a missing file is named before the model loads, not below a line per image
         aligned = load_aligned_rows(recipe, training_args.seed)
         rows = _image_rows(aligned, data_args.dataset, rah_args, training_args.seed)
-        image_rows(aligned, column="_images", only=rows)
+        image_rows(aligned, column="_images", only=rows, placeholder=image_placeholder(), decode=True,
+                   data=describe_data(data_args))  # its few rows decoded: they are read after the model loads
     model, tokenizer_module, template = load_model_for_scoring(recipe, str(training_args.device))
     loaded = time.perf_counter()
     dataset, collator = multimodal_dataset_and_collator(recipe, model, tokenizer_module, template, training_args.seed,

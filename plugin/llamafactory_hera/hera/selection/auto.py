@@ -1,6 +1,7 @@
 """``hera_heads: auto``: select heads at the start of training, once, on global rank 0; the other ranks receive them
-by broadcast. Results are cached (``$LLAMAFACTORY_HERA_CACHE``) under a key of everything the scores depend on, and
-the run's random state is restored afterwards, so a cache hit and a miss train identically.
+by broadcast. Results are cached (``$LLAMAFACTORY_HERA_CACHE``; a folder that cannot be written is said once and
+the selection runs without it) under a key of everything the scores depend on, and the run's random state is
+restored afterwards, so a cache hit and a miss train identically.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import contextlib
 import copy
 import os
 import random
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from llamafactory_hera.hera.config import HeraArguments
 from llamafactory_hera.hera.selection.collect import release_memory
 from llamafactory_hera.hera.selection.command import write_outputs
 from llamafactory_hera.hera.selection.select import SelectionOptions, SelectionResult, run_selection
-from llamafactory_hera.hera.teacher_cache import cache_root
+from llamafactory_hera.hera.teacher_cache import cache_root, cache_unwritable
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.deepspeed import zero3_init_disabled
 
@@ -45,9 +47,17 @@ def short_ddp_timeout_warning(world_size: int, ddp_timeout: int | None) -> str |
             "hera_heads.")
 
 
-def cache_dir() -> Path:
-    """Folder of cached selection results."""
-    return cache_root() / "selection"
+def cache_dir() -> Path | None:
+    """Folder of cached selection results; None (said once) where it cannot be written: the selection then runs
+    without its cache."""
+    folder = cache_root() / "selection"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # a read-only folder: mkdir passes, the result's write would not
+    except OSError as err:
+        cache_unwritable(folder, err)
+        return None
+    return folder
 
 
 @contextlib.contextmanager

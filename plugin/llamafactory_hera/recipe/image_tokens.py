@@ -1,0 +1,76 @@
+"""``cutoff_len`` against the image tokens of the tokenized training rows, after LLaMA-Factory tokenized the data and
+before the model loads: a row truncated into its image tokens is one line naming the row, its image tokens, what
+``cutoff_len`` left of them and the ``cutoff_len`` that keeps them, where the run failed in the first step with a
+``shape mismatch`` in the model's rope index (Qwen3-VL) after the model loaded.
+
+Only rows that truncation may have cut are read: those of about ``cutoff_len`` tokens (``infer_seqlen`` fills the
+budget when it truncates) whose image tokens look cut (fewer runs of them than images, or the last run ending the row
+or running into trained tokens); each such row's images are processed once more to count their tokens exactly, and the
+first row cut is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import pyarrow.compute
+
+from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.image_tokens import ignore_index, image_token_id, whole_row
+
+SLACK = 2  # a truncated row's length may fall short of cutoff_len by infer_seqlen's rounding
+
+
+def looks_cut(input_ids: list[int], labels: list[int], token: int, images: int, ignored: int) -> bool:
+    """Whether the image tokens of a tokenized row may have been cut: fewer runs of ``token`` than ``images``, or the
+    last run ending the row or followed by a trained token (the truncated prompt's end meeting the answer)."""
+    starts = [i for i, t in enumerate(input_ids) if t == token and (i == 0 or input_ids[i - 1] != token)]
+    if len(starts) < images:
+        return True
+    end = max(i for i, t in enumerate(input_ids) if t == token) + 1
+    return end == len(input_ids) or labels[end] != ignored
+
+
+def _path(image: Any) -> Any:
+    return image.get("path") if isinstance(image, dict) else image
+
+
+def _aligned_row(index: int, image: Any, aligned: Any, rows: dict[str, int], tokenized_rows: int) -> int | None:
+    """The aligned row that tokenized row ``index`` came from: the same index where no row was dropped or moved (its
+    first image agrees), else the first row holding its first image (the same image tokens; another text)."""
+    if tokenized_rows == len(aligned) and _path((aligned[index]["_images"] or [None])[0]) == _path(image):
+        return index
+    return rows.get(_path(image)) if isinstance(_path(image), str) else None
+
+
+def check_image_tokens(tokenized: Any, aligned: Any, rows: dict[str, int], template: Any,
+                       tokenizer_module: dict[str, Any], cutoff_len: int, data: str) -> None:
+    """Refuse the first row of ``tokenized`` (LLaMA-Factory's tokenized training rows, ``input_ids``, ``labels``,
+    ``images``) whose image tokens ``cutoff_len`` cut; ``aligned``: the rows before tokenization, found by their first
+    image's path in ``rows`` (path -> aligned row)."""
+    if aligned is None or not isinstance(tokenized, datasets.Dataset) or not {
+            "input_ids", "labels", "images"} <= set(tokenized.column_names):
+        return  # a streaming dataset, or not LLaMA-Factory's supervised rows
+    tokenizer = tokenizer_module["tokenizer"]
+    token = image_token_id(template, tokenizer)
+    if token is None:
+        return
+    lengths = pyarrow.compute.list_value_length(tokenized.with_format("arrow")["input_ids"]).to_numpy()  # no row read
+    ignored = ignore_index()
+    for index in (lengths >= cutoff_len - SLACK).nonzero()[0].tolist():
+        row = tokenized[index]
+        images = row["images"] or []
+        if not images or not looks_cut(row["input_ids"], row["labels"], token, len(images), ignored):
+            continue
+        source = _aligned_row(index, images[0], aligned, rows, len(tokenized))
+        if source is None:
+            continue
+        expected, length = whole_row(template, tokenizer, tokenizer_module.get("processor"), aligned[source])
+        kept = row["input_ids"].count(token)
+        if kept < expected:
+            raise RecipeError(
+                f"cutoff_len: {cutoff_len} cuts the image tokens of training dataset row {source} ({data}): its "
+                f"{len(images)} image(s) take {expected} tokens and {kept} are left, so the model's image features "
+                f"would not match its tokens. Raise cutoff_len to at least {length} (that row's length), or lower "
+                "image_max_pixels.")
