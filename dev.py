@@ -156,6 +156,12 @@ def report_args(python: Path, pytest_args: Sequence[str]) -> list[str]:
     return ["--instafail"] if found.returncode == 0 else []
 
 
+def duration_args(pytest_args: Sequence[str]) -> list[str]:
+    """``--durations=25``: the slowest tests listed after the run (what to speed up when the suite nears CI's 20
+    minutes), unless the caller chose."""
+    return [] if any(arg.startswith("--durations") for arg in pytest_args) else ["--durations=25"]
+
+
 def cmd_test(python: Path, pytest_args: list[str]) -> int:
     """Ruff, then pytest; both always run. Exit code: pytest's, else ruff's; 'no tests' is a failure."""
     with offline_env() as env:
@@ -163,7 +169,7 @@ def cmd_test(python: Path, pytest_args: list[str]) -> int:
         with phase("ruff"):
             ruff_code = run([venv_bin("ruff"), "check", *lint_paths], env=env, check=False)
         with phase("pytest"):
-            options = [*parallel_args(pytest_args), *report_args(python, pytest_args)]
+            options = [*parallel_args(pytest_args), *report_args(python, pytest_args), *duration_args(pytest_args)]
             test_code = run([python, "-m", "pytest", "-q", *options, *pytest_args], env=env, check=False)
     if test_code == PYTEST_NO_TESTS:
         log("pytest collected no tests (exit code 5); treating that as a failure")

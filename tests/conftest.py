@@ -461,3 +461,40 @@ def read_trainer_log(output_dir: Path) -> list[dict[str, Any]]:
 def read_log_history(output_dir: Path) -> list[dict[str, Any]]:
     """trainer_state.json's log_history."""
     return json.loads((output_dir / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
+
+
+def refuse_loading(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """LLaMA-Factory's loaders ``names`` (``load_model``, ``load_tokenizer``) fail the test when called: a refusal must
+    come before them (RAH loads through the offline tools' loader, which calls the same functions)."""
+    import llamafactory.model as model  # here: importing llamafactory costs seconds, and only these tests need it
+    import llamafactory.train.sft.workflow as workflow
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was loaded before the error")
+
+    for module in (workflow, model):
+        for name in names:
+            monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a model or tokenizer fails the test: every refusal it guards comes before."""
+    refuse_loading(monkeypatch, "load_model", "load_tokenizer")
+
+
+class FirstGradients:
+    """A ``TrainerCallback``: every trainable parameter's gradient before the first optimizer step, by name."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, Any] = {}
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if not self.grads:
+            self.grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()
+                          if p.requires_grad and p.grad is not None}
+
+    def __getattr__(self, name: str) -> Any:  # every other callback event: nothing
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)

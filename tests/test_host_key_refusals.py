@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_launch_refusals import _recipe, _refused, _without_images, no_model_load  # noqa: F401 - the fixture
+from test_launch_refusals import _recipe, _refused, _without_images
 
 from conftest import REPO, run_train
 from llamafactory_hera.recipe.host_keys import check_bf16_device, check_choices, check_host_keys

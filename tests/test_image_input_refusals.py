@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import ImageFile
 from test_launch_refusals import _refused
 
-from conftest import base_recipe, run_train, run_verb
+from conftest import base_recipe, refuse_loading, run_train, run_verb
 from llamafactory_hera.demo.rah import build_rah_recipe
 from llamafactory_hera.recipe.image_files import image_problem
 
@@ -26,15 +27,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading a model fails the test (the tokenizer loads: LLaMA-Factory tokenizes the data with it first)."""
-    import llamafactory.model as model
-    import llamafactory.train.sft.workflow as workflow
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("the model was loaded before the error")
-
-    for module in (workflow, model):
-        monkeypatch.setattr(module, "load_model", refuse)
+    """Loading a model fails the test (the tokenizer loads: LLaMA-Factory tokenizes the data with it first); PIL as
+    in a training process (lmms-eval, which other tests of the process import, makes PIL load truncated images)."""
+    refuse_loading(monkeypatch, "load_model")
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
 
 
 def _data(assets: Any, tmp_path: Path, edit: Callable[[list[dict[str, Any]], Path], None]) -> str:

@@ -20,19 +20,6 @@ from llamafactory_hera.short_errors import raised_by_plugin
 STAGES = ("hera", "rah", "harc")
 
 
-@pytest.fixture
-def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading a model or tokenizer fails the test (RAH loads through the offline tools' loader)."""
-    import llamafactory.model as model
-    import llamafactory.train.sft.workflow as workflow
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("the model was loaded before the error")
-
-    for module in (workflow, model):
-        monkeypatch.setattr(module, "load_model", refuse)
-        monkeypatch.setattr(module, "load_tokenizer", refuse)
-
 
 def _recipe(stage: str, assets: Any, harc_assets: Any, out: Path, **overrides: Any) -> dict[str, Any]:
     if stage == "hera":

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
 from llamafactory_hera.heads.pooling import pooling_weights
-from llamafactory_hera.heads.projection import project_heads
+from llamafactory_hera.hera.projection import project_heads
 from llamafactory_hera.hera.trainer import HeadCapture
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
@@ -128,7 +128,7 @@ def test_a_zero3_partitioned_lora_o_proj_projects_through_its_calls() -> None:
     """Issue 49: under ZeRO-3 the LoRA base layer's weight is an empty 1-D placeholder and the LoRA path was refused
     as a quantized base ("needs a plain (unquantized) Linear"); it now projects through the modules' calls as the
     unpartitioned weights do, and reading the weight outside a gather names the fix."""
-    from llamafactory_hera.heads.projection import effective_weight_columns, is_partitioned, project_heads_by_call
+    from llamafactory_hera.hera.projection import effective_weight_columns, is_partitioned, project_heads_by_call
 
     torch.manual_seed(0)
     models = []

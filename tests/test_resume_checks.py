@@ -37,19 +37,6 @@ def runs(assets: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     return {name: folder / name for name in made}
 
 
-@pytest.fixture
-def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading a model or tokenizer fails the test: every refusal here comes before."""
-    import llamafactory.model as model
-    import llamafactory.train.sft.workflow as workflow
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("the model was loaded before the error")
-
-    for module in (workflow, model):
-        monkeypatch.setattr(module, "load_model", refuse)
-        monkeypatch.setattr(module, "load_tokenizer", refuse)
-
 
 def _refusal(recipe: dict[str, Any], tmp: Path) -> str:
     """The one error line of a run refused before loading (exit code 1, no traceback, nothing trained)."""

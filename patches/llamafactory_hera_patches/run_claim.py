@@ -214,6 +214,15 @@ def _release_all() -> None:
 atexit.register(_release_all)
 
 
+_made: set[Path] = set()  # output folders a claim of this process created (they did not exist before the run)
+
+
+def made_by_claim(folder: Path) -> bool:
+    """Whether ``folder`` exists only because this process's claim made it (a check before the parse then says the
+    folder did not exist)."""
+    return folder.expanduser().resolve() in _made
+
+
 def _missing_folders(folder: Path) -> list[Path]:
     """``folder`` and its ancestors that do not exist yet, deepest first."""
     missing = []
@@ -244,9 +253,12 @@ def claimed(host_args: Any, stage: str) -> Iterator[None]:
     except BaseException:
         _remove_empty(made)
         raise
+    if made:
+        _made.add(folder)
     try:
         yield
     finally:
+        _made.discard(folder)
         if mine is not None:
             release(folder / CLAIM)
         _remove_empty(made)

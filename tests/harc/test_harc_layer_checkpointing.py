@@ -17,26 +17,14 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
+from conftest import FirstGradients
 from llamafactory_hera_testing.recipes import harc_recipe
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
     "non_reentrant": {"use_reentrant_gc": False},
 }
-
-
-class FirstGradients(TrainerCallback):
-    """Every trainable parameter's gradient before the first optimizer step, by name."""
-
-    def __init__(self) -> None:
-        self.grads: dict[str, torch.Tensor] = {}
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if not self.grads:
-            self.grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()
-                          if p.requires_grad and p.grad is not None}
 
 
 @pytest.fixture(scope="module")

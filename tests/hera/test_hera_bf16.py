@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import base_recipe
-from llamafactory_hera.heads.projection import project_heads, project_heads_by_call
+from llamafactory_hera.hera.projection import project_heads, project_heads_by_call
 
 HEADS, HEAD_DIM, NUM_HEADS, D = [0, 2], 16, 4, 64
 

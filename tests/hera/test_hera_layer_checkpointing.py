@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 import llamafactory_hera.hera.checks as host_checks
-from conftest import base_recipe
+from conftest import FirstGradients, base_recipe
 from llamafactory_hera.hera.config import parse_hera_arguments
 
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -53,18 +52,6 @@ RUNS = [("full", "default", 1.0), ("full", "default", 0.0), ("full", "non_reentr
         ("lora", "off", 1.0), ("projector", "default", 1.0), ("projector", "off", 1.0)]
 
 
-class AllGradients(TrainerCallback):
-    """Every trainable parameter's gradient before the first optimizer step, by name."""
-
-    def __init__(self) -> None:
-        self.grads: dict[str, torch.Tensor] = {}
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if not self.grads:
-            self.grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()
-                          if p.requires_grad and p.grad is not None}
-
-
 @pytest.fixture(scope="module")
 def gradients(assets, tmp_path_factory) -> dict[tuple[str, str, float], tuple[dict[str, torch.Tensor], str]]:
     """(tuning, setting, lambda) -> (gradients, the run's printed output) of one step, heads in layer 1."""
@@ -75,7 +62,7 @@ def gradients(assets, tmp_path_factory) -> dict[tuple[str, str, float], tuple[di
 
     runs = {}
     for tuning, setting, lam in RUNS:
-        probe, printed = AllGradients(), io.StringIO()
+        probe, printed = FirstGradients(), io.StringIO()
         recipe = base_recipe(assets, "qwen3_vl", tmp_path_factory.mktemp(f"{tuning}_{setting}_{lam}"), max_steps=1,
                              hera_heads=["L1H0", "L1H3"], hera_lambda=lam, max_grad_norm=0.0, hera_monitor_steps=0,
                              **TUNINGS[tuning], **SETTINGS[setting])

@@ -72,7 +72,7 @@ def test_projection_by_call_ignores_lora_dropout_like_the_weight_path() -> None:
     mode both must give the same head representations."""
     from peft import LoraConfig, get_peft_model
 
-    from llamafactory_hera.heads.projection import project_heads, project_heads_by_call
+    from llamafactory_hera.hera.projection import project_heads, project_heads_by_call
 
     torch.manual_seed(0)
     holder = torch.nn.Module()

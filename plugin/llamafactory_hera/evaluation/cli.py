@@ -26,7 +26,8 @@ from llamafactory_hera.log import say
 from llamafactory_hera.short_errors import RecipeError
 
 EXTRA = "pip install 'llamafactory-hera[eval]'"
-EXTRA_PACKAGES = ("lmms-eval==0.7.3", "lm-eval==0.4.13")  # pyproject's eval extra's libraries (tests/test_eval_cli.py)
+# pyproject's eval extra's libraries (tests/test_eval_cli.py); filelock < 4: lmms-eval 0.7.3 imports filelock._api
+EXTRA_PACKAGES = ("lmms-eval==0.7.3", "lm-eval==0.4.13", "filelock>=3.16,<4")
 SCORER_PACKAGES = ("nltk>=3.9", "spacy>=3.8")  # and its scorers' (CHAIR's, AMBER's): the rest of the extra
 
 

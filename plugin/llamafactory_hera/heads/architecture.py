@@ -115,7 +115,8 @@ def text_decoder(model: nn.Module) -> nn.Module:
     if getattr(decoder, "layers", None) is None:
         raise RecipeError(
             f"{type(base).__name__} has no text decoder with `layers` (looked at get_decoder().layers and one level "
-            "down); llamafactory-hera needs decoder layers whose attention has a per-head output projection."
+            "down); llamafactory-hera needs decoder layers whose attention has a per-head output projection "
+            "(self_attn.o_proj)."
         )
     return decoder
 

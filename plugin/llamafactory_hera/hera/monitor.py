@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import HeadRef
-from llamafactory_hera.heads.projection import effective_weight_columns, head_columns
+from llamafactory_hera.hera.projection import effective_weight_columns, head_columns
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.scores import layer_head_neighbours, teacher_neighbours
 from llamafactory_hera.hera.teacher import teacher_batch_size

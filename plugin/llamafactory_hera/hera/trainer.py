@@ -33,7 +33,6 @@ from torch import nn
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import AttentionGeometry, HeadRef, attention_geometry
 from llamafactory_hera.heads.pooling import multimodal_token_ids, pooling_weights, require_multimodal_ids
-from llamafactory_hera.heads.projection import is_partitioned, project_heads, project_heads_by_call
 from llamafactory_hera.hera import checkpoint
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS, collator_token_sources
 from llamafactory_hera.hera.config import HeraArguments
@@ -53,6 +52,7 @@ from llamafactory_hera.hera.preflight import (
     contrastive_geometry,
     trainable_upstream,
 )
+from llamafactory_hera.hera.projection import is_partitioned, project_heads, project_heads_by_call
 from llamafactory_hera.hera.run_summary import HeraRunStats, StartLine
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher

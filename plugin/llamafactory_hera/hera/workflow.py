@@ -14,6 +14,7 @@ import torch.distributed as dist
 from llamafactory_hera import __version__
 from llamafactory_hera.hera.collator import HeraCollatorMixin
 from llamafactory_hera.hera.config import HERA_RUN_RECORD, TRAINING_PLOT, HeraArguments
+from llamafactory_hera.hera.image_tokens import check_image_tokens
 from llamafactory_hera.hera.monitor import probe_set
 from llamafactory_hera.hera.preflight import (
     check_contrastive_geometry,
@@ -30,7 +31,6 @@ from llamafactory_hera.hera.trainer import HeraTrainer
 from llamafactory_hera.log import say
 from llamafactory_hera.plots.training import plot_training
 from llamafactory_hera.recipe.image_files import describe_data, describe_image, first_unreadable, image_rows
-from llamafactory_hera.recipe.image_tokens import check_image_tokens
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.media_warnings import media_warnings_held
 from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows

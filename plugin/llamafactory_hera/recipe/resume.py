@@ -29,6 +29,7 @@ from typing import Any
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import given_keys, truthy
 from llamafactory_hera_patches.host_arguments import host_keys
+from llamafactory_hera_patches.run_claim import made_by_claim
 from llamafactory_hera_patches.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR and get_last_checkpoint
@@ -244,7 +245,9 @@ def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
                               "them: resume_from_checkpoint to train afresh, overwrite_output_dir to resume.")
         last = last_checkpoint(out) if out is not None else None
         if last is None:
-            where = "which holds no checkpoint-N folder" if out is not None and out.is_dir() else "which does not exist"
+            # this run's claim (taken before the checks) may have made the folder: to the user it did not exist
+            held = out is not None and out.is_dir() and not made_by_claim(out)
+            where = "which holds no checkpoint-N folder" if held else "which does not exist"
             raise RecipeError(f"resume_from_checkpoint: true resumes the last checkpoint of output_dir: {output_dir}, "
                               f"{where}: there is nothing to resume. {afresh}, or name a checkpoint of an earlier "
                               "run (its OUTPUT_DIR/checkpoint-N).")
