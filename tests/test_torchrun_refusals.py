@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_launch_refusals import _refused, no_model_load  # noqa: F401 - the fixture
+from test_launch_refusals import _refused
 
 from conftest import REPO, harc_recipe, offline_env, run_process, run_train
 from llamafactory_hera.short_errors import RecipeError, waits_for_rank_0
