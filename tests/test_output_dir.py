@@ -230,7 +230,10 @@ def test_every_rank_checks_the_move_and_only_the_mover_moves(tmp_path: Path, mon
     ({"max_steps": 5}, True), ({"max_steps": 4}, False), ({"max_steps": 3}, False),
     ({"max_steps": -1, "num_train_epochs": 3}, True), ({"num_train_epochs": 2}, False), ({}, True),
     ({"num_train_epochs": "2.0"}, False), ({"max_steps": 5, "resume_from_checkpoint": "checkpoint-4"}, True),
-    ({"max_steps": 5, "resume_from_checkpoint": "checkpoint-2"}, False)])
+    ({"max_steps": 5, "resume_from_checkpoint": "checkpoint-2"}, False),
+    # false: the Trainer would start at step 0 in the finished run's folder and write over its model
+    ({"max_steps": 5, "resume_from_checkpoint": False}, False),
+    ({"max_steps": 5, "resume_from_checkpoint": True}, True)])
 def test_a_recipe_continues_a_finished_run_when_it_asks_for_more(recipe: dict, continues: bool,
                                                                  tmp_path: Path) -> None:
     """A finished run of 4 steps, 2 epochs, checkpoints at 2 and 4: more steps (max_steps), or without max_steps
@@ -238,9 +241,11 @@ def test_a_recipe_continues_a_finished_run_when_it_asks_for_more(recipe: dict, c
     for step in (2, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "epoch": 2.0}), encoding="utf-8")
-    if "resume_from_checkpoint" in recipe:
+    if isinstance(recipe.get("resume_from_checkpoint"), str):
         recipe = {**recipe, "resume_from_checkpoint": str(tmp_path / recipe["resume_from_checkpoint"])}
     assert output_dir.continues_finished(tmp_path, recipe) is continues
+    if recipe.get("resume_from_checkpoint") is True:
+        return  # on the command line "true" is a path to the Trainer
     as_list = [token for key, value in recipe.items() for token in (f"--{key}", str(value))]  # command-line form
     assert output_dir.continues_finished(tmp_path, as_list) is continues
 

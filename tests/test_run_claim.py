@@ -125,9 +125,10 @@ def test_a_refused_run_leaves_no_folder_it_made(assets, live_pid: int, tmp_path:
     assert not (tmp_path / "new").exists()
 
 
-def test_the_ranks_of_one_job_share_the_claim(tmp_path: Path, live_pid: int) -> None:
+def test_the_ranks_of_one_job_share_the_claim(tmp_path: Path, live_pid: int, monkeypatch) -> None:
     """Another rank of this job holds the claim (this host or another, a shared folder): this rank goes on without
     a claim of its own; another job's live claim is refused."""
+    monkeypatch.setattr(run_claim, "JOB_WAIT_SECONDS", 0)  # no wait for this job to take another host's claim over
     _hold(tmp_path, live_pid, job=run_claim.job_identity(TORCHRUN))
     assert run_claim.take(tmp_path, "hera", env=TORCHRUN) is None
     _hold(tmp_path, 12345, host="other-node", job=run_claim.job_identity(TORCHRUN))
@@ -209,3 +210,43 @@ def test_of_runs_started_at_once_one_gets_the_folder(tmp_path: Path) -> None:
     assert all(f"is in use by another run (process {winners[0]} on host " in output
                for output in outputs if output != "claimed")
     assert list(tmp_path.iterdir()) == []  # released at the winner's exit
+
+
+def test_another_hosts_claim_not_refreshed_for_the_lease_is_taken_over(tmp_path: Path, capsys) -> None:
+    """A job killed on one node and requeued on another: its claim's time stops moving; after the lease any host
+    takes it over, with a line. A live run refreshes its claim's time, so its claim never ages."""
+    _hold(tmp_path, 12345, host="other-node")
+    old = time.time() - run_claim.LEASE_SECONDS - 60
+    os.utime(tmp_path / CLAIM, (old, old))
+    mine = run_claim.take(tmp_path, "sft", env={})
+    assert mine is not None and json.loads((tmp_path / CLAIM).read_text())["token"] == mine["token"]
+    assert "took over the claim of process 12345 on host other-node, started 2026-01-02 03:04:05 UTC, stage sft, " \
+           "not refreshed for 11 minutes." in capsys.readouterr().out
+    run_claim.release(tmp_path / CLAIM)
+
+
+def test_a_rank_waits_for_its_job_to_take_another_hosts_stale_claim_over(tmp_path: Path, monkeypatch) -> None:
+    """Node B's rank meets a claim written on node A by a run that died there; A's rank finds the process gone and
+    takes it over for their job: B's rank waits for that instead of being refused while A's trains (a hang)."""
+    import threading
+
+    monkeypatch.setattr(run_claim, "JOB_WAIT_SECONDS", 10)
+    _hold(tmp_path, 12345, host="node-a", job="an earlier job")
+    takeover = threading.Timer(1.0, _hold, (tmp_path, 23456, "node-a", run_claim.job_identity(TORCHRUN)))
+    takeover.start()
+    start = time.monotonic()
+    assert run_claim.take(tmp_path, "hera", env=TORCHRUN) is None  # shared with node A's rank
+    assert 0.9 < time.monotonic() - start < 5
+    takeover.join()
+
+
+def test_sigterm_releases_the_claim(tmp_path: Path) -> None:
+    """torchrun stopping the ranks after one failed, a scheduler's time limit: SIGTERM skips atexit, so the claim
+    would stay; it is released and the process still ends by the signal."""
+    code = ("import os, signal; from pathlib import Path; from llamafactory_hera_patches import run_claim; "
+            f"run_claim.take(Path({str(tmp_path)!r}), 'sft'); "
+            f"assert (Path({str(tmp_path)!r}) / run_claim.CLAIM).is_file(); os.kill(os.getpid(), signal.SIGTERM)")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -15, proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -147,8 +147,10 @@ def continues_finished(folder: Path, host_args: Any) -> bool:
     if not state or not checkpoints:
         return False
     resume = raw_value(host_args, "resume_from_checkpoint")
-    if resume and Path(str(resume)).expanduser().resolve() != checkpoints[-1]:
-        return False
+    if resume is False or str(resume).strip().lower() in {"", "false"}:
+        return False  # the Trainer would start from step 0 and write over the finished model
+    if resume not in (None, True) and Path(str(resume)).expanduser().resolve() != checkpoints[-1]:
+        return False  # true: the last checkpoint, as LLaMA-Factory picks it without the key
     return _asks_more(host_args, state)
 
 

@@ -10,14 +10,19 @@ the later one's adapter and state, the earlier run's were lost without a word). 
 - a folder a live run holds is refused before anything loads, naming the folder, that run (process, host, start
   time) and the ways on. ``overwrite_output_dir: true`` does not override it (it would move the live run's files);
 - a claim whose process has ended on this host (a run killed, a machine restarted) is stale: it is taken over, with
-  a line saying so; a claim from another host cannot be checked and counts as live unless it is this run's own job
-  (the refusal says which file to delete if that run is no longer running);
+  a line saying so. A claim from another host cannot be checked that way: its run refreshes the file's time every
+  minute, and a claim not refreshed for :data:`LEASE_SECONDS` is stale on every host (a job killed on one node and
+  requeued on another); a fresher one counts as live unless it is this run's own job (the refusal says which file to
+  delete if that run is no longer running). A rank of a multi-process job that meets another host's claim waits up to
+  :data:`JOB_WAIT_SECONDS` for its own job to take it over (the rank on the claim's host finds its process gone), so
+  that the nodes of one job do not part ways, one training and one refused;
 - the ranks of one job share the claim, on one node and across nodes writing to a shared folder: its identity is
   ``TORCHELASTIC_RUN_ID`` and ``MASTER_ADDR:MASTER_PORT`` (torchrun, LLaMA-Factory's ``FORCE_TORCHRUN`` launch; the
   host name is added to a loopback address) or, for another launcher, ``MASTER_ADDR:MASTER_PORT`` with a
   ``WORLD_SIZE`` above 1; a single process has none;
-- the process that created the claim removes it when the run ends (returns, raises, or exits: ``atexit``), with the
-  folder if the claim made it and it is still empty.
+- the process that created the claim removes it when the run ends (returns, raises, exits: ``atexit``, or is
+  stopped by SIGTERM: torchrun stopping the other ranks, a scheduler's time limit), with the folder if the claim made
+  it and it is still empty.
 
 Imports nothing heavy: it runs before the parse.
 """
@@ -29,7 +34,9 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -42,7 +49,11 @@ from .errors import RecipeError
 CLAIM = "llamafactory_hera_claim.json"
 _LOOPBACK = ("localhost", "::1")
 _ATTEMPTS = 8
+LEASE_SECONDS = 600  # a claim whose file time is older than this is a dead run's, on any host
+_REFRESH_SECONDS = 60  # how often a live run refreshes its claim's file time
+JOB_WAIT_SECONDS = 20.0  # how long a rank of a multi-process job waits for its job to take another host's claim over
 _held: dict[Path, dict[str, Any]] = {}  # this process's claims, by file: released at exit if not before
+_guards: list[bool] = []  # the refresher and the SIGTERM release, started once per process
 
 
 def job_identity(env: Mapping[str, str] = os.environ) -> str | None:
@@ -169,28 +180,78 @@ def _refuse(folder: Path, path: Path, other: dict[str, Any], here: bool) -> Reci
                        f"write over each other's files, overwrite_output_dir: true included. {ways}")
 
 
+def _age(path: Path) -> float | None:
+    """Seconds since ``path``'s claim was written or refreshed (None: gone)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _refresh() -> None:
+    """Keep this process's claims fresh (a daemon thread: it ends with the process)."""
+    while True:
+        time.sleep(_REFRESH_SECONDS)
+        for path, mine in list(_held.items()):
+            if mine["pid"] == os.getpid():
+                with contextlib.suppress(OSError):
+                    os.utime(path)
+
+
+def _release_on_sigterm(signum: int, frame: Any, previous: Any = signal.SIG_DFL) -> None:
+    _release_all()
+    if callable(previous):
+        previous(signum, frame)
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _guard() -> None:
+    """Once per process: refresh the claims' time, and release them when SIGTERM stops the process (Python then
+    runs no ``atexit``). A SIGTERM handler set before (torch's, a launcher's) still runs after the release."""
+    if _guards:
+        return
+    _guards.append(True)
+    threading.Thread(target=_refresh, name="llamafactory-hera claim", daemon=True).start()
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, lambda signum, frame: _release_on_sigterm(signum, frame, previous))
+
+
 def take(folder: Path, stage: str, env: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
     """Claim ``folder`` for this run: the claim created (to release), or None when this run's job holds it already.
     Raises :class:`RecipeError` when a live run of another job holds it."""
     path = folder / CLAIM
     mine = new_claim(stage, env)
-    for _ in range(_ATTEMPTS):
+    attempts, wait_until = 0, time.monotonic() + JOB_WAIT_SECONDS
+    while attempts < _ATTEMPTS:
+        attempts += 1
         if _create(path, mine):
             _held[path] = mine
+            _guard()
             return mine
         found = _read(path)
         if found is None:
             continue  # released meanwhile
         text, other = found
         here = not other or other.get("host") == mine["host"]  # an unreadable claim names no live process
-        if here and not is_alive_here(other.get("pid"), other.get("process_start")):
+        age = _age(path)
+        if (not is_alive_here(other.get("pid"), other.get("process_start")) if here else
+                age is not None and age > LEASE_SECONDS):
             if _take_over(path, text, mine):
-                what = (f"the claim of {_describe(other)}, which is no longer running" if other else
-                        f"an unreadable claim ({path.name})")
+                what = (f"an unreadable claim ({path.name})" if not other else
+                        f"the claim of {_describe(other)}, which is no longer running" if here else
+                        f"the claim of {_describe(other)}, not refreshed for {age / 60:.0f} minutes")
                 print(f"[llamafactory-hera] output_dir: {folder}: took over {what}.", flush=True)
             continue
         if mine["job"] is not None and other.get("job") == mine["job"]:
             return None  # another rank of this job holds it
+        if mine["job"] is not None and not here and time.monotonic() < wait_until:
+            attempts -= 1  # waiting is no attempt: this job's rank on the claim's host may be taking it over
+            time.sleep(0.5)
+            continue
         raise _refuse(folder, path, other, here)
     raise RecipeError(f"output_dir: {folder}: could not claim it ({path} changed {_ATTEMPTS} times while this run "
                       "tried); other runs are starting into it. Set an output_dir of its own for each run.")
