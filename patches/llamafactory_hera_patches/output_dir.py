@@ -115,8 +115,9 @@ def move_aside(folder: Path, entries: list[Path]) -> Path | None:
     return target
 
 
-def _checkpoints(folder: Path) -> list[Path]:
-    """``folder``'s ``checkpoint-N`` folders, by step (the last is the one LLaMA-Factory resumes from)."""
+def checkpoint_folders(folder: Path) -> list[Path]:
+    """``folder``'s ``checkpoint-N`` folders, by step (the last is the one LLaMA-Factory resumes from, as transformers'
+    ``get_last_checkpoint`` picks it); none where ``folder`` is no folder."""
     found = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
              if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return [path for _, path in sorted(found)]
@@ -143,7 +144,7 @@ def continues_finished(folder: Path, host_args: Any) -> bool:
     :func:`refuse_finished`): the run left its ``trainer_state.json`` and a checkpoint, the recipe asks for more
     steps or epochs than it took, and names no other checkpoint to resume from."""
     state = read_record(folder / "trainer_state.json")
-    checkpoints = _checkpoints(folder)
+    checkpoints = checkpoint_folders(folder)
     if not state or not checkpoints:
         return False
     resume = raw_value(host_args, "resume_from_checkpoint")
@@ -155,7 +156,7 @@ def continues_finished(folder: Path, host_args: Any) -> bool:
 
 
 def _how_to_continue(folder: Path, resume: Any) -> str:
-    state, checkpoints = read_record(folder / "trainer_state.json"), _checkpoints(folder)
+    state, checkpoints = read_record(folder / "trainer_state.json"), checkpoint_folders(folder)
     if not state or not checkpoints:
         return ""
     steps, epochs = state.get("global_step"), round(_number(state.get("epoch"), 0), 4)

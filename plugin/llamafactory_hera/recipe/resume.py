@@ -29,6 +29,7 @@ from typing import Any
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import given_keys, truthy
 from llamafactory_hera_patches.host_arguments import host_keys
+from llamafactory_hera_patches.output_dir import checkpoint_folders
 from llamafactory_hera_patches.run_claim import made_by_claim
 from llamafactory_hera_patches.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
 
@@ -71,11 +72,8 @@ class Checkpoint:
 
 def last_checkpoint(folder: Path) -> Path | None:
     """``folder``'s ``checkpoint-N`` with the highest N (transformers' ``get_last_checkpoint``), or None."""
-    if not folder.is_dir():
-        return None
-    found = [(int(match.group(1)), entry) for entry in folder.iterdir()
-             if (match := CHECKPOINT_NAME.match(entry.name)) and entry.is_dir()]
-    return max(found)[1] if found else None
+    found = checkpoint_folders(folder)
+    return found[-1] if found else None
 
 
 def _json(path: Path) -> dict[str, Any] | None:
