@@ -197,3 +197,7 @@ def test_rows_new_to_the_cache_are_read_only_after_their_copy_has_run(monkeypatc
     events[1].done = True  # "b"'s copy ran meanwhile: read without a wait
     torch.testing.assert_close(cache.lookup(["b"], None, []), b)
     assert [e.waits for e in events] == [1, 0, 0]
+    for event in events:
+        event.done = True
+    cache.lookup(["d"], torch.randn(1, 4), ["d"])
+    assert len(cache._copying) == 1  # the copies that ran are not kept: only "d"'s

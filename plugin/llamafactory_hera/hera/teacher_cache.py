@@ -172,7 +172,8 @@ class TeacherFeatureCache:
             assert computed is not None
             host, event = rows_to_host(computed)
             self.features.update({key: host[row] for key, row in to_cache})
-            if event is not None:
+            if event is not None:  # the copies already run are forgotten (a first epoch reads no cached row)
+                self._copying = [(done, copied) for done, copied in self._copying if not done.query()]
                 self._copying.append((event, {key for key, _ in to_cache}))
         if cached and self._copying:
             self._settle(cached_keys)
