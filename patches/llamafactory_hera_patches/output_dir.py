@@ -197,7 +197,7 @@ def moves_here(training_args: Any) -> bool:
 
 
 def _wait_for_the_move() -> None:
-    # torch only here: the checks before the parse run without it
+    # lazy: torch only here, the checks before the parse run without it
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
