@@ -64,8 +64,8 @@ def check_image_tokens(tokenized: Any, aligned: Any, rows: dict[str, int], templ
         if not images or not looks_cut(row["input_ids"], row["labels"], token, len(images), ignored):
             continue
         source = _aligned_row(index, images[0], aligned, rows, len(tokenized))
-        if source is None:
-            continue
+        if source is None or len(aligned[source]["_images"] or []) != len(images):
+            continue  # no row found, or one with other images (found by its first): its tokens would not count
         expected, length = whole_row(template, tokenizer, tokenizer_module.get("processor"), aligned[source])
         kept = row["input_ids"].count(token)
         if kept < expected:
