@@ -219,7 +219,7 @@ def run_verb(capfd: pytest.CaptureFixture[str], *argv: str | Path, cwd: Path | N
     script's process would be (see :func:`run_in_process`), with ``env`` set and cwd ``cwd`` (if given) for the run.
 
     stdout and stderr are read at file descriptors 1 and 2 (``capfd``): while a command loads through the host it
-    points them at a log file (hera/host_output.py), so for the run ``sys.stdout`` / ``sys.stderr`` and the logging
+    points them at a log file (log.py's host_output_to), so for the run ``sys.stdout`` / ``sys.stderr`` and the logging
     handlers write to the descriptors, as in a process, and transformers logs at the WARNING level a process starts
     with (an earlier in-process run leaves the INFO of LLaMA-Factory's parser). A real process only where the process
     is what is tested: the console script's exit code and one-line error, a fresh interpreter's imports, its exit."""

@@ -142,14 +142,30 @@ def tokenized_rows_and_collator(args: RecipeArgs, model: Any, tokenizer_module: 
     return tokenized, collator
 
 
+def _val_size_split(args: RecipeArgs, seed: int, rows: Any) -> tuple[Any, Any] | None:
+    """(training rows, validation rows) of LLaMA-Factory's ``val_size`` split of ``rows`` (its ``split_dataset`` with
+    the run's seed), or None when the recipe holds none out so (``eval_dataset``, no ``val_size``, streaming)."""
+    data_args = args.data_args
+    if data_args.eval_dataset or not data_args.val_size > 1e-6 or data_args.streaming:
+        return None
+    data_utils = importlib.import_module("llamafactory.data.data_utils")
+    train, held_out = data_utils.split_dataset(rows, None, data_args, seed=seed)
+    return train["train"], held_out["validation"]
+
+
+def training_rows(args: RecipeArgs, seed: int, rows: Any) -> Any:
+    """The rows of ``rows`` that a run trains on: without the ``val_size`` split's validation rows."""
+    split = _val_size_split(args, seed, rows)
+    return rows if split is None else split[0]
+
+
 def split_rows(args: RecipeArgs, seed: int, rows: Any) -> tuple[Any, Any, str]:
     """(training rows, held-out rows or None, what was held out) as LLaMA-Factory splits a run's data: the aligned
-    rows of ``eval_dataset``, or the ``val_size`` split of ``rows`` (its ``split_dataset`` with the run's seed)."""
+    rows of ``eval_dataset``, or the ``val_size`` split of ``rows``."""
     data_args = args.data_args
     if data_args.eval_dataset:
         return rows, load_aligned_rows(args, seed, data_args.eval_dataset), f"eval_dataset {data_args.eval_dataset}"
-    if data_args.val_size > 1e-6 and not data_args.streaming:
-        data_utils = importlib.import_module("llamafactory.data.data_utils")
-        train, held_out = data_utils.split_dataset(rows, None, data_args, seed=seed)
-        return train["train"], held_out["validation"], f"val_size {data_args.val_size}"
+    split = _val_size_split(args, seed, rows)
+    if split is not None:
+        return split[0], split[1], f"val_size {data_args.val_size}"
     return rows, None, ""

@@ -46,7 +46,7 @@ def _forward(model, capture, no_grad_layers: bool) -> torch.Tensor | None:
 
 def test_a_cut_gradient_below_the_captured_heads_is_an_error(assets) -> None:
     from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
-    from llamafactory_hera.hera.trainer import HeadCapture
+    from llamafactory_hera.hera.projection import HeadCapture
 
     model = _tiny_lora_model(assets, "qwen2_5_vl", ["q_proj", "v_proj", "o_proj"])
     capture = HeadCapture(model, [HeadRef(1, 0)], attention_geometry(model.config))
@@ -60,7 +60,7 @@ def test_a_cut_gradient_below_the_captured_heads_is_an_error(assets) -> None:
 def test_heads_fed_by_nothing_trainable_are_not_an_error(assets) -> None:
     """LoRA on o_proj only, a head of layer 0: nothing trainable feeds its input; HeRA trains its W_O columns."""
     from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
-    from llamafactory_hera.hera.trainer import HeadCapture
+    from llamafactory_hera.hera.projection import HeadCapture
 
     model = _tiny_lora_model(assets, "qwen2_5_vl", ["o_proj"])
     capture = HeadCapture(model, [HeadRef(0, 1), HeadRef(1, 0)], attention_geometry(model.config))

@@ -119,6 +119,15 @@ def test_a_queue_beyond_the_distinct_images_is_capped_with_a_line(assets, tmp_pa
     assert [line["hera_queue_size"] for line in read_trainer_log(out) if "loss" in line] == [4, 8, 12, 12]
 
 
+def test_the_hera_k_cap_counts_the_images_that_train(assets, tmp_path: Path) -> None:
+    """Issue 52: 16 rows with val_size: 0.25 train on 12 images; hera_k: 12 needs 13 distinct images: refused before
+    the model loads (the 16 rows' images were counted, validation rows among them, and the run trained)."""
+    output = _refused(assets, tmp_path, hera_k=12, max_samples=16, val_size=0.25, per_device_train_batch_size=4)
+    assert ("hera_k: 12: a contrastive set needs 13 distinct images (hera_k + 1: an anchor and its 12 teacher "
+            "neighbours; at least 3 for a negative), but the training data (dataset: hera_demo, max_samples: 16, "
+            "without val_size: 0.25's validation rows) has 12 distinct images") in output
+
+
 def _refused(assets, tmp_path: Path, **overrides: Any) -> str:
     proc = run_train(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", **overrides), tmp_path, check=False)
     assert proc.returncode != 0

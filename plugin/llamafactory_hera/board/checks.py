@@ -14,7 +14,8 @@ from typing import Any
 from transformers import AutoConfig
 
 from llamafactory_hera.heads.geometry import AttentionGeometry, attention_geometry
-from llamafactory_hera.recipe.checks import NOT_LOCAL, dataset_info
+from llamafactory_hera.recipe.checks import NOT_LOCAL
+from llamafactory_hera.recipe.dataset_info import dataset_info
 from llamafactory_hera.short_errors import RecipeError
 
 

@@ -17,10 +17,10 @@ from transformers import AutoConfig
 from llamafactory_hera.harc.config import ROLE_KEYS, HarcArguments, moving_weights
 from llamafactory_hera.harc.layers import eligible_layers
 from llamafactory_hera.log import say
-from llamafactory_hera.recipe.checks import DATA_CONFIG, check_dataset_names, check_run_inputs
-from llamafactory_hera.recipe.declaration import truthy
+from llamafactory_hera.recipe.checks import check_dataset_names, check_run_inputs
+from llamafactory_hera.recipe.dataset_info import DATA_CONFIG
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.arguments import raw_value
+from llamafactory_hera_patches.arguments import raw_value, truthy
 from llamafactory_hera_patches.templates import composite_model_types
 
 

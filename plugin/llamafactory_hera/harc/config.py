@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from llamafactory_hera.plots.training import TrainingPlot
-from llamafactory_hera.recipe.declaration import fail, parse_keys, recipe_key
+from llamafactory_hera.recipe.keys import fail, parse_keys, recipe_key
 from llamafactory_hera.short_errors import RecipeError
 
 ROLE_KEYS = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")

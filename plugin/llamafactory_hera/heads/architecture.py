@@ -157,6 +157,34 @@ def head_projections(model: nn.Module) -> dict[int, nn.Module]:
     return found
 
 
+def trainable_upstream(model: nn.Module, layers: list[int]) -> dict[int, bool]:
+    """For each decoder layer, whether a trainable parameter feeds its ``o_proj`` input.
+
+    Upstream of layer l's ``o_proj``: everything outside the decoder layers (embeddings, vision tower,
+    projector; the final norm and an untied ``lm_head`` excluded), the layers before l, and layer l's
+    input norm and attention projections other than ``o_proj``.
+    """
+    decoder = text_decoder(model)
+    decoder_layers = list(decoder.layers)
+    in_layers = {id(p) for layer in decoder_layers for p in layer.parameters()}
+    norm = getattr(decoder, "norm", None)
+    after = {id(p) for p in norm.parameters()} if norm is not None else set()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    input_ids = {id(p) for p in inputs.parameters()} if inputs is not None else set()
+    if output is not None:
+        after |= {id(p) for p in output.parameters() if id(p) not in input_ids}  # tied weights feed the input
+    outside = any(p.requires_grad for p in model.parameters() if id(p) not in in_layers and id(p) not in after)
+    result: dict[int, bool] = {}
+    for index in layers:
+        earlier = any(p.requires_grad for layer in decoder_layers[:index] for p in layer.parameters())
+        own = any(p.requires_grad for name, p in decoder_layers[index].named_parameters()
+                  if (name.startswith("self_attn.") and not name.startswith("self_attn.o_proj."))
+                  or name.startswith("input_layernorm."))
+        result[index] = outside or earlier or own
+    return result
+
+
 def per_head_value_layers(plans: list[LayerPlan], head_dim: int | None = None) -> tuple[list[int], dict[int, str]]:
     """(layers whose heads own their value and output projections: RAH-LoRA's calibratable layers, the others -> why
     they are left out). A KV-shared layer reads another layer's values: its own ``v_proj``, where it has one, does

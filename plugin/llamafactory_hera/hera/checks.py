@@ -22,9 +22,9 @@ from llamafactory_hera.hera.preflight import check_contrastive_geometry, contras
 from llamafactory_hera.hera.selection.auto import short_ddp_timeout_warning
 from llamafactory_hera.hera.teacher import check_teacher_source
 from llamafactory_hera.recipe.checks import check_run_inputs
-from llamafactory_hera.recipe.declaration import truthy as _truthy
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value as _raw_value
+from llamafactory_hera_patches.arguments import truthy as _truthy
 from llamafactory_hera_patches.guard import host_version
 from llamafactory_hera_patches.templates import template_tokens
 

@@ -27,7 +27,6 @@ import torch
 from llamafactory_hera.heads.pooling import pooled_token_mask
 from llamafactory_hera.hera.teacher import open_image
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, image_identity, image_key
-from llamafactory_hera.recipe.image_files import describe_image
 from llamafactory_hera.short_errors import RecipeError
 
 HERA_BATCH_KEYS = ("hera_pixel_values", "hera_pixel_keys", "hera_image_counts", "hera_image_keys", "hera_token_mask",
@@ -39,6 +38,15 @@ def collator_token_sources(collator: Any) -> dict[str, Any]:
     template = getattr(collator, "template", None)
     return {"processor": getattr(collator, "processor", None), "tokenizer": getattr(collator, "tokenizer", None),
             "mm_plugin": getattr(template, "mm_plugin", None)}
+
+
+def describe_image(image: Any, rows: dict[str, int]) -> str:
+    """``'path' (training dataset row N)`` for error messages."""
+    path = image.get("path") if isinstance(image, dict) else image
+    if isinstance(path, str):
+        row = rows.get(path)
+        return f"{path!r}" + (f" (training dataset row {row})" if row is not None else "")
+    return f"an in-memory image of type {type(image).__name__}"
 
 
 class HeraCollatorMixin:

@@ -13,7 +13,7 @@ from typing import Any
 from llamafactory_hera.heads.geometry import HeadRef, parse_head
 from llamafactory_hera.hera.selection.choices import MODES, STRATEGIES
 from llamafactory_hera.plots.training import Panel, TrainingPlot
-from llamafactory_hera.recipe.declaration import fail, parse_keys, recipe_key
+from llamafactory_hera.recipe.keys import fail, parse_keys, recipe_key
 from llamafactory_hera.short_errors import RecipeError
 
 AUTO = "auto"

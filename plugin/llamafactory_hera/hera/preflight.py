@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamafactory_hera.heads.architecture import head_projections, text_decoder
+from llamafactory_hera.heads.architecture import head_projections, trainable_upstream
 from llamafactory_hera.heads.geometry import HeadRef
 from llamafactory_hera.hera.config import AUTO, HeraArguments
 from llamafactory_hera.short_errors import RecipeError
@@ -175,33 +175,6 @@ def check_image_rows(counts: ImageRowCounts | None, datasets: Any) -> None:
     raise RecipeError(f"dataset: {datasets} has no image in any of its {counts.rows} rows{videos}; stage: hera aligns "
                       "heads to the teacher's image neighbourhoods and would train plain SFT. Add image-text rows "
                       "(sharegpt `images` column, registered in dataset_info.json) or use stage: sft.")
-
-
-def trainable_upstream(model: nn.Module, layers: list[int]) -> dict[int, bool]:
-    """For each decoder layer, whether a trainable parameter feeds its ``o_proj`` input.
-
-    Upstream of layer l's ``o_proj``: everything outside the decoder layers (embeddings, vision tower,
-    projector; the final norm and an untied ``lm_head`` excluded), the layers before l, and layer l's
-    input norm and attention projections other than ``o_proj``.
-    """
-    decoder = text_decoder(model)
-    decoder_layers = list(decoder.layers)
-    in_layers = {id(p) for layer in decoder_layers for p in layer.parameters()}
-    after = {id(p) for p in getattr(decoder, "norm", nn.Identity()).parameters()}
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    input_ids = {id(p) for p in inputs.parameters()} if inputs is not None else set()
-    if output is not None:
-        after |= {id(p) for p in output.parameters() if id(p) not in input_ids}  # tied weights feed the input
-    outside = any(p.requires_grad for p in model.parameters() if id(p) not in in_layers and id(p) not in after)
-    result: dict[int, bool] = {}
-    for index in layers:
-        earlier = any(p.requires_grad for layer in decoder_layers[:index] for p in layer.parameters())
-        own = any(p.requires_grad for name, p in decoder_layers[index].named_parameters()
-                  if (name.startswith("self_attn.") and not name.startswith("self_attn.o_proj."))
-                  or name.startswith("input_layernorm."))
-        result[index] = outside or earlier or own
-    return result
 
 
 def trainable_layers(model: nn.Module) -> list[int]:

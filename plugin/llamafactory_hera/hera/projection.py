@@ -1,4 +1,5 @@
-"""Per-head contributions through ``o_proj`` (paper Eq. 6–7, App. A).
+"""The heads' representations: their ``o_proj`` inputs captured in the LM forward (:class:`HeadCapture`, steps 2-3
+of the HeRA step) and projected per head through ``o_proj`` (paper Eq. 6–7, App. A).
 
 ``o_proj`` is a linear map with weight ``[d, H * d_head]``; the input ``[.., H * d_head]`` is
 head-major, so head h owns input columns ``h*d_head:(h+1)*d_head`` and its contribution to the
@@ -8,10 +9,15 @@ weight ``W + scaling * B @ A`` is used, restricted to the same columns.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from llamafactory_hera.heads.architecture import head_projections, trainable_upstream
+from llamafactory_hera.heads.geometry import AttentionGeometry, HeadRef
+from llamafactory_hera.short_errors import RecipeError
 
 
 def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.Tensor:
@@ -130,3 +136,94 @@ def _call_as(module: nn.Module, compute: Callable[[nn.Module, torch.Tensor], tor
             del module.forward
         else:
             module.forward = own
+
+
+class HeadCapture:
+    """Forward hooks that produce ``[n_heads, B, d]`` head representations for one forward pass.
+
+    A forward hook on each selected layer's ``o_proj`` copies the selected heads' slices of its input
+    (``[B, T, n*d_head]``; slicing and concatenation save no tensors for backward, so gradient
+    checkpointing's recomputation sees the same saved tensors with or without the hook). After the
+    forward, the slices are pooled over the chosen tokens and projected through each head's ``W_O``
+    columns, outside any checkpointed region, so the HeRA loss has a full autograd graph.
+    Hooks act only while armed: recomputation during backward and evaluation forwards are ignored.
+    """
+
+    def __init__(self, model: nn.Module, heads: list[HeadRef], geometry: AttentionGeometry) -> None:
+        self.heads = list(heads)
+        self.geometry = geometry
+        o_projs = head_projections(model)
+        missing = sorted({ref.layer for ref in heads} - set(o_projs))
+        if missing:
+            raise ValueError(f"decoder layer(s) {missing} of the loaded model have no heads (layers with heads: "
+                             f"{sorted(o_projs)}); the config's plan said {list(geometry.head_layers)}")
+        self._by_layer: dict[int, list[int]] = defaultdict(list)
+        for ref in self.heads:
+            self._by_layer[ref.layer].append(ref.head)
+        self._modules = {layer: o_projs[layer] for layer in self._by_layer}
+        self._armed = False
+        self._inputs: dict[int, torch.Tensor] = {}
+        self.fed_by_trainable = trainable_upstream(model, sorted(self._by_layer))
+        for layer in sorted(self._by_layer):
+            self._modules[layer].register_forward_hook(self._make_hook(layer))
+
+    def _make_hook(self, layer: int):
+        dh = self.geometry.head_dim_of(layer)
+        slices = [slice(h * dh, (h + 1) * dh) for h in self._by_layer[layer]]
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self._armed:
+                x = args[0]  # [B, T, H*dh]
+                self._inputs[layer] = torch.cat([x[..., s] for s in slices], dim=-1)  # [B, T, n*dh], a copy
+
+        return hook
+
+    def arm(self) -> None:
+        """Capture the next forward pass."""
+        self._armed = True
+        self._inputs = {}
+
+    def disarm(self, weights: torch.Tensor, check_gradient: bool = False) -> torch.Tensor | None:
+        """Stop capturing and build the representations.
+
+        Args:
+            weights: ``[B, T]`` float pooling weights (rows sum to 1, or 0 for samples without tokens).
+            check_gradient: in a training step, raise if a captured input that trainable parameters feed
+                carries no gradient (a silently cut HeRA gradient).
+
+        Returns:
+            ``[n_heads, B, d]`` float32 in recipe order, or None if no hook fired.
+        """
+        self._armed = False
+        inputs, self._inputs = self._inputs, {}
+        if not inputs:
+            return None
+        missing = sorted(set(self._by_layer) - set(inputs))
+        if missing:
+            raise RuntimeError(f"o_proj of layers {missing} did not run in this forward pass")
+        # scanned on the checked steps only
+        if check_gradient and (cut := [layer for layer, x in sorted(inputs.items())
+                                       if self.fed_by_trainable[layer] and not x.requires_grad]):
+            raise RecipeError(
+                f"HeRA: the o_proj input of layer(s) {cut} carries no gradient although trainable parameters feed "
+                "it, so the HeRA gradient would reach only the selected heads' W_O columns. The forward ran without "
+                "autograd: a gradient checkpointing that runs that layer under torch.no_grad (use_unsloth_gc, or a "
+                "custom checkpointing function HeRA cannot make non-reentrant) is the usual cause. "
+                "Remove use_unsloth_gc / set use_reentrant_gc: false.")
+        reps: dict[HeadRef, torch.Tensor] = {}
+        for layer, x_heads in inputs.items():
+            if x_heads.shape[:2] != weights.shape:
+                raise RuntimeError(
+                    f"o_proj input of layer {layer} has shape {tuple(x_heads.shape)} but the pooling mask is "
+                    f"{tuple(weights.shape)}; the model changes the sequence length internally."
+                )
+            pooled = torch.einsum("bt,btc->bc", weights.to(x_heads.device, torch.float32), x_heads.float())
+            heads = self._by_layer[layer]
+            module = self._modules[layer]
+            head_dim = self.geometry.head_dim_of(layer)
+            if is_partitioned(module):  # DeepSpeed ZeRO-3: let the module's hooks gather its weights
+                projected = project_heads_by_call(module, pooled, heads, head_dim, self.geometry.num_heads * head_dim)
+            else:
+                projected = project_heads(module, pooled, heads, head_dim)  # [n, B, d]
+            reps.update({HeadRef(layer, h): rep for h, rep in zip(heads, projected, strict=True)})
+        return torch.stack([reps[ref] for ref in self.heads])

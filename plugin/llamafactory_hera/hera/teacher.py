@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from llamafactory_hera.hera.host_output import progress_file
+from llamafactory_hera.log import progress_file
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.deepspeed import zero3_init_disabled
 

@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from llamafactory_hera.hera.host_output import show
 from llamafactory_hera.hera.teacher import VisionTeacher, image_features, open_image
+from llamafactory_hera.log import show
 
 
 def image_key(image: Any) -> str | None:

@@ -6,7 +6,7 @@ optimizer step, from :meth:`HeraTrainer.compute_loss` to the loss value, reads i
 1. the batch (``hera/collator.py``): the model's inputs, the teacher's pixels or cache keys, the pooled-token mask and
    the anchors (samples with images and pooled tokens), all computed on the CPU;
 2. the captured head inputs: the ordinary LM forward, with hooks on the selected heads' ``o_proj`` inputs armed
-   (:class:`HeadCapture`, at the end of this file);
+   (``projection.HeadCapture``);
 3. the projection: those inputs pooled over the mask and projected through each head's ``W_O`` columns
    (``HeadCapture.disarm``), ``[H, B, d]``;
 4. the contrastive set (:meth:`HeraTrainer.hera_term`): this rank's anchors and their teacher features, the global
@@ -15,27 +15,26 @@ optimizer step, from :meth:`HeraTrainer.compute_loss` to the loss value, reads i
    accumulation.
 
 Inputs the step takes from helpers without their logic: the teacher's features (``teacher_run.RunTeacher.features``)
-and the clamped temperature (``temperature.used_temperature``). Around the step, plain helpers the trainer calls: the
-teacher's life cycle (``teacher_run``), checkpoint state (``checkpoint``), per-log sums and the run summary
-(``run_summary``), the learnable temperature's gradient (``temperature.TemperatureGradHandler``) and the alignment
-monitor (``monitor.MonitorCallback``), both callbacks.
+and the clamped temperature (``loss.used_temperature``). The trainer holds what the step needs: the capture, the
+layers' checkpointing, the teacher's life cycle (``teacher_run``), the feature queue and the learnable temperature
+(its gradient: ``loss.TemperatureGradHandler``), checkpoint state (``checkpoint``) and the step's per-log sums
+(:class:`StepSums`, at the end of this file). What runs around the steps is wired by the workflow
+(``hera/workflow.py``): the checks before the first step (``preflight``), the run's start and end lines
+(``run_summary.RunSummary``), the alignment monitor (``monitor.MonitorCallback``) and the plots.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from llamafactory_hera.heads.architecture import head_projections
-from llamafactory_hera.heads.geometry import AttentionGeometry, HeadRef, attention_geometry
+from llamafactory_hera.heads.geometry import attention_geometry
 from llamafactory_hera.heads.pooling import multimodal_token_ids, pooling_weights, require_multimodal_ids
 from llamafactory_hera.hera import checkpoint
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS, collator_token_sources
-from llamafactory_hera.hera.config import HeraArguments
 from llamafactory_hera.hera.loss import (
     FeatureQueue,
     TemperatureGradHandler,
@@ -45,48 +44,34 @@ from llamafactory_hera.hera.loss import (
     hera_loss_anchored,
     used_temperature,
 )
-from llamafactory_hera.hera.monitor import MonitorCallback
-from llamafactory_hera.hera.preflight import (
-    check_heads_train,
-    check_same_heads_on_every_rank,
-    contrastive_geometry,
-    trainable_upstream,
-)
-from llamafactory_hera.hera.projection import is_partitioned, project_heads, project_heads_by_call
-from llamafactory_hera.hera.run_summary import HeraRunStats, StartLine
+from llamafactory_hera.hera.projection import HeadCapture
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher
-from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
+
+if TYPE_CHECKING:  # the arguments' declaration (recipe keys, plots) is the workflow's to load, not the step's
+    from llamafactory_hera.hera.config import HeraArguments
 
 __all__ = ["HeraTrainer"]
 
 
 class HeraTrainer(RestoresCheckpointWeights):
-    """Mix in front of a Hugging Face ``Trainer`` subclass; pass ``hera_args=HeraArguments`` to ``__init__``."""
+    """Mix in front of a Hugging Face ``Trainer`` subclass; pass ``hera_args`` (``hera/config.py``'s
+    ``HeraArguments``), the run's feature cache and ``hera_queue`` (the feature queue's capacity,
+    ``preflight.contrastive_geometry``'s) to ``__init__``."""
 
-    def __init__(self, *args: Any, hera_args: HeraArguments,
-                 hera_feature_cache: TeacherFeatureCache | None = None, hera_data_counts: Any = None,
-                 hera_probe: Any = None, hera_recipe_args: Any = None, hera_auto_heads: bool = False,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, hera_args: HeraArguments, hera_feature_cache: TeacherFeatureCache | None,
+                 hera_queue: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.hera_args = hera_args
         model, device = self.model, self.args.device
-        check_same_heads_on_every_rank(list(hera_args.hera_heads))
-        geometry = attention_geometry(model.config)
-        # before anything else loads: heads no trainable weight can move would train only the temperature
-        check_heads_train(model, hera_args.head_refs, hera_auto_heads, getattr(self, "finetuning_args", None))
-        self.hera_capture = HeadCapture(model, hera_args.head_refs, geometry)
+        self.hera_geometry = attention_geometry(model.config)
+        self.hera_capture = HeadCapture(model, hera_args.head_refs, self.hera_geometry)
         # the heads' layers non-reentrant (their hooks need autograd in the first forward), the others as recipe'd
         self.hera_checkpointing = LayerCheckpointing(model, [ref.layer for ref in hera_args.head_refs])
-        self.hera_start = StartLine()  # before the monitor's callback: the start line comes before its step 0
-        self.add_callback(self.hera_start)
         self.hera_teacher = RunTeacher(hera_args, hera_feature_cache, device)
-        self.hera_contrastive = contrastive_geometry(hera_args, self.args.per_device_train_batch_size,
-                                                     self.args.world_size,
-                                                     getattr(hera_data_counts, "distinct_images", None))
-        self.hera_queue = FeatureQueue(self.hera_contrastive.queue)
+        self.hera_queue = FeatureQueue(hera_queue)
         self.hera_log_tau = nn.Parameter(
             torch.tensor(math.log(hera_args.hera_temperature), dtype=torch.float32, device=device),
             requires_grad=hera_args.hera_learn_temperature,
@@ -105,12 +90,8 @@ class HeraTrainer(RestoresCheckpointWeights):
         # the collator computes the pooled tokens and the anchors on the CPU (no host sync in the step)
         self.data_collator.hera_multimodal_ids = multimodal_ids
         self.data_collator.hera_pooling = hera_args.hera_pooling
-        self.hera_stats = HeraRunStats(hera_args, hera_data_counts, device)
+        self.hera_sums = StepSums(device)
         self._hera_warned_small_batch = False
-        self.hera_monitor = None  # hera_probe: monitor.ProbeSet, None when the monitor is off
-        if hera_probe is not None:
-            self.hera_monitor = MonitorCallback(self, hera_args, hera_probe, geometry, hera_recipe_args)
-            self.add_callback(self.hera_monitor)
 
     # ----------------------------------------------------------------------------- the step
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
@@ -125,8 +106,8 @@ class HeraTrainer(RestoresCheckpointWeights):
             raise RuntimeError("HeRA: the batch has no hera_token_mask / hera_anchor_index / hera_sample_counts; it "
                                "was not built by the HeRA collator after the HeRA trainer set it up.")
         num_valid, text_only = (int(n) for n in sample_counts)
-        if self.hera_stats.last_logged_step is None:
-            self.hera_stats.last_logged_step = self.state.global_step
+        if self.hera_sums.last_logged_step is None:
+            self.hera_sums.last_logged_step = self.state.global_step
         # 2-3. the LM forward with the heads' o_proj inputs captured, then pooled and projected: reps [H, B, d]
         self.hera_checkpointing.ensure()
         self.hera_capture.arm()
@@ -141,7 +122,7 @@ class HeraTrainer(RestoresCheckpointWeights):
         # 4-5. the contrastive set and the HeRA loss
         term, finite = self.hera_term(reps, pixel_values, pixel_keys, keys, counts, anchor_index, num_valid)
         if term is None:
-            self.hera_stats.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
+            self.hera_sums.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
         # The Trainer divides the returned loss by the accumulation steps unless the model already normalised it
         # over the whole accumulated batch; in that case the HeRA term is divided here, so that both terms reach
         # backward with the same 1/accumulation weight.
@@ -157,7 +138,7 @@ class HeraTrainer(RestoresCheckpointWeights):
             term_value, ok = term.detach().double(), finite.double()
             # what the term adds to the logged `loss`: lambda * term / accumulation steps, in every configuration
             device_part = torch.stack([lm, term_value, ok, 1.0 - ok, self.hera_args.hera_lambda * term_value / steps])
-        self.hera_stats.add(device_part, lm, [num_valid, text_only, 1.0, float(term is None), float(term is not None)])
+        self.hera_sums.add(device_part, lm, [num_valid, text_only, 1.0, float(term is None), float(term is not None)])
         return (total, outputs) if return_outputs else total
 
     def hera_term(self, reps: torch.Tensor, pixel_values: torch.Tensor | None, pixel_keys: list[str] | None,
@@ -255,35 +236,18 @@ class HeraTrainer(RestoresCheckpointWeights):
         return optimizer
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        """Start line (printed when training begins), the teacher's passes before step 1, the run, the end-of-run
-        count."""
-        main = self.is_world_process_zero()
+        """The teacher's pass before step 1 (``hera_teacher_precompute``), then the run."""
         teacher = self.hera_teacher
-        if main:
-            monitor_line = self.hera_monitor.line() if self.hera_monitor is not None else (
-                "alignment monitor off (" + ("hera_monitor_steps: 0" if self.hera_args.hera_monitor_steps == 0
-                                             else "no probe pairs") + ")")
-            precompute = teacher.precompute_decision(self.train_dataset, self.args)
-            self.hera_start.line = lambda: self.hera_stats.start_line(  # printed when training begins (StartLine)
-                self.hera_contrastive, self.hera_temperature_lr, self.args.world_size, precompute, monitor_line,
-                self.hera_checkpointing.line())
-        if self.hera_monitor is not None:  # the probe pairs' teacher features, before the teacher may leave the device
-            self.hera_monitor.prepare_teacher(teacher.model, teacher.image_processor(self.data_collator))
-        teacher.precompute(self.train_dataset, self.data_collator, self.args, main)
+        teacher.precompute(self.train_dataset, self.data_collator, self.args, self.is_world_process_zero())
         try:
-            result = super().train(*args, **kwargs)
-            self.hera_stats.read(self.hera_log_tau, reduce=False)  # steps after the last log: checks, summary counts
-            self.hera_stats.print_end(main)
-            return result
+            return super().train(*args, **kwargs)
         finally:
             teacher.to(teacher.device)  # the process-wide teacher goes back where load_teacher put it
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log: same decision on every rank, so the reduction is safe
-            self.hera_stats.log_values(logs, self.hera_log_tau, len(self.hera_queue) if self.hera_queue.capacity
+            self.hera_sums.log_values(logs, self.hera_log_tau, len(self.hera_queue) if self.hera_queue.capacity
                                        else None, self.state.global_step)
-            if self.hera_monitor is not None:
-                self.hera_monitor.merge(logs, self.state.global_step)
         super().log(logs, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -304,93 +268,102 @@ class HeraTrainer(RestoresCheckpointWeights):
                                   self.hera_queue, self.args.process_index, self.args.device)
 
 
-# ----------------------------------------------------------------------------- the captured heads (steps 2-3)
-class HeadCapture:
-    """Forward hooks that produce ``[n_heads, B, d]`` head representations for one forward pass.
+# ----------------------------------------------------------------------------- the step's per-log sums
+# On the device (float64): LM loss, HeRA loss (finite ones), finite HeRA terms, non-finite (skipped) HeRA terms,
+# lambda * term / accumulation steps.
+DEVICE_STATS = ("lm", "hera", "hera_micro", "skipped", "weighted")
+# On the host: image samples used, text-only samples, micro-batches, micro-batches the host knew had no term,
+# micro-batches that computed a term.
+HOST_STATS = ("images", "text_only", "micro", "host_no_term", "attempts")
+NONFINITE_WARNING = ("[llamafactory-hera] warning: non-finite HeRA loss; the term is skipped for such micro-batches "
+                     "(counted as hera_nonfinite_skipped in the logs). Check hera_temperature / bf16 overflow.")
 
-    A forward hook on each selected layer's ``o_proj`` copies the selected heads' slices of its input
-    (``[B, T, n*d_head]``; slicing and concatenation save no tensors for backward, so gradient
-    checkpointing's recomputation sees the same saved tensors with or without the hook). After the
-    forward, the slices are pooled over the chosen tokens and projected through each head's ``W_O``
-    columns, outside any checkpointed region, so the HeRA loss has a full autograd graph.
-    Hooks act only while armed: recomputation during backward and evaluation forwards are ignored.
+
+class StepSums:
+    """Per-log sums of the HeRA step, read at a logging step; the first-missing-term warning; this rank's counts of
+    micro-batches with a term (the run's end line, ``run_summary``).
+
+    A training step must not wait on the GPU (every ``.item()``, ``bool(tensor)``, boolean mask or ``.cpu()`` does).
+    So the sums that come from the device (the losses, whether the HeRA loss was finite) stay on the device, and the
+    counts the collator already knew (image samples, text-only samples, micro-batches without a term) stay on the
+    host; both are read together when the Trainer logs, which syncs anyway. The checks are made there: a non-finite
+    HeRA loss warns at the first log after it (and is logged as ``hera_nonfinite_skipped``).
     """
 
-    def __init__(self, model: nn.Module, heads: list[HeadRef], geometry: AttentionGeometry) -> None:
-        self.heads = list(heads)
-        self.geometry = geometry
-        o_projs = head_projections(model)
-        missing = sorted({ref.layer for ref in heads} - set(o_projs))
-        if missing:
-            raise ValueError(f"decoder layer(s) {missing} of the loaded model have no heads (layers with heads: "
-                             f"{sorted(o_projs)}); the config's plan said {list(geometry.head_layers)}")
-        self._by_layer: dict[int, list[int]] = defaultdict(list)
-        for ref in self.heads:
-            self._by_layer[ref.layer].append(ref.head)
-        self._modules = {layer: o_projs[layer] for layer in self._by_layer}
-        self._armed = False
-        self._inputs: dict[int, torch.Tensor] = {}
-        self.fed_by_trainable = trainable_upstream(model, sorted(self._by_layer))
-        for layer in sorted(self._by_layer):
-            self._modules[layer].register_forward_hook(self._make_hook(layer))
+    def __init__(self, device: torch.device) -> None:
+        self.device_sums = torch.zeros(len(DEVICE_STATS), dtype=torch.float64, device=device)
+        self.host_sums = [0.0] * len(HOST_STATS)
+        self.last_logged_step: int | None = None  # set at the first training step (resume-aware)
+        self.micro_batches = 0
+        self.with_term = 0
+        self.nonfinite = 0  # micro-batches whose HeRA term was non-finite and skipped (read at logging steps)
+        self.warned_missing = False
+        self.warned_nonfinite = False
 
-    def _make_hook(self, layer: int):
-        dh = self.geometry.head_dim_of(layer)
-        slices = [slice(h * dh, (h + 1) * dh) for h in self._by_layer[layer]]
+    def note_missing_term(self, image_samples: int, text_only: int, batch: int, step: int) -> None:
+        """A micro-batch without a HeRA term: warn once, with what it held."""
+        if self.warned_missing:
+            return
+        self.warned_missing = True
+        print(f"[llamafactory-hera] warning: a micro-batch at step {step + 1} had no HeRA term ({image_samples} usable "
+              f"image samples, {text_only} text-only, of {batch}): it trains the LM loss only. Such micro-batches are "
+              "counted as hera_batches_without_term in the logs and at the end of the run.", flush=True)
 
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if self._armed:
-                x = args[0]  # [B, T, H*dh]
-                self._inputs[layer] = torch.cat([x[..., s] for s in slices], dim=-1)  # [B, T, n*dh], a copy
+    def add(self, device_part: torch.Tensor | None, lm: torch.Tensor, host_part: list[float]) -> None:
+        """Add one micro-batch: ``device_part`` ``[5]`` (``DEVICE_STATS``; None: LM loss ``lm`` only) and
+        ``host_part`` (``HOST_STATS``). Device work only: no sync."""
+        if device_part is None:
+            self.device_sums[0] += lm
+        else:
+            self.device_sums += device_part
+        self.host_sums = [a + b for a, b in zip(self.host_sums, host_part, strict=True)]
+        self.micro_batches += 1
 
-        return hook
+    def read(self, log_tau: torch.Tensor, reduce: bool) -> tuple[dict[str, float], int]:
+        """The sums since the last read (all ranks' when ``reduce``) and the world size; resets them. One sync.
 
-    def arm(self) -> None:
-        """Capture the next forward pass."""
-        self._armed = True
-        self._inputs = {}
-
-    def disarm(self, weights: torch.Tensor, check_gradient: bool = False) -> torch.Tensor | None:
-        """Stop capturing and build the representations.
-
-        Args:
-            weights: ``[B, T]`` float pooling weights (rows sum to 1, or 0 for samples without tokens).
-            check_gradient: in a training step, raise if a captured input that trainable parameters feed
-                carries no gradient (a silently cut HeRA gradient).
-
-        Returns:
-            ``[n_heads, B, d]`` float32 in recipe order, or None if no hook fired.
+        Also counts this rank's micro-batches with a term for the end of the run and warns at the first non-finite
+        term.
         """
-        self._armed = False
-        inputs, self._inputs = self._inputs, {}
-        if not inputs:
-            return None
-        missing = sorted(set(self._by_layer) - set(inputs))
-        if missing:
-            raise RuntimeError(f"o_proj of layers {missing} did not run in this forward pass")
-        # scanned on the checked steps only
-        if check_gradient and (cut := [layer for layer, x in sorted(inputs.items())
-                                       if self.fed_by_trainable[layer] and not x.requires_grad]):
-            raise RecipeError(
-                f"HeRA: the o_proj input of layer(s) {cut} carries no gradient although trainable parameters feed "
-                "it, so the HeRA gradient would reach only the selected heads' W_O columns. The forward ran without "
-                "autograd: a gradient checkpointing that runs that layer under torch.no_grad (use_unsloth_gc, or a "
-                "custom checkpointing function HeRA cannot make non-reentrant) is the usual cause. "
-                "Remove use_unsloth_gc / set use_reentrant_gc: false.")
-        reps: dict[HeadRef, torch.Tensor] = {}
-        for layer, x_heads in inputs.items():
-            if x_heads.shape[:2] != weights.shape:
-                raise RuntimeError(
-                    f"o_proj input of layer {layer} has shape {tuple(x_heads.shape)} but the pooling mask is "
-                    f"{tuple(weights.shape)}; the model changes the sequence length internally."
-                )
-            pooled = torch.einsum("bt,btc->bc", weights.to(x_heads.device, torch.float32), x_heads.float())
-            heads = self._by_layer[layer]
-            module = self._modules[layer]
-            head_dim = self.geometry.head_dim_of(layer)
-            if is_partitioned(module):  # DeepSpeed ZeRO-3: let the module's hooks gather its weights
-                projected = project_heads_by_call(module, pooled, heads, head_dim, self.geometry.num_heads * head_dim)
-            else:
-                projected = project_heads(module, pooled, heads, head_dim)  # [n, B, d]
-            reps.update({HeadRef(layer, h): rep for h, rep in zip(heads, projected, strict=True)})
-        return torch.stack([reps[ref] for ref in self.heads])
+        device = self.device_sums.device
+        temperature = used_temperature(log_tau.detach()).double().reshape(1).to(device)
+        local = torch.cat([self.device_sums, torch.tensor(self.host_sums, dtype=torch.float64).to(device),
+                           temperature])
+        stats, world = local.clone(), 1
+        if reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+            world = torch.distributed.get_world_size()
+        names = (*DEVICE_STATS, *HOST_STATS, "temperature")
+        both = torch.stack([local, stats]).tolist()  # the one device-to-host copy of a logging step
+        mine, values = dict(zip(names, both[0], strict=True)), dict(zip(names, both[1], strict=True))
+        self.with_term += int(mine["attempts"] - mine["skipped"])
+        self.nonfinite += int(mine["skipped"])
+        if values["skipped"] and not self.warned_nonfinite:  # silence would be the worst failure
+            self.warned_nonfinite = True
+            print(NONFINITE_WARNING, flush=True)
+        self.device_sums.zero_()
+        self.host_sums = [0.0] * len(HOST_STATS)
+        return values, world
+
+    def log_values(self, logs: dict[str, float], log_tau: torch.Tensor, queue_size: int | None,
+                   global_step: int) -> None:
+        """Add HeRA's keys to a training log (same decision on every rank, so the reduction is safe)."""
+        values, world = self.read(log_tau, reduce=True)
+        optimizer_steps = max(global_step - (self.last_logged_step or 0), 1)
+        if values["micro"] > 0:
+            # Same normalisation as the Trainer's logged `loss`: loss == lm_loss + hera_weighted_loss.
+            logs["lm_loss"] = values["lm"] / world / optimizer_steps
+            logs["hera_weighted_loss"] = values["weighted"] / world / optimizer_steps
+            logs["hera_image_samples"] = values["images"] / values["micro"]
+            logs["hera_text_only_samples"] = values["text_only"] / values["micro"]
+            no_term = values["host_no_term"] + values["skipped"]
+            if no_term:
+                logs["hera_batches_without_term"] = no_term
+            if values["skipped"]:
+                logs["hera_nonfinite_skipped"] = values["skipped"]
+        if values["hera_micro"] > 0:
+            logs["hera_loss"] = values["hera"] / values["hera_micro"]
+        logs["hera_temperature"] = values["temperature"] / world  # mean over ranks (equal when in sync)
+        if queue_size is not None:
+            logs["hera_queue_size"] = queue_size
+        self.last_logged_step = global_step

@@ -12,17 +12,21 @@ from typing import Any
 import torch.distributed as dist
 
 from llamafactory_hera import __version__
-from llamafactory_hera.hera.collator import HeraCollatorMixin
+from llamafactory_hera.hera.collator import HeraCollatorMixin, describe_image
 from llamafactory_hera.hera.config import HERA_RUN_RECORD, TRAINING_PLOT, HeraArguments
 from llamafactory_hera.hera.image_tokens import check_image_tokens
-from llamafactory_hera.hera.monitor import probe_set
+from llamafactory_hera.hera.monitor import MonitorCallback, probe_set
 from llamafactory_hera.hera.preflight import (
+    ContrastiveGeometry,
     check_contrastive_geometry,
+    check_heads_train,
     check_image_rows,
+    check_same_heads_on_every_rank,
     contrastive_geometry,
     count_image_rows,
     queue_cap_line,
 )
+from llamafactory_hera.hera.run_summary import RunSummary
 from llamafactory_hera.hera.selection.auto import resolve_auto_heads
 from llamafactory_hera.hera.selection.select import scoring_dtype
 from llamafactory_hera.hera.teacher import load_image_processor
@@ -30,15 +34,18 @@ from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.trainer import HeraTrainer
 from llamafactory_hera.log import say
 from llamafactory_hera.plots.training import plot_training
-from llamafactory_hera.recipe.image_files import describe_data, describe_image, first_unreadable, image_rows
+from llamafactory_hera.recipe.dataset_info import describe_data
+from llamafactory_hera.recipe.image_files import first_unreadable, image_rows
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.media_warnings import media_warnings_held
-from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
+from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows, training_rows
 from llamafactory_hera_patches.templates import image_placeholder
 
 
-def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int],
-                  data_counts: Any, probe: Any, recipe_args: Any, auto: bool) -> tuple[type, type]:
+def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int], data_counts: Any,
+                  contrastive: ContrastiveGeometry, probe: Any, recipe_args: Any, auto: bool) -> tuple[type, type]:
+    """The run's collator and trainer classes: HeRA's step (``HeraTrainer``) with what runs around it wired here:
+    the checks before the first step, the start and end lines, the alignment monitor."""
     cache = TeacherFeatureCache(enabled=hera_args.hera_teacher_cache)  # shared by this run's collator and trainer
     collator = type("HeraSFTDataCollator", (HeraCollatorMixin, host.collator),
                     {"hera_image_processor": load_image_processor(hera_args.hera_teacher), "hera_feature_cache": cache,
@@ -46,9 +53,29 @@ def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int
 
     class HeraSeq2SeqTrainer(HeraTrainer, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, hera_args=hera_args, hera_feature_cache=cache,
-                             hera_data_counts=data_counts, hera_probe=probe, hera_recipe_args=recipe_args,
-                             hera_auto_heads=auto, **kwargs)
+            # before the trainer loads its teacher: the same heads on every rank, and heads that a trainable weight
+            # moves (else only the temperature would train)
+            check_same_heads_on_every_rank(list(hera_args.hera_heads))
+            check_heads_train(kwargs["model"], hera_args.head_refs, auto, kwargs.get("finetuning_args"))
+            super().__init__(*args, hera_args=hera_args, hera_feature_cache=cache, hera_queue=contrastive.queue,
+                             **kwargs)
+            self.hera_monitor = None if probe is None else MonitorCallback(self, hera_args, probe, self.hera_geometry,
+                                                                           recipe_args)
+            # the start line before the monitor's step-0 point, both when training begins
+            self.add_callback(RunSummary(self, hera_args, data_counts, contrastive, self.hera_monitor))
+            if self.hera_monitor is not None:
+                self.add_callback(self.hera_monitor)
+
+        def train(self, *args: Any, **kwargs: Any) -> Any:
+            if self.hera_monitor is not None:  # the probe pairs' teacher features, before the teacher may leave
+                self.hera_monitor.prepare_teacher(self.hera_teacher.model,  # the device (the precompute's pass)
+                                                  self.hera_teacher.image_processor(self.data_collator))
+            return super().train(*args, **kwargs)
+
+        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if self.hera_monitor is not None and "loss" in logs:  # the monitor's point joins its step's log
+                self.hera_monitor.merge(logs, self.state.global_step)
+            super().log(logs, *args, **kwargs)
 
     return collator, HeraSeq2SeqTrainer
 
@@ -59,10 +86,12 @@ def _plain(value: Any) -> Any:
 
 def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
                         training_args: Any) -> tuple[dict[str, int], Any, Any]:
-    """(image path -> training-data row, row counts, the aligned rows), after checking every image file exists and
-    that the data has images at all, before LLaMA-Factory's preprocessing fails on a missing file with a bare OSError.
-    Streaming datasets are not scanned (counts and rows None)."""
-    if getattr(data_args, "streaming", False) or not training_args.do_train:
+    """(image path -> training-data row, the counts of the rows that train, the aligned rows), after checking every
+    image file exists and that the training rows have images at all, before LLaMA-Factory's preprocessing fails on a
+    missing file with a bare OSError. The counts leave out ``val_size``'s validation rows (LLaMA-Factory's split with
+    the run's seed, of the rows before its preprocessing). Streaming datasets are not scanned (counts and rows
+    None)."""
+    if getattr(data_args, "streaming", False):
         return {}, None, None
 
     # Main process first, as LLaMA-Factory loads a dataset: the others then read the datasets cache it wrote instead
@@ -73,9 +102,9 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
     main = (training_args.local_process_index if local else training_args.process_index) == 0
     with (training_args.main_process_first(desc="align the dataset and check its images", local=local),
           media_warnings_held()):  # a missing file is named alone, not below the converter's line per image
-        aligned = load_aligned_rows(RecipeArgs(model_args, data_args, finetuning_args), training_args.seed,
-                                    training_args=training_args)
-        counts = count_image_rows(aligned)
+        recipe = RecipeArgs(model_args, data_args, finetuning_args)
+        aligned = load_aligned_rows(recipe, training_args.seed, training_args=training_args)
+        counts = count_image_rows(training_rows(recipe, training_args.seed, aligned))
         check_image_rows(counts, data_args.dataset)
         return image_rows(aligned, column="_images", check_files=main, placeholder=image_placeholder(),
                           data=describe_data(data_args)), counts, aligned
@@ -87,19 +116,22 @@ def _from_pil(err: BaseException) -> bool:
     return f"{os.sep}PIL{os.sep}" in text
 
 
-def _check_distinct_images(hera_args: HeraArguments, counts: Any, data_args: Any, training_args: Any) -> None:
-    """Refuse a run whose contrastive sets can never hold hera_k + 1 distinct images of the training data; say when
-    those images cap the queue (the trainer's geometry caps it alike)."""
-    if counts is None:
-        return
+def _contrastive(hera_args: HeraArguments, counts: Any, data_args: Any, training_args: Any) -> ContrastiveGeometry:
+    """The run's contrastive sets (the trainer's queue among them). Refuse a run whose sets can never hold hera_k + 1
+    distinct images of the rows that train; say when those images cap the queue."""
     geometry = contrastive_geometry(hera_args, training_args.per_device_train_batch_size, training_args.world_size,
-                                    counts.distinct_images)
+                                    None if counts is None else counts.distinct_images)
+    if counts is None:  # streaming: the sizes alone were checked before loading (hera/checks.py)
+        return geometry
     names = ", ".join(data_args.dataset) if isinstance(data_args.dataset, list) else data_args.dataset
     limit = f", max_samples: {data_args.max_samples}" if data_args.max_samples is not None else ""
+    if data_args.val_size > 1e-6 and not data_args.eval_dataset:  # its validation rows do not train
+        limit += f", without val_size: {data_args.val_size}'s validation rows"
     check_contrastive_geometry(geometry, hera_args, f"the training data (dataset: {names}{limit})")
     line = queue_cap_line(geometry, hera_args)
     if line and training_args.process_index == 0:
         say(line)
+    return geometry
 
 
 def _write_run_record(output_dir: str, hera_args: HeraArguments,
@@ -118,7 +150,7 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
     """Train (and evaluate) as ``run_sft`` does, with HeRA's collator and trainer; then HeRA's curves."""
     # the data checks first: an image-less dataset is named as such, not as too few pairs to select heads from
     rows, counts, aligned = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
-    _check_distinct_images(hera_args, counts, data_args, training_args)
+    contrastive = _contrastive(hera_args, counts, data_args, training_args)
     auto = hera_args.auto_heads
     if auto:
         precision = {"bf16": training_args.bf16, "fp16": training_args.fp16, "pure_bf16": finetuning_args.pure_bf16,
@@ -130,7 +162,7 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
 
     recipe_args = RecipeArgs(model_args, data_args, finetuning_args)
     probe = probe_set(hera_args, recipe_args, aligned, training_args.seed)  # before the model loads
-    collator, trainer = _hera_classes(host, hera_args, rows, counts, probe, recipe_args, auto)
+    collator, trainer = _hera_classes(host, hera_args, rows, counts, contrastive, probe, recipe_args, auto)
     if training_args.should_save:
         _write_run_record(training_args.output_dir, hera_args, (
             (model_args, ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),
@@ -158,7 +190,7 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
             raise RecipeError(f"{found} (LLaMA-Factory's preprocessing: {type(err).__name__}: {err})") from err
         raise RecipeError(f"HeRA cannot read {describe_image(culprit, rows)}: {type(err).__name__}: {err}. "
                           "Fix or remove the file.") from err
-    if training_args.do_train and finetuning_args.plot_loss and training_args.process_index == 0:
+    if finetuning_args.plot_loss and training_args.process_index == 0:
         path, missing = plot_training(training_args.output_dir, "hera", TRAINING_PLOT, host.smooth)
         if path is not None:
             print(f"Figure saved at: {path}")

@@ -148,7 +148,8 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int, progress: bool |
             ``media_dir`` that is no folder, a file LLaMA-Factory cannot load, ``workers`` below 1.
     """
     from llamafactory_hera.hera.selection.command import load_recipe
-    from llamafactory_hera.recipe.checks import as_names, check_dataset_names, dataset_info
+    from llamafactory_hera.recipe.checks import check_dataset_names
+    from llamafactory_hera.recipe.dataset_info import as_names, dataset_info
     from llamafactory_hera_patches.model_data import parse_recipe
     from llamafactory_hera_patches.templates import image_placeholder
 

@@ -14,9 +14,8 @@ from llamafactory_hera.heads.architecture import describe, layer_list, per_head_
 from llamafactory_hera.heads.geometry import attention_geometry
 from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.recipe.checks import check_run_inputs
-from llamafactory_hera.recipe.declaration import truthy
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.arguments import raw_value
+from llamafactory_hera_patches.arguments import raw_value, truthy
 
 _FAST_ATTENTION = {"fa2", "fa3", "sdpa"}
 

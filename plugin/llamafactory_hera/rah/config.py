@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from llamafactory_hera.recipe.declaration import fail, parse_keys, recipe_key
+from llamafactory_hera.recipe.keys import fail, parse_keys, recipe_key
 from llamafactory_hera.short_errors import RecipeError
 
 AUTO = "auto"

@@ -44,6 +44,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.recipe.dataset_info import DATA_CONFIG, as_names, dataset_info
 from llamafactory_hera.recipe.fsdp import check_fsdp, check_fsdp_parsed
 from llamafactory_hera.recipe.host_keys import check_bf16_device, check_host_keys
 from llamafactory_hera.recipe.model_checks import check_lora_target, check_model_paths
@@ -51,35 +52,11 @@ from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import given_keys, raw_value, truthy
 from llamafactory_hera_patches.templates import template_tokens
 
-DATA_CONFIG = "dataset_info.json"
 NOT_LOCAL = ("REMOTE:", "ONLINE")  # LLaMA-Factory's dataset_dir values that are not a folder
 _EMPTY_TEXTS = ("", "[]", "{}")  # a JSON / JSONL dataset file with no row
 _NOT_FROM_FILE = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")  # LLaMA-Factory reads
 # an entry with any of these from there, not from file_name (data/parser.py)
 _SMALL_FILE = 64  # bytes: only files this small are read to tell whether they hold a row
-
-
-def as_names(value: Any) -> list[str]:
-    """A recipe's dataset value (``a,b``, a list or None) as names."""
-    if not value:
-        return []
-    items = value if isinstance(value, list | tuple) else str(value).split(",")
-    return [str(item).strip() for item in items if str(item).strip()]
-
-
-def dataset_info(dataset_dir: str, key: str, names: list[str]) -> dict[str, Any]:
-    """``dataset_dir``'s ``dataset_info.json`` (errors name ``key`` and ``names``, which need it)."""
-    path = Path(dataset_dir) / DATA_CONFIG
-    if not path.is_file():
-        raise RecipeError(f"{key}: {', '.join(names)} must be listed in {path}, which does not exist (dataset_dir: "
-                          f"{dataset_dir}). Set dataset_dir to the folder holding {DATA_CONFIG}.")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise RecipeError(f"dataset_dir: {path} cannot be read as JSON ({err}); fix the file.") from None
-    if not isinstance(info, dict):
-        raise RecipeError(f"dataset_dir: {path} is not a JSON object of dataset names; fix the file.")
-    return info
 
 
 def _file_without_rows(path: Path) -> bool:

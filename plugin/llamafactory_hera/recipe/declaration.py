@@ -1,27 +1,18 @@
-"""A method's declaration and the one recipe-key parser: how LLaMA-Factory's recipes, web UI and logs see a method
-(:class:`Method`), and how its keys are declared and read (:func:`recipe_key`, :func:`parse_keys`).
+"""A method's declaration: how LLaMA-Factory's recipes, web UI and logs see a method (:class:`Method`).
 
 Every method is declared once, in :mod:`llamafactory_hera.methods`, the registry above the methods' packages; the
 patches read a declaration by these field names only. A declaration imports cheaply (no torch): the parts it names as
 ``"module:attribute"`` strings are imported on first use (:func:`resolve`).
 
-The one recipe-key parser: a method's raw ``<prefix>_*`` keys (typed from YAML, strings from the command line)
-into its arguments dataclass (:func:`parse_keys`), with errors that name the key, the value and what is allowed;
-declaring such a key (:func:`recipe_key`). Shared by every method's ``config.py``.
+How a method's keys are declared and read is :mod:`llamafactory_hera.recipe.keys` (every method's ``config.py``
+imports that, not this module: a method's arguments do not bring the checks that :meth:`Method.check_raw` runs).
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import math
-import operator
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
-
-from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.arguments import truthy  # noqa: F401 - the host's flag reading, re-exported here
+from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -68,8 +59,7 @@ class Method:
         streaming), the method's own ``check_raw_host_args``, then the checks every method runs of the keys
         LLaMA-Factory reads (unknown keys, values, template, numbers, model paths, ``lora_target``) and of the
         checkpoint it resumes from (:mod:`llamafactory_hera.recipe.resume`)."""
-        # lazy: the checks only when a recipe is checked; a method's config, which declares its keys here, and the
-        # registry import this module
+        # lazy: the checks only when a recipe is checked; the registry imports this module whenever a patch applies
         from llamafactory_hera.recipe.checks import check_raw_launch, check_raw_recipe
         from llamafactory_hera.recipe.resume import check_resume
 
@@ -88,101 +78,3 @@ def resolve(target: str) -> Any:
     module, _, attribute = target.partition(":")
     loaded = importlib.import_module(module)
     return getattr(loaded, attribute) if attribute else loaded
-
-
-T = TypeVar("T")
-NULLS = {"none", "null", ""}
-# a recipe key's bound (its field's metadata) -> (how an error states it, whether a value keeps it)
-BOUNDS = {"min": (">=", operator.ge), "max": ("<=", operator.le), "min_exclusive": (">", operator.gt),
-          "max_exclusive": ("<", operator.lt)}
-
-
-def recipe_key(default: Any, help_text: str, **checks: Any) -> Any:
-    """A method-arguments dataclass field for one recipe key: its ``default``, its ``help_text`` (LlamaBoard's
-    descriptions, ``llamafactory-hera`` help, the docs' keys tables) and the ``checks`` its value gets: ``min``,
-    ``max``, ``min_exclusive``, ``max_exclusive``, ``choices`` (read by :func:`coerce_field`), ``dataset`` (HARC's
-    role keys), all kept in the field's metadata beside ``help``."""
-    return field(default=default, metadata={"help": help_text, **checks})
-
-
-def fail(key: str, value: Any, allowed: str) -> RecipeError:
-    """:class:`RecipeError` naming ``key``, the ``value`` given and what is ``allowed``."""
-    return RecipeError(f"{key}: got {value!r}; {allowed}")
-
-
-def coerce_bool(key: str, value: Any) -> bool:
-    """``true`` / ``false`` (also 1/0, yes/no, on/off, as strings or booleans)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in {"true", "1", "yes", "on"}:
-        return True
-    if text in {"false", "0", "no", "off"}:
-        return False
-    raise fail(key, value, "expected true or false.")
-
-
-def coerce_number(key: str, value: Any, kind: type, meta: dict[str, Any]) -> int | float:
-    """An int or float within ``meta``'s ``min`` / ``max`` / ``min_exclusive`` / ``max_exclusive``; 10.0 is 10."""
-    expected = "expected a whole number." if kind is int else "expected a number."
-    if isinstance(value, bool):
-        raise fail(key, value, expected)
-    try:
-        if kind is float:
-            number = float(value)
-        elif isinstance(value, float) and value.is_integer():
-            number = int(value)  # 10.0 from YAML or a web form
-        else:
-            number = value if isinstance(value, int) else int(str(value))
-    except (TypeError, ValueError):
-        raise fail(key, value, expected) from None
-    if kind is float and not math.isfinite(number):
-        raise fail(key, value, "expected a finite number.")
-    for bound, allowed in BOUNDS.items():
-        if bound in meta and not allowed[1](number, meta[bound]):
-            raise fail(key, value, f"allowed range is {allowed[0]} {meta[bound]}.")
-    return number
-
-
-def unknown_key(key: str, valid: list[str], method: str) -> RecipeError:
-    """Error for a key that does not exist, naming the closest valid key."""
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return RecipeError(f"Unknown {method} key '{key}'.{hint} Valid keys: {', '.join(valid)}.")
-
-
-def coerce_field(key: str, value: Any, spec: Any) -> Any:
-    """A value for a method-arguments dataclass field ``spec``: None (null) where the default is None, one of
-    ``metadata["choices"]`` (lower-cased), a bool, a number within the metadata's bounds, or a non-empty string, by the
-    field's type (errors name key, value and what is allowed)."""
-    meta = dict(spec.metadata)
-    if value is None or (isinstance(value, str) and value.strip().lower() in NULLS):
-        if spec.default is None or "None" in str(spec.type):
-            return None
-        if spec.type in ("str", str) and "choices" not in meta:
-            raise fail(key, value, "a value is required.")
-    if "choices" in meta:
-        text = str(value).strip().lower()
-        if text not in meta["choices"]:
-            raise fail(key, value, f"allowed values are {', '.join(meta['choices'])}.")
-        return text
-    if spec.type in ("bool", bool):
-        return coerce_bool(key, value)
-    if spec.type in ("str", str):
-        return str(value).strip()
-    return coerce_number(key, value, int if spec.type in ("int", int, "int | None") else float, meta)
-
-
-def parse_keys(cls: type[T], raw: dict[str, Any], method: str,
-               special: dict[str, Callable[[str, Any], Any]] | None = None) -> T:
-    """``cls`` (a method's arguments dataclass) from its raw recipe keys: each value coerced by its field's
-    declaration (:func:`coerce_field`) or by the method's own coercer for the key in ``special``; an unknown key is
-    refused naming the closest valid one. Checks between keys are the method's, after this."""
-    valid = {spec.name: spec for spec in fields(cls)}  # type: ignore[arg-type]
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in valid:
-            raise unknown_key(key, list(valid), method)
-        coerce = (special or {}).get(key)
-        values[key] = coerce(key, value) if coerce else coerce_field(key, value, valid[key])
-    return cls(**values)

@@ -10,7 +10,6 @@ import stat
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from llamafactory_hera.recipe.checks import as_names, dataset_info
 from llamafactory_hera.short_errors import RecipeError
 
 MISSING, UNREADABLE = "missing", "unreadable"
@@ -44,19 +43,6 @@ def image_problem(path: str, decode: bool) -> str | None:
 def image_marks(messages: Iterable[dict[str, Any]], placeholder: str) -> int:
     """How many ``placeholder`` marks (LLaMA-Factory's ``<image>``) the messages' contents hold."""
     return sum(str(message.get("content") or "").count(placeholder) for message in messages)
-
-
-def describe_data(data_args: Any) -> str:
-    """``NAME: FILE`` for errors naming a row: the training datasets, the file of a single local one."""
-    names = as_names(getattr(data_args, "dataset", None))
-    if len(names) == 1:
-        try:
-            entry = dataset_info(str(data_args.dataset_dir), "dataset", names).get(names[0])
-        except RecipeError:
-            entry = None
-        if isinstance(entry, dict) and entry.get("file_name"):
-            return f"{names[0]}: {os.path.join(str(data_args.dataset_dir), entry['file_name'])}"
-    return f"dataset: {names[0]}" if len(names) == 1 else f"datasets {', '.join(names)}: rows counted in that order"
 
 
 def _rows(dataset: Any, columns: list[str], only: Iterable[int] | None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -119,12 +105,3 @@ def first_unreadable(rows: dict[str, int], data: str | None = None) -> str | Non
             return (f"image {path!r} of training dataset row {row}{of} cannot be decoded (truncated or not an "
                     "image); replace the file or remove the row")
     return None
-
-
-def describe_image(image: Any, rows: dict[str, int]) -> str:
-    """``'path' (training dataset row N)`` for error messages."""
-    path = image.get("path") if isinstance(image, dict) else image
-    if isinstance(path, str):
-        row = rows.get(path)
-        return f"{path!r}" + (f" (training dataset row {row})" if row is not None else "")
-    return f"an in-memory image of type {type(image).__name__}"

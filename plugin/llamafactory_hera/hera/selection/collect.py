@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from llamafactory_hera.heads.architecture import head_projections, text_decoder
 from llamafactory_hera.heads.pooling import multimodal_token_ids, pooled_token_mask, pooling_weights
-from llamafactory_hera.hera.host_output import progress_file
 from llamafactory_hera.hera.projection import effective_weight_columns
 from llamafactory_hera.hera.teacher import VisionTeacher, batches_of, image_features, per_sample_features
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureStore, stored_image_features
+from llamafactory_hera.log import progress_file
 from llamafactory_hera.short_errors import RecipeError
 
 

@@ -11,7 +11,6 @@ import yaml
 
 from llamafactory_hera.heads.geometry import parse_head
 from llamafactory_hera.hera.config import HeraArguments, parse_hera_arguments
-from llamafactory_hera.hera.host_output import host_output_to, show
 from llamafactory_hera.hera.selection.recipe_write import (
     check_folder_writable,
     check_writable,
@@ -19,6 +18,7 @@ from llamafactory_hera.hera.selection.recipe_write import (
     write_text_atomic,
 )
 from llamafactory_hera.hera.selection.select import SelectionOptions, SelectionResult, run_selection, scoring_dtype
+from llamafactory_hera.log import host_output_to, show
 from llamafactory_hera.plots.heads import format_head_table, plot_head_heatmap
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.model_data import parse_recipe

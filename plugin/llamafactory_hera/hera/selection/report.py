@@ -17,7 +17,6 @@ import numpy as np
 from llamafactory_hera.heads.geometry import parse_head
 from llamafactory_hera.hera.config import HERA_RUN_RECORD as RUN_RECORD
 from llamafactory_hera.hera.config import parse_hera_arguments
-from llamafactory_hera.hera.host_output import host_output_to, show
 from llamafactory_hera.hera.selection.noise import (
     MIN_RESAMPLES,
     RESAMPLES,
@@ -27,6 +26,7 @@ from llamafactory_hera.hera.selection.noise import (
 )
 from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours, scoring_dtype
+from llamafactory_hera.log import host_output_to, show
 from llamafactory_hera.plots.heads import format_head_table, plot_before_after
 from llamafactory_hera.plots.text import signed_number
 from llamafactory_hera.short_errors import RecipeError

@@ -24,7 +24,6 @@ import torch
 
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
-from llamafactory_hera.hera.host_output import show
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.choices import DTYPES, MODES, RECIPE_BACKED, STRATEGIES, dest
 from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
@@ -37,8 +36,9 @@ from llamafactory_hera.hera.teacher import (
     teacher_batch_size,
 )
 from llamafactory_hera.hera.teacher_cache import feature_store, path_fingerprint
-from llamafactory_hera.recipe.declaration import truthy
+from llamafactory_hera.log import show
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.arguments import truthy
 from llamafactory_hera_patches.guard import recorded_versions
 from llamafactory_hera_patches.model_data import (
     load_aligned_rows,
