@@ -12,6 +12,9 @@ Mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer``. Per micro-batch (B r
 - after each optimizer step the state ramps / refreshes the directions and layers when due (every rank in step);
 - logged per logging step (means over its micro-batches and ranks): ``harc_couple``, ``harc_couple_resp``,
   ``harc_kl``, ``harc_ce`` and ``harc_layers`` (the layers the logging step's last micro-batch coupled).
+
+What runs after the steps (the refusal evaluation, diagnostics and plots: ``harc/outputs.py``) is wired by the workflow
+(``harc/workflow.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from llamafactory_hera.harc.config import HarcArguments
 from llamafactory_hera.harc.data import ROLE_HARMFUL
 from llamafactory_hera.harc.directions import Directions
 from llamafactory_hera.harc.losses import coupling_loss, kl_to_reference, refusal_cross_entropy
-from llamafactory_hera.harc.outputs import finish_run
 from llamafactory_hera.harc.residuals import StepCapture, reading_layers, response_window
 from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
@@ -109,10 +111,7 @@ class HarcTrainerMixin(RestoresCheckpointWeights):
         if folder is True:
             folder = get_last_checkpoint(self.args.output_dir)
         self.harc_resume_folder = str(folder) if folder else None
-        result = super().train(resume_from_checkpoint, *args, **kwargs)
-
-        finish_run(self)
-        return result
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """``constant_with_warmup`` as the reference's (``main/train.py``, ``lr_at``: ``lr * (step + 1) / warmup``):

@@ -19,6 +19,7 @@ from llamafactory_hera.harc.batches import ComposedMicroBatches, HarcCollator
 from llamafactory_hera.harc.config import HarcArguments
 from llamafactory_hera.harc.data import ROLE_HARMFUL, ROLE_HARMLESS, ROLE_PSEUDO
 from llamafactory_hera.harc.evaluate import stop_ids
+from llamafactory_hera.harc.outputs import finish_run
 from llamafactory_hera.harc.roles import load_role_rows
 from llamafactory_hera.harc.state import HarcState
 from llamafactory_hera.harc.trainer import HarcTrainerMixin
@@ -94,6 +95,11 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
     class HarcSeq2SeqTrainer(HarcTrainerMixin, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, harc_args=harc_args, harc_run=run, **kwargs)
+
+        def train(self, *args: Any, **kwargs: Any) -> Any:
+            result = super().train(*args, **kwargs)
+            finish_run(self)  # after the steps: the refusal evaluation, diagnostics, plots
+            return result
 
     host.run(HarcCollator, HarcSeq2SeqTrainer, model_args, data_args, training_args, finetuning_args,
              generating_args, callbacks, get_dataset=get_dataset)
