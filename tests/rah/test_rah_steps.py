@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from llamafactory_hera.rah.heads import anchor_candidates, anchor_pool, similarity, targets_in_layer, top_anchors
 from llamafactory_hera.rah.scores import caf_scores, isal, margin_loss, standardize_per_layer
+from llamafactory_hera.rah.targets_anchors import (
+    anchor_candidates,
+    anchor_pool,
+    similarity,
+    targets_in_layer,
+    top_anchors,
+)
 from llamafactory_hera.rah.update import low_rank, mean_kl, search_alpha, trimmed_mean
 
 

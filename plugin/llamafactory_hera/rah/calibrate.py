@@ -17,7 +17,6 @@ from torch import nn
 
 from llamafactory_hera.heads.geometry import attention_geometry
 from llamafactory_hera.rah.config import AUTO, RahArguments
-from llamafactory_hera.rah.heads import anchor_candidates, anchor_pool, similarity, targets_in_layer, top_anchors
 from llamafactory_hera.rah.probe import (
     AttentionProfile,
     TokenKinds,
@@ -29,6 +28,13 @@ from llamafactory_hera.rah.probe import (
     token_masks,
 )
 from llamafactory_hera.rah.scores import caf_scores, standardize_per_layer
+from llamafactory_hera.rah.targets_anchors import (
+    anchor_candidates,
+    anchor_pool,
+    similarity,
+    targets_in_layer,
+    top_anchors,
+)
 from llamafactory_hera.rah.update import TrustRegion, lora_pair, low_rank, mean_kl, search_alpha, trimmed_mean
 from llamafactory_hera.short_errors import RecipeError
 
