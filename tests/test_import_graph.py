@@ -14,15 +14,20 @@ from __future__ import annotations
 
 from conftest import REPO
 from llamafactory_hera_testing.import_graph import (
+    ENTRIES,
     PATCHES,
     PLUGIN,
     TESTING,
+    TRAINER_FILES,
+    WORKFLOW_FILES,
     closure,
     cycles,
     folder_graph,
     graph,
+    imported_names,
     lazy_imports,
     modules,
+    reach,
     within,
 )
 
@@ -88,3 +93,23 @@ def test_every_lazy_import_on_a_runs_path_says_why() -> None:
     offenders = {module: lines for module in sorted(reached) if not within(module, TESTING)
                  for lines in [[line for line, why in lazy_imports(found[module]) if not why]] if lines}
     assert offenders == {}
+
+
+def test_a_trainer_holds_its_step_and_a_workflow_wires_the_rest() -> None:
+    """Issue 52: what a reader of a method's trainer must load is its step (the plugin's and the patches' files its
+    imports and declarations reach, package faces aside): at most 20 files; a workflow, which wires the monitor, the
+    run summary, plots and the checks before the first step around it, at most 45."""
+    graph, _ = _graph()
+    found = modules(REPO)
+    sizes = {entry: len(reach(graph, found, entry)) for entry in ENTRIES}
+    assert sizes["hera.trainer"] <= TRAINER_FILES and sizes["harc.trainer"] <= TRAINER_FILES, sizes
+    assert all(sizes[entry] <= WORKFLOW_FILES for entry in ENTRIES if entry.endswith("workflow")), sizes
+    assert f"{PLUGIN}.hera.loss" in reach(graph, found, "hera.trainer")  # the measure reaches what the step needs
+    assert f"{PLUGIN}.hera.monitor" not in reach(graph, found, "hera.trainer")
+
+
+def test_an_import_for_type_checking_alone_is_no_edge(tmp_path) -> None:
+    """It never runs: a signature's type is no file a reader of the step must load."""
+    path = tmp_path / "mod.py"
+    path.write_text("from typing import TYPE_CHECKING\nimport a\nif TYPE_CHECKING:\n    import b\n", encoding="utf-8")
+    assert imported_names("mod", path) == {"typing", "typing.TYPE_CHECKING", "a"}
