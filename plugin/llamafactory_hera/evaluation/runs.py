@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from llamafactory_hera.recipe.model_checks import check_model_paths
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.run_record import FINISHED, RUN_RECORD, read_record
 
@@ -50,6 +51,7 @@ class ModelSpec:
     harc: dict[str, Any] = field(default_factory=dict)  # harc_* keys of a HARC run (for the refusal task)
     seed: int = DEFAULT_SEED
     inherited: dict[str, Any] = field(default_factory=dict)  # COMPARED keys taken over from the other model
+    record: Path | None = None  # the file its loading keys were read from
 
     @property
     def title(self) -> str:
@@ -112,9 +114,9 @@ def _method_keys(run_dir: Path) -> dict[str, Any]:
     return {}
 
 
-def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any], int]:
-    """(stage, host keys, method keys, seed) from the run's record; a ``checkpoint-N`` folder without one: its run's
-    (else it would take the baseline's loading keys, the confound the records exist to catch)."""
+def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any], int, Path]:
+    """(stage, host keys, method keys, seed, the record read) from the run's record; a ``checkpoint-N`` folder without
+    one: its run's (else it would take the baseline's loading keys, the confound the records exist to catch)."""
     own = (RUN_RECORD, LLAMABOARD_ARGS, HERA_RECORD, RAH_RECORD, HARC_RECORD)
     if (run_dir.name.startswith("checkpoint-") and not any((run_dir / name).is_file() for name in own)
             and (run_dir.parent / RUN_RECORD).is_file()):
@@ -124,34 +126,35 @@ def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]
         loading = record.get("loading") or {}
         if loading:
             stage = str(record.get("stage") or "sft")
-            return stage, loading, _method_keys(run_dir) if stage == "harc" else {}, _seed(loading.get("seed"))
+            return (stage, loading, _method_keys(run_dir) if stage == "harc" else {}, _seed(loading.get("seed")),
+                    run_dir / RUN_RECORD)
     board = run_dir / LLAMABOARD_ARGS
     if board.is_file():
         recipe = yaml.safe_load(board.read_text(encoding="utf-8")) or {}
         stage = str(recipe.get("stage", "sft"))
         method = {k: v for k, v in recipe.items() if k.startswith("harc_")}
-        return stage, recipe, method, _seed(recipe.get("seed"))
+        return stage, recipe, method, _seed(recipe.get("seed")), board
     if (run_dir / HERA_RECORD).is_file():
         record = _finished(run_dir, HERA_RECORD, _read_json(run_dir / HERA_RECORD))
         host = record.get("host") or {}
         if not host:
             raise RecipeError(f"RUN_DIR: {run_dir / HERA_RECORD} has no 'host' section (an older run); re-run training")
-        return "hera", host, {}, _seed(host.get("seed"))
+        return "hera", host, {}, _seed(host.get("seed")), run_dir / HERA_RECORD
     if (run_dir / RAH_RECORD).is_file():
         identity = _finished(run_dir, RAH_RECORD, _read_json(run_dir / RAH_RECORD)).get("identity") or {}
-        return "rah", {**identity, "finetuning_type": "lora"}, {}, _seed(identity.get("seed"))
+        return "rah", {**identity, "finetuning_type": "lora"}, {}, _seed(identity.get("seed")), run_dir / RAH_RECORD
     if (run_dir / HARC_RECORD).is_file():
         record = _finished(run_dir, HARC_RECORD, _read_json(run_dir / HARC_RECORD))
         host = record.get("host") or {}
-        return "harc", host, record.get("settings") or {}, _seed(host.get("seed"))
+        return "harc", host, record.get("settings") or {}, _seed(host.get("seed")), run_dir / HARC_RECORD
     adapter_config = run_dir / "adapter_config.json"
     if adapter_config.is_file():  # a plain llamafactory-cli LoRA run (stage: sft): PEFT records the base model
         base = _read_json(adapter_config).get("base_model_name_or_path")
         if base:
-            return "sft", {"model_name_or_path": base, "finetuning_type": "lora"}, {}, DEFAULT_SEED
+            return "sft", {"model_name_or_path": base, "finetuning_type": "lora"}, {}, DEFAULT_SEED, adapter_config
     if (run_dir / "config.json").is_file():  # a plain full / freeze run: the run is the model, its base unknown
-        return "sft", {"model_name_or_path": str(run_dir), "finetuning_type": "full", "_no_base": True}, {}, \
-            DEFAULT_SEED
+        return ("sft", {"model_name_or_path": str(run_dir), "finetuning_type": "full", "_no_base": True}, {},
+                DEFAULT_SEED, run_dir / "config.json")
     raise FileNotFoundError(f"RUN_DIR: {run_dir} holds no run record ({RECORDS}) and no LoRA adapter naming its base "
                             "model; give the output_dir of a finished llamafactory-cli train or LlamaBoard run")
 
@@ -177,7 +180,7 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
     the run did not record (a plain ``stage: sft`` run)."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a folder; give a run's output_dir")
-    stage, host, method, seed = _recorded_recipe(run_dir)
+    stage, host, method, seed, record = _recorded_recipe(run_dir)
     if host.get("_no_base") and not trained:
         raise RecipeError(f"--base: {run_dir} is a full fine-tuning run without a run record, so its base model is "
                           "unknown; give the base as a run with --baseline, or evaluate the run alone")
@@ -208,7 +211,16 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
     else:
         recipe.pop("adapter_name_or_path", None)
     modality = "mllm" if stage in ("hera", "rah") or is_multimodal(base_path, recipe["template"]) else "text"
-    return ModelSpec(label, run_dir, stage, recipe, modality, trained, method, seed, inherited)
+    return ModelSpec(label, run_dir, stage, recipe, modality, trained, method, seed, inherited, record)
+
+
+def check_loading_paths(spec: ModelSpec, flag: str) -> None:
+    """The model and adapter folders ``spec`` loads exist (the stages' check, :func:`check_model_paths`): a base
+    model moved or renamed since training failed only at loading, once per task, after a report of failed tasks was
+    written into RUN_DIR. One line naming ``flag``, the record, the key and the path."""
+    record = spec.record or spec.run_dir
+    check_model_paths(spec.recipe, started="llamafactory-hera eval", where=f"{flag}: {record}: ",
+                      fix=f"Restore that folder, or correct the path in {record.name}.")
 
 
 def align_loading(run: ModelSpec, other: ModelSpec, flag: str) -> None:
@@ -237,12 +249,14 @@ def read_pair(run_dir: Path, baseline: Path | None, base: bool,
     template (a plain ``stage: sft`` twin) takes ``template`` or else the run's; both must be loaded alike
     (:func:`align_loading`). A ``template`` other than the one the run recorded is refused (it would be ignored)."""
     run = read_run(run_dir, "run", trained=True, template=template)
+    check_loading_paths(run, "RUN_DIR")
     if template is not None and "template" not in run.inherited and run.recipe["template"] != template:
         raise RecipeError(f"--template {template}: {run_dir} records template: {run.recipe['template']}, the template "
                           "it was trained with and is evaluated with; --template only fills in a template a run did "
                           f"not record. Leave --template out, or evaluate a run trained with template: {template}")
     if baseline is not None:
         other = read_run(baseline, "baseline", trained=True, template=template or run.recipe["template"])
+        check_loading_paths(other, "--baseline")
         if other.stage == "sft" and other.modality != run.modality:  # a record-less twin: the run's kind of model
             other.modality = run.modality
         if other.modality != run.modality:
@@ -251,5 +265,7 @@ def read_pair(run_dir: Path, baseline: Path | None, base: bool,
         align_loading(run, other, "--baseline")
         return run, other
     if base:
-        return run, read_run(run_dir, "baseline", trained=False, template=template)
+        base_model = read_run(run_dir, "baseline", trained=False, template=template)
+        check_loading_paths(base_model, "--base")
+        return run, base_model
     return run, None
