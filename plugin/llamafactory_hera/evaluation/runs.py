@@ -5,7 +5,8 @@ The first record found wins: ``llamafactory_hera_run.json`` (any stage; a run th
 ``training_args.yaml`` (LlamaBoard), ``hera_run.json``, ``rah_profile.json``, ``harc_run.json``; else a plain LoRA
 run's ``adapter_config.json`` gives its base model only (its template from ``--template`` or the run's). A run and
 its ``--baseline`` recording a key of :data:`COMPARED` with different values are refused; a key only one recorded is
-taken over by the other (:attr:`ModelSpec.inherited`). Imports nothing heavy.
+taken over by the other (:attr:`ModelSpec.inherited`). The model and adapter folders a run loads are checked as a
+stage checks them (:func:`~llamafactory_hera.recipe.model_checks.check_model_paths`). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ class ModelSpec:
     harc: dict[str, Any] = field(default_factory=dict)  # harc_* keys of a HARC run (for the refusal task)
     seed: int = DEFAULT_SEED
     inherited: dict[str, Any] = field(default_factory=dict)  # COMPARED keys taken over from the other model
-    record: Path | None = None  # the file its loading keys were read from
 
     @property
     def title(self) -> str:
@@ -210,17 +210,13 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
         recipe["adapter_name_or_path"] = ",".join(adapters)
     else:
         recipe.pop("adapter_name_or_path", None)
-    modality = "mllm" if stage in ("hera", "rah") or is_multimodal(base_path, recipe["template"]) else "text"
-    return ModelSpec(label, run_dir, stage, recipe, modality, trained, method, seed, inherited, record)
-
-
-def check_loading_paths(spec: ModelSpec, flag: str) -> None:
-    """The model and adapter folders ``spec`` loads exist (the stages' check, :func:`check_model_paths`): a base
-    model moved or renamed since training failed only at loading, once per task, after a report of failed tasks was
-    written into RUN_DIR. One line naming ``flag``, the record, the key and the path."""
-    record = spec.record or spec.run_dir
-    check_model_paths(spec.recipe, started="llamafactory-hera eval", where=f"{flag}: {record}: ",
+    # the folders it loads exist, as a stage checks them (a moved base model failed at loading, once per task, and
+    # left a report of failed tasks); before is_multimodal, which may read LLaMA-Factory's templates for a hub id
+    flag = "RUN_DIR" if label == "run" else "--baseline" if trained else "--base"
+    check_model_paths(recipe, started="llamafactory-hera eval", where=f"{flag}: {record}: ",
                       fix=f"Restore that folder, or correct the path in {record.name}.")
+    modality = "mllm" if stage in ("hera", "rah") or is_multimodal(base_path, recipe["template"]) else "text"
+    return ModelSpec(label, run_dir, stage, recipe, modality, trained, method, seed, inherited)
 
 
 def align_loading(run: ModelSpec, other: ModelSpec, flag: str) -> None:
@@ -249,14 +245,12 @@ def read_pair(run_dir: Path, baseline: Path | None, base: bool,
     template (a plain ``stage: sft`` twin) takes ``template`` or else the run's; both must be loaded alike
     (:func:`align_loading`). A ``template`` other than the one the run recorded is refused (it would be ignored)."""
     run = read_run(run_dir, "run", trained=True, template=template)
-    check_loading_paths(run, "RUN_DIR")
     if template is not None and "template" not in run.inherited and run.recipe["template"] != template:
         raise RecipeError(f"--template {template}: {run_dir} records template: {run.recipe['template']}, the template "
                           "it was trained with and is evaluated with; --template only fills in a template a run did "
                           f"not record. Leave --template out, or evaluate a run trained with template: {template}")
     if baseline is not None:
         other = read_run(baseline, "baseline", trained=True, template=template or run.recipe["template"])
-        check_loading_paths(other, "--baseline")
         if other.stage == "sft" and other.modality != run.modality:  # a record-less twin: the run's kind of model
             other.modality = run.modality
         if other.modality != run.modality:
@@ -265,7 +259,5 @@ def read_pair(run_dir: Path, baseline: Path | None, base: bool,
         align_loading(run, other, "--baseline")
         return run, other
     if base:
-        base_model = read_run(run_dir, "baseline", trained=False, template=template)
-        check_loading_paths(base_model, "--base")
-        return run, base_model
+        return run, read_run(run_dir, "baseline", trained=False, template=template)
     return run, None
