@@ -91,6 +91,39 @@ def test_a_template_other_than_the_recorded_one_is_refused_naming_both(tmp_path:
     assert run.recipe["template"] == base.recipe["template"] == "qwen" and base.inherited == {"template": "qwen"}
 
 
+def test_a_recorded_model_or_adapter_folder_that_is_gone_is_one_line_before_loading(assets, tmp_path: Path,
+                                                                                   capfd) -> None:
+    """Issue 52: eval checks the paths it will load with the stages' check (recipe/model_checks.py). A base model
+    folder moved since training failed each task at loading ("OSError: Failed to load tokenizer."), a recorded
+    adapter that is gone only after the base model's weights loaded (PEFT's "Can't find 'adapter_config.json'"),
+    and either wrote a report of failed tasks into RUN_DIR. Now one line naming the flag, the record, the key and the
+    path, and nothing is written."""
+    model = assets.models["qwen2_5_vl"]
+    moved, gone_adapter = f"{model}_moved", str(tmp_path / "stage1_lora")
+    run_dir = _hera_folder(tmp_path / "hera", model_name_or_path=moved)
+    line = error_in_process(capfd, str(run_dir), "--tasks", "demo")
+    assert line.startswith(f"llamafactory-hera: error: RUN_DIR: {run_dir / 'hera_run.json'}: model_name_or_path: "
+                           f"{moved} is not a folder and not a Hugging Face model id (organisation/name); "
+                           f"{model.parent} has qwen2_5_vl"), line
+    assert line.endswith(". Restore that folder, or correct the path in hera_run.json."), line
+
+    run_dir = _hera_folder(tmp_path / "hera", model_name_or_path=str(model), adapter_name_or_path=gone_adapter)
+    line = error_in_process(capfd, str(run_dir), "--tasks", "demo")
+    assert line == (f"llamafactory-hera: error: RUN_DIR: {run_dir / 'hera_run.json'}: adapter_name_or_path: "
+                    f"{gone_adapter} is not a folder and not a Hugging Face model id (organisation/name). Restore "
+                    "that folder, or correct the path in hera_run.json."), line
+    assert sorted(path.name for path in run_dir.iterdir()) == ["adapter_config.json", "hera_run.json"]
+
+    run_dir = _hera_folder(tmp_path / "hera", model_name_or_path=str(model))
+    twin = tmp_path / "sft_twin"  # a plain sft LoRA run trained without the plugin: its base in adapter_config.json
+    twin.mkdir()
+    (twin / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": moved}), encoding="utf-8")
+    line = error_in_process(capfd, str(run_dir), "--baseline", str(twin), "--tasks", "demo")
+    assert line.startswith(f"llamafactory-hera: error: --baseline: {twin / 'adapter_config.json'}: "
+                           f"model_name_or_path: {moved} is not a folder "), line
+    assert line.endswith("correct the path in adapter_config.json."), line
+
+
 @pytest.mark.parametrize("kind", ["run_record", "hera", "rah", "harc", "llamaboard"])
 def test_a_recorded_seed_of_0_is_read_as_0(kind: str, tmp_path: Path) -> None:
     """Issue 31: ``int(seed or 42)`` read seed 0 as 42, so HARC's refusal check drew another held-out split than

@@ -187,9 +187,9 @@ def test_select_names_a_missing_model_folder_and_a_missing_gpu_before_loading(as
     proc = run_verb(capfd, "select", recipe, "--dry-run", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.splitlines()[-1] == (
-        "llamafactory-hera: error: model_name_or_path: saves/composed/qwen3_siglip: no such folder "
-        f"({tmp_path / 'saves/composed/qwen3_siglip'}). Give the folder of a local model (holding its config.json) or "
-        "a Hugging Face model id (name or namespace/name).")
+        "llamafactory-hera: error: model_name_or_path: saves/composed/qwen3_siglip is not a folder (relative to the "
+        f"folder select starts in, {tmp_path}) and not a Hugging Face model id (organisation/name). Correct the path, "
+        "or name a model id.")
     assert "Loading weights" not in proc.stderr + (tmp_path / "recipe.hera_selection.log").read_text()
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -207,6 +207,21 @@ def test_select_names_a_missing_model_folder_and_a_missing_gpu_before_loading(as
         check_device("gpu")
     for fine in (None, "cpu", "meta", "cuda", "cuda:1"):
         check_device(fine)
+
+
+def test_select_refuses_a_file_given_as_the_model_before_loading(assets, tmp_path: Path, capfd) -> None:
+    """Issue 52: ``select``'s model check is the stages' (recipe/model_checks.py); a file named as the model (here
+    the model's config.json, not its folder) is refused in one line before anything loads, as select's own check
+    refused it, which the stages' check let through to transformers."""
+    recipe = tmp_path / "recipe.yaml"
+    config = assets.models["qwen3_vl"] / "config.json"
+    _write_recipe(assets, recipe, model_name_or_path=str(config))
+    proc = run_verb(capfd, "select", recipe, "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == (
+        f"llamafactory-hera: error: model_name_or_path: {config} is a file, not a folder ({config}). Point it at the "
+        "folder holding the model's config.json and weights, or name a model id.")
+    assert "Loading weights" not in proc.stderr + (tmp_path / "recipe.hera_selection.log").read_text()
 
 
 def test_auto_heads_in_training_cache_report(assets, tmp_path: Path, capfd) -> None:

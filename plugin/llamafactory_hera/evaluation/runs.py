@@ -5,7 +5,8 @@ The first record found wins: ``llamafactory_hera_run.json`` (any stage; a run th
 ``training_args.yaml`` (LlamaBoard), ``hera_run.json``, ``rah_profile.json``, ``harc_run.json``; else a plain LoRA
 run's ``adapter_config.json`` gives its base model only (its template from ``--template`` or the run's). A run and
 its ``--baseline`` recording a key of :data:`COMPARED` with different values are refused; a key only one recorded is
-taken over by the other (:attr:`ModelSpec.inherited`). Imports nothing heavy.
+taken over by the other (:attr:`ModelSpec.inherited`). The model and adapter folders a run loads are checked as a
+stage checks them (:func:`~llamafactory_hera.recipe.model_checks.check_model_paths`). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from llamafactory_hera.recipe.model_checks import check_model_paths
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.run_record import FINISHED, RUN_RECORD, read_record
 
@@ -112,9 +114,9 @@ def _method_keys(run_dir: Path) -> dict[str, Any]:
     return {}
 
 
-def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any], int]:
-    """(stage, host keys, method keys, seed) from the run's record; a ``checkpoint-N`` folder without one: its run's
-    (else it would take the baseline's loading keys, the confound the records exist to catch)."""
+def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any], int, Path]:
+    """(stage, host keys, method keys, seed, the record read) from the run's record; a ``checkpoint-N`` folder without
+    one: its run's (else it would take the baseline's loading keys, the confound the records exist to catch)."""
     own = (RUN_RECORD, LLAMABOARD_ARGS, HERA_RECORD, RAH_RECORD, HARC_RECORD)
     if (run_dir.name.startswith("checkpoint-") and not any((run_dir / name).is_file() for name in own)
             and (run_dir.parent / RUN_RECORD).is_file()):
@@ -124,34 +126,35 @@ def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]
         loading = record.get("loading") or {}
         if loading:
             stage = str(record.get("stage") or "sft")
-            return stage, loading, _method_keys(run_dir) if stage == "harc" else {}, _seed(loading.get("seed"))
+            return (stage, loading, _method_keys(run_dir) if stage == "harc" else {}, _seed(loading.get("seed")),
+                    run_dir / RUN_RECORD)
     board = run_dir / LLAMABOARD_ARGS
     if board.is_file():
         recipe = yaml.safe_load(board.read_text(encoding="utf-8")) or {}
         stage = str(recipe.get("stage", "sft"))
         method = {k: v for k, v in recipe.items() if k.startswith("harc_")}
-        return stage, recipe, method, _seed(recipe.get("seed"))
+        return stage, recipe, method, _seed(recipe.get("seed")), board
     if (run_dir / HERA_RECORD).is_file():
         record = _finished(run_dir, HERA_RECORD, _read_json(run_dir / HERA_RECORD))
         host = record.get("host") or {}
         if not host:
             raise RecipeError(f"RUN_DIR: {run_dir / HERA_RECORD} has no 'host' section (an older run); re-run training")
-        return "hera", host, {}, _seed(host.get("seed"))
+        return "hera", host, {}, _seed(host.get("seed")), run_dir / HERA_RECORD
     if (run_dir / RAH_RECORD).is_file():
         identity = _finished(run_dir, RAH_RECORD, _read_json(run_dir / RAH_RECORD)).get("identity") or {}
-        return "rah", {**identity, "finetuning_type": "lora"}, {}, _seed(identity.get("seed"))
+        return "rah", {**identity, "finetuning_type": "lora"}, {}, _seed(identity.get("seed")), run_dir / RAH_RECORD
     if (run_dir / HARC_RECORD).is_file():
         record = _finished(run_dir, HARC_RECORD, _read_json(run_dir / HARC_RECORD))
         host = record.get("host") or {}
-        return "harc", host, record.get("settings") or {}, _seed(host.get("seed"))
+        return "harc", host, record.get("settings") or {}, _seed(host.get("seed")), run_dir / HARC_RECORD
     adapter_config = run_dir / "adapter_config.json"
     if adapter_config.is_file():  # a plain llamafactory-cli LoRA run (stage: sft): PEFT records the base model
         base = _read_json(adapter_config).get("base_model_name_or_path")
         if base:
-            return "sft", {"model_name_or_path": base, "finetuning_type": "lora"}, {}, DEFAULT_SEED
+            return "sft", {"model_name_or_path": base, "finetuning_type": "lora"}, {}, DEFAULT_SEED, adapter_config
     if (run_dir / "config.json").is_file():  # a plain full / freeze run: the run is the model, its base unknown
-        return "sft", {"model_name_or_path": str(run_dir), "finetuning_type": "full", "_no_base": True}, {}, \
-            DEFAULT_SEED
+        return ("sft", {"model_name_or_path": str(run_dir), "finetuning_type": "full", "_no_base": True}, {},
+                DEFAULT_SEED, run_dir / "config.json")
     raise FileNotFoundError(f"RUN_DIR: {run_dir} holds no run record ({RECORDS}) and no LoRA adapter naming its base "
                             "model; give the output_dir of a finished llamafactory-cli train or LlamaBoard run")
 
@@ -177,7 +180,7 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
     the run did not record (a plain ``stage: sft`` run)."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a folder; give a run's output_dir")
-    stage, host, method, seed = _recorded_recipe(run_dir)
+    stage, host, method, seed, record = _recorded_recipe(run_dir)
     if host.get("_no_base") and not trained:
         raise RecipeError(f"--base: {run_dir} is a full fine-tuning run without a run record, so its base model is "
                           "unknown; give the base as a run with --baseline, or evaluate the run alone")
@@ -207,6 +210,11 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
         recipe["adapter_name_or_path"] = ",".join(adapters)
     else:
         recipe.pop("adapter_name_or_path", None)
+    # the folders it loads exist, as a stage checks them (a moved base model failed at loading, once per task, and
+    # left a report of failed tasks); before is_multimodal, which may read LLaMA-Factory's templates for a hub id
+    flag = "RUN_DIR" if label == "run" else "--baseline" if trained else "--base"
+    check_model_paths(recipe, started="llamafactory-hera eval", where=f"{flag}: {record}: ",
+                      fix=f"Restore that folder, or correct the path in {record.name}.")
     modality = "mllm" if stage in ("hera", "rah") or is_multimodal(base_path, recipe["template"]) else "text"
     return ModelSpec(label, run_dir, stage, recipe, modality, trained, method, seed, inherited)
 

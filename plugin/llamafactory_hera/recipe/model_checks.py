@@ -26,9 +26,13 @@ from llamafactory_hera_patches.templates import composite_model_types
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # name or organisation/name
 
 
-def _given(given: dict[str, Any], key: str) -> Any:
-    value = given.get(key, host_keys()[key].default if key in host_keys() else None)
+def _set(value: Any) -> Any:
+    """``value``, or None where the recipe leaves the key unset (empty, ``none``, ``null``)."""
     return None if value is None or str(value).strip().lower() in {"", "none", "null"} else value
+
+
+def _given(given: dict[str, Any], key: str) -> Any:
+    return _set(given.get(key, host_keys()[key].default if key in host_keys() else None))
 
 
 def is_local_path(value: str) -> bool:
@@ -38,7 +42,7 @@ def is_local_path(value: str) -> bool:
     return Path(value).expanduser().exists() or not _HUB_ID.match(value) or value.startswith((".", "~"))
 
 
-def _missing_path(key: str, value: str) -> RecipeError:
+def _missing_path(key: str, value: str, started: str) -> str:
     path = Path(value).expanduser()
     parent = path.parent
     while not parent.is_dir() and parent != parent.parent:
@@ -47,27 +51,40 @@ def _missing_path(key: str, value: str) -> RecipeError:
     close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.5) if parent == path.parent else []
     far = parent not in (path.parent, Path("."), Path("/"))
     where = f"; {parent} has {', '.join(close)}" if close else f"; the nearest folder there is {parent}" if far else ""
-    relative = "" if path.is_absolute() else f" (relative to the folder the run starts in, {Path.cwd()})"
-    return RecipeError(f"{key}: {value} is not a folder{relative} and not a Hugging Face model id "
-                       f"(organisation/name){where}. Correct the path, or name a model id.")
+    relative = "" if path.is_absolute() else f" (relative to the folder {started} starts in, {Path.cwd()})"
+    return f"{key}: {value} is not a folder{relative} and not a Hugging Face model id (organisation/name){where}."
 
 
-def check_model_paths(given: dict[str, Any]) -> None:
-    """``model_name_or_path`` is given; it and every ``adapter_name_or_path`` that is a local path exist."""
-    model = _given(given, "model_name_or_path")
+def check_model_paths(given: dict[str, Any], *, started: str = "the run", where: str = "",
+                      fix: str | None = None) -> None:
+    """``model_name_or_path`` is given; it and every ``adapter_name_or_path`` that is a local path is a folder, the
+    model's holding its ``config.json``. The one check of the model paths: every plugin stage's raw recipe, ``select``
+    (its parsed recipe), ``eval`` (each run's recorded keys). ``started``: what runs (a relative path is read from the
+    folder it starts in); ``where``: put before the message (``eval``: the record the keys came from); ``fix``: the
+    message's last sentence instead of the stage's (``eval``: mend the record). Reads no host default (``eval``'s
+    errors load no library): both keys default to None."""
+    model = _set(given.get("model_name_or_path"))
     if model is None:
-        raise RecipeError("model_name_or_path: not set; a run trains a model. Set it to the model's folder or its "
-                          "Hugging Face id (e.g. Qwen/Qwen2.5-VL-7B-Instruct).")
-    adapters = _given(given, "adapter_name_or_path")
+        raise RecipeError(f"{where}model_name_or_path: not set; a run trains a model. Set it to the model's folder or "
+                          "its Hugging Face id (e.g. Qwen/Qwen2.5-VL-7B-Instruct).")
+    adapters = _set(given.get("adapter_name_or_path"))
     items = adapters if isinstance(adapters, list) else str(adapters or "").split(",")
     for key, value in [("model_name_or_path", str(model).strip()),
                        *(("adapter_name_or_path", str(item).strip()) for item in items if str(item).strip())]:
-        if is_local_path(value) and not Path(value).expanduser().exists():
-            raise _missing_path(key, value)
+        holding = ("the model's config.json and weights" if key == "model_name_or_path"
+                   else "the adapter's adapter_config.json")
         folder = Path(value).expanduser()
-        if key == "model_name_or_path" and folder.is_dir() and not (folder / "config.json").is_file():
-            raise RecipeError(f"model_name_or_path: {value} is a folder without config.json, not a model's folder. "
-                              "Point it at the folder holding the model's config.json and weights.")
+        if is_local_path(value) and not folder.exists():
+            problem, own_fix = _missing_path(key, value, started), "Correct the path, or name a model id."
+        elif folder.is_file():
+            problem = f"{key}: {value} is a file, not a folder ({folder.absolute()})."
+            own_fix = f"Point it at the folder holding {holding}, or name a model id."
+        elif key == "model_name_or_path" and folder.is_dir() and not (folder / "config.json").is_file():
+            problem = f"{key}: {value} is a folder without config.json, not a model's folder."
+            own_fix = f"Point it at the folder holding {holding}."
+        else:
+            continue
+        raise RecipeError(f"{where}{problem} {fix or own_fix}")
 
 
 def _model_on_meta_device(source: str, trust: bool) -> Any:

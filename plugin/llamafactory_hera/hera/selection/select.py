@@ -32,11 +32,11 @@ from llamafactory_hera.hera.teacher import (
     check_teacher_source,
     load_image_processor,
     load_teacher,
-    looks_like_path,
     teacher_batch_size,
 )
 from llamafactory_hera.hera.teacher_cache import feature_store, path_fingerprint
 from llamafactory_hera.log import show
+from llamafactory_hera.recipe.model_checks import check_model_paths
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import truthy
 from llamafactory_hera_patches.guard import recorded_versions
@@ -212,17 +212,6 @@ def check_device(device: str | None) -> None:
                           "give one of them.")
 
 
-def check_model_source(model_name_or_path: str) -> None:
-    """A model named by a path is a folder that exists: transformers reads any other value as a Hub id and failed on
-    a mistyped folder with "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
-    name = str(model_name_or_path)
-    path = Path(name).expanduser()
-    if looks_like_path(name) and not path.is_dir():
-        what = "a file, not a folder" if path.exists() else "no such folder"
-        raise RecipeError(f"model_name_or_path: {name}: {what} ({path.absolute()}). Give the folder of a local model "
-                          "(holding its config.json) or a Hugging Face model id (name or namespace/name).")
-
-
 def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> None:
     """Build an empty (meta-device) model from the config and check every decoder layer has ``o_proj`` (unknown
     architectures are left to the load)."""
@@ -275,7 +264,9 @@ def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.C
     """(calibration pairs, identity) after everything that can fail cheaply, before any weights load: options,
     teacher, data (at least k+1 usable pairs), model structure."""
     options.validate()
-    check_model_source(recipe_args.model_args.model_name_or_path)
+    model_args = recipe_args.model_args
+    check_model_paths({"model_name_or_path": model_args.model_name_or_path,
+                       "adapter_name_or_path": model_args.adapter_name_or_path}, started="select")
     check_teacher_source(options.teacher, options.teacher_feature)
     rows = load_aligned_rows(recipe_args, options.seed, options.dataset)
     source = ", ".join(options.dataset or recipe_args.data_args.dataset or [])
