@@ -93,7 +93,7 @@ def test_a_template_other_than_the_recorded_one_is_refused_naming_both(tmp_path:
 
 def test_a_recorded_model_or_adapter_folder_that_is_gone_is_one_line_before_loading(assets, tmp_path: Path,
                                                                                    capfd) -> None:
-    """Issue 52: eval checks the paths it will load with the stages' check (recipe/model_checks.py). A base model
+    """Issue 52: eval checks the paths it will load with the stages' check (recipe/model_paths.py). A base model
     folder moved since training failed each task at loading ("OSError: Failed to load tokenizer."), a recorded
     adapter that is gone only after the base model's weights loaded (PEFT's "Can't find 'adapter_config.json'"),
     and either wrote a report of failed tasks into RUN_DIR. Now one line naming the flag, the record, the key and the

@@ -1,8 +1,9 @@
 """Recipe mistakes in the keys LLaMA-Factory reads, on a plugin stage (``recipe/host_keys.py``,
-``recipe/model_checks.py``): each used to end in LLaMA-Factory's or its libraries' traceback, several only after the
-model loaded (or in a run that trained less than the recipe said); each is now one line naming the key, the value, why
-and the fix, before anything loads, through LLaMA-Factory's real ``run_exp`` (``no_model_load`` fails the test if the
-model loads first) and, where the output's length is what is tested, through ``llamafactory-cli train``."""
+``recipe/model_paths.py``, ``recipe/model_checks.py``): each used to end in LLaMA-Factory's or its libraries'
+traceback, several only after the model loaded (or in a run that trained less than the recipe said); each is now one
+line naming the key, the value, why and the fix, before anything loads, through LLaMA-Factory's real ``run_exp``
+(``no_model_load`` fails the test if the model loads first) and, where the output's length is what is tested, through
+``llamafactory-cli train``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from test_launch_refusals import _recipe, _refused, _without_images
 
 from conftest import REPO, run_train
 from llamafactory_hera.recipe.host_keys import check_bf16_device, check_choices, check_host_keys
-from llamafactory_hera.recipe.model_checks import check_lora_target, check_model_paths
+from llamafactory_hera.recipe.model_checks import check_lora_target
+from llamafactory_hera.recipe.model_paths import check_model_paths
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import split_args
 

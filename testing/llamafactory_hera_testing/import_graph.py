@@ -1,5 +1,5 @@
 """The import graph of ``plugin/``, ``patches/`` and ``testing/``, drawn from the code (``ast``): what the import-graph
-tests assert and ``bench/house.py`` measures.
+tests assert and ``python -m llamafactory_hera_testing.import_graph`` prints.
 
 Every import counts, at module level or inside a function, and so do ``importlib.import_module("...")`` with a
 literal name and a declaration's ``"llamafactory_hera.module:attribute"`` string: what runs, not only what a file's

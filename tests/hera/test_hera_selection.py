@@ -210,7 +210,7 @@ def test_select_names_a_missing_model_folder_and_a_missing_gpu_before_loading(as
 
 
 def test_select_refuses_a_file_given_as_the_model_before_loading(assets, tmp_path: Path, capfd) -> None:
-    """Issue 52: ``select``'s model check is the stages' (recipe/model_checks.py); a file named as the model (here
+    """Issue 52: ``select``'s model check is the stages' (recipe/model_paths.py); a file named as the model (here
     the model's config.json, not its folder) is refused in one line before anything loads, as select's own check
     refused it, which the stages' check let through to transformers."""
     recipe = tmp_path / "recipe.yaml"

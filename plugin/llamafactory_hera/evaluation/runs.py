@@ -6,7 +6,7 @@ The first record found wins: ``llamafactory_hera_run.json`` (any stage; a run th
 run's ``adapter_config.json`` gives its base model only (its template from ``--template`` or the run's). A run and
 its ``--baseline`` recording a key of :data:`COMPARED` with different values are refused; a key only one recorded is
 taken over by the other (:attr:`ModelSpec.inherited`). The model and adapter folders a run loads are checked as a
-stage checks them (:func:`~llamafactory_hera.recipe.model_checks.check_model_paths`). Imports nothing heavy.
+stage checks them (:func:`~llamafactory_hera.recipe.model_paths.check_model_paths`). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from llamafactory_hera.recipe.model_checks import check_model_paths
+from llamafactory_hera.recipe.model_paths import check_model_paths
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.run_record import FINISHED, RUN_RECORD, read_record
 

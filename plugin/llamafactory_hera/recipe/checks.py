@@ -28,7 +28,7 @@ traceback, some of them only after the model and the teacher loaded:
 recipe names a config (transformers' ``PackageNotFoundError``, 70 lines, while the arguments were parsed: now the
 ``pip install`` command), runs the checks of the keys LLaMA-Factory
 reads (:mod:`.host_keys`: unknown keys, values outside a key's choices, ``template``, numbers) and of the model
-(:mod:`.model_checks`: model and adapter paths, ``lora_target``).
+(:mod:`.model_paths`: model and adapter paths; :mod:`.model_checks`: ``lora_target``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from typing import Any
 from llamafactory_hera.recipe.dataset_info import DATA_CONFIG, as_names, dataset_info
 from llamafactory_hera.recipe.fsdp import check_fsdp, check_fsdp_parsed
 from llamafactory_hera.recipe.host_keys import check_bf16_device, check_host_keys
-from llamafactory_hera.recipe.model_checks import check_lora_target, check_model_paths
+from llamafactory_hera.recipe.model_checks import check_lora_target
+from llamafactory_hera.recipe.model_paths import check_model_paths
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import given_keys, raw_value, truthy
 from llamafactory_hera_patches.templates import template_tokens

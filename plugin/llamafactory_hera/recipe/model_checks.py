@@ -1,11 +1,10 @@
-"""Checks of a plugin stage's model keys before LLaMA-Factory parses the recipe: the model and adapter paths, and
-``lora_target`` against the model's own module names (read from its config on the meta device: no weight is loaded).
-Run once for every stage by :func:`llamafactory_hera.recipe.checks.check_raw_recipe`.
+"""Checks of a plugin stage's model keys before LLaMA-Factory parses the recipe: ``lora_target`` against the model's
+own module names (read from its config on the meta device: no weight is loaded); the model and adapter paths are
+:mod:`.model_paths`' (one check for the stages, ``select`` and ``eval``). Run once for every stage by
+:func:`llamafactory_hera.recipe.checks.check_raw_recipe`.
 
 Where LLaMA-Factory would fail otherwise:
 
-- ``model_name_or_path`` (or an ``adapter_name_or_path``) that is a local path with a typo: huggingface_hub's
-  ``Repo id must be in the form 'repo_name' or 'namespace/repo_name'`` in a traceback, as if it were a hub id;
 - ``lora_target`` naming no module of the model: PEFT's ``No `target_modules` passed but also no `target_parameters`
   found`` after the model loaded, or, when another name of the list matches, a run that silently trains fewer
   modules than the recipe names.
@@ -14,77 +13,17 @@ Where LLaMA-Factory would fail otherwise:
 from __future__ import annotations
 
 import difflib
-import re
-from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.log import say
+from llamafactory_hera.recipe.model_paths import value_or_none
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.host_arguments import host_keys
 from llamafactory_hera_patches.templates import composite_model_types
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # name or organisation/name
-
-
-def _set(value: Any) -> Any:
-    """``value``, or None where the recipe leaves the key unset (empty, ``none``, ``null``)."""
-    return None if value is None or str(value).strip().lower() in {"", "none", "null"} else value
-
 
 def _given(given: dict[str, Any], key: str) -> Any:
-    return _set(given.get(key, host_keys()[key].default if key in host_keys() else None))
-
-
-def is_local_path(value: str) -> bool:
-    """Whether a model value means a folder on this machine: it exists, or it cannot be a hub id (``name`` or
-    ``organisation/name``: an absolute path, ``./``, ``~``, two slashes or more). ``models/qwen`` that does not
-    exist is left to the hub (a local ``Qwen/`` folder beside a recipe naming ``Qwen/Qwen2.5-7B`` is common)."""
-    return Path(value).expanduser().exists() or not _HUB_ID.match(value) or value.startswith((".", "~"))
-
-
-def _missing_path(key: str, value: str, started: str) -> str:
-    path = Path(value).expanduser()
-    parent = path.parent
-    while not parent.is_dir() and parent != parent.parent:
-        parent = parent.parent
-    names = sorted(entry.name for entry in parent.iterdir() if entry.is_dir()) if parent.is_dir() else []
-    close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.5) if parent == path.parent else []
-    far = parent not in (path.parent, Path("."), Path("/"))
-    where = f"; {parent} has {', '.join(close)}" if close else f"; the nearest folder there is {parent}" if far else ""
-    relative = "" if path.is_absolute() else f" (relative to the folder {started} starts in, {Path.cwd()})"
-    return f"{key}: {value} is not a folder{relative} and not a Hugging Face model id (organisation/name){where}."
-
-
-def check_model_paths(given: dict[str, Any], *, started: str = "the run", where: str = "",
-                      fix: str | None = None) -> None:
-    """``model_name_or_path`` is given; it and every ``adapter_name_or_path`` that is a local path is a folder, the
-    model's holding its ``config.json``. The one check of the model paths: every plugin stage's raw recipe, ``select``
-    (its parsed recipe), ``eval`` (each run's recorded keys). ``started``: what runs (a relative path is read from the
-    folder it starts in); ``where``: put before the message (``eval``: the record the keys came from); ``fix``: the
-    message's last sentence instead of the stage's (``eval``: mend the record). Reads no host default (``eval``'s
-    errors load no library): both keys default to None."""
-    model = _set(given.get("model_name_or_path"))
-    if model is None:
-        raise RecipeError(f"{where}model_name_or_path: not set; a run trains a model. Set it to the model's folder or "
-                          "its Hugging Face id (e.g. Qwen/Qwen2.5-VL-7B-Instruct).")
-    adapters = _set(given.get("adapter_name_or_path"))
-    items = adapters if isinstance(adapters, list) else str(adapters or "").split(",")
-    for key, value in [("model_name_or_path", str(model).strip()),
-                       *(("adapter_name_or_path", str(item).strip()) for item in items if str(item).strip())]:
-        holding = ("the model's config.json and weights" if key == "model_name_or_path"
-                   else "the adapter's adapter_config.json")
-        folder = Path(value).expanduser()
-        if is_local_path(value) and not folder.exists():
-            problem, own_fix = _missing_path(key, value, started), "Correct the path, or name a model id."
-        elif folder.is_file():
-            problem = f"{key}: {value} is a file, not a folder ({folder.absolute()})."
-            own_fix = f"Point it at the folder holding {holding}, or name a model id."
-        elif key == "model_name_or_path" and folder.is_dir() and not (folder / "config.json").is_file():
-            problem = f"{key}: {value} is a folder without config.json, not a model's folder."
-            own_fix = f"Point it at the folder holding {holding}."
-        else:
-            continue
-        raise RecipeError(f"{where}{problem} {fix or own_fix}")
+    return value_or_none(given.get(key, host_keys()[key].default if key in host_keys() else None))
 
 
 def _model_on_meta_device(source: str, trust: bool) -> Any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import transformers
 import yaml
 
@@ -15,11 +14,11 @@ from llamafactory_hera.hera.selection.recipe_write import (
     check_folder_writable,
     check_writable,
     update_recipe,
-    write_text_atomic,
+    write_outputs,
 )
 from llamafactory_hera.hera.selection.select import SelectionOptions, SelectionResult, run_selection, scoring_dtype
 from llamafactory_hera.log import host_output_to, show
-from llamafactory_hera.plots.heads import format_head_table, plot_head_heatmap
+from llamafactory_hera.plots.heads import format_head_table
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.model_data import parse_recipe
 from llamafactory_hera_patches.registry import method_for_stage
@@ -62,16 +61,6 @@ def heads_table(heads: list[str], result: SelectionResult) -> str:
         rows.append({"head": head, "MKNN": result.scores[ref.layer][ref.head] if inside else "-",
                      "rank": f"{rank[str(ref)]}/{len(rank)}" if inside else "not in this model"})
     return format_head_table(rows, ["head", "MKNN", "rank"])
-
-
-def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, title: str) -> None:
-    """Record (atomic) and heatmap, saying when an earlier one is replaced."""
-    for path in (json_path, png_path):
-        if path.exists():
-            show(f"replacing {path}")
-    write_text_atomic(json_path, result.to_json() + "\n")
-    selected = [(parse_head(h).layer, parse_head(h).head) for h in result.selected]
-    plot_head_heatmap(np.asarray(result.scores, dtype=float), selected, png_path, title)
 
 
 def run_select(args: Any) -> SelectionResult:

@@ -14,13 +14,19 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import yaml
 from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from llamafactory_hera.heads.geometry import parse_head
+from llamafactory_hera.log import show
+from llamafactory_hera.plots.heads import plot_head_heatmap
+
+if TYPE_CHECKING:  # select writes through this module
+    from llamafactory_hera.hera.selection.select import SelectionResult
 
 KEY = "hera_heads"
 AUTO_NOTE = "# chosen by `llamafactory-hera select` (was: auto)"
@@ -163,3 +169,13 @@ def check_folder_writable(folder: Path, what: str) -> None:
         raise PermissionError(f"cannot write {what} into {folder} ({type(err).__name__}: {err.strerror}); nothing "
                               "was scored. Make the folder writable, or pass --output NEW.yaml in a writable "
                               "folder.") from None
+
+
+def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, title: str) -> None:
+    """Record (atomic) and heatmap, saying when an earlier one is replaced."""
+    for path in (json_path, png_path):
+        if path.exists():
+            show(f"replacing {path}")
+    write_text_atomic(json_path, result.to_json() + "\n")
+    selected = [(parse_head(h).layer, parse_head(h).head) for h in result.selected]
+    plot_head_heatmap(np.asarray(result.scores, dtype=float), selected, png_path, title)

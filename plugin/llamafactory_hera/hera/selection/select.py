@@ -36,7 +36,7 @@ from llamafactory_hera.hera.teacher import (
 )
 from llamafactory_hera.hera.teacher_cache import feature_store, path_fingerprint
 from llamafactory_hera.log import show
-from llamafactory_hera.recipe.model_checks import check_model_paths
+from llamafactory_hera.recipe.model_paths import check_model_paths
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import truthy
 from llamafactory_hera_patches.guard import recorded_versions
