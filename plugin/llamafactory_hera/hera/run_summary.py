@@ -30,9 +30,11 @@ class RunSummary(TrainerCallback):
                  monitor: Any = None) -> None:
         self.trainer, self.hera_args, self.data_counts = trainer, hera_args, data_counts
         self.contrastive, self.monitor = contrastive, monitor
+        self.said = False  # once: auto_find_batch_size begins training again after an out-of-memory error
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and not self.said:
+            self.said = True
             print(self.start_line(), flush=True)
 
     def start_line(self) -> str:

@@ -56,7 +56,8 @@ def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int
             # before the trainer loads its teacher: the same heads on every rank, and heads that a trainable weight
             # moves (else only the temperature would train)
             check_same_heads_on_every_rank(list(hera_args.hera_heads))
-            check_heads_train(kwargs["model"], hera_args.head_refs, auto, kwargs.get("finetuning_args"))
+            model = kwargs["model"] if "model" in kwargs else args[0]  # Trainer(model, args, ...)
+            check_heads_train(model, hera_args.head_refs, auto, kwargs.get("finetuning_args"))
             super().__init__(*args, hera_args=hera_args, hera_feature_cache=cache, hera_queue=contrastive.queue,
                              **kwargs)
             self.hera_monitor = None if probe is None else MonitorCallback(self, hera_args, probe, self.hera_geometry,
