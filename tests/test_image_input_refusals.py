@@ -69,10 +69,6 @@ def test_image_problem_decodes_what_open_alone_passes(assets: Any, tmp_path: Pat
 
 # name -> (stage, dataset edit or None, recipe overrides, the message's start, its end)
 CASES: dict[str, tuple[str, Any, dict[str, Any], str, str]] = {
-    "hera: a PNG that PIL cannot open": (
-        "hera", _junk_png, {"preprocessing_num_workers": 2}, "image '", "/images/0003.png' of training dataset row 3 "
-        "(hera_demo: {data}/hera_demo.json) cannot be decoded (truncated or not an image); replace the file or remove "
-        "the row (LLaMA-Factory's preprocessing: OSError: Truncated File Read)"),
     "hera: a truncated PNG": (
         "hera", _half_png, {}, "image '", "/images/0003.png' of training dataset row 3 (hera_demo: "
         "{data}/hera_demo.json) cannot be decoded (truncated or not an image); replace the file or remove the row "
@@ -103,6 +99,22 @@ def test_a_bad_image_row_is_one_line_before_the_model_loads(case: str, assets: A
     recipe.update(dataset_dir=data, overwrite_cache=True, **overrides)
     message = _refused(recipe)
     assert message.startswith(start.format(data=data)) and message.endswith(end.format(data=data)), message
+
+
+def test_a_png_pil_cannot_open_in_a_preprocessing_worker_is_one_line(assets: Any, tmp_path: Path) -> None:
+    """``preprocessing_num_workers: 2``: PIL's error is raised in a worker that datasets forks (its traceback is the
+    error's cause). In a real process: a fork from the test process, which earlier tests left with many threads, twice
+    left a worker blocked on a multiprocessing semaphore while the test waited for it (CI hung); a hung process here
+    is killed at the timeout and the test fails instead."""
+    data = _data(assets, tmp_path, _junk_png)
+    proc = run_train(base_recipe(assets, "qwen3_vl", tmp_path / "out", dataset_dir=data, overwrite_cache=True,
+                                 preprocessing_num_workers=2), tmp_path, check=False, process=True, timeout=300)
+    last = (proc.stdout + proc.stderr).rstrip("\n").split("\n")[-1]
+    assert proc.returncode == 1 and "trainable params" not in proc.stdout + proc.stderr, last
+    assert last.startswith("[llamafactory-hera] error: image '") and last.endswith(
+        f"/images/0003.png' of training dataset row 3 (hera_demo: {data}/hera_demo.json) cannot be decoded (truncated "
+        "or not an image); replace the file or remove the row (LLaMA-Factory's preprocessing: OSError: Truncated File "
+        "Read)"), last
 
 
 def test_the_cli_names_a_truncated_png_in_one_line(assets: Any, tmp_path: Path) -> None:

@@ -111,11 +111,11 @@ def test_calibrate_with_the_trust_region_on_the_accelerator_equals_the_cpu(asset
     assert [(u.layer, u.head, [a[:2] for a in u.anchors], u.region) for u in calibration.updates] == \
         [(u.layer, u.head, [a[:2] for a in u.anchors], u.region) for u in cpu.updates]
     assert all(torch.equal(weights[name], p) for name, p in on_cpu.named_parameters())
-    # the selection and the trust region (calibrate.py, heads.py, update.py): one sync per alpha tried (the KL
+    # the selection and the trust region (calibrate.py, targets_anchors.py, update.py): one sync per alpha tried (the KL
     # compared with delta), one per KL probe sample (its positions, found once), one per target (its anchors'
     # similarities), one per accepted head
     selection = sum(n for line, n in where.items() if "to device" not in line and any(
-        f"llamafactory_hera/rah/{name}.py" in line for name in ("calibrate", "heads", "update")))
+        f"llamafactory_hera/rah/{name}.py" in line for name in ("calibrate", "targets_anchors", "update")))
     targets = len(calibration.updates)
     accepted = sum(1 for u in calibration.updates if u.region is not None and u.region.alpha > 0)
     print("\n".join(f"{n} {line}" for line, n in where.most_common()))
