@@ -126,6 +126,8 @@ def test_the_hera_k_cap_counts_the_images_that_train(assets, tmp_path: Path) -> 
     assert ("hera_k: 12: a contrastive set needs 13 distinct images (hera_k + 1: an anchor and its 12 teacher "
             "neighbours; at least 3 for a negative), but the training data (dataset: hera_demo, max_samples: 16, "
             "without val_size: 0.25's validation rows) has 12 distinct images") in output
+    assert "Lower hera_k to at most 11, or train on more images (another dataset, a larger max_samples, or a smaller " \
+           "val_size)." in output
 
 
 def _refused(assets, tmp_path: Path, **overrides: Any) -> str:
@@ -149,6 +151,13 @@ def test_a_dataset_without_any_image_is_refused(assets, tmp_path: Path, heads: s
     folder = image_less_dataset(assets, tmp_path / "data")
     output = _refused(assets, tmp_path, dataset_dir=str(folder), **({"hera_heads": "auto"} if heads == "auto" else {}))
     assert "dataset: ['hera_demo'] has no image in any of its 32 rows" in output and "use stage: sft" in output
+
+
+def test_rows_without_images_say_which_rows_train(assets, tmp_path: Path) -> None:
+    folder = image_less_dataset(assets, tmp_path / "data")
+    output = _refused(assets, tmp_path, dataset_dir=str(folder), val_size=0.25)
+    assert ("dataset: ['hera_demo'] has no image in any of its 24 rows that train (val_size: 0.25 holds the others "
+            "out); stage: hera aligns heads") in output
 
 
 def test_fp16_under_deepspeed_with_a_learned_temperature_is_refused() -> None:

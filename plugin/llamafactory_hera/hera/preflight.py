@@ -92,10 +92,12 @@ def _setting(geometry: ContrastiveGeometry, hera_args: HeraArguments) -> str:
 
 
 def check_contrastive_geometry(geometry: ContrastiveGeometry, hera_args: HeraArguments,
-                               data: str = "the training data") -> None:
+                               data: str = "the training data",
+                               more: str = "another dataset, or a larger max_samples") -> None:
     """Refuse a run none of whose contrastive sets can ever hold ``hera_k`` + 1 distinct images (an anchor and its k
-    neighbours): too few distinct images in ``data`` (the recipe's keys that chose it, for the message), or in a
-    batch set and the queue together; first of all, one whose sets never hold a negative."""
+    neighbours): too few distinct images in ``data`` (the recipe's keys that chose it, for the message; ``more``: the
+    keys that would give more), or in a batch set and the queue together; first of all, one whose sets never hold a
+    negative."""
     k = hera_args.hera_k
     distinct, needed = geometry.distinct_images, max(k + 1, 3)
     if distinct is not None and distinct < needed:
@@ -104,7 +106,7 @@ def check_contrastive_geometry(geometry: ContrastiveGeometry, hera_args: HeraArg
             f"hera_k: {k}: a contrastive set needs {needed} distinct images (hera_k + 1: an anchor and its {k} teacher "
             f"neighbour{'s' if k != 1 else ''}; at least 3 for a negative), but {data} has {distinct} distinct "
             f"image{'s' if distinct != 1 else ''}, so no set can ever hold {needed} (a queue would only repeat them). "
-            f"{fix} on more images (another dataset, or a larger max_samples).")
+            f"{fix} on more images ({more}).")
     setting = _setting(geometry, hera_args)
     if geometry.largest < 3:
         if geometry.largest < 2:
@@ -166,15 +168,15 @@ def _image_identity(image: Any, row: int) -> Any:
     return path if isinstance(path, str) else ("in-memory", row)
 
 
-def check_image_rows(counts: ImageRowCounts | None, datasets: Any) -> None:
-    """Refuse training data without any image."""
+def check_image_rows(counts: ImageRowCounts | None, datasets: Any, which: str = "") -> None:
+    """Refuse training data without any image (``which``: said after "rows", e.g. which of them train)."""
     if counts is None or counts.image_rows > 0:
         return
     videos = (f" ({counts.video_only_rows} rows have only videos, which have no teacher feature)"
               if counts.video_only_rows else "")
-    raise RecipeError(f"dataset: {datasets} has no image in any of its {counts.rows} rows{videos}; stage: hera aligns "
-                      "heads to the teacher's image neighbourhoods and would train plain SFT. Add image-text rows "
-                      "(sharegpt `images` column, registered in dataset_info.json) or use stage: sft.")
+    raise RecipeError(f"dataset: {datasets} has no image in any of its {counts.rows} rows{which}{videos}; stage: hera "
+                      "aligns heads to the teacher's image neighbourhoods and would train plain SFT. Add image-text "
+                      "rows (sharegpt `images` column, registered in dataset_info.json) or use stage: sft.")
 
 
 def trainable_layers(model: nn.Module) -> list[int]:

@@ -106,7 +106,9 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
         recipe = RecipeArgs(model_args, data_args, finetuning_args)
         aligned = load_aligned_rows(recipe, training_args.seed, training_args=training_args)
         counts = count_image_rows(training_rows(recipe, training_args.seed, aligned))
-        check_image_rows(counts, data_args.dataset)
+        held_out = data_args.val_size > 1e-6 and not data_args.eval_dataset
+        check_image_rows(counts, data_args.dataset,
+                         f" that train (val_size: {data_args.val_size} holds the others out)" if held_out else "")
         return image_rows(aligned, column="_images", check_files=main, placeholder=image_placeholder(),
                           data=describe_data(data_args)), counts, aligned
 
@@ -126,9 +128,11 @@ def _contrastive(hera_args: HeraArguments, counts: Any, data_args: Any, training
         return geometry
     names = ", ".join(data_args.dataset) if isinstance(data_args.dataset, list) else data_args.dataset
     limit = f", max_samples: {data_args.max_samples}" if data_args.max_samples is not None else ""
+    more = "another dataset, or a larger max_samples"
     if data_args.val_size > 1e-6 and not data_args.eval_dataset:  # its validation rows do not train
         limit += f", without val_size: {data_args.val_size}'s validation rows"
-    check_contrastive_geometry(geometry, hera_args, f"the training data (dataset: {names}{limit})")
+        more = "another dataset, a larger max_samples, or a smaller val_size"
+    check_contrastive_geometry(geometry, hera_args, f"the training data (dataset: {names}{limit})", more)
     line = queue_cap_line(geometry, hera_args)
     if line and training_args.process_index == 0:
         say(line)
