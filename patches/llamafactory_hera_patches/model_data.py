@@ -142,11 +142,16 @@ def tokenized_rows_and_collator(args: RecipeArgs, model: Any, tokenizer_module: 
     return tokenized, collator
 
 
+def holds_out_by_val_size(data_args: Any) -> bool:
+    """Whether LLaMA-Factory holds ``val_size`` of the training rows out (no ``eval_dataset``, not streaming)."""
+    return not data_args.eval_dataset and data_args.val_size > 1e-6 and not data_args.streaming
+
+
 def _val_size_split(args: RecipeArgs, seed: int, rows: Any) -> tuple[Any, Any] | None:
     """(training rows, validation rows) of LLaMA-Factory's ``val_size`` split of ``rows`` (its ``split_dataset`` with
-    the run's seed), or None when the recipe holds none out so (``eval_dataset``, no ``val_size``, streaming)."""
+    the run's seed), or None when the recipe holds none out so (:func:`holds_out_by_val_size`)."""
     data_args = args.data_args
-    if data_args.eval_dataset or not data_args.val_size > 1e-6 or data_args.streaming:
+    if not holds_out_by_val_size(data_args):
         return None
     data_utils = importlib.import_module("llamafactory.data.data_utils")
     train, held_out = data_utils.split_dataset(rows, None, data_args, seed=seed)

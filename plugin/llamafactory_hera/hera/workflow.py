@@ -38,7 +38,7 @@ from llamafactory_hera.recipe.dataset_info import describe_data
 from llamafactory_hera.recipe.image_files import first_unreadable, image_rows
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.media_warnings import media_warnings_held
-from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows, training_rows
+from llamafactory_hera_patches.model_data import RecipeArgs, holds_out_by_val_size, load_aligned_rows, training_rows
 from llamafactory_hera_patches.templates import image_placeholder
 
 
@@ -106,9 +106,8 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
         recipe = RecipeArgs(model_args, data_args, finetuning_args)
         aligned = load_aligned_rows(recipe, training_args.seed, training_args=training_args)
         counts = count_image_rows(training_rows(recipe, training_args.seed, aligned))
-        held_out = data_args.val_size > 1e-6 and not data_args.eval_dataset
-        check_image_rows(counts, data_args.dataset,
-                         f" that train (val_size: {data_args.val_size} holds the others out)" if held_out else "")
+        check_image_rows(counts, data_args.dataset, f" that train (val_size: {data_args.val_size} holds the others "
+                         "out)" if holds_out_by_val_size(data_args) else "")
         return image_rows(aligned, column="_images", check_files=main, placeholder=image_placeholder(),
                           data=describe_data(data_args)), counts, aligned
 
@@ -129,7 +128,7 @@ def _contrastive(hera_args: HeraArguments, counts: Any, data_args: Any, training
     names = ", ".join(data_args.dataset) if isinstance(data_args.dataset, list) else data_args.dataset
     limit = f", max_samples: {data_args.max_samples}" if data_args.max_samples is not None else ""
     more = "another dataset, or a larger max_samples"
-    if data_args.val_size > 1e-6 and not data_args.eval_dataset:  # its validation rows do not train
+    if holds_out_by_val_size(data_args):  # its validation rows do not train
         limit += f", without val_size: {data_args.val_size}'s validation rows"
         more = "another dataset, a larger max_samples, or a smaller val_size"
     check_contrastive_geometry(geometry, hera_args, f"the training data (dataset: {names}{limit})", more)
