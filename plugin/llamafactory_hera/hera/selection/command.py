@@ -16,7 +16,8 @@ from llamafactory_hera.hera.selection.recipe_write import (
     update_recipe,
     write_outputs,
 )
-from llamafactory_hera.hera.selection.select import SelectionOptions, SelectionResult, run_selection, scoring_dtype
+from llamafactory_hera.hera.selection.result import SelectionResult
+from llamafactory_hera.hera.selection.select import SelectionOptions, run_selection, scoring_dtype
 from llamafactory_hera.log import host_output_to, show
 from llamafactory_hera.plots.heads import format_head_table
 from llamafactory_hera.short_errors import RecipeError

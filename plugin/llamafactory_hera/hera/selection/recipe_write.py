@@ -14,7 +14,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import yaml
@@ -22,11 +22,9 @@ from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from llamafactory_hera.heads.geometry import parse_head
+from llamafactory_hera.hera.selection.result import SelectionResult
 from llamafactory_hera.log import show
 from llamafactory_hera.plots.heads import plot_head_heatmap
-
-if TYPE_CHECKING:  # select writes through this module
-    from llamafactory_hera.hera.selection.select import SelectionResult
 
 KEY = "hera_heads"
 AUTO_NOTE = "# chosen by `llamafactory-hera select` (was: auto)"

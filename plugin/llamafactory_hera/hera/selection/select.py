@@ -16,7 +16,7 @@ import os
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.choices import DTYPES, MODES, RECIPE_BACKED, STRATEGIES, dest
 from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
+from llamafactory_hera.hera.selection.result import SelectionResult
 from llamafactory_hera.hera.selection.scores import HeadNeighbours, all_head_neighbours
 from llamafactory_hera.hera.teacher import (
     check_teacher_source,
@@ -45,8 +46,6 @@ from llamafactory_hera_patches.model_data import (
     load_model_for_scoring,
     multimodal_dataset_and_collator,
 )
-
-RECORD_VERSION = 1
 
 
 @dataclass
@@ -133,28 +132,6 @@ def _checkpoint_dtype(model_name_or_path: Any) -> str:
             if name in DTYPES:
                 return name
     return "float32"
-
-
-@dataclass
-class SelectionResult:
-    """Scores of every head and the chosen ones, with everything needed to reproduce them."""
-
-    scores: list[list[float]]  # [L][H] MKNN
-    selected: list[str]
-    strategy: str
-    ranking: list[dict[str, Any]]  # every head, least aligned first
-    settings: dict[str, Any]
-    identity: dict[str, Any]
-    versions: dict[str, str]
-    num_pairs: int
-    duration_s: float
-    data_notes: dict[str, Any] = field(default_factory=dict)  # distinct images, dropped duplicates, caption ties
-    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    record_version: int = RECORD_VERSION
-
-    def to_json(self) -> str:
-        """The JSON record."""
-        return json.dumps(asdict(self), indent=2)
 
 
 def choose_heads(scores: torch.Tensor, num_heads: int, strategy: str, seed: int) -> list[HeadRef]:
