@@ -1,5 +1,6 @@
-"""Every family of the zoo's first half (``llamafactory_hera_testing.zoo_a``) trains plain ``stage: sft`` through
-LLaMA-Factory's own path: a tiny model built here, LoRA on ``lora_target: all``, one step of two image rows."""
+"""Every Gemma, Llama, Mistral and LFM2 family of the zoo (``llamafactory_hera_testing.zoo_gemma`` and
+``zoo_llama_mistral_lfm``) trains plain ``stage: sft`` through LLaMA-Factory's own path: a tiny model built here, LoRA
+on ``lora_target: all``, one step of two image rows."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import pytest
 from conftest import run_train
 from llamafactory_hera.fixtures import TinyAssets
 from llamafactory_hera.fixtures.models import save_built
-from llamafactory_hera_testing.zoo_a import ZOO_A
+from llamafactory_hera_testing.zoo_gemma import ZOO_GEMMA
+from llamafactory_hera_testing.zoo_llama_mistral_lfm import ZOO_LLAMA_MISTRAL_LFM
 
+ZOO = {**ZOO_GEMMA, **ZOO_LLAMA_MISTRAL_LFM}  # in this order: a family's RNG stream is its position
 STREAM_BASE = 10  # RNG streams 10.. (the fixtures' models use 0-2, families.py 3-5)
 
 # LLaMA-Factory 0.9.5 matches LoRA targets of a composite model as substrings of module paths
@@ -34,12 +37,12 @@ GEMMA3N_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,down_proj"
 @pytest.fixture(scope="module")
 def zoo_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """A family's tiny model folder, built on first use (weights on RNG stream STREAM_BASE + its position)."""
-    root, built = tmp_path_factory.mktemp("zoo_a"), {}
+    root, built = tmp_path_factory.mktemp("zoo_gemma_llama_mistral"), {}
 
     def folder(name: str) -> Path:
         if name not in built:
             start = time.perf_counter()
-            built[name] = save_built(ZOO_A[name][1], root / name, seed=0, stream=STREAM_BASE + list(ZOO_A).index(name))
+            built[name] = save_built(ZOO[name][1], root / name, seed=0, stream=STREAM_BASE + list(ZOO).index(name))
             print(f"{name}: built in {time.perf_counter() - start:.2f} s")
         return built[name]
 
@@ -73,10 +76,10 @@ def _train_one_step(recipe: dict[str, Any], tmp: Path, name: str) -> None:
 
 @pytest.mark.parametrize("name", [
     pytest.param(name, marks=pytest.mark.xfail(reason=XFAIL[name], raises=AssertionError, strict=True))
-    if name in XFAIL else name for name in ZOO_A])
+    if name in XFAIL else name for name in ZOO])
 def test_zoo_family_trains_one_sft_step(name: str, zoo_model: Callable[[str], Path], assets: TinyAssets,
                                         tmp_path: Path) -> None:
-    template = ZOO_A[name][0]
+    template = ZOO[name][0]
     _train_one_step(_sft_recipe(zoo_model(name), template, assets, tmp_path / "out"), tmp_path, name)
 
 

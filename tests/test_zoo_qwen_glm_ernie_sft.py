@@ -1,5 +1,7 @@
-"""The tiny models of llamafactory_hera_testing.zoo_b train plain ``stage: sft`` (LoRA on every linear layer, one step
-of two rows) through LLaMA-Factory's own path with the family's template, each built once per module."""
+"""The tiny models of the Qwen-VL line, the video LLaVAs, the GLM-V line and ERNIE-VL
+(``llamafactory_hera_testing.zoo_qwen_video_llava`` and ``zoo_glm_ernie``) train plain ``stage: sft`` (LoRA on every
+linear layer, one step of two rows) through LLaMA-Factory's own path with the family's template, each built once per
+module."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ import pytest
 from conftest import run_train
 from llamafactory_hera.fixtures import TinyAssets
 from llamafactory_hera.fixtures.models import save_built
-from llamafactory_hera_testing.zoo_b import ZOO_B
+from llamafactory_hera_testing.zoo_glm_ernie import ZOO_GLM_ERNIE
+from llamafactory_hera_testing.zoo_qwen_video_llava import ZOO_QWEN_VIDEO_LLAVA
 
+ZOO = {**ZOO_QWEN_VIDEO_LLAVA, **ZOO_GLM_ERNIE}  # in this order: a family's RNG stream is its position
 STREAM = 200  # RNG streams of these builds: after the fixtures' and families.py's
 # ERNIE-4.5-VL: LLaMA-Factory 0.9.5 lists no vision keys for it, so `lora_target: all` also names the resampler's
 # Linear `mlp`, which PEFT then matches on the decoder's dense MLP block too; explicit targets train.
@@ -27,7 +31,7 @@ XFAIL: dict[tuple[str, str], tuple[str, str]] = {
         "_setup_lora_tuning: `lora_target: all` names the resampler's Linear `mlp`, which also matches the decoder "
         "layers' `mlp` blocks)"),
 }
-CASES = [(name, "all") for name in ZOO_B] + [("ernie4_5_vl_moe", DECODER_LINEARS)]
+CASES = [(name, "all") for name in ZOO] + [("ernie4_5_vl_moe", DECODER_LINEARS)]
 
 
 class KnownHostFailure(Exception):
@@ -50,8 +54,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, flo
 def _model(name: str, built: dict[str, tuple[Path, float]], tmp_path_factory: pytest.TempPathFactory) -> Path:
     if name not in built:
         start = time.perf_counter()
-        folder = save_built(ZOO_B[name][1], tmp_path_factory.mktemp("zoo_b") / name, seed=0,
-                            stream=STREAM + list(ZOO_B).index(name))
+        folder = save_built(ZOO[name][1], tmp_path_factory.mktemp("zoo_qwen_glm_ernie") / name, seed=0,
+                            stream=STREAM + list(ZOO).index(name))
         built[name] = folder, time.perf_counter() - start
     return built[name][0]
 
@@ -63,7 +67,7 @@ def test_family_trains_one_sft_step(name: str, lora_target: str, built: dict[str
     model = _model(name, built, tmp_path_factory)
     out = tmp_path / "out"
     recipe = {
-        "model_name_or_path": str(model), "template": ZOO_B[name][0], "stage": "sft", "do_train": True,
+        "model_name_or_path": str(model), "template": ZOO[name][0], "stage": "sft", "do_train": True,
         "finetuning_type": "lora", "lora_target": lora_target, "dataset": "hera_demo",
         "dataset_dir": str(assets.dataset_dir), "max_samples": 4, "cutoff_len": 512,
         "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": 1, "logging_steps": 1,

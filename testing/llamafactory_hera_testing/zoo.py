@@ -1,6 +1,7 @@
-"""Every image-text family LLaMA-Factory 0.9.5 ships with a transformers 5.6 class, as a tiny random-weight model
-(tests only): the fixtures' three (:mod:`llamafactory_hera.fixtures.models`), the recipe families
-(:mod:`llamafactory_hera_testing.families`) and the rest (:mod:`.zoo_a`, :mod:`.zoo_b`).
+"""Every image-text family LLaMA-Factory 0.9.5 ships with a transformers 5.6 class, as a tiny random-weight model (tests
+only): the fixtures' three (:mod:`llamafactory_hera.fixtures.models`), the recipe families
+(:mod:`llamafactory_hera_testing.families`) and the rest (:mod:`.zoo_gemma`, :mod:`.zoo_llama_mistral_lfm`,
+:mod:`.zoo_qwen_video_llava`, :mod:`.zoo_glm_ernie`).
 
 :func:`zoo_model` builds a family once per process under a root folder (built in a temporary sibling and renamed into
 place, so pytest-xdist workers building at once never read a partial build).
@@ -17,13 +18,15 @@ from pathlib import Path
 from transformers import PreTrainedModel, ProcessorMixin
 
 from llamafactory_hera.fixtures.models import save_built
-from llamafactory_hera_testing.zoo_a import ZOO_A
-from llamafactory_hera_testing.zoo_b import ZOO_B
+from llamafactory_hera_testing.zoo_gemma import ZOO_GEMMA
+from llamafactory_hera_testing.zoo_glm_ernie import ZOO_GLM_ERNIE
+from llamafactory_hera_testing.zoo_llama_mistral_lfm import ZOO_LLAMA_MISTRAL_LFM
+from llamafactory_hera_testing.zoo_qwen_video_llava import ZOO_QWEN_VIDEO_LLAVA
 
 Builder = Callable[[], tuple[PreTrainedModel, ProcessorMixin]]
 
 # family -> (LLaMA-Factory template, builder), the families no other test module builds
-ZOO: dict[str, tuple[str, Builder]] = {**ZOO_A, **ZOO_B}
+ZOO: dict[str, tuple[str, Builder]] = {**ZOO_GEMMA, **ZOO_LLAMA_MISTRAL_LFM, **ZOO_QWEN_VIDEO_LLAVA, **ZOO_GLM_ERNIE}
 STREAM = 300  # RNG streams of these builds: after the fixtures' and families.py's
 VERSION = 1  # bump whenever a builder changes
 

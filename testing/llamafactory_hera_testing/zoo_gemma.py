@@ -1,12 +1,12 @@
-"""Tiny random-weight models of more image-text families (tests only): the Gemma families here (Gemma 3, Gemma 3n,
-Gemma 4, PaliGemma), Pixtral, Mistral Small 3, Llama 3.2 Vision, Llama 4 and LFM2-VL in
-:mod:`llamafactory_hera_testing.zoo_a2`.
+"""Tiny random-weight models of the Gemma image-text families (tests only): Gemma 3, Gemma 3n, Gemma 4 and PaliGemma
+(Pixtral, Mistral Small 3, Llama 3.2 Vision, Llama 4 and LFM2-VL, and the parts all these builders share, are in
+:mod:`llamafactory_hera_testing.zoo_llama_mistral_lfm`).
 
-Each builder returns ``(model, processor)`` like the fixtures' builders (:mod:`llamafactory_hera.fixtures.models`,
-whose tokenizer helpers they reuse): a width-64 text model with the family's layer mix, a width-32, 2-layer vision
-tower and a 512-token tokenizer carrying the special tokens of the family's LLaMA-Factory template and processor.
-Processor sizes give a few image tokens per 48 px image of the tiny dataset. :data:`ZOO_A` maps the LLaMA-Factory
-family name to (template name, builder); save one with ``save_built(builder, folder, seed, stream)``.
+Each builder returns ``(model, processor)`` like the fixtures' builders (:mod:`llamafactory_hera.fixtures.models`, whose
+tokenizer helpers they reuse): a width-64 text model with the family's layer mix, a width-32, 2-layer vision tower and a
+512-token tokenizer carrying the special tokens of the family's LLaMA-Factory template and processor. Processor sizes
+give a few image tokens per 48 px image of the tiny dataset. :data:`ZOO_GEMMA` maps the LLaMA-Factory family name to
+(template name, builder); save one with ``save_built(builder, folder, seed, stream)``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from llamafactory_hera.fixtures.tokenizer import bos_first, bpe_with, fast
-from llamafactory_hera_testing.zoo_a2 import HEAD_DIM, WIDTH, ZOO_A2, Builder, _image_size, _text
+from llamafactory_hera_testing.zoo_llama_mistral_lfm import HEAD_DIM, WIDTH, Builder, _image_size, _text
 
 
 def _siglip(image_size: int, patch: int) -> dict:
@@ -202,10 +202,9 @@ def _build_gemma4() -> tuple[PreTrainedModel, ProcessorMixin]:
     return Gemma4ForConditionalGeneration(config), processor
 
 
-ZOO_A: dict[str, tuple[str, Builder]] = {
+ZOO_GEMMA: dict[str, tuple[str, Builder]] = {
     "gemma3": ("gemma3", _build_gemma3),
     "gemma3n": ("gemma3n", _build_gemma3n),
     "gemma4": ("gemma4", _build_gemma4),
     "paligemma": ("paligemma", _build_paligemma),
-    **ZOO_A2,
 }

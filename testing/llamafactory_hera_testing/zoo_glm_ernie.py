@@ -1,7 +1,6 @@
-"""Tiny random-weight models of more image-text families, part B continued (tests only): the GLM-V line (GLM-4.1V,
-GLM-4.5V MoE, GLM-OCR) and ERNIE-4.5-VL (MoE). Built like :mod:`llamafactory_hera_testing.zoo_b` (which gathers both
-parts into ``ZOO_B``): 2 decoder layers, width 64, a width-32 2-layer vision tower, the ~500-token tokenizer trained on
-the spot with the family's special tokens, 4 image tokens per 48 px image.
+"""Tiny random-weight models of the GLM-V line (GLM-4.1V, GLM-4.5V MoE, GLM-OCR) and ERNIE-4.5-VL (MoE) (tests only).
+Built like :mod:`llamafactory_hera_testing.zoo_qwen_video_llava`: 2 decoder layers, width 64, a width-32 2-layer vision
+tower, the ~500-token tokenizer trained on the spot with the family's special tokens, 4 image tokens per 48 px image.
 """
 
 from __future__ import annotations
@@ -175,4 +174,5 @@ _BUILDERS: dict[str, Builder] = {
     "ernie4_5_vl_moe": _build_ernie4_5_vl_moe,
 }
 # LLaMA-Factory family name -> (LLaMA-Factory template, builder); GLM-4.5V's template is glm4_5v
-ZOO_B2: dict[str, tuple[str, Builder]] = {name: (SPECS[name].template, builder) for name, builder in _BUILDERS.items()}
+ZOO_GLM_ERNIE: dict[str, tuple[str, Builder]] = {
+    name: (SPECS[name].template, builder) for name, builder in _BUILDERS.items()}

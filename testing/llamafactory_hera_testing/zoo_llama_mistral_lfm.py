@@ -1,11 +1,11 @@
 """Tiny random-weight models of Pixtral, Mistral Small 3, Llama 3.2 Vision (mllama), Llama 4 and LFM2-VL (tests only),
-and the parts every builder of the zoo shares (:mod:`llamafactory_hera_testing.zoo_a` adds the Gemma families and
-exports the whole zoo as ``ZOO_A``).
+and the parts the Gemma builders (:mod:`llamafactory_hera_testing.zoo_gemma`) share with them.
+:data:`ZOO_LLAMA_MISTRAL_LFM` maps the LLaMA-Factory family name to (template name, builder).
 
-Each builder returns ``(model, processor)`` like the fixtures' builders (:mod:`llamafactory_hera.fixtures.models`,
-whose tokenizer helpers they reuse): a width-64 text model with the family's layer mix, a width-32, 2-layer vision
-tower and a 512-token tokenizer carrying the special tokens of the family's LLaMA-Factory template and processor.
-Processor sizes give a few image tokens per 48 px image of the tiny dataset.
+Each builder returns ``(model, processor)`` like the fixtures' builders (:mod:`llamafactory_hera.fixtures.models`, whose
+tokenizer helpers they reuse): a width-64 text model with the family's layer mix, a width-32, 2-layer vision tower and a
+512-token tokenizer carrying the special tokens of the family's LLaMA-Factory template and processor. Processor sizes
+give a few image tokens per 48 px image of the tiny dataset.
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def _build_lfm2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
     return Lfm2VlForConditionalGeneration(config), Lfm2VlProcessor(image, tok, chat_template=tok.chat_template)
 
 
-ZOO_A2: dict[str, tuple[str, Builder]] = {
+ZOO_LLAMA_MISTRAL_LFM: dict[str, tuple[str, Builder]] = {
     "mllama": ("mllama", _build_mllama),
     "llama4": ("llama4", _build_llama4),
     "lfm2_vl": ("lfm2_vl", _build_lfm2_vl),

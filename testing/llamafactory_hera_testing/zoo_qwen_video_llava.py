@@ -1,9 +1,9 @@
-"""Tiny random-weight models of more image-text families, part B (tests only): the Qwen-VL line (Qwen2-VL, Qwen3-VL-MoE,
-Qwen3.5 dense and MoE, hybrid linear/full attention), LLaVA-NeXT-Video and Video-LLaVA; the GLM-V line and ERNIE-VL
-are in :mod:`llamafactory_hera_testing.zoo_b2`. Each builder returns ``(model, processor)`` like the fixtures'
+"""Tiny random-weight models of the Qwen-VL line and the video LLaVAs (tests only): Qwen2-VL, Qwen3-VL-MoE, Qwen3.5
+dense and MoE (hybrid linear/full attention), LLaVA-NeXT-Video and Video-LLaVA; the GLM-V line and ERNIE-VL are in
+:mod:`llamafactory_hera_testing.zoo_glm_ernie`. Each builder returns ``(model, processor)`` like the fixtures'
 (:mod:`llamafactory_hera.fixtures.models`, whose parts they reuse): 2 decoder layers (one of each kind where a family
 mixes them), width 64, a width-32 2-layer vision tower, the ~500-token tokenizer trained on the spot, a few image tokens
-per 48 px image. :data:`ZOO_B` maps LLaMA-Factory's family name to (template, builder).
+per 48 px image. :data:`ZOO_QWEN_VIDEO_LLAVA` maps LLaMA-Factory's family name to (template, builder).
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ from llamafactory_hera.fixtures.tokenizer import (
     fast,
 )
 from llamafactory_hera_testing.families import LLAVA_NEXT_PINPOINTS
-from llamafactory_hera_testing.zoo_b2 import ZOO_B2
 
 # llava-hf video checkpoints' chat template: images then videos before the text of each turn.
 LLAVA_VIDEO_CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE.replace(
@@ -197,8 +196,6 @@ _BUILDERS: dict[str, Builder] = {
     # LanguageBind/Video-LLaVA-7B-hf: Vicuna-7B, 32 softmax-attention layers, MHA 32/32; image and video CLIP towers
     "video_llava": _build_video_llava,
 }
-# LLaMA-Factory family name -> (LLaMA-Factory template, builder), both parts
-ZOO_B: dict[str, tuple[str, Builder]] = {
-    **{name: (SPECS[name].template, builder) for name, builder in _BUILDERS.items()},
-    **ZOO_B2,
-}
+# LLaMA-Factory family name -> (LLaMA-Factory template, builder)
+ZOO_QWEN_VIDEO_LLAVA: dict[str, tuple[str, Builder]] = {
+    name: (SPECS[name].template, builder) for name, builder in _BUILDERS.items()}
