@@ -1,4 +1,4 @@
-"""GPU memory estimates for the HeRA recipes: the numbers in docs/hera.md's "Recipes" table, in its table of the
+"""GPU memory estimates for the HeRA recipes: the numbers in docs/hera.md's "Recipes" tables, in its table of the
 paper's experiment and in the recipes/llava15/ headers.
 
 These are estimates from a formula, not measurements. ``python recipes/memory.py`` prints the
@@ -9,7 +9,15 @@ Method (bytes per GPU, worst case: every sequence of the micro-batch is ``cutoff
 ``per_device_train_batch_size``: activations and logits are per device, ``hera_gather`` gathers only the pooled head
 representations across the GPUs):
 
-- weights: bf16, 2 bytes per parameter of the whole MLLM (vision tower included);
+- weights: bf16, 2 bytes per parameter of the whole MLLM (vision tower included). Quantized by bitsandbytes
+  (``quantization_bit``, a QLoRA recipe), every linear layer's weight is stored in 4 or 8 bits and the token embeddings
+  and the output layer stay in bf16 (transformers' bitsandbytes loader skips the output layer; embeddings are no
+  linear layer). 4-bit (nf4 or fp4): half a byte per weight plus one absmax per block of 64 weights, a float32
+  (4 bytes) or, with ``double_quantization``, 1 byte plus a float32 per 256 blocks; 8-bit (LLM.int8): 1 byte per
+  weight plus a float32 scale per output row (``int8_row_bytes``). The linear weights are counted as the whole
+  model's parameters less the embeddings and output layer (norms, biases and the vision tower's patch convolution,
+  under 0.1%, are counted as quantized). The one weight being used is dequantized to bf16 at a time: the largest
+  linear layer, 2 bytes per weight, is added;
 - trainable parameters: 16 bytes each (fp32 weight 4 + fp32 gradient 4 + Adam moments 8) for
   the LoRA adapters (rank r on every linear layer of the language model) or the projector;
 - full fine-tune, DeepSpeed ZeRO-3 over N GPUs: 16 bytes per parameter / N (bf16 weight and
@@ -27,6 +35,11 @@ representations across the GPUs):
   without gradient, are small; under the default hera_teacher_precompute it leaves the GPU before
   step 1, so this term is a margin); the HeRA term itself adds the contrastive set's pooled head representations,
   (B x GPUs under hera_gather) x heads x head width floats, and their similarities: a few MB, negligible;
+- LoRA under FSDP2 over N GPUs (``fsdp2_gib``, a recipe run by ``accelerate launch`` with recipes/accelerate/'s
+  config): every decoder layer and vision block is sharded, its bf16 weights 2 bytes per parameter / N, and gathered
+  whole for its forward and backward, two at a time (the one computing and the one prefetched); the root module, the
+  token embeddings and the output layer, stays gathered through the step (2 bytes per parameter, not divided); the
+  adapters' 16 bytes per trainable parameter / N;
 - 2 GiB for the CUDA context, cuBLAS/NCCL workspaces and allocator slack.
 
 The paper's own experiment (Table 2, recipes/llava15/): the model ``llamafactory-hera compose`` builds from the
@@ -39,7 +52,12 @@ global batch (256, 128) and optimizer step; the contrastive set per micro-step i
 ``hera_gather``.
 
 Not included: the frozen vision tower's activations (no gradient flows into it), memory
-fragmentation, evaluation. An 80 GB card has about 79 GiB usable.
+fragmentation, evaluation. An 80 GB card has about 79 GiB usable, a 24 GB card about 22 GiB.
+
+The recipes for the hardware users have (docs/hera.md "Recipes for smaller GPUs, a node, and the 2026 families"):
+``qwen3_8b_hera_qlora.yaml`` (4-bit, one 24 GB GPU: its estimate stays under ``FIT_24GB_GIB``),
+``qwen3_8b_hera_fsdp2.yaml`` (FSDP2 over a node of 8 GPUs) and one LoRA recipe for each family of
+:data:`FAMILIES_2026`.
 """
 
 from __future__ import annotations
@@ -62,6 +80,10 @@ LOGIT_BYTES = 10
 VISION_TOWER_PARAMS = 0.4e9  # google/siglip2-so400m-patch14-384's vision tower (compose's default encoder)
 VISION_WIDTH = 1152  # its hidden size: the projector's input
 LLAVA15 = "llava15"  # recipes/llava15/<stem>_stage1.yaml, <stem>_stage2.yaml: the paper's experiment
+GPU_24GB_GIB = 22.0  # usable memory of a 24 GB card (24e9 bytes = 22.35 GiB, less the driver's share)
+FIT_24GB_GIB = 20.0  # the QLoRA recipe keeps its estimate under this: 2 GiB of a 24 GB card for what is not counted
+NF4_BLOCK = 64  # bitsandbytes 4-bit: weights per absmax (LLaMA-Factory's BitsAndBytesConfig keeps the default)
+NESTED_BLOCK = 256  # double quantization: absmax values per float32 second-level scale
 
 
 @dataclass(frozen=True)
@@ -94,16 +116,17 @@ class Backbone:
     llm_params_b: float = 0.0
     llm_vocab: int = 0
     llm_family: str = ""
+    tied: bool = False  # the output layer shares the token embeddings' weight (config.tie_word_embeddings)
 
 
 BACKBONES: tuple[Backbone, ...] = (
     Backbone("Qwen2.5-3B", "+2.4", "qwen2_5_3b", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_vl", "qwen2_5_vl",
              3.75, 36, 2048, 16, 2, 128, 11008, 151936,
              paper_heads=("L3H4", "L5H11", "L5H14", "L5H9", "L5H15"),
-             llm_id="Qwen/Qwen2.5-3B-Instruct", llm_params_b=3.09, llm_vocab=151936, llm_family="qwen2.5"),
+             llm_id="Qwen/Qwen2.5-3B-Instruct", llm_params_b=3.09, llm_vocab=151936, llm_family="qwen2.5", tied=True),
     Backbone("Qwen3-4B", "+2.2", "qwen3_4b", "Qwen/Qwen3-VL-4B-Instruct", "qwen3_vl_nothink", "qwen3_vl",
              4.44, 36, 2560, 32, 8, 128, 9728, 151936,
-             llm_id="Qwen/Qwen3-4B", llm_params_b=4.02, llm_vocab=151936, llm_family="qwen3"),
+             llm_id="Qwen/Qwen3-4B", llm_params_b=4.02, llm_vocab=151936, llm_family="qwen3", tied=True),
     Backbone("Vicuna-7B", "+2.3", "vicuna_7b", "llava-hf/llava-1.5-7b-hf", "llava", "llava",
              7.06, 32, 4096, 32, 32, 128, 11008, 32064, projector_b=0.021,
              paper_heads=("L0H14", "L1H1", "L0H1", "L0H3", "L0H30"),
@@ -130,6 +153,26 @@ BACKBONES: tuple[Backbone, ...] = (
 )
 
 
+# The 2026 families users pick, one LoRA recipe each (recipes/<stem>_hera.yaml, one 80 GB GPU). Not in the paper
+# (``llm`` names the MLLM, no Vision delta). Shapes: the text config of the checkpoint; params_b: a meta-device instance
+# of transformers 5.6's class with that config and the vision tower's, counted (tests/hera/test_hera_recipe_hardware.py
+# counts again). Qwen3.5's layers are 3 gated-delta-net (linear attention) layers then one gated softmax-attention
+# layer, repeated: HeRA's heads are in the 8 softmax ones; the LoRA count below treats every layer as softmax
+# attention (the adapter's states are under 1 GiB either way).
+FAMILIES_2026: tuple[Backbone, ...] = (
+    Backbone("Qwen3.5-9B", "", "qwen3_5_9b", "Qwen/Qwen3.5-9B", "qwen3_5", "qwen3_5",
+             9.41, 32, 4096, 16, 4, 256, 12288, 248320),
+    Backbone("Gemma-3-12B", "", "gemma3_12b", "google/gemma-3-12b-it", "gemma3", "gemma3",
+             12.19, 48, 3840, 16, 8, 256, 15360, 262208, tied=True),
+    Backbone("InternVL3.5-8B", "", "internvl3_5_8b", "OpenGVLab/InternVL3_5-8B-HF", "intern_vl", "internvl",
+             8.53, 36, 4096, 32, 8, 128, 12288, 151936),
+)
+QLORA = "qwen3_8b_hera_qlora.yaml"  # Qwen3-VL-8B, 4-bit, one 24 GB GPU
+FSDP2 = "qwen3_8b_hera_fsdp2.yaml"  # Qwen3-VL-8B, FSDP2 over 8 GPUs
+FSDP2_CONFIG = "accelerate/fsdp2_config.yaml"  # the accelerate config it runs with
+FSDP2_GPUS = 8
+
+
 def load_recipe(name: str) -> dict:
     """A recipe of this folder as a dict."""
     return yaml.safe_load((RECIPES / name).read_text(encoding="utf-8"))
@@ -151,13 +194,48 @@ def activation_bytes(b: Backbone, batch: int, seq: int) -> float:
     return checkpoints + recomputed + logits
 
 
+def embedding_params(b: Backbone) -> float:
+    """The token embeddings and the output layer (one matrix when tied): what bitsandbytes leaves in bf16."""
+    return b.vocab * b.hidden * (1 if b.tied else 2)
+
+
+def layer_params(b: Backbone) -> float:
+    """One decoder layer's linear weights (q, k, v, o, gate, up, down): what FSDP gathers at a time."""
+    q, kv, d, i = b.heads * b.head_dim, b.kv_heads * b.head_dim, b.hidden, b.intermediate
+    return d * q + 2 * d * kv + q * d + 3 * d * i
+
+
+def quantized_bytes_per_weight(bits: int, double_quant: bool = True, row_width: int | None = None) -> float:
+    """Bytes bitsandbytes stores per linear weight: 4-bit (nf4 / fp4) with or without double quantization, or 8-bit
+    (LLM.int8, whose float32 scale per output row costs ``4 / row_width`` per weight; ``row_width``: the layer's
+    input features, none: not counted)."""
+    if bits == 4:
+        absmax = (1 + 4 / NESTED_BLOCK) if double_quant else 4
+        return 0.5 + absmax / NF4_BLOCK
+    if bits == 8:
+        return 1 + (4 / row_width if row_width else 0)
+    raise ValueError(f"bitsandbytes quantizes to 4 or 8 bits, not {bits}")
+
+
+def weight_bytes(b: Backbone, recipe: dict) -> float:
+    """The frozen weights' bytes: bf16, or bitsandbytes' ``quantization_bit`` (linear layers quantized, embeddings and
+    output layer in bf16, plus the largest linear layer dequantized to bf16 at a time)."""
+    params = b.params_b * 1e9
+    bits = recipe.get("quantization_bit")
+    if bits is None:
+        return params * 2
+    per_weight = quantized_bytes_per_weight(int(bits), bool(recipe.get("double_quantization", True)), b.hidden)
+    dequantized = b.hidden * max(b.intermediate, b.heads * b.head_dim) * 2
+    return (params - embedding_params(b)) * per_weight + embedding_params(b) * 2 + dequantized
+
+
 def estimate_gib(b: Backbone, recipe: dict, zero: int | None = None, num_gpus: int = NUM_GPUS) -> float:
     """Estimated peak GiB per GPU for ``recipe`` on backbone ``b`` (``zero``: 2 or 3 for a full fine-tune)."""
     params = b.params_b * 1e9
     batch, seq = int(recipe["per_device_train_batch_size"]), int(recipe["cutoff_len"])
     fixed = TEACHER_PARAMS * 4 + OVERHEAD + activation_bytes(b, batch, seq)
     if recipe["finetuning_type"] == "lora":
-        states = params * 2 + lora_params(b, int(recipe.get("lora_rank", 8))) * 16
+        states = weight_bytes(b, recipe) + lora_params(b, int(recipe.get("lora_rank", 8))) * 16
     elif recipe.get("freeze_language_model") and zero == 3:  # stage 1 of the paper's experiment, sharded
         states = (params * 2 + b.projector_b * 1e9 * 16) / num_gpus + ZERO3_LIVE_PARAMS * 2
     elif recipe.get("freeze_language_model"):  # stage-1 style: projector only
@@ -169,6 +247,22 @@ def estimate_gib(b: Backbone, recipe: dict, zero: int | None = None, num_gpus: i
     else:
         raise ValueError("a full fine-tune needs zero=2 or zero=3")
     return (states + fixed) / GIB
+
+
+def fsdp2_gib(b: Backbone, recipe: dict, num_gpus: int = FSDP2_GPUS) -> float:
+    """Estimated peak GiB per GPU for a LoRA ``recipe`` on ``b`` under FSDP2 over ``num_gpus`` GPUs."""
+    params = b.params_b * 1e9
+    batch, seq = int(recipe["per_device_train_batch_size"]), int(recipe["cutoff_len"])
+    fixed = TEACHER_PARAMS * 4 + OVERHEAD + activation_bytes(b, batch, seq)
+    root = embedding_params(b) * 2
+    sharded = (params - embedding_params(b)) * 2 / num_gpus + 2 * layer_params(b) * 2
+    adapters = lora_params(b, int(recipe.get("lora_rank", 8))) * 16 / num_gpus
+    return (root + sharded + adapters + fixed) / GIB
+
+
+def backbone_of(stem: str) -> Backbone:
+    """The backbone of recipes/<stem>_hera*.yaml (Table 2's or a 2026 family's)."""
+    return next(b for b in (*BACKBONES, *FAMILIES_2026) if b.stem == stem)
 
 
 def composed(b: Backbone) -> Backbone:
@@ -223,9 +317,25 @@ def llava15_rows() -> list[str]:
     return rows
 
 
+def hardware_rows() -> list[str]:
+    """The rows of docs/hera.md's table of the recipes for smaller GPUs, a node and the 2026 families."""
+    qwen3_8b = backbone_of("qwen3_8b")
+    qlora = estimate_gib(qwen3_8b, load_recipe(QLORA))
+    fsdp2 = fsdp2_gib(qwen3_8b, load_recipe(FSDP2))
+    rows = [f"| `{QLORA}` | `{qwen3_8b.model_id}` | `{qwen3_8b.template}` | 4-bit nf4 QLoRA, one 24 GB GPU | "
+            f"~{qlora:.1f} GiB (bf16 LoRA: ~{estimate_gib(qwen3_8b, load_recipe(f'{qwen3_8b.stem}_hera.yaml')):.0f} GiB) |",
+            f"| `{FSDP2}` | `{qwen3_8b.model_id}` | `{qwen3_8b.template}` | LoRA, FSDP2 over {FSDP2_GPUS} GPUs "
+            f"(`recipes/{FSDP2_CONFIG}`) | ~{fsdp2:.1f} GiB per GPU |"]
+    for b in FAMILIES_2026:
+        name = f"{b.stem}_hera.yaml"
+        rows.append(f"| `{name}` | `{b.model_id}` | `{b.template}` | LoRA, one 80 GB GPU | "
+                    f"{_cell(name, estimate_gib(b, load_recipe(name))).split(': ', 1)[1]} |")
+    return rows
+
+
 def main() -> None:
-    """Print the docs/hera.md table rows, the stage-1 line and the paper's experiment's table rows."""
-    sys.stdout.write("\n".join([*table_rows(), stage1_row(), *llava15_rows()]) + "\n")
+    """Print the docs/hera.md tables' rows, the stage-1 line and the paper's experiment's table rows."""
+    sys.stdout.write("\n".join([*table_rows(), stage1_row(), *llava15_rows(), *hardware_rows()]) + "\n")
 
 
 if __name__ == "__main__":
