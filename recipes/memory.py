@@ -321,9 +321,10 @@ def hardware_rows() -> list[str]:
     """The rows of docs/hera.md's table of the recipes for smaller GPUs, a node and the 2026 families."""
     qwen3_8b = backbone_of("qwen3_8b")
     qlora = estimate_gib(qwen3_8b, load_recipe(QLORA))
+    lora = estimate_gib(qwen3_8b, load_recipe(f"{qwen3_8b.stem}_hera.yaml"))
     fsdp2 = fsdp2_gib(qwen3_8b, load_recipe(FSDP2))
     rows = [f"| `{QLORA}` | `{qwen3_8b.model_id}` | `{qwen3_8b.template}` | 4-bit nf4 QLoRA, one 24 GB GPU | "
-            f"~{qlora:.1f} GiB (bf16 LoRA: ~{estimate_gib(qwen3_8b, load_recipe(f'{qwen3_8b.stem}_hera.yaml')):.0f} GiB) |",
+            f"~{qlora:.1f} GiB (bf16 LoRA: ~{lora:.0f} GiB) |",
             f"| `{FSDP2}` | `{qwen3_8b.model_id}` | `{qwen3_8b.template}` | LoRA, FSDP2 over {FSDP2_GPUS} GPUs "
             f"(`recipes/{FSDP2_CONFIG}`) | ~{fsdp2:.1f} GiB per GPU |"]
     for b in FAMILIES_2026:

@@ -14,7 +14,8 @@ from conftest import REPO
 from markdown_docs import read
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-EIGHT_GPU = [p for p in RECIPES if p.stem.endswith("_full")] + sorted((REPO / "recipes" / "llava15").glob("*.yaml"))
+MULTI_GPU = ("_full", "_fsdp2")  # ZeRO-3 full fine-tunes under torchrun, LoRA under accelerate's FSDP2
+EIGHT_GPU = [p for p in RECIPES if p.stem.endswith(MULTI_GPU)] + sorted((REPO / "recipes" / "llava15").glob("*.yaml"))
 PIN = "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train"
 
 
@@ -23,7 +24,7 @@ def _header(path: Path) -> list[str]:
     return lines[:next(i for i, line in enumerate(lines) if not line.startswith("#"))]
 
 
-@pytest.mark.parametrize("path", [p for p in RECIPES if not p.stem.endswith("_full")], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in RECIPES if not p.stem.endswith(MULTI_GPU)], ids=lambda p: p.name)
 def test_a_one_gpu_recipe_header_pins_one_gpu(path: Path) -> None:
     header = _header(path)
     assert any(line.startswith("# One GPU: llamafactory-cli starts a process on every visible GPU") for line in header)

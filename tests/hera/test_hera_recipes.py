@@ -32,7 +32,7 @@ from llamafactory_hera_testing.families import (
 
 RECIPES = REPO / "recipes"
 RECIPE_FILES = sorted(p.name for p in RECIPES.glob("*_hera*.yaml"))  # stage: hera recipes (rah: tests/rah)
-NAME = re.compile(r"^(?P<stem>[a-z0-9_]+?_\d+b)_hera(?P<variant>_full|_stage1)?\.yaml$")
+NAME = re.compile(r"^(?P<stem>[a-z0-9_]+?_\d+b)_hera(?P<variant>_full|_stage1|_qlora|_fsdp2)?\.yaml$")
 TABLE2_LLMS = ("Qwen2.5-3B", "Qwen3-4B", "Vicuna-7B", "LLaMA3-8B", "Qwen2.5-7B", "Qwen3-8B", "Vicuna-13B",
                "Qwen2.5-14B", "Qwen3-14B")
 PAPER_DEFAULTS = {"stage": "hera", "hera_heads": "auto", "hera_k": 10, "hera_lambda": 0.01,
@@ -70,7 +70,9 @@ def _load_memory_module() -> Any:
 
 
 MEMORY = _load_memory_module()
-BACKBONES = {b.stem: b for b in MEMORY.BACKBONES}
+BACKBONES = {b.stem: b for b in (*MEMORY.BACKBONES, *MEMORY.FAMILIES_2026)}  # Table 2's and the 2026 families'
+QUEUED = {MEMORY.QLORA}  # per-device batch under hera_k + 1: HeRA's feature queue (hera_queue_size: auto) extends it
+GATHERED = {MEMORY.FSDP2: MEMORY.FSDP2_GPUS}  # per-device batch x GPUs (hera_gather) is the contrastive set
 
 
 def _recipe(name: str) -> dict[str, Any]:
@@ -113,8 +115,12 @@ def test_recipe_parses_with_llamafactory_and_the_plugin(name: str, tmp_path: Pat
     assert model_args.model_name_or_path == backbone.model_id
     assert data_args.template == backbone.template and data_args.cutoff_len == recipe["cutoff_len"]
     assert finetuning_args.stage == "sft" and finetuning_args.finetuning_type == recipe["finetuning_type"]
-    assert training_args.bf16 and training_args.per_device_train_batch_size >= hera.hera_k + 1
+    contrastive = training_args.per_device_train_batch_size * GATHERED.get(name, 1)
+    assert training_args.bf16 and (contrastive >= hera.hera_k + 1 or name in QUEUED)
     assert not model_args.disable_gradient_checkpointing
+    if NAME.match(name).group("variant") == "_qlora":  # as LLaMA-Factory reads it: bitsandbytes nf4, double quant
+        assert model_args.quantization_bit == 4 and model_args.quantization_method == "bnb"
+        assert model_args.quantization_type == "nf4" and model_args.double_quantization
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -251,13 +257,17 @@ def test_stage1_recipe_trains_the_projector_only(training_runs: dict, families: 
 
 
 def test_names_cover_table2_with_lora_and_full_plus_one_stage1_example() -> None:
+    """Table 2's LLMs in LoRA and full, one stage-1 example, the QLoRA and FSDP2 twins of Qwen3-8B's LoRA recipe and
+    one LoRA recipe for each 2026 family (issue 56 item 4)."""
     assert [b.llm for b in MEMORY.BACKBONES] == list(TABLE2_LLMS)
     for name in RECIPE_FILES:
         match = NAME.match(name)
         assert match and match.group("stem") in BACKBONES, f"{name}: not <llm>_<size>_hera(_full).yaml"
     expected = {f"{b.stem}_hera{v}.yaml" for b in MEMORY.BACKBONES for v in ("", "_full")}
+    hardware = {MEMORY.QLORA, MEMORY.FSDP2} | {f"{b.stem}_hera.yaml" for b in MEMORY.FAMILIES_2026}
+    assert {MEMORY.QLORA, MEMORY.FSDP2} == {"qwen3_8b_hera_qlora.yaml", "qwen3_8b_hera_fsdp2.yaml"}
     stage1 = [name for name in RECIPE_FILES if name.endswith("_stage1.yaml")]
-    assert set(RECIPE_FILES) == expected | set(stage1) and len(stage1) == 1
+    assert set(RECIPE_FILES) == expected | hardware | set(stage1) and len(stage1) == 1
 
 
 @pytest.mark.parametrize("name", RECIPE_FILES)
@@ -268,9 +278,19 @@ def test_recipe_keys_paths_and_comments(name: str) -> None:
     for key, value in PAPER_DEFAULTS.items():
         assert recipe.get(key) == value, f"{name}: {key} should be {value!r}"
     assert recipe["model_name_or_path"] == backbone.model_id and recipe["template"] == backbone.template
-    assert recipe["per_device_train_batch_size"] >= recipe["hera_k"] + 1  # the contrastive batch is per device
+    contrastive = recipe["per_device_train_batch_size"] * GATHERED.get(name, 1)  # per device, or gathered
+    if name in QUEUED:  # a smaller micro-batch: HeRA's feature queue holds the rest of the contrastive set
+        assert contrastive < recipe["hera_k"] + 1 and recipe["hera_queue_size"] == "auto"
+    else:
+        assert contrastive >= recipe["hera_k"] + 1 and "hera_queue_size" not in recipe
     assert recipe.get("disable_gradient_checkpointing") is False and "gradient_checkpointing" not in recipe
-    if variant is None:
+    assert not any(key.startswith("fsdp") for key in recipe)  # FSDP comes from the accelerate config alone
+    if variant == "_qlora":  # LLaMA-Factory's examples/train_qlora: bitsandbytes 4-bit nf4, double quantization
+        assert (recipe["quantization_bit"], recipe["quantization_method"], recipe["quantization_type"],
+                recipe["double_quantization"]) == (4, "bnb", "nf4", True)
+    else:
+        assert not any(key.startswith("quantization") for key in recipe)
+    if variant in (None, "_qlora", "_fsdp2"):
         assert recipe["finetuning_type"] == "lora" and "deepspeed" not in recipe
     elif variant == "_full":
         assert recipe["finetuning_type"] == "full" and recipe["deepspeed"] == "recipes/deepspeed/ds_z3_config.json"
@@ -296,8 +316,12 @@ def test_recipe_keys_paths_and_comments(name: str) -> None:
     text = (RECIPES / name).read_text(encoding="utf-8")
     _check_comments(name, text)
     assert text.startswith("# HeRA, the paper's secondary setting (fine-tuning an existing MLLM), ")  # not Table 2's
-    assert f"llamafactory-cli train recipes/{name}" in text and "stage=sft" in text  # run + baseline twin
-    if backbone.paper_heads:
+    run = (f"accelerate launch --config_file recipes/{MEMORY.FSDP2_CONFIG} -m llamafactory.launcher recipes/{name}"
+           if variant == "_fsdp2" else f"llamafactory-cli train recipes/{name}")
+    assert run in text and "stage=sft" in text  # run + baseline twin
+    if backbone in MEMORY.FAMILIES_2026:
+        assert f"# {backbone.llm} is not in the paper: `auto` selects its heads the paper's way" in text
+    elif backbone.paper_heads:
         heads = f"[{', '.join(backbone.paper_heads)}]"
         assert f"Paper, Table 5: the 5 least aligned heads of the text-only {backbone.llm} are {heads}" in text
     else:
@@ -345,6 +369,8 @@ def test_docs_recipes_table_matches_the_estimates() -> None:
     for row in MEMORY.table_rows():
         assert row in section, f"docs/hera.md table row differs from `python recipes/memory.py`:\n{row}"
     assert MEMORY.stage1_row() in section
+    for row in MEMORY.hardware_rows():  # QLoRA, FSDP2 and the 2026 families
+        assert row in section, f"docs/hera.md table row differs from `python recipes/memory.py`:\n{row}"
     for name in RECIPE_FILES:
         assert name in section, name
     assert "stage=sft" in section and "ds_z2_config.json" in section and "ZeRO-3" in section
