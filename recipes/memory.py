@@ -217,16 +217,22 @@ def quantized_bytes_per_weight(bits: int, double_quant: bool = True, row_width: 
     raise ValueError(f"bitsandbytes quantizes to 4 or 8 bits, not {bits}")
 
 
-def weight_bytes(b: Backbone, recipe: dict) -> float:
-    """The frozen weights' bytes: bf16, or bitsandbytes' ``quantization_bit`` (linear layers quantized, embeddings and
-    output layer in bf16, plus the largest linear layer dequantized to bf16 at a time)."""
+def stored_weight_bytes(b: Backbone, recipe: dict) -> float:
+    """The frozen weights as stored: bf16, or bitsandbytes' ``quantization_bit`` (linear layers quantized, embeddings
+    and output layer in bf16)."""
     params = b.params_b * 1e9
     bits = recipe.get("quantization_bit")
     if bits is None:
         return params * 2
     per_weight = quantized_bytes_per_weight(int(bits), bool(recipe.get("double_quantization", True)), b.hidden)
-    dequantized = b.hidden * max(b.intermediate, b.heads * b.head_dim) * 2
-    return (params - embedding_params(b)) * per_weight + embedding_params(b) * 2 + dequantized
+    return (params - embedding_params(b)) * per_weight + embedding_params(b) * 2
+
+
+def weight_bytes(b: Backbone, recipe: dict) -> float:
+    """The frozen weights during a step: as stored, plus, when quantized, the largest linear layer dequantized to bf16
+    for its matmul."""
+    dequantized = b.hidden * max(b.intermediate, b.heads * b.head_dim) * 2 if recipe.get("quantization_bit") else 0
+    return stored_weight_bytes(b, recipe) + dequantized
 
 
 def estimate_gib(b: Backbone, recipe: dict, zero: int | None = None, num_gpus: int = NUM_GPUS) -> float:
