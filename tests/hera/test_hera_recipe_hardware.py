@@ -179,6 +179,29 @@ def test_the_fsdp2_accelerate_config_is_what_accelerate_reads() -> None:
     assert yaml.safe_load(path.read_text(encoding="utf-8"))["fsdp_config"] == fsdp  # nothing accelerate drops
 
 
+def test_accelerate_launch_of_the_fsdp2_recipe_gives_its_ranks_fsdp2() -> None:
+    """The recipe header's command as accelerate parses it: the environment it gives each rank (what transformers'
+    Trainer reads to shard with FSDP2), and a module that runs LLaMA-Factory's training on the recipe."""
+    import importlib.util
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    header = (RECIPES / MEMORY.FSDP2).read_text(encoding="utf-8").split("### model")[0]
+    command = next(line[4:] for line in header.splitlines() if line.startswith("#   accelerate launch "))
+    args = launch_command_parser().parse_args(command.split()[2:])
+    args, _, _ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    assert (env["ACCELERATE_USE_FSDP"], env["FSDP_VERSION"], env["FSDP_STATE_DICT_TYPE"]) == (
+        "true", "2", "FULL_STATE_DICT")
+    assert env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "Qwen3VLTextDecoderLayer,Qwen3VLVisionBlock"
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16" and args.num_processes == MEMORY.FSDP2_GPUS
+    assert args.module and args.training_script == "llamafactory.launcher"
+    assert args.training_script_args == [f"recipes/{MEMORY.FSDP2}"]
+    launcher = Path(importlib.util.find_spec("llamafactory.launcher").origin).read_text(encoding="utf-8")
+    assert 'if __name__ == "__main__":' in launcher and "run_exp()" in launcher.split('if __name__ == "__main__":')[1]
+
+
 def test_the_2026_families_use_llamafactorys_ids_and_templates() -> None:
     from llamafactory.extras.constants import DEFAULT_TEMPLATE, SUPPORTED_MODELS
 
