@@ -14,7 +14,7 @@ representations across the GPUs):
   and the output layer stay in bf16 (transformers' bitsandbytes loader skips the output layer; embeddings are no
   linear layer). 4-bit (nf4 or fp4): half a byte per weight plus one absmax per block of 64 weights, a float32
   (4 bytes) or, with ``double_quantization``, 1 byte plus a float32 per 256 blocks; 8-bit (LLM.int8): 1 byte per
-  weight plus a float32 scale per output row (``int8_row_bytes``). The linear weights are counted as the whole
+  weight plus a float32 scale per output row (:func:`quantized_bytes_per_weight`). The linear weights are counted as the whole
   model's parameters less the embeddings and output layer (norms, biases and the vision tower's patch convolution,
   under 0.1%, are counted as quantized). The one weight being used is dequantized to bf16 at a time: the largest
   linear layer, 2 bytes per weight, is added;
@@ -54,7 +54,7 @@ global batch (256, 128) and optimizer step; the contrastive set per micro-step i
 Not included: the frozen vision tower's activations (no gradient flows into it), memory
 fragmentation, evaluation. An 80 GB card has about 79 GiB usable, a 24 GB card about 22 GiB.
 
-The recipes for the hardware users have (docs/hera.md "Recipes for smaller GPUs, a node, and the 2026 families"):
+The recipes for the hardware users have (docs/hera.md "Recipes", "Smaller GPUs, a node, and the 2026 families"):
 ``qwen3_8b_hera_qlora.yaml`` (4-bit, one 24 GB GPU: its estimate stays under ``FIT_24GB_GIB``),
 ``qwen3_8b_hera_fsdp2.yaml`` (FSDP2 over a node of 8 GPUs) and one LoRA recipe for each family of
 :data:`FAMILIES_2026`.
