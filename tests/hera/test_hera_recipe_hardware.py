@@ -241,3 +241,30 @@ def test_the_qlora_recipe_trains_with_hera(assets: TinyAssets, tmp_path: Path) -
     lines = [line for line in read_trainer_log(out) if "loss" in line]
     assert [line["current_steps"] for line in lines] == [1, 2] and all("hera_loss" in line for line in lines)
     assert all(line["hera_queue_size"] > 0 for line in lines)  # the feature queue extends the set of 4
+
+
+@pytest.mark.skip(reason="issue 56 item 1: stage: hera refuses FSDP until HeRA trains under FSDP2 (branch fsdp2); the "
+                         "lead enables this test when that lands, with that branch's CPU shim engaged (accelerate "
+                         "otherwise trains an FSDP config on CPU as DDP) and its DTensor assertion added")
+def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_path: Path) -> None:
+    """The recipe header's command, ``accelerate launch --config_file ... -m llamafactory.launcher RECIPE``, on two CPU
+    ranks: the accelerate config as shipped but for 2 processes on the CPU, the recipe as shipped but for the tiny
+    model and data (per-device 4 x 2 ranks gathered = 8 >= hera_k + 1 = 6: no queue, as the recipe)."""
+    import subprocess
+    import sys
+
+    config = yaml.safe_load((RECIPES / MEMORY.FSDP2_CONFIG).read_text(encoding="utf-8"))
+    config.update({"num_processes": 2, "use_cpu": True, "mixed_precision": "no"})
+    (tmp_path / "fsdp2_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    out = tmp_path / "out"
+    recipe = _training_recipe(MEMORY.FSDP2, assets.models["qwen3_vl"], assets, out)
+    recipe["per_device_train_batch_size"] = 4
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "fsdp2_config.yaml",
+                           "-m", "llamafactory.launcher", "recipe.yaml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    lines = [line for line in read_trainer_log(out) if "loss" in line]
+    assert [line["current_steps"] for line in lines] == [1, 2] and all("hera_loss" in line for line in lines)
+    assert all(line["hera_image_samples"] == 8 for line in lines)  # gathered over the two ranks
+    assert (out / "adapter_model.safetensors").is_file()  # FULL_STATE_DICT: the adapter is written whole
