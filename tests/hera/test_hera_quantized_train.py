@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from conftest import base_recipe
+from conftest import base_recipe, read_trainer_log
 from llamafactory_hera.heads.architecture import head_projections
 
 pytest.importorskip("bitsandbytes")
@@ -57,9 +57,8 @@ def _twins(assets, tmp_path: Path, **keys: Any) -> tuple[dict[str, Any], dict[st
     ({"quantization_bit": 4}, "Linear4bit", "nf4"),
     ({"quantization_bit": 4, "quantization_type": "fp4", "double_quantization": True}, "Linear4bit", "fp4"),
     ({"quantization_bit": 8}, "Linear8bitLt", None),
-    ({"quantization_bit": 4, "use_dora": True}, "Linear4bit", "nf4"),
     ({"use_dora": True}, "Linear", None),
-], ids=["nf4", "fp4_double", "int8", "nf4_dora", "dora"])
+], ids=["nf4", "fp4_double", "int8", "dora"])
 def test_the_hera_term_reaches_the_heads_adapter(assets, tmp_path: Path, keys: dict[str, Any], base: str,
                                                  quant_type: str | None) -> None:
     """lambda 1 minus lambda 0 (same seed, same batch): the HeRA part of the selected layer's adapter gradient is
@@ -72,3 +71,70 @@ def test_the_hera_term_reaches_the_heads_adapter(assets, tmp_path: Path, keys: d
     for name in names:
         hera_part = (with_hera["grads"][name] - without["grads"][name]).abs().max()
         assert hera_part > 1e-7, (name, hera_part)
+
+
+def _saved_quantized(assets, folder: Path, quantization_config: dict[str, Any] | None) -> Path:
+    """The tiny model's folder with its weights saved 4-bit by bitsandbytes (``quantization_config`` None), or with
+    another method's ``quantization_config`` written into config.json (weights untouched: those are refused unread)."""
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    shutil.copytree(assets.models[FAMILY], folder)
+    if quantization_config is None:
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder, dtype=torch.float32, device_map={"": "cpu"},
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+        model.save_pretrained(folder)
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    return folder
+
+
+def test_a_checkpoint_saved_4bit_trains_hera_on_its_quantized_weights(assets, tmp_path: Path) -> None:
+    """No quantization_bit: LLaMA-Factory loads the checkpoint's own quantization_config; the HeRA term reaches the
+    heads' adapter through the 4-bit o_proj."""
+    folder = _saved_quantized(assets, tmp_path / "model", None)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+    with_hera, without = _twins(assets, tmp_path, model_name_or_path=str(folder))
+    assert with_hera["base"] == "Linear4bit" and with_hera["quant_type"] == "fp4"  # BitsAndBytesConfig's default
+    name = next(n for n in with_hera["grads"] if "lora_B" in n)
+    assert (with_hera["grads"][name] - without["grads"][name]).abs().max() > 1e-7
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "aqlm", "eetq", "hqq", "fp8", "mxfp4"])
+def test_a_checkpoint_saved_in_an_unreadable_quantization_is_refused_before_loading(assets, tmp_path: Path,
+                                                                                    method: str) -> None:
+    from llamafactory.train.tuner import run_exp
+
+    folder = _saved_quantized(assets, tmp_path / "model", {"quant_method": method, "bits": 4})
+    recipe = base_recipe(assets, FAMILY, tmp_path / "out", model_name_or_path=str(folder), hera_heads=["L1H0"])
+    with pytest.raises(ValueError, match=f"stage: hera reads W_O per head, and model_name_or_path: {folder} \\(saved "
+                                         f"{method}-quantized: quantization_config in its config.json\\) cannot be "
+                                         "read exactly"):
+        run_exp(recipe)
+    assert not (tmp_path / "out").exists()
+
+
+def test_select_and_the_monitor_run_on_the_4bit_model(assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``llamafactory-hera select`` and ``hera_heads: auto`` score the same 4-bit model (same scores, same heads), and
+    the alignment monitor logs its MKNN during the quantized run."""
+    import yaml
+    from llamafactory.train.tuner import run_exp
+
+    from llamafactory_hera.cli import main
+
+    monkeypatch.setenv("LLAMAFACTORY_HERA_CACHE", str(tmp_path / "cache"))
+    recipe = base_recipe(assets, FAMILY, tmp_path / "out", hera_heads="auto", quantization_bit=4, max_steps=2,
+                         hera_select_samples=12, hera_k=3, hera_select_num_heads=2, hera_select_batch_size=4,
+                         hera_monitor_steps=1)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    assert main(["select", str(path), "--device", "cpu", "--dry-run"]) == 0
+    selected = json.loads((tmp_path / "recipe.hera_selection.json").read_text())
+    probe = AdapterProbe()
+    run_exp(recipe, callbacks=[probe])
+    assert probe.seen["base"] == "Linear4bit"
+    auto = json.loads((tmp_path / "out" / "hera_selection.json").read_text())
+    assert auto["scores"] == selected["scores"] and auto["selected"] == selected["selected"]
+    points = [line for line in read_trainer_log(tmp_path / "out") if "hera_mknn" in line]
+    assert points and all(torch.isfinite(torch.tensor(p["hera_mknn"])) for p in points)

@@ -161,16 +161,19 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
 def check_quantized_hera(quantization: tuple[str, int | None] | None, dora: bool, zero3: bool) -> None:
     """What HeRA cannot run of a readable (bitsandbytes) quantization or DoRA: under ZeRO-3 it reads W_O inside each
     module's call (:func:`llamafactory_hera.hera.projection.project_heads_by_call`), where neither a weight dequantized
-    whole nor DoRA's full-row norm is at hand; 8-bit with DoRA fails in PEFT's own forward."""
+    whole nor DoRA's full-row norm is at hand; DoRA with quantization LLaMA-Factory refuses after loading."""
     if zero3 and (quantization or dora):
         what = f"{quantization[1]}-bit bitsandbytes weights" if quantization else "use_dora: true"
         raise RecipeError(f"stage: hera under DeepSpeed ZeRO-3 cannot read W_O per head with {what}: ZeRO-3 holds the "
                           "weight whole only inside each module's call, and a dequantized weight or DoRA's row norm "
                           "(over every column) needs it at once. Use ZeRO-2 or one GPU per run.")
-    if dora and quantization and quantization[1] == 8:
-        raise RecipeError("use_dora: true with 8-bit bitsandbytes weights fails in PEFT 0.18's own DoRA forward from "
-                          "its second call (the layer's row scales move to its state: 'NoneType' object has no "
-                          "attribute 'unsqueeze'), in stage: sft too. Use quantization_bit: 4 with DoRA, or plain LoRA at 8-bit.")
+    if dora and quantization:
+        raise RecipeError(f"use_dora: true with {quantization[1]}-bit bitsandbytes weights: LLaMA-Factory 0.9.5 "
+                          "refuses DoRA on every quantized model after loading it (model/adapter.py compares "
+                          "transformers' quant_method 'bitsandbytes' with its own 'bnb'; stage: sft fails the same "
+                          "way), and at 8-bit PEFT 0.18's DoRA forward fails from its second call. HeRA's per-head "
+                          "split itself handles DoRA on 4-bit weights. Use plain LoRA with quantization, or DoRA "
+                          "unquantized.")
 
 
 def check_adapter_fits(adapters: list[str] | None, hidden_size: int, attention_widths: set[int],
