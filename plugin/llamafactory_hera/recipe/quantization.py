@@ -33,7 +33,8 @@ def quantization_in_use(model_args: Any, config: Any) -> tuple[str, int | None, 
     The checkpoint's own ``quantization_config`` wins over ``quantization_bit`` (LLaMA-Factory's order)."""
     saved = checkpoint_quantization(config)
     if saved is not None:
-        method = str(saved.get("quant_method", "?")).lower()
+        method = saved.get("quant_method", "?")
+        method = str(getattr(method, "value", method)).lower()  # the object form's to_dict() keeps the enum
         bits = 4 if saved.get("load_in_4bit") else 8 if saved.get("load_in_8bit") else saved.get("bits")
         return method, bits, f"model_name_or_path: {model_args.model_name_or_path} (saved {method}-quantized: " \
                              "quantization_config in its config.json)"
