@@ -31,6 +31,12 @@ def test_bitsandbytes_is_read_from_the_recipe_and_from_the_checkpoint() -> None:
                                        "hera", "W_O") == ("bitsandbytes", 4)  # the checkpoint's wins
 
 
+def test_bitsandbytes_at_another_width_is_refused() -> None:
+    with pytest.raises(RecipeError, match="quantization_bit: 2 with quantization_method: bnb cannot be read exactly: "
+                                          "bitsandbytes quantizes to 4 or 8 bits only"):
+        check_readable_quantization(_args(2), _config(), "hera", "W_O")
+
+
 @pytest.mark.parametrize("method", ["hqq", "eetq", "gptq", "quanto"])
 def test_another_method_in_the_recipe_is_refused_by_name(method: str) -> None:
     with pytest.raises(RecipeError, match=f"stage: hera reads W_O, and quantization_bit: 4 with quantization_method: "

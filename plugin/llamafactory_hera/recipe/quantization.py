@@ -56,7 +56,9 @@ def check_readable_quantization(model_args: Any, config: Any, stage: str, what: 
     method, bits, source = quantization
     if method == BITSANDBYTES and bits in (4, 8):
         return method, bits
-    if method in ("fp8", "mxfp4"):
+    if method == BITSANDBYTES:
+        why = "bitsandbytes quantizes to 4 or 8 bits only. Set quantization_bit: 4 or 8"
+    elif method in ("fp8", "mxfp4"):
         why = ("LLaMA-Factory loads it dequantized (transformers' dequantize=True), a load llamafactory-hera has no "
                "test of. Dequantize the checkpoint once and train that, or use bitsandbytes")
     else:
