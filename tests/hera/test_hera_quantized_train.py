@@ -73,16 +73,17 @@ def test_the_hera_term_reaches_the_heads_adapter(assets, tmp_path: Path, keys: d
         assert hera_part > 1e-7, (name, hera_part)
 
 
-def _saved_quantized(assets, folder: Path, quantization_config: dict[str, Any] | None) -> Path:
-    """The tiny model's folder with its weights saved 4-bit by bitsandbytes (``quantization_config`` None), or with
-    another method's ``quantization_config`` written into config.json (weights untouched: those are refused unread)."""
+def _saved_quantized(assets, folder: Path, quantization_config: dict[str, Any] | None, bits: int = 4) -> Path:
+    """The tiny model's folder with its weights saved ``bits``-bit by bitsandbytes (``quantization_config`` None), or
+    with another method's ``quantization_config`` written into config.json (weights untouched: refused unread)."""
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     shutil.copytree(assets.models[FAMILY], folder)
     if quantization_config is None:
         model = AutoModelForImageTextToText.from_pretrained(
             folder, dtype=torch.float32, device_map={"": "cpu"},
-            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
         model.save_pretrained(folder)
     else:
         config = json.loads((folder / "config.json").read_text())
@@ -90,13 +91,15 @@ def _saved_quantized(assets, folder: Path, quantization_config: dict[str, Any] |
     return folder
 
 
-def test_a_checkpoint_saved_4bit_trains_hera_on_its_quantized_weights(assets, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("bits", "base", "quant_type"), [(4, "Linear4bit", "fp4"), (8, "Linear8bitLt", None)])
+def test_a_checkpoint_saved_quantized_trains_hera_on_its_quantized_weights(assets, tmp_path: Path, bits: int,
+                                                                           base: str, quant_type: str | None) -> None:
     """No quantization_bit: LLaMA-Factory loads the checkpoint's own quantization_config; the HeRA term reaches the
-    heads' adapter through the 4-bit o_proj."""
-    folder = _saved_quantized(assets, tmp_path / "model", None)
+    heads' adapter through the quantized o_proj (4-bit: fp4, BitsAndBytesConfig's default)."""
+    folder = _saved_quantized(assets, tmp_path / "model", None, bits)
     assert json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
     with_hera, without = _twins(assets, tmp_path, model_name_or_path=str(folder))
-    assert with_hera["base"] == "Linear4bit" and with_hera["quant_type"] == "fp4"  # BitsAndBytesConfig's default
+    assert with_hera["base"] == base and with_hera["quant_type"] == quant_type
     name = next(n for n in with_hera["grads"] if "lora_B" in n)
     assert (with_hera["grads"][name] - without["grads"][name]).abs().max() > 1e-7
 
