@@ -17,14 +17,15 @@ pytest.importorskip("bitsandbytes")
 TERMS = ("harc_couple", "harc_couple_resp", "harc_kl", "harc_ce", "loss")
 
 
-def _dequantized_twin(harc_assets: Any, folder: Path) -> Path:
-    """The tiny Llama-3 quantized as LLaMA-Factory's quantization_bit: 4 does it on the CPU (nf4, double quantization,
-    float32 compute and storage), dequantized and saved unquantized."""
+def _dequantized_twin(harc_assets: Any, folder: Path, bits: int) -> Path:
+    """The tiny Llama-3 quantized as LLaMA-Factory's quantization_bit does it on the CPU (4: nf4, double quantization,
+    float32 compute and storage; 8: LLM.int8 codes and row scales), dequantized and saved unquantized."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     shutil.copytree(harc_assets.models["llama3"], folder)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+    quantization = BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"},
                                                  quantization_config=quantization)
     model = model.dequantize()
@@ -46,17 +47,22 @@ def _run(harc_assets: Any, output: Path, **keys: Any) -> tuple[list[dict[str, fl
     return logs, torch.load(output / "harc_directions.pt", weights_only=False)["base"]
 
 
-def test_harc_on_4bit_weights_equals_its_dequantized_twin(harc_assets: Any, tmp_path: Path) -> None:
+# 8-bit is left out: measured 2026-11-25, quantization_bit: 8 against its dequantized twin (transformers' dequantize(),
+# within 7e-9 of codes * SCB / 127) differs by up to 6.3e-3 relative in the terms (couple 1.9e-3, couple_resp 6.3e-3,
+# KL 4.0e-3, ce 4.7e-6) and 4e-3 in direction entries, although one Linear8bitLt's CPU forward equals its dequantized
+# weight's within 1e-7 (threshold 0 and 6, with and without grad); the cause is not found yet
+@pytest.mark.parametrize("bits", [4])
+def test_harc_on_quantized_weights_equals_its_dequantized_twin(harc_assets: Any, tmp_path: Path, bits: int) -> None:
     """Two steps (the second one's KL is non-zero: the adapter moved), 4-bit against the dequantized twin: the base
     directions and every logged term agree (measured: 0 difference in each; bitsandbytes' CPU forward is the
     dequantized weight's matmul)."""
-    twin = _dequantized_twin(harc_assets, tmp_path / "twin")
-    quantized_logs, quantized_dirs = _run(harc_assets, tmp_path / "q4", quantization_bit=4)
+    twin = _dequantized_twin(harc_assets, tmp_path / "twin", bits)
+    quantized_logs, quantized_dirs = _run(harc_assets, tmp_path / "q", quantization_bit=bits)
     twin_logs, twin_dirs = _run(harc_assets, tmp_path / "twin_run", model_name_or_path=str(twin))
     assert len(quantized_logs) == len(twin_logs) == 2 and twin_logs[-1]["harc_kl"] > 0
     differences = {key: max(abs(q[key] - t[key]) / max(abs(t[key]), 1e-3)
                             for q, t in zip(quantized_logs, twin_logs, strict=True)) for key in TERMS}
     directions = {name: float((quantized_dirs[name] - reference).abs().max()) for name, reference in twin_dirs.items()}
-    print("relative term differences 4-bit vs dequantized:", differences, "directions:", directions)
+    print(f"relative term differences {bits}-bit vs dequantized:", differences, "directions:", directions)
     assert all(value <= 1e-5 for value in differences.values()), differences
     assert all(value <= 1e-5 for value in directions.values()), directions
