@@ -100,6 +100,13 @@ def test_a_quantized_weight_reads_as_its_dequantized_values(storage: str) -> Non
         codes, scb = base.weight.data, base.state.SCB  # the first forward moved SCB to the state
         torch.testing.assert_close(base_weight_columns(base), codes.float() * scb[:, None] / 127, rtol=2e-7, atol=0)
         assert base_weight_columns(base).abs().max() < 1
+        # in eval mode bitsandbytes 0.50 runs LLM.int8 instead (inputs cast to float16 and quantized per row): that
+        # forward is not the weight's product; HeRA trains in train mode, where it is
+        x = torch.randn(5, HEADS * HEAD_DIM)
+        with torch.no_grad():
+            exact = x @ base_weight_columns(base).T
+            assert ((base.eval()(x) - base.bias - exact).norm() / exact.norm()) > 1e-3
+            torch.testing.assert_close(base.train()(x) - base.bias, exact, rtol=0, atol=1e-6)
     elif storage != "plain":
         dequantized = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
         torch.testing.assert_close(base_weight_columns(base, columns), dequantized[:, columns].float(), rtol=0, atol=0)

@@ -59,7 +59,10 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
     """``[out, C]`` float32 weight of a base ``Linear`` at input ``columns`` (all when None), as its forward uses it:
     a plain weight as stored; bitsandbytes 8-bit (``Int8Params``) as ``codes * SCB / 127`` (per-row absmax ``SCB``);
     bitsandbytes 4-bit (``Params4bit``, packed with a ``quant_state``: nf4, fp4, double quantization) dequantized whole
-    (its blocks run along the flattened rows) and then indexed. Any other non-floating storage is refused by name."""
+    (its blocks run along the flattened rows) and then indexed. Any other non-floating storage is refused by name.
+    (bitsandbytes 0.50's 8-bit layer on the CPU multiplies by exactly this weight in train mode, as HeRA trains; in
+    eval mode, e.g. ``select``, it runs LLM.int8, its inputs rounded to float16 and int8 per row, ~7e-3 relative:
+    the heads then sum to the layer's output within that rounding.)"""
     weight = base.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:
