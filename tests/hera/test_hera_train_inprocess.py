@@ -80,8 +80,10 @@ def test_hera_gradient_reaches_selected_heads_only(assets, tmp_path: Path, finet
     ({"hera_heads": ["L0H9"]}, "hera_heads: L0H9 is outside"),
     ({"packing": True}, "stage: hera cannot run with packing: true"),
     ({"neat_packing": True}, "stage: hera cannot run with neat_packing: true"),
-    ({"quantization_bit": 4}, "stage: hera cannot run with quantization_bit: 4"),
-    ({"use_dora": True}, "stage: hera cannot run with use_dora: true"),
+    ({"quantization_bit": 4, "quantization_method": "hqq"}, "stage: hera reads W_O per head, and quantization_bit: 4 "
+     "with quantization_method: hqq cannot be read exactly: hqq stores packed codes"),
+    ({"quantization_bit": 4, "use_dora": True}, "use_dora: true with 4-bit bitsandbytes weights: LLaMA-Factory 0.9.5 "
+     "refuses DoRA on every quantized model"),
     ({"use_hyper_parallel": True}, "stage: hera cannot run with use_hyper_parallel: true"),
     ({"galore_layerwise": True}, "stage: hera cannot run with galore_layerwise: true"),
     ({"hera_teacher": "/nonexistent/teacher"}, "hera_teacher: folder '/nonexistent/teacher' does not exist"),

@@ -22,6 +22,7 @@ from llamafactory_hera.hera.preflight import check_contrastive_geometry, contras
 from llamafactory_hera.hera.selection.auto import short_ddp_timeout_warning
 from llamafactory_hera.hera.teacher import check_teacher_source
 from llamafactory_hera.recipe.checks import check_run_inputs
+from llamafactory_hera.recipe.quantization import check_readable_quantization
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value as _raw_value
 from llamafactory_hera_patches.arguments import truthy as _truthy
@@ -45,7 +46,6 @@ _INCOMPATIBLE = (
     ("use_unsloth_gc", "model", "Unsloth's gradient checkpointing runs each layer's forward under torch.no_grad, so "
      "the captured o_proj inputs carry no gradient and HeRA would train only the selected heads' W_O columns; "
      "HeRA runs the layers of its heads under LLaMA-Factory's non-reentrant checkpointing, which keeps the gradient"),
-    ("use_dora", "finetuning", "DoRA rescales weight columns, so W_O cannot be split by head"),
     ("galore_layerwise", "finetuning", "layer-wise GaLore updates inside backward hooks and skips the temperature "
      "parameter group"),
     ("apollo_layerwise", "finetuning", "layer-wise APOLLO updates inside backward hooks and skips the temperature "
@@ -123,14 +123,10 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
         if getattr(holders[holder], attribute, False):
             raise RecipeError(f"stage: hera cannot run with {attribute}: true ({why}). Remove {attribute} or use "
                               "stage: sft.")
-    if getattr(model_args, "quantization_bit", None) is not None:
-        raise RecipeError(
-            f"stage: hera cannot run with quantization_bit: {model_args.quantization_bit} (HeRA reads W_O per head and "
-            "needs an unquantized o_proj). Remove quantization_bit (use LoRA in bf16) or use stage: sft."
-        )
-
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
+    check_quantized_hera(check_readable_quantization(model_args, config, "hera", "W_O per head"),
+                         bool(getattr(finetuning_args, "use_dora", False)), is_deepspeed_zero3_enabled())
     check_multimodal(model_args, data_args, config)
     geometry = attention_geometry(config)
     check_has_heads(geometry, config, "stage: hera")
@@ -160,6 +156,24 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
             print(warning, flush=True)
     geometry = contrastive_geometry(hera_args, training_args.per_device_train_batch_size, training_args.world_size)
     check_contrastive_geometry(geometry, hera_args)
+
+
+def check_quantized_hera(quantization: tuple[str, int | None] | None, dora: bool, zero3: bool) -> None:
+    """What HeRA cannot run of a readable (bitsandbytes) quantization or DoRA: under ZeRO-3 it reads W_O inside each
+    module's call (:func:`llamafactory_hera.hera.projection.project_heads_by_call`), where neither a weight dequantized
+    whole nor DoRA's full-row norm is at hand; DoRA with quantization LLaMA-Factory refuses after loading."""
+    if zero3 and (quantization or dora):
+        what = f"{quantization[1]}-bit bitsandbytes weights" if quantization else "use_dora: true"
+        raise RecipeError(f"stage: hera under DeepSpeed ZeRO-3 cannot read W_O per head with {what}: ZeRO-3 holds the "
+                          "weight whole only inside each module's call, and a dequantized weight or DoRA's row norm "
+                          "(over every column) needs it at once. Use ZeRO-2 or one GPU per run.")
+    if dora and quantization:
+        raise RecipeError(f"use_dora: true with {quantization[1]}-bit bitsandbytes weights: LLaMA-Factory 0.9.5 "
+                          "refuses DoRA on every quantized model after loading it (model/adapter.py compares "
+                          "transformers' quant_method 'bitsandbytes' with its own 'bnb'; stage: sft fails the same "
+                          "way), and at 8-bit PEFT 0.18's DoRA forward fails from its second call. HeRA's per-head "
+                          "split itself handles DoRA on 4-bit weights. Use plain LoRA with quantization, or DoRA "
+                          "unquantized.")
 
 
 def check_adapter_fits(adapters: list[str] | None, hidden_size: int, attention_widths: set[int],

@@ -4,7 +4,9 @@ of the HeRA step) and projected per head through ``o_proj`` (paper Eq. 6–7, Ap
 ``o_proj`` is a linear map with weight ``[d, H * d_head]``; the input ``[.., H * d_head]`` is
 head-major, so head h owns input columns ``h*d_head:(h+1)*d_head`` and its contribution to the
 residual stream is ``x[.., h-slice] @ W[:, h-slice].T`` (bias excluded). With LoRA the effective
-weight ``W + scaling * B @ A`` is used, restricted to the same columns.
+weight ``W + scaling * B @ A`` is used, restricted to the same columns; with DoRA ``diag(m / ||W + s B A||_row)``
+scales its rows. ``W`` is read as the layer's forward uses it: bitsandbytes 4-bit and 8-bit weights dequantized
+(:func:`base_weight_columns`).
 """
 
 from __future__ import annotations
@@ -21,28 +23,87 @@ from llamafactory_hera.short_errors import RecipeError
 
 
 def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.Tensor:
-    """``[d, C]`` effective weight of ``o_proj`` (``nn.Linear`` or a PEFT LoRA ``Linear`` wrapping one) at the
-    ``[C]`` input ``columns``: the LoRA delta of every active, unmerged adapter included, summed in float32.
+    """``[d, C]`` effective weight of ``o_proj`` (``nn.Linear``, a bitsandbytes 4-/8-bit ``Linear``, or a PEFT LoRA /
+    DoRA layer wrapping one) at the ``[C]`` input ``columns``: what the layer multiplies those inputs by, bias excluded,
+    summed in float32 with the delta of every active, unmerged adapter.
 
-    The base weight and each LoRA delta are cast to float32 before they are added: in bf16 a LoRA delta a
-    few 1e-5 of the weight (early in training) is mostly rounded away by the sum (at |delta|/|W| = 7e-5, 98.6 %
-    of its effect on the projected value).
+    Adapter n adds ``s B A`` (LoRA) or, with DoRA (PEFT's: one magnitude per *output row*), ``(c - 1) W + c s B A``
+    with ``c = m / ||W + s B A||_row`` (the norm over the full row, every column; detached, as PEFT's forward does), so
+    one DoRA adapter gives ``diag(c) (W + s B A)``: a head's contribution stays its columns times its input.
+
+    The base weight and each delta are cast to float32 before they are added: in bf16 a LoRA delta a few 1e-5 of the
+    weight (early in training) is mostly rounded away by the sum (at |delta|/|W| = 7e-5, 98.6 % of its effect on the
+    projected value).
     """
     base, adapters = _base_and_adapters(o_proj)
     if base.weight.ndim != 2:  # a ZeRO-3 partition outside its gather: an empty 1-D placeholder
         raise RuntimeError("o_proj's weight is a DeepSpeed ZeRO-3 partition; read it inside "
                            "deepspeed.zero.GatheredParameters, or project through project_heads_by_call.")
-    weight = base.weight[:, columns].float()
+    dora = [name for name in adapters if o_proj.use_dora.get(name, False)]
+    whole = base_weight_columns(base) if dora else None  # DoRA's row norm reads every column
+    weight = whole[:, columns] if whole is not None else base_weight_columns(base, columns)
+    total = weight
     for name in adapters:
-        lora_a = o_proj.lora_A[name].weight[:, columns].float()  # [r, C]
+        lora_a = o_proj.lora_A[name].weight.float()  # [r, in]
         lora_b = o_proj.lora_B[name].weight.float()  # [d, r]
-        weight = weight + o_proj.scaling[name] * (lora_b @ lora_a)
-    return weight
+        scaling = o_proj.scaling[name]
+        delta = scaling * (lora_b @ lora_a[:, columns])
+        if name in dora:
+            row = dora_row_scale(o_proj.lora_magnitude_vector[name].weight, whole, scaling * (lora_b @ lora_a))
+            delta = (row - 1) * weight + row * delta
+        total = total + delta
+    return total
+
+
+def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """``[out, C]`` float32 weight of a base ``Linear`` at input ``columns`` (all when None), as its forward uses it:
+    a plain weight as stored; bitsandbytes 8-bit (``Int8Params``) as ``codes * SCB / 127`` (per-row absmax ``SCB``);
+    bitsandbytes 4-bit (``Params4bit``, packed with a ``quant_state``: nf4, fp4, double quantization) dequantized whole
+    (its blocks run along the flattened rows) and then indexed. Any other non-floating storage is refused by name.
+    (bitsandbytes 0.50's 8-bit layer on the CPU multiplies by exactly this weight in train mode, as HeRA trains; in
+    eval mode, e.g. ``select``, it runs LLM.int8, its inputs rounded to float16 and int8 per row, ~7e-3 relative:
+    the heads then sum to the layer's output within that rounding.)"""
+    weight = base.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        # lazy: bitsandbytes is installed only where a model was loaded 4-bit with it
+        from bitsandbytes.functional import dequantize_4bit
+
+        full = dequantize_4bit(weight.data, quant_state).float()  # [out, in]
+        return full if columns is None else full[:, columns]
+    if weight.dtype == torch.int8:
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(base, "state", None), "SCB", None)
+        if scb is None:
+            raise TypeError(f"o_proj's base {type(base).__name__} holds int8 codes without their row scales (SCB); "
+                            "llamafactory-hera cannot read its weight.")
+        codes = weight.data if columns is None else weight.data[:, columns]
+        return codes.float() * (scb.float()[:, None] * (1.0 / 127.0))  # bitsandbytes' own order of operations
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"o_proj's base {type(base).__name__} stores its weight as {weight.dtype}, a quantization "
+                        "llamafactory-hera cannot read exactly; use bitsandbytes (quantization_bit: 4 or 8) or an "
+                        "unquantized model.")
+    return (weight if columns is None else weight[:, columns]).float()
+
+
+def is_quantized(base: nn.Module) -> bool:
+    """True when ``base``'s weight is stored quantized (a 4-bit ``quant_state``, or non-floating codes)."""
+    weight = getattr(base, "weight", None)
+    return weight is not None and (getattr(weight, "quant_state", None) is not None
+                                   or not weight.dtype.is_floating_point)
+
+
+def dora_row_scale(magnitude: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``[out, 1]``: DoRA's ``m / ||W + delta||_row`` for a ``[out, in]`` float32 ``weight`` and scaled LoRA ``delta``,
+    the norm detached (PEFT's forward, after DoRA's paper section 4.3), the magnitude ``[out]`` keeping its gradient."""
+    norm = torch.linalg.norm(weight + delta.detach(), dim=1).detach()
+    return (magnitude.float() / norm)[:, None]
 
 
 def _base_and_adapters(o_proj: nn.Module) -> tuple[nn.Linear, list[str]]:
-    """(the plain Linear holding ``W_O``, the names of the LoRA adapters whose delta adds to it: none for a plain
-    ``o_proj``, or when merged or disabled)."""
+    """(the Linear holding ``W_O``, plain or bitsandbytes-quantized, the names of the LoRA / DoRA adapters whose
+    delta adds to it: none for a plain ``o_proj``, or when merged or disabled)."""
     base = getattr(o_proj, "base_layer", None)
     if base is None:
         if not isinstance(o_proj, nn.Linear):
@@ -51,15 +112,12 @@ def _base_and_adapters(o_proj: nn.Module) -> tuple[nn.Linear, list[str]]:
         return o_proj, []
     if not isinstance(base, nn.Linear) or len(_full_shape(getattr(base, "weight", None))) != 2:
         raise TypeError(
-            f"o_proj wraps a {type(base).__name__}; llamafactory-hera needs a plain (unquantized) Linear base layer to "
-            "read W_O."
+            f"o_proj wraps a {type(base).__name__}; llamafactory-hera reads W_O from a Linear base layer (plain, or "
+            "bitsandbytes 4-bit / 8-bit)."
         )
     if getattr(o_proj, "merged", False) or getattr(o_proj, "disable_adapters", False):
         return base, []
-    names = [name for name in o_proj.active_adapters if name in o_proj.lora_A]
-    if any(o_proj.use_dora.get(name, False) for name in names):
-        raise TypeError("o_proj uses DoRA; HeRA's per-head weight split supports plain LoRA only.")
-    return base, names
+    return base, [name for name in o_proj.active_adapters if name in o_proj.lora_A]
 
 
 def _full_shape(weight: torch.Tensor | None) -> tuple[int, ...]:
@@ -106,6 +164,12 @@ def project_heads_by_call(o_proj: nn.Module, x_heads: torch.Tensor, heads: list[
     width of ``o_proj`` (checked against the weight). Returns ``[len(heads), B, d]`` float32 contributions.
     """
     base, adapters = _base_and_adapters(o_proj)
+    if any(o_proj.use_dora.get(name, False) for name in adapters) or is_quantized(base):
+        # DoRA's row norm needs every column of W + s B A at once, and a quantized weight is read dequantized whole:
+        # neither is a per-module call of ZeRO-3's gathered weights (LLaMA-Factory itself refuses ZeRO-3 with a
+        # PTQ checkpoint; hera/checks.py refuses both with ZeRO-3 before loading)
+        raise RecipeError("stage: hera under DeepSpeed ZeRO-3 reads W_O per module call; DoRA (use_dora) and "
+                          "quantized o_proj weights are not supported there. Use ZeRO-2 or one process.")
     if base.in_features != width:
         raise ValueError(f"o_proj takes {base.in_features} inputs, expected num_heads * head_dim = {width}")
     columns = head_columns(heads, head_dim, x_heads.device)

@@ -49,16 +49,23 @@ def lora_factors(calibration: Calibration, model: nn.Module,
 
 
 def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], output_dir: str | Path,
-                 base_name: str | None = None) -> list[str]:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's own ``save_pretrained``) for the
-    *uncalibrated* ``model`` plus ``factors``; returns the target module names. ``model`` is left unchanged."""
+                 base_name: str | None = None, dora: bool = False) -> list[str]:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's own ``save_pretrained``): ``factors``
+    for the base model, from ``model`` as :func:`~llamafactory_hera.rah.calibrate.calibrate` leaves it (the kept steps
+    in place: its touched weights are ``W + BA`` in its dtype); returns the target module names. ``model`` is left
+    unchanged.
+
+    ``dora`` (the recipe's ``use_dora``) writes a DoRA adapter of the same calibration: PEFT's DoRA layer computes
+    ``diag(m / ||W + BA||_row) (W + BA)`` (one magnitude per output row), so with ``m = ||W + BA||_row``, the row norms
+    of the calibrated weight ``model`` holds, it is ``W + BA``, the model the trust region accepted, and DoRA training
+    can continue from it. The magnitude is stored in the model's dtype (in bf16 it rounds by up to 2^-9 of a row)."""
     if not factors:
         raise RecipeError("RAH-LoRA: no head was calibrated (every target rolled back or none was found); there is "
                           "no adapter to write.")
     ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
     config = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), lora_dropout=0.0,
                         target_modules=sorted(factors), rank_pattern=ranks, alpha_pattern=dict(ranks), bias="none",
-                        base_model_name_or_path=base_name)
+                        base_model_name_or_path=base_name, use_dora=dora)
     peft_model = get_peft_model(model, config)
     try:
         for name, (a, b) in factors.items():
@@ -67,6 +74,9 @@ def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.
                 raise RuntimeError(f"RAH-LoRA: PEFT gave {name} scaling {layer.scaling['default']}, expected 1.")
             layer.lora_A["default"].weight.data.copy_(a.to(layer.lora_A["default"].weight.dtype))
             layer.lora_B["default"].weight.data.copy_(b.to(layer.lora_B["default"].weight.dtype))
+            if dora:  # m = ||W + BA||_row: the calibrated weight's rows; the DoRA layer then equals W + BA
+                magnitude = layer.lora_magnitude_vector["default"].weight
+                magnitude.data.copy_(torch.linalg.norm(layer.base_layer.weight.float(), dim=1).to(magnitude.dtype))
         peft_model.save_pretrained(str(output_dir))
     finally:
         peft_model.unload()  # the base model without LoRA layers, as it came in

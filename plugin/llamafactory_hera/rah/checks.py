@@ -14,6 +14,7 @@ from llamafactory_hera.heads.architecture import describe, layer_list, per_head_
 from llamafactory_hera.heads.geometry import attention_geometry
 from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.recipe.checks import check_run_inputs
+from llamafactory_hera.recipe.quantization import check_readable_quantization, quantization_in_use
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value, truthy
 
@@ -47,6 +48,21 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], rah_args: RahA
                           "resume_from_checkpoint.")
 
 
+def check_rah_quantization(model_args: Any, config: Any) -> None:
+    """RAH-LoRA refuses every quantized model. The adapter's maths would hold on a bitsandbytes base (a LoRA delta adds
+    to the dequantized weight), but its trust region measures each head's KL with ``W + alpha * Delta`` written into
+    the V and O weights in place (rah/calibrate.py ``set_alpha``), and 4-bit blocks / int8 rows with their scales cannot
+    hold that edit without quantizing it again (and changing the rest of the block or row)."""
+    if check_readable_quantization(model_args, config, "rah", "V and O weights per head") is None:
+        return
+    _, bits, source = quantization_in_use(model_args, config)
+    raise RecipeError(f"stage: rah cannot calibrate {source}: its trust region writes each head's W + alpha * Delta "
+                      f"into the V and O weights in place to measure the KL, and {bits}-bit bitsandbytes storage "
+                      "cannot hold that edit (it would be quantized again, changing the rest of the block or row). "
+                      "Calibrate the unquantized model (remove quantization_bit); the adapter it writes applies to "
+                      "the quantized model too.")
+
+
 def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
                        generating_args: Any, rah_args: RahArguments) -> None:
     """Checks on the parsed arguments and the model's config (seconds, before the model loads); eager attention."""
@@ -54,9 +70,6 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
         raise RecipeError(f"stage: rah runs on one process (found {training_args.world_size}: llamafactory-cli starts "
                           "one per visible GPU); the calibration is sequential and takes no optimizer step. Pin one "
                           "GPU: CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE.")
-    if getattr(model_args, "quantization_bit", None) is not None:
-        raise RecipeError(f"stage: rah cannot run with quantization_bit: {model_args.quantization_bit} (it edits V and "
-                          "O weights per head). Remove quantization_bit.")
     if model_args.adapter_name_or_path:
         raise RecipeError("stage: rah calibrates the base model; adapter_name_or_path is set. Merge the adapter first "
                           "(llamafactory-cli export) and calibrate the merged model.")
@@ -70,6 +83,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
         raise RecipeError(f"stage: rah: {model_args.model_name_or_path} (model_type "
                           f"'{getattr(config, 'model_type', '?')}') names no image token; RAH-LoRA calibrates the "
                           "heads of a multimodal model by their attention between text and image tokens.")
+    check_rah_quantization(model_args, config)
     plans = plan_layers(config)
     calibratable, left = per_head_value_layers(plans, attention_geometry(config).head_dim)
     if not calibratable:

@@ -203,7 +203,8 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
         raise RecipeError(f"RAH-LoRA changed no weight: {outcomes}; no adapter was written. See "
                           f"{output / PROFILE_JSON}; a looser rah_delta, a larger rah_alpha_max or other rah_layers "
                           "may help.")
-    names = save_adapter(model, factors, output, base_name=str(model_args.model_name_or_path))
+    names = save_adapter(model, factors, output, base_name=str(model_args.model_name_or_path),
+                         dora=bool(getattr(finetuning_args, "use_dora", False)))
     say(f"RAH-LoRA: {outcomes}; {len(names)} modules changed; mean KL to the original model on the probe "
         f"{record['summary']['kl_to_original']:.3g}; adapter, {PROFILE_JSON} and {PROFILE_PNG} in {output} "
         f"({time.perf_counter() - started:.1f} s)")

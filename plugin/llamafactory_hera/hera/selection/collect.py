@@ -237,7 +237,7 @@ def layer_weights(model: nn.Module) -> dict[int, torch.Tensor]:
     weights = {}
     for layer, o_proj in head_projections(model).items():
         base = getattr(o_proj, "base_layer", o_proj)
-        columns = torch.arange(base.weight.shape[1], device=base.weight.device)
+        columns = torch.arange(base.in_features, device=base.weight.device)  # a 4-bit weight is packed
         weights[layer] = effective_weight_columns(o_proj, columns).detach()
     return weights
 

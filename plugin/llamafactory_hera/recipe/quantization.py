@@ -1,0 +1,68 @@
+"""Which quantized weights a stage that reads weights (HeRA: ``W_O`` per head; RAH-LoRA: V and O per head) can read
+exactly, checked before the model loads, from the recipe (``quantization_bit`` / ``quantization_method``) and from the
+checkpoint's own ``config.json`` (``quantization_config.quant_method``, which LLaMA-Factory honours without
+``quantization_bit``).
+
+Readable: bitsandbytes only, 4-bit (nf4, fp4, double quantization: dequantized with its ``quant_state``) and 8-bit
+(int8 codes times their row scales), see :func:`llamafactory_hera.hera.projection.base_weight_columns`. Every other
+method is refused by name: GPTQ, AWQ, AQLM, HQQ, EETQ and quanto keep packed codes in kernels' own layouts that
+llamafactory-hera does not decode (read as weights they would be codes, not values); FP8 and MXFP4 checkpoints
+LLaMA-Factory loads dequantized (``dequantize=True``), a load no test of this project runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llamafactory_hera.short_errors import RecipeError
+
+BITSANDBYTES = "bitsandbytes"  # transformers' quant_method; LLaMA-Factory's quantization_method calls it "bnb"
+
+
+def checkpoint_quantization(config: Any) -> dict[str, Any] | None:
+    """The ``quantization_config`` a checkpoint was saved with (a dict), or None for an unquantized checkpoint."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return None
+    return quantization if isinstance(quantization, dict) else quantization.to_dict()
+
+
+def quantization_in_use(model_args: Any, config: Any) -> tuple[str, int | None, str] | None:
+    """(method as transformers names it, bits or None, where it comes from) of the model a run loads, or None.
+
+    The checkpoint's own ``quantization_config`` wins over ``quantization_bit`` (LLaMA-Factory's order)."""
+    saved = checkpoint_quantization(config)
+    if saved is not None:
+        method = saved.get("quant_method", "?")
+        method = str(getattr(method, "value", method)).lower()  # the object form's to_dict() keeps the enum
+        bits = 4 if saved.get("load_in_4bit") else 8 if saved.get("load_in_8bit") else saved.get("bits")
+        return method, bits, f"model_name_or_path: {model_args.model_name_or_path} (saved {method}-quantized: " \
+                             "quantization_config in its config.json)"
+    bits = getattr(model_args, "quantization_bit", None)
+    if bits is None:
+        return None
+    method = str(getattr(model_args, "quantization_method", "bnb") or "bnb").lower()
+    method = BITSANDBYTES if method == "bnb" else method
+    named = "bnb" if method == BITSANDBYTES else method
+    return method, bits, f"quantization_bit: {bits} with quantization_method: {named}"
+
+
+def check_readable_quantization(model_args: Any, config: Any, stage: str, what: str) -> tuple[str, int | None] | None:
+    """Refuse a quantization whose weights ``stage`` cannot read exactly (anything but bitsandbytes 4-/8-bit), naming
+    where it comes from. ``what``: the weights the stage reads (for the message). Returns (method, bits) or None."""
+    quantization = quantization_in_use(model_args, config)
+    if quantization is None:
+        return None
+    method, bits, source = quantization
+    if method == BITSANDBYTES and bits in (4, 8):
+        return method, bits
+    if method == BITSANDBYTES:
+        why = "bitsandbytes quantizes to 4 or 8 bits only. Set quantization_bit: 4 or 8"
+    elif method in ("fp8", "mxfp4"):
+        why = ("LLaMA-Factory loads it dequantized (transformers' dequantize=True), a load llamafactory-hera has no "
+               "test of. Dequantize the checkpoint once and train that, or use bitsandbytes")
+    else:
+        why = (f"{method} stores packed codes in its kernels' own layout, which llamafactory-hera does not decode, so "
+               "it cannot read them as weights. Use an unquantized checkpoint, with quantization_bit: 4 or 8 "
+               "(bitsandbytes) if memory is short")
+    raise RecipeError(f"stage: {stage} reads {what}, and {source} cannot be read exactly: {why}.")
