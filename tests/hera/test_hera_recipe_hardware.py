@@ -233,8 +233,6 @@ def test_the_qlora_recipes_sft_twin_trains_in_4_bits(assets: TinyAssets, tmp_pat
     assert (out / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.skip(reason="issue 56 item 2: stage: hera refuses quantization_bit until HeRA reads o_proj's heads "
-                         "through a quantized layer; the lead enables this test when that lands")
 def test_the_qlora_recipe_trains_with_hera(assets: TinyAssets, tmp_path: Path) -> None:
     proc, out = _qlora_run(assets, tmp_path, "hera")
     assert proc.returncode == 0, proc.stderr[-5000:]
