@@ -13,12 +13,17 @@ It also keeps DeepSpeed from JIT-compiling its shared-memory communication op (`
 start: on a machine without the compiled op in ``~/.cache/torch_extensions`` (a fresh CI machine) the build took 87
 CPU s while the other ranks waited. DeepSpeed uses that op only in ``inference_all_reduce`` (its inference engine);
 training's collectives are torch.distributed's either way, so what the ZeRO tests check is unchanged.
+
+And the processes of the run do not see the eval extra's wandb and scikit-learn, as in the README's install without
+it: trl imports wandb and transformers scikit-learn whenever they are installed (~4 CPU s per process, three
+processes per two-rank run), and neither takes part in training.
 """
 
 import os
 
 if os.environ.get("HERA_TEST_ENGINE_EVIDENCE"):
     import importlib.abc
+    import importlib.machinery
     import importlib.util
     import json
     import sys
@@ -82,3 +87,18 @@ if os.environ.get("HERA_TEST_ENGINE_EVIDENCE"):
             return spec
 
     sys.meta_path.insert(0, _AfterImport())
+
+    _PathFinder = importlib.machinery.PathFinder
+    _find_spec = _PathFinder.find_spec
+    _find_distributions = _PathFinder.find_distributions
+    EVAL_ONLY = ("wandb", "sklearn", "scikit-learn")  # top-level modules, and scikit-learn's distribution name
+
+    def _spec(fullname, path=None, target=None):
+        return None if fullname.partition(".")[0] in EVAL_ONLY else _find_spec(fullname, path, target)
+
+    def _distributions(*args, **kwargs):
+        return (dist for dist in _find_distributions(*args, **kwargs)
+                if (dist.metadata["Name"] or "").lower() not in EVAL_ONLY)
+
+    _PathFinder.find_spec = staticmethod(_spec)
+    _PathFinder.find_distributions = staticmethod(_distributions)
