@@ -21,7 +21,7 @@ PROBE = str(Path(__file__).with_name("dist_probe.py"))
 def _probe(recipes: list[dict], tmp: Path, processes: int) -> list[dict]:
     """Each recipe's first-step gradients and training logs (tests/hera/dist_probe.py), the recipes run one after
     another in one process (``processes`` 1) or under one torchrun (2): each its own cache, the process group set up
-    again for each. Every result also holds the whole run's stdout."""
+    again for each. Each result also holds its run's stdout (rank 0's, and the other ranks' as it came)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "recipes.json").write_text(json.dumps(recipes))
     with socket.socket() as sock:
@@ -35,8 +35,10 @@ def _probe(recipes: list[dict], tmp: Path, processes: int) -> list[dict]:
         lambda: [shutil.rmtree(recipe.get("output_dir", tmp / "__none__"), ignore_errors=True) for recipe in recipes])
     assert proc.returncode == 0, proc.stderr[-5000:]
     results = torch.load(tmp / "out.pt", weights_only=False)
-    assert len(results) == len(recipes)
-    return [{**result, "stdout": proc.stdout} for result in results]
+    # rank 0's stdout of each run (what the plugin says once, on the main process) follows its line "... run I"
+    stdouts = re.split(r"^\[dist_probe\] run \d+$", proc.stdout, flags=re.M)[1:]
+    assert len(results) == len(stdouts) == len(recipes)
+    return [{**result, "stdout": stdout} for result, stdout in zip(results, stdouts, strict=True)]
 
 
 def test_two_processes_equal_one_process_over_the_concatenated_batch(assets, tmp_path: Path) -> None:
@@ -75,11 +77,10 @@ def test_precomputed_teacher_features_are_split_over_ranks_and_train_identically
     the all-gathered cache serves every step, and the losses equal those of teacher forwards inside the steps."""
     common = dict(finetuning_type="full", max_steps=2, per_device_train_batch_size=4, hera_heads=["L1H0", "L1H2"],
                   hera_k=3)
-    runs = {}
-    for setting in ("true", "false"):
-        recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / setting / "out", hera_teacher_precompute=setting,
-                             **common)
-        runs[setting] = _probe([recipe], tmp_path / setting, 2)[0]
+    settings = ("true", "false")  # one torchrun, one run after the other
+    runs = dict(zip(settings, _probe([base_recipe(assets, "qwen2_5_vl", tmp_path / setting / "out",
+                                                  hera_teacher_precompute=setting, **common) for setting in settings],
+                                     tmp_path, 2), strict=True))
     assert "teacher features of 32 training images computed before the first step" in runs["true"]["stdout"]
     # the monitor's probe pairs (rank 0, before the precompute) are shared with every rank; the rest is split
     computed, shared = (int(n) for n in re.search(r"\((\d+) on this rank, (\d+) from this teacher's earlier pass",
