@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 import pytest
 import yaml
+from slow_first import pytest_collection_modifyitems  # noqa: F401 - a hook: slow modules first under xdist
 
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
 from llamafactory_hera_testing.recipes import base_recipe, harc_recipe  # noqa: F401 - the tests import them from here

@@ -5,17 +5,29 @@ every rank writes ``rank<N>.json`` there with whether DeepSpeed is on, the ZeRO 
 class, and the first decoder layer's ``o_proj`` weight as the step sees it outside any gather (ZeRO-3 leaves an empty
 placeholder with a ``ds_id``). tests/hera/test_hera_deepspeed.py and tests/harc/test_harc_stage.py read it, so ZeRO
 losses equal to DDP losses cannot hide a silent fallback to DDP. Without the variable nothing is imported.
+
+The hook patches ``transformers.trainer`` when a process imports it, not at start-up: the ``torchrun`` process of a
+run imports no transformers, and importing ``transformers.trainer`` there cost ~10 CPU s per run.
+
+It also keeps DeepSpeed from JIT-compiling its shared-memory communication op (``deepspeed_shm_comm``) at engine
+start: on a machine without the compiled op in ``~/.cache/torch_extensions`` (a fresh CI machine) the build took 87
+CPU s while the other ranks waited. DeepSpeed uses that op only in ``inference_all_reduce`` (its inference engine);
+training's collectives are torch.distributed's either way, so what the ZeRO tests check is unchanged.
+
+And the processes of the run do not see the eval extra's wandb and scikit-learn, as in the README's install without
+it: trl imports wandb and transformers scikit-learn whenever they are installed (~4 CPU s per process, three
+processes per two-rank run), and neither takes part in training.
 """
 
 import os
 
 if os.environ.get("HERA_TEST_ENGINE_EVIDENCE"):
+    import importlib.abc
+    import importlib.machinery
+    import importlib.util
     import json
+    import sys
     from pathlib import Path
-
-    import transformers.trainer
-
-    _original_step = transformers.trainer.Trainer.training_step
 
     def _evidence(trainer, model) -> dict:
         plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None)
@@ -34,13 +46,59 @@ if os.environ.get("HERA_TEST_ENGINE_EVIDENCE"):
             record["o_proj_error"] = repr(error)
         return record
 
-    def training_step(self, model, inputs, *args, **kwargs):
-        if not getattr(self, "_hera_test_evidence_written", False):
-            self._hera_test_evidence_written = True
-            folder = Path(os.environ["HERA_TEST_ENGINE_EVIDENCE"])
-            folder.mkdir(parents=True, exist_ok=True)
-            rank = int(os.environ.get("RANK", "0"))
-            (folder / f"rank{rank}.json").write_text(json.dumps(_evidence(self, model)), encoding="utf-8")
-        return _original_step(self, model, inputs, *args, **kwargs)
+    def _patch_trainer(module) -> None:
+        original_step = module.Trainer.training_step
 
-    transformers.trainer.Trainer.training_step = training_step
+        def training_step(self, model, inputs, *args, **kwargs):
+            if not getattr(self, "_hera_test_evidence_written", False):
+                self._hera_test_evidence_written = True
+                folder = Path(os.environ["HERA_TEST_ENGINE_EVIDENCE"])
+                folder.mkdir(parents=True, exist_ok=True)
+                rank = int(os.environ.get("RANK", "0"))
+                (folder / f"rank{rank}.json").write_text(json.dumps(_evidence(self, model)), encoding="utf-8")
+            return original_step(self, model, inputs, *args, **kwargs)
+
+        module.Trainer.training_step = training_step
+
+    def _patch_deepspeed_comm(module) -> None:
+        module.build_shm_op = lambda: None
+
+    PATCHES = {"transformers.trainer": _patch_trainer, "deepspeed.comm.torch": _patch_deepspeed_comm}
+
+    class _AfterImport(importlib.abc.MetaPathFinder):
+        """Finds the modules of ``PATCHES`` through the other finders, and patches each once it has executed."""
+
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname not in PATCHES:
+                return None
+            sys.meta_path.remove(self)  # the real spec, from the finders after this one
+            try:
+                spec = importlib.util.find_spec(fullname)
+            finally:
+                sys.meta_path.insert(0, self)
+            if spec is not None and spec.loader is not None:
+                execute = spec.loader.exec_module  # this module's own loader object: patched for it alone
+
+                def exec_module(module, execute=execute, patch=PATCHES[fullname]):
+                    execute(module)
+                    patch(module)
+
+                spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _AfterImport())
+
+    _PathFinder = importlib.machinery.PathFinder
+    _find_spec = _PathFinder.find_spec
+    _find_distributions = _PathFinder.find_distributions
+    EVAL_ONLY = ("wandb", "sklearn", "scikit-learn")  # top-level modules, and scikit-learn's distribution name
+
+    def _spec(fullname, path=None, target=None):
+        return None if fullname.partition(".")[0] in EVAL_ONLY else _find_spec(fullname, path, target)
+
+    def _distributions(*args, **kwargs):
+        return (dist for dist in _find_distributions(*args, **kwargs)
+                if (dist.metadata["Name"] or "").lower() not in EVAL_ONLY)
+
+    _PathFinder.find_spec = staticmethod(_spec)
+    _PathFinder.find_distributions = staticmethod(_distributions)
