@@ -32,12 +32,24 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
     if base.weight.ndim != 2:  # a ZeRO-3 partition outside its gather: an empty 1-D placeholder
         raise RuntimeError("o_proj's weight is a DeepSpeed ZeRO-3 partition; read it inside "
                            "deepspeed.zero.GatheredParameters, or project through project_heads_by_call.")
-    weight = base.weight[:, columns].float()
+    weight = whole(base.weight)[:, columns].float()
     for name in adapters:
-        lora_a = o_proj.lora_A[name].weight[:, columns].float()  # [r, C]
-        lora_b = o_proj.lora_B[name].weight.float()  # [d, r]
+        lora_a = whole(o_proj.lora_A[name].weight)[:, columns].float()  # [r, C]
+        lora_b = whole(o_proj.lora_B[name].weight).float()  # [d, r]
         weight = weight + o_proj.scaling[name] * (lora_b @ lora_a)
     return weight
+
+
+def whole(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` whole. Under FSDP2 a parameter outside its module's forward is a DTensor holding this rank's shard:
+    it is gathered (a collective: every rank reads the same weights in the same order), and its gradient goes back to
+    the shards averaged over the data-parallel ranks, as FSDP2 averages the gradients of its own forward (a sum would
+    scale this term's update by the number of ranks). Any other tensor is returned as it is."""
+    if not hasattr(weight, "full_tensor"):
+        return weight
+    from torch.distributed.tensor import Partial  # lazy: only a DTensor gets here, so torch.distributed is built
+
+    return weight.full_tensor(grad_placements=[Partial("avg")] * len(weight.placements))
 
 
 def _base_and_adapters(o_proj: nn.Module) -> tuple[nn.Linear, list[str]]:
