@@ -53,7 +53,7 @@ FSDP_SOURCES = {  # name -> (recipe overrides, environment, what the message sta
                               "runs under FSDP2 started by accelerate launch"),
     "accelerate FSDP1": ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
                          f"ACCELERATE_USE_FSDP=true (FSDP_VERSION=1), {_LAUNCHED}: stage: {{stage}} is not run under "
-                         "FSDP1 (FSDP1 flattens"),
+                         "FSDP1 ("),
     "accelerate FSDP2, sharded state dict": ({}, {**_FSDP2, "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"},
                                              f"ACCELERATE_USE_FSDP=True (FSDP_VERSION=2), {_LAUNCHED}, "
                                              "FSDP_STATE_DICT_TYPE=SHARDED_STATE_DICT: stage: {stage} cannot save "

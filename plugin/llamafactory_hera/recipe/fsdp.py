@@ -23,8 +23,8 @@ What is refused, and why:
 - ``FSDP_STATE_DICT_TYPE`` other than ``FULL_STATE_DICT`` (accelerate's FSDP2 default is ``SHARDED_STATE_DICT``):
   transformers' Trainer writes the adapter or model only under ``FULL_STATE_DICT``, so the run exits 0 with nothing
   saved (stock SFT too);
-- FSDP1 (``fsdp_version: 1``): not run by any test here; FSDP1 flattens each wrapped module's parameters into one
-  flat shard per rank, which HeRA's per-head read outside the forward cannot index; FSDP2 is the tested path;
+- FSDP1 (``fsdp_version: 1``): no test runs it; outside a wrapped module's forward FSDP1 leaves each parameter a
+  view of the rank's flat shard, where HeRA reads o_proj's weight by head; FSDP2 is the tested path;
 - the recipe's ``fsdp`` key: transformers builds its own FSDP plugin from ``fsdp_config``, a path no test here runs;
   ``accelerate launch --config_file`` is the tested one;
 - RAH-LoRA under any FSDP: it runs on one process and edits whole V and O weights.
@@ -44,8 +44,11 @@ _RAH = ("stage: rah runs on one process and edits whole V and O weights; run it 
         "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE")
 _LAUNCH = ("accelerate launch --config_file with fsdp_version: 2 and fsdp_state_dict_type: FULL_STATE_DICT (as "
            "LLaMA-Factory's examples/accelerate/fsdp2_config.yaml)")
-_FSDP1 = ("FSDP1 flattens each wrapped module's parameters into one flat shard per rank, which HeRA's per-head read "
-          "of o_proj outside the forward cannot index, and no test here runs FSDP1 for any method")
+_FSDP1 = {  # why a method is not run under FSDP1 (FullyShardedDataParallel)
+    "hera": "outside a wrapped module's forward FSDP1 leaves each parameter a view of this rank's flat shard, and HeRA "
+            "reads o_proj's weight by head there; no test runs HeRA under FSDP1",
+    "harc": "no test runs HARC under FSDP1; FSDP2 is the tested sharding",
+}
 _SHARDED = ("transformers' Trainer writes the adapter or model only under FULL_STATE_DICT: the run would exit 0 with "
             "nothing saved")
 _FULL = {"FULL_STATE_DICT", "1"}  # StateDictType names and values as accelerate reads FSDP_STATE_DICT_TYPE
@@ -96,8 +99,8 @@ def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mappi
     if stage == "rah":
         raise RecipeError(f"{launched}: {_RAH}.")
     if version != "2":
-        raise RecipeError(f"{launched}: stage: {stage} is not run under FSDP1 ({_FSDP1}); set fsdp_version: 2 in "
-                          f"the accelerate config.")
+        raise RecipeError(f"{launched}: stage: {stage} is not run under FSDP1 ({_FSDP1.get(stage, _FSDP1['harc'])});"
+                          f" set fsdp_version: 2 in the accelerate config.")
     state_dict_type = environ.get("FSDP_STATE_DICT_TYPE")
     if (state_dict_type or "SHARDED_STATE_DICT").strip().upper() not in _FULL:
         shown_type = (f"FSDP_STATE_DICT_TYPE={state_dict_type}" if state_dict_type else
