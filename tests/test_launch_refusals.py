@@ -56,11 +56,11 @@ FSDP_SOURCES = {  # name -> (recipe overrides, environment, what the message sta
                          "FSDP1 ("),
     "accelerate FSDP2, sharded state dict": ({}, {**_FSDP2, "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"},
                                              f"ACCELERATE_USE_FSDP=True (FSDP_VERSION=2), {_LAUNCHED}, "
-                                             "FSDP_STATE_DICT_TYPE=SHARDED_STATE_DICT: stage: {stage} cannot save "
-                                             "under FSDP2 without a full state dict (transformers' Trainer writes"),
+                                             "FSDP_STATE_DICT_TYPE=SHARDED_STATE_DICT: stage: {stage} would exit 0 "
+                                             "with no adapter or model saved (transformers' Trainer writes"),
     "accelerate FSDP2, default state dict": ({}, _FSDP2, f"ACCELERATE_USE_FSDP=True (FSDP_VERSION=2), {_LAUNCHED}, "
                                              "no FSDP_STATE_DICT_TYPE (accelerate's FSDP2 default: "
-                                             "SHARDED_STATE_DICT): stage: {stage} cannot save under FSDP2"),
+                                             "SHARDED_STATE_DICT): stage: {stage} would exit 0 with no adapter"),
     # the one FSDP that runs HeRA and HARC (tests/hera/test_hera_deepspeed_lora.py, tests/harc/test_harc_stage.py)
     "accelerate FSDP2, full state dict": ({}, {**_FSDP2, "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}, None),
 }
@@ -93,6 +93,35 @@ def test_fsdp_that_does_not_run_is_refused_naming_why(stage: str, source: str, a
     fix = ("launch with accelerate launch --config_file" if source.startswith("fsdp ") else "set fsdp_version: 2"
            if source == "accelerate FSDP1" else "set fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config")
     assert message.endswith(".") and fix in message, message
+
+
+@pytest.mark.parametrize("value", [None, "SHARDED_STATE_DICT", "3"])
+def test_a_stock_stage_that_would_save_nothing_under_fsdp_is_refused(value: str | None, assets: Any,
+                                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     no_model_load: None) -> None:
+    """Stock ``stage: sft`` under accelerate's FSDP2 default (SHARDED_STATE_DICT) trained and exited 0 with no adapter
+    written (issue 56): the stage patch refuses it before loading; FULL_STATE_DICT is not refused."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    if value is None:
+        monkeypatch.delenv("FSDP_STATE_DICT_TYPE", raising=False)
+    else:
+        monkeypatch.setenv("FSDP_STATE_DICT_TYPE", value)
+    recipe = {k: v for k, v in {**_recipe("hera", assets, None, tmp_path / "out"), "stage": "sft"}.items()
+              if not k.startswith("hera_")}
+    message = _refused(recipe)
+    shown = f"FSDP_STATE_DICT_TYPE={value}" if value else "no FSDP_STATE_DICT_TYPE (accelerate's FSDP2 default: " \
+        "SHARDED_STATE_DICT)"
+    assert message == ("ACCELERATE_USE_FSDP=true (FSDP_VERSION=2), set by accelerate launch with an FSDP config, "
+                       f"{shown}: stage: sft would exit 0 with no adapter or model saved (transformers' Trainer "
+                       "writes them under FSDP only with FULL_STATE_DICT); set fsdp_state_dict_type: FULL_STATE_DICT "
+                       "in the accelerate config."), message
+    from llamafactory_hera_patches.fsdp_adapter import unsaved_refusal
+
+    for full in ("FULL_STATE_DICT", "1", "full_state_dict"):
+        assert unsaved_refusal("sft", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+                                       "FSDP_STATE_DICT_TYPE": full}) is None
+    assert unsaved_refusal("sft", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}) is None  # FSDP1's default
 
 
 def test_fsdp_version_is_read_as_transformers_reads_it(tmp_path: Path) -> None:

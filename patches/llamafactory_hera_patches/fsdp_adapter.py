@@ -11,12 +11,18 @@ with torch's ``get_model_state_dict(..., ignore_frozen_params=True)`` (gathered)
 versions whose ``_get_model_state_dict`` lacks the fix (told by its source: no full-state-dict branch); on the others
 it does nothing. Applied by the import hook right after ``accelerate.utils.fsdp_utils`` executes (the helpers are
 module globals that ``save_fsdp_model`` / ``load_fsdp_model`` look up at call time).
+
+:func:`unsaved_state_dict` names the other silent loss: under FSDP transformers' Trainer writes the final adapter or
+model only with ``FULL_STATE_DICT`` (``Trainer.save_model``), and accelerate's FSDP2 default is
+``SHARDED_STATE_DICT``, so such a training run exits 0 with no adapter written (stock SFT too). The stage patch refuses
+it for the host's stages, the plugin's checks for its methods.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -32,6 +38,32 @@ def lacks_fix(fsdp_utils: ModuleType) -> bool:
     except (OSError, TypeError):  # no source (a frozen install): the shape check alone decides, as before the fix
         return True
     return "full_state_dict" not in source
+
+
+def unsaved_state_dict(environ: Mapping[str, str]) -> str | None:
+    """What ``accelerate launch`` set (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, ``FSDP_STATE_DICT_TYPE``, read as
+    accelerate's FSDP plugin reads them) when it makes the Trainer save no adapter or model, else None."""
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return None
+    version = (environ.get("FSDP_VERSION") or "1").strip()
+    default = "FULL_STATE_DICT" if version == "1" else "SHARDED_STATE_DICT"
+    value = environ.get("FSDP_STATE_DICT_TYPE")
+    if (value or default).strip().upper() in {"FULL_STATE_DICT", "1"}:  # StateDictType's name or value
+        return None
+    return (f"FSDP_STATE_DICT_TYPE={value}" if value else
+            f"no FSDP_STATE_DICT_TYPE (accelerate's FSDP{version} default: {default})")
+
+
+def unsaved_refusal(stage: str, environ: Mapping[str, str]) -> str | None:
+    """The one-line refusal of a training run that :func:`unsaved_state_dict` would leave without a saved adapter or
+    model (``stage`` named), else None."""
+    shown = unsaved_state_dict(environ)
+    if shown is None:
+        return None
+    return (f"ACCELERATE_USE_FSDP={environ['ACCELERATE_USE_FSDP']} (FSDP_VERSION={environ.get('FSDP_VERSION', '1')}), "
+            f"set by accelerate launch with an FSDP config, {shown}: stage: {stage} would exit 0 with no adapter or "
+            "model saved (transformers' Trainer writes them under FSDP only with FULL_STATE_DICT); set "
+            "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config.")
 
 
 def _whole(options: Any) -> bool:

@@ -22,7 +22,7 @@ DDP, and that asserts the parameters are DTensors at the step, at save and after
 What is refused, and why:
 - ``FSDP_STATE_DICT_TYPE`` other than ``FULL_STATE_DICT`` (accelerate's FSDP2 default is ``SHARDED_STATE_DICT``):
   transformers' Trainer writes the adapter or model only under ``FULL_STATE_DICT``, so the run exits 0 with nothing
-  saved (stock SFT too);
+  saved (stock SFT too; the stage patch refuses it for the host's stages as well);
 - FSDP1 (``fsdp_version: 1``): no test runs it; outside a wrapped module's forward FSDP1 leaves each parameter a
   view of the rank's flat shard, where HeRA reads o_proj's weight by head; FSDP2 is the tested path;
 - the recipe's ``fsdp`` key: transformers builds its own FSDP plugin from ``fsdp_config``, a path no test here runs;
@@ -39,6 +39,7 @@ from typing import Any
 
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value
+from llamafactory_hera_patches.fsdp_adapter import unsaved_refusal
 
 _RAH = ("stage: rah runs on one process and edits whole V and O weights; run it on one process: "
         "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE")
@@ -49,9 +50,6 @@ _FSDP1 = {  # why a method is not run under FSDP1 (FullyShardedDataParallel)
             "reads o_proj's weight by head there; no test runs HeRA under FSDP1",
     "harc": "no test runs HARC under FSDP1; FSDP2 is the tested sharding",
 }
-_SHARDED = ("transformers' Trainer writes the adapter or model only under FULL_STATE_DICT: the run would exit 0 with "
-            "nothing saved")
-_FULL = {"FULL_STATE_DICT", "1"}  # StateDictType names and values as accelerate reads FSDP_STATE_DICT_TYPE
 
 
 def _set(value: Any) -> bool:
@@ -101,12 +99,9 @@ def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mappi
     if version != "2":
         raise RecipeError(f"{launched}: stage: {stage} is not run under FSDP1 ({_FSDP1.get(stage, _FSDP1['harc'])});"
                           f" set fsdp_version: 2 in the accelerate config.")
-    state_dict_type = environ.get("FSDP_STATE_DICT_TYPE")
-    if (state_dict_type or "SHARDED_STATE_DICT").strip().upper() not in _FULL:
-        shown_type = (f"FSDP_STATE_DICT_TYPE={state_dict_type}" if state_dict_type else
-                      "no FSDP_STATE_DICT_TYPE (accelerate's FSDP2 default: SHARDED_STATE_DICT)")
-        raise RecipeError(f"{launched}, {shown_type}: stage: {stage} cannot save under FSDP2 without a full state "
-                          f"dict ({_SHARDED}); set fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config.")
+    refusal = unsaved_refusal(stage, environ)  # the same check refuses it for the host's stages (patches/stage.py)
+    if refusal:
+        raise RecipeError(refusal)
 
 
 def check_fsdp_parsed(stage: str, training_args: Any) -> None:
