@@ -10,8 +10,9 @@ option (LlamaBoard's extra arguments). :func:`check_fsdp` reads the first two be
 What runs (two CPU gloo ranks, torch 2.11, accelerate 1.11, transformers 5.6, peft 0.18; tests/test_fsdp2.py, through
 a test-only shim in tests/fsdp_cpu/ that keeps FSDP on where accelerate 1.11 trains an FSDP config on CPU as plain
 DDP, and that asserts the parameters are DTensors at the step, at save and after resume):
-- ``accelerate launch`` with ``fsdp_version: 2`` and ``fsdp_state_dict_type: FULL_STATE_DICT``: HeRA and HARC, LoRA
-  and full fine-tuning, train with DDP's losses step for step, save DDP's adapter / model, and resume exactly.
+- ``accelerate launch`` with ``fsdp_version: 2`` and ``fsdp_state_dict_type: FULL_STATE_DICT``: HeRA (LoRA and full
+  fine-tuning) and HARC (LoRA, its only kind) train with DDP's losses step for step (largest relative difference
+  9e-8), save DDP's adapter / model (5e-8 / 6e-7), and a resumed run ends bit for bit as the run not stopped.
   HeRA reads ``o_proj``'s weight by head outside ``o_proj``'s forward, where FSDP2 leaves each rank its shard: it is
   gathered there with FSDP2's gradient averaging (``hera/projection.py whole``), the monitor's text pass gathers the
   root's own parameters (``selection/collect.py unsharded_root``), and the learned temperature, which lives outside
