@@ -27,17 +27,18 @@ FSDP2_CONFIG = {  # examples/accelerate/fsdp2_config.yaml of LLaMA-Factory, on t
 
 
 def accelerate_launch(recipe: dict[str, Any], tmp: Path, shim: bool = True, timeout: int = 900) -> Any:
-    """``accelerate launch`` of ``recipe`` on two ranks with :data:`FSDP2_CONFIG`; with ``shim`` under FSDP2 (each
-    rank's evidence in ``tmp/fsdp``), without it as accelerate 1.11 runs the config on CPU: plain DDP. A failed run
-    raises AssertionError."""
+    """``accelerate launch`` of ``recipe`` on two ranks with :data:`FSDP2_CONFIG`; with ``shim`` under FSDP2, without
+    it as accelerate 1.11 runs the config on CPU: plain DDP (each rank's evidence in ``tmp/fsdp`` either way). A failed
+    run raises AssertionError."""
     import llamafactory.launcher  # lazy: the host's entry point, as `accelerate launch src/train.py` runs it
 
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     (tmp / "fsdp2_config.yaml").write_text(yaml.safe_dump(FSDP2_CONFIG), encoding="utf-8")
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(FSDP_HOOK), os.environ.get("PYTHONPATH")]))}
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(FSDP_HOOK), os.environ.get("PYTHONPATH")])),
+           "HERA_TEST_FSDP_EVIDENCE": str(tmp / "fsdp")}
     if shim:
-        env.update(HERA_TEST_FSDP_ON_CPU="1", HERA_TEST_FSDP_EVIDENCE=str(tmp / "fsdp"))
+        env["HERA_TEST_FSDP_ON_CPU"] = "1"
     command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
                str(tmp / "fsdp2_config.yaml"), llamafactory.launcher.__file__, str(tmp / "recipe.yaml")]
     proc = run_once_more_if_aborted_at_exit(
@@ -50,15 +51,21 @@ def accelerate_launch(recipe: dict[str, Any], tmp: Path, shim: bool = True, time
     return proc
 
 
-def assert_fsdp2(tmp: Path, events: set[str]) -> list[dict[str, Any]]:
-    """Both ranks ran under FSDP2 at every recorded event (``events`` among step, save, load all seen): FSDP on
-    AcceleratorState and PartialState, every trainable parameter and o_proj's weight a DTensor holding half of the
-    rows. Returns the records."""
+def read_fsdp_evidence(tmp: Path) -> list[dict[str, Any]]:
+    """Both ranks' records (tests/fsdp_cpu/sitecustomize.py) of the run in ``tmp``."""
     records = []
     for rank in (0, 1):
         path = tmp / "fsdp" / f"rank{rank}.jsonl"
         assert path.is_file(), f"no FSDP evidence of rank {rank}: {path}"
         records += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return records
+
+
+def assert_fsdp2(tmp: Path, events: set[str]) -> list[dict[str, Any]]:
+    """Both ranks ran under FSDP2 at every recorded event (``events`` among step, save, load all seen): FSDP on
+    AcceleratorState and PartialState, every trainable parameter and o_proj's weight a DTensor holding half of the
+    rows. Returns the records."""
+    records = read_fsdp_evidence(tmp)
     assert events <= {record["event"] for record in records}, records
     for record in records:
         assert record["distributed_type"] == record["partial_distributed_type"] == "DistributedType.FSDP", record
