@@ -1,6 +1,6 @@
 """patches/fsdp_adapter.py: on an accelerate whose adapter-only FSDP2 state dict is each rank's shard (1.11, before
 accelerate PR 4206), the start-up hook replaces the two helpers; on one with the fix it leaves them. What the patched
-helpers do on two ranks is tested by the FSDP2 resume of tests/hera/test_hera_deepspeed_lora.py (bit for bit)."""
+helpers do on two ranks is tested by the FSDP2 resume of tests/hera/test_hera_fsdp2.py (bit for bit)."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ FSDP_SOURCES = {  # name -> (recipe overrides, environment, what the message sta
     "accelerate FSDP2, default state dict": ({}, _FSDP2, f"ACCELERATE_USE_FSDP=True (FSDP_VERSION=2), {_LAUNCHED}, "
                                              "no FSDP_STATE_DICT_TYPE (accelerate's FSDP2 default: "
                                              "SHARDED_STATE_DICT): stage: {stage} would exit 0 with no adapter"),
-    # the one FSDP that runs HeRA and HARC (tests/hera/test_hera_deepspeed_lora.py, tests/harc/test_harc_stage.py)
+    # the one FSDP that runs HeRA and HARC (tests/hera/test_hera_fsdp2.py, tests/harc/test_harc_stage.py)
     "accelerate FSDP2, full state dict": ({}, {**_FSDP2, "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}, None),
 }
 

@@ -7,12 +7,13 @@ FSDP is turned on by ``accelerate launch`` with an FSDP config (it sets ``ACCELE
 option (LlamaBoard's extra arguments). :func:`check_fsdp` reads the first two before the parse,
 :func:`check_fsdp_parsed` the parsed arguments.
 
-What runs (two CPU gloo ranks, torch 2.11, accelerate 1.11, transformers 5.6, peft 0.18; tests/test_fsdp2.py, through
-a test-only shim in tests/fsdp_cpu/ that keeps FSDP on where accelerate 1.11 trains an FSDP config on CPU as plain
-DDP, and that asserts the parameters are DTensors at the step, at save and after resume):
+What runs (two CPU gloo ranks, torch 2.11, accelerate 1.11, transformers 5.6, peft 0.18; tests/hera/test_hera_fsdp2.py
+and tests/harc/test_harc_stage.py, through a test-only shim in tests/fsdp_cpu/ that keeps FSDP on where accelerate 1.11
+trains an FSDP config on CPU as plain DDP, and that asserts the parameters are DTensors at the step, at save and after
+resume; HeRA's full fine-tuning measured with the same runs, not in CI):
 - ``accelerate launch`` with ``fsdp_version: 2`` and ``fsdp_state_dict_type: FULL_STATE_DICT``: HeRA (LoRA and full
   fine-tuning) and HARC (LoRA, its only kind) train with DDP's losses step for step (largest relative difference
-  9e-8), save DDP's adapter / model (5e-8 / 6e-7), and a resumed run ends bit for bit as the run not stopped.
+  9e-8), save DDP's adapter / model (5e-8 / 6e-7), and a resumed LoRA run ends bit for bit as the run not stopped.
   HeRA reads ``o_proj``'s weight by head outside ``o_proj``'s forward, where FSDP2 leaves each rank its shard: it is
   gathered there with FSDP2's gradient averaging (``hera/projection.py whole``), the monitor's text pass gathers the
   root's own parameters (``selection/collect.py unsharded_root``), and the learned temperature, which lives outside
