@@ -25,8 +25,10 @@ What is refused, and why:
 - ``FSDP_STATE_DICT_TYPE`` other than ``FULL_STATE_DICT`` (accelerate's FSDP2 default is ``SHARDED_STATE_DICT``):
   transformers' Trainer writes the adapter or model only under ``FULL_STATE_DICT``, so the run exits 0 with nothing
   saved (stock SFT too; the stage patch refuses it for the host's stages as well);
-- FSDP1 (``fsdp_version: 1``): no test runs it; outside a wrapped module's forward FSDP1 leaves each parameter a
-  view of the rank's flat shard, where HeRA reads o_proj's weight by head; FSDP2 is the tested path;
+- FSDP1 (``fsdp_version: 1``): untested, and untestable here: with the shim on two CPU ranks accelerate 1.11's FSDP1
+  setup fails before training (``sync_module_states``, its default, needs an accelerator; without it torch's
+  FullyShardedDataParallel rejects ``device_id`` cpu:0 on rank 1); for HeRA also, outside a wrapped module's forward
+  FSDP1 leaves each parameter a view of the rank's flat shard, where HeRA reads o_proj's weight by head;
 - the recipe's ``fsdp`` key: transformers builds its own FSDP plugin from ``fsdp_config``, a path no test here runs;
   ``accelerate launch --config_file`` is the tested one;
 - RAH-LoRA under any FSDP: it runs on one process and edits whole V and O weights.
@@ -47,10 +49,14 @@ _RAH = ("stage: rah runs on one process and edits whole V and O weights; run it 
         "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE")
 _LAUNCH = ("accelerate launch --config_file with fsdp_version: 2 and fsdp_state_dict_type: FULL_STATE_DICT (as "
            "LLaMA-Factory's examples/accelerate/fsdp2_config.yaml)")
+# FSDP1 was tried on two CPU ranks with the shim (2026-11-25): accelerate 1.11's FSDP1 setup fails before training
+# (sync_module_states, its default, needs an accelerator device; without it torch's FullyShardedDataParallel rejects
+# device_id cpu:0 on rank 1), so no run here says what the methods do under FSDP1
+_FSDP1_UNTESTED = "no CPU run can reach FSDP1's training here (accelerate 1.11's FSDP1 setup needs an accelerator)"
 _FSDP1 = {  # why a method is not run under FSDP1 (FullyShardedDataParallel)
-    "hera": "outside a wrapped module's forward FSDP1 leaves each parameter a view of this rank's flat shard, and HeRA "
-            "reads o_proj's weight by head there; no test runs HeRA under FSDP1",
-    "harc": "no test runs HARC under FSDP1; FSDP2 is the tested sharding",
+    "hera": f"{_FSDP1_UNTESTED}, and outside a wrapped module's forward FSDP1 leaves each parameter a view of this "
+            "rank's flat shard, where HeRA reads o_proj's weight by head",
+    "harc": _FSDP1_UNTESTED,
 }
 
 
