@@ -7,7 +7,8 @@ DTensor shards: rank 0 writes its own shard, and on loading the other ranks rest
 continues from a different adapter (stock LoRA SFT of a tiny Qwen2.5-VL on two CPU ranks, plugin off: the first
 resumed step's loss 6.2508 against 6.2406 uninterrupted; with this patch the resumed run ends bit for bit as the
 uninterrupted one: adapter, pytorch_model_fsdp.bin, optimizer.bin). Fixed upstream in accelerate PR 4206 (present in
-1.15.0): with a full state dict the adapter is read with torch's ``get_model_state_dict(..., ignore_frozen_params=True)`` (gathered) and set with
+1.15.0): with a full state dict the adapter is read with torch's
+``get_model_state_dict(..., ignore_frozen_params=True)`` (gathered) and set with
 ``set_model_state_dict(..., strict=False)`` (broadcast from rank 0). This patch does the same on the accelerate
 versions whose ``_get_model_state_dict`` lacks the fix (told by its source: no full-state-dict branch); on the others
 it does nothing. Applied by the import hook right after ``accelerate.utils.fsdp_utils`` executes (the helpers are
