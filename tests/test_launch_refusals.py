@@ -43,56 +43,104 @@ def _refused(recipe: dict[str, Any]) -> str:
     return message
 
 
-_LAUNCHED = "set by accelerate launch with an FSDP config: "
-FSDP_SOURCES = {  # name -> (recipe overrides, environment, what the message starts with, FSDP version)
-    "fsdp key": ({"fsdp": "full_shard auto_wrap"}, {}, "fsdp: full_shard auto_wrap: ", "1"),
+_LAUNCHED = "set by accelerate launch with an FSDP config"
+_FSDP2 = {"ACCELERATE_USE_FSDP": "True", "FSDP_VERSION": "2"}
+FSDP_SOURCES = {  # name -> (recipe overrides, environment, what the message starts with for hera / harc)
+    "fsdp key": ({"fsdp": "full_shard auto_wrap"}, {}, "fsdp: full_shard auto_wrap: stage: {stage} runs under FSDP2 "
+                 "started by accelerate launch, not by the recipe's fsdp key"),
     "fsdp with fsdp_config": ({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}, {},
-                              "fsdp: full_shard (fsdp_config: {'fsdp_version': 2}): ", "2"),
+                              "fsdp: full_shard (fsdp_config: {{'fsdp_version': 2}}, FSDP version 2): stage: {stage} "
+                              "runs under FSDP2 started by accelerate launch"),
     "accelerate FSDP1": ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
-                         f"ACCELERATE_USE_FSDP=true (FSDP_VERSION=1), {_LAUNCHED}", "1"),
-    "accelerate FSDP2": ({}, {"ACCELERATE_USE_FSDP": "True", "FSDP_VERSION": "2"},
-                         f"ACCELERATE_USE_FSDP=True (FSDP_VERSION=2), {_LAUNCHED}", "2"),
+                         f"ACCELERATE_USE_FSDP=true (FSDP_VERSION=1), {_LAUNCHED}: stage: {{stage}} is not run under "
+                         "FSDP1 ("),
+    "accelerate FSDP2, sharded state dict": ({}, {**_FSDP2, "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"},
+                                             f"ACCELERATE_USE_FSDP=True (FSDP_VERSION=2), {_LAUNCHED}, "
+                                             "FSDP_STATE_DICT_TYPE=SHARDED_STATE_DICT: stage: {stage} would exit 0 "
+                                             "with no adapter or model saved (transformers' Trainer writes"),
+    "accelerate FSDP2, default state dict": ({}, _FSDP2, f"ACCELERATE_USE_FSDP=True (FSDP_VERSION=2), {_LAUNCHED}, "
+                                             "no FSDP_STATE_DICT_TYPE (accelerate's FSDP2 default: "
+                                             "SHARDED_STATE_DICT): stage: {stage} would exit 0 with no adapter"),
+    # the one FSDP that runs HeRA and HARC (tests/hera/test_hera_fsdp2.py, tests/harc/test_harc_stage.py)
+    "accelerate FSDP2, full state dict": ({}, {**_FSDP2, "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}, None),
 }
 
 
 @pytest.mark.parametrize("source", list(FSDP_SOURCES))
 @pytest.mark.parametrize("stage", STAGES)
-def test_fsdp_is_refused_for_every_stage_however_it_is_set(stage: str, source: str, assets: Any, harc_assets: Any,
-                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           no_model_load: None) -> None:
-    """HeRA's check read ``training_args.fsdp`` only: ``accelerate launch`` with an FSDP config loaded the model and
-    the teacher and failed at the first projection; HARC and RAH-LoRA had no check at all. FSDP2 is named as such,
-    with what was measured of it (issue 49: accelerate's LoRA resume keeps rank 0's shard only; recipe/fsdp.py)."""
-    overrides, environment, start, version = FSDP_SOURCES[source]
+def test_fsdp_that_does_not_run_is_refused_naming_why(stage: str, source: str, assets: Any, harc_assets: Any,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      no_model_load: None) -> None:
+    """Before issue 56 every FSDP was refused (HeRA's check read ``training_args.fsdp`` only and once failed at the
+    first projection). Now FSDP2 from ``accelerate launch`` with a full state dict runs HeRA and HARC; a sharded state
+    dict (the run exits 0 with nothing saved, stock SFT too), FSDP1, the recipe's ``fsdp`` key and RAH-LoRA under any
+    FSDP are refused before loading, naming the value and the fix (recipe/fsdp.py)."""
+    overrides, environment, start = FSDP_SOURCES[source]
     for key, value in environment.items():
         monkeypatch.setenv(key, value)
+    if stage == "rah":
+        message = _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", **overrides))
+        assert "stage: rah runs on one process and edits whole V and O weights; run it on one process: " \
+            "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE." in message, message
+        return
+    if start is None:
+        from llamafactory_hera.recipe.checks import check_raw_launch
+
+        check_raw_launch(stage, _recipe(stage, assets, harc_assets, tmp_path / "out", **overrides), environment)
+        return
     message = _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", **overrides))
-    name = "FSDP2" if version == "2" else "FSDP"
-    assert message.startswith(f"{start}stage: {stage} cannot run under {name} ("), message
-    fix = "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train" if stage == "rah" else "DeepSpeed ZeRO-3"
-    assert fix in message
-    if version == "2" and stage != "rah":
-        assert "rank 0's shard only, accelerate PR 4206;" in message, message
+    assert message.startswith(start.format(stage=stage)), message
+    fix = ("launch with accelerate launch --config_file" if source.startswith("fsdp ") else "set fsdp_version: 2"
+           if source == "accelerate FSDP1" else "set fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config")
+    assert message.endswith(".") and fix in message, message
+
+
+@pytest.mark.parametrize("value", [None, "SHARDED_STATE_DICT", "3"])
+def test_a_stock_stage_that_would_save_nothing_under_fsdp_is_refused(value: str | None, assets: Any,
+                                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     no_model_load: None) -> None:
+    """Stock ``stage: sft`` under accelerate's FSDP2 default (SHARDED_STATE_DICT) trained and exited 0 with no adapter
+    written (issue 56): the stage patch refuses it before loading; FULL_STATE_DICT is not refused."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    if value is None:
+        monkeypatch.delenv("FSDP_STATE_DICT_TYPE", raising=False)
+    else:
+        monkeypatch.setenv("FSDP_STATE_DICT_TYPE", value)
+    recipe = {k: v for k, v in {**_recipe("hera", assets, None, tmp_path / "out"), "stage": "sft"}.items()
+              if not k.startswith("hera_")}
+    message = _refused(recipe)
+    shown = f"FSDP_STATE_DICT_TYPE={value}" if value else "no FSDP_STATE_DICT_TYPE (accelerate's FSDP2 default: " \
+        "SHARDED_STATE_DICT)"
+    assert message == ("ACCELERATE_USE_FSDP=true (FSDP_VERSION=2), set by accelerate launch with an FSDP config, "
+                       f"{shown}: stage: sft would exit 0 with no adapter or model saved (transformers' Trainer "
+                       "writes them under FSDP only with FULL_STATE_DICT); set fsdp_state_dict_type: FULL_STATE_DICT "
+                       "in the accelerate config."), message
+    from llamafactory_hera_patches.fsdp_adapter import unsaved_refusal
+
+    for full in ("FULL_STATE_DICT", "1", "full_state_dict"):
+        assert unsaved_refusal("sft", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+                                       "FSDP_STATE_DICT_TYPE": full}) is None
+    assert unsaved_refusal("sft", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}) is None  # FSDP1's default
 
 
 def test_fsdp_version_is_read_as_transformers_reads_it(tmp_path: Path) -> None:
-    """``fsdp_config``'s version: ``version`` or ``fsdp_version``, in a dict or a JSON file, 1 when absent; the parsed
-    arguments' ``fsdp_config`` too (LlamaBoard's extra arguments reach only those)."""
+    """``fsdp_config``'s version: ``version`` or ``fsdp_version``, in a dict or a JSON file, 1 when absent, named in
+    the refusal of the recipe's ``fsdp`` key."""
     from types import SimpleNamespace
 
     from llamafactory_hera.recipe.checks import check_fsdp_parsed, check_raw_launch
 
     config_file = tmp_path / "fsdp.json"
     config_file.write_text(json.dumps({"fsdp_version": 2}), encoding="utf-8")
-    for config, name in (({"version": 2}, "FSDP2"), (str(config_file), "FSDP2"), ({"fsdp_version": 1}, "FSDP"),
-                         (None, "FSDP")):
-        with pytest.raises(ValueError, match=f"stage: harc cannot run under {name} \\("):
+    for config, version in (({"version": 2}, "2"), (str(config_file), "2"), ({"fsdp_version": 1}, "1")):
+        with pytest.raises(ValueError, match=f", FSDP version {version}\\): stage: harc runs under FSDP2 started"):
             check_raw_launch("harc", {"fsdp": "full_shard", "fsdp_config": config}, {})
+    with pytest.raises(ValueError, match=r"^fsdp: full_shard: stage: harc runs under FSDP2 started by accelerate"):
+        check_raw_launch("harc", {"fsdp": "full_shard", "fsdp_config": None}, {})
     parsed = SimpleNamespace(fsdp=["full_shard"], fsdp_config={"version": 2})
-    with pytest.raises(ValueError, match=r"^fsdp: full_shard: stage: hera cannot run under FSDP2 \(HeRA reads"):
+    with pytest.raises(ValueError, match=r"^fsdp: full_shard: stage: hera runs under FSDP2 started by accelerate"):
         check_fsdp_parsed("hera", parsed)
-    with pytest.raises(ValueError, match=r"FSDP_VERSION=1\), set by .*cannot run under FSDP \(HARC reads"):
-        check_raw_launch("harc", {}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
 
 
 def test_fsdp_off_in_the_environment_is_not_refused() -> None:

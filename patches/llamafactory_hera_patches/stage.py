@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -28,9 +29,9 @@ from typing import Any
 
 from transformers.utils import logging as transformers_logging
 
+from . import fsdp_adapter, output_dir, recipe_file, run_claim, run_record
 from . import logging as log_patch
-from . import output_dir, recipe_file, run_claim, run_record
-from .arguments import keys_of, raw_value, split_args
+from .arguments import keys_of, raw_value, split_args, truthy
 from .errors import RecipeError
 from .guard import require, warn_if_unchecked
 from .registry import registered_methods
@@ -119,6 +120,9 @@ def apply(tuner: ModuleType) -> None:
         output_dir.refuse_finished(host_args)  # before the parse, which would resume it
         if method is None:
             check_stage(raw_value(host_args, "stage"), [m.stage for m in registered_methods()], host_stages())
+            refusal = fsdp_adapter.unsaved_refusal(str(raw_value(host_args, "stage") or "sft"), os.environ)
+            if refusal and truthy(raw_value(host_args, "do_train")):  # a training run: it would save nothing
+                raise RecipeError(refusal)
             for other in registered_methods():
                 ignored = sorted(k for k in method_raw if k.startswith(other.prefix))
                 if ignored:

@@ -17,6 +17,8 @@ DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
 
 # host module -> patch module (in llamafactory_hera_patches) whose ``apply(module)`` adapts it
 _TARGETS = {
+    # FSDP2 LoRA checkpoints saved and loaded whole (accelerate before PR 4206 kept rank 0's shard), for every stage
+    "accelerate.utils.fsdp_utils": "fsdp_adapter",
     "llamafactory.data.template": "llava_templates",  # LLaVA-1.5 templates of the families compose builds from
     "llamafactory.extras.constants": "webui",
     "llamafactory.launcher": "launch",  # llamafactory-cli train under torchrun: the recipe checked before the ranks

@@ -2,7 +2,8 @@
 
 ``assert_resumed_equals_whole(whole, resumed, step)`` compares two ``output_dir`` folders of the same recipe, one run
 through, the other resumed from one of its checkpoints: the final model (full weights or LoRA adapter), and in
-``checkpoint-<step>`` of both the Trainer's optimizer state (DeepSpeed: its engine's files, ``global_step<step>/``)
+``checkpoint-<step>`` of both the Trainer's optimizer state (DeepSpeed: its engine's files, ``global_step<step>/``;
+FSDP: its gathered model and optimizer)
 and what the methods save beside it (HeRA's temperature, its own optimizer and feature queue; HARC's directions,
 layers and history, wall-clock seconds left out).
 """
@@ -17,7 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 MODEL_FILES = ("model.safetensors", "adapter_model.safetensors")
-STATE_FILES = ("optimizer.pt", "hera_temperature_optimizer.pt", "hera_queue_rank0.pt", "harc_state.pt")
+# FSDP (FULL_STATE_DICT): the Trainer's resume copies of the model (or adapter) and of the optimizer, gathered
+STATE_FILES = ("optimizer.pt", "optimizer.bin", "pytorch_model_fsdp.bin", "hera_temperature_optimizer.pt",
+               "hera_queue_rank0.pt", "harc_state.pt")
 
 
 def _leaves(value: Any, path: str = "") -> dict[str, Any]:

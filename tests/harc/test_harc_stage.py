@@ -1,6 +1,6 @@
 """``stage: harc`` through the stock ``llamafactory-cli train`` on tiny Llama-3 / Qwen2 text models: the shipped
 recipes run, the outputs are complete, and the objective is the same under every setting that must not change it
-(two ranks instead of gradient accumulation, DeepSpeed ZeRO-3, resuming from a checkpoint)."""
+(two ranks instead of gradient accumulation, DeepSpeed ZeRO-3, FSDP2, resuming from a checkpoint)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import pytest
 import torch
 import yaml
 from engine_checks import assert_engine, evidence_env, read_evidence
+from fsdp_checks import accelerate_launch, assert_fsdp2
+from safetensors.torch import load_file
 
 from conftest import REPO, harc_recipe, offline_env, read_trainer_log, run_train
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
@@ -167,6 +169,21 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
     assert_engine(read_evidence(tmp_path / "zero3_resumed" / "engine", ranks=2), 3)
     assert {"model", "harc_state.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
         assert_resumed_equals_whole(whole, resumed, 4))
+
+
+def test_fsdp2_gives_the_losses_of_one_process(harc_assets: Any, four_steps: Path, tmp_path: Path) -> None:
+    """``accelerate launch`` with LLaMA-Factory's FSDP2 config on two ranks (tests/fsdp_cpu's shim keeps FSDP on on
+    CPU) == one process with gradient accumulation 2, step for step through the base extraction, a refresh and the
+    ramp; the saved adapter is the one process's. The reference forward (adapter disabled) and the residual-stream
+    reads run inside the sharded layers' forward; every trainable parameter is a DTensor shard at each step and
+    save, so equal losses are not a silent DDP fallback."""
+    output = tmp_path / "out"
+    accelerate_launch(harc_recipe(harc_assets, "llama3", output, harc_eval=False, max_steps=4, save_steps=2,
+                                  gradient_accumulation_steps=1), tmp_path)
+    assert_fsdp2(tmp_path, {"step", "save"})
+    assert _close(_terms(output), _terms(four_steps)), (_terms(output), _terms(four_steps))
+    got, want = (load_file(folder / "adapter_model.safetensors") for folder in (output, four_steps))
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
 
 
 def test_resuming_from_a_checkpoint_continues_the_same_objective(harc_assets: Any, four_steps: Path,

@@ -44,12 +44,12 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
     weight = whole[:, columns] if whole is not None else base_weight_columns(base, columns)
     total = weight
     for name in adapters:
-        lora_a = o_proj.lora_A[name].weight.float()  # [r, in]
-        lora_b = o_proj.lora_B[name].weight.float()  # [d, r]
+        lora_a = whole(o_proj.lora_A[name].weight).float()  # [r, in]
+        lora_b = whole(o_proj.lora_B[name].weight).float()  # [d, r]
         scaling = o_proj.scaling[name]
         delta = scaling * (lora_b @ lora_a[:, columns])
         if name in dora:
-            row = dora_row_scale(o_proj.lora_magnitude_vector[name].weight, whole, scaling * (lora_b @ lora_a))
+            row = dora_row_scale(whole(o_proj.lora_magnitude_vector[name].weight), whole, scaling * (lora_b @ lora_a))
             delta = (row - 1) * weight + row * delta
         total = total + delta
     return total
@@ -84,6 +84,7 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
         raise TypeError(f"o_proj's base {type(base).__name__} stores its weight as {weight.dtype}, a quantization "
                         "llamafactory-hera cannot read exactly; use bitsandbytes (quantization_bit: 4 or 8) or an "
                         "unquantized model.")
+    weight = whole(weight)  # an FSDP2 shard gathered
     return (weight if columns is None else weight[:, columns]).float()
 
 
@@ -99,6 +100,18 @@ def dora_row_scale(magnitude: torch.Tensor, weight: torch.Tensor, delta: torch.T
     the norm detached (PEFT's forward, after DoRA's paper section 4.3), the magnitude ``[out]`` keeping its gradient."""
     norm = torch.linalg.norm(weight + delta.detach(), dim=1).detach()
     return (magnitude.float() / norm)[:, None]
+
+
+def whole(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` whole. Under FSDP2 a parameter outside its module's forward is a DTensor holding this rank's shard:
+    it is gathered (a collective: every rank reads the same weights in the same order), and its gradient goes back to
+    the shards averaged over the data-parallel ranks, as FSDP2 averages the gradients of its own forward (a sum would
+    scale this term's update by the number of ranks). Any other tensor is returned as it is."""
+    if not hasattr(weight, "full_tensor"):
+        return weight
+    from torch.distributed.tensor import Partial  # lazy: only a DTensor gets here, so torch.distributed is built
+
+    return weight.full_tensor(grad_placements=[Partial("avg")] * len(weight.placements))
 
 
 def _base_and_adapters(o_proj: nn.Module) -> tuple[nn.Linear, list[str]]:

@@ -80,7 +80,9 @@ class HeraTrainer(RestoresCheckpointWeights):
         self.hera_tau = TemperatureGradHandler(self.hera_log_tau, self.hera_temperature_lr)
         if hera_args.hera_learn_temperature:
             self.add_callback(self.hera_tau)
-            if getattr(self, "is_deepspeed_enabled", False):  # ZeRO's optimizer takes only the model's parameters
+            # ZeRO's optimizer takes only the model's parameters; accelerate's FSDP2 preparation maps every optimizer
+            # parameter to a model parameter (a KeyError in fsdp2_switch_optimizer_parameters otherwise)
+            if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
                 self.hera_tau.own_optimizer = torch.optim.AdamW(
                     [self.hera_log_tau], lr=self.hera_temperature_lr, betas=(self.args.adam_beta1,
                     self.args.adam_beta2), eps=self.args.adam_epsilon, weight_decay=0.0)
@@ -226,7 +228,7 @@ class HeraTrainer(RestoresCheckpointWeights):
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """The Trainer's optimizer plus the learnable temperature in its own group (``hera_temperature_lr``)."""
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.hera_tau.own_optimizer is not None:  # DeepSpeed: the temperature has its own optimizer
+        if self.hera_tau.own_optimizer is not None:  # DeepSpeed, FSDP: the temperature has its own optimizer
             return optimizer
         if self.hera_args.hera_learn_temperature and not any(
             p is self.hera_log_tau for group in optimizer.param_groups for p in group["params"]

@@ -1,25 +1,37 @@
-"""FSDP, however it is turned on, is refused before anything loads, for every method, with why per method and FSDP
-version.
+"""FSDP for the methods: FSDP2 from ``accelerate launch`` runs HeRA and HARC; what does not run is refused before
+anything loads, naming the key, the value and the fix.
 
-FSDP is turned on by the recipe (``fsdp``, with ``fsdp_config``'s ``fsdp_version`` / ``version``: 1 by default), by
-``accelerate launch`` with an FSDP config (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``), or by any front end that sets
-the parsed ``fsdp`` option (LlamaBoard's extra arguments). :func:`check_fsdp` reads the first two before the parse,
+FSDP is turned on by ``accelerate launch`` with an FSDP config (it sets ``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``,
+``FSDP_STATE_DICT_TYPE``; LLaMA-Factory's examples/accelerate/fsdp2_config.yaml), by the recipe (``fsdp``, with
+``fsdp_config``'s ``fsdp_version`` / ``version``: 1 by default) or by any front end that sets the parsed ``fsdp``
+option (LlamaBoard's extra arguments). :func:`check_fsdp` reads the first two before the parse,
 :func:`check_fsdp_parsed` the parsed arguments.
 
-FSDP2 (``fully_shard``) was measured on two CPU ranks (torch 2.11, gloo, accelerate 1.11, transformers 5.6, peft
-0.18; issue 49): torch's FSDP2 itself runs on gloo (forward, backward, step, full state dict, DCP save and load), but
+What runs (two CPU gloo ranks, torch 2.11, accelerate 1.11, transformers 5.6, peft 0.18; tests/hera/test_hera_fsdp2.py
+and tests/harc/test_harc_stage.py, through a test-only shim in tests/fsdp_cpu/ that keeps FSDP on where accelerate 1.11
+trains an FSDP config on CPU as plain DDP, and that asserts the parameters are DTensors at the step, at save and after
+resume; HeRA's full fine-tuning measured with the same runs, not in CI):
+- ``accelerate launch`` with ``fsdp_version: 2`` and ``fsdp_state_dict_type: FULL_STATE_DICT``: HeRA (LoRA and full
+  fine-tuning) and HARC (LoRA, its only kind) train with DDP's losses step for step (largest relative difference
+  9e-8), save DDP's adapter / model (5e-8 / 6e-7), and a resumed LoRA run ends bit for bit as the run not stopped.
+  HeRA reads ``o_proj``'s weight by head outside ``o_proj``'s forward, where FSDP2 leaves each rank its shard: it is
+  gathered there with FSDP2's gradient averaging (``hera/projection.py whole``), the monitor's text pass gathers the
+  root's own parameters (``selection/collect.py unsharded_root``), and the learned temperature, which lives outside
+  the model, has its own optimizer (accelerate maps every optimizer parameter to a model parameter).
+- A LoRA resume: accelerate 1.11's adapter-only FSDP2 checkpoint kept rank 0's shard of each adapter tensor
+  (accelerate PR 4206); patches/fsdp_adapter.py saves and loads it whole on the accelerate versions that lack the fix.
 
-- accelerate 1.11 turns FSDP on only for accelerator process groups (GPU, NPU, XPU, ...): ``accelerate launch`` with
-  an FSDP2 config on CPU sets ``ACCELERATE_USE_FSDP=true`` / ``FSDP_VERSION=2`` and then trains plain DDP over gloo,
-  silently, so no CPU test can show a method under FSDP2;
-- with that switch forced on (a test-only shim), stock LoRA SFT trains under FSDP2 with DDP's losses bit for bit and
-  saves, but resuming restores only rank 0's shard of the adapter: the Trainer saves and loads
-  ``pytorch_model_fsdp.bin`` with ``adapter_only`` (accelerate's ``FULL_STATE_DICT`` + PEFT path), which writes
-  rank 0's DTensor shards (accelerate PR 4206); the first resumed step's loss was 6.1660 where the uninterrupted run
-  had 6.1508;
-- HeRA reads ``o_proj``'s weight by head outside ``o_proj``'s forward, where FSDP2 leaves each rank its shard.
-
-DeepSpeed ZeRO-3 shards HeRA and HARC with LoRA and resumes; RAH-LoRA runs on one process.
+What is refused, and why:
+- ``FSDP_STATE_DICT_TYPE`` other than ``FULL_STATE_DICT`` (accelerate's FSDP2 default is ``SHARDED_STATE_DICT``):
+  transformers' Trainer writes the adapter or model only under ``FULL_STATE_DICT``, so the run exits 0 with nothing
+  saved (stock SFT too; the stage patch refuses it for the host's stages as well);
+- FSDP1 (``fsdp_version: 1``): untested, and untestable here: with the shim on two CPU ranks accelerate 1.11's FSDP1
+  setup fails before training (``sync_module_states``, its default, needs an accelerator; without it torch's
+  FullyShardedDataParallel rejects ``device_id`` cpu:0 on rank 1); for HeRA also, outside a wrapped module's forward
+  FSDP1 leaves each parameter a view of the rank's flat shard, where HeRA reads o_proj's weight by head;
+- the recipe's ``fsdp`` key: transformers builds its own FSDP plugin from ``fsdp_config``, a path no test here runs;
+  ``accelerate launch --config_file`` is the tested one;
+- RAH-LoRA under any FSDP: it runs on one process and edits whole V and O weights.
 """
 
 from __future__ import annotations
@@ -31,30 +43,21 @@ from typing import Any
 
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value
+from llamafactory_hera_patches.fsdp_adapter import unsaved_refusal
 
-# why a method cannot run under FSDP1 (FullyShardedDataParallel: whole weights are gathered only in the wrapped forward)
-_FSDP = {
-    "hera": "HeRA slices o_proj's weight by head and its monitor reads it between steps, outside the wrapped forward "
-            "where FSDP gathers it",
-    "rah": "RAH-LoRA runs on one process and edits whole V and O weights",
-    "harc": "HARC reads the residual stream and the LoRA reference (adapter disabled) outside FSDP's wrapped forward",
+_RAH = ("stage: rah runs on one process and edits whole V and O weights; run it on one process: "
+        "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE")
+_LAUNCH = ("accelerate launch --config_file with fsdp_version: 2 and fsdp_state_dict_type: FULL_STATE_DICT (as "
+           "LLaMA-Factory's examples/accelerate/fsdp2_config.yaml)")
+# FSDP1 was tried on two CPU ranks with the shim (2026-11-25): accelerate 1.11's FSDP1 setup fails before training
+# (sync_module_states, its default, needs an accelerator device; without it torch's FullyShardedDataParallel rejects
+# device_id cpu:0 on rank 1), so no run here says what the methods do under FSDP1
+_FSDP1_UNTESTED = "no CPU run can reach FSDP1's training here (accelerate 1.11's FSDP1 setup needs an accelerator)"
+_FSDP1 = {  # why a method is not run under FSDP1 (FullyShardedDataParallel)
+    "hera": f"{_FSDP1_UNTESTED}, and outside a wrapped module's forward FSDP1 leaves each parameter a view of this "
+            "rank's flat shard, where HeRA reads o_proj's weight by head",
+    "harc": _FSDP1_UNTESTED,
 }
-_RESUME_BUG = ("accelerate 1.11 resumes a LoRA adapter under FSDP2 from rank 0's shard only, accelerate PR 4206; "
-               "on CPU it trains an FSDP config as plain DDP, so no test here runs FSDP2")
-# why a method cannot run under FSDP2 (fully_shard: each parameter is a DTensor shard outside its module's forward)
-_FSDP2 = {
-    "hera": "HeRA reads o_proj's weight by head outside o_proj's forward, where FSDP2 holds only this rank's shard; "
-            f"{_RESUME_BUG}",
-    "rah": _FSDP["rah"],
-    "harc": _RESUME_BUG,
-}
-_FSDP_FIX = {
-    "rah": "run it on one process: CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE",
-}
-_DEFAULT_FSDP_FIX = ("shard with DeepSpeed ZeRO-3 instead (deepspeed: recipes/deepspeed/ds_z3_config.json; it trains "
-                     "HeRA and HARC with LoRA and resumes), or run one process")
-_LAUNCH_FIX = ("launch with llamafactory-cli train, or accelerate launch with a DeepSpeed ZeRO-3 config (the supported "
-               "sharding), not an FSDP one")
 
 
 def _set(value: Any) -> bool:
@@ -77,26 +80,36 @@ def _config_version(config: Any) -> str:
     return str(config.get("version", config.get("fsdp_version", 1))).strip()
 
 
-def _fsdp_refusal(stage: str, what: str, version: str, fix: str = _DEFAULT_FSDP_FIX) -> RecipeError:
-    reasons = _FSDP2 if version == "2" else _FSDP
-    reason = reasons.get(stage, "the stage reads whole weights outside the wrapped forward, which FSDP shards")
-    name = "FSDP2" if version == "2" else "FSDP"
-    return RecipeError(f"{what}: stage: {stage} cannot run under {name} ({reason}); {_FSDP_FIX.get(stage, fix)}.")
+def _recipe_refusal(stage: str, what: str) -> RecipeError:
+    if stage == "rah":
+        return RecipeError(f"{what}: {_RAH}.")
+    return RecipeError(f"{what}: stage: {stage} runs under FSDP2 started by accelerate launch, not by the recipe's "
+                       f"fsdp key (transformers then builds its own FSDP plugin, a path no test here runs); remove "
+                       f"fsdp and fsdp_config from the recipe and launch with {_LAUNCH}.")
 
 
 def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mapping[str, str]) -> None:
-    """No FSDP from the recipe's ``fsdp`` / ``fsdp_config`` or from ``accelerate launch``'s environment."""
+    """FSDP only as it runs: ``accelerate launch`` with an FSDP2 config saving ``FULL_STATE_DICT``, HeRA or HARC."""
     value = raw_value(host_args, "fsdp")
     if _set(value):  # fsdp_config alone is ignored by transformers (it warns), so it is no FSDP run
         config = raw_value(host_args, "fsdp_config")
-        raise _fsdp_refusal(stage, f"fsdp: {value}" + (f" (fsdp_config: {config})" if _set(config) else ""),
-                            _config_version(config))
+        raise _recipe_refusal(stage, f"fsdp: {value}" + (f" (fsdp_config: {config}, FSDP version "
+                                                         f"{_config_version(config)})" if _set(config) else ""))
     used = environ.get("ACCELERATE_USE_FSDP", "")
-    if used.lower() == "true":  # exactly how accelerate's Accelerator reads it (1.11: "1" does not turn FSDP on)
-        version = environ.get("FSDP_VERSION")
-        shown = f"ACCELERATE_USE_FSDP={used}" + (f" (FSDP_VERSION={version})" if version else "")
-        raise _fsdp_refusal(stage, f"{shown}, set by accelerate launch with an FSDP config",
-                            (version or "1").strip(), _LAUNCH_FIX)
+    if used.lower() != "true":  # exactly how accelerate's Accelerator reads it (1.11: "1" does not turn FSDP on)
+        return
+    version = (environ.get("FSDP_VERSION") or "1").strip()
+    shown = f"ACCELERATE_USE_FSDP={used}" + (f" (FSDP_VERSION={environ['FSDP_VERSION']})"
+                                             if environ.get("FSDP_VERSION") else "")
+    launched = f"{shown}, set by accelerate launch with an FSDP config"
+    if stage == "rah":
+        raise RecipeError(f"{launched}: {_RAH}.")
+    if version != "2":
+        raise RecipeError(f"{launched}: stage: {stage} is not run under FSDP1 ({_FSDP1.get(stage, _FSDP1['harc'])});"
+                          f" set fsdp_version: 2 in the accelerate config.")
+    refusal = unsaved_refusal(stage, environ)  # the same check refuses it for the host's stages (patches/stage.py)
+    if refusal:
+        raise RecipeError(refusal)
 
 
 def check_fsdp_parsed(stage: str, training_args: Any) -> None:
@@ -105,4 +118,4 @@ def check_fsdp_parsed(stage: str, training_args: Any) -> None:
     if value:
         shown = " ".join(str(getattr(option, "value", option)) for option in value) if isinstance(value, list) \
             else value
-        raise _fsdp_refusal(stage, f"fsdp: {shown}", _config_version(getattr(training_args, "fsdp_config", None)))
+        raise _recipe_refusal(stage, f"fsdp: {shown}")

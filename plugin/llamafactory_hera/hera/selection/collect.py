@@ -179,11 +179,34 @@ def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair],
                                 return_special_tokens_mask=True)
             mask = encoded["attention_mask"].bool() & ~encoded["special_tokens_mask"].bool()
             recorder.weights = pooling_weights(mask).to(device)
-            decoder(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))
+            through_root(model, decoder, input_ids=encoded["input_ids"].to(device),
+                         attention_mask=encoded["attention_mask"].to(device))
             recorder.flush()
         return recorder.result()
     finally:
         recorder.remove()
+
+
+def through_root(model: nn.Module, decoder: nn.Module, **inputs: Any) -> Any:
+    """``decoder(**inputs)``, called through ``model``'s own call when FSDP2 (``fully_shard``) shards ``model``.
+
+    FSDP2 gathers the root module's own parameters (the embeddings, the final norm) in the root's forward hooks only,
+    and takes as its root the first sharded module to run forward: the decoder called alone would mix the root's
+    DTensor shards with plain tensors (and before the first training step, make a layer the root). So the root is
+    called with its ``forward`` set to the decoder's for the call, and its parameters are resharded afterwards, as a
+    training step leaves them. A collective: every rank calls it. Any other model: the decoder is called directly."""
+    if not (torch.distributed.is_available() and hasattr(model, "reshard")):
+        return decoder(**inputs)
+    from torch.distributed.fsdp import FSDPModule  # lazy: only a model with reshard() can be one
+
+    if not isinstance(model, FSDPModule):
+        return decoder(**inputs)
+    model.forward = decoder.forward  # an instance attribute: the class's forward is untouched
+    try:
+        return model(**inputs)
+    finally:
+        del model.forward
+        model.reshard()
 
 
 @torch.no_grad()  # as collect_text

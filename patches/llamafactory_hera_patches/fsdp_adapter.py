@@ -1,0 +1,104 @@
+"""A LoRA adapter saved and loaded whole under FSDP2 (``FULL_STATE_DICT``), for every stage, stock ones included.
+
+transformers' Trainer saves and loads its FSDP resume checkpoint (``pytorch_model_fsdp.bin``) through accelerate's
+``save_fsdp_model`` / ``load_fsdp_model`` with ``adapter_only=True``. In accelerate 1.11 (the newest LLaMA-Factory
+0.9.5 allows) that path calls PEFT's ``get_peft_model_state_dict`` on the FSDP2 model, whose values are each rank's
+DTensor shards: rank 0 writes its own shard, and on loading the other ranks restore nothing, so a resumed LoRA run
+continues from a different adapter (stock LoRA SFT of a tiny Qwen2.5-VL on two CPU ranks, plugin off: the first
+resumed step's loss 6.2508 against 6.2406 uninterrupted; with this patch the resumed run ends bit for bit as the
+uninterrupted one: adapter, pytorch_model_fsdp.bin, optimizer.bin). Fixed upstream in accelerate PR 4206 (present in
+1.15.0): with a full state dict the adapter is read with torch's
+``get_model_state_dict(..., ignore_frozen_params=True)`` (gathered) and set with
+``set_model_state_dict(..., strict=False)`` (broadcast from rank 0). This patch does the same on the accelerate
+versions whose ``_get_model_state_dict`` lacks the fix (told by its source: no full-state-dict branch); on the others
+it does nothing. Applied by the import hook right after ``accelerate.utils.fsdp_utils`` executes (the helpers are
+module globals that ``save_fsdp_model`` / ``load_fsdp_model`` look up at call time).
+
+:func:`unsaved_state_dict` names the other silent loss: under FSDP transformers' Trainer writes the final adapter or
+model only with ``FULL_STATE_DICT`` (``Trainer.save_model``), and accelerate's FSDP2 default is
+``SHARDED_STATE_DICT``, so such a training run exits 0 with no adapter written (stock SFT too). The stage patch refuses
+it for the host's stages, the plugin's checks for its methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+from .guard import require
+
+_HELPERS = ("_get_model_state_dict", "_set_model_state_dict", "is_peft_model", "save_fsdp_model", "load_fsdp_model")
+
+
+def lacks_fix(fsdp_utils: ModuleType) -> bool:
+    """True when this accelerate's adapter-only state dict ignores ``sd_options`` (accelerate before PR 4206)."""
+    try:
+        source = inspect.getsource(fsdp_utils._get_model_state_dict)
+    except (OSError, TypeError):  # no source (a frozen install): the shape check alone decides, as before the fix
+        return True
+    return "full_state_dict" not in source
+
+
+def unsaved_state_dict(environ: Mapping[str, str]) -> str | None:
+    """What ``accelerate launch`` set (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, ``FSDP_STATE_DICT_TYPE``, read as
+    accelerate's FSDP plugin reads them) when it makes the Trainer save no adapter or model, else None."""
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return None
+    version = (environ.get("FSDP_VERSION") or "1").strip()
+    default = "FULL_STATE_DICT" if version == "1" else "SHARDED_STATE_DICT"
+    value = environ.get("FSDP_STATE_DICT_TYPE")
+    if (value or default).strip().upper() in {"FULL_STATE_DICT", "1"}:  # StateDictType's name or value
+        return None
+    return (f"FSDP_STATE_DICT_TYPE={value}" if value else
+            f"no FSDP_STATE_DICT_TYPE (accelerate's FSDP{version} default: {default})")
+
+
+def unsaved_refusal(stage: str, environ: Mapping[str, str]) -> str | None:
+    """The one-line refusal of a training run that :func:`unsaved_state_dict` would leave without a saved adapter or
+    model (``stage`` named), else None."""
+    shown = unsaved_state_dict(environ)
+    if shown is None:
+        return None
+    return (f"ACCELERATE_USE_FSDP={environ['ACCELERATE_USE_FSDP']} (FSDP_VERSION={environ.get('FSDP_VERSION', '1')}), "
+            f"set by accelerate launch with an FSDP config, {shown}: stage: {stage} would exit 0 with no adapter or "
+            "model saved (transformers' Trainer writes them under FSDP only with FULL_STATE_DICT); set "
+            "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config.")
+
+
+def _whole(options: Any) -> bool:
+    """FSDP2 with a full state dict (accelerate passes ``sd_options`` only under FSDP2)."""
+    return options is not None and getattr(options, "full_state_dict", False)
+
+
+def apply(fsdp_utils: ModuleType) -> None:
+    require(fsdp_utils, _HELPERS, "fsdp_adapter")
+    if not lacks_fix(fsdp_utils):
+        return
+    original_get, original_set = fsdp_utils._get_model_state_dict, fsdp_utils._set_model_state_dict
+
+    def _get_model_state_dict(model: Any, adapter_only: bool = False, sd_options: Any = None) -> Any:
+        if adapter_only and _whole(sd_options) and fsdp_utils.is_peft_model(model):
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict  # lazy: as accelerate's own
+
+            return get_model_state_dict(model, options=dataclasses.replace(sd_options, ignore_frozen_params=True))
+        return original_get(model, adapter_only=adapter_only, sd_options=sd_options)
+
+    def _set_model_state_dict(model: Any, state_dict: Any, adapter_only: bool = False, sd_options: Any = None) -> Any:
+        if adapter_only and _whole(sd_options) and fsdp_utils.is_peft_model(model):
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict  # lazy: as accelerate's own
+
+            trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+            if state_dict and not trainable & set(state_dict):  # rank 0 read the file: a pre-fix checkpoint
+                raise RuntimeError(
+                    "resume_from_checkpoint: the FSDP2 checkpoint's pytorch_model_fsdp.bin holds an adapter saved by "
+                    "accelerate without the fix of PR 4206 (rank 0's shard only, PEFT's key names), which cannot be "
+                    "restored whole; start again from the last checkpoint saved with llamafactory-hera, or from the "
+                    "start.")
+            return set_model_state_dict(model, state_dict, options=dataclasses.replace(sd_options, strict=False))
+        return original_set(model, state_dict, adapter_only=adapter_only, sd_options=sd_options)
+
+    fsdp_utils._get_model_state_dict = _get_model_state_dict
+    fsdp_utils._set_model_state_dict = _set_model_state_dict

@@ -1,0 +1,85 @@
+"""Test-only start-up hook: ``accelerate launch`` with an FSDP config really shards on CPU, and each rank says so.
+
+accelerate 1.11 keeps FSDP only for accelerator process groups: on CPU an FSDP config trains plain DDP over gloo
+without a word, though torch's ``fully_shard`` itself runs on gloo. With ``HERA_TEST_FSDP_ON_CPU`` set, this hook
+turns FSDP back on where accelerate dropped it, on AcceleratorState and on PartialState's shared state: every later
+``AcceleratorState()`` copies PartialState's ``MULTI_CPU`` back (accelerate/state.py, ``__init__``), so patching the
+first alone falls back to DDP by save time.
+
+With ``HERA_TEST_FSDP_EVIDENCE`` naming a folder, every rank appends one JSON line per event to ``rank<N>.jsonl``
+there: at each training step, at each checkpoint save and after a checkpoint is loaded, the distributed type, the
+FSDP version, and how many trainable parameters (and which o_proj weight) are DTensors, with their local and full
+sizes, so a silent fallback to DDP fails the test that reads it (tests/fsdp_checks.py). Put this folder on
+``PYTHONPATH``; without the variables nothing is imported.
+"""
+
+import os
+
+if os.environ.get("HERA_TEST_FSDP_ON_CPU"):
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    _original_init = AcceleratorState.__init__
+
+    def _init(self, *args, fsdp_plugin=None, **kwargs):
+        _original_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = _init
+
+if os.environ.get("HERA_TEST_FSDP_EVIDENCE"):
+    import json
+    from pathlib import Path
+
+    import transformers.trainer
+
+    def _evidence(trainer, event: str) -> None:
+        from accelerate.state import PartialState
+        from torch.distributed.tensor import DTensor
+
+        state = trainer.accelerator.state
+        plugin = getattr(state, "fsdp_plugin", None)
+        trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+        record = {"event": event, "step": int(trainer.state.global_step),
+                  "distributed_type": str(state.distributed_type),
+                  "partial_distributed_type": str(PartialState().distributed_type),
+                  "fsdp_version": getattr(plugin, "fsdp_version", None),
+                  "is_fsdp_enabled": bool(getattr(trainer, "is_fsdp_enabled", False)),
+                  "trainable": len(trainable),
+                  "trainable_dtensors": sum(isinstance(p, DTensor) for p in trainable)}
+        try:
+            from llamafactory_hera.heads.architecture import head_projections
+
+            o_proj = head_projections(trainer.model)[0]
+            weight = getattr(o_proj, "base_layer", o_proj).weight
+            record.update(o_proj_dtensor=isinstance(weight, DTensor), o_proj_local=list(
+                weight.to_local().shape if isinstance(weight, DTensor) else weight.shape),
+                o_proj_full=list(weight.shape))
+        except Exception as error:  # noqa: BLE001 - recorded, the test says what is missing
+            record["o_proj_error"] = repr(error)
+        folder = Path(os.environ["HERA_TEST_FSDP_EVIDENCE"])
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"rank{os.environ.get('RANK', '0')}.jsonl", "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+
+    Trainer = transformers.trainer.Trainer
+    _step, _save, _load = Trainer.training_step, Trainer._save_checkpoint, Trainer._load_from_checkpoint
+
+    def training_step(self, *args, **kwargs):
+        _evidence(self, "step")
+        return _step(self, *args, **kwargs)
+
+    def _save_checkpoint(self, *args, **kwargs):
+        _evidence(self, "save")
+        return _save(self, *args, **kwargs)
+
+    def _load_from_checkpoint(self, *args, **kwargs):
+        result = _load(self, *args, **kwargs)
+        _evidence(self, "load")
+        return result
+
+    Trainer.training_step, Trainer._save_checkpoint, Trainer._load_from_checkpoint = (
+        training_step, _save_checkpoint, _load_from_checkpoint)

@@ -1,0 +1,61 @@
+"""HeRA with LoRA under FSDP2 on two CPU ranks (gloo), started as users start it: ``accelerate launch --config_file``
+with LLaMA-Factory's fsdp2_config.yaml (tests/fsdp_checks.py). Three runs: the config without the test-only shim
+(accelerate 1.11 trains it as plain DDP on CPU: the DDP twin on the same data, same launcher), with the shim (FSDP2,
+a checkpoint after each step), and resumed from step 1.
+
+Under FSDP2 every LoRA matrix and o_proj's base weight is a DTensor shard outside its layer's forward: HeRA gathers
+them with FSDP2's gradient averaging (hera/projection.py ``whole``), the monitor's text pass runs through the FSDP2
+root (selection/collect.py ``through_root``), and the learned temperature has its own optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fsdp_checks import accelerate_launch, assert_fsdp2, read_fsdp_evidence
+from safetensors.torch import load_file
+
+from conftest import base_recipe, read_trainer_log
+from llamafactory_hera_testing.resume import assert_resumed_equals_whole
+
+LOGGED = ("loss", "lm_loss", "hera_loss", "hera_temperature", "hera_mknn", "hera_mknn_control")
+SAVED = {"save_strategy": "steps", "save_steps": 1}
+
+
+def _recipe(assets: Any, tmp: Path, **keys: Any) -> dict[str, Any]:
+    return base_recipe(assets, "qwen2_5_vl", tmp / "out", per_device_train_batch_size=4, max_steps=2,
+                       hera_temperature_lr=0.05, hera_monitor_steps=1, **SAVED, **keys)
+
+
+def _logged(tmp: Path) -> list[tuple[float, ...]]:
+    return [tuple(line[key] for key in LOGGED) for line in read_trainer_log(tmp / "out") if "loss" in line]
+
+
+def test_fsdp2_lora_trains_saves_and_resumes_like_ddp(assets, tmp_path: Path) -> None:
+    """DDP's losses, HeRA terms, monitor points and temperature step for step; DDP's adapter; stopped at step 1 and
+    resumed, the run not stopped bit for bit (the adapter's resume copy is whole on every rank:
+    patches/fsdp_adapter.py). Every rank's trainable parameters and o_proj's weight are DTensor shards at each step,
+    at each save and after the resume's load; without the shim none is (no silent DDP either way)."""
+    ddp, fsdp2, resumed = tmp_path / "ddp", tmp_path / "fsdp2", tmp_path / "resumed"
+    accelerate_launch(_recipe(assets, ddp), ddp, shim=False)
+    assert {(r["distributed_type"], r["trainable_dtensors"], r["o_proj_dtensor"]) for r in read_fsdp_evidence(ddp)} \
+        == {("DistributedType.MULTI_CPU", 0, False)}
+    accelerate_launch(_recipe(assets, fsdp2), fsdp2)
+    assert_fsdp2(fsdp2, {"step", "save"})
+    assert len(_logged(fsdp2)) == 2
+    for got, want in zip(_logged(fsdp2), _logged(ddp), strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
+    temperature = json.loads((fsdp2 / "out" / "hera_state.json").read_text())["temperature"]
+    assert temperature == pytest.approx(_logged(fsdp2)[-1][3], rel=1e-7) and temperature > 0.0701  # it trained
+    got, want = (load_file(folder / "out" / "adapter_model.safetensors") for folder in (fsdp2, ddp))
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
+
+    accelerate_launch(_recipe(assets, resumed, resume_from_checkpoint=str(fsdp2 / "out" / "checkpoint-1")), resumed)
+    assert_fsdp2(resumed, {"load", "step", "save"})
+    assert _logged(resumed) == _logged(fsdp2)[1:]
+    assert {"model", "optimizer.bin", "pytorch_model_fsdp.bin", "hera_temperature_optimizer.pt",
+            "hera_state.json"} <= set(assert_resumed_equals_whole(fsdp2 / "out", resumed / "out", 2))
