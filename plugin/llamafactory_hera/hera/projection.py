@@ -40,8 +40,8 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
         raise RuntimeError("o_proj's weight is a DeepSpeed ZeRO-3 partition; read it inside "
                            "deepspeed.zero.GatheredParameters, or project through project_heads_by_call.")
     dora = [name for name in adapters if o_proj.use_dora.get(name, False)]
-    whole = base_weight_columns(base) if dora else None  # DoRA's row norm reads every column
-    weight = whole[:, columns] if whole is not None else base_weight_columns(base, columns)
+    full = base_weight_columns(base) if dora else None  # DoRA's row norm reads every column
+    weight = full[:, columns] if full is not None else base_weight_columns(base, columns)
     total = weight
     for name in adapters:
         lora_a = whole(o_proj.lora_A[name].weight).float()  # [r, in]
@@ -49,7 +49,8 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
         scaling = o_proj.scaling[name]
         delta = scaling * (lora_b @ lora_a[:, columns])
         if name in dora:
-            row = dora_row_scale(whole(o_proj.lora_magnitude_vector[name].weight), whole, scaling * (lora_b @ lora_a))
+            magnitude = whole(o_proj.lora_magnitude_vector[name].weight)
+            row = dora_row_scale(magnitude, full, scaling * (lora_b @ lora_a))
             delta = (row - 1) * weight + row * delta
         total = total + delta
     return total
