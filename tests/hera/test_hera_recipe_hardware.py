@@ -17,6 +17,7 @@ its FSDP2 twin with recipes/accelerate/fsdp2_config.yaml on a node of 8 GPUs, an
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,10 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from fsdp_checks import FSDP_HOOK, assert_fsdp2
 from test_hera_recipes import MEMORY, _training_recipe
 
-from conftest import REPO, read_trainer_log, run_train
+from conftest import REPO, offline_env, read_trainer_log, run_train
 from llamafactory_hera.fixtures import TinyAssets
 
 RECIPES = REPO / "recipes"
@@ -241,9 +243,6 @@ def test_the_qlora_recipe_trains_with_hera(assets: TinyAssets, tmp_path: Path) -
     assert all(line["hera_queue_size"] > 0 for line in lines)  # the feature queue extends the set of 4
 
 
-@pytest.mark.skip(reason="issue 56 item 1: stage: hera refuses FSDP until HeRA trains under FSDP2 (branch fsdp2); the "
-                         "lead enables this test when that lands, with that branch's CPU shim engaged (accelerate "
-                         "otherwise trains an FSDP config on CPU as DDP) and its DTensor assertion added")
 def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_path: Path) -> None:
     """The recipe header's command, ``accelerate launch --config_file ... -m llamafactory.launcher RECIPE``, on two CPU
     ranks: the accelerate config as shipped but for 2 processes on the CPU, the recipe as shipped but for the tiny
@@ -258,11 +257,17 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
     recipe = _training_recipe(MEMORY.FSDP2, assets.models["qwen3_vl"], assets, out)
     recipe["per_device_train_batch_size"] = 4
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    # the test-only shim (tests/fsdp_cpu) keeps FSDP2 on, on CPU, where accelerate 1.11 would train plain DDP; the
+    # evidence it writes proves every trainable parameter was a DTensor at the step and at save
+    path = os.pathsep.join(filter(None, [str(FSDP_HOOK), os.environ.get("PYTHONPATH")]))
+    env = offline_env(tmp_path, PYTHONPATH=path, HERA_TEST_FSDP_ON_CPU="1",
+                      HERA_TEST_FSDP_EVIDENCE=str(tmp_path / "fsdp"))
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "fsdp2_config.yaml",
                            "-m", "llamafactory.launcher", "recipe.yaml"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=900, check=False)
+                          text=True, timeout=900, check=False, env=env)
     assert proc.returncode == 0, proc.stderr[-5000:]
     lines = [line for line in read_trainer_log(out) if "loss" in line]
     assert [line["current_steps"] for line in lines] == [1, 2] and all("hera_loss" in line for line in lines)
     assert all(line["hera_image_samples"] == 8 for line in lines)  # gathered over the two ranks
     assert (out / "adapter_model.safetensors").is_file()  # FULL_STATE_DICT: the adapter is written whole
+    assert_fsdp2(tmp_path, {"step", "save"})
