@@ -160,3 +160,16 @@ def test_a_yaml_syntax_error_names_the_file_and_the_line(tmp_path: Path, monkeyp
     assert _run_exp_on(path, monkeypatch) == (f"recipe: {path} is not valid YAML: found a tab character that violates "
                                               "indentation at line 2, column 1 (while scanning a plain scalar at line "
                                               "1, column 8). Correct the YAML there.")
+
+
+def test_an_empty_recipe_file_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty recipe file (or one of comments) ended in the parse's ``ValueError: Please provide
+    `model_name_or_path`.`` traceback (44 lines): now a :class:`RecipeError` naming the file when ``run_exp`` reads
+    it, before anything loads (one line and exit code 1, as every RecipeError: test_short_errors.py; the same read
+    runs before torchrun starts, ``launch.py``)."""
+    path = tmp_path / "recipe.yaml"
+    for text in ("", "# the recipe, to come\n"):
+        path.write_text(text, encoding="utf-8")
+        assert _run_exp_on(path, monkeypatch) == (
+            f"recipe: {path} is empty: it sets no keys. Write the run's keys into it (model_name_or_path, stage, "
+            "dataset, output_dir, ...; recipes/ holds examples) or name another recipe file.")
