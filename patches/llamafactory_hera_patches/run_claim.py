@@ -45,11 +45,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from . import claim_folders
 from .arguments import raw_value
+from .claim_folders import CLAIM
 from .claim_identity import global_rank, is_alive_here, job_identity, process_stat, restarts
 from .errors import RecipeError
 
-CLAIM = "llamafactory_hera_claim.json"
 _ATTEMPTS = 8
 LEASE_SECONDS = 600  # a claim whose file time is older than this is a dead run's, on any host
 _REFRESH_SECONDS = 60  # how often a live run refreshes its claim's file time
@@ -313,15 +314,6 @@ def _release_all() -> None:
 atexit.register(_release_all)
 
 
-_made: set[Path] = set()  # output folders a claim of this process created (they did not exist before the run)
-
-
-def made_by_claim(folder: Path) -> bool:
-    """Whether ``folder`` exists only because this process's claim made it (a check before the parse then says the
-    folder did not exist)."""
-    return folder.expanduser().resolve() in _made
-
-
 def _missing_folders(folder: Path) -> list[Path]:
     """``folder`` and its ancestors that do not exist yet, deepest first."""
     missing = []
@@ -353,11 +345,11 @@ def claimed(host_args: Any, stage: str) -> Iterator[None]:
         _remove_empty(made)
         raise
     if made:
-        _made.add(folder)
+        claim_folders.made.add(folder)
     try:
         yield
     finally:
-        _made.discard(folder)
+        claim_folders.made.discard(folder)
         if mine is not None:
             release(folder / CLAIM)
         _remove_empty(made)

@@ -1,4 +1,5 @@
-"""A refusal on any rank of a multi-process job ends every rank within seconds, and is printed once.
+"""The plugin's errors end a training process with their one line (:mod:`.short_errors`), and a refusal on any rank
+of a multi-process job ends every rank within seconds, printed once (:func:`install`, set by the start-up hook).
 
 A rank that refused used to leave the others waiting: under torchrun (``accelerate launch`` included) a refusal raised
 only on a rank other than 0 was printed 30 s late (that rank waited for torchrun to stop it, in case rank 0 printed
@@ -18,16 +19,21 @@ Without a store to reach (a single process, a job without ``MASTER_ADDR``), a re
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from types import TracebackType
 from typing import Any
+
+from llamafactory_hera.short_errors import RANK_WAIT_S, TRACEBACK_ENV, raised_by_plugin, short_report, waits_for_rank_0
 
 REFUSED, LEFT = "refused", "left"
 POLL_S = 0.2  # how often a rank looks at the flag
@@ -104,11 +110,11 @@ _refusing = threading.Event()  # this rank refused: its own flag must not end it
 
 def _watch(job: Job) -> None:
     store = None
-    while store is None:
+    while store is None and not _refusing.is_set():
         store = _store(job)
         if store is None:
             time.sleep(POLL_S)
-    while not _refusing.is_set():
+    while store is not None and not _refusing.is_set():
         try:
             refused = store.check([job.prefix + REFUSED])
         except RuntimeError:
@@ -122,6 +128,16 @@ def _watch(job: Job) -> None:
 
 
 _watching: list[threading.Thread] = []
+
+
+def _stop_watching() -> None:
+    """End the watch before the interpreter does (a thread inside a store call at exit aborts the process)."""
+    _refusing.set()
+    for thread in _watching:
+        thread.join(timeout=CONNECT_S + 2 * POLL_S)
+
+
+atexit.register(_stop_watching)
 
 
 def watch(env: Mapping[str, str] = os.environ) -> None:
@@ -167,3 +183,30 @@ def announce(env: Mapping[str, str] = os.environ) -> tuple[bool, Callable[[], No
             time.sleep(POLL_S)
 
     return first, told
+
+
+def install() -> None:
+    """Route uncaught plugin errors to :func:`.short_errors.short_report`, printed once per job, and watch for
+    another rank's refusal (idempotent; off with LLAMAFACTORY_HERA_TRACEBACK=1)."""
+    previous = sys.excepthook
+    if getattr(previous, "_llamafactory_hera", False) or os.environ.get(TRACEBACK_ENV, "") not in {"", "0"}:
+        return
+
+    def excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+        if not raised_by_plugin(error):
+            previous(kind, error, tb)
+            return
+        prints, told = announce(os.environ)
+        tell_torchrun(os.environ)
+        if told is None and waits_for_rank_0(os.environ):
+            time.sleep(RANK_WAIT_S)  # no store reached: torchrun's agent stops this rank once rank 0 has failed
+        if prints:  # else another rank of the job printed it
+            sys.stderr.write(short_report(error))
+            sys.stderr.flush()
+        if told is not None:
+            told()
+        _stop_watching()
+
+    excepthook._llamafactory_hera = True  # type: ignore[attr-defined]
+    sys.excepthook = excepthook
+    watch(os.environ)

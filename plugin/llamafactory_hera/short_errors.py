@@ -15,15 +15,11 @@ torchrun (``llamafactory_hera_patches.launch``).
 
 from __future__ import annotations
 
-import os
-import sys
-import time
 from collections.abc import Mapping
-from types import TracebackType
 
 from llamafactory_hera_patches.errors import RecipeError
 
-__all__ = ["RecipeError", "install", "raised_by_plugin", "short_report", "waits_for_rank_0"]
+__all__ = ["RecipeError", "raised_by_plugin", "short_report", "waits_for_rank_0"]
 TRACEBACK_ENV = "LLAMAFACTORY_HERA_TRACEBACK"
 RANK_WAIT_S = 30.0  # how long a rank other than 0 waits for torchrun to stop it before printing its own refusal
 
@@ -43,31 +39,3 @@ def short_report(error: BaseException) -> str:
 def waits_for_rank_0(environ: Mapping[str, str]) -> bool:
     """Whether this process is a rank other than 0 of a torchrun job (whose agent stops every rank when one fails)."""
     return bool(environ.get("TORCHELASTIC_RUN_ID")) and environ.get("RANK", "0").strip() not in {"", "0"}
-
-
-def install() -> None:
-    """Route uncaught plugin errors to :func:`short_report` (idempotent; off with LLAMAFACTORY_HERA_TRACEBACK=1)."""
-    # lazy: only a training process's hook needs it; short_errors, imported by every check, stays a leaf
-    from llamafactory_hera import job_refusal
-
-    previous = sys.excepthook
-    if getattr(previous, "_llamafactory_hera", False) or os.environ.get(TRACEBACK_ENV, "") not in {"", "0"}:
-        return
-
-    def excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
-        if not raised_by_plugin(error):
-            previous(kind, error, tb)
-            return
-        prints, told = job_refusal.announce(os.environ)
-        job_refusal.tell_torchrun(os.environ)
-        if told is None and waits_for_rank_0(os.environ):
-            time.sleep(RANK_WAIT_S)  # no store reached: torchrun's agent stops this rank once rank 0 has failed
-        if prints:  # else another rank of the job printed it
-            sys.stderr.write(short_report(error))
-            sys.stderr.flush()
-        if told is not None:
-            told()
-
-    excepthook._llamafactory_hera = True  # type: ignore[attr-defined]
-    sys.excepthook = excepthook
-    job_refusal.watch(os.environ)
