@@ -286,9 +286,15 @@ def test_a_folder_without_a_run(tmp_path: Path, capfd) -> None:
 
 
 def test_a_run_without_its_model(recorded_run: Path, capfd) -> None:
+    """The run's adapter files gone: one line, with or without --base (which used to be suggested when given; it
+    compares the trained model with its base and cannot do without the trained one)."""
     (recorded_run / "adapter_config.json").unlink()
-    line = error_in_process(capfd, str(recorded_run), "--tasks", "demo")
-    assert "neither adapter_config.json nor config.json" in line and "--base" in line
+    said = (f"RUN_DIR: {recorded_run} has neither adapter_config.json nor config.json (did training finish?): it "
+            "holds no trained model to evaluate{}. Give the output_dir of a finished run, or finish this one "
+            "(resume_from_checkpoint: one of its checkpoints)")
+    assert error_in_process(capfd, str(recorded_run), "--tasks", "demo").endswith(said.format(""))
+    line = error_in_process(capfd, str(recorded_run), "--tasks", "demo", "--base")
+    assert line.endswith(said.format(", nor to compare with its base (--base)")), line
 
 
 def test_twins_without_a_record_read_as_the_runs_kind_of_model(tmp_path: Path) -> None:

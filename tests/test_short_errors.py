@@ -53,7 +53,7 @@ def test_an_error_of_a_torch_operation_called_by_the_plugin_keeps_its_traceback(
 
 
 def test_excepthook_prints_only_the_message_for_plugin_errors() -> None:
-    script = ("from llamafactory_hera import short_errors; short_errors.install(); "
+    script = ("from llamafactory_hera import job_refusal; job_refusal.install(); "
               "from llamafactory_hera.hera.config import parse_hera_arguments; "
               "parse_hera_arguments({'hera_k': 0, 'hera_heads': ['L0H0']})")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -71,7 +71,7 @@ def test_excepthook_prints_only_the_message_for_plugin_errors() -> None:
 
 @pytest.mark.parametrize("value", ["1", "yes"])
 def test_the_full_traceback_is_one_variable_away(value: str) -> None:
-    script = ("from llamafactory_hera import short_errors; short_errors.install(); "
+    script = ("from llamafactory_hera import job_refusal; job_refusal.install(); "
               "from llamafactory_hera.hera.config import parse_hera_arguments; "
               "parse_hera_arguments({'hera_k': 0, 'hera_heads': ['L0H0']})")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,

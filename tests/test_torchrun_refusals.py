@@ -22,7 +22,7 @@ import pytest
 import yaml
 from test_launch_refusals import _refused
 
-from conftest import REPO, harc_recipe, offline_env, run_process, run_train
+from conftest import REPO, base_recipe, harc_recipe, offline_env, run_process, run_train
 from llamafactory_hera.short_errors import RecipeError, waits_for_rank_0
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -49,6 +49,30 @@ def test_llamafactory_cli_checks_the_recipe_once_before_torchrun(harc_assets: An
     assert proc.returncode == 1 and len(lines) <= 4, "\n".join(lines)
     assert lines[-1].startswith(MISSPELT), "\n".join(lines)
     assert not any("distributed tasks" in line or "Traceback" in line for line in lines), "\n".join(lines)
+
+
+def test_heads_outside_the_model_are_refused_before_torchrun_starts(assets: Any, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``FORCE_TORCHRUN=1 NPROC_PER_NODE=2`` with ``hera_heads`` out of range started both ranks, and ``[rank0]``
+    printed the refusal after the parse: the heads check needs only the model's config.json, so the launcher runs it
+    before torchrun (``hera/checks.check_heads_before_parse``). Here the patched ``launch()`` in this process, with
+    torchrun's start failing the test: the refusal, nothing started."""
+    import subprocess
+
+    import llamafactory.launcher
+
+    recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", hera_heads=["L0H0", "L99H0"])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    for key, value in {"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", ["llamafactory-cli", "train", str(path)])
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail(f"torchrun started: {args}"))
+    with pytest.raises(RecipeError) as error:
+        llamafactory.launcher.launch()
+    model = recipe["model_name_or_path"]
+    assert str(error.value).startswith(f"hera_heads: L99H0 is outside {model}, which has layers L0..L"), error.value
+    assert str(error.value).endswith(" per layer (zero-based). Fix or remove L99H0."), error.value
 
 
 def test_a_bare_torchrun_prints_a_refusal_once(harc_assets: Any, tmp_path: Path) -> None:
@@ -160,3 +184,16 @@ def test_a_yaml_syntax_error_names_the_file_and_the_line(tmp_path: Path, monkeyp
     assert _run_exp_on(path, monkeypatch) == (f"recipe: {path} is not valid YAML: found a tab character that violates "
                                               "indentation at line 2, column 1 (while scanning a plain scalar at line "
                                               "1, column 8). Correct the YAML there.")
+
+
+def test_an_empty_recipe_file_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty recipe file (or one of comments) ended in the parse's ``ValueError: Please provide
+    `model_name_or_path`.`` traceback (44 lines): now a :class:`RecipeError` naming the file when ``run_exp`` reads
+    it, before anything loads (one line and exit code 1, as every RecipeError: test_short_errors.py; the same read
+    runs before torchrun starts, ``launch.py``)."""
+    path = tmp_path / "recipe.yaml"
+    for text in ("", "# the recipe, to come\n"):
+        path.write_text(text, encoding="utf-8")
+        assert _run_exp_on(path, monkeypatch) == (
+            f"recipe: {path} is empty: it sets no keys. Write the run's keys into it (model_name_or_path, stage, "
+            "dataset, output_dir, ...; recipes/ holds examples) or name another recipe file.")

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import raw_value, truthy
+from .claim_folders import CLAIM
 from .errors import RecipeError
-from .run_claim import CLAIM
 from .run_record import FINISHED, RUN_RECORD, SAVED_MODEL_FILES, read_record
 
 PREVIOUS_PREFIX = "previous_run_"

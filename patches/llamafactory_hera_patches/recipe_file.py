@@ -4,7 +4,8 @@ Checked on LLaMA-Factory 0.9.5: ``llamafactory.hparams.read_args(args=None)`` (b
 as ``read_args``, looked up by ``run_exp`` at call time) returns ``args`` when given; else, for ``sys.argv[1]`` ending
 in ``.yaml`` / ``.yml``, ``OmegaConf.load`` of that path merged with ``OmegaConf.from_cli(sys.argv[2:])``. A path that
 is not there ended the run with omegaconf's ``FileNotFoundError`` traceback (19 lines), a YAML syntax error with
-PyYAML's ``ParserError`` / ``ScannerError`` (35 lines): each is now one :class:`RecipeError` naming the file (and the
+PyYAML's ``ParserError`` / ``ScannerError`` (35 lines), an empty file with the parse's ``ValueError`` for the missing
+``model_name_or_path`` (44 lines): each is now one :class:`RecipeError` naming the file (and the
 line and column), for every stage, since the stage is not known before the file is read.
 """
 
@@ -46,6 +47,15 @@ def _syntax_error(path: str, error: yaml.YAMLError) -> RecipeError:
                        f"{started}. Correct the YAML there.")
 
 
+def _holds_nothing(path: Path) -> bool:
+    """Whether the recipe file is empty (or only comments): LLaMA-Factory's parse then ended in a 44-line traceback
+    for the first key it needs (``model_name_or_path``)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8", errors="replace")) is None
+    except yaml.YAMLError:
+        return False  # read_args names the mistake (see _syntax_error)
+
+
 def read_recipe(read_args: ReadArgs, args: Any = None) -> Any:
     """``read_args(args)``, with a recipe file that is not there or not YAML refused naming it."""
     path = _recipe_path() if args is None else None
@@ -54,6 +64,10 @@ def read_recipe(read_args: ReadArgs, args: Any = None) -> Any:
         what = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
         raise RecipeError(f"recipe: {path} {what}{where}. Name a recipe file: llamafactory-cli train "
                           "path/to/recipe.yaml.")
+    if path is not None and _holds_nothing(Path(path)):
+        raise RecipeError(f"recipe: {path} is empty: it sets no keys. Write the run's keys into it "
+                          "(model_name_or_path, stage, dataset, output_dir, ...; recipes/ holds examples) or name "
+                          "another recipe file.")
     try:
         return read_args(args)
     except yaml.YAMLError as error:

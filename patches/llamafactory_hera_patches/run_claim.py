@@ -13,14 +13,16 @@ the later one's adapter and state, the earlier run's were lost without a word). 
   a line saying so. A claim from another host cannot be checked that way: its run refreshes the file's time every
   minute, and a claim not refreshed for :data:`LEASE_SECONDS` is stale on every host (a job killed on one node and
   requeued on another); a fresher one counts as live unless it is this run's own job (the refusal says which file to
-  delete if that run is no longer running). A rank of a multi-process job that meets another host's claim waits up to
-  :data:`JOB_WAIT_SECONDS` for its own job to take it over (the rank on the claim's host finds its process gone), so
-  that the nodes of one job do not part ways, one training and one refused;
-- the ranks of one job share the claim, on one node and across nodes writing to a shared folder: its identity is
-  ``TORCHELASTIC_RUN_ID`` and ``MASTER_ADDR:MASTER_PORT`` (torchrun, LLaMA-Factory's ``FORCE_TORCHRUN`` launch; the
-  host name is added to a loopback address) or, for another launcher, ``MASTER_ADDR:MASTER_PORT`` with a
-  ``WORLD_SIZE`` above 1; a single process has none;
-- the process that created the claim removes it when the run ends (returns, raises, exits: ``atexit``, or is
+  delete if that run is no longer running), or an earlier launch of this Slurm job (the same ``SLURM_JOB_ID``, a
+  lower ``SLURM_RESTART_COUNT``: the job requeued), which is stale at once. A rank of a multi-process job that meets
+  another host's claim waits up to :data:`JOB_WAIT_SECONDS` for its own job to take it over (the rank on the claim's
+  host finds its process gone), so that the nodes of one job do not part ways, one training and one refused;
+- a claim is replaced only by the run holding the takeover lock (``<claim>.takeover``, created as a claim is): of any
+  number of runs meeting one stale claim, one owns the folder and the others are refused naming it;
+- the ranks of one job share the claim, on one node and across nodes writing to a shared folder (its identity:
+  :func:`.claim_identity.job_identity`). A claim another rank made passes to global rank 0, which saves last: it lives
+  while rank 0 runs, whenever the rank that made it ends;
+- the process that holds the claim removes it when the run ends (returns, raises, exits: ``atexit``, or is
   stopped by SIGTERM: torchrun stopping the other ranks, a scheduler's time limit), with the folder if the claim made
   it and it is still empty.
 
@@ -43,69 +45,28 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from . import claim_folders
 from .arguments import raw_value
+from .claim_folders import CLAIM
+from .claim_identity import global_rank, is_alive_here, job_identity, process_stat, restarts
 from .errors import RecipeError
 
-CLAIM = "llamafactory_hera_claim.json"
-_LOOPBACK = ("localhost", "::1")
 _ATTEMPTS = 8
 LEASE_SECONDS = 600  # a claim whose file time is older than this is a dead run's, on any host
 _REFRESH_SECONDS = 60  # how often a live run refreshes its claim's file time
+_LOCK_STALE_SECONDS = 10.0  # a takeover lock older than this was left by a run that ended while taking over
 JOB_WAIT_SECONDS = 20.0  # how long a rank of a multi-process job waits for its job to take another host's claim over
 _held: dict[Path, dict[str, Any]] = {}  # this process's claims, by file: released at exit if not before
 _guards: list[bool] = []  # the refresher and the SIGTERM release, started once per process
 
 
-def job_identity(env: Mapping[str, str] = os.environ) -> str | None:
-    """What the ranks of one distributed job share (see the module docstring), or None for a single process."""
-    run_id = env.get("TORCHELASTIC_RUN_ID")
-    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
-    try:
-        several = int(env.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        several = False
-    if run_id is None and not (several and addr and port):
-        return None
-    if addr and (addr.startswith("127.") or addr in _LOOPBACK):
-        addr = f"{socket.gethostname()}/{addr}"  # a loopback master: a job of this host alone
-    return f"{run_id or ''}@{addr or ''}:{port or ''}"
-
-
-def _process_stat(pid: int) -> tuple[str, str] | None:
-    """(state, start time in clock ticks since boot) of a process, from ``/proc`` (None where it cannot be read)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
-    except OSError:
-        return None
-    fields = text.rpartition(")")[2].split()
-    return (fields[0], fields[19]) if len(fields) > 19 else None
-
-
-def is_alive_here(pid: Any, process_start: Any = None) -> bool:
-    """Whether process ``pid`` of this host runs (not a zombie, and the same process where its start time was
-    recorded: not a later one given the same id)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process: it exists
-    except OSError:
-        return False
-    stat = _process_stat(pid)
-    if stat is None:
-        return True
-    return stat[0] != "Z" and (process_start is None or stat[1] == process_start)
-
-
 def new_claim(stage: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """This process's claim."""
-    stat = _process_stat(os.getpid())
+    stat = process_stat(os.getpid())
     return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": stat[1] if stat else None,
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "stage": stage,
-            "job": job_identity(env), "token": uuid.uuid4().hex}
+            "job": job_identity(env), "scheduler_job": env.get("SLURM_JOB_ID") or None, "restarts": restarts(env),
+            "token": uuid.uuid4().hex}
 
 
 def _create(path: Path, claim: dict[str, Any]) -> bool:
@@ -150,19 +111,60 @@ def _read(path: Path) -> tuple[str, dict[str, Any]] | None:
     return text, {}
 
 
-def _take_over(path: Path, seen: str, mine: dict[str, Any]) -> bool:
-    """Remove the stale claim whose text is ``seen``; False when another run replaced it meanwhile (put back)."""
-    aside = path.with_name(f"{CLAIM}.{mine['host']}.{mine['pid']}.{mine['token'][:8]}.stale")
+@contextlib.contextmanager
+def _takeover_lock(path: Path, mine: dict[str, Any]) -> Iterator[bool]:
+    """Whether this run holds the takeover lock (``<claim>.takeover``, created like a claim) for the block: only its
+    holder moves a claim it did not create. Of three or more runs meeting one stale claim, one replaces it and the
+    others then find its claim (a takeover that moved the claim aside, then put back a claim it had not meant to
+    move, could drop a fresh one)."""
+    lock = path.with_name(f"{CLAIM}.takeover")
+    if not _create(lock, mine):
+        _clear_stale_lock(lock)
+        yield False
+        return
     try:
-        os.rename(path, aside)
+        yield True
+    finally:
+        held = _read(lock)
+        if held is not None and held[1].get("token") == mine["token"]:
+            lock.unlink(missing_ok=True)
+
+
+def _take_over(path: Path, seen: str, mine: dict[str, Any], claim: dict[str, Any] | None = None) -> bool:
+    """Replace the claim whose text is ``seen`` (a stale one, or this job's made by another rank) by ``claim``
+    (default ``mine``); False when another run is taking it over or has replaced it meanwhile."""
+    with _takeover_lock(path, mine) as locked:
+        if not locked:
+            return False
+        found = _read(path)
+        if found is None or found[0] != seen:
+            return False
+        _replace(path, mine if claim is None else claim)
+        return True
+
+
+def _replace(path: Path, claim: dict[str, Any]) -> None:
+    """``claim`` in place of the claim at ``path``, all or nothing."""
+    temporary = path.with_name(f"{CLAIM}.{claim['host']}.{claim['pid']}.{claim['token'][:8]}.new")
+    temporary.write_text(json.dumps(claim, indent=2), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """Remove a takeover lock left by a run that ended while it held it (a takeover takes milliseconds)."""
+    age = _age(lock)
+    found = _read(lock) if age is not None and age > _LOCK_STALE_SECONDS else None
+    if found is None:
+        return
+    aside = lock.with_name(f"{lock.name}.{uuid.uuid4().hex[:8]}.stale")
+    try:
+        os.rename(lock, aside)
     except FileNotFoundError:
-        return False
+        return
     try:
-        if aside.read_text(encoding="utf-8") == seen:
-            return True
-        with contextlib.suppress(FileExistsError):  # another run's fresh claim, moved by mistake: back in place
-            os.link(aside, path)
-        return False
+        if aside.read_text(encoding="utf-8") != found[0]:
+            with contextlib.suppress(FileExistsError):  # a fresh lock, moved by mistake: back in place
+                os.link(aside, lock)
     finally:
         aside.unlink(missing_ok=True)
 
@@ -220,33 +222,64 @@ def _guard() -> None:
             signal.signal(signal.SIGTERM, lambda signum, frame: _release_on_sigterm(signum, frame, previous))
 
 
+def _earlier_launch(other: dict[str, Any], mine: dict[str, Any]) -> bool:
+    """Whether ``other`` is the claim of an earlier launch of this scheduler job (a Slurm job requeued: the same
+    ``SLURM_JOB_ID``, a higher ``SLURM_RESTART_COUNT``), stale wherever it was made."""
+    return (mine.get("scheduler_job") is not None and other.get("scheduler_job") == mine["scheduler_job"]
+            and isinstance(other.get("restarts"), int) and other["restarts"] < mine["restarts"])
+
+
+def _stale(other: dict[str, Any], mine: dict[str, Any], here: bool, age: float | None) -> str | None:
+    """Why ``other`` is a dead run's claim (the end of the takeover line), or None while it may be live."""
+    if not other:
+        return f"an unreadable claim ({CLAIM})"
+    if here and not is_alive_here(other.get("pid"), other.get("process_start")):
+        return f"the claim of {_describe(other)}, which is no longer running"
+    if _earlier_launch(other, mine):
+        return (f"the claim of {_describe(other)}, launch {other['restarts']} of this job (Slurm job "
+                f"{mine['scheduler_job']}, now launch {mine['restarts']}: requeued)")
+    if not here and age is not None and age > LEASE_SECONDS:
+        return f"the claim of {_describe(other)}, not refreshed for {age / 60:.0f} minutes"
+    return None
+
+
+def _adopt(path: Path, text: str, other: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any] | None:
+    """Global rank 0 takes over its job's claim made by another rank (whose run may end while rank 0 still saves):
+    the claim then names rank 0's process, lives while it runs and is released when it ends. None: it changed."""
+    adopted = {**other, "pid": mine["pid"], "host": mine["host"], "process_start": mine["process_start"],
+               "token": mine["token"]}
+    return adopted if _take_over(path, text, mine, adopted) else None
+
+
 def take(folder: Path, stage: str, env: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
-    """Claim ``folder`` for this run: the claim created (to release), or None when this run's job holds it already.
-    Raises :class:`RecipeError` when a live run of another job holds it."""
+    """Claim ``folder`` for this run: the claim created or taken (to release), or None when this run's job holds it
+    already. Raises :class:`RecipeError` when a live run of another job holds it."""
     path = folder / CLAIM
     mine = new_claim(stage, env)
     attempts, wait_until = 0, time.monotonic() + JOB_WAIT_SECONDS
     while attempts < _ATTEMPTS:
         attempts += 1
         if _create(path, mine):
-            _held[path] = mine
-            _guard()
-            return mine
+            return _hold(path, mine)
         found = _read(path)
         if found is None:
             continue  # released meanwhile
         text, other = found
         here = not other or other.get("host") == mine["host"]  # an unreadable claim names no live process
-        age = _age(path)
-        if (not is_alive_here(other.get("pid"), other.get("process_start")) if here else
-                age is not None and age > LEASE_SECONDS):
+        why = _stale(other, mine, here, _age(path))
+        if why is not None:
             if _take_over(path, text, mine):
-                what = (f"an unreadable claim ({path.name})" if not other else
-                        f"the claim of {_describe(other)}, which is no longer running" if here else
-                        f"the claim of {_describe(other)}, not refreshed for {age / 60:.0f} minutes")
-                print(f"[llamafactory-hera] output_dir: {folder}: took over {what}.", flush=True)
+                print(f"[llamafactory-hera] output_dir: {folder}: took over {why}.", flush=True)
+                return _hold(path, mine)
+            attempts -= 1  # another run is taking it over: its claim comes next
+            time.sleep(0.05)
             continue
         if mine["job"] is not None and other.get("job") == mine["job"]:
+            if global_rank(env) == 0 and (other.get("pid"), other.get("host")) != (mine["pid"], mine["host"]):
+                adopted = _adopt(path, text, other, mine)
+                if adopted is None:
+                    continue
+                return _hold(path, adopted)
             return None  # another rank of this job holds it
         if mine["job"] is not None and not here and time.monotonic() < wait_until:
             attempts -= 1  # waiting is no attempt: this job's rank on the claim's host may be taking it over
@@ -255,6 +288,12 @@ def take(folder: Path, stage: str, env: Mapping[str, str] = os.environ) -> dict[
         raise _refuse(folder, path, other, here)
     raise RecipeError(f"output_dir: {folder}: could not claim it ({path} changed {_ATTEMPTS} times while this run "
                       "tried); other runs are starting into it. Set an output_dir of its own for each run.")
+
+
+def _hold(path: Path, claim: dict[str, Any]) -> dict[str, Any]:
+    _held[path] = claim
+    _guard()
+    return claim
 
 
 def release(path: Path) -> None:
@@ -273,15 +312,6 @@ def _release_all() -> None:
 
 
 atexit.register(_release_all)
-
-
-_made: set[Path] = set()  # output folders a claim of this process created (they did not exist before the run)
-
-
-def made_by_claim(folder: Path) -> bool:
-    """Whether ``folder`` exists only because this process's claim made it (a check before the parse then says the
-    folder did not exist)."""
-    return folder.expanduser().resolve() in _made
 
 
 def _missing_folders(folder: Path) -> list[Path]:
@@ -315,11 +345,11 @@ def claimed(host_args: Any, stage: str) -> Iterator[None]:
         _remove_empty(made)
         raise
     if made:
-        _made.add(folder)
+        claim_folders.made.add(folder)
     try:
         yield
     finally:
-        _made.discard(folder)
+        claim_folders.made.discard(folder)
         if mine is not None:
             release(folder / CLAIM)
         _remove_empty(made)

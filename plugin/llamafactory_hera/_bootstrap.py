@@ -71,7 +71,7 @@ def _apply(patch: str, module) -> None:
     importlib.import_module(f"llamafactory_hera_patches.{patch}").apply(module)
     if patch in ("stage", "launch"):  # a training process or its launcher: the plugin's errors end it with their
         # message alone
-        importlib.import_module("llamafactory_hera.short_errors").install()
+        importlib.import_module("llamafactory_hera.job_refusal").install()
 
 
 def _declared_methods():

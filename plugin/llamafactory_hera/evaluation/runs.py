@@ -175,9 +175,9 @@ def is_multimodal(model_name_or_path: str, template: str | None = None) -> bool:
     return False
 
 
-def read_run(run_dir: Path, label: str, trained: bool, template: str | None = None) -> ModelSpec:
+def read_run(run_dir: Path, label: str, trained: bool, template: str | None = None, base: bool = False) -> ModelSpec:
     """The model a run directory holds (``trained``) or its base (``not trained``); ``template`` fills in a template
-    the run did not record (a plain ``stage: sft`` run)."""
+    the run did not record (a plain ``stage: sft`` run); ``base``: the run is to be compared with its base."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a folder; give a run's output_dir")
     stage, host, method, seed, record = _recorded_recipe(run_dir)
@@ -204,8 +204,11 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
             recipe["model_name_or_path"] = str(run_dir)
             adapters = []
         else:
+            against = ", nor to compare with its base (--base)" if base else ""
             raise FileNotFoundError(f"RUN_DIR: {run_dir} has neither adapter_config.json nor config.json (did "
-                                    "training finish?); use --base to evaluate its base model")
+                                    f"training finish?): it holds no trained model to evaluate{against}. Give the "
+                                    "output_dir of a finished run, or finish this one (resume_from_checkpoint: one of "
+                                    "its checkpoints)")
     if adapters:
         recipe["adapter_name_or_path"] = ",".join(adapters)
     else:
@@ -244,7 +247,7 @@ def read_pair(run_dir: Path, baseline: Path | None, base: bool,
     """The run's model and its baseline (``--baseline`` run, ``--base``, or none). A baseline run that recorded no
     template (a plain ``stage: sft`` twin) takes ``template`` or else the run's; both must be loaded alike
     (:func:`align_loading`). A ``template`` other than the one the run recorded is refused (it would be ignored)."""
-    run = read_run(run_dir, "run", trained=True, template=template)
+    run = read_run(run_dir, "run", trained=True, template=template, base=base)
     if template is not None and "template" not in run.inherited and run.recipe["template"] != template:
         raise RecipeError(f"--template {template}: {run_dir} records template: {run.recipe['template']}, the template "
                           "it was trained with and is evaluated with; --template only fills in a template a run did "

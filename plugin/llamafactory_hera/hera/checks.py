@@ -57,13 +57,31 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: Her
     """Checks on the recipe's own keys, before LLaMA-Factory parses them (some combinations fail there obscurely).
 
     - DeepSpeed with fp16 and a learned temperature: the temperature's own AdamW would see loss-scaled gradients
-      and would not skip overflow steps as DeepSpeed's optimizer does.
+      and would not skip overflow steps as DeepSpeed's optimizer does;
+    - named heads outside a local model (:func:`check_heads_before_parse`).
     """
     if (_raw_value(host_args, "deepspeed") and _truthy(_raw_value(host_args, "fp16") or False)
             and hera_args.hera_learn_temperature):
         raise RecipeError("stage: hera cannot learn the temperature under DeepSpeed with fp16: true (the temperature's "
                           "own optimizer would step on loss-scaled gradients and would not skip overflow steps). Use "
                           "bf16: true, or set hera_learn_temperature: false.")
+    check_heads_before_parse(host_args, hera_args)
+
+
+def check_heads_before_parse(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
+    """Named ``hera_heads`` against a local model's ``config.json``, before LLaMA-Factory parses the recipe: under
+    ``llamafactory-cli train`` with torchrun this runs before the ranks start (``llamafactory_hera_patches.launch``),
+    so a head out of range starts no rank. A hub id, a folder without ``config.json`` or a config that needs more
+    than this read is checked after the parse (:func:`validate_host_args`), as before."""
+    model = _raw_value(host_args, "model_name_or_path")
+    if hera_args.auto_heads or not model or not (Path(str(model)).expanduser() / "config.json").is_file():
+        return
+    remote = _truthy(_raw_value(host_args, "trust_remote_code") or False)
+    try:
+        config = AutoConfig.from_pretrained(str(Path(str(model)).expanduser()), trust_remote_code=remote)
+    except (OSError, ValueError, KeyError):  # the parse's checks name it
+        return
+    check_heads_fit(hera_args.head_refs, attention_geometry(config), str(model))
 
 
 def check_trains(training_args: Any) -> None:

@@ -28,9 +28,9 @@ from typing import Any
 
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import given_keys, truthy
+from llamafactory_hera_patches.claim_folders import made_by_claim
 from llamafactory_hera_patches.host_arguments import host_keys
 from llamafactory_hera_patches.output_dir import checkpoint_folders
-from llamafactory_hera_patches.run_claim import made_by_claim
 from llamafactory_hera_patches.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR and get_last_checkpoint

@@ -1,0 +1,212 @@
+"""The plugin's errors end a training process with their one line (:mod:`.short_errors`), and a refusal on any rank
+of a multi-process job ends every rank within seconds, printed once (:func:`install`, set by the start-up hook).
+
+A rank that refused used to leave the others waiting: under torchrun (``accelerate launch`` included) a refusal raised
+only on a rank other than 0 was printed 30 s late (that rank waited for torchrun to stop it, in case rank 0 printed
+the same line); under ``srun`` without ``--kill-on-bad-exit`` (no agent stops anything) the other ranks waited in the
+process group's rendezvous or a collective until ``ddp_timeout``. Now the job's ranks share a flag in the job's c10d
+store at ``MASTER_ADDR:MASTER_PORT`` (torchrun's agent hosts it from the start; under ``srun`` rank 0's process group
+does, or a refusing rank 0 itself):
+
+- every rank of a job watches the flag (:func:`watch`, a daemon thread): when it is set, the rank ends at once with
+  exit code 1, quietly;
+- a rank that refuses sets it (:func:`announce`); the first one to set it prints the refusal, the others do not; it
+  then waits (at most :data:`TELL_S`) until the other ranks have seen the flag, so a rank 0 that hosts the store
+  outlives their reading of it.
+
+Without a store to reach (a single process, a job without ``MASTER_ADDR``), a refusal is printed as before.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+from llamafactory_hera.short_errors import RANK_WAIT_S, TRACEBACK_ENV, raised_by_plugin, short_report, waits_for_rank_0
+
+REFUSED, LEFT = "refused", "left"
+POLL_S = 0.2  # how often a rank looks at the flag
+CONNECT_S = 2.0  # one try to reach the store
+TELL_S = 30.0  # how long a refusing rank waits for the others to see its flag
+
+
+@dataclass(frozen=True)
+class Job:
+    """Where a multi-process job's store is, and this rank's place in it."""
+
+    host: str
+    port: int
+    world_size: int
+    rank: int
+    prefix: str  # the keys of this launch (torchrun's restarts start afresh)
+    agent: bool  # torchrun's agent hosts the store
+
+
+def job_of(env: Mapping[str, str] = os.environ) -> Job | None:
+    """This process's job (``WORLD_SIZE`` / ``RANK``, else Slurm's ``SLURM_NTASKS`` / ``SLURM_PROCID``, with
+    ``MASTER_ADDR`` and ``MASTER_PORT``), or None for a single process."""
+    try:
+        world = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
+        rank = int(env.get("RANK") or env.get("SLURM_PROCID") or 0)
+        port = int(env.get("MASTER_PORT") or 0)
+    except ValueError:
+        return None
+    host = env.get("MASTER_ADDR")
+    if world < 2 or not host or not port:
+        return None
+    launch = env.get("TORCHELASTIC_RESTART_COUNT") or env.get("SLURM_RESTART_COUNT") or "0"
+    return Job(host, port, world, rank, f"llamafactory_hera/{launch}/", bool(env.get("TORCHELASTIC_RUN_ID")))
+
+
+def tell_torchrun(environ: Mapping[str, str] = os.environ) -> None:
+    """In a torchrun rank, the error file its agent reads (``TORCHELASTIC_ERROR_FILE``): its report of the failed job
+    then points at the refusal's line instead of saying how to get a traceback (every rank a refusal ends writes it:
+    the report names whichever failed first)."""
+    path = environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    note = "refused by llamafactory-hera's checks: see the [llamafactory-hera] error line above"
+    with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as file:
+        # the form torch's own @record writes (a bare string message makes the agent warn twice)
+        json.dump({"message": {"message": note, "extraInfo": {"timestamp": str(int(time.time()))}}}, file)
+
+
+def _listening(job: Job) -> bool:
+    """Whether the store's port takes connections (a plain socket: c10d logs every failed try of its own)."""
+    try:
+        with socket.create_connection((job.host, job.port), timeout=CONNECT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _store(job: Job, host_it: bool = False) -> Any | None:
+    """A client of the job's store (or, ``host_it``, the store itself on this rank's port), None if unreachable."""
+    if not host_it and not _listening(job):
+        return None
+    # lazy: torch only in a rank of a multi-process job, which loads it anyway
+    from torch.distributed import TCPStore
+
+    try:
+        return TCPStore(job.host, job.port, job.world_size if host_it else None, host_it,
+                        timedelta(seconds=CONNECT_S), wait_for_workers=False)
+    except (RuntimeError, ValueError, OSError):
+        return None
+
+
+_refusing = threading.Event()  # this rank refused: its own flag must not end it before it has printed
+
+
+def _watch(job: Job) -> None:
+    store = None
+    while store is None and not _refusing.is_set():
+        store = _store(job)
+        if store is None:
+            time.sleep(POLL_S)
+    while store is not None and not _refusing.is_set():
+        try:
+            refused = store.check([job.prefix + REFUSED])
+        except RuntimeError:
+            return  # the store's host has ended (the job is ending): nothing more to watch
+        if refused and not _refusing.is_set():
+            with contextlib.suppress(RuntimeError):
+                store.add(job.prefix + LEFT, 1)
+            tell_torchrun()
+            os._exit(1)  # another rank refused the recipe and says so: end without a word
+        time.sleep(POLL_S)
+
+
+_watching: list[threading.Thread] = []
+
+
+def _stop_watching() -> None:
+    """End the watch before the interpreter does (a thread inside a store call at exit aborts the process)."""
+    _refusing.set()
+    for thread in _watching:
+        thread.join(timeout=CONNECT_S + 2 * POLL_S)
+
+
+atexit.register(_stop_watching)
+
+
+def watch(env: Mapping[str, str] = os.environ) -> None:
+    """In a rank of a multi-process job, end this process when another rank refuses (once per process)."""
+    job = job_of(env)
+    if job is None or _watching:
+        return
+    thread = threading.Thread(target=_watch, args=(job,), name="llamafactory-hera refusal", daemon=True)
+    _watching.append(thread)
+    thread.start()
+
+
+def announce(env: Mapping[str, str] = os.environ) -> tuple[bool, Callable[[], None] | None]:
+    """Tell the job's other ranks that this one refused: (whether to print the refusal, what to call after printing:
+    it waits until the other ranks have seen the flag). Only the first rank to refuse prints. Without a store to reach
+    (a single process; a store not up within :data:`TELL_S`): (True, None)."""
+    _refusing.set()
+    job = job_of(env)
+    if job is None:
+        return True, None
+    store, hosts, deadline = None, False, time.monotonic() + TELL_S
+    while store is None and time.monotonic() < deadline:
+        store = _store(job)
+        if store is None and job.rank == 0 and not job.agent:
+            store = _store(job, host_it=True)  # srun, refused before the process group: no store yet
+            hosts = store is not None
+        if store is None:
+            time.sleep(POLL_S)
+    if store is None:
+        return True, None
+    try:
+        first = store.add(job.prefix + "refusals", 1) == 1
+        store.set(job.prefix + REFUSED, str(job.rank))
+        if not first:
+            store.add(job.prefix + LEFT, 1)
+    except RuntimeError:
+        return True, None
+
+    def told() -> None:
+        """While this rank hosts the store, until the other ranks have read the flag (else the store outlives it)."""
+        deadline = time.monotonic() + TELL_S
+        while hosts and time.monotonic() < deadline and store.add(job.prefix + LEFT, 0) < job.world_size - 1:
+            time.sleep(POLL_S)
+
+    return first, told
+
+
+def install() -> None:
+    """Route uncaught plugin errors to :func:`.short_errors.short_report`, printed once per job, and watch for
+    another rank's refusal (idempotent; off with LLAMAFACTORY_HERA_TRACEBACK=1)."""
+    previous = sys.excepthook
+    if getattr(previous, "_llamafactory_hera", False) or os.environ.get(TRACEBACK_ENV, "") not in {"", "0"}:
+        return
+
+    def excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+        if not raised_by_plugin(error):
+            previous(kind, error, tb)
+            return
+        prints, told = announce(os.environ)
+        tell_torchrun(os.environ)
+        if told is None and waits_for_rank_0(os.environ):
+            time.sleep(RANK_WAIT_S)  # no store reached: torchrun's agent stops this rank once rank 0 has failed
+        if prints:  # else another rank of the job printed it
+            sys.stderr.write(short_report(error))
+            sys.stderr.flush()
+        if told is not None:
+            told()
+        _stop_watching()
+
+    excepthook._llamafactory_hera = True  # type: ignore[attr-defined]
+    sys.excepthook = excepthook
+    watch(os.environ)
