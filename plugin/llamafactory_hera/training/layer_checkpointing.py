@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llamafactory_hera.heads.architecture import text_decoder
+from llamafactory_hera.heads.architecture import decoder_layers, kv_sharing_chains, text_decoder
 from llamafactory_hera_patches.checkpointing import checkpoints_trainable_only, non_reentrant_checkpointing
 
 __all__ = ["NO_TRAINABLE", "LayerCheckpointing", "checkpointing_kind"]
@@ -62,34 +62,41 @@ class LayerCheckpointing:
 
     def __init__(self, model: nn.Module, layers: Iterable[int], owner: str = "HeRA's heads") -> None:
         self._decoder_layers = list(text_decoder(model).layers)
+        self._chains = kv_sharing_chains(decoder_layers(model))  # source -> its readers (KV sharing)
+        self._shared = sorted({index for source, readers in self._chains.items() for index in (source, *readers)})
         self._heads = sorted(set(layers))
         self.owner = owner
-        self.recipe: dict[int, str] = {}  # method layer -> its kind before the switch, at its last change
+        self.recipe: dict[int, str] = {}  # switched-layer candidate -> its kind before the switch, at its last change
         self._replaced: dict[int, Any] = {}  # switched layer -> the recipe's function it had
         self._function: Any = None  # LLaMA-Factory's non-reentrant function, built at the first switch
         self._seen: dict[int, tuple[bool, Any]] = {}
         self.ensure()
 
+    def _wanted(self) -> list[int]:
+        """The layers held non-reentrant where reentrant: the method's and every KV-sharing chain's."""
+        return sorted(set(self._heads) | set(self._shared))
+
     def set_layers(self, layers: Iterable[int]) -> None:
         """Switch ``layers`` instead (a no-op when they are the current ones); the layers left run the recipe's
-        checkpointing again."""
+        checkpointing again (unless a KV-sharing chain holds them)."""
         wanted = sorted(set(layers))
         if wanted == self._heads:
             return
-        for index in set(self._heads) - set(wanted):
+        before = self._wanted()
+        self._heads = wanted
+        for index in set(before) - set(self._wanted()):
             layer = self._decoder_layers[index]
             if index in self._replaced and getattr(layer, "_gradient_checkpointing_func", None) is self._function:
                 layer._gradient_checkpointing_func = self._replaced[index]
             self._replaced.pop(index, None)
             self._seen.pop(index, None)
             self.recipe.pop(index, None)
-        self._heads = wanted
         self.ensure()
 
     def ensure(self) -> None:
-        """Make the head layers non-reentrant wherever they checkpoint reentrantly (a few attribute reads when
-        nothing changed since the last call)."""
-        for index in self._heads:
+        """Make the method's and the KV-sharing chains' layers non-reentrant wherever they checkpoint reentrantly (a
+        few attribute reads when nothing changed since the last call)."""
+        for index in self._wanted():
             layer = self._decoder_layers[index]
             state = (getattr(layer, "gradient_checkpointing", False), getattr(layer, "_gradient_checkpointing_func",
                                                                               None))
@@ -105,8 +112,8 @@ class LayerCheckpointing:
             self._seen[index] = state
 
     def switched(self) -> list[int]:
-        """The method's layers made non-reentrant here (they were reentrant)."""
-        return [index for index in self._heads if self.recipe.get(index) == "reentrant"
+        """The method's and the KV-sharing chains' layers made non-reentrant here (they were reentrant)."""
+        return [index for index in self._wanted() if self.recipe.get(index) == "reentrant"
                 and checkpointing_kind(self._decoder_layers[index]) == "non-reentrant"]
 
     def line(self) -> str:
@@ -125,7 +132,17 @@ class LayerCheckpointing:
         parts = [(kind if kind == NO_TRAINABLE else f"{kind} (the recipe's)") + " in " +
                  ("every decoder layer" if count == total else f"{count} of {total} decoder layers")
                  for kind, count in kinds.items()]
-        if switched:
-            parts.append(f"non-reentrant in layer{'s' if len(switched) > 1 else ''} "
-                         f"{', '.join(map(str, switched))} ({self.owner})")
+        own = [index for index in switched if index in self._heads]
+        shared = [index for index in switched if index not in self._heads]
+        for indices, why in ((own, self.owner), (shared, self._chain_words())):
+            if indices:
+                parts.append(f"non-reentrant in layer{'s' if len(indices) > 1 else ''} "
+                             f"{', '.join(map(str, indices))} ({why})")
         return "gradient checkpointing: " + "; ".join(parts)
+
+    def _chain_words(self) -> str:
+        """E.g. ``keys and values shared: layer 2 reads layer 1's``."""
+        reads = "; ".join(f"layer{'s' if len(readers) > 1 else ''} {', '.join(map(str, readers))} "
+                          f"read{'' if len(readers) > 1 else 's'} layer {source}'s"
+                          for source, readers in sorted(self._chains.items()))
+        return f"keys and values shared: {reads}"
