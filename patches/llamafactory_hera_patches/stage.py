@@ -30,10 +30,10 @@ from transformers.utils import logging as transformers_logging
 
 from . import logging as log_patch
 from . import output_dir, recipe_file, run_claim, run_record
-from .kv_sharing import reentrant_kv_note
 from .arguments import keys_of, raw_value, split_args
 from .errors import RecipeError
 from .guard import require, warn_if_unchecked
+from .kv_sharing import reentrant_kv_note
 from .registry import registered_methods
 from .templates import host_stages
 
