@@ -34,6 +34,7 @@ from . import logging as log_patch
 from .arguments import keys_of, raw_value, split_args, truthy
 from .errors import RecipeError
 from .guard import require, warn_if_unchecked
+from .kv_sharing import reentrant_kv_note
 from .registry import registered_methods
 from .templates import host_stages
 
@@ -199,6 +200,11 @@ def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
                 check(*parsed)
         model_args, data_args, training_args, finetuning_args = parsed[:4]
         output_dir.clear_for_overwrite(args, training_args)
+        if check is None and getattr(training_args, "process_index", 0) == 0:  # a stock stage: the host's gradient
+            with _quiet_transformers():
+                note = reentrant_kv_note(model_args, training_args)
+            if note:
+                print(note, flush=True)
         # by the one global main process (save_on_each_node makes a main per node: one writer per folder), and for
         # training runs only (a do_predict run into the training folder must not replace its record)
         if (getattr(training_args, "process_index", 0) == 0 and getattr(training_args, "do_train", True)

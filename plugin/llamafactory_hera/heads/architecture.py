@@ -206,6 +206,19 @@ def per_head_value_layers(plans: list[LayerPlan], head_dim: int | None = None) -
     return kept, left
 
 
+def kv_sharing_chains(plans: list[LayerPlan]) -> dict[int, list[int]]:
+    """Source layer -> the layers that read its keys and values (Gemma 3n / Gemma 4's KV sharing; empty when no
+    layer shares). A reading layer gets the source's keys and values through a side channel (transformers' shared
+    ``shared_kv_states`` dict), not as an input of its checkpointed call: only non-reentrant checkpointing (or none)
+    in the whole chain carries their gradient back to the source
+    (:mod:`llamafactory_hera.training.layer_checkpointing`)."""
+    chains: dict[int, list[int]] = {}
+    for plan in plans:
+        if plan.kv_source is not None:
+            chains.setdefault(plan.kv_source, []).append(plan.index)
+    return chains
+
+
 def head_layers(plans: list[LayerPlan]) -> list[int]:
     """The indices of the layers with heads."""
     return [plan.index for plan in plans if plan.has_heads]

@@ -1,14 +1,25 @@
-"""Gradient checkpointing where a method reads activations inside decoder layers: the non-reentrant kind in those
-layers (HeRA: the layers that hold its heads; HARC: the coupled layers, whose input residuals it reads), the
-recipe's kind in every other layer.
+"""Gradient checkpointing where a method's gradient needs it: the non-reentrant kind in the layers a method reads
+inside (HeRA: the layers that hold its heads) and in every KV-sharing chain (a layer whose keys and values later
+layers read, and those readers: Gemma 3n, Gemma 4), the recipe's kind in every other layer.
 
 Reentrant checkpointing (LLaMA-Factory's default) runs a layer's first forward without autograd, so what a hook
-captures inside such a layer (HeRA's ``o_proj`` inputs, HARC's residuals entering the layer) would carry no gradient.
-Only the layers with hooks need the non-reentrant kind: a reentrant layer below them recomputes its forward with
-autograd in backward and passes whatever gradient reaches its output (the LM loss's and the method's, summed) to its
-parameters and its input, as it does for the LM loss alone. Non-reentrant checkpointing costs host time in every layer
-it runs in (torch's saved-tensor hooks: some 20 more aten ops and 600 more Python calls per layer and step), so a
-method pays it in its own layers only.
+captures inside such a layer (HeRA's ``o_proj`` inputs) would carry no gradient. What enters a layer keeps its graph:
+HARC reads the residual entering its coupled layers with a forward pre-hook (the checkpoint's own input), so it
+switches no layer of its own (tests/harc/test_harc_checkpointing_gradients.py). Only the layers with hooks need the
+non-reentrant kind: a reentrant layer below them recomputes its forward with autograd in backward and passes whatever
+gradient reaches its output (the LM loss's and the method's, summed) to its parameters and its input, as it does for
+the LM loss alone.
+
+KV sharing: a reading layer gets its source's keys and values through transformers' ``shared_kv_states`` dict, not as
+an input of its checkpointed call. A reentrant source stores them without a graph, so the readers' gradient into them
+is dropped (what stock SFT trains under LLaMA-Factory's default); a non-reentrant source read by a reentrant reader
+fails in backward ("Trying to backward through the graph a second time": the reader's recompute backpropagates into
+the source's graph, which the source's own backward then meets again). Both ends non-reentrant is the minimal rule
+that keeps the gradient exact (tests/test_layer_checkpointing.py), so every chain is switched, whichever layers the
+method reads.
+
+Non-reentrant checkpointing costs host time in every layer it runs in (torch's saved-tensor hooks: some 20 more aten
+ops and 600 more Python calls per layer and step), so a method pays it in those layers only.
 LLaMA-Factory's function checkpoints only layers with a trainable parameter (it calls the others plainly, with
 autograd), so a frozen layer needs no switch and runs no checkpoint at all.
 """
@@ -23,7 +34,7 @@ from typing import Any
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llamafactory_hera.heads.architecture import text_decoder
+from llamafactory_hera.heads.architecture import decoder_layers, kv_sharing_chains, text_decoder
 from llamafactory_hera_patches.checkpointing import checkpoints_trainable_only, non_reentrant_checkpointing
 
 __all__ = ["NO_TRAINABLE", "LayerCheckpointing", "checkpointing_kind"]
@@ -50,10 +61,10 @@ def checkpointing_kind(module: nn.Module) -> str:
 
 
 class LayerCheckpointing:
-    """Switches the decoder layers ``layers`` (the method's: ``owner`` names them in :meth:`line`) from reentrant to
-    non-reentrant checkpointing, LLaMA-Factory's own function as under ``use_reentrant_gc: false``; other layers keep
-    theirs. :meth:`set_layers` moves the switch (HARC's coupled layers change at a refresh): a layer left gets its
-    recipe's function back.
+    """Switches the decoder layers ``layers`` (the method's: ``owner`` names them in :meth:`line`) and every KV-sharing
+    chain's from reentrant to non-reentrant checkpointing, LLaMA-Factory's own function as under ``use_reentrant_gc:
+    false``; other layers keep theirs. :meth:`set_layers` moves the method's switch: a layer left gets its recipe's
+    function back (unless a chain holds it).
 
     :meth:`ensure` runs before every training forward: the Trainer re-enables checkpointing in every layer when
     training starts under ``gradient_checkpointing: true`` (reentrant, LLaMA-Factory's default), which would undo the
@@ -62,34 +73,41 @@ class LayerCheckpointing:
 
     def __init__(self, model: nn.Module, layers: Iterable[int], owner: str = "HeRA's heads") -> None:
         self._decoder_layers = list(text_decoder(model).layers)
+        self._chains = kv_sharing_chains(decoder_layers(model))  # source -> its readers (KV sharing)
+        self._shared = sorted({index for source, readers in self._chains.items() for index in (source, *readers)})
         self._heads = sorted(set(layers))
         self.owner = owner
-        self.recipe: dict[int, str] = {}  # method layer -> its kind before the switch, at its last change
+        self.recipe: dict[int, str] = {}  # switched-layer candidate -> its kind before the switch, at its last change
         self._replaced: dict[int, Any] = {}  # switched layer -> the recipe's function it had
         self._function: Any = None  # LLaMA-Factory's non-reentrant function, built at the first switch
         self._seen: dict[int, tuple[bool, Any]] = {}
         self.ensure()
 
+    def _wanted(self) -> list[int]:
+        """The layers held non-reentrant where reentrant: the method's and every KV-sharing chain's."""
+        return sorted(set(self._heads) | set(self._shared))
+
     def set_layers(self, layers: Iterable[int]) -> None:
         """Switch ``layers`` instead (a no-op when they are the current ones); the layers left run the recipe's
-        checkpointing again."""
+        checkpointing again (unless a KV-sharing chain holds them)."""
         wanted = sorted(set(layers))
         if wanted == self._heads:
             return
-        for index in set(self._heads) - set(wanted):
+        before = self._wanted()
+        self._heads = wanted
+        for index in set(before) - set(self._wanted()):
             layer = self._decoder_layers[index]
             if index in self._replaced and getattr(layer, "_gradient_checkpointing_func", None) is self._function:
                 layer._gradient_checkpointing_func = self._replaced[index]
             self._replaced.pop(index, None)
             self._seen.pop(index, None)
             self.recipe.pop(index, None)
-        self._heads = wanted
         self.ensure()
 
     def ensure(self) -> None:
-        """Make the head layers non-reentrant wherever they checkpoint reentrantly (a few attribute reads when
-        nothing changed since the last call)."""
-        for index in self._heads:
+        """Make the method's and the KV-sharing chains' layers non-reentrant wherever they checkpoint reentrantly (a
+        few attribute reads when nothing changed since the last call)."""
+        for index in self._wanted():
             layer = self._decoder_layers[index]
             state = (getattr(layer, "gradient_checkpointing", False), getattr(layer, "_gradient_checkpointing_func",
                                                                               None))
@@ -105,8 +123,8 @@ class LayerCheckpointing:
             self._seen[index] = state
 
     def switched(self) -> list[int]:
-        """The method's layers made non-reentrant here (they were reentrant)."""
-        return [index for index in self._heads if self.recipe.get(index) == "reentrant"
+        """The method's and the KV-sharing chains' layers made non-reentrant here (they were reentrant)."""
+        return [index for index in self._wanted() if self.recipe.get(index) == "reentrant"
                 and checkpointing_kind(self._decoder_layers[index]) == "non-reentrant"]
 
     def line(self) -> str:
@@ -125,7 +143,17 @@ class LayerCheckpointing:
         parts = [(kind if kind == NO_TRAINABLE else f"{kind} (the recipe's)") + " in " +
                  ("every decoder layer" if count == total else f"{count} of {total} decoder layers")
                  for kind, count in kinds.items()]
-        if switched:
-            parts.append(f"non-reentrant in layer{'s' if len(switched) > 1 else ''} "
-                         f"{', '.join(map(str, switched))} ({self.owner})")
+        own = [index for index in switched if index in self._heads]
+        shared = [index for index in switched if index not in self._heads]
+        for indices, why in ((own, self.owner), (shared, self._chain_words())):
+            if indices:
+                parts.append(f"non-reentrant in layer{'s' if len(indices) > 1 else ''} "
+                             f"{', '.join(map(str, indices))} ({why})")
         return "gradient checkpointing: " + "; ".join(parts)
+
+    def _chain_words(self) -> str:
+        """E.g. ``keys and values shared: layer 2 reads layer 1's``."""
+        reads = "; ".join(f"layer{'s' if len(readers) > 1 else ''} {', '.join(map(str, readers))} "
+                          f"read{'' if len(readers) > 1 else 's'} layer {source}'s"
+                          for source, readers in sorted(self._chains.items()))
+        return f"keys and values shared: {reads}"

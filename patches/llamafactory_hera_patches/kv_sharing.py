@@ -1,0 +1,42 @@
+"""One line for stock stages on a model whose layers share keys and values (Gemma 4; any config with
+``num_kv_shared_layers``) under reentrant gradient checkpointing: that gradient is dropped, and how to keep it.
+
+Checked on LLaMA-Factory 0.9.5 with transformers 5.6. A KV-shared layer reads its source layer's keys and values from
+``shared_kv_states``, a dict handed to every layer's call as a keyword argument, not as an input of the checkpoint.
+Reentrant checkpointing runs a layer's first forward without autograd, so the source stores keys and values without a
+graph and the reader's recompute in backward cannot send gradient into them. transformers' own
+``gradient_checkpointing_enable`` defaults to non-reentrant (``{"use_reentrant": False}``), where the gradient is kept;
+LLaMA-Factory's replacement defaults to reentrant (``use_reentrant_gc: true``,
+``model_utils/checkpointing._gradient_checkpointing_enable``) and turns checkpointing off for ``gemma3n`` only
+(``model/patcher.patch_model``). The stage keeps LLaMA-Factory's behaviour and says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig
+
+NOTE = ("reentrant gradient checkpointing (use_reentrant_gc: true, LLaMA-Factory's default) drops the gradient that "
+        "flows through shared keys and values on this model")
+
+
+def reentrant_kv_note(model_args: Any, training_args: Any) -> str | None:
+    """The line for a training run whose model shares keys and values across layers and checkpoints reentrantly
+    (``None`` otherwise, or when the config cannot be read)."""
+    if (not getattr(training_args, "do_train", False) or getattr(model_args, "disable_gradient_checkpointing", True)
+            or not getattr(model_args, "use_reentrant_gc", False) or getattr(model_args, "use_unsloth_gc", False)):
+        return None
+    try:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path,
+                                            trust_remote_code=bool(getattr(model_args, "trust_remote_code", False)))
+    except (OSError, ValueError):
+        return None
+    kind = str(getattr(config, "model_type", ""))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    shared = int(getattr(text, "num_kv_shared_layers", 0) or 0)
+    total = int(getattr(text, "num_hidden_layers", 0) or 0)
+    if kind == "gemma3n" or not 0 < shared < total:  # LLaMA-Factory turns checkpointing off for gemma3n
+        return None
+    return (f"[llamafactory-hera] {NOTE} ({kind}: the last {shared} of {total} decoder layers read earlier layers' "
+            "keys and values); set use_reentrant_gc: false to train it.")

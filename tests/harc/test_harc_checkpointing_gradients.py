@@ -1,0 +1,117 @@
+"""HARC's checkpointing decided by what its gradients need (it switches no layer of its own): the coupling reads the
+residual entering each coupled layer with a forward pre-hook on the layer, i.e. the checkpoint's own input, which
+keeps its autograd graph under reentrant checkpointing too (only what is computed inside a reentrant layer's first
+forward has none).
+
+HarcTrainerMixin.compute_loss (its four terms, coupled layers 1 and 3 of the tiny Llama-3 with LoRA) then backward,
+under LLaMA-Factory's own checkpointing function: the gradient of every LoRA tensor with reentrant checkpointing in
+every layer equals the one with the coupled layers non-reentrant (the switch HARC had), non-reentrant everywhere, and
+no checkpointing; the coupling's own gradient reaches the reentrant layers below the coupled ones.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from types import SimpleNamespace
+from typing import Any
+
+import harc_numerics_helpers
+import torch
+from harc_numerics_helpers import lora_model, training_rows
+from torch.utils.checkpoint import checkpoint
+
+from llamafactory_hera.harc.batches import collate_rows
+from llamafactory_hera.harc.config import HarcArguments
+from llamafactory_hera.harc.directions import Directions
+from llamafactory_hera.heads.architecture import text_decoder
+from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing, checkpointing_kind
+
+numerics_assets = harc_numerics_helpers.numerics_assets
+tiny = harc_numerics_helpers.tiny
+
+LAYERS = [1, 3]
+
+
+class _Switch:
+    """A ``harc_checkpointing`` holding ``layers`` non-reentrant whatever the state's coupled layers are."""
+
+    def __init__(self, model: Any, layers: list[int]) -> None:
+        self.inner = LayerCheckpointing(model, layers, "the test's layers")
+
+    def set_layers(self, layers: Any) -> None:
+        pass
+
+    def ensure(self) -> None:
+        self.inner.ensure()
+
+
+def _trainer(t: SimpleNamespace, reentrant: bool | None,
+             weights: tuple[float, float, float, float] = (1.0, 1.0, 10.0, 1.0)) -> tuple[Any, Any, dict]:
+    """(HarcTrainerMixin with what compute_loss reads, the LoRA model under LLaMA-Factory's checkpointing function
+    (``None``: none), a micro-batch); the caller sets ``harc_checkpointing``."""
+    from llamafactory.model.model_utils.checkpointing import get_custom_gradient_checkpointing_func
+
+    from llamafactory_hera.harc.trainer import HarcTrainerMixin
+
+    torch.manual_seed(0)  # PEFT draws lora_A from the global generator
+    model = lora_model(t.folder, seed=2).train()
+    if reentrant is not None:
+        function = get_custom_gradient_checkpointing_func(partial(checkpoint, use_reentrant=reentrant))
+        model.get_base_model()._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=function)
+    config = t.model.config
+    generator = torch.Generator().manual_seed(9)
+    directions = Directions(*(torch.nn.functional.normalize(
+        torch.randn(config.num_hidden_layers, config.hidden_size, generator=generator), dim=-1) for _ in range(4)))
+    trainer = object.__new__(HarcTrainerMixin)
+    trainer.harc_args = HarcArguments(harc_harmful="h", harc_harmless="s", harc_pseudo="p", harc_margin=0.5,
+                                      harc_response_tokens=4, harc_weight_couple=weights[0],
+                                      harc_weight_couple_resp=weights[1], harc_weight_kl=weights[2],
+                                      harc_weight_ce=weights[3])
+    trainer.harc_state = SimpleNamespace(current=directions, layers=list(LAYERS))
+    trainer.accelerator = SimpleNamespace(unwrap_model=lambda inner: inner)
+    trainer._harc_sums = torch.zeros(5, dtype=torch.float64)
+    return trainer, model, dict(collate_rows(training_rows(t), t.tokenizer.pad_token_id))
+
+
+def _kinds(model: Any) -> list[str]:
+    return [checkpointing_kind(layer) for layer in text_decoder(model).layers]
+
+
+def _gradients(t: SimpleNamespace, reentrant: bool | None, switched: list[int],
+               weights: tuple[float, float, float, float] = (1.0, 1.0, 10.0, 1.0)) -> tuple[dict, list[str]]:
+    """(LoRA gradients of one compute_loss + backward, each decoder layer's checkpointing kind in it)."""
+    trainer, model, batch = _trainer(t, reentrant, weights)
+    trainer.harc_checkpointing = _Switch(model, switched)
+    trainer.compute_loss(model, batch).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, _kinds(model)
+
+
+def test_harc_gradient_under_reentrant_checkpointing_everywhere_is_exact(tiny: dict[str, SimpleNamespace]) -> None:
+    t = tiny["llama3"]
+    everywhere, kinds = _gradients(t, reentrant=True, switched=[])
+    assert set(kinds) == {"reentrant"}, kinds
+    others = {"switch": _gradients(t, reentrant=True, switched=LAYERS), "non_reentrant": _gradients(t, False, []),
+              "off": _gradients(t, None, [])}
+    assert others["switch"][1] == ["non-reentrant" if i in LAYERS else "reentrant" for i in range(len(kinds))]
+    for setting, (grads, _) in others.items():
+        assert grads.keys() == everywhere.keys() and any("layers.0." in name for name in grads)
+        for name, grad in grads.items():
+            torch.testing.assert_close(everywhere[name], grad, rtol=1e-5, atol=1e-7, msg=f"{setting}: {name}")
+    # the coupling alone: its gradient reaches layer 0 (reentrant, below both coupled layers) and nothing above layer 3
+    coupling, _ = _gradients(t, reentrant=True, switched=[], weights=(1.0, 1.0, 0.0, 0.0))
+    assert any(float(g.abs().max()) > 0 for name, g in coupling.items() if ".layers.0." in name)
+    assert all(float(g.abs().max()) == 0 for name, g in coupling.items() if ".layers.3." in name)
+
+
+def test_the_checkpointing_stays_the_recipes_through_a_refresh(tiny: dict[str, SimpleNamespace]) -> None:
+    """As the trainer sets it up at the start (``LayerCheckpointing(model, [], "HARC")``: KV-sharing chains only, none
+    on Llama), then a refresh moves the coupled layers: every layer checkpoints reentrantly in both steps."""
+    trainer, model, batch = _trainer(tiny["llama3"], reentrant=True)
+    trainer.harc_checkpointing = LayerCheckpointing(model, [], "HARC")
+    trainer.compute_loss(model, dict(batch)).backward()
+    assert set(_kinds(model)) == {"reentrant"}, _kinds(model)
+    trainer.harc_state.layers = [2]  # a refresh
+    trainer.compute_loss(model, dict(batch)).backward()
+    assert set(_kinds(model)) == {"reentrant"}, _kinds(model)
+    line = trainer.harc_checkpointing.line()
+    assert line == "gradient checkpointing: reentrant (the recipe's) in every decoder layer", line
