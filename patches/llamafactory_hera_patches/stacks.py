@@ -33,6 +33,12 @@ HOST_BUGS: dict[tuple[str, str], str] = {
 }
 
 
+def dtype_key(found: str | None = None) -> str:
+    """The name ``from_pretrained`` takes the dtype by: ``dtype`` from transformers 4.56, ``torch_dtype`` before."""
+    found = installed() if found is None else found
+    return "torch_dtype" if found is not None and Version(found) < Version("4.56") else "dtype"
+
+
 def installed(distribution: str = "transformers") -> str | None:
     """The installed version of ``distribution``, None when it is not installed."""
     try:
