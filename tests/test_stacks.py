@@ -114,3 +114,29 @@ def test_fa2_on_transformers_5_6_0_is_refused_before_loading(assets: Any, harc_a
     for found, attention in (("5.7.0", "fa2"), ("5.6.0", "sdpa"), ("5.6.0", "auto")):
         monkeypatch.setattr(stack_checks, "installed", lambda found=found: found)
         stack_checks.check_stack({"flash_attn": attention})
+
+
+def test_newer_classes_are_stand_ins_that_name_themselves_on_an_older_transformers() -> None:
+    from llamafactory_hera.fixtures.newer import newer
+
+    assert newer("LlavaConfig") is transformers.LlavaConfig
+    assert newer("NoSuchProcessor", "LlavaProcessor") is transformers.LlavaProcessor  # the fallback
+    stand_in = newer("NoSuchConfig")
+    with pytest.raises(ImportError, match=rf"transformers {re.escape(FOUND)} has no NoSuchConfig"):
+        stand_in(hidden_size=8)
+
+
+def test_a_fixture_tokenizer_becomes_the_class_a_transformers_4_processor_takes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamafactory_hera.fixtures.tokenizer import QWEN2_VL_CHAT_TEMPLATE, build_qwen_tokenizer, for_processor
+
+    tok = build_qwen_tokenizer(QWEN2_VL_CHAT_TEMPLATE)
+    strict = type("StrictProcessor", (), {"tokenizer_class": ("Qwen2Tokenizer", "Qwen2TokenizerFast")})
+    assert for_processor(tok, strict) is tok or Version(FOUND).major < 5  # transformers 5 takes any fast tokenizer
+    monkeypatch.setattr(transformers, "__version__", "4.55.4")
+    converted = for_processor(tok, strict)
+    assert type(converted) is transformers.Qwen2TokenizerFast and converted.get_vocab() == tok.get_vocab()
+    text = "<|im_start|>user hello<|im_end|>"
+    assert converted(text)["input_ids"] == tok(text)["input_ids"]
+    assert (converted.eos_token, converted.pad_token) == (tok.eos_token, tok.pad_token)
+    assert for_processor(tok, type("AnyProcessor", (), {"tokenizer_class": "AutoTokenizer"})) is tok
