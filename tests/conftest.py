@@ -4,6 +4,7 @@ a real `llamafactory-cli` process) and the `llamafactory-hera` verbs in-process 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -25,6 +26,7 @@ import yaml
 from slow_first import pytest_collection_modifyitems  # noqa: F401 - a hook: slow modules first under xdist
 
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
+from llamafactory_hera_patches.stacks import family_too_new, installed
 from llamafactory_hera_testing.recipes import base_recipe, harc_recipe  # noqa: F401 - the tests import them from here
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,8 +80,20 @@ def _own_hera_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 
 @pytest.fixture(scope="session")
 def assets() -> TinyAssets:
-    """Tiny Qwen3-VL / Qwen2.5-VL / LLaVA, DINOv2 teacher and image–caption data (cached under .hera_assets/)."""
-    return build_tiny_assets(REPO / ".hera_assets" / "tests", seed=0)
+    """Tiny Qwen3-VL / Qwen2.5-VL / LLaVA, DINOv2 teacher and image–caption data (cached under .hera_assets/); a
+    family the installed transformers lacks (Qwen3-VL before 4.57.1) is not built, and a test asking for it skips."""
+    built = build_tiny_assets(REPO / ".hera_assets" / "tests", seed=0)
+    return dataclasses.replace(built, models=_Families(built.models), templates=_Families(built.templates))
+
+
+class _Families(dict):
+    """A family -> value dict whose missing family skips the test when the installed transformers lacks it."""
+
+    def __missing__(self, key: str) -> Any:
+        needed = family_too_new(key)
+        if needed:
+            pytest.skip(f"{key} needs transformers >= {needed}, found {installed()}")
+        raise KeyError(key)
 
 
 @pytest.fixture(scope="session")
@@ -499,3 +513,13 @@ class FirstGradients:
         if name.startswith("on_"):
             return lambda *args, **kwargs: None
         raise AttributeError(name)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test of a model family (a ``name`` parameter: tests/test_families.py, the zoo's SFT controls) whose
+    transformers class the installed release lacks is skipped, naming the release it needs (docs/families.md)."""
+    for item in items:
+        name = getattr(getattr(item, "callspec", None), "params", {}).get("name")
+        needed = family_too_new(name) if isinstance(name, str) else None
+        if needed:
+            item.add_marker(pytest.mark.skip(reason=f"{name} needs transformers >= {needed}, found {installed()}"))

@@ -24,6 +24,7 @@ from conftest import base_recipe, run_train, run_verb
 from llamafactory_hera.fixtures import TinyAssets
 from llamafactory_hera.heads.architecture import decoder_layers, head_projections, plan_layers
 from llamafactory_hera.hera.trainer import HeraTrainer
+from llamafactory_hera_patches.stacks import family_too_new
 from llamafactory_hera_testing.zoo import ZOO, zoo_model
 
 # what each family's layers are, as the docs' table says (the plan's kinds beyond plain softmax attention)
@@ -42,6 +43,9 @@ LEFT_OUT = {"qwen3_5": "linear attention, no heads", "qwen3_5_moe": "linear atte
 # `altup_projections`): the decoder's linear layers, as their users must write them
 LORA_TARGET = {"ernie4_5_vl_moe": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                "gemma3n": "q_proj,k_proj,v_proj,o_proj,gate_proj,down_proj"}
+# the two tests below build Qwen3.5 (a hybrid model): skipped on a transformers without it (docs/families.md)
+needs_qwen3_5 = pytest.mark.skipif(family_too_new("qwen3_5") is not None,
+                                   reason=f"qwen3_5 needs transformers >= {family_too_new('qwen3_5')}")
 RAH_FORCED = {"rah_isal_percentile": 50, "rah_caf_percentile": 0, "rah_beta": -100, "rah_num_anchors": 2,
               "rah_rank": 2, "rah_delta": 10.0}  # on 4-head tiny layers: targets, anchors and kept steps
 
@@ -123,6 +127,7 @@ def test_family_runs_select_hera_and_rah(name: str, assets: TinyAssets, zoo_root
         assert "RAH-LoRA: leaves out" in proc.stdout + proc.stderr and LEFT_OUT[name] in proc.stdout + proc.stderr
 
 
+@needs_qwen3_5
 def test_a_head_in_a_layer_without_heads_is_refused_before_loading(assets: TinyAssets, zoo_root: Path,
                                                                    tmp_path: Path) -> None:
     """Qwen3.5 (L0 linear attention, L1 softmax): HeRA's hera_heads and RAH-LoRA's rah_layers naming L0 are refused
@@ -143,6 +148,7 @@ def test_a_head_in_a_layer_without_heads_is_refused_before_loading(assets: TinyA
         "calibratable layers of" in out and "are L1. Use auto or name some of those." in out, out[-3000:]
 
 
+@needs_qwen3_5
 def test_a_model_without_softmax_attention_is_refused_by_name() -> None:
     """No decoder layer with heads (every layer linear attention): HeRA and RAH-LoRA refuse the family by name from its
     config; the plan of a mixed model names its layers in runs."""

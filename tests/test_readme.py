@@ -34,8 +34,10 @@ def _bash_lines() -> list[str]:
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
+    """The README's first test command is CI's (both stacks); the others are a stack each."""
     commands = [line for line in _bash_lines() if line.startswith("python3 dev.py test")]
-    assert commands == ["python3 dev.py test"], commands
+    assert commands == ["python3 dev.py test --stack all", "python3 dev.py test", "python3 dev.py test --stack oldest"]
+    commands = commands[:1]
     ci = REPO / ".ci" / "run"
     assert os.access(ci, os.X_OK), ".ci/run must be executable"
     lines = [line.strip() for line in ci.read_text(encoding="utf-8").splitlines()
@@ -357,3 +359,24 @@ def test_dev_records_a_ci_runs_timings_outside_the_clone(tmp_path: Path, monkeyp
     assert math.isnan(dev.load_average())
     dev.record_ci_run("test", 0, 10.0, dev.load_average())
     assert "load1_start=nan load1_end=nan" in (tmp_path / "cache" / "ci-timings.log").read_text().splitlines()[-1]
+
+
+def test_dev_sets_up_each_stack_in_its_own_venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--stack`` picks a stack's venv and constraints file; ``all`` (CI) runs the pinned stack's suite, then the
+    second stack's demos and subset, whose files exist (issue 58)."""
+    dev = _dev()
+    assert dev.stack_option("test", ["-x"]) == ("pinned", ["-x"])
+    assert dev.stack_option("test", ["-x", "--stack", "oldest", "-k", "a"]) == ("oldest", ["-x", "-k", "a"])
+    assert dev.stack_option("test", ["--stack", "all"]) == ("all", [])
+    assert dev.stack_option("demo", ["--stack", "all"])[0] is None and dev.stack_option("test", ["--stack"])[0] is None
+    for name, (venv_name, constraints) in dev.STACKS.items():
+        dev.use_stack(name)
+        assert dev.VENV == REPO / venv_name and dev.CONSTRAINTS == REPO / constraints and dev.CONSTRAINTS.is_file()
+        assert f"/{venv_name}/" in (REPO / ".gitignore").read_text() or venv_name == ".venv"
+    assert all((REPO / path.split("::")[0]).is_file() for path in dev.OLDEST_STACK_TESTS)
+    ran: list[tuple[str, str]] = []
+    monkeypatch.setattr(dev, "setup", lambda command, stack: ran.append(("setup", stack)) or Path(sys.executable))
+    monkeypatch.setattr(dev, "cmd_test", lambda python, args: ran.append(("suite", "pinned")) or 0)
+    monkeypatch.setattr(dev, "cmd_test_second_stack", lambda python, args: ran.append(("subset", "oldest")) or 3)
+    assert dev.main(["test", "--stack", "all"]) == 3
+    assert ran == [("setup", "pinned"), ("suite", "pinned"), ("setup", "oldest"), ("subset", "oldest")]

@@ -68,6 +68,9 @@ class _PostImportFinder:
 def _apply(patch: str, module) -> None:
     import importlib
 
+    refusal = importlib.import_module("llamafactory_hera_patches.stacks").unsupported_transformers()
+    if refusal:  # a transformers outside what the plugin supports: one line, before anything is patched
+        raise SystemExit(refusal)
     importlib.import_module(f"llamafactory_hera_patches.{patch}").apply(module)
     if patch in ("stage", "launch"):  # a training process or its launcher: the plugin's errors end it with their
         # message alone

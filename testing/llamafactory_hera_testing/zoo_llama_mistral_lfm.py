@@ -13,13 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from transformers import (
-    Lfm2VlConfig,
-    Lfm2VlForConditionalGeneration,
-    Lfm2VlImageProcessor,
-    Lfm2VlProcessor,
     Llama4Config,
     Llama4ForConditionalGeneration,
-    Llama4ImageProcessor,
     Llama4Processor,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -38,6 +33,7 @@ from transformers import (
     ProcessorMixin,
 )
 
+from llamafactory_hera.fixtures.newer import newer
 from llamafactory_hera.fixtures.tokenizer import LLAMA3_SPECIAL_TOKENS, bos_first, bpe_with, fast
 
 Builder = Callable[[], tuple[PreTrainedModel, ProcessorMixin]]
@@ -76,6 +72,13 @@ MISTRAL_CHAT_TEMPLATE = (
     "[/SYSTEM_PROMPT]{% else %}{{ message['content'] if message['content'] is string else "
     "message['content'][0]['text'] }}{{ eos_token }}{% endif %}{% endfor %}"
 )
+
+# classes only newer transformers releases have (the family's tests skip on an older one)
+Lfm2VlConfig = newer("Lfm2VlConfig")
+Lfm2VlForConditionalGeneration = newer("Lfm2VlForConditionalGeneration")
+Lfm2VlImageProcessor = newer("Lfm2VlImageProcessor")
+Lfm2VlProcessor = newer("Lfm2VlProcessor")
+Llama4ImageProcessor = newer("Llama4ImageProcessor", "Llama4ImageProcessorFast")
 
 
 def build_mistral_tokenizer() -> PreTrainedTokenizerFast:

@@ -23,13 +23,6 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
-    Qwen3_5Config,
-    Qwen3_5ForConditionalGeneration,
-    Qwen3_5MoeConfig,
-    Qwen3_5MoeForConditionalGeneration,
-    Qwen3VLMoeConfig,
-    Qwen3VLMoeForConditionalGeneration,
-    Qwen3VLProcessor,
     VideoLlavaConfig,
     VideoLlavaForConditionalGeneration,
     VideoLlavaImageProcessor,
@@ -53,6 +46,7 @@ from llamafactory_hera.fixtures.models import (
     _qwen_vision,
     _text_kwargs,
 )
+from llamafactory_hera.fixtures.newer import newer
 from llamafactory_hera.fixtures.tokenizer import (
     LLAVA_CHAT_TEMPLATE,
     LLAVA_LEADING_SPECIALS,
@@ -71,6 +65,15 @@ LLAVA_VIDEO_CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE.replace(
     "{{ '<image>\n' }}{% endfor %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}",
 )
+
+# classes only newer transformers releases have (the family's tests skip on an older one)
+Qwen3VLMoeConfig = newer("Qwen3VLMoeConfig")
+Qwen3VLMoeForConditionalGeneration = newer("Qwen3VLMoeForConditionalGeneration")
+Qwen3VLProcessor = newer("Qwen3VLProcessor")
+Qwen3_5Config = newer("Qwen3_5Config")
+Qwen3_5ForConditionalGeneration = newer("Qwen3_5ForConditionalGeneration")
+Qwen3_5MoeConfig = newer("Qwen3_5MoeConfig")
+Qwen3_5MoeForConditionalGeneration = newer("Qwen3_5MoeForConditionalGeneration")
 
 Builder = Callable[[], tuple[PreTrainedModel, ProcessorMixin]]
 

@@ -19,6 +19,7 @@ from llamafactory_hera.demo import hera as hera_demo
 from llamafactory_hera.demo import rah as rah_demo
 from llamafactory_hera.demo.folders import DemoError, mark, prepare_folder
 from llamafactory_hera.demo.runner import DemoContext, find_cli, offline_env, say
+from llamafactory_hera_patches.stacks import family_too_new, installed
 
 # method -> its demo module: TITLE, FAMILIES (the first is the default), DEFAULT_STEPS (None: takes no step),
 # ASSETS_NAME (folder under DIR), OWN_OUTPUTS (names in DIR/<method> it replaces), run(ctx) -> int
@@ -58,11 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     shown.add_argument("--quiet", action="store_true", help="show no training progress, only the summary")
     args = parser.parse_args(argv)
     module = DEMOS[args.method]
-    if args.family is None:
-        args.family = module.FAMILIES[0]
+    if args.family is None:  # the first family the installed transformers has (Qwen3-VL needs 4.57.1)
+        args.family = next((name for name in module.FAMILIES if family_too_new(name) is None), module.FAMILIES[0])
     elif args.family not in module.FAMILIES:
         parser.error(f"--family {args.family}: the {args.method} demo runs on {', '.join(module.FAMILIES)}; choose "
                      "one of those or leave --family out.")
+    elif family_too_new(args.family):
+        parser.error(f"--family {args.family}: needs transformers >= {family_too_new(args.family)} (found "
+                     f"{installed()}); choose another family or leave --family out.")
     if args.steps is not None and module.DEFAULT_STEPS is None:
         parser.error(f"--steps {args.steps}: {module.TITLE} takes no optimizer step (it is training-free); leave "
                      "--steps out.")

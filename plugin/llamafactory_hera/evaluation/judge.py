@@ -22,6 +22,7 @@ from typing import Any
 from llamafactory_hera.evaluation.harmbench_judge import HARMBENCH, harmbench_verdicts
 from llamafactory_hera.log import progress_once
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.stacks import dtype_key
 
 CLASSIFIER = "classifier"
 LLAMA_GUARD = "llama_guard"
@@ -148,7 +149,7 @@ def judge_answers(spec: JudgeSpec, pairs: list[tuple[str, str]], batch_size: int
     loader = AutoModelForSequenceClassification if spec.kind == CLASSIFIER else AutoModelForCausalLM
     # on GPUs beside the evaluated model (device_map auto: where memory is free), else on the CPU
     placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
-    model = loader.from_pretrained(path, local_files_only=offline, dtype="auto", **placement).eval()
+    model = loader.from_pretrained(path, local_files_only=offline, **{dtype_key(): "auto"}, **placement).eval()
     device = str(next(model.parameters()).device)
     try:
         if spec.kind == CLASSIFIER:

@@ -262,12 +262,14 @@ def load_teacher(name_or_path: str, feature: str, device: torch.device | str, *,
     unless a test asks otherwise)."""
     # lazy: transformers' model classes (its generation code, scikit-learn) only when a teacher loads, so that the
     # checks and `select`'s one-line errors that import this module come at once
-    from transformers import AutoModel
+    from transformers import AutoModel, __version__
 
     key = (name_or_path, feature, str(dtype), str(device))
     if key not in _TEACHERS:
+        # transformers 4.55 takes torch_dtype (stacks.dtype_key; not imported here: the trainer's import closure)
+        dtype_key = "torch_dtype" if __version__.startswith("4.55.") else "dtype"
         with zero3_init_disabled():  # the teacher lives outside the DeepSpeed engine: never partition it
-            encoder = AutoModel.from_pretrained(resolve_teacher(name_or_path), dtype=dtype)
+            encoder = AutoModel.from_pretrained(resolve_teacher(name_or_path), **{dtype_key: dtype})
         if hasattr(encoder, "vision_model"):  # CLIP/SigLIP-style dual encoders: keep the image tower only
             encoder = encoder.vision_model
         _TEACHERS[key] = VisionTeacher(encoder.to(device), feature, name_or_path, source=name_or_path)

@@ -17,6 +17,7 @@ from typing import Any
 from llamafactory_hera.llava.compose_plan import ComposePlan
 from llamafactory_hera_patches.llava_templates import IMAGE_TOKEN
 from llamafactory_hera_patches.run_record import COMPOSE_RECORD as RECORD  # a run's record reads it back (its chain)
+from llamafactory_hera_patches.stacks import dtype_key
 
 
 def add_image_token(tokenizer: Any, llm: Any) -> str:
@@ -57,8 +58,8 @@ def _vision_tower(name: str) -> Any:
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the text tower's weights are left out on purpose: no report of them
     try:
-        tower, info = MODEL_MAPPING[type(vision_config)].from_pretrained(name, config=vision_config, dtype="auto",
-                                                                         output_loading_info=True)
+        tower, info = MODEL_MAPPING[type(vision_config)].from_pretrained(
+            name, config=vision_config, **{dtype_key(): "auto"}, output_loading_info=True)
     finally:
         logging.set_verbosity(verbosity)
     if info["missing_keys"]:
@@ -113,7 +114,7 @@ def compose(plan: ComposePlan, tokenizer: Any) -> dict[str, Any]:
     record."""
     from transformers import AutoModelForCausalLM
 
-    llm = AutoModelForCausalLM.from_pretrained(plan.llm, dtype="auto")
+    llm = AutoModelForCausalLM.from_pretrained(plan.llm, **{dtype_key(): "auto"})
     tower = _vision_tower(plan.vision)
     dtype, vision_dtype = (str(module.dtype).removeprefix("torch.") for module in (llm, tower))
     token_words = add_image_token(tokenizer, llm)

@@ -49,6 +49,7 @@ from llamafactory_hera.recipe.fsdp import check_fsdp, check_fsdp_parsed
 from llamafactory_hera.recipe.host_keys import check_bf16_device, check_host_keys
 from llamafactory_hera.recipe.model_checks import check_lora_target
 from llamafactory_hera.recipe.model_paths import check_model_paths
+from llamafactory_hera.recipe.stack_checks import check_stack
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import given_keys, raw_value, truthy
 from llamafactory_hera_patches.templates import template_tokens
@@ -279,11 +280,12 @@ def check_raw_recipe(host_args: dict[str, Any] | list[str]) -> None:
     """What every plugin stage checks of the recipe's LLaMA-Factory keys before LLaMA-Factory parses them, after
     :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific): DeepSpeed
     installed where the recipe names it, the keys
-    (:mod:`.host_keys`), the model paths, this machine's bf16, and last ``lora_target`` against the model's modules
-    (:mod:`.model_checks`, the one that reads the model's config)."""
+    (:mod:`.host_keys`), the model paths, the installed stack (:mod:`.stack_checks`), this machine's bf16, and last
+    ``lora_target`` against the model's modules (:mod:`.model_checks`, the one that reads the model's config)."""
     given = given_keys(host_args)
     check_deepspeed_installed(host_args)
     check_host_keys(host_args)
     check_model_paths(given)
+    check_stack(given)
     check_bf16_device(host_args)
     check_lora_target(given)

@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+try:  # transformers >= 5: the conversion mapping from_pretrained applies
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+except ImportError:  # transformers 4: the model class's ``_checkpoint_conversion_mapping`` (regex -> replacement)
+    get_model_conversion_mapping = None
 
 from llamafactory_hera.short_errors import RecipeError
 
@@ -58,6 +63,8 @@ def model_keys(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
     format). Weight converters (fused MoE experts and such) change tensors, not only names: their keys stay as they
     are and so restore nothing, which :func:`check_restored` reports."""
     state = model.state_dict()
+    if get_model_conversion_mapping is None:
+        return _model_keys_v4(model, keys, state)
     conversions = get_model_conversion_mapping(model) if hasattr(model, "config") else []
     renamings = [entry for entry in conversions if isinstance(entry, WeightRenaming)]
     prefix = getattr(model, "base_model_prefix", None) or None
@@ -65,6 +72,25 @@ def model_keys(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
     for key in keys:
         name, _ = rename_source_key(key, renamings, [], prefix, state)
         renamed[key] = name if name in state or key not in state else key
+    return renamed
+
+
+def _model_keys_v4(model: nn.Module, keys: Iterable[str], state: dict[str, Any]) -> dict[str, str]:
+    """:func:`model_keys` on transformers 4: the first pattern of ``_checkpoint_conversion_mapping`` that matches
+    renames a key (as 4.x ``from_pretrained`` does), then the base-model prefix is added or removed when that names a
+    parameter."""
+    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+    prefix = getattr(model, "base_model_prefix", None) or ""
+    renamed = {}
+    for key in keys:
+        name = key
+        for pattern, replacement in mapping.items():
+            name, count = re.subn(pattern, replacement, key)
+            if count:
+                break
+        candidates = [name, f"{prefix}.{name}" if prefix else name, name.removeprefix(f"{prefix}.") if prefix else name]
+        found = next((candidate for candidate in candidates if candidate in state), None)
+        renamed[key] = found if found is not None else key
     return renamed
 
 

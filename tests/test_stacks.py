@@ -1,0 +1,142 @@
+"""The host stacks (issue 58): a transformers outside what LLaMA-Factory 0.9.5 or main allows is refused at start-up
+in one line; a family the installed transformers lacks and ``flash_attn: fa2`` on transformers 5.6.0 are refused by
+name before loading, through LLaMA-Factory's real ``run_exp``; the families table (patches' stacks.py, and
+docs/families.md) agrees with the installed transformers' own registry."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import transformers
+from packaging.version import Version
+from test_launch_refusals import _recipe, _refused
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+from conftest import REPO
+from llamafactory_hera import _bootstrap
+from llamafactory_hera.recipe import stack_checks
+from llamafactory_hera_patches import stacks
+
+FOUND = transformers.__version__
+
+
+@pytest.mark.parametrize(("found", "refused"), [
+    ("4.54.1", True), ("4.55.0", False), ("4.57.0", True), ("4.57.1", False), ("5.6.0", False), ("5.8.0", False),
+    ("5.8.1", False), ("5.9.0", True), (FOUND, False),
+])
+def test_a_transformers_release_outside_the_supported_range_is_one_line(found: str, refused: bool) -> None:
+    message = stacks.unsupported_transformers(found)
+    assert (message is not None) == refused, message
+    if refused:
+        assert "\n" not in message and f"transformers {found} is not supported" in message
+        assert f"supported: {stacks.TRANSFORMERS_SUPPORTED}" in message
+        assert message.endswith(f"pip install 'transformers{stacks.TRANSFORMERS_SUPPORTED}'")
+
+
+def test_the_pyproject_declares_the_supported_range() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert f"transformers{stacks.TRANSFORMERS_SUPPORTED}" in project["dependencies"]
+
+
+def test_start_up_refuses_an_unsupported_transformers_before_patching(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stacks, "installed", lambda distribution="transformers": "4.54.1")
+    applied: list[str] = []
+    fake_patch = types.SimpleNamespace(apply=applied.append)
+    monkeypatch.setitem(__import__("sys").modules, "llamafactory_hera_patches.fake", fake_patch)
+    with pytest.raises(SystemExit) as stop:
+        _bootstrap._apply("fake", "module")
+    assert str(stop.value.code).startswith("llamafactory-hera: transformers 4.54.1 is not supported")
+    assert applied == []  # nothing patched
+    monkeypatch.setattr(stacks, "installed", lambda distribution="transformers": FOUND)
+    _bootstrap._apply("fake", "module")
+    assert applied == ["module"]
+
+
+def test_the_families_table_agrees_with_the_installed_transformers() -> None:
+    """A family is in the installed transformers' registry exactly when the table says its release is here (read
+    from the host, not counted)."""
+    for model_type, needed in stacks.FAMILY_MIN_TRANSFORMERS.items():
+        here = model_type in CONFIG_MAPPING_NAMES
+        assert here == (Version(FOUND) >= Version(needed)), (model_type, needed, FOUND)
+
+
+def test_docs_mark_each_family_that_needs_a_newer_transformers() -> None:
+    docs = (REPO / "docs" / "families.md").read_text(encoding="utf-8")
+    for model_type, needed in stacks.FAMILY_MIN_TRANSFORMERS.items():
+        if model_type == "dinov3_vit":
+            continue  # a teacher, not an MLLM family: docs/hera.md
+        row = next((line for line in docs.splitlines() if re.match(rf"\| {model_type}\b", line)), None)
+        assert row is not None and f"transformers >= {needed}" in row, (model_type, row)
+
+
+def _family_folder(assets: Any, model_type: str, folder: Path) -> str:
+    """A model folder whose config names ``model_type`` (the check reads config.json only)."""
+    shutil.copytree(assets.models["qwen2_5_vl"], folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}), encoding="utf-8")
+    return str(folder)
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_a_family_the_installed_transformers_lacks_is_refused_by_name(assets: Any, harc_assets: Any,
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    newer = [t for t, v in stacks.FAMILY_MIN_TRANSFORMERS.items() if Version(v) > Version(FOUND)]
+    if newer:  # the installed release lacks a family: the real one
+        model_type, found = newer[0], FOUND
+    else:  # it has them all: as on transformers 5.4
+        model_type, found = "gemma4", "5.4.0"
+        monkeypatch.setattr(stack_checks, "installed", lambda: found)
+    model = _family_folder(assets, model_type, tmp_path / "model")
+    needed = stacks.FAMILY_MIN_TRANSFORMERS[model_type]
+    message = _refused(_recipe("hera", assets, harc_assets, tmp_path / "out", model_name_or_path=model))
+    assert message.startswith(f"model_name_or_path: {model} is a {model_type} model, which transformers {found} does "
+                              f"not have (its class came in transformers {needed}; docs/families.md)"), message
+    assert f"pip install 'transformers>={needed}'" in message
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_fa2_on_transformers_5_6_0_is_refused_before_loading(assets: Any, harc_assets: Any, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLaMA-Factory issue 10610: transformers 5.6.0's flash-attention 2 fails (s_aux None); main excludes 5.6.0."""
+    monkeypatch.setattr(stack_checks, "installed", lambda: "5.6.0")
+    message = _refused(_recipe("harc", assets, harc_assets, tmp_path / "out", flash_attn="fa2"))
+    assert message.startswith("flash_attn: fa2 on transformers 5.6.0: ") and "10610" in message, message
+    assert "flash_attn: sdpa" in message and "transformers >= 5.7 with LLaMA-Factory main" in message
+    for found, attention in (("5.7.0", "fa2"), ("5.6.0", "sdpa"), ("5.6.0", "auto")):
+        monkeypatch.setattr(stack_checks, "installed", lambda found=found: found)
+        stack_checks.check_stack({"flash_attn": attention})
+
+
+def test_newer_classes_are_stand_ins_that_name_themselves_on_an_older_transformers() -> None:
+    from llamafactory_hera.fixtures.newer import newer
+
+    assert newer("LlavaConfig") is transformers.LlavaConfig
+    assert newer("NoSuchProcessor", "LlavaProcessor") is transformers.LlavaProcessor  # the fallback
+    stand_in = newer("NoSuchConfig")
+    with pytest.raises(ImportError, match=rf"transformers {re.escape(FOUND)} has no NoSuchConfig"):
+        stand_in(hidden_size=8)
+
+
+def test_a_fixture_tokenizer_becomes_the_class_a_transformers_4_processor_takes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamafactory_hera.fixtures.tokenizer import QWEN2_VL_CHAT_TEMPLATE, build_qwen_tokenizer, for_processor
+
+    tok = build_qwen_tokenizer(QWEN2_VL_CHAT_TEMPLATE)
+    strict = type("StrictProcessor", (), {"tokenizer_class": ("Qwen2Tokenizer", "Qwen2TokenizerFast")})
+    assert for_processor(tok, strict) is tok or Version(FOUND).major < 5  # transformers 5 takes any fast tokenizer
+    monkeypatch.setattr(transformers, "__version__", "4.55.4")
+    converted = for_processor(tok, strict)
+    assert type(converted) is transformers.Qwen2TokenizerFast and converted.get_vocab() == tok.get_vocab()
+    text = "<|im_start|>user hello<|im_end|>"
+    assert converted(text)["input_ids"] == tok(text)["input_ids"]
+    assert (converted.eos_token, converted.pad_token) == (tok.eos_token, tok.pad_token)
+    assert for_processor(tok, type("AnyProcessor", (), {"tokenizer_class": "AutoTokenizer"})) is tok
