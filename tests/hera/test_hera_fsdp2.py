@@ -1,7 +1,8 @@
-"""HeRA with LoRA under FSDP2 on two CPU ranks (gloo), started as users start it: ``accelerate launch --config_file``
-with LLaMA-Factory's fsdp2_config.yaml (tests/fsdp_checks.py). Three runs: the config without the test-only shim
-(accelerate 1.11 trains it as plain DDP on CPU: the DDP twin on the same data, same launcher), with the shim (FSDP2,
-a checkpoint after each step), and resumed from step 1.
+"""HeRA with LoRA and with full fine-tuning under FSDP2 on two CPU ranks (gloo), started as users start it: ``accelerate
+launch --config_file`` with LLaMA-Factory's fsdp2_config.yaml (tests/fsdp_checks.py). Three runs: the config without the
+test-only shim (accelerate 1.11 trains it as plain DDP on CPU: the DDP twin on the same data, same launcher), with the
+shim (FSDP2, a checkpoint after each step), and resumed from step 1. Full fine-tuning: the DDP twin and FSDP2, two
+steps, one save.
 
 Under FSDP2 every LoRA matrix and o_proj's base weight is a DTensor shard outside its layer's forward: HeRA gathers
 them with FSDP2's gradient averaging (hera/projection.py ``whole``), the monitor's text pass runs through the FSDP2
@@ -59,3 +60,24 @@ def test_fsdp2_lora_trains_saves_and_resumes_like_ddp(assets, tmp_path: Path) ->
     assert _logged(resumed) == _logged(fsdp2)[1:]
     assert {"model", "optimizer.bin", "pytorch_model_fsdp.bin", "hera_temperature_optimizer.pt",
             "hera_state.json"} <= set(assert_resumed_equals_whole(fsdp2 / "out", resumed / "out", 2))
+
+
+def test_fsdp2_full_finetuning_trains_like_ddp(assets, tmp_path: Path) -> None:
+    """Full fine-tuning under FSDP2: every trainable parameter (the language model's) and o_proj's weight is a DTensor
+    shard at each step and at the one save (step 2), and the run gives DDP's losses step for step and DDP's saved
+    model. Monitor off, one checkpoint: the cheapest run that steps and saves."""
+    ddp, fsdp2 = tmp_path / "ddp", tmp_path / "fsdp2"
+    keys = dict(finetuning_type="full", hera_monitor_steps=0, save_strategy="steps", save_steps=2)
+    for folder, shim in ((ddp, False), (fsdp2, True)):
+        accelerate_launch(base_recipe(assets, "qwen2_5_vl", folder / "out", per_device_train_batch_size=4,
+                                      max_steps=2, **keys), folder, shim=shim)
+    assert {(r["distributed_type"], r["trainable_dtensors"], r["o_proj_dtensor"]) for r in read_fsdp_evidence(ddp)} \
+        == {("DistributedType.MULTI_CPU", 0, False)}
+    assert_fsdp2(fsdp2, {"step", "save"})
+    losses = [[tuple(line[k] for k in ("hera_loss", "lm_loss", "loss")) for line in read_trainer_log(folder / "out")
+               if "loss" in line] for folder in (fsdp2, ddp)]
+    assert len(losses[0]) == 2
+    for got, want in zip(*losses, strict=True):
+        assert got == pytest.approx(want, rel=1e-6)
+    got, want = (load_file(folder / "out" / "model.safetensors") for folder in (fsdp2, ddp))
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-5) for k in want)
