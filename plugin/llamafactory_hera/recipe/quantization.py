@@ -8,6 +8,12 @@ Readable: bitsandbytes only, 4-bit (nf4, fp4, double quantization: dequantized w
 method is refused by name: GPTQ, AWQ, AQLM, HQQ, EETQ and quanto keep packed codes in kernels' own layouts that
 llamafactory-hera does not decode (read as weights they would be codes, not values); FP8 and MXFP4 checkpoints
 LLaMA-Factory loads dequantized (``dequantize=True``), a load no test of this project runs.
+
+HARC (``stage: harc``) is deliberately not checked here: it reads no weight. Its directions are means of residual
+activations, its terms (coupling, KL to the adapter-disabled model, CE) are functions of forward outputs, and its
+gradient reaches only the LoRA adapter; so any quantization whose forward and backward LLaMA-Factory's QLoRA path runs
+gives HARC the quantized model's own objective, exactly as it gives plain LoRA/SFT. Only bitsandbytes is tested
+(tests/harc/test_harc_quantized.py: 4-/8-bit and a checkpoint saved 4-bit); the others run unrefused, untested.
 """
 
 from __future__ import annotations
