@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 import pytest
 import yaml
-from slow_first import pytest_collection_modifyitems  # noqa: F401 - a hook: slow modules first under xdist
+from slow_first import pytest_collection_modifyitems as put_slow_modules_first
 
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
 from llamafactory_hera_patches.stacks import family_too_new, installed
@@ -515,9 +515,11 @@ class FirstGradients:
         raise AttributeError(name)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test of a model family (a ``name`` parameter: tests/test_families.py, the zoo's SFT controls) whose
-    transformers class the installed release lacks is skipped, naming the release it needs (docs/families.md)."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slowest modules first under xdist (tests/slow_first.py); a test of a model family (a ``name`` parameter:
+    tests/test_families.py, the zoo's SFT controls) whose transformers class the installed release lacks is skipped,
+    naming the release it needs (docs/families.md)."""
+    put_slow_modules_first(config, items)
     for item in items:
         name = getattr(getattr(item, "callspec", None), "params", {}).get("name")
         needed = family_too_new(name) if isinstance(name, str) else None

@@ -35,8 +35,8 @@ def test_a_later_test_logs_through_those_handlers(capsys):
 @pytest.mark.parametrize("capture", ["fd", "no"])
 def test_handlers_made_under_capfd_outlive_the_test(tmp_path: Path, capture: str) -> None:
     """Under pytest's own capture (the session's streams are its files) and without (the terminal's)."""
-    (tmp_path / "conftest.py").write_text(Path(__file__).with_name("conftest.py").read_text(encoding="utf-8"),
-                                          encoding="utf-8")
+    for support in ("conftest.py", "slow_first.py"):  # the suite's conftest and the module it imports beside it
+        (tmp_path / support).write_text(Path(__file__).with_name(support).read_text(encoding="utf-8"), encoding="utf-8")
     (tmp_path / "test_inner.py").write_text(INNER_TESTS, encoding="utf-8")
     proc = run_process([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
                         f"--capture={capture}", "test_inner.py"], cwd=tmp_path, env=offline_env(tmp_path), timeout=120)

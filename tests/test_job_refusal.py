@@ -53,6 +53,9 @@ def test_a_refusal_on_rank_1_ends_a_launched_job_at_once(launcher: str, tmp_path
     _check([output], stamps, ended)
 
 
+@pytest.mark.xfail(strict=True, reason="srun tasks without a launcher are not watched (job_refusal.job_of): a rank 0 "
+                   "that hosts the store ends with it at a refusal, and every normal end printed c10d's recvValue "
+                   "stack on the ranks outliving rank 0 (review of 2026-11-25); open until the store outlives rank 0")
 def test_a_refusal_on_rank_1_ends_srun_tasks_at_once(tmp_path: Path) -> None:
     """No launcher stops the waiting rank (``srun`` without ``--kill-on-bad-exit``): it ends because the refusing
     rank set the flag in rank 0's store."""

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
 from .guard import require
 
+_WRAPPERS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")
 _HELPERS = ("_get_model_state_dict", "_set_model_state_dict", "is_peft_model", "save_fsdp_model", "load_fsdp_model")
 
 
@@ -74,9 +76,11 @@ def _whole(options: Any) -> bool:
 
 
 def apply(fsdp_utils: ModuleType) -> None:
-    require(fsdp_utils, _HELPERS, "fsdp_adapter")
-    if not lacks_fix(fsdp_utils):
+    # an accelerate with the fix needs nothing: checked first, so that a later accelerate renaming a helper never fails
+    # `import accelerate` (this runs in every program of the environment that imports it)
+    if hasattr(fsdp_utils, "_get_model_state_dict") and not lacks_fix(fsdp_utils):
         return
+    require(fsdp_utils, _HELPERS, "fsdp_adapter")
     original_get, original_set = fsdp_utils._get_model_state_dict, fsdp_utils._set_model_state_dict
 
     def _get_model_state_dict(model: Any, adapter_only: bool = False, sd_options: Any = None) -> Any:
@@ -90,7 +94,9 @@ def apply(fsdp_utils: ModuleType) -> None:
         if adapter_only and _whole(sd_options) and fsdp_utils.is_peft_model(model):
             from torch.distributed.checkpoint.state_dict import set_model_state_dict  # lazy: as accelerate's own
 
-            trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+            # the state dict's names are torch's (without the wrappers of FSDP's activation checkpointing or
+            # torch.compile, which named_parameters keeps)
+            trainable = {_WRAPPERS.sub("", name) for name, param in model.named_parameters() if param.requires_grad}
             if state_dict and not trainable & set(state_dict):  # rank 0 read the file: a pre-fix checkpoint
                 raise RuntimeError(
                     "resume_from_checkpoint: the FSDP2 checkpoint's pytorch_model_fsdp.bin holds an adapter saved by "
