@@ -1,7 +1,6 @@
-"""HARC's checkpointing decided by what its gradients need (it switches no layer of its own): the coupling reads the
-residual entering each coupled layer with a forward pre-hook on the layer, i.e. the checkpoint's own input, which
-keeps its autograd graph under reentrant checkpointing too (only what is computed inside a reentrant layer's first
-forward has none).
+"""HARC's checkpointing decided by what its gradients need: the coupling reads the residual entering each coupled
+layer with a forward pre-hook on the layer, i.e. the checkpoint's own input, which keeps its autograd graph under
+reentrant checkpointing too (only what is computed inside a reentrant layer's first forward has none).
 
 HarcTrainerMixin.compute_loss (its four terms, coupled layers 1 and 3 of the tiny Llama-3 with LoRA) then backward,
 under LLaMA-Factory's own checkpointing function: the gradient of every LoRA tensor with reentrant checkpointing in
@@ -103,15 +102,14 @@ def test_harc_gradient_under_reentrant_checkpointing_everywhere_is_exact(tiny: d
     assert all(float(g.abs().max()) == 0 for name, g in coupling.items() if ".layers.3." in name)
 
 
-def test_the_checkpointing_stays_the_recipes_through_a_refresh(tiny: dict[str, SimpleNamespace]) -> None:
-    """As the trainer sets it up at the start (``LayerCheckpointing(model, [], "HARC")``: KV-sharing chains only, none
-    on Llama), then a refresh moves the coupled layers: every layer checkpoints reentrantly in both steps."""
+def test_the_checkpointing_follows_the_coupled_layers_at_a_refresh(tiny: dict[str, SimpleNamespace]) -> None:
+    """As the trainer sets it up at the start (the coupled layers switched), then a refresh moves the coupled layers:
+    the next compute_loss switches the new ones and gives the others the recipe's function back."""
     trainer, model, batch = _trainer(tiny["llama3"], reentrant=True)
-    trainer.harc_checkpointing = LayerCheckpointing(model, [], "HARC")
-    trainer.compute_loss(model, dict(batch)).backward()
-    assert set(_kinds(model)) == {"reentrant"}, _kinds(model)
+    trainer.harc_checkpointing = LayerCheckpointing(model, LAYERS, "HARC's coupled layers")
+    trainer.compute_loss(model, dict(batch))
+    count = len(_kinds(model))
+    assert _kinds(model) == ["non-reentrant" if i in LAYERS else "reentrant" for i in range(count)]
     trainer.harc_state.layers = [2]  # a refresh
-    trainer.compute_loss(model, dict(batch)).backward()
-    assert set(_kinds(model)) == {"reentrant"}, _kinds(model)
-    line = trainer.harc_checkpointing.line()
-    assert line == "gradient checkpointing: reentrant (the recipe's) in every decoder layer", line
+    trainer.compute_loss(model, dict(batch))
+    assert _kinds(model) == ["non-reentrant" if i == 2 else "reentrant" for i in range(count)]

@@ -1,12 +1,9 @@
 """Reading the residual stream entering decoder layers (what HARC's directions and coupling act on).
 
 ``residual entering layer l`` = the hidden state handed to decoder layer ``l`` (the embeddings for l = 0), read by a
-forward pre-hook on ``text_decoder(model).layers[l]``. Under gradient checkpointing the hook runs inside the layer's
-checkpointed call and gets the checkpoint's own input: the previous layer's output, whose autograd graph reentrant
-checkpointing keeps too (it drops only what is computed inside a layer's first forward). So the coupling's gradient
-flows under every kind of checkpointing, each layer as the recipe has it
-(tests/harc/test_harc_checkpointing_gradients.py). A kept input without gradient while the model trains raises,
-because the coupling would silently do nothing (no trainable parameter below the layer).
+forward pre-hook on ``text_decoder(model).layers[l]``. In the training step the hooks keep the autograd graph (the
+coupling's gradient flows through them); a hook that sees a tensor without gradient while the model trains raises,
+because the coupling would silently do nothing (e.g. under reentrant gradient checkpointing).
 """
 
 from __future__ import annotations
@@ -88,8 +85,9 @@ class StepCapture:
             hidden = self.hidden[layer]
             if self.require_grad and not hidden.requires_grad:
                 raise RecipeError(f"HARC: the residual entering decoder layer {layer} carries no gradient, so the "
-                                  "coupling loss would not train anything: no trainable parameter below that layer "
-                                  "(LoRA must target the decoder layers).")
+                                  "coupling loss would not train anything. Causes: reentrant gradient checkpointing "
+                                  "(the stage turns it off; was use_reentrant_gc forced?) or no trainable parameter "
+                                  "below that layer (LoRA must target the decoder layers).")
             self.inst[layer] = at_positions(hidden, self.t_inst)
             self.post[layer] = at_positions(hidden, self.t_post)
             if self.window is not None:
