@@ -165,7 +165,8 @@ def method_arguments(method: Any, own: dict[str, Any], host_args: Any) -> Any:
     """The method's arguments from its own keys (``own``), after its checks of the raw recipe (nothing loaded): what
     a run checks before LLaMA-Factory parses the recipe (also run by :mod:`.launch` before torchrun starts)."""
     method_args = method.load("parse_arguments")(own)
-    method.check_raw(host_args, method_args)
+    with _quiet_transformers():  # a raw check may read the model's config.json (HeRA's heads)
+        method.check_raw(host_args, method_args)
     return method_args
 
 
