@@ -80,7 +80,7 @@ def check_heads_before_parse(host_args: dict[str, Any] | list[str], hera_args: H
     remote = _truthy(_raw_value(host_args, "trust_remote_code") or False)
     try:
         config = AutoConfig.from_pretrained(str(Path(str(model)).expanduser()), trust_remote_code=remote)
-    except (OSError, ValueError, KeyError):  # the parse's checks name it
+    except Exception:  # a config this transformers cannot read (a newer family's): the parse's checks name it
         return
     check_heads_fit(hera_args.head_refs, attention_geometry(config), str(model))
 
