@@ -250,3 +250,22 @@ def test_sigterm_releases_the_claim(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == -15, proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_forked_child_holds_no_claim_and_sigterm_ends_it_as_before(tmp_path: Path) -> None:
+    """A datasets preprocessing worker (``preprocessing_num_workers``) is forked from the run: it holds none of the
+    run's claims, and SIGTERM (``Pool.terminate()`` after a worker's error) finds the handler the process had before
+    the claim. With the claim's handler inherited, a worker blocked in the pool's queue lock was seen alive with
+    SIGTERM caught, and the run hung in the pool's join (2 of 8 real runs of the PNG-in-a-worker refusal, 0 of 10
+    after)."""
+    code = ("import os, signal, json; from pathlib import Path; from llamafactory_hera_patches import run_claim; "
+            f"run_claim.take(Path({str(tmp_path)!r}), 'sft'); parent = signal.getsignal(signal.SIGTERM); "
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    print(json.dumps([signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, len(run_claim._held), "
+            "callable(parent)]), flush=True); os._exit(0)\n"
+            "os.waitpid(pid, 0)")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [True, 0, True]  # the parent's handler is the claim's; the child's is not

@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import functools
 import json
 import os
 import signal
@@ -58,6 +59,7 @@ _LOCK_STALE_SECONDS = 10.0  # a takeover lock older than this was left by a run 
 JOB_WAIT_SECONDS = 20.0  # how long a rank of a multi-process job waits for its job to take another host's claim over
 _held: dict[Path, dict[str, Any]] = {}  # this process's claims, by file: released at exit if not before
 _guards: list[bool] = []  # the refresher and the SIGTERM release, started once per process
+_sigterm: dict[str, Any] = {}  # the SIGTERM handler _guard set and the one before it (a forked child restores it)
 
 
 def new_claim(stage: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -219,7 +221,21 @@ def _guard() -> None:
     if threading.current_thread() is threading.main_thread():
         previous = signal.getsignal(signal.SIGTERM)
         if previous is not signal.SIG_IGN:
-            signal.signal(signal.SIGTERM, lambda signum, frame: _release_on_sigterm(signum, frame, previous))
+            handler = functools.partial(_release_on_sigterm, previous=previous)
+            signal.signal(signal.SIGTERM, handler)
+            _sigterm.update(handler=handler, previous=previous)
+
+
+def _forget_in_child() -> None:
+    """In a forked child (a datasets preprocessing worker, a DataLoader worker): no claim, no guard, and SIGTERM
+    back to what it was before :func:`_guard`. The child holds none of its parent's claims; and a worker that
+    ``Pool.terminate()`` stops while it waits in a lock must die of SIGTERM at once, as it would without this module
+    (with the inherited Python handler, a datasets worker stayed alive and the run hung in the pool's join)."""
+    _held.clear()
+    _guards.clear()
+    if _sigterm and signal.getsignal(signal.SIGTERM) is _sigterm["handler"]:
+        signal.signal(signal.SIGTERM, _sigterm["previous"])
+    _sigterm.clear()
 
 
 def _earlier_launch(other: dict[str, Any], mine: dict[str, Any]) -> bool:
@@ -312,6 +328,7 @@ def _release_all() -> None:
 
 
 atexit.register(_release_all)
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _missing_folders(folder: Path) -> list[Path]:
