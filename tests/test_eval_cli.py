@@ -47,7 +47,8 @@ def run_eval(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Evalua
     demo task folder is removed at the process's exit)."""
     scratch = Path(tempfile.mkdtemp(prefix="tmpdir_", dir=tmp))
     started = time.perf_counter()
-    proc = subprocess.run([EVAL, "eval", *args], cwd=tmp, env={**(env or offline_env(tmp)), "TMPDIR": str(scratch)},
+    env = env or offline_env(tmp, eval_extra=True)  # lmms-eval imports wandb
+    proc = subprocess.run([EVAL, "eval", *args], cwd=tmp, env={**env, "TMPDIR": str(scratch)},
                           capture_output=True, text=True, timeout=900)
     return Evaluated(proc, time.perf_counter() - started, sorted(p.name for p in scratch.glob(TASK_FOLDERS)))
 

@@ -66,7 +66,7 @@ def test_a_refusal_on_rank_1_ends_srun_tasks_at_once(tmp_path: Path) -> None:
                               env={**env, "SLURM_PROCID": str(rank)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     try:
-        outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+        outputs = [rank.communicate(timeout=60)[0] for rank in ranks]  # both up within ~20 s, then WITHIN_S
     finally:
         for rank in ranks:
             rank.kill()

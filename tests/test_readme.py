@@ -289,7 +289,7 @@ def test_progress_filter_shows_plugin_lines_and_one_line_per_step() -> None:
 def _run_demo(out: Path, assets: TinyAssets, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "llamafactory_hera.demo", "--output", str(out), "--assets", str(assets.root), *extra],
-        env=offline_env(tmp_path), capture_output=True, text=True, timeout=600,
+        env=offline_env(tmp_path, eval_extra=True), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc

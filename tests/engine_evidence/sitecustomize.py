@@ -14,12 +14,15 @@ start: on a machine without the compiled op in ``~/.cache/torch_extensions`` (a 
 CPU s while the other ranks waited. DeepSpeed uses that op only in ``inference_all_reduce`` (its inference engine);
 training's collectives are torch.distributed's either way, so what the ZeRO tests check is unchanged.
 
-And the processes of the run do not see the eval extra's wandb and scikit-learn, as in the README's install without
-it: trl imports wandb and transformers scikit-learn whenever they are installed (~4 CPU s per process, three
-processes per two-rank run), and neither takes part in training.
+And, as every training process a test starts, the run does not see the eval extra's wandb and scikit-learn
+(tests/without_eval_extra/, on ``PYTHONPATH`` after this folder: Python runs the first ``sitecustomize`` only).
 """
 
+import contextlib
 import os
+
+with contextlib.suppress(ImportError):  # tests/without_eval_extra/ is on PYTHONPATH in the tests' processes
+    import eval_extra_hidden  # noqa: F401
 
 if os.environ.get("HERA_TEST_ENGINE_EVIDENCE"):
     import importlib.abc
@@ -87,18 +90,3 @@ if os.environ.get("HERA_TEST_ENGINE_EVIDENCE"):
             return spec
 
     sys.meta_path.insert(0, _AfterImport())
-
-    _PathFinder = importlib.machinery.PathFinder
-    _find_spec = _PathFinder.find_spec
-    _find_distributions = _PathFinder.find_distributions
-    EVAL_ONLY = ("wandb", "sklearn", "scikit-learn")  # top-level modules, and scikit-learn's distribution name
-
-    def _spec(fullname, path=None, target=None):
-        return None if fullname.partition(".")[0] in EVAL_ONLY else _find_spec(fullname, path, target)
-
-    def _distributions(*args, **kwargs):
-        return (dist for dist in _find_distributions(*args, **kwargs)
-                if (dist.metadata["Name"] or "").lower() not in EVAL_ONLY)
-
-    _PathFinder.find_spec = staticmethod(_spec)
-    _PathFinder.find_distributions = staticmethod(_distributions)

@@ -10,10 +10,15 @@ With ``HERA_TEST_FSDP_EVIDENCE`` naming a folder, every rank appends one JSON li
 there: at each training step, at each checkpoint save and after a checkpoint is loaded, the distributed type, the
 FSDP version, and how many trainable parameters (and which o_proj weight) are DTensors, with their local and full
 sizes, so a silent fallback to DDP fails the test that reads it (tests/fsdp_checks.py). Put this folder on
-``PYTHONPATH``; without the variables nothing is imported.
+``PYTHONPATH``; without the variables nothing is imported. As every training process a test starts, the run does
+not see the eval extra's wandb and scikit-learn (tests/without_eval_extra/: Python runs the first ``sitecustomize``).
 """
 
+import contextlib
 import os
+
+with contextlib.suppress(ImportError):  # tests/without_eval_extra/ is on PYTHONPATH in the tests' processes
+    import eval_extra_hidden  # noqa: F401
 
 if os.environ.get("HERA_TEST_FSDP_ON_CPU"):
     from accelerate.state import AcceleratorState, PartialState
