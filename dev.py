@@ -24,7 +24,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import venv
@@ -130,9 +129,9 @@ def setup(command: str, stack: str = "pinned") -> Path:
         else:
             log(f"creating {VENV}")
             venv.EnvBuilder(with_pip=True, clear=VENV.exists()).create(VENV)
-    # --no-compile, then one compileall on every core (phase "bytecode"): pip compiles the stack's 27,800 files on one
-    # core as it installs them; the same .pyc files written in parallel cost 32 s instead of about 60 (the suite's
-    # processes need them: PYTHONDONTWRITEBYTECODE is set on the project's machines, so nothing compiles on import)
+    # --no-compile: pip would compile the stack's 27,900 files on one core as it installs them (about 60 s), and a
+    # compileall of them all on every core still cost 76 s on CI's two cores (2026-11-26); the tests' processes import
+    # about 6,000 of them, compiled on first import instead (offline_env lets Python write its .pyc files)
     pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-compile"]
     with phase("pip upgrade"):
         run([*pip, "-q", "--upgrade", "pip"])
@@ -146,10 +145,6 @@ def setup(command: str, stack: str = "pinned") -> Path:
     if command == "test":
         with phase("test support"):
             run([*pip, "-q", "--no-deps", "--force-reinstall", "./testing"])
-    with phase("bytecode"):
-        site = sysconfig.get_path("purelib", scheme="venv", vars={"base": str(VENV), "platbase": str(VENV)})
-        # a few files of some packages do not compile (as under pip, which skips them): the exit code is not checked
-        run([python, "-m", "compileall", "-qq", "-j", "0", site], check=False)
     return python
 
 
@@ -159,6 +154,7 @@ def offline_env() -> Iterator[dict[str, str]]:
     tmp = Path(tempfile.mkdtemp(prefix="hera-dev-"))
     env = dict(os.environ)
     env.update(OFFLINE_ENV)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # set on the project's machines: a module compiles on first import
     env["HF_HOME"] = str(tmp / "hf_home")
     env["MPLCONFIGDIR"] = str(tmp / "mpl")
     env["VIRTUAL_ENV"] = str(VENV)
