@@ -36,7 +36,7 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DAT
                      "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}.items():
     os.environ.setdefault(_key, _value)
 CLI = str(Path(sys.executable).with_name("llamafactory-cli"))
-WITHOUT_EVAL_EXTRA = REPO / "tests" / "without_eval_extra"  # the start-up hook of the processes tests start
+PROCESS_HOOKS = REPO / "tests" / "process_hooks"  # the start-up hook of the processes tests start
 # sys.stdout / sys.stderr of this pytest session (its own capture's while it captures), which the host's logging
 # handlers made outside a capturing fixture keep (see :func:`captured`), and those made inside one from the end of its
 # test on (see :func:`_release_test_streams`)
@@ -57,7 +57,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # share the cores between pytes
 
 def offline_env(tmp: Path, eval_extra: bool = False, **extra: str) -> dict[str, str]:
     """Environment for a subprocess that must never touch the network. Unless ``eval_extra``, the process does not
-    see the eval extra's wandb and scikit-learn (tests/without_eval_extra/, last on ``PYTHONPATH``): a user's install
+    see the eval extra's wandb and scikit-learn (tests/process_hooks/, last on ``PYTHONPATH``): a user's install
     without the extra, and 5 CPU s less of imports per training process."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("LLAMAFACTORY_HERA_", "FORCE_TORCHRUN", "PYTEST_XDIST_"))}
@@ -72,7 +72,7 @@ def offline_env(tmp: Path, eval_extra: bool = False, **extra: str) -> dict[str, 
     })
     env.update(extra)
     if not eval_extra:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(WITHOUT_EVAL_EXTRA)]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(PROCESS_HOOKS)]))
     return env
 
 

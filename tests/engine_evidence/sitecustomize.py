@@ -6,8 +6,8 @@ class, and the first decoder layer's ``o_proj`` weight as the step sees it outsi
 placeholder with a ``ds_id``). tests/hera/test_hera_deepspeed.py and tests/harc/test_harc_stage.py read it, so ZeRO
 losses equal to DDP losses cannot hide a silent fallback to DDP. Without the variable nothing is imported.
 
-The hook patches ``transformers.trainer`` when a process imports it, not at start-up: the ``torchrun`` process of a
-run imports no transformers, and importing ``transformers.trainer`` there cost ~10 CPU s per run.
+The hook patches ``transformers.trainer`` when a process imports it, not at start-up (tests/process_hooks/
+after_import.py).
 
 It also keeps DeepSpeed from JIT-compiling its shared-memory communication op (``deepspeed_shm_comm``) at engine
 start: on a machine without the compiled op in ``~/.cache/torch_extensions`` (a fresh CI machine) the build took 87
@@ -15,21 +15,15 @@ CPU s while the other ranks waited. DeepSpeed uses that op only in ``inference_a
 training's collectives are torch.distributed's either way, so what the ZeRO tests check is unchanged.
 
 And, as every training process a test starts, the run does not see the eval extra's wandb and scikit-learn
-(tests/without_eval_extra/, on ``PYTHONPATH`` after this folder: Python runs the first ``sitecustomize`` only).
+(tests/process_hooks/, on ``PYTHONPATH`` after this folder: Python runs the first ``sitecustomize`` only).
 """
 
-import contextlib
 import os
 
-with contextlib.suppress(ImportError):  # tests/without_eval_extra/ is on PYTHONPATH in the tests' processes
-    import eval_extra_hidden  # noqa: F401
+import eval_extra_hidden  # noqa: F401 - tests/process_hooks/, on PYTHONPATH in the tests' processes
 
 if os.environ.get("HERA_TEST_ENGINE_EVIDENCE"):
-    import importlib.abc
-    import importlib.machinery
-    import importlib.util
     import json
-    import sys
     from pathlib import Path
 
     def _evidence(trainer, model) -> dict:
@@ -68,25 +62,6 @@ if os.environ.get("HERA_TEST_ENGINE_EVIDENCE"):
 
     PATCHES = {"transformers.trainer": _patch_trainer, "deepspeed.comm.torch": _patch_deepspeed_comm}
 
-    class _AfterImport(importlib.abc.MetaPathFinder):
-        """Finds the modules of ``PATCHES`` through the other finders, and patches each once it has executed."""
+    from after_import import patch_after_import  # tests/process_hooks/
 
-        def find_spec(self, fullname, path=None, target=None):
-            if fullname not in PATCHES:
-                return None
-            sys.meta_path.remove(self)  # the real spec, from the finders after this one
-            try:
-                spec = importlib.util.find_spec(fullname)
-            finally:
-                sys.meta_path.insert(0, self)
-            if spec is not None and spec.loader is not None:
-                execute = spec.loader.exec_module  # this module's own loader object: patched for it alone
-
-                def exec_module(module, execute=execute, patch=PATCHES[fullname]):
-                    execute(module)
-                    patch(module)
-
-                spec.loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, _AfterImport())
+    patch_after_import(PATCHES)

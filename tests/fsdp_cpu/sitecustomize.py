@@ -11,14 +11,12 @@ there: at each training step, at each checkpoint save and after a checkpoint is 
 FSDP version, and how many trainable parameters (and which o_proj weight) are DTensors, with their local and full
 sizes, so a silent fallback to DDP fails the test that reads it (tests/fsdp_checks.py). Put this folder on
 ``PYTHONPATH``; without the variables nothing is imported. As every training process a test starts, the run does
-not see the eval extra's wandb and scikit-learn (tests/without_eval_extra/: Python runs the first ``sitecustomize``).
+not see the eval extra's wandb and scikit-learn (tests/process_hooks/: Python runs the first ``sitecustomize``).
 """
 
-import contextlib
 import os
 
-with contextlib.suppress(ImportError):  # tests/without_eval_extra/ is on PYTHONPATH in the tests' processes
-    import eval_extra_hidden  # noqa: F401
+import eval_extra_hidden  # noqa: F401 - tests/process_hooks/, on PYTHONPATH in the tests' processes
 
 if os.environ.get("HERA_TEST_FSDP_ON_CPU"):
     from accelerate.state import AcceleratorState, PartialState
@@ -39,7 +37,7 @@ if os.environ.get("HERA_TEST_FSDP_EVIDENCE"):
     import json
     from pathlib import Path
 
-    import transformers.trainer
+    from after_import import patch_after_import  # tests/process_hooks/: the launcher imports no transformers
 
     def _evidence(trainer, event: str) -> None:
         from accelerate.state import PartialState
@@ -70,21 +68,24 @@ if os.environ.get("HERA_TEST_FSDP_EVIDENCE"):
         with open(folder / f"rank{os.environ.get('RANK', '0')}.jsonl", "a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
 
-    Trainer = transformers.trainer.Trainer
-    _step, _save, _load = Trainer.training_step, Trainer._save_checkpoint, Trainer._load_from_checkpoint
+    def _patch_trainer(module) -> None:
+        Trainer = module.Trainer
+        _step, _save, _load = Trainer.training_step, Trainer._save_checkpoint, Trainer._load_from_checkpoint
 
-    def training_step(self, *args, **kwargs):
-        _evidence(self, "step")
-        return _step(self, *args, **kwargs)
+        def training_step(self, *args, **kwargs):
+            _evidence(self, "step")
+            return _step(self, *args, **kwargs)
 
-    def _save_checkpoint(self, *args, **kwargs):
-        _evidence(self, "save")
-        return _save(self, *args, **kwargs)
+        def _save_checkpoint(self, *args, **kwargs):
+            _evidence(self, "save")
+            return _save(self, *args, **kwargs)
 
-    def _load_from_checkpoint(self, *args, **kwargs):
-        result = _load(self, *args, **kwargs)
-        _evidence(self, "load")
-        return result
+        def _load_from_checkpoint(self, *args, **kwargs):
+            result = _load(self, *args, **kwargs)
+            _evidence(self, "load")
+            return result
 
-    Trainer.training_step, Trainer._save_checkpoint, Trainer._load_from_checkpoint = (
-        training_step, _save_checkpoint, _load_from_checkpoint)
+        Trainer.training_step, Trainer._save_checkpoint, Trainer._load_from_checkpoint = (
+            training_step, _save_checkpoint, _load_from_checkpoint)
+
+    patch_after_import({"transformers.trainer": _patch_trainer})
