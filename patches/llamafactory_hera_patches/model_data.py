@@ -104,7 +104,9 @@ def load_model_for_scoring(args: RecipeArgs, device: str) -> tuple[Any, dict[str
     """(model in eval mode on ``device``, tokenizer module, template) exactly as LLaMA-Factory loads them."""
     model_module = importlib.import_module("llamafactory.model")
     data = importlib.import_module("llamafactory.data")
-    args.model_args.device_map = {"": device}
+    # a CPU rank's training_args.device is "cpu:0", which transformers 4.55's safetensors loading refuses ("device
+    # cpu:0 is invalid"): the CPU by its plain name
+    args.model_args.device_map = {"": "cpu" if device.partition(":")[0] == "cpu" else device}
     tokenizer_module = model_module.load_tokenizer(args.model_args)
     template = data.get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], args.data_args)
     model = model_module.load_model(tokenizer_module["tokenizer"], args.model_args, args.finetuning_args,
