@@ -65,12 +65,19 @@ def test_fsdp2_lora_trains_saves_and_resumes_like_ddp(assets, tmp_path: Path) ->
 def test_fsdp2_full_finetuning_trains_like_ddp(assets, tmp_path: Path) -> None:
     """Full fine-tuning under FSDP2: every trainable parameter (the language model's) and o_proj's weight is a DTensor
     shard at each step and at the one save (step 2), and the run gives DDP's losses step for step and DDP's saved
-    model. Monitor off, one checkpoint: the cheapest run that steps and saves."""
+    model. Monitor off, one checkpoint: the cheapest run that steps and saves. ``hera_heads: auto``: rank 0 selects
+    in the stage (multimodal mode, LLaMA-Factory's data pipeline with its barriers) and the other rank receives the
+    heads; both runs choose the same heads."""
     ddp, fsdp2 = tmp_path / "ddp", tmp_path / "fsdp2"
-    keys = dict(finetuning_type="full", hera_monitor_steps=0, save_strategy="steps", save_steps=2)
+    keys = dict(finetuning_type="full", hera_monitor_steps=0, save_strategy="steps", save_steps=2, hera_heads="auto",
+                hera_select_samples=24, hera_select_mode="multimodal", hera_select_num_heads=3)
     for folder, shim in ((ddp, False), (fsdp2, True)):
-        accelerate_launch(base_recipe(assets, "qwen2_5_vl", folder / "out", per_device_train_batch_size=4,
-                                      max_steps=2, **keys), folder, shim=shim)
+        proc = accelerate_launch(base_recipe(assets, "qwen2_5_vl", folder / "out", per_device_train_batch_size=4,
+                                             max_steps=2, **keys), folder, shim=shim)
+        assert (proc.stdout + proc.stderr).count("hera_heads: auto ->") == 1  # rank 0 selects
+    heads = [json.loads((folder / "out" / "hera_state.json").read_text())["heads"] for folder in (fsdp2, ddp)]
+    assert heads[0] == heads[1] == json.loads((fsdp2 / "out" / "hera_selection.json").read_text())["selected"]
+    assert len(heads[0]) == 3
     assert {(r["distributed_type"], r["trainable_dtensors"], r["o_proj_dtensor"]) for r in read_fsdp_evidence(ddp)} \
         == {("DistributedType.MULTI_CPU", 0, False)}
     assert_fsdp2(fsdp2, {"step", "save"})
