@@ -128,14 +128,18 @@ def test_newer_classes_are_stand_ins_that_name_themselves_on_an_older_transforme
 
 def test_a_fixture_tokenizer_becomes_the_class_a_transformers_4_processor_takes(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamafactory_hera.fixtures import tokenizer as fixture_tokenizer
     from llamafactory_hera.fixtures.tokenizer import QWEN2_VL_CHAT_TEMPLATE, build_qwen_tokenizer, for_processor
 
     tok = build_qwen_tokenizer(QWEN2_VL_CHAT_TEMPLATE)
     strict = type("StrictProcessor", (), {"tokenizer_class": ("Qwen2Tokenizer", "Qwen2TokenizerFast")})
     assert for_processor(tok, strict) is tok or Version(FOUND).major < 5  # transformers 5 takes any fast tokenizer
-    monkeypatch.setattr(transformers, "__version__", "4.55.4")
+    # the transformers module the fixtures read (a test before this one in the same process may have put another
+    # transformers module object into sys.modules than the one this file imported)
+    host = fixture_tokenizer.transformers
+    monkeypatch.setattr(host, "__version__", "4.55.4")
     converted = for_processor(tok, strict)
-    assert type(converted) is transformers.Qwen2TokenizerFast and converted.get_vocab() == tok.get_vocab()
+    assert type(converted) is host.Qwen2TokenizerFast and converted.get_vocab() == tok.get_vocab()
     text = "<|im_start|>user hello<|im_end|>"
     assert converted(text)["input_ids"] == tok(text)["input_ids"]
     assert (converted.eos_token, converted.pad_token) == (tok.eos_token, tok.pad_token)
