@@ -234,7 +234,8 @@ def _forget_in_child() -> None:
     _held.clear()
     _guards.clear()
     if _sigterm and signal.getsignal(signal.SIGTERM) is _sigterm["handler"]:
-        signal.signal(signal.SIGTERM, _sigterm["previous"])
+        previous = _sigterm["previous"]  # None: a handler set outside Python, which Python cannot set back
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     _sigterm.clear()
 
 
@@ -328,7 +329,8 @@ def _release_all() -> None:
 
 
 atexit.register(_release_all)
-os.register_at_fork(after_in_child=_forget_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX: Windows has no fork
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _missing_folders(folder: Path) -> list[Path]:
