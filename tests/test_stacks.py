@@ -144,3 +144,14 @@ def test_a_fixture_tokenizer_becomes_the_class_a_transformers_4_processor_takes(
     assert converted(text)["input_ids"] == tok(text)["input_ids"]
     assert (converted.eos_token, converted.pad_token) == (tok.eos_token, tok.pad_token)
     assert for_processor(tok, type("AnyProcessor", (), {"tokenizer_class": "AutoTokenizer"})) is tok
+
+
+@pytest.mark.parametrize(("device", "placed"), [("cpu", "cpu"), ("cpu:0", "cpu"), ("cpu:1", "cpu"),
+                                               ("cuda:3", "cuda:3"), ("cuda", "cuda"), ("mps", "mps"),
+                                               ("npu:0", "npu:0"), ("xpu:0", "xpu:0")])
+def test_a_scoring_model_on_a_cpu_rank_loads_on_the_plain_cpu(device: str, placed: str) -> None:
+    """transformers 4.55 refuses ``device_map {"": "cpu:0"}`` (a CPU rank's training_args.device) in its safetensors
+    loading: ``hera_heads: auto`` under torchrun failed there; an accelerator keeps its index."""
+    from llamafactory_hera_patches.model_data import scoring_device_map
+
+    assert scoring_device_map(device) == {"": placed}

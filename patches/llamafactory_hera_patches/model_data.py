@@ -100,13 +100,18 @@ def load_aligned_rows(args: RecipeArgs, seed: int, dataset: list[str] | None = N
                                       training_args or training_args_for_reading(seed), stage="sft")
 
 
+def scoring_device_map(device: str) -> dict[str, str]:
+    """``device_map`` for a model loaded whole on ``device`` ("cuda:3", "cpu"): a CPU rank's training_args.device is
+    "cpu:0", which transformers 4.55's safetensors loading refuses ("device cpu:0 is invalid"), so the CPU goes by its
+    plain name."""
+    return {"": "cpu" if device.partition(":")[0] == "cpu" else device}
+
+
 def load_model_for_scoring(args: RecipeArgs, device: str) -> tuple[Any, dict[str, Any], Any]:
     """(model in eval mode on ``device``, tokenizer module, template) exactly as LLaMA-Factory loads them."""
     model_module = importlib.import_module("llamafactory.model")
     data = importlib.import_module("llamafactory.data")
-    # a CPU rank's training_args.device is "cpu:0", which transformers 4.55's safetensors loading refuses ("device
-    # cpu:0 is invalid"): the CPU by its plain name
-    args.model_args.device_map = {"": "cpu" if device.partition(":")[0] == "cpu" else device}
+    args.model_args.device_map = scoring_device_map(device)
     tokenizer_module = model_module.load_tokenizer(args.model_args)
     template = data.get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], args.data_args)
     model = model_module.load_model(tokenizer_module["tokenizer"], args.model_args, args.finetuning_args,
