@@ -160,13 +160,14 @@ PROCESS_ENV = ("FORCE_TORCHRUN", "LLAMAFACTORY_HERA_DISABLE", "LLAMAFACTORY_HERA
 
 def run_train(recipe: dict[str, Any], tmp: Path, *cli_overrides: str, check: bool = True,
               env: dict[str, str] | None = None, process: bool = False,
-              timeout: int = 600) -> subprocess.CompletedProcess:
+              timeout: int = 600, eval_extra: bool = False) -> subprocess.CompletedProcess:
     """Train on ``recipe`` (``key=value`` overrides as on the command line); exit code, stdout and stderr come back.
 
     In this process through LLaMA-Factory's ``run_exp`` (what ``llamafactory-cli train`` calls; see
     :func:`run_in_process`), with ``env`` set and cwd ``tmp`` for the run. A real ``llamafactory-cli train`` process
     where the process is what is tested: ``process=True`` or ``env`` naming a key of :data:`PROCESS_ENV` (torchrun
-    ranks, what the start-up hook reads). ``check``: a failed run raises AssertionError.
+    ranks, what the start-up hook reads). ``check``: a failed run raises AssertionError. ``eval_extra``: the process
+    sees the eval extra's wandb and scikit-learn (see :func:`offline_env`).
     """
     recipe = {**recipe, **{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in cli_overrides)}}
     tmp.mkdir(parents=True, exist_ok=True)
@@ -184,7 +185,7 @@ def run_train(recipe: dict[str, Any], tmp: Path, *cli_overrides: str, check: boo
     fresh()
     proc = run_once_more_if_aborted_at_exit(
         [CLI, "train", str(path)],
-        dict(cwd=tmp, env=offline_env(tmp, **(env or {})), timeout=timeout),
+        dict(cwd=tmp, env=offline_env(tmp, eval_extra, **(env or {})), timeout=timeout),
         lambda: (shutil.rmtree(recipe.get("output_dir", tmp / "__none__"), ignore_errors=True), fresh()))
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -274,13 +274,14 @@ def test_report_needs_a_hera_run(tmp_path: Path, capfd) -> None:
 
 def test_auto_heads_under_torchrun_are_chosen_once_and_shared(assets, tmp_path: Path) -> None:
     """Two ranks: rank 0 selects (multimodal mode: LLaMA-Factory's data pipeline with its barriers), the other
-    rank receives the heads by broadcast; both train the same heads."""
+    rank receives the heads by broadcast; both train the same heads. With the eval extra's wandb and scikit-learn
+    importable, as a user who installed ``.[eval]`` has them (the suite's other multi-process runs hide them)."""
     out = tmp_path / "out"
     recipe = base_recipe(assets, "qwen2_5_vl", out, hera_heads="auto", hera_select_samples=24, hera_k=5,
                          hera_select_mode="multimodal", hera_select_num_heads=3, per_device_train_batch_size=6,
                          max_steps=2)
     env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "LLAMAFACTORY_HERA_CACHE": str(tmp_path / "c")}
-    proc = run_train(recipe, tmp_path, env=env)
+    proc = run_train(recipe, tmp_path, env=env, eval_extra=True)
     assert (proc.stdout + proc.stderr).count("hera_heads: auto ->") == 1  # rank 0 only
     record = json.loads((out / "hera_selection.json").read_text())
     assert record["settings"]["mode"] == "multimodal" and len(record["selected"]) == 3
