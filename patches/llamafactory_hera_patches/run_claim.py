@@ -59,7 +59,6 @@ _LOCK_STALE_SECONDS = 10.0  # a takeover lock older than this was left by a run 
 JOB_WAIT_SECONDS = 20.0  # how long a rank of a multi-process job waits for its job to take another host's claim over
 _held: dict[Path, dict[str, Any]] = {}  # this process's claims, by file: released at exit if not before
 _guards: list[bool] = []  # the refresher and the SIGTERM release, started once per process
-_sigterm: dict[str, Any] = {}  # the SIGTERM handler _guard set and the one before it (a forked child restores it)
 
 
 def new_claim(stage: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -221,9 +220,7 @@ def _guard() -> None:
     if threading.current_thread() is threading.main_thread():
         previous = signal.getsignal(signal.SIGTERM)
         if previous is not signal.SIG_IGN:
-            handler = functools.partial(_release_on_sigterm, previous=previous)
-            signal.signal(signal.SIGTERM, handler)
-            _sigterm.update(handler=handler, previous=previous)
+            signal.signal(signal.SIGTERM, functools.partial(_release_on_sigterm, previous=previous))
 
 
 def _forget_in_child() -> None:
@@ -233,10 +230,10 @@ def _forget_in_child() -> None:
     (with the inherited Python handler, a datasets worker stayed alive and the run hung in the pool's join)."""
     _held.clear()
     _guards.clear()
-    if _sigterm and signal.getsignal(signal.SIGTERM) is _sigterm["handler"]:
-        previous = _sigterm["previous"]  # None: a handler set outside Python, which Python cannot set back
+    handler = signal.getsignal(signal.SIGTERM)
+    if isinstance(handler, functools.partial) and handler.func is _release_on_sigterm:
+        previous = handler.keywords["previous"]  # None: a handler set outside Python, which Python cannot set back
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-    _sigterm.clear()
 
 
 def _earlier_launch(other: dict[str, Any], mine: dict[str, Any]) -> bool:
