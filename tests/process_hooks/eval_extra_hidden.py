@@ -9,21 +9,10 @@ processes (:mod:`sitecustomize` beside this file, tests/engine_evidence/, tests/
 
 import importlib.machinery
 
+from hidden_modules import hide
+
 EVAL_ONLY = ("wandb", "sklearn", "scikit-learn")  # top-level modules, and scikit-learn's distribution name
 
 if not getattr(importlib.machinery.PathFinder, "_hera_eval_extra_hidden", False):
-    _find_spec = importlib.machinery.PathFinder.find_spec
-    _find_distributions = importlib.machinery.PathFinder.find_distributions
-
-    def _spec(cls, fullname, path=None, target=None):
-        return None if fullname.partition(".")[0] in EVAL_ONLY else _find_spec(fullname, path, target)
-
-    def _distributions(*args, **kwargs):
-        return (dist for dist in _find_distributions(*args, **kwargs)
-                if (dist.metadata["Name"] or "").lower() not in EVAL_ONLY)
-
-    # a classmethod, as PathFinder's own: pytest keeps ``PathFinder.find_spec`` as a class attribute of its import
-    # hook and calls it through its instance, which a plain function would take as ``fullname``
-    importlib.machinery.PathFinder.find_spec = classmethod(_spec)
-    importlib.machinery.PathFinder.find_distributions = staticmethod(_distributions)
+    hide(EVAL_ONLY)
     importlib.machinery.PathFinder._hera_eval_extra_hidden = True

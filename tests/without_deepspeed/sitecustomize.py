@@ -6,25 +6,10 @@ distribution's metadata (``importlib.util.find_spec`` is None, ``importlib.metad
 tests/test_torchrun_refusals.py uses it.
 """
 
-import importlib.machinery
+import os
+import sys
 
-_PathFinder = importlib.machinery.PathFinder
-_find_spec = _PathFinder.find_spec
-_find_distributions = _PathFinder.find_distributions
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "process_hooks"))
+from hidden_modules import hide  # noqa: E402 - tests/process_hooks/
 
-
-def _hidden(name: str) -> bool:
-    return name == "deepspeed" or name.startswith("deepspeed.")
-
-
-def _spec(cls, fullname, path=None, target=None):
-    return None if _hidden(fullname) else _find_spec(fullname, path, target)
-
-
-def _distributions(*args, **kwargs):
-    return (dist for dist in _find_distributions(*args, **kwargs)
-            if (dist.metadata["Name"] or "").lower() != "deepspeed")
-
-
-_PathFinder.find_spec = classmethod(_spec)  # as PathFinder's own (tests/process_hooks/eval_extra_hidden.py)
-_PathFinder.find_distributions = staticmethod(_distributions)
+hide(("deepspeed",))
