@@ -1,7 +1,7 @@
 """HARC's cost next to plain SFT: ``stage: harc`` and ``stage: sft`` with the same model, LoRA, batch and steps.
 
 Both stages train the same LoRA (all linear layers) on the same model with micro-batches of 12 rows and gradient
-accumulation 2, with LLaMA-Factory's default gradient checkpointing (reentrant; HARC switches its coupled layers):
+accumulation 2, with LLaMA-Factory's default gradient checkpointing (reentrant in every layer, under HARC too):
 SFT on the three role datasets mixed (``per_device_train_batch_size: 12``), HARC on its composed
 6 + 4 + 2 micro-batches. Every run is its own process (``run_exp`` with a step timer), A/B interleaved in ABBA
 order; the first ``--warmup`` steps of each run are dropped. Reported:
@@ -163,7 +163,7 @@ def main() -> None:
           f"dropped; extraction {args.extract} + {args.extract} prompts, 3 x {args.extract} answers, validation "
           f"{args.validate} + {args.validate}")
     print("baseline: SFT with LLaMA-Factory's defaults, as users run it (reentrant gradient checkpointing in every "
-          "layer; HARC runs its coupled layers non-reentrant)")
+          "layer, as HARC runs it)")
     print(f"{'':30}{'sft':>12}{'harc':>12}{'ratio':>8}   target")
     print(f"{'step time (ms)':30}{step['sft'] * 1e3:12.1f}{step['harc'] * 1e3:12.1f}{step['harc'] / step['sft']:8.3f}"
           f"   <= 1.6   (per A/B pair: median {statistics.median(pairs):.3f}, {pairs[0]:.3f}-{pairs[-1]:.3f})")

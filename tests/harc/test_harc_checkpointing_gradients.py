@@ -1,6 +1,7 @@
-"""HARC's checkpointing decided by what its gradients need: the coupling reads the residual entering each coupled
-layer with a forward pre-hook on the layer, i.e. the checkpoint's own input, which keeps its autograd graph under
-reentrant checkpointing too (only what is computed inside a reentrant layer's first forward has none).
+"""HARC's checkpointing decided by what its gradients need (it switches no layer of its own): the coupling reads the
+residual entering each coupled layer with a forward pre-hook on the layer, i.e. the checkpoint's own input, which
+keeps its autograd graph under reentrant checkpointing too (only what is computed inside a reentrant layer's first
+forward has none).
 
 HarcTrainerMixin.compute_loss (its four terms, coupled layers 1 and 3 of the tiny Llama-3 with LoRA) then backward,
 under LLaMA-Factory's own checkpointing function: the gradient of every LoRA tensor with reentrant checkpointing in
@@ -102,14 +103,55 @@ def test_harc_gradient_under_reentrant_checkpointing_everywhere_is_exact(tiny: d
     assert all(float(g.abs().max()) == 0 for name, g in coupling.items() if ".layers.3." in name)
 
 
-def test_the_checkpointing_follows_the_coupled_layers_at_a_refresh(tiny: dict[str, SimpleNamespace]) -> None:
-    """As the trainer sets it up at the start (the coupled layers switched), then a refresh moves the coupled layers:
-    the next compute_loss switches the new ones and gives the others the recipe's function back."""
+def test_the_checkpointing_stays_the_recipes_through_a_refresh(tiny: dict[str, SimpleNamespace]) -> None:
+    """As the trainer sets it up at the start (``LayerCheckpointing(model, [], "HARC")``: KV-sharing chains only, none
+    on Llama), then a refresh moves the coupled layers: every layer checkpoints reentrantly in both steps."""
     trainer, model, batch = _trainer(tiny["llama3"], reentrant=True)
-    trainer.harc_checkpointing = LayerCheckpointing(model, LAYERS, "HARC's coupled layers")
-    trainer.compute_loss(model, dict(batch))
-    count = len(_kinds(model))
-    assert _kinds(model) == ["non-reentrant" if i in LAYERS else "reentrant" for i in range(count)]
+    trainer.harc_checkpointing = LayerCheckpointing(model, [], "HARC")
+    trainer.compute_loss(model, dict(batch)).backward()
+    assert set(_kinds(model)) == {"reentrant"}, _kinds(model)
     trainer.harc_state.layers = [2]  # a refresh
-    trainer.compute_loss(model, dict(batch))
-    assert _kinds(model) == ["non-reentrant" if i == 2 else "reentrant" for i in range(count)]
+    trainer.compute_loss(model, dict(batch)).backward()
+    assert set(_kinds(model)) == {"reentrant"}, _kinds(model)
+    line = trainer.harc_checkpointing.line()
+    assert line == "gradient checkpointing: reentrant (the recipe's) in every decoder layer", line
+
+
+class _DetachedCopy(torch.autograd.Function):
+    """What DeepSpeed ZeRO-3's forward pre-hook on every module returns for each input tensor
+    (``PostBackwardFunctionModule``: a detached copy whose backward passes the gradient through, for its bookkeeping):
+    inside a reentrant layer's first forward (no_grad) the copy has no graph."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def test_the_residual_is_read_before_a_zero3_style_pre_hook_detaches_it(tiny: dict[str, SimpleNamespace]) -> None:
+    """The case a read after the other pre-hooks misses (HARC under ZeRO-3 on two ranks, reentrant checkpointing:
+    'the residual entering decoder layer 1 carries no gradient'): every decoder layer carries, registered before HARC's
+    read, a pre-hook that hands the layer detached copies of its inputs, as ZeRO-3's does. HARC's read still gets the
+    checkpoint's own input, and the gradients equal those without the hooks."""
+    t = tiny["llama3"]
+    want, _ = _gradients(t, reentrant=True, switched=[])
+    trainer, model, batch = _trainer(t, reentrant=True)
+    trainer.harc_checkpointing = _Switch(model, [])
+    copies: list[bool] = []
+
+    def zero3_like(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict]:
+        copy = _DetachedCopy.apply(args[0] if args else kwargs["hidden_states"])
+        copies.append(copy.requires_grad)
+        return ((copy, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": copy})
+
+    for layer in text_decoder(model).layers:
+        layer.register_forward_pre_hook(zero3_like, with_kwargs=True)
+    trainer.compute_loss(model, batch).backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert copies and False in copies  # the copies made in the first forward of a reentrant layer had no graph
+    assert got.keys() == want.keys()
+    for name, grad in got.items():
+        torch.testing.assert_close(want[name], grad, rtol=1e-5, atol=1e-7, msg=name)

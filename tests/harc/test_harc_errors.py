@@ -116,7 +116,7 @@ def test_parsed_arguments_are_checked_against_the_datasets_and_the_model(harc_as
              "harc_band": 1}
     parsed = _parsed(harc_assets)
     validate_host_args(*parsed, HarcArguments(**roles))
-    # the recipe's checkpointing stays: only the coupled layers run non-reentrant, switched by the trainer
+    # the recipe's checkpointing stays, in every layer (the coupling reads the layers' own inputs)
     assert parsed[0].use_reentrant_gc is True
     with pytest.raises(ValueError, match=r"harc_pseudo: dataset 'xstest' is not in .*dataset_info.json \(it lists"):
         validate_host_args(*_parsed(harc_assets), HarcArguments(**{**roles, "harc_pseudo": "xstest"}))

@@ -83,7 +83,7 @@ def test_trainer_objective_term_by_term(tiny: dict[str, SimpleNamespace], family
     trainer.harc_args, trainer.harc_state = args, SimpleNamespace(current=directions, layers=layers)
     trainer.accelerator = SimpleNamespace(unwrap_model=lambda model: model)
     trainer._harc_sums = torch.zeros(5, dtype=torch.float64)
-    trainer.harc_checkpointing = LayerCheckpointing(peft_model, layers, "HARC's coupled layers")
+    trainer.harc_checkpointing = LayerCheckpointing(peft_model, [], "HARC")  # as the trainer: KV-sharing chains only
 
     batch = collate_rows(rows, t.tokenizer.pad_token_id)
     total = trainer.compute_loss(peft_model, dict(batch))

@@ -115,5 +115,5 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
         raise RecipeError(f"harc_band: {harc_args.harc_band} leaves {len(eligible)} of {layers} decoder layers of "
                           f"{model_args.model_name_or_path} to couple, fewer than harc_layers_final: "
                           f"{harc_args.harc_layers_final}. Lower harc_band or harc_layers_final.")
-    # Gradient checkpointing stays the recipe's: the trainer runs only the coupled layers, whose input residuals the
-    # coupling reads, non-reentrant (reentrant runs a layer under no_grad; training/layer_checkpointing.py)
+    # Gradient checkpointing stays the recipe's: the coupling reads each coupled layer's input, the checkpoint's own
+    # input, which keeps its graph under reentrant checkpointing too (harc/residuals.py)

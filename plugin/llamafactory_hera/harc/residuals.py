@@ -1,9 +1,16 @@
 """Reading the residual stream entering decoder layers (what HARC's directions and coupling act on).
 
 ``residual entering layer l`` = the hidden state handed to decoder layer ``l`` (the embeddings for l = 0), read by a
-forward pre-hook on ``text_decoder(model).layers[l]``. In the training step the hooks keep the autograd graph (the
-coupling's gradient flows through them); a hook that sees a tensor without gradient while the model trains raises,
-because the coupling would silently do nothing (e.g. under reentrant gradient checkpointing).
+forward pre-hook on ``text_decoder(model).layers[l]``. Under gradient checkpointing the hook runs inside the layer's
+checkpointed call and gets the checkpoint's own input: the previous layer's output, whose autograd graph reentrant
+checkpointing keeps too (it drops only what is computed inside a layer's first forward). So the coupling's gradient
+flows under every kind of checkpointing, each layer as the recipe has it
+(tests/harc/test_harc_checkpointing_gradients.py). The hook runs before any other pre-hook on the layer: DeepSpeed
+ZeRO-3 registers one on every module that replaces the inputs with ``PostBackwardFunctionModule.apply(input)`` (a
+detached copy for its backward bookkeeping), which inside a reentrant layer's first forward (no_grad) has no graph;
+read after it, the residual carried no gradient under ZeRO-3 on two ranks (tests/harc/test_harc_stage.py). A kept
+input without gradient while the model trains raises, because the coupling would silently do nothing (no trainable
+parameter below the layer).
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ def reading_layers(model: nn.Module, layers: list[int],
 
     try:
         for layer in layers:
-            handles.append(modules[layer].register_forward_pre_hook(hook_for(layer), with_kwargs=True))
+            # first: DeepSpeed ZeRO-3's own pre-hook hands the layer a detached copy of its input (made without a
+            # graph inside a reentrant layer's no_grad forward); the read takes the input as the checkpoint got it
+            handles.append(modules[layer].register_forward_pre_hook(hook_for(layer), with_kwargs=True, prepend=True))
         yield
     finally:
         for handle in handles:
@@ -85,9 +94,8 @@ class StepCapture:
             hidden = self.hidden[layer]
             if self.require_grad and not hidden.requires_grad:
                 raise RecipeError(f"HARC: the residual entering decoder layer {layer} carries no gradient, so the "
-                                  "coupling loss would not train anything. Causes: reentrant gradient checkpointing "
-                                  "(the stage turns it off; was use_reentrant_gc forced?) or no trainable parameter "
-                                  "below that layer (LoRA must target the decoder layers).")
+                                  "coupling loss would not train anything: no trainable parameter below that layer "
+                                  "(LoRA must target the decoder layers).")
             self.inst[layer] = at_positions(hidden, self.t_inst)
             self.post[layer] = at_positions(hidden, self.t_post)
             if self.window is not None:

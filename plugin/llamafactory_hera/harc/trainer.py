@@ -80,9 +80,10 @@ class _StepEnd(TrainerCallback):
         else:
             trainer.harc_state.start(model)
             trainer.harc_run.say(f"HARC: base directions extracted; coupling layers {trainer.harc_state.layers}")
-        # the coupled layers non-reentrant (their hooks need autograd in the first forward), the others as recipe'd;
-        # they follow the coupled layers at every refresh
-        trainer.harc_checkpointing = LayerCheckpointing(model, trainer.harc_state.layers, "HARC's coupled layers")
+        # the recipe's checkpointing in every layer: the coupling reads each coupled layer's input (a forward pre-hook:
+        # the checkpoint's own input, which keeps its graph under reentrant checkpointing too); only the KV-sharing
+        # chains of a model that has them run non-reentrant (their gradient needs it; training/layer_checkpointing.py)
+        trainer.harc_checkpointing = LayerCheckpointing(model, [], "HARC")
         trainer.harc_run.say(f"HARC: {trainer.harc_checkpointing.line()}")
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -141,8 +142,7 @@ class HarcTrainerMixin(RestoresCheckpointWeights):
         window = response_window(response, args.harc_response_tokens) if coupled_response else None
         capture = StepCapture(extras["harc_t_inst"], extras["harc_t_post"], window, require_grad=True)
         inner = self.accelerator.unwrap_model(model)
-        self.harc_checkpointing.set_layers(state.layers)  # a refresh may have moved them
-        self.harc_checkpointing.ensure()
+        self.harc_checkpointing.ensure()  # KV-sharing chains: the Trainer may have re-enabled reentrant checkpointing
         with reading_layers(inner, state.layers, capture):
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         capture.read(state.layers)

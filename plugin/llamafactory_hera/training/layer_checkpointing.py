@@ -1,15 +1,15 @@
 """Gradient checkpointing where a method's gradient needs it: the non-reentrant kind in the layers a method reads
-inside (HeRA: the layers that hold its heads; HARC: its coupled layers) and in every KV-sharing chain (a layer whose
-keys and values later layers read, and those readers: Gemma 3n, Gemma 4), the recipe's kind in every other layer.
+inside (HeRA: the layers that hold its heads) and in every KV-sharing chain (a layer whose keys and values later
+layers read, and those readers: Gemma 3n, Gemma 4), the recipe's kind in every other layer.
 
 Reentrant checkpointing (LLaMA-Factory's default) runs a layer's first forward without autograd, so what a hook
-captures inside such a layer (HeRA's ``o_proj`` inputs) would carry no gradient. HARC reads the residual entering
-its coupled layers with a forward pre-hook, which runs inside the layer's checkpointed call: on one process that input
-kept its graph under reentrant checkpointing everywhere, but under DeepSpeed ZeRO-3 on two ranks it carried none
-(tests/harc/test_harc_stage.py, 2026-11-25), so HARC switches its coupled layers too. Only the layers with hooks need
-the non-reentrant kind: a reentrant layer below them recomputes its forward with autograd in backward and passes
-whatever gradient reaches its output (the LM loss's and the method's, summed) to its parameters and its input, as it
-does for the LM loss alone.
+captures inside such a layer (HeRA's ``o_proj`` inputs) would carry no gradient. What enters a layer keeps its graph:
+HARC reads the residual entering its coupled layers with a forward pre-hook (the checkpoint's own input, read before
+DeepSpeed ZeRO-3's pre-hook replaces it with a detached copy; harc/residuals.py), so it switches no layer of its own
+(tests/harc/test_harc_checkpointing_gradients.py). Only the layers with hooks need the
+non-reentrant kind: a reentrant layer below them recomputes its forward with autograd in backward and passes whatever
+gradient reaches its output (the LM loss's and the method's, summed) to its parameters and its input, as it does for
+the LM loss alone.
 
 KV sharing: a reading layer gets its source's keys and values through transformers' ``shared_kv_states`` dict, not as
 an input of its checkpointed call. A reentrant source stores them without a graph, so the readers' gradient into them
