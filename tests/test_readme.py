@@ -184,14 +184,37 @@ def test_dev_demo_installs_no_test_only_package_and_test_installs_them(tmp_path:
     installs: dict[str, list[list[str]]] = {}
     for command in ("demo", "test"):
         ran: list[list[str]] = []
-        monkeypatch.setattr(dev, "run", lambda cmd, env=None, check=True, ran=ran: ran.append([str(c) for c in cmd]))
+        monkeypatch.setattr(dev, "run",
+                            lambda cmd, env=None, check=True, ran=ran: ran.append([str(c) for c in cmd]) or 0)
+        monkeypatch.setattr(dev, "pip_index_options", lambda python: [])
         dev.setup(command)
         installs[command] = [cmd[cmd.index("install") + 1:] for cmd in ran if "install" in cmd]
-    assert [args[-1] for args in installs["demo"]] == ["pip", "torchaudio", ".", "."], installs["demo"]
+    assert [args[-1] for args in installs["demo"]] == [dev.UV, "torchaudio", ".", "."], installs["demo"]
     assert not {name(arg) for args in installs["demo"] for arg in args} & test_only
     assert not any("[test]" in arg for args in installs["demo"] for arg in args), installs["demo"]
-    assert [args[-1] for args in installs["test"]] == ["pip", "torchaudio", ".[test]", ".", "./testing"], installs
+    assert [args[-1] for args in installs["test"]] == [dev.UV, "torchaudio", ".[test]", ".", "./testing"], installs
     assert "--force-reinstall" in installs["test"][-1]  # a second run installs the current tree again
+
+
+def test_dev_passes_pips_index_settings_to_uv(tmp_path: Path) -> None:
+    """uv reads no pip.conf or PIP_* variable: set-up hands it pip's index URLs, find-links and constraint files, each
+    once and only where it exists (pip skips a missing file index, uv would stop), with pip's best-match strategy."""
+    wheels, constraints = tmp_path / "wheels", tmp_path / "constraints.txt"
+    wheels.mkdir()
+    constraints.write_text("torch<=9\n", encoding="utf-8")
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\ncat <<'EOF'\n"
+                      f"global.constraint='{constraints}'\n"
+                      f"global.extra-index-url='file://{tmp_path}/missing https://mirror.example/simple'\n"
+                      f"global.find-links='{wheels}'\n"
+                      "global.cert='/etc/ssl/certs/ca-certificates.crt'\n"
+                      f":env:.find-links='{wheels}'\n"
+                      ":env:.index-url='https://registry.example/simple'\nEOF\n", encoding="utf-8")
+    python.chmod(0o755)
+    assert _dev().pip_index_options(python) == [
+        "--index-strategy", "unsafe-best-match", "--constraint", str(constraints),
+        "--extra-index-url", "https://mirror.example/simple", "--find-links", str(wheels),
+        "--index-url", "https://registry.example/simple"]
 
 
 def test_documents_the_repository_points_to_are_in_it() -> None:
