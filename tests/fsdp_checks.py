@@ -26,15 +26,17 @@ FSDP2_CONFIG = {  # examples/accelerate/fsdp2_config.yaml of LLaMA-Factory, on t
 }
 
 
-def accelerate_launch(recipe: dict[str, Any], tmp: Path, shim: bool = True, timeout: int = 900) -> Any:
-    """``accelerate launch`` of ``recipe`` on two ranks with :data:`FSDP2_CONFIG`; with ``shim`` under FSDP2, without
-    it as accelerate 1.11 runs the config on CPU: plain DDP (each rank's evidence in ``tmp/fsdp`` either way). A failed
-    run raises AssertionError."""
+def accelerate_launch(recipe: dict[str, Any], tmp: Path, shim: bool = True, timeout: int = 900,
+                      fsdp_config: dict[str, Any] | None = None) -> Any:
+    """``accelerate launch`` of ``recipe`` on two ranks with :data:`FSDP2_CONFIG` (its ``fsdp_config`` updated with
+    ``fsdp_config``); with ``shim`` under FSDP2, without it as accelerate 1.11 runs the config on CPU: plain DDP (each
+    rank's evidence in ``tmp/fsdp`` either way). A failed run raises AssertionError."""
     import llamafactory.launcher  # lazy: the host's entry point, as `accelerate launch src/train.py` runs it
 
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    (tmp / "fsdp2_config.yaml").write_text(yaml.safe_dump(FSDP2_CONFIG), encoding="utf-8")
+    config = {**FSDP2_CONFIG, "fsdp_config": {**FSDP2_CONFIG["fsdp_config"], **(fsdp_config or {})}}
+    (tmp / "fsdp2_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(FSDP_HOOK), os.environ.get("PYTHONPATH")])),
            "HERA_TEST_FSDP_EVIDENCE": str(tmp / "fsdp")}
     if shim:

@@ -124,6 +124,42 @@ def test_a_stock_stage_that_would_save_nothing_under_fsdp_is_refused(value: str 
     assert unsaved_refusal("sft", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}) is None  # FSDP1's default
 
 
+@pytest.mark.parametrize("stage", ["harc", "sft"])
+def test_fsdp2_efficient_loading_of_a_bitsandbytes_model_is_refused_before_loading(
+        stage: str, assets: Any, harc_assets: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        no_model_load: None) -> None:
+    """LLaMA-Factory's FSDP2 example config (``fsdp_cpu_ram_efficient_loading: true``) with ``quantization_bit: 4``
+    failed after loading the model in accelerate 1.11's fsdp2_load_full_state_dict (`weight` is not an nn.Module), stock
+    SFT too; with ``false`` it trains (tests/harc/test_harc_stage.py). Refused before loading, for the plugin's stages
+    and the host's, with the fix; not refused without quantization, with the efficient loading off, under FSDP1, for
+    another quantization method or on a newer accelerate."""
+    from importlib.metadata import version
+
+    from llamafactory_hera_patches import fsdp_loading
+
+    environment = {**_FSDP2, "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    recipe = _recipe("harc", assets, harc_assets, tmp_path / "out", quantization_bit=4)
+    if stage == "sft":
+        recipe = {**{k: v for k, v in recipe.items() if not k.startswith("harc_")}, "dataset": "harc_harmless"}
+    message = _refused({**recipe, "stage": stage})
+    assert message == ("quantization_bit: 4 under FSDP2 with fsdp_cpu_ram_efficient_loading: true "
+                       "(FSDP_CPU_RAM_EFFICIENT_LOADING=true, set by accelerate launch): accelerate "
+                       f"{version('accelerate')} cannot hand each rank its shards of a bitsandbytes-quantized model "
+                       f"(stage: {stage} would fail after loading the model, in fsdp2_load_full_state_dict, as stock "
+                       "SFT does); set fsdp_cpu_ram_efficient_loading: false in the accelerate config."), message
+    refusal = fsdp_loading.quantized_loading_refusal
+    assert refusal("sft", {"quantization_bit": 8}, environment) is not None
+    for args, environ in (({}, environment), ({"quantization_bit": 4},
+                                              {**environment, "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}),
+                          ({"quantization_bit": 4}, {**environment, "FSDP_VERSION": "1"}),
+                          ({"quantization_bit": 4, "quantization_method": "hqq"}, environment)):
+        assert refusal("sft", args, environ) is None, (args, environ)
+    monkeypatch.setattr(fsdp_loading, "NEWEST_FAILING", fsdp_loading.Version("1.0"))
+    assert refusal("sft", {"quantization_bit": 4}, environment) is None
+
+
 def test_fsdp_version_is_read_as_transformers_reads_it(tmp_path: Path) -> None:
     """``fsdp_config``'s version: ``version`` or ``fsdp_version``, in a dict or a JSON file, 1 when absent, named in
     the refusal of the recipe's ``fsdp`` key."""

@@ -29,7 +29,7 @@ from typing import Any
 
 from transformers.utils import logging as transformers_logging
 
-from . import fsdp_adapter, output_dir, recipe_file, run_claim, run_record
+from . import fsdp_adapter, fsdp_loading, output_dir, recipe_file, run_claim, run_record
 from . import logging as log_patch
 from .arguments import keys_of, raw_value, split_args, truthy
 from .errors import RecipeError
@@ -121,8 +121,10 @@ def apply(tuner: ModuleType) -> None:
         output_dir.refuse_finished(host_args)  # before the parse, which would resume it
         if method is None:
             check_stage(raw_value(host_args, "stage"), [m.stage for m in registered_methods()], host_stages())
-            refusal = fsdp_adapter.unsaved_refusal(str(raw_value(host_args, "stage") or "sft"), os.environ)
-            if refusal and truthy(raw_value(host_args, "do_train")):  # a training run: it would save nothing
+            stage = str(raw_value(host_args, "stage") or "sft")
+            refusal = (fsdp_adapter.unsaved_refusal(stage, os.environ)  # a training run would save nothing
+                       or fsdp_loading.quantized_loading_refusal(stage, host_args, os.environ))
+            if refusal and truthy(raw_value(host_args, "do_train")):
                 raise RecipeError(refusal)
             for other in registered_methods():
                 ignored = sorted(k for k in method_raw if k.startswith(other.prefix))

@@ -128,16 +128,15 @@ def four_steps(harc_assets: Any, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any, four_steps: Path,
                                                                 tmp_path: Path) -> None:
-    """One process with gradient accumulation 2 == two ranks (gloo DDP) == two ranks under DeepSpeed ZeRO-3, step for
-    step, through the base extraction, a refresh and the ramp (directions and layers equal on every rank).
-
-    ZeRO-2 gave the same losses in every CI run of 2026-11-23 that included it (4 runs); it is left out to keep the
-    suite within CI's 15 minutes: ZeRO-3 is the harder case (weights gathered in every forward, generation in step),
-    and tests/hera/test_hera_deepspeed.py runs the shared DeepSpeed path under ZeRO-2. The ZeRO-3 run, stopped at step
-    2 and resumed, ends as the run not stopped (HARC's resume under DeepSpeed)."""
+    """One process with gradient accumulation 2 == two ranks (gloo DDP) == two ranks under DeepSpeed ZeRO-2 and
+    ZeRO-3, step for step, through the base extraction, a refresh and the ramp (directions and layers equal on every
+    rank). The ZeRO-3 run, stopped at step 2 and resumed, ends as the run not stopped (HARC's resume under
+    DeepSpeed)."""
     runs = {"one": _terms(four_steps)}
     assert [line["harc_layers"] for line in read_trainer_log(four_steps) if "loss" in line][-1].count(",") == 3
-    for name, extra, ranks in (("ddp", {"gradient_accumulation_steps": 1}, 2), ("zero3", ZERO3, 2)):
+    zero2 = {**ZERO3, "deepspeed": str(REPO / "recipes" / "deepspeed" / "ds_z2_config.json")}
+    for name, extra, ranks in (("ddp", {"gradient_accumulation_steps": 1}, 2), ("zero2", zero2, 2),
+                               ("zero3", ZERO3, 2)):
         output = tmp_path / name / "out"  # not the run's folder: a rerun after an abort at exit empties output_dir
         # the end-of-run evaluation generates on every rank in step: run it under ZeRO-3, where that matters
         recipe = harc_recipe(harc_assets, "llama3", output, harc_eval=name == "zero3", max_steps=4, **extra)
@@ -147,13 +146,14 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
         runs[name] = _terms(output)
         # equal losses prove nothing if DeepSpeed silently fell back to DDP: the run's engine is what it says
         engine = read_evidence(tmp_path / name / "engine", ranks=2)
-        assert_engine(engine, 3 if name == "zero3" else None)
-        if name == "ddp":
-            with pytest.raises(AssertionError):  # the check tells a DDP run from a ZeRO-3 one
-                assert_engine(engine, 3)
+        stage = {"zero2": 2, "zero3": 3}.get(name)
+        assert_engine(engine, stage)
+        for other in {None, 2, 3} - {stage}:  # the check tells DDP, ZeRO-2 and ZeRO-3 apart
+            with pytest.raises(AssertionError):
+                assert_engine(engine, other)
         assert [line["harc_layers"] for line in read_trainer_log(output) if "loss" in line][-1].count(",") == 3
     assert len(runs["one"]) == 4 and runs["one"][0][TERMS.index("harc_kl") + 1] == 0.0
-    for name in ("ddp", "zero3"):
+    for name in ("ddp", "zero2", "zero3"):
         assert _close(runs[name], runs["one"]), (name, runs)
     refusal = json.loads((tmp_path / "zero3" / "out" / "harc_eval.json").read_text())["refusal"]
     assert refusal["harmful"]["count"] == 4 and refusal["before"]["pseudo"]["count"] == 4
@@ -183,6 +183,22 @@ def test_fsdp2_gives_the_losses_of_one_process(harc_assets: Any, four_steps: Pat
     assert_fsdp2(tmp_path, {"step", "save"})
     assert _close(_terms(output), _terms(four_steps)), (_terms(output), _terms(four_steps))
     got, want = (load_file(folder / "adapter_model.safetensors") for folder in (output, four_steps))
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
+
+
+def test_fsdp2_with_qlora_gives_the_losses_of_one_process(harc_assets: Any, tmp_path: Path) -> None:
+    """``quantization_bit: 4`` (nf4, as LLaMA-Factory's fsdp_qlora example) under ``accelerate launch`` with FSDP2 on
+    two ranks == the same 4-bit recipe on one process with gradient accumulation 2, step for step through the base
+    extraction and a refresh; the saved adapter is the one process's."""
+    one = tmp_path / "one" / "out"
+    run_train(harc_recipe(harc_assets, "llama3", one, harc_eval=False, max_steps=3, quantization_bit=4), one.parent)
+    output = tmp_path / "fsdp2" / "out"
+    accelerate_launch(harc_recipe(harc_assets, "llama3", output, harc_eval=False, max_steps=3, quantization_bit=4,
+                                  gradient_accumulation_steps=1), output.parent,
+                      fsdp_config={"fsdp_cpu_ram_efficient_loading": False})
+    assert_fsdp2(output.parent, {"step", "save"})
+    assert _close(_terms(output), _terms(one)), (_terms(output), _terms(one))
+    got, want = (load_file(folder / "adapter_model.safetensors") for folder in (output, one))
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
 
 
