@@ -8,10 +8,10 @@
     python3 dev.py test --stack all        both stacks, one after the other (what CI runs)
 
 Set-up (every run, each phase timed): create ``.venv`` in the repository root if it is missing
-(reused otherwise), install uv into it (``UV``: pip's own index settings passed on; each install falls back to pip if
-uv fails), install the torch trio pinned by ``constraints-torch.txt``, install
-this package NON-editable (so the ``.pth`` start-up hook is installed exactly as users get it): ``test``
-with its test extras (``pip install -c constraints-torch.txt ".[test]"``: pytest, ruff, deepspeed,
+(reused otherwise), install uv into it (``UV``; pip's settings handed over, pip alone where uv cannot be given one
+of them or cannot be installed; each install that uv fails is done again with pip), install the torch trio pinned
+by ``constraints-torch.txt``, install this package NON-editable (so the ``.pth`` start-up hook is installed exactly
+as users get it): ``test`` with its test extras (``-c constraints-torch.txt ".[test]"``: pytest, ruff, deepspeed,
 playwright, ...), ``demo`` without them (``"."``: what a user installs); then force-reinstall the
 package alone so the venv always holds the current tree; ``test`` then (re)installs the tests' and bench's support
 code, ``testing/`` (``llamafactory_hera_testing``: the simulated accelerator, small recipes), which users do not get.
@@ -20,6 +20,7 @@ A ``.venv`` made by ``demo`` gets the test extras on the first ``test``; one mad
 
 from __future__ import annotations
 
+import ast
 import os
 import shlex
 import shutil
@@ -140,13 +141,19 @@ def setup(command: str, stack: str = "pinned") -> Path:
     # compile unless told to.
     pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-compile"]
     with phase("installer"):
-        run([*pip, "-q", UV])
-    uv = [venv_bin("uv"), "pip", "install", "--python", python, *pip_index_options(python)]
+        settings = uv_settings(python)  # None: pip has a setting uv cannot be given
+        use_uv = settings is not None and run([*pip, "-q", UV], check=False) == 0
+        if settings is not None and not use_uv:
+            log(f"{UV} could not be installed; installing with pip")
 
     def install(*args: str | Path) -> None:
-        if run([*uv, *args], check=False) != 0:
+        if use_uv:
+            options, environ = settings
+            uv = [venv_bin("uv"), "pip", "install", "--python", python, *options, *args]
+            if run(uv, env={**os.environ, **environ}, check=False) == 0:
+                return
             log("uv failed; installing with pip instead")
-            run([*pip, *args])
+        run([*pip, *args])
 
     with phase("torch trio"):
         install("-q", "-c", CONSTRAINTS, *TORCH_TRIO)
@@ -161,21 +168,50 @@ def setup(command: str, stack: str = "pinned") -> Path:
     return python
 
 
-def pip_index_options(python: Path) -> list[str]:
-    """pip's index settings (``pip config list``: its files and ``PIP_*``) as uv options, which uv does not read
-    itself: index URLs, find-links and constraint files, each only where it exists (pip skips a missing one with a
-    warning, uv would stop), each once."""
+# pip settings handed to uv (pip's key -> uv's option), pip settings that change nothing uv installs, and the
+# ``pip config list`` sections an install reads; any other pip setting makes set-up install with pip alone
+_UV_OPTIONS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
+               "constraint": "--constraint", "trusted-host": "--allow-insecure-host", "no-index": "--no-index"}
+_UV_IGNORES = {"default-timeout", "timeout", "retries", "disable-pip-version-check", "no-cache-dir", "cache-dir",
+               "progress-bar", "quiet", "verbose", "no-input", "root-user-action", "no-warn-script-location"}
+_INSTALL_SECTIONS = {"global", "install", ":env:"}
+
+
+def uv_settings(python: Path) -> tuple[list[str], dict[str, str]] | None:
+    """pip's settings (``pip config list``: its files, then ``PIP_*``) as uv's options and environment, which uv does
+    not read itself: index URLs (the last ``index-url`` wins, as in pip), find-links and constraint files (each only
+    where it exists: pip skips a missing one with a warning, uv would stop), trusted hosts, ``no-index``, ``cert``
+    (``SSL_CERT_FILE``); each once. None when pip has a setting uv is not given here (set-up then uses pip)."""
     listed = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
     pairs = [("--index-strategy", "unsafe-best-match")]  # pip's: the best version over every index, not the first's
+    environ: dict[str, str] = {}
     for line in listed.splitlines():
-        key, _, value = line.partition("=")
-        flag = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
-                "constraint": "--constraint"}.get(key.rpartition(".")[2])
-        for item in value.strip("'\"").split() if flag else ():
-            remote = "://" in item and not item.startswith("file://")
-            if (remote or Path(item.removeprefix("file://")).exists()) and (flag, item) not in pairs:
+        key, _, shown = line.partition("=")
+        section, _, name = key.rpartition(".")
+        if section not in _INSTALL_SECTIONS or name in _UV_IGNORES:
+            continue
+        try:  # pip prints each value as Python's repr: a multi-line value holds "\n"
+            value = str(ast.literal_eval(shown))
+        except (ValueError, SyntaxError):
+            value = shown.strip("'\"")
+        if name == "cert":
+            environ.update({"SSL_CERT_FILE": value} if Path(value).is_file() else {})
+            continue
+        flag = _UV_OPTIONS.get(name)
+        if flag is None:
+            log(f"pip's setting {key} has no uv option here")
+            return None
+        if name == "no-index":
+            pairs += [(flag, "")] if value.strip().lower() in {"1", "true", "yes", "on"} else []
+            continue
+        if name == "index-url":
+            pairs = [pair for pair in pairs if pair[0] != flag]
+        for item in value.split():
+            local = "://" not in item or item.startswith("file://")
+            if (name == "trusted-host" or not local or Path(item.removeprefix("file://")).exists()) and (
+                    flag, item) not in pairs:
                 pairs.append((flag, item))
-    return [part for pair in pairs for part in pair]
+    return [part for pair in pairs for part in pair if part], environ
 
 
 @contextmanager

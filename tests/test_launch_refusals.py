@@ -131,8 +131,9 @@ def test_fsdp2_efficient_loading_of_a_bitsandbytes_model_is_refused_before_loadi
     """LLaMA-Factory's FSDP2 example config (``fsdp_cpu_ram_efficient_loading: true``) with ``quantization_bit: 4``
     failed after loading the model in accelerate 1.11's fsdp2_load_full_state_dict (`weight` is not an nn.Module), stock
     SFT too; with ``false`` it trains (tests/harc/test_harc_stage.py). Refused before loading, for the plugin's stages
-    and the host's, with the fix; not refused without quantization, with the efficient loading off, under FSDP1, for
-    another quantization method or on a newer accelerate."""
+    and the host's, with the fix, whichever way accelerate spells true; not refused without quantization, at 8-bit
+    (LLaMA-Factory refuses it), with the efficient loading off, under FSDP1, for another quantization method or on a
+    newer accelerate."""
     from importlib.metadata import version
 
     from llamafactory_hera_patches import fsdp_loading
@@ -150,8 +151,8 @@ def test_fsdp2_efficient_loading_of_a_bitsandbytes_model_is_refused_before_loadi
                        f"(stage: {stage} would fail after loading the model, in fsdp2_load_full_state_dict, as stock "
                        "SFT does); set fsdp_cpu_ram_efficient_loading: false in the accelerate config."), message
     refusal = fsdp_loading.quantized_loading_refusal
-    assert refusal("sft", {"quantization_bit": 8}, environment) is not None
-    for args, environ in (({}, environment), ({"quantization_bit": 4},
+    assert refusal("sft", {"quantization_bit": "4"}, {**environment, "FSDP_CPU_RAM_EFFICIENT_LOADING": "yes"})
+    for args, environ in (({}, environment), ({"quantization_bit": 8}, environment), ({"quantization_bit": 4},
                                               {**environment, "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}),
                           ({"quantization_bit": 4}, {**environment, "FSDP_VERSION": "1"}),
                           ({"quantization_bit": 4, "quantization_method": "hqq"}, environment)):

@@ -186,7 +186,7 @@ def test_dev_demo_installs_no_test_only_package_and_test_installs_them(tmp_path:
         ran: list[list[str]] = []
         monkeypatch.setattr(dev, "run",
                             lambda cmd, env=None, check=True, ran=ran: ran.append([str(c) for c in cmd]) or 0)
-        monkeypatch.setattr(dev, "pip_index_options", lambda python: [])
+        monkeypatch.setattr(dev, "uv_settings", lambda python: ([], {}))
         dev.setup(command)
         installs[command] = [cmd[cmd.index("install") + 1:] for cmd in ran if "install" in cmd]
     assert [args[-1] for args in installs["demo"]] == [dev.UV, "torchaudio", ".", "."], installs["demo"]
@@ -196,25 +196,59 @@ def test_dev_demo_installs_no_test_only_package_and_test_installs_them(tmp_path:
     assert "--force-reinstall" in installs["test"][-1]  # a second run installs the current tree again
 
 
-def test_dev_passes_pips_index_settings_to_uv(tmp_path: Path) -> None:
-    """uv reads no pip.conf or PIP_* variable: set-up hands it pip's index URLs, find-links and constraint files, each
-    once and only where it exists (pip skips a missing file index, uv would stop), with pip's best-match strategy."""
-    wheels, constraints = tmp_path / "wheels", tmp_path / "constraints.txt"
+def _pip_config(tmp_path: Path, *lines: str) -> Path:
+    """A stand-in ``python`` whose ``-m pip config list`` prints ``lines``."""
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\ncat <<'EOF'\n" + "\n".join(lines) + "\nEOF\n", encoding="utf-8")
+    python.chmod(0o755)
+    return python
+
+
+def test_dev_hands_pips_settings_to_uv(tmp_path: Path) -> None:
+    """uv reads no pip.conf or PIP_* variable: set-up hands it pip's settings as ``pip config list`` prints them
+    (each value Python's repr, so a multi-line pip.conf value holds "\\n"): index URLs (the last index-url, as pip
+    takes it), find-links and constraint files each once and only where they exist (pip skips a missing file index,
+    uv would stop), trusted hosts, no-index, the certificate file; another command's section is not an install's.
+    A setting uv is not given (a proxy) makes set-up use pip alone."""
+    wheels, constraints, cert = tmp_path / "wheels", tmp_path / "constraints.txt", tmp_path / "ca.crt"
     wheels.mkdir()
     constraints.write_text("torch<=9\n", encoding="utf-8")
-    python = tmp_path / "python"
-    python.write_text("#!/bin/sh\ncat <<'EOF'\n"
-                      f"global.constraint='{constraints}'\n"
-                      f"global.extra-index-url='file://{tmp_path}/missing https://mirror.example/simple'\n"
-                      f"global.find-links='{wheels}'\n"
-                      "global.cert='/etc/ssl/certs/ca-certificates.crt'\n"
-                      f":env:.find-links='{wheels}'\n"
-                      ":env:.index-url='https://registry.example/simple'\nEOF\n", encoding="utf-8")
-    python.chmod(0o755)
-    assert _dev().pip_index_options(python) == [
+    cert.write_text("", encoding="utf-8")
+    lines = (f"global.constraint='{constraints}'",
+             f"global.extra-index-url='\\nfile://{tmp_path}/missing\\nhttps://mirror.example/simple'",
+             f"global.find-links='{wheels}'", "global.index-url='https://first.example/simple'",
+             f"global.cert='{cert}'", "global.trusted-host='mirror.example'", "global.no-index='false'",
+             "download.index-url='https://download-only.example/simple'", "global.default-timeout='60'",
+             f":env:.find-links='{wheels}'", ":env:.index-url='https://registry.example/simple'")
+    dev = _dev()
+    assert dev.uv_settings(_pip_config(tmp_path, *lines)) == ([
         "--index-strategy", "unsafe-best-match", "--constraint", str(constraints),
         "--extra-index-url", "https://mirror.example/simple", "--find-links", str(wheels),
-        "--index-url", "https://registry.example/simple"]
+        "--allow-insecure-host", "mirror.example", "--index-url", "https://registry.example/simple"],
+        {"SSL_CERT_FILE": str(cert)})
+    assert dev.uv_settings(_pip_config(tmp_path, ":env:.no-index='1'"))[0][-1] == "--no-index"
+    assert dev.uv_settings(_pip_config(tmp_path, *lines, "global.proxy='http://proxy.example:3128'")) is None
+
+
+def test_dev_installs_with_pip_where_uv_cannot_be_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wheelhouse without uv: set-up goes on with pip, as it does for an install that uv fails."""
+    dev = _dev()
+    monkeypatch.setattr(dev, "VENV", tmp_path / "venv")
+    dev.venv_bin("python").parent.mkdir(parents=True)
+    dev.venv_bin("python").write_text("", encoding="utf-8")
+    monkeypatch.setattr(dev, "uv_settings", lambda python: ([], {}))
+    for uv_fails_at in ("installer", "install"):
+        ran: list[list[str]] = []
+
+        def run(cmd: list, env: Any = None, check: bool = True, ran: list = ran, fails: str = uv_fails_at) -> int:
+            ran.append([str(c) for c in cmd])
+            failing = dev.UV in ran[-1] if fails == "installer" else ran[-1][0].endswith("uv")
+            return 1 if failing else 0
+
+        monkeypatch.setattr(dev, "run", run)
+        dev.setup("demo")
+        pip = [cmd[-1] for cmd in ran if cmd[1:4] == ["-m", "pip", "install"]]
+        assert pip == [dev.UV, "torchaudio", ".", "."], (uv_fails_at, ran)
 
 
 def test_documents_the_repository_points_to_are_in_it() -> None:

@@ -8,7 +8,8 @@ LLaMA-Factory 0.9.5 allows) looks up as a submodule: ``AttributeError: `weight` 
 has loaded, stock LoRA SFT too (two CPU ranks under tests/fsdp_cpu's shim, 2026-11-26). With
 ``fsdp_cpu_ram_efficient_loading: false`` the same runs train (stock SFT; HARC gives one process's losses:
 tests/harc/test_harc_stage.py). Refused for every training stage on those accelerate versions; a newer accelerate is
-not refused (untested).
+not refused (untested). Read from what ``accelerate launch`` sets; a recipe's own ``fsdp`` / ``fsdp_config`` keys set it
+only as transformers parses them, after this check (the plugin's stages refuse those keys: recipe/fsdp.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .arguments import raw_value
 
 NEWEST_FAILING = Version("1.11.0")  # the newest accelerate run here; LLaMA-Factory 0.9.5 caps it there
 _BITSANDBYTES = {"bnb", "bitsandbytes"}
+_TRUE = {"1", "true", "t", "yes", "y", "on"}  # what accelerate's str_to_bool reads as true
 
 
 def _accelerate_fails() -> bool:
@@ -40,7 +42,9 @@ def quantized_loading_refusal(stage: str, host_args: Any, environ: Mapping[str, 
     loading = environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "")
     bits = raw_value(host_args, "quantization_bit")
     method = str(raw_value(host_args, "quantization_method") or "bnb").lower()
-    if loading.lower() not in {"true", "1"} or bits in (None, "", "null") or method not in _BITSANDBYTES:
+    # 4-bit only: LLaMA-Factory refuses 8-bit itself under FSDP with this loading ("Only 4-bit quantized model can
+    # use fsdp+qlora"), and 8-bit under FSDP2 without it is a path no run here took
+    if loading.strip().lower() not in _TRUE or str(bits).strip() != "4" or method not in _BITSANDBYTES:
         return None
     if not _accelerate_fails():
         return None
