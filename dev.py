@@ -56,7 +56,8 @@ OLDEST_STACK_TESTS = (
 OLDEST_STACK_OPEN: tuple[str, ...] = ()
 # multi-process engine runs (FSDP2 through accelerate launch) are the pinned stack's: the second stack's subset reaches
 # each stage on one process (DeepSpeed is not installed there, so its two-rank test skips by itself)
-OLDEST_STACK_ENGINE_RUNS = ("tests/harc/test_harc_stage.py::test_fsdp2_gives_the_losses_of_one_process",)
+OLDEST_STACK_ENGINE_RUNS = ("tests/harc/test_harc_stage.py::test_fsdp2_gives_the_losses_of_one_process",
+                            "tests/harc/test_harc_stage.py::test_fsdp2_with_qlora_gives_the_losses_of_one_process")
 DEMO_METHODS = ("hera", "rah", "harc")
 SECOND_STACK_DEMO_STEPS = 3  # the demos' whole path (assets, run, summary, plots) in fewer steps: CI's 25 minutes
 TORCH_TRIO = ("torch", "torchvision", "torchaudio")

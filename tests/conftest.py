@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -368,6 +369,14 @@ def run_once_more_if_aborted_at_exit(command: list[str], options: dict[str, Any]
         clean()
         proc = run_process(command, **options)
     return proc
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: for a test's launcher (torch's and accelerate's default, 29500, is shared by
+    every launch the parallel workers run at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_process(command: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:

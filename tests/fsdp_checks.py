@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from conftest import offline_env, run_once_more_if_aborted_at_exit
+from conftest import free_port, offline_env, run_once_more_if_aborted_at_exit
 
 FSDP_HOOK = Path(__file__).resolve().parent / "fsdp_cpu"
 FSDP2_CONFIG = {  # examples/accelerate/fsdp2_config.yaml of LLaMA-Factory, on the CPU
@@ -35,7 +35,8 @@ def accelerate_launch(recipe: dict[str, Any], tmp: Path, shim: bool = True, time
 
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    config = {**FSDP2_CONFIG, "fsdp_config": {**FSDP2_CONFIG["fsdp_config"], **(fsdp_config or {})}}
+    config = {**FSDP2_CONFIG, "fsdp_config": {**FSDP2_CONFIG["fsdp_config"], **(fsdp_config or {})},
+              "main_process_port": free_port()}
     (tmp / "fsdp2_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(FSDP_HOOK), os.environ.get("PYTHONPATH")])),
            "HERA_TEST_FSDP_EVIDENCE": str(tmp / "fsdp")}

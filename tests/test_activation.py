@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from conftest import CLI, offline_env
+from conftest import CLI, free_port, offline_env
 
 PROBE = ("import sys; print(json.dumps({'finder': any(type(f).__name__ == '_PostImportFinder' for f in sys.meta_path),"
          " 'torch': 'torch' in sys.modules, 'llamafactory': 'llamafactory' in sys.modules}))")
@@ -58,14 +57,8 @@ def test_stage_patch_applies_once() -> None:
     assert tuner._training_function is patched and tuner._llamafactory_hera_patched
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_webui_lists_the_hera_stage(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = offline_env(tmp_path, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
                       GRADIO_ANALYTICS_ENABLED="False")
     proc = subprocess.Popen([CLI, "webui"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -6,7 +6,6 @@ launcher (``SLURM_PROCID``, ``SLURM_NTASKS``, ``MASTER_*``; nothing stops a rank
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -14,18 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import offline_env
+from conftest import free_port, offline_env
 
 RANK = str(Path(__file__).with_name("refusal_rank.py"))
 BIN = Path(sys.executable).parent
 LINE = "[llamafactory-hera] error: hera_k: 0 is out of range (rank 1). Set hera_k to 1 or more."
 WITHIN_S = 15.0  # from the refusal to the job's end (before: 30 s under torchrun, ddp_timeout under srun)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _check(outputs: list[str], stamps: Path, ended: float) -> None:
@@ -45,7 +38,7 @@ def _run(command: list[str], tmp_path: Path) -> tuple[str, float]:
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate launch"])
 def test_a_refusal_on_rank_1_ends_a_launched_job_at_once(launcher: str, tmp_path: Path) -> None:
-    port, stamps = str(_free_port()), tmp_path / "stamps"
+    port, stamps = str(free_port()), tmp_path / "stamps"
     command = ([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port] if launcher == "torchrun" else
                [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no"])
@@ -59,7 +52,7 @@ def test_a_refusal_on_rank_1_ends_a_launched_job_at_once(launcher: str, tmp_path
 def test_a_refusal_on_rank_1_ends_srun_tasks_at_once(tmp_path: Path) -> None:
     """No launcher stops the waiting rank (``srun`` without ``--kill-on-bad-exit``): it ends because the refusing
     rank set the flag in rank 0's store."""
-    port, stamps = str(_free_port()), tmp_path / "stamps"
+    port, stamps = str(free_port()), tmp_path / "stamps"
     env = {**offline_env(tmp_path), "SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": port}
     ranks = [subprocess.Popen([sys.executable, RANK, "1", str(stamps)], cwd=tmp_path,

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from test_launch_refusals import _refused
 
-from conftest import REPO, base_recipe, harc_recipe, offline_env, run_process, run_train
+from conftest import REPO, base_recipe, free_port, harc_recipe, offline_env, run_process, run_train
 from llamafactory_hera.short_errors import RecipeError, waits_for_rank_0
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -83,7 +83,8 @@ def test_a_bare_torchrun_prints_a_refusal_once(harc_assets: Any, tmp_path: Path)
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(_misspelt(harc_assets, tmp_path), sort_keys=False), encoding="utf-8")
-    proc = run_process([TORCHRUN, "--nproc_per_node", "2", llamafactory.launcher.__file__, str(recipe)],
+    proc = run_process([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
+                       llamafactory.launcher.__file__, str(recipe)],
                        cwd=tmp_path, env=offline_env(tmp_path), timeout=300)
     lines = _lines(proc)
     assert proc.returncode == 1, "\n".join(lines)

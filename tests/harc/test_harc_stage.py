@@ -186,6 +186,7 @@ def test_fsdp2_gives_the_losses_of_one_process(harc_assets: Any, four_steps: Pat
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
 def test_fsdp2_with_qlora_gives_the_losses_of_one_process(harc_assets: Any, tmp_path: Path) -> None:
     """``quantization_bit: 4`` (nf4, as LLaMA-Factory's fsdp_qlora example) under ``accelerate launch`` with FSDP2 on
     two ranks == the same 4-bit recipe on one process with gradient accumulation 2, step for step through the base

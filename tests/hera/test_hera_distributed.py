@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import base_recipe, offline_env, read_trainer_log, run_once_more_if_aborted_at_exit, run_train
+from conftest import base_recipe, free_port, offline_env, read_trainer_log, run_once_more_if_aborted_at_exit, run_train
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 PROBE = str(Path(__file__).with_name("dist_probe.py"))
@@ -24,9 +23,7 @@ def _probe(recipes: list[dict], tmp: Path, processes: int) -> list[dict]:
     again for each. Each result also holds its run's stdout (rank 0's, and the other ranks' as it came)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "recipes.json").write_text(json.dumps(recipes))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes),
                 "--master_addr", "127.0.0.1", "--master_port", str(port)] if processes > 1 else [sys.executable]
     proc = run_once_more_if_aborted_at_exit(

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import CLI, offline_env
+from conftest import CLI, free_port, offline_env
 from llamafactory_hera.fixtures import TinyAssets
 
 HERA_LABEL = "HeRA (Head-wise Representation Alignment)"
@@ -54,18 +53,12 @@ def _chromium() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def webui(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """``llamafactory-cli webui`` on 127.0.0.1 with cwd ``tmp_path/board`` (its saves and cache live there)."""
     workdir = tmp_path / "board"
     workdir.mkdir()
-    port = _free_port()
+    port = free_port()
     env = offline_env(tmp_path, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
                       GRADIO_ANALYTICS_ENABLED="False")
     log_path = tmp_path / "webui.log"
