@@ -127,7 +127,7 @@ def test_hera_run_from_the_browser(assets: TinyAssets, webui: tuple[str, Path], 
             viewport={"width": 1600, "height": 1000})
         try:
             page = context.new_page()
-            page.set_default_timeout(30_000)
+            page.set_default_timeout(90_000)  # LlamaBoard under a busy 2-core CI: 30 s timed out once
             page.goto(url)
             page.get_by_text("Ready.", exact=True).first.wait_for()  # LlamaBoard has loaded its texts
             block_id = page.locator("input[aria-label='Stage']").evaluate("e => e.closest('[id^=component-]').id")
@@ -277,7 +277,7 @@ def test_the_stage_box_shows_the_methods_names_whole(webui: tuple[str, Path], tm
             viewport={"width": width, "height": 900})
         try:
             page = context.new_page()
-            page.set_default_timeout(30_000)
+            page.set_default_timeout(90_000)  # LlamaBoard under a busy 2-core CI: 30 s timed out once
             page.goto(url)
             page.get_by_text("Ready.", exact=True).first.wait_for()
             block_id = page.locator("input[aria-label='Stage']").evaluate("e => e.closest('[id^=component-]').id")
