@@ -44,12 +44,20 @@ def lacks_fix(fsdp_utils: ModuleType) -> bool:
     return "full_state_dict" not in source
 
 
-def unsaved_state_dict(environ: Mapping[str, str]) -> str | None:
-    """What ``accelerate launch`` set (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, ``FSDP_STATE_DICT_TYPE``, read as
-    accelerate's FSDP plugin reads them) when it makes the Trainer save no adapter or model, else None."""
+def launched_fsdp_version(environ: Mapping[str, str]) -> str | None:
+    """The FSDP version ``accelerate launch`` set (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, read as accelerate's
+    FSDP plugin reads them: "1" when unnamed), None when it launched no FSDP."""
     if environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
         return None
-    version = (environ.get("FSDP_VERSION") or "1").strip()
+    return (environ.get("FSDP_VERSION") or "1").strip()
+
+
+def unsaved_state_dict(environ: Mapping[str, str]) -> str | None:
+    """What ``accelerate launch`` set (:func:`launched_fsdp_version`, ``FSDP_STATE_DICT_TYPE``) when it makes the
+    Trainer save no adapter or model, else None."""
+    version = launched_fsdp_version(environ)
+    if version is None:
+        return None
     default = "FULL_STATE_DICT" if version == "1" else "SHARDED_STATE_DICT"
     value = environ.get("FSDP_STATE_DICT_TYPE")
     if (value or default).strip().upper() in {"FULL_STATE_DICT", "1"}:  # StateDictType's name or value

@@ -21,6 +21,7 @@ from typing import Any
 from packaging.version import Version
 
 from .arguments import raw_value
+from .fsdp_adapter import launched_fsdp_version
 
 NEWEST_FAILING = Version("1.11.0")  # the newest accelerate run here; LLaMA-Factory 0.9.5 caps it there
 _BITSANDBYTES = {"bnb", "bitsandbytes"}
@@ -37,7 +38,7 @@ def _accelerate_fails() -> bool:
 def quantized_loading_refusal(stage: str, host_args: Any, environ: Mapping[str, str]) -> str | None:
     """The one-line refusal of ``host_args`` (a recipe's keys) under the FSDP2 launch ``environ`` describes, when
     accelerate would fail to load its bitsandbytes-quantized model, else None."""
-    if environ.get("ACCELERATE_USE_FSDP", "").lower() != "true" or (environ.get("FSDP_VERSION") or "1") != "2":
+    if launched_fsdp_version(environ) != "2":
         return None
     loading = environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "")
     bits = raw_value(host_args, "quantization_bit")

@@ -46,7 +46,7 @@ from typing import Any
 
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value
-from llamafactory_hera_patches.fsdp_adapter import unsaved_refusal
+from llamafactory_hera_patches.fsdp_adapter import launched_fsdp_version, unsaved_refusal
 from llamafactory_hera_patches.fsdp_loading import quantized_loading_refusal
 
 _RAH = ("stage: rah runs on one process and edits whole V and O weights; run it on one process: "
@@ -99,11 +99,10 @@ def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mappi
         config = raw_value(host_args, "fsdp_config")
         raise _recipe_refusal(stage, f"fsdp: {value}" + (f" (fsdp_config: {config}, FSDP version "
                                                          f"{_config_version(config)})" if _set(config) else ""))
-    used = environ.get("ACCELERATE_USE_FSDP", "")
-    if used.lower() != "true":  # exactly how accelerate's Accelerator reads it (1.11: "1" does not turn FSDP on)
+    version = launched_fsdp_version(environ)  # as accelerate's Accelerator reads it (1.11: "1" does not turn it on)
+    if version is None:
         return
-    version = (environ.get("FSDP_VERSION") or "1").strip()
-    shown = f"ACCELERATE_USE_FSDP={used}" + (f" (FSDP_VERSION={environ['FSDP_VERSION']})"
+    shown = f"ACCELERATE_USE_FSDP={environ['ACCELERATE_USE_FSDP']}" + (f" (FSDP_VERSION={environ['FSDP_VERSION']})"
                                              if environ.get("FSDP_VERSION") else "")
     launched = f"{shown}, set by accelerate launch with an FSDP config"
     if stage == "rah":
