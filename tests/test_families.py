@@ -127,6 +127,28 @@ def test_family_runs_select_hera_and_rah(name: str, assets: TinyAssets, zoo_root
         assert "RAH-LoRA: leaves out" in proc.stdout + proc.stderr and LEFT_OUT[name] in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("name", ["gemma3n", "gemma4"])
+def test_a_kv_sharing_layer_reads_the_source_transformers_gives_it_with_or_without_its_index(
+        name: str, assets: TinyAssets, zoo_root: Path) -> None:
+    """transformers 5.6 names a reading layer's source (``kv_shared_layer_index``); 5.8 keeps none (it keys the shared
+    keys and values by layer type). The loaded view finds transformers' own source either way."""
+    if family_too_new(name):
+        pytest.skip(f"this transformers has no {name}")
+    config = AutoConfig.from_pretrained(_family_assets(assets, name, zoo_root).models[name])
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    attentions = {layer.index: layer.module.self_attn for layer in decoder_layers(model)}
+    own = {index: getattr(a, "kv_shared_layer_index", None) for index, a in attentions.items() if a.is_kv_shared_layer}
+    assert own, f"{name}'s tiny model shares no keys and values"
+    plans = {plan.index: plan.kv_source for plan in plan_layers(config)}
+    for a in attentions.values():  # transformers 5.8's shape
+        if hasattr(a, "kv_shared_layer_index"):
+            del a.kv_shared_layer_index
+    found = {layer.index: layer.kv_source for layer in decoder_layers(model) if layer.index in own}
+    assert found == {i: plans[i] for i in own} and all(s is not None for s in found.values())
+    assert all(found[i] == source for i, source in own.items() if source is not None)  # transformers' own, where kept
+
+
 @needs_qwen3_5
 def test_a_head_in_a_layer_without_heads_is_refused_before_loading(assets: TinyAssets, zoo_root: Path,
                                                                    tmp_path: Path) -> None:

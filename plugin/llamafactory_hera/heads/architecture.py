@@ -90,15 +90,24 @@ def plan_layers(config: Any) -> list[LayerPlan]:
     base_dim = int(getattr(text, "head_dim", None) or int(text.hidden_size) // int(text.num_attention_heads))
     wide = getattr(text, "global_head_dim", None)  # Gemma 4: full-attention layers use heads of this width
     dims = [int(wide) if wide and types and types[i] == "full_attention" else base_dim for i in range(count)]
+    sources = _kv_sources(text)
+    return [LayerPlan(i, kinds[i], sources[i], dims[i] if kinds[i] is LayerKind.ATTENTION else None)
+            for i in range(count)]
+
+
+def _kv_sources(text: Any) -> list[int | None]:
+    """Per layer of a text config, the layer whose keys and values it reads (KV sharing, Gemma 3n / 4: each of the
+    last ``num_kv_shared_layers`` layers reads the last earlier layer of its type), else None."""
+    count = int(text.num_hidden_layers)
+    types = list(getattr(text, "layer_types", None) or [])
     shared = int(getattr(text, "num_kv_shared_layers", 0) or 0)
     first_shared = count - shared
     sources: list[int | None] = [None] * count
     if 0 < shared < count:
         for index in range(first_shared, count):
-            same = [i for i in range(first_shared) if not types or types[i] == types[index]]
+            same = [i for i in range(first_shared) if len(types) != count or types[i] == types[index]]
             sources[index] = same[-1] if same else None
-    return [LayerPlan(i, kinds[i], sources[i], dims[i] if kinds[i] is LayerKind.ATTENTION else None)
-            for i in range(count)]
+    return sources
 
 
 def text_decoder(model: nn.Module) -> nn.Module:
@@ -130,6 +139,8 @@ def _loaded_layer(index: int, layer: nn.Module) -> DecoderLayer:
     if attention is not None and output is not None:
         shared = bool(getattr(attention, "is_kv_shared_layer", False))
         source = getattr(attention, "kv_shared_layer_index", None) if shared else None
+        if shared and source is None and getattr(attention, "config", None) is not None:
+            source = _kv_sources(attention.config)[index]  # transformers >= 5.8 keeps no index: keyed by layer type
         head_dim = getattr(attention, "head_dim", None)
         value = getattr(attention, "v_proj", None)
         return DecoderLayer(index, LayerKind.ATTENTION, source if shared else None,
