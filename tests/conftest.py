@@ -56,10 +56,15 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # share the cores between pytes
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
-def offline_env(tmp: Path, eval_extra: bool = False, **extra: str) -> dict[str, str]:
-    """Environment for a subprocess that must never touch the network. Unless ``eval_extra``, the process does not
-    see the eval extra's wandb and scikit-learn (tests/process_hooks/, last on ``PYTHONPATH``): a user's install
-    without the extra, and 5 CPU s less of imports per training process."""
+EVAL_ONLY = ("wandb", "sklearn", "scikit-learn", "nltk")  # the eval extra's, which no training run imports to use
+ENGINES = ("deepspeed", "bitsandbytes")  # the test extra's engines, hidden from a run that does not use them
+
+
+def offline_env(tmp: Path, eval_extra: bool = False, engines: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """Environment for a subprocess that must never touch the network. The process does not see the packages it does
+    not use (tests/process_hooks/unused_packages.py, last on ``PYTHONPATH``): the eval extra's :data:`EVAL_ONLY` unless
+    ``eval_extra``, and the :data:`ENGINES` not in ``engines`` (see :func:`engines_of`): an install without them, and
+    about 4 CPU s less of imports per training process."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("LLAMAFACTORY_HERA_", "FORCE_TORCHRUN", "PYTEST_XDIST_"))}
     env.update({
@@ -70,11 +75,21 @@ def offline_env(tmp: Path, eval_extra: bool = False, **extra: str) -> dict[str, 
         "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",  # a crash prints every Python thread's stack
         # the launcher calls `torchrun` by name: use the one of this interpreter's environment
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "HERA_TESTS_HIDDEN": ",".join([*(() if eval_extra else EVAL_ONLY),
+                                       *(name for name in ENGINES if name not in engines)]),
     })
     env.update(extra)
-    if not eval_extra:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(PROCESS_HOOKS)]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(PROCESS_HOOKS)]))
     return env
+
+
+def engines_of(recipe: dict[str, Any]) -> tuple[str, ...]:
+    """The :data:`ENGINES` a run of ``recipe`` uses: DeepSpeed for a ``deepspeed`` config, bitsandbytes for
+    ``quantization_bit`` or a checkpoint saved quantized (``quantization_config`` in its config.json)."""
+    config = Path(str(recipe.get("model_name_or_path", ""))) / "config.json"
+    quantized = recipe.get("quantization_bit") is not None or (
+        config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8")))
+    return (*(("deepspeed",) if recipe.get("deepspeed") else ()), *(("bitsandbytes",) if quantized else ()))
 
 
 @pytest.fixture(autouse=True)
@@ -168,7 +183,7 @@ def run_train(recipe: dict[str, Any], tmp: Path, *cli_overrides: str, check: boo
     :func:`run_in_process`), with ``env`` set and cwd ``tmp`` for the run. A real ``llamafactory-cli train`` process
     where the process is what is tested: ``process=True`` or ``env`` naming a key of :data:`PROCESS_ENV` (torchrun
     ranks, what the start-up hook reads). ``check``: a failed run raises AssertionError. ``eval_extra``: the process
-    sees the eval extra's wandb and scikit-learn (see :func:`offline_env`).
+    sees the eval extra (see :func:`offline_env`; the engines it sees are the recipe's, :func:`engines_of`).
     """
     recipe = {**recipe, **{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in cli_overrides)}}
     tmp.mkdir(parents=True, exist_ok=True)
@@ -186,7 +201,7 @@ def run_train(recipe: dict[str, Any], tmp: Path, *cli_overrides: str, check: boo
     fresh()
     proc = run_once_more_if_aborted_at_exit(
         [CLI, "train", str(path)],
-        dict(cwd=tmp, env=offline_env(tmp, eval_extra, **(env or {})), timeout=timeout),
+        dict(cwd=tmp, env=offline_env(tmp, eval_extra, engines_of(recipe), **(env or {})), timeout=timeout),
         lambda: (shutil.rmtree(recipe.get("output_dir", tmp / "__none__"), ignore_errors=True), fresh()))
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from conftest import free_port, offline_env, run_once_more_if_aborted_at_exit
+from conftest import engines_of, free_port, offline_env, run_once_more_if_aborted_at_exit
 
 FSDP_HOOK = Path(__file__).resolve().parent / "fsdp_cpu"
 FSDP2_CONFIG = {  # examples/accelerate/fsdp2_config.yaml of LLaMA-Factory, on the CPU
@@ -45,7 +45,7 @@ def accelerate_launch(recipe: dict[str, Any], tmp: Path, shim: bool = True, time
     command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
                str(tmp / "fsdp2_config.yaml"), llamafactory.launcher.__file__, str(tmp / "recipe.yaml")]
     proc = run_once_more_if_aborted_at_exit(
-        command, dict(cwd=tmp, env=offline_env(tmp, **env), timeout=timeout),
+        command, dict(cwd=tmp, env=offline_env(tmp, engines=engines_of(recipe), **env), timeout=timeout),
         lambda: (shutil.rmtree(recipe["output_dir"], ignore_errors=True), shutil.rmtree(tmp / "fsdp",
                                                                                           ignore_errors=True)))
     if proc.returncode != 0:

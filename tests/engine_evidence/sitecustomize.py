@@ -4,7 +4,7 @@ Put this folder on ``PYTHONPATH`` and name a folder in ``HERA_TEST_ENGINE_EVIDEN
 every rank writes ``rank<N>.json`` there with whether DeepSpeed is on, the ZeRO stage its engine runs, the engine's
 class, and the first decoder layer's ``o_proj`` weight as the step sees it outside any gather (ZeRO-3 leaves an empty
 placeholder with a ``ds_id``). tests/hera/test_hera_deepspeed.py and tests/harc/test_harc_stage.py read it, so ZeRO
-losses equal to DDP losses cannot hide a silent fallback to DDP. Without the variable it only hides the eval extra.
+losses equal to DDP losses cannot hide a silent fallback to DDP. Without the variable it only hides the unused packages.
 
 The hook patches ``transformers.trainer`` when a process imports it, not at start-up (tests/process_hooks/
 after_import.py).
@@ -14,15 +14,15 @@ start: on a machine without the compiled op in ``~/.cache/torch_extensions`` (a 
 CPU s while the other ranks waited. DeepSpeed uses that op only in ``inference_all_reduce`` (its inference engine);
 training's collectives are torch.distributed's either way, so what the ZeRO tests check is unchanged.
 
-And, as every training process a test starts, the run does not see the eval extra's wandb and scikit-learn
-(tests/process_hooks/, which this hook puts on ``sys.path``: Python runs the first ``sitecustomize`` only).
+And, as every process a test starts, the run does not see the packages it does not use (tests/process_hooks/
+unused_packages.py, which this hook puts on ``sys.path``: Python runs the first ``sitecustomize`` only).
 """
 
 import os
 import sys
 
 sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "process_hooks"))
-import eval_extra_hidden  # noqa: E402, F401 - tests/process_hooks/
+import unused_packages  # noqa: E402, F401 - tests/process_hooks/
 
 if os.environ.get("HERA_TEST_ENGINE_EVIDENCE"):
     import json

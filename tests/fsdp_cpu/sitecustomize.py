@@ -10,15 +10,16 @@ With ``HERA_TEST_FSDP_EVIDENCE`` naming a folder, every rank appends one JSON li
 there: at each training step, at each checkpoint save and after a checkpoint is loaded, the distributed type, the
 FSDP version, and how many trainable parameters (and which o_proj weight) are DTensors, with their local and full
 sizes, so a silent fallback to DDP fails the test that reads it (tests/fsdp_checks.py). Put this folder on
-``PYTHONPATH``; without the variables it only hides, as in every training process a test starts, the eval extra's
-wandb and scikit-learn (tests/process_hooks/, which it puts on ``sys.path``: Python runs the first ``sitecustomize``).
+``PYTHONPATH``; without the variables it only hides, as in every process a test starts, the packages the run
+does not use (tests/process_hooks/unused_packages.py, which it puts on ``sys.path``: Python runs the first
+``sitecustomize``).
 """
 
 import os
 import sys
 
 sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "process_hooks"))
-import eval_extra_hidden  # noqa: E402, F401 - tests/process_hooks/
+import unused_packages  # noqa: E402, F401 - tests/process_hooks/
 
 if os.environ.get("HERA_TEST_FSDP_ON_CPU"):
     from accelerate.state import AcceleratorState, PartialState

@@ -1,6 +1,6 @@
 """Test-only: the path finder of this process finds neither some top-level modules nor their distributions' metadata
 (``importlib.util.find_spec`` is None, ``importlib.metadata.version`` raises ``PackageNotFoundError``), as where they
-are not installed. Used by the start-up hooks (eval_extra_hidden.py beside this file, tests/without_deepspeed/)."""
+are not installed. Used by the start-up hooks (unused_packages.py beside this file, tests/without_deepspeed/)."""
 
 import importlib.machinery
 

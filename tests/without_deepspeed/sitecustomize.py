@@ -10,6 +10,7 @@ import os
 import sys
 
 sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "process_hooks"))
+import unused_packages  # noqa: E402, F401 - tests/process_hooks/: as in every process a test starts
 from hidden_modules import hide  # noqa: E402 - tests/process_hooks/
 
 hide(("deepspeed",))
