@@ -116,6 +116,31 @@ def test_fa2_on_transformers_5_6_0_is_refused_before_loading(assets: Any, harc_a
         stack_checks.check_stack({"flash_attn": attention})
 
 
+def test_8_bit_on_transformers_5_8_0_is_warned_of_once_before_loading(capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measured on LLaMA-Factory main: stock SFT's 8-bit LoRA gradients against the dequantized twin's, 77 % apart on
+    5.8.0, 2e-7 on 5.7.0 and 5.6.0 (CPU only: warned of, not refused). Once per launch: the launcher's line, none on
+    the ranks it starts."""
+    monkeypatch.delenv("LLAMAFACTORY_HERA_HOST_WARNED", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(stack_checks, "installed", lambda: "5.8.0")
+    stack_checks.check_stack({"quantization_bit": 8})
+    stack_checks.check_stack({"quantization_bit": "8"})
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["[llamafactory-hera] warning: quantization_bit: 8 on transformers 5.8.0: the first step's LoRA "
+                   "gradients of LLaMA-Factory's 8-bit model differed from its dequantized twin's by up to 77 % a "
+                   "tensor (stock stage: sft, tiny Llama-3, CPU, LLaMA-Factory main, 2026-11-26), within 2e-7 on "
+                   "transformers 5.7.0 and 5.6.0. Use quantization_bit: 4, or pip install 'transformers==5.7.0'."]
+    monkeypatch.delenv("LLAMAFACTORY_HERA_HOST_WARNED")
+    monkeypatch.setenv("RANK", "1")
+    stack_checks.check_stack({"quantization_bit": 8})
+    for found, bits in (("5.7.0", 8), ("5.8.0", 4), ("5.6.0", 8)):
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setattr(stack_checks, "installed", lambda found=found: found)
+        stack_checks.check_stack({"quantization_bit": bits})
+    assert capsys.readouterr().out == ""
+
+
 def test_newer_classes_are_stand_ins_that_name_themselves_on_an_older_transformers() -> None:
     from llamafactory_hera.fixtures.newer import newer
 

@@ -9,6 +9,7 @@ install) allows up to 5.8 and excludes 5.6.0. The plugin runs on every one of th
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -30,6 +31,15 @@ HOST_BUGS: dict[tuple[str, str], str] = {
     ("5.6.0", "fa2"): "transformers 5.6.0's flash-attention 2 path fails in flash_attention_forward (s_aux is None; "
                       "LLaMA-Factory issue 10610). Use flash_attn: sdpa, or transformers >= 5.7 with LLaMA-Factory "
                       "main (pip install 'transformers>=5.7,<5.9' after installing LLaMA-Factory from its git main).",
+}
+
+# (transformers release, quantization_bit) -> what was measured wrong on it: a warning before loading, not a refusal
+# (measured on the CPU only; a GPU's bitsandbytes kernels were not run)
+HOST_WARNINGS: dict[tuple[str, str], str] = {
+    ("5.8.0", "8"): "the first step's LoRA gradients of LLaMA-Factory's 8-bit model differed from its dequantized "
+                    "twin's by up to 77 % a tensor (stock stage: sft, tiny Llama-3, CPU, LLaMA-Factory main, "
+                    "2026-11-26), within 2e-7 on transformers 5.7.0 and 5.6.0. Use quantization_bit: 4, or "
+                    "pip install 'transformers==5.7.0'.",
 }
 
 
@@ -64,6 +74,12 @@ def family_too_new(model_type: str, found: str | None = None) -> str | None:
     if needed is None or found is None or Version(found) >= Version(needed):
         return None
     return needed
+
+
+def host_warning(quantization_bit: Any, found: str | None = None) -> str | None:
+    """What was measured wrong with ``quantization_bit`` on the installed transformers, None when nothing known."""
+    found = installed() if found is None else found
+    return HOST_WARNINGS.get((found or "", str(quantization_bit).strip()))
 
 
 def host_bug(flash_attn: str, found: str | None = None) -> str | None:
