@@ -66,6 +66,13 @@ def _copy(checkpoint: Path, to: Path, record: dict[str, Any] | None = None, **ch
     return copy
 
 
+def _named(folder: Path) -> str:
+    """How a message names the model of ``folder``: its class (config.json's ``architectures``), or its model_type
+    where the config has none (transformers 4.57 saves these tiny models' configs without it)."""
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    return (config.get("architectures") or [config["model_type"]])[0]
+
+
 def test_a_full_run_from_another_models_checkpoint(assets: Any, runs: dict[str, Path], tmp_path: Path,
                                                    no_model_load: None) -> None:
     """Before: 579 lines, ``size mismatch for model.visual.patch_embed.proj.weight`` after the model loaded."""
@@ -73,8 +80,8 @@ def test_a_full_run_from_another_models_checkpoint(assets: Any, runs: dict[str, 
     message = _refusal(base_recipe(assets, "qwen3_vl", tmp_path / "out", finetuning_type="full",
                                    resume_from_checkpoint=str(checkpoint)), tmp_path)
     assert message == (
-        f"resume_from_checkpoint: {checkpoint} is a stage: hera full checkpoint of Qwen2_5_VLForConditionalGeneration; "
-        "this recipe trains stage: hera, finetuning_type: full of Qwen3VLForConditionalGeneration (another "
+        f"resume_from_checkpoint: {checkpoint} is a stage: hera full checkpoint of {_named(checkpoint)}; "
+        f"this recipe trains stage: hera, finetuning_type: full of {_named(assets.models['qwen3_vl'])} (another "
         "architecture). Resume it with the settings of the run that wrote it (model_name_or_path: "
         f"{assets.models['qwen2_5_vl']}), or remove resume_from_checkpoint to train afresh (a new run can start from "
         f"its weights: model_name_or_path: {checkpoint}).")
@@ -101,8 +108,8 @@ def test_a_lora_run_from_a_full_checkpoint(assets: Any, runs: dict[str, Path], t
     message = _refusal(base_recipe(assets, "qwen2_5_vl", tmp_path / "out", resume_from_checkpoint=str(checkpoint)),
                        tmp_path)
     assert message.startswith(f"resume_from_checkpoint: {checkpoint} is a stage: hera full checkpoint of "
-                              "Qwen2_5_VLForConditionalGeneration; this recipe trains stage: hera, finetuning_type: "
-                              "lora (lora_rank: 8) of Qwen2_5_VLForConditionalGeneration. Resume it with the settings "
+                              f"{_named(checkpoint)}; this recipe trains stage: hera, finetuning_type: lora "
+                              f"(lora_rank: 8) of {_named(assets.models['qwen2_5_vl'])}. Resume it with the settings "
                               "of the run that wrote it (finetuning_type: full), or "), message
 
 
@@ -144,11 +151,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], s
                     "(other sizes: text_config.hidden_size 96 there, 64 here, text_config.num_hidden_layers 4 there, "
                     "2 here)"),
     "freeze for full": ("qwen2_5_vl full", {"loading": {"finetuning_type": "freeze"}}, {},
-                        {"finetuning_type": "full"}, "is a stage: hera freeze checkpoint of Qwen2_5_VL"),
+                        {"finetuning_type": "full"}, "is a stage: hera freeze checkpoint of {checkpoint}"),
     "another stage": ("qwen2_5_vl full", {"stage": "sft"}, {}, {"finetuning_type": "full"},
                       "settings of the run that wrote it (stage: sft)"),
-    "another rank": ("qwen3_vl lora", {}, {}, {"lora_rank": 16}, "LoRA (rank 8) checkpoint of Qwen3VLForConditional"
-                     "Generation; this recipe trains stage: hera, finetuning_type: lora (lora_rank: 16) of "),
+    "another rank": ("qwen3_vl lora", {}, {}, {"lora_rank": 16}, "LoRA (rank 8) checkpoint of {checkpoint}; this "
+                     "recipe trains stage: hera, finetuning_type: lora (lora_rank: 16) of "),
 }
 
 
@@ -163,7 +170,8 @@ def test_a_checkpoint_of_another_kind_of_run(variant: str, assets: Any, runs: di
     family = "qwen3_vl" if run.startswith("qwen3_vl") else "qwen2_5_vl"
     message = _refusal(base_recipe(assets, family, tmp_path / "out", resume_from_checkpoint=str(checkpoint),
                                    **overrides), tmp_path)
-    assert part in message, message
+    named = checkpoint if (checkpoint / "config.json").is_file() else assets.models[family]  # LoRA: its base model
+    assert part.format(checkpoint=_named(named)) in message, message
 
 
 def test_true_and_an_unfinished_output_dir_resolve_as_transformers_does(assets: Any, runs: dict[str, Path],
