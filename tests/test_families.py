@@ -147,6 +147,10 @@ def test_a_kv_sharing_layer_reads_the_source_transformers_gives_it_with_or_witho
     found = {layer.index: layer.kv_source for layer in decoder_layers(model) if layer.index in own}
     assert found == {i: plans[i] for i in own} and all(s is not None for s in found.values())
     assert all(found[i] == source for i, source in own.items() if source is not None)  # transformers' own, where kept
+    for reader, source in found.items():  # 5.8's own marks: the source stores the keys and values of the reader's type
+        if hasattr(attentions[source], "store_full_length_kv") and hasattr(attentions[reader], "layer_type"):
+            assert attentions[source].store_full_length_kv and not attentions[reader].store_full_length_kv
+            assert attentions[source].layer_type == attentions[reader].layer_type
 
 
 @needs_qwen3_5

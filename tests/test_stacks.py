@@ -20,6 +20,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from conftest import REPO
 from llamafactory_hera import _bootstrap
+from llamafactory_hera.log import say_again_on_board
 from llamafactory_hera.recipe import stack_checks
 from llamafactory_hera_patches import stacks
 
@@ -117,28 +118,55 @@ def test_fa2_on_transformers_5_6_0_is_refused_before_loading(assets: Any, harc_a
 
 
 def test_8_bit_on_transformers_5_8_0_is_warned_of_once_before_loading(capsys: pytest.CaptureFixture[str],
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
     """Measured on LLaMA-Factory main: stock SFT's 8-bit LoRA gradients against the dequantized twin's, 77 % apart on
-    5.8.0, 2e-7 on 5.7.0 and 5.6.0 (CPU only: warned of, not refused). Once per launch: the launcher's line, none on
-    the ranks it starts."""
-    monkeypatch.delenv("LLAMAFACTORY_HERA_HOST_WARNED", raising=False)
-    monkeypatch.delenv("RANK", raising=False)
+    5.8.0, 2e-7 on 5.7.0 (CPU only: warned of, not refused). Once per launch: the launcher's line, none on the ranks
+    it starts nor on srun's other tasks; again in LlamaBoard's log box once the run's callbacks exist."""
+    for key in ("LLAMAFACTORY_HERA_HOST_WARNED", "RANK", "SLURM_PROCID", "LLAMABOARD_ENABLED"):
+        monkeypatch.setenv(key, "")  # recorded, so that teardown restores the session's values
+        monkeypatch.delenv(key)
     monkeypatch.setattr(stack_checks, "installed", lambda: "5.8.0")
     stack_checks.check_stack({"quantization_bit": 8})
     stack_checks.check_stack({"quantization_bit": "8"})
     out = capsys.readouterr().out.splitlines()
-    assert out == ["[llamafactory-hera] warning: quantization_bit: 8 on transformers 5.8.0: the first step's LoRA "
-                   "gradients of LLaMA-Factory's 8-bit model differed from its dequantized twin's by up to 77 % a "
-                   "tensor (stock stage: sft, tiny Llama-3, CPU, LLaMA-Factory main, 2026-11-26), within 2e-7 on "
-                   "transformers 5.7.0 and 5.6.0. Use quantization_bit: 4, or pip install 'transformers==5.7.0'."]
+    assert out == ["[llamafactory-hera] warning: quantization_bit: 8 on transformers 5.8.0: stock SFT's first-step "
+                   "LoRA gradients through LLaMA-Factory's 8-bit model differed from the dequantized model's by up to "
+                   "77 % (one tensor's norm; tiny Llama-3, LLaMA-Factory main, measured on the CPU only, a GPU's "
+                   "kernels not checked, 2026-11-26), 2e-7 on transformers 5.7.0. Use quantization_bit: 4, or pip "
+                   "install 'transformers==5.7.0'."]
+    saved = tmp_path / "saved_8bit"
+    saved.mkdir()
+    (saved / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes",
+                                                                           "load_in_8bit": True}}))
     monkeypatch.delenv("LLAMAFACTORY_HERA_HOST_WARNED")
-    monkeypatch.setenv("RANK", "1")
-    stack_checks.check_stack({"quantization_bit": 8})
-    for found, bits in (("5.7.0", 8), ("5.8.0", 4), ("5.6.0", 8)):
-        monkeypatch.setenv("RANK", "0")
+    stack_checks.check_stack({"model_name_or_path": str(saved)})
+    assert capsys.readouterr().out.startswith("[llamafactory-hera] warning: the checkpoint saved 8-bit on "
+                                              "transformers 5.8.0: stock SFT's")
+    monkeypatch.delenv("LLAMAFACTORY_HERA_HOST_WARNED")
+    for key, value in (("RANK", "1"), ("SLURM_PROCID", "3")):  # another rank of torchrun, another task of srun
+        monkeypatch.setenv(key, value)
+        stack_checks.check_stack({"quantization_bit": 8})
+        monkeypatch.delenv(key)
+    for found, given in (("5.7.0", {"quantization_bit": 8}), ("5.8.0", {"quantization_bit": 4}),
+                         ("5.6.0", {"quantization_bit": 8}), ("5.8.0", {"quantization_bit": 8,
+                                                                        "quantization_method": "hqq"})):
         monkeypatch.setattr(stack_checks, "installed", lambda found=found: found)
-        stack_checks.check_stack({"quantization_bit": bits})
+        stack_checks.check_stack(given)
     assert capsys.readouterr().out == ""
+    # LlamaBoard: LLaMA-Factory's LogCallback empties running_log.txt after the checks; the run says it again there
+    monkeypatch.setattr(stack_checks, "installed", lambda: "5.8.0")
+    monkeypatch.setenv("LLAMABOARD_ENABLED", "1")
+    monkeypatch.setenv("LLAMABOARD_WORKDIR", str(tmp_path / "board"))
+    monkeypatch.setenv("LLAMAFACTORY_HERA_SAY_AGAIN", "")
+    monkeypatch.delenv("LLAMAFACTORY_HERA_SAY_AGAIN")
+    stack_checks.check_stack({"quantization_bit": 8})
+    (tmp_path / "board" / "running_log.txt").unlink()  # what LLaMA-Factory's LoggerHandler does when it starts
+    say_again_on_board()
+    assert (tmp_path / "board" / "running_log.txt").read_text().startswith(
+        "[llamafactory-hera] warning: quantization_bit: 8 on transformers 5.8.0")
+    say_again_on_board()  # said once
+    assert (tmp_path / "board" / "running_log.txt").read_text().count("warning") == 1
 
 
 def test_newer_classes_are_stand_ins_that_name_themselves_on_an_older_transformers() -> None:

@@ -36,10 +36,10 @@ HOST_BUGS: dict[tuple[str, str], str] = {
 # (transformers release, quantization_bit) -> what was measured wrong on it: a warning before loading, not a refusal
 # (measured on the CPU only; a GPU's bitsandbytes kernels were not run)
 HOST_WARNINGS: dict[tuple[str, str], str] = {
-    ("5.8.0", "8"): "the first step's LoRA gradients of LLaMA-Factory's 8-bit model differed from its dequantized "
-                    "twin's by up to 77 % a tensor (stock stage: sft, tiny Llama-3, CPU, LLaMA-Factory main, "
-                    "2026-11-26), within 2e-7 on transformers 5.7.0 and 5.6.0. Use quantization_bit: 4, or "
-                    "pip install 'transformers==5.7.0'.",
+    ("5.8.0", "8"): "stock SFT's first-step LoRA gradients through LLaMA-Factory's 8-bit model differed from the "
+                    "dequantized model's by up to 77 % (one tensor's norm; tiny Llama-3, LLaMA-Factory main, measured "
+                    "on the CPU only, a GPU's kernels not checked, 2026-11-26), 2e-7 on transformers 5.7.0. Use "
+                    "quantization_bit: 4, or pip install 'transformers==5.7.0'.",
 }
 
 

@@ -66,6 +66,24 @@ def say_once(message: str) -> None:
         say(message)
 
 
+SAY_AGAIN = "LLAMAFACTORY_HERA_SAY_AGAIN"  # lines said before LLaMA-Factory's LogCallback emptied running_log.txt
+
+
+def say_before_callbacks(message: str) -> None:
+    """:func:`say`, kept to be said again in LlamaBoard's log box by :func:`say_again_on_board`: LLaMA-Factory's
+    LogCallback empties running_log.txt when the run builds it, after the recipe checks (the ranks a launcher starts
+    inherit the kept lines)."""
+    say(message)
+    if board_dir() is not None:
+        os.environ[SAY_AGAIN] = "\n".join(filter(None, [os.environ.get(SAY_AGAIN), message]))
+
+
+def say_again_on_board() -> None:
+    """The lines :func:`say_before_callbacks` kept, said again (rank 0) once the run's callbacks exist."""
+    for line in os.environ.pop(SAY_AGAIN, "").splitlines():
+        say_once(line)
+
+
 def progress_once(items: Iterable[Any], label: str) -> Iterable[Any]:
     """``items`` with a progress bar on rank 0 only (no LlamaBoard progress lines: a Trainer writes those)."""
     from tqdm.auto import tqdm  # lazy: tqdm only when a bar is drawn, not for every line said

@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 
 from conftest import harc_recipe, read_log_history
 from llamafactory_hera.harc.trainer import AdapterSwitch
+from llamafactory_hera_patches.stacks import installed
 
 pytest.importorskip("bitsandbytes")
 TERMS = ("harc_couple", "harc_couple_resp", "harc_kl", "harc_ce", "loss")
@@ -64,7 +65,9 @@ def _run(harc_assets: Any, output: Path, callbacks: list[Any] | None = None,
 TOLERANCE = {4: {"exact": 1e-5, "int8": 1e-5}, 8: {"exact": 1e-5, "int8": 2e-2}}
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, pytest.param(8, marks=pytest.mark.xfail(
+    installed() == "5.8.0", strict=True, reason="transformers 5.8.0: the host's 8-bit LoRA gradients are off (stock "
+    "SFT 77 % from the dequantized twin's; warned of before loading, tests/test_stacks.py)"))])
 def test_harc_on_quantized_weights_equals_its_dequantized_twin(harc_assets: Any, tmp_path: Path, bits: int) -> None:
     """Two steps (the second one's KL is non-zero: the adapter moved), quantized against the dequantized twin: the base
     directions and every logged term agree (4-bit: measured 0 difference in each, bitsandbytes' CPU forward is the

@@ -23,7 +23,7 @@ from llamafactory_hera.harc.outputs import finish_run
 from llamafactory_hera.harc.roles import load_role_rows
 from llamafactory_hera.harc.state import HarcState
 from llamafactory_hera.harc.trainer import HarcTrainerMixin
-from llamafactory_hera.log import progress_once, say_once
+from llamafactory_hera.log import progress_once, say_again_on_board, say_once
 from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
 
 
@@ -62,6 +62,7 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
              generating_args: Any, callbacks: Any, harc_args: HarcArguments) -> None:
     """Train (see the module docstring)."""
     run = RunContext(plot=bool(finetuning_args.plot_loss), smooth=host.smooth)
+    say_again_on_board()  # LlamaBoard's log box lost the recipe checks' lines (a host warning)
     if training_args.should_save:
         write_run_record(harc_args, model_args, data_args, finetuning_args, training_args)
 

@@ -32,7 +32,7 @@ from llamafactory_hera.hera.selection.select import scoring_dtype
 from llamafactory_hera.hera.teacher import load_image_processor
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.trainer import HeraTrainer
-from llamafactory_hera.log import say
+from llamafactory_hera.log import say, say_again_on_board
 from llamafactory_hera.plots.training import plot_training
 from llamafactory_hera.recipe.dataset_info import describe_data
 from llamafactory_hera.recipe.image_files import first_unreadable, image_rows
@@ -152,6 +152,7 @@ def _write_run_record(output_dir: str, hera_args: HeraArguments,
 def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
              generating_args: Any, callbacks: Any, hera_args: HeraArguments) -> None:
     """Train (and evaluate) as ``run_sft`` does, with HeRA's collator and trainer; then HeRA's curves."""
+    say_again_on_board()  # LlamaBoard's log box lost the recipe checks' lines (a host warning)
     # the data checks first: an image-less dataset is named as such, not as too few pairs to select heads from
     rows, counts, aligned = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
     contrastive = _contrastive(hera_args, counts, data_args, training_args)

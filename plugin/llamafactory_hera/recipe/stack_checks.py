@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.log import say
+from llamafactory_hera.log import say_before_callbacks
 from llamafactory_hera.recipe.model_paths import value_or_none
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.stacks import TRANSFORMERS_SUPPORTED, family_too_new, host_bug, host_warning, installed
@@ -31,19 +31,48 @@ def model_type_of(source: str) -> str | None:
         return None
 
 
+WARNED = "LLAMAFACTORY_HERA_HOST_WARNED"  # set once the launch said its host warning: the ranks inherit it
+
+
+def _config(source: str) -> dict[str, Any]:
+    config = Path(source).expanduser() / "config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def host_warning_line(given: dict[str, Any]) -> str | None:
+    """The line warning of a bitsandbytes quantization measured wrong on the installed transformers (from
+    ``quantization_bit``, or a checkpoint saved quantized), None when nothing is known."""
+    found = installed()
+    bits = value_or_none(given.get("quantization_bit"))
+    method = str(value_or_none(given.get("quantization_method")) or "bnb").strip().lower()
+    if bits is None or method not in {"bnb", "bitsandbytes"}:
+        model = value_or_none(given.get("model_name_or_path"))
+        saved = _config(str(model).strip()).get("quantization_config") or {} if model is not None else {}
+        bits = 8 if saved.get("quant_method") == "bitsandbytes" and saved.get("load_in_8bit") else None
+        where = "the checkpoint saved 8-bit"
+    else:
+        where = f"quantization_bit: {bits}"
+    warning = host_warning(bits, found) if bits is not None else None
+    return f"warning: {where} on transformers {found}: {warning}" if warning else None
+
+
 def check_stack(given: dict[str, Any]) -> None:
     """``model_name_or_path``'s family is in the installed transformers; ``flash_attn`` is not broken on it; a
-    ``quantization_bit`` measured wrong on it is said once (rank 0, or the launcher before torchrun starts ranks)."""
+    bitsandbytes quantization measured wrong on it is said once a launch (rank 0 of torchrun or srun, or the
+    launcher before torchrun starts ranks)."""
     found = installed()
     attention = value_or_none(given.get("flash_attn"))
     bug = host_bug(str(attention), found) if attention is not None else None
     if bug:
         raise RecipeError(f"flash_attn: {attention} on transformers {found}: {bug}")
-    bits = value_or_none(given.get("quantization_bit"))
-    warning = host_warning(bits, found) if bits is not None else None
-    if warning and os.environ.get("RANK", "0") == "0" and not os.environ.get("LLAMAFACTORY_HERA_HOST_WARNED"):
-        os.environ["LLAMAFACTORY_HERA_HOST_WARNED"] = "1"  # once per launch: the ranks torchrun starts inherit it
-        say(f"warning: quantization_bit: {bits} on transformers {found}: {warning}")
+    line = host_warning_line(given)
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    if line and rank == "0" and not os.environ.get(WARNED):
+        os.environ[WARNED] = "1"
+        say_before_callbacks(line)  # LlamaBoard's log box: said again once the run's callbacks exist
     model = value_or_none(given.get("model_name_or_path"))
     model_type = model_type_of(str(model).strip()) if model is not None else None
     needed = family_too_new(model_type, found) if model_type else None
