@@ -16,29 +16,20 @@ from llamafactory_hera.recipe.model_paths import value_or_none
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.stacks import TRANSFORMERS_SUPPORTED, family_too_new, host_bug, host_warning, installed
 
-
-def model_type_of(source: str) -> str | None:
-    """The ``model_type`` of a model folder's ``config.json`` (or of a hub id's cached config), None when unread."""
-    config = Path(source).expanduser() / "config.json"
-    try:
-        if config.is_file():
-            return json.loads(config.read_text(encoding="utf-8")).get("model_type")
-        # lazy: transformers only for a hub id (its cached config.json; no class needed for an unknown model_type)
-        from transformers import PretrainedConfig
-
-        return PretrainedConfig.get_config_dict(source)[0].get("model_type")
-    except Exception:  # noqa: BLE001 - a config that cannot be read here is the model paths' or LLaMA-Factory's
-        return None
-
-
 WARNED = "LLAMAFACTORY_HERA_HOST_WARNED"  # set once the launch said its host warning: the ranks inherit it
 
 
-def _config(source: str) -> dict[str, Any]:
+def config_of(source: str) -> dict[str, Any]:
+    """A model folder's ``config.json`` (or a hub id's cached config) as a dict, empty when unread."""
     config = Path(source).expanduser() / "config.json"
     try:
-        return json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
-    except (OSError, ValueError):
+        if config.is_file():
+            return json.loads(config.read_text(encoding="utf-8"))
+        # lazy: transformers only for a hub id (its cached config.json; no class needed for an unknown model_type)
+        from transformers import PretrainedConfig
+
+        return PretrainedConfig.get_config_dict(source)[0]
+    except Exception:  # noqa: BLE001 - a config that cannot be read here is the model paths' or LLaMA-Factory's
         return {}
 
 
@@ -50,7 +41,7 @@ def host_warning_line(given: dict[str, Any]) -> str | None:
     method = str(value_or_none(given.get("quantization_method")) or "bnb").strip().lower()
     if bits is None or method not in {"bnb", "bitsandbytes"}:
         model = value_or_none(given.get("model_name_or_path"))
-        saved = _config(str(model).strip()).get("quantization_config") or {} if model is not None else {}
+        saved = config_of(str(model).strip()).get("quantization_config") or {} if model is not None else {}
         bits = 8 if saved.get("quant_method") == "bitsandbytes" and saved.get("load_in_8bit") else None
         where = "the checkpoint saved 8-bit"
     else:
@@ -74,7 +65,7 @@ def check_stack(given: dict[str, Any]) -> None:
         os.environ[WARNED] = "1"
         say_before_callbacks(line)  # LlamaBoard's log box: said again once the run's callbacks exist
     model = value_or_none(given.get("model_name_or_path"))
-    model_type = model_type_of(str(model).strip()) if model is not None else None
+    model_type = config_of(str(model).strip()).get("model_type") if model is not None else None
     needed = family_too_new(model_type, found) if model_type else None
     if needed:
         raise RecipeError(
