@@ -4,6 +4,8 @@
 #   overhead:  Qwen3-VL-8B architecture, random weights, bf16, LoRA on all linear layers, DINOv2-L teacher;
 #              HeRA against SFT with LLaMA-Factory's defaults (reentrant checkpointing), as users run it
 #              (BASELINE_NON_REENTRANT=1: SFT with use_reentrant_gc: false instead, --baseline-non-reentrant)
+#   qlora:     the same as overhead, both arms QLoRA (quantization_bit 4: bitsandbytes nf4, double quantization),
+#              issue 56 item 6 (not in "all")
 #   selection: Qwen2.5-VL-7B architecture, N = 1000, DINOv2-L; plus `llamafactory-hera select` end to end
 #   harc:      Llama-3.1-8B architecture, random weights, bf16, LoRA on all linear layers; HARC against SFT with
 #              LLaMA-Factory's defaults (reentrant checkpointing), as users run it (HARC: its coupled layers only
@@ -29,6 +31,8 @@ ASSETS=${ASSETS:-/tmp/hera_bench_assets}
     overhead|all) $PY bench/overhead.py --device cuda --preset qwen3-vl-8b --repeats "${REPEATS:-2}" --epochs 2 \
                     --images 128 --batch 8 --warmup 3 --assets "$ASSETS" \
                     ${BASELINE_NON_REENTRANT:+--baseline-non-reentrant} ;;&
+    qlora) $PY bench/overhead.py --device cuda --preset qwen3-vl-8b --repeats "${REPEATS:-2}" --epochs "${EPOCHS:-2}" \
+                    --images 128 --batch 8 --warmup 3 --assets "$ASSETS" --quantization-bit 4 ;;
     selection|all) $PY bench/selection.py --device cuda --preset qwen2.5-vl-7b --samples 1000 --repeats 3 \
                     --batch 32 --end-to-end --assets "$ASSETS" ;;&
     harc|all) echo "HARC against SFT with LLaMA-Factory's defaults (reentrant gradient checkpointing), as users run it"

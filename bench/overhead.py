@@ -9,7 +9,7 @@ loading and the collator (where HeRA preprocesses the teacher's images) are incl
 runs on every image) and later epochs (teacher features come from the cache).
 
 Usage: python bench/overhead.py [--repeats 3] [--epochs 3] [--images 64] [--batch 8] [--device cpu]
-       [--preset cpu-mid|qwen3-vl-8b|qwen2.5-vl-7b] [--monitor]
+       [--preset cpu-mid|qwen3-vl-8b|qwen2.5-vl-7b] [--monitor] [--quantization-bit 4|8]
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ def recipe(assets, stage: str, output_dir: str, args: argparse.Namespace) -> dic
         **({"hera_monitor_steps": 0} if stage == "hera_off" or (stage == "hera" and not args.monitor) else {}),
         **({"hera_monitor_steps": args.monitor_steps} if stage == "hera" and args.monitor_steps is not None else {}),
         **({"use_reentrant_gc": False} if args.baseline_non_reentrant else {}),
+        # QLoRA as LLaMA-Factory's examples/train_qlora runs it: bitsandbytes at load, nf4 with double quantization
+        # (LLaMA-Factory's defaults for the other keys), the same in both arms
+        **({"quantization_bit": args.quantization_bit, "quantization_method": "bnb"} if args.quantization_bit else {}),
     }
 
 
@@ -129,7 +132,15 @@ def worker(args: argparse.Namespace) -> None:
             if logs and "hera_mknn" in logs:
                 self.steps.append(state.global_step)
 
-    points = MonitorPoints()
+    class QuantizedLinears(TrainerCallback):
+        """Evidence that QLoRA engaged: the bitsandbytes linear layers under the trained model."""
+
+        count = 0
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+            self.count = sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+
+    points, quantized = MonitorPoints(), QuantizedLinears()
     assets = build_bench_assets(Path(args.assets), num_images=args.images, preset=args.preset)
     if not args.counters:
         counters, unavailable = None, "not asked for (--counters)"
@@ -141,7 +152,7 @@ def worker(args: argparse.Namespace) -> None:
     memory = StepMemory(args.warmup + 1)
     with tempfile.TemporaryDirectory() as out:
         run_exp(recipe(assets, args.worker, out, args),
-                callbacks=[timer, points] + ([memory] if args.step_tensors else []))
+                callbacks=[timer, points, quantized] + ([memory] if args.step_tensors else []))
     steps = [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)]
     if memory.peak_mb is not None:  # the profiled step is slower: leave it out of the timings
         steps[memory.step] = float("nan")
@@ -152,7 +163,8 @@ def worker(args: argparse.Namespace) -> None:
                   "monitor_points_s": monitor_points, "precompute_s": sum(precompute_seconds),
                   "step_tensors_mb": memory.peak_mb, "peak_rss_mb": peak_rss, "peak_gpu_mb": peak_gpu,
                   "counts": timer.counts, "end_count": timer.end_count, "counters_unavailable": unavailable,
-                  "torch_threads": torch.get_num_threads()})
+                  "torch_threads": torch.get_num_threads(),
+                  "quantized_linears": quantized.count})
 
 
 def run_one(stage: str, args: argparse.Namespace) -> dict:
@@ -169,6 +181,8 @@ def run_one(stage: str, args: argparse.Namespace) -> dict:
         options.append("--counters")
     if args.monitor_steps is not None:
         options += ["--monitor-steps", str(args.monitor_steps)]
+    if args.quantization_bit:
+        options += ["--quantization-bit", str(args.quantization_bit)]
     return run_worker(str(Path(__file__)), stage, args.device, options)
 
 
@@ -201,6 +215,9 @@ def main() -> None:
                         help="also count the instructions and cycles the training thread retires (Linux hardware "
                              "counters, bench/counters.py): the work of each run, which the machine's load does not "
                              "move; set OMP_NUM_THREADS=1 so that the training runs on that thread")
+    parser.add_argument("--quantization-bit", type=int, choices=[4, 8],
+                        help="QLoRA in both arms: quantization_bit of the recipe (bitsandbytes; 4: nf4 with double "
+                             "quantization, LLaMA-Factory's defaults)")
     parser.add_argument("--assets", default=str(Path(tempfile.gettempdir()) / "hera_bench_assets"))
     parser.add_argument("--save", help="also write every run's measurements (step times, points) to this JSON file")
     parser.add_argument("--worker", choices=["sft", "hera", "hera_off"], help=argparse.SUPPRESS)
@@ -217,6 +234,8 @@ def main() -> None:
           flush=True)
     if not args.monitor:
         print(f"baseline: {baseline_line(args.baseline_non_reentrant)}", flush=True)
+    if args.quantization_bit:
+        print(f"both arms QLoRA: quantization_bit {args.quantization_bit} (bitsandbytes)", flush=True)
     per_epoch = -(-args.images // args.batch)
     base, other = ("hera_off", "hera") if args.monitor else ("sft", "hera")
     results: dict[str, list[dict]] = {base: [], other: []}
@@ -230,9 +249,14 @@ def main() -> None:
     for repeat in range(args.repeats):
         for stage in ((base, other), (other, base))[repeat % 2]:  # ABBA...: order effects cancel
             results[stage].append(run_one(stage, args))
+            if args.quantization_bit and not results[stage][-1]["quantized_linears"]:
+                raise SystemExit(f"{stage}: --quantization-bit {args.quantization_bit}, but the trained model has no "
+                                 "bitsandbytes linear layer")
             print(f"repeat {repeat + 1}/{args.repeats} {stage}: median step "
                   f"{statistics.median(steps_of(results[stage][-1], 'all')) * 1e3:.1f} ms, training "
-                  f"{results[stage][-1]['train_s']:.2f} s", flush=True)
+                  f"{results[stage][-1]['train_s']:.2f} s"
+                  + (f", {results[stage][-1]['quantized_linears']} bitsandbytes linears" if args.quantization_bit
+                     else ""), flush=True)
 
     if args.save:
         import json
