@@ -22,7 +22,7 @@ platforms+=(--platform manylinux2014_x86_64 --platform any)
   llamafactory==0.9.5 transformers==5.6.0 datasets==4.0.0 dill==0.3.8 multiprocess==0.70.16 trl==0.24.0 \
   fire==0.7.1 termcolor==3.3.0 omegaconf==2.4.0 tyro==0.8.14 docstring-parser==0.18.0 shtab==1.13.0 \
   pydantic==2.12.3 pydantic-core==2.41.4 annotated-types==0.8.0 typing-inspection==0.4.5 torchdata==0.11.0 \
-  tokenizers==0.22.2 accelerate==1.11.0 peft==0.18.1 fsspec==2025.3.0
+  tokenizers==0.22.2 accelerate==1.11.0 peft==0.18.1 fsspec==2025.3.0 ruamel.yaml==0.19.1
 # bitsandbytes for the QLoRA benchmark (gpu.sh qlora): its wheel carries a library per CUDA and ROCm release (43 MB);
 # keep the CPU one and CUDA 13's, which the image's torch (cu130) loads, so that .whl stays under the carry limit
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \

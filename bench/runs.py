@@ -65,6 +65,8 @@ def step_timer(counters: Any = None) -> Any:
                 self.counts.append(counters.read())
 
         def on_train_begin(self, *a, **k) -> None:
+            if torch.cuda.is_available():  # peak GPU memory of the training, not of loading and quantizing the model
+                torch.cuda.reset_peak_memory_stats()
             self._mark()
 
         def on_step_end(self, *a, **k) -> None:
