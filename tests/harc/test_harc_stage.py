@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from dist_runs import launch_runs
 from engine_checks import assert_engine, evidence_env, read_evidence
 from fsdp_checks import accelerate_launch, assert_fsdp2
 from safetensors.torch import load_file
@@ -131,42 +132,40 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
     """One process with gradient accumulation 2 == two ranks (gloo DDP) == two ranks under DeepSpeed ZeRO-2 and
     ZeRO-3, step for step, through the base extraction, a refresh and the ramp (directions and layers equal on every
     rank). The ZeRO-3 run, stopped at step 2 and resumed, ends as the run not stopped (HARC's resume under
-    DeepSpeed)."""
+    DeepSpeed). The four two-rank runs share one launch (tests/dist_runs.py)."""
     runs = {"one": _terms(four_steps)}
     assert [line["harc_layers"] for line in read_trainer_log(four_steps) if "loss" in line][-1].count(",") == 3
     zero2 = {**ZERO3, "deepspeed": str(REPO / "recipes" / "deepspeed" / "ds_z2_config.json")}
-    for name, extra, ranks in (("ddp", {"gradient_accumulation_steps": 1}, 2), ("zero2", zero2, 2),
-                               ("zero3", ZERO3, 2)):
-        output = tmp_path / name / "out"  # not the run's folder: a rerun after an abort at exit empties output_dir
-        # the end-of-run evaluation generates on every rank in step: run it under ZeRO-3, where that matters
-        recipe = harc_recipe(harc_assets, "llama3", output, harc_eval=name == "zero3", max_steps=4, **extra)
-        env = {**({"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2"} if ranks == 2 else {}),
-               **evidence_env(tmp_path / name / "engine")}
-        run_train(recipe, tmp_path / name, env=env)
-        runs[name] = _terms(output)
+    whole, resumed = tmp_path / "zero3" / "out", tmp_path / "zero3_resumed" / "out"
+    # one two-rank launch, the runs one after another (tests/dist_runs.py); the end-of-run evaluation generates on
+    # every rank in step: run it under ZeRO-3, where that matters
+    plan = {"ddp": ({"gradient_accumulation_steps": 1}, False, None), "zero2": (zero2, False, 2),
+            "zero3": (ZERO3, True, 3),
+            "zero3_resumed": ({**ZERO3, "resume_from_checkpoint": str(whole / "checkpoint-2")}, False, 3)}
+    results = launch_runs([{"recipe": harc_recipe(harc_assets, "llama3", tmp_path / name / "out", harc_eval=evaluate,
+                                                  max_steps=4, **extra),
+                            "env": {"HERA_TEST_ENGINE_EVIDENCE": str(tmp_path / name / "engine")}}
+                           for name, (extra, evaluate, _) in plan.items()],
+                          tmp_path / "launch", 2, env=evidence_env(tmp_path / "launch" / "engine"))
+    for name, (_, _, stage) in plan.items():
         # equal losses prove nothing if DeepSpeed silently fell back to DDP: the run's engine is what it says
         engine = read_evidence(tmp_path / name / "engine", ranks=2)
-        stage = {"zero2": 2, "zero3": 3}.get(name)
         assert_engine(engine, stage)
         for other in {None, 2, 3} - {stage}:  # the check tells DDP, ZeRO-2 and ZeRO-3 apart
             with pytest.raises(AssertionError):
                 assert_engine(engine, other)
-        assert [line["harc_layers"] for line in read_trainer_log(output) if "loss" in line][-1].count(",") == 3
+        runs[name] = _terms(tmp_path / name / "out")
+        assert [line["harc_layers"] for line in read_trainer_log(tmp_path / name / "out")
+                if "loss" in line][-1].count(",") == 3
     assert len(runs["one"]) == 4 and runs["one"][0][TERMS.index("harc_kl") + 1] == 0.0
     for name in ("ddp", "zero2", "zero3"):
         assert _close(runs[name], runs["one"]), (name, runs)
-    refusal = json.loads((tmp_path / "zero3" / "out" / "harc_eval.json").read_text())["refusal"]
+    refusal = json.loads((whole / "harc_eval.json").read_text())["refusal"]
     assert refusal["harmful"]["count"] == 4 and refusal["before"]["pseudo"]["count"] == 4
 
     # ZeRO-3 stopped at step 2 (just after a refresh) and resumed: its engine's partitions of the LoRA weights and of
     # the optimizer state, the adapter, the directions, layers and history as the run not stopped, bit for bit
-    whole, resumed = tmp_path / "zero3" / "out", tmp_path / "zero3_resumed" / "out"
-    proc = run_train(harc_recipe(harc_assets, "llama3", resumed, harc_eval=False, max_steps=4, **ZERO3,
-                                 resume_from_checkpoint=str(whole / "checkpoint-2")), tmp_path / "zero3_resumed",
-                     env={"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2",
-                          **evidence_env(tmp_path / "zero3_resumed" / "engine")})
-    assert "HARC: resumed directions and layers" in proc.stdout + proc.stderr
-    assert_engine(read_evidence(tmp_path / "zero3_resumed" / "engine", ranks=2), 3)
+    assert "HARC: resumed directions and layers" in results[-1]["stdout"]
     assert {"model", "harc_state.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
         assert_resumed_equals_whole(whole, resumed, 4))
 

@@ -13,27 +13,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dist_runs import launch_runs
 from engine_checks import assert_engine, evidence_env, read_evidence
 
-from conftest import REPO, base_recipe, read_trainer_log, run_train
+from conftest import REPO, base_recipe, read_trainer_log
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 SAVED = {"save_strategy": "steps", "save_steps": 1}  # a checkpoint after each step: step 1's is resumed from
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
 
-def _losses(assets, tmp: Path, deepspeed: str | None, precompute: str, **keys: Any
+def _run(assets, tmp: Path, deepspeed: str | None, precompute: str, **keys: Any) -> dict[str, Any]:
+    """One run of the launch: the HeRA recipe (full fine-tuning, the monitor at every step) and its engine evidence's
+    folder."""
+    recipe = base_recipe(assets, "qwen2_5_vl", tmp / "out", finetuning_type="full", per_device_train_batch_size=4,
+                         max_steps=2, hera_temperature_lr=0.05, deepspeed=deepspeed, hera_teacher_precompute=precompute,
+                         hera_monitor_steps=1, hera_k=3, **keys)
+    return {"recipe": recipe, "env": {"HERA_TEST_ENGINE_EVIDENCE": str(tmp / "engine")}}
+
+
+def _losses(result: dict[str, Any], tmp: Path, precompute: str, resumed: bool
             ) -> tuple[list[tuple[float, ...]], list[dict[str, Any]]]:
     """Per step (loss, hera_loss, hera_temperature, hera_mknn, hera_mknn_control); the alignment monitor scores at
     steps 0, 1 and 2 (every rank takes part in its forward; under ZeRO-3 the o_proj weights are gathered). And each
     rank's engine evidence (tests/engine_checks.py), taken at its first training step."""
-    recipe = base_recipe(assets, "qwen2_5_vl", tmp / "out", finetuning_type="full", per_device_train_batch_size=4,
-                         max_steps=2, hera_temperature_lr=0.05, deepspeed=deepspeed, hera_teacher_precompute=precompute,
-                         hera_monitor_steps=1, hera_k=3, **keys)
-    # 900 s: on a busy 2-core CI machine one two-rank ZeRO-3 run with the monitor has come near 400 s
-    env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", **evidence_env(tmp / "engine")}
-    proc = run_train(recipe, tmp, env=env, timeout=900)
-    output = proc.stdout + proc.stderr
+    output = result["stdout"]
     precomputed = "teacher features of 32 training images computed before the first step" in output
     # each rank computes half of the images the monitor's probe pairs (rank 0's, broadcast) did not already compute
     split = re.search(r"\((\d+) on this rank(?:, (\d+) from this teacher's earlier pass)?", output)
@@ -41,23 +45,34 @@ def _losses(assets, tmp: Path, deepspeed: str | None, precompute: str, **keys: A
     assert split is None or int(split[1]) == -(-(32 - int(split[2] or 0)) // 2)
     lines = read_trainer_log(tmp / "out")
     scored = [line["current_steps"] for line in lines if "hera_mknn" in line]
-    assert scored == [0, 1, 2] if "resume_from_checkpoint" not in keys else scored[-1] == 2  # resumed: from step 1
+    assert scored == [0, 1, 2] if not resumed else scored[-1] == 2  # resumed: from step 1
     return [(line["loss"], line["hera_loss"], line["hera_temperature"], line["hera_mknn"], line["hera_mknn_control"])
             for line in lines if "loss" in line], read_evidence(tmp / "engine", ranks=2)
 
 
 def test_zero2_and_zero3_train_hera_like_ddp(assets, tmp_path: Path) -> None:
     """ZeRO-3 also fills the teacher cache before step 1 (split over both ranks, all-gathered); DDP and ZeRO-2 run
-    the teacher inside the steps: the same losses either way."""
-    runs, engines = {}, {}
+    the teacher inside the steps: the same losses either way. ZeRO-2 and ZeRO-3 stopped after step 1 and resumed:
+    step 2 as the run not stopped, and its engine's weights and optimizer state (ZeRO-3: each rank's partition), the
+    saved model (Qwen2.5-VL: a checkpoint conversion mapping; ZeRO-3: gathered on save), the temperature and its own
+    optimizer bit-identical. The five runs share one two-rank launch (tests/dist_runs.py), ZeRO-3 last."""
     zero2, zero3 = (str(REPO / "recipes" / "deepspeed" / f"ds_z{stage}_config.json") for stage in (2, 3))
-    for name, config, precompute in (("ddp", None, "false"), ("zero2", zero2, "false"), ("zero3", zero3, "true")):
-        runs[name], engines[name] = _losses(assets, tmp_path / name, config, precompute,
-                                            **(SAVED if name != "ddp" else {}))
+    plan = [("ddp", None, "false", {}), ("zero2", zero2, "false", SAVED),
+            ("zero2_resumed", zero2, "false", {**SAVED, "resume_from_checkpoint": str(tmp_path / "zero2" / "out" /
+                                                                                       "checkpoint-1")}),
+            ("zero3", zero3, "true", SAVED),
+            ("zero3_resumed", zero3, "true", {**SAVED, "resume_from_checkpoint": str(tmp_path / "zero3" / "out" /
+                                                                                      "checkpoint-1")})]
+    # 240 s per run: on a busy 2-core CI machine one two-rank ZeRO-3 run with the monitor has come near 400 s
+    results = launch_runs([_run(assets, tmp_path / name, config, precompute, **keys)
+                           for name, config, precompute, keys in plan], tmp_path / "launch", 2,
+                          env=evidence_env(tmp_path / "launch" / "engine"))
+    runs, engines = {}, {}
+    for (name, _, precompute, _), result in zip(plan, results, strict=True):
+        runs[name], engines[name] = _losses(result, tmp_path / name, precompute, name.endswith("resumed"))
     # equal losses prove nothing if DeepSpeed silently fell back to DDP: each run's engine is what it says
-    assert_engine(engines["ddp"], None)
-    assert_engine(engines["zero2"], 2)
-    assert_engine(engines["zero3"], 3)
+    for name, stage in (("ddp", None), ("zero2", 2), ("zero2_resumed", 2), ("zero3", 3), ("zero3_resumed", 3)):
+        assert_engine(engines[name], stage)
     for fallback, stage in (("ddp", 2), ("ddp", 3), ("zero2", 3)):  # the checks tell the engines apart
         with pytest.raises(AssertionError):
             assert_engine(engines[fallback], stage)
@@ -67,13 +82,8 @@ def test_zero2_and_zero3_train_hera_like_ddp(assets, tmp_path: Path) -> None:
             assert got == pytest.approx(want, rel=1e-5), name
     assert runs["zero3"][1][2] != pytest.approx(0.07, abs=1e-3)  # the temperature learns under DeepSpeed too
 
-    # ZeRO-2 and ZeRO-3 stopped after step 1 and resumed: step 2 as the run not stopped, and its engine's weights and
-    # optimizer state (ZeRO-3: each rank's partition), the saved model (Qwen2.5-VL: a checkpoint conversion mapping;
-    # ZeRO-3: gathered on save), the temperature and its own optimizer bit-identical
-    for name, config, precompute in (("zero2", zero2, "false"), ("zero3", zero3, "true")):
-        resumed, _ = _losses(assets, tmp_path / f"{name}_resumed", config, precompute, **SAVED,
-                             resume_from_checkpoint=str(tmp_path / name / "out" / "checkpoint-1"))
-        assert resumed == runs[name][1:], name
+    for name in ("zero2", "zero3"):
+        assert runs[f"{name}_resumed"] == runs[name][1:], name
         assert {"hera_temperature_optimizer.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
                 "hera_state.json"} <= set(assert_resumed_equals_whole(tmp_path / name / "out",
                                                                       tmp_path / f"{name}_resumed" / "out", 2)), name

@@ -4,7 +4,8 @@ Under ZeRO-3 the frozen o_proj base weight and the LoRA matrices are partitioned
 modules' calls): HeRA projects the heads through module calls, the monitor reads W_O inside a gather. LLaMA-Factory's
 default gradient checkpointing stays on (HeRA's heads' layers run non-reentrant; DeepSpeed before 0.19.3 failed their
 frozen weights' recompute, deepspeedai/DeepSpeed#8148). The DDP run is also the test that torchrun ranks share one
-temperature. Three two-rank runs in all: DDP, ZeRO-3 saving after each step, ZeRO-3 resumed from step 1.
+temperature. Three two-rank runs in one launch (tests/dist_runs.py): DDP, ZeRO-3 saving after each step, ZeRO-3
+resumed from step 1.
 """
 
 from __future__ import annotations
@@ -15,24 +16,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dist_runs import launch_runs
 from engine_checks import assert_engine, evidence_env, read_evidence
 
-from conftest import REPO, base_recipe, read_trainer_log, run_train
+from conftest import REPO, base_recipe, read_trainer_log
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 LOGGED = ("loss", "lm_loss", "hera_loss", "hera_temperature", "hera_mknn", "hera_mknn_control")
 
 
-def _run(assets, tmp: Path, **keys: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The training log lines (with a loss) of a two-rank LoRA run of 2 steps, and each rank's engine evidence."""
+def _run(assets, tmp: Path, **keys: Any) -> dict[str, Any]:
+    """A two-rank LoRA run of 2 steps, its engine evidence written to ``tmp / "engine"``."""
     recipe = base_recipe(assets, "qwen2_5_vl", tmp / "out", per_device_train_batch_size=4, max_steps=2,
                          hera_temperature_lr=0.05, hera_monitor_steps=1, **keys)
-    # 900 s: on a busy 2-core machine a two-rank ZeRO-3 run has come near 400 s
-    proc = run_train(recipe, tmp, env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2",
-                                       **evidence_env(tmp / "engine")}, timeout=900)
+    return {"recipe": recipe, "env": {"HERA_TEST_ENGINE_EVIDENCE": str(tmp / "engine")}}
+
+
+def _read(result: dict[str, Any], tmp: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The training log lines (with a loss) of a run, and each rank's engine evidence."""
     # LLaMA-Factory's default gradient checkpointing, HeRA's heads' layer (L1) switched to the non-reentrant kind
     assert "gradient checkpointing: reentrant (the recipe's) in 1 of 2 decoder layers; non-reentrant in layer 1 " \
-        "(HeRA's heads)" in proc.stdout + proc.stderr
+        "(HeRA's heads)" in result["stdout"]
     return [line for line in read_trainer_log(tmp / "out") if "loss" in line], read_evidence(tmp / "engine", ranks=2)
 
 
@@ -41,26 +45,33 @@ def _logged(lines: list[dict[str, Any]]) -> list[tuple[float, ...]]:
 
 
 def test_torchrun_ranks_share_one_temperature_and_zero3_lora_trains_like_ddp(assets, tmp_path: Path) -> None:
-    ddp, engine = _run(assets, tmp_path / "ddp")
+    zero3 = str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json")
+    saved = {"deepspeed": zero3, "save_strategy": "steps", "save_steps": 1}
+    plan = {"ddp": {}}
+    if importlib.util.find_spec("deepspeed") is not None:
+        plan.update(zero3=saved, resumed={**saved, "resume_from_checkpoint": str(tmp_path / "zero3" / "out" /
+                                                                                 "checkpoint-1")})
+    results = launch_runs([_run(assets, tmp_path / name, **keys) for name, keys in plan.items()],
+                          tmp_path / "launch", 2, env=evidence_env(tmp_path / "launch" / "engine"))
+    runs = {name: _read(result, tmp_path / name) for name, result in zip(plan, results, strict=True)}
+    ddp, engine = runs["ddp"]
     assert_engine(engine, None)
     assert [line["current_steps"] for line in ddp] == [1, 2]
     # The logged temperature is the mean over ranks, the saved one is rank 0's: equal only if the ranks agree.
     state = json.loads((tmp_path / "ddp" / "out" / "hera_state.json").read_text())
     assert state["temperature"] == pytest.approx(ddp[-1]["hera_temperature"], rel=1e-7)
     assert state["temperature"] != pytest.approx(0.07, abs=1e-3)
-    if importlib.util.find_spec("deepspeed") is None:
+    if "zero3" not in plan:
         pytest.skip("deepspeed is not installed: the ZeRO-3 half of this test")
 
-    zero3 = str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json")
-    saved = {"deepspeed": zero3, "save_strategy": "steps", "save_steps": 1}
-    whole, engine = _run(assets, tmp_path / "zero3", **saved)
+    whole, engine = runs["zero3"]
     assert_engine(engine, 3)  # o_proj's base weight is a partition: equal losses are not a silent DDP fallback
     # step 1 checks the forward through partitioned W_O and LoRA, step 2 the update of step 1
     for got, want in zip(_logged(whole), _logged(ddp), strict=True):
         assert got == pytest.approx(want, rel=1e-5)
 
-    resumed, _ = _run(assets, tmp_path / "resumed", **saved,
-                      resume_from_checkpoint=str(tmp_path / "zero3" / "out" / "checkpoint-1"))
+    resumed, engine = runs["resumed"]
+    assert_engine(engine, 3)
     assert _logged(resumed) == _logged(whole)[1:]
     # the adapter (gathered on save), each rank's engine partition and optimizer state, the temperature and its own
     # optimizer: bit for bit

@@ -2,40 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_runs import launch_runs
 
-from conftest import base_recipe, free_port, offline_env, read_trainer_log, run_once_more_if_aborted_at_exit, run_train
+from conftest import base_recipe, read_trainer_log, run_train
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
-
-PROBE = str(Path(__file__).with_name("dist_probe.py"))
-
-
-def _probe(recipes: list[dict], tmp: Path, processes: int) -> list[dict]:
-    """Each recipe's first-step gradients and training logs (tests/hera/dist_probe.py), the recipes run one after
-    another in one process (``processes`` 1) or under one torchrun (2): each its own cache, the process group set up
-    again for each. Each result also holds its run's stdout (rank 0's, and the other ranks' as it came)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "recipes.json").write_text(json.dumps(recipes))
-    port = free_port()
-    launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes),
-                "--master_addr", "127.0.0.1", "--master_port", str(port)] if processes > 1 else [sys.executable]
-    proc = run_once_more_if_aborted_at_exit(
-        [*launcher, PROBE, str(tmp / "recipes.json"), str(tmp / "out.pt")],
-        dict(cwd=tmp, env=offline_env(tmp), timeout=240 * len(recipes)),
-        lambda: [shutil.rmtree(recipe.get("output_dir", tmp / "__none__"), ignore_errors=True) for recipe in recipes])
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    results = torch.load(tmp / "out.pt", weights_only=False)
-    # rank 0's stdout of each run (what the plugin says once, on the main process) follows its line "... run I"
-    stdouts = re.split(r"^\[dist_probe\] run \d+$", proc.stdout, flags=re.M)[1:]
-    assert len(results) == len(stdouts) == len(recipes)
-    return [{**result, "stdout": stdout} for result, stdout in zip(results, stdouts, strict=True)]
 
 
 def test_two_processes_equal_one_process_over_the_concatenated_batch(assets, tmp_path: Path) -> None:
@@ -51,7 +26,8 @@ def test_two_processes_equal_one_process_over_the_concatenated_batch(assets, tmp
     for processes, batch in ((1, 8), (2, 4)):
         recipes = [base_recipe(assets, "qwen2_5_vl", tmp_path / f"{processes}_{lam}" / "out",
                                per_device_train_batch_size=batch, hera_lambda=lam, **common) for lam in (1.0, 0.0)]
-        results = _probe(recipes + [control] * (processes == 2), tmp_path / str(processes), processes)
+        results = launch_runs([{"recipe": r} for r in recipes + [control] * (processes == 2)],
+                              tmp_path / str(processes), processes)
         runs[processes, 1.0], runs[processes, 0.0], *rest = results
     local = rest[0]
     one, two = runs[1, 1.0], runs[2, 1.0]
@@ -75,9 +51,9 @@ def test_precomputed_teacher_features_are_split_over_ranks_and_train_identically
     common = dict(finetuning_type="full", max_steps=2, per_device_train_batch_size=4, hera_heads=["L1H0", "L1H2"],
                   hera_k=3)
     settings = ("true", "false")  # one torchrun, one run after the other
-    runs = dict(zip(settings, _probe([base_recipe(assets, "qwen2_5_vl", tmp_path / setting / "out",
-                                                  hera_teacher_precompute=setting, **common) for setting in settings],
-                                     tmp_path, 2), strict=True))
+    runs = dict(zip(settings, launch_runs([{"recipe": base_recipe(assets, "qwen2_5_vl", tmp_path / setting / "out",
+                                                              hera_teacher_precompute=setting, **common)}
+                                           for setting in settings], tmp_path, 2), strict=True))
     assert "teacher features of 32 training images computed before the first step" in runs["true"]["stdout"]
     # the monitor's probe pairs (rank 0, before the precompute) are shared with every rank; the rest is split
     computed, shared = (int(n) for n in re.search(r"\((\d+) on this rank, (\d+) from this teacher's earlier pass",

@@ -1,0 +1,106 @@
+"""Run recipes one after another through LLaMA-Factory's run_exp (under torchrun or not) and dump, per run, rank 0's
+first-step o_proj gradients and training logs.
+
+Usage: [torchrun --nproc_per_node N] dist_probe.py RUNS.json OUT.pt
+RUNS.json: a list of runs, each {"recipe": {...}, "env": {...}}: ``env`` is set for that run only (e.g. the folder of
+its engine evidence, tests/engine_evidence/, which each rank writes at its run's first step). Saved: a list, per run
+{"grads": {layer: o_proj weight grad} or {} where a weight has no whole gradient (ZeRO-3), "logs": [training log
+dicts]} after DDP's gradient averaging; rank 0 prints "[dist_probe] run I" before run I.
+
+Why one process for several runs: each run in its own launch pays a ``llamafactory-cli`` parent, torchrun and every
+rank's imports again (about 56 CPU s of a two-rank HARC launch's 65 on an idle machine; tests/dist_runs.py says
+more). Each run gets its own $LLAMAFACTORY_HERA_CACHE, and run_exp ends by destroying the process group. From the
+second run on, the probe sets the group up before run_exp (accelerate, and DeepSpeed's ``init_distributed``, then keep
+it) under keys of its own in torchrun's store: set up again under the first run's keys, a rank could read the other's
+stale gloo address and wait for it (seen: a hang at the second run's start). Between runs the probe drops the last
+run's objects (``gc.collect``), so no DeepSpeed config of a ZeRO-3 run is still referenced at the next run's start
+(transformers reads ``is_deepspeed_zero3_enabled`` through a weak reference); each run's engine evidence checks that.
+"""
+
+import copy
+import gc
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import accelerate.state
+import torch
+from llamafactory.train.tuner import run_exp
+from transformers import TrainerCallback
+
+from llamafactory_hera.heads.architecture import head_projections
+
+
+class Probe(TrainerCallback):
+    def __init__(self) -> None:
+        self.grads: dict[int, torch.Tensor] | None = None
+        self.logs: list[dict] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            grads = {i: m.weight.grad for i, m in head_projections(model).items()}
+            whole = all(g is not None and g.numel() for g in grads.values())
+            self.grads = {i: g.detach().clone() for i, g in grads.items()} if whole else {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.logs.append(dict(logs))
+
+
+def process_group_of_its_own(index: int) -> None:
+    """Under torchrun, from the second run on: the gloo process group, its keys prefixed by the run's index."""
+    if index == 0 or "TORCHELASTIC_USE_AGENT_STORE" not in os.environ:
+        return
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                       timeout=timedelta(minutes=10))
+    torch.distributed.init_process_group("gloo", store=torch.distributed.PrefixStore(f"dist_probe_run{index}", store),
+                                         rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def deepspeed_groups_reset() -> Callable[[], None]:
+    """DeepSpeed keeps the process groups it made in module globals (deepspeed.utils.groups) and its backend in
+    deepspeed.comm's ``cdb``: after run_exp destroyed the group, the next DeepSpeed run would use the dead ones
+    ("Group ... is not registered"). Returns a function that puts them back as they were at import, as in a new
+    process; a no-op where the launch does not use DeepSpeed."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return lambda: None
+    import deepspeed.comm.comm
+    import deepspeed.utils.groups
+
+    fresh = {k: copy.copy(v) for k, v in vars(deepspeed.utils.groups).items()
+             if not k.startswith("__") and isinstance(v, (dict, type(None)))}
+
+    def reset() -> None:
+        for key, value in fresh.items():
+            setattr(deepspeed.utils.groups, key, copy.copy(value))
+        deepspeed.comm.comm.cdb = None
+
+    return reset
+
+
+MARK = "[dist_probe] run"
+reset_deepspeed = deepspeed_groups_reset()
+results = []
+cache = os.environ.get("LLAMAFACTORY_HERA_CACHE") or str(Path(sys.argv[2]).with_name("hera_cache"))
+launch_env = dict(os.environ)
+for index, run in enumerate(json.loads(Path(sys.argv[1]).read_text())):
+    os.environ.clear()
+    os.environ.update(launch_env)
+    os.environ["LLAMAFACTORY_HERA_CACHE"] = os.path.join(cache, f"run{index}")  # no run reads another's features
+    os.environ.update(run["env"])
+    gc.collect()
+    reset_deepspeed()
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)  # the process group comes up again
+    process_group_of_its_own(index)
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0's stdout (what the plugin says once) split by run
+        print(f"{MARK} {index}", flush=True)
+    probe = Probe()
+    run_exp(run["recipe"], callbacks=[probe])
+    results.append({"grads": probe.grads or {}, "logs": probe.logs})
+    del probe
+if int(os.environ.get("RANK", "0")) == 0:
+    torch.save(results, sys.argv[2])

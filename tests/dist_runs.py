@@ -1,0 +1,47 @@
+"""Several training runs in one launch (tests/dist_probe.py): one process, or one torchrun of N ranks.
+
+Tests that compare engines (DDP, ZeRO-2, ZeRO-3) or a run with its resume need several runs on the same ranks. Each in
+its own ``llamafactory-cli`` launch costs the parent, torchrun and each rank's imports again: of a two-rank HARC
+launch's 65 CPU s on an idle machine (py-spy, 2026-11-26), 45 are imports. The launch through ``llamafactory-cli``
+itself stays tested by the tests that launch one run (tests/test_torchrun_refusals.py, tests/test_run_claim.py, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conftest import engines_of, free_port, offline_env, run_once_more_if_aborted_at_exit
+
+PROBE = str(Path(__file__).with_name("dist_probe.py"))
+
+
+def launch_runs(runs: list[dict[str, Any]], tmp: Path, processes: int,
+                env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Run each of ``runs`` (``{"recipe": ..., "env": {...}}``, ``env`` optional) one after another in one process
+    (``processes`` 1) or one torchrun of ``processes`` ranks, ``env`` set for the whole launch; the process sees the
+    engines any run uses. Each result holds its run's first-step gradients and logs (tests/dist_probe.py) and its
+    stdout (rank 0's, and the other ranks' as it came)."""
+    runs = [{"recipe": run["recipe"], "env": run.get("env", {})} for run in runs]
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "runs.json").write_text(json.dumps(runs))
+    launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes),
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())] if processes > 1 else [sys.executable]
+    engines = tuple(sorted({name for run in runs for name in engines_of(run["recipe"])}))
+    proc = run_once_more_if_aborted_at_exit(
+        [*launcher, PROBE, str(tmp / "runs.json"), str(tmp / "out.pt")],
+        dict(cwd=tmp, env=offline_env(tmp, False, engines, **(env or {})), timeout=240 * len(runs)),
+        lambda: [shutil.rmtree(run["recipe"].get("output_dir", tmp / "__none__"), ignore_errors=True)
+                 for run in runs])
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = torch.load(tmp / "out.pt", weights_only=False)
+    # rank 0's stdout of each run (what the plugin says once) follows its line "... run I"
+    stdouts = re.split(r"^\[dist_probe\] run \d+$", proc.stdout, flags=re.M)[1:]
+    assert len(results) == len(stdouts) == len(runs)
+    return [{**result, "stdout": stdout} for result, stdout in zip(results, stdouts, strict=True)]
