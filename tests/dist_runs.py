@@ -22,17 +22,19 @@ from conftest import engines_of, free_port, offline_env, run_once_more_if_aborte
 PROBE = str(Path(__file__).with_name("dist_probe.py"))
 
 
-def launch_runs(runs: list[dict[str, Any]], tmp: Path, processes: int,
-                env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def launch_runs(runs: list[dict[str, Any]], tmp: Path, processes: int, env: dict[str, str] | None = None,
+                launcher: list[str] | None = None) -> list[dict[str, Any]]:
     """Run each of ``runs`` (``{"recipe": ..., "env": {...}}``, ``env`` optional) one after another in one process
-    (``processes`` 1) or one torchrun of ``processes`` ranks, ``env`` set for the whole launch; the process sees the
-    engines any run uses. Each result holds its run's first-step gradients and logs (tests/dist_probe.py) and its
-    stdout (rank 0's, and the other ranks' as it came)."""
+    (``processes`` 1) or one torchrun of ``processes`` ranks (or ``launcher``, e.g. ``accelerate launch --config_file
+    ...``), ``env`` set for the whole launch; the process sees the engines any run uses. Each result holds its run's
+    first-step gradients and logs (tests/dist_probe.py) and its stdout (rank 0's, and the other ranks' as it came)."""
     runs = [{"recipe": run["recipe"], "env": run.get("env", {})} for run in runs]
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "runs.json").write_text(json.dumps(runs))
-    launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes),
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port())] if processes > 1 else [sys.executable]
+    if launcher is None:
+        launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes),
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port())] if processes > 1 \
+            else [sys.executable]
     engines = tuple(sorted({name for run in runs for name in engines_of(run["recipe"])}))
     proc = run_once_more_if_aborted_at_exit(
         [*launcher, PROBE, str(tmp / "runs.json"), str(tmp / "out.pt")],

@@ -26,6 +26,35 @@ FSDP2_CONFIG = {  # examples/accelerate/fsdp2_config.yaml of LLaMA-Factory, on t
 }
 
 
+def fsdp2_config_file(tmp: Path, fsdp_config: dict[str, Any] | None = None) -> Path:
+    """:data:`FSDP2_CONFIG` (its ``fsdp_config`` updated with ``fsdp_config``, a free port) written into ``tmp``."""
+    config = {**FSDP2_CONFIG, "fsdp_config": {**FSDP2_CONFIG["fsdp_config"], **(fsdp_config or {})},
+              "main_process_port": free_port()}
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "fsdp2_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return tmp / "fsdp2_config.yaml"
+
+
+def fsdp_run(recipe: dict[str, Any], tmp: Path, shim: bool = True) -> dict[str, Any]:
+    """One run of :func:`accelerate_launch_runs`: under FSDP2 with ``shim``, else as accelerate 1.11 runs the config
+    on CPU (plain DDP); each rank's evidence in ``tmp/fsdp``."""
+    return {"recipe": recipe, "env": {"HERA_TEST_FSDP_EVIDENCE": str(tmp / "fsdp"),
+                                      "HERA_TEST_FSDP_ON_CPU": "1" if shim else ""}}
+
+
+def accelerate_launch_runs(runs: list[dict[str, Any]], tmp: Path) -> list[dict[str, Any]]:
+    """:func:`fsdp_run` runs one after another in one ``accelerate launch --config_file`` of :data:`FSDP2_CONFIG` on
+    two ranks (tests/dist_runs.py; tests/dist_probe.py in the place of LLaMA-Factory's launcher.py, which calls the
+    same run_exp). The shim and the evidence are switched per run."""
+    from dist_runs import launch_runs  # lazy: dist_runs imports torch, which this module's importers need not
+
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+                str(fsdp2_config_file(tmp))]
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(FSDP_HOOK), os.environ.get("PYTHONPATH")])),
+           "HERA_TEST_FSDP_EVIDENCE": str(tmp / "fsdp")}
+    return launch_runs(runs, tmp, 2, env=env, launcher=launcher)
+
+
 def accelerate_launch(recipe: dict[str, Any], tmp: Path, shim: bool = True, timeout: int = 900,
                       fsdp_config: dict[str, Any] | None = None) -> Any:
     """``accelerate launch`` of ``recipe`` on two ranks with :data:`FSDP2_CONFIG` (its ``fsdp_config`` updated with
@@ -33,17 +62,14 @@ def accelerate_launch(recipe: dict[str, Any], tmp: Path, shim: bool = True, time
     rank's evidence in ``tmp/fsdp`` either way). A failed run raises AssertionError."""
     import llamafactory.launcher  # lazy: the host's entry point, as `accelerate launch src/train.py` runs it
 
-    tmp.mkdir(parents=True, exist_ok=True)
+    config = fsdp2_config_file(tmp, fsdp_config)
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    config = {**FSDP2_CONFIG, "fsdp_config": {**FSDP2_CONFIG["fsdp_config"], **(fsdp_config or {})},
-              "main_process_port": free_port()}
-    (tmp / "fsdp2_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(FSDP_HOOK), os.environ.get("PYTHONPATH")])),
            "HERA_TEST_FSDP_EVIDENCE": str(tmp / "fsdp")}
     if shim:
         env["HERA_TEST_FSDP_ON_CPU"] = "1"
     command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-               str(tmp / "fsdp2_config.yaml"), llamafactory.launcher.__file__, str(tmp / "recipe.yaml")]
+               str(config), llamafactory.launcher.__file__, str(tmp / "recipe.yaml")]
     proc = run_once_more_if_aborted_at_exit(
         command, dict(cwd=tmp, env=offline_env(tmp, engines=engines_of(recipe), **env), timeout=timeout),
         lambda: (shutil.rmtree(recipe["output_dir"], ignore_errors=True), shutil.rmtree(tmp / "fsdp",

@@ -1,10 +1,11 @@
 """Test-only start-up hook: ``accelerate launch`` with an FSDP config really shards on CPU, and each rank says so.
 
 accelerate 1.11 keeps FSDP only for accelerator process groups: on CPU an FSDP config trains plain DDP over gloo
-without a word, though torch's ``fully_shard`` itself runs on gloo. With ``HERA_TEST_FSDP_ON_CPU`` set, this hook
-turns FSDP back on where accelerate dropped it, on AcceleratorState and on PartialState's shared state: every later
-``AcceleratorState()`` copies PartialState's ``MULTI_CPU`` back (accelerate/state.py, ``__init__``), so patching the
-first alone falls back to DDP by save time.
+without a word, though torch's ``fully_shard`` itself runs on gloo. With ``HERA_TEST_FSDP_ON_CPU`` set (read when each
+AcceleratorState is made, so several runs in one launch can switch it), this hook turns FSDP back on where accelerate
+dropped it, on AcceleratorState and on PartialState's shared state: every later ``AcceleratorState()`` copies
+PartialState's ``MULTI_CPU`` back (accelerate/state.py, ``__init__``), so patching the first alone falls back to DDP
+by save time.
 
 With ``HERA_TEST_FSDP_EVIDENCE`` naming a folder, every rank appends one JSON line per event to ``rank<N>.jsonl``
 there: at each training step, at each checkpoint save and after a checkpoint is loaded, the distributed type, the
@@ -21,7 +22,7 @@ import sys
 sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "process_hooks"))
 import unused_packages  # noqa: E402, F401 - tests/process_hooks/
 
-if os.environ.get("HERA_TEST_FSDP_ON_CPU"):
+if os.environ.get("HERA_TEST_FSDP_ON_CPU") or os.environ.get("HERA_TEST_FSDP_EVIDENCE"):
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
@@ -29,7 +30,9 @@ if os.environ.get("HERA_TEST_FSDP_ON_CPU"):
 
     def _init(self, *args, fsdp_plugin=None, **kwargs):
         _original_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        # read at each state's making: several runs in one launch (tests/dist_probe.py) switch it per run
+        if os.environ.get("HERA_TEST_FSDP_ON_CPU") and fsdp_plugin is not None \
+                and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
