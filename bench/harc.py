@@ -7,7 +7,8 @@ SFT on the three role datasets mixed (``per_device_train_batch_size: 12``), HARC
 order; the first ``--warmup`` steps of each run are dropped. Reported:
 
 - step time: medians of the step-to-step times of the steps without a refresh (the refreshes are reported apart);
-- peak memory: peak RSS per process on CPU, ``torch.cuda.max_memory_allocated`` on a GPU;
+- peak memory: peak RSS per process on CPU, ``torch.cuda.max_memory_allocated`` over the training on a GPU (from train
+  begin: runs.py ``gpu_peaks``);
 - refresh cost at the reference's settings: one refresh (directions on 300 + 300 prompts, the response side on
   3 x 300 answers, validation on 100 + 100 prompts: ``--extract`` / ``--validate``) timed inside the HARC runs,
   amortised over the reference's 100 optimizer steps between refreshes: refresh / (refresh + 100 x step).
@@ -29,7 +30,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from runs import print_result, run_worker, step_timer
+from runs import gpu_peaks, print_result, run_worker, step_timer
 
 # name -> (hidden, layers, heads, kv heads, MLP, vocabulary, dtype); ids of the tiny tokenizer stay < 512
 PRESETS = {
@@ -87,7 +88,6 @@ def worker(args: argparse.Namespace) -> None:
     """One run in this process; prints a JSON line with step end times, refresh seconds and peak memory."""
     import resource
 
-    import torch
     from llamafactory.train.tuner import run_exp
 
     folder = build_assets(Path(args.assets), args.preset, args.rows)
@@ -99,10 +99,9 @@ def worker(args: argparse.Namespace) -> None:
         if layers.is_file():
             refresh = json.loads(layers.read_text())["history"]
     steps = [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)]
-    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print_result({"stage": args.worker, "steps": steps, "history": refresh, "peak_rss_mb": peak_rss,
-                  "peak_gpu_mb": peak_gpu})
+                  **gpu_peaks(timer)})
 
 
 def run_one(stage: str, args: argparse.Namespace) -> dict:
@@ -167,8 +166,13 @@ def main() -> None:
     print(f"{'':30}{'sft':>12}{'harc':>12}{'ratio':>8}   target")
     print(f"{'step time (ms)':30}{step['sft'] * 1e3:12.1f}{step['harc'] * 1e3:12.1f}{step['harc'] / step['sft']:8.3f}"
           f"   <= 1.6   (per A/B pair: median {statistics.median(pairs):.3f}, {pairs[0]:.3f}-{pairs[-1]:.3f})")
-    label = "peak GPU memory (MiB)" if args.device != "cpu" else "peak RSS (MiB)"
+    label = "peak GPU memory, training (MiB)" if args.device != "cpu" else "peak RSS (MiB)"
     print(f"{label:30}{memory['sft']:12.0f}{memory['harc']:12.0f}{memory['harc'] / memory['sft']:8.3f}   <= 1.1")
+    if args.device != "cpu":  # loading included, and whatever ran before train begin
+        whole = {stage: statistics.median(run["peak_gpu_process_mb"] for run in runs)
+                 for stage, runs in results.items()}
+        print(f"{'peak GPU memory, process (MiB)':30}{whole['sft']:12.0f}{whole['harc']:12.0f}"
+              f"{whole['harc'] / whole['sft']:8.3f}")
     print(f"{'refresh (s)':30}{'':12}{refresh:12.2f}{'':8}   (base extraction {statistics.median(base):.2f} s)")
     print(f"{'refresh share':30}{'':12}{100 * share:11.1f}%{'':8}   <= 10% (every {args.reference_interval} steps)")
 

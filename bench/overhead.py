@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from counters import print_monitor_counters, thread_counters
-from runs import BENCH, print_result, run_worker, step_timer
+from runs import BENCH, gpu_peaks, print_result, run_worker, step_timer
 
 
 def recipe(assets, stage: str, output_dir: str, args: argparse.Namespace) -> dict:
@@ -138,7 +138,8 @@ def worker(args: argparse.Namespace) -> None:
         count = 0
 
         def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
-            self.count = sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+            # bitsandbytes' own layers (PEFT's LoRA wrappers of them share the class names, not the module)
+            self.count = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
 
     points, quantized = MonitorPoints(), QuantizedLinears()
     assets = build_bench_assets(Path(args.assets), num_images=args.images, preset=args.preset)
@@ -156,12 +157,11 @@ def worker(args: argparse.Namespace) -> None:
     steps = [b - a for a, b in zip(timer.ends, timer.ends[1:], strict=False)]
     if memory.peak_mb is not None:  # the profiled step is slower: leave it out of the timings
         steps[memory.step] = float("nan")
-    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print_result({"stage": args.worker, "steps": steps, "train_s": timer.end - timer.ends[0],
                   "monitor_prepare_s": sum(monitor_prepare), "monitor_steps": points.steps,
                   "monitor_points_s": monitor_points, "precompute_s": sum(precompute_seconds),
-                  "step_tensors_mb": memory.peak_mb, "peak_rss_mb": peak_rss, "peak_gpu_mb": peak_gpu,
+                  "step_tensors_mb": memory.peak_mb, "peak_rss_mb": peak_rss, **gpu_peaks(timer),
                   "counts": timer.counts, "end_count": timer.end_count, "counters_unavailable": unavailable,
                   "torch_threads": torch.get_num_threads(),
                   "quantized_linears": quantized.count})
@@ -291,7 +291,8 @@ def main() -> None:
         print(f"{'first epoch incl. the pass':26}{a * per_epoch:10.1f}{b * per_epoch + pre:10.1f}"
               f"{(b * per_epoch + pre) / (a * per_epoch):8.3f}   s, step medians x {per_epoch} steps")
     for key, label in (("step_tensors_mb", "step tensors, peak (MiB)"), ("peak_rss_mb", "peak RSS (MiB)"),
-                       ("peak_gpu_mb", "peak GPU mem (MiB)")):
+                       ("peak_gpu_mb", "peak GPU mem, training (MiB)"),
+                       ("peak_gpu_process_mb", "peak GPU mem, process (MiB)")):
         if results[base][0][key] is None:
             continue
         a = max(r[key] for r in results[base])

@@ -48,7 +48,8 @@ def step_timer(counters: Any = None) -> Any:
     step's end (after a CUDA synchronize on a GPU), so consecutive differences are step times; ``end`` is the time at
     train end, after every callback of the last step (a callback added later, such as the alignment monitor's, runs
     after this one at each event). With ``counters`` (:class:`counters.ThreadCounters`) ``counts`` and ``end_count``
-    hold their (instructions, cycles) at the same moments."""
+    hold their (instructions, cycles) at the same moments. On a GPU it resets the peak memory statistics at train begin
+    (``peak_before_train_mb`` keeps the peak until then): see :func:`gpu_peaks`."""
     import torch
     from transformers import TrainerCallback
 
@@ -58,6 +59,7 @@ def step_timer(counters: Any = None) -> Any:
             self.counts: list[tuple[int, int]] = []
             self.end = float("nan")
             self.end_count: tuple[int, int] | None = None
+            self.peak_before_train_mb = 0.0
 
         def _mark(self) -> None:
             self.ends.append(time.perf_counter())
@@ -65,7 +67,8 @@ def step_timer(counters: Any = None) -> Any:
                 self.counts.append(counters.read())
 
         def on_train_begin(self, *a, **k) -> None:
-            if torch.cuda.is_available():  # peak GPU memory of the training, not of loading and quantizing the model
+            if torch.cuda.is_available():  # the training's own peak apart from loading (and quantizing) the model
+                self.peak_before_train_mb = torch.cuda.max_memory_allocated() / 2**20
                 torch.cuda.reset_peak_memory_stats()
             self._mark()
 
@@ -81,3 +84,15 @@ def step_timer(counters: Any = None) -> Any:
             self.end_count = counters.read() if counters is not None else None
 
     return StepTimer()
+
+
+def gpu_peaks(timer: Any) -> dict[str, float | None]:
+    """After a run with :func:`step_timer`: ``peak_gpu_mb``, the peak ``torch.cuda.max_memory_allocated`` from train
+    begin to the end (the steps; HeRA's teacher pass before step 1 runs earlier), and ``peak_gpu_process_mb``, the
+    process's (loading the model, quantizing it, the teacher pass); None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"peak_gpu_mb": None, "peak_gpu_process_mb": None}
+    training = torch.cuda.max_memory_allocated() / 2**20
+    return {"peak_gpu_mb": training, "peak_gpu_process_mb": max(training, timer.peak_before_train_mb)}

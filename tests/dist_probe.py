@@ -12,9 +12,9 @@ rank's imports again (about 56 CPU s of a two-rank HARC launch's 65 on an idle m
 more). Each run gets its own $LLAMAFACTORY_HERA_CACHE, and run_exp ends by destroying the process group. From the
 second run on, the probe sets the group up before run_exp (accelerate, and DeepSpeed's ``init_distributed``, then keep
 it) under keys of its own in torchrun's store: set up again under the first run's keys, a rank could read the other's
-stale gloo address and wait for it (seen: a hang at the second run's start). Between runs the probe drops the last
-run's objects (``gc.collect``), so no DeepSpeed config of a ZeRO-3 run is still referenced at the next run's start
-(transformers reads ``is_deepspeed_zero3_enabled`` through a weak reference); each run's engine evidence checks that.
+stale gloo address and wait for it (seen: a hang at the second run's start). Between runs the probe forgets what a new
+process would not have (:func:`as_a_new_process`); each run's engine evidence checks the engine it ran. A user resumes
+in a new process: the tests resume in a launch of their own.
 """
 
 import copy
@@ -31,8 +31,11 @@ import accelerate.state
 import torch
 from llamafactory.train.tuner import run_exp
 from transformers import TrainerCallback
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from llamafactory_hera.heads.architecture import head_projections
+from llamafactory_hera.hera import teacher as teacher_module
+from llamafactory_hera.hera import teacher_cache
 
 
 class Probe(TrainerCallback):
@@ -78,8 +81,21 @@ def deepspeed_groups_reset() -> Callable[[], None]:
         for key, value in fresh.items():
             setattr(deepspeed.utils.groups, key, copy.copy(value))
         deepspeed.comm.comm.cdb = None
+        unset_hf_deepspeed_config()  # transformers' weak reference to the last run's DeepSpeed config
 
     return reset
+
+
+def as_a_new_process() -> None:
+    """What the next run must not inherit from the last: the plugin's loaded teachers (each run loads its own, so a
+    ZeRO-3 run loads the teacher under ZeRO-3's config, outside zero.Init) and teacher-feature stores, accelerate's
+    state and gradient state. DeepSpeed's: :func:`deepspeed_groups_reset`."""
+    teacher_module._TEACHERS.clear()
+    teacher_cache._STORES.clear()
+    gc.collect()
+    reset_deepspeed()
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)  # the process group comes up again
+    accelerate.state.GradientState._reset_state()
 
 
 MARK = "[dist_probe] run"
@@ -92,9 +108,7 @@ for index, run in enumerate(json.loads(Path(sys.argv[1]).read_text())):
     os.environ.update(launch_env)
     os.environ["LLAMAFACTORY_HERA_CACHE"] = os.path.join(cache, f"run{index}")  # no run reads another's features
     os.environ.update(run["env"])
-    gc.collect()
-    reset_deepspeed()
-    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)  # the process group comes up again
+    as_a_new_process()
     process_group_of_its_own(index)
     if int(os.environ.get("RANK", "0")) == 0:  # rank 0's stdout (what the plugin says once) split by run
         print(f"{MARK} {index}", flush=True)

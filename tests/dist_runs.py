@@ -2,8 +2,10 @@
 
 Tests that compare engines (DDP, ZeRO-2, ZeRO-3) or a run with its resume need several runs on the same ranks. Each in
 its own ``llamafactory-cli`` launch costs the parent, torchrun and each rank's imports again: of a two-rank HARC
-launch's 65 CPU s on an idle machine (py-spy, 2026-11-26), 45 are imports. The launch through ``llamafactory-cli``
-itself stays tested by the tests that launch one run (tests/test_torchrun_refusals.py, tests/test_run_claim.py, ...).
+launch's 65 CPU s on an idle machine (py-spy, 2026-11-26), 45 are imports. The runs a test compares share a launch;
+what users do stays tested as they do it: each engine test resumes in a launch of its own (a new process, as a
+user resumes), through ``llamafactory-cli train`` under torchrun (DeepSpeed) or ``accelerate launch`` of
+LLaMA-Factory's launcher.py (FSDP2).
 """
 
 from __future__ import annotations
@@ -16,18 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from engine_checks import evidence_env
 
-from conftest import engines_of, free_port, offline_env, run_once_more_if_aborted_at_exit
+from conftest import engines_of, free_port, offline_env, run_once_more_if_aborted_at_exit, run_train
 
 PROBE = str(Path(__file__).with_name("dist_probe.py"))
 
 
 def launch_runs(runs: list[dict[str, Any]], tmp: Path, processes: int, env: dict[str, str] | None = None,
-                launcher: list[str] | None = None) -> list[dict[str, Any]]:
+                launcher: list[str] | None = None, seconds_per_run: int = 240) -> list[dict[str, Any]]:
     """Run each of ``runs`` (``{"recipe": ..., "env": {...}}``, ``env`` optional) one after another in one process
     (``processes`` 1) or one torchrun of ``processes`` ranks (or ``launcher``, e.g. ``accelerate launch --config_file
     ...``), ``env`` set for the whole launch; the process sees the engines any run uses. Each result holds its run's
-    first-step gradients and logs (tests/dist_probe.py) and its stdout (rank 0's, and the other ranks' as it came)."""
+    first-step gradients and logs (tests/dist_probe.py) and its stdout (rank 0's, and the other ranks' as it came:
+    unbuffered, so a rank's line lands in its run's part). Should a rank abort at exit, the launch runs again from
+    clean folders (outputs, evidence, feature caches)."""
     runs = [{"recipe": run["recipe"], "env": run.get("env", {})} for run in runs]
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "runs.json").write_text(json.dumps(runs))
@@ -36,14 +41,28 @@ def launch_runs(runs: list[dict[str, Any]], tmp: Path, processes: int, env: dict
                     "--master_addr", "127.0.0.1", "--master_port", str(free_port())] if processes > 1 \
             else [sys.executable]
     engines = tuple(sorted({name for run in runs for name in engines_of(run["recipe"])}))
+    written = [tmp / "hera_cache", *(Path(folder) for run in runs for key, folder in run["env"].items()
+                                     if key.startswith("HERA_TEST_") and key.endswith("_EVIDENCE"))]
+    written += [Path(run["recipe"]["output_dir"]) for run in runs if "output_dir" in run["recipe"]]
     proc = run_once_more_if_aborted_at_exit(
         [*launcher, PROBE, str(tmp / "runs.json"), str(tmp / "out.pt")],
-        dict(cwd=tmp, env=offline_env(tmp, False, engines, **(env or {})), timeout=240 * len(runs)),
-        lambda: [shutil.rmtree(run["recipe"].get("output_dir", tmp / "__none__"), ignore_errors=True)
-                 for run in runs])
+        dict(cwd=tmp, env=offline_env(tmp, False, engines, PYTHONUNBUFFERED="1", **(env or {})),
+             timeout=seconds_per_run * len(runs)),
+        lambda: [shutil.rmtree(folder, ignore_errors=True) for folder in written])
     assert proc.returncode == 0, proc.stderr[-5000:]
     results = torch.load(tmp / "out.pt", weights_only=False)
     # rank 0's stdout of each run (what the plugin says once) follows its line "... run I"
     stdouts = re.split(r"^\[dist_probe\] run \d+$", proc.stdout, flags=re.M)[1:]
     assert len(results) == len(stdouts) == len(runs)
     return [{**result, "stdout": stdout} for result, stdout in zip(results, stdouts, strict=True)]
+
+
+def torchrun_cli(run: dict[str, Any], tmp: Path, timeout: int = 900) -> dict[str, Any]:
+    """One run of the same form as a user launches it: ``llamafactory-cli train`` with ``FORCE_TORCHRUN`` on two
+    ranks, in ``tmp``, the run's ``env`` set (its engine evidence written where it names). Returns ``{"stdout": ...}``
+    (stdout and stderr) as :func:`launch_runs` does per run; a failed run raises AssertionError."""
+    env = {"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2", **run.get("env", {})}
+    if "HERA_TEST_ENGINE_EVIDENCE" in env:
+        env.update(evidence_env(Path(env["HERA_TEST_ENGINE_EVIDENCE"])))
+    proc = run_train(run["recipe"], tmp, env=env, timeout=timeout)
+    return {"stdout": proc.stdout + proc.stderr}

@@ -1,6 +1,8 @@
-"""Two-rank FSDP2 runs on CPU as users start them (``accelerate launch --config_file <fsdp2 config> launcher.py
-recipe.yaml``, LLaMA-Factory's examples/accelerate/fsdp2_config.yaml with ``mixed_precision: 'no'``), through the
-test-only shim in tests/fsdp_cpu/ (accelerate 1.11 would train plain DDP on CPU), and what each rank recorded."""
+"""Two-rank FSDP2 runs on CPU under ``accelerate launch --config_file <fsdp2 config>`` (LLaMA-Factory's
+examples/accelerate/fsdp2_config.yaml with ``mixed_precision: 'no'``), through the test-only shim in tests/fsdp_cpu/
+(accelerate 1.11 would train plain DDP on CPU), and what each rank recorded: one run as users start it
+(:func:`accelerate_launch`, LLaMA-Factory's launcher.py), or several one after another in one launch
+(:func:`accelerate_launch_runs`, tests/dist_probe.py)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from dist_runs import launch_runs
+from dist_runs import launch_runs, torchrun_cli
 from engine_checks import assert_engine, evidence_env, read_evidence
 from fsdp_checks import accelerate_launch, assert_fsdp2
 from safetensors.torch import load_file
@@ -132,21 +132,24 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
     """One process with gradient accumulation 2 == two ranks (gloo DDP) == two ranks under DeepSpeed ZeRO-2 and
     ZeRO-3, step for step, through the base extraction, a refresh and the ramp (directions and layers equal on every
     rank). The ZeRO-3 run, stopped at step 2 and resumed, ends as the run not stopped (HARC's resume under
-    DeepSpeed). The four two-rank runs share one launch (tests/dist_runs.py)."""
+    DeepSpeed, in a `llamafactory-cli train` launch of its own, as users resume)."""
     runs = {"one": _terms(four_steps)}
     assert [line["harc_layers"] for line in read_trainer_log(four_steps) if "loss" in line][-1].count(",") == 3
     zero2 = {**ZERO3, "deepspeed": str(REPO / "recipes" / "deepspeed" / "ds_z2_config.json")}
     whole, resumed = tmp_path / "zero3" / "out", tmp_path / "zero3_resumed" / "out"
-    # one two-rank launch, the runs one after another (tests/dist_runs.py); the end-of-run evaluation generates on
-    # every rank in step: run it under ZeRO-3, where that matters
+    # DDP, ZeRO-2 and ZeRO-3 in one two-rank launch, one after another (tests/dist_runs.py); the end-of-run
+    # evaluation generates on every rank in step: run it under ZeRO-3, where that matters
     plan = {"ddp": ({"gradient_accumulation_steps": 1}, False, None), "zero2": (zero2, False, 2),
             "zero3": (ZERO3, True, 3),
             "zero3_resumed": ({**ZERO3, "resume_from_checkpoint": str(whole / "checkpoint-2")}, False, 3)}
-    results = launch_runs([{"recipe": harc_recipe(harc_assets, "llama3", tmp_path / name / "out", harc_eval=evaluate,
-                                                  max_steps=4, **extra),
-                            "env": {"HERA_TEST_ENGINE_EVIDENCE": str(tmp_path / name / "engine")}}
-                           for name, (extra, evaluate, _) in plan.items()],
-                          tmp_path / "launch", 2, env=evidence_env(tmp_path / "launch" / "engine"))
+    runs_of = {name: {"recipe": harc_recipe(harc_assets, "llama3", tmp_path / name / "out", harc_eval=evaluate,
+                                            max_steps=4, **extra),
+                      "env": {"HERA_TEST_ENGINE_EVIDENCE": str(tmp_path / name / "engine")}}
+               for name, (extra, evaluate, _) in plan.items()}
+    launch_runs([runs_of[name] for name in ("ddp", "zero2", "zero3")], tmp_path / "launch", 2,
+                env=evidence_env(tmp_path / "launch" / "engine"), seconds_per_run=400)
+    # resumed in a new process, as users resume: `llamafactory-cli train` under torchrun
+    resumed_stdout = torchrun_cli(runs_of["zero3_resumed"], tmp_path / "zero3_resumed")["stdout"]
     for name, (_, _, stage) in plan.items():
         # equal losses prove nothing if DeepSpeed silently fell back to DDP: the run's engine is what it says
         engine = read_evidence(tmp_path / name / "engine", ranks=2)
@@ -165,7 +168,7 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
 
     # ZeRO-3 stopped at step 2 (just after a refresh) and resumed: its engine's partitions of the LoRA weights and of
     # the optimizer state, the adapter, the directions, layers and history as the run not stopped, bit for bit
-    assert "HARC: resumed directions and layers" in results[-1]["stdout"]
+    assert "HARC: resumed directions and layers" in resumed_stdout
     assert {"model", "harc_state.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
         assert_resumed_equals_whole(whole, resumed, 4))
 

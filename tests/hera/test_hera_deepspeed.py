@@ -55,18 +55,24 @@ def test_zero2_and_zero3_train_hera_like_ddp(assets, tmp_path: Path) -> None:
     the teacher inside the steps: the same losses either way. ZeRO-2 and ZeRO-3 stopped after step 1 and resumed:
     step 2 as the run not stopped, and its engine's weights and optimizer state (ZeRO-3: each rank's partition), the
     saved model (Qwen2.5-VL: a checkpoint conversion mapping; ZeRO-3: gathered on save), the temperature and its own
-    optimizer bit-identical. The five runs share one two-rank launch (tests/dist_runs.py), ZeRO-3 last."""
+    optimizer bit-identical. DDP, ZeRO-2 and ZeRO-3 share one two-rank launch (tests/dist_runs.py, ZeRO-3 last), the
+    two resumes another."""
     zero2, zero3 = (str(REPO / "recipes" / "deepspeed" / f"ds_z{stage}_config.json") for stage in (2, 3))
-    plan = [("ddp", None, "false", {}), ("zero2", zero2, "false", SAVED),
-            ("zero2_resumed", zero2, "false", {**SAVED, "resume_from_checkpoint": str(tmp_path / "zero2" / "out" /
-                                                                                       "checkpoint-1")}),
-            ("zero3", zero3, "true", SAVED),
-            ("zero3_resumed", zero3, "true", {**SAVED, "resume_from_checkpoint": str(tmp_path / "zero3" / "out" /
-                                                                                      "checkpoint-1")})]
-    # 240 s per run: on a busy 2-core CI machine one two-rank ZeRO-3 run with the monitor has come near 400 s
+    plan = [("ddp", None, "false", {}), ("zero2", zero2, "false", SAVED), ("zero3", zero3, "true", SAVED)]
+    # the three compared runs share one two-rank launch; 400 s per run: on a busy 2-core CI machine one two-rank
+    # ZeRO-3 run with the monitor has come near 400 s
     results = launch_runs([_run(assets, tmp_path / name, config, precompute, **keys)
                            for name, config, precompute, keys in plan], tmp_path / "launch", 2,
-                          env=evidence_env(tmp_path / "launch" / "engine"))
+                          env=evidence_env(tmp_path / "launch" / "engine"), seconds_per_run=400)
+    # both resumes in a new process, as users resume (a launch of their own; tests/hera/test_hera_deepspeed_lora.py
+    # resumes through `llamafactory-cli train` itself)
+    resumes = [(f"{name}_resumed", config, precompute,
+                {**SAVED, "resume_from_checkpoint": str(tmp_path / name / "out" / "checkpoint-1")})
+               for name, config, precompute, _ in plan[1:]]
+    results += launch_runs([_run(assets, tmp_path / name, config, precompute, **keys)
+                            for name, config, precompute, keys in resumes], tmp_path / "launch_resumed", 2,
+                           env=evidence_env(tmp_path / "launch_resumed" / "engine"), seconds_per_run=400)
+    plan += resumes
     runs, engines = {}, {}
     for (name, _, precompute, _), result in zip(plan, results, strict=True):
         runs[name], engines[name] = _losses(result, tmp_path / name, precompute, name.endswith("resumed"))

@@ -1,8 +1,9 @@
-"""HeRA with LoRA and with full fine-tuning under FSDP2 on two CPU ranks (gloo), started as users start it: ``accelerate
-launch --config_file`` with LLaMA-Factory's fsdp2_config.yaml (tests/fsdp_checks.py), the runs of a test one after
-another in one launch. Three runs: the config without the test-only shim (accelerate 1.11 trains it as plain DDP on
-CPU: the DDP twin on the same data, same launcher), with the shim (FSDP2, a checkpoint after each step), and resumed
-from step 1. Full fine-tuning: the DDP twin and FSDP2, two steps, one save.
+"""HeRA with LoRA and with full fine-tuning under FSDP2 on two CPU ranks (gloo), under ``accelerate launch
+--config_file`` with LLaMA-Factory's fsdp2_config.yaml (tests/fsdp_checks.py). LoRA, three runs: the config
+without the test-only shim (accelerate 1.11 trains it as plain DDP on CPU: the DDP twin on the same data, same
+launcher) and with the shim (FSDP2, a checkpoint after each step) one after another in one launch (tests/dist_probe.py,
+which calls run_exp as LLaMA-Factory's launcher.py does), then resumed from step 1 in a launch of its own of
+launcher.py, as users start it. Full fine-tuning: the DDP twin and FSDP2 in one launch, two steps, one save.
 
 Under FSDP2 every LoRA matrix and o_proj's base weight is a DTensor shard outside its layer's forward: HeRA gathers
 them with FSDP2's gradient averaging (hera/projection.py ``whole``), the monitor's text pass runs through the FSDP2
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from fsdp_checks import accelerate_launch_runs, assert_fsdp2, fsdp_run, read_fsdp_evidence
+from fsdp_checks import accelerate_launch, accelerate_launch_runs, assert_fsdp2, fsdp_run, read_fsdp_evidence
 from safetensors.torch import load_file
 
 from conftest import base_recipe, read_trainer_log
@@ -42,9 +43,7 @@ def test_fsdp2_lora_trains_saves_and_resumes_like_ddp(assets, tmp_path: Path) ->
     patches/fsdp_adapter.py). Every rank's trainable parameters and o_proj's weight are DTensor shards at each step,
     at each save and after the resume's load; without the shim none is (no silent DDP either way)."""
     ddp, fsdp2, resumed = tmp_path / "ddp", tmp_path / "fsdp2", tmp_path / "resumed"
-    accelerate_launch_runs([fsdp_run(_recipe(assets, ddp), ddp, shim=False), fsdp_run(_recipe(assets, fsdp2), fsdp2),
-                            fsdp_run(_recipe(assets, resumed, resume_from_checkpoint=str(fsdp2 / "out" /
-                                                                                     "checkpoint-1")), resumed)],
+    accelerate_launch_runs([fsdp_run(_recipe(assets, ddp), ddp, shim=False), fsdp_run(_recipe(assets, fsdp2), fsdp2)],
                            tmp_path / "launch")
     assert {(r["distributed_type"], r["trainable_dtensors"], r["o_proj_dtensor"]) for r in read_fsdp_evidence(ddp)} \
         == {("DistributedType.MULTI_CPU", 0, False)}
@@ -57,6 +56,8 @@ def test_fsdp2_lora_trains_saves_and_resumes_like_ddp(assets, tmp_path: Path) ->
     got, want = (load_file(folder / "out" / "adapter_model.safetensors") for folder in (fsdp2, ddp))
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
 
+    # resumed in a new process, as users start it: accelerate launch of LLaMA-Factory's launcher.py
+    accelerate_launch(_recipe(assets, resumed, resume_from_checkpoint=str(fsdp2 / "out" / "checkpoint-1")), resumed)
     assert_fsdp2(resumed, {"load", "step", "save"})
     assert _logged(resumed) == _logged(fsdp2)[1:]
     assert {"model", "optimizer.bin", "pytorch_model_fsdp.bin", "hera_temperature_optimizer.pt",

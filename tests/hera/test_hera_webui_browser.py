@@ -90,12 +90,15 @@ def webui(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 
 def _pick(page: Any, input_selector: str, option: str) -> None:
-    """Choose ``option`` in a gradio dropdown (typing filters the list; then click the option)."""
+    """Choose ``option`` in a gradio dropdown (typing filters the list; then click the option). The input is checked
+    through its element, not the selector: picking a language relabels the page, the Language box's aria-label too (a
+    check through the selector waited for a box no longer so named, when the relabelling came first)."""
     box = page.locator(input_selector)
     box.click()
+    element = box.element_handle()
     box.fill(option)
     page.locator(_option(option)).first.click()
-    assert box.input_value() == option, (box.input_value(), option)
+    assert element.input_value() == option, (element.input_value(), option)
 
 
 def _option(value: str) -> str:
