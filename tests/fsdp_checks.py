@@ -37,6 +37,14 @@ def fsdp2_config_file(tmp: Path, fsdp_config: dict[str, Any] | None = None) -> P
     return tmp / "fsdp2_config.yaml"
 
 
+def _launch(config: Path, tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """The ``accelerate launch --config_file config`` command's start and the environment that puts the shim's
+    start-up hook (tests/fsdp_cpu/) on the ranks' path, its evidence in ``tmp/fsdp``."""
+    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(config)]
+    return command, {"PYTHONPATH": os.pathsep.join(filter(None, [str(FSDP_HOOK), os.environ.get("PYTHONPATH")])),
+                     "HERA_TEST_FSDP_EVIDENCE": str(tmp / "fsdp")}
+
+
 def fsdp_run(recipe: dict[str, Any], tmp: Path, shim: bool = True) -> dict[str, Any]:
     """One run of :func:`accelerate_launch_runs`: under FSDP2 with ``shim``, else as accelerate 1.11 runs the config
     on CPU (plain DDP); each rank's evidence in ``tmp/fsdp``."""
@@ -50,10 +58,7 @@ def accelerate_launch_runs(runs: list[dict[str, Any]], tmp: Path) -> list[dict[s
     same run_exp). The shim and the evidence are switched per run."""
     from dist_runs import launch_runs  # lazy: dist_runs imports torch, which this module's importers need not
 
-    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-                str(fsdp2_config_file(tmp))]
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(FSDP_HOOK), os.environ.get("PYTHONPATH")])),
-           "HERA_TEST_FSDP_EVIDENCE": str(tmp / "fsdp")}
+    launcher, env = _launch(fsdp2_config_file(tmp), tmp)
     return launch_runs(runs, tmp, 2, env=env, launcher=launcher)
 
 
@@ -66,12 +71,10 @@ def accelerate_launch(recipe: dict[str, Any], tmp: Path, shim: bool = True, time
 
     config = fsdp2_config_file(tmp, fsdp_config)
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(FSDP_HOOK), os.environ.get("PYTHONPATH")])),
-           "HERA_TEST_FSDP_EVIDENCE": str(tmp / "fsdp")}
+    launcher, env = _launch(config, tmp)
     if shim:
         env["HERA_TEST_FSDP_ON_CPU"] = "1"
-    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-               str(config), llamafactory.launcher.__file__, str(tmp / "recipe.yaml")]
+    command = [*launcher, llamafactory.launcher.__file__, str(tmp / "recipe.yaml")]
     proc = run_once_more_if_aborted_at_exit(
         command, dict(cwd=tmp, env=offline_env(tmp, engines=engines_of(recipe), **env), timeout=timeout),
         lambda: (shutil.rmtree(recipe["output_dir"], ignore_errors=True), shutil.rmtree(tmp / "fsdp",
