@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 import pytest
 import yaml
+from frozen_heap import pytest_collection_finish, pytest_runtest_logfinish  # noqa: F401 - hooks
 from slow_first import pytest_collection_modifyitems as put_slow_modules_first
 
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets

@@ -93,6 +93,7 @@ def as_a_new_process() -> None:
     teacher_module._TEACHERS.clear()
     teacher_cache._STORES.clear()
     gc.collect()
+    gc.freeze()  # what is alive now (the libraries, their caches): later collections walk the next run's objects only
     reset_deepspeed()
     accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)  # the process group comes up again
     accelerate.state.GradientState._reset_state()
