@@ -56,6 +56,16 @@ def _chromium() -> str:
 @pytest.fixture
 def webui(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """``llamafactory-cli webui`` on 127.0.0.1 with cwd ``tmp_path/board`` (its saves and cache live there)."""
+    yield from _serve_webui(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def webui_to_look_at(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """One web UI for the tests that only look (the stage box at each width): one start, not one per width."""
+    yield from _serve_webui(tmp_path_factory.mktemp("webui"))
+
+
+def _serve_webui(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     workdir = tmp_path / "board"
     workdir.mkdir()
     port = free_port()
@@ -264,7 +274,8 @@ def _stage_box_report(page: Any, stage: str, labels: list[str]) -> dict[str, Any
 
 
 @pytest.mark.parametrize("width", [1600, 1280])
-def test_the_stage_box_shows_the_methods_names_whole(webui: tuple[str, Path], tmp_path: Path, width: int) -> None:
+def test_the_stage_box_shows_the_methods_names_whole(webui_to_look_at: tuple[str, Path], tmp_path: Path,
+                                                     width: int) -> None:
     """The Train tab's Stage dropdown shows each stage's full name, the methods' long ones included, in the box and in
     its list, at a desktop and a laptop width (issue 31 item 20: the box cut the methods' names off). A screenshot of
     the Train tab's first row with the list open is left in the test's folder."""
@@ -272,7 +283,7 @@ def test_the_stage_box_shows_the_methods_names_whole(webui: tuple[str, Path], tm
 
     chromium = _chromium()
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install '.[test]'")
-    url, _ = webui
+    url, _ = webui_to_look_at
     labels = [SFT_LABEL, *(method.label for method in declared_methods())]
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
