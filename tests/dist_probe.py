@@ -18,7 +18,6 @@ in a new process: the tests resume in a launch of their own.
 """
 
 import copy
-import gc
 import importlib.util
 import json
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import accelerate.state
 import torch
+from frozen_heap import freeze_what_is_alive  # tests/, beside this script
 from llamafactory.train.tuner import run_exp
 from transformers import TrainerCallback
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -92,11 +92,12 @@ def as_a_new_process() -> None:
     state and gradient state. DeepSpeed's: :func:`deepspeed_groups_reset`."""
     teacher_module._TEACHERS.clear()
     teacher_cache._STORES.clear()
-    gc.collect()
-    gc.freeze()  # what is alive now (the libraries, their caches): later collections walk the next run's objects only
     reset_deepspeed()
     accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)  # the process group comes up again
     accelerate.state.GradientState._reset_state()
+    # after the resets, so that what they drop is collected, not frozen: the libraries and their caches are frozen,
+    # and later collections walk the next run's objects only (tests/frozen_heap.py)
+    freeze_what_is_alive()
 
 
 MARK = "[dist_probe] run"

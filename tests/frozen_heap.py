@@ -11,9 +11,11 @@ frozen after each test too, 120 s (3.8 s), with the same peak memory (1.36 GB).
 
 ``gc.freeze`` moves every object alive at that point out of the collector's generations; an object made later is
 collected as before, so a test that checks that something is freed (tests/hera/test_hera_selection_ddp.py) is
-unaffected. What was frozen alive and is dropped later inside a reference cycle (a module fixture's model, after its
-module) is never collected: that memory stays, within the peak above. A user's process trains once from a small heap
-and never pays this, so no user path changes.
+unaffected, and no test checks memory or a finalizer. What was frozen alive and is dropped later inside a reference
+cycle (a module fixture's model after its module, the frames pytest keeps of a failed test) is never collected: that
+memory stays. Over the whole suite (two workers) a worker's resident memory, sampled every 30 s, peaked at 1.46 GB.
+The hooks also run in pytest-xdist's controller, which relays each worker's end of test: cheap there. A user's process
+trains once from a small heap and never pays this, so no user path changes.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import pytest
 
 
 def freeze_what_is_alive() -> None:
-    """Collect once, then freeze the survivors (``gc.freeze``)."""
-    gc.collect()
+    """Collect until nothing more is found (a finalizer run by one collection can leave a cycle to the next), then
+    freeze the survivors (``gc.freeze``)."""
+    while gc.collect():
+        pass
     gc.freeze()
 
 
