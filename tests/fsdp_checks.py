@@ -45,11 +45,12 @@ def _launch(config: Path, tmp: Path) -> tuple[list[str], dict[str, str]]:
                      "HERA_TEST_FSDP_EVIDENCE": str(tmp / "fsdp")}
 
 
-def fsdp_run(recipe: dict[str, Any], tmp: Path, shim: bool = True) -> dict[str, Any]:
+def fsdp_run(recipe: dict[str, Any], tmp: Path, shim: bool = True, **fsdp_env: str) -> dict[str, Any]:
     """One run of :func:`accelerate_launch_runs`: under FSDP2 with ``shim``, else as accelerate 1.11 runs the config
-    on CPU (plain DDP); each rank's evidence in ``tmp/fsdp``."""
+    on CPU (plain DDP); each rank's evidence in ``tmp/fsdp``. ``fsdp_env``: the config's settings for this run, as
+    accelerate launch hands them to the ranks (e.g. ``FSDP_OFFLOAD_PARAMS="true"``)."""
     return {"recipe": recipe, "env": {"HERA_TEST_FSDP_EVIDENCE": str(tmp / "fsdp"),
-                                      "HERA_TEST_FSDP_ON_CPU": "1" if shim else ""}}
+                                      "HERA_TEST_FSDP_ON_CPU": "1" if shim else "", **fsdp_env}}
 
 
 def accelerate_launch_runs(runs: list[dict[str, Any]], tmp: Path) -> list[dict[str, Any]]:

@@ -5,15 +5,17 @@ without a word, though torch's ``fully_shard`` itself runs on gloo. With ``HERA_
 AcceleratorState is made, so several runs in one launch can switch it), this hook turns FSDP back on where accelerate
 dropped it, on AcceleratorState and on PartialState's shared state: every later ``AcceleratorState()`` copies
 PartialState's ``MULTI_CPU`` back (accelerate/state.py, ``__init__``), so patching the first alone falls back to DDP
-by save time.
+by save time. What accelerate does for an FSDP state it does here too: the config's mixed precision becomes FSDP2's
+MixedPrecisionPolicy; with ``fsdp_offload_params: true`` the CPUOffloadPolicy keeps the shards in unpinned host
+memory (pinning needs a CUDA driver).
 
 With ``HERA_TEST_FSDP_EVIDENCE`` naming a folder, every rank appends one JSON line per event to ``rank<N>.jsonl``
 there: at each training step, at each checkpoint save and after a checkpoint is loaded, the distributed type, the
-FSDP version, and how many trainable parameters (and which o_proj weight) are DTensors, with their local and full
-sizes, so a silent fallback to DDP fails the test that reads it (tests/fsdp_checks.py). Put this folder on
-``PYTHONPATH``; without the variables it only hides, as in every process a test starts, the packages the run
-does not use (tests/process_hooks/unused_packages.py, which it puts on ``sys.path``: Python runs the first
-``sitecustomize``).
+FSDP version, FSDP2's mixed-precision parameter dtype and offload policy, and how many trainable parameters (and
+which o_proj weight) are DTensors, with their local and full sizes, so a silent fallback to DDP fails the test that
+reads it (tests/fsdp_checks.py). Put this folder on ``PYTHONPATH``; without the variables it only hides, as in every
+process a test starts, the packages the run does not use (tests/process_hooks/unused_packages.py, which it puts on
+``sys.path``: Python runs the first ``sitecustomize``).
 """
 
 import os
@@ -34,8 +36,15 @@ if os.environ.get("HERA_TEST_FSDP_ON_CPU") or os.environ.get("HERA_TEST_FSDP_EVI
         if os.environ.get("HERA_TEST_FSDP_ON_CPU") and fsdp_plugin is not None \
                 and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":  # what accelerate does for an FSDP state (state.py, __init__)
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            if isinstance(fsdp_plugin.cpu_offload, CPUOffloadPolicy):  # fsdp_offload_params: true
+                # accelerate's policy pins the shards' host memory, which needs a CUDA driver: unpinned here
+                fsdp_plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
 
     AcceleratorState.__init__ = _init
 
@@ -57,6 +66,8 @@ if os.environ.get("HERA_TEST_FSDP_EVIDENCE"):
                   "partial_distributed_type": str(PartialState().distributed_type),
                   "fsdp_version": getattr(plugin, "fsdp_version", None),
                   "is_fsdp_enabled": bool(getattr(trainer, "is_fsdp_enabled", False)),
+                  "param_dtype": str(getattr(getattr(plugin, "mixed_precision_policy", None), "param_dtype", None)),
+                  "cpu_offload": type(getattr(plugin, "cpu_offload", None)).__name__,
                   "trainable": len(trainable),
                   "trainable_dtensors": sum(isinstance(p, DTensor) for p in trainable)}
         try:

@@ -26,6 +26,7 @@ from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 LOGGED = ("loss", "lm_loss", "hera_loss", "hera_temperature", "hera_mknn", "hera_mknn_control")
 SAVED = {"save_strategy": "steps", "save_steps": 1}
+OFFLOAD = {"FSDP_OFFLOAD_PARAMS": "true"}
 
 
 def _recipe(assets: Any, tmp: Path, **keys: Any) -> dict[str, Any]:
@@ -67,7 +68,9 @@ def test_fsdp2_lora_trains_saves_and_resumes_like_ddp(assets, tmp_path: Path) ->
 def test_fsdp2_full_finetuning_trains_like_ddp(assets, tmp_path: Path) -> None:
     """Full fine-tuning under FSDP2: every trainable parameter (the language model's) and o_proj's weight is a DTensor
     shard at each step and at the one save (step 2), and the run gives DDP's losses step for step and DDP's saved
-    model. Monitor off, one checkpoint: the cheapest run that steps and saves. ``hera_heads: auto``: rank 0 selects
+    model, with FSDP2's CPU offload on (``fsdp_offload_params: true``: the shards and the optimizer in host memory;
+    on the CPU the test-only shim leaves the host memory unpinned, which needs a CUDA driver). Monitor off, one
+    checkpoint: the cheapest run that steps and saves. ``hera_heads: auto``: rank 0 selects
     in the stage (multimodal mode, LLaMA-Factory's data pipeline with its barriers) and the other rank receives the
     heads; both runs choose the same heads."""
     ddp, fsdp2 = tmp_path / "ddp", tmp_path / "fsdp2"
@@ -75,7 +78,8 @@ def test_fsdp2_full_finetuning_trains_like_ddp(assets, tmp_path: Path) -> None:
                 hera_select_samples=24, hera_select_mode="multimodal", hera_select_num_heads=3)
     results = accelerate_launch_runs([fsdp_run(base_recipe(assets, "qwen2_5_vl", folder / "out",
                                                            per_device_train_batch_size=4, max_steps=2, **keys),
-                                               folder, shim=shim) for folder, shim in ((ddp, False), (fsdp2, True))],
+                                               folder, shim=shim, **env)
+                                      for folder, shim, env in ((ddp, False, {}), (fsdp2, True, OFFLOAD))],
                                      tmp_path / "launch")
     assert [result["stdout"].count("hera_heads: auto ->") for result in results] == [1, 1]  # rank 0 selects
     heads = [json.loads((folder / "out" / "hera_state.json").read_text())["heads"] for folder in (fsdp2, ddp)]
@@ -83,7 +87,7 @@ def test_fsdp2_full_finetuning_trains_like_ddp(assets, tmp_path: Path) -> None:
     assert len(heads[0]) == 3
     assert {(r["distributed_type"], r["trainable_dtensors"], r["o_proj_dtensor"]) for r in read_fsdp_evidence(ddp)} \
         == {("DistributedType.MULTI_CPU", 0, False)}
-    assert_fsdp2(fsdp2, {"step", "save"})
+    assert {record["cpu_offload"] for record in assert_fsdp2(fsdp2, {"step", "save"})} == {"CPUOffloadPolicy"}
     losses = [[tuple(line[k] for k in ("hera_loss", "lm_loss", "loss")) for line in read_trainer_log(folder / "out")
                if "loss" in line] for folder in (fsdp2, ddp)]
     assert len(losses[0]) == 2

@@ -17,6 +17,7 @@ its FSDP2 twin with recipes/accelerate/fsdp2_config.yaml on a node of 8 GPUs, an
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -245,17 +246,20 @@ def test_the_qlora_recipe_trains_with_hera(assets: TinyAssets, tmp_path: Path) -
 
 def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_path: Path) -> None:
     """The recipe header's command, ``accelerate launch --config_file ... -m llamafactory.launcher RECIPE``, on two CPU
-    ranks: the accelerate config as shipped but for 2 processes on the CPU, the recipe as shipped but for the tiny
-    model and data (per-device 4 x 2 ranks gathered = 8 >= hera_k + 1 = 6: no queue, as the recipe)."""
+    ranks: the accelerate config as shipped but for 2 processes on the CPU (``mixed_precision: bf16``: FSDP2 gathers
+    the weights in bf16, its MixedPrecisionPolicy, asserted from each rank), the recipe as shipped (``bf16: true``,
+    with ``use_cpu: true`` so that transformers takes bf16 on the CPU) but for the tiny model and data (per-device
+    4 x 2 ranks gathered = 8 >= hera_k + 1 = 6: no queue, as the recipe)."""
     import subprocess
     import sys
 
     config = yaml.safe_load((RECIPES / MEMORY.FSDP2_CONFIG).read_text(encoding="utf-8"))
-    config.update({"num_processes": 2, "use_cpu": True, "mixed_precision": "no"})
+    config.update({"num_processes": 2, "use_cpu": True})
     (tmp_path / "fsdp2_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     out = tmp_path / "out"
     recipe = _training_recipe(MEMORY.FSDP2, assets.models["qwen3_vl"], assets, out)
     recipe["per_device_train_batch_size"] = 4
+    recipe.update({"bf16": True, "use_cpu": True})
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     # the test-only shim (tests/fsdp_cpu) keeps FSDP2 on, on CPU, where accelerate 1.11 would train plain DDP; the
     # evidence it writes proves every trainable parameter was a DTensor at the step and at save
@@ -267,9 +271,11 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
                           text=True, timeout=900, check=False, env=env)
     assert proc.returncode == 0, proc.stderr[-5000:]
     lines = [line for line in read_trainer_log(out) if "loss" in line]
-    assert [line["current_steps"] for line in lines] == [1, 2] and all("hera_loss" in line for line in lines)
+    assert [line["current_steps"] for line in lines] == [1, 2]
+    assert all(math.isfinite(line["hera_loss"]) and line["hera_loss"] > 0 for line in lines), lines
     # the log counts a rank's own image rows per micro-batch (as tests/hera/test_hera_distributed.py reads it); the
     # contrastive set gathers both ranks' 4
     assert all(line["hera_image_samples"] == 4 for line in lines)
     assert (out / "adapter_model.safetensors").is_file()  # FULL_STATE_DICT: the adapter is written whole
-    assert_fsdp2(tmp_path, {"step", "save"})
+    records = assert_fsdp2(tmp_path, {"step", "save"})
+    assert {(r["param_dtype"], r["cpu_offload"]) for r in records} == {("torch.bfloat16", "OffloadPolicy")}

@@ -107,11 +107,16 @@ def whole(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` whole. Under FSDP2 a parameter outside its module's forward is a DTensor holding this rank's shard:
     it is gathered (a collective: every rank reads the same weights in the same order), and its gradient goes back to
     the shards averaged over the data-parallel ranks, as FSDP2 averages the gradients of its own forward (a sum would
-    scale this term's update by the number of ranks). Any other tensor is returned as it is."""
+    scale this term's update by the number of ranks). With FSDP2's CPU offload (``fsdp_offload_params: true``) the
+    shard lives in host memory while the ranks gather on their accelerator: it is moved there first, as torch's own
+    full state-dict gather does (``torch.distributed._state_dict_utils``), its gradient going back to the host shard.
+    Any other tensor is returned as it is."""
     if not hasattr(weight, "full_tensor"):
         return weight
     from torch.distributed.tensor import Partial  # lazy: only a DTensor gets here, so torch.distributed is built
 
+    if weight.device.type != weight.device_mesh.device_type:
+        weight = weight.to(weight.device_mesh.device_type)
     return weight.full_tensor(grad_placements=[Partial("avg")] * len(weight.placements))
 
 

@@ -17,7 +17,10 @@ resume; HeRA's full fine-tuning measured with the same runs, not in CI):
   HeRA reads ``o_proj``'s weight by head outside ``o_proj``'s forward, where FSDP2 leaves each rank its shard: it is
   gathered there with FSDP2's gradient averaging (``hera/projection.py whole``), the monitor's text pass gathers the
   root's own parameters (``selection/collect.py unsharded_root``), and the learned temperature, which lives outside
-  the model, has its own optimizer (accelerate maps every optimizer parameter to a model parameter).
+  the model, has its own optimizer (accelerate maps every optimizer parameter to a model parameter). With
+  ``fsdp_offload_params: true`` HeRA's full fine-tuning gives DDP's losses and model (the shards in host memory; on a
+  GPU ``whole`` moves o_proj's shard to the GPU before gathering it, a move no CPU run takes); with the FSDP2 recipe's
+  ``mixed_precision: bf16`` HeRA trains under FSDP2's bf16 MixedPrecisionPolicy.
 - A LoRA resume: accelerate 1.11's adapter-only FSDP2 checkpoint kept rank 0's shard of each adapter tensor
   (accelerate PR 4206); patches/fsdp_adapter.py saves and loads it whole on the accelerate versions that lack the fix.
 
@@ -27,7 +30,8 @@ What is refused, and why:
   saved (stock SFT too; the stage patch refuses it for the host's stages as well);
 - FSDP1 (``fsdp_version: 1``): untested, and untestable here: with the shim on two CPU ranks accelerate 1.11's FSDP1
   setup fails before training (``sync_module_states``, its default, needs an accelerator; without it torch's
-  FullyShardedDataParallel rejects ``device_id`` cpu:0 on rank 1); for HeRA also, outside a wrapped module's forward
+  FullyShardedDataParallel rejects ``device_id`` cpu:0 on rank 1; with neither, it refuses a CPU-only process: "FSDP
+  needs a non-CPU accelerator device"); for HeRA also, outside a wrapped module's forward
   FSDP1 leaves each parameter a view of the rank's flat shard, where HeRA reads o_proj's weight by head;
 - the recipe's ``fsdp`` key: transformers builds its own FSDP plugin from ``fsdp_config``, a path no test here runs;
   ``accelerate launch --config_file`` is the tested one;
@@ -55,7 +59,8 @@ _LAUNCH = ("accelerate launch --config_file with fsdp_version: 2 and fsdp_state_
            "LLaMA-Factory's examples/accelerate/fsdp2_config.yaml)")
 # FSDP1 was tried on two CPU ranks with the shim (2026-11-25): accelerate 1.11's FSDP1 setup fails before training
 # (sync_module_states, its default, needs an accelerator device; without it torch's FullyShardedDataParallel rejects
-# device_id cpu:0 on rank 1), so no run here says what the methods do under FSDP1
+# device_id cpu:0 on rank 1; with neither, 2026-11-26, torch 2.11's FullyShardedDataParallel itself refuses a CPU-only
+# process: "FSDP needs a non-CPU accelerator device"), so no run here says what the methods do under FSDP1
 _FSDP1_UNTESTED = "no CPU run can reach FSDP1's training here (accelerate 1.11's FSDP1 setup needs an accelerator)"
 _FSDP1 = {  # why a method is not run under FSDP1 (FullyShardedDataParallel)
     "hera": f"{_FSDP1_UNTESTED}, and outside a wrapped module's forward FSDP1 leaves each parameter a view of this "
