@@ -15,11 +15,11 @@ resume; HeRA's full fine-tuning measured with the same runs, not in CI):
   fine-tuning) and HARC (LoRA, its only kind) train with DDP's losses step for step (largest relative difference
   9e-8), save DDP's adapter / model (5e-8 / 6e-7), and a resumed LoRA run ends bit for bit as the run not stopped.
   HeRA reads ``o_proj``'s weight by head outside ``o_proj``'s forward, where FSDP2 leaves each rank its shard: it is
-  gathered there with FSDP2's gradient averaging (``hera/projection.py whole``), the monitor's text pass gathers the
-  root's own parameters (``selection/collect.py unsharded_root``), and the learned temperature, which lives outside
+  gathered there with FSDP2's gradient averaging (``hera/projection.py whole``), the monitor's text pass runs through
+  the FSDP2 root (``hera/selection/collect.py through_root``), and the learned temperature, which lives outside
   the model, has its own optimizer (accelerate maps every optimizer parameter to a model parameter). With
   ``fsdp_offload_params: true`` HeRA's full fine-tuning gives DDP's losses and model (the shards in host memory; on a
-  GPU ``whole`` moves o_proj's shard to the GPU before gathering it, a move no CPU run takes); with the FSDP2 recipe's
+  GPU ``whole`` moves the shards it gathers to the GPU first, a move no CPU run takes); with the FSDP2 recipe's
   ``mixed_precision: bf16`` HeRA trains under FSDP2's bf16 MixedPrecisionPolicy.
 - A LoRA resume: accelerate 1.11's adapter-only FSDP2 checkpoint kept rank 0's shard of each adapter tensor
   (accelerate PR 4206); patches/fsdp_adapter.py saves and loads it whole on the accelerate versions that lack the fix.
