@@ -11,11 +11,11 @@ memory (pinning needs a CUDA driver).
 
 With ``HERA_TEST_FSDP_EVIDENCE`` naming a folder, every rank appends one JSON line per event to ``rank<N>.jsonl``
 there: at each training step, at each checkpoint save and after a checkpoint is loaded, the distributed type, the
-FSDP version, FSDP2's mixed-precision parameter dtype and offload policy, and how many trainable parameters (and
-which o_proj weight) are DTensors, with their local and full sizes, so a silent fallback to DDP fails the test that
-reads it (tests/fsdp_checks.py). Put this folder on ``PYTHONPATH``; without the variables it only hides, as in every
-process a test starts, the packages the run does not use (tests/process_hooks/unused_packages.py, which it puts on
-``sys.path``: Python runs the first ``sitecustomize``).
+FSDP version, the mixed-precision dtype and host offload that fully_shard applied to the parameters, and how many
+trainable parameters (and which o_proj weight) are DTensors, with their local and full sizes, so a silent fallback to
+DDP fails the test that reads it (tests/fsdp_checks.py). Put this folder on ``PYTHONPATH``; without the variables it
+only hides, as in every process a test starts, the packages the run does not use
+(tests/process_hooks/unused_packages.py, which it puts on ``sys.path``: Python runs the first ``sitecustomize``).
 """
 
 import os
@@ -54,6 +54,18 @@ if os.environ.get("HERA_TEST_FSDP_EVIDENCE"):
 
     from after_import import patch_after_import  # tests/process_hooks/: the launcher imports no transformers
 
+    def _applied(model) -> dict:
+        """What ``fully_shard`` applied to the first sharded module (not what the plugin was told): its parameters'
+        mixed-precision dtype and whether they are offloaded to host memory."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():
+            group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
+            if group is not None:
+                return {"param_dtype": str(group.mp_policy.param_dtype),
+                        "offload_to_cpu": all(param.offload_to_cpu for param in group.fsdp_params)}
+        return {"param_dtype": None, "offload_to_cpu": None}
+
     def _evidence(trainer, event: str) -> None:
         from accelerate.state import PartialState
         from torch.distributed.tensor import DTensor
@@ -66,8 +78,7 @@ if os.environ.get("HERA_TEST_FSDP_EVIDENCE"):
                   "partial_distributed_type": str(PartialState().distributed_type),
                   "fsdp_version": getattr(plugin, "fsdp_version", None),
                   "is_fsdp_enabled": bool(getattr(trainer, "is_fsdp_enabled", False)),
-                  "param_dtype": str(getattr(getattr(plugin, "mixed_precision_policy", None), "param_dtype", None)),
-                  "cpu_offload": type(getattr(plugin, "cpu_offload", None)).__name__,
+                  **_applied(trainer.model),
                   "trainable": len(trainable),
                   "trainable_dtensors": sum(isinstance(p, DTensor) for p in trainable)}
         try:

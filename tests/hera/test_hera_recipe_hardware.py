@@ -278,4 +278,4 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
     assert all(line["hera_image_samples"] == 4 for line in lines)
     assert (out / "adapter_model.safetensors").is_file()  # FULL_STATE_DICT: the adapter is written whole
     records = assert_fsdp2(tmp_path, {"step", "save"})
-    assert {(r["param_dtype"], r["cpu_offload"]) for r in records} == {("torch.bfloat16", "OffloadPolicy")}
+    assert {(r["param_dtype"], r["offload_to_cpu"]) for r in records} == {("torch.bfloat16", False)}
