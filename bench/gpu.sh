@@ -7,6 +7,8 @@
 #   qlora:     the same as overhead, both arms QLoRA (quantization_bit 4: bitsandbytes nf4, double quantization),
 #              issue 56 item 6 (not in "all")
 #   selection: Qwen2.5-VL-7B architecture, N = 1000, DINOv2-L; plus `llamafactory-hera select` end to end
+#   offload:   not a benchmark: HeRA's gather of an FSDP2 shard under CPU offload on the GPU (one rank, NCCL), the move of
+#              the host shard to the GPU no CPU run takes (tests/hera/fsdp2_offload_gather.py; not in "all")
 #   harc:      Llama-3.1-8B architecture, random weights, bf16, LoRA on all linear layers; HARC against SFT with
 #              LLaMA-Factory's defaults (reentrant checkpointing), as users run it (HARC: its coupled layers only
 #              non-reentrant)
@@ -35,6 +37,7 @@ ASSETS=${ASSETS:-/tmp/hera_bench_assets}
                     --images 128 --batch 8 --warmup 3 --assets "$ASSETS" --quantization-bit 4 ;;
     selection|all) $PY bench/selection.py --device cuda --preset qwen2.5-vl-7b --samples 1000 --repeats 3 \
                     --batch 32 --end-to-end --assets "$ASSETS" ;;&
+    offload) $PY tests/hera/fsdp2_offload_gather.py --device cuda ;;
     harc|all) echo "HARC against SFT with LLaMA-Factory's defaults (reentrant gradient checkpointing), as users run it"
               $PY bench/harc.py --device cuda --preset llama3.1-8b --repeats "${REPEATS:-2}" --steps 12 \
                     --assets "${ASSETS}/harc" ;;

@@ -13,6 +13,8 @@ root (selection/collect.py ``through_root``), and the learned temperature has it
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch
 from fsdp_checks import accelerate_launch, accelerate_launch_runs, assert_fsdp2, fsdp_run, read_fsdp_evidence
 from safetensors.torch import load_file
 
-from conftest import base_recipe, read_trainer_log
+from conftest import base_recipe, offline_env, read_trainer_log
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 LOGGED = ("loss", "lm_loss", "hera_loss", "hera_temperature", "hera_mknn", "hera_mknn_control")
@@ -95,3 +97,13 @@ def test_fsdp2_full_finetuning_trains_like_ddp(assets, tmp_path: Path) -> None:
         assert got == pytest.approx(want, rel=1e-6)
     got, want = (load_file(folder / "out" / "model.safetensors") for folder in (fsdp2, ddp))
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-5) for k in want)
+
+
+def test_the_gather_of_an_offloaded_shard_gives_the_unsharded_gradient(tmp_path: Path) -> None:
+    """tests/hera/fsdp2_offload_gather.py on the CPU (one gloo rank): HeRA's gather of a shard, with and without FSDP2's
+    CPU offload, gives the unsharded model's loss and gradient (a detached gather fails it: 0.14 off). On a GPU
+    (bench/gpu.sh offload) the same script takes the move of the host shard to the GPU."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("fsdp2_offload_gather.py")), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, env=offline_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count(": ok") == 2 and "offload True: shard on cpu" in proc.stdout, proc.stdout
