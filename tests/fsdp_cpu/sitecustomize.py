@@ -11,7 +11,7 @@ memory (pinning needs a CUDA driver).
 
 With ``HERA_TEST_FSDP_EVIDENCE`` naming a folder, every rank appends one JSON line per event to ``rank<N>.jsonl``
 there: at each training step, at each checkpoint save and after a checkpoint is loaded, the distributed type, the
-FSDP version, the mixed-precision dtype and host offload that fully_shard applied to the parameters, and how many
+FSDP version, the mixed-precision dtype and host offload that fully_shard holds for the parameters, and how many
 trainable parameters (and which o_proj weight) are DTensors, with their local and full sizes, so a silent fallback to
 DDP fails the test that reads it (tests/fsdp_checks.py). Put this folder on ``PYTHONPATH``; without the variables it
 only hides, as in every process a test starts, the packages the run does not use
@@ -55,8 +55,9 @@ if os.environ.get("HERA_TEST_FSDP_EVIDENCE"):
     from after_import import patch_after_import  # tests/process_hooks/: the launcher imports no transformers
 
     def _applied(model) -> dict:
-        """What ``fully_shard`` applied to the first sharded module (not what the plugin was told): its parameters'
-        mixed-precision dtype and whether they are offloaded to host memory."""
+        """The policies ``fully_shard`` holds for the first sharded module with parameters (accelerate gives every
+        module the same; not what the plugin was told): its mixed-precision dtype and whether its parameters are
+        offloaded to host memory."""
         from torch.distributed.fsdp import FSDPModule
 
         for module in model.modules():

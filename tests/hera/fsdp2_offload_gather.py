@@ -1,11 +1,14 @@
 """HeRA's gather of an FSDP2 shard (hera/projection.py ``whole``) with and without FSDP2's CPU offload, against the
 same model unsharded: the loss, and the gradient of the gathered weight, which reaches it twice (through the layer's
-own forward, reduced by FSDP2, and through the gather, as HeRA's term does). One process, one rank.
+own forward, reduced by FSDP2, and through the gather, read after the forward as HeRA reads W_O). One process, one
+rank.
 
-On a GPU (``--device cuda``, NCCL) the offloaded shard lives in pinned host memory while the mesh is the GPU's, so
-``whole`` moves it to the GPU before the gather and its gradient goes back to the host shard: the path no CPU run
-takes (bench/gpu.sh ``offload`` runs it on a lent GPU). On the CPU (gloo) the same checks run with nothing moved
-(tests/hera/test_hera_fsdp2.py runs it there). Prints one line per setting; exits 1 on a mismatch.
+On a GPU (``--device cuda``, NCCL) the offloaded shard lives in pinned host memory while the mesh is the GPU's:
+``whole`` must hand back the weight on the GPU (asserted; the loss multiplies it with GPU tensors), so it moves the
+shard there, and the gradient must come back to the host shard: a path no CPU run takes (bench/gpu.sh ``offload`` runs
+it on a lent GPU). With one rank the gather itself is no collective (DTensor keeps the local tensor when a mesh
+dimension has one chunk): the NCCL gather of a moved shard needs two GPUs. On the CPU (gloo) the same checks run with
+nothing moved (tests/hera/test_hera_fsdp2.py runs it there). Prints one line per setting; exits 1 on a mismatch.
 
 Usage: python tests/hera/fsdp2_offload_gather.py [--device cpu|cuda]
 """
@@ -16,6 +19,7 @@ import argparse
 import copy
 import socket
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -28,9 +32,13 @@ from llamafactory_hera.hera.projection import whole
 TOLERANCE = 1e-5  # float32, the same operations in another order (FSDP2's reduce-scatter, the gather's backward)
 
 
-def _loss(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
-    """The layers' forward plus a term on the second layer's weight read outside its forward, as HeRA reads W_O."""
-    return model(x).square().mean() + (gathered.to(x.device) @ y).square().mean()
+def _loss(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, read: Callable[[torch.Tensor], torch.Tensor]
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, the weight read): the layers' forward, then a term on the last layer's weight read after it, outside
+    its forward, as HeRA reads W_O after the language model's forward (``read``: ``whole`` under FSDP2)."""
+    output = model(x)
+    weight = read(model[2].weight)
+    return output.square().mean() + (weight @ y).square().mean(), weight
 
 
 def main() -> int:
@@ -48,7 +56,8 @@ def main() -> int:
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 16)).to(device)
     x, y = torch.randn(8, 16, device=device), torch.randn(24, 5, device=device)
-    _loss(reference, x, y, reference[2].weight).backward()
+    reference_loss = _loss(reference, x, y, lambda weight: weight)[0]
+    reference_loss.backward()
     failures = 0
     for offload in (False, True):
         model = copy.deepcopy(reference)
@@ -56,20 +65,19 @@ def main() -> int:
         policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
         fully_shard(model[2], mesh=mesh, offload_policy=policy)
         fully_shard(model, mesh=mesh, offload_policy=policy)
-        model(x)  # a first forward: FSDP2 lazily sets up its hooks; the shards are sharded again after it
-        weight = model[2].weight
-        moved = weight.device.type != mesh.device_type  # whole() moves it to the mesh's device first
-        loss = _loss(model, x, y, whole(weight))
+        loss, gathered = _loss(model, x, y, whole)
+        weight = model[2].weight  # the sharded parameter (FSDP2 reshards a non-root module after its forward)
+        offloaded = all(param.offload_to_cpu for param in model[2]._get_fsdp_state()._fsdp_param_group.fsdp_params)
         loss.backward()
         grad = weight.grad.to(mesh.device_type).full_tensor()  # an offloaded gradient is gathered where the mesh is
-        loss_error = abs(loss.item() - _loss(reference, x, y, reference[2].weight).item())
+        loss_error = abs(loss.item() - reference_loss.item())
         grad_error = (grad - reference[2].weight.grad).abs().max().item()
-        ok = loss_error <= TOLERANCE and grad_error <= TOLERANCE and moved == (offload and device.type == "cuda") \
-            and weight.grad.device.type == weight.device.type
+        ok = (loss_error <= TOLERANCE and grad_error <= TOLERANCE and offloaded == offload
+              and gathered.device.type == mesh.device_type and weight.grad.device.type == weight.device.type)
         failures += not ok
-        print(f"offload {offload}: shard on {weight.device.type}, moved before the gather {moved}, loss error "
-              f"{loss_error:.2e}, gradient error {grad_error:.2e}, gradient on {weight.grad.device.type}: "
-              f"{'ok' if ok else 'FAIL'}", flush=True)
+        print(f"offload {offload}: offloaded {offloaded}, shard on {weight.device.type}, gathered on "
+              f"{gathered.device.type}, loss error {loss_error:.2e}, gradient error {grad_error:.2e}, gradient on "
+              f"{weight.grad.device.type}: {'ok' if ok else 'FAIL'}", flush=True)
     dist.destroy_process_group()
     return 1 if failures else 0
 
