@@ -80,6 +80,31 @@ def test_idempotent_reuse(fresh_assets: TinyAssets, tmp_path: Path) -> None:
         build_tiny_assets(foreign)
 
 
+def test_a_stale_build_moved_aside_by_a_concurrent_builder_first_is_no_error(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two xdist workers finding the same stale build (another transformers' assets): both build, and the one that
+    comes second to move the stale build aside found it gone (FileNotFoundError, seen on a switch of transformers in
+    one checkout); it now installs its own build, which is complete."""
+    import shutil
+
+    from llamafactory_hera.fixtures.build import build_atomically
+
+    root = tmp_path / "assets"
+    root.mkdir()
+    (root / "stamp").write_text("another transformers")
+    real_replace = os.replace
+
+    def replace_after_the_other_builder(source: Path, target: Path) -> None:
+        if Path(source) == root and root.exists():  # the other builder moved the stale build aside just before
+            shutil.rmtree(root)
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_after_the_other_builder)
+    ready = lambda: (root / "stamp").is_file() and (root / "stamp").read_text() == "this one"  # noqa: E731
+    build_atomically(root, ready, lambda tmp: (tmp / "stamp").write_text("this one"))
+    assert ready() and sorted(p.name for p in tmp_path.iterdir()) == ["assets"]
+
+
 def test_dataset_info_valid(fresh_assets: TinyAssets) -> None:
     from llamafactory.data.parser import get_dataset_list
 
