@@ -27,6 +27,7 @@ import unused_packages  # noqa: E402, F401 - tests/process_hooks/
 if os.environ.get("HERA_TEST_FSDP_ON_CPU") or os.environ.get("HERA_TEST_FSDP_EVIDENCE"):
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import CPUOffloadPolicy
 
     _original_init = AcceleratorState.__init__
 
@@ -40,8 +41,6 @@ if os.environ.get("HERA_TEST_FSDP_ON_CPU") or os.environ.get("HERA_TEST_FSDP_EVI
                 fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-            from torch.distributed.fsdp import CPUOffloadPolicy
-
             if isinstance(fsdp_plugin.cpu_offload, CPUOffloadPolicy):  # fsdp_offload_params: true
                 # accelerate's policy pins the shards' host memory, which needs a CUDA driver: unpinned here
                 fsdp_plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
