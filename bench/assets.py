@@ -29,11 +29,12 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from llamafactory_hera.fixtures import build_tiny_assets
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -208,6 +209,7 @@ def model_class(config: Any) -> type:
 
 def count_parameters(preset: Preset, tiny_model: Path, tiny_teacher: Path) -> tuple[int, int]:
     """(MLLM, teacher) parameter counts of the preset, from meta-device instances (no memory, seconds)."""
+    import torch  # here and below: a benchmark's parent process reading built assets never imports torch (~3 CPU s)
     from transformers import AutoModel
 
     config = model_config(preset, tiny_model)
@@ -219,6 +221,7 @@ def count_parameters(preset: Preset, tiny_model: Path, tiny_teacher: Path) -> tu
 
 def _save_random(build: Any, out_dir: Path, dtype: torch.dtype, seed: int, device: str) -> None:
     """Instantiate ``build()`` with random weights in ``dtype`` on ``device`` and save it (5 GB shards)."""
+    import torch
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -240,8 +243,6 @@ def build_bench_assets(root: Path, num_images: int = 64, seed: int = 0,
     The real-size presets draw their weights on the GPU when one is visible (seconds instead of minutes)
     and take ~17 GB of disk in bf16.
     """
-    from transformers import AutoModel
-
     spec = preset if isinstance(preset, Preset) else PRESETS.get(preset)
     if spec is None:
         raise ValueError(f"--preset: unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
@@ -251,6 +252,9 @@ def build_bench_assets(root: Path, num_images: int = 64, seed: int = 0,
     stamp = root / f"{spec.name}_stamp.json"
     wanted = {"preset": asdict(spec), "seed": seed}  # weights do not depend on the dataset size
     if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted):
+        import torch
+        from transformers import AutoModel
+
         stamp.unlink(missing_ok=True)
         for folder in (model_dir, teacher_dir):
             shutil.rmtree(folder, ignore_errors=True)

@@ -266,10 +266,9 @@ def main() -> None:
     def median_of(stage: str, part: str) -> float:
         return statistics.median(s for run in results[stage] for s in steps_of(run, part))
 
-    import torch
-
+    threads = results[base][0]["torch_threads"]  # the workers': this process imports no torch
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}, device {args.device}; {args.repeats} repeats (A/B interleaved, ABBA order), "
+          f"{threads}, device {args.device}; {args.repeats} repeats (A/B interleaved, ABBA order), "
           f"{args.epochs} epochs x {per_epoch} steps, batch {args.batch}, warm-up {args.warmup} steps dropped")
     print(f"{'':26}{base:>10}{other:>10}{'ratio':>8}   per A/B pair (median, range)")
     for part, label in (("first", "first epoch"), ("later", "later epochs"), ("all", "all")):

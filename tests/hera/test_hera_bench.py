@@ -55,7 +55,7 @@ def test_smoke_presets_keep_the_real_presets_inputs(bench_root: Path, name: str,
     from PIL import Image
     from transformers import AutoProcessor
 
-    assets = build_bench_assets(bench_root, num_images=16, preset=name)
+    assets = build_bench_assets(bench_root, num_images=8, preset=name)
     processor = AutoProcessor.from_pretrained(assets.model)
     out = processor.image_processor([Image.new("RGB", (48, 48))], return_tensors="pt")
     assert tuple(out["image_grid_thw"][0].tolist()) == grid
@@ -79,7 +79,7 @@ def _run(tmp: Path, script: str, *args: str) -> str:
 
 
 def test_overhead_script_runs_both_stages_and_prints_ratios(bench_root: Path) -> None:
-    out = _run(bench_root, "overhead.py", "--repeats", "1", "--epochs", "2", "--images", "16", "--batch", "8",
+    out = _run(bench_root, "overhead.py", "--repeats", "1", "--epochs", "2", "--images", "8", "--batch", "4",
                "--warmup", "0", "--step-tensors", "--preset", "qwen3-vl-8b-smoke", "--assets", str(bench_root))
     for label in ("step, first epoch", "step, later epochs", "step, all", "step tensors, peak", "peak RSS"):
         assert re.search(rf"^{re.escape(label)} \(\w+\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", out, re.M), (label, out)
@@ -91,10 +91,10 @@ def test_step_counts_gate_holds_on_the_smoke_preset(bench_root: Path) -> None:
     """One optimizer step of the real run_exp, counted (aten ops by a dispatch mode; Python calls in
     torch/utils/checkpoint.py): HeRA against SFT with LLaMA-Factory's defaults. HeRA adds at most 900 ops with the
     preset's 5 heads; with its heads in one layer of 8, checkpoint.py calls grow by at most a quarter of what
-    non-reentrant checkpointing in every layer adds; HeRA's extra ops do not grow from batch 4 to 16 (4 to 16 images).
+    non-reentrant checkpointing in every layer adds; HeRA's extra ops do not grow from batch 2 to 8 (2 to 8 images).
     """
     counts = bench_root / "step_counts.json"
-    out = _run(bench_root, "step_counts.py", "--preset", "qwen3-vl-8b-smoke", "--batches", "4", "16", "--check",
+    out = _run(bench_root, "step_counts.py", "--preset", "qwen3-vl-8b-smoke", "--batches", "2", "8", "--check",
                "--json", str(counts), "--assets", str(bench_root))
     rows = json.loads(counts.read_text())
     sft, non_reentrant, hera, one = (rows[k] for k in ("sft", "sft_nonreentrant", "hera", "hera_one_layer"))
@@ -102,8 +102,8 @@ def test_step_counts_gate_holds_on_the_smoke_preset(bench_root: Path) -> None:
     assert hera["ops"] - sft["ops"] <= 900, rows
     assert 0 < one["checkpoint_calls"] - sft["checkpoint_calls"] <= (
         non_reentrant["checkpoint_calls"] - sft["checkpoint_calls"]) / 4, rows
-    assert rows["hera_b16"]["ops"] - rows["sft_b16"]["ops"] <= hera["ops"] - sft["ops"] + 8, rows
-    assert re.search(r"^SFT \(LLaMA-Factory defaults\)\s+4\s+[\d,]+\s+[\d,]+\s+[\d,]+$", out, re.M), out
+    assert rows["hera_b8"]["ops"] - rows["sft_b8"]["ops"] <= hera["ops"] - sft["ops"] + 8, rows
+    assert re.search(r"^SFT \(LLaMA-Factory defaults\)\s+2\s+[\d,]+\s+[\d,]+\s+[\d,]+$", out, re.M), out
     assert "FAIL" not in out, out
 
 
@@ -128,7 +128,7 @@ def test_overhead_script_measures_the_monitor_side_by_side(bench_root: Path) -> 
     """``--monitor``: HeRA with the monitor off and on (here every 2 steps), the points' share inside the run, and the
     instructions the training thread retired (or why they were not counted): equal on the step without a point."""
     out = _run(bench_root, "overhead.py", "--monitor", "--monitor-steps", "2", "--counters", "--repeats", "1",
-               "--epochs", "1", "--images", "16", "--batch", "8", "--warmup", "0", "--preset", "qwen3-vl-8b-smoke",
+               "--epochs", "1", "--images", "8", "--batch", "4", "--warmup", "0", "--preset", "qwen3-vl-8b-smoke",
                "--assets", str(bench_root))
     assert re.search(r"^training time \(s\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", out, re.M), out
     assert re.search(r"^monitor, in its own run\s+points at steps \[0, 2\], [\d.]+ s .* % of its training time",
