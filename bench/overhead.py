@@ -29,7 +29,8 @@ from runs import BENCH, gpu_peaks, print_result, run_worker, step_timer
 
 
 def recipe(assets, stage: str, output_dir: str, args: argparse.Namespace) -> dict:
-    """The benchmark recipe: LoRA on all linear layers, 5 heads spread over the depth, k=7, lambda=0.01.
+    """The benchmark recipe: LoRA on all linear layers, 5 heads spread over the depth, k=7 (``--hera-k``),
+    lambda=0.01.
 
     ``stage``: ``sft``, ``hera`` (the monitor at its defaults) or ``hera_off`` (``hera_monitor_steps: 0``).
     """
@@ -43,7 +44,7 @@ def recipe(assets, stage: str, output_dir: str, args: argparse.Namespace) -> dic
         "learning_rate": 1e-4, "num_train_epochs": args.epochs, "lr_scheduler_type": "constant", "logging_steps": 1,
         "save_strategy": "no", "output_dir": output_dir, "overwrite_output_dir": True, "report_to": "none",
         "seed": 0, "bf16": args.device != "cpu", "disable_tqdm": True,
-        "hera_heads": assets.hera_heads(), "hera_teacher": str(assets.teacher), "hera_k": 7,
+        "hera_heads": assets.hera_heads(), "hera_teacher": str(assets.teacher), "hera_k": args.hera_k,
         "hera_teacher_precompute": args.precompute,
         **({"hera_monitor_steps": 0} if stage == "hera_off" or (stage == "hera" and not args.monitor) else {}),
         **({"hera_monitor_steps": args.monitor_steps} if stage == "hera" and args.monitor_steps is not None else {}),
@@ -170,7 +171,7 @@ def worker(args: argparse.Namespace) -> None:
 def run_one(stage: str, args: argparse.Namespace) -> dict:
     options = ["--assets", args.assets, "--epochs", str(args.epochs), "--images", str(args.images), "--batch",
                str(args.batch), "--device", args.device, "--preset", args.preset, "--precompute", args.precompute,
-               "--warmup", str(args.warmup)]
+               "--warmup", str(args.warmup), "--hera-k", str(args.hera_k)]
     if args.step_tensors:
         options.append("--step-tensors")
     if args.baseline_non_reentrant:
@@ -193,6 +194,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--hera-k", type=int, default=7,
+                        help="hera_k of the HeRA runs (7; at a batch of k or fewer images HeRA adds its queue of "
+                             "earlier rows, docs/hera.md)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--preset", default="cpu-mid", help="model and teacher architecture (bench/assets.py PRESETS); "
                         "GPU: qwen3-vl-8b")

@@ -177,7 +177,7 @@ def count_runs(preset: str, batches: list[int], root: Path) -> dict[str, dict[st
     assets = build_bench_assets(root, num_images=max(batches), preset=preset)
     results: dict[str, dict[str, Any]] = {}
     for key, label, batch, overrides in configurations(assets, batches):
-        options = argparse.Namespace(batch=batch, epochs=2, device="cpu", precompute="true", monitor=False,
+        options = argparse.Namespace(batch=batch, epochs=2, device="cpu", precompute="true", monitor=False, hera_k=7,
                                      monitor_steps=None, baseline_non_reentrant=False, quantization_bit=None)
         with tempfile.TemporaryDirectory() as out:
             run = {**recipe(assets, overrides["stage"], out, options), "max_steps": 2, "bf16": True, "use_cpu": True,

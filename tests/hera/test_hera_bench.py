@@ -79,8 +79,10 @@ def _run(tmp: Path, script: str, *args: str) -> str:
 
 
 def test_overhead_script_runs_both_stages_and_prints_ratios(bench_root: Path) -> None:
+    # a batch of k + 1 images, as the GPU command's 8 with k = 7: no queue of earlier rows (docs/hera.md)
     out = _run(bench_root, "overhead.py", "--repeats", "1", "--epochs", "2", "--images", "8", "--batch", "4",
-               "--warmup", "0", "--step-tensors", "--preset", "qwen3-vl-8b-smoke", "--assets", str(bench_root))
+               "--hera-k", "3", "--warmup", "0", "--step-tensors", "--preset", "qwen3-vl-8b-smoke",
+               "--assets", str(bench_root))
     for label in ("step, first epoch", "step, later epochs", "step, all", "step tensors, peak", "peak RSS"):
         assert re.search(rf"^{re.escape(label)} \(\w+\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", out, re.M), (label, out)
     assert "heads ['L7H1', 'L3H5', 'L2H2', 'L7H7', 'L5H0']" in out
@@ -128,7 +130,8 @@ def test_overhead_script_measures_the_monitor_side_by_side(bench_root: Path) -> 
     """``--monitor``: HeRA with the monitor off and on (here every 2 steps), the points' share inside the run, and the
     instructions the training thread retired (or why they were not counted): equal on the step without a point."""
     out = _run(bench_root, "overhead.py", "--monitor", "--monitor-steps", "2", "--counters", "--repeats", "1",
-               "--epochs", "1", "--images", "8", "--batch", "4", "--warmup", "0", "--preset", "qwen3-vl-8b-smoke",
+               "--epochs", "1", "--images", "8", "--batch", "4", "--hera-k", "3", "--warmup", "0",
+               "--preset", "qwen3-vl-8b-smoke",
                "--assets", str(bench_root))
     assert re.search(r"^training time \(s\)\s+[\d.]+\s+[\d.]+\s+[\d.]+", out, re.M), out
     assert re.search(r"^monitor, in its own run\s+points at steps \[0, 2\], [\d.]+ s .* % of its training time",
