@@ -116,3 +116,44 @@ def test_a_quantized_weight_reads_as_its_dequantized_values(storage: str) -> Non
 def test_zero3_by_call_refuses_dora_and_quantized_weights(storage: str, adapter: str) -> None:
     with pytest.raises(RecipeError, match="ZeRO-3.*DoRA \\(use_dora\\) and quantized"):
         project_heads_by_call(_layer(storage, adapter), torch.randn(2, HEAD_DIM), [1], HEAD_DIM, HEADS * HEAD_DIM)
+
+
+def test_eval_forwards_keep_the_4bit_layout_the_layer_trains_and_is_read_in() -> None:
+    """bitsandbytes (>= 0.50) repacks a 4-bit layer in place for its CPU inference kernel at an eval-mode forward
+    without gradient, where the CPU has AVX512-BF16 (the flag it reads at each forward, set here as such a CPU sets it):
+    under ``eval_mode`` the layout stays, the forward is the dequantized weight's, the mode comes back, the layer
+    trains after it and its columns read as before. Where this CPU has the kernel, the same forward without
+    ``eval_mode`` repacks (what the monitor and HARC's directions did to the trained model), and a repacked weight is
+    refused by name, never read."""
+    from llamafactory_hera.training.eval_forward import eval_mode, keep_4bit_layout
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(64, 64) * 0.1, torch.randn(64) * 0.1  # widths bitsandbytes' CPU repack accepts
+
+    def model_of() -> nn.Module:
+        layer = _o_proj("nf4", weight, bias)
+        layer.support_avx512bf16_for_cpu = True
+        return _Attention(layer)
+
+    model, x = model_of(), torch.randn(3, 64)
+    before = base_weight_columns(model.o_proj)
+    with eval_mode(model), torch.no_grad():
+        assert not model.training
+        out = model.o_proj(x)
+    assert model.training and not getattr(model.o_proj.weight.quant_state, "packing_format_for_cpu", False)
+    assert model.o_proj.support_avx512bf16_for_cpu is False and keep_4bit_layout(model) == 0
+    torch.testing.assert_close(out, x @ before.T + bias, rtol=0, atol=1e-5)
+    assert torch.equal(base_weight_columns(model.o_proj), before)
+    model.o_proj(x.requires_grad_()).sum().backward()  # trains after it (bitsandbytes 0.50.2: fails after a repack)
+    assert model.o_proj.bias.grad is not None and x.grad is not None
+
+    repacked = model_of()
+    if bnb.functional.has_avx512bf16():  # this CPU runs the repacked kernel: show what eval_mode prevents
+        repacked.eval()
+        with torch.no_grad():
+            repacked.o_proj(torch.randn(3, 64))
+    else:  # the repacked layout, as bitsandbytes marks it
+        repacked.o_proj.weight.quant_state.packing_format_for_cpu = True
+    assert repacked.o_proj.weight.quant_state.packing_format_for_cpu
+    with pytest.raises(RuntimeError, match="CPU inference layout"):
+        base_weight_columns(repacked.o_proj)

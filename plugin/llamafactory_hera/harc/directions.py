@@ -29,6 +29,7 @@ from llamafactory_hera.harc.data import ROLE_HARMLESS, EncodedRow
 from llamafactory_hera.harc.residuals import at_positions, reading_layers, response_window
 from llamafactory_hera.heads.architecture import text_decoder
 from llamafactory_hera.log import Progress
+from llamafactory_hera.training.eval_forward import eval_mode
 
 
 @dataclass
@@ -74,16 +75,11 @@ def _hidden_sums(model: nn.Module, rows: list[EncodedRow], layers: list[int], an
 
     device = next(model.parameters()).device
     cut = [EncodedRow(row.prompt_ids, row.response_ids[:answer_tokens], row.t_inst) for row in rows]
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), reading_layers(model, layers, read):
-            for group in progress([cut[i:i + batch_size] for i in range(0, len(cut), batch_size)], label):
-                batch = collate_rows([(ROLE_HARMLESS, row) for row in group], pad_id)
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                      use_cache=False)
-    finally:
-        model.train(training)
+    with eval_mode(model), torch.no_grad(), reading_layers(model, layers, read):
+        for group in progress([cut[i:i + batch_size] for i in range(0, len(cut), batch_size)], label):
+            batch = collate_rows([(ROLE_HARMLESS, row) for row in group], pad_id)
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                  use_cache=False)
     return sums
 
 

@@ -38,6 +38,7 @@ import torch
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from llamafactory_hera.log import Progress
+from llamafactory_hera.training.eval_forward import eval_mode
 
 # llm-attacks@098262e experiments/evaluate.py _test_prefixes (29), then demo.ipynb's test_prefixes not in it (3)
 GCG_TEST_PREFIXES: tuple[str, ...] = (
@@ -131,22 +132,17 @@ def generate_ids(model: Any, tokenizer: Any, prompts: list[tuple[int, ...]], max
     device = getattr(model, "device", None)
     device = device if isinstance(device, torch.device) else next(model.parameters()).device
     results: list[list[int]] = [[] for _ in prompts]
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in progress(batches, label):
-                rows = [list(prompts[i]) for i in batch]
-                width = max(len(row) for row in rows)
-                input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], device=device)
-                attention = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
-                output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                        eos_token_id=stops, pad_token_id=pad_id, use_cache=True, **greedy)
-                for index, tokens in zip(batch, output[:, width:].tolist(), strict=True):
-                    end = next((i for i, token in enumerate(tokens) if token in stops), len(tokens))
-                    results[index] = tokens[:end]
-    finally:
-        model.train(training)
+    with eval_mode(model), torch.no_grad():
+        for batch in progress(batches, label):
+            rows = [list(prompts[i]) for i in batch]
+            width = max(len(row) for row in rows)
+            input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], device=device)
+            attention = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+            output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                    eos_token_id=stops, pad_token_id=pad_id, use_cache=True, **greedy)
+            for index, tokens in zip(batch, output[:, width:].tolist(), strict=True):
+                end = next((i for i, token in enumerate(tokens) if token in stops), len(tokens))
+                results[index] = tokens[:end]
     return results
 
 

@@ -31,6 +31,7 @@ from llamafactory_hera.hera.selection.scores import layer_head_neighbours, teach
 from llamafactory_hera.hera.teacher import teacher_batch_size
 from llamafactory_hera.hera.teacher_cache import feature_store
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera.training.eval_forward import eval_mode
 from llamafactory_hera_patches.model_data import split_rows, tokenized_rows_and_collator
 
 PREFIX = "[llamafactory-hera]"
@@ -185,9 +186,7 @@ class MonitorCallback(TrainerCallback):
         the control heads. The forward runs without autograd in eval mode; the model's mode is restored."""
         if self.teacher_knn is None:
             raise RuntimeError("alignment monitor: prepare_teacher was not called before the first score")
-        was_training = model.training
-        model.eval()
-        try:  # per layer [N, H*d_head] pooled o_proj inputs of the probe pairs, collected as selection collects them
+        with eval_mode(model):  # per layer [N, H*d_head] pooled o_proj inputs of the probe pairs, as selection's
             if self.mode == "multimodal":
                 pooled = collect.collect_multimodal(model, self.dataset, self.collator,
                                                     list(range(len(self.probe.pairs))), self.batch_size, self.device,
@@ -195,8 +194,6 @@ class MonitorCallback(TrainerCallback):
             else:
                 pooled = collect.collect_text(model, self.tokenizer, self.probe.pairs, self.batch_size, self.device,
                                               progress=False)
-        finally:
-            model.train(was_training)
         o_projs = head_projections(model)
         per_head: dict[HeadRef, torch.Tensor] = {}
         for layer, heads in self.by_layer.items():

@@ -67,6 +67,11 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
     weight = base.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:
+        if getattr(quant_state, "packing_format_for_cpu", False):  # never read a layout dequantize_4bit does not
+            raise RuntimeError(
+                "o_proj's 4-bit weight is in bitsandbytes' CPU inference layout (repacked by an eval-mode forward "
+                "without gradient on a CPU with AVX512-BF16), which dequantize_4bit does not read; run the model's "
+                "eval forwards under llamafactory_hera.training.eval_forward.keep_4bit_layout.")
         # lazy: bitsandbytes is installed only where a model was loaded 4-bit with it
         from bitsandbytes.functional import dequantize_4bit
 

@@ -39,6 +39,7 @@ from llamafactory_hera.hera.teacher_cache import feature_store, path_fingerprint
 from llamafactory_hera.log import show
 from llamafactory_hera.recipe.model_paths import check_model_paths
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.arguments import truthy
 from llamafactory_hera_patches.guard import recorded_versions
 from llamafactory_hera_patches.model_data import (
@@ -289,6 +290,7 @@ def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str) -> tuple[An
     args.model_args = copy.copy(recipe_args.model_args)
     args.model_args.compute_dtype = wanted
     model, tokenizer_module, template = load_model_for_scoring(args, device)
+    keep_4bit_layout(model)  # its 4-bit heads' columns are read dequantized (training/eval_forward.py)
     floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if not getattr(model, "quantization_method", None) and floating - {wanted}:
         model = model.to(wanted)

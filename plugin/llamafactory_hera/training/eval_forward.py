@@ -1,0 +1,48 @@
+"""The methods' own forwards of the model they train, run in eval mode without autograd (HeRA's alignment monitor,
+HARC's directions and its end-of-run generation), and the model ``select`` scores: bitsandbytes' 4-bit layers kept
+in the layout they train and are read in.
+
+bitsandbytes >= 0.50 (``Linear4bit.forward``) repacks a 4-bit weight in place for its CPU inference kernel the first
+time the layer runs in eval mode on an input without gradient, on a CPU with AVX512-BF16
+(``support_avx512bf16_for_cpu``, read at each forward), and packs it back only when the layer's state dict is saved.
+After one such forward of a model being trained (measured on bitsandbytes 0.50.2, AMD EPYC with AVX512-BF16):
+training fails at the next backward (``result += bias`` on a view of a leaf: "a view of a leaf Variable that requires
+grad is being used in an in-place operation"), a layer whose width is not a multiple of 32 fails in the forward itself
+("N must be divisible by block_n"), and the weight and ``quant_state`` are no longer what ``dequantize_4bit`` reads.
+Keeping the layout costs the eval forward that kernel only; it computes the same product (the dequantized weight's
+matmul) as training does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+REPACK_FLAG = "support_avx512bf16_for_cpu"  # bitsandbytes' Linear4bit: repack for the CPU kernel in eval mode
+
+
+def keep_4bit_layout(model: nn.Module) -> int:
+    """Switch bitsandbytes' eval-mode CPU repacking off in every 4-bit layer of ``model``; returns how many layers
+    had it on (0 where none would repack: no 4-bit layer, a GPU, a CPU without AVX512-BF16, or a bitsandbytes
+    without the repack)."""
+    switched = 0
+    for module in model.modules():
+        if getattr(module, REPACK_FLAG, False):
+            setattr(module, REPACK_FLAG, False)
+            switched += 1
+    return switched
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the duration (its mode restored after), its 4-bit layers' layout kept
+    (:func:`keep_4bit_layout`). Autograd is the caller's to switch off."""
+    keep_4bit_layout(model)
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
