@@ -27,9 +27,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import venv
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,6 +61,9 @@ OLDEST_STACK_OPEN: tuple[str, ...] = ()
 OLDEST_STACK_ENGINE_RUNS = ("tests/harc/test_harc_stage.py::test_fsdp2_gives_the_losses_of_one_process",
                             "tests/harc/test_harc_stage.py::test_fsdp2_with_qlora_gives_the_losses_of_one_process")
 DEMO_METHODS = ("hera", "rah", "harc")
+# the second stack's demos on two streams at once: each demo is mostly one process's imports, one core's work, so two
+# run beside each other on CI's two cores; RAH-LoRA after HeRA, whose tiny models it reuses (built once)
+DEMO_STREAMS = (("hera", "rah"), ("harc",))
 SECOND_STACK_DEMO_STEPS = 3  # the demos' whole path (assets, run, summary, plots) in fewer steps: CI's 25 minutes
 TORCH_TRIO = ("torch", "torchvision", "torchaudio")
 # the installer of every set-up step after itself: on a 2-core machine uv installed the pinned stack (6.4 GB, CUDA
@@ -280,17 +285,39 @@ def cmd_test(python: Path, pytest_args: list[str]) -> int:
     return 0
 
 
+def run_demos(python: Path, output: Path, env: dict[str, str]) -> list[int]:
+    """The three demos into ``output`` on :data:`DEMO_STREAMS`, each stream one demo after another: each demo's output
+    printed whole when it ends, its time logged. Returns the exit codes in :data:`DEMO_METHODS`' order."""
+    printing = threading.Lock()
+
+    def demo(method: str) -> int:
+        steps = [] if method == "rah" else ["--steps", str(SECOND_STACK_DEMO_STEPS)]  # RAH-LoRA takes none
+        cmd = [str(part) for part in (python, "-m", "llamafactory_hera.demo", "--method", method, "--output", output,
+                                      *steps, "--quiet")]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace", check=False)
+        with printing:
+            log(f"$ {shlex.join(cmd)}")
+            print(done.stdout, end="", flush=True)
+            log(f"demo {method}: exit code {done.returncode}, {time.perf_counter() - start:.1f}s")
+        return done.returncode
+
+    with ThreadPoolExecutor(len(DEMO_STREAMS)) as pool:
+        ended = dict(zip(DEMO_STREAMS, pool.map(lambda stream: [demo(method) for method in stream], DEMO_STREAMS),
+                         strict=True))
+    code_of = {method: code for stream, codes in ended.items() for method, code in zip(stream, codes, strict=True)}
+    return [code_of[method] for method in DEMO_METHODS]
+
+
 def cmd_test_second_stack(python: Path, pytest_args: list[str]) -> int:
     """The second stack: the three demos (each into a temporary folder), then :data:`OLDEST_STACK_TESTS`. Exit code:
     the first failure's."""
     codes = []
     with offline_env() as env:
         output = Path(env["HF_HOME"]).parent / "demo_output"
-        for method in DEMO_METHODS:
-            with phase(f"demo {method}"):
-                steps = [] if method == "rah" else ["--steps", str(SECOND_STACK_DEMO_STEPS)]  # RAH-LoRA takes none
-                codes.append(run([python, "-m", "llamafactory_hera.demo", "--method", method, "--output", output,
-                                  *steps, "--quiet"], env=env, check=False))
+        with phase("demos"):
+            codes += run_demos(python, output, env)
         with phase("pytest"):
             options = [*parallel_args(pytest_args), *report_args(python, pytest_args), *duration_args(pytest_args)]
             left_out = (*OLDEST_STACK_OPEN, *OLDEST_STACK_ENGINE_RUNS)

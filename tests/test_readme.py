@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -437,3 +438,26 @@ def test_dev_sets_up_each_stack_in_its_own_venv(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(dev, "cmd_test_second_stack", lambda python, args: ran.append(("subset", "oldest")) or 3)
     assert dev.main(["test", "--stack", "all"]) == 3
     assert ran == [("setup", "pinned"), ("suite", "pinned"), ("setup", "oldest"), ("subset", "oldest")]
+
+
+def test_dev_runs_the_second_stacks_demos_two_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The second stack's three demos run on two streams: HARC's beside HeRA's, RAH-LoRA's after HeRA's (its tiny
+    models); each one's output is printed whole, its exit code kept in the methods' order (the first failure's is the
+    run's)."""
+    dev = _dev()
+    spans: dict[str, tuple[float, float]] = {}
+
+    def fake_demo(cmd: list[str], **_: Any) -> subprocess.CompletedProcess:
+        method, start = cmd[cmd.index("--method") + 1], time.monotonic()
+        time.sleep(0.3)
+        spans[method] = (start, time.monotonic())
+        return subprocess.CompletedProcess(cmd, {"rah": 4}.get(method, 0), f"output of {method} demo\n")
+
+    monkeypatch.setattr(dev.subprocess, "run", fake_demo)
+    assert dev.run_demos(Path(sys.executable), tmp_path, {}) == [0, 4, 0]
+    assert spans["harc"][0] < spans["hera"][1] and spans["hera"][0] < spans["harc"][1]  # beside each other
+    assert spans["rah"][0] >= spans["hera"][1]  # after the build of the tiny models it reuses
+    printed = capsys.readouterr().out
+    assert all(f"output of {method} demo" in printed for method in dev.DEMO_METHODS)
+    assert "demo rah: exit code 4" in printed and printed.count("--steps 3") == 2
