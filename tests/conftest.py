@@ -93,6 +93,15 @@ def engines_of(recipe: dict[str, Any]) -> tuple[str, ...]:
     return (*(("deepspeed",) if recipe.get("deepspeed") else ()), *(("bitsandbytes",) if quantized else ()))
 
 
+@pytest.fixture
+def repacking_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every bitsandbytes 4-bit layer made in this test repacks its weight for the CPU inference kernel at an
+    eval-mode forward on an input without gradient, as on a CPU with AVX512-BF16 (training/eval_forward.py): an eval
+    forward of a model that does not keep its layout fails the test on any CPU, not only on such a one."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr("bitsandbytes.nn.modules.has_avx512bf16", lambda: True)
+
+
 @pytest.fixture(autouse=True)
 def _own_hera_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test its own ``$LLAMAFACTORY_HERA_CACHE`` (selections, teacher features): none sees another's rows, and

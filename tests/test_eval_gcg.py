@@ -288,3 +288,26 @@ def test_suffixes_are_keyed_by_the_algorithm_not_by_the_cache_code() -> None:
     source = algorithm_source()
     assert "def optimise_suffix(" in source and "def target_losses(" in source
     assert "def suffix_key(" not in source and "def optimised_suffixes(" not in source
+
+
+def test_the_eval_engines_4bit_layers_keep_the_layout_gcg_backpropagates_through(monkeypatch, tmp_path) -> None:
+    """A 4-bit model (a layer made as on a CPU with AVX512-BF16, ``repacking_cpu``): the engine eval loads keeps each
+    layer's layout, so that after a forward without gradient (any task's, GCG's own candidate losses) the one-hot
+    gradient still reaches the input (a repacked layer's kernel passes none, silently)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from llamafactory_hera.evaluation import runner
+    from llamafactory_hera.evaluation.runs import ModelSpec
+
+    monkeypatch.setattr("bitsandbytes.nn.modules.has_avx512bf16", lambda: True)
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 64) * 0.1, requires_grad=False)
+    model = torch.nn.Sequential(layer.to("cpu")).eval()
+    assert model[0].support_avx512bf16_for_cpu
+    monkeypatch.setattr(runner.inference, "load_engine", lambda recipe: SimpleNamespace(model=model))
+    spec = ModelSpec("run", tmp_path, "harc", {}, "text", True)
+    assert runner.load_engine(spec).model is model and not model[0].support_avx512bf16_for_cpu
+    with torch.no_grad():
+        model(torch.randn(2, 64))
+    x = torch.randn(2, 64, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x).sum(), x)
+    assert grad.abs().sum() > 0

@@ -19,6 +19,7 @@ from llamafactory_hera.harc.trainer import AdapterSwitch
 from llamafactory_hera_patches.stacks import installed
 
 pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.usefixtures("repacking_cpu")  # the directions' eval forwards keep the 4-bit layout on any CPU
 TERMS = ("harc_couple", "harc_couple_resp", "harc_kl", "harc_ce", "loss")
 
 

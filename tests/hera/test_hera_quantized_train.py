@@ -18,6 +18,7 @@ from conftest import base_recipe, read_trainer_log
 from llamafactory_hera.heads.architecture import head_projections
 
 pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.usefixtures("repacking_cpu")  # every eval forward keeps the 4-bit layout on any CPU
 FAMILY = "qwen2_5_vl"
 LAYER = 1  # the layer of the heads below
 
@@ -118,9 +119,25 @@ def test_a_checkpoint_saved_in_an_unreadable_quantization_is_refused_before_load
     assert not (tmp_path / "out").exists()
 
 
+def test_the_trainers_evaluation_steps_leave_the_4bit_model_training(assets, tmp_path: Path) -> None:
+    """The Trainer's own evaluation (``val_size``, every step; the monitor off, whose forwards keep the layout too):
+    eval forwards of the 4-bit model being trained, after which its next steps still train (hera/workflow.py keeps
+    bitsandbytes' layout from the trainer's start)."""
+    from llamafactory.train.tuner import run_exp
+
+    out = tmp_path / "out"
+    run_exp(base_recipe(assets, FAMILY, out, quantization_bit=4, hera_heads=["L1H0", "L1H2"], hera_k=3, max_steps=2,
+                        hera_monitor_steps=0, val_size=0.25, eval_strategy="steps", eval_steps=1,
+                        per_device_eval_batch_size=4))
+    log = read_trainer_log(out)
+    assert [line["current_steps"] for line in log if "eval_loss" in line] == [1, 2]
+    assert [line["current_steps"] for line in log if "loss" in line] == [1, 2]
+
+
 def test_select_and_the_monitor_run_on_the_4bit_model(assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``llamafactory-hera select`` and ``hera_heads: auto`` score the same 4-bit model (same scores, same heads), and
-    the alignment monitor logs its MKNN during the quantized run."""
+    the alignment monitor logs its MKNN during the quantized run, beside the Trainer's evaluation steps (``val_size``):
+    eval forwards of the model being trained, after which it still trains."""
     import yaml
     from llamafactory.train.tuner import run_exp
 
@@ -129,7 +146,8 @@ def test_select_and_the_monitor_run_on_the_4bit_model(assets, tmp_path: Path, mo
     monkeypatch.setenv("LLAMAFACTORY_HERA_CACHE", str(tmp_path / "cache"))
     recipe = base_recipe(assets, FAMILY, tmp_path / "out", hera_heads="auto", quantization_bit=4, max_steps=2,
                          hera_select_samples=12, hera_k=3, hera_select_num_heads=2, hera_select_batch_size=4,
-                         hera_monitor_steps=1)
+                         hera_monitor_steps=1, val_size=0.25, eval_strategy="steps", eval_steps=1,
+                         per_device_eval_batch_size=4)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     assert main(["select", str(path), "--device", "cpu", "--dry-run"]) == 0
@@ -139,5 +157,8 @@ def test_select_and_the_monitor_run_on_the_4bit_model(assets, tmp_path: Path, mo
     assert probe.seen["base"] == "Linear4bit"
     auto = json.loads((tmp_path / "out" / "hera_selection.json").read_text())
     assert auto["scores"] == selected["scores"] and auto["selected"] == selected["selected"]
-    points = [line for line in read_trainer_log(tmp_path / "out") if "hera_mknn" in line]
+    log = read_trainer_log(tmp_path / "out")
+    points = [line for line in log if "hera_mknn" in line]
     assert points and all(torch.isfinite(torch.tensor(p["hera_mknn"])) for p in points)
+    assert [line["current_steps"] for line in log if "eval_loss" in line] == [1, 2]
+    assert [line["current_steps"] for line in log if "loss" in line] == [1, 2]

@@ -47,6 +47,7 @@ from llamafactory_hera.evaluation.protocols import DERIVED, DERIVED_REVISION, de
 from llamafactory_hera.evaluation.runs import ModelSpec
 from llamafactory_hera.log import progress_once, say_once
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches import inference
 from llamafactory_hera_patches.guard import host_version
 
@@ -186,8 +187,13 @@ def device_note() -> str | None:
 
 
 def load_engine(spec: ModelSpec) -> Any:
-    """``HuggingfaceEngine`` for ``spec`` (model in eval mode, tokenizer, processor, template, generating args)."""
-    return inference.load_engine(spec.recipe)
+    """``HuggingfaceEngine`` for ``spec`` (model in eval mode, tokenizer, processor, template, generating args), its
+    4-bit layers kept in their own layout: GCG backpropagates through the model, and a layer bitsandbytes repacked
+    for its CPU inference kernel (at any earlier task's forward) passes no gradient to its input
+    (training/eval_forward.py)."""
+    engine = inference.load_engine(spec.recipe)
+    keep_4bit_layout(engine.model)
+    return engine
 
 
 def _flatten(visuals: Any) -> list[Any]:

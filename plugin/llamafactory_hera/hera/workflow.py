@@ -37,6 +37,7 @@ from llamafactory_hera.plots.training import plot_training
 from llamafactory_hera.recipe.dataset_info import describe_data
 from llamafactory_hera.recipe.image_files import first_unreadable, image_rows
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.media_warnings import media_warnings_held
 from llamafactory_hera_patches.model_data import RecipeArgs, holds_out_by_val_size, load_aligned_rows, training_rows
 from llamafactory_hera_patches.templates import image_placeholder
@@ -58,6 +59,7 @@ def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int
             check_same_heads_on_every_rank(list(hera_args.hera_heads))
             model = kwargs["model"] if "model" in kwargs else args[0]  # Trainer(model, args, ...)
             check_heads_train(model, hera_args.head_refs, auto, kwargs.get("finetuning_args"))
+            keep_4bit_layout(model)  # through every eval forward: the monitor's, the Trainer's evaluation steps
             super().__init__(*args, hera_args=hera_args, hera_feature_cache=cache, hera_queue=contrastive.queue,
                              **kwargs)
             self.hera_monitor = None if probe is None else MonitorCallback(self, hera_args, probe, self.hera_geometry,

@@ -1,16 +1,18 @@
-"""The methods' own forwards of the model they train, run in eval mode without autograd (HeRA's alignment monitor,
-HARC's directions and its end-of-run generation), and the model ``select`` scores: bitsandbytes' 4-bit layers kept
-in the layout they train and are read in.
+"""bitsandbytes' 4-bit layers kept in the layout they train and are read in, through every eval-mode forward: of the
+model a method trains (its workflow keeps it from the trainer's start: HeRA's alignment monitor, the Trainer's
+evaluation steps, HARC's directions and end-of-run generation), of the model ``select`` scores, and of the eval
+engine's (GCG backpropagates through it).
 
 bitsandbytes >= 0.50 (``Linear4bit.forward``) repacks a 4-bit weight in place for its CPU inference kernel the first
-time the layer runs in eval mode on an input without gradient, on a CPU with AVX512-BF16
-(``support_avx512bf16_for_cpu``, read at each forward), and packs it back only when the layer's state dict is saved.
-After one such forward of a model being trained (measured on bitsandbytes 0.50.2, AMD EPYC with AVX512-BF16):
-training fails at the next backward (``result += bias`` on a view of a leaf: "a view of a leaf Variable that requires
-grad is being used in an in-place operation"), a layer whose width is not a multiple of 32 fails in the forward itself
-("N must be divisible by block_n"), and the weight and ``quant_state`` are no longer what ``dequantize_4bit`` reads.
-Keeping the layout costs the eval forward that kernel only; it computes the same product (the dequantized weight's
-matmul) as training does.
+time the layer runs in eval mode on an input that does not require grad, on a CPU with AVX512-BF16
+(``support_avx512bf16_for_cpu``, set when the layer is made, read at each forward); it packs the weight back only when
+the layer's state dict is saved or the layer moves to a GPU. After one such forward (measured on bitsandbytes 0.50.2,
+AMD EPYC with AVX512-BF16): a later backward through a layer with a bias fails (``result += bias`` on a view of a
+leaf: "a view of a leaf Variable that requires grad is being used in an in-place operation"), one without a bias
+passes no gradient to its input, silently (the kernel has no autograd formula), a layer whose width is not a multiple
+of 32 fails in the forward itself ("N must be divisible by block_n"), and the weight and ``quant_state`` are no longer
+what ``dequantize_4bit`` reads. Keeping the layout costs the eval forward that kernel only; it computes the same
+product (the dequantized weight's matmul) as training does.
 """
 
 from __future__ import annotations
