@@ -286,26 +286,33 @@ def cmd_test(python: Path, pytest_args: list[str]) -> int:
 
 
 def run_demos(python: Path, output: Path, env: dict[str, str]) -> list[int]:
-    """The three demos into ``output`` on :data:`DEMO_STREAMS`, each stream one demo after another: each demo's output
-    printed whole when it ends, its time logged. Returns the exit codes in :data:`DEMO_METHODS`' order."""
+    """The three demos into ``output`` on :data:`DEMO_STREAMS`, each stream one demo after another; each line a demo
+    prints is printed as it comes, after its method's name (two run at once), and each demo's time is a phase of its
+    own. Returns the exit codes in :data:`DEMO_METHODS`' order."""
     printing = threading.Lock()
+    seconds: dict[str, float] = {}
 
     def demo(method: str) -> int:
         steps = [] if method == "rah" else ["--steps", str(SECOND_STACK_DEMO_STEPS)]  # RAH-LoRA takes none
         cmd = [str(part) for part in (python, "-m", "llamafactory_hera.demo", "--method", method, "--output", output,
                                       *steps, "--quiet")]
-        start = time.perf_counter()
-        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              errors="replace", check=False)
         with printing:
             log(f"$ {shlex.join(cmd)}")
-            print(done.stdout, end="", flush=True)
-            log(f"demo {method}: exit code {done.returncode}, {time.perf_counter() - start:.1f}s")
-        return done.returncode
+        start = time.perf_counter()
+        with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors="replace") as proc:
+            for line in proc.stdout:
+                with printing:
+                    print(f"[{method}] {line}", end="", flush=True)
+        seconds[method] = time.perf_counter() - start
+        with printing:
+            log(f"demo {method}: exit code {proc.returncode}, {seconds[method]:.1f}s")
+        return proc.returncode
 
     with ThreadPoolExecutor(len(DEMO_STREAMS)) as pool:
         ended = dict(zip(DEMO_STREAMS, pool.map(lambda stream: [demo(method) for method in stream], DEMO_STREAMS),
                          strict=True))
+    _timings.extend((f"demo {method}", seconds[method]) for method in DEMO_METHODS)
     code_of = {method: code for stream, codes in ended.items() for method, code in zip(stream, codes, strict=True)}
     return [code_of[method] for method in DEMO_METHODS]
 

@@ -11,7 +11,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -440,24 +439,27 @@ def test_dev_sets_up_each_stack_in_its_own_venv(tmp_path: Path, monkeypatch: pyt
     assert ran == [("setup", "pinned"), ("suite", "pinned"), ("setup", "oldest"), ("subset", "oldest")]
 
 
-def test_dev_runs_the_second_stacks_demos_two_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_dev_runs_the_second_stacks_demos_two_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The second stack's three demos run on two streams: HARC's beside HeRA's, RAH-LoRA's after HeRA's (its tiny
-    models); each one's output is printed whole, its exit code kept in the methods' order (the first failure's is the
-    run's)."""
+    models); each line a demo prints comes out after its method's name, each demo's time is a phase, and the exit
+    codes come back in the methods' order (the first failure's is the run's). The demos here are a stand-in program
+    given as the python, so that dev.py starts real processes."""
     dev = _dev()
-    spans: dict[str, tuple[float, float]] = {}
-
-    def fake_demo(cmd: list[str], **_: Any) -> subprocess.CompletedProcess:
-        method, start = cmd[cmd.index("--method") + 1], time.monotonic()
-        time.sleep(0.3)
-        spans[method] = (start, time.monotonic())
-        return subprocess.CompletedProcess(cmd, {"rah": 4}.get(method, 0), f"output of {method} demo\n")
-
-    monkeypatch.setattr(dev.subprocess, "run", fake_demo)
-    assert dev.run_demos(Path(sys.executable), tmp_path, {}) == [0, 4, 0]
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\n"
+                    "import pathlib, sys, time\n"
+                    "method, out = (sys.argv[sys.argv.index(key) + 1] for key in ('--method', '--output'))\n"
+                    "start = time.time()\n"
+                    "print(f'output of {method} demo', flush=True)\n"
+                    "time.sleep(0.5)\n"
+                    "(pathlib.Path(out) / method).write_text(f'{start} {time.time()}')\n"
+                    "sys.exit(4 if method == 'rah' else 0)\n")
+    fake.chmod(0o755)
+    assert dev.run_demos(fake, tmp_path, dict(os.environ)) == [0, 4, 0]
+    spans = {method: [float(t) for t in (tmp_path / method).read_text().split()] for method in dev.DEMO_METHODS}
     assert spans["harc"][0] < spans["hera"][1] and spans["hera"][0] < spans["harc"][1]  # beside each other
     assert spans["rah"][0] >= spans["hera"][1]  # after the build of the tiny models it reuses
     printed = capsys.readouterr().out
-    assert all(f"output of {method} demo" in printed for method in dev.DEMO_METHODS)
+    assert all(f"[{method}] output of {method} demo" in printed for method in dev.DEMO_METHODS)
     assert "demo rah: exit code 4" in printed and printed.count("--steps 3") == 2
+    assert [name for name, _ in dev._timings] == ["demo hera", "demo rah", "demo harc"]
