@@ -228,6 +228,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.monitor_steps is not None and not args.monitor:
         parser.error("--monitor-steps: only with --monitor")
+    for key, least in (("repeats", 1), ("epochs", 1), ("images", 1), ("batch", 1), ("warmup", 0)):
+        if getattr(args, key) < least:  # each run's table needs one measured step of each stage
+            parser.error(f"--{key} {getattr(args, key)}: must be at least {least}")
     if args.worker:
         return worker(args)
     sys.path.insert(0, str(BENCH))

@@ -23,8 +23,9 @@ job_refusal.install()
 rank = int(os.environ.get("RANK") or os.environ["SLURM_PROCID"])
 world = int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"])
 stamp = f"{sys.argv[2]}.{rank}"  # when this rank refused, or began to wait for the others
-with open(stamp, "w", encoding="utf-8") as file:
+with open(f"{stamp}.tmp", "w", encoding="utf-8") as file:
     file.write(str(time.time()))
+os.replace(f"{stamp}.tmp", stamp)  # whole or absent: the test polls for it
 if rank == int(sys.argv[1]):
     raise RecipeError(f"hera_k: 0 is out of range (rank {rank}). Set hera_k to 1 or more.")
 dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=timedelta(seconds=600))

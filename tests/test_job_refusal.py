@@ -32,9 +32,9 @@ def _check(outputs: list[str], stamps: Path, ended: float) -> None:
 def _when_both_up(stamps: Path, seconds: float, ranks: list[subprocess.Popen]) -> float:
     """When the later of the two ranks wrote its stamp (within ``seconds``; a rank that ended without one fails)."""
     files, deadline = [stamps.with_name(f"{stamps.name}.{rank}") for rank in (0, 1)], time.time() + seconds
-    while not all(file.is_file() and file.read_text() for file in files):
+    while not all(file.is_file() for file in files):  # each written whole (tests/refusal_rank.py: os.replace)
         dead = [rank for rank, (proc, file) in enumerate(zip(ranks, files, strict=True))
-                if proc.poll() is not None and not (file.is_file() and file.read_text())]
+                if proc.poll() is not None and not file.is_file()]
         assert not dead, f"rank {dead[0]} ended before it was up:\n{ranks[dead[0]].communicate()[0][-3000:]}"
         assert time.time() < deadline, f"the ranks were not up within {seconds:.0f} s"
         time.sleep(0.2)

@@ -78,6 +78,16 @@ def _run(tmp: Path, script: str, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.parametrize(("option", "value", "least"), [("--repeats", "0", 1), ("--epochs", "0", 1),
+                                                         ("--images", "0", 1), ("--batch", "0", 1),
+                                                         ("--warmup", "-1", 0)])
+def test_overhead_refuses_a_count_out_of_range_by_name(option: str, value: str, least: int, tmp_path: Path) -> None:
+    """``--repeats 0`` measured nothing and ended in an IndexError; each count is one line naming the option."""
+    proc = run_process([sys.executable, str(BENCH / "overhead.py"), option, value], cwd=tmp_path,
+                       env=offline_env(tmp_path), timeout=120)
+    assert proc.returncode == 2 and f"{option} {value}: must be at least {least}" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_overhead_script_runs_both_stages_and_prints_ratios(bench_root: Path) -> None:
     # a batch of k + 1 images, as the GPU command's 8 with k = 7: no queue of earlier rows (docs/hera.md)
     out = _run(bench_root, "overhead.py", "--repeats", "1", "--epochs", "2", "--images", "8", "--batch", "4",
