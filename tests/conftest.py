@@ -404,36 +404,52 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+LAUNCH_ENV = "HERA_TESTS_LAUNCH"  # names one launch of run_process in the environment of every process it starts
+
+
 def run_process(command: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """``subprocess.run(command, capture_output=True, text=True, ...)`` in a process group of its own, the whole
-    group killed on timeout: torchrun's ranks and a launcher's children end with it (``subprocess.run`` kills only
-    the child; its ranks would train on, orphaned, beside the rest of the suite)."""
-    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:
+    """``subprocess.run(command, capture_output=True, text=True, ...)``, everything it starts killed on timeout and
+    the test failed with the output so far. ``subprocess.run`` kills only the child, and killing its process group is
+    not enough: torchrun (torch 2.11's elastic agent) starts each rank in a session of its own, and a rank that
+    outlived its launcher kept the output pipes open, so the test waited on them until the rank's gloo timeout
+    (seen 2026-11-27: a two-rank test hung 15 minutes). Each process of the launch carries :data:`LAUNCH_ENV`."""
+    launch = f"{os.getpid()}-{time.time_ns()}"
+    with subprocess.Popen(command, cwd=cwd, env={**env, LAUNCH_ENV: launch}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            for other in processes_marked(LAUNCH_ENV, launch):
+                with contextlib.suppress(Exception):
+                    other.kill()
+            stdout, stderr = process.communicate()
+            raise AssertionError(f"{' '.join(command)[:300]} timed out after {timeout:.0f} s; everything it started "
+                                 f"was killed:\n{stdout[-3000:]}\n{stderr[-6000:]}") from None
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def processes_marked(key: str, value: str) -> list[Any]:
+    """The live processes with ``key=value`` in their environment, other than pytest's own and Python's
+    multiprocessing resource tracker."""
+    import psutil
+
+    own = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
+    marked = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if process.pid not in own and process.environ().get(key) == value and not any(
+                    "multiprocessing.resource_tracker" in part for part in process.info["cmdline"] or []):
+                marked.append(process)
+        except (psutil.Error, OSError):  # gone meanwhile, or not ours to read
+            continue
+    return marked
 
 
 def leftover_processes() -> list[Any]:
     """Processes of this run (:data:`RUN_ENV` in their environment) still alive, other than pytest's own."""
-    import psutil
-
-    mine = os.environ[RUN_ENV]
-    own = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
-    left = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if process.pid not in own and process.environ().get(RUN_ENV) == mine and not any(
-                    "multiprocessing.resource_tracker" in part for part in process.info["cmdline"] or []):
-                left.append(process)
-        except (psutil.Error, OSError):  # gone meanwhile, or not ours to read
-            continue
-    return left
+    return processes_marked(RUN_ENV, os.environ[RUN_ENV])
 
 
 @pytest.hookimpl(hookwrapper=True)

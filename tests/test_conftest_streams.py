@@ -4,6 +4,7 @@ test's ``capfd`` captured is pointed at the session's streams when the test ends
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -44,3 +45,24 @@ def test_handlers_made_under_capfd_outlive_the_test(tmp_path: Path, capture: str
     assert "Logging error" not in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     if capture == "no":  # the records reached the terminal's streams
         assert "to stdout" in proc.stdout and "to stderr" in proc.stderr, proc.stdout + proc.stderr
+
+
+def test_a_timed_out_launch_ends_every_process_it_started_even_in_a_session_of_its_own(tmp_path: Path) -> None:
+    """As torchrun starts its ranks: a child in a session of its own that holds the output pipes and outlives its
+    launcher. On timeout the launch fails at once with its output so far, and the child is gone (killing the
+    launcher's process group alone left the test waiting on the child's pipes)."""
+    import time
+
+    import psutil
+
+    launcher = ("import subprocess, sys, time\n"
+                "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
+                "start_new_session=True)\n"
+                "print(f'pid of the rank: {child.pid}.', flush=True)\n"
+                "time.sleep(300)\n")
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match=r"timed out after 3 s; everything it started was killed") as failed:
+        run_process([sys.executable, "-c", launcher], cwd=tmp_path, env=offline_env(tmp_path), timeout=3)
+    assert time.monotonic() - started < 30
+    child = int(re.search(r"pid of the rank: (\d+)\.", str(failed.value)).group(1))
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
