@@ -405,28 +405,41 @@ def free_port() -> int:
 
 
 LAUNCH_ENV = "HERA_TESTS_LAUNCH"  # names one launch of run_process in the environment of every process it starts
+ORPHAN_GRACE_S = 30  # a launcher waits for its ranks: one still running this long after it exited is orphaned
 
 
 def run_process(command: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """``subprocess.run(command, capture_output=True, text=True, ...)``, everything it starts killed on timeout and
-    the test failed with the output so far. ``subprocess.run`` kills only the child, and killing its process group is
-    not enough: torchrun (torch 2.11's elastic agent) starts each rank in a session of its own, and a rank that
-    outlived its launcher kept the output pipes open, so the test waited on them until the rank's gloo timeout
-    (seen 2026-11-27: a two-rank test hung 15 minutes). Each process of the launch carries :data:`LAUNCH_ENV`."""
+    """``subprocess.run(command, capture_output=True, text=True, ...)``; on timeout, or when processes the command
+    started still run :data:`ORPHAN_GRACE_S` after it exited, everything it started is killed and the test fails
+    with the output so far. ``subprocess.run`` kills only the child, and killing its process group is not enough:
+    torchrun (torch 2.11's elastic agent) starts each rank in a session of its own, and a rank that outlived its
+    launcher kept the output pipes open, so the test waited on them until the rank's gloo timeout (seen 2026-11-27:
+    a two-rank test hung 15 minutes). Each process of the launch carries :data:`LAUNCH_ENV`."""
     launch = f"{os.getpid()}-{time.time_ns()}"
+    deadline = time.monotonic() + timeout
+    exited_at = None  # when the command itself ended while its output pipes stayed open
     with subprocess.Popen(command, cwd=cwd, env={**env, LAUNCH_ENV: launch}, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        while True:
+            try:  # in slices: a retried communicate loses no output
+                stdout, stderr = process.communicate(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if process.poll() is not None and exited_at is None:
+                    exited_at = time.monotonic()
+                orphaned = exited_at is not None and time.monotonic() - exited_at > ORPHAN_GRACE_S
+                if not orphaned and time.monotonic() < deadline:
+                    continue
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             for other in processes_marked(LAUNCH_ENV, launch):
                 with contextlib.suppress(Exception):
                     other.kill()
             stdout, stderr = process.communicate()
-            raise AssertionError(f"{' '.join(command)[:300]} timed out after {timeout:.0f} s; everything it started "
-                                 f"was killed:\n{stdout[-3000:]}\n{stderr[-6000:]}") from None
+            why = (f"exited (code {process.returncode}) but what it started still ran {ORPHAN_GRACE_S} s later"
+                   if orphaned else f"timed out after {timeout:.0f} s")
+            raise AssertionError(f"{' '.join(command)[:300]} {why}; everything it started was killed:\n"
+                                 f"{stdout[-3000:]}\n{stderr[-6000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 

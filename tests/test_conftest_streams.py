@@ -66,3 +66,26 @@ def test_a_timed_out_launch_ends_every_process_it_started_even_in_a_session_of_i
     assert time.monotonic() - started < 30
     child = int(re.search(r"pid of the rank: (\d+)\.", str(failed.value)).group(1))
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_process_left_running_by_its_exited_launcher_fails_the_launch(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launcher that exits while a process it started in a session of its own still runs (an orphaned rank) fails
+    the launch once the grace is over, long before its timeout, and the process is gone."""
+    import time
+
+    import psutil
+
+    import conftest
+
+    monkeypatch.setattr(conftest, "ORPHAN_GRACE_S", 1)
+    launcher = ("import subprocess, sys\n"
+                "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
+                "start_new_session=True)\n"
+                "print(f'pid of the rank: {child.pid}.', flush=True)\n")
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match=r"exited \(code 0\) but what it started still ran 1 s later") as failed:
+        run_process([sys.executable, "-c", launcher], cwd=tmp_path, env=offline_env(tmp_path), timeout=120)
+    assert time.monotonic() - started < 30
+    child = int(re.search(r"pid of the rank: (\d+)\.", str(failed.value)).group(1))
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
