@@ -415,6 +415,8 @@ def run_process(command: list[str], *, cwd: Path, env: dict[str, str], timeout: 
     torchrun (torch 2.11's elastic agent) starts each rank in a session of its own, and a rank that outlived its
     launcher kept the output pipes open, so the test waited on them until the rank's gloo timeout (seen 2026-11-27:
     a two-rank test hung 15 minutes). Each process of the launch carries :data:`LAUNCH_ENV`."""
+    import psutil
+
     launch = f"{os.getpid()}-{time.time_ns()}"
     deadline = time.monotonic() + timeout
     exited_at = None  # when the command itself ended while its output pipes stayed open
@@ -432,9 +434,11 @@ def run_process(command: list[str], *, cwd: Path, env: dict[str, str], timeout: 
                     continue
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            for other in processes_marked(LAUNCH_ENV, launch):
+            marked = processes_marked(LAUNCH_ENV, launch)
+            for other in marked:
                 with contextlib.suppress(Exception):
                     other.kill()
+            psutil.wait_procs(marked, timeout=10)  # gone (or a zombie of another parent) before the test goes on
             stdout, stderr = process.communicate()
             why = (f"exited (code {process.returncode}) but what it started still ran {ORPHAN_GRACE_S} s later"
                    if orphaned else f"timed out after {timeout:.0f} s")

@@ -1,13 +1,18 @@
 """Test files run together in one process (``-p no:xdist``) log cleanly: a library's logging handler made while a
 test's ``capfd`` captured is pointed at the session's streams when the test ends (conftest.py
-``_release_test_streams``), not left on the fixture's closed file ("--- Logging error ---" in every later record)."""
+``_release_test_streams``), not left on the fixture's closed file ("--- Logging error ---" in every later record).
+And a launch's output pipes never keep a test waiting: conftest.py ``run_process`` ends every process a launch
+started when it times out or when its launcher exited and left one running (torchrun's ranks run in sessions of their
+own)."""
 
 from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import offline_env, run_process
@@ -51,10 +56,6 @@ def test_a_timed_out_launch_ends_every_process_it_started_even_in_a_session_of_i
     """As torchrun starts its ranks: a child in a session of its own that holds the output pipes and outlives its
     launcher. On timeout the launch fails at once with its output so far, and the child is gone (killing the
     launcher's process group alone left the test waiting on the child's pipes)."""
-    import time
-
-    import psutil
-
     launcher = ("import subprocess, sys, time\n"
                 "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
                 "start_new_session=True)\n"
@@ -65,17 +66,13 @@ def test_a_timed_out_launch_ends_every_process_it_started_even_in_a_session_of_i
         run_process([sys.executable, "-c", launcher], cwd=tmp_path, env=offline_env(tmp_path), timeout=3)
     assert time.monotonic() - started < 30
     child = int(re.search(r"pid of the rank: (\d+)\.", str(failed.value)).group(1))
-    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    assert _gone(child)
 
 
 def test_a_process_left_running_by_its_exited_launcher_fails_the_launch(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A launcher that exits while a process it started in a session of its own still runs (an orphaned rank) fails
     the launch once the grace is over, long before its timeout, and the process is gone."""
-    import time
-
-    import psutil
-
     import conftest
 
     monkeypatch.setattr(conftest, "ORPHAN_GRACE_S", 1)
@@ -88,4 +85,12 @@ def test_a_process_left_running_by_its_exited_launcher_fails_the_launch(tmp_path
         run_process([sys.executable, "-c", launcher], cwd=tmp_path, env=offline_env(tmp_path), timeout=120)
     assert time.monotonic() - started < 30
     child = int(re.search(r"pid of the rank: (\d+)\.", str(failed.value)).group(1))
-    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    assert _gone(child)
+
+
+def _gone(pid: int) -> bool:
+    """``pid`` has ended (no such process, or a zombie its new parent has not reaped yet)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
