@@ -52,40 +52,35 @@ def test_handlers_made_under_capfd_outlive_the_test(tmp_path: Path, capture: str
         assert "to stdout" in proc.stdout and "to stderr" in proc.stderr, proc.stdout + proc.stderr
 
 
-def test_a_timed_out_launch_ends_every_process_it_started_even_in_a_session_of_its_own(tmp_path: Path) -> None:
-    """As torchrun starts its ranks: a child in a session of its own that holds the output pipes and outlives its
-    launcher. On timeout the launch fails at once with its output so far, and the child is gone (killing the
-    launcher's process group alone left the test waiting on the child's pipes)."""
+def _stand_in_launch(tmp_path: Path, waits: bool, timeout: float, failure: str) -> int:
+    """A stand-in launcher through ``run_process``: it starts a child in a session of its own (as torchrun starts a
+    rank) that holds the output pipes, then waits for it or exits. The launch fails with ``failure`` within 30 s;
+    returns the child's pid."""
     launcher = ("import subprocess, sys, time\n"
                 "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
                 "start_new_session=True)\n"
-                "print(f'pid of the rank: {child.pid}.', flush=True)\n"
-                "time.sleep(300)\n")
+                "print(f'pid of the rank: {child.pid}.', flush=True)\n" + ("time.sleep(300)\n" if waits else ""))
     started = time.monotonic()
-    with pytest.raises(AssertionError, match=r"timed out after 3 s; everything it started was killed") as failed:
-        run_process([sys.executable, "-c", launcher], cwd=tmp_path, env=offline_env(tmp_path), timeout=3)
+    with pytest.raises(AssertionError, match=failure) as failed:
+        run_process([sys.executable, "-c", launcher], cwd=tmp_path, env=offline_env(tmp_path), timeout=timeout)
     assert time.monotonic() - started < 30
-    child = int(re.search(r"pid of the rank: (\d+)\.", str(failed.value)).group(1))
-    assert _gone(child)
+    return int(re.search(r"pid of the rank: (\d+)\.", str(failed.value)).group(1))
+
+
+def test_a_timed_out_launch_ends_every_process_it_started_even_in_a_session_of_its_own(tmp_path: Path) -> None:
+    """On timeout the launch fails at once with its output so far, and the child is gone (killing the launcher's
+    process group alone left the test waiting on the child's pipes)."""
+    assert _gone(_stand_in_launch(tmp_path, True, 3, r"timed out after 3 s; everything it started was killed"))
 
 
 def test_a_process_left_running_by_its_exited_launcher_fails_the_launch(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A launcher that exits while a process it started in a session of its own still runs (an orphaned rank) fails
-    the launch once the grace is over, long before its timeout, and the process is gone."""
+    """A launcher that exits while a process it started still runs (an orphaned rank) fails the launch once the
+    grace is over, long before its timeout, and the process is gone."""
     import conftest
 
     monkeypatch.setattr(conftest, "ORPHAN_GRACE_S", 1)
-    launcher = ("import subprocess, sys\n"
-                "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
-                "start_new_session=True)\n"
-                "print(f'pid of the rank: {child.pid}.', flush=True)\n")
-    started = time.monotonic()
-    with pytest.raises(AssertionError, match=r"exited \(code 0\) but what it started still ran 1 s later") as failed:
-        run_process([sys.executable, "-c", launcher], cwd=tmp_path, env=offline_env(tmp_path), timeout=120)
-    assert time.monotonic() - started < 30
-    child = int(re.search(r"pid of the rank: (\d+)\.", str(failed.value)).group(1))
-    assert _gone(child)
+    assert _gone(_stand_in_launch(tmp_path, False, 120, r"exited \(code 0\) but what it started still ran 1 s later"))
 
 
 def _gone(pid: int) -> bool:
