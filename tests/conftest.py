@@ -432,14 +432,20 @@ def run_process(command: list[str], *, cwd: Path, env: dict[str, str], timeout: 
                 orphaned = exited_at is not None and time.monotonic() - exited_at > ORPHAN_GRACE_S
                 if not orphaned and time.monotonic() < deadline:
                     continue
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            marked = processes_marked(LAUNCH_ENV, launch)
-            for other in marked:
-                with contextlib.suppress(Exception):
-                    other.kill()
-            psutil.wait_procs(marked, timeout=10)  # gone (or a zombie of another parent) before the test goes on
-            stdout, stderr = process.communicate()
+            if exited_at is None:  # not reaped yet: its pid, the group's id, cannot be another launch's
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            for _ in range(3):  # again: a marked process may have started another meanwhile
+                marked = [other for other in processes_marked(LAUNCH_ENV, launch) if other.pid != process.pid]
+                for other in marked:
+                    with contextlib.suppress(psutil.Error):
+                        other.kill()
+                psutil.wait_procs(marked, timeout=10)  # ended before the test goes on (a zombie: up to 10 s)
+            try:
+                stdout, stderr = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired as held:  # something unmarked still holds the pipes: what came so far
+                stdout, stderr = (part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+                                  for part in (held.output, held.stderr))
             why = (f"exited (code {process.returncode}) but what it started still ran {ORPHAN_GRACE_S} s later"
                    if orphaned else f"timed out after {timeout:.0f} s")
             raise AssertionError(f"{' '.join(command)[:300]} {why}; everything it started was killed:\n"
