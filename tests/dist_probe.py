@@ -18,6 +18,7 @@ in a new process: the tests resume in a launch of their own.
 """
 
 import copy
+import gc
 import importlib.util
 import json
 import os
@@ -86,10 +87,25 @@ def deepspeed_groups_reset() -> Callable[[], None]:
     return reset
 
 
+# each run's DDP wrappers, never freed (see keep_process_group_holders)
+KEPT: list[object] = []
+
+
+def keep_process_group_holders() -> None:
+    """Keep the last run's DDP wrappers alive. A wrapper holds its reducer, and the reducer the run's gloo process
+    group; left to the next garbage collection (a reference cycle, after run_exp destroyed the group), the group's
+    destructor joins its worker threads, which waited on the other rank: on 2026-11-27 two of five launches of
+    tests/hera/test_hera_distributed.py hung so, one rank in ``~ProcessGroupGloo`` under ``gc.collect`` (py-spy), the
+    other in the next run's ``init_process_group``. A new process never frees them mid-run either."""
+    KEPT.extend(obj for obj in gc.get_objects() if isinstance(obj, torch.nn.parallel.DistributedDataParallel))
+
+
 def as_a_new_process() -> None:
     """What the next run must not inherit from the last: the plugin's loaded teachers (each run loads its own, so a
     ZeRO-3 run loads the teacher under ZeRO-3's config, outside zero.Init) and teacher-feature stores, accelerate's
-    state and gradient state. DeepSpeed's: :func:`deepspeed_groups_reset`."""
+    state and gradient state. DeepSpeed's: :func:`deepspeed_groups_reset`. What must outlive it: the last run's
+    process-group holders (:func:`keep_process_group_holders`)."""
+    keep_process_group_holders()
     teacher_module._TEACHERS.clear()
     teacher_cache._STORES.clear()
     reset_deepspeed()
