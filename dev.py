@@ -290,9 +290,9 @@ def run_demos(python: Path, output: Path, env: dict[str, str]) -> list[int]:
     prints is printed as it comes, after its method's name (two run at once), and each demo's time is a phase of its
     own. Returns the exit codes in :data:`DEMO_METHODS`' order."""
     printing = threading.Lock()
-    seconds: dict[str, float] = {}
+    ended: dict[str, tuple[int, float]] = {}  # method -> (exit code, seconds)
 
-    def demo(method: str) -> int:
+    def demo(method: str) -> None:
         steps = [] if method == "rah" else ["--steps", str(SECOND_STACK_DEMO_STEPS)]  # RAH-LoRA takes none
         cmd = [str(part) for part in (python, "-m", "llamafactory_hera.demo", "--method", method, "--output", output,
                                       *steps, "--quiet")]
@@ -304,17 +304,14 @@ def run_demos(python: Path, output: Path, env: dict[str, str]) -> list[int]:
             for line in proc.stdout:
                 with printing:
                     print(f"[{method}] {line}", end="", flush=True)
-        seconds[method] = time.perf_counter() - start
+        ended[method] = proc.returncode, time.perf_counter() - start
         with printing:
-            log(f"demo {method}: exit code {proc.returncode}, {seconds[method]:.1f}s")
-        return proc.returncode
+            log(f"demo {method}: exit code {proc.returncode}, {ended[method][1]:.1f}s")
 
     with ThreadPoolExecutor(len(DEMO_STREAMS)) as pool:
-        ended = dict(zip(DEMO_STREAMS, pool.map(lambda stream: [demo(method) for method in stream], DEMO_STREAMS),
-                         strict=True))
-    _timings.extend((f"demo {method}", seconds[method]) for method in DEMO_METHODS)
-    code_of = {method: code for stream, codes in ended.items() for method, code in zip(stream, codes, strict=True)}
-    return [code_of[method] for method in DEMO_METHODS]
+        list(pool.map(lambda stream: [demo(method) for method in stream], DEMO_STREAMS))  # re-raises a stream's error
+    _timings.extend((f"demo {method}", ended[method][1]) for method in DEMO_METHODS)
+    return [ended[method][0] for method in DEMO_METHODS]
 
 
 def cmd_test_second_stack(python: Path, pytest_args: list[str]) -> int:
