@@ -93,6 +93,17 @@ def engines_of(recipe: dict[str, Any]) -> tuple[str, ...]:
     return (*(("deepspeed",) if recipe.get("deepspeed") else ()), *(("bitsandbytes",) if quantized else ()))
 
 
+def saved_in_bf16(model: str | Path, folder: Path) -> Path:
+    """A copy of the tiny model at ``model`` whose config says bfloat16, as Hub checkpoints do: LLaMA-Factory loads it
+    in bf16 (``torch_dtype: auto``), where the fp32 original with ``bf16: true`` gets fp32 weights under autocast.
+    The key is the installed transformers' own (``dtype`` from 4.56, ``torch_dtype`` before)."""
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    key = "dtype" if "dtype" in config else "torch_dtype"
+    (folder / "config.json").write_text(json.dumps({**config, key: "bfloat16"}), encoding="utf-8")
+    return folder
+
+
 @pytest.fixture
 def repacking_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every bitsandbytes 4-bit layer made in this test repacks its weight for the CPU inference kernel at an

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
-from conftest import base_recipe
+from conftest import base_recipe, saved_in_bf16
+from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.hera.projection import project_heads, project_heads_by_call
 
 HEADS, HEAD_DIM, NUM_HEADS, D = [0, 2], 16, 4, 64
@@ -84,9 +86,21 @@ def test_zero3_path_equals_the_ddp_path_in_bf16() -> None:
 
 
 def _first_step(assets, out: Path, bf16: bool) -> dict[str, float]:
+    """The first step's log; in bf16 from a copy of the tiny model saved in bf16 (as Hub checkpoints are), whose
+    weights LLaMA-Factory loads in bf16 (``torch_dtype: auto``), not the fp32 ones with autocast alone."""
     from llamafactory.train.tuner import run_exp
 
-    run_exp(base_recipe(assets, "qwen2_5_vl", out, max_steps=1, max_samples=8, bf16=bf16, use_cpu=True))
+    model = saved_in_bf16(assets.models["qwen2_5_vl"], out.parent / f"{out.name}_model") if bf16 else (
+        assets.models["qwen2_5_vl"])
+    dtypes: list[torch.dtype] = []
+
+    class WeightDtype(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+            dtypes.append(head_projections(model)[1].base_layer.weight.dtype)
+
+    run_exp(base_recipe(assets, "qwen2_5_vl", out, max_steps=1, max_samples=8, bf16=bf16, use_cpu=True,
+                        model_name_or_path=str(model)), callbacks=[WeightDtype()])
+    assert dtypes == [torch.bfloat16 if bf16 else torch.float32]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     return next(entry for entry in history if "hera_loss" in entry)
 
@@ -98,8 +112,8 @@ def test_one_hera_step_in_bf16_matches_fp32(assets, tmp_path: Path) -> None:
     loss cannot be closer than the logits it is computed from. hera_loss 1e-2: its logits are cosine similarities
     divided by tau = 0.07, so a representation off by one rounding (4e-3) moves a logit by up to 4e-3 / 0.07 =
     0.06 and the log-softmax of the k neighbours by about as much; averaged over 8 anchors, 3 neighbours and 2
-    heads, 1e-2 of a loss of ~1.7. Measured on the tiny Qwen2.5-VL: 6e-6 and 1.6e-4 (its random weights give
-    near-uniform next-token logits, on which the cross-entropy barely moves).
+    heads, 1e-2 of a loss of ~1.7. Measured on the tiny Qwen2.5-VL with bf16 weights: 3.0e-5 and 2.6e-4 (its random
+    weights give near-uniform next-token logits, on which the cross-entropy barely moves).
     """
     fp32 = _first_step(assets, tmp_path / "fp32", bf16=False)
     bf16 = _first_step(assets, tmp_path / "bf16", bf16=True)

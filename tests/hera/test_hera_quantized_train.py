@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from conftest import base_recipe, read_trainer_log
+from conftest import base_recipe, read_trainer_log, saved_in_bf16
 from llamafactory_hera.heads.architecture import head_projections
 
 pytest.importorskip("bitsandbytes")
@@ -35,6 +35,9 @@ class AdapterProbe(TrainerCallback):
         o_proj = head_projections(model)[LAYER]
         self.seen["base"] = type(o_proj.base_layer).__name__
         self.seen["quant_type"] = getattr(o_proj.base_layer.weight, "quant_type", None)
+        quant_state = getattr(o_proj.base_layer.weight, "quant_state", None)
+        self.seen["weight_dtype"] = quant_state.dtype if quant_state is not None else o_proj.base_layer.weight.dtype
+        self.seen["compute_dtype"] = getattr(o_proj.base_layer, "compute_dtype", None)
         self.seen["grads"] = {name: p.grad.detach().clone() for name, p in o_proj.named_parameters()
                               if p.grad is not None}
 
@@ -72,6 +75,19 @@ def test_the_hera_term_reaches_the_heads_adapter(assets, tmp_path: Path, keys: d
     for name in names:
         hera_part = (with_hera["grads"][name] - without["grads"][name]).abs().max()
         assert hera_part > 1e-7, (name, hera_part)
+
+
+def test_qlora_in_bf16_from_a_bf16_checkpoint(assets, tmp_path: Path) -> None:
+    """As users run the QLoRA recipe: a checkpoint saved in bf16 (as on the Hub; ``torch_dtype: auto`` keeps it),
+    ``bf16: true``, nf4 with double quantization: o_proj's 4-bit weight dequantizes to bf16, the layer computes in
+    bf16, and the HeRA term reaches the heads' adapter (against its ``hera_lambda: 0`` twin)."""
+    folder = saved_in_bf16(assets.models[FAMILY], tmp_path / "model")
+    with_hera, without = _twins(assets, tmp_path, model_name_or_path=str(folder), quantization_bit=4,
+                                double_quantization=True, bf16=True, use_cpu=True)
+    assert with_hera["base"] == "Linear4bit" and with_hera["quant_type"] == "nf4"
+    assert with_hera["weight_dtype"] == with_hera["compute_dtype"] == torch.bfloat16
+    name = next(n for n in with_hera["grads"] if "lora_B" in n)
+    assert (with_hera["grads"][name] - without["grads"][name]).abs().max() > 1e-7
 
 
 def _saved_quantized(assets, folder: Path, quantization_config: dict[str, Any] | None, bits: int = 4) -> Path:
