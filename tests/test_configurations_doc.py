@@ -15,7 +15,7 @@ METHODS = ("HeRA", "HARC", "RAH-LoRA")
 CONFIGURATIONS = ("LoRA", "full", "freeze", "QLoRA 4-bit", "QLoRA 8-bit", "checkpoint saved quantized", "DoRA",
                   "DDP", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3", "FSDP2, LoRA", "FSDP2, full",
                   "FSDP2, bf16", "FSDP2, CPU offload", "FSDP + QLoRA, LLaMA-Factory's example", "FSDP2 + QLoRA",
-                  "FSDP2 + QLoRA, efficient loading",
+                  "FSDP2 + QLoRA, efficient loading", "FSDP2 + QLoRA 8-bit",
                   "FSDP1", "packing", "streaming")
 RUNS = re.compile(r"^runs \(tested by `([^`]+)`\)$")
 NODE = re.compile(r"`(tests/[\w/]+\.py)::(\w+)(\[[^\]`]*\])?`")

@@ -124,16 +124,18 @@ def test_a_stock_stage_that_would_save_nothing_under_fsdp_is_refused(value: str 
     assert unsaved_refusal("sft", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}) is None  # FSDP1's default
 
 
-@pytest.mark.parametrize("stage", ["harc", "sft"])
-def test_fsdp2_efficient_loading_of_a_bitsandbytes_model_is_refused_before_loading(
+@pytest.mark.parametrize("stage", ["hera", "harc", "sft"])
+def test_fsdp2_with_bitsandbytes_weights_that_fail_after_loading_is_refused_before_loading(
         stage: str, assets: Any, harc_assets: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         no_model_load: None) -> None:
-    """LLaMA-Factory's FSDP2 example config (``fsdp_cpu_ram_efficient_loading: true``) with ``quantization_bit: 4``
-    failed after loading the model in accelerate 1.11's fsdp2_load_full_state_dict (`weight` is not an nn.Module), stock
-    SFT too; with ``false`` it trains (tests/harc/test_harc_stage.py). Refused before loading, for the plugin's stages
-    and the host's, with the fix, whichever way accelerate spells true; not refused without quantization, at 8-bit
-    (LLaMA-Factory refuses it), with the efficient loading off, under FSDP1, for another quantization method or on a
-    newer accelerate."""
+    """Under FSDP2, for the plugin's stages and the host's, before loading, with the fix:
+    - ``quantization_bit: 4`` with LLaMA-Factory's FSDP2 example config (``fsdp_cpu_ram_efficient_loading: true``)
+      failed after loading the model in accelerate 1.11's fsdp2_load_full_state_dict (`weight` is not an nn.Module),
+      stock SFT too; with ``false`` it trains (tests/hera/test_hera_fsdp2.py, tests/harc/test_harc_stage.py);
+    - ``quantization_bit: 8`` failed in torch's fully_shard, whatever the loading ("only Tensors of floating point
+      dtype can require gradients"), stock SFT too.
+    Whichever way accelerate spells true; not refused without quantization, at 4-bit with the efficient loading off,
+    under FSDP1, for another quantization method, or (4-bit) on a newer accelerate."""
     from importlib.metadata import version
 
     from llamafactory_hera_patches import fsdp_loading
@@ -141,20 +143,29 @@ def test_fsdp2_efficient_loading_of_a_bitsandbytes_model_is_refused_before_loadi
     environment = {**_FSDP2, "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
     for key, value in environment.items():
         monkeypatch.setenv(key, value)
-    recipe = _recipe("harc", assets, harc_assets, tmp_path / "out", quantization_bit=4)
+    recipe = _recipe("hera" if stage == "hera" else "harc", assets, harc_assets, tmp_path / "out")
     if stage == "sft":
         recipe = {**{k: v for k, v in recipe.items() if not k.startswith("harc_")}, "dataset": "harc_harmless"}
-    message = _refused({**recipe, "stage": stage})
+    message = _refused({**recipe, "stage": stage, "quantization_bit": 4})
     assert message == ("quantization_bit: 4 under FSDP2 with fsdp_cpu_ram_efficient_loading: true "
                        "(FSDP_CPU_RAM_EFFICIENT_LOADING=true, set by accelerate launch): accelerate "
                        f"{version('accelerate')} cannot hand each rank its shards of a bitsandbytes-quantized model "
                        f"(stage: {stage} would fail after loading the model, in fsdp2_load_full_state_dict, as stock "
                        "SFT does); set fsdp_cpu_ram_efficient_loading: false in the accelerate config."), message
-    refusal = fsdp_loading.quantized_loading_refusal
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    message = _refused({**recipe, "stage": stage, "quantization_bit": 8})
+    assert message == ("quantization_bit: 8 under FSDP2 (ACCELERATE_USE_FSDP, set by accelerate launch with an FSDP "
+                       "config): FSDP2 cannot shard bitsandbytes' int8 weights (torch's fully_shard makes each weight "
+                       f"a parameter that could require gradients, which int8 cannot; stage: {stage} would fail after "
+                       "loading the model, as stock SFT does); use quantization_bit: 4 (QLoRA under FSDP2), or 8-bit "
+                       "on one GPU or under DDP / DeepSpeed ZeRO-2."), message
+    refusal = fsdp_loading.bitsandbytes_refusal
     assert refusal("sft", {"quantization_bit": "4"}, {**environment, "FSDP_CPU_RAM_EFFICIENT_LOADING": "yes"})
-    for args, environ in (({}, environment), ({"quantization_bit": 8}, environment), ({"quantization_bit": 4},
+    assert refusal("sft", {"quantization_bit": 8}, environment)
+    for args, environ in (({}, environment), ({"quantization_bit": 4},
                                               {**environment, "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}),
                           ({"quantization_bit": 4}, {**environment, "FSDP_VERSION": "1"}),
+                          ({"quantization_bit": 8}, {**environment, "FSDP_VERSION": "1"}),
                           ({"quantization_bit": 4, "quantization_method": "hqq"}, environment)):
         assert refusal("sft", args, environ) is None, (args, environ)
     monkeypatch.setattr(fsdp_loading, "NEWEST_FAILING", fsdp_loading.Version("1.0"))

@@ -61,8 +61,3 @@ def test_hera_refuses_zero3_with_quantization_or_dora_and_dora_with_quantization
             check_quantized_hera(("bitsandbytes", bits), dora=True, zero3=False)
 
 
-def test_hera_refuses_fsdp_with_bitsandbytes_weights() -> None:
-    check_quantized_hera(None, dora=False, zero3=False, fsdp=True)  # FSDP2 alone trains (tests/hera/test_hera_fsdp2.py)
-    for bits in (4, 8):
-        with pytest.raises(RecipeError, match=f"under FSDP .* cannot read W_O per head with {bits}-bit bitsandbytes"):
-            check_quantized_hera(("bitsandbytes", bits), dora=False, zero3=False, fsdp=True)

@@ -1,17 +1,23 @@
-"""A known host failure named before loading: FSDP2's memory-efficient loading of a bitsandbytes-quantized model.
+"""Known host failures of FSDP2 with bitsandbytes weights, named before loading, for every training stage.
 
-``accelerate launch`` with ``fsdp_version: 2`` and ``fsdp_cpu_ram_efficient_loading: true`` (LLaMA-Factory's
-examples/accelerate/fsdp2_config.yaml) loads the model on rank 0 and hands each rank its shards through accelerate's
-``fsdp2_load_full_state_dict``. With ``quantization_bit`` (bitsandbytes) the state dict holds the quantization state
-beside each packed weight (``...weight.absmax``, ``...weight.quant_map``, ...), which accelerate 1.11 (the newest
-LLaMA-Factory 0.9.5 allows) looks up as a submodule: ``AttributeError: `weight` is not an nn.Module`` after the model
-has loaded, stock LoRA SFT too (two CPU ranks under tests/fsdp_cpu's shim, 2026-11-26). With
-``fsdp_cpu_ram_efficient_loading: false`` the same runs train (stock SFT; HARC gives one process's losses:
-tests/harc/test_harc_stage.py). Refused for every training stage on those accelerate versions; a newer accelerate is
-not refused (untested). Read from what ``accelerate launch`` sets; a recipe's own ``fsdp`` / ``fsdp_config`` keys set it
-only as transformers parses them, after this check (the plugin's stages refuse those keys: recipe/fsdp.py).
+- 8-bit (``quantization_bit: 8``): torch's ``fully_shard`` (accelerate's ``fsdp2_prepare_model``) makes each weight an
+  ``nn.Parameter`` of a DTensor, which int8 codes cannot be ("only Tensors of floating point dtype can require
+  gradients"), after the model has loaded; stock LoRA SFT the same (two CPU ranks under tests/fsdp_cpu's shim, torch
+  2.11, 2026-11-27). 4-bit trains because LLaMA-Factory stores its packed codes in the compute dtype
+  (``bnb_4bit_quant_storage``). With the efficient loading on, LLaMA-Factory refuses 8-bit itself ("Only 4-bit
+  quantized model can use fsdp+qlora"), after reading the config.
+- 4-bit with ``fsdp_cpu_ram_efficient_loading: true`` (LLaMA-Factory's examples/accelerate/fsdp2_config.yaml): rank 0
+  loads the model and hands each rank its shards through accelerate's ``fsdp2_load_full_state_dict``; the state dict
+  holds the quantization state beside each packed weight (``...weight.absmax``, ``...weight.quant_map``, ...), which
+  accelerate 1.11 (the newest LLaMA-Factory 0.9.5 allows) looks up as a submodule: ``AttributeError: `weight` is not
+  an nn.Module`` after the model has loaded, stock LoRA SFT too (2026-11-26). With ``false`` the same runs train
+  (stock SFT; HeRA and HARC give DDP's / one process's losses: tests/hera/test_hera_fsdp2.py,
+  tests/harc/test_harc_stage.py). Refused on those accelerate versions; a newer accelerate is not refused
+  (untested).
+
+Read from what ``accelerate launch`` sets; a recipe's own ``fsdp`` / ``fsdp_config`` keys set it only as transformers
+parses them, after this check (the plugin's stages refuse those keys: recipe/fsdp.py).
 """
-
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -35,19 +41,23 @@ def _accelerate_fails() -> bool:
         return False
 
 
-def quantized_loading_refusal(stage: str, host_args: Any, environ: Mapping[str, str]) -> str | None:
+def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str]) -> str | None:
     """The one-line refusal of ``host_args`` (a recipe's keys) under the FSDP2 launch ``environ`` describes, when
-    accelerate would fail to load its bitsandbytes-quantized model, else None."""
+    FSDP2 would fail on its bitsandbytes-quantized model after loading it, else None."""
     if launched_fsdp_version(environ) != "2":
         return None
-    loading = environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "")
-    bits = raw_value(host_args, "quantization_bit")
+    bits = str(raw_value(host_args, "quantization_bit")).strip()
     method = str(raw_value(host_args, "quantization_method") or "bnb").lower()
-    # 4-bit only: LLaMA-Factory refuses 8-bit itself under FSDP with this loading ("Only 4-bit quantized model can
-    # use fsdp+qlora"), and 8-bit under FSDP2 without it is a path no run here took
-    if loading.strip().lower() not in _TRUE or str(bits).strip() != "4" or method not in _BITSANDBYTES:
+    if method not in _BITSANDBYTES:
         return None
-    if not _accelerate_fails():
+    if bits == "8":
+        return (f"quantization_bit: 8 under FSDP2 (ACCELERATE_USE_FSDP, set by accelerate launch with an FSDP config): "
+                "FSDP2 cannot shard bitsandbytes' int8 weights (torch's fully_shard makes each weight a parameter "
+                "that could require gradients, which int8 cannot; stage: "
+                f"{stage} would fail after loading the model, as stock SFT does); use quantization_bit: 4 (QLoRA "
+                "under FSDP2), or 8-bit on one GPU or under DDP / DeepSpeed ZeRO-2.")
+    loading = environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "")
+    if bits != "4" or loading.strip().lower() not in _TRUE or not _accelerate_fails():
         return None
     return (f"quantization_bit: {bits} under FSDP2 with fsdp_cpu_ram_efficient_loading: true "
             f"(FSDP_CPU_RAM_EFFICIENT_LOADING={loading}, set by accelerate launch): accelerate "

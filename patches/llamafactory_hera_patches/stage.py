@@ -123,7 +123,7 @@ def apply(tuner: ModuleType) -> None:
             check_stage(raw_value(host_args, "stage"), [m.stage for m in registered_methods()], host_stages())
             stage = str(raw_value(host_args, "stage") or "sft")
             refusal = (fsdp_adapter.unsaved_refusal(stage, os.environ)  # a training run would save nothing
-                       or fsdp_loading.quantized_loading_refusal(stage, host_args, os.environ))
+                       or fsdp_loading.bitsandbytes_refusal(stage, host_args, os.environ))
             if refusal and truthy(raw_value(host_args, "do_train")):
                 raise RecipeError(refusal)
             for other in registered_methods():

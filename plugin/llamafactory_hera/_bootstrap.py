@@ -15,10 +15,11 @@ import sys
 
 DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
 
-# host module -> patch module (in llamafactory_hera_patches) whose ``apply(module)`` adapts it
+# host module -> patch module(s) (in llamafactory_hera_patches) whose ``apply(module)`` adapts it, in order
 _TARGETS = {
-    # FSDP2 LoRA checkpoints saved and loaded whole (accelerate before PR 4206 kept rank 0's shard), for every stage
-    "accelerate.utils.fsdp_utils": "fsdp_adapter",
+    # for every stage: FSDP2 LoRA checkpoints saved and loaded whole (accelerate before PR 4206 kept rank 0's shard);
+    # 4-bit weights kept out of FSDP2's mixed-precision upcast (their packed codes lost the bytes that form a NaN)
+    "accelerate.utils.fsdp_utils": ("fsdp_adapter", "fsdp_qlora"),
     "llamafactory.data.template": "llava_templates",  # LLaVA-1.5 templates of the families compose builds from
     "llamafactory.extras.constants": "webui",
     "llamafactory.launcher": "launch",  # llamafactory-cli train under torchrun: the recipe checked before the ranks
@@ -65,13 +66,14 @@ class _PostImportFinder:
         return None
 
 
-def _apply(patch: str, module) -> None:
+def _apply(patch, module) -> None:
     import importlib
 
     refusal = importlib.import_module("llamafactory_hera_patches.stacks").unsupported_transformers()
     if refusal:  # a transformers outside what the plugin supports: one line, before anything is patched
         raise SystemExit(refusal)
-    importlib.import_module(f"llamafactory_hera_patches.{patch}").apply(module)
+    for name in (patch,) if isinstance(patch, str) else patch:
+        importlib.import_module(f"llamafactory_hera_patches.{name}").apply(module)
     if patch in ("stage", "launch"):  # a training process or its launcher: the plugin's errors end it with their
         # message alone
         importlib.import_module("llamafactory_hera.job_refusal").install()

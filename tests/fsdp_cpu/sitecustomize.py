@@ -85,20 +85,57 @@ if os.environ.get("HERA_TEST_FSDP_EVIDENCE"):
             from llamafactory_hera.heads.architecture import head_projections
 
             o_proj = head_projections(trainer.model)[0]
-            weight = getattr(o_proj, "base_layer", o_proj).weight
-            record.update(o_proj_dtensor=isinstance(weight, DTensor), o_proj_local=list(
-                weight.to_local().shape if isinstance(weight, DTensor) else weight.shape),
-                o_proj_full=list(weight.shape))
+            base = getattr(o_proj, "base_layer", o_proj)  # nn.Linear, or bitsandbytes' Linear4bit under QLoRA
+            weight = base.weight
+            record.update(o_proj_class=type(base).__name__, o_proj_dtype=str(weight.dtype),
+                          o_proj_dtensor=isinstance(weight, DTensor),
+                          o_proj_local=list(weight.to_local().shape if isinstance(weight, DTensor) else weight.shape),
+                          o_proj_full=list(weight.shape))
         except Exception as error:  # noqa: BLE001 - recorded, the test says what is missing
             record["o_proj_error"] = repr(error)
+        _packed_evidence(trainer, record)
         folder = Path(os.environ["HERA_TEST_FSDP_EVIDENCE"])
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / f"rank{os.environ.get('RANK', '0')}.jsonl", "a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
 
+    def _packed_bytes(model, param_dtype=None) -> dict:
+        """name -> the bytes of each bitsandbytes 4-bit layer's packed weight, gathered whole and cast to the
+        all-gather's ``param_dtype`` as FSDP2 casts it for the forward (a collective under FSDP2)."""
+        import torch
+        from torch.distributed.tensor import DTensor
+
+        found = {}
+        for name, module in model.named_modules():
+            if type(module).__name__ == "Linear4bit":
+                weight = module.weight.full_tensor() if isinstance(module.weight, DTensor) else module.weight.data
+                if param_dtype is not None:
+                    weight = weight.to(param_dtype)
+                found[name] = weight.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()
+        return found
+
+    def _packed_evidence(trainer, record: dict) -> None:
+        """At the first step: how many 4-bit layers' codes, as FSDP2's all-gather hands them to the forward, differ
+        from those the trainer was given (before accelerate prepared the model)."""
+        import torch
+
+        given = getattr(trainer, "_hera_test_packed", None)
+        if not given or record["step"] != 0 or record["event"] != "step":
+            return
+        named = str(record.get("param_dtype"))  # "torch.bfloat16", or "None" without mixed precision
+        param_dtype = getattr(torch, named.split(".")[-1]) if named.startswith("torch.") else None
+        gathered = _packed_bytes(trainer.model, param_dtype)
+        record.update(packed_layers=len(given),
+                      packed_changed=sum(gathered.get(name) != codes for name, codes in given.items()))
+
     def _patch_trainer(module) -> None:
         Trainer = module.Trainer
-        _step, _save, _load = Trainer.training_step, Trainer._save_checkpoint, Trainer._load_from_checkpoint
+        _init, _step = Trainer.__init__, Trainer.training_step
+        _save, _load = Trainer._save_checkpoint, Trainer._load_from_checkpoint
+
+        def __init__(self, *args, **kwargs):
+            _init(self, *args, **kwargs)
+            self._hera_test_packed = _packed_bytes(self.model)  # before accelerate prepares the model
 
         def training_step(self, *args, **kwargs):
             _evidence(self, "step")
@@ -113,7 +150,7 @@ if os.environ.get("HERA_TEST_FSDP_EVIDENCE"):
             _evidence(self, "load")
             return result
 
-        Trainer.training_step, Trainer._save_checkpoint, Trainer._load_from_checkpoint = (
-            training_step, _save_checkpoint, _load_from_checkpoint)
+        Trainer.__init__, Trainer.training_step, Trainer._save_checkpoint, Trainer._load_from_checkpoint = (
+            __init__, training_step, _save_checkpoint, _load_from_checkpoint)
 
     patch_after_import({"transformers.trainer": _patch_trainer})

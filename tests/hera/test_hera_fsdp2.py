@@ -12,6 +12,7 @@ root (selection/collect.py ``through_root``), and the learned temperature has it
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -97,6 +98,31 @@ def test_fsdp2_full_finetuning_trains_like_ddp(assets, tmp_path: Path) -> None:
         assert got == pytest.approx(want, rel=1e-6)
     got, want = (load_file(folder / "out" / "model.safetensors") for folder in (fsdp2, ddp))
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-5) for k in want)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_fsdp2_with_qlora_trains_like_ddp(assets, tmp_path: Path) -> None:
+    """``quantization_bit: 4`` (nf4, double quantization) with LoRA under FSDP2, the efficient loading off (N11 in
+    docs/configurations.md): o_proj's packed 4-bit storage is a DTensor shard holding half of its rows at each step and
+    save, which HeRA gathers and dequantizes with the layer's quant_state (hera/projection.py). ``hera_heads: auto``
+    scores the 4-bit model on rank 0 (text mode) and both runs choose the same heads; losses, HeRA terms, monitor
+    points and temperature equal DDP's step for step, and so does the adapter."""
+    ddp, fsdp2 = tmp_path / "ddp", tmp_path / "fsdp2"
+    keys = dict(quantization_bit=4, double_quantization=True, hera_heads="auto", hera_select_samples=24,
+                hera_select_num_heads=2)
+    loading = {"FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}
+    accelerate_launch_runs([fsdp_run(_recipe(assets, ddp, **keys), ddp, shim=False, **loading),
+                            fsdp_run(_recipe(assets, fsdp2, **keys), fsdp2, **loading)], tmp_path / "launch")
+    assert {(r["distributed_type"], r["trainable_dtensors"], r["o_proj_dtensor"]) for r in read_fsdp_evidence(ddp)} \
+        == {("DistributedType.MULTI_CPU", 0, False)}
+    assert {record["o_proj_class"] for record in assert_fsdp2(fsdp2, {"step", "save"})} == {"Linear4bit"}
+    heads = [json.loads((folder / "out" / "hera_state.json").read_text())["heads"] for folder in (fsdp2, ddp)]
+    assert heads[0] == heads[1] and len(heads[0]) == 2
+    assert len(_logged(fsdp2)) == 2
+    for got, want in zip(_logged(fsdp2), _logged(ddp), strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
+    got, want = (load_file(folder / "out" / "adapter_model.safetensors") for folder in (fsdp2, ddp))
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
 
 
 def test_the_gather_of_an_offloaded_shard_gives_the_unsharded_gradient(tmp_path: Path) -> None:

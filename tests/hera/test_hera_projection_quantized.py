@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from llamafactory_hera.hera.projection import base_weight_columns, project_heads, project_heads_by_call
+from llamafactory_hera.hera.projection import base_weight_columns, is_quantized, project_heads, project_heads_by_call
 from llamafactory_hera.short_errors import RecipeError
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -110,6 +110,19 @@ def test_a_quantized_weight_reads_as_its_dequantized_values(storage: str) -> Non
     elif storage != "plain":
         dequantized = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
         torch.testing.assert_close(base_weight_columns(base, columns), dequantized[:, columns].float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("storage", ["nf4", "fp4", "nf4_double"])
+def test_a_4bit_weight_without_its_quant_state_is_read_with_the_layers(storage: str) -> None:
+    """As FSDP2 leaves a 4-bit layer (its weight a DTensor of the bare packed storage, gathered by HeRA;
+    tests/hera/test_hera_fsdp2.py): the quantization state is the layer's (bitsandbytes keeps it on ``Linear4bit``,
+    whose forward puts it back on the weight). Read as before; never the packed storage as weights."""
+    base = _layer(storage, "none")
+    want = base_weight_columns(base)
+    base.quant_state = base.weight.quant_state
+    base.weight = nn.Parameter(base.weight.data.clone(), requires_grad=False)  # the packed storage, bare
+    assert getattr(base.weight, "quant_state", None) is None and is_quantized(base)
+    torch.testing.assert_close(base_weight_columns(base), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("storage", "adapter"), [("nf4", "lora"), ("plain", "dora")])

@@ -29,7 +29,7 @@ import yaml
 from fsdp_checks import FSDP_HOOK, assert_fsdp2
 from test_hera_recipes import MEMORY, _training_recipe
 
-from conftest import REPO, offline_env, read_trainer_log, run_train
+from conftest import REPO, engines_of, offline_env, read_trainer_log, run_train, saved_in_bf16
 from llamafactory_hera.fixtures import TinyAssets
 
 RECIPES = REPO / "recipes"
@@ -244,27 +244,40 @@ def test_the_qlora_recipe_trains_with_hera(assets: TinyAssets, tmp_path: Path) -
     assert all(line["hera_queue_size"] > 0 for line in lines)  # the feature queue extends the set of 4
 
 
-def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("quantized", "stage"), [(False, "hera"), (True, "hera"), (True, "sft")],
+                         ids=["lora", "qlora", "qlora_sft_twin"])
+def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_path: Path, quantized: bool,
+                                                        stage: str) -> None:
     """The recipe header's command, ``accelerate launch --config_file ... -m llamafactory.launcher RECIPE``, on two CPU
     ranks: the accelerate config as shipped but for 2 processes on the CPU (``mixed_precision: bf16``: FSDP2 gathers
     the weights in bf16, its MixedPrecisionPolicy, asserted from each rank), the recipe as shipped (``bf16: true``,
     with ``use_cpu: true`` so that transformers takes bf16 on the CPU) but for the tiny model and data (per-device
-    4 x 2 ranks gathered = 8 >= hera_k + 1 = 6: no queue, as the recipe)."""
+    4 x 2 ranks gathered = 8 >= hera_k + 1 = 6: no queue, as the recipe). ``qlora``: the same with
+    ``quantization_bit: 4`` on a checkpoint saved in bf16 (so the 4-bit codes are stored in bf16, LLaMA-Factory's
+    ``bnb_4bit_quant_storage``, and FSDP2 shards them) and ``fsdp_cpu_ram_efficient_loading: false``, as a 70B on
+    2 x 24 GB runs; each 4-bit layer's codes reach the forward as loaded (patches/fsdp_qlora.py: accelerate's
+    mixed-precision upcast changed them in 42 of the 54 layers, the SFT twin's too). ``qlora_sft_twin``: the recipe's
+    baseline twin (``stage: sft``), a stock stage, keeps them too."""
     import subprocess
     import sys
 
+    if quantized:
+        pytest.importorskip("bitsandbytes")
     config = yaml.safe_load((RECIPES / MEMORY.FSDP2_CONFIG).read_text(encoding="utf-8"))
     config.update({"num_processes": 2, "use_cpu": True})
+    if quantized:  # accelerate 1.11's efficient loading fails on a bitsandbytes model (refused before loading)
+        config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] = False
     (tmp_path / "fsdp2_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     out = tmp_path / "out"
-    recipe = _training_recipe(MEMORY.FSDP2, assets.models["qwen3_vl"], assets, out)
+    model = saved_in_bf16(assets.models["qwen3_vl"], tmp_path / "model") if quantized else assets.models["qwen3_vl"]
+    recipe = _training_recipe(MEMORY.FSDP2, model, assets, out)
     recipe["per_device_train_batch_size"] = 4
-    recipe.update({"bf16": True, "use_cpu": True})
+    recipe.update({"bf16": True, "use_cpu": True, "stage": stage, **({"quantization_bit": 4} if quantized else {})})
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     # the test-only shim (tests/fsdp_cpu) keeps FSDP2 on, on CPU, where accelerate 1.11 would train plain DDP; the
     # evidence it writes proves every trainable parameter was a DTensor at the step and at save
     path = os.pathsep.join(filter(None, [str(FSDP_HOOK), os.environ.get("PYTHONPATH")]))
-    env = offline_env(tmp_path, PYTHONPATH=path, HERA_TEST_FSDP_ON_CPU="1",
+    env = offline_env(tmp_path, engines=engines_of(recipe), PYTHONPATH=path, HERA_TEST_FSDP_ON_CPU="1",
                       HERA_TEST_FSDP_EVIDENCE=str(tmp_path / "fsdp"))
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "fsdp2_config.yaml",
                            "-m", "llamafactory.launcher", "recipe.yaml"], cwd=tmp_path, capture_output=True,
@@ -272,10 +285,17 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
     assert proc.returncode == 0, proc.stderr[-5000:]
     lines = [line for line in read_trainer_log(out) if "loss" in line]
     assert [line["current_steps"] for line in lines] == [1, 2]
-    assert all(math.isfinite(line["hera_loss"]) and line["hera_loss"] > 0 for line in lines), lines
-    # the log counts a rank's own image rows per micro-batch (as tests/hera/test_hera_distributed.py reads it); the
-    # contrastive set gathers both ranks' 4
-    assert all(line["hera_image_samples"] == 4 for line in lines)
+    if stage == "hera":
+        assert all(math.isfinite(line["hera_loss"]) and line["hera_loss"] > 0 for line in lines), lines
+        # the log counts a rank's own image rows per micro-batch (as tests/hera/test_hera_distributed.py reads it);
+        # the contrastive set gathers both ranks' 4
+        assert all(line["hera_image_samples"] == 4 for line in lines)
     assert (out / "adapter_model.safetensors").is_file()  # FULL_STATE_DICT: the adapter is written whole
     records = assert_fsdp2(tmp_path, {"step", "save"})
     assert {(r["param_dtype"], r["offload_to_cpu"]) for r in records} == {("torch.bfloat16", False)}
+    assert {(r["o_proj_class"], r["o_proj_dtype"]) for r in records} == (
+        {("Linear4bit", "torch.bfloat16")} if quantized else {("Linear", "torch.float32")})
+    if quantized:  # every 4-bit layer's codes, as the all-gather hands them to the forward, are those loaded
+        # (accelerate's upcast changed them before patches/fsdp_qlora.py)
+        first = [r for r in records if r["event"] == "step" and r["step"] == 0]
+        assert len(first) == 2 and all(r["packed_layers"] > 0 and r["packed_changed"] == 0 for r in first), first

@@ -7,7 +7,6 @@ model is checked before the first step (:mod:`.preflight`).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +144,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
     check_quantized_hera(check_readable_quantization(model_args, config, "hera", "W_O per head"),
-                         bool(getattr(finetuning_args, "use_dora", False)), is_deepspeed_zero3_enabled(),
-                         fsdp=os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in {"1", "true", "yes"})
+                         bool(getattr(finetuning_args, "use_dora", False)), is_deepspeed_zero3_enabled())
     check_multimodal(model_args, data_args, config)
     geometry = attention_geometry(config)
     check_has_heads(geometry, config, "stage: hera")
@@ -178,8 +176,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     check_contrastive_geometry(geometry, hera_args)
 
 
-def check_quantized_hera(quantization: tuple[str, int | None] | None, dora: bool, zero3: bool,
-                         fsdp: bool = False) -> None:
+def check_quantized_hera(quantization: tuple[str, int | None] | None, dora: bool, zero3: bool) -> None:
     """What HeRA cannot run of a readable (bitsandbytes) quantization or DoRA: under ZeRO-3 it reads W_O inside each
     module's call (:func:`llamafactory_hera.hera.projection.project_heads_by_call`), where neither a weight dequantized
     whole nor DoRA's full-row norm is at hand; DoRA with quantization LLaMA-Factory refuses after loading."""
@@ -188,13 +185,6 @@ def check_quantized_hera(quantization: tuple[str, int | None] | None, dora: bool
         raise RecipeError(f"stage: hera under DeepSpeed ZeRO-3 cannot read W_O per head with {what}: ZeRO-3 holds the "
                           "weight whole only inside each module's call, and a dequantized weight or DoRA's row norm "
                           "(over every column) needs it at once. Use ZeRO-2 or one GPU per run.")
-    if fsdp and quantization:
-        # FSDP2 shards the packed 4-bit storage (or the int8 codes) by rows, its quant_state / SCB stay per rank:
-        # base_weight_columns dequantizes a whole weight and reads its head columns, which no rank holds
-        raise RecipeError(f"stage: hera under FSDP (accelerate launch with an FSDP config) cannot read W_O per head "
-                          f"with {quantization[1]}-bit bitsandbytes weights: each rank holds a shard of the packed "
-                          "weight, and HeRA dequantizes whole head columns. Use QLoRA on one GPU or under DDP / "
-                          "DeepSpeed ZeRO-2, or FSDP2 without quantization_bit.")
     if dora and quantization:
         raise RecipeError(f"use_dora: true with {quantization[1]}-bit bitsandbytes weights: LLaMA-Factory 0.9.5 "
                           "refuses DoRA on every quantized model after loading it (model/adapter.py compares "

@@ -65,7 +65,7 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
     eval mode, e.g. ``select``, it runs LLM.int8, its inputs rounded to float16 and int8 per row, ~7e-3 relative:
     the heads then sum to the layer's output within that rounding.)"""
     weight = base.weight
-    quant_state = getattr(weight, "quant_state", None)
+    quant_state = _quant_state(base)
     if quant_state is not None:
         if getattr(quant_state, "packing_format_for_cpu", False):  # never read a layout dequantize_4bit does not
             raise RuntimeError(
@@ -75,7 +75,14 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
         # lazy: bitsandbytes is installed only where a model was loaded 4-bit with it
         from bitsandbytes.functional import dequantize_4bit
 
-        full = dequantize_4bit(weight.data, quant_state).float()  # [out, in]
+        packed = whole(weight).detach()  # under FSDP2 the packed storage's rows are sharded: gathered whole
+        storage = getattr(base, "quant_storage", packed.dtype)
+        if packed.dtype != storage:  # its bytes are no longer the codes
+            raise RuntimeError(f"o_proj's 4-bit weight is stored as {packed.dtype}, not as its packed storage "
+                               f"{storage}: something converted the codes as numbers (accelerate's FSDP2 "
+                               "mixed-precision upcast does, unless llamafactory_hera_patches.fsdp_qlora keeps them "
+                               "out of it).")
+        full = dequantize_4bit(packed, quant_state).float()  # [out, in]
         return full if columns is None else full[:, columns]
     if weight.dtype == torch.int8:
         scb = getattr(weight, "SCB", None)
@@ -97,8 +104,15 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
 def is_quantized(base: nn.Module) -> bool:
     """True when ``base``'s weight is stored quantized (a 4-bit ``quant_state``, or non-floating codes)."""
     weight = getattr(base, "weight", None)
-    return weight is not None and (getattr(weight, "quant_state", None) is not None
-                                   or not weight.dtype.is_floating_point)
+    return weight is not None and (_quant_state(base) is not None or not weight.dtype.is_floating_point)
+
+
+def _quant_state(base: nn.Module) -> object | None:
+    """The bitsandbytes 4-bit ``QuantState`` of ``base``'s weight, None for any other layer. It rides on the weight
+    (``Params4bit``); under FSDP2 the weight is a DTensor of the packed storage that lost it, and bitsandbytes keeps it
+    on the layer (``Linear4bit.quant_state``, which its own forward puts back on the weight)."""
+    quant_state = getattr(base.weight, "quant_state", None)
+    return quant_state if quant_state is not None else getattr(base, "quant_state", None)
 
 
 def dora_row_scale(magnitude: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

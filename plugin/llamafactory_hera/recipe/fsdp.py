@@ -36,9 +36,10 @@ What is refused, and why:
 - the recipe's ``fsdp`` key: transformers builds its own FSDP plugin from ``fsdp_config``, a path no test here runs;
   ``accelerate launch --config_file`` is the tested one;
 - RAH-LoRA under any FSDP: it runs on one process and edits whole V and O weights;
-- ``quantization_bit`` (bitsandbytes) with ``fsdp_cpu_ram_efficient_loading: true`` on accelerate <= 1.11: its FSDP2
-  loading fails on the quantization state (patches/fsdp_loading.py); with ``false`` HARC runs (HeRA refuses FSDP2
-  with 4-bit weights for its own reason: recipe/quantization.py).
+- ``quantization_bit: 4`` (bitsandbytes) with ``fsdp_cpu_ram_efficient_loading: true`` on accelerate <= 1.11: its
+  FSDP2 loading fails on the quantization state; with ``false`` HeRA and HARC run (HeRA gathers ``o_proj``'s packed
+  4-bit shard and dequantizes it with the layer's quantization state). ``quantization_bit: 8``: torch's FSDP2 cannot
+  shard int8 weights, stock SFT neither (both in patches/fsdp_loading.py).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from typing import Any
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.arguments import raw_value
 from llamafactory_hera_patches.fsdp_adapter import launched_fsdp_version, unsaved_refusal
-from llamafactory_hera_patches.fsdp_loading import quantized_loading_refusal
+from llamafactory_hera_patches.fsdp_loading import bitsandbytes_refusal
 
 _RAH = ("stage: rah runs on one process and edits whole V and O weights; run it on one process: "
         "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE")
@@ -115,10 +116,8 @@ def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mappi
     if version != "2":
         raise RecipeError(f"{launched}: stage: {stage} is not run under FSDP1 ({_FSDP1.get(stage, _FSDP1['harc'])});"
                           f" set fsdp_version: 2 in the accelerate config.")
-    # the same checks refuse these for the host's stages (patches/stage.py); HeRA refuses FSDP2 with bitsandbytes
-    # weights whatever the loading, for its own reason (hera/checks.py check_quantized_hera)
-    refusal = unsaved_refusal(stage, environ) or (
-        quantized_loading_refusal(stage, host_args, environ) if stage != "hera" else None)
+    # the same checks refuse these for the host's stages (patches/stage.py)
+    refusal = unsaved_refusal(stage, environ) or bitsandbytes_refusal(stage, host_args, environ)
     if refusal:
         raise RecipeError(refusal)
 
