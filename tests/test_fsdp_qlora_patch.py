@@ -7,6 +7,7 @@ twin, is tests/hera/test_hera_recipe_hardware.py::test_the_fsdp2_recipe_trains_w
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 
 import accelerate.accelerator as accelerator
 import accelerate.utils as accelerate_utils
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from llamafactory_hera_patches import fsdp_qlora
+from llamafactory_hera_patches.errors import RecipeError
 
 
 def _codes(storage: torch.dtype, rows: int = 512) -> tuple[torch.Tensor, object]:
@@ -48,31 +50,69 @@ def test_the_installed_accelerate_is_patched() -> None:
     assert accelerate_utils.fsdp2_prepare_model is accelerator.fsdp2_prepare_model is patched
 
 
-def test_an_accelerate_without_the_upcast_is_left_as_it_is(tmp_path) -> None:
+def _fsdp_utils(tmp_path, body: str):
+    """A stand-in ``accelerate.utils.fsdp_utils`` whose ``fsdp2_prepare_model(accelerator, model)`` runs ``body``."""
     path = tmp_path / "fsdp_utils_copy.py"
-    path.write_text("def fsdp2_prepare_model(accelerator, model):\n    return model\n", encoding="utf-8")
+    path.write_text(f"import torch\n\n\ndef fsdp2_prepare_model(accelerator, model):\n{body}    return model\n",
+                    encoding="utf-8")
     spec = importlib.util.spec_from_file_location("fsdp_utils_copy", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _accelerator(param_dtype: torch.dtype | None) -> SimpleNamespace:
+    policy = SimpleNamespace(param_dtype=param_dtype)
+    return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(mixed_precision_policy=policy)))
+
+
+def _model(storage: torch.dtype) -> nn.Module:
+    """A bf16 Linear, a bitsandbytes 4-bit layer whose codes are stored as ``storage``, and a bf16 buffer."""
+    packed, state = _codes(storage, rows=64)
+    bnb = pytest.importorskip("bitsandbytes")
+    quantized = bnb.nn.Linear4bit(512, 64, bias=False, compute_dtype=torch.bfloat16, quant_storage=storage)
+    quantized.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True,
+                                         quant_storage=storage, module=quantized)
+    model = nn.Sequential(nn.Linear(8, 8).bfloat16(), quantized)
+    model.register_buffer("inv_freq", torch.ones(4, dtype=torch.bfloat16))
+    return model
+
+
+def test_an_accelerate_without_the_upcast_is_left_as_it_is(tmp_path) -> None:
+    module = _fsdp_utils(tmp_path, "")
     original = module.fsdp2_prepare_model
     fsdp_qlora.apply(module)
     assert module.fsdp2_prepare_model is original
 
 
-def test_the_upcast_converts_all_but_the_4bit_weights() -> None:
-    """A model of a bf16 Linear, a 4-bit layer with bf16 storage, and a bf16 buffer, through the upcast accelerate
-    calls (``model.to(torch.float32)``, with the patch's instance ``to`` in place): the Linear and the buffer in
-    float32, the 4-bit weight the very tensor it was, its codes unchanged; without the 4-bit layer, nothing kept."""
-    packed, state = _codes(torch.bfloat16, rows=64)
-    bnb = pytest.importorskip("bitsandbytes")
-    quantized = bnb.nn.Linear4bit(512, 64, bias=False, compute_dtype=torch.bfloat16, quant_storage=torch.bfloat16)
-    quantized.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True,
-                                         quant_storage=torch.bfloat16, module=quantized)
-    model = nn.Sequential(nn.Linear(8, 8).bfloat16(), quantized)
-    model.register_buffer("inv_freq", torch.ones(4, dtype=torch.bfloat16))
-    weight, codes = model[1].weight, packed.clone()
+def test_the_upcast_converts_all_but_the_4bit_weights(tmp_path) -> None:
+    """accelerate's upcast statement (``model.to(torch.float32)``) in a stand-in ``fsdp2_prepare_model``, patched:
+    the Linear and the buffer in float32, the 4-bit weight the very tensor it was, its codes unchanged, and the
+    instance ``to`` gone afterwards; a model without a 4-bit layer goes through the original. Unpatched, the 4-bit
+    weight is upcast with the rest."""
+    module = _fsdp_utils(tmp_path, "    model = model.to(torch.float32)\n")
+    original = module.fsdp2_prepare_model
+    fsdp_qlora.apply(module)
+    model = _model(torch.bfloat16)
+    weight = model[1].weight
+    codes = weight.data.clone()
     assert set(fsdp_qlora.packed_4bit_weights(model)) == {id(weight)}
-    assert fsdp_qlora.upcast_all_but_4bit(model, torch.float32) is model
-    assert model[0].weight.dtype == model.inv_freq.dtype == torch.float32
+    assert module.fsdp2_prepare_model(_accelerator(torch.bfloat16), model) is model
+    assert model[0].weight.dtype == model.inv_freq.dtype == torch.float32 and "to" not in vars(model)
     assert model[1].weight is weight and torch.equal(weight.data.view(torch.int16), codes.view(torch.int16))
-    assert fsdp_qlora.packed_4bit_weights(nn.Sequential(nn.Linear(2, 2))) == {}
+    assert original(_accelerator(torch.bfloat16), _model(torch.bfloat16))[1].weight.dtype == torch.float32
+    plain = nn.Sequential(nn.Linear(2, 2).bfloat16())
+    assert fsdp_qlora.packed_4bit_weights(plain) == {}
+    assert module.fsdp2_prepare_model(_accelerator(None), plain)[0].weight.dtype == torch.float32
+
+
+def test_codes_the_all_gather_would_convert_are_refused(tmp_path) -> None:
+    """Codes stored as fp16 (a recipe without ``bf16: true``: LLaMA-Factory's compute dtype) under ``mixed_precision:
+    bf16``: FSDP2's bf16 all-gather would convert them as numbers, every one; refused with the fix. Without mixed
+    precision they are left as they are."""
+    module = _fsdp_utils(tmp_path, "    model = model.to(torch.float32)\n")
+    fsdp_qlora.apply(module)
+    with pytest.raises(RecipeError, match="the 4-bit codes are stored as torch.float16 and the accelerate config's "
+                                          "mixed precision gathers them as torch.bfloat16, .*set bf16: true"):
+        module.fsdp2_prepare_model(_accelerator(torch.bfloat16), _model(torch.float16))
+    assert module.fsdp2_prepare_model(_accelerator(None), _model(torch.float16))[1].weight.dtype == torch.float16

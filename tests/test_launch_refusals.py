@@ -156,9 +156,10 @@ def test_fsdp2_with_bitsandbytes_weights_that_fail_after_loading_is_refused_befo
     message = _refused({**recipe, "stage": stage, "quantization_bit": 8})
     assert message == ("quantization_bit: 8 under FSDP2 (ACCELERATE_USE_FSDP, set by accelerate launch with an FSDP "
                        "config): FSDP2 cannot shard bitsandbytes' int8 weights (torch's fully_shard makes each weight "
-                       f"a parameter that could require gradients, which int8 cannot; stage: {stage} would fail after "
-                       "loading the model, as stock SFT does); use quantization_bit: 4 (QLoRA under FSDP2), or 8-bit "
-                       "on one GPU or under DDP / DeepSpeed ZeRO-2."), message
+                       f"a parameter that could require gradients, which int8 cannot; stage: {stage} fails on it, as "
+                       "stock SFT does); use quantization_bit: 4 (QLoRA under FSDP2, with "
+                       "fsdp_cpu_ram_efficient_loading: false in the accelerate config), or 8-bit on one GPU or under "
+                       "DDP / DeepSpeed ZeRO-2."), message
     refusal = fsdp_loading.bitsandbytes_refusal
     assert refusal("sft", {"quantization_bit": "4"}, {**environment, "FSDP_CPU_RAM_EFFICIENT_LOADING": "yes"})
     assert refusal("sft", {"quantization_bit": 8}, environment)

@@ -59,5 +59,3 @@ def test_hera_refuses_zero3_with_quantization_or_dora_and_dora_with_quantization
     for bits in (4, 8):
         with pytest.raises(RecipeError, match=f"use_dora: true with {bits}-bit bitsandbytes weights: LLaMA-Factory"):
             check_quantized_hera(("bitsandbytes", bits), dora=True, zero3=False)
-
-

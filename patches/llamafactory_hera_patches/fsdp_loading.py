@@ -53,9 +53,9 @@ def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str])
     if bits == "8":
         return (f"quantization_bit: 8 under FSDP2 (ACCELERATE_USE_FSDP, set by accelerate launch with an FSDP config): "
                 "FSDP2 cannot shard bitsandbytes' int8 weights (torch's fully_shard makes each weight a parameter "
-                "that could require gradients, which int8 cannot; stage: "
-                f"{stage} would fail after loading the model, as stock SFT does); use quantization_bit: 4 (QLoRA "
-                "under FSDP2), or 8-bit on one GPU or under DDP / DeepSpeed ZeRO-2.")
+                f"that could require gradients, which int8 cannot; stage: {stage} fails on it, as stock SFT does); "
+                "use quantization_bit: 4 (QLoRA under FSDP2, with fsdp_cpu_ram_efficient_loading: false in the "
+                "accelerate config), or 8-bit on one GPU or under DDP / DeepSpeed ZeRO-2.")
     loading = environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "")
     if bits != "4" or loading.strip().lower() not in _TRUE or not _accelerate_fails():
         return None

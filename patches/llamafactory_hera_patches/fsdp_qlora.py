@@ -12,7 +12,11 @@ its bf16 storage elements change, 9,540 of its 16.8 M weights, by up to 0.12 whe
 (``hera/projection.py``) would be float32 values, not the codes.
 
 This patch keeps every 4-bit weight out of that upcast: its shard stays in its storage dtype, which the all-gather
-leaves uncast; every other parameter and buffer is upcast as before. Applied by the import hook right after
+leaves uncast; every other parameter and buffer is upcast as before. Then it checks what the forward will get: each
+4-bit weight still in its packed storage dtype, and FSDP2's all-gather dtype (the mixed precision's ``param_dtype``)
+that same dtype, or none. A recipe without ``bf16: true`` under ``mixed_precision: bf16`` stores the codes in fp16 or
+float32 (LLaMA-Factory's compute dtype), which the bf16 all-gather would convert as numbers at every forward,
+destroying every code, stock SFT too: refused there, with the fix. Applied by the import hook right after
 ``accelerate.utils.fsdp_utils`` executes, before ``accelerate.utils`` and the Accelerator bind the function; on an
 accelerate whose ``fsdp2_prepare_model`` has no such upcast it does nothing.
 """
@@ -25,6 +29,8 @@ import sys
 from types import ModuleType
 from typing import Any
 
+from .errors import RecipeError
+
 _UPCAST = "model.to(torch.float32)"  # the upcast's statement in accelerate 1.11's fsdp2_prepare_model
 
 
@@ -36,14 +42,35 @@ def upcasts(fsdp_utils: ModuleType) -> bool:
         return True
 
 
-def packed_4bit_weights(model: Any) -> dict[int, Any]:
-    """``id -> weight`` of every bitsandbytes 4-bit layer's weight in ``model`` (none when bitsandbytes is not
-    imported: then the model holds no such layer)."""
+def _4bit_layers(model: Any) -> list[Any]:
+    """Every bitsandbytes 4-bit layer of ``model`` (none when bitsandbytes is not imported: then the model holds no
+    such layer). PEFT's LoRA wrapper of one shares its class name, not its class."""
     bitsandbytes = sys.modules.get("bitsandbytes")
     if bitsandbytes is None:
-        return {}
-    return {id(module.weight): module.weight for module in model.modules()
-            if isinstance(module, bitsandbytes.nn.Linear4bit)}
+        return []
+    return [module for module in model.modules() if isinstance(module, bitsandbytes.nn.Linear4bit)]
+
+
+def packed_4bit_weights(model: Any) -> dict[int, Any]:
+    """``id -> weight`` of every bitsandbytes 4-bit layer's weight in ``model``."""
+    return {id(module.weight): module.weight for module in _4bit_layers(model)}
+
+
+def check_codes_reach_the_forward(model: Any, param_dtype: Any) -> None:
+    """Raise when a 4-bit weight of the prepared ``model`` is no longer in its packed storage dtype, or when FSDP2's
+    all-gather (``param_dtype``, None without mixed precision) would cast it: either way the codes would be read as
+    numbers converted, not as the bytes they are."""
+    for module in _4bit_layers(model):
+        storage, stored = module.quant_storage, module.weight.dtype
+        if stored != storage or param_dtype not in (None, storage):
+            raise RecipeError(
+                f"quantization_bit: 4 under FSDP2: the 4-bit codes are stored as {storage}"
+                + (f" but the prepared weight is {stored}" if stored != storage else "")
+                + (f" and the accelerate config's mixed precision gathers them as {param_dtype}"
+                   if param_dtype not in (None, storage) else "")
+                + ", which converts them as numbers at every forward (every weight would be wrong); the codes are "
+                "stored in LLaMA-Factory's compute dtype: set bf16: true in the recipe for mixed_precision: bf16 "
+                "(fp16: true for fp16), or mixed_precision: 'no' in the accelerate config.")
 
 
 def upcast_all_but_4bit(model: Any, dtype: Any) -> Any:
@@ -74,8 +101,11 @@ def apply(fsdp_utils: ModuleType) -> None:
 
         model.to = to  # an instance attribute, for this call only: fully_shard keeps the object, swapping its class
         try:
-            return original(accelerator, model)
+            prepared = original(accelerator, model)
         finally:
             del model.to
+        policy = getattr(accelerator.state.fsdp_plugin, "mixed_precision_policy", None)
+        check_codes_reach_the_forward(prepared, getattr(policy, "param_dtype", None))
+        return prepared
 
     fsdp_utils.fsdp2_prepare_model = fsdp2_prepare_model

@@ -105,9 +105,11 @@ if os.environ.get("HERA_TEST_FSDP_EVIDENCE"):
         import torch
         from torch.distributed.tensor import DTensor
 
+        bitsandbytes = sys.modules.get("bitsandbytes")  # not imported: no 4-bit layer
         found = {}
         for name, module in model.named_modules():
-            if type(module).__name__ == "Linear4bit":
+            # bitsandbytes' own layer, not PEFT's LoRA wrapper of one, which shares its class name
+            if bitsandbytes is not None and isinstance(module, bitsandbytes.nn.Linear4bit):
                 weight = module.weight.full_tensor() if isinstance(module.weight, DTensor) else module.weight.data
                 if param_dtype is not None:
                     weight = weight.to(param_dtype)

@@ -29,7 +29,7 @@ import yaml
 from fsdp_checks import FSDP_HOOK, assert_fsdp2
 from test_hera_recipes import MEMORY, _training_recipe
 
-from conftest import REPO, engines_of, offline_env, read_trainer_log, run_train, saved_in_bf16
+from conftest import REPO, engines_of, free_port, offline_env, read_trainer_log, run_train, saved_in_bf16
 from llamafactory_hera.fixtures import TinyAssets
 
 RECIPES = REPO / "recipes"
@@ -254,17 +254,17 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
     with ``use_cpu: true`` so that transformers takes bf16 on the CPU) but for the tiny model and data (per-device
     4 x 2 ranks gathered = 8 >= hera_k + 1 = 6: no queue, as the recipe). ``qlora``: the same with
     ``quantization_bit: 4`` on a checkpoint saved in bf16 (so the 4-bit codes are stored in bf16, LLaMA-Factory's
-    ``bnb_4bit_quant_storage``, and FSDP2 shards them) and ``fsdp_cpu_ram_efficient_loading: false``, as a 70B on
-    2 x 24 GB runs; each 4-bit layer's codes reach the forward as loaded (patches/fsdp_qlora.py: accelerate's
-    mixed-precision upcast changed them in 42 of the 54 layers, the SFT twin's too). ``qlora_sft_twin``: the recipe's
-    baseline twin (``stage: sft``), a stock stage, keeps them too."""
+    ``bnb_4bit_quant_storage``, and FSDP2 shards them) and ``fsdp_cpu_ram_efficient_loading: false``; each 4-bit
+    layer's codes reach the forward as loaded (patches/fsdp_qlora.py: accelerate's mixed-precision upcast changed
+    them, the SFT twin's too). ``qlora_sft_twin``: the recipe's baseline twin (``stage: sft``), a stock stage, keeps
+    them too."""
     import subprocess
     import sys
 
     if quantized:
         pytest.importorskip("bitsandbytes")
     config = yaml.safe_load((RECIPES / MEMORY.FSDP2_CONFIG).read_text(encoding="utf-8"))
-    config.update({"num_processes": 2, "use_cpu": True})
+    config.update({"num_processes": 2, "use_cpu": True, "main_process_port": free_port()})  # the cases run at once
     if quantized:  # accelerate 1.11's efficient loading fails on a bitsandbytes model (refused before loading)
         config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] = False
     (tmp_path / "fsdp2_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
