@@ -106,8 +106,9 @@ def test_fsdp2_with_qlora_trains_like_ddp(assets, tmp_path: Path) -> None:
     docs/configurations.md): o_proj's packed 4-bit storage is a DTensor shard holding half of its rows at each step and
     save, which HeRA gathers and dequantizes with the layer's quant_state (hera/projection.py). ``hera_heads: auto``
     scores the 4-bit model on rank 0 (text mode) and both runs choose the same heads; losses, HeRA terms, monitor
-    points and temperature equal DDP's step for step, and so does the adapter."""
-    ddp, fsdp2 = tmp_path / "ddp", tmp_path / "fsdp2"
+    points and temperature equal DDP's step for step, and so does the adapter. Stopped at step 1 and resumed (a new
+    launch of launcher.py, as users start it), it ends bit for bit as the run not stopped."""
+    ddp, fsdp2, resumed = tmp_path / "ddp", tmp_path / "fsdp2", tmp_path / "resumed"
     keys = dict(quantization_bit=4, double_quantization=True, hera_heads="auto", hera_select_samples=24,
                 hera_select_num_heads=2)
     loading = {"FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}
@@ -123,6 +124,13 @@ def test_fsdp2_with_qlora_trains_like_ddp(assets, tmp_path: Path) -> None:
         assert got == pytest.approx(want, rel=1e-5)
     got, want = (load_file(folder / "out" / "adapter_model.safetensors") for folder in (fsdp2, ddp))
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
+
+    accelerate_launch(_recipe(assets, resumed, resume_from_checkpoint=str(fsdp2 / "out" / "checkpoint-1"), **keys),
+                      resumed, fsdp_config={"fsdp_cpu_ram_efficient_loading": False})
+    assert_fsdp2(resumed, {"load", "step", "save"})
+    assert _logged(resumed) == _logged(fsdp2)[1:]
+    assert {"model", "optimizer.bin", "pytorch_model_fsdp.bin", "hera_temperature_optimizer.pt",
+            "hera_state.json"} <= set(assert_resumed_equals_whole(fsdp2 / "out", resumed / "out", 2))
 
 
 def test_the_gather_of_an_offloaded_shard_gives_the_unsharded_gradient(tmp_path: Path) -> None:
