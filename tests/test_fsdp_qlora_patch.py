@@ -112,7 +112,27 @@ def test_codes_the_all_gather_would_convert_are_refused(tmp_path) -> None:
     precision they are left as they are."""
     module = _fsdp_utils(tmp_path, "    model = model.to(torch.float32)\n")
     fsdp_qlora.apply(module)
-    with pytest.raises(RecipeError, match="the 4-bit codes are stored as torch.float16 and the accelerate config's "
-                                          "mixed precision gathers them as torch.bfloat16, .*set bf16: true"):
+    with pytest.raises(RecipeError, match="the codes are stored as torch.float16 and the accelerate config's mixed "
+                                          "precision gathers them as torch.bfloat16, .*set the recipe's bf16: true or "
+                                          "fp16: true to match torch.bfloat16"):
         module.fsdp2_prepare_model(_accelerator(torch.bfloat16), _model(torch.float16))
     assert module.fsdp2_prepare_model(_accelerator(None), _model(torch.float16))[1].weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize(("mixed_precision", "refused"), [("bf16", True), ("fp16", False), ("no", False)])
+def test_the_check_reads_accelerates_own_plugin(tmp_path, mixed_precision: str, refused: bool) -> None:
+    """The mixed precision as accelerate's FSDP2 plugin holds it (what ``accelerate launch`` with the config's
+    ``mixed_precision`` makes; None for "no"), for fp16-stored codes: only a bf16 all-gather is refused."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))
+    module = _fsdp_utils(tmp_path, "    model = model.to(torch.float32)\n")
+    fsdp_qlora.apply(module)
+    if refused:
+        with pytest.raises(RecipeError, match="gathers them as torch.bfloat16"):
+            module.fsdp2_prepare_model(accelerator, _model(torch.float16))
+    else:
+        assert module.fsdp2_prepare_model(accelerator, _model(torch.float16))[1].weight.dtype == torch.float16

@@ -14,11 +14,13 @@ its bf16 storage elements change, 9,540 of its 16.8 M weights, by up to 0.12 whe
 This patch keeps every 4-bit weight out of that upcast: its shard stays in its storage dtype, which the all-gather
 leaves uncast; every other parameter and buffer is upcast as before. Then it checks what the forward will get: each
 4-bit weight still in its packed storage dtype, and FSDP2's all-gather dtype (the mixed precision's ``param_dtype``)
-that same dtype, or none. A recipe without ``bf16: true`` under ``mixed_precision: bf16`` stores the codes in fp16 or
-float32 (LLaMA-Factory's compute dtype), which the bf16 all-gather would convert as numbers at every forward,
-destroying every code, stock SFT too: refused there, with the fix. Applied by the import hook right after
-``accelerate.utils.fsdp_utils`` executes, before ``accelerate.utils`` and the Accelerator bind the function; on an
-accelerate whose ``fsdp2_prepare_model`` has no such upcast it does nothing.
+that same dtype, or none. Codes stored in another dtype than the all-gather's (fp16 or float32 codes under
+``mixed_precision: bf16``: a recipe without ``bf16: true`` on an fp16 or float32 checkpoint, or a checkpoint saved
+4-bit with such a storage) would be converted as numbers at every forward, every code, stock SFT too: refused after
+preparation (the dtypes are LLaMA-Factory's and accelerate's choices at load), with the fix.
+
+Applied by the import hook right after ``accelerate.utils.fsdp_utils`` executes, before ``accelerate.utils`` and the
+Accelerator bind the function; on an accelerate whose ``fsdp2_prepare_model`` has no such upcast it does nothing.
 """
 
 from __future__ import annotations
@@ -58,19 +60,21 @@ def packed_4bit_weights(model: Any) -> dict[int, Any]:
 
 def check_codes_reach_the_forward(model: Any, param_dtype: Any) -> None:
     """Raise when a 4-bit weight of the prepared ``model`` is no longer in its packed storage dtype, or when FSDP2's
-    all-gather (``param_dtype``, None without mixed precision) would cast it: either way the codes would be read as
-    numbers converted, not as the bytes they are."""
+    all-gather (``param_dtype``, None without mixed precision) would cast it: either way the forward would read the
+    codes converted as numbers, not as the bytes they are. (A 4-bit layer in the accelerate config's
+    ``ignored_modules``, never gathered, is checked too: a refusal there would be false; no run here ignores one.)"""
     for module in _4bit_layers(model):
         storage, stored = module.quant_storage, module.weight.dtype
-        if stored != storage or param_dtype not in (None, storage):
-            raise RecipeError(
-                f"quantization_bit: 4 under FSDP2: the 4-bit codes are stored as {storage}"
-                + (f" but the prepared weight is {stored}" if stored != storage else "")
-                + (f" and the accelerate config's mixed precision gathers them as {param_dtype}"
-                   if param_dtype not in (None, storage) else "")
-                + ", which converts them as numbers at every forward (every weight would be wrong); the codes are "
-                "stored in LLaMA-Factory's compute dtype: set bf16: true in the recipe for mixed_precision: bf16 "
-                "(fp16: true for fp16), or mixed_precision: 'no' in the accelerate config.")
+        if stored == storage and param_dtype in (None, storage):
+            continue
+        what = (f"are {stored}, not their packed storage {storage}" if stored != storage else
+                f"are stored as {storage} and the accelerate config's mixed precision gathers them as {param_dtype}")
+        raise RecipeError(
+            f"4-bit weights under FSDP2: the codes {what}, which converts them as numbers at every forward (every "
+            "weight would be wrong). The codes are stored in the dtype LLaMA-Factory loads the model in (bf16: true "
+            "or fp16: true in the recipe, else the checkpoint's dtype; a checkpoint saved 4-bit keeps its "
+            f"bnb_4bit_quant_storage): set the recipe's bf16: true or fp16: true to match {param_dtype}, or "
+            "mixed_precision: 'no' in the accelerate config.")
 
 
 def upcast_all_but_4bit(model: Any, dtype: Any) -> Any:
@@ -104,8 +108,8 @@ def apply(fsdp_utils: ModuleType) -> None:
             prepared = original(accelerator, model)
         finally:
             del model.to
-        policy = getattr(accelerator.state.fsdp_plugin, "mixed_precision_policy", None)
-        check_codes_reach_the_forward(prepared, getattr(policy, "param_dtype", None))
+        policy = accelerator.state.fsdp_plugin.mixed_precision_policy  # None without mixed precision
+        check_codes_reach_the_forward(prepared, None if policy is None else policy.param_dtype)
         return prepared
 
     fsdp_utils.fsdp2_prepare_model = fsdp2_prepare_model

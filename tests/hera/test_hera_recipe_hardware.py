@@ -244,10 +244,11 @@ def test_the_qlora_recipe_trains_with_hera(assets: TinyAssets, tmp_path: Path) -
     assert all(line["hera_queue_size"] > 0 for line in lines)  # the feature queue extends the set of 4
 
 
-@pytest.mark.parametrize(("quantized", "stage"), [(False, "hera"), (True, "hera"), (True, "sft")],
-                         ids=["lora", "qlora", "qlora_sft_twin"])
+@pytest.mark.parametrize(("quantized", "stage", "bf16"), [(False, "hera", True), (True, "hera", True),
+                                                     (True, "sft", True), (True, "hera", False)],
+                         ids=["lora", "qlora", "qlora_sft_twin", "qlora_without_bf16"])
 def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_path: Path, quantized: bool,
-                                                        stage: str) -> None:
+                                                        stage: str, bf16: bool) -> None:
     """The recipe header's command, ``accelerate launch --config_file ... -m llamafactory.launcher RECIPE``, on two CPU
     ranks: the accelerate config as shipped but for 2 processes on the CPU (``mixed_precision: bf16``: FSDP2 gathers
     the weights in bf16, its MixedPrecisionPolicy, asserted from each rank), the recipe as shipped (``bf16: true``,
@@ -257,7 +258,8 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
     ``bnb_4bit_quant_storage``, and FSDP2 shards them) and ``fsdp_cpu_ram_efficient_loading: false``; each 4-bit
     layer's codes reach the forward as loaded (patches/fsdp_qlora.py: accelerate's mixed-precision upcast changed
     them, the SFT twin's too). ``qlora_sft_twin``: the recipe's baseline twin (``stage: sft``), a stock stage, keeps
-    them too."""
+    them too. ``qlora_without_bf16``: the recipe without ``bf16: true`` on the float32 checkpoint stores the codes in
+    float32, which the config's bf16 all-gather would convert as numbers: refused in one line after loading."""
     import subprocess
     import sys
 
@@ -269,10 +271,11 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
         config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] = False
     (tmp_path / "fsdp2_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     out = tmp_path / "out"
-    model = saved_in_bf16(assets.models["qwen3_vl"], tmp_path / "model") if quantized else assets.models["qwen3_vl"]
+    model = saved_in_bf16(assets.models["qwen3_vl"], tmp_path / "model") if quantized and bf16 else (
+        assets.models["qwen3_vl"])
     recipe = _training_recipe(MEMORY.FSDP2, model, assets, out)
     recipe["per_device_train_batch_size"] = 4
-    recipe.update({"bf16": True, "use_cpu": True, "stage": stage, **({"quantization_bit": 4} if quantized else {})})
+    recipe.update({"bf16": bf16, "use_cpu": True, "stage": stage, **({"quantization_bit": 4} if quantized else {})})
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     # the test-only shim (tests/fsdp_cpu) keeps FSDP2 on, on CPU, where accelerate 1.11 would train plain DDP; the
     # evidence it writes proves every trainable parameter was a DTensor at the step and at save
@@ -282,6 +285,12 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "fsdp2_config.yaml",
                            "-m", "llamafactory.launcher", "recipe.yaml"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=900, check=False, env=env)
+    if not bf16:
+        refusal = ("[llamafactory-hera] error: 4-bit weights under FSDP2: the codes are stored as torch.float32 and "
+                   "the accelerate config's mixed precision gathers them as torch.bfloat16, which converts them")
+        assert proc.returncode != 0 and refusal in proc.stderr, proc.stderr[-5000:]
+        assert not (out / "adapter_model.safetensors").exists()
+        return
     assert proc.returncode == 0, proc.stderr[-5000:]
     lines = [line for line in read_trainer_log(out) if "loss" in line]
     assert [line["current_steps"] for line in lines] == [1, 2]
