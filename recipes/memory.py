@@ -14,10 +14,10 @@ representations across the GPUs):
   and the output layer stay in bf16 (transformers' bitsandbytes loader skips the output layer; embeddings are no
   linear layer). 4-bit (nf4 or fp4): half a byte per weight plus one absmax per block of 64 weights, a float32
   (4 bytes) or, with ``double_quantization``, 1 byte plus a float32 per 256 blocks; 8-bit (LLM.int8): 1 byte per
-  weight plus a float32 scale per output row (:func:`quantized_bytes_per_weight`). The linear weights are counted as the whole
-  model's parameters less the embeddings and output layer (norms, biases and the vision tower's patch convolution,
-  under 0.1%, are counted as quantized). The one weight being used is dequantized to bf16 at a time: the largest
-  linear layer, 2 bytes per weight, is added;
+  weight plus a float32 scale per output row (:func:`quantized_bytes_per_weight`). The linear weights are counted as
+  the whole model's parameters less the embeddings and output layer (norms, biases and the vision tower's patch
+  convolution, under 0.1%, are counted as quantized). The one weight being used is dequantized to bf16 at a time: the
+  largest linear layer, 2 bytes per weight, is added;
 - trainable parameters: 16 bytes each (fp32 weight 4 + fp32 gradient 4 + Adam moments 8) for
   the LoRA adapters (rank r on every linear layer of the language model) or the projector;
 - full fine-tune, DeepSpeed ZeRO-3 over N GPUs: 16 bytes per parameter / N (bf16 weight and
