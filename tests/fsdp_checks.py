@@ -28,10 +28,11 @@ FSDP2_CONFIG = {  # examples/accelerate/fsdp2_config.yaml of LLaMA-Factory, on t
 }
 
 
-def fsdp2_config_file(tmp: Path, fsdp_config: dict[str, Any] | None = None) -> Path:
-    """:data:`FSDP2_CONFIG` (its ``fsdp_config`` updated with ``fsdp_config``, a free port) written into ``tmp``."""
+def fsdp2_config_file(tmp: Path, fsdp_config: dict[str, Any] | None = None, mixed_precision: str = "no") -> Path:
+    """:data:`FSDP2_CONFIG` (its ``fsdp_config`` updated with ``fsdp_config``, its ``mixed_precision``, a free port)
+    written into ``tmp``."""
     config = {**FSDP2_CONFIG, "fsdp_config": {**FSDP2_CONFIG["fsdp_config"], **(fsdp_config or {})},
-              "main_process_port": free_port()}
+              "mixed_precision": mixed_precision, "main_process_port": free_port()}
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "fsdp2_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     return tmp / "fsdp2_config.yaml"
@@ -64,13 +65,13 @@ def accelerate_launch_runs(runs: list[dict[str, Any]], tmp: Path) -> list[dict[s
 
 
 def accelerate_launch(recipe: dict[str, Any], tmp: Path, shim: bool = True, timeout: int = 900,
-                      fsdp_config: dict[str, Any] | None = None) -> Any:
+                      fsdp_config: dict[str, Any] | None = None, mixed_precision: str = "no") -> Any:
     """``accelerate launch`` of ``recipe`` on two ranks with :data:`FSDP2_CONFIG` (its ``fsdp_config`` updated with
-    ``fsdp_config``); with ``shim`` under FSDP2, without it as accelerate 1.11 runs the config on CPU: plain DDP (each
-    rank's evidence in ``tmp/fsdp`` either way). A failed run raises AssertionError."""
+    ``fsdp_config``, its ``mixed_precision``); with ``shim`` under FSDP2, without it as accelerate 1.11 runs the config
+    on CPU: plain DDP (each rank's evidence in ``tmp/fsdp`` either way). A failed run raises AssertionError."""
     import llamafactory.launcher  # lazy: the host's entry point, as `accelerate launch src/train.py` runs it
 
-    config = fsdp2_config_file(tmp, fsdp_config)
+    config = fsdp2_config_file(tmp, fsdp_config, mixed_precision)
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     launcher, env = _launch(config, tmp)
     if shim:
