@@ -133,7 +133,8 @@ def test_fsdp2_with_bitsandbytes_weights_that_fail_after_loading_is_refused_befo
       failed after loading the model in accelerate 1.11's fsdp2_load_full_state_dict (`weight` is not an nn.Module),
       stock SFT too; with ``false`` it trains (tests/hera/test_hera_fsdp2.py, tests/harc/test_harc_stage.py);
     - ``quantization_bit: 8`` failed in torch's fully_shard, whatever the loading ("only Tensors of floating point
-      dtype can require gradients"), stock SFT too.
+      dtype can require gradients"), stock SFT too, and so did a local checkpoint saved with int8 codes or with 4-bit
+      codes in bitsandbytes' default uint8 storage (not one whose codes are stored in a float dtype).
     Whichever way accelerate spells true; not refused without quantization, at 4-bit with the efficient loading off,
     under FSDP1, for another quantization method, or (4-bit) on a newer accelerate."""
     from importlib.metadata import version
@@ -160,7 +161,29 @@ def test_fsdp2_with_bitsandbytes_weights_that_fail_after_loading_is_refused_befo
                        "stock SFT does); use quantization_bit: 4 (QLoRA under FSDP2, with "
                        "fsdp_cpu_ram_efficient_loading: false in the accelerate config), or 8-bit on one GPU or under "
                        "DDP / DeepSpeed ZeRO-2."), message
+    # a checkpoint saved quantized: its int8 or uint8-stored 4-bit codes fail in fully_shard the same way (stock SFT
+    # on a saved 4-bit uint8 checkpoint, two CPU ranks: "only Tensors of floating point dtype can require gradients")
+    source = Path(recipe["model_name_or_path"])
+    for name, saved, codes in (("int8", {"load_in_8bit": True}, "int8 codes"),
+                               ("uint8", {"load_in_4bit": True}, "4-bit codes stored as uint8")):
+        folder = tmp_path / name
+        shutil.copytree(source, folder)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config["quantization_config"] = {"quant_method": "bitsandbytes", **saved}
+        (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        message = _refused({**recipe, "stage": stage, "model_name_or_path": str(folder)})
+        assert message.startswith(f"model_name_or_path: {folder} is saved quantized by bitsandbytes with {codes} "
+                                  "(quantization_config in its config.json), which FSDP2 cannot shard"), message
+        assert message.endswith("train the unquantized checkpoint with quantization_bit: 4 (LLaMA-Factory stores the "
+                                "codes in the compute dtype, which FSDP2 shards), or this one on one GPU or under "
+                                "DDP / DeepSpeed ZeRO-2."), message
     refusal = fsdp_loading.bitsandbytes_refusal
+    saved_bf16 = tmp_path / "uint8" / "config.json"  # the same checkpoint with its codes stored in bf16: sharded
+    config = json.loads(saved_bf16.read_text(encoding="utf-8"))
+    config["quantization_config"]["bnb_4bit_quant_storage"] = "bfloat16"
+    saved_bf16.write_text(json.dumps(config), encoding="utf-8")
+    assert refusal("sft", {"model_name_or_path": str(saved_bf16.parent)}, environment) is None
+    assert refusal("sft", {"model_name_or_path": str(tmp_path / "int8")}, {**environment, "FSDP_VERSION": "1"}) is None
     assert refusal("sft", {"quantization_bit": "4"}, {**environment, "FSDP_CPU_RAM_EFFICIENT_LOADING": "yes"})
     assert refusal("sft", {"quantization_bit": 8}, environment)
     for args, environ in (({}, environment), ({"quantization_bit": 4},

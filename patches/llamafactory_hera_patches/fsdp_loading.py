@@ -5,7 +5,10 @@
   gradients"), after the model has loaded; stock LoRA SFT the same (two CPU ranks under tests/fsdp_cpu's shim, torch
   2.11, 2026-11-27). 4-bit trains because LLaMA-Factory stores its packed codes in the compute dtype
   (``bnb_4bit_quant_storage``). With the efficient loading on, LLaMA-Factory refuses 8-bit itself ("Only 4-bit
-  quantized model can use fsdp+qlora"), after reading the config.
+  quantized model can use fsdp+qlora"), after reading the config. A checkpoint saved quantized (no
+  ``quantization_bit``) with int8 codes, or 4-bit codes in bitsandbytes' default uint8 storage (most 4-bit checkpoints
+  on the Hub), fails the same way (stock SFT on a saved 4-bit uint8 checkpoint, 2026-11-27): refused when its
+  config.json is local.
 - 4-bit with ``fsdp_cpu_ram_efficient_loading: true`` (LLaMA-Factory's examples/accelerate/fsdp2_config.yaml): rank 0
   loads the model and hands each rank its shards through accelerate's ``fsdp2_load_full_state_dict``; the state dict
   holds the quantization state beside each packed weight (``...weight.absmax``, ``...weight.quant_map``, ...), which
@@ -20,8 +23,10 @@ parses them, after this check (the plugin's stages refuse those keys: recipe/fsd
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from packaging.version import Version
@@ -41,11 +46,41 @@ def _accelerate_fails() -> bool:
         return False
 
 
+def saved_codes_refusal(stage: str, host_args: Any) -> str | None:
+    """The refusal of a checkpoint saved with bitsandbytes whose codes FSDP2 cannot shard (int8, or 4-bit in
+    bitsandbytes' default uint8 storage, as most 4-bit checkpoints on the Hub): ``fully_shard`` fails on them after
+    loading, as for ``quantization_bit: 8``. Read from a local checkpoint's config.json only (a Hub id is not fetched
+    here), and only without ``quantization_bit`` (with it LLaMA-Factory quantizes the weights itself)."""
+    name = raw_value(host_args, "model_name_or_path")
+    config = Path(str(name)).expanduser() / "config.json" if name else None
+    if raw_value(host_args, "quantization_bit") is not None or config is None or not config.is_file():
+        return None
+    try:
+        saved = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    if str(saved.get("quant_method", "")).lower() != "bitsandbytes":
+        return None
+    storage = str(saved.get("bnb_4bit_quant_storage") or "uint8")
+    codes = "int8 codes" if saved.get("load_in_8bit") else (
+        f"4-bit codes stored as {storage}" if saved.get("load_in_4bit") and storage == "uint8" else None)
+    if codes is None:
+        return None
+    return (f"model_name_or_path: {name} is saved quantized by bitsandbytes with {codes} (quantization_config in "
+            f"its config.json), which FSDP2 cannot shard (torch's fully_shard makes each weight a parameter that "
+            f"could require gradients, which integer codes cannot; stage: {stage} fails on it after loading, as "
+            "stock SFT does); train the unquantized checkpoint with quantization_bit: 4 (LLaMA-Factory stores the "
+            "codes in the compute dtype, which FSDP2 shards), or this one on one GPU or under DDP / DeepSpeed ZeRO-2.")
+
+
 def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str]) -> str | None:
     """The one-line refusal of ``host_args`` (a recipe's keys) under the FSDP2 launch ``environ`` describes, when
     FSDP2 would fail on its bitsandbytes-quantized model after loading it, else None."""
     if launched_fsdp_version(environ) != "2":
         return None
+    saved = saved_codes_refusal(stage, host_args)
+    if saved:
+        return saved
     bits = str(raw_value(host_args, "quantization_bit")).strip()
     method = str(raw_value(host_args, "quantization_method") or "bnb").lower()
     if method not in _BITSANDBYTES:
