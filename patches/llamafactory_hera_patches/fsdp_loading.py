@@ -37,6 +37,10 @@ from .fsdp_adapter import launched_fsdp_version
 NEWEST_FAILING = Version("1.11.0")  # the newest accelerate run here; LLaMA-Factory 0.9.5 caps it there
 _BITSANDBYTES = {"bnb", "bitsandbytes"}
 _TRUE = {"1", "true", "t", "yes", "y", "on"}  # what accelerate's str_to_bool reads as true
+# why FSDP2 fails on integer codes, and where they train instead: one wording for int8 and a saved checkpoint's codes
+_NO_INTEGER_SHARDS = ("torch's fully_shard makes each weight a parameter that could require gradients, which {codes} "
+                      "cannot")
+_WITHOUT_FSDP = "on one GPU or under DDP / DeepSpeed ZeRO-2."
 
 
 def _accelerate_fails() -> bool:
@@ -67,10 +71,10 @@ def saved_codes_refusal(stage: str, host_args: Any) -> str | None:
     if codes is None:
         return None
     return (f"model_name_or_path: {name} is saved quantized by bitsandbytes with {codes} (quantization_config in "
-            f"its config.json), which FSDP2 cannot shard (torch's fully_shard makes each weight a parameter that "
-            f"could require gradients, which integer codes cannot; stage: {stage} fails on it after loading, as "
-            "stock SFT does); train the unquantized checkpoint with quantization_bit: 4 (LLaMA-Factory stores the "
-            "codes in the compute dtype, which FSDP2 shards), or this one on one GPU or under DDP / DeepSpeed ZeRO-2.")
+            f"its config.json), which FSDP2 cannot shard ({_NO_INTEGER_SHARDS.format(codes='integer codes')}; "
+            f"stage: {stage} fails on it after loading, as stock SFT does); train the unquantized checkpoint with "
+            "quantization_bit: 4 (LLaMA-Factory stores the codes in the compute dtype, which FSDP2 shards), or this "
+            f"one {_WITHOUT_FSDP}")
 
 
 def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str]) -> str | None:
@@ -87,10 +91,9 @@ def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str])
         return None
     if bits == "8":
         return (f"quantization_bit: 8 under FSDP2 (ACCELERATE_USE_FSDP, set by accelerate launch with an FSDP config): "
-                "FSDP2 cannot shard bitsandbytes' int8 weights (torch's fully_shard makes each weight a parameter "
-                f"that could require gradients, which int8 cannot; stage: {stage} fails on it, as stock SFT does); "
-                "use quantization_bit: 4 (QLoRA under FSDP2, with fsdp_cpu_ram_efficient_loading: false in the "
-                "accelerate config), or 8-bit on one GPU or under DDP / DeepSpeed ZeRO-2.")
+                f"FSDP2 cannot shard bitsandbytes' int8 weights ({_NO_INTEGER_SHARDS.format(codes='int8')}; stage: "
+                f"{stage} fails on it, as stock SFT does); use quantization_bit: 4 (QLoRA under FSDP2, with "
+                f"fsdp_cpu_ram_efficient_loading: false in the accelerate config), or 8-bit {_WITHOUT_FSDP}")
     loading = environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "")
     if bits != "4" or loading.strip().lower() not in _TRUE or not _accelerate_fails():
         return None
