@@ -13,7 +13,8 @@ from markdown_docs import read
 PAGE = "docs/configurations.md"
 METHODS = ("HeRA", "HARC", "RAH-LoRA")
 CONFIGURATIONS = ("LoRA", "full", "freeze", "QLoRA 4-bit", "QLoRA 8-bit", "checkpoint saved quantized", "DoRA",
-                  "DDP", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3", "FSDP2, LoRA", "FSDP2, full",
+                  "DDP", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3", "DeepSpeed ZeRO-3 + QLoRA 4-bit",
+                  "DeepSpeed ZeRO-3 + DoRA", "FSDP2, LoRA", "FSDP2, full",
                   "FSDP2, bf16", "FSDP2, CPU offload", "FSDP + QLoRA, LLaMA-Factory's example", "FSDP2 + QLoRA",
                   "FSDP2 + QLoRA, efficient loading", "FSDP2 + QLoRA 8-bit",
                   "FSDP1", "packing", "streaming")

@@ -50,12 +50,9 @@ def test_a_checkpoint_saved_in_another_method_is_refused_by_name_even_with_bitsa
         check_readable_quantization(_args(4), _config({"quant_method": method, "bits": 4}), "rah", "V and O")
 
 
-def test_hera_refuses_zero3_with_quantization_or_dora_and_dora_with_quantization() -> None:
-    check_quantized_hera(("bitsandbytes", 4), dora=False, zero3=False)
-    check_quantized_hera(None, dora=True, zero3=False)
-    for quantization, dora in ((("bitsandbytes", 4), False), (None, True)):
-        with pytest.raises(RecipeError, match="under DeepSpeed ZeRO-3 cannot read W_O per head"):
-            check_quantized_hera(quantization, dora=dora, zero3=True)
+def test_hera_refuses_dora_with_quantization() -> None:
+    check_quantized_hera(("bitsandbytes", 4), dora=False)
+    check_quantized_hera(None, dora=True)
     for bits in (4, 8):
         with pytest.raises(RecipeError, match=f"use_dora: true with {bits}-bit bitsandbytes weights: LLaMA-Factory"):
-            check_quantized_hera(("bitsandbytes", bits), dora=True, zero3=False)
+            check_quantized_hera(("bitsandbytes", bits), dora=True)

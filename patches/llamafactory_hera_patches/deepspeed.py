@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-3 adaptations: models that must not be partitioned are loaded outside ``zero.Init``.
+"""DeepSpeed ZeRO-3 adaptations: models that must not be partitioned are loaded outside ``zero.Init``; a forward run
+outside the engine's gathers the parameters a module reads from another, as the engine's forward does.
 
 Checked on transformers 5.6 (``transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref``,
 the module global that ``from_pretrained`` consults to decide whether to load inside ``zero.Init``)
@@ -11,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Iterator
+
+from torch import nn
 
 from .guard import HostMismatchError
 
@@ -29,3 +32,21 @@ def zero3_init_disabled() -> Iterator[None]:
         yield
     finally:
         integration._hf_deepspeed_config_weak_ref = saved
+
+
+@contextlib.contextmanager
+def zero3_forward(model: nn.Module) -> Iterator[None]:
+    """A forward of ``model`` outside the DeepSpeed engine's (HeRA's alignment monitor), marked as the engine's forward
+    marks it: under ZeRO-3 a parameter a module reads from another module (PEFT's DoRA layer reads ``lora_A``'s and
+    the base layer's weights) is then gathered when read, instead of being the empty placeholder of its partition.
+    DeepSpeed's ``ZeROOrderedDict._in_forward`` flag (set and cleared by ``DeepSpeedEngine._forward_prologue`` /
+    ``_forward_epilogue``, checked with DeepSpeed 0.19); a no-op for a model ZeRO-3 does not manage."""
+    flagged = [module._parameters for module in model.modules() if hasattr(module._parameters, "_in_forward")]
+    before = [parameters._in_forward for parameters in flagged]
+    for parameters in flagged:
+        parameters._in_forward = True
+    try:
+        yield
+    finally:
+        for parameters, value in zip(flagged, before, strict=True):
+            parameters._in_forward = value

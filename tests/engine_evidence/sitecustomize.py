@@ -40,7 +40,8 @@ if os.environ.get("HERA_TEST_ENGINE_EVIDENCE"):
 
             o_proj = head_projections(trainer.model)[0]
             weight = getattr(o_proj, "base_layer", o_proj).weight
-            record.update(o_proj_numel=int(weight.numel()), o_proj_ds_id=getattr(weight, "ds_id", None))
+            record.update(o_proj_numel=int(weight.numel()), o_proj_ds_id=getattr(weight, "ds_id", None),
+                          o_proj_class=type(getattr(o_proj, "base_layer", o_proj)).__name__)
         except Exception as error:  # noqa: BLE001 - recorded, the test says what is missing
             record["o_proj_error"] = repr(error)
         return record

@@ -230,6 +230,33 @@ def test_fsdp2_with_qlora_gives_the_losses_of_one_process(harc_assets: Any, tmp_
     assert difference <= 2e-2 * sum(want[k].double().square().sum() for k in b).sqrt()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="deepspeed and bitsandbytes are not both installed")
+def test_zero3_with_qlora_or_dora_gives_the_losses_of_one_process(harc_assets: Any, tmp_path: Path) -> None:
+    """``quantization_bit: 4`` under DeepSpeed ZeRO-3 on two ranks (LLaMA-Factory's ZeRO-3 + QLoRA: the packed 4-bit
+    weights are ZeRO-3 parameters, gathered in each layer's call), and ``use_dora: true`` under ZeRO-3, each == the same
+    recipe on one process with gradient accumulation 2, step for step through the base extraction and a refresh; the
+    saved adapter (gathered on save; DoRA's magnitudes included) is the one process's."""
+    keys: dict[str, Any] = dict(harc_eval=False, max_steps=3)
+    plan = {"qlora": {"quantization_bit": 4}, "dora": {"use_dora": True}}
+    for name, extra in plan.items():
+        run_train(harc_recipe(harc_assets, "llama3", tmp_path / name / "one", **keys, **extra), tmp_path / name)
+    runs = [{"recipe": harc_recipe(harc_assets, "llama3", tmp_path / name / "zero3", **ZERO3, **keys, **extra),
+             "env": {"HERA_TEST_ENGINE_EVIDENCE": str(tmp_path / name / "engine")}} for name, extra in plan.items()]
+    launch_runs(runs, tmp_path / "launch", 2, env=evidence_env(tmp_path / "launch" / "engine"), seconds_per_run=400)
+    for name in plan:
+        # a ZeRO-3 engine whose parameters DeepSpeed manages (the tiny 4-bit o_proj, under ZeRO-3's persistence
+        # threshold, stays whole on each rank: HARC reads no weight), so equal terms are not a fallback to DDP
+        engine = read_evidence(tmp_path / name / "engine", ranks=2)
+        assert {(r["engine"], r["engine_zero_stage"], r["o_proj_class"], r["o_proj_ds_id"] is not None)
+                for r in engine} == {("DeepSpeedEngine", 3, "Linear4bit" if name == "qlora" else "Linear", True)}
+        got, want = (_terms(tmp_path / name / run) for run in ("zero3", "one"))
+        assert len(got) == 3 and _close(got, want), (name, got, want)
+        got, want = (load_file(tmp_path / name / run / "adapter_model.safetensors") for run in ("zero3", "one"))
+        assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
+    assert any("lora_magnitude_vector" in key for key in got)
+
+
 def test_resuming_from_a_checkpoint_continues_the_same_objective(harc_assets: Any, four_steps: Path,
                                                                 tmp_path: Path) -> None:
     """A run resumed from its step-2 checkpoint (just after a refresh) logs the uninterrupted run's losses at steps 3

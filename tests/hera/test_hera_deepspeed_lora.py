@@ -16,19 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from dist_runs import launch_runs, torchrun_cli
 from engine_checks import assert_engine, evidence_env, read_evidence
+from safetensors.torch import load_file
 
-from conftest import REPO, base_recipe, read_trainer_log
+from conftest import REPO, base_recipe, read_trainer_log, saved_in_bf16
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 LOGGED = ("loss", "lm_loss", "hera_loss", "hera_temperature", "hera_mknn", "hera_mknn_control")
 
 
 def _run(assets, tmp: Path, **keys: Any) -> dict[str, Any]:
-    """A two-rank LoRA run of 2 steps, its engine evidence written to ``tmp / "engine"``."""
-    recipe = base_recipe(assets, "qwen2_5_vl", tmp / "out", per_device_train_batch_size=4, max_steps=2,
-                         hera_temperature_lr=0.05, hera_monitor_steps=1, **keys)
+    """A two-rank LoRA run of 2 steps (unless ``keys`` say), its engine evidence written to ``tmp / "engine"``."""
+    recipe = base_recipe(assets, "qwen2_5_vl", tmp / "out", **{"per_device_train_batch_size": 4, "max_steps": 2,
+                                                               "hera_temperature_lr": 0.05, "hera_monitor_steps": 1,
+                                                               **keys})
     return {"recipe": recipe, "env": {"HERA_TEST_ENGINE_EVIDENCE": str(tmp / "engine")}}
 
 
@@ -79,3 +82,44 @@ def test_torchrun_ranks_share_one_temperature_and_zero3_lora_trains_like_ddp(ass
     assert {"model", "hera_temperature_optimizer.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
             "hera_state.json"} <= set(assert_resumed_equals_whole(tmp_path / "zero3" / "out",
                                                                   tmp_path / "resumed" / "out", 2))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="deepspeed and bitsandbytes are not both installed")
+def test_zero3_with_qlora_or_dora_trains_like_ddp(assets, tmp_path: Path) -> None:
+    """LLaMA-Factory's ZeRO-3 + QLoRA (``quantization_bit: 4``, double quantization; LLaMA-Factory allows 4-bit only
+    under ZeRO-3): o_proj's packed 4-bit weight is a ZeRO-3 partition, which HeRA gathers in the base layer's call and
+    dequantizes with its quant_state (hera/projection.py ``project_heads_by_call``), the monitor inside a gather. In
+    float32, losses, HeRA terms, monitor points and temperature equal DDP's step for step, and so does the adapter. In
+    bf16 as users run it (``bf16: true`` on a checkpoint saved in bf16, so the codes are stored in bf16, which
+    DeepSpeed's bf16 cast leaves as they are), 3 steps: step 1 equals DDP's exactly (the codes reach the forward as
+    loaded), the later steps within bf16's rounding of the two engines' updates (measured up to 1.4e-4 relative:
+    ZeRO-3 trains bf16 copies of the adapter from fp32 masters, DDP the fp32 adapter under autocast).
+    ``use_dora: true`` under ZeRO-3 (DoRA's row norm read under a gather of the layer, its magnitude in its module's
+    call): as DDP's DoRA run, the magnitude included."""
+    keys = {"quantization_bit": 4, "double_quantization": True}
+    zero3 = {"deepspeed": str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json")}
+    bf16 = {"bf16": True, "use_cpu": True, "max_steps": 3,
+            "model_name_or_path": str(saved_in_bf16(assets.models["qwen2_5_vl"], tmp_path / "bf16_model"))}
+    dora = {"use_dora": True}
+    plan = {"ddp": keys, "zero3": {**keys, **zero3}, "ddp_bf16": {**keys, **bf16},
+            "zero3_bf16": {**keys, **zero3, **bf16},
+            "ddp_dora": dora, "zero3_dora": {**dora, **zero3}}
+    results = launch_runs([_run(assets, tmp_path / name, **keys) for name, keys in plan.items()],
+                          tmp_path / "launch", 2, env=evidence_env(tmp_path / "launch" / "engine"), seconds_per_run=400)
+    runs = {name: _read(result, tmp_path / name) for name, result in zip(plan, results, strict=True)}
+    for name in plan:
+        assert_engine(runs[name][1], 3 if name.startswith("zero3") else None)  # ZeRO-3: o_proj's weight a partition
+        assert {record["o_proj_class"] for record in runs[name][1]} == {"Linear" if "dora" in name else "Linear4bit"}
+    logged = {name: _logged(runs[name][0]) for name in plan}
+    assert [len(logged[name]) for name in plan] == [2, 2, 3, 3, 2, 2]
+    for name in ("zero3", "zero3_dora"):
+        for got, want in zip(logged[name], logged[name.replace("zero3", "ddp")], strict=True):
+            assert got == pytest.approx(want, rel=1e-5), name
+        got, want = (load_file(tmp_path / run / "out" / "adapter_model.safetensors")
+                     for run in (name, name.replace("zero3", "ddp")))
+        assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
+    assert any("lora_magnitude_vector" in key for key in got)  # the DoRA pair, compared last
+    assert logged["zero3_bf16"][0] == logged["ddp_bf16"][0]
+    for got, want in zip(logged["zero3_bf16"][1:], logged["ddp_bf16"][1:], strict=True):  # MKNN: a neighbour may swap
+        assert got[:4] == pytest.approx(want[:4], rel=1e-3) and got[4:] == pytest.approx(want[4:], abs=0.02)

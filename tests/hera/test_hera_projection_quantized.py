@@ -10,7 +10,6 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from llamafactory_hera.hera.projection import base_weight_columns, is_quantized, project_heads, project_heads_by_call
-from llamafactory_hera.short_errors import RecipeError
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -65,14 +64,19 @@ def _alone(x: torch.Tensor, head: int) -> torch.Tensor:
 # 8-bit with DoRA is left out: PEFT 0.18.1 wraps bitsandbytes 0.50's Linear8bitLt in its plain LoRA Linear on CPU,
 # whose DoRA forward fails from the second call on (the layer's row scales moved to its state: 'NoneType' object has no
 # attribute 'unsqueeze'), in stock SFT as well; hera/checks.py refuses that pair by name
-@pytest.mark.parametrize(("storage", "adapter"), [(s, a) for s in STORAGES for a in ("none", "lora", "dora")
-                                                  if (s, a) != ("int8", "dora")])
-def test_heads_through_a_quantized_or_dora_o_proj_equal_the_layers_own_forward(storage: str, adapter: str) -> None:
+# by_call: project_heads_by_call, the ZeRO-3 path (each module called, its weight gathered in the call, DoRA's row norm
+# under a gather of the layer; here nothing is partitioned, so the calls read the same weights)
+@pytest.mark.parametrize(("storage", "adapter", "by_call"),
+                         [(s, a, c) for s in STORAGES for a in ("none", "lora", "dora") for c in (False, True)
+                          if (s, a) != ("int8", "dora")])
+def test_heads_through_a_quantized_or_dora_o_proj_equal_the_layers_own_forward(storage: str, adapter: str,
+                                                                               by_call: bool) -> None:
     o_proj = _layer(storage, adapter)
     x = torch.randn(3, HEADS * HEAD_DIM, requires_grad=True)
     bias = (o_proj.base_layer if adapter != "none" else o_proj).bias
     heads = list(range(HEADS))
-    parts = project_heads(o_proj, x, heads, HEAD_DIM)  # [H, 3, WIDTH]
+    parts = (project_heads_by_call(o_proj, x, heads, HEAD_DIM, HEADS * HEAD_DIM) if by_call
+             else project_heads(o_proj, x, heads, HEAD_DIM))  # [H, 3, WIDTH]
     with torch.no_grad():
         torch.testing.assert_close(parts.sum(0), o_proj(x) - bias, rtol=0, atol=2e-6)  # heads sum to the layer
         for head in heads:  # each part is one head: the layer's forward with the others' inputs zeroed
@@ -123,12 +127,6 @@ def test_a_4bit_weight_without_its_quant_state_is_read_with_the_layers(storage: 
     base.weight = nn.Parameter(base.weight.data.clone(), requires_grad=False)  # the packed storage, bare
     assert getattr(base.weight, "quant_state", None) is None and is_quantized(base)
     torch.testing.assert_close(base_weight_columns(base), want, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize(("storage", "adapter"), [("nf4", "lora"), ("plain", "dora")])
-def test_zero3_by_call_refuses_dora_and_quantized_weights(storage: str, adapter: str) -> None:
-    with pytest.raises(RecipeError, match="ZeRO-3.*DoRA \\(use_dora\\) and quantized"):
-        project_heads_by_call(_layer(storage, adapter), torch.randn(2, HEAD_DIM), [1], HEAD_DIM, HEADS * HEAD_DIM)
 
 
 def test_eval_forwards_keep_the_4bit_layout_the_layer_trains_and_is_read_in() -> None:

@@ -144,7 +144,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
     check_quantized_hera(check_readable_quantization(model_args, config, "hera", "W_O per head"),
-                         bool(getattr(finetuning_args, "use_dora", False)), is_deepspeed_zero3_enabled())
+                         bool(getattr(finetuning_args, "use_dora", False)))
     check_multimodal(model_args, data_args, config)
     geometry = attention_geometry(config)
     check_has_heads(geometry, config, "stage: hera")
@@ -176,15 +176,9 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     check_contrastive_geometry(geometry, hera_args)
 
 
-def check_quantized_hera(quantization: tuple[str, int | None] | None, dora: bool, zero3: bool) -> None:
-    """What HeRA cannot run of a readable (bitsandbytes) quantization or DoRA: under ZeRO-3 it reads W_O inside each
-    module's call (:func:`llamafactory_hera.hera.projection.project_heads_by_call`), where neither a weight dequantized
-    whole nor DoRA's full-row norm is at hand; DoRA with quantization LLaMA-Factory refuses after loading."""
-    if zero3 and (quantization or dora):
-        what = f"{quantization[1]}-bit bitsandbytes weights" if quantization else "use_dora: true"
-        raise RecipeError(f"stage: hera under DeepSpeed ZeRO-3 cannot read W_O per head with {what}: ZeRO-3 holds the "
-                          "weight whole only inside each module's call, and a dequantized weight or DoRA's row norm "
-                          "(over every column) needs it at once. Use ZeRO-2 or one GPU per run.")
+def check_quantized_hera(quantization: tuple[str, int | None] | None, dora: bool) -> None:
+    """What HeRA cannot run of a readable (bitsandbytes) quantization with DoRA: LLaMA-Factory refuses the pair after
+    loading. (Under ZeRO-3 both run: HeRA reads W_O in its modules' calls, DoRA's row norm under a gather.)"""
     if dora and quantization:
         raise RecipeError(f"use_dora: true with {quantization[1]}-bit bitsandbytes weights: LLaMA-Factory 0.9.5 "
                           "refuses DoRA on every quantized model after loading it (model/adapter.py compares "

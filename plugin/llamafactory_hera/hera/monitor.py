@@ -14,7 +14,6 @@ Trainer's ``log()``. A step without a point does nothing on the device.
 
 from __future__ import annotations
 
-import contextlib
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +24,14 @@ from transformers import TrainerCallback
 
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import HeadRef
-from llamafactory_hera.hera.projection import effective_weight_columns, head_columns
+from llamafactory_hera.hera.projection import effective_weight_columns, gathered, head_columns
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.scores import layer_head_neighbours, teacher_neighbours
 from llamafactory_hera.hera.teacher import teacher_batch_size
 from llamafactory_hera.hera.teacher_cache import feature_store
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera.training.eval_forward import eval_mode
+from llamafactory_hera_patches.deepspeed import zero3_forward
 from llamafactory_hera_patches.model_data import split_rows, tokenized_rows_and_collator
 
 PREFIX = "[llamafactory-hera]"
@@ -110,16 +110,6 @@ def wait_for_device(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _gathered(module: nn.Module) -> Any:
-    """Context in which a ZeRO-3 partitioned module's parameters are whole (a collective: every rank enters it)."""
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed  # lazy: an optional install, only under ZeRO-3
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
 def monitor_steps(every: int | None, max_steps: int) -> set[int]:
     """The optimizer steps that get a point: 0 and every ``every`` steps, or (``None``) 0 and :data:`DEFAULT_POINTS`
     evenly spaced steps, the last at ``max_steps`` (every step of a shorter run)."""
@@ -186,7 +176,8 @@ class MonitorCallback(TrainerCallback):
         the control heads. The forward runs without autograd in eval mode; the model's mode is restored."""
         if self.teacher_knn is None:
             raise RuntimeError("alignment monitor: prepare_teacher was not called before the first score")
-        with eval_mode(model):  # per layer [N, H*d_head] pooled o_proj inputs of the probe pairs, as selection's
+        # per layer [N, H*d_head] pooled o_proj inputs of the probe pairs, as selection's
+        with eval_mode(model), zero3_forward(model):
             if self.mode == "multimodal":
                 pooled = collect.collect_multimodal(model, self.dataset, self.collator,
                                                     list(range(len(self.probe.pairs))), self.batch_size, self.device,
@@ -199,7 +190,7 @@ class MonitorCallback(TrainerCallback):
         for layer, heads in self.by_layer.items():
             head_dim = self.geometry.head_dim_of(layer)
             columns = head_columns(heads, head_dim)
-            with _gathered(o_projs[layer]):
+            with gathered(o_projs[layer]):
                 weight = effective_weight_columns(o_projs[layer], columns.to(self.device)).detach()  # [d, n*dh]
             scores, _ = layer_head_neighbours(pooled[layer][:, columns].to(self.device), weight, self.teacher_knn,
                                               self.k, head_dim, clamp=self.clamp)

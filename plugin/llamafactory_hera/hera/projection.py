@@ -11,6 +11,7 @@ scales its rows. ``W`` is read as the layer's forward uses it: bitsandbytes 4-bi
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -195,34 +196,60 @@ def project_heads_by_call(o_proj: nn.Module, x_heads: torch.Tensor, heads: list[
 
     A ZeRO-3 weight is whole only inside its module's call (the module's hooks gather it, and gather it again
     for backward). So the base layer, and each active LoRA adapter's ``lora_A`` and ``lora_B``, is called with
-    its ``forward`` swapped for the float32 product of the head columns of its own weight. The result is
+    its ``forward`` swapped for the float32 product of the head columns of its own weight (a bitsandbytes 4-bit base,
+    ZeRO-3 + QLoRA, read dequantized by :func:`base_weight_columns` inside its call). The result is
     :func:`project_heads`'s ``x @ (W + s B A)^T`` computed as ``x W^T + s (x A^T) B^T``, all in float32: the two
-    paths differ by float32 rounding only. LoRA dropout is not applied (as in the effective-weight path).
+    paths differ by float32 rounding only. A DoRA adapter adds ``(c - 1) x W^T + c s (x A^T) B^T`` with
+    ``c = m / ||W + s B A||_row``: the row norm, detached as in PEFT's forward, is read with the layer's weights
+    gathered at once (:func:`gathered`, a collective), the magnitude ``m`` in a call of its own module, so its
+    gradient goes back through ZeRO-3's hooks. LoRA dropout is not applied (as in the effective-weight path).
     ``x_heads``: ``[B, len(heads) * head_dim]`` pooled head inputs; ``width``: ``num_heads * head_dim``, the input
     width of ``o_proj`` (checked against the weight). Returns ``[len(heads), B, d]`` float32 contributions.
     """
     base, adapters = _base_and_adapters(o_proj)
-    if any(o_proj.use_dora.get(name, False) for name in adapters) or is_quantized(base):
-        # DoRA's row norm needs every column of W + s B A at once, and a quantized weight is read dequantized whole:
-        # neither is a per-module call of ZeRO-3's gathered weights (LLaMA-Factory itself refuses ZeRO-3 with a
-        # PTQ checkpoint; hera/checks.py refuses both with ZeRO-3 before loading)
-        raise RecipeError("stage: hera under DeepSpeed ZeRO-3 reads W_O per module call; DoRA (use_dora) and "
-                          "quantized o_proj weights are not supported there. Use ZeRO-2 or one process.")
     if base.in_features != width:
         raise ValueError(f"o_proj takes {base.in_features} inputs, expected num_heads * head_dim = {width}")
     columns = head_columns(heads, head_dim, x_heads.device)
     x = x_heads.float().unflatten(-1, (len(heads), head_dim))  # [B, n, dh]
 
     def through(module: nn.Module, x: torch.Tensor) -> torch.Tensor:  # [B, n, dh] -> [n, B, rows of weight]
-        weight = module.weight[:, columns].float().unflatten(-1, (len(heads), head_dim))  # [out, n, dh]
+        weight = base_weight_columns(module, columns).unflatten(-1, (len(heads), head_dim))  # [out, n, dh]
         return torch.einsum("bnk,onk->nbo", x, weight)
 
-    out = _call_as(base, through, x)
+    through_base = _call_as(base, through, x)  # [n, B, d]
+    norms = _dora_row_norms(o_proj, base, [name for name in adapters if o_proj.use_dora.get(name, False)])
+    out = through_base
     for name in adapters:
-        lora_b = o_proj.lora_B[name]
         low = _call_as(o_proj.lora_A[name], through, x)  # [n, B, r]
-        out = out + o_proj.scaling[name] * _call_as(lora_b, lambda m, z: z @ m.weight.float().T, low)
+        lora = o_proj.scaling[name] * _call_as(o_proj.lora_B[name], lambda m, z: z @ m.weight.float().T, low)
+        if name in norms:  # DoRA: c = m / ||W + s B A||_row, [d]
+            row = _call_as(o_proj.lora_magnitude_vector[name], lambda m, norm: m.weight.float() / norm, norms[name])
+            lora = (row - 1) * through_base + row * lora
+        out = out + lora
     return out
+
+
+def _dora_row_norms(o_proj: nn.Module, base: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """``{adapter: [d]}``: ``||W + s B A||_row`` of each DoRA adapter in ``names``, detached (PEFT's forward), read with
+    all of ``o_proj``'s weights gathered at once."""
+    if not names:
+        return {}
+    with torch.no_grad(), gathered(o_proj):
+        weight = base_weight_columns(base)  # [d, in]
+        return {name: torch.linalg.norm(weight + o_proj.scaling[name] * (o_proj.lora_B[name].weight.float()
+                                                                         @ o_proj.lora_A[name].weight.float()), dim=1)
+                for name in names}
+
+
+def gathered(module: nn.Module) -> contextlib.AbstractContextManager:
+    """Context in which a ZeRO-3 partitioned module's parameters are whole (a collective: every rank enters it); a
+    no-op for a module without any."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed  # lazy: an optional install, only under ZeRO-3
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _call_as(module: nn.Module, compute: Callable[[nn.Module, torch.Tensor], torch.Tensor],
