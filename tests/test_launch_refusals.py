@@ -133,8 +133,8 @@ def test_fsdp2_with_bitsandbytes_weights_that_fail_after_loading_is_refused_befo
       failed after loading the model in accelerate 1.11's fsdp2_load_full_state_dict (`weight` is not an nn.Module),
       stock SFT too; with ``false`` it trains (tests/hera/test_hera_fsdp2.py, tests/harc/test_harc_stage.py);
     - ``quantization_bit: 8`` failed in torch's fully_shard, whatever the loading ("only Tensors of floating point
-      dtype can require gradients"), stock SFT too, and so did a local checkpoint saved with int8 codes or with 4-bit
-      codes in bitsandbytes' default uint8 storage (not one whose codes are stored in a float dtype).
+      dtype can require gradients"), stock SFT too, and so did a checkpoint saved with int8 codes or with 4-bit codes
+      in bitsandbytes' default uint8 storage (not one whose codes are stored in a float dtype), local or a Hub id.
     Whichever way accelerate spells true; not refused without quantization, at 4-bit with the efficient loading off,
     under FSDP1, for another quantization method, or (4-bit) on a newer accelerate."""
     from importlib.metadata import version
@@ -177,7 +177,21 @@ def test_fsdp2_with_bitsandbytes_weights_that_fail_after_loading_is_refused_befo
         assert message.endswith("train the unquantized checkpoint with quantization_bit: 4 (LLaMA-Factory stores the "
                                 "codes in the compute dtype, which FSDP2 shards), or this one on one GPU or under "
                                 "DDP / DeepSpeed ZeRO-2."), message
+    # the same checkpoint as a Hub id, its config.json read as LLaMA-Factory reads it (offline here: from the Hub cache
+    # in the recipe's cache_dir, at its model_revision's commit)
+    hub = tmp_path / "hub" / "models--someone--saved-4bit"
+    (hub / "snapshots" / "0123abc").mkdir(parents=True)
+    shutil.copy(tmp_path / "uint8" / "config.json", hub / "snapshots" / "0123abc" / "config.json")
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("0123abc", encoding="utf-8")
+    message = _refused({**recipe, "stage": stage, "model_name_or_path": "someone/saved-4bit",
+                        "cache_dir": str(tmp_path / "hub")})
+    assert message.startswith("model_name_or_path: someone/saved-4bit is saved quantized by bitsandbytes with 4-bit "
+                              "codes stored as uint8"), message
     refusal = fsdp_loading.bitsandbytes_refusal
+    hub_id = {"model_name_or_path": "someone/saved-4bit", "cache_dir": str(tmp_path / "hub")}
+    for other in ({"model_revision": "v2"}, {"use_modelscope_hub": True}, {"cache_dir": str(tmp_path)}):
+        assert refusal("sft", {**hub_id, **other}, environment) is None, other  # not that file: LLaMA-Factory's turn
     saved_bf16 = tmp_path / "uint8" / "config.json"  # the same checkpoint with its codes stored in bf16: sharded
     config = json.loads(saved_bf16.read_text(encoding="utf-8"))
     config["quantization_config"]["bnb_4bit_quant_storage"] = "bfloat16"

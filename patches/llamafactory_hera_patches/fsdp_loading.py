@@ -7,8 +7,8 @@
   (``bnb_4bit_quant_storage``). With the efficient loading on, LLaMA-Factory refuses 8-bit itself ("Only 4-bit
   quantized model can use fsdp+qlora"), after reading the config. A checkpoint saved quantized (no
   ``quantization_bit``) with int8 codes, or 4-bit codes in bitsandbytes' default uint8 storage (most 4-bit checkpoints
-  on the Hub), fails the same way (stock SFT on a saved 4-bit uint8 checkpoint, 2026-11-27): refused when its
-  config.json is local.
+  on the Hub), fails the same way (stock SFT on a saved 4-bit uint8 checkpoint, 2026-11-27): refused, its config.json
+  read from the folder or fetched from the Hub as LLaMA-Factory fetches it.
 - 4-bit with ``fsdp_cpu_ram_efficient_loading: true`` (LLaMA-Factory's examples/accelerate/fsdp2_config.yaml): rank 0
   loads the model and hands each rank its shards through accelerate's ``fsdp2_load_full_state_dict``; the state dict
   holds the quantization state beside each packed weight (``...weight.absmax``, ``...weight.quant_map``, ...), which
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from packaging.version import Version
+from transformers.utils import cached_file
 
 from .arguments import raw_value
 from .fsdp_adapter import launched_fsdp_version
@@ -53,16 +54,12 @@ def _accelerate_fails() -> bool:
 def saved_codes_refusal(stage: str, host_args: Any) -> str | None:
     """The refusal of a checkpoint saved with bitsandbytes whose codes FSDP2 cannot shard (int8, or 4-bit in
     bitsandbytes' default uint8 storage, as most 4-bit checkpoints on the Hub): ``fully_shard`` fails on them after
-    loading, as for ``quantization_bit: 8``. Read from a local checkpoint's config.json only (a Hub id is not fetched
-    here), and only without ``quantization_bit`` (with it LLaMA-Factory quantizes the weights itself)."""
+    loading, as for ``quantization_bit: 8``. Only without ``quantization_bit`` (with it LLaMA-Factory quantizes the
+    weights itself)."""
+    if raw_value(host_args, "quantization_bit") is not None:
+        return None
     name = raw_value(host_args, "model_name_or_path")
-    config = Path(str(name)).expanduser() / "config.json" if name else None
-    if raw_value(host_args, "quantization_bit") is not None or config is None or not config.is_file():
-        return None
-    try:
-        saved = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
-    except (OSError, ValueError):
-        return None
+    saved = (_saved_config(host_args) or {}).get("quantization_config") or {}
     if str(saved.get("quant_method", "")).lower() != "bitsandbytes":
         return None
     storage = str(saved.get("bnb_4bit_quant_storage") or "uint8")
@@ -75,6 +72,30 @@ def saved_codes_refusal(stage: str, host_args: Any) -> str | None:
             f"stage: {stage} fails on it after loading, as stock SFT does); train the unquantized checkpoint with "
             "quantization_bit: 4 (LLaMA-Factory stores the codes in the compute dtype, which FSDP2 shards), or this "
             f"one {_WITHOUT_FSDP}")
+
+
+def _saved_config(host_args: Any) -> dict[str, Any] | None:
+    """``model_name_or_path``'s config.json: a local folder's, or a Hugging Face Hub id's through transformers'
+    ``cached_file`` with the recipe's revision, cache folder and token (the file LLaMA-Factory fetches first anyway;
+    offline, the one in the Hub cache). None where it cannot be read here (no name, another hub, a failed fetch, not
+    JSON): LLaMA-Factory then loads, or says why it cannot, as without this check."""
+    name = raw_value(host_args, "model_name_or_path")
+    if not name or any(_is_true(raw_value(host_args, key)) for key in ("use_modelscope_hub", "use_openmind_hub")):
+        return None
+    local = Path(str(name)).expanduser()
+    try:
+        if local.is_dir():
+            path = local / "config.json"
+        else:
+            path = cached_file(str(name), "config.json", revision=raw_value(host_args, "model_revision") or "main",
+                               cache_dir=raw_value(host_args, "cache_dir"), token=raw_value(host_args, "hf_hub_token"))
+        return json.loads(Path(path).read_text(encoding="utf-8")) if path else None
+    except Exception:  # noqa: BLE001 - a check before loading: LLaMA-Factory reports its own failure to read it
+        return None
+
+
+def _is_true(value: Any) -> bool:
+    return str(value).strip().lower() in _TRUE
 
 
 def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str]) -> str | None:
