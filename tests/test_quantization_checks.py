@@ -1,5 +1,6 @@
 """recipe/quantization.py: which quantizations the weight-reading stages take (bitsandbytes 4/8-bit) and which they
-refuse by name, from the recipe and from a checkpoint's quantization_config; HeRA's own limits (ZeRO-3, DoRA)."""
+refuse by name, from the recipe and from a checkpoint's quantization_config; HeRA's own limit (DoRA with
+quantization)."""
 
 from __future__ import annotations
 

@@ -42,6 +42,11 @@ def zero3_forward(model: nn.Module) -> Iterator[None]:
     DeepSpeed's ``ZeROOrderedDict._in_forward`` flag (set and cleared by ``DeepSpeedEngine._forward_prologue`` /
     ``_forward_epilogue``, checked with DeepSpeed 0.19); a no-op for a model ZeRO-3 does not manage."""
     flagged = [module._parameters for module in model.modules() if hasattr(module._parameters, "_in_forward")]
+    if not flagged and any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
+        raise HostMismatchError("llamafactory-hera: this DeepSpeed's ZeRO-3 modules have no _in_forward flag "
+                                "(checked on DeepSpeed 0.19), which HeRA's alignment monitor sets for its forward "
+                                "outside the engine's; set hera_monitor_steps: 0 or use the DeepSpeed the plugin was "
+                                "tested with.")
     before = [parameters._in_forward for parameters in flagged]
     for parameters in flagged:
         parameters._in_forward = True

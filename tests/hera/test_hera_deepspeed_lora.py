@@ -95,16 +95,22 @@ def test_zero3_with_qlora_or_dora_trains_like_ddp(assets, tmp_path: Path) -> Non
     DeepSpeed's bf16 cast leaves as they are), 3 steps: step 1 equals DDP's exactly (the codes reach the forward as
     loaded), the later steps within bf16's rounding of the two engines' updates (measured up to 1.4e-4 relative:
     ZeRO-3 trains bf16 copies of the adapter from fp32 masters, DDP the fp32 adapter under autocast).
-    ``use_dora: true`` under ZeRO-3 (DoRA's row norm read under a gather of the layer, its magnitude in its module's
-    call): as DDP's DoRA run, the magnitude included."""
+    ``use_dora: true`` under ZeRO-3 with every parameter partitioned, the adapters and magnitudes included (DoRA's row
+    norm read under a gather of the layer, its magnitude in its module's call): as DDP's DoRA run, the magnitude
+    included."""
     keys = {"quantization_bit": 4, "double_quantization": True}
     zero3 = {"deepspeed": str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json")}
     bf16 = {"bf16": True, "use_cpu": True, "max_steps": 3,
             "model_name_or_path": str(saved_in_bf16(assets.models["qwen2_5_vl"], tmp_path / "bf16_model"))}
+    # DoRA with every parameter partitioned (persistence threshold 0): real adapters (lora_rank 8 on a 4096-wide o_proj)
+    # are partitioned, where the tiny model's stay whole under the stock config's "auto" threshold (10 x hidden size)
+    config = json.loads((REPO / "recipes" / "deepspeed" / "ds_z3_config.json").read_text(encoding="utf-8"))
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "ds_z3_partition_all.json").write_text(json.dumps(config), encoding="utf-8")
     dora = {"use_dora": True}
     plan = {"ddp": keys, "zero3": {**keys, **zero3}, "ddp_bf16": {**keys, **bf16},
             "zero3_bf16": {**keys, **zero3, **bf16},
-            "ddp_dora": dora, "zero3_dora": {**dora, **zero3}}
+            "ddp_dora": dora, "zero3_dora": {**dora, "deepspeed": str(tmp_path / "ds_z3_partition_all.json")}}
     results = launch_runs([_run(assets, tmp_path / name, **keys) for name, keys in plan.items()],
                           tmp_path / "launch", 2, env=evidence_env(tmp_path / "launch" / "engine"), seconds_per_run=400)
     runs = {name: _read(result, tmp_path / name) for name, result in zip(plan, results, strict=True)}

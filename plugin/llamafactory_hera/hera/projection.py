@@ -30,7 +30,9 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
 
     Adapter n adds ``s B A`` (LoRA) or, with DoRA (PEFT's: one magnitude per *output row*), ``(c - 1) W + c s B A``
     with ``c = m / ||W + s B A||_row`` (the norm over the full row, every column; detached, as PEFT's forward does), so
-    one DoRA adapter gives ``diag(c) (W + s B A)``: a head's contribution stays its columns times its input.
+    one DoRA adapter gives ``diag(c) (W + s B A)``: a head's contribution stays its columns times its input. (Each
+    adapter's delta is taken on the base weight, as LLaMA-Factory trains one adapter; PEFT applies a second active DoRA
+    adapter to the first one's result.)
 
     The base weight and each delta are cast to float32 before they are added: in bf16 a LoRA delta a few 1e-5 of the
     weight (early in training) is mostly rounded away by the sum (at |delta|/|W| = 7e-5, 98.6 % of its effect on the
@@ -100,12 +102,6 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
                         "unquantized model.")
     weight = whole(weight)  # an FSDP2 shard gathered
     return (weight if columns is None else weight[:, columns]).float()
-
-
-def is_quantized(base: nn.Module) -> bool:
-    """True when ``base``'s weight is stored quantized (a 4-bit ``quant_state``, or non-floating codes)."""
-    weight = getattr(base, "weight", None)
-    return weight is not None and (_quant_state(base) is not None or not weight.dtype.is_floating_point)
 
 
 def _quant_state(base: nn.Module) -> object | None:
