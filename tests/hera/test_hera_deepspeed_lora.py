@@ -90,7 +90,8 @@ def test_zero3_with_qlora_or_dora_trains_like_ddp(assets, tmp_path: Path) -> Non
     """LLaMA-Factory's ZeRO-3 + QLoRA (``quantization_bit: 4``, double quantization; LLaMA-Factory allows 4-bit only
     under ZeRO-3): o_proj's packed 4-bit weight is a ZeRO-3 partition, which HeRA gathers in the base layer's call and
     dequantizes with its quant_state (hera/projection.py ``project_heads_by_call``), the monitor inside a gather. In
-    float32, losses, HeRA terms, monitor points and temperature equal DDP's step for step, and so does the adapter. In
+    float32, every parameter partitioned, the adapter's included, losses, HeRA terms, monitor points and temperature
+    equal DDP's step for step, and so does the adapter. In
     bf16 as users run it (``bf16: true`` on a checkpoint saved in bf16, so the codes are stored in bf16, which
     DeepSpeed's bf16 cast leaves as they are), 3 steps: step 1 equals DDP's exactly (the codes reach the forward as
     loaded), the later steps within bf16's rounding of the two engines' updates (measured up to 1.4e-4 relative:
@@ -99,18 +100,19 @@ def test_zero3_with_qlora_or_dora_trains_like_ddp(assets, tmp_path: Path) -> Non
     norm read under a gather of the layer, its magnitude in its module's call): as DDP's DoRA run, the magnitude
     included."""
     keys = {"quantization_bit": 4, "double_quantization": True}
-    zero3 = {"deepspeed": str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json")}
-    bf16 = {"bf16": True, "use_cpu": True, "max_steps": 3,
-            "model_name_or_path": str(saved_in_bf16(assets.models["qwen2_5_vl"], tmp_path / "bf16_model"))}
-    # DoRA with every parameter partitioned (persistence threshold 0): real adapters (lora_rank 8 on a 4096-wide o_proj)
-    # are partitioned, where the tiny model's stay whole under the stock config's "auto" threshold (10 x hidden size)
-    config = json.loads((REPO / "recipes" / "deepspeed" / "ds_z3_config.json").read_text(encoding="utf-8"))
+    # the fp32 and DoRA runs with every parameter partitioned (persistence threshold 0), as real adapters are (lora_rank
+    # 8 on a 4096-wide o_proj), where the tiny model's stay whole under the stock config's "auto" threshold (10 x
+    # hidden size); the bf16 run with the stock config, as shipped
+    stock = REPO / "recipes" / "deepspeed" / "ds_z3_config.json"
+    config = json.loads(stock.read_text(encoding="utf-8"))
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "ds_z3_partition_all.json").write_text(json.dumps(config), encoding="utf-8")
+    zero3 = {"deepspeed": str(tmp_path / "ds_z3_partition_all.json")}
+    bf16 = {"bf16": True, "use_cpu": True, "max_steps": 3,
+            "model_name_or_path": str(saved_in_bf16(assets.models["qwen2_5_vl"], tmp_path / "bf16_model"))}
     dora = {"use_dora": True}
     plan = {"ddp": keys, "zero3": {**keys, **zero3}, "ddp_bf16": {**keys, **bf16},
-            "zero3_bf16": {**keys, **zero3, **bf16},
-            "ddp_dora": dora, "zero3_dora": {**dora, "deepspeed": str(tmp_path / "ds_z3_partition_all.json")}}
+            "zero3_bf16": {**keys, **bf16, "deepspeed": str(stock)}, "ddp_dora": dora, "zero3_dora": {**dora, **zero3}}
     results = launch_runs([_run(assets, tmp_path / name, **keys) for name, keys in plan.items()],
                           tmp_path / "launch", 2, env=evidence_env(tmp_path / "launch" / "engine"), seconds_per_run=400)
     runs = {name: _read(result, tmp_path / name) for name, result in zip(plan, results, strict=True)}
