@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO, base_recipe, harc_recipe
+from conftest import REPO, base_recipe, harc_recipe, saved_in_bf16
 from llamafactory_hera.demo.rah import build_rah_recipe
 from llamafactory_hera.short_errors import raised_by_plugin
 
@@ -208,6 +208,55 @@ def test_fsdp2_with_bitsandbytes_weights_that_fail_after_loading_is_refused_befo
         assert refusal("sft", args, environ) is None, (args, environ)
     monkeypatch.setattr(fsdp_loading, "NEWEST_FAILING", fsdp_loading.Version("1.0"))
     assert refusal("sft", {"quantization_bit": 4}, environment) is None
+
+
+@pytest.mark.parametrize("stage", ["hera", "sft"])
+def test_fsdp2_codes_the_all_gather_would_convert_are_refused_before_loading(
+        stage: str, assets: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_model_load: None) -> None:
+    """4-bit codes stored in another dtype than FSDP2's mixed-precision all-gather are converted as numbers at every
+    forward (docs/configurations.md N12): refused before loading, from the dtype LLaMA-Factory will store them in (its
+    compute dtype: the recipe's bf16 / fp16, else its infer_optim_dtype of the checkpoint's dtype on this device; a
+    checkpoint saved 4-bit's bnb_4bit_quant_storage) and the all-gather's (the recipe's flag, else accelerate's
+    mixed_precision). After loading, patches/fsdp_qlora.py checks the same on the model (test_hera_recipe_hardware)."""
+    from llamafactory.extras import misc
+
+    from llamafactory_hera_patches import fsdp_loading
+
+    environment = {**_FSDP2, "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
+                   "ACCELERATE_MIXED_PRECISION": "bf16"}
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    recipe = {**_recipe("hera", assets, None, tmp_path / "out"), "stage": stage, "quantization_bit": 4}
+    if stage == "sft":
+        recipe = {k: v for k, v in recipe.items() if not k.startswith("hera_")}
+    # the recipe without bf16 on the float32 checkpoint, on this CPU: LLaMA-Factory stores the codes in float32
+    message = _refused(recipe)
+    assert message.startswith("4-bit weights under FSDP2: the codes are stored as torch.float32 and the accelerate "
+                              "config's mixed precision gathers them as torch.bfloat16, which converts them as numbers "
+                              "at every forward"), message
+    refusal = fsdp_loading.bitsandbytes_refusal
+    model = recipe["model_name_or_path"]
+    for flags in ({"bf16": True}, {"fp16": "true"}, {"pure_bf16": True}):  # the flag sets both dtypes
+        assert refusal(stage, {"model_name_or_path": model, "quantization_bit": 4, **flags}, environment) is None
+    assert refusal(stage, {"model_name_or_path": model, "quantization_bit": 4},
+                   {**environment, "ACCELERATE_MIXED_PRECISION": "no"}) is None
+    # on a GPU with bf16 (LLaMA-Factory's device flags): a bf16 checkpoint's codes are bf16, a float32 one's fp16
+    monkeypatch.setattr(misc, "_is_bf16_available", True)
+    monkeypatch.setattr(misc, "_is_fp16_available", True)
+    bf16_model = saved_in_bf16(Path(model), tmp_path / "bf16")
+    assert refusal(stage, {"model_name_or_path": str(bf16_model), "quantization_bit": 4}, environment) is None
+    assert "the codes are stored as torch.float16 and the accelerate config's mixed precision gathers them as " \
+        "torch.bfloat16" in refusal(stage, {"model_name_or_path": model, "quantization_bit": 4}, environment)
+    # a checkpoint saved 4-bit keeps its storage whatever the recipe says
+    config = json.loads((bf16_model / "config.json").read_text(encoding="utf-8"))
+    for storage, flags, refused in (("float32", {}, "the accelerate config's mixed precision"),
+                                    ("float32", {"bf16": True}, "the recipe's bf16: true"),
+                                    ("bfloat16", {}, None), ("bfloat16", {"bf16": True}, None)):
+        config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                         "bnb_4bit_quant_storage": storage}
+        (bf16_model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        message = refusal(stage, {"model_name_or_path": str(bf16_model), **flags}, environment)
+        assert message is None if refused is None else f"stored as torch.float32 and {refused} gathers" in message
 
 
 def test_fsdp_version_is_read_as_transformers_reads_it(tmp_path: Path) -> None:

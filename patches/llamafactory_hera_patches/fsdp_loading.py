@@ -29,11 +29,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import torch
 from packaging.version import Version
 from transformers.utils import cached_file
 
-from .arguments import raw_value
+from .arguments import raw_value, truthy
 from .fsdp_adapter import launched_fsdp_version
+from .fsdp_qlora import cast_codes_message
 
 NEWEST_FAILING = Version("1.11.0")  # the newest accelerate run here; LLaMA-Factory 0.9.5 caps it there
 _BITSANDBYTES = {"bnb", "bitsandbytes"}
@@ -80,7 +82,7 @@ def _saved_config(host_args: Any) -> dict[str, Any] | None:
     offline, the one in the Hub cache). None where it cannot be read here (no name, another hub, a failed fetch, not
     JSON): LLaMA-Factory then loads, or says why it cannot, as without this check."""
     name = raw_value(host_args, "model_name_or_path")
-    if not name or any(_is_true(raw_value(host_args, key)) for key in ("use_modelscope_hub", "use_openmind_hub")):
+    if not name or any(truthy(raw_value(host_args, key)) for key in ("use_modelscope_hub", "use_openmind_hub")):
         return None
     local = Path(str(name)).expanduser()
     try:
@@ -92,10 +94,6 @@ def _saved_config(host_args: Any) -> dict[str, Any] | None:
         return json.loads(Path(path).read_text(encoding="utf-8")) if path else None
     except Exception:  # noqa: BLE001 - a check before loading: LLaMA-Factory reports its own failure to read it
         return None
-
-
-def _is_true(value: Any) -> bool:
-    return str(value).strip().lower() in _TRUE
 
 
 def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str]) -> str | None:
@@ -117,9 +115,45 @@ def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str])
                 f"fsdp_cpu_ram_efficient_loading: false in the accelerate config), or 8-bit {_WITHOUT_FSDP}")
     loading = environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "")
     if bits != "4" or loading.strip().lower() not in _TRUE or not _accelerate_fails():
-        return None
+        return codes_dtype_refusal(host_args, environ)
     return (f"quantization_bit: {bits} under FSDP2 with fsdp_cpu_ram_efficient_loading: true "
             f"(FSDP_CPU_RAM_EFFICIENT_LOADING={loading}, set by accelerate launch): accelerate "
             f"{version('accelerate')} cannot hand each rank its shards of a bitsandbytes-quantized model (stage: "
             f"{stage} would fail after loading the model, in fsdp2_load_full_state_dict, as stock SFT does); set "
             "fsdp_cpu_ram_efficient_loading: false in the accelerate config.")
+
+
+_GATHERED = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str]) -> str | None:
+    """Before loading, the refusal fsdp_qlora would give after it (N12): 4-bit codes stored in another dtype than
+    FSDP2's mixed-precision all-gather, which would convert them as numbers at every forward. The all-gather's dtype is
+    the recipe's ``bf16`` / ``pure_bf16`` / ``fp16`` (transformers' TrainingArguments puts it over accelerate's), else
+    accelerate's ``mixed_precision`` (``ACCELERATE_MIXED_PRECISION``); the codes' dtype is LLaMA-Factory's compute
+    dtype for ``quantization_bit: 4`` (the recipe's flag, else its ``infer_optim_dtype`` of the checkpoint's dtype on
+    this device, as it will choose), or a checkpoint saved 4-bit's ``bnb_4bit_quant_storage``."""
+    flags = [flag for flag, keys in (("bf16", ("bf16", "pure_bf16")), ("fp16", ("fp16",)))
+             if any(truthy(raw_value(host_args, key)) for key in keys)]
+    gathered = _GATHERED.get(flags[0] if flags else environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower())
+    if gathered is None:
+        return None
+    config = _saved_config(host_args) or {}
+    saved = config.get("quantization_config") or {}
+    if str(raw_value(host_args, "quantization_bit")).strip() == "4":
+        if flags:  # the recipe's flag sets both the codes' dtype and the all-gather's
+            return None
+        try:  # lazy, guarded: a host function that may move; fsdp_qlora checks the loaded model either way
+            from llamafactory.extras.misc import infer_optim_dtype
+        except ImportError:
+            return None
+        dtype = config.get("dtype") or config.get("torch_dtype")
+        codes = infer_optim_dtype(getattr(torch, dtype) if isinstance(dtype, str) else None)
+    elif str(saved.get("quant_method", "")).lower() == "bitsandbytes" and saved.get("load_in_4bit"):
+        codes = getattr(torch, str(saved.get("bnb_4bit_quant_storage") or "uint8"), None)
+    else:
+        return None
+    if codes is None or codes == gathered or not codes.is_floating_point:
+        return None  # integer codes: saved_codes_refusal's
+    source = f"the recipe's {flags[0]}: true" if flags else "the accelerate config's mixed precision"
+    return cast_codes_message(f"are stored as {codes} and {source} gathers them as {gathered}", gathered)

@@ -16,8 +16,9 @@ leaves uncast; every other parameter and buffer is upcast as before. Then it che
 4-bit weight still in its packed storage dtype, and FSDP2's all-gather dtype (the mixed precision's ``param_dtype``)
 that same dtype, or none. Codes stored in another dtype than the all-gather's (fp16 or float32 codes under
 ``mixed_precision: bf16``: a recipe without ``bf16: true`` on an fp16 or float32 checkpoint, or a checkpoint saved
-4-bit with such a storage) would be converted as numbers at every forward, every code, stock SFT too: refused after
-preparation (the dtypes are LLaMA-Factory's and accelerate's choices at load), with the fix.
+4-bit with such a storage) would be converted as numbers at every forward, every code, stock SFT too: refused before
+loading where fsdp_loading predicts it from the recipe, the checkpoint and the launch, and here again after preparation
+(the dtypes are LLaMA-Factory's and accelerate's choices at load), with the fix.
 
 Applied by the import hook right after ``accelerate.utils.fsdp_utils`` executes, before ``accelerate.utils`` and the
 Accelerator bind the function; on an accelerate whose ``fsdp2_prepare_model`` has no such upcast it does nothing.
@@ -69,11 +70,16 @@ def check_codes_reach_the_forward(model: Any, param_dtype: Any) -> None:
             continue
         what = (f"are {stored}, not their packed storage {storage}" if stored != storage else
                 f"are stored as {storage} and the accelerate config's mixed precision gathers them as {param_dtype}")
-        raise RecipeError(
-            f"4-bit weights under FSDP2: the codes {what}, which converts them as numbers at every forward (every "
-            "weight would be wrong). The codes are stored in the dtype LLaMA-Factory loads the model in (bf16: true "
-            "or fp16: true in the recipe, else the checkpoint's dtype; a checkpoint saved 4-bit keeps its "
-            f"bnb_4bit_quant_storage): set the recipe's bf16: true or fp16: true to match {param_dtype}, or "
+        raise RecipeError(cast_codes_message(what, param_dtype))
+
+
+def cast_codes_message(what: str, gathered: Any) -> str:
+    """The refusal of 4-bit codes that FSDP2 would convert as numbers: ``what`` they are, ``gathered`` the dtype the
+    all-gather converts them to (here after loading, and predicted before loading by fsdp_loading)."""
+    return (f"4-bit weights under FSDP2: the codes {what}, which converts them as numbers at every forward (every "
+            "weight would be wrong). The codes are stored in the dtype LLaMA-Factory loads the model in (bf16: true or "
+            "fp16: true in the recipe, else the checkpoint's dtype; a checkpoint saved 4-bit keeps its "
+            f"bnb_4bit_quant_storage): set the recipe's bf16: true or fp16: true to match {gathered}, or "
             "mixed_precision: 'no' in the accelerate config.")
 
 

@@ -259,7 +259,8 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
     layer's codes reach the forward as loaded (patches/fsdp_qlora.py: accelerate's mixed-precision upcast changed
     them, the SFT twin's too). ``qlora_sft_twin``: the recipe's baseline twin (``stage: sft``), a stock stage, keeps
     them too. ``qlora_without_bf16``: the recipe without ``bf16: true`` on the float32 checkpoint stores the codes in
-    float32, which the config's bf16 all-gather would convert as numbers: refused in one line after loading."""
+    float32, which the config's bf16 all-gather would convert as numbers: refused in one line before loading
+    (patches/fsdp_loading.py; patches/fsdp_qlora.py checks the loaded model the same way)."""
     import subprocess
     import sys
 
@@ -289,6 +290,7 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
         refusal = ("[llamafactory-hera] error: 4-bit weights under FSDP2: the codes are stored as torch.float32 and "
                    "the accelerate config's mixed precision gathers them as torch.bfloat16, which converts them")
         assert proc.returncode != 0 and refusal in proc.stderr, proc.stderr[-5000:]
+        assert "all params" not in proc.stdout + proc.stderr  # LLaMA-Factory's line once the model has loaded
         assert not (out / "adapter_model.safetensors").exists()
         return
     assert proc.returncode == 0, proc.stderr[-5000:]
