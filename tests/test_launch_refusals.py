@@ -190,8 +190,22 @@ def test_fsdp2_with_bitsandbytes_weights_that_fail_after_loading_is_refused_befo
                               "codes stored as uint8"), message
     refusal = fsdp_loading.bitsandbytes_refusal
     hub_id = {"model_name_or_path": "someone/saved-4bit", "cache_dir": str(tmp_path / "hub")}
-    for other in ({"model_revision": "v2"}, {"use_modelscope_hub": True}, {"cache_dir": str(tmp_path)}):
+    for other in ({"model_revision": "v2"}, {"cache_dir": str(tmp_path)}):
         assert refusal("sft", {**hub_id, **other}, environment) is None, other  # not that file: LLaMA-Factory's turn
+    assert refusal("sft", ["--model-name-or-path", "someone/saved-4bit", "--cache-dir", str(tmp_path / "hub")],
+                   environment)  # the command line's spelling, as transformers' parser reads it
+    # a ModelScope / Modelers id (LLaMA-Factory's USE_MODELSCOPE_HUB / USE_OPENMIND_HUB) is not looked up on the Hub;
+    # a local folder is read whichever hub is set, as LLaMA-Factory reads it
+    monkeypatch.setenv("USE_MODELSCOPE_HUB", "1")
+    assert refusal("sft", hub_id, environment) is None
+    assert refusal("sft", {"model_name_or_path": str(tmp_path / "int8")}, environment)
+    monkeypatch.delenv("USE_MODELSCOPE_HUB")
+    # LLaMA-Factory loads a checkpoint saved quantized as saved, quantization_bit or not: its uint8 codes are refused
+    # with bf16: true and quantization_bit: 4 or 8 alike
+    for bits in (4, 8):
+        message = refusal("sft", {**hub_id, "quantization_bit": bits, "bf16": True}, environment)
+        assert message.startswith("model_name_or_path: someone/saved-4bit is saved quantized by bitsandbytes with "
+                                  "4-bit codes stored as uint8"), message
     saved_bf16 = tmp_path / "uint8" / "config.json"  # the same checkpoint with its codes stored in bf16: sharded
     config = json.loads(saved_bf16.read_text(encoding="utf-8"))
     config["quantization_config"]["bnb_4bit_quant_storage"] = "bfloat16"
@@ -247,8 +261,20 @@ def test_fsdp2_codes_the_all_gather_would_convert_are_refused_before_loading(
     assert refusal(stage, {"model_name_or_path": str(bf16_model), "quantization_bit": 4}, environment) is None
     assert "the codes are stored as torch.float16 and the accelerate config's mixed precision gathers them as " \
         "torch.bfloat16" in refusal(stage, {"model_name_or_path": model, "quantization_bit": 4}, environment)
-    # a checkpoint saved 4-bit keeps its storage whatever the recipe says
+    # the command line's spelling: --pure-bf16 sets the codes' dtype (not the all-gather's), --bf16 y both
+    for flags in (["--pure-bf16", "true"], ["--bf16", "y"], ["--bf16", "false", "--bf16", "t"]):
+        assert refusal(stage, ["--model_name_or_path", model, "--quantization-bit", "4", *flags], environment) is None
+    # a checkpoint saved 4-bit keeps its storage whatever the recipe says (quantization_bit included)
     config = json.loads((bf16_model / "config.json").read_text(encoding="utf-8"))
+    config["torch_dtype"] = config["dtype"] = "float16"
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_storage": "bfloat16"}
+    (bf16_model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert refusal(stage, {"model_name_or_path": str(bf16_model), "quantization_bit": 4}, environment) is None
+    config["quantization_config"]["bnb_4bit_quant_storage"] = "float16"
+    (bf16_model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert refusal(stage, {"model_name_or_path": str(bf16_model), "pure_bf16": True},
+                   {**environment, "ACCELERATE_MIXED_PRECISION": "no"}) is None  # pure_bf16 gathers nothing
     for storage, flags, refused in (("float32", {}, "the accelerate config's mixed precision"),
                                     ("float32", {"bf16": True}, "the recipe's bf16: true"),
                                     ("bfloat16", {}, None), ("bfloat16", {"bf16": True}, None)):

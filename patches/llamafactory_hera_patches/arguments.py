@@ -87,17 +87,12 @@ def given_keys(host_args: dict[str, Any] | list[str]) -> dict[str, Any]:
 
 
 def raw_value(host_args: dict[str, Any] | list[str], key: str) -> Any:
-    """A key's value in a recipe dict or a ``--key value`` / ``--key=value`` / bare ``--flag`` list (None if absent)."""
-    if isinstance(host_args, dict):
-        return host_args.get(key)
-    index = 0
-    while index < len(host_args):
-        name, value, index = _option(host_args, index)
-        if name == key:
-            return value
-    return None
+    """A key's value in a recipe dict or a ``--key value`` / ``--key=value`` / bare ``--flag`` list (None if absent;
+    in a list ``--a-b`` is ``a_b`` and the last occurrence counts, as transformers' parser reads them)."""
+    return host_args.get(key) if isinstance(host_args, dict) else given_keys(host_args).get(key)
 
 
 def truthy(value: Any) -> bool:
-    """A recipe flag's value as a bool (``true``, ``1``, ``yes``, ``on``; booleans as they are)."""
-    return str(value).strip().lower() in {"true", "1", "yes", "on"} if not isinstance(value, bool) else value
+    """A recipe flag's value as a bool (``true``, ``t``, ``yes``, ``y``, ``1``, as transformers' ``string_to_bool``
+    reads them, and ``on``; booleans as they are)."""
+    return str(value).strip().lower() in {"true", "t", "yes", "y", "1", "on"} if not isinstance(value, bool) else value

@@ -23,6 +23,7 @@ parses them, after this check (the plugin's stages refuse those keys: recipe/fsd
 """
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -53,15 +54,11 @@ def _accelerate_fails() -> bool:
         return False
 
 
-def saved_codes_refusal(stage: str, host_args: Any) -> str | None:
-    """The refusal of a checkpoint saved with bitsandbytes whose codes FSDP2 cannot shard (int8, or 4-bit in
-    bitsandbytes' default uint8 storage, as most 4-bit checkpoints on the Hub): ``fully_shard`` fails on them after
-    loading, as for ``quantization_bit: 8``. Only without ``quantization_bit`` (with it LLaMA-Factory quantizes the
-    weights itself)."""
-    if raw_value(host_args, "quantization_bit") is not None:
-        return None
-    name = raw_value(host_args, "model_name_or_path")
-    saved = (_saved_config(host_args) or {}).get("quantization_config") or {}
+def saved_codes_refusal(stage: str, host_args: Any, saved: dict[str, Any]) -> str | None:
+    """The refusal of a checkpoint saved with bitsandbytes (its config.json's ``quantization_config``, ``saved``) whose
+    codes FSDP2 cannot shard (int8, or 4-bit in bitsandbytes' default uint8 storage, as most 4-bit checkpoints on the
+    Hub): ``fully_shard`` fails on them after loading, as for ``quantization_bit: 8``. LLaMA-Factory loads such a
+    checkpoint as saved, whatever ``quantization_bit`` says."""
     if str(saved.get("quant_method", "")).lower() != "bitsandbytes":
         return None
     storage = str(saved.get("bnb_4bit_quant_storage") or "uint8")
@@ -69,25 +66,36 @@ def saved_codes_refusal(stage: str, host_args: Any) -> str | None:
         f"4-bit codes stored as {storage}" if saved.get("load_in_4bit") and storage == "uint8" else None)
     if codes is None:
         return None
-    return (f"model_name_or_path: {name} is saved quantized by bitsandbytes with {codes} (quantization_config in "
-            f"its config.json), which FSDP2 cannot shard ({_NO_INTEGER_SHARDS.format(codes='integer codes')}; "
-            f"stage: {stage} fails on it after loading, as stock SFT does); train the unquantized checkpoint with "
-            "quantization_bit: 4 (LLaMA-Factory stores the codes in the compute dtype, which FSDP2 shards), or this "
-            f"one {_WITHOUT_FSDP}")
+    return (f"model_name_or_path: {raw_value(host_args, 'model_name_or_path')} is saved quantized by bitsandbytes with "
+            f"{codes} (quantization_config in its config.json), which FSDP2 cannot shard "
+            f"({_NO_INTEGER_SHARDS.format(codes='integer codes')}; stage: {stage} fails on it after loading, as stock "
+            "SFT does); train the unquantized checkpoint with quantization_bit: 4 (LLaMA-Factory stores the codes in "
+            f"the compute dtype, which FSDP2 shards), or this one {_WITHOUT_FSDP}")
+
+
+def _host_misc(name: str) -> Any:
+    """LLaMA-Factory's own ``llamafactory.extras.misc.<name>`` (0.9.5 and main), None on a host without it: the
+    prediction that needs it is then skipped (fsdp_qlora still checks the loaded model)."""
+    try:  # lazy: this module is imported where LLaMA-Factory may not be yet, and the function may move
+        return getattr(importlib.import_module("llamafactory.extras.misc"), name, None)
+    except ImportError:
+        return None
 
 
 def _saved_config(host_args: Any) -> dict[str, Any] | None:
     """``model_name_or_path``'s config.json: a local folder's, or a Hugging Face Hub id's through transformers'
     ``cached_file`` with the recipe's revision, cache folder and token (the file LLaMA-Factory fetches first anyway;
-    offline, the one in the Hub cache). None where it cannot be read here (no name, another hub, a failed fetch, not
-    JSON): LLaMA-Factory then loads, or says why it cannot, as without this check."""
+    offline, the one in the Hub cache). None where it cannot be read here (no name, a ModelScope or Modelers id, a
+    failed fetch, not JSON): LLaMA-Factory then loads, or says why it cannot, as without this check."""
     name = raw_value(host_args, "model_name_or_path")
-    if not name or any(truthy(raw_value(host_args, key)) for key in ("use_modelscope_hub", "use_openmind_hub")):
+    if not name:
         return None
     local = Path(str(name)).expanduser()
     try:
-        if local.is_dir():
+        if local.is_dir():  # LLaMA-Factory reads a local folder whichever hub it is set to
             path = local / "config.json"
+        elif any(hub is None or hub() for hub in (_host_misc("use_modelscope"), _host_misc("use_openmind"))):
+            return None  # an id of another hub (USE_MODELSCOPE_HUB / USE_OPENMIND_HUB), or a host that cannot say
         else:
             path = cached_file(str(name), "config.json", revision=raw_value(host_args, "model_revision") or "main",
                                cache_dir=raw_value(host_args, "cache_dir"), token=raw_value(host_args, "hf_hub_token"))
@@ -98,12 +106,14 @@ def _saved_config(host_args: Any) -> dict[str, Any] | None:
 
 def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str]) -> str | None:
     """The one-line refusal of ``host_args`` (a recipe's keys) under the FSDP2 launch ``environ`` describes, when
-    FSDP2 would fail on its bitsandbytes-quantized model after loading it, else None."""
+    FSDP2 would fail on its bitsandbytes-quantized model after loading it, or convert its 4-bit codes as numbers, else
+    None. The checkpoint's config.json is read once (a Hub id: one fetch of it per rank)."""
     if launched_fsdp_version(environ) != "2":
         return None
-    saved = saved_codes_refusal(stage, host_args)
-    if saved:
-        return saved
+    config = _saved_config(host_args)
+    saved = (config or {}).get("quantization_config")
+    if saved:  # LLaMA-Factory loads a checkpoint saved quantized as saved, whatever quantization_bit says
+        return saved_codes_refusal(stage, host_args, saved) or codes_dtype_refusal(host_args, environ, config)
     bits = str(raw_value(host_args, "quantization_bit")).strip()
     method = str(raw_value(host_args, "quantization_method") or "bnb").lower()
     if method not in _BITSANDBYTES:
@@ -115,7 +125,7 @@ def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str])
                 f"fsdp_cpu_ram_efficient_loading: false in the accelerate config), or 8-bit {_WITHOUT_FSDP}")
     loading = environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "")
     if bits != "4" or loading.strip().lower() not in _TRUE or not _accelerate_fails():
-        return codes_dtype_refusal(host_args, environ)
+        return codes_dtype_refusal(host_args, environ, config) if bits == "4" and config is not None else None
     return (f"quantization_bit: {bits} under FSDP2 with fsdp_cpu_ram_efficient_loading: true "
             f"(FSDP_CPU_RAM_EFFICIENT_LOADING={loading}, set by accelerate launch): accelerate "
             f"{version('accelerate')} cannot hand each rank its shards of a bitsandbytes-quantized model (stage: "
@@ -123,37 +133,39 @@ def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str])
             "fsdp_cpu_ram_efficient_loading: false in the accelerate config.")
 
 
-_GATHERED = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# FSDP2's all-gather dtype for accelerate's mixed_precision (accelerate 1.11 gathers fp8 runs' weights in bf16)
+_GATHERED = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
-def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str]) -> str | None:
+def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str], config: dict[str, Any]) -> str | None:
     """Before loading, the refusal fsdp_qlora would give after it (N12): 4-bit codes stored in another dtype than
-    FSDP2's mixed-precision all-gather, which would convert them as numbers at every forward. The all-gather's dtype is
-    the recipe's ``bf16`` / ``pure_bf16`` / ``fp16`` (transformers' TrainingArguments puts it over accelerate's), else
-    accelerate's ``mixed_precision`` (``ACCELERATE_MIXED_PRECISION``); the codes' dtype is LLaMA-Factory's compute
-    dtype for ``quantization_bit: 4`` (the recipe's flag, else its ``infer_optim_dtype`` of the checkpoint's dtype on
-    this device, as it will choose), or a checkpoint saved 4-bit's ``bnb_4bit_quant_storage``."""
-    flags = [flag for flag, keys in (("bf16", ("bf16", "pure_bf16")), ("fp16", ("fp16",)))
-             if any(truthy(raw_value(host_args, key)) for key in keys)]
-    gathered = _GATHERED.get(flags[0] if flags else environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower())
+    FSDP2's mixed-precision all-gather, which would convert them as numbers at every forward. ``config``: the
+    checkpoint's config.json. The all-gather's dtype is the recipe's ``fp16`` / ``bf16`` (transformers'
+    TrainingArguments puts them, in that order, over accelerate's), else accelerate's ``mixed_precision``
+    (``ACCELERATE_MIXED_PRECISION``). The codes' dtype is a checkpoint saved 4-bit's ``bnb_4bit_quant_storage``, else
+    for ``quantization_bit: 4`` LLaMA-Factory's compute dtype: the recipe's ``bf16`` / ``pure_bf16`` / ``fp16`` (in
+    that order), else its ``infer_optim_dtype`` of the checkpoint's dtype on this device, as it will choose."""
+    def flag(*keys: str) -> bool:
+        return any(truthy(raw_value(host_args, key)) for key in keys)
+
+    mixed = "fp16" if flag("fp16") else "bf16" if flag("bf16") else None
+    gathered = _GATHERED.get(mixed or environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower())
     if gathered is None:
         return None
-    config = _saved_config(host_args) or {}
     saved = config.get("quantization_config") or {}
-    if str(raw_value(host_args, "quantization_bit")).strip() == "4":
-        if flags:  # the recipe's flag sets both the codes' dtype and the all-gather's
+    if saved:
+        if str(saved.get("quant_method", "")).lower() != "bitsandbytes" or not saved.get("load_in_4bit"):
             return None
-        try:  # lazy, guarded: a host function that may move; fsdp_qlora checks the loaded model either way
-            from llamafactory.extras.misc import infer_optim_dtype
-        except ImportError:
+        codes = getattr(torch, str(saved.get("bnb_4bit_quant_storage") or "uint8"), None)
+    elif flag("bf16", "pure_bf16") or flag("fp16"):
+        codes = torch.bfloat16 if flag("bf16", "pure_bf16") else torch.float16
+    else:
+        infer_optim_dtype = _host_misc("infer_optim_dtype")
+        if infer_optim_dtype is None:
             return None
         dtype = config.get("dtype") or config.get("torch_dtype")
         codes = infer_optim_dtype(getattr(torch, dtype) if isinstance(dtype, str) else None)
-    elif str(saved.get("quant_method", "")).lower() == "bitsandbytes" and saved.get("load_in_4bit"):
-        codes = getattr(torch, str(saved.get("bnb_4bit_quant_storage") or "uint8"), None)
-    else:
-        return None
-    if codes is None or codes == gathered or not codes.is_floating_point:
+    if not isinstance(codes, torch.dtype) or codes == gathered or not codes.is_floating_point:
         return None  # integer codes: saved_codes_refusal's
-    source = f"the recipe's {flags[0]}: true" if flags else "the accelerate config's mixed precision"
+    source = f"the recipe's {mixed}: true" if mixed else "the accelerate config's mixed precision"
     return cast_codes_message(f"are stored as {codes} and {source} gathers them as {gathered}", gathered)

@@ -122,9 +122,10 @@ def apply(tuner: ModuleType) -> None:
         if method is None:
             check_stage(raw_value(host_args, "stage"), [m.stage for m in registered_methods()], host_stages())
             stage = str(raw_value(host_args, "stage") or "sft")
-            refusal = (fsdp_adapter.unsaved_refusal(stage, os.environ)  # a training run would save nothing
-                       or fsdp_loading.bitsandbytes_refusal(stage, host_args, os.environ))
-            if refusal and truthy(raw_value(host_args, "do_train")):
+            refusal = truthy(raw_value(host_args, "do_train")) and (  # a training run would save nothing, or fail
+                fsdp_adapter.unsaved_refusal(stage, os.environ)
+                or fsdp_loading.bitsandbytes_refusal(stage, host_args, os.environ))
+            if refusal:
                 raise RecipeError(refusal)
             for other in registered_methods():
                 ignored = sorted(k for k in method_raw if k.startswith(other.prefix))
