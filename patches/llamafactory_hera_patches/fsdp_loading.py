@@ -30,9 +30,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import torch
 from packaging.version import Version
-from transformers.utils import cached_file
 
 from .arguments import raw_value, truthy
 from .fsdp_adapter import launched_fsdp_version
@@ -97,6 +95,8 @@ def _saved_config(host_args: Any) -> dict[str, Any] | None:
         elif any(hub is None or hub() for hub in (_host_misc("use_modelscope"), _host_misc("use_openmind"))):
             return None  # an id of another hub (USE_MODELSCOPE_HUB / USE_OPENMIND_HUB), or a host that cannot say
         else:
+            from transformers.utils import cached_file  # lazy: the plugin's own CLI errors load no library
+
             path = cached_file(str(name), "config.json", revision=raw_value(host_args, "model_revision") or "main",
                                cache_dir=raw_value(host_args, "cache_dir"), token=raw_value(host_args, "hf_hub_token"))
         return json.loads(Path(path).read_text(encoding="utf-8")) if path else None
@@ -134,7 +134,7 @@ def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str])
 
 
 # FSDP2's all-gather dtype for accelerate's mixed_precision (accelerate 1.11 gathers fp8 runs' weights in bf16)
-_GATHERED = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+_GATHERED = {"bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
 
 
 def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str], config: dict[str, Any]) -> str | None:
@@ -152,6 +152,9 @@ def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str], config: dict
     gathered = _GATHERED.get(mixed or environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower())
     if gathered is None:
         return None
+    import torch  # lazy: the plugin's own CLI errors load no library; a training run has it loaded
+
+    gathered = getattr(torch, gathered)
     saved = config.get("quantization_config") or {}
     if saved:
         if str(saved.get("quant_method", "")).lower() != "bitsandbytes" or not saved.get("load_in_4bit"):
