@@ -99,7 +99,8 @@ def _saved_config(host_args: Any) -> dict[str, Any] | None:
 
             path = cached_file(str(name), "config.json", revision=raw_value(host_args, "model_revision") or "main",
                                cache_dir=raw_value(host_args, "cache_dir"), token=raw_value(host_args, "hf_hub_token"))
-        return json.loads(Path(path).read_text(encoding="utf-8")) if path else None
+        config = json.loads(Path(path).read_text(encoding="utf-8")) if path else None
+        return config if isinstance(config, dict) else None
     except Exception:  # noqa: BLE001 - a check before loading: LLaMA-Factory reports its own failure to read it
         return None
 
@@ -167,7 +168,7 @@ def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str], config: dict
         if infer_optim_dtype is None:
             return None
         dtype = config.get("dtype") or config.get("torch_dtype")
-        codes = infer_optim_dtype(getattr(torch, dtype) if isinstance(dtype, str) else None)
+        codes = infer_optim_dtype(getattr(torch, dtype, None) if isinstance(dtype, str) else None)
     if not isinstance(codes, torch.dtype) or codes == gathered or not codes.is_floating_point:
         return None  # integer codes: saved_codes_refusal's
     source = f"the recipe's {mixed}: true" if mixed else "the accelerate config's mixed precision"

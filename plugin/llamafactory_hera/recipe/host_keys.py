@@ -26,7 +26,7 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.arguments import given_keys
+from llamafactory_hera_patches.arguments import given_keys, truthy
 from llamafactory_hera_patches.host_arguments import host_keys, template_names, unknown_keys_pass
 from llamafactory_hera_patches.registry import registered_methods
 
@@ -213,8 +213,7 @@ def _number_or_none(value: Any) -> float | None:
 
 
 def _flag(given: dict[str, Any], key: str) -> bool:
-    value = given.get(key, False)
-    return value if isinstance(value, bool) else str(value).strip().lower() in {"true", "1", "yes", "on"}
+    return truthy(given.get(key, False))
 
 
 def check_report_to(given: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from llamafactory_hera.log import say
 from llamafactory_hera.recipe.model_paths import value_or_none
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.arguments import truthy
 from llamafactory_hera_patches.host_arguments import host_keys
 from llamafactory_hera_patches.templates import composite_model_types
 
@@ -79,7 +80,7 @@ def check_lora_target(given: dict[str, Any]) -> None:
     if names == ["all"] or not names:
         return
     source = str(_given(given, "model_name_or_path"))
-    model = _model_on_meta_device(source, str(_given(given, "trust_remote_code")).lower() in {"true", "1"})
+    model = _model_on_meta_device(source, truthy(_given(given, "trust_remote_code")))
     if model is None:
         return
     modules = [name for name, _ in model.named_modules() if name]
