@@ -8,6 +8,18 @@ from pathlib import Path
 from typing import Any
 
 EVIDENCE_HOOK = Path(__file__).resolve().parent / "engine_evidence"
+ZERO3_CONFIG = Path(__file__).resolve().parent.parent / "recipes" / "deepspeed" / "ds_z3_config.json"
+
+
+def zero3_partitioning_everything(folder: Path) -> str:
+    """The shipped ZeRO-3 config with ``stage3_param_persistence_threshold: 0``, written in ``folder``: every parameter
+    partitioned, as real adapters are (lora_rank 8 on a 4096-wide o_proj), where the tiny models' stay whole under the
+    stock "auto" threshold (10 x hidden size)."""
+    config = json.loads(ZERO3_CONFIG.read_text(encoding="utf-8"))
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = folder / "ds_z3_partition_all.json"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return str(path)
 
 
 def evidence_env(folder: Path) -> dict[str, str]:

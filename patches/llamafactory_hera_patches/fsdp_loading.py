@@ -38,7 +38,6 @@ from .fsdp_qlora import cast_codes_message
 
 NEWEST_FAILING = Version("1.11.0")  # the newest accelerate run here; LLaMA-Factory 0.9.5 caps it there
 _BITSANDBYTES = {"bnb", "bitsandbytes"}
-_TRUE = {"1", "true", "t", "yes", "y", "on"}  # what accelerate's str_to_bool reads as true
 # why FSDP2 fails on integer codes, and where they train instead: one wording for int8 and a saved checkpoint's codes
 _NO_INTEGER_SHARDS = ("torch's fully_shard makes each weight a parameter that could require gradients, which {codes} "
                       "cannot")
@@ -57,7 +56,7 @@ def saved_codes_refusal(stage: str, host_args: Any, saved: dict[str, Any]) -> st
     codes FSDP2 cannot shard (int8, or 4-bit in bitsandbytes' default uint8 storage, as most 4-bit checkpoints on the
     Hub): ``fully_shard`` fails on them after loading, as for ``quantization_bit: 8``. LLaMA-Factory loads such a
     checkpoint as saved, whatever ``quantization_bit`` says."""
-    if str(saved.get("quant_method", "")).lower() != "bitsandbytes":
+    if not _by_bitsandbytes(saved):
         return None
     storage = str(saved.get("bnb_4bit_quant_storage") or "uint8")
     codes = "int8 codes" if saved.get("load_in_8bit") else (
@@ -69,6 +68,11 @@ def saved_codes_refusal(stage: str, host_args: Any, saved: dict[str, Any]) -> st
             f"({_NO_INTEGER_SHARDS.format(codes='integer codes')}; stage: {stage} fails on it after loading, as stock "
             "SFT does); train the unquantized checkpoint with quantization_bit: 4 (LLaMA-Factory stores the codes in "
             f"the compute dtype, which FSDP2 shards), or this one {_WITHOUT_FSDP}")
+
+
+def _by_bitsandbytes(saved: dict[str, Any]) -> bool:
+    """Whether a checkpoint's ``quantization_config`` is bitsandbytes'."""
+    return str(saved.get("quant_method", "")).lower() == "bitsandbytes"
 
 
 def _host_misc(name: str) -> Any:
@@ -125,7 +129,7 @@ def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str])
                 f"{stage} fails on it, as stock SFT does); use quantization_bit: 4 (QLoRA under FSDP2, with "
                 f"fsdp_cpu_ram_efficient_loading: false in the accelerate config), or 8-bit {_WITHOUT_FSDP}")
     loading = environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "")
-    if bits != "4" or loading.strip().lower() not in _TRUE or not _accelerate_fails():
+    if bits != "4" or not truthy(loading) or not _accelerate_fails():  # accelerate's str_to_bool's words
         return codes_dtype_refusal(host_args, environ, config) if bits == "4" and config is not None else None
     return (f"quantization_bit: {bits} under FSDP2 with fsdp_cpu_ram_efficient_loading: true "
             f"(FSDP_CPU_RAM_EFFICIENT_LOADING={loading}, set by accelerate launch): accelerate "
@@ -134,8 +138,8 @@ def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str])
             "fsdp_cpu_ram_efficient_loading: false in the accelerate config.")
 
 
-# FSDP2's all-gather dtype for accelerate's mixed_precision (accelerate 1.11 gathers fp8 runs' weights in bf16)
-_GATHERED = {"bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
+# a precision flag's torch dtype (for FSDP2's all-gather, accelerate 1.11 gathers fp8 runs' weights in bf16)
+_DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
 
 
 def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str], config: dict[str, Any]) -> str | None:
@@ -149,8 +153,9 @@ def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str], config: dict
     def flag(*keys: str) -> bool:
         return any(truthy(raw_value(host_args, key)) for key in keys)
 
-    mixed = "fp16" if flag("fp16") else "bf16" if flag("bf16") else None
-    gathered = _GATHERED.get(mixed or environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower())
+    mixed = "fp16" if flag("fp16") else "bf16" if flag("bf16") else None  # TrainingArguments' order
+    compute = "bf16" if flag("bf16", "pure_bf16") else "fp16" if flag("fp16") else None  # LLaMA-Factory's order
+    gathered = _DTYPE_OF.get(mixed or environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower())
     if gathered is None:
         return None
     import torch  # lazy: the plugin's own CLI errors load no library; a training run has it loaded
@@ -158,11 +163,11 @@ def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str], config: dict
     gathered = getattr(torch, gathered)
     saved = config.get("quantization_config") or {}
     if saved:
-        if str(saved.get("quant_method", "")).lower() != "bitsandbytes" or not saved.get("load_in_4bit"):
+        if not _by_bitsandbytes(saved) or not saved.get("load_in_4bit"):
             return None
         codes = getattr(torch, str(saved.get("bnb_4bit_quant_storage") or "uint8"), None)
-    elif flag("bf16", "pure_bf16") or flag("fp16"):
-        codes = torch.bfloat16 if flag("bf16", "pure_bf16") else torch.float16
+    elif compute:
+        codes = getattr(torch, _DTYPE_OF[compute])
     else:
         infer_optim_dtype = _host_misc("infer_optim_dtype")
         if infer_optim_dtype is None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from dist_runs import launch_runs, torchrun_cli
-from engine_checks import assert_engine, evidence_env, read_evidence
+from engine_checks import assert_engine, evidence_env, read_evidence, zero3_partitioning_everything
 from fsdp_checks import accelerate_launch, assert_fsdp2
 from safetensors.torch import load_file
 
@@ -239,15 +239,10 @@ def test_zero3_with_qlora_or_dora_gives_the_losses_of_one_process(harc_assets: A
     recipe on one process with gradient accumulation 2, step for step through the base extraction and a refresh; the
     saved adapter (gathered on save; DoRA's magnitudes included) is the one process's."""
     keys: dict[str, Any] = dict(harc_eval=False, max_steps=3)
-    # every parameter partitioned (persistence threshold 0), as real adapters are (lora_rank 8 on a 4096-wide model),
-    # where the tiny model's stay whole under the stock config's "auto" threshold (10 x hidden size)
-    config = json.loads((REPO / "recipes" / "deepspeed" / "ds_z3_config.json").read_text(encoding="utf-8"))
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / "ds_z3_partition_all.json").write_text(json.dumps(config), encoding="utf-8")
     plan = {"qlora": {"quantization_bit": 4}, "dora": {"use_dora": True}}
     for name, extra in plan.items():
         run_train(harc_recipe(harc_assets, "llama3", tmp_path / name / "one", **keys, **extra), tmp_path / name)
-    zero3 = {**ZERO3, "deepspeed": str(tmp_path / "ds_z3_partition_all.json")}
+    zero3 = {**ZERO3, "deepspeed": zero3_partitioning_everything(tmp_path)}  # every parameter partitioned
     runs = [{"recipe": harc_recipe(harc_assets, "llama3", tmp_path / name / "zero3", **zero3, **keys, **extra),
              "env": {"HERA_TEST_ENGINE_EVIDENCE": str(tmp_path / name / "engine")}} for name, extra in plan.items()]
     launch_runs(runs, tmp_path / "launch", 2, env=evidence_env(tmp_path / "launch" / "engine"), seconds_per_run=400)

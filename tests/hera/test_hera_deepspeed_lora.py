@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 from dist_runs import launch_runs, torchrun_cli
-from engine_checks import assert_engine, evidence_env, read_evidence
+from engine_checks import assert_engine, evidence_env, read_evidence, zero3_partitioning_everything
 from safetensors.torch import load_file
 
 from conftest import REPO, base_recipe, read_trainer_log, saved_in_bf16
@@ -100,14 +100,9 @@ def test_zero3_with_qlora_or_dora_trains_like_ddp(assets, tmp_path: Path) -> Non
     norm read under a gather of the layer, its magnitude in its module's call): as DDP's DoRA run, the magnitude
     included."""
     keys = {"quantization_bit": 4, "double_quantization": True}
-    # the fp32 and DoRA runs with every parameter partitioned (persistence threshold 0), as real adapters are (lora_rank
-    # 8 on a 4096-wide o_proj), where the tiny model's stay whole under the stock config's "auto" threshold (10 x
-    # hidden size); the bf16 run with the stock config, as shipped
+    # the fp32 and DoRA runs with every parameter partitioned; the bf16 run with the stock config, as shipped
     stock = REPO / "recipes" / "deepspeed" / "ds_z3_config.json"
-    config = json.loads(stock.read_text(encoding="utf-8"))
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / "ds_z3_partition_all.json").write_text(json.dumps(config), encoding="utf-8")
-    zero3 = {"deepspeed": str(tmp_path / "ds_z3_partition_all.json")}
+    zero3 = {"deepspeed": zero3_partitioning_everything(tmp_path)}
     bf16 = {"bf16": True, "use_cpu": True, "max_steps": 3,
             "model_name_or_path": str(saved_in_bf16(assets.models["qwen2_5_vl"], tmp_path / "bf16_model"))}
     dora = {"use_dora": True}

@@ -115,8 +115,12 @@ def _quant_state(base: nn.Module) -> object | None:
 def dora_row_scale(magnitude: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``[out, 1]``: DoRA's ``m / ||W + delta||_row`` for a ``[out, in]`` float32 ``weight`` and scaled LoRA ``delta``,
     the norm detached (PEFT's forward, after DoRA's paper section 4.3), the magnitude ``[out]`` keeping its gradient."""
-    norm = torch.linalg.norm(weight + delta.detach(), dim=1).detach()
-    return (magnitude.float() / norm)[:, None]
+    return (magnitude.float() / dora_row_norm(weight, delta))[:, None]
+
+
+def dora_row_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``[out]``: ``||W + delta||_row``, detached, for a ``[out, in]`` float32 ``weight`` and scaled LoRA ``delta``."""
+    return torch.linalg.norm(weight + delta.detach(), dim=1).detach()
 
 
 def whole(weight: torch.Tensor) -> torch.Tensor:
@@ -232,8 +236,8 @@ def _dora_row_norms(o_proj: nn.Module, base: nn.Module, names: list[str]) -> dic
         return {}
     with torch.no_grad(), gathered(o_proj):
         weight = base_weight_columns(base)  # [d, in]
-        return {name: torch.linalg.norm(weight + o_proj.scaling[name] * (o_proj.lora_B[name].weight.float()
-                                                                         @ o_proj.lora_A[name].weight.float()), dim=1)
+        return {name: dora_row_norm(weight, o_proj.scaling[name] * (o_proj.lora_B[name].weight.float()
+                                                                    @ o_proj.lora_A[name].weight.float()))
                 for name in names}
 
 
