@@ -63,7 +63,7 @@ def main() -> None:
     from llamafactory_hera.rah.calibrate import calibrate
     from llamafactory_hera.rah.config import RahArguments
     from llamafactory_hera.rah.probe import attention_modules, token_kinds
-    from llamafactory_hera_patches.model_data import (
+    from llamafactory_hera_patches.tools.model_data import (
         load_model_for_scoring,
         multimodal_dataset_and_collator,
         parse_recipe,

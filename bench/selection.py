@@ -51,7 +51,7 @@ def main() -> None:
     from llamafactory_hera.hera.selection.scores import all_head_neighbours
     from llamafactory_hera.hera.selection.select import SelectionOptions, prepare
     from llamafactory_hera.hera.teacher import load_image_processor, load_teacher, teacher_batch_size
-    from llamafactory_hera_patches.model_data import load_model_for_scoring, parse_recipe
+    from llamafactory_hera_patches.tools.model_data import load_model_for_scoring, parse_recipe
 
     assets = build_bench_assets(Path(args.assets), num_images=args.samples, preset=args.preset)
     args.teacher = assets.teacher

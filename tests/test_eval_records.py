@@ -16,7 +16,7 @@ from test_eval_cli import error_in_process, train
 
 from conftest import base_recipe
 from llamafactory_hera.evaluation.runs import read_pair, read_run
-from llamafactory_hera_patches.run_record import RUN_RECORD
+from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD
 
 QWEN_RECIPE_PIXELS = 262144  # image_max_pixels of the Qwen recipes (recipes/*.yaml)
 
@@ -203,7 +203,7 @@ def test_a_failed_runs_own_record_is_marked_but_an_older_runs_is_not(tmp_path: P
     import os
 
     from llamafactory_hera.methods import RAH as METHOD
-    from llamafactory_hera_patches.run_record import write_ended, write_started
+    from llamafactory_hera_patches.lifecycle.run_record import write_ended, write_started
 
     older = tmp_path / "older"
     older.mkdir()
@@ -225,7 +225,7 @@ def test_a_failed_runs_own_record_is_marked_but_an_older_runs_is_not(tmp_path: P
 def test_a_run_that_failed_after_saving_its_model_is_evaluated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A failing do_predict, reporting backend or an interrupt after save_model left a saved model that eval refused
     ('holds no model to evaluate'); it is now finished with the error kept, and eval says so."""
-    from llamafactory_hera_patches.run_record import write_ended, write_started
+    from llamafactory_hera_patches.lifecycle.run_record import write_ended, write_started
 
     host = {"model_name_or_path": "Qwen/Qwen2-0.5B-Instruct", "template": "qwen", "seed": 0}
     path = write_started(tmp_path, "sft", host)

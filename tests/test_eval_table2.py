@@ -27,7 +27,7 @@ from llamafactory_hera.evaluation.table2 import (
     group_means,
     paper_backbone,
 )
-from llamafactory_hera_patches import run_record
+from llamafactory_hera_patches.lifecycle import run_record
 from markdown_docs import read, section
 
 TASKS = "general,knowledge,ocr,vision-centric"

@@ -1,4 +1,4 @@
-"""patches/fsdp_adapter.py: on an accelerate whose adapter-only FSDP2 state dict is each rank's shard (1.11, before
+"""engines/fsdp_adapter.py: on an accelerate whose adapter-only FSDP2 state dict is each rank's shard (1.11, before
 accelerate PR 4206), the start-up hook replaces the two helpers; on one with the fix it leaves them. What the patched
 helpers do on two ranks is tested by the FSDP2 resume of tests/hera/test_hera_fsdp2.py (bit for bit)."""
 
@@ -13,7 +13,7 @@ import accelerate.utils.fsdp_utils as fsdp_utils
 import pytest
 from packaging.version import Version
 
-from llamafactory_hera_patches import fsdp_adapter
+from llamafactory_hera_patches.engines import fsdp_adapter
 
 # accelerate 1.15.0's helper, which carries the fix (abridged to the lines the guard reads)
 FIXED = '''

@@ -1,4 +1,4 @@
-"""patches/fsdp_qlora.py: accelerate's FSDP2 mixed-precision upcast leaves bitsandbytes' packed 4-bit weights as they
+"""engines/fsdp_qlora.py: accelerate's FSDP2 mixed-precision upcast leaves bitsandbytes' packed 4-bit weights as they
 are. Why: a float32 round trip of bf16-stored codes, as the upcast and FSDP2's bf16 all-gather make it, rewrites every
 NaN-shaped pair of bytes (a reference computation below). That the start-up hook replaces accelerate's function, and
 what it does to the parameters; on two ranks, that the forward gets the codes loaded, for HeRA and for the stock SFT
@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from llamafactory_hera_patches import fsdp_qlora
+from llamafactory_hera_patches.engines import fsdp_qlora
 from llamafactory_hera_patches.errors import RecipeError
 
 

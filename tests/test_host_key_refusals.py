@@ -20,7 +20,7 @@ from llamafactory_hera.recipe.host_keys import check_bf16_device, check_choices,
 from llamafactory_hera.recipe.model_checks import check_lora_target
 from llamafactory_hera.recipe.model_paths import check_model_paths
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.arguments import split_args
+from llamafactory_hera_patches.recipe.arguments import split_args
 
 
 def _model_folder(assets: Any, harc_assets: Any, tmp_path: Path) -> dict[str, str]:
@@ -162,7 +162,8 @@ def test_a_refused_recipe_prints_a_few_lines_the_message_last(assets: Any, harc_
     """One real ``llamafactory-cli train`` process, refused after LLaMA-Factory's parse and its alignment of the rows:
     ``stage: rah`` on a dataset whose 32 image files are missing. It printed 45 lines: 32 of them LLaMA-Factory's
     converter warnings, one per missing image (so hundreds on a real dataset), above the message
-    (:mod:`llamafactory_hera_patches.media_warnings` holds them while the plugin checks the files). The check also reads
+    (:mod:`llamafactory_hera_patches.data.media_warnings` holds them while the plugin checks the files). The check
+    also reads
     the model's config after the parse, which turns transformers' info logging on: a template check's reads printed
     every file read and the whole config (145 lines) before its message (that refusal's text:
     tests/test_run_errors.py)."""

@@ -116,7 +116,7 @@ def test_a_stock_stage_that_would_save_nothing_under_fsdp_is_refused(value: str 
                        f"{shown}: stage: sft would exit 0 with no adapter or model saved (transformers' Trainer "
                        "writes them under FSDP only with FULL_STATE_DICT); set fsdp_state_dict_type: FULL_STATE_DICT "
                        "in the accelerate config."), message
-    from llamafactory_hera_patches.fsdp_adapter import unsaved_refusal
+    from llamafactory_hera_patches.engines.fsdp_adapter import unsaved_refusal
 
     for full in ("FULL_STATE_DICT", "1", "full_state_dict"):
         assert unsaved_refusal("sft", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
@@ -139,7 +139,7 @@ def test_fsdp2_with_bitsandbytes_weights_that_fail_after_loading_is_refused_befo
     under FSDP1, for another quantization method, or (4-bit) on a newer accelerate."""
     from importlib.metadata import version
 
-    from llamafactory_hera_patches import fsdp_loading
+    from llamafactory_hera_patches.engines import fsdp_loading
 
     environment = {**_FSDP2, "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
     for key, value in environment.items():
@@ -231,10 +231,11 @@ def test_fsdp2_codes_the_all_gather_would_convert_are_refused_before_loading(
     forward (docs/configurations.md N12): refused before loading, from the dtype LLaMA-Factory will store them in (its
     compute dtype: the recipe's bf16 / fp16, else its infer_optim_dtype of the checkpoint's dtype on this device; a
     checkpoint saved 4-bit's bnb_4bit_quant_storage) and the all-gather's (the recipe's flag, else accelerate's
-    mixed_precision). After loading, patches/fsdp_qlora.py checks the same on the model (test_hera_recipe_hardware)."""
+    mixed_precision). After loading, patches/engines/fsdp_qlora.py checks the same on the model
+    (test_hera_recipe_hardware)."""
     from llamafactory.extras import misc
 
-    from llamafactory_hera_patches import fsdp_loading
+    from llamafactory_hera_patches.engines import fsdp_loading
 
     environment = {**_FSDP2, "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
                    "ACCELERATE_MIXED_PRECISION": "bf16"}

@@ -21,7 +21,7 @@ def test_hera_aligns_and_checks_images_main_process_first(assets: Any, tmp_path:
 
     import llamafactory_hera.hera.workflow as workflow
     from llamafactory_hera.hera.workflow import _checked_image_rows
-    from llamafactory_hera_patches.model_data import parse_recipe, training_args_for_reading
+    from llamafactory_hera_patches.tools.model_data import parse_recipe, training_args_for_reading
 
     recipe = parse_recipe(base_recipe(assets, "qwen2_5_vl", tmp_path / "out"))
     training_args = training_args_for_reading(0)  # the run's arguments, with a main_process_first that records

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from conftest import base_recipe, run_train
+from llamafactory_hera_patches.data.media_warnings import CONVERTER_LOGGER, is_media_warning, media_warnings_held
 from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.media_warnings import CONVERTER_LOGGER, is_media_warning, media_warnings_held
-from llamafactory_hera_patches.model_data import load_aligned_rows, parse_recipe
+from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe
 
 
 class _Kept(logging.Handler):
@@ -93,7 +93,7 @@ def test_a_process_holds_a_bounded_number_of_lines_and_says_what_it_left_out(mon
                                                                               kept: Any) -> None:
     """A dataset whose every path resolves outside ``media_dir`` warns for each image and trains: the hold keeps the
     first lines of each process (not a file and a dict of 665k), and one line says there were more."""
-    from llamafactory_hera_patches import media_warnings
+    from llamafactory_hera_patches.data import media_warnings
 
     monkeypatch.setattr(media_warnings, "MAX_HELD", 5)
     with media_warnings_held() as held:

@@ -18,8 +18,8 @@ import pytest
 from conftest import REPO, base_recipe
 from llamafactory_hera import cli, methods
 from llamafactory_hera.recipe.declaration import Method
-from llamafactory_hera_patches import webui
-from llamafactory_hera_patches.arguments import keys_of, split_args
+from llamafactory_hera_patches.recipe.arguments import keys_of, split_args
+from llamafactory_hera_patches.webui import stage_list as webui
 
 CALLS: list[tuple[str, Any]] = []
 
@@ -130,7 +130,7 @@ def test_patches_and_the_shared_packages_import_no_method_package() -> None:
     package = REPO / "plugin" / "llamafactory_hera"
     method_packages = [p.name for p in package.iterdir() if (p / "workflow.py").is_file()]
     assert sorted(method_packages) == ["harc", "hera", "rah"]
-    shared = [*(REPO / "patches" / "llamafactory_hera_patches").glob("*.py"),
+    shared = [*(REPO / "patches" / "llamafactory_hera_patches").rglob("*.py"),
               *(path for folder in SHARED for path in (package / folder).glob("*.py")),
               *(package / name for name in ("cli.py", "_bootstrap.py", "short_errors.py"))]
     pattern = re.compile(rf"^\s*(from|import) llamafactory_hera\.({'|'.join(method_packages)})\b", re.M)

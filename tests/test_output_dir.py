@@ -15,9 +15,9 @@ from test_run_errors import _recipe
 from transformers import TrainerCallback
 
 from conftest import base_recipe, isolated_run, run_train
-from llamafactory_hera_patches import output_dir
 from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.run_record import RUN_RECORD
+from llamafactory_hera_patches.lifecycle import output_dir
+from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 # the shipped recipes' way: no overwrite_output_dir (the test recipes set it)

@@ -21,7 +21,7 @@ import pytest
 from packaging.version import Version
 
 from conftest import base_recipe, run_train
-from llamafactory_hera_patches.run_record import RUN_RECORD
+from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD
 from llamafactory_hera_patches.stacks import installed
 
 ONE_STEP = {"max_samples": 16, "per_device_train_batch_size": 4, "hera_queue_size": 8, "save_strategy": "steps",

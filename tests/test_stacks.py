@@ -205,6 +205,6 @@ def test_a_fixture_tokenizer_becomes_the_class_a_transformers_4_processor_takes(
 def test_a_scoring_model_on_a_cpu_rank_loads_on_the_plain_cpu(device: str, placed: str) -> None:
     """transformers 4.55 refuses ``device_map {"": "cpu:0"}`` (a CPU rank's training_args.device) in its safetensors
     loading: ``hera_heads: auto`` under torchrun failed there; an accelerator keeps its index."""
-    from llamafactory_hera_patches.model_data import scoring_device_map
+    from llamafactory_hera_patches.tools.model_data import scoring_device_map
 
     assert scoring_device_map(device) == {"": placed}

@@ -10,7 +10,7 @@ import pytest
 
 
 def test_reading_a_recipes_data_creates_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llamafactory_hera_patches.model_data import training_args_for_reading
+    from llamafactory_hera_patches.tools.model_data import training_args_for_reading
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     training_args_for_reading(0)  # the first call's imports may write their own caches (torch's inductor folder)

@@ -1,4 +1,4 @@
-"""patches/deepspeed.py ``zero3_forward``: a forward outside the DeepSpeed engine's is marked as the engine marks its
+"""engines/deepspeed.py ``zero3_forward``: a forward outside the DeepSpeed engine's is marked as the engine marks its
 own, and the marks come back as they were; a DeepSpeed whose ZeRO-3 modules lack the mark is named, never ignored.
 (End to end: tests/hera/test_hera_deepspeed_lora.py, whose ZeRO-3 DoRA run's monitor failed without it.)"""
 
@@ -9,7 +9,7 @@ from collections import OrderedDict
 import pytest
 from torch import nn
 
-from llamafactory_hera_patches.deepspeed import zero3_forward
+from llamafactory_hera_patches.engines.deepspeed import zero3_forward
 from llamafactory_hera_patches.guard import HostMismatchError
 
 

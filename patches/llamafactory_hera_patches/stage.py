@@ -29,14 +29,16 @@ from typing import Any
 
 from transformers.utils import logging as transformers_logging
 
-from . import fsdp_adapter, fsdp_loading, output_dir, recipe_file, run_claim, run_record
 from . import logging as log_patch
-from .arguments import keys_of, raw_value, split_args, truthy
+from .data.templates import host_stages
+from .engines import fsdp_adapter, fsdp_loading
+from .engines.kv_sharing import reentrant_kv_note
 from .errors import RecipeError
 from .guard import require, warn_if_unchecked
-from .kv_sharing import reentrant_kv_note
+from .lifecycle import output_dir, run_claim, run_record
+from .recipe import recipe_file
+from .recipe.arguments import keys_of, raw_value, split_args, truthy
 from .registry import registered_methods
-from .templates import host_stages
 
 _TUNER_NAMES = ("_training_function", "get_train_args", "run_sft")
 _WORKFLOW_NAMES = ("run_sft", "get_dataset", "SFTDataCollatorWith4DAttentionMask", "CustomSeq2SeqTrainer")
@@ -166,7 +168,8 @@ def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,
 
 def method_arguments(method: Any, own: dict[str, Any], host_args: Any) -> Any:
     """The method's arguments from its own keys (``own``), after its checks of the raw recipe (nothing loaded): what
-    a run checks before LLaMA-Factory parses the recipe (also run by :mod:`.launch` before torchrun starts)."""
+    a run checks before LLaMA-Factory parses the recipe (also run by :mod:`.lifecycle.launch` before torchrun
+    starts)."""
     method_args = method.load("parse_arguments")(own)
     with _quiet_transformers():  # a raw check may read the model's config.json (HeRA's heads)
         method.check_raw(host_args, method_args)
@@ -190,8 +193,8 @@ def _quiet_transformers() -> Iterator[None]:
 def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
               method_records: tuple[str, ...]) -> Iterator[None]:
     """``get_train_args`` for the run's duration: LLaMA-Factory's parse, the method's ``check`` of it, an earlier run's
-    files moved aside under ``overwrite_output_dir`` (:mod:`.output_dir`), then the run's
-    :mod:`.run_record` (every training stage, by the main process) written ``running``; marked
+    files moved aside under ``overwrite_output_dir`` (:mod:`.lifecycle.output_dir`), then the run's
+    :mod:`.lifecycle.run_record` (every training stage, by the main process) written ``running``; marked
     ``finished`` or ``failed`` when the run ends. A recipe refused by a check records nothing (an earlier run's
     record in ``output_dir`` is left as it was)."""
     written: list[Any] = []

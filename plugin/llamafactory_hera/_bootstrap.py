@@ -19,12 +19,13 @@ DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
 _TARGETS = {
     # for every stage: FSDP2 LoRA checkpoints saved and loaded whole (accelerate before PR 4206 kept rank 0's shard);
     # 4-bit weights kept out of FSDP2's mixed-precision upcast (their packed codes lost the bytes that form a NaN)
-    "accelerate.utils.fsdp_utils": ("fsdp_adapter", "fsdp_qlora"),
-    "llamafactory.data.template": "llava_templates",  # LLaVA-1.5 templates of the families compose builds from
-    "llamafactory.extras.constants": "webui",
-    "llamafactory.launcher": "launch",  # llamafactory-cli train under torchrun: the recipe checked before the ranks
+    "accelerate.utils.fsdp_utils": ("engines.fsdp_adapter", "engines.fsdp_qlora"),
+    "llamafactory.data.template": "data.llava_templates",  # LLaVA-1.5 templates of the families compose builds from
+    "llamafactory.extras.constants": "webui.stage_list",
+    # llamafactory-cli train under torchrun: the recipe checked before the ranks
+    "llamafactory.launcher": "lifecycle.launch",
     "llamafactory.train.tuner": "stage",
-    "llamafactory.webui.interface": "webui_board",  # LlamaBoard: the methods' panels, args, saved config, loss plot
+    "llamafactory.webui.interface": "webui.board",  # LlamaBoard: the methods' panels, args, saved config, loss plot
 }
 
 
@@ -74,8 +75,8 @@ def _apply(patch, module) -> None:
         raise SystemExit(refusal)
     for name in (patch,) if isinstance(patch, str) else patch:
         importlib.import_module(f"llamafactory_hera_patches.{name}").apply(module)
-    if patch in ("stage", "launch"):  # a training process or its launcher: the plugin's errors end it with their
-        # message alone
+    if patch in ("stage", "lifecycle.launch"):  # a training process or its launcher: the plugin's errors end it with
+        # their message alone
         importlib.import_module("llamafactory_hera.job_refusal").install()
 
 

@@ -198,7 +198,8 @@ def test_fsdp2_with_qlora_gives_the_losses_of_one_process(harc_assets: Any, tmp_
 
     ``bf16``: as the FSDP2 recipes run (``mixed_precision: bf16`` in the accelerate config, ``bf16: true``, a
     checkpoint saved in bf16, so the codes are stored in bf16), against one bf16 process: the codes reach FSDP2's
-    forward as loaded (patches/fsdp_qlora.py; every rank's bytes compared at the first step), and the terms agree
+    forward as loaded (patches/engines/fsdp_qlora.py; every rank's bytes compared at the first step), and the terms
+    agree
     within 1e-3 relative (measured: equal at steps 1 and 2, 1.2e-4 at step 3, where the bf16 all-gather of the float32
     LoRA weights and autocast's cast of them first part), the adapter's lora_B within 2e-2 of its norm (measured
     2.2e-3) and lora_A within 1e-3 (measured 3.8e-4, of weights up to 0.15). Every layer of the band is coupled, so

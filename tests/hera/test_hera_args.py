@@ -4,7 +4,7 @@ import pytest
 
 from llamafactory_hera.heads.geometry import AttentionGeometry, HeadRef, check_heads_fit, parse_head
 from llamafactory_hera.hera.config import parse_hera_arguments
-from llamafactory_hera_patches.arguments import split_args
+from llamafactory_hera_patches.recipe.arguments import split_args
 
 
 def test_defaults_match_the_paper() -> None:

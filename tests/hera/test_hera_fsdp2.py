@@ -44,7 +44,8 @@ def _logged(tmp: Path) -> list[tuple[float, ...]]:
 def test_fsdp2_lora_trains_saves_and_resumes_like_ddp(assets, tmp_path: Path) -> None:
     """DDP's losses, HeRA terms, monitor points and temperature step for step; DDP's adapter; stopped at step 1 and
     resumed, the run not stopped bit for bit (the adapter's resume copy is whole on every rank:
-    patches/fsdp_adapter.py). Every rank's trainable parameters and o_proj's weight are DTensor shards at each step,
+    patches/engines/fsdp_adapter.py). Every rank's trainable parameters and o_proj's weight are DTensor shards at
+    each step,
     at each save and after the resume's load; without the shim none is (no silent DDP either way)."""
     ddp, fsdp2, resumed = tmp_path / "ddp", tmp_path / "fsdp2", tmp_path / "resumed"
     accelerate_launch_runs([fsdp_run(_recipe(assets, ddp), ddp, shim=False), fsdp_run(_recipe(assets, fsdp2), fsdp2)],

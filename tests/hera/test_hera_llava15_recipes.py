@@ -28,7 +28,7 @@ from test_hera_recipes import MEMORY, PAPER_DEFAULTS, _check_comments
 
 from conftest import REPO
 from llamafactory_hera.evaluation.presets import PRESETS
-from llamafactory_hera_patches.llava_templates import FAMILY_TEMPLATES
+from llamafactory_hera_patches.data.llava_templates import FAMILY_TEMPLATES
 
 BACKBONES = MEMORY.BACKBONES
 RECIPE_NAMES = [name for b in BACKBONES for name in MEMORY.llava15_recipes(b)]
@@ -78,7 +78,7 @@ def test_recipe_parses_with_llamafactory_and_the_plugin(name: str, tmp_path: Pat
     from llamafactory.hparams import get_train_args, read_args
 
     from llamafactory_hera.hera.config import parse_hera_arguments
-    from llamafactory_hera_patches.arguments import split_args
+    from llamafactory_hera_patches.recipe.arguments import split_args
 
     monkeypatch.setattr(sys, "argv", ["llamafactory-cli", str(REPO / "recipes" / name),
                                       f"output_dir={tmp_path / 'out'}"])

@@ -103,7 +103,7 @@ def test_fixed_schedule() -> None:
 def test_probe_pairs_are_held_out_rows(assets) -> None:
     from llamafactory_hera.hera.config import parse_hera_arguments
     from llamafactory_hera.hera.monitor import probe_set
-    from llamafactory_hera_patches.model_data import load_aligned_rows, parse_recipe, split_rows
+    from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe, split_rows
 
     recipe = base_recipe(assets, "qwen2_5_vl", Path("/tmp/unused"), val_size=0.25)
     args = parse_recipe(recipe)

@@ -57,7 +57,7 @@ def test_probe_forward_under_peft_keeps_only_the_last_logits(assets) -> None:
 
     from conftest import base_recipe
     from llamafactory_hera.hera.selection.select import SelectionOptions, prepare
-    from llamafactory_hera_patches.model_data import (
+    from llamafactory_hera_patches.tools.model_data import (
         load_model_for_scoring,
         multimodal_dataset_and_collator,
         parse_recipe,

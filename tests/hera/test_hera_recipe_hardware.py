@@ -256,11 +256,12 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
     4 x 2 ranks gathered = 8 >= hera_k + 1 = 6: no queue, as the recipe). ``qlora``: the same with
     ``quantization_bit: 4`` on a checkpoint saved in bf16 (so the 4-bit codes are stored in bf16, LLaMA-Factory's
     ``bnb_4bit_quant_storage``, and FSDP2 shards them) and ``fsdp_cpu_ram_efficient_loading: false``; each 4-bit
-    layer's codes reach the forward as loaded (patches/fsdp_qlora.py: accelerate's mixed-precision upcast changed
+    layer's codes reach the forward as loaded (patches/engines/fsdp_qlora.py: accelerate's mixed-precision upcast
+    changed
     them, the SFT twin's too). ``qlora_sft_twin``: the recipe's baseline twin (``stage: sft``), a stock stage, keeps
     them too. ``qlora_without_bf16``: the recipe without ``bf16: true`` on the float32 checkpoint stores the codes in
     float32, which the config's bf16 all-gather would convert as numbers: refused in one line before loading
-    (patches/fsdp_loading.py; patches/fsdp_qlora.py checks the loaded model the same way)."""
+    (patches/engines/fsdp_loading.py; patches/engines/fsdp_qlora.py checks the loaded model the same way)."""
     import subprocess
     import sys
 
@@ -307,6 +308,6 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
     assert {(r["o_proj_class"], r["o_proj_dtype"]) for r in records} == (
         {("Linear4bit", "torch.bfloat16")} if quantized else {("Linear", "torch.float32")})
     if quantized:  # every 4-bit layer's codes, as the all-gather hands them to the forward, are those loaded
-        # (accelerate's upcast changed them before patches/fsdp_qlora.py)
+        # (accelerate's upcast changed them before patches/engines/fsdp_qlora.py)
         first = [r for r in records if r["event"] == "step" and r["step"] == 0]
         assert len(first) == 2 and all(r["packed_layers"] > 0 and r["packed_changed"] == 0 for r in first), first

@@ -100,7 +100,7 @@ def test_recipe_parses_with_llamafactory_and_the_plugin(name: str, tmp_path: Pat
     from llamafactory.hparams import get_train_args, read_args
 
     from llamafactory_hera.hera.config import parse_hera_arguments
-    from llamafactory_hera_patches.arguments import split_args
+    from llamafactory_hera_patches.recipe.arguments import split_args
 
     monkeypatch.setattr(sys, "argv", ["llamafactory-cli", str(RECIPES / name), f"output_dir={tmp_path / 'out'}"])
     raw = read_args()

@@ -31,7 +31,7 @@ def _options(assets, **kw) -> SelectionOptions:
 def test_scores_equal_mutual_knn_of_explicit_contributions(assets, family: str) -> None:
     """Independent reference: one caption at a time (no padding), raw o_proj inputs, every head's contribution
     materialised as a d-wide vector per token, averaged over the caption tokens, then mutual_knn head by head."""
-    from llamafactory_hera_patches.model_data import load_model_for_scoring, parse_recipe
+    from llamafactory_hera_patches.tools.model_data import load_model_for_scoring, parse_recipe
 
     recipe_args = parse_recipe(base_recipe(assets, family, "/unused"))
     options = _options(assets, clamp=0.0)  # the clamped scores: tests/hera/test_hera_selection_reference.py
@@ -67,7 +67,7 @@ def test_scores_equal_mutual_knn_of_explicit_contributions(assets, family: str) 
 
 def test_teacher_features_with_prefetch_threads_equal_one_image_at_a_time(assets) -> None:
     from llamafactory_hera.hera.teacher import open_image
-    from llamafactory_hera_patches.model_data import parse_recipe
+    from llamafactory_hera_patches.tools.model_data import parse_recipe
 
     recipe_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused"))
     pairs, _ = prepare(recipe_args, _options(assets))
@@ -83,7 +83,7 @@ def test_teacher_features_with_prefetch_threads_equal_one_image_at_a_time(assets
 
 
 def test_multimodal_mode_scores_every_head(assets) -> None:
-    from llamafactory_hera_patches.model_data import parse_recipe
+    from llamafactory_hera_patches.tools.model_data import parse_recipe
 
     recipe_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused"))
     options = _options(assets, mode="multimodal")

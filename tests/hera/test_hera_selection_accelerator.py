@@ -27,7 +27,7 @@ KEYS = {"hera_select_samples": 12, "hera_k": 3, "hera_select_num_heads": 2, "her
 def _cpu_scores(assets: Any, mode: str = "text", recipe: dict[str, Any] | None = None,
                 dtype: str = "float32") -> torch.Tensor:
     """The same selection computed on the CPU, outside the simulated device (the reference)."""
-    from llamafactory_hera_patches.model_data import parse_recipe
+    from llamafactory_hera_patches.tools.model_data import parse_recipe
 
     recipe = recipe or base_recipe(assets, FAMILY, Path("/unused"))
     options = SelectionOptions(num_samples=12, k=3, num_heads=2, batch_size=4, mode=mode, seed=int(recipe["seed"]),
@@ -104,7 +104,7 @@ def test_one_copy_to_the_host_per_batch(assets, accelerator, mode: str) -> None:
     from llamafactory_hera.heads.architecture import head_projections
     from llamafactory_hera.hera.selection import collect
     from llamafactory_hera.hera.teacher import batches_of
-    from llamafactory_hera_patches.model_data import (
+    from llamafactory_hera_patches.tools.model_data import (
         load_model_for_scoring,
         multimodal_dataset_and_collator,
         parse_recipe,

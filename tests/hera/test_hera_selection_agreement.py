@@ -34,7 +34,7 @@ def test_rows_sharing_an_image_are_scored_once(assets, tmp_path: Path) -> None:
     from test_hera_teacher_identity import REUSED, reused_image_dataset
 
     from llamafactory_hera.hera.selection.select import SelectionOptions, prepare
-    from llamafactory_hera_patches.model_data import parse_recipe
+    from llamafactory_hera_patches.tools.model_data import parse_recipe
 
     data = reused_image_dataset(assets, tmp_path / "data")
     recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", dataset=REUSED, dataset_dir=str(data))

@@ -22,7 +22,7 @@ def test_scoring_copy_is_released_before_the_teacher_loads(assets, monkeypatch: 
                                                              mode: str) -> None:
     """The model copy the heads are scored on is collected before the teacher loads (and so before rank 0 loads
     the model it trains): a weak reference to it is dead there."""
-    from llamafactory_hera_patches.model_data import parse_recipe
+    from llamafactory_hera_patches.tools.model_data import parse_recipe
 
     copies: list[weakref.ref] = []
     alive_when_teacher_loads: list[bool] = []

@@ -20,7 +20,7 @@ KEYS = {"hera_select_samples": 12, "hera_k": 3, "hera_select_num_heads": 2, "her
 def test_the_model_is_scored_in_the_stated_dtype(assets) -> None:
     """The fp32 checkpoint is cast to bfloat16 for a bf16 recipe; the caller's arguments are left as they were."""
     from llamafactory_hera.hera.selection.select import load_in_scoring_dtype, scoring_dtype
-    from llamafactory_hera_patches.model_data import parse_recipe
+    from llamafactory_hera_patches.tools.model_data import parse_recipe
 
     assert [scoring_dtype(keys) for keys in ({"bf16": True}, {"pure_bf16": True}, {"fp16": "true"}, {})] == [
         "bfloat16", "bfloat16", "float16", "float32"]

@@ -234,8 +234,8 @@ def test_loss_plot_shows_hera_loss_beside_the_loss(board: dict[str, Any], stock:
 def test_the_patch_is_all_or_nothing_on_an_unknown_host_shape() -> None:
     from types import ModuleType
 
-    from llamafactory_hera_patches import webui_board
     from llamafactory_hera_patches.guard import HostMismatchError
+    from llamafactory_hera_patches.webui import board as webui_board
 
     fake = ModuleType("llamafactory.webui.interface")
     fake.create_ui = lambda: None  # create_train_tab is missing

@@ -30,7 +30,7 @@ def _checkpoint(assets, family: str, dtype: torch.dtype, folder: Path) -> Path:
 
 def _load(recipe: dict[str, Any], adapter: Path | None = None) -> tuple[Any, list[dict[str, Any]]]:
     """The model as LLaMA-Factory loads it for chat / export (adapters merged) and 4 probe batches."""
-    from llamafactory_hera_patches.model_data import (
+    from llamafactory_hera_patches.tools.model_data import (
         load_model_for_scoring,
         multimodal_dataset_and_collator,
         parse_recipe,
@@ -127,7 +127,7 @@ def test_a_step_that_rounds_to_no_change_is_not_calibrated(assets, tmp_path: Pat
     from llamafactory_hera.rah.config import RahArguments
     from llamafactory_hera.rah.probe import token_kinds
     from llamafactory_hera.rah.workflow import profile_record
-    from llamafactory_hera_patches.model_data import parse_recipe
+    from llamafactory_hera_patches.tools.model_data import parse_recipe
 
     model_dir = _checkpoint(assets, "llava", torch.bfloat16, tmp_path / "model")
     recipe = {**build_rah_recipe(assets, "llava", tmp_path / "out"), "model_name_or_path": str(model_dir)}

@@ -16,7 +16,11 @@ from llamafactory_hera.rah.calibrate import calibrate, geometry_of, o_columns, v
 from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.rah.probe import attention_modules, gate_gradients, token_kinds, token_masks
 from llamafactory_hera.rah.scores import margin_loss
-from llamafactory_hera_patches.model_data import load_model_for_scoring, multimodal_dataset_and_collator, parse_recipe
+from llamafactory_hera_patches.tools.model_data import (
+    load_model_for_scoring,
+    multimodal_dataset_and_collator,
+    parse_recipe,
+)
 from llamafactory_hera_testing.families import build_extra_families
 
 

@@ -17,7 +17,11 @@ from llamafactory_hera.rah.calibrate import calibrate
 from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.rah.probe import AttentionProfile, profile_attention, token_kinds, token_masks
 from llamafactory_hera.rah.workflow import profile_record
-from llamafactory_hera_patches.model_data import load_model_for_scoring, multimodal_dataset_and_collator, parse_recipe
+from llamafactory_hera_patches.tools.model_data import (
+    load_model_for_scoring,
+    multimodal_dataset_and_collator,
+    parse_recipe,
+)
 
 
 def _load(assets, family: str, tmp_path: Path, rows: int, **overrides: Any) -> tuple[Any, Any, Any, list]:

@@ -17,7 +17,7 @@ from conftest import run_train
 def test_use_dora_writes_a_dora_adapter_equal_to_the_calibration(assets, tmp_path: Path) -> None:
     """adapter_config says use_dora: true, the file holds each module's magnitude, and the model LLaMA-Factory loads
     with it equals the base model plus the adapter's B @ A added by hand (the calibrated W + alpha Delta)."""
-    from llamafactory_hera_patches.model_data import (
+    from llamafactory_hera_patches.tools.model_data import (
         load_model_for_scoring,
         multimodal_dataset_and_collator,
         parse_recipe,

@@ -31,7 +31,7 @@ def test_rah_recipe_parses_with_llamafactory_and_the_plugin(name: str, tmp_path:
     """LLaMA-Factory's reader and parser, as ``llamafactory-cli train`` runs them (``use_cpu``: no GPU here)."""
     from llamafactory.hparams import get_train_args, read_args
 
-    from llamafactory_hera_patches.arguments import keys_of, split_args
+    from llamafactory_hera_patches.recipe.arguments import keys_of, split_args
 
     monkeypatch.setattr(sys, "argv", ["llamafactory-cli", str(RECIPES / name), f"output_dir={tmp_path / 'out'}"])
     host, own, method = split_args(read_args())

@@ -33,7 +33,7 @@ def _logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
 
 @pytest.mark.parametrize("family,module", [("llava", {"v_proj", "o_proj"}), ("qwen2_5_vl", {"o_proj"})])
 def test_rah_writes_an_adapter_that_llamafactory_loads(assets, tmp_path: Path, family: str, module: set[str]) -> None:
-    from llamafactory_hera_patches.model_data import (
+    from llamafactory_hera_patches.tools.model_data import (
         load_model_for_scoring,
         multimodal_dataset_and_collator,
         parse_recipe,

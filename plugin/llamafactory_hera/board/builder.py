@@ -1,6 +1,6 @@
 """One builder for every method's LlamaBoard panel: from a :class:`~.spec.PanelDeclaration` and its texts (the
 data file ``panel_texts.yaml`` beside it) to the :class:`MethodPanel` the LlamaBoard patch
-(:mod:`llamafactory_hera_patches.webui_board`) wires in. Independent of LLaMA-Factory's internals; gradio is passed in
+(:mod:`llamafactory_hera_patches.webui.board`) wires in. Independent of LLaMA-Factory's internals; gradio is passed in
 by the caller.
 """
 

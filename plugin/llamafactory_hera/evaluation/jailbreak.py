@@ -216,7 +216,7 @@ def harc_prompts(rows_from: Any) -> list[str]:
     """A HARC run's held-out harmful prompts: the last user message of its ``harc_harmful`` validation rows."""
     from llamafactory_hera.harc.config import parse_harc_arguments
     from llamafactory_hera.harc.data import split_rows
-    from llamafactory_hera_patches.model_data import load_aligned_rows, parse_recipe
+    from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe
 
     args = parse_harc_arguments(dict(rows_from.harc))
     recipe = parse_recipe({**rows_from.recipe, "stage": "sft"})

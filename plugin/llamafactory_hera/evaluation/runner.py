@@ -48,8 +48,8 @@ from llamafactory_hera.evaluation.runs import ModelSpec
 from llamafactory_hera.log import progress_once, say_once
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
-from llamafactory_hera_patches import inference
 from llamafactory_hera_patches.guard import host_version
+from llamafactory_hera_patches.tools import inference
 
 CACHE_DIR = "eval_cache"
 PIN = "CUDA_VISIBLE_DEVICES=0 llamafactory-hera eval ..."
@@ -138,7 +138,7 @@ def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[di
     from llamafactory_hera.harc.config import parse_harc_arguments
     from llamafactory_hera.harc.evaluate import generate_answers, refusal_record, stop_ids
     from llamafactory_hera.harc.roles import load_role_rows
-    from llamafactory_hera_patches.model_data import load_aligned_rows, parse_recipe
+    from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe
 
     harc_args = parse_harc_arguments(dict(rows_from.harc))
     recipe = parse_recipe({**rows_from.recipe, "stage": "sft"})

@@ -22,7 +22,7 @@ import yaml
 
 from llamafactory_hera.recipe.model_paths import check_model_paths
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.run_record import FINISHED, RUN_RECORD, read_record
+from llamafactory_hera_patches.lifecycle.run_record import FINISHED, RUN_RECORD, read_record
 
 LLAMABOARD_ARGS = "training_args.yaml"
 HERA_RECORD = "hera_run.json"
@@ -168,7 +168,7 @@ def is_multimodal(model_name_or_path: str, template: str | None = None) -> bool:
         if any(key in data for key in ("vision_config", "vision_tower", "mm_vision_tower", "visual")):
             return True
     if template:
-        from llamafactory_hera_patches.templates import template_tokens
+        from llamafactory_hera_patches.data.templates import template_tokens
 
         found = template_tokens().get(template)
         return bool(found and found.multimodal)

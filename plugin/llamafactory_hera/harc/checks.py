@@ -20,8 +20,8 @@ from llamafactory_hera.log import say
 from llamafactory_hera.recipe.checks import check_dataset_names, check_run_inputs
 from llamafactory_hera.recipe.dataset_info import DATA_CONFIG
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.arguments import raw_value, truthy
-from llamafactory_hera_patches.templates import composite_model_types
+from llamafactory_hera_patches.data.templates import composite_model_types
+from llamafactory_hera_patches.recipe.arguments import raw_value, truthy
 
 
 def _set(host_args: dict[str, Any] | list[str], key: str, value: Any) -> None:

@@ -25,7 +25,7 @@ from llamafactory_hera.harc.state import HarcState
 from llamafactory_hera.harc.trainer import HarcTrainerMixin
 from llamafactory_hera.log import progress_once, say_again_on_board, say_once
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
-from llamafactory_hera_patches.model_data import RecipeArgs, load_aligned_rows
+from llamafactory_hera_patches.tools.model_data import RecipeArgs, load_aligned_rows
 
 
 @dataclass

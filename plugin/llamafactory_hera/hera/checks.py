@@ -24,10 +24,10 @@ from llamafactory_hera.hera.teacher import check_teacher_source
 from llamafactory_hera.recipe.checks import check_run_inputs
 from llamafactory_hera.recipe.quantization import check_readable_quantization
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.arguments import raw_value as _raw_value
-from llamafactory_hera_patches.arguments import truthy as _truthy
+from llamafactory_hera_patches.data.templates import template_tokens
 from llamafactory_hera_patches.guard import host_version
-from llamafactory_hera_patches.templates import template_tokens
+from llamafactory_hera_patches.recipe.arguments import raw_value as _raw_value
+from llamafactory_hera_patches.recipe.arguments import truthy as _truthy
 
 # deepspeedai/DeepSpeed#8148 (first released in 0.19.3): ZeRO-3 keeps frozen parameters whole during a non-reentrant
 # checkpoint's recompute; before it, the recompute sees them partitioned (shape [0]) and backward fails
@@ -70,7 +70,8 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: Her
 
 def check_heads_before_parse(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
     """Named ``hera_heads`` against a local model's ``config.json``, before LLaMA-Factory parses the recipe: under
-    ``llamafactory-cli train`` with torchrun this runs before the ranks start (``llamafactory_hera_patches.launch``),
+    ``llamafactory-cli train`` with torchrun this runs before the ranks start
+    (``llamafactory_hera_patches.lifecycle.launch``),
     so a head out of range starts no rank. A hub id, a folder without ``config.json`` or a config that needs more
     than this read is checked after the parse (:func:`validate_host_args`), as before."""
     model = _raw_value(host_args, "model_name_or_path")

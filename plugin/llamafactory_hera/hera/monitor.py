@@ -31,8 +31,8 @@ from llamafactory_hera.hera.teacher import teacher_batch_size
 from llamafactory_hera.hera.teacher_cache import feature_store
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera.training.eval_forward import eval_mode
-from llamafactory_hera_patches.deepspeed import zero3_forward
-from llamafactory_hera_patches.model_data import split_rows, tokenized_rows_and_collator
+from llamafactory_hera_patches.engines.deepspeed import zero3_forward
+from llamafactory_hera_patches.tools.model_data import split_rows, tokenized_rows_and_collator
 
 PREFIX = "[llamafactory-hera]"
 DEFAULT_POINTS = 10  # hera_monitor_steps: null scores at step 0 and at this many evenly spaced steps

@@ -83,8 +83,8 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
         if packed.dtype != storage:  # its bytes are no longer the codes
             raise RuntimeError(f"o_proj's 4-bit weight is stored as {packed.dtype}, not as its packed storage "
                                f"{storage}: something converted the codes as numbers (accelerate's FSDP2 "
-                               "mixed-precision upcast does, unless llamafactory_hera_patches.fsdp_qlora keeps them "
-                               "out of it).")
+                               "mixed-precision upcast does, unless llamafactory_hera_patches.engines.fsdp_qlora "
+                               "keeps them out of it).")
         full = dequantize_4bit(packed, quant_state).float()  # [out, in]
         return full if columns is None else full[:, columns]
     if weight.dtype == torch.int8:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from llamafactory_hera.log import progress_file
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.deepspeed import zero3_init_disabled
+from llamafactory_hera_patches.engines.deepspeed import zero3_init_disabled
 
 # Dual image-text encoders whose image tower (``.vision_model``) can serve as teacher.
 DUAL_ENCODER_TYPES = frozenset({"clip", "siglip", "siglip2"})

@@ -38,9 +38,14 @@ from llamafactory_hera.recipe.dataset_info import describe_data
 from llamafactory_hera.recipe.image_files import first_unreadable, image_rows
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
-from llamafactory_hera_patches.media_warnings import media_warnings_held
-from llamafactory_hera_patches.model_data import RecipeArgs, holds_out_by_val_size, load_aligned_rows, training_rows
-from llamafactory_hera_patches.templates import image_placeholder
+from llamafactory_hera_patches.data.media_warnings import media_warnings_held
+from llamafactory_hera_patches.data.templates import image_placeholder
+from llamafactory_hera_patches.tools.model_data import (
+    RecipeArgs,
+    holds_out_by_val_size,
+    load_aligned_rows,
+    training_rows,
+)
 
 
 def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int], data_counts: Any,

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.recipe.checks import check_output_dir
+from llamafactory_hera_patches.data.llava_templates import FAMILY_TEMPLATES
 from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.llava_templates import FAMILY_TEMPLATES
 
 DEFAULT_VISION = "google/siglip2-so400m-patch14-384"
 FEATURE_LAYER = -2

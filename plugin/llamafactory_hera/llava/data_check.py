@@ -127,7 +127,7 @@ def _load(recipe_args: Any, seed: int, name: str, file_name: Any) -> Any:
     """LLaMA-Factory's aligned rows of ``name``; a file its loader cannot turn into a table is a one-line error."""
     from datasets.exceptions import DatasetGenerationError
 
-    from llamafactory_hera_patches.model_data import load_aligned_rows
+    from llamafactory_hera_patches.tools.model_data import load_aligned_rows
 
     try:
         return load_aligned_rows(recipe_args, seed, [name])
@@ -150,8 +150,8 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int, progress: bool |
     from llamafactory_hera.hera.selection.command import load_recipe
     from llamafactory_hera.recipe.checks import check_dataset_names
     from llamafactory_hera.recipe.dataset_info import as_names, dataset_info
-    from llamafactory_hera_patches.model_data import parse_recipe
-    from llamafactory_hera_patches.templates import image_placeholder
+    from llamafactory_hera_patches.data.templates import image_placeholder
+    from llamafactory_hera_patches.tools.model_data import parse_recipe
 
     if workers < 1:
         raise RecipeError(f"data check: --workers must be at least 1, got {workers}.")

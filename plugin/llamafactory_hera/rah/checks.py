@@ -16,7 +16,7 @@ from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.recipe.checks import check_run_inputs
 from llamafactory_hera.recipe.quantization import check_readable_quantization, quantization_in_use
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.arguments import raw_value, truthy
+from llamafactory_hera_patches.recipe.arguments import raw_value, truthy
 
 _FAST_ATTENTION = {"fa2", "fa3", "sdpa"}
 

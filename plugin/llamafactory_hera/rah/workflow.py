@@ -29,15 +29,15 @@ from llamafactory_hera.rah.probe import token_kinds
 from llamafactory_hera.recipe.dataset_info import describe_data
 from llamafactory_hera.recipe.image_files import image_rows
 from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.data.media_warnings import media_warnings_held
+from llamafactory_hera_patches.data.templates import image_placeholder
 from llamafactory_hera_patches.guard import recorded_versions
-from llamafactory_hera_patches.media_warnings import media_warnings_held
-from llamafactory_hera_patches.model_data import (
+from llamafactory_hera_patches.tools.model_data import (
     RecipeArgs,
     load_aligned_rows,
     load_model_for_scoring,
     multimodal_dataset_and_collator,
 )
-from llamafactory_hera_patches.templates import image_placeholder
 
 PROFILE_JSON = "rah_profile.json"
 PROFILE_PNG = "rah_profile.png"

@@ -22,7 +22,8 @@ resume; HeRA's full fine-tuning measured with the same runs, not in CI):
   GPU ``whole`` moves the shards it gathers to the GPU first, a move no CPU run takes); with the FSDP2 recipe's
   ``mixed_precision: bf16`` HeRA trains under FSDP2's bf16 MixedPrecisionPolicy.
 - A LoRA resume: accelerate 1.11's adapter-only FSDP2 checkpoint kept rank 0's shard of each adapter tensor
-  (accelerate PR 4206); patches/fsdp_adapter.py saves and loads it whole on the accelerate versions that lack the fix.
+  (accelerate PR 4206); patches/engines/fsdp_adapter.py saves and loads it whole on the accelerate versions that lack
+  the fix.
 
 What is refused, and why:
 - ``FSDP_STATE_DICT_TYPE`` other than ``FULL_STATE_DICT`` (accelerate's FSDP2 default is ``SHARDED_STATE_DICT``):
@@ -39,7 +40,7 @@ What is refused, and why:
 - ``quantization_bit: 4`` (bitsandbytes) with ``fsdp_cpu_ram_efficient_loading: true`` on accelerate <= 1.11: its
   FSDP2 loading fails on the quantization state; with ``false`` HeRA and HARC run (HeRA gathers ``o_proj``'s packed
   4-bit shard and dequantizes it with the layer's quantization state). ``quantization_bit: 8``: torch's FSDP2 cannot
-  shard int8 weights, stock SFT neither (both in patches/fsdp_loading.py).
+  shard int8 weights, stock SFT neither (both in patches/engines/fsdp_loading.py).
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.arguments import raw_value
-from llamafactory_hera_patches.fsdp_adapter import launched_fsdp_version, unsaved_refusal
-from llamafactory_hera_patches.fsdp_loading import bitsandbytes_refusal
+from llamafactory_hera_patches.engines.fsdp_adapter import launched_fsdp_version, unsaved_refusal
+from llamafactory_hera_patches.engines.fsdp_loading import bitsandbytes_refusal
+from llamafactory_hera_patches.recipe.arguments import raw_value
 
 _RAH = ("stage: rah runs on one process and edits whole V and O weights; run it on one process: "
         "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE")

@@ -26,8 +26,8 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.arguments import given_keys, truthy
-from llamafactory_hera_patches.host_arguments import host_keys, template_names, unknown_keys_pass
+from llamafactory_hera_patches.recipe.arguments import given_keys, truthy
+from llamafactory_hera_patches.recipe.host_arguments import host_keys, template_names, unknown_keys_pass
 from llamafactory_hera_patches.registry import registered_methods
 
 _SHOWN = 12  # at most this many allowed values are listed in a message; more: the nearest ones only

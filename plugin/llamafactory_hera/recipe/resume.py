@@ -14,7 +14,7 @@ transformers resolves it; not given, a training run into an ``output_dir`` with 
 checkpoint (a Trainer's ``trainer_state.json``; not a run's output folder) of the kind of run the recipe asks for:
 LoRA (its ``adapter_config.json``: rank, DoRA) or whole-model weights (full or freeze: the run record says which),
 of a model with the same architecture and sizes (``config.json``: the checkpoint's own, or a LoRA checkpoint's base
-model's), written by the same stage (the run record, :mod:`llamafactory_hera_patches.run_record`, in the
+model's), written by the same stage (the run record, :mod:`llamafactory_hera_patches.lifecycle.run_record`, in the
 checkpoint's run folder). Only small files are read; what a file does not say is not checked.
 """
 
@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.arguments import given_keys, truthy
-from llamafactory_hera_patches.claim_folders import made_by_claim
-from llamafactory_hera_patches.host_arguments import host_keys
-from llamafactory_hera_patches.output_dir import checkpoint_folders
-from llamafactory_hera_patches.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
+from llamafactory_hera_patches.lifecycle.claim_folders import made_by_claim
+from llamafactory_hera_patches.lifecycle.output_dir import checkpoint_folders
+from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
+from llamafactory_hera_patches.recipe.arguments import given_keys, truthy
+from llamafactory_hera_patches.recipe.host_arguments import host_keys
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR and get_last_checkpoint
 TRAINER_STATE, ADAPTER_CONFIG, MODEL_CONFIG = "trainer_state.json", "adapter_config.json", "config.json"

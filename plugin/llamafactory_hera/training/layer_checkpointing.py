@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llamafactory_hera.heads.architecture import decoder_layers, kv_sharing_chains, text_decoder
-from llamafactory_hera_patches.checkpointing import checkpoints_trainable_only, non_reentrant_checkpointing
+from llamafactory_hera_patches.engines.checkpointing import checkpoints_trainable_only, non_reentrant_checkpointing
 
 __all__ = ["NO_TRAINABLE", "LayerCheckpointing", "checkpointing_kind"]
 

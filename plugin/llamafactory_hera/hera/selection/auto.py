@@ -25,7 +25,7 @@ from llamafactory_hera.hera.selection.result import SelectionResult
 from llamafactory_hera.hera.selection.select import SelectionOptions, run_selection
 from llamafactory_hera.hera.teacher_cache import cache_root, cache_unwritable
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.deepspeed import zero3_init_disabled
+from llamafactory_hera_patches.engines.deepspeed import zero3_init_disabled
 
 RECORD_NAME = "hera_selection.json"
 HEATMAP_NAME = "hera_selection.png"

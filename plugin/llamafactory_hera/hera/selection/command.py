@@ -21,8 +21,8 @@ from llamafactory_hera.hera.selection.select import SelectionOptions, run_select
 from llamafactory_hera.log import host_output_to, show
 from llamafactory_hera.plots.heads import format_head_table
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.model_data import parse_recipe
 from llamafactory_hera_patches.registry import method_for_stage
+from llamafactory_hera_patches.tools.model_data import parse_recipe
 
 
 def record_paths(recipe_path: Path) -> tuple[Path, ...]:

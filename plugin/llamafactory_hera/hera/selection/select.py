@@ -40,9 +40,9 @@ from llamafactory_hera.log import show
 from llamafactory_hera.recipe.model_paths import check_model_paths
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
-from llamafactory_hera_patches.arguments import truthy
 from llamafactory_hera_patches.guard import recorded_versions
-from llamafactory_hera_patches.model_data import (
+from llamafactory_hera_patches.recipe.arguments import truthy
+from llamafactory_hera_patches.tools.model_data import (
     load_aligned_rows,
     load_model_for_scoring,
     multimodal_dataset_and_collator,

@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .arguments import raw_value, truthy
+from ..errors import RecipeError
+from ..recipe.arguments import raw_value, truthy
 from .claim_folders import CLAIM
-from .errors import RecipeError
 from .run_record import FINISHED, RUN_RECORD, SAVED_MODEL_FILES, read_record
 
 PREVIOUS_PREFIX = "previous_run_"

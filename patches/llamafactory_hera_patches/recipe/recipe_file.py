@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from .errors import RecipeError
-from .guard import require
+from ..errors import RecipeError
+from ..guard import require
 
 _SUFFIXES = (".yaml", ".yml", ".json")  # what read_args reads as a file (.json: json.load)
 ReadArgs = Callable[..., Any]

@@ -32,7 +32,7 @@ from typing import Any
 
 from packaging.version import Version
 
-from .arguments import raw_value, truthy
+from ..recipe.arguments import raw_value, truthy
 from .fsdp_adapter import launched_fsdp_version
 from .fsdp_qlora import cast_codes_message
 

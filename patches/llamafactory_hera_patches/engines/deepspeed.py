@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .guard import HostMismatchError
+from ..guard import HostMismatchError
 
 
 @contextlib.contextmanager

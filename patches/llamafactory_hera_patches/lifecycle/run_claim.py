@@ -2,7 +2,7 @@
 
 Two runs started into one folder used to both run to the end, each writing over the other's files (the folder held
 the later one's adapter and state, the earlier run's were lost without a word). Every run the stage patch sees
-(:mod:`.stage`: the plugin's stages and LLaMA-Factory's own, training or not) with an ``output_dir`` claims it first:
+(:mod:`..stage`: the plugin's stages and LLaMA-Factory's own, training or not) with an ``output_dir`` claims it first:
 
 - the claim (the process id, the host, its start time, the stage and the job identity below) is created atomically
   (written beside it, then hard-linked into place; ``O_CREAT | O_EXCL`` where the file system has no hard links), so
@@ -46,11 +46,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import RecipeError
+from ..recipe.arguments import raw_value
 from . import claim_folders
-from .arguments import raw_value
 from .claim_folders import CLAIM
 from .claim_identity import global_rank, is_alive_here, job_identity, process_stat, restarts
-from .errors import RecipeError
 
 _ATTEMPTS = 8
 LEASE_SECONDS = 600  # a claim whose file time is older than this is a dead run's, on any host

@@ -19,7 +19,7 @@ import re
 import typing
 from dataclasses import dataclass
 
-from .guard import require
+from ..guard import require
 
 _MARKUP = re.compile(r"<\|[^|<>\s]+\|>")  # <|im_start|>, <|eot_id|>: special tokens of the template's model family
 _FORMATS = ("format_user", "format_assistant", "format_system", "format_prefix")

@@ -23,7 +23,7 @@ import importlib
 from types import ModuleType
 from typing import NamedTuple
 
-from .guard import HostMismatchError, host_version, require
+from ..guard import HostMismatchError, host_version, require
 
 IMAGE_TOKEN = "<image>"
 

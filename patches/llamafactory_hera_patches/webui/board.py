@@ -2,7 +2,7 @@
 
 Applied once ``llamafactory.webui.interface`` has executed: by then it has imported every web-UI
 module this patch touches, so all shapes are checked first and then everything is patched (all
-or nothing). The stage itself is added to the dropdown by :mod:`.webui` (``extras.constants``).
+or nothing). The stage itself is added to the dropdown by :mod:`.stage_list` (``extras.constants``).
 Checked on LLaMA-Factory 0.9.5 (with gradio 5), whose shapes are:
 
 - ``interface.create_ui`` builds the Train tab with the module global ``create_train_tab(engine)``
@@ -19,7 +19,7 @@ Checked on LLaMA-Factory 0.9.5 (with gradio 5), whose shapes are:
 - ``common.DEFAULT_DATA_DIR``: the Data dir box's first value (the panels' dataset boxes list its datasets).
 
 Each method's panel is the plugin's ``MethodPanel`` (``llamafactory_hera.board.builder``) its registered
-declaration names (``panel``, see :mod:`.registry`); this module only wires it in. With any other stage the UI,
+declaration names (``panel``, see :mod:`..registry`); this module only wires it in. With any other stage the UI,
 the preview, the command and the saved configs are stock: the panels are hidden, nothing is added to the args, and
 the panels' values are dropped from the saved config.
 """
@@ -33,10 +33,10 @@ from collections.abc import Callable, Generator
 from types import ModuleType
 from typing import Any
 
-from .guard import DISABLE_ENV, HostMismatchError, host_version, mismatch, require, warn_if_unchecked
-from .registry import registered_methods
+from ..guard import DISABLE_ENV, HostMismatchError, host_version, mismatch, require, warn_if_unchecked
+from ..registry import registered_methods
 
-Method = Any  # a registered method (:mod:`.registry`)
+Method = Any  # a registered method (:mod:`..registry`)
 MethodPanel = Any  # its LlamaBoard panel: tab, keys, locales, create_panel, bind, validate, build_args, ...
 
 PATCH = "webui"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .guard import require
+from ..guard import require
 
 
 def check_host() -> None:

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from .guard import require
+from ..guard import require
 
 _WRAPPERS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")
 _HELPERS = ("_get_model_state_dict", "_set_model_state_dict", "is_peft_model", "save_fsdp_model", "load_fsdp_model")

@@ -2,15 +2,15 @@
 
 Checked on LLaMA-Factory 0.9.5: the web UI modules import this dict by reference, so an
 in-place update before the UI is built adds the stage everywhere (label and stage from the method's
-declaration). The methods' panels, their arguments and the loss plot are :mod:`.webui_board`.
+declaration). The methods' panels, their arguments and the loss plot are :mod:`.board`.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from .guard import require
-from .registry import registered_methods
+from ..guard import require
+from ..registry import registered_methods
 
 
 def apply(constants: ModuleType) -> None:

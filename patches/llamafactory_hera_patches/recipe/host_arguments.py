@@ -23,7 +23,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from .guard import require
+from ..guard import require
 
 _CLASSES = ("ModelArguments", "DataArguments", "TrainingArguments", "FinetuningArguments", "GeneratingArguments")
 

@@ -1,6 +1,6 @@
 """``llamafactory_hera_run.json``: what every ``llamafactory-cli train`` run loaded its model with, and how it ended.
 
-Written by the stage patch (:mod:`.stage`) into ``output_dir`` for every run the plugin
+Written by the stage patch (:mod:`..stage`) into ``output_dir`` for every run the plugin
 sees, plain LLaMA-Factory stages (``sft``, ``dpo``, ...) included: right after LLaMA-Factory parsed the recipe with
 ``status: running``, then ``finished`` when the run returns or ``failed`` (with the error's first line) when it
 raises. A run killed from outside keeps ``running``. ``llamafactory-hera eval`` reads the loading keys back (a plain
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .guard import host_version
+from ..guard import host_version
 
 RUN_RECORD = "llamafactory_hera_run.json"
 COMPOSE_RECORD = "llamafactory_hera_compose.json"  # written by ``llamafactory-hera compose`` beside the model

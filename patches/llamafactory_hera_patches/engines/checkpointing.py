@@ -18,7 +18,7 @@ from types import CodeType
 
 from torch.utils.checkpoint import checkpoint
 
-from .guard import mismatch
+from ..guard import mismatch
 
 
 def _trainable_only_wrapper() -> Callable[[Callable], Callable]:

@@ -32,7 +32,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from .errors import RecipeError
+from ..errors import RecipeError
 
 _UPCAST = "model.to(torch.float32)"  # the upcast's statement in accelerate 1.11's fsdp2_prepare_model
 

@@ -3,16 +3,16 @@
 LLaMA-Factory 0.9.5 (``hparams.parser.read_args``) hands the trainer either a dict (YAML or JSON
 recipe merged with ``key=value`` overrides) or a list of command-line strings
 (``--key value`` / ``--key=value``). Both forms are handled. Which stages and key prefixes belong to
-the plugin comes from the registered methods (:mod:`.registry`).
+the plugin comes from the registered methods (:mod:`..registry`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .registry import method_for_stage, method_of_key
+from ..registry import method_for_stage, method_of_key
 
-Method = Any  # a registered method (see :mod:`.registry`)
+Method = Any  # a registered method (see :mod:`..registry`)
 
 
 def split_dict(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Method | None]:

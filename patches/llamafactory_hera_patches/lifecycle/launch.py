@@ -5,7 +5,7 @@ Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything i
   ``USE_MCA``), or more than one device without Ray or KTransformers (``llamafactory.extras.misc``: ``is_env_enabled``,
   ``get_device_count``, ``use_ray``, ``use_kt``), it runs ``torchrun ... launcher.py <args>`` with
   ``subprocess.run(check=True)``: a failed job's ``CalledProcessError`` traceback followed torchrun's own report;
-- ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (see :mod:`.recipe_file`).
+- ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (see :mod:`..recipe.recipe_file`).
 
 Every rank used to run the plugin's checks of the raw recipe and print a refused recipe's line (once per rank, 8
 copies on 8 GPUs), then torchrun's ``ChildFailedError`` traceback and the launcher's. Now the launcher runs those checks
@@ -26,12 +26,12 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from .arguments import keys_of, raw_value, split_args
-from .guard import require
-from .recipe_file import read_recipe
-from .registry import registered_methods
-from .stage import check_stage, method_arguments
-from .templates import host_stages
+from ..data.templates import host_stages
+from ..guard import require
+from ..recipe.arguments import keys_of, raw_value, split_args
+from ..recipe.recipe_file import read_recipe
+from ..registry import registered_methods
+from ..stage import check_stage, method_arguments
 
 _MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt")
 _HELP = ("-h", "--help")

@@ -27,8 +27,8 @@ from typing import Any
 
 from llamafactory_hera_patches.errors import RecipeError
 
-from .guard import require
-from .registry import method_for_stage, method_of_key
+from ..guard import require
+from ..registry import method_for_stage, method_of_key
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""What the offline tools (selection, calibration, evaluation) load through LLaMA-Factory: model, data, engine."""

@@ -1,0 +1,1 @@
+"""LlamaBoard (LLaMA-Factory's web UI): the methods as stages, with their panels."""
