@@ -168,7 +168,7 @@ def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,
 
 def method_arguments(method: Any, own: dict[str, Any], host_args: Any) -> Any:
     """The method's arguments from its own keys (``own``), after its checks of the raw recipe (nothing loaded): what
-    a run checks before LLaMA-Factory parses the recipe (also run by :mod:`.lifecycle.launch` before torchrun
+    a run checks before LLaMA-Factory parses the recipe (also run by :mod:`.launch` before torchrun
     starts)."""
     method_args = method.load("parse_arguments")(own)
     with _quiet_transformers():  # a raw check may read the model's config.json (HeRA's heads)

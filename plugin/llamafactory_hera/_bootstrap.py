@@ -23,7 +23,7 @@ _TARGETS = {
     "llamafactory.data.template": "data.llava_templates",  # LLaVA-1.5 templates of the families compose builds from
     "llamafactory.extras.constants": "webui.stage_list",
     # llamafactory-cli train under torchrun: the recipe checked before the ranks
-    "llamafactory.launcher": "lifecycle.launch",
+    "llamafactory.launcher": "launch",
     "llamafactory.train.tuner": "stage",
     "llamafactory.webui.interface": "webui.board",  # LlamaBoard: the methods' panels, args, saved config, loss plot
 }
@@ -75,7 +75,7 @@ def _apply(patch, module) -> None:
         raise SystemExit(refusal)
     for name in (patch,) if isinstance(patch, str) else patch:
         importlib.import_module(f"llamafactory_hera_patches.{name}").apply(module)
-    if patch in ("stage", "lifecycle.launch"):  # a training process or its launcher: the plugin's errors end it with
+    if patch in ("stage", "launch"):  # a training process or its launcher: the plugin's errors end it with
         # their message alone
         importlib.import_module("llamafactory_hera.job_refusal").install()
 

@@ -10,7 +10,7 @@ A refusal in a rank of a multi-process job (torchrun, ``accelerate launch``, ``s
 first rank to refuse, and ends the job's other ranks within seconds (:mod:`llamafactory_hera.job_refusal`, through
 the job's store); where no store can be reached, rank 0 of a torchrun job prints it and another rank waits up to
 :data:`RANK_WAIT_S` for torchrun's agent to stop it. ``llamafactory-cli train`` checks the recipe before it starts
-torchrun (``llamafactory_hera_patches.lifecycle.launch``).
+torchrun (``llamafactory_hera_patches.launch``).
 """
 
 from __future__ import annotations

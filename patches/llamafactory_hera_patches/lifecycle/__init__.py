@@ -1,1 +1,1 @@
-"""A training run's lifecycle: the recipe checked in the launcher, the output folder claimed, the run recorded."""
+"""A training run's lifecycle: its output folder claimed and set aside, who it is, what it loaded, how it ended."""

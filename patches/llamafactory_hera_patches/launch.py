@@ -26,12 +26,12 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from ..data.templates import host_stages
-from ..guard import require
-from ..recipe.arguments import keys_of, raw_value, split_args
-from ..recipe.recipe_file import read_recipe
-from ..registry import registered_methods
-from ..stage import check_stage, method_arguments
+from .data.templates import host_stages
+from .guard import require
+from .recipe.arguments import keys_of, raw_value, split_args
+from .recipe.recipe_file import read_recipe
+from .registry import registered_methods
+from .stage import check_stage, method_arguments
 
 _MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt")
 _HELP = ("-h", "--help")
