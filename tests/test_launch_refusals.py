@@ -228,7 +228,7 @@ def test_fsdp2_with_bitsandbytes_weights_that_fail_after_loading_is_refused_befo
 def test_fsdp2_codes_the_all_gather_would_convert_are_refused_before_loading(
         stage: str, assets: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_model_load: None) -> None:
     """4-bit codes stored in another dtype than FSDP2's mixed-precision all-gather are converted as numbers at every
-    forward (docs/configurations.md N12): refused before loading, from the dtype LLaMA-Factory will store them in (its
+    forward (docs/configurations.md N19): refused before loading, from the dtype LLaMA-Factory will store them in (its
     compute dtype: the recipe's bf16 / fp16, else its infer_optim_dtype of the checkpoint's dtype on this device; a
     checkpoint saved 4-bit's bnb_4bit_quant_storage) and the all-gather's (the recipe's flag, else accelerate's
     mixed_precision). After loading, patches/engines/fsdp_qlora.py checks the same on the model
