@@ -103,7 +103,7 @@ def test_fsdp2_full_finetuning_trains_like_ddp(assets, tmp_path: Path) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
 def test_fsdp2_with_qlora_trains_like_ddp(assets, tmp_path: Path) -> None:
-    """``quantization_bit: 4`` (nf4, double quantization) with LoRA under FSDP2, the efficient loading off (N11 in
+    """``quantization_bit: 4`` (nf4, double quantization) with LoRA under FSDP2, the efficient loading off (N17 in
     docs/configurations.md): o_proj's packed 4-bit storage is a DTensor shard holding half of its rows at each step and
     save, which HeRA gathers and dequantizes with the layer's quant_state (hera/projection.py). ``hera_heads: auto``
     scores the 4-bit model on rank 0 (text mode) and both runs choose the same heads; losses, HeRA terms, monitor
