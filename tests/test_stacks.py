@@ -30,6 +30,9 @@ FOUND = transformers.__version__
 @pytest.mark.parametrize(("found", "refused"), [
     ("4.54.1", True), ("4.55.0", False), ("4.57.0", True), ("4.57.1", False), ("5.6.0", False), ("5.8.0", False),
     ("5.8.1", False), ("5.9.0", True), (FOUND, False),
+    # as versions, pre- and dev releases as LLaMA-Factory's own check (packaging) orders them
+    ("4.55.0rc1", True), ("4.57.0.dev0", False), ("5.8.0.dev0", False), ("5.8.0rc1", False), ("5.9.0rc1", True),
+    ("5.9.0.dev0", True), ("5.10.0", True),
 ])
 def test_a_transformers_release_outside_the_supported_range_is_one_line(found: str, refused: bool) -> None:
     message = stacks.unsupported_transformers(found)
@@ -38,6 +41,18 @@ def test_a_transformers_release_outside_the_supported_range_is_one_line(found: s
         assert "\n" not in message and f"transformers {found} is not supported" in message
         assert f"supported: {stacks.TRANSFORMERS_SUPPORTED}" in message
         assert message.endswith(f"pip install 'transformers{stacks.TRANSFORMERS_SUPPORTED}'")
+
+
+@pytest.mark.parametrize("model_type", sorted(stacks.FAMILY_MIN_TRANSFORMERS))
+def test_a_family_at_its_own_first_release_is_not_refused(model_type: str) -> None:
+    """At the exact release (and its pre- and dev releases) a family is not refused; one release before, it is."""
+    needed = stacks.FAMILY_MIN_TRANSFORMERS[model_type]
+    major, minor, patch = Version(needed).release
+    before = f"{major}.{minor}.{patch - 1}" if patch else f"{major}.{minor - 1}.99" if minor else f"{major - 1}.99.0"
+    for found in (needed, f"{needed}rc1", f"{needed}.dev0", f"{major}.{minor}.{patch + 1}", f"{major}.{minor + 10}.0"):
+        assert stacks.family_too_new(model_type, found) is None, found
+    for found in (before, f"{before}.dev0", f"{major}.{minor}" if patch else before):
+        assert stacks.family_too_new(model_type, found) == needed, found
 
 
 def test_the_pyproject_declares_the_supported_range() -> None:

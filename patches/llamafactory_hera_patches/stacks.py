@@ -68,10 +68,11 @@ def unsupported_transformers(found: str | None = None) -> str | None:
 
 
 def family_too_new(model_type: str, found: str | None = None) -> str | None:
-    """The first transformers release with ``model_type``'s class when the installed one is older, else None."""
+    """The first transformers release with ``model_type``'s class when the installed one is older, else None; a pre-
+    or dev release counts as the release it leads to (5.5.0rc1 and 5.5.0.dev0 as 5.5.0)."""
     needed = FAMILY_MIN_TRANSFORMERS.get(model_type)
     found = installed() if found is None else found
-    if needed is None or found is None or Version(found) >= Version(needed):
+    if needed is None or found is None or Version(Version(found).base_version) >= Version(needed):
         return None
     return needed
 
