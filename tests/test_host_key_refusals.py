@@ -20,7 +20,7 @@ from llamafactory_hera.recipe.host_keys import check_bf16_device, check_choices,
 from llamafactory_hera.recipe.model_checks import check_lora_target
 from llamafactory_hera.recipe.model_paths import check_model_paths
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.recipe.arguments import split_args
+from llamafactory_hera_patches.recipe.arguments import raw_value, split_args, truthy
 
 
 def _model_folder(assets: Any, harc_assets: Any, tmp_path: Path) -> dict[str, str]:
@@ -156,6 +156,43 @@ def test_bf16_where_transformers_finds_no_bf16_device_is_refused() -> None:
         check_bf16_device({"bf16": True})
     check_bf16_device(["--bf16", "--use_cpu"])
     check_bf16_device({"bf16": "false"})
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize(("stage", "key", "value"), [("sft", "do_train", "n"), ("hera", "bf16", "false"),
+                                                      ("harc", "overwrite_output_dir", "No")])
+def test_a_quoted_no_for_a_boolean_key_of_a_recipe_dict_is_refused_by_name(
+        stage: str, key: str, value: str, assets: Any, harc_assets: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLaMA-Factory hands a recipe dict's string to its dataclass as it is (``parse_dict``), where it is true: the
+    plugin's ``truthy`` read it false, so under accelerate's FSDP2 default stock ``sft`` with ``do_train: n`` skipped
+    the refusal of a run that saves nothing, and loaded the model (``no_model_load`` failed this test before)."""
+    from llamafactory.hparams import TrainingArguments
+    from transformers import HfArgumentParser
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    given = {"output_dir": str(tmp_path), "use_cpu": True, key: value}
+    parsed = HfArgumentParser(TrainingArguments).parse_dict(given)[0]
+    assert getattr(parsed, key) == value and bool(getattr(parsed, key))  # what LLaMA-Factory's Trainer reads: true
+    recipe = {k: v for k, v in _recipe(stage.replace("sft", "hera"), assets, harc_assets, tmp_path / "out",
+                                       **{key: value}).items()
+              if stage != "sft" or not k.startswith("hera_")}
+    assert _refused({**recipe, "stage": stage}) == (f"{key}: {value!r} is a string, which LLaMA-Factory reads as true "
+                                                     f"(any non-empty string is); write {key}: false without quotes "
+                                                     f"(or {key}: true).")
+
+
+def test_a_flag_of_a_command_line_list_is_read_as_transformers_reads_it() -> None:
+    """A ``--key value`` list's flag is parsed by transformers' ``string_to_bool`` (a bare ``--flag`` is true); a dict's
+    true words, booleans, an empty string and a non-boolean key's "no" are not refused."""
+    from transformers.hf_argparser import string_to_bool
+
+    for word in ("true", "True", "t", "yes", "y", "1", "false", "F", "no", "n", "0"):
+        host, _, _ = split_args(["--stage", "sft", "--do_train", word, "--bf16"])
+        assert truthy(raw_value(host, "do_train")) is string_to_bool(word) and truthy(raw_value(host, "bf16"))
+    for flag in (True, False, "true", "Yes", "", None):
+        split_args({"do_train": flag, "bf16": flag, "save_strategy": "no", "template": "n"})
 
 
 def test_a_refused_recipe_prints_a_few_lines_the_message_last(assets: Any, harc_assets: Any, tmp_path: Path) -> None:

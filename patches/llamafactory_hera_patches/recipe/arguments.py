@@ -10,14 +10,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import RecipeError
 from ..registry import method_for_stage, method_of_key
+from .host_arguments import host_keys
 
 Method = Any  # a registered method (see :mod:`..registry`)
 
 
 def split_dict(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Method | None]:
     """Return (host args with a method's stage mapped to its host stage, every registered method's keys, the method
-    the stage selects or None)."""
+    the stage selects or None). A boolean key given a string that says no (``bf16: "false"``, ``do_train: n``) is
+    refused: LLaMA-Factory hands a dict's values to its dataclasses as they are (``HfArgumentParser.parse_dict``), so
+    the Trainer reads any non-empty string as true, where :func:`truthy` (and the plugin's checks) would read false."""
+    for key, value in args.items():
+        if isinstance(value, str) and value.strip() and not truthy(value) and getattr(host_keys().get(key), "flag", 0):
+            raise RecipeError(f"{key}: {value!r} is a string, which LLaMA-Factory reads as true (any non-empty string "
+                              f"is); write {key}: false without quotes (or {key}: true).")
     host = {k: v for k, v in args.items() if method_of_key(k) is None}
     own = {k: v for k, v in args.items() if method_of_key(k) is not None}
     method = method_for_stage(host.get("stage"))

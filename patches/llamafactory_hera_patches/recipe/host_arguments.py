@@ -42,6 +42,7 @@ class HostKey:
     optional: bool = False
     number: type | None = None  # int or float: the key takes a number of this type (None allowed if optional)
     help: str = ""
+    flag: bool = False  # typed bool (or bool or None)
 
 
 def _choices(hint: typing.Any) -> tuple[tuple[str, ...], bool]:
@@ -62,11 +63,11 @@ def _choices(hint: typing.Any) -> tuple[tuple[str, ...], bool]:
     return (() if other else tuple(values)), optional
 
 
-def _number(hint: typing.Any) -> type | None:
-    """``int`` / ``float`` for a type that is one of them (or it or None); None for any other type."""
+def _single(hint: typing.Any) -> typing.Any:
+    """The one type ``hint`` is (or it or None); None for a union of several."""
     members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    numbers = [member for member in members if member is not type(None)]
-    return numbers[0] if len(numbers) == 1 and numbers[0] in (int, float) else None
+    found = [member for member in members if member is not type(None)]
+    return found[0] if len(found) == 1 else None
 
 
 @functools.cache
@@ -85,8 +86,10 @@ def host_keys() -> dict[str, HostKey]:
             if spec.init and spec.name not in keys:
                 choices, optional = _choices(hints.get(spec.name))
                 default = spec.default if spec.default is not dataclasses.MISSING else None
+                single = _single(hints.get(spec.name))
                 keys[spec.name] = HostKey(spec.name, holder, default, choices, optional,
-                                          _number(hints.get(spec.name)), str(spec.metadata.get("help", "")))
+                                          single if single in (int, float) else None,
+                                          str(spec.metadata.get("help", "")), single is bool)
     return keys
 
 
