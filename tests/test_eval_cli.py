@@ -251,6 +251,29 @@ def test_harc_run_against_its_base(harc_assets, tmp_path: Path, capfd) -> None:
     assert ("Refusal", "harc_refusal", "refusal_rate_pseudo") in metrics
     assert all(r["run"] is not None and r["baseline"] is not None for r in record["rows"])
     assert "## Refusal" in (tmp_path / "harc" / "eval_report_vs_base.md").read_text(encoding="utf-8")
+    assert record["run"]["precision"] == record["baseline"]["precision"] == "float32"  # LLaMA-Factory's on a CPU
+    assert "eval: evaluated in run: float32; baseline: float32" in proc.stdout + proc.stderr
+
+
+@pytest.mark.usefixtures("repacking_cpu")
+def test_a_qlora_run_is_evaluated_on_its_4_bit_base_and_says_so(harc_assets, tmp_path: Path, capfd) -> None:
+    """A QLoRA run (stock sft, quantization_bit: 4) and its base are evaluated in 4 bits as the run trained, and the
+    console, the report and its record say the precision (before, the base was loaded unquantized, unsaid)."""
+    recipe = {k: v for k, v in harc_recipe(harc_assets, "qwen2", tmp_path / "qlora", max_steps=1).items()
+              if not k.startswith("harc_")}
+    train({**recipe, "stage": "sft", "dataset": "harc_harmless", "quantization_bit": 4})
+    loading = json.loads((tmp_path / "qlora" / "llamafactory_hera_run.json").read_text())["loading"]
+    assert loading["quantization_bit"] == 4
+    with one_thread():
+        proc = run_verb(capfd, "eval", tmp_path / "qlora", "--base", "--tasks", "demo", "--batch-size", "4",
+                        cwd=tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    record = report(tmp_path / "qlora", "eval_report_vs_base")
+    wanted = "4-bit bitsandbytes nf4, float32 compute"
+    assert record["run"]["precision"] == record["baseline"]["precision"] == wanted, record["run"]
+    assert f"eval: the run model is evaluated in {wanted}" in proc.stdout + proc.stderr
+    assert f"eval: evaluated in run: {wanted}; baseline: {wanted}" in proc.stdout + proc.stderr
+    assert f"(stage sft; {wanted})" in (tmp_path / "qlora" / "eval_report_vs_base.md").read_text(encoding="utf-8")
 
 
 # --- the user's mistakes: one line, before any model is loaded ---

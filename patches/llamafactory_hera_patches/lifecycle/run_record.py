@@ -36,7 +36,8 @@ RUNNING, FINISHED, FAILED = "running", "finished", "failed"
 MODEL_KEYS = ("model_name_or_path", "adapter_name_or_path", "trust_remote_code", "use_fast_tokenizer",
               "resize_vocab", "split_special_tokens", "add_tokens", "add_special_tokens", "image_max_pixels",
               "image_min_pixels", "image_do_pan_and_scan", "crop_to_patches", "video_max_pixels", "video_min_pixels",
-              "video_fps", "video_maxlen", "use_audio_in_video", "audio_sampling_rate")
+              "video_fps", "video_maxlen", "use_audio_in_video", "audio_sampling_rate", "quantization_method",
+              "quantization_bit", "quantization_type", "double_quantization")
 DATA_KEYS = ("template", "dataset", "eval_dataset", "dataset_dir", "media_dir", "cutoff_len", "tool_format",
              "default_system", "enable_thinking", "preserve_thinking")
 FINETUNING_KEYS = ("finetuning_type",)

@@ -195,6 +195,7 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
     if old:
         say(f"eval: replaced {old['file']} and its .md / .png (of {old.get('created')}, tasks {old.get('tasks_spec')}, "
             f"against {old.get('baseline') or 'nothing'})")
+    say("eval: evaluated in " + "; ".join(f"{o.spec.label}: {o.precision}" for o in (mine, other) if o is not None))
     say(f"eval: {', '.join(record['files'])} in {args.run_dir}")
     failed = {f"{o.spec.label}/{task}": line for o in (mine, other) if o is not None
               for task, line in o.failures.items()}

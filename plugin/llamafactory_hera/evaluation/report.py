@@ -49,9 +49,10 @@ def report_rows(tasks: list[PlannedTask], run: Outcome, baseline: Outcome | None
 
 def _markdown(record: dict[str, Any]) -> str:
     lines = [f"# Evaluation of {record['run']['title']}", "",
-             f"- run: `{record['run']['model']}` (stage {record['run']['stage']})"]
+             f"- run: `{record['run']['model']}` (stage {record['run']['stage']}; {record['run']['precision']})"]
     if record["baseline"]:
-        lines.append(f"- baseline: `{record['baseline']['model']}` ({record['baseline']['title']})")
+        lines.append(f"- baseline: `{record['baseline']['model']}` ({record['baseline']['title']}; "
+                     f"{record['baseline']['precision']})")
     for side in ("run", "baseline"):
         taken = (record[side] or {}).get("inherited")
         if taken:
@@ -208,7 +209,7 @@ def write_reports(run_dir: Path, tasks_spec: str, tasks: list[PlannedTask], run:
             return None
         spec = outcome.spec
         return {"title": spec.title, "run_dir": str(spec.run_dir), "stage": spec.stage, "model": _describe(spec),
-                "trained": spec.trained, "cached_tasks": outcome.cached,
+                "precision": outcome.precision, "trained": spec.trained, "cached_tasks": outcome.cached,
                 "loading": {k: v for k, v in spec.recipe.items() if k not in ("model_name_or_path",
                                                                               "adapter_name_or_path")},
                 "inherited": spec.inherited,

@@ -298,6 +298,11 @@ class Outcome:
     failures: dict[str, str] = field(default_factory=dict)
     cached: list[str] = field(default_factory=list)
 
+    @property
+    def precision(self) -> str:
+        """What the model was evaluated in (:func:`precision`), as its results recorded it."""
+        return next((r["precision"] for r in self.results.values() if r.get("precision")), "not recorded")
+
 
 def cache_file(run_dir: Path, spec: ModelSpec, task: str) -> Path:
     return run_dir / CACHE_DIR / spec.cache_key() / f"{task.replace('/', '_')}.json"
@@ -341,6 +346,7 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
                     say(note)
                 say(f"eval: loading the {spec.label} model ({_describe(spec)})")
                 engine = load_engine(spec)
+                say(f"eval: the {spec.label} model is evaluated in {precision(engine.model)}")
             result = run_task(engine, spec, rows_from, task, limit, batch_size, jailbreak, cache_dir=path.parent)
         except Exception as err:  # noqa: BLE001 - one task's failure must not lose the others' results
             line = _one_line(err)
@@ -349,7 +355,8 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
             (run_dir / CACHE_DIR).mkdir(parents=True, exist_ok=True)
             (run_dir / CACHE_DIR / "last_failure.txt").write_text(traceback.format_exc(), encoding="utf-8")
             continue
-        result = {**result, "limit": limit, "task": task.name, "group": task.group, "model": _describe(spec)}
+        result = {**result, "limit": limit, "task": task.name, "group": task.group, "model": _describe(spec),
+                  "precision": precision(engine.model)}
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(result, indent=2), encoding="utf-8")
@@ -358,6 +365,20 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
     del engine
     gc.collect()
     return outcome
+
+
+def precision(model: Any) -> str:
+    """What ``model`` computes in as LLaMA-Factory loaded it: its dtype (``bfloat16``, ``float16``, ``float32``), after
+    its quantization when its ``quantization_config`` has one (``4-bit bitsandbytes nf4, float32 compute``)."""
+    dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return dtype
+    held = config if isinstance(config, dict) else config.to_dict()
+    bits = 4 if held.get("load_in_4bit") else 8 if held.get("load_in_8bit") else held.get("bits")
+    method = getattr(held.get("quant_method"), "value", held.get("quant_method"))
+    words = (f"{bits}-bit" if bits else "quantized", method, held.get("bnb_4bit_quant_type") if bits == 4 else None)
+    return " ".join(str(word) for word in words if word) + f", {dtype} compute"
 
 
 def _one_line(err: BaseException) -> str:

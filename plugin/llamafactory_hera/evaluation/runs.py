@@ -33,8 +33,10 @@ COMPARED = ("template", "cutoff_len", "image_max_pixels", "image_min_pixels", "i
             "crop_to_patches", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen",
             "use_audio_in_video", "audio_sampling_rate", "use_fast_tokenizer", "resize_vocab", "split_special_tokens",
             "add_tokens", "add_special_tokens", "tool_format", "default_system", "enable_thinking", "preserve_thinking")
+# the run's quantization too: a QLoRA run is evaluated on the 4-bit base it trained on (the report says the precision)
 LOADING_KEYS = ("model_name_or_path", "adapter_name_or_path", "finetuning_type", "trust_remote_code", "dataset_dir",
-                "media_dir", *COMPARED)
+                "media_dir", "quantization_method", "quantization_bit", "quantization_type", "double_quantization",
+                *COMPARED)
 RECORDS = f"{RUN_RECORD}, {LLAMABOARD_ARGS}, {HERA_RECORD}, {RAH_RECORD} or {HARC_RECORD}"
 DEFAULT_SEED = 42  # LLaMA-Factory's (TrainingArguments.seed): a run that recorded none was trained with it
 
