@@ -38,6 +38,9 @@ ASSETS=${ASSETS:-/tmp/hera_bench_assets}
     selection|all) $PY bench/selection.py --device cuda --preset qwen2.5-vl-7b --samples 1000 --repeats 3 \
                     --batch 32 --end-to-end --assets "$ASSETS" ;;&
     offload) $PY tests/hera/fsdp2_offload_gather.py --device cuda ;;
+    # enable_liger_kernel (triton, GPU only) with HeRA and HARC against the same runs without it (issue 70 item 6;
+    # needs liger-kernel and the test extra carried: pip install liger-kernel); not in "all"
+    liger) $PY -m pytest tests/test_torch_compile.py -q -rs -k liger ;;
     harc|all) echo "HARC against SFT with LLaMA-Factory's defaults (reentrant gradient checkpointing), as users run it"
               $PY bench/harc.py --device cuda --preset llama3.1-8b --repeats "${REPEATS:-2}" --steps 12 \
                     --assets "${ASSETS}/harc" ;;

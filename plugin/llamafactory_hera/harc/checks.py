@@ -65,6 +65,12 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
         if raw_value(host_args, key) is not None and truthy(raw_value(host_args, key)):
             raise RecipeError(f"{key}: stage: harc has no evaluation split of its own (it evaluates refusals on "
                               "held-out rows at the end, see harc_eval). Remove it.")
+    if truthy(raw_value(host_args, "torch_compile")):
+        raise RecipeError("torch_compile: true is not supported by stage: harc: the compiled forward keeps the "
+                          "residual-stream readers it first traced (torch._dynamo skips guards on module hooks, "
+                          "skip_nnmodule_hook_guards) while HARC registers its readers anew each step, so a later "
+                          "step's residuals are not read (it stops: decoder layer N was not called). Remove "
+                          "torch_compile.")
     for key in ("val_size", "eval_dataset"):
         value = raw_value(host_args, key)
         if value not in (None, "", 0, "0", 0.0, "0.0"):

@@ -33,6 +33,11 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], rah_args: RahA
                           "finetuning_type: lora.")
     if raw_value(host_args, "deepspeed"):
         raise RecipeError("stage: rah takes no optimizer step and runs on one device; remove deepspeed.")
+    for key in ("torch_compile", "enable_liger_kernel", "use_liger_kernel"):
+        if truthy(raw_value(host_args, key)):
+            raise RecipeError(f"{key}: true does nothing in stage: rah: its calibration runs the model in eval mode "
+                              "outside transformers' Trainer (nothing is compiled, and LLaMA-Factory applies Liger's "
+                              f"kernels only to a model it loads for training). Remove {key}.")
     if raw_value(host_args, "do_train") is not None and not truthy(raw_value(host_args, "do_train")):
         raise RecipeError("stage: rah calibrates with llamafactory-cli train; set do_train: true.")
     for key in ("packing", "neat_packing"):
