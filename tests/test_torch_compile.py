@@ -65,14 +65,17 @@ def test_liger_trains_each_stage_as_without(stage: str, terms: tuple[str, ...], 
 
 
 @pytest.mark.usefixtures("no_model_load")
-@pytest.mark.parametrize(("stage", "key", "start"), [
-    ("harc", "torch_compile", "torch_compile: true is not supported by stage: harc: the compiled forward keeps the "
-                              "residual-stream readers it first traced"),
-    ("rah", "torch_compile", "torch_compile: true does nothing in stage: rah: its calibration runs the model in eval "
-                             "mode outside transformers' Trainer"),
-    ("rah", "enable_liger_kernel", "enable_liger_kernel: true does nothing in stage: rah: "),
+@pytest.mark.parametrize(("stage", "key", "value", "start"), [
+    ("harc", "torch_compile", True, "torch_compile: true is not supported by stage: harc: the compiled forward keeps "
+                                    "the residual-stream readers it first traced"),
+    ("harc", "torch_compile_backend", "inductor", "torch_compile_backend: inductor is not supported by stage: harc"),
+    ("rah", "torch_compile", True, "torch_compile: true does nothing in stage: rah: its calibration runs the model in "
+                                   "eval mode outside transformers' Trainer"),
+    ("rah", "torch_compile_mode", "max-autotune", "torch_compile_mode: max-autotune does nothing in stage: rah"),
+    ("rah", "enable_liger_kernel", True, "enable_liger_kernel: true does nothing in stage: rah: "),
 ])
 def test_what_a_stage_cannot_compile_or_does_not_use_is_refused_naming_why(
-        stage: str, key: str, start: str, assets: Any, harc_assets: Any, tmp_path: Path) -> None:
-    message = _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", **{key: True}))
+        stage: str, key: str, value: Any, start: str, assets: Any, harc_assets: Any, tmp_path: Path) -> None:
+    """A backend or a mode turns torch.compile on in transformers' TrainingArguments without torch_compile: true."""
+    message = _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", **{key: value}))
     assert message.startswith(start) and message.endswith(f"Remove {key}."), message

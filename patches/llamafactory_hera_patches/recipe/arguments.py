@@ -104,3 +104,12 @@ def truthy(value: Any) -> bool:
     """A recipe flag's value as a bool (``true``, ``t``, ``yes``, ``y``, ``1``, as transformers' ``string_to_bool``
     reads them, and ``on``; booleans as they are)."""
     return str(value).strip().lower() in {"true", "t", "yes", "y", "1", "on"} if not isinstance(value, bool) else value
+
+
+def compile_setting(args: dict[str, Any] | list[str]) -> str | None:
+    """``key: value`` of the recipe key that turns transformers' ``torch.compile`` on (``torch_compile``, or a
+    ``torch_compile_backend`` / ``torch_compile_mode``, either of which turns it on too), or None."""
+    if truthy(raw_value(args, "torch_compile")):
+        return "torch_compile: true"
+    return next((f"{key}: {raw_value(args, key)}" for key in ("torch_compile_backend", "torch_compile_mode")
+                 if raw_value(args, key) not in (None, "")), None)

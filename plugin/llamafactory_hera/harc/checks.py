@@ -21,7 +21,7 @@ from llamafactory_hera.recipe.checks import check_dataset_names, check_run_input
 from llamafactory_hera.recipe.dataset_info import DATA_CONFIG
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.data.templates import composite_model_types
-from llamafactory_hera_patches.recipe.arguments import raw_value, truthy
+from llamafactory_hera_patches.recipe.arguments import compile_setting, raw_value, truthy
 
 
 def _set(host_args: dict[str, Any] | list[str], key: str, value: Any) -> None:
@@ -65,12 +65,12 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
         if raw_value(host_args, key) is not None and truthy(raw_value(host_args, key)):
             raise RecipeError(f"{key}: stage: harc has no evaluation split of its own (it evaluates refusals on "
                               "held-out rows at the end, see harc_eval). Remove it.")
-    if truthy(raw_value(host_args, "torch_compile")):
-        raise RecipeError("torch_compile: true is not supported by stage: harc: the compiled forward keeps the "
+    if compiled := compile_setting(host_args):
+        raise RecipeError(f"{compiled} is not supported by stage: harc: the compiled forward keeps the "
                           "residual-stream readers it first traced (torch._dynamo skips guards on module hooks, "
                           "skip_nnmodule_hook_guards) while HARC registers its readers anew each step, so a later "
                           "step's residuals are not read (it stops: decoder layer N was not called). Remove "
-                          "torch_compile.")
+                          f"{compiled.partition(':')[0]}.")
     for key in ("val_size", "eval_dataset"):
         value = raw_value(host_args, key)
         if value not in (None, "", 0, "0", 0.0, "0.0"):

@@ -16,7 +16,7 @@ from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.recipe.checks import check_run_inputs
 from llamafactory_hera.recipe.quantization import check_readable_quantization, quantization_in_use
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.recipe.arguments import raw_value, truthy
+from llamafactory_hera_patches.recipe.arguments import compile_setting, raw_value, truthy
 
 _FAST_ATTENTION = {"fa2", "fa3", "sdpa"}
 
@@ -33,11 +33,11 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], rah_args: RahA
                           "finetuning_type: lora.")
     if raw_value(host_args, "deepspeed"):
         raise RecipeError("stage: rah takes no optimizer step and runs on one device; remove deepspeed.")
-    for key in ("torch_compile", "enable_liger_kernel", "use_liger_kernel"):
-        if truthy(raw_value(host_args, key)):
-            raise RecipeError(f"{key}: true does nothing in stage: rah: its calibration runs the model in eval mode "
-                              "outside transformers' Trainer (nothing is compiled, and LLaMA-Factory applies Liger's "
-                              f"kernels only to a model it loads for training). Remove {key}.")
+    liger = [f"{key}: true" for key in ("enable_liger_kernel", "use_liger_kernel") if truthy(raw_value(host_args, key))]
+    if setting := compile_setting(host_args) or next(iter(liger), None):
+        raise RecipeError(f"{setting} does nothing in stage: rah: its calibration runs the model in eval mode "
+                          "outside transformers' Trainer (nothing is compiled, and LLaMA-Factory applies Liger's "
+                          f"kernels only to a model it loads for training). Remove {setting.partition(':')[0]}.")
     if raw_value(host_args, "do_train") is not None and not truthy(raw_value(host_args, "do_train")):
         raise RecipeError("stage: rah calibrates with llamafactory-cli train; set do_train: true.")
     for key in ("packing", "neat_packing"):
