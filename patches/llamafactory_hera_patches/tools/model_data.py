@@ -107,11 +107,13 @@ def scoring_device_map(device: str) -> dict[str, str]:
     return {"": "cpu" if device.partition(":")[0] == "cpu" else device}
 
 
-def load_model_for_scoring(args: RecipeArgs, device: str) -> tuple[Any, dict[str, Any], Any]:
-    """(model in eval mode on ``device``, tokenizer module, template) exactly as LLaMA-Factory loads them."""
+def load_model_for_scoring(args: RecipeArgs, device: str,
+                           device_map: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any], Any]:
+    """(model in eval mode on ``device``, or placed by ``device_map``, tokenizer module, template) exactly as
+    LLaMA-Factory loads them."""
     model_module = importlib.import_module("llamafactory.model")
     data = importlib.import_module("llamafactory.data")
-    args.model_args.device_map = scoring_device_map(device)
+    args.model_args.device_map = device_map or scoring_device_map(device)
     tokenizer_module = model_module.load_tokenizer(args.model_args)
     template = data.get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], args.data_args)
     model = model_module.load_model(tokenizer_module["tokenizer"], args.model_args, args.finetuning_args,

@@ -256,12 +256,16 @@ def collect_teacher(teacher: VisionTeacher, image_processor: Any, pairs: list[Ca
 
 
 def layer_weights(model: nn.Module) -> dict[int, torch.Tensor]:
-    """Layer with heads -> the effective ``o_proj`` weight ``[d, H*d_head]`` (LoRA delta included), detached."""
+    """Layer with heads -> the effective ``o_proj`` weight ``[d, H*d_head]`` (LoRA delta included), detached, float32
+    on the CPU (a 70B model's are 21 GB): a weight accelerate offloaded is brought to its device for the read."""
+    from accelerate.utils import align_module_device  # lazy: accelerate's hooks only where a model was loaded
+
     weights = {}
     for layer, o_proj in head_projections(model).items():
         base = getattr(o_proj, "base_layer", o_proj)
-        columns = torch.arange(base.in_features, device=base.weight.device)  # a 4-bit weight is packed
-        weights[layer] = effective_weight_columns(o_proj, columns).detach()
+        with align_module_device(base):
+            columns = torch.arange(base.in_features, device=base.weight.device)  # a 4-bit weight is packed
+            weights[layer] = effective_weight_columns(o_proj, columns).detach().cpu()
     return weights
 
 

@@ -24,7 +24,7 @@ import torch
 
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
-from llamafactory_hera.hera.selection import collect
+from llamafactory_hera.hera.selection import collect, memory
 from llamafactory_hera.hera.selection.choices import DTYPES, MODES, RECIPE_BACKED, STRATEGIES, dest
 from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
 from llamafactory_hera.hera.selection.result import SelectionResult
@@ -190,9 +190,9 @@ def check_device(device: str | None) -> None:
                           "give one of them.")
 
 
-def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> None:
+def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> torch.nn.Module | None:
     """Build an empty (meta-device) model from the config and check every decoder layer has ``o_proj`` (unknown
-    architectures are left to the load)."""
+    architectures are left to the load); returns it (None: an architecture the auto classes do not build)."""
     from transformers import AutoConfig  # lazy: transformers only when a config is read (see below)
 
     try:
@@ -218,6 +218,7 @@ def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> N
             head_projections(model)
         except ValueError as err:
             raise RecipeError(f"model_name_or_path: {model_name_or_path}: {err}") from None
+    return model
 
 
 def identity_of(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> dict[str, Any]:
@@ -277,8 +278,10 @@ def tied_share(scores: torch.Tensor) -> float:
     return sum(n for n in counts.values() if n > 1) / max(len(values), 1)
 
 
-def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str) -> tuple[Any, dict[str, Any], Any]:
-    """(model, tokenizer module, template) loaded the way LLaMA-Factory loads them, the model in ``dtype``.
+def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str,
+                          device_map: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any], Any]:
+    """(model, tokenizer module, template) loaded the way LLaMA-Factory loads them, the model in ``dtype`` (whole on
+    ``device``, or placed by ``device_map``: :mod:`~llamafactory_hera.hera.selection.memory`).
 
     LLaMA-Factory's compute dtype is set to ``dtype`` (the compute dtype of a quantized model) and a model whose
     floating weights load in another dtype (``torch_dtype="auto"``: the checkpoint's) is cast to it; a quantized
@@ -289,11 +292,13 @@ def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str) -> tuple[An
     args = copy.copy(recipe_args)
     args.model_args = copy.copy(recipe_args.model_args)
     args.model_args.compute_dtype = wanted
-    model, tokenizer_module, template = load_model_for_scoring(args, device)
+    model, tokenizer_module, template = load_model_for_scoring(args, device, device_map)
     keep_4bit_layout(model)  # its 4-bit heads' columns are read dequantized (training/eval_forward.py)
     floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if not getattr(model, "quantization_method", None) and floating - {wanted}:
-        model = model.to(wanted)
+        # torch's own cast: accelerate refuses a dispatched model's .to(); an offloaded weight is cast to its (meta)
+        # parameter's dtype each time accelerate brings it to the device
+        model = torch.nn.Module.to(model, wanted)
     return model, tokenizer_module, template
 
 
@@ -302,7 +307,13 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions,
     """Load the model the way LLaMA-Factory does, in ``options.dtype``: ``[L, H]`` MKNN scores and each pair's
     overlap (CPU, :func:`~llamafactory_hera.hera.selection.scores.all_head_neighbours`)."""
     device = options.resolved_device()
-    model, tokenizer_module, template = load_in_scoring_dtype(recipe_args, device, options.dtype)
+    model_args = recipe_args.model_args
+    meta = None if model_args.quantization_bit is not None or torch.device(device).type not in ("cpu", "cuda") \
+        else check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
+    device_map = None if meta is None else memory.scoring_device_map(meta, model_args.model_name_or_path, device,
+                                                                     options.dtype)
+    del meta
+    model, tokenizer_module, template = load_in_scoring_dtype(recipe_args, device, options.dtype, device_map)
     geometry = attention_geometry(model.config)
     dataset = collator = None
     if options.mode == "text":
