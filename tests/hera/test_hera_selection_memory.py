@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -88,8 +89,8 @@ print(json.dumps(score_head_neighbours(args, options, pairs).scores.tolist()))
 def test_offloaded_selection_equals_the_whole_model(assets, monkeypatch, capfd, mode: str, dtype: str) -> None:
     """Budgets that hold part of the model in RAM put the other layers on disk (accelerate's AlignDevicesHook loads
     each one for its forward): the o_proj hooks and weights read the same values, so the scores and the chosen heads
-    equal the whole-model selection's in a separate process. In bfloat16 the float32 checkpoint is cast after the
-    dispatch, each offloaded weight as accelerate loads it."""
+    equal the whole-model selection's in a separate process, and the dispatched copy is freed. In bfloat16 the float32
+    checkpoint is cast after the dispatch, each offloaded weight as accelerate loads it."""
     from accelerate.utils import compute_module_sizes, has_offloaded_params
 
     from llamafactory_hera_patches.tools.model_data import parse_recipe
@@ -108,17 +109,38 @@ def test_offloaded_selection_equals_the_whole_model(assets, monkeypatch, capfd, 
     # RAM for 0.9 * 1.05 of the model less the o_proj reserve: the first blocks (the vision tower, ...) in RAM, at
     # least one decoder layer on disk (checked below)
     monkeypatch.setattr(memory, "free_memory", lambda device: {"cpu": size * 21 // 20, "disk": 10 * size})
-    offloaded = []
+    offloaded, copies = [], []
     read = collect.layer_weights
 
     def spy(model: torch.nn.Module) -> dict[int, torch.Tensor]:
         offloaded.extend(layer for layer, o_proj in head_projections(model).items() if has_offloaded_params(o_proj)
                          and o_proj.weight.device.type == "meta")
+        copies.append(weakref.ref(model))
         return read(model)
 
     monkeypatch.setattr(collect, "layer_weights", spy)
     got = score_head_neighbours(recipe_args, options, pairs).scores
     assert offloaded, "no o_proj was offloaded: the budgets did not split the model"
+    assert copies[0]() is None, "the dispatched scoring copy outlived the selection"
     assert " GB on disk (offloaded: " in capfd.readouterr().out
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert choose_heads(got, 3, "worst", 0) == choose_heads(want, 3, "worst", 0)
+
+
+def test_the_plan_holds_under_fsdp_efficient_loading(assets, tmp_path: Path, monkeypatch) -> None:
+    """``accelerate launch`` with the shipped FSDP2 config (efficient loading) made LLaMA-Factory drop the
+    device_map of the one rank that selects (transformers' is_fsdp_enabled): a model on the CPU scored on the GPU,
+    and no dispatch. One process with a one-rank gloo group and accelerate's environment."""
+    from accelerate.utils import has_offloaded_params
+
+    from llamafactory_hera_patches.tools.model_data import load_model_for_scoring, parse_recipe
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        recipe_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused"))
+        model, _, _ = load_model_for_scoring(recipe_args, "cpu", {"model": "cpu", "lm_head": "disk"})
+    finally:
+        torch.distributed.destroy_process_group()
+    assert has_offloaded_params(model.lm_head) and model.lm_head.weight.device.type == "meta"

@@ -24,6 +24,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 from llamafactory_hera_patches.errors import RecipeError
 
@@ -116,8 +117,11 @@ def load_model_for_scoring(args: RecipeArgs, device: str,
     args.model_args.device_map = device_map or scoring_device_map(device)
     tokenizer_module = model_module.load_tokenizer(args.model_args)
     template = data.get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], args.data_args)
-    model = model_module.load_model(tokenizer_module["tokenizer"], args.model_args, args.finetuning_args,
-                                    is_trainable=False)
+    # one process loads a whole copy: under FSDP's efficient loading (transformers' is_fsdp_enabled) LLaMA-Factory
+    # would drop the device_map (a CPU model scored on the GPU) and transformers accelerate's dispatch
+    with mock.patch.dict(os.environ, {"FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}):
+        model = model_module.load_model(tokenizer_module["tokenizer"], args.model_args, args.finetuning_args,
+                                        is_trainable=False)
     return model.eval(), tokenizer_module, template
 
 
