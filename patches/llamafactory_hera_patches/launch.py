@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from .data.templates import host_stages
 from .guard import require
-from .recipe.arguments import keys_of, raw_value, split_args
+from .recipe.arguments import keys_of, split_args
 from .recipe.recipe_file import read_recipe
-from .registry import registered_methods
-from .stage import check_stage, method_arguments
+from .stage import check_host_stage, method_arguments
 
 _MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt")
 _HELP = ("-h", "--help")
@@ -67,7 +66,7 @@ def check_before_ranks(argv: list[str]) -> None:
         return
     host_args, method_raw, method = split_args(raw)
     if method is None:
-        check_stage(raw_value(host_args, "stage"), [m.stage for m in registered_methods()], host_stages())
+        check_host_stage(host_args, os.environ)
         return
     method_arguments(method, keys_of(method, method_raw)[0], host_args)
 
