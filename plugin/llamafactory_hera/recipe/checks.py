@@ -24,9 +24,8 @@ traceback, some of them only after the model and the teacher loaded:
   sharding (HeRA, HARC);
 - ``streaming: true``: every stage reads its rows as a map-style dataset (see :data:`_STREAMING`).
 
-:func:`check_raw_recipe`, run after these and the method's own raw checks, checks that DeepSpeed is installed where the
-recipe names a config (transformers' ``PackageNotFoundError``, 70 lines, while the arguments were parsed: now the
-``pip install`` command), runs the checks of the keys LLaMA-Factory
+:func:`check_raw_recipe`, run after these and the method's own raw checks, checks that the engines the recipe names
+are installed (:func:`check_engines_installed`: the ``pip install`` command), runs the checks of the keys LLaMA-Factory
 reads (:mod:`.host_keys`: unknown keys, values outside a key's choices, ``template``, numbers) and of the model
 (:mod:`.model_paths`: model and adapter paths; :mod:`.model_checks`: ``lora_target``).
 """
@@ -232,17 +231,28 @@ def _deepspeed_requirement() -> str:
     return str(deps.get("deepspeed", "deepspeed"))
 
 
-def check_deepspeed_installed(host_args: dict[str, Any] | list[str]) -> None:
-    """A recipe naming a DeepSpeed config runs where DeepSpeed is installed (else transformers' ``PackageNotFoundError``
-    traceback, 70 lines, while the arguments are parsed). After the method's own checks: a stage that refuses
-    DeepSpeed (RAH-LoRA) says so instead."""
-    deepspeed = raw_value(host_args, "deepspeed")
-    if deepspeed is None or str(deepspeed).strip().lower() in {"", "none", "null"} \
-            or importlib.util.find_spec("deepspeed") is not None:
-        return
-    requirement = _deepspeed_requirement()
-    raise RecipeError(f"deepspeed: {deepspeed} needs DeepSpeed, which is not installed here. Install it: pip install "
-                      f"'{requirement}' (or remove deepspeed to train without it).")
+QLORA = "bitsandbytes>=0.50"  # pyproject.toml's qlora extra: the bitsandbytes the tests run; LLaMA-Factory asks 0.39
+
+
+def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -> None:
+    """The engines a recipe names are installed: DeepSpeed for a ``deepspeed`` config (else transformers'
+    ``PackageNotFoundError`` traceback while the arguments are parsed, 70 lines), bitsandbytes for ``quantization_bit``
+    with ``quantization_method: bnb`` (else LLaMA-Factory's version-check traceback at loading, 538 lines, or HeRA's
+    head selection's). After the method's own checks: a stage that refuses DeepSpeed (RAH-LoRA) says so instead;
+    RAH-LoRA refuses quantization after the parse (rah/checks.py), so it is not told to install bitsandbytes."""
+    bits = raw_value(host_args, "quantization_bit")
+    bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb" and stage != "rah"
+    for key, value, module, requirement, without in (
+            ("deepspeed", raw_value(host_args, "deepspeed"), "DeepSpeed", _deepspeed_requirement,
+             "or remove deepspeed to train without it"),
+            ("quantization_bit", bits if bnb else None, "bitsandbytes", lambda: QLORA,
+             "llamafactory-hera's qlora extra: pip install '.[qlora]' in its clone; or remove quantization_bit to "
+             "train unquantized")):
+        if value is None or str(value).strip().lower() in {"", "none", "null"} \
+                or importlib.util.find_spec(module.lower()) is not None:
+            continue
+        raise RecipeError(f"{key}: {value} needs {module}, which is not installed here. Install it: pip install "
+                          f"'{requirement()}' ({without}).")
 
 
 def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None:
@@ -276,14 +286,14 @@ def check_raw_launch(stage: str, host_args: dict[str, Any] | list[str],
     check_streaming(stage, host_args)
 
 
-def check_raw_recipe(host_args: dict[str, Any] | list[str]) -> None:
+def check_raw_recipe(host_args: dict[str, Any] | list[str], stage: str) -> None:
     """What every plugin stage checks of the recipe's LLaMA-Factory keys before LLaMA-Factory parses them, after
-    :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific): DeepSpeed
-    installed where the recipe names it, the keys
+    :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific): the engines the
+    recipe names installed, the keys
     (:mod:`.host_keys`), the model paths, the installed stack (:mod:`.stack_checks`), this machine's bf16, and last
     ``lora_target`` against the model's modules (:mod:`.model_checks`, the one that reads the model's config)."""
     given = given_keys(host_args)
-    check_deepspeed_installed(host_args)
+    check_engines_installed(host_args, stage)
     check_host_keys(host_args)
     check_model_paths(given)
     check_stack(given)
