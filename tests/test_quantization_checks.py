@@ -60,9 +60,9 @@ def test_a_checkpoint_saved_in_another_method_is_refused_by_name_even_with_bitsa
 
 
 @pytest.mark.parametrize("stage", ["hera", "harc"])
-def test_dora_with_quantization_is_refused(stage: str) -> None:
-    """One check for HeRA and HARC (HARC used to load the 4-bit model, then end in LLaMA-Factory's "DoRA is not
-    compatible with PTQ-quantized models", 231 lines)."""
+def test_hera_refuses_dora_with_quantization(stage: str) -> None:
+    """HeRA, and HARC with the same check (HARC used to load the 4-bit model, then end in LLaMA-Factory's "DoRA is not
+    compatible with PTQ-quantized models", 256 lines)."""
     reads = "W_O" if stage == "hera" else None
     assert check_quantization(_args(4), _config(), stage, reads, dora=False) == ("bitsandbytes", 4)
     assert check_quantization(_args(), _config(), stage, reads, dora=True) is None
@@ -73,7 +73,7 @@ def test_dora_with_quantization_is_refused(stage: str) -> None:
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "hqq", "fp8"])
 def test_harc_refuses_an_untested_quantization_by_name(method: str) -> None:
-    """HARC on a GPTQ / HQQ checkpoint was LLaMA-Factory's traceback naming a package to install (254 lines)."""
+    """HARC on a GPTQ / HQQ checkpoint was LLaMA-Factory's traceback naming a package to install (266 lines)."""
     with pytest.raises(RecipeError, match=f"^stage: harc is not run on model_name_or_path: /m \\(saved {method}-"
                                           f"quantized.*: llamafactory-hera runs stage: harc on bitsandbytes 4-/8-bit "
                                           f"weights only \\(no test loads {method} weights\\)"):

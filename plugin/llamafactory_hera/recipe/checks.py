@@ -237,8 +237,8 @@ QLORA = "bitsandbytes>=0.50"  # pyproject.toml's qlora extra: the bitsandbytes t
 def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -> None:
     """The engines a recipe names are installed: DeepSpeed for a ``deepspeed`` config (else transformers'
     ``PackageNotFoundError`` traceback while the arguments are parsed, 70 lines), bitsandbytes for ``quantization_bit``
-    with ``quantization_method: bnb`` (else LLaMA-Factory's version-check traceback at loading, 538 lines, or HeRA's
-    head selection's). After the method's own checks: a stage that refuses DeepSpeed (RAH-LoRA) says so instead;
+    with ``quantization_method: bnb`` (else LLaMA-Factory's version-check traceback at loading, 558 lines with HeRA,
+    251 with HARC). After the method's own checks: a stage that refuses DeepSpeed (RAH-LoRA) says so instead;
     RAH-LoRA refuses quantization after the parse (rah/checks.py), so it is not told to install bitsandbytes."""
     bits = raw_value(host_args, "quantization_bit")
     bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb" and stage != "rah"
