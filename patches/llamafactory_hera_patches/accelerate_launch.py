@@ -1,13 +1,12 @@
 """``accelerate launch`` of LLaMA-Factory's training (``-m llamafactory.launcher``, its ``launcher.py``, a clone's
-``src/train.py``, ``llamafactory-cli train``): the recipe is checked once, in the launching process, with the
-environment accelerate hands the ranks, before any rank starts (before, each rank refused, then accelerate printed
-torch's ``ChildFailedError`` traceback, 44 lines).
+``src/train.py``, ``llamafactory-cli train``): :func:`.launch.check_before_ranks` runs in the launching process with the
+environment accelerate hands the ranks, so a refused recipe is one line and no rank starts (each rank used to refuse
+it, then accelerate printed torch's ``ChildFailedError`` traceback, 44 lines).
 
-Checked on accelerate 1.11 (on another shape nothing is patched, and the ranks check the recipe as before):
-``accelerate.commands.launch`` calls its module globals ``prepare_multi_gpu_env``, ``prepare_deepspeed_cmd_env`` and
-``prepare_simple_launcher_cmd_env`` with the command merged with the accelerate config (``training_script``,
-``training_script_args``, ``module``) just before it starts the ranks; each returns their environment (alone, or
-after the command).
+Checked on accelerate 1.11; on another shape nothing is patched (the ranks check as before).
+``accelerate.commands.launch`` calls its globals ``prepare_multi_gpu_env``, ``prepare_deepspeed_cmd_env`` and
+``prepare_simple_launcher_cmd_env`` (``args``: the command merged with the config) just before starting the ranks;
+each returns their environment.
 """
 
 from __future__ import annotations

@@ -1,19 +1,16 @@
-"""``llamafactory-cli train`` under torchrun: the recipe is checked once, in the launcher, before the ranks start.
+"""``llamafactory-cli train`` under torchrun: the recipe is checked once, in the launcher, before the ranks start
+(:func:`check_before_ranks`: the stage; a plugin stage's raw checks, :func:`.stage.method_arguments`; a host stage's
+FSDP refusals), one line and exit code 1 as without torchrun; each rank used to print it, then torchrun's and the
+launcher's tracebacks. A job that fails later ends with torchrun's report and its exit code, without the launcher's
+traceback. A bare ``torchrun`` has no launcher to patch: its ranks print a refusal once (``llamafactory_hera.
+short_errors``); ``accelerate launch`` runs :func:`check_before_ranks` too (:mod:`.accelerate_launch`).
 
 Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything is patched):
 - ``llamafactory.launcher.launch()`` pops the command from ``sys.argv``; for ``train`` with ``FORCE_TORCHRUN`` (or
   ``USE_MCA``), or more than one device without Ray or KTransformers (``llamafactory.extras.misc``: ``is_env_enabled``,
   ``get_device_count``, ``use_ray``, ``use_kt``), it runs ``torchrun ... launcher.py <args>`` with
-  ``subprocess.run(check=True)``: a failed job's ``CalledProcessError`` traceback followed torchrun's own report;
-- ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (see :mod:`..recipe.recipe_file`).
-
-Every rank used to run the plugin's checks of the raw recipe and print a refused recipe's line (once per rank, 8
-copies on 8 GPUs), then torchrun's ``ChildFailedError`` traceback and the launcher's. Now the launcher runs those checks
-first (:func:`check_before_ranks`: the stage's name; a plugin stage's keys and
-:func:`.stage.method_arguments`); a refused recipe raises its :class:`RecipeError` there (one line, exit code 1, as
-without torchrun), and torchrun does not start. A job that fails later ends with torchrun's report and its exit code,
-without the launcher's traceback. A bare ``torchrun`` has no launcher to patch: its ranks print a refusal once (see
-``llamafactory_hera.short_errors``).
+  ``subprocess.run(check=True)``;
+- ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (see :mod:`.recipe.recipe_file`).
 """
 
 from __future__ import annotations

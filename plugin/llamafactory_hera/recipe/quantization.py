@@ -1,17 +1,11 @@
-"""Which quantized weights a stage that reads weights (HeRA: ``W_O`` per head; RAH-LoRA: V and O per head) can read
-exactly, checked before the model loads, from the recipe (``quantization_bit`` / ``quantization_method``) and from the
-checkpoint's own ``config.json`` (``quantization_config.quant_method``, which LLaMA-Factory honours without
-``quantization_bit``).
-
-Readable: bitsandbytes only, 4-bit (nf4, fp4, double quantization: dequantized with its ``quant_state``) and 8-bit
-(int8 codes times their row scales), see :func:`llamafactory_hera.hera.projection.base_weight_columns`. Every other
-method is refused by name: GPTQ, AWQ, AQLM, HQQ, EETQ and quanto keep packed codes in kernels' own layouts that
-llamafactory-hera does not decode (read as weights they would be codes, not values); FP8 and MXFP4 checkpoints
-LLaMA-Factory loads dequantized (``dequantize=True``), a load no test of this project runs.
-
-HARC reads no weight, but is tested on bitsandbytes 4-/8-bit only (tests/harc/test_harc_quantized.py): every other
-method is refused by name too. DoRA with quantization is refused for HeRA and HARC: LLaMA-Factory 0.9.5 refuses it
-after loading (``model/adapter.py`` compares transformers' quant_method ``bitsandbytes`` with its own ``bnb``).
+"""Which quantizations a stage runs on, checked before the model loads, from the recipe (``quantization_bit`` /
+``quantization_method``) and the checkpoint's own ``config.json`` (``quantization_config``, which LLaMA-Factory honours
+without ``quantization_bit``): bitsandbytes 4-bit (nf4, fp4, double quantization) and 8-bit, which HeRA and RAH-LoRA
+read exactly (:func:`llamafactory_hera.hera.projection.base_weight_columns`). Every other method is refused by name:
+GPTQ, AWQ, AQLM, HQQ, EETQ and quanto keep packed codes in their kernels' layouts; FP8 and MXFP4 load dequantized, a
+load no test runs; HARC reads no weight but is tested on bitsandbytes only. DoRA with quantization is refused (HeRA,
+HARC): LLaMA-Factory 0.9.5 refuses it after loading (``model/adapter.py`` compares transformers' ``bitsandbytes`` with
+its own ``bnb``).
 """
 
 from __future__ import annotations
