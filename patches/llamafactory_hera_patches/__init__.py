@@ -5,11 +5,12 @@ host module it adapts has been executed. Each patch checks the host's shape firs
 (:mod:`.guard`) and either applies completely or raises one clear error naming the
 LLaMA-Factory version; nothing is ever half-patched.
 
-Rooms: the entry patches at the top (:mod:`.stage`: the methods' stages in the trainer's entry point; :mod:`.launch`:
-the recipe checked before torchrun starts the ranks) over :mod:`.lifecycle` (a run's output folder, identity and
-record), :mod:`.engines` (FSDP2, DeepSpeed, 4-bit weights, checkpointing), :mod:`.recipe` (keys as the host reads
-them), :mod:`.data` (templates, image tokens), :mod:`.tools` (what the offline tools load) and :mod:`.webui`
-(LlamaBoard); :mod:`.errors`, :mod:`.guard`, :mod:`.registry`, :mod:`.logging` and :mod:`.stacks` serve them all.
+Rooms: the entry patches at the top (:mod:`.stage`: the methods' stages in the trainer's entry point; :mod:`.launch`
+and :mod:`.accelerate_launch`: the recipe checked before torchrun or accelerate starts the ranks) over
+:mod:`.lifecycle` (a run's output folder, identity and record), :mod:`.engines` (FSDP2, DeepSpeed, 4-bit weights,
+checkpointing), :mod:`.recipe` (keys as the host reads them), :mod:`.data` (templates, image tokens), :mod:`.tools`
+(what the offline tools load) and :mod:`.webui` (LlamaBoard); :mod:`.errors`, :mod:`.guard`, :mod:`.registry`,
+:mod:`.logging` and :mod:`.stacks` serve them all.
 
 Checked on LLaMA-Factory 0.9.5 (PyPI, identical to tag v0.9.5) and on its main branch (0.9.6.dev0, at commit
 ff6d4d12e of 2026-11; installed from a clone as its README says): 19 of the 58 names the patches touch changed there

@@ -1,37 +1,33 @@
-"""``llamafactory-cli train`` under torchrun: the recipe is checked once, in the launcher, before the ranks start.
+"""``llamafactory-cli train`` under torchrun: the recipe is checked once, in the launcher, before the ranks start
+(:func:`check_before_ranks`: the stage; a plugin stage's raw checks, :func:`.stage.method_arguments`; a host stage's
+FSDP refusals), one line and exit code 1 as without torchrun; each rank used to print it, then torchrun's and the
+launcher's tracebacks. A job that fails later ends with torchrun's report and its exit code, without the launcher's
+traceback. A bare ``torchrun`` has no launcher to patch: its ranks print a refusal once (``llamafactory_hera.
+short_errors``); ``accelerate launch`` runs :func:`check_before_ranks` too (:mod:`.accelerate_launch`).
 
 Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything is patched):
 - ``llamafactory.launcher.launch()`` pops the command from ``sys.argv``; for ``train`` with ``FORCE_TORCHRUN`` (or
   ``USE_MCA``), or more than one device without Ray or KTransformers (``llamafactory.extras.misc``: ``is_env_enabled``,
   ``get_device_count``, ``use_ray``, ``use_kt``), it runs ``torchrun ... launcher.py <args>`` with
-  ``subprocess.run(check=True)``: a failed job's ``CalledProcessError`` traceback followed torchrun's own report;
-- ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (see :mod:`..recipe.recipe_file`).
-
-Every rank used to run the plugin's checks of the raw recipe and print a refused recipe's line (once per rank, 8
-copies on 8 GPUs), then torchrun's ``ChildFailedError`` traceback and the launcher's. Now the launcher runs those checks
-first (:func:`check_before_ranks`: the stage's name; a plugin stage's keys and
-:func:`.stage.method_arguments`); a refused recipe raises its :class:`RecipeError` there (one line, exit code 1, as
-without torchrun), and torchrun does not start. A job that fails later ends with torchrun's report and its exit code,
-without the launcher's traceback. A bare ``torchrun`` has no launcher to patch: its ranks print a refusal once (see
-``llamafactory_hera.short_errors``).
+  ``subprocess.run(check=True)``;
+- ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (see :mod:`.recipe.recipe_file`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from .data.templates import host_stages
 from .guard import require
-from .recipe.arguments import keys_of, raw_value, split_args
+from .recipe.arguments import keys_of, split_args
 from .recipe.recipe_file import read_recipe
-from .registry import registered_methods
-from .stage import check_stage, method_arguments
+from .stage import check_host_stage, method_arguments
 
 _MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt")
 _HELP = ("-h", "--help")
@@ -67,7 +63,7 @@ def check_before_ranks(argv: list[str]) -> None:
         return
     host_args, method_raw, method = split_args(raw)
     if method is None:
-        check_stage(raw_value(host_args, "stage"), [m.stage for m in registered_methods()], host_stages())
+        check_host_stage(host_args, os.environ)
         return
     method_arguments(method, keys_of(method, method_raw)[0], host_args)
 

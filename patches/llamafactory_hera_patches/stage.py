@@ -23,7 +23,7 @@ import difflib
 import importlib
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -122,13 +122,7 @@ def apply(tuner: ModuleType) -> None:
         config = {**config, "args": host_args}
         output_dir.refuse_finished(host_args)  # before the parse, which would resume it
         if method is None:
-            check_stage(raw_value(host_args, "stage"), [m.stage for m in registered_methods()], host_stages())
-            stage = str(raw_value(host_args, "stage") or "sft")
-            refusal = truthy(raw_value(host_args, "do_train")) and (  # a training run would save nothing, or fail
-                fsdp_adapter.unsaved_refusal(stage, os.environ)
-                or fsdp_loading.bitsandbytes_refusal(stage, host_args, os.environ))
-            if refusal:
-                raise RecipeError(refusal)
+            check_host_stage(host_args, os.environ)
             for other in registered_methods():
                 ignored = sorted(k for k in method_raw if k.startswith(other.prefix))
                 if ignored:
@@ -229,6 +223,17 @@ def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
             raise
     for path in written:
         run_record.write_ended(path, None)
+
+
+def check_host_stage(host_args: Any, environ: Mapping[str, str]) -> None:
+    """A recipe of no method's stage: the stage is LLaMA-Factory's, and a training run under the FSDP ``environ`` names
+    (what ``accelerate launch`` sets) would save something and not fail after loading."""
+    check_stage(raw_value(host_args, "stage"), [m.stage for m in registered_methods()], host_stages())
+    stage = str(raw_value(host_args, "stage") or "sft")
+    refusal = truthy(raw_value(host_args, "do_train")) and (
+        fsdp_adapter.unsaved_refusal(stage, environ) or fsdp_loading.bitsandbytes_refusal(stage, host_args, environ))
+    if refusal:
+        raise RecipeError(refusal)
 
 
 def check_stage(stage: Any, method_stages: list[str], host_stages: tuple[str, ...] | None) -> None:

@@ -20,6 +20,8 @@ _TARGETS = {
     # for every stage: FSDP2 LoRA checkpoints saved and loaded whole (accelerate before PR 4206 kept rank 0's shard);
     # 4-bit weights kept out of FSDP2's mixed-precision upcast (their packed codes lost the bytes that form a NaN)
     "accelerate.utils.fsdp_utils": ("engines.fsdp_adapter", "engines.fsdp_qlora"),
+    # accelerate launch of LLaMA-Factory's training: the recipe checked before the ranks, with the ranks' environment
+    "accelerate.commands.launch": "accelerate_launch",
     "llamafactory.data.template": "data.llava_templates",  # LLaVA-1.5 templates of the families compose builds from
     "llamafactory.extras.constants": "webui.stage_list",
     # llamafactory-cli train under torchrun: the recipe checked before the ranks
@@ -75,8 +77,8 @@ def _apply(patch, module) -> None:
         raise SystemExit(refusal)
     for name in (patch,) if isinstance(patch, str) else patch:
         importlib.import_module(f"llamafactory_hera_patches.{name}").apply(module)
-    if patch in ("stage", "launch"):  # a training process or its launcher: the plugin's errors end it with
-        # their message alone
+    if patch in ("stage", "launch", "accelerate_launch"):  # a training process or its launcher: the plugin's
+        # errors end it with their message alone
         importlib.import_module("llamafactory_hera.job_refusal").install()
 
 

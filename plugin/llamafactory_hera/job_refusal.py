@@ -1,12 +1,9 @@
 """The plugin's errors end a training process with their one line (:mod:`.short_errors`), and a refusal on any rank
 of a multi-process job ends every rank within seconds, printed once (:func:`install`, set by the start-up hook).
 
-A rank that refused used to leave the others waiting: under torchrun (``accelerate launch`` included) a refusal raised
-only on a rank other than 0 was printed 30 s late (that rank waited for torchrun to stop it, in case rank 0 printed
-the same line); under ``srun`` without ``--kill-on-bad-exit`` (no agent stops anything) the other ranks waited in the
-process group's rendezvous or a collective until ``ddp_timeout``. Now the job's ranks share a flag in the job's c10d
-store at ``MASTER_ADDR:MASTER_PORT`` (torchrun's agent hosts it from the start; under ``srun`` rank 0's process group
-does, or a refusing rank 0 itself):
+Without it, a refusal on a rank other than 0 waited for torchrun to stop it, and under ``srun`` the other ranks waited
+until ``ddp_timeout``. The job's ranks share a flag in the job's c10d store at ``MASTER_ADDR:MASTER_PORT`` (torchrun's
+agent hosts it from the start; under ``srun`` rank 0's process group does, or a refusing rank 0 itself):
 
 - every rank of a job watches the flag (:func:`watch`, a daemon thread): when it is set, the rank ends at once with
   exit code 1, quietly;

@@ -1,16 +1,13 @@
-"""The plugin's user-error type, :class:`RecipeError`, and its one-line report.
-
-A bad recipe value (``hera_heads: [L9H0]``) used to end a ``llamafactory-cli train`` run with a ~20-line traceback
-through LLaMA-Factory and the plugin, the message on the last line. The plugin's checks raise :class:`RecipeError`
-with a message that names the key, the value and the fix; when one ends the process, only that message is printed
-(and a line saying how to get the traceback). Every other exception, a ``ValueError`` of torch or of the plugin's
+"""The plugin's user-error type, :class:`RecipeError`, and its one-line report: the plugin's checks raise it with a
+message that names the key, the value and the fix; when one ends the process, only that message is printed (and a line
+saying how to get the traceback). Every other exception, a ``ValueError`` of torch or of the plugin's
 own internals included, keeps Python's full report.
 
 A refusal in a rank of a multi-process job (torchrun, ``accelerate launch``, ``srun`` tasks) is printed once, by the
 first rank to refuse, and ends the job's other ranks within seconds (:mod:`llamafactory_hera.job_refusal`, through
 the job's store); where no store can be reached, rank 0 of a torchrun job prints it and another rank waits up to
-:data:`RANK_WAIT_S` for torchrun's agent to stop it. ``llamafactory-cli train`` checks the recipe before it starts
-torchrun (``llamafactory_hera_patches.launch``).
+:data:`RANK_WAIT_S` for torchrun's agent to stop it. ``llamafactory-cli train`` and ``accelerate launch`` check the
+recipe before they start the ranks (``llamafactory_hera_patches.launch``, ``.accelerate_launch``).
 """
 
 from __future__ import annotations

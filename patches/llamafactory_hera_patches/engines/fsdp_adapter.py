@@ -4,9 +4,8 @@ transformers' Trainer saves and loads its FSDP resume checkpoint (``pytorch_mode
 ``save_fsdp_model`` / ``load_fsdp_model`` with ``adapter_only=True``. In accelerate 1.11 (the newest LLaMA-Factory
 0.9.5 allows) that path calls PEFT's ``get_peft_model_state_dict`` on the FSDP2 model, whose values are each rank's
 DTensor shards: rank 0 writes its own shard, and on loading the other ranks restore nothing, so a resumed LoRA run
-continues from a different adapter (stock LoRA SFT of a tiny Qwen2.5-VL on two CPU ranks, plugin off: the first
-resumed step's loss 6.2508 against 6.2406 uninterrupted; with this patch the resumed run ends bit for bit as the
-uninterrupted one: adapter, pytorch_model_fsdp.bin, optimizer.bin). Fixed upstream in accelerate PR 4206 (present in
+continues from a different adapter (stock SFT too; with this patch it ends bit for bit as the run not stopped). Fixed
+upstream in accelerate PR 4206 (present in
 1.15.0): with a full state dict the adapter is read with torch's
 ``get_model_state_dict(..., ignore_frozen_params=True)`` (gathered) and set with
 ``set_model_state_dict(..., strict=False)`` (broadcast from rank 0). This patch does the same on the accelerate

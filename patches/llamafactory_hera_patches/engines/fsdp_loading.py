@@ -1,25 +1,16 @@
-"""Known host failures of FSDP2 with bitsandbytes weights, named before loading, for every training stage.
+"""Known host failures of FSDP2 with bitsandbytes weights, named before loading, for every training stage (stock SFT
+fails the same way; two CPU ranks under tests/fsdp_cpu's shim, torch 2.11, accelerate 1.11):
+- 8-bit (``quantization_bit: 8``), or a checkpoint saved with int8 codes or with 4-bit codes in bitsandbytes' default
+  uint8 storage (most 4-bit checkpoints on the Hub; its config.json read from the folder or fetched as LLaMA-Factory
+  fetches it): torch's ``fully_shard`` makes each weight a DTensor parameter, which integer codes cannot be, after
+  the model has loaded. ``quantization_bit: 4`` trains: LLaMA-Factory stores the codes in the compute dtype.
+- 4-bit with ``fsdp_cpu_ram_efficient_loading: true`` (LLaMA-Factory's examples/accelerate/fsdp2_config.yaml):
+  accelerate <= 1.11's ``fsdp2_load_full_state_dict`` looks the quantization state up as a submodule (``AttributeError:
+  `weight` is not an nn.Module``) after loading; with ``false`` the same runs train. A newer accelerate is not refused.
+- 4-bit codes stored in another dtype than FSDP2's mixed-precision all-gather (:func:`codes_dtype_refusal`).
 
-- 8-bit (``quantization_bit: 8``): torch's ``fully_shard`` (accelerate's ``fsdp2_prepare_model``) makes each weight an
-  ``nn.Parameter`` of a DTensor, which int8 codes cannot be ("only Tensors of floating point dtype can require
-  gradients"), after the model has loaded; stock LoRA SFT the same (two CPU ranks under tests/fsdp_cpu's shim, torch
-  2.11, 2026-11-27). 4-bit trains because LLaMA-Factory stores its packed codes in the compute dtype
-  (``bnb_4bit_quant_storage``). With the efficient loading on, LLaMA-Factory refuses 8-bit itself ("Only 4-bit
-  quantized model can use fsdp+qlora"), after reading the config. A checkpoint saved quantized (no
-  ``quantization_bit``) with int8 codes, or 4-bit codes in bitsandbytes' default uint8 storage (most 4-bit checkpoints
-  on the Hub), fails the same way (stock SFT on a saved 4-bit uint8 checkpoint, 2026-11-27): refused, its config.json
-  read from the folder or fetched from the Hub as LLaMA-Factory fetches it.
-- 4-bit with ``fsdp_cpu_ram_efficient_loading: true`` (LLaMA-Factory's examples/accelerate/fsdp2_config.yaml): rank 0
-  loads the model and hands each rank its shards through accelerate's ``fsdp2_load_full_state_dict``; the state dict
-  holds the quantization state beside each packed weight (``...weight.absmax``, ``...weight.quant_map``, ...), which
-  accelerate 1.11 (the newest LLaMA-Factory 0.9.5 allows) looks up as a submodule: ``AttributeError: `weight` is not
-  an nn.Module`` after the model has loaded, stock LoRA SFT too (2026-11-26). With ``false`` the same runs train
-  (stock SFT; HeRA and HARC give DDP's / one process's losses: tests/hera/test_hera_fsdp2.py,
-  tests/harc/test_harc_stage.py). Refused on those accelerate versions; a newer accelerate is not refused
-  (untested).
-
-Read from what ``accelerate launch`` sets; a recipe's own ``fsdp`` / ``fsdp_config`` keys set it only as transformers
-parses them, after this check (the plugin's stages refuse those keys: recipe/fsdp.py).
+Read from what ``accelerate launch`` sets (in its ranks, or in the launching process: patches/accelerate_launch.py);
+a recipe's own ``fsdp`` keys are the plugin's stages' refusal (recipe/fsdp.py).
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from llamafactory_hera.harc.layers import eligible_layers
 from llamafactory_hera.log import say
 from llamafactory_hera.recipe.checks import check_dataset_names, check_run_inputs
 from llamafactory_hera.recipe.dataset_info import DATA_CONFIG
+from llamafactory_hera.recipe.quantization import check_quantization
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.data.templates import composite_model_types
 from llamafactory_hera_patches.recipe.arguments import compile_setting, raw_value, truthy
@@ -114,6 +115,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
         raise RecipeError(f"model_name_or_path: {model_args.model_name_or_path} is a multimodal model ({kind}); "
                           "stage: harc trains text LLMs only (text rows, one decoder's layers). Use a text-only chat "
                           "model (e.g. Llama-3.1-8B-Instruct, Qwen2.5-7B-Instruct).")
+    check_quantization(model_args, config, "harc", dora=bool(getattr(finetuning_args, "use_dora", False)))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = int(text.num_hidden_layers)
     eligible = eligible_layers(layers, harc_args.harc_band)

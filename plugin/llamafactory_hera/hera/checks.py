@@ -22,7 +22,7 @@ from llamafactory_hera.hera.preflight import check_contrastive_geometry, contras
 from llamafactory_hera.hera.selection.auto import short_ddp_timeout_warning
 from llamafactory_hera.hera.teacher import check_teacher_source
 from llamafactory_hera.recipe.checks import check_run_inputs
-from llamafactory_hera.recipe.quantization import check_readable_quantization
+from llamafactory_hera.recipe.quantization import check_quantization
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.data.templates import template_tokens
 from llamafactory_hera_patches.guard import host_version
@@ -144,8 +144,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                               "stage: sft.")
     config = AutoConfig.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
-    check_quantized_hera(check_readable_quantization(model_args, config, "hera", "W_O per head"),
-                         bool(getattr(finetuning_args, "use_dora", False)))
+    check_quantization(model_args, config, "hera", "W_O per head", bool(getattr(finetuning_args, "use_dora", False)))
     check_multimodal(model_args, data_args, config)
     geometry = attention_geometry(config)
     check_has_heads(geometry, config, "stage: hera")
@@ -175,18 +174,6 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
             print(warning, flush=True)
     geometry = contrastive_geometry(hera_args, training_args.per_device_train_batch_size, training_args.world_size)
     check_contrastive_geometry(geometry, hera_args)
-
-
-def check_quantized_hera(quantization: tuple[str, int | None] | None, dora: bool) -> None:
-    """What HeRA cannot run of a readable (bitsandbytes) quantization with DoRA: LLaMA-Factory refuses the pair after
-    loading. (Under ZeRO-3 both run: HeRA reads W_O in its modules' calls, DoRA's row norm under a gather.)"""
-    if dora and quantization:
-        raise RecipeError(f"use_dora: true with {quantization[1]}-bit bitsandbytes weights: LLaMA-Factory 0.9.5 "
-                          "refuses DoRA on every quantized model after loading it (model/adapter.py compares "
-                          "transformers' quant_method 'bitsandbytes' with its own 'bnb'; stage: sft fails the same "
-                          "way), and at 8-bit PEFT 0.18's DoRA forward fails from its second call. HeRA's per-head "
-                          "split itself handles DoRA on 4-bit weights. Use plain LoRA with quantization, or DoRA "
-                          "unquantized.")
 
 
 def check_adapter_fits(adapters: list[str] | None, hidden_size: int, attention_widths: set[int],

@@ -14,7 +14,7 @@ from llamafactory_hera.heads.architecture import describe, layer_list, per_head_
 from llamafactory_hera.heads.geometry import attention_geometry
 from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.recipe.checks import check_run_inputs
-from llamafactory_hera.recipe.quantization import check_readable_quantization, quantization_in_use
+from llamafactory_hera.recipe.quantization import check_quantization, quantization_in_use
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.recipe.arguments import compile_setting, raw_value, truthy
 
@@ -58,7 +58,7 @@ def check_rah_quantization(model_args: Any, config: Any) -> None:
     to the dequantized weight), but its trust region measures each head's KL with ``W + alpha * Delta`` written into
     the V and O weights in place (rah/calibrate.py ``set_alpha``), and 4-bit blocks / int8 rows with their scales cannot
     hold that edit without quantizing it again (and changing the rest of the block or row)."""
-    if check_readable_quantization(model_args, config, "rah", "V and O weights per head") is None:
+    if check_quantization(model_args, config, "rah", "V and O weights per head") is None:
         return
     _, bits, source = quantization_in_use(model_args, config)
     raise RecipeError(f"stage: rah cannot calibrate {source}: its trust region writes each head's W + alpha * Delta "

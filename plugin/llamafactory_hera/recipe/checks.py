@@ -1,34 +1,15 @@
-"""The checks every plugin stage runs before any model or dataset loads: first on the recipe's own keys and the launch
-environment, before LLaMA-Factory parses the recipe; then on LLaMA-Factory's parsed arguments.
+"""The checks every plugin stage runs before any model or dataset loads, each one line naming the key, the value and
+the fix where the run would otherwise end later, or with a traceback.
 
-After the parse, each raises one ``ValueError`` naming the key, the value and the fix, where LLaMA-Factory would
-otherwise end the run later with a traceback: a dataset name missing from ``dataset_info.json`` (``Undefined dataset
-nope``), a dataset file without rows (``Instruction "train" corresponds to no data!``) or that is not there (``File ...
-not found.``), a ``max_samples`` below 1 (a bare ``StopIteration`` while the rows are aligned), FSDP however it was set
-(see below), an ``output_dir`` that cannot be created or written (a raw ``PermissionError`` / ``NotADirectoryError``
-after loading), a ``template`` whose special tokens the model's tokenizer does not have (``IndexError: index out of
-range`` in the embedding). A ``stage`` that is nobody's (``Unknown task``) is refused by the stage patch
-(:func:`llamafactory_hera_patches.stage.check_stage`); the checkpoint a run resumes from, before the parse, by
-:mod:`.resume`.
+Before LLaMA-Factory parses the recipe (nothing loaded; by the stage patch, and by ``llamafactory-cli train`` and
+``accelerate launch`` before any rank starts): :func:`check_raw_launch` (``fp16`` with ``bf16``, a ``deepspeed`` path
+that is no file, FSDP as :mod:`.fsdp` says, ``streaming``), then the method's own checks, then
+:func:`check_raw_recipe` (the engines the recipe names installed, with the ``pip install`` command; the keys
+LLaMA-Factory reads, :mod:`.host_keys`; model and adapter paths, :mod:`.model_paths`; ``lora_target``,
+:mod:`.model_checks`). The checkpoint a run resumes from: :mod:`.resume`; a ``stage`` that is nobody's: the stage patch.
 
-Before the parse (nothing is loaded yet; called once, by the stage patch, for every method's stage), each raises one
-``ValueError`` naming the key, the value and the fix, where the run would otherwise end with an unrelated message or a
-traceback, some of them only after the model and the teacher loaded:
-
-- ``fp16`` and ``bf16`` both true (transformers names the CPU's missing bf16, or fails later, not the conflict);
-- a ``deepspeed`` config path that is not a file (accelerate's "Expected a string path to an existing deepspeed config"
-  while the arguments are built);
-- FSDP, from the recipe (``fsdp``, ``fsdp_config``) or from ``accelerate launch`` with an FSDP config
-  (``ACCELERATE_USE_FSDP``, with ``FSDP_VERSION`` 1 or 2), why per method and version in :mod:`.fsdp` (what was
-  measured of FSDP2 included); the run would load the model and the teacher first. DeepSpeed ZeRO-3 is the supported
-  sharding (HeRA, HARC);
-- ``streaming: true``: every stage reads its rows as a map-style dataset (see :data:`_STREAMING`).
-
-:func:`check_raw_recipe`, run after these and the method's own raw checks, checks that DeepSpeed is installed where the
-recipe names a config (transformers' ``PackageNotFoundError``, 70 lines, while the arguments were parsed: now the
-``pip install`` command), runs the checks of the keys LLaMA-Factory
-reads (:mod:`.host_keys`: unknown keys, values outside a key's choices, ``template``, numbers) and of the model
-(:mod:`.model_paths`: model and adapter paths; :mod:`.model_checks`: ``lora_target``).
+After the parse (:func:`check_run_inputs`): dataset names and files, ``max_samples``, ``output_dir``, the ``template``
+against the tokenizer, FSDP set by a front end.
 """
 
 from __future__ import annotations
@@ -41,6 +22,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -224,25 +206,27 @@ def _deepspeed_config_readable(value: str) -> bool:
         return False
 
 
-def _deepspeed_requirement() -> str:
-    """What transformers requires of DeepSpeed (``deepspeed>=0.9.3`` in transformers 5.6), as pip takes it."""
-    # lazy: transformers only when a recipe names a DeepSpeed config
-    from transformers.dependency_versions_table import deps
-
-    return str(deps.get("deepspeed", "deepspeed"))
+QLORA = "bitsandbytes>=0.50"  # pyproject.toml's qlora extra: the bitsandbytes the tests run; LLaMA-Factory asks 0.39
 
 
-def check_deepspeed_installed(host_args: dict[str, Any] | list[str]) -> None:
-    """A recipe naming a DeepSpeed config runs where DeepSpeed is installed (else transformers' ``PackageNotFoundError``
-    traceback, 70 lines, while the arguments are parsed). After the method's own checks: a stage that refuses
-    DeepSpeed (RAH-LoRA) says so instead."""
-    deepspeed = raw_value(host_args, "deepspeed")
-    if deepspeed is None or str(deepspeed).strip().lower() in {"", "none", "null"} \
-            or importlib.util.find_spec("deepspeed") is not None:
-        return
-    requirement = _deepspeed_requirement()
-    raise RecipeError(f"deepspeed: {deepspeed} needs DeepSpeed, which is not installed here. Install it: pip install "
-                      f"'{requirement}' (or remove deepspeed to train without it).")
+def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -> None:
+    """The engines a recipe names are installed (else a traceback at the parse or the load, 70 to 558 lines): DeepSpeed
+    for a ``deepspeed`` config (what transformers requires of it), bitsandbytes for ``quantization_bit`` (method
+    ``bnb``). After the method's own checks: RAH-LoRA refuses DeepSpeed and quantization, and says so instead."""
+    bits = raw_value(host_args, "quantization_bit")
+    bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb" and stage != "rah"
+    for key, value, module, requirement, without in (
+            ("deepspeed", raw_value(host_args, "deepspeed"), "DeepSpeed",  # lazy: transformers only here
+             lambda: import_module("transformers.dependency_versions_table").deps.get("deepspeed", "deepspeed"),
+             "or remove deepspeed to train without it"),
+            ("quantization_bit", bits if bnb else None, "bitsandbytes", lambda: QLORA,
+             "llamafactory-hera's qlora extra: pip install '.[qlora]' in its clone; or remove quantization_bit to "
+             "train unquantized")):
+        if value is None or str(value).strip().lower() in {"", "none", "null"} \
+                or importlib.util.find_spec(module.lower()) is not None:
+            continue
+        raise RecipeError(f"{key}: {value} needs {module}, which is not installed here. Install it: pip install "
+                          f"'{requirement()}' ({without}).")
 
 
 def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None:
@@ -276,14 +260,14 @@ def check_raw_launch(stage: str, host_args: dict[str, Any] | list[str],
     check_streaming(stage, host_args)
 
 
-def check_raw_recipe(host_args: dict[str, Any] | list[str]) -> None:
+def check_raw_recipe(host_args: dict[str, Any] | list[str], stage: str) -> None:
     """What every plugin stage checks of the recipe's LLaMA-Factory keys before LLaMA-Factory parses them, after
-    :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific): DeepSpeed
-    installed where the recipe names it, the keys
+    :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific): the engines the
+    recipe names installed, the keys
     (:mod:`.host_keys`), the model paths, the installed stack (:mod:`.stack_checks`), this machine's bf16, and last
     ``lora_target`` against the model's modules (:mod:`.model_checks`, the one that reads the model's config)."""
     given = given_keys(host_args)
-    check_deepspeed_installed(host_args)
+    check_engines_installed(host_args, stage)
     check_host_keys(host_args)
     check_model_paths(given)
     check_stack(given)

@@ -65,7 +65,7 @@ class Method:
 
         check_raw_launch(self.stage, host_args)
         self.load("check_raw_host_args")(host_args, args)
-        check_raw_recipe(host_args)
+        check_raw_recipe(host_args, self.stage)
         check_resume(self.stage, host_args)
 
     def owns(self, stage: Any) -> bool:

@@ -7,40 +7,16 @@ FSDP is turned on by ``accelerate launch`` with an FSDP config (it sets ``ACCELE
 option (LlamaBoard's extra arguments). :func:`check_fsdp` reads the first two before the parse,
 :func:`check_fsdp_parsed` the parsed arguments.
 
-What runs (two CPU gloo ranks, torch 2.11, accelerate 1.11, transformers 5.6, peft 0.18; tests/hera/test_hera_fsdp2.py
-and tests/harc/test_harc_stage.py, through a test-only shim in tests/fsdp_cpu/ that keeps FSDP on where accelerate 1.11
-trains an FSDP config on CPU as plain DDP, and that asserts the parameters are DTensors at the step, at save and after
-resume; HeRA's full fine-tuning measured with the same runs, not in CI):
-- ``accelerate launch`` with ``fsdp_version: 2`` and ``fsdp_state_dict_type: FULL_STATE_DICT``: HeRA (LoRA and full
-  fine-tuning) and HARC (LoRA, its only kind) train with DDP's losses step for step (largest relative difference
-  9e-8), save DDP's adapter / model (5e-8 / 6e-7), and a resumed LoRA run ends bit for bit as the run not stopped.
-  HeRA reads ``o_proj``'s weight by head outside ``o_proj``'s forward, where FSDP2 leaves each rank its shard: it is
-  gathered there with FSDP2's gradient averaging (``hera/projection.py whole``), the monitor's text pass runs through
-  the FSDP2 root (``hera/selection/collect.py through_root``), and the learned temperature, which lives outside
-  the model, has its own optimizer (accelerate maps every optimizer parameter to a model parameter). With
-  ``fsdp_offload_params: true`` HeRA's full fine-tuning gives DDP's losses and model (the shards in host memory; on a
-  GPU ``whole`` moves the shards it gathers to the GPU first, a move no CPU run takes); with the FSDP2 recipe's
-  ``mixed_precision: bf16`` HeRA trains under FSDP2's bf16 MixedPrecisionPolicy.
-- A LoRA resume: accelerate 1.11's adapter-only FSDP2 checkpoint kept rank 0's shard of each adapter tensor
-  (accelerate PR 4206); patches/engines/fsdp_adapter.py saves and loads it whole on the accelerate versions that lack
-  the fix.
-
-What is refused, and why:
-- ``FSDP_STATE_DICT_TYPE`` other than ``FULL_STATE_DICT`` (accelerate's FSDP2 default is ``SHARDED_STATE_DICT``):
-  transformers' Trainer writes the adapter or model only under ``FULL_STATE_DICT``, so the run exits 0 with nothing
-  saved (stock SFT too; the stage patch refuses it for the host's stages as well);
-- FSDP1 (``fsdp_version: 1``): untested, and untestable here: with the shim on two CPU ranks accelerate 1.11's FSDP1
-  setup fails before training (``sync_module_states``, its default, needs an accelerator; without it torch's
-  FullyShardedDataParallel rejects ``device_id`` cpu:0 on rank 1; with neither, it refuses a CPU-only process: "FSDP
-  needs a non-CPU accelerator device"); for HeRA also, outside a wrapped module's forward
-  FSDP1 leaves each parameter a view of the rank's flat shard, where HeRA reads o_proj's weight by head;
-- the recipe's ``fsdp`` key: transformers builds its own FSDP plugin from ``fsdp_config``, a path no test here runs;
-  ``accelerate launch --config_file`` is the tested one;
+Checked before the parse, also by ``accelerate launch`` and ``llamafactory-cli train`` before any rank starts
+(patches/accelerate_launch.py, patches/launch.py). What runs and is refused, with the test of each and why:
+docs/configurations.md (the FSDP rows and their notes). Refused:
+- ``FSDP_STATE_DICT_TYPE`` other than ``FULL_STATE_DICT`` (accelerate's FSDP2 default): transformers' Trainer writes
+  the adapter or model only under ``FULL_STATE_DICT``, so the run would exit 0 with nothing saved (stock SFT too);
+- FSDP1: no CPU run here reaches its training (accelerate 1.11's FSDP1 setup needs an accelerator); for HeRA also,
+  outside a wrapped module's forward FSDP1 leaves each parameter a view of the rank's flat shard;
+- the recipe's ``fsdp`` key: transformers builds its own FSDP plugin from ``fsdp_config``, a path no test runs;
 - RAH-LoRA under any FSDP: it runs on one process and edits whole V and O weights;
-- ``quantization_bit: 4`` (bitsandbytes) with ``fsdp_cpu_ram_efficient_loading: true`` on accelerate <= 1.11: its
-  FSDP2 loading fails on the quantization state; with ``false`` HeRA and HARC run (HeRA gathers ``o_proj``'s packed
-  4-bit shard and dequantizes it with the layer's quantization state). ``quantization_bit: 8``: torch's FSDP2 cannot
-  shard int8 weights, stock SFT neither (both in patches/engines/fsdp_loading.py).
+- bitsandbytes weights FSDP2 fails on after loading (patches/engines/fsdp_loading.py).
 """
 
 from __future__ import annotations
@@ -59,10 +35,8 @@ _RAH = ("stage: rah runs on one process and edits whole V and O weights; run it 
         "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE")
 _LAUNCH = ("accelerate launch --config_file with fsdp_version: 2 and fsdp_state_dict_type: FULL_STATE_DICT (as "
            "LLaMA-Factory's examples/accelerate/fsdp2_config.yaml)")
-# FSDP1 was tried on two CPU ranks with the shim (2026-11-25): accelerate 1.11's FSDP1 setup fails before training
-# (sync_module_states, its default, needs an accelerator device; without it torch's FullyShardedDataParallel rejects
-# device_id cpu:0 on rank 1; with neither, 2026-11-26, torch 2.11's FullyShardedDataParallel itself refuses a CPU-only
-# process: "FSDP needs a non-CPU accelerator device"), so no run here says what the methods do under FSDP1
+# FSDP1 on two CPU ranks with the shim: without sync_module_states (its default needs an accelerator) torch 2.11's
+# FullyShardedDataParallel refuses a CPU-only process ("FSDP needs a non-CPU accelerator device")
 _FSDP1_UNTESTED = "no CPU run can reach FSDP1's training here (accelerate 1.11's FSDP1 setup needs an accelerator)"
 _FSDP1 = {  # why a method is not run under FSDP1 (FullyShardedDataParallel)
     "hera": f"{_FSDP1_UNTESTED}, and outside a wrapped module's forward FSDP1 leaves each parameter a view of this "

@@ -1,19 +1,11 @@
-"""Which quantized weights a stage that reads weights (HeRA: ``W_O`` per head; RAH-LoRA: V and O per head) can read
-exactly, checked before the model loads, from the recipe (``quantization_bit`` / ``quantization_method``) and from the
-checkpoint's own ``config.json`` (``quantization_config.quant_method``, which LLaMA-Factory honours without
-``quantization_bit``).
-
-Readable: bitsandbytes only, 4-bit (nf4, fp4, double quantization: dequantized with its ``quant_state``) and 8-bit
-(int8 codes times their row scales), see :func:`llamafactory_hera.hera.projection.base_weight_columns`. Every other
-method is refused by name: GPTQ, AWQ, AQLM, HQQ, EETQ and quanto keep packed codes in kernels' own layouts that
-llamafactory-hera does not decode (read as weights they would be codes, not values); FP8 and MXFP4 checkpoints
-LLaMA-Factory loads dequantized (``dequantize=True``), a load no test of this project runs.
-
-HARC (``stage: harc``) is deliberately not checked here: it reads no weight. Its directions are means of residual
-activations, its terms (coupling, KL to the adapter-disabled model, CE) are functions of forward outputs, and its
-gradient reaches only the LoRA adapter; so any quantization whose forward and backward LLaMA-Factory's QLoRA path runs
-gives HARC the quantized model's own objective, exactly as it gives plain LoRA/SFT. Only bitsandbytes is tested
-(tests/harc/test_harc_quantized.py: 4-/8-bit and a checkpoint saved 4-bit); the others run unrefused, untested.
+"""Which quantizations a stage runs on, checked before the model loads, from the recipe (``quantization_bit`` /
+``quantization_method``) and the checkpoint's own ``config.json`` (``quantization_config``, which LLaMA-Factory honours
+without ``quantization_bit``): bitsandbytes 4-bit (nf4, fp4, double quantization) and 8-bit, which HeRA and RAH-LoRA
+read exactly (:func:`llamafactory_hera.hera.projection.base_weight_columns`). Every other method is refused by name:
+GPTQ, AWQ, AQLM, HQQ, EETQ and quanto keep packed codes in their kernels' layouts; FP8 and MXFP4 load dequantized, a
+load no test runs; HARC reads no weight but is tested on bitsandbytes only. DoRA with quantization is refused (HeRA,
+HARC): LLaMA-Factory 0.9.5 refuses it after loading (``model/adapter.py`` compares transformers' ``bitsandbytes`` with
+its own ``bnb``).
 """
 
 from __future__ import annotations
@@ -53,17 +45,29 @@ def quantization_in_use(model_args: Any, config: Any) -> tuple[str, int | None, 
     return method, bits, f"quantization_bit: {bits} with quantization_method: {named}"
 
 
-def check_readable_quantization(model_args: Any, config: Any, stage: str, what: str) -> tuple[str, int | None] | None:
-    """Refuse a quantization whose weights ``stage`` cannot read exactly (anything but bitsandbytes 4-/8-bit), naming
-    where it comes from. ``what``: the weights the stage reads (for the message). Returns (method, bits) or None."""
+def check_quantization(model_args: Any, config: Any, stage: str, reads: str | None = None,
+                       dora: bool = False) -> tuple[str, int | None] | None:
+    """Refuse a quantization ``stage`` has not been run with (anything but bitsandbytes 4-/8-bit), naming where it comes
+    from, and ``dora`` (the recipe's ``use_dora``) with any. ``reads``: the weights the stage reads exactly (for the
+    message), None for a stage that reads none (HARC). Returns (method, bits) or None."""
     quantization = quantization_in_use(model_args, config)
     if quantization is None:
         return None
     method, bits, source = quantization
     if method == BITSANDBYTES and bits in (4, 8):
+        if dora:
+            raise RecipeError(f"use_dora: true with {bits}-bit bitsandbytes weights: LLaMA-Factory 0.9.5 refuses DoRA "
+                              "on every quantized model after loading it (model/adapter.py compares transformers' "
+                              "quant_method 'bitsandbytes' with its own 'bnb'; stage: sft fails the same way), and at "
+                              "8-bit PEFT 0.18's DoRA forward fails from its second call. Use plain LoRA with "
+                              "quantization, or DoRA unquantized.")
         return method, bits
     if method == BITSANDBYTES:
         why = "bitsandbytes quantizes to 4 or 8 bits only. Set quantization_bit: 4 or 8"
+    elif reads is None:
+        why = (f"llamafactory-hera runs stage: {stage} on bitsandbytes 4-/8-bit weights only (no test loads {method} "
+               "weights). Use an unquantized checkpoint, with quantization_bit: 4 or 8 (bitsandbytes) if memory is "
+               "short")
     elif method in ("fp8", "mxfp4"):
         why = ("LLaMA-Factory loads it dequantized (transformers' dequantize=True), a load llamafactory-hera has no "
                "test of. Dequantize the checkpoint once and train that, or use bitsandbytes")
@@ -71,4 +75,5 @@ def check_readable_quantization(model_args: Any, config: Any, stage: str, what: 
         why = (f"{method} stores packed codes in its kernels' own layout, which llamafactory-hera does not decode, so "
                "it cannot read them as weights. Use an unquantized checkpoint, with quantization_bit: 4 or 8 "
                "(bitsandbytes) if memory is short")
-    raise RecipeError(f"stage: {stage} reads {what}, and {source} cannot be read exactly: {why}.")
+    lead = f"reads {reads}, and {source} cannot be read exactly" if reads else f"is not run on {source}"
+    raise RecipeError(f"stage: {stage} {lead}: {why}.")

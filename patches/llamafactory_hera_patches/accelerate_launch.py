@@ -1,0 +1,59 @@
+"""``accelerate launch`` of LLaMA-Factory's training (``-m llamafactory.launcher``, its ``launcher.py``, a clone's
+``src/train.py``, ``llamafactory-cli train``): :func:`.launch.check_before_ranks` runs in the launching process with the
+environment accelerate hands the ranks, so a refused recipe is one line and no rank starts (each rank used to refuse
+it, then accelerate printed torch's ``ChildFailedError`` traceback, 44 lines).
+
+Checked on accelerate 1.11; on another shape nothing is patched (the ranks check as before).
+``accelerate.commands.launch`` calls its globals ``prepare_multi_gpu_env``, ``prepare_deepspeed_cmd_env`` and
+``prepare_simple_launcher_cmd_env`` (``args``: the command merged with the config) just before starting the ranks;
+each returns their environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from unittest import mock
+
+_PREPARES = ("prepare_multi_gpu_env", "prepare_deepspeed_cmd_env", "prepare_simple_launcher_cmd_env")
+_CLIS = ("llamafactory-cli", "lmf")
+
+
+def training_argv(args: Any) -> list[str] | None:
+    """``llamafactory-cli train <recipe> ...`` for a launch of LLaMA-Factory's training, else None."""
+    script, rest = str(args.training_script), [str(arg) for arg in args.training_script_args]
+    path = Path(script)
+    if getattr(args, "module", False):
+        ours = script == "llamafactory.launcher"
+    elif path.name in _CLIS:
+        ours, rest = rest[:1] == ["train"], rest[1:]
+    else:
+        ours = (path.name == "launcher.py" and path.parent.name == "llamafactory") or (
+            path.name == "train.py" and (path.parent / "llamafactory").is_dir())
+    return ["llamafactory-cli", "train", *rest] if ours else None
+
+
+def _checked(prepare: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def prepared(args: Any) -> Any:
+        result = prepare(args)
+        argv = training_argv(args)
+        if argv is not None:
+            from .launch import check_before_ranks  # lazy: accelerate launch of another script imports no plugin part
+
+            with mock.patch.dict(os.environ, result[1] if isinstance(result, tuple) else result, clear=True):
+                check_before_ranks(argv)
+        return result
+
+    return prepared
+
+
+def apply(launch: ModuleType) -> None:
+    """Patch ``accelerate.commands.launch`` (all or nothing; on another shape, nothing)."""
+    if getattr(launch, "_llamafactory_hera_patched", False) or not all(hasattr(launch, n) for n in _PREPARES):
+        return
+    for name in _PREPARES:
+        setattr(launch, name, _checked(getattr(launch, name)))
+    launch._llamafactory_hera_patched = True

@@ -1,0 +1,96 @@
+"""Issue 71, item 2: what the recipe and the accelerate config decide is refused by ``accelerate launch`` itself,
+before it starts a rank (patches/.../accelerate_launch.py), as ``llamafactory-cli train`` before torchrun.
+
+Before, each case started both ranks, each printed the refusal, then accelerate printed torch's ``ChildFailedError``
+traceback (44 lines). Each test runs the real ``accelerate launch --config_file`` of LLaMA-Factory's launcher.py on
+two CPU ranks (no FSDP shim: nothing should start) and asserts: exit code 1, the refusal as the last line of at most
+two (the plugin's hint line, then the error), no traceback, and no rank started (every process a test starts leaves
+a marker when it is a rank: tests/process_hooks/sitecustomize.py ``HERA_TEST_RANK_MARKER``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+from fsdp_checks import fsdp2_config_file
+
+from conftest import REPO, base_recipe, engines_of, free_port, harc_recipe, offline_env, run_process
+
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+SHIPPED = REPO / "recipes" / "accelerate" / "fsdp2_config.yaml"
+_FSDP = "ACCELERATE_USE_FSDP=true (FSDP_VERSION={}), set by accelerate launch with an FSDP config"
+CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None, str, str]] = {
+    # name: (stage, recipe overrides, the test config's fsdp_config overrides (None: the shipped
+    # recipes/accelerate/fsdp2_config.yaml), its mixed precision, what the refusal starts with)
+    "8-bit under FSDP2": ("hera", {"quantization_bit": 8}, {"fsdp_cpu_ram_efficient_loading": False}, "no",
+                          "quantization_bit: 8 under FSDP2 (ACCELERATE_USE_FSDP, set by accelerate launch"),
+    "the shipped fsdp2_config.yaml with a 4-bit recipe (N11)": (
+        "harc", {"quantization_bit": 4}, None, "bf16", "quantization_bit: 4 under FSDP2 with "
+        "fsdp_cpu_ram_efficient_loading: true (FSDP_CPU_RAM_EFFICIENT_LOADING=true, set by accelerate launch)"),
+    "FSDP1": ("harc", {}, {"fsdp_version": 1}, "no", _FSDP.format(1) + ": stage: harc is not run under FSDP1"),
+    "SHARDED_STATE_DICT (stock sft)": ("sft", {}, {"fsdp_state_dict_type": "SHARDED_STATE_DICT"}, "no",
+                                       _FSDP.format(2) + ", FSDP_STATE_DICT_TYPE=SHARDED_STATE_DICT: stage: sft would "
+                                       "exit 0 with no adapter or model saved"),
+    "a bf16 config with a 4-bit recipe without bf16: true": (
+        "hera", {"quantization_bit": 4}, {"fsdp_cpu_ram_efficient_loading": False}, "bf16",
+        "4-bit weights under FSDP2: the codes are stored as torch.float32 and the accelerate config's mixed precision "
+        "gathers them as torch.bfloat16"),
+    "hera_heads out of range": ("hera", {"hera_heads": ["L0H0", "L99H0"]}, {}, "no", "hera_heads: L99H0 is outside "),
+}
+
+
+def output_lines(proc: Any) -> list[str]:
+    """A process's stdout and stderr lines, without LLaMA-Factory's warning of the tests' DISABLE_VERSION_CHECK."""
+    return [line for line in (proc.stdout + proc.stderr).rstrip("\n").split("\n")
+            if "Version checking has been disabled" not in line]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_refused_before_accelerate_starts_a_rank(case: str, assets: Any, harc_assets: Any, tmp_path: Path) -> None:
+    import llamafactory.launcher
+
+    stage, overrides, fsdp_config, mixed_precision, start = CASES[case]
+    if stage == "harc":
+        recipe = harc_recipe(harc_assets, "llama3", tmp_path / "out", **overrides)
+    else:
+        recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "out", **overrides)
+        if stage == "sft":
+            recipe = {**{k: v for k, v in recipe.items() if not k.startswith("hera_")}, "stage": "sft"}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    config = SHIPPED if fsdp_config is None else fsdp2_config_file(tmp_path, fsdp_config, mixed_precision)
+    proc = run_process([ACCELERATE, "launch", "--config_file", str(config), "--num_processes", "2",
+                        "--main_process_port", str(free_port()), llamafactory.launcher.__file__,
+                        str(tmp_path / "recipe.yaml")], cwd=tmp_path, timeout=300,
+                       env=offline_env(tmp_path, engines=engines_of(recipe),
+                                       HERA_TEST_RANK_MARKER=str(tmp_path / "ranks")))
+    lines = output_lines(proc)
+    assert proc.returncode == 1 and len(lines) <= 2, "\n".join(lines)
+    assert lines[-1].startswith(f"[llamafactory-hera] error: {start}"), "\n".join(lines)
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "ranks").exists(), f"ranks started: {sorted((tmp_path / 'ranks').iterdir())}"
+
+
+@pytest.mark.parametrize("script,module,args,argv", [
+    ("llamafactory.launcher", True, ["r.yaml", "a=1"], ["r.yaml", "a=1"]),
+    ("/x/site-packages/llamafactory/launcher.py", False, ["r.yaml"], ["r.yaml"]),
+    (str(REPO / "src" / "train.py"), False, ["r.yaml"], None),  # no src/llamafactory beside it: not LLaMA-Factory's
+    ("/usr/bin/llamafactory-cli", False, ["train", "r.yaml"], ["r.yaml"]),
+    ("lmf", False, ["webui"], None),
+    ("train.py", False, ["r.yaml"], None),
+    ("other.module", True, ["r.yaml"], None),
+])
+def test_the_training_scripts_of_llamafactory_are_recognised(script: str, module: bool, args: list[str],
+                                                             argv: list[str] | None, tmp_path: Path) -> None:
+    from llamafactory_hera_patches.accelerate_launch import training_argv
+
+    found = training_argv(SimpleNamespace(training_script=script, training_script_args=args, module=module))
+    assert found == (None if argv is None else ["llamafactory-cli", "train", *argv])
+    (tmp_path / "src" / "llamafactory").mkdir(parents=True)  # a LLaMA-Factory clone's src/train.py
+    found = training_argv(SimpleNamespace(training_script=str(tmp_path / "src" / "train.py"),
+                                          training_script_args=["r.yaml"], module=False))
+    assert found == ["llamafactory-cli", "train", "r.yaml"]
