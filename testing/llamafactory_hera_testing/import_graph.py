@@ -175,8 +175,9 @@ def lazy_imports(path: Path) -> list[tuple[int, bool]]:
 
 ENTRIES = ("hera.trainer", "hera.workflow", "rah.workflow", "harc.trainer", "harc.workflow")
 # the most files a reader of a method's trainer / workflow must load (issue 52: the trainer holds the step); a
-# workflow 47 since the methods' eval-mode forwards keep bitsandbytes' 4-bit layout (training/eval_forward.py)
-TRAINER_FILES, WORKFLOW_FILES = 20, 47
+# workflow's includes selection's memory plan (hera/selection/memory.py) and the host's key table that the one key
+# reader consults for booleans (recipe/host_arguments.py)
+TRAINER_FILES, WORKFLOW_FILES = 20, 49
 
 
 def _lines(path: Path) -> int:

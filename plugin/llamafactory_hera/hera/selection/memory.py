@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from accelerate.utils import compute_module_sizes, infer_auto_device_map
 
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.log import show
@@ -47,8 +48,6 @@ def free_memory(device: str) -> dict[Any, int]:
 def scoring_device_map(meta: torch.nn.Module, model_name: str, device: str, dtype: str) -> dict[str, Any] | None:
     """The ``device_map`` selection loads ``meta``'s checkpoint with (None: whole on ``device``), said in one line;
     a RecipeError naming the bytes needed where the device and the RAM cannot hold it."""
-    from accelerate.utils import compute_module_sizes, infer_auto_device_map
-
     sizes = compute_module_sizes(meta, dtype=getattr(torch, dtype))
     model_bytes = sizes[""]
     reserve = 4 * sum(o_proj.weight.numel() for o_proj in head_projections(meta).values())
