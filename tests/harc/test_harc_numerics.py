@@ -33,8 +33,8 @@ from harc_numerics_helpers import (
     relu,
 )
 
-from llamafactory_hera.harc.batches import collate_rows
-from llamafactory_hera.harc.data import ROLE_HARMFUL, ROLE_HARMLESS
+from llamafactory_hera.harc.batches import ComposedMicroBatches, collate_rows
+from llamafactory_hera.harc.data import ROLE_HARMFUL, ROLE_HARMLESS, ROLE_PSEUDO
 from llamafactory_hera.harc.directions import (
     Directions,
     blend,
@@ -100,6 +100,19 @@ def test_directions_match_rows_run_alone(tiny: dict[str, SimpleNamespace], famil
 
 
 # ------------------------------------------------------------------------------------------- 2. blend / unit
+
+
+def test_an_epoch_is_whole_optimizer_steps_of_the_endless_role_streams() -> None:
+    """36 harmful rows, 8 a micro-batch: 5 micro-batches, rounded up to 6 for optimizer steps of 2 (8 for 4); every
+    item is the same whatever the rounding, and each role's rows, item after item, are passes over all of its rows."""
+    rows = {ROLE_HARMFUL: list(range(36)), ROLE_HARMLESS: list(range(10)), ROLE_PSEUDO: list(range(3))}
+    sizes = {ROLE_HARMFUL: 8, ROLE_HARMLESS: 4, ROLE_PSEUDO: 2}
+    data = [ComposedMicroBatches(rows, sizes, 7, step) for step in (1, 2, 4)]
+    assert [len(d) for d in data] == [5, 6, 8]
+    assert all(data[2][i] == d[i] for d in data for i in range(len(d)))
+    for role, count in ((ROLE_HARMFUL, 36), (ROLE_HARMLESS, 10), (ROLE_PSEUDO, 3)):
+        stream = [row for i in range(8) for r, row in data[2][i]["harc_rows"] if r == role]
+        assert all(sorted(stream[k:k + count]) == rows[role] for k in range(0, len(stream) - count + 1, count))
 
 
 def test_blend_and_unit_by_hand() -> None:

@@ -111,6 +111,10 @@ def test_shipped_recipe_runs_whole_on_a_tiny_model_of_its_family(name: str, harc
     assert "Loaded adapter(s)" in proc.stdout + proc.stderr and len(json.loads(replies[-1][6:])) == 1
 
 
+# 8 harmful rows a micro-batch: 36 training rows make an epoch of 5 micro-batches, which does not end with an optimizer
+# step of two (one process's step 3 would take 1 micro-batch, the two ranks' the 5th and the 1st again); HARC rounds it
+# up to 6 (harc/batches.py), so the runs below cross the epoch's end at step 3 with ranks holding different rows
+ODD_EPOCH = {"harc_batch_harmful": 8}
 # two ranks under ZeRO-3, a checkpoint every 2 steps (the resumed run's start)
 ZERO3 = {"gradient_accumulation_steps": 1, "deepspeed": str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json"),
          "save_steps": 2}
@@ -119,10 +123,12 @@ ZERO3 = {"gradient_accumulation_steps": 1, "deepspeed": str(REPO / "recipes" / "
 @pytest.fixture(scope="module")
 def four_steps(harc_assets: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process, 4 optimizer steps of gradient accumulation 2 (base extraction, a refresh at step 2, the ramp at
-    step 3), a checkpoint every 2 steps: the output_dir. The reference of the rank and resume tests."""
+    step 3, the epoch's end at step 3: :data:`ODD_EPOCH`), a checkpoint every 2 steps: the output_dir. The reference
+    of the rank and resume tests, run here, not in their launch."""
     folder = tmp_path_factory.mktemp("four_steps")
     output = folder / "out"
-    run_train(harc_recipe(harc_assets, "llama3", output, harc_eval=False, max_steps=4, save_steps=2), folder)
+    run_train(harc_recipe(harc_assets, "llama3", output, harc_eval=False, max_steps=4, save_steps=2, **ODD_EPOCH),
+              folder)
     return output
 
 
@@ -131,8 +137,9 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
                                                                 tmp_path: Path) -> None:
     """One process with gradient accumulation 2 == two ranks (gloo DDP) == two ranks under DeepSpeed ZeRO-2 and
     ZeRO-3, step for step, through the base extraction, a refresh and the ramp (directions and layers equal on every
-    rank). The ZeRO-3 run, stopped at step 2 and resumed, ends as the run not stopped (HARC's resume under
-    DeepSpeed, in a `llamafactory-cli train` launch of its own, as users resume)."""
+    rank) and the end of an epoch (:data:`ODD_EPOCH`). The reference runs in the test's process (:func:`four_steps`),
+    not in the ranks' launch. The ZeRO-3 run, stopped at step 2 and resumed, ends as the run not stopped (HARC's
+    resume under DeepSpeed, in a `llamafactory-cli train` launch of its own, as users resume)."""
     runs = {"one": _terms(four_steps)}
     assert [line["harc_layers"] for line in read_trainer_log(four_steps) if "loss" in line][-1].count(",") == 3
     zero2 = {**ZERO3, "deepspeed": str(REPO / "recipes" / "deepspeed" / "ds_z2_config.json")}
@@ -144,7 +151,7 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
             "zero3": ({**ZERO3, "harc_eval_max_new_tokens": 2}, True, 3),
             "zero3_resumed": ({**ZERO3, "resume_from_checkpoint": str(whole / "checkpoint-2")}, False, 3)}
     runs_of = {name: {"recipe": harc_recipe(harc_assets, "llama3", tmp_path / name / "out", harc_eval=evaluate,
-                                            max_steps=4, **extra),
+                                            max_steps=4, **ODD_EPOCH, **extra),
                       "env": {"HERA_TEST_ENGINE_EVIDENCE": str(tmp_path / name / "engine")}}
                for name, (extra, evaluate, _) in plan.items()}
     launch_runs([runs_of[name] for name in ("ddp", "zero2", "zero3")], tmp_path / "launch", 2,
@@ -177,14 +184,18 @@ def test_two_ranks_and_deepspeed_give_the_losses_of_one_process(harc_assets: Any
 def test_fsdp2_gives_the_losses_of_one_process(harc_assets: Any, four_steps: Path, tmp_path: Path) -> None:
     """``accelerate launch`` with LLaMA-Factory's FSDP2 config on two ranks (tests/fsdp_cpu's shim keeps FSDP on on
     CPU) == one process with gradient accumulation 2, step for step through the base extraction, a refresh and the
-    ramp; the saved adapter is the one process's. The reference forward (adapter disabled) and the residual-stream
+    ramp and the end of an epoch (:data:`ODD_EPOCH`; the two ranks hold different rows at every step); the saved
+    adapter is the one process's (within 1e-6, of lora_B weights up to 4e-3). The reference runs in the test's process
+    (:func:`four_steps`), not in the ranks' launch. The reference forward (adapter disabled) and the residual-stream
     reads run inside the sharded layers' forward; every trainable parameter is a DTensor shard at each step and
     save, so equal losses are not a silent DDP fallback."""
     output = tmp_path / "out"
     accelerate_launch(harc_recipe(harc_assets, "llama3", output, harc_eval=False, max_steps=4, save_steps=2,
-                                  gradient_accumulation_steps=1), tmp_path)
+                                  gradient_accumulation_steps=1, **ODD_EPOCH), tmp_path)
     assert_fsdp2(tmp_path, {"step", "save"})
     assert _close(_terms(output), _terms(four_steps)), (_terms(output), _terms(four_steps))
+    epochs = [[line["epoch"] for line in read_trainer_log(run) if "loss" in line] for run in (output, four_steps)]
+    assert epochs[0] == epochs[1] and epochs[0][2] == 1.0, epochs  # step 3 ends the epoch on both
     got, want = (load_file(folder / "adapter_model.safetensors") for folder in (output, four_steps))
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
 
@@ -266,7 +277,7 @@ def test_resuming_from_a_checkpoint_continues_the_same_objective(harc_assets: An
     assert (whole / "checkpoint-2" / "harc_state.pt").is_file()
     resumed = tmp_path / "resumed"
     proc = run_train(harc_recipe(harc_assets, "llama3", resumed, harc_eval=False, max_steps=4, save_steps=2,
-                                 resume_from_checkpoint=str(whole / "checkpoint-2")), tmp_path / "b")
+                                 **ODD_EPOCH, resume_from_checkpoint=str(whole / "checkpoint-2")), tmp_path / "b")
     assert "HARC: resumed directions and layers" in proc.stdout + proc.stderr
     assert _close(_terms(resumed)[-2:], _terms(whole)[-2:])
     # and bit for bit: the adapter, the optimizer, the directions, layers and history (harc_state.pt)

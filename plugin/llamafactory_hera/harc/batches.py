@@ -5,7 +5,10 @@ The Trainer's dataset is :class:`ComposedMicroBatches`: item ``i`` is one whole 
 ``per_device_train_batch_size`` is 1). Each role is read as an endless stream of seeded shuffles of its training
 rows (a new shuffle per pass, as the reference's ``category_iterator``); item ``i`` takes positions
 ``[i * b, (i + 1) * b)`` of every role's stream, so an item depends only on ``i`` and the seed, under any sampler,
-worker count or number of ranks. One epoch is one pass over the harmful training rows.
+worker count or number of ranks. One epoch is one pass over the harmful training rows, rounded up to whole optimizer
+steps (``step_items`` micro-batches: per-device batch x accumulation x ranks), the last items continuing the streams:
+every optimizer step then takes ``step_items`` whole micro-batches, so N ranks take at each step the items one process
+with N times the accumulation takes (a shorter last step, or the sampler's wrap-around on the ranks, would not).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ BATCH_KEYS = ("harc_response_mask", "harc_t_inst", "harc_t_post", "harc_role", "
 class ComposedMicroBatches(torch.utils.data.Dataset):
     """``len`` micro-batches; item ``i`` -> ``{"harc_rows": [(role, EncodedRow), ...]}`` (harmful rows first)."""
 
-    def __init__(self, rows: dict[int, list[EncodedRow]], sizes: dict[int, int], seed: int) -> None:
+    def __init__(self, rows: dict[int, list[EncodedRow]], sizes: dict[int, int], seed: int,
+                 step_items: int = 1) -> None:
         self.rows = {role: rows[role] for role, size in sizes.items() if size > 0}
         self.sizes = {role: size for role, size in sizes.items() if size > 0}
         self.seed = seed
-        self.length = math.ceil(len(self.rows[ROLE_HARMFUL]) / self.sizes[ROLE_HARMFUL])
+        self.length = math.ceil(len(self.rows[ROLE_HARMFUL]) / (self.sizes[ROLE_HARMFUL] * step_items)) * step_items
 
     def __len__(self) -> int:
         return self.length

@@ -82,7 +82,9 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
                               progress_once)
         sizes = {ROLE_HARMFUL: harc_args.harc_batch_harmful, ROLE_HARMLESS: harc_args.harc_batch_harmless,
                  ROLE_PSEUDO: harc_args.harc_batch_pseudo}
-        dataset = ComposedMicroBatches(rows.train, sizes, training_args.seed)
+        dataset = ComposedMicroBatches(rows.train, sizes, training_args.seed, training_args.world_size
+                                       * training_args.per_device_train_batch_size
+                                       * training_args.gradient_accumulation_steps)
         counts = ", ".join(f"{key[5:]} {c['train']} train / {c['extract']} extract / {c['validate']} validate"
                            for key, c in rows.counts.items())
         say_once(f"HARC: {counts}; micro-batches of {sum(sizes.values())} rows ({harc_args.harc_batch_harmful} "
