@@ -135,13 +135,14 @@ def test_fsdp2_with_qlora_trains_like_ddp(assets, tmp_path: Path) -> None:
 
 
 def test_the_gather_of_an_offloaded_shard_gives_the_unsharded_gradient(tmp_path: Path) -> None:
-    """tests/hera/fsdp2_offload_gather.py on the CPU (one gloo rank): HeRA's gather of a shard, with and without FSDP2's
-    CPU offload, gives the unsharded model's loss and gradient (a detached gather fails it: 0.14 off). On a GPU
-    (bench/gpu.sh offload) the same script takes the move of the host shard to the GPU (one rank: no collective)."""
+    """tests/hera/fsdp2_offload_gather.py on the CPU (one gloo rank): HeRA's gather of a shard (whole, and some of
+    its columns), with and without FSDP2's CPU offload, gives the unsharded model's loss and gradient (a detached
+    gather fails it: 0.14 off). On a GPU (bench/gpu.sh offload) the same script takes the move of the host shard to
+    the GPU (one rank: no collective)."""
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("fsdp2_offload_gather.py")), "--device", "cpu"],
                           capture_output=True, text=True, timeout=300, env=offline_env(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count(": ok") == 2 and "offload True: offloaded True, shard on cpu" in proc.stdout, proc.stdout
+    assert proc.stdout.count(": ok") == 4 and "offload True: offloaded True, shard on cpu" in proc.stdout, proc.stdout
 
 
 def test_heras_gather_moves_the_head_columns_only(tmp_path: Path) -> None:

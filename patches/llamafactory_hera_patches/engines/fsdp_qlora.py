@@ -31,6 +31,7 @@ Accelerator bind the function, on every accelerate that has ``fsdp2_prepare_mode
 from __future__ import annotations
 
 import functools
+import hashlib
 import sys
 from types import ModuleType
 from typing import Any
@@ -89,16 +90,11 @@ def apply_keeping_codes(model: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
     return type(model)._apply(model, keep, *args, **kwargs)
 
 
-def checksum(codes: Any) -> int:
-    """A position-weighted sum of the bytes of ``codes``: changes when any byte does (bar a collision)."""
+def checksum(codes: Any) -> str:
+    """A digest of the bytes of ``codes`` (read on the host)."""
     import torch  # lazy: the patches load at every start-up
 
-    data = codes.detach().contiguous().view(torch.uint8).flatten()
-    total = 0
-    for start in range(0, data.numel(), 1 << 24):  # bounded memory on a large weight
-        part = data[start:start + (1 << 24)].to(torch.int64)
-        total += int((part * (torch.arange(start, start + part.numel(), device=part.device) % 65521 + 1)).sum())
-    return total
+    return hashlib.blake2b(codes.data.contiguous().view(torch.uint8).cpu().numpy()).hexdigest()  # the bare bytes
 
 
 def check_at_first_forward(model: Any) -> None:
@@ -109,7 +105,7 @@ def check_at_first_forward(model: Any) -> None:
         if id(layer) in quantized:
             hooks: list[Any] = []
 
-            def check(module: Any, args: Any, name: str = name, loaded: int = checksum(layer.weight),
+            def check(module: Any, args: Any, name: str = name, loaded: str = checksum(layer.weight),
                       hooks: list[Any] = hooks) -> None:
                 hooks.pop().remove()
                 if checksum(module.weight) != loaded:

@@ -67,8 +67,9 @@ def _dora_norm(base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
         if _quant_state(base) is None and hasattr(weight, "full_tensor") and hasattr(lora_b, "to_local"):
             from torch.distributed.tensor import DTensor  # lazy: only a DTensor gets here
 
-            local = dora_row_norm(weight.to_local().float(), scaling * (lora_b.to_local().float()
-                                                                        @ whole(lora_a.detach()).float()))
+            device = weight.device_mesh.device_type  # offloaded shards (fsdp_offload_params) are read there
+            local = dora_row_norm(weight.to_local().to(device).float(), scaling * (
+                lora_b.to_local().to(device).float() @ whole(lora_a.detach()).float()))
             return DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
                                       shape=weight.shape[:1], stride=(1,)).full_tensor()
         return dora_row_norm(base_weight_columns(base), scaling * (whole(lora_b).float() @ whole(lora_a).float()))
@@ -250,10 +251,8 @@ def _dora_row_norms(o_proj: nn.Module, base: nn.Module, names: list[str]) -> dic
     all of ``o_proj``'s weights gathered at once."""
     if not names:
         return {}
-    with torch.no_grad(), gathered(o_proj):
-        weight = base_weight_columns(base)  # [d, in]
-        return {name: dora_row_norm(weight, o_proj.scaling[name] * (o_proj.lora_B[name].weight.float()
-                                                                    @ o_proj.lora_A[name].weight.float()))
+    with gathered(o_proj):
+        return {name: _dora_norm(base, o_proj.lora_A[name].weight, o_proj.lora_B[name].weight, o_proj.scaling[name])
                 for name in names}
 
 

@@ -14,10 +14,11 @@ resume; HeRA's full fine-tuning measured with the same runs, not in CI):
 - ``accelerate launch`` with ``fsdp_version: 2`` and ``fsdp_state_dict_type: FULL_STATE_DICT``: HeRA (LoRA and full
   fine-tuning) and HARC (LoRA, its only kind) train with DDP's losses step for step (largest relative difference
   9e-8), save DDP's adapter / model (5e-8 / 6e-7), and a resumed LoRA run ends bit for bit as the run not stopped.
-  HeRA reads ``o_proj``'s weight by head outside ``o_proj``'s forward, where FSDP2 leaves each rank its shard: it is
-  gathered there with FSDP2's gradient averaging (``hera/projection.py whole``), the monitor's text pass runs through
-  the FSDP2 root (``hera/selection/collect.py through_root``), and the learned temperature, which lives outside
-  the model, has its own optimizer (accelerate maps every optimizer parameter to a model parameter). With
+  HeRA reads ``o_proj``'s weight by head outside ``o_proj``'s forward, where FSDP2 leaves each rank its shard: its
+  heads' columns are gathered there with FSDP2's gradient averaging (``hera/projection.py whole``), the monitor's
+  text pass runs through the FSDP2 root (``hera/selection/collect.py through_root``), and the learned temperature,
+  which lives outside the model, has its own optimizer (accelerate maps every optimizer parameter to a model
+  parameter). With
   ``fsdp_offload_params: true`` HeRA's full fine-tuning gives DDP's losses and model (the shards in host memory; on a
   GPU ``whole`` moves the shards it gathers to the GPU first, a move no CPU run takes); with the FSDP2 recipe's
   ``mixed_precision: bf16`` HeRA trains under FSDP2's bf16 MixedPrecisionPolicy.
