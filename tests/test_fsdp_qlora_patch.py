@@ -94,6 +94,7 @@ def test_any_conversion_keeps_the_codes(tmp_path, body: str) -> None:
     assert model[0].weight.dtype == (torch.float32 if body else torch.bfloat16)
     model[1](torch.randn(2, 512, dtype=torch.bfloat16))
     assert not model[1]._forward_pre_hooks  # checked once
+    weight.untyped_storage().resize_(0)  # as FSDP2 frees an unsharded weight after the forward: the check let it be
 
 
 def test_codes_changed_by_another_path_are_refused_at_the_first_forward(tmp_path) -> None:

@@ -94,7 +94,8 @@ def checksum(codes: Any) -> str:
     """A digest of the bytes of ``codes`` (read on the host)."""
     import torch  # lazy: the patches load at every start-up
 
-    return hashlib.blake2b(codes.data.contiguous().view(torch.uint8).cpu().numpy()).hexdigest()  # the bare bytes
+    codes = codes.data.contiguous().view(torch.uint8).to("cpu", copy=True)  # a copy: numpy pins a storage it shares
+    return hashlib.blake2b(codes.numpy()).hexdigest()
 
 
 def check_at_first_forward(model: Any) -> None:
