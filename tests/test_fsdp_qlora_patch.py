@@ -42,9 +42,8 @@ def test_a_float32_round_trip_rewrites_bf16_stored_codes() -> None:
 
 
 def test_the_installed_accelerate_is_patched() -> None:
-    """accelerate 1.11 upcasts (read from its source); the hook replaced the function where it lives and where
-    ``accelerate.utils`` re-exports it (the Accelerator imports it from there)."""
-    assert fsdp_qlora.upcasts(fsdp_utils)
+    """The hook replaced the function where it lives and where ``accelerate.utils`` re-exports it (the Accelerator
+    imports it from there), whatever its source says."""
     patched = fsdp_utils.fsdp2_prepare_model
     assert patched.__code__.co_qualname == "apply.<locals>.fsdp2_prepare_model"  # __qualname__ is the wrapped one's
     assert accelerate_utils.fsdp2_prepare_model is accelerator.fsdp2_prepare_model is patched
@@ -78,17 +77,40 @@ def _model(storage: torch.dtype) -> nn.Module:
     return model
 
 
-def test_an_accelerate_without_the_upcast_is_left_as_it_is(tmp_path) -> None:
-    module = _fsdp_utils(tmp_path, "")
-    original = module.fsdp2_prepare_model
+@pytest.mark.parametrize("body", ["", "    model = model.float()\n", "    model.to(dtype=torch.float32)\n",
+                                  "    model = model.to('cpu', torch.float32)\n"],
+                         ids=["no_upcast", "float", "to_dtype", "to_device_and_dtype"])
+def test_any_conversion_keeps_the_codes(tmp_path, body: str) -> None:
+    """Whatever statement accelerate converts the model with (or none), the function is wrapped and the 4-bit weight
+    keeps its codes, the very tensor it was; every other floating tensor is converted; the first forward passes the
+    check of its codes."""
+    module = _fsdp_utils(tmp_path, body)
     fsdp_qlora.apply(module)
-    assert module.fsdp2_prepare_model is original
+    model = _model(torch.bfloat16)
+    weight = model[1].weight
+    codes = weight.data.clone()
+    assert module.fsdp2_prepare_model(_accelerator(torch.bfloat16), model) is model and "_apply" not in vars(model)
+    assert model[1].weight is weight and torch.equal(weight.data.view(torch.int16), codes.view(torch.int16))
+    assert model[0].weight.dtype == (torch.float32 if body else torch.bfloat16)
+    model[1](torch.randn(2, 512, dtype=torch.bfloat16))
+    assert not model[1]._forward_pre_hooks  # checked once
+    weight.untyped_storage().resize_(0)  # as FSDP2 frees an unsharded weight after the forward: the check let it be
+
+
+def test_codes_changed_by_another_path_are_refused_at_the_first_forward(tmp_path) -> None:
+    """A preparation that rewrites the codes in place through a float32 round trip (no dtype change, so no guard sees
+    it): the 4-bit layer's first forward refuses it by name."""
+    module = _fsdp_utils(tmp_path, "    model[1].weight.data.copy_(model[1].weight.data.float().bfloat16())\n")
+    fsdp_qlora.apply(module)
+    model = module.fsdp2_prepare_model(_accelerator(torch.bfloat16), _model(torch.bfloat16))
+    with pytest.raises(RecipeError, match="the codes of 1 at its first forward are not those loaded"):
+        model(torch.randn(2, 8, dtype=torch.bfloat16))
 
 
 def test_the_upcast_converts_all_but_the_4bit_weights(tmp_path) -> None:
     """accelerate's upcast statement (``model.to(torch.float32)``) in a stand-in ``fsdp2_prepare_model``, patched:
     the Linear and the buffer in float32, the 4-bit weight the very tensor it was, its codes unchanged, and the
-    instance ``to`` gone afterwards; a model without a 4-bit layer goes through the original. Unpatched, the 4-bit
+    instance ``_apply`` gone afterwards; a model without a 4-bit layer goes through the original. Unpatched, the 4-bit
     weight is upcast with the rest."""
     module = _fsdp_utils(tmp_path, "    model = model.to(torch.float32)\n")
     original = module.fsdp2_prepare_model
@@ -98,7 +120,7 @@ def test_the_upcast_converts_all_but_the_4bit_weights(tmp_path) -> None:
     codes = weight.data.clone()
     assert set(fsdp_qlora.packed_4bit_weights(model)) == {id(weight)}
     assert module.fsdp2_prepare_model(_accelerator(torch.bfloat16), model) is model
-    assert model[0].weight.dtype == model.inv_freq.dtype == torch.float32 and "to" not in vars(model)
+    assert model[0].weight.dtype == model.inv_freq.dtype == torch.float32 and "_apply" not in vars(model)
     assert model[1].weight is weight and torch.equal(weight.data.view(torch.int16), codes.view(torch.int16))
     assert original(_accelerator(torch.bfloat16), _model(torch.bfloat16))[1].weight.dtype == torch.float32
     plain = nn.Sequential(nn.Linear(2, 2).bfloat16())

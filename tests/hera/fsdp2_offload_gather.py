@@ -1,7 +1,7 @@
-"""HeRA's gather of an FSDP2 shard (hera/projection.py ``whole``) with and without FSDP2's CPU offload, against the
-same model unsharded: the loss, and the gradient of the gathered weight, which reaches it twice (through the layer's
-own forward, reduced by FSDP2, and through the gather, read after the forward as HeRA reads W_O). One process, one
-rank.
+"""HeRA's gather of an FSDP2 shard (hera/projection.py ``whole``, whole and at some columns) with and without FSDP2's
+CPU offload, against the same model unsharded: the loss, and the gradient of the gathered weight, which reaches it
+twice (through the layer's own forward, reduced by FSDP2, and through the gather, read after the forward as HeRA reads
+W_O). One process, one rank.
 
 On a GPU (``--device cuda``, NCCL) the offloaded shard lives in pinned host memory while the mesh is the GPU's:
 ``whole`` must hand back the weight on the GPU (asserted; the loss multiplies it with GPU tensors), so it moves the
@@ -37,7 +37,7 @@ def _loss(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, read: Callable
     its forward, as HeRA reads W_O after the language model's forward (``read``: ``whole`` under FSDP2)."""
     output = model(x)
     weight = read(model[2].weight)
-    return output.square().mean() + (weight @ y).square().mean(), weight
+    return output.square().mean() + (weight @ y[: weight.shape[1]]).square().mean(), weight
 
 
 def main() -> int:
@@ -51,26 +51,33 @@ def main() -> int:
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 16)).to(device)
     x, y = torch.randn(8, 16, device=device), torch.randn(24, 5, device=device)
-    reference_loss = _loss(reference, x, y, lambda weight: weight)[0]
-    reference_loss.backward()
+    references = {}
+    for name, read in (("whole", lambda weight: weight), ("columns", lambda weight: weight[:, [3, 5, 6, 17]])):
+        reference.zero_grad(set_to_none=True)
+        loss = _loss(reference, x, y, read)[0]
+        loss.backward()
+        references[name] = loss.item(), reference[2].weight.grad.clone()
     failures = 0
-    for offload in (False, True):
+    columns = torch.tensor([3, 5, 6, 17], device=device)  # the gather of some columns only (a head's), as HeRA's
+    for offload, name, read in ((False, "whole", whole), (True, "whole", whole),
+                                (False, "columns", lambda w: whole(w, columns)),
+                                (True, "columns", lambda w: whole(w, columns))):
         model = copy.deepcopy(reference)
         model.zero_grad(set_to_none=True)
         policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
         fully_shard(model[2], mesh=mesh, offload_policy=policy)
         fully_shard(model, mesh=mesh, offload_policy=policy)
-        loss, gathered = _loss(model, x, y, whole)
+        loss, gathered = _loss(model, x, y, read)
         weight = model[2].weight  # the sharded parameter (FSDP2 reshards a non-root module after its forward)
         offloaded = all(param.offload_to_cpu for param in model[2]._get_fsdp_state()._fsdp_param_group.fsdp_params)
         loss.backward()
         grad = weight.grad.to(mesh.device_type).full_tensor()  # an offloaded gradient is gathered where the mesh is
-        loss_error = abs(loss.item() - reference_loss.item())
-        grad_error = (grad - reference[2].weight.grad).abs().max().item()
+        loss_error = abs(loss.item() - references[name][0])
+        grad_error = (grad - references[name][1]).abs().max().item()
         ok = (loss_error <= TOLERANCE and grad_error <= TOLERANCE and offloaded == offload
               and gathered.device.type == mesh.device_type and weight.grad.device.type == weight.device.type)
         failures += not ok
-        print(f"offload {offload}: offloaded {offloaded}, shard on {weight.device.type}, gathered on "
+        print(f"{name}, offload {offload}: offloaded {offloaded}, shard on {weight.device.type}, gathered on "
               f"{gathered.device.type}, loss error {loss_error:.2e}, gradient error {grad_error:.2e}, gradient on "
               f"{weight.grad.device.type}: {'ok' if ok else 'FAIL'}", flush=True)
     dist.destroy_process_group()

@@ -24,7 +24,7 @@ import torch
 from fsdp_checks import accelerate_launch, accelerate_launch_runs, assert_fsdp2, fsdp_run, read_fsdp_evidence
 from safetensors.torch import load_file
 
-from conftest import base_recipe, offline_env, read_trainer_log
+from conftest import base_recipe, free_port, offline_env, read_trainer_log
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 LOGGED = ("loss", "lm_loss", "hera_loss", "hera_temperature", "hera_mknn", "hera_mknn_control")
@@ -135,10 +135,23 @@ def test_fsdp2_with_qlora_trains_like_ddp(assets, tmp_path: Path) -> None:
 
 
 def test_the_gather_of_an_offloaded_shard_gives_the_unsharded_gradient(tmp_path: Path) -> None:
-    """tests/hera/fsdp2_offload_gather.py on the CPU (one gloo rank): HeRA's gather of a shard, with and without FSDP2's
-    CPU offload, gives the unsharded model's loss and gradient (a detached gather fails it: 0.14 off). On a GPU
-    (bench/gpu.sh offload) the same script takes the move of the host shard to the GPU (one rank: no collective)."""
+    """tests/hera/fsdp2_offload_gather.py on the CPU (one gloo rank): HeRA's gather of a shard (whole, and some of
+    its columns), with and without FSDP2's CPU offload, gives the unsharded model's loss and gradient (a detached
+    gather fails it: 0.14 off). On a GPU (bench/gpu.sh offload) the same script takes the move of the host shard to
+    the GPU (one rank: no collective)."""
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("fsdp2_offload_gather.py")), "--device", "cpu"],
                           capture_output=True, text=True, timeout=300, env=offline_env(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count(": ok") == 2 and "offload True: offloaded True, shard on cpu" in proc.stdout, proc.stdout
+    assert proc.stdout.count(": ok") == 4 and "offload True: offloaded True, shard on cpu" in proc.stdout, proc.stdout
+
+
+def test_heras_gather_moves_the_head_columns_only(tmp_path: Path) -> None:
+    """tests/hera/fsdp2_column_gather.py on two gloo ranks under torchrun: HeRA's projection of sharded o_proj
+    weights (full fine-tuning, LoRA, DoRA; rows even and uneven over the ranks) equals a brute-force reference on the
+    unsharded layer (values, and gradients averaged over the ranks), and all-gathers the head columns and the adapter
+    parts only: the bytes counted on the collectives are those, not the whole weight (4d19032 gathered it whole)."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(Path(__file__).with_name("fsdp2_column_gather.py"))],
+                          capture_output=True, text=True, timeout=300, env=offline_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count(": ok") == 12, proc.stdout

@@ -34,6 +34,7 @@ from llamafactory_hera.fixtures import TinyAssets
 
 RECIPES = REPO / "recipes"
 QWEN3_8B = MEMORY.backbone_of("qwen3_8b")
+QLORA_CONFIG = "accelerate/fsdp2_qlora_config.yaml"  # the FSDP2 config for 4-bit recipes (efficient loading off)
 
 # The checkpoints' text configs (their config.json on the Hub, not downloaded here) and vision towers, for
 # transformers' classes on the meta device: stem -> (config class, kwargs).
@@ -180,6 +181,14 @@ def test_the_fsdp2_accelerate_config_is_what_accelerate_reads() -> None:
     recipe = MEMORY.load_recipe(MEMORY.FSDP2)
     assert recipe["bf16"] and recipe["model_name_or_path"] == QWEN3_8B.model_id
     assert yaml.safe_load(path.read_text(encoding="utf-8"))["fsdp_config"] == fsdp  # nothing accelerate drops
+    # the QLoRA twin: the same but for the efficient loading, which 4-bit loading cannot do (N11), named by the QLoRA
+    # recipe's header
+    shipped, qlora = (yaml.safe_load((RECIPES / name).read_text(encoding="utf-8")) for name in (MEMORY.FSDP2_CONFIG,
+                                                                                               QLORA_CONFIG))
+    shipped["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] = False
+    assert qlora == shipped
+    command = f"accelerate launch --config_file recipes/{QLORA_CONFIG} -m llamafactory.launcher recipes/{MEMORY.QLORA}"
+    assert f"#   {command}\n" in (RECIPES / MEMORY.QLORA).read_text(encoding="utf-8")
 
 
 def test_accelerate_launch_of_the_fsdp2_recipe_gives_its_ranks_fsdp2() -> None:
@@ -253,9 +262,11 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
     ranks: the accelerate config as shipped but for 2 processes on the CPU (``mixed_precision: bf16``: FSDP2 gathers
     the weights in bf16, its MixedPrecisionPolicy, asserted from each rank), the recipe as shipped (``bf16: true``,
     with ``use_cpu: true`` so that transformers takes bf16 on the CPU) but for the tiny model and data (per-device
-    4 x 2 ranks gathered = 8 >= hera_k + 1 = 6: no queue, as the recipe). ``qlora``: the same with
-    ``quantization_bit: 4`` on a checkpoint saved in bf16 (so the 4-bit codes are stored in bf16, LLaMA-Factory's
-    ``bnb_4bit_quant_storage``, and FSDP2 shards them) and ``fsdp_cpu_ram_efficient_loading: false``; each 4-bit
+    4 x 2 ranks gathered = 8 >= hera_k + 1 = 6: no queue, as the recipe). ``qlora``: the QLoRA recipe
+    (qwen3_8b_hera_qlora.yaml, ``quantization_bit: 4``, nf4, double quantization) with the config its header names,
+    recipes/accelerate/fsdp2_qlora_config.yaml (``fsdp_cpu_ram_efficient_loading: false``), both as shipped but for
+    the same changes, on a checkpoint saved in bf16 (so the 4-bit codes are stored in bf16, LLaMA-Factory's
+    ``bnb_4bit_quant_storage``, and FSDP2 shards them); each 4-bit
     layer's codes reach the forward as loaded (patches/engines/fsdp_qlora.py: accelerate's mixed-precision upcast
     changed
     them, the SFT twin's too). ``qlora_sft_twin``: the recipe's baseline twin (``stage: sft``), a stock stage, keeps
@@ -267,17 +278,15 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
 
     if quantized:
         pytest.importorskip("bitsandbytes")
-    config = yaml.safe_load((RECIPES / MEMORY.FSDP2_CONFIG).read_text(encoding="utf-8"))
+    config = yaml.safe_load((RECIPES / (QLORA_CONFIG if quantized else MEMORY.FSDP2_CONFIG)).read_text("utf-8"))
     config.update({"num_processes": 2, "use_cpu": True, "main_process_port": free_port()})  # the cases run at once
-    if quantized:  # accelerate 1.11's efficient loading fails on a bitsandbytes model (refused before loading)
-        config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] = False
     (tmp_path / "fsdp2_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     out = tmp_path / "out"
     model = saved_in_bf16(assets.models["qwen3_vl"], tmp_path / "model") if quantized and bf16 else (
         assets.models["qwen3_vl"])
-    recipe = _training_recipe(MEMORY.FSDP2, model, assets, out)
+    recipe = _training_recipe(MEMORY.QLORA if quantized else MEMORY.FSDP2, model, assets, out)
     recipe["per_device_train_batch_size"] = 4
-    recipe.update({"bf16": bf16, "use_cpu": True, "stage": stage, **({"quantization_bit": 4} if quantized else {})})
+    recipe.update({"bf16": bf16, "use_cpu": True, "stage": stage})
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     # the test-only shim (tests/fsdp_cpu) keeps FSDP2 on, on CPU, where accelerate 1.11 would train plain DDP; the
     # evidence it writes proves every trainable parameter was a DTensor at the step and at save

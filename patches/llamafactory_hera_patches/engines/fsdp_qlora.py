@@ -11,38 +11,32 @@ its bf16 storage elements change, 9,540 of its 16.8 M weights, by up to 0.12 whe
 5.6 % of its norm; stock LoRA SFT trains on those weights without a word. The bytes that HeRA reads whole
 (``hera/projection.py``) would be float32 values, not the codes.
 
-This patch keeps every 4-bit weight out of that upcast: its shard stays in its storage dtype, which the all-gather
-leaves uncast; every other parameter and buffer is upcast as before. Then it checks what the forward will get: each
+This patch keeps every 4-bit weight out of any dtype conversion the preparation makes (whatever accelerate's statement
+for it: every ``.to`` / ``.float`` / ``.half`` of a module goes through ``Module._apply``, which is guarded for the
+call): its shard stays in its storage dtype, bit for bit (moved where the conversion moves it), which the all-gather
+leaves uncast; every other parameter and buffer is converted as before. Then it checks what the forward will get: each
 4-bit weight still in its packed storage dtype, and FSDP2's all-gather dtype (the mixed precision's ``param_dtype``)
 that same dtype, or none. Codes stored in another dtype than the all-gather's (fp16 or float32 codes under
 ``mixed_precision: bf16``: a recipe without ``bf16: true`` on an fp16 or float32 checkpoint, or a checkpoint saved
 4-bit with such a storage) would be converted as numbers at every forward, every code, stock SFT too: refused before
 loading where fsdp_loading predicts it from the recipe, the checkpoint and the launch, and here again after preparation
-(the dtypes are LLaMA-Factory's and accelerate's choices at load), with the fix.
+(the dtypes are LLaMA-Factory's and accelerate's choices at load), with the fix. Last, at each 4-bit layer's first
+forward (its weight gathered whole, as the forward reads it) the codes' checksum is compared with the one taken before
+the preparation: a layer whose codes changed by any path is refused by name.
 
 Applied by the import hook right after ``accelerate.utils.fsdp_utils`` executes, before ``accelerate.utils`` and the
-Accelerator bind the function; on an accelerate whose ``fsdp2_prepare_model`` has no such upcast it does nothing.
+Accelerator bind the function, on every accelerate that has ``fsdp2_prepare_model``.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
+import hashlib
 import sys
 from types import ModuleType
 from typing import Any
 
 from ..errors import RecipeError
-
-_UPCAST = "model.to(torch.float32)"  # the upcast's statement in accelerate 1.11's fsdp2_prepare_model
-
-
-def upcasts(fsdp_utils: ModuleType) -> bool:
-    """True when this accelerate's ``fsdp2_prepare_model`` upcasts the model whole (read from its source)."""
-    try:
-        return _UPCAST in inspect.getsource(fsdp_utils.fsdp2_prepare_model)
-    except (OSError, TypeError):  # no source (a frozen install): assume the upcast, which the wrapper handles exactly
-        return True
 
 
 def _4bit_layers(model: Any) -> list[Any]:
@@ -83,18 +77,51 @@ def cast_codes_message(what: str, gathered: Any) -> str:
             "mixed_precision: 'no' in the accelerate config.")
 
 
-def upcast_all_but_4bit(model: Any, dtype: Any) -> Any:
-    """``model.to(dtype)`` for every floating parameter and buffer but the 4-bit weights (:func:`packed_4bit_weights`,
-    read now: right after ``fully_shard`` they are the registered shards). FSDP2's own ``_apply`` resets its sharded
-    parameters after the conversion, as it does for ``.to``."""
+def apply_keeping_codes(model: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``Module._apply`` of ``model`` with ``fn``, but each 4-bit weight (:func:`packed_4bit_weights`, read now: after
+    ``fully_shard`` they are the registered shards) that ``fn`` would give another dtype is kept as it is, moved to
+    the device ``fn`` moves it to. FSDP2's own ``_apply`` resets its sharded parameters after the conversion."""
     kept = packed_4bit_weights(model)
-    return model._apply(lambda t: t if id(t) in kept or not t.is_floating_point() else t.to(dtype))
+
+    def keep(tensor: Any) -> Any:
+        out = fn(tensor)
+        return tensor.to(out.device) if id(tensor) in kept and out.dtype != tensor.dtype else out
+
+    return type(model)._apply(model, keep, *args, **kwargs)
+
+
+def checksum(codes: Any) -> str:
+    """A digest of the bytes of ``codes`` (read on the host)."""
+    import torch  # lazy: the patches load at every start-up
+
+    codes = codes.data.contiguous().view(torch.uint8).to("cpu", copy=True)  # a copy: numpy pins a storage it shares
+    return hashlib.blake2b(codes.numpy()).hexdigest()
+
+
+def check_at_first_forward(model: Any) -> None:
+    """A pre-forward hook on each 4-bit layer of ``model`` (before its preparation) that, once, compares the checksum
+    of the codes its forward gets with the one taken now, and refuses the layer by name if they differ."""
+    quantized = {id(layer) for layer in _4bit_layers(model)}
+    for name, layer in model.named_modules():
+        if id(layer) in quantized:
+            hooks: list[Any] = []
+
+            def check(module: Any, args: Any, name: str = name, loaded: str = checksum(layer.weight),
+                      hooks: list[Any] = hooks) -> None:
+                hooks.pop().remove()
+                if checksum(module.weight) != loaded:
+                    raise RecipeError(f"4-bit weights under FSDP2: the codes of {name} at its first forward are not "
+                                      "those loaded: accelerate's preparation converted them as numbers (every weight "
+                                      "would be wrong). Set mixed_precision: 'no' in the accelerate config, or train "
+                                      "this model without FSDP.")
+
+            hooks.append(layer.register_forward_pre_hook(check))
 
 
 def apply(fsdp_utils: ModuleType) -> None:
     # checked first, so that a later accelerate renaming the function never fails `import accelerate` (this runs in
     # every program of the environment that imports it)
-    if not hasattr(fsdp_utils, "fsdp2_prepare_model") or not upcasts(fsdp_utils):
+    if not hasattr(fsdp_utils, "fsdp2_prepare_model"):
         return
     original = fsdp_utils.fsdp2_prepare_model
 
@@ -102,18 +129,12 @@ def apply(fsdp_utils: ModuleType) -> None:
     def fsdp2_prepare_model(accelerator: Any, model: Any) -> Any:
         if not packed_4bit_weights(model):
             return original(accelerator, model)
-        import torch  # lazy: accelerate imported it; the patches load at every start-up
-
-        def to(*args: Any, **kwargs: Any) -> Any:
-            if args == (torch.float32,) and not kwargs:  # the upcast
-                return upcast_all_but_4bit(model, torch.float32)
-            return type(model).to(model, *args, **kwargs)
-
-        model.to = to  # an instance attribute, for this call only: fully_shard keeps the object, swapping its class
+        check_at_first_forward(model)
+        model._apply = functools.partial(apply_keeping_codes, model)  # for this call: .to, .float, ... go through it
         try:
             prepared = original(accelerator, model)
         finally:
-            del model.to
+            del model._apply
         policy = accelerator.state.fsdp_plugin.mixed_precision_policy  # None without mixed precision
         check_codes_reach_the_forward(prepared, None if policy is None else policy.param_dtype)
         return prepared

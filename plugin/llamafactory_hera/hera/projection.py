@@ -42,21 +42,37 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
     if base.weight.ndim != 2:  # a ZeRO-3 partition outside its gather: an empty 1-D placeholder
         raise RuntimeError("o_proj's weight is a DeepSpeed ZeRO-3 partition; read it inside "
                            "deepspeed.zero.GatheredParameters, or project through project_heads_by_call.")
-    dora = [name for name in adapters if o_proj.use_dora.get(name, False)]
-    full = base_weight_columns(base) if dora else None  # DoRA's row norm reads every column
-    weight = full[:, columns] if full is not None else base_weight_columns(base, columns)
+    weight = base_weight_columns(base, columns)
     total = weight
     for name in adapters:
-        lora_a = whole(o_proj.lora_A[name].weight).float()  # [r, in]
+        lora_a = whole(o_proj.lora_A[name].weight, columns).float()  # [r, C]
         lora_b = whole(o_proj.lora_B[name].weight).float()  # [d, r]
         scaling = o_proj.scaling[name]
-        delta = scaling * (lora_b @ lora_a[:, columns])
-        if name in dora:
+        delta = scaling * (lora_b @ lora_a)
+        if o_proj.use_dora.get(name, False):
             magnitude = whole(o_proj.lora_magnitude_vector[name].weight)
-            row = dora_row_scale(magnitude, full, scaling * (lora_b @ lora_a))
+            norm = _dora_norm(base, o_proj.lora_A[name].weight, o_proj.lora_B[name].weight, scaling)
+            row = (magnitude.float() / norm)[:, None]
             delta = (row - 1) * weight + row * delta
         total = total + delta
     return total
+
+
+def _dora_norm(base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``[d]``: DoRA's ``||W + s B A||_row``, detached. Under FSDP2 (a floating weight) each rank takes the norms of
+    its own rows (``W`` and ``B`` are sharded alike, by rows) with ``A`` whole, and the ``[d]`` norms are gathered:
+    no whole ``W`` moves."""
+    weight = base.weight
+    with torch.no_grad():
+        if _quant_state(base) is None and hasattr(weight, "full_tensor") and hasattr(lora_b, "to_local"):
+            from torch.distributed.tensor import DTensor  # lazy: only a DTensor gets here
+
+            device = weight.device_mesh.device_type  # offloaded shards (fsdp_offload_params) are read there
+            local = dora_row_norm(weight.to_local().to(device).float(), scaling * (
+                lora_b.to_local().to(device).float() @ whole(lora_a.detach()).float()))
+            return DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
+                                      shape=weight.shape[:1], stride=(1,)).full_tensor()
+        return dora_row_norm(base_weight_columns(base), scaling * (whole(lora_b).float() @ whole(lora_a).float()))
 
 
 def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,8 +116,7 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
         raise TypeError(f"o_proj's base {type(base).__name__} stores its weight as {weight.dtype}, a quantization "
                         "llamafactory-hera cannot read exactly; use bitsandbytes (quantization_bit: 4 or 8) or an "
                         "unquantized model.")
-    weight = whole(weight)  # an FSDP2 shard gathered
-    return (weight if columns is None else weight[:, columns]).float()
+    return whole(weight, columns).float()  # an FSDP2 shard: only the columns gathered
 
 
 def _quant_state(base: nn.Module) -> object | None:
@@ -112,31 +127,33 @@ def _quant_state(base: nn.Module) -> object | None:
     return quant_state if quant_state is not None else getattr(base, "quant_state", None)
 
 
-def dora_row_scale(magnitude: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``[out, 1]``: DoRA's ``m / ||W + delta||_row`` for a ``[out, in]`` float32 ``weight`` and scaled LoRA ``delta``,
-    the norm detached (PEFT's forward, after DoRA's paper section 4.3), the magnitude ``[out]`` keeping its gradient."""
-    return (magnitude.float() / dora_row_norm(weight, delta))[:, None]
-
-
 def dora_row_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``[out]``: ``||W + delta||_row``, detached, for a ``[out, in]`` float32 ``weight`` and scaled LoRA ``delta``."""
     return torch.linalg.norm(weight + delta.detach(), dim=1).detach()
 
 
-def whole(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` whole. Under FSDP2 a parameter outside its module's forward is a DTensor holding this rank's shard:
-    it is gathered (a collective: every rank reads the same weights in the same order), and its gradient goes back to
-    the shards averaged over the data-parallel ranks, as FSDP2 averages the gradients of its own forward (a sum would
-    scale this term's update by the number of ranks). With FSDP2's CPU offload (``fsdp_offload_params: true``) the
-    shard lives in host memory while the ranks gather on their accelerator: it is moved there first, as torch's own
-    full state-dict gather does (``torch.distributed._state_dict_utils``), its gradient going back to the host shard.
-    Any other tensor is returned as it is."""
+def whole(weight: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight`` whole, or its ``[:, columns]`` (a 2-D weight). Under FSDP2 a parameter outside its module's forward
+    is a DTensor holding this rank's rows: each rank's rows at ``columns`` are gathered, no other column (a collective:
+    every rank reads the same weights in the same order), and the gradient goes back to the shards averaged over the
+    data-parallel ranks (``Partial("avg")``: the backward reduce-scatters the rows' gradients with their mean), as
+    FSDP2 averages the gradients of its own forward (a sum would scale this term's update by the number of ranks).
+    With FSDP2's CPU offload (``fsdp_offload_params: true``) the shard lives in host memory while the ranks gather on
+    their accelerator: it is moved there first, as torch's own full state-dict gather does
+    (``torch.distributed._state_dict_utils``), its gradient going back to the host shard. Any other tensor is
+    indexed as it is."""
     if not hasattr(weight, "full_tensor"):
-        return weight
-    from torch.distributed.tensor import Partial  # lazy: only a DTensor gets here, so torch.distributed is built
+        return weight if columns is None else weight[:, columns]
+    from torch.distributed.tensor import DTensor, Partial  # lazy: only a DTensor gets here
 
     if weight.device.type != weight.device_mesh.device_type:
         weight = weight.to(weight.device_mesh.device_type)
+    if columns is not None and any(p.is_shard() and p.dim != 0 for p in weight.placements):
+        return whole(weight)[:, columns]  # sharded otherwise than by rows (never by FSDP2): whole, then indexed
+    if columns is not None:  # the rows' columns, a DTensor sharded as the weight is (to_local, from_local: autograd)
+        local = weight.to_local()[:, columns.to(weight.device)]
+        weight = DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
+                                    shape=(weight.shape[0], len(columns)), stride=(len(columns), 1))
     return weight.full_tensor(grad_placements=[Partial("avg")] * len(weight.placements))
 
 
@@ -234,10 +251,8 @@ def _dora_row_norms(o_proj: nn.Module, base: nn.Module, names: list[str]) -> dic
     all of ``o_proj``'s weights gathered at once."""
     if not names:
         return {}
-    with torch.no_grad(), gathered(o_proj):
-        weight = base_weight_columns(base)  # [d, in]
-        return {name: dora_row_norm(weight, o_proj.scaling[name] * (o_proj.lora_B[name].weight.float()
-                                                                    @ o_proj.lora_A[name].weight.float()))
+    with gathered(o_proj):
+        return {name: _dora_norm(base, o_proj.lora_A[name].weight, o_proj.lora_B[name].weight, o_proj.scaling[name])
                 for name in names}
 
 
