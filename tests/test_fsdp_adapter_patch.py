@@ -14,6 +14,7 @@ import pytest
 from packaging.version import Version
 
 from llamafactory_hera_patches.engines import fsdp_adapter
+from llamafactory_hera_patches.errors import RecipeError
 
 # accelerate 1.15.0's helper, which carries the fix (abridged to the lines the guard reads)
 FIXED = '''
@@ -70,7 +71,7 @@ def test_a_checkpoint_saved_without_the_fix_is_refused_on_load() -> None:
     original = fsdp_utils.is_peft_model
     fsdp_utils.is_peft_model = lambda m: True
     try:
-        with pytest.raises(RuntimeError, match="^resume_from_checkpoint: the FSDP2 checkpoint's pytorch_model_fsdp"):
+        with pytest.raises(RecipeError, match="^resume_from_checkpoint: the FSDP2 checkpoint's pytorch_model_fsdp"):
             fsdp_utils._set_model_state_dict(model, {"lora_A.weight": torch.zeros(2, 2)}, adapter_only=True,
                                              sd_options=StateDictOptions(full_state_dict=True))
     finally:

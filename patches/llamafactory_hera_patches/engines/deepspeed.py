@@ -1,37 +1,45 @@
-"""DeepSpeed ZeRO-3 adaptations: models that must not be partitioned are loaded outside ``zero.Init``; a forward run
-outside the engine's gathers the parameters a module reads from another, as the engine's forward does.
+"""Models used beside the trained one load whole on every rank (:func:`loaded_whole`); a forward run outside the
+DeepSpeed engine's gathers the parameters a module reads from another, as the engine's forward does.
 
-Checked on transformers 5.6 (``transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref``,
-the module global that ``from_pretrained`` consults to decide whether to load inside ``zero.Init``)
-with DeepSpeed 0.19. The frozen teacher and the scoring copy of ``hera_heads: auto`` are used
-outside the DeepSpeed engine, so partitioning them would leave placeholder weights.
+Checked on transformers 5.6 (``transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref``, the module global
+that ``from_pretrained`` consults to decide whether to load inside ``zero.Init``; ``FSDP_CPU_RAM_EFFICIENT_LOADING``,
+read by ``transformers.integrations.fsdp.is_fsdp_enabled``) with DeepSpeed 0.19. The frozen teacher and the scoring
+copy of ``hera_heads: auto`` are used outside the DeepSpeed or FSDP engine: partitioned, they would be placeholders;
+under FSDP's efficient loading (LLaMA-Factory's fsdp2_config.yaml), zeros on every process but local rank 0.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from collections.abc import Iterator
 
 from torch import nn
 
 from ..guard import HostMismatchError
 
+EFFICIENT_LOADING = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+
 
 @contextlib.contextmanager
-def zero3_init_disabled() -> Iterator[None]:
-    """Load models inside this block as ordinary (unpartitioned) modules, even under a ZeRO-3 config."""
+def loaded_whole() -> Iterator[None]:
+    """Load models inside this block as ordinary modules holding their weights, under a ZeRO-3 config (outside
+    ``zero.Init``) and under FSDP's efficient loading (which fills every parameter with zeros on a process that is not
+    local rank 0, expecting FSDP's broadcast: the switch is off for the block)."""
     integration = importlib.import_module("transformers.integrations.deepspeed")
     if not hasattr(integration, "_hf_deepspeed_config_weak_ref"):
         raise HostMismatchError("llamafactory-hera: transformers.integrations.deepspeed has no "
                                 "_hf_deepspeed_config_weak_ref (checked on transformers 5.6); cannot load the "
                                 "teacher outside ZeRO-3 partitioning. Use DeepSpeed ZeRO-2 or upgrade the plugin.")
-    saved = integration._hf_deepspeed_config_weak_ref
+    saved, efficient = integration._hf_deepspeed_config_weak_ref, os.environ.pop(EFFICIENT_LOADING, None)
     integration._hf_deepspeed_config_weak_ref = None
     try:
         yield
     finally:
         integration._hf_deepspeed_config_weak_ref = saved
+        if efficient is not None:
+            os.environ[EFFICIENT_LOADING] = efficient
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
+from ..errors import RecipeError
 from ..guard import require
 
 _WRAPPERS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")
@@ -104,8 +105,9 @@ def apply(fsdp_utils: ModuleType) -> None:
             # the state dict's names are torch's (without the wrappers of FSDP's activation checkpointing or
             # torch.compile, which named_parameters keeps)
             trainable = {_WRAPPERS.sub("", name) for name, param in model.named_parameters() if param.requires_grad}
-            if state_dict and not trainable & set(state_dict):  # rank 0 read the file: a pre-fix checkpoint
-                raise RuntimeError(
+            if state_dict and not trainable & set(state_dict):  # rank 0 read the file: a pre-fix checkpoint; the
+                # others wait in the broadcast from rank 0: a RecipeError ends them too (job_refusal), said once
+                raise RecipeError(
                     "resume_from_checkpoint: the FSDP2 checkpoint's pytorch_model_fsdp.bin holds an adapter saved by "
                     "accelerate without the fix of PR 4206 (rank 0's shard only, PEFT's key names), which cannot be "
                     "restored whole; start again from the last checkpoint saved with llamafactory-hera, or from the "

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from llamafactory_hera.log import progress_file
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.engines.deepspeed import zero3_init_disabled
+from llamafactory_hera_patches.engines.deepspeed import loaded_whole
 
 # Dual image-text encoders whose image tower (``.vision_model``) can serve as teacher.
 DUAL_ENCODER_TYPES = frozenset({"clip", "siglip", "siglip2"})
@@ -268,7 +268,7 @@ def load_teacher(name_or_path: str, feature: str, device: torch.device | str, *,
     if key not in _TEACHERS:
         # transformers 4.55 takes torch_dtype (stacks.dtype_key; not imported here: the trainer's import closure)
         dtype_key = "torch_dtype" if __version__.startswith("4.55.") else "dtype"
-        with zero3_init_disabled():  # the teacher lives outside the DeepSpeed engine: never partition it
+        with loaded_whole():  # outside the DeepSpeed / FSDP engine: its weights whole on every rank
             encoder = AutoModel.from_pretrained(resolve_teacher(name_or_path), **{dtype_key: dtype})
         if hasattr(encoder, "vision_model"):  # CLIP/SigLIP-style dual encoders: keep the image tower only
             encoder = encoder.vision_model

@@ -118,6 +118,24 @@ def precompute_teacher_features(teacher: VisionTeacher, image_processor: Any, by
     return len(mine), len(stored)
 
 
+def check_same_on_every_rank(model: torch.nn.Module, key: str, name: str) -> None:
+    """Refuse, on every rank, a frozen model (``key``: ``name``) whose weights differ across ranks (a loader that
+    left zeros on some ranks, another copy of the files on another node): the float64 sum and absolute sum of its
+    parameters and buffers, gathered. Collective: every rank calls it."""
+    if not distributed():
+        return
+    tensors = [*model.parameters(), *model.buffers()]
+    sums = [float(sum(t.detach().sum(dtype=torch.float64) for t in tensors)),
+            float(sum(t.detach().abs().sum(dtype=torch.float64) for t in tensors))]
+    every: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, sums)
+    table = torch.tensor(every, dtype=torch.float64)  # [world, 2]; equal up to the order of the sums' additions
+    if not torch.allclose(table, table[:1].expand_as(table), rtol=1e-9, atol=0.0):
+        raise RecipeError(f"{key}: '{name}' loaded with other weights on some ranks (sum, absolute sum: "
+                          f"{'; '.join(f'rank {r}: {s[0]:g}, {s[1]:g}' for r, s in enumerate(every))}), so each "
+                          "rank would align to another teacher. Give every node the same copy of it.")
+
+
 def _has_images(dataset: Any) -> bool:
     return dataset is not None and hasattr(dataset, "__len__") and "images" in (
         getattr(dataset, "column_names", None) or ())
@@ -131,6 +149,7 @@ class RunTeacher:
         self.device = device  # where load_teacher puts it, and where it goes back after train()
         # float32 (teacher.TEACHER_DTYPE) whatever the model's dtype; precomputed, it leaves the GPU after its pass
         self.model = load_teacher(hera_args.hera_teacher, hera_args.hera_teacher_feature, device)
+        check_same_on_every_rank(self.model, "hera_teacher", hera_args.hera_teacher)
         self.cache = cache or TeacherFeatureCache(enabled=False)
         self.dim = int(self.model.encoder.config.hidden_size)
         self._precompute: bool | None = None
