@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
+from dist_runs import launch_runs
 from fsdp_checks import accelerate_launch, accelerate_launch_runs, assert_fsdp2, fsdp_run, read_fsdp_evidence
 from safetensors.torch import load_file
 
@@ -67,6 +69,29 @@ def test_fsdp2_lora_trains_saves_and_resumes_like_ddp(assets, tmp_path: Path) ->
     assert _logged(resumed) == _logged(fsdp2)[1:]
     assert {"model", "optimizer.bin", "pytorch_model_fsdp.bin", "hera_temperature_optimizer.pt",
             "hera_state.json"} <= set(assert_resumed_equals_whole(fsdp2 / "out", resumed / "out", 2))
+
+
+def test_the_shipped_configs_efficient_loading_gives_the_teacher_of_a_torchrun_run(assets, tmp_path: Path) -> None:
+    """recipes/accelerate/fsdp2_config.yaml loads with ``fsdp_cpu_ram_efficient_loading: true``, under which
+    transformers fills every parameter of a model loaded on a process that is not local rank 0 with zeros (FSDP
+    broadcasts the trained model's; nothing broadcast the teacher's: at 4d19032 rank 1's teacher was zeros, its half of
+    the precomputed features zero). FSDP2 with the efficient loading on (the shipped config's) and off, one after
+    another in one ``accelerate launch``, against the reference: torchrun DDP in a launch of its own, without
+    accelerate's FSDP environment. Step 1's lm_loss and hera_loss (the teacher features of every image, computed half
+    on each rank and gathered before the step) equal the reference's."""
+    shipped = yaml.safe_load((Path(__file__).parents[2] / "recipes/accelerate/fsdp2_config.yaml").read_text())
+    assert shipped["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is True  # as FSDP2_CONFIG (tests/fsdp_checks.py)
+    keys = dict(per_device_train_batch_size=4, max_steps=1, hera_monitor_steps=0, hera_teacher_precompute="true")
+    ddp, on, off = tmp_path / "ddp", tmp_path / "on", tmp_path / "off"
+    reference = launch_runs([{"recipe": base_recipe(assets, "qwen2_5_vl", ddp / "out", **keys)}], ddp, 2)[0]
+    runs = accelerate_launch_runs([fsdp_run(base_recipe(assets, "qwen2_5_vl", on / "out", **keys), on),
+                                   fsdp_run(base_recipe(assets, "qwen2_5_vl", off / "out", **keys), off,
+                                            FSDP_CPU_RAM_EFFICIENT_LOADING="false")], tmp_path / "launch")
+    for folder in (on, off):
+        assert_fsdp2(folder, {"step"})
+    want = [reference["logs"][0][key] for key in ("lm_loss", "hera_loss")]
+    assert [[run["logs"][0][key] for key in ("lm_loss", "hera_loss")] for run in runs] == [
+        pytest.approx(want, rel=1e-5)] * 2
 
 
 def test_fsdp2_full_finetuning_trains_like_ddp(assets, tmp_path: Path) -> None:
