@@ -97,12 +97,14 @@ def test_a_requeued_job_takes_its_own_stale_claim_over(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_three_jobs_racing_for_one_stale_claim_leave_one_owner(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pauses", [(0.1, 0.5, 0.75), (0.5, 0.5, 0.5)])
+def test_three_jobs_racing_for_one_stale_claim_leave_one_owner(pauses: tuple[float, ...], tmp_path: Path) -> None:
     """A run died on node-a, its claim not refreshed for longer than the lease; three runs meet it at one moment,
     one on node-b (stale: its age) and two on node-a (stale: its process is gone), each paused after each read of the
-    claim's files (0.1 s, 0.5 s, 0.75 s: busy nodes). One owns the folder (the claim is its own), the other two are
-    refused naming it; no lock is left behind. (Before, a takeover moved the claim aside to check it and put back a
-    fresh claim it had moved by mistake; the third run found the folder free meanwhile: two owners.)"""
+    claim's files (0.1 s, 0.5 s, 0.75 s: busy nodes; or 0.5 s each, so that all three read the stale claim again
+    before any replaces it and the takeover lock alone refuses two). One owns the folder (the claim is its own), the
+    other two are refused naming it; no lock is left behind. (Before, a takeover moved the claim aside to check it and
+    put back a fresh claim it had moved by mistake; the third run found the folder free meanwhile: two owners.)"""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / CLAIM).write_text(json.dumps({"pid": dead.pid, "host": "node-a", "started": "then", "token": "0"}))
@@ -110,7 +112,7 @@ def test_three_jobs_racing_for_one_stale_claim_leave_one_owner(tmp_path: Path) -
     os.utime(tmp_path / CLAIM, (old, old))
     hosts, go = ("node-b", "node-a", "node-a"), tmp_path.with_name(f"{tmp_path.name}.go")
     nodes = [_node(tmp_path, host, go=go, hold=3, pause=pause)
-             for host, pause in zip(hosts, (0.1, 0.5, 0.75), strict=True)]
+             for host, pause in zip(hosts, pauses, strict=True)]
     assert [_first_line(node) for node in nodes] == ["ready"] * 3
     go.touch()
     outputs = [_end(node).splitlines() for node in nodes]

@@ -299,6 +299,8 @@ def take(folder: Path, stage: str, env: Mapping[str, str] = os.environ) -> dict[
             attempts -= 1  # waiting is no attempt: this job's rank on the claim's host may be taking it over
             time.sleep(0.5)
             continue
+        if _read(path) != found:  # replaced since it was read (the age read was the new claim's): read it again
+            continue
         raise _refuse(folder, path, other, here)
     raise RecipeError(f"output_dir: {folder}: could not claim it ({path} changed {_ATTEMPTS} times while this run "
                       "tried); other runs are starting into it. Set an output_dir of its own for each run.")
