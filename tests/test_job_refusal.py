@@ -75,7 +75,7 @@ def _unlaunched(what: str, env: dict[str, str], rank_env: str, tmp_path: Path) -
                               env={**offline_env(tmp_path), **env, rank_env: str(rank), "LOCAL_RANK": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     try:
-        both_up = _when_both_up(stamps, 60, ranks)  # both up within ~20 s, then the job ends within WITHIN_S
+        both_up = _when_both_up(stamps, 180, ranks)  # up within ~20 s on an idle machine; then ends within WITHIN_S
         # waited for no longer than the claim allows: a rank left waiting fails here in WITHIN_S, not in a minute
         outputs = [rank.communicate(timeout=max(1.0, both_up + WITHIN_S - time.time()))[0] for rank in ranks]
     finally:

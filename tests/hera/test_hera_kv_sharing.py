@@ -9,7 +9,7 @@ layer 1, LoRA on every linear layer, through the real ``run_exp``, two steps eac
 - HeRA with ``hera_lambda: 0`` under the default checkpointing equals SFT with ``use_reentrant_gc: false`` step for
   step (every gradient of both steps, the losses);
 - HeRA with ``hera_lambda: 1`` trains and its gradient equals the one without checkpointing;
-- stock SFT keeps LLaMA-Factory's behaviour (another gradient) and says so in one line.
+- stock SFT keeps LLaMA-Factory's behaviour (another gradient) and says so in one line, also on two ranks.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from dist_runs import launch_runs
 
 from conftest import base_recipe
 from llamafactory_hera_testing.zoo import ZOO, zoo_model
@@ -111,3 +112,13 @@ def test_stock_sft_keeps_the_hosts_gradient_and_says_so_in_one_line(runs) -> Non
     differ = [name for name, grad in first.items() if not torch.allclose(grad, reference[name], rtol=1e-5, atol=1e-7)]
     assert any("layers.1.self_attn.k_proj" in name for name in differ), differ
     assert not any("layers.2." in name for name in differ), differ
+
+
+def test_stock_sft_says_so_once_on_two_ranks(assets, tmp_path) -> None:
+    """The line comes from the global main process only: one torchrun launch of stock SFT on two ranks (DDP,
+    tests/dist_runs.py), one step, prints it once in every rank's output together."""
+    family = dataclasses.replace(assets, models={"gemma4": zoo_model("gemma4", tmp_path / "zoo")},
+                                 templates={"gemma4": ZOO["gemma4"][0]})
+    recipe = base_recipe(family, "gemma4", tmp_path / "out", stage="sft", max_steps=1, hera_monitor_steps=0)
+    printed = launch_runs([{"recipe": recipe}], tmp_path / "launch", 2)[0]["stdout"]
+    assert printed.count(NOTE) == 1, printed[-3000:]
