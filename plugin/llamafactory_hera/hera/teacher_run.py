@@ -124,9 +124,9 @@ def check_same_on_every_rank(model: torch.nn.Module, key: str, name: str) -> Non
     parameters and buffers, gathered. Collective: every rank calls it."""
     if not distributed():
         return
-    tensors = [*model.parameters(), *model.buffers()]
-    sums = [float(sum(t.detach().sum(dtype=torch.float64) for t in tensors)),
-            float(sum(t.detach().abs().sum(dtype=torch.float64) for t in tensors))]
+    parts = [torch.stack([values.sum(), values.abs().sum()]) for values in (  # one float64 copy at a time
+        tensor.detach().double() for tensor in (*model.parameters(), *model.buffers()))]
+    sums = torch.stack(parts).sum(0).tolist() if parts else [0.0, 0.0]
     every: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every, sums)
     table = torch.tensor(every, dtype=torch.float64)  # [world, 2]; equal up to the order of the sums' additions
