@@ -24,10 +24,10 @@ import os
 import tempfile
 from dataclasses import dataclass
 from typing import Any
-from unittest import mock
 
 from llamafactory_hera_patches.errors import RecipeError
 
+from ..engines.deepspeed import loaded_whole
 from ..guard import require
 from ..registry import method_for_stage, method_of_key
 
@@ -119,7 +119,7 @@ def load_model_for_scoring(args: RecipeArgs, device: str,
     template = data.get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], args.data_args)
     # one process loads a whole copy: under FSDP's efficient loading (transformers' is_fsdp_enabled) LLaMA-Factory
     # would drop the device_map (a CPU model scored on the GPU) and transformers accelerate's dispatch
-    with mock.patch.dict(os.environ, {"FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}):
+    with loaded_whole():
         model = model_module.load_model(tokenizer_module["tokenizer"], args.model_args, args.finetuning_args,
                                         is_trainable=False)
     return model.eval(), tokenizer_module, template

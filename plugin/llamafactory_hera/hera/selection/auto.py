@@ -25,7 +25,6 @@ from llamafactory_hera.hera.selection.result import SelectionResult
 from llamafactory_hera.hera.selection.select import SelectionOptions, run_selection
 from llamafactory_hera.hera.teacher_cache import cache_root, cache_unwritable
 from llamafactory_hera.short_errors import RecipeError
-from llamafactory_hera_patches.engines.deepspeed import loaded_whole
 
 RECORD_NAME = "hera_selection.json"
 HEATMAP_NAME = "hera_selection.png"
@@ -84,7 +83,7 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
             args = copy.deepcopy(recipe_args)
             args.data_args.max_samples = None
 
-            with preserved_random_state(), loaded_whole():  # score an unpartitioned copy on rank 0
+            with preserved_random_state():  # the scoring copy and the teacher load whole (loaded_whole)
                 options = SelectionOptions.from_keys(hera_args, seed=seed, device=device, dtype=dtype)
                 result, cached = run_selection(args, options, cache_dir())
             _record(result, cached, output_dir)
