@@ -1,18 +1,7 @@
-"""The jailbreak task's ``--prompts FILE`` (and ``--targets FILE``), read as the benchmarks ship them (docs/eval.md,
-"Jailbreak robustness"):
-
-- a JSON list or JSONL of strings or of objects with ``prompt`` (and ``target``), or a CSV with those columns;
-- AdvBench's ``harmful_behaviors.csv`` (llm-attacks ``data/advbench/``): columns ``goal,target``;
-- HarmBench's behaviours CSV (``data/behavior_datasets/harmbench_behaviors_text_*.csv``): ``Behavior``,
-  ``FunctionalCategory``, ``SemanticCategory``, ``Tags``, ``ContextString``, ``BehaviorID``. A contextual behaviour
-  is asked as HarmBench's DirectRequest and GCG ask it, ``f"{context}\\n\\n---\\n\\n{behavior}"``; the judge sees the
-  behaviour and the context apart. Copyright behaviours (``hash_check`` tag) are scored by HarmBench by hashing
-  against its reference texts, not by a classifier, and are left out (said in the settings). GCG's targets come
-  from HarmBench's separate ``harmbench_targets_text.json`` (BehaviorID -> target), given as ``--targets FILE``.
-
-Malformed: one line naming the file, the row (a CSV's also with its file line) and the column; a CSV's field count
-and quoting, and the encoding (UTF-8, a byte-order mark allowed), are checked where HARC's source files are read
-(:mod:`..harc.source_files`).
+"""The jailbreak task's ``--prompts FILE`` (and ``--targets FILE``), read as the benchmarks ship them: JSON / JSONL,
+AdvBench's and HarmBench's CSVs (docs/eval.md, "Jailbreak robustness", gives the formats and what is left out).
+Malformed: one line naming the file, the row (a CSV's also with its file line) and the column; a CSV's field count,
+quoting and encoding are checked where HARC's source files are read (:mod:`..harc.source_files`).
 """
 
 from __future__ import annotations

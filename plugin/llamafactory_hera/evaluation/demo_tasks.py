@@ -1,10 +1,6 @@
-"""The ``demo`` task set: tiny offline task definitions for lmms-eval (MLLMs) and lm-eval (text models).
-
-Ordinary local task folders of each library (a YAML task, the ``utils.py`` its ``!function`` entries name, a JSON-lines
-dataset), written by :func:`write_demo_tasks` and passed as an include path: a hub task's loading and scoring without a
-hub. ``llamafactory_hera_demo_mllm``: 8 colour / shape questions on procedural images of mixed sizes, four lettered
-options, scored by the answer's option letter (``accuracy``). ``llamafactory_hera_demo_text``: 8 four-choice
-questions scored by log-likelihood (``acc``, ``acc_norm``).
+"""The ``demo`` task set: tiny offline task definitions for lmms-eval (MLLMs) and lm-eval (text models), ordinary local
+task folders (a YAML task, its ``utils.py``, a JSON-lines dataset) written by :func:`write_demo_tasks` and passed as
+an include path: a hub task's loading and scoring without a hub.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
 """The ``jailbreak`` task of ``llamafactory-hera eval``: attack success rates (ASR) on held-out harmful prompts
-(docs/eval.md, "Jailbreak robustness", says what each attack, the judge and the outputs are).
-
-Prompts: a HARC run's held-out ``harc_harmful`` rows (the seeded validation split of training) or ``--prompts FILE``
-(:mod:`.attack_data`: JSON, JSONL, AdvBench's and HarmBench's CSVs as downloaded).
-Attacks: ``direct``, ``prefilling`` (:data:`PREFIX` forced after the assistant header), ``templates``
-(:data:`TEMPLATES_FILE`), ``gcg`` on request (:mod:`.gcg`: ``gcg_adaptive``, and with a baseline ``gcg_transfer``,
-:attr:`JailbreakSetup.transfer`). A success is a non-blank answer that HARC's refusal matcher does not call a
-refusal, or, with ``--judge`` (:mod:`.judge`), that the judge finds harmful; each ASR entry names what scored it
-(``scored_by``).
+(docs/eval.md, "Jailbreak robustness", says what each attack, the judge and the outputs are). Each ASR entry names
+what scored it (``scored_by``).
 """
 
 from __future__ import annotations

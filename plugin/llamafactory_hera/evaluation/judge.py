@@ -1,12 +1,6 @@
-"""``--judge MODEL`` of the jailbreak task: a safety classifier that says whether an answer is harmful (the two kinds
-and what each reads: docs/eval.md, "Judge").
-
-:func:`check_judge` reads only the checkpoint's config (and, for a causal LM, its tokenizer's chat template), never
-its weights, and refuses what cannot judge with one line before any model loads: a ``classifier``
-(``*ForSequenceClassification``, the answer alone), a ``llama_guard`` causal LM (the conversation through its chat
-template, harmful when its greedy verdict starts with ``unsafe``) or a ``harmbench`` classifier (a causal LM named
-HarmBench, e.g. ``cais/HarmBench-Llama-2-13b-cls``: HarmBench's own prompt with the behaviour, the generation and
-the context, harmful when its one greedy token reads ``yes``).
+"""``--judge MODEL`` of the jailbreak task: a safety classifier that says whether an answer is harmful (the kinds and
+what each reads: docs/eval.md, "Judge"). :func:`check_judge` reads only the checkpoint's config (and a causal LM's
+chat template), never its weights, and refuses what cannot judge before any model loads.
 """
 
 from __future__ import annotations

@@ -216,9 +216,3 @@ def header(column: str, marked: dict[str, str]) -> str:
     """The column's name as printed: with :data:`MARK` when it is computed otherwise than the paper."""
     return f"{column}{MARK}" if column in marked else column
 
-
-def is_marked_metric(task: str, metric: str, tables: Iterable[dict[str, tuple[Protocol, ...]]]) -> bool:
-    """Whether (task, metric) is the headline of a paper column computed otherwise than the paper."""
-    return any(p.task == task and p.metric == metric and p.differs for protocols in tables
-               for column in protocols.values() for p in column)
-

@@ -1,14 +1,11 @@
 """``llamafactory-hera eval``'s runs: one task on one loaded model (lmms-eval for MLLMs, lm-eval for text models,
 HARC's refusal check, the jailbreak attacks of :mod:`.jailbreak`) and the loop over models and tasks.
 
-The model is loaded as LLaMA-Factory loads it for inference (``HuggingfaceEngine``: base, then each adapter merged),
-served to lm-eval by its own ``HFLM`` and to lmms-eval by :func:`lmms_model`, whose ``generate_until`` answers with
-LLaMA-Factory's chat (the recipe's template and multimodal plugin: the prompt format the model was trained on).
-A task's result: ``{"entries": [{"task", "metric", "value", "higher_is_better"}], "seconds", "library", "version",
-"task_revision"}``, one entry per (sub)task and metric (standard errors left out). Each model is loaded once, only
-when one of its tasks is not cached, and each finished task is written at once to
-``RUN_DIR/eval_cache/<model key>/<task>.json`` (:meth:`ModelSpec.cache_key`), so a later failure keeps it and a
-rerun reads it.
+The model is loaded as LLaMA-Factory loads it for inference (``HuggingfaceEngine``), served to lm-eval by its own
+``HFLM`` and to lmms-eval by :func:`lmms_model`, whose ``generate_until`` answers with LLaMA-Factory's chat (the
+prompt format the model was trained on). A task's result: ``{"entries": [{"task", "metric", "value",
+"higher_is_better"}], "seconds", "library", "version", "task_revision"}``; each finished task is cached at once in
+``RUN_DIR/eval_cache/<model key>/<task>.json`` (:meth:`ModelSpec.cache_key`).
 """
 
 from __future__ import annotations

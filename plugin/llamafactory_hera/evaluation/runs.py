@@ -1,12 +1,6 @@
 """What ``llamafactory-hera eval`` evaluates: a run directory read back into the recipe LLaMA-Factory loads it with
-(docs/eval.md, "What is loaded").
-
-The first record found wins: ``llamafactory_hera_run.json`` (any stage; a run that did not finish is refused),
-``training_args.yaml`` (LlamaBoard), ``hera_run.json``, ``rah_profile.json``, ``harc_run.json``; else a plain LoRA
-run's ``adapter_config.json`` gives its base model only (its template from ``--template`` or the run's). A run and
-its ``--baseline`` recording a key of :data:`COMPARED` with different values are refused; a key only one recorded is
-taken over by the other (:attr:`ModelSpec.inherited`). The model and adapter folders a run loads are checked as a
-stage checks them (:func:`~llamafactory_hera.recipe.model_paths.check_model_paths`). Imports nothing heavy.
+(docs/eval.md, "What is loaded", gives the records read and the order). A key of :data:`COMPARED` only one of run and
+baseline recorded is taken over by the other (:attr:`ModelSpec.inherited`). Imports nothing heavy.
 """
 
 from __future__ import annotations

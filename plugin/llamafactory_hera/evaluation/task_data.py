@@ -1,11 +1,8 @@
-"""Whether a library task's dataset can be read here: offline (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``), the
-``datasets`` library loads a Hub dataset only from what an earlier load left in its cache, so a task whose dataset is
-not there fails only after the models have loaded. The cache is the one the load reads: lmms-eval 0.7.3 passes its
-own folder (api/task.py ``_resolve_hf_datasets_cache_dir``: ``LMMS_EVAL_DATASETS_CACHE``, else the ``datasets``
-cache, else, when that is on a network filesystem, ``<local scratch>/lmms_eval_hf_datasets/$USER``), lm-eval and a
-task's own ``load_dataset`` call the ``datasets`` default (``HF_DATASETS_CACHE``, else ``HF_HOME/datasets``). Read
-from the task's YAML in the library's own task folder and the cache folder's names, without importing either
-library's tasks or ``datasets`` (docs/eval.md, "Refused before any model loads").
+"""Whether a library task's dataset can be read here: offline, the ``datasets`` library loads a Hub dataset only from
+what an earlier load left in its cache, so a missing one would fail only after the models have loaded. The cache is
+the one the load reads (docs/eval.md, "Refused before any model loads": lmms-eval 0.7.3's own folder, else the
+``datasets`` default). Read from the task's YAML and the cache folder's names, without importing either library's
+tasks or ``datasets``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""HARC's trade-off (issue 34, section 1) in one table and one plot, from the report record's rows
-(:func:`.report.report_rows`), when the jailbreak task ran (docs/eval.md, "Trade-off"): robustness (each attack's
-ASR), usability (over-refusal, ``refusal_rate_pseudo``) and capability (the Capability tasks' main scores and their
-mean, or the demo text task standing in). The record's ``tradeoff``: ``{"rows", "not_measured", "notes",
+"""HARC's trade-off in one table and one plot, from the report record's rows (:func:`.report.report_rows`), when the
+jailbreak task ran (docs/eval.md, "Trade-off"). The record's ``tradeoff``: ``{"rows", "not_measured", "notes",
 "capability"}``; :func:`markdown_lines` is the table of the .md and the console, :func:`plot` the ``_tradeoff.png``.
 """
 
