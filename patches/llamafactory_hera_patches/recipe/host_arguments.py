@@ -32,8 +32,7 @@ _CLASSES = ("ModelArguments", "DataArguments", "TrainingArguments", "FinetuningA
 class HostKey:
     """One key of LLaMA-Factory's training recipe: its dataclass, its default and, for a ``Literal`` or ``Enum``
     type, the values it accepts (``None`` allowed when the type is optional); for a number, ``int`` or ``float``
-    (``HfArgumentParser.parse_dict`` passes a YAML string on as it is: ``image_max_pixels: big`` ended in a
-    ``TypeError`` in the dataclass's ``__post_init__``) and its help text."""
+    (``HfArgumentParser.parse_dict`` passes a YAML string on unconverted) and its help text."""
 
     name: str
     holder: str  # the dataclass, e.g. FinetuningArguments

@@ -48,8 +48,7 @@ def _syntax_error(path: str, error: yaml.YAMLError) -> RecipeError:
 
 
 def _holds_nothing(path: Path) -> bool:
-    """Whether the recipe file is empty (or only comments): LLaMA-Factory's parse then ended in a 44-line traceback
-    for the first key it needs (``model_name_or_path``)."""
+    """Whether the recipe file is empty (or only comments): LLaMA-Factory's parse would fail with a traceback."""
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8", errors="replace")) is None
     except yaml.YAMLError:

@@ -208,7 +208,6 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
             print(f"Figure saved at: {path}")
         if path is not None and missing:
             print(f"[llamafactory-hera] not logged, so not plotted: {', '.join(missing)}", flush=True)
-    # LLaMA-Factory destroys the process group right after the workflow, and a rank that tears gloo down while rank 0
-    # still saves and plots was seen to abort at exit (SIGABRT) in one CI run of the 2-rank test: leave together
+    # LLaMA-Factory destroys the process group right after the workflow: a rank tearing gloo down early can abort
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -1,7 +1,6 @@
 """The one check of a model's and its adapters' paths, for every plugin stage's raw recipe, ``select`` and ``eval``:
-a local path with a typo ended in huggingface_hub's ``Repo id must be in the form 'repo_name' or
-'namespace/repo_name'`` traceback, as if it were a hub id; a file or a folder without ``config.json`` failed while the
-model loaded. Imports nothing heavy (``eval``'s one-line errors load no library).
+a local path with a typo would be taken for a hub id. Imports nothing heavy (``eval``'s one-line errors load no
+library).
 """
 
 from __future__ import annotations

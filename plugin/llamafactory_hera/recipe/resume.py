@@ -1,12 +1,7 @@
 """The checkpoint a plugin stage resumes from, checked before LLaMA-Factory parses the recipe (no model loads).
 
-Without this, resuming from a checkpoint of another kind of run ended after the model loaded, in a traceback of
-about 600 lines: a full run of one model from another model's checkpoint (``size mismatch for ...`` while the
-weights were restored), a full run from a LoRA checkpoint (the Trainer's ``Can't find a checkpoint index``), a LoRA
-run from a full checkpoint (no adapter restored, then the optimizer's ``loaded state dict contains a parameter group
-that doesn't match``), ``resume_from_checkpoint: true`` with no checkpoint in ``output_dir`` (transformers' ``No
-valid checkpoint found``). A finished run's output folder named instead of one of its checkpoints was accepted (it
-has the run's end ``trainer_state.json``): no optimizer state, the steps left of ``max_steps`` or none, exit 0.
+The host would fail on a mismatched checkpoint only after the model loads, or silently resume a finished run's
+folder (no optimizer state).
 
 What is resumed: ``resume_from_checkpoint``'s folder; ``true``: the last ``checkpoint-N`` of ``output_dir``, as
 transformers resolves it; not given, a training run into an ``output_dir`` with checkpoints and without
