@@ -43,16 +43,9 @@ Similarity = Literal["cosine", "dot"]
 
 
 def student_log_probs(student: torch.Tensor, temperature: float | torch.Tensor, similarity: Similarity) -> torch.Tensor:
-    """Row-wise log-softmax of student similarities over the other batch members.
-
-    Args:
-        student: ``[H, B, D]`` head representations.
-        temperature: scalar tau > 0 (float or 0-d tensor, may require grad).
-        similarity: ``"cosine"`` (L2-normalised dot product) or ``"dot"`` (raw dot product).
-
-    Returns:
-        ``[H, B, B]`` float32 log-probabilities; the diagonal is ``-inf``.
-    """
+    """``[H, B, B]`` float32 row-wise log-softmax of the similarities of ``student`` ``[H, B, D]`` over the other batch
+    members (the diagonal is ``-inf``); ``temperature``: tau > 0 (float or 0-d tensor, may require grad);
+    ``similarity``: ``"cosine"`` (L2-normalised dot product) or ``"dot"``."""
     feats = student.float()
     if similarity == "cosine":
         feats = F.normalize(feats, dim=-1)
@@ -70,17 +63,8 @@ def hera_loss_from_knn(
     temperature: float | torch.Tensor = 0.07,
     similarity: Similarity = "cosine",
 ) -> torch.Tensor:
-    """HeRA loss with precomputed teacher neighbours.
-
-    Args:
-        student: ``[H, B, D]`` head representations.
-        neighbours: ``[B, k]`` indices of each sample's teacher neighbours (self excluded).
-        temperature: tau.
-        similarity: see :func:`student_log_probs`.
-
-    Returns:
-        0-d float32 tensor: mean over heads, samples and neighbours of ``-log p``.
-    """
+    """HeRA loss of ``student`` ``[H, B, D]`` with precomputed teacher ``neighbours`` ``[B, k]`` (self excluded): 0-d
+    float32, the mean over heads, samples and neighbours of ``-log p`` (:func:`student_log_probs`)."""
     log_probs = student_log_probs(student, temperature, similarity)
     index = neighbours.unsqueeze(0).expand(log_probs.shape[0], -1, -1)
     return -log_probs.gather(-1, index).mean()
@@ -93,18 +77,9 @@ def hera_loss(
     temperature: float | torch.Tensor = 0.07,
     similarity: Similarity = "cosine",
 ) -> torch.Tensor:
-    """HeRA contrastive loss, paper Eq. 4 averaged over the batch (and heads).
-
-    Args:
-        student: ``[B, D]`` or ``[H, B, D]`` per-head representations in the residual space.
-        teacher: ``[B, E]`` frozen teacher features (e.g. DINOv2 [CLS]) of the same B images.
-        k: teacher neighbours per sample; needs ``B >= k + 1``.
-        temperature: tau (float or 0-d tensor).
-        similarity: ``"cosine"`` (default) or ``"dot"``.
-
-    Returns:
-        0-d float32 tensor.
-    """
+    """HeRA contrastive loss, paper Eq. 4 averaged over the batch (and heads), 0-d float32: ``student`` ``[B, D]`` or
+    ``[H, B, D]`` per-head representations in the residual space, ``teacher`` ``[B, E]`` frozen teacher features (e.g.
+    DINOv2 [CLS]) of the same B images, ``k`` teacher neighbours per sample (needs ``B >= k + 1``)."""
     heads = student.unsqueeze(0) if student.ndim == 2 else student
     if heads.ndim != 3:
         raise ValueError(f"student must be [B, D] or [H, B, D], got shape {tuple(student.shape)}")
@@ -125,25 +100,14 @@ def hera_loss_anchored(
     temperature: float | torch.Tensor = 0.07,
     similarity: Similarity = "cosine",
 ) -> torch.Tensor:
-    """HeRA loss of some anchors against a larger candidate set (global batch and/or a feature queue).
+    """``[A]`` float32 per-anchor HeRA losses (averaged over heads and neighbours) of some anchors against a larger
+    candidate set (global batch and/or a feature queue): each anchor's positives are its k teacher neighbours among the
+    candidates other than itself (needs ``C - 1 >= k``), and its softmax runs over those same candidates. With
+    ``candidates == anchors`` this is :func:`hera_loss`.
 
-    Each anchor's positives are its k teacher neighbours among the candidates other than itself, and its
-    softmax runs over those same candidates. With ``candidates == anchors`` this is :func:`hera_loss`.
-
-    Args:
-        anchors: ``[H, A, D]`` student representations of the anchors (carry the gradient).
-        candidates: ``[H, C, D]`` student representations of the candidates (gathered and/or queued;
-            queued ones are detached).
-        anchor_index: ``[A]`` position of each anchor among the candidates, or -1 if it is not one of them.
-        anchor_teacher: ``[A, E]`` teacher features of the anchors.
-        candidate_teacher: ``[C, E]`` teacher features of the candidates.
-        k: neighbours per anchor; needs ``C - 1 >= k``.
-        temperature: tau.
-        similarity: ``"cosine"`` or ``"dot"``.
-
-    Returns:
-        ``[A]`` float32 per-anchor losses, averaged over heads and neighbours (reduce as needed).
-    """
+    ``anchors`` ``[H, A, D]`` (carry the gradient), ``candidates`` ``[H, C, D]`` (queued ones detached),
+    ``anchor_index`` ``[A]`` each anchor's position among the candidates (-1: not one of them), ``anchor_teacher``
+    ``[A, E]``, ``candidate_teacher`` ``[C, E]``."""
     num_candidates = candidates.shape[-2]
     if not 1 <= k <= num_candidates - 1:
         raise ValueError(f"k={k} needs 1 <= k <= C-1 with C={num_candidates} candidates")
@@ -202,16 +166,9 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def gather_batch(reps: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, list[int]]:
-    """All-gather variable-size per-rank batches, keeping the student's autograd graph.
-
-    Args:
-        reps: ``[H, n, D]`` this rank's student representations (n may be 0 and may differ across ranks).
-        teacher: ``[n, E]`` this rank's teacher features.
-
-    Returns:
-        (``[H, N, D]`` all ranks' representations in rank order, ``[N, E]`` teacher features, offset of this
-        rank's rows, per-rank sizes).
-    """
+    """All-gather variable-size per-rank batches, keeping the student's autograd graph: ``reps`` ``[H, n, D]`` and
+    ``teacher`` ``[n, E]`` of this rank (n may be 0 and differ across ranks) -> (``[H, N, D]``, ``[N, E]`` of all ranks
+    in rank order, the offset of this rank's rows, the per-rank sizes)."""
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     # The one host sync HeRA keeps in a step, under hera_gather only: the gathered batch's shape depends on every
     # rank's anchor count, which only that rank's collator knows; one copy of the world's counts to the host.

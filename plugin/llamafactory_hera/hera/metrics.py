@@ -13,15 +13,8 @@ import torch.nn.functional as F
 
 
 def knn_indices(feats: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k nearest neighbours of every row by cosine similarity, self excluded.
-
-    Args:
-        feats: ``[..., N, D]`` features (any float dtype; computed in float32).
-        k: number of neighbours, ``1 <= k <= N - 1``.
-
-    Returns:
-        ``[..., N, k]`` int64 indices into the N axis, most similar first.
-    """
+    """``[..., N, k]`` int64 indices of the k (``1 <= k <= N - 1``) nearest neighbours of every row of ``feats``
+    ``[..., N, D]`` by cosine similarity (float32), self excluded, most similar first."""
     num = feats.shape[-2]
     if not 1 <= k <= num - 1:
         raise ValueError(f"k={k} needs 1 <= k <= N-1 with N={num} samples; use fewer neighbours or more samples.")
@@ -51,19 +44,11 @@ def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def knn_overlap(knn_a: torch.Tensor, knn_b: torch.Tensor, num: int) -> torch.Tensor:
-    """Per-row overlap ``|A_i ∩ B_i| / k`` of two neighbour index sets.
+    """``[..., N]`` float32 per-row overlap ``|A_i ∩ B_i| / k`` of two ``[..., N, k]`` neighbour index sets over ``num``
+    indices (``knn_a``'s distinct within a row, broadcastable against ``knn_b``).
 
-    Only B is turned into a ``[..., N, N]`` membership mask; A's indices are looked up in it, so a
-    broadcast B (one teacher against many heads) costs ``O(N^2)`` once plus ``O(N k)`` per A row set.
-
-    Args:
-        knn_a: ``[..., N, k]`` indices, distinct within a row (as top-k returns them); broadcastable against ``knn_b``.
-        knn_b: ``[..., N, k]`` indices.
-        num: N, the size of the index range.
-
-    Returns:
-        ``[..., N]`` float32 overlaps in [0, 1].
-    """
+    Only B is turned into a ``[..., N, N]`` membership mask; A's indices are looked up in it, so a broadcast B (one
+    teacher against many heads) costs ``O(N^2)`` once plus ``O(N k)`` per A row set."""
     k = knn_a.shape[-1]
     member_b = torch.zeros((*knn_b.shape[:-1], num), dtype=torch.float32, device=knn_b.device).scatter_(-1, knn_b, 1.0)
     batch = torch.broadcast_shapes(knn_a.shape[:-2], knn_b.shape[:-2])
@@ -72,16 +57,9 @@ def knn_overlap(knn_a: torch.Tensor, knn_b: torch.Tensor, num: int) -> torch.Ten
 
 
 def mutual_knn(feats_a: torch.Tensor, feats_b: torch.Tensor, k: int = 10) -> float:
-    """Mutual k-nearest-neighbour alignment of two feature sets over the same N samples.
-
-    Args:
-        feats_a: ``[N, D_a]`` features of side A (e.g. a head's representations).
-        feats_b: ``[N, D_b]`` features of side B (e.g. teacher [CLS] features).
-        k: neighbours per sample (PRH default 10).
-
-    Returns:
-        Mean over samples of ``|kNN_a(i) ∩ kNN_b(i)| / k``, a float in [0, 1].
-    """
+    """Mutual k-nearest-neighbour alignment of two feature sets over the same N samples (``[N, D_a]``, e.g. a head's
+    representations, and ``[N, D_b]``, e.g. teacher [CLS] features; PRH's default k is 10): the mean over samples of
+    ``|kNN_a(i) ∩ kNN_b(i)| / k``, in [0, 1]."""
     if feats_a.ndim != 2 or feats_b.ndim != 2:
         raise ValueError(f"mutual_knn expects 2-D [N, D] inputs, got {tuple(feats_a.shape)} and {tuple(feats_b.shape)}")
     if feats_a.shape[0] != feats_b.shape[0]:

@@ -63,22 +63,12 @@ def clamp_outliers(feats: torch.Tensor, q: float) -> torch.Tensor:
 def layer_head_neighbours(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: torch.Tensor, k: int,
                           head_dim: int, max_chunk_elements: int = 2**26,
                           clamp: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """MKNN of each head of one layer against precomputed teacher neighbours, and each sample's own overlap.
-
-    Args:
-        pooled: ``[N, H * head_dim]`` pooled ``o_proj`` inputs of the N calibration samples.
-        weight: ``[d, H * head_dim]`` effective ``o_proj`` weight of the layer.
-        teacher_knn: ``[N, k]`` teacher neighbour indices.
-        k: neighbours per sample.
-        head_dim: width of one head.
-        max_chunk_elements: bound on the ``[h_chunk, N, N]`` Gram block (elements), i.e. on memory; with the
-            clamp also on the ``[h_chunk, N, d]`` representations.
-        clamp: PRH's outlier quantile (0 or 1: no clamp).
-
-    Returns:
-        (``[H]`` float32 scores in [0, 1], ``[H, N]`` float32 ``|kNN_head(i) ∩ kNN_teacher(i)| / k`` of each
-        sample i: the scores are their means).
-    """
+    """MKNN of each head of one layer against precomputed teacher neighbours ``teacher_knn`` ``[N, k]``: (``[H]``
+    float32 scores in [0, 1], ``[H, N]`` float32 ``|kNN_head(i) ∩ kNN_teacher(i)| / k`` of each sample i, whose means
+    the scores are). ``pooled`` ``[N, H * head_dim]``: the N samples' pooled ``o_proj`` inputs; ``weight`` ``[d, H *
+    head_dim]``: the layer's effective ``o_proj`` weight; ``max_chunk_elements`` bounds the ``[h_chunk, N, N]`` Gram
+    block (and, with the clamp, the ``[h_chunk, N, d]`` representations); ``clamp``: PRH's outlier quantile (0 or 1:
+    none)."""
     num = pooled.shape[0]
     if not 1 <= k <= num - 1:
         raise ValueError(f"k={k} needs 1 <= k <= N-1 with N={num} samples; use fewer neighbours or more samples.")
@@ -128,20 +118,11 @@ def all_head_neighbours(pooled: Mapping[int, torch.Tensor] | Sequence[torch.Tens
                         k: int, head_dim: int | Mapping[int, int], device: torch.device | str | None = None,
                         clamp: float = 0.0,
                         num_layers: int | None = None) -> HeadNeighbours:
-    """MKNN of every head of every layer with heads and each pair's overlap (:func:`layer_head_neighbours`); the rows
-    of layers without heads (linear attention, convolution, cross-attention) are NaN.
-
-    Args:
-        pooled: layer with heads -> ``[N, H * head_dim]`` pooled ``o_proj`` inputs (any device); a sequence is
-            layers 0, 1, ...
-        weights: the same layers -> ``[d, H * head_dim]`` effective ``o_proj`` weights.
-        teacher: ``[N, E]`` teacher features of the same N samples.
-        k: neighbours per sample.
-        head_dim: width of one head, or layer -> its heads' width (Gemma 4's layers differ).
-        device: where to compute (default: the teacher's device).
-        clamp: PRH's outlier quantile for both sides (0 or 1: no clamp).
-        num_layers: the decoder's depth (default: one past the last layer with heads).
-    """
+    """MKNN of every head of every layer with heads and each pair's overlap (:func:`layer_head_neighbours`); the rows of
+    layers without heads (linear attention, convolution, cross-attention) are NaN. ``pooled`` / ``weights``: layer with
+    heads -> its ``[N, H * head_dim]`` pooled ``o_proj`` inputs / ``[d, H * head_dim]`` effective ``o_proj`` weight (a
+    sequence is layers 0, 1, ...); ``teacher`` ``[N, E]``; ``head_dim``: one width or layer -> width (Gemma 4's layers
+    differ); ``device``: default the teacher's; ``num_layers``: default one past the last layer with heads."""
     device = device or teacher.device
     pooled = pooled if isinstance(pooled, Mapping) else dict(enumerate(pooled))
     weights = weights if isinstance(weights, Mapping) else dict(enumerate(weights))
