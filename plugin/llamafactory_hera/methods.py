@@ -1,16 +1,8 @@
-"""The methods this plugin brings to LLaMA-Factory: the registry, above the methods' packages.
-
-Each method is declared here once (:class:`~llamafactory_hera.recipe.declaration.Method`): its stage name, its
-recipe-key prefix, the LLaMA-Factory stage whose workflow it extends, and where its arguments, checks, run, LlamaBoard
-panel and command-line verbs live. Its package holds the parts; none of them imports this module. The start-up hook
-registers :func:`declared_methods` with :mod:`llamafactory_hera_patches.registry` (the patches never import the
-plugin), and the patches make each method a stage, an argument set and a LlamaBoard panel from its declaration;
-``llamafactory-hera`` takes its verbs from it. Adding a method adds a package and its declaration here, and touches no
-patch.
-
-Declarations are imported when a patch is applied and by the command line, so they import cheaply (no torch): what
-they import is each method's ``config`` (its arguments dataclass and what it logs); the heavy parts are named as
-``"module:attribute"`` strings and imported on first use.
+"""The methods this plugin brings to LLaMA-Factory: the registry, above the methods' packages (none of which imports
+it). The start-up hook registers :func:`declared_methods` with :mod:`llamafactory_hera_patches.registry`; the patches
+make each declaration (:class:`~llamafactory_hera.recipe.declaration.Method`) a stage, an argument set and a LlamaBoard
+panel, and ``llamafactory-hera`` takes its verbs from it, so adding a method touches no patch. Declarations import only
+each method's ``config``; the heavy parts are ``"module:attribute"`` strings.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
 """HARC's figures: ``harc_eval.png`` (refusal rates, base vs trained) and ``harc_diagnostics.png`` (validation cosines
-over training).
-
-Drawn headless (Agg canvases, no pyplot state) with constrained layouts and titles fitted to the figure width, like
-the rest of the plugin's figures, so no label is cut at the canvas edge.
+over training), drawn headless (Agg canvases, no pyplot state).
 """
 
 from __future__ import annotations
@@ -19,12 +16,8 @@ _HARMFUL_COLOR, _HARMLESS_COLOR = "#d62728", "#2ca02c"
 
 def plot_refusal(record: dict[str, Any], path: Path) -> Path:
     """Bar chart of :func:`~llamafactory_hera.harc.evaluate.refusal_record`'s refusal rates, held-out harmful vs
-    pseudo-harmful prompts (their counts under the bars), each bar labelled with its percentage (``n/a`` for an
-    empty set); the title names the run (``path``'s folder).
-
-    When ``record["before"]`` holds a record with the same keys (the model with its adapter disabled), its rates
-    stand beside the trained ones. Returns ``path``.
-    """
+    pseudo-harmful prompts (counts under the bars, ``n/a`` for an empty set), beside the base model's when
+    ``record["before"]`` holds them. Returns ``path``."""
     series = [("trained", record, _AFTER_COLOR)]
     before = record.get("before")
     if isinstance(before, dict) and all(f"refusal_rate_{group}" in before for group, _ in _GROUPS):
@@ -66,16 +59,13 @@ def _mean_cosines(entry: dict[str, Any]) -> dict[str, float] | None:
 
 
 def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
-    """Validation cosines against the optimizer step: left ``cos(h(t_post), v_ref)``, right
-    ``cos(h(t_inst), v_harm)``, each the mean over held-out harmful (solid) and harmless (dashed) prompts, averaged
-    over the entry's coupled layers.
+    """Validation cosines against the optimizer step: left ``cos(h(t_post), v_ref)``, right ``cos(h(t_inst), v_harm)``,
+    each the mean over held-out harmful (solid) and harmless (dashed) prompts, averaged over the entry's coupled layers;
+    dotted verticals where the coupled layers change, the layer sets listed under the panels.
 
-    ``history``: entries ``{"step": int, "layers": [int, ...], "validation": {"<layer>": {"harmful_ref",
-    "harmless_ref", "harmful_harm", "harmless_harm"}}}`` (other keys ignored; entries without validation skipped).
-    Dotted verticals mark where the coupled layers change; the layer sets are listed under the panels. The title
-    names the run (``path``'s folder).
-    ValueError when no entry has validation cosines. Returns ``path``.
-    """
+    ``history``: entries ``{"step", "layers", "validation": {"<layer>": {"harmful_ref", "harmless_ref",
+    "harmful_harm", "harmless_harm"}}}`` (entries without validation skipped; ValueError when none has it). Returns
+    ``path``."""
     from matplotlib.ticker import MaxNLocator  # lazy: matplotlib only when a figure is drawn (see plots.text)
 
     points = [(int(entry["step"]), [int(x) for x in entry.get("layers") or []], means)

@@ -1,16 +1,12 @@
-"""Reading the residual stream entering decoder layers (what HARC's directions and coupling act on).
+"""Reading the residual stream entering decoder layers (what HARC's directions and coupling act on): the hidden state
+handed to decoder layer ``l`` (the embeddings for l = 0), read by a forward pre-hook on
+``text_decoder(model).layers[l]``.
 
-``residual entering layer l`` = the hidden state handed to decoder layer ``l`` (the embeddings for l = 0), read by a
-forward pre-hook on ``text_decoder(model).layers[l]``. Under gradient checkpointing the hook runs inside the layer's
-checkpointed call and gets the checkpoint's own input: the previous layer's output, whose autograd graph reentrant
-checkpointing keeps too (it drops only what is computed inside a layer's first forward). So the coupling's gradient
-flows under every kind of checkpointing, each layer as the recipe has it
-(tests/harc/test_harc_checkpointing_gradients.py). The hook runs before any other pre-hook on the layer: DeepSpeed
-ZeRO-3 registers one on every module that replaces the inputs with ``PostBackwardFunctionModule.apply(input)`` (a
-detached copy for its backward bookkeeping), which inside a reentrant layer's first forward (no_grad) has no graph;
-read after it, the residual carried no gradient under ZeRO-3 on two ranks (tests/harc/test_harc_stage.py). A kept
-input without gradient while the model trains raises, because the coupling would silently do nothing (no trainable
-parameter below the layer).
+Under gradient checkpointing the hook gets the checkpoint's own input, the previous layer's output, whose graph even
+reentrant checkpointing keeps, so the coupling's gradient flows under every kind (tests/harc/
+test_harc_checkpointing_gradients.py). The hook runs before any other pre-hook: DeepSpeed ZeRO-3's replaces the inputs
+with a detached copy, which inside a reentrant layer's first forward (no_grad) has no graph. A kept input without
+gradient while the model trains raises: the coupling would silently do nothing.
 """
 
 from __future__ import annotations
