@@ -1,13 +1,9 @@
 """The methods the patches serve, as the plugin registers them: the patches never import the plugin.
 
-The plugin's start-up hook (``llamafactory_hera._bootstrap``) registers, before any patch is applied, a source of its
-declared methods (``llamafactory_hera.methods.declared_methods``); the source is called at each lookup, so that a
-process that never asks imports no declaration, and a test that declares one more method is seen at once. A method is
-the plugin's declaration (``llamafactory_hera.recipe.declaration.Method``), used here by these names only: ``stage``,
-``label``, ``prefix``, ``host_stage``, ``log_keys``, ``records``, ``panel``, ``owns(stage)``, ``load(field)`` and
-``check_raw(host_args, args)``.
-
-Imported at every interpreter start (by the hook): it imports nothing.
+The plugin's start-up hook registers, before any patch is applied, a source of its declared methods
+(``llamafactory_hera.methods.declared_methods``), called at each lookup (a process that never asks imports no
+declaration). A method is used here by these names only: ``stage``, ``label``, ``prefix``, ``host_stage``, ``log_keys``,
+``records``, ``panel``, ``owns(stage)``, ``load(field)`` and ``check_raw(host_args, args)``. Imports nothing.
 """
 
 from __future__ import annotations

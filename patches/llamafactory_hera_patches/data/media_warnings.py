@@ -1,14 +1,10 @@
 """LLaMA-Factory's "Media ... does not exist in `media_dir`" warnings, held while a method checks its image files.
 
-Checked on LLaMA-Factory 0.9.5: ``DatasetConverter._find_medias`` (``llamafactory.data.converter``) logs
-``Media {path} does not exist in `media_dir`. Use original path.`` once per such file, as it aligns the rows, before a
-method's own check of the files can run. A dataset whose images are missing printed one line per image (hundreds on
-a real dataset) above the check's one-line refusal. Inside :func:`media_warnings_held` those lines are held: dropped
-when the block ends in the plugin's refusal (which names the first missing file), logged as LLaMA-Factory would
-have (deduplicated) when it passes. The converter's worker processes (``preprocessing_num_workers``) hold theirs
-alike: they inherit the filter and append to the same file. Each process holds at most :data:`MAX_HELD` distinct
-lines (a dataset of 665k rows whose paths resolve outside ``media_dir`` warns for each image and still trains); what
-is left out is said in one line.
+Checked on LLaMA-Factory 0.9.5: ``DatasetConverter._find_medias`` (``llamafactory.data.converter``) logs ``Media {path}
+does not exist in `media_dir`. Use original path.`` once per such file, as it aligns the rows, before a method's own
+check can run. Inside :func:`media_warnings_held` those lines are held: dropped when the block ends in the plugin's
+one-line refusal, logged (deduplicated) when it passes. The converter's worker processes inherit the filter. Each
+process holds at most :data:`MAX_HELD` distinct lines; what is left out is said in one line.
 """
 
 from __future__ import annotations

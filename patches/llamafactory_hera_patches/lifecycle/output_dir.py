@@ -1,27 +1,17 @@
-"""A training run's ``output_dir`` before LLaMA-Factory parses the recipe (before any model loads).
+"""A training run's ``output_dir`` before LLaMA-Factory parses the recipe (before any model loads); docs/hera.md
+("Outputs") says what the user sees.
 
-LLaMA-Factory 0.9.5 resumes from the last ``checkpoint-N`` of an ``output_dir`` it finds, finished run or not, and
-with ``overwrite_output_dir: true`` writes the new run among the earlier one's files. Here, for every training run
-(``do_train``):
+Host shape relied on: LLaMA-Factory 0.9.5 resumes from the last ``checkpoint-N`` of an ``output_dir`` it finds, finished
+run or not, and with ``overwrite_output_dir: true`` writes the new run among the earlier one's files. Here, for every
+training run: a folder holding a finished run (its :mod:`.run_record` says ``finished``, or it holds the final model or
+the Trainer's end-of-run files) is refused unless ``overwrite_output_dir: true``, except that a recipe asking for more
+steps or epochs than it took continues it from its last checkpoint; an interrupted run's folder is left to
+LLaMA-Factory's resume; with ``overwrite_output_dir: true`` every entry but earlier ``previous_run_*`` folders (and the
+recipe being run and LlamaBoard's files of this run) moves into a new ``previous_run_<time>/``, refused when the folder
+holds the working folder or a path the recipe reads.
 
-- a folder holding a finished run (its :mod:`.run_record` says ``finished``, or it holds the final model or the
-  Trainer's end-of-run ``trainer_state.json`` / ``train_results.json`` / ``all_results.json``) is refused, naming
-  the folder and the ways on (another ``output_dir``; ``overwrite_output_dir: true``; to train it further, another
-  ``output_dir`` with ``resume_from_checkpoint`` at one of its checkpoints, or in its folder a recipe asking for more
-  steps or epochs than it took), unless ``overwrite_output_dir: true``; a recipe asking for more steps or epochs than
-  the finished run took, which left a checkpoint, continues it from its last checkpoint (LLaMA-Factory's resume);
-- an interrupted run's folder (checkpoints, no final model) is left to LLaMA-Factory, which resumes from its last
-  checkpoint;
-- with ``overwrite_output_dir: true`` every entry of the folder but earlier ``previous_run_*`` folders moves into one
-  new ``previous_run_<time>/`` inside it (printed), so that no file of another run (another method's
-  ``rah_profile.*``, ``eval_report_vs_base.*``, ``eval_cache``) lies beside the new run's. The recipe file being
-  run and LlamaBoard's own files of this run stay. Refused when the folder holds the working folder or a path the
-  recipe reads (model, adapter, data, DeepSpeed config, ``resume_from_checkpoint``).
-
-The refusal comes before LLaMA-Factory parses (which would resume the finished run, or fail on its model file with
-a traceback); the move after the parse and the method's checks (a recipe they refuse moves nothing), by the global
-main process, or each node's under ``save_on_each_node``; every rank checks the folder may move and waits for the
-move (the other ranks read nothing of the folder before training).
+The refusal comes before the parse; the move after the parse and the method's checks (a refused recipe moves nothing),
+by the global main process (each node's under ``save_on_each_node``), the other ranks waiting for it.
 """
 
 from __future__ import annotations
