@@ -1,16 +1,13 @@
 """The one log helper: what the plugin tells the terminal and, when LlamaBoard launched the run, LlamaBoard's monitor.
 
 :func:`say` prints a line (every rank), :func:`say_once` on rank 0 only; :func:`progress` draws a bar and LlamaBoard's
-progress bar, :func:`progress_once` a bar on rank 0 only. Used by the methods' runs, the recipe checks and ``eval``.
-``stage: rah`` has no Trainer, so nothing else would write the files LlamaBoard polls: ``running_log.txt`` (the log box)
-and ``trainer_log.jsonl`` (the progress bar; LLaMA-Factory 0.9.5 reads ``current_steps``, ``total_steps``,
-``percentage``, ``elapsed_time`` and ``remaining_time`` from its last line). LlamaBoard sets
-``LLAMABOARD_ENABLED=1`` and ``LLAMABOARD_WORKDIR`` (the run's output_dir) for the runs it starts.
+progress bar, :func:`progress_once` a bar on rank 0 only. ``stage: rah`` has no Trainer, so nothing else would write the
+files LlamaBoard polls: ``running_log.txt`` (the log box) and ``trainer_log.jsonl`` (the progress bar; LLaMA-Factory
+0.9.5 reads ``current_steps``, ``total_steps``, ``percentage``, ``elapsed_time`` and ``remaining_time`` from its last
+line). LlamaBoard sets ``LLAMABOARD_ENABLED=1`` and ``LLAMABOARD_WORKDIR`` for the runs it starts.
 
-The plugin's commands keep the terminal for their own lines while the host's output goes to a log file: inside
-:func:`host_output_to`, file descriptors 1 and 2 (Python loggers, ``warnings``, tqdm bars and C extensions alike:
-hundreds of lines while a model loads) write to a log file, and the plugin's own lines (:func:`show`) and progress
-bars (:func:`progress_file`) go to the terminal. Outside it (and with ``--verbose``) both are the ordinary streams.
+Inside :func:`host_output_to`, file descriptors 1 and 2 (loggers, ``warnings``, tqdm, C extensions) write to a log file,
+while the plugin's own lines (:func:`show`) and bars (:func:`progress_file`) keep the terminal.
 """
 
 from __future__ import annotations

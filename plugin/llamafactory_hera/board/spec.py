@@ -1,12 +1,6 @@
-"""What a method declares about its LlamaBoard panel; :mod:`.builder` makes the panel from it.
-
-A declaration names the method's arguments dataclass and lists, per field, only where it sits (row, scale) and what
-differs from that dataclass (key, type, default and choices come from the dataclass field: see :func:`widget_for`).
-The texts are data: ``panel_texts.yaml`` beside the declaration, read by :func:`.builder.read_texts`;
-everything else (the accordion, the error prefix, the locales, the arguments sent to the run, the checks) is built the
-same way for every method.
-
-Imports nothing heavy: declarations are read when LlamaBoard is built and by the tests.
+"""What a method declares about its LlamaBoard panel; :mod:`.builder` makes the panel from it. Per field only where it
+sits (row, scale) and what differs from the arguments dataclass (key, type, default and choices come from the field:
+:func:`widget_for`); the texts are data (``panel_texts.yaml`` beside the declaration). Imports nothing heavy.
 """
 
 from __future__ import annotations

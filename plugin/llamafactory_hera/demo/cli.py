@@ -1,10 +1,7 @@
-"""The demos' dispatcher: ``python -m llamafactory_hera.demo [--method hera|rah|harc] [--output DIR]
-[--assets DIR] [--family F] [--steps N] [--overwrite] [--verbose | --quiet]`` (what ``python3 dev.py demo`` runs).
-
-Each method's demo writes into its own folder ``DIR/<method>/`` (``DIR`` defaults to ``./demo_output``; layout in
-:mod:`llamafactory_hera.demo.folders`), so the three demos keep each other's outputs and the commands one prints
-still work after another ran. The method's demo module (:data:`DEMOS`) declares its title, model families, default
-steps, assets folder and outputs, and runs (``run(ctx) -> exit code``).
+"""The demos' dispatcher (what ``python3 dev.py demo`` runs): ``python -m llamafactory_hera.demo --method hera|rah|harc
+...``. Each method's demo writes into its own folder ``DIR/<method>/`` (layout in
+:mod:`llamafactory_hera.demo.folders`), so the demos keep each other's outputs; its module (:data:`DEMOS`) declares what
+it needs and runs.
 """
 
 from __future__ import annotations

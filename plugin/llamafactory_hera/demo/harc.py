@@ -1,14 +1,9 @@
 """HARC's demo (``python3 dev.py demo --method harc``): safety fine-tuning of a tiny Llama-3, refusals before/after.
 
-1. builds (or reuses) the tiny offline text models (:func:`llamafactory_hera.fixtures.harc_assets.build_harc_assets`);
-2. writes tiny copies of the public sources in their real formats into ``DIR/harc/sources/`` (Circuit Breakers JSON,
-   XSTest CSV, UltraChat JSON Lines) and converts them with ``llamafactory-hera harc-data --out DIR/harc/data``, the
-   command a user runs on the real files;
-3. writes ``DIR/harc/recipe.yaml`` (``stage: harc``, LoRA, sizes scaled down from the reference) and runs the stock
-   ``llamafactory-cli train`` on it;
-4. prints the refusal rates of the end-of-run evaluation (``harc_eval.json``): greedy answers to the held-out harmful
-   prompts and to pseudo-harmful ones, by the base model (the adapter disabled) and by the trained one; then the
-   outputs, the plots and the next steps (greedy chat with the adapter, ``eval``, a real model).
+It converts tiny copies of the public sources (:func:`llamafactory_hera.fixtures.harc_assets.write_source_files`) with
+``llamafactory-hera harc-data``, the command a user runs on the real files, trains ``stage: harc`` with the stock
+``llamafactory-cli train`` and prints the end-of-run refusal rates (``harc_eval.json``) of the base model and the
+trained one, then the outputs and the next steps.
 """
 
 from __future__ import annotations

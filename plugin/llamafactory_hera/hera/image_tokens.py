@@ -1,12 +1,11 @@
 """``cutoff_len`` against the image tokens of the tokenized training rows, after LLaMA-Factory tokenized the data and
-before the model loads: a row truncated into its image tokens is one line naming the row, its image tokens, what
-``cutoff_len`` left of them and the ``cutoff_len`` that keeps them, where the run failed in the first step with a
-``shape mismatch`` in the model's rope index (Qwen3-VL) after the model loaded.
+before the model loads: a row truncated into its image tokens (the model would fail in its first step, e.g. Qwen3-VL's
+rope index) is one line naming the row, its image tokens, what ``cutoff_len`` left of them and the ``cutoff_len`` that
+keeps them.
 
-Only rows that truncation may have cut are read: those of about ``cutoff_len`` tokens (``infer_seqlen`` fills the
-budget when it truncates) whose image tokens look cut (fewer runs of them than images, or the last run ending the row
-or running into trained tokens); each such row's images are processed once more to count their tokens exactly, and the
-first row cut is refused.
+Only rows that truncation may have cut are read: those of about ``cutoff_len`` tokens whose image tokens look cut (fewer
+runs of them than images, or the last run ending the row or running into trained tokens); their images are processed
+once more to count their tokens exactly.
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """A resumed run's weights: the checkpoint's tensors under the model's own names, and every trained tensor restored.
 
-Transformers' ``Trainer._load_from_checkpoint`` loads a checkpoint's state dict as it is on disk. ``save_pretrained``
-writes it in the model's original format, reverting the renaming ``from_pretrained`` applies (the model type's
-checkpoint conversion mapping: LLaVA's ``language_model.model.*`` for ``model.language_model.*``, Qwen2-VL's
-``model.*`` for ``model.language_model.*``, a CLIP / SigLIP tower's ``vision_model.*`` prefix), so a full or freeze
-run of such a model resumed with no weight restored, a warning, and the step counter advanced
-(huggingface/transformers#43701); ``load_best_model_at_end`` kept the last weights the same way.
-:class:`RestoresCheckpointWeights`, mixed in front of every method's trainer, renames the keys with transformers'
-own functions (``get_model_conversion_mapping`` + ``rename_source_key``, as ``from_pretrained`` does) and makes a
-checkpoint that restores fewer tensors than the run trains an error naming the checkpoint, the counts and example
-keys. LoRA adapters load through PEFT as before, checked the same way. DeepSpeed (its engine's own checkpoint,
-module names as in memory) and FSDP keep the Trainer's path.
+Transformers' ``Trainer._load_from_checkpoint`` loads a checkpoint's state dict as it is on disk, in the model's
+original format (``save_pretrained`` reverts the renaming ``from_pretrained`` applies: LLaVA's
+``language_model.model.*``, Qwen2-VL's ``model.*``, a CLIP / SigLIP tower's ``vision_model.*``), so such a model would
+resume with no weight restored (huggingface/transformers#43701). :class:`RestoresCheckpointWeights`, mixed in front of
+every method's trainer, renames the keys with transformers' own functions (``get_model_conversion_mapping`` +
+``rename_source_key``) and makes a checkpoint that restores fewer tensors than the run trains an error. LoRA adapters
+load through PEFT, checked the same way; DeepSpeed and FSDP keep the Trainer's path.
 """
 
 from __future__ import annotations

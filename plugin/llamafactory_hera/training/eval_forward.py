@@ -1,18 +1,12 @@
 """bitsandbytes' 4-bit layers kept in the layout they train and are read in, through every eval-mode forward: of the
-model a method trains (its workflow keeps it from the trainer's start: HeRA's alignment monitor, the Trainer's
-evaluation steps, HARC's directions and end-of-run generation), of the model ``select`` scores, and of the eval
-engine's (GCG backpropagates through it).
+model a method trains (HeRA's alignment monitor, the Trainer's evaluation steps, HARC's directions and end-of-run
+generation), of the model ``select`` scores, and of the eval engine's (GCG backpropagates through it).
 
 bitsandbytes >= 0.50 (``Linear4bit.forward``) repacks a 4-bit weight in place for its CPU inference kernel the first
-time the layer runs in eval mode on an input that does not require grad, on a CPU with AVX512-BF16
-(``support_avx512bf16_for_cpu``, set when the layer is made, read at each forward); it packs the weight back only when
-the layer's state dict is saved or the layer moves to a GPU. After one such forward (measured on bitsandbytes 0.50.2,
-AMD EPYC with AVX512-BF16): a later backward through a layer with a bias fails (``result += bias`` on a view of a
-leaf: "a view of a leaf Variable that requires grad is being used in an in-place operation"), one without a bias
-passes no gradient to its input, silently (the kernel has no autograd formula), a layer whose width is not a multiple
-of 32 fails in the forward itself ("N must be divisible by block_n"), and the weight and ``quant_state`` are no longer
-what ``dequantize_4bit`` reads. Keeping the layout costs the eval forward that kernel only; it computes the same
-product (the dequantized weight's matmul) as training does.
+time the layer runs in eval mode on an input without grad, on a CPU with AVX512-BF16, and packs it back only when the
+state dict is saved or the layer moves to a GPU. After that, a backward through the layer fails or silently passes no
+gradient to its input, and the weight is no longer what ``dequantize_4bit`` reads. Keeping the layout costs the eval
+forward that kernel only; it computes the same product as training does.
 """
 
 from __future__ import annotations

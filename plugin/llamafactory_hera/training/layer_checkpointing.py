@@ -1,28 +1,20 @@
-"""Gradient checkpointing where a method's gradient needs it: the non-reentrant kind in the layers a method reads
-inside (HeRA: the layers that hold its heads) and in every KV-sharing chain (a layer whose keys and values later
-layers read, and those readers: Gemma 3n, Gemma 4), the recipe's kind in every other layer.
+"""Gradient checkpointing where a method's gradient needs it: the non-reentrant kind in the layers a method reads inside
+(HeRA: the layers that hold its heads) and in every KV-sharing chain (a layer whose keys and values later layers read,
+and those readers: Gemma 3n, Gemma 4), the recipe's kind in every other layer.
 
-Reentrant checkpointing (LLaMA-Factory's default) runs a layer's first forward without autograd, so what a hook
-captures inside such a layer (HeRA's ``o_proj`` inputs) would carry no gradient. What enters a layer keeps its graph:
-HARC reads the residual entering its coupled layers with a forward pre-hook (the checkpoint's own input, read before
-DeepSpeed ZeRO-3's pre-hook replaces it with a detached copy; harc/residuals.py), so it switches no layer of its own
-(tests/harc/test_harc_checkpointing_gradients.py). Only the layers with hooks need the
-non-reentrant kind: a reentrant layer below them recomputes its forward with autograd in backward and passes whatever
-gradient reaches its output (the LM loss's and the method's, summed) to its parameters and its input, as it does for
-the LM loss alone.
+Reentrant checkpointing (LLaMA-Factory's default) runs a layer's first forward without autograd, so what a hook captures
+inside such a layer (HeRA's ``o_proj`` inputs) would carry no gradient. What enters a layer keeps its graph, so HARC,
+which reads the residual entering its layers (harc/residuals.py), switches no layer of its own; a reentrant layer below
+a hooked one recomputes with autograd in backward and passes on whatever gradient reaches its output.
 
-KV sharing: a reading layer gets its source's keys and values through transformers' ``shared_kv_states`` dict, not as
-an input of its checkpointed call. A reentrant source stores them without a graph, so the readers' gradient into them
-is dropped (what stock SFT trains under LLaMA-Factory's default); a non-reentrant source read by a reentrant reader
-fails in backward ("Trying to backward through the graph a second time": the reader's recompute backpropagates into
-the source's graph, which the source's own backward then meets again). Both ends non-reentrant is the minimal rule
-that keeps the gradient exact (tests/test_layer_checkpointing.py), so every chain is switched, whichever layers the
-method reads.
+KV sharing: a reader gets its source's keys and values through transformers' ``shared_kv_states`` dict, not as an input
+of its checkpointed call. A reentrant source drops the readers' gradient (what stock SFT trains); a non-reentrant source
+read by a reentrant reader fails in backward ("Trying to backward through the graph a second time"). Both ends
+non-reentrant is the minimal rule that keeps the gradient exact, so every chain is switched.
 
-Non-reentrant checkpointing costs host time in every layer it runs in (torch's saved-tensor hooks: some 20 more aten
-ops and 600 more Python calls per layer and step), so a method pays it in those layers only.
-LLaMA-Factory's function checkpoints only layers with a trainable parameter (it calls the others plainly, with
-autograd), so a frozen layer needs no switch and runs no checkpoint at all.
+Non-reentrant checkpointing costs host time in every layer it runs in (torch's saved-tensor hooks), so a method pays it
+in those layers only. LLaMA-Factory checkpoints only layers with a trainable parameter, so a frozen layer needs no
+switch.
 """
 
 from __future__ import annotations
