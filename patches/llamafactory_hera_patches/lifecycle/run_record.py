@@ -1,13 +1,12 @@
 """``llamafactory_hera_run.json``: what every ``llamafactory-cli train`` run loaded its model with, and how it ended.
 
-Written by the stage patch (:mod:`..stage`) into ``output_dir`` for every run the plugin
-sees, plain LLaMA-Factory stages (``sft``, ``dpo``, ...) included: right after LLaMA-Factory parsed the recipe with
-``status: running``, then ``finished`` when the run returns or ``failed`` (with the error's first line) when it
-raises. A run killed from outside keeps ``running``. ``llamafactory-hera eval`` reads the loading keys back (a plain
-``stage: sft`` twin is then evaluated as it was trained, not at LLaMA-Factory's defaults) and refuses a run whose
-record is not ``finished``. A run that fails after it saved its model (a failing ``do_predict``, a reporting
-backend, an interrupt at the end) is ``finished`` with the error kept as ``error_after_save``: the saved model is
-there to evaluate.
+Written by the stage patch (:mod:`..stage`) into ``output_dir`` for every run the plugin sees, plain LLaMA-Factory
+stages (``sft``, ``dpo``, ...) included: right after LLaMA-Factory parsed the recipe with ``status: running``, then
+``finished`` when the run returns or ``failed`` (with the error's first line) when it raises. A run killed from outside
+keeps ``running``. ``llamafactory-hera eval`` reads the loading keys back (a plain ``stage: sft`` twin is then evaluated
+as it was trained, not at LLaMA-Factory's defaults) and refuses a run whose record is not ``finished``. A run that fails
+after it saved its model (a failing ``do_predict``, a reporting backend, an interrupt at the end) is ``finished`` with
+the error kept as ``error_after_save``: the saved model is there to evaluate.
 
 Values are the parsed ones (LLaMA-Factory's defaults filled in), so two records compare key by key. A method's own
 record (``hera_run.json``, ``rah_profile.json``, ``harc_run.json``: :attr:`Method.records`) left by a failed run is

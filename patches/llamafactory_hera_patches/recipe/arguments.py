@@ -1,9 +1,8 @@
 """Separates a method's keys and ``stage: <method>`` from the arguments LLaMA-Factory parses.
 
-LLaMA-Factory 0.9.5 (``hparams.parser.read_args``) hands the trainer either a dict (YAML or JSON
-recipe merged with ``key=value`` overrides) or a list of command-line strings
-(``--key value`` / ``--key=value``). Both forms are handled. Which stages and key prefixes belong to
-the plugin comes from the registered methods (:mod:`..registry`).
+LLaMA-Factory 0.9.5 (``hparams.parser.read_args``) hands the trainer either a dict (YAML or JSON recipe merged with
+``key=value`` overrides) or a list of command-line strings (``--key value`` / ``--key=value``). Both forms are handled.
+Which stages and key prefixes belong to the plugin comes from the registered methods (:mod:`..registry`).
 """
 
 from __future__ import annotations

@@ -79,8 +79,7 @@ def harmful_class(id2label: dict[int, str]) -> tuple[int, str] | None:
 
 
 def check_judge(name: str) -> JudgeSpec:
-    """``--judge``'s checkpoint, checked from its config (and chat template) alone: one-line errors, nothing
-    loaded."""
+    """``--judge``'s checkpoint, checked from its config (and chat template) alone: one-line errors, nothing loaded."""
     config = _read_config(name)
     architectures = list(getattr(config, "architectures", None) or [])
     source = "".join(path.read_text(encoding="utf-8") for path in (Path(__file__),

@@ -148,10 +148,9 @@ def validation_cosines(model: nn.Module, harmful: list[EncodedRow], harmless: li
                        directions: Directions, layers: list[int], batch_size: int, pad_id: int,
                        progress: Progress) -> dict[str, dict[str, float]]:
     """The diagnostic on held-out prompts (the reference's ``project_validation``): for each coupled layer ``l``, the
-    mean over held-out harmful (and harmless) prompts of ``cos(h_l(t_post), v_ref[l])`` and
-    ``cos(h_l(t_inst), v_harm[l])``: ``{"<layer>": {"harmful_ref", "harmless_ref", "harmful_harm",
-    "harmless_harm"}}``. Coupling works when the harmful means rise towards the margin and the harmless ones stay at
-    or below zero."""
+    mean over held-out harmful (and harmless) prompts of ``cos(h_l(t_post), v_ref[l])`` and ``cos(h_l(t_inst),
+    v_harm[l])``: ``{"<layer>": {"harmful_ref", "harmless_ref", "harmful_harm", "harmless_harm"}}``. Coupling works when
+    the harmful means rise towards the margin and the harmless ones stay at or below zero."""
 
     def cosines(layer: int, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # [B, 2]
         post = at_positions(hidden, batch["harc_t_post"]).float()

@@ -127,8 +127,7 @@ def generate_ids(model: Any, tokenizer: Any, prompts: list[tuple[int, ...]], max
 def generate_answers(model: Any, tokenizer: Any, prompts: list[tuple[int, ...]], max_new_tokens: int,
                      batch_size: int, stop_ids: list[int], progress: Progress,
                      label: str = LABEL) -> list[str]:
-    """The greedy answers to ``prompts`` (see :func:`generate_ids`), decoded without special tokens, in input
-    order."""
+    """The greedy answers to ``prompts`` (see :func:`generate_ids`), decoded without special tokens, in input order."""
     ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, stop_ids, progress, label)
     return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in ids]
 

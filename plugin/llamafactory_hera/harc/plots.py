@@ -63,9 +63,8 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
     each the mean over held-out harmful (solid) and harmless (dashed) prompts, averaged over the entry's coupled layers;
     dotted verticals where the coupled layers change, the layer sets listed under the panels.
 
-    ``history``: entries ``{"step", "layers", "validation": {"<layer>": {"harmful_ref", "harmless_ref",
-    "harmful_harm", "harmless_harm"}}}`` (entries without validation skipped; ValueError when none has it). Returns
-    ``path``."""
+    ``history``: entries ``{"step", "layers", "validation": {"<layer>": {"harmful_ref", "harmless_ref", "harmful_harm",
+    "harmless_harm"}}}`` (entries without validation skipped; ValueError when none has it). Returns ``path``."""
     from matplotlib.ticker import MaxNLocator  # lazy: matplotlib only when a figure is drawn (see plots.text)
 
     points = [(int(entry["step"]), [int(x) for x in entry.get("layers") or []], means)

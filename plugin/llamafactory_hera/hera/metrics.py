@@ -1,9 +1,8 @@
 """Alignment metrics between two representation spaces.
 
-``mutual_knn`` follows the Platonic Representation Hypothesis reference code
-(``minyoungg/platonic-rep``): rows are L2-normalised, the k nearest neighbours of sample i
-are the top-k of row i of the Gram matrix with the diagonal excluded, and the score is the
-mean over samples of the overlap of the two neighbour sets divided by k.
+``mutual_knn`` follows the Platonic Representation Hypothesis reference code (``minyoungg/platonic-rep``): rows are
+L2-normalised, the k nearest neighbours of sample i are the top-k of row i of the Gram matrix with the diagonal
+excluded, and the score is the mean over samples of the overlap of the two neighbour sets divided by k.
 """
 
 from __future__ import annotations

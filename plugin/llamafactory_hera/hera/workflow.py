@@ -97,8 +97,7 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
     """(image path -> training-data row, the counts of the rows that train, the aligned rows), after checking every
     image file exists and that the training rows have images at all, before LLaMA-Factory's preprocessing fails on a
     missing file with a bare OSError. The counts leave out ``val_size``'s validation rows (LLaMA-Factory's split with
-    the run's seed, of the rows before its preprocessing). Streaming datasets are not scanned (counts and rows
-    None)."""
+    the run's seed, of the rows before its preprocessing). Streaming datasets are not scanned (counts and rows None)."""
     if getattr(data_args, "streaming", False):
         return {}, None, None
 

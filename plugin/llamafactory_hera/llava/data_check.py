@@ -180,8 +180,7 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int, progress: bool |
 
 
 def report(counts: list[DatasetCounts], media_dir: str, decode: bool) -> str:
-    """The table, the histograms, what text-only rows mean for HeRA, how images were checked and the first bad
-    paths."""
+    """The table, the histograms, what text-only rows mean for HeRA, how images were checked and the first bad paths."""
     from llamafactory_hera.plots.heads import format_head_table
 
     rows = [c.table_row() for c in counts]

@@ -262,9 +262,8 @@ def format_head_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     """Plain fixed-width text table (header, a dashed rule, one line per row; floats with 4 decimals, a negative
     zero as ``0.0000``).
 
-    Columns are separated by two spaces; a column whose values are all numbers is right-aligned, any other
-    left-aligned. A missing or None value is an empty cell. Lines carry no trailing spaces; the table ends
-    without a newline.
+    Columns are separated by two spaces; a column whose values are all numbers is right-aligned, any other left-aligned.
+    A missing or None value is an empty cell. Lines carry no trailing spaces; the table ends without a newline.
     """
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
     widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]

@@ -205,8 +205,7 @@ def check_checkpoint(stage: str, given: dict[str, Any], folder: Path, named: str
 
 
 def _run_folder(folder: Path) -> bool:
-    """Whether ``folder`` is a run's output folder (its record, end-of-run results or checkpoints), not a
-    checkpoint."""
+    """Whether ``folder`` is a run's output folder (its record, end-of-run results or checkpoints), not a checkpoint."""
     return not CHECKPOINT_NAME.match(folder.name) and (
         any((folder / name).is_file() for name in RUN_FOLDER_FILES) or last_checkpoint(folder) is not None)
 

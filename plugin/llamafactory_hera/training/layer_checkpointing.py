@@ -59,9 +59,8 @@ class LayerCheckpointing:
     false``; other layers keep theirs. :meth:`set_layers` moves the method's switch: a layer left gets its recipe's
     function back (unless a chain holds it).
 
-    :meth:`ensure` runs before every training forward: the Trainer re-enables checkpointing in every layer when
-    training starts under ``gradient_checkpointing: true`` (reentrant, LLaMA-Factory's default), which would undo the
-    switch.
+    :meth:`ensure` runs before every training forward: the Trainer re-enables checkpointing in every layer when training
+    starts under ``gradient_checkpointing: true`` (reentrant, LLaMA-Factory's default), which would undo the switch.
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[int], owner: str = "HeRA's heads") -> None:

@@ -1,6 +1,5 @@
-"""The options of ``llamafactory-hera select`` and their choices (imports nothing: the command line is built from
-these at every start of ``llamafactory-hera``, including ``eval`` and its one-line errors, which must not load
-torch)."""
+"""The options of ``llamafactory-hera select`` and their choices (imports nothing: the command line is built from these
+at every start of ``llamafactory-hera``, including ``eval`` and its one-line errors, which must not load torch)."""
 
 STRATEGIES = ("worst", "best", "random")
 MODES = ("text", "multimodal")

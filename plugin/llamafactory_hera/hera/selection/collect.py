@@ -106,10 +106,9 @@ def sample_pairs(pairs: list[CalibrationPair], num_samples: int, seed: int, k: i
 class PooledInputRecorder:
     """Hooks on each head layer's ``o_proj`` that pool its input ``[B, T, H*d_head]`` with per-sample weights.
 
-    Pooling happens inside the hook (inference only), on the model's device, in float32: memory is
-    ``[B, H*d_head]`` per layer and batch. After each forward :meth:`flush` brings the batch's pooled rows of all
-    layers to the host in ONE copy (``[B, sum of widths]``), not one per layer: on an accelerator each copy waits
-    for the device.
+    Pooling happens inside the hook (inference only), on the model's device, in float32: memory is ``[B, H*d_head]`` per
+    layer and batch. After each forward :meth:`flush` brings the batch's pooled rows of all layers to the host in ONE
+    copy (``[B, sum of widths]``), not one per layer: on an accelerator each copy waits for the device.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -162,9 +161,8 @@ def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair],
                  progress: bool = True) -> dict[int, torch.Tensor]:
     """Pooled ``o_proj`` inputs with the captions alone through the text decoder.
 
-    ``torch.no_grad``, not ``inference_mode``: no graph is kept either way, and the forward also runs on the
-    tests' simulated accelerator, whose wrapper tensors inference mode cannot make
-    (llamafactory_hera_testing.accelerator).
+    ``torch.no_grad``, not ``inference_mode``: no graph is kept either way, and the forward also runs on the tests'
+    simulated accelerator, whose wrapper tensors inference mode cannot make (llamafactory_hera_testing.accelerator).
 
     Returns:
         Layer with heads -> ``[N, H*d_head]`` float32 (CPU).

@@ -1,9 +1,8 @@
 """Write what ``select`` produces: the chosen heads into the recipe, the record and the report.
 
-The recipe is loaded and dumped by ruamel.yaml's round trip, which keeps its comments, key order and quoting;
-only ``hera_heads`` changes (a flow list ``[L13H12, L7H6]``). Files are replaced through a temporary file, so a
-failed write leaves the old one whole, and nothing that already names heads or exists is overwritten without
-``--force``.
+The recipe is loaded and dumped by ruamel.yaml's round trip, which keeps its comments, key order and quoting; only
+``hera_heads`` changes (a flow list ``[L13H12, L7H6]``). Files are replaced through a temporary file, so a failed write
+leaves the old one whole, and nothing that already names heads or exists is overwritten without ``--force``.
 """
 
 from __future__ import annotations
