@@ -38,6 +38,11 @@ class Field:
     only_with: tuple[str, Any] | None = None
 
 
+def row(index: int, *keys: str, **options: Any) -> tuple[Field, ...]:
+    """The fields of ``keys`` side by side in row ``index``, each with the same ``options``."""
+    return tuple(Field(key, index, **options) for key in keys)
+
+
 @dataclass(frozen=True)
 class LossPlot:
     """How LlamaBoard's loss plot shows the method's runs (``trainer_log.jsonl`` lines as dicts).

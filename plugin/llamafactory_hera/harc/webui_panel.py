@@ -14,7 +14,7 @@ from typing import Any
 
 from llamafactory_hera.board.builder import build_panel
 from llamafactory_hera.board.checks import local_text_depth
-from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration
+from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration, row
 from llamafactory_hera.harc.config import ROLE_KEYS, HarcArguments, parse_harc_arguments
 from llamafactory_hera.harc.layers import eligible_layers
 from llamafactory_hera.plots.training import TrainingPlot
@@ -40,22 +40,10 @@ def check_band_depth(args: HarcArguments, context: Mapping[str, Any]) -> str:
 
 FIELDS = (
     *(Field(key, 0, default=key) for key in ROLE_KEYS),  # `harc-data` writes each role under its key's name
-    Field("harc_batch_harmful", 1),
-    Field("harc_batch_harmless", 1),
-    Field("harc_batch_pseudo", 1),
-    Field("harc_margin", 1),
-    Field("harc_weight_couple", 2),
-    Field("harc_weight_couple_resp", 2),
-    Field("harc_weight_kl", 2),
-    Field("harc_weight_ce", 2),
-    Field("harc_refresh_steps", 3),
-    Field("harc_layers", 3),
-    Field("harc_layers_final", 3),
-    Field("harc_layers_ramp_step", 3),
-    Field("harc_band", 3),
-    Field("harc_extract_samples", 4),
-    Field("harc_validate_samples", 4),
-    Field("harc_eval", 4),
+    *row(1, "harc_batch_harmful", "harc_batch_harmless", "harc_batch_pseudo", "harc_margin"),
+    *row(2, "harc_weight_couple", "harc_weight_couple_resp", "harc_weight_kl", "harc_weight_ce"),
+    *row(3, "harc_refresh_steps", "harc_layers", "harc_layers_final", "harc_layers_ramp_step", "harc_band"),
+    *row(4, "harc_extract_samples", "harc_validate_samples", "harc_eval"),
 )
 
 PANEL = build_panel(PanelDeclaration(

@@ -10,7 +10,7 @@ from typing import Any
 
 from llamafactory_hera.board.builder import build_panel
 from llamafactory_hera.board.checks import local_attention_geometry
-from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration
+from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration, row
 from llamafactory_hera.board.widgets import comma_list
 from llamafactory_hera.heads.geometry import check_heads_fit
 from llamafactory_hera.hera.config import ALIGNMENT_PANEL, AUTO, HeraArguments, parse_hera_arguments
@@ -44,18 +44,10 @@ FIELDS = (
     # the recipe key has no default (required); the panel starts with auto-selection
     Field("hera_heads", 0, scale=2, default=AUTO, normalize=normalize_heads),
     Field("hera_teacher", 0, scale=2),
-    Field("hera_k", 0),
-    Field("hera_lambda", 0),
-    Field("hera_temperature", 0),
-    Field("hera_pooling", 1),
-    Field("hera_similarity", 1),
-    Field("hera_teacher_feature", 1),
-    Field("hera_learn_temperature", 1),
-    Field("hera_select_samples", 2, only_with=AUTO_ONLY),
-    Field("hera_select_num_heads", 2, only_with=AUTO_ONLY),
-    Field("hera_select_strategy", 2, only_with=AUTO_ONLY),
-    Field("hera_select_mode", 2, only_with=AUTO_ONLY),
-    Field("hera_select_batch_size", 2, only_with=AUTO_ONLY),
+    *row(0, "hera_k", "hera_lambda", "hera_temperature"),
+    *row(1, "hera_pooling", "hera_similarity", "hera_teacher_feature", "hera_learn_temperature"),
+    *row(2, "hera_select_samples", "hera_select_num_heads", "hera_select_strategy", "hera_select_mode",
+         "hera_select_batch_size", only_with=AUTO_ONLY),
 )
 
 PANEL = build_panel(PanelDeclaration(

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 
 from llamafactory_hera.board.builder import build_panel
 from llamafactory_hera.board.checks import local_text_depth
-from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration
+from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration, row
 from llamafactory_hera.board.widgets import comma_list
 from llamafactory_hera.log import PHASE_KEY
 from llamafactory_hera.rah.config import AUTO, RahArguments, parse_rah_arguments
@@ -72,18 +72,9 @@ def progress_figure(trainer_log: list[dict[str, Any]], smooth: Any = None) -> An
 
 FIELDS = (
     Field("rah_layers", 0, scale=2, normalize=normalize_layers),
-    Field("rah_isal_percentile", 0),
-    Field("rah_caf_percentile", 0),
-    Field("rah_num_anchors", 0),
-    Field("rah_rank", 0),
-    Field("rah_delta", 1),
-    Field("rah_alpha_max", 1),
-    Field("rah_samples", 1),
-    Field("rah_probe_samples", 1),
-    Field("rah_kl_samples", 1),
-    Field("rah_update", 2),
-    Field("rah_caf_form", 2),
-    Field("rah_isal_pairs", 2),
+    *row(0, "rah_isal_percentile", "rah_caf_percentile", "rah_num_anchors", "rah_rank"),
+    *row(1, "rah_delta", "rah_alpha_max", "rah_samples", "rah_probe_samples", "rah_kl_samples"),
+    *row(2, "rah_update", "rah_caf_form", "rah_isal_pairs"),
 )
 
 PANEL = build_panel(PanelDeclaration(
