@@ -1,18 +1,12 @@
-"""Which tokens a head's representation averages over (``hera_pooling``).
+"""Which tokens a head's representation averages over (``hera_pooling``), always after the sample's first multimodal
+placeholder token (in a causal LM the tokens before it cannot see the image) and never a placeholder token:
 
-- ``assistant`` (paper's stage 2): the tokens that carry the LM loss (``labels != -100``, labels
-  not shifted yet) after the sample's first multimodal placeholder token, minus every placeholder
-  token. Under ``train_on_prompt: true`` the prompt's text after the image carries labels too and is
-  pooled; its image tokens and the system prompt / text before the image never are.
-- ``text``: the text that can depend on the image: attended tokens after the sample's first
-  multimodal placeholder token (in a causal LM the tokens before it cannot see the image), minus
-  every multimodal placeholder token. For a captioning row this is the instruction after the image,
-  the assistant's role marker and the caption.
+``assistant`` (paper's stage 2): the tokens that carry the LM loss (``labels != -100``, not shifted yet); under
+``train_on_prompt: true`` the prompt's text after the image too. ``text``: every attended token, e.g. for a captioning
+row the instruction after the image, the assistant's role marker and the caption.
 
-Multimodal placeholder tokens are read from the model's config (``image_token_id``,
-``video_token_id``, ``vision_start_token_id``, ... on the config and its text config), from the
-processor (``image_token``, ``video_token``, ``start_image_token``, ...) and from LLaMA-Factory's
-multimodal plugin of the template (``image_token``, ``video_token``, ``audio_token``).
+Placeholder tokens are read from the model's config and its text config (``image_token_id``, ``video_token_id``,
+``vision_start_token_id``, ...), the processor (``image_token``, ...) and the template's multimodal plugin.
 """
 
 from __future__ import annotations

@@ -1,21 +1,14 @@
-"""Collator mixin: adds the teacher's pixel values of each sample's raw images to the batch.
+"""Collator mixin: adds the teacher's pixel values of each sample's raw images to the batch, read before the host
+collator removes them, so the MLLM batch itself is exactly what plain SFT produces. Keys added: ``hera_image_counts``
+``[B]`` int64 (images per sample); ``hera_image_keys``: ``N_img`` cache keys (``None``: not cacheable);
+``hera_pixel_values`` ``[M, 3, h, w]``: the teacher's inputs for the ``M <= N_img`` distinct images not cached yet
+(absent when all are), each computed once; ``hera_pixel_keys``: their M identities (``teacher_cache.image_identity``),
+so the trainer ties each feature to its image whatever the cache holds by then.
 
-It reads the image entries before the host collator removes them, so the MLLM batch itself is
-exactly what plain SFT produces. Keys added:
-- ``hera_image_counts`` ``[B]`` int64, images per sample;
-- ``hera_image_keys``: list of ``N_img`` cache keys (``None`` for images that cannot be cached);
-- ``hera_pixel_values`` ``[M, 3, h, w]``: the teacher's inputs for the ``M <= N_img`` distinct images whose
-  features are not cached yet (absent when every image is cached);
-- ``hera_pixel_keys``: the M identities of those rows (``teacher_cache.image_identity``), so the trainer ties
-  each computed feature to its image whatever the cache holds by then. An image that appears twice in
-  the batch is computed once.
-
-Once the trainer has told it the multimodal token ids and the pooling (``hera_multimodal_ids``,
-``hera_pooling``), it also computes on the CPU what the training step would otherwise ask the GPU for
-(every such question is a host sync):
-- ``hera_token_mask`` ``[B, T]`` bool, the tokens pooled into each sample's head representations;
-- ``hera_anchor_index`` ``[A]`` int64, the samples with images and pooled tokens (the loss's anchors);
-- ``hera_sample_counts``: ``[A, text-only samples]`` as Python ints.
+Once told the multimodal token ids and the pooling (``hera_multimodal_ids``, ``hera_pooling``), it also computes on the
+CPU what the step would otherwise ask the GPU for (each a host sync): ``hera_token_mask`` ``[B, T]`` bool (the pooled
+tokens), ``hera_anchor_index`` ``[A]`` int64 (the samples with images and pooled tokens: the loss's anchors),
+``hera_sample_counts``: ``[A, text-only samples]`` as Python ints.
 """
 
 from __future__ import annotations

@@ -142,11 +142,8 @@ def _load(recipe_args: Any, seed: int, name: str, file_name: Any) -> Any:
 def check_recipe(recipe_path: Path, decode: bool, workers: int, progress: bool | None = None
                  ) -> tuple[list[DatasetCounts], str]:
     """Every dataset of the recipe counted (see the module), and the ``media_dir`` the run joins image paths with.
-
-    Raises:
-        RecipeError: a recipe without datasets, a dataset not in ``dataset_info.json`` or without its file, a
-            ``media_dir`` that is no folder, a file LLaMA-Factory cannot load, ``workers`` below 1.
-    """
+    RecipeError for a recipe without datasets, a dataset not in ``dataset_info.json`` or without its file, a
+    ``media_dir`` that is no folder, a file LLaMA-Factory cannot load, ``workers`` below 1."""
     from llamafactory_hera.hera.selection.command import load_recipe
     from llamafactory_hera.recipe.checks import check_dataset_names
     from llamafactory_hera.recipe.dataset_info import as_names, dataset_info

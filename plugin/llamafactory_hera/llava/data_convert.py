@@ -53,12 +53,8 @@ def _read_rows(source: Path) -> list[dict[str, Any]]:
 
 
 def convert_file(source: Path, output: Path | None = None, force: bool = False) -> Conversion:
-    """Write ``source``'s rows with string ids to ``output`` (default :func:`default_output`).
-
-    Raises:
-        RecipeError: a missing or non-LLaVA source, an output that is the source, or an existing different output
-            without ``force``.
-    """
+    """Write ``source``'s rows with string ids to ``output`` (default :func:`default_output`). RecipeError for a
+    missing or non-LLaVA source, an output that is the source, or an existing different output without ``force``."""
     target = output or default_output(source)
     if target.resolve() == source.resolve():
         raise RecipeError(f"data convert: --output {target} is the source file; the source is never overwritten. "

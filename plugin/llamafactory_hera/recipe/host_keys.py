@@ -1,19 +1,10 @@
-"""Checks of a plugin stage's recipe keys that LLaMA-Factory reads, before it parses them (nothing is loaded yet).
-Run once for every stage by :func:`llamafactory_hera.recipe.checks.check_raw_recipe`.
-
-Each raises one :class:`RecipeError` naming the key, the value, why and the fix, where LLaMA-Factory would stop with a
-traceback whose last line names neither the key nor the value, or only after the tokenizer or the model loaded:
-
-- a key that is neither LLaMA-Factory's nor a stage's (``Some keys are not used by the HfArgumentParser``), with the
-  nearest key of either;
-- a value outside a key's ``Literal`` / ``Enum`` values (``finetuning_type: lorra``: ``AssertionError: Invalid
-  fine-tuning method.``; ``lr_scheduler_type: cosin``: ``'cosin' is not a valid SchedulerType``), with the nearest;
-- a ``template`` LLaMA-Factory does not have (``Template ... does not exist``, after the tokenizer loaded);
-- numbers no run can use (:data:`BOUNDS`: ``cutoff_len: 0``, a negative ``learning_rate``, ...), and a key typed as
-  a number given none (``image_max_pixels: big``: ``TypeError: '<' not supported between instances of 'str' and
-  'int'``);
-- a ``report_to`` that is no logger of transformers (``tensorbord``: after the model loaded), ``bf16: true`` where
-  transformers finds no bf16 device (``Your setup doesn't support bf16/gpu``).
+"""Checks of a plugin stage's recipe keys that LLaMA-Factory reads, before it parses them (nothing is loaded yet), run
+once for every stage by :func:`llamafactory_hera.recipe.checks.check_raw_recipe`. Each raises one :class:`RecipeError`
+naming the key, the value, why and the fix, where LLaMA-Factory would stop with a traceback that names neither, or only
+after the tokenizer or the model loaded: an unknown key (with the nearest known one), a value outside a key's
+``Literal`` / ``Enum`` values (with the nearest), a ``template`` LLaMA-Factory does not have, numbers no run can use
+(:data:`BOUNDS`) or a number key given none, a ``report_to`` that is no logger of transformers, ``bf16: true`` where
+transformers finds no bf16 device.
 """
 
 from __future__ import annotations

@@ -62,16 +62,11 @@ def _rows(dataset: Any, columns: list[str], only: Iterable[int] | None) -> Itera
 def image_rows(dataset: Any, column: str = "images", check_files: bool = True, only: Iterable[int] | None = None,
                *, placeholder: str | None = None, decode: bool = False, data: str | None = None) -> dict[str, int]:
     """Map every image path of a (map-style) dataset's image column to its first row index; with ``check_files``,
-    also check that each file exists (ranks other than the main one skip it: the main process checked them), with
-    ``decode`` that PIL decodes it. ``only``: the rows to read (default: every row). ``placeholder``: also check that
-    each row of LLaMA-Factory's aligned dataset (``_prompt``, ``_response``) holds one such mark per image (rows the
-    host's supervised preprocessing drops, "Dropped invalid example", are left to it).
-    ``data``: what the errors name the rows of (:func:`describe_data`).
-
-    Raises:
-        RecipeError: naming the first missing or unreadable image file and its dataset row, or the first row whose
-            marks and images differ in number.
-    """
+    also check that each file exists (the main process only), with ``decode`` that PIL decodes it. ``only``: the rows
+    to read (default: every row). ``placeholder``: also check that each row of LLaMA-Factory's aligned dataset holds
+    one such mark per image (rows the host's preprocessing drops are left to it). ``data``: what the errors name the
+    rows of (:func:`describe_data`). RecipeError naming the first missing or unreadable file and its row, or the
+    first row whose marks and images differ in number."""
     rows: dict[str, int] = {}
     if dataset is None or not hasattr(dataset, "column_names") or column not in dataset.column_names:
         return rows
