@@ -159,14 +159,9 @@ class PooledInputRecorder:
 @torch.no_grad()
 def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair], batch_size: int, device: Any,
                  progress: bool = True) -> dict[int, torch.Tensor]:
-    """Pooled ``o_proj`` inputs with the captions alone through the text decoder.
-
-    ``torch.no_grad``, not ``inference_mode``: no graph is kept either way, and the forward also runs on the tests'
-    simulated accelerator, whose wrapper tensors inference mode cannot make (llamafactory_hera_testing.accelerator).
-
-    Returns:
-        Layer with heads -> ``[N, H*d_head]`` float32 (CPU).
-    """
+    """Pooled ``o_proj`` inputs with the captions alone through the text decoder: layer with heads -> ``[N,
+    H*d_head]`` float32 (CPU). ``torch.no_grad``, not ``inference_mode``: the tests' simulated accelerator's wrapper
+    tensors cannot be made in inference mode (llamafactory_hera_testing.accelerator)."""
     decoder = text_decoder(model)
     recorder = PooledInputRecorder(model)
     try:
@@ -287,11 +282,8 @@ def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager
 
 
 def _last_logits_only(model: torch.nn.Module) -> dict[str, int]:
-    """``logits_to_keep=1`` where the model's forward takes it: the full-vocabulary logits of a 7B MLLM's batch
-    (16 x 800 tokens x 152k x 2 bytes, about 3.9 GB, plus a float32 copy) are never read by the scoring.
-
-    Under PEFT the wrapper's forward takes ``**kwargs`` and passes them on: the base model's forward decides.
-    """
+    """``logits_to_keep=1`` where the model's forward takes it (under PEFT the base model's decides): the scoring
+    never reads the full-vocabulary logits (GBs on a 7B MLLM's batch)."""
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     forward = getattr(base, "forward", None)
     try:

@@ -92,13 +92,9 @@ def set_hera_heads(text: str, heads: list[str]) -> str:
 
 
 def check_writable(path: Path, *, force: bool = False, output: Path | None = None) -> Path:
-    """The file :func:`update_recipe` would write, or the refusal it would raise (cheap: reads text only).
-
-    Raises:
-        PermissionError: an in-place update of a read-only recipe.
-        HeadsExistError: the recipe (in-place update) already sets explicit heads and ``force`` is False.
-        FileExistsError: ``output`` exists and ``force`` is False.
-    """
+    """The file :func:`update_recipe` would write, or the refusal it would raise (cheap: reads text only):
+    PermissionError for an in-place update of a read-only recipe, HeadsExistError when the recipe already sets
+    explicit heads, FileExistsError when ``output`` exists (both unless ``force``)."""
     path = Path(path)
     if output is None or Path(output).resolve() == path.resolve():
         mode = stat.S_IMODE(path.stat().st_mode)

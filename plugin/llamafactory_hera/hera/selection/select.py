@@ -137,10 +137,7 @@ def _checkpoint_dtype(model_name_or_path: Any) -> str:
 
 def choose_heads(scores: torch.Tensor, num_heads: int, strategy: str, seed: int) -> list[HeadRef]:
     """``num_heads`` heads by ``strategy``: lowest scores (worst), highest (best) or a seeded random draw, among the
-    scored heads (a layer without heads has NaN scores).
-
-    Ties are broken by (layer, head) order.
-    """
+    scored heads (a layer without heads has NaN scores); ties broken by (layer, head) order."""
     layers, heads = scores.shape
     scored = [(layer, head) for layer in range(layers) for head in range(heads)
               if not math.isnan(float(scores[layer, head]))]
