@@ -88,11 +88,8 @@ class MethodPanel:
     # -- gradio ------------------------------------------------------------------------------------------------
 
     def create_panel(self, gr: Any, dataset_dir: str | None = None) -> dict[str, Any]:
-        """The panel's inputs in the current gradio layout context (an accordion); element name -> component.
-
-        The note (if any) comes first and is not an input; dataset boxes list the datasets of ``dataset_dir``.
-        Labels are English here; LlamaBoard replaces them from ``locales`` when the language is set.
-        """
+        """The panel's inputs in the current gradio layout context (:func:`.widgets.create_widgets`); element name ->
+        component. The note (if any) comes first and is not an input."""
         note = {}
         if self.note:
             note[self.note] = gr.Markdown(elem_id=f"train-{self.note}", **self.locales[self.note]["en"])

@@ -21,11 +21,9 @@ def as_markup(text: str) -> str:
 
 def create_widgets(gr: Any, panel_fields: Iterable[Any], locales: dict[str, dict[str, dict[str, str]]],
                    datasets: Sequence[str] = ()) -> dict[str, Any]:
-    """The panel's inputs in the current gradio layout context (an accordion), row by row; key -> component.
-
-    Labels are English here; LlamaBoard replaces them from the locales when the language is set. A dataset box is
-    a dropdown of ``datasets`` (the names of the Data dir's dataset_info.json) that also takes a typed name.
-    """
+    """The panel's inputs in the current gradio layout context (an accordion), row by row; key -> component. Labels
+    are English here (LlamaBoard replaces them from the locales); a dataset box is a dropdown of ``datasets`` that
+    also takes a typed name."""
     ordered = list(panel_fields)
     elems: dict[str, Any] = {}
     for row in sorted({f.row for f in ordered}):

@@ -133,13 +133,9 @@ def _label_fontsize(heads: int, map_width: float) -> float:
 
 def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path: Path, title: str,
                       box_label: str = "selected heads") -> Path:
-    """scores [L, H] (MKNN in [0,1]); heatmap with layers on the y axis (L0 at top) and heads on the x axis,
-    a colorbar labelled 'MKNN', selected (layer, head) cells marked with a visible box and their label, sensible
-    figure size for up to ~64 layers x ~64 heads (tick labels thinned when many), saved as PNG at `path`.
-
-    The colour scale runs from 0 to the highest score (NaN cells are left blank). Labels are omitted beyond
-    40 selected heads; the boxes are always drawn, and a legend under the map says what they are (``box_label``).
-    """
+    """Heatmap of ``scores`` ``[L, H]`` (MKNN in [0, 1]) saved as PNG at ``path``, laid out as the module says, with
+    a colorbar from 0 to the highest score (NaN cells blank), a legend for the boxes (``box_label``), labels omitted
+    beyond 40 selected heads, tick labels thinned on large maps."""
     array = _check(scores, selected, "scores")
     layers, heads = array.shape
     width, height = _map_size(layers, heads, 10.0)
@@ -164,13 +160,10 @@ def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path:
 def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tuple[int, int]], path: Path,
                       title: str, box_label: str = "selected heads", noise: np.ndarray | None = None,
                       noise_label: str = "within noise") -> Path:
-    """Three panels side by side: before, after (same colour scale), and after - before with a diverging colormap
-    centred at 0 (symmetric limits); selected heads boxed in all three. PNG.
-
-    The selected heads are labelled on the difference panel, where the effect of training shows. ``noise``
-    (``[layers, heads]`` bool, optional) hatches the differences that are within noise on the difference panel. A
-    legend under the panels names the boxes (``box_label``) and the hatching (``noise_label``).
-    """
+    """Three panels side by side, saved as PNG: before, after (same colour scale), and after - before with a
+    diverging colormap centred at 0; selected heads boxed in all three and labelled on the difference panel, where
+    training shows. ``noise`` (``[layers, heads]`` bool, optional) hatches the differences within noise; the legend
+    names the boxes (``box_label``) and the hatching (``noise_label``)."""
     first = _check(before, selected, "before")
     second = _check(after, selected, "after")
     if first.shape != second.shape:
