@@ -37,12 +37,9 @@ OUTPUTS = (("adapter_model.safetensors", "LoRA adapter"), ("harc_eval.json", "re
 
 def build_harc_recipe(model: Path, template: str, data_dir: Path, run_dir: Path, steps: int,
                       logging_steps: int = LOGGING_STEPS) -> dict[str, Any]:
-    """A ``stage: harc`` recipe for a tiny text model (paths absolute).
-
-    Scaled down from the reference (300 + 100 held-out rows per role, band 4 of 32 layers, refresh every 100
-    optimizer steps, ramp at 500): 16 + 8 held-out rows, band 1 of 6 layers, a refresh every 20 steps and the ramp
-    to 4 layers at step 40, so that a short run shows the base extraction, refreshes and the ramp.
-    """
+    """A ``stage: harc`` recipe for a tiny text model (paths absolute), scaled down from the reference so that a
+    short run shows the base extraction, refreshes and the ramp: 16 + 8 held-out rows, band 1 of 6 layers, a refresh
+    every 20 steps and the ramp to 4 layers at step 40."""
     return {
         "model_name_or_path": str(model), "template": template, "stage": "harc", "do_train": True,
         "finetuning_type": "lora", "lora_target": "all", "lora_rank": 8, "lora_alpha": 16,

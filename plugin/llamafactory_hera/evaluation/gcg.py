@@ -1,24 +1,16 @@
-"""GCG: an adversarial suffix optimised on the model itself (Zou et al. 2023, "Universal and Transferable
-Adversarial Attacks on Aligned Language Models", Algorithm 1 for one prompt), for ``eval --tasks jailbreak``.
+"""GCG: an adversarial suffix optimised on the model itself (Zou et al. 2023, "Universal and Transferable Adversarial
+Attacks on Aligned Language Models", Algorithm 1 for one prompt), for ``eval --tasks jailbreak``; own code, not nanogcg
+(docs/eval.md says why).
 
-The attacked input is ``before + suffix + after``: the recipe's chat template up to the end of the user's prompt,
-the suffix's tokens, and the template's tail (the user turn's end and the assistant header,
-:func:`llamafactory_hera.harc.data.template_tail`). The loss is the target's negative log-likelihood when it
-follows the input (the target: the affirmative start ``Sure, here is``, as the template encodes an answer). Each
-of ``steps`` iterations:
-
-1. :func:`token_gradients`: ``∇_{e_{x_i}} L``, the loss's gradient with respect to each suffix position's one-hot
-   token indicator (``[n, V]``);
-2. :func:`sample_candidates`: for each of ``B`` candidates, one position ``i`` uniform over the suffix and one token
-   uniform over that position's top-``k`` of ``-∇`` (tokens allowed: printable ASCII, not special);
-3. :func:`keep_retokenizable`: candidates whose text does not encode back to the same ids are dropped (the suffix is
-   reported and transferred as text);
-4. :func:`target_losses`: every candidate's loss, exactly (forward passes in chunks); the best one is the next
-   suffix. The result is the suffix of the lowest loss seen (:func:`optimise_suffix`).
-
-:func:`optimised_suffixes` runs it over the task's prompts, each suffix cached on its own the moment it is found
-(``RUN_DIR/eval_cache/<model key>/gcg_suffixes/``: minutes each on a 7-8B model). Own code, not nanogcg: docs/eval.md
-says why.
+The attacked input is ``before + suffix + after`` (the chat template up to the end of the user's prompt, the suffix, the
+template's tail: :func:`llamafactory_hera.harc.data.template_tail`); the loss is the NLL of the target (``Sure, here
+is``, as the template encodes an answer) following it. Each of ``steps`` iterations: :func:`token_gradients` (``[n,
+V]``: the loss's gradient w.r.t. each suffix position's one-hot token), :func:`sample_candidates` (``B`` candidates,
+each one position uniform over the suffix and one token uniform over its top-``k`` of ``-∇``; printable ASCII, not
+special), :func:`keep_retokenizable` (the suffix is reported and transferred as text), then :func:`target_losses` (every
+candidate's exact loss, in chunks): the best is the next suffix. The result is the lowest-loss suffix seen
+(:func:`optimise_suffix`); :func:`optimised_suffixes` caches each one the moment it is found
+(``RUN_DIR/eval_cache/<model key>/gcg_suffixes/``).
 """
 
 from __future__ import annotations

@@ -30,11 +30,9 @@ MAX_NEW_TOKENS = 64  # a non-HARC run's answer length (a HARC run uses its recip
 @dataclass(frozen=True)
 class JailbreakSetup:
     """What ``--attacks``, ``--prompts``, ``--gcg-steps`` and ``--judge`` asked for: the attacks in order, the
-    prompts file and its prompts (empty: a HARC run's held-out harmful rows), GCG's budget and its per-prompt
-    ``targets`` from the prompts file ((prompt, target); others get :data:`PREFIX`), ``transfer``: (prompt, suffix)
-    pairs optimised on the other model, tried as ``gcg_transfer``, the checked judge (None: the refusal
-    matcher), and what the prompts file said beyond its prompts (:class:`.attack_data.AttackData`: the behaviour and
-    context a judge reads, the file's format)."""
+    prompts (empty: a HARC run's held-out harmful rows), GCG's budget and per-prompt ``targets`` (others get
+    :data:`PREFIX`), ``transfer``: (prompt, suffix) pairs optimised on the other model, the checked judge (None: the
+    refusal matcher), and the prompts file's other data (:class:`.attack_data.AttackData`)."""
 
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
     prompts_file: Path | None = None

@@ -91,11 +91,9 @@ def convert_circuit_breakers(path: Path, option: str = "--circuit-breakers") -> 
 
 def convert_xstest(path: Path, option: str = "--xstest") -> Converted:
     """``harc_pseudo`` (prompt -> completion) from the XSTest v2 completions CSV: the rows whose ``final_label`` is
-    ``1_full_compliance``, as the reference keeps them, each once and in file order.
-
-    No oversampling: the reference repeats the rows up to 1500, but HARC's trainer cycles through a role's rows
-    (reshuffled each pass), which draws them just as often. Rows with another label are left out, not counted as
-    skipped; a kept row with an empty prompt or completion is skipped."""
+    ``1_full_compliance``, as the reference keeps them, each once and in file order (the reference repeats them up to
+    1500, but HARC's trainer cycles through a role's rows, which draws them just as often). A kept row with an empty
+    prompt or completion is skipped."""
     where = f"{option} {path}"
     rows, labelled, skipped = [], 0, 0
     source = read_rows(path, option)
@@ -207,11 +205,9 @@ def encode(data: Any) -> bytes:
 
 
 def plan_output(out: Path, datasets: list[Converted], force: bool = False) -> dict[Path, bytes]:
-    """path -> bytes for every data file and the merged ``dataset_info.json`` of ``out``, after the checks.
-
-    Existing entries of ``dataset_info.json`` are kept. An entry of ours that exists with other content, or a data
-    file of ours that exists with other bytes, is a FileExistsError naming them, unless ``force``; identical ones
-    are no conflict (a rerun with the same sources)."""
+    """path -> bytes for every data file and the merged ``dataset_info.json`` of ``out`` (existing entries kept),
+    after the checks. An entry or data file of ours that exists with other content is a FileExistsError naming them,
+    unless ``force``; identical ones (a rerun with the same sources) are no conflict."""
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--out {out}: not a folder.")
     info_path = out / "dataset_info.json"

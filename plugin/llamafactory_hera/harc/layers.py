@@ -34,11 +34,8 @@ def layer_scores(v_ref: torch.Tensor, v_harm: torch.Tensor, v_ref_resp: torch.Te
 
 
 def eligible_layers(num_layers: int, band: int) -> list[int]:
-    """Layers ``max(band, 1) .. min(num_layers - band, num_layers - 1)``, the ones that may be coupled.
-
-    Layer 0 never is, whatever the band: the residual entering it is the embedding output, which the adapter does
-    not change (its coupling would train nothing).
-    """
+    """Layers ``max(band, 1) .. min(num_layers - band, num_layers - 1)``, the ones that may be coupled; never layer
+    0, whose entering residual is the embedding output, which the adapter does not change."""
     return list(range(max(band, 1), min(num_layers - band, num_layers - 1) + 1))
 
 

@@ -1,13 +1,9 @@
-"""Loading HARC's role datasets (``harc_harmful``, ...) and turning them into the run's rows.
-
-Each role is a dataset of ``dataset_dir``'s ``dataset_info.json`` in LLaMA-Factory's formats (alpaca / sharegpt),
-read through LLaMA-Factory's own loader and aligned format, tokenized with the recipe's template
-(:mod:`llamafactory_hera.harc.data`). Seeded split per role (``seed``): harmful and harmless rows are held out for
-extraction (``harc_extract_samples``) and validation (``harc_validate_samples``), the rest train; pseudo-harmful
-rows all train (as the reference), and ``harc_validate_samples`` of them (seeded) are also used for the refusal
-evaluation; harmful completions only feed the response-side harmfulness direction (their first
-``harc_extract_samples`` rows in the same seeded order: with the converter's row-aligned files these are the
-completions of the same prompts as the harmful extraction rows).
+"""Loading HARC's role datasets (``harc_harmful``, ...) through LLaMA-Factory's own loader and aligned format and
+tokenizing them with the recipe's template (:mod:`llamafactory_hera.harc.data`). Seeded split per role: harmful and
+harmless rows are held out for extraction (``harc_extract_samples``) and validation (``harc_validate_samples``), the
+rest train; pseudo-harmful rows all train (as the reference), ``harc_validate_samples`` of them also feeding the refusal
+evaluation; harmful completions only feed the response-side direction (their first ``harc_extract_samples`` rows in the
+same seeded order: with the converter's row-aligned files, the same prompts as the harmful extraction).
 """
 
 from __future__ import annotations

@@ -45,14 +45,11 @@ class ContrastiveGeometry:
 
 def contrastive_geometry(hera_args: HeraArguments, per_device: int, processes: int,
                          distinct_images: int | None = None) -> ContrastiveGeometry:
-    """The run's contrastive geometry; under ``hera_queue_size: auto`` the queue is decided here, once.
-
-    Auto switches a queue of ``4 * (hera_k + 1)`` samples on when the largest batch set is smaller than
-    ``hera_k + 1``, or than 3 (a set of 2 has no negative, whatever k; ``hera_k: 1`` with batches of 2 would
-    otherwise be refused with advice it already follows). One ragged last batch of an epoch does not switch it on.
-    With ``distinct_images`` (the training data's), a queue (auto or set) is capped at the distinct images beyond one
-    batch set: a longer one would hold the same images again (``hera_k: 100`` on 16 images asked for 404).
-    """
+    """The run's contrastive geometry; under ``hera_queue_size: auto`` the queue is decided here, once: a queue of
+    ``4 * (hera_k + 1)`` samples when the largest batch set is smaller than ``hera_k + 1``, or than 3 (a set of 2 has
+    no negative, whatever k); one ragged last batch of an epoch does not switch it on. With ``distinct_images``, a
+    queue (auto or set) is capped at the distinct images beyond one batch set: a longer one would hold the same
+    images again."""
     gather = hera_args.hera_gather
     gathered = processes if gather and processes > 1 else 1
     batch_set = per_device * gathered
