@@ -1,19 +1,13 @@
-"""LLaVA-1.5 chat templates for the LLM families ``llamafactory-hera compose`` builds models from.
-
-Each is the family's own conversation format, LLaMA-Factory's template for it copied whole (formats, stop words,
-``replace_eos``, template class), with LLaVA-1.5's image plugin (``get_mm_plugin(name="llava",
-image_token="<image>")``), which expands each ``<image>`` to the processor's image sequence length. Vicuna's
-(``llava_vicuna``) is LLaMA-Factory's ``vicuna`` format with the BOS LLaVA-1.5 tokenizes every row with
-(``conv_vicuna_v1``: ``<s>SYSTEM USER: ... ASSISTANT: answer</s>``), which LLaMA-Factory's ``vicuna`` / ``llava``
-templates leave out: it is the attention sink the first layers' heads see in every row (the paper's Vicuna-7B heads
-are all in L0-L1). The spaces LLaVA writes between system, user and answer come from the tokenizer: LLaMA-Factory
-encodes each part on its own, and Llama's SentencePiece adds the leading ``▁`` to each. Registered when
-``llamafactory.data.template`` is imported (the start-up hook), so ``llamafactory-cli train`` / ``chat`` / ``export``
-and LlamaBoard list them.
+"""LLaVA-1.5 chat templates for the LLM families ``llamafactory-hera compose`` builds models from: each is
+LLaMA-Factory's template for the family copied whole, with LLaVA-1.5's image plugin (``get_mm_plugin(name="llava",
+image_token="<image>")``). Vicuna's (``llava_vicuna``) adds the BOS LLaVA-1.5 tokenizes every row with
+(``conv_vicuna_v1``), which LLaMA-Factory's ``vicuna`` / ``llava`` templates leave out: it is the attention sink the
+first layers' heads see in every row. Registered when ``llamafactory.data.template`` is imported (the start-up hook), so
+``llamafactory-cli`` and LlamaBoard list them.
 
 Checked on LLaMA-Factory 0.9.5: ``llamafactory.data.template.TEMPLATES`` maps a name to a ``Template`` dataclass;
-``llamafactory.data.mm_plugin.get_mm_plugin(name, image_token=...)``.
-Imported by the plugin for :data:`FAMILY_TEMPLATES` alone: nothing of LLaMA-Factory is imported before :func:`apply`.
+``llamafactory.data.mm_plugin.get_mm_plugin(name, image_token=...)``. The plugin imports this module for
+:data:`FAMILY_TEMPLATES` alone: nothing of LLaMA-Factory is imported before :func:`apply`.
 """
 
 from __future__ import annotations

@@ -1,27 +1,20 @@
-"""Every declared method as a first-class stage of LlamaBoard (LLaMA-Factory's web UI).
+"""Every declared method as a first-class stage of LlamaBoard (LLaMA-Factory's web UI), applied once
+``llamafactory.webui.interface`` has executed (it has imported every module touched here): all shapes are checked, then
+everything is patched. The stage joins the dropdown in :mod:`.stage_list`. Each method's panel is the plugin's
+``MethodPanel`` its declaration names; with any other stage the UI, the preview, the command and the saved configs are
+stock.
 
-Applied once ``llamafactory.webui.interface`` has executed: by then it has imported every web-UI
-module this patch touches, so all shapes are checked first and then everything is patched (all
-or nothing). The stage itself is added to the dropdown by :mod:`.stage_list` (``extras.constants``).
-Checked on LLaMA-Factory 0.9.5 (with gradio 5), whose shapes are:
+Checked on LLaMA-Factory 0.9.5 (gradio 5):
 
-- ``interface.create_ui`` builds the Train tab with the module global ``create_train_tab(engine)``
-  (also exported by ``webui.components`` and ``webui.components.train``), which returns an element
-  dict (registered as ``train.<name>``) and binds its buttons to ``engine.manager.get_base_elems()``
-  plus the tab's inputs, so inputs must exist before it runs; ``cmd_preview_btn`` sits in the row of
-  buttons after the settings accordions;
-- ``runner.Runner``: ``_initialize(data, do_train, from_preview)`` returns an error string,
-  ``_parse_train_args(data)`` returns the run's args (``stage`` from ``TRAINING_STAGES``),
-  ``_build_config_dict(data)`` is the saved ``llamaboard_config.yaml`` (every input's value by
-  element id), ``monitor()`` is the generator that polls a running job;
+- ``interface.create_ui`` builds the Train tab with the module global ``create_train_tab(engine)`` (also exported by
+  ``webui.components`` and ``webui.components.train``), which returns an element dict (``train.<name>``) and binds
+  its buttons to ``engine.manager.get_base_elems()`` plus the tab's inputs, so inputs must exist before it runs;
+  ``cmd_preview_btn`` sits in the row of buttons after the settings accordions;
+- ``runner.Runner``: ``_initialize(data, do_train, from_preview)`` returns an error string, ``_parse_train_args(data)``
+  the run's args (``stage`` from ``TRAINING_STAGES``), ``_build_config_dict(data)`` the saved
+  ``llamaboard_config.yaml``; ``monitor()`` is the generator that polls a running job;
 - ``control.get_trainer_info`` draws the loss with the module global ``gen_loss_plot(trainer_log)``;
-- ``locales.LOCALES``: element name -> language -> texts (label and info, or a note's value);
-- ``common.DEFAULT_DATA_DIR``: the Data dir box's first value (the panels' dataset boxes list its datasets).
-
-Each method's panel is the plugin's ``MethodPanel`` (``llamafactory_hera.board.builder``) its registered
-declaration names (``panel``, see :mod:`..registry`); this module only wires it in. With any other stage the UI,
-the preview, the command and the saved configs are stock: the panels are hidden, nothing is added to the args, and
-the panels' values are dropped from the saved config.
+- ``locales.LOCALES``: element name -> language -> texts; ``common.DEFAULT_DATA_DIR``: the Data dir box's first value.
 """
 
 from __future__ import annotations
