@@ -172,11 +172,9 @@ class AttentionProfile:
 @torch.no_grad()
 def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int], kinds: TokenKinds,
                       profile: AttentionProfile, pairs: str = "paper") -> None:
-    """One eager forward with attention weights: add the batch's I-SAL and text->image maps to ``profile``.
-
-    A row's map is the mean over its text queries (``pairs``: ``paper`` every text position, as Eq. 3 and 10 write
-    T; ``visible`` the text after the image) of the attention to each image position; a row without text after
-    its image has none (its map would be all zeros)."""
+    """One eager forward with attention weights: add the batch's I-SAL and text->image maps to ``profile``. A row's
+    map is the mean over its text queries (``pairs``: ``paper`` every text position, as Eq. 3 and 10; ``visible`` the
+    text after the image) of the attention to each image position; a row without text after its image has none."""
     with attention_weights(attention_modules(model), layers) as attentions:
         model(**model_inputs(batch), output_attentions=True, use_cache=False)
     if any(attentions.get(layer) is None for layer in layers):

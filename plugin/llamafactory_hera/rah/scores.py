@@ -13,11 +13,9 @@ EPS = 1e-6
 
 def _half(attn: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
           visible_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample and head: (sum of attention over the (query, key) pairs, number of pairs).
-
-    With ``visible_only`` a pair counts only when the key does not come after the query (causal attention);
-    ``attn`` [B, H, T, T], ``queries`` / ``keys`` [B, T] -> ([B, H], [B]).
-    """
+    """Per sample and head: (sum of attention over the (query, key) pairs, number of pairs); with ``visible_only`` a
+    pair counts only when the key does not come after the query. ``attn`` [B, H, T, T], ``queries`` / ``keys`` [B, T]
+    -> ([B, H], [B])."""
     length = attn.shape[-1]
     pairs = queries[:, :, None] & keys[:, None, :]  # [B, T, T]
     if visible_only:
@@ -28,15 +26,11 @@ def _half(attn: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
 
 def isal(attn: torch.Tensor, image_mask: torch.Tensor, text_mask: torch.Tensor,
          pairs: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
-    """I-SAL per sample and head (Eq. 3): half the mean text->image attention plus half the mean image->text.
-
-    ``pairs="paper"`` (default): the text->image mean runs over every (text query, image key) pair as Eq. 3 writes
-    it, and the image->text mean over the text keys each image query can see (under causal masking, the text
-    before the image). ``pairs="visible"``: both means over visible pairs only (text queries after the image).
-    A half with no pair is left out and the other half counts alone (e.g. an image right after the attention
-    sink: no text before it). ``text_mask`` excludes the sink (``probe.token_masks``). Returns (``[B, H]`` float32
-    scores, ``[B]`` bool: both halves present).
-    """
+    """I-SAL per sample and head (Eq. 3): half the mean text->image attention plus half the mean image->text; returns
+    (``[B, H]`` float32 scores, ``[B]`` bool: both halves present). ``pairs="paper"``: text->image over every (text
+    query, image key) pair as Eq. 3 writes it, image->text over the text keys each image query can see (the text
+    before the image); ``pairs="visible"``: both over visible pairs only. A half with no pair is left out and the
+    other counts alone (e.g. an image right after the sink). ``text_mask`` excludes the sink (``probe.token_masks``)."""
     if pairs not in ("paper", "visible"):
         raise ValueError(f"rah_isal_pairs: got {pairs!r}; allowed values are paper, visible.")
     t2i, t2i_pairs = _half(attn, text_mask, image_mask, visible_only=pairs == "visible")
@@ -60,11 +54,9 @@ def standardize_per_layer(scores: torch.Tensor) -> torch.Tensor:
 
 
 def margin_loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Label-free margin loss (Eq. 5): ``-mean_t log(p_t1 / p_t2)`` over the two most probable tokens.
-
-    ``logits`` [B, T, V], ``positions`` [B, T] bool (the text positions after the image). ``log(p1/p2)`` is the
-    difference of the two largest logits, so the softmax is never formed. Returns a scalar.
-    """
+    """Label-free margin loss (Eq. 5), a scalar: ``-mean_t log(p_t1 / p_t2)`` over the two most probable tokens at
+    the ``positions`` [B, T] (text after the image) of ``logits`` [B, T, V]; ``log(p1/p2)`` is the difference of the
+    two largest logits, so the softmax is never formed."""
     top = logits.to(torch.promote_types(logits.dtype, torch.float32)).topk(2, dim=-1).values  # [B, T, 2], >= fp32
     gap = top[..., 0] - top[..., 1]
     weights = positions.to(top.dtype)
@@ -74,13 +66,9 @@ def margin_loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def caf_scores(grads: torch.Tensor, form: str = "magnitude", weight: float = 0.25) -> torch.Tensor:
-    """CAF per layer and head from gate gradients ``grads`` [N, L, H] (one row per probe sample).
-
-    - ``magnitude`` (default): ``z(|mean g|) + weight * z(mean g^2)``, z standardised within each layer: the size
-      of a head's influence on the margin, whatever its sign.
-    - ``paper``: Eq. 5 as printed, ``mean g + weight * mean g^2`` (signed first term).
-    Returns ``[L, H]`` float32.
-    """
+    """``[L, H]`` float32 CAF from gate gradients ``grads`` [N, L, H] (one row per probe sample): ``magnitude``
+    (default) ``z(|mean g|) + weight * z(mean g^2)``, z standardised within each layer (the size of a head's
+    influence, whatever its sign); ``paper``: Eq. 5 as printed, ``mean g + weight * mean g^2``."""
     grads = grads.float()
     mean, mean_square = grads.mean(dim=0), grads.pow(2).mean(dim=0)
     if form == "paper":

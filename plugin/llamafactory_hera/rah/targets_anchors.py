@@ -50,13 +50,10 @@ def anchor_pool(layer: int, head: int, candidates: dict[int, list[int]], group: 
 def similarity(target: int, candidates: list[int], maps: torch.Tensor, v_slices: torch.Tensor,
                o_slices: torch.Tensor, rho: float = 0.6, w_v: float = 0.7, w_o: float = 0.3,
                shared_v: frozenset[int] | set[int] = frozenset()) -> torch.Tensor:
-    """``s = rho s_func + (1 - rho) (w_v cos(V) + w_o cos(O))`` of the target against each candidate (Eq. 9-11).
-
-    ``s_func``: cosine of the text->image maps; ``cos(V)`` / ``cos(O)``: cosine of the flattened weight slices.
-    ``shared_v``: candidates whose V slice is the target's own (GQA: the same KV group of the same layer), so that
-    their V cosine is 1 by construction and says nothing about the pair; their weight term is ``cos(O)`` alone.
-    Rows of the tables are indexed by ``target`` / ``candidates``. Returns ``[len(candidates)]`` float32.
-    """
+    """``[len(candidates)]`` float32 ``s = rho s_func + (1 - rho) (w_v cos(V) + w_o cos(O))`` of the target against
+    each candidate (Eq. 9-11): ``s_func`` the cosine of the text->image maps, ``cos(V)`` / ``cos(O)`` of the
+    flattened weight slices. ``shared_v``: candidates whose V slice is the target's own (GQA: same KV group and
+    layer), whose V cosine is 1 by construction: their weight term is ``cos(O)`` alone."""
     index = torch.tensor(candidates, dtype=torch.long)
 
     def cos(table: torch.Tensor) -> torch.Tensor:
