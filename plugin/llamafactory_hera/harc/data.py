@@ -1,16 +1,11 @@
-"""HARC's rows: each role's dataset tokenized with the recipe's LLaMA-Factory template, with the two prompt positions
-of the method located and verified per row, and the seeded extraction / validation / training split.
+"""HARC's rows: each role's dataset tokenized with the recipe's LLaMA-Factory template, the two prompt positions the
+method reads located and verified per row, and the seeded extraction / validation / training split.
 
-A row's prompt is ``template.encode_oneturn``'s prompt (system block, earlier turns, the user's content, then the
-template's tokens up to the assistant's answer: ``<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`` for
-``llama3``). The method reads the residual stream at two positions of it:
-
-- ``t_inst``: the last token of the user's content (the instruction);
-- ``t_post``: the last prompt token (the end of the assistant header), ``len(prompt_ids) - 1``.
-
-``t_inst = t_post - P`` where ``P`` is the number of template tokens after the content, found once by encoding two
-different contents and taking the longest common tail of the prompts; every row is then checked to end with exactly
-those ``P`` tokens (a template whose tail merges with the content would fail here, naming the row).
+A row's prompt is ``template.encode_oneturn``'s (system block, earlier turns, the user's content, then the template's
+tokens up to the assistant's answer). ``t_inst``: the last token of the user's content; ``t_post``: the last prompt
+token, ``len(prompt_ids) - 1``. ``t_inst = t_post - P``, ``P`` the template tokens after the content, found once as the
+longest common tail of two prompts with different contents; every row is checked to end with exactly those tokens (a
+template whose tail merges with the content fails here, naming the row).
 """
 
 from __future__ import annotations
