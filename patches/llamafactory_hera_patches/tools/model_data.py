@@ -55,11 +55,9 @@ def check_host() -> None:
 
 
 def parse_recipe(recipe: dict[str, Any]) -> RecipeArgs:
-    """Parse the model/data/fine-tuning keys of a recipe; training-only keys and the methods' keys (``hera_*``, ...)
-    are ignored, and a method's stage reads as its host stage.
-
-    ``max_samples`` is dropped so that calibration pairs are drawn from the whole dataset.
-    """
+    """Parse the model/data/fine-tuning keys of a recipe; training-only keys and the methods' keys are ignored, a
+    method's stage reads as its host stage, and ``max_samples`` is dropped (calibration pairs come from the whole
+    dataset)."""
     check_host()
     hparams = importlib.import_module("llamafactory.hparams")
     known = {f.name for cls in (hparams.ModelArguments, hparams.DataArguments, hparams.FinetuningArguments)
@@ -127,12 +125,9 @@ def load_model_for_scoring(args: RecipeArgs, device: str,
 
 def multimodal_dataset_and_collator(args: RecipeArgs, model: Any, tokenizer_module: dict[str, Any], template: Any,
                                     seed: int, rows: list[int], dataset: list[str] | None = None) -> tuple[Any, Any]:
-    """The chosen aligned ``rows``, tokenized as training tokenizes them (row ``i`` of the result is ``rows[i]``),
-    and the SFT collator.
-
-    Only those rows are tokenized, so that no validation split (``val_size`` shuffles the rest) and no row the
-    tokenizer drops elsewhere can shift which tokens go with which teacher feature.
-    """
+    """The chosen aligned ``rows``, tokenized as training tokenizes them (row ``i`` of the result is ``rows[i]``: no
+    validation split or dropped row elsewhere can shift which tokens go with which teacher feature), and the SFT
+    collator."""
     return tokenized_rows_and_collator(args, model, tokenizer_module, template, seed,
                                        load_aligned_rows(args, seed, dataset).select(rows))
 

@@ -39,11 +39,8 @@ def _remove(folder: Path, names: tuple[str, ...]) -> list[str]:
 
 def prepare_folder(folder: Path, own_outputs: tuple[str, ...], overwrite: bool) -> list[str]:
     """Make room for a new demo run in ``folder`` (one method's folder); return the names of earlier outputs removed.
-
-    A folder the demo made (its marker file) loses ``own_outputs`` (its method's outputs; nothing else of it). In
-    any other folder a ``run/`` that holds files is refused (:class:`DemoError`) unless ``overwrite``, which removes
-    ``run/`` alone.
-    """
+    A folder the demo made (its marker file) loses ``own_outputs`` only; in any other a ``run/`` holding files is
+    refused (:class:`DemoError`) unless ``overwrite``, which removes ``run/`` alone."""
     run_dir = folder / RUN_DIR_NAME
     mine = (folder / MARKER_NAME).is_file()
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not (overwrite or mine):

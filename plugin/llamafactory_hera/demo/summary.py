@@ -73,12 +73,9 @@ def eval_base_lines(ctx: DemoContext, tasks: str = "demo") -> list[str]:
 def summary_text(ctx: DemoContext, title: str, elapsed: float, outputs: Sequence[tuple[str, str]],
                  paths: Mapping[str, Path], figures: Sequence[str], next_steps: Sequence[str],
                  plots: bool = True) -> str:
-    """The summary of a finished demo run.
-
-    ``outputs``: (file name in the run's folder, what it is); ``paths``: what it is -> a path outside the run's
-    folder; ``plots``: list the run's PNGs; ``figures``: the lines of what the run shows; ``next_steps``: their
-    heading and the numbered steps.
-    """
+    """The summary of a finished demo run: ``outputs`` (file name in the run's folder, what it is), ``paths`` (what
+    it is -> a path outside the run's folder), ``plots`` (list the run's PNGs), ``figures`` (the lines of what the
+    run shows), ``next_steps`` (their heading and the numbered steps)."""
     run_dir = ctx.run_dir
     pngs = sorted(run_dir.glob("*.png"))
     return "\n".join([

@@ -22,12 +22,9 @@ _SENTINELS = ("Alpha", "zq 7")
 
 @dataclass(frozen=True)
 class EncodedRow:
-    """One row as the method sees it.
-
-    ``prompt_ids``: prompt token ids (left-truncated to the maximum length); ``response_ids``: the answer's ids as the
-    template closes it (the answer right-truncated, then closed; empty for prompt-only rows); ``t_inst``: index in
-    ``prompt_ids`` of the user's last content token; the last prompt token ``t_post`` is ``len(prompt_ids) - 1``.
-    """
+    """One row as the method sees it: ``prompt_ids`` (left-truncated), ``response_ids`` (the answer right-truncated,
+    then closed as the template closes it; empty for prompt-only rows), ``t_inst`` (index of the user's last content
+    token; ``t_post`` is ``len(prompt_ids) - 1``)."""
 
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
@@ -77,12 +74,9 @@ def without_answer_tail(rows: list[EncodedRow], tail: tuple[int, ...]) -> list[E
 def encode_row(template: Any, tokenizer: Any, tail: tuple[int, ...], prompt: list[dict[str, str]],
                response: list[dict[str, str]], system: str | None, tools: str | None, max_length: int,
                where: str, closing: tuple[int, ...] = ()) -> EncodedRow:
-    """Tokenize one aligned row (LLaMA-Factory's ``_prompt`` / ``_response`` messages) and locate ``t_inst``.
-
-    ``where`` names the row in errors (dataset and row number). A prompt keeps its last ``max_length`` tokens; an
-    answer its first ``max_length`` tokens followed by the template's ``closing`` tokens (:func:`answer_tail`), as the
-    reference cuts the answer and then appends EOS: ``len(response_ids) <= max_length + len(closing)``.
-    """
+    """Tokenize one aligned row (``_prompt`` / ``_response`` messages; ``where`` names it in errors) and locate
+    ``t_inst``. A prompt keeps its last ``max_length`` tokens; an answer its first ``max_length`` followed by the
+    template's ``closing`` tokens (:func:`answer_tail`), as the reference cuts the answer and then appends EOS."""
     if not prompt or prompt[-1].get("role") != "user" or not str(prompt[-1].get("content", "")).strip():
         raise RecipeError(f"{where}: the prompt has no user message with content; every HARC row needs one.")
     answer = response[:1] if response else [{"role": "assistant", "content": ""}]

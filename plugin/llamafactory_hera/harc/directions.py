@@ -60,12 +60,9 @@ def _hidden_sums(model: nn.Module, rows: list[EncodedRow], layers: list[int], an
                  pick: Callable[[int, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], batch_size: int,
                  pad_id: int, progress: Progress, label: str) -> dict[int, torch.Tensor]:
     """layer -> float64 sum over ``rows`` of ``pick(layer, hidden [B, T, D], batch)`` (``[B, ...]``), read from the
-    residual entering each of ``layers``, in eval mode (as the reference: no dropout), without grad.
-
-    Rows are fed ``batch_size`` at a time, right-padded, with only their first ``answer_tokens`` answer tokens: under
-    causal attention the residuals there do not depend on what follows, so the sums are those of the whole rows (the
-    reference feeds whole answers) at a fraction of the cost.
-    """
+    residual entering each of ``layers``, in eval mode (as the reference), without grad; rows fed ``batch_size`` at a
+    time, right-padded, with only their first ``answer_tokens`` answer tokens (under causal attention the residuals
+    there do not depend on what follows, so the sums equal the whole rows')."""
     sums: dict[int, torch.Tensor] = {}
     batch: dict[str, torch.Tensor] = {}
 
