@@ -140,12 +140,9 @@ class MethodPanel:
 
     def validate(self, values: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
                  context: Mapping[str, Any] | None = None) -> str:
-        """Empty when the panel's values with the "Extra arguments" make a valid run, else the problem: one line
-        naming the key (a key without a field is said to belong in "Extra arguments").
-
-        ``context``: LlamaBoard's ``model_path`` and ``dataset_dir``; the declared checks and the dataset names are
-        checked against them where they can be read locally.
-        """
+        """Empty when the panel's values with the "Extra arguments" make a valid run, else one line naming the key (a
+        key without a field belongs in "Extra arguments"); the declared checks and dataset names are checked against
+        ``context`` (LlamaBoard's ``model_path`` and ``dataset_dir``) where they can be read locally."""
         raw = {**self.build_args(values), **self.method_keys(extra)}
         try:
             parsed = self.declaration.parse(raw)

@@ -67,11 +67,9 @@ def _no_rows(where: str, what: str) -> RecipeError:
 
 def convert_circuit_breakers(path: Path, option: str = "--circuit-breakers") -> tuple[Converted, Converted]:
     """``harc_harmful`` (prompt -> llama3_output, the refusal) and ``harc_harmful_completions`` (prompt -> output,
-    the harmful completion) from the Circuit Breakers train JSON.
-
-    Row i of both comes from the same source row, in file order, so a seeded split of the two picks the same prompts
-    (HARC's response-side directions pair a prompt's refusal with its harmful completion). A row with an empty
-    prompt, refusal or completion is skipped in both."""
+    the harmful completion) from the Circuit Breakers train JSON, row i of both from the same source row (a seeded
+    split of the two picks the same prompts, as the response-side directions need); a row with an empty field is
+    skipped in both."""
     where = f"{option} {path}"
     refusals, completions, skipped = [], [], 0
     for number, row in enumerate(read_rows(path, option), 1):
@@ -135,12 +133,10 @@ def _first_pair(row: Row, number: int, where: str) -> tuple[str, str] | None:
 
 
 def convert_ultrachat(path: Path, seed: int = 0, limit: int = 5400, option: str = "--ultrachat") -> Converted:
-    """``harc_harmless`` (first user turn -> first assistant answer) from UltraChat 200k ``test_sft`` rows.
-
-    The row indices are shuffled with ``random.Random(seed)`` and walked in that order until ``limit`` rows are kept,
-    as the reference does (the same file in the hub's order and the same seed give its rows). A row whose first two
-    messages are not user then assistant, or whose turn or answer is empty, is skipped; ``skipped`` counts those
-    met before the cut. Every row's ``messages`` is checked, so a malformed file fails whatever the seed."""
+    """``harc_harmless`` (first user turn -> first assistant answer) from UltraChat 200k ``test_sft`` rows, shuffled
+    with ``random.Random(seed)`` and walked until ``limit`` rows are kept, as the reference does. A row whose first
+    two messages are not user then assistant, or are empty, is skipped (``skipped`` counts those met before the cut);
+    every row's ``messages`` is checked, so a malformed file fails whatever the seed."""
     where = f"{option} {path}"
     source = read_rows(path, option)
     pairs = [_first_pair(row, number, where) for number, row in enumerate(source, 1)]

@@ -22,12 +22,9 @@ from llamafactory_hera.short_errors import RecipeError
 
 @dataclass(frozen=True)
 class ContrastiveGeometry:
-    """Largest contrastive set a run can form, from the configured batch geometry (and the training data's distinct
-    images, when known).
-
-    ``batch_set``: image samples one step can contribute (per-device batch, times the data-parallel
-    processes when ``hera_gather`` gathers them); ``queue``: the feature queue's capacity.
-    """
+    """Largest contrastive set a run can form, from the batch geometry (and the training data's distinct images, when
+    known): ``batch_set`` the image samples one step can contribute (per-device batch, times the data-parallel
+    processes when ``hera_gather`` gathers them), ``queue`` the feature queue's capacity."""
 
     per_device: int
     processes: int

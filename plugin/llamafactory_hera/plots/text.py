@@ -28,11 +28,9 @@ def save_png(fig: Any, path: Path, dpi: int) -> Path:
 
 
 def fit_title(fig: Any, text: Any, title: str, margin: float = 0.96) -> None:
-    """Wrap ``title`` into the Text artist ``text`` until it is at most ``margin`` of ``fig``'s width when drawn.
-
-    ``text`` must be centred on the figure (``fig.suptitle(...)``; an axes title is centred on its axes, which
-    margins and colorbars shift); long words (paths) are broken too.
-    """
+    """Wrap ``title`` into the Text artist ``text`` until it is at most ``margin`` of ``fig``'s width when drawn
+    (long words, such as paths, broken too); ``text`` must be centred on the figure (``fig.suptitle``), not on
+    shifted axes."""
     renderer = fig.canvas.get_renderer()
     limit = fig.bbox.width * margin
     width = max(len(line) for line in title.splitlines() or [""])
