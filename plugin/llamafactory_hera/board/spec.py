@@ -22,12 +22,10 @@ Check = Callable[[Any, Mapping[str, Any]], str]
 
 @dataclass(frozen=True)
 class Field:
-    """One input of a panel: a key of the method's arguments dataclass and where it sits in the accordion.
-
-    ``widget`` empty: from the dataclass field (:func:`widget_for`). ``default``: the box's first value when it is
-    not the dataclass default (None: the dataclass default). ``normalize``: the typed box value -> the recipe value.
-    ``only_with``: (key, value): the key is sent to the run only while that other field's recipe value is ``value``.
-    """
+    """One input of a panel: a key of the method's arguments dataclass and where it sits in the accordion. ``widget``
+    empty: from the dataclass field (:func:`widget_for`); ``default``: the box's first value (None: the dataclass
+    default); ``normalize``: typed box value -> recipe value; ``only_with`` (key, value): sent only while that field
+    has ``value``."""
 
     key: str
     row: int
@@ -45,12 +43,10 @@ def row(index: int, *keys: str, **options: Any) -> tuple[Field, ...]:
 
 @dataclass(frozen=True)
 class LossPlot:
-    """How LlamaBoard's loss plot shows the method's runs (``trainer_log.jsonl`` lines as dicts).
-
-    ``plot``: what the training plot draws of it (its terms on a second axis beside the loss, its panels beside
-    that); a log is the method's when a line carries ``marker`` (empty: any of the plot's terms). ``figure``:
-    ``(trainer_log, smooth) -> Figure`` drawn instead (a method without a loss).
-    """
+    """How LlamaBoard's loss plot shows the method's runs (``trainer_log.jsonl`` lines as dicts): ``plot`` what the
+    training plot draws of it (terms on a second axis, panels beside); a log is the method's when a line carries
+    ``marker`` (empty: any of the plot's terms); ``figure``: ``(trainer_log, smooth) -> Figure`` drawn instead (no
+    loss)."""
 
     plot: TrainingPlot | None = None
     marker: str = ""

@@ -30,11 +30,9 @@ def step_line(step: int, total: int, metrics: dict[str, object]) -> str:
 
 
 class ProgressFilter:
-    """Feed raw output chunks; ``emit`` receives the lines worth showing (without newline).
-
-    Lines are split on both ``\\n`` and ``\\r`` (tqdm redraws its bar with ``\\r`` and prints the Trainer's log
-    dictionary on the same physical line), so a step's dictionary is found wherever the bar left it.
-    """
+    """Feed raw output chunks; ``emit`` receives the lines worth showing (without newline). Lines are split on
+    ``\\n`` and ``\\r`` (tqdm redraws its bar with ``\\r`` and the Trainer's log dict lands on the same physical
+    line)."""
 
     def __init__(self, total_steps: int, emit: Callable[[str], None], logging_steps: int = 1) -> None:
         self.total_steps = total_steps

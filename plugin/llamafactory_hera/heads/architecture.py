@@ -169,12 +169,9 @@ def head_projections(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def trainable_upstream(model: nn.Module, layers: list[int]) -> dict[int, bool]:
-    """For each decoder layer, whether a trainable parameter feeds its ``o_proj`` input.
-
-    Upstream of layer l's ``o_proj``: everything outside the decoder layers (embeddings, vision tower,
-    projector; the final norm and an untied ``lm_head`` excluded), the layers before l, and layer l's
-    input norm and attention projections other than ``o_proj``.
-    """
+    """For each decoder layer, whether a trainable parameter feeds its ``o_proj`` input: everything outside the
+    decoder layers (embeddings, vision tower, projector; not the final norm or an untied ``lm_head``), the layers
+    before it, and its own input norm and attention projections other than ``o_proj``."""
     decoder = text_decoder(model)
     decoder_layers = list(decoder.layers)
     in_layers = {id(p) for layer in decoder_layers for p in layer.parameters()}

@@ -28,11 +28,9 @@ class HeadRef:
 
 @dataclass(frozen=True)
 class AttentionGeometry:
-    """Shape facts of the text decoder's attention, read from the model config.
-
-    ``o_proj`` maps ``[.., num_heads * head_dim]`` to ``[.., hidden_size]``. ``head_layers``: the decoder layers
-    with heads (softmax self-attention), by the model's own layer index; ``kinds``: every layer's kind.
-    """
+    """Shape facts of the text decoder's attention, read from the model config: ``o_proj`` maps ``[.., num_heads *
+    head_dim]`` to ``[.., hidden_size]``; ``head_layers``: the decoder layers with heads (softmax self-attention), by
+    the model's own layer index; ``kinds``: every layer's kind."""
 
     num_layers: int
     num_heads: int
@@ -61,11 +59,8 @@ def parse_head(text: str) -> HeadRef:
 
 
 def attention_geometry(config: Any) -> AttentionGeometry:
-    """Geometry of the text decoder of an (M)LLM config.
-
-    Uses ``config.get_text_config()`` where available and the explicit ``head_dim`` when the
-    config sets one (Qwen3, Gemma), otherwise ``hidden_size // num_attention_heads``.
-    """
+    """Geometry of the text decoder of an (M)LLM config (``config.get_text_config()`` where available), with the
+    explicit ``head_dim`` when the config sets one (Qwen3, Gemma), else ``hidden_size // num_attention_heads``."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_heads = int(text.num_attention_heads)
     hidden = int(text.hidden_size)
