@@ -55,17 +55,13 @@ class LossPlot:
 
 @dataclass(frozen=True)
 class PanelDeclaration:
-    """Everything method-specific about a LlamaBoard panel.
-
-    ``name``: the method as users read it (accordion title "<name> configurations", error prefix "Invalid <name>
-    setting: "). ``prefix``: its recipe keys' prefix (the accordion is ``<prefix>tab``). ``package``: the package
-    whose ``panel_texts.yaml`` holds the panel's texts. ``parse``: the method's argument parser (raw keys ->
-    dataclass, ``ValueError`` naming the key). ``unused_host_keys``: arguments of LlamaBoard's Train tab the method
-    does not use, left out of the command unless set in "Extra arguments". ``dataset_from_panel``: the rows come from
-    the panel's dataset fields, so LlamaBoard's Dataset box may stay empty. ``dataset_hint``: said when a dataset
-    field names a dataset that ``dataset_dir`` does not list. ``checks``: run on the parsed arguments with
-    LlamaBoard's context when the preview or the run is asked.
-    """
+    """Everything method-specific about a LlamaBoard panel: ``name`` as users read it (accordion title "<name>
+    configurations", error prefix "Invalid <name> setting: "); ``prefix`` of its recipe keys (the accordion is
+    ``<prefix>tab``); ``package`` holding ``panel_texts.yaml``; ``parse``: raw keys -> dataclass (``ValueError``
+    naming the key); ``unused_host_keys``: Train-tab arguments the method does not use, left out of the command
+    unless set in "Extra arguments"; ``dataset_from_panel``: the rows come from the panel's dataset fields
+    (LlamaBoard's Dataset box may stay empty); ``dataset_hint``: said for a dataset ``dataset_dir`` does not list;
+    ``checks``: run on the parsed arguments with LlamaBoard's context for the preview or the run."""
 
     name: str
     prefix: str

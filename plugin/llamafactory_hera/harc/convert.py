@@ -158,13 +158,10 @@ def convert_ultrachat(path: Path, seed: int = 0, limit: int = 5400, option: str 
 
 
 def convert_prompts(path: Path, option: str, name: str, columns: tuple[str, ...], limit: int) -> Converted:
-    """``name`` (prompt -> "") from the first ``limit`` non-empty prompts in file order (the empty ones met before
-    are skipped), read from the first of ``columns`` that row 1 has.
-
-    ``harc_extract_harmful`` from AdvBench: ``harmful_behaviors.csv`` (column ``goal``) or a JSON / JSON Lines file
-    with ``bad_q`` (the reference's ``advbench.json``), ``goal`` or ``prompt``; ``harc_extract_harmless`` from
-    Alpaca (a JSON list or JSON Lines with ``instruction`` and optionally ``input``, a non-empty input appended to
-    the instruction after a blank line)."""
+    """``name`` (prompt -> "") from the first ``limit`` non-empty prompts in file order, read from the first of
+    ``columns`` that row 1 has: ``harc_extract_harmful`` from AdvBench (``harmful_behaviors.csv``'s ``goal``, or a
+    JSON / JSON Lines file with ``bad_q``, the reference's ``advbench.json``, ``goal`` or ``prompt``),
+    ``harc_extract_harmless`` from Alpaca (``instruction``, a non-empty ``input`` appended after a blank line)."""
     where = f"{option} {path}"
     source = read_rows(path, option)
     if not source:

@@ -60,14 +60,11 @@ def response_window(response_mask: torch.Tensor, num_tokens: int) -> torch.Tenso
 
 
 class StepCapture:
-    """The residuals of one training forward at the selected layers.
-
-    The hook only keeps a reference to each layer's input ``[B, T, D]`` (no tensor operation runs inside the layer's
-    call, which may be checkpointed: non-reentrant checkpointing requires the recomputed forward to save exactly
-    what the first one saved). :meth:`read` then gives ``inst[l]`` / ``post[l]`` ``[B, D]`` (the rows' ``t_inst`` /
-    ``t_post`` positions) and, when a response window was given, ``response[l]`` ``[B, D]`` (mean over each row's
-    first response tokens), all in the autograd graph.
-    """
+    """The residuals of one training forward at the selected layers. The hook only keeps a reference to each layer's
+    input ``[B, T, D]`` (no tensor operation inside a possibly checkpointed call: non-reentrant checkpointing needs
+    the recompute to save exactly what the first forward saved); :meth:`read` gives ``inst[l]`` / ``post[l]`` ``[B,
+    D]`` (at ``t_inst`` / ``t_post``) and, with a response window, ``response[l]`` ``[B, D]`` (mean over the first
+    response tokens), all in the autograd graph."""
 
     def __init__(self, t_inst: torch.Tensor, t_post: torch.Tensor, window: torch.Tensor | None,
                  require_grad: bool) -> None:

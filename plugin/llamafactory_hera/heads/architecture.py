@@ -194,11 +194,10 @@ def trainable_upstream(model: nn.Module, layers: list[int]) -> dict[int, bool]:
 
 
 def per_head_value_layers(plans: list[LayerPlan], head_dim: int | None = None) -> tuple[list[int], dict[int, str]]:
-    """(layers whose heads own their value and output projections: RAH-LoRA's calibratable layers, the others -> why
-    they are left out). A KV-shared layer reads another layer's values: its own ``v_proj``, where it has one, does
-    nothing, so a V update there would be silently void; a loaded layer also needs ``v_proj`` and the output
-    projection as plain ``nn.Linear``. With ``head_dim``, a layer whose heads have another width (Gemma 4's
-    full-attention layers) is left out too: RAH-LoRA's slices and anchors assume one head width."""
+    """(RAH-LoRA's calibratable layers, whose heads own their value and output projections, the others -> why not). A
+    KV-shared layer reads another layer's values, so a V update of its own ``v_proj`` would be silently void; a
+    loaded layer also needs ``v_proj`` and the output projection as plain ``nn.Linear``; with ``head_dim``, a layer
+    whose heads have another width (Gemma 4's full-attention layers) is left out (RAH-LoRA assumes one head width)."""
     kept, left = [], {}
     for plan in plans:
         if not plan.has_heads:
@@ -215,10 +214,9 @@ def per_head_value_layers(plans: list[LayerPlan], head_dim: int | None = None) -
 
 
 def kv_sharing_chains(plans: list[LayerPlan]) -> dict[int, list[int]]:
-    """Source layer -> the layers that read its keys and values (Gemma 3n / Gemma 4's KV sharing; empty when no
-    layer shares). A reading layer gets the source's keys and values through a side channel (transformers' shared
-    ``shared_kv_states`` dict), not as an input of its checkpointed call: only non-reentrant checkpointing (or none)
-    in the whole chain carries their gradient back to the source
+    """Source layer -> the layers that read its keys and values (Gemma 3n / Gemma 4's KV sharing; empty when none). A
+    reader gets them through transformers' ``shared_kv_states`` dict, not as an input of its checkpointed call, so
+    only non-reentrant checkpointing (or none) in the whole chain carries their gradient back
     (:mod:`llamafactory_hera.training.layer_checkpointing`)."""
     chains: dict[int, list[int]] = {}
     for plan in plans:

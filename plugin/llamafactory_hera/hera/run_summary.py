@@ -16,15 +16,11 @@ PREFIX = "[llamafactory-hera]"
 
 
 class RunSummary(TrainerCallback):
-    """Prints the start line when training begins (main process): after ``Trainer.train`` re-enabled gradient
-    checkpointing (``gradient_checkpointing: true``; reentrant by LLaMA-Factory's default, whatever
-    ``use_reentrant_gc`` says), so that its checkpointing part says what the steps run under. Added before the
-    alignment monitor, whose step-0 point comes after it. At the end, the count of micro-batches with a HeRA term.
-
-    ``trainer``: the :class:`~llamafactory_hera.hera.trainer.HeraTrainer`; ``data_counts``:
+    """Prints the start line when training begins (main process), after ``Trainer.train`` re-enabled gradient
+    checkpointing, so that its checkpointing part says what the steps run under, and before the alignment monitor's
+    step-0 point; at the end, the count of micro-batches with a HeRA term. ``data_counts``:
     ``preflight.ImageRowCounts`` or None (streaming); ``contrastive``: ``preflight.ContrastiveGeometry``;
-    ``monitor``: the alignment monitor's callback, or None when it is off.
-    """
+    ``monitor``: the alignment monitor's callback or None."""
 
     def __init__(self, trainer: Any, hera_args: HeraArguments, data_counts: Any, contrastive: Any,
                  monitor: Any = None) -> None:

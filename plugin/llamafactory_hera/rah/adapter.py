@@ -50,15 +50,13 @@ def lora_factors(calibration: Calibration, model: nn.Module,
 
 def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], output_dir: str | Path,
                  base_name: str | None = None, dora: bool = False) -> list[str]:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's own ``save_pretrained``): ``factors``
-    for the base model, from ``model`` as :func:`~llamafactory_hera.rah.calibrate.calibrate` leaves it (the kept steps
-    in place: its touched weights are ``W + BA`` in its dtype); returns the target module names. ``model`` is left
-    unchanged.
-
-    ``dora`` (the recipe's ``use_dora``) writes a DoRA adapter of the same calibration: PEFT's DoRA layer computes
-    ``diag(m / ||W + BA||_row) (W + BA)`` (one magnitude per output row), so with ``m = ||W + BA||_row``, the row norms
-    of the calibrated weight ``model`` holds, it is ``W + BA``, the model the trust region accepted, and DoRA training
-    can continue from it. The magnitude is stored in the model's dtype (in bf16 it rounds by up to 2^-9 of a row)."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's ``save_pretrained``): ``factors`` for
+    the base model, from ``model`` as :func:`~llamafactory_hera.rah.calibrate.calibrate` leaves it (touched weights
+    ``W + BA`` in its dtype); returns the target module names; ``model`` is left unchanged. ``dora`` (the recipe's
+    ``use_dora``) writes a DoRA adapter of the same calibration: PEFT's DoRA layer computes ``diag(m / ||W +
+    BA||_row) (W + BA)``, so with ``m`` the row norms of the calibrated weight it is ``W + BA``, the model the trust
+    region accepted, and DoRA training can continue from it (``m`` in the model's dtype: in bf16 it rounds by up to
+    2^-9 of a row)."""
     if not factors:
         raise RecipeError("RAH-LoRA: no head was calibrated (every target rolled back or none was found); there is "
                           "no adapter to write.")

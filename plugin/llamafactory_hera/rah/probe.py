@@ -88,10 +88,9 @@ def token_kinds(model: nn.Module, tokenizer: Any, processor: Any = None) -> Toke
 
 def token_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 kinds: TokenKinds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(image positions I, text positions T, text positions after the first image token), each ``[B, T]`` bool.
-
-    T leaves out the attention sink: the first attended position of each row, whatever its token (BOS, or the first
-    system token under a template without BOS), wherever the padding is."""
+    """(image positions I, text positions T, text positions after the first image token), each ``[B, T]`` bool; T
+    leaves out the attention sink, the first attended position of each row (BOS, or the first system token), wherever
+    the padding is."""
     attended = attention_mask.bool()
     sink = attended & (attended.long().cumsum(dim=1) == 1)
 
@@ -150,14 +149,11 @@ class AttentionProfile:
         return torch.cat(self.isal)
 
     def maps(self) -> torch.Tensor:
-        """``[L, H, P']`` whose cosine between two heads is s_func of Eq. 10 over every row with a map.
-
-        Within one layout, Eq. 10 as written: the cosine of the heads' mean maps over its rows. Across layouts (rows
-        of different image sizes have no common grid), the mean of those cosines weighted by each layout's rows.
-        Built as the concatenation over layouts of ``sqrt(w) * mean map / |mean map|`` (``w`` the layout's share of
-        the rows): each head's vector has norm 1 and the dot product of two is that weighted mean. With one layout
-        (LLaVA-1.5: always 576 image tokens) the cosine is exactly Eq. 10's.
-        """
+        """``[L, H, P']`` whose cosine between two heads is s_func of Eq. 10 over every row with a map: within one
+        layout, the cosine of the heads' mean maps (Eq. 10 as written); across layouts (image sizes with no common
+        grid), the mean of those cosines weighted by each layout's rows, built as the concatenation over layouts of
+        ``sqrt(w) * mean map / |mean map|``. With one layout (LLaVA-1.5: always 576 image tokens) it is exactly Eq.
+        10's."""
         if not self.map_sums:
             raise RecipeError("RAH-LoRA: no sample had text after its image, so no text->image attention map exists.")
         total = sum(self.map_rows.values())

@@ -30,13 +30,10 @@ def anchor_candidates(isal_std: torch.Tensor, beta: float = 0.25,
 
 def anchor_pool(layer: int, head: int, candidates: dict[int, list[int]], group: int = 1, own_group: bool = True,
                 adjacent: int = 0) -> tuple[int | None, list[tuple[int, int]]]:
-    """Where a target's anchors come from: (distance in layers, [(layer, head)]) of the candidates.
-
-    Its own layer's ``candidates[layer]`` (Eq. 8) first; without ``own_group`` the heads of its KV group (``group``
-    query heads per KV head) are left out, as they cannot move a V update (their V slice is the target's own).
-    When none is left, the paper's fallback: the candidates of the layers at distance 1 (``layer - 1`` and
-    ``layer + 1``, those present in ``candidates``), then 2, ... up to ``adjacent``. ``(None, [])`` when none.
-    """
+    """Where a target's anchors come from: (distance in layers, [(layer, head)]) of the candidates, ``(None, [])``
+    when none. Its own layer's ``candidates[layer]`` (Eq. 8) first, without its KV group's heads unless ``own_group``
+    (``group`` query heads per KV head: their V slice is the target's own); when none is left, the paper's fallback:
+    the candidates at distance 1 (``layer - 1`` and ``layer + 1``), then 2, ... up to ``adjacent``."""
     own = [h for h in candidates.get(layer, []) if own_group or h // group != head // group]
     if own:
         return 0, [(layer, h) for h in own]

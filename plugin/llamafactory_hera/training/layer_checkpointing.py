@@ -54,14 +54,11 @@ def checkpointing_kind(module: nn.Module) -> str:
 
 
 class LayerCheckpointing:
-    """Switches the decoder layers ``layers`` (the method's: ``owner`` names them in :meth:`line`) and every KV-sharing
-    chain's from reentrant to non-reentrant checkpointing, LLaMA-Factory's own function as under ``use_reentrant_gc:
-    false``; other layers keep theirs. :meth:`set_layers` moves the method's switch: a layer left gets its recipe's
-    function back (unless a chain holds it).
-
-    :meth:`ensure` runs before every training forward: the Trainer re-enables checkpointing in every layer when training
-    starts under ``gradient_checkpointing: true`` (reentrant, LLaMA-Factory's default), which would undo the switch.
-    """
+    """Switches the decoder layers ``layers`` (the method's: ``owner`` names them in :meth:`line`) and every
+    KV-sharing chain's from reentrant to non-reentrant checkpointing, LLaMA-Factory's own function as under
+    ``use_reentrant_gc: false``; other layers keep theirs. :meth:`set_layers` moves the method's switch (a layer left
+    gets its recipe's function back unless a chain holds it). :meth:`ensure` runs before every training forward: the
+    Trainer re-enables (reentrant) checkpointing in every layer when training starts, which would undo the switch."""
 
     def __init__(self, model: nn.Module, layers: Iterable[int], owner: str = "HeRA's heads") -> None:
         self._decoder_layers = list(text_decoder(model).layers)

@@ -104,12 +104,10 @@ def sample_pairs(pairs: list[CalibrationPair], num_samples: int, seed: int, k: i
 
 
 class PooledInputRecorder:
-    """Hooks on each head layer's ``o_proj`` that pool its input ``[B, T, H*d_head]`` with per-sample weights.
-
-    Pooling happens inside the hook (inference only), on the model's device, in float32: memory is ``[B, H*d_head]`` per
-    layer and batch. After each forward :meth:`flush` brings the batch's pooled rows of all layers to the host in ONE
-    copy (``[B, sum of widths]``), not one per layer: on an accelerator each copy waits for the device.
-    """
+    """Hooks on each head layer's ``o_proj`` that pool its input ``[B, T, H*d_head]`` with per-sample weights, inside
+    the hook (inference only) on the model's device in float32 (``[B, H*d_head]`` per layer and batch). After each
+    forward :meth:`flush` brings all layers' pooled rows to the host in ONE copy: on an accelerator each copy waits
+    for the device."""
 
     def __init__(self, model: nn.Module) -> None:
         self.o_projs = head_projections(model)
@@ -232,12 +230,10 @@ def collect_multimodal(model: nn.Module, dataset: Any, collator: Any, rows: list
 def collect_teacher(teacher: VisionTeacher, image_processor: Any, pairs: list[CalibrationPair], batch_size: int,
                     progress: bool = True, workers: int | None = None, store: TeacherFeatureStore | None = None,
                     persist: bool = False) -> torch.Tensor:
-    """``[N, E]`` float32 teacher features (mean over each pair's images), on the teacher's device.
-
-    Batches of ``batch_size`` images; decoding and preprocessing overlap the forward on an accelerator
-    (:func:`llamafactory_hera.hera.teacher.image_features`). With a ``store``, the images it holds skip the
-    teacher and the others are added to it (on disk with ``persist``: :mod:`~llamafactory_hera.hera.teacher_cache`).
-    """
+    """``[N, E]`` float32 teacher features (mean over each pair's images), on the teacher's device, ``batch_size``
+    images at a time (decoding overlaps the forward on an accelerator:
+    :func:`llamafactory_hera.hera.teacher.image_features`). With a ``store``, the images it holds skip the teacher
+    and the others are added (on disk with ``persist``)."""
     images = [image for pair in pairs for image in pair.images]
     if store is not None:
         feats = stored_image_features(teacher, image_processor, images, batch_size, store, persist=persist,

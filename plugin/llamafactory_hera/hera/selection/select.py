@@ -278,12 +278,9 @@ def tied_share(scores: torch.Tensor) -> float:
 def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str,
                           device_map: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any], Any]:
     """(model, tokenizer module, template) loaded the way LLaMA-Factory loads them, the model in ``dtype`` (whole on
-    ``device``, or placed by ``device_map``: :mod:`~llamafactory_hera.hera.selection.memory`).
-
-    LLaMA-Factory's compute dtype is set to ``dtype`` (the compute dtype of a quantized model) and a model whose
-    floating weights load in another dtype (``torch_dtype="auto"``: the checkpoint's) is cast to it; a quantized
-    model keeps its storage. ``recipe_args`` is left as it was.
-    """
+    ``device``, or placed by ``device_map``: :mod:`~llamafactory_hera.hera.selection.memory`): the compute dtype is
+    set to ``dtype`` and a model whose floating weights load in another dtype is cast to it; a quantized model keeps
+    its storage. ``recipe_args`` is left as it was."""
 
     wanted = getattr(torch, dtype)
     args = copy.copy(recipe_args)
