@@ -179,13 +179,12 @@ def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair],
 
 
 def through_root(model: nn.Module, decoder: nn.Module, **inputs: Any) -> Any:
-    """``decoder(**inputs)``, called through ``model``'s own call when FSDP2 (``fully_shard``) shards ``model``.
-
-    FSDP2 gathers the root module's own parameters (the embeddings, the final norm) in the root's forward hooks only,
-    and takes as its root the first sharded module to run forward: the decoder called alone would mix the root's
-    DTensor shards with plain tensors (and before the first training step, make a layer the root). So the root is
-    called with its ``forward`` set to the decoder's for the call, and its parameters are resharded afterwards, as a
-    training step leaves them. A collective: every rank calls it. Any other model: the decoder is called directly."""
+    """``decoder(**inputs)``, called through ``model``'s own call when FSDP2 (``fully_shard``) shards ``model``:
+    FSDP2 gathers the root module's own parameters (embeddings, final norm) in the root's forward hooks only, and
+    takes as root the first sharded module to run forward, so the decoder called alone would mix the root's DTensor
+    shards with plain tensors. The root is called with its ``forward`` set to the decoder's, and its parameters
+    resharded afterwards, as a training step leaves them. A collective: every rank calls it. Any other model: the
+    decoder is called directly."""
     if not (torch.distributed.is_available() and hasattr(model, "reshard")):
         return decoder(**inputs)
     from torch.distributed.fsdp import FSDPModule  # lazy: only a model with reshard() can be one
