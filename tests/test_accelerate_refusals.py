@@ -94,3 +94,28 @@ def test_the_training_scripts_of_llamafactory_are_recognised(script: str, module
     found = training_argv(SimpleNamespace(training_script=str(tmp_path / "src" / "train.py"),
                                           training_script_args=["r.yaml"], module=False))
     assert found == ["llamafactory-cli", "train", "r.yaml"]
+
+
+@pytest.mark.parametrize(("script", "devices", "refused"), [
+    ("/usr/bin/llamafactory-cli", 8, True), ("/usr/bin/llamafactory-cli", 1, False),
+    ("llamafactory.launcher", 8, False), ("/x/site-packages/llamafactory/launcher.py", 8, False),
+])
+def test_the_cli_form_on_several_devices_is_refused(script: str, devices: int, refused: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a node with several devices LLaMA-Factory's CLI starts a torchrun of its own inside every accelerate rank
+    (launcher.launch: FORCE_TORCHRUN or more than one device): refused, naming the form that runs."""
+    from llamafactory.extras import misc
+
+    from llamafactory_hera_patches.accelerate_launch import _check_cli_form
+    from llamafactory_hera_patches.errors import RecipeError
+
+    monkeypatch.setattr(misc, "get_device_count", lambda: devices)
+    monkeypatch.delenv("FORCE_TORCHRUN", raising=False)
+    args = SimpleNamespace(training_script=script, training_script_args=["train", "r.yaml"],
+                           module=script == "llamafactory.launcher")
+    if not refused:
+        _check_cli_form(args)
+        return
+    with pytest.raises(RecipeError, match=r"with 8 visible devices LLaMA-Factory's CLI starts a torchrun of its own "
+                                          r"inside every rank; launch `-m llamafactory.launcher RECIPE.yaml`"):
+        _check_cli_form(args)

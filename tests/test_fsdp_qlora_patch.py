@@ -158,3 +158,19 @@ def test_the_check_reads_accelerates_own_plugin(tmp_path, mixed_precision: str, 
             module.fsdp2_prepare_model(accelerator, _model(torch.float16))
     else:
         assert module.fsdp2_prepare_model(accelerator, _model(torch.float16))[1].weight.dtype == torch.float16
+
+
+def test_the_codes_checksum_is_the_byte_sums_of_a_loop_and_sees_one_byte_moved() -> None:
+    """checksum against a brute-force loop over the bytes (sum, and sum weighted by 1-based position), the same for
+    any chunk size and storage dtype of the same bytes; a changed byte and two swapped bytes change it."""
+    codes = torch.randint(0, 256, (37, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = codes.flatten().tolist()
+    expected = (sum(data), sum((i + 1) * b for i, b in enumerate(data)))
+    for chunk in (1, 7, 1 << 24):
+        assert fsdp_qlora.checksum(codes, chunk=chunk) == expected
+    assert fsdp_qlora.checksum(codes.view(-1)[:184].view(torch.bfloat16)) == fsdp_qlora.checksum(codes.view(-1)[:184])
+    moved, swapped = codes.clone().view(-1), codes.clone().view(-1)
+    moved[11] ^= 1
+    swapped[[3, 4]] = torch.tensor([data[4], data[3]], dtype=torch.uint8)
+    assert fsdp_qlora.checksum(moved) != expected
+    assert data[3] == data[4] or fsdp_qlora.checksum(swapped) != expected

@@ -11,12 +11,15 @@ each returns their environment.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 from unittest import mock
+
+from .errors import RecipeError
 
 _PREPARES = ("prepare_multi_gpu_env", "prepare_deepspeed_cmd_env", "prepare_simple_launcher_cmd_env")
 _CLIS = ("llamafactory-cli", "lmf")
@@ -36,6 +39,20 @@ def training_argv(args: Any) -> list[str] | None:
     return ["llamafactory-cli", "train", *rest] if ours else None
 
 
+def _check_cli_form(args: Any) -> None:
+    """``llamafactory-cli train`` under ``accelerate launch`` on a node with several devices: LLaMA-Factory's CLI would
+    start a torchrun of its own inside every rank (its launcher does on more than one visible device, or with
+    ``FORCE_TORCHRUN``), one nested job per rank on accelerate's port."""
+    if Path(str(args.training_script)).name not in _CLIS or getattr(args, "module", False):
+        return
+    misc = importlib.import_module("llamafactory.extras.misc")
+    devices = misc.get_device_count()
+    if devices > 1 or misc.is_env_enabled("FORCE_TORCHRUN"):
+        raise RecipeError(f"accelerate launch ... {args.training_script} train: with {devices} visible devices "
+                          "LLaMA-Factory's CLI starts a torchrun of its own inside every rank; launch "
+                          "`-m llamafactory.launcher RECIPE.yaml` (or LLaMA-Factory's src/train.py) instead.")
+
+
 def _checked(prepare: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def prepared(args: Any) -> Any:
         result = prepare(args)
@@ -44,6 +61,7 @@ def _checked(prepare: Callable[[Any], Any]) -> Callable[[Any], Any]:
             from .launch import check_before_ranks  # lazy: accelerate launch of another script imports no plugin part
 
             with mock.patch.dict(os.environ, result[1] if isinstance(result, tuple) else result, clear=True):
+                _check_cli_form(args)
                 check_before_ranks(argv)
         return result
 

@@ -68,6 +68,10 @@ def test_too_large_a_model_is_refused_before_any_weight_loads(assets, tmp_path: 
     line = str(caught.value)
     assert "\n" not in line and line.startswith(f"model_name_or_path: {big}: head selection needs 14")
     assert "GB for the model in bfloat16" in line and "cpu has 64.0 GB" in line and "quantization_bit: 4" in line
+    # saved in 4 bits (a quarter of the bytes the config's dtype gives): loaded whole, as LLaMA-Factory loads it
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (big / "config.json").write_text(json.dumps(config))
+    assert memory.scoring_device_map(check_model_structure(str(big), False), str(big), "cpu", "bfloat16") is None
 
 
 REFERENCE = """

@@ -130,9 +130,12 @@ def check_same_on_every_rank(model: torch.nn.Module, key: str, name: str) -> Non
     every: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every, sums)
     table = torch.tensor(every, dtype=torch.float64)  # [world, 2]; equal up to the order of the sums' additions
-    if not torch.allclose(table, table[:1].expand_as(table), rtol=1e-9, atol=0.0):
+    differ = [rank for rank in range(len(every)) if not torch.allclose(table[rank], table[0], rtol=1e-9, atol=0.0)]
+    if differ:  # rank 0 and the first ranks that differ from it: one line on a node of 64 ranks too
+        shown = [0, *differ[:7]]
         raise RecipeError(f"{key}: '{name}' loaded with other weights on some ranks (sum, absolute sum: "
-                          f"{'; '.join(f'rank {r}: {s[0]:g}, {s[1]:g}' for r, s in enumerate(every))}), so each "
+                          f"{'; '.join(f'rank {r}: {every[r][0]:g}, {every[r][1]:g}' for r in shown)}"
+                          f"{f'; {len(differ) - 7} more ranks differ' if len(differ) > 7 else ''}), so each "
                           "rank would align to another teacher. Give every node the same copy of it.")
 
 

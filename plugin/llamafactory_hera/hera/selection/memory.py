@@ -48,6 +48,9 @@ def free_memory(device: str) -> dict[Any, int]:
 def scoring_device_map(meta: torch.nn.Module, model_name: str, device: str, dtype: str) -> dict[str, Any] | None:
     """The ``device_map`` selection loads ``meta``'s checkpoint with (None: whole on ``device``), said in one line;
     a RecipeError naming the bytes needed where the device and the RAM cannot hold it."""
+    if getattr(meta.config, "quantization_config", None):  # saved quantized: its sizes are not the config's dtype's
+        show(f"head selection: {model_name} is saved quantized; it loads whole on {device}, as LLaMA-Factory loads it.")
+        return None
     sizes = compute_module_sizes(meta, dtype=getattr(torch, dtype))
     model_bytes = sizes[""]
     reserve = 4 * sum(o_proj.weight.numel() for o_proj in head_projections(meta).values())
