@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -173,23 +175,27 @@ def selection_ratio(spec: dict, samples: int) -> float:
     layers = spec["text"]["num_hidden_layers"]
     plain, hooked = p1 + (layers - 1) * (p2 - p1), h1 + (layers - 1) * (h2 - h1)
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-        teacher = Dinov2Model(Dinov2Config(**cm.DINOV2_LARGE)).to(torch.bfloat16).eval()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            teacher = Dinov2Model(Dinov2Config(**cm.DINOV2_LARGE)).eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
         with FlopCounterMode(display=False) as teach:
             teacher(pixel_values=torch.empty(batch, 3, 224, 224, dtype=torch.bfloat16))
         text = spec["text"]
         heads = text["num_attention_heads"]
         dim = text.get("head_dim", text["hidden_size"] // heads)
-        with FlopCounterMode(display=False) as score, cc.RealIndexMode():
-            pooled = {layer: torch.empty(samples, heads * dim) for layer in range(2)}
-            weights = {layer: torch.empty(text["hidden_size"], heads * dim) for layer in range(2)}
-            all_head_neighbours(pooled, weights, torch.empty(samples, 1024), 10, dim, device="cpu")
-    scoring = score.get_total_flops() / 2 * layers
+    # scoring runs on real tensors (its top-k checks ties on the host), one layer at full N, on this CPU
+    with FlopCounterMode(display=False) as score:
+        all_head_neighbours({0: torch.randn(samples, heads * dim)}, {0: torch.randn(text["hidden_size"], heads * dim)},
+                            torch.randn(samples, 1024), 10, dim, device="cpu")
+    scoring = score.get_total_flops() * layers
     per_sample = (hooked + teach.get_total_flops()) / batch
     return (per_sample * samples + scoring) / (plain / batch * samples)
 
 
-def run_case(case: Case) -> dict:
-    recipe = yaml.safe_load((REPO / "recipes" / case.recipe).read_text())
+def run_case(case: Case, overrides: dict | None = None) -> dict:
+    recipe = {**yaml.safe_load((REPO / "recipes" / case.recipe).read_text()), **(overrides or {})}
     arms = scaled_arms(case, recipe)
     return {"case": case, "recipe": recipe, "arms": arms}
 
@@ -228,13 +234,27 @@ def main() -> None:
     parser.add_argument("--case", action="append", choices=[c.name for c in CASES])
     parser.add_argument("--detail", action="store_true", help="every arm's categories and collectives")
     parser.add_argument("--no-selection", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. per_device_train_batch_size=8 (bench/gpu.sh's step)")
+    parser.add_argument("--image-side", type=int, help="image side in pixels (default: the recipe's 512 / 448)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one case in this process, its counts as JSON
     args = parser.parse_args()
+    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    cases = [replace(case, spec={**case.spec, "image_side": args.image_side}) if args.image_side else case
+             for case in CASES if not args.case or case.name in args.case]
+    if args.worker:
+        result = run_case(next(case for case in cases if case.name == args.worker), overrides)
+        print(json.dumps({"arms": result["arms"], "recipe": result["recipe"]}))
+        return
     start = time.time()
     results = []
-    for case in CASES:
-        if args.case and case.name not in args.case:
-            continue
-        results.append(run_case(case))
+    for case in cases:  # each case in its own process: FSDP2's and the shims' global state stays in it
+        command = [sys.executable, __file__, "--worker", case.name, *sum((["--set", item] for item in args.set), []),
+                   *(["--image-side", str(args.image_side)] if args.image_side else [])]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{case.name} failed:\n{done.stderr[-3000:]}")
+        results.append({"case": case, **json.loads(done.stdout.strip().splitlines()[-1])})
         if args.detail:
             print(detail(results[-1]), flush=True)
     selection = {} if args.no_selection else {spec["family"]: selection_ratio(spec, 1000)

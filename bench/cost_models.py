@@ -215,10 +215,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad.to(grad_hidden.dtype), None, None
 
 
-def language_model_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(the MLLM's inner model, whose output is the hidden states, its output layer)."""
+def output_layer(model: nn.Module) -> nn.Module:
+    """The MLLM's output layer (``lm_head``), PEFT-wrapped or not."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model, inner.lm_head
+    return inner.lm_head
 
 
 @dataclass
@@ -280,10 +280,14 @@ def step(model: nn.Module, config: Any, data: Batch, counter: Any, hera: HeraPar
         if hera is not None:
             hera.checkpointing.ensure()
             hera.capture.arm()
-        if liger:
-            inner, head = language_model_and_head(model)
-            hidden = inner(**inputs).last_hidden_state[:, :-1].flatten(0, 1)
-            loss = ChunkedLinearCrossEntropy.apply(hidden, head.weight, labels[:, 1:].flatten())
+        if liger:  # the output layer's call computes the loss, inside the root's call (FSDP2 gathers its weight)
+            head = output_layer(model)
+            head.forward = lambda hidden: ChunkedLinearCrossEntropy.apply(
+                hidden[:, :-1].flatten(0, 1), head.weight, labels[:, 1:].flatten())
+            try:
+                loss = model(**inputs).logits
+            finally:
+                del head.forward
         else:
             loss = model(**inputs, labels=labels).loss
         if hera is not None:

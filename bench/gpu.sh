@@ -2,7 +2,8 @@
 # GPU figures of issue 7, on the lent GPU machine, from the repository root there, with .whl carried
 # (bench/device_wheels.sh). Prints both benchmarks' tables; a log lands in $OUT when it is set.
 #   overhead:  Qwen3-VL-8B architecture, random weights, bf16, LoRA on all linear layers, DINOv2-L teacher;
-#              HeRA against SFT with LLaMA-Factory's defaults (reentrant checkpointing), as users run it
+#              HeRA against SFT with LLaMA-Factory's defaults (reentrant checkpointing), as users run it; then
+#              bench/cost.py's predicted peak memory of the same step (no GPU needed) beside the measured one
 #              (BASELINE_NON_REENTRANT=1: SFT with use_reentrant_gc: false instead, --baseline-non-reentrant)
 #   qlora:     the same as overhead, both arms QLoRA (quantization_bit 4: bitsandbytes nf4, double quantization),
 #              issue 56 item 6 (not in "all")
@@ -32,7 +33,13 @@ ASSETS=${ASSETS:-/tmp/hera_bench_assets}
   case "${1:-all}" in
     overhead|all) $PY bench/overhead.py --device cuda --preset qwen3-vl-8b --repeats "${REPEATS:-2}" --epochs 2 \
                     --images 128 --batch 8 --warmup 3 --assets "$ASSETS" \
-                    ${BASELINE_NON_REENTRANT:+--baseline-non-reentrant} ;;&
+                    ${BASELINE_NON_REENTRANT:+--baseline-non-reentrant}
+                  # issue 70 item 5: the counter's prediction for the same step (Qwen3-VL-8B, LoRA, batch 8, 448 px)
+                  # beside the peak_gpu_mb (torch.cuda.max_memory_allocated) overhead.py printed above; every row
+                  # counted COST_TOKENS long (default cutoff_len 1024, an upper bound of the overhead's rows)
+                  echo "predicted by bench/cost.py (tensors only, no CUDA context) for overhead's step:"
+                  $PY bench/cost.py --case 8b-lora --no-selection --detail --image-side 448 \
+                    --set per_device_train_batch_size=8 --set cutoff_len="${COST_TOKENS:-1024}" ;;&
     qlora) $PY bench/overhead.py --device cuda --preset qwen3-vl-8b --repeats "${REPEATS:-2}" --epochs "${EPOCHS:-2}" \
                     --images 128 --batch 8 --warmup 3 --assets "$ASSETS" --quantization-bit 4 ;;
     selection|all) $PY bench/selection.py --device cuda --preset qwen2.5-vl-7b --samples 1000 --repeats 3 \
