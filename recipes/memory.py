@@ -1,7 +1,9 @@
 """GPU memory estimates for the HeRA recipes: the numbers in docs/hera.md's "Recipes" tables, in its table of the
 paper's experiment and in the recipes/llava15/ headers.
 
-These are estimates from a formula, not measurements. ``python recipes/memory.py`` prints the
+These are estimates from a formula, not measurements; bench/cost.py counts the Qwen3-VL-8B recipes' steps op by op
+(docs/cost.md), and this formula is within 5 % of that count for them (tensors, without this formula's CUDA-context
+and teacher terms). ``python recipes/memory.py`` prints the
 table rows; the batch size, cutoff length, LoRA rank and finetuning type are read from the
 recipe files themselves, so the table follows the recipes.
 
@@ -36,10 +38,12 @@ representations across the GPUs):
   step 1, so this term is a margin); the HeRA term itself adds the contrastive set's pooled head representations,
   (B x GPUs under hera_gather) x heads x head width floats, and their similarities: a few MB, negligible;
 - LoRA under FSDP2 over N GPUs (``fsdp2_gib``, a recipe run by ``accelerate launch`` with recipes/accelerate/'s
-  config): every decoder layer and vision block is sharded, its bf16 weights 2 bytes per parameter / N, and gathered
-  whole for its forward and backward, two at a time (the one computing and the one prefetched); the root module, the
+  config): accelerate upcasts every parameter to float32 before sharding (``mixed_precision: bf16``), so each GPU
+  holds 4 bytes per parameter / N, the root's included; every decoder layer and vision block is gathered whole in
+  bf16 for its forward and backward, two at a time (the one computing and the one prefetched); the root module, the
   token embeddings and the output layer, stays gathered through the step (2 bytes per parameter, not divided); the
-  adapters' 16 bytes per trainable parameter / N;
+  adapters' 16 bytes per trainable parameter / N. (bench/cost.py's count, docs/cost.md, gave 2 bytes / N short by
+  2.3 GiB for Qwen3-VL-8B on 8 GPUs; with 4 it agrees within 1 %);
 - 2 GiB for the CUDA context, cuBLAS/NCCL workspaces and allocator slack.
 
 The paper's own experiment (Table 2, recipes/llava15/): the model ``llamafactory-hera compose`` builds from the
@@ -261,7 +265,7 @@ def fsdp2_gib(b: Backbone, recipe: dict, num_gpus: int = FSDP2_GPUS) -> float:
     batch, seq = int(recipe["per_device_train_batch_size"]), int(recipe["cutoff_len"])
     fixed = TEACHER_PARAMS * 4 + OVERHEAD + activation_bytes(b, batch, seq)
     root = embedding_params(b) * 2
-    sharded = (params - embedding_params(b)) * 2 / num_gpus + 2 * layer_params(b) * 2
+    sharded = params * 4 / num_gpus + 2 * layer_params(b) * 2  # fp32 shards (accelerate's upcast), 2 layers in bf16
     adapters = lora_params(b, int(recipe.get("lora_rank", 8))) * 16 / num_gpus
     return (root + sharded + adapters + fixed) / GIB
 
