@@ -119,6 +119,9 @@ def test_quantization_without_bitsandbytes_is_one_line(stage: str, assets: Any, 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *rest: None if name == "bitsandbytes" else find_spec(name, *rest))
+    if stage == "harc":  # DoRA with quantization is refused whatever is installed: said before asking for it
+        dora = _refused(_recipe(stage, assets, harc_assets, tmp_path / "dora", quantization_bit=4, use_dora=True))
+        assert dora.startswith("use_dora: true with 4-bit bitsandbytes weights: LLaMA-Factory 0.9.5 refuses"), dora
     message = _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", quantization_bit=4))
     if stage == "rah":
         assert message.startswith("stage: rah cannot calibrate quantization_bit: 4 with quantization_method: bnb"), \

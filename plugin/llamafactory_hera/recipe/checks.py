@@ -31,6 +31,7 @@ from llamafactory_hera.recipe.fsdp import check_fsdp, check_fsdp_parsed
 from llamafactory_hera.recipe.host_keys import check_bf16_device, check_host_keys
 from llamafactory_hera.recipe.model_checks import check_lora_target
 from llamafactory_hera.recipe.model_paths import check_model_paths
+from llamafactory_hera.recipe.quantization import dora_refusal
 from llamafactory_hera.recipe.stack_checks import check_stack
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.data.templates import template_tokens
@@ -215,6 +216,8 @@ def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -
     ``bnb``). After the method's own checks: RAH-LoRA refuses DeepSpeed and quantization, and says so instead."""
     bits = raw_value(host_args, "quantization_bit")
     bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb" and stage != "rah"
+    if bnb and bits not in (None, "") and truthy(raw_value(host_args, "use_dora") or False):
+        raise RecipeError(dora_refusal(bits))  # refused whatever is installed: said before asking for bitsandbytes
     for key, value, module, requirement, without in (
             ("deepspeed", raw_value(host_args, "deepspeed"), "DeepSpeed",  # lazy: transformers only here
              lambda: import_module("transformers.dependency_versions_table").deps.get("deepspeed", "deepspeed"),

@@ -45,6 +45,14 @@ def quantization_in_use(model_args: Any, config: Any) -> tuple[str, int | None, 
     return method, bits, f"quantization_bit: {bits} with quantization_method: {named}"
 
 
+def dora_refusal(bits: Any) -> str:
+    """Why ``use_dora`` with ``bits``-bit bitsandbytes weights does not run (checked before and after the parse)."""
+    return (f"use_dora: true with {bits}-bit bitsandbytes weights: LLaMA-Factory 0.9.5 refuses DoRA on every "
+            "quantized model after loading it (model/adapter.py compares transformers' quant_method 'bitsandbytes' "
+            "with its own 'bnb'; stage: sft fails the same way), and at 8-bit PEFT 0.18's DoRA forward fails from its "
+            "second call. Use plain LoRA with quantization, or DoRA unquantized.")
+
+
 def check_quantization(model_args: Any, config: Any, stage: str, reads: str | None = None,
                        dora: bool = False) -> tuple[str, int | None] | None:
     """Refuse a quantization ``stage`` has not been run with (anything but bitsandbytes 4-/8-bit), naming where it comes
@@ -56,11 +64,7 @@ def check_quantization(model_args: Any, config: Any, stage: str, reads: str | No
     method, bits, source = quantization
     if method == BITSANDBYTES and bits in (4, 8):
         if dora:
-            raise RecipeError(f"use_dora: true with {bits}-bit bitsandbytes weights: LLaMA-Factory 0.9.5 refuses DoRA "
-                              "on every quantized model after loading it (model/adapter.py compares transformers' "
-                              "quant_method 'bitsandbytes' with its own 'bnb'; stage: sft fails the same way), and at "
-                              "8-bit PEFT 0.18's DoRA forward fails from its second call. Use plain LoRA with "
-                              "quantization, or DoRA unquantized.")
+            raise RecipeError(dora_refusal(bits))
         return method, bits
     if method == BITSANDBYTES:
         why = "bitsandbytes quantizes to 4 or 8 bits only. Set quantization_bit: 4 or 8"
