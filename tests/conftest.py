@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import io
 import json
 import logging
@@ -118,6 +119,17 @@ def _own_hera_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     """Every test its own ``$LLAMAFACTORY_HERA_CACHE`` (selections, teacher features): none sees another's rows, and
     none writes to the user's ``~/.cache``. A test may set its own."""
     monkeypatch.setenv("LLAMAFACTORY_HERA_CACHE", str(tmp_path_factory.mktemp("hera_cache")))
+
+
+@pytest.fixture(autouse=True)
+def _excepthook_unwrapped() -> Iterator[None]:
+    """torch's ``init_process_group`` wraps ``sys.excepthook`` for good, adding ``[rankN]: `` to every line: an
+    in-process group of one test (tests/test_cost_count.py's fake one, a one-rank gloo group) would prefix the next
+    in-process run's one-line error in the same worker. Unwrapped after each test (the plugin's own hook, installed
+    when a test first imports the host's trainer, stays)."""
+    yield
+    while getattr(sys.excepthook, "__name__", "") == "_distributed_excepthook":
+        sys.excepthook = inspect.getclosurevars(sys.excepthook).nonlocals["old_hook"]
 
 
 @pytest.fixture(scope="session")
