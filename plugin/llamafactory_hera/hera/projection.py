@@ -20,6 +20,7 @@ from torch import nn
 
 from llamafactory_hera.heads.architecture import head_projections, trainable_upstream
 from llamafactory_hera.heads.geometry import AttentionGeometry, HeadRef
+from llamafactory_hera.hera.sharded_4bit import sharded_columns
 from llamafactory_hera.short_errors import RecipeError
 
 
@@ -79,7 +80,9 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
     """``[out, C]`` float32 weight of a base ``Linear`` at input ``columns`` (all when None), as its forward uses it:
     a plain weight as stored; bitsandbytes 8-bit (``Int8Params``) as ``codes * SCB / 127`` (per-row absmax ``SCB``);
     bitsandbytes 4-bit (``Params4bit``, packed with a ``quant_state``: nf4, fp4, double quantization) dequantized whole
-    (its blocks run along the flattened rows) and then indexed. Any other non-floating storage is refused by name.
+    (its blocks run along the flattened rows) and then indexed; under FSDP2 each rank's shard of whole rows and blocks
+    dequantized and indexed alone, the columns gathered (:func:`~.sharded_4bit.sharded_columns`), other shards
+    gathered whole first. Any other non-floating storage is refused by name.
     (bitsandbytes 0.50's 8-bit layer on the CPU multiplies by exactly this weight in train mode, as HeRA trains; in
     eval mode, e.g. ``select``, it runs LLM.int8, its inputs rounded to float16 and int8 per row, ~7e-3 relative:
     the heads then sum to the layer's output within that rounding.)"""
@@ -94,15 +97,16 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
         # lazy: bitsandbytes is installed only where a model was loaded 4-bit with it
         from bitsandbytes.functional import dequantize_4bit
 
-        packed = whole(weight).detach()  # under FSDP2 the packed storage's rows are sharded: gathered whole
-        storage = getattr(base, "quant_storage", packed.dtype)
-        if packed.dtype != storage:  # its bytes are no longer the codes
-            raise RuntimeError(f"o_proj's 4-bit weight is stored as {packed.dtype}, not as its packed storage "
+        storage = getattr(base, "quant_storage", weight.dtype)
+        if weight.dtype != storage:  # its bytes are no longer the codes
+            raise RuntimeError(f"o_proj's 4-bit weight is stored as {weight.dtype}, not as its packed storage "
                                f"{storage}: something converted the codes as numbers (accelerate's FSDP2 "
                                "mixed-precision upcast does, unless llamafactory_hera_patches.engines.fsdp_qlora "
                                "keeps them out of it).")
-        full = dequantize_4bit(packed, quant_state).float()  # [out, in]
-        return full if columns is None else full[:, columns]
+        if columns is not None and (sharded := sharded_columns(weight, quant_state, columns)) is not None:
+            return sharded.float()  # under FSDP2, shards of whole rows and blocks: each rank's columns gathered
+        full = dequantize_4bit(whole(weight).detach(), quant_state)  # [out, in]; a shard otherwise gathered whole
+        return (full if columns is None else full[:, columns]).float()
     if weight.dtype == torch.int8:
         scb = getattr(weight, "SCB", None)
         if scb is None:
