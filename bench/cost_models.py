@@ -236,7 +236,7 @@ class HeraParts:
 def hera_parts(model: nn.Module, heads: list[str], recipe: dict) -> HeraParts:
     """``HeadCapture`` and ``LayerCheckpointing`` on ``model`` for ``heads``, with the recipe's hera_* settings."""
     from llamafactory_hera.heads.geometry import attention_geometry, parse_head
-    from llamafactory_hera.hera.projection import HeadCapture
+    from llamafactory_hera.hera.capture import HeadCapture
     from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
     refs = [parse_head(h) for h in heads]

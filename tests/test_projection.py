@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
 from llamafactory_hera.heads.pooling import pooling_weights
-from llamafactory_hera.hera.projection import HeadCapture, project_heads
+from llamafactory_hera.hera.capture import HeadCapture
+from llamafactory_hera.hera.projection import project_heads
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
 
@@ -99,48 +100,40 @@ def test_capture_equals_explicit_pooled_contributions(assets, family: str) -> No
     assert capture.disarm(pooling_weights(mask)) is None
 
 
-def _partition_like_zero3(module: torch.nn.Module) -> None:
-    """Every parameter of ``module`` as DeepSpeed ZeRO-3 leaves it: a ``ds_id``, its shape in ``ds_shape``, the data an
-    empty 1-D placeholder outside its own module's call (gathered by a pre-hook, released by a hook)."""
-    for index, sub in enumerate(module.modules()):
-        own = dict(sub.named_parameters(recurse=False))
-        if not own:
-            continue
-        whole = {name: p.data for name, p in own.items()}
-        for p in own.values():
-            p.ds_id, p.ds_shape = index, p.shape
-            p.data = torch.empty(0, dtype=p.dtype)
-
-        def gather(mod, args, params=own, data=whole):
-            for name, p in params.items():
-                p.data = data[name]
-
-        def release(mod, args, output, params=own):
-            for p in params.values():
-                p.data = torch.empty(0, dtype=p.dtype)
-
-        sub.register_forward_pre_hook(gather)
-        sub.register_forward_hook(release)
-
-
-def test_a_zero3_partitioned_lora_o_proj_projects_through_its_calls() -> None:
-    """Issue 49: under ZeRO-3 the LoRA base layer's weight is an empty 1-D placeholder and the LoRA path was refused
-    as a quantized base ("needs a plain (unquantized) Linear"); it now projects through the modules' calls as the
-    unpartitioned weights do, and reading the weight outside a gather names the fix."""
-    from llamafactory_hera.hera.projection import effective_weight_columns, is_partitioned, project_heads_by_call
+@pytest.mark.parametrize("adapter", ["full", "lora", "dora"])
+def test_a_zero3_partitioned_o_proj_is_read_in_its_calls(adapter: str) -> None:
+    """Under ZeRO-3 (a stand-in: every weight an empty placeholder outside its module's call, gathered by hooks for
+    the forward and the backward) HeRA copies the heads' columns in o_proj's own calls and gathers nothing after:
+    the heads' values and every parameter's gradient (HeRA's plus the call's own) equal the unpartitioned layer's
+    effective-weight path; reading the weight outside a call names the fix."""
+    from llamafactory_hera.hera.projection import effective_weight_columns
+    from llamafactory_hera_testing.zero3 import partition_like_zero3, project_in_call
 
     torch.manual_seed(0)
     models = []
     for _ in range(2):
         holder = torch.nn.Module()
         holder.o_proj = torch.nn.Linear(12, 8, bias=False)
-        models.append(get_peft_model(holder, LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False)))
+        models.append(holder if adapter == "full" else get_peft_model(holder, LoraConfig(
+            r=2, target_modules=["o_proj"], init_lora_weights=False, use_dora=adapter == "dora")))
     models[1].load_state_dict(models[0].state_dict())
-    whole, partitioned = (model.base_model.model.o_proj for model in models)
-    _partition_like_zero3(partitioned)
-    assert is_partitioned(partitioned) and partitioned.base_layer.weight.ndim == 1
-    pooled = torch.randn(5, 2 * 4)
-    torch.testing.assert_close(project_heads_by_call(partitioned, pooled, [0, 2], 4, 12),
-                               project_heads(whole, pooled, [0, 2], 4))
+    whole, partitioned = (next(m for n, m in model.named_modules() if n.endswith("o_proj")) for model in models)
+    if adapter != "dora":  # PEFT's DoRA reads lora_A's and the base's weights outside their calls, which ZeRO-3 gathers
+        partition_like_zero3(partitioned)  # on access (its ZeROOrderedDict; not this stand-in): marked only, below
+    pooled, call_input, target = torch.randn(5, 2 * 4), torch.randn(3, 12), torch.randn(2, 5, 8)
+    got, output = project_in_call(partitioned, pooled, [0, 2], 4, call_input)
+    want = project_heads(whole, pooled, [0, 2], 4)
+    torch.testing.assert_close(got, want)
+    assert adapter == "dora" or (partitioned if adapter == "full" else partitioned.base_layer).weight.ndim == 1
+    ((got * target).sum() + output.square().sum()).backward()
+    ((want * target).sum() + whole(call_input).square().sum()).backward()
+    grads = {name: p.grad for name, p in models[1].named_parameters()}
+    assert grads and all(grads[name] is not None for name, p in models[0].named_parameters() if p.requires_grad)
+    for name, p in models[0].named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, msg=name)
+    partitioned(torch.zeros(1, 12))  # released again
+    if adapter == "dora":
+        return
     with pytest.raises(RuntimeError, match="ZeRO-3 partition; read it inside deepspeed.zero.GatheredParameters"):
         effective_weight_columns(partitioned, torch.arange(4))

@@ -15,7 +15,8 @@ from transformers import TrainerCallback
 
 from conftest import base_recipe, saved_in_bf16
 from llamafactory_hera.heads.architecture import head_projections
-from llamafactory_hera.hera.projection import project_heads, project_heads_by_call
+from llamafactory_hera.hera.projection import project_heads
+from llamafactory_hera_testing.zero3 import project_in_call
 
 HEADS, HEAD_DIM, NUM_HEADS, D = [0, 2], 16, 4, 64
 
@@ -59,7 +60,7 @@ def test_bf16_lora_delta_survives_the_projection(path: str) -> None:
     o_proj = _lora_o_proj(7e-5, torch.bfloat16)
     x = torch.randn(6, len(HEADS) * HEAD_DIM).bfloat16()
     project = project_heads if path == "weight" else (
-        lambda *a: project_heads_by_call(*a, NUM_HEADS * HEAD_DIM))
+        lambda *a: project_in_call(*a)[0])
     out = project(o_proj, x, HEADS, HEAD_DIM)
     assert out.dtype == torch.float32
     exact = _reference(o_proj, x)
@@ -74,7 +75,7 @@ def test_zero3_path_equals_the_ddp_path_in_bf16() -> None:
     o_proj = _lora_o_proj(1e-2, torch.bfloat16)
     x = torch.randn(6, len(HEADS) * HEAD_DIM).bfloat16()
     by_weight = project_heads(o_proj, x, HEADS, HEAD_DIM)
-    by_call = project_heads_by_call(o_proj, x, HEADS, HEAD_DIM, NUM_HEADS * HEAD_DIM)
+    by_call = project_in_call(o_proj, x, HEADS, HEAD_DIM)[0]
     assert by_call.dtype == by_weight.dtype == torch.float32
     torch.testing.assert_close(by_call, by_weight, rtol=1e-6, atol=1e-6)
     grads = []

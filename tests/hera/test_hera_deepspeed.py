@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 from dist_runs import launch_runs
 from engine_checks import assert_engine, evidence_env, read_evidence
 
-from conftest import REPO, base_recipe, read_trainer_log
+from conftest import REPO, base_recipe, free_port, offline_env, read_trainer_log
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 SAVED = {"save_strategy": "steps", "save_steps": 1}  # a checkpoint after each step: step 1's is resumed from
@@ -93,3 +95,16 @@ def test_zero2_and_zero3_train_hera_like_ddp(assets, tmp_path: Path) -> None:
         assert {"hera_temperature_optimizer.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
                 "hera_state.json"} <= set(assert_resumed_equals_whole(tmp_path / name / "out",
                                                                       tmp_path / f"{name}_resumed" / "out", 2)), name
+
+
+def test_heras_heads_under_zero3_gather_nothing_beyond_the_sft_twin(tmp_path: Path) -> None:
+    """tests/hera/zero3_column_gather.py on two gloo ranks under torchrun, DeepSpeed ZeRO-3 with every parameter
+    partitioned, no prefetch and nothing kept live: HeRA copies its heads' o_proj columns (and the adapter parts) in
+    the modules' own calls, so a step with its term all-gathers exactly the bytes of the SFT twin's step (859194c
+    gathered o_proj and each adapter matrix again in calls of their own, forward and backward); the weights after an
+    SFT step and a HeRA step equal a brute-force reference on the unpartitioned layer (full fine-tuning, LoRA, DoRA)."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(Path(__file__).with_name("zero3_column_gather.py"))],
+                          capture_output=True, text=True, timeout=300, env=offline_env(tmp_path, engines=("deepspeed",)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count(": ok") == 6, proc.stdout

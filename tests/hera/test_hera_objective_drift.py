@@ -46,7 +46,7 @@ def _forward(model, capture, no_grad_layers: bool) -> torch.Tensor | None:
 
 def test_a_cut_gradient_below_the_captured_heads_is_an_error(assets) -> None:
     from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
-    from llamafactory_hera.hera.projection import HeadCapture
+    from llamafactory_hera.hera.capture import HeadCapture
 
     model = _tiny_lora_model(assets, "qwen2_5_vl", ["q_proj", "v_proj", "o_proj"])
     capture = HeadCapture(model, [HeadRef(1, 0)], attention_geometry(model.config))
@@ -60,7 +60,7 @@ def test_a_cut_gradient_below_the_captured_heads_is_an_error(assets) -> None:
 def test_heads_fed_by_nothing_trainable_are_not_an_error(assets) -> None:
     """LoRA on o_proj only, a head of layer 0: nothing trainable feeds its input; HeRA trains its W_O columns."""
     from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
-    from llamafactory_hera.hera.projection import HeadCapture
+    from llamafactory_hera.hera.capture import HeadCapture
 
     model = _tiny_lora_model(assets, "qwen2_5_vl", ["o_proj"])
     capture = HeadCapture(model, [HeadRef(0, 1), HeadRef(1, 0)], attention_geometry(model.config))
@@ -68,11 +68,12 @@ def test_heads_fed_by_nothing_trainable_are_not_an_error(assets) -> None:
 
 
 def test_projection_by_call_ignores_lora_dropout_like_the_weight_path() -> None:
-    """ZeRO-3 projects through o_proj calls, DDP through the effective weight: with lora_dropout > 0 in training
+    """ZeRO-3 reads o_proj's weights in its calls, DDP through the effective weight: with lora_dropout > 0 in training
     mode both must give the same head representations."""
     from peft import LoraConfig, get_peft_model
 
-    from llamafactory_hera.hera.projection import project_heads, project_heads_by_call
+    from llamafactory_hera.hera.projection import project_heads
+    from llamafactory_hera_testing.zero3 import project_in_call
 
     torch.manual_seed(0)
     holder = torch.nn.Module()
@@ -83,7 +84,7 @@ def test_projection_by_call_ignores_lora_dropout_like_the_weight_path() -> None:
     o_proj = model.base_model.model.o_proj
     pooled = torch.randn(5, 2 * 4)
     by_weight = project_heads(o_proj, pooled, [0, 2], 4)
-    by_call = project_heads_by_call(o_proj, pooled, [0, 2], 4, 12)
+    by_call = project_in_call(o_proj, pooled, [0, 2], 4)[0]
     torch.testing.assert_close(by_call, by_weight)
     assert all(module.training for module in o_proj.lora_dropout.values())  # mode restored
 

@@ -9,7 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from llamafactory_hera.hera.projection import base_weight_columns, project_heads, project_heads_by_call
+from llamafactory_hera.hera.projection import base_weight_columns, project_heads
+from llamafactory_hera_testing.zero3 import project_in_call
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -64,8 +65,8 @@ def _alone(x: torch.Tensor, head: int) -> torch.Tensor:
 # 8-bit with DoRA is left out: PEFT 0.18.1 wraps bitsandbytes 0.50's Linear8bitLt in its plain LoRA Linear on CPU,
 # whose DoRA forward fails from the second call on (the layer's row scales moved to its state: 'NoneType' object has no
 # attribute 'unsqueeze'), in stock SFT as well; hera/checks.py refuses that pair by name
-# by_call: project_heads_by_call, the ZeRO-3 path (each module called, its weight gathered in the call, DoRA's row norm
-# under a gather of the layer; here nothing is partitioned, so the calls read the same weights)
+# by_call: the ZeRO-3 path (hera/capture.py InCallColumns: each weight's head columns copied in its module's call,
+# DoRA's row norm where PEFT's forward computes it; here nothing is partitioned, so the calls read the same weights)
 @pytest.mark.parametrize(("storage", "adapter", "by_call"),
                          [(s, a, c) for s in STORAGES for a in ("none", "lora", "dora") for c in (False, True)
                           if (s, a) != ("int8", "dora")])
@@ -75,7 +76,7 @@ def test_heads_through_a_quantized_or_dora_o_proj_equal_the_layers_own_forward(s
     x = torch.randn(3, HEADS * HEAD_DIM, requires_grad=True)
     bias = (o_proj.base_layer if adapter != "none" else o_proj).bias
     heads = list(range(HEADS))
-    parts = (project_heads_by_call(o_proj, x, heads, HEAD_DIM, HEADS * HEAD_DIM) if by_call
+    parts = (project_in_call(o_proj, x, heads, HEAD_DIM)[0] if by_call
              else project_heads(o_proj, x, heads, HEAD_DIM))  # [H, 3, WIDTH]
     with torch.no_grad():
         torch.testing.assert_close(parts.sum(0), o_proj(x) - bias, rtol=0, atol=2e-6)  # heads sum to the layer

@@ -1,5 +1,5 @@
-"""The heads' representations: their ``o_proj`` inputs captured in the LM forward (:class:`HeadCapture`, steps 2-3
-of the HeRA step) and projected per head through ``o_proj`` (paper Eq. 6–7, App. A).
+"""The heads' representations: their ``o_proj`` inputs (captured in the LM forward, hera/capture.py) projected per
+head through ``o_proj`` (paper Eq. 6–7, App. A).
 
 ``o_proj`` is a linear map with weight ``[d, H * d_head]``; the input ``[.., H * d_head]`` is
 head-major, so head h owns input columns ``h*d_head:(h+1)*d_head`` and its contribution to the
@@ -12,16 +12,12 @@ scales its rows. ``W`` is read as the layer's forward uses it: bitsandbytes 4-bi
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
-from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from llamafactory_hera.heads.architecture import head_projections, trainable_upstream
-from llamafactory_hera.heads.geometry import AttentionGeometry, HeadRef
 from llamafactory_hera.hera.sharded_4bit import sharded_columns
-from llamafactory_hera.short_errors import RecipeError
 
 
 def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.Tensor:
@@ -39,20 +35,41 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
     weight (early in training) is mostly rounded away by the sum (at |delta|/|W| = 7e-5, 98.6 % of its effect on the
     projected value).
     """
-    base, adapters = _base_and_adapters(o_proj)
+    base, adapters = base_and_adapters(o_proj)
     if base.weight.ndim != 2:  # a ZeRO-3 partition outside its gather: an empty 1-D placeholder
         raise RuntimeError("o_proj's weight is a DeepSpeed ZeRO-3 partition; read it inside "
-                           "deepspeed.zero.GatheredParameters, or project through project_heads_by_call.")
+                           "deepspeed.zero.GatheredParameters, or in its modules' calls (hera/capture.py).")
     weight = base_weight_columns(base, columns)
-    total = weight
+    deltas = []
     for name in adapters:
         lora_a = whole(o_proj.lora_A[name].weight, columns).float()  # [r, C]
         lora_b = whole(o_proj.lora_B[name].weight).float()  # [d, r]
-        scaling = o_proj.scaling[name]
-        delta = scaling * (lora_b @ lora_a)
+        scaling, dora = o_proj.scaling[name], None
         if o_proj.use_dora.get(name, False):
-            magnitude = whole(o_proj.lora_magnitude_vector[name].weight)
-            norm = _dora_norm(base, o_proj.lora_A[name].weight, o_proj.lora_B[name].weight, scaling)
+            dora = (whole(o_proj.lora_magnitude_vector[name].weight),
+                    _dora_norm(base, o_proj.lora_A[name].weight, o_proj.lora_B[name].weight, scaling))
+        deltas.append(AdapterColumns(lora_a, lora_b, scaling, dora))
+    return combined(weight, deltas)
+
+
+class AdapterColumns(NamedTuple):
+    """One adapter's part of the effective weight at the heads' columns: ``lora_a`` ``[r, C]`` and ``lora_b``
+    ``[d, r]`` float32, its ``scaling``, and for DoRA ``(magnitude [d], row norm [d])``, else None."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+    dora: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def combined(weight: torch.Tensor, adapters: list[AdapterColumns]) -> torch.Tensor:
+    """``[d, C]`` float32: the base ``weight`` columns ``[d, C]`` plus each adapter's delta, ``s B A`` (LoRA) or
+    ``(c - 1) W + c s B A`` with ``c = m / ||W + s B A||_row`` (DoRA)."""
+    total = weight
+    for adapter in adapters:
+        delta = adapter.scaling * (adapter.lora_b @ adapter.lora_a)
+        if adapter.dora is not None:
+            magnitude, norm = adapter.dora
             row = (magnitude.float() / norm)[:, None]
             delta = (row - 1) * weight + row * delta
         total = total + delta
@@ -161,7 +178,7 @@ def whole(weight: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Te
     return weight.full_tensor(grad_placements=[Partial("avg")] * len(weight.placements))
 
 
-def _base_and_adapters(o_proj: nn.Module) -> tuple[nn.Linear, list[str]]:
+def base_and_adapters(o_proj: nn.Module) -> tuple[nn.Linear, list[str]]:
     """(the Linear holding ``W_O``, plain or bitsandbytes-quantized, the names of the LoRA / DoRA adapters whose
     delta adds to it: none for a plain ``o_proj``, or when merged or disabled)."""
     base = getattr(o_proj, "base_layer", None)
@@ -194,70 +211,18 @@ def head_columns(heads: list[int], head_dim: int, device: torch.device | None = 
     return torch.cat([h * head_dim + offsets for h in heads])
 
 
-def project_heads(o_proj: nn.Module, x_heads: torch.Tensor, heads: list[int], head_dim: int) -> torch.Tensor:
+def project_heads(o_proj: nn.Module, x_heads: torch.Tensor, heads: list[int], head_dim: int,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
     """``[len(heads), ..., d]``: each head's contribution to the residual stream, its slice of ``x_heads``
     ``[..., len(heads) * head_dim]`` (the ``o_proj`` input's slices for ``heads``, in that order) through its ``W_O``
     columns, in float32 (inputs and weight cast). Over every head they sum to ``o_proj(x) - bias`` (LoRA dropout
-    aside)."""
-    columns = head_columns(heads, head_dim, x_heads.device)
-    w_sel = effective_weight_columns(o_proj, columns).unflatten(-1, (len(heads), head_dim))  # [d, n, dh] float32
+    aside). ``weight``: the ``[d, len(heads) * head_dim]`` effective weight columns when already read (ZeRO-3: in the
+    modules' calls, hera/capture.py), else read here (:func:`effective_weight_columns`)."""
+    if weight is None:
+        weight = effective_weight_columns(o_proj, head_columns(heads, head_dim, x_heads.device))
+    w_sel = weight.unflatten(-1, (len(heads), head_dim))  # [d, n, dh] float32
     x_sel = x_heads.float().unflatten(-1, (len(heads), head_dim))  # [..., n, dh]
     return torch.einsum("...nk,dnk->n...d", x_sel, w_sel)
-
-
-def is_partitioned(o_proj: nn.Module) -> bool:
-    """True when ``o_proj``'s weight is a DeepSpeed ZeRO-3 partition (only gathered inside the module's forward)."""
-    base = getattr(o_proj, "base_layer", o_proj)
-    return hasattr(getattr(base, "weight", None), "ds_id")
-
-
-def project_heads_by_call(o_proj: nn.Module, x_heads: torch.Tensor, heads: list[int], head_dim: int,
-                          width: int) -> torch.Tensor:
-    """Like :func:`project_heads`, but inside calls of ``o_proj``'s modules (for ZeRO-3 partitioned weights).
-
-    A ZeRO-3 weight is whole only inside its module's call (the module's hooks gather it, and gather it again
-    for backward). So the base layer, and each active LoRA adapter's ``lora_A`` and ``lora_B``, is called with
-    its ``forward`` swapped for the float32 product of the head columns of its own weight (a bitsandbytes 4-bit base,
-    ZeRO-3 + QLoRA, read dequantized by :func:`base_weight_columns` inside its call). The result is
-    :func:`project_heads`'s ``x @ (W + s B A)^T`` computed as ``x W^T + s (x A^T) B^T``, all in float32: the two
-    paths differ by float32 rounding only. A DoRA adapter adds ``(c - 1) x W^T + c s (x A^T) B^T`` with
-    ``c = m / ||W + s B A||_row``: the row norm, detached as in PEFT's forward, is read with the layer's weights
-    gathered at once (:func:`gathered`, a collective), the magnitude ``m`` in a call of its own module, so its
-    gradient goes back through ZeRO-3's hooks. LoRA dropout is not applied (as in the effective-weight path).
-    ``x_heads``: ``[B, len(heads) * head_dim]`` pooled head inputs; ``width``: ``num_heads * head_dim``, the input
-    width of ``o_proj`` (checked against the weight). Returns ``[len(heads), B, d]`` float32 contributions.
-    """
-    base, adapters = _base_and_adapters(o_proj)
-    if base.in_features != width:
-        raise ValueError(f"o_proj takes {base.in_features} inputs, expected num_heads * head_dim = {width}")
-    columns = head_columns(heads, head_dim, x_heads.device)
-    x = x_heads.float().unflatten(-1, (len(heads), head_dim))  # [B, n, dh]
-
-    def through(module: nn.Module, x: torch.Tensor) -> torch.Tensor:  # [B, n, dh] -> [n, B, rows of weight]
-        weight = base_weight_columns(module, columns).unflatten(-1, (len(heads), head_dim))  # [out, n, dh]
-        return torch.einsum("bnk,onk->nbo", x, weight)
-
-    through_base = _call_as(base, through, x)  # [n, B, d]
-    norms = _dora_row_norms(o_proj, base, [name for name in adapters if o_proj.use_dora.get(name, False)])
-    out = through_base
-    for name in adapters:
-        low = _call_as(o_proj.lora_A[name], through, x)  # [n, B, r]
-        lora = o_proj.scaling[name] * _call_as(o_proj.lora_B[name], lambda m, z: z @ m.weight.float().T, low)
-        if name in norms:  # DoRA: c = m / ||W + s B A||_row, [d]
-            row = _call_as(o_proj.lora_magnitude_vector[name], lambda m, norm: m.weight.float() / norm, norms[name])
-            lora = (row - 1) * through_base + row * lora
-        out = out + lora
-    return out
-
-
-def _dora_row_norms(o_proj: nn.Module, base: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """``{adapter: [d]}``: ``||W + s B A||_row`` of each DoRA adapter in ``names``, detached (PEFT's forward), read with
-    all of ``o_proj``'s weights gathered at once."""
-    if not names:
-        return {}
-    with gathered(o_proj):
-        return {name: _dora_norm(base, o_proj.lora_A[name].weight, o_proj.lora_B[name].weight, o_proj.scaling[name])
-                for name in names}
 
 
 def gathered(module: nn.Module) -> contextlib.AbstractContextManager:
@@ -269,109 +234,3 @@ def gathered(module: nn.Module) -> contextlib.AbstractContextManager:
     import deepspeed  # lazy: an optional install, only under ZeRO-3
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def _call_as(module: nn.Module, compute: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-             x: torch.Tensor) -> torch.Tensor:
-    """``compute(module, x)`` run as ``module``'s forward, through ``module(x)``: its hooks (ZeRO-3's gathering of
-    its parameters, in forward and backward) act as in an ordinary call."""
-    own = module.__dict__.get("forward")
-    module.forward = lambda inputs: compute(module, inputs)
-    try:
-        return module(x)
-    finally:
-        if own is None:
-            del module.forward
-        else:
-            module.forward = own
-
-
-class HeadCapture:
-    """Forward hooks that produce ``[n_heads, B, d]`` head representations for one forward pass.
-
-    A forward hook on each selected layer's ``o_proj`` copies the selected heads' slices of its input
-    (``[B, T, n*d_head]``; slicing and concatenation save no tensors for backward, so gradient
-    checkpointing's recomputation sees the same saved tensors with or without the hook). After the
-    forward, the slices are pooled over the chosen tokens and projected through each head's ``W_O``
-    columns, outside any checkpointed region, so the HeRA loss has a full autograd graph.
-    Hooks act only while armed: recomputation during backward and evaluation forwards are ignored.
-    """
-
-    def __init__(self, model: nn.Module, heads: list[HeadRef], geometry: AttentionGeometry) -> None:
-        self.heads = list(heads)
-        self.geometry = geometry
-        o_projs = head_projections(model)
-        missing = sorted({ref.layer for ref in heads} - set(o_projs))
-        if missing:
-            raise ValueError(f"decoder layer(s) {missing} of the loaded model have no heads (layers with heads: "
-                             f"{sorted(o_projs)}); the config's plan said {list(geometry.head_layers)}")
-        self._by_layer: dict[int, list[int]] = defaultdict(list)
-        for ref in self.heads:
-            self._by_layer[ref.layer].append(ref.head)
-        self._modules = {layer: o_projs[layer] for layer in self._by_layer}
-        self._armed = False
-        self._inputs: dict[int, torch.Tensor] = {}
-        self.fed_by_trainable = trainable_upstream(model, sorted(self._by_layer))
-        for layer in sorted(self._by_layer):
-            self._modules[layer].register_forward_hook(self._make_hook(layer))
-
-    def _make_hook(self, layer: int):
-        dh = self.geometry.head_dim_of(layer)
-        slices = [slice(h * dh, (h + 1) * dh) for h in self._by_layer[layer]]
-
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if self._armed:
-                x = args[0]  # [B, T, H*dh]
-                self._inputs[layer] = torch.cat([x[..., s] for s in slices], dim=-1)  # [B, T, n*dh], a copy
-
-        return hook
-
-    def arm(self) -> None:
-        """Capture the next forward pass."""
-        self._armed = True
-        self._inputs = {}
-
-    def disarm(self, weights: torch.Tensor, check_gradient: bool = False) -> torch.Tensor | None:
-        """Stop capturing and build the representations.
-
-        Args:
-            weights: ``[B, T]`` float pooling weights (rows sum to 1, or 0 for samples without tokens).
-            check_gradient: in a training step, raise if a captured input that trainable parameters feed
-                carries no gradient (a silently cut HeRA gradient).
-
-        Returns:
-            ``[n_heads, B, d]`` float32 in recipe order, or None if no hook fired.
-        """
-        self._armed = False
-        inputs, self._inputs = self._inputs, {}
-        if not inputs:
-            return None
-        missing = sorted(set(self._by_layer) - set(inputs))
-        if missing:
-            raise RuntimeError(f"o_proj of layers {missing} did not run in this forward pass")
-        # scanned on the checked steps only
-        if check_gradient and (cut := [layer for layer, x in sorted(inputs.items())
-                                       if self.fed_by_trainable[layer] and not x.requires_grad]):
-            raise RecipeError(
-                f"HeRA: the o_proj input of layer(s) {cut} carries no gradient although trainable parameters feed "
-                "it, so the HeRA gradient would reach only the selected heads' W_O columns. The forward ran without "
-                "autograd: a gradient checkpointing that runs that layer under torch.no_grad (use_unsloth_gc, or a "
-                "custom checkpointing function HeRA cannot make non-reentrant) is the usual cause. "
-                "Remove use_unsloth_gc / set use_reentrant_gc: false.")
-        reps: dict[HeadRef, torch.Tensor] = {}
-        for layer, x_heads in inputs.items():
-            if x_heads.shape[:2] != weights.shape:
-                raise RuntimeError(
-                    f"o_proj input of layer {layer} has shape {tuple(x_heads.shape)} but the pooling mask is "
-                    f"{tuple(weights.shape)}; the model changes the sequence length internally."
-                )
-            pooled = torch.einsum("bt,btc->bc", weights.to(x_heads.device, torch.float32), x_heads.float())
-            heads = self._by_layer[layer]
-            module = self._modules[layer]
-            head_dim = self.geometry.head_dim_of(layer)
-            if is_partitioned(module):  # DeepSpeed ZeRO-3: let the module's hooks gather its weights
-                projected = project_heads_by_call(module, pooled, heads, head_dim, self.geometry.num_heads * head_dim)
-            else:
-                projected = project_heads(module, pooled, heads, head_dim)  # [n, B, d]
-            reps.update({HeadRef(layer, h): rep for h, rep in zip(heads, projected, strict=True)})
-        return torch.stack([reps[ref] for ref in self.heads])

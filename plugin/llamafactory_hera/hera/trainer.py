@@ -6,7 +6,7 @@ optimizer step, from :meth:`HeraTrainer.compute_loss` to the loss value, reads i
 1. the batch (``hera/collator.py``): the model's inputs, the teacher's pixels or cache keys, the pooled-token mask and
    the anchors (samples with images and pooled tokens), all computed on the CPU;
 2. the captured head inputs: the ordinary LM forward, with hooks on the selected heads' ``o_proj`` inputs armed
-   (``projection.HeadCapture``);
+   (``capture.HeadCapture``);
 3. the projection: those inputs pooled over the mask and projected through each head's ``W_O`` columns
    (``HeadCapture.disarm``), ``[H, B, d]``;
 4. the contrastive set (:meth:`HeraTrainer.hera_term`): this rank's anchors and their teacher features, the global
@@ -34,6 +34,7 @@ from torch import nn
 from llamafactory_hera.heads.geometry import attention_geometry
 from llamafactory_hera.heads.pooling import multimodal_token_ids, pooling_weights, require_multimodal_ids
 from llamafactory_hera.hera import checkpoint
+from llamafactory_hera.hera.capture import HeadCapture
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS, collator_token_sources
 from llamafactory_hera.hera.loss import (
     FeatureQueue,
@@ -44,7 +45,6 @@ from llamafactory_hera.hera.loss import (
     hera_loss_anchored,
     used_temperature,
 )
-from llamafactory_hera.hera.projection import HeadCapture
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher
 from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
