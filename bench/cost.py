@@ -58,6 +58,7 @@ class Case:
     world: int = 1
     mode: str = "lora"  # lora | qlora | full
     card: str = "80 GB"
+    zero3: bool = False  # DeepSpeed ZeRO-3, counted as FSDP2 with its dtypes (bench/cost_models.py)
     heads: tuple[str, ...] = tuple(HEADS)
 
 
@@ -65,7 +66,7 @@ CASES = (
     Case("8b-lora", "qwen3_8b_hera.yaml", cm.QWEN3_VL_8B),
     Case("8b-qlora", "qwen3_8b_hera_qlora.yaml", cm.QWEN3_VL_8B, mode="qlora", card="24 GB"),
     Case("8b-fsdp2", "qwen3_8b_hera_fsdp2.yaml", cm.QWEN3_VL_8B, world=8, card="24 GB"),
-    Case("8b-full-zero3", "qwen3_8b_hera_full.yaml", cm.QWEN3_VL_8B, world=8, mode="full"),
+    Case("8b-full-zero3", "qwen3_8b_hera_full.yaml", cm.QWEN3_VL_8B, world=8, mode="full", zero3=True),
     Case("72b-fsdp2-8", "qwen3_8b_hera_fsdp2.yaml", cm.QWEN2_5_VL_72B, world=8),
     Case("72b-fsdp2-16", "qwen3_8b_hera_fsdp2.yaml", cm.QWEN2_5_VL_72B, world=16),
 )
@@ -92,7 +93,7 @@ def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm
         else:
             model = cm.add_lora(model, int(recipe.get("lora_rank", 8)), int(recipe.get("lora_alpha", 16)))
         quantized = cm.quantize_in_place(model) if case.mode == "qlora" else []
-        with cm.training_checkpointing(model):
+        with cm.training_checkpointing(model), cm.zero3_reads(case.zero3):
             hera = cm.hera_parts(model, remapped_heads(list(case.heads)), recipe) if arm != "sft" else None
             if mesh is not None:
                 cm.shard(model, mesh, torch.bfloat16, fp32_params=True)

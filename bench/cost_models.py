@@ -10,7 +10,8 @@ What is not the recipe's own code, and why:
   ``base_weight_columns``' 4-bit branch does.
 - DeepSpeed ZeRO-3 cannot run here: it is counted as FSDP2 with ZeRO-3's dtypes (bf16 gathers and reduce-scatters,
   fp32 master weights, gradients and Adam moments sharded: 16 bytes per parameter / N, as ZeRO-3's bf16 partition
-  + fp32 master + moments); HeRA's projection then takes the FSDP2 path (``whole``), not DeepSpeed's by-call path.
+  + fp32 master + moments); HeRA reads its heads' columns as under ZeRO-3, in ``o_proj``'s modules' own calls
+  (``capture.InCallColumns``), where FSDP2's weights are unsharded as ZeRO-3's are gathered (:func:`zero3_reads`).
 - The anchors' count exchange of ``gather_batch`` (one integer per rank, read on the host) cannot run on fake
   tensors: every rank is given the recipe's micro-batch of anchors and the gather is ``_GatherWithGrad`` itself.
 - Liger's fused linear cross-entropy (a Triton kernel, GPU only) is counted by its algorithm: the rows in chunks of
@@ -172,6 +173,21 @@ def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
 
     projection.base_weight_columns = four_bit
     return layers
+
+
+@contextlib.contextmanager
+def zero3_reads(on: bool) -> Any:
+    """Within it (when ``on``), HeRA takes every ``o_proj`` weight for a ZeRO-3 partition: its heads' columns are read
+    in the modules' calls (``capture.InCallColumns``), as under DeepSpeed ZeRO-3."""
+    from llamafactory_hera.hera import capture
+
+    own = capture.is_zero3_partition
+    if on:
+        capture.is_zero3_partition = lambda weight: True
+    try:
+        yield
+    finally:
+        capture.is_zero3_partition = own
 
 
 def shard(model: nn.Module, mesh: Any, reduce_dtype: torch.dtype, fp32_params: bool) -> None:

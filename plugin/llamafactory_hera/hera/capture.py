@@ -32,6 +32,11 @@ from llamafactory_hera.hera.projection import (
 from llamafactory_hera.short_errors import RecipeError
 
 
+def is_zero3_partition(weight: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages ``weight`` (it adds a ``ds_id``)."""
+    return hasattr(weight, "ds_id")
+
+
 class _CopyWithGradient(torch.autograd.Function):
     """``weight[:, columns]`` (``columns`` None: all of ``weight``) as a float32 copy whose gradient goes back into
     a zero tensor of ``weight``'s shape and dtype at those columns. Nothing is saved for backward with
@@ -75,7 +80,7 @@ class InCallColumns:
     def _hook(self, module: nn.Module, key: Any, columns: torch.Tensor | None) -> None:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if module is self.base:
-                self.partitioned = self.armed and hasattr(module.weight, "ds_id")
+                self.partitioned = self.armed and is_zero3_partition(module.weight)
             if self.partitioned:
                 weight, cols = module.weight, None if columns is None else columns.to(module.weight.device)
                 self.pieces[key] = (base_weight_columns(module, cols).detach()  # read as its forward does: a

@@ -17,8 +17,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from llamafactory_hera.hera.sharded_4bit import sharded_columns
-
 
 def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.Tensor:
     """``[d, C]`` effective weight of ``o_proj`` (``nn.Linear``, a bitsandbytes 4-/8-bit ``Linear``, or a PEFT LoRA /
@@ -98,7 +96,7 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
     a plain weight as stored; bitsandbytes 8-bit (``Int8Params``) as ``codes * SCB / 127`` (per-row absmax ``SCB``);
     bitsandbytes 4-bit (``Params4bit``, packed with a ``quant_state``: nf4, fp4, double quantization) dequantized whole
     (its blocks run along the flattened rows) and then indexed; under FSDP2 each rank's shard of whole rows and blocks
-    dequantized and indexed alone, the columns gathered (:func:`~.sharded_4bit.sharded_columns`), other shards
+    dequantized and indexed alone, the columns gathered (:func:`sharded_columns`), other shards
     gathered whole first. Any other non-floating storage is refused by name.
     (bitsandbytes 0.50's 8-bit layer on the CPU multiplies by exactly this weight in train mode, as HeRA trains; in
     eval mode, e.g. ``select``, it runs LLM.int8, its inputs rounded to float16 and int8 per row, ~7e-3 relative:
@@ -138,6 +136,60 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
                         "llamafactory-hera cannot read exactly; use bitsandbytes (quantization_bit: 4 or 8) or an "
                         "unquantized model.")
     return whole(weight, columns).float()  # an FSDP2 shard: only the columns gathered
+
+
+def sharded_columns(weight: torch.Tensor, quant_state: object, columns: torch.Tensor) -> torch.Tensor | None:
+    """``[out, C]`` of the 4-bit weight at input ``columns`` ``[C]``, in the dequantized dtype (``quant_state.dtype``),
+    bit for bit what ``dequantize_4bit`` of the whole packed weight gives there; no gradient (a frozen base). None
+    when ``weight`` is not an FSDP2 shard (a DTensor ``Shard(0)`` on a 1-D mesh) of whole rows and whole blocks, or when
+    the columns would move more bytes than the packed weight (many heads of a layer): the caller gathers it whole.
+    Decided from global shapes only, so every rank takes the same path and issues the same collectives.
+
+    bitsandbytes packs a ``[out, in]`` weight row-major into ``[out * in / k, 1]`` elements of its storage dtype (``k``
+    4-bit codes each: 2 per byte; ``k = 4`` in bf16, the storage LLaMA-Factory sets under FSDP), quantized in blocks of
+    ``blocksize`` consecutive codes, one absmax each (the ``QuantState``, whole on every rank: it stays on the layer).
+    FSDP2 shards the storage's dim 0 as ``torch.chunk`` does: ``chunk = ceil(M / world)`` elements, rank i holding
+    ``[i * chunk, min((i + 1) * chunk, M))`` (the last ones short or empty). When ``chunk * k`` codes are whole rows and
+    whole blocks, each rank's shard is rows ``[i * chunk * k / in, ...)`` of the weight: it is dequantized there, its
+    ``[rows, C]`` columns taken, and only those are all-gathered into ``[out, C]``."""
+    if not hasattr(weight, "to_local") or weight.device_mesh.ndim != 1 or len(weight.placements) != 1 \
+            or not weight.placements[0].is_shard(0):
+        return None
+    out, width = quant_state.shape
+    per_element = 2 * weight.element_size()  # 4-bit codes per storage element
+    total, world, size = weight.shape[0], weight.device_mesh.size(), len(columns)
+    codes = -(-total // world) * per_element  # codes of a full shard
+    if total * per_element != out * width or codes % width or codes % quant_state.blocksize \
+            or out * size * quant_state.dtype.itemsize > weight.numel() * weight.element_size():
+        return None
+    # lazy: only a 4-bit layer sharded by FSDP2 gets here
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+    from torch.distributed.tensor import DTensor
+
+    device = weight.device_mesh.device_type  # offloaded shards (fsdp_offload_params) are read there
+    local = weight.to_local().detach().to(device)  # [rows * width / k, 1]
+    rows = local.shape[0] * per_element // width
+    first = weight.device_mesh.get_local_rank() * codes // quant_state.blocksize
+    absmax = _absmax(quant_state)[first:first + -(-rows * width // quant_state.blocksize)].to(device)
+    with torch.no_grad():
+        values = torch.empty(rows, size, dtype=quant_state.dtype, device=device)
+        if rows:
+            mine = QuantState(absmax, shape=torch.Size((rows, width)), code=quant_state.code,
+                              blocksize=quant_state.blocksize, quant_type=quant_state.quant_type,
+                              dtype=quant_state.dtype)  # [rows, width]: this shard's blocks, not nested
+            values = dequantize_4bit(local, mine)[:, columns.to(device)]
+        return DTensor.from_local(values, weight.device_mesh, weight.placements, run_check=False,
+                                  shape=(out, size), stride=(size, 1)).full_tensor()
+
+
+def _absmax(quant_state: object) -> torch.Tensor:
+    """``[blocks]`` float32 absmax of every block; a double-quantized (nested) one dequantized first, as
+    bitsandbytes' ``dequantize_4bit`` does."""
+    if not quant_state.nested:
+        return quant_state.absmax
+    from bitsandbytes.functional import dequantize_blockwise  # lazy: only a 4-bit layer gets here
+
+    return (dequantize_blockwise(quant_state.absmax, quant_state.state2) + quant_state.offset).float()
 
 
 def _quant_state(base: nn.Module) -> object | None:
