@@ -6,8 +6,8 @@ What is not the recipe's own code, and why:
 - 4-bit (QLoRA): bitsandbytes cannot run on fake tensors. The weights are built in bf16, their storage is counted
   from the quantization (recipes/memory.py's bytes per weight), and each base linear layer runs as bitsandbytes'
   ``MatMul4Bit`` does: the weight dequantized to bf16 for the product, in forward and again in backward, nothing
-  saved (:class:`Dequantized`); HeRA's ``o_proj`` read dequantizes the whole weight in float32, as
-  ``base_weight_columns``' 4-bit branch does.
+  saved (:class:`Dequantized`); HeRA's ``o_proj`` read dequantizes the whole weight in bf16 (its heads' columns
+  cast to float32), as ``base_weight_columns``' 4-bit branch does.
 - DeepSpeed ZeRO-3 cannot run here: it is counted as FSDP2 with ZeRO-3's dtypes (bf16 gathers and reduce-scatters,
   fp32 master weights, gradients and Adam moments sharded: 16 bytes per parameter / N, as ZeRO-3's bf16 partition
   + fp32 master + moments); HeRA reads its heads' columns as under ZeRO-3, in ``o_proj``'s modules' own calls
@@ -158,18 +158,18 @@ class Dequantized(torch.autograd.Function):
 
 def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
     """Every base ``nn.Linear`` but the output layer runs through :class:`Dequantized`; HeRA's read of ``o_proj``
-    dequantizes the whole weight in float32 (``base_weight_columns``' 4-bit branch). Returns the quantized layers."""
+    dequantizes the whole weight in bf16 and casts the heads' columns to float32 (``base_weight_columns``' 4-bit
+    branch). Returns the quantized layers."""
     from llamafactory_hera.hera import projection
 
     layers = [m for name, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in name
               and "lora_" not in name]
     for layer in layers:
         layer.forward = (lambda m: lambda x: Dequantized.apply(x, m.weight, m.bias))(layer)
-    plain = projection.base_weight_columns
 
     def four_bit(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
-        full = plain(base).clone()  # dequantize_4bit's [out, in] output, then .float()
-        return full if columns is None else full[:, columns]
+        full = base.weight.detach().clone()  # dequantize_4bit's [out, in] output, in the compute dtype
+        return (full if columns is None else full[:, columns]).float()
 
     projection.base_weight_columns = four_bit
     return layers

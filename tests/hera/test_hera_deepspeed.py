@@ -105,6 +105,7 @@ def test_heras_heads_under_zero3_gather_nothing_beyond_the_sft_twin(tmp_path: Pa
     SFT step and a HeRA step equal a brute-force reference on the unpartitioned layer (full fine-tuning, LoRA, DoRA)."""
     proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
                            str(free_port()), str(Path(__file__).with_name("zero3_column_gather.py"))],
-                          capture_output=True, text=True, timeout=300, env=offline_env(tmp_path, engines=("deepspeed",)))
+                          capture_output=True, text=True, timeout=300,
+                          env=offline_env(tmp_path, engines=("deepspeed",)))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.count(": ok") == 6, proc.stdout

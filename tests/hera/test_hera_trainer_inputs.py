@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 import transformers
 
@@ -39,3 +40,36 @@ def test_teacher_pixels_stay_float32_when_deepspeed_casts_the_inputs() -> None:
     assert ours["hera_pixel_values"].dtype == torch.float32 and torch.equal(ours["hera_pixel_values"], pixels)
     assert ours["pixel_values"].dtype == torch.bfloat16  # the model's own inputs are prepared as before
     assert torch.equal(ours["input_ids"], stock["input_ids"]) and ours["hera_pixel_keys"] == ["a", "b"]
+
+
+def test_a_forward_that_fails_keeps_its_own_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error in the armed forward (an OOM in a head layer's lora_A after its base layer ran, under ZeRO-3) is the
+    one raised, so that ``auto_find_batch_size`` and the user see it; the capture forgets that forward instead of
+    building from its half (which would raise "were not seen in its call" on top of it)."""
+    from llamafactory_hera.hera.collator import HERA_BATCH_KEYS
+
+    calls: list[str] = []
+
+    class _Capture:
+        def arm(self) -> None:
+            calls.append("arm")
+
+        def drop(self) -> None:
+            calls.append("drop")
+
+        def disarm(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError("HeRA: o_proj's [('lora_a', 'default')] were not seen in its call under ZeRO-3")
+
+    def forward(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    trainer = object.__new__(_Trainer)
+    trainer.hera_capture, trainer.hera_checkpointing = _Capture(), SimpleNamespace(ensure=lambda: None)
+    trainer.hera_sums, trainer.state = SimpleNamespace(last_logged_step=0), SimpleNamespace(global_step=0)
+    model = SimpleNamespace(training=True)
+    batch = dict(zip(HERA_BATCH_KEYS, (None, None, torch.ones(1), [None], torch.ones(1, 3, dtype=torch.bool),
+                                       torch.zeros(1, dtype=torch.long), torch.tensor([1, 0])), strict=True))
+    monkeypatch.setattr(transformers.Trainer, "compute_loss", forward)
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
+        trainer.compute_loss(model, {"input_ids": torch.ones(1, 3), **batch})
+    assert calls == ["arm", "drop"]

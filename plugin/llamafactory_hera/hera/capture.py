@@ -25,7 +25,6 @@ from llamafactory_hera.hera.projection import (
     base_and_adapters,
     base_weight_columns,
     combined,
-    dora_row_norm,
     head_columns,
     project_heads,
 )
@@ -82,19 +81,29 @@ class InCallColumns:
             if module is self.base:
                 self.partitioned = self.armed and is_zero3_partition(module.weight)
             if self.partitioned:
-                weight, cols = module.weight, None if columns is None else columns.to(module.weight.device)
+                weight, cols = module.weight, None if columns is None else self._columns_on(module.weight.device)
                 self.pieces[key] = (base_weight_columns(module, cols).detach()  # read as its forward does: a
                                     if module is self.base and not weight.requires_grad  # copy, dequantized if 4-bit
                                     else _CopyWithGradient.apply(weight, cols))
         # first: before DeepSpeed's hook releases the gathered weight
         module.register_forward_hook(hook, prepend=True)
 
+    def _columns_on(self, device: torch.device) -> torch.Tensor:
+        """The columns on ``device``, copied there once (a copy from the host in every call would wait for it)."""
+        if self.columns.device != device:
+            self.columns = self.columns.to(device)
+        return self.columns
+
     def _norm_reader(self, get_weight_norm: Any, name: str) -> Any:
         """PEFT's DoRA ``get_weight_norm(weight, lora_weight, scaling)``, which also keeps ``||W + s B A||_row`` in
-        float32 (as ``projection._dora_norm``) from the weights PEFT's forward gathered for it."""
+        float32 (as ``projection._dora_norm``) from the weights PEFT's forward gathered for it: one float32 temporary
+        of ``o_proj``'s size."""
         def reading(weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float) -> torch.Tensor:
             if self.partitioned:
-                self.pieces[("norm", name)] = dora_row_norm(weight.detach().float(), scaling * lora_weight.float())
+                with torch.no_grad():
+                    full = weight.to(torch.float32, copy=True).add_(lora_weight.float(), alpha=scaling)
+                    self.pieces[("norm", name)] = torch.linalg.norm(full, dim=1)
+                    del full
             return get_weight_norm(weight, lora_weight, scaling)
         return reading
 
@@ -164,6 +173,12 @@ class HeadCapture:
         self._inputs = {}
         for reader in self._in_call.values():
             reader.armed = True
+
+    def drop(self) -> None:
+        """Stop capturing and forget what the last forward left (it failed: nothing is built from it)."""
+        self._armed, self._inputs = False, {}
+        for reader in self._in_call.values():
+            reader.armed, reader.pieces, reader.partitioned = False, {}, False
 
     def disarm(self, weights: torch.Tensor, check_gradient: bool = False) -> torch.Tensor | None:
         """Stop capturing and build the representations.

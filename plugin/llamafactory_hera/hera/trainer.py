@@ -115,17 +115,19 @@ class HeraTrainer(RestoresCheckpointWeights):
         self.hera_capture.arm()
         try:
             result = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-            # LLaMA-Factory's ASFT path (use_asft_loss) returns the loss alone, whatever return_outputs says
-            lm_loss, outputs = result if isinstance(result, tuple) else (result, None)
-        finally:
-            reps = self.hera_capture.disarm(pooling_weights(token_mask), check_gradient=torch.is_grad_enabled())
+        except BaseException:  # the forward's own error (an OOM...) stays the one raised
+            self.hera_capture.drop()
+            raise
+        # LLaMA-Factory's ASFT path (use_asft_loss) returns the loss alone, whatever return_outputs says
+        lm_loss, outputs = result if isinstance(result, tuple) else (result, None)
+        reps = self.hera_capture.disarm(pooling_weights(token_mask), check_gradient=torch.is_grad_enabled())
         if reps is None:
             raise RuntimeError("HeRA hooks did not fire: the model's o_proj modules were not called in the forward.")
         # 4-5. the contrastive set and the HeRA loss
         term, finite = self.hera_term(reps, pixel_values, pixel_keys, keys, counts, anchor_index, num_valid)
         if term is None:
             self.hera_sums.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
-            # the heads' weights were gathered for reps (FSDP2, ZeRO-3): a rank without a term still runs their
+            # under FSDP2 the heads' weight columns were gathered for reps: a rank without a term still runs their
             # backward, with zeros, so that every rank issues the same collectives (issue 69 item 2)
             lm_loss = lm_loss + (reps.nan_to_num() * 0.0).sum().to(lm_loss.dtype) if reps.requires_grad else lm_loss
         # The Trainer divides the returned loss by the accumulation steps unless the model already normalised it
