@@ -49,6 +49,9 @@ class Holder(nn.Module):
                                                    module=self.o_proj)
             self.o_proj.to("cpu")
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the layer's own call (tests/hera/zero3_column_gather.py)
+        return self.o_proj(x)
+
 
 def dequantized(base: nn.Module) -> torch.Tensor:
     """``[out, in]`` float32 weight of an unsharded base layer: a 4-bit one dequantized by bitsandbytes whole."""

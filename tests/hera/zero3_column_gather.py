@@ -1,8 +1,9 @@
 """HeRA's heads under DeepSpeed ZeRO-3 (hera/capture.py ``InCallColumns``) on two gloo ranks: the bytes all-gathered
 by a step with HeRA's term against its SFT twin's (the same forward and LM-like loss, no term), counted on the
 collectives (llamafactory_hera_testing.collectives), and the update against a brute-force reference on the
-unpartitioned layer in the same process (plain torch: ``x_h @ W_eff[:, h].T``, ``W_eff = W + s B A`` or DoRA's
-``diag(m / ||W + s B A||_row) (W + s B A)``, SGD on the mean of the ranks' gradients, as DeepSpeed averages). Every
+unpartitioned layer in the same process (tests/hera/fsdp2_column_gather.py's, plain torch: ``x_h @ W_eff[:, h].T``,
+``W_eff = W + s B A`` or DoRA's ``diag(m / ||W + s B A||_row) (W + s B A)``; SGD on the mean of the ranks' gradients,
+as DeepSpeed averages). Every
 parameter partitioned, no prefetch, nothing kept live between calls. Settings: full fine-tuning, LoRA, DoRA. Prints one
 line per setting; exits 1 on a mismatch.
 
@@ -18,54 +19,18 @@ import sys
 import deepspeed
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, get_peft_model
-from torch import nn
+from fsdp2_column_gather import HEAD_DIM, HEADS, SELECTED, build, o_proj_of, reference  # its layers and reference
 
 from llamafactory_hera.hera.capture import InCallColumns
 from llamafactory_hera.hera.projection import head_columns, project_heads
 from llamafactory_hera_testing.collectives import CollectiveBytes
 
-HEADS, HEAD_DIM, ROWS, RANK, SELECTED, LR = 4, 8, 24, 2, [3, 1], 0.5
+ROWS, LR = 24, 0.5
 PLAN = (False, False, True)  # the steps with HeRA's term
 CONFIG = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
           "gradient_clipping": 0.0,  # DeepSpeed clips to 1.0 unless told
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0,
                                 "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}}
-
-
-class Holder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.o_proj = nn.Linear(HEADS * HEAD_DIM, ROWS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(x)
-
-
-def build(setting: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = Holder()
-    if setting != "full":
-        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=4, target_modules=["o_proj"], lora_dropout=0.0,
-                                                 init_lora_weights=False, use_dora=setting == "dora"))
-    return model
-
-
-def o_proj_of(model: nn.Module) -> nn.Module:
-    return next(module for name, module in model.named_modules() if name.endswith("o_proj"))
-
-
-def reference(o_proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``[n, B, d]`` brute force: the effective weight whole, then each selected head's columns."""
-    base = getattr(o_proj, "base_layer", o_proj)
-    weight = base.weight
-    if base is not o_proj:
-        weight = weight + o_proj.scaling["default"] * o_proj.lora_B["default"].weight @ o_proj.lora_A["default"].weight
-        if o_proj.use_dora["default"]:
-            weight = (o_proj.lora_magnitude_vector["default"].weight / torch.linalg.norm(weight, dim=1).detach()
-                      )[:, None] * weight
-    return torch.stack([x[:, i * HEAD_DIM:(i + 1) * HEAD_DIM] @ weight[:, h * HEAD_DIM:(h + 1) * HEAD_DIM].T
-                        for i, h in enumerate(SELECTED)])
 
 
 def data(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,7 +58,7 @@ def step(engine: object, reader: InCallColumns | None, rank: int) -> int:
 
 
 def check(setting: str, rank: int, world: int) -> bool:
-    model = build(setting)
+    model = build(setting, ROWS)
     plain = copy.deepcopy(model)
     reader = InCallColumns(o_proj_of(model), head_columns(SELECTED, HEAD_DIM))
     trained = [p for p in model.parameters() if p.requires_grad]
