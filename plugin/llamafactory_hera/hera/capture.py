@@ -25,6 +25,7 @@ from llamafactory_hera.hera.projection import (
     base_and_adapters,
     base_weight_columns,
     combined,
+    dora_row_norm,
     head_columns,
     project_heads,
 )
@@ -96,14 +97,11 @@ class InCallColumns:
 
     def _norm_reader(self, get_weight_norm: Any, name: str) -> Any:
         """PEFT's DoRA ``get_weight_norm(weight, lora_weight, scaling)``, which also keeps ``||W + s B A||_row`` in
-        float32 (as ``projection._dora_norm``) from the weights PEFT's forward gathered for it: one float32 temporary
-        of ``o_proj``'s size."""
+        float32 (``projection.dora_row_norm``, as the other engines' path) from the weights PEFT's forward gathered
+        for it."""
         def reading(weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float) -> torch.Tensor:
             if self.partitioned:
-                with torch.no_grad():
-                    full = weight.to(torch.float32, copy=True).add_(lora_weight.float(), alpha=scaling)
-                    self.pieces[("norm", name)] = torch.linalg.norm(full, dim=1)
-                    del full
+                self.pieces[("norm", name)] = dora_row_norm(weight, lora_weight, scaling)
             return get_weight_norm(weight, lora_weight, scaling)
         return reading
 

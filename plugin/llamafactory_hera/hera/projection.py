@@ -84,11 +84,11 @@ def _dora_norm(base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
             from torch.distributed.tensor import DTensor  # lazy: only a DTensor gets here
 
             device = weight.device_mesh.device_type  # offloaded shards (fsdp_offload_params) are read there
-            local = dora_row_norm(weight.to_local().to(device).float(), scaling * (
-                lora_b.to_local().to(device).float() @ whole(lora_a.detach()).float()))
+            local = dora_row_norm(weight.to_local().to(device),
+                                  lora_b.to_local().to(device).float() @ whole(lora_a.detach()).float(), scaling)
             return DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
                                       shape=weight.shape[:1], stride=(1,)).full_tensor()
-        return dora_row_norm(base_weight_columns(base), scaling * (whole(lora_b).float() @ whole(lora_a).float()))
+        return dora_row_norm(base_weight_columns(base), whole(lora_b).float() @ whole(lora_a).float(), scaling)
 
 
 def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
@@ -200,9 +200,11 @@ def _quant_state(base: nn.Module) -> object | None:
     return quant_state if quant_state is not None else getattr(base, "quant_state", None)
 
 
-def dora_row_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``[out]``: ``||W + delta||_row``, detached, for a ``[out, in]`` float32 ``weight`` and scaled LoRA ``delta``."""
-    return torch.linalg.norm(weight + delta.detach(), dim=1).detach()
+def dora_row_norm(weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``[out]`` float32: DoRA's ``||W + s B A||_row``, detached, for ``[out, in]`` ``weight`` and ``lora_weight``
+    (``B A``), through one float32 temporary of ``W``'s size."""
+    with torch.no_grad():
+        return torch.linalg.norm(weight.to(torch.float32, copy=True).add_(lora_weight.float(), alpha=scaling), dim=1)
 
 
 def whole(weight: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
