@@ -67,7 +67,7 @@ def without_copies(counts: Counter[str]) -> Counter[str]:
     return Counter({kind: n for kind, n in counts.items() if kind not in ("to device", ASYNC_TO_HOST)})
 
 
-@pytest.mark.parametrize("teacher", ["precomputed", "in_step", "in_step_cached"])
+@pytest.mark.parametrize("teacher", ["precomputed", "in_step", "in_step_cached", "zero3_reads"])
 def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, accelerator, tmp_path: Path, teacher: str,
                                                      monkeypatch) -> None:
     """Step 3 (not logged): HeRA's device-to-host syncs equal SFT's (16 on this model: the Qwen2.5-VL forward's
@@ -82,6 +82,10 @@ def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, accelerator, tmp_pa
     check), 5 boolean masks (2 in the trainer, their backward, 2 in the loss), 1 ``repeat_interleave`` (the
     teacher features); and 12 copies (SFT: 8).
 
+    zero3_reads: the heads' weight columns read in o_proj's calls, as under DeepSpeed ZeRO-3 (hera/capture.py; every
+    weight taken for a partition): the column index goes to the device once, not in every call (6-9 copies a step,
+    each waited for from pageable memory).
+
     Precomputed, the cached features' copy comes from a staging buffer pinned for CUDA (the simulated device stands in
     for it): from pageable memory, a non-blocking copy can make the host wait for the forward before the backward.
     """
@@ -92,7 +96,12 @@ def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, accelerator, tmp_pa
                  # of a 4-step run; the precomputed case checks that a step without a point has none of the monitor's
                  # work. in_step_cached: the teacher runs in the steps and its new rows go to the cache (what
                  # hera_teacher_precompute: auto does when max_steps ends inside the first epoch)
-                 "in_step_cached": {"hera_teacher_precompute": "false", "hera_monitor_steps": 0}}
+                 "in_step_cached": {"hera_teacher_precompute": "false", "hera_monitor_steps": 0},
+                 "zero3_reads": {"hera_teacher_precompute": "true", "hera_monitor_steps": 0}}
+    if teacher == "zero3_reads":
+        from llamafactory_hera.hera import capture
+
+        monkeypatch.setattr(capture, "is_zero3_partition", lambda weight: True)
     sft, sft_where = step_syncs(accelerator, sft_recipe(assets, "qwen2_5_vl", tmp_path / "sft"))
     asked = pinned_buffers(monkeypatch) if teacher != "in_step" else {}
     counter = StepSyncs(accelerator)
@@ -105,7 +114,7 @@ def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, accelerator, tmp_pa
     assert without_copies(hera[2][2]) == without_copies(sft[2][2]), hera_where[2]
     assert hera[2][2]["to device"] - sft[2][2]["to device"] <= 4, hera_where[2]
     feature_copies = [ptr for ptr, frame in counter.copy_sources[2] if "teacher_cache.py" in frame]
-    if teacher == "precomputed":
+    if teacher in ("precomputed", "zero3_reads"):
         assert len(feature_copies) == 1 and asked.get(feature_copies[0]) is True, (feature_copies, asked)
     elif teacher == "in_step":
         assert not feature_copies  # no cache: the teacher's own features, already on the device
