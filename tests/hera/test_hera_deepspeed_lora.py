@@ -88,8 +88,8 @@ def test_torchrun_ranks_share_one_temperature_and_zero3_lora_trains_like_ddp(ass
                     reason="deepspeed and bitsandbytes are not both installed")
 def test_zero3_with_qlora_or_dora_trains_like_ddp(assets, tmp_path: Path) -> None:
     """LLaMA-Factory's ZeRO-3 + QLoRA (``quantization_bit: 4``, double quantization; LLaMA-Factory allows 4-bit only
-    under ZeRO-3): o_proj's packed 4-bit weight is a ZeRO-3 partition, which HeRA gathers in the base layer's call and
-    dequantizes with its quant_state (hera/projection.py ``project_heads_by_call``), the monitor inside a gather. In
+    under ZeRO-3): o_proj's packed 4-bit weight is a ZeRO-3 partition, which HeRA reads in the base layer's own call and
+    dequantizes with its quant_state (hera/capture.py ``InCallColumns``), the monitor inside a gather. In
     float32, every parameter partitioned, the adapter's included, losses, HeRA terms, monitor points and temperature
     equal DDP's step for step, and so does the adapter. In bf16 as users run it (``bf16: true`` on a checkpoint saved
     in bf16, so the codes are stored in bf16, which DeepSpeed's bf16 cast leaves as they are), 3 steps: step 1 equals
@@ -97,7 +97,7 @@ def test_zero3_with_qlora_or_dora_trains_like_ddp(assets, tmp_path: Path) -> Non
     updates (measured up to 1.4e-4 relative: ZeRO-3 trains bf16 copies of the adapter from fp32 masters, DDP the fp32
     adapter under autocast).
     ``use_dora: true`` under ZeRO-3 with every parameter partitioned, the adapters and magnitudes included (DoRA's row
-    norm read under a gather of the layer, its magnitude in its module's call): as DDP's DoRA run, the magnitude
+    norm taken where PEFT's forward computes it, its magnitude in its module's call): as DDP's DoRA run, the magnitude
     included."""
     keys = {"quantization_bit": 4, "double_quantization": True}
     # the fp32 and DoRA runs with every parameter partitioned; the bf16 run with the stock config, as shipped
