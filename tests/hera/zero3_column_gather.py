@@ -95,4 +95,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # every check is done and printed: leave without the interpreter's finalization, where a two-rank gloo + DeepSpeed
+    # process has aborted (SIGABRT after the last line, once in 6 CI runs; tests/conftest.py aborted_at_exit)
+    os._exit(code)
