@@ -212,3 +212,23 @@ def test_harc_with_packing_says_why_through_run_exp(harc_assets: Any, tmp_path: 
 
     with pytest.raises(ValueError, match=r"^packing: true is not supported by stage: harc: .* Remove packing\.$"):
         run_exp(harc_recipe(harc_assets, "llama3", tmp_path / "out", packing=True))
+
+
+def test_an_output_dir_removed_while_probed_is_looked_at_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks check output_dir while one of them clears it (seen in CI: rank 1's probe file met a folder rank 0 had
+    just removed, "No such file or directory", and rank 1 refused a writable output_dir): the check looks again."""
+    import tempfile
+
+    from llamafactory_hera.recipe import checks
+
+    out = tmp_path / "run" / "out"
+    out.mkdir(parents=True)
+    made = tempfile.NamedTemporaryFile
+
+    def removed_first(*args: Any, **kwargs: Any) -> Any:
+        if out.exists():
+            shutil.rmtree(out)  # the other rank, between the look and the probe
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(checks.tempfile, "NamedTemporaryFile", removed_first)
+    check_output_dir(out)  # the folder is gone: its parent takes the probe

@@ -91,19 +91,25 @@ def check_output_dir(output_dir: Any, key: str = "output_dir") -> None:
     if not output_dir:
         return
     path = Path(str(output_dir)).expanduser().absolute()
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise RecipeError(f"{key}: {output_dir} cannot be created: {existing} is a file, not a folder. Choose an "
-                          f"{key} whose parent folders are folders.")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".hera_write_probe."):
-            pass
-    except OSError as err:
+    for attempt in range(3):  # a folder removed while probed (another rank clearing it at start): look again
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise RecipeError(f"{key}: {output_dir} cannot be created: {existing} is a file, not a folder. Choose an "
+                              f"{key} whose parent folders are folders.")
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".hera_write_probe."):
+                return
+        except FileNotFoundError as err:
+            if attempt < 2:
+                continue
+            failure: OSError = err
+        except OSError as err:
+            failure = err
         what = "written" if existing == path else f"created (it would go into {existing})"
-        raise RecipeError(f"{key}: {output_dir} cannot be {what}: {err.strerror or err}. Choose a folder you can "
-                          "write to.") from None
+        raise RecipeError(f"{key}: {output_dir} cannot be {what}: {failure.strerror or failure}. Choose a folder you "
+                          "can write to.") from None
 
 
 def _suggested_templates(vocab: set[str], multimodal: bool, model_type: str) -> list[str]:
