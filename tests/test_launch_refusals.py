@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from conftest import REPO, base_recipe, harc_recipe, saved_in_bf16
 from llamafactory_hera.demo.rah import build_rah_recipe
+from llamafactory_hera.recipe.checks import LIGER
 from llamafactory_hera.short_errors import raised_by_plugin
 
 STAGES = ("hera", "rah", "harc")
@@ -152,7 +155,10 @@ def test_fsdp2_with_bitsandbytes_weights_that_fail_after_loading_is_refused_befo
                        "(FSDP_CPU_RAM_EFFICIENT_LOADING=true, set by accelerate launch): accelerate "
                        f"{version('accelerate')} cannot hand each rank its shards of a bitsandbytes-quantized model "
                        f"(stage: {stage} would fail after loading the model, in fsdp2_load_full_state_dict, as stock "
-                       "SFT does); set fsdp_cpu_ram_efficient_loading: false in the accelerate config."), message
+                       "SFT does); set fsdp_cpu_ram_efficient_loading: false in the accelerate config, as the plugin's "
+                       "recipes/accelerate/fsdp2_qlora_config.yaml does."), message
+    shipped = yaml.safe_load((REPO / "recipes" / "accelerate" / "fsdp2_qlora_config.yaml").read_text(encoding="utf-8"))
+    assert shipped["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is False  # the config the line names runs it
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
     message = _refused({**recipe, "stage": stage, "quantization_bit": 8})
     assert message == ("quantization_bit: 8 under FSDP2 (ACCELERATE_USE_FSDP, set by accelerate launch with an FSDP "
@@ -407,6 +413,20 @@ def test_a_bad_input_is_one_line_before_loading(case: str, assets: Any, harc_ass
         overrides = overrides(assets, harc_assets, tmp_path)
     message = _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", **overrides))
     assert message.startswith(start), message
+
+
+@pytest.mark.parametrize(("stage", "key"), [("hera", "enable_liger_kernel"), ("harc", "use_liger_kernel")])
+def test_liger_kernels_without_liger_kernel_are_one_line_before_loading(stage: str, key: str, assets: Any,
+                                                                        harc_assets: Any, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        no_model_load: None) -> None:
+    """LLaMA-Factory imports liger_kernel once the model has loaded (``enable_liger_kernel``: its 60-line traceback
+    ending in ModuleNotFoundError; transformers' ``use_liger_kernel``: its ImportError in the Trainer). With
+    liger_kernel unimportable, as where it is not installed: one line before loading, with the pip command."""
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    assert _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", **{key: True})) == (
+        f"{key}: true needs liger-kernel, which is not installed here. Install it: pip install '{LIGER}' (or remove "
+        f"{key} to train without it).")
 
 
 def test_a_deepspeed_config_given_inline_is_not_refused() -> None:
