@@ -128,7 +128,9 @@ def apply(tuner: ModuleType) -> None:
                 if ignored:
                     warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is not "
                                   f"'{other.stage}' (this is how a recipe's baseline twin runs).", stacklevel=3)
-            with _recorded(tuner, str(raw_value(host_args, "stage") or "sft"), None, ()):
+            # recorded only as a method's baseline twin (its recipe holds a method's keys): a plain recipe's
+            # output_dir holds what LLaMA-Factory writes, nothing more
+            with _recorded(tuner, str(raw_value(host_args, "stage") or "sft"), None, (), bool(method_raw)):
                 return original_training_function(config)
         check, run_method = _method_parts(method, method_raw, host_args, SFTWorkflow(workflow, ploting.smooth))
         with _recorded(tuner, method.stage, check, method.records), _swapped(tuner, run_sft=run_method):
