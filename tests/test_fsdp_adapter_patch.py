@@ -70,10 +70,9 @@ def _peft_model() -> Any:
     return get_peft_model(Tiny(), LoraConfig(target_modules=["q_proj"], r=1))
 
 
-def test_the_adapter_is_named_as_torch_and_peft_name_it() -> None:
-    """The file's two names of each tensor: torch's (accelerate 1.15 reads them) and PEFT's (accelerate 1.11 hands
-    them to PEFT, which then fails to copy a whole tensor into a shard: stock's own refusal, tested on two ranks in
-    tests/test_stock_stages_distributed.py)."""
+def test_the_adapter_is_saved_under_peft_names() -> None:
+    """torch's name of each adapter tensor -> the file's, PEFT's: accelerate 1.11 hands them to PEFT, which then fails
+    to copy a whole tensor into a shard, stock's own refusal (two ranks: tests/test_stock_stages_distributed.py)."""
     assert fsdp_adapter._peft_names(_peft_model()) == {
         f"base_model.model.q_proj.lora_{m}.default.weight": f"base_model.model.q_proj.lora_{m}.weight" for m in "AB"}
 

@@ -7,16 +7,17 @@ DTensor shards: rank 0 writes its own shard, and on loading the other ranks rest
 continues from a different adapter (stock SFT too; with this patch it ends bit for bit as the run not stopped). Fixed
 upstream in accelerate PR 4206 (present in 1.15.0): with a full state dict the adapter is read with torch's
 ``get_model_state_dict(..., ignore_frozen_params=True)`` (gathered) and set with ``set_model_state_dict(...,
-strict=False)`` (broadcast from rank 0). This patch does the same on the accelerate versions whose
-``_get_model_state_dict`` lacks the fix (told by its source: no full-state-dict branch); on the others it does nothing.
+strict=False)`` (broadcast from rank 0). This patch reads and sets it so (under the names below) on the accelerate
+versions whose ``_get_model_state_dict`` lacks the fix (told by its source: no full-state-dict branch); on the others
+it does nothing.
 Applied by the import hook right after ``accelerate.utils.fsdp_utils`` executes (the helpers are module globals that
 ``save_fsdp_model`` / ``load_fsdp_model`` look up at call time).
 
-The file holds each whole tensor under both names, stored once: torch's (``...lora_A.default.weight``, what accelerate
-1.15 reads) and PEFT's (``...lora_A.weight``, what accelerate 1.11 hands PEFT), so that without the plugin no reader
-resets the adapter silently: accelerate 1.15 restores it, and 1.11 refuses it with its own error (PEFT's
-``load_state_dict`` cannot copy a whole tensor into a DTensor shard). A file saved without the plugin by 1.11 (rank
-0's shards under PEFT's names) is refused here: half of each matrix is not in it.
+The file holds the whole tensors under PEFT's names (``...lora_A.weight``), as accelerate 1.11 saves its shards, so
+that without the plugin no reader resets the adapter silently: 1.11 refuses it with its own error (PEFT's
+``load_state_dict`` cannot copy a whole tensor into a DTensor shard), and so does torch's broadcast in an accelerate
+with the fix (no parameter has such a name; under torch's names 1.11 would load nothing, without a word). A file saved
+without the plugin by 1.11 (rank 0's shards) is refused here: half of each matrix is not in it.
 
 :func:`unsaved_state_dict` names the other silent loss: under FSDP transformers' Trainer writes the final adapter or
 model only with ``FULL_STATE_DICT`` (``Trainer.save_model``), and accelerate's FSDP2 default is
@@ -117,7 +118,7 @@ def apply(fsdp_utils: ModuleType) -> None:
 
             whole = get_model_state_dict(model, options=dataclasses.replace(sd_options, ignore_frozen_params=True))
             names = _peft_names(model)
-            return {**{names.get(name, name): value for name, value in whole.items()}, **whole}
+            return {names.get(name, name): value for name, value in whole.items()}
         return original_get(model, adapter_only=adapter_only, sd_options=sd_options)
 
     def _set_model_state_dict(model: Any, state_dict: Any, adapter_only: bool = False, sd_options: Any = None) -> Any:
