@@ -99,31 +99,28 @@ def test_fsdp_that_does_not_run_is_refused_naming_why(stage: str, source: str, a
 
 
 @pytest.mark.parametrize("value", [None, "SHARDED_STATE_DICT", "3"])
-def test_a_stock_stage_that_would_save_nothing_under_fsdp_is_refused(value: str | None, assets: Any,
-                                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                     no_model_load: None) -> None:
-    """Stock ``stage: sft`` under accelerate's FSDP2 default (SHARDED_STATE_DICT) trained and exited 0 with no adapter
-    written (issue 56): the stage patch refuses it before loading; FULL_STATE_DICT is not refused."""
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
-    if value is None:
-        monkeypatch.delenv("FSDP_STATE_DICT_TYPE", raising=False)
-    else:
-        monkeypatch.setenv("FSDP_STATE_DICT_TYPE", value)
+def test_a_stock_stage_that_saves_no_adapter_under_fsdp_is_said_not_refused(value: str | None, assets: Any,
+                                                                            tmp_path: Path) -> None:
+    """Stock ``stage: sft`` under accelerate's FSDP2 default (SHARDED_STATE_DICT) trains and exits 0 with sharded
+    checkpoints and no adapter, as without the plugin: not refused, one warning line saying what is saved and what is
+    not (the run: tests/test_stock_stages_distributed.py); FULL_STATE_DICT says nothing."""
+    from llamafactory_hera_patches.engines.fsdp_adapter import unsaved_refusal
+    from llamafactory_hera_patches.stage import check_host_stage
+
+    environ = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", **({"FSDP_STATE_DICT_TYPE": value} if value else {})}
     recipe = {k: v for k, v in {**_recipe("hera", assets, None, tmp_path / "out"), "stage": "sft"}.items()
               if not k.startswith("hera_")}
-    message = _refused(recipe)
+    check_host_stage(recipe, environ)
     shown = f"FSDP_STATE_DICT_TYPE={value}" if value else "no FSDP_STATE_DICT_TYPE (accelerate's FSDP2 default: " \
         "SHARDED_STATE_DICT)"
-    assert message == ("ACCELERATE_USE_FSDP=true (FSDP_VERSION=2), set by accelerate launch with an FSDP config, "
-                       f"{shown}: stage: sft would exit 0 with no adapter or model saved (transformers' Trainer "
-                       "writes them under FSDP only with FULL_STATE_DICT); set fsdp_state_dict_type: FULL_STATE_DICT "
-                       "in the accelerate config."), message
-    from llamafactory_hera_patches.engines.fsdp_adapter import unsaved_refusal
-
+    assert unsaved_refusal("sft", environ, note=True) == (
+        "[llamafactory-hera] warning: ACCELERATE_USE_FSDP=true (FSDP_VERSION=2), set by accelerate launch with an FSDP "
+        f"config, {shown}: stage: sft saves only resumable sharded checkpoints (checkpoint-N/pytorch_model_fsdp_0/), "
+        "no adapter or model (transformers' Trainer writes them under FSDP only with FULL_STATE_DICT); set "
+        "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config to have them.")
     for full in ("FULL_STATE_DICT", "1", "full_state_dict"):
         assert unsaved_refusal("sft", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
-                                       "FSDP_STATE_DICT_TYPE": full}) is None
+                                       "FSDP_STATE_DICT_TYPE": full}, note=True) is None
     assert unsaved_refusal("sft", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}) is None  # FSDP1's default
 
 
