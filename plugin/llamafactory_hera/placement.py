@@ -71,8 +71,8 @@ def device_map_for(meta: torch.nn.Module, model_name: str, device: str, dtype: s
     device_map = {"": "disk"}  # accelerate's last resort, which no job here takes
     no_split = list(getattr(meta, "_no_split_modules", None) or [])
     if sum(budgets.values()) >= model_bytes and min(budgets.values()) >= 0:
-        balanced = get_balanced_memory(meta, max_memory=dict(budgets), no_split_module_classes=no_split,
-                                       dtype=getattr(torch, dtype))
+        balanced = budgets if sum(isinstance(place, int) for place in budgets) < 2 else get_balanced_memory(
+            meta, max_memory=dict(budgets), no_split_module_classes=no_split, dtype=getattr(torch, dtype))
         device_map = infer_auto_device_map(meta, max_memory=balanced, dtype=getattr(torch, dtype),
                                            no_split_module_classes=no_split)
     if any(at not in budgets for at in device_map.values()):
@@ -82,11 +82,11 @@ def device_map_for(meta: torch.nn.Module, model_name: str, device: str, dtype: s
             f"{HEADROOM:.0%} of the free memory usable: "
             + ", ".join(f"{_name(place)} has {gb(size)}" for place, size in free.items()) + f". {fix}")
     placed = {place: sum(sizes[name] for name, at in device_map.items() if at == place) for place in budgets}
-    offloaded = sum(size for place, size in placed.items() if not isinstance(place, int))
+    offloaded = any(size for place, size in placed.items() if not isinstance(place, int))
     show(f"{job}: the model is {gb(model_bytes)} in {dtype}, more than {device} holds: "
          + ", ".join(f"{gb(size)} on {_name(place)}" for place, size in placed.items())
-         + (f" (offloaded: each batch copies the {gb(offloaded)} off the GPUs to a GPU, one layer at a time)."
-            if offloaded else " (no layer offloaded)."))
+         + (" (offloaded: each batch copies the layers it runs from there to a GPU, one at a time)." if offloaded
+            else " (no layer offloaded)."))
     return device_map
 
 
