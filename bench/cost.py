@@ -1,9 +1,11 @@
-"""HeRA's cost counted at the real sizes on a CPU, beside its SFT twin (issue 70): FLOPs, peak memory per GPU by
+"""HeRA's cost counted at the real sizes on a CPU, beside its SFT twin: FLOPs, peak memory per GPU by
 category and the bytes each micro-step all-gathers and reduce-scatters, of the recipes' own architectures built from
-their configs under fake tensors (no weights, no network), and head selection beside one forward pass.
+their configs under fake tensors (no weights, no network), and head selection beside one forward pass and in
+seconds per 1,000 pairs on H100s (where its model is placed, the bytes copied from the CPU).
 
     .venv/bin/python bench/cost.py            # every case, the table of docs/cost.md (a few minutes)
     .venv/bin/python bench/cost.py --case 8b-lora --detail
+    .venv/bin/python bench/cost.py --selection-time   # docs/cost.md "Head selection's time"
 
 What is counted: every op of the step (forward, HeRA's capture / projection / loss, backward with the recomputation
 of gradient checkpointing) on fake tensors of the real shapes; memory is the storages the step's ops create (peak,
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate.utils import compute_module_sizes
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,6 +63,7 @@ class Case:
     card: str = "80 GB"
     zero3: bool = False  # DeepSpeed ZeRO-3, counted as FSDP2 with its dtypes (bench/cost_models.py)
     heads: tuple[str, ...] = tuple(HEADS)
+    batch: int | None = None  # per_device_train_batch_size other than the recipe's
 
 
 CASES = (
@@ -67,8 +71,10 @@ CASES = (
     Case("8b-qlora", "qwen3_8b_hera_qlora.yaml", cm.QWEN3_VL_8B, mode="qlora", card="24 GB"),
     Case("8b-fsdp2", "qwen3_8b_hera_fsdp2.yaml", cm.QWEN3_VL_8B, world=8, card="24 GB"),
     Case("8b-full-zero3", "qwen3_8b_hera_full.yaml", cm.QWEN3_VL_8B, world=8, mode="full", zero3=True),
-    Case("72b-fsdp2-8", "qwen3_8b_hera_fsdp2.yaml", cm.QWEN2_5_VL_72B, world=8),
-    Case("72b-fsdp2-16", "qwen3_8b_hera_fsdp2.yaml", cm.QWEN2_5_VL_72B, world=16),
+    Case("72b-fsdp2-8", "qwen2_5_72b_hera_fsdp2.yaml", cm.QWEN2_5_VL_72B, world=8),
+    Case("72b-fsdp2-16", "qwen2_5_72b_hera_fsdp2.yaml", cm.QWEN2_5_VL_72B, world=16),
+    Case("72b-qlora-fsdp2-2", "qwen3_8b_hera_qlora.yaml", cm.QWEN2_5_VL_72B, world=2, mode="qlora", card="24 GB",
+         batch=1),
 )
 
 
@@ -106,7 +112,8 @@ def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm
             if quantized:
                 per_weight = _memory_module().quantized_bytes_per_weight(4, bool(recipe.get("double_quantization",
                                                                                            True)))
-                weights -= sum(m.weight.numel() * (m.weight.element_size() - per_weight) for m in quantized)
+                weights -= sum(cc.local_bytes(m.weight) // m.weight.element_size() * (m.weight.element_size()
+                                                                                    - per_weight) for m in quantized)
             grads = sum(cc.local_bytes(p) for p in trainable)
             local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
             counter = cc.StepCounter(exclude=local + [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
@@ -145,9 +152,10 @@ def peak(counts: dict[str, float]) -> float:
     return sum(counts[k] for k in ("weights", "gradients", "optimizer", "activations", "temporaries"))
 
 
-def selection_ratio(spec: dict, samples: int) -> float:
-    """FLOPs of ``hera_heads: auto`` (text mode: captions through the text decoder with the pooling hooks on every
-    o_proj, the teacher on every image, every head scored) over one ordinary forward of the same captions."""
+def selection_flops(spec: dict, samples: int) -> dict[str, float]:
+    """FLOPs of ``hera_heads: auto`` on ``samples`` pairs (text mode: captions through the text decoder with the
+    pooling hooks on every o_proj, the teacher on every image, every head scored) and of one ordinary forward of the
+    same captions."""
     from transformers import Dinov2Config, Dinov2Model
 
     from llamafactory_hera.hera.selection.collect import CalibrationPair, collect_text
@@ -191,12 +199,50 @@ def selection_ratio(spec: dict, samples: int) -> float:
         all_head_neighbours({0: torch.randn(samples, heads * dim)}, {0: torch.randn(text["hidden_size"], heads * dim)},
                             torch.randn(samples, 1024), 10, dim, device="cpu")
     scoring = score.get_total_flops() * layers
-    per_sample = (hooked + teach.get_total_flops()) / batch
-    return (per_sample * samples + scoring) / (plain / batch * samples)
+    return {"forward": plain / batch * samples, "selection": (hooked + teach.get_total_flops()) / batch * samples
+            + scoring}
+
+
+def selection_ratio(spec: dict, samples: int) -> float:
+    """Selection's FLOPs over one ordinary forward of the same captions (:func:`selection_flops`)."""
+    flops = selection_flops(spec, samples)
+    return flops["selection"] / flops["forward"]
+
+
+H100_BF16 = 989.4e12  # FLOP/s, dense bf16 peak of an H100 SXM
+MFU = (0.3, 0.5)  # the share of it a forward of 16 captions x 64 tokens reaches, assumed
+HOST_TO_GPU = (25e9, 50e9)  # bytes/s over PCIe 5 x16: pageable (accelerate's offloaded weights) .. pinned
+
+
+def selection_time(spec: dict, gpus: int, samples: int = 1000, batch: int = 16) -> str:
+    """Head selection's counted time per ``samples`` pairs on ``gpus`` H100s of 80 GB (all free, 400 GB of RAM):
+    its FLOPs at :data:`MFU` of :data:`H100_BF16`, plus, where the placement (llamafactory_hera.placement) leaves
+    decoder layers on the CPU, their bytes copied to the GPU in every batch at :data:`HOST_TO_GPU`."""
+    from unittest import mock
+
+    from llamafactory_hera import placement
+    from llamafactory_hera.heads.architecture import text_decoder
+
+    config = cm.reduced(spec, spec["text"]["num_hidden_layers"], spec["vision"]["depth"])
+    with torch.device("meta"):
+        meta = cm.build(config)
+    decoder = next(name for name, module in meta.named_modules() if module is text_decoder(meta))
+    free = {index: 80 * 10**9 for index in range(gpus)} | {"cpu": 400 * 10**9}
+    with mock.patch.object(placement, "free_memory", lambda device: free):
+        device_map = placement.device_map_for(meta, spec["family"], "cuda:0", "bfloat16") or {}
+    sizes = compute_module_sizes(meta, dtype=torch.bfloat16)
+    copied = sum(sizes[name] for name, at in device_map.items() if at == "cpu" and name.startswith(decoder))
+    flops = selection_flops(spec, samples)["selection"]
+    batches = -(-samples // batch)
+    slow, fast = (flops / (H100_BF16 * MFU[0]) + batches * copied / HOST_TO_GPU[0],
+                  flops / (H100_BF16 * MFU[1]) + batches * copied / HOST_TO_GPU[1])
+    return (f"{spec['family']} on {gpus} x 80 GB: {flops / 1e15:.2f} PFLOPs per {samples} pairs, {copied / 1e9:.1f} GB "
+            f"copied from the CPU per batch of {batch} ({batches} batches): {fast:.0f}-{slow:.0f} s")
 
 
 def run_case(case: Case, overrides: dict | None = None) -> dict:
     recipe = {**yaml.safe_load((REPO / "recipes" / case.recipe).read_text()), **(overrides or {})}
+    recipe |= {} if case.batch is None else {"per_device_train_batch_size": case.batch}
     arms = scaled_arms(case, recipe)
     return {"case": case, "recipe": recipe, "arms": arms}
 
@@ -235,6 +281,8 @@ def main() -> None:
     parser.add_argument("--case", action="append", choices=[c.name for c in CASES])
     parser.add_argument("--detail", action="store_true", help="every arm's categories and collectives")
     parser.add_argument("--no-selection", action="store_true")
+    parser.add_argument("--selection-time", action="store_true",
+                        help="head selection's counted time per 1000 pairs at 8B and 72B on H100s, and nothing else")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. per_device_train_batch_size=8 (bench/gpu.sh's step)")
     parser.add_argument("--image-side", type=int, help="image side in pixels (default: the recipe's 512 / 448)")
@@ -243,6 +291,10 @@ def main() -> None:
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
     cases = [replace(case, spec={**case.spec, "image_side": args.image_side}) if args.image_side else case
              for case in CASES if not args.case or case.name in args.case]
+    if args.selection_time:
+        for spec, gpus in ((cm.QWEN3_VL_8B, 1), (cm.QWEN2_5_VL_72B, 8), (cm.QWEN2_5_VL_72B, 1)):
+            print(selection_time(spec, gpus), flush=True)
+        return
     if args.worker:
         result = run_case(next(case for case in cases if case.name == args.worker), overrides)
         print(json.dumps({"arms": result["arms"], "recipe": result["recipe"]}))

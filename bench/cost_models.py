@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,7 +169,13 @@ def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
         layer.forward = (lambda m: lambda x: Dequantized.apply(x, m.weight, m.bias))(layer)
 
     def four_bit(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
-        full = base.weight.detach().clone()  # dequantize_4bit's [out, in] output, in the compute dtype
+        weight = base.weight.detach()
+        if hasattr(weight, "to_local") and columns is not None:  # FSDP2: each rank's rows dequantized, their
+            from torch.distributed.tensor import DTensor  # columns gathered (projection.sharded_columns)
+
+            local = weight.to_local().clone()[:, columns].to(torch.bfloat16)
+            return DTensor.from_local(local, weight.device_mesh, weight.placements).full_tensor().float()
+        full = weight.clone()  # dequantize_4bit's [out, in] output, in the compute dtype
         return (full if columns is None else full[:, columns]).float()
 
     projection.base_weight_columns = four_bit
@@ -195,9 +202,12 @@ def shard(model: nn.Module, mesh: Any, reduce_dtype: torch.dtype, fp32_params: b
     parameters upcast to float32 first (accelerate's mixed precision), gathered in bf16."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if fp32_params:  # model.float() cannot swap a fake parameter that something holds a weak reference to
-        for param in model.parameters():
-            param.data = param.data.float()
+    if fp32_params:  # model.float() cannot swap a fake parameter that something holds a weak reference to; 4-bit
+        # codes stay in their storage dtype (llamafactory_hera_patches.engines.fsdp_qlora keeps them out of the upcast)
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                if not isinstance(module.forward, types.FunctionType):  # quantize_in_place's layers' own forward
+                    param.data = param.data.float()
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype)
     names = ("DecoderLayer", "VisionBlock")
     for module in [m for m in model.modules() if type(m).__name__.endswith(names)]:

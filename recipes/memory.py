@@ -60,8 +60,8 @@ fragmentation, evaluation. An 80 GB card has about 79 GiB usable, a 24 GB card a
 
 The recipes for the hardware users have (docs/hera.md "Recipes", "Smaller GPUs, a node, and the 2026 families"):
 ``qwen3_8b_hera_qlora.yaml`` (4-bit, one 24 GB GPU: its estimate stays under ``FIT_24GB_GIB``),
-``qwen3_8b_hera_fsdp2.yaml`` (FSDP2 over a node of 8 GPUs) and one LoRA recipe for each family of
-:data:`FAMILIES_2026`.
+``qwen3_8b_hera_fsdp2.yaml`` (FSDP2 over a node of 8 GPUs), one LoRA recipe for each family of
+:data:`FAMILIES_2026` and ``qwen2_5_72b_hera_fsdp2.yaml`` (a 72B model, FSDP2 over 8 GPUs of 80 GB).
 """
 
 from __future__ import annotations
@@ -171,6 +171,13 @@ FAMILIES_2026: tuple[Backbone, ...] = (
     Backbone("InternVL3.5-8B", "", "internvl3_5_8b", "OpenGVLab/InternVL3_5-8B-HF", "intern_vl", "internvl",
              8.53, 36, 4096, 32, 8, 128, 12288, 151936),
 )
+# A 70B-class model on one node: FSDP2 over 8 GPUs of 80 GB. Not in the paper; shapes: its config; params_b: a
+# meta-device instance of its class, counted (tests/hera/test_hera_selection_memory.py: 73,410,777,344).
+LARGE: tuple[Backbone, ...] = (
+    Backbone("Qwen2.5-VL-72B", "", "qwen2_5_72b", "Qwen/Qwen2.5-VL-72B-Instruct", "qwen2_vl", "qwen2_5_vl",
+             73.41, 80, 8192, 64, 8, 128, 29568, 152064),
+)
+FSDP2_72B = "qwen2_5_72b_hera_fsdp2.yaml"
 QLORA = "qwen3_8b_hera_qlora.yaml"  # Qwen3-VL-8B, 4-bit, one 24 GB GPU
 FSDP2 = "qwen3_8b_hera_fsdp2.yaml"  # Qwen3-VL-8B, FSDP2 over 8 GPUs
 FSDP2_CONFIG = "accelerate/fsdp2_config.yaml"  # the accelerate config it runs with
@@ -271,8 +278,8 @@ def fsdp2_gib(b: Backbone, recipe: dict, num_gpus: int = FSDP2_GPUS) -> float:
 
 
 def backbone_of(stem: str) -> Backbone:
-    """The backbone of recipes/<stem>_hera*.yaml (Table 2's or a 2026 family's)."""
-    return next(b for b in (*BACKBONES, *FAMILIES_2026) if b.stem == stem)
+    """The backbone of recipes/<stem>_hera*.yaml (Table 2's, a 2026 family's or a large one's)."""
+    return next(b for b in (*BACKBONES, *FAMILIES_2026, *LARGE) if b.stem == stem)
 
 
 def composed(b: Backbone) -> Backbone:
@@ -337,6 +344,9 @@ def hardware_rows() -> list[str]:
             f"~{qlora:.1f} GiB (bf16 LoRA: ~{lora:.0f} GiB) |",
             f"| `{FSDP2}` | `{qwen3_8b.model_id}` | `{qwen3_8b.template}` | LoRA, FSDP2 over {FSDP2_GPUS} GPUs "
             f"(`recipes/{FSDP2_CONFIG}`) | ~{fsdp2:.1f} GiB per GPU |"]
+    large = backbone_of("qwen2_5_72b")
+    rows.append(f"| `{FSDP2_72B}` | `{large.model_id}` | `{large.template}` | LoRA, FSDP2 over {FSDP2_GPUS} GPUs of "
+                f"80 GB | ~{fsdp2_gib(large, load_recipe(FSDP2_72B)):.1f} GiB per GPU |")
     for b in FAMILIES_2026:
         name = f"{b.stem}_hera.yaml"
         rows.append(f"| `{name}` | `{b.model_id}` | `{b.template}` | LoRA, one 80 GB GPU | "

@@ -158,6 +158,11 @@ def test_the_fsdp2_recipe_fits_24gb_gpus_where_unsharded_it_does_not() -> None:
     assert f"{MEMORY.FSDP2_GPUS} GPUs" in header and f"recipes/{MEMORY.FSDP2_CONFIG}" in header
 
 
+def test_the_72b_fsdp2_recipe_fits_80gb_gpus_and_says_its_estimate() -> None:
+    gib = MEMORY.fsdp2_gib(MEMORY.backbone_of("qwen2_5_72b"), MEMORY.load_recipe(MEMORY.FSDP2_72B))
+    assert gib <= MEMORY.FIT_GIB and _header_gib(MEMORY.FSDP2_72B) == f"{gib:.1f}"
+
+
 @pytest.mark.parametrize("stem", [b.stem for b in MEMORY.FAMILIES_2026])
 def test_a_2026_family_recipe_fits_and_says_its_estimate(stem: str) -> None:
     name = f"{stem}_hera.yaml"
@@ -193,25 +198,30 @@ def test_the_fsdp2_accelerate_config_is_what_accelerate_reads() -> None:
     assert f"#   {command} \\\n#     gradient_accumulation_steps=4\n" in header
 
 
-def test_accelerate_launch_of_the_fsdp2_recipe_gives_its_ranks_fsdp2() -> None:
+@pytest.mark.parametrize(("name", "model_class"), [(MEMORY.FSDP2, "Qwen3VLForConditionalGeneration"),
+                                                   (MEMORY.FSDP2_72B, "Qwen2_5_VLForConditionalGeneration")])
+def test_accelerate_launch_of_the_fsdp2_recipe_gives_its_ranks_fsdp2(name: str, model_class: str) -> None:
     """The recipe header's command as accelerate parses it: the environment it gives each rank (what transformers'
-    Trainer reads to shard with FSDP2), and a module that runs LLaMA-Factory's training on the recipe."""
+    Trainer reads to shard with FSDP2, the layer classes its model has), and a module that runs LLaMA-Factory's
+    training on the recipe."""
     import importlib.util
 
+    import transformers
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    header = (RECIPES / MEMORY.FSDP2).read_text(encoding="utf-8").split("### model")[0]
+    header = (RECIPES / name).read_text(encoding="utf-8").split("### model")[0]
     command = next(line[4:] for line in header.splitlines() if line.startswith("#   accelerate launch "))
     args = launch_command_parser().parse_args(command.split()[2:])
     args, _, _ = _validate_launch_command(args)
     env = prepare_multi_gpu_env(args)
     assert (env["ACCELERATE_USE_FSDP"], env["FSDP_VERSION"], env["FSDP_STATE_DICT_TYPE"]) == (
         "true", "2", "FULL_STATE_DICT")
-    assert env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "Qwen3VLTextDecoderLayer,Qwen3VLVisionBlock"
+    wrapped = env["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(",")
+    assert sorted(wrapped) == sorted(getattr(transformers, model_class)._no_split_modules)
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16" and args.num_processes == MEMORY.FSDP2_GPUS
     assert args.module and args.training_script == "llamafactory.launcher"
-    assert args.training_script_args == [f"recipes/{MEMORY.FSDP2}"]
+    assert args.training_script_args == [f"recipes/{name}"]
     launcher = Path(importlib.util.find_spec("llamafactory.launcher").origin).read_text(encoding="utf-8")
     assert 'if __name__ == "__main__":' in launcher and "run_exp()" in launcher.split('if __name__ == "__main__":')[1]
 

@@ -70,9 +70,9 @@ def _load_memory_module() -> Any:
 
 
 MEMORY = _load_memory_module()
-BACKBONES = {b.stem: b for b in (*MEMORY.BACKBONES, *MEMORY.FAMILIES_2026)}  # Table 2's and the 2026 families'
+BACKBONES = {b.stem: b for b in (*MEMORY.BACKBONES, *MEMORY.FAMILIES_2026, *MEMORY.LARGE)}  # Table 2's, 2026's, 72B
 QUEUED = {MEMORY.QLORA}  # per-device batch under hera_k + 1: HeRA's feature queue (hera_queue_size: auto) extends it
-GATHERED = {MEMORY.FSDP2: MEMORY.FSDP2_GPUS}  # per-device batch x GPUs (hera_gather) is the contrastive set
+GATHERED = dict.fromkeys((MEMORY.FSDP2, MEMORY.FSDP2_72B), MEMORY.FSDP2_GPUS)  # batch x GPUs (hera_gather): the set
 
 
 def _recipe(name: str) -> dict[str, Any]:
@@ -258,13 +258,13 @@ def test_stage1_recipe_trains_the_projector_only(training_runs: dict, families: 
 
 def test_names_cover_table2_with_lora_and_full_plus_one_stage1_example() -> None:
     """Table 2's LLMs in LoRA and full, one stage-1 example, the QLoRA and FSDP2 twins of Qwen3-8B's LoRA recipe and
-    one LoRA recipe for each 2026 family (issue 56 item 4)."""
+    one LoRA recipe for each 2026 family, the 72B model's FSDP2 recipe."""
     assert [b.llm for b in MEMORY.BACKBONES] == list(TABLE2_LLMS)
     for name in RECIPE_FILES:
         match = NAME.match(name)
         assert match and match.group("stem") in BACKBONES, f"{name}: not <llm>_<size>_hera(_full).yaml"
     expected = {f"{b.stem}_hera{v}.yaml" for b in MEMORY.BACKBONES for v in ("", "_full")}
-    hardware = {MEMORY.QLORA, MEMORY.FSDP2} | {f"{b.stem}_hera.yaml" for b in MEMORY.FAMILIES_2026}
+    hardware = {MEMORY.QLORA, MEMORY.FSDP2, MEMORY.FSDP2_72B} | {f"{b.stem}_hera.yaml" for b in MEMORY.FAMILIES_2026}
     assert {MEMORY.QLORA, MEMORY.FSDP2} == {"qwen3_8b_hera_qlora.yaml", "qwen3_8b_hera_fsdp2.yaml"}
     stage1 = [name for name in RECIPE_FILES if name.endswith("_stage1.yaml")]
     assert set(RECIPE_FILES) == expected | hardware | set(stage1) and len(stage1) == 1
@@ -316,10 +316,12 @@ def test_recipe_keys_paths_and_comments(name: str) -> None:
     text = (RECIPES / name).read_text(encoding="utf-8")
     _check_comments(name, text)
     assert text.startswith("# HeRA, the paper's secondary setting (fine-tuning an existing MLLM), ")  # not Table 2's
-    run = (f"accelerate launch --config_file recipes/{MEMORY.FSDP2_CONFIG} -m llamafactory.launcher recipes/{name}"
-           if variant == "_fsdp2" else f"llamafactory-cli train recipes/{name}")
+    wrap = "--fsdp_transformer_layer_cls_to_wrap Qwen2_5_VLDecoderLayer,Qwen2_5_VLVisionBlock " \
+        if backbone in MEMORY.LARGE else ""  # the config names Qwen3-VL's classes
+    run = (f"accelerate launch --config_file recipes/{MEMORY.FSDP2_CONFIG} {wrap}-m llamafactory.launcher "
+           f"recipes/{name}" if variant == "_fsdp2" else f"llamafactory-cli train recipes/{name}")
     assert run in text and "stage=sft" in text  # run + baseline twin
-    if backbone in MEMORY.FAMILIES_2026:
+    if backbone in (*MEMORY.FAMILIES_2026, *MEMORY.LARGE):
         assert f"# {backbone.llm} is not in the paper: `auto` selects its heads the paper's way" in text
     elif backbone.paper_heads:
         heads = f"[{', '.join(backbone.paper_heads)}]"
