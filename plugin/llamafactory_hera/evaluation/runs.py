@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from llamafactory_hera.recipe.model_paths import check_model_paths
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.lifecycle.run_record import FINISHED, RUN_RECORD, read_record
 
 LLAMABOARD_ARGS = "training_args.yaml"

@@ -23,8 +23,8 @@ from llamafactory_hera.hera.selection.auto import short_ddp_timeout_warning
 from llamafactory_hera.hera.teacher import check_teacher_source
 from llamafactory_hera.recipe.checks import check_run_inputs
 from llamafactory_hera.recipe.quantization import check_quantization
-from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.data.templates import template_tokens
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import host_version
 from llamafactory_hera_patches.recipe.arguments import raw_value as _raw_value
 from llamafactory_hera_patches.recipe.arguments import truthy as _truthy

@@ -13,7 +13,7 @@ from accelerate.utils import compute_module_sizes, infer_auto_device_map
 
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.log import show
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 HEADROOM = 0.9  # of what is free: the batch's activations, the allocator's blocks, the loader's transient copies
 
