@@ -115,8 +115,9 @@ def check_multimodal(model_args: Any, data_args: Any, config: Any) -> None:
 
 def zero3_frozen_recompute_warning(finetuning_type: str, zero3: bool, checkpointing: bool,
                                     deepspeed_version: str) -> str | None:
-    """The warning for LoRA under ZeRO-3 with gradient checkpointing on a DeepSpeed without #8148: HeRA's heads'
-    layers run non-reentrant checkpointing, and their frozen base weights fail its recompute."""
+    """The warning for LoRA under ZeRO-3 with gradient checkpointing on a DeepSpeed before
+    :data:`ZERO3_FROZEN_RECOMPUTE_FIX`: HeRA's heads' layers run non-reentrant checkpointing, and their frozen base
+    weights fail its recompute."""
     try:
         affected = Version(deepspeed_version) < ZERO3_FROZEN_RECOMPUTE_FIX
     except InvalidVersion:

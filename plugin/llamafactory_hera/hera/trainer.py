@@ -128,7 +128,7 @@ class HeraTrainer(RestoresCheckpointWeights):
         if term is None:
             self.hera_sums.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
             # under FSDP2 the heads' weight columns were gathered for reps: a rank without a term still runs their
-            # backward, with zeros, so that every rank issues the same collectives (issue 69 item 2)
+            # backward, with zeros, so that every rank issues the same collectives
             lm_loss = lm_loss + (reps.nan_to_num() * 0.0).sum().to(lm_loss.dtype) if reps.requires_grad else lm_loss
         # The Trainer divides the returned loss by the accumulation steps unless the model already normalised it
         # over the whole accumulated batch; in that case the HeRA term is divided here, so that both terms reach
