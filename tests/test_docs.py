@@ -121,7 +121,7 @@ PAPERS = {"docs/rah.md": '"RAH-LoRA: Training-Free Calibration of High-Influence
 
 def test_method_docs_name_their_papers_not_the_projects_planning_words() -> None:
     """docs/rah.md and docs/harc.md opened with the project's planning words ("seed 004", "seed 003"): each names its
-    paper in its first paragraph, and no document or docstring says "seed 00" (issue 31 item 21)."""
+    paper in its first paragraph, and no document or docstring says "seed 00"."""
     for doc, paper in PAPERS.items():
         first = " ".join(read(doc).split("\n\n")[2].split())
         assert paper in first, (doc, first[:300])
