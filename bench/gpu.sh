@@ -9,7 +9,8 @@
 #              against each other (not in "all")
 #   selection: Qwen2.5-VL-7B architecture, N = 1000, DINOv2-L; plus `llamafactory-hera select` end to end
 #   offload:   not a benchmark: HeRA's gather of an FSDP2 shard under CPU offload on the GPU (one rank, NCCL), the move of
-#              the host shard to the GPU no CPU run takes (tests/hera/fsdp2_offload_gather.py; not in "all")
+#              the host shard to the GPU no CPU run takes (tests/hera/fsdp2_offload_gather.py, seconds; first in "all":
+#              without the move in projection.whole it exits 1)
 #   harc:      Llama-3.1-8B architecture, random weights, bf16, LoRA on all linear layers; HARC against SFT with
 #              LLaMA-Factory's defaults (reentrant checkpointing), as users run it (HARC: its coupled layers only
 #              non-reentrant)
@@ -31,6 +32,7 @@ ASSETS=${ASSETS:-/tmp/hera_bench_assets}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import torch, transformers, llamafactory; print(torch.__version__, transformers.__version__, llamafactory.__version__)"
   case "${1:-all}" in
+    offload|all) $PY tests/hera/fsdp2_offload_gather.py --device cuda ;;&
     overhead|all) $PY bench/overhead.py --device cuda --preset qwen3-vl-8b --repeats "${REPEATS:-2}" --epochs 2 \
                     --images 128 --batch 8 --warmup 3 --assets "$ASSETS" \
                     ${BASELINE_NON_REENTRANT:+--baseline-non-reentrant}
@@ -44,7 +46,6 @@ ASSETS=${ASSETS:-/tmp/hera_bench_assets}
                     --images 128 --batch 8 --warmup 3 --assets "$ASSETS" --quantization-bit 4 ;;
     selection|all) $PY bench/selection.py --device cuda --preset qwen2.5-vl-7b --samples 1000 --repeats 3 \
                     --batch 32 --end-to-end --assets "$ASSETS" ;;&
-    offload) $PY tests/hera/fsdp2_offload_gather.py --device cuda ;;
     # enable_liger_kernel (triton, GPU only) with HeRA and HARC against the same runs without it (it
     # needs liger-kernel and the test extra carried: pip install liger-kernel); not in "all"
     liger) $PY -m pytest tests/test_torch_compile.py -q -rs -k liger ;;

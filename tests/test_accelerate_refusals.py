@@ -33,9 +33,10 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None, str, str]] = 
         "harc", {"quantization_bit": 4}, None, "bf16", "quantization_bit: 4 under FSDP2 with "
         "fsdp_cpu_ram_efficient_loading: true (FSDP_CPU_RAM_EFFICIENT_LOADING=true, set by accelerate launch)"),
     "FSDP1": ("harc", {}, {"fsdp_version": 1}, "no", _FSDP.format(1) + ": stage: harc is not run under FSDP1"),
-    "SHARDED_STATE_DICT (stock sft)": ("sft", {}, {"fsdp_state_dict_type": "SHARDED_STATE_DICT"}, "no",
-                                       _FSDP.format(2) + ", FSDP_STATE_DICT_TYPE=SHARDED_STATE_DICT: stage: sft would "
-                                       "exit 0 with no adapter or model saved"),
+    # a stock stage runs it (tests/test_stock_stages_distributed.py), with a warning
+    "SHARDED_STATE_DICT": ("hera", {}, {"fsdp_state_dict_type": "SHARDED_STATE_DICT"}, "no",
+                           _FSDP.format(2) + ", FSDP_STATE_DICT_TYPE=SHARDED_STATE_DICT: stage: hera would exit 0 with "
+                           "no adapter or model saved"),
     "a bf16 config with a 4-bit recipe without bf16: true": (
         "hera", {"quantization_bit": 4}, {"fsdp_cpu_ram_efficient_loading": False}, "bf16",
         "4-bit weights under FSDP2: the codes are stored as torch.float32 and the accelerate config's mixed precision "

@@ -117,9 +117,7 @@ def hera_pair(assets, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
     tmp = tmp_path_factory.mktemp("eval_hera")
     data = {"max_steps": 1, "dataset_dir": str(mixed_size_dataset(assets, tmp / "data"))}
     train(base_recipe(assets, "qwen2_5_vl", tmp / "hera", **data))
-    twin = {k: v for k, v in base_recipe(assets, "qwen2_5_vl", tmp / "twin", **data).items()
-            if not k.startswith("hera_")}
-    train({**twin, "stage": "sft"})
+    train({**base_recipe(assets, "qwen2_5_vl", tmp / "twin", **data), "stage": "sft"})
     assert not any(p.name.startswith("hera_") for p in (tmp / "twin").iterdir())
     return tmp / "hera", tmp / "twin"
 
@@ -259,8 +257,7 @@ def test_harc_run_against_its_base(harc_assets, tmp_path: Path, capfd) -> None:
 def test_a_qlora_run_is_evaluated_on_its_4_bit_base_and_says_so(harc_assets, tmp_path: Path, capfd) -> None:
     """A QLoRA run (stock sft, quantization_bit: 4) and its base are evaluated in 4 bits as the run trained, and the
     console, the report and its record say the precision (before, the base was loaded unquantized, unsaid)."""
-    recipe = {k: v for k, v in harc_recipe(harc_assets, "qwen2", tmp_path / "qlora", max_steps=1).items()
-              if not k.startswith("harc_")}
+    recipe = harc_recipe(harc_assets, "qwen2", tmp_path / "qlora", max_steps=1)  # its twin: harc_* keys ignored
     train({**recipe, "stage": "sft", "dataset": "harc_harmless", "quantization_bit": 4})
     loading = json.loads((tmp_path / "qlora" / "llamafactory_hera_run.json").read_text())["loading"]
     assert loading["quantization_bit"] == 4

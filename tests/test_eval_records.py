@@ -1,8 +1,8 @@
-"""What ``llamafactory-hera eval`` reads back from a run folder (issue 31): every run records its loading keys and
-how it ended (``llamafactory_hera_run.json``, plain ``stage: sft`` runs included); a run and its baseline that load
-differently are refused, naming the key; a recorded ``seed: 0`` is 0; a failed run is refused.
+"""What ``llamafactory-hera eval`` reads back from a run folder (issue 31): every run of a method records its
+loading keys and how it ended (``llamafactory_hera_run.json``, its ``stage: sft`` twin included); a run and its
+baseline that load differently are refused, naming the key; a recorded ``seed: 0`` is 0; a failed run is refused.
 
-Cost: two tiny in-process runs through ``run_exp`` (one plain SFT step; one HeRA run stopped where the SFT workflow
+Cost: two tiny in-process runs through ``run_exp`` (one SFT twin step; one HeRA run stopped where the SFT workflow
 would start), the rest reads hand-written records."""
 
 from __future__ import annotations
@@ -32,15 +32,16 @@ def _hera_folder(folder: Path, **host: Any) -> Path:
 
 @pytest.fixture(scope="module")
 def sft_twin(assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One step of a plain ``stage: sft`` LoRA run of the tiny Qwen2.5-VL, at LLaMA-Factory's default pixels."""
+    """One step of a HeRA recipe's ``stage: sft`` twin (its hera_* keys ignored) of the tiny Qwen2.5-VL, at
+    LLaMA-Factory's default pixels."""
     tmp = tmp_path_factory.mktemp("sft_twin")
     recipe = {k: v for k, v in base_recipe(assets, "qwen2_5_vl", tmp / "twin", max_steps=1).items()
-              if not k.startswith("hera_") and k != "image_max_pixels"}
+              if k != "image_max_pixels"}
     train({**recipe, "stage": "sft"})
     return tmp / "twin"
 
 
-def test_a_plain_sft_run_records_how_it_loads(sft_twin: Path) -> None:
+def test_an_sft_twin_records_how_it_loads(sft_twin: Path) -> None:
     record = json.loads((sft_twin / RUN_RECORD).read_text(encoding="utf-8"))
     assert record["stage"] == "sft" and record["status"] == "finished"
     loading = record["loading"]
@@ -184,8 +185,7 @@ def test_a_failed_hera_run_is_marked_and_refused(assets, tmp_path: Path, monkeyp
 def test_a_failed_plain_run_and_a_killed_one_are_refused(assets, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     _fail_in_the_workflow(monkeypatch)
-    recipe = {k: v for k, v in base_recipe(assets, "qwen2_5_vl", tmp_path / "sft", max_steps=1).items()
-              if not k.startswith("hera_")}
+    recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / "sft", max_steps=1)
     with pytest.raises(_Boom):
         train({**recipe, "stage": "sft"})
     assert json.loads((tmp_path / "sft" / RUN_RECORD).read_text(encoding="utf-8"))["status"] == "failed"

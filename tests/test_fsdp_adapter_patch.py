@@ -1,12 +1,14 @@
 """engines/fsdp_adapter.py: on an accelerate whose adapter-only FSDP2 state dict is each rank's shard (1.11, before
 accelerate PR 4206), the start-up hook replaces the two helpers; on one with the fix it leaves them. What the patched
-helpers do on two ranks is tested by the FSDP2 resume of tests/hera/test_hera_fsdp2.py (bit for bit)."""
+helpers do on two ranks is tested by the FSDP2 resume of tests/hera/test_hera_fsdp2.py (bit for bit) and
+tests/test_stock_stages_distributed.py (across the plugin's switch)."""
 
 from __future__ import annotations
 
 import importlib.util
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import accelerate
 import accelerate.utils.fsdp_utils as fsdp_utils
@@ -56,23 +58,32 @@ def test_an_accelerate_with_the_fix_is_left_as_it_is(tmp_path: Path) -> None:
     assert (fixed._get_model_state_dict, fixed._set_model_state_dict) == helpers
 
 
-def test_a_checkpoint_saved_without_the_fix_is_refused_on_load() -> None:
-    """PEFT's key names (``...lora_A.weight``, no adapter name) match no parameter of the model: restoring it with
-    ``strict=False`` would load nothing and resume from the initial adapter, silently."""
+def _peft_model() -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = torch.nn.Linear(2, 2)
+
+    return get_peft_model(Tiny(), LoraConfig(target_modules=["q_proj"], r=1))
+
+
+def test_the_adapter_is_saved_under_peft_names() -> None:
+    """torch's name of each adapter tensor -> the file's, PEFT's: accelerate 1.11 hands them to PEFT, which then fails
+    to copy a whole tensor into a shard, stock's own refusal (two ranks: tests/test_stock_stages_distributed.py)."""
+    assert fsdp_adapter._peft_names(_peft_model()) == {
+        f"base_model.model.q_proj.lora_{m}.default.weight": f"base_model.model.q_proj.lora_{m}.weight" for m in "AB"}
+
+
+def test_a_checkpoint_that_restores_nothing_is_refused_on_load() -> None:
+    """Names matching no trainable parameter, by torch's naming or PEFT's: restoring it with ``strict=False`` would
+    load nothing and resume from the initial adapter, silently. (A file of rank 0's DTensor shards, what accelerate
+    1.11 saves without the plugin: refused on two ranks in tests/test_stock_stages_distributed.py.)"""
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    class Peft(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(2, 2)})
-
-    model = Peft()
-    original = fsdp_utils.is_peft_model
-    fsdp_utils.is_peft_model = lambda m: True
-    try:
-        with pytest.raises(RecipeError, match="^resume_from_checkpoint: the FSDP2 checkpoint's pytorch_model_fsdp"):
-            fsdp_utils._set_model_state_dict(model, {"lora_A.weight": torch.zeros(2, 2)}, adapter_only=True,
-                                             sd_options=StateDictOptions(full_state_dict=True))
-    finally:
-        fsdp_utils.is_peft_model = original
+    with pytest.raises(RecipeError, match="^resume_from_checkpoint: the FSDP2 checkpoint's pytorch_model_fsdp"):
+        fsdp_utils._set_model_state_dict(_peft_model(), {"lora_A.weight": torch.zeros(1, 2)}, adapter_only=True,
+                                         sd_options=StateDictOptions(full_state_dict=True))

@@ -65,14 +65,17 @@ def _accelerator(param_dtype: torch.dtype | None) -> SimpleNamespace:
     return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(mixed_precision_policy=policy)))
 
 
-def _model(storage: torch.dtype) -> nn.Module:
-    """A bf16 Linear, a bitsandbytes 4-bit layer whose codes are stored as ``storage``, and a bf16 buffer."""
-    packed, state = _codes(storage, rows=64)
+def _model(*storages: torch.dtype) -> nn.Module:
+    """A bf16 Linear, a bitsandbytes 4-bit layer for each of ``storages`` (its codes stored as that dtype), and a bf16
+    buffer."""
     bnb = pytest.importorskip("bitsandbytes")
-    quantized = bnb.nn.Linear4bit(512, 64, bias=False, compute_dtype=torch.bfloat16, quant_storage=storage)
-    quantized.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True,
-                                         quant_storage=storage, module=quantized)
-    model = nn.Sequential(nn.Linear(8, 8).bfloat16(), quantized)
+    layers = []
+    for storage in storages:
+        packed, state = _codes(storage, rows=64)
+        layers.append(bnb.nn.Linear4bit(512, 64, bias=False, compute_dtype=torch.bfloat16, quant_storage=storage))
+        layers[-1].weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, bnb_quantized=True,
+                                              quant_storage=storage, module=layers[-1])
+    model = nn.Sequential(nn.Linear(8, 8).bfloat16(), *layers)
     model.register_buffer("inv_freq", torch.ones(4, dtype=torch.bfloat16))
     return model
 
@@ -97,14 +100,17 @@ def test_any_conversion_keeps_the_codes(tmp_path, body: str) -> None:
     weight.untyped_storage().resize_(0)  # as FSDP2 frees an unsharded weight after the forward: the check let it be
 
 
-def test_codes_changed_by_another_path_are_refused_at_the_first_forward(tmp_path) -> None:
+@pytest.mark.parametrize("layer", [1, 2])
+def test_codes_changed_by_another_path_are_refused_at_the_first_forward(tmp_path, layer: int) -> None:
     """A preparation that rewrites the codes in place through a float32 round trip (no dtype change, so no guard sees
-    it): the 4-bit layer's first forward refuses it by name."""
-    module = _fsdp_utils(tmp_path, "    model[1].weight.data.copy_(model[1].weight.data.float().bfloat16())\n")
+    it), of the first 4-bit layer or of the second: that layer's first forward refuses it by name."""
+    module = _fsdp_utils(tmp_path, f"    model[{layer}].weight.data.copy_(model[{layer}].weight.data.float()"
+                                   ".bfloat16())\n")
     fsdp_qlora.apply(module)
-    model = module.fsdp2_prepare_model(_accelerator(torch.bfloat16), _model(torch.bfloat16))
-    with pytest.raises(RecipeError, match="the codes of 1 at its first forward are not those loaded"):
-        model(torch.randn(2, 8, dtype=torch.bfloat16))
+    model = module.fsdp2_prepare_model(_accelerator(torch.bfloat16), _model(torch.bfloat16, torch.bfloat16))
+    model[3 - layer](torch.randn(2, 512, dtype=torch.bfloat16))  # the other one's codes are those loaded
+    with pytest.raises(RecipeError, match=f"the codes of {layer} at its first forward are not those loaded"):
+        model[layer](torch.randn(2, 512, dtype=torch.bfloat16))
 
 
 def test_the_upcast_converts_all_but_the_4bit_weights(tmp_path) -> None:
@@ -138,6 +144,8 @@ def test_codes_the_all_gather_would_convert_are_refused(tmp_path) -> None:
                                           "precision gathers them as torch.bfloat16, .*set the recipe's bf16: true or "
                                           "fp16: true to match torch.bfloat16"):
         module.fsdp2_prepare_model(_accelerator(torch.bfloat16), _model(torch.float16))
+    with pytest.raises(RecipeError, match="the codes are stored as torch.float16"):  # after a layer that is right
+        module.fsdp2_prepare_model(_accelerator(torch.bfloat16), _model(torch.bfloat16, torch.float16))
     assert module.fsdp2_prepare_model(_accelerator(None), _model(torch.float16))[1].weight.dtype == torch.float16
 
 

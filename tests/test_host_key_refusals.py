@@ -160,27 +160,31 @@ def test_bf16_where_transformers_finds_no_bf16_device_is_refused() -> None:
 
 @pytest.mark.usefixtures("no_model_load")
 @pytest.mark.parametrize(("stage", "key", "value"), [("sft", "do_train", "n"), ("hera", "bf16", "false"),
-                                                      ("harc", "overwrite_output_dir", "No")])
+                                                      ("harc", "overwrite_output_dir", "No"),
+                                                      ("hera", "hera_gather", "false"), ("harc", "harc_eval", "no")])
 def test_a_quoted_no_for_a_boolean_key_of_a_recipe_dict_is_refused_by_name(
         stage: str, key: str, value: str, assets: Any, harc_assets: Any, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """LLaMA-Factory hands a recipe dict's string to its dataclass as it is (``parse_dict``), where it is true: the
     plugin's ``truthy`` read it false, so under accelerate's FSDP2 default stock ``sft`` with ``do_train: n`` skipped
-    the refusal of a run that saves nothing, and loaded the model (``no_model_load`` failed this test before)."""
+    the refusal of a run that saves nothing, and loaded the model (``no_model_load`` failed this test before). The
+    stage's own flags keep the same rule (``hera_gather: "false"`` was read as false while ``bf16: 'false'`` was
+    refused): the same line."""
     from llamafactory.hparams import TrainingArguments
     from transformers import HfArgumentParser
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    given = {"output_dir": str(tmp_path), "use_cpu": True, key: value}
-    parsed = HfArgumentParser(TrainingArguments).parse_dict(given)[0]
-    assert getattr(parsed, key) == value and bool(getattr(parsed, key))  # what LLaMA-Factory's Trainer reads: true
+    if not key.startswith(stage):
+        given = {"output_dir": str(tmp_path), "use_cpu": True, key: value}
+        parsed = HfArgumentParser(TrainingArguments).parse_dict(given)[0]
+        assert getattr(parsed, key) == value and bool(getattr(parsed, key))  # what LLaMA-Factory's Trainer reads: true
     recipe = {k: v for k, v in _recipe(stage.replace("sft", "hera"), assets, harc_assets, tmp_path / "out",
                                        **{key: value}).items()
               if stage != "sft" or not k.startswith("hera_")}
-    assert _refused({**recipe, "stage": stage}) == (f"{key}: {value!r} is a string, which LLaMA-Factory reads as true "
-                                                     f"(any non-empty string is); write {key}: false without quotes "
-                                                     f"(or {key}: true).")
+    assert _refused({**recipe, "stage": stage}) == (f"{key}: {value!r} is a string, not a boolean (a recipe's flags "
+                                                     "are unquoted: LLaMA-Factory reads any non-empty string as "
+                                                     f"true); write {key}: false without quotes (or {key}: true).")
 
 
 def test_a_flag_of_a_command_line_list_is_read_as_transformers_reads_it() -> None:
@@ -193,6 +197,8 @@ def test_a_flag_of_a_command_line_list_is_read_as_transformers_reads_it() -> Non
         assert truthy(raw_value(host, "do_train")) is string_to_bool(word) and truthy(raw_value(host, "bf16"))
     for flag in (True, False, "true", "Yes", "", None):
         split_args({"do_train": flag, "bf16": flag, "save_strategy": "no", "template": "n"})
+        split_args({"stage": "hera", "hera_gather": flag, "hera_heads": "no", "hera_pooling": "no"})
+    assert split_args(["--stage", "hera", "--hera_gather", "false"])[1] == {"hera_gather": "false"}  # parsed later
 
 
 def test_a_refused_recipe_prints_a_few_lines_the_message_last(assets: Any, harc_assets: Any, tmp_path: Path) -> None:

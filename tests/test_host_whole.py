@@ -2,9 +2,9 @@
 
 For pt, sft, dpo, kto and rm, the same recipe runs through LLaMA-Factory's ``run_exp`` (what ``llamafactory-cli
 train`` calls) in a fresh process with the plugin active, and in another with LLAMAFACTORY_HERA_DISABLE=1; the logged
-losses must be identical step for step. Each process trains the five stages one after the other, in the same order
-(accelerate's process-wide state reset between them, as between the suite's in-process runs): a process start costs
-more than the stage's two steps.
+losses must be identical step for step, the files each run writes the same, its adapter bit for bit. Each process
+trains the five stages one after the other, in the same order (accelerate's process-wide state reset between them,
+as between the suite's in-process runs): a process start costs more than the stage's two steps.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from conftest import offline_env, read_trainer_log, run_process
 
@@ -82,3 +84,10 @@ def test_stock_stages_train_identically_with_the_plugin(assets, tmp_path: Path) 
         assert not any((tmp_path / label / stage / "hera_state.json").exists() for stage, _ in STAGES)
     for stage, _ in STAGES:
         assert len(losses["plugin"][stage]) == 2 and losses["plugin"][stage] == losses["stock"][stage], stage
+        # the same files (the plugin adds none of its own to a plain recipe's folder), the same adapter bit for bit
+        written = [sorted(str(path.relative_to(tmp_path / label / stage)) for path in
+                          (tmp_path / label / stage).rglob("*") if path.is_file()) for label in ("plugin", "stock")]
+        assert written[0] == written[1] and "adapter_model.safetensors" in written[0], (stage, written)
+        adapters = [load_file(tmp_path / label / stage / "adapter_model.safetensors") for label in ("plugin", "stock")]
+        assert adapters[0].keys() == adapters[1].keys(), stage
+        assert all(torch.equal(adapters[0][key], adapters[1][key]) for key in adapters[0]), stage

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from conftest import REPO, base_recipe, harc_recipe, saved_in_bf16
 from llamafactory_hera.demo.rah import build_rah_recipe
 from llamafactory_hera.job_refusal import raised_by_plugin
+from llamafactory_hera.recipe.checks import LIGER
 
 STAGES = ("hera", "rah", "harc")
 
@@ -96,31 +99,28 @@ def test_fsdp_that_does_not_run_is_refused_naming_why(stage: str, source: str, a
 
 
 @pytest.mark.parametrize("value", [None, "SHARDED_STATE_DICT", "3"])
-def test_a_stock_stage_that_would_save_nothing_under_fsdp_is_refused(value: str | None, assets: Any,
-                                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                     no_model_load: None) -> None:
-    """Stock ``stage: sft`` under accelerate's FSDP2 default (SHARDED_STATE_DICT) trained and exited 0 with no adapter
-    written (issue 56): the stage patch refuses it before loading; FULL_STATE_DICT is not refused."""
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
-    if value is None:
-        monkeypatch.delenv("FSDP_STATE_DICT_TYPE", raising=False)
-    else:
-        monkeypatch.setenv("FSDP_STATE_DICT_TYPE", value)
+def test_a_stock_stage_that_saves_no_adapter_under_fsdp_is_said_not_refused(value: str | None, assets: Any,
+                                                                            tmp_path: Path) -> None:
+    """Stock ``stage: sft`` under accelerate's FSDP2 default (SHARDED_STATE_DICT) trains and exits 0 with sharded
+    checkpoints and no adapter, as without the plugin: not refused, one warning line saying what is saved and what is
+    not (the run: tests/test_stock_stages_distributed.py); FULL_STATE_DICT says nothing."""
+    from llamafactory_hera_patches.engines.fsdp_adapter import unsaved_refusal
+    from llamafactory_hera_patches.stage import check_host_stage
+
+    environ = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", **({"FSDP_STATE_DICT_TYPE": value} if value else {})}
     recipe = {k: v for k, v in {**_recipe("hera", assets, None, tmp_path / "out"), "stage": "sft"}.items()
               if not k.startswith("hera_")}
-    message = _refused(recipe)
+    check_host_stage(recipe, environ)
     shown = f"FSDP_STATE_DICT_TYPE={value}" if value else "no FSDP_STATE_DICT_TYPE (accelerate's FSDP2 default: " \
         "SHARDED_STATE_DICT)"
-    assert message == ("ACCELERATE_USE_FSDP=true (FSDP_VERSION=2), set by accelerate launch with an FSDP config, "
-                       f"{shown}: stage: sft would exit 0 with no adapter or model saved (transformers' Trainer "
-                       "writes them under FSDP only with FULL_STATE_DICT); set fsdp_state_dict_type: FULL_STATE_DICT "
-                       "in the accelerate config."), message
-    from llamafactory_hera_patches.engines.fsdp_adapter import unsaved_refusal
-
+    assert unsaved_refusal("sft", environ, note=True) == (
+        "[llamafactory-hera] warning: ACCELERATE_USE_FSDP=true (FSDP_VERSION=2), set by accelerate launch with an FSDP "
+        f"config, {shown}: stage: sft saves only resumable sharded checkpoints (checkpoint-N/pytorch_model_fsdp_0/), "
+        "no adapter or model (transformers' Trainer writes them under FSDP only with FULL_STATE_DICT); set "
+        "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config to have them.")
     for full in ("FULL_STATE_DICT", "1", "full_state_dict"):
         assert unsaved_refusal("sft", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
-                                       "FSDP_STATE_DICT_TYPE": full}) is None
+                                       "FSDP_STATE_DICT_TYPE": full}, note=True) is None
     assert unsaved_refusal("sft", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}) is None  # FSDP1's default
 
 
@@ -152,7 +152,10 @@ def test_fsdp2_with_bitsandbytes_weights_that_fail_after_loading_is_refused_befo
                        "(FSDP_CPU_RAM_EFFICIENT_LOADING=true, set by accelerate launch): accelerate "
                        f"{version('accelerate')} cannot hand each rank its shards of a bitsandbytes-quantized model "
                        f"(stage: {stage} would fail after loading the model, in fsdp2_load_full_state_dict, as stock "
-                       "SFT does); set fsdp_cpu_ram_efficient_loading: false in the accelerate config."), message
+                       "SFT does); set fsdp_cpu_ram_efficient_loading: false in the accelerate config, as the plugin's "
+                       "recipes/accelerate/fsdp2_qlora_config.yaml does."), message
+    shipped = yaml.safe_load((REPO / "recipes" / "accelerate" / "fsdp2_qlora_config.yaml").read_text(encoding="utf-8"))
+    assert shipped["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is False  # the config the line names runs it
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
     message = _refused({**recipe, "stage": stage, "quantization_bit": 8})
     assert message == ("quantization_bit: 8 under FSDP2 (ACCELERATE_USE_FSDP, set by accelerate launch with an FSDP "
@@ -407,6 +410,20 @@ def test_a_bad_input_is_one_line_before_loading(case: str, assets: Any, harc_ass
         overrides = overrides(assets, harc_assets, tmp_path)
     message = _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", **overrides))
     assert message.startswith(start), message
+
+
+@pytest.mark.parametrize(("stage", "key"), [("hera", "enable_liger_kernel"), ("harc", "use_liger_kernel")])
+def test_liger_kernels_without_liger_kernel_are_one_line_before_loading(stage: str, key: str, assets: Any,
+                                                                        harc_assets: Any, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        no_model_load: None) -> None:
+    """LLaMA-Factory imports liger_kernel once the model has loaded (``enable_liger_kernel``: its 60-line traceback
+    ending in ModuleNotFoundError; transformers' ``use_liger_kernel``: its ImportError in the Trainer). With
+    liger_kernel unimportable, as where it is not installed: one line before loading, with the pip command."""
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    assert _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", **{key: True})) == (
+        f"{key}: true needs liger-kernel, which is not installed here. Install it: pip install '{LIGER}' (or remove "
+        f"{key} to train without it).")
 
 
 def test_a_deepspeed_config_given_inline_is_not_refused() -> None:

@@ -110,8 +110,9 @@ def test_the_qlora_extra_is_the_bitsandbytes_the_refusal_names() -> None:
 @pytest.mark.parametrize("stage", ["harc", "rah"])
 def test_quantization_without_bitsandbytes_is_one_line(stage: str, assets: Any, harc_assets: Any, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without bitsandbytes (``find_spec`` patched), before loading: HARC names the pip command; RAH-LoRA, which
-    refuses every quantized model, says so instead of asking for an install. (HeRA through the real CLI below.)"""
+    """Without bitsandbytes (``find_spec`` patched), before loading: HARC names the pip command, before any other key's
+    error; RAH-LoRA, which refuses every quantized model, says so instead of asking for an install. (HeRA through the
+    real CLI below.)"""
     import importlib.util
 
     from test_launch_refusals import _recipe, _refused
@@ -130,6 +131,12 @@ def test_quantization_without_bitsandbytes_is_one_line(stage: str, assets: Any, 
     assert message == (f"quantization_bit: 4 needs bitsandbytes, which is not installed here. Install it: pip install "
                        f"'{QLORA}' (llamafactory-hera's qlora extra: pip install '.[qlora]' in its clone; or remove "
                        "quantization_bit to train unquantized)."), message
+    # the install is asked first, before the other keys' checks: not reported as quantization_type's error
+    assert _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", quantization_bit=4,
+                            quantization_type="nf5")) == message
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", quantization_type="nf5")).startswith(
+        "quantization_type: nf5 is not a value"), "the other key's error is one"
 
 
 def test_the_qlora_recipe_without_bitsandbytes_is_one_line_before_loading(assets: Any, tmp_path: Path) -> None:

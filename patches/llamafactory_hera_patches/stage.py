@@ -128,7 +128,9 @@ def apply(tuner: ModuleType) -> None:
                 if ignored:
                     warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is not "
                                   f"'{other.stage}' (this is how a recipe's baseline twin runs).", stacklevel=3)
-            with _recorded(tuner, str(raw_value(host_args, "stage") or "sft"), None, ()):
+            # recorded only as a method's baseline twin (its recipe holds a method's keys): a plain recipe's
+            # output_dir holds what LLaMA-Factory writes, nothing more
+            with _recorded(tuner, str(raw_value(host_args, "stage") or "sft"), None, (), bool(method_raw)):
                 return original_training_function(config)
         check, run_method = _method_parts(method, method_raw, host_args, SFTWorkflow(workflow, ploting.smooth))
         with _recorded(tuner, method.stage, check, method.records), _swapped(tuner, run_sft=run_method):
@@ -185,11 +187,11 @@ def _quiet_transformers() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
-              method_records: tuple[str, ...]) -> Iterator[None]:
+              method_records: tuple[str, ...], record: bool = True) -> Iterator[None]:
     """``get_train_args`` for the run's duration: LLaMA-Factory's parse, the method's ``check`` of it, an earlier run's
-    files moved aside under ``overwrite_output_dir`` (:mod:`.lifecycle.output_dir`), then the run's
-    :mod:`.lifecycle.run_record` (every training stage, by the main process) written ``running``; marked
-    ``finished`` or ``failed`` when the run ends. A recipe refused by a check records nothing (an earlier run's
+    files moved aside under ``overwrite_output_dir`` (:mod:`.lifecycle.output_dir`), a host stage's notes, then (with
+    ``record``) the run's :mod:`.lifecycle.run_record` (training runs, by the main process) written ``running``;
+    marked ``finished`` or ``failed`` when the run ends. A recipe refused by a check records nothing (an earlier run's
     record in ``output_dir`` is left as it was)."""
     written: list[Any] = []
     parse = tuner.get_train_args
@@ -201,15 +203,16 @@ def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
                 check(*parsed)
         model_args, data_args, training_args, finetuning_args = parsed[:4]
         output_dir.clear_for_overwrite(args, training_args)
-        if check is None and getattr(training_args, "process_index", 0) == 0:  # a stock stage: the host's gradient
+        main, training = getattr(training_args, "process_index", 0) == 0, getattr(training_args, "do_train", True)
+        if check is None and main:  # a stock stage: the host's gradient, what FSDP saves of it
             with _quiet_transformers():
                 note = reentrant_kv_note(model_args, training_args)
-            if note:
-                print(note, flush=True)
+            for line in (note, training and fsdp_adapter.unsaved_refusal(stage, os.environ, note=True)):
+                if line:
+                    print(line, flush=True)
         # by the one global main process (save_on_each_node makes a main per node: one writer per folder), and for
         # training runs only (a do_predict run into the training folder must not replace its record)
-        if (getattr(training_args, "process_index", 0) == 0 and getattr(training_args, "do_train", True)
-                and getattr(training_args, "output_dir", None)):
+        if record and main and training and getattr(training_args, "output_dir", None):
             written.append(run_record.write_started(training_args.output_dir, stage, run_record.loading_keys(
                 model_args, data_args, finetuning_args, training_args)))
         return parsed
@@ -227,11 +230,11 @@ def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
 
 def check_host_stage(host_args: Any, environ: Mapping[str, str]) -> None:
     """A recipe of no method's stage: the stage is LLaMA-Factory's, and a training run under the FSDP ``environ`` names
-    (what ``accelerate launch`` sets) would save something and not fail after loading."""
+    (what ``accelerate launch`` sets) would not fail after loading (a state dict that saves no adapter is said, not
+    refused: :func:`_recorded`)."""
     check_stage(raw_value(host_args, "stage"), [m.stage for m in registered_methods()], host_stages())
     stage = str(raw_value(host_args, "stage") or "sft")
-    refusal = truthy(raw_value(host_args, "do_train")) and (
-        fsdp_adapter.unsaved_refusal(stage, environ) or fsdp_loading.bitsandbytes_refusal(stage, host_args, environ))
+    refusal = truthy(raw_value(host_args, "do_train")) and fsdp_loading.bitsandbytes_refusal(stage, host_args, environ)
     if refusal:
         raise RecipeError(refusal)
 

@@ -212,8 +212,9 @@ def test_role_boxes_list_the_data_dirs_datasets_prefilled_with_harc_datas_names(
 
 
 def test_band_and_eval_fields(board: dict[str, Any]) -> None:
-    assert board["band_eval_args"] == {"harc_band": 2, "harc_eval": "false"}  # False would be dropped: default on
-    assert "--harc_band 2 " in board["band_eval_preview"] and "--harc_eval false" in board["band_eval_preview"]
+    # an unticked box whose default is on: kept as false (stock LlamaBoard drops every false value), unquoted
+    assert board["band_eval_args"] == {"harc_band": 2, "harc_eval": False}
+    assert "--harc_band 2 " in board["band_eval_preview"] and "--harc_eval False" in board["band_eval_preview"]
     # the tiny Llama-3 has 6 decoder layers: band 3 leaves layer 3 only, fewer than harc_layers_final: 4
     assert board["band_too_wide"] == ("Invalid HARC setting: harc_band: 3 leaves 1 of the 6 decoder layers of "
                                       f"{board['model']} to couple, fewer than harc_layers_final: 4. Lower harc_band "

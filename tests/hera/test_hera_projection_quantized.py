@@ -4,12 +4,15 @@ zeroed, and on the identity for the weight), int8 codes times their row scales, 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
-from llamafactory_hera.hera.projection import base_weight_columns, project_heads
+from llamafactory_hera.hera.projection import base_weight_columns, project_heads, sharded_columns
 from llamafactory_hera_testing.zero3 import project_in_call
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -169,3 +172,43 @@ def test_eval_forwards_keep_the_4bit_layout_the_layer_trains_and_is_read_in() ->
     assert repacked.o_proj.weight.quant_state.packing_format_for_cpu
     with pytest.raises(RuntimeError, match="CPU inference layout"):
         base_weight_columns(repacked.o_proj)
+
+
+class _Shard:
+    """What ``sharded_columns`` reads of an FSDP2 shard (a DTensor ``Shard(0)`` on a 1-D mesh) on rank ``rank`` of
+    ``world``: ``torch.chunk``'s piece of the packed storage ``packed`` (the last ones short or empty), the global shape
+    and size."""
+
+    def __init__(self, packed: torch.Tensor, rank: int, world: int) -> None:
+        chunk = -(-packed.shape[0] // world)
+        self.local, self.shape, self.placements = packed[rank * chunk:(rank + 1) * chunk], packed.shape, (Shard(0),)
+        self.numel, self.element_size = packed.numel, packed.element_size
+        self.device_mesh = SimpleNamespace(ndim=1, size=lambda: world, get_local_rank=lambda: rank, device_type="cpu")
+
+    def to_local(self) -> torch.Tensor:
+        return self.local
+
+
+@pytest.mark.parametrize(("rows", "read_alone"), [(63, True), (16, False)])
+def test_each_rank_reads_its_4bit_shard_alone_only_where_it_holds_whole_blocks(rows: int, read_alone: bool,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 4-bit shard rule per rank of 16 (decided from global shapes, so one process runs every rank; each rank's
+    ``[rows, C]`` handed back where the ranks would all-gather them), against ``dequantize_4bit`` of the whole packed
+    weight (nf4, double quantization, bf16 storage: 4 codes an element), input width 48, not a multiple of 64:
+    63 rows are 756 elements, shards of 48 (192 codes: 4 rows, 3 blocks) and a short last one of 36 (3 rows, its first
+    block the 46th: where a full shard would start it); 16 rows are shards of 12 (48 codes: a whole row, not a whole
+    block), not read alone (None: the caller gathers the weight whole)."""
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(48, rows, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
+                              quant_storage=torch.bfloat16)
+    layer.weight = bnb.nn.Params4bit(torch.randn(rows, 48, dtype=torch.bfloat16), requires_grad=False,
+                                     quant_type="nf4", compress_statistics=True, quant_storage=torch.bfloat16)
+    packed, state = layer.to("cpu").weight.data, layer.weight.quant_state
+    columns = torch.arange(8, 16)
+    monkeypatch.setattr(DTensor, "from_local", lambda values, *_, **__: SimpleNamespace(full_tensor=lambda: values))
+    read = [sharded_columns(_Shard(packed, rank, 16), state, columns) for rank in range(16)]
+    if not read_alone:
+        assert read == [None] * 16
+        return
+    assert [len(part) for part in read] == [4] * 15 + [3]
+    assert torch.equal(torch.cat(read), bnb.functional.dequantize_4bit(packed, state)[:, columns])

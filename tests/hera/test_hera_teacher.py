@@ -1,15 +1,20 @@
-"""The frozen teacher: features, frozen state, image entry forms."""
+"""The frozen teacher: features, frozen state, image entry forms, the same weights on every rank."""
 
 from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import re
+from datetime import timedelta
+from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 
+from conftest import free_port
 from llamafactory_hera.hera.teacher import (
     check_teacher_source,
     load_image_processor,
@@ -18,6 +23,7 @@ from llamafactory_hera.hera.teacher import (
     open_image,
     per_sample_features,
 )
+from llamafactory_hera.hera.teacher_run import check_same_on_every_rank
 
 
 def _pixels(assets, count: int = 3) -> torch.Tensor:
@@ -201,3 +207,36 @@ def test_rows_new_to_the_cache_are_read_only_after_their_copy_has_run(monkeypatc
         event.done = True
     cache.lookup(["d"], torch.randn(1, 4), ["d"])
     assert len(cache._copying) == 1  # the copies that ran are not kept: only "d"'s
+
+
+
+def _same_teacher_rank(rank: int, port: int, results: Any) -> None:
+    """One of two gloo ranks, forked (the modules already imported): rank 0's teacher ``[1, -1]``, rank 1's ``[0, 0]``;
+    what ``check_same_on_every_rank`` did on this rank goes to ``results``."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    teacher = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        teacher.weight.copy_(torch.tensor([[1.0, -1.0]]) if rank == 0 else torch.zeros(1, 2))
+    try:
+        check_same_on_every_rank(teacher, "hera_teacher", "tiny-dino")
+        results.put((rank, "passed"))
+    except ValueError as error:
+        results.put((rank, str(error)))
+
+
+def test_a_teacher_that_differs_on_another_rank_is_refused_by_every_rank() -> None:
+    """``check_same_on_every_rank`` itself on two gloo ranks, without the plugin's job-refusal watcher (which would end
+    a rank that did not refuse): a teacher ``[1, -1]`` on rank 0 and ``[0, 0]`` on rank 1 (the same sum, 0) is refused
+    by each rank, by the absolute sum."""
+    context = multiprocessing.get_context("fork")
+    results, port = context.SimpleQueue(), free_port()
+    ranks = [context.Process(target=_same_teacher_rank, args=(rank, port, results)) for rank in (0, 1)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=60)
+        rank.kill()
+    line = ("hera_teacher: 'tiny-dino' loaded with other weights on some ranks (sum, absolute sum: rank 0: 0, 2; "
+            "rank 1: 0, 0), so each rank would align to another teacher. Give every node the same copy of it.")
+    assert sorted(results.get() for _ in range(2) if not results.empty()) == [(0, line), (1, line)]

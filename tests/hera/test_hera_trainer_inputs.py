@@ -73,3 +73,42 @@ def test_a_forward_that_fails_keeps_its_own_error(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
         trainer.compute_loss(model, {"input_ids": torch.ones(1, 3), **batch})
     assert calls == ["arm", "drop"]
+
+
+def test_a_nan_at_a_padded_position_leaves_a_micro_batch_without_a_term_finite(harc_assets: object,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A micro-batch without a HeRA term still sends zeros back through its heads' representations (so that every rank
+    issues the same collectives under FSDP2): a NaN in a padded position's o_proj input, which the pooling weighs by
+    0 (NaN), leaves the loss the LM loss, finite. The real capture and pooling on a tiny Llama, the NaN put in the
+    last layer's o_proj input at row 1's padding (its logits there are shifted out of the LM loss)."""
+    from transformers import AutoModelForCausalLM
+
+    from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
+    from llamafactory_hera.hera.capture import HeadCapture
+    from llamafactory_hera.hera.collator import HERA_BATCH_KEYS
+    from llamafactory_hera.hera.trainer import StepSums
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(harc_assets.models["llama3"]).train()
+    layer = model.config.num_hidden_layers - 1
+
+    def nan_at_padding(module: object, args: tuple) -> tuple:
+        x = args[0].clone()
+        x[1, -1] = float("nan")
+        return (x, *args[1:])
+
+    model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(nan_at_padding)
+    trainer = object.__new__(_Trainer)
+    trainer.hera_capture = HeadCapture(model, [HeadRef(layer, 0)], attention_geometry(model.config))
+    trainer.hera_checkpointing, trainer.hera_term = SimpleNamespace(ensure=lambda: None), lambda *args: (None, None)
+    trainer.hera_sums, trainer.state = StepSums(torch.device("cpu")), SimpleNamespace(global_step=0)
+    trainer.model_accepts_loss_kwargs, trainer.compute_loss_func, trainer.current_gradient_accumulation_steps = \
+        False, None, 1
+    monkeypatch.setattr(transformers.Trainer, "compute_loss", lambda self, model, inputs, **kwargs: (
+        model(**inputs).loss, None))
+    ids, mask = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    batch = dict(zip(HERA_BATCH_KEYS, (None, None, torch.zeros(2), [None, None], mask.bool(),
+                                       torch.zeros(0, dtype=torch.long), torch.tensor([0, 2])), strict=True))
+    loss = trainer.compute_loss(model, {"input_ids": ids, "attention_mask": mask,
+                                        "labels": ids.masked_fill(mask == 0, -100), **batch})
+    assert torch.isfinite(loss), loss

@@ -127,7 +127,7 @@ def test_panel_defaults_are_the_papers() -> None:
 def test_hera_args_from_panel_values() -> None:
     args = panel.build_args({"hera_heads": " [L13H12;  l7h6] ", "hera_k": 3.0, "hera_learn_temperature": False})
     assert args["hera_heads"] == "L13H12,l7h6" and args["hera_k"] == 3 and isinstance(args["hera_k"], int)
-    assert args["hera_learn_temperature"] == "false"  # LlamaBoard drops False values from the command
+    assert args["hera_learn_temperature"] is False  # kept by the web-UI patch where LlamaBoard drops it
     assert not any(key.startswith("hera_select_") for key in args)
     auto = panel.build_args({})
     assert auto["hera_heads"] == "auto" and auto["hera_select_samples"] == 1000 and auto["hera_learn_temperature"]
@@ -159,9 +159,9 @@ def test_hera_stage_adds_the_hera_keys(board: dict[str, Any]) -> None:
     assert {k: v for k, v in args.items() if k.startswith("hera_")} == {
         "hera_heads": "L1H0,L1H2", "hera_teacher": "/models/teacher", "hera_k": 3, "hera_lambda": 0.01,
         "hera_temperature": 0.07, "hera_pooling": "assistant", "hera_similarity": "cosine",
-        "hera_teacher_feature": "cls", "hera_learn_temperature": "false"}
+        "hera_teacher_feature": "cls", "hera_learn_temperature": False}
     assert "--stage hera" in run["preview"] and "--hera_heads L1H0,L1H2" in run["preview"]
-    assert "--hera_learn_temperature false" in run["preview"]
+    assert "--hera_learn_temperature False" in run["preview"]
     assert run["config"]["train.hera_heads"] == "[L1H0, L1H2]" and run["config"]["train.hera_k"] == 3
     assert board["bad_heads_error"].startswith("Invalid HeRA setting: hera_heads:")
     assert board["loaded"]["train.hera_heads"] == "L0H3" and board["loaded"]["train.hera_k"] == 4  # Load arguments

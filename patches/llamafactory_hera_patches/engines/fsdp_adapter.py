@@ -5,18 +5,25 @@ transformers' Trainer saves and loads its FSDP resume checkpoint (``pytorch_mode
 0.9.5 allows) that path calls PEFT's ``get_peft_model_state_dict`` on the FSDP2 model, whose values are each rank's
 DTensor shards: rank 0 writes its own shard, and on loading the other ranks restore nothing, so a resumed LoRA run
 continues from a different adapter (stock SFT too; with this patch it ends bit for bit as the run not stopped). Fixed
-upstream in accelerate PR 4206 (present in
-1.15.0): with a full state dict the adapter is read with torch's
-``get_model_state_dict(..., ignore_frozen_params=True)`` (gathered) and set with
-``set_model_state_dict(..., strict=False)`` (broadcast from rank 0). This patch does the same on the accelerate
+upstream in accelerate PR 4206 (present in 1.15.0): with a full state dict the adapter is read with torch's
+``get_model_state_dict(..., ignore_frozen_params=True)`` (gathered) and set with ``set_model_state_dict(...,
+strict=False)`` (broadcast from rank 0). This patch reads and sets it so (under the names below) on the accelerate
 versions whose ``_get_model_state_dict`` lacks the fix (told by its source: no full-state-dict branch); on the others
-it does nothing. Applied by the import hook right after ``accelerate.utils.fsdp_utils`` executes (the helpers are
-module globals that ``save_fsdp_model`` / ``load_fsdp_model`` look up at call time).
+it does nothing.
+Applied by the import hook right after ``accelerate.utils.fsdp_utils`` executes (the helpers are module globals that
+``save_fsdp_model`` / ``load_fsdp_model`` look up at call time).
+
+The file holds the whole tensors under PEFT's names (``...lora_A.weight``), as accelerate 1.11 saves its shards, so
+that without the plugin no reader resets the adapter silently: 1.11 refuses it with its own error (PEFT's
+``load_state_dict`` cannot copy a whole tensor into a DTensor shard), and so does torch's broadcast in an accelerate
+with the fix (no parameter has such a name; under torch's names 1.11 would load nothing, without a word). A file saved
+without the plugin by 1.11 (rank 0's shards) is refused here: half of each matrix is not in it.
 
 :func:`unsaved_state_dict` names the other silent loss: under FSDP transformers' Trainer writes the final adapter or
 model only with ``FULL_STATE_DICT`` (``Trainer.save_model``), and accelerate's FSDP2 default is
-``SHARDED_STATE_DICT``, so such a training run exits 0 with no adapter written (stock SFT too). The stage patch refuses
-it for the host's stages, the plugin's checks for its methods.
+``SHARDED_STATE_DICT``, so such a training run exits 0 with no adapter written (stock SFT too). The plugin's checks
+refuse it for its methods; for the host's stages the stage patch says so in one line (``note``) and the
+run goes on as without the plugin.
 """
 
 from __future__ import annotations
@@ -66,16 +73,30 @@ def unsaved_state_dict(environ: Mapping[str, str]) -> str | None:
             f"no FSDP_STATE_DICT_TYPE (accelerate's FSDP{version} default: {default})")
 
 
-def unsaved_refusal(stage: str, environ: Mapping[str, str]) -> str | None:
+def unsaved_refusal(stage: str, environ: Mapping[str, str], note: bool = False) -> str | None:
     """The one-line refusal of a training run that :func:`unsaved_state_dict` would leave without a saved adapter or
-    model (``stage`` named), else None."""
+    model (``stage`` named), else None; with ``note``, the line saying so for a run that goes on (a host stage's)."""
     shown = unsaved_state_dict(environ)
     if shown is None:
         return None
-    return (f"ACCELERATE_USE_FSDP={environ['ACCELERATE_USE_FSDP']} (FSDP_VERSION={environ.get('FSDP_VERSION', '1')}), "
-            f"set by accelerate launch with an FSDP config, {shown}: stage: {stage} would exit 0 with no adapter or "
-            "model saved (transformers' Trainer writes them under FSDP only with FULL_STATE_DICT); set "
-            "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config.")
+    start, what, end = ("[llamafactory-hera] warning: ", "saves only resumable sharded checkpoints (checkpoint-N/"
+                        "pytorch_model_fsdp_0/), no adapter or model", " to have them") if note else (
+        "", "would exit 0 with no adapter or model saved", "")
+    return (f"{start}ACCELERATE_USE_FSDP={environ['ACCELERATE_USE_FSDP']} (FSDP_VERSION="
+            f"{environ.get('FSDP_VERSION', '1')}), set by accelerate launch with an FSDP config, {shown}: stage: "
+            f"{stage} {what} (transformers' Trainer writes them under FSDP only with FULL_STATE_DICT); set "
+            f"fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config{end}.")
+
+
+def _peft_names(model: Any) -> dict[str, str]:
+    """torch's name of each trainable parameter (as ``get_model_state_dict`` gives it) -> PEFT's (as
+    ``get_peft_model_state_dict`` gives it; torch's where PEFT names none)."""
+    from peft import get_peft_model_state_dict  # lazy: as accelerate's own
+
+    params = {_WRAPPERS.sub("", name): param for name, param in model.named_parameters() if param.requires_grad}
+    named = {id(value): name for name, value in get_peft_model_state_dict(
+        model, state_dict=params, adapter_name=model.active_adapter, save_embedding_layers=False).items()}
+    return {name: named.get(id(param), name) for name, param in params.items()}
 
 
 def _whole(options: Any) -> bool:
@@ -95,23 +116,26 @@ def apply(fsdp_utils: ModuleType) -> None:
         if adapter_only and _whole(sd_options) and fsdp_utils.is_peft_model(model):
             from torch.distributed.checkpoint.state_dict import get_model_state_dict  # lazy: as accelerate's own
 
-            return get_model_state_dict(model, options=dataclasses.replace(sd_options, ignore_frozen_params=True))
+            whole = get_model_state_dict(model, options=dataclasses.replace(sd_options, ignore_frozen_params=True))
+            names = _peft_names(model)
+            return {names.get(name, name): value for name, value in whole.items()}
         return original_get(model, adapter_only=adapter_only, sd_options=sd_options)
 
     def _set_model_state_dict(model: Any, state_dict: Any, adapter_only: bool = False, sd_options: Any = None) -> Any:
         if adapter_only and _whole(sd_options) and fsdp_utils.is_peft_model(model):
             from torch.distributed.checkpoint.state_dict import set_model_state_dict  # lazy: as accelerate's own
+            from torch.distributed.tensor import DTensor
 
-            # the state dict's names are torch's (without the wrappers of FSDP's activation checkpointing or
-            # torch.compile, which named_parameters keeps)
-            trainable = {_WRAPPERS.sub("", name) for name, param in model.named_parameters() if param.requires_grad}
-            if state_dict and not trainable & set(state_dict):  # rank 0 read the file: a pre-fix checkpoint; the
-                # others wait in the broadcast from rank 0: a RecipeError ends them too (job_refusal), said once
+            torch_names = {peft: name for name, peft in _peft_names(model).items()}
+            shards = any(isinstance(value, DTensor) for value in state_dict.values())
+            state_dict = {torch_names.get(name, name): value for name, value in state_dict.items()}
+            if state_dict and (shards or not set(torch_names.values()) & set(state_dict)):  # rank 0 read the file;
+                # the others wait in the broadcast from rank 0: a RecipeError ends them too (job_refusal), said once
                 raise RecipeError(
-                    "resume_from_checkpoint: the FSDP2 checkpoint's pytorch_model_fsdp.bin holds an adapter saved by "
-                    "accelerate without the fix of PR 4206 (rank 0's shard only, PEFT's key names), which cannot be "
-                    "restored whole; start again from the last checkpoint saved with llamafactory-hera, or from the "
-                    "start.")
+                    "resume_from_checkpoint: the FSDP2 checkpoint's pytorch_model_fsdp.bin holds an adapter saved "
+                    "without llamafactory-hera by accelerate before 1.15 (rank 0's shard of each matrix only), which "
+                    "cannot be restored whole; start again from the last checkpoint saved with llamafactory-hera, or "
+                    "from the start.")
             return set_model_state_dict(model, state_dict, options=dataclasses.replace(sd_options, strict=False))
         return original_set(model, state_dict, adapter_only=adapter_only, sd_options=sd_options)
 

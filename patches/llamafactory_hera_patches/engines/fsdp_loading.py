@@ -126,7 +126,8 @@ def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str])
             f"(FSDP_CPU_RAM_EFFICIENT_LOADING={loading}, set by accelerate launch): accelerate "
             f"{version('accelerate')} cannot hand each rank its shards of a bitsandbytes-quantized model (stage: "
             f"{stage} would fail after loading the model, in fsdp2_load_full_state_dict, as stock SFT does); set "
-            "fsdp_cpu_ram_efficient_loading: false in the accelerate config.")
+            "fsdp_cpu_ram_efficient_loading: false in the accelerate config, as the plugin's "
+            "recipes/accelerate/fsdp2_qlora_config.yaml does.")
 
 
 # a precision flag's torch dtype (for FSDP2's all-gather, accelerate 1.11 gathers fp8 runs' weights in bf16)

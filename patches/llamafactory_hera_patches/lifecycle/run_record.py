@@ -1,7 +1,9 @@
-"""``llamafactory_hera_run.json``: what every ``llamafactory-cli train`` run loaded its model with, and how it ended.
+"""``llamafactory_hera_run.json``: what a ``llamafactory-cli train`` run of a method loaded its model with, and how it
+ended.
 
-Written by the stage patch (:mod:`..stage`) into ``output_dir`` for every run the plugin sees, plain LLaMA-Factory
-stages (``sft``, ``dpo``, ...) included: right after LLaMA-Factory parsed the recipe with ``status: running``, then
+Written by the stage patch (:mod:`..stage`) into ``output_dir`` for a training run of a method's stage, and of a
+LLaMA-Factory stage run as a method's baseline twin (a recipe holding a method's keys, ``stage=sft``); a plain
+LLaMA-Factory recipe's folder gets nothing: right after LLaMA-Factory parsed the recipe with ``status: running``, then
 ``finished`` when the run returns or ``failed`` (with the error's first line) when it raises. A run killed from outside
 keeps ``running``. ``llamafactory-hera eval`` reads the loading keys back (a plain ``stage: sft`` twin is then evaluated
 as it was trained, not at LLaMA-Factory's defaults) and refuses a run whose record is not ``finished``. A run that fails

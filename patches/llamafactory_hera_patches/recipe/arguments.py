@@ -7,6 +7,8 @@ Which stages and key prefixes belong to the plugin comes from the registered met
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Any
 
 from ..errors import RecipeError
@@ -18,19 +20,29 @@ Method = Any  # a registered method (see :mod:`..registry`)
 
 def split_dict(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Method | None]:
     """Return (host args with a method's stage mapped to its host stage, every registered method's keys, the method
-    the stage selects or None). A boolean key given a string that says no (``bf16: "false"``, ``do_train: n``) is
-    refused: LLaMA-Factory hands a dict's values to its dataclasses as they are (``HfArgumentParser.parse_dict``), so
-    the Trainer reads any non-empty string as true, where :func:`truthy` (and the plugin's checks) would read false."""
+    the stage selects or None). A boolean key given a string that says no (``bf16: "false"``, ``do_train: n``,
+    ``hera_gather: "false"``) is refused: LLaMA-Factory hands a dict's values to its dataclasses as they are
+    (``HfArgumentParser.parse_dict``), so the Trainer reads any non-empty string as true, where :func:`truthy` (and the
+    plugin's checks) would read false; the stage's own flags (its arguments' ``bool`` fields) keep the same rule."""
+    method = method_for_stage(args.get("stage"))
+    flags = {spec.name for spec in method_fields(method) if spec.type in ("bool", bool)} if method else set()
     for key, value in args.items():
-        if isinstance(value, str) and value.strip() and not truthy(value) and getattr(host_keys().get(key), "flag", 0):
-            raise RecipeError(f"{key}: {value!r} is a string, which LLaMA-Factory reads as true (any non-empty string "
-                              f"is); write {key}: false without quotes (or {key}: true).")
+        if isinstance(value, str) and value.strip() and not truthy(value) \
+                and (key in flags or getattr(host_keys().get(key), "flag", 0)):
+            raise RecipeError(f"{key}: {value!r} is a string, not a boolean (a recipe's flags are unquoted: "
+                              f"LLaMA-Factory reads any non-empty string as true); write {key}: false without quotes "
+                              f"(or {key}: true).")
     host = {k: v for k, v in args.items() if method_of_key(k) is None}
     own = {k: v for k, v in args.items() if method_of_key(k) is not None}
-    method = method_for_stage(host.get("stage"))
     if method is not None:
         host["stage"] = method.host_stage
     return host, own, method
+
+
+def method_fields(method: Method) -> tuple[dataclasses.Field, ...]:
+    """``method``'s recipe keys: the fields of the dataclass its ``parse_arguments`` returns."""
+    arguments = typing.get_type_hints(method.load("parse_arguments")).get("return")
+    return dataclasses.fields(arguments) if dataclasses.is_dataclass(arguments) else ()
 
 
 def _option(args: list[str], index: int) -> tuple[str, str, int]:

@@ -14,7 +14,9 @@ Checked on LLaMA-Factory 0.9.5 (gradio 5):
   the run's args (``stage`` from ``TRAINING_STAGES``), ``_build_config_dict(data)`` the saved
   ``llamaboard_config.yaml``; ``monitor()`` is the generator that polls a running job;
 - ``control.get_trainer_info`` draws the loss with the module global ``gen_loss_plot(trainer_log)``;
-- ``locales.LOCALES``: element name -> language -> texts; ``common.DEFAULT_DATA_DIR``: the Data dir box's first value.
+- ``locales.LOCALES``: element name -> language -> texts; ``common.DEFAULT_DATA_DIR``: the Data dir box's first value;
+  ``common._clean_cmd(args)``, which drops every false value from the preview and the saved ``training_args.yaml``
+  (a method's flag set false is kept: a quoted ``'false'`` would be refused, as LLaMA-Factory's flags are).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from types import ModuleType
 from typing import Any
 
 from ..guard import DISABLE_ENV, HostMismatchError, host_version, mismatch, require, warn_if_unchecked
-from ..registry import registered_methods
+from ..registry import method_of_key, registered_methods
 
 Method = Any  # a registered method (:mod:`..registry`)
 MethodPanel = Any  # its LlamaBoard panel: tab, keys, locales, create_panel, bind, validate, build_args, ...
@@ -43,6 +45,7 @@ _SIGNATURES = {
     ("runner", "Runner.monitor"): ("self",),
     ("control", "gen_loss_plot"): ("trainer_log",),
     ("control", "get_trainer_info"): ("lang", "output_path", "do_train"),
+    ("common", "_clean_cmd"): ("args",),
 }
 
 
@@ -99,10 +102,21 @@ def apply(interface: ModuleType) -> None:
         module.create_train_tab = create_train_tab
     if not getattr(mods["runner"].Runner, "_llamafactory_hera_patched", False):
         _patch_runner(mods["runner"].Runner, stages, mods, panels)
+    if not getattr(mods["common"]._clean_cmd, "_llamafactory_hera", False):
+        mods["common"]._clean_cmd = _keeping_false_flags(mods["common"]._clean_cmd)
     if not getattr(mods["control"].gen_loss_plot, "_llamafactory_hera", False):
         mods["control"].gen_loss_plot = _wrap_gen_loss_plot(mods["control"].gen_loss_plot, mods["ploting"].smooth,
                                                             panels)
     interface._llamafactory_hera_patched = True
+
+
+def _keeping_false_flags(clean: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    def clean_cmd(args: dict[str, Any]) -> dict[str, Any]:
+        kept = clean(args)
+        return {k: v for k, v in args.items() if k in kept or (v is False and method_of_key(k) is not None)}
+
+    clean_cmd._llamafactory_hera = True
+    return clean_cmd
 
 
 def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict[str, str],

@@ -53,11 +53,10 @@ class BoxField:
         self.only_with = declared.only_with
 
     def recipe_value(self, value: Any) -> Any:
-        """The box's value as the run's recipe value (typed, normalised; an unticked box as ``"false"``)."""
+        """The box's value as the run's recipe value (typed, normalised; a checkbox as a bool, which the web-UI patch
+        keeps in the command and the saved YAML where LlamaBoard drops every false value)."""
         if self.widget == "checkbox":
-            # LlamaBoard drops False values from the command and the saved YAML, which would silently turn a default
-            # of true back on
-            return True if value else "false"
+            return bool(value)
         if self.widget == "dataset" and value is None:
             value = ""  # a cleared dropdown
         value = typed_value(self.widget, value)

@@ -3,12 +3,16 @@
 
 The Trainer's dataset is :class:`ComposedMicroBatches`: item ``i`` is one whole micro-batch (so
 ``per_device_train_batch_size`` is 1). Each role is read as an endless stream of seeded shuffles of its training
-rows (a new shuffle per pass, as the reference's ``category_iterator``); item ``i`` takes positions
-``[i * b, (i + 1) * b)`` of every role's stream, so an item depends only on ``i`` and the seed, under any sampler,
-worker count or number of ranks. One epoch is one pass over the harmful training rows, rounded up to whole optimizer
-steps (``step_items`` micro-batches: per-device batch x accumulation x ranks), the last items continuing the streams:
-every optimizer step then takes ``step_items`` whole micro-batches, so N ranks take at each step the items one process
-with N times the accumulation takes (a shorter last step, or the sampler's wrap-around on the ranks, would not).
+rows (a new shuffle per pass, as the reference's ``category_iterator``). One epoch is one pass over the harmful
+training rows, rounded up to whole optimizer steps (``step_items`` micro-batches: per-device batch x accumulation x
+ranks): every optimizer step then takes ``step_items`` whole micro-batches, so N ranks take at each step the items one
+process with N times the accumulation takes (a shorter last step, or the sampler's wrap-around on the ranks, would
+not). Item ``i`` of epoch ``e`` is the run's micro-batch ``g = e * len + i`` and takes positions
+``[g * b, (g + 1) * b)`` of every role's stream: each epoch reads the next rows of every stream, so over enough steps
+every row of every role is read, each about equally often. An item depends only on ``e``, ``i`` and the seed, under
+any sampler, worker count or number of ranks: :class:`StreamEpochs` sets ``e`` at each epoch's start from the
+optimizer steps taken (so a resumed run sets the uninterrupted run's), in shared memory that dataloader workers,
+persistent ones too, read.
 """
 
 from __future__ import annotations
@@ -19,42 +23,70 @@ import random
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
-from llamafactory_hera.harc.data import ROLE_HARMFUL, EncodedRow
+from llamafactory_hera.harc.data import ROLE_HARMFUL, ROLE_HARMLESS, ROLE_PSEUDO, EncodedRow
 
 BATCH_KEYS = ("harc_response_mask", "harc_t_inst", "harc_t_post", "harc_role", "harc_harmful_rows",
               "harc_retain_rows")
+ROLE_NAMES = {ROLE_HARMFUL: "harmful", ROLE_HARMLESS: "harmless", ROLE_PSEUDO: "pseudo-harmful"}
 
 
 class ComposedMicroBatches(torch.utils.data.Dataset):
-    """``len`` micro-batches; item ``i`` -> ``{"harc_rows": [(role, EncodedRow), ...]}`` (harmful rows first)."""
+    """``len`` micro-batches an epoch; item ``i`` -> ``{"harc_rows": [(role, EncodedRow), ...]}`` (harmful first)."""
 
     def __init__(self, rows: dict[int, list[EncodedRow]], sizes: dict[int, int], seed: int,
                  step_items: int = 1) -> None:
         self.rows = {role: rows[role] for role, size in sizes.items() if size > 0}
         self.sizes = {role: size for role, size in sizes.items() if size > 0}
-        self.seed = seed
+        self.seed, self.step_items = seed, step_items
         self.length = math.ceil(len(self.rows[ROLE_HARMFUL]) / (self.sizes[ROLE_HARMFUL] * step_items)) * step_items
+        self.epoch = torch.zeros((), dtype=torch.long).share_memory_()  # read by the dataloader's workers
 
     def __len__(self) -> int:
         return self.length
 
+    def begin_epoch(self, epoch: int) -> None:  # not set_epoch: accelerate's dataloader calls that on some engines
+        self.epoch.fill_(epoch)
+
+    def epoch_reads(self) -> str:
+        """What an epoch reads of each role, e.g. "192 harmful rows of 100 (92 repeats), 128 harmless of 400 (every
+        row within 4 epochs)"."""
+        parts = []
+        for role, size in self.sizes.items():
+            reads, count = self.length * size, len(self.rows[role])
+            more = (f"{reads - count} repeats" if reads > count else
+                    f"every row within {math.ceil(count / reads)} epochs" if reads < count else "each once")
+            parts.append(f"{reads} {ROLE_NAMES[role]}{' rows' if not parts else ''} of {count} ({more})")
+        return ", ".join(parts)
+
     @functools.lru_cache(maxsize=64)  # noqa: B019 - a few passes per role, the dataset lives as long as the run
-    def _order(self, role: int, epoch: int) -> list[int]:
+    def _order(self, role: int, rounds: int) -> list[int]:
         order = list(range(len(self.rows[role])))
-        random.Random(self.seed * 1_000_003 + role * 10_007 + epoch).shuffle(order)
+        random.Random(self.seed * 1_000_003 + role * 10_007 + rounds).shuffle(order)
         return order
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        chosen = []
+        chosen, item = [], int(self.epoch) * self.length + index
         for role, size in self.sizes.items():
             count = len(self.rows[role])
-            for position in range(index * size, (index + 1) * size):
-                epoch, offset = divmod(position, count)
-                chosen.append((role, self.rows[role][self._order(role, epoch)[offset]]))
+            for position in range(item * size, (item + 1) * size):
+                rounds, offset = divmod(position, count)
+                chosen.append((role, self.rows[role][self._order(role, rounds)[offset]]))
         return {"harc_rows": chosen}
+
+
+class StreamEpochs(TrainerCallback):
+    """Sets the dataset's epoch as each epoch begins (before the Trainer iterates its dataloader), from the optimizer
+    steps taken: the same on every rank and when resuming, whatever the sampler or dataloader the engine built."""
+
+    def __init__(self, dataset: ComposedMicroBatches) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.dataset.begin_epoch(state.global_step * self.dataset.step_items // len(self.dataset))
 
 
 def collate_rows(rows: list[tuple[int, EncodedRow]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import SchedulerType, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from llamafactory_hera.harc.batches import BATCH_KEYS
+from llamafactory_hera.harc.batches import BATCH_KEYS, StreamEpochs
 from llamafactory_hera.harc.config import HarcArguments
 from llamafactory_hera.harc.data import ROLE_HARMFUL
 from llamafactory_hera.harc.directions import Directions
@@ -106,6 +106,7 @@ class HarcTrainerMixin(RestoresCheckpointWeights):
         self.model_accepts_loss_kwargs = False  # the Trainer divides by the accumulation steps, as the reference
         self._harc_sums = torch.zeros(len(_TERMS) + 1, dtype=torch.float64)
         self.add_callback(_StepEnd(self))
+        self.add_callback(StreamEpochs(self.train_dataset))
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         folder = resume_from_checkpoint

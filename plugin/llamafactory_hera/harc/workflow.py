@@ -89,8 +89,8 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
                            for key, c in rows.counts.items())
         say_once(f"HARC: {counts}; micro-batches of {sum(sizes.values())} rows ({harc_args.harc_batch_harmful} "
                  f"harmful, {harc_args.harc_batch_harmless} harmless, {harc_args.harc_batch_pseudo} pseudo), "
-                 f"{len(dataset)} per epoch; margin {harc_args.harc_margin}, weights couple "
-                 f"{harc_args.harc_weight_couple} / couple_resp "
+                 f"{len(dataset)} per epoch, which reads {dataset.epoch_reads()}; margin {harc_args.harc_margin}, "
+                 f"weights couple {harc_args.harc_weight_couple} / couple_resp "
                  f"{harc_args.harc_weight_couple_resp if harc_args.response_coupling else 0} / kl "
                  f"{harc_args.harc_weight_kl} / ce {harc_args.harc_weight_ce}; refresh every "
                  f"{harc_args.harc_refresh_steps} optimizer steps")

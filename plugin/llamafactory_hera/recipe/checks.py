@@ -214,27 +214,32 @@ def _deepspeed_config_readable(value: str) -> bool:
 
 
 QLORA = "bitsandbytes>=0.50"  # pyproject.toml's qlora extra: the bitsandbytes the tests run; LLaMA-Factory asks 0.39
+LIGER = "liger-kernel>=0.5.5"  # LLaMA-Factory 0.9.5's liger-kernel extra
 
 
 def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -> None:
-    """The engines a recipe names are installed (else a traceback at the parse or the load, 70 to 558 lines): DeepSpeed
+    """The engines a recipe names are installed (else a traceback at the parse or the load, 60 to 558 lines): DeepSpeed
     for a ``deepspeed`` config (what transformers requires of it), bitsandbytes for ``quantization_bit`` (method
-    ``bnb``). After the method's own checks: RAH-LoRA refuses DeepSpeed and quantization, and says so instead."""
+    ``bnb``), liger-kernel for ``enable_liger_kernel`` / ``use_liger_kernel``. After the method's own checks: RAH-LoRA
+    refuses all three, and says so instead."""
     bits = raw_value(host_args, "quantization_bit")
     bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb" and stage != "rah"
     if bnb and bits not in (None, "") and truthy(raw_value(host_args, "use_dora") or False):
         raise RecipeError(dora_refusal(bits))  # refused whatever is installed: said before asking for bitsandbytes
-    for key, value, module, requirement, without in (
-            ("deepspeed", raw_value(host_args, "deepspeed"), "DeepSpeed",  # lazy: transformers only here
+    liger = next((key for key in ("enable_liger_kernel", "use_liger_kernel") if truthy(raw_value(host_args, key))), "")
+    for key, value, package, module, requirement, without in (
+            ("deepspeed", raw_value(host_args, "deepspeed"), "DeepSpeed", "deepspeed",  # lazy: transformers only here
              lambda: import_module("transformers.dependency_versions_table").deps.get("deepspeed", "deepspeed"),
              "or remove deepspeed to train without it"),
-            ("quantization_bit", bits if bnb else None, "bitsandbytes", lambda: QLORA,
+            ("quantization_bit", bits if bnb else None, "bitsandbytes", "bitsandbytes", lambda: QLORA,
              "llamafactory-hera's qlora extra: pip install '.[qlora]' in its clone; or remove quantization_bit to "
-             "train unquantized")):
+             "train unquantized"),
+            (liger, "true" if liger else None, "liger-kernel", "liger_kernel", lambda: LIGER,
+             f"or remove {liger} to train without it")):
         if value is None or str(value).strip().lower() in {"", "none", "null"} \
-                or importlib.util.find_spec(module.lower()) is not None:
+                or importlib.util.find_spec(module) is not None:
             continue
-        raise RecipeError(f"{key}: {value} needs {module}, which is not installed here. Install it: pip install "
+        raise RecipeError(f"{key}: {value} needs {package}, which is not installed here. Install it: pip install "
                           f"'{requirement()}' ({without}).")
 
 

@@ -11,7 +11,8 @@ Checked before the parse, also by ``accelerate launch`` and ``llamafactory-cli t
 (patches/accelerate_launch.py, patches/launch.py). What runs and is refused, with the test of each and why:
 docs/configurations.md (the FSDP rows and their notes). Refused:
 - ``FSDP_STATE_DICT_TYPE`` other than ``FULL_STATE_DICT`` (accelerate's FSDP2 default): transformers' Trainer writes
-  the adapter or model only under ``FULL_STATE_DICT``, so the run would exit 0 with nothing saved (stock SFT too);
+  the adapter or model only under ``FULL_STATE_DICT``, so the run would exit 0 with nothing saved (a host stage runs
+  it as without the plugin, with a warning line: patches/stage.py);
 - FSDP1: no CPU run here reaches its training (accelerate 1.11's FSDP1 setup needs an accelerator); for HeRA also,
   outside a wrapped module's forward FSDP1 leaves each parameter a view of the rank's flat shard;
 - the recipe's ``fsdp`` key: transformers builds its own FSDP plugin from ``fsdp_config``, a path no test runs;
@@ -91,7 +92,7 @@ def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mappi
     if version != "2":
         raise RecipeError(f"{launched}: stage: {stage} is not run under FSDP1 ({_FSDP1.get(stage, _FSDP1['harc'])});"
                           f" set fsdp_version: 2 in the accelerate config.")
-    # the same checks refuse these for the host's stages (patches/stage.py)
+    # the host's stages: the second refused, the first said (patches/stage.py)
     refusal = unsaved_refusal(stage, environ) or bitsandbytes_refusal(stage, host_args, environ)
     if refusal:
         raise RecipeError(refusal)

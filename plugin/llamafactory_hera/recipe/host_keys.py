@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import difflib
 import math
-import typing
 from collections.abc import Iterable
-from dataclasses import fields, is_dataclass
 from typing import Any
 
 from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.recipe.arguments import given_keys, truthy
+from llamafactory_hera_patches.recipe.arguments import given_keys, method_fields, truthy
 from llamafactory_hera_patches.recipe.host_arguments import host_keys, template_names, unknown_keys_pass
 from llamafactory_hera_patches.registry import registered_methods
 
@@ -57,12 +55,7 @@ def _mean(value: str, names: Iterable[str]) -> str:
 
 def method_keys() -> list[str]:
     """Every registered method's recipe keys (the fields of the dataclass its ``parse_arguments`` returns)."""
-    keys: list[str] = []
-    for method in registered_methods():
-        parse = method.load("parse_arguments")
-        arguments = typing.get_type_hints(parse).get("return")
-        keys += [spec.name for spec in fields(arguments)] if is_dataclass(arguments) else []
-    return keys
+    return [spec.name for method in registered_methods() for spec in method_fields(method)]
 
 
 def _suggested(name: str, names: list[str]) -> str:
