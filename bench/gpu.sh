@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# GPU figures of issue 7, on the lent GPU machine, from the repository root there, with .whl carried
+# The GPU figures (bench/README.md), on the lent GPU machine, from the repository root there, with .whl carried
 # (bench/device_wheels.sh). Prints both benchmarks' tables; a log lands in $OUT when it is set.
 #   overhead:  Qwen3-VL-8B architecture, random weights, bf16, LoRA on all linear layers, DINOv2-L teacher;
 #              HeRA against SFT with LLaMA-Factory's defaults (reentrant checkpointing), as users run it; then
 #              bench/cost.py's predicted peak memory of the same step (no GPU needed) beside the measured one
 #              (BASELINE_NON_REENTRANT=1: SFT with use_reentrant_gc: false instead, --baseline-non-reentrant)
 #   qlora:     the same as overhead, both arms QLoRA (quantization_bit 4: bitsandbytes nf4, double quantization),
-#              issue 56 item 6 (not in "all")
+#              against each other (not in "all")
 #   selection: Qwen2.5-VL-7B architecture, N = 1000, DINOv2-L; plus `llamafactory-hera select` end to end
 #   offload:   not a benchmark: HeRA's gather of an FSDP2 shard under CPU offload on the GPU (one rank, NCCL), the move of
 #              the host shard to the GPU no CPU run takes (tests/hera/fsdp2_offload_gather.py, seconds; first in "all":
@@ -36,7 +36,7 @@ ASSETS=${ASSETS:-/tmp/hera_bench_assets}
     overhead|all) $PY bench/overhead.py --device cuda --preset qwen3-vl-8b --repeats "${REPEATS:-2}" --epochs 2 \
                     --images 128 --batch 8 --warmup 3 --assets "$ASSETS" \
                     ${BASELINE_NON_REENTRANT:+--baseline-non-reentrant}
-                  # issue 70 item 5: the counter's prediction for the same step (Qwen3-VL-8B, LoRA, batch 8, 448 px)
+                  # the counter's prediction for the same step (Qwen3-VL-8B, LoRA, batch 8, 448 px)
                   # beside the peak_gpu_mb (torch.cuda.max_memory_allocated) overhead.py printed above; every row
                   # counted COST_TOKENS long (default cutoff_len 1024, an upper bound of the overhead's rows)
                   echo "predicted by bench/cost.py (tensors only, no CUDA context) for overhead's step:"
@@ -46,7 +46,7 @@ ASSETS=${ASSETS:-/tmp/hera_bench_assets}
                     --images 128 --batch 8 --warmup 3 --assets "$ASSETS" --quantization-bit 4 ;;
     selection|all) $PY bench/selection.py --device cuda --preset qwen2.5-vl-7b --samples 1000 --repeats 3 \
                     --batch 32 --end-to-end --assets "$ASSETS" ;;&
-    # enable_liger_kernel (triton, GPU only) with HeRA and HARC against the same runs without it (issue 70 item 6;
+    # enable_liger_kernel (triton, GPU only) with HeRA and HARC against the same runs without it (it
     # needs liger-kernel and the test extra carried: pip install liger-kernel); not in "all"
     liger) $PY -m pytest tests/test_torch_compile.py -q -rs -k liger ;;
     harc|all) echo "HARC against SFT with LLaMA-Factory's defaults (reentrant gradient checkpointing), as users run it"

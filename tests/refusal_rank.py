@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from llamafactory_hera import job_refusal
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 job_refusal.install()
 rank = int(os.environ.get("RANK") or os.environ["SLURM_PROCID"])

@@ -121,7 +121,7 @@ PAPERS = {"docs/rah.md": '"RAH-LoRA: Training-Free Calibration of High-Influence
 
 def test_method_docs_name_their_papers_not_the_projects_planning_words() -> None:
     """docs/rah.md and docs/harc.md opened with the project's planning words ("seed 004", "seed 003"): each names its
-    paper in its first paragraph, and no document or docstring says "seed 00" (issue 31 item 21)."""
+    paper in its first paragraph, and no document or docstring says "seed 00"."""
     for doc, paper in PAPERS.items():
         first = " ".join(read(doc).split("\n\n")[2].split())
         assert paper in first, (doc, first[:300])
@@ -143,3 +143,37 @@ def test_the_eval_presets_table_is_the_code() -> None:
              for name, tasks in re.findall(r"`([\w-]+)` = ((?:`\w+`(?:,\s*)?)+)", text)}
     assert named == {preset.name: preset.tasks for preset in PRESETS.values()
                      if preset.name not in ("refusal", "jailbreak")}  # run by this package, not a library
+
+
+# Commits of other projects that the docs and the code cite as where a list or a result comes from: first seven
+# characters -> the project
+UPSTREAM_COMMITS = {"098262e": "llm-attacks/llm-attacks", "a3bb396": "paul-rottger/exaggerated-safety",
+                    "8e1604d": "centerforaisafety/HarmBench", "ff6d4d1": "hiyouga/LLaMA-Factory"}
+# projects whose issues and pull requests the docs may cite by number, named just before it ("LLaMA-Factory issue
+# 10610", "accelerate's issue 12")
+UPSTREAM_BEFORE = re.compile(r"(?:LLaMA-Factory|accelerate|transformers|DeepSpeed|PyTorch|torch|peft|trl|bitsandbytes"
+                             r"|LLaVA)(?:'s)? $", re.I)
+OWN_ISSUE = re.compile(r"\b(?:issues?|item \d+ of issue) #?\d+|(?<![\w/.:&-])#\d{1,5}\b(?![0-9a-fA-F])", re.I)
+COMMIT = re.compile(r"(?<![\w#/.-])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}(?![\w/-])")
+PROSE = {".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".txt", ".cfg"}  # not data (JSON, CSV), whose hashes are values
+
+
+def test_the_package_recipes_and_docs_name_no_issue_number_or_commit_of_this_project() -> None:
+    """The package, the recipes, the docs and the README say what is true now, not which issue or commit changed it:
+    none holds an issue number of this project ("issue 56", "item 4 of issue 69", "#12") nor a commit hash ("since
+    c110743", "on main at 7f1ba99"). Allowed, precisely: another project's issue or pull request named with it
+    ("LLaMA-Factory issue 10610", "accelerate PR 4206", "haotian-liu/LLaVA#835", links to their trackers) and the
+    commits of other projects the docs cite as sources (:data:`UPSTREAM_COMMITS`, each with its project). Data files
+    (JSON, CSV) are not read: a hash there is a value, not prose; a colour (``#1f77b4``) is no issue number and, six
+    characters long, no hash. docs/cost.md included: nothing is skipped."""
+    roots = [REPO / "plugin", REPO / "patches", REPO / "recipes", REPO / "docs"]
+    paths = [REPO / "README.md", *(p for root in roots for p in sorted(root.rglob("*"))
+                                  if p.is_file() and p.suffix in PROSE and "__pycache__" not in p.parts)]
+    assert REPO / "docs" / "cost.md" in paths
+    found = []
+    for path in paths:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            named = [m.group() for m in OWN_ISSUE.finditer(line) if not UPSTREAM_BEFORE.search(line[:m.start()])]
+            named += [m.group() for m in COMMIT.finditer(line) if m.group()[:7] not in UPSTREAM_COMMITS]
+            found += [f"{path.relative_to(REPO)}:{number}: {what}" for what in named]
+    assert found == [], "say what is true now instead:\n" + "\n".join(found)

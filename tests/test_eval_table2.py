@@ -247,7 +247,7 @@ def test_hallucination_tasks_not_set_up_are_refused_before_loading(tmp_path: Pat
     import importlib.util
 
     from llamafactory_hera.evaluation import presets
-    from llamafactory_hera.short_errors import RecipeError
+    from llamafactory_hera_patches.errors import RecipeError
 
     planned = presets.plan_tasks("hallucination", "mllm", "hera", None)
     monkeypatch.setattr(presets, "offline", lambda: None)  # the datasets are fetched online (tests/test_eval_cli.py)

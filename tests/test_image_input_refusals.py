@@ -20,7 +20,7 @@ from test_launch_refusals import _refused
 
 from conftest import base_recipe, refuse_loading, run_train, run_verb
 from llamafactory_hera.demo.rah import build_rah_recipe
-from llamafactory_hera.recipe.image_files import image_problem
+from llamafactory_hera.recipe.dataset_info import image_problem
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -96,9 +96,9 @@ def test_every_lazy_import_on_a_runs_path_says_why() -> None:
 
 
 def test_a_trainer_holds_its_step_and_a_workflow_wires_the_rest() -> None:
-    """Issue 52: what a reader of a method's trainer must load is its step (the plugin's and the patches' files its
-    imports and declarations reach, package faces aside): at most 20 files; a workflow, which wires the monitor, the
-    run summary, plots and the checks before the first step around it, at most ``WORKFLOW_FILES``."""
+    """What a reader of a method's trainer must load is its step (the plugin's and the patches' files its imports and
+    declarations reach, package faces aside): at most ``TRAINER_FILES``; a workflow, which wires the monitor, the run
+    summary, plots and the checks before the first step around it, at most ``WORKFLOW_FILES``."""
     graph, _ = _graph()
     found = modules(REPO)
     sizes = {entry: len(reach(graph, found, entry)) for entry in ENTRIES}

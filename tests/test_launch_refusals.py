@@ -2,7 +2,7 @@
 teacher) loaded, or with an unrelated message or a traceback. Each is now one line naming the key, the value and the
 fix, raised before anything loads, through LLaMA-Factory's real ``run_exp`` (``no_model_load`` fails the test if the
 model loads first). Shared checks: ``recipe/checks.py`` (raw recipe and environment), ``recipe/checks.py``
-(parsed arguments). Each is one the command line prints alone (``short_errors.raised_by_plugin``)."""
+(parsed arguments). Each is one the command line prints alone (``job_refusal.raised_by_plugin``)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import yaml
 
 from conftest import REPO, base_recipe, harc_recipe, saved_in_bf16
 from llamafactory_hera.demo.rah import build_rah_recipe
+from llamafactory_hera.job_refusal import raised_by_plugin
 from llamafactory_hera.recipe.checks import LIGER
-from llamafactory_hera.short_errors import raised_by_plugin
 
 STAGES = ("hera", "rah", "harc")
 

@@ -132,7 +132,7 @@ def test_patches_and_the_shared_packages_import_no_method_package() -> None:
     assert sorted(method_packages) == ["harc", "hera", "rah"]
     shared = [*(REPO / "patches" / "llamafactory_hera_patches").rglob("*.py"),
               *(path for folder in SHARED for path in (package / folder).glob("*.py")),
-              *(package / name for name in ("cli.py", "_bootstrap.py", "short_errors.py", "placement.py"))]
+              *(package / name for name in ("cli.py", "_bootstrap.py", "job_refusal.py", "placement.py"))]
     pattern = re.compile(rf"^\s*(from|import) llamafactory_hera\.({'|'.join(method_packages)})\b", re.M)
     offenders = [str(path.relative_to(REPO)) for path in shared if pattern.search(path.read_text(encoding="utf-8"))]
     assert offenders == []

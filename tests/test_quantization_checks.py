@@ -19,7 +19,7 @@ from transformers import BitsAndBytesConfig
 from conftest import ENGINES, EVAL_ONLY, REPO, base_recipe, run_train
 from llamafactory_hera.recipe.checks import QLORA
 from llamafactory_hera.recipe.quantization import check_quantization
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 
 def _args(bits: int | None = None, method: str = "bnb") -> SimpleNamespace:

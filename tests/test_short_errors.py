@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from llamafactory_hera import short_errors
+from llamafactory_hera import job_refusal
 from llamafactory_hera.hera.config import parse_hera_arguments
 
 
@@ -22,11 +22,11 @@ def _caught(call) -> BaseException:
 
 def test_a_plugin_message_is_short_and_a_host_error_is_not() -> None:
     ours = _caught(lambda: parse_hera_arguments({"hera_k": 0, "hera_heads": ["L0H0"]}))
-    assert isinstance(ours, short_errors.RecipeError) and isinstance(ours, ValueError)
-    assert short_errors.raised_by_plugin(ours)
-    assert short_errors.short_report(ours).endswith(f"\n[llamafactory-hera] error: {ours}\n")  # the message last
-    assert not short_errors.raised_by_plugin(_caught(lambda: int("x")))  # a ValueError raised outside the plugin
-    assert not short_errors.raised_by_plugin(_caught(lambda: {}["missing"]))  # a bug: not a message
+    assert isinstance(ours, job_refusal.RecipeError) and isinstance(ours, ValueError)
+    assert job_refusal.raised_by_plugin(ours)
+    assert job_refusal.short_report(ours).endswith(f"\n[llamafactory-hera] error: {ours}\n")  # the message last
+    assert not job_refusal.raised_by_plugin(_caught(lambda: int("x")))  # a ValueError raised outside the plugin
+    assert not job_refusal.raised_by_plugin(_caught(lambda: {}["missing"]))  # a bug: not a message
 
 
 def test_an_internal_value_error_raised_by_the_plugin_keeps_its_traceback() -> None:
@@ -34,7 +34,7 @@ def test_an_internal_value_error_raised_by_the_plugin_keeps_its_traceback() -> N
     of an unresolved ``hera_heads: auto``) is not a user error: the type decides, not the source line."""
     auto = parse_hera_arguments({"hera_heads": "auto"})
     error = _caught(lambda: auto.head_refs)
-    assert type(error) is ValueError and not short_errors.raised_by_plugin(error)
+    assert type(error) is ValueError and not job_refusal.raised_by_plugin(error)
 
 
 def test_an_error_of_a_torch_operation_called_by_the_plugin_keeps_its_traceback() -> None:
@@ -49,7 +49,7 @@ def test_an_error_of_a_torch_operation_called_by_the_plugin_keeps_its_traceback(
     while tb.tb_next is not None:
         tb = tb.tb_next
     assert isinstance(error, RuntimeError) and tb.tb_frame.f_globals["__name__"] == "llamafactory_hera.hera.teacher"
-    assert not short_errors.raised_by_plugin(error)
+    assert not job_refusal.raised_by_plugin(error)
 
 
 def test_excepthook_prints_only_the_message_for_plugin_errors() -> None:
@@ -79,7 +79,7 @@ def test_the_full_traceback_is_one_variable_away(value: str) -> None:
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "hera_k" in proc.stderr
 
 
-@pytest.mark.parametrize("raised,expected", [(short_errors.RecipeError, short_errors.RecipeError),
+@pytest.mark.parametrize("raised,expected", [(job_refusal.RecipeError, job_refusal.RecipeError),
                                              (ZeroDivisionError, RuntimeError)])
 def test_auto_selection_keeps_a_user_error_a_user_error_on_every_rank(monkeypatch: pytest.MonkeyPatch, raised: type,
                                                                       expected: type) -> None:
@@ -95,6 +95,6 @@ def test_auto_selection_keeps_a_user_error_a_user_error_on_every_rank(monkeypatc
     recipe = SimpleNamespace(data_args=SimpleNamespace(max_samples=None))
     error = _caught(lambda: auto.resolve_auto_heads(recipe, parse_hera_arguments({"hera_heads": "auto"}), 0, "cpu",
                                                     "out", True, dtype="float32"))
-    shown = "" if raised is short_errors.RecipeError else "ZeroDivisionError: "  # a user error needs no type name
+    shown = "" if raised is job_refusal.RecipeError else "ZeroDivisionError: "  # a user error needs no type name
     assert type(error) is expected and f"failed on rank 0: {shown}dataset d" in str(error)
-    assert short_errors.raised_by_plugin(error) == (expected is short_errors.RecipeError)
+    assert job_refusal.raised_by_plugin(error) == (expected is job_refusal.RecipeError)

@@ -8,7 +8,7 @@ DeepSpeed is not installed, transformers' ``PackageNotFoundError`` (71 lines); `
 ``TypeError`` (39), a YAML syntax error PyYAML's ``ParserError`` (35), a recipe path that does not exist omegaconf's
 ``FileNotFoundError`` (19). Now: ``llamafactory-cli train`` checks the recipe once before it starts torchrun
 (``patches/.../launch.py``); a bare torchrun's rank 0 prints the refusal and the other ranks are stopped by torchrun
-(``short_errors``); the rest are one line each (``recipe_file.py``, ``recipe/checks.py``, ``recipe/host_keys.py``).
+(``job_refusal``); the rest are one line each (``recipe_file.py``, ``recipe/checks.py``, ``recipe/host_keys.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import yaml
 from test_launch_refusals import _refused
 
 from conftest import REPO, base_recipe, free_port, harc_recipe, offline_env, run_process, run_train
-from llamafactory_hera.short_errors import RecipeError, waits_for_rank_0
+from llamafactory_hera.job_refusal import RecipeError, waits_for_rank_0
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 ERROR = "[llamafactory-hera] error: "

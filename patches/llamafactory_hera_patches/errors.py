@@ -1,5 +1,5 @@
 """The user-error type: raised by the plugin's checks and by the host adapter's own (a stage name, a dataset that
-cannot be read), printed as one line by :mod:`llamafactory_hera.short_errors`. Defined here, at the door, so that
+cannot be read), printed as one line by :mod:`llamafactory_hera.job_refusal`. Defined here, at the door, so that
 both sides raise it and the patches import nothing of the plugin."""
 
 

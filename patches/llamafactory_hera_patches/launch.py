@@ -3,7 +3,7 @@
 FSDP refusals), one line and exit code 1 as without torchrun; each rank used to print it, then torchrun's and the
 launcher's tracebacks. A job that fails later ends with torchrun's report and its exit code, without the launcher's
 traceback. A bare ``torchrun`` has no launcher to patch: its ranks print a refusal once (``llamafactory_hera.
-short_errors``); ``accelerate launch`` runs :func:`check_before_ranks` too (:mod:`.accelerate_launch`).
+job_refusal``); ``accelerate launch`` runs :func:`check_before_ranks` too (:mod:`.accelerate_launch`).
 
 Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything is patched):
 - ``llamafactory.launcher.launch()`` pops the command from ``sys.argv``; for ``train`` with ``FORCE_TORCHRUN`` (or

@@ -1,5 +1,11 @@
-"""The plugin's errors end a training process with their one line (:mod:`.short_errors`), and a refusal on any rank
-of a multi-process job ends every rank within seconds, printed once (:func:`install`, set by the start-up hook).
+"""The plugin's errors end a training process with their one line, and a refusal on any rank of a multi-process job
+ends every rank within seconds, printed once (:func:`install`, set by the start-up hook).
+
+The plugin's checks raise :class:`~llamafactory_hera_patches.errors.RecipeError` with a message that names the key, the
+value and the fix; when one ends the process, only that message is printed (:func:`short_report`, with a line saying
+how to get the traceback). Every other exception, a ``ValueError`` of torch or of the plugin's own internals included,
+keeps Python's full report. ``llamafactory-cli train`` and ``accelerate launch`` check the recipe before they start the
+ranks (``llamafactory_hera_patches.launch``, ``.accelerate_launch``).
 
 Without it, a refusal on a rank other than 0 waited for torchrun to stop it, and under ``srun`` the other ranks waited
 until ``ddp_timeout``. The job's ranks share a flag in the job's c10d store at ``MASTER_ADDR:MASTER_PORT`` (torchrun's
@@ -30,12 +36,31 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
-from llamafactory_hera.short_errors import RANK_WAIT_S, TRACEBACK_ENV, raised_by_plugin, short_report, waits_for_rank_0
+from llamafactory_hera_patches.errors import RecipeError
 
+TRACEBACK_ENV = "LLAMAFACTORY_HERA_TRACEBACK"
+RANK_WAIT_S = 30.0  # how long a rank other than 0 waits for torchrun to stop it before printing its own refusal
 REFUSED, LEFT = "refused", "left"
 POLL_S = 0.2  # how often a rank looks at the flag
 CONNECT_S = 2.0  # one try to reach the store
 TELL_S = 30.0  # how long a refusing rank waits for the others to see its flag
+
+
+def raised_by_plugin(error: BaseException) -> bool:
+    """True if ``error`` is one of the plugin's user errors (a :class:`RecipeError`), printed alone."""
+    return isinstance(error, RecipeError)
+
+
+def short_report(error: BaseException) -> str:
+    """How to see the whole traceback, then ``[llamafactory-hera] error: <message>``: the message is the last line
+    the run prints."""
+    return (f"[llamafactory-hera] (raised by the plugin's checks; {TRACEBACK_ENV}=1 prints the full traceback)\n"
+            f"[llamafactory-hera] error: {error}\n")
+
+
+def waits_for_rank_0(environ: Mapping[str, str]) -> bool:
+    """Whether this process is a rank other than 0 of a torchrun job (whose agent stops every rank when one fails)."""
+    return bool(environ.get("TORCHELASTIC_RUN_ID")) and environ.get("RANK", "0").strip() not in {"", "0"}
 
 
 @dataclass(frozen=True)
@@ -190,7 +215,7 @@ def announce(env: Mapping[str, str] = os.environ) -> tuple[bool, Callable[[], No
 
 
 def install() -> None:
-    """Route uncaught plugin errors to :func:`.short_errors.short_report`, printed once per job, and watch for
+    """Route uncaught plugin errors to :func:`short_report`, printed once per job, and watch for
     another rank's refusal (idempotent; off with LLAMAFACTORY_HERA_TRACEBACK=1)."""
     previous = sys.excepthook
     if getattr(previous, "_llamafactory_hera", False) or os.environ.get(TRACEBACK_ENV, "") not in {"", "0"}:

@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
 
 from llamafactory_hera.log import show
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 HEADROOM = 0.9  # of what is free: the batch's activations, the allocator's blocks, the loader's transient copies
 FIX = "Free memory, run on a machine with more GPU memory or RAM, or set quantization_bit: 4."

@@ -174,11 +174,12 @@ def lazy_imports(path: Path) -> list[tuple[int, bool]]:
 
 
 ENTRIES = ("hera.trainer", "hera.workflow", "rah.workflow", "harc.trainer", "harc.workflow")
-# the most files a reader of a method's trainer / workflow must load (issue 52: the trainer holds the step); a
-# workflow's includes selection's memory plan (placement.py) and the host's key table that the one key
-# reader consults for booleans (recipe/host_arguments.py); HeRA's trainer its capture (hera/capture.py: the heads'
-# inputs, and their weights read in the modules' calls under ZeRO-3) beside the projection (issue 69)
-TRAINER_FILES, WORKFLOW_FILES = 21, 50
+# the most files a reader of a method's trainer / workflow must load (the trainer holds the step); a workflow's
+# include selection's memory plan (placement.py) and the host's key table that the one key reader consults for
+# booleans (recipe/host_arguments.py); HeRA's trainer its capture (hera/capture.py: the heads' inputs, and their
+# weights read in the modules' calls under ZeRO-3) beside the projection; a module raises RecipeError from where it is
+# defined (llamafactory_hera_patches/errors.py), not through the one-line report's module (job_refusal.py)
+TRAINER_FILES, WORKFLOW_FILES = 20, 45
 
 
 def _lines(path: Path) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.demo.folders import LOG_NAME, RECIPE_NAME, RUN_DIR_NAME
-from llamafactory_hera.demo.runner import DemoContext, prepare_assets, say, train_and_report
+from llamafactory_hera.demo.runner import DemoContext, demo_recipe, prepare_assets, say, train_and_report
 from llamafactory_hera.demo.summary import chat_command, command, eval_base_lines, summary_text
 
 TITLE = "HARC"
@@ -40,16 +40,10 @@ def build_harc_recipe(model: Path, template: str, data_dir: Path, run_dir: Path,
     """A ``stage: harc`` recipe for a tiny text model (paths absolute), scaled down from the reference so that a
     short run shows the base extraction, refreshes and the ramp: 16 + 8 held-out rows, band 1 of 6 layers, a refresh
     every 20 steps and the ramp to 4 layers at step 40."""
-    return {
-        "model_name_or_path": str(model), "template": template, "stage": "harc", "do_train": True,
-        "finetuning_type": "lora", "lora_target": "all", "lora_rank": 8, "lora_alpha": 16,
-        "dataset_dir": str(data_dir), **{role: role for role in ROLES},
-        "harc_extract_samples": 16, "harc_validate_samples": 8, "harc_band": 1, "harc_refresh_steps": 20,
-        "harc_layers_ramp_step": 40, "harc_eval_max_new_tokens": 16,
-        "max_steps": steps, "gradient_accumulation_steps": 1, "learning_rate": 1.0e-3,
-        "lr_scheduler_type": "constant", "logging_steps": logging_steps, "save_strategy": "no", "plot_loss": True,
-        "output_dir": str(run_dir), "overwrite_output_dir": True, "report_to": "none", "seed": 0,
-    }
+    return demo_recipe("harc", model, template, data_dir, run_dir, steps, logging_steps, lora_target="all",
+                       lora_rank=8, lora_alpha=16, **{role: role for role in ROLES}, harc_extract_samples=16,
+                       harc_validate_samples=8, harc_band=1, harc_refresh_steps=20, harc_layers_ramp_step=40,
+                       harc_eval_max_new_tokens=16)
 
 
 def convert_sources(ctx: DemoContext) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.demo.folders import LOG_NAME, RECIPE_NAME, RUN_DIR_NAME
-from llamafactory_hera.demo.runner import DemoContext, prepare_assets, train_and_report
+from llamafactory_hera.demo.runner import DemoContext, demo_recipe, prepare_assets, train_and_report
 from llamafactory_hera.demo.summary import command, eval_base_lines, first_last, read_log, summary_text
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
 
@@ -30,37 +30,11 @@ OUTPUTS = (("adapter_model.safetensors", "LoRA adapter"), ("trainer_log.jsonl", 
 
 def build_recipe(assets: TinyAssets, family: str, run_dir: Path, steps: int) -> dict[str, Any]:
     """A small LoRA recipe with ``stage: hera`` for one tiny model family (paths absolute)."""
-    return {
-        "model_name_or_path": str(assets.models[family]),
-        "trust_remote_code": True,
-        "stage": "hera",
-        "do_train": True,
-        "finetuning_type": "lora",
-        "lora_target": "all",
-        "dataset": "hera_demo",
-        "dataset_dir": str(assets.dataset_dir),
-        "template": assets.templates[family],
-        "cutoff_len": 256,
-        "max_samples": 64,
-        "overwrite_cache": True,
-        "preprocessing_num_workers": 1,
-        "dataloader_num_workers": 0,
-        "per_device_train_batch_size": 8,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1.0e-3,
-        "max_steps": steps,
-        "lr_scheduler_type": "constant",
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "plot_loss": True,
-        "output_dir": str(run_dir),
-        "overwrite_output_dir": True,
-        "report_to": "none",
-        "seed": 0,
-        "hera_heads": list(DEMO_HEADS),
-        "hera_teacher": str(assets.teacher),
-        "hera_k": 3,
-    }
+    return demo_recipe("hera", assets.models[family], assets.templates[family], assets.dataset_dir, run_dir, steps,
+                       trust_remote_code=True, lora_target="all", dataset="hera_demo", cutoff_len=256, max_samples=64,
+                       overwrite_cache=True, preprocessing_num_workers=1, dataloader_num_workers=0,
+                       per_device_train_batch_size=8, hera_heads=list(DEMO_HEADS), hera_teacher=str(assets.teacher),
+                       hera_k=3)
 
 
 def summary(ctx: DemoContext, elapsed: float) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.demo.folders import LOG_NAME, RECIPE_NAME, RUN_DIR_NAME
-from llamafactory_hera.demo.runner import DemoContext, prepare_assets, train_and_report
+from llamafactory_hera.demo.runner import DemoContext, demo_recipe, prepare_assets, train_and_report
 from llamafactory_hera.demo.summary import chat_command, eval_base_lines, summary_text
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
 
@@ -32,14 +32,10 @@ OUTPUTS = (("adapter_model.safetensors", "LoRA adapter (PEFT)"), ("adapter_confi
 
 def build_rah_recipe(assets: TinyAssets, family: str, run_dir: Path) -> dict[str, Any]:
     """A ``stage: rah`` recipe for one tiny model family (paths absolute)."""
-    return {
-        "model_name_or_path": str(assets.models[family]), "trust_remote_code": True, "stage": "rah",
-        "do_train": True, "finetuning_type": "lora", "dataset": "hera_demo", "dataset_dir": str(assets.dataset_dir),
-        "template": assets.templates[family], "cutoff_len": 256, "overwrite_cache": True,
-        "preprocessing_num_workers": 1, "output_dir": str(run_dir), "overwrite_output_dir": True,
-        "report_to": "none", "seed": 0, "rah_layers": "auto", "rah_samples": 32, "rah_probe_samples": 16,
-        "rah_kl_samples": 8, **DEMO_THRESHOLDS,
-    }
+    return demo_recipe("rah", assets.models[family], assets.templates[family], assets.dataset_dir, run_dir,
+                       trust_remote_code=True, dataset="hera_demo", cutoff_len=256, overwrite_cache=True,
+                       preprocessing_num_workers=1, rah_layers="auto", rah_samples=32, rah_probe_samples=16,
+                       rah_kl_samples=8, **DEMO_THRESHOLDS)
 
 
 def rah_summary(ctx: DemoContext, elapsed: float, template: str, model: str) -> str:

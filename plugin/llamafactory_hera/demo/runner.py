@@ -128,6 +128,20 @@ def train(ctx: DemoContext, logging_steps: int = 1) -> int:
     return code
 
 
+def demo_recipe(stage: str, model: Any, template: str, dataset_dir: Path, run_dir: Path, steps: int | None = None,
+                logging_steps: int = 1, **keys: Any) -> dict[str, Any]:
+    """What every demo's recipe holds: a LoRA run of ``stage`` on ``model`` into ``run_dir`` (paths absolute, seed 0),
+    with ``steps`` optimizer steps at a constant learning rate and plotted when given, then the method's ``keys``."""
+    recipe = {"model_name_or_path": str(model), "template": template, "stage": stage, "do_train": True,
+              "finetuning_type": "lora", "dataset_dir": str(dataset_dir), "output_dir": str(run_dir),
+              "overwrite_output_dir": True, "report_to": "none", "seed": 0}
+    if steps is not None:
+        recipe |= {"max_steps": steps, "gradient_accumulation_steps": 1, "learning_rate": 1.0e-3,
+                   "lr_scheduler_type": "constant", "logging_steps": logging_steps, "save_strategy": "no",
+                   "plot_loss": True}
+    return recipe | keys
+
+
 def prepare_assets(ctx: DemoContext, what: str, build: Callable[[Path], Assets]) -> Assets:
     """Build (or reuse) the demo's tiny assets in ``ctx.assets`` with ``build``, saying where and how long it took;
     ``what`` names them (``tiny assets``)."""

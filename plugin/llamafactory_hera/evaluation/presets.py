@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llamafactory_hera.evaluation.protocols import VARIANT_OF
 from llamafactory_hera.evaluation.task_data import Dataset, fetch_command, is_cached, offline, task_datasets
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 LMMS, LM, REFUSAL, JAILBREAK = "lmms-eval", "lm-eval", "refusal", "jailbreak"
 MODULES = {LMMS: "lmms_eval", LM: "lm_eval"}  # the libraries' import names

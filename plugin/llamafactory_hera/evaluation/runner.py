@@ -43,8 +43,8 @@ from llamafactory_hera.evaluation.presets import (
 from llamafactory_hera.evaluation.protocols import DERIVED, DERIVED_REVISION, derived_entries, write_protocol_tasks
 from llamafactory_hera.evaluation.runs import ModelSpec
 from llamafactory_hera.log import progress_once, say_once
-from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import host_version
 from llamafactory_hera_patches.tools import inference
 

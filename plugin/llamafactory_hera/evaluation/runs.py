@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
+from llamafactory_hera.recipe.dataset_info import as_names
 from llamafactory_hera.recipe.model_paths import check_model_paths
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.lifecycle.run_record import FINISHED, RUN_RECORD, read_record
 
 LLAMABOARD_ARGS = "training_args.yaml"
@@ -65,12 +66,6 @@ class ModelSpec:
                         stamp.append(f"{folder / name}:{stat.st_size}:{stat.st_mtime_ns}")
         text = json.dumps({"recipe": self.recipe, "files": stamp}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _as_list(value: Any) -> list[str]:
-    if not value:
-        return []
-    return [str(v) for v in value] if isinstance(value, list) else [v.strip() for v in str(value).split(",")]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -190,7 +185,7 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
         raise RecipeError(f"RUN_DIR: {run_dir} records no template (a {stage} run of llamafactory-cli keeps none); "
                           "pass --template with the recipe's template: value, e.g. --template qwen2_vl")
     base_path = str(recipe["model_name_or_path"])
-    adapters = _as_list(recipe.get("adapter_name_or_path"))
+    adapters = as_names(recipe.get("adapter_name_or_path"))
     if trained:
         if (run_dir / "adapter_config.json").is_file():
             # a run recorded by a later do_predict into its own folder names itself as an adapter already
@@ -235,7 +230,7 @@ def align_loading(run: ModelSpec, other: ModelSpec, flag: str) -> None:
 
 def _comparable(key: str, value: Any) -> Any:
     """A recorded value in one form: token lists are a list in a run record, ``"a,b"`` in LlamaBoard's args."""
-    return _as_list(value) if key in ("add_tokens", "add_special_tokens") else value
+    return as_names(value) if key in ("add_tokens", "add_special_tokens") else value
 
 
 def read_pair(run_dir: Path, baseline: Path | None, base: bool,

@@ -20,8 +20,8 @@ from llamafactory_hera.log import say
 from llamafactory_hera.recipe.checks import check_dataset_names, check_run_inputs
 from llamafactory_hera.recipe.dataset_info import DATA_CONFIG
 from llamafactory_hera.recipe.quantization import check_quantization
-from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.data.templates import composite_model_types
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.arguments import compile_setting, raw_value, truthy
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from llamafactory_hera.plots.training import TrainingPlot
 from llamafactory_hera.recipe.keys import fail, parse_keys, recipe_key
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 ROLE_KEYS = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
 

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 ROLE_HARMFUL, ROLE_HARMLESS, ROLE_PSEUDO = 0, 1, 2
 _SENTINELS = ("Alpha", "zq 7")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

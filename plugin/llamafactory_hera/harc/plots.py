@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.plots.text import agg_figure, fit_title, save_png
+from llamafactory_hera.plots.training import integer_steps
 
 _GROUPS = (("harmful", "held-out harmful\n(higher: safer)"), ("pseudo", "pseudo-harmful\n(lower: less over-refusal)"))
 _BEFORE_COLOR, _AFTER_COLOR = "#9e9e9e", "#1f77b4"
@@ -65,8 +66,6 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
 
     ``history``: entries ``{"step", "layers", "validation": {"<layer>": {"harmful_ref", "harmless_ref", "harmful_harm",
     "harmless_harm"}}}`` (entries without validation skipped; ValueError when none has it). Returns ``path``."""
-    from matplotlib.ticker import MaxNLocator  # lazy: matplotlib only when a figure is drawn (see plots.text)
-
     points = [(int(entry["step"]), [int(x) for x in entry.get("layers") or []], means)
               for entry in history if (means := _mean_cosines(entry)) is not None]
     if not points:
@@ -88,13 +87,8 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
         ax.axhline(0.0, color="black", linewidth=0.6)
         for step, _ in changes[1:]:
             ax.axvline(step, color="#7f7f7f", linestyle=":", linewidth=0.8)
-        if len(set(steps)) == 1:
-            ax.set_xlim(steps[0] - 1, steps[0] + 1)
-            ax.set_xticks([steps[0]])
-        else:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        integer_steps(ax, steps, "optimizer step")
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean cosine over the coupled layers")
     axes[0].legend(fontsize=8)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from llamafactory_hera.heads.architecture import text_decoder
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 
 @contextmanager

@@ -23,8 +23,8 @@ from llamafactory_hera.hera.selection.auto import short_ddp_timeout_warning
 from llamafactory_hera.hera.teacher import check_teacher_source
 from llamafactory_hera.recipe.checks import check_run_inputs
 from llamafactory_hera.recipe.quantization import check_quantization
-from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.data.templates import template_tokens
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import host_version
 from llamafactory_hera_patches.recipe.arguments import raw_value as _raw_value
 from llamafactory_hera_patches.recipe.arguments import truthy as _truthy
@@ -115,8 +115,9 @@ def check_multimodal(model_args: Any, data_args: Any, config: Any) -> None:
 
 def zero3_frozen_recompute_warning(finetuning_type: str, zero3: bool, checkpointing: bool,
                                     deepspeed_version: str) -> str | None:
-    """The warning for LoRA under ZeRO-3 with gradient checkpointing on a DeepSpeed without #8148: HeRA's heads'
-    layers run non-reentrant checkpointing, and their frozen base weights fail its recompute."""
+    """The warning for LoRA under ZeRO-3 with gradient checkpointing on a DeepSpeed before
+    :data:`ZERO3_FROZEN_RECOMPUTE_FIX`: HeRA's heads' layers run non-reentrant checkpointing, and their frozen base
+    weights fail its recompute."""
     try:
         affected = Version(deepspeed_version) < ZERO3_FROZEN_RECOMPUTE_FIX
     except InvalidVersion:

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.hera.config import HeraArguments
-from llamafactory_hera.hera.selection.choices import CHOICES, DTYPES, RECIPE_BACKED
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera.hera.config import DTYPES, RECIPE_BACKED, HeraArguments
+from llamafactory_hera_patches.errors import RecipeError
 
 
-def _default_of(key: str) -> Any:
-    """HeraArguments' default for ``key`` (what a recipe without the key gets)."""
-    return next(f.default for f in fields(HeraArguments) if f.name == key)
+def _field(key: str) -> Field:
+    """HeraArguments' field ``key``: its default (what a recipe without the key gets) and its choices."""
+    return next(f for f in fields(HeraArguments) if f.name == key)
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
@@ -34,9 +33,10 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
     select.add_argument("--report", type=Path, metavar="RUN_DIR",
                         help="a finished HeRA run's output_dir: before/after heatmaps and a delta table")
     for flag, kind, key, what in RECIPE_BACKED:
-        options = {"choices": CHOICES[key]} if key in CHOICES else {"type": kind}
+        choices = _field(key).metadata.get("choices")
+        options = {"choices": choices} if choices else {"type": kind}
         select.add_argument(flag, default=None, **options,
-                            help=f"{what} (default: the recipe's {key}, else {_default_of(key)})")
+                            help=f"{what} (default: the recipe's {key}, else {_field(key).default})")
     select.add_argument("--seed", type=int, default=None,
                         help="sampling seed (default: the recipe's seed, else 42, the Trainer's default, as "
                         "hera_heads: auto uses)")

@@ -1,5 +1,6 @@
 """``HeraArguments``: every ``hera_*`` key of a recipe, its help text, the paper's default and its checks; and what a
-HeRA run logs and plots (:data:`LOG_KEYS`, :data:`TRAINING_PLOT`) and the name of its run record.
+HeRA run logs and plots (:data:`LOG_KEYS`, :data:`TRAINING_PLOT`) and the name of its run record; and the options of
+``llamafactory-hera select`` that fall back to its keys (:data:`RECIPE_BACKED`).
 
 Values arrive either typed (YAML / OmegaConf) or as strings (command-line flags); both are
 coerced here so that every error names the key, the value and the allowed range.
@@ -11,12 +12,34 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from llamafactory_hera.heads.geometry import HeadRef, parse_head
-from llamafactory_hera.hera.selection.choices import MODES, STRATEGIES
 from llamafactory_hera.plots.training import Panel, TrainingPlot
 from llamafactory_hera.recipe.keys import fail, parse_keys, recipe_key
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 AUTO = "auto"
+STRATEGIES = ("worst", "best", "random")
+MODES = ("text", "multimodal")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# command-line options that fall back to a recipe key (the same keys hera_heads: auto reads):
+# (flag, type, recipe key, what it sets)
+RECIPE_BACKED: tuple[tuple[str, type, str, str], ...] = (
+    ("--samples", int, "hera_select_samples", "image-caption pairs to score on"),
+    ("--heads", int, "hera_select_num_heads", "number of heads to choose"),
+    ("--strategy", str, "hera_select_strategy", "worst: least aligned (paper); best / random: ablations"),
+    ("--mode", str, "hera_select_mode", "text: captions alone through the language model (paper); multimodal: "
+     "image + caption through the MLLM"),
+    ("--clamp", float, "hera_select_clamp", "PRH's outlier clamp: feature values clamped at this quantile of |value| "
+     "before normalising, both sides; 0 turns it off"),
+    ("--batch-size", int, "hera_select_batch_size", "forward batch size"),
+    ("--k", int, "hera_k", "neighbours for MKNN"),
+    ("--teacher", str, "hera_teacher", "vision teacher"),
+)
+
+
+def dest(flag: str) -> str:
+    """The namespace attribute of a ``select`` option (``--batch-size`` -> ``batch_size``)."""
+    return flag.lstrip("-").replace("-", "_")
 
 
 @dataclass

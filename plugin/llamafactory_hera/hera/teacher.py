@@ -26,8 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llamafactory_hera.log import progress_file
-from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.engines.deepspeed import loaded_whole
+from llamafactory_hera_patches.errors import RecipeError
 
 # Dual image-text encoders whose image tower (``.vision_model``) can serve as teacher.
 DUAL_ENCODER_TYPES = frozenset({"clip", "siglip", "siglip2"})

@@ -20,7 +20,7 @@ layers' checkpointing, the teacher's life cycle (``teacher_run``), the feature q
 (its gradient: ``loss.TemperatureGradHandler``), checkpoint state (``checkpoint``) and the step's per-log sums
 (:class:`StepSums`, at the end of this file). What runs around the steps is wired by the workflow
 (``hera/workflow.py``): the checks before the first step (``preflight``), the run's start and end lines
-(``run_summary.RunSummary``), the alignment monitor (``monitor.MonitorCallback``) and the plots.
+(``workflow.RunSummary``), the alignment monitor (``monitor.MonitorCallback``) and the plots.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class HeraTrainer(RestoresCheckpointWeights):
         if term is None:
             self.hera_sums.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
             # under FSDP2 the heads' weight columns were gathered for reps: a rank without a term still runs their
-            # backward, with zeros, so that every rank issues the same collectives (issue 69 item 2)
+            # backward, with zeros, so that every rank issues the same collectives
             lm_loss = lm_loss + (reps.nan_to_num() * 0.0).sum().to(lm_loss.dtype) if reps.requires_grad else lm_loss
         # The Trainer divides the returned loss by the accumulation steps unless the model already normalised it
         # over the whole accumulated batch; in that case the HeRA term is divided here, so that both terms reach
@@ -288,7 +288,7 @@ NONFINITE_WARNING = ("[llamafactory-hera] warning: non-finite HeRA loss; the ter
 
 class StepSums:
     """Per-log sums of the HeRA step, read at a logging step; the first-missing-term warning; this rank's counts of
-    micro-batches with a term (the run's end line, ``run_summary``).
+    micro-batches with a term (the run's end line, ``workflow.RunSummary``).
 
     A training step must not wait on the GPU (every ``.item()``, ``bool(tensor)``, boolean mask or ``.cpu()`` does).
     So the sums that come from the device (the losses, whether the HeRA loss was finite) stay on the device, and the

@@ -1,5 +1,8 @@
 """A ``stage: hera`` run: LLaMA-Factory's SFT workflow with HeRA's collator and trainer, called by the stage patch
-in place of ``run_sft`` with ``host`` (:class:`llamafactory_hera_patches.stage.SFTWorkflow`).
+in place of ``run_sft`` with ``host`` (:class:`llamafactory_hera_patches.stage.SFTWorkflow`); and what the run says
+about itself at its ends (:class:`RunSummary`): one line when training begins and a count at the end, so a run that
+trains less HeRA than it seems to is never silent (the step's per-log sums and their keys in every training log are
+the trainer's: ``trainer.StepSums``).
 """
 
 from __future__ import annotations
@@ -10,11 +13,13 @@ import traceback
 from typing import Any
 
 import torch.distributed as dist
+from transformers import TrainerCallback
 
 from llamafactory_hera import __version__
 from llamafactory_hera.hera.collator import HeraCollatorMixin, describe_image
 from llamafactory_hera.hera.config import HERA_RUN_RECORD, TRAINING_PLOT, HeraArguments
 from llamafactory_hera.hera.image_tokens import check_image_tokens
+from llamafactory_hera.hera.loss import TAU_MAX, TAU_MIN
 from llamafactory_hera.hera.monitor import MonitorCallback, probe_set
 from llamafactory_hera.hera.preflight import (
     ContrastiveGeometry,
@@ -26,7 +31,6 @@ from llamafactory_hera.hera.preflight import (
     count_image_rows,
     queue_cap_line,
 )
-from llamafactory_hera.hera.run_summary import RunSummary
 from llamafactory_hera.hera.selection.auto import resolve_auto_heads
 from llamafactory_hera.hera.selection.select import scoring_dtype
 from llamafactory_hera.hera.teacher import load_image_processor
@@ -34,18 +38,86 @@ from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.trainer import HeraTrainer
 from llamafactory_hera.log import say, say_again_on_board
 from llamafactory_hera.plots.training import plot_training
-from llamafactory_hera.recipe.dataset_info import describe_data
-from llamafactory_hera.recipe.image_files import first_unreadable, image_rows
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera.recipe.dataset_info import describe_data, first_unreadable, image_rows
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.data.media_warnings import media_warnings_held
 from llamafactory_hera_patches.data.templates import image_placeholder
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.tools.model_data import (
     RecipeArgs,
     holds_out_by_val_size,
     load_aligned_rows,
     training_rows,
 )
+
+PREFIX = "[llamafactory-hera]"
+
+
+class RunSummary(TrainerCallback):
+    """Prints the start line when training begins (main process), after ``Trainer.train`` re-enabled gradient
+    checkpointing, so that its checkpointing part says what the steps run under, and before the alignment monitor's
+    step-0 point; at the end, the count of micro-batches with a HeRA term. ``data_counts``:
+    ``preflight.ImageRowCounts`` or None (streaming); ``contrastive``: ``preflight.ContrastiveGeometry``;
+    ``monitor``: the alignment monitor's callback or None."""
+
+    def __init__(self, trainer: Any, hera_args: HeraArguments, data_counts: Any, contrastive: Any,
+                 monitor: Any = None) -> None:
+        self.trainer, self.hera_args, self.data_counts = trainer, hera_args, data_counts
+        self.contrastive, self.monitor = contrastive, monitor
+        self.said = False  # once: auto_find_batch_size begins training again after an out-of-memory error
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
+        if state.is_world_process_zero and not self.said:
+            self.said = True
+            print(self.start_line(), flush=True)
+
+    def start_line(self) -> str:
+        """The run's HeRA settings in one line (heads, teacher, k, lambda, temperature, pooling, sets, data, monitor,
+        gradient checkpointing per decoder layer)."""
+        args, trainer, geometry = self.hera_args, self.trainer, self.contrastive
+        temperature_lr, processes = trainer.hera_temperature_lr, trainer.args.world_size
+        precompute = trainer.hera_teacher.precompute_decision(trainer.train_dataset, trainer.args)
+        monitor_line = self.monitor.line() if self.monitor is not None else (
+            "alignment monitor off (" + ("hera_monitor_steps: 0" if args.hera_monitor_steps == 0
+                                         else "no probe pairs") + ")")
+        checkpointing_line = trainer.hera_checkpointing.line()
+        if args.hera_learn_temperature:
+            temperature = (f"temperature {args.hera_temperature} learned (lr {temperature_lr:g}, "
+                           f"range [{TAU_MIN}, {TAU_MAX}])")
+        else:
+            temperature = f"temperature {args.hera_temperature} fixed"
+        gather = (f"gather on ({processes} processes)" if args.hera_gather and processes > 1
+                  else "gather off" if processes > 1 else "gather n/a (1 process)")
+        queue = f"queue {geometry.queue if geometry.queue else 'off'} ({geometry.queue_reason})"
+        precompute_on = "on" if precompute else "off"
+        counts = self.data_counts
+        if counts is None:
+            data = "image rows: unknown (streaming)"
+        else:
+            data = f"image rows {counts.image_rows}/{counts.rows}"
+            if counts.text_only_rows:
+                data += f" ({counts.text_only_rows} text-only: LM loss only)"
+            if counts.video_only_rows:
+                data += f" ({counts.video_only_rows} video-only: LM loss only, videos have no teacher feature)"
+        return (f"{PREFIX} HeRA: heads [{', '.join(args.hera_heads)}]; teacher {args.hera_teacher} "
+                f"({args.hera_teacher_feature}); k {args.hera_k}; lambda {args.hera_lambda}; {temperature}; "
+                f"pooling {args.hera_pooling}; {gather}; contrastive set up to {geometry.largest} samples; {queue}; "
+                f"precompute {args.hera_teacher_precompute} -> {precompute_on}; {data}; {monitor_line}; "
+                f"{checkpointing_line}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The steps after the last log read (their checks, this rank's counts), then the micro-batches with a HeRA
+        term over the run (this process)."""
+        sums = self.trainer.hera_sums
+        sums.read(self.trainer.hera_log_tau, reduce=False)
+        if not state.is_world_process_zero or sums.micro_batches == 0:
+            return
+        missing = sums.micro_batches - sums.with_term - sums.nonfinite
+        share = 100.0 * sums.with_term / sums.micro_batches
+        print(f"{PREFIX} HeRA term in {sums.with_term} of {sums.micro_batches} micro-batches ({share:.0f}%)"
+              + (f"; {missing} without (text-only or too few image samples)" if missing else "")
+              + (f"; {sums.nonfinite} skipped as non-finite (check hera_temperature / bf16 overflow)"
+                 if sums.nonfinite else "") + ".", flush=True)
 
 
 def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int], data_counts: Any,

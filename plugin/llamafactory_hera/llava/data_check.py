@@ -12,8 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.recipe.image_files import MISSING, UNREADABLE, image_marks, image_problem
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera.recipe.dataset_info import (
+    MISSING,
+    UNREADABLE,
+    as_names,
+    dataset_info,
+    image_marks,
+    image_problem,
+)
+from llamafactory_hera_patches.errors import RecipeError
 
 FIRST_PATHS = 10  # bad paths listed after the table
 IMAGE_CHUNK = 4096  # images handed to the threads at a time
@@ -146,7 +153,6 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int, progress: bool |
     ``media_dir`` that is no folder, a file LLaMA-Factory cannot load, ``workers`` below 1."""
     from llamafactory_hera.hera.selection.command import load_recipe
     from llamafactory_hera.recipe.checks import check_dataset_names
-    from llamafactory_hera.recipe.dataset_info import as_names, dataset_info
     from llamafactory_hera_patches.data.templates import image_placeholder
     from llamafactory_hera_patches.tools.model_data import parse_recipe
 

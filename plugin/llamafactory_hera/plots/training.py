@@ -94,7 +94,8 @@ def read_series(output_dir: str | Path) -> Series:
     return series(entries)
 
 
-def _integer_steps(ax: Any, steps: list[int]) -> None:
+def integer_steps(ax: Any, steps: list[int], label: str = "step") -> None:
+    """``steps`` on ``ax``'s x axis, labelled ``label``: integer ticks, one tick when there is one step."""
     from matplotlib.ticker import MaxNLocator  # lazy: matplotlib only when a figure is drawn (see plots.text)
 
     if len(set(steps)) == 1:
@@ -102,7 +103,7 @@ def _integer_steps(ax: Any, steps: list[int]) -> None:
         ax.set_xticks([steps[0]])
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("step")
+    ax.set_xlabel(label)
 
 
 def _curve(ax: Any, series: tuple[list[int], list[float]], color: str, label: str, smooth: Smooth,
@@ -187,7 +188,7 @@ def draw_training(data: Series, plot: TrainingPlot, smooth: Smooth, title: str =
         drawn = _side_panel(ax, data, panel)
         steps += [s for key in drawn for s in data[key][0]]
     for ax in fig.axes:  # twins too: they share x with their panel
-        _integer_steps(ax, steps)
+        integer_steps(ax, steps)
         ax.grid(alpha=0.25)
     if title:
         fit_title(fig, fig.suptitle(title, fontsize=11), title)

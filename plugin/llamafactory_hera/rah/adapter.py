@@ -18,7 +18,7 @@ from torch import nn
 from llamafactory_hera.rah.calibrate import Calibration, Geometry, o_columns, v_rows
 from llamafactory_hera.rah.probe import attention_modules
 from llamafactory_hera.rah.update import lora_pair
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 
 def lora_factors(calibration: Calibration, model: nn.Module,

@@ -15,7 +15,7 @@ from llamafactory_hera.heads.geometry import attention_geometry
 from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.recipe.checks import check_run_inputs
 from llamafactory_hera.recipe.quantization import check_quantization, quantization_in_use
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.arguments import compile_setting, raw_value, truthy
 
 _FAST_ATTENTION = {"fa2", "fa3", "sdpa"}

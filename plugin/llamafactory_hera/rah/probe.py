@@ -21,7 +21,7 @@ from llamafactory_hera.heads.architecture import DecoderLayer, decoder_layers, d
 from llamafactory_hera.heads.geometry import attention_geometry
 from llamafactory_hera.heads.pooling import multimodal_token_ids
 from llamafactory_hera.rah.scores import isal, margin_loss
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 
 def attention_modules(model: nn.Module) -> dict[int, DecoderLayer]:

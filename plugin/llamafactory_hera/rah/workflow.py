@@ -26,11 +26,10 @@ from llamafactory_hera.rah.adapter import lora_factors, save_adapter
 from llamafactory_hera.rah.calibrate import calibrate, geometry_of, layers_to_calibrate
 from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.rah.probe import token_kinds
-from llamafactory_hera.recipe.dataset_info import describe_data
-from llamafactory_hera.recipe.image_files import image_rows
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera.recipe.dataset_info import describe_data, image_rows
 from llamafactory_hera_patches.data.media_warnings import media_warnings_held
 from llamafactory_hera_patches.data.templates import image_placeholder
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import recorded_versions
 from llamafactory_hera_patches.tools.model_data import (
     RecipeArgs,

@@ -1,18 +1,27 @@
 """A recipe's datasets as LLaMA-Factory registers them: their names (:func:`as_names`), the ``dataset_info.json`` of
 ``dataset_dir`` (:func:`dataset_info`) and a run's data named for an error about one of its rows
 (:func:`describe_data`). Read by the checks and by the runs' image checks.
+
+The image files of a dataset's rows, checked before a model loads (HeRA's training rows, RAH-LoRA's calibration
+rows): a missing file, a file PIL cannot decode (:func:`image_problem`) and a row whose ``<image>`` marks differ in
+number from its images are one line naming the file or the row, where the host's preprocessing would end in a bare
+``FileNotFoundError``, ``OSError: Truncated File Read`` or ``ValueError`` naming neither.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 DATA_CONFIG = "dataset_info.json"
+MISSING, UNREADABLE = "missing", "unreadable"
+ROWS_READ_AT_ONCE = 4096
 
 
 def as_names(value: Any) -> list[str]:
@@ -49,3 +58,91 @@ def describe_data(data_args: Any) -> str:
         if isinstance(entry, dict) and entry.get("file_name"):
             return f"{names[0]}: {os.path.join(str(data_args.dataset_dir), entry['file_name'])}"
     return f"dataset: {names[0]}" if len(names) == 1 else f"datasets {', '.join(names)}: rows counted in that order"
+
+
+
+
+def image_problem(path: str, decode: bool) -> str | None:
+    """None when the image at ``path`` reads, else :data:`MISSING` or :data:`UNREADABLE` (an empty file; with
+    ``decode``, one PIL cannot open, verify or decode: a truncated file opens and fails on its pixels)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return MISSING
+    if not stat.S_ISREG(info.st_mode):
+        return MISSING
+    if info.st_size == 0:
+        return UNREADABLE
+    if decode:
+        from PIL import Image  # lazy: only where images are decoded
+
+        try:
+            with Image.open(path) as image:
+                image.verify()  # structure and checksums; the image cannot be used after it
+            with Image.open(path) as image:
+                image.load()  # the pixels (PIL's decompression-bomb limit guards the size)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            return UNREADABLE
+    return None
+
+
+def image_marks(messages: Iterable[dict[str, Any]], placeholder: str) -> int:
+    """How many ``placeholder`` marks (LLaMA-Factory's ``<image>``) the messages' contents hold."""
+    return sum(str(message.get("content") or "").count(placeholder) for message in messages)
+
+
+def _rows(dataset: Any, columns: list[str], only: Iterable[int] | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row index, the row's ``columns``) of a map-style dataset, read in batches."""
+    table = dataset.select_columns(columns)
+    if only is not None:
+        for row in only:
+            yield row, table[row]
+        return
+    row = 0
+    for batch in table.iter(batch_size=ROWS_READ_AT_ONCE):
+        for values in zip(*(batch[column] for column in columns), strict=True):
+            yield row, dict(zip(columns, values, strict=True))
+            row += 1
+
+
+def image_rows(dataset: Any, column: str = "images", check_files: bool = True, only: Iterable[int] | None = None,
+               *, placeholder: str | None = None, decode: bool = False, data: str | None = None) -> dict[str, int]:
+    """Map every image path of a (map-style) dataset's image column to its first row index; with ``check_files``,
+    also check that each file exists (the main process only), with ``decode`` that PIL decodes it. ``only``: the rows
+    to read (default: every row). ``placeholder``: also check that each row of LLaMA-Factory's aligned dataset holds
+    one such mark per image (rows the host's preprocessing drops are left to it). ``data``: what the errors name the
+    rows of (:func:`describe_data`). RecipeError naming the first missing or unreadable file and its row, or the
+    first row whose marks and images differ in number."""
+    rows: dict[str, int] = {}
+    if dataset is None or not hasattr(dataset, "column_names") or column not in dataset.column_names:
+        return rows
+    of = f" ({data})" if data else ""
+    marked = placeholder is not None and {"_prompt", "_response"} <= set(dataset.column_names)
+    for row, values in _rows(dataset, [column, "_prompt", "_response"] if marked else [column], only):
+        images = values[column] or []
+        valid = marked and len(values["_prompt"]) % 2 == 1 and len(values["_response"]) == 1  # else the host drops it
+        if valid and (marks := image_marks(values["_prompt"] + values["_response"], placeholder)) != len(images):
+            raise RecipeError(f"training dataset row {row}{of} has {len(images)} image(s) and {marks} {placeholder} "
+                              f"mark(s) in its messages; LLaMA-Factory needs one mark per image, where the image "
+                              "goes: add or remove marks (or images) in that row, or remove the row")
+        for image in images:
+            path = image.get("path") if isinstance(image, dict) else image
+            if not isinstance(path, str):
+                continue
+            if check_files and path not in rows and (problem := image_problem(path, decode)):
+                what = "does not exist; fix the path in the dataset (or media_dir)" if problem == MISSING else (
+                    "cannot be decoded (truncated or not an image); replace the file")
+                raise RecipeError(f"image {path!r} of training dataset row {row}{of} {what} or remove the row")
+            rows.setdefault(path, row)
+    return rows
+
+
+def first_unreadable(rows: dict[str, int], data: str | None = None) -> str | None:
+    """The refusal naming the first image of ``rows`` (path -> row, in row order) that PIL cannot decode, or None:
+    for an image error whose message names no file (PIL's ``Truncated File Read``)."""
+    of = f" ({data})" if data else ""
+    for path, row in rows.items():
+        if image_problem(path, decode=True) is not None:
+            return (f"image {path!r} of training dataset row {row}{of} cannot be decoded (truncated or not an "
+                    "image); replace the file or remove the row")
+    return None

@@ -27,9 +27,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.engines.fsdp_adapter import launched_fsdp_version, unsaved_refusal
 from llamafactory_hera_patches.engines.fsdp_loading import bitsandbytes_refusal
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.arguments import raw_value
 
 _RAH = ("stage: rah runs on one process and edits whole V and O weights; run it on one process: "

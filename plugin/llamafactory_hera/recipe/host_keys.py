@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.arguments import given_keys, method_fields, truthy
 from llamafactory_hera_patches.recipe.host_arguments import host_keys, template_names, unknown_keys_pass
 from llamafactory_hera_patches.registry import registered_methods

@@ -17,8 +17,8 @@ from typing import Any
 
 from llamafactory_hera.log import say
 from llamafactory_hera.recipe.model_paths import value_or_none
-from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.data.templates import composite_model_types
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.arguments import truthy
 from llamafactory_hera_patches.recipe.host_arguments import host_keys
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.lifecycle.claim_folders import made_by_claim
 from llamafactory_hera_patches.lifecycle.output_dir import checkpoint_folders
 from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record

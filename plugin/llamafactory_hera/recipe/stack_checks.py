@@ -13,7 +13,7 @@ from typing import Any
 
 from llamafactory_hera.log import say_before_callbacks
 from llamafactory_hera.recipe.model_paths import value_or_none
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.stacks import TRANSFORMERS_SUPPORTED, family_too_new, host_bug, host_warning, installed
 
 WARNED = "LLAMAFACTORY_HERA_HOST_WARNED"  # set once the launch said its host warning: the ranks inherit it

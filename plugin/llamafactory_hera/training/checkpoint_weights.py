@@ -27,7 +27,7 @@ try:  # transformers >= 5: the conversion mapping from_pretrained applies
 except ImportError:  # transformers 4: the model class's ``_checkpoint_conversion_mapping`` (regex -> replacement)
     get_model_conversion_mapping = None
 
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_WEIGHTS, TORCH_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"

@@ -20,11 +20,10 @@ import torch
 
 from llamafactory_hera.hera.config import HeraArguments
 from llamafactory_hera.hera.selection.collect import release_memory
-from llamafactory_hera.hera.selection.recipe_write import write_outputs
-from llamafactory_hera.hera.selection.result import SelectionResult
+from llamafactory_hera.hera.selection.recipe_write import SelectionResult, write_outputs
 from llamafactory_hera.hera.selection.select import SelectionOptions, run_selection
 from llamafactory_hera.hera.teacher_cache import cache_root, cache_unwritable
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 RECORD_NAME = "hera_selection.json"
 HEATMAP_NAME = "hera_selection.png"

@@ -30,7 +30,7 @@ from llamafactory_hera.hera.projection import effective_weight_columns
 from llamafactory_hera.hera.teacher import VisionTeacher, batches_of, image_features, per_sample_features
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureStore, stored_image_features
 from llamafactory_hera.log import progress_file
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 
 
 @dataclass(frozen=True)

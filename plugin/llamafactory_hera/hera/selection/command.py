@@ -11,16 +11,16 @@ import yaml
 from llamafactory_hera.heads.geometry import parse_head
 from llamafactory_hera.hera.config import HeraArguments, parse_hera_arguments
 from llamafactory_hera.hera.selection.recipe_write import (
+    SelectionResult,
     check_folder_writable,
     check_writable,
     update_recipe,
     write_outputs,
 )
-from llamafactory_hera.hera.selection.result import SelectionResult
 from llamafactory_hera.hera.selection.select import SelectionOptions, run_selection, scoring_dtype
 from llamafactory_hera.log import host_output_to, show
 from llamafactory_hera.plots.heads import format_head_table
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.registry import method_for_stage
 from llamafactory_hera_patches.tools.model_data import parse_recipe
 

@@ -1,4 +1,5 @@
-"""Write what ``select`` produces: the chosen heads into the recipe, the record and the report.
+"""What ``select`` produces (:class:`SelectionResult`: every head's score, the chosen heads and everything needed to
+reproduce them) and its writing: the chosen heads into the recipe, the record and the report.
 
 The recipe is loaded and dumped by ruamel.yaml's round trip, which keeps its comments, key order and quoting; only
 ``hera_heads`` changes (a flow list ``[L13H12, L7H6]``). Files are replaced through a temporary file, so a failed write
@@ -9,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import stat
 import tempfile
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +25,34 @@ from ruamel.yaml import YAML, YAMLError
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from llamafactory_hera.heads.geometry import parse_head
-from llamafactory_hera.hera.selection.result import SelectionResult
 from llamafactory_hera.log import show
 from llamafactory_hera.plots.heads import plot_head_heatmap
 
 KEY = "hera_heads"
 AUTO_NOTE = "# chosen by `llamafactory-hera select` (was: auto)"
+RECORD_VERSION = 1
+
+
+@dataclass
+class SelectionResult:
+    """Scores of every head and the chosen ones, with everything needed to reproduce them."""
+
+    scores: list[list[float]]  # [L][H] MKNN
+    selected: list[str]
+    strategy: str
+    ranking: list[dict[str, Any]]  # every head, least aligned first
+    settings: dict[str, Any]
+    identity: dict[str, Any]
+    versions: dict[str, str]
+    num_pairs: int
+    duration_s: float
+    data_notes: dict[str, Any] = field(default_factory=dict)  # distinct images, dropped duplicates, caption ties
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    record_version: int = RECORD_VERSION
+
+    def to_json(self) -> str:
+        """The JSON record."""
+        return json.dumps(asdict(self), indent=2)
 
 
 class HeadsExistError(ValueError):

@@ -29,7 +29,8 @@ from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, s
 from llamafactory_hera.log import host_output_to, show
 from llamafactory_hera.plots.heads import format_head_table, plot_before_after
 from llamafactory_hera.plots.text import signed_number
-from llamafactory_hera.short_errors import RecipeError
+from llamafactory_hera.recipe.dataset_info import as_names
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.tools.model_data import parse_recipe
 
 PRECISION = ("bf16", "fp16", "pure_bf16")  # the run's precision keys in hera_run.json: the scoring dtype
@@ -37,12 +38,6 @@ REPORT_JSON = "hera_report.json"
 REPORT_PNG = "hera_report.png"
 REPORT_LOG = "hera_report.log"  # the host's output (transformers, LLaMA-Factory) while scoring
 TABLE_COLUMNS = ["head", "before", "after", "delta", "ci", "change"]
-
-
-def _as_list(value: Any) -> list[str]:
-    if not value:
-        return []
-    return [str(v) for v in value] if isinstance(value, list) else [v.strip() for v in str(value).split(",")]
 
 
 def _run_recipe(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -55,7 +50,7 @@ def _run_recipe(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise RecipeError(f"--report: {path} predates run reports (no 'host' section); re-run training to report")
     recipe = {k: v for k, v in host.items() if k not in {"seed", "output_dir", *PRECISION} and v is not None}
     if "adapter_name_or_path" in recipe:  # LLaMA-Factory parses a comma-separated string
-        recipe["adapter_name_or_path"] = ",".join(_as_list(recipe["adapter_name_or_path"]))
+        recipe["adapter_name_or_path"] = ",".join(as_names(recipe["adapter_name_or_path"]))
     recipe["stage"] = "sft"
     return recipe, record
 
@@ -66,7 +61,7 @@ def _trained_recipe(recipe: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         if not (run_dir / "adapter_config.json").is_file():
             raise FileNotFoundError(f"--report: {run_dir} has no adapter_config.json (did training finish?)")
         adapters = recipe.get("adapter_name_or_path") or []
-        trained["adapter_name_or_path"] = ",".join([*_as_list(adapters), str(run_dir)])
+        trained["adapter_name_or_path"] = ",".join([*as_names(adapters), str(run_dir)])
     else:
         if not (run_dir / "config.json").is_file():
             raise FileNotFoundError(f"--report: {run_dir} has no config.json (did training finish?)")

@@ -24,10 +24,9 @@ import torch
 
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
+from llamafactory_hera.hera.config import DTYPES, MODES, RECIPE_BACKED, STRATEGIES, dest
 from llamafactory_hera.hera.selection import collect
-from llamafactory_hera.hera.selection.choices import DTYPES, MODES, RECIPE_BACKED, STRATEGIES, dest
-from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
-from llamafactory_hera.hera.selection.result import SelectionResult
+from llamafactory_hera.hera.selection.recipe_write import SelectionResult, write_text_atomic
 from llamafactory_hera.hera.selection.scores import HeadNeighbours, all_head_neighbours
 from llamafactory_hera.hera.teacher import (
     check_teacher_source,
@@ -39,8 +38,8 @@ from llamafactory_hera.hera.teacher_cache import feature_store, path_fingerprint
 from llamafactory_hera.log import show
 from llamafactory_hera.placement import device_map_for
 from llamafactory_hera.recipe.model_paths import check_model_paths
-from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import recorded_versions
 from llamafactory_hera_patches.recipe.arguments import truthy
 from llamafactory_hera_patches.tools.model_data import (
