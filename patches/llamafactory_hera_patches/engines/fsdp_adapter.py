@@ -123,7 +123,8 @@ def apply(fsdp_utils: ModuleType) -> None:
 
     def _set_model_state_dict(model: Any, state_dict: Any, adapter_only: bool = False, sd_options: Any = None) -> Any:
         if adapter_only and _whole(sd_options) and fsdp_utils.is_peft_model(model):
-            from torch.distributed.checkpoint.state_dict import set_model_state_dict  # lazy: as accelerate's own
+            # lazy: as accelerate's own
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
             from torch.distributed.tensor import DTensor
 
             torch_names = {peft: name for name, peft in _peft_names(model).items()}
