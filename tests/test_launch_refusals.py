@@ -374,7 +374,7 @@ BAD_INPUTS: dict[str, tuple[str, Any, str]] = {
     "rah with packing": ("rah", {"packing": True}, "packing: true is not supported by stage: rah: "),
     # a single rank under ZeRO-3 (one GPU, or FORCE_TORCHRUN=1 NPROC_PER_NODE=1): RAH has no optimizer to shard
     "rah with deepspeed": ("rah", {"deepspeed": str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json")},
-                           "stage: rah takes no optimizer step and runs on one device; remove deepspeed."),
+                           "stage: rah takes no optimizer step and runs as one process; remove deepspeed."),
     "rah with resume": ("rah", {"resume_from_checkpoint": "/nonexistent/checkpoint-5"},
                         "resume_from_checkpoint: /nonexistent/checkpoint-5 does not apply to stage: rah: "),
     # issue 43: a bare StopIteration while the rows were aligned (HeRA), or a late or no error

@@ -128,7 +128,7 @@ def test_rah_without_deepspeed_still_says_to_remove_deepspeed(assets: Any, harc_
                         lambda name, *rest: None if name == "deepspeed" else find_spec(name, *rest))
     config = str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json")
     assert _refused(_recipe("rah", assets, harc_assets, tmp_path / "out", deepspeed=config)).endswith(
-        "stage: rah takes no optimizer step and runs on one device; remove deepspeed.")
+        "stage: rah takes no optimizer step and runs as one process; remove deepspeed.")
     assert _refused(_recipe("harc", assets, harc_assets, tmp_path / "out", deepspeed=config)).startswith(
         f"deepspeed: {config} needs DeepSpeed, which is not installed here.")
 
