@@ -175,7 +175,7 @@ def lazy_imports(path: Path) -> list[tuple[int, bool]]:
 
 ENTRIES = ("hera.trainer", "hera.workflow", "rah.workflow", "harc.trainer", "harc.workflow")
 # the most files a reader of a method's trainer / workflow must load (issue 52: the trainer holds the step); a
-# workflow's includes selection's memory plan (hera/selection/memory.py) and the host's key table that the one key
+# workflow's includes selection's memory plan (placement.py) and the host's key table that the one key
 # reader consults for booleans (recipe/host_arguments.py); HeRA's trainer its capture (hera/capture.py: the heads'
 # inputs, and their weights read in the modules' calls under ZeRO-3) beside the projection (issue 69)
 TRAINER_FILES, WORKFLOW_FILES = 21, 50

@@ -1,6 +1,7 @@
-"""Head selection on a model larger than its device (issue 69 item 3): the memory plan against hand-worked numbers,
-the refusal before any weight loads (a fake 70B config.json, no weights), and the offloaded selection's scores against
-the whole-model selection's, computed in a separate process (``python -c``, the CPU, the model whole)."""
+"""Head selection on a model larger than its device (llamafactory_hera/placement.py): the memory plan against
+hand-worked numbers, Qwen2.5-VL-72B's plans on eight 80 GB GPUs and on one (free memory faked), the refusal before any
+weight loads (a 72B config.json, no weights), and the scores of a model split over RAM and disk against the
+whole-model selection's, computed in a separate process (``python -c``, the CPU, the model whole)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import compute_module_sizes
 
 from conftest import base_recipe
+from llamafactory_hera import placement
 from llamafactory_hera.heads.architecture import head_projections
-from llamafactory_hera.hera.selection import collect, memory
+from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.select import (
     SelectionOptions,
     check_model_structure,
@@ -32,46 +35,113 @@ def test_plan_against_hand_worked_numbers() -> None:
     bytes) kept on the CPU, an 80 GB card."""
     reserve = 80 * 8192 * 8192 * 4
     # 0.9 * 80e9 = 72e9 < 141e9: split; CPU 0.9 * 200e9 - reserve = 180e9 - 21,474,836,480
-    assert memory.plan_memory(141 * 10**9, reserve, {0: 80 * 10**9, "cpu": 200 * 10**9}) == {
+    assert placement.plan_memory(141 * 10**9, reserve, {0: 80 * 10**9, "cpu": 200 * 10**9}) == {
         0: 72 * 10**9, "cpu": 158_525_163_520}
     # 64 GB of RAM: 72e9 + 57.6e9 - 21,474,836,480 = 108,125,163,520 < 141e9: budgets returned, the caller refuses
-    assert memory.plan_memory(141 * 10**9, reserve, {0: 80 * 10**9, "cpu": 64 * 10**9}) == {
+    assert placement.plan_memory(141 * 10**9, reserve, {0: 80 * 10**9, "cpu": 64 * 10**9}) == {
         0: 72 * 10**9, "cpu": 36_125_163_520}
-    # an 8B model (16 GB) fits 72e9 whole: no plan
-    assert memory.plan_memory(16 * 10**9, 32 * 4096 * 4096 * 4, {0: 80 * 10**9, "cpu": 10**9}) is None
+    # an 8B model (16 GB) fits 72e9 whole: no plan, where the RAM keeps its o_proj weights (2,147,483,648 bytes)
+    assert placement.plan_memory(16 * 10**9, 32 * 4096 * 4096 * 4, {0: 80 * 10**9, "cpu": 3 * 10**9}) is None
+    # with 1 GB of RAM it does not (0.9e9 - 2,147,483,648 < 0): budgets returned, the caller refuses
+    assert placement.plan_memory(16 * 10**9, 32 * 4096 * 4096 * 4, {0: 80 * 10**9, "cpu": 10**9}) == {
+        0: 72 * 10**9, "cpu": -1_247_483_648}
     # on the CPU the reserve comes off its one budget: 0.9 * 20e9 - 2e9 = 16e9 holds 16e9, not 16e9 + 1
-    assert memory.plan_memory(16 * 10**9, 2 * 10**9, {"cpu": 20 * 10**9}) is None
-    assert memory.plan_memory(16 * 10**9 + 1, 2 * 10**9, {"cpu": 20 * 10**9}) == {"cpu": 16 * 10**9}
+    assert placement.plan_memory(16 * 10**9, 2 * 10**9, {"cpu": 20 * 10**9}) is None
+    assert placement.plan_memory(16 * 10**9 + 1, 2 * 10**9, {"cpu": 20 * 10**9}) == {"cpu": 16 * 10**9}
 
 
-def test_too_large_a_model_is_refused_before_any_weight_loads(assets, tmp_path: Path, monkeypatch) -> None:
-    """A Qwen2.5-VL config.json at 70B sizes and no weights: one line naming the bytes the model needs."""
-    from llamafactory_hera_patches.tools.model_data import parse_recipe
+# Qwen2.5-VL-72B's sizes (its config.json): 80 decoder layers of 877,684,736 parameters (q 8192^2 + 8192 bias, k and v
+# 8192 x 1024 + 1024 each, o 8192^2, the MLP 3 x 8192 x 29568, two norms of 8192), embeddings and output layer of
+# 152064 x 8192 each, a 32-block vision tower of 1280: 73,410,777,344 parameters, 146,821,554,688 bytes in bf16
+TEXT_72B = {"hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64,
+            "num_key_value_heads": 8, "vocab_size": 152064, "layer_types": ["full_attention"] * 80,
+            "rope_parameters": {"mrope_section": [16, 24, 24], "rope_type": "default"}}
+VISION_72B = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3456, "num_heads": 16, "out_hidden_size": 8192,
+              "fullatt_block_indexes": [7, 15, 23, 31]}
+BYTES_72B, LAYER_72B = 146_821_554_688, 2 * 877_684_736
 
+
+@pytest.fixture(scope="module")
+def model_72b(assets, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A Qwen2.5-VL-72B folder (config.json at its sizes, the tiny model's tokenizer, no weights) and its meta model."""
     config = json.loads((assets.models["qwen2_5_vl"] / "config.json").read_text())
-    config["text_config"].update(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
-                                 num_attention_heads=64, num_key_value_heads=8, vocab_size=152064,
-                                 layer_types=["full_attention"] * 80,
-                                 rope_parameters={"mrope_section": [16, 24, 24], "rope_type": "default"})
-    config["vision_config"]["out_hidden_size"] = 8192
-    big = tmp_path / "big"
-    big.mkdir()
+    config["text_config"].update(TEXT_72B)
+    config["vision_config"].update(VISION_72B)
+    big = tmp_path_factory.mktemp("qwen2_5_vl_72b")
     (big / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (big / name).write_bytes((assets.models["qwen2_5_vl"] / name).read_bytes())
+    return big, check_model_structure(str(big), False)
+
+
+def test_a_72b_model_over_eight_gpus_and_over_one_gpu_and_the_cpu(model_72b, monkeypatch, capsys) -> None:
+    """Eight 80 GB GPUs hold Qwen2.5-VL-72B in bf16 without the CPU, each about an eighth (accelerate's balance: the
+    first seven at most 146.8e9 / 8 + 1.25 decoder layers, the last the rest); one 80 GB GPU holds what fits 0.9 x 80e9
+    less the largest layer (kept free to run an offloaded one), the CPU the rest, copied to the GPU in every batch."""
+    big, meta = model_72b
+    assert sum(p.numel() for p in meta.parameters()) * 2 == BYTES_72B
+    reserve = (80 * 8192 * 8192 * 4, "its o_proj weights in float32")
+    plans = {}
+    for gpus in (8, 1):
+        free = {index: 80 * 10**9 for index in range(gpus)} | {"cpu": 400 * 10**9}
+        monkeypatch.setattr(placement, "free_memory", lambda device, free=free: free)
+        device_map = placement.device_map_for(meta, str(big), "cuda:0", "bfloat16", reserve=reserve)
+        sizes = compute_module_sizes(meta, dtype=torch.bfloat16)
+        plans[gpus] = {at: sum(sizes[name] for name, where in device_map.items() if where == at)
+                       for at in {*device_map.values()}}
+        assert sum(plans[gpus].values()) == BYTES_72B
+    line8, line1 = capsys.readouterr().out.strip().splitlines()
+    assert set(plans[8]) == set(range(8)) and "0.0 GB on cpu (no layer offloaded)." in line8
+    assert all(BYTES_72B / 8 - 2 * LAYER_72B <= plans[8][gpu] <= BYTES_72B / 8 + 1.25 * LAYER_72B for gpu in range(7))
+    assert plans[8][7] == BYTES_72B - sum(plans[8][gpu] for gpu in range(7))
+    assert set(plans[1]) == {0, "cpu"} and 72e9 - 2 * LAYER_72B <= plans[1][0] <= 72e9 - LAYER_72B
+    assert line1.endswith(f"{plans[1]['cpu'] / 1e9:.1f} GB on cpu (offloaded: each batch copies the "
+                          f"{plans[1]['cpu'] / 1e9:.1f} GB off the GPUs to a GPU, one layer at a time).")
+    # 64 GB of RAM: 72e9 + 0.9 x 64e9 - 21,474,836,480 = 108,125,163,520 bytes < 146.8e9: refused, naming each place
+    monkeypatch.setattr(placement, "free_memory", lambda device: {0: 80 * 10**9, "cpu": 64 * 10**9})
+    with pytest.raises(ValueError) as caught:
+        placement.device_map_for(meta, str(big), "cuda:0", "bfloat16", reserve=reserve)
+    assert str(caught.value) == (
+        f"model_name_or_path: {big}: head selection needs 146.8 GB for the model in bfloat16 and 21.5 GB of CPU RAM "
+        "for its o_proj weights in float32, 90% of the free memory usable: cuda:0 has 80.0 GB, cpu has 64.0 GB. "
+        + placement.FIX)
+
+
+def test_other_gpus_are_used_only_by_a_process_alone_on_its_node(monkeypatch) -> None:
+    """Free memory is read on every visible GPU, the job's first, where the process is the node's only one; under a
+    launch of several processes on the node, on its own GPU alone."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: ((10 + index) * 10**9, 80 * 10**9))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    free = placement.free_memory("cuda:2")
+    assert list(free) == [2, 0, 1, 3, "cpu"] and free[3] == 13 * 10**9
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert list(placement.free_memory("cuda:2")) == [2, "cpu"]
+
+
+def test_too_large_a_model_is_refused_before_any_weight_loads(assets, model_72b, monkeypatch) -> None:
+    """Selection on a Qwen2.5-VL-72B config.json and no weights: one line naming the bytes the model needs."""
+    from llamafactory_hera_patches.tools.model_data import parse_recipe
+
+    big, _ = model_72b
     recipe_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused", model_name_or_path=str(big)))
     options = SelectionOptions(**OPTIONS, teacher=str(assets.teacher), dtype="bfloat16")
     pairs, _ = prepare(recipe_args, options)
-    monkeypatch.setattr(memory, "free_memory", lambda device: {"cpu": 64 * 10**9})
+    monkeypatch.setattr(placement, "free_memory", lambda device: {"cpu": 64 * 10**9})
     with pytest.raises(ValueError) as caught:
         score_head_neighbours(recipe_args, options, pairs)
     line = str(caught.value)
-    assert "\n" not in line and line.startswith(f"model_name_or_path: {big}: head selection needs 14")
-    assert "GB for the model in bfloat16" in line and "cpu has 64.0 GB" in line and "quantization_bit: 4" in line
+    assert "\n" not in line and line.startswith(f"model_name_or_path: {big}: head selection needs 146.8 GB for the ")
+    assert "cpu has 64.0 GB" in line and "list its heads in hera_heads, or set quantization_bit: 4." in line
     # saved in 4 bits (a quarter of the bytes the config's dtype gives): loaded whole, as LLaMA-Factory loads it
+    config = json.loads((big / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (big / "config.json").write_text(json.dumps(config))
-    assert memory.scoring_device_map(check_model_structure(str(big), False), str(big), "cpu", "bfloat16") is None
+    try:
+        assert placement.device_map_for(check_model_structure(str(big), False), str(big), "cpu", "bfloat16") is None
+    finally:
+        del config["quantization_config"]
+        (big / "config.json").write_text(json.dumps(config))
 
 
 REFERENCE = """
@@ -112,7 +182,7 @@ def test_offloaded_selection_equals_the_whole_model(assets, monkeypatch, capfd, 
     size = compute_module_sizes(meta, dtype=getattr(torch, dtype))[""]
     # RAM for 0.9 * 1.05 of the model less the o_proj reserve: the first blocks (the vision tower, ...) in RAM, at
     # least one decoder layer on disk (checked below)
-    monkeypatch.setattr(memory, "free_memory", lambda device: {"cpu": size * 21 // 20, "disk": 10 * size})
+    monkeypatch.setattr(placement, "free_memory", lambda device: {"cpu": size * 21 // 20, "disk": 10 * size})
     offloaded, copies = [], []
     read = collect.layer_weights
 
@@ -126,7 +196,7 @@ def test_offloaded_selection_equals_the_whole_model(assets, monkeypatch, capfd, 
     got = score_head_neighbours(recipe_args, options, pairs).scores
     assert offloaded, "no o_proj was offloaded: the budgets did not split the model"
     assert copies[0]() is None, "the dispatched scoring copy outlived the selection"
-    assert " GB on disk (offloaded: " in capfd.readouterr().out
+    assert " GB on disk (offloaded: each batch copies the " in capfd.readouterr().out
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert choose_heads(got, 3, "worst", 0) == choose_heads(want, 3, "worst", 0)
 

@@ -138,6 +138,8 @@ class PooledInputRecorder:
         if missing:
             raise RuntimeError(f"o_proj of layer(s) {missing} did not run in the forward")
         pending = [pooled for pooled in self._pending.values() if pooled is not None]
+        # a model placed over several GPUs pools each layer on its layer's GPU: gathered on the first one's
+        pending = [pooled.to(pending[0].device) for pooled in pending]
         self.widths = [pooled.shape[-1] for pooled in pending]
         self.batches.append(torch.cat(pending, dim=-1).cpu())
         self._pending = dict.fromkeys(self.o_projs)

@@ -24,7 +24,7 @@ import torch
 
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
-from llamafactory_hera.hera.selection import collect, memory
+from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.choices import DTYPES, MODES, RECIPE_BACKED, STRATEGIES, dest
 from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
 from llamafactory_hera.hera.selection.result import SelectionResult
@@ -37,6 +37,7 @@ from llamafactory_hera.hera.teacher import (
 )
 from llamafactory_hera.hera.teacher_cache import feature_store, path_fingerprint
 from llamafactory_hera.log import show
+from llamafactory_hera.placement import device_map_for
 from llamafactory_hera.recipe.model_paths import check_model_paths
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
@@ -278,7 +279,7 @@ def tied_share(scores: torch.Tensor) -> float:
 def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str,
                           device_map: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any], Any]:
     """(model, tokenizer module, template) loaded the way LLaMA-Factory loads them, the model in ``dtype`` (whole on
-    ``device``, or placed by ``device_map``: :mod:`~llamafactory_hera.hera.selection.memory`): the compute dtype is
+    ``device``, or placed by ``device_map``: :mod:`~llamafactory_hera.placement`): the compute dtype is
     set to ``dtype`` and a model whose floating weights load in another dtype is cast to it; a quantized model keeps
     its storage. ``recipe_args`` is left as it was."""
 
@@ -304,8 +305,14 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions,
     model_args = recipe_args.model_args
     meta = None if model_args.quantization_bit is not None or torch.device(device).type not in ("cpu", "cuda") \
         else check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
-    device_map = None if meta is None else memory.scoring_device_map(meta, model_args.model_name_or_path, device,
-                                                                     options.dtype)
+    device_map = None
+    if meta is not None:  # the o_proj weights are read in float32 into the CPU's RAM (collect.layer_weights),
+        # wherever o_proj lives: the CPU keeps their bytes besides the model's layers it holds
+        reserve = 4 * sum(o_proj.weight.numel() for o_proj in head_projections(meta).values())
+        device_map = device_map_for(meta, model_args.model_name_or_path, device, options.dtype,
+                                    reserve=(reserve, "its o_proj weights in float32"),
+                                    fix="Free memory, select on a machine with more (llamafactory-hera select RECIPE) "
+                                        "and list its heads in hera_heads, or set quantization_bit: 4.")
     del meta
     model, tokenizer_module, template = load_in_scoring_dtype(recipe_args, device, options.dtype, device_map)
     geometry = attention_geometry(model.config)

@@ -1,0 +1,94 @@
+"""Where a job that runs forward passes only (head selection, RAH-LoRA's calibration) holds its model in one process:
+whole on its device when it fits there; else over every visible GPU, balanced by accelerate, then the CPU's RAM for
+what the GPUs cannot hold (an offloaded layer is copied to its GPU for its forward, every batch); refused before any
+weight loads when all of them together cannot hold it. Under a launch of several processes on the node each keeps to
+its own GPU and the CPU: the others' GPUs are theirs. Sizes from the config alone (a meta-device model), so a 70B
+checkpoint is judged without reading its weights.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
+
+from llamafactory_hera.log import show
+from llamafactory_hera.short_errors import RecipeError
+
+HEADROOM = 0.9  # of what is free: the batch's activations, the allocator's blocks, the loader's transient copies
+FIX = "Free memory, run on a machine with more GPU memory or RAM, or set quantization_bit: 4."
+
+
+def gb(size: float) -> str:
+    """Bytes as decimal GB, as checkpoints' sizes are quoted."""
+    return f"{size / 1e9:.1f} GB"
+
+
+def plan_memory(model_bytes: int, reserve: int, free: dict[Any, int]) -> dict[Any, int] | None:
+    """accelerate's ``max_memory`` for the model: None when ``model_bytes`` fits the first place of ``free`` (the
+    job's device: loaded whole) and the CPU keeps ``reserve``, else every place's budget in order: ``HEADROOM`` of its
+    free bytes, less ``reserve`` on the CPU (bytes the job holds there besides the model). The budgets may hold less
+    than the model, or the CPU less than nothing: the caller refuses it."""
+    budgets = {place: int(size * HEADROOM) - (reserve if place == "cpu" else 0) for place, size in free.items()}
+    first, *_ = budgets
+    return None if model_bytes <= budgets[first] and budgets.get("cpu", 0) >= 0 else budgets
+
+
+def free_memory(device: str) -> dict[Any, int]:
+    """Free bytes of the job's device (a CUDA index, as accelerate names it), of the node's other visible GPUs where
+    this process is the node's only one, and of the CPU's RAM, in that order."""
+    import psutil  # lazy: an accelerate dependency, only when a model is placed
+
+    ram = psutil.virtual_memory().available
+    parsed = torch.device(device)
+    if parsed.type != "cuda":
+        return {"cpu": ram}
+    first = torch.cuda.current_device() if parsed.index is None else parsed.index
+    alone = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= 1
+    gpus = [first, *(index for index in range(torch.cuda.device_count() if alone else 0) if index != first)]
+    return {index: torch.cuda.mem_get_info(index)[0] for index in gpus} | {"cpu": ram}
+
+
+def device_map_for(meta: torch.nn.Module, model_name: str, device: str, dtype: str, *, job: str = "head selection",
+                   reserve: tuple[int, str] = (0, ""), fix: str = FIX) -> dict[str, Any] | None:
+    """The ``device_map`` ``job`` loads ``meta``'s checkpoint with in ``dtype`` (None: whole on ``device``), said in
+    one line; a RecipeError naming the bytes needed (the model's, and ``reserve``: bytes of CPU RAM the job holds
+    besides, and what for) and ``fix`` where the GPUs and the RAM cannot hold it. On a device other than the CPU or
+    CUDA, or saved quantized (its sizes are not the config's dtype's), it loads whole, as LLaMA-Factory loads it."""
+    if torch.device(device).type not in ("cpu", "cuda") or getattr(meta.config, "quantization_config", None):
+        show(f"{job}: {model_name} loads whole on {device}, as LLaMA-Factory loads it.")
+        return None
+    sizes = compute_module_sizes(meta, dtype=getattr(torch, dtype))
+    model_bytes, (reserve_bytes, reserve_for) = sizes[""], reserve
+    free = free_memory(device)
+    budgets = plan_memory(model_bytes, reserve_bytes, free)
+    if budgets is None:
+        show(f"{job}: the model is {gb(model_bytes)} in {dtype}; it fits whole on {device} "
+             f"({gb(next(iter(free.values())))} free).")
+        return None
+    device_map = {"": "disk"}  # accelerate's last resort, which no job here takes
+    no_split = list(getattr(meta, "_no_split_modules", None) or [])
+    if sum(budgets.values()) >= model_bytes and min(budgets.values()) >= 0:
+        balanced = get_balanced_memory(meta, max_memory=dict(budgets), no_split_module_classes=no_split,
+                                       dtype=getattr(torch, dtype))
+        device_map = infer_auto_device_map(meta, max_memory=balanced, dtype=getattr(torch, dtype),
+                                           no_split_module_classes=no_split)
+    if any(at not in budgets for at in device_map.values()):
+        besides = f" and {gb(reserve_bytes)} of CPU RAM for {reserve_for}" if reserve_bytes else ""
+        raise RecipeError(
+            f"model_name_or_path: {model_name}: {job} needs {gb(model_bytes)} for the model in {dtype}{besides}, "
+            f"{HEADROOM:.0%} of the free memory usable: "
+            + ", ".join(f"{_name(place)} has {gb(size)}" for place, size in free.items()) + f". {fix}")
+    placed = {place: sum(sizes[name] for name, at in device_map.items() if at == place) for place in budgets}
+    offloaded = sum(size for place, size in placed.items() if not isinstance(place, int))
+    show(f"{job}: the model is {gb(model_bytes)} in {dtype}, more than {device} holds: "
+         + ", ".join(f"{gb(size)} on {_name(place)}" for place, size in placed.items())
+         + (f" (offloaded: each batch copies the {gb(offloaded)} off the GPUs to a GPU, one layer at a time)."
+            if offloaded else " (no layer offloaded)."))
+    return device_map
+
+
+def _name(place: Any) -> str:
+    return f"cuda:{place}" if isinstance(place, int) else place
