@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from llamafactory_hera.heads.architecture import layer_list
-from llamafactory_hera.hera.selection.memory import scoring_device_map
 from llamafactory_hera.log import progress, say, start_board_files
+from llamafactory_hera.placement import device_map_for
 from llamafactory_hera.plots.heads import plot_score_panels
 from llamafactory_hera.rah.adapter import lora_factors, save_adapter
 from llamafactory_hera.rah.calibrate import calibrate
@@ -181,7 +181,9 @@ def placement(model_args: Any, device: str) -> dict[str, Any] | None:
             "it.")
         return None
     meta, dtype = _meta_model(model_args)
-    return None if meta is None else scoring_device_map(meta, model_args.model_name_or_path, device, dtype)
+    if meta is None:
+        return None
+    return device_map_for(meta, model_args.model_name_or_path, device, dtype, job="RAH-LoRA")
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
