@@ -219,9 +219,9 @@ QLORA = "bitsandbytes>=0.50"  # pyproject.toml's qlora extra: the bitsandbytes t
 def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -> None:
     """The engines a recipe names are installed (else a traceback at the parse or the load, 70 to 558 lines): DeepSpeed
     for a ``deepspeed`` config (what transformers requires of it), bitsandbytes for ``quantization_bit`` (method
-    ``bnb``). After the method's own checks: RAH-LoRA refuses DeepSpeed and quantization, and says so instead."""
+    ``bnb``). After the method's own checks: RAH-LoRA refuses DeepSpeed, and says so instead."""
     bits = raw_value(host_args, "quantization_bit")
-    bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb" and stage != "rah"
+    bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb"
     if bnb and bits not in (None, "") and truthy(raw_value(host_args, "use_dora") or False):
         raise RecipeError(dora_refusal(bits))  # refused whatever is installed: said before asking for bitsandbytes
     for key, value, module, requirement, without in (
