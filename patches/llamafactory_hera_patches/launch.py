@@ -9,9 +9,8 @@ Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything i
 - ``llamafactory.launcher.launch()`` pops the command from ``sys.argv``; for ``train`` with ``FORCE_TORCHRUN`` (or
   ``USE_MCA``), or more than one device without Ray or KTransformers (``llamafactory.extras.misc``: ``is_env_enabled``,
   ``get_device_count``, ``use_ray``, ``use_kt``), it runs ``torchrun ... launcher.py <args>`` with
-  ``subprocess.run(check=True)``, else for ``train`` it calls ``llamafactory.train.tuner.run_exp()``: so it runs a
-  method declared ``one_process`` (RAH-LoRA, which places its model over every visible GPU) on a multi-GPU node
-  unless ``FORCE_TORCHRUN`` asks for torchrun;
+  ``subprocess.run(check=True)``, else ``llamafactory.train.tuner.run_exp()``: so a method declared ``one_process``
+  (RAH-LoRA: its model over every visible GPU) runs on a multi-GPU node unless ``FORCE_TORCHRUN`` is set;
 - ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (see :mod:`.recipe.recipe_file`).
 """
 
@@ -59,8 +58,7 @@ def _argv(argv: list[str]) -> Iterator[None]:
 
 def check_before_ranks(argv: list[str]) -> Any:
     """The checks every rank would run of the recipe before LLaMA-Factory parses it, run once on ``argv``
-    (``llamafactory-cli train <recipe> [key=value ...]``); raises :class:`RecipeError`. Returns the recipe's method
-    (None: a host stage)."""
+    (``llamafactory-cli train <recipe> [key=value ...]``): the recipe's method (None: a host stage) or RecipeError."""
     # lazy: LLaMA-Factory's arguments (transformers' TrainingArguments) only for a run that starts torchrun
     hparams = importlib.import_module("llamafactory.hparams")
     require(hparams, ("read_args",), "launch")
@@ -90,8 +88,7 @@ def apply(launcher: ModuleType) -> None:
             return original()
         method = check_before_ranks(sys.argv)
         if getattr(method, "one_process", False) and not forces_torchrun(misc):
-            # a method that places its model over every visible GPU itself: this process runs it, as launch() runs
-            # `train` on a one-device machine (the command popped, then run_exp)
+            # it places its model over every visible GPU itself: run here, as launch() runs `train` on one device
             sys.argv.pop(1)
             return importlib.import_module("llamafactory.train.tuner").run_exp()
         try:

@@ -17,17 +17,15 @@ from torch import nn
 
 from llamafactory_hera.rah.calibrate import Calibration, Geometry
 from llamafactory_hera.rah.overlay import WeightOverlay, module_step
-from llamafactory_hera.rah.probe import attention_modules
 from llamafactory_hera.rah.update import lora_pair
 from llamafactory_hera.short_errors import RecipeError
 
 
 def lora_factors(calibration: Calibration, model: nn.Module,
                  geometry: Geometry) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Exact module name -> (A ``[R, in]``, B ``[out, R]``), float32 on the CPU, for every module a kept update
-    touches."""
+    """Exact module name -> (A ``[R, in]``, B ``[out, R]``), float32, for every module a kept update touches."""
     names = {id(module): name for name, module in model.named_modules()}
-    modules = calibration.plan.modules if calibration.plan else attention_modules(model)
+    modules = calibration.plan.modules
     pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for update in calibration.updates:
         if not update.calibrated:

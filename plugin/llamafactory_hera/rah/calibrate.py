@@ -162,7 +162,6 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
             entry_of = dict(zip(flat, pool, strict=True))
             updates.append(HeadUpdate(layer, head, [(*entry_of[i], score) for i, score in best], distance))
     slices.cache_clear()
-    maps_on.clear()
     # per KL probe batch and sample, the text positions after the image (one host sync per sample, once)
     masks = [[row.nonzero(as_tuple=True)[0] for row in token_masks(b["input_ids"], b["attention_mask"], kinds)[2]]
              for b in kl_batches]
@@ -202,11 +201,9 @@ def _calibrate_head(model: nn.Module, overlay: WeightOverlay, modules: dict[int,
     last: dict[float, list[torch.Tensor]] = {}
 
     def set_alpha(alpha: float) -> None:
-        # The model as LLaMA-Factory loads the adapter. Into a plain weight PEFT merges it as ``weight += B @ A``
-        # (B, A in float32), rounded once to the model's dtype: the step tried is the adapter's own product, added in
-        # float32 to the slice and rounded to its dtype, so base + merged adapter equals the model this trust region
-        # accepts (in bf16 too, where the rounded step differs from the exact one; see docs/rah.md, "What a run
-        # does"). A quantized or offloaded weight computes the adapter's product beside it (overlay.py).
+        # The model as LLaMA-Factory loads the adapter: merged into a plain weight (``weight += B @ A`` in float32,
+        # rounded once to its dtype: base + merged adapter is the model accepted, docs/rah.md "What a run does"),
+        # beside a quantized or offloaded one (overlay.py).
         for name in names:
             linear, index = targets[name][:2]
             b, a = lora_pair(*update.factors[name], alpha)

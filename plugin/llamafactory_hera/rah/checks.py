@@ -72,7 +72,6 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
         raise RecipeError(f"stage: rah: {model_args.model_name_or_path} (model_type "
                           f"'{getattr(config, 'model_type', '?')}') names no image token; RAH-LoRA calibrates the "
                           "heads of a multimodal model by their attention between text and image tokens.")
-    # bitsandbytes 4-/8-bit runs: its V and O weights are read dequantized and the steps computed beside them
     check_quantization(model_args, config, "rah", "V and O weights per head",
                        dora=bool(getattr(finetuning_args, "use_dora", False)))
     plans = plan_layers(config)

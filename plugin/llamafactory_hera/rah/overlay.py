@@ -1,12 +1,10 @@
 """A head's V rows and O columns, and RAH-LoRA's steps of them, kept out of the model's weights while they are tried.
 
-A projection computes a step the way LLaMA-Factory will apply the adapter to it, through a forward hook:
-- a plain weight on its device, which LLaMA-Factory merges the adapter into: the whole weight with the head's slice
-  replaced by the merged one (a copy during the trial); a kept step is then written into the weight, which holds it
-  exactly, and the hook goes;
-- a bitsandbytes 4-/8-bit weight, which LLaMA-Factory does not merge into, and an offloaded one (accelerate): the
-  module's own output plus the adapter's product ``(x A^T) B^T`` in the model's dtype; kept steps stay here, as the
-  rows of ``A`` and columns of ``B`` the adapter stores (a few rows per target: no matrix is copied).
+A projection computes a step the way LLaMA-Factory will apply the adapter to it, through a forward hook: a plain
+weight on its device, which the adapter is merged into, with a copy of the weight whose head slice holds the merged
+step (a kept step is then written into the weight, which holds it exactly); a bitsandbytes 4-/8-bit or an offloaded
+(accelerate) weight, which it is not merged into, adds the adapter's product ``(x A^T) B^T`` in the model's dtype to
+the module's output, its kept steps staying here as the adapter's rows of ``A`` and columns of ``B`` (no matrix copied).
 """
 
 from __future__ import annotations
@@ -35,8 +33,7 @@ def _joined(steps: list[Step]) -> Step:
 
 
 class WeightOverlay:
-    """The steps of the projections by module: kept ones of those that do not merge, and the one being tried.
-    ``dtype``: the model's, in which a quantized weight is read (None: reads plain weights only)."""
+    """By module: the kept steps of those that do not merge, the one tried; ``dtype``: a quantized weight's, read."""
 
     def __init__(self, dtype: torch.dtype | None = None) -> None:
         self.dtype = dtype
@@ -71,22 +68,11 @@ class WeightOverlay:
         if linear not in self.kept and linear in self._hooks:
             self._hooks.pop(linear).remove()
 
-    def remove(self) -> None:
-        """Drop every step held here: the model computes with its own weights again."""
-        for handle in self._hooks.values():
-            handle.remove()
-        self.kept.clear()
-        self.trial.clear()
-        self._hooks.clear()
-
     def _forward(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         x, trial = args[0], self.trial.get(module)
         if isinstance(trial, torch.Tensor):
             return nn.functional.linear(x, trial, module.bias)
-        steps = [step for step in (self.kept.get(module), trial) if step is not None]
-        if not steps:
-            return output
-        b, a = _joined(steps) if len(steps) > 1 else steps[0]
+        b, a = _joined([step for step in (self.kept.get(module), trial) if step is not None])  # a hooked one has one
         return output + nn.functional.linear(nn.functional.linear(x, a.to(x.dtype)), b.to(x.dtype))
 
 

@@ -4,7 +4,7 @@ leaves out and why, and, for a run's settings, the layers and projections it cal
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,21 +29,22 @@ class Geometry:
 @dataclass(frozen=True)
 class CalibrationPlan:
     """``modules``: decoder layer index -> the layer, for the calibratable layers; ``left_out``: the others of the
-    asked layers (every layer without settings) -> why not; ``dtype``: the model's, in which a quantized weight is
-    read; ``layers`` / ``names``: the layers calibrated and the projections updated ("v", "o")."""
+    asked layers -> why not; ``dtype``: the model's, in which a quantized weight is read; ``layers`` / ``names``: the
+    layers calibrated and the projections updated ("v", "o")."""
 
     geometry: Geometry
     modules: dict[int, DecoderLayer]
     left_out: dict[int, str]
     dtype: torch.dtype
-    layers: list[int] = field(default_factory=list)
-    names: tuple[str, ...] = ()
+    layers: list[int]
+    names: tuple[str, ...]
 
 
 def plan_calibration(model: nn.Module, args: RahArguments | None = None) -> CalibrationPlan:
-    """The plan of ``model``; with ``args``, of a run: ``rah_layers`` (``auto``: the first half of the calibratable
-    layers) and the projections (``rah_update: auto``: V and O under MHA, O only under GQA, where a V row block serves
-    several query heads)."""
+    """The plan of ``model`` for a run's ``args`` (default: the defaults): ``rah_layers`` (``auto``: the first half of
+    the calibratable layers) and ``rah_update`` (``auto``: V and O under MHA, O only under GQA, where a V row block
+    serves several query heads)."""
+    args = args or RahArguments()
     shape = attention_geometry(model.config)
     layers = decoder_layers(model)
     kept, left = per_head_value_layers(layers, shape.head_dim)
@@ -53,15 +54,11 @@ def plan_calibration(model: nn.Module, args: RahArguments | None = None) -> Cali
                           "projections per head.")
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     kv = int(getattr(text, "num_key_value_heads", None) or shape.num_heads)
-    geometry = Geometry(shape.num_heads, kv, shape.head_dim)
     modules = {index: layers[index] for index in kept}
-    if args is None:
-        return CalibrationPlan(geometry, modules, left, model.dtype)
-    names = ("v", "o") if kv == shape.num_heads else ("o",)
-    if args.rah_update != "auto":
-        names = tuple(name for name in ("v", "o") if name in args.rah_update)
+    names = tuple(name for name in ("v", "o") if name in args.rah_update) if args.rah_update != "auto" \
+        else ("v", "o") if kv == shape.num_heads else ("o",)
     asked = args.layer_list(len(layers), kept)
     if args.rah_layers != AUTO:
         left = {layer: left[layer] for layer in asked if layer in left}
         asked = [layer for layer in asked if layer in modules]
-    return CalibrationPlan(geometry, modules, left, model.dtype, asked, names)
+    return CalibrationPlan(Geometry(shape.num_heads, kv, shape.head_dim), modules, left, model.dtype, asked, names)

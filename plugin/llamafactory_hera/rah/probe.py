@@ -31,8 +31,7 @@ def attention_modules(model: nn.Module) -> dict[int, DecoderLayer]:
 
 
 def _on(device: torch.device, masks: dict[torch.device, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    """The batch's token masks on ``device`` (a layer's, the logits'), copied there once per device; ``masks`` holds
-    them by device, the input's first."""
+    """The batch's token masks (``masks``: by device, the input's first) on ``device``, copied there once."""
     if device not in masks:
         masks[device] = tuple(mask.to(device) for mask in next(iter(masks.values())))
     return masks[device]
@@ -186,12 +185,8 @@ def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int]
         if not bool(after[b].any()):
             profile.map_skipped += 1
             continue
-        rows = []
-        for layer in layers:
-            attention = attentions[layer][b]
-            on = _on(attention.device, masks)
-            rows.append(attention[:, on[queries][b]][:, :, on[0][b]].float().mean(dim=1).to(first))
-        rows = torch.stack(rows).cpu()  # [L, H, P]
+        rows = torch.stack([attentions[layer][b][:, on[queries][b]][:, :, on[0][b]].float().mean(dim=1).to(first)
+                            for layer in layers for on in [_on(attentions[layer].device, masks)]]).cpu()  # [L, H, P]
         if layout in profile.map_sums:
             profile.map_sums[layout] += rows
         else:
@@ -226,8 +221,7 @@ def head_gates(modules: dict[int, DecoderLayer], layers: list[int], num_heads: i
 
 def gate_gradients(model: nn.Module, batch: dict[str, Any], layers: list[int], num_heads: int, head_dim: int,
                    kinds: TokenKinds, modules: dict[int, DecoderLayer] | None = None) -> torch.Tensor:
-    """d(margin loss)/d(gate) of one sample (batch of 1) at gamma = 1: ``[L, H]`` float32 on the CPU. ``modules``:
-    the plan's (resolved here when not given)."""
+    """d(margin loss)/d(gate) of one sample (batch of 1) at gamma = 1: ``[L, H]`` float32 on the CPU."""
     with head_gates(modules or attention_modules(model), layers, num_heads, head_dim) as gates, torch.enable_grad():
         logits = model(**model_inputs(batch), use_cache=False).logits
         _, _, after = token_masks(batch["input_ids"], batch["attention_mask"], kinds)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from llamafactory_hera.heads.architecture import layer_list
+from llamafactory_hera.hera.selection.select import check_model_structure
 from llamafactory_hera.log import progress, say, start_board_files
 from llamafactory_hera.placement import device_map_for
 from llamafactory_hera.plots.heads import plot_score_panels
@@ -156,41 +157,23 @@ def _on(device: torch.device, batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _meta_model(model_args: Any) -> tuple[torch.nn.Module | None, str]:
-    """(the recipe's model built on the meta device from its config, None where the auto class cannot build it; the
-    dtype it loads in: the compute dtype, else the checkpoint's)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText  # lazy: the model classes only when one loads
-
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
-    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-    dtype = str(model_args.compute_dtype or saved).removeprefix("torch.")
-    try:
-        with torch.device("meta"):
-            meta = AutoModelForImageTextToText.from_config(config, trust_remote_code=model_args.trust_remote_code)
-    except (ValueError, KeyError, TypeError):
-        meta = None
-    return meta, dtype
-
-
 def placement(model_args: Any, device: str) -> dict[str, Any] | None:
-    """The ``device_map`` the calibration loads the model with: whole on ``device`` where it fits, else over every
-    visible GPU, then the CPU's RAM, said in one line (None: whole on ``device``). A bitsandbytes model loads as
-    LLaMA-Factory loads it, whole on the process's GPU (70B in 4-bit: about 40 GB)."""
+    """The ``device_map`` the calibration loads the model with (:mod:`llamafactory_hera.placement`: whole on ``device``
+    where it fits, else over every visible GPU, then the CPU's RAM), said in one line; None: whole on ``device``. A
+    bitsandbytes model loads as LLaMA-Factory loads it, whole on the process's GPU (70B in 4-bit: about 40 GB)."""
     if model_args.quantization_bit is not None:
-        say(f"RAH-LoRA: the {model_args.quantization_bit}-bit model loads whole on {device}, as LLaMA-Factory loads "
-            "it.")
+        say(f"RAH-LoRA: the {model_args.quantization_bit}-bit model loads whole on {device}, as LLaMA-Factory does.")
         return None
-    meta, dtype = _meta_model(model_args)
-    if meta is None:
-        return None
-    return device_map_for(meta, model_args.model_name_or_path, device, dtype, job="RAH-LoRA")
+    meta = check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
+    saved = getattr(getattr(meta, "config", None), "dtype", None) or "float32"
+    dtype = str(model_args.compute_dtype or saved).removeprefix("torch.")  # as LLaMA-Factory loads it
+    return None if meta is None else device_map_for(meta, model_args.model_name_or_path, device, dtype, job="RAH-LoRA")
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
     """Where the batches go: the device the input embeddings compute on (accelerate's, for an offloaded one)."""
     embeddings = model.get_input_embeddings()
-    execution = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
-    return embeddings.weight.device if execution is None else torch.device(execution)
+    return torch.device(getattr(getattr(embeddings, "_hf_hook", None), "execution_device", embeddings.weight.device))
 
 
 def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
