@@ -23,9 +23,13 @@ from llamafactory_hera.rah.plan import Geometry
 Step = tuple[torch.Tensor, torch.Tensor]  # (B [out, r], A [r, in]) float32: adds B @ A to the weight
 
 
+def _plain(weight: torch.Tensor) -> bool:
+    return weight.dtype.is_floating_point and getattr(weight, "quant_state", None) is None  # not bitsandbytes'
+
+
 def merges(linear: nn.Module) -> bool:
     """A plain floating weight on its device: LLaMA-Factory merges the adapter into it, and it holds a step exactly."""
-    return type(linear.weight) is nn.Parameter and not has_offloaded_params(linear)
+    return _plain(linear.weight) and not has_offloaded_params(linear)
 
 
 def _joined(steps: list[Step]) -> Step:
@@ -45,8 +49,7 @@ class WeightOverlay:
         """``linear``'s weight ``[out, in]`` with its kept steps merged (rounded to its dtype), on the device it
         computes on: a plain one as stored (not to be written), a quantized one dequantized in ``dtype``."""
         with align_module_device(linear):
-            weight = linear.weight.detach() if type(linear.weight) is nn.Parameter \
-                else base_weight_columns(linear).to(self.dtype)
+            weight = linear.weight.detach() if _plain(linear.weight) else base_weight_columns(linear).to(self.dtype)
         if linear not in self.kept:
             return weight
         b, a = self.kept[linear]
