@@ -2,9 +2,8 @@
 
 Each target's V rows (its KV group) and O columns move towards the trimmed mean of its anchors' by a rank-r step
 scaled by the largest alpha whose mean KL on the probe batch stays within delta (Eq. 6-15), relative to the model
-as calibrated so far. Each step is tried beside the weights (:mod:`~llamafactory_hera.rah.overlay`), so a rolled-back
-head leaves every weight bit for bit as it was. The model may lie on several devices: a target's tables are read on
-its layer's. Shapes: V slice ``[d, D]``, O slice ``[D, d]``.
+as calibrated so far; a rolled-back head leaves every weight as it was. A target's tables are read on its layer's
+device. Shapes: V slice ``[d, D]``, O slice ``[D, d]``.
 """
 
 from __future__ import annotations
@@ -111,11 +110,10 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
               kl_batches: list[dict[str, Any]], args: RahArguments, kinds: TokenKinds,
               progress: Callable[[Iterable[Any], str], Iterable[Any]] = lambda items, _: items,
               plan: CalibrationPlan | None = None) -> Calibration:
-    """Score, select and calibrate the layers ``args.rah_layers`` names (``plan``: the run's, made here when not
-    given); ``caf_batches`` hold one sample each, batches are on the model's input device. Every step tried lives in
-    a :class:`~llamafactory_hera.rah.overlay.WeightOverlay`; a settled step is written into a plain weight on its
-    device, and a quantized or offloaded projection computes with its overlay until the overlay is removed. Each
-    target's tables are read on its layer's device. Returns the record of it all."""
+    """Score, select and calibrate the layers ``args.rah_layers`` names (``plan``: the run's, else made here);
+    ``caf_batches`` hold one sample each, batches are on the model's input device. Steps are tried in an overlay
+    (overlay.py); a kept one is written into a plain weight, a quantized or offloaded projection keeps computing it
+    beside its weight. Returns the record of it all."""
     plan = plan or plan_calibration(model, args)
     geometry, modules, layers, names = plan.geometry, plan.modules, plan.layers, plan.names
     profile = AttentionProfile(layers)
