@@ -110,9 +110,8 @@ def test_the_qlora_extra_is_the_bitsandbytes_the_refusal_names() -> None:
 @pytest.mark.parametrize("stage", ["harc", "rah"])
 def test_quantization_without_bitsandbytes_is_one_line(stage: str, assets: Any, harc_assets: Any, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without bitsandbytes (``find_spec`` patched), before loading: HARC names the pip command, before any other key's
-    error; RAH-LoRA, which refuses every quantized model, says so instead of asking for an install. (HeRA through the
-    real CLI below.)"""
+    """Without bitsandbytes (``find_spec`` patched), before loading: HARC and RAH-LoRA name the pip command, before any
+    other key's error. (HeRA through the real CLI below.)"""
     import importlib.util
 
     from test_launch_refusals import _recipe, _refused
@@ -120,14 +119,10 @@ def test_quantization_without_bitsandbytes_is_one_line(stage: str, assets: Any, 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *rest: None if name == "bitsandbytes" else find_spec(name, *rest))
-    if stage == "harc":  # DoRA with quantization is refused whatever is installed: said before asking for it
-        dora = _refused(_recipe(stage, assets, harc_assets, tmp_path / "dora", quantization_bit=4, use_dora=True))
-        assert dora.startswith("use_dora: true with 4-bit bitsandbytes weights: LLaMA-Factory 0.9.5 refuses"), dora
+    # DoRA with quantization is refused whatever is installed: said before asking for it
+    dora = _refused(_recipe(stage, assets, harc_assets, tmp_path / "dora", quantization_bit=4, use_dora=True))
+    assert dora.startswith("use_dora: true with 4-bit bitsandbytes weights: LLaMA-Factory 0.9.5 refuses"), dora
     message = _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", quantization_bit=4))
-    if stage == "rah":
-        assert message.startswith("stage: rah cannot calibrate quantization_bit: 4 with quantization_method: bnb"), \
-            message
-        return
     assert message == (f"quantization_bit: 4 needs bitsandbytes, which is not installed here. Install it: pip install "
                        f"'{QLORA}' (llamafactory-hera's qlora extra: pip install '.[qlora]' in its clone; or remove "
                        "quantization_bit to train unquantized)."), message

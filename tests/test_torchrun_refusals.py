@@ -75,6 +75,32 @@ def test_heads_outside_the_model_are_refused_before_torchrun_starts(assets: Any,
     assert str(error.value).endswith(" per layer (zero-based). Fix or remove L99H0."), error.value
 
 
+def test_llamafactory_cli_runs_rah_as_one_process_on_a_multi_gpu_node(assets: Any, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two visible devices, no FORCE_TORCHRUN: stock launch() would start torchrun with a rank per device, which
+    stage: rah refuses; the patched launch() checks the recipe and runs it in this process (run_exp, the command
+    popped), so that its placement spreads the model over every GPU."""
+    import subprocess
+
+    import llamafactory.extras.misc
+    import llamafactory.launcher
+    import llamafactory.train.tuner
+
+    from llamafactory_hera.demo.rah import build_rah_recipe
+
+    started: list[Any] = []
+    monkeypatch.delenv("FORCE_TORCHRUN", raising=False)
+    monkeypatch.setattr(llamafactory.extras.misc, "get_device_count", lambda: 2)
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail(f"torchrun started: {args}"))
+    monkeypatch.setattr(llamafactory.train.tuner, "run_exp", lambda: started.append(list(sys.argv)))
+    path = tmp_path / "rah.yaml"
+    path.write_text(yaml.safe_dump(build_rah_recipe(assets, "qwen2_5_vl", tmp_path / "out"), sort_keys=False),
+                    encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", ["llamafactory-cli", "train", str(path)])
+    llamafactory.launcher.launch()
+    assert started == [["llamafactory-cli", str(path)]]
+
+
 def test_a_bare_torchrun_prints_a_refusal_once(harc_assets: Any, tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2 .../llamafactory/launcher.py recipe.yaml``: every rank refuses; rank 0 prints the
     line, rank 1 is stopped by torchrun before it prints its own. What remains is torch's report of the failed job
@@ -128,7 +154,7 @@ def test_rah_without_deepspeed_still_says_to_remove_deepspeed(assets: Any, harc_
                         lambda name, *rest: None if name == "deepspeed" else find_spec(name, *rest))
     config = str(REPO / "recipes" / "deepspeed" / "ds_z3_config.json")
     assert _refused(_recipe("rah", assets, harc_assets, tmp_path / "out", deepspeed=config)).endswith(
-        "stage: rah takes no optimizer step and runs on one device; remove deepspeed.")
+        "stage: rah takes no optimizer step and runs as one process; remove deepspeed.")
     assert _refused(_recipe("harc", assets, harc_assets, tmp_path / "out", deepspeed=config)).startswith(
         f"deepspeed: {config} needs DeepSpeed, which is not installed here.")
 

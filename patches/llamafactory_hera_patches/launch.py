@@ -9,7 +9,8 @@ Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything i
 - ``llamafactory.launcher.launch()`` pops the command from ``sys.argv``; for ``train`` with ``FORCE_TORCHRUN`` (or
   ``USE_MCA``), or more than one device without Ray or KTransformers (``llamafactory.extras.misc``: ``is_env_enabled``,
   ``get_device_count``, ``use_ray``, ``use_kt``), it runs ``torchrun ... launcher.py <args>`` with
-  ``subprocess.run(check=True)``;
+  ``subprocess.run(check=True)``, else ``llamafactory.train.tuner.run_exp()``: so a method declared ``one_process``
+  (RAH-LoRA: its model over every visible GPU) runs on a multi-GPU node unless ``FORCE_TORCHRUN`` is set;
 - ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (see :mod:`.recipe.recipe_file`).
 """
 
@@ -33,12 +34,16 @@ _MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt")
 _HELP = ("-h", "--help")
 
 
+def forces_torchrun(misc: ModuleType) -> bool:
+    """``FORCE_TORCHRUN`` or ``USE_MCA``: torchrun whatever the device count."""
+    return bool(misc.is_env_enabled("FORCE_TORCHRUN") or misc.is_env_enabled("USE_MCA"))
+
+
 def starts_torchrun(misc: ModuleType, argv: list[str]) -> bool:
     """Whether ``launch()`` will run ``argv``'s command under torchrun (LLaMA-Factory 0.9.5's own condition)."""
     if len(argv) < 2 or argv[1] != "train":
         return False
-    return bool(misc.is_env_enabled("FORCE_TORCHRUN") or misc.is_env_enabled("USE_MCA")
-                or (misc.get_device_count() > 1 and not misc.use_ray() and not misc.use_kt()))
+    return forces_torchrun(misc) or (misc.get_device_count() > 1 and not misc.use_ray() and not misc.use_kt())
 
 
 @contextlib.contextmanager
@@ -51,21 +56,22 @@ def _argv(argv: list[str]) -> Iterator[None]:
         sys.argv = saved
 
 
-def check_before_ranks(argv: list[str]) -> None:
+def check_before_ranks(argv: list[str]) -> Any:
     """The checks every rank would run of the recipe before LLaMA-Factory parses it, run once on ``argv``
-    (``llamafactory-cli train <recipe> [key=value ...]``); raises :class:`RecipeError`."""
+    (``llamafactory-cli train <recipe> [key=value ...]``): the recipe's method (None: a host stage) or RecipeError."""
     # lazy: LLaMA-Factory's arguments (transformers' TrainingArguments) only for a run that starts torchrun
     hparams = importlib.import_module("llamafactory.hparams")
     require(hparams, ("read_args",), "launch")
     with _argv([argv[0], *argv[2:]]):
         raw: Any = read_recipe(hparams.read_args)
     if isinstance(raw, list) and any(flag in raw for flag in _HELP):
-        return
+        return None
     host_args, method_raw, method = split_args(raw)
     if method is None:
         check_host_stage(host_args, os.environ)
-        return
+        return None
     method_arguments(method, keys_of(method, method_raw)[0], host_args)
+    return method
 
 
 def apply(launcher: ModuleType) -> None:
@@ -80,7 +86,11 @@ def apply(launcher: ModuleType) -> None:
     def launch() -> None:
         if not starts_torchrun(misc, sys.argv):
             return original()
-        check_before_ranks(sys.argv)
+        method = check_before_ranks(sys.argv)
+        if getattr(method, "one_process", False) and not forces_torchrun(misc):
+            # it places its model over every visible GPU itself: run here, as launch() runs `train` on one device
+            sys.argv.pop(1)
+            return importlib.import_module("llamafactory.train.tuner").run_exp()
         try:
             return original()
         except subprocess.CalledProcessError as error:  # torchrun's report is above: its exit code, no traceback

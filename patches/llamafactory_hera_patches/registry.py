@@ -3,7 +3,8 @@
 The plugin's start-up hook registers, before any patch is applied, a source of its declared methods
 (``llamafactory_hera.methods.declared_methods``), called at each lookup (a process that never asks imports no
 declaration). A method is used here by these names only: ``stage``, ``label``, ``prefix``, ``host_stage``, ``log_keys``,
-``records``, ``panel``, ``owns(stage)``, ``load(field)`` and ``check_raw(host_args, args)``. Imports nothing.
+``records``, ``panel``, ``one_process``, ``owns(stage)``, ``load(field)`` and ``check_raw(host_args, args)``. Imports
+nothing.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ RAH = Method(
     log_keys=(),
     panel="llamafactory_hera.rah.webui_panel:PANEL",
     records=("rah_profile.json",),
+    one_process=True,
 )
 
 HARC = Method(

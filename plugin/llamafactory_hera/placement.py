@@ -3,7 +3,7 @@ whole on its device when it fits there; else over every visible GPU, balanced by
 what the GPUs cannot hold (an offloaded layer is copied to its GPU for its forward, every batch); refused before any
 weight loads when all of them together cannot hold it. Under a launch of several processes on the node each keeps to
 its own GPU and the CPU: the others' GPUs are theirs. Sizes from the config alone (a meta-device model), so a 70B
-checkpoint is judged without reading its weights.
+checkpoint is judged without reading its weights (:func:`check_model_structure` builds it and checks its heads).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
 
+from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.log import show
 from llamafactory_hera_patches.errors import RecipeError
 
@@ -92,3 +93,34 @@ def device_map_for(meta: torch.nn.Module, model_name: str, device: str, dtype: s
 
 def _name(place: Any) -> str:
     return f"cuda:{place}" if isinstance(place, int) else place
+
+
+def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> torch.nn.Module | None:
+    """Build an empty (meta-device) model from the config and check every decoder layer has ``o_proj`` (unknown
+    architectures are left to the load); returns it (None: an architecture the auto classes do not build)."""
+    from transformers import AutoConfig  # lazy: transformers only when a config is read (see below)
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"model_name_or_path: {model_name_or_path}: its config cannot be read "
+                          f"({str(err).splitlines()[0]}). Give the folder of a local model (holding its config.json) "
+                          "or a Hugging Face model id that is cached or reachable.") from None
+    # lazy: transformers and its model classes (its generation code, scikit-learn) only once a model is read, so that
+    # `select`'s one-line errors (--device, the recipe) come at once
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    model = None
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        try:
+            with torch.device("meta"):
+                model = auto.from_config(config, trust_remote_code=trust_remote_code)
+            break
+        except (ValueError, KeyError, TypeError):
+            continue
+    if model is not None:
+        try:
+            head_projections(model)
+        except ValueError as err:
+            raise RecipeError(f"model_name_or_path: {model_name_or_path}: {err}") from None
+    return model

@@ -21,11 +21,11 @@ from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.select import (
     SelectionOptions,
-    check_model_structure,
     choose_heads,
     prepare,
     score_head_neighbours,
 )
+from llamafactory_hera.placement import check_model_structure
 
 OPTIONS = {"num_samples": 24, "k": 5, "device": "cpu", "progress": False, "batch_size": 7, "clamp": 0.0}
 

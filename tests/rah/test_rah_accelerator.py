@@ -4,6 +4,7 @@ CPU's values there. Host syncs of a calibration are counted by kind."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections import Counter
@@ -121,3 +122,44 @@ def test_calibrate_with_the_trust_region_on_the_accelerator_equals_the_cpu(asset
     print("\n".join(f"{n} {line}" for line, n in where.most_common()))
     # +1: the KL of the whole calibration; one per accepted head: did its step move any weight in the model's dtype
     assert selection == (tries + 1) + 3 + targets + accepted, where
+
+
+@pytest.mark.parametrize("where", ["on the accelerator", "offloaded"])
+def test_a_layer_on_another_device_calibrates_as_one_device(assets, accelerator, tmp_path: Path, where: str) -> None:
+    """Layer 1 placed as accelerate places a model over several devices (its hook moves the inputs there and the output
+    back): on the simulated accelerator, or offloaded (its weights in RAM, brought in for each forward, meta between).
+    The calibration of both layers gives the one-device model's targets, anchors, alphas and adapter: on the device
+    bit for bit; offloaded, the steps are tried beside the weights (the product added, not merged), so the KL and the
+    factors of a later target of that layer agree to float32 rounding."""
+    from accelerate import cpu_offload
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from test_rah_model import FORCED, _load
+
+    from llamafactory_hera.heads.architecture import text_decoder
+    from llamafactory_hera.rah.adapter import lora_factors
+    from llamafactory_hera.rah.calibrate import calibrate
+    from llamafactory_hera.rah.config import RahArguments
+    from llamafactory_hera_testing.accelerator import DEVICE
+
+    model, kinds, batches = _load(assets, "llava", tmp_path, samples=6)
+    split = copy.deepcopy(model)
+    settings = RahArguments(rah_layers=[0, 1], rah_delta=10.0, **FORCED)
+    whole = calibrate(model, batches[:4], batches[:2], batches[4:6], settings, kinds)
+    with accelerator if where == "on the accelerator" else contextlib.nullcontext():  # meta is both there
+        layer = text_decoder(split).layers[1]
+        if where == "offloaded":
+            cpu_offload(layer, execution_device=torch.device("cpu"))
+        else:
+            add_hook_to_module(layer.to(DEVICE), AlignDevicesHook(execution_device=DEVICE, io_same_device=True))
+        calibration = calibrate(split, batches[:4], batches[:2], batches[4:6], settings, kinds)
+        factors = lora_factors(calibration, split, calibration.plan.geometry)
+    decisions = [[(u.layer, u.head, [a[:2] for a in u.anchors], u.outcome, u.region and u.region.alpha)
+                  for u in run.updates] for run in (whole, calibration)]
+    assert decisions[0] == decisions[1] and any(u.layer == 1 and u.calibrated for u in whole.updates), decisions
+    assert bool(calibration.overlay.kept) == (where == "offloaded")  # an offloaded layer's steps stay beside it
+    expected = lora_factors(whole, model, whole.plan.geometry)
+    assert sorted(factors) == sorted(expected)
+    tolerance = 0.0 if where == "on the accelerator" else 1e-6
+    for name, (a, b) in expected.items():
+        torch.testing.assert_close(factors[name][0], a, rtol=0, atol=tolerance)
+        torch.testing.assert_close(factors[name][1], b, rtol=0, atol=tolerance)

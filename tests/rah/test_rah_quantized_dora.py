@@ -1,5 +1,5 @@
 """RAH-LoRA with ``use_dora: true`` (a DoRA adapter of the same calibration, never a silent plain LoRA) and on
-quantized models (refused before loading, with the reason: the trust region edits V and O weights in place)."""
+quantized models: bitsandbytes 4-/8-bit calibrates as its dequantized twin; other quantizations are refused by name."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
-from test_rah_stage import _logits, _refusal, rah_recipe
+from test_rah_stage import _logits, rah_recipe
 
 from conftest import run_train
 
@@ -48,16 +49,83 @@ def test_use_dora_writes_a_dora_adapter_equal_to_the_calibration(assets, tmp_pat
     torch.testing.assert_close(_logits(adapted.float(), batch), _logits(by_hand, batch), rtol=0, atol=1e-5)
 
 
-def test_quantized_models_are_refused_with_the_reason(assets, tmp_path: Path) -> None:
-    for bits in (4, 8):
-        assert (f"stage: rah cannot calibrate quantization_bit: {bits} with quantization_method: bnb: its trust region "
-                "writes each head's W + alpha * Delta into the V and O weights in place"
-                in _refusal(assets, tmp_path / str(bits), quantization_bit=bits))
-    folder = tmp_path / "gptq"
+def _dequantized_twin(assets, folder: Path, bits: int) -> Path:
+    """Tiny LLaVA quantized as LLaMA-Factory's quantization_bit does it on a CPU (4: nf4, double quantization, float32
+    compute and storage; 8: LLM.int8 codes and row scales) and saved with, as plain float32 weights, what each
+    quantized layer multiplies by: 4-bit, bitsandbytes' dequantize_4bit (transformers' dequantize()); 8-bit, codes *
+    (SCB / 127), the order of bitsandbytes' CPU product (its dequantize function rounds (codes * SCB) / 127, up to one
+    float32 ulp away: measured 7e-9 an entry, which the SVD carries to 7.5e-7 in lora_A)."""
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
     shutil.copytree(assets.models["llava"], folder)
+    quantization = BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"},
+                                                        quantization_config=quantization)
+    int8 = {name: module.weight.data.float() * (module.weight.SCB.float()[:, None] * (1.0 / 127.0))
+            for name, module in model.named_modules() if getattr(module.weight if hasattr(module, "weight") else None,
+                                                                 "SCB", None) is not None}
+    model = model.dequantize()
+    with torch.no_grad():
+        for name, weight in int8.items():
+            model.get_submodule(name).weight.copy_(weight)
+    model.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq",
-                                                                                      "bits": 4}}))
-    assert (f"stage: rah reads V and O weights per head, and model_name_or_path: {folder} (saved gptq-quantized: "
-            "quantization_config in its config.json) cannot be read exactly: gptq stores packed codes"
-            in _refusal(assets, tmp_path / "g", model_name_or_path=str(folder)))
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+# The adapter of a bitsandbytes base against its dequantized twin's. A and B are functions of the V and O weights,
+# read as the quantized layers multiply by them (the twin's stored values bit for bit), and of the discrete choices
+# (targets, anchors, the alpha of the ladder alpha_max / 2^k), which the forwards decide. The forwards differ only
+# where a step is tried: beside a quantized weight the adapter's product is added ((x A^T) B^T, as LLaMA-Factory
+# applies an adapter to a quantized base), where the twin merges it (x round(W + BA)^T): one product's rounding in the
+# model's dtype (float32 here: 2^-24 relative). At 8-bit, eval mode also runs LLM.int8 (inputs rounded to float16,
+# then to int8 per row: up to max|x| / 254 an entry, 6.6e-3 relative on a layer). So unless a decision lies within that
+# rounding of its threshold (a percentile, an anchor's rank, KL = delta), every decision agrees and A, B and B @ A equal
+# the twin's bit for bit: the bound is 0 (a flipped alpha would show as B off by a factor of 2 in that target).
+@pytest.mark.usefixtures("repacking_cpu")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_base_calibrates_as_its_dequantized_twin(assets, tmp_path: Path, bits: int) -> None:
+    from llamafactory.train.tuner import run_exp
+
+    twin = _dequantized_twin(assets, tmp_path / "twin", bits)
+    small = {"rah_samples": 6, "rah_probe_samples": 3, "rah_kl_samples": 2, "rah_delta": 0.05}
+    run_exp(rah_recipe(assets, "llava", tmp_path / "q", quantization_bit=bits, **small))
+    run_exp(rah_recipe(assets, "llava", tmp_path / "t", model_name_or_path=str(twin), **small))
+    quantized, dequantized = (load_file(str(tmp_path / run / "adapter_model.safetensors")) for run in ("q", "t"))
+    assert sorted(quantized) == sorted(dequantized)
+    records = [json.loads((tmp_path / run / "rah_profile.json").read_text())["targets"] for run in ("q", "t")]
+    assert [[(t["head"], t["alpha"], t["outcome"]) for t in run] for run in records] == \
+        [[(t["head"], t["alpha"], t["outcome"]) for t in records[1]]] * 2  # the same decisions
+    prefixes = sorted({key.rsplit(".lora_", 1)[0] for key in quantized})
+    differences = {kind: max(float((quantized[f"{p}.lora_{kind}.weight"] - dequantized[f"{p}.lora_{kind}.weight"])
+                                   .abs().max()) for p in prefixes) for kind in ("A", "B")}
+    differences["BA"] = max(float((quantized[f"{p}.lora_B.weight"] @ quantized[f"{p}.lora_A.weight"]
+                                   - dequantized[f"{p}.lora_B.weight"] @ dequantized[f"{p}.lora_A.weight"]).abs().max())
+                            for p in prefixes)
+    print(f"{bits}-bit vs its dequantized twin, max |difference|:", differences, "targets:", records[0])
+    assert differences == {"A": 0.0, "B": 0.0, "BA": 0.0}
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize("keys,method", [({"quantization_method": "hqq", "quantization_bit": 4}, "hqq"),
+                                         ({"quantization_method": "eetq", "quantization_bit": 8}, "eetq"),
+                                         ("gptq", "gptq"), ("awq", "awq")])
+def test_quantizations_other_than_bitsandbytes_are_refused_by_name(assets, tmp_path: Path, keys, method) -> None:
+    """A recipe's quantization_method or a checkpoint saved quantized (its config.json's quantization_config): one
+    line naming the method, before loading."""
+    from test_launch_refusals import _refused
+
+    if isinstance(keys, str):
+        folder = tmp_path / keys
+        shutil.copytree(assets.models["llava"], folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": keys,
+                                                                                          "bits": 4}}))
+        keys = {"model_name_or_path": str(folder)}
+    message = _refused(rah_recipe(assets, "llava", tmp_path / "out", **keys))
+    assert message.startswith("stage: rah reads V and O weights per head, and ") and \
+        f"{method} stores packed codes in its kernels' own layout" in message, message

@@ -15,8 +15,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from llamafactory_hera.rah.calibrate import Calibration, Geometry, o_columns, v_rows
-from llamafactory_hera.rah.probe import attention_modules
+from llamafactory_hera.rah.calibrate import Calibration, Geometry
+from llamafactory_hera.rah.overlay import WeightOverlay, module_step
 from llamafactory_hera.rah.update import lora_pair
 from llamafactory_hera_patches.errors import RecipeError
 
@@ -25,38 +25,30 @@ def lora_factors(calibration: Calibration, model: nn.Module,
                  geometry: Geometry) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Exact module name -> (A ``[R, in]``, B ``[out, R]``), float32, for every module a kept update touches."""
     names = {id(module): name for name, module in model.named_modules()}
-    modules = attention_modules(model)
+    modules = calibration.plan.modules
     pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for update in calibration.updates:
         if not update.calibrated:
             continue
-        alpha = update.region.alpha
         attention = modules[update.layer]
         for kind, (u, s, vh) in update.factors.items():
             linear = attention.value if kind == "v" else attention.output
-            b_head, a_head = lora_pair(u, s, vh, alpha)  # the trust region applied exactly this B @ A
-            a = torch.zeros(len(s), linear.in_features)
-            b = torch.zeros(linear.out_features, len(s))
-            if kind == "v":
-                a[:] = a_head
-                b[v_rows(update.head, geometry)] = b_head
-            else:
-                a[:, o_columns(update.head, geometry)] = a_head
-                b[:] = b_head
+            b_head, a_head = lora_pair(u, s, vh, update.region.alpha)  # the trust region applied exactly this B @ A
+            b, a = module_step(kind, b_head.cpu(), a_head.cpu(), update.head, geometry, linear)
             pieces.setdefault(names[id(linear)], []).append((a, b))
     return {name: (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts], dim=1))
             for name, parts in pieces.items()}
 
 
 def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], output_dir: str | Path,
-                 base_name: str | None = None, dora: bool = False) -> list[str]:
+                 base_name: str | None = None, dora: bool = False, overlay: WeightOverlay | None = None) -> list[str]:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's ``save_pretrained``): ``factors`` for
-    the base model, from ``model`` as :func:`~llamafactory_hera.rah.calibrate.calibrate` leaves it (touched weights
-    ``W + BA`` in its dtype); returns the target module names; ``model`` is left unchanged. ``dora`` (the recipe's
-    ``use_dora``) writes a DoRA adapter of the same calibration: PEFT's DoRA layer computes ``diag(m / ||W +
-    BA||_row) (W + BA)``, so with ``m`` the row norms of the calibrated weight it is ``W + BA``, the model the trust
-    region accepted, and DoRA training can continue from it (``m`` in the model's dtype: in bf16 it rounds by up to
-    2^-9 of a row)."""
+    the base model, from ``model`` as :func:`~llamafactory_hera.rah.calibrate.calibrate` leaves it (touched plain
+    weights ``W + BA`` in its dtype, the others' steps in ``overlay``); returns the target module names; ``model`` is
+    left unchanged. ``dora`` (the recipe's ``use_dora``) writes a DoRA adapter of the same calibration: PEFT's DoRA
+    layer computes ``diag(m / ||W + BA||_row) (W + BA)``, so with ``m`` the row norms of the calibrated weight it is
+    ``W + BA``, the model the trust region accepted, and DoRA training can continue from it (``m`` in the model's
+    dtype: in bf16 it rounds by up to 2^-9 of a row)."""
     if not factors:
         raise RecipeError("RAH-LoRA: no head was calibrated (every target rolled back or none was found); there is "
                           "no adapter to write.")
@@ -74,7 +66,8 @@ def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.
             layer.lora_B["default"].weight.data.copy_(b.to(layer.lora_B["default"].weight.dtype))
             if dora:  # m = ||W + BA||_row: the calibrated weight's rows; the DoRA layer then equals W + BA
                 magnitude = layer.lora_magnitude_vector["default"].weight
-                magnitude.data.copy_(torch.linalg.norm(layer.base_layer.weight.float(), dim=1).to(magnitude.dtype))
+                calibrated = (overlay or WeightOverlay()).current(layer.base_layer).float()
+                magnitude.data.copy_(torch.linalg.norm(calibrated, dim=1).to(magnitude))
         peft_model.save_pretrained(str(output_dir))
     finally:
         peft_model.unload()  # the base model without LoRA layers, as it came in

@@ -14,7 +14,8 @@ from llamafactory_hera.heads.architecture import describe, layer_list, per_head_
 from llamafactory_hera.heads.geometry import attention_geometry
 from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.recipe.checks import check_run_inputs
-from llamafactory_hera.recipe.quantization import check_quantization, quantization_in_use
+from llamafactory_hera.recipe.fsdp import RAH_ONE_PROCESS
+from llamafactory_hera.recipe.quantization import check_quantization
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.arguments import compile_setting, raw_value, truthy
 
@@ -32,7 +33,7 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], rah_args: RahA
         raise RecipeError(f"stage: rah writes a LoRA adapter; finetuning_type: {finetuning} cannot hold it. Set "
                           "finetuning_type: lora.")
     if raw_value(host_args, "deepspeed"):
-        raise RecipeError("stage: rah takes no optimizer step and runs on one device; remove deepspeed.")
+        raise RecipeError("stage: rah takes no optimizer step and runs as one process; remove deepspeed.")
     liger = [f"{key}: true" for key in ("enable_liger_kernel", "use_liger_kernel") if truthy(raw_value(host_args, key))]
     if setting := compile_setting(host_args) or next(iter(liger), None):
         raise RecipeError(f"{setting} does nothing in stage: rah: its calibration runs the model in eval mode "
@@ -53,28 +54,11 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], rah_args: RahA
                           "resume_from_checkpoint.")
 
 
-def check_rah_quantization(model_args: Any, config: Any) -> None:
-    """RAH-LoRA refuses every quantized model. The adapter's maths would hold on a bitsandbytes base (a LoRA delta adds
-    to the dequantized weight), but its trust region measures each head's KL with ``W + alpha * Delta`` written into
-    the V and O weights in place (rah/calibrate.py ``set_alpha``), and 4-bit blocks / int8 rows with their scales cannot
-    hold that edit without quantizing it again (and changing the rest of the block or row)."""
-    if check_quantization(model_args, config, "rah", "V and O weights per head") is None:
-        return
-    _, bits, source = quantization_in_use(model_args, config)
-    raise RecipeError(f"stage: rah cannot calibrate {source}: its trust region writes each head's W + alpha * Delta "
-                      f"into the V and O weights in place to measure the KL, and {bits}-bit bitsandbytes storage "
-                      "cannot hold that edit (it would be quantized again, changing the rest of the block or row). "
-                      "Calibrate the unquantized model (remove quantization_bit); the adapter it writes applies to "
-                      "the quantized model too.")
-
-
 def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
                        generating_args: Any, rah_args: RahArguments) -> None:
     """Checks on the parsed arguments and the model's config (seconds, before the model loads); eager attention."""
     if getattr(training_args, "world_size", 1) > 1:
-        raise RecipeError(f"stage: rah runs on one process (found {training_args.world_size}: llamafactory-cli starts "
-                          "one per visible GPU); the calibration is sequential and takes no optimizer step. Pin one "
-                          "GPU: CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE.")
+        raise RecipeError(f"{training_args.world_size} processes: {RAH_ONE_PROCESS}.")
     if model_args.adapter_name_or_path:
         raise RecipeError("stage: rah calibrates the base model; adapter_name_or_path is set. Merge the adapter first "
                           "(llamafactory-cli export) and calibrate the merged model.")
@@ -88,7 +72,8 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
         raise RecipeError(f"stage: rah: {model_args.model_name_or_path} (model_type "
                           f"'{getattr(config, 'model_type', '?')}') names no image token; RAH-LoRA calibrates the "
                           "heads of a multimodal model by their attention between text and image tokens.")
-    check_rah_quantization(model_args, config)
+    check_quantization(model_args, config, "rah", "V and O weights per head",
+                       dora=bool(getattr(finetuning_args, "use_dora", False)))
     plans = plan_layers(config)
     calibratable, left = per_head_value_layers(plans, attention_geometry(config).head_dim)
     if not calibratable:

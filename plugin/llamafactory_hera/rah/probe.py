@@ -10,6 +10,7 @@ template adds one; LLaMA-Factory's ``llava`` template adds none), is left out of
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,28 +18,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamafactory_hera.heads.architecture import DecoderLayer, decoder_layers, describe, per_head_value_layers
-from llamafactory_hera.heads.geometry import attention_geometry
+from llamafactory_hera.heads.architecture import DecoderLayer
 from llamafactory_hera.heads.pooling import multimodal_token_ids
+from llamafactory_hera.rah.plan import plan_calibration
 from llamafactory_hera.rah.scores import isal, margin_loss
 from llamafactory_hera_patches.errors import RecipeError
 
 
 def attention_modules(model: nn.Module) -> dict[int, DecoderLayer]:
-    """Decoder layer index -> the layer, for the layers RAH-LoRA can calibrate: softmax self-attention whose heads own
-    their ``v_proj`` and output projection (:func:`~llamafactory_hera.heads.architecture.per_head_value_layers`)."""
-    layers = decoder_layers(model)
-    kept, _ = per_head_value_layers(layers, attention_geometry(model.config).head_dim)
-    if not kept:
-        raise RecipeError(f"{type(model).__name__}: no decoder layer has softmax self-attention whose heads own a "
-                          f"v_proj and an output projection Linear ({describe(layers)}); RAH-LoRA calibrates those "
-                          "projections per head.")
-    return {index: layers[index] for index in kept}
+    """Decoder layer index -> the layer, for the layers RAH-LoRA can calibrate (:mod:`llamafactory_hera.rah.plan`)."""
+    return plan_calibration(model).modules
 
 
-def left_out_layers(model: nn.Module) -> dict[int, str]:
-    """Decoder layer index -> why RAH-LoRA cannot calibrate it (no heads, KV shared, no plain Linear)."""
-    return per_head_value_layers(decoder_layers(model), attention_geometry(model.config).head_dim)[1]
+def _on(device: torch.device, masks: dict[torch.device, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """The batch's token masks (``masks``: by device, the input's first) on ``device``, copied there once."""
+    if device not in masks:
+        masks[device] = tuple(mask.to(device) for mask in next(iter(masks.values())))
+    return masks[device]
 
 
 @contextlib.contextmanager
@@ -167,26 +163,30 @@ class AttentionProfile:
 
 @torch.no_grad()
 def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int], kinds: TokenKinds,
-                      profile: AttentionProfile, pairs: str = "paper") -> None:
+                      profile: AttentionProfile, pairs: str = "paper",
+                      modules: dict[int, DecoderLayer] | None = None) -> None:
     """One eager forward with attention weights: add the batch's I-SAL and text->image maps to ``profile``. A row's
     map is the mean over its text queries (``pairs``: ``paper`` every text position, as Eq. 3 and 10; ``visible`` the
-    text after the image) of the attention to each image position; a row without text after its image has none."""
-    with attention_weights(attention_modules(model), layers) as attentions:
+    text after the image) of the attention to each image position; a row without text after its image has none.
+    ``modules``: the plan's (resolved here when not given). Each layer's attention is read on its own device."""
+    with attention_weights(modules or attention_modules(model), layers) as attentions:
         model(**model_inputs(batch), output_attentions=True, use_cache=False)
     if any(attentions.get(layer) is None for layer in layers):
         raise RecipeError("RAH-LoRA needs attention weights: the model did not return them (load it with eager "
                           "attention, flash_attn: disabled).")
     image, text, after = token_masks(batch["input_ids"], batch["attention_mask"], kinds)
-    per_layer = [isal(attentions[layer], image, text, pairs) for layer in layers]
-    profile.isal.append(torch.stack([scores for scores, _ in per_layer], dim=1).cpu())
+    masks = {image.device: (image, text, after)}
+    per_layer = [isal(attentions[layer], *_on(attentions[layer].device, masks)[:2], pairs) for layer in layers]
+    first = per_layer[0][0].device
+    profile.isal.append(torch.stack([scores.to(first) for scores, _ in per_layer], dim=1).cpu())
     profile.one_sided += int((~per_layer[0][1]).sum())
-    queries = text if pairs == "paper" else after
+    queries = 1 if pairs == "paper" else 2  # text, or the text after the image
     for b, layout in enumerate(image_layouts(batch, image)):
         if not bool(after[b].any()):
             profile.map_skipped += 1
             continue
-        rows = torch.stack([attentions[layer][b][:, queries[b]][:, :, image[b]].float().mean(dim=1)
-                            for layer in layers]).cpu()  # [L, H, P]
+        rows = torch.stack([attentions[layer][b][:, on[queries][b]][:, :, on[0][b]].float().mean(dim=1).to(first)
+                            for layer in layers for on in [_on(attentions[layer].device, masks)]]).cpu()  # [L, H, P]
         if layout in profile.map_sums:
             profile.map_sums[layout] += rows
         else:
@@ -198,21 +198,20 @@ def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int]
 def head_gates(modules: dict[int, DecoderLayer], layers: list[int], num_heads: int,
                head_dim: int) -> Iterator[dict[int, torch.Tensor]]:
     """Gates gamma ``[H]`` = 1 (requires grad) on each layer's heads, multiplying the ``o_proj`` input viewed as
-    ``[B, T, H, d_head]`` (Eq. 5): layer -> gate. Removed on exit."""
+    ``[B, T, H, d_head]`` (Eq. 5): layer -> gate, made by the layer's first forward on the device of its input (a
+    layer placed on another GPU, or offloaded, computes there). Removed on exit."""
     gates: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer in layers:
-        o_proj = modules[layer].output
-        gate = torch.ones(num_heads, device=o_proj.weight.device, requires_grad=True,
-                          dtype=torch.promote_types(o_proj.weight.dtype, torch.float32))
-        gates[layer] = gate
 
-        def pre_hook(module: nn.Module, args: tuple[Any, ...], gate: torch.Tensor = gate) -> tuple[Any, ...]:
-            x = args[0]
-            shaped = x.view(*x.shape[:-1], num_heads, head_dim) * gate.to(x.dtype)[:, None]
-            return (shaped.view(x.shape), *args[1:])
+    def pre_hook(module: nn.Module, args: tuple[Any, ...], layer: int) -> tuple[Any, ...]:
+        x = args[0]
+        if layer not in gates:
+            gates[layer] = torch.ones(num_heads, device=x.device, requires_grad=True,
+                                      dtype=torch.promote_types(x.dtype, torch.float32))
+        shaped = x.view(*x.shape[:-1], num_heads, head_dim) * gates[layer].to(x.dtype)[:, None]
+        return (shaped.view(x.shape), *args[1:])
 
-        handles.append(o_proj.register_forward_pre_hook(pre_hook))
+    handles = [modules[layer].output.register_forward_pre_hook(functools.partial(pre_hook, layer=layer))
+               for layer in layers]
     try:
         yield gates
     finally:
@@ -221,12 +220,11 @@ def head_gates(modules: dict[int, DecoderLayer], layers: list[int], num_heads: i
 
 
 def gate_gradients(model: nn.Module, batch: dict[str, Any], layers: list[int], num_heads: int, head_dim: int,
-                   kinds: TokenKinds) -> torch.Tensor:
-    """d(margin loss)/d(gate) of one sample (batch of 1) at gamma = 1: ``[L, H]`` float32."""
-    modules = attention_modules(model)
-    with head_gates(modules, layers, num_heads, head_dim) as gates, torch.enable_grad():
+                   kinds: TokenKinds, modules: dict[int, DecoderLayer] | None = None) -> torch.Tensor:
+    """d(margin loss)/d(gate) of one sample (batch of 1) at gamma = 1: ``[L, H]`` float32 on the CPU."""
+    with head_gates(modules or attention_modules(model), layers, num_heads, head_dim) as gates, torch.enable_grad():
         logits = model(**model_inputs(batch), use_cache=False).logits
         _, _, after = token_masks(batch["input_ids"], batch["attention_mask"], kinds)
-        loss = margin_loss(logits, after)
+        loss = margin_loss(logits, after.to(logits.device))
         grads = torch.autograd.grad(loss, [gates[layer] for layer in layers])
     return torch.stack([g.float().cpu() for g in grads])

@@ -21,12 +21,15 @@ import torch
 
 from llamafactory_hera.heads.architecture import layer_list
 from llamafactory_hera.log import progress, say, start_board_files
+from llamafactory_hera.placement import check_model_structure, device_map_for
 from llamafactory_hera.plots.heads import plot_score_panels
 from llamafactory_hera.rah.adapter import lora_factors, save_adapter
-from llamafactory_hera.rah.calibrate import calibrate, geometry_of, layers_to_calibrate
+from llamafactory_hera.rah.calibrate import calibrate
 from llamafactory_hera.rah.config import RahArguments
+from llamafactory_hera.rah.plan import plan_calibration
 from llamafactory_hera.rah.probe import token_kinds
 from llamafactory_hera.recipe.dataset_info import describe_data, image_rows
+from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.data.media_warnings import media_warnings_held
 from llamafactory_hera_patches.data.templates import image_placeholder
 from llamafactory_hera_patches.errors import RecipeError
@@ -152,6 +155,25 @@ def _on(device: torch.device, batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def placement(model_args: Any, device: str) -> dict[str, Any] | None:
+    """The ``device_map`` the calibration loads the model with (:mod:`llamafactory_hera.placement`: whole on ``device``
+    where it fits, else over every visible GPU, then the CPU's RAM), said in one line; None: whole on ``device``. A
+    bitsandbytes model loads as LLaMA-Factory loads it, whole on the process's GPU (70B in 4-bit: about 40 GB)."""
+    if model_args.quantization_bit is not None:
+        say(f"RAH-LoRA: the {model_args.quantization_bit}-bit model loads whole on {device}, as LLaMA-Factory does.")
+        return None
+    meta = check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
+    saved = getattr(getattr(meta, "config", None), "dtype", None) or "float32"
+    dtype = str(model_args.compute_dtype or saved).removeprefix("torch.")  # as LLaMA-Factory loads it
+    return None if meta is None else device_map_for(meta, model_args.model_name_or_path, device, dtype, job="RAH-LoRA")
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where the batches go: the device the input embeddings compute on (accelerate's, for an offloaded one)."""
+    embeddings = model.get_input_embeddings()
+    return torch.device(getattr(getattr(embeddings, "_hf_hook", None), "execution_device", embeddings.weight.device))
+
+
 def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
             generating_args: Any, callbacks: Any, rah_args: RahArguments) -> None:
     """Calibrate and write the adapter and the profile (see the module docstring)."""
@@ -163,19 +185,22 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
         rows = _image_rows(aligned, data_args.dataset, rah_args, training_args.seed)
         image_rows(aligned, column="_images", only=rows, placeholder=image_placeholder(), decode=True,
                    data=describe_data(data_args))  # its few rows decoded: they are read after the model loads
-    model, tokenizer_module, template = load_model_for_scoring(recipe, str(training_args.device))
+    device = str(training_args.device)
+    model, tokenizer_module, template = load_model_for_scoring(recipe, device, placement(model_args, device))
+    keep_4bit_layout(model)  # its 4-bit V and O weights are read dequantized (training/eval_forward.py)
     loaded = time.perf_counter()
     dataset, collator = multimodal_dataset_and_collator(recipe, model, tokenizer_module, template, training_args.seed,
                                                         rows)
-    device = next(model.parameters()).device
+    first = input_device(model)
     size = rah_args.rah_batch_size
     groups = [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
-    calibration_batches = [_on(device, collator([dataset[i] for i in group])) for group in groups]
-    caf_batches = [_on(device, collator([dataset[i]])) for i in range(rah_args.rah_probe_samples)]
+    calibration_batches = [_on(first, collator([dataset[i] for i in group])) for group in groups]
+    caf_batches = [_on(first, collator([dataset[i]])) for i in range(rah_args.rah_probe_samples)]
     kl_rows = list(range(rah_args.rah_kl_samples))
-    kl_batches = [_on(device, collator([dataset[i] for i in kl_rows[j:j + size]]))
+    kl_batches = [_on(first, collator([dataset[i] for i in kl_rows[j:j + size]]))
                   for j in range(0, len(kl_rows), size)]
-    layers, left = layers_to_calibrate(model, rah_args)
+    plan = plan_calibration(model, rah_args)
+    layers, left = plan.layers, plan.left_out
     if left:  # never silently: a KV-shared layer's V update would do nothing, a linear-attention layer has no heads
         reasons = {why: [layer for layer in sorted(left) if left[layer] == why] for why in left.values()}
         say("RAH-LoRA: leaves out " + "; ".join(f"{layer_list(layers)} ({why})" for why, layers in reasons.items()))
@@ -183,11 +208,11 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     say(f"RAH-LoRA: layers {layers[0]}..{layers[-1]} ({len(layers)}); {len(rows)} rows for I-SAL, "
          f"{rah_args.rah_probe_samples} for CAF, {rah_args.rah_kl_samples} for the KL probe; rank {rah_args.rah_rank}, "
          f"delta {rah_args.rah_delta}, alpha_max {rah_args.rah_alpha_max}; attention eager")
-    calibration = calibrate(model, calibration_batches, caf_batches, kl_batches, rah_args, kinds, progress)
+    calibration = calibrate(model, calibration_batches, caf_batches, kl_batches, rah_args, kinds, progress, plan)
     _say_what_was_left_out(calibration, len(rows))
     output = Path(training_args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    factors = lora_factors(calibration, model, geometry_of(model))
+    factors = lora_factors(calibration, model, plan.geometry)
     kept = [u for u in calibration.updates if u.calibrated]
     record = profile_record(calibration, rah_args, {
         "model_name_or_path": str(model_args.model_name_or_path), "dataset": list(data_args.dataset),
@@ -203,7 +228,7 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
                           f"{output / PROFILE_JSON}; a looser rah_delta, a larger rah_alpha_max or other rah_layers "
                           "may help.")
     names = save_adapter(model, factors, output, base_name=str(model_args.model_name_or_path),
-                         dora=bool(getattr(finetuning_args, "use_dora", False)))
+                         dora=bool(getattr(finetuning_args, "use_dora", False)), overlay=calibration.overlay)
     say(f"RAH-LoRA: {outcomes}; {len(names)} modules changed; mean KL to the original model on the probe "
         f"{record['summary']['kl_to_original']:.3g}; adapter, {PROFILE_JSON} and {PROFILE_PNG} in {output} "
         f"({time.perf_counter() - started:.1f} s)")

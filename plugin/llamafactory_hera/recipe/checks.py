@@ -221,9 +221,9 @@ def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -
     """The engines a recipe names are installed (else a traceback at the parse or the load, 60 to 558 lines): DeepSpeed
     for a ``deepspeed`` config (what transformers requires of it), bitsandbytes for ``quantization_bit`` (method
     ``bnb``), liger-kernel for ``enable_liger_kernel`` / ``use_liger_kernel``. After the method's own checks: RAH-LoRA
-    refuses all three, and says so instead."""
+    refuses DeepSpeed and Liger, and says so instead."""
     bits = raw_value(host_args, "quantization_bit")
-    bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb" and stage != "rah"
+    bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb"
     if bnb and bits not in (None, "") and truthy(raw_value(host_args, "use_dora") or False):
         raise RecipeError(dora_refusal(bits))  # refused whatever is installed: said before asking for bitsandbytes
     liger = next((key for key in ("enable_liger_kernel", "use_liger_kernel") if truthy(raw_value(host_args, key))), "")

@@ -16,7 +16,7 @@ docs/configurations.md (the FSDP rows and their notes). Refused:
 - FSDP1: no CPU run here reaches its training (accelerate 1.11's FSDP1 setup needs an accelerator); for HeRA also,
   outside a wrapped module's forward FSDP1 leaves each parameter a view of the rank's flat shard;
 - the recipe's ``fsdp`` key: transformers builds its own FSDP plugin from ``fsdp_config``, a path no test runs;
-- RAH-LoRA under any FSDP: it runs on one process and edits whole V and O weights;
+- RAH-LoRA under any FSDP: it runs as one process over every visible GPU;
 - bitsandbytes weights FSDP2 fails on after loading (patches/engines/fsdp_loading.py).
 """
 
@@ -32,8 +32,9 @@ from llamafactory_hera_patches.engines.fsdp_loading import bitsandbytes_refusal
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.arguments import raw_value
 
-_RAH = ("stage: rah runs on one process and edits whole V and O weights; run it on one process: "
-        "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train RECIPE")
+RAH_ONE_PROCESS = ("stage: rah runs as one process that places the model over every visible GPU; run it so: "
+                   "llamafactory-cli train RECIPE with FORCE_TORCHRUN unset (it starts no torchrun for stage: rah), "
+                   "not torchrun or accelerate launch")
 _LAUNCH = ("accelerate launch --config_file with fsdp_version: 2 and fsdp_state_dict_type: FULL_STATE_DICT (as "
            "LLaMA-Factory's examples/accelerate/fsdp2_config.yaml)")
 # FSDP1 on two CPU ranks with the shim: without sync_module_states (its default needs an accelerator) torch 2.11's
@@ -68,7 +69,7 @@ def _config_version(config: Any) -> str:
 
 def _recipe_refusal(stage: str, what: str) -> RecipeError:
     if stage == "rah":
-        return RecipeError(f"{what}: {_RAH}.")
+        return RecipeError(f"{what}: {RAH_ONE_PROCESS}.")
     return RecipeError(f"{what}: stage: {stage} runs under FSDP2 started by accelerate launch, not by the recipe's "
                        f"fsdp key (transformers then builds its own FSDP plugin, a path no test here runs); remove "
                        f"fsdp and fsdp_config from the recipe and launch with {_LAUNCH}.")
@@ -88,7 +89,7 @@ def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mappi
                                              if environ.get("FSDP_VERSION") else "")
     launched = f"{shown}, set by accelerate launch with an FSDP config"
     if stage == "rah":
-        raise RecipeError(f"{launched}: {_RAH}.")
+        raise RecipeError(f"{launched}: {RAH_ONE_PROCESS}.")
     if version != "2":
         raise RecipeError(f"{launched}: stage: {stage} is not run under FSDP1 ({_FSDP1.get(stage, _FSDP1['harc'])});"
                           f" set fsdp_version: 2 in the accelerate config.")

@@ -36,7 +36,7 @@ from llamafactory_hera.hera.teacher import (
 )
 from llamafactory_hera.hera.teacher_cache import feature_store, path_fingerprint
 from llamafactory_hera.log import show
-from llamafactory_hera.placement import device_map_for
+from llamafactory_hera.placement import check_model_structure, device_map_for
 from llamafactory_hera.recipe.model_paths import check_model_paths
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.errors import RecipeError
@@ -185,37 +185,6 @@ def check_device(device: str | None) -> None:
     if parsed.index is not None and parsed.index >= count:
         raise RecipeError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}; "
                           "give one of them.")
-
-
-def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> torch.nn.Module | None:
-    """Build an empty (meta-device) model from the config and check every decoder layer has ``o_proj`` (unknown
-    architectures are left to the load); returns it (None: an architecture the auto classes do not build)."""
-    from transformers import AutoConfig  # lazy: transformers only when a config is read (see below)
-
-    try:
-        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise RecipeError(f"model_name_or_path: {model_name_or_path}: its config cannot be read "
-                          f"({str(err).splitlines()[0]}). Give the folder of a local model (holding its config.json) "
-                          "or a Hugging Face model id that is cached or reachable.") from None
-    # lazy: transformers and its model classes (its generation code, scikit-learn) only once a model is read, so that
-    # `select`'s one-line errors (--device, the recipe) come at once
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    model = None
-    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
-        try:
-            with torch.device("meta"):
-                model = auto.from_config(config, trust_remote_code=trust_remote_code)
-            break
-        except (ValueError, KeyError, TypeError):
-            continue
-    if model is not None:
-        try:
-            head_projections(model)
-        except ValueError as err:
-            raise RecipeError(f"model_name_or_path: {model_name_or_path}: {err}") from None
-    return model
 
 
 def identity_of(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> dict[str, Any]:
