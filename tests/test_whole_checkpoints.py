@@ -121,3 +121,21 @@ def test_which_checkpoints_are_whole(tmp_path: Path) -> None:
     assert newest_whole(tmp_path / "new") == (marked[2], [half])
     rotate(tmp_path / "new", 1, str(marked[0]))
     assert sorted((tmp_path / "new").iterdir()) == [marked[0], marked[2], half]
+
+
+def test_a_full_disk_under_the_teacher_store_is_one_warning_with_the_bytes(tmp_path: Path, capsys: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save's writer raises a RuntimeError (``unexpected pos``), not an OSError, when the disk fills: the store
+    still only warns, naming the folder and the bytes, and leaves no half-written shard."""
+    from llamafactory_hera.hera import teacher_cache
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(teacher_cache.torch, "save", full)
+    monkeypatch.setattr(teacher_cache, "_unwritable_said", set())
+    store = teacher_cache.TeacherFeatureStore(tmp_path / "store" / "teacher")
+    store.add({"a": torch.zeros(8), "b": torch.zeros(8)}, persist=True)
+    [warning] = [line for line in capsys.readouterr().out.splitlines() if "cannot write the cache folder" in line]
+    assert f"{tmp_path / 'store' / 'teacher'}, 64 bytes to write: RuntimeError: " in warning, warning
+    assert sorted(store.rows) == ["a", "b"] and list((tmp_path / "store").rglob("*.tmp")) == []

@@ -1,10 +1,9 @@
-"""Which ``checkpoint-N`` of a run is whole: what resume may take and rotation may delete. docs/hera.md ("Resume").
+"""Which ``checkpoint-N`` of a run is whole: what resume may take and rotation may delete. docs/hera.md ("Killed,
+preempted, disk full").
 
-transformers writes a checkpoint straight into ``checkpoint-N`` and takes the highest N to resume, whatever it holds.
-The plugin's stages (``llamafactory_hera.training.whole_save``) write :data:`MARKER` last, by the main process once
-every rank's files are closed, file and folder fsynced. Whole: a folder with the marker; in a run folder where no
-checkpoint has one (written before markers, or by a stock stage), a folder with the Trainer's ``trainer_state.json``
-(the main process writes it last of its own files). A half-written folder is passed over, never deleted.
+The plugin's stages (``llamafactory_hera.training.whole_save``) write :data:`MARKER` last, once every rank's files are
+closed. Whole: a folder with the marker; in a run folder where none has one (written before markers), a folder with
+``trainer_state.json`` (the main process writes it last). A half-written folder is passed over, never deleted.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .output_dir import CHECKPOINT_PREFIX, checkpoint_folders
+from .output_dir import CHECKPOINT_PREFIX, checkpoint_folders  # noqa: F401 - CHECKPOINT_PREFIX: the savers' name
 
 MARKER, TRAINER_STATE = "llamafactory_hera_whole.json", "trainer_state.json"
 
@@ -26,13 +25,6 @@ def newest_whole(run: Path) -> tuple[Path | None, list[Path]]:
     return (whole[-1] if whole else None), later
 
 
-def is_whole(folder: Path) -> bool:
-    """Whether ``folder`` is whole by the rule of the module doc (its siblings decide for an unmarked one)."""
-    if not folder.name.startswith(CHECKPOINT_PREFIX):
-        return (folder / MARKER).is_file() or (folder / TRAINER_STATE).is_file()
-    return folder in whole_checkpoints(folder.parent)
-
-
 def whole_checkpoints(run: Path) -> list[Path]:
     """``run``'s whole checkpoints, by step."""
     found = checkpoint_folders(run)
@@ -40,19 +32,10 @@ def whole_checkpoints(run: Path) -> list[Path]:
     return [path for path in found if (path / name).is_file()]
 
 
-def passed_over(newest: Path | None, half: list[Path]) -> str:
-    """The line a resume says when it passes over ``half``."""
-    names = ", ".join(path.name for path in half)
-    return (f"resume: passed over {names} (half-written: a save that did not finish on every rank; kept, not deleted)"
-            f"; resuming from {newest if newest else 'the start (no whole checkpoint)'}.")
-
-
 def _fsync(path: Path) -> None:
     handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+    os.fsync(handle)
+    os.close(handle)
 
 
 def write_marker(folder: Path, step: int, ranks: int) -> None:
@@ -68,8 +51,7 @@ def write_marker(folder: Path, step: int, ranks: int) -> None:
 def rotate(run: Path, limit: int | None, keep: str | None) -> None:
     """``save_total_limit`` after a whole save: the oldest whole checkpoints beyond ``limit`` go (never ``keep``, the
     best one); half-written ones stay."""
-    whole = whole_checkpoints(run)
-    for path in whole[:-limit] if limit and limit > 0 else []:
+    for path in whole_checkpoints(run)[:-limit] if limit and limit > 0 else []:
         if keep is None or path != Path(keep):
             shutil.rmtree(path, ignore_errors=True)
 

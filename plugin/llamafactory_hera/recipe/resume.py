@@ -25,7 +25,7 @@ from typing import Any
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.lifecycle.claim_folders import made_by_claim
 from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
-from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, is_whole, newest_whole
+from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, newest_whole, whole_checkpoints
 from llamafactory_hera_patches.recipe.arguments import given_keys, truthy
 from llamafactory_hera_patches.recipe.host_arguments import host_keys
 
@@ -67,8 +67,7 @@ class Checkpoint:
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    """``folder``'s newest whole ``checkpoint-N`` (what the plugin's trainers resume: a half-written one is passed
-    over, see ``lifecycle.whole_checkpoints``), or None."""
+    """``folder``'s newest whole ``checkpoint-N`` (``lifecycle.whole_checkpoints``: what trainers resume), or None."""
     return newest_whole(folder)[0]
 
 
@@ -252,7 +251,7 @@ def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
            "(a run whose output_dir holds checkpoints resumes from the last one unless overwrite_output_dir: true).")
     if not folder.is_dir():
         raise RecipeError(f"resume_from_checkpoint: {value} is not a folder. {fix}")
-    if CHECKPOINT_NAME.match(folder.name) and not is_whole(folder):
+    if CHECKPOINT_NAME.match(folder.name) and folder not in whole_checkpoints(folder.parent):
         newest = last_checkpoint(folder.parent)
         way = f"resume_from_checkpoint: {newest}" if newest else "none is: remove resume_from_checkpoint (afresh)"
         raise RecipeError(f"resume_from_checkpoint: {value} is half-written (a save that did not finish on every rank: "

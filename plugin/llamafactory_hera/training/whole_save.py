@@ -1,15 +1,10 @@
 """Checkpoints a run can trust, and a stop that saves one: :class:`WholeCheckpoints`, mixed in front of every method's
-Trainer. docs/hera.md ("Resume") says what users see.
+Trainer. docs/hera.md ("Killed, preempted, disk full") says what users see.
 
-- Each ``checkpoint-N`` is marked whole (``lifecycle.whole_checkpoints``) once every rank's save returned; the
-  Trainer's ``save_total_limit`` rotation runs only after that, over whole checkpoints.
-- A save that fails for lack of space (``ENOSPC`` / ``EDQUOT``, or an error with less free space left than the last
-  whole checkpoint took) ends every rank with one line naming the folder and the bytes; the failed folder gets no
-  marker and the previous whole checkpoint stays.
-- Resume takes the newest whole checkpoint, saying which half-written ones it passed over.
-- ``<prefix>_save_on_signal``: the signal's handler only notes it; at a step's end the ranks agree on one stop step
-  through the process group's store (a host-side key: no device sync; one ``check`` of the key per step), save a
-  whole checkpoint there and exit 0 with a line saying how to resume. One process stops at the next step's end.
+Each ``checkpoint-N`` is marked whole (``lifecycle.whole_checkpoints``) once every rank's save returned, then rotated;
+a save failing for lack of space is one line on every rank, no marker; resume takes the newest whole checkpoint. On
+``<prefix>_save_on_signal`` the handler only notes the signal; the ranks agree on one stop step through the process
+group's store (host-side: no device sync), save a whole checkpoint there and exit 0.
 """
 
 from __future__ import annotations
@@ -31,15 +26,9 @@ from llamafactory_hera.log import say_once
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole
 
-STOP_MARGIN = 2  # steps between a rank noting the signal and the stop: every rank checks the key at one of them
-FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
-
-
-def _store() -> Any:
-    """The process group's key-value store (torchrun's TCPStore), or None in one process."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    return dist.distributed_c10d._get_default_store()
+# steps between a rank noting the signal and the stop: the ranks run in lockstep (a collective every step), so a rank
+# past step s's end waits in step s + 1 for the one that wrote the key at s's end, and sees it at s + 1's end
+STOP_MARGIN = 1
 
 
 class _StopOnSignal(TrainerCallback):
@@ -52,23 +41,19 @@ class _StopOnSignal(TrainerCallback):
 
     @contextlib.contextmanager
     def handling(self) -> Iterator[None]:
-        if self.signum is None or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = signal.signal(self.signum, self._note)
+        mine = self.signum is not None and threading.current_thread() is threading.main_thread()
+        previous = signal.signal(self.signum, lambda *_: setattr(self, "received", True)) if mine else None
         try:
             yield
         finally:
-            signal.signal(self.signum, previous)
-
-    def _note(self, signum: int, frame: Any) -> None:
-        self.received = True
+            if mine:
+                signal.signal(self.signum, previous)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        store = _store() if self.signum is not None else None
-        if self.stop_step is None and store is None and self.received:
+        if self.stop_step is None and self.received and not dist.is_initialized():
             self.stop_step = state.global_step
-        elif self.stop_step is None and store is not None:
+        elif self.stop_step is None and self.signum is not None and dist.is_initialized():
+            store = dist.distributed_c10d._get_default_store()  # torchrun's TCPStore: host-side, no device sync
             if self.received:  # the first rank to write sets the step for all
                 store.compare_set(self.key, "", str(state.global_step + STOP_MARGIN))
             if store.check([self.key]):
@@ -79,10 +64,7 @@ class _StopOnSignal(TrainerCallback):
 
 class WholeCheckpoints:
     """Mix in front of a ``Trainer`` (see the module doc); ``save_on_signal``: the method's ``<prefix>_save_on_signal``
-    (``recipe.keys.save_on_signal_key``)."""
-
-    save_on_signal = "sigterm"
-    resumed_from: str | None = None
+    (``recipe.keys.save_on_signal_key``), set by the method's trainer."""
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         self.resumed_from = self._whole_resume(resume_from_checkpoint)
@@ -95,7 +77,7 @@ class WholeCheckpoints:
         say_once(f"{stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"  # type: ignore
                  f"{self.state.global_step} and stopped; to go on, run the same recipe again with "  # type: ignore
                  "resume_from_checkpoint: true.")
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
         raise SystemExit(0)
@@ -106,11 +88,13 @@ class WholeCheckpoints:
         if not value:
             return value
         named = Path(self.args.output_dir if value is True else str(value))  # type: ignore[attr-defined]
-        if value is not True and (not named.name.startswith(whole.CHECKPOINT_PREFIX) or whole.is_whole(named)):
+        if value is not True and (not named.name.startswith(whole.CHECKPOINT_PREFIX)
+                                  or named in whole.whole_checkpoints(named.parent)):
             return value
         newest, half = whole.newest_whole(named if value is True else named.parent)
         if half:
-            say_once(whole.passed_over(newest, half))
+            say_once(f"resume: passed over {', '.join(path.name for path in half)} (half-written: a save that did not "
+                     f"finish on every rank; kept, not deleted); resuming from {newest or 'the start (none whole)'}.")
         return str(newest) if newest else (value if value is True else None)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -134,7 +118,7 @@ class WholeCheckpoints:
 
 def _on_every_rank(ok: bool, device: torch.device) -> bool:
     """Whether ``ok`` holds on every rank (a collective at each save: every rank reaches it)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not dist.is_initialized():
         return ok
     failed = torch.tensor([0 if ok else 1], device=device)
     dist.all_reduce(failed)
@@ -144,7 +128,8 @@ def _on_every_rank(ok: bool, device: torch.device) -> bool:
 def _lack_of_space(error: BaseException, run: Path) -> bool:
     """Whether a save failed for lack of space: ENOSPC / EDQUOT, their text (safetensors), or less free space than the
     last whole checkpoint took (torch.save's writer says only ``unexpected pos``)."""
-    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(t in str(error) for t in FULL_TEXTS):
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+            text in str(error) for text in ("No space left on device", "Disk quota exceeded")):
         return True
     needed = whole.folder_bytes(whole.newest_whole(run)[0])
     return needed is not None and shutil.disk_usage(run).free < needed
@@ -152,11 +137,10 @@ def _lack_of_space(error: BaseException, run: Path) -> bool:
 
 def _full_line(folder: Path, run: Path, error: BaseException | None) -> str:
     newest = whole.newest_whole(run)[0]
-    needed = whole.folder_bytes(newest)
+    needed, free = whole.folder_bytes(newest), shutil.disk_usage(run).free
     size = f"it needs about {needed:,} bytes (the size of {newest.name}), " if newest and needed else ""
     kept = f"{newest} is kept, and is what resume_from_checkpoint: true takes" if newest else "no whole checkpoint yet"
-    why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}" if error is not None \
-        else "another rank could not write its part"
-    return (f"disk full: the checkpoint {folder} could not be written ({why}); {size}"
-            f"{shutil.disk_usage(run).free:,} bytes are free there. It is not marked whole; {kept}. Free space (or "
+    why = f"{type(error).__name__}: {(str(error) + chr(10)).splitlines()[0]}" if error else "on another rank"
+    return (f"{'disk full: ' if error else ''}the checkpoint {folder} could not be written ({why}); {size}"
+            f"{free:,} bytes are free there. It is not marked whole; {kept}. Free space (or "
             "set save_total_limit, or another output_dir) and run again.")
