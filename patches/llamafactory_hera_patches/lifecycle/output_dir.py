@@ -26,9 +26,9 @@ from ..errors import RecipeError
 from ..recipe.arguments import raw_value, truthy
 from .claim_folders import CLAIM
 from .run_record import FINISHED, RUN_RECORD, SAVED_MODEL_FILES, read_record
+from .whole_checkpoints import CHECKPOINT_PREFIX, checkpoint_folders
 
 PREVIOUS_PREFIX = "previous_run_"
-CHECKPOINT_PREFIX = "checkpoint-"
 END_FILES = ("trainer_state.json", "train_results.json", "all_results.json")  # written once training has ended
 READ_KEYS = ("model_name_or_path", "adapter_name_or_path", "dataset_dir", "media_dir", "deepspeed",
              "resume_from_checkpoint")
@@ -103,14 +103,6 @@ def move_aside(folder: Path, entries: list[Path]) -> Path | None:
     print(f"[llamafactory-hera] overwrite_output_dir: moved the earlier run's files out of {folder} into "
           f"{target.name}/ ({names}); delete that folder when you no longer need it.", flush=True)
     return target
-
-
-def checkpoint_folders(folder: Path) -> list[Path]:
-    """``folder``'s ``checkpoint-N`` folders, by step (the last is the one LLaMA-Factory resumes from, as transformers'
-    ``get_last_checkpoint`` picks it); none where ``folder`` is no folder."""
-    found = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
-             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return [path for _, path in sorted(found)]
 
 
 def _number(value: Any, default: float) -> float:

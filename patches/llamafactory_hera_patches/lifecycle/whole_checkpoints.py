@@ -13,9 +13,16 @@ import os
 import shutil
 from pathlib import Path
 
-from .output_dir import CHECKPOINT_PREFIX, checkpoint_folders  # noqa: F401 - CHECKPOINT_PREFIX: the savers' name
-
 MARKER, TRAINER_STATE = "llamafactory_hera_whole.json", "trainer_state.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def checkpoint_folders(folder: Path) -> list[Path]:
+    """``folder``'s ``checkpoint-N`` folders, by step (the last is the one LLaMA-Factory resumes from, as transformers'
+    ``get_last_checkpoint`` picks it); none where ``folder`` is no folder."""
+    found = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return [path for _, path in sorted(found)]
 
 
 def newest_whole(run: Path) -> tuple[Path | None, list[Path]]:
