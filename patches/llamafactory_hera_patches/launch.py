@@ -51,14 +51,19 @@ def _argv(argv: list[str]) -> Iterator[None]:
         sys.argv = saved
 
 
-def check_before_ranks(argv: list[str]) -> None:
-    """The checks every rank would run of the recipe before LLaMA-Factory parses it, run once on ``argv``
-    (``llamafactory-cli train <recipe> [key=value ...]``); raises :class:`RecipeError`."""
+def launch_recipe(argv: list[str]) -> Any:
+    """The recipe of ``argv`` (``llamafactory-cli <command> <recipe> [key=value ...]``) as LLaMA-Factory reads it."""
     # lazy: LLaMA-Factory's arguments (transformers' TrainingArguments) only for a run that starts torchrun
     hparams = importlib.import_module("llamafactory.hparams")
     require(hparams, ("read_args",), "launch")
     with _argv([argv[0], *argv[2:]]):
-        raw: Any = read_recipe(hparams.read_args)
+        return read_recipe(hparams.read_args)
+
+
+def check_before_ranks(argv: list[str]) -> None:
+    """The checks every rank would run of the recipe before LLaMA-Factory parses it, run once on ``argv``
+    (``llamafactory-cli train <recipe> [key=value ...]``); raises :class:`RecipeError`."""
+    raw = launch_recipe(argv)
     if isinstance(raw, list) and any(flag in raw for flag in _HELP):
         return
     host_args, method_raw, method = split_args(raw)
