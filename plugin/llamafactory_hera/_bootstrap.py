@@ -4,10 +4,9 @@ It registers a meta-path finder that reacts only to a handful of module names; w
 the matching patch in ``llamafactory_hera_patches`` runs (after the installed transformers was checked and
 :func:`register_methods` handed the patches the declared methods). ``LLAMAFACTORY_HERA_DISABLE=1`` skips everything.
 
-It acts in LLaMA-Factory's processes only: LLaMA-Factory's modules are patched as they load, accelerate's once the
-process imports ``llamafactory``, ``accelerate launch`` when what it runs is LLaMA-Factory's training
-(:func:`runs_llamafactory`). Any other program gets no patch, no version check and no plugin module in ``sys.modules``
-(this module leaves it once the finder is registered; later work goes through a fresh import of it).
+It acts in LLaMA-Factory's processes only (accelerate's modules once the process imports ``llamafactory``, ``accelerate
+launch`` when it runs LLaMA-Factory's training): no patch, version check or plugin module elsewhere (this module
+leaves ``sys.modules`` once the finder is registered; later work goes through a fresh import of it).
 
 Start-up cost matters here: processes that never import LLaMA-Factory pay one dict lookup per imported module. This
 module imports only what ``site`` has already loaded (``os``, ``sys``); ``importlib`` is imported only when a module is
@@ -33,10 +32,10 @@ _TARGETS = {
     # llamafactory-cli train under torchrun: the recipe checked before the ranks
     "llamafactory.launcher": "launch",
     "llamafactory.train.tuner": "stage",
-    "llamafactory.v1.launcher": "v1_launch",  # USE_V1=1: a plugin stage refused before v1 reads the recipe
+    "llamafactory.v1.launcher": "launch",  # USE_V1=1: a plugin stage refused before v1 reads the recipe
     "llamafactory.webui.interface": "webui.board",  # LlamaBoard: the methods' panels, args, saved config, loss plot
 }
-_RUNS_TRAINING = ("from llamafactory.train.tuner import run_exp", "run_exp()")  # its launcher.py, a clone's src/train.py
+_RUNS_TRAINING = ("from llamafactory.train.tuner import run_exp", "run_exp()")  # launcher.py, a clone's src/train.py
 _patched: set[str] = set()  # the modules patched in this process
 
 
@@ -116,8 +115,8 @@ def _apply(patch, module) -> None:
         for pending in _ACCELERATE.keys() - _patched:
             if pending in sys.modules:
                 _apply(_ACCELERATE[pending], sys.modules[pending])
-    if patch in ("stage", "launch", "accelerate_launch", "v1_launch"):  # a training process or its launcher: the
-        # plugin's errors end it with their message alone
+    if patch in ("stage", "launch", "accelerate_launch"):  # a training process or its launcher: the plugin's
+        # errors end it with their message alone
         importlib.import_module("llamafactory_hera.job_refusal").install()
 
 
