@@ -28,9 +28,12 @@ import yaml
 from frozen_heap import pytest_collection_finish, pytest_runtest_logfinish  # noqa: F401 - hooks
 from slow_first import pytest_collection_modifyitems as put_slow_modules_first
 
+from llamafactory_hera._bootstrap import register_methods
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
 from llamafactory_hera_patches.stacks import family_too_new, installed
 from llamafactory_hera_testing.recipes import base_recipe, harc_recipe  # noqa: F401 - the tests import them from here
+
+register_methods()  # what the start-up hook does before a patch runs: tests call the patches without LLaMA-Factory
 
 REPO = Path(__file__).resolve().parents[1]
 

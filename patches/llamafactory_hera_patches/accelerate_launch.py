@@ -26,29 +26,32 @@ _CLIS = ("llamafactory-cli", "lmf")
 
 
 def training_argv(args: Any) -> list[str] | None:
-    """``llamafactory-cli train <recipe> ...`` for a launch of LLaMA-Factory's training, else None."""
+    """``llamafactory-cli train <recipe> ...`` for a launch of LLaMA-Factory's training (the start-up hook patches a
+    launch that runs it: ``llamafactory_hera._bootstrap.runs_llamafactory``), else None."""
     script, rest = str(args.training_script), [str(arg) for arg in args.training_script_args]
-    path = Path(script)
     if getattr(args, "module", False):
-        ours = script == "llamafactory.launcher"
-    elif path.name in _CLIS:
-        ours, rest = rest[:1] == ["train"], rest[1:]
-    else:
-        ours = (path.name == "launcher.py" and path.parent.name == "llamafactory") or (
-            path.name == "train.py" and (path.parent / "llamafactory").is_dir())
-    return ["llamafactory-cli", "train", *rest] if ours else None
+        return ["llamafactory-cli", "train", *rest] if script == "llamafactory.launcher" else None
+    if Path(script).name in _CLIS:
+        return ["llamafactory-cli", *rest] if rest[:1] == ["train"] else None
+    return ["llamafactory-cli", "train", *rest]
 
 
 def _check_cli_form(args: Any) -> None:
-    """``llamafactory-cli train`` under ``accelerate launch`` on a node with several devices: LLaMA-Factory's CLI would
-    start a torchrun of its own inside every rank (its launcher does on more than one visible device, or with
-    ``FORCE_TORCHRUN``), one nested job per rank on accelerate's port."""
-    if Path(str(args.training_script)).name not in _CLIS or getattr(args, "module", False):
+    """``llamafactory-cli train`` under ``accelerate launch``: a bare name is no file python can run (each rank failed:
+    can't open file); on a node with several devices LLaMA-Factory's CLI would start a torchrun of its own inside every
+    rank (its launcher does on more than one visible device, or with ``FORCE_TORCHRUN``), one nested job per rank on
+    accelerate's port."""
+    script = str(args.training_script)
+    if Path(script).name not in _CLIS or getattr(args, "module", False):
         return
+    if not Path(script).is_file() and not getattr(args, "no_python", False):
+        raise RecipeError(f"accelerate launch ... {script} train: accelerate runs its training script with python and "
+                          f"there is no file {script} in {Path.cwd()}; launch `-m llamafactory.launcher RECIPE.yaml` "
+                          f"instead, or run `{script} train RECIPE.yaml` without accelerate launch.")
     misc = importlib.import_module("llamafactory.extras.misc")
     devices = misc.get_device_count()
     if devices > 1 or misc.is_env_enabled("FORCE_TORCHRUN"):
-        raise RecipeError(f"accelerate launch ... {args.training_script} train: with {devices} visible devices "
+        raise RecipeError(f"accelerate launch ... {script} train: with {devices} visible devices "
                           "LLaMA-Factory's CLI starts a torchrun of its own inside every rank; launch "
                           "`-m llamafactory.launcher RECIPE.yaml` (or LLaMA-Factory's src/train.py) instead.")
 

@@ -3,7 +3,9 @@
 FSDP refusals), one line and exit code 1 as without torchrun; each rank used to print it, then torchrun's and the
 launcher's tracebacks. A job that fails later ends with torchrun's report and its exit code, without the launcher's
 traceback. A bare ``torchrun`` has no launcher to patch: its ranks print a refusal once (``llamafactory_hera.
-job_refusal``); ``accelerate launch`` runs :func:`check_before_ranks` too (:mod:`.accelerate_launch`).
+job_refusal``); ``accelerate launch`` runs :func:`check_before_ranks` too (:mod:`.accelerate_launch`). LLaMA-Factory's
+v1 trainers (``USE_V1=1``: ``llamafactory.v1.launcher``, v1's own parser) do not run the plugin's stages: such a recipe
+is one line before v1 reads it, with or without ``ALLOW_EXTRA_KEYS`` (v1 ended in its parser's traceback).
 
 Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything is patched):
 - ``llamafactory.launcher.launch()`` pops the command from ``sys.argv``; for ``train`` with ``FORCE_TORCHRUN`` (or
@@ -11,6 +13,7 @@ Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything i
   ``get_device_count``, ``use_ray``, ``use_kt``), it runs ``torchrun ... launcher.py <args>`` with
   ``subprocess.run(check=True)``, else ``llamafactory.train.tuner.run_exp()``: so a method declared ``one_process``
   (RAH-LoRA: its model over every visible GPU) runs on a multi-GPU node unless ``FORCE_TORCHRUN`` is set;
+  ``llamafactory.v1.launcher.launch()`` does the same for its ``_DIST_TRAIN_COMMANDS``;
 - ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (see :mod:`.recipe.recipe_file`).
 """
 
@@ -25,9 +28,11 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
+from .errors import RecipeError
 from .guard import require
-from .recipe.arguments import keys_of, split_args
+from .recipe.arguments import given_keys, keys_of, split_args
 from .recipe.recipe_file import read_recipe
+from .registry import method_for_stage
 from .stage import check_host_stage, method_arguments
 
 _MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt")
@@ -56,14 +61,19 @@ def _argv(argv: list[str]) -> Iterator[None]:
         sys.argv = saved
 
 
-def check_before_ranks(argv: list[str]) -> Any:
-    """The checks every rank would run of the recipe before LLaMA-Factory parses it, run once on ``argv``
-    (``llamafactory-cli train <recipe> [key=value ...]``): the recipe's method (None: a host stage) or RecipeError."""
+def launch_recipe(argv: list[str]) -> Any:
+    """The recipe of ``argv`` (``llamafactory-cli <command> <recipe> [key=value ...]``) as LLaMA-Factory reads it."""
     # lazy: LLaMA-Factory's arguments (transformers' TrainingArguments) only for a run that starts torchrun
     hparams = importlib.import_module("llamafactory.hparams")
     require(hparams, ("read_args",), "launch")
     with _argv([argv[0], *argv[2:]]):
-        raw: Any = read_recipe(hparams.read_args)
+        return read_recipe(hparams.read_args)
+
+
+def check_before_ranks(argv: list[str]) -> Any:
+    """The checks every rank would run of the recipe before LLaMA-Factory parses it, run once on ``argv``
+    (``llamafactory-cli train <recipe> [key=value ...]``): the recipe's method (None: a host stage) or RecipeError."""
+    raw = launch_recipe(argv)
     if isinstance(raw, list) and any(flag in raw for flag in _HELP):
         return None
     host_args, method_raw, method = split_args(raw)
@@ -74,9 +84,28 @@ def check_before_ranks(argv: list[str]) -> Any:
     return method
 
 
+def _apply_v1(launcher: ModuleType) -> None:
+    require(launcher, ("launch", "_DIST_TRAIN_COMMANDS"), "launch")
+    original = launcher.launch
+
+    def launch() -> None:
+        training = sys.argv[1:2] and sys.argv[1] in launcher._DIST_TRAIN_COMMANDS
+        stage = given_keys(launch_recipe(sys.argv)).get("stage") if training else None
+        if method_for_stage(stage) is not None:
+            raise RecipeError(f"stage: {stage} with USE_V1=1: LLaMA-Factory's v1 trainers do not run the plugin's "
+                              "stages; unset USE_V1 to train with v0's trainer (llamafactory-cli train RECIPE.yaml).")
+        return original()
+
+    launcher.launch = launch
+
+
 def apply(launcher: ModuleType) -> None:
-    """Patch ``llamafactory.launcher`` (all or nothing)."""
+    """Patch ``llamafactory.launcher`` or ``llamafactory.v1.launcher`` (all or nothing)."""
     if getattr(launcher, "_llamafactory_hera_patched", False):
+        return
+    if launcher.__name__.startswith("llamafactory.v1"):
+        _apply_v1(launcher)
+        launcher._llamafactory_hera_patched = True
         return
     misc = importlib.import_module("llamafactory.extras.misc")
     require(launcher, ("launch",), "launch")

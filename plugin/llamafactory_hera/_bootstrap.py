@@ -1,13 +1,17 @@
 """Start-up hook installed by ``llamafactory_hera.pth`` in every Python process.
 
-It registers a meta-path finder that reacts only to a handful of LLaMA-Factory module names; when one of them
-finishes executing, the matching patch in ``llamafactory_hera_patches`` runs (after :func:`register_methods` handed
-the patches the declared methods). ``LLAMAFACTORY_HERA_DISABLE=1`` skips everything.
+It registers a meta-path finder that reacts only to a handful of module names; when one of them finishes executing,
+the matching patch in ``llamafactory_hera_patches`` runs (after the installed transformers was checked and
+:func:`register_methods` handed the patches the declared methods). ``LLAMAFACTORY_HERA_DISABLE=1`` skips everything.
+
+It acts in LLaMA-Factory's processes only (accelerate's modules once the process imports ``llamafactory``, ``accelerate
+launch`` when it runs LLaMA-Factory's training): no patch, version check or plugin module elsewhere (this module
+leaves ``sys.modules`` once the finder is registered; later work goes through a fresh import of it).
 
 Start-up cost matters here: processes that never import LLaMA-Factory pay one dict lookup per imported module. This
-module imports only what ``site`` has already loaded (``os``, ``sys``) and the registry (which imports nothing);
-``importlib`` is imported only when a module is being patched, and the finder and loader follow the import protocols
-by duck typing instead of subclassing ``importlib.abc`` (which would pull in ``typing`` and more).
+module imports only what ``site`` has already loaded (``os``, ``sys``); ``importlib`` is imported only when a module is
+being patched, and the finder and loader follow the import protocols by duck typing instead of subclassing
+``importlib.abc`` (which would pull in ``typing`` and more).
 """
 
 import os
@@ -16,10 +20,11 @@ import sys
 DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
 
 # host module -> patch module(s) (in llamafactory_hera_patches) whose ``apply(module)`` adapts it, in order
+# for every stage: FSDP2 LoRA checkpoints saved and loaded whole (accelerate before PR 4206 kept rank 0's shard);
+# 4-bit weights kept out of FSDP2's mixed-precision upcast (their packed codes lost the bytes that form a NaN)
+_ACCELERATE = {"accelerate.utils.fsdp_utils": ("engines.fsdp_adapter", "engines.fsdp_qlora")}
 _TARGETS = {
-    # for every stage: FSDP2 LoRA checkpoints saved and loaded whole (accelerate before PR 4206 kept rank 0's shard);
-    # 4-bit weights kept out of FSDP2's mixed-precision upcast (their packed codes lost the bytes that form a NaN)
-    "accelerate.utils.fsdp_utils": ("engines.fsdp_adapter", "engines.fsdp_qlora"),
+    **_ACCELERATE,
     # accelerate launch of LLaMA-Factory's training: the recipe checked before the ranks, with the ranks' environment
     "accelerate.commands.launch": "accelerate_launch",
     "llamafactory.data.template": "data.llava_templates",  # LLaVA-1.5 templates of the families compose builds from
@@ -27,8 +32,34 @@ _TARGETS = {
     # llamafactory-cli train under torchrun: the recipe checked before the ranks
     "llamafactory.launcher": "launch",
     "llamafactory.train.tuner": "stage",
+    "llamafactory.v1.launcher": "launch",  # USE_V1=1: a plugin stage refused before v1 reads the recipe
     "llamafactory.webui.interface": "webui.board",  # LlamaBoard: the methods' panels, args, saved config, loss plot
 }
+_RUNS_TRAINING = ("from llamafactory.train.tuner import run_exp", "run_exp()")  # launcher.py, a clone's src/train.py
+_patched: set[str] = set()  # the modules patched in this process
+
+
+def runs_llamafactory(argv: list[str]) -> bool:
+    """Whether an ``accelerate launch`` command line runs LLaMA-Factory's training: ``-m llamafactory.launcher``, its
+    CLI, or a training script (the first ``.py`` file named) that calls LLaMA-Factory's ``run_exp()`` on its command
+    line; a user's own script is not, whatever folders lie beside it."""
+    for token in argv[1:]:
+        name = token.replace("\\", "/").rsplit("/", 1)[-1]
+        if token == "llamafactory.launcher" or name in ("llamafactory-cli", "lmf"):
+            return True
+        if name.endswith(".py") and os.path.isfile(token):
+            with open(token, encoding="utf-8", errors="replace") as script:
+                text = script.read()
+            return all(part in text for part in _RUNS_TRAINING)
+    return False
+
+
+def _patch_for(name: str):
+    if name in _ACCELERATE and "llamafactory" not in sys.modules:
+        return None  # patched once the process imports LLaMA-Factory (_apply)
+    if name == "accelerate.commands.launch" and not runs_llamafactory(sys.argv):
+        return None
+    return _TARGETS.get(name)
 
 
 class _PatchingLoader:
@@ -55,7 +86,7 @@ class _PostImportFinder:
     """Finds target modules with the other finders and wraps their loader."""
 
     def find_spec(self, fullname: str, path, target=None):
-        patch = _TARGETS.get(fullname)
+        patch = _patch_for(fullname)
         if patch is None:
             return None
         for finder in sys.meta_path:
@@ -75,8 +106,15 @@ def _apply(patch, module) -> None:
     refusal = importlib.import_module("llamafactory_hera_patches.stacks").unsupported_transformers()
     if refusal:  # a transformers outside what the plugin supports: one line, before anything is patched
         raise SystemExit(refusal)
+    importlib.import_module(__name__).register_methods()  # the copy in sys.modules: one source registered
     for name in (patch,) if isinstance(patch, str) else patch:
         importlib.import_module(f"llamafactory_hera_patches.{name}").apply(module)
+    name = getattr(module, "__name__", "")
+    _patched.add(name)
+    if name.startswith("llamafactory"):  # accelerate's modules imported before LLaMA-Factory: patched now
+        for pending in _ACCELERATE.keys() - _patched:
+            if pending in sys.modules:
+                _apply(_ACCELERATE[pending], sys.modules[pending])
     if patch in ("stage", "launch", "accelerate_launch"):  # a training process or its launcher: the plugin's
         # errors end it with their message alone
         importlib.import_module("llamafactory_hera.job_refusal").install()
@@ -97,13 +135,14 @@ def register_methods() -> None:
 
 
 def install() -> None:
-    """Register the finder once (idempotent); patch modules that were imported before this ran."""
+    """Register the finder once (idempotent) and patch the targets already imported; then this module (and its
+    package, holding nothing else yet) leaves ``sys.modules``."""
     disabled = os.environ.get(DISABLE_ENV, "").strip().lower() in {"1", "true", "yes", "y"}
-    if disabled or any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
-        return
-    register_methods()
-    sys.meta_path.insert(0, _PostImportFinder())
-    for name, patch in _TARGETS.items():
-        module = sys.modules.get(name)
-        if module is not None:
-            _apply(patch, module)
+    if not disabled and not any(type(f).__name__ == "_PostImportFinder" for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportFinder())
+        for name in _TARGETS:
+            if name in sys.modules and (patch := _patch_for(name)) is not None:
+                _apply(patch, sys.modules[name])
+    if not any(name.startswith(f"{__package__}.") and name != __name__ for name in sys.modules):
+        sys.modules.pop(__name__, None)
+        sys.modules.pop(__package__, None)
