@@ -1,5 +1,5 @@
 """A killed, preempted or disk-full run loses nothing: resume takes the newest whole checkpoint only
-(``lifecycle/whole_checkpoints.py``, ``training/whole_save.py``).
+(``lifecycle/whole_checkpoints.py``, ``training/checkpoints.py``).
 
 In-process HeRA runs through LLaMA-Factory's ``run_exp``: a SIGTERM mid-run saves a whole checkpoint and exits 0; a
 full disk while the next checkpoint's optimizer is written (after its model files: the shape of a kill inside a save)

@@ -1,4 +1,4 @@
-"""A scheduler's stop on two ranks (``training/whole_save.py``): SIGTERM to both ranks of a ``llamafactory-cli train``
+"""A scheduler's stop on two ranks (``training/checkpoints.py``): SIGTERM to both ranks of a ``llamafactory-cli train``
 torchrun launch mid-run (as SLURM signals every task) saves one whole checkpoint at a step every rank agreed on and
 exits 0 with the line saying how to resume; the resume (a launch of its own, as users resume) ends as one process with
 gradient accumulation 2 that never stopped (the equality tests/harc/test_harc_stage.py holds two ranks to). Under

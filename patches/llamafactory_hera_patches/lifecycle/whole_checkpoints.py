@@ -1,7 +1,7 @@
 """Which ``checkpoint-N`` of a run is whole: what resume may take and rotation may delete. docs/hera.md ("Killed,
 preempted, disk full").
 
-The plugin's stages (``llamafactory_hera.training.whole_save``) write :data:`MARKER` last, once every rank's files are
+The plugin's stages (``llamafactory_hera.training.checkpoints``) write :data:`MARKER` last, once every rank's files are
 closed. Whole: a folder with the marker; in a run folder where none has one (written before markers), a folder with
 ``trainer_state.json`` (the main process writes it last). A half-written folder is passed over, never deleted.
 """

@@ -35,9 +35,7 @@ from llamafactory_hera.harc.data import ROLE_HARMFUL
 from llamafactory_hera.harc.directions import Directions
 from llamafactory_hera.harc.losses import coupling_loss, kl_to_reference, refusal_cross_entropy
 from llamafactory_hera.harc.residuals import StepCapture, reading_layers, response_window
-from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
-from llamafactory_hera.training.whole_save import WholeCheckpoints
 
 _TERMS = ("couple", "couple_resp", "kl", "ce")
 
@@ -92,7 +90,7 @@ class _StepEnd(TrainerCallback):
         trainer.harc_state.on_step_end(model, state.global_step, state.max_steps, trainer.harc_run.say)
 
 
-class HarcTrainerMixin(WholeCheckpoints, RestoresCheckpointWeights):
+class HarcTrainerMixin:
     """See the module docstring. ``harc_run``: the run's context (:class:`~llamafactory_hera.harc.workflow.RunContext`,
     its state included)."""
 

@@ -24,6 +24,7 @@ from llamafactory_hera.harc.roles import load_role_rows
 from llamafactory_hera.harc.state import HarcState
 from llamafactory_hera.harc.trainer import HarcTrainerMixin
 from llamafactory_hera.log import progress_once, say_again_on_board, say_once
+from llamafactory_hera.training.checkpoints import RestoresCheckpointWeights, WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.tools.model_data import RecipeArgs, load_aligned_rows
 
@@ -96,7 +97,7 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
                  f"{harc_args.harc_refresh_steps} optimizer steps")
         return {"train_dataset": dataset, "eval_dataset": None}
 
-    class HarcSeq2SeqTrainer(HarcTrainerMixin, host.trainer):
+    class HarcSeq2SeqTrainer(HarcTrainerMixin, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, harc_args=harc_args, harc_run=run, **kwargs)
             keep_4bit_layout(self.model)  # through every eval forward: the directions', the end-of-run generation

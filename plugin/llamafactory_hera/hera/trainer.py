@@ -47,9 +47,7 @@ from llamafactory_hera.hera.loss import (
 )
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher
-from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
-from llamafactory_hera.training.whole_save import WholeCheckpoints
 
 if TYPE_CHECKING:  # the arguments' declaration (recipe keys, plots) is the workflow's to load, not the step's
     from llamafactory_hera.hera.config import HeraArguments
@@ -57,7 +55,7 @@ if TYPE_CHECKING:  # the arguments' declaration (recipe keys, plots) is the work
 __all__ = ["HeraTrainer"]
 
 
-class HeraTrainer(WholeCheckpoints, RestoresCheckpointWeights):
+class HeraTrainer:
     """Mix in front of a Hugging Face ``Trainer`` subclass; pass ``hera_args`` (``hera/config.py``'s
     ``HeraArguments``), the run's feature cache and ``hera_queue`` (the feature queue's capacity,
     ``preflight.contrastive_geometry``'s) to ``__init__``."""

@@ -39,6 +39,7 @@ from llamafactory_hera.hera.trainer import HeraTrainer
 from llamafactory_hera.log import say, say_again_on_board
 from llamafactory_hera.plots.training import plot_training
 from llamafactory_hera.recipe.dataset_info import describe_data, first_unreadable, image_rows
+from llamafactory_hera.training.checkpoints import RestoresCheckpointWeights, WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.data.media_warnings import media_warnings_held
 from llamafactory_hera_patches.data.templates import image_placeholder
@@ -129,7 +130,7 @@ def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int
                     {"hera_image_processor": load_image_processor(hera_args.hera_teacher), "hera_feature_cache": cache,
                      "hera_image_rows": image_rows})
 
-    class HeraSeq2SeqTrainer(HeraTrainer, host.trainer):
+    class HeraSeq2SeqTrainer(HeraTrainer, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             # before the trainer loads its teacher: the same heads on every rank, and heads that a trainable weight
             # moves (else only the temperature would train)

@@ -1,0 +1,308 @@
+"""A plugin run's checkpoints, both mixed in front of every method's Trainer by its workflow (around the step, not in
+it).
+
+Checkpoints a run can trust, and a stop that saves one (:class:`WholeCheckpoints`); docs/hera.md ("Killed,
+preempted, disk full") says what users see.
+
+Each ``checkpoint-N`` is marked whole (``lifecycle.whole_checkpoints``) once every rank's save returned, then rotated;
+a save failing for lack of space is one line on every rank, no marker; resume takes the newest whole checkpoint. On
+``<prefix>_save_on_signal`` the handler only notes the signal; the ranks agree on one stop step through the process
+group's store (host-side: no device sync), save a whole checkpoint there and exit 0.
+
+A resumed run's weights: the checkpoint's tensors under the model's own names, and every trained tensor restored.
+
+Transformers' ``Trainer._load_from_checkpoint`` loads a checkpoint's state dict as it is on disk, in the model's
+original format (``save_pretrained`` reverts the renaming ``from_pretrained`` applies: LLaVA's
+``language_model.model.*``, Qwen2-VL's ``model.*``, a CLIP / SigLIP tower's ``vision_model.*``), so such a model would
+resume with no weight restored (huggingface/transformers#43701). :class:`RestoresCheckpointWeights` renames the keys
+with transformers' own functions (``get_model_conversion_mapping`` + ``rename_source_key``) and makes a checkpoint
+that restores fewer tensors than the run trains an error. LoRA adapters load through PEFT, checked the same way;
+DeepSpeed and FSDP keep the Trainer's path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+from transformers import TrainerCallback
+
+try:  # transformers >= 5: the conversion mapping from_pretrained applies
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+except ImportError:  # transformers 4: the model class's ``_checkpoint_conversion_mapping`` (regex -> replacement)
+    get_model_conversion_mapping = None
+
+from llamafactory_hera.log import say_once
+from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole
+
+SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+TORCH_WEIGHTS, TORCH_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_EXAMPLES = 3
+
+
+def weight_files(folder: str) -> list[str]:
+    """The whole-model weight files of a checkpoint folder (one file, or an index's shards), [] when none."""
+    for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (TORCH_WEIGHTS, TORCH_INDEX)):
+        if os.path.isfile(os.path.join(folder, single)):
+            return [os.path.join(folder, single)]
+        if os.path.isfile(os.path.join(folder, index)):
+            with open(os.path.join(folder, index), encoding="utf-8") as handle:
+                shards = sorted(set(json.load(handle)["weight_map"].values()))
+            return [os.path.join(folder, shard) for shard in shards]
+    return []
+
+
+def _read(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        return load_file(path, device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_keys(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
+    """``{checkpoint key: model key}``: each key renamed as ``from_pretrained`` renames it (the renamings of the
+    model's conversion mapping, its base-model prefix added or removed; idempotent on keys already in the model's
+    format). Weight converters (fused MoE experts and such) change tensors, not only names: their keys stay as they
+    are and so restore nothing, which :func:`check_restored` reports."""
+    state = model.state_dict()
+    if get_model_conversion_mapping is None:
+        return _model_keys_v4(model, keys, state)
+    conversions = get_model_conversion_mapping(model) if hasattr(model, "config") else []
+    renamings = [entry for entry in conversions if isinstance(entry, WeightRenaming)]
+    prefix = getattr(model, "base_model_prefix", None) or None
+    renamed = {}
+    for key in keys:
+        name, _ = rename_source_key(key, renamings, [], prefix, state)
+        renamed[key] = name if name in state or key not in state else key
+    return renamed
+
+
+def _model_keys_v4(model: nn.Module, keys: Iterable[str], state: dict[str, Any]) -> dict[str, str]:
+    """:func:`model_keys` on transformers 4: the first pattern of ``_checkpoint_conversion_mapping`` that matches
+    renames a key (as 4.x ``from_pretrained`` does), then the base-model prefix is added or removed when that names a
+    parameter."""
+    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+    prefix = getattr(model, "base_model_prefix", None) or ""
+    renamed = {}
+    for key in keys:
+        name = key
+        for pattern, replacement in mapping.items():
+            name, count = re.subn(pattern, replacement, key)
+            if count:
+                break
+        candidates = [name, f"{prefix}.{name}" if prefix else name, name.removeprefix(f"{prefix}.") if prefix else name]
+        found = next((candidate for candidate in candidates if candidate in state), None)
+        renamed[key] = found if found is not None else key
+    return renamed
+
+
+def restore_weights(model: nn.Module, folder: str) -> None:
+    """Load a whole-model checkpoint (``save_pretrained``'s files) into ``model`` under its names; error unless every
+    tensor it trains was restored."""
+    loaded: set[str] = set()
+    unplaced: list[str] = []
+    state_keys = set(model.state_dict())
+    for path in weight_files(folder):
+        tensors = _read(path)
+        names = model_keys(model, tensors)
+        renamed = {names[key]: tensor for key, tensor in tensors.items() if names[key] in state_keys}
+        unplaced += sorted(key for key in tensors if names[key] not in state_keys)
+        model.load_state_dict(renamed, strict=False)
+        loaded.update(renamed)
+        del tensors, renamed
+    check_restored(model, folder, loaded, unplaced)
+
+
+def restore_adapter(model: Any, folder: str) -> None:
+    """Load a LoRA checkpoint into the PEFT model's active adapter (trainable, as the Trainer does); error unless every
+    tensor it trains was restored."""
+    active = model.active_adapters[0] if hasattr(model, "active_adapters") else model.active_adapter
+    result = model.load_adapter(folder, active, is_trainable=True)
+    missing = set(getattr(result, "missing_keys", []) or [])
+    loaded = {name for name, _ in model.named_parameters(remove_duplicate=False) if name not in missing}
+    check_restored(model, folder, loaded, list(getattr(result, "unexpected_keys", []) or []))
+
+
+def check_restored(model: nn.Module, folder: str, loaded: set[str], unplaced: list[str]) -> None:
+    """RecipeError when a parameter the run trains (any of its names, for tied weights) was not in ``loaded``."""
+    names_of: dict[int, list[str]] = {}
+    trained: dict[int, nn.Parameter] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+        if parameter.requires_grad:
+            trained[id(parameter)] = parameter
+    missing = sorted(names_of[key][0] for key in trained if not set(names_of[key]) & loaded)
+    if not missing:
+        return
+    restored = len(trained) - len(missing)
+    found = f"; its tensors that fit no parameter of this model, e.g. {', '.join(unplaced[:_EXAMPLES])}" \
+        if unplaced else ""
+    raise RecipeError(
+        f"resume_from_checkpoint: {folder} restores {restored} of the {len(trained)} tensors this run trains "
+        f"({len(missing)} not in it, e.g. {', '.join(missing[:_EXAMPLES])}{found}). Training on would start those "
+        "from the base model's weights with the step count advanced. Resume from a checkpoint this recipe wrote "
+        "(same model and finetuning_type), or start afresh: another output_dir, or overwrite_output_dir: true.")
+
+
+class RestoresCheckpointWeights:
+    """Mix in front of a ``Trainer``: resuming (and ``load_best_model_at_end``) restores the checkpoint's weights under
+    the model's names, or fails."""
+
+    def _restores_itself(self, folder: str, model: nn.Module, adapters: bool) -> bool:
+        """Load ``folder`` into ``model`` here when the Trainer's path would not rename (whole-model files, and
+        adapters when ``adapters``); False: the Trainer's own path (DeepSpeed, FSDP, sharded adapters)."""
+        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+            return False
+        if hasattr(model, "peft_config") and hasattr(model, "load_adapter"):
+            if not adapters or not any(os.path.isfile(os.path.join(folder, name)) for name in ADAPTER_FILES):
+                return False
+            restore_adapter(model, folder)
+            return True
+        if not weight_files(folder):
+            return False  # the Trainer's error names what is missing
+        restore_weights(model, folder)
+        return True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._restores_itself(resume_from_checkpoint, self.model if model is None else model, adapters=True):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+
+    def _load_best_model(self) -> None:
+        folder = self.state.best_model_checkpoint  # type: ignore[attr-defined]
+        if not self._restores_itself(folder, self.model, adapters=False):  # type: ignore[attr-defined]
+            super()._load_best_model()  # type: ignore[misc]
+
+
+# steps between a rank noting the signal and the stop: the ranks run in lockstep (a collective every step), so a rank
+# past step s's end waits in step s + 1 for the one that wrote the key at s's end, and sees it at s + 1's end
+STOP_MARGIN = 1
+
+
+class _StopOnSignal(TrainerCallback):
+    """Notes the signal; at each step's end sets the agreed stop step, and at it asks the Trainer to save and stop."""
+
+    def __init__(self, name: str, output_dir: str) -> None:
+        self.signum = getattr(signal, name.upper(), None)
+        self.name, self.key = name.upper(), f"llamafactory_hera_stop:{output_dir}"
+        self.received, self.stop_step, self.stopped = False, None, False
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[None]:
+        mine = self.signum is not None and threading.current_thread() is threading.main_thread()
+        previous = signal.signal(self.signum, lambda *_: setattr(self, "received", True)) if mine else None
+        try:
+            yield
+        finally:
+            if mine:
+                signal.signal(self.signum, previous)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.stop_step is None and self.received and not dist.is_initialized():
+            self.stop_step = state.global_step
+        elif self.stop_step is None and self.signum is not None and dist.is_initialized():
+            store = dist.distributed_c10d._get_default_store()  # torchrun's TCPStore: host-side, no device sync
+            if self.received:  # the first rank to write sets the step for all
+                store.compare_set(self.key, "", str(state.global_step + STOP_MARGIN))
+            if store.check([self.key]):
+                self.stop_step = int(store.get(self.key))
+        if self.stop_step is not None and self.stop_step <= state.global_step < state.max_steps:
+            control.should_save = control.should_training_stop = self.stopped = True
+
+
+class WholeCheckpoints:
+    """Mix in front of a ``Trainer`` (see the module doc); ``save_on_signal``: the method's ``<prefix>_save_on_signal``
+    (``recipe.keys.save_on_signal_key``), set by the method's trainer."""
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self.resumed_from = self._whole_resume(resume_from_checkpoint)
+        stop = _StopOnSignal(self.save_on_signal, self.args.output_dir)  # type: ignore[attr-defined]
+        self.add_callback(stop)  # type: ignore[attr-defined]
+        with stop.handling():
+            result = super().train(self.resumed_from, *args, **kwargs)  # type: ignore[misc]
+        if not stop.stopped:
+            return result
+        say_once(f"{stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"  # type: ignore
+                 f"{self.state.global_step} and stopped; to go on, run the same recipe again with "  # type: ignore
+                 "resume_from_checkpoint: true.")
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        raise SystemExit(0)
+
+    def _whole_resume(self, value: Any) -> Any:
+        """The checkpoint to resume from: ``value``, or for ``true`` / a half-written ``checkpoint-N`` (as
+        LLaMA-Factory picks the last one) the newest whole one of its run; says what it passed over."""
+        if not value:
+            return value
+        named = Path(self.args.output_dir if value is True else str(value))  # type: ignore[attr-defined]
+        if value is not True and (not named.name.startswith(whole.CHECKPOINT_PREFIX)
+                                  or named in whole.whole_checkpoints(named.parent)):
+            return value
+        newest, half = whole.newest_whole(named if value is True else named.parent)
+        if half:
+            say_once(f"resume: passed over {', '.join(path.name for path in half)} (half-written: a save that did not "
+                     f"finish on every rank; kept, not deleted); resuming from {newest or 'the start (none whole)'}.")
+        return str(newest) if newest else (value if value is True else None)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        args, run = self.args, Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
+        folder = run / f"{whole.CHECKPOINT_PREFIX}{self.state.global_step}"  # type: ignore[attr-defined]
+        limit, args.save_total_limit, failed = args.save_total_limit, None, None  # rotation after the whole save
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        except Exception as error:  # noqa: BLE001 - every rank learns of it below, then it is raised
+            failed = error
+        finally:
+            args.save_total_limit = limit
+        if not _on_every_rank(failed is None, args.device):
+            if failed is not None and not _lack_of_space(failed, run):
+                raise failed
+            raise RecipeError(_full_line(folder, run, failed))
+        if args.should_save:
+            whole.write_marker(folder, self.state.global_step, args.world_size)  # type: ignore[attr-defined]
+            whole.rotate(run, limit, self.state.best_model_checkpoint)  # type: ignore[attr-defined]
+
+
+def _on_every_rank(ok: bool, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every rank (a collective at each save: every rank reaches it)."""
+    if not dist.is_initialized():
+        return ok
+    failed = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(failed)
+    return not failed.item()
+
+
+def _lack_of_space(error: BaseException, run: Path) -> bool:
+    """Whether a save failed for lack of space: ENOSPC / EDQUOT, their text (safetensors), or less free space than the
+    last whole checkpoint took (torch.save's writer says only ``unexpected pos``)."""
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+            text in str(error) for text in ("No space left on device", "Disk quota exceeded")):
+        return True
+    needed = whole.folder_bytes(whole.newest_whole(run)[0])
+    return needed is not None and shutil.disk_usage(run).free < needed
+
+
+def _full_line(folder: Path, run: Path, error: BaseException | None) -> str:
+    newest = whole.newest_whole(run)[0]
+    needed, free = whole.folder_bytes(newest), shutil.disk_usage(run).free
+    size = f"it needs about {needed:,} bytes (the size of {newest.name}), " if newest and needed else ""
+    kept = f"{newest} is kept, and is what resume_from_checkpoint: true takes" if newest else "no whole checkpoint yet"
+    why = f"{type(error).__name__}: {(str(error) + chr(10)).splitlines()[0]}" if error else "on another rank"
+    return (f"{'disk full: ' if error else ''}the checkpoint {folder} could not be written ({why}); {size}"
+            f"{free:,} bytes are free there. It is not marked whole; {kept}. Free space (or "
+            "set save_total_limit, or another output_dir) and run again.")
