@@ -28,7 +28,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers import SchedulerType, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from llamafactory_hera.harc.batches import BATCH_KEYS
 from llamafactory_hera.harc.config import HarcArguments
@@ -38,6 +37,7 @@ from llamafactory_hera.harc.losses import coupling_loss, kl_to_reference, refusa
 from llamafactory_hera.harc.residuals import StepCapture, reading_layers, response_window
 from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
+from llamafactory_hera.training.whole_save import WholeCheckpoints
 
 _TERMS = ("couple", "couple_resp", "kl", "ce")
 
@@ -65,14 +65,14 @@ class AdapterSwitch:
 
 class _StepEnd(TrainerCallback):
     """The state's life cycle on every rank: base directions once the model is wrapped (or the checkpoint's state
-    when resuming), ramp / refresh after each optimizer step, the state saved into every checkpoint."""
+    when resuming), ramp / refresh after each optimizer step (saved into every checkpoint by the trainer)."""
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer
-        resumed = trainer.harc_resume_folder
+        resumed = trainer.resumed_from
         model = trainer.accelerator.unwrap_model(trainer.model)
         if resumed is not None:
             trainer.harc_state.load(resumed)
@@ -86,33 +86,29 @@ class _StepEnd(TrainerCallback):
         trainer.harc_checkpointing = LayerCheckpointing(model, [], "HARC")
         trainer.harc_run.say(f"HARC: {trainer.harc_checkpointing.line()}")
 
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self.trainer.harc_state.save(f"{args.output_dir}/checkpoint-{state.global_step}")
-
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
         trainer.harc_state.on_step_end(model, state.global_step, state.max_steps, trainer.harc_run.say)
 
 
-class HarcTrainerMixin(RestoresCheckpointWeights):
+class HarcTrainerMixin(WholeCheckpoints, RestoresCheckpointWeights):
     """See the module docstring. ``harc_run``: the run's context (:class:`~llamafactory_hera.harc.workflow.RunContext`,
     its state included)."""
 
     def __init__(self, *args: Any, harc_args: HarcArguments, harc_run: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.harc_args, self.harc_run, self.harc_state = harc_args, harc_run, harc_run.state
+        self.save_on_signal = harc_args.harc_save_on_signal
         self.model_accepts_loss_kwargs = False  # the Trainer divides by the accumulation steps, as the reference
         self._harc_sums = torch.zeros(len(_TERMS) + 1, dtype=torch.float64)
         self.add_callback(_StepEnd(self))
 
-    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
-        folder = resume_from_checkpoint
-        if folder is True:
-            folder = get_last_checkpoint(self.args.output_dir)
-        self.harc_resume_folder = str(folder) if folder else None
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """HARC's state beside the Trainer's optimizer: inside the checkpoint's whole save."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            self.harc_state.save(output_dir)
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """``constant_with_warmup`` as the reference's (``main/train.py``, ``lr_at``: ``lr * (step + 1) / warmup``):

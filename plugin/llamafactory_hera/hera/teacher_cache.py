@@ -202,15 +202,16 @@ def cache_root() -> Path:
 _unwritable_said: set[str] = set()  # the cache folders this process already said it cannot write
 
 
-def cache_unwritable(folder: Path, err: OSError) -> None:
+def cache_unwritable(folder: Path, err: OSError | RuntimeError, size: str = "") -> None:
     """Say once per process and cache folder that it cannot be written (a file, read-only, full): selections and
     teacher features then stay in this process's memory, and the command goes on."""
     if str(cache_root()) in _unwritable_said:
         return
     _unwritable_said.add(str(cache_root()))
-    show(f"[llamafactory-hera] warning: cannot write the cache folder {cache_root()} (${CACHE_ENV}; {folder}: "
-         f"{type(err).__name__}: {err.strerror or err}); head selections and teacher features stay in memory for "
-         f"this command only. Point {CACHE_ENV} at a writable folder to share them between commands.")
+    why = f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
+    show(f"[llamafactory-hera] warning: cannot write the cache folder {cache_root()} (${CACHE_ENV}; {folder}{size}: "
+         f"{why}); head selections and teacher features stay in memory for this command only. Point {CACHE_ENV} at a "
+         "writable folder to share them between commands.")
 
 
 def path_fingerprint(path: str | None) -> str | None:
@@ -274,8 +275,8 @@ class TeacherFeatureStore:
     def _write(self, new: dict[str, torch.Tensor]) -> None:
         try:
             removed, size = self._save(new)
-        except OSError as err:  # the store only saves a later teacher pass: a full or read-only disk costs that
-            cache_unwritable(self.folder, err)
+        except (OSError, RuntimeError) as err:  # only a later teacher pass is lost (torch.save: RuntimeError on ENOSPC)
+            cache_unwritable(self.folder, err, f", {sum(row.numel() * 4 for row in new.values()):,} bytes to write")
             return
         note = f"; {removed} older file(s) removed to stay under {MAX_STORE_BYTES >> 20} MiB" if removed else ""
         show(f"[llamafactory-hera] teacher features of {len(new)} images kept in {self.folder} for the training run "

@@ -49,6 +49,7 @@ from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher
 from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
+from llamafactory_hera.training.whole_save import WholeCheckpoints
 
 if TYPE_CHECKING:  # the arguments' declaration (recipe keys, plots) is the workflow's to load, not the step's
     from llamafactory_hera.hera.config import HeraArguments
@@ -56,7 +57,7 @@ if TYPE_CHECKING:  # the arguments' declaration (recipe keys, plots) is the work
 __all__ = ["HeraTrainer"]
 
 
-class HeraTrainer(RestoresCheckpointWeights):
+class HeraTrainer(WholeCheckpoints, RestoresCheckpointWeights):
     """Mix in front of a Hugging Face ``Trainer`` subclass; pass ``hera_args`` (``hera/config.py``'s
     ``HeraArguments``), the run's feature cache and ``hera_queue`` (the feature queue's capacity,
     ``preflight.contrastive_geometry``'s) to ``__init__``."""
@@ -64,7 +65,7 @@ class HeraTrainer(RestoresCheckpointWeights):
     def __init__(self, *args: Any, hera_args: HeraArguments, hera_feature_cache: TeacherFeatureCache | None,
                  hera_queue: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.hera_args = hera_args
+        self.hera_args, self.save_on_signal = hera_args, hera_args.hera_save_on_signal
         model, device = self.model, self.args.device
         self.hera_geometry = attention_geometry(model.config)
         self.hera_capture = HeadCapture(model, hera_args.head_refs, self.hera_geometry)

@@ -3,9 +3,10 @@
 The host would fail on a mismatched checkpoint only after the model loads, or silently resume a finished run's
 folder (no optimizer state).
 
-What is resumed: ``resume_from_checkpoint``'s folder; ``true``: the last ``checkpoint-N`` of ``output_dir``, as
-transformers resolves it; not given, a training run into an ``output_dir`` with checkpoints and without
-``overwrite_output_dir``: its last checkpoint, which LLaMA-Factory resumes by itself. That folder must be a
+What is resumed: ``resume_from_checkpoint``'s folder (refused when half-written); ``true``: the newest whole
+``checkpoint-N`` of ``output_dir`` (``lifecycle.whole_checkpoints``); not given, a training run into an ``output_dir``
+with checkpoints and without ``overwrite_output_dir``: its newest whole one, which the trainer resumes (LLaMA-Factory
+names the last one). That folder must be a
 checkpoint (a Trainer's ``trainer_state.json``; not a run's output folder) of the kind of run the recipe asks for:
 LoRA (its ``adapter_config.json``: rank, DoRA) or whole-model weights (full or freeze: the run record says which),
 of a model with the same architecture and sizes (``config.json``: the checkpoint's own, or a LoRA checkpoint's base
@@ -23,8 +24,8 @@ from typing import Any
 
 from llamafactory_hera.short_errors import RecipeError
 from llamafactory_hera_patches.lifecycle.claim_folders import made_by_claim
-from llamafactory_hera_patches.lifecycle.output_dir import checkpoint_folders
 from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
+from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, newest_whole, whole_checkpoints
 from llamafactory_hera_patches.recipe.arguments import given_keys, truthy
 from llamafactory_hera_patches.recipe.host_arguments import host_keys
 
@@ -66,9 +67,8 @@ class Checkpoint:
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    """``folder``'s ``checkpoint-N`` with the highest N (transformers' ``get_last_checkpoint``), or None."""
-    found = checkpoint_folders(folder)
-    return found[-1] if found else None
+    """``folder``'s newest whole ``checkpoint-N`` (``lifecycle.whole_checkpoints``: what trainers resume), or None."""
+    return newest_whole(folder)[0]
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -251,6 +251,11 @@ def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
            "(a run whose output_dir holds checkpoints resumes from the last one unless overwrite_output_dir: true).")
     if not folder.is_dir():
         raise RecipeError(f"resume_from_checkpoint: {value} is not a folder. {fix}")
+    if CHECKPOINT_NAME.match(folder.name) and folder not in whole_checkpoints(folder.parent):
+        newest = last_checkpoint(folder.parent)
+        way = f"resume_from_checkpoint: {newest}" if newest else "none is: remove resume_from_checkpoint (afresh)"
+        raise RecipeError(f"resume_from_checkpoint: {value} is half-written (a save that did not finish on every rank: "
+                          f"no {MARKER}). Resume from the newest whole checkpoint of its run, {way}.")
     if _run_folder(folder):
         last = last_checkpoint(folder)
         named = (f"resume_from_checkpoint: {last} (its last checkpoint) to train that run further" if last else

@@ -1,0 +1,61 @@
+"""Which ``checkpoint-N`` of a run is whole: what resume may take and rotation may delete. docs/hera.md ("Killed,
+preempted, disk full").
+
+The plugin's stages (``llamafactory_hera.training.whole_save``) write :data:`MARKER` last, once every rank's files are
+closed. Whole: a folder with the marker; in a run folder where none has one (written before markers), a folder with
+``trainer_state.json`` (the main process writes it last). A half-written folder is passed over, never deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .output_dir import CHECKPOINT_PREFIX, checkpoint_folders  # noqa: F401 - CHECKPOINT_PREFIX: the savers' name
+
+MARKER, TRAINER_STATE = "llamafactory_hera_whole.json", "trainer_state.json"
+
+
+def newest_whole(run: Path) -> tuple[Path | None, list[Path]]:
+    """(the newest whole ``checkpoint-N`` of ``run``, or None; the half-written ones newer than it)."""
+    found, whole = checkpoint_folders(run), whole_checkpoints(run)
+    later = found[found.index(whole[-1]) + 1:] if whole else found
+    return (whole[-1] if whole else None), later
+
+
+def whole_checkpoints(run: Path) -> list[Path]:
+    """``run``'s whole checkpoints, by step."""
+    found = checkpoint_folders(run)
+    name = MARKER if any((path / MARKER).is_file() for path in found) else TRAINER_STATE
+    return [path for path in found if (path / name).is_file()]
+
+
+def _fsync(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    os.fsync(handle)
+    os.close(handle)
+
+
+def write_marker(folder: Path, step: int, ranks: int) -> None:
+    """Mark ``folder`` whole once every rank closed its files: each file fsynced, then the marker, then the folder."""
+    for path in sorted(folder.rglob("*")):
+        _fsync(path)
+    marker = folder / MARKER
+    marker.write_text(json.dumps({"step": step, "ranks": ranks}), encoding="utf-8")
+    _fsync(marker)
+    _fsync(folder)
+
+
+def rotate(run: Path, limit: int | None, keep: str | None) -> None:
+    """``save_total_limit`` after a whole save: the oldest whole checkpoints beyond ``limit`` go (never ``keep``, the
+    best one); half-written ones stay."""
+    for path in whole_checkpoints(run)[:-limit] if limit and limit > 0 else []:
+        if keep is None or path != Path(keep):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def folder_bytes(folder: Path | None) -> int | None:
+    """The bytes of the files under ``folder`` (None: no folder)."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder else None
