@@ -145,7 +145,7 @@ def test_a_changed_image_or_another_teacher_gets_a_fresh_pass(assets, tmp_path: 
     root = Path(os.environ["LLAMAFACTORY_HERA_CACHE"]) / teacher_store.STORE_NAME
     files = sorted(root.rglob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
     assert len(files) == 3
-    assert teacher_store.trim(root, files[-1].stat().st_size, keep=files[-1]) == 2
+    assert teacher_store.trim(root, files[-1].stat().st_size, keep={files[-1]}) == 2
     assert list(root.rglob("*.pt")) == [files[-1]]
 
 

@@ -19,11 +19,12 @@ rest. The three read images alike (the teacher's own image processor, :func:`ope
 output, so a shared row is the row the pass would have computed, up to the rounding of another batch composition (the
 same freedom the steps' cache already has).
 
-Where: in the process, one :class:`TeacherFeatureStore` per teacher; on disk, what selection computed (at most
-``hera_select_samples`` images per selection, 4 KB each for DINOv2-L), so that ``select`` followed by ``llamafactory-cli
-train`` in another process shares it too: ``$LLAMAFACTORY_HERA_CACHE/teacher_features/<teacher>/`` (default
-``~/.cache/llamafactory_hera``). A training run's own features are not written. Each write keeps the whole
-``teacher_features`` folder under :data:`MAX_STORE_BYTES` (oldest files go first, and say so) and names the folder;
+Where: in the process, one :class:`TeacherFeatureStore` per teacher; on disk, what selection and a run's precompute
+computed (4 KB an image for DINOv2-L), written every ``KEEP_ROWS`` rows as the pass goes (:func:`save_durable`: a file
+is whole or absent), so that ``select`` followed by ``llamafactory-cli train`` in another process, or a pass rerun after
+a kill, computes only the rest: ``$LLAMAFACTORY_HERA_CACHE/teacher_features/<teacher>/`` (default
+``~/.cache/llamafactory_hera``). Each write keeps the whole ``teacher_features`` folder under :data:`MAX_STORE_BYTES`
+(oldest files go first, never those of a pass under way, and say so) and names the folder;
 deleting it clears the store. A failed write (a cache folder that is a file, read-only or full) warns once per
 process (:func:`cache_unwritable`) and costs only that sharing.
 """
@@ -35,13 +36,13 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llamafactory_hera.hera.teacher import VisionTeacher, image_features, open_image
+from llamafactory_hera.hera.teacher import VisionTeacher, continuing, image_features, open_image
 from llamafactory_hera.log import show
 
 
@@ -243,11 +244,16 @@ class TeacherFeatureStore:
         self.folder = folder
         self.rows: dict[str, torch.Tensor] = {}
         self._read = False
+        self.files: dict[str, Path] = {}  # key -> the file holding its row
+        self.in_use: set[Path] = set()  # the files the pass under way read or wrote: never trimmed while it runs
+        self.said = False  # whether the pass under way said where its rows are kept
 
     def get(self, keys: Iterable[str | None]) -> dict[str, torch.Tensor]:
-        """The stored rows of ``keys`` (absent keys left out)."""
+        """The stored rows of ``keys`` (absent keys left out), as a pass begins."""
         self._read_disk()
-        return {key: self.rows[key] for key in keys if key is not None and key in self.rows}
+        found = {key: self.rows[key] for key in keys if key is not None and key in self.rows}
+        self.in_use, self.said = {self.files[key] for key in found if key in self.files}, False
+        return found
 
     def add(self, rows: dict[str, torch.Tensor], persist: bool) -> None:
         """Keep ``rows`` (new keys only) for this process, and with ``persist`` on disk for the next one."""
@@ -271,6 +277,7 @@ class TeacherFeatureStore:
                 continue
             for key, row in rows.items():
                 self.rows.setdefault(key, row.clone())
+                self.files.setdefault(key, shard)
 
     def _write(self, new: dict[str, torch.Tensor]) -> None:
         try:
@@ -279,21 +286,34 @@ class TeacherFeatureStore:
             cache_unwritable(self.folder, err, f", {sum(row.numel() * 4 for row in new.values()):,} bytes to write")
             return
         note = f"; {removed} older file(s) removed to stay under {MAX_STORE_BYTES >> 20} MiB" if removed else ""
-        show(f"[llamafactory-hera] teacher features of {len(new)} images kept in {self.folder} for the training run "
-             f"({size / 2**20:.1f} MiB in {self.folder.parent}{note}; delete that folder to clear it).")
+        if not self.said:  # once a pass: a long one writes every KEEP_ROWS rows
+            self.said = True
+            show(f"[llamafactory-hera] teacher features kept in {self.folder} as the pass goes, for a later pass "
+                 f"({size / 2**20:.1f} MiB in {self.folder.parent}{note}; delete that folder to clear it).")
 
     def _save(self, new: dict[str, torch.Tensor]) -> tuple[int, int]:
         """Write one shard atomically, then trim the store; returns (files removed, bytes the store holds)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        temporary, shard = self.folder / f"{name}.tmp", self.folder / f"{name}.pt"
-        try:
-            torch.save({"keys": list(new), "features": torch.stack(list(new.values()))}, temporary)
-            os.replace(temporary, shard)
-        finally:
-            temporary.unlink(missing_ok=True)
-        removed = trim(self.folder.parent, MAX_STORE_BYTES, keep=shard)
+        shard = self.folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.pt"
+        save_durable({"keys": list(new), "features": torch.stack(list(new.values()))}, shard)
+        self.in_use.add(shard)
+        self.files.update(dict.fromkeys(new, shard))
+        removed = trim(self.folder.parent, MAX_STORE_BYTES, keep=self.in_use)
         return removed, sum(stat.st_size for _, stat in _existing(self.folder.parent, "*.pt"))
+
+
+def save_durable(data: Any, path: Path) -> None:
+    """``torch.save`` to a temporary name, fsync'd, then renamed (folders made): ``path`` holds all of it or does not
+    exist."""
+    temporary = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")  # unique: ranks may write one name at once
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(data, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _existing(root: Path, pattern: str) -> list[tuple[Path, os.stat_result]]:
@@ -307,9 +327,9 @@ def _existing(root: Path, pattern: str) -> list[tuple[Path, os.stat_result]]:
     return found
 
 
-def trim(root: Path, limit: int, keep: Path | None = None) -> int:
-    """Remove the oldest ``*.pt`` files under ``root`` (never ``keep``) until they total at most ``limit`` bytes, and
-    ``*.tmp`` files older than :data:`STALE_TMP_SECONDS` (a write killed midway); returns how many ``*.pt`` went.
+def trim(root: Path, limit: int, keep: Collection[Path] = ()) -> int:
+    """Remove the oldest ``*.pt`` files under ``root`` (never one in ``keep``) until they total at most ``limit`` bytes,
+    and ``*.tmp`` files older than :data:`STALE_TMP_SECONDS` (a write killed midway); returns how many ``*.pt`` went.
     Files another job removes meanwhile are skipped."""
     stale = time.time_ns() - STALE_TMP_SECONDS * 10**9
     for leftover, stat in _existing(root, "*.tmp"):
@@ -321,7 +341,7 @@ def trim(root: Path, limit: int, keep: Path | None = None) -> int:
     for file, stat in files:
         if total <= limit:
             break
-        if file == keep:
+        if file in keep:
             continue
         total -= stat.st_size
         file.unlink(missing_ok=True)
@@ -362,8 +382,15 @@ def stored_image_features(teacher: VisionTeacher, image_processor: Any, images: 
     device = next(teacher.parameters()).device
     if found and not todo_images:
         return rows_to_device([found[key] for key in keys], device)  # type: ignore[index]
-    computed = image_features(teacher, image_processor, todo_images, batch_size, workers, progress, desc, opener)
-    store.add({name: computed[row] for name, row in todo.items() if isinstance(name, str)}, persist)
+    names = list(todo)  # in row order
+    continuing(len(found), len(found) + len(names), desc)
+
+    def keep(first: int, rows: torch.Tensor) -> None:
+        pairs = zip(names[first:first + len(rows)], rows.cpu(), strict=True)
+        store.add({name: row for name, row in pairs if isinstance(name, str)}, persist)
+
+    computed = image_features(teacher, image_processor, todo_images, batch_size, workers, progress, desc, opener,
+                              keep)
     if not found:  # every image computed; one of them twice where images repeat
         return computed if len(todo_images) == len(images) else computed[
             torch.tensor([todo[_name(key, i)] for i, key in enumerate(keys)])]
