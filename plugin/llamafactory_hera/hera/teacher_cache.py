@@ -286,10 +286,11 @@ class TeacherFeatureStore:
             cache_unwritable(self.folder, err, f", {sum(row.numel() * 4 for row in new.values()):,} bytes to write")
             return
         note = f"; {removed} older file(s) removed to stay under {MAX_STORE_BYTES >> 20} MiB" if removed else ""
-        if not self.said:  # once a pass: a long one writes every KEEP_ROWS rows
+        if not self.said or removed:  # once a pass, or a removal: a long pass writes every KEEP_ROWS rows
             self.said = True
-            show(f"[llamafactory-hera] teacher features kept in {self.folder} as the pass goes, for a later pass "
-                 f"({size / 2**20:.1f} MiB in {self.folder.parent}{note}; delete that folder to clear it).")
+            show(f"[llamafactory-hera] teacher features of {len(new)} images kept in {self.folder} for a later "
+                 f"pass, the pass's other rows as it goes ({size / 2**20:.1f} MiB in {self.folder.parent}{note}; "
+                 "delete that folder to clear it).")
 
     def _save(self, new: dict[str, torch.Tensor]) -> tuple[int, int]:
         """Write one shard atomically, then trim the store; returns (files removed, bytes the store holds)."""
