@@ -20,13 +20,12 @@ output, so a shared row is the row the pass would have computed, up to the round
 same freedom the steps' cache already has).
 
 Where: in the process, one :class:`TeacherFeatureStore` per teacher; on disk, what selection and a run's precompute
-computed (4 KB an image for DINOv2-L), written every ``KEEP_ROWS`` rows as the pass goes (:func:`save_durable`: a file
-is whole or absent), so that ``select`` followed by ``llamafactory-cli train`` in another process, or a pass rerun after
-a kill, computes only the rest: ``$LLAMAFACTORY_HERA_CACHE/teacher_features/<teacher>/`` (default
-``~/.cache/llamafactory_hera``). Each write keeps the whole ``teacher_features`` folder under :data:`MAX_STORE_BYTES`
-(oldest files go first, never those of a pass under way, and say so) and names the folder;
-deleting it clears the store. A failed write (a cache folder that is a file, read-only or full) warns once per
-process (:func:`cache_unwritable`) and costs only that sharing.
+computed (4 KB an image for DINOv2-L), every ``KEEP_ROWS`` rows as the pass goes (:func:`save_durable`), so that a
+later pass (``select``, then ``llamafactory-cli train``; a rerun after a kill) computes only the rest:
+``$LLAMAFACTORY_HERA_CACHE/teacher_features/<teacher>/`` (default ``~/.cache/llamafactory_hera``). Each write keeps the
+whole ``teacher_features`` folder under :data:`MAX_STORE_BYTES` (oldest files go first, never those a pass under way
+reads or writes, and say so) and names the folder; deleting it clears the store. A failed write (a cache folder that
+is a file, read-only or full) warns once per process (:func:`cache_unwritable`) and costs only that sharing.
 """
 
 from __future__ import annotations
@@ -237,16 +236,14 @@ def teacher_identity(source: str, feature: str, dtype: torch.dtype, device_type:
 
 
 class TeacherFeatureStore:
-    """One teacher's float32 ``[E]`` CPU features by image key: this process's, and those selection left on disk
-    (read once, on first use)."""
+    """One teacher's float32 ``[E]`` CPU features by image key: this process's and those on disk (read on first use)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.rows: dict[str, torch.Tensor] = {}
         self._read = False
         self.files: dict[str, Path] = {}  # key -> the file holding its row
-        self.in_use: set[Path] = set()  # the files the pass under way read or wrote: never trimmed while it runs
-        self.said = False  # whether the pass under way said where its rows are kept
+        self.in_use, self.said = set[Path](), False  # the files the pass under way reads/writes (kept); said where
 
     def get(self, keys: Iterable[str | None]) -> dict[str, torch.Tensor]:
         """The stored rows of ``keys`` (absent keys left out), as a pass begins."""
@@ -288,9 +285,8 @@ class TeacherFeatureStore:
         note = f"; {removed} older file(s) removed to stay under {MAX_STORE_BYTES >> 20} MiB" if removed else ""
         if not self.said or removed:  # once a pass, or a removal: a long pass writes every KEEP_ROWS rows
             self.said = True
-            show(f"[llamafactory-hera] teacher features of {len(new)} images kept in {self.folder} for a later "
-                 f"pass, the pass's other rows as it goes ({size / 2**20:.1f} MiB in {self.folder.parent}{note}; "
-                 "delete that folder to clear it).")
+            show(f"[llamafactory-hera] teacher features of {len(new)} images kept in {self.folder} ({size / 2**20:.1f} "
+                 f"MiB in {self.folder.parent}{note}; delete that folder to clear it), the pass's others as it goes.")
 
     def _save(self, new: dict[str, torch.Tensor]) -> tuple[int, int]:
         """Write one shard atomically, then trim the store; returns (files removed, bytes the store holds)."""
@@ -303,8 +299,7 @@ class TeacherFeatureStore:
 
 
 def save_durable(data: Any, path: Path) -> None:
-    """``torch.save`` to a temporary name, fsync'd, then renamed (folders made): ``path`` holds all of it or does not
-    exist."""
+    """``torch.save`` to a temporary file, fsync'd, renamed to ``path`` (folders made): whole or absent, never half."""
     temporary = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")  # unique: ranks may write one name at once
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -383,15 +378,13 @@ def stored_image_features(teacher: VisionTeacher, image_processor: Any, images: 
     device = next(teacher.parameters()).device
     if found and not todo_images:
         return rows_to_device([found[key] for key in keys], device)  # type: ignore[index]
-    names = list(todo)  # in row order
-    continuing(len(found), len(found) + len(names), desc)
+    continuing(len(found), len(found) + len(todo), desc)
 
-    def keep(first: int, rows: torch.Tensor) -> None:
-        pairs = zip(names[first:first + len(rows)], rows.cpu(), strict=True)
+    def keep(first: int, rows: torch.Tensor) -> None:  # the todo names in row order
+        pairs = zip(list(todo)[first:first + len(rows)], rows.cpu(), strict=True)
         store.add({name: row for name, row in pairs if isinstance(name, str)}, persist)
 
-    computed = image_features(teacher, image_processor, todo_images, batch_size, workers, progress, desc, opener,
-                              keep)
+    computed = image_features(teacher, image_processor, todo_images, batch_size, workers, progress, desc, opener, keep)
     if not found:  # every image computed; one of them twice where images repeat
         return computed if len(todo_images) == len(images) else computed[
             torch.tensor([todo[_name(key, i)] for i, key in enumerate(keys)])]
