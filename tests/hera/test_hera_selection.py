@@ -18,6 +18,7 @@ from llamafactory_hera.hera.projection import project_heads
 from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours
 from llamafactory_hera.hera.teacher import load_image_processor, load_teacher, prefetch_workers
+from llamafactory_hera.hera.teacher_cache import cache_root
 
 FAMILIES = ("qwen3_vl", "qwen2_5_vl", "llava")
 
@@ -117,6 +118,7 @@ def test_select_command_writes_recipe_record_and_heatmap(assets, tmp_path: Path,
     proc = run_verb(capfd, "select", recipe, "--samples", "24", "--k", "5", "--heads", "3", "--device", "cpu",
                     cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list((cache_root() / "selection_passes").iterdir())  # the batches kept for a rerun go once it scored
     after = recipe.read_text(encoding="utf-8")
     changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
     assert len(changed) == 1 and changed[0][1].startswith("hera_heads: [")

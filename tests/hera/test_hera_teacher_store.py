@@ -49,7 +49,8 @@ def test_auto_heads_then_training_send_each_image_through_the_teacher_once(asset
                                                                          capsys) -> None:
     """``hera_heads: auto`` + monitor + precompute in one ``run_exp``: 32 teacher rows in all (before: 12 for the
     selection, 4 for the monitor's probe pairs, 32 for the precompute = 48). A second run in a new process with the
-    selection served from its cache computes only the images selection did not leave on disk (32 - 12 = 20)."""
+    selection served from its cache computes only the images neither selection nor the precompute left on disk: the
+    probe pairs' images selection did not score (the monitor keeps its rows in memory)."""
     from llamafactory.train.tuner import run_exp
 
     rows = teacher_rows(monkeypatch)
@@ -64,7 +65,7 @@ def test_auto_heads_then_training_send_each_image_through_the_teacher_once(asset
     rows.clear()
     run_exp({**recipe, "output_dir": str(tmp_path / "again")})
     out = capsys.readouterr().out
-    assert "reusing cached head selection" in out and sum(rows) == IMAGES - 12, rows
+    assert "reusing cached head selection" in out and sum(rows) == shared - 12, rows
 
 
 def test_select_then_train_in_another_process_share_the_stored_features(assets, tmp_path: Path, monkeypatch,
@@ -145,7 +146,7 @@ def test_a_changed_image_or_another_teacher_gets_a_fresh_pass(assets, tmp_path: 
     root = Path(os.environ["LLAMAFACTORY_HERA_CACHE"]) / teacher_store.STORE_NAME
     files = sorted(root.rglob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
     assert len(files) == 3
-    assert teacher_store.trim(root, files[-1].stat().st_size, keep=files[-1]) == 2
+    assert teacher_store.trim(root, files[-1].stat().st_size, keep={files[-1]}) == 2
     assert list(root.rglob("*.pt")) == [files[-1]]
 
 

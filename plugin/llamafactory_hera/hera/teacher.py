@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from llamafactory_hera.log import progress_file
+from llamafactory_hera.log import progress_file, show
 from llamafactory_hera_patches.engines.deepspeed import loaded_whole
 from llamafactory_hera_patches.errors import RecipeError
 
@@ -254,6 +254,7 @@ _TEACHERS: dict[tuple[str, str, str, str], VisionTeacher] = {}
 # inside the encoder reorders near-tied neighbours (36 of 512 DINOv2 [CLS] kNN sets changed), and one dtype keeps
 # precomputed, cached, in-step and selection features identical.
 TEACHER_DTYPE = torch.float32
+KEEP_ROWS = 4096  # rows a teacher pass hands on at a time (16 MB of DINOv2-L features)
 
 
 def load_teacher(name_or_path: str, feature: str, device: torch.device | str, *,
@@ -322,20 +323,28 @@ def batches_of(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 
 @torch.no_grad()
+def continuing(found: int, total: int, desc: str) -> None:
+    """Say that a pass takes ``found`` of its ``total`` rows from an earlier (perhaps killed) pass."""
+    if found and found < total:
+        show(f"[llamafactory-hera] {desc}: continuing from {found} of {total} rows (kept by an earlier pass).")
+
+
 def image_features(teacher: VisionTeacher, image_processor: Any, images: list[Any], batch_size: int,
                    workers: int | None = None, progress: bool = True, desc: str = "teacher features",
-                   opener: Callable[[Any], Any] = open_image) -> torch.Tensor:
+                   opener: Callable[[Any], Any] = open_image,
+                   keep: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """``[N, E]`` float32 teacher features of ``images`` (LLaMA-Factory image entries), in order, on the teacher's
     device. With ``workers > 0`` (default: :func:`prefetch_workers`) decoding (``opener``) and preprocessing run in
     background threads (PIL and torchvision release the GIL) up to ``workers + 1`` batches ahead, overlapping the
-    teacher's forward on an accelerator."""
+    teacher's forward on an accelerator. ``keep(first row, rows)`` gets the rows as the pass goes, every
+    :data:`KEEP_ROWS` rows or more at a batch's end (a killed pass keeps them)."""
     def pixels(batch: list[Any]) -> torch.Tensor:
         return image_processor([opener(image) for image in batch], return_tensors="pt")["pixel_values"]
 
     batches = list(batches_of(images, batch_size))
     if workers is None:
         workers = prefetch_workers(next(teacher.parameters()).device)
-    chunks = []
+    chunks, kept = [], 0  # kept: batches already handed to ``keep``
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hera-teacher-images") as pool:
         pending = deque(pool.submit(pixels, b) for b in batches[:workers + 1] if workers)
         for index in tqdm(range(len(batches)), desc=desc, disable=not progress, file=progress_file()):
@@ -346,6 +355,9 @@ def image_features(teacher: VisionTeacher, image_processor: Any, images: list[An
             else:
                 batch_pixels = pixels(batches[index])
             chunks.append(teacher(batch_pixels))
+            if keep is not None and ((index + 1 - kept) * batch_size >= KEEP_ROWS or index + 1 == len(batches)):
+                keep(kept * batch_size, torch.cat(chunks[kept:]))
+                kept = index + 1
     if not chunks:
         param = next(teacher.parameters())
         return torch.zeros(0, int(teacher.encoder.config.hidden_size), dtype=torch.float32, device=param.device)

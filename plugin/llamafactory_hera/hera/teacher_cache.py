@@ -19,13 +19,13 @@ rest. The three read images alike (the teacher's own image processor, :func:`ope
 output, so a shared row is the row the pass would have computed, up to the rounding of another batch composition (the
 same freedom the steps' cache already has).
 
-Where: in the process, one :class:`TeacherFeatureStore` per teacher; on disk, what selection computed (at most
-``hera_select_samples`` images per selection, 4 KB each for DINOv2-L), so that ``select`` followed by ``llamafactory-cli
-train`` in another process shares it too: ``$LLAMAFACTORY_HERA_CACHE/teacher_features/<teacher>/`` (default
-``~/.cache/llamafactory_hera``). A training run's own features are not written. Each write keeps the whole
-``teacher_features`` folder under :data:`MAX_STORE_BYTES` (oldest files go first, and say so) and names the folder;
-deleting it clears the store. A failed write (a cache folder that is a file, read-only or full) warns once per
-process (:func:`cache_unwritable`) and costs only that sharing.
+Where: in the process, one :class:`TeacherFeatureStore` per teacher; on disk, what selection and a run's precompute
+computed (4 KB an image for DINOv2-L), every ``KEEP_ROWS`` rows as the pass goes (:func:`save_durable`), so that a
+later pass (``select``, then ``llamafactory-cli train``; a rerun after a kill) computes only the rest:
+``$LLAMAFACTORY_HERA_CACHE/teacher_features/<teacher>/`` (default ``~/.cache/llamafactory_hera``). Each write keeps the
+whole ``teacher_features`` folder under :data:`MAX_STORE_BYTES` (oldest files go first, never those a pass under way
+reads or writes, and say so) and names the folder; deleting it clears the store. A failed write (a cache folder that
+is a file, read-only or full) warns once per process (:func:`cache_unwritable`) and costs only that sharing.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llamafactory_hera.hera.teacher import VisionTeacher, image_features, open_image
+from llamafactory_hera.hera.teacher import VisionTeacher, continuing, image_features, open_image
 from llamafactory_hera.log import show
 
 
@@ -236,18 +236,21 @@ def teacher_identity(source: str, feature: str, dtype: torch.dtype, device_type:
 
 
 class TeacherFeatureStore:
-    """One teacher's float32 ``[E]`` CPU features by image key: this process's, and those selection left on disk
-    (read once, on first use)."""
+    """One teacher's float32 ``[E]`` CPU features by image key: this process's and those on disk (read on first use)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.rows: dict[str, torch.Tensor] = {}
         self._read = False
+        self.files: dict[str, Path] = {}  # key -> the file holding its row
+        self.in_use, self.said = set[Path](), False  # the files the pass under way reads/writes (kept); said where
 
     def get(self, keys: Iterable[str | None]) -> dict[str, torch.Tensor]:
-        """The stored rows of ``keys`` (absent keys left out)."""
+        """The stored rows of ``keys`` (absent keys left out), as a pass begins."""
         self._read_disk()
-        return {key: self.rows[key] for key in keys if key is not None and key in self.rows}
+        found = {key: self.rows[key] for key in keys if key is not None and key in self.rows}
+        self.in_use, self.said = {self.files[key] for key in found if key in self.files}, False
+        return found
 
     def add(self, rows: dict[str, torch.Tensor], persist: bool) -> None:
         """Keep ``rows`` (new keys only) for this process, and with ``persist`` on disk for the next one."""
@@ -271,6 +274,7 @@ class TeacherFeatureStore:
                 continue
             for key, row in rows.items():
                 self.rows.setdefault(key, row.clone())
+                self.files.setdefault(key, shard)
 
     def _write(self, new: dict[str, torch.Tensor]) -> None:
         try:
@@ -279,21 +283,33 @@ class TeacherFeatureStore:
             cache_unwritable(self.folder, err, f", {sum(row.numel() * 4 for row in new.values()):,} bytes to write")
             return
         note = f"; {removed} older file(s) removed to stay under {MAX_STORE_BYTES >> 20} MiB" if removed else ""
-        show(f"[llamafactory-hera] teacher features of {len(new)} images kept in {self.folder} for the training run "
-             f"({size / 2**20:.1f} MiB in {self.folder.parent}{note}; delete that folder to clear it).")
+        if not self.said or removed:  # once a pass, or a removal: a long pass writes every KEEP_ROWS rows
+            self.said = True
+            show(f"[llamafactory-hera] teacher features of {len(new)} images kept in {self.folder} ({size / 2**20:.1f} "
+                 f"MiB in {self.folder.parent}{note}; delete that folder to clear it), the pass's others as it goes.")
 
     def _save(self, new: dict[str, torch.Tensor]) -> tuple[int, int]:
         """Write one shard atomically, then trim the store; returns (files removed, bytes the store holds)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        temporary, shard = self.folder / f"{name}.tmp", self.folder / f"{name}.pt"
-        try:
-            torch.save({"keys": list(new), "features": torch.stack(list(new.values()))}, temporary)
-            os.replace(temporary, shard)
-        finally:
-            temporary.unlink(missing_ok=True)
-        removed = trim(self.folder.parent, MAX_STORE_BYTES, keep=shard)
+        shard = self.folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.pt"
+        save_durable({"keys": list(new), "features": torch.stack(list(new.values()))}, shard)
+        self.in_use.add(shard)
+        self.files.update(dict.fromkeys(new, shard))
+        removed = trim(self.folder.parent, MAX_STORE_BYTES, keep=self.in_use)
         return removed, sum(stat.st_size for _, stat in _existing(self.folder.parent, "*.pt"))
+
+
+def save_durable(data: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, fsync'd, renamed to ``path`` (folders made): whole or absent, never half."""
+    temporary = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")  # unique: ranks may write one name at once
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(data, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _existing(root: Path, pattern: str) -> list[tuple[Path, os.stat_result]]:
@@ -307,9 +323,9 @@ def _existing(root: Path, pattern: str) -> list[tuple[Path, os.stat_result]]:
     return found
 
 
-def trim(root: Path, limit: int, keep: Path | None = None) -> int:
-    """Remove the oldest ``*.pt`` files under ``root`` (never ``keep``) until they total at most ``limit`` bytes, and
-    ``*.tmp`` files older than :data:`STALE_TMP_SECONDS` (a write killed midway); returns how many ``*.pt`` went.
+def trim(root: Path, limit: int, keep: Collection[Path] = ()) -> int:
+    """Remove the oldest ``*.pt`` files under ``root`` (never one in ``keep``) until they total at most ``limit`` bytes,
+    and ``*.tmp`` files older than :data:`STALE_TMP_SECONDS` (a write killed midway); returns how many ``*.pt`` went.
     Files another job removes meanwhile are skipped."""
     stale = time.time_ns() - STALE_TMP_SECONDS * 10**9
     for leftover, stat in _existing(root, "*.tmp"):
@@ -321,7 +337,7 @@ def trim(root: Path, limit: int, keep: Path | None = None) -> int:
     for file, stat in files:
         if total <= limit:
             break
-        if file == keep:
+        if file in keep:
             continue
         total -= stat.st_size
         file.unlink(missing_ok=True)
@@ -362,8 +378,13 @@ def stored_image_features(teacher: VisionTeacher, image_processor: Any, images: 
     device = next(teacher.parameters()).device
     if found and not todo_images:
         return rows_to_device([found[key] for key in keys], device)  # type: ignore[index]
-    computed = image_features(teacher, image_processor, todo_images, batch_size, workers, progress, desc, opener)
-    store.add({name: computed[row] for name, row in todo.items() if isinstance(name, str)}, persist)
+    continuing(len(found), len(found) + len(todo), desc)
+
+    def keep(first: int, rows: torch.Tensor) -> None:  # the todo names in row order
+        pairs = zip(list(todo)[first:first + len(rows)], rows.cpu(), strict=True)
+        store.add({name: row for name, row in pairs if isinstance(name, str)}, persist)
+
+    computed = image_features(teacher, image_processor, todo_images, batch_size, workers, progress, desc, opener, keep)
     if not found:  # every image computed; one of them twice where images repeat
         return computed if len(todo_images) == len(images) else computed[
             torch.tensor([todo[_name(key, i)] for i, key in enumerate(keys)])]

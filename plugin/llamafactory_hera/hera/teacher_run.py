@@ -5,7 +5,7 @@ With ``hera_teacher_precompute`` one pass over the training set's distinct image
 all-gathered, float32 throughout) fills the feature cache with the features the steps would compute, so the steps
 run no teacher forward and the teacher's weights (DINOv2-L: 1.2 GB) can leave the GPU for the whole run. Images head
 selection or the monitor already sent through this teacher are taken from its store (``teacher_cache``), not
-computed again.
+computed again. The pass keeps its rows in that store as it goes, so a rerun after a kill computes only the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from llamafactory_hera.hera.loss import distributed
 from llamafactory_hera.hera.teacher import (
     VisionTeacher,
+    continuing,
     image_features,
     load_image_processor,
     load_teacher,
@@ -93,12 +94,19 @@ def precompute_teacher_features(teacher: VisionTeacher, image_processor: Any, by
     cache.features.update({keys[position]: row for position, row in stored.items()})
     keys = [key for position, key in enumerate(keys) if position not in stored]
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1)
-    mine = keys[rank::world]
+    mine, desc = keys[rank::world], "teacher features (before training)"
+    if progress:
+        continuing(len(stored), len(stored) + len(keys), desc)
+
+    def keep(first: int, rows: torch.Tensor) -> None:  # kept as the pass goes: a killed run's rerun reads them
+        rows = dict(zip(mine[first:first + len(rows)], rows.float().cpu(), strict=True))
+        cache.features.update(rows)
+        if store is not None:
+            store.add(rows, persist=True)
+
     local = image_features(teacher, image_processor, [by_key[k] for k in mine], batch_size, progress=progress,
-                           desc="teacher features (before training)", opener=opener).float()  # [len(mine), E]
+                           desc=desc, opener=opener, keep=keep).float()  # [len(mine), E]
     if world == 1:
-        for key, row in zip(mine, local, strict=True):
-            cache.features[key] = row.to("cpu")
         return len(mine), len(stored)
     backend = torch.distributed.get_backend()
     comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")

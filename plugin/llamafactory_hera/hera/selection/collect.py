@@ -18,6 +18,7 @@ import os
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,8 +27,9 @@ from tqdm.auto import tqdm
 
 from llamafactory_hera.heads.architecture import head_projections, text_decoder
 from llamafactory_hera.heads.pooling import multimodal_token_ids, pooled_token_mask, pooling_weights
+from llamafactory_hera.hera import teacher_cache
 from llamafactory_hera.hera.projection import effective_weight_columns
-from llamafactory_hera.hera.teacher import VisionTeacher, batches_of, image_features, per_sample_features
+from llamafactory_hera.hera.teacher import VisionTeacher, batches_of, continuing, image_features, per_sample_features
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureStore, stored_image_features
 from llamafactory_hera.log import progress_file
 from llamafactory_hera_patches.errors import RecipeError
@@ -107,13 +109,22 @@ class PooledInputRecorder:
     """Hooks on each head layer's ``o_proj`` that pool its input ``[B, T, H*d_head]`` with per-sample weights, inside
     the hook (inference only) on the model's device in float32 (``[B, H*d_head]`` per layer and batch). After each
     forward :meth:`flush` brings all layers' pooled rows to the host in ONE copy: on an accelerator each copy waits
-    for the device."""
+    for the device. With a ``folder`` each batch's rows are kept there as the pass goes, and the batches an earlier
+    (killed) pass kept there are read back, up to the first one absent or unreadable (:meth:`remaining`)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, folder: Path | None = None) -> None:
         self.o_projs = head_projections(model)
         self.weights: torch.Tensor | None = None
         self.widths: list[int] = []
         self.batches: list[torch.Tensor] = []  # per batch [B, sum of widths], float32, CPU
+        self.folder = folder
+        while folder is not None:
+            try:
+                kept = torch.load(folder / f"{len(self.batches)}.pt", map_location="cpu", weights_only=True)
+            except Exception:  # noqa: BLE001 - absent or damaged: this batch and the later ones are computed again
+                break
+            self.batches.append(kept["rows"])
+            self.widths = kept["widths"]
         self._pending: dict[int, torch.Tensor | None] = dict.fromkeys(self.o_projs)
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in self.o_projs.items()]
 
@@ -143,6 +154,18 @@ class PooledInputRecorder:
         self.widths = [pooled.shape[-1] for pooled in pending]
         self.batches.append(torch.cat(pending, dim=-1).cpu())
         self._pending = dict.fromkeys(self.o_projs)
+        if self.folder is not None:
+            try:
+                teacher_cache.save_durable({"rows": self.batches[-1], "widths": self.widths},
+                                           self.folder / f"{len(self.batches) - 1}.pt")
+            except (OSError, RuntimeError) as err:  # torch.save: RuntimeError on ENOSPC; only the resume is lost
+                teacher_cache.cache_unwritable(self.folder, err)
+                self.folder = None
+
+    def remaining(self, batches: list[Any], desc: str) -> list[Any]:
+        """``batches`` less those read back from the folder (said)."""
+        continuing(sum(map(len, batches[:len(self.batches)])), sum(map(len, batches)), desc)
+        return batches[len(self.batches):]
 
     def result(self) -> dict[int, torch.Tensor]:
         """Layer with heads -> ``[N, H*d_head]`` float32 on CPU, in the order samples were fed."""
@@ -158,16 +181,17 @@ class PooledInputRecorder:
 
 @torch.no_grad()
 def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair], batch_size: int, device: Any,
-                 progress: bool = True) -> dict[int, torch.Tensor]:
+                 progress: bool = True, kept: Path | None = None) -> dict[int, torch.Tensor]:
     """Pooled ``o_proj`` inputs with the captions alone through the text decoder: layer with heads -> ``[N,
     H*d_head]`` float32 (CPU). ``torch.no_grad``, not ``inference_mode``: the tests' simulated accelerator's wrapper
-    tensors cannot be made in inference mode (llamafactory_hera_testing.accelerator)."""
+    tensors cannot be made in inference mode (llamafactory_hera_testing.accelerator). With ``kept``, batches are
+    kept in (and read back from) that folder (:class:`PooledInputRecorder`)."""
     decoder = text_decoder(model)
-    recorder = PooledInputRecorder(model)
+    recorder = PooledInputRecorder(model, kept)
     try:
-        batches = list(batches_of(pairs, batch_size))
-        for batch in tqdm(batches, desc="heads (captions through the LM)", disable=not progress,
-                          file=progress_file()):
+        desc = "heads (captions through the LM)"
+        for batch in tqdm(recorder.remaining(list(batches_of(pairs, batch_size)), desc), desc=desc,
+                          disable=not progress, file=progress_file()):
             encoded = tokenizer([p.caption for p in batch], padding=True, return_tensors="pt",
                                 return_special_tokens_mask=True)
             mask = encoded["attention_mask"].bool() & ~encoded["special_tokens_mask"].bool()
@@ -203,15 +227,16 @@ def through_root(model: nn.Module, decoder: nn.Module, **inputs: Any) -> Any:
 
 @torch.no_grad()  # as collect_text
 def collect_multimodal(model: nn.Module, dataset: Any, collator: Any, rows: list[int], batch_size: int, device: Any,
-                       progress: bool = True) -> dict[int, torch.Tensor]:
+                       progress: bool = True, kept: Path | None = None) -> dict[int, torch.Tensor]:
     """Head layer -> ``[N, H*d_head]`` float32 (CPU) pooled ``o_proj`` inputs with image + caption through the MLLM,
-    batches built by the SFT collator."""
-    recorder = PooledInputRecorder(model)
+    batches built by the SFT collator (``kept``: as :func:`collect_text`)."""
+    recorder = PooledInputRecorder(model, kept)
     template = getattr(collator, "template", None)
     multimodal = multimodal_token_ids(model.config, getattr(collator, "processor", None),
                                       getattr(collator, "tokenizer", None), getattr(template, "mm_plugin", None))
     try:
-        for batch_rows in tqdm(list(batches_of(rows, batch_size)), desc="heads (image + caption through the MLLM)",
+        desc = "heads (image + caption through the MLLM)"
+        for batch_rows in tqdm(recorder.remaining(list(batches_of(rows, batch_size)), desc), desc=desc,
                                disable=not progress, file=progress_file()):
             features = [dict(dataset[i]) for i in batch_rows]
             batch = collator(features)

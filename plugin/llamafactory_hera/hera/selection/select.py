@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from llamafactory_hera.hera.teacher import (
     load_teacher,
     teacher_batch_size,
 )
-from llamafactory_hera.hera.teacher_cache import feature_store, path_fingerprint
+from llamafactory_hera.hera.teacher_cache import cache_root, feature_store, path_fingerprint
 from llamafactory_hera.log import show
 from llamafactory_hera.placement import check_model_structure, device_map_for
 from llamafactory_hera.recipe.model_paths import check_model_paths
@@ -265,10 +266,11 @@ def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str,
     return model, tokenizer_module, template
 
 
-def score_head_neighbours(recipe_args: Any, options: SelectionOptions,
-                          pairs: list[collect.CalibrationPair]) -> HeadNeighbours:
+def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair],
+                          kept: Path | None = None) -> HeadNeighbours:
     """Load the model the way LLaMA-Factory does, in ``options.dtype``: ``[L, H]`` MKNN scores and each pair's
-    overlap (CPU, :func:`~llamafactory_hera.hera.selection.scores.all_head_neighbours`)."""
+    overlap (CPU, :func:`~llamafactory_hera.hera.selection.scores.all_head_neighbours`); the language model's pass
+    keeps its batches in ``kept`` and continues from those there (:class:`~collect.PooledInputRecorder`)."""
     device = options.resolved_device()
     model_args = recipe_args.model_args
     meta = None if model_args.quantization_bit is not None or torch.device(device).type not in ("cpu", "cuda") \
@@ -287,12 +289,12 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions,
     dataset = collator = None
     if options.mode == "text":
         pooled = collect.collect_text(model, tokenizer_module["tokenizer"], pairs, options.batch_size, device,
-                                      options.progress)
+                                      options.progress, kept)
     else:
         dataset, collator = multimodal_dataset_and_collator(recipe_args, model, tokenizer_module, template,
                                                             options.seed, [p.row for p in pairs], options.dataset)
         pooled = collect.collect_multimodal(model, dataset, collator, list(range(len(pairs))), options.batch_size,
-                                            device, options.progress)
+                                            device, options.progress, kept)
     weights = collect.layer_weights(model)
     del model, dataset, collator  # the collator holds the model (mRoPE): both go before the teacher loads
     collect.release_memory(device)  # and the memory with them (under hera_heads: auto, rank 0 trains next)
@@ -329,7 +331,9 @@ def run_selection(recipe_args: Any, options: SelectionOptions,
         scores = torch.tensor([[math.nan if v is None else v for v in row] for row in cached.scores])
         duration = cached.duration_s
     else:
-        scores = score_head_neighbours(recipe_args, options, pairs).scores
+        kept = cache_root() / "selection_passes" / f"{key}-{options.batch_size}-{settings['device']}"
+        scores = score_head_neighbours(recipe_args, options, pairs, kept).scores
+        shutil.rmtree(kept, ignore_errors=True)  # scored: a later selection with these settings reads the result
         duration = time.perf_counter() - start
     chosen = choose_heads(scores, options.num_heads, options.strategy, options.seed)
     notes = {**identity.get("data_notes", {}), "tied_heads_share": round(tied_share(scores), 4)}
