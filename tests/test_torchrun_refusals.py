@@ -78,8 +78,9 @@ def test_heads_outside_the_model_are_refused_before_torchrun_starts(assets: Any,
 def test_llamafactory_cli_runs_rah_as_one_process_on_a_multi_gpu_node(assets: Any, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Two visible devices, no FORCE_TORCHRUN: stock launch() would start torchrun with a rank per device, which
-    stage: rah refuses; the patched launch() checks the recipe and runs it in this process (run_exp, the command
-    popped), so that its placement spreads the model over every GPU."""
+    stage: rah refuses; the patched launch() checks the recipe and starts a torchrun of ONE rank (which sees every GPU,
+    so its placement spreads the model over them). Not run_exp() in this process: there transformers' arguments see
+    two GPUs and no launcher, and LLaMA-Factory's parse asks for torchrun (checked below with the real parse)."""
     import subprocess
 
     import llamafactory.extras.misc
@@ -90,15 +91,29 @@ def test_llamafactory_cli_runs_rah_as_one_process_on_a_multi_gpu_node(assets: An
 
     started: list[Any] = []
     monkeypatch.delenv("FORCE_TORCHRUN", raising=False)
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
     monkeypatch.setattr(llamafactory.extras.misc, "get_device_count", lambda: 2)
-    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail(f"torchrun started: {args}"))
-    monkeypatch.setattr(llamafactory.train.tuner, "run_exp", lambda: started.append(list(sys.argv)))
+    monkeypatch.setattr(subprocess, "run", lambda args, **kwargs: started.append(args) or subprocess.CompletedProcess(
+        args, 0))
+    monkeypatch.setattr(llamafactory.train.tuner, "run_exp", lambda: pytest.fail("run_exp ran in the launcher"))
     path = tmp_path / "rah.yaml"
-    path.write_text(yaml.safe_dump(build_rah_recipe(assets, "qwen2_5_vl", tmp_path / "out"), sort_keys=False),
-                    encoding="utf-8")
+    recipe = build_rah_recipe(assets, "qwen2_5_vl", tmp_path / "out")
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     monkeypatch.setattr(sys, "argv", ["llamafactory-cli", "train", str(path)])
-    llamafactory.launcher.launch()
-    assert started == [["llamafactory-cli", str(path)]]
+    with pytest.raises(SystemExit) as ended:
+        llamafactory.launcher.launch()
+    assert ended.value.code == 0
+    [command] = started
+    assert command[0] == "torchrun" and command[command.index("--nproc_per_node") + 1] == "1", command
+    assert command[-1] == str(path)
+    # what the one-rank torchrun avoids: the parse in a process seeing two GPUs without a launcher
+    # (transformers: NOT_DISTRIBUTED when a process without a launcher sees n_gpu > 1, faked here on the CPU)
+    from llamafactory.hparams import get_train_args
+    from transformers.training_args import ParallelMode, TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "parallel_mode", property(lambda self: ParallelMode.NOT_DISTRIBUTED))
+    with pytest.raises(ValueError, match="torchrun"):
+        get_train_args({**{k: v for k, v in recipe.items() if not k.startswith("rah_")}, "stage": "sft"})
 
 
 def test_a_bare_torchrun_prints_a_refusal_once(harc_assets: Any, tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything i
 - ``llamafactory.launcher.launch()`` pops the command from ``sys.argv``; for ``train`` with ``FORCE_TORCHRUN`` (or
   ``USE_MCA``), or more than one device without Ray or KTransformers (``llamafactory.extras.misc``: ``is_env_enabled``,
   ``get_device_count``, ``use_ray``, ``use_kt``), it runs ``torchrun ... launcher.py <args>`` with
-  ``subprocess.run(check=True)``, else ``llamafactory.train.tuner.run_exp()``: so a method declared ``one_process``
-  (RAH-LoRA: its model over every visible GPU) runs on a multi-GPU node unless ``FORCE_TORCHRUN`` is set;
+  ``subprocess.run(check=True)``, else ``llamafactory.train.tuner.run_exp()``: a method declared ``one_process``
+  (RAH-LoRA: its model over every visible GPU) gets a torchrun of one rank (``NPROC_PER_NODE=1``) on a multi-GPU node
+  unless ``FORCE_TORCHRUN`` is set;
   ``llamafactory.v1.launcher.launch()`` does the same for its ``_DIST_TRAIN_COMMANDS``;
 - ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (see :mod:`.recipe.recipe_file`).
 """
@@ -117,9 +118,9 @@ def apply(launcher: ModuleType) -> None:
             return original()
         method = check_before_ranks(sys.argv)
         if getattr(method, "one_process", False) and not forces_torchrun(misc):
-            # it places its model over every visible GPU itself: run here, as launch() runs `train` on one device
-            sys.argv.pop(1)
-            return importlib.import_module("llamafactory.train.tuner").run_exp()
+            # it places its model over every visible GPU itself: one rank, which sees them all. Not run_exp() here:
+            # transformers' arguments in a process that sees several GPUs and no launcher ask for torchrun (n_gpu > 1)
+            os.environ["FORCE_TORCHRUN"], os.environ["NPROC_PER_NODE"] = "1", "1"
         try:
             return original()
         except subprocess.CalledProcessError as error:  # torchrun's report is above: its exit code, no traceback

@@ -49,7 +49,7 @@ class Method:
     panel: str | None = None
     add_cli_verbs: str | None = None
     records: tuple[str, ...] = ()  # files the run writes into output_dir that say a run happened (marked if it fails)
-    one_process: bool = False  # runs as one process over every visible GPU: llamafactory-cli train starts no torchrun
+    one_process: bool = False  # runs as one process over every visible GPU: llamafactory-cli train starts one rank
 
     def load(self, field: str) -> Any:
         """Import what ``field`` names (``"module:attribute"``)."""

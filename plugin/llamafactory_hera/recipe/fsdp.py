@@ -33,8 +33,8 @@ from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.arguments import raw_value
 
 RAH_ONE_PROCESS = ("stage: rah runs as one process that places the model over every visible GPU; run it so: "
-                   "llamafactory-cli train RECIPE with FORCE_TORCHRUN unset (it starts no torchrun for stage: rah), "
-                   "not torchrun or accelerate launch")
+                   "llamafactory-cli train RECIPE with FORCE_TORCHRUN unset (it starts one rank for stage: rah), "
+                   "not torchrun or accelerate launch with several")
 _LAUNCH = ("accelerate launch --config_file with fsdp_version: 2 and fsdp_state_dict_type: FULL_STATE_DICT (as "
            "LLaMA-Factory's examples/accelerate/fsdp2_config.yaml)")
 # FSDP1 on two CPU ranks with the shim: without sync_module_states (its default needs an accelerator) torch 2.11's

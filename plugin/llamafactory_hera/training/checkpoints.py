@@ -5,9 +5,9 @@ Checkpoints a run can trust, and a stop that saves one (:class:`WholeCheckpoints
 preempted, disk full") says what users see.
 
 Each ``checkpoint-N`` is marked whole (``lifecycle.whole_checkpoints``) once every rank's save returned, then rotated;
-a save failing for lack of space is one line on every rank, no marker; resume takes the newest whole checkpoint. On
-``<prefix>_save_on_signal`` the handler only notes the signal; the ranks agree on one stop step through the process
-group's store (host-side: no device sync), save a whole checkpoint there and exit 0.
+a save failing for lack of space is one line from the rank it failed on (which ends the job), no marker; resume takes
+the newest whole checkpoint. On ``<prefix>_save_on_signal`` the handler only notes the signal; the ranks agree on one
+stop step through the process group's store (host-side: no device sync), save a whole checkpoint there and exit 0.
 
 A resumed run's weights: the checkpoint's tensors under the model's own names, and every trained tensor restored.
 
@@ -262,29 +262,27 @@ class WholeCheckpoints:
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         args, run = self.args, Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
         folder = run / f"{whole.CHECKPOINT_PREFIX}{self.state.global_step}"  # type: ignore[attr-defined]
-        limit, args.save_total_limit, failed = args.save_total_limit, None, None  # rotation after the whole save
+        limit, args.save_total_limit = args.save_total_limit, None  # rotation after the whole save
         try:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
-        except Exception as error:  # noqa: BLE001 - every rank learns of it below, then it is raised
-            failed = error
+        except Exception as error:
+            # said by this rank at once, with no collective: under FSDP2 and ZeRO-3 the other ranks may still be in
+            # the save's own gathers, which another collective here would not match (a hang); the launcher ends them
+            # when this process ends
+            raise (RecipeError(_full_line(folder, run, error)) if _lack_of_space(error, run) else error) from None
         finally:
             args.save_total_limit = limit
-        if not _on_every_rank(failed is None, args.device):
-            if failed is not None and not _lack_of_space(failed, run):
-                raise failed
-            raise RecipeError(_full_line(folder, run, failed))
+        _every_rank_saved(args.device)
         if args.should_save:
             whole.write_marker(folder, self.state.global_step, args.world_size)  # type: ignore[attr-defined]
             whole.rotate(run, limit, self.state.best_model_checkpoint)  # type: ignore[attr-defined]
 
 
-def _on_every_rank(ok: bool, device: torch.device) -> bool:
-    """Whether ``ok`` holds on every rank (a collective at each save: every rank reaches it)."""
-    if not dist.is_initialized():
-        return ok
-    failed = torch.tensor([0 if ok else 1], device=device)
-    dist.all_reduce(failed)
-    return not failed.item()
+def _every_rank_saved(device: torch.device) -> None:
+    """Returns once every rank's save returned (a collective at each save: a rank whose save failed never reaches it,
+    and ends its job instead)."""
+    if dist.is_initialized():
+        dist.all_reduce(torch.ones(1, device=device))
 
 
 def _lack_of_space(error: BaseException, run: Path) -> bool:
@@ -297,12 +295,12 @@ def _lack_of_space(error: BaseException, run: Path) -> bool:
     return needed is not None and shutil.disk_usage(run).free < needed
 
 
-def _full_line(folder: Path, run: Path, error: BaseException | None) -> str:
+def _full_line(folder: Path, run: Path, error: BaseException) -> str:
     newest = whole.newest_whole(run)[0]
     needed, free = whole.folder_bytes(newest), shutil.disk_usage(run).free
     size = f"it needs about {needed:,} bytes (the size of {newest.name}), " if newest and needed else ""
     kept = f"{newest} is kept, and is what resume_from_checkpoint: true takes" if newest else "no whole checkpoint yet"
-    why = f"{type(error).__name__}: {(str(error) + chr(10)).splitlines()[0]}" if error else "on another rank"
-    return (f"{'disk full: ' if error else ''}the checkpoint {folder} could not be written ({why}); {size}"
+    why = f"{type(error).__name__}: {(str(error) + chr(10)).splitlines()[0]}"
+    return (f"disk full: the checkpoint {folder} could not be written ({why}); {size}"
             f"{free:,} bytes are free there. It is not marked whole; {kept}. Free space (or "
             "set save_total_limit, or another output_dir) and run again.")
