@@ -6,6 +6,7 @@ twin, is tests/hera/test_hera_recipe_hardware.py::test_the_fsdp2_recipe_trains_w
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from types import SimpleNamespace
 
@@ -43,7 +44,9 @@ def test_a_float32_round_trip_rewrites_bf16_stored_codes() -> None:
 
 def test_the_installed_accelerate_is_patched() -> None:
     """The hook replaced the function where it lives and where ``accelerate.utils`` re-exports it (the Accelerator
-    imports it from there), whatever its source says."""
+    imports it from there), whatever its source says: here accelerate was imported first (this module's head), so the
+    patch waits for the process to import LLaMA-Factory, then replaces the copies bound before it too."""
+    importlib.import_module("llamafactory.extras.constants")
     patched = fsdp_utils.fsdp2_prepare_model
     assert patched.__code__.co_qualname == "apply.<locals>.fsdp2_prepare_model"  # __qualname__ is the wrapped one's
     assert accelerate_utils.fsdp2_prepare_model is accelerator.fsdp2_prepare_model is patched
@@ -182,3 +185,22 @@ def test_the_codes_checksum_is_the_byte_sums_of_a_loop_and_sees_one_byte_moved()
     swapped[[3, 4]] = torch.tensor([data[4], data[3]], dtype=torch.uint8)
     assert fsdp_qlora.checksum(moved) != expected
     assert data[3] == data[4] or fsdp_qlora.checksum(swapped) != expected
+
+
+def test_the_copies_accelerate_bound_before_the_patch_are_replaced_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program that imported accelerate before LLaMA-Factory: accelerate.utils and accelerate.accelerator hold their
+    own binding of ``fsdp2_prepare_model`` (Accelerator.prepare calls accelerator's); the deferred patch replaces every
+    copy that is still the original, so the 4-bit codes keep their guard."""
+    from types import ModuleType
+
+    def original(accelerator: object, model: object) -> object:
+        return model
+
+    utils = ModuleType("fake_fsdp_utils")
+    utils.fsdp2_prepare_model = original
+    monkeypatch.setattr(accelerate_utils, "fsdp2_prepare_model", original, raising=False)
+    monkeypatch.setattr(accelerator, "fsdp2_prepare_model", original, raising=False)
+    fsdp_qlora.apply(utils)
+    assert utils.fsdp2_prepare_model is not original
+    assert accelerate_utils.fsdp2_prepare_model is utils.fsdp2_prepare_model
+    assert accelerator.fsdp2_prepare_model is utils.fsdp2_prepare_model

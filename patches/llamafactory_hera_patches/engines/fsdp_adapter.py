@@ -106,7 +106,7 @@ def _whole(options: Any) -> bool:
 
 def apply(fsdp_utils: ModuleType) -> None:
     # an accelerate with the fix needs nothing: checked first, so that a later accelerate renaming a helper never fails
-    # `import accelerate` (this runs in every program of the environment that imports it)
+    # a LLaMA-Factory process
     if hasattr(fsdp_utils, "_get_model_state_dict") and not lacks_fix(fsdp_utils):
         return
     require(fsdp_utils, _HELPERS, "fsdp_adapter")

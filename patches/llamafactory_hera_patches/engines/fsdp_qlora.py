@@ -124,8 +124,7 @@ def check_at_first_forward(model: Any) -> None:
 
 
 def apply(fsdp_utils: ModuleType) -> None:
-    # checked first, so that a later accelerate renaming the function never fails `import accelerate` (this runs in
-    # every program of the environment that imports it)
+    # checked first, so that a later accelerate renaming the function never fails a LLaMA-Factory process
     if not hasattr(fsdp_utils, "fsdp2_prepare_model"):
         return
     original = fsdp_utils.fsdp2_prepare_model
@@ -145,3 +144,9 @@ def apply(fsdp_utils: ModuleType) -> None:
         return prepared
 
     fsdp_utils.fsdp2_prepare_model = fsdp2_prepare_model
+    # accelerate.utils and accelerate.accelerator bind the name at their import: where they were imported before this
+    # patch ran (a program that imported accelerate before LLaMA-Factory), Accelerator.prepare calls their copy
+    for name in ("accelerate.utils", "accelerate.accelerator"):
+        module = sys.modules.get(name)
+        if getattr(module, "fsdp2_prepare_model", None) is original:
+            module.fsdp2_prepare_model = fsdp2_prepare_model

@@ -221,8 +221,13 @@ def head_gates(modules: dict[int, DecoderLayer], layers: list[int], num_heads: i
 
 def gate_gradients(model: nn.Module, batch: dict[str, Any], layers: list[int], num_heads: int, head_dim: int,
                    kinds: TokenKinds, modules: dict[int, DecoderLayer] | None = None) -> torch.Tensor:
-    """d(margin loss)/d(gate) of one sample (batch of 1) at gamma = 1: ``[L, H]`` float32 on the CPU."""
-    with head_gates(modules or attention_modules(model), layers, num_heads, head_dim) as gates, torch.enable_grad():
+    """d(margin loss)/d(gate) of one sample (batch of 1) at gamma = 1: ``[L, H]`` float32 on the CPU. Where layers are
+    offloaded to the CPU, what the backward keeps goes there too: else every offloaded layer's weights, copied to the
+    GPU for its forward, stay there until the backward (the whole offloaded share at once)."""
+    offloaded = any(at in ("cpu", "disk") for at in (getattr(model, "hf_device_map", None) or {}).values())
+    kept = torch.autograd.graph.save_on_cpu() if offloaded else contextlib.nullcontext()
+    with head_gates(modules or attention_modules(model), layers, num_heads, head_dim) as gates, torch.enable_grad(), \
+            kept:
         logits = model(**model_inputs(batch), use_cache=False).logits
         _, _, after = token_masks(batch["input_ids"], batch["attention_mask"], kinds)
         loss = margin_loss(logits, after.to(logits.device))
