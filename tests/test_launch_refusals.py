@@ -19,6 +19,7 @@ from conftest import REPO, base_recipe, harc_recipe, saved_in_bf16
 from llamafactory_hera.demo.rah import build_rah_recipe
 from llamafactory_hera.job_refusal import raised_by_plugin
 from llamafactory_hera.recipe.checks import LIGER
+from llamafactory_hera_patches.errors import RecipeError
 
 STAGES = ("hera", "rah", "harc")
 
@@ -424,6 +425,26 @@ def test_liger_kernels_without_liger_kernel_are_one_line_before_loading(stage: s
     assert _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", **{key: True})) == (
         f"{key}: true needs liger-kernel, which is not installed here. Install it: pip install '{LIGER}' (or remove "
         f"{key} to train without it).")
+
+
+def test_liger_kernel_is_asked_for_only_where_llamafactory_would_import_it(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLaMA-Factory imports liger-kernel only for the model types it patches: a local Qwen2.5-VL without it is one
+    line, a Qwen3-VL (a type it leaves alone with a warning) trains as without the plugin; a hub id is left to it."""
+    from llamafactory_hera.recipe.checks import check_engines_installed
+
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    for model_type, refused in (("qwen2_5_vl", True), ("qwen3_vl", False)):
+        model = tmp_path / model_type
+        model.mkdir()
+        (model / "config.json").write_text(f'{{"model_type": "{model_type}"}}', encoding="utf-8")
+        recipe = {"model_name_or_path": str(model), "enable_liger_kernel": True}
+        if refused:
+            with pytest.raises(RecipeError, match="enable_liger_kernel: true needs liger-kernel"):
+                check_engines_installed(recipe, "hera")
+        else:
+            check_engines_installed(recipe, "hera")
+    check_engines_installed({"model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct", "enable_liger_kernel": True}, "hera")
 
 
 def test_a_deepspeed_config_given_inline_is_not_refused() -> None:

@@ -10,7 +10,9 @@ Checked on LLaMA-Factory 0.9.5:
 - ``llamafactory.extras.misc.is_env_enabled``: with ``ALLOW_EXTRA_ARGS`` unknown keys are ignored, not refused; with
   ``USE_MCA`` the training keys are Megatron-Core's (``mcore_adapter.TrainingArguments``), not read here;
 - ``llamafactory.data.template.TEMPLATES``: name -> template (an unknown name fails only after the tokenizer loaded:
-  "Template ... does not exist").
+  "Template ... does not exist");
+- ``llamafactory/model/model_utils/liger_kernel.py``: ``apply_liger_kernel`` imports liger-kernel only for the model
+  types its branches name (``model_type == "qwen2_5_vl"``); any other type trains with a warning, without it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import dataclasses
 import enum
 import functools
 import importlib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..guard import require
 
@@ -105,3 +109,13 @@ def template_names() -> tuple[str, ...]:
     module = importlib.import_module("llamafactory.data.template")
     require(module, ("TEMPLATES",), "templates")
     return tuple(sorted(module.TEMPLATES))
+
+
+@functools.cache
+def liger_applies_to(model_type: str) -> bool:
+    """Whether LLaMA-Factory's ``enable_liger_kernel`` imports liger-kernel for ``model_type`` (read from its source,
+    which names each type it patches; the file is found without importing LLaMA-Factory's model package)."""
+    spec = importlib.util.find_spec("llamafactory")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    source = Path(folders[0], "model", "model_utils", "liger_kernel.py") if folders else None
+    return source is None or not source.is_file() or f'"{model_type}"' in source.read_text(encoding="utf-8")
