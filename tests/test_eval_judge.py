@@ -101,7 +101,8 @@ def test_a_llama_guard_judge_reads_the_conversation_and_answers_greedily(judges:
         assert verdict == text.strip().lower().startswith("unsafe")
 
 
-# --- a plain text LoRA run against another, judged by the tiny classifier ---
+# --- a plain text LoRA run against another (stock sft: no run record, so eval is told its template), judged by the
+# tiny classifier ---
 
 def _lora_recipe(harc_assets: Any, output: Path, steps: int) -> dict[str, Any]:
     recipe = {k: v for k, v in harc_recipe(harc_assets, "llama3", output, max_steps=steps).items()
@@ -142,8 +143,8 @@ def test_a_lora_run_against_another_judged_by_a_classifier(lora_pair: tuple[Path
     run_dir, other = lora_pair
     with one_thread():
         proc = run_verb(capfd, "eval", run_dir, "--baseline", other, "--tasks", "jailbreak", "--prompts",
-                        run_dir.parent / "prompts.json", "--judge", judges.classifier, "--attacks",
-                        "direct,prefilling", cwd=run_dir.parent)
+                        run_dir.parent / "prompts.json", "--judge", judges.classifier, "--template", "llama3",
+                        "--attacks", "direct,prefilling", cwd=run_dir.parent)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     record = report(run_dir, "eval_report_vs_other")
     assert {(r["metric"], r["run"] is not None, r["baseline"] is not None) for r in record["rows"]} == {
@@ -180,7 +181,8 @@ def test_judges_that_cannot_judge(lora_pair: tuple[Path, Path], judges: SimpleNa
     monkeypatch.setattr(runner, "load_engine", no_model)
     monkeypatch.setattr(jailbreak, "judge_answers", no_model)
     run_dir, _ = lora_pair
-    common = (run_dir, "--base", "--tasks", "jailbreak", "--prompts", run_dir.parent / "prompts.json", "--judge")
+    common = (run_dir, "--base", "--template", "llama3", "--tasks", "jailbreak", "--prompts",
+              run_dir.parent / "prompts.json", "--judge")
     line = _error(capfd, *common, judges.not_a_judge)
     assert "a judge that is not a classifier (architectures ['LlamaForCausalLM'])" in line and "Llama Guard" in line
     assert "no checkpoint folder there" in _error(capfd, *common, tmp_path / "missing")
@@ -339,7 +341,7 @@ def test_harmbench_behaviours_judged_by_the_harmbench_classifier(lora_pair: tupl
     with one_thread():
         proc = run_verb(capfd, "eval", run_dir, "--baseline", other, "--tasks", "jailbreak", "--prompts",
                         run_dir.parent / "harmbench.csv", "--targets", run_dir.parent / "targets.json", "--judge",
-                        judges.harmbench, "--attacks", "direct", cwd=run_dir.parent)
+                        judges.harmbench, "--template", "llama3", "--attacks", "direct", cwd=run_dir.parent)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     scorer = f"harmbench judge {judges.harmbench}"
     record = report(run_dir, "eval_report_vs_other")
