@@ -178,7 +178,7 @@ def test_a_torchrun_job_shares_its_claim(assets, tmp_path: Path) -> None:
                      env={"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2"})
     assert proc.returncode != 0
     lines = _error_lines(proc.stderr)  # the rank that fails first ends the other (torchrun), which may not print
-    assert lines and all("stage: rah runs on one process (found 2" in line for line in lines), proc.stderr[-3000:]
+    assert lines and all("2 processes: stage: rah runs as one process" in line for line in lines), proc.stderr[-3000:]
     assert "is in use by another run" not in proc.stdout + proc.stderr
     assert not out.exists() or CLAIM not in [path.name for path in out.iterdir()]
 
