@@ -32,9 +32,12 @@ world = int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"])
 what = sys.argv[1]
 if what == "teacher":  # imported before the stamp: a rank is up when it has loaded what it runs
     from llamafactory_hera.hera.teacher_run import check_same_on_every_rank
-elif what == "adapter":
+elif what == "adapter":  # a LLaMA-Factory process (the plugin patches accelerate only there)
     import accelerate.utils.fsdp_utils as fsdp_utils
+    import llamafactory.extras.constants  # noqa: F401 - the patch of fsdp_utils waits for LLaMA-Factory
     from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from llamafactory_hera_patches.engines import fsdp_adapter
 stamp = f"{sys.argv[2]}.{rank}"  # when this rank refused, or began to wait for the others
 with open(f"{stamp}.tmp", "w", encoding="utf-8") as file:
     file.write(str(time.time()))
@@ -50,7 +53,11 @@ elif what == "adapter":
     model = torch.nn.Module()
     model.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(2, 2)})
     fsdp_utils.is_peft_model = lambda module: True
-    state = {"lora_A.weight": torch.zeros(2, 2)} if rank == 0 else {}  # PEFT's names: saved without the fix
+    # torch's name -> PEFT's, as PEFT gives them for a real adapter (this stand-in is no PeftModel)
+    fsdp_adapter._peft_names = lambda module: {"lora_A.default.weight": "lora_A.weight",
+                                               "lora_A.default.bias": "lora_A.bias"}
+    # rank 0 read a file naming no parameter of the model (stock accelerate's shards are under other names)
+    state = {"base_model.model.lora_A.weight": torch.zeros(2, 2)} if rank == 0 else {}
     fsdp_utils._set_model_state_dict(model, state, adapter_only=True, sd_options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=True))
 dist.barrier()
