@@ -35,7 +35,9 @@ def slow_first(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
         modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
     slices: list[list[pytest.Item]] = [[] for _ in range(workers)]
     seconds = [0] * workers
-    for module in sorted(set(modules) & set(SLOW_MODULES), key=lambda name: -SLOW_MODULES[name]):
+    # ties broken by name: a set's order follows the hash seed, which differs between xdist's workers, and every
+    # worker must collect the same order
+    for module in sorted(set(modules) & set(SLOW_MODULES), key=lambda name: (-SLOW_MODULES[name], name)):
         chosen = seconds.index(min(seconds))
         slices[chosen].extend(modules.pop(module))
         seconds[chosen] += SLOW_MODULES[module]
