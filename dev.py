@@ -84,7 +84,7 @@ PYTEST_NO_TESTS = 5
 
 _timings: list[tuple[str, float]] = []
 # CI runs in a fresh clone that is deleted afterwards: each run under CI appends its timings and the machine's load
-# here, so the next developer on the same machine can compare CI's wall time with an idle run's (issue 32)
+# here, so the next developer on the same machine can compare CI's wall time with an idle run's
 CI_TIMINGS_LOG = Path.home() / ".cache" / "llamafactory-hera" / "ci-timings.log"
 
 

@@ -1,4 +1,4 @@
-"""Issue 71, item 2: what the recipe and the accelerate config decide is refused by ``accelerate launch`` itself,
+"""What the recipe and the accelerate config decide is refused by ``accelerate launch`` itself,
 before it starts a rank (patches/.../accelerate_launch.py), as ``llamafactory-cli train`` before torchrun.
 
 Before, each case started both ranks, each printed the refusal, then accelerate printed torch's ``ChildFailedError``

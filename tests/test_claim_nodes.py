@@ -1,4 +1,4 @@
-"""Jobs across nodes on one shared folder, simulated (issue 57, items 2 and 4): each node's run is a plain Python
+"""Jobs across nodes on one shared folder, simulated: each node's run is a plain Python
 process (tests/claim_node.py) claiming the folder as a run does, with a host name and a job of its own (the
 environment a cluster gives: ``TORCHELASTIC_RUN_ID``, ``MASTER_*``, ``RANK``, ``SLURM_*``), and a lease and a refresh
 interval of a fraction of a second where time matters; nothing loads."""

@@ -1,4 +1,4 @@
-"""docs/configurations.md's method x configuration grid (issue 56 item 5, issue 71 item 5): every pair has a short
+"""docs/configurations.md's method x configuration grid: every pair has a short
 cell, "runs", "refused: why" or "no test", each cell other than "runs" cites a note the page has, every "runs" cell
 has its test under "Tests" (and only those cells), and every test the page names is a test function of its file (a
 parametrized id in brackets is allowed). No model, no run."""

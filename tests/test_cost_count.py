@@ -1,4 +1,4 @@
-"""bench/cost.py's counter (issue 70): one count against a number worked out by hand, and the bench's own step on a tiny
+"""bench/cost.py's counter: one count against a number worked out by hand, and the bench's own step on a tiny
 Qwen3-VL through the plugin's HeRA code path. One process, fake tensors and a fake process group (no collective
 runs); no reference run is needed: the references are hand counts."""
 

@@ -134,7 +134,7 @@ def test_each_step_continues_from_its_lowest_loss_candidate(tiny_llama3: SimpleN
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Algorithm 1 keeps the best of a step's candidates: the next step's gradient is taken at it, the step's loss is
     the lowest seen so far, and the result is the lowest of every candidate evaluated. On the tiny model every
-    candidate beats the initial suffix, so "the loss falls" alone also held when the worst was kept (issue 43)."""
+    candidate beats the initial suffix, so "the loss falls" alone also holds when the worst is kept."""
     evaluated: list[tuple[torch.Tensor, torch.Tensor]] = []  # (candidates, their losses) per call
     starts: list[list[int]] = []  # the suffix each step's gradient is taken at
     real_losses, real_gradients = gcg.target_losses, gcg.token_gradients

@@ -1,4 +1,4 @@
-"""Each column printed beside a paper's row, tied to how that paper computed it (issue 44, items 1 and 5): its
+"""Each column printed beside a paper's row, tied to how that paper computed it: its
 lmms-eval task and metric (a metric the task's own YAML lists, or one computed here from its samples), the paper's
 protocol and the difference where there is one; the scores computed here against independent references (lmms-eval's
 own aggregations, LLaVA's POPE reading by hand); the TextVQA variant's prompt with OCR tokens; every shipped recipe's

@@ -1,4 +1,4 @@
-"""What ``llamafactory-hera eval`` reads back from a run folder (issue 31): every run of a method records its
+"""What ``llamafactory-hera eval`` reads back from a run folder: every run of a method records its
 loading keys and how it ended (``llamafactory_hera_run.json``, its ``stage: sft`` twin included); a run and its
 baseline that load differently are refused, naming the key; a recorded ``seed: 0`` is 0; a failed run is refused.
 
@@ -52,7 +52,7 @@ def test_an_sft_twin_records_how_it_loads(sft_twin: Path) -> None:
 
 
 def test_a_baseline_that_loads_differently_is_refused(sft_twin: Path, tmp_path: Path) -> None:
-    """Issue 31: the HeRA run at its recipe's 262144 pixels, the twin at the default 589824 (2.25x the image
+    """The HeRA run at its recipe's 262144 pixels, the twin at the default 589824 (2.25x the image
     tokens): every vision delta would be confounded. Refused, naming the key, both values and the fix."""
     run_dir = _hera_folder(tmp_path / "hera", model_name_or_path=str(read_run(sft_twin, "b", True)
                                                                         .recipe["model_name_or_path"]),
@@ -75,7 +75,7 @@ def test_a_key_only_one_side_recorded_is_taken_over_and_said(tmp_path: Path) -> 
 
 
 def test_a_template_other_than_the_recorded_one_is_refused_naming_both(tmp_path: Path, capfd) -> None:
-    """Issue 43: ``eval --template llava`` on a run that recorded qwen2_vl evaluated it with qwen2_vl without a word.
+    """``eval --template llava`` on a run that recorded qwen2_vl is refused (it would evaluate with qwen2_vl unsaid).
     The same value is no news; a run that recorded none takes it, for its base model (``--base``) too."""
     run_dir = _hera_folder(tmp_path / "hera")
     line = error_in_process(capfd, str(run_dir), "--tasks", "demo", "--template", "llava")
@@ -94,7 +94,7 @@ def test_a_template_other_than_the_recorded_one_is_refused_naming_both(tmp_path:
 
 def test_a_recorded_model_or_adapter_folder_that_is_gone_is_one_line_before_loading(assets, tmp_path: Path,
                                                                                    capfd) -> None:
-    """Issue 52: eval checks the paths it will load with the stages' check (recipe/model_paths.py). A base model
+    """Eval checks the paths it will load with the stages' check (recipe/model_paths.py). A base model
     folder moved since training failed each task at loading ("OSError: Failed to load tokenizer."), a recorded
     adapter that is gone only after the base model's weights loaded (PEFT's "Can't find 'adapter_config.json'"),
     and either wrote a report of failed tasks into RUN_DIR. Now one line naming the flag, the record, the key and the
@@ -127,7 +127,7 @@ def test_a_recorded_model_or_adapter_folder_that_is_gone_is_one_line_before_load
 
 @pytest.mark.parametrize("kind", ["run_record", "hera", "rah", "harc", "llamaboard"])
 def test_a_recorded_seed_of_0_is_read_as_0(kind: str, tmp_path: Path) -> None:
-    """Issue 31: ``int(seed or 42)`` read seed 0 as 42, so HARC's refusal check drew another held-out split than
+    """Seed 0 is 0: ``int(seed or 42)`` read it as 42, so HARC's refusal check drew another held-out split than
     training did (the demo's harmful refusal 100 % at the end of training, 62.5 % in eval)."""
     host = {"model_name_or_path": "Qwen/Qwen2-0.5B-Instruct", "template": "qwen", "seed": 0}
     records = {"run_record": (RUN_RECORD, {"stage": "harc", "status": "finished", "loading": host}),
@@ -168,7 +168,7 @@ def _fail_in_the_workflow(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_failed_hera_run_is_marked_and_refused(assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 31: a failed run left ``hera_run.json`` as if a run had happened, and eval took it for one."""
+    """A failed run is marked and refused: an unmarked ``hera_run.json`` looks as if a run had happened."""
     _fail_in_the_workflow(monkeypatch)
     with pytest.raises(_Boom):
         train(base_recipe(assets, "qwen2_5_vl", tmp_path / "hera", max_steps=1))
@@ -220,7 +220,7 @@ def test_a_failed_runs_own_record_is_marked_but_an_older_runs_is_not(tmp_path: P
         assert error == "ValueError: RAH-LoRA changed no weight: 0 of 5 targets calibrated"
 
 
-# --- review of issue 31 on an 8-GPU node ---
+# --- what an 8-GPU node showed ---
 
 def test_a_run_that_failed_after_saving_its_model_is_evaluated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A failing do_predict, reporting backend or an interrupt after save_model left a saved model that eval refused

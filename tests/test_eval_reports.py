@@ -1,4 +1,4 @@
-"""``llamafactory-hera eval``'s reports and device placement (issue 31): one report per comparison (``--baseline TWIN``
+"""``llamafactory-hera eval``'s reports and device placement: one report per comparison (``--baseline TWIN``
 then ``--base`` used to overwrite ``eval_report.*`` silently), the rerun of a comparison says what it replaced; several
 visible GPUs get the pinning note, and docs/eval.md tells how to pin.
 
@@ -110,7 +110,8 @@ def test_several_visible_gpus_get_the_pinning_note(count: int, noted: bool, monk
 
 
 def test_the_docs_tell_how_to_pin_an_eval_to_one_gpu() -> None:
-    """Issue 31: on an 8-GPU node a 7B-14B model was split across all GPUs as a pipeline at batch size 1."""
+    """Unpinned, on an 8-GPU node a 7B-14B model is split across all GPUs as a pipeline at batch size 1: the docs say
+    how to pin one GPU."""
     from llamafactory_hera.evaluation.runner import PIN
 
     doc = read("docs/eval.md")

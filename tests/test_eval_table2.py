@@ -1,7 +1,7 @@
 """``llamafactory-hera eval RUN --baseline TWIN --tasks general,knowledge,ocr,vision-centric`` scored as the paper's
-Table 2 (issue 33, section 4): the group means and Delta Vision, the paper's published rows for a backbone of Table 2
+Table 2: the group means and Delta Vision, the paper's published rows for a backbone of Table 2
 (none for another), and the stage chain each run record holds, read from the records a compose and two runs left.
-``--tasks rah`` scored as RAH-LoRA's Table 1 (issue 34, section 2): its columns in the paper's order, and the paper's
+``--tasks rah`` scored as RAH-LoRA's Table 1: its columns in the paper's order, and the paper's
 LLaVA-1.5-7B rows beside them for a run of that model only.
 
 In-process, no model: the evaluation loop is replaced by fixed per-task scores."""

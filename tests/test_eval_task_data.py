@@ -1,4 +1,4 @@
-"""A preset whose tasks cannot run here is refused before any model loads (issue 44, item 4): offline, a task whose
+"""A preset whose tasks cannot run here is refused before any model loads: offline, a task whose
 dataset the datasets cache lacks (read from the library's task YAML, without importing it), unless its results are
 in the eval cache; the line names each task, its dataset, the cache and the one command that fetches them, and the
 --tasks that can run. Through the real command line in this process (the model loader replaced by a failure)."""

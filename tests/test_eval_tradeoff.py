@@ -1,4 +1,4 @@
-"""HARC's trade-off table and plot (issue 34, section 1): the rows and the table from hand-made report records (the
+"""HARC's trade-off table and plot: the rows and the table from hand-made report records (the
 capability preset's main scores and their mean, the demo stand-in, usability not measured on a non-HARC run), the
 plot written, and end to end: a tiny HARC run against its base with ``--tasks jailbreak,demo``.
 

@@ -1,4 +1,4 @@
-"""Every image-text family LLaMA-Factory ships (issue 49's table, docs/families.md): on a tiny model of each, the stock
+"""Every image-text family LLaMA-Factory ships (docs/families.md's table): on a tiny model of each, the stock
 path runs `llamafactory-hera select`, HeRA with `hera_heads: auto` (one step; the HeRA term's own gradient reaches the
 chosen heads' layer) and RAH-LoRA (an adapter written; the layers it leaves out named).
 

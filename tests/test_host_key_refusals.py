@@ -61,7 +61,7 @@ CASES: dict[str, tuple[str, Any, Any]] = {
                                         "folder the run starts in, "),
     "model folder without config.json": ("hera", lambda a, h, t: {"model_name_or_path": str(t)},
                                          lambda a, h, t, r: f"model_name_or_path: {t} is a folder without config.json"),
-    # issue 52: select's own check refused it; the stages' let it through to transformers
+    # select's own check and the stages' refuse it alike (the stages' once let it through to transformers)
     "model path that is a file": ("rah", lambda a, h, t: {"model_name_or_path": str(a.models["qwen2_5_vl"] /
                                                                                     "config.json")},
                                   lambda a, h, t, r: f"model_name_or_path: {r['model_name_or_path']} is a file, not a "

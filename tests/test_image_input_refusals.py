@@ -1,4 +1,4 @@
-"""Issue 50, item 4: bad images and image rows are one line naming the file or the row, before the model loads, and an
+"""Bad images and image rows are one line naming the file or the row, before the model loads, and an
 unwritable cache folder costs only its sharing. Before: a truncated PNG ended in ``OSError: Truncated File Read``
 (477 lines, no file named), a row with one image more than its ``<image>`` marks in LLaMA-Factory's ``ValueError``
 (no row or file named), ``cutoff_len: 8`` in a ``shape mismatch`` of Qwen3-VL's rope index after the model loaded

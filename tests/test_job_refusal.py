@@ -1,9 +1,9 @@
-"""A refusal on one rank of a multi-process job (issue 57, item 4): printed once, within seconds, and the other ranks
+"""A refusal on one rank of a multi-process job: printed once, within seconds, and the other ranks
 end instead of waiting in the process group for ``ddp_timeout`` (``llamafactory_hera/job_refusal.py``). Each job is
 two plain ranks (tests/refusal_rank.py: the plugin's excepthook, one or both ranks refusing, the others waiting in a
 gloo process group with a 600 s timeout) under torchrun, ``accelerate launch``, torchrun's environment without its
 agent (the job's store hosted by the test as the agent hosts it, but nothing stops a waiting rank: each rank must end
-by the refusal path, issue 69 item 7) and ``srun``'s environment without a launcher (``SLURM_PROCID``,
+by the refusal path) and ``srun``'s environment without a launcher (``SLURM_PROCID``,
 ``SLURM_NTASKS``, ``MASTER_*``)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 31 ("at scale"): inputs that used to pass the pre-flight and end the run late, after the model (and HeRA's
+"""At scale: inputs that used to pass the pre-flight and end the run late, after the model (and HeRA's
 teacher) loaded, or with an unrelated message or a traceback. Each is now one line naming the key, the value and the
 fix, raised before anything loads, through LLaMA-Factory's real ``run_exp`` (``no_model_load`` fails the test if the
 model loads first). Shared checks: ``recipe/checks.py`` (raw recipe and environment), ``recipe/checks.py``
@@ -75,7 +75,7 @@ FSDP_SOURCES = {  # name -> (recipe overrides, environment, what the message sta
 def test_fsdp_that_does_not_run_is_refused_naming_why(stage: str, source: str, assets: Any, harc_assets: Any,
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       no_model_load: None) -> None:
-    """Before issue 56 every FSDP was refused (HeRA's check read ``training_args.fsdp`` only and once failed at the
+    """Once every FSDP was refused (HeRA's check read ``training_args.fsdp`` only and once failed at the
     first projection). Now FSDP2 from ``accelerate launch`` with a full state dict runs HeRA and HARC; a sharded state
     dict (the run exits 0 with nothing saved, stock SFT too), FSDP1, the recipe's ``fsdp`` key and RAH-LoRA under any
     FSDP are refused before loading, naming the value and the fix (recipe/fsdp.py)."""
@@ -381,13 +381,13 @@ BAD_INPUTS: dict[str, tuple[str, Any, str]] = {
                            "stage: rah takes no optimizer step and runs as one process; remove deepspeed."),
     "rah with resume": ("rah", {"resume_from_checkpoint": "/nonexistent/checkpoint-5"},
                         "resume_from_checkpoint: /nonexistent/checkpoint-5 does not apply to stage: rah: "),
-    # issue 43: a bare StopIteration while the rows were aligned (HeRA), or a late or no error
+    # unchecked: a bare StopIteration while the rows were aligned (HeRA), or a late or no error
     **{f"{stage} max_samples 0": (stage, {"max_samples": 0}, "max_samples: 0 keeps no row of any dataset (") for stage
        in STAGES},
-    # issue 43: diagnosed as frozen heads ("add those layers' o_proj to lora_target") once the model had loaded
+    # unchecked: diagnosed as frozen heads ("add those layers' o_proj to lora_target") once the model had loaded
     "hera do_train false": ("hera", {"do_train": False}, "do_train: false: stage: hera trains (its loss exists only "),
     "hera without do_train": ("hera", {"do_train": None}, "do_train: false: stage: hera trains (its loss exists only "),
-    # issue 43: trained (an auto queue of 404 filled with the same 16 images), or with k lowered at every step
+    # unchecked: trained (an auto queue of 404 filled with the same 16 images), or with k lowered at every step
     "hera_k above the distinct images": ("hera", {"hera_k": 100, "max_samples": 16},
                                          "hera_k: 100: a contrastive set needs 101 distinct images (hera_k + 1: an "
                                          "anchor and its 100 teacher neighbours; at least 3 for a negative), but the "
@@ -395,7 +395,7 @@ BAD_INPUTS: dict[str, tuple[str, Any, str]] = {
     "hera_k above the batch and queue": ("hera", {"hera_k": 10, "per_device_train_batch_size": 4,
                                                   "hera_queue_size": 2},
                                          "hera_k: 10: each contrastive set needs hera_k + 1 = 11 samples"),
-    # issue 43: a FileNotFoundError from the preprocessing once the model had loaded
+    # unchecked: a FileNotFoundError from the preprocessing once the model had loaded
     "rah image files missing": ("rah", lambda a, h, t: {"dataset_dir": str(_without_images(a.dataset_dir, t))},
                                 "image 'images/"),
 }

@@ -165,7 +165,7 @@ def test_image_marks_are_counted_in_every_turn(tree, tmp_path, capsys) -> None:
 
 def test_images_under_a_relative_media_dir_are_listed_where_the_run_opens_them(tree, tmp_path, capsys,
                                                                               monkeypatch) -> None:
-    """Issue 43: with the recipes' relative media_dir (recipes/data/llava), a file LLaMA-Factory found (the empty
+    """With the recipes' relative media_dir (recipes/data/llava), a file LLaMA-Factory found (the empty
     one) was listed with the folder twice, data/llava/data/llava/..., as its path already holds it."""
     from llamafactory_hera.llava.data_convert import convert_file
 

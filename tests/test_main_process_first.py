@@ -1,4 +1,4 @@
-"""Issue 31 item 11: HeRA's and HARC's start-up data work (aligning the datasets with ``preprocessing_num_workers``
+"""HeRA's and HARC's start-up data work (aligning the datasets with ``preprocessing_num_workers``
 processes, HeRA's check of every row's image) runs main process first, as LLaMA-Factory loads a dataset: on a node of
 8 ranks the others then read the datasets cache the first wrote, instead of 8 x ``preprocessing_num_workers``
 processes at once on one cache."""

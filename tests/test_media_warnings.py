@@ -1,4 +1,4 @@
-"""Issue 43: LLaMA-Factory's converter printed one "Media ... does not exist in `media_dir`" warning per missing image
+"""LLaMA-Factory's converter prints one "Media ... does not exist in `media_dir`" warning per missing image
 (32 on the tiny dataset, hundreds on a real one) above the plugin's one-line refusal of the first missing file. While
 the plugin checks its image files they are held: dropped under the refusal, logged as the host logs them when the check
 passes (the real converter, in this process and in its worker processes). The line count of the real

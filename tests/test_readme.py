@@ -60,7 +60,7 @@ def test_dev_test_runs_pytest_on_every_core_unless_told_otherwise(monkeypatch: p
 
 def test_dev_test_asks_pytest_for_failures_as_they_happen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--instafail`` when the venv's python has pytest-instafail (the test extra), not when it lacks it or the
-    caller passed it; the pytest command of ``dev.py test`` carries it (issue 31 item 22)."""
+    caller passed it; the pytest command of ``dev.py test`` carries it."""
     dev = _dev()
     stub = tmp_path / "stub"
     stub.mkdir()
@@ -81,7 +81,7 @@ def test_dev_test_asks_pytest_for_failures_as_they_happen(tmp_path: Path, monkey
 def test_a_failure_shows_while_the_run_goes_on(tmp_path: Path) -> None:
     """Under pytest-xdist with dev.py's report options, a failing test's text is printed while a later test still
     runs: that test waits (up to 10 s) until the failure's text has been read from pytest's output, so a run stopped
-    early shows it too (issue 31 item 22: an interrupted ``dev.py test`` showed no failure text)."""
+    early shows it too (without it an interrupted ``dev.py test`` showed no failure text)."""
     pytest.importorskip("pytest_instafail", reason="pytest-instafail (the test extra) is not installed")
     dev = _dev()
     flag = tmp_path / "failure_seen"
@@ -119,7 +119,7 @@ def _summaries(tmp_path: Path) -> dict[str, str]:
 
 
 def test_readme_says_what_the_demos_run_and_print(tmp_path: Path) -> None:
-    """The README's demo lines say what each demo runs and its next steps what each prints (issue 31 item 21: it
+    """The README's demo lines say what each demo runs and its next steps what each prints (it once
     said the HeRA demo runs ``select --report``, a next step it prints, and that every demo ends with a chat line,
     which HeRA's does not print)."""
     from markdown_docs import section
@@ -143,8 +143,8 @@ def test_readme_says_what_the_demos_run_and_print(tmp_path: Path) -> None:
 
 def test_readme_says_what_the_set_up_costs_and_needs() -> None:
     """Disk of the .venv (measured on a fresh clone: 5.9 GB for the demo, 6.8 GB with the test extras), activating it
-    for llamafactory-cli and the web UI, the suite's time, and the browser test's Chromium from apt-get (issue 31 item
-    21; the figures as a fresh set-up measured them, issue 50 item 8)."""
+    for llamafactory-cli and the web UI, the suite's time, and the browser test's Chromium from apt-get (the
+    figures as a fresh set-up measured them)."""
     from markdown_docs import section
 
     clone = " ".join(section(README, "Try it from a clone").split())
@@ -403,7 +403,7 @@ def test_demo_runs_end_to_end_twice_and_its_next_steps_work(assets: TinyAssets, 
 
 
 def test_dev_records_a_ci_runs_timings_outside_the_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """CI's clone is deleted after the run; its wall time and load go to a log the next developer can read (32)."""
+    """CI's clone is deleted after the run; its wall time and load go to a log the next developer can read."""
     dev = _dev()
     monkeypatch.setattr(dev, "CI_TIMINGS_LOG", tmp_path / "cache" / "ci-timings.log")
     monkeypatch.setattr(dev, "_timings", [("setup", 100.4), ("pytest", 600.2)])
@@ -420,7 +420,7 @@ def test_dev_records_a_ci_runs_timings_outside_the_clone(tmp_path: Path, monkeyp
 
 def test_dev_sets_up_each_stack_in_its_own_venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--stack`` picks a stack's venv and constraints file; ``all`` (CI) runs the pinned stack's suite, then the
-    second stack's demos and subset, whose files exist (issue 58)."""
+    second stack's demos and subset, whose files exist."""
     dev = _dev()
     assert dev.stack_option("test", ["-x"]) == ("pinned", ["-x"])
     assert dev.stack_option("test", ["-x", "--stack", "oldest", "-k", "a"]) == ("oldest", ["-x", "-k", "a"])

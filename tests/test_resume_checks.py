@@ -1,4 +1,4 @@
-"""Issue 50, item 3: the checkpoint a run resumes from is checked before LLaMA-Factory parses the recipe
+"""The checkpoint a run resumes from is checked before LLaMA-Factory parses the recipe
 (``recipe/resume.py``), through LLaMA-Factory's real ``run_exp`` with the model load forbidden.
 
 Before, each case below loaded the model and ended in a traceback of about 600 lines: a full Qwen3-VL run from a

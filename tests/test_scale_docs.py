@@ -1,4 +1,4 @@
-"""Issue 31 items 5 and 10: the one-GPU recipes and the methods' docs say how to pin one GPU (``llamafactory-cli
+"""The one-GPU recipes and the methods' docs say how to pin one GPU (``llamafactory-cli
 train`` starts a process on every visible GPU: a one-GPU HeRA recipe on an 8-GPU node trains on 8x the samples per
 step at the same learning rate, HARC on 8x the rows with the same schedule, RAH-LoRA refuses), and the docs say that
 FSDP is refused and DeepSpeed ZeRO is the supported sharding."""
@@ -41,7 +41,7 @@ def test_an_eight_gpu_recipe_header_does_not_pin(path: Path) -> None:
 @pytest.mark.parametrize("doc", ["docs/hera.md", "docs/rah.md", "docs/harc.md"])
 def test_method_docs_pin_one_gpu_and_say_which_fsdp_runs(doc: str) -> None:
     """RAH-LoRA refuses FSDP; HeRA and HARC run FSDP2 from accelerate launch with a full state dict and refuse the
-    rest (issue 56; recipe/fsdp.py)."""
+    rest (recipe/fsdp.py)."""
     text = read(doc)
     assert any(line.startswith(f"{PIN} recipes/") for line in text.splitlines()), doc  # in a command block
     prose = " ".join(text.split())

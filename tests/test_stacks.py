@@ -1,4 +1,4 @@
-"""The host stacks (issue 58): a transformers outside what LLaMA-Factory 0.9.5 or main allows is refused at start-up
+"""The host stacks: a transformers outside what LLaMA-Factory 0.9.5 or main allows is refused at start-up
 in one line; a family the installed transformers lacks and ``flash_attn: fa2`` on transformers 5.6.0 are refused by
 name before loading, through LLaMA-Factory's real ``run_exp``; the families table (patches' stacks.py, and
 docs/families.md) agrees with the installed transformers' own registry."""

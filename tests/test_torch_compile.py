@@ -1,4 +1,4 @@
-"""``torch_compile`` and Liger's kernels with the plugin's stages (issue 70 item 6, docs/configurations.md's rows).
+"""``torch_compile`` and Liger's kernels with the plugin's stages (docs/configurations.md's rows).
 
 - ``stage: hera`` with ``torch_compile: true`` trains and logs what the same recipe logs uncompiled (two ``run_exp``
   runs in this process, one after the other). Backend ``aot_eager``: dynamo's tracing of HeRA's o_proj hooks and AOT

@@ -1,4 +1,4 @@
-"""Issue 50, items 5 and 6: a refused recipe under torchrun, a missing DeepSpeed, and the recipe mistakes that still
+"""A refused recipe under torchrun, a missing DeepSpeed, and the recipe mistakes that still
 ended in LLaMA-Factory's or its libraries' tracebacks with a plugin stage.
 
 Before: under ``FORCE_TORCHRUN=1 NPROC_PER_NODE=2 llamafactory-cli train`` a misspelt plugin key printed its line once

@@ -147,7 +147,7 @@ def test_single_step_and_nothing_logged(saved: list[Figure], tmp_path: Path, cap
 def test_a_run_shorter_than_logging_steps_warns_and_exits_0(assets: Any, harc_assets: Any, stage: str,
                                                             tmp_path: Path) -> None:
     """A one-step smoke test (``max_steps: 1`` below ``logging_steps: 5``) logs no loss: ``llamafactory-cli train``
-    exits 0, as the stock ``plot_loss`` does (issue 31 item 7: it used to fail after training with ``no loss, term or
+    exits 0, as the stock ``plot_loss`` does (it used to fail after training with ``no loss, term or
     panel series was logged``), warning that nothing was plotted (HeRA plots its monitor's points)."""
     from conftest import base_recipe, harc_recipe, run_train
     from llamafactory_hera.demo.rah import build_rah_recipe

@@ -179,7 +179,7 @@ def _gemma4_text(t: SimpleNamespace, folder: Path) -> SimpleNamespace:
 
 def test_harc_gradient_on_a_kv_sharing_model_is_exact_with_a_coupled_source_layer(
         tiny: dict[str, SimpleNamespace], tmp_path: Path) -> None:
-    """Gemma 4 (issue 57): a layer that reads another's keys and values gets them outside its checkpointed call, so
+    """Gemma 4: a layer that reads another's keys and values gets them outside its checkpointed call, so
     reentrant checkpointing drops that gradient. The trainer's ``LayerCheckpointing(model, [], "HARC")`` runs the
     chain (layers 1 and 4) non-reentrant, the other layers reentrant: HARC's gradient, coupled layers 1 (the source)
     and 3, equals the one without checkpointing and the one with non-reentrant checkpointing everywhere; reentrant

@@ -56,7 +56,7 @@ def test_harc_demo_converts_trains_and_raises_refusal_on_held_out_harmful_prompt
                         str(run_dir), "--template", "llama3", "--do_sample", "false", "--max_new_tokens", "32"]
     assert f"eval {run_dir} --base --tasks jailbreak,demo" in proc.stdout
 
-    # the run trained to refuse: prefilling the answer with "Sure, here is" changes what is counted (issue 34)
+    # the run trained to refuse: prefilling the answer with "Sure, here is" changes what is counted
     jailbreak = run_verb(capfd, "eval", run_dir, "--base", "--tasks", "jailbreak", "--attacks", "direct,prefilling",
                          "--limit", "4", cwd=tmp_path)
     assert jailbreak.returncode == 0, jailbreak.stderr[-3000:]

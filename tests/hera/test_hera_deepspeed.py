@@ -100,8 +100,8 @@ def test_zero2_and_zero3_train_hera_like_ddp(assets, tmp_path: Path) -> None:
 def test_heras_heads_under_zero3_gather_nothing_beyond_the_sft_twin(tmp_path: Path) -> None:
     """tests/hera/zero3_column_gather.py on two gloo ranks under torchrun, DeepSpeed ZeRO-3 with every parameter
     partitioned, no prefetch and nothing kept live: HeRA copies its heads' o_proj columns (and the adapter parts) in
-    the modules' own calls, so a step with its term all-gathers exactly the bytes of the SFT twin's step (859194c
-    gathered o_proj and each adapter matrix again in calls of their own, forward and backward); the weights after an
+    the modules' own calls, so a step with its term all-gathers exactly the bytes of the SFT twin's step (an older
+    one gathered o_proj and each adapter matrix again in calls of their own, forward and backward); the weights after an
     SFT step and a HeRA step equal a brute-force reference on the unpartitioned layer (full fine-tuning, LoRA, DoRA)."""
     proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
                            str(free_port()), str(Path(__file__).with_name("zero3_column_gather.py"))],

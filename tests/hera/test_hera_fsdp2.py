@@ -74,8 +74,8 @@ def test_fsdp2_lora_trains_saves_and_resumes_like_ddp(assets, tmp_path: Path) ->
 def test_the_shipped_configs_efficient_loading_gives_the_teacher_of_a_torchrun_run(assets, tmp_path: Path) -> None:
     """recipes/accelerate/fsdp2_config.yaml loads with ``fsdp_cpu_ram_efficient_loading: true``, under which
     transformers fills every parameter of a model loaded on a process that is not local rank 0 with zeros (FSDP
-    broadcasts the trained model's; nothing broadcast the teacher's: at 4d19032 rank 1's teacher was zeros, its half of
-    the precomputed features zero). FSDP2 with the efficient loading on (the shipped config's) and off, one after
+    broadcasts the trained model's; a teacher nothing broadcasts stays zeros on rank 1, and so would its half of
+    the precomputed features). FSDP2 with the efficient loading on (the shipped config's) and off, one after
     another in one ``accelerate launch``, against the reference: torchrun DDP in a launch of its own, without
     accelerate's FSDP environment. Step 1's lm_loss and hera_loss (the teacher features of every image, computed half
     on each rank and gathered before the step) equal the reference's."""
@@ -175,8 +175,8 @@ def test_heras_gather_moves_the_head_columns_only(tmp_path: Path) -> None:
     weights (full fine-tuning, LoRA, DoRA, LoRA on nf4 stored in bf16; rows even and uneven over the ranks) equals a
     brute-force reference on the unsharded layer (values, and gradients averaged over the ranks), and all-gathers the
     head columns and the adapter parts only: the bytes counted on the collectives are those, not the whole weight
-    (4d19032 gathered it whole). A 4-bit weight whose shards are whole rows and blocks moves its columns in bf16
-    (1088 bytes with the adapter's; 859194c's whole packed gather moved 1856); unaligned shards still move it whole.
+    (an older one moved it whole). A 4-bit weight whose shards are whole rows and blocks moves its columns in bf16
+    (1088 bytes with the adapter's; a whole packed gather moves 1856); unaligned shards still move it whole.
     Without bitsandbytes (the oldest stack) the 4-bit settings are left out."""
     four_bit = importlib.util.find_spec("bitsandbytes") is not None
     proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",

@@ -1,5 +1,5 @@
 """Under FSDP2 and DeepSpeed ZeRO-3 every rank issues the same collectives when only some ranks' micro-batches have a
-HeRA term (``hera_gather: false``, text-only micro-batches): issue 69 item 2. The FSDP2 run (two CPU ranks,
+HeRA term (``hera_gather: false``, text-only micro-batches). The FSDP2 run (two CPU ranks,
 ``accelerate launch`` of LLaMA-Factory's launcher.py, tests/fsdp_checks.py) and the ZeRO-3 run (``llamafactory-cli
 train`` under torchrun, every parameter partitioned: HeRA projects through the module calls) are each compared with a
 reference run in a SEPARATE launch: ``llamafactory-cli train`` under torchrun, plain DDP, without accelerate's FSDP
@@ -61,7 +61,7 @@ def split_runs(assets: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
 def test_a_rank_without_a_hera_term_runs_the_same_collectives(assets, split_runs: tuple[Path, Path], engine: str,
                                                               tmp_path: Path) -> None:
     """``hera_gather: false``, rank 0 with a HeRA term at every step, rank 1 with text-only micro-batches: the run
-    completes (a collective timeout of 60 s fails a hang fast; 4d19032's code timed out in the backward's gather
+    completes (a collective timeout of 60 s fails a hang fast; an earlier version timed out in the backward's gather
     under FSDP2) and gives the losses and the adapter of torchrun DDP, a launch of its own."""
     if engine == "zero3":
         pytest.importorskip("deepspeed")

@@ -1,4 +1,4 @@
-"""The paper's experiment (Table 2) end to end on tiny models, as the recipes' headers run it (issue 33, section 5).
+"""The paper's experiment (Table 2) end to end on tiny models, as the recipes' headers run it.
 
 For a tiny Qwen3 + SigLIP (recipes/llava15/qwen3_8b_stage*.yaml) and a tiny Llama in Vicuna's format + CLIP
 (vicuna_7b_stage*.yaml): ``llamafactory-hera compose``; ``select`` with the header's flags (``--dry-run``) on the

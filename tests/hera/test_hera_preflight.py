@@ -49,7 +49,8 @@ def test_contrastive_sets_without_a_negative_are_refused(per_device: int, messag
 ])
 def test_the_training_datas_distinct_images_cap_the_queue(keys: dict[str, Any], queue: int,
                                                           capped_from: int | None) -> None:
-    """Issue 43: hera_k: 100 on 16 images trained with an auto queue of 404, the same 16 images again and again."""
+    """hera_k: 100 on 16 images: the queue is capped at the distinct images (an auto queue of 404 would hold the same
+    16 images again and again)."""
     from llamafactory_hera.hera.preflight import queue_cap_line
 
     args = _args(**keys)
@@ -86,8 +87,8 @@ def test_the_training_datas_distinct_images_cap_the_queue(keys: dict[str, Any], 
 ])
 def test_sets_that_can_never_hold_k_plus_1_distinct_images_are_refused(keys: dict[str, Any], per_device: int,
                                                                         distinct: int | None, message: str) -> None:
-    """Issue 43: the run trained with k lowered to the set's size at every step (one warning), or, when the dataset
-    had fewer distinct images than hera_k + 1, with neighbours that were the same images again."""
+    """Refused: unchecked, the run trained with k lowered to the set's size at every step (one warning), or, when the
+    dataset had fewer distinct images than hera_k + 1, with neighbours that were the same images again."""
     args = _args(**keys)
     with pytest.raises(ValueError) as error:
         check_contrastive_geometry(contrastive_geometry(args, per_device, 1, distinct_images=distinct), args)
@@ -120,8 +121,8 @@ def test_a_queue_beyond_the_distinct_images_is_capped_with_a_line(assets, tmp_pa
 
 
 def test_the_hera_k_cap_counts_the_images_that_train(assets, tmp_path: Path) -> None:
-    """Issue 52: 16 rows with val_size: 0.25 train on 12 images; hera_k: 12 needs 13 distinct images: refused before
-    the model loads (the 16 rows' images were counted, validation rows among them, and the run trained)."""
+    """16 rows with val_size: 0.25 train on 12 images; hera_k: 12 needs 13 distinct images: refused before
+    the model loads (counting the 16 rows' images, validation rows among them, would let the run train)."""
     output = _refused(assets, tmp_path, hera_k=12, max_samples=16, val_size=0.25, per_device_train_batch_size=4)
     assert ("hera_k: 12: a contrastive set needs 13 distinct images (hera_k + 1: an anchor and its 12 teacher "
             "neighbours; at least 3 for a negative), but the training data (dataset: hera_demo, max_samples: 16, "

@@ -1,4 +1,4 @@
-"""The recipes for the hardware users have (issue 56 item 4): the QLoRA twin of qwen3_8b_hera.yaml on one 24 GB GPU,
+"""The recipes for the hardware users have: the QLoRA twin of qwen3_8b_hera.yaml on one 24 GB GPU,
 its FSDP2 twin with recipes/accelerate/fsdp2_config.yaml on a node of 8 GPUs, and the 2026 families' LoRA recipes.
 
 - recipes/memory.py's bytes of a bitsandbytes-quantized model (4-bit nf4 with double quantization, fp4 without, 8-bit)

@@ -80,7 +80,7 @@ def test_a_checkpoint_with_or_without_the_base_model_prefix_restores_every_tenso
     """The renaming's base-model-prefix case, as ``from_pretrained`` renames: the bare decoder's checkpoint
     (``layers.0.*``, what a base model's ``save_pretrained`` writes) restores into the model with a head
     (``model.layers.0.*``), and the head model's checkpoint into the bare decoder (``model.`` dropped, ``lm_head`` left
-    out). Without the prefix (issue 50's surviving mutant: ``prefix = None``) neither restores a tensor."""
+    out). Without the prefix (the mutant ``prefix = None``) neither restores a tensor."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
     from llamafactory_hera.training.checkpoints import model_keys, restore_weights

@@ -184,7 +184,7 @@ def test_select_rejects_bad_input_before_loading(assets, tmp_path: Path, capfd) 
 
 def test_select_names_a_missing_model_folder_and_a_missing_gpu_before_loading(assets, tmp_path: Path, capfd,
                                                                               monkeypatch) -> None:
-    """Issue 43: a mistyped model folder ended in transformers' "Repo id must be in the form 'repo_name' or
+    """Unchecked, a mistyped model folder ends in transformers' "Repo id must be in the form 'repo_name' or
     'namespace/repo_name'" traceback, ``--device cuda`` without a GPU in torch's "Found no NVIDIA driver" after the
     data and the teacher had loaded (31 s on the tiny model)."""
     from llamafactory_hera.hera.selection.select import check_device
@@ -217,7 +217,7 @@ def test_select_names_a_missing_model_folder_and_a_missing_gpu_before_loading(as
 
 
 def test_select_refuses_a_file_given_as_the_model_before_loading(assets, tmp_path: Path, capfd) -> None:
-    """Issue 52: ``select``'s model check is the stages' (recipe/model_paths.py); a file named as the model (here
+    """``select``'s model check is the stages' (recipe/model_paths.py); a file named as the model (here
     the model's config.json, not its folder) is refused in one line before anything loads, as select's own check
     refused it, which the stages' check let through to transformers."""
     recipe = tmp_path / "recipe.yaml"

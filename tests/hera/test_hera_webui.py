@@ -186,7 +186,7 @@ def shown(markup: str) -> str:
 
 def test_the_preview_checks_the_heads_against_the_models_config(board: dict[str, Any], assets: Any) -> None:
     """Heads outside the model's layers or heads are refused by the preview (and Start) with the run's own line, where
-    the model's config can be read locally, as RAH-LoRA's layers are (issue 31 item 20: ``L99H0`` failed only after
+    the model's config can be read locally, as RAH-LoRA's layers are (unchecked, ``L99H0`` failed only after
     Start, in the run's log)."""
     model = assets.models["qwen3_vl"]
     text = json.loads((model / "config.json").read_text(encoding="utf-8"))["text_config"]

@@ -277,7 +277,7 @@ def _stage_box_report(page: Any, stage: str, labels: list[str]) -> dict[str, Any
 def test_the_stage_box_shows_the_methods_names_whole(webui_to_look_at: tuple[str, Path], tmp_path: Path,
                                                      width: int) -> None:
     """The Train tab's Stage dropdown shows each stage's full name, the methods' long ones included, in the box and in
-    its list, at a desktop and a laptop width (issue 31 item 20: the box cut the methods' names off). A screenshot of
+    its list, at a desktop and a laptop width (a narrow box cuts the methods' names off). A screenshot of
     the Train tab's first row with the list open is left in the test's folder."""
     from llamafactory_hera.methods import declared_methods
 
