@@ -57,7 +57,7 @@ def test_each_method_has_a_demo_a_recipe_and_an_eval_line() -> None:
     for stage, (_, compare) in METHODS.items():
         lines = bash_lines(_method_section(stage))
         assert f"python3 dev.py demo --method {stage}" in lines, stage
-        # one-GPU recipes pin one GPU (issue 31 item 10): a node's other GPUs would each start a rank
+        # one-GPU recipes pin one GPU: a node's other GPUs would each start a rank
         pinned = "CUDA_VISIBLE_DEVICES=0 llamafactory-cli train recipes/"
         assert not [line for line in lines if line.startswith("llamafactory-cli train recipes/")], \
             f"{stage}: the README's one-GPU train lines start with CUDA_VISIBLE_DEVICES=0"
@@ -153,23 +153,30 @@ UPSTREAM_COMMITS = {"098262e": "llm-attacks/llm-attacks", "a3bb396": "paul-rottg
 # 10610", "accelerate's issue 12")
 UPSTREAM_BEFORE = re.compile(r"(?:LLaMA-Factory|accelerate|transformers|DeepSpeed|PyTorch|torch|peft|trl|bitsandbytes"
                              r"|LLaVA)(?:'s)? $", re.I)
-OWN_ISSUE = re.compile(r"\b(?:issues?|item \d+ of issue) #?\d+|(?<![\w/.:&-])#\d{1,5}\b(?![0-9a-fA-F])", re.I)
-COMMIT = re.compile(r"(?<![\w#/.-])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}(?![\w/-])")
+# an issue number: "issue" and a number, "#" and a number, or a bare parenthesised number closing a docstring
+OWN_ISSUE = re.compile(r"\b(?:issues?|item \d+ of issue) #?\d+|(?<![\w/.:&-])#\d{1,5}\b(?![0-9a-fA-F])"
+                       r'|\(\d{2,3}\)(?=\.?""")', re.I)
+# a commit hash: 7 to 40 hex digits, a letter and a digit among them; a string literal holding only one is a value
+COMMIT = re.compile(r"(?<![\w#/.-])(?!(?<=\")[0-9a-f]{7,40}\")(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}"
+                    r"(?![\w/-])")
 PROSE = {".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".txt", ".cfg"}  # not data (JSON, CSV), whose hashes are values
 
 
 def test_the_package_recipes_and_docs_name_no_issue_number_or_commit_of_this_project() -> None:
-    """The package, the recipes, the docs and the README say what is true now, not which issue or commit changed it:
-    none holds an issue number of this project ("issue 56", "item 4 of issue 69", "#12") nor a commit hash ("since
-    c110743", "on main at 7f1ba99"). Allowed, precisely: another project's issue or pull request named with it
-    ("LLaMA-Factory issue 10610", "accelerate PR 4206", "haotian-liu/LLaVA#835", links to their trackers) and the
-    commits of other projects the docs cite as sources (:data:`UPSTREAM_COMMITS`, each with its project). Data files
-    (JSON, CSV) are not read: a hash there is a value, not prose; a colour (``#1f77b4``) is no issue number and, six
-    characters long, no hash. docs/cost.md included: nothing is skipped."""
-    roots = [REPO / "plugin", REPO / "patches", REPO / "recipes", REPO / "docs"]
-    paths = [REPO / "README.md", *(p for root in roots for p in sorted(root.rglob("*"))
-                                  if p.is_file() and p.suffix in PROSE and "__pycache__" not in p.parts)]
-    assert REPO / "docs" / "cost.md" in paths
+    """The package, the recipes, the docs, the README, the tests, the test support, the benches, dev.py and CI say what
+    is true now, not which issue or commit changed it: none holds an issue number of this project ("issue" or "item N of
+    issue" and a number, "#" and a number, a bare parenthesised number closing a docstring) nor a commit hash (7 to 40
+    hex digits, a letter and a digit among them, as "since" or "on main at" would name one). Allowed, precisely: another
+    project's issue or pull request named with it ("LLaMA-Factory issue 10610", "accelerate PR 4206",
+    "haotian-liu/LLaVA#835", links to their trackers) and the commits of other projects the docs cite as sources
+    (:data:`UPSTREAM_COMMITS`, each with its project). Data files (JSON, CSV) are not read: a hash there is a value, not
+    prose; a colour (``#1f77b4``) is no issue number and, six characters long, no hash; nor is a string literal holding
+    only hex digits (a test's fake Hub snapshot). docs/cost.md and CI's script included: nothing is skipped."""
+    roots = [REPO / name for name in ("plugin", "patches", "recipes", "docs", "tests", "testing", "bench")]
+    paths = [REPO / "README.md", REPO / "dev.py", *sorted((REPO / ".ci").iterdir()),
+             *(p for root in roots for p in sorted(root.rglob("*"))
+               if p.is_file() and p.suffix in PROSE and "__pycache__" not in p.parts)]
+    assert {REPO / "docs" / "cost.md", REPO / ".ci" / "run", REPO / "tests" / "test_docs.py"} <= set(paths)
     found = []
     for path in paths:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
