@@ -60,6 +60,32 @@ def test_fsdp2_killed_in_a_save_preempted_and_killed_in_a_step_ends_as_never_sto
     links = _chain("fsdp2", assets, tmp_path, [save, {"point": "sigterm", "rank": rng.randrange(2), "at": 1},
                                                 random_fault(rng, rng.choice(["forward", "optimizer"]))])
     assert [link.outcome for link in links] == ["killed", "stopped", "killed", "finished"], links
+    assert "SIGTERM to 2 ranks" in links[1].printed
     said = [line for line in links[1].printed.splitlines() if "SIGTERM: saved the whole checkpoint" in line]
     assert len(said) == 1 and said[0].endswith("run the same recipe again with resume_from_checkpoint: true."), said
     assert_fsdp2(tmp_path / f"link{len(links) - 1}", {"load", "step", "save"})
+
+
+@pytest.mark.skipif(not os.environ.get("HERA_FAULT_CAMPAIGN"), reason="a campaign: HERA_FAULT_CAMPAIGN=N kills")
+def test_campaign_of_random_kills_loses_no_run(assets: Any, tmp_path: Path) -> None:
+    """Chains of up to 5 random SIGKILLs (any point, any rank), DDP and FSDP2 in turn, until N kills happened. Each
+    kill counts as refused by name (its rerun ended with one named line), equal (its chain ended bit for bit as the
+    run never stopped) or lost (anything else)."""
+    wanted, rng, rows, chain = int(os.environ["HERA_FAULT_CAMPAIGN"]), random.Random(SEED), [], 0
+    while len(rows) < wanted:
+        engine, faults = ("ddp", "fsdp2")[chain % 2], [random_fault(rng) for _ in range(min(5, wanted - len(rows)))]
+        reference, links = run_chain(engine, assets, tmp_path / f"chain{chain}", faults)
+        equal = links[-1].outcome == "finished" and not ended_equal(reference, tmp_path / f"chain{chain}" / "chain"
+                                                                     / "out")
+        for index, link in enumerate(links):
+            if link.outcome == "killed":
+                after = links[index + 1].outcome if index + 1 < len(links) else "none"
+                rows.append((engine, chain, link.fault, after,
+                             "refused" if after == "refused" else "equal" if equal else "lost"))
+        print(f"chain {chain} ({engine}): {[(link.fault, link.outcome, round(link.seconds)) for link in links]}")
+        chain += 1
+    table = {name: sum(row[-1] == name for row in rows) for name in ("equal", "refused", "lost")}
+    print(f"HERA_FAULT_SEED={SEED}: kills tried {len(rows)}, {table}")
+    for row in rows:
+        print(row)
+    assert table["lost"] == 0, rows

@@ -16,11 +16,12 @@ when its count of the point's events reaches ``at`` (1-based, counted in this pr
 - ``sigterm``: as the ``at``-th training step begins, SIGTERM to every rank of the launch (as SLURM signals each
   task), from this rank.
 
-Events before the ``step``-th training step of the launch (default: none) are not counted. A kill is SIGKILL to the whole launch: the launcher first (so it cannot signal the ranks), then every other process
-it started, then this rank (every process of a test's launch carries ``HERA_TESTS_LAUNCH``: tests/conftest.py
-``run_process``). ``HERA_TEST_TEACHER_ROWS`` (a number) makes the teacher's passes batch and keep that many rows at
-a time, so that a small data set's pass has several batches to be killed between (the uninterrupted run of a
-comparison sets it too). Then the next ``sitecustomize`` on the path runs (tests/fsdp_cpu/ or tests/process_hooks/):
+Events before the ``step``-th training step of the launch (default: none) are not counted. A kill is SIGKILL to the
+whole launch: the launcher first (so it cannot signal the ranks), then every other process it started, then this
+rank (every process of a test's launch carries ``HERA_TESTS_LAUNCH``: tests/conftest.py ``run_process``).
+``HERA_TEST_TEACHER_ROWS`` (a number) makes the teacher's passes batch and keep that many rows at a time, so that a
+small data set's pass has several batches to be killed between (the uninterrupted run of a comparison sets it too).
+Then the next ``sitecustomize`` on the path runs (tests/fsdp_cpu/ or tests/process_hooks/):
 Python runs only the first it finds.
 
 And a host limit that GPU ranks do not meet: a resumed DDP run on CPU ranks loads the optimizer with
@@ -181,11 +182,10 @@ def _patch_trainer(module) -> None:
         if mine():
             counts["steps"] = counts.get("steps", 0) + 1
         if reached("sigterm"):
-            processes, _ = _launch()
-            print(f"[fault_injection] rank {os.environ['RANK']}: SIGTERM to every rank", flush=True)
-            for process in processes:
-                if "LOCAL_RANK" in process.environ():
-                    process.send_signal(signal.SIGTERM)
+            ranks = [process for process in _launch()[0] if "LOCAL_RANK" in process.environ()]
+            print(f"[fault_injection] rank {os.environ['RANK']}: SIGTERM to {len(ranks)} ranks", flush=True)
+            for process in ranks:
+                process.send_signal(signal.SIGTERM)
 
     _flagged(trainer, "training_step", "step", step_begins)
     _flagged(trainer, "_save_checkpoint", "save", lambda: mine() and counts.update(saves=counts.get("saves", 0) + 1))
