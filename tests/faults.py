@@ -142,18 +142,20 @@ def ended_equal(reference: Path, out: Path) -> list[str]:
 
 
 def random_fault(rng: random.Random, point: str | None = None) -> dict[str, Any]:
-    """A fault at a random point of a rerun (the first counts of each event: a rerun from checkpoint s has
-    STEPS - s steps left, at least one)."""
+    """A SIGKILL at a random point of a launch (of ``point``'s kind when given): in a step's forward or optimizer step
+    from the ``step``-th step of the launch on, at a save's file write from its ``save``-th save on, at a whole
+    checkpoint's marker or rotation, in the teacher's pass. A point the run does not reach (it ended first) leaves
+    the run to finish."""
     point = point or rng.choice(["forward", "optimizer", "write", "marker", "precompute"])
     fault: dict[str, Any] = {"point": point, "rank": rng.randrange(2)}
     if point == "forward":
-        fault["at"] = rng.randint(1, LAYERS)
+        fault.update(at=rng.randint(1, LAYERS), step=rng.randint(1, STEPS - 1))
     elif point == "optimizer":
-        fault.update(at=1, when=rng.choice(["pre", "post"]))
+        fault.update(at=1, when=rng.choice(["pre", "post"]), step=rng.randint(1, STEPS - 1))
     elif point == "write":
-        fault.update(at=rng.randint(1, 4), when=rng.choice(["before", "torn"]))
+        fault.update(at=rng.randint(1, 6), when=rng.choice(["before", "torn"]), save=rng.randint(1, STEPS - 2))
     elif point == "marker":
-        fault.update(at=1, when=rng.choice(["before", "after", "rotate"]), rank=0)
+        fault.update(at=rng.randint(1, 2), when=rng.choice(["before", "after", "rotate"]), rank=0)
     else:
         fault.update(at=rng.randint(1, 4), when=rng.choice(["forward", "kept"]))
     return fault
