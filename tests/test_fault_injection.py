@@ -44,7 +44,7 @@ def test_ddp_killed_in_a_step_and_in_the_teachers_pass_and_on_a_full_disk_ends_a
         assets: Any, tmp_path: Path) -> None:
     rng = random.Random(SEED)
     step = {**random_fault(rng, rng.choice(["forward", "optimizer"])), "step": 2}  # after a whole checkpoint
-    teacher = random_fault(rng, "precompute")
+    teacher = {**random_fault(rng, "precompute"), "at": rng.randint(2, 4)}  # after a batch kept
     full = {"point": "enospc", "rank": rng.randrange(2), "at": rng.randint(1, 3), "save": 1}
     links = _chain("ddp", assets, tmp_path, [step, teacher, full])
     assert [link.outcome for link in links] == ["killed", "killed", "full", "finished"], links
@@ -56,9 +56,10 @@ def test_ddp_killed_in_a_step_and_in_the_teachers_pass_and_on_a_full_disk_ends_a
 def test_fsdp2_killed_in_a_save_preempted_and_killed_in_a_step_ends_as_never_stopped(
         assets: Any, tmp_path: Path) -> None:
     rng = random.Random(SEED + 1)
-    # rank 0 writes every file but an RNG state: a write it reaches in the second save
-    save = ({**random_fault(rng, "write"), "save": 2, "rank": 0} if rng.random() < 0.5 else
-            {**random_fault(rng, "marker"), "at": 2})
+    # in the second save (a whole checkpoint-1 to resume from; the SIGTERM's stop before the last step): at a write
+    # of rank 0 (it writes every file but an RNG state), at the marker, or amid the first rotation
+    save = {**random_fault(rng, "write"), "save": 2, "rank": 0} if rng.random() < 0.5 else random_fault(rng, "marker")
+    save["at"] = 1 if save.get("when") == "rotate" else save["at"] if save["point"] == "write" else 2
     links = _chain("fsdp2", assets, tmp_path, [save, {"point": "sigterm", "rank": rng.randrange(2), "at": 1},
                                                 {**random_fault(rng, rng.choice(["forward", "optimizer"])), "step": 1}])
     assert [link.outcome for link in links] == ["killed", "stopped", "killed", "finished"], links
