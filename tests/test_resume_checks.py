@@ -130,6 +130,11 @@ def test_true_with_nothing_to_resume(assets: Any, tmp_path: Path, no_model_load:
     out.mkdir()
     assert "which holds no checkpoint-N folder: there is nothing" in _refusal(
         base_recipe(assets, "qwen3_vl", out, resume_from_checkpoint=True, overwrite_output_dir=False), tmp_path)
+    (out / "checkpoint-1").mkdir()  # a run killed inside its first save
+    (out / "checkpoint-1" / "adapter_model.safetensors").write_bytes(b"")
+    assert f"{out}, whose checkpoints (checkpoint-1) are all half-written (saves that did not finish on every rank): " \
+        "there is nothing to resume." in _refusal(base_recipe(assets, "qwen3_vl", out, resume_from_checkpoint=True,
+                                                               overwrite_output_dir=False), tmp_path)
     # overwrite_output_dir moves the folder's checkpoints aside before the Trainer would look for them
     assert "but overwrite_output_dir: true moves that folder's files aside first" in _refusal(
         base_recipe(assets, "qwen3_vl", out, resume_from_checkpoint=True, overwrite_output_dir=True), tmp_path)

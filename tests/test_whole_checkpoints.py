@@ -14,6 +14,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,7 @@ def test_signal_full_disk_and_half_checkpoint_resume_as_the_run_not_stopped(asse
     assert whole_checkpoints(run) == [run / "checkpoint-4"]  # rotation after the whole save
 
 
-def test_which_checkpoints_are_whole(tmp_path: Path) -> None:
+def test_which_checkpoints_are_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Unmarked folders count by trainer_state.json only in a run where none is marked (written before markers);
     rotation deletes whole ones only, never the newest whole or the best."""
     def make(name: str, *files: str) -> Path:
@@ -121,6 +122,15 @@ def test_which_checkpoints_are_whole(tmp_path: Path) -> None:
     assert newest_whole(tmp_path / "new") == (marked[2], [half])
     rotate(tmp_path / "new", 1, str(marked[0]))
     assert sorted((tmp_path / "new").iterdir()) == [marked[0], marked[2], half]
+    # a kill amid a rotation's deletion (its files going one by one) leaves a folder no resume takes for whole
+    rotate(tmp_path / "new", 1, None)
+    assert newest_whole(tmp_path / "new") == (marked[2], [half]) and not marked[0].exists()
+    marked[0].mkdir()
+    (marked[0] / MARKER).write_text("{}")
+    deleted = []
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kwargs: deleted.append((path / MARKER).exists()))
+    rotate(tmp_path / "new", 1, None)
+    assert deleted == [False] and whole_checkpoints(tmp_path / "new") == [marked[2]]
 
 
 def test_a_full_disk_under_the_teacher_store_is_one_warning_with_the_bytes(tmp_path: Path, capsys: Any,

@@ -57,9 +57,11 @@ def write_marker(folder: Path, step: int, ranks: int) -> None:
 
 def rotate(run: Path, limit: int | None, keep: str | None) -> None:
     """``save_total_limit`` after a whole save: the oldest whole checkpoints beyond ``limit`` go (never ``keep``, the
-    best one); half-written ones stay."""
+    best one), each unmarked first (a kill amid its deletion leaves it half-written, not whole); half-written ones
+    stay."""
     for path in whole_checkpoints(run)[:-limit] if limit and limit > 0 else []:
         if keep is None or path != Path(keep):
+            (path / MARKER).unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
 
 

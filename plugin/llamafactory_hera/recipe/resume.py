@@ -239,7 +239,9 @@ def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
         if last is None:
             # this run's claim (taken before the checks) may have made the folder: to the user it did not exist
             held = out is not None and out.is_dir() and not made_by_claim(out)
-            where = "which holds no checkpoint-N folder" if held else "which does not exist"
+            half = [path.name for path in newest_whole(out)[1]] if held else []  # a run killed in its first save
+            where = (f"whose checkpoints ({', '.join(half)}) are all half-written (saves that did not finish on every "
+                     "rank)" if half else "which holds no checkpoint-N folder" if held else "which does not exist")
             raise RecipeError(f"resume_from_checkpoint: true resumes the last checkpoint of output_dir: {output_dir}, "
                               f"{where}: there is nothing to resume. {afresh}, or name a checkpoint of an earlier "
                               "run (its OUTPUT_DIR/checkpoint-N).")
