@@ -144,6 +144,7 @@ def test_too_large_a_model_is_refused_before_any_weight_loads(assets, model_72b,
         (big / "config.json").write_text(json.dumps(config))
 
 
+CASES = [("text", "bfloat16"), ("multimodal", "float32")]
 REFERENCE = """
 import json, sys
 sys.path.insert(0, {tests!r})
@@ -153,14 +154,28 @@ from llamafactory_hera_patches.tools.model_data import parse_recipe
 from llamafactory_hera.fixtures import build_tiny_assets
 assets = build_tiny_assets({root!r}, seed=0)
 args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused"))
-options = SelectionOptions(**{options!r}, teacher=str(assets.teacher), mode={mode!r}, dtype={dtype!r})
-pairs, _ = prepare(args, options)
-print(json.dumps(score_head_neighbours(args, options, pairs).scores.tolist()))
+scores = {{}}
+for mode, dtype in {cases!r}:
+    options = SelectionOptions(**{options!r}, teacher=str(assets.teacher), mode=mode, dtype=dtype)
+    pairs, _ = prepare(args, options)
+    scores[mode + "-" + dtype] = score_head_neighbours(args, options, pairs).scores.tolist()
+print(json.dumps(scores))
 """
 
 
-@pytest.mark.parametrize(("mode", "dtype"), [("text", "bfloat16"), ("multimodal", "float32")])
-def test_offloaded_selection_equals_the_whole_model(assets, monkeypatch, capfd, mode: str, dtype: str) -> None:
+@pytest.fixture(scope="module")
+def whole_model_scores() -> dict[str, torch.Tensor]:
+    """The whole model's scores for each of :data:`CASES`, from one separate process (no offload, no patch)."""
+    tests = Path(__file__).resolve().parents[1]
+    script = REFERENCE.format(tests=str(tests), root=str(tests.parent / ".hera_assets" / "tests"), options=OPTIONS,
+                              cases=CASES)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return {case: torch.tensor(scores) for case, scores in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+@pytest.mark.parametrize(("mode", "dtype"), CASES)
+def test_offloaded_selection_equals_the_whole_model(assets, whole_model_scores, monkeypatch, capfd, mode: str,
+                                                    dtype: str) -> None:
     """Budgets that hold part of the model in RAM put the other layers on disk (accelerate's AlignDevicesHook loads
     each one for its forward): the o_proj hooks and weights read the same values, so the scores and the chosen heads
     equal the whole-model selection's in a separate process, and the dispatched copy is freed. In bfloat16 the float32
@@ -169,12 +184,7 @@ def test_offloaded_selection_equals_the_whole_model(assets, monkeypatch, capfd, 
 
     from llamafactory_hera_patches.tools.model_data import parse_recipe
 
-    tests = Path(__file__).resolve().parents[1]
-    script = REFERENCE.format(tests=str(tests), root=str(tests.parent / ".hera_assets" / "tests"), options=OPTIONS,
-                              mode=mode, dtype=dtype)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    want = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
-
+    want = whole_model_scores[f"{mode}-{dtype}"]
     recipe_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused"))
     options = SelectionOptions(**OPTIONS, teacher=str(assets.teacher), mode=mode, dtype=dtype)
     pairs, _ = prepare(recipe_args, options)
