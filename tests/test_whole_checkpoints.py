@@ -149,3 +149,17 @@ def test_a_full_disk_under_the_teacher_store_is_one_warning_with_the_bytes(tmp_p
     [warning] = [line for line in capsys.readouterr().out.splitlines() if "cannot write the cache folder" in line]
     assert f"{tmp_path / 'store' / 'teacher'}, 64 bytes to write: RuntimeError: " in warning, warning
     assert sorted(store.rows) == ["a", "b"] and list((tmp_path / "store").rglob("*.tmp")) == []
+
+
+def test_the_save_agreement_waits_for_the_sum_of_every_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host reads the all-reduced count before rank 0 marks a folder whole: an all-reduce that has not summed (as
+    NCCL's call returns with the reduction only queued) is not taken for every rank's save."""
+    from llamafactory_hera.training import checkpoints
+
+    monkeypatch.setattr(checkpoints.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(checkpoints.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(checkpoints.dist, "all_reduce", lambda tensor: tensor.mul_(2))  # both ranks' ones summed
+    checkpoints._every_rank_saved(torch.device("cpu"))
+    monkeypatch.setattr(checkpoints.dist, "all_reduce", lambda tensor: None)  # queued, not summed
+    with pytest.raises(RuntimeError, match="1 of 2 ranks saved"):
+        checkpoints._every_rank_saved(torch.device("cpu"))

@@ -280,9 +280,13 @@ class WholeCheckpoints:
 
 def _every_rank_saved(device: torch.device) -> None:
     """Returns once every rank's save returned (a collective at each save: a rank whose save failed never reaches it,
-    and ends its job instead)."""
+    and ends its job instead). The host reads the sum: under NCCL the call only queues the all-reduce, and rank 0
+    would mark the folder whole and rotate while another rank is still writing."""
     if dist.is_initialized():
-        dist.all_reduce(torch.ones(1, device=device))
+        saved = torch.ones(1, device=device)
+        dist.all_reduce(saved)
+        if round(saved.item()) != dist.get_world_size():  # .item() waits for the all-reduce
+            raise RuntimeError(f"checkpoint save: {saved.item():g} of {dist.get_world_size()} ranks saved")
 
 
 def _lack_of_space(error: BaseException, run: Path) -> bool:
