@@ -471,3 +471,25 @@ def test_rah_on_several_ranks_names_the_one_process_way() -> None:
     assert str(error.value).startswith("8 processes: stage: rah runs as one process that places the model over "
                                        "every visible GPU; run it so: llamafactory-cli train RECIPE with "
                                        "FORCE_TORCHRUN unset")
+
+
+@pytest.mark.parametrize("name", ["sigusr1", "sigterm"])
+def test_the_launching_process_leaves_a_save_signal_other_than_sigterm_to_the_ranks(assets: Any, tmp_path: Path,
+                                                                                      name: str) -> None:
+    """The check that runs in ``llamafactory-cli``'s (or ``accelerate launch``'s) process before the ranks start sets
+    ``hera_save_on_signal: sigusr1`` to ignored there, which torchrun's agent inherits: a scheduler's SIGUSR1 to every
+    process of the job would otherwise end the agent and the launcher while the ranks save. SIGTERM stays theirs."""
+    import signal
+
+    from llamafactory_hera_patches.launch import check_before_ranks
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(base_recipe(assets, "qwen2_5_vl", tmp_path / "out") | {"hera_save_on_signal": name}))
+    before = {number: signal.getsignal(number) for number in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        assert check_before_ranks(["llamafactory-cli", "train", str(path)]).stage == "hera"
+        assert (signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN) == (name == "sigusr1")
+        assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -81,8 +82,19 @@ def check_before_ranks(argv: list[str]) -> Any:
     if method is None:
         check_host_stage(host_args, os.environ)
         return None
-    method_arguments(method, keys_of(method, method_raw)[0], host_args)
+    method_args = method_arguments(method, keys_of(method, method_raw)[0], host_args)
+    _leave_save_signal_to_ranks(getattr(method_args, f"{method.prefix}save_on_signal", None))
     return method
+
+
+def _leave_save_signal_to_ranks(name: str | None) -> None:
+    """A save signal other than SIGTERM is ignored from here on by this launching process and the launcher it starts
+    (torchrun's agent, accelerate's): a scheduler signals every process of the job, and SIGUSR1's default would end
+    the agent (whose store the ranks agree through) and this process while the ranks save. The ranks inherit the
+    ignore and set their own handler. SIGTERM stays the agent's: it passes it to the ranks, then kills them 30 s
+    later (torch.distributed.elastic)."""
+    if name in ("sigusr1", "sigusr2"):
+        signal.signal(getattr(signal, name.upper()), signal.SIG_IGN)
 
 
 def _apply_v1(launcher: ModuleType) -> None:
