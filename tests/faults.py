@@ -24,6 +24,7 @@ import yaml
 from fsdp_checks import FSDP_HOOK, fsdp2_config_file
 
 from conftest import CLI, aborted_at_exit, base_recipe, free_port, offline_env, run_process
+from llamafactory_hera_patches.lifecycle.whole_checkpoints import newest_whole
 from llamafactory_hera_testing.resume import differences, model_tensors
 
 HOOK = Path(__file__).resolve().parent / "fault_injection"
@@ -50,6 +51,7 @@ class Link:
     code: int
     seconds: float
     printed: str = field(repr=False)
+    whole_before: bool = False  # whether the run folder held a whole checkpoint when this launch started
 
 
 def outcome(proc: subprocess.CompletedProcess, fault: dict[str, Any] | None) -> str:
@@ -122,11 +124,11 @@ def run_chain(engine: str, assets: Any, tmp: Path, faults: list[dict[str, Any] |
         if links[-1].fault is None or links[-1].fault.get("point") != "precompute":
             cache = tmp / f"link{index}" / "cache"  # a fresh one: the teacher's pass runs again in full
         keys = {"resume_from_checkpoint": True} if links[-1].outcome != "refused" else {"overwrite_output_dir": True}
-        start = time.perf_counter()
+        whole_before, start = newest_whole(out)[0] is not None, time.perf_counter()
         proc = launch(engine, tmp / f"link{index}", [{"recipe": recipe(assets, out, **keys),
                                                       "env": fault_env(fault)}], cache)
         links.append(Link(fault, outcome(proc, fault), proc.returncode, time.perf_counter() - start,
-                          proc.stdout + proc.stderr))
+                          proc.stdout + proc.stderr, whole_before))
     return reference, links
 
 

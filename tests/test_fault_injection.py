@@ -72,8 +72,9 @@ def test_fsdp2_killed_in_a_save_preempted_and_killed_in_a_step_ends_as_never_sto
 @pytest.mark.skipif(not os.environ.get("HERA_FAULT_CAMPAIGN"), reason="a campaign: HERA_FAULT_CAMPAIGN=N kills")
 def test_campaign_of_random_kills_loses_no_run(assets: Any, tmp_path: Path) -> None:
     """Chains of up to 5 random SIGKILLs (any point, any rank), DDP and FSDP2 in turn, until N kills happened. Each
-    kill counts as refused by name (its rerun ended with one named line), equal (its chain ended bit for bit as the
-    run never stopped) or lost (anything else)."""
+    kill counts as refused by name (its rerun ended with the one "nothing to resume" line, and the folder held no
+    whole checkpoint to resume), equal (its chain ended bit for bit as the run never stopped) or lost (anything else:
+    a refusal with a whole checkpoint at hand included)."""
     wanted, rng, rows, chain = int(os.environ["HERA_FAULT_CAMPAIGN"]), random.Random(SEED), [], 0
     while len(rows) < wanted:
         engine, faults = ("ddp", "fsdp2")[chain % 2], [random_fault(rng) for _ in range(min(5, wanted - len(rows)))]
@@ -82,9 +83,11 @@ def test_campaign_of_random_kills_loses_no_run(assets: Any, tmp_path: Path) -> N
                                                                      / "out")
         for index, link in enumerate(links):
             if link.outcome == "killed":
-                after = links[index + 1].outcome if index + 1 < len(links) else "none"
+                rerun = links[index + 1] if index + 1 < len(links) else None
+                after = rerun.outcome if rerun else "none"
+                named = rerun is not None and not rerun.whole_before and "there is nothing to resume" in rerun.printed
                 rows.append((engine, chain, link.fault, after,
-                             "refused" if after == "refused" else "equal" if equal else "lost"))
+                             ("refused" if named else "lost") if after == "refused" else "equal" if equal else "lost"))
         print(f"chain {chain} ({engine}, ended equal: {equal}): "
               f"{[(link.fault, link.outcome, round(link.seconds)) for link in links]}", flush=True)
         chain += 1
