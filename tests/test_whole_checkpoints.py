@@ -163,3 +163,20 @@ def test_the_save_agreement_waits_for_the_sum_of_every_rank(monkeypatch: pytest.
     monkeypatch.setattr(checkpoints.dist, "all_reduce", lambda tensor: None)  # queued, not summed
     with pytest.raises(RuntimeError, match="1 of 2 ranks saved"):
         checkpoints._every_rank_saved(torch.device("cpu"))
+
+
+def test_a_full_disk_at_the_first_save_is_told_by_the_free_space(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save on a full disk raises a RuntimeError with no errno ("unexpected pos"): with no whole checkpoint yet to
+    size the need, a disk with under NEARLY_FULL bytes free is taken for full, a roomy one is not (the error stays
+    the error)."""
+    from collections import namedtuple
+
+    from llamafactory_hera.training import checkpoints
+
+    usage = namedtuple("usage", "total used free")
+    error = RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                         "data/0: file write failed")
+    for free, full in ((checkpoints.NEARLY_FULL - 1, True), (10 * checkpoints.NEARLY_FULL, False)):
+        monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path, free=free: usage(1 << 40, 0, free))
+        assert checkpoints._lack_of_space(error, tmp_path) is full

@@ -289,14 +289,18 @@ def _every_rank_saved(device: torch.device) -> None:
             raise RuntimeError(f"checkpoint save: {saved.item():g} of {dist.get_world_size()} ranks saved")
 
 
+NEARLY_FULL = 64 * 2**20  # free bytes under which a failed save is taken for a full disk when no checkpoint is whole
+
+
 def _lack_of_space(error: BaseException, run: Path) -> bool:
     """Whether a save failed for lack of space: ENOSPC / EDQUOT, their text (safetensors), or less free space than the
-    last whole checkpoint took (torch.save's writer says only ``unexpected pos``)."""
+    last whole checkpoint took, or than :data:`NEARLY_FULL` before the first (torch.save's writer says only
+    ``unexpected pos`` or ``file write failed``)."""
     if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
             text in str(error) for text in ("No space left on device", "Disk quota exceeded")):
         return True
     needed = whole.folder_bytes(whole.newest_whole(run)[0])
-    return needed is not None and shutil.disk_usage(run).free < needed
+    return shutil.disk_usage(run).free < (NEARLY_FULL if needed is None else needed)
 
 
 def _full_line(folder: Path, run: Path, error: BaseException) -> str:
