@@ -24,7 +24,7 @@ SLOW_MODULES = {
     "tests/test_stock_stages_distributed.py": 200,
     "tests/harc/test_harc_preemption.py": 200,
     "tests/test_host_only.py": 120,
-    "tests/test_fault_injection.py": 150,
+    "tests/test_fault_injection.py": 300,
 }
 
 
