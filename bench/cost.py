@@ -36,8 +36,9 @@ from accelerate.utils import compute_module_sizes
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from llamafactory_hera.plan import counter as cc
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cost_count as cc  # noqa: E402
 import cost_models as cm  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,7 +89,8 @@ def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm
     """One micro-step of ``arm`` (sft, hera, hera+liger) on the reduced model: its counts, in bytes and FLOPs."""
     mesh = cc.fake_world(case.world)
     config = cm.reduced(case.spec, text_layers, vision_depth)
-    data = cm.batch(config, case.spec, int(recipe["per_device_train_batch_size"]), int(recipe["cutoff_len"]))
+    data = cm.batch(config, int(recipe["per_device_train_batch_size"]), int(recipe["cutoff_len"]),
+                    case.spec["image_side"] // case.spec["patch"])
     with FakeTensorMode(allow_non_fake_inputs=True):  # the real-index shim only in the step: a parameter that goes
         # through it gets a weak reference, and Module.to cannot swap a fake parameter that has one
         model = cm.build(config)

@@ -1,6 +1,7 @@
-"""bench/cost.py's counter (issue 70): one count against a number worked out by hand, and the bench's own step on a tiny
-Qwen3-VL through the plugin's HeRA code path. One process, fake tensors and a fake process group (no collective
-runs); no reference run is needed: the references are hand counts."""
+"""The step counter (llamafactory_hera.plan.counter, used by plan and bench/cost.py): one count against a number
+worked out by hand, and the bench's own step on a tiny Qwen3-VL through the plugin's HeRA code path. One process,
+fake tensors and a fake process group (no collective runs); no reference run is needed: the references are hand
+counts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import REPO
+from llamafactory_hera.plan import counter as cc
 
 BENCH = REPO / "bench"
 
@@ -26,7 +28,7 @@ def _bench(name: str):
 
 
 sys.path.insert(0, str(BENCH))
-cc, cm, cost = _bench("cost_count"), _bench("cost_models"), _bench("cost")
+cm, cost = _bench("cost_models"), _bench("cost")
 
 
 @pytest.fixture

@@ -1,19 +1,16 @@
-"""Counting one training step without weights or a GPU (bench/cost.py): FLOPs, peak tensor memory by category and the
-bytes each collective moves, of a model built under ``FakeTensorMode`` (shapes and dtypes, no data) on a fake
-process group of any world size (``torch.testing._internal.distributed.fake_pg``).
+"""Counting one training step without weights or a GPU: FLOPs, peak tensor memory by category and the bytes each
+collective moves, of a model built under ``FakeTensorMode`` (shapes and dtypes, no data) on a fake process group of any
+world size (``torch.testing._internal.distributed.fake_pg``). Used by ``llamafactory-hera plan`` and bench/cost.py.
 
-Two shims make transformers' multimodal models run under fake tensors on this CPU, and are proven to engage by
-tests/test_cost_count.py:
-
-- :class:`RealIndexMode`: an op whose tensor arguments are all real (the integer inputs: token ids, image grids,
-  position ids and what is computed from them) runs for real, as do ``arange`` / ``linspace`` and small integer
-  tensors made from nothing (a floating tensor made from nothing, a weight, stays fake), so the models'
-  data-dependent index arithmetic (``grid_thw.tolist()``, M-RoPE positions, window indices) works; a boolean mask
-  that is real selects a fake tensor by its true count. Everything that touches a weight stays fake.
-- :class:`StepCounter`: a dispatch mode that records every storage an op creates (a finalizer on the storage removes
-  it when its last tensor dies; storages FSDP2 resizes are re-read at each collective), the peak of their sum, and
-  the bytes of every c10d collective the process group is asked for (all-gather: the gathered tensor; reduce-scatter:
-  the tensor reduced; all-reduce: the tensor).
+- :class:`RealIndexMode`: an op whose tensor arguments are all real (token ids, image grids, position ids and what is
+  computed from them) runs for real, as do ``arange`` / ``linspace`` and small integer tensors made from nothing (a
+  floating tensor made from nothing, a weight, stays fake), so the models' data-dependent index arithmetic works; a
+  real boolean mask selects a fake tensor by its true count. Everything that touches a weight stays fake.
+- :class:`StepCounter`: every storage an op creates (a finalizer removes it when its last tensor dies; storages FSDP2
+  resizes are re-read at each collective), the peak of their sum, and the bytes of every c10d collective.
+- :func:`count_attention`: torch's ``FlopCounterMode`` scores the CPU attention kernel and its backward as 0; this
+  gives them the formula torch uses for the GPU kernels: forward ``2 b h s_q s_k (d_qk + d_v)`` (``4 b h s_q s_k d``),
+  backward twice that. A causal mask is not halved: the count is the full ``s_q x s_k`` product, as torch's own.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry, shape_wrapper
 
 GIB = 2**30
 SMALL = 1 << 22  # elements: a real computation larger than this is not index arithmetic
@@ -154,3 +152,20 @@ def local_bytes(tensor: torch.Tensor) -> int:
     """Bytes this rank holds of ``tensor`` (a DTensor: its shard)."""
     local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
     return local.numel() * local.element_size()
+
+
+def _attention_forward(query: list[int], key: list[int], value: list[int], *_: object, **__: object) -> int:
+    batch, heads, rows, width = query
+    return 2 * batch * heads * rows * key[-2] * (width + value[-1])
+
+
+def _attention_backward(grad: list[int], query: list[int], key: list[int], value: list[int], *_: object,
+                        **__: object) -> int:
+    return 2 * _attention_forward(query, key, value)
+
+
+def count_attention() -> None:
+    """Give the CPU attention kernels their FLOPs in ``FlopCounterMode`` (module doc); idempotent."""
+    aten = torch.ops.aten
+    flop_registry[aten._scaled_dot_product_flash_attention_for_cpu] = shape_wrapper(_attention_forward)
+    flop_registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = shape_wrapper(_attention_backward)
