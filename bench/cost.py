@@ -22,7 +22,6 @@ in bench/cost_models.py.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from llamafactory_hera.plan import counter as cc
+from llamafactory_hera.plan.estimate import quantized_bytes_per_weight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cost_models as cm  # noqa: E402
@@ -44,14 +44,6 @@ import cost_models as cm  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 HEADS = ["L13H12", "L7H6", "L3H5", "L13H13", "L13H15"]  # paper, Table 5 (Qwen3-8B): 5 heads in 3 layers
 CAPTION_TOKENS = 64  # assumed length of a selection caption (hera_select_mode: text)
-
-
-def _memory_module():
-    spec = importlib.util.spec_from_file_location("recipes_memory", REPO / "recipes" / "memory.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass(frozen=True)
@@ -112,7 +104,7 @@ def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm
             weights = sum(cc.local_bytes(p) for p in params) + sum(b.numel() * b.element_size()
                                                                    for b in model.buffers())
             if quantized:
-                per_weight = _memory_module().quantized_bytes_per_weight(4, bool(recipe.get("double_quantization",
+                per_weight = quantized_bytes_per_weight(4, bool(recipe.get("double_quantization",
                                                                                            True)))
                 weights -= sum(cc.local_bytes(m.weight) // m.weight.element_size() * (m.weight.element_size()
                                                                                     - per_weight) for m in quantized)

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from llamafactory_hera.plan import count, estimate
+from llamafactory_hera.plan import estimate
 from llamafactory_hera.plan.cards import CARDS, DEFAULT_CARD, MFU, Card
 from llamafactory_hera_patches.errors import RecipeError
 
@@ -65,6 +65,7 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
         key, _, value = item.partition("=")
         recipe[key] = yaml.safe_load(value)
     config = _model_config(str(recipe.get("model_name_or_path")))
+    from llamafactory_hera.plan import count  # lazy: it imports transformers and peft (seconds), which --help needs not
     setup = estimate.setup_of(recipe, recipe_path.parent, gpus, accelerate_config)
     grid = count.grid_side(config, int(recipe.get("image_max_pixels", estimate.DEFAULT_MAX_PIXELS)))
     image_tokens = grid * grid // config.vision_config.spatial_merge_size ** 2
@@ -124,8 +125,8 @@ def _memory_table(parts: dict[str, dict[str, float]], arm: str) -> list[str]:
     return lines
 
 
-def _time_lines(counts: dict, setup: estimate.Setup, card: Card, rows: int, known: bool, recipe: dict,
-                hera: bool) -> list[str]:
+def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card: Card, rows: int, known: bool,
+                recipe: dict, hera: bool) -> list[str]:
     band = f"{MFU[0]:.0%}-{MFU[1]:.0%} MFU of {card.bf16_tflops:g} TFLOP/s bf16"
     lines = []
     for name in ("sft", "hera") if hera else ("sft",):

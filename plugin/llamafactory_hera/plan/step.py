@@ -22,16 +22,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
+from transformers import AutoModelForImageTextToText
+
+from llamafactory_hera.heads.geometry import attention_geometry, parse_head
+from llamafactory_hera.heads.pooling import pooling_weights
+from llamafactory_hera.hera import projection
+from llamafactory_hera.hera.capture import HeadCapture
+from llamafactory_hera.hera.loss import _GatherWithGrad, distributed, hera_loss_anchored, used_temperature
+from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def build(config: Any) -> nn.Module:
     """The MLLM of ``config`` in bf16 (call under ``FakeTensorMode``: no memory, no data)."""
-    from transformers import AutoModelForImageTextToText
-
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -39,10 +47,9 @@ def build(config: Any) -> nn.Module:
     finally:
         torch.set_default_dtype(previous)
 
+
 def add_lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
     """LLaMA-Factory's LoRA on every linear layer of the language model, trainable weights upcast to float32."""
-    from peft import LoraConfig, get_peft_model
-
     move = nn.Module.to
     nn.Module.to = lambda self, *_, **__: self  # one device, one dtype: peft's moves are no-ops, and Module.to cannot
     try:  # swap a fake parameter that transformers' initialisation holds a weak reference to
@@ -55,10 +62,12 @@ def add_lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
             param.data = param.data.float()
     return model
 
+
 def freeze_vision(model: nn.Module) -> None:
     """freeze_vision_tower: true (the merger included, as freeze_multi_modal_projector leaves the LoRA recipes')."""
     visual = next(m for name, m in model.named_modules() if name.endswith("visual"))
     visual.requires_grad_(False)
+
 
 @dataclass
 class Batch:
@@ -84,10 +93,12 @@ def batch(config: Any, size: int, seq: int, grid_side: int) -> Batch:
         inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
     return Batch(inputs, labels != -100)
 
+
 def pixels(config: Any, grid: torch.Tensor) -> torch.Tensor:
     """Fake flattened patches for ``grid`` (call under the fake mode)."""
     v = config.vision_config
     return torch.empty(int(grid.prod(-1).sum()), 3 * v.temporal_patch_size * v.patch_size ** 2, dtype=torch.bfloat16)
+
 
 class Dequantized(torch.autograd.Function):
     """bitsandbytes' 4-bit product: the weight dequantized to bf16 for the product, in forward and again in backward
@@ -103,12 +114,11 @@ class Dequantized(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         return grad @ weight.clone().to(grad.dtype), None, None
 
+
 def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
     """Every base ``nn.Linear`` but the output layer runs through :class:`Dequantized`; HeRA's read of ``o_proj``
     dequantizes the whole weight in bf16 and casts the heads' columns to float32 (``base_weight_columns``' 4-bit
     branch). Returns the quantized layers."""
-    from llamafactory_hera.hera import projection
-
     layers = [m for name, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in name
               and "lora_" not in name]
     for layer in layers:
@@ -117,8 +127,7 @@ def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
     def four_bit(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
         weight = base.weight.detach()
         if hasattr(weight, "to_local") and columns is not None:  # FSDP2: each rank's rows dequantized, their
-            from torch.distributed.tensor import DTensor  # columns gathered (projection.sharded_columns)
-
+            # columns gathered (projection.sharded_columns)
             local = weight.to_local().clone()[:, columns].to(torch.bfloat16)
             return DTensor.from_local(local, weight.device_mesh, weight.placements).full_tensor().float()
         full = weight.clone()  # dequantize_4bit's [out, in] output, in the compute dtype
@@ -126,6 +135,7 @@ def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
 
     projection.base_weight_columns = four_bit
     return layers
+
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Liger's fused linear cross-entropy, by its algorithm: rows in chunks of Liger's size, each chunk's logits, their
@@ -152,10 +162,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad.to(grad_hidden.dtype), None, None
 
+
 def output_layer(model: nn.Module) -> nn.Module:
     """The MLLM's output layer (``lm_head``), PEFT-wrapped or not."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.lm_head
+
 
 @dataclass
 class HeraParts:
@@ -168,12 +180,9 @@ class HeraParts:
     lam: float
     similarity: str
 
+
 def hera_parts(model: nn.Module, heads: list[str], recipe: dict) -> HeraParts:
     """``HeadCapture`` and ``LayerCheckpointing`` on ``model`` for ``heads``, with the recipe's hera_* settings."""
-    from llamafactory_hera.heads.geometry import attention_geometry, parse_head
-    from llamafactory_hera.hera.capture import HeadCapture
-    from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
-
     refs = [parse_head(h) for h in heads]
     capture = HeadCapture(model, refs, attention_geometry(model.config))
     checkpointing = LayerCheckpointing(model, [ref.layer for ref in refs])
@@ -181,11 +190,10 @@ def hera_parts(model: nn.Module, heads: list[str], recipe: dict) -> HeraParts:
     return HeraParts(capture, checkpointing, log_tau, int(recipe.get("hera_k", 10)), float(recipe["hera_lambda"]),
                      recipe.get("hera_similarity", "cosine"))
 
+
 def hera_term(parts: HeraParts, reps: torch.Tensor, teacher_dim: int = 1024) -> torch.Tensor:
     """HeraTrainer.hera_term for a micro-batch whose samples are all anchors: the global batch gathered under
     ``hera_gather`` (the default) when distributed, the teacher's cached features."""
-    from llamafactory_hera.hera.loss import _GatherWithGrad, distributed, hera_loss_anchored, used_temperature
-
     size = reps.shape[1]
     teacher = torch.empty(size, teacher_dim)
     candidates, candidate_teacher, offset = reps, teacher, 0
@@ -201,11 +209,10 @@ def hera_term(parts: HeraParts, reps: torch.Tensor, teacher_dim: int = 1024) -> 
                                     used_temperature(parts.log_tau), parts.similarity)
     return per_anchor.mean()
 
+
 def step(model: nn.Module, config: Any, data: Batch, counter: Any, hera: HeraParts | None, liger: bool) -> None:
     """One micro-step: forward (with HeRA's capture, projection and loss when ``hera``), ``counter.mark()`` at the
     forward's end, backward. bf16 autocast, as the Trainer runs ``bf16: true``."""
-    from llamafactory_hera.heads.pooling import pooling_weights
-
     inputs = dict(data.inputs)
     inputs["pixel_values"] = pixels(config, inputs["image_grid_thw"])
     labels = inputs.pop("labels")
@@ -228,6 +235,7 @@ def step(model: nn.Module, config: Any, data: Batch, counter: Any, hera: HeraPar
             loss = loss + hera.lam * hera_term(hera, reps)
     counter.mark()
     loss.backward()
+
 
 @contextlib.contextmanager
 def training_checkpointing(model: nn.Module) -> Any:
