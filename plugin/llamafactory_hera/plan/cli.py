@@ -145,6 +145,9 @@ def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card
             select = int(recipe.get("hera_select_samples", 1000))
             seconds = [estimate.selection_flops(counts["hera"], select) / (card.bf16_tflops * 1e12 * m) for m in MFU]
             line += f"; head selection ({select} pairs, one GPU): {seconds[1]:.0f}-{seconds[0]:.0f} s"
+            if 2 * counts["hera"]["params"] > card.memory_gib * GiB:
+                line += (" of compute; the bf16 model exceeds one GPU, whose CPU-offloaded layers are copied in every "
+                         "batch: select first over the node's GPUs (llamafactory-hera select)")
         lines.append(line)
     return lines
 
