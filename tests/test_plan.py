@@ -11,6 +11,7 @@ import torch
 import yaml
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoConfig, LlavaConfig
 
 from llamafactory_hera.cli import main
 from llamafactory_hera.plan import cards, count, counter, estimate
@@ -26,8 +27,6 @@ VISION = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidde
 
 
 def tiny_config(layers: int = 3, depth: int = 3):
-    from transformers import AutoConfig
-
     return AutoConfig.for_model("qwen3_vl", text_config=dict(TEXT, num_hidden_layers=layers),
                                 vision_config=dict(VISION, depth=depth))
 
@@ -171,3 +170,9 @@ def test_plan_errors(tiny_recipe, tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert f"model_name_or_path: no config.json of {tmp_path / 'absent'} at hand" in err
     assert "hf download" in err
+    LlavaConfig().save_pretrained(tmp_path / "llava")
+    assert main(["plan", str(tiny_recipe), f"model_name_or_path={tmp_path / 'llava'}"]) == 2
+    assert "is a llava model; plan counts the Qwen-VL families (qwen2_vl, qwen2_5_vl, qwen3_vl) only" in \
+        capsys.readouterr().err
+    assert main(["plan", str(tiny_recipe), "deepspeed=absent.json"]) == 2
+    assert "deepspeed: absent.json cannot be read" in capsys.readouterr().err
