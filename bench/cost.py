@@ -39,6 +39,7 @@ from llamafactory_hera.plan import counter as cc
 from llamafactory_hera.plan.estimate import quantized_bytes_per_weight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cost_count as cx  # noqa: E402
 import cost_models as cm  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,7 +80,7 @@ def remapped_heads(heads: list[str]) -> list[str]:
 
 def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm: str) -> dict[str, float]:
     """One micro-step of ``arm`` (sft, hera, hera+liger) on the reduced model: its counts, in bytes and FLOPs."""
-    mesh = cc.fake_world(case.world)
+    mesh = cx.fake_world(case.world)
     config = cm.reduced(case.spec, text_layers, vision_depth)
     data = cm.batch(config, int(recipe["per_device_train_batch_size"]), int(recipe["cutoff_len"]),
                     case.spec["image_side"] // case.spec["patch"])
@@ -101,25 +102,25 @@ def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm
             trainable = [p for p in params if p.requires_grad]
             for p in trainable:  # steady state of gradient accumulation: the gradients exist before the step
                 p.grad = torch.zeros_like(p)
-            weights = sum(cc.local_bytes(p) for p in params) + sum(b.numel() * b.element_size()
+            weights = sum(cx.local_bytes(p) for p in params) + sum(b.numel() * b.element_size()
                                                                    for b in model.buffers())
             if quantized:
                 per_weight = quantized_bytes_per_weight(4, bool(recipe.get("double_quantization",
                                                                                            True)))
-                weights -= sum(cc.local_bytes(m.weight) // m.weight.element_size() * (m.weight.element_size()
-                                                                                    - per_weight) for m in quantized)
-            grads = sum(cc.local_bytes(p) for p in trainable)
+                weights -= sum(cx.local_bytes(m.weight) // m.weight.element_size()
+                               * (m.weight.element_size() - per_weight) for m in quantized)
+            grads = sum(cx.local_bytes(p) for p in trainable)
             local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
-            counter = cc.StepCounter(exclude=local + [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                                                      for p in trainable])
+            counter = cx.CollectiveCounter(exclude=local + [p.grad.to_local() if hasattr(p.grad, "to_local")
+                                                            else p.grad for p in trainable])
             with cc.RealIndexMode(), FlopCounterMode(display=False) as flops, counter:
                 cm.step(model, config, data, counter, hera, liger=arm.endswith("liger"))
-    counts = counter.counts
+    counts, collectives = counter.counts, counter.collectives
     return {"flops": flops.get_total_flops(), "weights": weights, "gradients": grads, "optimizer": 2 * grads,
             "activations": counts.at_mark, "temporaries": counts.peak - counts.at_mark,
-            "all-gather": counts.collectives.get("all-gather", 0),
-            "reduce-scatter": counts.collectives.get("reduce-scatter", 0),
-            "all-reduce": counts.collectives.get("all-reduce", 0)}
+            "all-gather": collectives.get("all-gather", 0),
+            "reduce-scatter": collectives.get("reduce-scatter", 0),
+            "all-reduce": collectives.get("all-reduce", 0)}
 
 
 def scaled_arms(case: Case, recipe: dict) -> dict[str, dict[str, float]]:
@@ -155,7 +156,7 @@ def selection_flops(spec: dict, samples: int) -> dict[str, float]:
     from llamafactory_hera.hera.selection.collect import CalibrationPair, collect_text
     from llamafactory_hera.hera.selection.scores import all_head_neighbours
 
-    cc.fake_world(1)
+    cx.fake_world(1)
     batch = 8
 
     def tokenizer(captions, **_):  # noqa: ANN001, ANN202

@@ -27,7 +27,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from llamafactory_hera.hera import projection
+from llamafactory_hera.plan import step as plan_step
 from llamafactory_hera.plan.step import (  # noqa: F401  the step, written once in the package
     Batch,
     ChunkedLinearCrossEntropy,
@@ -41,7 +44,6 @@ from llamafactory_hera.plan.step import (  # noqa: F401  the step, written once 
     hera_term,
     output_layer,
     pixels,
-    quantize_in_place,
     step,
     training_checkpointing,
 )
@@ -120,3 +122,20 @@ def shard(model: nn.Module, mesh: Any, reduce_dtype: torch.dtype, fp32_params: b
     for module in [m for m in model.modules() if type(m).__name__.endswith(names)]:
         fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
+    """The package's 4-bit step (``plan.step.quantize_in_place``), and HeRA's 4-bit read of ``o_proj`` under FSDP2:
+    each rank's rows dequantized, their columns gathered (``projection.sharded_columns``)."""
+    layers = plan_step.quantize_in_place(model)
+    unsharded = projection.base_weight_columns
+
+    def four_bit(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
+        weight = base.weight.detach()
+        if hasattr(weight, "to_local") and columns is not None:
+            local = weight.to_local().clone()[:, columns].to(torch.bfloat16)
+            return DTensor.from_local(local, weight.device_mesh, weight.placements).full_tensor().float()
+        return unsharded(base, columns)
+
+    projection.base_weight_columns = four_bit
+    return layers

@@ -16,6 +16,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from llamafactory_hera.heads.geometry import parse_head
 from llamafactory_hera.plan import counter, step
 
 SPECIAL_BLOCKS = ("deepstack_visual_indexes", "fullatt_block_indexes")
@@ -81,7 +82,6 @@ def count(config: Any, shape: Shape) -> dict[str, float]:
 
 def _count(config: Any, shape: Shape) -> dict[str, float]:
     counter.count_attention()
-    counter.fake_world(1)
     data = step.batch(config, shape.batch, shape.seq, shape.grid_side)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = step.build(config)
@@ -155,8 +155,9 @@ def head_layers(heads: Any, num_heads: int) -> tuple[list[str], int]:
     selection's ``num_heads`` heads, taken as all in one layer (which layers it picks is known only after it ran)."""
     if not isinstance(heads, list):
         return [f"L0H{index}" for index in range(num_heads)], 1
-    layers = sorted({int(str(h)[1:].split("H")[0]) for h in heads})
-    return [f"L{layers.index(int(str(h)[1:].split('H')[0]))}H{str(h).split('H')[1]}" for h in heads], len(layers)
+    refs = [parse_head(h) for h in heads]
+    layers = sorted({ref.layer for ref in refs})
+    return [f"L{layers.index(ref.layer)}H{ref.head}" for ref in refs], len(layers)
 
 
 def grid_side(config: Any, max_pixels: int) -> int:

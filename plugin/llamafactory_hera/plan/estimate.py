@@ -18,11 +18,13 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from llamafactory_hera.plan.cards import MFU, Card
+from llamafactory_hera.recipe.dataset_info import as_names, dataset_info
+from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera_patches.recipe.arguments import truthy
 
 GIB = 2**30
 RESERVE = 2 * GIB  # CUDA context (~0.5 GiB), cuBLAS / NCCL workspaces and the caching allocator's slack: stated
@@ -64,10 +66,6 @@ class Setup:
     max_steps: int
 
 
-def _truthy(value: Any) -> bool:
-    return str(value).strip().lower() in ("true", "1", "yes")
-
-
 def setup_of(recipe: dict, recipe_dir: Path, gpus: int | None, accelerate_config: Path | None) -> Setup:
     """The recipe's method, engine (its ``deepspeed`` key, else the accelerate config: FSDP2, else DDP), quantization,
     batch, accumulation, cutoff, Liger and checkpointing."""
@@ -90,11 +88,11 @@ def setup_of(recipe: dict, recipe_dir: Path, gpus: int | None, accelerate_config
     return Setup(
         stage=str(recipe.get("stage", "sft")), lora=recipe.get("finetuning_type", "lora") == "lora",
         bits=int(recipe["quantization_bit"]) if recipe.get("quantization_bit") else None,
-        double_quant=_truthy(recipe.get("double_quantization", True)), engine=engine, gpus=gpus or default_gpus,
+        double_quant=truthy(recipe.get("double_quantization", True)), engine=engine, gpus=gpus or default_gpus,
         live_params=live, batch=int(recipe.get("per_device_train_batch_size", 1)),
         accumulation=int(recipe.get("gradient_accumulation_steps", 1)), cutoff=int(recipe.get("cutoff_len", 2048)),
-        liger=_truthy(recipe.get("enable_liger_kernel", False)) or _truthy(recipe.get("use_liger_kernel", False)),
-        checkpointing=not _truthy(recipe.get("disable_gradient_checkpointing", False)),
+        liger=truthy(recipe.get("enable_liger_kernel", False)) or truthy(recipe.get("use_liger_kernel", False)),
+        checkpointing=not truthy(recipe.get("disable_gradient_checkpointing", False)),
         epochs=float(recipe.get("num_train_epochs", 3.0)), max_steps=int(recipe.get("max_steps", -1)))
 
 
@@ -180,18 +178,17 @@ def teacher_flops(images: int) -> float:
 
 def dataset_rows(recipe: dict, recipe_dir: Path) -> int | None:
     """The rows of the recipe's datasets when every one is a local JSON / JSONL file (``max_samples`` caps each)."""
-    names = [n.strip() for n in str(recipe.get("dataset", "")).split(",") if n.strip()]
+    names = as_names(recipe.get("dataset"))
     folder = Path(recipe.get("dataset_dir", "data"))
     folder = folder if folder.is_dir() else recipe_dir.parent / folder
     try:
-        info = json.loads((folder / "dataset_info.json").read_text())
+        info = dataset_info(str(folder), "dataset", names)
         total = 0
         for name in names:
-            path = folder / info[name]["file_name"]
-            text = path.read_text(encoding="utf-8")
+            text = (folder / info[name]["file_name"]).read_text(encoding="utf-8")
             rows = len(json.loads(text)) if text.lstrip().startswith("[") else sum(1 for line in text.splitlines()
                                                                                  if line.strip())
             total += min(rows, int(recipe.get("max_samples") or rows))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecipeError):
         return None
     return total or None

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 from transformers import AutoModelForImageTextToText
 
@@ -125,12 +124,7 @@ def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
         layer.forward = (lambda m: lambda x: Dequantized.apply(x, m.weight, m.bias))(layer)
 
     def four_bit(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
-        weight = base.weight.detach()
-        if hasattr(weight, "to_local") and columns is not None:  # FSDP2: each rank's rows dequantized, their
-            # columns gathered (projection.sharded_columns)
-            local = weight.to_local().clone()[:, columns].to(torch.bfloat16)
-            return DTensor.from_local(local, weight.device_mesh, weight.placements).full_tensor().float()
-        full = weight.clone()  # dequantize_4bit's [out, in] output, in the compute dtype
+        full = base.weight.detach().clone()  # dequantize_4bit's [out, in] output, in the compute dtype
         return (full if columns is None else full[:, columns]).float()
 
     projection.base_weight_columns = four_bit
