@@ -87,10 +87,11 @@ def test_attention_flops_on_the_cpu_kernel_follow_the_formula(keys: int) -> None
 
 
 def test_scaled_count_equals_the_full_depth() -> None:
-    """HeRA's step on the tiny model counted with 2 decoder layers (its head layer, one more) and 1 vision block,
-    and once more with 3 layers and with 2 blocks, scaled, equals its count at full depth (4 layers, 2 blocks): every
-    figure."""
-    config = tiny_config(layers=4, depth=2)
+    """HeRA's step under gradient checkpointing on the tiny model counted with 2 decoder layers (its head layer, one
+    more reentrant one) and once more with 3, scaled to 4 layers, equals its count at 4 layers: every figure. Three
+    counts, the fewest that extrapolate past the layers counted; the vision tower stays at its one (DeepStack) block,
+    whose increment the scaling adds the same way."""
+    config = tiny_config(layers=4, depth=1)
     config.vision_config.deepstack_visual_indexes = [0]
     heads, layers = count.head_layers(["L1H0", "L1H3"], 2)
     hera = shape(hera={"hera_lambda": 0.01, "hera_k": 1, "heads": heads})
