@@ -36,6 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from llamafactory_hera.plan import counter as cc
+from llamafactory_hera.plan.count import head_layers
 from llamafactory_hera.plan.estimate import quantized_bytes_per_weight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,12 +73,6 @@ CASES = (
 )
 
 
-def remapped_heads(heads: list[str]) -> list[str]:
-    """The heads moved into layers 0, 1, ... of the reduced model (same heads per layer, layer order kept)."""
-    layers = sorted({int(h[1:].split("H")[0]) for h in heads})
-    return [f"L{layers.index(int(h[1:].split('H')[0]))}H{h.split('H')[1]}" for h in heads]
-
-
 def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm: str) -> dict[str, float]:
     """One micro-step of ``arm`` (sft, hera, hera+liger) on the reduced model: its counts, in bytes and FLOPs."""
     mesh = cx.fake_world(case.world)
@@ -94,8 +89,9 @@ def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm
         else:
             model = cm.add_lora(model, int(recipe.get("lora_rank", 8)), int(recipe.get("lora_alpha", 16)))
         quantized = cm.quantize_in_place(model) if case.mode == "qlora" else []
-        with cm.training_checkpointing(model), cm.zero3_reads(case.zero3):
-            hera = cm.hera_parts(model, remapped_heads(list(case.heads)), recipe) if arm != "sft" else None
+        cm.train_mode(model, checkpointing=True)
+        with cm.zero3_reads(case.zero3):
+            hera = cm.hera_parts(model, head_layers(list(case.heads), 0)[0], recipe) if arm != "sft" else None
             if mesh is not None:
                 cm.shard(model, mesh, torch.bfloat16, fp32_params=True)
             params = list(model.parameters())
@@ -115,9 +111,9 @@ def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm
                                                             else p.grad for p in trainable])
             with cc.RealIndexMode(), FlopCounterMode(display=False) as flops, counter:
                 cm.step(model, config, data, counter, hera, liger=arm.endswith("liger"))
-    counts, collectives = counter.counts, counter.collectives
+    collectives = counter.collectives
     return {"flops": flops.get_total_flops(), "weights": weights, "gradients": grads, "optimizer": 2 * grads,
-            "activations": counts.at_mark, "temporaries": counts.peak - counts.at_mark,
+            "activations": counter.at_mark, "temporaries": counter.peak - counter.at_mark,
             "all-gather": collectives.get("all-gather", 0),
             "reduce-scatter": collectives.get("reduce-scatter", 0),
             "all-reduce": collectives.get("all-reduce", 0)}

@@ -45,7 +45,7 @@ from llamafactory_hera.plan.step import (  # noqa: F401  the step, written once 
     output_layer,
     pixels,
     step,
-    training_checkpointing,
+    train_mode,
 )
 
 # Published sizes (the checkpoints' config.json). Qwen3-VL-8B-Instruct: 8.767B parameters; Qwen2.5-VL-72B-Instruct:

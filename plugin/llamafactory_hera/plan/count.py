@@ -4,10 +4,8 @@ from one more decoder layer and one more vision block (every further layer costs
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,31 +93,22 @@ def _count(config: Any, shape: Shape) -> dict[str, float]:
                    and "lora_" not in name]
         if shape.quantized:
             step.quantize_in_place(model)
-        checkpointing = step.training_checkpointing(model) if shape.checkpointing else _no_checkpointing(model)
-        with checkpointing:
-            hera = step.hera_parts(model, shape.hera["heads"], shape.hera) if shape.hera else None
-            params = list(model.parameters())
-            trainable = [p for p in params if p.requires_grad]
-            for param in trainable:  # steady state of gradient accumulation: the gradients exist before the step
-                param.grad = torch.zeros_like(param)
-            steps = counter.StepCounter(exclude=params + [p.grad for p in trainable])
-            with counter.RealIndexMode(), FlopCounterMode(display=False) as flops, steps:
-                step.step(model, config, data, steps, hera, liger=shape.liger)
+        step.train_mode(model, shape.checkpointing)
+        hera = step.hera_parts(model, shape.hera["heads"], shape.hera) if shape.hera else None
+        params = list(model.parameters())
+        trainable = [p for p in params if p.requires_grad]
+        for param in trainable:  # steady state of gradient accumulation: the gradients exist before the step
+            param.grad = torch.zeros_like(param)
+        steps = counter.StepCounter(exclude=params + [p.grad for p in trainable])
+        with counter.RealIndexMode(), FlopCounterMode(display=False) as flops, steps:
+            step.step(model, config, data, steps, hera, liger=shape.liger)
     embeddings = [model.get_input_embeddings().weight, step.output_layer(model).weight]
     return {"flops": flops.get_total_flops(), "attention": _attention_flops(flops),
             "params": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in trainable),
             "quantizable": sum(m.weight.numel() for m in linears),
             "embedding": sum(w.numel() for w in {id(w): w for w in embeddings}.values()),
             "vision": sum(p.numel() for name, p in model.named_parameters() if "visual" in name),
-            "activations": steps.counts.at_mark, "temporaries": steps.counts.peak - steps.counts.at_mark}
-
-
-@contextlib.contextmanager
-def _no_checkpointing(model: nn.Module) -> Iterator[nn.Module]:
-    """``disable_gradient_checkpointing: true``: the model in training mode, inputs requiring grad (LoRA)."""
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-    yield model.train()
+            "activations": steps.at_mark, "temporaries": steps.peak - steps.at_mark}
 
 
 def base_depths(config: Any, head_layers: int) -> tuple[int, int]:

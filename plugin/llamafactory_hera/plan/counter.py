@@ -16,7 +16,6 @@ the bytes each collective moves on a fake process group.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
@@ -56,22 +55,14 @@ class RealIndexMode(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@dataclass
-class Counts:
-    """What one counted region did: peak bytes of the storages it created, and those alive at
-    :meth:`StepCounter.mark` (the forward's end: what backward will read)."""
-
-    peak: int = 0
-    at_mark: int = 0
-
-
 class StepCounter(TorchDispatchMode):
-    """Counts storages created by ops (live bytes, peak); ``exclude`` storages (the parameters, their gradients) are
-    never counted as created."""
+    """Counts storages created by ops: ``peak``, the most bytes alive at once, and ``at_mark``, those alive at
+    :meth:`mark` (the forward's end: what backward will read); ``exclude`` storages (the parameters, their gradients)
+    are never counted as created."""
 
     def __init__(self, exclude: list[torch.Tensor] = ()) -> None:
         super().__init__()
-        self.counts = Counts()
+        self.peak = self.at_mark = 0
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # storage -> (weak reference, bytes)
         self._total = 0
         self._skip = {t.untyped_storage()._cdata for t in exclude}
@@ -83,7 +74,7 @@ class StepCounter(TorchDispatchMode):
 
     def mark(self) -> None:
         """The forward's end: the storages alive now are the activations backward reads."""
-        self.counts.at_mark = self._total
+        self.at_mark = self._total
 
     def record(self, out: object) -> None:
         """Count the storages of ``out`` not counted yet, and the peak."""
@@ -96,7 +87,7 @@ class StepCounter(TorchDispatchMode):
             self._live[key] = (weakref.ref(storage), size)
             self._total += size
             weakref.finalize(storage, self._free, key)
-        self.counts.peak = max(self.counts.peak, self._total)
+        self.peak = max(self.peak, self._total)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))

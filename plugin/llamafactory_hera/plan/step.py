@@ -16,7 +16,6 @@ What is not the run's own code, and why:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -231,11 +230,11 @@ def step(model: nn.Module, config: Any, data: Batch, counter: Any, hera: HeraPar
     loss.backward()
 
 
-@contextlib.contextmanager
-def training_checkpointing(model: nn.Module) -> Any:
-    """LLaMA-Factory's default: reentrant gradient checkpointing, inputs requiring grad (LoRA)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+def train_mode(model: nn.Module, checkpointing: bool) -> None:
+    """The model in training mode, inputs requiring grad (LoRA); with ``checkpointing``, LLaMA-Factory's default:
+    reentrant gradient checkpointing (``disable_gradient_checkpointing: true``: none)."""
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     model.train()
-    yield model
