@@ -1,22 +1,14 @@
 """The models and the step bench/cost.py counts: published architectures built from their configs under fake tensors
-(no weights), the recipe's adapters and sharding, and one training micro-step of SFT or HeRA through the plugin's own
-code (``HeadCapture``, ``LayerCheckpointing``, ``hera_loss_anchored``, the gather's ``_GatherWithGrad``).
+(no weights), and the sharding the package's step (``llamafactory_hera.plan.step``, whose module doc lists its shims:
+4-bit, Liger, the anchors' count exchange) leaves to the bench.
 
 What is not the recipe's own code, and why:
-- 4-bit (QLoRA): bitsandbytes cannot run on fake tensors. The weights are built in bf16, their storage is counted
-  from the quantization (recipes/memory.py's bytes per weight), and each base linear layer runs as bitsandbytes'
-  ``MatMul4Bit`` does: the weight dequantized to bf16 for the product, in forward and again in backward, nothing
-  saved (:class:`Dequantized`); HeRA's ``o_proj`` read dequantizes the whole weight in bf16 (its heads' columns
-  cast to float32), as ``base_weight_columns``' 4-bit branch does.
 - DeepSpeed ZeRO-3 cannot run here: it is counted as FSDP2 with ZeRO-3's dtypes (bf16 gathers and reduce-scatters,
   fp32 master weights, gradients and Adam moments sharded: 16 bytes per parameter / N, as ZeRO-3's bf16 partition
   + fp32 master + moments); HeRA reads its heads' columns as under ZeRO-3, in ``o_proj``'s modules' own calls
   (``capture.InCallColumns``), where FSDP2's weights are unsharded as ZeRO-3's are gathered (:func:`zero3_reads`).
-- The anchors' count exchange of ``gather_batch`` (one integer per rank, read on the host) cannot run on fake
-  tensors: every rank is given the recipe's micro-batch of anchors and the gather is ``_GatherWithGrad`` itself.
-- Liger's fused linear cross-entropy (a Triton kernel, GPU only) is counted by its algorithm: the rows in chunks of
-  Liger's size, each chunk's logits and their gradient made and dropped in forward, only the hidden states' gradient
-  kept (:class:`ChunkedLinearCrossEntropy`).
+- 4-bit under FSDP2: HeRA's read of ``o_proj`` dequantizes each rank's rows and gathers their columns
+  (:func:`quantize_in_place`).
 """
 
 from __future__ import annotations
