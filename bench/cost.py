@@ -110,7 +110,7 @@ def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm
             counter = cx.CollectiveCounter(exclude=local + [p.grad.to_local() if hasattr(p.grad, "to_local")
                                                             else p.grad for p in trainable])
             with cc.RealIndexMode(), FlopCounterMode(display=False) as flops, counter:
-                cm.step(model, config, data, counter, hera, liger=arm.endswith("liger"))
+                cm.step(model, config, data, counter, hera, liger=arm.endswith("liger"), term=cm.gathered_hera_term)
     collectives = counter.collectives
     return {"flops": flops.get_total_flops(), "weights": weights, "gradients": grads, "optimizer": 2 * grads,
             "activations": counter.at_mark, "temporaries": counter.peak - counter.at_mark,

@@ -7,6 +7,9 @@ What is not the recipe's own code, and why:
   fp32 master weights, gradients and Adam moments sharded: 16 bytes per parameter / N, as ZeRO-3's bf16 partition
   + fp32 master + moments); HeRA reads its heads' columns as under ZeRO-3, in ``o_proj``'s modules' own calls
   (``capture.InCallColumns``), where FSDP2's weights are unsharded as ZeRO-3's are gathered (:func:`zero3_reads`).
+- The anchors' count exchange of ``gather_batch`` (one integer per rank, read on the host) cannot run on fake tensors:
+  every rank is given the micro-batch's rows as anchors and the gather is ``_GatherWithGrad`` itself
+  (:func:`gathered_hera_term`).
 - 4-bit under FSDP2: HeRA's read of ``o_proj`` dequantizes each rank's rows and gathers their columns
   (:func:`quantize_in_place`).
 """
@@ -22,6 +25,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from llamafactory_hera.hera import projection
+from llamafactory_hera.hera.loss import _GatherWithGrad, distributed, hera_loss_anchored, used_temperature
 from llamafactory_hera.plan import step as plan_step
 from llamafactory_hera.plan.step import (  # noqa: F401  the step, written once in the package
     Batch,
@@ -33,7 +37,6 @@ from llamafactory_hera.plan.step import (  # noqa: F401  the step, written once 
     build,
     freeze_vision,
     hera_parts,
-    hera_term,
     output_layer,
     pixels,
     step,
@@ -131,3 +134,18 @@ def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
 
     projection.base_weight_columns = four_bit
     return layers
+
+
+def gathered_hera_term(parts: HeraParts, reps: torch.Tensor, teacher_dim: int = 1024) -> torch.Tensor:
+    """HeraTrainer.hera_term for a micro-batch whose samples are all anchors: the global batch gathered under
+    ``hera_gather`` (the default) when distributed (this rank is rank 0), the teacher's cached features."""
+    if not distributed():
+        return plan_step.hera_term(parts, reps, teacher_dim)
+    size = reps.shape[1]
+    teacher = torch.empty(size, teacher_dim)
+    candidates = _GatherWithGrad.apply(reps.contiguous())
+    gathered = [torch.empty_like(teacher) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, teacher)
+    k = min(parts.k, candidates.shape[1] - 1)
+    return hera_loss_anchored(reps, candidates, torch.arange(size), teacher, torch.cat(gathered), k,
+                              used_temperature(parts.log_tau), parts.similarity).mean()

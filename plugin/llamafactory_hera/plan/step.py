@@ -1,7 +1,6 @@
 """One training micro-step of a model built from its config under fake tensors (no weights): the recipe's adapters,
-SFT or HeRA through the plugin's own code (``HeadCapture``, ``LayerCheckpointing``, ``hera_loss_anchored``, the
-gather's ``_GatherWithGrad``). Counted by :mod:`llamafactory_hera.plan.counter` for ``llamafactory-hera plan`` and
-bench/cost.py.
+SFT or HeRA through the plugin's own code (``HeadCapture``, ``LayerCheckpointing``, ``hera_loss_anchored``). Counted
+by :mod:`llamafactory_hera.plan.counter` for ``llamafactory-hera plan`` and bench/cost.py.
 
 What is not the run's own code, and why:
 - 4-bit (QLoRA): bitsandbytes cannot run on fake tensors. Each base linear layer runs as its ``MatMul4Bit`` does: the
@@ -10,13 +9,12 @@ What is not the run's own code, and why:
   weights' storage from the quantization.
 - Liger's fused linear cross-entropy (Triton, GPU only) is counted by its algorithm: the rows in chunks of Liger's
   size, each chunk's logits and their gradient made and dropped in forward (:class:`ChunkedLinearCrossEntropy`).
-- The anchors' count exchange of ``gather_batch`` (one integer per rank, read on the host) cannot run on fake tensors:
-  every rank is given the micro-batch's rows as anchors and the gather is ``_GatherWithGrad`` itself.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +28,7 @@ from llamafactory_hera.heads.geometry import attention_geometry, parse_head
 from llamafactory_hera.heads.pooling import pooling_weights
 from llamafactory_hera.hera import projection
 from llamafactory_hera.hera.capture import HeadCapture
-from llamafactory_hera.hera.loss import _GatherWithGrad, distributed, hera_loss_anchored, used_temperature
+from llamafactory_hera.hera.loss import hera_loss_anchored, used_temperature
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -185,27 +183,18 @@ def hera_parts(model: nn.Module, heads: list[str], recipe: dict) -> HeraParts:
 
 
 def hera_term(parts: HeraParts, reps: torch.Tensor, teacher_dim: int = 1024) -> torch.Tensor:
-    """HeraTrainer.hera_term for a micro-batch whose samples are all anchors: the global batch gathered under
-    ``hera_gather`` (the default) when distributed, the teacher's cached features."""
+    """HeraTrainer.hera_term at one rank, for a micro-batch whose samples are all anchors, against the teacher's cached
+    features (bench/cost_models.py gathers the global batch over a fake process group)."""
     size = reps.shape[1]
     teacher = torch.empty(size, teacher_dim)
-    candidates, candidate_teacher, offset = reps, teacher, 0
-    if distributed():
-        world = torch.distributed.get_world_size()
-        candidates = _GatherWithGrad.apply(reps.contiguous())
-        gathered = [torch.empty_like(teacher) for _ in range(world)]
-        torch.distributed.all_gather(gathered, teacher)
-        candidate_teacher = torch.cat(gathered)
-    anchor_index = offset + torch.arange(size)
-    k = min(parts.k, candidates.shape[1] - 1)
-    per_anchor = hera_loss_anchored(reps, candidates, anchor_index, teacher, candidate_teacher, k,
-                                    used_temperature(parts.log_tau), parts.similarity)
-    return per_anchor.mean()
+    return hera_loss_anchored(reps, reps, torch.arange(size), teacher, teacher, min(parts.k, size - 1),
+                              used_temperature(parts.log_tau), parts.similarity).mean()
 
 
-def step(model: nn.Module, config: Any, data: Batch, counter: Any, hera: HeraParts | None, liger: bool) -> None:
-    """One micro-step: forward (with HeRA's capture, projection and loss when ``hera``), ``counter.mark()`` at the
-    forward's end, backward. bf16 autocast, as the Trainer runs ``bf16: true``."""
+def step(model: nn.Module, config: Any, data: Batch, counter: Any, hera: HeraParts | None, liger: bool,
+         term: Callable[[HeraParts, torch.Tensor], torch.Tensor] = hera_term) -> None:
+    """One micro-step: forward (with HeRA's capture, projection and loss ``term`` when ``hera``), ``counter.mark()`` at
+    the forward's end, backward. bf16 autocast, as the Trainer runs ``bf16: true``."""
     inputs = dict(data.inputs)
     inputs["pixel_values"] = pixels(config, inputs["image_grid_thw"])
     labels = inputs.pop("labels")
@@ -225,7 +214,7 @@ def step(model: nn.Module, config: Any, data: Batch, counter: Any, hera: HeraPar
             loss = model(**inputs, labels=labels).loss
         if hera is not None:
             reps = hera.capture.disarm(pooling_weights(data.token_mask), check_gradient=True)
-            loss = loss + hera.lam * hera_term(hera, reps)
+            loss = loss + hera.lam * term(hera, reps)
     counter.mark()
     loss.backward()
 
