@@ -119,20 +119,20 @@ def shard(model: nn.Module, mesh: Any, reduce_dtype: torch.dtype, fp32_params: b
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
+def sharded_four_bit_columns(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """HeRA's 4-bit read of ``o_proj`` under FSDP2: each rank's rows dequantized, their columns gathered
+    (``projection.sharded_columns``); otherwise the package's (``plan.step.four_bit_columns``)."""
+    weight = base.weight.detach()
+    if getattr(base, "four_bit", False) and hasattr(weight, "to_local") and columns is not None:
+        local = weight.to_local().clone()[:, columns].to(torch.bfloat16)
+        return DTensor.from_local(local, weight.device_mesh, weight.placements).full_tensor().float()
+    return plan_step.four_bit_columns(base, columns)
+
+
 def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
-    """The package's 4-bit step (``plan.step.quantize_in_place``), and HeRA's 4-bit read of ``o_proj`` under FSDP2:
-    each rank's rows dequantized, their columns gathered (``projection.sharded_columns``)."""
+    """The package's 4-bit step (``plan.step.quantize_in_place``) with :func:`sharded_four_bit_columns`."""
     layers = plan_step.quantize_in_place(model)
-    unsharded = projection.base_weight_columns
-
-    def four_bit(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
-        weight = base.weight.detach()
-        if hasattr(weight, "to_local") and columns is not None:
-            local = weight.to_local().clone()[:, columns].to(torch.bfloat16)
-            return DTensor.from_local(local, weight.device_mesh, weight.placements).full_tensor().float()
-        return unsharded(base, columns)
-
-    projection.base_weight_columns = four_bit
+    projection.base_weight_columns = sharded_four_bit_columns
     return layers
 
 

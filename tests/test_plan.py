@@ -152,7 +152,7 @@ def test_plan_prints_the_report_and_a_fix_when_the_card_is_too_small(tiny_recipe
     """The tiny model's QLoRA step with Liger (one count: 2 layers, 1 block) on a card of 2 GiB and 64 KiB: the
     reserve alone leaves 64 KiB, less than the tiny model's bf16 load; halving the micro-batch is told with its
     figure."""
-    monkeypatch.setitem(cards.CARDS, "toy", cards.Card("toy", 100.0, 2 + 2**-14, 1.0))
+    monkeypatch.setitem(cards.CARDS, "toy", cards.Card("toy", 100.0, 2 + 2**-14))
     assert main(["plan", str(tiny_recipe), "--gpu", "toy"]) == 0
     out = capsys.readouterr().out
     assert "does NOT fit" in out

@@ -111,20 +111,28 @@ class Dequantized(torch.autograd.Function):
         return grad @ weight.clone().to(grad.dtype), None, None
 
 
+UNQUANTIZED_COLUMNS = projection.base_weight_columns
+
+
+def four_bit_columns(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """``base_weight_columns``' 4-bit branch for a layer :func:`quantize_in_place` marked: the whole weight
+    dequantized in bf16, the heads' columns cast to float32; any other layer read as the plugin reads it."""
+    if not getattr(base, "four_bit", False):
+        return UNQUANTIZED_COLUMNS(base, columns)
+    full = base.weight.detach().clone()  # dequantize_4bit's [out, in] output, in the compute dtype
+    return (full if columns is None else full[:, columns]).float()
+
+
 def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
-    """Every base ``nn.Linear`` but the output layer runs through :class:`Dequantized`; HeRA's read of ``o_proj``
-    dequantizes the whole weight in bf16 and casts the heads' columns to float32 (``base_weight_columns``' 4-bit
-    branch). Returns the quantized layers."""
+    """Every base ``nn.Linear`` but the output layer runs through :class:`Dequantized` and is marked 4-bit for
+    HeRA's read of ``o_proj`` (:func:`four_bit_columns`, in place of ``projection.base_weight_columns``). Returns the
+    quantized layers."""
     layers = [m for name, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in name
               and "lora_" not in name]
     for layer in layers:
         layer.forward = (lambda m: lambda x: Dequantized.apply(x, m.weight, m.bias))(layer)
-
-    def four_bit(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
-        full = base.weight.detach().clone()  # dequantize_4bit's [out, in] output, in the compute dtype
-        return (full if columns is None else full[:, columns]).float()
-
-    projection.base_weight_columns = four_bit
+        layer.four_bit = True
+    projection.base_weight_columns = four_bit_columns
     return layers
 
 
