@@ -22,7 +22,6 @@ in bench/cost_models.py.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -36,21 +35,17 @@ from accelerate.utils import compute_module_sizes
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from llamafactory_hera.plan import counter as cc
+from llamafactory_hera.plan.count import head_layers
+from llamafactory_hera.plan.estimate import quantized_bytes_per_weight
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cost_count as cc  # noqa: E402
+import cost_count as cx  # noqa: E402
 import cost_models as cm  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 HEADS = ["L13H12", "L7H6", "L3H5", "L13H13", "L13H15"]  # paper, Table 5 (Qwen3-8B): 5 heads in 3 layers
 CAPTION_TOKENS = 64  # assumed length of a selection caption (hera_select_mode: text)
-
-
-def _memory_module():
-    spec = importlib.util.spec_from_file_location("recipes_memory", REPO / "recipes" / "memory.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass(frozen=True)
@@ -78,17 +73,12 @@ CASES = (
 )
 
 
-def remapped_heads(heads: list[str]) -> list[str]:
-    """The heads moved into layers 0, 1, ... of the reduced model (same heads per layer, layer order kept)."""
-    layers = sorted({int(h[1:].split("H")[0]) for h in heads})
-    return [f"L{layers.index(int(h[1:].split('H')[0]))}H{h.split('H')[1]}" for h in heads]
-
-
 def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm: str) -> dict[str, float]:
     """One micro-step of ``arm`` (sft, hera, hera+liger) on the reduced model: its counts, in bytes and FLOPs."""
-    mesh = cc.fake_world(case.world)
+    mesh = cx.fake_world(case.world)
     config = cm.reduced(case.spec, text_layers, vision_depth)
-    data = cm.batch(config, case.spec, int(recipe["per_device_train_batch_size"]), int(recipe["cutoff_len"]))
+    data = cm.batch(config, int(recipe["per_device_train_batch_size"]), int(recipe["cutoff_len"]),
+                    case.spec["image_side"] // case.spec["patch"])
     with FakeTensorMode(allow_non_fake_inputs=True):  # the real-index shim only in the step: a parameter that goes
         # through it gets a weak reference, and Module.to cannot swap a fake parameter that has one
         model = cm.build(config)
@@ -99,33 +89,34 @@ def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm
         else:
             model = cm.add_lora(model, int(recipe.get("lora_rank", 8)), int(recipe.get("lora_alpha", 16)))
         quantized = cm.quantize_in_place(model) if case.mode == "qlora" else []
-        with cm.training_checkpointing(model), cm.zero3_reads(case.zero3):
-            hera = cm.hera_parts(model, remapped_heads(list(case.heads)), recipe) if arm != "sft" else None
+        cm.train_mode(model, checkpointing=True)
+        with cm.zero3_reads(case.zero3):
+            hera = cm.hera_parts(model, head_layers(list(case.heads), 0)[0], recipe) if arm != "sft" else None
             if mesh is not None:
                 cm.shard(model, mesh, torch.bfloat16, fp32_params=True)
             params = list(model.parameters())
             trainable = [p for p in params if p.requires_grad]
             for p in trainable:  # steady state of gradient accumulation: the gradients exist before the step
                 p.grad = torch.zeros_like(p)
-            weights = sum(cc.local_bytes(p) for p in params) + sum(b.numel() * b.element_size()
+            weights = sum(cx.local_bytes(p) for p in params) + sum(b.numel() * b.element_size()
                                                                    for b in model.buffers())
             if quantized:
-                per_weight = _memory_module().quantized_bytes_per_weight(4, bool(recipe.get("double_quantization",
+                per_weight = quantized_bytes_per_weight(4, bool(recipe.get("double_quantization",
                                                                                            True)))
-                weights -= sum(cc.local_bytes(m.weight) // m.weight.element_size() * (m.weight.element_size()
-                                                                                    - per_weight) for m in quantized)
-            grads = sum(cc.local_bytes(p) for p in trainable)
+                weights -= sum(cx.local_bytes(m.weight) // m.weight.element_size()
+                               * (m.weight.element_size() - per_weight) for m in quantized)
+            grads = sum(cx.local_bytes(p) for p in trainable)
             local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
-            counter = cc.StepCounter(exclude=local + [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                                                      for p in trainable])
+            counter = cx.CollectiveCounter(exclude=local + [p.grad.to_local() if hasattr(p.grad, "to_local")
+                                                            else p.grad for p in trainable])
             with cc.RealIndexMode(), FlopCounterMode(display=False) as flops, counter:
-                cm.step(model, config, data, counter, hera, liger=arm.endswith("liger"))
-    counts = counter.counts
+                cm.step(model, config, data, counter, hera, liger=arm.endswith("liger"), term=cm.gathered_hera_term)
+    collectives = counter.collectives
     return {"flops": flops.get_total_flops(), "weights": weights, "gradients": grads, "optimizer": 2 * grads,
-            "activations": counts.at_mark, "temporaries": counts.peak - counts.at_mark,
-            "all-gather": counts.collectives.get("all-gather", 0),
-            "reduce-scatter": counts.collectives.get("reduce-scatter", 0),
-            "all-reduce": counts.collectives.get("all-reduce", 0)}
+            "activations": counter.at_mark, "temporaries": counter.peak - counter.at_mark,
+            "all-gather": collectives.get("all-gather", 0),
+            "reduce-scatter": collectives.get("reduce-scatter", 0),
+            "all-reduce": collectives.get("all-reduce", 0)}
 
 
 def scaled_arms(case: Case, recipe: dict) -> dict[str, dict[str, float]]:
@@ -161,7 +152,7 @@ def selection_flops(spec: dict, samples: int) -> dict[str, float]:
     from llamafactory_hera.hera.selection.collect import CalibrationPair, collect_text
     from llamafactory_hera.hera.selection.scores import all_head_neighbours
 
-    cc.fake_world(1)
+    cx.fake_world(1)
     batch = 8
 
     def tokenizer(captions, **_):  # noqa: ANN001, ANN202

@@ -1,110 +1,41 @@
-"""Counting one training step without weights or a GPU (bench/cost.py): FLOPs, peak tensor memory by category and the
-bytes each collective moves, of a model built under ``FakeTensorMode`` (shapes and dtypes, no data) on a fake
-process group of any world size (``torch.testing._internal.distributed.fake_pg``).
-
-Two shims make transformers' multimodal models run under fake tensors on this CPU, and are proven to engage by
-tests/test_cost_count.py:
-
-- :class:`RealIndexMode`: an op whose tensor arguments are all real (the integer inputs: token ids, image grids,
-  position ids and what is computed from them) runs for real, as do ``arange`` / ``linspace`` and small integer
-  tensors made from nothing (a floating tensor made from nothing, a weight, stays fake), so the models'
-  data-dependent index arithmetic (``grid_thw.tolist()``, M-RoPE positions, window indices) works; a boolean mask
-  that is real selects a fake tensor by its true count. Everything that touches a weight stays fake.
-- :class:`StepCounter`: a dispatch mode that records every storage an op creates (a finalizer on the storage removes
-  it when its last tensor dies; storages FSDP2 resizes are re-read at each collective), the peak of their sum, and
-  the bytes of every c10d collective the process group is asked for (all-gather: the gathered tensor; reduce-scatter:
-  the tensor reduced; all-reduce: the tensor).
-"""
+"""The bench's additions to the package's step counter (llamafactory_hera.plan.counter, which ``llamafactory-hera
+plan`` uses at one rank): a fake process group of any world size (``torch.testing._internal.distributed.fake_pg``),
+the bytes each c10d collective moves, and the storages FSDP2 resizes in place re-read at each collective."""
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass, field
-
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
-GIB = 2**30
-SMALL = 1 << 22  # elements: a real computation larger than this is not index arithmetic
-INDEX_FACTORIES = (torch.ops.aten.arange, torch.ops.aten.linspace, torch.ops.aten.lift_fresh)
-
-
-def _tensors(tree: object) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
-
-
-class RealIndexMode(TorchDispatchMode):
-    """Runs an op for real when none of its tensor arguments is fake and it is a view or small (see module doc)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        tensors = _tensors((args, kwargs))
-        parameter_like = not tensors and func.overloadpacket not in INDEX_FACTORIES \
-            and (kwargs.get("dtype") or torch.get_default_dtype()).is_floating_point  # a weight being made: fake
-        if not parameter_like and not any(isinstance(t, FakeTensor) for t in tensors) \
-                and (func.is_view or all(t.numel() <= SMALL for t in tensors)):
-            with unset_fake_temporarily():
-                out = func(*args, **kwargs)
-            if func.is_view or all(t.numel() <= SMALL for t in _tensors(out)):
-                return out
-        if func is torch.ops.aten.index.Tensor and len(args[1]) == 1 and args[1][0] is not None \
-                and args[1][0].dtype == torch.bool and not isinstance(args[1][0], FakeTensor):
-            mask = args[1][0]
-            with unset_fake_temporarily():
-                count = int(mask.sum())
-            return torch.empty((count, *args[0].shape[mask.ndim:]), dtype=args[0].dtype, device=args[0].device)
-        return func(*args, **kwargs)
-
+from llamafactory_hera.plan.counter import StepCounter, tensors_of
 
 COLLECTIVES = {"allgather": "all-gather", "all_gather": "all-gather", "reduce_scatter": "reduce-scatter",
                "allreduce": "all-reduce", "all_reduce": "all-reduce"}
 
 
-@dataclass
-class Counts:
-    """What one counted region did: peak bytes of the storages it created, those alive at :meth:`StepCounter.mark`
-    (the forward's end: what backward will read), and the bytes per kind of collective."""
+class CollectiveCounter(StepCounter):
+    """:class:`StepCounter` plus ``collectives`` and ``calls``: bytes and calls per kind of collective."""
 
-    peak: int = 0
-    at_mark: int = 0
-    collectives: dict[str, int] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)
-
-
-class StepCounter(TorchDispatchMode):
-    """Counts storages created by ops (live bytes, peak) and collectives; ``exclude`` storages (the parameters, their
-    gradients) are never counted as created."""
-
-    def __init__(self, exclude: list[torch.Tensor] = (), debug: bool = False) -> None:
-        super().__init__()
-        self.debug = debug
-        self.at_peak: list[tuple[int, str]] = []  # debug: the largest storages alive at the peak, and their ops
-        self.counts = Counts()
-        self._live: dict[int, tuple] = {}  # storage -> (weak reference, bytes[, op])
-        self._total = 0
-        self._skip = {t.untyped_storage()._cdata for t in exclude}
-
-    def _free(self, key: int) -> None:
-        entry = self._live.pop(key, None)
-        if entry is not None:
-            self._total -= entry[1]
+    def __init__(self, exclude: list[torch.Tensor] = ()) -> None:
+        super().__init__(exclude)
+        self.collectives: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
 
     def _refresh(self) -> None:
         """Re-read every storage's size (FSDP2 resizes the unsharded parameters' storages in place)."""
         total = 0
-        for key, (ref, *_) in list(self._live.items()):
+        for key, (ref, _) in list(self._live.items()):
             storage = ref()
             size = storage.nbytes() if storage is not None else 0
-            self._live[key] = (ref, size, *self._live[key][2:])
+            self._live[key] = (ref, size)
             total += size
         self._total = total
 
     def mark(self) -> None:
-        """The forward's end: the storages alive now are the activations backward reads."""
         self._refresh()
-        self.counts.at_mark = self._total
+        super().mark()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
@@ -112,41 +43,23 @@ class StepCounter(TorchDispatchMode):
         kind = next((label for key, label in COLLECTIVES.items() if key in name), None)
         if kind is not None and func.namespace in ("c10d", "_c10d_functional"):
             if func.namespace == "_c10d_functional":  # (input, ...) -> output
-                moved = _tensors(out) if kind == "all-gather" else _tensors(args[0])
+                moved = tensors_of(out) if kind == "all-gather" else tensors_of(args[0])
             else:  # c10d: (outputs, inputs, ...) in place; all-reduce: (tensors, ...)
-                moved = _tensors(args[1] if kind == "reduce-scatter" else args[0])
-            self.counts.collectives[kind] = self.counts.collectives.get(kind, 0) + sum(
-                t.numel() * t.element_size() for t in moved)
-            self.counts.calls[kind] = self.counts.calls.get(kind, 0) + 1
+                moved = tensors_of(args[1] if kind == "reduce-scatter" else args[0])
+            self.collectives[kind] = self.collectives.get(kind, 0) + sum(t.numel() * t.element_size() for t in moved)
+            self.calls[kind] = self.calls.get(kind, 0) + 1
             self._refresh()
-        for tensor in _tensors(out):
-            storage = tensor.untyped_storage()
-            key = storage._cdata
-            if key in self._live or key in self._skip:
-                continue
-            size = storage.nbytes()
-            self._live[key] = (weakref.ref(storage), size, str(func)) if self.debug else (weakref.ref(storage), size)
-            self._total += size
-            weakref.finalize(storage, self._free, key)
-        if self._total > self.counts.peak:
-            self.counts.peak = self._total
-            if self.debug:
-                self.at_peak = sorted(((e[1], e[2]) for e in self._live.values()), reverse=True)[:12]
+        self.record(out)
         return out
 
 
 def fake_world(world_size: int) -> torch.distributed.DeviceMesh | None:
     """A fake process group of ``world_size`` ranks (this process is rank 0) and its 1-D CPU mesh; None for 1."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     if dist.is_initialized():
         dist.destroy_process_group()
     if world_size == 1:
         return None
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-    from torch.distributed.device_mesh import init_device_mesh
-
     return init_device_mesh("cpu", (world_size,))
 
 

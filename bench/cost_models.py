@@ -1,35 +1,47 @@
 """The models and the step bench/cost.py counts: published architectures built from their configs under fake tensors
-(no weights), the recipe's adapters and sharding, and one training micro-step of SFT or HeRA through the plugin's own
-code (``HeadCapture``, ``LayerCheckpointing``, ``hera_loss_anchored``, the gather's ``_GatherWithGrad``).
+(no weights), and the sharding the package's step (``llamafactory_hera.plan.step``, whose module doc lists its shims:
+4-bit, Liger, the anchors' count exchange) leaves to the bench.
 
 What is not the recipe's own code, and why:
-- 4-bit (QLoRA): bitsandbytes cannot run on fake tensors. The weights are built in bf16, their storage is counted
-  from the quantization (recipes/memory.py's bytes per weight), and each base linear layer runs as bitsandbytes'
-  ``MatMul4Bit`` does: the weight dequantized to bf16 for the product, in forward and again in backward, nothing
-  saved (:class:`Dequantized`); HeRA's ``o_proj`` read dequantizes the whole weight in bf16 (its heads' columns
-  cast to float32), as ``base_weight_columns``' 4-bit branch does.
 - DeepSpeed ZeRO-3 cannot run here: it is counted as FSDP2 with ZeRO-3's dtypes (bf16 gathers and reduce-scatters,
   fp32 master weights, gradients and Adam moments sharded: 16 bytes per parameter / N, as ZeRO-3's bf16 partition
   + fp32 master + moments); HeRA reads its heads' columns as under ZeRO-3, in ``o_proj``'s modules' own calls
   (``capture.InCallColumns``), where FSDP2's weights are unsharded as ZeRO-3's are gathered (:func:`zero3_reads`).
-- The anchors' count exchange of ``gather_batch`` (one integer per rank, read on the host) cannot run on fake
-  tensors: every rank is given the recipe's micro-batch of anchors and the gather is ``_GatherWithGrad`` itself.
-- Liger's fused linear cross-entropy (a Triton kernel, GPU only) is counted by its algorithm: the rows in chunks of
-  Liger's size, each chunk's logits and their gradient made and dropped in forward, only the hidden states' gradient
-  kept (:class:`ChunkedLinearCrossEntropy`).
+- The anchors' count exchange of ``gather_batch`` (one integer per rank, read on the host) cannot run on fake tensors:
+  every rank is given the micro-batch's rows as anchors and the gather is ``_GatherWithGrad`` itself
+  (:func:`gathered_hera_term`).
+- 4-bit under FSDP2: HeRA's read of ``o_proj`` dequantizes each rank's rows and gathers their columns
+  (:func:`quantize_in_place`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import types
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.distributed.tensor import DTensor
+
+from llamafactory_hera.hera import projection
+from llamafactory_hera.hera.loss import _GatherWithGrad, distributed, hera_loss_anchored, used_temperature
+from llamafactory_hera.plan import step as plan_step
+from llamafactory_hera.plan.step import (  # noqa: F401  the step, written once in the package
+    Batch,
+    ChunkedLinearCrossEntropy,
+    Dequantized,
+    HeraParts,
+    add_lora,
+    batch,
+    build,
+    freeze_vision,
+    hera_parts,
+    output_layer,
+    pixels,
+    step,
+    train_mode,
+)
 
 # Published sizes (the checkpoints' config.json). Qwen3-VL-8B-Instruct: 8.767B parameters; Qwen2.5-VL-72B-Instruct:
 # 73.4B.
@@ -55,7 +67,6 @@ QWEN2_5_VL_72B = {
 }
 DINOV2_LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
                 "image_size": 224, "patch_size": 14}
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def reduced(spec: dict, text_layers: int, vision_depth: int) -> Any:
@@ -73,113 +84,6 @@ def reduced(spec: dict, text_layers: int, vision_depth: int) -> Any:
     config.text_config._attn_implementation = "sdpa"
     config.vision_config._attn_implementation = "sdpa"
     return config
-
-
-def build(config: Any) -> nn.Module:
-    """The MLLM of ``config`` in bf16 (call under ``FakeTensorMode``: no memory, no data)."""
-    from transformers import AutoModelForImageTextToText
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        return AutoModelForImageTextToText.from_config(config)
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def add_lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
-    """LLaMA-Factory's LoRA on every linear layer of the language model, trainable weights upcast to float32."""
-    from peft import LoraConfig, get_peft_model
-
-    move = nn.Module.to
-    nn.Module.to = lambda self, *_, **__: self  # one device, one dtype: peft's moves are no-ops, and Module.to cannot
-    try:  # swap a fake parameter that transformers' initialisation holds a weak reference to
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS,
-                                                 lora_dropout=0.0))
-    finally:
-        nn.Module.to = move
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-    return model
-
-
-def freeze_vision(model: nn.Module) -> None:
-    """freeze_vision_tower: true (the merger included, as freeze_multi_modal_projector leaves the LoRA recipes')."""
-    visual = next(m for name, m in model.named_modules() if name.endswith("visual"))
-    visual.requires_grad_(False)
-
-
-@dataclass
-class Batch:
-    """One micro-batch's real integer inputs and fake pixels."""
-
-    inputs: dict[str, Any]
-    token_mask: torch.Tensor  # [B, S] the pooled (answer) tokens
-
-
-def batch(config: Any, spec: dict, size: int, seq: int) -> Batch:
-    """``size`` rows of ``seq`` tokens, each with one ``image_side``² image (its tokens at the front, text after; the
-    second half of the text is the answer, pooled by ``hera_pooling: assistant``). Integer inputs real, made outside
-    the fake mode."""
-    merge = config.vision_config.spatial_merge_size
-    side = spec["image_side"] // spec["patch"]
-    image_tokens = side * side // merge // merge
-    ids = torch.full((size, seq), 100, dtype=torch.long)
-    ids[:, 4:4 + image_tokens] = config.image_token_id
-    grid = torch.tensor([[1, side, side]] * size)
-    labels = ids.clone()
-    labels[:, : (seq + image_tokens) // 2] = -100
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_grid_thw": grid, "labels": labels}
-    if spec["family"] == "qwen3_vl":
-        inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
-    return Batch(inputs, labels != -100)
-
-
-def pixels(config: Any, grid: torch.Tensor) -> torch.Tensor:
-    """Fake flattened patches for ``grid`` (call under the fake mode)."""
-    v = config.vision_config
-    return torch.empty(int(grid.prod(-1).sum()), 3 * v.temporal_patch_size * v.patch_size ** 2, dtype=torch.bfloat16)
-
-
-class Dequantized(torch.autograd.Function):
-    """bitsandbytes' 4-bit product: the weight dequantized to bf16 for the product, in forward and again in backward
-    (a clone stands for ``dequantize_4bit``'s output); nothing but the stored weight is kept for backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        return F.linear(x, weight.clone().to(x.dtype), bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        (weight,) = ctx.saved_tensors
-        return grad @ weight.clone().to(grad.dtype), None, None
-
-
-def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
-    """Every base ``nn.Linear`` but the output layer runs through :class:`Dequantized`; HeRA's read of ``o_proj``
-    dequantizes the whole weight in bf16 and casts the heads' columns to float32 (``base_weight_columns``' 4-bit
-    branch). Returns the quantized layers."""
-    from llamafactory_hera.hera import projection
-
-    layers = [m for name, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in name
-              and "lora_" not in name]
-    for layer in layers:
-        layer.forward = (lambda m: lambda x: Dequantized.apply(x, m.weight, m.bias))(layer)
-
-    def four_bit(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
-        weight = base.weight.detach()
-        if hasattr(weight, "to_local") and columns is not None:  # FSDP2: each rank's rows dequantized, their
-            from torch.distributed.tensor import DTensor  # columns gathered (projection.sharded_columns)
-
-            local = weight.to_local().clone()[:, columns].to(torch.bfloat16)
-            return DTensor.from_local(local, weight.device_mesh, weight.placements).full_tensor().float()
-        full = weight.clone()  # dequantize_4bit's [out, in] output, in the compute dtype
-        return (full if columns is None else full[:, columns]).float()
-
-    projection.base_weight_columns = four_bit
-    return layers
 
 
 @contextlib.contextmanager
@@ -215,119 +119,33 @@ def shard(model: nn.Module, mesh: Any, reduce_dtype: torch.dtype, fp32_params: b
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Liger's fused linear cross-entropy, by its algorithm: rows in chunks of Liger's size, each chunk's logits, their
-    softmax gradient and its product back to the hidden states made in forward and dropped; only the hidden states'
-    gradient ``[N, d]`` is kept for backward (the output layer is frozen under LoRA)."""
-
-    @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        rows, width = hidden.shape
-        factor = math.ceil(weight.shape[0] / width)
-        chunk = 2 ** math.ceil(math.log2(math.ceil(rows / factor)))  # liger_kernel's chunk_size
-        grad_hidden = torch.empty_like(hidden)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, rows, chunk):
-            logits = (hidden[start:start + chunk] @ weight.T).float()
-            probs = torch.softmax(logits, dim=-1)  # the kernel's in-place gradient of the chunk
-            total = total + probs.sum() * 0
-            grad_hidden[start:start + chunk] = (probs.to(hidden.dtype) @ weight)
-        ctx.save_for_backward(grad_hidden)
-        return total
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad.to(grad_hidden.dtype), None, None
+def sharded_four_bit_columns(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """HeRA's 4-bit read of ``o_proj`` under FSDP2: each rank's rows dequantized, their columns gathered
+    (``projection.sharded_columns``); otherwise the package's (``plan.step.four_bit_columns``)."""
+    weight = base.weight.detach()
+    if getattr(base, "four_bit", False) and hasattr(weight, "to_local") and columns is not None:
+        local = weight.to_local().clone()[:, columns].to(torch.bfloat16)
+        return DTensor.from_local(local, weight.device_mesh, weight.placements).full_tensor().float()
+    return plan_step.four_bit_columns(base, columns)
 
 
-def output_layer(model: nn.Module) -> nn.Module:
-    """The MLLM's output layer (``lm_head``), PEFT-wrapped or not."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.lm_head
+def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
+    """The package's 4-bit step (``plan.step.quantize_in_place``) with :func:`sharded_four_bit_columns`."""
+    layers = plan_step.quantize_in_place(model)
+    projection.base_weight_columns = sharded_four_bit_columns
+    return layers
 
 
-@dataclass
-class HeraParts:
-    """The plugin's own step parts for one model (built once, before sharding)."""
-
-    capture: Any
-    checkpointing: Any
-    log_tau: nn.Parameter
-    k: int
-    lam: float
-    similarity: str
-
-
-def hera_parts(model: nn.Module, heads: list[str], recipe: dict) -> HeraParts:
-    """``HeadCapture`` and ``LayerCheckpointing`` on ``model`` for ``heads``, with the recipe's hera_* settings."""
-    from llamafactory_hera.heads.geometry import attention_geometry, parse_head
-    from llamafactory_hera.hera.capture import HeadCapture
-    from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
-
-    refs = [parse_head(h) for h in heads]
-    capture = HeadCapture(model, refs, attention_geometry(model.config))
-    checkpointing = LayerCheckpointing(model, [ref.layer for ref in refs])
-    log_tau = nn.Parameter(torch.tensor(math.log(recipe.get("hera_temperature", 0.07))))
-    return HeraParts(capture, checkpointing, log_tau, int(recipe.get("hera_k", 10)), float(recipe["hera_lambda"]),
-                     recipe.get("hera_similarity", "cosine"))
-
-
-def hera_term(parts: HeraParts, reps: torch.Tensor, teacher_dim: int = 1024) -> torch.Tensor:
+def gathered_hera_term(parts: HeraParts, reps: torch.Tensor, teacher_dim: int = 1024) -> torch.Tensor:
     """HeraTrainer.hera_term for a micro-batch whose samples are all anchors: the global batch gathered under
-    ``hera_gather`` (the default) when distributed, the teacher's cached features."""
-    from llamafactory_hera.hera.loss import _GatherWithGrad, distributed, hera_loss_anchored, used_temperature
-
+    ``hera_gather`` (the default) when distributed (this rank is rank 0), the teacher's cached features."""
+    if not distributed():
+        return plan_step.hera_term(parts, reps, teacher_dim)
     size = reps.shape[1]
     teacher = torch.empty(size, teacher_dim)
-    candidates, candidate_teacher, offset = reps, teacher, 0
-    if distributed():
-        world = torch.distributed.get_world_size()
-        candidates = _GatherWithGrad.apply(reps.contiguous())
-        gathered = [torch.empty_like(teacher) for _ in range(world)]
-        torch.distributed.all_gather(gathered, teacher)
-        candidate_teacher = torch.cat(gathered)
-    anchor_index = offset + torch.arange(size)
+    candidates = _GatherWithGrad.apply(reps.contiguous())
+    gathered = [torch.empty_like(teacher) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, teacher)
     k = min(parts.k, candidates.shape[1] - 1)
-    per_anchor = hera_loss_anchored(reps, candidates, anchor_index, teacher, candidate_teacher, k,
-                                    used_temperature(parts.log_tau), parts.similarity)
-    return per_anchor.mean()
-
-
-def step(model: nn.Module, config: Any, data: Batch, counter: Any, hera: HeraParts | None, liger: bool) -> None:
-    """One micro-step: forward (with HeRA's capture, projection and loss when ``hera``), ``counter.mark()`` at the
-    forward's end, backward. bf16 autocast, as the Trainer runs ``bf16: true``."""
-    from llamafactory_hera.heads.pooling import pooling_weights
-
-    inputs = dict(data.inputs)
-    inputs["pixel_values"] = pixels(config, inputs["image_grid_thw"])
-    labels = inputs.pop("labels")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        if hera is not None:
-            hera.checkpointing.ensure()
-            hera.capture.arm()
-        if liger:  # the output layer's call computes the loss, inside the root's call (FSDP2 gathers its weight)
-            head = output_layer(model)
-            head.forward = lambda hidden: ChunkedLinearCrossEntropy.apply(
-                hidden[:, :-1].flatten(0, 1), head.weight, labels[:, 1:].flatten())
-            try:
-                loss = model(**inputs).logits
-            finally:
-                del head.forward
-        else:
-            loss = model(**inputs, labels=labels).loss
-        if hera is not None:
-            reps = hera.capture.disarm(pooling_weights(data.token_mask), check_gradient=True)
-            loss = loss + hera.lam * hera_term(hera, reps)
-    counter.mark()
-    loss.backward()
-
-
-@contextlib.contextmanager
-def training_checkpointing(model: nn.Module) -> Any:
-    """LLaMA-Factory's default: reentrant gradient checkpointing, inputs requiring grad (LoRA)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-    model.train()
-    yield model
+    return hera_loss_anchored(reps, candidates, torch.arange(size), teacher, torch.cat(gathered), k,
+                              used_temperature(parts.log_tau), parts.similarity).mean()

@@ -72,6 +72,8 @@ from pathlib import Path
 
 import yaml
 
+from llamafactory_hera.plan.estimate import quantized_bytes_per_weight  # written once, with plan's count
+
 RECIPES = Path(__file__).resolve().parent
 GIB = 2**30
 NUM_GPUS = 8  # the _full recipes are written for one node with 8 GPUs
@@ -86,8 +88,6 @@ VISION_WIDTH = 1152  # its hidden size: the projector's input
 LLAVA15 = "llava15"  # recipes/llava15/<stem>_stage1.yaml, <stem>_stage2.yaml: the paper's experiment
 GPU_24GB_GIB = 22.0  # usable memory of a 24 GB card (24e9 bytes = 22.35 GiB, less the driver's share)
 FIT_24GB_GIB = 20.0  # the QLoRA recipe keeps its estimate under this: 2 GiB of a 24 GB card for what is not counted
-NF4_BLOCK = 64  # bitsandbytes 4-bit: weights per absmax (LLaMA-Factory's BitsAndBytesConfig keeps the default)
-NESTED_BLOCK = 256  # double quantization: absmax values per float32 second-level scale
 
 
 @dataclass(frozen=True)
@@ -214,18 +214,6 @@ def layer_params(b: Backbone) -> float:
     """One decoder layer's linear weights (q, k, v, o, gate, up, down): what FSDP gathers at a time."""
     q, kv, d, i = b.heads * b.head_dim, b.kv_heads * b.head_dim, b.hidden, b.intermediate
     return d * q + 2 * d * kv + q * d + 3 * d * i
-
-
-def quantized_bytes_per_weight(bits: int, double_quant: bool = True, row_width: int | None = None) -> float:
-    """Bytes bitsandbytes stores per linear weight: 4-bit (nf4 / fp4) with or without double quantization, or 8-bit
-    (LLM.int8, whose float32 scale per output row costs ``4 / row_width`` per weight; ``row_width``: the layer's
-    input features, none: not counted)."""
-    if bits == 4:
-        absmax = (1 + 4 / NESTED_BLOCK) if double_quant else 4
-        return 0.5 + absmax / NF4_BLOCK
-    if bits == 8:
-        return 1 + (4 / row_width if row_width else 0)
-    raise ValueError(f"bitsandbytes quantizes to 4 or 8 bits, not {bits}")
 
 
 def stored_weight_bytes(b: Backbone, recipe: dict) -> float:

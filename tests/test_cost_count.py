@@ -1,6 +1,7 @@
-"""bench/cost.py's counter: one count against a number worked out by hand, and the bench's own step on a tiny
-Qwen3-VL through the plugin's HeRA code path. One process, fake tensors and a fake process group (no collective
-runs); no reference run is needed: the references are hand counts."""
+"""The step counter (llamafactory_hera.plan.counter, used by plan; bench/cost_count.py adds the collectives): one
+count against a number worked out by hand, and the bench's own step on a tiny Qwen3-VL through the plugin's HeRA
+code path. One process, fake tensors and a fake process group (no collective runs); no reference run is needed: the
+references are hand counts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import REPO
+from llamafactory_hera.plan import counter as cc
 
 BENCH = REPO / "bench"
 
@@ -26,13 +28,13 @@ def _bench(name: str):
 
 
 sys.path.insert(0, str(BENCH))
-cc, cm, cost = _bench("cost_count"), _bench("cost_models"), _bench("cost")
+cx, cm, cost = _bench("cost_count"), _bench("cost_models"), _bench("cost")
 
 
 @pytest.fixture
 def world():
-    yield cc.fake_world
-    cc.fake_world(1)  # no process group left for the next test
+    yield cx.fake_world
+    cx.fake_world(1)  # no process group left for the next test
 
 
 def test_hand_counts_of_a_linear_stack_and_a_gathered_adapter(world) -> None:
@@ -56,13 +58,13 @@ def test_hand_counts_of_a_linear_stack_and_a_gathered_adapter(world) -> None:
             counter.mark()
             out.sum().backward()
         assert flops.get_total_flops() == 8 * 2 * batch * width * width
-        assert counter.counts.at_mark >= 3 * batch * width * 4
+        assert counter.at_mark >= 3 * batch * width * 4
         adapter = torch.nn.Parameter(distribute_tensor(torch.empty(32, width), mesh, [Shard(0)]))
-        counter = cc.StepCounter()
+        counter = cx.CollectiveCounter()
         with counter:
             whole(adapter).sum().backward()
-    assert counter.counts.collectives["all-gather"] == 32 * width * 4
-    assert cc.local_bytes(adapter) == 32 * width * 4 // 4
+    assert counter.collectives["all-gather"] == 32 * width * 4
+    assert cx.local_bytes(adapter) == 32 * width * 4 // 4
 
 
 TINY = {

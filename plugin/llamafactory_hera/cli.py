@@ -2,7 +2,8 @@
 
 The methods' verbs (``select``, ``harc-data``) come from each method's declaration (``add_cli_verbs``, see
 :mod:`llamafactory_hera.methods`); ``eval`` serves every stage (:mod:`llamafactory_hera.evaluation.cli`), ``compose``
-and ``data`` serve the LLaVA-1.5 experiment (:mod:`llamafactory_hera.llava.cli`).
+and ``data`` serve the LLaVA-1.5 experiment (:mod:`llamafactory_hera.llava.cli`), ``plan`` every recipe
+(:mod:`llamafactory_hera.plan.cli`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
         prog="llamafactory-hera",
         description="HeRA, RAH-LoRA and HARC for LLaMA-Factory: the methods' commands (HeRA's select, HARC's "
         "harc-data), eval of a run against its baseline, compose of a LLaVA-1.5-style model from an LLM and an image "
-        "encoder, and data (check a recipe's datasets before a long run).")
+        "encoder, data (check a recipe's datasets before a long run) and plan (a run's memory, time and cost before "
+        "renting).")
     commands = parser.add_subparsers(dest="command", required=True)
     handlers: dict[str, Callable[[argparse.Namespace], None]] = {}
     for method in declared_methods():
@@ -28,9 +30,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
             handlers.update(method.load("add_cli_verbs")(commands))
     from llamafactory_hera.evaluation.cli import add_verbs as add_eval_verb
     from llamafactory_hera.llava.cli import add_verbs as add_llava_verbs
+    from llamafactory_hera.plan.cli import add_verbs as add_plan_verb
 
     handlers.update(add_eval_verb(commands))
     handlers.update(add_llava_verbs(commands))
+    handlers.update(add_plan_verb(commands))
     return parser, handlers
 
 

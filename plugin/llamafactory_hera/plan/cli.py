@@ -1,0 +1,167 @@
+"""``llamafactory-hera plan RECIPE``: a run's memory per GPU, whether it fits a card (and what would), its FLOPs, time
+and GPU-hours, before renting one. Reads the model's config.json only (no weights, no network)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llamafactory_hera.plan import estimate
+from llamafactory_hera.plan.cards import CARDS, DEFAULT_CARD, MFU, Card
+from llamafactory_hera_patches.errors import RecipeError
+
+GiB = estimate.GIB
+
+
+def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
+    """Add ``plan`` to the ``llamafactory-hera`` sub-command parsers; verb -> handler."""
+    parser = commands.add_parser(
+        "plan", help="a recipe's memory per GPU, fit, FLOPs, time and GPU-hours, before renting (docs/cost.md)",
+        description="Count one training step of the recipe on this CPU (its model's config.json, no weights) and "
+        "print its memory per GPU by category, whether it fits the card and what would, its FLOPs and its time.")
+    parser.add_argument("recipe", type=Path, help="the training recipe (YAML)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe keys as on llamafactory-cli's line")
+    parser.add_argument("--gpus", type=int, help="GPUs of the run (default: the accelerate config's, else 1)")
+    parser.add_argument("--gpu", default=DEFAULT_CARD, help=f"the card: {', '.join(CARDS)} (default {DEFAULT_CARD})")
+    parser.add_argument("--accelerate-config", type=Path, help="the accelerate config the run is launched with")
+    return {"plan": lambda args: print(plan(args.recipe, args.overrides, args.gpus, args.gpu,
+                                            args.accelerate_config))}
+
+
+def _model_config(name: str) -> Any:
+    from transformers import AutoConfig  # lazy: transformers' import takes seconds, needed only once a recipe is read
+
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"model_name_or_path: no config.json of {name} at hand ({str(err).splitlines()[0]}); plan "
+                          f"reads it without network: download it first (hf download {name} config.json) or point "
+                          "model_name_or_path to a local copy.") from None
+    if not hasattr(getattr(config, "vision_config", None), "spatial_merge_size"):
+        raise RecipeError(f"model_name_or_path: {name} is a {config.model_type} model; plan counts the Qwen-VL "
+                          "families (qwen2_vl, qwen2_5_vl, qwen3_vl) only.")
+    return config
+
+
+def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
+         accelerate_config: Path | None) -> str:
+    """The report ``llamafactory-hera plan`` prints."""
+    started = time.time()
+    card = CARDS.get(gpu)
+    if card is None:
+        raise RecipeError(f"--gpu: unknown card '{gpu}'; known: {', '.join(CARDS)}.")
+    try:
+        recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise RecipeError(f"recipe: {recipe_path} cannot be read ({err}); name a training recipe (YAML).") from None
+    for item in overrides:
+        key, _, value = item.partition("=")
+        recipe[key] = yaml.safe_load(value)
+    config = _model_config(str(recipe.get("model_name_or_path")))
+    from llamafactory_hera.plan import count  # lazy: it imports transformers and peft (seconds), which --help needs not
+    setup = estimate.setup_of(recipe, recipe_path.parent, gpus, accelerate_config)
+    grid = count.grid_side(config, int(recipe.get("image_max_pixels", estimate.DEFAULT_MAX_PIXELS)))
+    image_tokens = grid * grid // config.vision_config.spatial_merge_size ** 2
+    heads, head_layers = count.head_layers(recipe.get("hera_heads", "auto"),
+                                           int(recipe.get("hera_select_num_heads", 5)))
+    shape = count.Shape(setup.batch, setup.cutoff, grid, int(recipe.get("lora_rank", 8)) if setup.lora else None,
+                        int(recipe.get("lora_alpha", 16)), bool(setup.bits), setup.checkpointing, liger=setup.liger)
+    hera = setup.stage == "hera"
+    arm = "hera" if hera else "sft"
+    shapes = {"sft": shape} | ({"hera": count.Shape(**{**shape.__dict__, "hera": {**recipe, "heads": heads}})}
+                               if hera else {})
+    with warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        counts = count.scaled(config, shapes, head_layers if hera else 0)
+        parts = {name: estimate.memory(c, setup) for name, c in counts.items()}
+        fits = parts[arm]["needed"] <= card.memory_gib * GiB
+        if not fits:
+            more = {}  # the arm last: its layer increments are counted already
+            if not setup.liger:
+                more[f"{arm}+liger"] = count.Shape(**{**shapes[arm].__dict__, "liger": True})
+            if setup.lora and not setup.bits:
+                more[f"{arm}+qlora"] = count.Shape(**{**shapes[arm].__dict__, "quantized": True})
+            counts |= count.scaled(config, more | {arm: shapes[arm]}, head_layers if hera else 0)
+    rows = estimate.dataset_rows(recipe, recipe_path.parent)
+    lines = [f"plan: {recipe_path} on {setup.gpus} x {card.name} ({card.memory_gib:g} GB)",
+             f"  {config.architectures[0] if config.architectures else config.model_type}: "
+             f"{counts[arm]['params'] / 1e9:.2f} B parameters ({counts[arm]['trainable'] / 1e6:.1f} M trained); stage "
+             f"{setup.stage}, {'LoRA' if setup.lora else 'full'}{f', {setup.bits}-bit' if setup.bits else ''}, "
+             f"{estimate.ENGINES[setup.engine]}, micro-batch {setup.batch} x accumulation {setup.accumulation}, "
+             f"cutoff_len {setup.cutoff}, Liger {'on' if setup.liger else 'off'}, gradient checkpointing "
+             f"{'on' if setup.checkpointing else 'off'}",
+             f"  lengths: worst case, every row {setup.cutoff} tokens with one image of {image_tokens} tokens "
+             "(the dataset's own lengths are not read)"]
+    lines += _memory_table(parts, arm)
+    lines.append(f"  {'fits' if fits else 'does NOT fit'}: {parts[arm]['needed'] / GiB:.2f} GiB needed of "
+                 f"{card.memory_gib:g} GiB")
+    if not fits:
+        for change, needed in estimate.fixes(counts, setup, card, arm):
+            verdict = "fits" if needed <= card.memory_gib * GiB else "still too much"
+            lines.append(f"    {change}: {needed / GiB:.2f} GiB, {verdict}")
+    lines += _time_lines(counts, setup, card, rows or 1000, rows is not None, recipe, hera)
+    lines.append(f"(counted in {time.time() - started:.0f} s on this CPU)")
+    return "\n".join(lines)
+
+
+def _memory_table(parts: dict[str, dict[str, float]], arm: str) -> list[str]:
+    names = [name for name in ("sft", "hera") if name in parts]
+    lines = ["  memory per GPU (GiB)   " + "".join(f"{name.upper():>9}" for name in names)]
+    for key in ("parameters", "gradients", "optimizer", "gathered", "activations", "temporaries", "step peak",
+                "load peak"):
+        lines.append(f"    {key:20}" + "".join(f"{parts[name][key] / GiB:9.2f}" for name in names))
+    if arm == "hera":
+        extra = (parts["hera"]["step peak"] - parts["sft"]["step peak"]) / 2**20
+        lines.append(f"    HeRA's extra over SFT: {extra:.1f} MiB (its captured heads, projection and loss)")
+    lines.append(f"    + reserve {estimate.RESERVE / GiB:.0f} GiB (CUDA context, cuBLAS / NCCL workspaces, allocator) "
+                 "on the larger of step and load peak")
+    return lines
+
+
+def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card: Card, rows: int, known: bool,
+                recipe: dict, hera: bool) -> list[str]:
+    band = f"{MFU[0]:.0%}-{MFU[1]:.0%} MFU of {card.bf16_tflops:g} TFLOP/s bf16"
+    lines = []
+    for name in ("sft", "hera") if hera else ("sft",):
+        flops = counts[name]["flops"]
+        t = estimate.times(flops, setup, card, rows, setup.cutoff)
+        lines.append(f"  {name.upper()}: {flops * setup.accumulation / 1e12:.1f} TFLOPs per GPU per optimizer step "
+                     f"(attention {counts[name]['attention'] / flops:.1%} of them); at {band}: step "
+                     f"{_span(t['step'], 's')}, {_span(t['tokens/s'], '')} tokens/s per node")
+        lines.append(f"    epoch of {rows} rows{'' if known else ' (the dataset is not at hand: per 1000 rows)'}, "
+                     f"{t['steps'][0]} steps: {_span(t['epoch'], 'h', 3600)}; run of {t['steps'][1]} steps: "
+                     f"{_span(t['run'], 'h', 3600)}, {_span(t['gpu-hours'], '')} GPU-hours")
+    if hera:
+        teacher = [estimate.teacher_flops(rows) / (card.bf16_tflops * 1e12 * m) for m in MFU]
+        line = f"  teacher precompute ({rows} images, DINOv2-L, one GPU): {teacher[1]:.0f}-{teacher[0]:.0f} s"
+        if recipe.get("hera_heads", "auto") == "auto":
+            select = int(recipe.get("hera_select_samples", 1000))
+            seconds = [estimate.selection_flops(counts["hera"], select) / (card.bf16_tflops * 1e12 * m) for m in MFU]
+            line += f"; head selection ({select} pairs, one GPU): {seconds[1]:.0f}-{seconds[0]:.0f} s"
+            if 2 * counts["hera"]["params"] > card.memory_gib * GiB:
+                line += (" of compute; the bf16 model exceeds one GPU, whose CPU-offloaded layers are copied in every "
+                         "batch: select first over the node's GPUs (llamafactory-hera select)")
+        lines.append(line)
+    return lines
+
+
+def _span(values: tuple, unit: str, per: float = 1) -> str:
+    low, high = sorted(v / per for v in values)
+    return f"{low:,.2f}-{high:,.2f}{f' {unit}' if unit else ''}" if high < 100 else f"{low:,.0f}-{high:,.0f}" + \
+        (f" {unit}" if unit else "")
+
+
+class _quiet:  # noqa: N801  transformers' and torch's warnings about the fake step, silenced while it is counted
+    def __enter__(self) -> None:
+        self.level = logging.getLogger("transformers").level
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    def __exit__(self, *_: object) -> None:
+        logging.getLogger("transformers").setLevel(self.level)

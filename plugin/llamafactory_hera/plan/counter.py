@@ -1,0 +1,112 @@
+"""Counting one training step without weights or a GPU: FLOPs and peak tensor memory by category of a model built
+under ``FakeTensorMode`` (shapes and dtypes, no data). Used by ``llamafactory-hera plan``; bench/cost_count.py adds
+the bytes each collective moves on a fake process group.
+
+- :class:`RealIndexMode`: an op whose tensor arguments are all real (token ids, image grids, position ids and what is
+  computed from them) runs for real, as do ``arange`` / ``linspace`` and small integer tensors made from nothing (a
+  floating tensor made from nothing, a weight, stays fake), so the models' data-dependent index arithmetic works; a
+  real boolean mask selects a fake tensor by its true count. Everything that touches a weight stays fake.
+- :class:`StepCounter`: every storage an op creates (a finalizer removes it when its last tensor dies) and the peak of
+  their sum.
+- :func:`count_attention`: torch's ``FlopCounterMode`` scores the CPU attention kernel and its backward as 0; this
+  gives them the formula torch uses for the GPU kernels: forward ``2 b h s_q s_k (d_qk + d_v)`` (``4 b h s_q s_k d``),
+  backward twice that. A causal mask is not halved: the count is the full ``s_q x s_k`` product, as torch's own.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry, shape_wrapper
+
+GIB = 2**30
+SMALL = 1 << 22  # elements: a real computation larger than this is not index arithmetic
+INDEX_FACTORIES = (torch.ops.aten.arange, torch.ops.aten.linspace, torch.ops.aten.lift_fresh)
+
+
+def tensors_of(tree: object) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+class RealIndexMode(TorchDispatchMode):
+    """Runs an op for real when none of its tensor arguments is fake and it is a view or small (see module doc)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        tensors = tensors_of((args, kwargs))
+        parameter_like = not tensors and func.overloadpacket not in INDEX_FACTORIES \
+            and (kwargs.get("dtype") or torch.get_default_dtype()).is_floating_point  # a weight being made: fake
+        if not parameter_like and not any(isinstance(t, FakeTensor) for t in tensors) \
+                and (func.is_view or all(t.numel() <= SMALL for t in tensors)):
+            with unset_fake_temporarily():
+                out = func(*args, **kwargs)
+            if func.is_view or all(t.numel() <= SMALL for t in tensors_of(out)):
+                return out
+        if func is torch.ops.aten.index.Tensor and len(args[1]) == 1 and args[1][0] is not None \
+                and args[1][0].dtype == torch.bool and not isinstance(args[1][0], FakeTensor):
+            mask = args[1][0]
+            with unset_fake_temporarily():
+                count = int(mask.sum())
+            return torch.empty((count, *args[0].shape[mask.ndim:]), dtype=args[0].dtype, device=args[0].device)
+        return func(*args, **kwargs)
+
+
+class StepCounter(TorchDispatchMode):
+    """Counts storages created by ops: ``peak``, the most bytes alive at once, and ``at_mark``, those alive at
+    :meth:`mark` (the forward's end: what backward will read); ``exclude`` storages (the parameters, their gradients)
+    are never counted as created."""
+
+    def __init__(self, exclude: list[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self.peak = self.at_mark = 0
+        self._live: dict[int, tuple[weakref.ref, int]] = {}  # storage -> (weak reference, bytes)
+        self._total = 0
+        self._skip = {t.untyped_storage()._cdata for t in exclude}
+
+    def _free(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self._total -= entry[1]
+
+    def mark(self) -> None:
+        """The forward's end: the storages alive now are the activations backward reads."""
+        self.at_mark = self._total
+
+    def record(self, out: object) -> None:
+        """Count the storages of ``out`` not counted yet, and the peak."""
+        for tensor in tensors_of(out):
+            storage = tensor.untyped_storage()
+            key = storage._cdata
+            if key in self._live or key in self._skip:
+                continue
+            size = storage.nbytes()
+            self._live[key] = (weakref.ref(storage), size)
+            self._total += size
+            weakref.finalize(storage, self._free, key)
+        self.peak = max(self.peak, self._total)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        self.record(out)
+        return out
+
+
+def _attention_forward(query: list[int], key: list[int], value: list[int], *_: object, **__: object) -> int:
+    batch, heads, rows, width = query
+    return 2 * batch * heads * rows * key[-2] * (width + value[-1])
+
+
+def _attention_backward(grad: list[int], query: list[int], key: list[int], value: list[int], *_: object,
+                        **__: object) -> int:
+    return 2 * _attention_forward(query, key, value)
+
+
+def count_attention() -> None:
+    """Give the CPU attention kernels their FLOPs in ``FlopCounterMode`` (module doc); idempotent."""
+    aten = torch.ops.aten
+    flop_registry[aten._scaled_dot_product_flash_attention_for_cpu] = shape_wrapper(_attention_forward)
+    flop_registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = shape_wrapper(_attention_backward)

@@ -1,0 +1,194 @@
+"""A recipe's run before renting: what it asks for (:func:`setup_of`), its memory per GPU by category for an engine
+and a number of GPUs (:func:`memory`), what single change would make it fit (:func:`fixes`) and its time
+(:func:`times`). The step's FLOPs and tensors come from :mod:`llamafactory_hera.plan.count`; the rest is arithmetic
+on them, written here.
+
+Bytes per parameter (P: all, T: trainable, N: GPUs): LoRA adapters and a full fine-tune's weights train in float32
+(LLaMA-Factory upcasts them) with float32 gradients and Adam's two float32 moments. DDP: every GPU holds the frozen
+weights in bf16 (bitsandbytes' 4 / 8 bits for the linear layers when quantized) + 16 T. FSDP2 (accelerate's mixed
+precision upcasts every parameter to float32 before sharding, 4-bit codes excepted): 4 P / N + 12 T / N, and gathered
+in bf16: two decoder layers (the one computing, the one prefetched) and the root (embeddings, output layer). DeepSpeed
+ZeRO-3 (bf16): the bf16 partition, float32 master, gradient and moments, 18 T / N (frozen: 2 / N), and gathered: 2
+bytes x ``stage3_max_live_parameters``. ZeRO-2: bf16 weights whole, 14 T / N.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+
+from llamafactory_hera.plan.cards import MFU, Card
+from llamafactory_hera.recipe.dataset_info import as_names, dataset_info
+from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera_patches.recipe.arguments import truthy
+
+GIB = 2**30
+RESERVE = 2 * GIB  # CUDA context (~0.5 GiB), cuBLAS / NCCL workspaces and the caching allocator's slack: stated
+NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit: weights per absmax; absmax values per second-level scale
+TEACHER_PARAMS, TEACHER_TOKENS = 0.304e9, 257  # DINOv2-L/14 at 224 px: parameters, tokens per image
+CAPTION_TOKENS = 64  # a selection caption's assumed length (hera_select_mode: text)
+DEFAULT_MAX_PIXELS = 768 * 768  # LLaMA-Factory's image_max_pixels
+ENGINES = {"ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
+
+
+def quantized_bytes_per_weight(bits: int, double_quant: bool = True, row_width: int | None = None) -> float:
+    """Bytes bitsandbytes stores per linear weight: 4-bit (nf4 / fp4) with one absmax per block of 64 weights, a
+    float32 or, with double quantization, 1 byte plus a float32 per 256 blocks; 8-bit (LLM.int8) 1 byte plus a
+    float32 scale per output row (``4 / row_width`` per weight; no ``row_width``: not counted)."""
+    if bits == 4:
+        return 0.5 + ((1 + 4 / NESTED_BLOCK) if double_quant else 4) / NF4_BLOCK
+    if bits == 8:
+        return 1 + (4 / row_width if row_width else 0)
+    raise ValueError(f"quantization_bit: bitsandbytes quantizes to 4 or 8 bits, not {bits}")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the recipe asks for, as the plan reads it."""
+
+    stage: str
+    lora: bool
+    bits: int | None
+    double_quant: bool
+    engine: str
+    gpus: int
+    live_params: float  # ZeRO-3's stage3_max_live_parameters
+    batch: int
+    accumulation: int
+    cutoff: int
+    liger: bool
+    checkpointing: bool
+    epochs: float
+    max_steps: int
+
+
+def setup_of(recipe: dict, recipe_dir: Path, gpus: int | None, accelerate_config: Path | None) -> Setup:
+    """The recipe's method, engine (its ``deepspeed`` key, else the accelerate config: FSDP2, else DDP), quantization,
+    batch, accumulation, cutoff, Liger and checkpointing."""
+    engine, default_gpus, live = "ddp", 1, 1e9
+    if recipe.get("deepspeed"):
+        path = Path(recipe["deepspeed"])
+        path = path if path.is_file() else recipe_dir / path
+        try:
+            zero = json.loads(path.read_text()).get("zero_optimization", {})
+        except (OSError, ValueError) as err:
+            raise ValueError(f"deepspeed: {recipe['deepspeed']} cannot be read ({err}); point it to the JSON "
+                             "config the run uses.") from None
+        engine = {2: "zero2", 3: "zero3"}.get(int(zero.get("stage", 0)), "ddp")
+        live = float(zero.get("stage3_max_live_parameters", 1e9))
+    elif accelerate_config is not None:
+        launch = yaml.safe_load(accelerate_config.read_text())
+        if launch.get("distributed_type") == "FSDP":
+            engine = "fsdp2"
+        default_gpus = int(launch.get("num_processes", 1))
+    return Setup(
+        stage=str(recipe.get("stage", "sft")), lora=recipe.get("finetuning_type", "lora") == "lora",
+        bits=int(recipe["quantization_bit"]) if recipe.get("quantization_bit") else None,
+        double_quant=truthy(recipe.get("double_quantization", True)), engine=engine, gpus=gpus or default_gpus,
+        live_params=live, batch=int(recipe.get("per_device_train_batch_size", 1)),
+        accumulation=int(recipe.get("gradient_accumulation_steps", 1)), cutoff=int(recipe.get("cutoff_len", 2048)),
+        liger=truthy(recipe.get("enable_liger_kernel", False)) or truthy(recipe.get("use_liger_kernel", False)),
+        checkpointing=not truthy(recipe.get("disable_gradient_checkpointing", False)),
+        epochs=float(recipe.get("num_train_epochs", 3.0)), max_steps=int(recipe.get("max_steps", -1)))
+
+
+def memory(counts: dict[str, float], setup: Setup) -> dict[str, float]:
+    """Bytes per GPU by category (module doc) for ``counts`` (one arm, scaled) under ``setup``'s engine and GPUs;
+    activations and temporaries as counted (temporaries: the rest of the step's peak: logits' gradients, the layer
+    being recomputed, dequantized 4-bit weights)."""
+    n, total, trainable = setup.gpus, counts["params"], counts["trainable"]
+    frozen, quantizable = total - trainable, counts["quantizable"] if setup.bits else 0
+    stored = quantizable * quantized_bytes_per_weight(setup.bits, setup.double_quant) if setup.bits else 0
+    gathered = 0.0
+    if setup.engine == "fsdp2":
+        weights = (stored + 4 * (total - quantizable)) / n
+        grads, optimizer = 4 * trainable / n, 8 * trainable / n
+        gathered = 2 * (2 * counts["layer"] + counts["embedding"])
+    elif setup.engine == "zero3":
+        weights, grads, optimizer = (2 * frozen + 6 * trainable) / n, 4 * trainable / n, 8 * trainable / n
+        gathered = 2 * min(setup.live_params, total)
+    elif setup.engine == "zero2":
+        weights, grads, optimizer = 2 * total + 4 * trainable / n, 2 * trainable / n, 8 * trainable / n
+    else:
+        weights = stored + 2 * (frozen - quantizable) + 4 * trainable
+        grads, optimizer = 4 * trainable, 8 * trainable
+    parts = {"parameters": weights, "gradients": grads, "optimizer": optimizer, "gathered": gathered,
+             "activations": counts["activations"], "temporaries": counts["temporaries"]}
+    parts["step peak"] = sum(parts.values())
+    # A quantized load reads the bf16 shards onto the GPU before bitsandbytes quantizes them (measured: the 8B QLoRA
+    # recipe's load peak is its whole bf16 model); FSDP2 and ZeRO-3 load a rank's shard
+    sharded = setup.engine in ("fsdp2", "zero3") and not setup.bits
+    parts["load peak"] = weights + gathered if sharded else 2 * (total - trainable)
+    parts["needed"] = max(parts["step peak"], parts["load peak"]) + RESERVE
+    return parts
+
+
+def fixes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: str) -> list[tuple[str, float]]:
+    """Each single change and what ``arm`` would then need per GPU (bytes): Liger (its own counted arm), 4-bit QLoRA
+    (counted), more GPUs (FSDP2 for a DDP LoRA run, ZeRO-3 for a DDP full fine-tune), a halved micro-batch (doubled
+    accumulation) and a smaller cutoff (activations and temporaries scaled by the tokens)."""
+    out = []
+    if f"{arm}+liger" in counts:
+        out.append(("enable_liger_kernel: true", memory(counts[f"{arm}+liger"], setup)["needed"]))
+    if f"{arm}+qlora" in counts:
+        out.append(("quantization_bit: 4 (QLoRA)", memory(counts[f"{arm}+qlora"], replace(setup, bits=4))["needed"]))
+    engine = setup.engine if setup.engine != "ddp" else "fsdp2" if setup.lora else "zero3"
+    for gpus in (2, 4, 8, 16, 32, 64):
+        more = replace(setup, engine=engine, gpus=gpus)
+        if gpus > setup.gpus and memory(counts[arm], more)["needed"] <= card.memory_gib * GIB:
+            out.append((f"{gpus} GPUs under {ENGINES[engine]}", memory(counts[arm], more)["needed"]))
+            break
+    for name, factor, value in (("per_device_train_batch_size", 2, setup.batch), ("cutoff_len", 2, setup.cutoff),
+                                ("cutoff_len", 4, setup.cutoff)):
+        if value // factor >= 1 and (name == "per_device_train_batch_size" or value // factor >= 256):
+            smaller = dict(counts[arm])
+            for key in ("activations", "temporaries"):
+                smaller[key] = counts[arm][key] / factor
+            extra = f" (gradient_accumulation_steps: {setup.accumulation * factor})" if name.startswith("per") else ""
+            out.append((f"{name}: {value // factor}{extra}", memory(smaller, setup)["needed"]))
+    return out
+
+
+def times(flops_micro: float, setup: Setup, card: Card, rows: int, tokens_per_row: int) -> dict[str, tuple]:
+    """Seconds (fast, slow) at the :data:`MFU` band of ``card``: an optimizer step (every GPU runs its micro-batches
+    at once; communication not counted), an epoch of ``rows``, the run (``num_train_epochs`` or ``max_steps``), and
+    the run's GPU-hours; tokens per second."""
+    step = tuple(flops_micro * setup.accumulation / (card.bf16_tflops * 1e12 * mfu) for mfu in reversed(MFU))
+    steps_per_epoch = math.ceil(rows / (setup.batch * setup.gpus * setup.accumulation))
+    run_steps = setup.max_steps if setup.max_steps > 0 else math.ceil(steps_per_epoch * setup.epochs)
+    tokens = setup.batch * setup.gpus * setup.accumulation * tokens_per_row
+    return {"step": step, "epoch": tuple(s * steps_per_epoch for s in step), "run": tuple(s * run_steps for s in step),
+            "gpu-hours": tuple(s * run_steps * setup.gpus / 3600 for s in step),
+            "tokens/s": tuple(tokens / s for s in step), "steps": (steps_per_epoch, run_steps)}
+
+
+def selection_flops(counts: dict[str, float], samples: int) -> float:
+    """``hera_heads: auto``: ``samples`` captions through the language model and their images through the teacher."""
+    return samples * (2 * (counts["params"] - counts["vision"]) * CAPTION_TOKENS + teacher_flops(1))
+
+
+def teacher_flops(images: int) -> float:
+    """The teacher's forward over ``images`` (``hera_teacher_precompute``: every training row's image, once)."""
+    return images * 2 * TEACHER_PARAMS * TEACHER_TOKENS
+
+
+def dataset_rows(recipe: dict, recipe_dir: Path) -> int | None:
+    """The rows of the recipe's datasets when every one is a local JSON / JSONL file (``max_samples`` caps each)."""
+    names = as_names(recipe.get("dataset"))
+    folder = Path(recipe.get("dataset_dir", "data"))
+    folder = folder if folder.is_dir() else recipe_dir.parent / folder
+    try:
+        info = dataset_info(str(folder), "dataset", names)
+        total = 0
+        for name in names:
+            text = (folder / info[name]["file_name"]).read_text(encoding="utf-8")
+            rows = len(json.loads(text)) if text.lstrip().startswith("[") else sum(1 for line in text.splitlines()
+                                                                                 if line.strip())
+            total += min(rows, int(recipe.get("max_samples") or rows))
+    except (OSError, ValueError, KeyError, TypeError, RecipeError):
+        return None
+    return total or None

@@ -1,0 +1,237 @@
+"""One training micro-step of a model built from its config under fake tensors (no weights): the recipe's adapters,
+SFT or HeRA through the plugin's own code (``HeadCapture``, ``LayerCheckpointing``, ``hera_loss_anchored``). Counted
+by :mod:`llamafactory_hera.plan.counter` for ``llamafactory-hera plan`` and bench/cost.py.
+
+What is not the run's own code, and why:
+- 4-bit (QLoRA): bitsandbytes cannot run on fake tensors. Each base linear layer runs as its ``MatMul4Bit`` does: the
+  weight dequantized to bf16 for the product, in forward and again in backward, nothing saved (:class:`Dequantized`);
+  HeRA's ``o_proj`` read dequantizes the whole weight (``base_weight_columns``' 4-bit branch). The caller counts the
+  weights' storage from the quantization.
+- Liger's fused linear cross-entropy (Triton, GPU only) is counted by its algorithm: the rows in chunks of Liger's
+  size, each chunk's logits and their gradient made and dropped in forward (:class:`ChunkedLinearCrossEntropy`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModelForImageTextToText
+
+from llamafactory_hera.heads.geometry import attention_geometry, parse_head
+from llamafactory_hera.heads.pooling import pooling_weights
+from llamafactory_hera.hera import projection
+from llamafactory_hera.hera.capture import HeadCapture
+from llamafactory_hera.hera.loss import hera_loss_anchored, used_temperature
+from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def build(config: Any) -> nn.Module:
+    """The MLLM of ``config`` in bf16 (call under ``FakeTensorMode``: no memory, no data)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        return AutoModelForImageTextToText.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def add_lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
+    """LLaMA-Factory's LoRA on every linear layer of the language model, trainable weights upcast to float32."""
+    move = nn.Module.to
+    nn.Module.to = lambda self, *_, **__: self  # one device, one dtype: peft's moves are no-ops, and Module.to cannot
+    try:  # swap a fake parameter that transformers' initialisation holds a weak reference to
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS,
+                                                 lora_dropout=0.0))
+    finally:
+        nn.Module.to = move
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model
+
+
+def freeze_vision(model: nn.Module) -> None:
+    """freeze_vision_tower: true (the merger included, as freeze_multi_modal_projector leaves the LoRA recipes')."""
+    visual = next(m for name, m in model.named_modules() if name.endswith("visual"))
+    visual.requires_grad_(False)
+
+
+@dataclass
+class Batch:
+    """One micro-batch's real integer inputs and fake pixels."""
+
+    inputs: dict[str, Any]
+    token_mask: torch.Tensor  # [B, S] the pooled (answer) tokens
+
+
+def batch(config: Any, size: int, seq: int, grid_side: int) -> Batch:
+    """``size`` rows of ``seq`` tokens, each with one image of ``grid_side``² patches (its tokens at the front, text
+    after; the second half of the text is the answer, pooled by ``hera_pooling: assistant``). Integer inputs real,
+    made outside the fake mode."""
+    merge = config.vision_config.spatial_merge_size
+    image_tokens = grid_side * grid_side // merge // merge
+    ids = torch.full((size, seq), 100, dtype=torch.long)
+    ids[:, 4:4 + image_tokens] = config.image_token_id
+    labels = ids.clone()
+    labels[:, : (seq + image_tokens) // 2] = -100
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+              "image_grid_thw": torch.tensor([[1, grid_side, grid_side]] * size)}
+    if config.model_type == "qwen3_vl":
+        inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
+    return Batch(inputs, labels != -100)
+
+
+def pixels(config: Any, grid: torch.Tensor) -> torch.Tensor:
+    """Fake flattened patches for ``grid`` (call under the fake mode)."""
+    v = config.vision_config
+    return torch.empty(int(grid.prod(-1).sum()), 3 * v.temporal_patch_size * v.patch_size ** 2, dtype=torch.bfloat16)
+
+
+class Dequantized(torch.autograd.Function):
+    """bitsandbytes' 4-bit product: the weight dequantized to bf16 for the product, in forward and again in backward
+    (a clone stands for ``dequantize_4bit``'s output); nothing but the stored weight is kept for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.clone().to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.clone().to(grad.dtype), None, None
+
+
+UNQUANTIZED_COLUMNS = projection.base_weight_columns
+
+
+def four_bit_columns(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """``base_weight_columns``' 4-bit branch for a layer :func:`quantize_in_place` marked: the whole weight
+    dequantized in bf16, the heads' columns cast to float32; any other layer read as the plugin reads it."""
+    if not getattr(base, "four_bit", False):
+        return UNQUANTIZED_COLUMNS(base, columns)
+    full = base.weight.detach().clone()  # dequantize_4bit's [out, in] output, in the compute dtype
+    return (full if columns is None else full[:, columns]).float()
+
+
+def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
+    """Every base ``nn.Linear`` but the output layer runs through :class:`Dequantized` and is marked 4-bit for
+    HeRA's read of ``o_proj`` (:func:`four_bit_columns`, in place of ``projection.base_weight_columns``). Returns the
+    quantized layers."""
+    layers = [m for name, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in name
+              and "lora_" not in name]
+    for layer in layers:
+        layer.forward = (lambda m: lambda x: Dequantized.apply(x, m.weight, m.bias))(layer)
+        layer.four_bit = True
+    projection.base_weight_columns = four_bit_columns
+    return layers
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Liger's fused linear cross-entropy, by its algorithm: rows in chunks of Liger's size, each chunk's logits, their
+    softmax gradient and its product back to the hidden states made in forward and dropped; only the hidden states'
+    gradient ``[N, d]`` is kept for backward (the output layer is frozen under LoRA)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows, width = hidden.shape
+        factor = math.ceil(weight.shape[0] / width)
+        chunk = 2 ** math.ceil(math.log2(math.ceil(rows / factor)))  # liger_kernel's chunk_size
+        grad_hidden = torch.empty_like(hidden)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, rows, chunk):
+            logits = (hidden[start:start + chunk] @ weight.T).float()
+            probs = torch.softmax(logits, dim=-1)  # the kernel's in-place gradient of the chunk
+            total = total + probs.sum() * 0
+            grad_hidden[start:start + chunk] = (probs.to(hidden.dtype) @ weight)
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad.to(grad_hidden.dtype), None, None
+
+
+def output_layer(model: nn.Module) -> nn.Module:
+    """The MLLM's output layer (``lm_head``), PEFT-wrapped or not."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.lm_head
+
+
+@dataclass
+class HeraParts:
+    """The plugin's own step parts for one model (built once, before sharding)."""
+
+    capture: Any
+    checkpointing: Any
+    log_tau: nn.Parameter
+    k: int
+    lam: float
+    similarity: str
+
+
+def hera_parts(model: nn.Module, heads: list[str], recipe: dict) -> HeraParts:
+    """``HeadCapture`` and ``LayerCheckpointing`` on ``model`` for ``heads``, with the recipe's hera_* settings."""
+    refs = [parse_head(h) for h in heads]
+    capture = HeadCapture(model, refs, attention_geometry(model.config))
+    checkpointing = LayerCheckpointing(model, [ref.layer for ref in refs])
+    log_tau = nn.Parameter(torch.tensor(math.log(recipe.get("hera_temperature", 0.07))))
+    return HeraParts(capture, checkpointing, log_tau, int(recipe.get("hera_k", 10)), float(recipe["hera_lambda"]),
+                     recipe.get("hera_similarity", "cosine"))
+
+
+def hera_term(parts: HeraParts, reps: torch.Tensor, teacher_dim: int = 1024) -> torch.Tensor:
+    """HeraTrainer.hera_term at one rank, for a micro-batch whose samples are all anchors, against the teacher's cached
+    features (bench/cost_models.py gathers the global batch over a fake process group)."""
+    size = reps.shape[1]
+    teacher = torch.empty(size, teacher_dim)
+    return hera_loss_anchored(reps, reps, torch.arange(size), teacher, teacher, min(parts.k, size - 1),
+                              used_temperature(parts.log_tau), parts.similarity).mean()
+
+
+def step(model: nn.Module, config: Any, data: Batch, counter: Any, hera: HeraParts | None, liger: bool,
+         term: Callable[[HeraParts, torch.Tensor], torch.Tensor] = hera_term) -> None:
+    """One micro-step: forward (with HeRA's capture, projection and loss ``term`` when ``hera``), ``counter.mark()`` at
+    the forward's end, backward. bf16 autocast, as the Trainer runs ``bf16: true``."""
+    inputs = dict(data.inputs)
+    inputs["pixel_values"] = pixels(config, inputs["image_grid_thw"])
+    labels = inputs.pop("labels")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if hera is not None:
+            hera.checkpointing.ensure()
+            hera.capture.arm()
+        if liger:  # the output layer's call computes the loss, inside the root's call (FSDP2 gathers its weight)
+            head = output_layer(model)
+            head.forward = lambda hidden: ChunkedLinearCrossEntropy.apply(
+                hidden[:, :-1].flatten(0, 1), head.weight, labels[:, 1:].flatten())
+            try:
+                loss = model(**inputs).logits
+            finally:
+                del head.forward
+        else:
+            loss = model(**inputs, labels=labels).loss
+        if hera is not None:
+            reps = hera.capture.disarm(pooling_weights(data.token_mask), check_gradient=True)
+            loss = loss + hera.lam * term(hera, reps)
+    counter.mark()
+    loss.backward()
+
+
+def train_mode(model: nn.Module, checkpointing: bool) -> None:
+    """The model in training mode, inputs requiring grad (LoRA); with ``checkpointing``, LLaMA-Factory's default:
+    reentrant gradient checkpointing (``disable_gradient_checkpointing: true``: none)."""
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    model.train()

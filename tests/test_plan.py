@@ -1,0 +1,179 @@
+"""``llamafactory-hera plan``: its memory categories against hand arithmetic, the CPU attention kernels' FLOPs against
+the formula, the reduced-and-scaled count against the full depth on a tiny Qwen3-VL, a run that does not fit told what
+would, and the command's error lines. In process, on tiny configs built here (no weights, no network)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoConfig, LlavaConfig
+
+from llamafactory_hera.cli import main
+from llamafactory_hera.plan import cards, count, counter, estimate
+
+GIB = 2**30
+TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "vocab_size": 512, "tie_word_embeddings": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                            "mrope_interleaved": True}}
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64, "patch_size": 16,
+          "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 16,
+          "deepstack_visual_indexes": [1]}
+
+
+def tiny_config(layers: int = 3, depth: int = 3):
+    return AutoConfig.for_model("qwen3_vl", text_config=dict(TEXT, num_hidden_layers=layers),
+                                vision_config=dict(VISION, depth=depth))
+
+
+def shape(**changes) -> count.Shape:
+    return count.Shape(**{"batch": 2, "seq": 32, "grid_side": 4, "lora_rank": 4, "lora_alpha": 8, "quantized": False,
+                          "checkpointing": True, **changes})
+
+
+# parameters 1000 (10 trained, 800 in linear layers, 100 embeddings, 50 per decoder layer); step: 7 + 3 bytes
+COUNTS = {"params": 1000, "trainable": 10, "quantizable": 800, "embedding": 100, "layer": 50, "activations": 7,
+          "temporaries": 3}
+
+
+def setup(**changes) -> estimate.Setup:
+    return estimate.Setup(**{"stage": "hera", "lora": True, "bits": None, "double_quant": True, "engine": "ddp",
+                             "gpus": 1, "live_params": 1e9, "batch": 4, "accumulation": 2, "cutoff": 1024,
+                             "liger": False, "checkpointing": True, "epochs": 1.0, "max_steps": -1, **changes})
+
+
+@pytest.mark.parametrize(("changes", "parameters", "gradients", "optimizer", "gathered", "load"), [
+    ({}, 2 * 990 + 4 * 10, 40, 80, 0, 2 * 990),  # frozen bf16, adapters fp32 + grads + 2 moments
+    ({"bits": 4}, 800 * (0.5 + (1 + 4 / 256) / 64) + 2 * 190 + 40, 40, 80, 0, 2 * 990),  # nf4 + double quant
+    ({"engine": "fsdp2", "gpus": 4}, 4 * 1000 / 4, 40 / 4, 80 / 4, 2 * (2 * 50 + 100), 4 * 1000 / 4 + 400),
+    ({"engine": "zero3", "gpus": 4, "live_params": 300}, (2 * 990 + 6 * 10) / 4, 40 / 4, 80 / 4, 2 * 300,
+     (2 * 990 + 60) / 4 + 600),
+    ({"engine": "zero3", "gpus": 8, "lora": False, "live_params": 300}, None, None, None, 600, None),
+    ({"engine": "zero2", "gpus": 2}, 2 * 1000 + 4 * 10 / 2, 2 * 10 / 2, 8 * 10 / 2, 0, 2 * 990),
+])
+def test_memory_categories_by_hand(changes, parameters, gradients, optimizer, gathered, load) -> None:
+    counts = dict(COUNTS)
+    if changes.get("lora") is False:  # a full fine-tune under ZeRO-3: 18 bytes per parameter over the ranks
+        counts["trainable"] = 1000
+        parts = estimate.memory(counts, setup(**changes))
+        assert parts["parameters"] + parts["gradients"] + parts["optimizer"] == 18 * 1000 / 8
+        return
+    parts = estimate.memory(counts, setup(**changes))
+    assert parts["parameters"] == pytest.approx(parameters)
+    assert (parts["gradients"], parts["optimizer"], parts["gathered"]) == (gradients, optimizer, gathered)
+    assert parts["step peak"] == pytest.approx(parameters + gradients + optimizer + gathered + 7 + 3)
+    assert parts["load peak"] == pytest.approx(load)
+    assert parts["needed"] == pytest.approx(max(parts["step peak"], load) + 2 * GIB)
+
+
+@pytest.mark.parametrize("keys", [16, 24])
+def test_attention_flops_on_the_cpu_kernel_follow_the_formula(keys: int) -> None:
+    """Forward 4 b h s_q s_k d, backward twice that, causal or not (the full product, as torch counts its GPU
+    kernels); torch alone scores the CPU kernel 0."""
+    b, h, s, d = 2, 3, 16, 8
+    q = torch.randn(b, h, s, d, requires_grad=True)
+    k, v = torch.randn(b, h, keys, d, requires_grad=True), torch.randn(b, h, keys, d, requires_grad=True)
+    counter.count_attention()
+    with FlopCounterMode(display=False) as flops:
+        F.scaled_dot_product_attention(q, k, v, is_causal=keys == s).sum().backward()
+    by_op = {str(op): n for op, n in flops.get_flop_counts()["Global"].items()}
+    assert by_op["aten._scaled_dot_product_flash_attention_for_cpu"] == 4 * b * h * s * keys * d
+    assert by_op["aten._scaled_dot_product_flash_attention_for_cpu_backward"] == 8 * b * h * s * keys * d
+
+
+def test_scaled_count_equals_the_full_depth() -> None:
+    """HeRA's step under gradient checkpointing on the tiny model counted with 2 decoder layers (its head layer, one
+    more reentrant one) and once more with 3, scaled to 4 layers, equals its count at 4 layers: every figure. Three
+    counts, the fewest that extrapolate past the layers counted; the vision tower stays at its one (DeepStack) block,
+    whose increment the scaling adds the same way."""
+    config = tiny_config(layers=4, depth=1)
+    config.vision_config.deepstack_visual_indexes = [0]
+    heads, layers = count.head_layers(["L1H0", "L1H3"], 2)
+    hera = shape(hera={"hera_lambda": 0.01, "hera_k": 1, "heads": heads})
+    scaled = count.scaled(config, {"hera": hera}, layers)["hera"]
+    full = count.count(config, hera)
+    assert {key: scaled[key] for key in count.FIGURES} == {key: full[key] for key in count.FIGURES}
+    assert scaled["trainable"] == 4 * 4 * 1024  # r x layers x the sum of in + out of q k v o gate up down
+    assert scaled["attention"] > 0
+
+
+def test_a_run_that_does_not_fit_is_told_what_would() -> None:
+    """An 8B-sized LoRA step (16.4 GiB of weights, 14 of activations, 18.5 of temporaries) on a 24 GB card: each
+    change with its figure; Liger's and 4 bits' from their own counts, more GPUs under FSDP2."""
+    big = {"params": 8.79e9, "trainable": 2.2e7, "quantizable": 7.5e9, "embedding": 1.25e9, "layer": 2e8,
+           "activations": 14 * GIB, "temporaries": 18.5 * GIB}
+    counts = {"hera": big, "hera+liger": {**big, "activations": 5 * GIB, "temporaries": 10.8 * GIB},
+              "hera+qlora": {**big, "temporaries": 19 * GIB}}
+    card = cards.CARDS["RTX-4090"]
+    plain = estimate.memory(big, setup(batch=16))["needed"]
+    assert plain > card.memory_gib * GIB
+    fixes = dict(estimate.fixes(counts, setup(batch=16), card, "hera"))
+    weights = 2 * (8.79e9 - 2.2e7) + 4 * 2.2e7
+    assert fixes["enable_liger_kernel: true"] == pytest.approx(weights + 12 * 2.2e7 + 15.8 * GIB + 2 * GIB)
+    assert fixes["per_device_train_batch_size: 8 (gradient_accumulation_steps: 4)"] == pytest.approx(
+        plain - 16.25 * GIB)
+    assert "quantization_bit: 4 (QLoRA)" in fixes
+    assert not any("GPUs" in change for change in fixes)  # 32.5 GiB of activations and temporaries on every GPU
+    small = {"hera": {**big, "activations": GIB, "temporaries": GIB}}  # the weights decide: FSDP2 over 2 GPUs
+    assert estimate.fixes(small, setup(), card, "hera")[0] == (
+        "2 GPUs under FSDP2", pytest.approx((4 * 8.79e9 + 12 * 2.2e7) / 2 + 2 * (2 * 2e8 + 1.25e9) + 4 * GIB))
+
+
+def test_times_at_the_mfu_band() -> None:
+    """A step's FLOPs over the card's peak at 50 % and 30 %; an epoch of 100 rows at 4 x 2 x 2 GPUs = 7 steps."""
+    card = cards.CARDS["A100-80GB"]
+    t = estimate.times(312e12, setup(gpus=2), card, rows=100, tokens_per_row=1000)
+    assert t["step"] == pytest.approx((2 / 0.5, 2 / 0.3))
+    assert t["steps"] == (7, 7)
+    assert t["gpu-hours"] == pytest.approx((7 * 4 * 2 / 3600, 7 * 2 / 0.3 * 2 / 3600))
+    assert t["tokens/s"] == pytest.approx((16000 / 4, 16000 / (2 / 0.3)))
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    folder = tmp_path / "model"
+    config = tiny_config(layers=2, depth=1)
+    config.vision_config.deepstack_visual_indexes = [0]
+    config.save_pretrained(folder)
+    recipe = {"model_name_or_path": str(folder), "stage": "sft", "finetuning_type": "lora", "lora_rank": 4,
+              "quantization_bit": 4, "enable_liger_kernel": True, "per_device_train_batch_size": 2,
+              "gradient_accumulation_steps": 2, "cutoff_len": 32, "image_max_pixels": 64 * 64}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_plan_prints_the_report_and_a_fix_when_the_card_is_too_small(tiny_recipe, monkeypatch, capsys) -> None:
+    """The tiny model's QLoRA step with Liger (one count: 2 layers, 1 block) on a card of 2 GiB and 64 KiB: the
+    reserve alone leaves 64 KiB, less than the tiny model's bf16 load; halving the micro-batch is told with its
+    figure."""
+    monkeypatch.setitem(cards.CARDS, "toy", cards.Card("toy", 100.0, 2 + 2**-14))
+    assert main(["plan", str(tiny_recipe), "--gpu", "toy"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out
+    assert "    per_device_train_batch_size: 1 (gradient_accumulation_steps: 4): 2.00 GiB" in out
+    assert "stage sft, LoRA, 4-bit, DDP, micro-batch 2 x accumulation 2, cutoff_len 32, Liger on" in out
+    assert "worst case, every row 32 tokens with one image of 4 tokens" in out
+    assert "HeRA" not in out and "teacher" not in out  # the SFT stage: no twin, no teacher
+    assert math.isfinite(float(out.split("step peak")[1].split()[0]))
+
+
+def test_plan_errors(tiny_recipe, tmp_path, capsys) -> None:
+    assert main(["plan", str(tiny_recipe), "--gpu", "B200"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu: unknown card 'B200'; known: H100-SXM, H100-PCIe, H200" in err and "A10G" in err
+    assert main(["plan", str(tiny_recipe), f"model_name_or_path={tmp_path / 'absent'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model_name_or_path: no config.json of {tmp_path / 'absent'} at hand" in err
+    assert "hf download" in err
+    LlavaConfig().save_pretrained(tmp_path / "llava")
+    assert main(["plan", str(tiny_recipe), f"model_name_or_path={tmp_path / 'llava'}"]) == 2
+    assert "is a llava model; plan counts the Qwen-VL families (qwen2_vl, qwen2_5_vl, qwen3_vl) only" in \
+        capsys.readouterr().err
+    assert main(["plan", str(tiny_recipe), "deepspeed=absent.json"]) == 2
+    assert "deepspeed: absent.json cannot be read" in capsys.readouterr().err
