@@ -111,10 +111,10 @@ def write_ended(path: Path, error: BaseException | None, method_records: tuple[s
 
 
 def read_record(path: Path) -> dict[str, Any]:
-    """The record, or ``{}`` when it cannot be read as a JSON object."""
+    """The record (or any JSON object file), or ``{}`` when it cannot be read as a JSON object."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # absent, torn, not UTF-8
         return {}
     return record if isinstance(record, dict) else {}
 

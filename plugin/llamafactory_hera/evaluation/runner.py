@@ -46,6 +46,7 @@ from llamafactory_hera.log import progress_once, say_once
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import host_version
+from llamafactory_hera_patches.lifecycle.run_record import read_record
 from llamafactory_hera_patches.tools import inference
 
 CACHE_DIR = "eval_cache"
@@ -305,18 +306,11 @@ def cache_file(run_dir: Path, spec: ModelSpec, task: str) -> Path:
     return run_dir / CACHE_DIR / spec.cache_key() / f"{task.replace('/', '_')}.json"
 
 
-def _read_cache(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None  # a torn or old cache entry: run the task again
-
-
 def cached_result(run_dir: Path, spec: ModelSpec, task: PlannedTask, limit: int | None,
                   jailbreak: Any = None) -> dict[str, Any] | None:
     """``task``'s cached result on ``spec``'s model, when it was computed with this ``limit`` and revision."""
-    hit = _read_cache(cache_file(run_dir, spec, task.name))
-    if hit is not None and hit.get("limit") == limit and hit.get("task_revision") == task_revision(task, jailbreak):
+    hit = read_record(cache_file(run_dir, spec, task.name))  # {}: absent or torn, the task runs again
+    if hit and hit.get("limit") == limit and hit.get("task_revision") == task_revision(task, jailbreak):
         return hit
     return None
 
