@@ -70,7 +70,7 @@ def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any]) -
     record = {"stage": stage, "status": RUNNING, "llamafactory_hera_version": host_version("llamafactory-hera"),
               "started_ns": time.time_ns(), "loading": loading,
               "chain": stage_chain(loading.get("model_name_or_path"), stage, path.parent)}
-    _write(path, record)
+    write_record(path, record)
     return path
 
 
@@ -106,8 +106,8 @@ def write_ended(path: Path, error: BaseException | None, method_records: tuple[s
             other = path.parent / name
             mine = read_record(other) if other.is_file() else {}
             if mine and other.stat().st_mtime_ns >= path.stat().st_mtime_ns:  # written by this run, not an older one
-                _write(other, {**mine, "status": FAILED, "error": record["error"]})
-    _write(path, record)
+                write_record(other, {**mine, "status": FAILED, "error": record["error"]})
+    write_record(path, record)
 
 
 def read_record(path: Path) -> dict[str, Any]:
@@ -136,7 +136,9 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".strip()
 
 
-def _write(path: Path, record: dict[str, Any]) -> None:
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """``record`` (any JSON object) written whole at ``path`` (its folder made): never a torn file to read back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # one per writer
     temporary.write_text(json.dumps(record, indent=2), encoding="utf-8")
     temporary.replace(path)

@@ -15,7 +15,6 @@ import contextlib
 import functools
 import gc
 import hashlib
-import json
 import logging
 import shutil
 import sys
@@ -46,7 +45,7 @@ from llamafactory_hera.log import progress_once, say_once
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import host_version
-from llamafactory_hera_patches.lifecycle.run_record import read_record
+from llamafactory_hera_patches.lifecycle.run_record import read_record, write_record
 from llamafactory_hera_patches.tools import inference
 
 CACHE_DIR = "eval_cache"
@@ -348,10 +347,7 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
             continue
         result = {**result, "limit": limit, "task": task.name, "group": task.group, "model": _describe(spec),
                   "precision": precision(engine.model)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(result, indent=2), encoding="utf-8")
-        temporary.replace(path)
+        write_record(path, result)
         outcome.results[task.name] = result
     del engine
     gc.collect()
