@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 import pytest
 import yaml
+from cost_record import pytest_runtest_protocol  # noqa: F401 - hook
 from frozen_heap import pytest_collection_finish, pytest_runtest_logfinish  # noqa: F401 - hooks
 from slow_first import pytest_collection_modifyitems as put_slow_modules_first
 

@@ -51,6 +51,7 @@ from ..recipe.arguments import raw_value
 from . import claim_folders
 from .claim_folders import CLAIM
 from .claim_identity import global_rank, is_alive_here, job_identity, process_stat, restarts
+from .run_record import write_record
 
 _ATTEMPTS = 8
 LEASE_SECONDS = 600  # a claim whose file time is older than this is a dead run's, on any host
@@ -140,15 +141,8 @@ def _take_over(path: Path, seen: str, mine: dict[str, Any], claim: dict[str, Any
         found = _read(path)
         if found is None or found[0] != seen:
             return False
-        _replace(path, mine if claim is None else claim)
+        write_record(path, mine if claim is None else claim)  # all or nothing
         return True
-
-
-def _replace(path: Path, claim: dict[str, Any]) -> None:
-    """``claim`` in place of the claim at ``path``, all or nothing."""
-    temporary = path.with_name(f"{CLAIM}.{claim['host']}.{claim['pid']}.{claim['token'][:8]}.new")
-    temporary.write_text(json.dumps(claim, indent=2), encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def _clear_stale_lock(lock: Path) -> None:

@@ -45,9 +45,10 @@ FINETUNING_KEYS = ("finetuning_type",)
 TRAINING_KEYS = ("seed", "output_dir")
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """``value`` as JSON holds it: a list for a list or tuple, a string for what is not a JSON scalar."""
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
 
 
@@ -58,7 +59,7 @@ def loading_keys(model_args: Any, data_args: Any, finetuning_args: Any, training
                          (training_args, TRAINING_KEYS)):
         for key in keys:
             if hasattr(holder, key):
-                found[key] = _plain(getattr(holder, key))
+                found[key] = plain(getattr(holder, key))
     return found
 
 
@@ -69,7 +70,7 @@ def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any]) -
     record = {"stage": stage, "status": RUNNING, "llamafactory_hera_version": host_version("llamafactory-hera"),
               "started_ns": time.time_ns(), "loading": loading,
               "chain": stage_chain(loading.get("model_name_or_path"), stage, path.parent)}
-    _write(path, record)
+    write_record(path, record)
     return path
 
 
@@ -105,15 +106,15 @@ def write_ended(path: Path, error: BaseException | None, method_records: tuple[s
             other = path.parent / name
             mine = read_record(other) if other.is_file() else {}
             if mine and other.stat().st_mtime_ns >= path.stat().st_mtime_ns:  # written by this run, not an older one
-                _write(other, {**mine, "status": FAILED, "error": record["error"]})
-    _write(path, record)
+                write_record(other, {**mine, "status": FAILED, "error": record["error"]})
+    write_record(path, record)
 
 
 def read_record(path: Path) -> dict[str, Any]:
-    """The record, or ``{}`` when it cannot be read as a JSON object."""
+    """The record (or any JSON object file), or ``{}`` when it cannot be read as a JSON object."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # absent, torn, not UTF-8
         return {}
     return record if isinstance(record, dict) else {}
 
@@ -135,7 +136,9 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".strip()
 
 
-def _write(path: Path, record: dict[str, Any]) -> None:
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """``record`` (any JSON object) written whole at ``path`` (its folder made): never a torn file to read back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # one per writer
     temporary.write_text(json.dumps(record, indent=2), encoding="utf-8")
     temporary.replace(path)

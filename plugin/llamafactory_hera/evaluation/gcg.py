@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from llamafactory_hera.evaluation.gcg_budget import Budget, algorithm_source
+from llamafactory_hera_patches.lifecycle.run_record import write_record
 
 CHUNK = 64  # candidates per forward pass (halved on out-of-memory)
 
@@ -224,10 +225,7 @@ def optimised_suffixes(model: Any, tokenizer: Any, problems: dict[str, tuple[Pro
         say(f"jailbreak: GCG prompt {number}/{len(problems)}: target loss {suffix.initial_loss:.3f} -> "
             f"{suffix.loss:.3f} in {budget.steps} steps, {time.perf_counter() - started:.0f} s")
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(asdict(suffix)), encoding="utf-8")
-            temporary.replace(path)
+            write_record(path, asdict(suffix))
     if cached:
         say(f"jailbreak: GCG: {cached} of {len(problems)} suffixes read from {cache_dir} (found by an earlier run)")
     stuck = sum(s.loss >= s.initial_loss for s in found.values())

@@ -15,7 +15,6 @@ import contextlib
 import functools
 import gc
 import hashlib
-import json
 import logging
 import shutil
 import sys
@@ -46,6 +45,7 @@ from llamafactory_hera.log import progress_once, say_once
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import host_version
+from llamafactory_hera_patches.lifecycle.run_record import read_record, write_record
 from llamafactory_hera_patches.tools import inference
 
 CACHE_DIR = "eval_cache"
@@ -305,18 +305,11 @@ def cache_file(run_dir: Path, spec: ModelSpec, task: str) -> Path:
     return run_dir / CACHE_DIR / spec.cache_key() / f"{task.replace('/', '_')}.json"
 
 
-def _read_cache(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None  # a torn or old cache entry: run the task again
-
-
 def cached_result(run_dir: Path, spec: ModelSpec, task: PlannedTask, limit: int | None,
                   jailbreak: Any = None) -> dict[str, Any] | None:
     """``task``'s cached result on ``spec``'s model, when it was computed with this ``limit`` and revision."""
-    hit = _read_cache(cache_file(run_dir, spec, task.name))
-    if hit is not None and hit.get("limit") == limit and hit.get("task_revision") == task_revision(task, jailbreak):
+    hit = read_record(cache_file(run_dir, spec, task.name))  # {}: absent or torn, the task runs again
+    if hit and hit.get("limit") == limit and hit.get("task_revision") == task_revision(task, jailbreak):
         return hit
     return None
 
@@ -354,10 +347,7 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
             continue
         result = {**result, "limit": limit, "task": task.name, "group": task.group, "model": _describe(spec),
                   "precision": precision(engine.model)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(result, indent=2), encoding="utf-8")
-        temporary.replace(path)
+        write_record(path, result)
         outcome.results[task.name] = result
     del engine
     gc.collect()

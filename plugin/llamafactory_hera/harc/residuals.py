@@ -12,7 +12,7 @@ gradient while the model trains raises: the coupling would silently do nothing.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -27,22 +27,19 @@ def reading_layers(model: nn.Module, layers: list[int],
                    read: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
     """Call ``read(layer, hidden [B, T, D])`` with the residual entering each of ``layers`` during forwards inside."""
     modules = text_decoder(model).layers  # of a plain, PEFT-wrapped or unwrapped DDP / DeepSpeed causal LM
-    handles = []
 
     def hook_for(layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             read(layer, args[0] if args else kwargs["hidden_states"])
         return hook
 
-    try:
+    with ExitStack() as hooks:  # each hook removed on exit
         for layer in layers:
             # first: DeepSpeed ZeRO-3's own pre-hook hands the layer a detached copy of its input (made without a
             # graph inside a reentrant layer's no_grad forward); the read takes the input as the checkpoint got it
-            handles.append(modules[layer].register_forward_pre_hook(hook_for(layer), with_kwargs=True, prepend=True))
+            hooks.enter_context(modules[layer].register_forward_pre_hook(hook_for(layer), with_kwargs=True,
+                                                                         prepend=True))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def at_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -51,12 +51,10 @@ def attention_weights(modules: dict[int, DecoderLayer], layers: list[int]) -> It
 
         return hook
 
-    handles = [modules[layer].module.self_attn.register_forward_hook(keep(layer)) for layer in layers]
-    try:
+    with contextlib.ExitStack() as hooks:  # each hook removed on exit
+        for layer in layers:
+            hooks.enter_context(modules[layer].module.self_attn.register_forward_hook(keep(layer)))
         yield weights
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -210,13 +208,11 @@ def head_gates(modules: dict[int, DecoderLayer], layers: list[int], num_heads: i
         shaped = x.view(*x.shape[:-1], num_heads, head_dim) * gates[layer].to(x.dtype)[:, None]
         return (shaped.view(x.shape), *args[1:])
 
-    handles = [modules[layer].output.register_forward_pre_hook(functools.partial(pre_hook, layer=layer))
-               for layer in layers]
-    try:
+    with contextlib.ExitStack() as hooks:  # each hook removed on exit
+        for layer in layers:
+            hook = functools.partial(pre_hook, layer=layer)
+            hooks.enter_context(modules[layer].output.register_forward_pre_hook(hook))
         yield gates
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def gate_gradients(model: nn.Module, batch: dict[str, Any], layers: list[int], num_heads: int, head_dim: int,

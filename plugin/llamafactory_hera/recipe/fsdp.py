@@ -22,7 +22,6 @@ docs/configurations.md (the FSDP rows and their notes). Refused:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 from llamafactory_hera_patches.engines.fsdp_adapter import launched_fsdp_version, unsaved_refusal
 from llamafactory_hera_patches.engines.fsdp_loading import bitsandbytes_refusal
 from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera_patches.lifecycle.run_record import read_record
 from llamafactory_hera_patches.recipe.arguments import raw_value
 
 RAH_ONE_PROCESS = ("stage: rah runs as one process that places the model over every visible GPU; run it so: "
@@ -58,10 +58,7 @@ def _config_version(config: Any) -> str:
     """``fsdp_config``'s FSDP version as transformers reads it (a dict or a JSON file; ``fsdp_`` prefixes dropped),
     "1" when it names none."""
     if isinstance(config, str) and Path(config).expanduser().is_file():
-        try:
-            config = json.loads(Path(config).expanduser().read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return "1"
+        config = read_record(Path(config).expanduser())  # {} when not a JSON object
     if not isinstance(config, Mapping):
         return "1"
     return str(config.get("version", config.get("fsdp_version", 1))).strip()

@@ -129,11 +129,8 @@ def check_template_name(given: dict[str, Any]) -> None:
 
 
 def _number(name: str, value: Any) -> float:
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number):
+    number = None if isinstance(value, bool) else _number_or_none(value)
+    if number is None:
         raise RecipeError(f"{name}: {value!r} is not a number; {name} is {BOUNDS[name][3]}. Set a number.")
     return number
 

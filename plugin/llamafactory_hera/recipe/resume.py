@@ -16,7 +16,6 @@ checkpoint's run folder). Only small files are read; what a file does not say is
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,21 +70,13 @@ def last_checkpoint(folder: Path) -> Path | None:
     return newest_whole(folder)[0]
 
 
-def _json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def model_config(source: Any) -> dict[str, Any] | None:
     """A model's ``config.json`` (a local folder, or a hub id already in the local cache), None when not here."""
     if not source:
         return None
     folder = Path(str(source)).expanduser()
     if folder.is_dir():
-        return _json(folder / MODEL_CONFIG)
+        return read_record(folder / MODEL_CONFIG) or None
     # lazy: huggingface_hub only for a hub id (the checks of a local recipe read files only)
     from huggingface_hub import try_to_load_from_cache
 
@@ -93,7 +84,7 @@ def model_config(source: Any) -> dict[str, Any] | None:
         cached = try_to_load_from_cache(str(source), MODEL_CONFIG)
     except ValueError:  # not a hub id either
         return None
-    return _json(Path(cached)) if isinstance(cached, str) else None
+    return (read_record(Path(cached)) or None) if isinstance(cached, str) else None
 
 
 def architecture(config: dict[str, Any] | None, fallback: Any) -> str:
@@ -115,10 +106,10 @@ def read_checkpoint(folder: Path) -> Checkpoint:
     """What ``folder`` (a checkpoint) holds: its adapter's config or its weights, and its run's record (in the run's
     folder, the checkpoint's parent; a folder not named ``checkpoint-N``: its own, if any)."""
     record_folder = folder.parent if CHECKPOINT_NAME.match(folder.name) else folder
-    record = read_record(record_folder / RUN_RECORD) if (record_folder / RUN_RECORD).is_file() else {}
+    record = read_record(record_folder / RUN_RECORD)
     loading = record.get("loading") if isinstance(record.get("loading"), dict) else {}
-    adapter = _json(folder / ADAPTER_CONFIG)
-    if adapter is not None:
+    adapter = read_record(folder / ADAPTER_CONFIG)
+    if adapter:
         base = adapter.get("base_model_name_or_path") or loading.get("model_name_or_path")
         config = model_config(base) or model_config(loading.get("model_name_or_path"))
         rank = adapter.get("r")
@@ -126,7 +117,7 @@ def read_checkpoint(folder: Path) -> Checkpoint:
                           record.get("stage"), rank if isinstance(rank, int) else None, bool(adapter.get("use_dora")),
                           config, architecture(config, base), base)
     whole = (folder / MODEL_CONFIG).is_file() or any((folder / name).is_file() for name in WHOLE_MODEL_FILES)
-    config = _json(folder / MODEL_CONFIG) if whole else None
+    config = (read_record(folder / MODEL_CONFIG) or None) if whole else None
     finetuning = loading.get("finetuning_type")
     return Checkpoint(folder, "whole" if whole else None, finetuning if finetuning in ("full", "freeze") else None,
                       record.get("stage"), None, None, config, architecture(config, "an unknown model"),
