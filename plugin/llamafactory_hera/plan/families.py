@@ -13,7 +13,6 @@ from typing import Any
 
 PROJECTOR, VISION = ("merger", "multi_modal_projector"), ("visual", "vision_tower", "image_newline")
 TOKEN_TYPES = {"qwen3_vl": "mm_token_type_ids", "qwen3_5": "mm_token_type_ids", "gemma3": "token_type_ids"}
-INTERNVL_MAX_TILES = 12  # InternVL's processors: up to 12 tiles (+ a thumbnail)
 
 
 def part(name: str) -> str:
@@ -62,10 +61,8 @@ def images(config: Any, max_pixels: int) -> Images | None:
         tokens = LlavaNextProcessor._get_number_of_features(this, side, side, size, size)
         return Images(tokens - (config.vision_feature_select_strategy == "default"),
                       (1, height // size * (width // size) + 1, 3, size, size), {"image_sizes": [side, side]})
-    if config.model_type == "internvl":  # InternVL's tiling of a square image: k x k tiles + a thumbnail
-        k = max(k for k in range(1, math.isqrt(INTERNVL_MAX_TILES) + 1) if k == 1 or 2 * side * side > (size * k) ** 2)
-        tiles = k * k + (k > 1)
-        return Images(tiles * int((size // patch) ** 2 * config.downsample_ratio ** 2), (tiles, 3, size, size), {})
+    if config.model_type == "internvl":  # one tile: LLaMA-Factory's crop_to_patches: false (its tiling is not counted)
+        return Images(int((size // patch) ** 2 * config.downsample_ratio ** 2), (1, 3, size, size), {})
     tokens = getattr(config, "mm_tokens_per_image", None) or config.image_seq_length  # Gemma 3, LLaVA: fixed size
     return Images(tokens, (1, 3, size, size), {})
 

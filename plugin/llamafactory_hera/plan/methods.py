@@ -99,8 +99,7 @@ def rah(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card
                  f"{estimate.RESERVE / GiB:.0f} GiB reserve")
     samples, probes = int(recipe.get("rah_samples", 100)), int(recipe.get("rah_probe_samples", 32))
     kl, tries = int(recipe.get("rah_kl_samples", 8)), int(recipe.get("rah_halvings", 5)) + 1
-    isal = counts["isal"]["flops"] * math.ceil(samples / size)
-    caf = counts["caf"]["flops"] * probes
+    isal, caf = counts["isal"]["flops"] * math.ceil(samples / size), counts["caf"]["flops"] * probes
     per_try = counts["isal"]["flops"] / size * kl
     lines.append(f"  I-SAL: {samples} rows forward, {isal / 1e12:.1f} TFLOPs, {_seconds(isal, card)}; "
                  f"CAF: {probes} rows forward + backward, {caf / 1e12:.1f} TFLOPs, {_seconds(caf, card)}")
