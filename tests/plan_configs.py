@@ -52,7 +52,8 @@ def _llava(text: dict, vocab: int, **more) -> dict:
 
 def _internvl(text: dict) -> dict:
     return {"model_type": "internvl", "text_config": text, "vision_config": INTERN_VIT, "image_token_id": 151667,
-            "downsample_ratio": 0.5, "vision_feature_layer": -1, "vision_feature_select_strategy": "default"}
+            "downsample_ratio": 0.5, "vision_feature_layer": -1, "vision_feature_select_strategy": "default",
+            "tie_word_embeddings": False}
 
 
 CONFIGS: dict[str, dict] = {
