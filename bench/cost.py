@@ -78,14 +78,12 @@ def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm
     mesh = cx.fake_world(case.world)
     config = cm.reduced(case.spec, text_layers, vision_depth)
     data = cm.batch(config, int(recipe["per_device_train_batch_size"]), int(recipe["cutoff_len"]),
-                    case.spec["image_side"] // case.spec["patch"])
+                    case.spec["image_side"] ** 2)
     with FakeTensorMode(allow_non_fake_inputs=True):  # the real-index shim only in the step: a parameter that goes
         # through it gets a weak reference, and Module.to cannot swap a fake parameter that has one
         model = cm.build(config)
-        cm.freeze_vision(model)
         if case.mode == "full":
-            for name, param in model.named_parameters():
-                param.requires_grad_("visual" not in name or "merger" in name)
+            cm.set_trainable(model, ("language", "projector"))
         else:
             model = cm.add_lora(model, int(recipe.get("lora_rank", 8)), int(recipe.get("lora_alpha", 16)))
         quantized = cm.quantize_in_place(model) if case.mode == "qlora" else []
@@ -110,7 +108,7 @@ def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm
             counter = cx.CollectiveCounter(exclude=local + [p.grad.to_local() if hasattr(p.grad, "to_local")
                                                             else p.grad for p in trainable])
             with cc.RealIndexMode(), FlopCounterMode(display=False) as flops, counter:
-                cm.step(model, config, data, counter, hera, liger=arm.endswith("liger"), term=cm.gathered_hera_term)
+                cm.step(model, data, counter, hera, liger=arm.endswith("liger"), term=cm.gathered_hera_term)
     collectives = counter.collectives
     return {"flops": flops.get_total_flops(), "weights": weights, "gradients": grads, "optimizer": 2 * grads,
             "activations": counter.at_mark, "temporaries": counter.peak - counter.at_mark,

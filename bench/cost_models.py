@@ -35,10 +35,9 @@ from llamafactory_hera.plan.step import (  # noqa: F401  the step, written once 
     add_lora,
     batch,
     build,
-    freeze_vision,
     hera_parts,
     output_layer,
-    pixels,
+    set_trainable,
     step,
     train_mode,
 )

@@ -4,6 +4,7 @@ and GPU-hours, before renting one. Reads the model's config.json only (no weight
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 import warnings
@@ -13,8 +14,9 @@ from typing import Any
 
 import yaml
 
-from llamafactory_hera.plan import estimate
+from llamafactory_hera.plan import estimate, families
 from llamafactory_hera.plan.cards import CARDS, DEFAULT_CARD, MFU, Card
+from llamafactory_hera.plan.report import memory_table, span
 from llamafactory_hera_patches.errors import RecipeError
 
 GiB = estimate.GIB
@@ -35,19 +37,19 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
                                             args.accelerate_config))}
 
 
-def _model_config(name: str) -> Any:
+def _model_config(name: str, recipe_text: str) -> Any:
     from transformers import AutoConfig  # lazy: transformers' import takes seconds, needed only once a recipe is read
 
     try:
-        config = AutoConfig.from_pretrained(name, local_files_only=True)
+        return AutoConfig.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise RecipeError(f"model_name_or_path: no config.json of {name} at hand ({str(err).splitlines()[0]}); plan "
-                          f"reads it without network: download it first (hf download {name} config.json) or point "
-                          "model_name_or_path to a local copy.") from None
-    if not hasattr(getattr(config, "vision_config", None), "spatial_merge_size"):
-        raise RecipeError(f"model_name_or_path: {name} is a {config.model_type} model; plan counts the Qwen-VL "
-                          "families (qwen2_vl, qwen2_5_vl, qwen3_vl) only.")
-    return config
+        missing = str(err).splitlines()[0]
+    with contextlib.suppress(OSError, ValueError):  # a LLaVA-1.5 model compose has not built yet: from its parts
+        if (composed := families.composed_config(recipe_text)) is not None:
+            return composed
+    raise RecipeError(f"model_name_or_path: no config.json of {name} at hand ({missing}); plan reads it without "
+                      f"network: download it first (hf download {name} config.json; a compose command's: its LLM's "
+                      "and vision tower's) or point model_name_or_path to a local copy.")
 
 
 def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
@@ -58,21 +60,27 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
     if card is None:
         raise RecipeError(f"--gpu: unknown card '{gpu}'; known: {', '.join(CARDS)}.")
     try:
-        recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+        text = recipe_path.read_text(encoding="utf-8")
+        recipe = yaml.safe_load(text)
     except (OSError, yaml.YAMLError) as err:
         raise RecipeError(f"recipe: {recipe_path} cannot be read ({err}); name a training recipe (YAML).") from None
     for item in overrides:
         key, _, value = item.partition("=")
         recipe[key] = yaml.safe_load(value)
-    config = _model_config(str(recipe.get("model_name_or_path")))
-    from llamafactory_hera.plan import count  # lazy: it imports transformers and peft (seconds), which --help needs not
+    config = _model_config(str(recipe.get("model_name_or_path")), text)
+    from llamafactory_hera.plan import count, methods  # lazy: transformers and peft (seconds), not for --help
     setup = estimate.setup_of(recipe, recipe_path.parent, gpus, accelerate_config)
-    grid = count.grid_side(config, int(recipe.get("image_max_pixels", estimate.DEFAULT_MAX_PIXELS)))
-    image_tokens = grid * grid // config.vision_config.spatial_merge_size ** 2
+    max_pixels = int(recipe.get("image_max_pixels", estimate.DEFAULT_MAX_PIXELS))
+    image = families.images(config, max_pixels)
+    if setup.stage in methods.STAGES:  # HARC's step, RAH-LoRA's calibration
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            return methods.STAGES[setup.stage](recipe, recipe_path, config, setup, card, started)
     heads, head_layers = count.head_layers(recipe.get("hera_heads", "auto"),
                                            int(recipe.get("hera_select_num_heads", 5)))
-    shape = count.Shape(setup.batch, setup.cutoff, grid, int(recipe.get("lora_rank", 8)) if setup.lora else None,
-                        int(recipe.get("lora_alpha", 16)), bool(setup.bits), setup.checkpointing, liger=setup.liger)
+    shape = count.Shape(setup.batch, setup.cutoff, max_pixels, int(recipe.get("lora_rank", 8)) if setup.lora else None,
+                        int(recipe.get("lora_alpha", 16)), bool(setup.bits), setup.checkpointing, liger=setup.liger,
+                        parts=methods.trained_parts(recipe))
     hera = setup.stage == "hera"
     arm = "hera" if hera else "sft"
     shapes = {"sft": shape} | ({"hera": count.Shape(**{**shape.__dict__, "hera": {**recipe, "heads": heads}})}
@@ -97,9 +105,9 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
              f"{estimate.ENGINES[setup.engine]}, micro-batch {setup.batch} x accumulation {setup.accumulation}, "
              f"cutoff_len {setup.cutoff}, Liger {'on' if setup.liger else 'off'}, gradient checkpointing "
              f"{'on' if setup.checkpointing else 'off'}",
-             f"  lengths: worst case, every row {setup.cutoff} tokens with one image of {image_tokens} tokens "
-             "(the dataset's own lengths are not read)"]
-    lines += _memory_table(parts, arm)
+             f"  lengths: worst case, every row {setup.cutoff} tokens with "
+             f"{f'one image of {image.tokens} tokens' if image else 'no image'} (the dataset's lengths are not read)"]
+    lines += memory_table(parts, arm)
     lines.append(f"  {'fits' if fits else 'does NOT fit'}: {parts[arm]['needed'] / GiB:.2f} GiB needed of "
                  f"{card.memory_gib:g} GiB")
     if not fits:
@@ -111,20 +119,6 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
     return "\n".join(lines)
 
 
-def _memory_table(parts: dict[str, dict[str, float]], arm: str) -> list[str]:
-    names = [name for name in ("sft", "hera") if name in parts]
-    lines = ["  memory per GPU (GiB)   " + "".join(f"{name.upper():>9}" for name in names)]
-    for key in ("parameters", "gradients", "optimizer", "gathered", "activations", "temporaries", "step peak",
-                "load peak"):
-        lines.append(f"    {key:20}" + "".join(f"{parts[name][key] / GiB:9.2f}" for name in names))
-    if arm == "hera":
-        extra = (parts["hera"]["step peak"] - parts["sft"]["step peak"]) / 2**20
-        lines.append(f"    HeRA's extra over SFT: {extra:.1f} MiB (its captured heads, projection and loss)")
-    lines.append(f"    + reserve {estimate.RESERVE / GiB:.0f} GiB (CUDA context, cuBLAS / NCCL workspaces, allocator) "
-                 "on the larger of step and load peak")
-    return lines
-
-
 def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card: Card, rows: int, known: bool,
                 recipe: dict, hera: bool) -> list[str]:
     band = f"{MFU[0]:.0%}-{MFU[1]:.0%} MFU of {card.bf16_tflops:g} TFLOP/s bf16"
@@ -134,10 +128,10 @@ def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card
         t = estimate.times(flops, setup, card, rows, setup.cutoff)
         lines.append(f"  {name.upper()}: {flops * setup.accumulation / 1e12:.1f} TFLOPs per GPU per optimizer step "
                      f"(attention {counts[name]['attention'] / flops:.1%} of them); at {band}: step "
-                     f"{_span(t['step'], 's')}, {_span(t['tokens/s'], '')} tokens/s per node")
+                     f"{span(t['step'], 's')}, {span(t['tokens/s'], '')} tokens/s per node")
         lines.append(f"    epoch of {rows} rows{'' if known else ' (the dataset is not at hand: per 1000 rows)'}, "
-                     f"{t['steps'][0]} steps: {_span(t['epoch'], 'h', 3600)}; run of {t['steps'][1]} steps: "
-                     f"{_span(t['run'], 'h', 3600)}, {_span(t['gpu-hours'], '')} GPU-hours")
+                     f"{t['steps'][0]} steps: {span(t['epoch'], 'h', 3600)}; run of {t['steps'][1]} steps: "
+                     f"{span(t['run'], 'h', 3600)}, {span(t['gpu-hours'], '')} GPU-hours")
     if hera:
         teacher = [estimate.teacher_flops(rows) / (card.bf16_tflops * 1e12 * m) for m in MFU]
         line = f"  teacher precompute ({rows} images, DINOv2-L, one GPU): {teacher[1]:.0f}-{teacher[0]:.0f} s"
@@ -150,12 +144,6 @@ def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card
                          "batch: select first over the node's GPUs (llamafactory-hera select)")
         lines.append(line)
     return lines
-
-
-def _span(values: tuple, unit: str, per: float = 1) -> str:
-    low, high = sorted(v / per for v in values)
-    return f"{low:,.2f}-{high:,.2f}{f' {unit}' if unit else ''}" if high < 100 else f"{low:,.0f}-{high:,.0f}" + \
-        (f" {unit}" if unit else "")
 
 
 class _quiet:  # noqa: N801  transformers' and torch's warnings about the fake step, silenced while it is counted

@@ -5,7 +5,6 @@ from one more decoder layer and one more vision block (every further layer costs
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,49 +15,62 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from llamafactory_hera.heads.geometry import parse_head
 from llamafactory_hera.plan import counter, step
+from llamafactory_hera.plan.families import part
 
 SPECIAL_BLOCKS = ("deepstack_visual_indexes", "fullatt_block_indexes")
 _COUNTED: dict[tuple[str, str], dict[str, float]] = {}
-FIGURES = ("flops", "attention", "params", "trainable", "quantizable", "embedding", "vision", "activations",
-           "temporaries")
+FIGURES = ("flops", "attention", "reference", "params", "trainable", "quantizable", "embedding", "vision",
+           "activations", "temporaries")
 
 
 @dataclass(frozen=True)
 class Shape:
-    """What the micro-step is: rows, their length and image, the adapters, 4-bit or not, Liger, checkpointing."""
+    """What the micro-step is: rows, their length and image, the adapters (or a full fine-tune's trained parts), 4-bit
+    or not, Liger, checkpointing; HARC's reference rows, RAH-LoRA's probe (``step.step``)."""
 
     batch: int
     seq: int
-    grid_side: int  # image patches per side
+    max_pixels: int  # each row's image: a square of this many pixels
     lora_rank: int | None  # None: full fine-tune
     lora_alpha: int
     quantized: bool
     checkpointing: bool
     hera: dict | None = None  # the recipe's hera_* keys and the heads (None: the SFT twin)
     liger: bool = False
+    parts: tuple[str, ...] = ("language",)  # a full fine-tune's trained parts (families.part)
+    reference_rows: int = 0
+    probe: str | None = None
 
 
 def depths(config: Any) -> tuple[str, int, int]:
-    """The vision config's depth key, the text depth and the vision depth of ``config``."""
-    vision = config.vision_config
+    """The vision config's depth key, the text depth and the vision depth of ``config`` (0: a text model)."""
+    vision = getattr(config, "vision_config", None)
     key = "depth" if hasattr(vision, "depth") else "num_hidden_layers"
-    return key, config.text_config.num_hidden_layers, getattr(vision, key)
+    return key, config.get_text_config().num_hidden_layers, getattr(vision, key, 0)
 
 
-def reduced(config: Any, text_layers: int, vision_depth: int) -> Any:
-    """``config`` with ``text_layers`` decoder layers and ``vision_depth`` vision blocks (its DeepStack / full-attention
+def layer_types(config: Any) -> list[str]:
+    """Each decoder layer's kind (``layer_types``: sliding or full attention, linear attention), one kind if none."""
+    text = config.get_text_config()
+    return list(getattr(text, "layer_types", None) or ["layer"] * text.num_hidden_layers)
+
+
+def reduced(config: Any, types: list[str], vision_depth: int, attention: str = "sdpa") -> Any:
+    """``config`` with decoder layers of ``types`` and ``vision_depth`` vision blocks (its DeepStack / full-attention
     block indices moved into the reduced tower, as many as the full one has)."""
     config = copy.deepcopy(config)
-    text, vision = config.text_config, config.vision_config
-    text.num_hidden_layers = text_layers
+    text, vision = config.get_text_config(), getattr(config, "vision_config", None)
+    text.num_hidden_layers = len(types)
     if getattr(text, "layer_types", None):
-        text.layer_types = text.layer_types[:text_layers]
-    setattr(vision, depths(config)[0], vision_depth)
-    for key in SPECIAL_BLOCKS:
-        if getattr(vision, key, None):
-            setattr(vision, key, list(range(min(len(getattr(vision, key)), vision_depth))))
-    for part in (config, text, vision):
-        part._attn_implementation = "sdpa"
+        text.layer_types = list(types)
+    if vision is not None:
+        setattr(vision, depths(config)[0], vision_depth)
+        for key in SPECIAL_BLOCKS:
+            if getattr(vision, key, None):
+                setattr(vision, key, list(range(min(len(getattr(vision, key)), vision_depth))))
+    for item in (config, text, vision):
+        if item is not None:
+            item._attn_implementation = attention
     return config
 
 
@@ -80,13 +92,11 @@ def count(config: Any, shape: Shape) -> dict[str, float]:
 
 def _count(config: Any, shape: Shape) -> dict[str, float]:
     counter.count_attention()
-    data = step.batch(config, shape.batch, shape.seq, shape.grid_side)
+    data = step.batch(config, shape.batch, shape.seq, shape.max_pixels)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = step.build(config)
-        step.freeze_vision(model)
         if shape.lora_rank is None:
-            for name, param in model.named_parameters():
-                param.requires_grad_("visual" not in name)
+            step.set_trainable(model, shape.parts)
         else:
             model = step.add_lora(model, shape.lora_rank, shape.lora_alpha)
         linears = [m for name, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in name
@@ -101,41 +111,45 @@ def _count(config: Any, shape: Shape) -> dict[str, float]:
             param.grad = torch.zeros_like(param)
         steps = counter.StepCounter(exclude=params + [p.grad for p in trainable])
         with counter.RealIndexMode(), FlopCounterMode(display=False) as flops, steps:
-            step.step(model, config, data, steps, hera, liger=shape.liger)
+            reference = step.step(model, data, steps, hera, shape.liger, reference_rows=shape.reference_rows,
+                                  probe=shape.probe)
     embeddings = [model.get_input_embeddings().weight, step.output_layer(model).weight]
-    return {"flops": flops.get_total_flops(), "attention": _attention_flops(flops),
+    return {"flops": flops.get_total_flops(), "attention": _attention_flops(flops), "reference": reference,
             "params": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in trainable),
             "quantizable": sum(m.weight.numel() for m in linears),
             "embedding": sum(w.numel() for w in {id(w): w for w in embeddings}.values()),
-            "vision": sum(p.numel() for name, p in model.named_parameters() if "visual" in name),
+            "vision": sum(p.numel() for name, p in model.named_parameters() if part(name) != "language"),
             "activations": steps.at_mark, "temporaries": steps.peak - steps.at_mark}
 
 
-def base_depths(config: Any, head_layers: int) -> tuple[int, int]:
-    """The reduced model's depths: HeRA's head layers (at least one) and one more decoder layer, from which on each
-    layer adds the same (HeRA's non-reentrant head layers change the backward's peak until one reentrant layer
-    follows them); the vision tower's special blocks."""
-    vision = config.vision_config
-    special = max((len(getattr(vision, key, None) or []) for key in SPECIAL_BLOCKS), default=0)
-    return max(head_layers, 1) + 1, max(special, 1)
-
-
 def scaled(config: Any, shapes: dict[str, Shape], head_layers: int) -> dict[str, dict[str, float]]:
-    """Each arm of ``shapes`` counted on the reduced model (:func:`base_depths`), plus one more decoder layer's and one
-    more vision block's increments times the layers it leaves out, both counted on the last arm: a layer without
-    heads and the frozen tower run alike in every arm (Liger and 4 bits change the output layer, the loss and each
-    layer's passing temporaries, not what a layer adds)."""
-    _, full_l, full_v = depths(config)
-    base_l, base_v = (min(b, f) for b, f in zip(base_depths(config, head_layers), (full_l, full_v), strict=True))
-    base = {arm: count(reduced(config, base_l, base_v), shape) for arm, shape in shapes.items()}
+    """Each arm of ``shapes`` counted on a reduced model: HeRA's head layers (at least one; of the softmax kind where
+    the layers are of several), one more layer of the commonest kind (from there on each layer adds the same: HeRA's
+    non-reentrant head layers change the backward's peak until one reentrant layer follows them) and the vision
+    tower's special blocks; then one more layer of each kind and one more vision block, whose increments times the
+    layers of that kind left out are added, counted on the last arm: a layer without heads and the frozen tower run
+    alike in every arm (Liger and 4 bits change the output layer, the loss and each layer's passing temporaries, not
+    what a layer adds). RAH-LoRA's I-SAL probe runs eager attention (its attention weights)."""
+    kinds, (_, _, full_v) = layer_types(config), depths(config)
+    vision = getattr(config, "vision_config", None)
+    special = max((len(getattr(vision, key, None) or []) for key in SPECIAL_BLOCKS), default=0)
+    base_v = min(max(special, 1), full_v)
+    head_kind = "full_attention" if "full_attention" in kinds else kinds[0]
+    base_types = ([head_kind] * max(head_layers, 1) + [max(kinds, key=kinds.count)])[:len(kinds)]
+    attention = "eager" if any(shape.probe == "isal" for shape in shapes.values()) else "sdpa"
+    base = {arm: count(reduced(config, base_types, base_v, attention), shape) for arm, shape in shapes.items()}
     last = list(shapes)[-1]
-    more_l = count(reduced(config, base_l + 1, base_v), shapes[last]) if full_l > base_l else base[last]
-    more_v = count(reduced(config, base_l, base_v + 1), shapes[last]) if full_v > base_v else base[last]
+    layers = [(kinds.count(kind) - base_types.count(kind),
+               count(reduced(config, base_types + [kind], base_v, attention), shapes[last]))
+              for kind in sorted(set(kinds)) if kinds.count(kind) > base_types.count(kind)]
+    more = list(layers)
+    if full_v > base_v:
+        more.append((full_v - base_v, count(reduced(config, base_types, base_v + 1, attention), shapes[last])))
     result = {}
     for arm, counts in base.items():
-        result[arm] = {key: counts[key] + (full_l - base_l) * (more_l[key] - base[last][key])
-                       + (full_v - base_v) * (more_v[key] - base[last][key]) for key in FIGURES}
-        result[arm]["layer"] = more_l["params"] - base[last]["params"]  # one decoder layer's parameters
+        result[arm] = {key: counts[key] + sum(n * (added[key] - base[last][key]) for n, added in more)
+                       for key in FIGURES}
+        result[arm]["layer"] = max([added["params"] - base[last]["params"] for _, added in layers] or [0])
     return result
 
 
@@ -147,10 +161,3 @@ def head_layers(heads: Any, num_heads: int) -> tuple[list[str], int]:
     refs = [parse_head(h) for h in heads]
     layers = sorted({ref.layer for ref in refs})
     return [f"L{layers.index(ref.layer)}H{ref.head}" for ref in refs], len(layers)
-
-
-def grid_side(config: Any, max_pixels: int) -> int:
-    """Patches per side of the largest square image of ``max_pixels`` the processor keeps (merged patches whole)."""
-    vision = config.vision_config
-    unit = vision.patch_size * vision.spatial_merge_size
-    return max(1, math.isqrt(max_pixels) // unit) * vision.spatial_merge_size

@@ -22,35 +22,39 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoModelForImageTextToText
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+from llamafactory_hera.harc.losses import kl_to_reference
 from llamafactory_hera.heads.geometry import attention_geometry, parse_head
 from llamafactory_hera.heads.pooling import pooling_weights
 from llamafactory_hera.hera import projection
 from llamafactory_hera.hera.capture import HeadCapture
 from llamafactory_hera.hera.loss import hera_loss_anchored, used_temperature
+from llamafactory_hera.plan.families import TOKEN_TYPES, images, part
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
-
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def build(config: Any) -> nn.Module:
-    """The MLLM of ``config`` in bf16 (call under ``FakeTensorMode``: no memory, no data)."""
+    """The model of ``config`` in bf16, an MLLM or a text LLM (call under ``FakeTensorMode``: no memory, no data)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        return AutoModelForImageTextToText.from_config(config)
+        auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+        return auto.from_config(config)
     finally:
         torch.set_default_dtype(previous)
 
 
 def add_lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
-    """LLaMA-Factory's LoRA on every linear layer of the language model, trainable weights upcast to float32."""
+    """LLaMA-Factory's LoRA on every linear layer of the language model (``lora_target: all``), trainable weights
+    upcast to float32."""
+    names = [name for name, m in model.named_modules() if type(m) is nn.Linear and part(name) == "language"
+             and "lm_head" not in name]
     move = nn.Module.to
     nn.Module.to = lambda self, *_, **__: self  # one device, one dtype: peft's moves are no-ops, and Module.to cannot
     try:  # swap a fake parameter that transformers' initialisation holds a weak reference to
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS,
-                                                 lora_dropout=0.0))
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0))
     finally:
         nn.Module.to = move
     for param in model.parameters():
@@ -59,41 +63,37 @@ def add_lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
     return model
 
 
-def freeze_vision(model: nn.Module) -> None:
-    """freeze_vision_tower: true (the merger included, as freeze_multi_modal_projector leaves the LoRA recipes')."""
-    visual = next(m for name, m in model.named_modules() if name.endswith("visual"))
-    visual.requires_grad_(False)
+def set_trainable(model: nn.Module, parts: tuple[str, ...]) -> None:
+    """A full fine-tune under the recipe's freeze_* keys: the parameters of ``parts`` (:func:`families.part`) train."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(part(name) in parts)
 
 
 @dataclass
 class Batch:
-    """One micro-batch's real integer inputs and fake pixels."""
+    """One micro-batch's real integer inputs and the shape of its fake pixels."""
 
     inputs: dict[str, Any]
     token_mask: torch.Tensor  # [B, S] the pooled (answer) tokens
+    pixels: tuple[int, ...] | None = None
 
 
-def batch(config: Any, size: int, seq: int, grid_side: int) -> Batch:
-    """``size`` rows of ``seq`` tokens, each with one image of ``grid_side``² patches (its tokens at the front, text
-    after; the second half of the text is the answer, pooled by ``hera_pooling: assistant``). Integer inputs real,
-    made outside the fake mode."""
-    merge = config.vision_config.spatial_merge_size
-    image_tokens = grid_side * grid_side // merge // merge
+def batch(config: Any, size: int, seq: int, max_pixels: int) -> Batch:
+    """``size`` rows of ``seq`` tokens, each with one square image of ``max_pixels`` (:func:`families.images`; its
+    tokens at the front, text after) or none (a text model); the second half of the text is the answer, pooled by
+    ``hera_pooling: assistant``. Integer inputs real, made outside the fake mode."""
+    image = images(config, max_pixels)
     ids = torch.full((size, seq), 100, dtype=torch.long)
-    ids[:, 4:4 + image_tokens] = config.image_token_id
+    tokens = image.tokens if image else 0
+    if image:
+        ids[:, 4:4 + tokens] = getattr(config, "image_token_id", None) or config.image_token_index
     labels = ids.clone()
-    labels[:, : (seq + image_tokens) // 2] = -100
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-              "image_grid_thw": torch.tensor([[1, grid_side, grid_side]] * size)}
-    if config.model_type == "qwen3_vl":
-        inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
-    return Batch(inputs, labels != -100)
-
-
-def pixels(config: Any, grid: torch.Tensor) -> torch.Tensor:
-    """Fake flattened patches for ``grid`` (call under the fake mode)."""
-    v = config.vision_config
-    return torch.empty(int(grid.prod(-1).sum()), 3 * v.temporal_patch_size * v.patch_size ** 2, dtype=torch.bfloat16)
+    labels[:, : (seq + tokens) // 2] = -100
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    inputs |= {key: torch.tensor([value] * size) for key, value in (image.inputs if image else {}).items()}
+    if config.model_type in TOKEN_TYPES:
+        inputs[TOKEN_TYPES[config.model_type]] = (ids == ids[0, 4]).long() if image else torch.zeros_like(ids)
+    return Batch(inputs, labels != -100, (size * image.pixels[0], *image.pixels[1:]) if image else None)
 
 
 class Dequantized(torch.autograd.Function):
@@ -199,18 +199,25 @@ def hera_term(parts: HeraParts, reps: torch.Tensor, teacher_dim: int = 1024) -> 
                               used_temperature(parts.log_tau), parts.similarity).mean()
 
 
-def step(model: nn.Module, config: Any, data: Batch, counter: Any, hera: HeraParts | None, liger: bool,
-         term: Callable[[HeraParts, torch.Tensor], torch.Tensor] = hera_term) -> None:
-    """One micro-step: forward (with HeRA's capture, projection and loss ``term`` when ``hera``), ``counter.mark()`` at
-    the forward's end, backward. bf16 autocast, as the Trainer runs ``bf16: true``."""
+def step(model: nn.Module, data: Batch, counter: Any, hera: HeraParts | None, liger: bool,
+         term: Callable[[HeraParts, torch.Tensor], torch.Tensor] = hera_term, reference_rows: int = 0,
+         probe: str | None = None) -> int:
+    """One micro-step: forward (with HeRA's capture, projection and loss ``term`` when ``hera``; with
+    ``reference_rows``, HARC's KL to the adapter-disabled model on those first rows, run without grad),
+    ``counter.mark()`` at the forward's end, backward. ``probe``: RAH-LoRA's passes instead, ``isal`` a forward
+    without grad keeping every layer's attention weights, ``caf`` a forward and the backward of the last token's
+    logits. bf16 autocast, as the Trainer runs ``bf16: true``. Returns the FLOPs of HARC's reference forward."""
     inputs = dict(data.inputs)
-    inputs["pixel_values"] = pixels(config, inputs["image_grid_thw"])
+    if data.pixels:
+        inputs["pixel_values"] = torch.empty(data.pixels, dtype=torch.bfloat16)
     labels = inputs.pop("labels")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(probe != "isal"):
         if hera is not None:
             hera.checkpointing.ensure()
             hera.capture.arm()
-        if liger:  # the output layer's call computes the loss, inside the root's call (FSDP2 gathers its weight)
+        if probe:
+            loss = model(**inputs, output_attentions=probe == "isal").logits[:, -1].float().logsumexp(-1).sum()
+        elif liger:  # the output layer's call computes the loss, inside the root's call (FSDP2 gathers its weight)
             head = output_layer(model)
             head.forward = lambda hidden: ChunkedLinearCrossEntropy.apply(
                 hidden[:, :-1].flatten(0, 1), head.weight, labels[:, 1:].flatten())
@@ -219,12 +226,22 @@ def step(model: nn.Module, config: Any, data: Batch, counter: Any, hera: HeraPar
             finally:
                 del head.forward
         else:
-            loss = model(**inputs, labels=labels).loss
+            out = model(**inputs, labels=labels)
+            loss, logits = out.loss, out.logits[:reference_rows] if reference_rows else None  # HARC's KL reads them
+            del out
+        with FlopCounterMode(display=False) as reference:
+            if reference_rows:
+                retain = {key: value[:reference_rows] for key, value in inputs.items()}
+                with torch.no_grad(), model.disable_adapter():
+                    reference_logits = model(**retain).logits
+                loss = loss + kl_to_reference(logits, reference_logits, data.token_mask[:reference_rows])
         if hera is not None:
             reps = hera.capture.disarm(pooling_weights(data.token_mask), check_gradient=True)
             loss = loss + hera.lam * term(hera, reps)
     counter.mark()
-    loss.backward()
+    if probe != "isal":
+        loss.backward()
+    return reference.get_total_flops()
 
 
 def train_mode(model: nn.Module, checkpointing: bool) -> None:

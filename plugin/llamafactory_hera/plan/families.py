@@ -1,0 +1,91 @@
+"""What ``llamafactory-hera plan`` needs to know of a model family, from its config alone: which part a parameter is in
+(language model, vision tower, projector), how one row's image looks at ``image_max_pixels`` (its pixel tensor, its
+image tokens and the integer inputs beside them, as the family's processor makes them for a square image), and the
+config of a LLaVA-1.5 model ``llamafactory-hera compose`` has not built yet."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+PROJECTOR, VISION = ("merger", "multi_modal_projector"), ("visual", "vision_tower", "image_newline")
+TOKEN_TYPES = {"qwen3_vl": "mm_token_type_ids", "qwen3_5": "mm_token_type_ids", "gemma3": "token_type_ids"}
+
+
+def part(name: str) -> str:
+    """``projector``, ``vision`` or ``language``: the part parameter or module ``name`` is in."""
+    return "projector" if any(k in name for k in PROJECTOR) else "vision" if any(k in name for k in VISION) \
+        else "language"
+
+
+@dataclass(frozen=True)
+class Images:
+    """One row's image: its tokens, its ``pixel_values`` (rows' joined on the first axis), its integer inputs."""
+
+    tokens: int
+    pixels: tuple[int, ...]
+    inputs: dict[str, list[int]]
+
+
+def grid_side(config: Any, max_pixels: int) -> int:
+    """Qwen-VL: patches per side of the largest square image of ``max_pixels`` the processor keeps (merged patches
+    whole)."""
+    vision = config.vision_config
+    unit = vision.patch_size * vision.spatial_merge_size
+    return max(1, math.isqrt(max_pixels) // unit) * vision.spatial_merge_size
+
+
+def images(config: Any, max_pixels: int) -> Images | None:
+    """A square image of ``max_pixels`` as the family's processor gives it to the model; None: a text model."""
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        return None
+    side = math.isqrt(max_pixels)
+    if hasattr(vision, "spatial_merge_size"):  # Qwen-VL, Qwen3.5: a grid of patches, merged 2 x 2
+        grid = grid_side(config, max_pixels)
+        return Images(grid * grid // vision.spatial_merge_size ** 2,
+                      (grid * grid, 3 * vision.temporal_patch_size * vision.patch_size ** 2),
+                      {"image_grid_thw": [1, grid, grid]})
+    size, patch = (value if isinstance(value, int) else value[0] for value in (vision.image_size, vision.patch_size))
+    if config.model_type == "llava_next":  # anyres: the best grid of tiles + the base image, LlavaNextProcessor's count
+        from transformers import LlavaNextProcessor  # lazy: its processing module only for this family
+        from transformers.image_processing_utils import select_best_resolution
+
+        height, width = select_best_resolution([side, side], config.image_grid_pinpoints)
+        this = SimpleNamespace(image_processor=SimpleNamespace(image_grid_pinpoints=config.image_grid_pinpoints),
+                               patch_size=patch, num_additional_image_tokens=1,
+                               _get_unpadded_features=lambda *a: LlavaNextProcessor._get_unpadded_features(None, *a))
+        tokens = LlavaNextProcessor._get_number_of_features(this, side, side, size, size)
+        return Images(tokens - (config.vision_feature_select_strategy == "default"),
+                      (1, height // size * (width // size) + 1, 3, size, size), {"image_sizes": [side, side]})
+    if config.model_type == "internvl":  # one tile: LLaMA-Factory's crop_to_patches: false (its tiling is not counted)
+        return Images(int((size // patch) ** 2 * config.downsample_ratio ** 2), (1, 3, size, size), {})
+    tokens = getattr(config, "mm_tokens_per_image", None) or config.image_seq_length  # Gemma 3, LLaVA: fixed size
+    return Images(tokens, (1, 3, size, size), {})
+
+
+COMPOSE_LINE = re.compile(r"llamafactory-hera compose --llm (\S+)(?: --vision (\S+))? --output \S+")
+
+
+def composed_config(recipe_text: str) -> Any | None:
+    """The config ``llamafactory-hera compose`` builds with the command the recipe's header names (a LLaVA-1.5 recipe
+    trains that model, or in stage 2 stage 1's output, whose config is the same), from the LLM's and the vision
+    tower's config.json (at hand, no network); None: the recipe names no compose command."""
+    from transformers import AutoConfig, LlavaConfig  # lazy: transformers only once a recipe is read
+
+    from llamafactory_hera.llava.compose_plan import _ENCODER_OF_TYPE, DEFAULT_VISION, ENCODERS, FEATURE_LAYER
+
+    if (found := COMPOSE_LINE.search(recipe_text)) is None:
+        return None
+    text = AutoConfig.from_pretrained(found[1], local_files_only=True)
+    tower = AutoConfig.from_pretrained(found[2] or DEFAULT_VISION, local_files_only=True)
+    tower = getattr(tower, "vision_config", None) or tower
+    cls, strategy = ENCODERS[_ENCODER_OF_TYPE[tower.model_type]]
+    return LlavaConfig(text_config=text, vision_config=tower, image_token_index=text.vocab_size - 1,  # any id
+                       image_seq_length=(tower.image_size // tower.patch_size) ** 2 + cls - (strategy == "default"),
+                       vision_feature_select_strategy=strategy, vision_feature_layer=FEATURE_LAYER,
+                       projector_hidden_act="gelu", multimodal_projector_bias=True,
+                       tie_word_embeddings=bool(text.tie_word_embeddings))

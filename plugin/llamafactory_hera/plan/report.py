@@ -1,0 +1,27 @@
+"""The tables ``llamafactory-hera plan`` prints: memory per GPU by category, and a band of two figures."""
+
+from __future__ import annotations
+
+from llamafactory_hera.plan import estimate
+
+GiB = estimate.GIB
+
+
+def memory_table(parts: dict[str, dict[str, float]], arm: str) -> list[str]:
+    names = list(parts)
+    lines = ["  memory per GPU (GiB)   " + "".join(f"{name.upper():>9}" for name in names)]
+    for key in ("parameters", "gradients", "optimizer", "gathered", "activations", "temporaries", "step peak",
+                "load peak"):
+        lines.append(f"    {key:20}" + "".join(f"{parts[name][key] / GiB:9.2f}" for name in names))
+    if arm == "hera":
+        extra = (parts["hera"]["step peak"] - parts["sft"]["step peak"]) / 2**20
+        lines.append(f"    HeRA's extra over SFT: {extra:.1f} MiB (its captured heads, projection and loss)")
+    lines.append(f"    + reserve {estimate.RESERVE / GiB:.0f} GiB (CUDA context, cuBLAS / NCCL workspaces, allocator) "
+                 "on the larger of step and load peak")
+    return lines
+
+
+def span(values: tuple, unit: str, per: float = 1) -> str:
+    low, high = sorted(v / per for v in values)
+    return f"{low:,.2f}-{high:,.2f}{f' {unit}' if unit else ''}" if high < 100 else f"{low:,.0f}-{high:,.0f}" + \
+        (f" {unit}" if unit else "")
