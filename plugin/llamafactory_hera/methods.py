@@ -8,32 +8,55 @@ each method's ``config``; the heavy parts are ``"module:attribute"`` strings.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 from llamafactory_hera.harc import config as harc
 from llamafactory_hera.hera import config as hera
 from llamafactory_hera.recipe.declaration import Method
 
+HERA = Method(
+    stage="hera",
+    label="HeRA (Head-wise Representation Alignment)",
+    prefix="hera_",
+    host_stage="sft",
+    parse_arguments="llamafactory_hera.hera.config:parse_hera_arguments",
+    check_raw_host_args="llamafactory_hera.hera.checks:validate_raw_host_args",
+    check_host_args="llamafactory_hera.hera.checks:validate_host_args",
+    run="llamafactory_hera.hera.workflow:run_hera",
+    log_keys=hera.LOG_KEYS,
+    panel="llamafactory_hera.hera.webui_panel:PANEL",
+    add_cli_verbs="llamafactory_hera.hera.cli:add_verbs",
+    records=("hera_run.json",),
+)
 
-def _declared(stage: str, label: str, **declared: Any) -> Method:
-    """A method whose package ``llamafactory_hera.<stage>`` has the layout every method here has: ``config.py``
-    parses its ``<stage>_*`` keys (``parse_<stage>_arguments``), ``checks.py`` checks the host's arguments,
-    ``workflow.py`` runs it (``run_<stage>``) as an extension of LLaMA-Factory's ``sft``, ``webui_panel.py`` declares
-    its LlamaBoard panel; ``declared``: the rest of its :class:`Method`."""
-    package = f"llamafactory_hera.{stage}"
-    return Method(stage=stage, label=label, prefix=f"{stage}_", host_stage="sft",
-                  parse_arguments=f"{package}.config:parse_{stage}_arguments",
-                  check_raw_host_args=f"{package}.checks:validate_raw_host_args",
-                  check_host_args=f"{package}.checks:validate_host_args", run=f"{package}.workflow:run_{stage}",
-                  panel=f"{package}.webui_panel:PANEL", **declared)
+RAH = Method(
+    stage="rah",
+    label="RAH-LoRA (training-free head calibration)",
+    prefix="rah_",
+    host_stage="sft",
+    parse_arguments="llamafactory_hera.rah.config:parse_rah_arguments",
+    check_raw_host_args="llamafactory_hera.rah.checks:validate_raw_host_args",
+    check_host_args="llamafactory_hera.rah.checks:validate_host_args",
+    run="llamafactory_hera.rah.workflow:run_rah",
+    log_keys=(),
+    panel="llamafactory_hera.rah.webui_panel:PANEL",
+    records=("rah_profile.json",),
+    one_process=True,
+)
 
-
-HERA = _declared("hera", "HeRA (Head-wise Representation Alignment)", log_keys=hera.LOG_KEYS,
-                 add_cli_verbs="llamafactory_hera.hera.cli:add_verbs", records=("hera_run.json",))
-RAH = _declared("rah", "RAH-LoRA (training-free head calibration)", log_keys=(), records=("rah_profile.json",),
-                one_process=True)
-HARC = _declared("harc", "HARC (harmfulness-refusal coupling)", log_keys=harc.LOG_KEYS,
-                 add_cli_verbs="llamafactory_hera.harc.convert:add_verbs", records=("harc_run.json",))
+HARC = Method(
+    stage="harc",
+    label="HARC (harmfulness-refusal coupling)",
+    prefix="harc_",
+    host_stage="sft",
+    parse_arguments="llamafactory_hera.harc.config:parse_harc_arguments",
+    check_raw_host_args="llamafactory_hera.harc.checks:validate_raw_host_args",
+    check_host_args="llamafactory_hera.harc.checks:validate_host_args",
+    run="llamafactory_hera.harc.workflow:run_harc",
+    log_keys=harc.LOG_KEYS,
+    panel="llamafactory_hera.harc.webui_panel:PANEL",
+    add_cli_verbs="llamafactory_hera.harc.convert:add_verbs",
+    records=("harc_run.json",),
+)
 
 # every declared method, in the order the web UI lists them
 DECLARATIONS: tuple[Method, ...] = (HERA, RAH, HARC)

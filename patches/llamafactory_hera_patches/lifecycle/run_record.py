@@ -45,10 +45,9 @@ FINETUNING_KEYS = ("finetuning_type",)
 TRAINING_KEYS = ("seed", "output_dir")
 
 
-def plain(value: Any) -> Any:
-    """``value`` as JSON holds it: a list for a list or tuple, a string for what is not a JSON scalar."""
+def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
+        return [_plain(v) for v in value]
     return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
 
 
@@ -59,7 +58,7 @@ def loading_keys(model_args: Any, data_args: Any, finetuning_args: Any, training
                          (training_args, TRAINING_KEYS)):
         for key in keys:
             if hasattr(holder, key):
-                found[key] = plain(getattr(holder, key))
+                found[key] = _plain(getattr(holder, key))
     return found
 
 

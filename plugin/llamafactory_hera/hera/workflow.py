@@ -44,7 +44,6 @@ from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.data.media_warnings import media_warnings_held
 from llamafactory_hera_patches.data.templates import image_placeholder
 from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle.run_record import plain
 from llamafactory_hera_patches.tools.model_data import (
     RecipeArgs,
     holds_out_by_val_size,
@@ -162,6 +161,10 @@ def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int
     return collator, HeraSeq2SeqTrainer
 
 
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, str | int | float | bool | list | type(None)) else str(value)
+
+
 def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
                         training_args: Any) -> tuple[dict[str, int], Any, Any]:
     """(image path -> training-data row, the counts of the rows that train, the aligned rows), after checking every
@@ -220,7 +223,7 @@ def _write_run_record(output_dir: str, hera_args: HeraArguments,
     os.makedirs(output_dir, exist_ok=True)
 
     record = {"stage": "hera", "llamafactory_hera_version": __version__, **hera_args.to_dict(),
-              "host": {key: plain(getattr(holder, key, None)) for holder, keys in host_keys for key in keys}}
+              "host": {key: _plain(getattr(holder, key, None)) for holder, keys in host_keys for key in keys}}
     with open(os.path.join(output_dir, HERA_RUN_RECORD), "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2)
 
