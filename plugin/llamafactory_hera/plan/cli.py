@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -53,10 +54,6 @@ def _model_config(name: str) -> Any:
 def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
          accelerate_config: Path | None) -> str:
     """The report ``llamafactory-hera plan`` prints."""
-    started = time.time()
-    card = CARDS.get(gpu)
-    if card is None:
-        raise RecipeError(f"--gpu: unknown card '{gpu}'; known: {', '.join(CARDS)}.")
     try:
         recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
@@ -64,15 +61,30 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
     for item in overrides:
         key, _, value = item.partition("=")
         recipe[key] = yaml.safe_load(value)
+    return plan_recipe(recipe, recipe_path, gpus, gpu, accelerate_config)
+
+
+def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: str = DEFAULT_CARD,
+                accelerate_config: Path | None = None) -> str:
+    """The report for ``recipe`` (read from ``recipe_path``, or a LlamaBoard panel's arguments)."""
+    started = time.time()
+    card = CARDS.get(gpu)
+    if card is None:
+        raise RecipeError(f"--gpu: unknown card '{gpu}'; known: {', '.join(CARDS)}.")
     config = _model_config(str(recipe.get("model_name_or_path")))
-    from llamafactory_hera.plan import count  # lazy: it imports transformers and peft (seconds), which --help needs not
+    from llamafactory_hera.plan import count, lengths  # lazy: transformers, peft, datasets (seconds), not for --help
     setup = estimate.setup_of(recipe, recipe_path.parent, gpus, accelerate_config)
+    merge = config.vision_config.spatial_merge_size
     grid = count.grid_side(config, int(recipe.get("image_max_pixels", estimate.DEFAULT_MAX_PIXELS)))
-    image_tokens = grid * grid // config.vision_config.spatial_merge_size ** 2
+    with _quiet():
+        sizes = lengths.lengths_of(recipe, recipe_path.parent, setup.batch, setup.cutoff, grid * grid // merge ** 2)
+    if sizes.rows:  # the sampled row's image tokens as one square image
+        grid = (math.isqrt(max(sizes.image_tokens - 1, 0)) + 1) * merge
     heads, head_layers = count.head_layers(recipe.get("hera_heads", "auto"),
                                            int(recipe.get("hera_select_num_heads", 5)))
-    shape = count.Shape(setup.batch, setup.cutoff, grid, int(recipe.get("lora_rank", 8)) if setup.lora else None,
-                        int(recipe.get("lora_alpha", 16)), bool(setup.bits), setup.checkpointing, liger=setup.liger)
+    shape = count.Shape(setup.batch, max(sizes.peak, (grid // merge) ** 2 + 8), grid,
+                        int(recipe.get("lora_rank", 8)) if setup.lora else None, int(recipe.get("lora_alpha", 16)),
+                        bool(setup.bits), setup.checkpointing, liger=setup.liger)
     hera = setup.stage == "hera"
     arm = "hera" if hera else "sft"
     shapes = {"sft": shape} | ({"hera": count.Shape(**{**shape.__dict__, "hera": {**recipe, "heads": heads}})}
@@ -89,7 +101,7 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
             if setup.lora and not setup.bits:
                 more[f"{arm}+qlora"] = count.Shape(**{**shapes[arm].__dict__, "quantized": True})
             counts |= count.scaled(config, more | {arm: shapes[arm]}, head_layers if hera else 0)
-    rows = estimate.dataset_rows(recipe, recipe_path.parent)
+    rows = sizes.rows or estimate.dataset_rows(recipe, recipe_path.parent)
     lines = [f"plan: {recipe_path} on {setup.gpus} x {card.name} ({card.memory_gib:g} GB)",
              f"  {config.architectures[0] if config.architectures else config.model_type}: "
              f"{counts[arm]['params'] / 1e9:.2f} B parameters ({counts[arm]['trainable'] / 1e6:.1f} M trained); stage "
@@ -97,8 +109,7 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
              f"{estimate.ENGINES[setup.engine]}, micro-batch {setup.batch} x accumulation {setup.accumulation}, "
              f"cutoff_len {setup.cutoff}, Liger {'on' if setup.liger else 'off'}, gradient checkpointing "
              f"{'on' if setup.checkpointing else 'off'}",
-             f"  lengths: worst case, every row {setup.cutoff} tokens with one image of {image_tokens} tokens "
-             "(the dataset's own lengths are not read)"]
+             f"  {sizes.line}"]
     lines += _memory_table(parts, arm)
     lines.append(f"  {'fits' if fits else 'does NOT fit'}: {parts[arm]['needed'] / GiB:.2f} GiB needed of "
                  f"{card.memory_gib:g} GiB")
@@ -106,7 +117,7 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
         for change, needed in estimate.fixes(counts, setup, card, arm):
             verdict = "fits" if needed <= card.memory_gib * GiB else "still too much"
             lines.append(f"    {change}: {needed / GiB:.2f} GiB, {verdict}")
-    lines += _time_lines(counts, setup, card, rows or 1000, rows is not None, recipe, hera)
+    lines += _time_lines(counts, setup, card, rows or 1000, rows is not None, recipe, hera, sizes)
     lines.append(f"(counted in {time.time() - started:.0f} s on this CPU)")
     return "\n".join(lines)
 
@@ -126,14 +137,16 @@ def _memory_table(parts: dict[str, dict[str, float]], arm: str) -> list[str]:
 
 
 def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card: Card, rows: int, known: bool,
-                recipe: dict, hera: bool) -> list[str]:
+                recipe: dict, hera: bool, sizes: Any) -> list[str]:
     band = f"{MFU[0]:.0%}-{MFU[1]:.0%} MFU of {card.bf16_tflops:g} TFLOP/s bf16"
     lines = []
     for name in ("sft", "hera") if hera else ("sft",):
-        flops = counts[name]["flops"]
-        t = estimate.times(flops, setup, card, rows, setup.cutoff)
+        ratio = sizes.padded / sizes.peak  # counted at the peak; at the mean: attention quadratic in the length
+        attention = counts[name]["attention"] * ratio ** 2
+        flops = (counts[name]["flops"] - counts[name]["attention"]) * ratio + attention
+        t = estimate.times(flops, setup, card, rows, sizes.mean)
         lines.append(f"  {name.upper()}: {flops * setup.accumulation / 1e12:.1f} TFLOPs per GPU per optimizer step "
-                     f"(attention {counts[name]['attention'] / flops:.1%} of them); at {band}: step "
+                     f"(attention {attention / flops:.1%} of them); at {band}: step "
                      f"{_span(t['step'], 's')}, {_span(t['tokens/s'], '')} tokens/s per node")
         lines.append(f"    epoch of {rows} rows{'' if known else ' (the dataset is not at hand: per 1000 rows)'}, "
                      f"{t['steps'][0]} steps: {_span(t['epoch'], 'h', 3600)}; run of {t['steps'][1]} steps: "
@@ -158,10 +171,11 @@ def _span(values: tuple, unit: str, per: float = 1) -> str:
         (f" {unit}" if unit else "")
 
 
-class _quiet:  # noqa: N801  transformers' and torch's warnings about the fake step, silenced while it is counted
+class _quiet:  # noqa: N801  transformers' and torch's warnings about the fake step, LLaMA-Factory's info lines while
+    # it reads the rows (it sets transformers' verbosity itself): silenced
     def __enter__(self) -> None:
-        self.level = logging.getLogger("transformers").level
-        logging.getLogger("transformers").setLevel(logging.ERROR)
+        self.level = logging.root.manager.disable
+        logging.disable(logging.WARNING)
 
     def __exit__(self, *_: object) -> None:
-        logging.getLogger("transformers").setLevel(self.level)
+        logging.disable(self.level)
