@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.plan import estimate
 from llamafactory_hera.plan.cards import CARDS, DEFAULT_CARD, MFU, Card
 from llamafactory_hera_patches.errors import RecipeError
@@ -80,7 +81,8 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
         sizes = lengths.lengths_of(recipe, recipe_path.parent, setup.batch, setup.cutoff, grid * grid // merge ** 2)
     if sizes.rows:  # the sampled row's image tokens as one square image
         grid = (math.isqrt(max(sizes.image_tokens - 1, 0)) + 1) * merge
-    heads, head_layers = count.head_layers(recipe.get("hera_heads", "auto"),
+    heads, head_layers = count.head_layers(  # a list, or LlamaBoard's comma-separated text
+        parse_hera_arguments({"hera_heads": recipe.get("hera_heads", "auto")}).hera_heads,
                                            int(recipe.get("hera_select_num_heads", 5)))
     shape = count.Shape(setup.batch, max(sizes.peak, (grid // merge) ** 2 + 8), grid,
                         int(recipe.get("lora_rank", 8)) if setup.lora else None, int(recipe.get("lora_alpha", 16)),
@@ -120,6 +122,17 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
     lines += _time_lines(counts, setup, card, rows or 1000, rows is not None, recipe, hera, sizes)
     lines.append(f"(counted in {time.time() - started:.0f} s on this CPU)")
     return "\n".join(lines)
+
+
+def board_report(args: dict) -> str:
+    """The report for LlamaBoard's run arguments ``args`` (the run Start would launch) on this machine's GPUs; where
+    the run cannot be counted, the one line saying why."""
+    import torch  # lazy: seconds, which --help needs not
+
+    try:
+        return plan_recipe(args, Path("LlamaBoard"), torch.cuda.device_count() or None)  # paths: from the cwd
+    except (RecipeError, ValueError) as err:
+        return str(err)
 
 
 def _memory_table(parts: dict[str, dict[str, float]], arm: str) -> list[str]:
