@@ -53,7 +53,7 @@ def test_every_declared_field_has_every_language_and_no_text_names_an_undeclared
 
 def test_the_shared_texts_have_every_language() -> None:
     texts = read_texts("llamafactory_hera.board")
-    assert set(texts) == {"tab_title", "error_prefix"}
+    assert set(texts) == {"tab_title", "error_prefix", "plan_button", "plan_box"}
     assert all(_in_every_language(entry, False) for entry in texts.values())
 
 

@@ -9,12 +9,16 @@ import math
 import pytest
 import torch
 import yaml
+from llamafactory.data import get_template_and_fix_tokenizer
+from llamafactory.model import load_tokenizer
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig
 
 from llamafactory_hera.cli import main
-from llamafactory_hera.plan import cards, count, counter, estimate
+from llamafactory_hera.plan import cards, count, counter, estimate, lengths
+from llamafactory_hera_patches.data.templates import whole_row
+from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe, sampled_rows
 
 GIB = 2**30
 TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -158,7 +162,8 @@ def test_plan_prints_the_report_and_a_fix_when_the_card_is_too_small(tiny_recipe
     assert "does NOT fit" in out
     assert "    per_device_train_batch_size: 1 (gradient_accumulation_steps: 4): 2.00 GiB" in out
     assert "stage sft, LoRA, 4-bit, DDP, micro-batch 2 x accumulation 2, cutoff_len 32, Liger on" in out
-    assert "worst case, every row 32 tokens with one image of 4 tokens" in out
+    assert "lengths: worst case (the recipe's rows cannot be read and tokenized offline: the recipe names no " \
+        "dataset), every row 32 tokens with one image of 4 tokens" in out
     assert "HeRA" not in out and "teacher" not in out  # the SFT stage: no twin, no teacher
     assert math.isfinite(float(out.split("step peak")[1].split()[0]))
 
@@ -173,3 +178,46 @@ def test_plan_errors(tiny_recipe, tmp_path, capsys) -> None:
     assert "hf download" in err
     assert main(["plan", str(tiny_recipe), "deepspeed=absent.json"]) == 2
     assert "deepspeed: absent.json cannot be read" in capsys.readouterr().err
+
+
+def sampled_recipe(assets, tmp_path, **changes):
+    recipe = {"model_name_or_path": str(assets.models["qwen3_vl"]), "template": assets.templates["qwen3_vl"],
+              "dataset": "hera_demo_mixed", "dataset_dir": str(assets.dataset_dir), "stage": "sft",
+              "finetuning_type": "lora", "lora_rank": 4, "per_device_train_batch_size": 2, "cutoff_len": 1024,
+              "image_max_pixels": 64 * 64, **changes}
+    path = tmp_path / "sampled.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return recipe, path
+
+
+@pytest.mark.parametrize("cutoff", [1024, 24])  # every row whole; most rows cut
+def test_sampled_lengths_equal_each_rows_own_tokenization(assets, tmp_path, cutoff) -> None:
+    """Every row of the tiny dataset (fewer than the sample) through LLaMA-Factory's training tokenization equals the
+    row encoded by its template turn by turn (its image tokens as its processor expands them), cut at cutoff_len."""
+    recipe, _ = sampled_recipe(assets, tmp_path, cutoff_len=cutoff)
+    total, rows = sampled_rows(recipe, 300, 0)
+    args = parse_recipe(recipe)
+    tokenizer_module = load_tokenizer(args.model_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], args.data_args)
+    aligned = load_aligned_rows(args, 0)
+    whole = [(length, len(row["_images"] or []), images) for row in aligned for images, length in
+             [whole_row(template, tokenizer_module["tokenizer"], tokenizer_module["processor"], row)]]
+    assert any(length > 24 for length, _, _ in whole)
+    assert total == len(aligned) == len(rows) and any(images == 0 for _, images, _ in whole)
+    assert sorted(r[0] for r in rows) == sorted(min(length, cutoff) for length, _, _ in whole)
+    assert sorted(r[1] for r in rows) == sorted(n for _, n, _ in whole)
+    if cutoff == 1024:
+        assert sorted(rows) == sorted(whole)
+
+
+def test_plan_reads_the_recipes_rows_and_falls_back_to_the_worst_case(assets, tmp_path, capsys) -> None:
+    recipe, path = sampled_recipe(assets, tmp_path)
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("plan: ")  # nothing LLaMA-Factory prints while it tokenizes
+    assert "\n  lengths: from 32 sampled rows of hera_demo_mixed (seed 0; 32 rows to train on): tokens mean " in out
+    assert " 8 rows without; memory at the longest row" in out and "epoch of 32 rows, 16 steps" in out
+    missing = lengths.lengths_of({**recipe, "dataset": "absent"}, path, 2, 1024, 4)
+    assert missing.line.startswith("lengths: worst case (the recipe's rows cannot be read and tokenized offline: ")
+    assert "absent" in missing.line and missing.line.endswith("), every row 1024 tokens with one image of 4 tokens")
+    assert (missing.peak, missing.padded, missing.rows) == (1024, 1024, None)

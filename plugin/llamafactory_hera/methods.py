@@ -13,6 +13,8 @@ from llamafactory_hera.harc import config as harc
 from llamafactory_hera.hera import config as hera
 from llamafactory_hera.recipe.declaration import Method
 
+PLAN = "llamafactory_hera.plan.cli:board_report"  # every method's run planned alike
+
 HERA = Method(
     stage="hera",
     label="HeRA (Head-wise Representation Alignment)",
@@ -24,6 +26,7 @@ HERA = Method(
     run="llamafactory_hera.hera.workflow:run_hera",
     log_keys=hera.LOG_KEYS,
     panel="llamafactory_hera.hera.webui_panel:PANEL",
+    plan=PLAN,
     add_cli_verbs="llamafactory_hera.hera.cli:add_verbs",
     records=("hera_run.json",),
 )
@@ -39,6 +42,7 @@ RAH = Method(
     run="llamafactory_hera.rah.workflow:run_rah",
     log_keys=(),
     panel="llamafactory_hera.rah.webui_panel:PANEL",
+    plan=PLAN,
     records=("rah_profile.json",),
     one_process=True,
 )
@@ -54,6 +58,7 @@ HARC = Method(
     run="llamafactory_hera.harc.workflow:run_harc",
     log_keys=harc.LOG_KEYS,
     panel="llamafactory_hera.harc.webui_panel:PANEL",
+    plan=PLAN,
     add_cli_verbs="llamafactory_hera.harc.convert:add_verbs",
     records=("harc_run.json",),
 )

@@ -56,6 +56,15 @@ if "train.hera_tab" in report["train_ids"]:
     for heads in ("L99H0", "L0H99", "L1H0, L1H2", "auto") if model else ():
         data = data_for(HERA, **{"top.model_path": model, "train.hera_heads": heads})
         report["heads_vs_model"][heads] = {"error": board.error(data), "preview": board.preview_text(data)}
+    if model:  # the plan button: LlamaBoard's run arguments, the tiny model and its dataset, planned
+        box = board.elem("train.hera_plan_box")
+        plan = next(f for f in board.demo.fns.values() if list(f.outputs) == [box])
+        report["plan"] = plan.fn(data_for(HERA, **{"top.model_path": model, "train.cutoff_len": 256,
+                                                   "train.hera_heads": "L1H0, L1H2",
+                                                   "train.dataset_dir": os.path.join(model, "..", "..", "data")}))
+        report["preview_sends_not_plan"] = sorted(board.manager.get_id_by_elem(c) for c in board.preview.inputs
+                                                  if c not in plan.inputs)
+        report["plan_without_model"] = plan.fn(data_for(HERA))
     report["heads_elsewhere"] = board.error(data_for(HERA, **{"train.hera_heads": "L99H0"}))
     report["bad_values"] = {}
     for key, raw in (("hera_k", 0), ("hera_k", 1.5), ("hera_k", None), ("hera_temperature", 0),
@@ -121,7 +130,7 @@ def test_panel_defaults_are_the_papers() -> None:
             "hera_select_samples", "hera_select_num_heads"} <= set(panel.keys)
     for key, entry in panel.locales.items():
         assert set(entry) == set(LANGS), key
-        assert entry["zh"]["label"] != entry["en"]["label"], key
+        assert entry["zh"] != entry["en"], key
 
 
 def test_hera_args_from_panel_values() -> None:
@@ -148,7 +157,8 @@ def test_ui_registers_the_panel_hidden_until_hera_is_picked(board: dict[str, Any
     assert labels["zh"]["train.hera_tab"]["label"] == "HeRA 参数设置"
     assert labels["en"]["train.hera_heads"]["label"] == "Heads to align"
     assert labels["zh"]["train.hera_heads"]["label"] == "对齐的注意力头"
-    assert all(set(labels[lang]) == set(hera_ids + ["train.hera_tab"]) for lang in labels)
+    plan = ["train.hera_plan_btn", "train.hera_plan_box"]
+    assert all(set(labels[lang]) == set(hera_ids + ["train.hera_tab"] + plan) for lang in labels)
 
 
 def test_hera_stage_adds_the_hera_keys(board: dict[str, Any]) -> None:
@@ -200,6 +210,17 @@ def test_the_preview_checks_the_heads_against_the_models_config(board: dict[str,
     assert fits["error"] == "" and "--hera_heads L1H0,L1H2" in fits["preview"], fits
     assert board["heads_vs_model"]["auto"]["error"] == ""
     assert board["heads_elsewhere"] == ""  # a model whose config is not on this machine: the run checks it
+
+
+def test_the_panel_plans_the_run_before_start(board: dict[str, Any]) -> None:
+    """The plan button shows llamafactory-hera plan's report for the settings Start would run."""
+    plan = board["plan"]
+    assert board["preview_sends_not_plan"] == ["train.swanlab_link"]  # every setting; not the run's link
+    assert plan.startswith("plan: LlamaBoard on 1 x ") and "stage hera, LoRA" in plan and "cutoff_len 256" in plan
+    assert "lengths: from 32 sampled rows of hera_demo (seed 0; 32 rows to train on)" in plan
+    assert "memory per GPU (GiB)" in plan and "\n  fits: " in plan and "HeRA's extra over SFT" in plan
+    assert "head selection" not in plan  # the panel's heads (text) are planned, not auto
+    assert board["plan_without_model"].startswith("model_name_or_path: no config.json of /models/tiny at hand")
 
 
 def test_bad_values_show_the_key_and_the_head_format(board: dict[str, Any]) -> None:

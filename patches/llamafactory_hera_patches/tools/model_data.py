@@ -20,13 +20,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import io
 import os
 import tempfile
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
+
+import datasets
+from huggingface_hub import constants
 
 from llamafactory_hera_patches.errors import RecipeError
 
+from ..data.templates import image_token_id
 from ..engines.deepspeed import loaded_whole
 from ..guard import require
 from ..registry import method_for_stage, method_of_key
@@ -182,3 +188,26 @@ def split_rows(args: RecipeArgs, seed: int, rows: Any) -> tuple[Any, Any, str]:
     if split is not None:
         return split[0], split[1], f"val_size {data_args.val_size}"
     return rows, None, ""
+
+
+def sampled_rows(recipe: dict[str, Any], count: int, seed: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """(the rows a run of ``recipe`` trains on, and up to ``count`` of them drawn by ``seed`` as (tokens, images,
+    image tokens)), tokenized as training tokenizes them: the recipe's tokenizer, processor and template,
+    ``cutoff_len`` applied. Offline: a model or Hub dataset not in the local cache raises."""
+    with mock.patch.object(constants, "HF_HUB_OFFLINE", True), mock.patch.object(datasets.config, "HF_HUB_OFFLINE",
+                                                                                 True):
+        args = parse_recipe(recipe)
+        tokenizer_module = importlib.import_module("llamafactory.model").load_tokenizer(args.model_args)
+        tokenizer = tokenizer_module["tokenizer"]
+        template = importlib.import_module("llamafactory.data").get_template_and_fix_tokenizer(tokenizer,
+                                                                                              args.data_args)
+        rows = load_aligned_rows(args, seed)
+        rows = training_rows(args, seed, rows.select(range(min(len(rows), recipe.get("max_samples") or len(rows)))))
+        chosen = rows.shuffle(seed=seed).select(range(min(count, len(rows))))
+        with contextlib.redirect_stdout(io.StringIO()):  # not the first row, which the loader prints
+            tokenized = importlib.import_module("llamafactory.data.loader")._get_preprocessed_dataset(
+                chosen, args.data_args, training_args_for_reading(seed), "sft", template, tokenizer,
+                tokenizer_module.get("processor"))
+    token = image_token_id(template, tokenizer)
+    return len(rows), [(len(ids), len(images or []), ids.count(token)) for ids, images in
+                       zip(tokenized["input_ids"], tokenized["images"], strict=True)]

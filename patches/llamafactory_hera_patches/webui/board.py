@@ -141,12 +141,16 @@ def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict
                 vars(manager).pop("get_base_elems", None)
             else:
                 manager.get_base_elems = own_base
+        # what Preview and Start send: the top bar's and the Train tab's inputs
+        sent = base() | inputs | {c for c in elem_dict.values() if isinstance(c, gr.components.FormComponent)}
         stage = elem_dict["training_stage"]
         stage.min_width = max(int(getattr(stage, "min_width", None) or 0), STAGE_MIN_WIDTH)  # read when rendered
         for method, panel, tab, own in built:
             _place_before(tab, elem_dict["cmd_preview_btn"])
             stage.change(_shown_for(method, stages, gr), [stage], [tab], queue=False)
             panel.bind(gr, elem_dict, own)
+            if method.plan:
+                own[panel.plan_button].click(_planner(engine.runner, method), sent, [own[panel.plan_box]])
             elem_dict[panel.tab] = tab
             elem_dict.update(own)
         return elem_dict
@@ -154,6 +158,14 @@ def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict
     create_train_tab.__wrapped__ = original
     create_train_tab._llamafactory_hera = True
     return create_train_tab
+
+
+def _planner(runner: Any, method: Method) -> Callable[[dict[Any, Any]], str]:
+    """The plan button's callback: the run Start would launch, as LlamaBoard parses it, planned by the method."""
+    def plan_run(data: dict[Any, Any]) -> str:
+        return method.load("plan")(runner._parse_train_args(data))
+
+    return plan_run
 
 
 # The Stage dropdown's least width (px): stock gives it 1/6 of its row (157 px of text at a 1600 px window), which cuts

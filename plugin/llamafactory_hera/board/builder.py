@@ -29,8 +29,8 @@ from llamafactory_hera.plots.training import TrainingPlot, draw_training, series
 Locales = dict[str, dict[str, dict[str, str]]]  # element name -> language -> {"label", "info"} or {"value"}
 
 TEXTS_FILE = "panel_texts.yaml"  # a method's: fields (key -> language -> [label, info]), note, only_with_note; this
-# package's: tab_title and error_prefix (language -> text, {name} filled in); every text in every LlamaBoard language,
-# checked by the tests (tests/test_panel_texts.py)
+# package's: tab_title, error_prefix, plan_button, plan_box (language -> text, {name} filled in); every text in every
+# LlamaBoard language, checked by the tests (tests/test_panel_texts.py)
 
 
 def read_texts(package: str) -> dict[str, Any]:
@@ -79,6 +79,9 @@ class MethodPanel:
                                             for lang, text in shared["tab_title"].items()}}
         if self.note:
             self.locales[self.note] = {lang: {"value": text} for lang, text in texts["note"].items()}
+        self.plan_button, self.plan_box = f"{declaration.prefix}plan_btn", f"{declaration.prefix}plan_box"
+        self.locales[self.plan_button] = {lang: {"value": text} for lang, text in shared["plan_button"].items()}
+        self.locales[self.plan_box] = {lang: {"label": text} for lang, text in shared["plan_box"].items()}
         for field in self.fields:
             lead = texts.get("only_with_note", {}) if field.only_with else {}
             self.locales[field.key] = {lang: {"label": label, "info": lead.get(lang, "") + info}
@@ -88,12 +91,16 @@ class MethodPanel:
 
     def create_panel(self, gr: Any, dataset_dir: str | None = None) -> dict[str, Any]:
         """The panel's inputs in the current gradio layout context (:func:`.widgets.create_widgets`); element name ->
-        component. The note (if any) comes first and is not an input."""
+        component. The note (if any) comes first; the plan's button and box last: none of them is an input."""
         note = {}
         if self.note:
             note[self.note] = gr.Markdown(elem_id=f"train-{self.note}", **self.locales[self.note]["en"])
         names = dataset_names(dataset_dir) if dataset_dir else []
-        return {**note, **create_widgets(gr, self.fields, self.locales, names)}
+        elems = {**note, **create_widgets(gr, self.fields, self.locales, names)}
+        elems[self.plan_button] = gr.Button(elem_id=f"train-{self.plan_button}", **self.locales[self.plan_button]["en"])
+        elems[self.plan_box] = gr.Textbox(elem_id=f"train-{self.plan_box}", interactive=False, lines=4, max_lines=30,
+                                          **self.locales[self.plan_box]["en"])
+        return elems
 
     def inputs(self, elems: Mapping[str, Any]) -> dict[str, Any]:
         """The panel's input components among ``elems`` (what ``create_panel`` returned): its fields, not the note."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.plan import estimate, families
 from llamafactory_hera.plan.cards import CARDS, DEFAULT_CARD, MFU, Card
 from llamafactory_hera.plan.report import memory_table, span
@@ -55,10 +57,6 @@ def _model_config(name: str, recipe_text: str) -> Any:
 def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
          accelerate_config: Path | None) -> str:
     """The report ``llamafactory-hera plan`` prints."""
-    started = time.time()
-    card = CARDS.get(gpu)
-    if card is None:
-        raise RecipeError(f"--gpu: unknown card '{gpu}'; known: {', '.join(CARDS)}.")
     try:
         text = recipe_path.read_text(encoding="utf-8")
         recipe = yaml.safe_load(text)
@@ -67,19 +65,39 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
     for item in overrides:
         key, _, value = item.partition("=")
         recipe[key] = yaml.safe_load(value)
-    config = _model_config(str(recipe.get("model_name_or_path")), text)
-    from llamafactory_hera.plan import count, methods  # lazy: transformers and peft (seconds), not for --help
+    return plan_recipe(recipe, recipe_path, gpus, gpu, accelerate_config, text)
+
+
+def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: str = DEFAULT_CARD,
+                accelerate_config: Path | None = None, recipe_text: str = "") -> str:
+    """The report for ``recipe`` (read from ``recipe_path``, whose text ``recipe_text`` may name a compose command, or
+    a LlamaBoard panel's arguments)."""
+    started = time.time()
+    card = CARDS.get(gpu)
+    if card is None:
+        raise RecipeError(f"--gpu: unknown card '{gpu}'; known: {', '.join(CARDS)}.")
+    config = _model_config(str(recipe.get("model_name_or_path")), recipe_text)
+    from llamafactory_hera.plan import count, lengths, methods  # lazy: transformers, peft, datasets (seconds)
     setup = estimate.setup_of(recipe, recipe_path.parent, gpus, accelerate_config)
-    max_pixels = int(recipe.get("image_max_pixels", estimate.DEFAULT_MAX_PIXELS))
-    image = families.images(config, max_pixels)
     if setup.stage in methods.STAGES:  # HARC's step, RAH-LoRA's calibration
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
             return methods.STAGES[setup.stage](recipe, recipe_path, config, setup, card, started)
-    heads, head_layers = count.head_layers(recipe.get("hera_heads", "auto"),
-                                           int(recipe.get("hera_select_num_heads", 5)))
-    shape = count.Shape(setup.batch, setup.cutoff, max_pixels, int(recipe.get("lora_rank", 8)) if setup.lora else None,
-                        int(recipe.get("lora_alpha", 16)), bool(setup.bits), setup.checkpointing, liger=setup.liger,
+    max_pixels = int(recipe.get("image_max_pixels", estimate.DEFAULT_MAX_PIXELS))
+    image = families.images(config, max_pixels)
+    with _quiet():
+        sizes = lengths.lengths_of(recipe, recipe_path.parent, setup.batch, setup.cutoff, image.tokens if image else 0)
+    vision = getattr(config, "vision_config", None)
+    if sizes.rows and image and hasattr(vision, "spatial_merge_size"):  # the sampled image tokens as one square image
+        side = math.isqrt(max(sizes.image_tokens - 1, 0)) + 1
+        max_pixels = (side * vision.patch_size * vision.spatial_merge_size) ** 2
+        image = families.images(config, max_pixels)
+    heads, head_layers = count.head_layers(  # a list, or LlamaBoard's comma-separated text
+        parse_hera_arguments({"hera_heads": recipe.get("hera_heads", "auto")}).hera_heads,
+        int(recipe.get("hera_select_num_heads", 5)))
+    shape = count.Shape(setup.batch, max(sizes.peak, image.tokens + 8) if image else sizes.peak, max_pixels,
+                        int(recipe.get("lora_rank", 8)) if setup.lora else None, int(recipe.get("lora_alpha", 16)),
+                        bool(setup.bits), setup.checkpointing, liger=setup.liger,
                         parts=methods.trained_parts(recipe))
     hera = setup.stage == "hera"
     arm = "hera" if hera else "sft"
@@ -97,7 +115,7 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
             if setup.lora and not setup.bits:
                 more[f"{arm}+qlora"] = count.Shape(**{**shapes[arm].__dict__, "quantized": True})
             counts |= count.scaled(config, more | {arm: shapes[arm]}, head_layers if hera else 0)
-    rows = estimate.dataset_rows(recipe, recipe_path.parent)
+    rows = sizes.rows or estimate.dataset_rows(recipe, recipe_path.parent)
     lines = [f"plan: {recipe_path} on {setup.gpus} x {card.name} ({card.memory_gib:g} GB)",
              f"  {config.architectures[0] if config.architectures else config.model_type}: "
              f"{counts[arm]['params'] / 1e9:.2f} B parameters ({counts[arm]['trainable'] / 1e6:.1f} M trained); stage "
@@ -105,8 +123,7 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
              f"{estimate.ENGINES[setup.engine]}, micro-batch {setup.batch} x accumulation {setup.accumulation}, "
              f"cutoff_len {setup.cutoff}, Liger {'on' if setup.liger else 'off'}, gradient checkpointing "
              f"{'on' if setup.checkpointing else 'off'}",
-             f"  lengths: worst case, every row {setup.cutoff} tokens with "
-             f"{f'one image of {image.tokens} tokens' if image else 'no image'} (the dataset's lengths are not read)"]
+             f"  {sizes.line}"]
     lines += memory_table(parts, arm)
     lines.append(f"  {'fits' if fits else 'does NOT fit'}: {parts[arm]['needed'] / GiB:.2f} GiB needed of "
                  f"{card.memory_gib:g} GiB")
@@ -114,20 +131,33 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
         for change, needed in estimate.fixes(counts, setup, card, arm):
             verdict = "fits" if needed <= card.memory_gib * GiB else "still too much"
             lines.append(f"    {change}: {needed / GiB:.2f} GiB, {verdict}")
-    lines += _time_lines(counts, setup, card, rows or 1000, rows is not None, recipe, hera)
+    lines += _time_lines(counts, setup, card, rows or 1000, rows is not None, recipe, hera, sizes)
     lines.append(f"(counted in {time.time() - started:.0f} s on this CPU)")
     return "\n".join(lines)
 
 
+def board_report(args: dict) -> str:
+    """The report for LlamaBoard's run arguments ``args`` (the run Start would launch) on this machine's GPUs; where
+    the run cannot be counted, the one line saying why."""
+    import torch  # lazy: seconds, which --help needs not
+
+    try:
+        return plan_recipe(args, Path("LlamaBoard"), torch.cuda.device_count() or None)  # paths: from the cwd
+    except (RecipeError, ValueError) as err:
+        return str(err)
+
+
 def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card: Card, rows: int, known: bool,
-                recipe: dict, hera: bool) -> list[str]:
+                recipe: dict, hera: bool, sizes: Any) -> list[str]:
     band = f"{MFU[0]:.0%}-{MFU[1]:.0%} MFU of {card.bf16_tflops:g} TFLOP/s bf16"
     lines = []
     for name in ("sft", "hera") if hera else ("sft",):
-        flops = counts[name]["flops"]
-        t = estimate.times(flops, setup, card, rows, setup.cutoff)
+        ratio = sizes.padded / sizes.peak  # counted at the peak; at the mean: attention quadratic in the length
+        attention = counts[name]["attention"] * ratio ** 2
+        flops = (counts[name]["flops"] - counts[name]["attention"]) * ratio + attention
+        t = estimate.times(flops, setup, card, rows, sizes.mean)
         lines.append(f"  {name.upper()}: {flops * setup.accumulation / 1e12:.1f} TFLOPs per GPU per optimizer step "
-                     f"(attention {counts[name]['attention'] / flops:.1%} of them); at {band}: step "
+                     f"(attention {attention / flops:.1%} of them); at {band}: step "
                      f"{span(t['step'], 's')}, {span(t['tokens/s'], '')} tokens/s per node")
         lines.append(f"    epoch of {rows} rows{'' if known else ' (the dataset is not at hand: per 1000 rows)'}, "
                      f"{t['steps'][0]} steps: {span(t['epoch'], 'h', 3600)}; run of {t['steps'][1]} steps: "
@@ -146,10 +176,11 @@ def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card
     return lines
 
 
-class _quiet:  # noqa: N801  transformers' and torch's warnings about the fake step, silenced while it is counted
+class _quiet:  # noqa: N801  transformers' and torch's warnings about the fake step, LLaMA-Factory's info lines while
+    # it reads the rows (it sets transformers' verbosity itself): silenced
     def __enter__(self) -> None:
-        self.level = logging.getLogger("transformers").level
-        logging.getLogger("transformers").setLevel(logging.ERROR)
+        self.level = logging.root.manager.disable
+        logging.disable(logging.WARNING)
 
     def __exit__(self, *_: object) -> None:
-        logging.getLogger("transformers").setLevel(self.level)
+        logging.disable(self.level)

@@ -34,7 +34,9 @@ class Method:
       built from the declaration in its ``webui_panel`` module (fields from its arguments dataclass) and the texts
       of its ``panel_texts.yaml``;
     - ``add_cli_verbs(subparsers) -> dict[str, handler]``: its ``llamafactory-hera`` verbs; a handler takes
-      the parsed namespace and raises ``ValueError`` / ``OSError`` subclasses for the user's mistakes.
+      the parsed namespace and raises ``ValueError`` / ``OSError`` subclasses for the user's mistakes;
+    - ``plan(args: dict) -> str``: the run's memory, fit and time for LlamaBoard's run arguments (its panel's plan
+      button shows it).
     """
 
     stage: str  # the recipe's ``stage:`` value
@@ -48,6 +50,7 @@ class Method:
     log_keys: tuple[str, ...]  # metrics the method logs, merged into trainer_log.jsonl ("x/": every "x/..." key)
     panel: str | None = None
     add_cli_verbs: str | None = None
+    plan: str | None = None
     records: tuple[str, ...] = ()  # files the run writes into output_dir that say a run happened (marked if it fails)
     one_process: bool = False  # runs as one process over every visible GPU: llamafactory-cli train starts one rank
 

@@ -1,0 +1,58 @@
+"""The lengths plan counts a step at: a sample of the recipe's own rows tokenized as training tokenizes them
+(LLaMA-Factory's template, the model's tokenizer and the image tokens its processor gives; ``cutoff_len`` applied),
+or, when the dataset, tokenizer or processor is not at hand offline, every row ``cutoff_len`` tokens with one image of
+``image_max_pixels`` (the worst case). Memory is counted at the longest sampled row with the most image tokens a
+sampled row has; time at the mean micro-batch, padded to its longest row as the collator pads it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamafactory_hera.recipe.dataset_info import as_names
+from llamafactory_hera_patches.tools.model_data import sampled_rows
+
+SAMPLE, SEED = 300, 0  # rows sampled, by this seed
+
+
+@dataclass(frozen=True)
+class Lengths:
+    peak: int  # tokens of the row memory is counted at
+    image_tokens: int  # its one image's tokens
+    padded: float  # a micro-batch's mean length, padded to its longest row (the step's time)
+    mean: float  # a row's mean tokens (tokens per second)
+    rows: int | None  # the rows of an epoch (None: not known)
+    line: str  # what the report says about them
+
+
+def lengths_of(recipe: dict, recipe_dir: Path, batch: int, cutoff: int, worst_image_tokens: int) -> Lengths:
+    """The lengths of ``recipe``'s rows (module doc); ``worst_image_tokens``: an image of ``image_max_pixels``."""
+    names = as_names(recipe.get("dataset"))
+    folder = Path(recipe.get("dataset_dir", "data"))
+    folder = folder if folder.is_dir() else recipe_dir.parent / folder
+    try:
+        if not names:
+            raise ValueError("the recipe names no dataset")
+        total, rows = sampled_rows({**recipe, "dataset_dir": str(folder), "preprocessing_num_workers": None},
+                                   SAMPLE, SEED)
+        if not rows:
+            raise ValueError(f"LLaMA-Factory's tokenization kept none of {', '.join(names)}'s rows")
+    except Exception as err:  # noqa: BLE001  whatever keeps the rows from being read offline: the worst case, named
+        why = " ".join((str(e).strip() or type(e).__name__).splitlines()[0] for e in (err, err.__cause__) if e)
+        image = f"one image of {worst_image_tokens} tokens" if worst_image_tokens else "no image"
+        return Lengths(cutoff, worst_image_tokens, cutoff, cutoff, None,
+                       f"lengths: worst case (the recipe's rows cannot be read and tokenized offline: {why}), every "
+                       f"row {cutoff} tokens with {image}")
+    tokens = sorted(row[0] for row in rows)
+    peak, image_tokens = tokens[-1], max(row[2] for row in rows)
+    groups = [rows[i:i + batch] for i in range(0, len(rows), batch)]
+    padded = sum(max(row[0] for row in group) for group in groups) / len(groups)
+    mean = sum(tokens) / len(tokens)
+    line = (f"lengths: from {len(rows)} sampled rows of {', '.join(names)} (seed {SEED}; {total} rows to train on): "
+            f"tokens mean {mean:.0f}, p99 {tokens[math.ceil(0.99 * len(tokens)) - 1]}, longest {peak} "
+            f"({sum(t >= cutoff for t in tokens)} at cutoff_len {cutoff}); images per row "
+            f"{sum(row[1] for row in rows) / len(rows):.2f}, {sum(not row[1] for row in rows)} rows without; memory "
+            f"at the longest row with the most image tokens sampled ({image_tokens}), time at the micro-batch of "
+            f"{batch} padded to its longest row ({padded:.0f} tokens on average)")
+    return Lengths(peak, image_tokens, padded, mean, total, line)
