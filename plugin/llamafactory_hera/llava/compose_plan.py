@@ -18,7 +18,7 @@ DEFAULT_VISION = "google/siglip2-so400m-patch14-384"
 FEATURE_LAYER = -2
 # encoder family -> ([CLS] tokens it adds, LLaVA's feature selection)
 ENCODERS: dict[str, tuple[int, str]] = {"clip": (1, "default"), "siglip": (0, "full")}
-_ENCODER_OF_TYPE = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
+ENCODER_OF_TYPE = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
 _FAMILY_OF_TYPE = {"qwen2": "qwen2.5", "qwen3": "qwen3"}  # llama: by its tokenizer
 # keys of a config that say the model already sees images (or other media)
 _MULTIMODAL_KEYS = ("vision_config", "text_config", "audio_config", "vision_tower", "mm_vision_tower", "visual",
@@ -58,7 +58,7 @@ class ComposePlan:
 
 
 def _config_dict(name: str, flag: str) -> dict[str, Any]:
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig  # lazy: seconds of import; compose's --help needs not
 
     try:
         config, _ = PretrainedConfig.get_config_dict(name)
@@ -90,10 +90,10 @@ def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
     """The geometry of a CLIP or SigLIP checkpoint (whole two-tower model or vision tower alone); ``config``: its
     config.json, whose model type is checked before transformers reads it (a config.json leaves out the values that
     are the defaults, ``patch_size`` 16 of SigLIP: the sizes are read from transformers' config)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: seconds of import; compose's --help needs not
 
     model_type = str(config.get("model_type"))
-    encoder = _ENCODER_OF_TYPE.get(model_type)
+    encoder = ENCODER_OF_TYPE.get(model_type)
     if encoder is None:
         hint = (" (SigLIP2's NaFlex checkpoints have variable resolution: take a fixed-resolution one such as "
                 f"{DEFAULT_VISION})") if model_type == "siglip2" else ""
@@ -129,7 +129,7 @@ def detect_family(name: str, config: dict[str, Any], tokenizer: Any) -> tuple[st
 def plan_compose(llm: str, vision: str, output: Path, family: str | None = None,
                  seed: int = 42) -> tuple[ComposePlan, Any]:
     """Check the parts (configs and tokenizer only) and return the plan and the LLM's tokenizer."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: seconds of import; compose's --help needs not
 
     if family is not None and family not in FAMILY_TEMPLATES:
         raise RecipeError(f"--family {family}: no template for it; the families compose knows are "

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+from llamafactory_hera.llava.compose_plan import DEFAULT_VISION, ENCODER_OF_TYPE, ENCODERS, FEATURE_LAYER
+
 PROJECTOR, VISION = ("merger", "multi_modal_projector"), ("visual", "vision_tower", "image_newline")
 TOKEN_TYPES = {"qwen3_vl": "mm_token_type_ids", "qwen3_5": "mm_token_type_ids", "gemma3": "token_type_ids"}
 
@@ -51,7 +53,8 @@ def images(config: Any, max_pixels: int) -> Images | None:
                       {"image_grid_thw": [1, grid, grid]})
     size, patch = (value if isinstance(value, int) else value[0] for value in (vision.image_size, vision.patch_size))
     if config.model_type == "llava_next":  # anyres: the best grid of tiles + the base image, LlavaNextProcessor's count
-        from transformers import LlavaNextProcessor  # lazy: its processing module only for this family
+        # lazy: transformers' LLaVA-NeXT processing, for this family only
+        from transformers import LlavaNextProcessor
         from transformers.image_processing_utils import select_best_resolution
 
         height, width = select_best_resolution([side, side], config.image_grid_pinpoints)
@@ -76,14 +79,12 @@ def composed_config(recipe_text: str) -> Any | None:
     tower's config.json (at hand, no network); None: the recipe names no compose command."""
     from transformers import AutoConfig, LlavaConfig  # lazy: transformers only once a recipe is read
 
-    from llamafactory_hera.llava.compose_plan import _ENCODER_OF_TYPE, DEFAULT_VISION, ENCODERS, FEATURE_LAYER
-
     if (found := COMPOSE_LINE.search(recipe_text)) is None:
         return None
     text = AutoConfig.from_pretrained(found[1], local_files_only=True)
     tower = AutoConfig.from_pretrained(found[2] or DEFAULT_VISION, local_files_only=True)
     tower = getattr(tower, "vision_config", None) or tower
-    cls, strategy = ENCODERS[_ENCODER_OF_TYPE[tower.model_type]]
+    cls, strategy = ENCODERS[ENCODER_OF_TYPE[tower.model_type]]
     return LlavaConfig(text_config=text, vision_config=tower, image_token_index=text.vocab_size - 1,  # any id
                        image_seq_length=(tower.image_size // tower.patch_size) ** 2 + cls - (strategy == "default"),
                        vision_feature_select_strategy=strategy, vision_feature_layer=FEATURE_LAYER,
