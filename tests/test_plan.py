@@ -221,3 +221,20 @@ def test_plan_reads_the_recipes_rows_and_falls_back_to_the_worst_case(assets, tm
     assert missing.line.startswith("lengths: worst case (the recipe's rows cannot be read and tokenized offline: ")
     assert "absent" in missing.line and missing.line.endswith("), every row 1024 tokens with one image of 4 tokens")
     assert (missing.peak, missing.padded, missing.rows) == (1024, 1024, None)
+
+
+def test_frozen_decoder_layers_run_unchecked_as_llamafactory_calls_them() -> None:
+    """LLaMA-Factory checkpoints only the layers with a trainable parameter and calls a frozen one plainly, so a
+    projector-only run (LLaVA-1.5's stage 1: the gradient passes through every frozen decoder layer) keeps each layer's
+    activations under ``gradient_checkpointing`` as without it; HeRA's heads in a frozen layer add no more than their
+    own tensors to that (the SFT twin is counted the same way)."""
+    config = tiny_config(layers=2, depth=1)
+    config.vision_config.deepstack_visual_indexes = [0]
+    projector = {"lora_rank": None, "parts": ("projector",)}
+    checked, unchecked = (count.count(config, shape(checkpointing=on, **projector)) for on in (True, False))
+    assert checked["activations"] == unchecked["activations"]
+    lora = count.count(config, shape())  # LoRA in every decoder layer: each checkpointed, fewer activations kept
+    assert lora["activations"] < checked["activations"]
+    heads, _ = count.head_layers(["L0H0", "L0H1"], 2)
+    hera = count.count(config, shape(hera={"hera_lambda": 0.01, "hera_k": 1, "heads": heads}, **projector))
+    assert 0 <= hera["activations"] - checked["activations"] < 0.05 * checked["activations"]

@@ -246,9 +246,15 @@ def step(model: nn.Module, data: Batch, counter: Any, hera: HeraParts | None, li
 
 def train_mode(model: nn.Module, checkpointing: bool) -> None:
     """The model in training mode, inputs requiring grad (LoRA); with ``checkpointing``, LLaMA-Factory's default:
-    reentrant gradient checkpointing (``disable_gradient_checkpointing: true``: none)."""
+    reentrant gradient checkpointing of the layers with a trainable parameter, a frozen layer called plainly (its
+    activations kept where a gradient passes through it, e.g. LLaVA-1.5's stage 1 training the projector alone);
+    ``disable_gradient_checkpointing: true``: none."""
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        for module in model.modules():
+            if getattr(module, "gradient_checkpointing", False) and not any(p.requires_grad for p in
+                                                                            module.parameters()):
+                module.gradient_checkpointing = False
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     model.train()
