@@ -5,6 +5,7 @@ would, and the command's error lines. In process, on tiny configs built here (no
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from llamafactory_hera_patches.data.templates import whole_row
 from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe, sampled_rows
 
 GIB = 2**30
+REPO = Path(__file__).resolve().parents[1]
 TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
         "vocab_size": 512, "tie_word_embeddings": False,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
@@ -153,15 +155,17 @@ def tiny_recipe(tmp_path):
 
 
 def test_plan_prints_the_report_and_a_fix_when_the_card_is_too_small(tiny_recipe, monkeypatch, capsys) -> None:
-    """The tiny model's QLoRA step with Liger (one count: 2 layers, 1 block) on a card of 2 GiB and 64 KiB: the
-    reserve alone leaves 64 KiB, less than the tiny model's bf16 load; halving the micro-batch is told with its
-    figure."""
+    """The tiny model's QLoRA step (one count: 2 layers, 1 block) on a card of 2 GiB and 64 KiB: the reserve alone
+    leaves 64 KiB, less than the tiny model's bf16 load; halving the micro-batch is told with its figure. The recipe's
+    Liger is off with a note (LLaMA-Factory patches no Qwen3-VL), and not offered as a fix."""
     monkeypatch.setitem(cards.CARDS, "toy", cards.Card("toy", 100.0, 2 + 2**-14))
     assert main(["plan", str(tiny_recipe), "--gpu", "toy"]) == 0
     out = capsys.readouterr().out
     assert "does NOT fit" in out
     assert "    per_device_train_batch_size: 1 (gradient_accumulation_steps: 4): 2.00 GiB" in out
-    assert "stage sft, LoRA, 4-bit, DDP, micro-batch 2 x accumulation 2, cutoff_len 32, Liger on" in out
+    assert "stage sft, LoRA, 4-bit, DDP, micro-batch 2 x accumulation 2, cutoff_len 32, Liger off" in out
+    assert "  note: enable_liger_kernel: LLaMA-Factory does not patch qwen3_vl; the run trains without Liger" in out
+    assert "enable_liger_kernel: true:" not in out
     assert "lengths: worst case (the recipe's rows cannot be read and tokenized offline: the recipe names no " \
         "dataset), every row 32 tokens with one image of 4 tokens" in out
     assert "HeRA" not in out and "teacher" not in out  # the SFT stage: no twin, no teacher
@@ -178,6 +182,36 @@ def test_plan_errors(tiny_recipe, tmp_path, capsys) -> None:
     assert "hf download" in err
     assert main(["plan", str(tiny_recipe), "deepspeed=absent.json"]) == 2
     assert "deepspeed: absent.json cannot be read" in capsys.readouterr().err
+    for argv, said in [(["cutoff_len", "8"], "cutoff_len: KEY=VALUE expected, as on llamafactory-cli's line"),
+                       (["cutoff_len=1k"], "cutoff_len: '1k' is not a number; give it as cutoff_len=<a number>."),
+                       (["stage=dpo"], "stage: plan counts sft, pt, hera, harc, rah, not dpo"),
+                       (["--accelerate-config", str(tmp_path / "none.yaml")],
+                        f"--accelerate-config: {tmp_path / 'none.yaml'} cannot be read")]:
+        assert main(["plan", str(tiny_recipe), *argv]) == 2, argv
+        assert said in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit) as stop:  # argparse's own usage error
+        main(["plan", str(tiny_recipe), "--gpus", "0"])
+    assert stop.value.code == 2
+    assert "argument --gpus: '0' is not a number of GPUs (1 or more)" in capsys.readouterr().err
+
+
+def test_the_engine_and_gpus_of_an_accelerate_config(tmp_path) -> None:
+    """DeepSpeed named in an accelerate config is its ZeRO stage (its offload said as not counted), its processes the
+    GPUs, also beside a recipe's ``deepspeed``; FSDP version 1 is planned as FSDP2 and said so; a shipped recipe's
+    DeepSpeed path is found from any folder."""
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(yaml.safe_dump({"distributed_type": "DEEPSPEED", "num_processes": 8, "deepspeed_config": {
+        "zero_stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    got = estimate.setup_of({}, tmp_path, None, config)
+    assert (got.engine, got.gpus) == ("zero3", 8)
+    assert got.notes == ("deepspeed: offload_optimizer to the CPU is not counted (planned as kept on the GPU)",)
+    shipped = estimate.setup_of({"deepspeed": "recipes/deepspeed/ds_z3_config.json"},
+                                REPO / "recipes" / "llava15", None, config)
+    assert (shipped.engine, shipped.gpus) == ("zero3", 8)
+    config.write_text(yaml.safe_dump({"distributed_type": "FSDP", "num_processes": 4, "fsdp_config": {
+        "fsdp_version": 1}}))
+    got = estimate.setup_of({}, tmp_path, None, config)
+    assert (got.engine, got.gpus) == ("fsdp2", 4) and "FSDP version 1 is planned as FSDP2" in got.notes[0]
 
 
 def sampled_recipe(assets, tmp_path, **changes):
@@ -210,7 +244,10 @@ def test_sampled_lengths_equal_each_rows_own_tokenization(assets, tmp_path, cuto
         assert sorted(rows) == sorted(whole)
 
 
-def test_plan_reads_the_recipes_rows_and_falls_back_to_the_worst_case(assets, tmp_path, capsys) -> None:
+def test_plan_reads_the_recipes_rows_and_falls_back_to_the_worst_case(assets, tmp_path, capsys,
+                                                                     monkeypatch) -> None:
+    """Every row sampled: memory at the longest; 8 of 32 sampled: memory at the worst case (a row not sampled may be
+    longer), time at the sample's mean either way; no dataset: the worst case, named."""
     recipe, path = sampled_recipe(assets, tmp_path)
     assert main(["plan", str(path)]) == 0
     out = capsys.readouterr().out
@@ -221,6 +258,11 @@ def test_plan_reads_the_recipes_rows_and_falls_back_to_the_worst_case(assets, tm
     assert missing.line.startswith("lengths: worst case (the recipe's rows cannot be read and tokenized offline: ")
     assert "absent" in missing.line and missing.line.endswith("), every row 1024 tokens with one image of 4 tokens")
     assert (missing.peak, missing.padded, missing.rows) == (1024, 1024, None)
+    whole = lengths.lengths_of(recipe, path, 2, 1024, 4)
+    monkeypatch.setattr(lengths, "SAMPLE", 8)
+    part = lengths.lengths_of(recipe, path, 2, 1024, 4)
+    assert whole.peak < 1024 and (part.peak, part.image_tokens, part.rows) == (1024, 4, 32)
+    assert "memory at cutoff_len with an image of image_max_pixels (4 tokens)" in part.line
 
 
 def test_frozen_decoder_layers_run_unchecked_as_llamafactory_calls_them() -> None:

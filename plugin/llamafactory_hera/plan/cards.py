@@ -1,5 +1,6 @@
-"""The GPUs ``llamafactory-hera plan`` knows: dense bf16 tensor peak (no sparsity) and memory, each
-from the vendor's datasheet (named beside the row), and the MFU band the time is given at."""
+"""The GPUs ``llamafactory-hera plan`` knows: dense bf16 tensor peak (no sparsity), from the vendor's datasheet (named
+beside the row), and the memory a process can allocate on it: the total ``nvidia-smi`` reports (MiB / 1024), below
+the datasheet's GB (an H100's 80 GB is 81,559 MiB, 79.65 GiB); and the MFU band the time is given at."""
 
 from __future__ import annotations
 
@@ -10,19 +11,19 @@ from dataclasses import dataclass
 class Card:
     name: str
     bf16_tflops: float  # dense, FP32 accumulate
-    memory_gib: float  # as the vendor states it (GB of HBM/GDDR, binary)
+    memory_gib: float  # nvidia-smi's total, GiB
 
 
 CARDS = {card.name: card for card in (
-    Card("H100-SXM", 989.4, 80),  # NVIDIA H100 Tensor Core GPU datasheet (SXM): 1,979 TFLOPs with sparsity
-    Card("H100-PCIe", 756.0, 80),  # same datasheet, H100 PCIe: 1,513 with sparsity
-    Card("H200", 989.4, 141),  # NVIDIA H200 Tensor Core GPU datasheet (SXM): 1,979 with sparsity
-    Card("A100-80GB", 312.0, 80),  # NVIDIA A100 Tensor Core GPU datasheet (SXM, 80 GB)
-    Card("A100-40GB", 312.0, 40),  # same datasheet (40 GB)
-    Card("L40S", 362.05, 48),  # NVIDIA L40S datasheet: 733 with sparsity
-    Card("RTX-4090", 165.2, 24),  # NVIDIA Ada Lovelace GPU architecture whitepaper, RTX 4090, FP32 accum.
-    Card("RTX-3090", 71.0, 24),  # NVIDIA Ampere GA102 whitepaper, GeForce RTX 3090, FP32 accumulate
-    Card("A10G", 125.0, 24),  # AWS's A10 variant: NVIDIA publishes none for it; the NVIDIA A10 datasheet's figures
+    Card("H100-SXM", 989.4, 79.65),  # NVIDIA H100 Tensor Core GPU datasheet (SXM): 1,979 TFLOPs with sparsity
+    Card("H100-PCIe", 756.0, 79.65),  # same datasheet, H100 PCIe: 1,513 with sparsity
+    Card("H200", 989.4, 140.4),  # NVIDIA H200 Tensor Core GPU datasheet (SXM): 1,979 with sparsity
+    Card("A100-80GB", 312.0, 80.0),  # NVIDIA A100 Tensor Core GPU datasheet (SXM, 80 GB)
+    Card("A100-40GB", 312.0, 40.0),  # same datasheet (40 GB)
+    Card("L40S", 362.05, 44.99),  # NVIDIA L40S datasheet: 733 with sparsity
+    Card("RTX-4090", 165.2, 23.99),  # NVIDIA Ada Lovelace GPU architecture whitepaper, RTX 4090, FP32 accum.
+    Card("RTX-3090", 71.0, 24.0),  # NVIDIA Ampere GA102 whitepaper, GeForce RTX 3090, FP32 accumulate
+    Card("A10G", 125.0, 22.49),  # AWS's A10 variant: NVIDIA publishes none for it; the NVIDIA A10 datasheet's figures
 )}
 DEFAULT_CARD = "H100-SXM"
 MFU = (0.3, 0.5)  # the share of the peak a training step is assumed to reach: the time is given as a band

@@ -10,6 +10,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from llamafactory_hera.plan import estimate, families
 from llamafactory_hera.plan.cards import CARDS, DEFAULT_CARD, MFU, Card
 from llamafactory_hera.plan.report import memory_table, span
 from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera_patches.recipe.host_arguments import liger_applies_to
 
 GiB = estimate.GIB
 
@@ -32,11 +34,17 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
         "print its memory per GPU by category, whether it fits the card and what would, its FLOPs and its time.")
     parser.add_argument("recipe", type=Path, help="the training recipe (YAML)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe keys as on llamafactory-cli's line")
-    parser.add_argument("--gpus", type=int, help="GPUs of the run (default: the accelerate config's, else 1)")
+    parser.add_argument("--gpus", type=_positive, help="GPUs of the run (default: the accelerate config's, else 1)")
     parser.add_argument("--gpu", default=DEFAULT_CARD, help=f"the card: {', '.join(CARDS)} (default {DEFAULT_CARD})")
     parser.add_argument("--accelerate-config", type=Path, help="the accelerate config the run is launched with")
     return {"plan": lambda args: print(plan(args.recipe, args.overrides, args.gpus, args.gpu,
                                             args.accelerate_config))}
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of GPUs (1 or more)")
+    return int(text)
 
 
 def _model_config(name: str, recipe_text: str) -> Any:
@@ -63,7 +71,9 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
     except (OSError, yaml.YAMLError) as err:
         raise RecipeError(f"recipe: {recipe_path} cannot be read ({err}); name a training recipe (YAML).") from None
     for item in overrides:
-        key, _, value = item.partition("=")
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise RecipeError(f"{item}: KEY=VALUE expected, as on llamafactory-cli's line (e.g. cutoff_len=2048).")
         recipe[key] = yaml.safe_load(value)
     return plan_recipe(recipe, recipe_path, gpus, gpu, accelerate_config, text)
 
@@ -76,9 +86,16 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
     card = CARDS.get(gpu)
     if card is None:
         raise RecipeError(f"--gpu: unknown card '{gpu}'; known: {', '.join(CARDS)}.")
-    config = _model_config(str(recipe.get("model_name_or_path")), recipe_text)
     from llamafactory_hera.plan import count, lengths, methods  # lazy: transformers, peft, datasets (seconds)
+    if (stage := recipe.get("stage", "sft")) not in ("sft", "pt", "hera", *methods.STAGES):
+        raise RecipeError(f"stage: plan counts sft, pt, hera, {', '.join(methods.STAGES)}, not {stage} (its "
+                          "reference model and paired rows are not modelled).")
     setup = estimate.setup_of(recipe, recipe_path.parent, gpus, accelerate_config)
+    config = _model_config(str(recipe.get("model_name_or_path")), recipe_text)
+    liger = liger_applies_to(config.model_type)
+    if setup.liger and not liger:
+        setup = replace(setup, liger=False, notes=(*setup.notes, f"enable_liger_kernel: LLaMA-Factory does not "
+                                                   f"patch {config.model_type}; the run trains without Liger"))
     if setup.stage in methods.STAGES:  # HARC's step, RAH-LoRA's calibration
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
@@ -110,20 +127,20 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
         fits = parts[arm]["needed"] <= card.memory_gib * GiB
         if not fits:
             more = {}  # the arm last: its layer increments are counted already
-            if not setup.liger:
+            if liger and not setup.liger:
                 more[f"{arm}+liger"] = count.Shape(**{**shapes[arm].__dict__, "liger": True})
             if setup.lora and not setup.bits:
                 more[f"{arm}+qlora"] = count.Shape(**{**shapes[arm].__dict__, "quantized": True})
             counts |= count.scaled(config, more | {arm: shapes[arm]}, head_layers if hera else 0)
     rows = sizes.rows or estimate.dataset_rows(recipe, recipe_path.parent)
-    lines = [f"plan: {recipe_path} on {setup.gpus} x {card.name} ({card.memory_gib:g} GB)",
+    lines = [f"plan: {recipe_path} on {setup.gpus} x {card.name} ({card.memory_gib:g} GiB)",
              f"  {config.architectures[0] if config.architectures else config.model_type}: "
              f"{counts[arm]['params'] / 1e9:.2f} B parameters ({counts[arm]['trainable'] / 1e6:.1f} M trained); stage "
              f"{setup.stage}, {'LoRA' if setup.lora else 'full'}{f', {setup.bits}-bit' if setup.bits else ''}, "
              f"{estimate.ENGINES[setup.engine]}, micro-batch {setup.batch} x accumulation {setup.accumulation}, "
              f"cutoff_len {setup.cutoff}, Liger {'on' if setup.liger else 'off'}, gradient checkpointing "
              f"{'on' if setup.checkpointing else 'off'}",
-             f"  {sizes.line}"]
+             *(f"  note: {note}" for note in setup.notes), f"  {sizes.line}"]
     lines += memory_table(parts, arm)
     lines.append(f"  {'fits' if fits else 'does NOT fit'}: {parts[arm]['needed'] / GiB:.2f} GiB needed of "
                  f"{card.memory_gib:g} GiB")
@@ -142,9 +159,23 @@ def board_report(args: dict) -> str:
     import torch  # lazy: seconds, which --help needs not
 
     try:
-        return plan_recipe(args, Path("LlamaBoard"), torch.cuda.device_count() or None)  # paths: from the cwd
+        return plan_recipe(args, Path("LlamaBoard"), torch.cuda.device_count() or None, card_here())  # from the cwd
     except (RecipeError, ValueError) as err:
         return str(err)
+
+
+def card_here() -> str:
+    """The card of this machine's first GPU among :data:`CARDS` (its model in the device's name, the nearest memory);
+    none or unknown: the default card, which the report's first line names."""
+    import torch  # lazy: seconds, which --help needs not
+
+    if not torch.cuda.is_available():
+        return DEFAULT_CARD
+    device = torch.cuda.get_device_properties(0)
+    name = device.name.upper().replace(" ", "")
+    known = [card for key, card in CARDS.items() if key.removeprefix("RTX-").split("-")[0] in name
+             and ("PCIE" in name) == key.endswith("PCIe")]
+    return min(known, key=lambda card: abs(card.memory_gib - device.total_memory / GiB)).name if known else DEFAULT_CARD
 
 
 def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card: Card, rows: int, known: bool,

@@ -18,6 +18,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -64,36 +65,80 @@ class Setup:
     checkpointing: bool
     epochs: float
     max_steps: int
+    notes: tuple[str, ...] = ()  # what is planned as something else, one line each
+
+
+def found(path: str | Path, recipe_dir: Path) -> Path:
+    """A path a recipe names, as LLaMA-Factory reads it (from the working folder), else from the recipe's folder or
+    the first folder above it that holds it (a shipped recipe's paths are from the repository root)."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    return next((folder / path for folder in (recipe_dir, *recipe_dir.resolve().parents) if (folder / path).exists()),
+                path)
+
+
+def number(recipe: dict, key: str, default: float, kind: type = int) -> Any:
+    """``recipe[key]`` (or ``default``) as ``kind``; a value that is not one is a one-line RecipeError."""
+    value = recipe.get(key, default)
+    try:
+        return kind(value if value is not None else default)
+    except (TypeError, ValueError):
+        raise RecipeError(f"{key}: {value!r} is not a number; give it as {key}=<a number>.") from None
+
+
+def _engine_of(zero: dict, where: str, notes: list[str]) -> str:
+    offloaded = [key for key in ("offload_optimizer", "offload_param")
+                 if str((zero.get(key) or {}).get("device", "none")).lower() not in ("none", "")]
+    if offloaded:
+        notes.append(f"{where}: {' and '.join(offloaded)} to the CPU is not counted (planned as kept on the GPU)")
+    stage = int(zero.get("stage", zero.get("zero_stage", 0)) or 0)
+    if stage == 1:
+        notes.append(f"{where}: ZeRO-1 is planned as DDP (its sharded optimizer states not counted)")
+    return {2: "zero2", 3: "zero3"}.get(stage, "ddp")
 
 
 def setup_of(recipe: dict, recipe_dir: Path, gpus: int | None, accelerate_config: Path | None) -> Setup:
-    """The recipe's method, engine (its ``deepspeed`` key, else the accelerate config: FSDP2, else DDP), quantization,
-    batch, accumulation, cutoff, Liger and checkpointing."""
-    engine, default_gpus, live = "ddp", 1, 1e9
-    if recipe.get("deepspeed"):
-        path = Path(recipe["deepspeed"])
-        path = path if path.is_file() else recipe_dir / path
+    """The recipe's method, engine (its ``deepspeed`` key, else the accelerate config's: DeepSpeed, FSDP, else DDP),
+    GPUs (``gpus``, else the accelerate config's ``num_processes``, else 1), quantization, batch, accumulation, cutoff,
+    Liger and checkpointing; what is planned as something else is said in :attr:`Setup.notes`."""
+    engine, default_gpus, live, notes = "ddp", 1, 1e9, []
+    launch: dict = {}
+    if accelerate_config is not None:
         try:
-            zero = json.loads(path.read_text()).get("zero_optimization", {})
-        except (OSError, ValueError) as err:
-            raise ValueError(f"deepspeed: {recipe['deepspeed']} cannot be read ({err}); point it to the JSON "
-                             "config the run uses.") from None
-        engine = {2: "zero2", 3: "zero3"}.get(int(zero.get("stage", 0)), "ddp")
+            launch = yaml.safe_load(accelerate_config.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise RecipeError(f"--accelerate-config: {accelerate_config} cannot be read ({err}); name the accelerate "
+                              "config file the run is launched with.") from None
+        default_gpus = number(launch, "num_processes", 1)
+    if recipe.get("deepspeed") or launch.get("distributed_type") == "DEEPSPEED":
+        named = recipe.get("deepspeed") or (launch.get("deepspeed_config") or {}).get("deepspeed_config_file")
+        zero = launch.get("deepspeed_config") or {}
+        if named:
+            try:
+                zero = json.loads(found(named, recipe_dir).read_text(encoding="utf-8")).get("zero_optimization", {})
+            except (OSError, ValueError) as err:
+                raise RecipeError(f"deepspeed: {named} cannot be read ({err}); point it to the JSON config the run "
+                                  "uses.") from None
+        engine = _engine_of(zero, "deepspeed", notes)
         live = float(zero.get("stage3_max_live_parameters", 1e9))
-    elif accelerate_config is not None:
-        launch = yaml.safe_load(accelerate_config.read_text())
-        if launch.get("distributed_type") == "FSDP":
-            engine = "fsdp2"
-        default_gpus = int(launch.get("num_processes", 1))
+    elif launch.get("distributed_type") == "FSDP":
+        engine = "fsdp2"
+        if str(launch.get("fsdp_config", {}).get("fsdp_version", 2)) != "2":
+            notes.append("accelerate config: FSDP version 1 is planned as FSDP2 (which upcasts every parameter to "
+                         "float32; version 1 only the trained ones, so its parameters may need less)")
+        if truthy(launch.get("fsdp_config", {}).get("fsdp_offload_params", False)):
+            notes.append("accelerate config: fsdp_offload_params is not counted (planned as kept on the GPU)")
     return Setup(
         stage=str(recipe.get("stage", "sft")), lora=recipe.get("finetuning_type", "lora") == "lora",
-        bits=int(recipe["quantization_bit"]) if recipe.get("quantization_bit") else None,
+        bits=number(recipe, "quantization_bit", 0) or None,
         double_quant=truthy(recipe.get("double_quantization", True)), engine=engine, gpus=gpus or default_gpus,
-        live_params=live, batch=int(recipe.get("per_device_train_batch_size", 1)),
-        accumulation=int(recipe.get("gradient_accumulation_steps", 1)), cutoff=int(recipe.get("cutoff_len", 2048)),
+        live_params=live, batch=number(recipe, "per_device_train_batch_size", 1),
+        accumulation=number(recipe, "gradient_accumulation_steps", 1), cutoff=number(recipe, "cutoff_len", 2048),
         liger=truthy(recipe.get("enable_liger_kernel", False)) or truthy(recipe.get("use_liger_kernel", False)),
         checkpointing=not truthy(recipe.get("disable_gradient_checkpointing", False)),
-        epochs=float(recipe.get("num_train_epochs", 3.0)), max_steps=int(recipe.get("max_steps", -1)))
+        epochs=number(recipe, "num_train_epochs", 3.0, float), max_steps=number(recipe, "max_steps", -1),
+        notes=tuple(notes))
 
 
 def memory(counts: dict[str, float], setup: Setup) -> dict[str, float]:
@@ -179,8 +224,7 @@ def teacher_flops(images: int) -> float:
 def dataset_rows(recipe: dict, recipe_dir: Path) -> int | None:
     """The rows of the recipe's datasets when every one is a local JSON / JSONL file (``max_samples`` caps each)."""
     names = as_names(recipe.get("dataset"))
-    folder = Path(recipe.get("dataset_dir", "data"))
-    folder = folder if folder.is_dir() else recipe_dir.parent / folder
+    folder = found(recipe.get("dataset_dir", "data"), recipe_dir)
     try:
         info = dataset_info(str(folder), "dataset", names)
         total = 0

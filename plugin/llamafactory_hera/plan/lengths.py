@@ -1,8 +1,9 @@
 """The lengths plan counts a step at: a sample of the recipe's own rows tokenized as training tokenizes them
 (LLaMA-Factory's template, the model's tokenizer and the image tokens its processor gives; ``cutoff_len`` applied),
 or, when the dataset, tokenizer or processor is not at hand offline, every row ``cutoff_len`` tokens with one image of
-``image_max_pixels`` (the worst case). Memory is counted at the longest sampled row with the most image tokens a
-sampled row has; time at the mean micro-batch, padded to its longest row as the collator pads it."""
+``image_max_pixels`` (the worst case). Memory is counted at the longest row with the most image tokens when every row
+was sampled, else at the worst case (a micro-batch may hold a row longer than the sample's longest); time at the mean
+micro-batch, padded to its longest row as the collator pads it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamafactory_hera.plan.estimate import found
 from llamafactory_hera.recipe.dataset_info import as_names
 from llamafactory_hera_patches.tools.model_data import sampled_rows
 
@@ -29,8 +31,7 @@ class Lengths:
 def lengths_of(recipe: dict, recipe_dir: Path, batch: int, cutoff: int, worst_image_tokens: int) -> Lengths:
     """The lengths of ``recipe``'s rows (module doc); ``worst_image_tokens``: an image of ``image_max_pixels``."""
     names = as_names(recipe.get("dataset"))
-    folder = Path(recipe.get("dataset_dir", "data"))
-    folder = folder if folder.is_dir() else recipe_dir.parent / folder
+    folder = found(recipe.get("dataset_dir", "data"), recipe_dir)
     try:
         if not names:
             raise ValueError("the recipe names no dataset")
@@ -45,14 +46,19 @@ def lengths_of(recipe: dict, recipe_dir: Path, batch: int, cutoff: int, worst_im
                        f"lengths: worst case (the recipe's rows cannot be read and tokenized offline: {why}), every "
                        f"row {cutoff} tokens with {image}")
     tokens = sorted(row[0] for row in rows)
-    peak, image_tokens = tokens[-1], max(row[2] for row in rows)
+    longest, most_images = tokens[-1], max(row[2] for row in rows)
+    whole = len(rows) >= total  # every row read: no micro-batch holds a longer one
+    peak, image_tokens = (longest, most_images) if whole else (cutoff, max(most_images, worst_image_tokens))
     groups = [rows[i:i + batch] for i in range(0, len(rows), batch)]
     padded = sum(max(row[0] for row in group) for group in groups) / len(groups)
     mean = sum(tokens) / len(tokens)
+    memory_at = (f"memory at the longest row with the most image tokens ({image_tokens})" if whole else
+                 f"memory at cutoff_len with an image of image_max_pixels ({image_tokens} tokens): a micro-batch of "
+                 "the rows not sampled may hold a longer row than the sample's longest")
     line = (f"lengths: from {len(rows)} sampled rows of {', '.join(names)} (seed {SEED}; {total} rows to train on): "
-            f"tokens mean {mean:.0f}, p99 {tokens[math.ceil(0.99 * len(tokens)) - 1]}, longest {peak} "
+            f"tokens mean {mean:.0f}, p99 {tokens[math.ceil(0.99 * len(tokens)) - 1]}, longest {longest} "
             f"({sum(t >= cutoff for t in tokens)} at cutoff_len {cutoff}); images per row "
-            f"{sum(row[1] for row in rows) / len(rows):.2f}, {sum(not row[1] for row in rows)} rows without; memory "
-            f"at the longest row with the most image tokens sampled ({image_tokens}), time at the micro-batch of "
-            f"{batch} padded to its longest row ({padded:.0f} tokens on average)")
+            f"{sum(row[1] for row in rows) / len(rows):.2f}, {sum(not row[1] for row in rows)} rows without; "
+            f"{memory_at}; time at the micro-batch of {batch} padded to its longest row ({padded:.0f} tokens on "
+            "average)")
     return Lengths(peak, image_tokens, padded, mean, total, line)
