@@ -280,3 +280,21 @@ def test_frozen_decoder_layers_run_unchecked_as_llamafactory_calls_them() -> Non
     heads, _ = count.head_layers(["L0H0", "L0H1"], 2)
     hera = count.count(config, shape(hera={"hera_lambda": 0.01, "hera_k": 1, "heads": heads}, **projector))
     assert 0 <= hera["activations"] - checked["activations"] < 0.05 * checked["activations"]
+
+
+@pytest.mark.parametrize(("name", "mib", "card"), [
+    ("NVIDIA H100 80GB HBM3", 81559, "H100-SXM"), ("NVIDIA H100 PCIe", 81559, "H100-PCIe"),
+    ("NVIDIA A100-SXM4-40GB", 40960, "A100-40GB"), ("NVIDIA A100-SXM4-80GB", 81920, "A100-80GB"),
+    ("NVIDIA GeForce RTX 4090", 24564, "RTX-4090"), ("NVIDIA A10G", 23028, "A10G"),
+    ("NVIDIA B200", 183359, "H100-SXM")])
+def test_the_board_plans_on_the_machines_own_card(monkeypatch, name, mib, card) -> None:
+    """LlamaBoard's plan takes the card of the first GPU: its model in the device's name, the nearest memory; a card
+    plan does not know (or no GPU) is the default card, which the report's first line names."""
+    from types import SimpleNamespace
+
+    from llamafactory_hera.plan import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(name=name,
+                                                                                        total_memory=mib * 2**20))
+    assert cli.card_here() == card
