@@ -6,6 +6,8 @@
     ... --stack oldest                     the same on the second stack (.venv-oldest, constraints-oldest.txt):
                                            test runs the three demos and OLDEST_STACK_TESTS there
     python3 dev.py test --stack all        both stacks, one after the other (what CI runs)
+    python3 dev.py costs [PYTEST ARGS...]  test (pinned stack), each test's cost recorded; then tests/COSTS.md
+    python3 dev.py costs --from DIR        tests/COSTS.md from a recording made before (HERA_TEST_COSTS=DIR)
 
 Set-up (every run, each phase timed): create ``.venv`` in the repository root if it is missing
 (reused otherwise), install uv into it (``UV``; pip's settings handed over, pip alone where uv cannot be given one
@@ -338,14 +340,31 @@ def cmd_demo(python: Path, demo_args: list[str]) -> int:
         return run([python, "-m", "llamafactory_hera.demo", *demo_args], env=env, check=False)
 
 
+def cmd_costs(args: list[str]) -> int:
+    """``costs``: the pinned stack's ``test`` with ``HERA_TEST_COSTS`` naming a new folder (tests/cost_record.py),
+    then tests/COSTS.md written from it (tests/cost_table.py, even after a failed test: the exit code is still the
+    run's); ``costs --from DIR``: the table from the recording in DIR alone, nothing set up or run."""
+    if args[:1] == ["--from"] and len(args) == 2:
+        folder, code = Path(args[1]).resolve(), 0
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="hera-costs-"))
+        os.environ["HERA_TEST_COSTS"] = str(folder)  # offline_env hands it to pytest and its workers
+        log(f"recording each test's cost in {folder}")
+        code = cmd_test(setup("test"), args)
+    table = [sys.executable, ROOT / "tests" / "cost_table.py", folder, ROOT / "tests" / "COSTS.md"]
+    return run(table, check=False) or code
+
+
 def main(argv: list[str]) -> int:
-    """Dispatch ``test`` / ``demo``; everything after the command goes to pytest / the demo."""
+    """Dispatch ``test`` / ``demo`` / ``costs``; everything after the command goes to pytest / the demo."""
     if sys.version_info < (3, 11):  # noqa: UP036 - dev.py may be started by any python3
         print(f"dev.py needs Python >= 3.11, this is {sys.version.split()[0]}", file=sys.stderr)
         return 2
     if argv and argv[0] in {"-h", "--help", "help"}:
         print(f"usage:\n{USAGE}")
         return 0
+    if argv and argv[0] == "costs":
+        return cmd_costs(argv[1:])
     if not argv or argv[0] not in {"test", "demo"}:
         print(f"usage:\n{USAGE}", file=sys.stderr)
         return 2

@@ -71,8 +71,8 @@ def offline_env(tmp: Path, eval_extra: bool = False, engines: tuple[str, ...] = 
     not use (tests/process_hooks/unused_packages.py, last on ``PYTHONPATH``): the eval extra's :data:`EVAL_ONLY` unless
     ``eval_extra``, and the :data:`ENGINES` not in ``engines`` (see :func:`engines_of`): an install without them, and
     about 4 CPU s less of imports per training process."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LLAMAFACTORY_HERA_", "FORCE_TORCHRUN", "PYTEST_XDIST_"))}
+    env = {k: v for k, v in os.environ.items()  # HERA_TEST_COSTS: a pytest it starts records nothing of its tests
+           if not k.startswith(("LLAMAFACTORY_HERA_", "FORCE_TORCHRUN", "PYTEST_XDIST_", "HERA_TEST_COSTS"))}
     env.update({
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
         "HF_HOME": str(tmp / "hf_home"), "MPLCONFIGDIR": str(tmp / "mpl"), "DISABLE_VERSION_CHECK": "1",

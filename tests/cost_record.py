@@ -1,21 +1,46 @@
 """Each test's cost, for finding what makes the suite slow: with ``HERA_TEST_COSTS=DIR`` every pytest process (xdist
 worker or not) appends one JSON line per test to DIR/<worker>.jsonl: the test's wall seconds (setup, call and
-teardown), its own CPU seconds and the CPU seconds of the processes it started and waited for (torchrun's ranks
-included: a launcher adds its children's when it reaps them). CPU seconds stay meaningful on a loaded machine,
-where wall seconds do not. Off (no cost) without the variable."""
+teardown), its own CPU seconds, the CPU seconds of the processes it started and waited for (torchrun's ranks
+included: a launcher adds its children's when it reaps them), and ``processes``: how many processes the test's own
+process started. CPU seconds stay meaningful on a loaded machine, where wall seconds do not. Off (no cost, nothing
+wrapped) without the variable. ``python3 dev.py costs`` turns a recording into tests/COSTS.md (tests/cost_table.py).
+
+What ``processes`` counts: every ``subprocess.Popen`` the pytest process makes (``subprocess.run``, ``call``,
+``check_output`` included), from any of its threads, and every ``multiprocessing`` process it starts (a ``Process``,
+a ``Pool``'s workers, a DataLoader's workers of an in-process run). What it does not: the processes those processes
+start (a ``llamafactory-cli``'s torchrun, torchrun's or ``accelerate launch``'s ranks, a rank's DataLoader workers:
+grandchildren, whose CPU seconds are in ``children_cpu`` all the same), bare ``os.fork`` / ``os.system`` /
+``os.posix_spawn`` calls, and the ``multiprocess`` package's (``datasets.map(num_proc=...)``)."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing.process
 import os
 import resource
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 FOLDER = os.environ.get("HERA_TEST_COSTS")
+_started = [0]  # processes started by this pytest process so far
+
+
+def _counting(start: Callable[..., Any]) -> Callable[..., Any]:
+    """``start`` (a process-starting method), counting each call in :data:`_started`."""
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        _started[0] += 1
+        return start(*args, **kwargs)
+    return counted
+
+
+if FOLDER:  # Popen's every start goes through _execute_child; every multiprocessing start through BaseProcess.start
+    subprocess.Popen._execute_child = _counting(subprocess.Popen._execute_child)
+    multiprocessing.process.BaseProcess.start = _counting(multiprocessing.process.BaseProcess.start)
 
 
 def _cpu(who: int) -> float:
@@ -29,10 +54,12 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
         yield
         return
     wall, own, children = time.time(), _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
+    started = _started[0]
     yield
     record = {"test": item.nodeid, "wall": round(time.time() - wall, 2),
               "cpu": round(_cpu(resource.RUSAGE_SELF) - own, 2),
-              "children_cpu": round(_cpu(resource.RUSAGE_CHILDREN) - children, 2)}
+              "children_cpu": round(_cpu(resource.RUSAGE_CHILDREN) - children, 2),
+              "processes": _started[0] - started}
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     with (Path(FOLDER) / f"{worker}.jsonl").open("a", encoding="utf-8") as out:
         out.write(json.dumps(record) + "\n")
