@@ -92,7 +92,7 @@ def table(records: list[dict]) -> str:
         counts[cost.name.partition("::")[0]] += 1
     wall, cpu, own, children, processes = _numbers(whole)
     lines = [HEADER, f"{len(tests)} tests in {len(modules)} modules: wall {wall} s, CPU {cpu} s ({own} own + "
-             f"{children} children), {processes} processes started.", "", "## Modules", "",
+             f"{children} children); processes started: {processes}.", "", "## Modules", "",
              _row("module", "tests", "wall s", "CPU s", "own", "children", "processes"),
              "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [_row(cost.name, counts[cost.name], *_numbers(cost)) for cost in modules]

@@ -14,7 +14,7 @@ import cost_table
 import pytest
 from test_readme import _dev
 
-from conftest import REPO
+from conftest import REPO, offline_env
 
 INNER_TESTS = '''
 import multiprocessing
@@ -76,7 +76,7 @@ def test_the_table_sorts_by_cpu_and_sums_each_module(tmp_path: Path) -> None:
     text = cost_table.write(tmp_path / "rec", tmp_path / "COSTS.md").read_text(encoding="utf-8")
     modules = text.split("## Modules")[1].split("## Tests")[0]
     tests = text.split("## Tests")[1]
-    totals = "5 tests in 3 modules: wall 76.0 s, CPU 73.5 s (31.5 own + 42.0 children), ? processes started."
+    totals = "5 tests in 3 modules: wall 76.0 s, CPU 73.5 s (31.5 own + 42.0 children); processes started: ?."
     assert totals in text, text
     module_rows = [line for line in modules.splitlines() if line.startswith("| tests/")]
     assert module_rows == ["| tests/a.py | 3 | 63.0 | 43.5 | 3.5 | 40.0 | 2 |",
@@ -113,3 +113,10 @@ def test_dev_costs_records_a_run_or_writes_from_a_recording(tmp_path: Path, monk
     ((folder, args),) = seen
     assert args == ["-k", "x"] and Path(folder).is_dir() and ran[-1][2] == folder
     os.rmdir(folder)
+
+
+def test_a_pytest_a_test_starts_records_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment of the processes tests start leaves HERA_TEST_COSTS out: a pytest run inside a test (one with
+    this conftest, tests/test_conftest_streams.py) would add its inner tests' lines to the recording."""
+    monkeypatch.setenv("HERA_TEST_COSTS", str(tmp_path))
+    assert "HERA_TEST_COSTS" not in offline_env(tmp_path)
