@@ -84,14 +84,17 @@ def test_a_killed_precompute_reruns_only_the_rows_it_had_not_kept(assets, tmp_pa
         assert f"continuing from {12 - sum(computed)} of 12 rows" in capsys.readouterr().out
 
 
-def test_a_killed_selection_teacher_pass_keeps_its_rows(assets, tmp_path: Path, monkeypatch) -> None:
-    """Selection's teacher pass (through the store): killed after its first batch of 8, the rerun sends the other 4
-    images through the teacher, and the rows equal one uninterrupted pass."""
+def test_a_killed_selection_teacher_pass_keeps_its_rows(assets, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Selection's teacher pass (through the store) over 12 images, 3 of them listed twice: killed after its first
+    batch of 8, the rerun sends the other 4 distinct images through the teacher (continuing from 8 of 12 rows: a
+    repeated image is one row), and the rows equal one uninterrupted pass."""
     monkeypatch.setattr(teacher_module, "KEEP_ROWS", 4)
-    images = copied_images(assets, tmp_path / "images", 12)
+    distinct = copied_images(assets, tmp_path / "images", 12)
+    images = [*distinct, *distinct[:3]]
     teacher, processor = load_teacher(str(assets.teacher), "cls", "cpu"), load_image_processor(str(assets.teacher))
     with torch.no_grad():
-        uninterrupted = image_features(teacher, processor, images, 8, 0, False)
+        uninterrupted = image_features(teacher, processor, distinct, 8, 0, False)
+    uninterrupted = torch.cat([uninterrupted, uninterrupted[:3]])
 
     def served() -> torch.Tensor:
         return teacher_cache.stored_image_features(teacher, processor, images, 8, teacher_cache.feature_store(teacher),
@@ -103,9 +106,10 @@ def test_a_killed_selection_teacher_pass_keeps_its_rows(assets, tmp_path: Path, 
             served()
     new_process(monkeypatch)
     rows = teacher_rows(monkeypatch)
+    capsys.readouterr()
     with torch.no_grad():
         assert torch.equal(served(), uninterrupted)
-    assert rows == [4]
+    assert rows == [4] and "continuing from 8 of 12 rows" in capsys.readouterr().out
 
 
 def test_a_killed_selection_continues_from_its_kept_batches(assets, tmp_path: Path, monkeypatch, capsys) -> None:

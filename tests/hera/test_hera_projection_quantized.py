@@ -4,7 +4,9 @@ zeroed, and on the identity for the weight), int8 codes times their row scales, 
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -58,6 +60,27 @@ def _layer(storage: str, adapter: str) -> nn.Module:
     return o_proj
 
 
+def _flat_dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: Any,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' 4-bit layout as its CUDA kernel and its CPU kernel without AVX-512 read it, by brute force: the
+    flattened weight's codes (high nibble first), each run of ``blocksize`` codes times its absmax."""
+    packed = A.reshape(-1).view(torch.uint8)
+    codes = torch.stack([packed >> 4, packed & 15], -1).flatten()[:math.prod(shape)].long()
+    table = bnb.functional.get_4bit_type(quant_type, device=A.device)
+    return (table[codes] * absmax.float().repeat_interleave(blocksize)[:len(codes)]).to(dtype).reshape(shape)
+
+
+# native: bitsandbytes' CPU kernel on this machine; on a CPU with AVX-512 it takes row r's blocks from
+# r * (in // blocksize), the flattened weight's blocks only where in is a multiple of blocksize. flat: the layout of
+# CUDA and of CPUs without AVX-512 (the brute force above in place of the kernel), so that one machine runs both
+LAYOUTS = ("native", "flat")
+
+
+def _use_layout(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if layout == "flat":
+        monkeypatch.setattr(torch.ops.bitsandbytes, "dequantize_4bit", SimpleNamespace(default=_flat_dequantize_4bit))
+
+
 def _alone(x: torch.Tensor, head: int) -> torch.Tensor:
     """``x`` with every head's input but ``head``'s zeroed."""
     mask = torch.zeros(HEADS, HEAD_DIM)
@@ -70,11 +93,13 @@ def _alone(x: torch.Tensor, head: int) -> torch.Tensor:
 # attribute 'unsqueeze'), in stock SFT as well; hera/checks.py refuses that pair by name
 # by_call: the ZeRO-3 path (hera/capture.py InCallColumns: each weight's head columns copied in its module's call,
 # DoRA's row norm where PEFT's forward computes it; here nothing is partitioned, so the calls read the same weights)
-@pytest.mark.parametrize(("storage", "adapter", "by_call"),
-                         [(s, a, c) for s in STORAGES for a in ("none", "lora", "dora") for c in (False, True)
-                          if (s, a) != ("int8", "dora")])
-def test_heads_through_a_quantized_or_dora_o_proj_equal_the_layers_own_forward(storage: str, adapter: str,
-                                                                               by_call: bool) -> None:
+# flat: one case in the other 4-bit layout (HeRA and the layer read the weight through the same dequantize_4bit)
+@pytest.mark.parametrize(("storage", "adapter", "by_call", "layout"),
+                         [(s, a, c, "native") for s in STORAGES for a in ("none", "lora", "dora") for c in (False, True)
+                          if (s, a) != ("int8", "dora")] + [("nf4_double", "dora", False, "flat")])
+def test_heads_through_a_quantized_or_dora_o_proj_equal_the_layers_own_forward(
+        storage: str, adapter: str, by_call: bool, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _use_layout(layout, monkeypatch)
     o_proj = _layer(storage, adapter)
     x = torch.randn(3, HEADS * HEAD_DIM, requires_grad=True)
     bias = (o_proj.base_layer if adapter != "none" else o_proj).bias
@@ -97,8 +122,11 @@ def test_heads_through_a_quantized_or_dora_o_proj_equal_the_layers_own_forward(s
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("storage", STORAGES)
-def test_a_quantized_weight_reads_as_its_dequantized_values(storage: str) -> None:
+@pytest.mark.parametrize(("storage", "layout"), [*((s, "native") for s in STORAGES),
+                                                  *((s, "flat") for s in STORAGES if s not in ("plain", "int8"))])
+def test_a_quantized_weight_reads_as_its_dequantized_values(storage: str, layout: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    _use_layout(layout, monkeypatch)
     base = _layer(storage, "none")
     columns = torch.tensor([3, 17, 8, 31])
     with torch.no_grad():  # the forward on the identity: the weight it computes with (+ b - b rounds)
@@ -120,11 +148,14 @@ def test_a_quantized_weight_reads_as_its_dequantized_values(storage: str) -> Non
         torch.testing.assert_close(base_weight_columns(base, columns), dequantized[:, columns].float(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("storage", ["nf4", "fp4", "nf4_double"])
-def test_a_4bit_weight_without_its_quant_state_is_read_with_the_layers(storage: str) -> None:
+def test_a_4bit_weight_without_its_quant_state_is_read_with_the_layers(storage: str, layout: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """As FSDP2 leaves a 4-bit layer (its weight a DTensor of the bare packed storage, gathered by HeRA;
     tests/hera/test_hera_fsdp2.py): the quantization state is the layer's (bitsandbytes keeps it on ``Linear4bit``,
     whose forward puts it back on the weight). Read as before; never the packed storage as weights."""
+    _use_layout(layout, monkeypatch)
     base = _layer(storage, "none")
     want = base_weight_columns(base)
     base.quant_state = base.weight.quant_state
@@ -189,26 +220,35 @@ class _Shard:
         return self.local
 
 
-@pytest.mark.parametrize(("rows", "read_alone"), [(63, True), (16, False)])
-def test_each_rank_reads_its_4bit_shard_alone_only_where_it_holds_whole_blocks(rows: int, read_alone: bool,
-                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The 4-bit shard rule per rank of 16 (decided from global shapes, so one process runs every rank; each rank's
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("width", "rows", "world", "lengths"),
+                         [(64, 47, 24, [2] * 23 + [1]), (48, 63, 16, None), (48, 16, 16, None)])
+def test_each_rank_reads_its_4bit_shard_alone_only_where_it_holds_whole_rows_of_whole_blocks(
+        width: int, rows: int, world: int, lengths: list[int] | None, layout: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 4-bit shard rule per rank (decided from global shapes, so one process runs every rank; each rank's
     ``[rows, C]`` handed back where the ranks would all-gather them), against ``dequantize_4bit`` of the whole packed
-    weight (nf4, double quantization, bf16 storage: 4 codes an element), input width 48, not a multiple of 64:
-    63 rows are 756 elements, shards of 48 (192 codes: 4 rows, 3 blocks) and a short last one of 36 (3 rows, its first
-    block the 46th: where a full shard would start it); 16 rows are shards of 12 (48 codes: a whole row, not a whole
-    block), not read alone (None: the caller gathers the weight whole)."""
+    weight (nf4, double quantization, bf16 storage: 4 codes an element), in both layouts: 47 rows of 64 on 24 ranks
+    are 752 elements, shards of 32 (128 codes: 2 rows, 2 blocks) and a short last one of 16 (1 row, its first block
+    the 47th: where a full shard would start it). 48 wide, not a multiple of 64, never (None: the caller gathers the
+    weight whole), in every layout: 63 rows on 16 ranks are shards of 4 rows and 3 blocks, but blocks run across
+    rows, which the AVX-512 kernel does not read; 16 rows are shards of a whole row, not a whole block."""
+    _use_layout(layout, monkeypatch)
     torch.manual_seed(0)
-    layer = bnb.nn.Linear4bit(48, rows, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
+    layer = bnb.nn.Linear4bit(width, rows, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
                               quant_storage=torch.bfloat16)
-    layer.weight = bnb.nn.Params4bit(torch.randn(rows, 48, dtype=torch.bfloat16), requires_grad=False,
+    layer.weight = bnb.nn.Params4bit(torch.randn(rows, width, dtype=torch.bfloat16), requires_grad=False,
                                      quant_type="nf4", compress_statistics=True, quant_storage=torch.bfloat16)
     packed, state = layer.to("cpu").weight.data, layer.weight.quant_state
+    whole = bnb.functional.dequantize_4bit(packed, state)
+    if width % state.blocksize == 0:  # rows of whole blocks: every layout reads the flattened weight's blocks
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        assert torch.equal(whole, _flat_dequantize_4bit(packed, absmax, 64, "nf4", (rows, width), torch.bfloat16))
     columns = torch.arange(8, 16)
     monkeypatch.setattr(DTensor, "from_local", lambda values, *_, **__: SimpleNamespace(full_tensor=lambda: values))
-    read = [sharded_columns(_Shard(packed, rank, 16), state, columns) for rank in range(16)]
-    if not read_alone:
-        assert read == [None] * 16
+    read = [sharded_columns(_Shard(packed, rank, world), state, columns) for rank in range(world)]
+    if lengths is None:
+        assert read == [None] * world
         return
-    assert [len(part) for part in read] == [4] * 15 + [3]
-    assert torch.equal(torch.cat(read), bnb.functional.dequantize_4bit(packed, state)[:, columns])
+    assert [len(part) for part in read] == lengths
+    assert torch.equal(torch.cat(read), whole[:, columns])

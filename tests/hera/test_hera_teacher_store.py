@@ -4,6 +4,9 @@ and across two (``select``, then ``llamafactory-cli train``: the store on disk).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
 import re
 import shutil
@@ -198,9 +201,10 @@ def test_ranks_with_node_local_image_copies_leave_out_rank_0s_stored_rows_by_pos
 
 
 def test_a_failing_store_write_warns_and_selection_goes_on(assets, tmp_path: Path, monkeypatch, capsys) -> None:
-    """The store on disk only saves a later pass: a write that fails (read-only or full disk) prints one warning and
-    selection gets its features; ``trim`` skips files another job removed meanwhile and clears ``*.tmp`` files of
-    writes that died over an hour ago (a fresh one may be a live write)."""
+    """The store on disk only saves a later pass: a write that fails (here the disk fills halfway through the file)
+    prints one warning and selection gets its features; no file stays, under the final name or a temporary one, so
+    the next process sends the images through the teacher again; ``trim`` skips files another job removed meanwhile
+    and clears ``*.tmp`` files of writes that died over an hour ago (a fresh one may be a live write)."""
     from llamafactory_hera.hera import teacher_cache as teacher_store
     from llamafactory_hera.hera.teacher import load_image_processor, load_teacher
 
@@ -208,16 +212,30 @@ def test_a_failing_store_write_warns_and_selection_goes_on(assets, tmp_path: Pat
     teacher = load_teacher(str(assets.teacher), "cls", "cpu")
     store = teacher_store.TeacherFeatureStore(tmp_path / "store" / "teacher")
 
-    def read_only(*args: Any, **kwargs: Any) -> None:
-        raise PermissionError(13, "Read-only file system")
+    save = torch.save
 
-    monkeypatch.setattr(teacher_store.torch, "save", read_only)
-    features = teacher_store.stored_image_features(teacher, load_image_processor(str(assets.teacher)), images, 8,
-                                                   store, persist=True, workers=0, progress=False)
+    def full_disk(data: Any, file: Any) -> None:  # half the bytes reach the file (a handle, or a path it opens)
+        whole = io.BytesIO()
+        save(data, whole)
+        with contextlib.nullcontext(file) if hasattr(file, "write") else open(file, "wb") as handle:
+            handle.write(whole.getvalue()[:whole.tell() // 2])
+            handle.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    processor = load_image_processor(str(assets.teacher))
+    with monkeypatch.context() as failing:
+        failing.setattr(teacher_store.torch, "save", full_disk)
+        features = teacher_store.stored_image_features(teacher, processor, images, 8, store, persist=True, workers=0,
+                                                       progress=False)
     assert features.shape[0] == 2 and sorted(store.rows) == sorted(store.get(store.rows))
     warning = [line for line in capsys.readouterr().out.splitlines() if "cannot write the cache folder" in line]
-    assert len(warning) == 1 and "Read-only" in warning[0] and "stay in memory" in warning[0]
-    assert list((tmp_path / "store").rglob("*.tmp")) == []  # the half-written file does not stay
+    assert len(warning) == 1 and "No space left" in warning[0] and "stay in memory" in warning[0]
+    assert [p for p in (tmp_path / "store").rglob("*") if p.is_file()] == []  # no half-written file, by any name
+    rows = teacher_rows(monkeypatch)
+    teacher_store.stored_image_features(teacher, processor, images, 8,
+                                        teacher_store.TeacherFeatureStore(tmp_path / "store" / "teacher"),
+                                        persist=False, workers=0, progress=False)
+    assert rows == [2]  # the next process finds nothing kept
 
     root = tmp_path / "trim"
     (root / "t").mkdir(parents=True)

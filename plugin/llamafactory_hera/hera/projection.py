@@ -141,7 +141,7 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
 def sharded_columns(weight: torch.Tensor, quant_state: object, columns: torch.Tensor) -> torch.Tensor | None:
     """``[out, C]`` of the 4-bit weight at input ``columns`` ``[C]``, in the dequantized dtype (``quant_state.dtype``),
     bit for bit what ``dequantize_4bit`` of the whole packed weight gives there; no gradient (a frozen base). None
-    when ``weight`` is not an FSDP2 shard (a DTensor ``Shard(0)`` on a 1-D mesh) of whole rows and whole blocks, or when
+    when ``weight`` is not an FSDP2 shard (a DTensor ``Shard(0)`` on a 1-D mesh) of whole rows of whole blocks, or when
     the columns would move more bytes than the packed weight (many heads of a layer): the caller gathers it whole.
     Decided from global shapes only, so every rank takes the same path and issues the same collectives.
 
@@ -149,9 +149,9 @@ def sharded_columns(weight: torch.Tensor, quant_state: object, columns: torch.Te
     4-bit codes each: 2 per byte; ``k = 4`` in bf16, the storage LLaMA-Factory sets under FSDP), quantized in blocks of
     ``blocksize`` consecutive codes, one absmax each (the ``QuantState``, whole on every rank: it stays on the layer).
     FSDP2 shards the storage's dim 0 as ``torch.chunk`` does: ``chunk = ceil(M / world)`` elements, rank i holding
-    ``[i * chunk, min((i + 1) * chunk, M))`` (the last ones short or empty). When ``chunk * k`` codes are whole rows and
-    whole blocks, each rank's shard is rows ``[i * chunk * k / in, ...)`` of the weight: it is dequantized there, its
-    ``[rows, C]`` columns taken, and only those are all-gathered into ``[out, C]``."""
+    ``[i * chunk, min((i + 1) * chunk, M))`` (the last ones short or empty). When ``chunk * k`` codes are whole rows
+    and ``in`` whole blocks (bitsandbytes' CPU kernel on AVX-512 reads row r's blocks from ``r * (in // blocksize)``),
+    rank i's shard is rows ``[i * chunk * k / in, ...)``: dequantized there, its ``[rows, C]`` gathered."""
     if not hasattr(weight, "to_local") or weight.device_mesh.ndim != 1 or len(weight.placements) != 1 \
             or not weight.placements[0].is_shard(0):
         return None
@@ -159,7 +159,7 @@ def sharded_columns(weight: torch.Tensor, quant_state: object, columns: torch.Te
     per_element = 2 * weight.element_size()  # 4-bit codes per storage element
     total, world, size = weight.shape[0], weight.device_mesh.size(), len(columns)
     codes = -(-total // world) * per_element  # codes of a full shard
-    if total * per_element != out * width or codes % width or codes % quant_state.blocksize \
+    if total * per_element != out * width or codes % width or width % quant_state.blocksize \
             or out * size * quant_state.dtype.itemsize > weight.numel() * weight.element_size():
         return None
     # lazy: only a 4-bit layer sharded by FSDP2 gets here
