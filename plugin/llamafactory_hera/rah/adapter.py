@@ -62,13 +62,18 @@ def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.
             layer = peft_model.base_model.model.get_submodule(name)
             if layer.scaling["default"] != 1.0:
                 raise RuntimeError(f"RAH-LoRA: PEFT gave {name} scaling {layer.scaling['default']}, expected 1.")
-            layer.lora_A["default"].weight.data.copy_(a.to(layer.lora_A["default"].weight.dtype))
-            layer.lora_B["default"].weight.data.copy_(b.to(layer.lora_B["default"].weight.dtype))
-            if dora:  # m = ||W + BA||_row: the calibrated weight's rows; the DoRA layer then equals W + BA
-                magnitude = layer.lora_magnitude_vector["default"].weight
+            _assign(layer.lora_A["default"], a)
+            _assign(layer.lora_B["default"], b)
+            if dora:  # m = ||W + BA||_row: the calibrated weight's rows (an offloaded one read from its offload map)
                 calibrated = (overlay or WeightOverlay()).current(layer.base_layer).float()
-                magnitude.data.copy_(torch.linalg.norm(calibrated, dim=1).to(magnitude))
+                _assign(layer.lora_magnitude_vector["default"], torch.linalg.norm(calibrated, dim=1))
         peft_model.save_pretrained(str(output_dir))
     finally:
         peft_model.unload()  # the base model without LoRA layers, as it came in
     return sorted(factors)
+
+
+def _assign(module: nn.Module, value: torch.Tensor) -> None:
+    """``module.weight`` := ``value`` in its dtype, on the CPU, a new tensor: PEFT made the weight on its base layer's
+    device, ``meta`` for an offloaded layer, where it holds no values to copy into or to save."""
+    module.weight = nn.Parameter(value.detach().to("cpu", module.weight.dtype), requires_grad=False)
