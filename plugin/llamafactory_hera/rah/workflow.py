@@ -159,13 +159,12 @@ def placement(model_args: Any, device: str) -> dict[str, Any] | None:
     """The ``device_map`` the calibration loads the model with (:mod:`llamafactory_hera.placement`: whole on ``device``
     where it fits, else over every visible GPU, then the CPU's RAM), said in one line; None: whole on ``device``. A
     bitsandbytes model loads as LLaMA-Factory loads it, whole on the process's GPU (70B in 4-bit: about 40 GB)."""
-    if model_args.quantization_bit is not None:
-        say(f"RAH-LoRA: the {model_args.quantization_bit}-bit model loads whole on {device}, as LLaMA-Factory does.")
-        return None
     meta = check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
     saved = getattr(getattr(meta, "config", None), "dtype", None) or "float32"
     dtype = str(model_args.compute_dtype or saved).removeprefix("torch.")  # as LLaMA-Factory loads it
-    return None if meta is None else device_map_for(meta, model_args.model_name_or_path, device, dtype, job="RAH-LoRA")
+    return None if meta is None else device_map_for(meta, model_args.model_name_or_path, device, dtype, job="RAH-LoRA",
+                                                     bits=model_args.quantization_bit,
+                                                     double_quant=model_args.double_quantization)
 
 
 def input_device(model: torch.nn.Module) -> torch.device:

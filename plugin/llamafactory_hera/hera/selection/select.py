@@ -273,8 +273,7 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: li
     keeps its batches in ``kept`` and continues from those there (:class:`~collect.PooledInputRecorder`)."""
     device = options.resolved_device()
     model_args = recipe_args.model_args
-    meta = None if model_args.quantization_bit is not None or torch.device(device).type not in ("cpu", "cuda") \
-        else check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
+    meta = check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
     device_map = None
     if meta is not None:  # the o_proj weights are read in float32 into the CPU's RAM (collect.layer_weights),
         # wherever o_proj lives: the CPU keeps their bytes besides the model's layers it holds
@@ -282,7 +281,8 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: li
         device_map = device_map_for(meta, model_args.model_name_or_path, device, options.dtype,
                                     reserve=(reserve, "its o_proj weights in float32"),
                                     fix="Free memory, select on a machine with more (llamafactory-hera select RECIPE) "
-                                        "and list its heads in hera_heads, or set quantization_bit: 4.")
+                                        "and list its heads in hera_heads", bits=model_args.quantization_bit,
+                                    double_quant=model_args.double_quantization)
     del meta
     model, tokenizer_module, template = load_in_scoring_dtype(recipe_args, device, options.dtype, device_map)
     geometry = attention_geometry(model.config)
