@@ -4,8 +4,7 @@ what the GPUs cannot hold (an offloaded layer is copied to its GPU for its forwa
 weight loads when all of them together cannot hold it. Under a launch of several processes on the node each keeps to
 its own GPU and the CPU: the others' GPUs are theirs. Sizes from the config alone (a meta-device model), so a 70B
 checkpoint is judged without reading its weights (:func:`check_model_structure` builds it and checks its heads). A
-bitsandbytes model (``quantization_bit``) loads whole on the job's device, as LLaMA-Factory loads it: its codes' bytes
-there. Only a ``quantization_bit`` that fits is offered.
+bitsandbytes model (``quantization_bit``) is judged whole on the job's device in its codes, as LLaMA-Factory loads it.
 """
 
 from __future__ import annotations
@@ -45,13 +44,10 @@ def quantized_bytes_per_weight(bits: int, double_quant: bool = True, row_width: 
 def stored_bytes(meta: torch.nn.Module, dtype: str, bits: int | None = None, double_quant: bool = True) -> int:
     """Bytes of ``meta``'s weights in ``dtype``; with ``bits``, its linear layers but the output layer in bitsandbytes'
     codes (:func:`quantized_bytes_per_weight`), as LLaMA-Factory's ``quantization_bit`` stores them."""
-    size = compute_module_sizes(meta, dtype=getattr(torch, dtype))[""]
-    for name, linear in meta.named_modules() if bits else ():
-        if type(linear) is torch.nn.Linear and "lm_head" not in name:
-            weights = linear.weight.numel()
-            size += math.ceil(weights * quantized_bytes_per_weight(bits, double_quant, linear.in_features)) - \
-                weights * getattr(torch, dtype).itemsize
-    return size
+    linears = [m for name, m in meta.named_modules() if bits and type(m) is torch.nn.Linear and "lm_head" not in name]
+    return compute_module_sizes(meta, dtype=getattr(torch, dtype))[""] + sum(
+        math.ceil(m.weight.numel() * quantized_bytes_per_weight(bits, double_quant, m.in_features))
+        - m.weight.numel() * getattr(torch, dtype).itemsize for m in linears)
 
 
 def plan_memory(model_bytes: int, reserve: int, free: dict[Any, int]) -> dict[Any, int] | None:
@@ -92,8 +88,7 @@ def device_map_for(meta: torch.nn.Module, model_name: str, device: str, dtype: s
         return None
     sizes = compute_module_sizes(meta, dtype=getattr(torch, dtype))
     size, (reserve_bytes, reserve_for) = stored_bytes(meta, dtype, bits, double_quant), reserve
-    free = free_memory(device)
-    budgets = plan_memory(size, reserve_bytes, free)
+    budgets = plan_memory(size, reserve_bytes, free := free_memory(device))
     stored = f"{bits} bits (bitsandbytes; the rest in {dtype})" if bits else dtype
     if budgets is None:
         show(f"{job}: the model is {gb(size)} in {stored}; it fits whole on {device} "
@@ -108,9 +103,8 @@ def device_map_for(meta: torch.nn.Module, model_name: str, device: str, dtype: s
                                            no_split_module_classes=no_split)
     if any(at not in budgets for at in device_map.values()):
         besides = f" and {gb(reserve_bytes)} of CPU RAM for {reserve_for}" if reserve_bytes else ""
-        whole = {next(iter(free)): next(iter(free.values())), "cpu": free["cpu"]}  # a quantized model: whole
-        smaller = [f"{fewer} ({gb(need)})" for fewer in (8, 4) if fewer < (bits or 16)
-                   and plan_memory(need := stored_bytes(meta, dtype, fewer), reserve_bytes, whole) is None]
+        smaller = [f"{fewer} ({gb(need)})" for fewer in (8, 4) if fewer < (bits or 16)  # that fit whole
+                   and plan_memory(need := stored_bytes(meta, dtype, fewer), reserve_bytes, free) is None]
         raise RecipeError(
             f"model_name_or_path: {model_name}: {job} needs {gb(size)} for the model in {stored}"
             f"{' whole on ' + device if bits else ''}{besides}, {HEADROOM:.0%} of the free memory usable: "
