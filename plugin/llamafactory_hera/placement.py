@@ -3,11 +3,13 @@ whole on its device when it fits there; else over every visible GPU, balanced by
 what the GPUs cannot hold (an offloaded layer is copied to its GPU for its forward, every batch); refused before any
 weight loads when all of them together cannot hold it. Under a launch of several processes on the node each keeps to
 its own GPU and the CPU: the others' GPUs are theirs. Sizes from the config alone (a meta-device model), so a 70B
-checkpoint is judged without reading its weights (:func:`check_model_structure` builds it and checks its heads).
+checkpoint is judged without reading its weights (:func:`check_model_structure` builds it and checks its heads). A
+bitsandbytes model (``quantization_bit``) is judged whole on the job's device in its codes, as LLaMA-Factory loads it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -19,12 +21,33 @@ from llamafactory_hera.log import show
 from llamafactory_hera_patches.errors import RecipeError
 
 HEADROOM = 0.9  # of what is free: the batch's activations, the allocator's blocks, the loader's transient copies
-FIX = "Free memory, run on a machine with more GPU memory or RAM, or set quantization_bit: 4."
+FIX = "Free memory or run on a machine with more GPU memory or RAM"
+NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit: weights per absmax; absmax values per second-level scale
 
 
 def gb(size: float) -> str:
     """Bytes as decimal GB, as checkpoints' sizes are quoted."""
     return f"{size / 1e9:.1f} GB"
+
+
+def quantized_bytes_per_weight(bits: int, double_quant: bool = True, row_width: int | None = None) -> float:
+    """Bytes bitsandbytes stores per linear weight: 4-bit (nf4 / fp4) with one absmax per block of 64 weights, a
+    float32 or, with double quantization, 1 byte plus a float32 per 256 blocks; 8-bit (LLM.int8) 1 byte plus a
+    float32 scale per output row (``4 / row_width`` per weight; no ``row_width``: not counted)."""
+    if bits == 4:
+        return 0.5 + ((1 + 4 / NESTED_BLOCK) if double_quant else 4) / NF4_BLOCK
+    if bits == 8:
+        return 1 + (4 / row_width if row_width else 0)
+    raise ValueError(f"quantization_bit: bitsandbytes quantizes to 4 or 8 bits, not {bits}")
+
+
+def stored_bytes(meta: torch.nn.Module, dtype: str, bits: int | None = None, double_quant: bool = True) -> int:
+    """Bytes of ``meta``'s weights in ``dtype``; with ``bits``, its linear layers but the output layer in bitsandbytes'
+    codes (:func:`quantized_bytes_per_weight`), as LLaMA-Factory's ``quantization_bit`` stores them."""
+    linears = [m for name, m in meta.named_modules() if bits and type(m) is torch.nn.Linear and "lm_head" not in name]
+    return compute_module_sizes(meta, dtype=getattr(torch, dtype))[""] + sum(
+        math.ceil(m.weight.numel() * quantized_bytes_per_weight(bits, double_quant, m.in_features))
+        - m.weight.numel() * getattr(torch, dtype).itemsize for m in linears)
 
 
 def plan_memory(model_bytes: int, reserve: int, free: dict[Any, int]) -> dict[Any, int] | None:
@@ -53,39 +76,44 @@ def free_memory(device: str) -> dict[Any, int]:
 
 
 def device_map_for(meta: torch.nn.Module, model_name: str, device: str, dtype: str, *, job: str = "head selection",
-                   reserve: tuple[int, str] = (0, ""), fix: str = FIX) -> dict[str, Any] | None:
-    """The ``device_map`` ``job`` loads ``meta``'s checkpoint with in ``dtype`` (None: whole on ``device``), said in
-    one line; a RecipeError naming the bytes needed (the model's, and ``reserve``: bytes of CPU RAM the job holds
-    besides, and what for) and ``fix`` where the GPUs and the RAM cannot hold it. On a device other than the CPU or
-    CUDA, or saved quantized (its sizes are not the config's dtype's), it loads whole, as LLaMA-Factory loads it."""
+                   reserve: tuple[int, str] = (0, ""), fix: str = FIX, bits: int | None = None,
+                   double_quant: bool = True) -> dict[str, Any] | None:
+    """The ``device_map`` ``job`` loads ``meta``'s checkpoint with in ``dtype``, in ``bits`` (``quantization_bit``)
+    where set (None: whole on ``device``), said in one line; a RecipeError naming the bytes needed (the model's, and
+    ``reserve``: bytes of CPU RAM the job holds besides, and what for), ``fix`` and each ``quantization_bit`` that
+    would fit where the GPUs and the RAM cannot hold it. On a device other than the CPU or CUDA, or saved quantized
+    (its sizes are not the config's dtype's), it loads whole, as LLaMA-Factory loads it."""
     if torch.device(device).type not in ("cpu", "cuda") or getattr(meta.config, "quantization_config", None):
         show(f"{job}: {model_name} loads whole on {device}, as LLaMA-Factory loads it.")
         return None
     sizes = compute_module_sizes(meta, dtype=getattr(torch, dtype))
-    model_bytes, (reserve_bytes, reserve_for) = sizes[""], reserve
-    free = free_memory(device)
-    budgets = plan_memory(model_bytes, reserve_bytes, free)
+    size, (reserve_bytes, reserve_for) = stored_bytes(meta, dtype, bits, double_quant), reserve
+    budgets = plan_memory(size, reserve_bytes, free := free_memory(device))
+    stored = f"{bits} bits (bitsandbytes; the rest in {dtype})" if bits else dtype
     if budgets is None:
-        show(f"{job}: the model is {gb(model_bytes)} in {dtype}; it fits whole on {device} "
+        show(f"{job}: the model is {gb(size)} in {stored}; it fits whole on {device} "
              f"({gb(next(iter(free.values())))} free).")
         return None
-    device_map = {"": "disk"}  # accelerate's last resort, which no job here takes
+    device_map = {"": "disk"}  # accelerate's last resort, which no job here takes (nor a quantized model: whole)
     no_split = list(getattr(meta, "_no_split_modules", None) or [])
-    if sum(budgets.values()) >= model_bytes and min(budgets.values()) >= 0:
+    if not bits and sum(budgets.values()) >= size and min(budgets.values()) >= 0:
         balanced = budgets if sum(isinstance(place, int) for place in budgets) < 2 else get_balanced_memory(
             meta, max_memory=dict(budgets), no_split_module_classes=no_split, dtype=getattr(torch, dtype))
         device_map = infer_auto_device_map(meta, max_memory=balanced, dtype=getattr(torch, dtype),
                                            no_split_module_classes=no_split)
     if any(at not in budgets for at in device_map.values()):
         besides = f" and {gb(reserve_bytes)} of CPU RAM for {reserve_for}" if reserve_bytes else ""
+        smaller = [f"{fewer} ({gb(need)})" for fewer in (8, 4) if fewer < (bits or 16)  # that fit whole
+                   and plan_memory(need := stored_bytes(meta, dtype, fewer), reserve_bytes, free) is None]
         raise RecipeError(
-            f"model_name_or_path: {model_name}: {job} needs {gb(model_bytes)} for the model in {dtype}{besides}, "
-            f"{HEADROOM:.0%} of the free memory usable: "
-            + ", ".join(f"{_name(place)} has {gb(size)}" for place, size in free.items()) + f". {fix}")
+            f"model_name_or_path: {model_name}: {job} needs {gb(size)} for the model in {stored}"
+            f"{' whole on ' + device if bits else ''}{besides}, {HEADROOM:.0%} of the free memory usable: "
+            + ", ".join(f"{_name(place)} has {gb(free_bytes)}" for place, free_bytes in free.items())
+            + f". {fix}" + (f", or set quantization_bit: {' or '.join(smaller)}." if smaller else "."))
     placed = {place: sum(sizes[name] for name, at in device_map.items() if at == place) for place in budgets}
-    offloaded = any(size for place, size in placed.items() if not isinstance(place, int))
-    show(f"{job}: the model is {gb(model_bytes)} in {dtype}, more than {device} holds: "
-         + ", ".join(f"{gb(size)} on {_name(place)}" for place, size in placed.items())
+    offloaded = any(held for place, held in placed.items() if not isinstance(place, int))
+    show(f"{job}: the model is {gb(size)} in {dtype}, more than {device} holds: "
+         + ", ".join(f"{gb(held)} on {_name(place)}" for place, held in placed.items())
          + (" (offloaded: each batch copies the layers it runs from there to a GPU, one at a time)." if offloaded
             else " (no layer offloaded)."))
     return device_map

@@ -104,7 +104,7 @@ def test_a_72b_model_over_eight_gpus_and_over_one_gpu_and_the_cpu(model_72b, mon
     assert str(caught.value) == (
         f"model_name_or_path: {big}: head selection needs 146.8 GB for the model in bfloat16 and 21.5 GB of CPU RAM "
         "for its o_proj weights in float32, 90% of the free memory usable: cuda:0 has 80.0 GB, cpu has 64.0 GB. "
-        + placement.FIX)
+        f"{placement.FIX}, or set quantization_bit: 4 (41.6 GB).")  # 8 bits: 75.9 GB > 72 GB (below)
 
 
 def test_other_gpus_are_used_only_by_a_process_alone_on_its_node(monkeypatch) -> None:
@@ -132,7 +132,8 @@ def test_too_large_a_model_is_refused_before_any_weight_loads(assets, model_72b,
         score_head_neighbours(recipe_args, options, pairs)
     line = str(caught.value)
     assert "\n" not in line and line.startswith(f"model_name_or_path: {big}: head selection needs 146.8 GB for the ")
-    assert "cpu has 64.0 GB" in line and "list its heads in hera_heads, or set quantization_bit: 4." in line
+    # in 4 bits 41.6 GB + 21.5 GB of o_proj copies > 0.9 x 64 GB: not offered
+    assert "cpu has 64.0 GB" in line and line.endswith("list its heads in hera_heads.")
     # saved in 4 bits (a quarter of the bytes the config's dtype gives): loaded whole, as LLaMA-Factory loads it
     config = json.loads((big / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
@@ -142,6 +143,51 @@ def test_too_large_a_model_is_refused_before_any_weight_loads(assets, model_72b,
     finally:
         del config["quantization_config"]
         (big / "config.json").write_text(json.dumps(config))
+
+
+# Qwen2.5-VL-72B's linear weights but the output layer (bitsandbytes quantizes these): 80 decoder layers of 877,658,112
+# (q and o 8192^2, k and v 8192 x 1024, the MLP 3 x 8192 x 29568), 32 vision blocks of 19,824,640 (qkv 1280 x 3840,
+# proj 1280^2, the MLP 3 x 1280 x 3456) and the merger's 5120^2 + 5120 x 8192, in 7,300,096 output rows
+LINEAR_72B, ROWS_72B = 80 * 877_658_112 + 32 * 19_824_640 + 5120 * 5120 + 5120 * 8192, 7_300_096
+OTHERS_72B = BYTES_72B - 2 * LINEAR_72B  # embeddings, output layer, biases, norms, patch embedding: bf16
+BITS_72B = {4: LINEAR_72B // 2 + LINEAR_72B // 64 + LINEAR_72B // 64 // 256 * 4 + OTHERS_72B,  # codes, absmax, scales
+            8: LINEAR_72B + 4 * ROWS_72B + OTHERS_72B}  # codes, a float32 scale per row
+
+
+def test_a_quantized_model_is_sized_in_its_codes_and_only_a_quantization_that_fits_is_offered(
+        assets, model_72b, monkeypatch, capsys) -> None:
+    """``quantization_bit`` (Qwen2.5-VL-72B's config, no weights): the model is counted in bitsandbytes' bytes (4 bits:
+    41.6 GB with double quantization; 8 bits: 75.9 GB), whole on the device, besides 21.5 GB of o_proj copies in RAM.
+    select on a machine of 23 GB: one line naming the bytes, before any weight loads, offering no quantization (none
+    fits); 8 bits on an 80 GB GPU and 64 GB of RAM: refused, offering 4 bits; 4 bits there: loads whole."""
+    from llamafactory_hera_patches.tools.model_data import parse_recipe
+
+    big, meta = model_72b
+    extra = compute_module_sizes(meta, dtype=torch.bfloat16)[""] - BYTES_72B  # buffers (rotary frequencies)
+    assert {bits: placement.stored_bytes(meta, "bfloat16", bits) - extra for bits in (4, 8)} == BITS_72B
+    recipe_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused", model_name_or_path=str(big),
+                                           quantization_bit=4))
+    options = SelectionOptions(**OPTIONS, teacher=str(assets.teacher), dtype="bfloat16")
+    pairs, _ = prepare(recipe_args, options)
+    monkeypatch.setattr(placement, "free_memory", lambda device: {"cpu": 23 * 10**9})
+    with pytest.raises(ValueError) as caught:
+        score_head_neighbours(recipe_args, options, pairs)
+    assert str(caught.value) == (
+        f"model_name_or_path: {big}: head selection needs 41.6 GB for the model in 4 bits (bitsandbytes; the rest in "
+        "bfloat16) whole on cpu and 21.5 GB of CPU RAM for its o_proj weights in float32, 90% of the free memory "
+        "usable: cpu has 23.0 GB. Free memory, select on a machine with more (llamafactory-hera select RECIPE) and "
+        "list its heads in hera_heads.")
+    reserve = (80 * 8192 * 8192 * 4, "its o_proj weights in float32")
+    monkeypatch.setattr(placement, "free_memory", lambda device: {0: 80 * 10**9, "cpu": 64 * 10**9})
+    with pytest.raises(ValueError) as caught:
+        placement.device_map_for(meta, str(big), "cuda:0", "bfloat16", reserve=reserve, bits=8)
+    assert str(caught.value).startswith(f"model_name_or_path: {big}: head selection needs 75.9 GB for the model in 8 "
+                                        "bits (bitsandbytes; the rest in bfloat16) whole on cuda:0 and 21.5 GB")
+    assert str(caught.value).endswith(f"{placement.FIX}, or set quantization_bit: 4 (41.6 GB).")
+    capsys.readouterr()
+    assert placement.device_map_for(meta, str(big), "cuda:0", "bfloat16", reserve=reserve, bits=4) is None
+    assert capsys.readouterr().out.strip().endswith("the model is 41.6 GB in 4 bits (bitsandbytes; the rest in "
+                                                    "bfloat16); it fits whole on cuda:0 (80.0 GB free).")
 
 
 CASES = [("text", "bfloat16"), ("multimodal", "float32")]

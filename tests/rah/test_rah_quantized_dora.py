@@ -1,11 +1,13 @@
-"""RAH-LoRA with ``use_dora: true`` (a DoRA adapter of the same calibration, never a silent plain LoRA) and on
-quantized models: bitsandbytes 4-/8-bit calibrates as its dequantized twin; other quantizations are refused by name."""
+"""RAH-LoRA with ``use_dora: true`` (a DoRA adapter of the same calibration, never a silent plain LoRA), on a model
+its device does not hold (layers offloaded to RAM or disk: the one-device adapter) and on quantized models:
+bitsandbytes 4-/8-bit calibrates as its dequantized twin; other quantizations are refused by name."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +17,15 @@ from test_rah_stage import _logits, rah_recipe
 from conftest import run_train
 
 
-def test_use_dora_writes_a_dora_adapter_equal_to_the_calibration(assets, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def dora_run(assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of one ``use_dora: true`` run of tiny LLaVA, whole on the CPU (shared by the tests below)."""
+    tmp = tmp_path_factory.mktemp("dora")
+    run_train(rah_recipe(assets, "llava", tmp / "out", use_dora=True), tmp)
+    return tmp / "out"
+
+
+def test_use_dora_writes_a_dora_adapter_equal_to_the_calibration(assets, dora_run: Path) -> None:
     """adapter_config says use_dora: true, the file holds each module's magnitude, and the model LLaMA-Factory loads
     with it equals the base model plus the adapter's B @ A added by hand (the calibrated W + alpha Delta)."""
     from llamafactory_hera_patches.tools.model_data import (
@@ -24,8 +34,7 @@ def test_use_dora_writes_a_dora_adapter_equal_to_the_calibration(assets, tmp_pat
         parse_recipe,
     )
 
-    out = tmp_path / "out"
-    run_train(rah_recipe(assets, "llava", out, use_dora=True), tmp_path)
+    out = dora_run
     assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
     tensors = load_file(str(out / "adapter_model.safetensors"))
     magnitudes = [k for k in tensors if "lora_magnitude_vector" in k]
@@ -47,6 +56,62 @@ def test_use_dora_writes_a_dora_adapter_equal_to_the_calibration(assets, tmp_pat
                                  "use_dora": True})
     adapted, _, _ = load_model_for_scoring(adapted_args, "cpu")
     torch.testing.assert_close(_logits(adapted.float(), batch), _logits(by_hand, batch), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("offload", ["disk", "ram"])
+def test_a_model_its_device_does_not_hold_writes_the_one_device_adapter(assets, dora_run: Path, tmp_path: Path,
+                                                                         monkeypatch, offload: str) -> None:
+    """The stage through ``run_exp`` with the language model's weights off the device, on ``meta`` between forwards:
+    "disk", placed by RAH-LoRA's own plan from a free memory that holds 3/5 of the model (the language model goes to
+    disk, each weight read from the checkpoint for its forward), a DoRA adapter; "ram", every decoder layer under
+    accelerate's CPU offload as loaded (weights in the hook's RAM map), a LoRA adapter. The adapter written equals the
+    whole model's (:func:`dora_run`: the same calibration) within 1e-6, DoRA's magnitude (the calibrated weight's
+    row norms) included, and loads with PEFT."""
+    from accelerate import cpu_offload
+    from accelerate.utils import compute_module_sizes, has_offloaded_params
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from llamafactory_hera import placement
+    from llamafactory_hera.heads.architecture import text_decoder
+    from llamafactory_hera.rah import workflow
+
+    meta = placement.check_model_structure(str(assets.models["llava"]), False)
+    size = compute_module_sizes(meta, dtype=torch.float32)[""]
+    if offload == "disk":
+        monkeypatch.setattr(placement, "free_memory", lambda device: {"cpu": size * 3 // 5, "disk": 10 * size})
+    load, offloaded = workflow.load_model_for_scoring, []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        loaded = load(*args, **kwargs)
+        layers = text_decoder(loaded[0]).layers
+        if offload == "ram":
+            for layer in layers:
+                cpu_offload(layer, execution_device=torch.device("cpu"))
+        attention = layers[0].self_attn
+        offloaded.extend(has_offloaded_params(p) and p.weight.device.type == "meta"
+                         for p in (attention.v_proj, attention.o_proj))
+        return loaded
+
+    monkeypatch.setattr(workflow, "load_model_for_scoring", spy)
+    out = tmp_path / "out"
+    proc = run_train(rah_recipe(assets, "llava", out, use_dora=offload == "disk"), tmp_path)
+    assert offloaded == [True, True], offloaded
+    assert offload != "disk" or " GB on disk (offloaded: " in proc.stdout + proc.stderr
+    written, whole = (load_file(str(run / "adapter_model.safetensors")) for run in (out, dora_run))
+    if offload == "ram":  # a LoRA adapter: the DoRA run's without its magnitudes
+        whole = {key: value for key, value in whole.items() if "lora_magnitude_vector" not in key}
+    assert sorted(written) == sorted(whole) and any("lora_magnitude_vector" in key for key in written) == (
+        offload == "disk")
+    difference = max(float((written[key] - whole[key]).abs().max()) for key in whole)
+    print(f"{offload}-offloaded adapter against the whole model's: max |difference| {difference:.3g}")
+    assert difference <= 1e-6
+    base = AutoModelForImageTextToText.from_pretrained(assets.models["llava"], dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(out))
+    loaded = adapted.state_dict()
+    assert all(torch.equal(loaded[key.replace(".weight", ".default.weight") if "lora_magnitude" not in key else
+                                  key.replace("lora_magnitude_vector", "lora_magnitude_vector.default.weight")], value)
+               for key, value in written.items())
 
 
 def _dequantized_twin(assets, folder: Path, bits: int) -> Path:

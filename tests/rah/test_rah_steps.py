@@ -217,6 +217,39 @@ def test_head_slices_follow_the_kv_groups() -> None:
     assert [o_columns(h, gqa) for h in range(4)] == [slice(16 * h, 16 * (h + 1)) for h in range(4)]
 
 
+def test_the_overlay_adds_each_kept_step_beside_an_offloaded_weight_and_removes_a_rejected_one() -> None:
+    """A layer that does not merge (accelerate's CPU offload: its weight on meta, brought in for each forward) computes
+    ``x W^T + b + x A^T B^T`` for its kept and tried steps (float64 by hand; a square layer, where ``x B A`` would run
+    too), and a step tried and rejected is gone from the forward and the overlay (another kept step holds the hook)."""
+    from accelerate import cpu_offload
+
+    from llamafactory_hera.rah.overlay import WeightOverlay, merges
+
+    torch.manual_seed(0)
+    holder = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    linear = holder[0]
+    weight, bias = linear.weight.detach().double().clone(), linear.bias.detach().double().clone()
+    cpu_offload(holder, execution_device=torch.device("cpu"))  # as a decoder layer's: its linears' own hooks offload
+    assert not merges(linear) and linear.weight.device.type == "meta"
+    x = torch.randn(3, 5, 8)
+    (b1, a1), (b2, a2) = ((torch.randn(8, 2), torch.randn(2, 8)) for _ in range(2))
+
+    def by_hand(*steps: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        out = x.double() @ weight.T + bias
+        return out + sum((x.double() @ a.double().T @ b.double().T for b, a in steps), torch.zeros(()))
+
+    overlay = WeightOverlay()
+    overlay.set_trial(linear, (b1, a1))
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x).double(), by_hand((b1, a1)), rtol=0, atol=1e-5)
+        overlay.settle(linear, keep=True)
+        overlay.set_trial(linear, (b2, a2))
+        torch.testing.assert_close(linear(x).double(), by_hand((b1, a1), (b2, a2)), rtol=0, atol=1e-5)
+        overlay.settle(linear, keep=False)
+        torch.testing.assert_close(linear(x).double(), by_hand((b1, a1)), rtol=0, atol=1e-5)
+    assert not overlay.trial and list(overlay.kept) == [linear]
+
+
 def test_the_profile_settings_are_the_arguments_without_prefix() -> None:
     from llamafactory_hera.rah.calibrate import Calibration
     from llamafactory_hera.rah.config import parse_rah_arguments

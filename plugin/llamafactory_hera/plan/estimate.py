@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from llamafactory_hera.placement import quantized_bytes_per_weight
 from llamafactory_hera.plan.cards import MFU, Card
 from llamafactory_hera.recipe.dataset_info import as_names, dataset_info
 from llamafactory_hera_patches.errors import RecipeError
@@ -29,22 +30,10 @@ from llamafactory_hera_patches.recipe.arguments import truthy
 
 GIB = 2**30
 RESERVE = 2 * GIB  # CUDA context (~0.5 GiB), cuBLAS / NCCL workspaces and the caching allocator's slack: stated
-NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit: weights per absmax; absmax values per second-level scale
 TEACHER_PARAMS, TEACHER_TOKENS = 0.304e9, 257  # DINOv2-L/14 at 224 px: parameters, tokens per image
 CAPTION_TOKENS = 64  # a selection caption's assumed length (hera_select_mode: text)
 DEFAULT_MAX_PIXELS = 768 * 768  # LLaMA-Factory's image_max_pixels
 ENGINES = {"ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
-
-
-def quantized_bytes_per_weight(bits: int, double_quant: bool = True, row_width: int | None = None) -> float:
-    """Bytes bitsandbytes stores per linear weight: 4-bit (nf4 / fp4) with one absmax per block of 64 weights, a
-    float32 or, with double quantization, 1 byte plus a float32 per 256 blocks; 8-bit (LLM.int8) 1 byte plus a
-    float32 scale per output row (``4 / row_width`` per weight; no ``row_width``: not counted)."""
-    if bits == 4:
-        return 0.5 + ((1 + 4 / NESTED_BLOCK) if double_quant else 4) / NF4_BLOCK
-    if bits == 8:
-        return 1 + (4 / row_width if row_width else 0)
-    raise ValueError(f"quantization_bit: bitsandbytes quantizes to 4 or 8 bits, not {bits}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from llamafactory_hera.rah.calibrate import Calibration, Geometry
-from llamafactory_hera.rah.overlay import WeightOverlay, module_step
+from llamafactory_hera.rah.overlay import Step, WeightOverlay, joined, module_step
 from llamafactory_hera.rah.update import lora_pair
 from llamafactory_hera_patches.errors import RecipeError
 
@@ -26,7 +26,7 @@ def lora_factors(calibration: Calibration, model: nn.Module,
     """Exact module name -> (A ``[R, in]``, B ``[out, R]``), float32, for every module a kept update touches."""
     names = {id(module): name for name, module in model.named_modules()}
     modules = calibration.plan.modules
-    pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    pieces: dict[str, list[Step]] = {}
     for update in calibration.updates:
         if not update.calibrated:
             continue
@@ -35,9 +35,8 @@ def lora_factors(calibration: Calibration, model: nn.Module,
             linear = attention.value if kind == "v" else attention.output
             b_head, a_head = lora_pair(u, s, vh, update.region.alpha)  # the trust region applied exactly this B @ A
             b, a = module_step(kind, b_head.cpu(), a_head.cpu(), update.head, geometry, linear)
-            pieces.setdefault(names[id(linear)], []).append((a, b))
-    return {name: (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts], dim=1))
-            for name, parts in pieces.items()}
+            pieces.setdefault(names[id(linear)], []).append((b, a))
+    return {name: joined(parts)[::-1] for name, parts in pieces.items()}
 
 
 def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], output_dir: str | Path,
@@ -62,13 +61,15 @@ def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.
             layer = peft_model.base_model.model.get_submodule(name)
             if layer.scaling["default"] != 1.0:
                 raise RuntimeError(f"RAH-LoRA: PEFT gave {name} scaling {layer.scaling['default']}, expected 1.")
-            layer.lora_A["default"].weight.data.copy_(a.to(layer.lora_A["default"].weight.dtype))
-            layer.lora_B["default"].weight.data.copy_(b.to(layer.lora_B["default"].weight.dtype))
-            if dora:  # m = ||W + BA||_row: the calibrated weight's rows; the DoRA layer then equals W + BA
-                magnitude = layer.lora_magnitude_vector["default"].weight
+            values = {layer.lora_A["default"]: a, layer.lora_B["default"]: b}
+            if dora:  # m = ||W + BA||_row: the calibrated weight's rows (an offloaded one read from its offload map)
                 calibrated = (overlay or WeightOverlay()).current(layer.base_layer).float()
-                magnitude.data.copy_(torch.linalg.norm(calibrated, dim=1).to(magnitude))
+                values[layer.lora_magnitude_vector["default"]] = torch.linalg.norm(calibrated, dim=1)
+            for module, value in values.items():  # new CPU tensors: PEFT makes them on the base layer's device, meta
+                # for an offloaded one, which holds nothing to copy into or to save
+                module.weight = nn.Parameter(value.to("cpu", module.weight.dtype), requires_grad=False)
         peft_model.save_pretrained(str(output_dir))
     finally:
         peft_model.unload()  # the base model without LoRA layers, as it came in
     return sorted(factors)
+

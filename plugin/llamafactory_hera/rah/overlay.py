@@ -32,7 +32,7 @@ def merges(linear: nn.Module) -> bool:
     return _plain(linear.weight) and not has_offloaded_params(linear)
 
 
-def _joined(steps: list[Step]) -> Step:
+def joined(steps: list[Step]) -> Step:
     return torch.cat([b for b, _ in steps], dim=1), torch.cat([a for _, a in steps])
 
 
@@ -52,8 +52,7 @@ class WeightOverlay:
             weight = linear.weight.detach() if _plain(linear.weight) else base_weight_columns(linear).to(self.dtype)
         if linear not in self.kept:
             return weight
-        b, a = self.kept[linear]
-        return (weight.float() + b @ a).to(weight.dtype)
+        return (weight.float() + torch.matmul(*self.kept[linear])).to(weight.dtype)  # W + B @ A
 
     def set_trial(self, linear: nn.Module, trial: torch.Tensor | Step) -> None:
         """Make ``linear`` compute with ``trial``: its whole weight (a merging one) or a step (B, A) on its device."""
@@ -67,7 +66,7 @@ class WeightOverlay:
         if keep and isinstance(trial, torch.Tensor):
             linear.weight.data.copy_(trial)
         elif keep and trial is not None:
-            self.kept[linear] = _joined([self.kept[linear], trial]) if linear in self.kept else trial
+            self.kept[linear] = joined([self.kept[linear], trial]) if linear in self.kept else trial
         if linear not in self.kept and linear in self._hooks:
             self._hooks.pop(linear).remove()
 
@@ -75,7 +74,7 @@ class WeightOverlay:
         x, trial = args[0], self.trial.get(module)
         if isinstance(trial, torch.Tensor):
             return nn.functional.linear(x, trial, module.bias)
-        b, a = _joined([step for step in (self.kept.get(module), trial) if step is not None])  # a hooked one has one
+        b, a = joined([step for step in (self.kept.get(module), trial) if step is not None])  # a hooked one has one
         return output + nn.functional.linear(nn.functional.linear(x, a.to(x.dtype)), b.to(x.dtype))
 
 

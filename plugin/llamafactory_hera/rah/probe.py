@@ -185,10 +185,7 @@ def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int]
             continue
         rows = torch.stack([attentions[layer][b][:, on[queries][b]][:, :, on[0][b]].float().mean(dim=1).to(first)
                             for layer in layers for on in [_on(attentions[layer].device, masks)]]).cpu()  # [L, H, P]
-        if layout in profile.map_sums:
-            profile.map_sums[layout] += rows
-        else:
-            profile.map_sums[layout] = rows
+        profile.map_sums[layout] = profile.map_sums[layout] + rows if layout in profile.map_sums else rows
         profile.map_rows[layout] = profile.map_rows.get(layout, 0) + 1
 
 

@@ -36,8 +36,7 @@ def isal(attn: torch.Tensor, image_mask: torch.Tensor, text_mask: torch.Tensor,
     t2i, t2i_pairs = _half(attn, text_mask, image_mask, visible_only=pairs == "visible")
     i2t, i2t_pairs = _half(attn, image_mask, text_mask, visible_only=True)
     has_t2i, has_i2t = (t2i_pairs > 0)[:, None], (i2t_pairs > 0)[:, None]
-    mean_t2i = t2i / t2i_pairs.clamp(min=1)[:, None]
-    mean_i2t = i2t / i2t_pairs.clamp(min=1)[:, None]
+    mean_t2i, mean_i2t = t2i / t2i_pairs.clamp(min=1)[:, None], i2t / i2t_pairs.clamp(min=1)[:, None]
     both = has_t2i & has_i2t
     score = torch.where(both, 0.5 * (mean_t2i + mean_i2t), torch.where(has_t2i, mean_t2i, mean_i2t))
     if not bool((has_t2i | has_i2t).all()):
@@ -48,9 +47,7 @@ def isal(attn: torch.Tensor, image_mask: torch.Tensor, text_mask: torch.Tensor,
 
 def standardize_per_layer(scores: torch.Tensor) -> torch.Tensor:
     """``[L, H]`` -> ``(r - mean_l) / (std_l + eps)`` within each layer (Eq. 4; population std over the heads)."""
-    mean = scores.mean(dim=-1, keepdim=True)
-    std = scores.std(dim=-1, unbiased=False, keepdim=True)
-    return (scores - mean) / (std + EPS)
+    return (scores - scores.mean(dim=-1, keepdim=True)) / (scores.std(dim=-1, unbiased=False, keepdim=True) + EPS)
 
 
 def margin_loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

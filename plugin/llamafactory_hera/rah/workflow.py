@@ -151,21 +151,16 @@ def _outcomes(calibration: Any, summary: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _on(device: torch.device, batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def placement(model_args: Any, device: str) -> dict[str, Any] | None:
     """The ``device_map`` the calibration loads the model with (:mod:`llamafactory_hera.placement`: whole on ``device``
     where it fits, else over every visible GPU, then the CPU's RAM), said in one line; None: whole on ``device``. A
     bitsandbytes model loads as LLaMA-Factory loads it, whole on the process's GPU (70B in 4-bit: about 40 GB)."""
-    if model_args.quantization_bit is not None:
-        say(f"RAH-LoRA: the {model_args.quantization_bit}-bit model loads whole on {device}, as LLaMA-Factory does.")
-        return None
     meta = check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
     saved = getattr(getattr(meta, "config", None), "dtype", None) or "float32"
     dtype = str(model_args.compute_dtype or saved).removeprefix("torch.")  # as LLaMA-Factory loads it
-    return None if meta is None else device_map_for(meta, model_args.model_name_or_path, device, dtype, job="RAH-LoRA")
+    return None if meta is None else device_map_for(meta, model_args.model_name_or_path, device, dtype, job="RAH-LoRA",
+                                                     bits=model_args.quantization_bit,
+                                                     double_quant=model_args.double_quantization)
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -191,14 +186,14 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     loaded = time.perf_counter()
     dataset, collator = multimodal_dataset_and_collator(recipe, model, tokenizer_module, template, training_args.seed,
                                                         rows)
-    first = input_device(model)
-    size = rah_args.rah_batch_size
-    groups = [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
-    calibration_batches = [_on(first, collator([dataset[i] for i in group])) for group in groups]
-    caf_batches = [_on(first, collator([dataset[i]])) for i in range(rah_args.rah_probe_samples)]
-    kl_rows = list(range(rah_args.rah_kl_samples))
-    kl_batches = [_on(first, collator([dataset[i] for i in kl_rows[j:j + size]]))
-                  for j in range(0, len(kl_rows), size)]
+    first, size = input_device(model), rah_args.rah_batch_size
+
+    def batches(count: int, size: int) -> list[dict[str, Any]]:  # rows 0..count - 1, size at a time, on ``first``
+        return [{k: v.to(first) if isinstance(v, torch.Tensor) else v for k, v in collator(
+            [dataset[i] for i in range(j, min(j + size, count))]).items()} for j in range(0, count, size)]
+
+    calibration_batches, caf_batches, kl_batches = (batches(len(rows), size), batches(rah_args.rah_probe_samples, 1),
+                                                    batches(rah_args.rah_kl_samples, size))
     plan = plan_calibration(model, rah_args)
     layers, left = plan.layers, plan.left_out
     if left:  # never silently: a KV-shared layer's V update would do nothing, a linear-attention layer has no heads
@@ -213,7 +208,6 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     output = Path(training_args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     factors = lora_factors(calibration, model, plan.geometry)
-    kept = [u for u in calibration.updates if u.calibrated]
     record = profile_record(calibration, rah_args, {
         "model_name_or_path": str(model_args.model_name_or_path), "dataset": list(data_args.dataset),
         "dataset_dir": str(data_args.dataset_dir), "template": str(data_args.template), "rows": rows,
@@ -223,7 +217,7 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     (output / PROFILE_JSON).write_text(json.dumps(record, indent=2), encoding="utf-8")
     plot_profile(calibration, output / PROFILE_PNG, str(model_args.model_name_or_path))
     outcomes = _outcomes(calibration, record["summary"])
-    if not kept:
+    if not any(update.calibrated for update in calibration.updates):
         raise RecipeError(f"RAH-LoRA changed no weight: {outcomes}; no adapter was written. See "
                           f"{output / PROFILE_JSON}; a looser rah_delta, a larger rah_alpha_max or other rah_layers "
                           "may help.")

@@ -127,13 +127,9 @@ def _checkpoint_dtype(model_name_or_path: Any) -> str:
         config = AutoConfig.from_pretrained(str(model_name_or_path), trust_remote_code=True)
     except (OSError, ValueError):
         return "float32"
-    candidates = [config, getattr(config, "text_config", None)]
-    for holder in candidates:
-        for key in ("dtype", "torch_dtype"):
-            name = str(getattr(holder, key, None) or "").removeprefix("torch.")
-            if name in DTYPES:
-                return name
-    return "float32"
+    names = (str(getattr(holder, key, None) or "").removeprefix("torch.")
+             for holder in (config, getattr(config, "text_config", None)) for key in ("dtype", "torch_dtype"))
+    return next((name for name in names if name in DTYPES), "float32")
 
 
 def choose_heads(scores: torch.Tensor, num_heads: int, strategy: str, seed: int) -> list[HeadRef]:
@@ -273,16 +269,15 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: li
     keeps its batches in ``kept`` and continues from those there (:class:`~collect.PooledInputRecorder`)."""
     device = options.resolved_device()
     model_args = recipe_args.model_args
-    meta = None if model_args.quantization_bit is not None or torch.device(device).type not in ("cpu", "cuda") \
-        else check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
-    device_map = None
-    if meta is not None:  # the o_proj weights are read in float32 into the CPU's RAM (collect.layer_weights),
-        # wherever o_proj lives: the CPU keeps their bytes besides the model's layers it holds
-        reserve = 4 * sum(o_proj.weight.numel() for o_proj in head_projections(meta).values())
-        device_map = device_map_for(meta, model_args.model_name_or_path, device, options.dtype,
-                                    reserve=(reserve, "its o_proj weights in float32"),
-                                    fix="Free memory, select on a machine with more (llamafactory-hera select RECIPE) "
-                                        "and list its heads in hera_heads, or set quantization_bit: 4.")
+    meta = check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
+    # the o_proj weights are read in float32 into the CPU's RAM (collect.layer_weights), wherever o_proj lives: the CPU
+    # keeps their bytes besides the model's layers it holds
+    device_map = None if meta is None else device_map_for(
+        meta, model_args.model_name_or_path, device, options.dtype, bits=model_args.quantization_bit,
+        double_quant=model_args.double_quantization, reserve=(4 * sum(
+            o_proj.weight.numel() for o_proj in head_projections(meta).values()), "its o_proj weights in float32"),
+        fix="Free memory, select on a machine with more (llamafactory-hera select RECIPE) and list its heads in "
+            "hera_heads")
     del meta
     model, tokenizer_module, template = load_in_scoring_dtype(recipe_args, device, options.dtype, device_map)
     geometry = attention_geometry(model.config)
