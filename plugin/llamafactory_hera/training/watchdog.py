@@ -1,17 +1,15 @@
 """A plugin run's watchdog: a rank gone silent (its process or host frozen or lost, or cut off from ``output_dir``)
-ends the job with one line on every other rank, in minutes instead of ``ddp_timeout``. docs/hera.md ("Killed,
-preempted, disk full") says what users see.
+ends the job with one line on every other rank, in minutes instead of ``ddp_timeout`` (docs/hera.md, "Killed,
+preempted, disk full").
 
-Each rank keeps ``<output_dir>/llamafactory_hera_watchdog/rank-<r>.json`` (output_dir is the file system every node
-shares): its host, the section it is in (loading, a pass before step 1, a step, a save) and that section's bound. A
-daemon thread rewrites it every :data:`PULSE` s (a new pulse count) and reads the others'. A file, not the process
-group's store: reading a file waits on no peer, while a store lookup waits on the store's host, which may be the frozen
-one. A peer whose file has not changed for longer than the bound it states is silent (times are the reader's own
-clock: none is compared across hosts); a frozen process's thread stops with it, a live rank's waiting in a collective
-does not. The bound is the recipe's ``<prefix>_watchdog_timeout``, else :func:`bound`: a long pause of a live rank's
-thread (a C call holding the GIL, a shared file system's hiccup) must stay under it. The steps only set the section
-(no file write, host sync or collective on their path); a peer never heard from in this launch (a folder not shared
-between nodes) is not watched.
+Each rank keeps ``<output_dir>/llamafactory_hera_watchdog/rank-<r>.json``: its host, its section (loading, a pass
+before step 1, a step, a save) and that section's :func:`bound`. Its thread rewrites it every :data:`PULSE` s and on a
+change of section, and reads the others'. A file on the file system the nodes share, not the process group's store: a
+read waits on no peer, a store lookup on the store's host, which may be the frozen one. A peer whose file has not
+changed for longer than the bound it states is silent (on the reader's clock: no clock is compared across hosts); a
+frozen process's thread stops with it, a live rank's waiting in a collective does not. The steps only set the section
+(no file write, host sync or collective on their path); a peer never heard from in this launch (a folder the nodes do
+not share) is not watched.
 """
 
 from __future__ import annotations
@@ -35,12 +33,14 @@ PAUSED = 3  # pulses: a longer gap between this rank's own checks means it was p
 FIRST = {"loading": 1800.0, "step": 900.0, "save": 900.0}  # a section's first bound; a pass before step 1: loading's
 LATER_FLOOR, FACTOR = 300.0, 4.0  # a step's or save's later bounds: max(LATER_FLOOR, FACTOR x the last one's time)
 EXIT_CODE = 1
+Silent = tuple[int, dict[str, Any], float]  # (rank, its last heartbeat, seconds unheard)
 
 
 def bound(kind: str, last: float | None, timeout: float | None) -> float:
-    """Seconds a rank in a section of ``kind`` may go unheard: ``timeout`` (the recipe's key) when set, else the
-    section's first bound (loading and the passes before step 1 always), else ``FACTOR`` x ``last`` (the last such
-    section's measured time), at least ``LATER_FLOOR``."""
+    """Seconds a rank in a section of ``kind`` may go unheard: the recipe's ``timeout`` when set, else the first bound
+    (loading and the passes before step 1 always), else ``FACTOR`` x ``last`` (the last such section's time), at
+    least ``LATER_FLOOR``. A live rank's thread may pause that long (a C call holding the GIL, a file system's
+    hiccup)."""
     if timeout:
         return float(timeout)
     if last is None or kind not in ("step", "save"):
@@ -53,9 +53,9 @@ class Peer:
     """What this rank saw of another's heartbeat file."""
 
     raw: bytes | None = None  # its content at the last read
-    since: float = 0.0  # when it last changed (this rank's monotonic clock)
-    read: bool = False  # read at least once: a change after that is this launch's (not an earlier launch's file)
-    heard: bool = False  # it changed at least once in this launch
+    since: float = 0.0  # when it last changed (this rank's clock)
+    read: bool = False  # read before: a change after that is this launch's (an earlier launch's file is not)
+    heard: bool = False  # changed in this launch
     ended: bool = False  # its file went away: the rank ended (its error, or the run's end, ends the job)
     beat: dict[str, Any] = field(default_factory=dict)
 
@@ -70,26 +70,24 @@ class Watch:
         """Rank ``rank``'s file read at ``now`` (None: no file)."""
         peer, read = self.peers[rank], self.peers[rank].read
         peer.read, peer.ended = True, peer.ended or (raw is None and peer.heard)
-        if raw is None or raw == peer.raw:
-            return
-        with contextlib.suppress(ValueError):  # a write caught half-way: read again at the next pulse
-            peer.beat, peer.raw, peer.since, peer.heard = json.loads(raw), raw, now, peer.heard or read
+        if raw is not None and raw != peer.raw:
+            with contextlib.suppress(ValueError):  # a write caught half-way: read again at the next pulse
+                peer.beat, peer.raw, peer.since, peer.heard = json.loads(raw), raw, now, peer.heard or read
 
     def paused(self, now: float) -> None:
         """This rank itself was paused: the silence it would see is its own."""
         for peer in self.peers.values():
             peer.since = now
 
-    def silent(self, now: float) -> list[tuple[int, dict[str, Any], float]]:
-        """(rank, its last heartbeat, seconds unheard) of each rank heard in this launch, not ended, unheard for
-        longer than its bound."""
+    def silent(self, now: float) -> list[Silent]:
+        """The ranks heard in this launch, not ended, unheard for longer than their bounds."""
         return [(rank, peer.beat, now - peer.since) for rank, peer in sorted(self.peers.items())
                 if peer.heard and not peer.ended and now - peer.since > float(peer.beat.get("bound", 0) or 0)]
 
 
-def ending_line(silent: list[tuple[int, dict[str, Any], float]], rank: int) -> str:
-    """The line a surviving ``rank`` prints before it ends its process."""
-    hosts: dict[str, list[tuple[int, dict[str, Any], float]]] = {}
+def ending_line(silent: list[Silent], rank: int) -> str:
+    """The line a surviving ``rank`` prints before it ends its process (the silent ranks by host)."""
+    hosts: dict[str, list[Silent]] = {}
     for entry in silent:
         hosts.setdefault(str(entry[1].get("host", "?")), []).append(entry)
     named = "; ".join(
@@ -102,12 +100,11 @@ def ending_line(silent: list[tuple[int, dict[str, Any], float]], rank: int) -> s
 
 
 class Watchdog:
-    """This rank's heartbeat and its thread (see the module doc); the steps call :meth:`enter` only."""
+    """This rank's heartbeat and its thread (see the module doc); the run calls :meth:`enter` only."""
 
     def __init__(self, folder: Path, rank: int, world_size: int, timeout: float | None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.folder, self.rank, self.timeout, self.clock = folder, rank, timeout, clock
-        self.path = folder / f"rank-{rank}.json"
         self.last: dict[str, float] = {}  # kind -> the last such section's measured seconds
         self.section, self.kind, self.entered = "loading", "loading", clock()
         self.pulse, self.stopped, self.moved = 0, threading.Event(), threading.Event()
@@ -129,7 +126,7 @@ class Watchdog:
 
     def _write(self) -> None:
         with contextlib.suppress(OSError):  # a failed write counts as silence on the others' side
-            self.path.write_bytes(self.beat())
+            (self.folder / f"rank-{self.rank}.json").write_bytes(self.beat())
 
     def _read(self, rank: int) -> bytes | None:
         try:
@@ -141,24 +138,24 @@ class Watchdog:
 
     def _run(self) -> None:
         checked = self.clock()
-        while not self.stopped.wait(PULSE / 10):  # at most 10 writes a pulse, however short the steps
-            self.moved.wait(max(0.0, PULSE - (self.clock() - checked)))
+        while not self.stopped.is_set():
+            self.moved.wait(max(0.0, PULSE - (self.clock() - checked)))  # a pulse, or a section's change first
             self.moved.clear()
             if self.stopped.is_set():
                 break
             self._write()
             now = self.clock()
-            if now - checked < PULSE:
-                continue  # a section's change written: the others are read once a pulse
-            if now - checked > PAUSED * PULSE:
-                self.watch.paused(now)
-            checked = now
-            for rank in self.watch.peers:
-                self.watch.observe(rank, self._read(rank), self.clock())
-            silent = self.watch.silent(self.clock())
-            if silent and not self.stopped.is_set():
-                say(ending_line(silent, self.rank))
-                os._exit(EXIT_CODE)
+            if now - checked >= PULSE:  # the others are read once a pulse
+                if now - checked > PAUSED * PULSE:
+                    self.watch.paused(now)
+                checked = now
+                for rank in self.watch.peers:
+                    self.watch.observe(rank, self._read(rank), self.clock())
+                silent = self.watch.silent(self.clock())
+                if silent and not self.stopped.is_set():
+                    say(ending_line(silent, self.rank))
+                    os._exit(EXIT_CODE)
+            self.stopped.wait(PULSE / 10)  # at most 10 writes a pulse, however short the steps
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -169,7 +166,7 @@ class Watchdog:
         self.stopped.set()
         self.moved.set()
         self.thread.join(2 * PULSE)  # not longer: a read stuck on a hung file system
-        for remove in (self.path.unlink, self.folder.rmdir):  # the last rank out removes the folder
+        for remove in (self.folder / f"rank-{self.rank}.json").unlink, self.folder.rmdir:  # the last one out: both
             with contextlib.suppress(OSError):
                 remove()
 
