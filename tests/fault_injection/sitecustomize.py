@@ -14,7 +14,9 @@ when its count of the point's events reaches ``at`` (1-based, counted in this pr
 - ``precompute``: the ``at``-th teacher forward of the pass before step 1 (``when: forward``), or right after its
   ``at``-th batch of rows was kept (``kept``);
 - ``sigterm``: as the ``at``-th training step begins, SIGTERM to every rank of the launch (as SLURM signals each
-  task), from this rank.
+  task), from this rank;
+- ``sigstop``: as the ``at``-th training step begins, SIGSTOP to this rank alone (a frozen node), which stays stopped
+  until the launcher or the test kills it.
 
 Events before the ``step``-th training step of the launch (default: none) are not counted. A kill is SIGKILL to the
 whole launch: the launcher first (so it cannot signal the ranks), then every other process it started, then this
@@ -35,6 +37,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(os.path.join(os.path.dirname(HERE), "process_hooks"))
@@ -186,6 +189,9 @@ def _patch_trainer(module) -> None:
             print(f"[fault_injection] rank {os.environ['RANK']}: SIGTERM to {len(ranks)} ranks", flush=True)
             for process in ranks:
                 process.send_signal(signal.SIGTERM)
+        if reached("sigstop"):
+            print(f"[fault_injection] rank {os.environ['RANK']}: SIGSTOP at {time.time():.1f}", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     _flagged(trainer, "training_step", "step", step_begins)
     _flagged(trainer, "_save_checkpoint", "save", lambda: mine() and counts.update(saves=counts.get("saves", 0) + 1))

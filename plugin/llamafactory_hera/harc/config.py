@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from llamafactory_hera.plots.training import TrainingPlot
-from llamafactory_hera.recipe.keys import fail, parse_keys, recipe_key, save_on_signal_key
+from llamafactory_hera.recipe.keys import fail, parse_keys, recipe_key, save_on_signal_key, watchdog_key
 from llamafactory_hera_patches.errors import RecipeError
 
 ROLE_KEYS = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
@@ -81,6 +81,7 @@ class HarcArguments:
     harc_eval_max_new_tokens: int = recipe_key(
         64, "Tokens generated per prompt for the refusal evaluation (greedy).", min=1)
     harc_save_on_signal: str = save_on_signal_key()
+    harc_watchdog_timeout: float | None = watchdog_key()
 
     @property
     def response_coupling(self) -> bool:

@@ -24,6 +24,7 @@ from llamafactory_hera.harc.roles import load_role_rows
 from llamafactory_hera.harc.state import HarcState
 from llamafactory_hera.harc.trainer import HarcTrainerMixin
 from llamafactory_hera.log import progress_once, say_again_on_board, say_once
+from llamafactory_hera.training import watchdog
 from llamafactory_hera.training.checkpoints import RestoresCheckpointWeights, WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.tools.model_data import RecipeArgs, load_aligned_rows
@@ -107,5 +108,6 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
             finish_run(self)  # after the steps: the refusal evaluation, diagnostics, plots
             return result
 
-    host.run(HarcCollator, HarcSeq2SeqTrainer, model_args, data_args, training_args, finetuning_args,
-             generating_args, callbacks, get_dataset=get_dataset)
+    with watchdog.watching(training_args, harc_args.harc_watchdog_timeout):
+        host.run(HarcCollator, HarcSeq2SeqTrainer, model_args, data_args, training_args, finetuning_args,
+                 generating_args, callbacks, get_dataset=get_dataset)

@@ -13,7 +13,7 @@ from typing import Any
 
 from llamafactory_hera.heads.geometry import HeadRef, parse_head
 from llamafactory_hera.plots.training import Panel, TrainingPlot
-from llamafactory_hera.recipe.keys import fail, parse_keys, recipe_key, save_on_signal_key
+from llamafactory_hera.recipe.keys import fail, parse_keys, recipe_key, save_on_signal_key, watchdog_key
 from llamafactory_hera_patches.errors import RecipeError
 
 AUTO = "auto"
@@ -119,6 +119,7 @@ class HeraArguments:
         256, "Image-caption pairs in the monitor's probe set: held-out rows (eval_dataset or val_size) when there are "
         "any, else a fixed sample of training rows.", min=2)
     hera_save_on_signal: str = save_on_signal_key()
+    hera_watchdog_timeout: float | None = watchdog_key()
 
     @property
     def auto_heads(self) -> bool:

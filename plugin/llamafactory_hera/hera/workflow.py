@@ -39,6 +39,7 @@ from llamafactory_hera.hera.trainer import HeraTrainer
 from llamafactory_hera.log import say, say_again_on_board
 from llamafactory_hera.plots.training import plot_training
 from llamafactory_hera.recipe.dataset_info import describe_data, first_unreadable, image_rows
+from llamafactory_hera.training import watchdog
 from llamafactory_hera.training.checkpoints import RestoresCheckpointWeights, WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.data.media_warnings import media_warnings_held
@@ -231,6 +232,12 @@ def _write_run_record(output_dir: str, hera_args: HeraArguments,
 def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
              generating_args: Any, callbacks: Any, hera_args: HeraArguments) -> None:
     """Train (and evaluate) as ``run_sft`` does, with HeRA's collator and trainer; then HeRA's curves."""
+    with watchdog.watching(training_args, hera_args.hera_watchdog_timeout):
+        _run_hera(host, model_args, data_args, training_args, finetuning_args, generating_args, callbacks, hera_args)
+
+
+def _run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
+              generating_args: Any, callbacks: Any, hera_args: HeraArguments) -> None:
     say_again_on_board()  # LlamaBoard's log box lost the recipe checks' lines (a host warning)
     # the data checks first: an image-less dataset is named as such, not as too few pairs to select heads from
     rows, counts, aligned = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
@@ -239,10 +246,11 @@ def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
     if auto:
         precision = {"bf16": training_args.bf16, "fp16": training_args.fp16, "pure_bf16": finetuning_args.pure_bf16,
                      "model_name_or_path": model_args.model_name_or_path}
-        hera_args.hera_heads = resolve_auto_heads(
-            RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,
-            str(training_args.device), training_args.output_dir, training_args.process_index == 0,
-            dtype=scoring_dtype(precision))
+        with watchdog.section("head selection"):
+            hera_args.hera_heads = resolve_auto_heads(
+                RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,
+                str(training_args.device), training_args.output_dir, training_args.process_index == 0,
+                dtype=scoring_dtype(precision))
 
     recipe_args = RecipeArgs(model_args, data_args, finetuning_args)
     probe = probe_set(hera_args, recipe_args, aligned, training_args.seed)  # before the model loads

@@ -47,6 +47,7 @@ except ImportError:  # transformers 4: the model class's ``_checkpoint_conversio
     get_model_conversion_mapping = None
 
 from llamafactory_hera.log import say_once
+from llamafactory_hera.training import watchdog
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole
 
@@ -211,6 +212,9 @@ class _StopOnSignal(TrainerCallback):
             if mine:
                 signal.signal(self.signum, previous)
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        watchdog.enter(f"step {state.global_step + 1}", "step")
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.stop_step is None and self.received and not dist.is_initialized():
             self.stop_step = state.global_step
@@ -234,6 +238,7 @@ class WholeCheckpoints:
         self.add_callback(stop)  # type: ignore[attr-defined]
         with stop.handling():
             result = super().train(self.resumed_from, *args, **kwargs)  # type: ignore[misc]
+        watchdog.enter("the end of the run (final save)", "save")
         if not stop.stopped:
             return result
         say_once(f"{stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"  # type: ignore
@@ -264,7 +269,8 @@ class WholeCheckpoints:
         folder = run / f"{whole.CHECKPOINT_PREFIX}{self.state.global_step}"  # type: ignore[attr-defined]
         limit, args.save_total_limit = args.save_total_limit, None  # rotation after the whole save
         try:
-            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+            with watchdog.section(f"the save of {folder.name}", "save"):
+                super()._save_checkpoint(model, trial)  # type: ignore[misc]
         except Exception as error:
             # said by this rank at once, with no collective: under FSDP2 and ZeRO-3 the other ranks may still be in
             # the save's own gathers, which another collective here would not match (a hang); the launcher ends them

@@ -1,0 +1,146 @@
+"""The watchdog of a plugin run's ranks (llamafactory_hera/training/watchdog.py): its bounds and the line on a fake
+clock and fake heartbeats, its thread on real files in this process, its key, and one launch where a rank is
+SIGSTOPped in a step."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faults import fault_env, launch, recipe
+
+from llamafactory_hera.harc.config import parse_harc_arguments
+from llamafactory_hera.hera.config import parse_hera_arguments
+from llamafactory_hera.training import watchdog
+from llamafactory_hera.training.watchdog import FIRST, LATER_FLOOR, Watch, Watchdog, bound, ending_line
+from llamafactory_hera_patches.errors import RecipeError
+
+
+def test_bounds_first_then_from_the_last_section() -> None:
+    assert bound("loading", None, None) == FIRST["loading"] == bound("head selection", 5.0, None)
+    assert bound("step", None, None) == FIRST["step"] and bound("save", None, None) == FIRST["save"]
+    assert bound("step", 2.0, None) == LATER_FLOOR  # short steps: the floor
+    assert bound("step", 200.0, None) == 800.0 and bound("save", 100.0, None) == 400.0
+    assert bound("step", 200.0, 20) == bound("loading", None, 20) == 20.0  # the recipe's key, every section
+
+
+def beat(section: str, bound_s: float, pulse: int, host: str = "node-b") -> bytes:
+    return json.dumps({"host": host, "section": section, "bound": bound_s, "pulse": pulse}).encode()
+
+
+def test_a_frozen_rank_is_named_and_the_live_ones_are_not() -> None:
+    """Rank 1 pulses throughout (a live rank waiting in a collective: its section does not move); rank 2 stops at
+    t = 20 (a frozen process: its thread stops with it); silent once unheard for longer than its bound, not before."""
+    watch = Watch([1, 2], now=0.0)
+    for t in range(0, 51, 5):
+        watch.observe(1, beat("step 3", 30, t), float(t))
+        watch.observe(2, beat("step 3", 30, min(t, 20), host="node-c"), float(t))
+        assert watch.silent(float(t)) == [], t
+    assert watch.silent(50.0) == []
+    silent = watch.silent(51.0)
+    assert [(rank, seconds) for rank, _, seconds in silent] == [(2, 31.0)]
+    line = ending_line(silent, 0)
+    assert line.startswith("watchdog: rank 2 on node-c, unheard for 31 s in step 3 (bound 30 s): its process or "
+                           "host is frozen or gone") and "Rank 0 ends (exit 1)" in line
+    assert "run the same command again" in line and line.count("\n") == 0
+
+
+def test_a_whole_node_is_one_line_naming_its_ranks() -> None:
+    silent = [(2, json.loads(beat("the save of checkpoint-4", 900, 1)), 901.0),
+              (3, json.loads(beat("the save of checkpoint-4", 900, 1)), 905.0)]
+    assert ending_line(silent, 0).startswith("watchdog: ranks 2, 3 on node-b, unheard for 905 s in the save of "
+                                             "checkpoint-4 (bound 900 s)")
+
+
+def test_files_of_an_earlier_launch_and_ranks_that_ended_are_not_silent() -> None:
+    watch = Watch([1, 2, 3], now=0.0)
+    watch.observe(1, beat("step 40", 10, 57), 5.0)  # an earlier launch's file, never rewritten
+    watch.observe(2, None, 5.0)  # no file yet ...
+    watch.observe(2, beat("loading", 10, 1), 10.0)  # ... then this launch's: heard
+    watch.observe(3, beat("loading", 10, 3), 5.0)
+    watch.observe(3, beat("loading", 10, 4), 10.0)
+    watch.observe(3, None, 15.0)  # its file removed: the rank ended
+    watch.observe(2, b'{"host": "no', 15.0)  # a write caught half-way: no change
+    assert [rank for rank, _, _ in watch.silent(100.0)] == [2]
+    watch.paused(100.0)  # this rank was paused itself: the silence was its own
+    assert watch.silent(105.0) == []
+
+
+def test_sections_are_timed_and_their_bounds_written() -> None:
+    now = [0.0]
+    dog = Watchdog(Path("unused"), 0, 2, None, clock=lambda: now[0])
+    assert json.loads(dog.beat())["bound"] == FIRST["loading"]
+    dog.enter("step 1", "step")
+    now[0] = 100.0
+    dog.enter("step 2", "step")
+    assert json.loads(dog.beat()) | {"host": "", "pid": 0} == {"host": "", "pid": 0, "section": "step 2",
+                                                                "bound": 400.0, "pulse": 2}
+
+
+class _Args:
+    def __init__(self, folder: Path, rank: int) -> None:
+        self.output_dir, self.process_index, self.world_size = str(folder), rank, 2
+
+
+def test_the_thread_ends_a_rank_whose_peer_froze(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks' watchdogs in this process on real files (pulses of 0.1 s, bound 1 s): rank 1's thread stops as a
+    SIGSTOP would stop it (its file stays); rank 0's says the line and ends its process (here: its thread)."""
+    monkeypatch.setattr(watchdog, "PULSE", 0.1)
+    ended, said = threading.Event(), []
+
+    def exit_(code: int) -> None:
+        said.append(code)
+        ended.set()
+        raise SystemExit(code)  # ends the thread alone, silently
+
+    monkeypatch.setattr(watchdog, "say", said.append)
+    monkeypatch.setattr(watchdog.os, "_exit", exit_)
+    monkeypatch.setattr(threading, "excepthook", lambda _: None)  # the fake exit's SystemExit in the thread
+    frozen = Watchdog(tmp_path / watchdog.FOLDER, 1, 2, 1.0)
+    with watchdog.watching(_Args(tmp_path, 0), 1.0):
+        frozen.enter("step 3", "step")
+        frozen.start()
+        assert not ended.wait(2.0)  # both pulse: nobody is silent
+        frozen.stopped.set()
+        frozen.thread.join()
+        assert ended.wait(5.0)
+    assert said[-1] == 1 and re.match(r"watchdog: rank 1 on \S+, unheard for \d+ s in step 3 \(bound 1 s\)", said[0])
+    assert sorted(p.name for p in (tmp_path / watchdog.FOLDER).iterdir()) == ["rank-1.json"]  # rank 0's removed
+
+
+@pytest.mark.parametrize("parse,key", [(parse_hera_arguments, "hera_watchdog_timeout"),
+                                       (parse_harc_arguments, "harc_watchdog_timeout")])
+def test_the_key(parse: Any, key: str) -> None:
+    base = {"hera_heads": ["L0H0"]} if key.startswith("hera") else {"harc_harmful": "h", "harc_harmless": "s",
+                                                                     "harc_pseudo": "p"}
+    assert getattr(parse(base), key) is None and getattr(parse({**base, key: "20"}), key) == 20.0
+    with pytest.raises(RecipeError, match=f"{key}: got -1; allowed range is >= 0"):
+        parse({**base, key: -1})
+
+
+@pytest.mark.faults
+def test_a_rank_stopped_in_a_step_ends_the_job(assets: Any, tmp_path: Path) -> None:
+    """A launch (what ends it is torchrun seeing a rank exit, which no in-process test has): two CPU ranks, rank 1
+    SIGSTOPped as its second step begins (tests/fault_injection/); rank 0 ends with the line within the key's bound and
+    a pulse. The line names the section rank 1 last wrote (the save of checkpoint-1: the stop comes before its thread
+    could write step 2's). The stopped rank is killed by torchrun 30 s after rank 0 ended (SIGKILL ends a stopped
+    process), else by the test's launch helper."""
+    out = tmp_path / "out"
+    proc = launch("ddp", tmp_path, [{"recipe": recipe(assets, out, hera_watchdog_timeout=20),
+                                     "env": fault_env({"point": "sigstop", "rank": 1, "at": 2})}], tmp_path / "cache")
+    printed = proc.stdout + proc.stderr
+    assert "[fault_injection] rank 1: SIGSTOP" in printed, printed[-5000:]
+    found = re.findall(r"\[llamafactory-hera\] watchdog: rank 1 on \S+, unheard for (\d+) s in [^(]+ \(bound 20 s\)"
+                       r".*Rank 0 ends \(exit 1\)", printed)
+    assert len(found) == 1 and 20 <= int(found[0]) <= 20 + 2 * watchdog.PULSE, printed[-5000:]
+    # from the stop to rank 0's exit (torchrun's record of it, to the second)
+    stopped = float(re.search(r"rank 1: SIGSTOP at (\d+\.\d+)", printed)[1])
+    ended = re.search(r"time +: (\S+)\n +host +: \S+\n +rank +: 0 ", printed)[1]
+    seconds = time.mktime(time.strptime(ended, "%Y-%m-%d_%H:%M:%S")) - stopped
+    assert 20 - 1 <= seconds <= 20 + 2 * watchdog.PULSE and proc.returncode != 0
+    print(f"watchdog: rank 1 unheard for {found[0]} s; rank 0 ended {seconds:.0f} s after the stop")
