@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig
 
 from llamafactory_hera.cli import main
-from llamafactory_hera.plan import cards, count, counter, estimate, lengths
+from llamafactory_hera.plan import cards, count, counter, estimate, lengths, report
 from llamafactory_hera_patches.data.templates import whole_row
 from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe, sampled_rows
 
@@ -128,6 +128,16 @@ def test_a_run_that_does_not_fit_is_told_what_would() -> None:
     small = {"hera": {**big, "activations": GIB, "temporaries": GIB}}  # the weights decide: FSDP2 over 2 GPUs
     assert estimate.fixes(small, setup(), card, "hera")[0] == (
         "2 GPUs under FSDP2", pytest.approx((4 * 8.79e9 + 12 * 2.2e7) / 2 + 2 * (2 * 2e8 + 1.25e9) + 4 * GIB))
+
+
+@pytest.mark.parametrize("gib", [24, 80])
+def test_a_card_holds_its_gib_not_its_gb(gib: int) -> None:
+    """A step needing 1.02 x G x 1e9 bytes fits a card of G GiB (G x 1.074e9 bytes), as the report says; one byte
+    over G x 2**30 does not."""
+    card = cards.Card("toy", 100.0, gib)
+    assert card.holds(1.02 * gib * 1e9) and not card.holds(gib * GIB + 1)
+    assert report.fit_line(1.02 * gib * 1e9, card).startswith("  fits: ")
+    assert report.fit_line(gib * GIB + 1, card).startswith("  does NOT fit: ")
 
 
 def test_times_at_the_mfu_band() -> None:

@@ -13,6 +13,10 @@ class Card:
     bf16_tflops: float  # dense, FP32 accumulate
     memory_gib: float  # nvidia-smi's total, GiB
 
+    def holds(self, needed: float) -> bool:
+        """Whether ``needed`` bytes fit the card's allocatable memory (GiB: 2**30 bytes each)."""
+        return needed <= self.memory_gib * 2**30
+
 
 CARDS = {card.name: card for card in (
     Card("H100-SXM", 989.4, 79.65),  # NVIDIA H100 Tensor Core GPU datasheet (SXM): 1,979 TFLOPs with sparsity

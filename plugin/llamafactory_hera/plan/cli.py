@@ -19,7 +19,7 @@ import yaml
 from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.plan import estimate, families
 from llamafactory_hera.plan.cards import CARDS, DEFAULT_CARD, MFU, Card
-from llamafactory_hera.plan.report import memory_table, span
+from llamafactory_hera.plan.report import fit_line, memory_table, span
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.host_arguments import liger_applies_to
 
@@ -124,7 +124,7 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
         warnings.simplefilter("ignore")
         counts = count.scaled(config, shapes, head_layers if hera else 0)
         parts = {name: estimate.memory(c, setup) for name, c in counts.items()}
-        fits = parts[arm]["needed"] <= card.memory_gib * GiB
+        fits = card.holds(parts[arm]["needed"])
         if not fits:
             more = {}  # the arm last: its layer increments are counted already
             if liger and not setup.liger:
@@ -142,11 +142,10 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
              f"{'on' if setup.checkpointing else 'off'}",
              *(f"  note: {note}" for note in setup.notes), f"  {sizes.line}"]
     lines += memory_table(parts, arm)
-    lines.append(f"  {'fits' if fits else 'does NOT fit'}: {parts[arm]['needed'] / GiB:.2f} GiB needed of "
-                 f"{card.memory_gib:g} GiB")
+    lines.append(fit_line(parts[arm]["needed"], card))
     if not fits:
         for change, needed in estimate.fixes(counts, setup, card, arm):
-            verdict = "fits" if needed <= card.memory_gib * GiB else "still too much"
+            verdict = "fits" if card.holds(needed) else "still too much"
             lines.append(f"    {change}: {needed / GiB:.2f} GiB, {verdict}")
     lines += _time_lines(counts, setup, card, rows or 1000, rows is not None, recipe, hera, sizes)
     lines.append(f"(counted in {time.time() - started:.0f} s on this CPU)")
@@ -200,7 +199,7 @@ def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card
             select = int(recipe.get("hera_select_samples", 1000))
             seconds = [estimate.selection_flops(counts["hera"], select) / (card.bf16_tflops * 1e12 * m) for m in MFU]
             line += f"; head selection ({select} pairs, one GPU): {seconds[1]:.0f}-{seconds[0]:.0f} s"
-            if 2 * counts["hera"]["params"] > card.memory_gib * GiB:
+            if not card.holds(2 * counts["hera"]["params"]):
                 line += (" of compute; the bf16 model exceeds one GPU, whose CPU-offloaded layers are copied in every "
                          "batch: select first over the node's GPUs (llamafactory-hera select)")
         lines.append(line)

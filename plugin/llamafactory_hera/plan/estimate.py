@@ -184,7 +184,7 @@ def fixes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: st
     engine = setup.engine if setup.engine != "ddp" else "fsdp2" if setup.lora else "zero3"
     for gpus in (2, 4, 8, 16, 32, 64):
         more = replace(setup, engine=engine, gpus=gpus)
-        if gpus > setup.gpus and memory(counts[arm], more)["needed"] <= card.memory_gib * GIB:
+        if gpus > setup.gpus and card.holds(memory(counts[arm], more)["needed"]):
             out.append((f"{gpus} GPUs under {ENGINES[engine]}", memory(counts[arm], more)["needed"]))
             break
     for name, factor, value in (("per_device_train_batch_size", 2, setup.batch), ("cutoff_len", 2, setup.cutoff),

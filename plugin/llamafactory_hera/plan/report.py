@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llamafactory_hera.plan import estimate
+from llamafactory_hera.plan.cards import Card
 
 GiB = estimate.GIB
 
@@ -25,3 +26,9 @@ def span(values: tuple, unit: str, per: float = 1) -> str:
     low, high = sorted(v / per for v in values)
     return f"{low:,.2f}-{high:,.2f}{f' {unit}' if unit else ''}" if high < 100 else f"{low:,.0f}-{high:,.0f}" + \
         (f" {unit}" if unit else "")
+
+
+def fit_line(needed: float, card: Card) -> str:
+    """The report's verdict on ``needed`` bytes per GPU."""
+    verdict = "fits" if card.holds(needed) else "does NOT fit"
+    return f"  {verdict}: {needed / GiB:.2f} GiB needed of {card.memory_gib:g} GiB"
