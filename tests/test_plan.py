@@ -19,6 +19,7 @@ from transformers import AutoConfig
 from llamafactory_hera.cli import main
 from llamafactory_hera.plan import cards, count, counter, estimate, lengths, report
 from llamafactory_hera_patches.data.templates import whole_row
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe, sampled_rows
 
 GIB = 2**30
@@ -160,7 +161,8 @@ def tiny_recipe(tmp_path):
               "quantization_bit": 4, "enable_liger_kernel": True, "per_device_train_batch_size": 2,
               "gradient_accumulation_steps": 2, "cutoff_len": 32, "image_max_pixels": 64 * 64}
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    launch = "accelerate launch --config_file recipes/accelerate/fsdp2_config.yaml -m llamafactory.launcher tiny.yaml"
+    path.write_text(f"# Run: {launch}\n{yaml.safe_dump(recipe)}")
     return path
 
 
@@ -176,6 +178,9 @@ def test_plan_prints_the_report_and_a_fix_when_the_card_is_too_small(tiny_recipe
     assert "stage sft, LoRA, 4-bit, DDP, micro-batch 2 x accumulation 2, cutoff_len 32, Liger off" in out
     assert "  note: enable_liger_kernel: LLaMA-Factory does not patch qwen3_vl; the run trains without Liger" in out
     assert "enable_liger_kernel: true:" not in out
+    assert "  note: launch: planned as DDP on 1 GPU(s), no --accelerate-config given; the recipe's header launches " \
+        "it with accelerate launch --config_file recipes/accelerate/fsdp2_config.yaml: plan that launch with " \
+        "--accelerate-config recipes/accelerate/fsdp2_config.yaml" in out
     assert "lengths: worst case (the recipe's rows cannot be read and tokenized offline: the recipe names no " \
         "dataset), every row 32 tokens with one image of 4 tokens" in out
     assert "HeRA" not in out and "teacher" not in out  # the SFT stage: no twin, no teacher
@@ -193,7 +198,7 @@ def test_plan_errors(tiny_recipe, tmp_path, capsys) -> None:
     assert main(["plan", str(tiny_recipe), "deepspeed=absent.json"]) == 2
     assert "deepspeed: absent.json cannot be read" in capsys.readouterr().err
     for argv, said in [(["cutoff_len", "8"], "cutoff_len: KEY=VALUE expected, as on llamafactory-cli's line"),
-                       (["cutoff_len=1k"], "cutoff_len: '1k' is not a number; give it as cutoff_len=<a number>."),
+                       (["cutoff_len=1k"], "cutoff_len: '1k' is not a number; cutoff_len is the longest tokenized row"),
                        (["stage=dpo"], "stage: plan counts sft, pt, hera, harc, rah, not dpo"),
                        (["--accelerate-config", str(tmp_path / "none.yaml")],
                         f"--accelerate-config: {tmp_path / 'none.yaml'} cannot be read")]:
@@ -203,6 +208,35 @@ def test_plan_errors(tiny_recipe, tmp_path, capsys) -> None:
         main(["plan", str(tiny_recipe), "--gpus", "0"])
     assert stop.value.code == 2
     assert "argument --gpus: '0' is not a number of GPUs (1 or more)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("override", "said"), [
+    ("per_device_batch_size=4", "per_device_batch_size: 4 (did you mean per_device_eval_batch_size?): not a recipe "
+     "key of LLaMA-Factory"),
+    ("lora_rank=eight", "lora_rank: 'eight' is not a number; lora_rank is the rank of each LoRA update. Set a number."),
+    ("hera_heads=[L40H20]", "hera_heads: L40H20 is outside"),
+    ("hera_temperature=hot", "hera_temperature: got 'hot'; expected a number."),
+])
+def test_plan_refuses_what_training_refuses_with_its_line(tiny_recipe, override, said, capsys) -> None:
+    """A HeRA recipe's override is read and checked as ``llamafactory-cli train`` checks it before any rank starts
+    (``check_before_ranks``, in process): the same one line, before any count."""
+    from llamafactory_hera_patches.launch import check_before_ranks
+
+    recipe = {**yaml.safe_load(tiny_recipe.read_text()), "stage": "hera", "quantization_bit": None,
+              "hera_heads": ["L0H1"], "hera_lambda": 0.1}
+    tiny_recipe.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError) as training:
+        check_before_ranks(["llamafactory-cli", "train", str(tiny_recipe), override])
+    assert main(["plan", str(tiny_recipe), override]) == 2
+    assert capsys.readouterr().err.strip().endswith(str(training.value)) and said in str(training.value)
+
+
+def test_auto_heads_are_packed_into_layers_of_the_models_heads() -> None:
+    """``hera_heads: auto`` with 5 heads on a model of 4 heads a layer: the selection may take them from any layer,
+    so plan counts them in 2 layers (one layer of 5 heads does not exist); named heads keep their layers' count."""
+    assert count.head_layers("auto", 5, 4) == (["L0H0", "L0H1", "L0H2", "L0H3", "L1H0"], 2)
+    assert count.head_layers("auto", 4, 16) == (["L0H0", "L0H1", "L0H2", "L0H3"], 1)
+    assert count.head_layers(["L7H1", "L3H2", "L7H0"], 0) == (["L1H1", "L0H2", "L1H0"], 2)
 
 
 def test_the_engine_and_gpus_of_an_accelerate_config(tmp_path) -> None:

@@ -171,3 +171,20 @@ def test_plan_reports_every_shipped_recipe(tmp_path, monkeypatch, capsys) -> Non
         out = capsys.readouterr().out
         engine = "DeepSpeed ZeRO-3" if recipe.get("deepspeed") else "bf16" if recipe["stage"] == "rah" else "DDP"
         assert engine in out and ("fits:" in out or "does NOT fit" in out or "loads " in out), (path, out)
+
+
+def test_plan_refuses_heads_outside_a_hub_models_config(tmp_path, monkeypatch, capsys) -> None:
+    """Named heads outside a Hub model (Qwen2.5-VL-3B: 36 layers x 16 heads, its config from the local cache) are
+    refused by training's own check of heads against the config, before any count; ``auto`` asking for more heads
+    than the model has, likewise."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache(tmp_path / "hub")))
+    monkeypatch.chdir(REPO)
+    recipe = "recipes/qwen2_5_3b_hera.yaml"
+    assert main(["plan", recipe, "hera_heads=[L40H20]"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "hera_heads: L40H20 is outside Qwen/Qwen2.5-VL-3B-Instruct, which has layers L0..L35 and heads H0..H15 per "
+        "layer (zero-based). Fix or remove L40H20.")
+    assert main(["plan", recipe, "hera_heads=auto", "hera_select_num_heads=600"]) == 2
+    assert "hera_select_num_heads: got 600; allowed range is 1..576" in capsys.readouterr().err
