@@ -80,8 +80,9 @@ def test_memory_categories_by_hand(changes, parameters, gradients, optimizer, ga
 
 @pytest.mark.parametrize("keys", [16, 24])
 def test_attention_flops_on_the_cpu_kernel_follow_the_formula(keys: int) -> None:
-    """Forward 4 b h s_q s_k d, backward twice that, causal or not (the full product, as torch counts its GPU
-    kernels); torch alone scores the CPU kernel 0."""
+    """Forward 4 b h s_q s_k d; backward the scores recomputed and four products, 10 b h s_q s_k d (2.5 x the
+    forward); causal or not (the full product, as torch counts its GPU kernels); torch alone scores the CPU kernel
+    0."""
     b, h, s, d = 2, 3, 16, 8
     q = torch.randn(b, h, s, d, requires_grad=True)
     k, v = torch.randn(b, h, keys, d, requires_grad=True), torch.randn(b, h, keys, d, requires_grad=True)
@@ -90,7 +91,7 @@ def test_attention_flops_on_the_cpu_kernel_follow_the_formula(keys: int) -> None
         F.scaled_dot_product_attention(q, k, v, is_causal=keys == s).sum().backward()
     by_op = {str(op): n for op, n in flops.get_flop_counts()["Global"].items()}
     assert by_op["aten._scaled_dot_product_flash_attention_for_cpu"] == 4 * b * h * s * keys * d
-    assert by_op["aten._scaled_dot_product_flash_attention_for_cpu_backward"] == 8 * b * h * s * keys * d
+    assert by_op["aten._scaled_dot_product_flash_attention_for_cpu_backward"] == 5 * 2 * b * h * s * keys * d
 
 
 def test_scaled_count_equals_the_full_depth() -> None:
@@ -149,6 +150,14 @@ def test_times_at_the_mfu_band() -> None:
     assert t["steps"] == (7, 7)
     assert t["gpu-hours"] == pytest.approx((7 * 4 * 2 / 3600, 7 * 2 / 0.3 * 2 / 3600))
     assert t["tokens/s"] == pytest.approx((16000 / 4, 16000 / (2 / 0.3)))
+
+
+@pytest.mark.parametrize(("seconds", "said"), [((17.4, 28.2), "17.40-28.20 s"), ((0.4, 0.9), "0.40-0.90 s"),
+                                               ((0.004, 0.009), "0.004-0.009 s"), ((600, 1000), "10.00-16.67 min"),
+                                               ((6 * 3600, 11 * 3600), "6.00-11.00 h"), ((400, 700), "6.67-11.67 min")])
+def test_a_time_is_said_in_the_unit_that_reads_it(seconds, said) -> None:
+    """A ZeRO-3 run of 17-28 s is not "0.00-0.01 h": each band in seconds, minutes or hours, never rounded to 0."""
+    assert report.duration(seconds) == said
 
 
 @pytest.fixture
@@ -324,6 +333,27 @@ def test_frozen_decoder_layers_run_unchecked_as_llamafactory_calls_them() -> Non
     heads, _ = count.head_layers(["L0H0", "L0H1"], 2)
     hera = count.count(config, shape(hera={"hera_lambda": 0.01, "hera_k": 1, "heads": heads}, **projector))
     assert 0 <= hera["activations"] - checked["activations"] < 0.05 * checked["activations"]
+
+
+@pytest.mark.parametrize("recipe", [{}, {"freeze_multi_modal_projector": False},
+                                    {"freeze_vision_tower": False, "freeze_language_model": True}])
+def test_a_full_fine_tune_trains_what_llamafactory_trains(recipe) -> None:
+    """Qwen3-VL under finetuning_type: full: the parameters plan trains are those LLaMA-Factory's freeze keys leave
+    trainable (its COMPOSITE_MODELS' keys matched in each name, as its full tuning matches them): the DeepStack
+    mergers are frozen with the vision tower, not trained with the projector."""
+    from llamafactory.model.model_utils.visual import COMPOSITE_MODELS
+
+    from llamafactory_hera.plan import methods, step
+
+    keys = COMPOSITE_MODELS["qwen3_vl"]
+    frozen = [*(keys.vision_model_keys if recipe.get("freeze_vision_tower", True) else []),
+              *(keys.projector_keys if recipe.get("freeze_multi_modal_projector", True) else []),
+              *(keys.language_model_keys if recipe.get("freeze_language_model", False) else [])]
+    model = step.build(tiny_config(layers=1, depth=2))
+    step.set_trainable(model, methods.trained_parts(recipe))
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trained == {name for name, _ in model.named_parameters() if not any(key in name for key in frozen)}
+    assert any("deepstack_merger" in name for name, _ in model.named_parameters())
 
 
 @pytest.mark.parametrize(("name", "mib", "card"), [

@@ -114,7 +114,9 @@ def test_harc_micro_batch_is_the_sum_of_its_passes(tmp_path, capsys) -> None:
     config = AutoConfig.for_model("llama", **{**TEXT, "num_hidden_layers": 1})
     recipe = _recipe(tmp_path, config, stage="harc", lora_rank=RANK, lora_alpha=4, harc_batch_harmful=1,
                      harc_batch_harmless=1, harc_batch_pseudo=1, harc_max_length=SEQ, max_steps=10,
-                     harc_refresh_steps=5, harc_harmful_completions="x", harc_extract_samples=3)
+                     harc_refresh_steps=5, harc_harmful_completions="x", harc_extract_samples=3,
+                     harc_harmful="harmful", harc_harmless="harmless",
+                     harc_pseudo="pseudo")  # the names training requires (their rows are not read by plan)
     assert main(["plan", str(recipe)]) == 0
     out = capsys.readouterr().out
     rotary = 2 * HEAD_DIM // 2 * SEQ  # the rotary angles: [1, d / 2, 1] x [1, 1, s] (positions shared by the rows)
@@ -131,7 +133,7 @@ def test_harc_micro_batch_is_the_sum_of_its_passes(tmp_path, capsys) -> None:
            f"reference forward (retain rows, no grad) {reference / 1e12:.2f}" in out
     assert "micro-batch of 1 harmful + 1 harmless + 1 pseudo rows of 16 tokens" in out and "DDP" in out
     assert "directions: 15 rows forward (5 row sets), 2 times (start + refreshes)" in out  # steps 1 and 6
-    assert "fits:" in out
+    assert "fits:" in out and " (79.65 GiB)\n" in out and " GB)" not in out  # one unit: GiB, as HeRA's report
 
 
 def test_rah_plans_its_calibration(tmp_path, capsys) -> None:
@@ -143,6 +145,7 @@ def test_rah_plans_its_calibration(tmp_path, capsys) -> None:
     assert main(["plan", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "stage rah (training-free: calibration passes, no optimizer), bf16" in out
+    assert " (79.65 GiB)\n" in out and " GB)" not in out
     assert "loads whole on one GPU" in out and "ISAL" in out and "CAF" in out
     assert "I-SAL: 10 rows forward" in out and "CAF: 4 rows forward + backward" in out
     assert "each target head: 1-3 forwards of 3 rows" in out

@@ -17,7 +17,7 @@ from typing import Any
 
 from llamafactory_hera.plan import estimate, families
 from llamafactory_hera.plan.cards import CARDS, DEFAULT_CARD, MFU, Card
-from llamafactory_hera.plan.report import fit_line, memory_table, span
+from llamafactory_hera.plan.report import duration, fit_line, memory_table, span
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.host_arguments import liger_applies_to
 
@@ -69,7 +69,8 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"{item}: KEY=VALUE expected, as on llamafactory-cli's line (e.g. cutoff_len=2048).")
-    recipe = launch_recipe(["llamafactory-cli", "train", str(recipe_path), *overrides])
+    with _quiet():  # LLaMA-Factory's import line about its version check
+        recipe = launch_recipe(["llamafactory-cli", "train", str(recipe_path), *overrides])
     if not isinstance(recipe, dict):
         raise RecipeError(f"recipe: {recipe_path} is not a recipe file (.yaml, .yml, .json); name a training recipe.")
     return plan_recipe(recipe, recipe_path, gpus, gpu, accelerate_config, recipe_path.read_text(encoding="utf-8"))
@@ -212,15 +213,16 @@ def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card
                      f"(attention {attention / flops:.1%} of them); at {band}: step "
                      f"{span(t['step'], 's')}, {span(t['tokens/s'], '')} tokens/s per node")
         lines.append(f"    epoch of {rows} rows{'' if known else ' (the dataset is not at hand: per 1000 rows)'}, "
-                     f"{t['steps'][0]} steps: {span(t['epoch'], 'h', 3600)}; run of {t['steps'][1]} steps: "
-                     f"{span(t['run'], 'h', 3600)}, {span(t['gpu-hours'], '')} GPU-hours")
+                     f"{t['steps'][0]} steps: {duration(t['epoch'])}; run of {t['steps'][1]} steps: "
+                     f"{duration(t['run'])}, {span(t['gpu-hours'], '')} GPU-hours")
     if hera:
-        teacher = [estimate.teacher_flops(rows) / (card.bf16_tflops * 1e12 * m) for m in MFU]
-        line = f"  teacher precompute ({rows} images, DINOv2-L, one GPU): {teacher[1]:.0f}-{teacher[0]:.0f} s"
+        teacher = tuple(estimate.teacher_flops(rows) / (card.bf16_tflops * 1e12 * m) for m in MFU)
+        line = f"  teacher precompute ({rows} images, DINOv2-L, one GPU): {duration(teacher)}"
         if recipe.get("hera_heads", "auto") == "auto":
             select = int(recipe.get("hera_select_samples", 1000))
-            seconds = [estimate.selection_flops(counts["hera"], select) / (card.bf16_tflops * 1e12 * m) for m in MFU]
-            line += f"; head selection ({select} pairs, one GPU): {seconds[1]:.0f}-{seconds[0]:.0f} s"
+            seconds = tuple(estimate.selection_flops(counts["hera"], select) / (card.bf16_tflops * 1e12 * m)
+                            for m in MFU)
+            line += f"; head selection ({select} pairs, one GPU): {duration(seconds)}"
             if not card.holds(2 * counts["hera"]["params"]):
                 line += (" of compute; the bf16 model exceeds one GPU, whose CPU-offloaded layers are copied in every "
                          "batch: select first over the node's GPUs (llamafactory-hera select)")

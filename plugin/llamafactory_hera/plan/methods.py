@@ -12,7 +12,7 @@ from typing import Any
 
 from llamafactory_hera.plan import count, estimate
 from llamafactory_hera.plan.cards import MFU, Card
-from llamafactory_hera.plan.report import GiB, fit_line, memory_table, span
+from llamafactory_hera.plan.report import GiB, duration, fit_line, memory_table, span
 
 STREAMS = {"harmful": 6, "harmless": 4, "pseudo": 2}  # HARC's micro-batch rows per stream (its keys' defaults)
 
@@ -25,7 +25,7 @@ def trained_parts(recipe: dict) -> tuple[str, ...]:
 
 
 def _seconds(flops: float, card: Card) -> str:
-    return span(tuple(flops / (card.bf16_tflops * 1e12 * mfu) for mfu in MFU), "s")
+    return duration(tuple(flops / (card.bf16_tflops * 1e12 * mfu) for mfu in MFU))
 
 
 def _head(config: Any, counts: dict[str, float], what: str) -> str:
@@ -56,7 +56,7 @@ def harc(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Car
                  + ", ".join(f"{name} {n * per_row / 1e12:.2f}" for name, n in rows.items())
                  + f" + KL reference forward (retain rows, no grad) {counts['reference'] / 1e12:.2f}")
     t = estimate.times(counts["flops"], setup, card, 1000, length)
-    lines.append(f"  step {span(t['step'], 's')}; run of {t['steps'][1]} steps: {span(t['run'], 'h', 3600)}, "
+    lines.append(f"  step {span(t['step'], 's')}; run of {t['steps'][1]} steps: {duration(t['run'])}, "
                  f"{span(t['gpu-hours'], '')} GPU-hours (at {MFU[0]:.0%}-{MFU[1]:.0%} MFU)")
     sets = 5 if recipe.get("harc_harmful_completions") else 2
     refresh = int(recipe.get("harc_refresh_steps", 100))
