@@ -172,6 +172,24 @@ def test_a_time_is_said_in_the_unit_that_reads_it(seconds, said) -> None:
     assert report.duration(seconds) == said
 
 
+def test_communication_per_engine_on_the_cards_link() -> None:
+    """Each GPU of a ring receives (N - 1) / N of every whole (counted rank by rank): FSDP2 the bf16 parameters in
+    forward and again in backward plus the float32 LoRA gradients every micro-step; a micro-step takes the longer of
+    its compute and its communication at the link's rate each way (H100 SXM: NVLink 900 GB/s, 450 each way; H100
+    PCIe: PCIe Gen5 128 GB/s); DDP's all-reduce of the gradients once a step; one GPU none."""
+    counts = {**COUNTS, "params": 73.5e9, "trainable": 1.05e8}
+    fsdp = setup(engine="fsdp2", gpus=8, accumulation=8)
+    received = sum(whole / 8 for whole in (2 * 73.5e9, 2 * 73.5e9, 4 * 1.05e8) for rank in range(8) if rank != 0)
+    assert estimate.communicated(counts, fsdp) == (pytest.approx(received), 0.0)
+    for card, rate in (("H100-SXM", 450e9), ("H100-PCIe", 64e9)):
+        t = estimate.times(1e15, fsdp, cards.CARDS[card], 1000, 100, estimate.communicated(counts, fsdp))
+        compute = [1e15 / (cards.CARDS[card].bf16_tflops * 1e12 * mfu) for mfu in (0.5, 0.3)]
+        assert t["step"] == pytest.approx(tuple(8 * max(c, received / rate) for c in compute))
+        assert t["communication"] == pytest.approx(8 * received / rate)
+    assert estimate.communicated(counts, setup(gpus=4)) == (0.0, pytest.approx(2 * 3 / 4 * 4 * 1.05e8))
+    assert estimate.communicated(counts, setup()) == (0.0, 0.0)
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path):
     folder = tmp_path / "model"

@@ -208,10 +208,18 @@ def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card
         ratio = sizes.padded / sizes.peak  # counted at the peak; at the mean: attention quadratic in the length
         attention = counts[name]["attention"] * ratio ** 2
         flops = (counts[name]["flops"] - counts[name]["attention"]) * ratio + attention
-        t = estimate.times(flops, setup, card, rows, sizes.mean)
+        comm = estimate.communicated(counts[name], setup)
+        t = estimate.times(flops, setup, card, rows, sizes.mean, comm)
         lines.append(f"  {name.upper()}: {flops * setup.accumulation / 1e12:.1f} TFLOPs per GPU per optimizer step "
                      f"(attention {attention / flops:.1%} of them); at {band}: step "
                      f"{span(t['step'], 's')}, {span(t['tokens/s'], '')} tokens/s per node")
+        if any(comm):
+            received = (setup.accumulation * comm[0] + comm[1]) / 1e9
+            lines.append(f"    communication: {received:,.1f} GB received per GPU per step under "
+                         f"{estimate.ENGINES[setup.engine]} (docs/cost.md), {t['communication']:.2f} s "
+                         f"on {card.link} ({card.link_gbs:g} GB/s datasheet, half each way), overlapped with the "
+                         "compute as the engine prefetches (each micro-step the longer of the two): "
+                         f"{span(tuple(t['communication'] / s * 100 for s in t['step']), '%')} of the step")
         lines.append(f"    epoch of {rows} rows{'' if known else ' (the dataset is not at hand: per 1000 rows)'}, "
                      f"{t['steps'][0]} steps: {duration(t['epoch'])}; run of {t['steps'][1]} steps: "
                      f"{duration(t['run'])}, {span(t['gpu-hours'], '')} GPU-hours")

@@ -219,17 +219,38 @@ def _changes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm:
     return out
 
 
-def times(flops_micro: float, setup: Setup, card: Card, rows: int, tokens_per_row: int) -> dict[str, tuple]:
+def communicated(counts: dict[str, float], setup: Setup) -> tuple[float, float]:
+    """Bytes each GPU receives per micro-step and per optimizer step (a ring: ``(N - 1) / N`` of each whole):
+    FSDP2 and ZeRO-3 gather the parameters in bf16 (4-bit codes as stored) in forward and again in backward (resharded
+    after forward; the recompute under checkpointing uses the backward's gather) and reduce-scatter the trained
+    gradients (FSDP2 float32, ZeRO-3 bf16) every micro-step; ZeRO-2 reduce-scatters bf16 gradients every micro-step
+    and gathers the updated bf16 weights every step; DDP all-reduces the float32 gradients once a step (twice the
+    bytes of a ring all-reduce). One GPU: none."""
+    n, total, trained = setup.gpus, counts["params"], counts["trainable"]
+    ring = (n - 1) / n
+    quantized = counts["quantizable"] if setup.bits else 0
+    weights = 2 * (total - quantized) + quantized * (quantized_bytes_per_weight(setup.bits) if setup.bits else 0)
+    return {"fsdp2": (ring * (2 * weights + 4 * trained), 0.0), "zero3": (ring * (2 * weights + 2 * trained), 0.0),
+            "zero2": (ring * 2 * trained, ring * 2 * trained), "ddp": (0.0, 2 * ring * 4 * trained)}[setup.engine]
+
+
+def times(flops_micro: float, setup: Setup, card: Card, rows: int, tokens_per_row: int,
+          comm: tuple[float, float] = (0.0, 0.0)) -> dict[str, tuple]:
     """Seconds (fast, slow) at the :data:`MFU` band of ``card``: an optimizer step (every GPU runs its micro-batches
-    at once; communication not counted), an epoch of ``rows``, the run (``num_train_epochs`` or ``max_steps``), and
-    the run's GPU-hours; tokens per second."""
-    step = tuple(flops_micro * setup.accumulation / (card.bf16_tflops * 1e12 * mfu) for mfu in reversed(MFU))
+    at once; each micro-step takes the longer of its compute and its ``comm[0]`` bytes on the card's link, the
+    engines prefetching the next layer's gather while one computes, then ``comm[1]`` bytes a step), an epoch of
+    ``rows``, the run (``num_train_epochs`` or ``max_steps``), and the run's GPU-hours; tokens per second; the
+    communication's seconds a step at the link's datasheet rate each way (a floor: NCCL reaches less)."""
+    link = card.link_gbs / 2 * 1e9
+    step = tuple(setup.accumulation * max(flops_micro / (card.bf16_tflops * 1e12 * mfu), comm[0] / link)
+                 + comm[1] / link for mfu in reversed(MFU))
     steps_per_epoch = math.ceil(rows / (setup.batch * setup.gpus * setup.accumulation))
     run_steps = setup.max_steps if setup.max_steps > 0 else math.ceil(steps_per_epoch * setup.epochs)
     tokens = setup.batch * setup.gpus * setup.accumulation * tokens_per_row
     return {"step": step, "epoch": tuple(s * steps_per_epoch for s in step), "run": tuple(s * run_steps for s in step),
             "gpu-hours": tuple(s * run_steps * setup.gpus / 3600 for s in step),
-            "tokens/s": tuple(tokens / s for s in step), "steps": (steps_per_epoch, run_steps)}
+            "tokens/s": tuple(tokens / s for s in step), "steps": (steps_per_epoch, run_steps),
+            "communication": (setup.accumulation * comm[0] + comm[1]) / link}
 
 
 def selection_flops(counts: dict[str, float], samples: int) -> float:

@@ -55,7 +55,7 @@ def harc(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Car
     lines.append(f"  per micro-batch: {counts['flops'] / 1e12:.2f} TFLOPs = forward + backward "
                  + ", ".join(f"{name} {n * per_row / 1e12:.2f}" for name, n in rows.items())
                  + f" + KL reference forward (retain rows, no grad) {counts['reference'] / 1e12:.2f}")
-    t = estimate.times(counts["flops"], setup, card, 1000, length)
+    t = estimate.times(counts["flops"], setup, card, 1000, length, estimate.communicated(counts, setup))
     lines.append(f"  step {span(t['step'], 's')}; run of {t['steps'][1]} steps: {duration(t['run'])}, "
                  f"{span(t['gpu-hours'], '')} GPU-hours (at {MFU[0]:.0%}-{MFU[1]:.0%} MFU)")
     sets = 5 if recipe.get("harc_harmful_completions") else 2
