@@ -217,8 +217,8 @@ def test_plan_prints_the_report_and_a_fix_when_the_card_is_too_small(tiny_recipe
     assert "stage sft, LoRA, 4-bit, DDP, micro-batch 2 x accumulation 2, cutoff_len 32, Liger off" in out
     assert "  note: enable_liger_kernel: LLaMA-Factory does not patch qwen3_vl; the run trains without Liger" in out
     assert "enable_liger_kernel: true:" not in out
-    assert "  note: launch: planned as DDP on 1 GPU(s), no --accelerate-config given; the recipe's header launches " \
-        "it with accelerate launch --config_file recipes/accelerate/fsdp2_config.yaml: plan that launch with " \
+    assert "  note: launch: planned as DDP on 1 GPU(s), no --accelerate-config given; the recipe's header names a " \
+        "launch with accelerate launch --config_file recipes/accelerate/fsdp2_config.yaml: plan it with " \
         "--accelerate-config recipes/accelerate/fsdp2_config.yaml" in out
     assert "lengths: worst case (the recipe's rows cannot be read and tokenized offline: the recipe names no " \
         "dataset), every row 32 tokens with one image of 4 tokens" in out

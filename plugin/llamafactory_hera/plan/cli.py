@@ -114,8 +114,8 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
     if accelerate_config is None and (launch := LAUNCH_LINE.search(recipe_text)):
         setup = replace(setup, notes=(*setup.notes, f"launch: planned as {estimate.ENGINES[setup.engine]} on "
                                       f"{setup.gpus} GPU(s), no --accelerate-config given; the recipe's header "
-                                      f"launches it with accelerate launch --config_file {launch[1]}: plan that "
-                                      f"launch with --accelerate-config {launch[1]}"))
+                                      f"names a launch with accelerate launch --config_file {launch[1]}: plan it "
+                                      f"with --accelerate-config {launch[1]}"))
     liger = liger_applies_to(config.model_type)
     if setup.liger and not liger:
         setup = replace(setup, liger=False, notes=(*setup.notes, f"enable_liger_kernel: LLaMA-Factory does not "

@@ -96,21 +96,14 @@ class StepCounter(TorchDispatchMode):
         return out
 
 
-def _per_query_head(query: list[int], *others: list[int]) -> list[list[int]]:
-    return [[*query[:2], *shape[2:]] for shape in others]  # grouped-query attention: a key head serves several
-
-
-def _attention_forward(query: list[int], key: list[int], value: list[int], *_: object, **__: object) -> int:
-    return sdpa_flop_count(query, *_per_query_head(query, key, value))
-
-
-def _attention_backward(grad: list[int], query: list[int], key: list[int], value: list[int], *_: object,
-                        **__: object) -> int:
-    return sdpa_backward_flop_count(grad, query, *_per_query_head(query, key, value))
+def _heads(q: list[int], *kv: list[int]) -> list[list[int]]:  # grouped-query attention: a key head serves several
+    return [q, *([*q[:2], *shape[2:]] for shape in kv)]
 
 
 def count_attention() -> None:
     """Give the CPU attention kernels their FLOPs in ``FlopCounterMode`` (module doc); idempotent."""
     aten = torch.ops.aten
-    flop_registry[aten._scaled_dot_product_flash_attention_for_cpu] = shape_wrapper(_attention_forward)
-    flop_registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = shape_wrapper(_attention_backward)
+    flop_registry[aten._scaled_dot_product_flash_attention_for_cpu] = shape_wrapper(
+        lambda q, k, v, *_, **__: sdpa_flop_count(*_heads(q, k, v)))
+    flop_registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = shape_wrapper(
+        lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, *_heads(q, k, v)))
