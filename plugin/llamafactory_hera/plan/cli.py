@@ -110,7 +110,8 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
         raise RecipeError(f"stage: plan counts sft, pt, hera, {', '.join(methods.STAGES)}, not {stage} (its "
                           "reference model and paired rows are not modelled).")
     setup = estimate.setup_of(recipe, recipe_path.parent, gpus, accelerate_config)
-    config = _model_config(str(recipe.get("model_name_or_path")), recipe_text)
+    with _quiet():  # transformers' info lines as it reads the config (LLaMA-Factory's import turns them on)
+        config = _model_config(str(recipe.get("model_name_or_path")), recipe_text)
     if accelerate_config is None and (launch := LAUNCH_LINE.search(recipe_text)):
         setup = replace(setup, notes=(*setup.notes, f"launch: planned as {estimate.ENGINES[setup.engine]} on "
                                       f"{setup.gpus} GPU(s), no --accelerate-config given; the recipe's header "

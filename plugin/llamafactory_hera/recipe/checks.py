@@ -288,9 +288,10 @@ def check_raw_recipe(host_args: dict[str, Any] | list[str], stage: str, machine:
     ``machine=False`` (``llamafactory-hera plan``, before renting): the recipe's own checks only, not this machine's
     engines, model paths, stack and bf16."""
     given = given_keys(host_args)
-    check_host_keys(host_args)
     if machine:
         check_engines_installed(host_args, stage)
+    check_host_keys(host_args)
+    if machine:
         check_model_paths(given)
         check_stack(given)
         check_bf16_device(host_args)
