@@ -17,8 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig
 
 from llamafactory_hera.cli import main
-from llamafactory_hera.plan import cards, count, counter, estimate, lengths
+from llamafactory_hera.plan import cards, count, counter, estimate, lengths, report
 from llamafactory_hera_patches.data.templates import whole_row
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe, sampled_rows
 
 GIB = 2**30
@@ -79,8 +80,9 @@ def test_memory_categories_by_hand(changes, parameters, gradients, optimizer, ga
 
 @pytest.mark.parametrize("keys", [16, 24])
 def test_attention_flops_on_the_cpu_kernel_follow_the_formula(keys: int) -> None:
-    """Forward 4 b h s_q s_k d, backward twice that, causal or not (the full product, as torch counts its GPU
-    kernels); torch alone scores the CPU kernel 0."""
+    """Forward 4 b h s_q s_k d; backward the scores recomputed and four products, 10 b h s_q s_k d (2.5 x the
+    forward); causal or not (the full product, as torch counts its GPU kernels); torch alone scores the CPU kernel
+    0."""
     b, h, s, d = 2, 3, 16, 8
     q = torch.randn(b, h, s, d, requires_grad=True)
     k, v = torch.randn(b, h, keys, d, requires_grad=True), torch.randn(b, h, keys, d, requires_grad=True)
@@ -89,7 +91,7 @@ def test_attention_flops_on_the_cpu_kernel_follow_the_formula(keys: int) -> None
         F.scaled_dot_product_attention(q, k, v, is_causal=keys == s).sum().backward()
     by_op = {str(op): n for op, n in flops.get_flop_counts()["Global"].items()}
     assert by_op["aten._scaled_dot_product_flash_attention_for_cpu"] == 4 * b * h * s * keys * d
-    assert by_op["aten._scaled_dot_product_flash_attention_for_cpu_backward"] == 8 * b * h * s * keys * d
+    assert by_op["aten._scaled_dot_product_flash_attention_for_cpu_backward"] == 5 * 2 * b * h * s * keys * d
 
 
 def test_scaled_count_equals_the_full_depth() -> None:
@@ -124,10 +126,32 @@ def test_a_run_that_does_not_fit_is_told_what_would() -> None:
     assert fixes["per_device_train_batch_size: 8 (gradient_accumulation_steps: 4)"] == pytest.approx(
         plain - 16.25 * GIB)
     assert "quantization_bit: 4 (QLoRA)" in fixes
-    assert not any("GPUs" in change for change in fixes)  # 32.5 GiB of activations and temporaries on every GPU
+    assert not any("GPUs" in change for change in fixes if "+" not in change)  # 32.5 GiB of activations and
+    # temporaries on every GPU: no number of GPUs alone
+    assert not any(card.holds(need) for change, need in fixes.items() if "+" not in change)
+    # two changes: the shipped QLoRA recipe's own (4 bits, a micro-batch of 4), by hand: nf4 linear weights, the
+    # rest bf16, fp32 adapters + gradients + moments, a quarter of the activations and temporaries, the reserve
+    nf4 = 7.5e9 * (0.5 + (1 + 4 / 256) / 64) + 2 * (8.79e9 - 2.2e7 - 7.5e9) + 16 * 2.2e7
+    pairs = [change for change in fixes if " + " in change]
+    qlora = "per_device_train_batch_size: 4 (gradient_accumulation_steps: 8) + quantization_bit: 4 (QLoRA)"
+    assert fixes[qlora] == pytest.approx(max(nf4 + 19 / 4 * GIB + 14 / 4 * GIB, 2 * (8.79e9 - 2.2e7)) + 2 * GIB)
+    assert pairs and all(card.holds(fixes[change]) for change in pairs)
+    ranks = [sum(next(rank for rank, key in enumerate(("liger", "batch", "QLoRA", "GPUs", "cutoff")) if key in part)
+                 for part in change.split(" + ")) for change in pairs]
+    assert ranks == sorted(ranks)  # cheapest first: Liger, micro-batch, 4 bits, GPUs, cutoff
     small = {"hera": {**big, "activations": GIB, "temporaries": GIB}}  # the weights decide: FSDP2 over 2 GPUs
-    assert estimate.fixes(small, setup(), card, "hera")[0] == (
-        "2 GPUs under FSDP2", pytest.approx((4 * 8.79e9 + 12 * 2.2e7) / 2 + 2 * (2 * 2e8 + 1.25e9) + 4 * GIB))
+    assert dict(estimate.fixes(small, setup(), card, "hera"))["2 GPUs under FSDP2"] == pytest.approx(
+        (4 * 8.79e9 + 12 * 2.2e7) / 2 + 2 * (2 * 2e8 + 1.25e9) + 4 * GIB)
+
+
+@pytest.mark.parametrize("gib", [24, 80])
+def test_a_card_holds_its_gib_not_its_gb(gib: int) -> None:
+    """A step needing 1.02 x G x 1e9 bytes fits a card of G GiB (G x 1.074e9 bytes), as the report says; one byte
+    over G x 2**30 does not."""
+    card = cards.Card("toy", 100.0, gib)
+    assert card.holds(1.02 * gib * 1e9) and not card.holds(gib * GIB + 1)
+    assert report.fit_line(1.02 * gib * 1e9, card).startswith("  fits: ")
+    assert report.fit_line(gib * GIB + 1, card).startswith("  does NOT fit: ")
 
 
 def test_times_at_the_mfu_band() -> None:
@@ -140,6 +164,32 @@ def test_times_at_the_mfu_band() -> None:
     assert t["tokens/s"] == pytest.approx((16000 / 4, 16000 / (2 / 0.3)))
 
 
+@pytest.mark.parametrize(("seconds", "said"), [((17.4, 28.2), "17.40-28.20 s"), ((0.4, 0.9), "0.40-0.90 s"),
+                                               ((0.004, 0.009), "0.004-0.009 s"), ((600, 1000), "10.00-16.67 min"),
+                                               ((6 * 3600, 11 * 3600), "6.00-11.00 h"), ((400, 700), "6.67-11.67 min")])
+def test_a_time_is_said_in_the_unit_that_reads_it(seconds, said) -> None:
+    """A ZeRO-3 run of 17-28 s is not "0.00-0.01 h": each band in seconds, minutes or hours, never rounded to 0."""
+    assert report.duration(seconds) == said
+
+
+def test_communication_per_engine_on_the_cards_link() -> None:
+    """Each GPU of a ring receives (N - 1) / N of every whole (counted rank by rank): FSDP2 the bf16 parameters in
+    forward and again in backward plus the float32 LoRA gradients every micro-step; a micro-step takes the longer of
+    its compute and its communication at the link's rate each way (H100 SXM: NVLink 900 GB/s, 450 each way; H100
+    PCIe: PCIe Gen5 128 GB/s); DDP's all-reduce of the gradients once a step; one GPU none."""
+    counts = {**COUNTS, "params": 73.5e9, "trainable": 1.05e8}
+    fsdp = setup(engine="fsdp2", gpus=8, accumulation=8)
+    received = sum(whole / 8 for whole in (2 * 73.5e9, 2 * 73.5e9, 4 * 1.05e8) for rank in range(8) if rank != 0)
+    assert estimate.communicated(counts, fsdp) == (pytest.approx(received), 0.0)
+    for card, rate in (("H100-SXM", 450e9), ("H100-PCIe", 64e9)):
+        t = estimate.times(1e15, fsdp, cards.CARDS[card], 1000, 100, estimate.communicated(counts, fsdp))
+        compute = [1e15 / (cards.CARDS[card].bf16_tflops * 1e12 * mfu) for mfu in (0.5, 0.3)]
+        assert t["step"] == pytest.approx(tuple(8 * max(c, received / rate) for c in compute))
+        assert t["communication"] == pytest.approx(8 * received / rate)
+    assert estimate.communicated(counts, setup(gpus=4)) == (0.0, pytest.approx(2 * 3 / 4 * 4 * 1.05e8))
+    assert estimate.communicated(counts, setup()) == (0.0, 0.0)
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path):
     folder = tmp_path / "model"
@@ -150,7 +200,8 @@ def tiny_recipe(tmp_path):
               "quantization_bit": 4, "enable_liger_kernel": True, "per_device_train_batch_size": 2,
               "gradient_accumulation_steps": 2, "cutoff_len": 32, "image_max_pixels": 64 * 64}
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    launch = "accelerate launch --config_file recipes/accelerate/fsdp2_config.yaml -m llamafactory.launcher tiny.yaml"
+    path.write_text(f"# Run: {launch}\n{yaml.safe_dump(recipe)}")
     return path
 
 
@@ -166,6 +217,9 @@ def test_plan_prints_the_report_and_a_fix_when_the_card_is_too_small(tiny_recipe
     assert "stage sft, LoRA, 4-bit, DDP, micro-batch 2 x accumulation 2, cutoff_len 32, Liger off" in out
     assert "  note: enable_liger_kernel: LLaMA-Factory does not patch qwen3_vl; the run trains without Liger" in out
     assert "enable_liger_kernel: true:" not in out
+    assert "  note: launch: planned as DDP on 1 GPU(s), no --accelerate-config given; the recipe's header names a " \
+        "launch with accelerate launch --config_file recipes/accelerate/fsdp2_config.yaml: plan it with " \
+        "--accelerate-config recipes/accelerate/fsdp2_config.yaml" in out
     assert "lengths: worst case (the recipe's rows cannot be read and tokenized offline: the recipe names no " \
         "dataset), every row 32 tokens with one image of 4 tokens" in out
     assert "HeRA" not in out and "teacher" not in out  # the SFT stage: no twin, no teacher
@@ -183,7 +237,7 @@ def test_plan_errors(tiny_recipe, tmp_path, capsys) -> None:
     assert main(["plan", str(tiny_recipe), "deepspeed=absent.json"]) == 2
     assert "deepspeed: absent.json cannot be read" in capsys.readouterr().err
     for argv, said in [(["cutoff_len", "8"], "cutoff_len: KEY=VALUE expected, as on llamafactory-cli's line"),
-                       (["cutoff_len=1k"], "cutoff_len: '1k' is not a number; give it as cutoff_len=<a number>."),
+                       (["cutoff_len=1k"], "cutoff_len: '1k' is not a number; cutoff_len is the longest tokenized row"),
                        (["stage=dpo"], "stage: plan counts sft, pt, hera, harc, rah, not dpo"),
                        (["--accelerate-config", str(tmp_path / "none.yaml")],
                         f"--accelerate-config: {tmp_path / 'none.yaml'} cannot be read")]:
@@ -193,6 +247,35 @@ def test_plan_errors(tiny_recipe, tmp_path, capsys) -> None:
         main(["plan", str(tiny_recipe), "--gpus", "0"])
     assert stop.value.code == 2
     assert "argument --gpus: '0' is not a number of GPUs (1 or more)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("override", "said"), [
+    ("per_device_batch_size=4", "per_device_batch_size: 4 (did you mean per_device_eval_batch_size?): not a recipe "
+     "key of LLaMA-Factory"),
+    ("lora_rank=eight", "lora_rank: 'eight' is not a number; lora_rank is the rank of each LoRA update. Set a number."),
+    ("hera_heads=[L40H20]", "hera_heads: L40H20 is outside"),
+    ("hera_temperature=hot", "hera_temperature: got 'hot'; expected a number."),
+])
+def test_plan_refuses_what_training_refuses_with_its_line(tiny_recipe, override, said, capsys) -> None:
+    """A HeRA recipe's override is read and checked as ``llamafactory-cli train`` checks it before any rank starts
+    (``check_before_ranks``, in process): the same one line, before any count."""
+    from llamafactory_hera_patches.launch import check_before_ranks
+
+    recipe = {**yaml.safe_load(tiny_recipe.read_text()), "stage": "hera", "quantization_bit": None,
+              "hera_heads": ["L0H1"], "hera_lambda": 0.1}
+    tiny_recipe.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError) as training:
+        check_before_ranks(["llamafactory-cli", "train", str(tiny_recipe), override])
+    assert main(["plan", str(tiny_recipe), override]) == 2
+    assert capsys.readouterr().err.strip().endswith(str(training.value)) and said in str(training.value)
+
+
+def test_auto_heads_are_packed_into_layers_of_the_models_heads() -> None:
+    """``hera_heads: auto`` with 5 heads on a model of 4 heads a layer: the selection may take them from any layer,
+    so plan counts them in 2 layers (one layer of 5 heads does not exist); named heads keep their layers' count."""
+    assert count.head_layers("auto", 5, 4) == (["L0H0", "L0H1", "L0H2", "L0H3", "L1H0"], 2)
+    assert count.head_layers("auto", 4, 16) == (["L0H0", "L0H1", "L0H2", "L0H3"], 1)
+    assert count.head_layers(["L7H1", "L3H2", "L7H0"], 0) == (["L1H1", "L0H2", "L1H0"], 2)
 
 
 def test_the_engine_and_gpus_of_an_accelerate_config(tmp_path) -> None:
@@ -280,6 +363,27 @@ def test_frozen_decoder_layers_run_unchecked_as_llamafactory_calls_them() -> Non
     heads, _ = count.head_layers(["L0H0", "L0H1"], 2)
     hera = count.count(config, shape(hera={"hera_lambda": 0.01, "hera_k": 1, "heads": heads}, **projector))
     assert 0 <= hera["activations"] - checked["activations"] < 0.05 * checked["activations"]
+
+
+@pytest.mark.parametrize("recipe", [{}, {"freeze_multi_modal_projector": False},
+                                    {"freeze_vision_tower": False, "freeze_language_model": True}])
+def test_a_full_fine_tune_trains_what_llamafactory_trains(recipe) -> None:
+    """Qwen3-VL under finetuning_type: full: the parameters plan trains are those LLaMA-Factory's freeze keys leave
+    trainable (its COMPOSITE_MODELS' keys matched in each name, as its full tuning matches them): the DeepStack
+    mergers are frozen with the vision tower, not trained with the projector."""
+    from llamafactory.model.model_utils.visual import COMPOSITE_MODELS
+
+    from llamafactory_hera.plan import methods, step
+
+    keys = COMPOSITE_MODELS["qwen3_vl"]
+    frozen = [*(keys.vision_model_keys if recipe.get("freeze_vision_tower", True) else []),
+              *(keys.projector_keys if recipe.get("freeze_multi_modal_projector", True) else []),
+              *(keys.language_model_keys if recipe.get("freeze_language_model", False) else [])]
+    model = step.build(tiny_config(layers=1, depth=2))
+    step.set_trainable(model, methods.trained_parts(recipe))
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trained == {name for name, _ in model.named_parameters() if not any(key in name for key in frozen)}
+    assert any("deepstack_merger" in name for name, _ in model.named_parameters())
 
 
 @pytest.mark.parametrize(("name", "mib", "card"), [

@@ -162,13 +162,13 @@ def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,
     return check, run_method
 
 
-def method_arguments(method: Any, own: dict[str, Any], host_args: Any) -> Any:
+def method_arguments(method: Any, own: dict[str, Any], host_args: Any, machine: bool = True) -> Any:
     """The method's arguments from its own keys (``own``), after its checks of the raw recipe (nothing loaded): what
     a run checks before LLaMA-Factory parses the recipe (also run by :mod:`.launch` before torchrun
-    starts)."""
+    starts, and by ``llamafactory-hera plan`` without this ``machine``'s checks)."""
     method_args = method.load("parse_arguments")(own)
     with _quiet_transformers():  # a raw check may read the model's config.json (HeRA's heads)
-        method.check_raw(host_args, method_args)
+        method.check_raw(host_args, method_args, machine)
     return method_args
 
 

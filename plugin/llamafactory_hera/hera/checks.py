@@ -85,6 +85,20 @@ def check_heads_before_parse(host_args: dict[str, Any] | list[str], hera_args: H
     check_heads_fit(hera_args.head_refs, attention_geometry(config), str(model))
 
 
+def check_heads_of(hera_args: HeraArguments, config: Any, model: str) -> Any:
+    """The heads against the model's ``config``: it has some, the named ones are in it, ``auto``'s number is at most
+    its heads (also ``llamafactory-hera plan``'s check). Returns the model's attention geometry."""
+    geometry = attention_geometry(config)
+    check_has_heads(geometry, config, "stage: hera")
+    if not hera_args.auto_heads:
+        check_heads_fit(hera_args.head_refs, geometry, model)
+    elif hera_args.hera_select_num_heads > geometry.num_model_heads:
+        raise RecipeError(f"hera_select_num_heads: got {hera_args.hera_select_num_heads}; allowed range is 1.."
+                          f"{geometry.num_model_heads} (the heads of {model}, in layers "
+                          f"{layer_list(list(geometry.head_layers))}).")
+    return geometry
+
+
 def check_trains(training_args: Any) -> None:
     """``do_train`` is on: without it LLaMA-Factory builds the model for inference (a LoRA not trainable, nothing to
     align), and the run ended at the frozen-heads check after the model loaded, with advice about lora_target."""
@@ -147,19 +161,12 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                                         trust_remote_code=getattr(model_args, "trust_remote_code", False))
     check_quantization(model_args, config, "hera", "W_O per head", bool(getattr(finetuning_args, "use_dora", False)))
     check_multimodal(model_args, data_args, config)
-    geometry = attention_geometry(config)
-    check_has_heads(geometry, config, "stage: hera")
+    geometry = check_heads_of(hera_args, config, str(model_args.model_name_or_path))
     adapters = model_args.adapter_name_or_path
     check_adapter_fits(adapters if isinstance(adapters, list) else [adapters] if adapters else [],
                        geometry.hidden_size, {geometry.num_heads * geometry.head_dim_of(layer)
                                               for layer in geometry.head_layers or range(geometry.num_layers)},
                        str(model_args.model_name_or_path))
-    if not hera_args.auto_heads:
-        check_heads_fit(hera_args.head_refs, geometry, str(model_args.model_name_or_path))
-    elif hera_args.hera_select_num_heads > geometry.num_model_heads:
-        raise RecipeError(f"hera_select_num_heads: got {hera_args.hera_select_num_heads}; allowed range is 1.."
-                          f"{geometry.num_model_heads} (the heads of {model_args.model_name_or_path}, in layers "
-                          f"{layer_list(list(geometry.head_layers))}).")
     check_teacher_source(hera_args.hera_teacher, hera_args.hera_teacher_feature)
     if hera_args.auto_heads and getattr(training_args, "process_index", 0) == 0:
         warning = short_ddp_timeout_warning(int(getattr(training_args, "world_size", 1)),

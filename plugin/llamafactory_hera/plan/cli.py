@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import logging
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -14,16 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.plan import estimate, families
 from llamafactory_hera.plan.cards import CARDS, DEFAULT_CARD, MFU, Card
-from llamafactory_hera.plan.report import memory_table, span
+from llamafactory_hera.plan.report import duration, fit_line, memory_table, span
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.host_arguments import liger_applies_to
 
 GiB = estimate.GIB
+LAUNCH_LINE = re.compile(r"accelerate launch --config_file (\S+)")  # a recipe header's launch command
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
@@ -64,18 +63,35 @@ def _model_config(name: str, recipe_text: str) -> Any:
 
 def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
          accelerate_config: Path | None) -> str:
-    """The report ``llamafactory-hera plan`` prints."""
-    try:
-        text = recipe_path.read_text(encoding="utf-8")
-        recipe = yaml.safe_load(text)
-    except (OSError, yaml.YAMLError) as err:
-        raise RecipeError(f"recipe: {recipe_path} cannot be read ({err}); name a training recipe (YAML).") from None
+    """The report ``llamafactory-hera plan`` prints: the recipe and its overrides read as training reads them."""
+    from llamafactory_hera_patches.launch import launch_recipe  # lazy: LLaMA-Factory's arguments (seconds)
+
     for item in overrides:
-        key, equals, value = item.partition("=")
-        if not equals:
+        if "=" not in item:
             raise RecipeError(f"{item}: KEY=VALUE expected, as on llamafactory-cli's line (e.g. cutoff_len=2048).")
-        recipe[key] = yaml.safe_load(value)
-    return plan_recipe(recipe, recipe_path, gpus, gpu, accelerate_config, text)
+    with _quiet():  # LLaMA-Factory's import line about its version check
+        recipe = launch_recipe(["llamafactory-cli", "train", str(recipe_path), *overrides])
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"recipe: {recipe_path} is not a recipe file (.yaml, .yml, .json); name a training recipe.")
+    return plan_recipe(recipe, recipe_path, gpus, gpu, accelerate_config, recipe_path.read_text(encoding="utf-8"))
+
+
+def checked(recipe: dict) -> Any:
+    """``recipe`` through training's checks before LLaMA-Factory parses it, this machine's aside (its engines, model
+    paths, stack, bf16, the checkpoint it resumes from): the method's keys parsed and checked (heads named in a local
+    model), every LLaMA-Factory key known and of its type, ``lora_target``. The method's arguments (None: a
+    LLaMA-Factory stage)."""
+    # lazy: the patches' stage and launch checks import LLaMA-Factory's and transformers' pieces
+    from llamafactory_hera.recipe.checks import check_raw_recipe
+    from llamafactory_hera_patches.recipe.arguments import keys_of, split_args
+    from llamafactory_hera_patches.stage import check_host_stage, method_arguments
+
+    host, own, method = split_args(dict(recipe))
+    if method is not None:
+        return method_arguments(method, keys_of(method, own)[0], host, machine=False)
+    check_host_stage(host, {})
+    check_raw_recipe(host, str(host.get("stage") or "sft"), machine=False)
+    return None
 
 
 def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: str = DEFAULT_CARD,
@@ -86,12 +102,21 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
     card = CARDS.get(gpu)
     if card is None:
         raise RecipeError(f"--gpu: unknown card '{gpu}'; known: {', '.join(CARDS)}.")
-    from llamafactory_hera.plan import count, lengths, methods  # lazy: transformers, peft, datasets (seconds)
+    # lazy: transformers, peft, datasets (seconds)
+    from llamafactory_hera.hera.checks import check_heads_of
+    from llamafactory_hera.plan import count, lengths, methods
+    method_args = checked(recipe)
     if (stage := recipe.get("stage", "sft")) not in ("sft", "pt", "hera", *methods.STAGES):
         raise RecipeError(f"stage: plan counts sft, pt, hera, {', '.join(methods.STAGES)}, not {stage} (its "
                           "reference model and paired rows are not modelled).")
     setup = estimate.setup_of(recipe, recipe_path.parent, gpus, accelerate_config)
-    config = _model_config(str(recipe.get("model_name_or_path")), recipe_text)
+    with _quiet():  # transformers' info lines as it reads the config (LLaMA-Factory's import turns them on)
+        config = _model_config(str(recipe.get("model_name_or_path")), recipe_text)
+    if accelerate_config is None and (launch := LAUNCH_LINE.search(recipe_text)):
+        setup = replace(setup, notes=(*setup.notes, f"launch: planned as {estimate.ENGINES[setup.engine]} on "
+                                      f"{setup.gpus} GPU(s), no --accelerate-config given; the recipe's header "
+                                      f"names a launch with accelerate launch --config_file {launch[1]}: plan it "
+                                      f"with --accelerate-config {launch[1]}"))
     liger = liger_applies_to(config.model_type)
     if setup.liger and not liger:
         setup = replace(setup, liger=False, notes=(*setup.notes, f"enable_liger_kernel: LLaMA-Factory does not "
@@ -109,14 +134,13 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
         side = math.isqrt(max(sizes.image_tokens - 1, 0)) + 1
         max_pixels = (side * vision.patch_size * vision.spatial_merge_size) ** 2
         image = families.images(config, max_pixels)
-    heads, head_layers = count.head_layers(  # a list, or LlamaBoard's comma-separated text
-        parse_hera_arguments({"hera_heads": recipe.get("hera_heads", "auto")}).hera_heads,
-        int(recipe.get("hera_select_num_heads", 5)))
+    hera = setup.stage == "hera"
+    heads, head_layers = count.head_layers(method_args.hera_heads, method_args.hera_select_num_heads, check_heads_of(
+        method_args, config, str(recipe.get("model_name_or_path"))).num_heads) if hera else ([], 0)
     shape = count.Shape(setup.batch, max(sizes.peak, image.tokens + 8) if image else sizes.peak, max_pixels,
                         int(recipe.get("lora_rank", 8)) if setup.lora else None, int(recipe.get("lora_alpha", 16)),
                         bool(setup.bits), setup.checkpointing, liger=setup.liger,
                         parts=methods.trained_parts(recipe))
-    hera = setup.stage == "hera"
     arm = "hera" if hera else "sft"
     shapes = {"sft": shape} | ({"hera": count.Shape(**{**shape.__dict__, "hera": {**recipe, "heads": heads}})}
                                if hera else {})
@@ -124,7 +148,7 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
         warnings.simplefilter("ignore")
         counts = count.scaled(config, shapes, head_layers if hera else 0)
         parts = {name: estimate.memory(c, setup) for name, c in counts.items()}
-        fits = parts[arm]["needed"] <= card.memory_gib * GiB
+        fits = card.holds(parts[arm]["needed"])
         if not fits:
             more = {}  # the arm last: its layer increments are counted already
             if liger and not setup.liger:
@@ -142,11 +166,10 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
              f"{'on' if setup.checkpointing else 'off'}",
              *(f"  note: {note}" for note in setup.notes), f"  {sizes.line}"]
     lines += memory_table(parts, arm)
-    lines.append(f"  {'fits' if fits else 'does NOT fit'}: {parts[arm]['needed'] / GiB:.2f} GiB needed of "
-                 f"{card.memory_gib:g} GiB")
+    lines.append(fit_line(parts[arm]["needed"], card))
     if not fits:
         for change, needed in estimate.fixes(counts, setup, card, arm):
-            verdict = "fits" if needed <= card.memory_gib * GiB else "still too much"
+            verdict = "fits" if card.holds(needed) else "still too much"
             lines.append(f"    {change}: {needed / GiB:.2f} GiB, {verdict}")
     lines += _time_lines(counts, setup, card, rows or 1000, rows is not None, recipe, hera, sizes)
     lines.append(f"(counted in {time.time() - started:.0f} s on this CPU)")
@@ -186,21 +209,30 @@ def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card
         ratio = sizes.padded / sizes.peak  # counted at the peak; at the mean: attention quadratic in the length
         attention = counts[name]["attention"] * ratio ** 2
         flops = (counts[name]["flops"] - counts[name]["attention"]) * ratio + attention
-        t = estimate.times(flops, setup, card, rows, sizes.mean)
+        comm = estimate.communicated(counts[name], setup)
+        t = estimate.times(flops, setup, card, rows, sizes.mean, comm)
         lines.append(f"  {name.upper()}: {flops * setup.accumulation / 1e12:.1f} TFLOPs per GPU per optimizer step "
                      f"(attention {attention / flops:.1%} of them); at {band}: step "
                      f"{span(t['step'], 's')}, {span(t['tokens/s'], '')} tokens/s per node")
+        if any(comm):
+            received = (setup.accumulation * comm[0] + comm[1]) / 1e9
+            lines.append(f"    communication: {received:,.1f} GB received per GPU per step under "
+                         f"{estimate.ENGINES[setup.engine]} (docs/cost.md), {t['communication']:.2f} s "
+                         f"on {card.link} ({card.link_gbs:g} GB/s datasheet, half each way), overlapped with the "
+                         "compute as the engine prefetches (each micro-step the longer of the two): "
+                         f"{span(tuple(t['communication'] / s * 100 for s in t['step']), '%')} of the step")
         lines.append(f"    epoch of {rows} rows{'' if known else ' (the dataset is not at hand: per 1000 rows)'}, "
-                     f"{t['steps'][0]} steps: {span(t['epoch'], 'h', 3600)}; run of {t['steps'][1]} steps: "
-                     f"{span(t['run'], 'h', 3600)}, {span(t['gpu-hours'], '')} GPU-hours")
+                     f"{t['steps'][0]} steps: {duration(t['epoch'])}; run of {t['steps'][1]} steps: "
+                     f"{duration(t['run'])}, {span(t['gpu-hours'], '')} GPU-hours")
     if hera:
-        teacher = [estimate.teacher_flops(rows) / (card.bf16_tflops * 1e12 * m) for m in MFU]
-        line = f"  teacher precompute ({rows} images, DINOv2-L, one GPU): {teacher[1]:.0f}-{teacher[0]:.0f} s"
+        teacher = tuple(estimate.teacher_flops(rows) / (card.bf16_tflops * 1e12 * m) for m in MFU)
+        line = f"  teacher precompute ({rows} images, DINOv2-L, one GPU): {duration(teacher)}"
         if recipe.get("hera_heads", "auto") == "auto":
             select = int(recipe.get("hera_select_samples", 1000))
-            seconds = [estimate.selection_flops(counts["hera"], select) / (card.bf16_tflops * 1e12 * m) for m in MFU]
-            line += f"; head selection ({select} pairs, one GPU): {seconds[1]:.0f}-{seconds[0]:.0f} s"
-            if 2 * counts["hera"]["params"] > card.memory_gib * GiB:
+            seconds = tuple(estimate.selection_flops(counts["hera"], select) / (card.bf16_tflops * 1e12 * m)
+                            for m in MFU)
+            line += f"; head selection ({select} pairs, one GPU): {duration(seconds)}"
+            if not card.holds(2 * counts["hera"]["params"]):
                 line += (" of compute; the bf16 model exceeds one GPU, whose CPU-offloaded layers are copied in every "
                          "batch: select first over the node's GPUs (llamafactory-hera select)")
         lines.append(line)

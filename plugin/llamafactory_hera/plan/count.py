@@ -153,11 +153,12 @@ def scaled(config: Any, shapes: dict[str, Shape], head_layers: int) -> dict[str,
     return result
 
 
-def head_layers(heads: Any, num_heads: int) -> tuple[list[str], int]:
-    """HeRA's heads moved into layers 0, 1, ... of the reduced model, and their layers' count; ``auto``: the
-    selection's ``num_heads`` heads, taken as all in one layer (which layers it picks is known only after it ran)."""
+def head_layers(heads: Any, num_heads: int, per_layer: int = 1) -> tuple[list[str], int]:
+    """HeRA's heads (a list; else ``auto``) moved into layers 0, 1, ... of the reduced model, and their layers'
+    count; ``auto``: the selection's ``num_heads`` heads, taken as packed into the fewest layers of ``per_layer``
+    heads (which layers it picks is known only after it ran)."""
     if not isinstance(heads, list):
-        return [f"L0H{index}" for index in range(num_heads)], 1
+        return [f"L{i // per_layer}H{i % per_layer}" for i in range(num_heads)], -(-num_heads // per_layer)
     refs = [parse_head(h) for h in heads]
     layers = sorted({ref.layer for ref in refs})
     return [f"L{layers.index(ref.layer)}H{ref.head}" for ref in refs], len(layers)

@@ -9,8 +9,9 @@ the bytes each collective moves on a fake process group.
 - :class:`StepCounter`: every storage an op creates (a finalizer removes it when its last tensor dies) and the peak of
   their sum.
 - :func:`count_attention`: torch's ``FlopCounterMode`` scores the CPU attention kernel and its backward as 0; this
-  gives them the formula torch uses for the GPU kernels: forward ``2 b h s_q s_k (d_qk + d_v)`` (``4 b h s_q s_k d``),
-  backward twice that. A causal mask is not halved: the count is the full ``s_q x s_k`` product, as torch's own.
+  gives them torch's own formulas for the GPU kernels: forward ``2 b h s_q s_k (d_qk + d_v)`` (``4 b h s_q s_k d``),
+  backward ``2 b h s_q s_k (3 d_qk + 2 d_v)`` (the scores recomputed, then four products: 2.5 x the forward). A
+  causal mask is not halved: the count is the full ``s_q x s_k`` product, as torch's own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry, shape_wrapper
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
 GIB = 2**30
 SMALL = 1 << 22  # elements: a real computation larger than this is not index arithmetic
@@ -95,18 +96,14 @@ class StepCounter(TorchDispatchMode):
         return out
 
 
-def _attention_forward(query: list[int], key: list[int], value: list[int], *_: object, **__: object) -> int:
-    batch, heads, rows, width = query
-    return 2 * batch * heads * rows * key[-2] * (width + value[-1])
-
-
-def _attention_backward(grad: list[int], query: list[int], key: list[int], value: list[int], *_: object,
-                        **__: object) -> int:
-    return 2 * _attention_forward(query, key, value)
+def _heads(q: list[int], *kv: list[int]) -> list[list[int]]:  # grouped-query attention: a key head serves several
+    return [q, *([*q[:2], *shape[2:]] for shape in kv)]
 
 
 def count_attention() -> None:
     """Give the CPU attention kernels their FLOPs in ``FlopCounterMode`` (module doc); idempotent."""
     aten = torch.ops.aten
-    flop_registry[aten._scaled_dot_product_flash_attention_for_cpu] = shape_wrapper(_attention_forward)
-    flop_registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = shape_wrapper(_attention_backward)
+    flop_registry[aten._scaled_dot_product_flash_attention_for_cpu] = shape_wrapper(
+        lambda q, k, v, *_, **__: sdpa_flop_count(*_heads(q, k, v)))
+    flop_registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = shape_wrapper(
+        lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, *_heads(q, k, v)))

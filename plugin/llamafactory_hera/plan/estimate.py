@@ -162,42 +162,84 @@ def memory(counts: dict[str, float], setup: Setup) -> dict[str, float]:
 
 
 def fixes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: str) -> list[tuple[str, float]]:
-    """Each single change and what ``arm`` would then need per GPU (bytes): Liger (its own counted arm), 4-bit QLoRA
-    (counted), more GPUs (FSDP2 for a DDP LoRA run, ZeRO-3 for a DDP full fine-tune), a halved micro-batch (doubled
-    accumulation) and a smaller cutoff (activations and temporaries scaled by the tokens)."""
+    """What ``arm`` would need per GPU (bytes) after each single change, and after each pair of changes that fits
+    where neither change alone does, cheapest first (:func:`_changes`' order: Liger, a smaller micro-batch, 4-bit
+    QLoRA, more GPUs, a shorter cutoff)."""
+    changes = _changes(counts, setup, card, arm)
+
+    def needed(*chosen: tuple) -> float:
+        arm_counts = dict(counts[arm + "".join(c[2] for c in chosen)])
+        scale = math.prod(c[4] for c in chosen)
+        for key in ("activations", "temporaries"):
+            arm_counts[key] /= scale
+        return memory(arm_counts, replace(setup, **{k: v for c in chosen for k, v in c[3].items()}))["needed"]
+
+    shown = [c for c in changes if c[5]]
+    out = [(c[1], needed(c)) for c in sorted(shown)]
+    alone = {c[1]: card.holds(needed(c)) for c in changes}
+    pairs = [(a[0] + b[0], f"{a[1]} + {b[1]}", needed(a, b)) for i, a in enumerate(changes) for b in changes[i + 1:]
+             if a[6] != b[6] and not (a[2] and b[2]) and not (alone[a[1]] or alone[b[1]])]
+    return out + [(change, need) for _, change, need in sorted(pairs) if card.holds(need)][:4]
+
+
+def _changes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: str) -> list[tuple]:
+    """Each change: (cost rank, what to set, the counted arm's suffix, setup changes, activations' divisor, shown
+    alone, kind). Liger and 4-bit QLoRA from their own counts; the micro-batch (accumulation raised to keep the
+    samples per step) and the cutoff divide the activations and temporaries; more GPUs under FSDP2 (a DDP LoRA run)
+    or ZeRO-3 (a DDP full fine-tune), alone only the fewest that fit."""
     out = []
     if f"{arm}+liger" in counts:
-        out.append(("enable_liger_kernel: true", memory(counts[f"{arm}+liger"], setup)["needed"]))
+        out.append((1, "enable_liger_kernel: true", "+liger", {}, 1, True, "liger"))
+    for factor in (2, 4, 8, 16):
+        if setup.batch // factor >= 1:
+            out.append((1 + factor / 100, f"per_device_train_batch_size: {setup.batch // factor} "
+                        f"(gradient_accumulation_steps: {setup.accumulation * factor})", "", {}, factor, factor == 2,
+                        "batch"))
     if f"{arm}+qlora" in counts:
-        out.append(("quantization_bit: 4 (QLoRA)", memory(counts[f"{arm}+qlora"], replace(setup, bits=4))["needed"]))
+        out.append((3, "quantization_bit: 4 (QLoRA)", "+qlora", {"bits": 4}, 1, True, "bits"))
     engine = setup.engine if setup.engine != "ddp" else "fsdp2" if setup.lora else "zero3"
-    for gpus in (2, 4, 8, 16, 32, 64):
-        more = replace(setup, engine=engine, gpus=gpus)
-        if gpus > setup.gpus and memory(counts[arm], more)["needed"] <= card.memory_gib * GIB:
-            out.append((f"{gpus} GPUs under {ENGINES[engine]}", memory(counts[arm], more)["needed"]))
-            break
-    for name, factor, value in (("per_device_train_batch_size", 2, setup.batch), ("cutoff_len", 2, setup.cutoff),
-                                ("cutoff_len", 4, setup.cutoff)):
-        if value // factor >= 1 and (name == "per_device_train_batch_size" or value // factor >= 256):
-            smaller = dict(counts[arm])
-            for key in ("activations", "temporaries"):
-                smaller[key] = counts[arm][key] / factor
-            extra = f" (gradient_accumulation_steps: {setup.accumulation * factor})" if name.startswith("per") else ""
-            out.append((f"{name}: {value // factor}{extra}", memory(smaller, setup)["needed"]))
+    more = [gpus for gpus in (2, 4, 8, 16, 32, 64) if gpus > setup.gpus]
+    fewest = next((gpus for gpus in more if card.holds(memory(counts[arm], replace(
+        setup, engine=engine, gpus=gpus))["needed"])), None)
+    out += [(4 + gpus / 100, f"{gpus} GPUs under {ENGINES[engine]}", "", {"engine": engine, "gpus": gpus}, 1,
+             gpus == fewest, "gpus") for gpus in more]
+    out += [(5 + factor / 100, f"cutoff_len: {setup.cutoff // factor}", "", {}, factor, True, "cutoff")
+            for factor in (2, 4) if setup.cutoff // factor >= 256]
     return out
 
 
-def times(flops_micro: float, setup: Setup, card: Card, rows: int, tokens_per_row: int) -> dict[str, tuple]:
+def communicated(counts: dict[str, float], setup: Setup) -> tuple[float, float]:
+    """Bytes each GPU receives per micro-step and per optimizer step (a ring: ``(N - 1) / N`` of each whole):
+    FSDP2 and ZeRO-3 gather the parameters in bf16 (4-bit codes as stored) in forward and again in backward (resharded
+    after forward; the recompute under checkpointing uses the backward's gather) and reduce-scatter the trained
+    gradients (FSDP2 float32, ZeRO-3 bf16) every micro-step; ZeRO-2 reduce-scatters bf16 gradients every micro-step
+    and gathers the updated bf16 weights every step; DDP all-reduces the float32 gradients once a step (twice the
+    bytes of a ring all-reduce). One GPU: none."""
+    n, total, trained = setup.gpus, counts["params"], counts["trainable"]
+    ring = (n - 1) / n
+    quantized = counts["quantizable"] if setup.bits else 0
+    weights = 2 * (total - quantized) + quantized * (quantized_bytes_per_weight(setup.bits) if setup.bits else 0)
+    return {"fsdp2": (ring * (2 * weights + 4 * trained), 0.0), "zero3": (ring * (2 * weights + 2 * trained), 0.0),
+            "zero2": (ring * 2 * trained, ring * 2 * trained), "ddp": (0.0, 2 * ring * 4 * trained)}[setup.engine]
+
+
+def times(flops_micro: float, setup: Setup, card: Card, rows: int, tokens_per_row: int,
+          comm: tuple[float, float] = (0.0, 0.0)) -> dict[str, tuple]:
     """Seconds (fast, slow) at the :data:`MFU` band of ``card``: an optimizer step (every GPU runs its micro-batches
-    at once; communication not counted), an epoch of ``rows``, the run (``num_train_epochs`` or ``max_steps``), and
-    the run's GPU-hours; tokens per second."""
-    step = tuple(flops_micro * setup.accumulation / (card.bf16_tflops * 1e12 * mfu) for mfu in reversed(MFU))
+    at once; each micro-step takes the longer of its compute and its ``comm[0]`` bytes on the card's link, the
+    engines prefetching the next layer's gather while one computes, then ``comm[1]`` bytes a step), an epoch of
+    ``rows``, the run (``num_train_epochs`` or ``max_steps``), and the run's GPU-hours; tokens per second; the
+    communication's seconds a step at the link's datasheet rate each way (a floor: NCCL reaches less)."""
+    link = card.link_gbs / 2 * 1e9
+    step = tuple(setup.accumulation * max(flops_micro / (card.bf16_tflops * 1e12 * mfu), comm[0] / link)
+                 + comm[1] / link for mfu in reversed(MFU))
     steps_per_epoch = math.ceil(rows / (setup.batch * setup.gpus * setup.accumulation))
     run_steps = setup.max_steps if setup.max_steps > 0 else math.ceil(steps_per_epoch * setup.epochs)
     tokens = setup.batch * setup.gpus * setup.accumulation * tokens_per_row
     return {"step": step, "epoch": tuple(s * steps_per_epoch for s in step), "run": tuple(s * run_steps for s in step),
             "gpu-hours": tuple(s * run_steps * setup.gpus / 3600 for s in step),
-            "tokens/s": tuple(tokens / s for s in step), "steps": (steps_per_epoch, run_steps)}
+            "tokens/s": tuple(tokens / s for s in step), "steps": (steps_per_epoch, run_steps),
+            "communication": (setup.accumulation * comm[0] + comm[1]) / link}
 
 
 def selection_flops(counts: dict[str, float], samples: int) -> float:

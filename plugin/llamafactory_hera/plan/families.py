@@ -14,13 +14,14 @@ from typing import Any
 from llamafactory_hera.llava.compose_plan import DEFAULT_VISION, ENCODER_OF_TYPE, ENCODERS, FEATURE_LAYER
 
 PROJECTOR, VISION = ("merger", "multi_modal_projector"), ("visual", "vision_tower", "image_newline")
+TOWER_MERGERS = "deepstack_merger"  # Qwen3-VL's DeepStack mergers: LLaMA-Factory's vision_model_keys, frozen with it
 TOKEN_TYPES = {"qwen3_vl": "mm_token_type_ids", "qwen3_5": "mm_token_type_ids", "gemma3": "token_type_ids"}
 
 
 def part(name: str) -> str:
     """``projector``, ``vision`` or ``language``: the part parameter or module ``name`` is in."""
-    return "projector" if any(k in name for k in PROJECTOR) else "vision" if any(k in name for k in VISION) \
-        else "language"
+    return "projector" if any(k in name for k in PROJECTOR) and TOWER_MERGERS not in name else "vision" \
+        if any(k in name for k in VISION) else "language"
 
 
 @dataclass(frozen=True)

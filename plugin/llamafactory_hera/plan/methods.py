@@ -12,7 +12,7 @@ from typing import Any
 
 from llamafactory_hera.plan import count, estimate
 from llamafactory_hera.plan.cards import MFU, Card
-from llamafactory_hera.plan.report import GiB, memory_table, span
+from llamafactory_hera.plan.report import GiB, duration, fit_line, memory_table, span
 
 STREAMS = {"harmful": 6, "harmless": 4, "pseudo": 2}  # HARC's micro-batch rows per stream (its keys' defaults)
 
@@ -25,7 +25,7 @@ def trained_parts(recipe: dict) -> tuple[str, ...]:
 
 
 def _seconds(flops: float, card: Card) -> str:
-    return span(tuple(flops / (card.bf16_tflops * 1e12 * mfu) for mfu in MFU), "s")
+    return duration(tuple(flops / (card.bf16_tflops * 1e12 * mfu) for mfu in MFU))
 
 
 def _head(config: Any, counts: dict[str, float], what: str) -> str:
@@ -46,19 +46,17 @@ def harc(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Car
     counts = count.scaled(config, {"harc": shape}, 0)["harc"]
     parts = estimate.memory(counts, setup)
     per_row = (counts["flops"] - counts["reference"]) / setup.batch
-    lines = [f"plan: {path} on {setup.gpus} x {card.name} ({card.memory_gib:g} GB)",
+    lines = [f"plan: {path} on {setup.gpus} x {card.name} ({card.memory_gib:g} GiB)",
              _head(config, counts, f"stage harc, LoRA, {estimate.ENGINES[setup.engine]}, micro-batch of "
                    + " + ".join(f"{n} {name}" for name, n in rows.items()) + f" rows of {length} tokens "
                    f"(harc_max_length, worst case) x accumulation {setup.accumulation}")]
     lines += memory_table({"harc": parts}, "harc")
-    fits = parts["needed"] <= card.memory_gib * GiB
-    lines.append(f"  {'fits' if fits else 'does NOT fit'}: {parts['needed'] / GiB:.2f} GiB needed of "
-                 f"{card.memory_gib:g} GiB")
+    lines.append(fit_line(parts["needed"], card))
     lines.append(f"  per micro-batch: {counts['flops'] / 1e12:.2f} TFLOPs = forward + backward "
                  + ", ".join(f"{name} {n * per_row / 1e12:.2f}" for name, n in rows.items())
                  + f" + KL reference forward (retain rows, no grad) {counts['reference'] / 1e12:.2f}")
-    t = estimate.times(counts["flops"], setup, card, 1000, length)
-    lines.append(f"  step {span(t['step'], 's')}; run of {t['steps'][1]} steps: {span(t['run'], 'h', 3600)}, "
+    t = estimate.times(counts["flops"], setup, card, 1000, length, estimate.communicated(counts, setup))
+    lines.append(f"  step {span(t['step'], 's')}; run of {t['steps'][1]} steps: {duration(t['run'])}, "
                  f"{span(t['gpu-hours'], '')} GPU-hours (at {MFU[0]:.0%}-{MFU[1]:.0%} MFU)")
     sets = 5 if recipe.get("harc_harmful_completions") else 2
     refresh = int(recipe.get("harc_refresh_steps", 100))
@@ -88,7 +86,7 @@ def rah(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card
     probe_peak = max(p["activations"] + p["temporaries"] for p in parts.values())
     room = card.memory_gib * GiB - estimate.RESERVE - probe_peak
     gpus = max(1, math.ceil(weights / room)) if room > 0 else None
-    lines = [f"plan: {path} on {card.name} ({card.memory_gib:g} GB)",
+    lines = [f"plan: {path} on {card.name} ({card.memory_gib:g} GiB)",
              _head(config, counts["isal"], f"stage rah (training-free: calibration passes, no optimizer), "
                    f"{f'{setup.bits}-bit' if setup.bits else 'bf16'}, rows of {setup.cutoff} tokens (cutoff_len, "
                    "worst case)")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llamafactory_hera.plan import estimate
+from llamafactory_hera.plan.cards import Card
 
 GiB = estimate.GIB
 
@@ -22,6 +23,19 @@ def memory_table(parts: dict[str, dict[str, float]], arm: str) -> list[str]:
 
 
 def span(values: tuple, unit: str, per: float = 1) -> str:
+    """``low-high unit`` of ``values`` / ``per``: whole above 100, two decimals above 0.1, else three."""
     low, high = sorted(v / per for v in values)
-    return f"{low:,.2f}-{high:,.2f}{f' {unit}' if unit else ''}" if high < 100 else f"{low:,.0f}-{high:,.0f}" + \
-        (f" {unit}" if unit else "")
+    form = ",.0f" if high >= 100 else ".2f" if high >= 0.1 else ".3f"
+    return f"{low:{form}}-{high:{form}}" + (f" {unit}" if unit else "")
+
+
+def duration(seconds: tuple) -> str:
+    """A band of ``seconds`` in seconds, minutes or hours, whichever its longer end reads best in."""
+    high = max(seconds)
+    return span(seconds, *(("s", 1) if high < 120 else ("min", 60) if high < 7200 else ("h", 3600)))
+
+
+def fit_line(needed: float, card: Card) -> str:
+    """The report's verdict on ``needed`` bytes per GPU."""
+    verdict = "fits" if card.holds(needed) else "does NOT fit"
+    return f"  {verdict}: {needed / GiB:.2f} GiB needed of {card.memory_gib:g} GiB"

@@ -58,19 +58,21 @@ class Method:
         """Import what ``field`` names (``"module:attribute"``)."""
         return resolve(getattr(self, field))
 
-    def check_raw(self, host_args: dict[str, Any] | list[str], args: Any) -> None:
+    def check_raw(self, host_args: dict[str, Any] | list[str], args: Any, machine: bool = True) -> None:
         """Before LLaMA-Factory parses anything: the launch checks every method runs (precision, DeepSpeed path, FSDP,
         streaming), the method's own ``check_raw_host_args``, then the checks every method runs of the keys
         LLaMA-Factory reads (unknown keys, values, template, numbers, model paths, ``lora_target``) and of the
-        checkpoint it resumes from (:mod:`llamafactory_hera.recipe.resume`)."""
+        checkpoint it resumes from (:mod:`llamafactory_hera.recipe.resume`); ``machine=False``: not this machine's
+        (``check_raw_recipe``'s) nor the checkpoint's."""
         # lazy: the checks only when a recipe is checked; the registry imports this module whenever a patch applies
         from llamafactory_hera.recipe.checks import check_raw_launch, check_raw_recipe
         from llamafactory_hera.recipe.resume import check_resume
 
         check_raw_launch(self.stage, host_args)
         self.load("check_raw_host_args")(host_args, args)
-        check_raw_recipe(host_args, self.stage)
-        check_resume(self.stage, host_args)
+        check_raw_recipe(host_args, self.stage, machine)
+        if machine:
+            check_resume(self.stage, host_args)
 
     def owns(self, stage: Any) -> bool:
         """Whether a recipe's or the web UI's ``stage`` value selects this method."""
