@@ -114,7 +114,9 @@ def apply(tuner: ModuleType) -> None:
     def training_function(config: dict[str, Any]) -> None:
         raw = hparams.read_args(config.get("args"))
         host_args, method_raw, method = split_args(raw)
-        # one live run per output_dir, for every stage: claimed before anything else reads or writes the folder
+        if method is None and not method_raw:  # a plain recipe: LLaMA-Factory's run alone, nothing of the plugin's
+            return _run(config, host_args, method_raw, method)  # left in output_dir when it is killed
+        # one live run per output_dir: claimed before anything else reads or writes the folder
         with run_claim.claimed(host_args, str(raw_value(raw, "stage") or "sft")):
             return _run(config, host_args, method_raw, method)
 
