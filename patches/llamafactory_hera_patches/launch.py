@@ -5,8 +5,7 @@ launcher's tracebacks. A job that fails later ends with torchrun's report and it
 traceback. A bare ``torchrun`` has no launcher to patch: its ranks print a refusal once (``llamafactory_hera.
 job_refusal``); ``accelerate launch`` runs :func:`check_before_ranks` too (:mod:`.accelerate_launch`). LLaMA-Factory's
 v1 trainers (``USE_V1=1``: ``llamafactory.v1.launcher``, v1's own parser) do not run the plugin's stages: such a recipe
-is one line before v1 reads it, with or without ``ALLOW_EXTRA_KEYS`` (v1 ended in its parser's traceback); the stage
-is read without v0's ``llamafactory.hparams`` (whose import runs v0's version checks).
+is one line before v1 reads it, with or without ``ALLOW_EXTRA_KEYS`` (v1 ended in its parser's traceback).
 
 Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything is patched):
 - ``llamafactory.launcher.launch()`` pops the command from ``sys.argv``; for ``train`` with ``FORCE_TORCHRUN`` (or
@@ -16,7 +15,8 @@ Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything i
   (RAH-LoRA: its model over every visible GPU) gets a torchrun of one rank (``NPROC_PER_NODE=1``) on a multi-GPU node
   unless ``FORCE_TORCHRUN`` is set;
   ``llamafactory.v1.launcher.launch()`` does the same for its ``_DIST_TRAIN_COMMANDS``;
-- ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (see :mod:`.recipe.recipe_file`).
+- ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (read here as it does, by
+  :func:`.recipe.recipe_file.read_args_unchecked`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 from .errors import RecipeError
 from .guard import require
 from .recipe.arguments import given_keys, keys_of, split_args
-from .recipe.recipe_file import ReadArgs, read_args_unchecked, read_recipe
+from .recipe.recipe_file import read_args_unchecked, read_recipe
 from .registry import method_for_stage
 from .stage import check_host_stage, method_arguments
 
@@ -64,16 +64,12 @@ def _argv(argv: list[str]) -> Iterator[None]:
         sys.argv = saved
 
 
-def launch_recipe(argv: list[str], read_args: ReadArgs | None = None) -> Any:
-    """The recipe of ``argv`` (``llamafactory-cli <command> <recipe> [key=value ...]``) as LLaMA-Factory reads it
-    (``read_args``: by default v0's, ``llamafactory.hparams.read_args``)."""
-    if read_args is None:
-        # lazy: LLaMA-Factory's arguments (transformers' TrainingArguments) only for a run that starts torchrun
-        hparams = importlib.import_module("llamafactory.hparams")
-        require(hparams, ("read_args",), "launch")
-        read_args = hparams.read_args
+def launch_recipe(argv: list[str]) -> Any:
+    """The recipe of ``argv`` (``llamafactory-cli <command> <recipe> [key=value ...]``) as LLaMA-Factory reads it (v0's
+    ``read_args`` and v1's parser alike), without importing v0's ``llamafactory.hparams``: its import runs v0's version
+    checks, which v1 does not (a trl outside v0's range trains under v1)."""
     with _argv([argv[0], *argv[2:]]):
-        return read_recipe(read_args)
+        return read_recipe(read_args_unchecked)
 
 
 def check_before_ranks(argv: list[str]) -> Any:
@@ -107,9 +103,7 @@ def _apply_v1(launcher: ModuleType) -> None:
 
     def launch() -> None:
         training = sys.argv[1:2] and sys.argv[1] in launcher._DIST_TRAIN_COMMANDS
-        # read without v0's hparams: its import runs v0's version checks, which v1 does not (a trl outside v0's range
-        # trains under v1)
-        stage = given_keys(launch_recipe(sys.argv, read_args_unchecked)).get("stage") if training else None
+        stage = given_keys(launch_recipe(sys.argv)).get("stage") if training else None
         if method_for_stage(stage) is not None:
             raise RecipeError(f"stage: {stage} with USE_V1=1: LLaMA-Factory's v1 trainers do not run the plugin's "
                               "stages; unset USE_V1 to train with v0's trainer (llamafactory-cli train RECIPE.yaml).")

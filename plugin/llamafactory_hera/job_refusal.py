@@ -90,12 +90,8 @@ def job_of(env: Mapping[str, str] = os.environ) -> Job | None:
     host = env.get("MASTER_ADDR")
     if world < 2 or not host or not port:
         return None
-    if not env.get("TORCHELASTIC_RUN_ID"):
-        # only where torchrun's agent hosts the store (torchrun, accelerate launch): it outlives every rank. Where a
-        # rank's own process group hosts it (srun tasks without a launcher, the DeepSpeed launcher; or a launcher
-        # process inside an sbatch job), the review of 2026-11-25 found that a rank 0 ending at a refusal takes the
-        # store with it (a rank that reads it then waits in a collective until ddp_timeout), and that every normal
-        # end prints c10d's 'recvValue failed' stack on the ranks that outlive rank 0: not watched until fixed
+    if not env.get("TORCHELASTIC_RUN_ID"):  # only torchrun's agent's store outlives every rank (where rank 0's process
+        # group hosts it, a rank 0 ending at a refusal takes it along, and ranks outliving rank 0 print c10d's stack)
         return None
     launch = env.get("TORCHELASTIC_RESTART_COUNT") or env.get("SLURM_RESTART_COUNT") or "0"
     return Job(host, port, world, rank, f"llamafactory_hera/{launch}/", env.get("GROUP_RANK") or socket.gethostname(),
