@@ -78,24 +78,18 @@ class Job:
 
 
 def job_of(env: Mapping[str, str] = os.environ) -> Job | None:
-    """This process's torchrun job (``WORLD_SIZE`` / ``RANK``, else Slurm's ``SLURM_NTASKS`` / ``SLURM_PROCID``, with
-    ``MASTER_ADDR`` and ``MASTER_PORT``), or None for a single process."""
+    """This process's torchrun job (its ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``GROUP_RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT``), or None: a single process, or ranks without torchrun's agent, whose store alone outlives every
+    rank (where rank 0's process group hosts it, as for srun tasks, a rank 0 ending at a refusal takes it along)."""
     try:
-        world = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
-        rank = int(env.get("RANK") or env.get("SLURM_PROCID") or 0)
-        local_rank = int(env.get("LOCAL_RANK") or 0)
-        port = int(env.get("MASTER_PORT") or 0)
+        world, rank, local_rank, port = (int(env.get(key) or 0) for key in
+                                         ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"))
     except ValueError:
         return None
-    host = env.get("MASTER_ADDR")
-    if world < 2 or not host or not port:
+    if world < 2 or not env.get("MASTER_ADDR") or not port or not env.get("TORCHELASTIC_RUN_ID"):
         return None
-    if not env.get("TORCHELASTIC_RUN_ID"):  # only torchrun's agent's store outlives every rank (where rank 0's process
-        # group hosts it, a rank 0 ending at a refusal takes it along, and ranks outliving rank 0 print c10d's stack)
-        return None
-    launch = env.get("TORCHELASTIC_RESTART_COUNT") or env.get("SLURM_RESTART_COUNT") or "0"
-    return Job(host, port, world, rank, f"llamafactory_hera/{launch}/", env.get("GROUP_RANK") or socket.gethostname(),
-               local_rank)
+    return Job(env["MASTER_ADDR"], port, world, rank, f"llamafactory_hera/{env.get('TORCHELASTIC_RESTART_COUNT', 0)}/",
+               env.get("GROUP_RANK") or socket.gethostname(), local_rank)
 
 
 def several_nodes(env: Mapping[str, str] = os.environ) -> str | None:
