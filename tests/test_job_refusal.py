@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -140,22 +141,33 @@ def agent_store() -> Iterator[int]:
     del store
 
 
-def test_a_refusal_is_printed_by_local_rank_0_of_every_other_node(agent_store: int, monkeypatch,
+def test_a_refusal_is_printed_by_local_rank_0_of_every_other_node(agent_store: int, monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """Two nodes of two ranks: rank 1 (node 0) refuses first and prints; rank 0 (its node) stays silent; local rank 0
-    of node 1 prints the same report, whether it refused too or watched (before: node 1's log held no line, only
-    torchrun's pointer to "the [llamafactory-hera] error line above"); its local rank 1 stays silent."""
+    """Two nodes of two ranks: rank 1 (node 0) refuses first, waits until node 1 has taken the line (its end ends
+    torchrun's store), and prints; local rank 0 of node 1 prints the same report, whether it watched or refused too
+    (before: node 1's log held no line, only torchrun's pointer to "the [llamafactory-hera] error line above"); rank 0
+    (the first's node) and local rank 1 of node 1 stay silent."""
+    from torch.distributed import TCPStore
+
     env = [_torchrun_env(agent_store, rank) for rank in range(4)]
-    assert job_refusal.announce("the report\n", env[1]) == (True, True)
-    assert job_refusal.announce("the report\n", env[0]) == (False, True)
-    assert job_refusal.announce("the report\n", env[2]) == (True, True)
-    assert job_refusal.announce("the report\n", env[3]) == (False, True)
-    job_refusal._refusing.clear()  # node 1's local rank 0 watching instead: it prints, then ends
+    first: list[tuple[bool, bool]] = []
+    refusing = threading.Thread(target=lambda: first.append(job_refusal.announce("the report\n", env[1])))
+    started = time.monotonic()
+    refusing.start()
+    client = TCPStore("127.0.0.1", agent_store, None, False, timedelta(seconds=30), wait_for_workers=False)
+    client.wait(["llamafactory_hera/0/" + job_refusal.REFUSED])
+    time.sleep(4 * job_refusal.POLL_S)
+    assert refusing.is_alive()  # waiting for node 1 to take the line
     monkeypatch.setattr(os, "_exit", lambda code: sys.exit(code))
-    for rank, printed in ((2, "the report\n"), (0, ""), (3, "")):
+    for rank, printed in ((2, "the report\n"), (0, ""), (3, "")):  # each watching
+        job_refusal._refusing.clear()
         with pytest.raises(SystemExit):
             job_refusal._watch(job_refusal.job_of(env[rank]))
         assert capsys.readouterr().err == printed, rank
+    refusing.join()
+    assert first == [(True, True)] and time.monotonic() - started < job_refusal.NODES_S
+    assert [job_refusal.announce("the report\n", env[rank]) for rank in (0, 2, 3)] == [(False, True), (True, True),
+                                                                                     (False, True)]
 
 
 def test_a_stock_stages_ranks_start_no_watch(agent_store: int, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,6 +45,7 @@ REFUSED = "refused"
 POLL_S = 0.2  # how often a rank looks at the flag
 CONNECT_S = 2.0  # one try to reach the store
 TELL_S = 30.0  # how long a refusing rank tries to reach the store
+NODES_S = 5.0  # how long the first refusing rank waits for each other node to take the line to print
 
 
 def raised_by_plugin(error: BaseException) -> bool:
@@ -75,6 +76,7 @@ class Job:
     prefix: str  # the keys of this launch (torchrun's restarts start afresh)
     node: str  # torchrun's node rank (GROUP_RANK), else the host's name
     local_rank: int
+    nodes: int
 
 
 def job_of(env: Mapping[str, str] = os.environ) -> Job | None:
@@ -82,14 +84,15 @@ def job_of(env: Mapping[str, str] = os.environ) -> Job | None:
     ``MASTER_PORT``), or None: a single process, or ranks without torchrun's agent, whose store alone outlives every
     rank (where rank 0's process group hosts it, as for srun tasks, a rank 0 ending at a refusal takes it along)."""
     try:
-        world, rank, local_rank, port = (int(env.get(key) or 0) for key in
-                                         ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"))
+        world, rank, local_rank, port, local_world = (int(env.get(key) or 0) for key in
+                                                      ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT",
+                                                       "LOCAL_WORLD_SIZE"))
     except ValueError:
         return None
     if world < 2 or not env.get("MASTER_ADDR") or not port or not env.get("TORCHELASTIC_RUN_ID"):
         return None
     return Job(env["MASTER_ADDR"], port, world, rank, f"llamafactory_hera/{env.get('TORCHELASTIC_RESTART_COUNT', 0)}/",
-               env.get("GROUP_RANK") or socket.gethostname(), local_rank)
+               env.get("GROUP_RANK") or socket.gethostname(), local_rank, max(1, world // (local_world or world)))
 
 
 def several_nodes(env: Mapping[str, str] = os.environ) -> str | None:
@@ -144,14 +147,17 @@ _refusing = threading.Event()  # this rank refused: its own flag must not end it
 
 def _node_report(store: Any, job: Job) -> str | None:
     """The refusal's report where this rank prints it for its node (local rank 0 of a node other than the one where
-    the first refusing rank printed it), else None."""
+    the first refusing rank printed it; counted, so that the first waits for it), else None."""
     if job.local_rank != 0:
         return None
     try:
         refused = json.loads(store.get(job.prefix + REFUSED))
+        if isinstance(refused, dict) and refused.get("node") != job.node:
+            store.add(job.prefix + "told", 1)
+            return refused.get("report")
     except (RuntimeError, ValueError):
-        return None
-    return refused.get("report") if isinstance(refused, dict) and refused.get("node") != job.node else None
+        pass
+    return None
 
 
 def _watch(job: Job) -> None:
@@ -216,6 +222,9 @@ def announce(report: str, env: Mapping[str, str] = os.environ) -> tuple[bool, bo
     try:
         if store.add(job.prefix + "refusals", 1) == 1:
             store.set(job.prefix + REFUSED, json.dumps({"node": job.node, "report": report}))
+            deadline = time.monotonic() + NODES_S
+            while store.add(job.prefix + "told", 0) < job.nodes - 1 and time.monotonic() < deadline:
+                time.sleep(POLL_S)  # until each other node has its line: this rank's end ends torchrun's store
             return True, True
         return _node_report(store, job) is not None, True
     except RuntimeError:
