@@ -27,6 +27,7 @@ from llamafactory_hera import job_refusal
 from llamafactory_hera_patches.errors import RecipeError
 
 job_refusal.install()
+job_refusal.watch()  # as a method's rank watches (its first check starts it)
 rank = int(os.environ.get("RANK") or os.environ["SLURM_PROCID"])
 world = int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"])
 what = sys.argv[1]

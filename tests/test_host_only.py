@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ from test_accelerate_refusals import ACCELERATE, output_lines
 
 from conftest import free_port, offline_env, run_process
 from llamafactory_hera import _bootstrap
+from llamafactory_hera_patches import launch
+from llamafactory_hera_patches.errors import RecipeError
 
 ALL_REDUCE = """import json, sys
 import torch
@@ -131,3 +134,24 @@ def test_a_plugin_stage_on_llamafactory_v1_is_one_line(extra_keys: bool, tmp_pat
     assert lines[-1] == ("[llamafactory-hera] error: stage: hera with USE_V1=1: LLaMA-Factory's v1 trainers do not run "
                          "the plugin's stages; unset USE_V1 to train with v0's trainer (llamafactory-cli train "
                          "RECIPE.yaml)."), "\n".join(lines)
+
+
+def test_a_stock_recipe_on_llamafactory_v1_is_read_without_v0s_version_checks(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``USE_V1=1`` with a stock stage: the launcher patch read the stage through v0's ``llamafactory.hparams``, whose
+    import runs v0's ``check_dependencies()`` (trl <= 0.24, ...), which v1 does not: a trl outside v0's range ended in
+    a 35-line ImportError where v1 trains without the plugin. With v0's hparams unimportable here, the stock recipe
+    goes on to v1 and a plugin stage (a key=value override included) is still one line."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stage: sft\nmodel_name_or_path: nowhere\n", encoding="utf-8")
+    launched: list[list[str]] = []
+    v1 = types.ModuleType("llamafactory.v1.launcher")
+    v1.launch, v1._DIST_TRAIN_COMMANDS = lambda: launched.append(sys.argv[1:]), ("train", "sft", "dpo", "rm")
+    launch.apply(v1)
+    monkeypatch.setitem(sys.modules, "llamafactory.hparams", None)  # importing it raises ImportError
+    monkeypatch.setattr(sys, "argv", ["llamafactory-cli", "train", str(recipe)])
+    v1.launch()
+    assert launched == [["train", str(recipe)]]
+    monkeypatch.setattr(sys, "argv", ["llamafactory-cli", "train", str(recipe), "stage=hera"])
+    with pytest.raises(RecipeError, match="^stage: hera with USE_V1=1: "):
+        v1.launch()

@@ -8,16 +8,21 @@ by the refusal path) and ``srun``'s environment without a launcher (``SLURM_PROC
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from conftest import free_port, offline_env
+from llamafactory_hera import job_refusal
+from llamafactory_hera_patches.errors import RecipeError
 
 RANK = str(Path(__file__).with_name("refusal_rank.py"))
 BIN = Path(sys.executable).parent
@@ -113,3 +118,83 @@ def test_a_refusal_on_rank_1_ends_srun_tasks_at_once(tmp_path: Path) -> None:
     rank set the flag in rank 0's store."""
     env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     _unlaunched("1", env, "SLURM_PROCID", tmp_path)
+
+
+def _torchrun_env(port: int, rank: int, local_world: int = 2, world: int = 4) -> dict[str, str]:
+    """Rank ``rank`` of a torchrun job of ``world`` ranks, ``local_world`` per node (node = rank // local_world)."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(local_world), "TORCHELASTIC_RUN_ID": "job-7", "TORCHELASTIC_RESTART_COUNT": "0",
+            "RANK": str(rank), "LOCAL_RANK": str(rank % local_world), "GROUP_RANK": str(rank // local_world)}
+
+
+@pytest.fixture
+def agent_store() -> Iterator[int]:
+    """The port of a job's c10d store, hosted here as torchrun's agent hosts it; this process's refusal state reset."""
+    from torch.distributed import TCPStore
+
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, None, True, timedelta(seconds=30), wait_for_workers=False)
+    yield port
+    job_refusal._stop_watching()
+    job_refusal._watching.clear()
+    job_refusal._refusing.clear()
+    del store
+
+
+def test_a_refusal_is_printed_by_local_rank_0_of_every_other_node(agent_store: int, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Two nodes of two ranks: rank 1 (node 0) refuses first, waits until node 1 has taken the line (its end ends
+    torchrun's store), and prints; local rank 0 of node 1 prints the same report, whether it watched or refused too
+    (before: node 1's log held no line, only torchrun's pointer to "the [llamafactory-hera] error line above"); rank 0
+    (the first's node) and local rank 1 of node 1 stay silent."""
+    from torch.distributed import TCPStore
+
+    env = [_torchrun_env(agent_store, rank) for rank in range(4)]
+    first: list[tuple[bool, bool]] = []
+    refusing = threading.Thread(target=lambda: first.append(job_refusal.announce("the report\n", env[1])))
+    started = time.monotonic()
+    refusing.start()
+    client = TCPStore("127.0.0.1", agent_store, None, False, timedelta(seconds=30), wait_for_workers=False)
+    client.wait(["llamafactory_hera/0/" + job_refusal.REFUSED])
+    time.sleep(4 * job_refusal.POLL_S)
+    assert refusing.is_alive()  # waiting for node 1 to take the line
+    monkeypatch.setattr(os, "_exit", lambda code: sys.exit(code))
+    for rank, printed in ((2, "the report\n"), (0, ""), (3, "")):  # each watching
+        job_refusal._refusing.clear()
+        with pytest.raises(SystemExit):
+            job_refusal._watch(job_refusal.job_of(env[rank]))
+        assert capsys.readouterr().err == printed, rank
+    refusing.join()
+    assert first == [(True, True)] and time.monotonic() - started < job_refusal.NODES_S
+    assert [job_refusal.announce("the report\n", env[rank]) for rank in (0, 2, 3)] == [(False, True), (True, True),
+                                                                                     (False, True)]
+
+
+def test_a_stock_stages_ranks_start_no_watch(agent_store: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank's watch polls the store every 0.2 s; when torchrun's agent died first, c10d printed 'recvValue failed'
+    and a C++ frame dump in every rank. The start-up hook starts none (a stock stage's rank has none, as without the
+    plugin); a method's first check does."""
+    from llamafactory_hera.methods import declared_methods
+
+    for key, value in _torchrun_env(agent_store, 1).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv(job_refusal.TRACEBACK_ENV, raising=False)
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    job_refusal._stop_watching()
+    job_refusal._watching.clear()
+    job_refusal._refusing.clear()
+    job_refusal.install()
+    assert not job_refusal._watching
+    hera = next(method for method in declared_methods() if method.stage == "hera")
+    with pytest.raises(RecipeError):
+        hera.check_raw({"stage": "hera", "fp16": True, "bf16": True}, None)
+    assert [thread.is_alive() for thread in job_refusal._watching] == [True]
+
+
+@pytest.mark.parametrize(("env", "named"), [({"NNODES": "2"}, "NNODES=2"),
+                                            ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"},
+                                             "WORLD_SIZE=4 over LOCAL_WORLD_SIZE=2"),
+                                            ({"NNODES": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, None),
+                                            ({"NNODES": "1:2"}, None), ({}, None)])
+def test_several_nodes_are_told_by_nnodes_or_the_world_beyond_the_node(env: dict[str, str], named: str | None) -> None:
+    assert job_refusal.several_nodes(env) == named

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO, base_recipe, harc_recipe, saved_in_bf16
+from conftest import REPO, base_recipe, harc_recipe, run_verb, saved_in_bf16
 from llamafactory_hera.demo.rah import build_rah_recipe
 from llamafactory_hera.job_refusal import raised_by_plugin
 from llamafactory_hera.recipe.checks import LIGER
@@ -427,24 +427,47 @@ def test_liger_kernels_without_liger_kernel_are_one_line_before_loading(stage: s
         f"{key} to train without it).")
 
 
-def test_liger_kernel_is_asked_for_only_where_llamafactory_would_import_it(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """LLaMA-Factory imports liger-kernel only for the model types it patches: a local Qwen2.5-VL without it is one
-    line, a Qwen3-VL (a type it leaves alone with a warning) trains as without the plugin; a hub id is left to it."""
+def test_liger_kernel_is_asked_for_whatever_the_model_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLaMA-Factory's parse requires liger-kernel for ``enable_liger_kernel`` on any model (hparams/parser.py
+    ``check_version("liger-kernel", mandatory=True)``), also a type its patch list leaves alone: a Qwen3-VL without it
+    ended in a 60-line PackageNotFoundError; now one line for a Qwen2.5-VL, a Qwen3-VL and a hub id alike."""
     from llamafactory_hera.recipe.checks import check_engines_installed
 
     monkeypatch.setitem(sys.modules, "liger_kernel", None)
-    for model_type, refused in (("qwen2_5_vl", True), ("qwen3_vl", False)):
+    for model_type in ("qwen2_5_vl", "qwen3_vl"):
         model = tmp_path / model_type
         model.mkdir()
         (model / "config.json").write_text(f'{{"model_type": "{model_type}"}}', encoding="utf-8")
-        recipe = {"model_name_or_path": str(model), "enable_liger_kernel": True}
-        if refused:
-            with pytest.raises(RecipeError, match="enable_liger_kernel: true needs liger-kernel"):
-                check_engines_installed(recipe, "hera")
-        else:
-            check_engines_installed(recipe, "hera")
-    check_engines_installed({"model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct", "enable_liger_kernel": True}, "hera")
+        with pytest.raises(RecipeError, match=r"^enable_liger_kernel: true needs liger-kernel, .*pip install "
+                           r"'liger-kernel>=0\.5\.5' \(or remove enable_liger_kernel to train without it\)\.$"):
+            check_engines_installed({"model_name_or_path": str(model), "enable_liger_kernel": True}, "hera")
+    with pytest.raises(RecipeError, match="enable_liger_kernel: true needs liger-kernel"):
+        check_engines_installed({"model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct", "enable_liger_kernel": True},
+                                "hera")
+
+
+MULTI_NODE = [({"NNODES": "2"}, "NNODES=2"),  # llamafactory-cli train on each node, as LLaMA-Factory's docs say
+              ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}, "WORLD_SIZE=2 over LOCAL_WORLD_SIZE=1")]  # a rank
+
+
+@pytest.mark.parametrize(("env", "named"), MULTI_NODE)
+def test_rah_and_select_over_several_nodes_are_one_line_before_loading(env: dict[str, str], named: str, assets: Any,
+                                                                        tmp_path: Path, capfd: pytest.CaptureFixture,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        no_model_load: None) -> None:
+    """Each node ran RAH-LoRA's calibration or select's scoring whole (select: both nodes scored every head, one wrote
+    the recipe, the other failed with "Pass --force"; RAH-LoRA's refusal of several processes advised the very
+    command each node had run): now one line naming the launch, before anything loads."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert _refused(_recipe("rah", assets, None, tmp_path / "out")) == (
+        f"{named}: stage: rah runs as one process on one node (its model over that node's GPUs); launched on several "
+        "nodes, each would calibrate the whole model into the same output_dir. Run it on one node (NNODES unset or 1, "
+        "one srun task).")
+    proc = run_verb(capfd, "select", tmp_path / "recipe.yaml", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == (
+        f"llamafactory-hera: error: {named}: llamafactory-hera select runs as one process on one node; launched on "
+        "several nodes, each would score every head and write the recipe. Run it once, on one node.\n")
 
 
 def test_a_deepspeed_config_given_inline_is_not_refused() -> None:

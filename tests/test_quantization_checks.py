@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -150,3 +151,35 @@ def test_the_qlora_recipe_without_bitsandbytes_is_one_line_before_loading(assets
     assert proc.returncode == 1 and len(lines) <= 2 and "Traceback" not in proc.stderr, "\n".join(lines)
     assert lines[-1].startswith("[llamafactory-hera] error: quantization_bit: 4 needs bitsandbytes, which is not "
                                 f"installed here. Install it: pip install '{QLORA}'"), "\n".join(lines)
+
+
+# what bitsandbytes' CPU backend logs at its import on a CPU with AVX512-BF16 where the `kernels` package is missing
+KERNEL_NOTE = ("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make "
+               "sure you already `pip install kernels` and the kernels >= 0.11.1")
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_bitsandbytes_cpu_kernel_note_only_where_a_run_quantizes(quantized: bool, assets, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """After ``pip install ".[qlora]"`` every run printed that note, quantized or not: PEFT imports bitsandbytes in
+    every LoRA run where it is installed. A stock sft run through ``run_exp`` whose workflow imports bitsandbytes
+    afresh (its note logged as bitsandbytes logs it, where the first import in a process would): said only with
+    ``quantization_bit: 4``."""
+    import logging
+
+    from llamafactory.train import tuner
+
+    def workflow(*args: Any, **kwargs: Any) -> None:
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already `pip "
+            "install kernels` and the kernels >= 0.11.1", ModuleNotFoundError("No module named 'kernels'"))
+
+    monkeypatch.setattr(tuner, "run_sft", workflow)
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)  # not yet imported by this process
+    recipe = {key: value for key, value in base_recipe(assets, "qwen2_5_vl", tmp_path / "out").items()
+              if not key.startswith("hera_")} | {"stage": "sft", "quantization_bit": 4 if quantized else None}
+    tuner.run_exp({key: value for key, value in recipe.items() if value is not None})
+    seen = caplog.text + capsys.readouterr().err
+    assert (KERNEL_NOTE in seen) is quantized, seen[-2000:]

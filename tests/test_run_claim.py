@@ -75,19 +75,48 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_before_loading(assets, 
     assert json.loads((out / CLAIM).read_text()) == claim
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
-def test_overwrite_output_dir_and_the_stock_stages_are_refused_too(stage: str, assets, live_pid: int,
-                                                                    tmp_path: Path) -> None:
-    """overwrite_output_dir: true would move the live run's files aside; LLaMA-Factory's own stages claim alike."""
+def test_overwrite_output_dir_is_refused_too(assets, live_pid: int, tmp_path: Path) -> None:
+    """overwrite_output_dir: true would move the live run's files aside."""
     out = tmp_path / "out"
     _hold(out, live_pid)
     (out / "checkpoint-1").mkdir()
-    recipe = base_recipe(assets, "qwen2_5_vl", out, **{**ONE_STEP, "overwrite_output_dir": True}, stage=stage)
-    proc = run_train(recipe, tmp_path / "run", check=False)
+    proc = run_train(base_recipe(assets, "qwen2_5_vl", out, **{**ONE_STEP, "overwrite_output_dir": True}),
+                     tmp_path / "run", check=False)
     assert proc.returncode == 1
     assert _error_lines(proc.stderr)[0].startswith(f"[llamafactory-hera] error: output_dir: {out} is in use by "
                                                    f"another run (process {live_pid} on host ")
     assert sorted(path.name for path in out.iterdir()) == ["checkpoint-1", CLAIM]
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_the_stock_stages_take_no_claim(stage: str, assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A plain recipe of LLaMA-Factory's own stages writes nothing of the plugin's into output_dir: its claim, released
+    only at exit or on SIGTERM, outlived a SIGUSR1 or SIGKILL (an out-of-memory kill) of a stock run. Through
+    ``run_exp`` up to the plugin's first look at the folder after the claim's place (its finished-run check): no claim
+    taken, an earlier run's claim left as it was, without a line."""
+    from llamafactory.train.tuner import run_exp
+
+    from llamafactory_hera_patches.lifecycle import output_dir
+
+    class Reached(Exception):
+        pass
+
+    def no_claim(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a stock stage's run claimed its output_dir")
+
+    def reached(*args: Any, **kwargs: Any) -> None:
+        raise Reached
+
+    out = tmp_path / "out"
+    stale = _hold(out, _dead_pid())
+    monkeypatch.setattr(run_claim, "take", no_claim)
+    monkeypatch.setattr(output_dir, "refuse_finished", reached)
+    recipe = {key: value for key, value in base_recipe(assets, "qwen2_5_vl", out, **ONE_STEP).items()
+              if not key.startswith("hera_")} | {"stage": stage}
+    with pytest.raises(Reached):
+        run_exp(recipe)
+    assert json.loads((out / CLAIM).read_text()) == stale and "took over" not in capsys.readouterr().out
 
 
 def test_a_claim_from_another_host_is_live_and_the_line_says_how_to_clear_it(assets, tmp_path: Path) -> None:

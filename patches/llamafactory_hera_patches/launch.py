@@ -15,7 +15,8 @@ Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything i
   (RAH-LoRA: its model over every visible GPU) gets a torchrun of one rank (``NPROC_PER_NODE=1``) on a multi-GPU node
   unless ``FORCE_TORCHRUN`` is set;
   ``llamafactory.v1.launcher.launch()`` does the same for its ``_DIST_TRAIN_COMMANDS``;
-- ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (see :mod:`.recipe.recipe_file`).
+- ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (read here as it does, by
+  :func:`.recipe.recipe_file.read_args_unchecked`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 from .errors import RecipeError
 from .guard import require
 from .recipe.arguments import given_keys, keys_of, split_args
-from .recipe.recipe_file import read_recipe
+from .recipe.recipe_file import read_args_unchecked, read_recipe
 from .registry import method_for_stage
 from .stage import check_host_stage, method_arguments
 
@@ -64,12 +65,11 @@ def _argv(argv: list[str]) -> Iterator[None]:
 
 
 def launch_recipe(argv: list[str]) -> Any:
-    """The recipe of ``argv`` (``llamafactory-cli <command> <recipe> [key=value ...]``) as LLaMA-Factory reads it."""
-    # lazy: LLaMA-Factory's arguments (transformers' TrainingArguments) only for a run that starts torchrun
-    hparams = importlib.import_module("llamafactory.hparams")
-    require(hparams, ("read_args",), "launch")
+    """The recipe of ``argv`` (``llamafactory-cli <command> <recipe> [key=value ...]``) as LLaMA-Factory reads it (v0's
+    ``read_args`` and v1's parser alike), without importing v0's ``llamafactory.hparams``: its import runs v0's version
+    checks, which v1 does not (a trl outside v0's range trains under v1)."""
     with _argv([argv[0], *argv[2:]]):
-        return read_recipe(hparams.read_args)
+        return read_recipe(read_args_unchecked)
 
 
 def check_before_ranks(argv: list[str]) -> Any:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
@@ -41,6 +43,10 @@ from .recipe.arguments import keys_of, raw_value, split_args, truthy
 from .registry import registered_methods
 
 _TUNER_NAMES = ("_training_function", "get_train_args", "run_sft")
+# bitsandbytes' CPU backend logs this at its import where the ``kernels`` package is missing; PEFT imports bitsandbytes
+# in every LoRA run where it is installed, and the kernel serves 4-bit weights only
+_BITSANDBYTES_CPU = logging.getLogger("bitsandbytes.backends.cpu.ops")
+_KERNEL_NOTE = "Failed to load CPU gemm_4bit_forward"
 _WORKFLOW_NAMES = ("run_sft", "get_dataset", "SFTDataCollatorWith4DAttentionMask", "CustomSeq2SeqTrainer")
 
 
@@ -114,7 +120,9 @@ def apply(tuner: ModuleType) -> None:
     def training_function(config: dict[str, Any]) -> None:
         raw = hparams.read_args(config.get("args"))
         host_args, method_raw, method = split_args(raw)
-        # one live run per output_dir, for every stage: claimed before anything else reads or writes the folder
+        if method is None and not method_raw:  # a plain recipe: LLaMA-Factory's run alone, nothing of the plugin's
+            return _run(config, host_args, method_raw, method)  # left in output_dir when it is killed
+        # one live run per output_dir: claimed before anything else reads or writes the folder
         with run_claim.claimed(host_args, str(raw_value(raw, "stage") or "sft")):
             return _run(config, host_args, method_raw, method)
 
@@ -185,12 +193,17 @@ def _quiet_transformers() -> Iterator[None]:
         transformers_logging.set_verbosity(level)
 
 
+def _unquantized_note(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_KERNEL_NOTE)
+
+
 @contextlib.contextmanager
 def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
               method_records: tuple[str, ...], record: bool = True) -> Iterator[None]:
     """``get_train_args`` for the run's duration: LLaMA-Factory's parse, the method's ``check`` of it, an earlier run's
-    files moved aside under ``overwrite_output_dir`` (:mod:`.lifecycle.output_dir`), a host stage's notes, then (with
-    ``record``) the run's :mod:`.lifecycle.run_record` (training runs, by the main process) written ``running``;
+    files moved aside under ``overwrite_output_dir`` (:mod:`.lifecycle.output_dir`), a host stage's notes,
+    bitsandbytes' 4-bit CPU kernel note held back unless bitsandbytes quantizes the model, then (with ``record``) the
+    run's :mod:`.lifecycle.run_record` (training runs, by the main process) written ``running``;
     marked ``finished`` or ``failed`` when the run ends. A recipe refused by a check records nothing (an earlier run's
     record in ``output_dir`` is left as it was)."""
     written: list[Any] = []
@@ -202,6 +215,8 @@ def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
             with _quiet_transformers():
                 check(*parsed)
         model_args, data_args, training_args, finetuning_args = parsed[:4]
+        if "bitsandbytes" not in sys.modules and not fsdp_loading.loads_bitsandbytes_weights(args):
+            _BITSANDBYTES_CPU.addFilter(_unquantized_note)  # said only where a run quantizes
         output_dir.clear_for_overwrite(args, training_args)
         main, training = getattr(training_args, "process_index", 0) == 0, getattr(training_args, "do_train", True)
         if check is None and main:  # a stock stage: the host's gradient, what FSDP saves of it
@@ -224,6 +239,8 @@ def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
             for path in written:
                 run_record.write_ended(path, err, method_records)
             raise
+        finally:
+            _BITSANDBYTES_CPU.removeFilter(_unquantized_note)
     for path in written:
         run_record.write_ended(path, None)
 

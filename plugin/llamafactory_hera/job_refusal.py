@@ -1,5 +1,5 @@
 """The plugin's errors end a training process with their one line, and a refusal on any rank of a multi-process job
-ends every rank within seconds, printed once (:func:`install`, set by the start-up hook).
+ends every rank within seconds, printed once per node (:func:`install`, set by the start-up hook).
 
 The plugin's checks raise :class:`~llamafactory_hera_patches.errors.RecipeError` with a message that names the key, the
 value and the fix; when one ends the process, only that message is printed (:func:`short_report`, with a line saying
@@ -7,17 +7,18 @@ how to get the traceback). Every other exception, a ``ValueError`` of torch or o
 keeps Python's full report. ``llamafactory-cli train`` and ``accelerate launch`` check the recipe before they start the
 ranks (``llamafactory_hera_patches.launch``, ``.accelerate_launch``).
 
-Without it, a refusal on a rank other than 0 waited for torchrun to stop it, and under ``srun`` the other ranks waited
-until ``ddp_timeout``. The job's ranks share a flag in the job's c10d store at ``MASTER_ADDR:MASTER_PORT`` (torchrun's
-agent hosts it from the start; under ``srun`` rank 0's process group does, or a refusing rank 0 itself):
+Without it, a refusal on a rank other than 0 waited for torchrun to stop it. The ranks of a torchrun job (torchrun,
+``accelerate launch``) share a flag in the job's c10d store at ``MASTER_ADDR:MASTER_PORT``, which torchrun's agent
+hosts from the start:
 
-- every rank of a job watches the flag (:func:`watch`, a daemon thread): when it is set, the rank ends at once with
-  exit code 1, quietly;
-- a rank that refuses sets it (:func:`announce`); the first one to set it prints the refusal, the others do not; it
-  then waits (at most :data:`TELL_S`) until the other ranks have seen the flag, so a rank 0 that hosts the store
-  outlives their reading of it.
+- every rank of a method's job watches the flag (:func:`watch`, a daemon thread started by the method's first check;
+  a stock stage's ranks are left as without the plugin): when it is set, the rank ends at once with exit code 1;
+- a rank that refuses sets it (:func:`announce`) with its report and its node; the first one to set it prints the
+  refusal, and local rank 0 of every other node prints it too (a refusing rank there, or its watch), so each node's
+  log holds the line; the other ranks end without a word.
 
-Without a store to reach (a single process, a job without ``MASTER_ADDR``), a refusal is printed as before.
+Without a store to reach (a single process, a job without ``MASTER_ADDR``, ``srun`` tasks without a launcher, whose
+store rank 0's process group hosts and takes with it), a refusal is printed as before.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
@@ -40,10 +41,11 @@ from llamafactory_hera_patches.errors import RecipeError
 
 TRACEBACK_ENV = "LLAMAFACTORY_HERA_TRACEBACK"
 RANK_WAIT_S = 30.0  # how long a rank other than 0 waits for torchrun to stop it before printing its own refusal
-REFUSED, LEFT = "refused", "left"
+REFUSED = "refused"
 POLL_S = 0.2  # how often a rank looks at the flag
 CONNECT_S = 2.0  # one try to reach the store
-TELL_S = 30.0  # how long a refusing rank waits for the others to see its flag
+TELL_S = 30.0  # how long a refusing rank tries to reach the store
+NODES_S = 5.0  # how long the first refusing rank waits for each other node to take the line to print
 
 
 def raised_by_plugin(error: BaseException) -> bool:
@@ -72,30 +74,37 @@ class Job:
     world_size: int
     rank: int
     prefix: str  # the keys of this launch (torchrun's restarts start afresh)
-    agent: bool  # torchrun's agent hosts the store
+    node: str  # torchrun's node rank (GROUP_RANK), else the host's name
+    local_rank: int
+    nodes: int
 
 
 def job_of(env: Mapping[str, str] = os.environ) -> Job | None:
-    """This process's job (``WORLD_SIZE`` / ``RANK``, else Slurm's ``SLURM_NTASKS`` / ``SLURM_PROCID``, with
-    ``MASTER_ADDR`` and ``MASTER_PORT``), or None for a single process."""
+    """This process's torchrun job (its ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``GROUP_RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT``), or None: a single process, or ranks without torchrun's agent, whose store alone outlives every
+    rank (where rank 0's process group hosts it, as for srun tasks, a rank 0 ending at a refusal takes it along)."""
     try:
-        world = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
-        rank = int(env.get("RANK") or env.get("SLURM_PROCID") or 0)
-        port = int(env.get("MASTER_PORT") or 0)
+        world, rank, local_rank, port, local_world = (int(env.get(key) or 0) for key in
+                                                      ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT",
+                                                       "LOCAL_WORLD_SIZE"))
     except ValueError:
         return None
-    host = env.get("MASTER_ADDR")
-    if world < 2 or not host or not port:
+    if world < 2 or not env.get("MASTER_ADDR") or not port or not env.get("TORCHELASTIC_RUN_ID"):
         return None
-    if not env.get("TORCHELASTIC_RUN_ID"):
-        # only where torchrun's agent hosts the store (torchrun, accelerate launch): it outlives every rank. Where a
-        # rank's own process group hosts it (srun tasks without a launcher, the DeepSpeed launcher; or a launcher
-        # process inside an sbatch job), the review of 2026-11-25 found that a rank 0 ending at a refusal takes the
-        # store with it (a rank that reads it then waits in a collective until ddp_timeout), and that every normal
-        # end prints c10d's 'recvValue failed' stack on the ranks that outlive rank 0: not watched until fixed
-        return None
-    launch = env.get("TORCHELASTIC_RESTART_COUNT") or env.get("SLURM_RESTART_COUNT") or "0"
-    return Job(host, port, world, rank, f"llamafactory_hera/{launch}/", bool(env.get("TORCHELASTIC_RUN_ID")))
+    return Job(env["MASTER_ADDR"], port, world, rank, f"llamafactory_hera/{env.get('TORCHELASTIC_RESTART_COUNT', 0)}/",
+               env.get("GROUP_RANK") or socket.gethostname(), local_rank, max(1, world // (local_world or world)))
+
+
+def several_nodes(env: Mapping[str, str] = os.environ) -> str | None:
+    """What says this process runs on one of several nodes (``NNODES`` above 1, which LLaMA-Factory's launcher passes
+    to torchrun; a launched rank's ``WORLD_SIZE`` above its node's ``LOCAL_WORLD_SIZE``), else None."""
+    with contextlib.suppress(ValueError):  # an elastic range (1:2) or no number: the launcher decides
+        if int(env.get("NNODES") or 1) > 1:
+            return f"NNODES={env['NNODES']}"
+        world = int(env.get("WORLD_SIZE") or 1)
+        if world > int(env.get("LOCAL_WORLD_SIZE") or world):
+            return f"WORLD_SIZE={world} over LOCAL_WORLD_SIZE={env['LOCAL_WORLD_SIZE']}"
+    return None
 
 
 def tell_torchrun(environ: Mapping[str, str] = os.environ) -> None:
@@ -120,21 +129,35 @@ def _listening(job: Job) -> bool:
         return False
 
 
-def _store(job: Job, host_it: bool = False) -> Any | None:
-    """A client of the job's store (or, ``host_it``, the store itself on this rank's port), None if unreachable."""
-    if not host_it and not _listening(job):
+def _store(job: Job) -> Any | None:
+    """A client of the job's store, None if unreachable."""
+    if not _listening(job):
         return None
     # lazy: torch only in a rank of a multi-process job, which loads it anyway
     from torch.distributed import TCPStore
 
     try:
-        return TCPStore(job.host, job.port, job.world_size if host_it else None, host_it,
-                        timedelta(seconds=CONNECT_S), wait_for_workers=False)
+        return TCPStore(job.host, job.port, None, False, timedelta(seconds=CONNECT_S), wait_for_workers=False)
     except (RuntimeError, ValueError, OSError):
         return None
 
 
 _refusing = threading.Event()  # this rank refused: its own flag must not end it before it has printed
+
+
+def _node_report(store: Any, job: Job) -> str | None:
+    """The refusal's report where this rank prints it for its node (local rank 0 of a node other than the one where
+    the first refusing rank printed it; counted, so that the first waits for it), else None."""
+    if job.local_rank != 0:
+        return None
+    try:
+        refused = json.loads(store.get(job.prefix + REFUSED))
+        if isinstance(refused, dict) and refused.get("node") != job.node:
+            store.add(job.prefix + "told", 1)
+            return refused.get("report")
+    except (RuntimeError, ValueError):
+        pass
+    return None
 
 
 def _watch(job: Job) -> None:
@@ -149,10 +172,12 @@ def _watch(job: Job) -> None:
         except RuntimeError:
             return  # the store's host has ended (the job is ending): nothing more to watch
         if refused and not _refusing.is_set():
-            with contextlib.suppress(RuntimeError):
-                store.add(job.prefix + LEFT, 1)
+            report = _node_report(store, job)
+            if report:
+                sys.stderr.write(report)
+                sys.stderr.flush()
             tell_torchrun()
-            os._exit(1)  # another rank refused the recipe and says so: end without a word
+            os._exit(1)  # another rank refused the recipe and said so
         time.sleep(POLL_S)
 
 
@@ -179,44 +204,36 @@ def watch(env: Mapping[str, str] = os.environ) -> None:
     thread.start()
 
 
-def announce(env: Mapping[str, str] = os.environ) -> tuple[bool, Callable[[], None] | None]:
-    """Tell the job's other ranks that this one refused: (whether to print the refusal, what to call after printing:
-    it waits until the other ranks have seen the flag). Only the first rank to refuse prints. Without a store to reach
-    (a single process; a store not up within :data:`TELL_S`): (True, None)."""
+def announce(report: str, env: Mapping[str, str] = os.environ) -> tuple[bool, bool]:
+    """Tell the job's other ranks that this one refused with ``report``: (whether this rank prints it, whether the
+    store was reached). The first rank to refuse prints, and local rank 0 of each other node (:func:`_node_report`).
+    Without a store to reach (a single process; a store not up within :data:`TELL_S`): (True, False)."""
     _refusing.set()
     job = job_of(env)
     if job is None:
-        return True, None
-    store, hosts, deadline = None, False, time.monotonic() + TELL_S
+        return True, False
+    store, deadline = None, time.monotonic() + TELL_S
     while store is None and time.monotonic() < deadline:
         store = _store(job)
-        if store is None and job.rank == 0 and not job.agent:
-            store = _store(job, host_it=True)  # srun, refused before the process group: no store yet
-            hosts = store is not None
         if store is None:
             time.sleep(POLL_S)
     if store is None:
-        return True, None
+        return True, False
     try:
-        first = store.add(job.prefix + "refusals", 1) == 1
-        store.set(job.prefix + REFUSED, str(job.rank))
-        if not first:
-            store.add(job.prefix + LEFT, 1)
+        if store.add(job.prefix + "refusals", 1) == 1:
+            store.set(job.prefix + REFUSED, json.dumps({"node": job.node, "report": report}))
+            deadline = time.monotonic() + NODES_S
+            while store.add(job.prefix + "told", 0) < job.nodes - 1 and time.monotonic() < deadline:
+                time.sleep(POLL_S)  # until each other node has its line: this rank's end ends torchrun's store
+            return True, True
+        return _node_report(store, job) is not None, True
     except RuntimeError:
-        return True, None
-
-    def told() -> None:
-        """While this rank hosts the store, until the other ranks have read the flag (else the store outlives it)."""
-        deadline = time.monotonic() + TELL_S
-        while hosts and time.monotonic() < deadline and store.add(job.prefix + LEFT, 0) < job.world_size - 1:
-            time.sleep(POLL_S)
-
-    return first, told
+        return True, False
 
 
 def install() -> None:
-    """Route uncaught plugin errors to :func:`short_report`, printed once per job, and watch for
-    another rank's refusal (idempotent; off with LLAMAFACTORY_HERA_TRACEBACK=1)."""
+    """Route uncaught plugin errors to :func:`short_report`, printed once per node of the job (idempotent; off with
+    LLAMAFACTORY_HERA_TRACEBACK=1)."""
     previous = sys.excepthook
     if getattr(previous, "_llamafactory_hera", False) or os.environ.get(TRACEBACK_ENV, "") not in {"", "0"}:
         return
@@ -225,17 +242,15 @@ def install() -> None:
         if not raised_by_plugin(error):
             previous(kind, error, tb)
             return
-        prints, told = announce(os.environ)
+        report = short_report(error)
+        prints, shared = announce(report, os.environ)
         tell_torchrun(os.environ)
-        if told is None and waits_for_rank_0(os.environ):
+        if not shared and waits_for_rank_0(os.environ):
             time.sleep(RANK_WAIT_S)  # no store reached: torchrun's agent stops this rank once rank 0 has failed
-        if prints:  # else another rank of the job printed it
-            sys.stderr.write(short_report(error))
+        if prints:  # else a rank of this node printed it
+            sys.stderr.write(report)
             sys.stderr.flush()
-        if told is not None:
-            told()
         _stop_watching()
 
     excepthook._llamafactory_hera = True  # type: ignore[attr-defined]
     sys.excepthook = excepthook
-    watch(os.environ)

@@ -100,6 +100,15 @@ def _saved_config(host_args: Any) -> dict[str, Any] | None:
         return None
 
 
+def loads_bitsandbytes_weights(host_args: Any) -> bool:
+    """Whether a recipe's model is quantized by bitsandbytes: ``quantization_bit`` (method ``bnb``), or a checkpoint
+    saved so (its config.json read by :func:`_saved_config`; LLaMA-Factory loads it as saved)."""
+    method = str(raw_value(host_args, "quantization_method") or "bnb").lower()
+    if raw_value(host_args, "quantization_bit") not in (None, "") and method in _BITSANDBYTES:
+        return True
+    return _by_bitsandbytes((_saved_config(host_args) or {}).get("quantization_config") or {})
+
+
 def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str]) -> str | None:
     """The one-line refusal of ``host_args`` (a recipe's keys) under the FSDP2 launch ``environ`` describes, when
     FSDP2 would fail on its bitsandbytes-quantized model after loading it, or convert its 4-bit codes as numbers, else

@@ -1,8 +1,9 @@
 """One live run per ``output_dir``: ``llamafactory_hera_claim.json``, taken before LLaMA-Factory parses the recipe.
 
 Two runs started into one folder used to both run to the end, each writing over the other's files (the folder held
-the later one's adapter and state, the earlier run's were lost without a word). Every run the stage patch sees
-(:mod:`..stage`: the plugin's stages and LLaMA-Factory's own, training or not) with an ``output_dir`` claims it first:
+the later one's adapter and state, the earlier run's were lost without a word). Every run of the plugin's stages, or
+of a recipe's ``stage: sft`` twin (:mod:`..stage`; a plain recipe of LLaMA-Factory's own stages takes none: a claim
+outlives a SIGKILL, and such a folder holds what LLaMA-Factory writes), with an ``output_dir`` claims it first:
 
 - the claim (the process id, the host, its start time, the stage and the job identity below) is created atomically
   (written beside it, then hard-linked into place; ``O_CREAT | O_EXCL`` where the file system has no hard links), so

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 from ..errors import RecipeError
 from ..guard import require
@@ -53,6 +54,16 @@ def _holds_nothing(path: Path) -> bool:
         return yaml.safe_load(path.read_text(encoding="utf-8", errors="replace")) is None
     except yaml.YAMLError:
         return False  # read_args names the mistake (see _syntax_error)
+
+
+def read_args_unchecked(args: Any = None) -> Any:
+    """What ``llamafactory.hparams.read_args`` returns (v1's parser reads the recipe alike), without importing v0's
+    ``llamafactory.hparams``: that import runs v0's version checks (``check_dependencies``), which v1 does not."""
+    path = _recipe_path() if args is None else None
+    if path is None:
+        return sys.argv[1:] if args is None else args
+    loaded = OmegaConf.load(Path(path).absolute())  # JSON too, a subset of YAML (v0 json.loads a path and fails)
+    return OmegaConf.to_container(OmegaConf.merge(loaded, OmegaConf.from_cli(sys.argv[2:])))
 
 
 def read_recipe(read_args: ReadArgs, args: Any = None) -> Any:

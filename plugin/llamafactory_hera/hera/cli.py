@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.hera.config import DTYPES, RECIPE_BACKED, HeraArguments
+from llamafactory_hera.job_refusal import several_nodes
 from llamafactory_hera_patches.errors import RecipeError
 
 
@@ -64,7 +65,10 @@ def run_select_verb(args: argparse.Namespace) -> None:
     # lazy: torch and the model loaders only when the verb runs, not for every verb's --help
     from llamafactory_hera.hera.selection.select import check_device
 
-    check_device(args.device)  # before anything loads
+    if nodes := several_nodes():  # before anything loads
+        raise RecipeError(f"{nodes}: llamafactory-hera select runs as one process on one node; launched on several "
+                          "nodes, each would score every head and write the recipe. Run it once, on one node.")
+    check_device(args.device)
     if args.report is not None:
         from llamafactory_hera.hera.selection.report import run_report  # lazy: as check_device
 

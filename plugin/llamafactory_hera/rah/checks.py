@@ -12,6 +12,7 @@ from transformers import AutoConfig
 
 from llamafactory_hera.heads.architecture import describe, layer_list, per_head_value_layers, plan_layers
 from llamafactory_hera.heads.geometry import attention_geometry
+from llamafactory_hera.job_refusal import several_nodes
 from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.recipe.checks import check_run_inputs
 from llamafactory_hera.recipe.fsdp import RAH_ONE_PROCESS
@@ -24,6 +25,10 @@ _FAST_ATTENTION = {"fa2", "fa3", "sdpa"}
 
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], rah_args: RahArguments) -> None:
     """Refuse what cannot work with a training-free calibration, naming the key and the fix."""
+    if nodes := several_nodes():
+        raise RecipeError(f"{nodes}: stage: rah runs as one process on one node (its model over that node's GPUs); "
+                          "launched on several nodes, each would calibrate the whole model into the same output_dir. "
+                          "Run it on one node (NNODES unset or 1, one srun task).")
     attention = str(raw_value(host_args, "flash_attn") or "auto").strip().lower()
     if attention in _FAST_ATTENTION:
         raise RecipeError(f"stage: rah needs attention weights, which {attention} attention does not return; remove "

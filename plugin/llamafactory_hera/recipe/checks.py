@@ -36,7 +36,6 @@ from llamafactory_hera.recipe.stack_checks import check_stack
 from llamafactory_hera_patches.data.templates import template_tokens
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.arguments import given_keys, raw_value, truthy
-from llamafactory_hera_patches.recipe.host_arguments import liger_applies_to
 
 NOT_LOCAL = ("REMOTE:", "ONLINE")  # LLaMA-Factory's dataset_dir values that are not a folder
 _EMPTY_TEXTS = ("", "[]", "{}")  # a JSON / JSONL dataset file with no row
@@ -227,11 +226,9 @@ def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -
     bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb"
     if bnb and bits not in (None, "") and truthy(raw_value(host_args, "use_dora") or False):
         raise RecipeError(dora_refusal(bits))  # refused whatever is installed: said before asking for bitsandbytes
+    # whatever the model type: LLaMA-Factory's parse requires liger-kernel for enable_liger_kernel (hparams/parser.py),
+    # also where its patch list has no kernel for the type (it then warns and trains without)
     liger = next((key for key in ("enable_liger_kernel", "use_liger_kernel") if truthy(raw_value(host_args, key))), "")
-    config = Path(str(raw_value(host_args, "model_name_or_path") or ""), "config.json")
-    if liger == "enable_liger_kernel" and (not config.is_file() or not liger_applies_to(
-            str(json.loads(config.read_text(encoding="utf-8")).get("model_type")))):
-        liger = ""  # a type LLaMA-Factory does not patch trains without it (a warning); a hub id: the host decides
     for key, value, package, module, requirement, without in (
             ("deepspeed", raw_value(host_args, "deepspeed"), "DeepSpeed", "deepspeed",  # lazy: transformers only here
              lambda: import_module("transformers.dependency_versions_table").deps.get("deepspeed", "deepspeed"),

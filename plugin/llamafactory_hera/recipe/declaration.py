@@ -14,6 +14,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from llamafactory_hera.job_refusal import watch
+
 
 @dataclass(frozen=True)
 class Method:
@@ -68,6 +70,7 @@ class Method:
         from llamafactory_hera.recipe.checks import check_raw_launch, check_raw_recipe
         from llamafactory_hera.recipe.resume import check_resume
 
+        watch()  # a rank of a method's job ends when another refuses (a stock stage's rank is left as stock runs)
         check_raw_launch(self.stage, host_args)
         self.load("check_raw_host_args")(host_args, args)
         check_raw_recipe(host_args, self.stage, machine)
