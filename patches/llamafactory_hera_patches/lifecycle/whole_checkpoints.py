@@ -1,8 +1,9 @@
 """Which ``checkpoint-N`` of a run is whole: what resume may take and rotation may delete. docs/hera.md ("Killed,
 preempted, disk full").
 
-The plugin's stages (``llamafactory_hera.training.checkpoints``) write :data:`MARKER` last, once every rank's files are
-closed. Whole: a folder with the marker; in a run folder where none has one (written before markers), a folder with
+The plugin's stages (``llamafactory_hera.training.checkpoints``) write :data:`MARKER` last, once every rank made its
+own files durable. Whole: a folder with the marker, in a run whose record (``run_record``) says its checkpoints are
+marked; in a run folder whose record predates markers (or that has none) and where no folder is marked, a folder with
 ``trainer_state.json`` (the main process writes it last). A half-written folder is passed over, never deleted.
 """
 
@@ -12,6 +13,8 @@ import json
 import os
 import shutil
 from pathlib import Path
+
+from .run_record import CHECKPOINTS_MARKED, RUN_RECORD, read_record
 
 MARKER, TRAINER_STATE = "llamafactory_hera_whole.json", "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -35,20 +38,30 @@ def newest_whole(run: Path) -> tuple[Path | None, list[Path]]:
 def whole_checkpoints(run: Path) -> list[Path]:
     """``run``'s whole checkpoints, by step."""
     found = checkpoint_folders(run)
-    name = MARKER if any((path / MARKER).is_file() for path in found) else TRAINER_STATE
+    marked = read_record(run / RUN_RECORD).get(CHECKPOINTS_MARKED) or any((path / MARKER).is_file() for path in found)
+    name = MARKER if marked else TRAINER_STATE
     return [path for path in found if (path / name).is_file()]
 
 
 def _fsync(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # another rank's file, renamed or removed by its writer meanwhile
+        return
     os.fsync(handle)
     os.close(handle)
 
 
-def write_marker(folder: Path, step: int, ranks: int) -> None:
-    """Mark ``folder`` whole once every rank closed its files: each file fsynced, then the marker, then the folder."""
+def make_durable(folder: Path) -> None:
+    """Every file under ``folder`` fsynced, by each rank once its own save returned and before the ranks agree: its own
+    files are then on disk even where the folder is shared across nodes (an fsync flushes only this host's writes)."""
     for path in sorted(folder.rglob("*")):
         _fsync(path)
+
+
+def write_marker(folder: Path, step: int, ranks: int) -> None:
+    """Mark ``folder`` whole once every rank made its files durable (:func:`make_durable`): the marker, then the
+    folder, fsynced."""
     marker = folder / MARKER
     marker.write_text(json.dumps({"step": step, "ranks": ranks}), encoding="utf-8")
     _fsync(marker)

@@ -4,10 +4,12 @@ it).
 Checkpoints a run can trust, and a stop that saves one (:class:`WholeCheckpoints`); docs/hera.md ("Killed,
 preempted, disk full") says what users see.
 
-Each ``checkpoint-N`` is marked whole (``lifecycle.whole_checkpoints``) once every rank's save returned, then rotated;
-a save failing for lack of space is one line from the rank it failed on (which ends the job), no marker; resume takes
-the newest whole checkpoint. On ``<prefix>_save_on_signal`` the handler only notes the signal; the ranks agree on one
-stop step through the process group's store (host-side: no device sync), save a whole checkpoint there and exit 0.
+Each ``checkpoint-N`` is marked whole (``lifecycle.whole_checkpoints``) once every rank's save returned with its files
+fsynced, then rotated (the Trainer's own rotation held back); a save or marker failing for lack of space is one line
+from the rank it failed on (which ends the job), no marker; resume takes the newest whole checkpoint. On
+``<prefix>_save_on_signal`` the handler only notes the signal; the ranks agree on one stop step through the process
+group's store (host-side: no device sync), save a whole checkpoint there (kept from the rotation after the stop) and
+exit 0. On CPU ranks the optimizer resumes onto ``cpu``.
 
 A resumed run's weights: the checkpoint's tensors under the model's own names, and every trained tensor restored.
 
@@ -230,7 +232,7 @@ class WholeCheckpoints:
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         self.resumed_from = self._whole_resume(resume_from_checkpoint)
-        stop = _StopOnSignal(self.save_on_signal, self.args.output_dir)  # type: ignore[attr-defined]
+        self.stop = stop = _StopOnSignal(self.save_on_signal, self.args.output_dir)  # type: ignore[attr-defined]
         self.add_callback(stop)  # type: ignore[attr-defined]
         with stop.handling():
             result = super().train(self.resumed_from, *args, **kwargs)  # type: ignore[misc]
@@ -259,23 +261,51 @@ class WholeCheckpoints:
                      f"finish on every rank; kept, not deleted); resuming from {newest or 'the start (none whole)'}.")
         return str(newest) if newest else (value if value is True else None)
 
+    def save_method_state(self, folder: str) -> None:
+        """A method's own state, written into ``folder`` inside the whole save (``save_only_model`` too)."""
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         args, run = self.args, Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
         folder = run / f"{whole.CHECKPOINT_PREFIX}{self.state.global_step}"  # type: ignore[attr-defined]
         limit, args.save_total_limit = args.save_total_limit, None  # rotation after the whole save
         try:
-            super()._save_checkpoint(model, trial)  # type: ignore[misc]
-        except Exception as error:
-            # said by this rank at once, with no collective: under FSDP2 and ZeRO-3 the other ranks may still be in
-            # the save's own gathers, which another collective here would not match (a hang); the launcher ends them
-            # when this process ends
-            raise (RecipeError(_full_line(folder, run, error)) if _lack_of_space(error, run) else error) from None
+            with _space_said(folder, run):
+                super()._save_checkpoint(model, trial)  # type: ignore[misc]
+                self.save_method_state(str(folder))
+                whole.make_durable(folder)
         finally:
-            args.save_total_limit = limit
+            # a stop's checkpoint outlives the rotation of transformers' _finalize_training after the stop
+            args.save_total_limit = None if self.stop.stopped else limit
         _every_rank_saved(args.device)
         if args.should_save:
-            whole.write_marker(folder, self.state.global_step, args.world_size)  # type: ignore[attr-defined]
+            with _space_said(folder, run):
+                whole.write_marker(folder, self.state.global_step, args.world_size)  # type: ignore[attr-defined]
             whole.rotate(run, limit, self.state.best_model_checkpoint)  # type: ignore[attr-defined]
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """transformers loads a DDP run's optimizer onto ``args.device``, on CPU ranks ``cpu:0``, which torch refuses
+        ("don't know how to restore data location"): there, onto ``cpu``, for this call only."""
+        device = self.args.device  # type: ignore[attr-defined]
+        if device.type != "cpu" or device.index is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        load = torch.load
+        torch.load = lambda *args, map_location=None, **kwargs: load(  # type: ignore[assignment]
+            *args, map_location="cpu" if map_location == device else map_location, **kwargs)
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        finally:
+            torch.load = load
+
+
+@contextlib.contextmanager
+def _space_said(folder: Path, run: Path) -> Iterator[None]:
+    """A failure for lack of space as the one disk-full line, said by this rank at once, with no collective: under
+    FSDP2 and ZeRO-3 the other ranks may still be in the save's own gathers, which another collective here would not
+    match (a hang); the launcher ends them when this process ends."""
+    try:
+        yield
+    except Exception as error:
+        raise (RecipeError(_full_line(folder, run, error)) if _lack_of_space(error, run) else error) from None
 
 
 def _every_rank_saved(device: torch.device) -> None:
