@@ -60,11 +60,12 @@ def make_durable(folder: Path) -> None:
 
 
 def write_marker(folder: Path, step: int, ranks: int) -> None:
-    """Mark ``folder`` whole once every rank made its files durable (:func:`make_durable`): the marker, then the
-    folder, fsynced."""
-    marker = folder / MARKER
-    marker.write_text(json.dumps({"step": step, "ranks": ranks}), encoding="utf-8")
-    _fsync(marker)
+    """Mark ``folder`` whole once every rank made its files durable (:func:`make_durable`): the marker, fsynced under
+    another name and renamed (a write that fails leaves no marker), then the folder fsynced."""
+    temporary = folder / f"{MARKER}.tmp"
+    temporary.write_text(json.dumps({"step": step, "ranks": ranks}), encoding="utf-8")
+    _fsync(temporary)
+    temporary.replace(folder / MARKER)
     _fsync(folder)
 
 
