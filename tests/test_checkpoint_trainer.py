@@ -17,6 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from llamafactory_hera.training import checkpoints
 from llamafactory_hera.training.checkpoints import WholeCheckpoints, _StopOnSignal
+from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole_checkpoints_module
 from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, whole_checkpoints
 
 
@@ -102,3 +103,17 @@ def test_a_cpu_rank_resumes_the_optimizer(tmp_path: Path, monkeypatch: pytest.Mo
     assert restored.keys() == saved["state"].keys() and all(
         torch.equal(restored[k]["exp_avg"], saved["state"][k]["exp_avg"]) for k in restored)
     assert torch.load is load
+
+
+def test_each_rank_makes_its_files_durable_before_the_ranks_agree(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file this rank's save wrote is fsynced by this rank before the agreement that lets rank 0 mark the folder
+    whole (on a file system shared across nodes, rank 0's fsync would not flush another node's writes)."""
+    synced: list[Path] = []
+    agreed: list[set[Path]] = []
+    fsync = whole_checkpoints_module._fsync
+    monkeypatch.setattr(whole_checkpoints_module, "_fsync", lambda path: (synced.append(path), fsync(path)))
+    monkeypatch.setattr(checkpoints, "_every_rank_saved", lambda device: agreed.append(set(synced)))
+    _trainer(tmp_path, max_steps=1).train()
+    files = {path for path in (tmp_path / "checkpoint-1").rglob("*") if path.name != MARKER}
+    assert len(agreed) == 1 and "optimizer.pt" in {path.name for path in files} and files <= agreed[0]
