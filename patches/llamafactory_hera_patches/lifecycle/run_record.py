@@ -69,7 +69,6 @@ def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any], m
     """The record with ``status: running`` (replacing a previous run's in the same ``output_dir``); ``marks``: the
     stage marks its checkpoints whole (:data:`CHECKPOINTS_MARKED`, the previous record's where checkpoints are kept)."""
     path = Path(output_dir) / RUN_RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
     resumed = any(path.parent.glob("checkpoint-[0-9]*"))
     record = {"stage": stage, "status": RUNNING, "llamafactory_hera_version": host_version("llamafactory-hera"),
               "started_ns": time.time_ns(), "loading": loading,

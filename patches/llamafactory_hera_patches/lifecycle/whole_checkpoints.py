@@ -9,6 +9,7 @@ marked; in a run folder whose record predates markers (or that has none) and whe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -44,17 +45,15 @@ def whole_checkpoints(run: Path) -> list[Path]:
 
 
 def _fsync(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):  # another rank's file, renamed or removed by its writer meanwhile
         handle = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:  # another rank's file, renamed or removed by its writer meanwhile
-        return
-    os.fsync(handle)
-    os.close(handle)
+        os.fsync(handle)
+        os.close(handle)
 
 
 def make_durable(folder: Path) -> None:
-    """Every file under ``folder`` fsynced, by each rank once its own save returned and before the ranks agree: its own
-    files are then on disk even where the folder is shared across nodes (an fsync flushes only this host's writes)."""
+    """Every file under ``folder`` fsynced: by each rank, its own files on disk before the ranks agree (an fsync
+    flushes only this host's writes to a folder shared across nodes)."""
     for path in sorted(folder.rglob("*")):
         _fsync(path)
 

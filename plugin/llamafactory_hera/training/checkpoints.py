@@ -4,12 +4,11 @@ it).
 Checkpoints a run can trust, and a stop that saves one (:class:`WholeCheckpoints`); docs/hera.md ("Killed,
 preempted, disk full") says what users see.
 
-Each ``checkpoint-N`` is marked whole (``lifecycle.whole_checkpoints``) once every rank's save returned with its files
-fsynced, then rotated (the Trainer's own rotation held back); a save or marker failing for lack of space is one line
-from the rank it failed on (which ends the job), no marker; resume takes the newest whole checkpoint. On
-``<prefix>_save_on_signal`` the handler only notes the signal; the ranks agree on one stop step through the process
-group's store (host-side: no device sync), save a whole checkpoint there (kept from the rotation after the stop) and
-exit 0. On CPU ranks the optimizer resumes onto ``cpu``.
+Each ``checkpoint-N`` is marked whole (``lifecycle.whole_checkpoints``) once every rank fsynced its save, then rotated
+(not by the Trainer); a save or marker failing for lack of space is one line from its rank (which ends the job), no
+marker; resume takes the newest whole checkpoint. On ``<prefix>_save_on_signal`` the handler only notes the signal; the
+ranks agree on one stop step through the process group's store (host-side: no device sync), save a whole checkpoint
+there, kept whatever rotates after, and exit 0.
 
 A resumed run's weights: the checkpoint's tensors under the model's own names, and every trained tensor restored.
 
@@ -269,43 +268,34 @@ class WholeCheckpoints:
         folder = run / f"{whole.CHECKPOINT_PREFIX}{self.state.global_step}"  # type: ignore[attr-defined]
         limit, args.save_total_limit = args.save_total_limit, None  # rotation after the whole save
         try:
-            with _space_said(folder, run):
-                super()._save_checkpoint(model, trial)  # type: ignore[misc]
-                self.save_method_state(str(folder))
-                whole.make_durable(folder)
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+            self.save_method_state(str(folder))
+            whole.make_durable(folder)  # this rank's files, before the ranks agree
+            _every_rank_saved(args.device)
+            if args.should_save:
+                whole.write_marker(folder, self.state.global_step, args.world_size)  # type: ignore[attr-defined]
+        except Exception as error:
+            # said by this rank at once, with no collective: under FSDP2 and ZeRO-3 the other ranks may still be in
+            # the save's own gathers, which another collective here would not match (a hang); the launcher ends them
+            # when this process ends
+            raise (RecipeError(_full_line(folder, run, error)) if _lack_of_space(error, run) else error) from None
         finally:
             # a stop's checkpoint outlives the rotation of transformers' _finalize_training after the stop
             args.save_total_limit = None if self.stop.stopped else limit
-        _every_rank_saved(args.device)
         if args.should_save:
-            with _space_said(folder, run):
-                whole.write_marker(folder, self.state.global_step, args.world_size)  # type: ignore[attr-defined]
             whole.rotate(run, limit, self.state.best_model_checkpoint)  # type: ignore[attr-defined]
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """transformers loads a DDP run's optimizer onto ``args.device``, on CPU ranks ``cpu:0``, which torch refuses
         ("don't know how to restore data location"): there, onto ``cpu``, for this call only."""
-        device = self.args.device  # type: ignore[attr-defined]
-        if device.type != "cpu" or device.index is None:
-            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
-        load = torch.load
-        torch.load = lambda *args, map_location=None, **kwargs: load(  # type: ignore[assignment]
-            *args, map_location="cpu" if map_location == device else map_location, **kwargs)
+        device, load = self.args.device, torch.load  # type: ignore[attr-defined]
+        if device.type == "cpu" and device.index is not None:
+            torch.load = lambda *args, map_location=None, **kwargs: load(  # type: ignore[assignment]
+                *args, map_location="cpu" if map_location == device else map_location, **kwargs)
         try:
-            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+            super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
         finally:
             torch.load = load
-
-
-@contextlib.contextmanager
-def _space_said(folder: Path, run: Path) -> Iterator[None]:
-    """A failure for lack of space as the one disk-full line, said by this rank at once, with no collective: under
-    FSDP2 and ZeRO-3 the other ranks may still be in the save's own gathers, which another collective here would not
-    match (a hang); the launcher ends them when this process ends."""
-    try:
-        yield
-    except Exception as error:
-        raise (RecipeError(_full_line(folder, run, error)) if _lack_of_space(error, run) else error) from None
 
 
 def _every_rank_saved(device: torch.device) -> None:
