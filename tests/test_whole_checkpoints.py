@@ -184,7 +184,7 @@ def test_a_full_disk_at_the_first_save_is_told_by_the_free_space(tmp_path: Path,
                          "data/0: file write failed")
     for free, full in ((checkpoints.NEARLY_FULL - 1, True), (10 * checkpoints.NEARLY_FULL, False)):
         monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path, free=free: usage(1 << 40, 0, free))
-        assert checkpoints._lack_of_space(error, tmp_path) is full
+        assert (checkpoints._full_line(tmp_path, tmp_path, error) is not None) is full
 
 
 def test_a_runs_first_checkpoint_is_whole_only_with_its_marker(tmp_path: Path) -> None:
@@ -218,4 +218,4 @@ def test_a_full_disks_text_is_a_full_disk_on_a_disk_with_free_space(error: Excep
     from llamafactory_hera.training import checkpoints
 
     assert shutil.disk_usage(tmp_path).free > checkpoints.NEARLY_FULL
-    assert checkpoints._lack_of_space(error, tmp_path)
+    assert checkpoints._full_line(tmp_path / "checkpoint-2", tmp_path, error).startswith("disk full: the checkpoint ")

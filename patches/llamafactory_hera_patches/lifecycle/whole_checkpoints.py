@@ -40,8 +40,7 @@ def whole_checkpoints(run: Path) -> list[Path]:
     """``run``'s whole checkpoints, by step."""
     found = checkpoint_folders(run)
     marked = read_record(run / RUN_RECORD).get(CHECKPOINTS_MARKED) or any((path / MARKER).is_file() for path in found)
-    name = MARKER if marked else TRAINER_STATE
-    return [path for path in found if (path / name).is_file()]
+    return [path for path in found if (path / (MARKER if marked else TRAINER_STATE)).is_file()]
 
 
 def _fsync(path: Path) -> None:

@@ -278,7 +278,8 @@ class WholeCheckpoints:
             # said by this rank at once, with no collective: under FSDP2 and ZeRO-3 the other ranks may still be in
             # the save's own gathers, which another collective here would not match (a hang); the launcher ends them
             # when this process ends
-            raise (RecipeError(_full_line(folder, run, error)) if _lack_of_space(error, run) else error) from None
+            line = _full_line(folder, run, error)
+            raise (RecipeError(line) if line else error) from None
         finally:
             # a stop's checkpoint outlives the rotation of transformers' _finalize_training after the stop
             args.save_total_limit = None if self.stop.stopped else limit
@@ -312,20 +313,16 @@ def _every_rank_saved(device: torch.device) -> None:
 NEARLY_FULL = 64 * 2**20  # free bytes under which a failed save is taken for a full disk when no checkpoint is whole
 
 
-def _lack_of_space(error: BaseException, run: Path) -> bool:
-    """Whether a save failed for lack of space: ENOSPC / EDQUOT, their text (safetensors), or less free space than the
-    last whole checkpoint took, or than :data:`NEARLY_FULL` before the first (torch.save's writer says only
-    ``unexpected pos`` or ``file write failed``)."""
-    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
-            text in str(error) for text in ("No space left on device", "Disk quota exceeded")):
-        return True
-    needed = whole.folder_bytes(whole.newest_whole(run)[0])
-    return shutil.disk_usage(run).free < (NEARLY_FULL if needed is None else needed)
-
-
-def _full_line(folder: Path, run: Path, error: BaseException) -> str:
+def _full_line(folder: Path, run: Path, error: BaseException) -> str | None:
+    """The disk-full line when a save failed for lack of space, else None: ENOSPC / EDQUOT, their text (safetensors,
+    a quota), or less free space than the last whole checkpoint took, or than :data:`NEARLY_FULL` before the first
+    (torch.save's writer says only ``unexpected pos`` or ``file write failed``)."""
     newest = whole.newest_whole(run)[0]
     needed, free = whole.folder_bytes(newest), shutil.disk_usage(run).free
+    if getattr(error, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and not any(
+            text in str(error) for text in ("No space left on device", "Disk quota exceeded")) and \
+            free >= (NEARLY_FULL if needed is None else needed):
+        return None
     size = f"it needs about {needed:,} bytes (the size of {newest.name}), " if newest and needed else ""
     kept = f"{newest} is kept, and is what resume_from_checkpoint: true takes" if newest else "no whole checkpoint yet"
     why = f"{type(error).__name__}: {(str(error) + chr(10)).splitlines()[0]}"
