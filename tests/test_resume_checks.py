@@ -22,11 +22,12 @@ from packaging.version import Version
 
 from conftest import base_recipe, run_train
 from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD
+from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER
 from llamafactory_hera_patches.stacks import installed
 
 ONE_STEP = {"max_samples": 16, "per_device_train_batch_size": 4, "hera_queue_size": 8, "save_strategy": "steps",
             "save_steps": 1, "max_steps": 1}
-SMALL_FILES = ("trainer_state.json", "config.json", "adapter_config.json")  # what the check reads of a checkpoint
+SMALL_FILES = ("trainer_state.json", "config.json", "adapter_config.json", MARKER)  # what the checks read of one
 
 
 @pytest.fixture(scope="module")

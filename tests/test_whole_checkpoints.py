@@ -2,7 +2,7 @@
 (``lifecycle/whole_checkpoints.py``, ``training/checkpoints.py``).
 
 In-process HeRA runs through LLaMA-Factory's ``run_exp``: a SIGTERM mid-run saves a whole checkpoint and exits 0; a
-full disk while the next checkpoint's optimizer is written (after its model files: the shape of a kill inside a save)
+full disk at the next checkpoint's marker (after all its files: the Trainer's own rotation must have been held back)
 is one line, keeps the earlier checkpoint despite ``save_total_limit: 1`` and marks nothing; a named half-written
 checkpoint is refused naming the whole one; ``resume_from_checkpoint: true`` passes over it and ends bit for bit as
 the run never stopped. The 2-rank SIGTERM (every rank signalled, as SLURM does): tests/harc/test_harc_preemption.py.
@@ -24,6 +24,8 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import base_recipe, captured, exit_code_of, isolated_run, run_train
+from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole_checkpoints_module
+from llamafactory_hera_patches.lifecycle.run_record import CHECKPOINTS_MARKED, RUN_RECORD, read_record, write_started
 from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, newest_whole, rotate, whole_checkpoints
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
@@ -71,23 +73,25 @@ def test_signal_full_disk_and_half_checkpoint_resume_as_the_run_not_stopped(asse
         f"[llamafactory-hera] SIGTERM: saved the whole checkpoint {run}/checkpoint-2 and stopped; to go on, run the "
         "same recipe again with resume_from_checkpoint: true.")
     assert whole_checkpoints(run) == [run / "checkpoint-2"] and not (run / "adapter_model.safetensors").exists()
-    # the disk fills while checkpoint-4's optimizer is written, after its adapter
-    save = torch.save
+    # the disk fills at checkpoint-4's marker, after every file of it: the Trainer's own rotation (save_total_limit: 1)
+    # must not have deleted checkpoint-2 by then
+    fsync = whole_checkpoints_module._fsync
 
-    def full_disk(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
-        if "checkpoint-4" in str(path) and str(path).endswith("optimizer.pt"):
+    def full_disk(path: Path) -> None:
+        if path.name == f"{MARKER}.tmp":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        save(obj, path, *args, **kwargs)
+        fsync(path)
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(whole_checkpoints_module, "_fsync", full_disk)
     code, printed = _run({**recipe, "resume_from_checkpoint": True}, tmp_path / "run")
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(whole_checkpoints_module, "_fsync", fsync)
     assert code == 1
     assert _line(printed, "error: disk full").startswith(
         f"[llamafactory-hera] error: disk full: the checkpoint {run}/checkpoint-4 could not be written (OSError: "
-        f"[Errno 28] No space left on device: '{run}/checkpoint-4/optimizer.pt'); it needs about ")
+        f"[Errno 28] No space left on device: '{run}/checkpoint-4/{MARKER}.tmp'); it needs about ")
     assert f"{run}/checkpoint-2 is kept, and is what resume_from_checkpoint: true takes" in printed
-    assert (run / "checkpoint-4" / "adapter_model.safetensors").is_file()  # half-written, unmarked
+    assert "Traceback" not in printed
+    assert (run / "checkpoint-4" / "trainer_state.json").is_file() and not (run / "checkpoint-4" / MARKER).exists()
     assert newest_whole(run) == (run / "checkpoint-2", [run / "checkpoint-4"])
     # named, it is refused before any model loads; true passes over it and ends as the run never stopped
     code, printed = _run({**recipe, "resume_from_checkpoint": str(run / "checkpoint-4")}, tmp_path / "run")
@@ -105,8 +109,9 @@ def test_signal_full_disk_and_half_checkpoint_resume_as_the_run_not_stopped(asse
 
 
 def test_which_checkpoints_are_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Unmarked folders count by trainer_state.json only in a run where none is marked (written before markers);
-    rotation deletes whole ones only, never the newest whole or the best."""
+    """Unmarked folders count by trainer_state.json only in a run where none is marked and whose record does not say
+    it marks (no record here: written before markers); rotation deletes whole ones only, never the newest whole or the
+    best."""
     def make(name: str, *files: str) -> Path:
         folder = tmp_path / name
         folder.mkdir(parents=True)
@@ -179,4 +184,38 @@ def test_a_full_disk_at_the_first_save_is_told_by_the_free_space(tmp_path: Path,
                          "data/0: file write failed")
     for free, full in ((checkpoints.NEARLY_FULL - 1, True), (10 * checkpoints.NEARLY_FULL, False)):
         monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path, free=free: usage(1 << 40, 0, free))
-        assert checkpoints._lack_of_space(error, tmp_path) is full
+        assert (checkpoints._full_line(tmp_path, tmp_path, error) is not None) is full
+
+
+def test_a_runs_first_checkpoint_is_whole_only_with_its_marker(tmp_path: Path) -> None:
+    """A stage that marks its checkpoints records it: its first checkpoint, killed after rank 0 wrote
+    trainer_state.json while another rank still wrote, is half-written though no folder of the run is marked; a
+    requeue (checkpoints kept) keeps the record's word, and a run started before markers keeps its fallback."""
+    new, old = tmp_path / "new", tmp_path / "old"
+    write_started(new, "hera", {}, marks=True)
+    (new / "checkpoint-2").mkdir()
+    (new / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert newest_whole(new) == (None, [new / "checkpoint-2"])
+    write_started(new, "hera", {}, marks=True)  # the requeue's record
+    assert read_record(new / RUN_RECORD)[CHECKPOINTS_MARKED] is True and whole_checkpoints(new) == []
+    (old / "checkpoint-2").mkdir(parents=True)
+    (old / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (old / RUN_RECORD).write_text(json.dumps({"stage": "hera", "status": "running"}))  # written before markers
+    write_started(old, "hera", {}, marks=True)  # resumed by a plugin that marks
+    assert read_record(old / RUN_RECORD)[CHECKPOINTS_MARKED] is False
+    assert whole_checkpoints(old) == [old / "checkpoint-2"]
+    assert read_record(write_started(tmp_path / "sft", "sft", {}))[CHECKPOINTS_MARKED] is False  # a stock stage
+
+
+@pytest.mark.parametrize("error", [
+    OSError("[Errno 122] Disk quota exceeded"),  # the quota's text, no errno
+    RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on "
+                 "device\" })"),  # safetensors' SafetensorError
+])
+def test_a_full_disks_text_is_a_full_disk_on_a_disk_with_free_space(error: Exception, tmp_path: Path) -> None:
+    """A quota or safetensors' text says the disk is full though the file system has room (a quota per user): the
+    disk-full line, not the raw error."""
+    from llamafactory_hera.training import checkpoints
+
+    assert shutil.disk_usage(tmp_path).free > checkpoints.NEARLY_FULL
+    assert checkpoints._full_line(tmp_path / "checkpoint-2", tmp_path, error).startswith("disk full: the checkpoint ")

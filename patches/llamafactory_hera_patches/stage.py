@@ -229,7 +229,7 @@ def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
         # training runs only (a do_predict run into the training folder must not replace its record)
         if record and main and training and getattr(training_args, "output_dir", None):
             written.append(run_record.write_started(training_args.output_dir, stage, run_record.loading_keys(
-                model_args, data_args, finetuning_args, training_args)))
+                model_args, data_args, finetuning_args, training_args), marks=check is not None))
         return parsed
 
     with _swapped(tuner, get_train_args=get_train_args):

@@ -25,10 +25,6 @@ rank (every process of a test's launch carries ``HERA_TESTS_LAUNCH``: tests/conf
 small data set's pass has several batches to be killed between (the uninterrupted run of a comparison sets it too).
 Then the next ``sitecustomize`` on the path runs (tests/fsdp_cpu/ or tests/process_hooks/):
 Python runs only the first it finds.
-
-And a host limit that GPU ranks do not meet: a resumed DDP run on CPU ranks loads the optimizer with
-``map_location=args.device``, ``cpu:0``, which ``torch.load`` refuses ("don't know how to restore data location");
-the hook loads onto ``cpu`` instead.
 """
 
 import errno
@@ -103,14 +99,6 @@ def _patch_torch(torch) -> None:
         return _write(f, lambda: save(obj, f, *args, **kwargs))
 
     torch.save = saving
-    load = torch.load
-
-    def loading(f, map_location=None, *args, **kwargs):  # cpu:0 -> cpu (see the module doc)
-        if isinstance(map_location, torch.device) and map_location.type == "cpu":
-            map_location = "cpu"
-        return load(f, map_location, *args, **kwargs)
-
-    torch.load = loading
 
 
 def _patch_module(module) -> None:

@@ -2,8 +2,7 @@
 torchrun launch mid-run (as SLURM signals every task) saves one whole checkpoint at a step every rank agreed on and
 exits 0 with the line saying how to resume; the resume (a launch of its own, as users resume) ends as one process with
 gradient accumulation 2 that never stopped (the equality tests/harc/test_harc_stage.py holds two ranks to). Under
-ZeRO-2: on CPU ranks the Trainer cannot resume plain DDP (it loads the optimizer onto ``cpu:0``, which torch.load
-refuses), a host limit that GPU ranks do not meet."""
+ZeRO-2 (plain DDP's resume on two CPU ranks: tests/test_fault_injection.py's DDP chain)."""
 
 from __future__ import annotations
 

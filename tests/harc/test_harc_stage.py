@@ -20,6 +20,7 @@ from fsdp_checks import accelerate_launch, assert_fsdp2
 from safetensors.torch import load_file
 
 from conftest import REPO, harc_recipe, offline_env, read_trainer_log, run_train, saved_in_bf16
+from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 CHAT = r'''
@@ -334,3 +335,15 @@ def test_the_first_update_moves_the_adapter_as_the_references_warmup(first_steps
     assert b_factors and max(float(t.abs().max()) for t in b_factors) > 0  # moved at step 1
     lines = [line for line in read_trainer_log(output) if "loss" in line]
     assert [line["lr"] for line in lines] == pytest.approx([1e-3 / 4, 2e-3 / 4])  # the rate each step ran at
+
+
+def test_a_checkpoint_saved_with_save_only_model_holds_harcs_state(harc_assets: Any, tmp_path: Path) -> None:
+    """``save_only_model: true`` keeps the optimizer out of a checkpoint, not HARC's state (what resume reads, else
+    refuses the checkpoint as "not written by stage: harc"): the checkpoint is whole and holds it."""
+    out = tmp_path / "out"
+    run_train(harc_recipe(harc_assets, "llama3", out, harc_eval=False, max_steps=1, save_steps=1, save_only_model=True,
+                          gradient_accumulation_steps=1, harc_layers_ramp_step=0, harc_refresh_steps=0), tmp_path)
+    held = {path.name for path in (out / "checkpoint-1").iterdir()}
+    assert {"harc_state.pt", MARKER} <= held and "optimizer.pt" not in held, held
+    state = torch.load(out / "checkpoint-1" / "harc_state.pt", weights_only=False)
+    assert state["layers"] == torch.load(out / "harc_directions.pt", weights_only=False)["layers"]

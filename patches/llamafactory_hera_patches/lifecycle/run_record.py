@@ -33,6 +33,7 @@ from ..guard import host_version
 RUN_RECORD = "llamafactory_hera_run.json"
 COMPOSE_RECORD = "llamafactory_hera_compose.json"  # written by ``llamafactory-hera compose`` beside the model
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"
+CHECKPOINTS_MARKED = "checkpoints_marked"  # true: its checkpoints are whole only with their marker (whole_checkpoints)
 # the keys that decide how the model, its processor and its prompts are loaded, by the argument object holding them
 MODEL_KEYS = ("model_name_or_path", "adapter_name_or_path", "trust_remote_code", "use_fast_tokenizer",
               "resize_vocab", "split_special_tokens", "add_tokens", "add_special_tokens", "image_max_pixels",
@@ -62,13 +63,16 @@ def loading_keys(model_args: Any, data_args: Any, finetuning_args: Any, training
     return found
 
 
-def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any]) -> Path:
-    """The record with ``status: running`` (replacing a previous run's in the same ``output_dir``)."""
+def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any], marks: bool = False) -> Path:
+    """The record with ``status: running`` (replacing a previous run's in the same ``output_dir``); ``marks``: the
+    stage marks its checkpoints (:data:`CHECKPOINTS_MARKED`; where checkpoints are kept, the previous record's word:
+    a run started before markers keeps its checkpoints whole by their trainer_state.json)."""
     path = Path(output_dir) / RUN_RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
+    resumed = any(path.parent.glob("checkpoint-[0-9]*"))
     record = {"stage": stage, "status": RUNNING, "llamafactory_hera_version": host_version("llamafactory-hera"),
               "started_ns": time.time_ns(), "loading": loading,
-              "chain": stage_chain(loading.get("model_name_or_path"), stage, path.parent)}
+              "chain": stage_chain(loading.get("model_name_or_path"), stage, path.parent),
+              CHECKPOINTS_MARKED: bool(read_record(path).get(CHECKPOINTS_MARKED) if resumed else marks)}
     write_record(path, record)
     return path
 

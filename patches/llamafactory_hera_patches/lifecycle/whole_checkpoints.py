@@ -1,17 +1,21 @@
 """Which ``checkpoint-N`` of a run is whole: what resume may take and rotation may delete. docs/hera.md ("Killed,
 preempted, disk full").
 
-The plugin's stages (``llamafactory_hera.training.checkpoints``) write :data:`MARKER` last, once every rank's files are
-closed. Whole: a folder with the marker; in a run folder where none has one (written before markers), a folder with
+The plugin's stages (``llamafactory_hera.training.checkpoints``) write :data:`MARKER` last, once every rank made its
+own files durable. Whole: a folder with the marker, in a run whose record (``run_record``) says its checkpoints are
+marked; in a run folder whose record predates markers (or that has none) and where no folder is marked, a folder with
 ``trainer_state.json`` (the main process writes it last). A half-written folder is passed over, never deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
+
+from .run_record import CHECKPOINTS_MARKED, RUN_RECORD, read_record
 
 MARKER, TRAINER_STATE = "llamafactory_hera_whole.json", "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -35,23 +39,31 @@ def newest_whole(run: Path) -> tuple[Path | None, list[Path]]:
 def whole_checkpoints(run: Path) -> list[Path]:
     """``run``'s whole checkpoints, by step."""
     found = checkpoint_folders(run)
-    name = MARKER if any((path / MARKER).is_file() for path in found) else TRAINER_STATE
-    return [path for path in found if (path / name).is_file()]
+    marked = read_record(run / RUN_RECORD).get(CHECKPOINTS_MARKED) or any((path / MARKER).is_file() for path in found)
+    return [path for path in found if (path / (MARKER if marked else TRAINER_STATE)).is_file()]
 
 
 def _fsync(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    os.fsync(handle)
-    os.close(handle)
+    with contextlib.suppress(FileNotFoundError):  # another rank's file, renamed or removed by its writer meanwhile
+        handle = os.open(path, os.O_RDONLY)
+        os.fsync(handle)
+        os.close(handle)
+
+
+def make_durable(folder: Path) -> None:
+    """Every file under ``folder`` fsynced: by each rank, its own files on disk before the ranks agree (an fsync
+    flushes only this host's writes to a folder shared across nodes)."""
+    for path in sorted(folder.rglob("*")):
+        _fsync(path)
 
 
 def write_marker(folder: Path, step: int, ranks: int) -> None:
-    """Mark ``folder`` whole once every rank closed its files: each file fsynced, then the marker, then the folder."""
-    for path in sorted(folder.rglob("*")):
-        _fsync(path)
-    marker = folder / MARKER
-    marker.write_text(json.dumps({"step": step, "ranks": ranks}), encoding="utf-8")
-    _fsync(marker)
+    """Mark ``folder`` whole once every rank made its files durable (:func:`make_durable`): the marker, fsynced under
+    another name and renamed (a write that fails leaves no marker), then the folder fsynced."""
+    temporary = folder / f"{MARKER}.tmp"
+    temporary.write_text(json.dumps({"step": step, "ranks": ranks}), encoding="utf-8")
+    _fsync(temporary)
+    temporary.replace(folder / MARKER)
     _fsync(folder)
 
 

@@ -88,7 +88,6 @@ class HarcState:
 
     def save(self, folder: str) -> None:
         """Write :data:`STATE_FILE` into a checkpoint folder."""
-        Path(folder).mkdir(parents=True, exist_ok=True)
         torch.save(self.as_record(), Path(folder) / STATE_FILE)
 
     def load(self, folder: str) -> None:

@@ -105,11 +105,10 @@ class HarcTrainerMixin:
         self.add_callback(_StepEnd(self))
         self.add_callback(StreamEpochs(self.train_dataset))
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """HARC's state beside the Trainer's optimizer: inside the checkpoint's whole save."""
-        super()._save_optimizer_and_scheduler(output_dir)
+    def save_method_state(self, folder: str) -> None:
+        """HARC's state into every checkpoint (WholeCheckpoints), ``save_only_model`` included: resume needs it."""
         if self.args.should_save:
-            self.harc_state.save(output_dir)
+            self.harc_state.save(folder)
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """``constant_with_warmup`` as the reference's (``main/train.py``, ``lr_at``: ``lr * (step + 1) / warmup``):

@@ -4,10 +4,11 @@ it).
 Checkpoints a run can trust, and a stop that saves one (:class:`WholeCheckpoints`); docs/hera.md ("Killed,
 preempted, disk full") says what users see.
 
-Each ``checkpoint-N`` is marked whole (``lifecycle.whole_checkpoints``) once every rank's save returned, then rotated;
-a save failing for lack of space is one line from the rank it failed on (which ends the job), no marker; resume takes
-the newest whole checkpoint. On ``<prefix>_save_on_signal`` the handler only notes the signal; the ranks agree on one
-stop step through the process group's store (host-side: no device sync), save a whole checkpoint there and exit 0.
+Each ``checkpoint-N`` is marked whole (``lifecycle.whole_checkpoints``) once every rank fsynced its save, then rotated
+(not by the Trainer); a save or marker failing for lack of space is one line from its rank (which ends the job), no
+marker; resume takes the newest whole checkpoint. On ``<prefix>_save_on_signal`` the handler only notes the signal; the
+ranks agree on one stop step through the process group's store (host-side: no device sync), save a whole checkpoint
+there, kept whatever rotates after, and exit 0.
 
 A resumed run's weights: the checkpoint's tensors under the model's own names, and every trained tensor restored.
 
@@ -234,7 +235,7 @@ class WholeCheckpoints:
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         self.resumed_from = self._whole_resume(resume_from_checkpoint)
-        stop = _StopOnSignal(self.save_on_signal, self.args.output_dir)  # type: ignore[attr-defined]
+        self.stop = stop = _StopOnSignal(self.save_on_signal, self.args.output_dir)  # type: ignore[attr-defined]
         self.add_callback(stop)  # type: ignore[attr-defined]
         with stop.handling():
             result = super().train(self.resumed_from, *args, **kwargs)  # type: ignore[misc]
@@ -264,6 +265,9 @@ class WholeCheckpoints:
                      f"finish on every rank; kept, not deleted); resuming from {newest or 'the start (none whole)'}.")
         return str(newest) if newest else (value if value is True else None)
 
+    def save_method_state(self, folder: str) -> None:
+        """A method's own state, written into ``folder`` inside the whole save (``save_only_model`` too)."""
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         args, run = self.args, Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
         folder = run / f"{whole.CHECKPOINT_PREFIX}{self.state.global_step}"  # type: ignore[attr-defined]
@@ -271,17 +275,34 @@ class WholeCheckpoints:
         try:
             with watchdog.section(f"the save of {folder.name}", "save"):
                 super()._save_checkpoint(model, trial)  # type: ignore[misc]
+                self.save_method_state(str(folder))
+                whole.make_durable(folder)  # this rank's files, before the ranks agree
+                _every_rank_saved(args.device)
+                if args.should_save:
+                    whole.write_marker(folder, self.state.global_step, args.world_size)  # type: ignore[attr-defined]
         except Exception as error:
             # said by this rank at once, with no collective: under FSDP2 and ZeRO-3 the other ranks may still be in
             # the save's own gathers, which another collective here would not match (a hang); the launcher ends them
             # when this process ends
-            raise (RecipeError(_full_line(folder, run, error)) if _lack_of_space(error, run) else error) from None
+            line = _full_line(folder, run, error)
+            raise (RecipeError(line) if line else error) from None
         finally:
-            args.save_total_limit = limit
-        _every_rank_saved(args.device)
+            # a stop's checkpoint outlives the rotation of transformers' _finalize_training after the stop
+            args.save_total_limit = None if self.stop.stopped else limit
         if args.should_save:
-            whole.write_marker(folder, self.state.global_step, args.world_size)  # type: ignore[attr-defined]
             whole.rotate(run, limit, self.state.best_model_checkpoint)  # type: ignore[attr-defined]
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """transformers loads a DDP run's optimizer onto ``args.device``, on CPU ranks ``cpu:0``, which torch refuses
+        ("don't know how to restore data location"): there, onto ``cpu``, for this call only."""
+        device, load = self.args.device, torch.load  # type: ignore[attr-defined]
+        if device.type == "cpu" and device.index is not None:
+            torch.load = lambda *args, map_location=None, **kwargs: load(  # type: ignore[assignment]
+                *args, map_location="cpu" if map_location == device else map_location, **kwargs)
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        finally:
+            torch.load = load
 
 
 def _every_rank_saved(device: torch.device) -> None:
@@ -298,20 +319,16 @@ def _every_rank_saved(device: torch.device) -> None:
 NEARLY_FULL = 64 * 2**20  # free bytes under which a failed save is taken for a full disk when no checkpoint is whole
 
 
-def _lack_of_space(error: BaseException, run: Path) -> bool:
-    """Whether a save failed for lack of space: ENOSPC / EDQUOT, their text (safetensors), or less free space than the
-    last whole checkpoint took, or than :data:`NEARLY_FULL` before the first (torch.save's writer says only
-    ``unexpected pos`` or ``file write failed``)."""
-    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
-            text in str(error) for text in ("No space left on device", "Disk quota exceeded")):
-        return True
-    needed = whole.folder_bytes(whole.newest_whole(run)[0])
-    return shutil.disk_usage(run).free < (NEARLY_FULL if needed is None else needed)
-
-
-def _full_line(folder: Path, run: Path, error: BaseException) -> str:
+def _full_line(folder: Path, run: Path, error: BaseException) -> str | None:
+    """The disk-full line when a save failed for lack of space, else None: ENOSPC / EDQUOT, their text (safetensors,
+    a quota), or less free space than the last whole checkpoint took, or than :data:`NEARLY_FULL` before the first
+    (torch.save's writer says only ``unexpected pos`` or ``file write failed``)."""
     newest = whole.newest_whole(run)[0]
     needed, free = whole.folder_bytes(newest), shutil.disk_usage(run).free
+    if getattr(error, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and not any(
+            text in str(error) for text in ("No space left on device", "Disk quota exceeded")) and \
+            free >= (NEARLY_FULL if needed is None else needed):
+        return None
     size = f"it needs about {needed:,} bytes (the size of {newest.name}), " if newest and needed else ""
     kept = f"{newest} is kept, and is what resume_from_checkpoint: true takes" if newest else "no whole checkpoint yet"
     why = f"{type(error).__name__}: {(str(error) + chr(10)).splitlines()[0]}"

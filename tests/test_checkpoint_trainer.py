@@ -1,0 +1,119 @@
+"""``training/checkpoints.py`` on a tiny transformers ``Trainer`` in this process (no LLaMA-Factory, no launch): the
+signal stop's agreed step on ranks that learn of it a step apart, the stop's checkpoint kept from transformers' rotation
+after the stop, and the optimizer resumed on a CPU rank (``cpu:0``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from llamafactory_hera.training import checkpoints
+from llamafactory_hera.training.checkpoints import WholeCheckpoints, _StopOnSignal
+from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole_checkpoints_module
+from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, whole_checkpoints
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": ((self.linear(x).squeeze(-1) - labels) ** 2).mean()}
+
+
+class _Trainer(WholeCheckpoints, Trainer):
+    save_on_signal = "sigterm"
+
+
+class _SignalAt(TrainerCallback):
+    """SIGTERM to this process as step ``step`` begins."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _trainer(out: Path, **keys: Any) -> _Trainer:
+    torch.manual_seed(0)
+    rows = [{"x": torch.randn(2), "labels": torch.randn(())} for _ in range(8)]
+    args = TrainingArguments(str(out), per_device_train_batch_size=2, learning_rate=0.1, save_strategy="steps",
+                             save_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, **keys)
+    return _Trainer(model=_Tiny(), args=args, train_dataset=rows, eval_dataset=rows[:2])
+
+
+def test_a_signal_stop_keeps_its_checkpoint_whatever_the_best_model_and_the_limit(tmp_path: Path) -> None:
+    """With load_best_model_at_end and save_total_limit: 1, transformers' _finalize_training deletes every checkpoint
+    but the best after the stop; the one the stop saved (and said it saved) stays."""
+    trainer = _trainer(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                       metric_for_best_model="loss", greater_is_better=True, save_total_limit=1)  # best: an early one
+    trainer.add_callback(_SignalAt(3))
+    with pytest.raises(SystemExit) as stop:
+        trainer.train()
+    assert stop.value.code == 0 and trainer.state.global_step == 3
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best != tmp_path / "checkpoint-3"
+    assert whole_checkpoints(tmp_path) == sorted([best, tmp_path / "checkpoint-3"])
+
+
+def test_two_ranks_learning_of_the_stop_a_step_apart_stop_at_the_same_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rank notes the signal at step 2 and writes the stop step at its end; the other ran step 2's end before that
+    write (lockstep lets it be one step ahead, never more) and reads the key at step 3's end: both stop at step 3."""
+    store = dist.HashStore()
+    monkeypatch.setattr(checkpoints.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(checkpoints.dist.distributed_c10d, "_get_default_store", lambda: store)
+    ranks = [_StopOnSignal("sigterm", "/out"), _StopOnSignal("sigterm", "/out")]
+    stopped: dict[int, int] = {}
+    for step in range(1, 6):
+        state = type("State", (), {"global_step": step, "max_steps": 10})()
+        if step == 2:
+            ranks[0].received = True
+        for rank in (1, 0):  # rank 1 ends each step first
+            control = type("Control", (), {"should_save": False, "should_training_stop": False})()
+            ranks[rank].on_step_end(None, state, control)
+            if control.should_training_stop:
+                stopped.setdefault(rank, step)
+    assert stopped == {0: 3, 1: 3}
+
+
+def test_a_cpu_rank_resumes_the_optimizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DDP run's CPU rank: transformers loads the optimizer with map_location=args.device, cpu:0, which torch
+    refuses; the plugin's trainer loads it onto cpu, leaving torch.load as it was."""
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.train()
+    saved = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert (tmp_path / "checkpoint-2" / MARKER).is_file()
+    trainer.optimizer.state.clear()
+    load = torch.load
+    monkeypatch.setattr(TrainingArguments, "device", property(lambda self: torch.device("cpu", 0)))
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    trainer._load_optimizer_and_scheduler(str(tmp_path / "checkpoint-2"))
+    restored = trainer.optimizer.state_dict()["state"]
+    assert restored.keys() == saved["state"].keys() and all(
+        torch.equal(restored[k]["exp_avg"], saved["state"][k]["exp_avg"]) for k in restored)
+    assert torch.load is load
+
+
+def test_each_rank_makes_its_files_durable_before_the_ranks_agree(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file this rank's save wrote is fsynced by this rank before the agreement that lets rank 0 mark the folder
+    whole (on a file system shared across nodes, rank 0's fsync would not flush another node's writes)."""
+    synced: list[Path] = []
+    agreed: list[set[Path]] = []
+    fsync = whole_checkpoints_module._fsync
+    monkeypatch.setattr(whole_checkpoints_module, "_fsync", lambda path: (synced.append(path), fsync(path)))
+    monkeypatch.setattr(checkpoints, "_every_rank_saved", lambda device: agreed.append(set(synced)))
+    _trainer(tmp_path, max_steps=1).train()
+    files = {path for path in (tmp_path / "checkpoint-1").rglob("*") if path.name != MARKER}
+    assert len(agreed) == 1 and "optimizer.pt" in {path.name for path in files} and files <= agreed[0]
