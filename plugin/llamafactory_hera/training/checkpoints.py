@@ -29,8 +29,7 @@ import os
 import re
 import shutil
 import signal
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ except ImportError:  # transformers 4: the model class's ``_checkpoint_conversio
 
 from llamafactory_hera.log import say_once
 from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera_patches.lifecycle import stop_signal
 from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole
 
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -199,17 +199,15 @@ class _StopOnSignal(TrainerCallback):
     def __init__(self, name: str, output_dir: str) -> None:
         self.signum = getattr(signal, name.upper(), None)
         self.name, self.key = name.upper(), f"llamafactory_hera_stop:{output_dir}"
-        self.received, self.stop_step, self.stopped = False, None, False
+        self.stop_step, self.stopped = None, False
 
-    @contextlib.contextmanager
-    def handling(self) -> Iterator[None]:
-        mine = self.signum is not None and threading.current_thread() is threading.main_thread()
-        previous = signal.signal(self.signum, lambda *_: setattr(self, "received", True)) if mine else None
-        try:
-            yield
-        finally:
-            if mine:
-                signal.signal(self.signum, previous)
+    def handling(self) -> contextlib.AbstractContextManager:
+        """The signal noted for the steps (``lifecycle.stop_signal``: a signal since the stage started counts)."""
+        return stop_signal.noting(self.name, steps=True)
+
+    @property
+    def received(self) -> bool:
+        return stop_signal.received()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.stop_step is None and self.received and not dist.is_initialized():
@@ -237,12 +235,18 @@ class WholeCheckpoints:
         if not stop.stopped:
             return result
         say_once(f"{stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"  # type: ignore
-                 f"{self.state.global_step} and stopped; to go on, run the same recipe again with "  # type: ignore
-                 "resume_from_checkpoint: true.")
+                 f"{self.state.global_step} and stopped; to go on, {stop_signal.RERUN}{_overwriting(self.args)}.")
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
         raise SystemExit(0)
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        """An epoch's steps (transformers 5), none once the run is at ``max_steps``: a run resumed from its last
+        checkpoint (killed in its final save) writes the final model from it, not one step past it."""
+        if self.state.global_step >= self.state.max_steps > 0:  # type: ignore[attr-defined]
+            return None
+        return super()._run_epoch(*args, **kwargs)  # type: ignore[misc]
 
     def _whole_resume(self, value: Any) -> Any:
         """The checkpoint to resume from: ``value``, or for ``true`` / a half-written ``checkpoint-N`` (as
@@ -257,7 +261,7 @@ class WholeCheckpoints:
         if half:
             say_once(f"resume: passed over {', '.join(path.name for path in half)} (half-written: a save that did not "
                      f"finish on every rank; kept, not deleted); resuming from {newest or 'the start (none whole)'}.")
-        return str(newest) if newest else (value if value is True else None)
+        return str(newest) if newest else None  # none whole: the run starts (recipe.resume said so)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         args, run = self.args, Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
@@ -276,6 +280,11 @@ class WholeCheckpoints:
         if args.should_save:
             whole.write_marker(folder, self.state.global_step, args.world_size)  # type: ignore[attr-defined]
             whole.rotate(run, limit, self.state.best_model_checkpoint)  # type: ignore[attr-defined]
+
+
+def _overwriting(args: Any) -> str:
+    """What the stop line adds when the same command would not resume: ``overwrite_output_dir`` moves it aside."""
+    return " without overwrite_output_dir: true (which moves the checkpoint aside)" if args.overwrite_output_dir else ""
 
 
 def _every_rank_saved(device: torch.device) -> None:
@@ -307,8 +316,8 @@ def _full_line(folder: Path, run: Path, error: BaseException) -> str:
     newest = whole.newest_whole(run)[0]
     needed, free = whole.folder_bytes(newest), shutil.disk_usage(run).free
     size = f"it needs about {needed:,} bytes (the size of {newest.name}), " if newest and needed else ""
-    kept = f"{newest} is kept, and is what resume_from_checkpoint: true takes" if newest else "no whole checkpoint yet"
+    kept = f"{newest} is kept, and is what the same command resumes from" if newest else "no whole checkpoint yet"
     why = f"{type(error).__name__}: {(str(error) + chr(10)).splitlines()[0]}"
     return (f"disk full: the checkpoint {folder} could not be written ({why}); {size}"
             f"{free:,} bytes are free there. It is not marked whole; {kept}. Free space (or "
-            "set save_total_limit, or another output_dir) and run again.")
+            f"set save_total_limit, or another output_dir) and {stop_signal.RERUN}.")

@@ -1,0 +1,71 @@
+"""A plugin stage's save signal (``<prefix>_save_on_signal``: SIGTERM, SIGUSR1, SIGUSR2) noted from the stage's start.
+
+The stage patch (:mod:`..stage`) installs it for a method's run before LLaMA-Factory parses the recipe: from then on
+the signal is only noted (neither its default, ending the process, nor an inherited ignore), through the parse, the
+model's load and the passes before step 1, each of which stops after a batch whose rows it kept
+(:func:`stop_before_step`: one line, exit 0); in the steps ``training/checkpoints.py`` reads it at each step's end and
+saves a whole checkpoint. A forked child (a data worker) gets the signal's default back. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+RERUN = "run the same command again"  # what every stop line tells: the same command continues the run
+_noted: dict[str, Any] = {"name": None, "received": False, "steps": False, "depth": 0}
+
+
+class Stopped(SystemExit):
+    """The run stopped on its save signal before step 1, what its passes computed kept (exit code 0)."""
+
+
+def received() -> bool:
+    """Whether the save signal came since the stage started."""
+    return bool(_noted["received"])
+
+
+def _note(signum: int, frame: Any) -> None:
+    _noted["received"] = True
+
+
+@contextlib.contextmanager
+def noting(name: str | None, steps: bool = False) -> Iterator[None]:
+    """The signal ``name`` (``sigterm`` ...; None or ``none``: nothing) noted for the block, in the main thread; the
+    block of the steps (``steps``) leaves stopping to ``training/checkpoints.py``."""
+    signum = getattr(signal, str(name).upper(), None) if name else None
+    if signum is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous, before = signal.signal(signum, _note), dict(_noted)
+    _noted.update(name=signal.Signals(signum).name, steps=steps or _noted["steps"], depth=_noted["depth"] + 1)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+        _noted.update(before if before["depth"] == 0 else {"steps": before["steps"], "depth": before["depth"]})
+
+
+def stop_before_step(kept: str) -> None:
+    """After a batch of a pass before step 1 (``kept``: where its rows are kept): when the signal came, one line (global
+    rank 0) and :class:`Stopped`."""
+    if not _noted["received"] or _noted["steps"]:
+        return
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[llamafactory-hera] {_noted['name']}: stopped before step 1, {kept}; to go on, {RERUN}: it starts the "
+              "run, reusing what was kept.", flush=True)
+    raise Stopped(0)
+
+
+def _default_in_child() -> None:
+    if _noted["name"] and signal.getsignal(getattr(signal, _noted["name"])) is _note:
+        signal.signal(getattr(signal, _noted["name"]), signal.SIG_DFL)
+        _noted.update(name=None, received=False, depth=0)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: Windows has no fork
+    os.register_at_fork(after_in_child=_default_in_child)
