@@ -69,7 +69,7 @@ def test_signal_full_disk_and_half_checkpoint_resume_as_the_run_not_stopped(asse
     assert code == 0, printed[-3000:]
     assert _line(printed, "SIGTERM: saved") == (
         f"[llamafactory-hera] SIGTERM: saved the whole checkpoint {run}/checkpoint-2 and stopped; to go on, run the "
-        "same recipe again with resume_from_checkpoint: true.")
+        "same command again.")
     assert whole_checkpoints(run) == [run / "checkpoint-2"] and not (run / "adapter_model.safetensors").exists()
     # the disk fills while checkpoint-4's optimizer is written, after its adapter
     save = torch.save
@@ -86,7 +86,7 @@ def test_signal_full_disk_and_half_checkpoint_resume_as_the_run_not_stopped(asse
     assert _line(printed, "error: disk full").startswith(
         f"[llamafactory-hera] error: disk full: the checkpoint {run}/checkpoint-4 could not be written (OSError: "
         f"[Errno 28] No space left on device: '{run}/checkpoint-4/optimizer.pt'); it needs about ")
-    assert f"{run}/checkpoint-2 is kept, and is what resume_from_checkpoint: true takes" in printed
+    assert f"{run}/checkpoint-2 is kept, and is what the same command resumes from" in printed
     assert (run / "checkpoint-4" / "adapter_model.safetensors").is_file()  # half-written, unmarked
     assert newest_whole(run) == (run / "checkpoint-2", [run / "checkpoint-4"])
     # named, it is refused before any model loads; true passes over it and ends as the run never stopped
