@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,4 +171,22 @@ def test_a_stop_in_head_selection_keeps_the_batches_it_finished(assets, tmp_path
         with pytest.raises(stop_signal.Stopped) as stopped:
             score_head_neighbours(recipe_args, options, pairs, kept)
     assert stopped.value.code == 0 and sorted(path.name for path in kept.iterdir()) == ["0.pt"]
+    assert not stop_signal.received()
+
+
+def test_a_forked_worker_dies_of_the_signal_as_before(tmp_path: Path) -> None:
+    """A child forked while the stage notes SIGTERM (a datasets or DataLoader worker) gets the signal's default back:
+    a pool's terminate() ends it at once (noted only, the worker would live on and the pool's join hang)."""
+    with signals_raise(signal.SIGTERM), stop_signal.noting("sigterm"):
+        ready, started = os.pipe()
+        child = os.fork()
+        if child == 0:  # the worker: says it runs, then waits up to 10 s to be terminated
+            os.write(started, b"1")
+            for _ in range(200):
+                time.sleep(0.05)
+            os._exit(3)
+        os.read(ready, 1)
+        os.kill(child, signal.SIGTERM)
+        _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
     assert not stop_signal.received()

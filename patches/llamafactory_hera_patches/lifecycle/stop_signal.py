@@ -1,10 +1,7 @@
-"""A plugin stage's save signal (``<prefix>_save_on_signal``: SIGTERM, SIGUSR1, SIGUSR2) noted from the stage's start.
-
-The stage patch (:mod:`..stage`) installs it for a method's run before LLaMA-Factory parses the recipe: from then on
-the signal is only noted (neither its default, ending the process, nor an inherited ignore), through the parse, the
-model's load and the passes before step 1, each of which stops after a batch whose rows it kept
-(:func:`stop_before_step`: one line, exit 0); in the steps ``training/checkpoints.py`` reads it at each step's end and
-saves a whole checkpoint. A forked child (a data worker) gets the signal's default back. Imports nothing heavy.
+"""A plugin stage's save signal (``<prefix>_save_on_signal``) noted from the stage's start (the stage patch, before the
+parse): through the load and the passes before step 1, each of which stops after a batch it kept
+(:func:`stop_before_step`: one line, exit 0), and the steps, where ``training/checkpoints.py`` saves a whole checkpoint.
+A forked child (a data worker) gets the signal's default back. Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ class Stopped(SystemExit):
 
 
 def received() -> bool:
-    """Whether the save signal came since the stage started."""
     return bool(_noted["received"])
 
 
@@ -35,8 +31,8 @@ def _note(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def noting(name: str | None, steps: bool = False) -> Iterator[None]:
-    """The signal ``name`` (``sigterm`` ...; None or ``none``: nothing) noted for the block, in the main thread; the
-    block of the steps (``steps``) leaves stopping to ``training/checkpoints.py``."""
+    """The signal ``name`` (``sigterm`` ...; None or ``none``: nothing) noted for the block in the main thread; in
+    the steps' block (``steps``) stopping is ``training/checkpoints.py``'s."""
     signum = getattr(signal, str(name).upper(), None) if name else None
     if signum is None or threading.current_thread() is not threading.main_thread():
         yield
@@ -51,18 +47,16 @@ def noting(name: str | None, steps: bool = False) -> Iterator[None]:
 
 
 def stop_before_step(kept: str) -> None:
-    """After a batch of a pass before step 1 (``kept``: where its rows are kept): when the signal came, one line (global
-    rank 0) and :class:`Stopped`."""
-    if not _noted["received"] or _noted["steps"]:
-        return
-    if os.environ.get("RANK", "0") == "0":
-        print(f"[llamafactory-hera] {_noted['name']}: stopped before step 1, {kept}; to go on, {RERUN}: it starts the "
-              "run, reusing what was kept.", flush=True)
-    raise Stopped(0)
+    """After a kept batch of a pass before step 1: when the signal came, one line (rank 0) and :class:`Stopped`."""
+    if _noted["received"] and not _noted["steps"]:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[llamafactory-hera] {_noted['name']}: stopped before step 1, {kept}; to go on, {RERUN}: it starts "
+                  "the run, reusing what was kept.", flush=True)
+        raise Stopped(0)
 
 
 def _default_in_child() -> None:
-    if _noted["name"] and signal.getsignal(getattr(signal, _noted["name"])) is _note:
+    if _noted["name"] and signal.getsignal(getattr(signal, _noted["name"])) is _note:  # SIGTERM: Pool.terminate()
         signal.signal(getattr(signal, _noted["name"]), signal.SIG_DFL)
         _noted.update(name=None, received=False, depth=0)
 

@@ -22,7 +22,6 @@ DeepSpeed and FSDP keep the Trainer's path.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -201,20 +200,13 @@ class _StopOnSignal(TrainerCallback):
         self.name, self.key = name.upper(), f"llamafactory_hera_stop:{output_dir}"
         self.stop_step, self.stopped = None, False
 
-    def handling(self) -> contextlib.AbstractContextManager:
-        """The signal noted for the steps (``lifecycle.stop_signal``: a signal since the stage started counts)."""
-        return stop_signal.noting(self.name, steps=True)
-
-    @property
-    def received(self) -> bool:
-        return stop_signal.received()
-
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.stop_step is None and self.received and not dist.is_initialized():
+        received = stop_signal.received()  # noted since the stage started (lifecycle.stop_signal)
+        if self.stop_step is None and received and not dist.is_initialized():
             self.stop_step = state.global_step
         elif self.stop_step is None and self.signum is not None and dist.is_initialized():
             store = dist.distributed_c10d._get_default_store()  # torchrun's TCPStore: host-side, no device sync
-            if self.received:  # the first rank to write sets the step for all
+            if received:  # the first rank to write sets the step for all
                 store.compare_set(self.key, "", str(state.global_step + STOP_MARGIN))
             if store.check([self.key]):
                 self.stop_step = int(store.get(self.key))
@@ -230,12 +222,13 @@ class WholeCheckpoints:
         self.resumed_from = self._whole_resume(resume_from_checkpoint)
         stop = _StopOnSignal(self.save_on_signal, self.args.output_dir)  # type: ignore[attr-defined]
         self.add_callback(stop)  # type: ignore[attr-defined]
-        with stop.handling():
+        with stop_signal.noting(stop.name, steps=True):
             result = super().train(self.resumed_from, *args, **kwargs)  # type: ignore[misc]
         if not stop.stopped:
             return result
+        moved = " without overwrite_output_dir: true (which moves it aside)" if self.args.overwrite_output_dir else ""
         say_once(f"{stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"  # type: ignore
-                 f"{self.state.global_step} and stopped; to go on, {stop_signal.RERUN}{_overwriting(self.args)}.")
+                 f"{self.state.global_step} and stopped; to go on, {stop_signal.RERUN}{moved}.")
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -280,11 +273,6 @@ class WholeCheckpoints:
         if args.should_save:
             whole.write_marker(folder, self.state.global_step, args.world_size)  # type: ignore[attr-defined]
             whole.rotate(run, limit, self.state.best_model_checkpoint)  # type: ignore[attr-defined]
-
-
-def _overwriting(args: Any) -> str:
-    """What the stop line adds when the same command would not resume: ``overwrite_output_dir`` moves it aside."""
-    return " without overwrite_output_dir: true (which moves the checkpoint aside)" if args.overwrite_output_dir else ""
 
 
 def _every_rank_saved(device: torch.device) -> None:
