@@ -50,7 +50,7 @@ def test_ddp_killed_in_a_step_and_in_the_teachers_pass_and_on_a_full_disk_ends_a
     assert [link.outcome for link in links] == ["killed", "killed", "full", "finished"], links
     assert "continuing from " in links[2].printed  # the rows the killed pass kept
     [line] = {line for line in links[2].printed.splitlines() if "error: disk full: the checkpoint " in line}
-    assert "is kept, and is what resume_from_checkpoint: true takes" in line, line
+    assert "is kept, and is what the same command resumes from" in line, line
 
 
 def test_fsdp2_killed_in_a_save_preempted_and_killed_in_a_step_ends_as_never_stopped(
@@ -65,7 +65,7 @@ def test_fsdp2_killed_in_a_save_preempted_and_killed_in_a_step_ends_as_never_sto
     assert [link.outcome for link in links] == ["killed", "stopped", "killed", "finished"], links
     assert "SIGTERM to 2 ranks" in links[1].printed
     said = [line for line in links[1].printed.splitlines() if "SIGTERM: saved the whole checkpoint" in line]
-    assert len(said) == 1 and said[0].endswith("run the same recipe again with resume_from_checkpoint: true."), said
+    assert len(said) == 1 and said[0].endswith("run the same command again."), said
     assert_fsdp2(tmp_path / f"link{len(links) - 1}", {"load", "step", "save"})
 
 

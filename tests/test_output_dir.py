@@ -41,7 +41,7 @@ def test_a_finished_run_is_refused_before_anything_loads(assets, tmp_path: Path)
         f"[llamafactory-hera] error: output_dir: {out} holds a finished run ({RUN_RECORD} says finished); training "
         "again would resume it or write over its model. Set another output_dir for a new run, or "
         f"overwrite_output_dir: true to move that run's files into {out}/previous_run_<time>/ and train afresh. To "
-        f"train that run further, set another output_dir and resume_from_checkpoint: {out}/checkpoint-N (one of its "
+        f"train that run further, set another output_dir and resume_from_checkpoint: {out}/checkpoint-1 (one of its "
         "checkpoints). To continue it here from its last checkpoint (checkpoint-1), ask for more than it took: "
         "max_steps above 1, or without max_steps num_train_epochs above 0.5.")
     assert "loading weights file" not in proc.stdout + proc.stderr and "Resuming" not in proc.stdout + proc.stderr

@@ -68,8 +68,8 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_before_loading(assets, 
     assert _error_lines(proc.stderr) == [
         f"[llamafactory-hera] error: output_dir: {out} is in use by another run (process {live_pid} on host "
         f"{socket.gethostname()}, started 2026-01-02 03:04:05 UTC, stage sft); two runs in one folder write over "
-        f"each other's files, overwrite_output_dir: true included. Wait for it to end, stop it (kill {live_pid}), or "
-        "set another output_dir."]
+        f"each other's files, overwrite_output_dir: true included. Wait for it to end or stop it (kill {live_pid}), "
+        "then run the same command again; or set another output_dir."]
     assert "Traceback" not in proc.stderr and "loading weights file" not in proc.stdout + proc.stderr
     assert [path.name for path in out.iterdir()] == [CLAIM]
     assert json.loads((out / CLAIM).read_text()) == claim
@@ -127,8 +127,8 @@ def test_a_claim_from_another_host_is_live_and_the_line_says_how_to_clear_it(ass
     assert _error_lines(proc.stderr) == [
         f"[llamafactory-hera] error: output_dir: {out} is in use by another run (process 12345 on host other-node, "
         "started 2026-01-02 03:04:05 UTC, stage sft); two runs in one folder write over each other's files, "
-        "overwrite_output_dir: true included. Wait for it to end or set another output_dir; if that run is no "
-        f"longer running, delete {out / CLAIM}."]
+        f"overwrite_output_dir: true included. Wait for it to end (if it is no longer running, delete {out / CLAIM}), "
+        "then run the same command again; or set another output_dir."]
 
 
 def test_a_stale_claim_is_taken_over_with_a_line_and_released(assets, tmp_path: Path) -> None:

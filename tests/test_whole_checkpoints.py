@@ -71,7 +71,7 @@ def test_signal_full_disk_and_half_checkpoint_resume_as_the_run_not_stopped(asse
     assert code == 0, printed[-3000:]
     assert _line(printed, "SIGTERM: saved") == (
         f"[llamafactory-hera] SIGTERM: saved the whole checkpoint {run}/checkpoint-2 and stopped; to go on, run the "
-        "same recipe again with resume_from_checkpoint: true.")
+        "same command again.")
     assert whole_checkpoints(run) == [run / "checkpoint-2"] and not (run / "adapter_model.safetensors").exists()
     # the disk fills at checkpoint-4's marker, after every file of it: the Trainer's own rotation (save_total_limit: 1)
     # must not have deleted checkpoint-2 by then
@@ -89,7 +89,7 @@ def test_signal_full_disk_and_half_checkpoint_resume_as_the_run_not_stopped(asse
     assert _line(printed, "error: disk full").startswith(
         f"[llamafactory-hera] error: disk full: the checkpoint {run}/checkpoint-4 could not be written (OSError: "
         f"[Errno 28] No space left on device: '{run}/checkpoint-4/{MARKER}.tmp'); it needs about ")
-    assert f"{run}/checkpoint-2 is kept, and is what resume_from_checkpoint: true takes" in printed
+    assert f"{run}/checkpoint-2 is kept, and is what the same command resumes from" in printed
     assert "Traceback" not in printed
     assert (run / "checkpoint-4" / "trainer_state.json").is_file() and not (run / "checkpoint-4" / MARKER).exists()
     assert newest_whole(run) == (run / "checkpoint-2", [run / "checkpoint-4"])

@@ -37,7 +37,7 @@ from .engines import fsdp_adapter, fsdp_loading
 from .engines.kv_sharing import reentrant_kv_note
 from .errors import RecipeError
 from .guard import require, warn_if_unchecked
-from .lifecycle import output_dir, run_claim, run_record
+from .lifecycle import output_dir, run_claim, run_record, stop_signal
 from .recipe import recipe_file
 from .recipe.arguments import keys_of, raw_value, split_args, truthy
 from .registry import registered_methods
@@ -140,8 +140,10 @@ def apply(tuner: ModuleType) -> None:
             # output_dir holds what LLaMA-Factory writes, nothing more
             with _recorded(tuner, str(raw_value(host_args, "stage") or "sft"), None, (), bool(method_raw)):
                 return original_training_function(config)
-        check, run_method = _method_parts(method, method_raw, host_args, SFTWorkflow(workflow, ploting.smooth))
-        with _recorded(tuner, method.stage, check, method.records), _swapped(tuner, run_sft=run_method):
+        check, run_method, save_signal = _method_parts(method, method_raw, host_args,
+                                                       SFTWorkflow(workflow, ploting.smooth))
+        with stop_signal.noting(save_signal), _recorded(tuner, method.stage, check, method.records), \
+                _swapped(tuner, run_sft=run_method):
             return original_training_function(config)
 
     tuner._training_function = training_function
@@ -149,8 +151,9 @@ def apply(tuner: ModuleType) -> None:
 
 
 def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,
-                  host: SFTWorkflow) -> tuple[Callable[..., None], Callable[..., None]]:
-    """(the method's checks of the parsed arguments, its run in place of ``run_sft``), after its raw checks."""
+                  host: SFTWorkflow) -> tuple[Callable[..., None], Callable[..., None], str | None]:
+    """(the method's checks of the parsed arguments, its run in place of ``run_sft``, its save signal: noted from
+    here on, :mod:`.lifecycle.stop_signal`), after its raw checks."""
     own, ignored = keys_of(method, method_raw)
     if ignored:
         warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is "
@@ -167,7 +170,7 @@ def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,
         return run(host, model_args, data_args, training_args, finetuning_args, generating_args, callbacks,
                    method_args)
 
-    return check, run_method
+    return check, run_method, getattr(method_args, f"{method.prefix}save_on_signal", None)
 
 
 def method_arguments(method: Any, own: dict[str, Any], host_args: Any, machine: bool = True) -> Any:

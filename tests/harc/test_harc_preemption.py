@@ -62,7 +62,7 @@ def test_sigterm_on_both_ranks_saves_a_whole_checkpoint_and_resumes_as_the_run_n
     assert (checkpoint / MARKER).is_file() and int(checkpoint.name.split("-")[1]) < 6
     said = [line for line in proc.stdout.splitlines() if "SIGTERM: saved" in line]
     assert said == [f"[llamafactory-hera] SIGTERM: saved the whole checkpoint {out}/{checkpoint.name} and stopped; to "
-                    "go on, run the same recipe again with resume_from_checkpoint: true."], proc.stdout[-3000:]
+                    "go on, run the same command again."], proc.stdout[-3000:]
     torchrun_cli({"recipe": {**recipe, "resume_from_checkpoint": True},
                   "env": {"HERA_TEST_ENGINE_EVIDENCE": str(tmp_path / "resumed" / "engine")}}, tmp_path / "resumed")
     got, want = _terms(out), _terms(one)

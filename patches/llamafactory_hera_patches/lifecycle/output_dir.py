@@ -26,7 +26,7 @@ from ..errors import RecipeError
 from ..recipe.arguments import raw_value, truthy
 from .claim_folders import CLAIM
 from .run_record import FINISHED, RUN_RECORD, SAVED_MODEL_FILES, read_record
-from .whole_checkpoints import CHECKPOINT_PREFIX, checkpoint_folders
+from .whole_checkpoints import CHECKPOINT_PREFIX, checkpoint_folders, newest_whole
 
 PREVIOUS_PREFIX = "previous_run_"
 END_FILES = ("trainer_state.json", "train_results.json", "all_results.json")  # written once training has ended
@@ -36,10 +36,11 @@ BOARD_FILES = ("llamaboard_config.yaml", "training_args.yaml")  # LlamaBoard wri
 
 
 def finished_evidence(folder: Path) -> str | None:
-    """Why ``folder`` holds a finished run (a file name and what it says), or None."""
-    record = read_record(folder / RUN_RECORD) if (folder / RUN_RECORD).is_file() else {}
-    if record.get("status") == FINISHED:
-        return f"{RUN_RECORD} says finished"
+    """Why ``folder`` holds a finished run (a file name and what it says), or None. The run's record decides where
+    there is one (a run killed inside its final save left a model file and ``running``); a folder without a record
+    (a plain LLaMA-Factory run) is finished when it holds a final model or the Trainer's end-of-run files."""
+    if (folder / RUN_RECORD).is_file():
+        return f"{RUN_RECORD} says finished" if read_record(folder / RUN_RECORD).get("status") == FINISHED else None
     for name in (*SAVED_MODEL_FILES, *END_FILES):
         if (folder / name).is_file():
             return f"its final {name}"
@@ -162,7 +163,8 @@ def refuse_finished(host_args: Any) -> None:
     evidence = finished_evidence(folder) if folder.is_dir() else None
     if evidence is not None and not continues_finished(folder, host_args):
         given = raw_value(host_args, "resume_from_checkpoint")
-        resume = given or f"{folder}/{CHECKPOINT_PREFIX}N"
+        newest = newest_whole(folder)[0]
+        resume = given if given and given is not True else newest or f"{folder}/{CHECKPOINT_PREFIX}N"
         raise RecipeError(f"output_dir: {folder} holds a finished run ({evidence}); training again would resume it "
                           "or write over its model. Set another output_dir for a new run, or overwrite_output_dir: "
                           f"true to move that run's files into {folder}/{PREVIOUS_PREFIX}<time>/ and train afresh. "

@@ -53,6 +53,7 @@ from . import claim_folders
 from .claim_folders import CLAIM
 from .claim_identity import global_rank, is_alive_here, job_identity, process_stat, restarts
 from .run_record import write_record
+from .stop_signal import RERUN
 
 _ATTEMPTS = 8
 LEASE_SECONDS = 600  # a claim whose file time is older than this is a dead run's, on any host
@@ -172,8 +173,9 @@ def _describe(claim: dict[str, Any]) -> str:
 
 
 def _refuse(folder: Path, path: Path, other: dict[str, Any], here: bool) -> RecipeError:
-    ways = (f"Wait for it to end, stop it (kill {other.get('pid')}), or set another output_dir." if here else
-            f"Wait for it to end or set another output_dir; if that run is no longer running, delete {path}.")
+    ways = (f"Wait for it to end or stop it (kill {other.get('pid')}), then {RERUN}; or set another output_dir." if
+            here else f"Wait for it to end (if it is no longer running, delete {path}), then {RERUN}; or set another "
+            "output_dir.")
     return RecipeError(f"output_dir: {folder} is in use by another run ({_describe(other)}); two runs in one folder "
                        f"write over each other's files, overwrite_output_dir: true included. {ways}")
 

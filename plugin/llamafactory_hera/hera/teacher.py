@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from llamafactory_hera.log import progress_file, show
 from llamafactory_hera_patches.engines.deepspeed import loaded_whole
 from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera_patches.lifecycle import stop_signal
 
 # Dual image-text encoders whose image tower (``.vision_model``) can serve as teacher.
 DUAL_ENCODER_TYPES = frozenset({"clip", "siglip", "siglip2"})
@@ -358,6 +359,7 @@ def image_features(teacher: VisionTeacher, image_processor: Any, images: list[An
             if keep is not None and ((index + 1 - kept) * batch_size >= KEEP_ROWS or index + 1 == len(batches)):
                 keep(kept * batch_size, torch.cat(chunks[kept:]))
                 kept = index + 1
+                stop_signal.stop_before_step("the teacher features computed so far kept in its store")
     if not chunks:
         param = next(teacher.parameters())
         return torch.zeros(0, int(teacher.encoder.config.hidden_size), dtype=torch.float32, device=param.device)

@@ -32,8 +32,8 @@ def recipe_key(default: Any, help_text: str, **checks: Any) -> Any:
 def save_on_signal_key() -> Any:
     """``<prefix>_save_on_signal`` of a method whose runs save checkpoints (``training/checkpoints.py``)."""
     return recipe_key("sigterm", "On this signal (SLURM's preemption or time limit: SIGTERM, or --signal=USR1@90) "
-                      "every rank saves a whole checkpoint at one step's end and the run exits 0, to resume with "
-                      "resume_from_checkpoint: true; none: the signal's default (the run dies).",
+                      "every rank saves a whole checkpoint at one step's end and the run exits 0, to resume by "
+                      "running the same command again; none: the signal's default (the run dies).",
                       choices=("sigterm", "sigusr1", "sigusr2", "none"))
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.log import say
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.lifecycle.claim_folders import made_by_claim
 from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
@@ -230,6 +231,10 @@ def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
         if last is None:
             # this run's claim (taken before the checks) may have made the folder: to the user it did not exist
             held = out is not None and out.is_dir() and not made_by_claim(out)
+            if held and read_record(out / RUN_RECORD).get("stage") == stage:  # stopped before its first checkpoint
+                say(f"resume_from_checkpoint: true: output_dir: {output_dir} holds no whole checkpoint of its run yet "
+                    "(stopped before one): starting the run, reusing what its passes before step 1 kept.")
+                return
             half = [path.name for path in newest_whole(out)[1]] if held else []  # a run killed in its first save
             where = (f"whose checkpoints ({', '.join(half)}) are all half-written (saves that did not finish on every "
                      "rank)" if half else "which holds no checkpoint-N folder" if held else "which does not exist")

@@ -23,15 +23,13 @@ DeepSpeed and FSDP keep the Trainer's path.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import re
 import shutil
 import signal
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +48,7 @@ except ImportError:  # transformers 4: the model class's ``_checkpoint_conversio
 from llamafactory_hera.log import say_once
 from llamafactory_hera.training import watchdog
 from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera_patches.lifecycle import stop_signal
 from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole
 
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -201,27 +200,18 @@ class _StopOnSignal(TrainerCallback):
     def __init__(self, name: str, output_dir: str) -> None:
         self.signum = getattr(signal, name.upper(), None)
         self.name, self.key = name.upper(), f"llamafactory_hera_stop:{output_dir}"
-        self.received, self.stop_step, self.stopped = False, None, False
-
-    @contextlib.contextmanager
-    def handling(self) -> Iterator[None]:
-        mine = self.signum is not None and threading.current_thread() is threading.main_thread()
-        previous = signal.signal(self.signum, lambda *_: setattr(self, "received", True)) if mine else None
-        try:
-            yield
-        finally:
-            if mine:
-                signal.signal(self.signum, previous)
+        self.stop_step, self.stopped = None, False
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         watchdog.enter(f"step {state.global_step + 1}", "step")
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.stop_step is None and self.received and not dist.is_initialized():
+        received = stop_signal.received()  # noted since the stage started (lifecycle.stop_signal)
+        if self.stop_step is None and received and not dist.is_initialized():
             self.stop_step = state.global_step
         elif self.stop_step is None and self.signum is not None and dist.is_initialized():
             store = dist.distributed_c10d._get_default_store()  # torchrun's TCPStore: host-side, no device sync
-            if self.received:  # the first rank to write sets the step for all
+            if received:  # the first rank to write sets the step for all
                 store.compare_set(self.key, "", str(state.global_step + STOP_MARGIN))
             if store.check([self.key]):
                 self.stop_step = int(store.get(self.key))
@@ -237,18 +227,25 @@ class WholeCheckpoints:
         self.resumed_from = self._whole_resume(resume_from_checkpoint)
         self.stop = stop = _StopOnSignal(self.save_on_signal, self.args.output_dir)  # type: ignore[attr-defined]
         self.add_callback(stop)  # type: ignore[attr-defined]
-        with stop.handling():
+        with stop_signal.noting(stop.name, steps=True):
             result = super().train(self.resumed_from, *args, **kwargs)  # type: ignore[misc]
         watchdog.enter("the end of the run (final save)", "save")
         if not stop.stopped:
             return result
+        moved = " without overwrite_output_dir: true (which moves it aside)" if self.args.overwrite_output_dir else ""
         say_once(f"{stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"  # type: ignore
-                 f"{self.state.global_step} and stopped; to go on, run the same recipe again with "  # type: ignore
-                 "resume_from_checkpoint: true.")
+                 f"{self.state.global_step} and stopped; to go on, {stop_signal.RERUN}{moved}.")
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
         raise SystemExit(0)
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        """An epoch's steps (transformers 5), none once the run is at ``max_steps``: a run resumed from its last
+        checkpoint (killed in its final save) writes the final model from it, not one step past it."""
+        if self.state.global_step >= self.state.max_steps > 0:  # type: ignore[attr-defined]
+            return None
+        return super()._run_epoch(*args, **kwargs)  # type: ignore[misc]
 
     def _whole_resume(self, value: Any) -> Any:
         """The checkpoint to resume from: ``value``, or for ``true`` / a half-written ``checkpoint-N`` (as
@@ -263,7 +260,7 @@ class WholeCheckpoints:
         if half:
             say_once(f"resume: passed over {', '.join(path.name for path in half)} (half-written: a save that did not "
                      f"finish on every rank; kept, not deleted); resuming from {newest or 'the start (none whole)'}.")
-        return str(newest) if newest else (value if value is True else None)
+        return str(newest) if newest else None  # none whole: the run starts (recipe.resume said so)
 
     def save_method_state(self, folder: str) -> None:
         """A method's own state, written into ``folder`` inside the whole save (``save_only_model`` too)."""
@@ -330,8 +327,8 @@ def _full_line(folder: Path, run: Path, error: BaseException) -> str | None:
             free >= (NEARLY_FULL if needed is None else needed):
         return None
     size = f"it needs about {needed:,} bytes (the size of {newest.name}), " if newest and needed else ""
-    kept = f"{newest} is kept, and is what resume_from_checkpoint: true takes" if newest else "no whole checkpoint yet"
+    kept = f"{newest} is kept, and is what the same command resumes from" if newest else "no whole checkpoint yet"
     why = f"{type(error).__name__}: {(str(error) + chr(10)).splitlines()[0]}"
     return (f"disk full: the checkpoint {folder} could not be written ({why}); {size}"
             f"{free:,} bytes are free there. It is not marked whole; {kept}. Free space (or "
-            "set save_total_limit, or another output_dir) and run again.")
+            f"set save_total_limit, or another output_dir) and {stop_signal.RERUN}.")

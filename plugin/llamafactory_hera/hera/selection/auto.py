@@ -24,6 +24,7 @@ from llamafactory_hera.hera.selection.recipe_write import SelectionResult, write
 from llamafactory_hera.hera.selection.select import SelectionOptions, run_selection
 from llamafactory_hera.hera.teacher_cache import cache_root, cache_unwritable
 from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera_patches.lifecycle import stop_signal
 
 RECORD_NAME = "hera_selection.json"
 HEATMAP_NAME = "hera_selection.png"
@@ -89,12 +90,16 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
 
             release_memory(device)  # the scoring copy's blocks, before this rank loads the model it trains
             payload = [result.selected, None, False]
+        except stop_signal.Stopped:  # the save signal (its line said): every rank stops with rank 0
+            payload = [None, None, None]
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
             by_user = isinstance(err, RecipeError)  # its message names the input; a bug's type says what it is
             payload = [None, str(err) if by_user else f"{type(err).__name__}: {err}", by_user]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(payload, src=0)
     heads, error, by_user = payload
+    if by_user is None:
+        raise stop_signal.Stopped(0)
     if error is not None:
         raise (RecipeError if by_user else RuntimeError)(f"hera_heads: auto: head selection failed on rank 0: {error}")
     return list(heads)

@@ -33,6 +33,7 @@ from llamafactory_hera.hera.teacher import VisionTeacher, batches_of, continuing
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureStore, stored_image_features
 from llamafactory_hera.log import progress_file
 from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera_patches.lifecycle import stop_signal
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,8 @@ class PooledInputRecorder:
             except (OSError, RuntimeError) as err:  # torch.save: RuntimeError on ENOSPC; only the resume is lost
                 teacher_cache.cache_unwritable(self.folder, err)
                 self.folder = None
+                return
+            stop_signal.stop_before_step(f"head selection's first {len(self.batches)} batches kept")
 
     def remaining(self, batches: list[Any], desc: str) -> list[Any]:
         """``batches`` less those read back from the folder (said)."""

@@ -1,0 +1,192 @@
+"""One command, every requeue: a preemptible queue reruns the very same command, and it continues the run from
+wherever it was (lifecycle/stop_signal.py, recipe/resume.py, lifecycle/output_dir.py, training/checkpoints.py).
+
+Every run in this process through LLaMA-Factory's ``run_exp`` (tests/conftest.py's ``run_train``) on the tiny
+Qwen2.5-VL, HeRA with LoRA. A signal is sent by the process to itself from inside a phase (the teacher's forward, the
+model's load); while a test runs, a signal the run does not handle raises :class:`Unhandled` instead of its default
+(which would end pytest), so that a run without the early handler fails the test instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import base_recipe, run_train
+from llamafactory_hera.hera import teacher as teacher_module
+from llamafactory_hera.hera import teacher_run
+from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours
+from llamafactory_hera.hera.teacher import VisionTeacher
+from llamafactory_hera_patches.lifecycle import stop_signal
+from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD
+from llamafactory_hera_patches.lifecycle.whole_checkpoints import checkpoint_folders
+
+ONE_STEP = {"per_device_train_batch_size": 4, "max_samples": 16, "max_steps": 1, "save_strategy": "steps",
+            "save_steps": 1, "hera_monitor_steps": 0, "hera_teacher_precompute": "false",
+            "overwrite_output_dir": None}  # the shipped recipes' way: no overwrite_output_dir
+
+
+class Unhandled(Exception):
+    """A signal left to the handler the test set (without the plugin's: the signal's default, the process ends)."""
+
+
+@contextlib.contextmanager
+def signals_raise(*signums: int) -> Iterator[None]:
+    def raised(signum: int, frame: Any) -> None:
+        raise Unhandled(signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, raised) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def signal_at(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, signum: int, call: int = 1) -> None:
+    """``owner.name`` sends ``signum`` to this process as its call number ``call`` begins."""
+    original, calls = getattr(owner, name), []
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def lines(proc: Any, text: str) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if text in line]
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, copied out of the file (load_file maps it: a file torn afterwards changes them)."""
+    return {name: tensor.clone() for name, tensor in load_file(folder / "adapter_model.safetensors").items()}
+
+
+def test_a_stop_in_the_teachers_pass_and_the_stop_lines_command_start_the_run(assets, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM in the teacher's pass before step 1 (batches of 4 rows, each kept): the run stops after the batch in
+    flight with one line and exit 0, no checkpoint. Before: the signal's default ended the process there, and the
+    rerun with resume_from_checkpoint: true (what the step-time stop line told users) was refused: "there is nothing
+    to resume". Now that rerun says it starts the run in one line, reuses the kept rows, and ends with the adapter of
+    a run never stopped."""
+    monkeypatch.setattr(teacher_module, "KEEP_ROWS", 4)
+    monkeypatch.setattr(teacher_run, "teacher_batch_size", lambda batch_size: 4)
+    out, whole = tmp_path / "run" / "out", tmp_path / "whole" / "out"
+    recipe = base_recipe(assets, "qwen2_5_vl", out, **{**ONE_STEP, "hera_teacher_precompute": "true"})
+    with monkeypatch.context() as patched, signals_raise(signal.SIGTERM):
+        signal_at(patched, VisionTeacher, "forward", signal.SIGTERM, call=2)
+        proc = run_train(recipe, tmp_path / "run", check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "stopped before step 1") == [
+        "[llamafactory-hera] SIGTERM: stopped before step 1, the teacher features computed so far kept in its store; "
+        "to go on, run the same command again: it starts the run, reusing what was kept."]
+    assert not checkpoint_folders(out) and (out / RUN_RECORD).is_file()
+    proc = run_train({**recipe, "resume_from_checkpoint": True}, tmp_path / "again")
+    assert lines(proc, "resume_from_checkpoint: true: ") == [
+        f"[llamafactory-hera] resume_from_checkpoint: true: output_dir: {out} holds no whole checkpoint of its run "
+        "yet (stopped before one): starting the run, reusing what its passes before step 1 kept."]
+    assert lines(proc, "continuing from 8 of "), proc.stdout[-3000:]
+    run_train({**recipe, "output_dir": str(whole)}, tmp_path / "whole")
+    got, want = adapter(out), adapter(whole)
+    assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in want)
+
+
+def test_a_signal_while_the_model_loads_stops_at_step_1_and_the_same_command_goes_on(
+        assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGUSR1 (hera_save_on_signal: sigusr1) while LLaMA-Factory loads the model, before the Trainer exists. Before:
+    no handler yet, the signal's default ended the process (under a launcher: ignored, and the stop dropped). Now it
+    is noted from the stage's start, and the step-time stop takes it: a whole checkpoint-1 and the stop line; the
+    same command again resumes from it and ends at max_steps."""
+    import llamafactory.train.sft.workflow as workflow  # here: importing llamafactory costs seconds
+
+    out = tmp_path / "out"
+    recipe = base_recipe(assets, "qwen2_5_vl", out, **{**ONE_STEP, "max_steps": 2, "hera_save_on_signal": "sigusr1"})
+    with monkeypatch.context() as patched, signals_raise(signal.SIGUSR1):
+        signal_at(patched, workflow, "load_model", signal.SIGUSR1)
+        proc = run_train(recipe, tmp_path / "run", check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, "SIGUSR1: saved") == [
+        f"[llamafactory-hera] SIGUSR1: saved the whole checkpoint {out}/checkpoint-1 and stopped; to go on, run the "
+        "same command again."]
+    proc = run_train(recipe, tmp_path / "again")
+    assert lines(proc, f"Resuming training from {out / 'checkpoint-1'}")
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_a_run_killed_in_its_final_save_writes_its_final_model_again(assets, tmp_path: Path) -> None:
+    """What a kill inside the end-of-run save leaves: the final adapter half-written, checkpoint-2 whole, the record
+    ``running``. Before: the same command was refused as "a finished run" (the adapter's file was the evidence),
+    advising "resume_from_checkpoint: True (one of its checkpoints)". Now the record decides: the run resumes from
+    checkpoint-2 and writes the final adapter again, equal to the one the kill tore; once finished, the same command
+    with resume_from_checkpoint: true is refused as finished, naming a real checkpoint."""
+    out = tmp_path / "out"
+    recipe = base_recipe(assets, "qwen2_5_vl", out, **{**ONE_STEP, "max_steps": 2})
+    run_train(recipe, tmp_path / "first")
+    final, state = adapter(out), (out / "hera_state.json").read_text()
+    torn = out / "adapter_model.safetensors"
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    for name in ("trainer_state.json", "train_results.json", "all_results.json"):
+        (out / name).unlink(missing_ok=True)
+    record = json.loads((out / RUN_RECORD).read_text())
+    (out / RUN_RECORD).write_text(json.dumps({**record, "status": "running"}))
+    proc = run_train(recipe, tmp_path / "again")
+    assert lines(proc, f"Resuming training from {out / 'checkpoint-2'}"), proc.stdout[-3000:]
+    again = adapter(out)
+    assert again.keys() == final.keys() and all(torch.equal(again[key], final[key]) for key in final)
+    assert (out / "hera_state.json").read_text() == state  # HeRA's temperature, from checkpoint-2
+    assert json.loads((out / RUN_RECORD).read_text())["status"] == "finished"
+    proc = run_train({**recipe, "resume_from_checkpoint": True}, tmp_path / "finished", check=False)
+    assert proc.returncode == 1
+    [line] = lines(proc, "error: ")
+    assert line.startswith(f"[llamafactory-hera] error: output_dir: {out} holds a finished run ({RUN_RECORD} says "
+                           "finished); ")
+    assert f"resume_from_checkpoint: {out}/checkpoint-2 (one of its checkpoints)" in line, line
+
+
+def test_a_stop_in_head_selection_keeps_the_batches_it_finished(assets, tmp_path: Path) -> None:
+    """Head selection's language-model pass (12 pairs, batches of 4) with the save signal noted after its first
+    batch: it stops after keeping that batch (one line, exit 0), and the rerun continues from it."""
+    from llamafactory_hera_patches.tools.model_data import parse_recipe
+
+    recipe_args = parse_recipe(base_recipe(assets, "qwen2_5_vl", "/unused"))
+    options = SelectionOptions(num_samples=12, k=5, teacher=str(assets.teacher), device="cpu", progress=False,
+                               batch_size=4)
+    pairs, _ = prepare(recipe_args, options)
+    kept = tmp_path / "kept"
+    with signals_raise(signal.SIGTERM), stop_signal.noting("sigterm"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(stop_signal.Stopped) as stopped:
+            score_head_neighbours(recipe_args, options, pairs, kept)
+    assert stopped.value.code == 0 and sorted(path.name for path in kept.iterdir()) == ["0.pt"]
+    assert not stop_signal.received()
+
+
+def test_a_forked_worker_dies_of_the_signal_as_before(tmp_path: Path) -> None:
+    """A child forked while the stage notes SIGTERM (a datasets or DataLoader worker) gets the signal's default back:
+    a pool's terminate() ends it at once (noted only, the worker would live on and the pool's join hang)."""
+    with signals_raise(signal.SIGTERM), stop_signal.noting("sigterm"):
+        ready, started = os.pipe()
+        child = os.fork()
+        if child == 0:  # the worker: says it runs, then waits up to 10 s to be terminated
+            os.write(started, b"1")
+            for _ in range(200):
+                time.sleep(0.05)
+            os._exit(3)
+        os.read(ready, 1)
+        os.kill(child, signal.SIGTERM)
+        _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert not stop_signal.received()
