@@ -123,14 +123,14 @@ def test_a_lora_run_from_a_full_checkpoint(assets: Any, runs: dict[str, Path], t
 def test_true_with_nothing_to_resume(assets: Any, tmp_path: Path, no_model_load: None) -> None:
     """Before: 570 lines, transformers' ``No valid checkpoint found in output directory`` after the model loaded."""
     out = tmp_path / "out"
+    (out / "notes").mkdir(parents=True)  # a folder holding something else than a run
     message = _refusal(base_recipe(assets, "qwen3_vl", out, resume_from_checkpoint=True, overwrite_output_dir=False),
                        tmp_path)
-    assert message == (f"resume_from_checkpoint: true resumes the last checkpoint of output_dir: {out}, which does not "
-                       "exist: there is nothing to resume. Remove resume_from_checkpoint to train afresh, or name a "
-                       "checkpoint of an earlier run (its OUTPUT_DIR/checkpoint-N).")
-    out.mkdir()
-    assert "which holds no checkpoint-N folder: there is nothing" in _refusal(
-        base_recipe(assets, "qwen3_vl", out, resume_from_checkpoint=True, overwrite_output_dir=False), tmp_path)
+    assert message == (f"resume_from_checkpoint: true resumes the last checkpoint of output_dir: {out}, which holds "
+                       "no checkpoint-N folder and no run record of this stage: there is nothing to resume. Remove "
+                       "resume_from_checkpoint to train afresh, or name a checkpoint of an earlier run (its "
+                       "OUTPUT_DIR/checkpoint-N).")
+    (out / "notes").rmdir()
     (out / "checkpoint-1").mkdir()  # a run killed inside its first save
     (out / "checkpoint-1" / "adapter_model.safetensors").write_bytes(b"")
     assert f"{out}, whose checkpoints (checkpoint-1) are all half-written (saves that did not finish on every rank): " \

@@ -235,9 +235,13 @@ def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
                 say(f"resume_from_checkpoint: true: output_dir: {output_dir} holds no whole checkpoint of its run yet "
                     "(stopped before one): starting the run, reusing what its passes before step 1 kept.")
                 return
+            if not held or not any(out.iterdir()):  # a job's first start, its command the same on every requeue
+                say(f"resume_from_checkpoint: true: output_dir: {output_dir} holds no run yet: starting it (the same "
+                    "command resumes it from its newest whole checkpoint).")
+                return
             half = [path.name for path in newest_whole(out)[1]] if held else []  # a run killed in its first save
             where = (f"whose checkpoints ({', '.join(half)}) are all half-written (saves that did not finish on every "
-                     "rank)" if half else "which holds no checkpoint-N folder" if held else "which does not exist")
+                     "rank)" if half else "which holds no checkpoint-N folder and no run record of this stage")
             raise RecipeError(f"resume_from_checkpoint: true resumes the last checkpoint of output_dir: {output_dir}, "
                               f"{where}: there is nothing to resume. {afresh}, or name a checkpoint of an earlier "
                               "run (its OUTPUT_DIR/checkpoint-N).")
