@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -29,12 +30,23 @@ from conftest import LAUNCH_ENV, free_port, offline_env, processes_marked
 from llamafactory_hera.training import watchdog
 from llamafactory_hera_testing.resume import differences, model_tensors
 
-pytestmark = [pytest.mark.faults,
-              pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
-                                 reason="two simulated nodes need unshare as root")]
 ROOT = Path(__file__).resolve().parents[1]
 NODE_SH = ROOT / "recipes" / "slurm" / "node.sh"
 BOUND = 20  # hera_watchdog_timeout of the test's job: seconds
+
+
+def machine_address() -> str | None:
+    """This machine's first IPv4 address other than loopback: the job's MASTER_ADDR, as a cluster's first node has
+    (a loopback master is a job of one host: each node's ranks would take the other's for another job)."""
+    found = [address.address for name, addresses in psutil.net_if_addrs().items() if name != "lo"
+             for address in addresses if address.family == socket.AF_INET and not address.address.startswith("127.")]
+    return found[0] if found else None
+
+
+pytestmark = [pytest.mark.faults,
+              pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
+                                 reason="two simulated nodes need unshare as root"),
+              pytest.mark.skipif(machine_address() is None, reason="no address but loopback for the nodes' master")]
 
 
 def start_node(node: int, tmp: Path, start: int, port: int, fault: dict[str, Any] | None) -> subprocess.Popen:
@@ -44,7 +56,8 @@ def start_node(node: int, tmp: Path, start: int, port: int, fault: dict[str, Any
     env = offline_env(home, PYTHONPATH=str(HOOK), HERA_TEST_TEACHER_ROWS=ROWS, PYTHONUNBUFFERED="1",
                       HOME=str(home / "home"), XDG_CACHE_HOME=str(home / "cache"), NODE_SCRATCH=str(home / "scratch"),
                       RECIPE=str(tmp / "recipe.yaml"), OUTPUT_DIR=str(tmp / "shared" / "out"),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SLURM_NNODES="2", SLURM_NODEID=str(node),
+                      MASTER_ADDR=machine_address(), MASTER_PORT=str(port),
+                      GLOO_SOCKET_IFNAME="lo", SLURM_NNODES="2", SLURM_NODEID=str(node),
                       SLURM_JOB_ID="4242", SLURM_RESTART_COUNT=str(start), GPUS_PER_NODE="1",
                       EXTRA_KEYS=f"hera_save_on_signal=sigusr1 hera_watchdog_timeout={BOUND} "
                                  "resume_from_checkpoint=true",  # the job's every start: the same command

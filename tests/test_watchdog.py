@@ -27,8 +27,8 @@ def test_bounds_first_then_from_the_last_section() -> None:
     assert bound("step", 200.0, 20) == bound("loading", None, 20) == 20.0  # the recipe's key, every section
 
 
-def beat(section: str, bound_s: float, pulse: int, host: str = "node-b") -> bytes:
-    return json.dumps({"host": host, "section": section, "bound": bound_s, "pulse": pulse}).encode()
+def beat(section: str, bound_s: float, pulse: int, host: str = "node-b", launch: str = "") -> bytes:
+    return json.dumps({"host": host, "section": section, "bound": bound_s, "pulse": pulse, "launch": launch}).encode()
 
 
 def test_a_frozen_rank_is_named_and_the_live_ones_are_not() -> None:
@@ -69,15 +69,28 @@ def test_files_of_an_earlier_launch_and_ranks_that_ended_are_not_silent() -> Non
     assert watch.silent(105.0) == []
 
 
+def test_a_peer_that_froze_before_the_first_read_is_told_by_its_launchs_mark() -> None:
+    """Rank 1 froze before this rank first read its file (a short first step: seen on two simulated nodes), so its
+    file never changes here; it carries this launch's mark (the process group's store, new in every launch), so it is
+    watched from that read. Rank 2's file, left by the launch before (a requeue after a frozen node), is not."""
+    watch = Watch([1, 2], now=0.0, launch="this")
+    watch.observe(1, beat("step 2", 20, 3, launch="this"), 5.0)
+    watch.observe(2, beat("step 2", 20, 3, launch="before"), 5.0)
+    for t in (10.0, 15.0, 20.0, 25.0):
+        watch.observe(1, beat("step 2", 20, 3, launch="this"), t)
+        watch.observe(2, beat("step 2", 20, 3, launch="before"), t)
+    assert watch.silent(24.0) == [] and [rank for rank, _, _ in watch.silent(26.0)] == [1]
+
+
 def test_sections_are_timed_and_their_bounds_written() -> None:
     now = [0.0]
-    dog = Watchdog(Path("unused"), 0, 2, None, clock=lambda: now[0])
+    dog = Watchdog(Path("unused"), 0, 2, None, clock=lambda: now[0], launch="mark")
     assert json.loads(dog.beat())["bound"] == FIRST["loading"]
     dog.enter("step 1", "step")
     now[0] = 100.0
     dog.enter("step 2", "step")
     assert json.loads(dog.beat()) | {"host": "", "pid": 0} == {"host": "", "pid": 0, "section": "step 2",
-                                                                "bound": 400.0, "pulse": 2}
+                                                                "bound": 400.0, "pulse": 2, "launch": "mark"}
 
 
 class _Args:

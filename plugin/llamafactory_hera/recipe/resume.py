@@ -22,12 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.log import say
+from llamafactory_hera.training.watchdog import FOLDER as WATCHDOG_FOLDER
 from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle.claim_folders import made_by_claim
+from llamafactory_hera_patches.lifecycle.claim_folders import CLAIM, made_by_claim
 from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
 from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, newest_whole, whole_checkpoints
 from llamafactory_hera_patches.recipe.arguments import given_keys, truthy
 from llamafactory_hera_patches.recipe.host_arguments import host_keys
+
+# what a job's processes write into output_dir before its run starts (its ranks' claim and heartbeats)
+JOB_FILES = (CLAIM, WATCHDOG_FOLDER)
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR and get_last_checkpoint
 TRAINER_STATE, ADAPTER_CONFIG, MODEL_CONFIG = "trainer_state.json", "adapter_config.json", "config.json"
@@ -235,7 +239,7 @@ def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
                 say(f"resume_from_checkpoint: true: output_dir: {output_dir} holds no whole checkpoint of its run yet "
                     "(stopped before one): starting the run, reusing what its passes before step 1 kept.")
                 return
-            if not held or not any(out.iterdir()):  # a job's first start, its command the same on every requeue
+            if not held or all(entry.name in JOB_FILES for entry in out.iterdir()):  # a job's first start
                 say(f"resume_from_checkpoint: true: output_dir: {output_dir} holds no run yet: starting it (the same "
                     "command resumes it from its newest whole checkpoint).")
                 return

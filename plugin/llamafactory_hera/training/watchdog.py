@@ -20,10 +20,13 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch.distributed as dist
 
 from llamafactory_hera.log import say
 
@@ -63,8 +66,8 @@ class Peer:
 class Watch:
     """The others' heartbeats as this rank reads them (pure: reads and times are passed in)."""
 
-    def __init__(self, ranks: list[int], now: float) -> None:
-        self.peers = {rank: Peer(since=now) for rank in ranks}
+    def __init__(self, ranks: list[int], now: float, launch: str = "") -> None:
+        self.peers, self.launch = {rank: Peer(since=now) for rank in ranks}, launch
 
     def observe(self, rank: int, raw: bytes | None, now: float) -> None:
         """Rank ``rank``'s file read at ``now`` (None: no file)."""
@@ -72,7 +75,9 @@ class Watch:
         peer.read, peer.ended = True, peer.ended or (raw is None and peer.heard)
         if raw is not None and raw != peer.raw:
             with contextlib.suppress(ValueError):  # a write caught half-way: read again at the next pulse
-                peer.beat, peer.raw, peer.since, peer.heard = json.loads(raw), raw, now, peer.heard or read
+                beat = json.loads(raw)  # this launch's: it carries the launch's mark, or it changed since read
+                mine = bool(self.launch) and beat.get("launch") == self.launch
+                peer.beat, peer.raw, peer.since, peer.heard = beat, raw, now, peer.heard or read or mine
 
     def paused(self, now: float) -> None:
         """This rank itself was paused: the silence it would see is its own."""
@@ -103,12 +108,12 @@ class Watchdog:
     """This rank's heartbeat and its thread (see the module doc); the run calls :meth:`enter` only."""
 
     def __init__(self, folder: Path, rank: int, world_size: int, timeout: float | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.folder, self.rank, self.timeout, self.clock = folder, rank, timeout, clock
+                 clock: Callable[[], float] = time.monotonic, launch: str = "") -> None:
+        self.folder, self.rank, self.timeout, self.clock, self.launch = folder, rank, timeout, clock, launch
         self.last: dict[str, float] = {}  # kind -> the last such section's measured seconds
         self.section, self.kind, self.entered = "loading", "loading", clock()
         self.pulse, self.stopped, self.moved = 0, threading.Event(), threading.Event()
-        self.watch = Watch([r for r in range(world_size) if r != rank], self.entered)
+        self.watch = Watch([r for r in range(world_size) if r != rank], self.entered, launch)
         self.thread = threading.Thread(target=self._run, name="llamafactory-hera-watchdog", daemon=True)
 
     def enter(self, section: str, kind: str) -> None:
@@ -122,7 +127,7 @@ class Watchdog:
         self.pulse += 1
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "section": self.section,
                            "bound": bound(self.kind, self.last.get(self.kind), self.timeout),
-                           "pulse": self.pulse}).encode()
+                           "pulse": self.pulse, "launch": self.launch}).encode()
 
     def _write(self) -> None:
         with contextlib.suppress(OSError):  # a failed write counts as silence on the others' side
@@ -181,7 +186,7 @@ def watching(training_args: Any, timeout: float | None) -> Iterator[None]:
         yield
         return
     dog = Watchdog(Path(training_args.output_dir) / FOLDER, training_args.process_index, training_args.world_size,
-                   timeout)
+                   timeout, launch=launch_mark())
     dog.start()
     _running.append(dog)
     try:
@@ -189,6 +194,16 @@ def watching(training_args: Any, timeout: float | None) -> Iterator[None]:
     finally:
         _running.remove(dog)
         dog.stop()
+
+
+def launch_mark() -> str:
+    """One mark per launch, the same on every rank: the first rank's, through the process group's store, which every
+    launch starts new (a requeue's ranks then tell the frozen rank's file of the start before from their peers' files,
+    however early a peer froze). Empty without a process group."""
+    if not dist.is_initialized():
+        return ""
+    store = dist.distributed_c10d._get_default_store()  # host-side: no device sync
+    return store.compare_set(f"{FOLDER}:launch", "", uuid.uuid4().hex).decode()
 
 
 def enter(section: str, kind: str) -> None:
