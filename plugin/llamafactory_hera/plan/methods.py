@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.plan import count, estimate
-from llamafactory_hera.plan.cards import MFU, Card
+from llamafactory_hera.plan.cards import Card, mfu
 from llamafactory_hera.plan.report import GiB, duration, fit_line, memory_table, span
 
 STREAMS = {"harmful": 6, "harmless": 4, "pseudo": 2}  # HARC's micro-batch rows per stream (its keys' defaults)
@@ -25,7 +25,7 @@ def trained_parts(recipe: dict) -> tuple[str, ...]:
 
 
 def _seconds(flops: float, card: Card) -> str:
-    return duration(tuple(flops / (card.bf16_tflops * 1e12 * mfu) for mfu in MFU))
+    return duration(card.seconds(flops, mfu("ddp")[0]))  # one GPU's passes outside the step
 
 
 def _head(config: Any, counts: dict[str, float], what: str) -> str:
@@ -56,8 +56,9 @@ def harc(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Car
                  + ", ".join(f"{name} {n * per_row / 1e12:.2f}" for name, n in rows.items())
                  + f" + KL reference forward (retain rows, no grad) {counts['reference'] / 1e12:.2f}")
     t = estimate.times(counts["flops"], setup, card, 1000, length, estimate.communicated(counts, setup))
+    band, source = mfu(setup.engine, setup.bits)
     lines.append(f"  step {span(t['step'], 's')}; run of {t['steps'][1]} steps: {duration(t['run'])}, "
-                 f"{span(t['gpu-hours'], '')} GPU-hours (at {MFU[0]:.0%}-{MFU[1]:.0%} MFU)")
+                 f"{span(t['gpu-hours'], '')} GPU-hours (at {band[0]:.0%}-{band[1]:.0%} MFU: {source})")
     sets = 5 if recipe.get("harc_harmful_completions") else 2
     refresh = int(recipe.get("harc_refresh_steps", 100))
     times = 1 + (t["steps"][1] - 1) // refresh if refresh > 0 else 1
