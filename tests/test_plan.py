@@ -166,7 +166,7 @@ def test_times_at_the_mfu_band() -> None:
 
 @pytest.mark.parametrize(("engine", "bits", "band", "source"), [
     ("fsdp2", None, (0.33, 0.39), "torchtitan docs/performance.md, 8B FSDP on 8 H100"),
-    *[(engine, None, (0.33, 0.39), "torchtitan docs/performance.md, 8B FSDP on 8 H100; assumed: none published for it")
+    *[(engine, None, (0.33, 0.39), "8B FSDP on 8 H100; FSDP2's, none published for this engine")
       for engine in ("zero3", "zero2", "ddp")],
     ("ddp", 4, (0.33 * 0.52, 0.39 * 0.56), "x 0.52-0.56 for 4-bit, ms-swift docs Benchmark.md"),
     ("fsdp2", 4, (0.33 * 0.52, 0.39 * 0.56), "x 0.52-0.56 for 4-bit, ms-swift docs Benchmark.md")])
