@@ -205,7 +205,6 @@ def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card
                 recipe: dict, hera: bool, sizes: Any) -> list[str]:
     (low, high), source = mfu(setup.engine, setup.bits)
     band = f"{low:.0%}-{high:.0%} MFU ({source}) of {card.bf16_tflops:g} TFLOP/s bf16"
-    one = mfu("ddp")[0]  # one GPU, bf16: the teacher and head selection
     lines = []
     for name in ("sft", "hera") if hera else ("sft",):
         ratio = sizes.padded / sizes.peak  # counted at the peak; at the mean: attention quadratic in the length
@@ -227,11 +226,11 @@ def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card
                      f"{t['steps'][0]} steps: {duration(t['epoch'])}; run of {t['steps'][1]} steps: "
                      f"{duration(t['run'])}, {span(t['gpu-hours'], '')} GPU-hours")
     if hera:
-        teacher = card.seconds(estimate.teacher_flops(rows), one)
+        teacher = card.seconds(estimate.teacher_flops(rows), mfu("ddp")[0])  # bf16, one GPU
         line = f"  teacher precompute ({rows} images, DINOv2-L, one GPU): {duration(teacher)}"
         if recipe.get("hera_heads", "auto") == "auto":
             select = int(recipe.get("hera_select_samples", 1000))
-            seconds = card.seconds(estimate.selection_flops(counts["hera"], select), one)
+            seconds = card.seconds(estimate.selection_flops(counts["hera"], select), mfu("ddp", setup.bits)[0])
             line += f"; head selection ({select} pairs, one GPU): {duration(seconds)}"
             if not card.holds(2 * counts["hera"]["params"]):
                 line += (" of compute; the bf16 model exceeds one GPU, whose CPU-offloaded layers are copied in every "

@@ -24,8 +24,8 @@ def trained_parts(recipe: dict) -> tuple[str, ...]:
     return tuple(name for name, (key, frozen) in keys.items() if not recipe.get(key, frozen))
 
 
-def _seconds(flops: float, card: Card) -> str:
-    return duration(card.seconds(flops, mfu("ddp")[0]))  # one GPU's passes outside the step
+def _seconds(flops: float, card: Card, bits: int | None) -> str:
+    return duration(card.seconds(flops, mfu("ddp", bits)[0]))  # one GPU's passes outside the step
 
 
 def _head(config: Any, counts: dict[str, float], what: str) -> str:
@@ -65,7 +65,7 @@ def harc(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Car
     extracted = sets * int(recipe.get("harc_extract_samples", 300))
     one = counts["reference"] / shape.reference_rows * extracted
     lines.append(f"  directions: {extracted} rows forward ({sets} row sets), {times} times (start + refreshes): "
-                 f"{one * times / 1e12:.1f} TFLOPs, {_seconds(one * times, card)}")
+                 f"{one * times / 1e12:.1f} TFLOPs, {_seconds(one * times, card, setup.bits)}")
     lines.append(f"(counted in {time.time() - started:.0f} s on this CPU)")
     return "\n".join(lines)
 
@@ -100,10 +100,10 @@ def rah(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card
     kl, tries = int(recipe.get("rah_kl_samples", 8)), int(recipe.get("rah_halvings", 5)) + 1
     isal, caf = counts["isal"]["flops"] * math.ceil(samples / size), counts["caf"]["flops"] * probes
     per_try = counts["isal"]["flops"] / size * kl
-    lines.append(f"  I-SAL: {samples} rows forward, {isal / 1e12:.1f} TFLOPs, {_seconds(isal, card)}; "
-                 f"CAF: {probes} rows forward + backward, {caf / 1e12:.1f} TFLOPs, {_seconds(caf, card)}")
+    lines.append(f"  I-SAL: {samples} rows forward, {isal / 1e12:.1f} TFLOPs, {_seconds(isal, card, setup.bits)}; "
+                 f"CAF: {probes} rows forward + backward, {caf / 1e12:.1f} TFLOPs, {_seconds(caf, card, setup.bits)}")
     lines.append(f"  each target head: 1-{tries} forwards of {kl} rows, {per_try / 1e12:.2f} TFLOPs each, "
-                 f"{_seconds(per_try, card)} (targets are known after scoring)")
+                 f"{_seconds(per_try, card, setup.bits)} (targets are known after scoring)")
     lines.append(f"(counted in {time.time() - started:.0f} s on this CPU)")
     return "\n".join(lines)
 
