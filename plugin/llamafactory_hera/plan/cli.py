@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.plan import estimate, families
-from llamafactory_hera.plan.cards import CARDS, DEFAULT_CARD, MFU, Card
+from llamafactory_hera.plan.cards import CARDS, DEFAULT_CARD, Card, mfu
 from llamafactory_hera.plan.report import duration, fit_line, memory_table, span
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.host_arguments import liger_applies_to
@@ -203,7 +203,8 @@ def card_here() -> str:
 
 def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card: Card, rows: int, known: bool,
                 recipe: dict, hera: bool, sizes: Any) -> list[str]:
-    band = f"{MFU[0]:.0%}-{MFU[1]:.0%} MFU of {card.bf16_tflops:g} TFLOP/s bf16"
+    (low, high), source = mfu(setup.engine, setup.bits)
+    band = f"{low:.0%}-{high:.0%} MFU ({source}) of {card.bf16_tflops:g} TFLOP/s bf16"
     lines = []
     for name in ("sft", "hera") if hera else ("sft",):
         ratio = sizes.padded / sizes.peak  # counted at the peak; at the mean: attention quadratic in the length
@@ -225,12 +226,11 @@ def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card
                      f"{t['steps'][0]} steps: {duration(t['epoch'])}; run of {t['steps'][1]} steps: "
                      f"{duration(t['run'])}, {span(t['gpu-hours'], '')} GPU-hours")
     if hera:
-        teacher = tuple(estimate.teacher_flops(rows) / (card.bf16_tflops * 1e12 * m) for m in MFU)
+        teacher = card.seconds(estimate.teacher_flops(rows), mfu("ddp")[0])  # bf16, one GPU
         line = f"  teacher precompute ({rows} images, DINOv2-L, one GPU): {duration(teacher)}"
         if recipe.get("hera_heads", "auto") == "auto":
             select = int(recipe.get("hera_select_samples", 1000))
-            seconds = tuple(estimate.selection_flops(counts["hera"], select) / (card.bf16_tflops * 1e12 * m)
-                            for m in MFU)
+            seconds = card.seconds(estimate.selection_flops(counts["hera"], select), mfu("ddp", setup.bits)[0])
             line += f"; head selection ({select} pairs, one GPU): {duration(seconds)}"
             if not card.holds(2 * counts["hera"]["params"]):
                 line += (" of compute; the bf16 model exceeds one GPU, whose CPU-offloaded layers are copied in every "

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from llamafactory_hera.placement import quantized_bytes_per_weight
-from llamafactory_hera.plan.cards import MFU, Card
+from llamafactory_hera.plan.cards import Card, mfu
 from llamafactory_hera.recipe.dataset_info import as_names, dataset_info
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.arguments import truthy
@@ -225,14 +225,14 @@ def communicated(counts: dict[str, float], setup: Setup) -> tuple[float, float]:
 
 def times(flops_micro: float, setup: Setup, card: Card, rows: int, tokens_per_row: int,
           comm: tuple[float, float] = (0.0, 0.0)) -> dict[str, tuple]:
-    """Seconds (fast, slow) at the :data:`MFU` band of ``card``: an optimizer step (every GPU runs its micro-batches
-    at once; each micro-step takes the longer of its compute and its ``comm[0]`` bytes on the card's link, the
-    engines prefetching the next layer's gather while one computes, then ``comm[1]`` bytes a step), an epoch of
-    ``rows``, the run (``num_train_epochs`` or ``max_steps``), and the run's GPU-hours; tokens per second; the
-    communication's seconds a step at the link's datasheet rate each way (a floor: NCCL reaches less)."""
+    """Seconds (fast, slow) at the engine's MFU band (``cards.mfu``) of ``card``: an optimizer step (every GPU runs
+    its micro-batches at once; each micro-step takes the longer of its compute and its ``comm[0]`` bytes on the
+    card's link, the engines prefetching the next layer's gather while one computes, then ``comm[1]`` bytes a step),
+    an epoch of ``rows``, the run (``num_train_epochs`` or ``max_steps``), and the run's GPU-hours; tokens per
+    second; the communication's seconds a step at the link's datasheet rate each way (a floor: NCCL reaches less)."""
     link = card.link_gbs / 2 * 1e9
-    step = tuple(setup.accumulation * max(flops_micro / (card.bf16_tflops * 1e12 * mfu), comm[0] / link)
-                 + comm[1] / link for mfu in reversed(MFU))
+    step = tuple(setup.accumulation * max(compute, comm[0] / link) + comm[1] / link
+                 for compute in card.seconds(flops_micro, mfu(setup.engine, setup.bits)[0]))
     steps_per_epoch = math.ceil(rows / (setup.batch * setup.gpus * setup.accumulation))
     run_steps = setup.max_steps if setup.max_steps > 0 else math.ceil(steps_per_epoch * setup.epochs)
     tokens = setup.batch * setup.gpus * setup.accumulation * tokens_per_row

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.plan import count, estimate
-from llamafactory_hera.plan.cards import MFU, Card
+from llamafactory_hera.plan.cards import Card, mfu
 from llamafactory_hera.plan.report import GiB, duration, fit_line, memory_table, span
 
 STREAMS = {"harmful": 6, "harmless": 4, "pseudo": 2}  # HARC's micro-batch rows per stream (its keys' defaults)
@@ -24,8 +24,8 @@ def trained_parts(recipe: dict) -> tuple[str, ...]:
     return tuple(name for name, (key, frozen) in keys.items() if not recipe.get(key, frozen))
 
 
-def _seconds(flops: float, card: Card) -> str:
-    return duration(tuple(flops / (card.bf16_tflops * 1e12 * mfu) for mfu in MFU))
+def _seconds(flops: float, card: Card, bits: int | None) -> str:
+    return duration(card.seconds(flops, mfu("ddp", bits)[0]))  # one GPU's passes outside the step
 
 
 def _head(config: Any, counts: dict[str, float], what: str) -> str:
@@ -56,15 +56,16 @@ def harc(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Car
                  + ", ".join(f"{name} {n * per_row / 1e12:.2f}" for name, n in rows.items())
                  + f" + KL reference forward (retain rows, no grad) {counts['reference'] / 1e12:.2f}")
     t = estimate.times(counts["flops"], setup, card, 1000, length, estimate.communicated(counts, setup))
+    band, source = mfu(setup.engine, setup.bits)
     lines.append(f"  step {span(t['step'], 's')}; run of {t['steps'][1]} steps: {duration(t['run'])}, "
-                 f"{span(t['gpu-hours'], '')} GPU-hours (at {MFU[0]:.0%}-{MFU[1]:.0%} MFU)")
+                 f"{span(t['gpu-hours'], '')} GPU-hours (at {band[0]:.0%}-{band[1]:.0%} MFU: {source})")
     sets = 5 if recipe.get("harc_harmful_completions") else 2
     refresh = int(recipe.get("harc_refresh_steps", 100))
     times = 1 + (t["steps"][1] - 1) // refresh if refresh > 0 else 1
     extracted = sets * int(recipe.get("harc_extract_samples", 300))
     one = counts["reference"] / shape.reference_rows * extracted
     lines.append(f"  directions: {extracted} rows forward ({sets} row sets), {times} times (start + refreshes): "
-                 f"{one * times / 1e12:.1f} TFLOPs, {_seconds(one * times, card)}")
+                 f"{one * times / 1e12:.1f} TFLOPs, {_seconds(one * times, card, setup.bits)}")
     lines.append(f"(counted in {time.time() - started:.0f} s on this CPU)")
     return "\n".join(lines)
 
@@ -99,10 +100,10 @@ def rah(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card
     kl, tries = int(recipe.get("rah_kl_samples", 8)), int(recipe.get("rah_halvings", 5)) + 1
     isal, caf = counts["isal"]["flops"] * math.ceil(samples / size), counts["caf"]["flops"] * probes
     per_try = counts["isal"]["flops"] / size * kl
-    lines.append(f"  I-SAL: {samples} rows forward, {isal / 1e12:.1f} TFLOPs, {_seconds(isal, card)}; "
-                 f"CAF: {probes} rows forward + backward, {caf / 1e12:.1f} TFLOPs, {_seconds(caf, card)}")
+    lines.append(f"  I-SAL: {samples} rows forward, {isal / 1e12:.1f} TFLOPs, {_seconds(isal, card, setup.bits)}; "
+                 f"CAF: {probes} rows forward + backward, {caf / 1e12:.1f} TFLOPs, {_seconds(caf, card, setup.bits)}")
     lines.append(f"  each target head: 1-{tries} forwards of {kl} rows, {per_try / 1e12:.2f} TFLOPs each, "
-                 f"{_seconds(per_try, card)} (targets are known after scoring)")
+                 f"{_seconds(per_try, card, setup.bits)} (targets are known after scoring)")
     lines.append(f"(counted in {time.time() - started:.0f} s on this CPU)")
     return "\n".join(lines)
 
