@@ -78,7 +78,7 @@ def test_two_ranks_learning_of_the_stop_a_step_apart_stop_at_the_same_step(monke
     for step in range(1, 6):
         state = type("State", (), {"global_step": step, "max_steps": 10})()
         if step == 2:
-            ranks[0].received = True
+            ranks[0].noted = lambda: True  # this rank's process noted the signal
         for rank in (1, 0):  # rank 1 ends each step first
             control = type("Control", (), {"should_save": False, "should_training_stop": False})()
             ranks[rank].on_step_end(None, state, control)

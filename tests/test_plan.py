@@ -279,7 +279,8 @@ def test_plan_refuses_what_training_refuses_with_its_line(tiny_recipe, override,
     from llamafactory_hera_patches.launch import check_before_ranks
 
     recipe = {**yaml.safe_load(tiny_recipe.read_text()), "stage": "hera", "quantization_bit": None,
-              "hera_heads": ["L0H1"], "hera_lambda": 0.1}
+              "hera_heads": ["L0H1"], "hera_lambda": 0.1,
+              "enable_liger_kernel": False}  # training asks this machine for liger-kernel first; plan does not
     tiny_recipe.write_text(yaml.safe_dump(recipe))
     with pytest.raises(RecipeError) as training:
         check_before_ranks(["llamafactory-cli", "train", str(tiny_recipe), override])

@@ -200,13 +200,13 @@ class _StopOnSignal(TrainerCallback):
     def __init__(self, name: str, output_dir: str) -> None:
         self.signum = getattr(signal, name.upper(), None)
         self.name, self.key = name.upper(), f"llamafactory_hera_stop:{output_dir}"
-        self.stop_step, self.stopped = None, False
+        self.stop_step, self.stopped, self.noted = None, False, stop_signal.received  # noted: this process's
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         watchdog.enter(f"step {state.global_step + 1}", "step")
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        received = stop_signal.received()  # noted since the stage started (lifecycle.stop_signal)
+        received = self.noted()  # noted since the stage started (lifecycle.stop_signal)
         if self.stop_step is None and received and not dist.is_initialized():
             self.stop_step = state.global_step
         elif self.stop_step is None and self.signum is not None and dist.is_initialized():
@@ -232,7 +232,8 @@ class WholeCheckpoints:
         watchdog.enter("the end of the run (final save)", "save")
         if not stop.stopped:
             return result
-        moved = " without overwrite_output_dir: true (which moves it aside)" if self.args.overwrite_output_dir else ""
+        moved = (" without overwrite_output_dir: true (which moves it aside)"
+                 if getattr(self.args, "overwrite_output_dir", False) else "")  # LLaMA-Factory's key
         say_once(f"{stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"  # type: ignore
                  f"{self.state.global_step} and stopped; to go on, {stop_signal.RERUN}{moved}.")
         if dist.is_initialized():
