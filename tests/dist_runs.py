@@ -30,7 +30,7 @@ PROBE = str(Path(__file__).with_name("dist_probe.py"))
 
 def launch_runs(runs: list[dict[str, Any]], tmp: Path, processes: int, env: dict[str, str] | None = None,
                 launcher: list[str] | None = None, seconds_per_run: int = 240,
-                warm: bool = True) -> list[dict[str, Any]]:
+                warm: bool | None = None) -> list[dict[str, Any]]:
     """Run each of ``runs`` (``{"recipe": ..., "env": {...}}``, ``env`` optional) one after another in one process
     (``processes`` 1) or one torchrun of ``processes`` ranks (or ``launcher``, e.g. ``accelerate launch --config_file
     ...``), ``env`` set for the whole launch; the process sees the engines any run uses. Each result holds its run's
@@ -40,7 +40,8 @@ def launch_runs(runs: list[dict[str, Any]], tmp: Path, processes: int, env: dict
 
     Without ``launcher``, the process or torchrun's ranks are forked from this worker's warm process
     (tests/warm_launch.py: the same script, environment and ranks' variables, none of the imports) unless ``warm`` is
-    False; the launchers users type run for real in tests/dist_runs.py's :func:`torchrun_cli`, the accelerate tests
+    False, or None with ``HERA_TESTS_REAL_LAUNCHES=1`` (every launch real: to weigh the warm path or rule it out); the
+    launchers users type run for real in tests/dist_runs.py's :func:`torchrun_cli`, the accelerate tests
     and tests/test_warm_launch.py."""
     runs = [{"recipe": run["recipe"], "env": run.get("env", {})} for run in runs]
     tmp.mkdir(parents=True, exist_ok=True)
@@ -51,6 +52,8 @@ def launch_runs(runs: list[dict[str, Any]], tmp: Path, processes: int, env: dict
     written += [Path(run["recipe"]["output_dir"]) for run in runs if "output_dir" in run["recipe"]]
     options = dict(cwd=tmp, env=offline_env(tmp, False, engines, PYTHONUNBUFFERED="1", **(env or {})),
                    timeout=seconds_per_run * len(runs))
+    if warm is None:
+        warm = os.environ.get("HERA_TESTS_REAL_LAUNCHES") != "1"
     if warm and launcher is None:
         options["env"][LAUNCH_ENV] = f"{os.getpid()}-{time.time_ns()}"  # as run_process marks a launch
         proc = warm_launch(PROBE, [str(tmp / "runs.json"), str(tmp / "out.pt")], processes=processes, port=free_port(),

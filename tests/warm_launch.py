@@ -43,8 +43,10 @@ SERVER = str(Path(__file__).with_name("warm_server.py"))
 PROBE_MODULES = ("accelerate.state", "torch", "frozen_heap", "llamafactory.train.tuner", "transformers",
                  "transformers.integrations.deepspeed", "llamafactory_hera.heads.architecture",
                  "llamafactory_hera.hera.teacher", "llamafactory_hera.hera.teacher_cache")
+# PYTEST_CURRENT_TEST names the test (only transformers' and torch's testing modules read it, which a run does not
+# import); the others are folders or marks a run reads when it gets there
 READ_AT_RUN_TIME = ("LLAMAFACTORY_HERA_CACHE", "HERA_TESTS_LAUNCH", "HERA_TEST_ENGINE_EVIDENCE",
-                    "HERA_TEST_FSDP_EVIDENCE")
+                    "HERA_TEST_FSDP_EVIDENCE", "PYTEST_CURRENT_TEST")
 SHARED_FOLDERS = ("HF_HOME", "MPLCONFIGDIR")
 STARTUP_WITH_RANK = ("HERA_TEST_RANK_MARKER",)
 _SERVERS: dict[tuple, WarmServer] = {}
