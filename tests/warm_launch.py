@@ -45,6 +45,8 @@ PROBE_MODULES = ("accelerate.state", "torch", "frozen_heap", "llamafactory.train
                  "llamafactory_hera.hera.teacher", "llamafactory_hera.hera.teacher_cache")
 # PYTEST_CURRENT_TEST names the test (only transformers' and torch's testing modules read it, which a run does not
 # import); the others are folders or marks a run reads when it gets there
+# and, where the launch sees DeepSpeed, what the script imports of it at its start (deepspeed_groups_reset)
+DEEPSPEED_MODULES = ("deepspeed.comm.comm", "deepspeed.utils.groups")
 READ_AT_RUN_TIME = ("LLAMAFACTORY_HERA_CACHE", "HERA_TESTS_LAUNCH", "HERA_TEST_ENGINE_EVIDENCE",
                     "HERA_TEST_FSDP_EVIDENCE", "PYTEST_CURRENT_TEST")
 SHARED_FOLDERS = ("HF_HOME", "MPLCONFIGDIR")
@@ -115,8 +117,12 @@ def torchrun_env(rank: int, processes: int, port: int) -> dict[str, str]:
             "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")}
 
 
-def server_for(env: dict[str, str], modules: tuple[str, ...] = PROBE_MODULES) -> WarmServer:
-    """This worker's warm process for launches of environment ``env`` (started at the first)."""
+def server_for(env: dict[str, str], modules: tuple[str, ...] | None = None) -> WarmServer:
+    """This worker's warm process for launches of environment ``env`` (started at the first), which imported
+    ``modules`` (default: tests/dist_probe.py's, :data:`PROBE_MODULES` and :data:`DEEPSPEED_MODULES`)."""
+    if modules is None:
+        hidden = env.get("HERA_TESTS_HIDDEN", "").split(",")
+        modules = PROBE_MODULES + (() if "deepspeed" in hidden else DEEPSPEED_MODULES)
     refused = [key for key in STARTUP_WITH_RANK if key in env]
     if refused:
         raise ValueError(f"{refused}: a start-up hook acts on the rank's variables; launch it for real")
