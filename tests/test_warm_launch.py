@@ -11,7 +11,7 @@ import pytest
 import torch
 import warm_server
 from dist_runs import launch_runs
-from warm_launch import _SERVERS, CPU_SECONDS, server_for
+from warm_launch import _SERVERS, CPU_SECONDS, close_warm_servers, server_for
 
 from conftest import base_recipe
 
@@ -34,7 +34,7 @@ def test_a_warm_two_rank_launch_trains_as_a_real_torchrun_launch(assets, tmp_pat
     before = _children_cpu()
     real = run("real", False)
     real_cpu = _children_cpu() - before
-    _SERVERS.clear()  # a warm process of its own, to measure its start (the atexit hook still ends any other)
+    close_warm_servers()  # a warm process of its own, to measure its start
     warm = run("warm", True)
     server = next(iter(_SERVERS.values()))
     startup = psutil.Process(server.process.pid).cpu_times()
