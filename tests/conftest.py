@@ -28,6 +28,7 @@ import yaml
 from cost_record import pytest_runtest_protocol  # noqa: F401 - hook
 from frozen_heap import pytest_collection_finish, pytest_runtest_logfinish  # noqa: F401 - hooks
 from slow_first import pytest_collection_modifyitems as put_slow_modules_first
+from warm_launch import close_warm_servers
 
 from llamafactory_hera._bootstrap import register_methods
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
@@ -505,7 +506,9 @@ def leftover_processes() -> list[Any]:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
     """The run ends everything it started: a process still alive at the end (a web UI, a rank, a server) is
-    killed and fails the run (checked once, by the controller after xdist has stopped its workers)."""
+    killed and fails the run (checked once, by the controller after xdist has stopped its workers); each process
+    first ends its warm processes (tests/warm_launch.py)."""
+    close_warm_servers()
     yield
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return

@@ -116,6 +116,30 @@ def as_a_new_process() -> None:
     freeze_what_is_alive()
 
 
+def patches_applied() -> dict[str, list[str]]:
+    """What the plugin's start-up hook patched in this process: per host module it patched, every name there (a
+    module global, or a class's attribute) bound to plugin code, as ``name=qualname@file:line``."""
+    finder = next(f for f in sys.meta_path if type(f).__name__ == "_PostImportFinder")
+    patched = type(finder).find_spec.__globals__["_patched"]
+
+    def plugin_names(space: dict, prefix: str) -> list[str]:
+        found = []
+        for name, value in space.items():
+            code = getattr(getattr(value, "__func__", value), "__code__", None)
+            if code is not None and "llamafactory_hera" in code.co_filename:
+                found.append(f"{prefix}{name}={value.__qualname__}@"
+                             f"{code.co_filename.rsplit('site-packages', 1)[-1]}:{code.co_firstlineno}")
+        return found
+
+    fingerprint = {}
+    for module_name in sorted(patched):
+        space = vars(sys.modules[module_name])
+        fingerprint[module_name] = sorted(plugin_names(space, "") + [
+            line for name, value in space.items() if isinstance(value, type) and value.__module__ == module_name
+            for line in plugin_names(vars(value), f"{name}.")])
+    return fingerprint
+
+
 MARK = "[dist_probe] run"
 reset_deepspeed = deepspeed_groups_reset()
 results = []
@@ -132,7 +156,7 @@ for index, run in enumerate(json.loads(Path(sys.argv[1]).read_text())):
         print(f"{MARK} {index}", flush=True)
     probe = Probe()
     run_exp(run["recipe"], callbacks=[probe])
-    results.append({"grads": probe.grads or {}, "logs": probe.logs})
+    results.append({"grads": probe.grads or {}, "logs": probe.logs, "patches": patches_applied()})
     del probe
 if int(os.environ.get("RANK", "0")) == 0:
     torch.save(results, sys.argv[2])

@@ -11,50 +11,69 @@ LLaMA-Factory's launcher.py (FSDP2).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from engine_checks import evidence_env
+from warm_launch import warm_launch
 
-from conftest import engines_of, free_port, offline_env, run_once_more_if_aborted_at_exit, run_train
+from conftest import LAUNCH_ENV, engines_of, free_port, offline_env, run_once_more_if_aborted_at_exit, run_train
 
 PROBE = str(Path(__file__).with_name("dist_probe.py"))
 
 
 def launch_runs(runs: list[dict[str, Any]], tmp: Path, processes: int, env: dict[str, str] | None = None,
-                launcher: list[str] | None = None, seconds_per_run: int = 240) -> list[dict[str, Any]]:
+                launcher: list[str] | None = None, seconds_per_run: int = 240,
+                warm: bool | None = None) -> list[dict[str, Any]]:
     """Run each of ``runs`` (``{"recipe": ..., "env": {...}}``, ``env`` optional) one after another in one process
     (``processes`` 1) or one torchrun of ``processes`` ranks (or ``launcher``, e.g. ``accelerate launch --config_file
     ...``), ``env`` set for the whole launch; the process sees the engines any run uses. Each result holds its run's
     first-step gradients and logs (tests/dist_probe.py) and its stdout (rank 0's, and the other ranks' as it came:
     unbuffered, so a rank's line lands in its run's part). Should a rank abort at exit, the launch runs again from
-    clean folders (outputs, evidence, feature caches)."""
+    clean folders (outputs, evidence, feature caches).
+
+    Without ``launcher``, the process or torchrun's ranks are forked from this worker's warm process
+    (tests/warm_launch.py: the same script, environment and ranks' variables, none of the imports) unless ``warm`` is
+    False, or None with ``HERA_TESTS_REAL_LAUNCHES=1`` (every launch real: to weigh the warm path or rule it out); the
+    launchers users type run for real in tests/dist_runs.py's :func:`torchrun_cli`, the accelerate tests
+    and tests/test_warm_launch.py."""
     runs = [{"recipe": run["recipe"], "env": run.get("env", {})} for run in runs]
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "runs.json").write_text(json.dumps(runs))
-    if launcher is None:
-        launcher = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes),
-                    "--master_addr", "127.0.0.1", "--master_port", str(free_port())] if processes > 1 \
-            else [sys.executable]
     engines = tuple(sorted({name for run in runs for name in engines_of(run["recipe"])}))
     written = [tmp / "hera_cache", *(Path(folder) for run in runs for key, folder in run["env"].items()
                                      if key.startswith("HERA_TEST_") and key.endswith("_EVIDENCE"))]
     written += [Path(run["recipe"]["output_dir"]) for run in runs if "output_dir" in run["recipe"]]
-    proc = run_once_more_if_aborted_at_exit(
-        [*launcher, PROBE, str(tmp / "runs.json"), str(tmp / "out.pt")],
-        dict(cwd=tmp, env=offline_env(tmp, False, engines, PYTHONUNBUFFERED="1", **(env or {})),
-             timeout=seconds_per_run * len(runs)),
-        lambda: [shutil.rmtree(folder, ignore_errors=True) for folder in written])
+    options = dict(cwd=tmp, env=offline_env(tmp, False, engines, PYTHONUNBUFFERED="1", **(env or {})),
+                   timeout=seconds_per_run * len(runs))
+    if warm is None:
+        warm = os.environ.get("HERA_TESTS_REAL_LAUNCHES") != "1"
+    if warm and launcher is None:
+        options["env"][LAUNCH_ENV] = f"{os.getpid()}-{time.time_ns()}"  # as run_process marks a launch
+        proc = warm_launch(PROBE, [str(tmp / "runs.json"), str(tmp / "out.pt")], processes=processes, port=free_port(),
+                           **options)[0]
+    else:
+        proc = run_once_more_if_aborted_at_exit(
+            [*(launcher or torchrun(processes)), PROBE, str(tmp / "runs.json"), str(tmp / "out.pt")], options,
+            lambda: [shutil.rmtree(folder, ignore_errors=True) for folder in written])
     assert proc.returncode == 0, proc.stderr[-5000:]
     results = torch.load(tmp / "out.pt", weights_only=False)
     # rank 0's stdout of each run (what the plugin says once) follows its line "... run I"
     stdouts = re.split(r"^\[dist_probe\] run \d+$", proc.stdout, flags=re.M)[1:]
     assert len(results) == len(stdouts) == len(runs)
     return [{**result, "stdout": stdout} for result, stdout in zip(results, stdouts, strict=True)]
+
+
+def torchrun(processes: int) -> list[str]:
+    """``torchrun --nproc_per_node N`` on a free port (``python`` for one process)."""
+    return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port())] if processes > 1 else [sys.executable]
 
 
 def torchrun_cli(run: dict[str, Any], tmp: Path, timeout: int = 900) -> dict[str, Any]:

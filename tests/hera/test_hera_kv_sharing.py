@@ -120,5 +120,6 @@ def test_stock_sft_says_so_once_on_two_ranks(assets, tmp_path) -> None:
     family = dataclasses.replace(assets, models={"gemma4": zoo_model("gemma4", tmp_path / "zoo")},
                                  templates={"gemma4": ZOO["gemma4"][0]})
     recipe = base_recipe(family, "gemma4", tmp_path / "out", stage="sft", max_steps=1, hera_monitor_steps=0)
-    printed = launch_runs([{"recipe": recipe}], tmp_path / "launch", 2)[0]["stdout"]
+    # a real torchrun (not the warm probe): tests/USER_PATHS.md's torchrun path of stock SFT
+    printed = launch_runs([{"recipe": recipe}], tmp_path / "launch", 2, warm=False)[0]["stdout"]
     assert printed.count(NOTE) == 1, printed[-3000:]

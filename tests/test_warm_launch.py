@@ -1,0 +1,73 @@
+"""A warm launch (tests/warm_launch.py) runs what a real launch runs: the same patches, the same training."""
+
+from __future__ import annotations
+
+import resource
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import warm_server
+from dist_runs import launch_runs
+from warm_launch import _SERVERS, CPU_SECONDS, close_warm_servers, server_for
+
+from conftest import base_recipe
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def test_a_warm_two_rank_launch_trains_as_a_real_torchrun_launch(assets, tmp_path: Path, capsys) -> None:
+    """One real torchrun launch and one warm launch of the same tiny two-rank HeRA LoRA recipe (launches needed: the
+    warm path is compared with the real one): the plugin patched the same host modules with the same functions on
+    rank 0, and the first-step gradients (LoRA: their norm), every logged value and the saved adapter are equal bit
+    for bit. Prints the
+    CPU seconds of each (the real launch's processes; the warm launch's and, once per worker, its warm process's)."""
+    def run(name: str, warm: bool) -> dict:
+        recipe = base_recipe(assets, "qwen2_5_vl", tmp_path / name / "out", max_steps=2, save_steps=2)
+        return launch_runs([{"recipe": recipe}], tmp_path / name, 2, warm=warm)[0]
+
+    before = _children_cpu()
+    real = run("real", False)
+    real_cpu = _children_cpu() - before
+    close_warm_servers()  # a warm process of its own, to measure its start
+    warm = run("warm", True)
+    server = next(iter(_SERVERS.values()))
+    startup = psutil.Process(server.process.pid).cpu_times()
+    assert real["patches"] == warm["patches"]
+    assert {"llamafactory.train.tuner", "llamafactory.data.template"} <= set(warm["patches"])
+    assert real["grads"].keys() == warm["grads"].keys()  # LoRA: o_proj's frozen weight has none; the norm is logged
+    for layer, grad in real["grads"].items():
+        assert torch.equal(grad, warm["grads"][layer]), layer
+    assert real["logs"] == warm["logs"] and all({"loss", "grad_norm"} <= set(log) for log in real["logs"])
+    adapters = [(tmp_path / name / "out" / "adapter_model.safetensors").read_bytes() for name in ("real", "warm")]
+    assert adapters[0] == adapters[1]
+    second = launch_runs([{"recipe": base_recipe(assets, "qwen2_5_vl", tmp_path / "again" / "out", max_steps=2,
+                                                 save_steps=2)}], tmp_path / "again", 2)[0]
+    assert second["logs"] == real["logs"]  # a warm process serves launch after launch unchanged
+    with capsys.disabled():
+        print(f"\n[cpu] real torchrun launch {real_cpu:.1f} s; warm launches {CPU_SECONDS[-2]:.1f} and "
+              f"{CPU_SECONDS[-1]:.1f} s; warm process start {startup.user + startup.system:.1f} s")
+
+
+def test_the_warm_process_refuses_to_fork_beside_a_thread() -> None:
+    """fork copies the calling thread only: with another thread running the warm process refuses to serve."""
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        with pytest.raises(SystemExit, match="not safe to fork"):
+            warm_server.one_thread()
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_a_launch_whose_start_up_hook_reads_the_rank_is_refused() -> None:
+    """tests/process_hooks/sitecustomize.py marks a rank at start-up from RANK: a warm process never sees it."""
+    with pytest.raises(ValueError, match="HERA_TEST_RANK_MARKER"):
+        server_for({"HERA_TEST_RANK_MARKER": "/tmp/x"})

@@ -1,0 +1,165 @@
+"""Launches that cost their work, not their imports: a warm process per pytest worker forks each launch's ranks.
+
+A process a test launches spends 12-14 CPU s importing torch, transformers, LLaMA-Factory and the plugin before its
+first line of work; a two-rank torchrun launch pays it three times (torchrun and each rank). :func:`warm_launch`
+runs a script (tests/dist_probe.py) as ``python SCRIPT`` or ``torchrun --nproc_per_node N SCRIPT`` would, on ranks
+forked from a warm process (tests/warm_server.py) that imported the script's modules once, before any thread or
+process group was started. Each rank gets the environment torchrun's agent gives (:func:`torchrun_env`), the
+launch's folder and ``sys.argv``; the agent hosts the ranks' TCP store as torchrun's does. Exit code, stdout and
+stderr come back as from the subprocess.
+
+What a fresh interpreter decides from the environment at start-up (the plugin's ``.pth`` hook reads
+``LLAMAFACTORY_HERA_DISABLE``; the tests' start-up hooks on ``PYTHONPATH`` read ``HERA_TESTS_HIDDEN``, whether
+``HERA_TEST_ENGINE_EVIDENCE`` / ``HERA_TEST_FSDP_EVIDENCE`` are set; huggingface_hub, datasets and matplotlib read
+``HF_HOME`` / ``MPLCONFIGDIR``; Python reads ``PYTHONUNBUFFERED``) is decided in the warm process with the launch's own
+values: a warm process serves only launches whose environment equals the one it was started with, apart from
+:data:`READ_AT_RUN_TIME` (values read when the run reads them, after the rank's environment is set) and
+:data:`SHARED_FOLDERS` (a launch gets its warm process's folders: they are in the key otherwise, and every launch
+would start a warm process of its own). A launch naming a key of :data:`STARTUP_WITH_RANK` (a start-up hook that acts
+on the rank's own variables) is refused: it must be launched for real.
+
+tests/test_warm_launch.py proves a warm launch trains as a real one (same patches, same gradients, losses and adapter
+bit for bit). What the launcher itself does (torchrun's agent, ``llamafactory-cli train`` under ``FORCE_TORCHRUN``,
+``accelerate launch``, the fault chains' kills) stays tested by real launches (tests/dist_runs.py says which).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SERVER = str(Path(__file__).with_name("warm_server.py"))
+# modules tests/dist_probe.py imports, in its order: imported once per warm process
+PROBE_MODULES = ("accelerate.state", "torch", "frozen_heap", "llamafactory.train.tuner", "transformers",
+                 "transformers.integrations.deepspeed", "llamafactory_hera.heads.architecture",
+                 "llamafactory_hera.hera.teacher", "llamafactory_hera.hera.teacher_cache")
+# PYTEST_CURRENT_TEST names the test (only transformers' and torch's testing modules read it, which a run does not
+# import); the others are folders or marks a run reads when it gets there
+# and, where the launch sees DeepSpeed, what the script imports of it at its start (deepspeed_groups_reset)
+DEEPSPEED_MODULES = ("deepspeed.comm.comm", "deepspeed.utils.groups")
+READ_AT_RUN_TIME = ("LLAMAFACTORY_HERA_CACHE", "HERA_TESTS_LAUNCH", "HERA_TEST_ENGINE_EVIDENCE",
+                    "HERA_TEST_FSDP_EVIDENCE", "PYTEST_CURRENT_TEST")
+SHARED_FOLDERS = ("HF_HOME", "MPLCONFIGDIR")
+STARTUP_WITH_RANK = ("HERA_TEST_RANK_MARKER",)
+_SERVERS: dict[tuple, WarmServer] = {}
+CPU_SECONDS: list[float] = []  # per warm launch of this worker: its agent's and ranks' CPU time
+
+
+class WarmServer:
+    """One warm process (tests/warm_server.py) with its start-up environment."""
+
+    def __init__(self, env: dict[str, str], modules: tuple[str, ...]) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="hera_warm_"))
+        self.env = {**env, **{key: str(self.folder / key.lower()) for key in SHARED_FOLDERS}}
+        self.process = subprocess.Popen([sys.executable, SERVER, *modules], env=self.env, cwd=self.folder,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        start_new_session=True)
+        self.read("ready", 600)
+
+    def read(self, word: str, timeout: float, agent: int | None = None) -> list[str]:
+        """The next ``[warm] WORD ...`` line's fields (other lines: what an import printed, skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.process.stdout], [], [], left)[0]:
+                if agent is not None:  # the launch and its ranks; the server answers "done" once they are reaped
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(agent, signal.SIGKILL)
+                    fields = self.read("done", 60)
+                    raise TimeoutError(f"timed out after {timeout:.0f} s (exit {fields[0]}); its ranks were killed")
+                raise TimeoutError(f"the warm process said no '{word}' in {timeout:.0f} s")
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the warm process ended (exit {self.process.wait()}) before '{word}'")
+            if line.startswith(f"[warm] {word}"):
+                return line.split()[2:]
+
+    def launch(self, script: str, args: list[str], cwd: Path, envs: list[dict[str, str]], store_port: int | None,
+               timeout: float) -> tuple[subprocess.CompletedProcess, float]:
+        out, err = cwd / ".warm_stdout", cwd / ".warm_stderr"
+        for path in (out, err):
+            path.write_text("")
+        envs = [{**env, **{key: self.env[key] for key in SHARED_FOLDERS}} for env in envs]
+        request = {"script": script, "args": args, "cwd": str(cwd), "env": envs, "stdout": str(out),
+                   "stderr": str(err), "store_port": store_port}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        agent = int(self.read("pid", 60)[0])
+        code, cpu = self.read("done", timeout, agent)
+        result = subprocess.CompletedProcess(["warm", script, *args], int(code), out.read_text(), err.read_text())
+        return result, float(cpu)
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def torchrun_env(rank: int, processes: int, port: int) -> dict[str, str]:
+    """What torchrun's agent (torch/distributed/elastic/agent/server/local_elastic_agent.py) adds to a rank's
+    environment under ``--nproc_per_node N --master_addr 127.0.0.1 --master_port PORT`` on one node."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
+            "ROLE_NAME": "default", "LOCAL_WORLD_SIZE": str(processes), "WORLD_SIZE": str(processes),
+            "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+            "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")}
+
+
+def server_for(env: dict[str, str], modules: tuple[str, ...] | None = None) -> WarmServer:
+    """This worker's warm process for launches of environment ``env`` (started at the first), which imported
+    ``modules`` (default: tests/dist_probe.py's, :data:`PROBE_MODULES` and :data:`DEEPSPEED_MODULES`)."""
+    if modules is None:
+        hidden = env.get("HERA_TESTS_HIDDEN", "").split(",")
+        modules = PROBE_MODULES + (() if "deepspeed" in hidden else DEEPSPEED_MODULES)
+    refused = [key for key in STARTUP_WITH_RANK if key in env]
+    if refused:
+        raise ValueError(f"{refused}: a start-up hook acts on the rank's variables; launch it for real")
+    start = {key: value for key, value in env.items() if key not in SHARED_FOLDERS}
+    for key in READ_AT_RUN_TIME:  # whether it is set may be decided at start-up; its value is read at run time
+        if key in start:
+            start[key] = "set"
+    key = (tuple(sorted(start.items())), modules)
+    if key not in _SERVERS or _SERVERS[key].process.poll() is not None:
+        _SERVERS[key] = WarmServer(env, modules)
+    return _SERVERS[key]
+
+
+def warm_launch(script: str, args: list[str], *, cwd: Path, env: dict[str, str], processes: int, port: int,
+                timeout: float) -> tuple[subprocess.CompletedProcess, float]:
+    """``python SCRIPT ARGS`` (``processes`` 1) or ``torchrun --nproc_per_node N --master_addr 127.0.0.1
+    --master_port PORT SCRIPT ARGS`` on ranks forked from this worker's warm process; returns the completed process
+    (exit code, stdout and stderr as the subprocess's) and the CPU seconds of the launch's processes. A launch past
+    ``timeout`` is killed with its ranks and raises AssertionError with what it printed."""
+    server = server_for(env)
+    if processes == 1:
+        envs = [dict(env)]
+    else:  # torchrun sets OMP_NUM_THREADS=1 when it is unset
+        envs = [{"OMP_NUM_THREADS": "1", **env, **torchrun_env(rank, processes, port)} for rank in range(processes)]
+    try:
+        result, cpu = server.launch(script, args, cwd, envs, port if processes > 1 else None, timeout)
+    except TimeoutError as error:
+        printed = "\n".join(path.read_text()[-4000:] for path in (cwd / ".warm_stdout", cwd / ".warm_stderr"))
+        raise AssertionError(f"warm launch of {script}: {error}:\n{printed}") from None
+    CPU_SECONDS.append(cpu)
+    return result, cpu
+
+
+def close_warm_servers() -> None:
+    """End this worker's warm processes (before the run checks that nothing it started still runs)."""
+    while _SERVERS:
+        _SERVERS.popitem()[1].close()
+
+
+atexit.register(close_warm_servers)
