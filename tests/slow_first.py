@@ -28,6 +28,8 @@ SLOW_MODULES = {
     "tests/test_readme.py": 104,
     "tests/hera/test_hera_distributed.py": 100,
     "tests/test_host_only.py": 100,
+    "tests/test_multinode.py": 100,  # estimates: two simulated nodes, the requeue and a reference launch
+    "tests/test_warm_launch.py": 90,  # a real torchrun launch beside two warm ones
 }
 
 

@@ -41,7 +41,8 @@ def test_a_later_test_logs_through_those_handlers(capsys):
 @pytest.mark.parametrize("capture", ["fd", "no"])
 def test_handlers_made_under_capfd_outlive_the_test(tmp_path: Path, capture: str) -> None:
     """Under pytest's own capture (the session's streams are its files) and without (the terminal's)."""
-    for support in ("conftest.py", "cost_record.py", "slow_first.py", "frozen_heap.py"):  # conftest and its modules
+    # the conftest and the modules it imports
+    for support in ("conftest.py", "cost_record.py", "slow_first.py", "frozen_heap.py", "warm_launch.py"):
         (tmp_path / support).write_text(Path(__file__).with_name(support).read_text(encoding="utf-8"), encoding="utf-8")
     (tmp_path / "test_inner.py").write_text(INNER_TESTS, encoding="utf-8")
     proc = run_process([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",

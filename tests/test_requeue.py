@@ -190,3 +190,35 @@ def test_a_forked_worker_dies_of_the_signal_as_before(tmp_path: Path) -> None:
         _, status = os.waitpid(child, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
     assert not stop_signal.received()
+
+
+@pytest.mark.parametrize(("name", "steps"), [("sigusr1", False), ("sigterm", True)])
+def test_a_forked_worker_leaves_the_save_signal_to_its_rank(name: str, steps: bool) -> None:
+    """A scheduler signals every process of the job (SLURM's --signal, a preemption's SIGTERM): a data worker forked
+    while the run notes the save signal (SIGUSR1 from the start; SIGTERM in the steps, where no pool is terminated)
+    ignores it and lives on, so the rank saves rather than failing on a worker killed under it."""
+    signum = getattr(signal, name.upper())
+    with signals_raise(signum), stop_signal.noting(name, steps=steps):
+        ready, started = os.pipe()
+        child = os.fork()
+        if child == 0:  # the worker: says it runs, lives 0.5 s, ends with its own code
+            os.write(started, b"1")
+            time.sleep(0.5)
+            os._exit(3)
+        os.read(ready, 1)
+        os.kill(child, signum)
+        _, status = os.waitpid(child, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
+
+
+def test_the_ranks_of_a_distributed_pass_stop_together_after_it() -> None:
+    """Inside a distributed pass (the teacher's precompute on several ranks) a rank that noted the signal goes on
+    to the pass's end, where the ranks agree (an all-reduce of the flag, hera/teacher_run.py): a rank stopping alone
+    would leave the others waiting in the pass's gather. Every rank stops on the agreement, signalled or not."""
+    with signals_raise(signal.SIGUSR1), stop_signal.noting("sigusr1"):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with stop_signal.deferred():
+            stop_signal.stop_before_step("rows kept")  # held back: no stop inside the pass
+        stop_signal.stop_before_step("rows kept", agreed=False)  # no rank noted it: on
+        with pytest.raises(stop_signal.Stopped):
+            stop_signal.stop_before_step("rows kept", agreed=True)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 RERUN = "run the same command again"  # what every stop line tells: the same command continues the run
-_noted: dict[str, Any] = {"name": None, "received": False, "steps": False, "depth": 0}
+_noted: dict[str, Any] = {"name": None, "received": False, "steps": False, "depth": 0, "deferred": False}
 
 
 class Stopped(SystemExit):
@@ -46,9 +46,22 @@ def noting(name: str | None, steps: bool = False) -> Iterator[None]:
         _noted.update(before if before["depth"] == 0 else {"steps": before["steps"], "depth": before["depth"]})
 
 
-def stop_before_step(kept: str) -> None:
-    """After a kept batch of a pass before step 1: when the signal came, one line (rank 0) and :class:`Stopped`."""
-    if _noted["received"] and not _noted["steps"]:
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """No stop inside the block: the ranks of a distributed pass stop together after it (``agreed``), since a rank
+    that stopped alone would leave the others waiting in the pass's gather."""
+    before, _noted["deferred"] = _noted["deferred"], True
+    try:
+        yield
+    finally:
+        _noted["deferred"] = before
+
+
+def stop_before_step(kept: str, agreed: bool | None = None) -> None:
+    """After a kept batch of a pass before step 1: when the signal came (``agreed``: when any rank noted it, decided
+    together), one line (rank 0) and :class:`Stopped`."""
+    noted = _noted["received"] and not _noted["deferred"] if agreed is None else agreed
+    if noted and not _noted["steps"]:
         if os.environ.get("RANK", "0") == "0":
             print(f"[llamafactory-hera] {_noted['name']}: stopped before step 1, {kept}; to go on, {RERUN}: it starts "
                   "the run, reusing what was kept.", flush=True)
@@ -56,8 +69,13 @@ def stop_before_step(kept: str) -> None:
 
 
 def _default_in_child() -> None:
-    if _noted["name"] and signal.getsignal(getattr(signal, _noted["name"])) is _note:  # SIGTERM: Pool.terminate()
-        signal.signal(getattr(signal, _noted["name"]), signal.SIG_DFL)
+    """A forked child (a data worker, a preprocessing pool's worker) leaves the save signal to its rank: a scheduler
+    signals every process of the job, and a worker it killed would end the rank before its save. SIGTERM before the
+    steps gets its default back (``Pool.terminate()`` ends a pool's workers with it); otherwise ignored."""
+    name = _noted["name"]
+    if name and signal.getsignal(getattr(signal, name)) is _note:
+        default = name == "SIGTERM" and not _noted["steps"]
+        signal.signal(getattr(signal, name), signal.SIG_DFL if default else signal.SIG_IGN)
         _noted.update(name=None, received=False, depth=0)
 
 

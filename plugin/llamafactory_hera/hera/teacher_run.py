@@ -10,6 +10,7 @@ computed again. The pass keeps its rows in that store as it goes, so a rerun aft
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,6 +30,7 @@ from llamafactory_hera.hera.teacher import (
 )
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, TeacherFeatureStore, feature_store, image_key
 from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera_patches.lifecycle import stop_signal
 
 GATHER_ROWS = 4096  # rows per all-gather round: [4096, 1024] float32 is 16 MB per rank
 
@@ -104,12 +106,16 @@ def precompute_teacher_features(teacher: VisionTeacher, image_processor: Any, by
         if store is not None:
             store.add(rows, persist=True)
 
-    local = image_features(teacher, image_processor, [by_key[k] for k in mine], batch_size, progress=progress,
-                           desc=desc, opener=opener, keep=keep).float()  # [len(mine), E]
+    with stop_signal.deferred() if world > 1 else contextlib.nullcontext():  # the ranks stop together, below
+        local = image_features(teacher, image_processor, [by_key[k] for k in mine], batch_size, progress=progress,
+                               desc=desc, opener=opener, keep=keep).float()  # [len(mine), E]
     if world == 1:
         return len(mine), len(stored)
     backend = torch.distributed.get_backend()
     comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    noted = torch.tensor([float(stop_signal.received())], device=comm)
+    torch.distributed.all_reduce(noted)  # every rank, signalled or not: one stop for all, after each kept its rows
+    stop_signal.stop_before_step("the teacher features computed so far kept in its store", agreed=noted.item() > 0)
     per_rank = -(-len(keys) // world)
     padded = torch.zeros(per_rank, local.shape[-1], dtype=local.dtype, device=comm)
     padded[:len(mine)] = local.to(comm)
