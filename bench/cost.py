@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from llamafactory_hera.plan import counter as cc
 from llamafactory_hera.plan.count import head_layers
-from llamafactory_hera.plan.estimate import quantized_bytes_per_weight
+from llamafactory_hera.recipe.quantization import quantized_bytes_per_weight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cost_count as cx  # noqa: E402

@@ -18,27 +18,16 @@ from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_au
 
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.log import show
+from llamafactory_hera.recipe.quantization import quantized_bytes_per_weight
 from llamafactory_hera_patches.errors import RecipeError
 
 HEADROOM = 0.9  # of what is free: the batch's activations, the allocator's blocks, the loader's transient copies
 FIX = "Free memory or run on a machine with more GPU memory or RAM"
-NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit: weights per absmax; absmax values per second-level scale
 
 
 def gb(size: float) -> str:
     """Bytes as decimal GB, as checkpoints' sizes are quoted."""
     return f"{size / 1e9:.1f} GB"
-
-
-def quantized_bytes_per_weight(bits: int, double_quant: bool = True, row_width: int | None = None) -> float:
-    """Bytes bitsandbytes stores per linear weight: 4-bit (nf4 / fp4) with one absmax per block of 64 weights, a
-    float32 or, with double quantization, 1 byte plus a float32 per 256 blocks; 8-bit (LLM.int8) 1 byte plus a
-    float32 scale per output row (``4 / row_width`` per weight; no ``row_width``: not counted)."""
-    if bits == 4:
-        return 0.5 + ((1 + 4 / NESTED_BLOCK) if double_quant else 4) / NF4_BLOCK
-    if bits == 8:
-        return 1 + (4 / row_width if row_width else 0)
-    raise ValueError(f"quantization_bit: bitsandbytes quantizes to 4 or 8 bits, not {bits}")
 
 
 def stored_bytes(meta: torch.nn.Module, dtype: str, bits: int | None = None, double_quant: bool = True) -> int:

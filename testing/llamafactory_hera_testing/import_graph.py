@@ -180,8 +180,9 @@ ENTRIES = ("hera.trainer", "hera.workflow", "rah.workflow", "harc.trainer", "har
 # weights read in the modules' calls under ZeRO-3) beside the projection; a module raises RecipeError from where it is
 # defined (llamafactory_hera_patches/errors.py), not through the one-line report's module (job_refusal.py); a
 # trainer and a workflow the watchdog (training/watchdog.py), which times the passes, steps and saves, and the save
-# signal noted from the stage's start (lifecycle/stop_signal.py), which the passes before step 1 stop on
-TRAINER_FILES, WORKFLOW_FILES = 21, 48
+# signal noted from the stage's start (lifecycle/stop_signal.py), which the passes before step 1 stop on; a
+# workflow's placement the quantized bytes a weight takes (recipe/quantization.py, torch-free: plan reads it too)
+TRAINER_FILES, WORKFLOW_FILES = 21, 49
 
 
 def _lines(path: Path) -> int:

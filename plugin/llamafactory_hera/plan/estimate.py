@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from llamafactory_hera.placement import quantized_bytes_per_weight
 from llamafactory_hera.plan.cards import Card, mfu
 from llamafactory_hera.recipe.dataset_info import as_names, dataset_info
+from llamafactory_hera.recipe.quantization import quantized_bytes_per_weight
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.arguments import truthy
 

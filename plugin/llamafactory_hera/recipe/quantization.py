@@ -81,3 +81,17 @@ def check_quantization(model_args: Any, config: Any, stage: str, reads: str | No
                "(bitsandbytes) if memory is short")
     lead = f"reads {reads}, and {source} cannot be read exactly" if reads else f"is not run on {source}"
     raise RecipeError(f"stage: {stage} {lead}: {why}.")
+
+
+NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit: weights per absmax; absmax values per second-level scale
+
+
+def quantized_bytes_per_weight(bits: int, double_quant: bool = True, row_width: int | None = None) -> float:
+    """Bytes bitsandbytes stores per linear weight: 4-bit (nf4 / fp4) with one absmax per block of 64 weights, a
+    float32 or, with double quantization, 1 byte plus a float32 per 256 blocks; 8-bit (LLM.int8) 1 byte plus a
+    float32 scale per output row (``4 / row_width`` per weight; no ``row_width``: not counted)."""
+    if bits == 4:
+        return 0.5 + ((1 + 4 / NESTED_BLOCK) if double_quant else 4) / NF4_BLOCK
+    if bits == 8:
+        return 1 + (4 / row_width if row_width else 0)
+    raise ValueError(f"quantization_bit: bitsandbytes quantizes to 4 or 8 bits, not {bits}")
