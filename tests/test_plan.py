@@ -165,11 +165,11 @@ def test_times_at_the_mfu_band() -> None:
 
 
 @pytest.mark.parametrize(("engine", "bits", "band", "source"), [
-    ("fsdp2", None, (0.33, 0.39), "torchtitan docs/performance.md, 8B FSDP on 8 H100"),
+    ("fsdp2", None, (0.33, 0.39), "torchtitan performance docs, 8B FSDP on 8 H100"),
     *[(engine, None, (0.33, 0.39), "8B FSDP on 8 H100; FSDP2's, none published for this engine")
       for engine in ("zero3", "zero2", "ddp")],
-    ("ddp", 4, (0.33 * 0.52, 0.39 * 0.56), "x 0.52-0.56 for 4-bit, ms-swift docs Benchmark.md"),
-    ("fsdp2", 4, (0.33 * 0.52, 0.39 * 0.56), "x 0.52-0.56 for 4-bit, ms-swift docs Benchmark.md")])
+    ("ddp", 4, (0.33 * 0.52, 0.39 * 0.56), "x 0.52-0.56 for 4-bit, ms-swift LLM benchmark docs"),
+    ("fsdp2", 4, (0.33 * 0.52, 0.39 * 0.56), "x 0.52-0.56 for 4-bit, ms-swift LLM benchmark docs")])
 def test_the_mfu_band_per_engine_and_for_4_bit(engine, bits, band, source) -> None:
     """Each engine's band and its published source: torchtitan's 8B FSDP on 8 H100, 33-39 % MFU (the ZeRO stages and
     DDP: the same, said to be assumed); bitsandbytes 4-bit at 0.52-0.56x of bf16 LoRA's speed (ms-swift's A100

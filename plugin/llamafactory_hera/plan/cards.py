@@ -42,12 +42,12 @@ DEFAULT_CARD = "H100-SXM"
 # The share of the dense bf16 peak a step reaches, (low, high) per engine, and where it is published. torchtitan's
 # docs/performance.md: Llama 3.1 8B, FSDP on 8 or 128 H100, no Float8, 33 % to 39 % (its A100 runs: 50-58 %). None
 # found for ZeRO-3, ZeRO-2 or DDP under the HF Trainer: FSDP2's assumed (their communication is timed apart).
-MFU = {engine: ((0.33, 0.39), "torchtitan docs/performance.md, 8B FSDP on 8 H100" + (
+MFU = {engine: ((0.33, 0.39), "torchtitan performance docs, 8B FSDP on 8 H100" + (
     "" if engine == "fsdp2" else "; FSDP2's, none published for this engine")) for engine in ("ddp", "zero2", "zero3",
                                                                                             "fsdp2")}
 # bitsandbytes 4-bit dequantizes each weight for every matmul: ms-swift's docs/source_en/LLM/Benchmark.md (A100,
 # LoRA) trains qwen-7b-chat at 2.41 samples/s in int4 (bnb) vs 4.31 in bf16 (0.56x), qwen-14b-chat 1.36 vs 2.60 (0.52x).
-QUANTIZED = ((0.52, 0.56), "x 0.52-0.56 for 4-bit, ms-swift docs Benchmark.md")
+QUANTIZED = ((0.52, 0.56), "x 0.52-0.56 for 4-bit, ms-swift LLM benchmark docs")
 
 
 def mfu(engine: str, bits: int | None = None) -> tuple[tuple[float, float], str]:
