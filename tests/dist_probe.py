@@ -119,7 +119,9 @@ def as_a_new_process() -> None:
 def patches_applied() -> dict[str, list[str]]:
     """What the plugin's start-up hook patched in this process: per host module it patched, every name there (a
     module global, or a class's attribute) bound to plugin code, as ``name=qualname@file:line``."""
-    finder = next(f for f in sys.meta_path if type(f).__name__ == "_PostImportFinder")
+    finder = next((f for f in sys.meta_path if type(f).__name__ == "_PostImportFinder"), None)
+    if finder is None:  # the plugin disabled (LLAMAFACTORY_HERA_DISABLE=1): no hook, nothing patched
+        return {}
     patched = type(finder).find_spec.__globals__["_patched"]
 
     def plugin_names(space: dict, prefix: str) -> list[str]:
