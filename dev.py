@@ -351,7 +351,7 @@ def cmd_costs(args: list[str]) -> int:
         os.environ["HERA_TEST_COSTS"] = str(folder)  # offline_env hands it to pytest and its workers
         log(f"recording each test's cost in {folder}")
         code = cmd_test(setup("test"), args)
-    table = [sys.executable, ROOT / "tests" / "cost_table.py", folder, ROOT / "tests" / "COSTS.md"]
+    table = [sys.executable, ROOT / "tests" / "cost_table.py", folder, ROOT / "tests/COSTS.md"]
     return run(table, check=False) or code
 
 
