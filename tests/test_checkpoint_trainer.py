@@ -4,16 +4,15 @@ after the stop, and the optimizer resumed on a CPU rank (``cpu:0``)."""
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from test_whole_checkpoints import _SignalAt
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from llamafactory_hera.training import checkpoints
 from llamafactory_hera.training.checkpoints import WholeCheckpoints, _StopOnSignal
@@ -32,17 +31,6 @@ class _Tiny(nn.Module):
 
 class _Trainer(WholeCheckpoints, Trainer):
     save_on_signal = "sigterm"
-
-
-class _SignalAt(TrainerCallback):
-    """SIGTERM to this process as step ``step`` begins."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step + 1 == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _trainer(out: Path, **keys: Any) -> _Trainer:
