@@ -16,6 +16,7 @@ from test_eval_cli import error_in_process, train
 
 from conftest import base_recipe
 from llamafactory_hera.evaluation.runs import read_pair, read_run
+from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD
 
 QWEN_RECIPE_PIXELS = 262144  # image_max_pixels of the Qwen recipes (recipes/*.yaml)
@@ -218,6 +219,25 @@ def test_a_failed_runs_own_record_is_marked_but_an_older_runs_is_not(tmp_path: P
         assert (profile.get("status") == "failed") == marked, folder
         error = json.loads(path.read_text(encoding="utf-8"))["error"]
         assert error == "ValueError: RAH-LoRA changed no weight: 0 of 5 targets calibrated"
+
+
+def test_a_save_signals_stop_is_recorded_stopped_and_any_other_exit_failed(tmp_path: Path) -> None:
+    """The save signal's stop ends the run with SystemExit(0) after its whole checkpoint: ``stopped``, with no error
+    and the method's own record untouched; an exit with another status stays ``failed``."""
+    from llamafactory_hera.methods import HERA as METHOD
+    from llamafactory_hera_patches.lifecycle.run_record import write_ended, write_started
+
+    for code, status in ((0, "stopped"), (None, "stopped"), (2, "failed")):
+        folder = tmp_path / str(code)
+        path = write_started(folder, "hera", {"seed": 0})
+        (folder / "hera_run.json").write_text(json.dumps({"identity": {}}), encoding="utf-8")
+        write_ended(path, SystemExit(code), METHOD.records)
+        record = json.loads(path.read_text(encoding="utf-8"))
+        assert record["status"] == status and ("error" in record) == (status == "failed"), record
+        mine = json.loads((folder / "hera_run.json").read_text(encoding="utf-8"))
+        assert (mine.get("status") == "failed") == (status == "failed"), mine
+    with pytest.raises(RecipeError, match=r"says status: stopped \(stopped by its save signal\); that run did not"):
+        read_run(tmp_path / "0", "run", trained=True)  # eval: the same command resumes it; nothing to evaluate yet
 
 
 # --- what an 8-GPU node showed ---

@@ -121,9 +121,11 @@ def test_a_signal_while_the_model_loads_stops_at_step_1_and_the_same_command_goe
     assert lines(proc, "SIGUSR1: saved") == [
         f"[llamafactory-hera] SIGUSR1: saved the whole checkpoint {out}/checkpoint-1 and stopped; to go on, run the "
         "same command again."]
+    assert json.loads((out / RUN_RECORD).read_text())["status"] == "stopped"  # not failed: exit 0, resumable
     proc = run_train(recipe, tmp_path / "again")
     assert lines(proc, f"Resuming training from {out / 'checkpoint-1'}")
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert json.loads((out / RUN_RECORD).read_text())["status"] == "finished"
 
 
 def test_a_run_killed_in_its_final_save_writes_its_final_model_again(assets, tmp_path: Path) -> None:

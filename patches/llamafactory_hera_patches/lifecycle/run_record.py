@@ -4,8 +4,9 @@ ended.
 Written by the stage patch (:mod:`..stage`) into ``output_dir`` for a training run of a method's stage, and of a
 LLaMA-Factory stage run as a method's baseline twin (a recipe holding a method's keys, ``stage=sft``); a plain
 LLaMA-Factory recipe's folder gets nothing: right after LLaMA-Factory parsed the recipe with ``status: running``, then
-``finished`` when the run returns or ``failed`` (with the error's first line) when it raises. A run killed from outside
-keeps ``running``. ``llamafactory-hera eval`` reads the loading keys back (a plain ``stage: sft`` twin is then evaluated
+``finished`` when the run returns, ``stopped`` when a save signal stopped it (exit 0, its checkpoint whole: the same
+command resumes it) or ``failed`` (with the error's first line) when it raises. A run killed from outside keeps
+``running``. ``llamafactory-hera eval`` reads the loading keys back (a plain ``stage: sft`` twin is then evaluated
 as it was trained, not at LLaMA-Factory's defaults) and refuses a run whose record is not ``finished``. A run that fails
 after it saved its model (a failing ``do_predict``, a reporting backend, an interrupt at the end) is ``finished`` with
 the error kept as ``error_after_save``: the saved model is there to evaluate.
@@ -32,7 +33,7 @@ from ..guard import host_version
 
 RUN_RECORD = "llamafactory_hera_run.json"
 COMPOSE_RECORD = "llamafactory_hera_compose.json"  # written by ``llamafactory-hera compose`` beside the model
-RUNNING, FINISHED, FAILED = "running", "finished", "failed"
+RUNNING, FINISHED, STOPPED, FAILED = "running", "finished", "stopped", "failed"
 CHECKPOINTS_MARKED = "checkpoints_marked"  # true: its checkpoints are whole only with their marker (whole_checkpoints)
 # the keys that decide how the model, its processor and its prompts are loaded, by the argument object holding them
 MODEL_KEYS = ("model_name_or_path", "adapter_name_or_path", "trust_remote_code", "use_fast_tokenizer",
@@ -95,9 +96,13 @@ def stage_chain(model_name_or_path: Any, stage: str, output_dir: Path) -> list[d
 
 
 def write_ended(path: Path, error: BaseException | None, method_records: tuple[str, ...] = ()) -> None:
-    """``finished``, or ``failed`` with the error's first line (and the method's own records marked failed)."""
+    """``finished``; ``stopped`` for an exit with status 0 (the save signal's stop); or ``failed`` with the error's
+    first line (and the method's own records marked failed)."""
     record = read_record(path) if path.is_file() else {}
     if not record:
+        return
+    if isinstance(error, SystemExit) and error.code in (0, None):
+        write_record(path, {**record, "status": STOPPED})
         return
     saved = error is not None and _saved_since(path.parent, record.get("started_ns"))
     record["status"] = FINISHED if error is None or saved else FAILED

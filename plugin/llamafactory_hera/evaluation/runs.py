@@ -87,8 +87,8 @@ def _finished(run_dir: Path, name: str, record: dict[str, Any]) -> dict[str, Any
         print(f"note: {run_dir / name}: the run saved its model, then failed ({record['error_after_save']}); "
               "evaluating the saved model", file=sys.stderr)
     if status is not None and status != FINISHED:
-        why = f": {record['error']}" if record.get("error") else (" (killed, or still training)"
-                                                                  if status == "running" else "")
+        why = f": {record['error']}" if record.get("error") else {
+            "running": " (killed, or still training)", "stopped": " (stopped by its save signal)"}.get(status, "")
         raise RecipeError(f"RUN_DIR: {run_dir / name} says status: {status}{why}; that run did not finish, so its "
                           "folder holds no model to evaluate. Re-run training into it (or give a finished run)")
     return record
