@@ -33,7 +33,6 @@ import torch
 import yaml
 from accelerate.utils import compute_module_sizes
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from llamafactory_hera.plan import counter as cc
 from llamafactory_hera.plan.count import head_layers
@@ -107,7 +106,7 @@ def count_arm(case: Case, recipe: dict, text_layers: int, vision_depth: int, arm
             local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
             counter = cx.CollectiveCounter(exclude=local + [p.grad.to_local() if hasattr(p.grad, "to_local")
                                                             else p.grad for p in trainable])
-            with cc.RealIndexMode(), FlopCounterMode(display=False) as flops, counter:
+            with cc.RealIndexMode(), cc.StepFlops() as flops, counter:
                 cm.step(model, data, counter, hera, liger=arm.endswith("liger"), term=cm.gathered_hera_term)
     collectives = counter.collectives
     return {"flops": flops.get_total_flops(), "weights": weights, "gradients": grads, "optimizer": 2 * grads,
@@ -162,10 +161,10 @@ def selection_flops(spec: dict, samples: int) -> dict[str, float]:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
             model = cm.build(config).eval()
             ids = tokenizer([""] * batch)
-            with cc.RealIndexMode(), FlopCounterMode(display=False) as plain:
+            with cc.RealIndexMode(), cc.StepFlops() as plain:
                 model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
             pairs = [CalibrationPair(i, "", ()) for i in range(batch)]
-            with cc.RealIndexMode(), FlopCounterMode(display=False) as hooked:
+            with cc.RealIndexMode(), cc.StepFlops() as hooked:
                 collect_text(model, tokenizer, pairs, batch, "cpu", progress=False)
         return plain.get_total_flops(), hooked.get_total_flops()
 
@@ -178,13 +177,13 @@ def selection_flops(spec: dict, samples: int) -> dict[str, float]:
             teacher = Dinov2Model(Dinov2Config(**cm.DINOV2_LARGE)).eval()
         finally:
             torch.set_default_dtype(torch.float32)
-        with FlopCounterMode(display=False) as teach:
+        with cc.StepFlops() as teach:
             teacher(pixel_values=torch.empty(batch, 3, 224, 224, dtype=torch.bfloat16))
         text = spec["text"]
         heads = text["num_attention_heads"]
         dim = text.get("head_dim", text["hidden_size"] // heads)
     # scoring runs on real tensors (its top-k checks ties on the host), one layer at full N, on this CPU
-    with FlopCounterMode(display=False) as score:
+    with cc.StepFlops() as score:
         all_head_neighbours({0: torch.randn(samples, heads * dim)}, {0: torch.randn(text["hidden_size"], heads * dim)},
                             torch.randn(samples, 1024), 10, dim, device="cpu")
     scoring = score.get_total_flops() * layers

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from llamafactory_hera.heads.geometry import parse_head
 from llamafactory_hera.plan import counter, step
@@ -74,7 +73,7 @@ def reduced(config: Any, types: list[str], vision_depth: int, attention: str = "
     return config
 
 
-def _attention_flops(flops: FlopCounterMode) -> int:
+def _attention_flops(flops: counter.StepFlops) -> int:
     names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
     return sum(count for op, count in flops.get_flop_counts()["Global"].items() if getattr(op, "__name__", str(op))
                .split(".")[0] in names)
@@ -110,7 +109,7 @@ def _count(config: Any, shape: Shape) -> dict[str, float]:
         for param in trainable:  # steady state of gradient accumulation: the gradients exist before the step
             param.grad = torch.zeros_like(param)
         steps = counter.StepCounter(exclude=params + [p.grad for p in trainable])
-        with counter.RealIndexMode(), FlopCounterMode(display=False) as flops, steps:
+        with counter.RealIndexMode(), counter.StepFlops() as flops, steps:
             reference = step.step(model, data, steps, hera, shape.liger, reference_rows=shape.reference_rows,
                                   probe=shape.probe)
     embeddings = [model.get_input_embeddings().weight, step.output_layer(model).weight]

@@ -8,6 +8,8 @@ the bytes each collective moves on a fake process group.
   real boolean mask selects a fake tensor by its true count. Everything that touches a weight stays fake.
 - :class:`StepCounter`: every storage an op creates (a finalizer removes it when its last tensor dies) and the peak of
   their sum.
+- :class:`StepFlops`: torch's ``FlopCounterMode`` for the whole step only, without the module tracking that inflated
+  a checkpointed backward's peak counted under it.
 - :func:`count_attention`: torch's ``FlopCounterMode`` scores the CPU attention kernel and its backward as 0; this
   gives them torch's own formulas for the GPU kernels: forward ``2 b h s_q s_k (d_qk + d_v)`` (``4 b h s_q s_k d``),
   backward ``2 b h s_q s_k (3 d_qk + 2 d_v)`` (the scores recomputed, then four products: 2.5 x the forward). A
@@ -22,7 +24,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    flop_registry,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+    shape_wrapper,
+)
 
 GIB = 2**30
 SMALL = 1 << 22  # elements: a real computation larger than this is not index arithmetic
@@ -107,3 +115,24 @@ def count_attention() -> None:
         lambda q, k, v, *_, **__: sdpa_flop_count(*_heads(q, k, v)))
     flop_registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = shape_wrapper(
         lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, *_heads(q, k, v)))
+
+
+class StepFlops(FlopCounterMode):
+    """``FlopCounterMode`` counting the step as a whole (``get_total_flops``): torch's module tracker registers a
+    gradient hook on each module's inputs and outputs at every forward, the recomputed ones of a checkpointed backward
+    included, which keeps tensors alive until the backward ends, so a peak counted under it grew with the depth (by
+    about a layer's hidden states a layer); this one tracks no module (every count is ``Global``'s)."""
+
+    def __init__(self) -> None:
+        super().__init__(display=False)
+        self.mod_tracker = _NoModules()
+
+
+class _NoModules:
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _NoModules:
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        return None

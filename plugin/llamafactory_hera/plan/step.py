@@ -22,7 +22,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from llamafactory_hera.harc.losses import kl_to_reference
@@ -31,6 +30,7 @@ from llamafactory_hera.heads.pooling import pooling_weights
 from llamafactory_hera.hera import projection
 from llamafactory_hera.hera.capture import HeadCapture
 from llamafactory_hera.hera.loss import hera_loss_anchored, used_temperature
+from llamafactory_hera.plan.counter import StepFlops
 from llamafactory_hera.plan.families import TOKEN_TYPES, images, part
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
@@ -229,7 +229,7 @@ def step(model: nn.Module, data: Batch, counter: Any, hera: HeraParts | None, li
             out = model(**inputs, labels=labels)
             loss, logits = out.loss, out.logits[:reference_rows] if reference_rows else None  # HARC's KL reads them
             del out
-        with FlopCounterMode(display=False) as reference:
+        with StepFlops() as reference:
             if reference_rows:
                 retain = {key: value[:reference_rows] for key, value in inputs.items()}
                 with torch.no_grad(), model.disable_adapter():
