@@ -1,9 +1,10 @@
 """A stock run (``stage: sft``, no key of the plugin's) on two gloo ranks, stopped from outside mid-training, leaves
 and prints what it does without the plugin (``LLAMAFACTORY_HERA_DISABLE=1``: the start-up hook does nothing, as
-uninstalled): no claim, watchdog folder or run record in its output_dir, no line of the plugin's, and its ranks print
-nothing the stock ranks do not. The plugin starts none of those in a stock run: a claim outlived a SIGUSR1 or SIGKILL
-(released only at exit or on SIGTERM), and the refusal watcher's poll of torchrun's store printed c10d's
-``recvValue failed`` and a C++ frame dump on each rank once the agent was gone.
+uninstalled): no claim, watchdog folder or run record in its output_dir, no line of the plugin's, and neither its
+ranks nor its launcher print a line the stock ones do not. The plugin starts none of those in a stock run: a claim
+outlived a SIGUSR1 or SIGKILL (released only at exit or on SIGTERM), the refusal watcher's poll of torchrun's store
+printed c10d's ``recvValue failed`` and a C++ frame dump on each rank once the agent was gone, and the launcher's check
+before torchrun ran v0's version checks (their 'Version checking has been disabled' line), left to the ranks by stock.
 
 The stops (tests/fault_injection/, both arms alike), each as the optimizer step 3 of rank 0 begins (checkpoint-2 is
 whole on both ranks then: the step's backward all-reduce came after their saves): a scheduler's SIGUSR1 to every
