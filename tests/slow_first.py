@@ -23,6 +23,7 @@ SLOW_MODULES = {
     "tests/hera/test_hera_deepspeed.py": 210,
     "tests/hera/test_hera_deepspeed_lora.py": 176,
     "tests/test_stock_stages_distributed.py": 123,
+    "tests/test_stock_stops.py": 120,  # estimate: four two-rank launches, each stopped in step 3
     "tests/hera/test_hera_bench.py": 119,
     "tests/harc/test_harc_preemption.py": 117,
     "tests/test_readme.py": 104,

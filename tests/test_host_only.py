@@ -2,7 +2,8 @@
 accelerate``, ``accelerate launch`` of a user's script, even one next to a folder named ``llamafactory/``) gets no
 patch, no transformers version check and no plugin module in ``sys.modules``; ``accelerate launch`` is checked when
 what it runs is LLaMA-Factory's training (decided by the script or module it runs). ``USE_V1=1`` (LLaMA-Factory's
-v1 trainers) with a plugin stage, and ``accelerate launch llamafactory-cli`` (no file python can run), are one line.
+v1 trainers) with a plugin stage, and ``accelerate launch llamafactory-cli`` (no file python can run), are one line;
+``USE_V1=1`` with a stock recipe trains as without the plugin, v0's version checks not run.
 
 An unsupported transformers without another venv: a folder first on ``PYTHONPATH`` holding only
 ``transformers-4.40.0.dist-info/METADATA``. The plugin's check reads the version with ``importlib.metadata.version``
@@ -157,3 +158,40 @@ def test_a_stock_recipe_on_llamafactory_v1_is_read_without_v0s_version_checks(tm
     monkeypatch.setattr(sys, "argv", ["llamafactory-cli", "train", str(recipe), "stage=hera"])
     with pytest.raises(RecipeError, match="^stage: hera with USE_V1=1: "):
         v1.launch()
+
+
+def test_a_stock_v1_run_with_a_trl_outside_v0s_range_trains_as_without_the_plugin(harc_assets, tmp_path: Path) -> None:
+    """``USE_V1=1 llamafactory-cli sft`` of a stock recipe, with version checks on and trl 0.99 (v0 allows <= 0.24) as
+    what the checks read (a ``trl`` dist-info first on ``PYTHONPATH``, as :func:`_user_project` fakes transformers):
+    with the plugin live it trains exactly as with it off, through v1's trainer (its log lines, the same losses and
+    files). Live, the launcher patch read the recipe through v0's ``llamafactory.hparams``, whose import runs v0's
+    ``check_dependencies()``: a 35-line ImportError. Real processes: the start-up hook reads
+    ``LLAMAFACTORY_HERA_DISABLE`` at start-up, and what is tested is what a user's process imports."""
+    (tmp_path / "sft.json").write_text(json.dumps([{"instruction": f"Say {word}.", "output": word} for word in (
+        "red", "blue", "green", "hello")]), encoding="utf-8")
+    (tmp_path / "data.yaml").write_text(json.dumps({"default": {"path": str(tmp_path / "sft.json"), "source": "local",
+                                                                "converter": "alpaca"}}), encoding="utf-8")
+    fake = tmp_path / "fake" / "trl-0.99.0.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: trl\nVersion: 0.99.0\n", encoding="utf-8")
+    runs = {}
+    for arm in ("live", "off"):
+        recipe = {"model": str(harc_assets.models["qwen2"]), "template": "qwen3_nothink", "train_dataset":
+                  str(tmp_path / "data.yaml"), "output_dir": str(tmp_path / arm / "out"), "micro_batch_size": 2,
+                  "max_steps": 2, "cutoff_len": 64, "batching_workers": 0}
+        (tmp_path / arm).mkdir()
+        (tmp_path / arm / "recipe.yaml").write_text(json.dumps(recipe), encoding="utf-8")
+        env = offline_env(tmp_path / arm, USE_V1="1", PYTHONPATH=str(tmp_path / "fake"),
+                          **({"LLAMAFACTORY_HERA_DISABLE": "1"} if arm == "off" else {}))
+        del env["DISABLE_VERSION_CHECK"]
+        proc = run_process([str(Path(sys.executable).with_name("llamafactory-cli")), "sft", "recipe.yaml"],
+                           cwd=tmp_path / arm, env=env, timeout=300)
+        printed = proc.stdout + proc.stderr
+        assert proc.returncode == 0, printed[-5000:]
+        runs[arm] = {"steps": re.findall(r"llamafactory\.v1\.utils\.callbacks\.logging_callback:\d+ >> (.*)", printed),
+                     "files": sorted(p.name for p in (tmp_path / arm / "out").iterdir()), "printed": printed}
+    assert runs["live"]["steps"] == runs["off"]["steps"] and len(runs["off"]["steps"]) == 2, runs["off"]["steps"]
+    assert runs["live"]["files"] == runs["off"]["files"] and "model.safetensors" in runs["off"]["files"]
+    for run in runs.values():
+        assert "llamafactory.v1.core.base_trainer" in run["printed"] and "Traceback" not in run["printed"]
+    assert "llamafactory-hera" not in runs["live"]["printed"], runs["live"]["printed"][-3000:]

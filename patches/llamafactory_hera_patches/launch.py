@@ -21,15 +21,14 @@ Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything i
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
+from unittest import mock
 
 from .errors import RecipeError
 from .guard import require
@@ -54,21 +53,11 @@ def starts_torchrun(misc: ModuleType, argv: list[str]) -> bool:
     return forces_torchrun(misc) or (misc.get_device_count() > 1 and not misc.use_ray() and not misc.use_kt())
 
 
-@contextlib.contextmanager
-def _argv(argv: list[str]) -> Iterator[None]:
-    saved = sys.argv
-    sys.argv = argv
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
 def launch_recipe(argv: list[str]) -> Any:
     """The recipe of ``argv`` (``llamafactory-cli <command> <recipe> [key=value ...]``) as LLaMA-Factory reads it (v0's
     ``read_args`` and v1's parser alike), without importing v0's ``llamafactory.hparams``: its import runs v0's version
     checks, which v1 does not (a trl outside v0's range trains under v1)."""
-    with _argv([argv[0], *argv[2:]]):
+    with mock.patch.object(sys, "argv", [argv[0], *argv[2:]]):
         return read_recipe(read_args_unchecked)
 
 
@@ -78,6 +67,10 @@ def check_before_ranks(argv: list[str]) -> Any:
     raw = launch_recipe(argv)
     if isinstance(raw, list) and any(flag in raw for flag in _HELP):
         return None
+    # the checks read v0's arguments (llamafactory.hparams), imported without the version checks its import runs: the
+    # ranks run them as without the plugin (here, where stock runs none, they printed a line or refused)
+    with mock.patch.object(importlib.import_module("llamafactory.extras.misc"), "check_dependencies", lambda: None):
+        importlib.import_module("llamafactory.hparams")
     host_args, method_raw, method = split_args(raw)
     if method is None:
         check_host_stage(host_args, os.environ)

@@ -20,7 +20,10 @@ when its count of the point's events reaches ``at`` (1-based, counted in this pr
 
 Events before the ``step``-th training step of the launch (default: none) are not counted. A kill is SIGKILL to the
 whole launch: the launcher first (so it cannot signal the ranks), then every other process it started, then this
-rank (every process of a test's launch carries ``HERA_TESTS_LAUNCH``: tests/conftest.py ``run_process``).
+rank (every process of a test's launch carries ``HERA_TESTS_LAUNCH``: tests/conftest.py ``run_process``). A fault's
+``signal`` (``SIGUSR1`` ...) is sent instead, to the same processes in the same order (as a scheduler signals every
+process of a job); with ``agent_first`` (seconds), torchrun's agent (this rank's parent) alone is SIGKILLed first,
+and the ranks run on that long before the kill.
 ``HERA_TEST_TEACHER_ROWS`` (a number) makes the teacher's passes batch and keep that many rows at a time, so that a
 small data set's pass has several batches to be killed between (the uninterrupted run of a comparison sets it too).
 Then the next ``sitecustomize`` on the path runs (tests/fsdp_cpu/ or tests/process_hooks/):
@@ -71,15 +74,21 @@ def _launch():
 def kill_launch(why: str) -> None:
     import psutil
 
-    print(f"[fault_injection] rank {os.environ['RANK']}: SIGKILL {why}", flush=True)
-    processes, me = _launch()
+    fault = mine() or {}
+    name = fault.get("signal", "SIGKILL")
+    processes, me = _launch()  # before the agent goes: the ranks are found as its children
+    if fault.get("agent_first"):
+        print(f"[fault_injection] rank {os.environ['RANK']}: SIGKILL to torchrun's agent", flush=True)
+        me.parent().kill()
+        time.sleep(float(fault["agent_first"]))
+    print(f"[fault_injection] rank {os.environ['RANK']}: {name} {why}", flush=True)
     for process in processes:
         if process.pid != me.pid:
             try:
-                process.kill()
+                process.send_signal(getattr(signal, name))
             except psutil.Error:
                 pass
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), getattr(signal, name))
 
 
 def reached(point: str, when: str | None = None) -> bool:
