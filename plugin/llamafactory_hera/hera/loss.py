@@ -8,20 +8,11 @@ teacher features ``t``::
 ``N_k^t(i)`` are the k nearest neighbours of image i among the other batch images in teacher
 space (cosine, self excluded). The loss is averaged over the batch and over heads.
 
-The module has three parts: the equations as pure functions (shapes in their docstrings), the distributed
-candidate set a training step feeds :func:`hera_loss_anchored` with, and the learnable temperature:
-
-- Gathering: every rank's valid samples (student representations with their autograd graph, teacher
-  features) are all-gathered; each rank's anchors are its own samples, candidates are everyone's.
-  The gather's backward returns each rank the gradient that all ranks' losses put on its samples,
-  so the averaged DDP gradient equals a single process's gradient over the concatenated batch.
-- Queue: a FIFO of recent teacher features and detached student representations that extends the
-  candidates when a contrastive batch is too small for k neighbours (MoCo-style memory). In gather
-  mode it is filled with the gathered batch, so every rank holds the same queue.
-- Temperature: its range, its gradient across ranks and its own optimizer under DeepSpeed. It lives outside the
-  model as ``log tau`` (float32, one element). Where it is used it is clamped to ``[TAU_MIN, TAU_MAX]`` (CLIP caps
-  ``1/tau`` at 100, i.e. ``tau >= 0.01``), and after every optimizer step the parameter itself is put back into that
-  range, so a step that overshoots cannot leave it where the clamp has no gradient.
+The module has three parts: the equations as pure functions (shapes in their docstrings); the distributed candidate
+set a training step feeds :func:`hera_loss_anchored` with (every rank's samples all-gathered with their gradient, and
+a FIFO queue of recent teacher features and detached representations when a batch is too small for k neighbours);
+the learnable temperature (``log tau``, float32, clamped to ``[TAU_MIN, TAU_MAX]`` where used and put back into that
+range after every optimizer step). Why each: docs/hera-design.md ("The objective", "Multi-GPU").
 """
 
 from __future__ import annotations

@@ -1,26 +1,13 @@
 """HeRA's training step: ``loss = lm_loss + lambda * L_HeRA``, one class read top to bottom.
 
 :class:`HeraTrainer` is mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer`` (``hera/workflow.py``). One
-optimizer step, from :meth:`HeraTrainer.compute_loss` to the loss value, reads in three files:
-
-1. the batch (``hera/collator.py``): the model's inputs, the teacher's pixels or cache keys, the pooled-token mask and
-   the anchors (samples with images and pooled tokens), all computed on the CPU;
-2. the captured head inputs: the ordinary LM forward, with hooks on the selected heads' ``o_proj`` inputs armed
-   (``capture.HeadCapture``);
-3. the projection: those inputs pooled over the mask and projected through each head's ``W_O`` columns
-   (``HeadCapture.disarm``), ``[H, B, d]``;
-4. the contrastive set (:meth:`HeraTrainer.hera_term`): this rank's anchors and their teacher features, the global
-   batch under ``hera_gather``, the feature queue (``hera/loss.py``'s second part, the distributed candidate set);
-5. the loss (``hera/loss.py``'s equations, pure), made 0 when not finite, scaled like the LM loss under gradient
-   accumulation.
-
-Inputs the step takes from helpers without their logic: the teacher's features (``teacher_run.RunTeacher.features``)
-and the clamped temperature (``loss.used_temperature``). The trainer holds what the step needs: the capture, the
-layers' checkpointing, the teacher's life cycle (``teacher_run``), the feature queue and the learnable temperature
-(its gradient: ``loss.TemperatureGradHandler``), checkpoint state (``checkpoint``) and the step's per-log sums
-(:class:`StepSums`, at the end of this file). What runs around the steps is wired by the workflow
-(``hera/workflow.py``): the checks before the first step (``preflight``), the run's start and end lines
-(``workflow.RunSummary``), the alignment monitor (``monitor.MonitorCallback``) and the plots.
+optimizer step, from :meth:`HeraTrainer.compute_loss` to the loss value: the batch, built on the CPU
+(``hera/collator.py``); the LM forward with hooks on the selected heads' ``o_proj`` inputs (``capture.HeadCapture``),
+pooled and projected through each head's ``W_O`` columns (``HeadCapture.disarm``, ``[H, B, d]``); the contrastive set
+(:meth:`HeraTrainer.hera_term`: this rank's anchors, the global batch under ``hera_gather``, the feature queue); the
+loss (``hera/loss.py``), made 0 when not finite, scaled like the LM loss under gradient accumulation. The teacher's
+features come from ``teacher_run.RunTeacher``, the temperature from ``loss.used_temperature``; the per-log sums are
+:class:`StepSums`, at the end of this file. What runs around the steps is wired by ``hera/workflow.py``.
 """
 
 from __future__ import annotations
