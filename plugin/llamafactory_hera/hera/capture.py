@@ -179,16 +179,9 @@ class HeadCapture:
             reader.armed, reader.pieces, reader.partitioned = False, {}, False
 
     def disarm(self, weights: torch.Tensor, check_gradient: bool = False) -> torch.Tensor | None:
-        """Stop capturing and build the representations.
-
-        Args:
-            weights: ``[B, T]`` float pooling weights (rows sum to 1, or 0 for samples without tokens).
-            check_gradient: in a training step, raise if a captured input that trainable parameters feed
-                carries no gradient (a silently cut HeRA gradient).
-
-        Returns:
-            ``[n_heads, B, d]`` float32 in recipe order, or None if no hook fired.
-        """
+        """Stop capturing; the ``[n_heads, B, d]`` float32 representations in recipe order (None if no hook fired)
+        pooled with ``weights`` ``[B, T]`` (rows sum to 1, or 0 for samples without tokens). ``check_gradient``: in a
+        training step, raise if a captured input that trainable parameters feed carries no gradient."""
         self._armed = False
         inputs, self._inputs = self._inputs, {}
         for reader in self._in_call.values():

@@ -280,19 +280,10 @@ def load_teacher(name_or_path: str, feature: str, device: torch.device | str, *,
 
 def per_sample_features(image_features: torch.Tensor, image_counts: torch.Tensor,
                         num_images: int | None = None) -> torch.Tensor:
-    """Per sample, the mean of its images' L2-normalised features.
-
-    Each image's feature is L2-normalised before averaging, so that in a sample with several images every image
-    weighs the same whatever its feature norm (the kNN is cosine, so for one image this changes nothing).
-
-    Args:
-        image_features: ``[N_img, E]`` features of all images of the batch, sample by sample.
-        image_counts: ``[B]`` number of images of each sample (sums to N_img).
-        num_images: N_img when the caller knows it (then nothing waits on the device for the counts' sum).
-
-    Returns:
-        ``[B, E]`` float32; rows of samples without images are zero.
-    """
+    """``[B, E]`` float32: per sample, the mean of its images' L2-normalised features (zero without images), so that
+    every image of a sample weighs the same whatever its feature norm. ``image_features`` ``[N_img, E]``: the batch's
+    images, sample by sample; ``image_counts`` ``[B]``: images per sample; ``num_images``: N_img when the caller knows
+    it (then nothing waits on the device for the counts' sum)."""
     batch = image_counts.shape[0]
     owner = torch.repeat_interleave(torch.arange(batch, device=image_counts.device), image_counts,
                                     output_size=num_images)
