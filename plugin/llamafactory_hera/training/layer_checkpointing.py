@@ -3,18 +3,10 @@
 and those readers: Gemma 3n, Gemma 4), the recipe's kind in every other layer.
 
 Reentrant checkpointing (LLaMA-Factory's default) runs a layer's first forward without autograd, so what a hook captures
-inside such a layer (HeRA's ``o_proj`` inputs) would carry no gradient. What enters a layer keeps its graph, so HARC,
-which reads the residual entering its layers (harc/residuals.py), switches no layer of its own; a reentrant layer below
-a hooked one recomputes with autograd in backward and passes on whatever gradient reaches its output.
-
-KV sharing: a reader gets its source's keys and values through transformers' ``shared_kv_states`` dict, not as an input
-of its checkpointed call. A reentrant source drops the readers' gradient (what stock SFT trains); a non-reentrant source
-read by a reentrant reader fails in backward ("Trying to backward through the graph a second time"). Both ends
-non-reentrant is the minimal rule that keeps the gradient exact, so every chain is switched.
-
-Non-reentrant checkpointing costs host time in every layer it runs in (torch's saved-tensor hooks), so a method pays it
-in those layers only. LLaMA-Factory checkpoints only layers with a trainable parameter, so a frozen layer needs no
-switch.
+inside such a layer would carry no gradient; a KV-sharing reader gets its source's keys and values outside its
+checkpointed call, so both ends of a chain must be non-reentrant for an exact gradient. HARC, which reads the residual
+entering its layers (harc/residuals.py), switches only the chains. Why, what it costs and what was measured:
+docs/hera-design.md ("Gradient checkpointing").
 """
 
 from __future__ import annotations
