@@ -2,16 +2,11 @@
 under ``FakeTensorMode`` (shapes and dtypes, no data). Used by ``llamafactory-hera plan``; bench/cost_count.py adds
 the bytes each collective moves on a fake process group.
 
-- :class:`RealIndexMode`: an op whose tensor arguments are all real (token ids, image grids, position ids and what is
-  computed from them) runs for real, as do ``arange`` / ``linspace`` and small integer tensors made from nothing (a
-  floating tensor made from nothing, a weight, stays fake), so the models' data-dependent index arithmetic works; a
-  real boolean mask selects a fake tensor by its true count. Everything that touches a weight stays fake.
-- :class:`StepCounter`: every storage an op creates (a finalizer removes it when its last tensor dies) and the peak of
-  their sum.
-- :func:`count_attention`: torch's ``FlopCounterMode`` scores the CPU attention kernel and its backward as 0; this
-  gives them torch's own formulas for the GPU kernels: forward ``2 b h s_q s_k (d_qk + d_v)`` (``4 b h s_q s_k d``),
-  backward ``2 b h s_q s_k (3 d_qk + 2 d_v)`` (the scores recomputed, then four products: 2.5 x the forward). A
-  causal mask is not halved: the count is the full ``s_q x s_k`` product, as torch's own.
+- :class:`RealIndexMode`: ops on real tensors only (token ids, image grids, position ids and what is computed from
+  them) run for real, so the models' data-dependent index arithmetic works; everything that touches a weight stays fake.
+- :class:`StepCounter`: every storage an op creates (gone when its last tensor dies) and the peak of their sum.
+- :func:`count_attention`: torch's GPU-kernel FLOP formulas for the CPU attention kernel and its backward, which
+  ``FlopCounterMode`` scores as 0 (docs/cost.md, "What it counts").
 """
 
 from __future__ import annotations
@@ -34,7 +29,9 @@ def tensors_of(tree: object) -> list[torch.Tensor]:
 
 
 class RealIndexMode(TorchDispatchMode):
-    """Runs an op for real when none of its tensor arguments is fake and it is a view or small (see module doc)."""
+    """Runs an op for real when none of its tensor arguments is fake and it is a view or small, as do ``arange`` /
+    ``linspace`` and small integer tensors made from nothing (a floating one, a weight, stays fake); a real boolean
+    mask selects a fake tensor by its true count."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}

@@ -1,15 +1,7 @@
 """A recipe's run before renting: what it asks for (:func:`setup_of`), its memory per GPU by category for an engine
 and a number of GPUs (:func:`memory`), what single change would make it fit (:func:`fixes`) and its time
 (:func:`times`). The step's FLOPs and tensors come from :mod:`llamafactory_hera.plan.count`; the rest is arithmetic
-on them, written here.
-
-Bytes per parameter (P: all, T: trainable, N: GPUs): LoRA adapters and a full fine-tune's weights train in float32
-(LLaMA-Factory upcasts them) with float32 gradients and Adam's two float32 moments. DDP: every GPU holds the frozen
-weights in bf16 (bitsandbytes' 4 / 8 bits for the linear layers when quantized) + 16 T. FSDP2 (accelerate's mixed
-precision upcasts every parameter to float32 before sharding, 4-bit codes excepted): 4 P / N + 12 T / N, and gathered
-in bf16: two decoder layers (the one computing, the one prefetched) and the root (embeddings, output layer). DeepSpeed
-ZeRO-3 (bf16): the bf16 partition, float32 master, gradient and moments, 18 T / N (frozen: 2 / N), and gathered: 2
-bytes x ``stage3_max_live_parameters``. ZeRO-2: bf16 weights whole, 14 T / N.
+on them, written here: the bytes per parameter each engine holds are docs/cost.md's ("What it counts").
 """
 
 from __future__ import annotations
