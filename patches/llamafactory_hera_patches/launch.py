@@ -1,10 +1,10 @@
 """``llamafactory-cli train`` under torchrun: the recipe is checked once, in the launcher, before the ranks start
-(:func:`check_before_ranks`), one line and exit code 1 as without torchrun, where each rank used to print it and then
-torchrun's and the launcher's tracebacks. A job that fails later ends with torchrun's report and its exit code, without
-the launcher's traceback. A method declared ``one_process`` (RAH-LoRA) gets a torchrun of one rank on a multi-GPU node
-unless ``FORCE_TORCHRUN`` is set. A bare ``torchrun`` has no launcher to patch (``llamafactory_hera.job_refusal``);
-``accelerate launch`` runs :func:`check_before_ranks` too (:mod:`.accelerate_launch`). LLaMA-Factory's v1 trainers
-(``USE_V1=1``) do not run the plugin's stages: such a recipe is one line before v1 reads it.
+(:func:`check_before_ranks`), one line and exit code 1 as without torchrun. A job that fails later ends with
+torchrun's report and its exit code, without the launcher's traceback. A method declared ``one_process`` (RAH-LoRA)
+gets a torchrun of one rank on a multi-GPU node unless ``FORCE_TORCHRUN`` is set. A bare ``torchrun`` has no launcher
+to patch (``llamafactory_hera.job_refusal``); ``accelerate launch`` runs :func:`check_before_ranks` too
+(:mod:`.accelerate_launch`). LLaMA-Factory's v1 trainers (``USE_V1=1``) do not run the plugin's stages: such a recipe
+is one line before v1 reads it.
 
 Checked on LLaMA-Factory 0.9.5 (the names :func:`apply` requires): ``launcher.launch()`` pops the command from
 ``sys.argv`` and runs ``torchrun ... launcher.py <args>`` with ``subprocess.run(check=True)`` when
