@@ -1,15 +1,9 @@
 """The checks every plugin stage runs before any model or dataset loads, each one line naming the key, the value and
-the fix where the run would otherwise end later, or with a traceback.
-
-Before LLaMA-Factory parses the recipe (nothing loaded; by the stage patch, and by ``llamafactory-cli train`` and
-``accelerate launch`` before any rank starts): :func:`check_raw_launch` (``fp16`` with ``bf16``, a ``deepspeed`` path
-that is no file, FSDP as :mod:`.fsdp` says, ``streaming``), then the method's own checks, then
-:func:`check_raw_recipe` (the engines the recipe names installed, with the ``pip install`` command; the keys
-LLaMA-Factory reads, :mod:`.host_keys`; model and adapter paths, :mod:`.model_paths`; ``lora_target``,
-:mod:`.model_checks`). The checkpoint a run resumes from: :mod:`.resume`; a ``stage`` that is nobody's: the stage patch.
-
-After the parse (:func:`check_run_inputs`): dataset names and files, ``max_samples``, ``output_dir``, the ``template``
-against the tokenizer, FSDP set by a front end.
+the fix where the run would otherwise end later, or with a traceback: before LLaMA-Factory parses the recipe (by the
+stage patch, and by ``llamafactory-cli train`` and ``accelerate launch`` before any rank starts)
+:func:`check_raw_launch`, then the method's own checks, then :func:`check_raw_recipe`; after the parse
+:func:`check_run_inputs`. The checkpoint a run resumes from: :mod:`.resume`; a ``stage`` that is nobody's: the stage
+patch.
 """
 
 from __future__ import annotations
@@ -172,11 +166,9 @@ def check_max_samples(data_args: Any) -> None:
 
 def check_run_inputs(model_args: Any, data_args: Any, training_args: Any, datasets_used: bool = True, *,
                      stage: str) -> None:
-    """The checks every plugin stage runs right after LLaMA-Factory parsed the recipe (see the module doc).
-
-    ``datasets_used=False``: the stage reads its rows from its own keys; ``dataset`` is still checked when given,
-    with that said in the fix.
-    """
+    """The checks every plugin stage runs right after LLaMA-Factory parsed the recipe: dataset names and files,
+    ``max_samples``, ``output_dir``, the ``template`` against the tokenizer, FSDP set by a front end.
+    ``datasets_used=False``: the stage reads its rows from its own keys (``dataset`` is checked when given, said so)."""
     fix = "" if datasets_used else ("This stage does not read `dataset` (its rows come from its own keys): remove it, "
                                     "or name a dataset listed there.")
     check_max_samples(data_args)
