@@ -1,8 +1,7 @@
-"""``llamafactory-hera select --report RUN_DIR``: every head's MKNN before and after a HeRA run.
-
-"Before" is the model the run started from (its ``hera_run.json``), "after" adds the run's adapter or weights; both
-are scored on the same pairs with the same teacher features, so the difference is the training alone, marked when
-within noise (:mod:`llamafactory_hera.hera.selection.noise`). Writes ``hera_report.json``, ``.png`` and ``.log``.
+"""``llamafactory-hera select --report RUN_DIR``: every head's MKNN before (the model the run started from, its
+``hera_run.json``) and after a HeRA run (with its adapter or weights), scored on the same pairs with the same teacher
+features, marked when within noise (:mod:`llamafactory_hera.hera.selection.noise`). Writes ``hera_report.json``,
+``.png`` and ``.log``.
 """
 
 from __future__ import annotations
