@@ -56,14 +56,13 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
               f"{harc_args.harc_batch_harmful} harmful + {harc_args.harc_batch_harmless} harmless + "
               f"{harc_args.harc_batch_pseudo} pseudo); the reference takes one ({rows} rows): set it to 1 for that.")
     for key in ("packing", "neat_packing"):
-        value = raw_value(host_args, key)
-        if value is not None and truthy(value):
+        if truthy(value := raw_value(host_args, key)):
             raise RecipeError(f"{key}: {str(value).lower()} is not supported by stage: harc: it composes each "
                               "micro-batch of whole rows of its role datasets and reads every row's residual stream at "
                               "its own instruction and assistant-header positions, which packing several rows into "
                               f"one sequence would mix. Remove {key}.")
     for key in ("do_eval", "do_predict"):
-        if raw_value(host_args, key) is not None and truthy(raw_value(host_args, key)):
+        if truthy(raw_value(host_args, key)):
             raise RecipeError(f"{key}: stage: harc has no evaluation split of its own (it evaluates refusals on "
                               "held-out rows at the end, see harc_eval). Remove it.")
     if compiled := compile_setting(host_args):
