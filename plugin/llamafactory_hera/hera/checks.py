@@ -60,7 +60,7 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: Her
       and would not skip overflow steps as DeepSpeed's optimizer does;
     - named heads outside a local model (:func:`check_heads_before_parse`).
     """
-    if (_raw_value(host_args, "deepspeed") and _truthy(_raw_value(host_args, "fp16") or False)
+    if (_raw_value(host_args, "deepspeed") and _truthy(_raw_value(host_args, "fp16"))
             and hera_args.hera_learn_temperature):
         raise RecipeError("stage: hera cannot learn the temperature under DeepSpeed with fp16: true (the temperature's "
                           "own optimizer would step on loss-scaled gradients and would not skip overflow steps). Use "
@@ -77,7 +77,7 @@ def check_heads_before_parse(host_args: dict[str, Any] | list[str], hera_args: H
     model = _raw_value(host_args, "model_name_or_path")
     if hera_args.auto_heads or not model or not (Path(str(model)).expanduser() / "config.json").is_file():
         return
-    remote = _truthy(_raw_value(host_args, "trust_remote_code") or False)
+    remote = _truthy(_raw_value(host_args, "trust_remote_code"))
     try:
         config = AutoConfig.from_pretrained(str(Path(str(model)).expanduser()), trust_remote_code=remote)
     except Exception:  # a config this transformers cannot read (a newer family's): the parse's checks name it

@@ -216,7 +216,7 @@ def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -
     refuses DeepSpeed and Liger, and says so instead."""
     bits = raw_value(host_args, "quantization_bit")
     bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb"
-    if bnb and bits not in (None, "") and truthy(raw_value(host_args, "use_dora") or False):
+    if bnb and bits not in (None, "") and truthy(raw_value(host_args, "use_dora")):
         raise RecipeError(dora_refusal(bits))  # refused whatever is installed: said before asking for bitsandbytes
     # whatever the model type: LLaMA-Factory's parse requires liger-kernel for enable_liger_kernel (hparams/parser.py),
     # also where its patch list has no kernel for the type (it then warns and trains without)
@@ -239,8 +239,7 @@ def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -
 
 def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None:
     """``fp16`` and ``bf16`` are not both on; a ``deepspeed`` path names a file."""
-    fp16, bf16 = raw_value(host_args, "fp16"), raw_value(host_args, "bf16")
-    if fp16 is not None and bf16 is not None and truthy(fp16) and truthy(bf16):
+    if truthy(raw_value(host_args, "fp16")) and truthy(raw_value(host_args, "bf16")):
         raise RecipeError("fp16: true and bf16: true: a run trains in one precision; keep bf16: true (GPUs since "
                           "Ampere) and remove fp16, or keep fp16: true on older GPUs.")
     deepspeed = raw_value(host_args, "deepspeed")
@@ -253,8 +252,7 @@ def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None
 
 def check_streaming(stage: str, host_args: dict[str, Any] | list[str]) -> None:
     """``streaming`` is off: every stage reads its rows as a map-style dataset."""
-    value = raw_value(host_args, "streaming")
-    if value is not None and truthy(value):
+    if truthy(value := raw_value(host_args, "streaming")):
         reason = _STREAMING.get(stage, "the stage reads its rows by index")
         raise RecipeError(f"streaming: {str(value).lower()} is not supported by stage: {stage} ({reason}). Remove "
                           "streaming: the datasets are read once and cached on disk.")
