@@ -69,13 +69,10 @@ def _trained_recipe(recipe: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return trained
 
 
-def _interval(low: float, high: float) -> str:
-    return f"[{signed_number(low, 4)}, {signed_number(high, 4)}]"
-
-
 def _row(head: str, before: Any, after: Any, delta: float, low: float, high: float, noise: bool) -> dict[str, Any]:
     return {"head": head, "before": before, "after": after, "delta": delta, "ci_low": low, "ci_high": high,
-            "ci": _interval(low, high), "within_noise": noise, "change": "within noise" if noise else "beyond noise"}
+            "ci": f"[{signed_number(low, 4)}, {signed_number(high, 4)}]", "within_noise": noise,
+            "change": "within noise" if noise else "beyond noise"}
 
 
 def summary_rows(change: HeadChange, selected: list[tuple[int, int]]) -> list[dict[str, Any]]:
