@@ -29,7 +29,7 @@ def reentrant_kv_note(model_args: Any, training_args: Any) -> str | None:
     except (OSError, ValueError):
         return None
     kind = str(getattr(config, "model_type", ""))
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config()
     shared = int(getattr(text, "num_kv_shared_layers", 0) or 0)
     total = int(getattr(text, "num_hidden_layers", 0) or 0)
     if kind == "gemma3n" or not 0 < shared < total:  # LLaMA-Factory turns checkpointing off for gemma3n

@@ -115,7 +115,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                           "stage: harc trains text LLMs only (text rows, one decoder's layers). Use a text-only chat "
                           "model (e.g. Llama-3.1-8B-Instruct, Qwen2.5-7B-Instruct).")
     check_quantization(model_args, config, "harc", dora=bool(getattr(finetuning_args, "use_dora", False)))
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config()
     layers = int(text.num_hidden_layers)
     eligible = eligible_layers(layers, harc_args.harc_band)
     if len(eligible) < harc_args.harc_layers_final:

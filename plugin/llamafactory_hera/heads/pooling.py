@@ -27,10 +27,7 @@ _STRING_TOKEN_ATTR = re.compile(r"^((image|video|vision|audio)\w*_token|(start|e
 
 def _config_token_ids(config: Any) -> set[int]:
     ids: set[int] = set()
-    configs = [config]
-    if hasattr(config, "get_text_config"):
-        configs.append(config.get_text_config())
-    for cfg in configs:
+    for cfg in (config, config.get_text_config()):
         for name, value in vars(cfg).items() if hasattr(cfg, "__dict__") else ():
             if _CONFIG_TOKEN_ATTR.match(name) and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 ids.add(value)
