@@ -201,12 +201,9 @@ def _changes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm:
 
 
 def communicated(counts: dict[str, float], setup: Setup) -> tuple[float, float]:
-    """Bytes each GPU receives per micro-step and per optimizer step (a ring: ``(N - 1) / N`` of each whole):
-    FSDP2 and ZeRO-3 gather the parameters in bf16 (4-bit codes as stored) in forward and again in backward (resharded
-    after forward; the recompute under checkpointing uses the backward's gather) and reduce-scatter the trained
-    gradients (FSDP2 float32, ZeRO-3 bf16) every micro-step; ZeRO-2 reduce-scatters bf16 gradients every micro-step
-    and gathers the updated bf16 weights every step; DDP all-reduces the float32 gradients once a step (twice the
-    bytes of a ring all-reduce). One GPU: none."""
+    """Bytes each GPU receives per micro-step and per optimizer step (a ring: ``(N - 1) / N`` of each whole), each
+    engine's collectives as docs/cost.md lists them (the recompute under checkpointing uses the backward's gather; DDP's
+    all-reduce moves twice the bytes of a ring all-reduce). One GPU: none."""
     n, total, trained = setup.gpus, counts["params"], counts["trainable"]
     ring = (n - 1) / n
     quantized = counts["quantizable"] if setup.bits else 0
