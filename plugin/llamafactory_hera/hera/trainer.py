@@ -138,18 +138,12 @@ class HeraTrainer:
     def hera_term(self, reps: torch.Tensor, pixel_values: torch.Tensor | None, pixel_keys: list[str] | None,
                   keys: list[str | None], counts: torch.Tensor, anchor_index: torch.Tensor, num_valid: int
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """HeRA loss of this rank's samples that have images and pooled tokens (``anchor_index``, from the collator).
-
-        Anchors are this rank's valid samples; candidates are the global batch's (``hera_gather``) plus the
-        queue. Every decision that decides whether a collective runs is taken on global quantities, so all
-        ranks always agree. Nothing here waits on the device, except the exchange of the ranks' anchor counts
-        under ``hera_gather`` (see :func:`gather_batch`).
-
-        Returns:
-            (loss, finite) or (None, None) when the batch has no term: ``loss`` 0-d float32, 0 where the loss
-            was not finite (on any rank under ``hera_gather``), ``finite`` 0-d bool on the device. A non-finite
-            loss sends no gradient (hooks zero it where it enters the heads and the temperature).
-        """
+        """(loss, finite), or (None, None) when the batch has no term: the 0-d float32 HeRA loss of this rank's samples
+        that have images and pooled tokens (``anchor_index``, from the collator) against the global batch's
+        (``hera_gather``) plus the queue, 0 where it was not finite (on any rank under ``hera_gather``; it then sends
+        no gradient), and ``finite``, a 0-d bool on the device. Every decision whether a collective runs is taken on
+        global quantities, so all ranks agree; nothing waits on the device but the exchange of the ranks' anchor
+        counts under ``hera_gather`` (:func:`gather_batch`)."""
         args = self.hera_args
         device = reps.device
         if num_valid > 0:
