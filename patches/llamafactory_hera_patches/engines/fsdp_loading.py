@@ -139,13 +139,11 @@ _DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
 
 
 def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str], config: dict[str, Any]) -> str | None:
-    """Before loading, the refusal fsdp_qlora would give after it (N12): 4-bit codes stored in another dtype than
-    FSDP2's mixed-precision all-gather, which would convert them as numbers at every forward. ``config``: the
-    checkpoint's config.json. The all-gather's dtype is the recipe's ``fp16`` / ``bf16`` (transformers'
-    TrainingArguments puts them, in that order, over accelerate's), else accelerate's ``mixed_precision``
-    (``ACCELERATE_MIXED_PRECISION``). The codes' dtype is a checkpoint saved 4-bit's ``bnb_4bit_quant_storage``, else
-    for ``quantization_bit: 4`` LLaMA-Factory's compute dtype: the recipe's ``bf16`` / ``pure_bf16`` / ``fp16`` (in
-    that order), else its ``infer_optim_dtype`` of the checkpoint's dtype on this device, as it will choose."""
+    """Before loading, the refusal fsdp_qlora would give after it: 4-bit codes stored in another dtype than FSDP2's
+    mixed-precision all-gather, which would convert them as numbers at every forward (docs/configurations.md, N19:
+    where each dtype comes from). ``config``: the checkpoint's config.json. The recipe's ``fp16`` / ``bf16`` come before
+    accelerate's ``mixed_precision``, as transformers' TrainingArguments puts them; the codes' compute dtype is
+    LLaMA-Factory's ``infer_optim_dtype`` on this device where the recipe names none, as it will choose."""
     def flag(*keys: str) -> bool:
         return any(truthy(raw_value(host_args, key)) for key in keys)
 

@@ -268,12 +268,9 @@ def check_raw_launch(stage: str, host_args: dict[str, Any] | list[str],
 
 def check_raw_recipe(host_args: dict[str, Any] | list[str], stage: str, machine: bool = True) -> None:
     """What every plugin stage checks of the recipe's LLaMA-Factory keys before LLaMA-Factory parses them, after
-    :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific): the engines the
-    recipe names installed, the keys
-    (:mod:`.host_keys`), the model paths, the installed stack (:mod:`.stack_checks`), this machine's bf16, and last
-    ``lora_target`` against the model's modules (:mod:`.model_checks`, the one that reads the model's config).
-    ``machine=False`` (``llamafactory-hera plan``, before renting): the recipe's own checks only, not this machine's
-    engines, model paths, stack and bf16."""
+    :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific); ``lora_target``
+    last, the one that reads the model's config. ``machine=False`` (``llamafactory-hera plan``, before renting): the
+    recipe's own checks only, not this machine's."""
     given = given_keys(host_args)
     if machine:
         check_engines_installed(host_args, stage)
