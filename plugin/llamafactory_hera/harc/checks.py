@@ -1,10 +1,7 @@
-"""HARC's checks of a run's LLaMA-Factory arguments, before any model or dataset is loaded.
-
-Declared in :mod:`llamafactory_hera.methods`; checked on LLaMA-Factory 0.9.5 argument names. HARC reads its data
-from the ``harc_*`` role keys: ``dataset`` may be omitted (it is then set to ``harc_harmful`` only to satisfy
-LLaMA-Factory's parser, which refuses training without one; the stage never reads it). Each micro-batch is composed
-by the stage, so ``per_device_train_batch_size`` counts composed micro-batches (1, the reference's, when absent;
-LlamaBoard always sends its "Batch size" box, 2 by default, which is then said).
+"""HARC's checks of a run's LLaMA-Factory arguments, before any model or dataset is loaded (declared in
+:mod:`llamafactory_hera.methods`; LLaMA-Factory 0.9.5's argument names). HARC reads its rows from the ``harc_*`` role
+keys: an absent ``dataset`` is set to ``harc_harmful`` only for LLaMA-Factory's parser, and
+``per_device_train_batch_size`` counts composed micro-batches (docs/harc.md, "Micro-batches").
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""RAH-LoRA's checks of a run's LLaMA-Factory arguments, before any model or dataset is loaded.
-
-Declared in :mod:`llamafactory_hera.methods`; they read recipe keys only (checked on LLaMA-Factory 0.9.5
-argument names). The model is loaded with eager attention (attention weights are needed).
+"""RAH-LoRA's checks of a run's LLaMA-Factory arguments, before any model or dataset is loaded (declared in
+:mod:`llamafactory_hera.methods`; LLaMA-Factory 0.9.5's argument names). The model is loaded with eager attention.
 """
 
 from __future__ import annotations
