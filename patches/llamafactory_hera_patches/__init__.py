@@ -11,9 +11,6 @@ and :mod:`.accelerate_launch`: the recipe checked before torchrun or accelerate 
 checkpointing), :mod:`.recipe` (keys as the host reads them), :mod:`.data` (templates, image tokens), :mod:`.tools`
 (what the offline tools load) and :mod:`.webui` (LlamaBoard); :mod:`.errors`, :mod:`.guard`, :mod:`.registry`,
 :mod:`.logging` and :mod:`.stacks` serve them all.
-
-Checked on LLaMA-Factory 0.9.5 and on its main branch, where every shape check passes and the suite runs
-(docs/install.md, Tested stacks).
 """
 
 CHECKED_VERSIONS = ("0.9.5", "0.9.6.dev0")

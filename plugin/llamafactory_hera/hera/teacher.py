@@ -3,9 +3,6 @@
 Kept outside the trained model, frozen and in eval mode, loaded once per process in float32 (:data:`TEACHER_DTYPE`)
 and run under ``torch.no_grad``. Each encoder family has its own image feature (:class:`VisionTeacher`). Features of
 many images come from batched forwards, with decoding and preprocessing in background threads (:func:`image_features`).
-
-Used by head selection (calibration pairs) and by the pre-training pass that fills the teacher
-feature cache (``hera_teacher_precompute``).
 """
 
 from __future__ import annotations
