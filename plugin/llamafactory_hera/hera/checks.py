@@ -54,12 +54,8 @@ _INCOMPATIBLE = (
 
 
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
-    """Checks on the recipe's own keys, before LLaMA-Factory parses them (some combinations fail there obscurely).
-
-    - DeepSpeed with fp16 and a learned temperature: the temperature's own AdamW would see loss-scaled gradients
-      and would not skip overflow steps as DeepSpeed's optimizer does;
-    - named heads outside a local model (:func:`check_heads_before_parse`).
-    """
+    """Checks on the recipe's own keys, before LLaMA-Factory parses them: DeepSpeed with fp16 and a learned temperature
+    (its refusal says why), named heads outside a local model (:func:`check_heads_before_parse`)."""
     if (_raw_value(host_args, "deepspeed") and _truthy(_raw_value(host_args, "fp16"))
             and hera_args.hera_learn_temperature):
         raise RecipeError("stage: hera cannot learn the temperature under DeepSpeed with fp16: true (the temperature's "
