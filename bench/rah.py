@@ -26,12 +26,12 @@ BENCH = Path(__file__).resolve().parent
 
 def _passes(model, calibration_batches, caf_batches, kl_batches, kinds, layers, kl_forwards):
     """The bare passes a calibration with ``kl_forwards`` probe sweeps needs, nothing else."""
-    from llamafactory_hera.rah.calibrate import geometry_of
+    from llamafactory_hera.rah.plan import plan_calibration
     from llamafactory_hera.rah.probe import attention_modules, head_gates, token_masks
     from llamafactory_hera.rah.scores import margin_loss
 
     strip = lambda batch: {k: v for k, v in batch.items() if k != "labels"}  # noqa: E731
-    geometry = geometry_of(model)
+    geometry = plan_calibration(model).geometry
     with torch.no_grad():
         for batch in calibration_batches:
             model(**strip(batch), output_attentions=True, use_cache=False)

@@ -11,12 +11,6 @@ and :mod:`.accelerate_launch`: the recipe checked before torchrun or accelerate 
 checkpointing), :mod:`.recipe` (keys as the host reads them), :mod:`.data` (templates, image tokens), :mod:`.tools`
 (what the offline tools load) and :mod:`.webui` (LlamaBoard); :mod:`.errors`, :mod:`.guard`, :mod:`.registry`,
 :mod:`.logging` and :mod:`.stacks` serve them all.
-
-Checked on LLaMA-Factory 0.9.5 (PyPI, identical to tag v0.9.5) and on its main branch (0.9.6.dev0, at commit
-ff6d4d12e of 2026-11; installed from a clone as its README says): 19 of the 58 names the patches touch changed there
-(megatron-bridge, HyperParallel and KTransformers-VLM arguments, ``launch``, ``get_train_args``, ``load_model``, the web
-UI's seed controls and ``Runner.monitor``, the 4D-mask collator, ``CompositeModel`` with moss_vl), none in what the
-patches rely on: every shape check passes and the suite runs there (docs/install.md, Tested stacks).
 """
 
 CHECKED_VERSIONS = ("0.9.5", "0.9.6.dev0")

@@ -1,9 +1,8 @@
 """``accelerate launch`` of LLaMA-Factory's training (``-m llamafactory.launcher``, its ``launcher.py``, a clone's
 ``src/train.py``, ``llamafactory-cli train``): :func:`.launch.check_before_ranks` runs in the launching process with the
-environment accelerate hands the ranks, so a refused recipe is one line and no rank starts (each rank used to refuse
-it, then accelerate printed torch's ``ChildFailedError`` traceback, 44 lines).
+environment accelerate hands the ranks, so a refused recipe is one line and no rank starts.
 
-Checked on accelerate 1.11; on another shape nothing is patched (the ranks check as before).
+Checked on accelerate 1.11; on another shape nothing is patched (the ranks check the recipe themselves).
 ``accelerate.commands.launch`` calls its globals ``prepare_multi_gpu_env``, ``prepare_deepspeed_cmd_env`` and
 ``prepare_simple_launcher_cmd_env`` (``args``: the command merged with the config) just before starting the ranks;
 each returns their environment.

@@ -1,22 +1,15 @@
 """``llamafactory-cli train`` under torchrun: the recipe is checked once, in the launcher, before the ranks start
-(:func:`check_before_ranks`: the stage; a plugin stage's raw checks, :func:`.stage.method_arguments`; a host stage's
-FSDP refusals), one line and exit code 1 as without torchrun; each rank used to print it, then torchrun's and the
-launcher's tracebacks. A job that fails later ends with torchrun's report and its exit code, without the launcher's
-traceback. A bare ``torchrun`` has no launcher to patch: its ranks print a refusal once (``llamafactory_hera.
-job_refusal``); ``accelerate launch`` runs :func:`check_before_ranks` too (:mod:`.accelerate_launch`). LLaMA-Factory's
-v1 trainers (``USE_V1=1``: ``llamafactory.v1.launcher``, v1's own parser) do not run the plugin's stages: such a recipe
-is one line before v1 reads it, with or without ``ALLOW_EXTRA_KEYS`` (v1 ended in its parser's traceback).
+(:func:`check_before_ranks`), one line and exit code 1 as without torchrun. A job that fails later ends with
+torchrun's report and its exit code, without the launcher's traceback. A method declared ``one_process`` (RAH-LoRA)
+gets a torchrun of one rank on a multi-GPU node unless ``FORCE_TORCHRUN`` is set. A bare ``torchrun`` has no launcher
+to patch (``llamafactory_hera.job_refusal``); ``accelerate launch`` runs :func:`check_before_ranks` too
+(:mod:`.accelerate_launch`). LLaMA-Factory's v1 trainers (``USE_V1=1``) do not run the plugin's stages: such a recipe
+is one line before v1 reads it.
 
-Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything is patched):
-- ``llamafactory.launcher.launch()`` pops the command from ``sys.argv``; for ``train`` with ``FORCE_TORCHRUN`` (or
-  ``USE_MCA``), or more than one device without Ray or KTransformers (``llamafactory.extras.misc``: ``is_env_enabled``,
-  ``get_device_count``, ``use_ray``, ``use_kt``), it runs ``torchrun ... launcher.py <args>`` with
-  ``subprocess.run(check=True)``, else ``llamafactory.train.tuner.run_exp()``: a method declared ``one_process``
-  (RAH-LoRA: its model over every visible GPU) gets a torchrun of one rank (``NPROC_PER_NODE=1``) on a multi-GPU node
-  unless ``FORCE_TORCHRUN`` is set;
-  ``llamafactory.v1.launcher.launch()`` does the same for its ``_DIST_TRAIN_COMMANDS``;
-- ``llamafactory.hparams.read_args`` reads the recipe from ``sys.argv`` (read here as it does, by
-  :func:`.recipe.recipe_file.read_args_unchecked`).
+Checked on LLaMA-Factory 0.9.5 (the names :func:`apply` requires): ``launcher.launch()`` pops the command from
+``sys.argv`` and runs ``torchrun ... launcher.py <args>`` with ``subprocess.run(check=True)`` when
+:func:`starts_torchrun` says so, else ``run_exp()``; ``llamafactory.v1.launcher.launch()`` does the same for its
+``_DIST_TRAIN_COMMANDS``; the recipe is read as ``hparams.read_args`` reads it (:func:`launch_recipe`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
 """Registers every declared method's stage (``stage: hera``, ...) in LLaMA-Factory's trainer entry point.
 
-Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified before anything is patched):
-- ``llamafactory.train.tuner`` has ``_training_function(config)``, ``get_train_args`` and ``run_sft``
-  as module globals, looked up at call time; ``read_args`` in ``llamafactory.hparams``;
-- ``llamafactory.train.sft.workflow`` has module globals ``run_sft``, ``get_dataset``,
-  ``SFTDataCollatorWith4DAttentionMask`` and ``CustomSeq2SeqTrainer``;
-- ``llamafactory.extras.ploting.smooth(values)`` (the loss curves' smoothing, reused by the methods' plots);
-- ``FinetuningArguments.stage`` is a ``Literal`` of the host's stages (:func:`.templates.host_stages`): a stage that is
-  neither a method's nor the host's is refused before parsing, with the closest name.
-
-A method's stage is mapped to its host stage (``sft``) before LLaMA-Factory parses the arguments, so
-every host check, the data pipeline and the web UI treat the run as SFT; the method's checks run on
-the raw and the parsed arguments, and its ``run`` replaces ``run_sft`` with :class:`SFTWorkflow`, which
-runs the SFT workflow whole with the method's collator and trainer swapped in for its duration. What
-a method declares is the plugin's ``Method``, registered with :mod:`.registry`; nothing here names one.
+Checked on LLaMA-Factory 0.9.5; the host names relied on (module globals looked up at call time) are
+:func:`_check_shapes`'s, verified before anything is patched. A method's stage is mapped to its host stage (``sft``)
+before LLaMA-Factory parses the arguments, so every host check, the data pipeline and the web UI treat the run as
+SFT; the method's checks run on the raw and the parsed arguments, and its ``run`` replaces ``run_sft`` with
+:class:`SFTWorkflow`. A stage that is neither a method's nor the host's (``FinetuningArguments.stage``'s ``Literal``)
+is refused before parsing, with the closest name. What a method declares is the plugin's ``Method``, registered with
+:mod:`.registry`; nothing here names one.
 """
 
 from __future__ import annotations

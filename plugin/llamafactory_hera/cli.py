@@ -1,9 +1,6 @@
-"""``llamafactory-hera``: the plugin's command line (``llamafactory-hera --help`` lists the verbs).
-
-The methods' verbs (``select``, ``harc-data``) come from each method's declaration (``add_cli_verbs``, see
-:mod:`llamafactory_hera.methods`); ``eval`` serves every stage (:mod:`llamafactory_hera.evaluation.cli`), ``compose``
-and ``data`` serve the LLaVA-1.5 experiment (:mod:`llamafactory_hera.llava.cli`), ``plan`` every recipe
-(:mod:`llamafactory_hera.plan.cli`).
+"""``llamafactory-hera``: the plugin's command line (``llamafactory-hera --help`` lists the verbs): each method's verbs
+from its declaration (``add_cli_verbs``), ``eval`` and ``plan`` for every stage, ``compose`` and ``data`` for the
+LLaVA-1.5 experiment.
 """
 
 from __future__ import annotations

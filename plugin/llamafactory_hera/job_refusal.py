@@ -1,24 +1,14 @@
 """The plugin's errors end a training process with their one line, and a refusal on any rank of a multi-process job
 ends every rank within seconds, printed once per node (:func:`install`, set by the start-up hook).
 
-The plugin's checks raise :class:`~llamafactory_hera_patches.errors.RecipeError` with a message that names the key, the
-value and the fix; when one ends the process, only that message is printed (:func:`short_report`, with a line saying
-how to get the traceback). Every other exception, a ``ValueError`` of torch or of the plugin's own internals included,
-keeps Python's full report. ``llamafactory-cli train`` and ``accelerate launch`` check the recipe before they start the
-ranks (``llamafactory_hera_patches.launch``, ``.accelerate_launch``).
+A :class:`~llamafactory_hera_patches.errors.RecipeError` that ends the process prints only its message
+(:func:`short_report`, with a line saying how to get the traceback); every other exception keeps Python's full report.
 
-Without it, a refusal on a rank other than 0 waited for torchrun to stop it. The ranks of a torchrun job (torchrun,
-``accelerate launch``) share a flag in the job's c10d store at ``MASTER_ADDR:MASTER_PORT``, which torchrun's agent
-hosts from the start:
-
-- every rank of a method's job watches the flag (:func:`watch`, a daemon thread started by the method's first check;
-  a stock stage's ranks are left as without the plugin): when it is set, the rank ends at once with exit code 1;
-- a rank that refuses sets it (:func:`announce`) with its report and its node; the first one to set it prints the
-  refusal, and local rank 0 of every other node prints it too (a refusing rank there, or its watch), so each node's
-  log holds the line; the other ranks end without a word.
-
-Without a store to reach (a single process, a job without ``MASTER_ADDR``, ``srun`` tasks without a launcher, whose
-store rank 0's process group hosts and takes with it), a refusal is printed as before.
+The ranks of a torchrun job (torchrun, ``accelerate launch``) share a flag in the job's c10d store at
+``MASTER_ADDR:MASTER_PORT``, which torchrun's agent hosts from the start: every rank of a method's job watches it
+(:func:`watch`) and ends with exit code 1 when it is set; a refusing rank sets it (:func:`announce`) with its report
+and its node, and the first one prints the refusal, local rank 0 of every other node too. Without a store to reach (a
+single process, no ``MASTER_ADDR``, ``srun`` tasks without a launcher), a refusal is printed by its own rank.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """The one log helper: what the plugin tells the terminal and, when LlamaBoard launched the run, LlamaBoard's monitor.
 
-:func:`say` prints a line (every rank), :func:`say_once` on rank 0 only; :func:`progress` draws a bar and LlamaBoard's
-progress bar, :func:`progress_once` a bar on rank 0 only. ``stage: rah`` has no Trainer, so nothing else would write the
-files LlamaBoard polls: ``running_log.txt`` (the log box) and ``trainer_log.jsonl`` (the progress bar; LLaMA-Factory
-0.9.5 reads ``current_steps``, ``total_steps``, ``percentage``, ``elapsed_time`` and ``remaining_time`` from its last
-line). LlamaBoard sets ``LLAMABOARD_ENABLED=1`` and ``LLAMABOARD_WORKDIR`` for the runs it starts.
-
-Inside :func:`host_output_to`, file descriptors 1 and 2 (loggers, ``warnings``, tqdm, C extensions) write to a log file,
-while the plugin's own lines (:func:`show`) and bars (:func:`progress_file`) keep the terminal.
+``stage: rah`` has no Trainer, so nothing else would write the files LlamaBoard polls: ``running_log.txt`` (the log
+box) and ``trainer_log.jsonl`` (the progress bar; LLaMA-Factory 0.9.5 reads ``current_steps``, ``total_steps``,
+``percentage``, ``elapsed_time`` and ``remaining_time`` from its last line). LlamaBoard sets ``LLAMABOARD_ENABLED=1``
+and ``LLAMABOARD_WORKDIR`` for the runs it starts. Inside :func:`host_output_to`, file descriptors 1 and 2 write to a
+log file, while the plugin's own lines (:func:`show`) and bars (:func:`progress_file`) keep the terminal.
 """
 
 from __future__ import annotations

@@ -35,19 +35,6 @@ tiny = harc_numerics_helpers.tiny
 LAYERS = [1, 3]
 
 
-class _Switch:
-    """A ``harc_checkpointing`` holding ``layers`` non-reentrant whatever the state's coupled layers are."""
-
-    def __init__(self, model: Any, layers: list[int]) -> None:
-        self.inner = LayerCheckpointing(model, layers, "the test's layers")
-
-    def set_layers(self, layers: Any) -> None:
-        pass
-
-    def ensure(self) -> None:
-        self.inner.ensure()
-
-
 def _trainer(t: SimpleNamespace, reentrant: bool | None,
              weights: tuple[float, float, float, float] = (1.0, 1.0, 10.0, 1.0)) -> tuple[Any, Any, dict]:
     """(HarcTrainerMixin with what compute_loss reads, the LoRA model under LLaMA-Factory's checkpointing function
@@ -84,7 +71,7 @@ def _gradients(t: SimpleNamespace, reentrant: bool | None, switched: list[int],
                weights: tuple[float, float, float, float] = (1.0, 1.0, 10.0, 1.0)) -> tuple[dict, list[str]]:
     """(LoRA gradients of one compute_loss + backward, each decoder layer's checkpointing kind in it)."""
     trainer, model, batch = _trainer(t, reentrant, weights)
-    trainer.harc_checkpointing = _Switch(model, switched)
+    trainer.harc_checkpointing = LayerCheckpointing(model, switched, "the test's layers")
     trainer.compute_loss(model, batch).backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, _kinds(model)
 
@@ -142,7 +129,7 @@ def test_the_residual_is_read_before_a_zero3_style_pre_hook_detaches_it(tiny: di
     t = tiny["llama3"]
     want, _ = _gradients(t, reentrant=True, switched=[])
     trainer, model, batch = _trainer(t, reentrant=True)
-    trainer.harc_checkpointing = _Switch(model, [])
+    trainer.harc_checkpointing = LayerCheckpointing(model, [], "the test's layers")
     copies: list[bool] = []
 
     def zero3_like(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict]:
@@ -192,7 +179,7 @@ def test_harc_gradient_on_a_kv_sharing_model_is_exact_with_a_coupled_source_laye
                                   ("non_reentrant", False, True)):
         trainer, model, batch = _trainer(t, reentrant)
         trainer.harc_checkpointing = LayerCheckpointing(model, [], "HARC") if harc else SimpleNamespace(
-            set_layers=lambda layers: None, ensure=lambda: None)  # LLaMA-Factory's reentrant kind in every layer
+            ensure=lambda: None)  # LLaMA-Factory's reentrant kind in every layer
         trainer.compute_loss(model, batch).backward()
         grads[name] = {key: p.grad.clone() for key, p in model.named_parameters() if p.grad is not None}
         if name == "harc":

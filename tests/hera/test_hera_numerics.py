@@ -1,11 +1,11 @@
-"""mutual_knn and hera_loss against slow loop references written straight from the formulas."""
+"""mutual_knn and hera_loss_anchored against slow loop references written straight from the formulas."""
 
 import math
 
 import pytest
 import torch
 
-from llamafactory_hera.hera.loss import hera_loss
+from llamafactory_hera.hera.loss import hera_loss_anchored
 from llamafactory_hera.hera.metrics import mutual_knn
 
 
@@ -24,6 +24,15 @@ def _loop_knn(feats: torch.Tensor, k: int) -> list[set[int]]:
 def _loop_mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     knn_a, knn_b = _loop_knn(a, k), _loop_knn(b, k)
     return sum(len(x & y) / k for x, y in zip(knn_a, knn_b, strict=True)) / len(knn_a)
+
+
+def hera_loss(student: torch.Tensor, teacher: torch.Tensor, k: int, temperature: float | torch.Tensor = 0.07,
+              similarity: str = "cosine") -> torch.Tensor:
+    """Paper Eq. 4 averaged over the batch (and heads) of ``student`` ``[B, D]`` or ``[H, B, D]``: every sample an
+    anchor among all of them, as the training step's anchored loss with the batch as its candidates."""
+    heads = student.unsqueeze(0) if student.ndim == 2 else student
+    index = torch.arange(heads.shape[1])
+    return hera_loss_anchored(heads, heads, index, teacher, teacher, k, temperature, similarity).mean()
 
 
 def _loop_hera(student: torch.Tensor, teacher: torch.Tensor, k: int, tau: float, cosine: bool) -> float:
@@ -99,13 +108,11 @@ def test_hera_loss_gradient_reaches_student_and_temperature() -> None:
     assert log_tau.grad is not None and log_tau.grad != 0
 
 
-def test_hera_loss_rejects_bad_shapes_and_small_batches() -> None:
+def test_hera_loss_rejects_small_batches_and_unknown_similarities() -> None:
     with pytest.raises(ValueError, match="k=10 needs"):
         hera_loss(torch.randn(10, 4), torch.randn(10, 3), k=10)
-    with pytest.raises(ValueError, match="teacher must be"):
-        hera_loss(torch.randn(12, 4), torch.randn(11, 3), k=2)
-    with pytest.raises(ValueError, match="student must be"):
-        hera_loss(torch.randn(12), torch.randn(12, 3), k=2)
+    with pytest.raises(ValueError, match="similarity must be"):
+        hera_loss(torch.randn(12, 4), torch.randn(12, 3), k=2, similarity="euclid")
 
 
 def test_per_sample_features_average_each_samples_images() -> None:
@@ -158,8 +165,6 @@ def _loop_anchored(anchors, candidates, anchor_index, t_anchor, t_cand, k, tau) 
 
 
 def test_anchored_loss_with_a_hand_built_queue_matches_the_loop() -> None:
-    from llamafactory_hera.hera.loss import hera_loss_anchored
-
     gen = torch.Generator().manual_seed(7)
     heads, batch, queue, dim, edim, k = 2, 3, 9, 5, 4, 4  # 3 samples in the micro-batch: too few for k=4 alone
     current, queued = torch.randn(heads, batch, dim, generator=gen), torch.randn(heads, queue, dim, generator=gen)
@@ -171,20 +176,9 @@ def test_anchored_loss_with_a_hand_built_queue_matches_the_loop() -> None:
     assert got.tolist() == pytest.approx(want, rel=1e-5)
 
 
-def test_anchored_loss_equals_hera_loss_when_anchors_are_the_candidates() -> None:
-    from llamafactory_hera.hera.loss import hera_loss_anchored
-
-    gen = torch.Generator().manual_seed(8)
-    student, teacher = torch.randn(3, 12, 6, generator=gen), torch.randn(12, 5, generator=gen)
-    per_anchor = hera_loss_anchored(student, student, torch.arange(12), teacher, teacher, 4, 0.07)
-    assert float(per_anchor.mean()) == pytest.approx(float(hera_loss(student, teacher, k=4)), rel=1e-6)
-
-
 def test_anchored_loss_breaks_teacher_ties_of_reused_images_towards_the_lower_index() -> None:
     """Reused images: candidates 0-1, 2-4 and 5-6 share a teacher feature (one-hot, so every similarity is exactly 0
     or 1 and the k-th place is a tie); the loop's stable sort picks the lower indices, and so must the loss."""
-    from llamafactory_hera.hera.loss import hera_loss_anchored
-
     gen = torch.Generator().manual_seed(9)
     image_of = [0, 0, 1, 1, 1, 2, 2, 3, 4]
     teacher = torch.eye(5)[image_of]
@@ -195,5 +189,7 @@ def test_anchored_loss_breaks_teacher_ties_of_reused_images_towards_the_lower_in
         got = hera_loss_anchored(anchors, candidates, anchor_index, teacher[anchor_index], teacher, k, 0.2)
         want = _loop_anchored(anchors, candidates, anchor_index, teacher[anchor_index], teacher, k, 0.2)
         assert got.tolist() == pytest.approx(want, rel=1e-5), k
-    whole = hera_loss_anchored(candidates, candidates, torch.arange(len(image_of)), teacher, teacher, 3, 0.2)
-    assert float(whole.mean()) == pytest.approx(float(hera_loss(candidates, teacher, k=3, temperature=0.2)), rel=1e-6)
+    every = torch.arange(len(image_of))
+    whole = hera_loss_anchored(candidates, candidates, every, teacher, teacher, 3, 0.2)
+    assert whole.tolist() == pytest.approx(_loop_anchored(candidates, candidates, every, teacher, teacher, 3, 0.2),
+                                           rel=1e-5)

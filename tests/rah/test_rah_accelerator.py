@@ -61,11 +61,11 @@ def test_isal_maps_and_gate_gradients_on_the_accelerator_equal_the_cpu(assets, a
     (the device computes with the CPU's kernels), and come back on the host (the selection runs there)."""
     from test_rah_model import _load
 
-    from llamafactory_hera.rah.calibrate import geometry_of
+    from llamafactory_hera.rah.plan import plan_calibration
     from llamafactory_hera.rah.probe import AttentionProfile, gate_gradients, profile_attention
 
     model, kinds, batches = _load(assets, "qwen2_5_vl", tmp_path, samples=3)
-    geometry = geometry_of(model)
+    geometry = plan_calibration(model).geometry
     cpu = AttentionProfile([0, 1])
     for batch in batches:
         profile_attention(model, batch, [0, 1], kinds, cpu)

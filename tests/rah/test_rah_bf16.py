@@ -123,8 +123,9 @@ def test_a_step_that_rounds_to_no_change_is_not_calibrated(assets, tmp_path: Pat
     from test_rah_model import FORCED
 
     from llamafactory_hera.rah.adapter import lora_factors
-    from llamafactory_hera.rah.calibrate import calibrate, geometry_of
+    from llamafactory_hera.rah.calibrate import calibrate
     from llamafactory_hera.rah.config import RahArguments
+    from llamafactory_hera.rah.plan import plan_calibration
     from llamafactory_hera.rah.probe import token_kinds
     from llamafactory_hera.rah.workflow import profile_record
     from llamafactory_hera_patches.tools.model_data import parse_recipe
@@ -140,7 +141,7 @@ def test_a_step_that_rounds_to_no_change_is_not_calibrated(assets, tmp_path: Pat
     scored = [u for u in calibration.updates if u.region is not None]
     assert scored and all(u.region.alpha == 1e-20 and u.unchanged and not u.calibrated for u in scored)
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
-    assert lora_factors(calibration, model, geometry_of(model)) == {}
+    assert lora_factors(calibration, model, plan_calibration(model).geometry) == {}
     summary = profile_record(calibration, settings, {}, {}, {})
     assert {t["outcome"] for t in summary["targets"]} == {"unchanged"}
     assert summary["summary"]["calibrated"] == 0 and summary["summary"]["unchanged_in_model_dtype"] == len(scored)

@@ -12,8 +12,9 @@ import torch
 
 from conftest import REPO, base_recipe
 from llamafactory_hera.rah.adapter import lora_factors, save_adapter
-from llamafactory_hera.rah.calibrate import calibrate, geometry_of, o_columns, v_rows
+from llamafactory_hera.rah.calibrate import calibrate, o_columns, v_rows
 from llamafactory_hera.rah.config import RahArguments
+from llamafactory_hera.rah.plan import plan_calibration
 from llamafactory_hera.rah.probe import attention_modules, gate_gradients, token_kinds, token_masks
 from llamafactory_hera.rah.scores import margin_loss
 from llamafactory_hera_patches.tools.model_data import (
@@ -57,7 +58,7 @@ def test_gate_gradient_equals_a_finite_difference_of_the_margin_loss(assets, tmp
     model, kinds, batches = _load(assets, "llava", tmp_path, samples=1)
     model = model.double()
     batch = {k: v.double() if torch.is_floating_point(v) else v for k, v in batches[0].items()}
-    geometry = geometry_of(model)
+    geometry = plan_calibration(model).geometry
     grads = gate_gradients(model, batch, [0, 1], geometry.num_heads, geometry.head_dim, kinds)
     mask = token_masks(batch["input_ids"], batch["attention_mask"], kinds)[2]
     modules = attention_modules(model)
@@ -95,7 +96,7 @@ def test_the_adapter_reproduces_the_calibrated_model(assets, extra_assets, tmp_p
     kept = [u for u in calibration.updates if u.region is not None and not u.region.rolled_back]
     assert calibration.modules == modules and kept and all(u.region.alpha == 0.15 for u in kept)
     calibrated = _logits(model, batches)
-    factors = lora_factors(calibration, model, geometry_of(model))
+    factors = lora_factors(calibration, model, plan_calibration(model).geometry)
     names = save_adapter(model, factors, tmp_path / "adapter")
     assert all(".language_model." in n and n.rsplit(".", 1)[1] in {f"{m}_proj" for m in modules} for n in names)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -120,7 +121,7 @@ def test_rollbacks_leave_every_head_bit_identical(assets, tmp_path: Path) -> Non
     assert all(torch.equal(p, saved[name]) for name, p in model.named_parameters())
     assert calibration.kl_to_original == 0.0
     with pytest.raises(ValueError, match="no adapter to write"):
-        save_adapter(model, lora_factors(calibration, model, geometry_of(model)), tmp_path / "none")
+        save_adapter(model, lora_factors(calibration, model, plan_calibration(model).geometry), tmp_path / "none")
 
 
 def test_trust_region_on_the_model_keeps_kl_within_delta(assets, tmp_path: Path) -> None:
@@ -140,5 +141,5 @@ def test_trust_region_on_the_model_keeps_kl_within_delta(assets, tmp_path: Path)
             continue
         assert region.kl <= delta
         assert region.alpha == 0.15 or dict(region.tried)[2 * region.alpha] > delta
-    geometry = geometry_of(model)
+    geometry = plan_calibration(model).geometry
     assert (v_rows(3, geometry), o_columns(3, geometry)) == (slice(48, 64), slice(48, 64))  # MHA, d_head 16

@@ -1,26 +1,14 @@
 """What each of LLaMA-Factory's chat templates needs of a tokenizer, which stages its parser accepts and which model
-types it treats as multimodal, read (not patched) for the plugin's checks before any model loads.
+types it treats as multimodal, read (not patched) for the plugin's checks before any model loads; and what a template
+does with a row's images (:func:`whole_row`: its image tokens and its length before ``cutoff_len``, for the refusal of a
+``cutoff_len`` that cuts a row's image tokens, where Qwen3-VL's rope index would fail after the model loaded).
 
-Checked on LLaMA-Factory 0.9.5:
-- ``llamafactory.data.template.TEMPLATES``: name -> ``Template`` with ``stop_words`` (``fix_special_tokens`` adds
-  them to the tokenizer as special tokens when missing, the first replacing EOS when ``replace_eos``: a token the
-  model's embeddings do not have), the formatters ``format_user`` / ``format_assistant`` / ``format_system`` /
-  ``format_prefix`` whose ``slots`` hold the template's markup strings, and ``mm_plugin`` (``BasePlugin`` for a
-  text-only template);
-- ``llamafactory.hparams.FinetuningArguments.stage``: a ``Literal`` of the host's stages;
-- ``llamafactory.model.model_utils.visual.COMPOSITE_MODELS``: model type -> its vision tower, projector and language
-  model (the multimodal models LLaMA-Factory knows).
-
-And what a template does with a row's images: how many tokens they take in LLaMA-Factory's supervised
-preprocessing, and how long the row is before ``cutoff_len`` truncates it, for the refusal of a ``cutoff_len`` that
-cuts a row's image tokens (the model's image features would then outnumber the image tokens, and Qwen3-VL's rope
-index fails with a ``shape mismatch`` after the model loaded).
-
-Checked on LLaMA-Factory 0.9.5 (``data/processor/supervised.py``, ``_encode_data_example``): ``template.mm_plugin``
-has ``image_token``, ``process_messages(messages, images, videos, audios, processor)`` (each ``<image>`` expanded into
-the image's tokens) and ``process_token_ids(input_ids, labels, images, videos, audios, tokenizer, processor)``;
-``template.encode_multiturn(tokenizer, messages, system, tools)`` gives the (source, target) ids of each turn before
-truncation; ``template.efficient_eos``; ``llamafactory.extras.constants.IGNORE_INDEX`` marks untrained labels.
+Checked on LLaMA-Factory 0.9.5: ``data.template.TEMPLATES`` (``stop_words``, the ``format_*`` formatters' ``slots``,
+``mm_plugin``; ``fix_special_tokens`` adds missing stop words as new tokens, the first replacing EOS with
+``replace_eos``), ``FinetuningArguments.stage`` (a ``Literal``), ``model_utils.visual.COMPOSITE_MODELS``,
+``extras.constants`` (``IMAGE_PLACEHOLDER``, ``IGNORE_INDEX``) and, as ``data/processor/supervised.py`` calls them,
+the plugin's ``process_messages`` / ``process_token_ids`` and ``image_token``, ``template.encode_multiturn`` and
+``template.efficient_eos``.
 """
 
 from __future__ import annotations

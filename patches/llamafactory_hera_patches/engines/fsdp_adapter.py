@@ -1,29 +1,20 @@
 """A LoRA adapter saved and loaded whole under FSDP2 (``FULL_STATE_DICT``), for every stage, stock ones included.
 
 transformers' Trainer saves and loads its FSDP resume checkpoint (``pytorch_model_fsdp.bin``) through accelerate's
-``save_fsdp_model`` / ``load_fsdp_model`` with ``adapter_only=True``. In accelerate 1.11 (the newest LLaMA-Factory
-0.9.5 allows) that path calls PEFT's ``get_peft_model_state_dict`` on the FSDP2 model, whose values are each rank's
-DTensor shards: rank 0 writes its own shard, and on loading the other ranks restore nothing, so a resumed LoRA run
-continues from a different adapter (stock SFT too; with this patch it ends bit for bit as the run not stopped). Fixed
-upstream in accelerate PR 4206 (present in 1.15.0): with a full state dict the adapter is read with torch's
-``get_model_state_dict(..., ignore_frozen_params=True)`` (gathered) and set with ``set_model_state_dict(...,
-strict=False)`` (broadcast from rank 0). This patch reads and sets it so (under the names below) on the accelerate
-versions whose ``_get_model_state_dict`` lacks the fix (told by its source: no full-state-dict branch); on the others
-it does nothing.
-Applied by the import hook right after ``accelerate.utils.fsdp_utils`` executes (the helpers are module globals that
-``save_fsdp_model`` / ``load_fsdp_model`` look up at call time).
+``save_fsdp_model`` / ``load_fsdp_model`` with ``adapter_only=True``; before accelerate PR 4206 (1.15.0) that path
+writes rank 0's DTensor shard of each matrix and restores nothing on the other ranks, so a resumed LoRA run continues
+from another adapter (docs/configurations.md, N13). On such an accelerate (told by the source of its
+``_get_model_state_dict``: no full-state-dict branch) this patch reads the adapter with torch's gathered
+``get_model_state_dict(..., ignore_frozen_params=True)`` and sets it with ``set_model_state_dict(..., strict=False)``
+(broadcast from rank 0), as the fix does; on the others it does nothing. Applied by the import hook right after
+``accelerate.utils.fsdp_utils`` executes (``save_fsdp_model`` / ``load_fsdp_model`` look the helpers up at call time).
 
-The file holds the whole tensors under PEFT's names (``...lora_A.weight``), as accelerate 1.11 saves its shards, so
-that without the plugin no reader resets the adapter silently: 1.11 refuses it with its own error (PEFT's
-``load_state_dict`` cannot copy a whole tensor into a DTensor shard), and so does torch's broadcast in an accelerate
-with the fix (no parameter has such a name; under torch's names 1.11 would load nothing, without a word). A file saved
-without the plugin by 1.11 (rank 0's shards) is refused here: half of each matrix is not in it.
+The file holds the whole tensors under PEFT's names (``...lora_A.weight``), as accelerate 1.11 names its shards, so no
+reader without the plugin resets the adapter silently: both 1.11 and a fixed accelerate refuse it with their own
+error. A file saved without the plugin by 1.11 (rank 0's shards) is refused here: half of each matrix is not in it.
 
-:func:`unsaved_state_dict` names the other silent loss: under FSDP transformers' Trainer writes the final adapter or
-model only with ``FULL_STATE_DICT`` (``Trainer.save_model``), and accelerate's FSDP2 default is
-``SHARDED_STATE_DICT``, so such a training run exits 0 with no adapter written (stock SFT too). The plugin's checks
-refuse it for its methods; for the host's stages the stage patch says so in one line (``note``) and the
-run goes on as without the plugin.
+:func:`unsaved_state_dict` names the other silent loss, a run under FSDP2's default ``SHARDED_STATE_DICT`` that exits
+0 with no adapter or model written (docs/configurations.md, N20).
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """Known host failures of FSDP2 with bitsandbytes weights, named before loading, for every training stage (stock SFT
-fails the same way; two CPU ranks under tests/fsdp_cpu's shim, torch 2.11, accelerate 1.11):
-- 8-bit (``quantization_bit: 8``), or a checkpoint saved with int8 codes or with 4-bit codes in bitsandbytes' default
-  uint8 storage (most 4-bit checkpoints on the Hub; its config.json read from the folder or fetched as LLaMA-Factory
-  fetches it): torch's ``fully_shard`` makes each weight a DTensor parameter, which integer codes cannot be, after
-  the model has loaded. ``quantization_bit: 4`` trains: LLaMA-Factory stores the codes in the compute dtype.
-- 4-bit with ``fsdp_cpu_ram_efficient_loading: true`` (LLaMA-Factory's examples/accelerate/fsdp2_config.yaml):
-  accelerate <= 1.11's ``fsdp2_load_full_state_dict`` looks the quantization state up as a submodule (``AttributeError:
-  `weight` is not an nn.Module``) after loading; with ``false`` the same runs train. A newer accelerate is not refused.
-- 4-bit codes stored in another dtype than FSDP2's mixed-precision all-gather (:func:`codes_dtype_refusal`).
+fails the same way): 8-bit weights or int8 / uint8-stored codes, which ``fully_shard`` cannot make DTensor parameters;
+4-bit with ``fsdp_cpu_ram_efficient_loading: true`` on accelerate <= 1.11; 4-bit codes stored in another dtype than
+FSDP2's mixed-precision all-gather (:func:`codes_dtype_refusal`). Each, its cause and its test: docs/configurations.md
+(N17-N19).
 
 Read from what ``accelerate launch`` sets (in its ranks, or in the launching process: patches/accelerate_launch.py);
 a recipe's own ``fsdp`` keys are the plugin's stages' refusal (recipe/fsdp.py).
@@ -144,13 +139,11 @@ _DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
 
 
 def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str], config: dict[str, Any]) -> str | None:
-    """Before loading, the refusal fsdp_qlora would give after it (N12): 4-bit codes stored in another dtype than
-    FSDP2's mixed-precision all-gather, which would convert them as numbers at every forward. ``config``: the
-    checkpoint's config.json. The all-gather's dtype is the recipe's ``fp16`` / ``bf16`` (transformers'
-    TrainingArguments puts them, in that order, over accelerate's), else accelerate's ``mixed_precision``
-    (``ACCELERATE_MIXED_PRECISION``). The codes' dtype is a checkpoint saved 4-bit's ``bnb_4bit_quant_storage``, else
-    for ``quantization_bit: 4`` LLaMA-Factory's compute dtype: the recipe's ``bf16`` / ``pure_bf16`` / ``fp16`` (in
-    that order), else its ``infer_optim_dtype`` of the checkpoint's dtype on this device, as it will choose."""
+    """Before loading, the refusal fsdp_qlora would give after it: 4-bit codes stored in another dtype than FSDP2's
+    mixed-precision all-gather, which would convert them as numbers at every forward (docs/configurations.md, N19:
+    where each dtype comes from). ``config``: the checkpoint's config.json. The recipe's ``fp16`` / ``bf16`` come before
+    accelerate's ``mixed_precision``, as transformers' TrainingArguments puts them; the codes' compute dtype is
+    LLaMA-Factory's ``infer_optim_dtype`` on this device where the recipe names none, as it will choose."""
     def flag(*keys: str) -> bool:
         return any(truthy(raw_value(host_args, key)) for key in keys)
 

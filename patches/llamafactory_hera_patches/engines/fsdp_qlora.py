@@ -1,28 +1,12 @@
 """bitsandbytes 4-bit weights kept bit for bit through accelerate's FSDP2 upcast, for every stage (stock ones included).
 
-Under FSDP2 with mixed precision (``mixed_precision: bf16`` in the accelerate config, as the FSDP2 recipes ship it),
-accelerate's ``fsdp2_prepare_model`` upcasts every parameter of a model that is not float32 to float32 after
-``fully_shard`` (1.11: "FSDP upcast of low precision parameters to fp32"). A 4-bit weight under FSDP is its packed
-codes stored as bf16 values (LLaMA-Factory sets ``bnb_4bit_quant_storage`` to the compute dtype so that FSDP can shard
-it): not numbers but bytes. The upcast keeps their bits, but FSDP2's all-gather casts the float32 shard back to bf16
-at every forward, and a cast to bf16 writes every NaN as one canonical NaN, so the codes whose bytes form a NaN are
-lost. Measured on a 4096 x 4096 nf4 weight (double quantization, bf16 storage, one float32 round trip): 0.082 % of
-its bf16 storage elements change, 9,540 of its 16.8 M weights, by up to 0.12 where the weight's absmax is 0.066:
-5.6 % of its norm; stock LoRA SFT trains on those weights without a word. The bytes that HeRA reads whole
-(``hera/projection.py``) would be float32 values, not the codes.
-
-This patch keeps every 4-bit weight out of any dtype conversion the preparation makes (whatever accelerate's statement
-for it: every ``.to`` / ``.float`` / ``.half`` of a module goes through ``Module._apply``, which is guarded for the
-call): its shard stays in its storage dtype, bit for bit (moved where the conversion moves it), which the all-gather
-leaves uncast; every other parameter and buffer is converted as before. Then it checks what the forward will get: each
-4-bit weight still in its packed storage dtype, and FSDP2's all-gather dtype (the mixed precision's ``param_dtype``)
-that same dtype, or none. Codes stored in another dtype than the all-gather's (fp16 or float32 codes under
-``mixed_precision: bf16``: a recipe without ``bf16: true`` on an fp16 or float32 checkpoint, or a checkpoint saved
-4-bit with such a storage) would be converted as numbers at every forward, every code, stock SFT too: refused before
-loading where fsdp_loading predicts it from the recipe, the checkpoint and the launch, and here again after preparation
-(the dtypes are LLaMA-Factory's and accelerate's choices at load), with the fix. Last, at each 4-bit layer's first
-forward (its weight gathered whole, as the forward reads it) the codes' checksum is compared with the one taken before
-the preparation: a layer whose codes changed by any path is refused by name.
+accelerate's ``fsdp2_prepare_model`` upcasts every non-float32 parameter to float32 after ``fully_shard``, the packed
+4-bit codes (stored as bf16 values) included, and FSDP2's bf16 all-gather then rewrites every NaN-shaped pair of bytes:
+what is lost and how much is docs/configurations.md (N14, N19). This patch keeps every 4-bit weight out of any dtype
+conversion the preparation makes (every ``.to`` / ``.float`` / ``.half`` goes through ``Module._apply``, guarded for
+the call), then refuses what the forward would still convert: a weight no longer in its storage dtype, an all-gather
+dtype other than that one (:func:`check_codes_reach_the_forward`), and at each 4-bit layer's first forward codes whose
+checksum changed by any path (:func:`check_at_first_forward`).
 
 Applied by the import hook right after ``accelerate.utils.fsdp_utils`` executes, before ``accelerate.utils`` and the
 Accelerator bind the function, on every accelerate that has ``fsdp2_prepare_model``.

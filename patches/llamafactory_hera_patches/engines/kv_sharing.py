@@ -1,14 +1,10 @@
 """One line for stock stages on a model whose layers share keys and values (Gemma 4; any config with
 ``num_kv_shared_layers``) under reentrant gradient checkpointing: that gradient is dropped, and how to keep it.
 
-Checked on LLaMA-Factory 0.9.5 with transformers 5.6. A KV-shared layer reads its source layer's keys and values from
-``shared_kv_states``, a dict handed to every layer's call as a keyword argument, not as an input of the checkpoint.
-Reentrant checkpointing runs a layer's first forward without autograd, so the source stores keys and values without a
-graph and the reader's recompute in backward cannot send gradient into them. transformers' own
-``gradient_checkpointing_enable`` defaults to non-reentrant (``{"use_reentrant": False}``), where the gradient is kept;
-LLaMA-Factory's replacement defaults to reentrant (``use_reentrant_gc: true``,
-``model_utils/checkpointing._gradient_checkpointing_enable``) and turns checkpointing off for ``gemma3n`` only
-(``model/patcher.patch_model``). The stage keeps LLaMA-Factory's behaviour and says so.
+Checked on LLaMA-Factory 0.9.5 with transformers 5.6: a KV-shared layer reads its source's keys and values from
+``shared_kv_states``, outside its checkpointed call, and LLaMA-Factory's checkpointing defaults to reentrant
+(``use_reentrant_gc: true``) except for ``gemma3n``. Why the gradient is dropped and whose cause it is:
+docs/hera-design.md ("Gradient checkpointing"). The stage keeps LLaMA-Factory's behaviour and says so.
 """
 
 from __future__ import annotations
@@ -33,7 +29,7 @@ def reentrant_kv_note(model_args: Any, training_args: Any) -> str | None:
     except (OSError, ValueError):
         return None
     kind = str(getattr(config, "model_type", ""))
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config()
     shared = int(getattr(text, "num_kv_shared_layers", 0) or 0)
     total = int(getattr(text, "num_hidden_layers", 0) or 0)
     if kind == "gemma3n" or not 0 < shared < total:  # LLaMA-Factory turns checkpointing off for gemma3n

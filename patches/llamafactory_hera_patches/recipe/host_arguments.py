@@ -9,10 +9,8 @@ Checked on LLaMA-Factory 0.9.5:
   ``__post_init__``, by a bare ``assert`` or an ``Enum`` lookup (a traceback, the value sometimes unnamed);
 - ``llamafactory.extras.misc.is_env_enabled``: with ``ALLOW_EXTRA_ARGS`` unknown keys are ignored, not refused; with
   ``USE_MCA`` the training keys are Megatron-Core's (``mcore_adapter.TrainingArguments``), not read here;
-- ``llamafactory.data.template.TEMPLATES``: name -> template (an unknown name fails only after the tokenizer loaded:
-  "Template ... does not exist");
-- ``llamafactory/model/model_utils/liger_kernel.py``: ``apply_liger_kernel`` imports liger-kernel only for the model
-  types its branches name (``model_type == "qwen2_5_vl"``); any other type trains with a warning, without it.
+- ``llamafactory.data.template.TEMPLATES`` (:func:`template_names`; an unknown name fails only after the tokenizer
+  loaded) and ``model_utils/liger_kernel.py`` (:func:`liger_applies_to`).
 """
 
 from __future__ import annotations

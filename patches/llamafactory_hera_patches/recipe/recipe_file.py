@@ -2,11 +2,9 @@
 
 Checked on LLaMA-Factory 0.9.5: ``llamafactory.hparams.read_args(args=None)`` (bound in ``llamafactory.train.tuner``
 as ``read_args``, looked up by ``run_exp`` at call time) returns ``args`` when given; else, for ``sys.argv[1]`` ending
-in ``.yaml`` / ``.yml``, ``OmegaConf.load`` of that path merged with ``OmegaConf.from_cli(sys.argv[2:])``. A path that
-is not there ended the run with omegaconf's ``FileNotFoundError`` traceback (19 lines), a YAML syntax error with
-PyYAML's ``ParserError`` / ``ScannerError`` (35 lines), an empty file with the parse's ``ValueError`` for the missing
-``model_name_or_path`` (44 lines): each is now one :class:`RecipeError` naming the file (and the
-line and column), for every stage, since the stage is not known before the file is read.
+in ``.yaml`` / ``.yml``, ``OmegaConf.load`` of that path merged with ``OmegaConf.from_cli(sys.argv[2:])``. A missing
+path, a YAML syntax error or an empty file, which end the host's run in a traceback, are one :class:`RecipeError`
+naming the file (and the line and column), for every stage, since the stage is not known before the file is read.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
 """LLaMA-Factory's inference engine, for ``llamafactory-hera eval``: a recipe's model loaded exactly as LLaMA-Factory
-loads it for inference, and one answer from it.
-
-Checked on LLaMA-Factory 0.9.5 (verified by :func:`check_host` before anything loads):
-- ``llamafactory.hparams.get_infer_args(dict)`` -> (model, data, fine-tuning, generating arguments);
-- ``llamafactory.chat.hf_engine.HuggingfaceEngine(model_args, data_args, finetuning_args, generating_args)``
-  (``load_tokenizer``, ``get_template_and_fix_tokenizer``, ``load_model``: base model, then each adapter of
-  ``adapter_name_or_path`` loaded and merged), whose ``model``, ``tokenizer``, ``processor``, ``template`` and
-  ``generating_args`` feed the static ``HuggingfaceEngine._chat(model, tokenizer, processor, template,
-  generating_args, messages, ..., images=..., input_kwargs=...)``, which returns responses with ``response_text``.
+loads it for inference (``HuggingfaceEngine``: base model, then each adapter loaded and merged), and one answer from it
+(the static ``HuggingfaceEngine._chat``). Checked on LLaMA-Factory 0.9.5 (:func:`check_host`, before anything loads).
 """
 
 from __future__ import annotations

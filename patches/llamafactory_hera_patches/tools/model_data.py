@@ -1,18 +1,10 @@
 """What a method's offline tools (head selection, calibration) need from LLaMA-Factory: a recipe's arguments,
 its model and its data.
 
-Checked on LLaMA-Factory 0.9.5. Host shape relied on (verified by :func:`check_host`):
-- ``llamafactory.hparams``: ``ModelArguments``, ``DataArguments``, ``FinetuningArguments`` dataclasses
-  and ``get_infer_args(dict)``;
-- ``llamafactory.model``: ``load_tokenizer(model_args)``, ``load_model(tokenizer, model_args,
-  finetuning_args, is_trainable)``;
-- ``llamafactory.data``: ``get_template_and_fix_tokenizer`` and ``SFTDataCollatorWith4DAttentionMask``;
-- ``llamafactory.data.loader._get_merged_dataset(names, model_args, data_args, training_args, stage)``
-  returning the aligned columns ``_prompt``, ``_response`` and ``_images``, and
-  ``_get_preprocessed_dataset(dataset, data_args, training_args, stage, template, tokenizer, processor)``
-  (the training tokenization, one output row per valid input row);
-- ``llamafactory.data.data_utils.split_dataset(dataset, eval_dataset, data_args, seed)`` -> (train dict, eval
-  dict with ``validation``): how ``val_size`` holds rows out.
+Checked on LLaMA-Factory 0.9.5; the host names relied on are :func:`check_host`'s, verified before use. The loader's
+``_get_merged_dataset`` gives the aligned columns (``_prompt``, ``_response``, ``_images``), its
+``_get_preprocessed_dataset`` the training tokenization (one output row per valid input row), and
+``data_utils.split_dataset`` holds ``val_size`` rows out as the training run does.
 """
 
 from __future__ import annotations

@@ -4,19 +4,11 @@ everything is patched. The stage joins the dropdown in :mod:`.stage_list`. Each 
 ``MethodPanel`` its declaration names; with any other stage the UI, the preview, the command and the saved configs are
 stock.
 
-Checked on LLaMA-Factory 0.9.5 (gradio 5):
-
-- ``interface.create_ui`` builds the Train tab with the module global ``create_train_tab(engine)`` (also exported by
-  ``webui.components`` and ``webui.components.train``), which returns an element dict (``train.<name>``) and binds
-  its buttons to ``engine.manager.get_base_elems()`` plus the tab's inputs, so inputs must exist before it runs;
-  ``cmd_preview_btn`` sits in the row of buttons after the settings accordions;
-- ``runner.Runner``: ``_initialize(data, do_train, from_preview)`` returns an error string, ``_parse_train_args(data)``
-  the run's args (``stage`` from ``TRAINING_STAGES``), ``_build_config_dict(data)`` the saved
-  ``llamaboard_config.yaml``; ``monitor()`` is the generator that polls a running job;
-- ``control.get_trainer_info`` draws the loss with the module global ``gen_loss_plot(trainer_log)``;
-- ``locales.LOCALES``: element name -> language -> texts; ``common.DEFAULT_DATA_DIR``: the Data dir box's first value;
-  ``common._clean_cmd(args)``, which drops every false value from the preview and the saved ``training_args.yaml``
-  (a method's flag set false is kept: a quoted ``'false'`` would be refused, as LLaMA-Factory's flags are).
+Checked on LLaMA-Factory 0.9.5 (gradio 5): the names and signatures :func:`_modules` and :data:`_SIGNATURES` verify.
+``create_train_tab(engine)`` binds its buttons to ``engine.manager.get_base_elems()`` plus the tab's inputs, so a
+panel's inputs must exist before it runs (``cmd_preview_btn`` sits after the settings accordions); ``common._clean_cmd``
+drops every false value from the preview and the saved ``training_args.yaml``, so a method's flag set false is put
+back (a quoted ``'false'`` would be refused, as LLaMA-Factory's flags are).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def local_text_config(model_path: Any) -> Any:
         config = AutoConfig.from_pretrained(str(model_path).strip(), local_files_only=True, trust_remote_code=False)
     except Exception:  # noqa: BLE001 - not local, needs custom code, unreadable: the run checks it itself
         return None
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    return config.get_text_config()
 
 
 def local_text_depth(model_path: Any) -> int | None:

@@ -1,10 +1,6 @@
-"""What the demo shows while ``llamafactory-cli train`` runs: the plugin's own lines and one line per step.
-
-LLaMA-Factory, transformers and DeepSpeed print several hundred lines for even a tiny run (the model config
-three times, every tokenizer file saved). The demo writes all of it to a log file and, by default, echoes only:
-
-- every line of this plugin (``[llamafactory-hera] ...``: the settings line, warnings, the closing count);
-- one progress line per logged step, read from the Trainer's ``{'loss': ...}`` dictionaries.
+"""What the demo shows while ``llamafactory-cli train`` runs: the host's several hundred lines go to a log file, and
+the terminal gets this plugin's own lines (``[llamafactory-hera] ...``) and one progress line per logged step, read
+from the Trainer's ``{'loss': ...}`` dictionaries.
 """
 
 from __future__ import annotations

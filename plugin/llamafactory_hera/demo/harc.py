@@ -1,9 +1,7 @@
-"""HARC's demo (``python3 dev.py demo --method harc``): safety fine-tuning of a tiny Llama-3, refusals before/after.
-
-It converts tiny copies of the public sources (:func:`llamafactory_hera.fixtures.harc_assets.write_source_files`) with
-``llamafactory-hera harc-data``, the command a user runs on the real files, trains ``stage: harc`` with the stock
-``llamafactory-cli train`` and prints the end-of-run refusal rates (``harc_eval.json``) of the base model and the
-trained one, then the outputs and the next steps.
+"""HARC's demo (``python3 dev.py demo --method harc``): safety fine-tuning of a tiny Llama-3, refusals before/after:
+tiny copies of the public sources converted with ``llamafactory-hera harc-data`` (the command a user runs on the real
+files), ``stage: harc`` trained with the stock ``llamafactory-cli train``, then the end-of-run refusal rates of the
+base model and the trained one (``harc_eval.json``), the outputs and the next steps.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Running the stock ``llamafactory-cli train`` for a demo: the steps every method's demo takes.
-
-:class:`DemoContext` is what every method's demo gets: the folders, the tiny model family, the steps, the
-``llamafactory-cli`` beside this interpreter and an environment with the network off. A demo builds its assets
-(:func:`prepare_assets`), then writes its recipe, trains and prints its summary (:func:`train_and_report`); the
-summary's lines are made in :mod:`llamafactory_hera.demo.summary`.
+"""Running the stock ``llamafactory-cli train`` for a demo: the steps every method's demo takes (:class:`DemoContext`,
+:func:`prepare_assets`, then :func:`train_and_report`).
 """
 
 from __future__ import annotations

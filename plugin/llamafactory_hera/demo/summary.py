@@ -1,8 +1,5 @@
-"""The summary a demo prints after its run: its outputs, what the run shows, and the next steps to paste.
-
-Every demo's summary has the same frame (:func:`summary_text`): the title and the seconds it took, one line per
-output (``(missing)`` when the run did not write it), the plots, the demo's own figures, its next steps. The lines
-the demos' next steps share (the greedy chat with the adapter, ``eval`` against the base model) are made here too.
+"""The summary a demo prints after its run (:func:`summary_text`, the same frame for every demo): its outputs, what
+the run shows, and the next steps to paste, with the lines the demos' next steps share.
 """
 
 from __future__ import annotations

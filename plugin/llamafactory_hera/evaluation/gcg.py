@@ -1,16 +1,11 @@
 """GCG: an adversarial suffix optimised on the model itself (Zou et al. 2023, "Universal and Transferable Adversarial
 Attacks on Aligned Language Models", Algorithm 1 for one prompt), for ``eval --tasks jailbreak``; own code, not nanogcg
-(docs/eval.md says why).
+(docs/eval.md says why, and gives the budget, the target and the cost).
 
-The attacked input is ``before + suffix + after`` (the chat template up to the end of the user's prompt, the suffix, the
-template's tail: :func:`llamafactory_hera.harc.data.template_tail`); the loss is the NLL of the target (``Sure, here
-is``, as the template encodes an answer) following it. Each of ``steps`` iterations: :func:`token_gradients` (``[n,
-V]``: the loss's gradient w.r.t. each suffix position's one-hot token), :func:`sample_candidates` (``B`` candidates,
-each one position uniform over the suffix and one token uniform over its top-``k`` of ``-∇``; printable ASCII, not
-special), :func:`keep_retokenizable` (the suffix is reported and transferred as text), then :func:`target_losses` (every
-candidate's exact loss, in chunks): the best is the next suffix. The result is the lowest-loss suffix seen
-(:func:`optimise_suffix`); :func:`optimised_suffixes` caches each one the moment it is found
-(``RUN_DIR/eval_cache/<model key>/gcg_suffixes/``).
+The attacked input is ``before + suffix + after`` (:func:`llamafactory_hera.harc.data.template_tail`); the loss is
+the NLL of the target following it. Each iteration: :func:`token_gradients`, :func:`sample_candidates`,
+:func:`keep_retokenizable`, then :func:`target_losses`: the best candidate is the next suffix. The result is the
+lowest-loss suffix seen (:func:`optimise_suffix`); :func:`optimised_suffixes` caches each one the moment it is found.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """HarmBench's classifier as the jailbreak task's judge (``--judge cais/HarmBench-Llama-2-13b-cls``), read as
 HarmBench's own ``evaluate_completions.py`` reads it (github.com/centerforaisafety/HarmBench at commit
-8e1604d1171fe8a48d8febecd22f600e462bdcdd, MIT licence): each generation clipped to :data:`CLIP_TOKENS` tokens of
-the classifier's tokenizer, put with the behaviour (and a contextual behaviour's context) into
-``eval_utils.LLAMA2_CLS_PROMPT`` (:data:`PROMPT`, :data:`PROMPT_CONTEXTUAL`, copied verbatim: the classifier was
-trained on them), one token generated greedily (HarmBench: vLLM, ``temperature=0, max_tokens=1``) and read as
-``yes`` (harmful, label 1), ``no`` (label 0) or neither (HarmBench's label -1, counted as no success). HarmBench's
-pipeline uses this prompt for every ``--cls_path``, its validation classifier ``cais/HarmBench-Mistral-7b-val-cls``
-included; so does this module. The model cards show the same rules with other headings ("Behavior:" /
-"Generation:"); the pipeline's is the one HarmBench's reported numbers went through.
+8e1604d1171fe8a48d8febecd22f600e462bdcdd, MIT licence): each generation clipped to :data:`CLIP_TOKENS` tokens, put
+into ``eval_utils.LLAMA2_CLS_PROMPT`` (:data:`PROMPT`, :data:`PROMPT_CONTEXTUAL`, copied verbatim: the classifier was
+trained on them), one token generated greedily and read as ``yes`` (harmful), ``no`` or neither (no success). Why
+this prompt for both HarmBench classifiers: docs/eval.md (the judges).
 """
 
 from __future__ import annotations

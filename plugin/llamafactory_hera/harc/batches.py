@@ -2,17 +2,12 @@
 ``harc_batch_pseudo`` pseudo-harmful rows (the reference's 6 + 4 + 2), so that every optimizer step sees every role.
 
 The Trainer's dataset is :class:`ComposedMicroBatches`: item ``i`` is one whole micro-batch (so
-``per_device_train_batch_size`` is 1). Each role is read as an endless stream of seeded shuffles of its training
-rows (a new shuffle per pass, as the reference's ``category_iterator``). One epoch is one pass over the harmful
-training rows, rounded up to whole optimizer steps (``step_items`` micro-batches: per-device batch x accumulation x
-ranks): every optimizer step then takes ``step_items`` whole micro-batches, so N ranks take at each step the items one
-process with N times the accumulation takes (a shorter last step, or the sampler's wrap-around on the ranks, would
-not). Item ``i`` of epoch ``e`` is the run's micro-batch ``g = e * len + i`` and takes positions
-``[g * b, (g + 1) * b)`` of every role's stream: each epoch reads the next rows of every stream, so over enough steps
-every row of every role is read, each about equally often. An item depends only on ``e``, ``i`` and the seed, under
-any sampler, worker count or number of ranks: :class:`StreamEpochs` sets ``e`` at each epoch's start from the
-optimizer steps taken (so a resumed run sets the uninterrupted run's), in shared memory that dataloader workers,
-persistent ones too, read.
+``per_device_train_batch_size`` is 1), read from endless seeded shuffles of each role's training rows. Item ``i`` of
+epoch ``e`` is the run's micro-batch ``g = e * len + i`` and takes positions ``[g * b, (g + 1) * b)`` of every role's
+stream, so it depends only on ``e``, ``i`` and the seed, under any sampler, worker count or number of ranks;
+:class:`StreamEpochs` sets ``e`` at each epoch's start from the optimizer steps taken, in shared memory that
+dataloader workers read. Why epochs are whole optimizer steps and what an epoch reads: docs/harc.md
+("Micro-batches").
 """
 
 from __future__ import annotations

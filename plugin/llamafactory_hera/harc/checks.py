@@ -1,10 +1,7 @@
-"""HARC's checks of a run's LLaMA-Factory arguments, before any model or dataset is loaded.
-
-Declared in :mod:`llamafactory_hera.methods`; checked on LLaMA-Factory 0.9.5 argument names. HARC reads its data
-from the ``harc_*`` role keys: ``dataset`` may be omitted (it is then set to ``harc_harmful`` only to satisfy
-LLaMA-Factory's parser, which refuses training without one; the stage never reads it). Each micro-batch is composed
-by the stage, so ``per_device_train_batch_size`` counts composed micro-batches (1, the reference's, when absent;
-LlamaBoard always sends its "Batch size" box, 2 by default, which is then said).
+"""HARC's checks of a run's LLaMA-Factory arguments, before any model or dataset is loaded (declared in
+:mod:`llamafactory_hera.methods`; LLaMA-Factory 0.9.5's argument names). HARC reads its rows from the ``harc_*`` role
+keys: an absent ``dataset`` is set to ``harc_harmful`` only for LLaMA-Factory's parser, and
+``per_device_train_batch_size`` counts composed micro-batches (docs/harc.md, "Micro-batches").
 """
 
 from __future__ import annotations
@@ -56,14 +53,13 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
               f"{harc_args.harc_batch_harmful} harmful + {harc_args.harc_batch_harmless} harmless + "
               f"{harc_args.harc_batch_pseudo} pseudo); the reference takes one ({rows} rows): set it to 1 for that.")
     for key in ("packing", "neat_packing"):
-        value = raw_value(host_args, key)
-        if value is not None and truthy(value):
+        if truthy(value := raw_value(host_args, key)):
             raise RecipeError(f"{key}: {str(value).lower()} is not supported by stage: harc: it composes each "
                               "micro-batch of whole rows of its role datasets and reads every row's residual stream at "
                               "its own instruction and assistant-header positions, which packing several rows into "
                               f"one sequence would mix. Remove {key}.")
     for key in ("do_eval", "do_predict"):
-        if raw_value(host_args, key) is not None and truthy(raw_value(host_args, key)):
+        if truthy(raw_value(host_args, key)):
             raise RecipeError(f"{key}: stage: harc has no evaluation split of its own (it evaluates refusals on "
                               "held-out rows at the end, see harc_eval). Remove it.")
     if compiled := compile_setting(host_args):
@@ -116,7 +112,7 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
                           "stage: harc trains text LLMs only (text rows, one decoder's layers). Use a text-only chat "
                           "model (e.g. Llama-3.1-8B-Instruct, Qwen2.5-7B-Instruct).")
     check_quantization(model_args, config, "harc", dora=bool(getattr(finetuning_args, "use_dora", False)))
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config()
     layers = int(text.num_hidden_layers)
     eligible = eligible_layers(layers, harc_args.harc_band)
     if len(eligible) < harc_args.harc_layers_final:

@@ -3,8 +3,8 @@ checks.
 
 Defaults are those of the authors' code (``microsoft/HARC``, ``main/configs/*.yaml``; the configs win over the code's
 own defaults, e.g. the margin 0.5). Step counts are **optimizer steps** (the reference counts micro-steps with gradient
-accumulation 2: its refresh every 200 micro-steps is 100 optimizer steps, its ramp at 1000 is 500). Values arrive typed
-(YAML) or as strings (command line). Also what a HARC run logs and plots (:data:`LOG_KEYS`, :data:`TRAINING_PLOT`).
+accumulation 2: its refresh every 200 micro-steps is 100 optimizer steps, its ramp at 1000 is 500). Also what a HARC
+run logs and plots (:data:`LOG_KEYS`, :data:`TRAINING_PLOT`).
 """
 
 from __future__ import annotations

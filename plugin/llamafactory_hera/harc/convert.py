@@ -2,14 +2,8 @@
 
 Every dataset is written in LLaMA-Factory's alpaca format (a JSON list of ``{"instruction", "input": "", "output"}``)
 under the name its recipe key takes (``harc_harmful: harc_harmful``), and listed in ``dataset_info.json`` by
-``file_name`` alone (the alpaca columns are LLaMA-Factory's defaults). The rows are read the way the reference
-(``microsoft/HARC``, ``main/data.py`` and ``main/train.py``) reads them:
-
-    Circuit Breakers train JSON   prompt -> llama3_output (harc_harmful), prompt -> output (harc_harmful_completions)
-    XSTest v2 completions CSV     rows with final_label 1_full_compliance: prompt -> completion (harc_pseudo)
-    UltraChat 200k test_sft       first user turn -> first assistant answer, seeded shuffle, cut (harc_harmless)
-    AdvBench / Alpaca             the first prompts in file order, empty output (harc_extract_harmful / _harmless)
-
+``file_name`` alone (the alpaca columns are LLaMA-Factory's defaults). Each source (:data:`SOURCES`) is read the way
+the reference (``microsoft/HARC``, ``main/data.py`` and ``main/train.py``) reads it (the ``convert_*`` functions).
 Nothing is written before every source has been read and checked and the output folder has been checked.
 """
 

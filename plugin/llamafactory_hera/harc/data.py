@@ -1,11 +1,7 @@
-"""HARC's rows: each role's dataset tokenized with the recipe's LLaMA-Factory template, the two prompt positions the
-method reads located and verified per row, and the seeded extraction / validation / training split.
-
-A row's prompt is ``template.encode_oneturn``'s (system block, earlier turns, the user's content, then the template's
-tokens up to the assistant's answer). ``t_inst``: the last token of the user's content; ``t_post``: the last prompt
-token, ``len(prompt_ids) - 1``. ``t_inst = t_post - P``, ``P`` the template tokens after the content, found once as the
-longest common tail of two prompts with different contents; every row is checked to end with exactly those tokens (a
-template whose tail merges with the content fails here, naming the row).
+"""HARC's rows: each role's dataset tokenized with the recipe's LLaMA-Factory template (``template.encode_oneturn``'s
+prompt), the two prompt positions the method reads (``t_post``, the last prompt token; ``t_inst = t_post - P``, ``P``
+the template tokens after the content, found once as the longest common tail of two prompts) located and verified per
+row (docs/harc.md, "What a step computes"), and the seeded extraction / validation / training split.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """HARC's refusal evaluation: greedy answers to held-out harmful and pseudo-harmful prompts, scored by a refusal
-matcher. The reference (``microsoft/HARC``) ships no evaluation code; this is the cheap, model-free check run at the end
-of training: the refusal rate on held-out harmful prompts (should rise) and on pseudo-harmful ones (over-refusal; should
-stay low). docs/harc.md and docs/eval.md ("Scoring") give the rules and their sources.
-
-Harmful answers (:func:`is_refusal`): GCG's test-prefix lists (:data:`GCG_TEST_PREFIXES`, case-sensitive as GCG) plus
-phrases only a refusal uses (:data:`OWN_MARKERS`, any case), looked for in the first :data:`WINDOW` characters only,
-where a refusal stands (GCG looks anywhere, so a helpful answer saying further on that a step "is illegal" counts as a
-refusal there). A rate for comparing a model with itself, not a judge.
-
-Pseudo-harmful answers (:func:`is_over_refusal`): XSTest's string match (:data:`XSTEST_REFUSAL_STARTS`), since GCG's
-broad phrases ("illegal", "As an") would count helpful answers to benign prompts as refusals and make over-refusal
-incomparable with XSTest-style figures.
+matcher, the cheap, model-free check run at the end of training (the reference ships no evaluation code): the refusal
+rate on held-out harmful prompts (:func:`is_refusal`: GCG's test prefixes and phrases of ours in the first
+:data:`WINDOW` characters) and on pseudo-harmful ones (:func:`is_over_refusal`: XSTest's string match). The rules,
+their sources and why two: docs/harc.md and docs/eval.md ("Scoring").
 """
 
 from __future__ import annotations

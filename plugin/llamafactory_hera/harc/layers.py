@@ -1,14 +1,11 @@
-"""Which decoder layers HARC couples: the authors' code's layer score, top K within a band.
-
-For every layer l (directions are unit vectors ``[D]``)::
+"""Which decoder layers HARC couples: the authors' code's layer score (``main/layers.py``; HYPERPARAMS.md states
+another formula, the code is authoritative), top K within a band. For every layer l (unit directions ``[D]``)::
 
     score(l) = (1 - |cos(v_ref, v_harm)|) (1 - |cos(v_ref_resp, v_harm_resp)|)
                |cos(v_harm, v_harm_resp)| |cos(v_ref, v_ref_resp)|
 
-(``main/layers.py``; HYPERPARAMS.md states another formula, the code is authoritative): layers where harmfulness and
-refusal are separate on each side and each agrees across prompt and response. Only layers ``band .. n - band`` of
-the ``n`` decoder layers can be chosen (the reference: 4), and never layer 0. Without response directions (no
-harmful completions) the score is the prompt-side factor ``1 - |cos(v_ref, v_harm)|`` alone.
+Only layers ``band .. n - band`` of the ``n`` decoder layers can be chosen, never layer 0. Without response directions
+the score is the prompt-side factor ``1 - |cos(v_ref, v_harm)|`` alone.
 """
 
 from __future__ import annotations

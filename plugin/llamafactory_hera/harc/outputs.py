@@ -1,12 +1,8 @@
-"""What a ``stage: harc`` run leaves in ``output_dir`` besides LLaMA-Factory's (the LoRA adapter, trainer_log, ...).
-
-- ``harc_directions.pt``: base and latest directions (``[L, D]`` float32 each), layers, history (torch.save dict);
-- ``harc_layers.json``: the coupled layers after the base extraction, each ramp and refresh, with the layer scores;
-- ``harc_eval.json``: validation cosines over time and, with ``harc_eval``, the refusal rates of the trained model
-  and of the same model with its adapter disabled (``before``) on held-out harmful prompts and pseudo-harmful ones;
-- ``harc_eval.png``, ``harc_diagnostics.png`` and ``training.png`` (the loss and the four terms over the steps).
-
-Everything is computed on every rank in step (ZeRO-3 needs all ranks in each forward) and written by rank 0.
+"""What a ``stage: harc`` run leaves in ``output_dir`` besides LLaMA-Factory's (the LoRA adapter, trainer_log, ...):
+``harc_directions.pt``, ``harc_layers.json``, ``harc_eval.json`` (with ``harc_eval``, the refusal rates of the trained
+model and of the same model with its adapter disabled), their plots and ``training.png``; what each holds:
+docs/harc.md ("Outputs"). Everything is computed on every rank in step (ZeRO-3 needs all ranks in each forward) and
+written by rank 0.
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Reading the residual stream entering decoder layers (what HARC's directions and coupling act on): the hidden state
 handed to decoder layer ``l`` (the embeddings for l = 0), read by a forward pre-hook on
-``text_decoder(model).layers[l]``.
-
-Under gradient checkpointing the hook gets the checkpoint's own input, the previous layer's output, whose graph even
-reentrant checkpointing keeps, so the coupling's gradient flows under every kind (tests/harc/
-test_harc_checkpointing_gradients.py). The hook runs before any other pre-hook: DeepSpeed ZeRO-3's replaces the inputs
-with a detached copy, which inside a reentrant layer's first forward (no_grad) has no graph. A kept input without
-gradient while the model trains raises: the coupling would silently do nothing.
+``text_decoder(model).layers[l]`` that runs before any other pre-hook (ZeRO-3's hands the layer a detached copy).
+Why that keeps the coupling's gradient under every checkpointing: docs/harc.md ("What a step computes"). A kept input
+without gradient while the model trains raises: the coupling would silently do nothing.
 """
 
 from __future__ import annotations

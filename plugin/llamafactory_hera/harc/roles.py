@@ -1,9 +1,8 @@
 """Loading HARC's role datasets (``harc_harmful``, ...) through LLaMA-Factory's own loader and aligned format and
-tokenizing them with the recipe's template (:mod:`llamafactory_hera.harc.data`). Seeded split per role: harmful and
-harmless rows are held out for extraction (``harc_extract_samples``) and validation (``harc_validate_samples``), the
-rest train; pseudo-harmful rows all train (as the reference), ``harc_validate_samples`` of them also feeding the refusal
-evaluation; harmful completions only feed the response-side direction (their first ``harc_extract_samples`` rows in the
-same seeded order: with the converter's row-aligned files, the same prompts as the harmful extraction).
+tokenizing them with the recipe's template (:mod:`llamafactory_hera.harc.data`), with the seeded split per role that
+docs/harc.md describes; harmful completions only feed the response-side direction (their first
+``harc_extract_samples`` rows in the same seeded order: with the converter's row-aligned files, the same prompts as
+the harmful extraction).
 """
 
 from __future__ import annotations

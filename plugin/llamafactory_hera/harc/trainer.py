@@ -4,16 +4,10 @@ Mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer``. Per micro-batch (B r
 
     loss = w_couple couple + w_couple_resp couple_resp + w_kl KL + w_ce CE
 
-- one forward with grad of the adapted model reads the residuals entering the coupled layers (``t_inst``, ``t_post``,
-  the first response tokens) and gives the logits;
-- KL: the same model with its adapter disabled (no second copy in memory), no grad, on the retain rows;
-- the Trainer divides the loss by the gradient-accumulation steps (``model_accepts_loss_kwargs = False``), as the
-  reference divides by ``grad_accum``;
-- after each optimizer step the state ramps / refreshes the directions and layers when due (every rank in step);
-- logged per logging step (means over its micro-batches and ranks): ``harc_couple``, ``harc_couple_resp``,
-  ``harc_kl``, ``harc_ce`` and ``harc_layers`` (the layers the logging step's last micro-batch coupled).
-
-What runs after the steps (the refusal evaluation, diagnostics and plots: ``harc/outputs.py``) is wired by the workflow
+from one forward with grad of the adapted model (the residuals entering the coupled layers, the logits) and, for the
+KL, the same model with its adapter disabled, no grad, on the retain rows; the Trainer divides the loss by the
+gradient-accumulation steps. After each optimizer step the state ramps / refreshes the directions and layers when due
+(every rank in step). The terms and what is logged: docs/harc.md. What runs after the steps is wired by the workflow
 (``harc/workflow.py``).
 """
 

@@ -62,10 +62,6 @@ class DecoderLayer(LayerPlan):
     plain_linear: bool = False  # value and output projections are plain nn.Linear (RAH-LoRA edits their slices)
 
 
-def _text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _kind_of_type(layer_type: str) -> LayerKind:
     """``layer_types`` entry -> kind: full / sliding / chunked attention are softmax attention."""
     name = str(layer_type).lower()
@@ -80,7 +76,7 @@ def _kind_of_type(layer_type: str) -> LayerKind:
 
 def plan_layers(config: Any) -> list[LayerPlan]:
     """Every decoder layer's :class:`LayerPlan`, read from an (M)LLM config (no weight loaded)."""
-    text = _text_config(config)
+    text = config.get_text_config()
     count = int(text.num_hidden_layers)
     types = list(getattr(text, "layer_types", None) or [])
     kinds = [_kind_of_type(t) for t in types] if len(types) == count else [LayerKind.ATTENTION] * count

@@ -59,9 +59,9 @@ def parse_head(text: str) -> HeadRef:
 
 
 def attention_geometry(config: Any) -> AttentionGeometry:
-    """Geometry of the text decoder of an (M)LLM config (``config.get_text_config()`` where available), with the
+    """Geometry of the text decoder of an (M)LLM config (``config.get_text_config()``), with the
     explicit ``head_dim`` when the config sets one (Qwen3, Gemma), else ``hidden_size // num_attention_heads``."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config()
     num_heads = int(text.num_attention_heads)
     hidden = int(text.hidden_size)
     head_dim = getattr(text, "head_dim", None) or hidden // num_heads

@@ -1,12 +1,7 @@
-"""Which tokens a head's representation averages over (``hera_pooling``), always after the sample's first multimodal
-placeholder token (in a causal LM the tokens before it cannot see the image) and never a placeholder token:
-
-``assistant`` (paper's stage 2): the tokens that carry the LM loss (``labels != -100``, not shifted yet); under
-``train_on_prompt: true`` the prompt's text after the image too. ``text``: every attended token, e.g. for a captioning
-row the instruction after the image, the assistant's role marker and the caption.
-
-Placeholder tokens are read from the model's config and its text config (``image_token_id``, ``video_token_id``,
-``vision_start_token_id``, ...), the processor (``image_token``, ...) and the template's multimodal plugin.
+"""Which tokens a head's representation averages over (``hera_pooling``: ``assistant``, the tokens that carry the LM
+loss; ``text``, every attended token), always after the sample's first multimodal placeholder token and never a
+placeholder token (docs/hera-design.md, "Which tokens"). Placeholder tokens are read from the model's config and its
+text config, the processor and the template's multimodal plugin.
 """
 
 from __future__ import annotations
@@ -32,10 +27,7 @@ _STRING_TOKEN_ATTR = re.compile(r"^((image|video|vision|audio)\w*_token|(start|e
 
 def _config_token_ids(config: Any) -> set[int]:
     ids: set[int] = set()
-    configs = [config]
-    if hasattr(config, "get_text_config"):
-        configs.append(config.get_text_config())
-    for cfg in configs:
+    for cfg in (config, config.get_text_config()):
         for name, value in vars(cfg).items() if hasattr(cfg, "__dict__") else ():
             if _CONFIG_TOKEN_ATTR.match(name) and isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 ids.add(value)

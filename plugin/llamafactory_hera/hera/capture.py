@@ -1,13 +1,8 @@
 """The heads' inputs captured in the LM forward (:class:`HeadCapture`, steps 2-3 of the HeRA step) and, under
-DeepSpeed ZeRO-3, the heads' columns of ``o_proj``'s weights read in the modules' own calls (:class:`InCallColumns`).
-
-A ZeRO-3 parameter is whole only inside its module's call: DeepSpeed's hooks gather it before the forward and release
-it after. Reading it afterwards would gather it again (a collective per weight, forward and backward, beyond what the
-SFT twin moves). So, while the capture is armed, hooks on ``o_proj``'s base layer, each adapter's ``lora_A`` /
-``lora_B`` and DoRA's magnitude copy the heads' columns of each weight while ZeRO-3 holds it whole, and DoRA's row norm
-is taken where PEFT computes it; the copies carry their gradient back to the partitioned parameters
-(:class:`_CopyWithGradient`), whose ZeRO-3 gradient hooks reduce it with the layer's own. The HeRA step then gathers
-nothing of its own.
+DeepSpeed ZeRO-3, the heads' columns of ``o_proj``'s weights read in the modules' own calls (:class:`InCallColumns`):
+a ZeRO-3 parameter is whole only inside its module's call, so while the capture is armed, hooks copy the heads'
+columns while ZeRO-3 holds each weight whole, with their gradient back to the partitioned parameters
+(:class:`_CopyWithGradient`); the HeRA step then gathers nothing of its own (docs/hera-design.md, "ZeRO-3").
 """
 
 from __future__ import annotations
@@ -179,16 +174,9 @@ class HeadCapture:
             reader.armed, reader.pieces, reader.partitioned = False, {}, False
 
     def disarm(self, weights: torch.Tensor, check_gradient: bool = False) -> torch.Tensor | None:
-        """Stop capturing and build the representations.
-
-        Args:
-            weights: ``[B, T]`` float pooling weights (rows sum to 1, or 0 for samples without tokens).
-            check_gradient: in a training step, raise if a captured input that trainable parameters feed
-                carries no gradient (a silently cut HeRA gradient).
-
-        Returns:
-            ``[n_heads, B, d]`` float32 in recipe order, or None if no hook fired.
-        """
+        """Stop capturing; the ``[n_heads, B, d]`` float32 representations in recipe order (None if no hook fired)
+        pooled with ``weights`` ``[B, T]`` (rows sum to 1, or 0 for samples without tokens). ``check_gradient``: in a
+        training step, raise if a captured input that trainable parameters feed carries no gradient."""
         self._armed = False
         inputs, self._inputs = self._inputs, {}
         for reader in self._in_call.values():

@@ -54,13 +54,9 @@ _INCOMPATIBLE = (
 
 
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
-    """Checks on the recipe's own keys, before LLaMA-Factory parses them (some combinations fail there obscurely).
-
-    - DeepSpeed with fp16 and a learned temperature: the temperature's own AdamW would see loss-scaled gradients
-      and would not skip overflow steps as DeepSpeed's optimizer does;
-    - named heads outside a local model (:func:`check_heads_before_parse`).
-    """
-    if (_raw_value(host_args, "deepspeed") and _truthy(_raw_value(host_args, "fp16") or False)
+    """Checks on the recipe's own keys, before LLaMA-Factory parses them: DeepSpeed with fp16 and a learned temperature
+    (its refusal says why), named heads outside a local model (:func:`check_heads_before_parse`)."""
+    if (_raw_value(host_args, "deepspeed") and _truthy(_raw_value(host_args, "fp16"))
             and hera_args.hera_learn_temperature):
         raise RecipeError("stage: hera cannot learn the temperature under DeepSpeed with fp16: true (the temperature's "
                           "own optimizer would step on loss-scaled gradients and would not skip overflow steps). Use "
@@ -77,7 +73,7 @@ def check_heads_before_parse(host_args: dict[str, Any] | list[str], hera_args: H
     model = _raw_value(host_args, "model_name_or_path")
     if hera_args.auto_heads or not model or not (Path(str(model)).expanduser() / "config.json").is_file():
         return
-    remote = _truthy(_raw_value(host_args, "trust_remote_code") or False)
+    remote = _truthy(_raw_value(host_args, "trust_remote_code"))
     try:
         config = AutoConfig.from_pretrained(str(Path(str(model)).expanduser()), trust_remote_code=remote)
     except Exception:  # a config this transformers cannot read (a newer family's): the parse's checks name it
@@ -184,31 +180,25 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     check_contrastive_geometry(geometry, hera_args)
 
 
-def check_adapter_fits(adapters: list[str] | None, hidden_size: int, attention_widths: set[int],
-                       model_name: str) -> None:
-    """Raise when an adapter's LoRA matrices cannot belong to this base model (shapes checked, no weights loaded).
-
-    Args:
-        adapters: ``adapter_name_or_path`` entries (local folders are checked, hub ids skipped).
-        hidden_size: the text model's width d.
-        attention_widths: ``num_heads * head_dim`` of the layers (input width of o_proj; Gemma 4's layers differ).
-    """
-    for adapter in adapters or []:
-        weights = Path(adapter) / "adapter_model.safetensors"
+def check_adapter_fits(adapters: list[str], hidden_size: int, attention_widths: set[int], model_name: str) -> None:
+    """Raise when a local adapter's (``adapter_name_or_path`` entries; hub ids skipped) o_proj LoRA matrices cannot
+    belong to this base model: the text model's width ``hidden_size``, o_proj's input widths ``attention_widths``
+    (``num_heads * head_dim`` of the layers; Gemma 4's layers differ). Shapes only, no weight loaded."""
+    for adapter in adapters:
+        weights, config = Path(adapter) / "adapter_model.safetensors", Path(adapter) / "adapter_config.json"
         if not weights.is_file():
             continue
-        config = json.loads((Path(adapter) / "adapter_config.json").read_text()) if (
-            Path(adapter) / "adapter_config.json").is_file() else {}
+        base = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
         with safe_open(str(weights), "pt") as handle:
             for name in handle.keys():
-                if ".self_attn.o_proj.lora_A" in name and handle.get_slice(name).get_shape()[1] not in attention_widths:
+                shape = handle.get_slice(name).get_shape()
+                if ".self_attn.o_proj.lora_A" in name and shape[1] not in attention_widths:
+                    widths = " or ".join(map(str, sorted(attention_widths)))
                     raise RecipeError(
                         f"adapter_name_or_path: {adapter} was trained on another base model (its o_proj LoRA expects "
-                        f"inputs of width {handle.get_slice(name).get_shape()[1]}, {model_name} has "
-                        f"{' or '.join(map(str, sorted(attention_widths)))}; "
-                        f"the adapter's base is {config.get('base_model_name_or_path', 'unknown')}). Use an adapter of "
-                        "this base model.")
-                if ".self_attn.o_proj.lora_B" in name and handle.get_slice(name).get_shape()[0] != hidden_size:
+                        f"inputs of width {shape[1]}, {model_name} has {widths}; the adapter's base is "
+                        f"{base or 'unknown'}). Use an adapter of this base model.")
+                if ".self_attn.o_proj.lora_B" in name and shape[0] != hidden_size:
                     raise RecipeError(f"adapter_name_or_path: {adapter} was trained on another base model (o_proj "
-                                      f"output width {handle.get_slice(name).get_shape()[0]}, {model_name} has "
-                                      f"{hidden_size}). Use an adapter of this base model.")
+                                      f"output width {shape[0]}, {model_name} has {hidden_size}). Use an adapter of "
+                                      "this base model.")

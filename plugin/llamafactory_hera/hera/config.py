@@ -1,9 +1,6 @@
 """``HeraArguments``: every ``hera_*`` key of a recipe, its help text, the paper's default and its checks; and what a
 HeRA run logs and plots (:data:`LOG_KEYS`, :data:`TRAINING_PLOT`) and the name of its run record; and the options of
 ``llamafactory-hera select`` that fall back to its keys (:data:`RECIPE_BACKED`).
-
-Values arrive either typed (YAML / OmegaConf) or as strings (command-line flags); both are
-coerced here so that every error names the key, the value and the allowed range.
 """
 
 from __future__ import annotations

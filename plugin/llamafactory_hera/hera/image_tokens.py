@@ -1,11 +1,8 @@
 """``cutoff_len`` against the image tokens of the tokenized training rows, after LLaMA-Factory tokenized the data and
-before the model loads: a row truncated into its image tokens (the model would fail in its first step, e.g. Qwen3-VL's
-rope index) is one line naming the row, its image tokens, what ``cutoff_len`` left of them and the ``cutoff_len`` that
-keeps them.
-
-Only rows that truncation may have cut are read: those of about ``cutoff_len`` tokens whose image tokens look cut (fewer
-runs of them than images, or the last run ending the row or running into trained tokens); their images are processed
-once more to count their tokens exactly.
+before the model loads: a row truncated into its image tokens is one line naming the row, its image tokens, what
+``cutoff_len`` left of them and the ``cutoff_len`` that keeps them (docs/hera-design.md, "Bad image rows"). Only rows
+of about ``cutoff_len`` tokens whose image tokens look cut are read; their images are processed once more to count
+their tokens exactly.
 """
 
 from __future__ import annotations

@@ -8,20 +8,11 @@ teacher features ``t``::
 ``N_k^t(i)`` are the k nearest neighbours of image i among the other batch images in teacher
 space (cosine, self excluded). The loss is averaged over the batch and over heads.
 
-The module has three parts: the equations as pure functions (shapes in their docstrings), the distributed
-candidate set a training step feeds :func:`hera_loss_anchored` with, and the learnable temperature:
-
-- Gathering: every rank's valid samples (student representations with their autograd graph, teacher
-  features) are all-gathered; each rank's anchors are its own samples, candidates are everyone's.
-  The gather's backward returns each rank the gradient that all ranks' losses put on its samples,
-  so the averaged DDP gradient equals a single process's gradient over the concatenated batch.
-- Queue: a FIFO of recent teacher features and detached student representations that extends the
-  candidates when a contrastive batch is too small for k neighbours (MoCo-style memory). In gather
-  mode it is filled with the gathered batch, so every rank holds the same queue.
-- Temperature: its range, its gradient across ranks and its own optimizer under DeepSpeed. It lives outside the
-  model as ``log tau`` (float32, one element). Where it is used it is clamped to ``[TAU_MIN, TAU_MAX]`` (CLIP caps
-  ``1/tau`` at 100, i.e. ``tau >= 0.01``), and after every optimizer step the parameter itself is put back into that
-  range, so a step that overshoots cannot leave it where the clamp has no gradient.
+The module has three parts: the equation as a pure function (:func:`hera_loss_anchored`, shapes in its docstring);
+the distributed candidate set a training step feeds it with (every rank's samples all-gathered with their gradient,
+and a FIFO queue of recent teacher features and detached representations when a batch is too small for k neighbours);
+the learnable temperature (``log tau``, float32, clamped to ``[TAU_MIN, TAU_MAX]`` where used and put back into that
+range after every optimizer step). Why each: docs/hera-design.md ("The objective", "Multi-GPU").
 """
 
 from __future__ import annotations
@@ -34,60 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
-from llamafactory_hera.hera.metrics import knn_indices
-
 Similarity = Literal["cosine", "dot"]
 
 
-# ----------------------------------------------------------------------------- the equations (pure functions)
-
-
-def student_log_probs(student: torch.Tensor, temperature: float | torch.Tensor, similarity: Similarity) -> torch.Tensor:
-    """``[H, B, B]`` float32 row-wise log-softmax of the similarities of ``student`` ``[H, B, D]`` over the other batch
-    members (the diagonal is ``-inf``); ``temperature``: tau > 0 (float or 0-d tensor, may require grad);
-    ``similarity``: ``"cosine"`` (L2-normalised dot product) or ``"dot"``."""
-    feats = student.float()
-    if similarity == "cosine":
-        feats = F.normalize(feats, dim=-1)
-    elif similarity != "dot":
-        raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
-    logits = feats @ feats.transpose(-1, -2) / temperature
-    num = feats.shape[-2]
-    self_mask = torch.eye(num, dtype=torch.bool, device=logits.device)
-    return torch.log_softmax(logits.masked_fill(self_mask, float("-inf")), dim=-1)
-
-
-def hera_loss_from_knn(
-    student: torch.Tensor,
-    neighbours: torch.Tensor,
-    temperature: float | torch.Tensor = 0.07,
-    similarity: Similarity = "cosine",
-) -> torch.Tensor:
-    """HeRA loss of ``student`` ``[H, B, D]`` with precomputed teacher ``neighbours`` ``[B, k]`` (self excluded): 0-d
-    float32, the mean over heads, samples and neighbours of ``-log p`` (:func:`student_log_probs`)."""
-    log_probs = student_log_probs(student, temperature, similarity)
-    index = neighbours.unsqueeze(0).expand(log_probs.shape[0], -1, -1)
-    return -log_probs.gather(-1, index).mean()
-
-
-def hera_loss(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    k: int = 10,
-    temperature: float | torch.Tensor = 0.07,
-    similarity: Similarity = "cosine",
-) -> torch.Tensor:
-    """HeRA contrastive loss, paper Eq. 4 averaged over the batch (and heads), 0-d float32: ``student`` ``[B, D]`` or
-    ``[H, B, D]`` per-head representations in the residual space, ``teacher`` ``[B, E]`` frozen teacher features (e.g.
-    DINOv2 [CLS]) of the same B images, ``k`` teacher neighbours per sample (needs ``B >= k + 1``)."""
-    heads = student.unsqueeze(0) if student.ndim == 2 else student
-    if heads.ndim != 3:
-        raise ValueError(f"student must be [B, D] or [H, B, D], got shape {tuple(student.shape)}")
-    if teacher.ndim != 2 or teacher.shape[0] != heads.shape[1]:
-        raise ValueError(f"teacher must be [B, E] with B={heads.shape[1]}, got shape {tuple(teacher.shape)}")
-    with torch.no_grad():
-        neighbours = knn_indices(teacher, k)
-    return hera_loss_from_knn(heads, neighbours, temperature, similarity)
+# ----------------------------------------------------------------------------- the equation (a pure function)
 
 
 def hera_loss_anchored(
@@ -103,7 +44,7 @@ def hera_loss_anchored(
     """``[A]`` float32 per-anchor HeRA losses (averaged over heads and neighbours) of some anchors against a larger
     candidate set (global batch and/or a feature queue): each anchor's positives are its k teacher neighbours among the
     candidates other than itself (needs ``C - 1 >= k``), and its softmax runs over those same candidates. With
-    ``candidates == anchors`` this is :func:`hera_loss`.
+    ``candidates == anchors`` its mean is Eq. 4 averaged over the batch.
 
     ``anchors`` ``[H, A, D]`` (carry the gradient), ``candidates`` ``[H, C, D]`` (queued ones detached),
     ``anchor_index`` ``[A]`` each anchor's position among the candidates (-1: not one of them), ``anchor_teacher``

@@ -1,15 +1,11 @@
 """Alignment during training: the aligned heads' MKNN with the teacher on a fixed probe set (``hera_monitor_*``;
-docs/hera.md "Alignment during training").
+docs/hera.md "Alignment during training" says when, on what and against which control heads).
 
-The probe pairs are drawn once, before the model loads (:func:`probe_set`), as ``select --report`` draws its pairs,
-and every point is scored exactly as selection scores a head, so the point at step 0 equals ``select --report``'s
-"before" on the same pairs. The teacher's side is computed once (the teacher is frozen). Control heads (as many
-unaligned heads in the aligned heads' layers) give ``hera_mknn_control``, the line an aligned head is read against.
-
-Points come on a fixed schedule (:func:`monitor_steps`), the same on every rank, at the end of the optimizer step:
-every rank scores (under ZeRO-3 every rank must take part in the forward) and rank 0's values are broadcast. A point
-at a logging step joins that step's training log, else it is a log of its own; either way it passes through the
-Trainer's ``log()``. A step without a point does nothing on the device.
+The probe pairs are drawn once, before the model loads (:func:`probe_set`), and every point is scored exactly as
+selection scores a head; the teacher's side is computed once. Points come on a fixed schedule (:func:`monitor_steps`),
+the same on every rank, at the end of the optimizer step: every rank scores (under ZeRO-3 every rank must take part
+in the forward) and rank 0's values are broadcast, through the Trainer's ``log()``. A step without a point does
+nothing on the device.
 """
 
 from __future__ import annotations

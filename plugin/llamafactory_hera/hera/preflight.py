@@ -1,9 +1,6 @@
 """What can be decided about a HeRA run before its first step: contrastive set sizes, the queue, image rows, the
-same heads on every rank. A run that cannot form a loss with a negative (a set of fewer than 3 samples) or has no
-image would train plain SFT while looking like HeRA: these checks stop it, naming the setting and the fix. Once the
-model is loaded, a run whose heads no trainable weight can move (``freeze`` or ``lora_target`` limited to later
-layers, a frozen language model without a trained projector) is refused too: only the temperature would move while
-``hera_loss`` is logged as if it worked.
+same heads on every rank; once the model is loaded, heads that no trainable weight can move. A run that would train
+plain SFT while looking like HeRA is stopped, naming the setting and the fix (docs/hera-design.md, "The objective").
 """
 
 from __future__ import annotations

@@ -23,11 +23,10 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
     DoRA layer wrapping one) at the ``[C]`` input ``columns``: what the layer multiplies those inputs by, bias excluded,
     summed in float32 with the delta of every active, unmerged adapter.
 
-    Adapter n adds ``s B A`` (LoRA) or, with DoRA (PEFT's: one magnitude per *output row*), ``(c - 1) W + c s B A``
-    with ``c = m / ||W + s B A||_row`` (the norm over the full row, every column; detached, as PEFT's forward does), so
-    one DoRA adapter gives ``diag(c) (W + s B A)``: a head's contribution stays its columns times its input. (Each
-    adapter's delta is taken on the base weight, as LLaMA-Factory trains one adapter; PEFT applies a second active DoRA
-    adapter to the first one's result.)
+    Each adapter's delta (:func:`combined`; DoRA's row norm over the full row, detached, as PEFT's forward takes it)
+    is taken on the base weight, as LLaMA-Factory trains one adapter (PEFT applies a second active DoRA adapter to the
+    first one's result): one DoRA adapter gives ``diag(c) (W + s B A)``, a head's contribution its columns times its
+    input.
 
     The base weight and each delta are cast to float32 before they are added: in bf16 a LoRA delta a few 1e-5 of the
     weight (early in training) is mostly rounded away by the sum (at |delta|/|W| = 7e-5, 98.6 % of its effect on the

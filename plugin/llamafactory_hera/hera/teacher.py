@@ -3,9 +3,6 @@
 Kept outside the trained model, frozen and in eval mode, loaded once per process in float32 (:data:`TEACHER_DTYPE`)
 and run under ``torch.no_grad``. Each encoder family has its own image feature (:class:`VisionTeacher`). Features of
 many images come from batched forwards, with decoding and preprocessing in background threads (:func:`image_features`).
-
-Used by head selection (calibration pairs) and by the pre-training pass that fills the teacher
-feature cache (``hera_teacher_precompute``).
 """
 
 from __future__ import annotations
@@ -280,19 +277,10 @@ def load_teacher(name_or_path: str, feature: str, device: torch.device | str, *,
 
 def per_sample_features(image_features: torch.Tensor, image_counts: torch.Tensor,
                         num_images: int | None = None) -> torch.Tensor:
-    """Per sample, the mean of its images' L2-normalised features.
-
-    Each image's feature is L2-normalised before averaging, so that in a sample with several images every image
-    weighs the same whatever its feature norm (the kNN is cosine, so for one image this changes nothing).
-
-    Args:
-        image_features: ``[N_img, E]`` features of all images of the batch, sample by sample.
-        image_counts: ``[B]`` number of images of each sample (sums to N_img).
-        num_images: N_img when the caller knows it (then nothing waits on the device for the counts' sum).
-
-    Returns:
-        ``[B, E]`` float32; rows of samples without images are zero.
-    """
+    """``[B, E]`` float32: per sample, the mean of its images' L2-normalised features (zero without images), so that
+    every image of a sample weighs the same whatever its feature norm. ``image_features`` ``[N_img, E]``: the batch's
+    images, sample by sample; ``image_counts`` ``[B]``: images per sample; ``num_images``: N_img when the caller knows
+    it (then nothing waits on the device for the counts' sum)."""
     batch = image_counts.shape[0]
     owner = torch.repeat_interleave(torch.arange(batch, device=image_counts.device), image_counts,
                                     output_size=num_images)
@@ -302,12 +290,8 @@ def per_sample_features(image_features: torch.Tensor, image_counts: torch.Tensor
 
 
 def prefetch_workers(device: torch.device) -> int:
-    """Threads that decode and preprocess images ahead of the teacher's forward.
-
-    0 when the teacher runs on the CPU: there the forward already uses every core and background
-    preprocessing only competes with it (bench/selection.py, 2 cores: 0.46 s serial, 0.60 s with one
-    worker for 512 images). On an accelerator: half the CPUs, 1 to 8.
-    """
+    """Threads that decode and preprocess images ahead of the teacher's forward: half the CPUs, 1 to 8, on an
+    accelerator; 0 on the CPU, where they would compete with the forward (measured: bench/README.md)."""
     return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) // 2))
 
 

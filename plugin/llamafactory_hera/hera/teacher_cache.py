@@ -1,31 +1,15 @@
 """Teacher features kept, so that an image goes through the teacher once: the run's per-image cache (epochs after the
 first pay no teacher forward) and the store that head selection, the alignment monitor and a run's precompute share.
 
-The cache. Keys identify an image's content cheaply (:func:`image_key`); in-memory PIL images have none and are never
-cached. The collator (possibly in forked dataloader workers) skips images whose key it sees in the cache; the trainer
-owns the features. A worker forked before a key was cached merely preprocesses an image for nothing.
+The cache (:class:`TeacherFeatureCache`): keyed by an image's content (:func:`image_key`; in-memory PIL images have
+none and are never cached); the collator, possibly in forked dataloader workers, skips images whose key it sees, the
+trainer owns the features. Rows move between host and device without making the host wait for the step's forward
+(:func:`rows_to_device`, :func:`rows_to_host`).
 
-Cached rows reach a CUDA device from page-locked memory (:func:`rows_to_device`): a non-blocking copy from pageable
-memory can make the host wait for the stream, i.e. for the step's forward, in the middle of the step. Rows new to the
-cache leave the device without waiting too (:func:`rows_to_host`): a blocking copy would stall the host until the
-step's teacher forward has run; the host reads them only at a later step, after their copy has run.
-
-The store: float32 teacher features shared by head selection, the alignment monitor and a HeRA run's precompute, one
-teacher pass per dataset. Rows are keyed by the teacher (:func:`teacher_identity`: its files, feature kind, dtype and
-the device type it ran on) and by the image (:func:`image_key`: path, size and mtime, or the bytes' hash). Selection
-(``select``, ``hera_heads: auto``, ``select --report``) and the monitor's probe pairs take the rows they find and send
-only the other images through the teacher; the training run's precompute then takes every row found and computes the
-rest. The three read images alike (the teacher's own image processor, :func:`open_image`) and keep the teacher's float32
-output, so a shared row is the row the pass would have computed, up to the rounding of another batch composition (the
-same freedom the steps' cache already has).
-
-Where: in the process, one :class:`TeacherFeatureStore` per teacher; on disk, what selection and a run's precompute
-computed (4 KB an image for DINOv2-L), every ``KEEP_ROWS`` rows as the pass goes (:func:`save_durable`), so that a
-later pass (``select``, then ``llamafactory-cli train``; a rerun after a kill) computes only the rest:
-``$LLAMAFACTORY_HERA_CACHE/teacher_features/<teacher>/`` (default ``~/.cache/llamafactory_hera``). Each write keeps the
-whole ``teacher_features`` folder under :data:`MAX_STORE_BYTES` (oldest files go first, never those a pass under way
-reads or writes, and say so) and names the folder; deleting it clears the store. A failed write (a cache folder that
-is a file, read-only or full) warns once per process (:func:`cache_unwritable`) and costs only that sharing.
+The store (:class:`TeacherFeatureStore`, :func:`stored_image_features`): float32 rows keyed by the teacher
+(:func:`teacher_identity`) and the image, in the process and on disk under ``$LLAMAFACTORY_HERA_CACHE/teacher_features``
+(:func:`save_durable`, :func:`trim`, :func:`cache_unwritable`). What is shared, where it lives and what a user sees:
+docs/hera-design.md ("One teacher pass per dataset").
 """
 
 from __future__ import annotations
@@ -125,22 +109,11 @@ class TeacherFeatureCache:
 
     def lookup(self, keys: list[str | None], computed: torch.Tensor | None, computed_ids: list[str] | None,
                device: torch.device | str | None = None) -> torch.Tensor:
-        """Features of all ``keys`` in order: this batch's computed rows by identity, else the cache.
-
-        Args:
-            keys: one content key per image of the batch (None: not cacheable).
-            computed: ``[M, E]`` teacher features of the images the collator sent through the teacher.
-            computed_ids: the M identities (:func:`image_identity`) of those rows, from the collator.
-            device: where to return them (default: ``computed``'s device, or the CPU when every image was
-                cached). The cached rows travel there in one non-blocking copy from pinned memory
-                (:func:`rows_to_device`); computed rows new to the cache come to the CPU in one copy.
-
-        Returns:
-            ``[len(keys), E]`` on ``device``.
-
-        Raises:
-            RuntimeError: when an image is neither computed nor cached (a collator/cache mismatch).
-        """
+        """``[len(keys), E]`` on ``device``: the features of ``keys`` (one content key per image, None: not
+        cacheable) in order, this batch's computed rows (``computed`` ``[M, E]``, named by the collator's M
+        ``computed_ids``, :func:`image_identity`) by identity, else the cache's. ``device`` defaults to ``computed``'s
+        (the CPU when every image was cached). RuntimeError when an image is neither computed nor cached (a
+        collator/cache mismatch)."""
         computed_ids = list(computed_ids or ())
         num_computed = 0 if computed is None else int(computed.shape[0])
         if num_computed != len(computed_ids):

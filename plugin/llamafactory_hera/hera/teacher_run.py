@@ -1,11 +1,7 @@
 """The teacher inside a HeRA run (:class:`RunTeacher`, a plain object the trainer owns): features before step 1,
-features in the steps, where it lives.
-
-With ``hera_teacher_precompute`` one pass over the training set's distinct images (split over the ranks and
-all-gathered, float32 throughout) fills the feature cache with the features the steps would compute, so the steps
-run no teacher forward and the teacher's weights (DINOv2-L: 1.2 GB) can leave the GPU for the whole run. Images head
-selection or the monitor already sent through this teacher are taken from its store (``teacher_cache``), not
-computed again. The pass keeps its rows in that store as it goes, so a rerun after a kill computes only the rest.
+features in the steps, where it lives. With ``hera_teacher_precompute`` one pass over the training set's distinct
+images, split over the ranks, fills the feature cache, so the steps run no teacher forward and the teacher can leave
+the GPU (:func:`precompute_teacher_features`; docs/hera-design.md says what is shared with selection and kept).
 """
 
 from __future__ import annotations

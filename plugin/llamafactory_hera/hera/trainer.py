@@ -1,26 +1,13 @@
 """HeRA's training step: ``loss = lm_loss + lambda * L_HeRA``, one class read top to bottom.
 
 :class:`HeraTrainer` is mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer`` (``hera/workflow.py``). One
-optimizer step, from :meth:`HeraTrainer.compute_loss` to the loss value, reads in three files:
-
-1. the batch (``hera/collator.py``): the model's inputs, the teacher's pixels or cache keys, the pooled-token mask and
-   the anchors (samples with images and pooled tokens), all computed on the CPU;
-2. the captured head inputs: the ordinary LM forward, with hooks on the selected heads' ``o_proj`` inputs armed
-   (``capture.HeadCapture``);
-3. the projection: those inputs pooled over the mask and projected through each head's ``W_O`` columns
-   (``HeadCapture.disarm``), ``[H, B, d]``;
-4. the contrastive set (:meth:`HeraTrainer.hera_term`): this rank's anchors and their teacher features, the global
-   batch under ``hera_gather``, the feature queue (``hera/loss.py``'s second part, the distributed candidate set);
-5. the loss (``hera/loss.py``'s equations, pure), made 0 when not finite, scaled like the LM loss under gradient
-   accumulation.
-
-Inputs the step takes from helpers without their logic: the teacher's features (``teacher_run.RunTeacher.features``)
-and the clamped temperature (``loss.used_temperature``). The trainer holds what the step needs: the capture, the
-layers' checkpointing, the teacher's life cycle (``teacher_run``), the feature queue and the learnable temperature
-(its gradient: ``loss.TemperatureGradHandler``), checkpoint state (``checkpoint``) and the step's per-log sums
-(:class:`StepSums`, at the end of this file). What runs around the steps is wired by the workflow
-(``hera/workflow.py``): the checks before the first step (``preflight``), the run's start and end lines
-(``workflow.RunSummary``), the alignment monitor (``monitor.MonitorCallback``) and the plots.
+optimizer step, from :meth:`HeraTrainer.compute_loss` to the loss value: the batch, built on the CPU
+(``hera/collator.py``); the LM forward with hooks on the selected heads' ``o_proj`` inputs (``capture.HeadCapture``),
+pooled and projected through each head's ``W_O`` columns (``HeadCapture.disarm``, ``[H, B, d]``); the contrastive set
+(:meth:`HeraTrainer.hera_term`: this rank's anchors, the global batch under ``hera_gather``, the feature queue); the
+loss (``hera/loss.py``), made 0 when not finite, scaled like the LM loss under gradient accumulation. The teacher's
+features come from ``teacher_run.RunTeacher``, the temperature from ``loss.used_temperature``; the per-log sums are
+:class:`StepSums`, at the end of this file. What runs around the steps is wired by ``hera/workflow.py``.
 """
 
 from __future__ import annotations
@@ -151,18 +138,12 @@ class HeraTrainer:
     def hera_term(self, reps: torch.Tensor, pixel_values: torch.Tensor | None, pixel_keys: list[str] | None,
                   keys: list[str | None], counts: torch.Tensor, anchor_index: torch.Tensor, num_valid: int
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """HeRA loss of this rank's samples that have images and pooled tokens (``anchor_index``, from the collator).
-
-        Anchors are this rank's valid samples; candidates are the global batch's (``hera_gather``) plus the
-        queue. Every decision that decides whether a collective runs is taken on global quantities, so all
-        ranks always agree. Nothing here waits on the device, except the exchange of the ranks' anchor counts
-        under ``hera_gather`` (see :func:`gather_batch`).
-
-        Returns:
-            (loss, finite) or (None, None) when the batch has no term: ``loss`` 0-d float32, 0 where the loss
-            was not finite (on any rank under ``hera_gather``), ``finite`` 0-d bool on the device. A non-finite
-            loss sends no gradient (hooks zero it where it enters the heads and the temperature).
-        """
+        """(loss, finite), or (None, None) when the batch has no term: the 0-d float32 HeRA loss of this rank's samples
+        that have images and pooled tokens (``anchor_index``, from the collator) against the global batch's
+        (``hera_gather``) plus the queue, 0 where it was not finite (on any rank under ``hera_gather``; it then sends
+        no gradient), and ``finite``, a 0-d bool on the device. Every decision whether a collective runs is taken on
+        global quantities, so all ranks agree; nothing waits on the device but the exchange of the ranks' anchor
+        counts under ``hera_gather`` (:func:`gather_batch`)."""
         args = self.hera_args
         device = reps.device
         if num_valid > 0:

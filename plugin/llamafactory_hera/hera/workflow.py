@@ -1,8 +1,6 @@
 """A ``stage: hera`` run: LLaMA-Factory's SFT workflow with HeRA's collator and trainer, called by the stage patch
-in place of ``run_sft`` with ``host`` (:class:`llamafactory_hera_patches.stage.SFTWorkflow`); and what the run says
-about itself at its ends (:class:`RunSummary`): one line when training begins and a count at the end, so a run that
-trains less HeRA than it seems to is never silent (the step's per-log sums and their keys in every training log are
-the trainer's: ``trainer.StepSums``).
+in place of ``run_sft`` with ``host`` (:class:`llamafactory_hera_patches.stage.SFTWorkflow`), and its start line and
+end count (:class:`RunSummary`), so a run that trains less HeRA than it seems to is never silent.
 """
 
 from __future__ import annotations

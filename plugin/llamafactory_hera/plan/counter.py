@@ -2,18 +2,13 @@
 under ``FakeTensorMode`` (shapes and dtypes, no data). Used by ``llamafactory-hera plan``; bench/cost_count.py adds
 the bytes each collective moves on a fake process group.
 
-- :class:`RealIndexMode`: an op whose tensor arguments are all real (token ids, image grids, position ids and what is
-  computed from them) runs for real, as do ``arange`` / ``linspace`` and small integer tensors made from nothing (a
-  floating tensor made from nothing, a weight, stays fake), so the models' data-dependent index arithmetic works; a
-  real boolean mask selects a fake tensor by its true count. Everything that touches a weight stays fake.
-- :class:`StepCounter`: every storage an op creates (a finalizer removes it when its last tensor dies) and the peak of
-  their sum.
-- :class:`StepFlops`: torch's ``FlopCounterMode`` for the whole step only, without the module tracking that inflated
-  a checkpointed backward's peak counted under it.
-- :func:`count_attention`: torch's ``FlopCounterMode`` scores the CPU attention kernel and its backward as 0; this
-  gives them torch's own formulas for the GPU kernels: forward ``2 b h s_q s_k (d_qk + d_v)`` (``4 b h s_q s_k d``),
-  backward ``2 b h s_q s_k (3 d_qk + 2 d_v)`` (the scores recomputed, then four products: 2.5 x the forward). A
-  causal mask is not halved: the count is the full ``s_q x s_k`` product, as torch's own.
+- :class:`RealIndexMode`: ops on real tensors only (token ids, image grids, position ids and what is computed from
+  them) run for real, so the models' data-dependent index arithmetic works; everything that touches a weight stays fake.
+- :class:`StepCounter`: every storage an op creates (gone when its last tensor dies) and the peak of their sum.
+- :class:`StepFlops`: torch's ``FlopCounterMode`` for the whole step, without the module tracking that inflated a
+  checkpointed backward's peak counted under it.
+- :func:`count_attention`: torch's GPU-kernel FLOP formulas for the CPU attention kernel and its backward, which
+  ``FlopCounterMode`` scores as 0 (docs/cost.md, "What it counts").
 """
 
 from __future__ import annotations
@@ -22,15 +17,9 @@ import weakref
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import (
-    FlopCounterMode,
-    flop_registry,
-    sdpa_backward_flop_count,
-    sdpa_flop_count,
-    shape_wrapper,
-)
 
 GIB = 2**30
 SMALL = 1 << 22  # elements: a real computation larger than this is not index arithmetic
@@ -42,7 +31,9 @@ def tensors_of(tree: object) -> list[torch.Tensor]:
 
 
 class RealIndexMode(TorchDispatchMode):
-    """Runs an op for real when none of its tensor arguments is fake and it is a view or small (see module doc)."""
+    """Runs an op for real when none of its tensor arguments is fake and it is a view or small, as do ``arange`` /
+    ``linspace`` and small integer tensors made from nothing (a floating one, a weight, stays fake); a real boolean
+    mask selects a fake tensor by its true count."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -111,13 +102,13 @@ def _heads(q: list[int], *kv: list[int]) -> list[list[int]]:  # grouped-query at
 def count_attention() -> None:
     """Give the CPU attention kernels their FLOPs in ``FlopCounterMode`` (module doc); idempotent."""
     aten = torch.ops.aten
-    flop_registry[aten._scaled_dot_product_flash_attention_for_cpu] = shape_wrapper(
-        lambda q, k, v, *_, **__: sdpa_flop_count(*_heads(q, k, v)))
-    flop_registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = shape_wrapper(
-        lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, *_heads(q, k, v)))
+    flop_counter.flop_registry[aten._scaled_dot_product_flash_attention_for_cpu] = flop_counter.shape_wrapper(
+        lambda q, k, v, *_, **__: flop_counter.sdpa_flop_count(*_heads(q, k, v)))
+    flop_counter.flop_registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = flop_counter.shape_wrapper(
+        lambda grad, q, k, v, *_, **__: flop_counter.sdpa_backward_flop_count(grad, *_heads(q, k, v)))
 
 
-class StepFlops(FlopCounterMode):
+class StepFlops(flop_counter.FlopCounterMode):
     """``FlopCounterMode`` counting the step as a whole (``get_total_flops``): torch's module tracker registers a
     gradient hook on each module's inputs and outputs at every forward, the recomputed ones of a checkpointed backward
     included, which keeps tensors alive until the backward ends, so a peak counted under it grew with the depth (by

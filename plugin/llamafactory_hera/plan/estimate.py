@@ -1,15 +1,7 @@
 """A recipe's run before renting: what it asks for (:func:`setup_of`), its memory per GPU by category for an engine
 and a number of GPUs (:func:`memory`), what single change would make it fit (:func:`fixes`) and its time
 (:func:`times`). The step's FLOPs and tensors come from :mod:`llamafactory_hera.plan.count`; the rest is arithmetic
-on them, written here.
-
-Bytes per parameter (P: all, T: trainable, N: GPUs): LoRA adapters and a full fine-tune's weights train in float32
-(LLaMA-Factory upcasts them) with float32 gradients and Adam's two float32 moments. DDP: every GPU holds the frozen
-weights in bf16 (bitsandbytes' 4 / 8 bits for the linear layers when quantized) + 16 T. FSDP2 (accelerate's mixed
-precision upcasts every parameter to float32 before sharding, 4-bit codes excepted): 4 P / N + 12 T / N, and gathered
-in bf16: two decoder layers (the one computing, the one prefetched) and the root (embeddings, output layer). DeepSpeed
-ZeRO-3 (bf16): the bf16 partition, float32 master, gradient and moments, 18 T / N (frozen: 2 / N), and gathered: 2
-bytes x ``stage3_max_live_parameters``. ZeRO-2: bf16 weights whole, 14 T / N.
+on them, written here: the bytes per parameter each engine holds are docs/cost.md's ("What it counts").
 """
 
 from __future__ import annotations
@@ -209,12 +201,9 @@ def _changes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm:
 
 
 def communicated(counts: dict[str, float], setup: Setup) -> tuple[float, float]:
-    """Bytes each GPU receives per micro-step and per optimizer step (a ring: ``(N - 1) / N`` of each whole):
-    FSDP2 and ZeRO-3 gather the parameters in bf16 (4-bit codes as stored) in forward and again in backward (resharded
-    after forward; the recompute under checkpointing uses the backward's gather) and reduce-scatter the trained
-    gradients (FSDP2 float32, ZeRO-3 bf16) every micro-step; ZeRO-2 reduce-scatters bf16 gradients every micro-step
-    and gathers the updated bf16 weights every step; DDP all-reduces the float32 gradients once a step (twice the
-    bytes of a ring all-reduce). One GPU: none."""
+    """Bytes each GPU receives per micro-step and per optimizer step (a ring: ``(N - 1) / N`` of each whole), each
+    engine's collectives as docs/cost.md lists them (the recompute under checkpointing uses the backward's gather; DDP's
+    all-reduce moves twice the bytes of a ring all-reduce). One GPU: none."""
     n, total, trained = setup.gpus, counts["params"], counts["trainable"]
     ring = (n - 1) / n
     quantized = counts["quantizable"] if setup.bits else 0

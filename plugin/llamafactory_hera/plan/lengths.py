@@ -1,9 +1,7 @@
-"""The lengths plan counts a step at: a sample of the recipe's own rows tokenized as training tokenizes them
-(LLaMA-Factory's template, the model's tokenizer and the image tokens its processor gives; ``cutoff_len`` applied),
-or, when the dataset, tokenizer or processor is not at hand offline, every row ``cutoff_len`` tokens with one image of
-``image_max_pixels`` (the worst case). Memory is counted at the longest row with the most image tokens when every row
-was sampled, else at the worst case (a micro-batch may hold a row longer than the sample's longest); time at the mean
-micro-batch, padded to its longest row as the collator pads it."""
+"""The lengths plan counts a step at: a sample of the recipe's own rows tokenized as training tokenizes them, or, when
+the dataset, tokenizer or processor is not at hand offline, every row ``cutoff_len`` tokens with one image of
+``image_max_pixels`` (the worst case). Which length memory and time are counted at: docs/cost.md ("What it counts").
+"""
 
 from __future__ import annotations
 

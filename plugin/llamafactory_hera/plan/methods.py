@@ -34,10 +34,7 @@ def _head(config: Any, counts: dict[str, float], what: str) -> str:
 
 
 def harc(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card, started: float) -> str:
-    """One HARC optimizer step: per micro-batch one forward and backward over every stream's rows (with the residual
-    reads of the coupled layers), one forward without grad over the retain rows (harmless + pseudo) with the adapter
-    off (the KL reference); the directions extracted at the start and at every refresh (forwards over
-    ``harc_extract_samples`` rows of each of their row sets, at ``harc_max_length``)."""
+    """One HARC optimizer step and its directions' extractions, as docs/cost.md ("HARC") lists its passes."""
     rows = {name: int(recipe.get(f"harc_batch_{name}", default)) for name, default in STREAMS.items()}
     length = int(recipe.get("harc_max_length", 256))
     setup = replace(setup, batch=sum(rows.values()), cutoff=length)
@@ -71,11 +68,8 @@ def harc(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Car
 
 
 def rah(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card, started: float) -> str:
-    """RAH-LoRA's calibration, no training: the model loaded in bf16 (or bitsandbytes' bits) whole on one GPU, or over
-    the node's GPUs and then the CPU (``llamafactory_hera.placement``); its passes: I-SAL forwards (eager attention,
-    every layer's weights kept) over ``rah_samples`` rows in batches of ``rah_batch_size``, CAF's forward and gate
-    backward over ``rah_probe_samples`` rows one by one, and per target head 1 to ``rah_halvings`` + 1 forwards over
-    ``rah_kl_samples`` rows (its trust region)."""
+    """RAH-LoRA's calibration, no training: the model placed as ``llamafactory_hera.placement`` places it, and its
+    passes as docs/cost.md ("RAH-LoRA") lists them."""
     size = int(recipe.get("rah_batch_size", 1))
     max_pixels = int(recipe.get("image_max_pixels", estimate.DEFAULT_MAX_PIXELS))
     shapes = {probe: count.Shape(rows, setup.cutoff, max_pixels, None, 0, bool(setup.bits), False, parts=(),

@@ -2,13 +2,9 @@
 SFT or HeRA through the plugin's own code (``HeadCapture``, ``LayerCheckpointing``, ``hera_loss_anchored``). Counted
 by :mod:`llamafactory_hera.plan.counter` for ``llamafactory-hera plan`` and bench/cost.py.
 
-What is not the run's own code, and why:
-- 4-bit (QLoRA): bitsandbytes cannot run on fake tensors. Each base linear layer runs as its ``MatMul4Bit`` does: the
-  weight dequantized to bf16 for the product, in forward and again in backward, nothing saved (:class:`Dequantized`);
-  HeRA's ``o_proj`` read dequantizes the whole weight (``base_weight_columns``' 4-bit branch). The caller counts the
-  weights' storage from the quantization.
-- Liger's fused linear cross-entropy (Triton, GPU only) is counted by its algorithm: the rows in chunks of Liger's
-  size, each chunk's logits and their gradient made and dropped in forward (:class:`ChunkedLinearCrossEntropy`).
+What is not the run's own code, counted by its algorithm instead: bitsandbytes' 4-bit product (:class:`Dequantized`:
+bitsandbytes cannot run on fake tensors; HeRA's ``o_proj`` read dequantizes the whole weight, and the caller counts
+the weights' storage) and Liger's fused linear cross-entropy (:class:`ChunkedLinearCrossEntropy`: Triton, GPU only).
 """
 
 from __future__ import annotations

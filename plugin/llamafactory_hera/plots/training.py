@@ -1,12 +1,10 @@
 """One figure per run, ``training.png``: the losses and the method's terms on twin axes, and beside them the method's
-other logged series (HeRA's temperature, its alignment monitor), when logged.
+other logged series (HeRA's temperature, its alignment monitor), when logged; LlamaBoard's loss plot of a method's run
+too (:meth:`llamafactory_hera.board.builder.MethodPanel.loss_figure`).
 
-The series are read from ``trainer_log.jsonl`` (the lines LlamaBoard reads, with the methods' keys merged in) and
-``trainer_state.json`` (``log_history``: every key ``Trainer.log`` received, and the evaluation losses), whichever
-the run left; a key in both gives the same value. Drawn headless (an Agg canvas, no pyplot state); the steps are
-integers on every axis, the title names the run (``output_dir``'s folder and stage) and fits the figure, and the
-smoothing is the host's own (passed in by the patch), so the curves match LlamaBoard's. LlamaBoard's loss plot of a
-method's run is drawn by this code too (:meth:`llamafactory_hera.board.builder.MethodPanel.loss_figure`).
+The series are read from ``trainer_log.jsonl`` (with the methods' keys merged in) and ``trainer_state.json``
+(``log_history``), whichever the run left; the smoothing is the host's own (passed in by the patch), so the curves
+match LlamaBoard's. Drawn headless (an Agg canvas, no pyplot state).
 """
 
 from __future__ import annotations

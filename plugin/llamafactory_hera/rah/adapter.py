@@ -44,10 +44,9 @@ def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's ``save_pretrained``): ``factors`` for
     the base model, from ``model`` as :func:`~llamafactory_hera.rah.calibrate.calibrate` leaves it (touched plain
     weights ``W + BA`` in its dtype, the others' steps in ``overlay``); returns the target module names; ``model`` is
-    left unchanged. ``dora`` (the recipe's ``use_dora``) writes a DoRA adapter of the same calibration: PEFT's DoRA
-    layer computes ``diag(m / ||W + BA||_row) (W + BA)``, so with ``m`` the row norms of the calibrated weight it is
-    ``W + BA``, the model the trust region accepted, and DoRA training can continue from it (``m`` in the model's
-    dtype: in bf16 it rounds by up to 2^-9 of a row)."""
+    left unchanged. ``dora`` (the recipe's ``use_dora``) writes a DoRA adapter of the same calibration: ``m`` the row
+    norms of the calibrated weight, so PEFT's ``diag(m / ||W + BA||_row) (W + BA)`` is ``W + BA`` (``m`` in the
+    model's dtype: in bf16 it rounds by up to 2^-9 of a row)."""
     if not factors:
         raise RecipeError("RAH-LoRA: no head was calibrated (every target rolled back or none was found); there is "
                           "no adapter to write.")

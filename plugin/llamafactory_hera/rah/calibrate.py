@@ -85,11 +85,6 @@ class Calibration:
     overlay: WeightOverlay | None = None  # the kept steps a quantized or offloaded projection computes with
 
 
-def geometry_of(model: nn.Module) -> Geometry:
-    """Query heads, KV heads and head width of the text decoder (from the config)."""
-    return plan_calibration(model).geometry
-
-
 def _probe_logits(model: nn.Module, batches: list[dict[str, Any]],
                   positions: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     """Logits at the probe's text positions after the image, float32: ``[n_positions, V]`` per sample.

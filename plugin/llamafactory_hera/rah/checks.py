@@ -1,7 +1,5 @@
-"""RAH-LoRA's checks of a run's LLaMA-Factory arguments, before any model or dataset is loaded.
-
-Declared in :mod:`llamafactory_hera.methods`; they read recipe keys only (checked on LLaMA-Factory 0.9.5
-argument names). The model is loaded with eager attention (attention weights are needed).
+"""RAH-LoRA's checks of a run's LLaMA-Factory arguments, before any model or dataset is loaded (declared in
+:mod:`llamafactory_hera.methods`; LLaMA-Factory 0.9.5's argument names). The model is loaded with eager attention.
 """
 
 from __future__ import annotations
@@ -47,8 +45,7 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], rah_args: RahA
     if raw_value(host_args, "do_train") is not None and not truthy(raw_value(host_args, "do_train")):
         raise RecipeError("stage: rah calibrates with llamafactory-cli train; set do_train: true.")
     for key in ("packing", "neat_packing"):
-        value = raw_value(host_args, key)
-        if value is not None and truthy(value):
+        if truthy(value := raw_value(host_args, key)):
             raise RecipeError(f"{key}: {str(value).lower()} is not supported by stage: rah: it scores each calibration "
                               "row's attention between its own text and image tokens, which packing several rows into "
                               f"one sequence would mix. Remove {key}.")

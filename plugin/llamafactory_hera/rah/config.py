@@ -1,7 +1,7 @@
 """``RahArguments``: every ``rah_*`` key of a ``stage: rah`` recipe, its help text, the paper's default and its checks.
 
 Defaults follow the paper (§3.6) where it states them and the project's reading where it does not (rho, w_V,
-w_O, trim, beta, the CAF form and weight, the KL probe). Values arrive typed (YAML) or as strings (command line).
+w_O, trim, beta, the CAF form and weight, the KL probe).
 """
 
 from __future__ import annotations

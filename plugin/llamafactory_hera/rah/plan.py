@@ -52,7 +52,7 @@ def plan_calibration(model: nn.Module, args: RahArguments | None = None) -> Cali
         raise RecipeError(f"{type(model).__name__}: no decoder layer has softmax self-attention whose heads own a "
                           f"v_proj and an output projection Linear ({describe(layers)}); RAH-LoRA calibrates those "
                           "projections per head.")
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text = model.config.get_text_config()
     kv = int(getattr(text, "num_key_value_heads", None) or shape.num_heads)
     modules = {index: layers[index] for index in kept}
     names = tuple(name for name in ("v", "o") if name in args.rah_update) if args.rah_update != "auto" \

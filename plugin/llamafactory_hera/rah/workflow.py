@@ -1,10 +1,8 @@
 """A ``stage: rah`` run: calibrate the recipe's model on its unlabelled image-text rows and write a LoRA adapter.
 
 Called by the stage patch (declared in :mod:`llamafactory_hera.methods`) in place of ``run_sft``; no optimizer
-step is taken. ``output_dir`` receives ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format, on
-the touched language-model ``v_proj`` / ``o_proj`` modules), ``rah_profile.json`` (every head's scores, the targets
-with their anchors, alpha and KL, rollbacks, settings, identity, versions, duration) and ``rah_profile.png`` (I-SAL and
-CAF, layers x heads, targets boxed as in the paper's Figure 3).
+step is taken. ``output_dir`` receives the adapter (PEFT's format), ``rah_profile.json`` and ``rah_profile.png``;
+what each holds: docs/rah.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """The checks every plugin stage runs before any model or dataset loads, each one line naming the key, the value and
-the fix where the run would otherwise end later, or with a traceback.
-
-Before LLaMA-Factory parses the recipe (nothing loaded; by the stage patch, and by ``llamafactory-cli train`` and
-``accelerate launch`` before any rank starts): :func:`check_raw_launch` (``fp16`` with ``bf16``, a ``deepspeed`` path
-that is no file, FSDP as :mod:`.fsdp` says, ``streaming``), then the method's own checks, then
-:func:`check_raw_recipe` (the engines the recipe names installed, with the ``pip install`` command; the keys
-LLaMA-Factory reads, :mod:`.host_keys`; model and adapter paths, :mod:`.model_paths`; ``lora_target``,
-:mod:`.model_checks`). The checkpoint a run resumes from: :mod:`.resume`; a ``stage`` that is nobody's: the stage patch.
-
-After the parse (:func:`check_run_inputs`): dataset names and files, ``max_samples``, ``output_dir``, the ``template``
-against the tokenizer, FSDP set by a front end.
+the fix where the run would otherwise end later, or with a traceback: before LLaMA-Factory parses the recipe (by the
+stage patch, and by ``llamafactory-cli train`` and ``accelerate launch`` before any rank starts)
+:func:`check_raw_launch`, then the method's own checks, then :func:`check_raw_recipe`; after the parse
+:func:`check_run_inputs`. The checkpoint a run resumes from: :mod:`.resume`; a ``stage`` that is nobody's: the stage
+patch.
 """
 
 from __future__ import annotations
@@ -172,11 +166,9 @@ def check_max_samples(data_args: Any) -> None:
 
 def check_run_inputs(model_args: Any, data_args: Any, training_args: Any, datasets_used: bool = True, *,
                      stage: str) -> None:
-    """The checks every plugin stage runs right after LLaMA-Factory parsed the recipe (see the module doc).
-
-    ``datasets_used=False``: the stage reads its rows from its own keys; ``dataset`` is still checked when given,
-    with that said in the fix.
-    """
+    """The checks every plugin stage runs right after LLaMA-Factory parsed the recipe: dataset names and files,
+    ``max_samples``, ``output_dir``, the ``template`` against the tokenizer, FSDP set by a front end.
+    ``datasets_used=False``: the stage reads its rows from its own keys (``dataset`` is checked when given, said so)."""
     fix = "" if datasets_used else ("This stage does not read `dataset` (its rows come from its own keys): remove it, "
                                     "or name a dataset listed there.")
     check_max_samples(data_args)
@@ -224,7 +216,7 @@ def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -
     refuses DeepSpeed and Liger, and says so instead."""
     bits = raw_value(host_args, "quantization_bit")
     bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb"
-    if bnb and bits not in (None, "") and truthy(raw_value(host_args, "use_dora") or False):
+    if bnb and bits not in (None, "") and truthy(raw_value(host_args, "use_dora")):
         raise RecipeError(dora_refusal(bits))  # refused whatever is installed: said before asking for bitsandbytes
     # whatever the model type: LLaMA-Factory's parse requires liger-kernel for enable_liger_kernel (hparams/parser.py),
     # also where its patch list has no kernel for the type (it then warns and trains without)
@@ -247,8 +239,7 @@ def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -
 
 def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None:
     """``fp16`` and ``bf16`` are not both on; a ``deepspeed`` path names a file."""
-    fp16, bf16 = raw_value(host_args, "fp16"), raw_value(host_args, "bf16")
-    if fp16 is not None and bf16 is not None and truthy(fp16) and truthy(bf16):
+    if truthy(raw_value(host_args, "fp16")) and truthy(raw_value(host_args, "bf16")):
         raise RecipeError("fp16: true and bf16: true: a run trains in one precision; keep bf16: true (GPUs since "
                           "Ampere) and remove fp16, or keep fp16: true on older GPUs.")
     deepspeed = raw_value(host_args, "deepspeed")
@@ -261,8 +252,7 @@ def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None
 
 def check_streaming(stage: str, host_args: dict[str, Any] | list[str]) -> None:
     """``streaming`` is off: every stage reads its rows as a map-style dataset."""
-    value = raw_value(host_args, "streaming")
-    if value is not None and truthy(value):
+    if truthy(value := raw_value(host_args, "streaming")):
         reason = _STREAMING.get(stage, "the stage reads its rows by index")
         raise RecipeError(f"streaming: {str(value).lower()} is not supported by stage: {stage} ({reason}). Remove "
                           "streaming: the datasets are read once and cached on disk.")
@@ -278,12 +268,9 @@ def check_raw_launch(stage: str, host_args: dict[str, Any] | list[str],
 
 def check_raw_recipe(host_args: dict[str, Any] | list[str], stage: str, machine: bool = True) -> None:
     """What every plugin stage checks of the recipe's LLaMA-Factory keys before LLaMA-Factory parses them, after
-    :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific): the engines the
-    recipe names installed, the keys
-    (:mod:`.host_keys`), the model paths, the installed stack (:mod:`.stack_checks`), this machine's bf16, and last
-    ``lora_target`` against the model's modules (:mod:`.model_checks`, the one that reads the model's config).
-    ``machine=False`` (``llamafactory-hera plan``, before renting): the recipe's own checks only, not this machine's
-    engines, model paths, stack and bf16."""
+    :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific); ``lora_target``
+    last, the one that reads the model's config. ``machine=False`` (``llamafactory-hera plan``, before renting): the
+    recipe's own checks only, not this machine's."""
     given = given_keys(host_args)
     if machine:
         check_engines_installed(host_args, stage)

@@ -2,22 +2,12 @@
 anything loads, naming the key, the value and the fix.
 
 FSDP is turned on by ``accelerate launch`` with an FSDP config (it sets ``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``,
-``FSDP_STATE_DICT_TYPE``; LLaMA-Factory's examples/accelerate/fsdp2_config.yaml), by the recipe (``fsdp``, with
-``fsdp_config``'s ``fsdp_version`` / ``version``: 1 by default) or by any front end that sets the parsed ``fsdp``
-option (LlamaBoard's extra arguments). :func:`check_fsdp` reads the first two before the parse,
-:func:`check_fsdp_parsed` the parsed arguments.
-
-Checked before the parse, also by ``accelerate launch`` and ``llamafactory-cli train`` before any rank starts
-(patches/accelerate_launch.py, patches/launch.py). What runs and is refused, with the test of each and why:
-docs/configurations.md (the FSDP rows and their notes). Refused:
-- ``FSDP_STATE_DICT_TYPE`` other than ``FULL_STATE_DICT`` (accelerate's FSDP2 default): transformers' Trainer writes
-  the adapter or model only under ``FULL_STATE_DICT``, so the run would exit 0 with nothing saved (a host stage runs
-  it as without the plugin, with a warning line: patches/stage.py);
-- FSDP1: no CPU run here reaches its training (accelerate 1.11's FSDP1 setup needs an accelerator); for HeRA also,
-  outside a wrapped module's forward FSDP1 leaves each parameter a view of the rank's flat shard;
-- the recipe's ``fsdp`` key: transformers builds its own FSDP plugin from ``fsdp_config``, a path no test runs;
-- RAH-LoRA under any FSDP: it runs as one process over every visible GPU;
-- bitsandbytes weights FSDP2 fails on after loading (patches/engines/fsdp_loading.py).
+``FSDP_STATE_DICT_TYPE``), by the recipe (``fsdp``, with ``fsdp_config``'s ``fsdp_version`` / ``version``: 1 by
+default) or by any front end that sets the parsed ``fsdp`` option (LlamaBoard's extra arguments). :func:`check_fsdp`
+reads the first two before the parse (also in ``accelerate launch`` and ``llamafactory-cli train`` before any rank
+starts), :func:`check_fsdp_parsed` the parsed arguments. What runs and what is refused (a state dict type other than
+``FULL_STATE_DICT``, FSDP1, the recipe's ``fsdp`` key, RAH-LoRA under any FSDP, bitsandbytes weights FSDP2 fails on),
+with the test of each and why: docs/configurations.md (the FSDP rows and their notes).
 """
 
 from __future__ import annotations

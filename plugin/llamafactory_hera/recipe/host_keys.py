@@ -1,10 +1,7 @@
 """Checks of a plugin stage's recipe keys that LLaMA-Factory reads, before it parses them (nothing is loaded yet), run
-once for every stage by :func:`llamafactory_hera.recipe.checks.check_raw_recipe`. Each raises one :class:`RecipeError`
-naming the key, the value, why and the fix, where LLaMA-Factory would stop with a traceback that names neither, or only
-after the tokenizer or the model loaded: an unknown key (with the nearest known one), a value outside a key's
-``Literal`` / ``Enum`` values (with the nearest), a ``template`` LLaMA-Factory does not have, numbers no run can use
-(:data:`BOUNDS`) or a number key given none, a ``report_to`` that is no logger of transformers, ``bf16: true`` where
-transformers finds no bf16 device.
+once for every stage by :func:`llamafactory_hera.recipe.checks.check_raw_recipe` (:func:`check_host_keys`). Each raises
+one :class:`RecipeError` naming the key, the value, why and the fix, where LLaMA-Factory would stop with a traceback
+that names neither, or only after the tokenizer or the model loaded.
 """
 
 from __future__ import annotations
@@ -199,8 +196,7 @@ def _flag(given: dict[str, Any], key: str) -> bool:
 
 def check_report_to(given: dict[str, Any]) -> None:
     """``report_to`` names transformers' loggers (or ``all`` / ``none``)."""
-    # transformers only here: the other checks of the raw recipe read LLaMA-Factory's arguments alone
-    # lazy: transformers only when a recipe is checked, not when the declarations are imported
+    # lazy: transformers only when a recipe is checked (the other raw checks read LLaMA-Factory's arguments alone)
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
     value = given.get("report_to")

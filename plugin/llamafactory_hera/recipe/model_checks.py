@@ -1,13 +1,7 @@
-"""Checks of a plugin stage's model keys before LLaMA-Factory parses the recipe: ``lora_target`` against the model's
-own module names (read from its config on the meta device: no weight is loaded); the model and adapter paths are
-:mod:`.model_paths`' (one check for the stages, ``select`` and ``eval``). Run once for every stage by
-:func:`llamafactory_hera.recipe.checks.check_raw_recipe`.
-
-Where LLaMA-Factory would fail otherwise:
-
-- ``lora_target`` naming no module of the model: PEFT's ``No `target_modules` passed but also no `target_parameters`
-  found`` after the model loaded, or, when another name of the list matches, a run that silently trains fewer
-  modules than the recipe names.
+"""``lora_target`` against the model's own module names (read from its config on the meta device: no weight is loaded),
+before LLaMA-Factory parses the recipe, where PEFT would fail after the model loaded, or, when another name of the
+list matches, the run would silently train fewer modules than the recipe names. Run once for every stage by
+:func:`llamafactory_hera.recipe.checks.check_raw_recipe`; the model and adapter paths are :mod:`.model_paths`'.
 """
 
 from __future__ import annotations
@@ -31,8 +25,7 @@ def _model_on_meta_device(source: str, trust: bool) -> Any:
     """The model LLaMA-Factory would load (its loader's class choice), built from the config with no weight, or None
     when the config cannot be read here (LLaMA-Factory then reports it itself) or the model cannot be built from it
     (one note line: the check is skipped)."""
-    # transformers and accelerate only here: every other check of the raw recipe runs without them
-    # lazy: accelerate and transformers only when a recipe is checked, not when the declarations are imported
+    # lazy: accelerate and transformers only when a recipe is checked (every other raw check runs without them)
     from accelerate import init_empty_weights
     from transformers import (
         AutoConfig,

@@ -1,11 +1,8 @@
 """Which quantizations a stage runs on, checked before the model loads, from the recipe (``quantization_bit`` /
 ``quantization_method``) and the checkpoint's own ``config.json`` (``quantization_config``, which LLaMA-Factory honours
 without ``quantization_bit``): bitsandbytes 4-bit (nf4, fp4, double quantization) and 8-bit, which HeRA and RAH-LoRA
-read exactly (:func:`llamafactory_hera.hera.projection.base_weight_columns`). Every other method is refused by name:
-GPTQ, AWQ, AQLM, HQQ, EETQ and quanto keep packed codes in their kernels' layouts; FP8 and MXFP4 load dequantized, a
-load no test runs; HARC reads no weight but is tested on bitsandbytes only. DoRA with quantization is refused (HeRA,
-HARC): LLaMA-Factory 0.9.5 refuses it after loading (``model/adapter.py`` compares transformers' ``bitsandbytes`` with
-its own ``bnb``).
+read exactly (:func:`llamafactory_hera.hera.projection.base_weight_columns`). Every other method is refused by name,
+and DoRA with quantization too (HeRA, HARC); why each: docs/configurations.md (N3, N9, N10).
 """
 
 from __future__ import annotations

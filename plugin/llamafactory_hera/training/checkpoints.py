@@ -1,24 +1,18 @@
 """A plugin run's checkpoints, both mixed in front of every method's Trainer by its workflow (around the step, not in
 it).
 
-Checkpoints a run can trust, and a stop that saves one (:class:`WholeCheckpoints`); docs/hera.md ("Killed,
-preempted, disk full") says what users see.
+Checkpoints a run can trust, and a stop that saves one (:class:`WholeCheckpoints`): each ``checkpoint-N`` marked whole
+(``lifecycle.whole_checkpoints``) once every rank fsynced its save, rotated only then, a save that fails for lack of
+space one line; on ``<prefix>_save_on_signal`` the ranks agree on one stop step through the process group's store
+(host-side: no device sync) and save a whole checkpoint there. What users see: docs/hera.md ("Killed, preempted, disk
+full").
 
-Each ``checkpoint-N`` is marked whole (``lifecycle.whole_checkpoints``) once every rank fsynced its save, then rotated
-(not by the Trainer); a save or marker failing for lack of space is one line from its rank (which ends the job), no
-marker; resume takes the newest whole checkpoint. On ``<prefix>_save_on_signal`` the handler only notes the signal; the
-ranks agree on one stop step through the process group's store (host-side: no device sync), save a whole checkpoint
-there, kept whatever rotates after, and exit 0.
-
-A resumed run's weights: the checkpoint's tensors under the model's own names, and every trained tensor restored.
-
-Transformers' ``Trainer._load_from_checkpoint`` loads a checkpoint's state dict as it is on disk, in the model's
-original format (``save_pretrained`` reverts the renaming ``from_pretrained`` applies: LLaVA's
-``language_model.model.*``, Qwen2-VL's ``model.*``, a CLIP / SigLIP tower's ``vision_model.*``), so such a model would
-resume with no weight restored (huggingface/transformers#43701). :class:`RestoresCheckpointWeights` renames the keys
-with transformers' own functions (``get_model_conversion_mapping`` + ``rename_source_key``) and makes a checkpoint
-that restores fewer tensors than the run trains an error. LoRA adapters load through PEFT, checked the same way;
-DeepSpeed and FSDP keep the Trainer's path.
+A resumed run's weights (:class:`RestoresCheckpointWeights`): transformers' ``Trainer._load_from_checkpoint`` loads a
+checkpoint's state dict as it is on disk, in the model's original format (``save_pretrained`` reverts the renaming
+``from_pretrained`` applies: LLaVA's ``language_model.model.*``, Qwen2-VL's ``model.*``), so such a model would resume
+with no weight restored (huggingface/transformers#43701). The keys are renamed with transformers' own functions and a
+checkpoint that restores fewer tensors than the run trains is an error. LoRA adapters load through PEFT, checked the
+same way; DeepSpeed and FSDP keep the Trainer's path.
 """
 
 from __future__ import annotations

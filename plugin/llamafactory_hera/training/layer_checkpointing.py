@@ -3,18 +3,10 @@
 and those readers: Gemma 3n, Gemma 4), the recipe's kind in every other layer.
 
 Reentrant checkpointing (LLaMA-Factory's default) runs a layer's first forward without autograd, so what a hook captures
-inside such a layer (HeRA's ``o_proj`` inputs) would carry no gradient. What enters a layer keeps its graph, so HARC,
-which reads the residual entering its layers (harc/residuals.py), switches no layer of its own; a reentrant layer below
-a hooked one recomputes with autograd in backward and passes on whatever gradient reaches its output.
-
-KV sharing: a reader gets its source's keys and values through transformers' ``shared_kv_states`` dict, not as an input
-of its checkpointed call. A reentrant source drops the readers' gradient (what stock SFT trains); a non-reentrant source
-read by a reentrant reader fails in backward ("Trying to backward through the graph a second time"). Both ends
-non-reentrant is the minimal rule that keeps the gradient exact, so every chain is switched.
-
-Non-reentrant checkpointing costs host time in every layer it runs in (torch's saved-tensor hooks), so a method pays it
-in those layers only. LLaMA-Factory checkpoints only layers with a trainable parameter, so a frozen layer needs no
-switch.
+inside such a layer would carry no gradient; a KV-sharing reader gets its source's keys and values outside its
+checkpointed call, so both ends of a chain must be non-reentrant for an exact gradient. HARC, which reads the residual
+entering its layers (harc/residuals.py), switches only the chains. Why, what it costs and what was measured:
+docs/hera-design.md ("Gradient checkpointing").
 """
 
 from __future__ import annotations
@@ -56,8 +48,7 @@ def checkpointing_kind(module: nn.Module) -> str:
 class LayerCheckpointing:
     """Switches the decoder layers ``layers`` (the method's: ``owner`` names them in :meth:`line`) and every
     KV-sharing chain's from reentrant to non-reentrant checkpointing, LLaMA-Factory's own function as under
-    ``use_reentrant_gc: false``; other layers keep theirs. :meth:`set_layers` moves the method's switch (a layer left
-    gets its recipe's function back unless a chain holds it). :meth:`ensure` runs before every training forward: the
+    ``use_reentrant_gc: false``; other layers keep theirs. :meth:`ensure` runs before every training forward: the
     Trainer re-enables (reentrant) checkpointing in every layer when training starts, which would undo the switch."""
 
     def __init__(self, model: nn.Module, layers: Iterable[int], owner: str = "HeRA's heads") -> None:
@@ -67,7 +58,6 @@ class LayerCheckpointing:
         self._heads = sorted(set(layers))
         self.owner = owner
         self.recipe: dict[int, str] = {}  # switched-layer candidate -> its kind before the switch, at its last change
-        self._replaced: dict[int, Any] = {}  # switched layer -> the recipe's function it had
         self._function: Any = None  # LLaMA-Factory's non-reentrant function, built at the first switch
         self._seen: dict[int, tuple[bool, Any]] = {}
         self.ensure()
@@ -75,23 +65,6 @@ class LayerCheckpointing:
     def _wanted(self) -> list[int]:
         """The layers held non-reentrant where reentrant: the method's and every KV-sharing chain's."""
         return sorted(set(self._heads) | set(self._shared))
-
-    def set_layers(self, layers: Iterable[int]) -> None:
-        """Switch ``layers`` instead (a no-op when they are the current ones); the layers left run the recipe's
-        checkpointing again (unless a KV-sharing chain holds them)."""
-        wanted = sorted(set(layers))
-        if wanted == self._heads:
-            return
-        before = self._wanted()
-        self._heads = wanted
-        for index in set(before) - set(self._wanted()):
-            layer = self._decoder_layers[index]
-            if index in self._replaced and getattr(layer, "_gradient_checkpointing_func", None) is self._function:
-                layer._gradient_checkpointing_func = self._replaced[index]
-            self._replaced.pop(index, None)
-            self._seen.pop(index, None)
-            self.recipe.pop(index, None)
-        self.ensure()
 
     def ensure(self) -> None:
         """Make the method's and the KV-sharing chains' layers non-reentrant wherever they checkpoint reentrantly (a
@@ -106,7 +79,6 @@ class LayerCheckpointing:
             if self.recipe[index] == "reentrant":
                 if self._function is None:
                     self._function = non_reentrant_checkpointing()
-                self._replaced[index] = layer._gradient_checkpointing_func
                 layer._gradient_checkpointing_func = self._function
                 state = (state[0], self._function)
             self._seen[index] = state

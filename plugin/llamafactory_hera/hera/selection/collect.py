@@ -1,11 +1,7 @@
 """Calibration data for head selection: image–caption pairs, pooled ``o_proj`` inputs of every head, teacher features.
-
-Modes (paper §3.3):
-- ``text``: the caption alone goes through the language model (the paper's choice); a head's
-  representation pools over the caption tokens (special tokens excluded).
-- ``multimodal``: image + caption through the MLLM, built by LLaMA-Factory's template and collator
-  exactly as in training; pooling as ``hera_pooling: assistant`` (answer tokens after the image, never a
-  multimodal placeholder).
+Modes (paper §3.3; docs/hera.md, "Choosing the heads"): ``text``, the caption alone through the language model (special
+tokens excluded from the pooling); ``multimodal``, image + caption through the MLLM, built by LLaMA-Factory's template
+and collator as in training and pooled as ``hera_pooling: assistant``.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """Whether a head's MKNN change is real (``select --report``): its resolution and a paired bootstrap over the pairs.
 
-A head's MKNN on N pairs with k neighbours is ``sum_i |kNN_head(i) ∩ kNN_teacher(i)| / (N k)``, a multiple of
-``1 / (N k)``: the *resolution*, the smallest step a score (and a before/after difference) can move. A difference
-is *within noise* when its bootstrap interval contains 0 or it is smaller than one step.
-
-The bootstrap resamples the N pairs with replacement and averages their overlaps as scored on the full set, after
-minus before with the same resample (so the difference's interval is paired). The neighbourhoods are not recomputed
-on a resample: the interval says how much the score depends on which pairs were drawn, not how a pair's neighbours
-would change with the other pairs.
+A head's MKNN on N pairs with k neighbours is a multiple of ``1 / (N k)``, the *resolution*: the smallest step a score
+(and a before/after difference) can move. A difference is *within noise* when its paired bootstrap interval contains 0
+or it is smaller than one step. What the interval says and does not: docs/hera.md ("Choosing the heads", after
+training).
 """
 
 from __future__ import annotations

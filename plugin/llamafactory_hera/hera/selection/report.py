@@ -1,8 +1,7 @@
-"""``llamafactory-hera select --report RUN_DIR``: every head's MKNN before and after a HeRA run.
-
-"Before" is the model the run started from (its ``hera_run.json``), "after" adds the run's adapter or weights; both
-are scored on the same pairs with the same teacher features, so the difference is the training alone, marked when
-within noise (:mod:`llamafactory_hera.hera.selection.noise`). Writes ``hera_report.json``, ``.png`` and ``.log``.
+"""``llamafactory-hera select --report RUN_DIR``: every head's MKNN before (the model the run started from, its
+``hera_run.json``) and after a HeRA run (with its adapter or weights), scored on the same pairs with the same teacher
+features, marked when within noise (:mod:`llamafactory_hera.hera.selection.noise`). Writes ``hera_report.json``,
+``.png`` and ``.log``.
 """
 
 from __future__ import annotations
@@ -70,13 +69,10 @@ def _trained_recipe(recipe: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return trained
 
 
-def _interval(low: float, high: float) -> str:
-    return f"[{signed_number(low, 4)}, {signed_number(high, 4)}]"
-
-
 def _row(head: str, before: Any, after: Any, delta: float, low: float, high: float, noise: bool) -> dict[str, Any]:
     return {"head": head, "before": before, "after": after, "delta": delta, "ci_low": low, "ci_high": high,
-            "ci": _interval(low, high), "within_noise": noise, "change": "within noise" if noise else "beyond noise"}
+            "ci": f"[{signed_number(low, 4)}, {signed_number(high, 4)}]", "within_noise": noise,
+            "change": "within noise" if noise else "beyond noise"}
 
 
 def summary_rows(change: HeadChange, selected: list[tuple[int, int]]) -> list[dict[str, Any]]:

@@ -1,14 +1,10 @@
 """MKNN score of every attention head against the teacher, without materialising ``d``-wide vectors.
 
-A head's representation is ``M_h = P_h @ W_h.T`` where ``P_h`` ``[N, d_head]`` holds the pooled head inputs and ``W_h``
-``[d, d_head]`` the head's ``o_proj`` columns. Its Gram matrix is ``M_h M_h^T = P_h (W_h^T W_h) P_h^T``: only ``C_h =
-W_h^T W_h`` (``d_head x d_head``) is needed, so the cost per layer is ``O(H * (d * d_head^2 + N^2 * d_head))`` and the
-memory ``O(h_chunk * N^2)``, independent of the model width ``d``.
-
-With the Platonic Representation Hypothesis outlier clamp (``clamp`` = q, PRH's default 0.95) the d-wide representations
-are needed: each head's ``M_h`` ``[N, d]`` is formed (in chunks of heads), clamped to ``[-t, t]`` with ``t`` the mean
-over samples of each sample's q-quantile of ``|M_h|`` (PRH's ``remove_outliers``, non-exact mode), then L2-normalised;
-the teacher features alike. ``clamp`` 0 (or 1) skips the clamp and uses the Gram form.
+A head's representation is ``M_h = P_h @ W_h.T`` (``P_h`` ``[N, d_head]`` its pooled inputs, ``W_h`` ``[d, d_head]``
+its ``o_proj`` columns), so its Gram matrix ``P_h (W_h^T W_h) P_h^T`` needs only the ``d_head x d_head`` block. With
+the Platonic Representation Hypothesis outlier clamp (``clamp`` = q, PRH's ``remove_outliers``) each head's ``M_h``
+``[N, d]`` is formed in chunks of heads, clamped and L2-normalised, the teacher features alike; ``clamp`` 0 (or 1)
+uses the Gram form. Both, and their cost: docs/hera-design.md ("Head selection").
 """
 
 from __future__ import annotations
