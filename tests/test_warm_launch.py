@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import resource
+import sys
 import threading
 from pathlib import Path
 
@@ -10,10 +12,18 @@ import psutil
 import pytest
 import torch
 import warm_server
+import yaml
 from dist_runs import launch_runs
-from warm_launch import _SERVERS, CPU_SECONDS, close_warm_servers, server_for
+from fsdp_checks import fsdp2_config_file
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+from warm_launch import _SERVERS, CPU_SECONDS, accelerate_launch_env, close_warm_servers, rank_envs, server_for
 
-from conftest import base_recipe
+from conftest import LAUNCH_ENV, base_recipe, offline_env, run_process
+
+WRITE_ENVIRONMENT = """import json, os, sys
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as out:
+    json.dump(dict(os.environ), out)
+"""
 
 
 def _children_cpu() -> float:
@@ -52,6 +62,32 @@ def test_a_warm_two_rank_launch_trains_as_a_real_torchrun_launch(assets, tmp_pat
     with capsys.disabled():
         print(f"\n[cpu] real torchrun launch {real_cpu:.1f} s; warm launches {CPU_SECONDS[-2]:.1f} and "
               f"{CPU_SECONDS[-1]:.1f} s; warm process start {startup.user + startup.system:.1f} s")
+
+
+def test_a_warm_accelerate_launch_gives_each_rank_the_environment_of_a_real_one(tmp_path: Path) -> None:
+    """A real ``accelerate launch --config_file`` of the FSDP2 config the tests use (tests/fsdp_checks.py) of a script
+    that writes its environment (a launch needed: the real launcher's ranks are what the warm path is compared with;
+    the ranks import nothing heavy): each rank's environment is the one a warm launch gives it, variable for variable
+    (accelerate's, torchrun's agent's and the test's), but for the launch's mark and two that torchrun's agent sets for
+    its own bookkeeping: the file a rank writes its error to (a folder of the agent's), and the inductor cache folder
+    the launching process set when accelerate imported it (its default, which a rank computes for itself)."""
+    config = fsdp2_config_file(tmp_path, mixed_precision="bf16")
+    env = offline_env(tmp_path)
+    (tmp_path / "environment.py").write_text(WRITE_ENVIRONMENT, encoding="utf-8")
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    proc = run_process([accelerate, "launch", "--config_file", str(config), str(tmp_path / "environment.py"),
+                        str(tmp_path)], cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    added, processes, port = accelerate_launch_env(["--config_file", str(config)], env)
+    assert (processes, port) == (2, yaml.safe_load(config.read_text())["main_process_port"])
+    assert {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_MIXED_PRECISION": "bf16"}.items() \
+        <= added.items()
+    for rank, want in enumerate(rank_envs(env, processes, port, added)):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got.pop("TORCHELASTIC_ERROR_FILE").endswith(f"/{rank}/error.json")
+        assert got.pop("TORCHINDUCTOR_CACHE_DIR") == want.pop("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+        assert got.pop(LAUNCH_ENV)
+        assert got == want
 
 
 def test_the_warm_process_refuses_to_fork_beside_a_thread() -> None:

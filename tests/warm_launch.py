@@ -19,8 +19,11 @@ would start a warm process of its own). A launch naming a key of :data:`STARTUP_
 on the rank's own variables) is refused: it must be launched for real.
 
 tests/test_warm_launch.py proves a warm launch trains as a real one (same patches, same gradients, losses and adapter
-bit for bit). What the launcher itself does (torchrun's agent, ``llamafactory-cli train`` under ``FORCE_TORCHRUN``,
-``accelerate launch``, the fault chains' kills) stays tested by real launches (tests/dist_runs.py says which).
+bit for bit). A warm ``accelerate launch`` (:func:`accelerate_launch_env`) gives each rank what accelerate's own
+launcher hands torchrun's agent, its variables computed by accelerate's code in the test's process; the test compares
+them with a real ``accelerate launch``'s ranks', variable for variable. What the launcher itself does (torchrun's
+agent, ``llamafactory-cli train`` under ``FORCE_TORCHRUN``, ``accelerate launch`` and its checks before the ranks, the
+fault chains' kills) stays tested by real launches (tests/USER_PATHS.md says which).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 SERVER = str(Path(__file__).with_name("warm_server.py"))
 # modules tests/dist_probe.py imports, in its order: imported once per warm process
@@ -114,7 +118,38 @@ def torchrun_env(rank: int, processes: int, port: int) -> dict[str, str]:
             "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
             "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",  # torch/distributed/launcher/api.py
             "TORCH_NCCL_ASYNC_ERROR_HANDLING": os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")}
+
+
+def accelerate_launch_env(arguments: list[str], env: dict[str, str]) -> tuple[dict[str, str], int, int]:
+    """What ``accelerate launch ARGUMENTS SCRIPT`` (e.g. ``["--config_file", "fsdp2.yaml"]``) run with ``env`` adds to
+    the environment torchrun's agent gives its ranks, how many ranks it starts and the agent's port: accelerate's own
+    parser and ``launch_command`` (accelerate/commands/launch.py: the config merged with the command,
+    ``prepare_multi_gpu_env``) run in this process with ``env`` as the environment, up to the call that would start
+    the agent (``torch.distributed.run.run``, which is not made). A command accelerate would not hand to torchrun's
+    agent on one node (DeepSpeed's launcher, a single process, several machines) is refused: launch it for real."""
+    import torch.distributed.run
+    from accelerate.commands import launch
+
+    seen: dict = {}
+
+    def agent(args: object) -> None:  # accelerate has set the agent's environment (patch_environment) around it
+        seen.update(vars(args), environ=dict(os.environ))
+
+    def not_torchrun(args: object) -> None:
+        raise ValueError(f"accelerate launch {' '.join(arguments)}: not a torchrun launch; launch it for real")
+
+    args = launch.launch_command_parser().parse_args([*arguments, "SCRIPT"])
+    with mock.patch.dict(os.environ, env, clear=True), mock.patch.object(torch.distributed.run, "run", agent), \
+            mock.patch.multiple(launch, simple_launcher=not_torchrun, deepspeed_launcher=not_torchrun,
+                                tpu_launcher=not_torchrun, tpu_pod_launcher=not_torchrun,
+                                sagemaker_launcher=not_torchrun):
+        launch.launch_command(args)
+    if seen.get("nnodes") not in ("1", "1:1") or seen.get("standalone"):
+        raise ValueError(f"accelerate launch {' '.join(arguments)}: not one node on a fixed port; launch it for real")
+    added = {key: value for key, value in seen["environ"].items() if env.get(key) != value}
+    return added, int(seen["nproc_per_node"]), int(seen["master_port"])
 
 
 def server_for(env: dict[str, str], modules: tuple[str, ...] | None = None) -> WarmServer:
@@ -136,17 +171,27 @@ def server_for(env: dict[str, str], modules: tuple[str, ...] | None = None) -> W
     return _SERVERS[key]
 
 
-def warm_launch(script: str, args: list[str], *, cwd: Path, env: dict[str, str], processes: int, port: int,
-                timeout: float) -> tuple[subprocess.CompletedProcess, float]:
-    """``python SCRIPT ARGS`` (``processes`` 1) or ``torchrun --nproc_per_node N --master_addr 127.0.0.1
-    --master_port PORT SCRIPT ARGS`` on ranks forked from this worker's warm process; returns the completed process
-    (exit code, stdout and stderr as the subprocess's) and the CPU seconds of the launch's processes. A launch past
-    ``timeout`` is killed with its ranks and raises AssertionError with what it printed."""
-    server = server_for(env)
+def rank_envs(env: dict[str, str], processes: int, port: int, launcher_env: dict[str, str] | None = None,
+              ) -> list[dict[str, str]]:
+    """Each rank's environment: ``env`` (one process), or ``env`` with what the launcher added (``launcher_env``, e.g.
+    :func:`accelerate_launch_env`'s) and torchrun's agent's variables (:func:`torchrun_env`)."""
     if processes == 1:
-        envs = [dict(env)]
-    else:  # torchrun sets OMP_NUM_THREADS=1 when it is unset
-        envs = [{"OMP_NUM_THREADS": "1", **env, **torchrun_env(rank, processes, port)} for rank in range(processes)]
+        return [dict(env)]
+    # torchrun sets OMP_NUM_THREADS=1 when it is unset
+    return [{"OMP_NUM_THREADS": "1", **env, **(launcher_env or {}), **torchrun_env(rank, processes, port)}
+            for rank in range(processes)]
+
+
+def warm_launch(script: str, args: list[str], *, cwd: Path, env: dict[str, str], processes: int, port: int,
+                timeout: float, launcher_env: dict[str, str] | None = None,
+                ) -> tuple[subprocess.CompletedProcess, float]:
+    """``python SCRIPT ARGS`` (``processes`` 1) or ``torchrun --nproc_per_node N --master_addr 127.0.0.1
+    --master_port PORT SCRIPT ARGS`` (with ``launcher_env``: ``accelerate launch``, :func:`accelerate_launch_env`)
+    on ranks forked from this worker's warm process; returns the completed process (exit code, stdout and stderr as
+    the subprocess's) and the CPU seconds of the launch's processes. A launch past ``timeout`` is killed with its ranks
+    and raises AssertionError with what it printed."""
+    server = server_for(env)
+    envs = rank_envs(env, processes, port, launcher_env)
     try:
         result, cpu = server.launch(script, args, cwd, envs, port if processes > 1 else None, timeout)
     except TimeoutError as error:
