@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import psutil
+
 SERVER = str(Path(__file__).with_name("warm_server.py"))
 # modules tests/dist_probe.py imports, in its order: imported once per warm process
 PROBE_MODULES = ("accelerate.state", "torch", "frozen_heap", "llamafactory.train.tuner", "transformers",
@@ -57,6 +59,7 @@ SHARED_FOLDERS = ("HF_HOME", "MPLCONFIGDIR")
 STARTUP_WITH_RANK = ("HERA_TEST_RANK_MARKER",)
 _SERVERS: dict[tuple, WarmServer] = {}
 CPU_SECONDS: list[float] = []  # per warm launch of this worker: its agent's and ranks' CPU time
+START_CPU_SECONDS: list[float] = []  # per warm process this worker started: the CPU time of its start (its imports)
 
 
 class WarmServer:
@@ -69,6 +72,7 @@ class WarmServer:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         start_new_session=True)
         self.read("ready", 600)
+        START_CPU_SECONDS.append(sum(psutil.Process(self.process.pid).cpu_times()[:2]))
 
     def read(self, word: str, timeout: float, agent: int | None = None) -> list[str]:
         """The next ``[warm] WORD ...`` line's fields (other lines: what an import printed, skipped)."""
