@@ -1,6 +1,7 @@
 """Under FSDP2 and DeepSpeed ZeRO-3 every rank issues the same collectives when only some ranks' micro-batches have a
 HeRA term (``hera_gather: false``, text-only micro-batches). The FSDP2 run (two CPU ranks,
-``accelerate launch`` of LLaMA-Factory's launcher.py, tests/fsdp_checks.py) and the ZeRO-3 run (``llamafactory-cli
+``accelerate launch`` of tests/dist_probe.py, which calls run_exp as LLaMA-Factory's launcher.py does, its ranks
+forked from the warm process with accelerate's variables, tests/fsdp_checks.py) and the ZeRO-3 run (``llamafactory-cli
 train`` under torchrun, every parameter partitioned: HeRA projects through the module calls) are each compared with a
 reference run in a SEPARATE launch: ``llamafactory-cli train`` under torchrun, plain DDP, without accelerate's FSDP
 environment or DeepSpeed."""
@@ -16,7 +17,7 @@ import pytest
 import torch
 from dist_runs import torchrun_cli
 from engine_checks import assert_engine, read_evidence, zero3_partitioning_everything
-from fsdp_checks import accelerate_launch, assert_fsdp2
+from fsdp_checks import accelerate_launch_runs, assert_fsdp2, fsdp_run
 from safetensors.torch import load_file
 
 from conftest import base_recipe, read_trainer_log
@@ -68,7 +69,7 @@ def test_a_rank_without_a_hera_term_runs_the_same_collectives(assets, split_runs
     data, reference = split_runs
     out = tmp_path / "out"
     if engine == "fsdp2":
-        accelerate_launch(_recipe(assets, data, out), tmp_path, timeout=600)
+        accelerate_launch_runs([fsdp_run(_recipe(assets, data, out), tmp_path)], tmp_path)
         assert_fsdp2(tmp_path, {"step"})
     else:
         torchrun_cli({"recipe": _recipe(assets, data, out, deepspeed=zero3_partitioning_everything(tmp_path)),
