@@ -24,7 +24,15 @@ import torch
 from engine_checks import evidence_env
 from warm_launch import accelerate_launch_env, warm_launch
 
-from conftest import LAUNCH_ENV, engines_of, free_port, offline_env, run_once_more_if_aborted_at_exit, run_train
+from conftest import (
+    LAUNCH_ENV,
+    engines_of,
+    free_port,
+    offline_env,
+    run_once_more_if_aborted_at_exit,
+    run_process,
+    run_train,
+)
 
 PROBE = str(Path(__file__).with_name("dist_probe.py"))
 
@@ -85,6 +93,18 @@ def warm_script(script: str, args: list[str], processes: int, accelerate: list[s
         launcher_env, processes, port = accelerate_launch_env(accelerate, env)
     return warm_launch(script, args, cwd=cwd, env=env, processes=processes, port=port, timeout=timeout,
                        launcher_env=launcher_env)[0]
+
+
+def run_python(script: Path, args: list[str], *, cwd: Path, env: dict[str, str], processes: int = 1,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` (or ``torchrun --nproc_per_node PROCESSES ...``) for a script that imports what
+    tests/dist_probe.py imports, or less, where the launch itself is not what is tested: forked from this worker's warm
+    process (unless :func:`warm_wanted` says otherwise), else a real launch. ``PYTHONUNBUFFERED=1`` is added to
+    ``env`` either way: the warm process of :func:`launch_runs`' launches of the same environment serves it."""
+    env = {**env, "PYTHONUNBUFFERED": "1"}
+    if warm_wanted(None):
+        return warm_script(str(script), args, processes, None, cwd=cwd, env=env, timeout=timeout)
+    return run_process([*torchrun(processes), str(script), *args], cwd=cwd, env=env, timeout=timeout)
 
 
 def torchrun(processes: int) -> list[str]:
