@@ -16,7 +16,15 @@ import yaml
 from dist_runs import launch_runs
 from fsdp_checks import fsdp2_config_file
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-from warm_launch import _SERVERS, CPU_SECONDS, accelerate_launch_env, close_warm_servers, rank_envs, server_for
+from warm_launch import (
+    _SERVERS,
+    CPU_SECONDS,
+    accelerate_launch_env,
+    close_warm_servers,
+    rank_envs,
+    server_for,
+    start_up_key,
+)
 
 from conftest import LAUNCH_ENV, base_recipe, offline_env, run_process
 
@@ -88,6 +96,23 @@ def test_a_warm_accelerate_launch_gives_each_rank_the_environment_of_a_real_one(
         assert got.pop("TORCHINDUCTOR_CACHE_DIR") == want.pop("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
         assert got.pop(LAUNCH_ENV)
         assert got == want
+
+
+def test_an_accelerate_launch_torchruns_agent_would_not_run_is_not_warmed(tmp_path: Path) -> None:
+    """One process (accelerate's simple launcher, no agent): refused before anything starts, to be launched for
+    real."""
+    with pytest.raises(ValueError, match="not a torchrun launch; launch it for real"):
+        accelerate_launch_env(["--num_processes", "1", "--cpu"], offline_env(tmp_path))
+
+
+def test_what_in_process_runs_leave_in_the_environment_starts_no_other_warm_process(tmp_path: Path) -> None:
+    """LLaMA-Factory's WANDB_PROJECT and accelerate's PYTORCH_NVML_BASED_CUDA_CHECK, left in the test process's
+    environment by an in-process run, are copied into every later launch's: the same warm process serves it. What a
+    start-up hook reads (LLAMAFACTORY_HERA_DISABLE) still keeps them apart."""
+    env = offline_env(tmp_path)
+    left = {**env, "WANDB_PROJECT": "llamafactory", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+    assert start_up_key(left) == start_up_key(env)
+    assert start_up_key({**env, "LLAMAFACTORY_HERA_DISABLE": "1"}) != start_up_key(env)
 
 
 def test_the_warm_process_refuses_to_fork_beside_a_thread() -> None:

@@ -13,7 +13,8 @@ What a fresh interpreter decides from the environment at start-up (the plugin's 
 ``HERA_TEST_ENGINE_EVIDENCE`` / ``HERA_TEST_FSDP_EVIDENCE`` are set; huggingface_hub, datasets and matplotlib read
 ``HF_HOME`` / ``MPLCONFIGDIR``; Python reads ``PYTHONUNBUFFERED``) is decided in the warm process with the launch's own
 values: a warm process serves only launches whose environment equals the one it was started with, apart from
-:data:`READ_AT_RUN_TIME` (values read when the run reads them, after the rank's environment is set) and
+:data:`READ_AT_RUN_TIME` (values read when the run reads them, after the rank's environment is set),
+:data:`LEFT_BY_RUNS` (what in-process runs leave in the test process's environment, read by a run, set or not) and
 :data:`SHARED_FOLDERS` (a launch gets its warm process's folders: they are in the key otherwise, and every launch
 would start a warm process of its own). A launch naming a key of :data:`STARTUP_WITH_RANK` (a start-up hook that acts
 on the rank's own variables) is refused: it must be launched for real.
@@ -56,6 +57,11 @@ DEEPSPEED_MODULES = ("deepspeed.comm.comm", "deepspeed.utils.groups")
 READ_AT_RUN_TIME = ("LLAMAFACTORY_HERA_CACHE", "HERA_TESTS_LAUNCH", "HERA_TEST_ENGINE_EVIDENCE",
                     "HERA_TEST_FSDP_EVIDENCE", "PYTEST_CURRENT_TEST")
 SHARED_FOLDERS = ("HF_HOME", "MPLCONFIGDIR")
+# what an in-process run leaves in the test process's environment, which every later launch's environment copies:
+# LLaMA-Factory's callbacks set WANDB_PROJECT, accelerate's CUDA check PYTORCH_NVML_BASED_CUDA_CHECK; a run reads them
+# when it gets there. Not in the key (a worker's warm processes would otherwise split at the first such run); a launch
+# gets its own values
+LEFT_BY_RUNS = ("WANDB_PROJECT", "PYTORCH_NVML_BASED_CUDA_CHECK")
 STARTUP_WITH_RANK = ("HERA_TEST_RANK_MARKER",)
 _SERVERS: dict[tuple, WarmServer] = {}
 CPU_SECONDS: list[float] = []  # per warm launch of this worker: its agent's and ranks' CPU time
@@ -156,6 +162,16 @@ def accelerate_launch_env(arguments: list[str], env: dict[str, str]) -> tuple[di
     return added, int(seen["nproc_per_node"]), int(seen["master_port"])
 
 
+def start_up_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """What of ``env`` a warm process decides at its start: a warm process started with one environment serves the
+    launches of every environment of the same key."""
+    start = {key: value for key, value in env.items() if key not in SHARED_FOLDERS + LEFT_BY_RUNS}
+    for key in READ_AT_RUN_TIME:  # whether it is set may be decided at start-up; its value is read at run time
+        if key in start:
+            start[key] = "set"
+    return tuple(sorted(start.items()))
+
+
 def server_for(env: dict[str, str], modules: tuple[str, ...] | None = None) -> WarmServer:
     """This worker's warm process for launches of environment ``env`` (started at the first), which imported
     ``modules`` (default: tests/dist_probe.py's, :data:`PROBE_MODULES` and :data:`DEEPSPEED_MODULES`)."""
@@ -165,11 +181,7 @@ def server_for(env: dict[str, str], modules: tuple[str, ...] | None = None) -> W
     refused = [key for key in STARTUP_WITH_RANK if key in env]
     if refused:
         raise ValueError(f"{refused}: a start-up hook acts on the rank's variables; launch it for real")
-    start = {key: value for key, value in env.items() if key not in SHARED_FOLDERS}
-    for key in READ_AT_RUN_TIME:  # whether it is set may be decided at start-up; its value is read at run time
-        if key in start:
-            start[key] = "set"
-    key = (tuple(sorted(start.items())), modules)
+    key = (start_up_key(env), modules)
     if key not in _SERVERS or _SERVERS[key].process.poll() is not None:
         _SERVERS[key] = WarmServer(env, modules)
     return _SERVERS[key]
