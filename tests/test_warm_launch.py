@@ -7,10 +7,12 @@ import resource
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
 import torch
+import warm_launch
 import warm_server
 import yaml
 from dist_runs import launch_runs
@@ -113,6 +115,28 @@ def test_what_in_process_runs_leave_in_the_environment_starts_no_other_warm_proc
     left = {**env, "WANDB_PROJECT": "llamafactory", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
     assert start_up_key(left) == start_up_key(env)
     assert start_up_key({**env, "LLAMAFACTORY_HERA_DISABLE": "1"}) != start_up_key(env)
+
+
+def test_a_worker_keeps_its_most_recently_used_warm_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most MAX_SERVERS warm processes a worker: starting another ends the least recently used (a stand-in for the
+    warm process: nothing starts)."""
+    closed = []
+
+    class Server:
+        def __init__(self, env: dict[str, str], modules: tuple[str, ...]) -> None:
+            self.env, self.process = env, SimpleNamespace(poll=lambda: None)
+
+        def close(self) -> None:
+            closed.append(self.env["N"])
+
+    monkeypatch.setattr(warm_launch, "WarmServer", Server)
+    monkeypatch.setattr(warm_launch, "_SERVERS", {})
+    monkeypatch.setattr(warm_launch, "MAX_SERVERS", 2)
+    first = server_for({"N": "1"}, ())
+    server_for({"N": "2"}, ())
+    assert server_for({"N": "1"}, ()) is first  # served again: now the most recently used
+    server_for({"N": "3"}, ())
+    assert closed == ["2"] and [server.env["N"] for server in warm_launch._SERVERS.values()] == ["1", "3"]
 
 
 def test_the_warm_process_refuses_to_fork_beside_a_thread() -> None:

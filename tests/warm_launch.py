@@ -63,7 +63,8 @@ SHARED_FOLDERS = ("HF_HOME", "MPLCONFIGDIR")
 # gets its own values
 LEFT_BY_RUNS = ("WANDB_PROJECT", "PYTORCH_NVML_BASED_CUDA_CHECK")
 STARTUP_WITH_RANK = ("HERA_TEST_RANK_MARKER",)
-_SERVERS: dict[tuple, WarmServer] = {}
+_SERVERS: dict[tuple, WarmServer] = {}  # least recently used first
+MAX_SERVERS = 4  # per worker: each holds about 0.9 GB resident (the suite's workers share a 2-core, 23 GB machine)
 CPU_SECONDS: list[float] = []  # per warm launch of this worker: its agent's and ranks' CPU time
 START_CPU_SECONDS: list[float] = []  # per warm process this worker started: the CPU time of its start (its imports)
 
@@ -182,9 +183,13 @@ def server_for(env: dict[str, str], modules: tuple[str, ...] | None = None) -> W
     if refused:
         raise ValueError(f"{refused}: a start-up hook acts on the rank's variables; launch it for real")
     key = (start_up_key(env), modules)
-    if key not in _SERVERS or _SERVERS[key].process.poll() is not None:
-        _SERVERS[key] = WarmServer(env, modules)
-    return _SERVERS[key]
+    server = _SERVERS.pop(key, None)  # put back last: the most recently used
+    if server is None or server.process.poll() is not None:
+        while len(_SERVERS) >= MAX_SERVERS:  # the least recently used ends
+            _SERVERS.pop(next(iter(_SERVERS))).close()
+        server = WarmServer(env, modules)
+    _SERVERS[key] = server
+    return server
 
 
 def rank_envs(env: dict[str, str], processes: int, port: int, launcher_env: dict[str, str] | None = None,
