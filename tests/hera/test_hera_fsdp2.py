@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from dist_runs import launch_runs
+from dist_runs import launch_runs, run_python
 from fsdp_checks import accelerate_launch, accelerate_launch_runs, assert_fsdp2, fsdp_run, read_fsdp_evidence
 from safetensors.torch import load_file
 
-from conftest import base_recipe, free_port, offline_env, read_trainer_log
+from conftest import base_recipe, offline_env, read_trainer_log
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 LOGGED = ("loss", "lm_loss", "hera_loss", "hera_temperature", "hera_mknn", "hera_mknn_control")
@@ -182,9 +182,8 @@ def test_heras_gather_moves_the_head_columns_only(tmp_path: Path) -> None:
     (1088 bytes with the adapter's; a whole packed gather moves 1856); unaligned shards still move it whole.
     Without bitsandbytes (the oldest stack) the 4-bit settings are left out."""
     four_bit = importlib.util.find_spec("bitsandbytes") is not None
-    proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(Path(__file__).with_name("fsdp2_column_gather.py"))],
-                          capture_output=True, text=True, timeout=300,
-                          env=offline_env(tmp_path, engines=("bitsandbytes",) if four_bit else ()))
+    # torchrun's ranks forked from the warm process (tests/warm_launch.py): the script is what is tested here
+    proc = run_python(Path(__file__).with_name("fsdp2_column_gather.py"), [], cwd=tmp_path, processes=2, timeout=300,
+                      env=offline_env(tmp_path, engines=("bitsandbytes",) if four_bit else ()))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.count(": ok") == (16 if four_bit else 12), proc.stdout
