@@ -99,10 +99,11 @@ def run_python(script: Path, args: list[str], *, cwd: Path, env: dict[str, str],
                timeout: float = 600) -> subprocess.CompletedProcess:
     """``python SCRIPT ARGS`` (or ``torchrun --nproc_per_node PROCESSES ...``) for a script that imports what
     tests/dist_probe.py imports, or less, where the launch itself is not what is tested: forked from this worker's warm
-    process (unless :func:`warm_wanted` says otherwise), else a real launch. ``PYTHONUNBUFFERED=1`` is added to
-    ``env`` either way: the warm process of :func:`launch_runs`' launches of the same environment serves it."""
+    process (unless :func:`warm_wanted` says otherwise, or the plugin is disabled: a warm process imports the plugin's
+    modules), else a real launch. ``PYTHONUNBUFFERED=1`` is added to ``env`` either way: the warm process of
+    :func:`launch_runs`' launches of the same environment serves it."""
     env = {**env, "PYTHONUNBUFFERED": "1"}
-    if warm_wanted(None):
+    if warm_wanted(None) and "LLAMAFACTORY_HERA_DISABLE" not in env:
         return warm_script(str(script), args, processes, None, cwd=cwd, env=env, timeout=timeout)
     return run_process([*torchrun(processes), str(script), *args], cwd=cwd, env=env, timeout=timeout)
 

@@ -14,7 +14,8 @@ What a fresh interpreter decides from the environment at start-up (the plugin's 
 ``HF_HOME`` / ``MPLCONFIGDIR``; Python reads ``PYTHONUNBUFFERED``) is decided in the warm process with the launch's own
 values: a warm process serves only launches whose environment equals the one it was started with, apart from
 :data:`READ_AT_RUN_TIME` (values read when the run reads them, after the rank's environment is set),
-:data:`LEFT_BY_RUNS` (what in-process runs leave in the test process's environment, read by a run, set or not) and
+:data:`LEFT_BY_RUNS` (what in-process runs leave in the test process's environment, read by a run, set or not),
+:data:`READ_BY_THE_SCRIPT` (read only after the fork) and
 :data:`SHARED_FOLDERS` (a launch gets its warm process's folders: they are in the key otherwise, and every launch
 would start a warm process of its own). A launch naming a key of :data:`STARTUP_WITH_RANK` (a start-up hook that acts
 on the rank's own variables) is refused: it must be launched for real.
@@ -62,6 +63,9 @@ SHARED_FOLDERS = ("HF_HOME", "MPLCONFIGDIR")
 # when it gets there. Not in the key (a worker's warm processes would otherwise split at the first such run); a launch
 # gets its own values
 LEFT_BY_RUNS = ("WANDB_PROJECT", "PYTORCH_NVML_BASED_CUDA_CHECK")
+# read only by what a launch's script imports or reads after the fork (gradio, which no warm process imports; the
+# LlamaBoard probe of tests/hera/test_hera_webui.py): not in the key either
+READ_BY_THE_SCRIPT = ("GRADIO_ANALYTICS_ENABLED", "HERA_PROBE_MODEL")
 STARTUP_WITH_RANK = ("HERA_TEST_RANK_MARKER",)
 _SERVERS: dict[tuple, WarmServer] = {}  # least recently used first
 MAX_SERVERS = 4  # per worker: each holds about 0.9 GB resident (the suite's workers share a 2-core, 23 GB machine)
@@ -166,7 +170,7 @@ def accelerate_launch_env(arguments: list[str], env: dict[str, str]) -> tuple[di
 def start_up_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
     """What of ``env`` a warm process decides at its start: a warm process started with one environment serves the
     launches of every environment of the same key."""
-    start = {key: value for key, value in env.items() if key not in SHARED_FOLDERS + LEFT_BY_RUNS}
+    start = {key: value for key, value in env.items() if key not in SHARED_FOLDERS + LEFT_BY_RUNS + READ_BY_THE_SCRIPT}
     for key in READ_AT_RUN_TIME:  # whether it is set may be decided at start-up; its value is read at run time
         if key in start:
             start[key] = "set"
