@@ -108,11 +108,14 @@ def test_an_accelerate_launch_torchruns_agent_would_not_run_is_not_warmed(tmp_pa
 
 
 def test_what_in_process_runs_leave_in_the_environment_starts_no_other_warm_process(tmp_path: Path) -> None:
-    """LLaMA-Factory's WANDB_PROJECT and accelerate's PYTORCH_NVML_BASED_CUDA_CHECK, left in the test process's
-    environment by an in-process run, are copied into every later launch's: the same warm process serves it. What a
-    start-up hook reads (LLAMAFACTORY_HERA_DISABLE) still keeps them apart."""
+    """LLaMA-Factory's WANDB_PROJECT, accelerate's PYTORCH_NVML_BASED_CUDA_CHECK, inductor's TORCHINDUCTOR_CACHE_DIR
+    and scikit-learn's KMP_* variables, left in the test process's environment by in-process runs and imports (each
+    seen splitting a worker's warm processes), are copied into every later launch's: the same warm process serves it.
+    What a start-up hook reads (LLAMAFACTORY_HERA_DISABLE) still keeps them apart."""
     env = offline_env(tmp_path)
-    left = {**env, "WANDB_PROJECT": "llamafactory", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+    left = {**env, "WANDB_PROJECT": "llamafactory", "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
+            "TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor_root", "KMP_DUPLICATE_LIB_OK": "True",
+            "KMP_INIT_AT_FORK": "FALSE"}
     assert start_up_key(left) == start_up_key(env)
     assert start_up_key({**env, "LLAMAFACTORY_HERA_DISABLE": "1"}) != start_up_key(env)
 

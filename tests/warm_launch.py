@@ -58,11 +58,13 @@ DEEPSPEED_MODULES = ("deepspeed.comm.comm", "deepspeed.utils.groups")
 READ_AT_RUN_TIME = ("LLAMAFACTORY_HERA_CACHE", "HERA_TESTS_LAUNCH", "HERA_TEST_ENGINE_EVIDENCE",
                     "HERA_TEST_FSDP_EVIDENCE", "PYTEST_CURRENT_TEST")
 SHARED_FOLDERS = ("HF_HOME", "MPLCONFIGDIR")
-# what an in-process run leaves in the test process's environment, which every later launch's environment copies:
-# LLaMA-Factory's callbacks set WANDB_PROJECT, accelerate's CUDA check PYTORCH_NVML_BASED_CUDA_CHECK; a run reads them
-# when it gets there. Not in the key (a worker's warm processes would otherwise split at the first such run); a launch
-# gets its own values
-LEFT_BY_RUNS = ("WANDB_PROJECT", "PYTORCH_NVML_BASED_CUDA_CHECK")
+# what in-process runs and imports leave in the test process's environment, which every later launch's environment
+# copies: LLaMA-Factory's callbacks set WANDB_PROJECT, accelerate's CUDA check PYTORCH_NVML_BASED_CUDA_CHECK, inductor's
+# cache TORCHINDUCTOR_CACHE_DIR (its default), all read by a run when it gets there; scikit-learn's and joblib's imports
+# set KMP_DUPLICATE_LIB_OK and KMP_INIT_AT_FORK, read by Intel's OpenMP runtime only (torch's is libgomp). Not in the
+# key (a worker's warm processes would otherwise split at the first such run); a launch gets its own values
+LEFT_BY_RUNS = ("WANDB_PROJECT", "PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHINDUCTOR_CACHE_DIR", "KMP_DUPLICATE_LIB_OK",
+                "KMP_INIT_AT_FORK")
 # read only by what a launch's script imports or reads after the fork (gradio, which no warm process imports; the
 # LlamaBoard probe of tests/hera/test_hera_webui.py): not in the key either
 READ_BY_THE_SCRIPT = ("GRADIO_ANALYTICS_ENABLED", "HERA_PROBE_MODEL")
