@@ -10,7 +10,10 @@ What ``processes`` counts: every ``subprocess.Popen`` the pytest process makes (
 a ``Pool``'s workers, a DataLoader's workers of an in-process run). What it does not: the processes those processes
 start (a ``llamafactory-cli``'s torchrun, torchrun's or ``accelerate launch``'s ranks, a rank's DataLoader workers:
 grandchildren, whose CPU seconds are in ``children_cpu`` all the same), bare ``os.fork`` / ``os.system`` /
-``os.posix_spawn`` calls, and the ``multiprocess`` package's (``datasets.map(num_proc=...)``)."""
+``os.posix_spawn`` calls, and the ``multiprocess`` package's (``datasets.map(num_proc=...)``).
+A warm launch's processes (tests/warm_launch.py) are forked by the worker's warm process, not started by the test:
+their CPU seconds, and those of the warm process's start where the test started it, are added to ``children_cpu``
+(``warm_cpu`` says how much of it they are)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import multiprocessing.process
 import os
 import resource
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,18 +52,26 @@ def _cpu(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _warm_cpu() -> float:
+    """CPU seconds of this worker's warm launches and warm processes' starts so far (tests/warm_launch.py, imported
+    here only where a test imported it)."""
+    module = sys.modules.get("warm_launch")
+    return sum(module.CPU_SECONDS) + sum(module.START_CPU_SECONDS) if module else 0.0
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     if not FOLDER:
         yield
         return
     wall, own, children = time.time(), _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
-    started = _started[0]
+    started, warm = _started[0], _warm_cpu()
     yield
+    warm = _warm_cpu() - warm
     record = {"test": item.nodeid, "wall": round(time.time() - wall, 2),
               "cpu": round(_cpu(resource.RUSAGE_SELF) - own, 2),
-              "children_cpu": round(_cpu(resource.RUSAGE_CHILDREN) - children, 2),
-              "processes": _started[0] - started}
+              "children_cpu": round(_cpu(resource.RUSAGE_CHILDREN) - children + warm, 2),
+              "warm_cpu": round(warm, 2), "processes": _started[0] - started}
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     with (Path(FOLDER) / f"{worker}.jsonl").open("a", encoding="utf-8") as out:
         out.write(json.dumps(record) + "\n")

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,9 +22,17 @@ from typing import Any
 
 import torch
 from engine_checks import evidence_env
-from warm_launch import warm_launch
+from warm_launch import accelerate_launch_env, warm_launch
 
-from conftest import LAUNCH_ENV, engines_of, free_port, offline_env, run_once_more_if_aborted_at_exit, run_train
+from conftest import (
+    LAUNCH_ENV,
+    engines_of,
+    free_port,
+    offline_env,
+    run_once_more_if_aborted_at_exit,
+    run_process,
+    run_train,
+)
 
 PROBE = str(Path(__file__).with_name("dist_probe.py"))
 
@@ -38,11 +47,10 @@ def launch_runs(runs: list[dict[str, Any]], tmp: Path, processes: int, env: dict
     unbuffered, so a rank's line lands in its run's part). Should a rank abort at exit, the launch runs again from
     clean folders (outputs, evidence, feature caches).
 
-    Without ``launcher``, the process or torchrun's ranks are forked from this worker's warm process
-    (tests/warm_launch.py: the same script, environment and ranks' variables, none of the imports) unless ``warm`` is
-    False, or None with ``HERA_TESTS_REAL_LAUNCHES=1`` (every launch real: to weigh the warm path or rule it out); the
-    launchers users type run for real in tests/dist_runs.py's :func:`torchrun_cli`, the accelerate tests
-    and tests/test_warm_launch.py."""
+    Without ``launcher``, or with ``accelerate launch ...``, the process or the ranks are forked from this worker's
+    warm process (tests/warm_launch.py: the same script, environment and ranks' variables, none of the imports) unless
+    ``warm`` is False (see :func:`warm_wanted`); the launchers users type run for real in :func:`torchrun_cli`, the
+    tests tests/USER_PATHS.md names and tests/test_warm_launch.py."""
     runs = [{"recipe": run["recipe"], "env": run.get("env", {})} for run in runs]
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "runs.json").write_text(json.dumps(runs))
@@ -52,12 +60,10 @@ def launch_runs(runs: list[dict[str, Any]], tmp: Path, processes: int, env: dict
     written += [Path(run["recipe"]["output_dir"]) for run in runs if "output_dir" in run["recipe"]]
     options = dict(cwd=tmp, env=offline_env(tmp, False, engines, PYTHONUNBUFFERED="1", **(env or {})),
                    timeout=seconds_per_run * len(runs))
-    if warm is None:
-        warm = os.environ.get("HERA_TESTS_REAL_LAUNCHES") != "1"
-    if warm and launcher is None:
-        options["env"][LAUNCH_ENV] = f"{os.getpid()}-{time.time_ns()}"  # as run_process marks a launch
-        proc = warm_launch(PROBE, [str(tmp / "runs.json"), str(tmp / "out.pt")], processes=processes, port=free_port(),
-                           **options)[0]
+    accelerate = launcher is not None and Path(launcher[0]).name == "accelerate" and launcher[1:2] == ["launch"]
+    if warm_wanted(warm) and (launcher is None or accelerate):
+        proc = warm_script(PROBE, [str(tmp / "runs.json"), str(tmp / "out.pt")], processes,
+                           launcher[2:] if accelerate else None, **options)
     else:
         proc = run_once_more_if_aborted_at_exit(
             [*(launcher or torchrun(processes)), PROBE, str(tmp / "runs.json"), str(tmp / "out.pt")], options,
@@ -68,6 +74,38 @@ def launch_runs(runs: list[dict[str, Any]], tmp: Path, processes: int, env: dict
     stdouts = re.split(r"^\[dist_probe\] run \d+$", proc.stdout, flags=re.M)[1:]
     assert len(results) == len(stdouts) == len(runs)
     return [{**result, "stdout": stdout} for result, stdout in zip(results, stdouts, strict=True)]
+
+
+def warm_wanted(warm: bool | None) -> bool:
+    """``warm``, or where None, True unless ``HERA_TESTS_REAL_LAUNCHES=1`` (every launch real: to weigh the warm path
+    or rule it out)."""
+    return os.environ.get("HERA_TESTS_REAL_LAUNCHES") != "1" if warm is None else warm
+
+
+def warm_script(script: str, args: list[str], processes: int, accelerate: list[str] | None, *, cwd: Path,
+                env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``script args`` on one process or ``processes`` torchrun ranks, or under ``accelerate launch ACCELERATE...``
+    (its ranks, port and variables as accelerate gives them), forked from this worker's warm process
+    (tests/warm_launch.py); the launch marked as :func:`conftest.run_process` marks one."""
+    env = {**env, LAUNCH_ENV: f"{os.getpid()}-{time.time_ns()}"}
+    launcher_env, port = None, free_port()
+    if accelerate is not None:
+        launcher_env, processes, port = accelerate_launch_env(accelerate, env)
+    return warm_launch(script, args, cwd=cwd, env=env, processes=processes, port=port, timeout=timeout,
+                       launcher_env=launcher_env)[0]
+
+
+def run_python(script: Path, args: list[str], *, cwd: Path, env: dict[str, str], processes: int = 1,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` (or ``torchrun --nproc_per_node PROCESSES ...``) for a script that imports what
+    tests/dist_probe.py imports, or less, where the launch itself is not what is tested: forked from this worker's warm
+    process (unless :func:`warm_wanted` says otherwise, or the plugin is disabled: a warm process imports the plugin's
+    modules), else a real launch. ``PYTHONUNBUFFERED=1`` is added to ``env`` either way: the warm process of
+    :func:`launch_runs`' launches of the same environment serves it."""
+    env = {**env, "PYTHONUNBUFFERED": "1"}
+    if warm_wanted(None) and "LLAMAFACTORY_HERA_DISABLE" not in env:
+        return warm_script(str(script), args, processes, None, cwd=cwd, env=env, timeout=timeout)
+    return run_process([*torchrun(processes), str(script), *args], cwd=cwd, env=env, timeout=timeout)
 
 
 def torchrun(processes: int) -> list[str]:

@@ -54,13 +54,17 @@ def fsdp_run(recipe: dict[str, Any], tmp: Path, shim: bool = True, **fsdp_env: s
                                       "HERA_TEST_FSDP_ON_CPU": "1" if shim else "", **fsdp_env}}
 
 
-def accelerate_launch_runs(runs: list[dict[str, Any]], tmp: Path) -> list[dict[str, Any]]:
-    """:func:`fsdp_run` runs one after another in one ``accelerate launch --config_file`` of :data:`FSDP2_CONFIG` on
-    two ranks (tests/dist_runs.py; tests/dist_probe.py in the place of LLaMA-Factory's launcher.py, which calls the
-    same run_exp). The shim and the evidence are switched per run."""
+def accelerate_launch_runs(runs: list[dict[str, Any]], tmp: Path, fsdp_config: dict[str, Any] | None = None,
+                           mixed_precision: str = "no", config: Path | None = None) -> list[dict[str, Any]]:
+    """:func:`fsdp_run` runs one after another in one ``accelerate launch --config_file`` of :data:`FSDP2_CONFIG` (its
+    ``fsdp_config`` updated with ``fsdp_config``, its ``mixed_precision``; or ``config``, a file) on two ranks
+    (tests/dist_runs.py; tests/dist_probe.py in the place of LLaMA-Factory's launcher.py, which calls the same
+    run_exp), forked from the warm process with the variables accelerate gives its ranks (tests/warm_launch.py). The
+    shim and the evidence are switched per run. :func:`accelerate_launch` is the real launch, for the tests that hold
+    its user path."""
     from dist_runs import launch_runs  # lazy: dist_runs imports torch, which this module's importers need not
 
-    launcher, env = _launch(fsdp2_config_file(tmp), tmp)
+    launcher, env = _launch(config or fsdp2_config_file(tmp, fsdp_config, mixed_precision), tmp)
     return launch_runs(runs, tmp, 2, env=env, launcher=launcher)
 
 

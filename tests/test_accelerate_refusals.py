@@ -2,18 +2,22 @@
 before it starts a rank (patches/.../accelerate_launch.py), as ``llamafactory-cli train`` before torchrun.
 
 Before, each case started both ranks, each printed the refusal, then accelerate printed torch's ``ChildFailedError``
-traceback (44 lines). Each test runs the real ``accelerate launch --config_file`` of LLaMA-Factory's launcher.py on
-two CPU ranks (no FSDP shim: nothing should start) and asserts: exit code 1, the refusal as the last line of at most
-two (the plugin's hint line, then the error), no traceback, and no rank started (every process a test starts leaves
-a marker when it is a rank: tests/process_hooks/sitecustomize.py ``HERA_TEST_RANK_MARKER``).
+traceback (44 lines). One case (:data:`LAUNCHED`) runs the real ``accelerate launch --config_file`` of
+LLaMA-Factory's launcher.py on two CPU ranks (no FSDP shim: nothing should start) and asserts: exit code 1, the
+refusal as the last line of at most two (the plugin's hint line, then the error), no traceback, and no rank started
+(every process a test starts leaves a marker when it is a rank: tests/process_hooks/sitecustomize.py
+``HERA_TEST_RANK_MARKER``). The others run the same command's accelerate code in the test's process, patched as the
+plugin's start-up hook patches a launching process (:func:`refused_in_process`): the refusal, and no agent started.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
@@ -45,6 +49,30 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None, str, str]] = 
 }
 
 
+LAUNCHED = "the shipped fsdp2_config.yaml with a 4-bit recipe (N11)"  # in a real launch; the others in process
+
+
+def refused_in_process(arguments: list[str], env: dict[str, str]) -> str:
+    """``accelerate launch ARGUMENTS`` in this process with ``env`` as the environment: accelerate's parser and
+    ``launch_command`` with its environment preparers wrapped as patches/.../accelerate_launch.py's ``apply`` wraps
+    them in a launching process, up to the start of torchrun's agent (not made). The refusal's message; fails when
+    the launch is not refused or the agent would start."""
+    import torch.distributed.run
+    from accelerate.commands import launch
+
+    from llamafactory_hera_patches.accelerate_launch import _PREPARES, _checked
+    from llamafactory_hera_patches.errors import RecipeError
+
+    started: list[Any] = []
+    args = launch.launch_command_parser().parse_args(arguments)
+    checked = {name: _checked(getattr(launch, name)) for name in _PREPARES}
+    with mock.patch.dict(os.environ, env, clear=True), mock.patch.multiple(launch, **checked), \
+            mock.patch.object(torch.distributed.run, "run", started.append), pytest.raises(RecipeError) as refused:
+        launch.launch_command(args)
+    assert not started
+    return str(refused.value)
+
+
 def output_lines(proc: Any) -> list[str]:
     """A process's stdout and stderr lines, without LLaMA-Factory's warning of the tests' DISABLE_VERSION_CHECK."""
     return [line for line in (proc.stdout + proc.stderr).rstrip("\n").split("\n")
@@ -64,11 +92,13 @@ def test_refused_before_accelerate_starts_a_rank(case: str, assets: Any, harc_as
             recipe = {**{k: v for k, v in recipe.items() if not k.startswith("hera_")}, "stage": "sft"}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     config = SHIPPED if fsdp_config is None else fsdp2_config_file(tmp_path, fsdp_config, mixed_precision)
-    proc = run_process([ACCELERATE, "launch", "--config_file", str(config), "--num_processes", "2",
-                        "--main_process_port", str(free_port()), llamafactory.launcher.__file__,
-                        str(tmp_path / "recipe.yaml")], cwd=tmp_path, timeout=300,
-                       env=offline_env(tmp_path, engines=engines_of(recipe),
-                                       HERA_TEST_RANK_MARKER=str(tmp_path / "ranks")))
+    arguments = ["--config_file", str(config), "--num_processes", "2", "--main_process_port", str(free_port()),
+                 llamafactory.launcher.__file__, str(tmp_path / "recipe.yaml")]
+    env = offline_env(tmp_path, engines=engines_of(recipe), HERA_TEST_RANK_MARKER=str(tmp_path / "ranks"))
+    if case != LAUNCHED:
+        assert refused_in_process(arguments, env).startswith(start)
+        return
+    proc = run_process([ACCELERATE, "launch", *arguments], cwd=tmp_path, timeout=300, env=env)
     lines = output_lines(proc)
     assert proc.returncode == 1 and len(lines) <= 2, "\n".join(lines)
     assert lines[-1].startswith(f"[llamafactory-hera] error: {start}"), "\n".join(lines)

@@ -33,11 +33,20 @@ def test_launches():
 
 def test_launches_nothing():
     pass
+
+
+def test_launches_warm():  # as tests/warm_launch.py records a warm process's start and a launch it forked
+    import types
+    warm = sys.modules.setdefault("warm_launch", types.SimpleNamespace(CPU_SECONDS=[], START_CPU_SECONDS=[]))
+    warm.START_CPU_SECONDS.append(5.0)
+    warm.CPU_SECONDS.append(7.0)
 '''
 
 
 def test_the_record_counts_the_processes_a_test_starts(tmp_path: Path) -> None:
-    """Two Popen (one of them starting a grandchild, not counted) and a multiprocessing process: 3; none: 0. A launch:
+    """Two Popen (one of them starting a grandchild, not counted) and a multiprocessing process: 3; none: 0; the CPU
+    seconds of warm launches (tests/warm_launch.py), which no process of the test's own reports, in its children's
+    and said apart. A launch:
     the counting wraps the process-starting methods when the module is imported with HERA_TEST_COSTS set, which this
     session's import did not see; a bare pytest with plugins not auto-loaded costs about 1 CPU s."""
     (tmp_path / "test_inner.py").write_text(INNER_TESTS, encoding="utf-8")
@@ -53,6 +62,9 @@ def test_the_record_counts_the_processes_a_test_starts(tmp_path: Path) -> None:
     assert records["test_inner.py::test_launches"]["processes"] == 3, records
     assert records["test_inner.py::test_launches_nothing"]["processes"] == 0, records
     assert records["test_inner.py::test_launches"]["children_cpu"] > 0, records
+    warm = records["test_inner.py::test_launches_warm"]
+    assert warm["warm_cpu"] == 12.0 and 12.0 <= warm["children_cpu"] < 13.0, records
+    assert records["test_inner.py::test_launches_nothing"]["warm_cpu"] == 0.0, records
 
 
 def _recording(folder: Path) -> None:

@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import json
 import resource
+import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
 import torch
+import warm_launch
 import warm_server
+import yaml
 from dist_runs import launch_runs
-from warm_launch import _SERVERS, CPU_SECONDS, close_warm_servers, server_for
+from fsdp_checks import fsdp2_config_file
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+from warm_launch import (
+    _SERVERS,
+    CPU_SECONDS,
+    accelerate_launch_env,
+    close_warm_servers,
+    rank_envs,
+    server_for,
+    start_up_key,
+)
 
-from conftest import base_recipe
+from conftest import LAUNCH_ENV, base_recipe, offline_env, run_process
+
+WRITE_ENVIRONMENT = """import json, os, sys
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as out:
+    json.dump(dict(os.environ), out)
+"""
 
 
 def _children_cpu() -> float:
@@ -52,6 +72,74 @@ def test_a_warm_two_rank_launch_trains_as_a_real_torchrun_launch(assets, tmp_pat
     with capsys.disabled():
         print(f"\n[cpu] real torchrun launch {real_cpu:.1f} s; warm launches {CPU_SECONDS[-2]:.1f} and "
               f"{CPU_SECONDS[-1]:.1f} s; warm process start {startup.user + startup.system:.1f} s")
+
+
+def test_a_warm_accelerate_launch_gives_each_rank_the_environment_of_a_real_one(tmp_path: Path) -> None:
+    """A real ``accelerate launch --config_file`` of the FSDP2 config the tests use (tests/fsdp_checks.py) of a script
+    that writes its environment (a launch needed: the real launcher's ranks are what the warm path is compared with;
+    the ranks import nothing heavy): each rank's environment is the one a warm launch gives it, variable for variable
+    (accelerate's, torchrun's agent's and the test's), but for the launch's mark and two that torchrun's agent sets for
+    its own bookkeeping: the file a rank writes its error to (a folder of the agent's), and the inductor cache folder
+    the launching process set when accelerate imported it (its default, which a rank computes for itself)."""
+    config = fsdp2_config_file(tmp_path, mixed_precision="bf16")
+    env = offline_env(tmp_path)
+    (tmp_path / "environment.py").write_text(WRITE_ENVIRONMENT, encoding="utf-8")
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    proc = run_process([accelerate, "launch", "--config_file", str(config), str(tmp_path / "environment.py"),
+                        str(tmp_path)], cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    added, processes, port = accelerate_launch_env(["--config_file", str(config)], env)
+    assert (processes, port) == (2, yaml.safe_load(config.read_text())["main_process_port"])
+    assert {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_MIXED_PRECISION": "bf16"}.items() \
+        <= added.items()
+    for rank, want in enumerate(rank_envs(env, processes, port, added)):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got.pop("TORCHELASTIC_ERROR_FILE").endswith(f"/{rank}/error.json")
+        assert got.pop("TORCHINDUCTOR_CACHE_DIR") == want.pop("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+        assert got.pop(LAUNCH_ENV)
+        assert got == want
+
+
+def test_an_accelerate_launch_torchruns_agent_would_not_run_is_not_warmed(tmp_path: Path) -> None:
+    """One process (accelerate's simple launcher, no agent): refused before anything starts, to be launched for
+    real."""
+    with pytest.raises(ValueError, match="not a torchrun launch; launch it for real"):
+        accelerate_launch_env(["--num_processes", "1", "--cpu"], offline_env(tmp_path))
+
+
+def test_what_in_process_runs_leave_in_the_environment_starts_no_other_warm_process(tmp_path: Path) -> None:
+    """LLaMA-Factory's WANDB_PROJECT, accelerate's PYTORCH_NVML_BASED_CUDA_CHECK, inductor's TORCHINDUCTOR_CACHE_DIR
+    and scikit-learn's KMP_* variables, left in the test process's environment by in-process runs and imports (each
+    seen splitting a worker's warm processes), are copied into every later launch's: the same warm process serves it.
+    What a start-up hook reads (LLAMAFACTORY_HERA_DISABLE) still keeps them apart."""
+    env = offline_env(tmp_path)
+    left = {**env, "WANDB_PROJECT": "llamafactory", "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
+            "TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor_root", "KMP_DUPLICATE_LIB_OK": "True",
+            "KMP_INIT_AT_FORK": "FALSE"}
+    assert start_up_key(left) == start_up_key(env)
+    assert start_up_key({**env, "LLAMAFACTORY_HERA_DISABLE": "1"}) != start_up_key(env)
+
+
+def test_a_worker_keeps_its_most_recently_used_warm_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most MAX_SERVERS warm processes a worker: starting another ends the least recently used (a stand-in for the
+    warm process: nothing starts)."""
+    closed = []
+
+    class Server:
+        def __init__(self, env: dict[str, str], modules: tuple[str, ...]) -> None:
+            self.env, self.process = env, SimpleNamespace(poll=lambda: None)
+
+        def close(self) -> None:
+            closed.append(self.env["N"])
+
+    monkeypatch.setattr(warm_launch, "WarmServer", Server)
+    monkeypatch.setattr(warm_launch, "_SERVERS", {})
+    monkeypatch.setattr(warm_launch, "MAX_SERVERS", 2)
+    first = server_for({"N": "1"}, ())
+    server_for({"N": "2"}, ())
+    assert server_for({"N": "1"}, ()) is first  # served again: now the most recently used
+    server_for({"N": "3"}, ())
+    assert closed == ["2"] and [server.env["N"] for server in warm_launch._SERVERS.values()] == ["1", "3"]
 
 
 def test_the_warm_process_refuses_to_fork_beside_a_thread() -> None:

@@ -1,4 +1,5 @@
-"""LlamaBoard without a browser: the stock UI built in a fresh interpreter and driven through its buttons' callbacks.
+"""LlamaBoard without a browser: the stock UI built in a process of its own (forked from the warm process,
+tests/warm_launch.py, which never imported LLaMA-Factory's web UI or gradio) and driven through its buttons' callbacks.
 
 The LlamaBoard tests write a probe script that builds the UI with :class:`Board`, reports what the callbacks return and
 prints the report with :func:`print_report`; :func:`run_probe` runs such a script (with this folder on ``sys.path``,
@@ -8,8 +9,6 @@ as :mod:`plot_checks` is) and returns its report. Imports of LLaMA-Factory happe
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,14 @@ REPORT = "REPORT="
 
 
 def run_probe(probe: str, args: list[str], cwd: Path, env: dict[str, str], timeout: int) -> dict[str, Any]:
-    """Run ``probe`` with ``args`` in a fresh interpreter in ``cwd`` (where LlamaBoard keeps its cache and saves) and
-    return its report; the probe's output is shown if it fails or reports nothing."""
-    script = f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n{probe}"
-    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    """Run ``probe`` with ``args`` in a process of its own in ``cwd`` (where LlamaBoard keeps its cache and saves;
+    tests/dist_runs.py ``run_python``) and return its report; the probe's output is shown if it fails or reports
+    nothing."""
+    from dist_runs import run_python  # lazy: dist_runs imports torch, which a probe's test need not
+
+    (cwd / "webui_probe_script.py").write_text(f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n{probe}",
+                                               encoding="utf-8")
+    proc = run_python(cwd / "webui_probe_script.py", args, cwd=cwd, env=env, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(REPORT)]
     assert proc.returncode == 0 and lines, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(lines[-1][len(REPORT):])

@@ -10,7 +10,9 @@ import re
 import sys
 from pathlib import Path
 
-from conftest import REPO, offline_env, run_process
+from dist_runs import run_python
+
+from conftest import REPO, offline_env
 
 BENCH = REPO / "bench"
 
@@ -21,8 +23,9 @@ def test_harc_step_makes_sfts_checkpoint_calls_and_names_its_extra_ops(tmp_path:
     coupled layers: +3,052), and its extra ops are those of its named parts (the KL reference's second
     forward, the residual capture, each term) but for the terms' backward."""
     counts = tmp_path / "counts.json"
-    proc = run_process([sys.executable, str(BENCH / "step_counts.py"), "--method", "harc", "--check", "--json",
-                        str(counts), "--assets", str(tmp_path)], cwd=tmp_path, env=offline_env(tmp_path), timeout=600)
+    # forked from the warm process (tests/dist_runs.py): the script's work, not its imports
+    proc = run_python(BENCH / "step_counts.py", ["--method", "harc", "--check", "--json", str(counts), "--assets",
+                                                 str(tmp_path)], cwd=tmp_path, env=offline_env(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(counts.read_text())
     sft, non_reentrant, harc = (rows[k] for k in ("sft", "sft_nonreentrant", "harc"))

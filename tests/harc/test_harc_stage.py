@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
-from dist_runs import launch_runs, torchrun_cli
+from dist_runs import launch_runs, run_python, torchrun_cli
 from engine_checks import assert_engine, evidence_env, read_evidence, zero3_partitioning_everything
-from fsdp_checks import accelerate_launch, assert_fsdp2
+from fsdp_checks import accelerate_launch, accelerate_launch_runs, assert_fsdp2, fsdp_run
 from safetensors.torch import load_file
 
 from conftest import REPO, harc_recipe, offline_env, read_trainer_log, run_train, saved_in_bf16
@@ -102,11 +100,12 @@ def test_shipped_recipe_runs_whole_on_a_tiny_model_of_its_family(name: str, harc
         ["harc_diagnostics.png", "harc_eval.png", "training.png", "training_loss.png"])
     assert not (output / "harc_state.pt").exists()
 
-    # what `llamafactory-cli chat --model_name_or_path ... --adapter_name_or_path <output> --template ...` runs
+    # what `llamafactory-cli chat --model_name_or_path ... --adapter_name_or_path <output> --template ...` runs, in
+    # a process forked from the warm process
     chat = {"model_name_or_path": recipe["model_name_or_path"], "adapter_name_or_path": str(output),
             "template": recipe["template"], "infer_backend": "huggingface", "max_new_tokens": 4, "do_sample": False}
-    proc = subprocess.run([sys.executable, "-c", CHAT, json.dumps(chat)], cwd=tmp_path, env=offline_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    (tmp_path / "chat.py").write_text(CHAT, encoding="utf-8")
+    proc = run_python(tmp_path / "chat.py", [json.dumps(chat)], cwd=tmp_path, env=offline_env(tmp_path), timeout=300)
     replies = [line for line in proc.stdout.splitlines() if line.startswith("REPLY=")]
     assert proc.returncode == 0 and replies, proc.stderr[-3000:]
     assert "Loaded adapter(s)" in proc.stdout + proc.stderr and len(json.loads(replies[-1][6:])) == 1
@@ -206,7 +205,8 @@ def test_fsdp2_gives_the_losses_of_one_process(harc_assets: Any, four_steps: Pat
 def test_fsdp2_with_qlora_gives_the_losses_of_one_process(harc_assets: Any, tmp_path: Path, precision: str) -> None:
     """``quantization_bit: 4`` (nf4, as LLaMA-Factory's fsdp_qlora example) under ``accelerate launch`` with FSDP2 on
     two ranks == the same 4-bit recipe on one process with gradient accumulation 2, step for step through the base
-    extraction and a refresh; the saved adapter is the one process's.
+    extraction and a refresh; the saved adapter is the one process's. The ranks are forked from the warm process with
+    accelerate's variables (tests/fsdp_checks.py ``accelerate_launch_runs``); the FSDP2 test above launches for real.
 
     ``bf16``: as the FSDP2 recipes run (``mixed_precision: bf16`` in the accelerate config, ``bf16: true``, a
     checkpoint saved in bf16, so the codes are stored in bf16), against one bf16 process: the codes reach FSDP2's
@@ -224,9 +224,10 @@ def test_fsdp2_with_qlora_gives_the_losses_of_one_process(harc_assets: Any, tmp_
     one = tmp_path / "one" / "out"
     run_train(harc_recipe(harc_assets, "llama3", one, **keys), one.parent)
     output = tmp_path / "fsdp2" / "out"
-    accelerate_launch(harc_recipe(harc_assets, "llama3", output, gradient_accumulation_steps=1, **keys),
-                      output.parent, fsdp_config={"fsdp_cpu_ram_efficient_loading": False},
-                      mixed_precision="bf16" if bf16 else "no")
+    recipe = harc_recipe(harc_assets, "llama3", output, gradient_accumulation_steps=1, **keys)
+    accelerate_launch_runs([fsdp_run(recipe, output.parent)], output.parent,
+                           fsdp_config={"fsdp_cpu_ram_efficient_loading": False},
+                           mixed_precision="bf16" if bf16 else "no")
     records = assert_fsdp2(output.parent, {"step", "save"})
     first = [r for r in records if r["event"] == "step" and r["step"] == 0]
     assert len(first) == 2 and all(r["packed_layers"] > 0 and r["packed_changed"] == 0 for r in first), first

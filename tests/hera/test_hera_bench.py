@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from dist_runs import run_python
 
 from conftest import REPO, offline_env, run_process
 
@@ -73,7 +74,9 @@ def test_unknown_preset_is_refused_with_the_choices(bench_root: Path) -> None:
 
 
 def _run(tmp: Path, script: str, *args: str) -> str:
-    proc = run_process([sys.executable, str(BENCH / script), *args], cwd=tmp, env=offline_env(tmp), timeout=600)
+    """``python bench/SCRIPT ARGS`` in a process forked from the warm process (tests/dist_runs.py ``run_python``): the
+    script's work, not its imports."""
+    proc = run_python(BENCH / script, list(args), cwd=tmp, env=offline_env(tmp))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from dist_runs import run_python
 
 from conftest import offline_env, run_train
 from llamafactory_hera.cli import main as hera_cli
@@ -244,9 +245,10 @@ def test_compose_exports_and_chats_with_stock_llamafactory(parts: Path, tmp_path
 
     Image.new("RGB", (48, 48), (10, 200, 30)).save(tmp_path / "image.png")
     args = {"model_name_or_path": str(parts / "composed" / "qwen3_siglip"), "template": "llava_qwen3"}
-    proc = subprocess.run([sys.executable, "-c", _EXPORT_AND_CHAT, json.dumps(args), str(tmp_path / "exported"),
-                           str(tmp_path / "image.png")],
-                          cwd=tmp_path, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    (tmp_path / "export_and_chat.py").write_text(_EXPORT_AND_CHAT, encoding="utf-8")  # forked from the warm process
+    proc = run_python(tmp_path / "export_and_chat.py", [json.dumps(args), str(tmp_path / "exported"),
+                                                        str(tmp_path / "image.png")],
+                      cwd=tmp_path, env=offline_env(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     replies, prompt_length = proc.stdout.split("REPLIES")[-1].split()
     assert replies == "1" and int(prompt_length) > 4  # the four image tokens and the question's

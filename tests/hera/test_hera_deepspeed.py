@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from dist_runs import launch_runs
+from dist_runs import launch_runs, run_python
 from engine_checks import assert_engine, evidence_env, read_evidence
 
-from conftest import REPO, base_recipe, free_port, offline_env, read_trainer_log
+from conftest import REPO, base_recipe, offline_env, read_trainer_log
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 SAVED = {"save_strategy": "steps", "save_steps": 1}  # a checkpoint after each step: step 1's is resumed from
@@ -103,9 +101,8 @@ def test_heras_heads_under_zero3_gather_nothing_beyond_the_sft_twin(tmp_path: Pa
     the modules' own calls, so a step with its term all-gathers exactly the bytes of the SFT twin's step (an older
     one gathered o_proj and each adapter matrix again in calls of their own, forward and backward); the weights after an
     SFT step and a HeRA step equal a brute-force reference on the unpartitioned layer (full fine-tuning, LoRA, DoRA)."""
-    proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(Path(__file__).with_name("zero3_column_gather.py"))],
-                          capture_output=True, text=True, timeout=300,
-                          env=offline_env(tmp_path, engines=("deepspeed",)))
+    # torchrun's ranks forked from the warm process (tests/warm_launch.py): the script is what is tested here
+    proc = run_python(Path(__file__).with_name("zero3_column_gather.py"), [], cwd=tmp_path, processes=2,
+                      env=offline_env(tmp_path, engines=("deepspeed",)), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.count(": ok") == 6, proc.stdout

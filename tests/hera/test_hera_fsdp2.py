@@ -3,7 +3,9 @@
 without the test-only shim (accelerate 1.11 trains it as plain DDP on CPU: the DDP twin on the same data, same
 launcher) and with the shim (FSDP2, a checkpoint after each step) one after another in one launch (tests/dist_probe.py,
 which calls run_exp as LLaMA-Factory's launcher.py does), then resumed from step 1 in a launch of its own of
-launcher.py, as users start it. Full fine-tuning: the DDP twin and FSDP2 in one launch, two steps, one save.
+launcher.py, as users start it. Full fine-tuning: the DDP twin and FSDP2 in one launch, two steps, one save. The
+launches of tests/dist_probe.py fork their ranks from the warm process, with the variables accelerate gives them
+(tests/warm_launch.py).
 
 Under FSDP2 every LoRA matrix and o_proj's base weight is a DTensor shard outside its layer's forward: HeRA gathers
 them with FSDP2's gradient averaging (hera/projection.py ``whole``), the monitor's text pass runs through the FSDP2
@@ -22,11 +24,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from dist_runs import launch_runs
+from dist_runs import launch_runs, run_python
 from fsdp_checks import accelerate_launch, accelerate_launch_runs, assert_fsdp2, fsdp_run, read_fsdp_evidence
 from safetensors.torch import load_file
 
-from conftest import base_recipe, free_port, offline_env, read_trainer_log
+from conftest import base_recipe, offline_env, read_trainer_log
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 LOGGED = ("loss", "lm_loss", "hera_loss", "hera_temperature", "hera_mknn", "hera_mknn_control")
@@ -132,8 +134,8 @@ def test_fsdp2_with_qlora_trains_like_ddp(assets, tmp_path: Path) -> None:
     docs/configurations.md): o_proj's packed 4-bit storage is a DTensor shard holding half of its rows at each step and
     save, which HeRA gathers and dequantizes with the layer's quant_state (hera/projection.py). ``hera_heads: auto``
     scores the 4-bit model on rank 0 (text mode) and both runs choose the same heads; losses, HeRA terms, monitor
-    points and temperature equal DDP's step for step, and so does the adapter. Stopped at step 1 and resumed (a new
-    launch of launcher.py, as users start it), it ends bit for bit as the run not stopped."""
+    points and temperature equal DDP's step for step, and so does the adapter. Stopped at step 1 and resumed (a launch
+    of its own, as users resume), it ends bit for bit as the run not stopped."""
     ddp, fsdp2, resumed = tmp_path / "ddp", tmp_path / "fsdp2", tmp_path / "resumed"
     keys = dict(quantization_bit=4, double_quantization=True, hera_heads="auto", hera_select_samples=24,
                 hera_select_num_heads=2)
@@ -151,8 +153,9 @@ def test_fsdp2_with_qlora_trains_like_ddp(assets, tmp_path: Path) -> None:
     got, want = (load_file(folder / "out" / "adapter_model.safetensors") for folder in (fsdp2, ddp))
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
 
-    accelerate_launch(_recipe(assets, resumed, resume_from_checkpoint=str(fsdp2 / "out" / "checkpoint-1"), **keys),
-                      resumed, fsdp_config={"fsdp_cpu_ram_efficient_loading": False})
+    # a new process, as users resume (the ranks forked from the warm process: the LoRA test resumes in a real launch)
+    recipe = _recipe(assets, resumed, resume_from_checkpoint=str(fsdp2 / "out" / "checkpoint-1"), **keys)
+    accelerate_launch_runs([fsdp_run(recipe, resumed)], resumed, fsdp_config={"fsdp_cpu_ram_efficient_loading": False})
     assert_fsdp2(resumed, {"load", "step", "save"})
     assert _logged(resumed) == _logged(fsdp2)[1:]
     assert {"model", "optimizer.bin", "pytorch_model_fsdp.bin", "hera_temperature_optimizer.pt",
@@ -179,9 +182,8 @@ def test_heras_gather_moves_the_head_columns_only(tmp_path: Path) -> None:
     (1088 bytes with the adapter's; a whole packed gather moves 1856); unaligned shards still move it whole.
     Without bitsandbytes (the oldest stack) the 4-bit settings are left out."""
     four_bit = importlib.util.find_spec("bitsandbytes") is not None
-    proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(Path(__file__).with_name("fsdp2_column_gather.py"))],
-                          capture_output=True, text=True, timeout=300,
-                          env=offline_env(tmp_path, engines=("bitsandbytes",) if four_bit else ()))
+    # torchrun's ranks forked from the warm process (tests/warm_launch.py): the script is what is tested here
+    proc = run_python(Path(__file__).with_name("fsdp2_column_gather.py"), [], cwd=tmp_path, processes=2, timeout=300,
+                      env=offline_env(tmp_path, engines=("bitsandbytes",) if four_bit else ()))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.count(": ok") == (16 if four_bit else 12), proc.stdout

@@ -1,9 +1,11 @@
 """Under FSDP2 and DeepSpeed ZeRO-3 every rank issues the same collectives when only some ranks' micro-batches have a
 HeRA term (``hera_gather: false``, text-only micro-batches). The FSDP2 run (two CPU ranks,
-``accelerate launch`` of LLaMA-Factory's launcher.py, tests/fsdp_checks.py) and the ZeRO-3 run (``llamafactory-cli
-train`` under torchrun, every parameter partitioned: HeRA projects through the module calls) are each compared with a
-reference run in a SEPARATE launch: ``llamafactory-cli train`` under torchrun, plain DDP, without accelerate's FSDP
-environment or DeepSpeed."""
+``accelerate launch`` of tests/dist_probe.py, which calls run_exp as LLaMA-Factory's launcher.py does, its ranks
+forked from the warm process with accelerate's variables, tests/fsdp_checks.py) and the ZeRO-3 run (two torchrun
+ranks forked from the warm process, tests/dist_runs.py, every parameter partitioned: HeRA projects through the module
+calls) are each compared with a reference run in a SEPARATE launch: two torchrun ranks, plain DDP, without
+accelerate's FSDP environment or DeepSpeed. ``llamafactory-cli train`` under torchrun with ZeRO-3 is launched for real
+by tests/hera/test_hera_deepspeed_lora.py."""
 
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from typing import Any
 
 import pytest
 import torch
-from dist_runs import torchrun_cli
-from engine_checks import assert_engine, read_evidence, zero3_partitioning_everything
-from fsdp_checks import accelerate_launch, assert_fsdp2
+from dist_runs import launch_runs
+from engine_checks import assert_engine, evidence_env, read_evidence, zero3_partitioning_everything
+from fsdp_checks import accelerate_launch_runs, assert_fsdp2, fsdp_run
 from safetensors.torch import load_file
 
 from conftest import base_recipe, read_trainer_log
@@ -52,7 +54,7 @@ def split_runs(assets: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     """(the split dataset's folder, the output folder of its torchrun DDP reference run: rank 1 has no HeRA term)."""
     tmp = tmp_path_factory.mktemp("split")
     data = split_dataset(assets, tmp / "data")
-    torchrun_cli({"recipe": _recipe(assets, data, tmp / "ddp" / "out")}, tmp / "ddp", timeout=600)
+    launch_runs([{"recipe": _recipe(assets, data, tmp / "ddp" / "out")}], tmp / "ddp", 2)
     assert len(_logged(tmp / "ddp" / "out")) == 2 and all(line[2] == 1 for line in _logged(tmp / "ddp" / "out"))
     return data, tmp / "ddp" / "out"
 
@@ -68,11 +70,12 @@ def test_a_rank_without_a_hera_term_runs_the_same_collectives(assets, split_runs
     data, reference = split_runs
     out = tmp_path / "out"
     if engine == "fsdp2":
-        accelerate_launch(_recipe(assets, data, out), tmp_path, timeout=600)
+        accelerate_launch_runs([fsdp_run(_recipe(assets, data, out), tmp_path)], tmp_path)
         assert_fsdp2(tmp_path, {"step"})
     else:
-        torchrun_cli({"recipe": _recipe(assets, data, out, deepspeed=zero3_partitioning_everything(tmp_path)),
-                      "env": {"HERA_TEST_ENGINE_EVIDENCE": str(tmp_path / "engine")}}, tmp_path, timeout=600)
+        launch_runs([{"recipe": _recipe(assets, data, out, deepspeed=zero3_partitioning_everything(tmp_path)),
+                      "env": {"HERA_TEST_ENGINE_EVIDENCE": str(tmp_path / "engine")}}], tmp_path, 2,
+                    env=evidence_env(tmp_path / "launch_engine"))
         assert_engine(read_evidence(tmp_path / "engine", ranks=2), 3)
     assert len(_logged(out)) == 2
     for got, want in zip(_logged(out), _logged(reference), strict=True):

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dist_runs import launch_runs
 
-from conftest import base_recipe, read_trainer_log, run_train
+from conftest import base_recipe, read_trainer_log
 
 pytestmark = pytest.mark.accelerator
 
@@ -140,8 +141,10 @@ def test_monitor_in_bf16_on_the_device(assets, accelerator, tmp_path: Path, monk
     points = _points(on)
     assert [p["current_steps"] for p in points] == [0, MONITOR_STEP]
     fp32 = tmp_path / "fp32"
-    run_train(base_recipe(assets, FAMILY, fp32, **{**KEYS, "max_steps": 1}, hera_monitor_steps=MONITOR_STEP),
-              tmp_path / "cpu", process=True)  # on the CPU: this process holds the accelerator's patches
+    # on the CPU, in a process forked from the warm process (tests/dist_runs.py): this one holds the accelerator's
+    # patches
+    launch_runs([{"recipe": base_recipe(assets, FAMILY, fp32, **{**KEYS, "max_steps": 1},
+                                        hera_monitor_steps=MONITOR_STEP)}], tmp_path / "cpu", 1)
     first = _points(fp32)[0]
     keys = [key for key in points[0] if key.startswith("hera_mknn")]
     assert len(keys) == 4 and {key: points[0][key] for key in keys} == {key: first[key] for key in keys}

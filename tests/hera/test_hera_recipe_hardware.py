@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from fsdp_checks import FSDP_HOOK, assert_fsdp2
+from fsdp_checks import FSDP_HOOK, accelerate_launch_runs, assert_fsdp2, fsdp_run
+from test_accelerate_refusals import refused_in_process
 from test_hera_recipes import MEMORY, _training_recipe
 
 from conftest import REPO, engines_of, free_port, offline_env, read_trainer_log, run_train, saved_in_bf16
@@ -282,9 +283,11 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
     layer's codes reach the forward as loaded (patches/engines/fsdp_qlora.py: accelerate's mixed-precision upcast
     changed
     them, the SFT twin's too). ``qlora_sft_twin``: the recipe's baseline twin (``stage: sft``), a stock stage, keeps
-    them too. ``qlora_without_bf16``: the recipe without ``bf16: true`` on the float32 checkpoint stores the codes in
-    float32, which the config's bf16 all-gather would convert as numbers: refused in one line before loading
-    (patches/engines/fsdp_loading.py; patches/engines/fsdp_qlora.py checks the loaded model the same way)."""
+    them too (its ranks forked from the warm process with the variables accelerate gives them, tests/warm_launch.py).
+    ``qlora_without_bf16``: the recipe without ``bf16: true`` on the float32 checkpoint stores the codes in float32,
+    which the config's bf16 all-gather would convert as numbers: refused before loading by the launching process
+    (patches/engines/fsdp_loading.py; patches/engines/fsdp_qlora.py checks the loaded model the same way), whose
+    accelerate code runs in this process up to the agent's start."""
     import subprocess
     import sys
 
@@ -305,17 +308,21 @@ def test_the_fsdp2_recipe_trains_with_hera_on_two_ranks(assets: TinyAssets, tmp_
     path = os.pathsep.join(filter(None, [str(FSDP_HOOK), os.environ.get("PYTHONPATH")]))
     env = offline_env(tmp_path, engines=engines_of(recipe), PYTHONPATH=path, HERA_TEST_FSDP_ON_CPU="1",
                       HERA_TEST_FSDP_EVIDENCE=str(tmp_path / "fsdp"))
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "fsdp2_config.yaml",
-                           "-m", "llamafactory.launcher", "recipe.yaml"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=900, check=False, env=env)
-    if not bf16:
-        refusal = ("[llamafactory-hera] error: 4-bit weights under FSDP2: the codes are stored as torch.float32 and "
-                   "the accelerate config's mixed precision gathers them as torch.bfloat16, which converts them")
-        assert proc.returncode != 0 and refusal in proc.stderr, proc.stderr[-5000:]
-        assert "all params" not in proc.stdout + proc.stderr  # LLaMA-Factory's line once the model has loaded
+    if not bf16:  # refused by accelerate launch's own process: its code runs here up to the agent, which never starts
+        # (tests/test_accelerate_refusals.py, which launches one refusal for real)
+        refusal = ("4-bit weights under FSDP2: the codes are stored as torch.float32 and the accelerate config's mixed "
+                   "precision gathers them as torch.bfloat16, which converts them")
+        assert refused_in_process(["--config_file", str(tmp_path / "fsdp2_config.yaml"), "-m", "llamafactory.launcher",
+                                   str(tmp_path / "recipe.yaml")], env).startswith(refusal)
         assert not (out / "adapter_model.safetensors").exists()
         return
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    if stage == "sft":  # the same config's ranks forked from the warm process: [qlora] launches it for real
+        accelerate_launch_runs([fsdp_run(recipe, tmp_path)], tmp_path, config=tmp_path / "fsdp2_config.yaml")
+    else:
+        proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                               "fsdp2_config.yaml", "-m", "llamafactory.launcher", "recipe.yaml"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=900, check=False, env=env)
+    assert stage == "sft" or proc.returncode == 0, proc.stderr[-5000:]
     lines = [line for line in read_trainer_log(out) if "loss" in line]
     assert [line["current_steps"] for line in lines] == [1, 2]
     if stage == "hera":

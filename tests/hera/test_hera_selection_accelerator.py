@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from dist_runs import launch_runs
 
-from conftest import base_recipe, run_train
+from conftest import base_recipe
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours
 
 pytestmark = pytest.mark.accelerator
@@ -79,14 +80,15 @@ def test_select_command_scores_on_the_device(assets, accelerator, tmp_path: Path
 
 
 def test_report_of_a_finished_run_on_the_device(assets, accelerator, tmp_path: Path) -> None:
-    """A small HeRA run trained on the CPU (``llamafactory-cli train``), then ``select --report RUN --device meta`` on
-    the device in this process: the before and after maps equal the CPU's report of the same run. (The CPU run is a
-    separate process: an in-process CPU ``run_exp`` after another accelerator test of the same process moved its
-    model to the simulated device in ``Trainer._move_model_to_device``.)"""
+    """A small HeRA run trained on the CPU (``run_exp`` in a process of its own), then ``select --report RUN --device
+    meta`` on the device in this process: the before and after maps equal the CPU's report of the same run. (The CPU
+    run is a separate process: an in-process CPU ``run_exp`` after another accelerator test of the same process moved
+    its model to the simulated device in ``Trainer._move_model_to_device``.)"""
     from llamafactory_hera.cli import main
 
     out = tmp_path / "run"
-    run_train(base_recipe(assets, FAMILY, out, max_steps=1, **KEYS), tmp_path, process=True)  # on the CPU
+    # on the CPU, in a process forked from the warm process (tests/dist_runs.py)
+    launch_runs([{"recipe": base_recipe(assets, FAMILY, out, max_steps=1, **KEYS)}], tmp_path / "cpu", 1)
     args = ["select", "--report", str(out), "--samples", "12", "--k", "3"]
     assert main([*args, "--device", "cpu"]) == 0
     on_cpu = json.loads((out / "hera_report.json").read_text())

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+from dist_runs import run_python
 from test_rah_stage import rah_recipe
 
 from conftest import CLI, offline_env, run_train
@@ -81,8 +81,8 @@ def test_chat_model_answers_with_the_adapter(assets, calibrated, tmp_path: Path)
     args = {"model_name_or_path": recipe["model_name_or_path"], "adapter_name_or_path": str(adapter),
             "template": recipe["template"], "finetuning_type": "lora", "trust_remote_code": True,
             "infer_backend": "huggingface", "max_new_tokens": 4, "do_sample": False, "image": str(image)}
-    proc = subprocess.run([sys.executable, "-c", CHAT, json.dumps(args)], cwd=tmp_path, env=offline_env(tmp_path),
-                          capture_output=True, text=True, timeout=600)
+    (tmp_path / "chat.py").write_text(CHAT, encoding="utf-8")  # in a process forked from the warm process
+    proc = run_python(tmp_path / "chat.py", [json.dumps(args)], cwd=tmp_path, env=offline_env(tmp_path))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPLY=")]
     assert proc.returncode == 0 and lines, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert "Loaded adapter(s)" in proc.stdout + proc.stderr

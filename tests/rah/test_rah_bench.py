@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
+
+from dist_runs import run_python
 
 from conftest import REPO, offline_env
 
 
 def test_rah_bench_script_prints_the_ratio(tmp_path: Path) -> None:
-    # one thread and the unused packages hidden, as the suite's other processes (offline_env): 38 CPU s, was 82
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "rah.py"), "--repeats", "1", "--samples", "4",
-                           "--probe", "1", "--kl", "1", "--preset", "qwen2.5-vl-7b-smoke", "--assets", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, env=offline_env(tmp_path))
+    # one thread and the unused packages hidden, as the suite's other processes (offline_env): 38 CPU s, was 82; forked
+    # from the warm process (tests/dist_runs.py): the script's work, not its imports
+    proc = run_python(REPO / "bench" / "rah.py", ["--repeats", "1", "--samples", "4", "--probe", "1", "--kl", "1",
+                                                  "--preset", "qwen2.5-vl-7b-smoke", "--assets", str(tmp_path)],
+                      cwd=tmp_path, env=offline_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "repeat 1/1 passes" in proc.stdout and "wall time (s), median" in proc.stdout
     assert "probe sweeps" in proc.stdout and "target <= 1.3 on CPU" in proc.stdout
