@@ -222,3 +222,19 @@ def test_the_ranks_of_a_distributed_pass_stop_together_after_it() -> None:
         stop_signal.stop_before_step("rows kept", agreed=False)  # no rank noted it: on
         with pytest.raises(stop_signal.Stopped):
             stop_signal.stop_before_step("rows kept", agreed=True)
+
+
+def test_the_signals_handler_is_given_back_when_the_stage_ends() -> None:
+    """The stage notes the save signal (and the steps again inside it); once the stage's block ends, the handler the
+    process had before is back: a signal after the run is the process's own again, not noted by a run that ended."""
+    with signals_raise(signal.SIGUSR1):
+        before = signal.getsignal(signal.SIGUSR1)
+        with stop_signal.noting("sigusr1"):
+            with stop_signal.noting("sigusr1", steps=True):
+                assert signal.getsignal(signal.SIGUSR1) is not before
+            assert signal.getsignal(signal.SIGUSR1) is not before
+        assert signal.getsignal(signal.SIGUSR1) is before
+        with pytest.raises(Unhandled):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(1)  # the handler runs in this thread before the sleep ends
+    assert not stop_signal.received()
