@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch.distributed as dist
 
 from llamafactory_hera.harc.config import parse_harc_arguments
 from llamafactory_hera.hera.config import parse_hera_arguments
@@ -217,3 +218,15 @@ def test_the_last_rank_out_removes_the_folder(tmp_path: Path) -> None:
     assert [path.name for path in (tmp_path / watchdog.FOLDER).iterdir()] == ["rank-0.json"]
     dog.stop()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_rank_of_a_launch_gets_the_first_ranks_mark(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launch's mark is the first rank's, read by every other from the process group's store (the same on all);
+    the next launch's store gives a new one."""
+    store = dist.HashStore()
+    monkeypatch.setattr(watchdog.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(watchdog.dist.distributed_c10d, "_get_default_store", lambda: store)
+    marks = [watchdog.launch_mark() for _rank in range(3)]
+    assert len(set(marks)) == 1 and len(marks[0]) == 32
+    monkeypatch.setattr(watchdog.dist.distributed_c10d, "_get_default_store", lambda: dist.HashStore())
+    assert watchdog.launch_mark() != marks[0]
