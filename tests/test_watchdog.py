@@ -183,7 +183,14 @@ def test_a_rank_paused_itself_does_not_take_its_unchanged_peers_for_silent(tmp_p
     folder, now = tmp_path / watchdog.FOLDER, [0.0]
     folder.mkdir()
     (folder / "rank-1.json").write_bytes(beat("step 3", 1, 1, launch="this"))
-    dog = Watchdog(folder, 0, 2, None, clock=lambda: now[0], launch="this")
+    running = threading.Event()  # the thread took its first time: a clock moved after that is seen
+
+    def clock() -> float:
+        if threading.current_thread() is not threading.main_thread():
+            running.set()
+        return now[0]
+
+    dog = Watchdog(folder, 0, 2, None, clock=clock, launch="this")
     read = dog._read
     monkeypatch.setattr(dog, "_read", lambda rank: (reads.__setitem__(0, reads[0] + 1), read(rank))[1])
 
@@ -196,7 +203,9 @@ def test_a_rank_paused_itself_does_not_take_its_unchanged_peers_for_silent(tmp_p
 
     dog.start()
     try:
+        assert running.wait(5.0)
         move_to(0.1)  # read once: this launch's file
+        assert reads == [1] and dog.watch.peers[1].heard
         move_to(1000.1)  # the job resumed: this rank's own gap of 1000 s
         assert not ended.is_set() and said == []
         for tenth in range(1, 10):  # 0.9 s of the bound, a pulse at a time
