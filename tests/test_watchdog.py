@@ -239,3 +239,16 @@ def test_every_rank_of_a_launch_gets_the_first_ranks_mark(monkeypatch: pytest.Mo
     assert len(set(marks)) == 1 and len(marks[0]) == 32
     monkeypatch.setattr(watchdog.dist.distributed_c10d, "_get_default_store", lambda: dist.HashStore())
     assert watchdog.launch_mark() != marks[0]
+
+
+def test_a_run_is_watched_unless_its_key_is_0(tmp_path: Path) -> None:
+    """``<prefix>_watchdog_timeout`` unset (None: the bounds of :func:`bound`) watches the run; 0 turns it off; a
+    single process is never watched."""
+    with watchdog.watching(_Args(tmp_path, 0), None):
+        assert len(watchdog._running) == 1 and (tmp_path / watchdog.FOLDER / "rank-0.json").is_file()
+    assert watchdog._running == [] and not (tmp_path / watchdog.FOLDER).exists()
+    single = _Args(tmp_path, 0)
+    single.world_size = 1
+    for args, timeout in ((_Args(tmp_path, 0), 0), (single, None)):
+        with watchdog.watching(args, timeout):
+            assert watchdog._running == [] and not (tmp_path / watchdog.FOLDER).exists()
