@@ -14,7 +14,7 @@ from test_whole_checkpoints import _SignalAt
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from llamafactory_hera.training import checkpoints
+from llamafactory_hera.training import checkpoints, watchdog
 from llamafactory_hera.training.checkpoints import WholeCheckpoints, _StopOnSignal
 from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole_checkpoints_module
 from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, whole_checkpoints
@@ -105,3 +105,13 @@ def test_each_rank_makes_its_files_durable_before_the_ranks_agree(tmp_path: Path
     _trainer(tmp_path, max_steps=1).train()
     files = {path for path in (tmp_path / "checkpoint-1").rglob("*") if path.name != MARKER}
     assert len(agreed) == 1 and "optimizer.pt" in {path.name for path in files} and files <= agreed[0]
+
+
+def test_a_step_is_watched_under_its_own_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As step N begins (``global_step`` N - 1), the watchdog's section is ``step N``: the number its line names is
+    the step the rank is in, as the Trainer's logs count it."""
+    dog = watchdog.Watchdog(Path("unused"), 0, 2, None, clock=lambda: 0.0)
+    monkeypatch.setattr(watchdog, "_running", [dog])
+    for done in (0, 3):
+        _StopOnSignal("sigterm", "/out").on_step_begin(None, type("State", (), {"global_step": done})(), None)
+        assert (dog.section, dog.kind) == (f"step {done + 1}", "step")

@@ -198,3 +198,12 @@ def test_a_stock_stages_ranks_start_no_watch(agent_store: int, monkeypatch: pyte
                                             ({"NNODES": "1:2"}, None), ({}, None)])
 def test_several_nodes_are_told_by_nnodes_or_the_world_beyond_the_node(env: dict[str, str], named: str | None) -> None:
     assert job_refusal.several_nodes(env) == named
+
+
+def test_a_job_is_one_node_unless_its_ranks_say_otherwise() -> None:
+    """The first refusing rank waits for each other node to take the line: their count is the world over the node's
+    ranks (``LOCAL_WORLD_SIZE``), one node where that is not given (no wait for nodes that do not exist)."""
+    env = {"WORLD_SIZE": "4", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+           "TORCHELASTIC_RUN_ID": "job"}
+    assert [job_refusal.job_of({**env, **more}).nodes for more in ({}, {"LOCAL_WORLD_SIZE": "2"},
+                                                                   {"LOCAL_WORLD_SIZE": "4"})] == [1, 2, 1]

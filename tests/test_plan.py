@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig
 
 from llamafactory_hera.cli import main
-from llamafactory_hera.plan import cards, count, counter, estimate, lengths, report
+from llamafactory_hera.plan import cards, count, counter, estimate, lengths, methods, report
 from llamafactory_hera_patches.data.templates import whole_row
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe, sampled_rows
@@ -455,3 +455,45 @@ def test_the_board_plans_on_the_machines_own_card(monkeypatch, name, mib, card) 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(name=name,
                                                                                         total_memory=mib * 2**20))
     assert cli.card_here() == card
+
+
+def test_a_pair_of_fixes_sets_two_different_keys() -> None:
+    """An 8B-sized LoRA step at a micro-batch of 4 on a 24 GB card: neither halving nor quartering the micro-batch fits
+    alone, both together would be a micro-batch of 1/2; each pair offered joins two different changes (the micro-batch
+    with more GPUs), never one key set twice."""
+    big = {"params": 8.79e9, "trainable": 2.2e7, "quantizable": 7.5e9, "embedding": 1.25e9, "layer": 2e8,
+           "activations": 14 * GIB, "temporaries": 18.5 * GIB}
+    card = cards.CARDS["RTX-4090"]
+    fixes = estimate.fixes({"hera": big}, setup(batch=4, cutoff=4096), card, "hera")
+    pairs = [change.split(" + ") for change, _ in fixes if " + " in change]
+    assert pairs and all(card.holds(need) for change, need in fixes if " + " in change)
+    assert all(first.split(":")[0].split()[-1] != second.split(":")[0].split()[-1] for first, second in pairs), pairs
+    assert ["per_device_train_batch_size: 1 (gradient_accumulation_steps: 8)", "4 GPUs under FSDP2"] in pairs
+
+
+def test_the_zero_stages_communicate_as_their_collectives() -> None:
+    """On 4 GPUs each receives 3/4 of every whole (counted rank by rank): ZeRO-3 gathers the bf16 parameters in
+    forward and again in backward (4-bit codes as stored: nf4 with double quantization) and reduce-scatters the bf16
+    gradients every micro-step, nothing more a step; ZeRO-2 reduce-scatters the bf16 gradients every micro-step and
+    gathers the updated bf16 weights once a step."""
+    counts = {**COUNTS, "params": 73.5e9, "trainable": 1.05e8, "quantizable": 70e9}
+
+    def received(*wholes: float) -> float:
+        return sum(whole / 4 for whole in wholes for rank in range(4) if rank != 0)
+
+    weights = 2 * 73.5e9
+    assert estimate.communicated(counts, setup(engine="zero3", gpus=4)) == (
+        pytest.approx(received(weights, weights, 2 * 1.05e8)), 0.0)
+    nf4 = 2 * 3.5e9 + 70e9 * (0.5 + (1 + 4 / 256) / 64)
+    assert estimate.communicated(counts, setup(engine="zero3", gpus=4, bits=4)) == (
+        pytest.approx(received(nf4, nf4, 2 * 1.05e8)), 0.0)
+    assert estimate.communicated(counts, setup(engine="zero2", gpus=4)) == (
+        pytest.approx(received(2 * 1.05e8)), pytest.approx(received(2 * 1.05e8)))
+
+
+def test_a_methods_passes_outside_the_step_are_timed_at_the_4_bit_band() -> None:
+    """RAH-LoRA's and HARC's passes on one GPU (100 s of an H100's peak): at DDP's 33-39 % MFU in bf16, at
+    0.52-0.56 x that on a 4-bit model (bitsandbytes dequantizes every weight for each matmul)."""
+    card = cards.CARDS["H100-SXM"]
+    assert methods._seconds(100 * 989.4e12, card, None) == "4.27-5.05 min"  # 100 / 0.39, 100 / 0.33 s
+    assert methods._seconds(100 * 989.4e12, card, 4) == "7.63-9.71 min"  # 100 / (0.39 x 0.56), 100 / (0.33 x 0.52) s

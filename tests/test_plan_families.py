@@ -4,6 +4,7 @@ for every shipped recipe from its model's published config (tests/plan_configs.p
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -192,3 +193,19 @@ def test_plan_refuses_heads_outside_a_hub_models_config(tmp_path, monkeypatch, c
         "layer (zero-based). Fix or remove L40H20.")
     assert main(["plan", recipe, "hera_heads=auto", "hera_select_num_heads=600"]) == 2
     assert "hera_select_num_heads: got 600; allowed range is 1..576" in capsys.readouterr().err
+
+
+def test_auto_may_ask_for_every_head_of_the_model(tmp_path) -> None:
+    """``hera_select_num_heads`` up to the model's heads passes training's check of ``auto`` (Qwen2.5-VL-3B: 36 layers
+    x 16 heads, 576), one more is refused naming that range."""
+    from llamafactory_hera.hera.checks import check_heads_of
+    from llamafactory_hera.hera.config import parse_hera_arguments
+    from llamafactory_hera_patches.errors import RecipeError
+
+    name = "Qwen/Qwen2.5-VL-3B-Instruct"
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS[name]))
+    config = AutoConfig.from_pretrained(tmp_path)
+    every = parse_hera_arguments({"hera_heads": "auto", "hera_select_num_heads": 576})
+    assert check_heads_of(every, config, name).num_model_heads == 576
+    with pytest.raises(RecipeError, match=r"hera_select_num_heads: got 577; allowed range is 1\.\.576 "):
+        check_heads_of(parse_hera_arguments({"hera_heads": "auto", "hera_select_num_heads": 577}), config, name)

@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,6 +26,8 @@ from safetensors.torch import load_file
 from conftest import base_recipe, run_train
 from llamafactory_hera.hera import teacher as teacher_module
 from llamafactory_hera.hera import teacher_run
+from llamafactory_hera.hera.config import parse_hera_arguments
+from llamafactory_hera.hera.selection import auto
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours
 from llamafactory_hera.hera.teacher import VisionTeacher
 from llamafactory_hera_patches.lifecycle import stop_signal
@@ -224,3 +227,39 @@ def test_the_ranks_of_a_distributed_pass_stop_together_after_it() -> None:
         stop_signal.stop_before_step("rows kept", agreed=False)  # no rank noted it: on
         with pytest.raises(stop_signal.Stopped):
             stop_signal.stop_before_step("rows kept", agreed=True)
+
+
+def test_the_signals_handler_is_given_back_when_the_stage_ends() -> None:
+    """The stage notes the save signal (and the steps again inside it); once the stage's block ends, the handler the
+    process had before is back: a signal after the run is the process's own again, not noted by a run that ended."""
+    with signals_raise(signal.SIGUSR1):
+        before = signal.getsignal(signal.SIGUSR1)
+        with stop_signal.noting("sigusr1"):
+            with stop_signal.noting("sigusr1", steps=True):
+                assert signal.getsignal(signal.SIGUSR1) is not before
+            assert signal.getsignal(signal.SIGUSR1) is not before
+        assert signal.getsignal(signal.SIGUSR1) is before
+        with pytest.raises(Unhandled):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(1)  # the handler runs in this thread before the sleep ends
+    assert not stop_signal.received()
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_a_stop_in_head_selection_stops_every_rank_with_rank_0(main: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 stopped on the save signal inside head selection (its line said): it, and every other rank on the
+    broadcast of that, stops with exit 0, instead of taking no heads for a failure."""
+    def stopped(*args: Any, **kwargs: Any) -> None:
+        raise stop_signal.Stopped(0)
+
+    def broadcast(payload: list[Any], src: int) -> None:  # rank 0's payload, as the process group hands it over
+        payload[:] = [None, None, None]
+
+    monkeypatch.setattr(auto, "run_selection", stopped)
+    monkeypatch.setattr(auto.torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(auto.torch.distributed, "broadcast_object_list", broadcast)
+    recipe = SimpleNamespace(data_args=SimpleNamespace(max_samples=None))
+    with pytest.raises(stop_signal.Stopped) as caught:
+        auto.resolve_auto_heads(recipe, parse_hera_arguments({"hera_heads": "auto"}), 0, "cpu", "out", main,
+                                dtype="float32")
+    assert caught.value.code == 0

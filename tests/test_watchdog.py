@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch.distributed as dist
 
 from llamafactory_hera.harc.config import parse_harc_arguments
 from llamafactory_hera.hera.config import parse_hera_arguments
@@ -132,3 +134,121 @@ def test_the_key(parse: Any, key: str) -> None:
     assert getattr(parse(base), key) is None and getattr(parse({**base, key: "20"}), key) == 20.0
     with pytest.raises(RecipeError, match=f"{key}: got -1; allowed range is >= 0"):
         parse({**base, key: -1})
+
+
+def test_each_section_is_timed_under_its_own_kind() -> None:
+    """A step of 200 s, then a save of 100 s: the next step's bound is 4 x the step's time and the next save's 4 x the
+    save's (a section timed under the kind it leaves for would give the step the save's time)."""
+    now = [0.0]
+    dog = Watchdog(Path("unused"), 0, 2, None, clock=lambda: now[0])
+    dog.enter("step 1", "step")
+    now[0] = 200.0
+    dog.enter("the save of checkpoint-1", "save")
+    now[0] = 300.0
+    dog.enter("step 2", "step")
+    assert json.loads(dog.beat())["bound"] == 800.0
+    now[0] = 310.0
+    dog.enter("the save of checkpoint-2", "save")
+    assert json.loads(dog.beat())["bound"] == 400.0
+
+
+def test_a_section_block_gives_back_the_section_and_its_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save inside step 3 (``section``): after it the rank is in step 3 again, bounded as a step, not as a save."""
+    now = [0.0]
+    dog = Watchdog(Path("unused"), 0, 2, None, clock=lambda: now[0])
+    monkeypatch.setattr(watchdog, "_running", [dog])
+    watchdog.enter("step 3", "step")
+    with watchdog.section("the save of checkpoint-3", "save"):
+        assert (dog.section, dog.kind) == ("the save of checkpoint-3", "save")
+    assert (dog.section, dog.kind) == ("step 3", "step")
+
+
+def test_a_rank_paused_itself_does_not_take_its_unchanged_peers_for_silent(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole job suspended, then resumed (every process stopped at once): this rank's thread finds its own clock
+    1000 s on and its peer's file unchanged, the peer not yet running again. The silence was its own: no end. Then
+    the peer stays unchanged for longer than its bound (1 s) on this rank's clock: the rank ends (the thread still
+    watches). The thread's clock is a fake one the test moves a pulse at a time; its pulses of 0.05 s are real."""
+    monkeypatch.setattr(watchdog, "PULSE", 0.05)
+    ended, said, reads = threading.Event(), [], [0]
+
+    def exit_(code: int) -> None:
+        said.append(code)
+        ended.set()
+        raise SystemExit(code)  # ends the thread alone, silently
+
+    monkeypatch.setattr(watchdog, "say", said.append)
+    monkeypatch.setattr(watchdog.os, "_exit", exit_)
+    monkeypatch.setattr(threading, "excepthook", lambda _: None)  # the fake exit's SystemExit in the thread
+    folder, now = tmp_path / watchdog.FOLDER, [0.0]
+    folder.mkdir()
+    (folder / "rank-1.json").write_bytes(beat("step 3", 1, 1, launch="this"))
+    running = threading.Event()  # the thread took its first time: a clock moved after that is seen
+
+    def clock() -> float:
+        if threading.current_thread() is not threading.main_thread():
+            running.set()
+        return now[0]
+
+    dog = Watchdog(folder, 0, 2, None, clock=clock, launch="this")
+    read = dog._read
+    monkeypatch.setattr(dog, "_read", lambda rank: (reads.__setitem__(0, reads[0] + 1), read(rank))[1])
+
+    def move_to(t: float) -> None:
+        """The thread's clock at ``t``, then one read of the peer's file at that time."""
+        before, now[0] = reads[0], t
+        deadline = time.monotonic() + 5.0
+        while reads[0] == before and not ended.is_set() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    dog.start()
+    try:
+        assert running.wait(5.0)
+        move_to(0.1)  # read once: this launch's file
+        assert reads == [1] and dog.watch.peers[1].heard
+        move_to(1000.1)  # the job resumed: this rank's own gap of 1000 s
+        assert not ended.is_set() and said == []
+        for tenth in range(1, 10):  # 0.9 s of the bound, a pulse at a time
+            move_to(1000.1 + tenth / 10)
+        assert not ended.is_set() and said == []
+        for tenth in range(10, 13):
+            move_to(1000.1 + tenth / 10)
+        assert ended.wait(5.0) and said[-1] == 1 and "unheard for 1 s in step 3" in said[0]
+    finally:
+        dog.stopped.set()
+        dog.thread.join()
+
+
+def test_the_last_rank_out_removes_the_folder(tmp_path: Path) -> None:
+    """A rank's stop removes its heartbeat file, then the folder when it was the last one in it: a finished run
+    leaves no watchdog folder in output_dir."""
+    dog = Watchdog(tmp_path / watchdog.FOLDER, 0, 2, None)
+    dog.start()
+    assert [path.name for path in (tmp_path / watchdog.FOLDER).iterdir()] == ["rank-0.json"]
+    dog.stop()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_rank_of_a_launch_gets_the_first_ranks_mark(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launch's mark is the first rank's, read by every other from the process group's store (the same on all);
+    the next launch's store gives a new one."""
+    store = dist.HashStore()
+    monkeypatch.setattr(watchdog.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(watchdog.dist.distributed_c10d, "_get_default_store", lambda: store)
+    marks = [watchdog.launch_mark() for _rank in range(3)]
+    assert len(set(marks)) == 1 and len(marks[0]) == 32
+    monkeypatch.setattr(watchdog.dist.distributed_c10d, "_get_default_store", lambda: dist.HashStore())
+    assert watchdog.launch_mark() != marks[0]
+
+
+def test_a_run_is_watched_unless_its_key_is_0(tmp_path: Path) -> None:
+    """``<prefix>_watchdog_timeout`` unset (None: the bounds of :func:`bound`) watches the run; 0 turns it off; a
+    single process is never watched."""
+    with watchdog.watching(_Args(tmp_path, 0), None):
+        assert len(watchdog._running) == 1 and (tmp_path / watchdog.FOLDER / "rank-0.json").is_file()
+    assert watchdog._running == [] and not (tmp_path / watchdog.FOLDER).exists()
+    single = _Args(tmp_path, 0)
+    single.world_size = 1
+    for args, timeout in ((_Args(tmp_path, 0), 0), (single, None)):
+        with watchdog.watching(args, timeout):
+            assert watchdog._running == [] and not (tmp_path / watchdog.FOLDER).exists()

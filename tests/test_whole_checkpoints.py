@@ -219,3 +219,46 @@ def test_a_full_disks_text_is_a_full_disk_on_a_disk_with_free_space(error: Excep
 
     assert shutil.disk_usage(tmp_path).free > checkpoints.NEARLY_FULL
     assert checkpoints._full_line(tmp_path / "checkpoint-2", tmp_path, error).startswith("disk full: the checkpoint ")
+
+
+def test_every_file_of_a_checkpoint_is_made_durable_subfolders_too(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed saves its shards into ``global_stepN/`` and FSDP into ``pytorch_model_fsdp_0/`` inside the
+    checkpoint: each rank's fsync before the agreement reaches the files of those subfolders too."""
+    folder = tmp_path / "checkpoint-2"
+    files = [folder / "trainer_state.json", folder / "global_step2" / "mp_rank_00_model_states.pt",
+             folder / "pytorch_model_fsdp_0" / "__0_0.distcp"]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    synced: list[Path] = []
+    monkeypatch.setattr(whole_checkpoints_module, "_fsync", synced.append)
+    whole_checkpoints_module.make_durable(folder)
+    assert set(files) <= set(synced)
+
+
+def test_the_marker_is_renamed_into_place_then_its_folder_synced(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The marker is written and fsynced under another name, renamed into place, then the folder is fsynced: the
+    rename itself (the folder's entry) is on disk before the run goes on to rotate the older checkpoints."""
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    synced: list[tuple[Path, bool]] = []
+    monkeypatch.setattr(whole_checkpoints_module, "_fsync",
+                        lambda path: synced.append((path, (folder / MARKER).is_file())))
+    whole_checkpoints_module.write_marker(folder, 4, 2)
+    assert synced == [(folder / f"{MARKER}.tmp", False), (folder, True)]
+    assert json.loads((folder / MARKER).read_text(encoding="utf-8")) == {"step": 4, "ranks": 2}
+    assert sorted(path.name for path in folder.iterdir()) == [MARKER]
+
+
+def test_a_stock_stages_checkpoints_are_whole_by_their_trainer_state(assets: Any, tmp_path: Path) -> None:
+    """A recipe's ``stage: sft`` twin (the method's keys, LLaMA-Factory's own trainer, which writes no marker): its run
+    record says its checkpoints are not marked, so the checkpoint it saved is whole (else every one of them would be
+    taken for half-written, and passed over or refused)."""
+    out = tmp_path / "out"
+    run_train(base_recipe(assets, "qwen2_5_vl", out, stage="sft", max_steps=1, max_samples=8, save_strategy="steps",
+                          save_steps=1, overwrite_output_dir=False), tmp_path)
+    record = read_record(out / RUN_RECORD)
+    assert record["stage"] == "sft" and record[CHECKPOINTS_MARKED] is False
+    assert whole_checkpoints(out) == [out / "checkpoint-1"] and not (out / "checkpoint-1" / MARKER).exists()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -274,3 +275,34 @@ def test_the_plan_holds_under_fsdp_efficient_loading(assets, tmp_path: Path, mon
     finally:
         torch.distributed.destroy_process_group()
     assert has_offloaded_params(model.lm_head) and model.lm_head.weight.device.type == "meta"
+
+
+def test_a_4_bit_model_that_does_not_fit_is_not_told_to_set_its_own_4_bits(model_72b, monkeypatch) -> None:
+    """4 bits without double quantization (Qwen2.5-VL-72B: its float32 absmax per 64 weights, more than the 41.6 GB
+    with it) on a GPU of 48 GB (43.2 GB usable): refused, and the offer lists only fewer bits than the recipe's (none
+    here); the 4 bits it has are no way out, though with double quantization they would fit."""
+    big, meta = model_72b
+    plain = placement.stored_bytes(meta, "bfloat16", 4, double_quant=False)
+    assert placement.stored_bytes(meta, "bfloat16", 4) < 0.9 * 48e9 < plain
+    monkeypatch.setattr(placement, "free_memory", lambda device: {0: 48 * 10**9, "cpu": 64 * 10**9})
+    with pytest.raises(ValueError) as caught:
+        placement.device_map_for(meta, str(big), "cuda:0", "bfloat16", bits=4, double_quant=False)
+    assert str(caught.value).startswith(f"model_name_or_path: {big}: head selection needs {placement.gb(plain)} for "
+                                        "the model in 4 bits (bitsandbytes; the rest in bfloat16) whole on cuda:0")
+    assert str(caught.value).endswith(f"{placement.FIX}.")
+
+
+def test_rah_places_a_4_bit_model_by_its_codes(model_72b, monkeypatch, capsys) -> None:
+    """RAH-LoRA on Qwen2.5-VL-72B with ``quantization_bit: 4`` on one 80 GB GPU: 41.6 GB in bitsandbytes' codes fits
+    whole there, as LLaMA-Factory loads it (in bf16, 146.8 GB, it would be spread over the GPU and the CPU, which a
+    bitsandbytes model is not)."""
+    from llamafactory_hera.rah.workflow import placement as rah_placement
+
+    big, _ = model_72b
+    monkeypatch.setattr(placement, "free_memory", lambda device: {0: 80 * 10**9, "cpu": 64 * 10**9})
+    args = SimpleNamespace(model_name_or_path=str(big), trust_remote_code=False, compute_dtype=torch.bfloat16,
+                           quantization_bit=4, double_quantization=True)
+    capsys.readouterr()
+    assert rah_placement(args, "cuda:0") is None
+    assert capsys.readouterr().out.strip().endswith("RAH-LoRA: the model is 41.6 GB in 4 bits (bitsandbytes; the "
+                                                    "rest in bfloat16); it fits whole on cuda:0 (80.0 GB free).")
