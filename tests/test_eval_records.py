@@ -236,7 +236,8 @@ def test_a_save_signals_stop_is_recorded_stopped_and_any_other_exit_failed(tmp_p
         assert record["status"] == status and ("error" in record) == (status == "failed"), record
         mine = json.loads((folder / "hera_run.json").read_text(encoding="utf-8"))
         assert (mine.get("status") == "failed") == (status == "failed"), mine
-    with pytest.raises(RecipeError, match=r"says status: stopped \(stopped by its save signal\); that run did not"):
+    with pytest.raises(RecipeError, match=r"says status: stopped \(stopped by its save signal: the same training "
+                                          r"command continues it\); that run did not finish"):
         read_run(tmp_path / "0", "run", trained=True)  # eval: the same command resumes it; nothing to evaluate yet
 
 

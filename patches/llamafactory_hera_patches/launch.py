@@ -30,7 +30,7 @@ from .recipe.recipe_file import read_args_unchecked, read_recipe
 from .registry import method_for_stage
 from .stage import check_host_stage, method_arguments
 
-_MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt")
+_MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt", "check_dependencies")
 _HELP = ("-h", "--help")
 
 
@@ -60,8 +60,8 @@ def check_before_ranks(argv: list[str]) -> Any:
     raw = launch_recipe(argv)
     if isinstance(raw, list) and any(flag in raw for flag in _HELP):
         return None
-    # the checks read v0's arguments (llamafactory.hparams), imported without the version checks its import runs: the
-    # ranks run them as without the plugin (here, where stock runs none, they printed a line or refused)
+    # the checks read v0's arguments (llamafactory.hparams), imported without the version checks its parser runs at
+    # import (by the name it imported from extras.misc): the ranks run them as without the plugin
     with mock.patch.object(importlib.import_module("llamafactory.extras.misc"), "check_dependencies", lambda: None):
         importlib.import_module("llamafactory.hparams")
     host_args, method_raw, method = split_args(raw)

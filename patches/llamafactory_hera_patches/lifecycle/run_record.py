@@ -4,10 +4,11 @@ ended.
 Written by the stage patch (:mod:`..stage`) into ``output_dir`` for a training run of a method's stage, and of a
 LLaMA-Factory stage run as a method's baseline twin (a recipe holding a method's keys, ``stage=sft``); a plain
 LLaMA-Factory recipe's folder gets nothing: right after LLaMA-Factory parsed the recipe with ``status: running``, then
-``finished`` when the run returns, ``stopped`` when a save signal stopped it (exit 0, its checkpoint whole: the same
-command resumes it) or ``failed`` (with the error's first line) when it raises. A run killed from outside keeps
-``running``. ``llamafactory-hera eval`` reads the loading keys back (a plain ``stage: sft`` twin is then evaluated
-as it was trained, not at LLaMA-Factory's defaults) and refuses a run whose record is not ``finished``. A run that fails
+``finished`` when the run returns, ``stopped`` when a save signal stopped it (exit 0 after a whole checkpoint, or before
+step 1 the rows its passes kept: the same command resumes it) or ``failed`` (with the error's first line) when it
+raises. A run killed from outside keeps ``running``. ``llamafactory-hera eval`` reads the loading keys back (a plain
+``stage: sft`` twin is then evaluated as it was trained, not at LLaMA-Factory's defaults) and refuses a run whose
+record is not ``finished``. A run that fails
 after it saved its model (a failing ``do_predict``, a reporting backend, an interrupt at the end) is ``finished`` with
 the error kept as ``error_after_save``: the saved model is there to evaluate.
 

@@ -88,7 +88,8 @@ def _finished(run_dir: Path, name: str, record: dict[str, Any]) -> dict[str, Any
               "evaluating the saved model", file=sys.stderr)
     if status is not None and status != FINISHED:
         why = f": {record['error']}" if record.get("error") else {
-            "running": " (killed, or still training)", "stopped": " (stopped by its save signal)"}.get(status, "")
+            "running": " (killed, or still training)",
+            "stopped": " (stopped by its save signal: the same training command continues it)"}.get(status, "")
         raise RecipeError(f"RUN_DIR: {run_dir / name} says status: {status}{why}; that run did not finish, so its "
                           "folder holds no model to evaluate. Re-run training into it (or give a finished run)")
     return record
