@@ -21,8 +21,9 @@ The campaign (not in the suite; one command)::
     HERA_MULTINODE_CAMPAIGN=N python3 dev.py test tests/test_multinode.py -m faults -p no:xdist
 
 runs chains of seeded random (signal, phase, node) starts, each followed by the same command, until N faulted starts
-reached their fault, HeRA runs with ``hera_heads: auto`` (head selection before step 1) and HARC runs (its directions
-before step 1) in turn (``HERA_MULTINODE_STAGES=hera`` or ``harc``: one of them), and prints the table: tries,
+reached their fault, HeRA runs (the teacher's pass before step 1), HeRA runs with ``hera_heads: auto`` (head selection
+before step 1) and HARC runs (its directions before step 1) in turn (``HERA_MULTINODE_STAGES=hera,harc``: some of
+them), and prints the table: tries,
 chains ended equal, lost, hand edits (a start of the same command that failed without a fault: an edit would have
 been needed), per stage, phase and signal, and the watchdog's time to end the job per phase of a frozen node.
 
@@ -237,10 +238,12 @@ def test_a_seeded_chain_of_a_frozen_node_and_a_kill_or_preemption_ends_as_never_
     assert not (bad := differences(model_tensors(out), model_tensors(job.out))), (SEED, said, bad[:5])
 
 
-STAGES = {  # stage -> (its phases, its recipe for output_dir ``out``)
-    "hera": (("load", "selection", "precompute", "step", "save", "final"),
-             lambda assets, harc_assets, out: recipe(assets, out, hera_heads="auto", hera_select_samples=32,
-                                                     hera_select_batch_size=8)),
+STAGES = {  # a chain's run -> (its phases, its recipe for output_dir ``out``)
+    "hera": (("load", "precompute", "step", "save", "final"), lambda assets, harc_assets, out: recipe(assets, out)),
+    # head selection computes every teacher feature in its own pass: the teacher's pass before step 1 has none left
+    "hera-auto": (("load", "selection", "step", "save", "final"),
+                  lambda assets, harc_assets, out: recipe(assets, out, hera_heads="auto", hera_select_samples=32,
+                                                          hera_select_batch_size=8)),
     "harc": (("load", "directions", "step", "save", "final"),
              lambda assets, harc_assets, out: harc_recipe(harc_assets, "llama3", out, save_strategy="steps",
                                                           save_steps=1, save_total_limit=1,
@@ -253,11 +256,12 @@ STAGES = {  # stage -> (its phases, its recipe for output_dir ``out``)
 def test_campaign_of_seeded_signals_at_every_phase_loses_no_run(assets: Any, harc_assets: Any,
                                                                  tmp_path: Path) -> None:
     """Chains of up to 3 seeded (signal, phase, node) faults, each start the same command, until N faults were
-    reached: HeRA (head selection before step 1) and HARC (its directions) chains in turn, or only the stages
-    ``HERA_MULTINODE_STAGES`` lists (``hera,harc``). Each reached fault counts as equal (its chain finished bit for
-    bit as the reference) or lost; a start that failed with no fault reached is a hand edit."""
+    reached: HeRA (the teacher's pass before step 1), HeRA with ``hera_heads: auto`` (head selection before step 1)
+    and HARC (its directions) chains in turn, or only the runs ``HERA_MULTINODE_STAGES`` lists
+    (``hera,hera-auto,harc``). Each reached fault counts as equal (its chain finished bit for bit as the reference)
+    or lost; a start that failed with no fault reached is a hand edit."""
     wanted, rng = int(os.environ["HERA_MULTINODE_CAMPAIGN"]), random.Random(SEED)
-    stages = (os.environ.get("HERA_MULTINODE_STAGES") or "hera,harc").split(",")
+    stages = (os.environ.get("HERA_MULTINODE_STAGES") or ",".join(STAGES)).split(",")
     makes = {stage: functools.partial(STAGES[stage][1], assets, harc_assets) for stage in stages}
     expected = {stage: reference(tmp_path / f"reference-{stage}", make) for stage, make in makes.items()}
     rows: list[tuple[str, str, str, int, str]] = []
@@ -265,11 +269,13 @@ def test_campaign_of_seeded_signals_at_every_phase_loses_no_run(assets: Any, har
     freezes: list[tuple[str, str, float | None, bool]] = []
     chain = 0
     while len(rows) < wanted:
-        stage = stages[chain % len(stages)]
-        faults = [phase_fault(rng, rng.choice(STAGES[stage][0]), rng.choice(["sigkill", "sigterm", "sigusr1",
-                                                                            "sigstop"]), rng.randrange(2))
-                  for _ in range(min(3, wanted - len(rows)))]
-        job = Job(tmp_path / f"chain{chain}", makes[stage], stage)
+        stage, phases = stages[chain % len(stages)], STAGES[stages[chain % len(stages)]][0]
+        # in the order of a run's phases: a start's phase is then seldom one its chain has passed for good (the
+        # teacher's pass and the selection, once complete, are not run again)
+        faults = sorted((phase_fault(rng, rng.choice(phases), rng.choice(["sigkill", "sigterm", "sigusr1", "sigstop"]),
+                                     rng.randrange(2)) for _ in range(min(3, wanted - len(rows)))),
+                        key=lambda fault: phases.index(fault["phase"]))
+        job = Job(tmp_path / f"chain{chain}", makes[stage], stage.split("-")[0])
         starts = job.chain(faults)
         equal = starts[-1].finished and not differences(model_tensors(expected[stage]), model_tensors(job.out))
         for index, start in enumerate(starts):
@@ -290,10 +296,10 @@ def test_campaign_of_seeded_signals_at_every_phase_loses_no_run(assets: Any, har
         chain += 1
     table = Counter(row[:3] for row in rows)
     print(f"HERA_MULTINODE_SEED={SEED}: faulted starts {len(rows)}, chains {chain}")
-    print(f"{'stage':<6}{'phase':<11}{'signal':<9}{'tries':>6}{'equal':>6}{'lost':>6}")
+    print(f"{'run':<10}{'phase':<11}{'signal':<9}{'tries':>6}{'equal':>6}{'lost':>6}")
     for (stage, phase, name), tries in sorted(table.items()):
         equal = sum(row[:3] == (stage, phase, name) and row[4] == "equal" for row in rows)
-        print(f"{stage:<6}{phase:<11}{name:<9}{tries:>6}{equal:>6}{tries - equal:>6}")
+        print(f"{stage:<10}{phase:<11}{name:<9}{tries:>6}{equal:>6}{tries - equal:>6}")
     print(f"hand edits needed: {sum(edits.values())} {dict(edits)}")
     print("frozen node -> job ended (stage, phase, seconds, watchdog line naming it):", freezes)
     assert not [row for row in rows if row[4] == "lost"] and not edits and all(row[3] for row in freezes), (
