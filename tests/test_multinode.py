@@ -241,7 +241,7 @@ def test_a_seeded_chain_of_a_frozen_node_and_a_kill_or_preemption_ends_as_never_
 STAGES = {  # a chain's run -> (its phases, its recipe for output_dir ``out``)
     "hera": (("load", "precompute", "step", "save", "final"), lambda assets, harc_assets, out: recipe(assets, out)),
     # head selection computes every teacher feature in its own pass: the teacher's pass before step 1 has none left
-    "hera-auto": (("load", "selection", "step", "save", "final"),
+    "hera-auto": (("selection", "load", "step", "save", "final"),  # the selection loads its own model first
                   lambda assets, harc_assets, out: recipe(assets, out, hera_heads="auto", hera_select_samples=32,
                                                           hera_select_batch_size=8)),
     "harc": (("load", "directions", "step", "save", "final"),
