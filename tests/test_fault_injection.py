@@ -61,7 +61,8 @@ def test_fsdp2_killed_in_a_save_preempted_and_killed_in_a_step_ends_as_never_sto
     # of rank 0 (it writes every file but an RNG state), at the marker, or amid the first rotation
     save = {**random_fault(rng, "write"), "save": 2, "rank": 0} if rng.random() < 0.5 else random_fault(rng, "marker")
     save["at"] = 1 if save.get("when") == "rotate" else save["at"] if save["point"] == "write" else 2
-    links = _chain("fsdp2", assets, tmp_path, [save, {"point": "sigterm", "rank": rng.randrange(2), "at": 1},
+    sigterm = {"point": "step", "signal": "sigterm", "rank": rng.randrange(2), "at": 1}
+    links = _chain("fsdp2", assets, tmp_path, [save, sigterm,
                                                 {**random_fault(rng, rng.choice(["forward", "optimizer"])), "step": 1}])
     assert [link.outcome for link in links] == ["killed", "stopped", "killed", "finished"], links
     assert "SIGTERM to 2 ranks" in links[1].printed

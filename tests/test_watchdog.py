@@ -126,6 +126,24 @@ def test_the_thread_ends_a_rank_whose_peer_froze(tmp_path: Path, monkeypatch: py
     assert sorted(p.name for p in (tmp_path / watchdog.FOLDER).iterdir()) == ["rank-1.json"]  # rank 0's removed
 
 
+def test_the_ranks_leave_a_watched_run_together_still_watched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's block ends in a barrier while the watchdog still runs: rank 0 alone writes the final save, and a rank
+    done before it waited there unwatched (two simulated nodes, HARC, rank 0 frozen in the final save: rank 1's
+    launcher waited past 600 s). A block that raises (a refusal, a stop) ends without it."""
+    barriers: list[int] = []
+    monkeypatch.setattr(watchdog.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(watchdog.dist, "barrier", lambda: barriers.append(len(watchdog._running)))
+    monkeypatch.setattr(watchdog, "launch_mark", lambda: "")
+    with watchdog.watching(_Args(tmp_path, 0), 20.0):
+        pass
+    assert barriers == [1] and watchdog._running == []
+    with pytest.raises(SystemExit), watchdog.watching(_Args(tmp_path, 0), 20.0):
+        raise SystemExit(0)
+    with watchdog.watching(_Args(tmp_path, 0), 0):  # the watchdog off: still together
+        pass
+    assert barriers == [1, 0]
+
+
 @pytest.mark.parametrize("parse,key", [(parse_hera_arguments, "hera_watchdog_timeout"),
                                        (parse_harc_arguments, "harc_watchdog_timeout")])
 def test_the_key(parse: Any, key: str) -> None:

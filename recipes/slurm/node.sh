@@ -6,8 +6,10 @@
 set -euo pipefail
 : "${RECIPE:?set RECIPE to the recipe file}" "${OUTPUT_DIR:?set OUTPUT_DIR to a folder on the shared file system}"
 : "${MASTER_ADDR:?set MASTER_ADDR to the first node}" "${MASTER_PORT:=29571}"
-# node-local scratch: temporary files and the Python caches of this node (a shared HOME is fine too)
+# node-local scratch: this node's temporary files (TorchInductor's compile cache follows TMPDIR) and Triton's kernel
+# cache, which would otherwise sit in HOME, written by every node at once when HOME is shared
 export TMPDIR="${NODE_SCRATCH:-/tmp}/llamafactory-hera-${SLURM_JOB_ID:-job}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$TMPDIR/triton}"
 mkdir -p "$TMPDIR"
 export FORCE_TORCHRUN=1 NNODES="${SLURM_NNODES:?}" NODE_RANK="${SLURM_NODEID:?}" NPROC_PER_NODE="${GPUS_PER_NODE:-8}"
 export MASTER_ADDR MASTER_PORT

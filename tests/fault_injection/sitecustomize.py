@@ -13,10 +13,19 @@ when its count of the point's events reaches ``at`` (1-based, counted in this pr
   rotation that follows (``rotate``: half of the files of the oldest checkpoint deleted);
 - ``precompute``: the ``at``-th teacher forward of the pass before step 1 (``when: forward``), or right after its
   ``at``-th batch of rows was kept (``kept``);
-- ``sigterm``: as the ``at``-th training step begins, SIGTERM to every rank of the launch (as SLURM signals each
-  task), from this rank;
-- ``sigstop``: as the ``at``-th training step begins, SIGSTOP to this rank alone (a frozen node), which stays stopped
-  until the launcher or the test kills it.
+- ``step``: as the ``at``-th training step begins;
+- ``load``: as LLaMA-Factory's ``load_model`` begins (the trained model's load; head selection's own is not counted);
+- ``selection``: head selection of ``hera_heads: auto``: its start on every rank (event 1), then each batch rank 0
+  scores, before it is kept (events 2, 3, ...);
+- ``directions``: as HARC's direction extraction before step 1 begins;
+- ``final``: the ``at``-th file the end-of-run save writes (``when``: ``before`` or ``torn``, as ``write``).
+
+What a due fault does is its ``signal``: ``sigkill`` (the default) kills the launch; ``sigstop`` stops this rank alone
+(a frozen node; the test stops the rest of its node), which stays stopped until the launcher or the test kills it;
+``sigterm`` / ``sigusr1`` go to every rank of the launch from this rank (as SLURM signals each task), or, where
+``HERA_TEST_SIGNAL_FILE`` names a file (two simulated nodes: tests/test_multinode.py), the rank writes the signal's
+name there and waits until the test, which sees every node, has sent it to every task and removed the file. A ``torn``
+write or a ``rotate`` with another signal than ``sigkill`` acts before the write or the deletion instead.
 
 Events before the ``step``-th training step of the launch (default: none) are not counted. A kill is SIGKILL to the
 whole launch: the launcher first (so it cannot signal the ranks), then every other process it started, then this
@@ -42,7 +51,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(os.path.join(os.path.dirname(HERE), "process_hooks"))
 ROWS = int(os.environ.get("HERA_TEST_TEACHER_ROWS") or 0)
 counts: dict = {}  # events counted per point, since the fault was last set (tests/dist_probe.py: per run)
-state = {"step": False, "save": False, "precompute": False, "fault": None}
+state = {"step": False, "save": False, "final": False, "precompute": False, "selection": False,
+         "fault": None}
 
 
 def mine():
@@ -91,6 +101,30 @@ def kill_launch(why: str) -> None:
     os.kill(os.getpid(), getattr(signal, name))
 
 
+def act(why: str) -> None:
+    """This rank's due fault: its ``signal`` sent (docstring)."""
+    name, rank = (mine() or {}).get("signal", "sigkill"), os.environ["RANK"]
+    if name == "sigkill":
+        kill_launch(why)
+    elif name == "sigstop":
+        print(f"[fault_injection] rank {rank}: SIGSTOP {why} at {time.time():.1f}", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif os.environ.get("HERA_TEST_SIGNAL_FILE"):
+        path = os.environ["HERA_TEST_SIGNAL_FILE"]
+        print(f"[fault_injection] rank {rank}: {name.upper()} to every task {why}", flush=True)
+        with open(path + ".tmp", "w") as handle:
+            handle.write(name)
+        os.replace(path + ".tmp", path)
+        deadline = time.monotonic() + 120
+        while os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    else:
+        ranks = [process for process in _launch()[0] if "LOCAL_RANK" in process.environ()]
+        print(f"[fault_injection] rank {rank}: {name.upper()} to {len(ranks)} ranks {why}", flush=True)
+        for process in ranks:
+            process.send_signal(getattr(signal, name.upper()))
+
+
 def reached(point: str, when: str | None = None) -> bool:
     """Counts an event of ``point`` (with sub-point ``when``); True when this rank's fault is due at it."""
     fault = mine()
@@ -113,7 +147,7 @@ def _patch_torch(torch) -> None:
 def _patch_module(module) -> None:
     def pre_hook(layer, args):
         if state["step"] and type(layer).__name__.endswith("DecoderLayer") and reached("forward"):
-            kill_launch(f"in the forward of {type(layer).__name__}")
+            act(f"in the forward of {type(layer).__name__}")
 
     module.register_module_forward_pre_hook(pre_hook)
 
@@ -122,7 +156,7 @@ def _patch_optimizer(module) -> None:
     def hook(when):
         def reached_in_step(optimizer, args, kwargs):
             if reached("optimizer", when):
-                kill_launch(f"in optimizer step {counts['optimizer']} ({when} its update)")
+                act(f"in optimizer step {counts['optimizer']} ({when} its update)")
         return reached_in_step
 
     module.register_optimizer_step_pre_hook(hook("pre"))
@@ -132,7 +166,9 @@ def _patch_optimizer(module) -> None:
 def _write(path, write):
     """One file a save writes: a fault due at it, else the write."""
     fault = mine() if state["save"] else None
-    if fault is None or fault["point"] not in ("write", "enospc") or counts.get("saves", 0) < fault.get("save", 1):
+    point = fault and fault["point"]
+    if not (point in ("write", "enospc") and counts.get("saves", 0) >= fault.get("save", 1)
+            or point == "final" and state["final"]):
         return write()
     counts["write"] = counts.get("write", 0) + 1
     if counts["write"] != int(fault["at"]):
@@ -140,14 +176,14 @@ def _write(path, write):
     if fault["point"] == "enospc":
         print(f"[fault_injection] rank {os.environ['RANK']}: ENOSPC writing {path}", flush=True)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    if fault.get("when") == "torn":
+    if fault.get("when") == "torn" and fault.get("signal", "sigkill") == "sigkill":
         result = write()
         with open(path, "r+b") as handle:
             handle.truncate(os.path.getsize(path) // 2)
         kill_launch(f"with {path} half-written")
         return result
-    kill_launch(f"before writing {path}")
-    return None
+    act(f"before writing {path}")
+    return write()
 
 
 def _patch_safetensors(module) -> None:
@@ -181,18 +217,22 @@ def _patch_trainer(module) -> None:
     def step_begins():
         if mine():
             counts["steps"] = counts.get("steps", 0) + 1
-        if reached("sigterm"):
-            ranks = [process for process in _launch()[0] if "LOCAL_RANK" in process.environ()]
-            print(f"[fault_injection] rank {os.environ['RANK']}: SIGTERM to {len(ranks)} ranks", flush=True)
-            for process in ranks:
-                process.send_signal(signal.SIGTERM)
-        if reached("sigstop"):
-            print(f"[fault_injection] rank {os.environ['RANK']}: SIGSTOP at {time.time():.1f}", flush=True)
-            os.kill(os.getpid(), signal.SIGSTOP)
+        if reached("step"):
+            act(f"as step {counts['steps']} of this launch begins")
+
+    def final_save(save_model):
+        def saving(self, *args, **kwargs):  # outside a checkpoint's save: the end-of-run save
+            previous, state["final"] = state["final"], not state["save"]
+            try:
+                return save_model(self, *args, **kwargs)
+            finally:
+                state["final"] = previous
+        return saving
 
     _flagged(trainer, "training_step", "step", step_begins)
     _flagged(trainer, "_save_checkpoint", "save", lambda: mine() and counts.update(saves=counts.get("saves", 0) + 1))
     _flagged(trainer, "save_model", "save")  # the end-of-run save too
+    trainer.save_model = final_save(trainer.save_model)  # outermost: it sees whether a checkpoint's save runs
     save_to_json = module.TrainerState.save_to_json
 
     def state_to_json(self, path):
@@ -206,14 +246,17 @@ def _patch_whole(module) -> None:
 
     def marking(folder, *args):
         if reached("marker", "before"):
-            kill_launch(f"before marking {folder} whole")
+            act(f"before marking {folder} whole")
         write_marker(folder, *args)
         if reached("marker", "after"):
-            kill_launch(f"after marking {folder} whole")
+            act(f"after marking {folder} whole")
 
     def rotating(run, limit, keep):
         olds = module.whole_checkpoints(run)[:-limit] if limit and limit > 0 else []
         if olds and reached("marker", "rotate"):
+            if mine().get("signal", "sigkill") != "sigkill":
+                act(f"before deleting {olds[0]}")
+                return rotate(run, limit, keep)
             files = sorted(path for path in olds[0].rglob("*") if path.is_file())
             for path in files[: len(files) // 2]:
                 path.unlink()
@@ -230,7 +273,7 @@ def _patch_teacher(module) -> None:
 
     def teacher_forward(self, *args, **kwargs):
         if state["precompute"] and reached("precompute", "forward"):
-            kill_launch(f"in teacher forward {counts['precompute']} of the pass before step 1")
+            act(f"in teacher forward {counts['precompute']} of the pass before step 1")
         return forward(self, *args, **kwargs)
 
     module.VisionTeacher.forward = teacher_forward
@@ -248,10 +291,51 @@ def _patch_teacher_cache(module) -> None:
     def adding(self, *args, **kwargs):
         result = add(self, *args, **kwargs)
         if state["precompute"] and reached("precompute", "kept"):
-            kill_launch(f"after the pass before step 1 kept its rows {counts['precompute']} times")
+            act(f"after the pass before step 1 kept its rows {counts['precompute']} times")
         return result
 
     module.TeacherFeatureStore.add = adding
+
+
+def _patch_loader(module) -> None:
+    load_model = module.load_model
+
+    def loading(*args, **kwargs):
+        if not state["selection"] and reached("load"):
+            act("as the model's load begins")
+        return load_model(*args, **kwargs)
+
+    module.load_model = loading
+
+
+def _patch_selection(module) -> None:
+    def selecting():
+        if reached("selection"):
+            act("as head selection begins")
+
+    _flagged(module, "resolve_auto_heads", "selection", selecting)
+
+
+def _patch_selection_batches(module) -> None:
+    flush = module.PooledInputRecorder.flush
+
+    def flushing(self):
+        if state["selection"] and reached("selection"):
+            act(f"in head selection, before its batch {counts['selection'] - 1} is kept")
+        return flush(self)
+
+    module.PooledInputRecorder.flush = flushing
+
+
+def _patch_directions(module) -> None:
+    start = module.HarcState.start
+
+    def starting(self, *args, **kwargs):
+        if reached("directions"):
+            act("as HARC's direction extraction before step 1 begins")
+        return start(self, *args, **kwargs)
+
+    module.HarcState.start = starting
 
 
 if "RANK" in os.environ:
@@ -263,7 +347,11 @@ if "RANK" in os.environ:
                         "llamafactory_hera_patches.lifecycle.whole_checkpoints": _patch_whole,
                         "llamafactory_hera.hera.teacher": _patch_teacher,
                         "llamafactory_hera.hera.teacher_run": _patch_teacher_run,
-                        "llamafactory_hera.hera.teacher_cache": _patch_teacher_cache})
+                        "llamafactory_hera.hera.teacher_cache": _patch_teacher_cache,
+                        "llamafactory.model.loader": _patch_loader,
+                        "llamafactory_hera.hera.selection.auto": _patch_selection,
+                        "llamafactory_hera.hera.selection.collect": _patch_selection_batches,
+                        "llamafactory_hera.harc.state": _patch_directions})
 
 for _folder in sys.path:  # the next start-up hook on the path
     _next = os.path.join(_folder, "sitecustomize.py")

@@ -10,7 +10,6 @@ import os
 import traceback
 from typing import Any
 
-import torch.distributed as dist
 from transformers import TrainerCallback
 
 from llamafactory_hera import __version__
@@ -286,6 +285,3 @@ def _run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fi
             print(f"Figure saved at: {path}")
         if path is not None and missing:
             print(f"[llamafactory-hera] not logged, so not plotted: {', '.join(missing)}", flush=True)
-    # LLaMA-Factory destroys the process group right after the workflow: a rank tearing gloo down early can abort
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

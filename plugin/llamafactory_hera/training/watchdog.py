@@ -181,19 +181,23 @@ _running: list[Watchdog] = []  # this process's watchdog while a run is watched 
 
 @contextlib.contextmanager
 def watching(training_args: Any, timeout: float | None) -> Iterator[None]:
-    """A plugin run watched for the block (several processes, ``timeout`` not 0)."""
-    if training_args.world_size < 2 or timeout == 0:
-        yield
-        return
-    dog = Watchdog(Path(training_args.output_dir) / FOLDER, training_args.process_index, training_args.world_size,
-                   timeout, launch=launch_mark())
-    dog.start()
-    _running.append(dog)
+    """A plugin run watched for the block (several processes, ``timeout`` not 0), which the ranks leave together (a
+    barrier, still watched): a rank frozen in the final save (rank 0's alone) is named, not waited for by the others'
+    launchers, and LLaMA-Factory's teardown of the process group next finds no rank in a collective (gloo aborts)."""
+    dog = None
+    if training_args.world_size > 1 and timeout != 0:
+        dog = Watchdog(Path(training_args.output_dir) / FOLDER, training_args.process_index,
+                       training_args.world_size, timeout, launch=launch_mark())
+        dog.start()
+        _running.append(dog)
     try:
         yield
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
     finally:
-        _running.remove(dog)
-        dog.stop()
+        if dog is not None:
+            _running.remove(dog)
+            dog.stop()
 
 
 def launch_mark() -> str:
