@@ -73,5 +73,6 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
               "children_cpu": round(_cpu(resource.RUSAGE_CHILDREN) - children + warm, 2),
               "warm_cpu": round(warm, 2), "processes": _started[0] - started}
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    Path(FOLDER).mkdir(parents=True, exist_ok=True)  # a folder not made yet (each worker may come first)
     with (Path(FOLDER) / f"{worker}.jsonl").open("a", encoding="utf-8") as out:
         out.write(json.dumps(record) + "\n")
