@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from test_eval_cli import error_in_process, train
 
 from conftest import base_recipe
@@ -241,6 +243,23 @@ def test_a_save_signals_stop_is_recorded_stopped_and_any_other_exit_failed(tmp_p
         read_run(tmp_path / "0", "run", trained=True)  # eval: the same command resumes it; nothing to evaluate yet
 
 
+def test_an_error_amid_the_final_save_leaves_the_run_unfinished(tmp_path: Path) -> None:
+    """A run whose final save failed with its adapter half-written (a full disk, an error in the save) was recorded
+    ``finished`` (a model saved, then an error): the same command was refused as a finished run and eval read a torn
+    file. Only a whole safetensors file counts as saved."""
+    from llamafactory_hera_patches.lifecycle.run_record import write_ended, write_started
+
+    for torn, status in ((True, "failed"), (False, "finished")):
+        folder = tmp_path / str(torn)
+        path = write_started(folder, "hera", {"seed": 0})
+        save_file({"lora_A": torch.ones(64, 8), "lora_B": torch.zeros(8, 64)}, folder / "adapter_model.safetensors")
+        if torn:
+            whole = (folder / "adapter_model.safetensors").read_bytes()
+            (folder / "adapter_model.safetensors").write_bytes(whole[: len(whole) - 100])
+        write_ended(path, OSError(28, "No space left on device"))
+        assert json.loads(path.read_text(encoding="utf-8"))["status"] == status, torn
+
+
 # --- what an 8-GPU node showed ---
 
 def test_a_run_that_failed_after_saving_its_model_is_evaluated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -251,7 +270,7 @@ def test_a_run_that_failed_after_saving_its_model_is_evaluated(tmp_path: Path, c
     host = {"model_name_or_path": "Qwen/Qwen2-0.5B-Instruct", "template": "qwen", "seed": 0}
     path = write_started(tmp_path, "sft", host)
     (tmp_path / "adapter_config.json").write_text("{}", encoding="utf-8")
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"saved")
+    save_file({"lora_A": torch.ones(4, 2)}, tmp_path / "adapter_model.safetensors")
     write_ended(path, KeyboardInterrupt("at the end"))
     record = json.loads(path.read_text(encoding="utf-8"))
     assert record["status"] == "finished" and record["error_after_save"] == "KeyboardInterrupt: at the end"

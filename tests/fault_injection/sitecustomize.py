@@ -30,9 +30,9 @@ write or a ``rotate`` with another signal than ``sigkill`` acts before the write
 Events before the ``step``-th training step of the launch (default: none) are not counted. A kill is SIGKILL to the
 whole launch: the launcher first (so it cannot signal the ranks), then every other process it started, then this
 rank (every process of a test's launch carries ``HERA_TESTS_LAUNCH``: tests/conftest.py ``run_process``). A fault's
-``signal`` (``SIGUSR1`` ...) is sent instead, to the same processes in the same order (as a scheduler signals every
-process of a job); with ``agent_first`` (seconds), torchrun's agent (this rank's parent) alone is SIGKILLed first,
-and the ranks run on that long before the kill.
+upper-case ``signal`` (``SIGUSR1`` ...) is sent instead, to the same processes in the same order (as a scheduler
+signals every process of a job); with ``agent_first`` (seconds), torchrun's agent (this rank's parent) alone is
+SIGKILLed first, and the ranks run on that long before the kill.
 ``HERA_TEST_TEACHER_ROWS`` (a number) makes the teacher's passes batch and keep that many rows at a time, so that a
 small data set's pass has several batches to be killed between (the uninterrupted run of a comparison sets it too).
 Then the next ``sitecustomize`` on the path runs (tests/fsdp_cpu/ or tests/process_hooks/):
@@ -85,7 +85,7 @@ def kill_launch(why: str) -> None:
     import psutil
 
     fault = mine() or {}
-    name = fault.get("signal", "SIGKILL")
+    name = fault.get("signal", "sigkill").upper()
     processes, me = _launch()  # before the agent goes: the ranks are found as its children
     if fault.get("agent_first"):
         print(f"[fault_injection] rank {os.environ['RANK']}: SIGKILL to torchrun's agent", flush=True)
@@ -104,7 +104,7 @@ def kill_launch(why: str) -> None:
 def act(why: str) -> None:
     """This rank's due fault: its ``signal`` sent (docstring)."""
     name, rank = (mine() or {}).get("signal", "sigkill"), os.environ["RANK"]
-    if name == "sigkill":
+    if name == "sigkill" or name.isupper():  # an upper-case signal: to the whole launch, as a scheduler sends it
         kill_launch(why)
     elif name == "sigstop":
         print(f"[fault_injection] rank {rank}: SIGSTOP {why} at {time.time():.1f}", flush=True)

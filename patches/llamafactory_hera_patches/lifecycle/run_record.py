@@ -133,11 +133,25 @@ SAVED_MODEL_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.sa
 
 
 def _saved_since(folder: Path, started_ns: Any) -> bool:
-    """Whether the run saved its model (adapter or full weights) into ``folder`` after it started."""
+    """Whether the run saved its model (adapter or full weights) into ``folder`` after it started: a safetensors file
+    torn by an error amid the final save (a full disk) is not saved, so the same command writes it again."""
     if not isinstance(started_ns, int):
         return False
     return any((folder / name).is_file() and (folder / name).stat().st_mtime_ns >= started_ns
+               and (not name.endswith(".safetensors") or _whole_safetensors(folder / name))
                for name in SAVED_MODEL_FILES)
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """Whether ``path`` is as long as its header says (8 bytes of header length, the JSON header, the tensors' data)."""
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(min(length, path.stat().st_size)))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        return path.stat().st_size == 8 + length + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
 
 
 def _first_line(error: BaseException) -> str:
