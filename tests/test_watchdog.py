@@ -100,20 +100,27 @@ class _Args:
         self.output_dir, self.process_index, self.world_size = str(folder), rank, 2
 
 
-def test_the_thread_ends_a_rank_whose_peer_froze(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two ranks' watchdogs in this process on real files (pulses of 0.1 s, bound 1 s): rank 1's thread stops as a
-    SIGSTOP would stop it (its file stays); rank 0's says the line and ends its process (here: its thread)."""
-    monkeypatch.setattr(watchdog, "PULSE", 0.1)
+def _fake_exit(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list]:
+    """The watchdog's line and ``os._exit`` caught: (set when it exits, what it said then its exit code); the exit
+    raises SystemExit, which ends the watchdog's thread alone, silently."""
     ended, said = threading.Event(), []
 
     def exit_(code: int) -> None:
         said.append(code)
         ended.set()
-        raise SystemExit(code)  # ends the thread alone, silently
+        raise SystemExit(code)
 
     monkeypatch.setattr(watchdog, "say", said.append)
     monkeypatch.setattr(watchdog.os, "_exit", exit_)
     monkeypatch.setattr(threading, "excepthook", lambda _: None)  # the fake exit's SystemExit in the thread
+    return ended, said
+
+
+def test_the_thread_ends_a_rank_whose_peer_froze(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks' watchdogs in this process on real files (pulses of 0.1 s, bound 1 s): rank 1's thread stops as a
+    SIGSTOP would stop it (its file stays); rank 0's says the line and ends its process (here: its thread)."""
+    monkeypatch.setattr(watchdog, "PULSE", 0.1)
+    ended, said = _fake_exit(monkeypatch)
     frozen = Watchdog(tmp_path / watchdog.FOLDER, 1, 2, 1.0)
     with watchdog.watching(_Args(tmp_path, 0), 1.0):
         frozen.enter("step 3", "step")
@@ -188,16 +195,7 @@ def test_a_rank_paused_itself_does_not_take_its_unchanged_peers_for_silent(tmp_p
     the peer stays unchanged for longer than its bound (1 s) on this rank's clock: the rank ends (the thread still
     watches). The thread's clock is a fake one the test moves a pulse at a time; its pulses of 0.05 s are real."""
     monkeypatch.setattr(watchdog, "PULSE", 0.05)
-    ended, said, reads = threading.Event(), [], [0]
-
-    def exit_(code: int) -> None:
-        said.append(code)
-        ended.set()
-        raise SystemExit(code)  # ends the thread alone, silently
-
-    monkeypatch.setattr(watchdog, "say", said.append)
-    monkeypatch.setattr(watchdog.os, "_exit", exit_)
-    monkeypatch.setattr(threading, "excepthook", lambda _: None)  # the fake exit's SystemExit in the thread
+    (ended, said), reads = _fake_exit(monkeypatch), [0]
     folder, now = tmp_path / watchdog.FOLDER, [0.0]
     folder.mkdir()
     (folder / "rank-1.json").write_bytes(beat("step 3", 1, 1, launch="this"))
