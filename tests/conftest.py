@@ -452,7 +452,8 @@ def run_process(command: list[str], *, cwd: Path, env: dict[str, str], timeout: 
                           stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
         while True:
             try:  # in slices: a retried communicate loses no output
-                stdout, stderr = process.communicate(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                # 1-s slices: the command's exit is seen within a second, so an orphan fails ORPHAN_GRACE_S after it
+                stdout, stderr = process.communicate(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
                 break
             except subprocess.TimeoutExpired:
                 if process.poll() is not None and exited_at is None:
@@ -468,7 +469,7 @@ def run_process(command: list[str], *, cwd: Path, env: dict[str, str], timeout: 
                 for other in marked:
                     with contextlib.suppress(psutil.Error):
                         other.kill()
-                psutil.wait_procs(marked, timeout=10)  # ended before the test goes on (a zombie: up to 10 s)
+                still_running(marked, timeout=10)  # ended before the test goes on
             try:
                 stdout, stderr = process.communicate(timeout=30)
             except subprocess.TimeoutExpired as held:  # something unmarked still holds the pipes: what came so far
@@ -479,6 +480,24 @@ def run_process(command: list[str], *, cwd: Path, env: dict[str, str], timeout: 
             raise AssertionError(f"{' '.join(command)[:300]} {why}; everything it started was killed:\n"
                                  f"{stdout[-3000:]}\n{stderr[-6000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def still_running(processes: list[Any], timeout: float) -> list[Any]:
+    """Waits up to ``timeout`` s for each of ``processes`` to end; returns those still running. A zombie has ended:
+    its pipes are closed, and reaping it is up to its new parent (here one took ~2 s, which psutil.wait_procs waited
+    out)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        running = []
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    running.append(process)
+        if not running or time.monotonic() >= deadline:
+            return running
+        time.sleep(0.05)
 
 
 def processes_marked(key: str, value: str) -> list[Any]:

@@ -43,6 +43,11 @@ def _claim(folder: Path) -> dict:
     return json.loads((folder / CLAIM).read_text(encoding="utf-8"))
 
 
+def _stop(tmp_path: Path, name: str) -> Path:
+    """A file beside the folder (which must be left empty) whose appearance ends a node's ``--until`` hold."""
+    return tmp_path.with_name(f"{tmp_path.name}.{name}")
+
+
 def _end(node: subprocess.Popen) -> str:
     out, err = node.communicate(timeout=60)
     assert node.returncode in (0, 1), err
@@ -65,15 +70,18 @@ def test_a_live_runs_claim_time_is_refreshed_while_it_runs(tmp_path: Path) -> No
 
 
 def test_a_live_run_is_never_taken_over_however_long_it_runs(tmp_path: Path) -> None:
-    """A run on node-a holds the folder for twelve leases (a lease of 0.25 s, refreshed every 0.05 s); runs started
-    on node-b in its second and eighth lease are refused naming it; it ends and releases the folder."""
-    holder = _node(tmp_path, "node-a", lease=0.25, refresh=0.05, hold=3)
+    """A run on node-a (a lease of 0.25 s, refreshed every 0.05 s) holds the folder until two runs started on node-b
+    0.4 s apart (from its second lease on; each start takes a few leases more) have been refused naming it; it ends
+    and releases the folder."""
+    stop = _stop(tmp_path, "stop")
+    holder = _node(tmp_path, "node-a", lease=0.25, refresh=0.05, hold=60, until=stop)
     assert _first_line(holder) == "claimed"
     refused = []
     for _ in range(2):
         time.sleep(0.4)
         refused.append(_end(_node(tmp_path, "node-b", lease=0.25)).strip())
     assert holder.poll() is None, "the holder ended before the second run tried"
+    stop.touch()
     _end(holder)
     assert all(IN_USE.format(pid=holder.pid, host="node-a") in line for line in refused), refused
     assert list(tmp_path.iterdir()) == []
@@ -110,11 +118,15 @@ def test_three_jobs_racing_for_one_stale_claim_leave_one_owner(pauses: tuple[flo
     (tmp_path / CLAIM).write_text(json.dumps({"pid": dead.pid, "host": "node-a", "started": "then", "token": "0"}))
     old = time.time() - run_claim.LEASE_SECONDS - 60
     os.utime(tmp_path / CLAIM, (old, old))
-    hosts, go = ("node-b", "node-a", "node-a"), tmp_path.with_name(f"{tmp_path.name}.go")
-    nodes = [_node(tmp_path, host, go=go, hold=3, pause=pause)
+    hosts, go, stop = ("node-b", "node-a", "node-a"), _stop(tmp_path, "go"), _stop(tmp_path, "stop")
+    nodes = [_node(tmp_path, host, go=go, hold=60, until=stop, pause=pause)
              for host, pause in zip(hosts, pauses, strict=True)]
     assert [_first_line(node) for node in nodes] == ["ready"] * 3
     go.touch()
+    deadline = time.monotonic() + 30  # the owner holds the folder until the other two have ended (refused)
+    while sum(node.poll() is not None for node in nodes) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.touch()
     outputs = [_end(node).splitlines() for node in nodes]
     owners = [n for n, lines in enumerate(outputs) if lines[-1] == "claimed"]
     assert len(owners) == 1, outputs
@@ -126,16 +138,19 @@ def test_three_jobs_racing_for_one_stale_claim_leave_one_owner(pauses: tuple[flo
 
 def test_a_claim_made_by_a_non_zero_rank_lives_until_the_job_ends(tmp_path: Path) -> None:
     """Rank 1 (node-b) claims the folder first; rank 0 (node-a) joins its job's claim; rank 1's run returns and its
-    process ends while rank 0 saves for two seconds more: the claim passes to rank 0 (it names rank 0's process),
-    another job is refused meanwhile, and the claim is released when rank 0 ends."""
-    rank_1 = _node(tmp_path, "node-b", {**JOB, "RANK": "1"}, hold=1)
+    process ends while rank 0 still saves: the claim passes to rank 0 (it names rank 0's process), another job is
+    refused meanwhile, and the claim is released when rank 0 ends."""
+    stop_1, stop_0 = _stop(tmp_path, "stop1"), _stop(tmp_path, "stop0")
+    rank_1 = _node(tmp_path, "node-b", {**JOB, "RANK": "1"}, hold=60, until=stop_1)
     assert _first_line(rank_1) == "claimed"
-    rank_0 = _node(tmp_path, "node-a", {**JOB, "RANK": "0"}, hold=3)
+    rank_0 = _node(tmp_path, "node-a", {**JOB, "RANK": "0"}, hold=60, until=stop_0)
     _first_line(rank_0)
     assert rank_1.poll() is None, "rank 1 ended before rank 0 joined"
+    stop_1.touch()
     _end(rank_1)
     assert _claim(tmp_path)["pid"] == rank_0.pid
     with pytest.raises(RecipeError, match=re.escape(IN_USE.format(pid=rank_0.pid, host="node-a"))):
         run_claim.take(tmp_path, "sft", env={})
+    stop_0.touch()
     _end(rank_0)
     assert list(tmp_path.iterdir()) == []

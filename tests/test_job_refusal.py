@@ -72,17 +72,17 @@ def test_a_refusal_on_rank_1_ends_a_launched_job_at_once(launcher: str, tmp_path
     _check([output], stamps, ended)
 
 
-def _unlaunched(what: str, env: dict[str, str], rank_env: str, tmp_path: Path) -> None:
+def _unlaunched(what: str, env: dict[str, str], rank_env: str, tmp_path: Path, within: float = WITHIN_S) -> None:
     """Two ranks of ``refusal_rank.py WHAT`` started by the test, each with ``env`` and its rank in ``rank_env``: no
-    launcher stops one; both must end with exit code 1 within :data:`WITHIN_S` of both being up, one line printed."""
+    launcher stops one; both must end with exit code 1 within ``within`` s of both being up, one line printed."""
     stamps = tmp_path / "stamps"
     ranks = [subprocess.Popen([sys.executable, RANK, what, str(stamps)], cwd=tmp_path,
                               env={**offline_env(tmp_path), **env, rank_env: str(rank), "LOCAL_RANK": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     try:
         both_up = _when_both_up(stamps, 180, ranks)  # up within ~20 s on an idle machine; then ends within WITHIN_S
-        # waited for no longer than the claim allows: a rank left waiting fails here in WITHIN_S, not in a minute
-        outputs = [rank.communicate(timeout=max(1.0, both_up + WITHIN_S - time.time()))[0] for rank in ranks]
+        # waited for no longer than the claim allows: a rank left waiting fails here in ``within``, not in a minute
+        outputs = [rank.communicate(timeout=max(1.0, both_up + within - time.time()))[0] for rank in ranks]
     finally:
         for rank in ranks:
             rank.kill()
@@ -117,7 +117,9 @@ def test_a_refusal_on_rank_1_ends_srun_tasks_at_once(tmp_path: Path) -> None:
     """No launcher stops the waiting rank (``srun`` without ``--kill-on-bad-exit``): it ends because the refusing
     rank set the flag in rank 0's store."""
     env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    _unlaunched("1", env, "SLURM_PROCID", tmp_path)
+    # while open, the waiting rank waits out its ddp_timeout (600 s): 5 s of it shows that as well as WITHIN_S does,
+    # and a watched rank ends in about a second (the torchrun cases above), so a fix still turns this xfail strict-red
+    _unlaunched("1", env, "SLURM_PROCID", tmp_path, within=5.0)
 
 
 def _torchrun_env(port: int, rank: int, local_world: int = 2, world: int = 4) -> dict[str, str]:

@@ -5,6 +5,7 @@ tests/harc/test_harc_docs.py; the front page and every link by tests/test_docs.p
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -380,10 +381,15 @@ def test_demo_runs_end_to_end_twice_and_its_next_steps_work(assets: TinyAssets, 
     recipe = yaml.safe_load((folder / folders.RECIPE_NAME).read_text(encoding="utf-8"))
     assert recipe["stage"] == "hera" and recipe["max_steps"] == 3 and recipe["output_dir"] == str(run_dir)
 
-    # another demo in the same --output keeps this one's outputs, so its printed next steps still work
-    rah = _run_demo(out, assets, tmp_path, "--method", "rah", "--family", "llava", "--quiet")
+    # another demo in the same --output keeps this one's outputs, so its printed next steps still work; it is the
+    # suite's run of the RAH-LoRA demo (``python -m llamafactory_hera.demo --method rah``): calibrated, its outputs
+    # and next steps printed
+    rah = _run_demo(out, assets, tmp_path, "--method", "rah", "--family", "llava")
     assert "RAH-LoRA demo finished" in rah.stdout and "replaced" not in rah.stdout
-    assert (out / "rah" / "run" / "adapter_model.safetensors").is_file()
+    assert "--adapter_name_or_path" in rah.stdout and "loosened thresholds" in rah.stdout, rah.stdout
+    assert "--do_sample false" in rah.stdout and f"eval {out / 'rah' / 'run'} --base --tasks demo" in rah.stdout
+    profile = json.loads((out / "rah" / "run" / "rah_profile.json").read_text(encoding="utf-8"))
+    assert profile["summary"]["calibrated"] >= 1 and (out / "rah" / "run" / "adapter_model.safetensors").is_file()
     assert (run_dir / "hera_run.json").is_file() and (run_dir / "adapter_model.safetensors").is_file()
     for step in (_printed(lines, "select", "--report"), _printed(lines, "select", "--output")):
         done = subprocess.run(step, env=offline_env(tmp_path), capture_output=True, text=True, timeout=600)

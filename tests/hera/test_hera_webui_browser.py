@@ -53,19 +53,12 @@ def _chromium() -> str:
     return found
 
 
-@pytest.fixture
-def webui(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """``llamafactory-cli webui`` on 127.0.0.1 with cwd ``tmp_path/board`` (its saves and cache live there)."""
-    yield from _serve_webui(tmp_path)
-
-
 @pytest.fixture(scope="module")
-def webui_to_look_at(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """One web UI for the tests that only look (the stage box at each width): one start, not one per width."""
-    yield from _serve_webui(tmp_path_factory.mktemp("webui"))
-
-
-def _serve_webui(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def webui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """``llamafactory-cli webui`` on 127.0.0.1 with cwd ``board/`` of a folder of the module's (its saves and cache
+    live there): one start for the module's tests. The tests that only look (the stage box at each width) come first
+    in the module: the run's test picks a model and the zh language last, which LlamaBoard keeps for the next page."""
+    tmp_path = tmp_path_factory.mktemp("webui")
     workdir = tmp_path / "board"
     workdir.mkdir()
     port = free_port()
@@ -127,6 +120,81 @@ def _orange_pixels(data_uri: str) -> int:
 
     image = Image.open(io.BytesIO(base64.b64decode(data_uri.split(",", 1)[1]))).convert("RGB")
     return sum(1 for r, g, b in image.getdata() if r > 200 and 90 < g < 170 and b < 90)
+
+
+# A picked stage's text in the dropdown: (scroll width, client width) of the input, and where the text ends and where
+# the dropdown's arrow begins (px from the window's left; the input's right padding edge without an arrow)
+_SHOWN = """e => {
+    const style = getComputedStyle(e), box = e.getBoundingClientRect();
+    const ctx = document.createElement('canvas').getContext('2d');
+    ctx.font = style.font;
+    const arrow = e.closest('.wrap')?.querySelector('.dropdown-arrow, .icon-wrap');
+    const limit = arrow ? arrow.getBoundingClientRect().left : box.right - parseFloat(style.paddingRight);
+    return [e.scrollWidth, e.clientWidth, box.left + parseFloat(style.paddingLeft) + ctx.measureText(e.value).width,
+            limit, !!arrow];
+}"""
+
+
+def _stage_box_report(page: Any, stage: str, labels: list[str]) -> dict[str, Any]:
+    """For each stage label (the first the shortest), picked in turn: how its text sits in the box (:data:`_SHOWN`)
+    and whether the box still holds it half a second later; then, with the list left open, its option's height in
+    heights of the first name's option (1: on one line)."""
+    report: dict[str, Any] = {}
+    box = page.locator(stage)
+    for label in labels:
+        _pick(page, stage, label)
+        report[label] = {"box": box.evaluate(_SHOWN)}
+        page.wait_for_timeout(500)
+        report[label]["kept"] = box.input_value()
+    box.click()  # the open list, every option
+    one_line = page.locator(_option(labels[0])).first.bounding_box()["height"]  # the shortest name
+    for label in labels:
+        height = page.locator(_option(label)).first.bounding_box()["height"]
+        report[label]["option_lines"] = round(height / one_line, 2)
+    return report
+
+
+@pytest.mark.parametrize("width", [1600, 1280])
+def test_the_stage_box_shows_the_methods_names_whole(webui: tuple[str, Path], tmp_path: Path,
+                                                     width: int) -> None:
+    """The Train tab's Stage dropdown shows each stage's full name, the methods' long ones included, in the box and in
+    its list, at a desktop and a laptop width (a narrow box cuts the methods' names off). A screenshot of
+    the Train tab's first row with the list open is left in the test's folder."""
+    from llamafactory_hera.methods import declared_methods
+
+    chromium = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install '.[test]'")
+    url, _ = webui
+    labels = [SFT_LABEL, *(method.label for method in declared_methods())]
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": width, "height": 900})
+        try:
+            page = context.new_page()
+            page.set_default_timeout(90_000)  # LlamaBoard under a busy 2-core CI: 30 s timed out once
+            page.goto(url)
+            page.get_by_text("Ready.", exact=True).first.wait_for()
+            block_id = page.locator("input[aria-label='Stage']").evaluate("e => e.closest('[id^=component-]').id")
+            stage = f"#{block_id} input"
+            # HeRA's name (the widest) picked last: the screenshot shows it in the box
+            report = _stage_box_report(page, stage, [*sorted(set(labels) - {HERA_LABEL}, key=len), HERA_LABEL])
+            boxes = [page.locator(_option(label)).first.bounding_box() for label in labels]
+            boxes.append(page.locator(f"#{block_id}").bounding_box())
+            top = max(0, min(b["y"] for b in boxes) - 10)
+            bottom = max(b["y"] + b["height"] for b in boxes) + 10
+            screenshot = tmp_path / f"llamaboard_stage_{width}.png"
+            page.screenshot(path=str(screenshot), clip={"x": 0, "y": top, "width": width, "height": bottom - top})
+            print(f"\nscreenshot: {screenshot}")
+        finally:
+            context.close()
+    cut = {label: shown for label, shown in report.items()
+           if shown["box"][0] > shown["box"][1] or shown["box"][2] > shown["box"][3]}
+    assert all(shown["kept"] == label for label, shown in report.items()), report  # no event put another back
+    assert cut == {}, f"stage names cut off at {width} px ([scroll, client width, text end, arrow start]): {cut}"
+    assert all(shown["box"][4] for shown in report.values()), report  # the arrow was found: the check means it
+    wrapped = {label: shown["option_lines"] for label, shown in report.items() if shown["option_lines"] > 1.2}
+    assert wrapped == {}, f"stage names wrapped in the open list at {width} px (lines): {wrapped}"
 
 
 def test_hera_run_from_the_browser(assets: TinyAssets, webui: tuple[str, Path], tmp_path: Path) -> None:
@@ -239,78 +307,3 @@ def test_hera_run_from_the_browser(assets: TinyAssets, webui: tuple[str, Path], 
             panel.wait_for(state="hidden")
         finally:
             context.close()
-
-
-# A picked stage's text in the dropdown: (scroll width, client width) of the input, and where the text ends and where
-# the dropdown's arrow begins (px from the window's left; the input's right padding edge without an arrow)
-_SHOWN = """e => {
-    const style = getComputedStyle(e), box = e.getBoundingClientRect();
-    const ctx = document.createElement('canvas').getContext('2d');
-    ctx.font = style.font;
-    const arrow = e.closest('.wrap')?.querySelector('.dropdown-arrow, .icon-wrap');
-    const limit = arrow ? arrow.getBoundingClientRect().left : box.right - parseFloat(style.paddingRight);
-    return [e.scrollWidth, e.clientWidth, box.left + parseFloat(style.paddingLeft) + ctx.measureText(e.value).width,
-            limit, !!arrow];
-}"""
-
-
-def _stage_box_report(page: Any, stage: str, labels: list[str]) -> dict[str, Any]:
-    """For each stage label (the first the shortest), picked in turn: how its text sits in the box (:data:`_SHOWN`)
-    and whether the box still holds it half a second later; then, with the list left open, its option's height in
-    heights of the first name's option (1: on one line)."""
-    report: dict[str, Any] = {}
-    box = page.locator(stage)
-    for label in labels:
-        _pick(page, stage, label)
-        report[label] = {"box": box.evaluate(_SHOWN)}
-        page.wait_for_timeout(500)
-        report[label]["kept"] = box.input_value()
-    box.click()  # the open list, every option
-    one_line = page.locator(_option(labels[0])).first.bounding_box()["height"]  # the shortest name
-    for label in labels:
-        height = page.locator(_option(label)).first.bounding_box()["height"]
-        report[label]["option_lines"] = round(height / one_line, 2)
-    return report
-
-
-@pytest.mark.parametrize("width", [1600, 1280])
-def test_the_stage_box_shows_the_methods_names_whole(webui_to_look_at: tuple[str, Path], tmp_path: Path,
-                                                     width: int) -> None:
-    """The Train tab's Stage dropdown shows each stage's full name, the methods' long ones included, in the box and in
-    its list, at a desktop and a laptop width (a narrow box cuts the methods' names off). A screenshot of
-    the Train tab's first row with the list open is left in the test's folder."""
-    from llamafactory_hera.methods import declared_methods
-
-    chromium = _chromium()
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install '.[test]'")
-    url, _ = webui_to_look_at
-    labels = [SFT_LABEL, *(method.label for method in declared_methods())]
-    with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": width, "height": 900})
-        try:
-            page = context.new_page()
-            page.set_default_timeout(90_000)  # LlamaBoard under a busy 2-core CI: 30 s timed out once
-            page.goto(url)
-            page.get_by_text("Ready.", exact=True).first.wait_for()
-            block_id = page.locator("input[aria-label='Stage']").evaluate("e => e.closest('[id^=component-]').id")
-            stage = f"#{block_id} input"
-            # HeRA's name (the widest) picked last: the screenshot shows it in the box
-            report = _stage_box_report(page, stage, [*sorted(set(labels) - {HERA_LABEL}, key=len), HERA_LABEL])
-            boxes = [page.locator(_option(label)).first.bounding_box() for label in labels]
-            boxes.append(page.locator(f"#{block_id}").bounding_box())
-            top = max(0, min(b["y"] for b in boxes) - 10)
-            bottom = max(b["y"] + b["height"] for b in boxes) + 10
-            screenshot = tmp_path / f"llamaboard_stage_{width}.png"
-            page.screenshot(path=str(screenshot), clip={"x": 0, "y": top, "width": width, "height": bottom - top})
-            print(f"\nscreenshot: {screenshot}")
-        finally:
-            context.close()
-    cut = {label: shown for label, shown in report.items()
-           if shown["box"][0] > shown["box"][1] or shown["box"][2] > shown["box"][3]}
-    assert all(shown["kept"] == label for label, shown in report.items()), report  # no event put another back
-    assert cut == {}, f"stage names cut off at {width} px ([scroll, client width, text end, arrow start]): {cut}"
-    assert all(shown["box"][4] for shown in report.values()), report  # the arrow was found: the check means it
-    wrapped = {label: shown["option_lines"] for label, shown in report.items() if shown["option_lines"] > 1.2}
-    assert wrapped == {}, f"stage names wrapped in the open list at {width} px (lines): {wrapped}"
