@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import io
 import json
@@ -172,6 +173,16 @@ def trained_harc_run(harc_assets: Any, tmp_path_factory: pytest.TempPathFactory)
     output = tmp_path_factory.mktemp("harc_run") / "harc"
     train(harc_recipe(harc_assets, "llama3", output, harc_eval=False, max_steps=3, harc_validate_samples=2))
     return output
+
+
+@pytest.fixture(scope="session")
+def zoo() -> Callable[[str], Path]:
+    """A zoo family's tiny model folder (llamafactory_hera_testing/zoo.py), built on first use and kept under
+    .hera_assets/zoo/ per transformers version: one build of a family serves every module, session and pytest-xdist
+    worker (the build is renamed into place whole)."""
+    from llamafactory_hera_testing.zoo import zoo_model  # imports transformers: not at the import of every test module
+
+    return functools.partial(zoo_model, root=REPO / ".hera_assets" / "zoo" / f"transformers-{installed()}")
 
 
 @pytest.fixture(scope="module")
