@@ -205,6 +205,14 @@ def accelerator(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
     ``with accelerator: run_exp(recipe, callbacks=[StepSyncs(accelerator)])`` runs a real training on it.
     """
+    with simulated_accelerator(monkeypatch) as simulated:
+        yield simulated
+
+
+@contextlib.contextmanager
+def simulated_accelerator(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The :func:`accelerator` fixture's device for the block, patched in with ``monkeypatch`` (undone at its end): a
+    fixture of wider scope passes its own ``pytest.MonkeyPatch.context()``."""
     from llamafactory_hera_testing.accelerator import (
         SimulatedAccelerator,
         patch_for_simulated_device,
@@ -214,9 +222,11 @@ def accelerator(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     reset_accelerate_state()
     simulated = SimulatedAccelerator()
     patch_for_simulated_device(monkeypatch, simulated)
-    yield simulated
-    monkeypatch.undo()
-    reset_accelerate_state()  # a later in-process run in this worker must set up the CPU again
+    try:
+        yield simulated
+    finally:
+        monkeypatch.undo()
+        reset_accelerate_state()  # a later in-process run in this worker must set up the CPU again
 
 
 # A run whose environment sets one of these is a real process: ranks, or what the start-up hook reads.
