@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import io
 import json
@@ -174,6 +175,16 @@ def trained_harc_run(harc_assets: Any, tmp_path_factory: pytest.TempPathFactory)
     return output
 
 
+@pytest.fixture(scope="session")
+def zoo() -> Callable[[str], Path]:
+    """A zoo family's tiny model folder (llamafactory_hera_testing/zoo.py), built on first use and kept under
+    .hera_assets/zoo/ per transformers version: one build of a family serves every module, session and pytest-xdist
+    worker (the build is renamed into place whole)."""
+    from llamafactory_hera_testing.zoo import zoo_model  # imports transformers: not at the import of every test module
+
+    return functools.partial(zoo_model, root=REPO / ".hera_assets" / "zoo" / f"transformers-{installed()}")
+
+
 @pytest.fixture(scope="module")
 def tiny_llama3(harc_assets: Any) -> Any:
     """The tiny Llama-3 as an engine: model, tokenizer, LLaMA-Factory's llama3 template."""
@@ -194,6 +205,14 @@ def accelerator(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
     ``with accelerator: run_exp(recipe, callbacks=[StepSyncs(accelerator)])`` runs a real training on it.
     """
+    with simulated_accelerator(monkeypatch) as simulated:
+        yield simulated
+
+
+@contextlib.contextmanager
+def simulated_accelerator(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The :func:`accelerator` fixture's device for the block, patched in with ``monkeypatch`` (undone at its end): a
+    fixture of wider scope passes its own ``pytest.MonkeyPatch.context()``."""
     from llamafactory_hera_testing.accelerator import (
         SimulatedAccelerator,
         patch_for_simulated_device,
@@ -203,9 +222,11 @@ def accelerator(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     reset_accelerate_state()
     simulated = SimulatedAccelerator()
     patch_for_simulated_device(monkeypatch, simulated)
-    yield simulated
-    monkeypatch.undo()
-    reset_accelerate_state()  # a later in-process run in this worker must set up the CPU again
+    try:
+        yield simulated
+    finally:
+        monkeypatch.undo()
+        reset_accelerate_state()  # a later in-process run in this worker must set up the CPU again
 
 
 # A run whose environment sets one of these is a real process: ranks, or what the start-up hook reads.

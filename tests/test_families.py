@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from llamafactory_hera.fixtures import TinyAssets
 from llamafactory_hera.heads.architecture import decoder_layers, head_projections, plan_layers
 from llamafactory_hera.hera.trainer import HeraTrainer
 from llamafactory_hera_patches.stacks import family_too_new
-from llamafactory_hera_testing.zoo import ZOO, zoo_model
+from llamafactory_hera_testing.zoo import ZOO
 
 # what each family's layers are, as the docs' table says (the plan's kinds beyond plain softmax attention)
 LAYER_MIX = {
@@ -72,19 +73,14 @@ class TermGradient:
         return term, finite
 
 
-@pytest.fixture(scope="session")
-def zoo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("zoo")
-
-
-def _family_assets(assets: TinyAssets, name: str, root: Path) -> TinyAssets:
-    return dataclasses.replace(assets, models={name: zoo_model(name, root)}, templates={name: ZOO[name][0]})
+def _family_assets(assets: TinyAssets, name: str, zoo: Callable[[str], Path]) -> TinyAssets:
+    return dataclasses.replace(assets, models={name: zoo(name)}, templates={name: ZOO[name][0]})
 
 
 @pytest.mark.parametrize("name", list(ZOO))
-def test_family_runs_select_hera_and_rah(name: str, assets: TinyAssets, zoo_root: Path, tmp_path: Path,
+def test_family_runs_select_hera_and_rah(name: str, assets: TinyAssets, zoo: Callable[[str], Path], tmp_path: Path,
                                          capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    family = _family_assets(assets, name, zoo_root)
+    family = _family_assets(assets, name, zoo)
     model_path = family.models[name]
 
     # the two views of the architecture agree: the config's plan (before loading) and the loaded modules
@@ -129,12 +125,12 @@ def test_family_runs_select_hera_and_rah(name: str, assets: TinyAssets, zoo_root
 
 @pytest.mark.parametrize("name", ["gemma3n", "gemma4"])
 def test_a_kv_sharing_layer_reads_the_source_transformers_gives_it_with_or_without_its_index(
-        name: str, assets: TinyAssets, zoo_root: Path) -> None:
+        name: str, assets: TinyAssets, zoo: Callable[[str], Path]) -> None:
     """transformers 5.6 names a reading layer's source (``kv_shared_layer_index``); 5.8 keeps none (it keys the shared
     keys and values by layer type). The loaded view finds transformers' own source either way."""
     if family_too_new(name):
         pytest.skip(f"this transformers has no {name}")
-    config = AutoConfig.from_pretrained(_family_assets(assets, name, zoo_root).models[name])
+    config = AutoConfig.from_pretrained(_family_assets(assets, name, zoo).models[name])
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     attentions = {layer.index: layer.module.self_attn for layer in decoder_layers(model)}
@@ -154,11 +150,11 @@ def test_a_kv_sharing_layer_reads_the_source_transformers_gives_it_with_or_witho
 
 
 @needs_qwen3_5
-def test_a_head_in_a_layer_without_heads_is_refused_before_loading(assets: TinyAssets, zoo_root: Path,
+def test_a_head_in_a_layer_without_heads_is_refused_before_loading(assets: TinyAssets, zoo: Callable[[str], Path],
                                                                    tmp_path: Path) -> None:
     """Qwen3.5 (L0 linear attention, L1 softmax): HeRA's hera_heads and RAH-LoRA's rah_layers naming L0 are refused
     before the model loads (no "all params" line of the loader), naming the layers that have heads."""
-    family = _family_assets(assets, "qwen3_5", zoo_root)
+    family = _family_assets(assets, "qwen3_5", zoo)
     hera = base_recipe(family, "qwen3_5", tmp_path / "hera", hera_heads=["L0H1"])
     proc = run_train(hera, tmp_path, check=False)
     out = proc.stdout + proc.stderr

@@ -1,6 +1,6 @@
 """Every Gemma, Llama, Mistral and LFM2 family of the zoo (``llamafactory_hera_testing.zoo_gemma`` and
-``zoo_llama_mistral_lfm``) trains plain ``stage: sft`` through LLaMA-Factory's own path: a tiny model built here, LoRA
-on ``lora_target: all``, one step of two image rows."""
+``zoo_llama_mistral_lfm``) trains plain ``stage: sft`` through LLaMA-Factory's own path: the zoo's tiny model
+(conftest's ``zoo``), LoRA on ``lora_target: all``, one step of two image rows."""
 
 from __future__ import annotations
 
@@ -15,12 +15,10 @@ import pytest
 
 from conftest import run_train
 from llamafactory_hera.fixtures import TinyAssets
-from llamafactory_hera.fixtures.models import save_built
 from llamafactory_hera_testing.zoo_gemma import ZOO_GEMMA
 from llamafactory_hera_testing.zoo_llama_mistral_lfm import ZOO_LLAMA_MISTRAL_LFM
 
-ZOO = {**ZOO_GEMMA, **ZOO_LLAMA_MISTRAL_LFM}  # in this order: a family's RNG stream is its position
-STREAM_BASE = 10  # RNG streams 10.. (the fixtures' models use 0-2, families.py 3-5)
+ZOO = {**ZOO_GEMMA, **ZOO_LLAMA_MISTRAL_LFM}
 
 # LLaMA-Factory 0.9.5 matches LoRA targets of a composite model as substrings of module paths
 # (model_utils/visual.py patch_target_modules). Gemma 3n's AltUp keeps nn.Linear in ModuleLists, so `all` collects the
@@ -32,21 +30,6 @@ XFAIL = {"gemma3n": GEMMA3N_ALL}
 XFAIL_ERROR = {"gemma3n": "ValueError: Target module Gemma3nTextDecoderLayer("}  # the failure the mark expects
 # Every linear target but up_proj (a substring of altup_projections): the Gemma 3n model itself trains
 GEMMA3N_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,down_proj"
-
-
-@pytest.fixture(scope="module")
-def zoo_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """A family's tiny model folder, built on first use (weights on RNG stream STREAM_BASE + its position)."""
-    root, built = tmp_path_factory.mktemp("zoo_gemma_llama_mistral"), {}
-
-    def folder(name: str) -> Path:
-        if name not in built:
-            start = time.perf_counter()
-            built[name] = save_built(ZOO[name][1], root / name, seed=0, stream=STREAM_BASE + list(ZOO).index(name))
-            print(f"{name}: built in {time.perf_counter() - start:.2f} s")
-        return built[name]
-
-    return folder
 
 
 def _sft_recipe(model: Path, template: str, assets: TinyAssets, out: Path, **overrides: Any) -> dict[str, Any]:
@@ -77,13 +60,13 @@ def _train_one_step(recipe: dict[str, Any], tmp: Path, name: str) -> None:
 @pytest.mark.parametrize("name", [
     pytest.param(name, marks=pytest.mark.xfail(reason=XFAIL[name], raises=AssertionError, strict=True))
     if name in XFAIL else name for name in ZOO])
-def test_zoo_family_trains_one_sft_step(name: str, zoo_model: Callable[[str], Path], assets: TinyAssets,
+def test_zoo_family_trains_one_sft_step(name: str, zoo: Callable[[str], Path], assets: TinyAssets,
                                         tmp_path: Path) -> None:
     template = ZOO[name][0]
-    _train_one_step(_sft_recipe(zoo_model(name), template, assets, tmp_path / "out"), tmp_path, name)
+    _train_one_step(_sft_recipe(zoo(name), template, assets, tmp_path / "out"), tmp_path, name)
 
 
 def test_gemma3n_trains_one_sft_step_on_targets_that_dodge_the_substring_match(
-        zoo_model: Callable[[str], Path], assets: TinyAssets, tmp_path: Path) -> None:
-    recipe = _sft_recipe(zoo_model("gemma3n"), "gemma3n", assets, tmp_path / "out", lora_target=GEMMA3N_TARGETS)
+        zoo: Callable[[str], Path], assets: TinyAssets, tmp_path: Path) -> None:
+    recipe = _sft_recipe(zoo("gemma3n"), "gemma3n", assets, tmp_path / "out", lora_target=GEMMA3N_TARGETS)
     _train_one_step(recipe, tmp_path, "gemma3n (targets)")

@@ -1,25 +1,24 @@
 """The tiny models of the Qwen-VL line, the video LLaVAs, the GLM-V line and ERNIE-VL
 (``llamafactory_hera_testing.zoo_qwen_video_llava`` and ``zoo_glm_ernie``) train plain ``stage: sft`` (LoRA on every
-linear layer, one step of two rows) through LLaMA-Factory's own path with the family's template, each built once per
-module."""
+linear layer, one step of two rows) through LLaMA-Factory's own path with the family's template (the zoo's models,
+conftest's ``zoo``)."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from conftest import run_train
 from llamafactory_hera.fixtures import TinyAssets
-from llamafactory_hera.fixtures.models import save_built
 from llamafactory_hera_testing.zoo_glm_ernie import ZOO_GLM_ERNIE
 from llamafactory_hera_testing.zoo_qwen_video_llava import ZOO_QWEN_VIDEO_LLAVA
 
-ZOO = {**ZOO_QWEN_VIDEO_LLAVA, **ZOO_GLM_ERNIE}  # in this order: a family's RNG stream is its position
-STREAM = 200  # RNG streams of these builds: after the fixtures' and families.py's
+ZOO = {**ZOO_QWEN_VIDEO_LLAVA, **ZOO_GLM_ERNIE}
 # ERNIE-4.5-VL: LLaMA-Factory 0.9.5 lists no vision keys for it, so `lora_target: all` also names the resampler's
 # Linear `mlp`, which PEFT then matches on the decoder's dense MLP block too; explicit targets train.
 DECODER_LINEARS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -45,26 +44,10 @@ def _cases() -> list[object]:
             for case in CASES]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, float]]:
-    """Family -> (model folder, build seconds), filled on a family's first use."""
-    return {}
-
-
-def _model(name: str, built: dict[str, tuple[Path, float]], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if name not in built:
-        start = time.perf_counter()
-        folder = save_built(ZOO[name][1], tmp_path_factory.mktemp("zoo_qwen_glm_ernie") / name, seed=0,
-                            stream=STREAM + list(ZOO).index(name))
-        built[name] = folder, time.perf_counter() - start
-    return built[name][0]
-
-
 @pytest.mark.parametrize(("name", "lora_target"), _cases())
-def test_family_trains_one_sft_step(name: str, lora_target: str, built: dict[str, tuple[Path, float]],
-                                    assets: TinyAssets, tmp_path_factory: pytest.TempPathFactory,
+def test_family_trains_one_sft_step(name: str, lora_target: str, zoo: Callable[[str], Path], assets: TinyAssets,
                                     tmp_path: Path) -> None:
-    model = _model(name, built, tmp_path_factory)
+    model = zoo(name)
     out = tmp_path / "out"
     recipe = {
         "model_name_or_path": str(model), "template": ZOO[name][0], "stage": "sft", "do_train": True,
@@ -80,7 +63,7 @@ def test_family_trains_one_sft_step(name: str, lora_target: str, built: dict[str
     if proc.returncode and (name, lora_target) in XFAIL and XFAIL[name, lora_target][0] in proc.stderr:
         raise KnownHostFailure(XFAIL[name, lora_target][1])
     assert proc.returncode == 0, proc.stderr[-8000:]
-    print(f"{name}: build {built[name][1]:.1f} s, sft step {time.perf_counter() - start:.1f} s")
+    print(f"{name}: sft step {time.perf_counter() - start:.1f} s")
     assert (out / "adapter_model.safetensors").is_file()
     losses = [row["loss"] for row in json.loads((out / "trainer_state.json").read_text())["log_history"]
               if "loss" in row]

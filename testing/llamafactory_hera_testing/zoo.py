@@ -3,8 +3,9 @@ only): the fixtures' three (:mod:`llamafactory_hera.fixtures.models`), the recip
 (:mod:`llamafactory_hera_testing.families`) and the rest (:mod:`.zoo_gemma`, :mod:`.zoo_llama_mistral_lfm`,
 :mod:`.zoo_qwen_video_llava`, :mod:`.zoo_glm_ernie`).
 
-:func:`zoo_model` builds a family once per process under a root folder (built in a temporary sibling and renamed into
-place, so pytest-xdist workers building at once never read a partial build).
+:func:`zoo_model` builds a family once under a root folder (built in a temporary sibling and renamed into place, so
+pytest-xdist workers building at once never read a partial build); the tests' root is conftest's ``zoo`` fixture's,
+kept under .hera_assets/ across runs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from llamafactory_hera_testing.zoo_qwen_video_llava import ZOO_QWEN_VIDEO_LLAVA
 
 Builder = Callable[[], tuple[PreTrainedModel, ProcessorMixin]]
 
-# family -> (LLaMA-Factory template, builder), the families no other test module builds
+# family -> (LLaMA-Factory template, builder), the families beyond the fixtures' and the recipes'
 ZOO: dict[str, tuple[str, Builder]] = {**ZOO_GEMMA, **ZOO_LLAMA_MISTRAL_LFM, **ZOO_QWEN_VIDEO_LLAVA, **ZOO_GLM_ERNIE}
 STREAM = 300  # RNG streams of these builds: after the fixtures' and families.py's
 VERSION = 1  # bump whenever a builder changes

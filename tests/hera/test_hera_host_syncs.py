@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import base_recipe, read_trainer_log
+from conftest import base_recipe, read_trainer_log, simulated_accelerator
 
 pytestmark = pytest.mark.accelerator
 
@@ -67,8 +67,16 @@ def without_copies(counts: Counter[str]) -> Counter[str]:
     return Counter({kind: n for kind, n in counts.items() if kind not in ("to device", ASYNC_TO_HOST)})
 
 
+@pytest.fixture(scope="module")
+def sft_syncs(assets: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[list, list]:
+    """Plain SFT's :func:`step_syncs` on its own simulated device: the reference of every case below, run once (the
+    cases' patches are HeRA's, which a ``stage: sft`` run does not call)."""
+    with pytest.MonkeyPatch.context() as patches, simulated_accelerator(patches) as device:
+        return step_syncs(device, sft_recipe(assets, "qwen2_5_vl", tmp_path_factory.mktemp("sft")))
+
+
 @pytest.mark.parametrize("teacher", ["precomputed", "in_step", "in_step_cached", "zero3_reads"])
-def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, accelerator, tmp_path: Path, teacher: str,
+def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, sft_syncs, accelerator, tmp_path: Path, teacher: str,
                                                      monkeypatch) -> None:
     """Step 3 (not logged): HeRA's device-to-host syncs equal SFT's (16 on this model: the Qwen2.5-VL forward's
     and the Trainer's own). Its host-to-device copies exceed SFT's by 4 at most: the batch's three HeRA tensors
@@ -102,7 +110,7 @@ def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, accelerator, tmp_pa
         from llamafactory_hera.hera import capture
 
         monkeypatch.setattr(capture, "is_zero3_partition", lambda weight: True)
-    sft, sft_where = step_syncs(accelerator, sft_recipe(assets, "qwen2_5_vl", tmp_path / "sft"))
+    sft, sft_where = sft_syncs
     asked = pinned_buffers(monkeypatch) if teacher != "in_step" else {}
     counter = StepSyncs(accelerator)
     hera, hera_where = step_syncs(accelerator, base_recipe(assets, "qwen2_5_vl", tmp_path / "hera", **STEPS,

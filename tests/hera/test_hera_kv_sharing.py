@@ -24,7 +24,7 @@ import torch
 from dist_runs import launch_runs
 
 from conftest import base_recipe
-from llamafactory_hera_testing.zoo import ZOO, zoo_model
+from llamafactory_hera_testing.zoo import ZOO
 
 RUNS: dict[str, dict[str, Any]] = {
     "hera_lambda0": {"hera_lambda": 0.0},
@@ -59,11 +59,11 @@ class StepRecord:
 
 
 @pytest.fixture(scope="module")
-def runs(assets, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[StepRecord, str]]:
+def runs(assets, zoo, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[StepRecord, str]]:
     """run -> (its record, its printed output) of two steps on the tiny Gemma 4, heads in the source layer 1."""
     from llamafactory.train.tuner import run_exp
 
-    family = dataclasses.replace(assets, models={"gemma4": zoo_model("gemma4", tmp_path_factory.mktemp("zoo"))},
+    family = dataclasses.replace(assets, models={"gemma4": zoo("gemma4")},
                                  templates={"gemma4": ZOO["gemma4"][0]})
     result = {}
     for name, keys in RUNS.items():
@@ -114,10 +114,10 @@ def test_stock_sft_keeps_the_hosts_gradient_and_says_so_in_one_line(runs) -> Non
     assert not any("layers.2." in name for name in differ), differ
 
 
-def test_stock_sft_says_so_once_on_two_ranks(assets, tmp_path) -> None:
+def test_stock_sft_says_so_once_on_two_ranks(assets, zoo, tmp_path) -> None:
     """The line comes from the global main process only: one torchrun launch of stock SFT on two ranks (DDP,
     tests/dist_runs.py), one step, prints it once in every rank's output together."""
-    family = dataclasses.replace(assets, models={"gemma4": zoo_model("gemma4", tmp_path / "zoo")},
+    family = dataclasses.replace(assets, models={"gemma4": zoo("gemma4")},
                                  templates={"gemma4": ZOO["gemma4"][0]})
     recipe = base_recipe(family, "gemma4", tmp_path / "out", stage="sft", max_steps=1, hera_monitor_steps=0)
     # a real torchrun (not the warm probe): tests/USER_PATHS.md's torchrun path of stock SFT
