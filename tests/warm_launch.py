@@ -70,6 +70,9 @@ LEFT_BY_RUNS = ("WANDB_PROJECT", "PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHINDUCTOR
 # LlamaBoard probe of tests/hera/test_hera_webui.py): not in the key either
 READ_BY_THE_SCRIPT = ("GRADIO_ANALYTICS_ENABLED", "HERA_PROBE_MODEL")
 STARTUP_WITH_RANK = ("HERA_TEST_RANK_MARKER",)
+# set in a warm process's own environment only (a rank's is the launch's): a start-up hook that patches a rank's
+# modules for what each rank reads at run time (tests/fault_injection/) patches the warm process's too
+WARM_PROCESS = "HERA_TESTS_WARM_PROCESS"
 _SERVERS: dict[tuple, WarmServer] = {}  # least recently used first
 MAX_SERVERS = 4  # per worker: each holds about 0.9 GB resident (the suite's workers share a 2-core, 23 GB machine)
 CPU_SECONDS: list[float] = []  # per warm launch of this worker: its agent's and ranks' CPU time
@@ -85,7 +88,8 @@ class WarmServer:
     def __init__(self, env: dict[str, str], modules: tuple[str, ...]) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="hera_warm_"))
         self.env = {**env, **{key: str(self.folder / key.lower()) for key in SHARED_FOLDERS}}
-        self.process = subprocess.Popen([sys.executable, SERVER, *modules], env=self.env, cwd=self.folder,
+        self.process = subprocess.Popen([sys.executable, SERVER, *modules], env={**self.env, WARM_PROCESS: "1"},
+                                        cwd=self.folder,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         start_new_session=True)
         self.read("ready", 600)
