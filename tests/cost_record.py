@@ -13,7 +13,9 @@ grandchildren, whose CPU seconds are in ``children_cpu`` all the same), bare ``o
 ``os.posix_spawn`` calls, and the ``multiprocess`` package's (``datasets.map(num_proc=...)``).
 A warm launch's processes (tests/warm_launch.py) are forked by the worker's warm process, not started by the test:
 their CPU seconds, and those of the warm process's start where the test started it, are added to ``children_cpu``
-(``warm_cpu`` says how much of it they are)."""
+(``warm_cpu`` says how much of it they are; ``warm_starts``: how many warm processes the test started). A warm
+process the test closes (a worker's least recently used one ended to start another, or all of them) adds its whole
+CPU time to the worker's reaped children's, counted already at its start and its launches: that part is taken out."""
 
 from __future__ import annotations
 
@@ -52,11 +54,15 @@ def _cpu(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _warm_cpu() -> float:
-    """CPU seconds of this worker's warm launches and warm processes' starts so far (tests/warm_launch.py, imported
-    here only where a test imported it)."""
+def _warm() -> tuple[float, float, int]:
+    """This worker's warm processes so far (tests/warm_launch.py, imported here only where a test imported it): the
+    CPU seconds of their launches and starts, those their closing added to the reaped children's again, their
+    starts."""
     module = sys.modules.get("warm_launch")
-    return sum(module.CPU_SECONDS) + sum(module.START_CPU_SECONDS) if module else 0.0
+    if not module:
+        return 0.0, 0.0, 0
+    return (sum(module.CPU_SECONDS) + sum(module.START_CPU_SECONDS), sum(module.CLOSED_CPU_SECONDS),
+            len(module.START_CPU_SECONDS))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -65,13 +71,13 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
         yield
         return
     wall, own, children = time.time(), _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
-    started, warm = _started[0], _warm_cpu()
+    started, warm_before = _started[0], _warm()
     yield
-    warm = _warm_cpu() - warm
+    warm, closed, warm_starts = (after - before for after, before in zip(_warm(), warm_before, strict=True))
     record = {"test": item.nodeid, "wall": round(time.time() - wall, 2),
               "cpu": round(_cpu(resource.RUSAGE_SELF) - own, 2),
-              "children_cpu": round(_cpu(resource.RUSAGE_CHILDREN) - children + warm, 2),
-              "warm_cpu": round(warm, 2), "processes": _started[0] - started}
+              "children_cpu": round(_cpu(resource.RUSAGE_CHILDREN) - children + warm - closed, 2),
+              "warm_cpu": round(warm, 2), "processes": _started[0] - started, "warm_starts": warm_starts}
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     Path(FOLDER).mkdir(parents=True, exist_ok=True)  # a folder not made yet (each worker may come first)
     with (Path(FOLDER) / f"{worker}.jsonl").open("a", encoding="utf-8") as out:

@@ -5,7 +5,8 @@ by CPU seconds, and each module's totals. Standard library only: ``python3 dev.p
     python3 tests/cost_table.py DIR [OUT]    write OUT (tests/COSTS.md) from the recording in DIR
 
 A test recorded more than once (a recording folder used for two runs) is shown once with its runs summed and
-counted; a record without ``processes`` (a recording made before they were counted) shows ``?`` there."""
+counted; a record without ``processes`` or ``warm_starts`` (a recording made before they were counted) shows ``?``
+there."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ Made by `python3 dev.py costs` (the pinned stack's suite as `python3 dev.py test
 tests/cost_record.py), or from a recording made before by `python3 dev.py costs --from DIR` (DIR: the folder a run's
 `HERA_TEST_COSTS` named). Wall: seconds from the test's setup to its teardown. CPU: its own process's seconds plus
 those of the processes it started and waited for (their children's included). Processes: how many processes the
-test's own process started (their children, such as torchrun's ranks, not counted; see tests/cost_record.py).
-Sorted by CPU seconds, most first.
+test's own process started (their children, such as torchrun's ranks, not counted; see tests/cost_record.py). Warm:
+how many warm processes (tests/warm_launch.py, about 15 CPU s each) it started. Sorted by CPU seconds, most first.
 """
 
 
@@ -38,6 +39,7 @@ class Cost:
     cpu: float = 0.0
     children_cpu: float = 0.0
     processes: int | None = 0  # None: a record without the count
+    warm_starts: int | None = 0  # the same
 
     @property
     def total_cpu(self) -> float:
@@ -48,8 +50,13 @@ class Cost:
         self.wall += record["wall"]
         self.cpu += record["cpu"]
         self.children_cpu += record["children_cpu"]
-        started = record.get("processes")
-        self.processes = None if started is None or self.processes is None else self.processes + started
+        self.processes = _plus(self.processes, record.get("processes"))
+        self.warm_starts = _plus(self.warm_starts, record.get("warm_starts"))
+
+
+def _plus(count: int | None, more: int | None) -> int | None:
+    """``count + more``; None (unknown) where either is."""
+    return None if count is None or more is None else count + more
 
 
 def read(folder: Path) -> list[dict]:
@@ -75,9 +82,9 @@ def _row(*cells: object) -> str:
 
 
 def _numbers(cost: Cost) -> tuple[str, ...]:
-    """Wall, CPU (own + children), own, children, processes (``?``: a record without the count)."""
+    """Wall, CPU (own + children), own, children, processes, warm starts (``?``: a record without the count)."""
     return (f"{cost.wall:.1f}", f"{cost.total_cpu:.1f}", f"{cost.cpu:.1f}", f"{cost.children_cpu:.1f}",
-            "?" if cost.processes is None else str(cost.processes))
+            *("?" if count is None else str(count) for count in (cost.processes, cost.warm_starts)))
 
 
 def table(records: list[dict]) -> str:
@@ -90,14 +97,14 @@ def table(records: list[dict]) -> str:
     counts: dict[str, int] = defaultdict(int)  # module -> its tests
     for cost in tests:
         counts[cost.name.partition("::")[0]] += 1
-    wall, cpu, own, children, processes = _numbers(whole)
+    wall, cpu, own, children, processes, warm = _numbers(whole)
     lines = [HEADER, f"{len(tests)} tests in {len(modules)} modules: wall {wall} s, CPU {cpu} s ({own} own + "
-             f"{children} children); processes started: {processes}.", "", "## Modules", "",
-             _row("module", "tests", "wall s", "CPU s", "own", "children", "processes"),
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"{children} children); processes started: {processes}; warm processes started: {warm}.", "",
+             "## Modules", "", _row("module", "tests", "wall s", "CPU s", "own", "children", "processes", "warm"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [_row(cost.name, counts[cost.name], *_numbers(cost)) for cost in modules]
-    lines += ["", "## Tests", "", _row("test", "wall s", "CPU s", "own", "children", "processes"),
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "## Tests", "", _row("test", "wall s", "CPU s", "own", "children", "processes", "warm"),
+              "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [_row(cost.name + (f" (x{cost.runs} runs)" if cost.runs > 1 else ""), *_numbers(cost)) for cost in tests]
     return "\n".join(lines) + "\n"
 

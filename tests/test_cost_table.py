@@ -18,6 +18,7 @@ from conftest import REPO, offline_env
 
 INNER_TESTS = '''
 import multiprocessing
+import os
 import subprocess
 import sys
 
@@ -35,9 +36,18 @@ def test_launches_nothing():
     pass
 
 
+def test_closes_a_warm_process(tmp_path):  # a warm process importing nothing, its one launch burning 1 CPU s
+    import warm_launch
+    burn = "import time\\nend = time.process_time() + 1\\nwhile time.process_time() < end:\\n    pass\\n"
+    (tmp_path / "burn.py").write_text(burn)
+    server = warm_launch.WarmServer(dict(os.environ), ())
+    warm_launch.CPU_SECONDS.append(server.launch(str(tmp_path / "burn.py"), [], tmp_path, [dict(os.environ)], None,
+                                                 60)[1])
+    server.close()
+
+
 def test_launches_warm():  # as tests/warm_launch.py records a warm process's start and a launch it forked
-    import types
-    warm = sys.modules.setdefault("warm_launch", types.SimpleNamespace(CPU_SECONDS=[], START_CPU_SECONDS=[]))
+    warm = sys.modules["warm_launch"]
     warm.START_CPU_SECONDS.append(5.0)
     warm.CPU_SECONDS.append(7.0)
 '''
@@ -46,7 +56,8 @@ def test_launches_warm():  # as tests/warm_launch.py records a warm process's st
 def test_the_record_counts_the_processes_a_test_starts(tmp_path: Path) -> None:
     """Two Popen (one of them starting a grandchild, not counted) and a multiprocessing process: 3; none: 0; the CPU
     seconds of warm launches (tests/warm_launch.py), which no process of the test's own reports, in its children's
-    and said apart. A launch:
+    and said apart; a warm process closed in the test (reaped: the worker's children's CPU time grows by its start
+    and its launches) counted once, with its start. A launch:
     the counting wraps the process-starting methods when the module is imported with HERA_TEST_COSTS set, which this
     session's import did not see; a bare pytest with plugins not auto-loaded costs about 1 CPU s."""
     (tmp_path / "test_inner.py").write_text(INNER_TESTS, encoding="utf-8")
@@ -63,17 +74,24 @@ def test_the_record_counts_the_processes_a_test_starts(tmp_path: Path) -> None:
     assert records["test_inner.py::test_launches_nothing"]["processes"] == 0, records
     assert records["test_inner.py::test_launches"]["children_cpu"] > 0, records
     warm = records["test_inner.py::test_launches_warm"]
-    assert warm["warm_cpu"] == 12.0 and 12.0 <= warm["children_cpu"] < 13.0, records
+    assert warm["warm_cpu"] == 12.0 and 12.0 <= warm["children_cpu"] < 13.0 and warm["warm_starts"] == 1, records
+    closed = records["test_inner.py::test_closes_a_warm_process"]
+    assert closed["warm_starts"] == 1 and closed["processes"] == 1 and closed["warm_cpu"] >= 1.0, records
+    assert closed["warm_cpu"] - 0.2 < closed["children_cpu"] < closed["warm_cpu"] + 0.3, records
     assert records["test_inner.py::test_launches_nothing"]["warm_cpu"] == 0.0, records
 
 
 def _recording(folder: Path) -> None:
     """Two workers' files: a cheap and a dear test in one module, a test recorded twice, one record without
-    ``processes`` (made before they were counted), a parametrize id holding ``|``."""
-    rows = {"gw0": [{"test": "tests/a.py::cheap", "wall": 1.0, "cpu": 0.5, "children_cpu": 0.0, "processes": 0},
-                    {"test": "tests/a.py::dear", "wall": 60.0, "cpu": 2.0, "children_cpu": 40.0, "processes": 2},
-                    {"test": "tests/b.py::twice", "wall": 5.0, "cpu": 4.0, "children_cpu": 1.0, "processes": 1}],
-            "gw1": [{"test": "tests/b.py::twice", "wall": 5.0, "cpu": 4.0, "children_cpu": 1.0, "processes": 1},
+    ``processes`` (made before they were counted) and one without ``warm_starts``, a parametrize id holding ``|``."""
+    rows = {"gw0": [{"test": "tests/a.py::cheap", "wall": 1.0, "cpu": 0.5, "children_cpu": 0.0, "processes": 0,
+                     "warm_starts": 0},
+                    {"test": "tests/a.py::dear", "wall": 60.0, "cpu": 2.0, "children_cpu": 40.0, "processes": 2,
+                     "warm_starts": 1},
+                    {"test": "tests/b.py::twice", "wall": 5.0, "cpu": 4.0, "children_cpu": 1.0, "processes": 1,
+                     "warm_starts": 1}],
+            "gw1": [{"test": "tests/b.py::twice", "wall": 5.0, "cpu": 4.0, "children_cpu": 1.0, "processes": 1,
+                     "warm_starts": 1},
                     {"test": "tests/c.py::old", "wall": 3.0, "cpu": 20.0, "children_cpu": 0.0},
                     {"test": "tests/a.py::ids[x|y]", "wall": 2.0, "cpu": 1.0, "children_cpu": 0.0, "processes": 0}]}
     folder.mkdir()
@@ -83,23 +101,24 @@ def _recording(folder: Path) -> None:
 
 def test_the_table_sorts_by_cpu_and_sums_each_module(tmp_path: Path) -> None:
     """Modules and tests by CPU seconds (own + children), most first; a test recorded twice summed once; a missing
-    count a ``?`` in its test's, its module's and the total's row."""
+    count (processes, warm starts) a ``?`` in its test's, its module's and the total's row."""
     _recording(tmp_path / "rec")
     text = cost_table.write(tmp_path / "rec", tmp_path / "COSTS.md").read_text(encoding="utf-8")
     modules = text.split("## Modules")[1].split("## Tests")[0]
     tests = text.split("## Tests")[1]
-    totals = "5 tests in 3 modules: wall 76.0 s, CPU 73.5 s (31.5 own + 42.0 children); processes started: ?."
+    totals = ("5 tests in 3 modules: wall 76.0 s, CPU 73.5 s (31.5 own + 42.0 children); processes started: ?; "
+              "warm processes started: ?.")
     assert totals in text, text
     module_rows = [line for line in modules.splitlines() if line.startswith("| tests/")]
-    assert module_rows == ["| tests/a.py | 3 | 63.0 | 43.5 | 3.5 | 40.0 | 2 |",
-                           "| tests/c.py | 1 | 3.0 | 20.0 | 20.0 | 0.0 | ? |",
-                           "| tests/b.py | 1 | 10.0 | 10.0 | 8.0 | 2.0 | 2 |"], modules
+    assert module_rows == ["| tests/a.py | 3 | 63.0 | 43.5 | 3.5 | 40.0 | 2 | ? |",
+                           "| tests/c.py | 1 | 3.0 | 20.0 | 20.0 | 0.0 | ? | ? |",
+                           "| tests/b.py | 1 | 10.0 | 10.0 | 8.0 | 2.0 | 2 | 2 |"], modules
     test_rows = [line for line in tests.splitlines() if line.startswith("| tests/")]
-    assert test_rows == ["| tests/a.py::dear | 60.0 | 42.0 | 2.0 | 40.0 | 2 |",
-                         "| tests/c.py::old | 3.0 | 20.0 | 20.0 | 0.0 | ? |",
-                         "| tests/b.py::twice (x2 runs) | 10.0 | 10.0 | 8.0 | 2.0 | 2 |",
-                         "| tests/a.py::ids[x\\|y] | 2.0 | 1.0 | 1.0 | 0.0 | 0 |",
-                         "| tests/a.py::cheap | 1.0 | 0.5 | 0.5 | 0.0 | 0 |"], tests
+    assert test_rows == ["| tests/a.py::dear | 60.0 | 42.0 | 2.0 | 40.0 | 2 | 1 |",
+                         "| tests/c.py::old | 3.0 | 20.0 | 20.0 | 0.0 | ? | ? |",
+                         "| tests/b.py::twice (x2 runs) | 10.0 | 10.0 | 8.0 | 2.0 | 2 | 2 |",
+                         "| tests/a.py::ids[x\\|y] | 2.0 | 1.0 | 1.0 | 0.0 | 0 | ? |",
+                         "| tests/a.py::cheap | 1.0 | 0.5 | 0.5 | 0.0 | 0 | 0 |"], tests
 
 
 def test_an_empty_recording_folder_is_an_error_naming_it(tmp_path: Path) -> None:

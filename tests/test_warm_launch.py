@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import threading
@@ -21,6 +22,8 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from warm_launch import (
     _SERVERS,
     CPU_SECONDS,
+    WARM_PROCESS,
+    WarmServer,
     accelerate_launch_env,
     close_warm_servers,
     rank_envs,
@@ -159,3 +162,21 @@ def test_a_launch_whose_start_up_hook_reads_the_rank_is_refused() -> None:
     """tests/process_hooks/sitecustomize.py marks a rank at start-up from RANK: a warm process never sees it."""
     with pytest.raises(ValueError, match="HERA_TEST_RANK_MARKER"):
         server_for({"HERA_TEST_RANK_MARKER": "/tmp/x"})
+
+
+def test_a_warm_process_is_marked_and_its_ranks_are_not(tmp_path: Path) -> None:
+    """The warm process's own environment holds WARM_PROCESS, a rank's the launch's alone; the fault hook
+    (tests/fault_injection/) on ``PYTHONPATH`` installs its patches in the warm process as in a rank, so a rank forked
+    from it has them (a reference run with the hook's teacher rows). A warm process importing nothing: well under 1 CPU
+    s."""
+    script = ("import os, sys\nfinders = [getattr(f, 'patches', {}) for f in sys.meta_path]\nprint("
+              "os.environ.get('HERA_TESTS_WARM_PROCESS'), any('llamafactory.model.loader' in f for f in finders))\n")
+    (tmp_path / "marked.py").write_text(script)
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(Path(__file__).with_name("fault_injection"))}
+    server = WarmServer(env, ())
+    try:
+        assert psutil.Process(server.process.pid).environ()[WARM_PROCESS] == "1"
+        result, _ = server.launch(str(tmp_path / "marked.py"), [], tmp_path, [env], None, 60)
+    finally:
+        server.close()
+    assert (result.returncode, result.stdout) == (0, "None True\n"), result.stderr

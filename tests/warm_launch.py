@@ -34,6 +34,7 @@ import atexit
 import contextlib
 import json
 import os
+import resource
 import select
 import shutil
 import signal
@@ -69,10 +70,16 @@ LEFT_BY_RUNS = ("WANDB_PROJECT", "PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHINDUCTOR
 # LlamaBoard probe of tests/hera/test_hera_webui.py): not in the key either
 READ_BY_THE_SCRIPT = ("GRADIO_ANALYTICS_ENABLED", "HERA_PROBE_MODEL")
 STARTUP_WITH_RANK = ("HERA_TEST_RANK_MARKER",)
+# set in a warm process's own environment only (a rank's is the launch's): a start-up hook that patches a rank's
+# modules for what each rank reads at run time (tests/fault_injection/) patches the warm process's too
+WARM_PROCESS = "HERA_TESTS_WARM_PROCESS"
 _SERVERS: dict[tuple, WarmServer] = {}  # least recently used first
 MAX_SERVERS = 4  # per worker: each holds about 0.9 GB resident (the suite's workers share a 2-core, 23 GB machine)
 CPU_SECONDS: list[float] = []  # per warm launch of this worker: its agent's and ranks' CPU time
 START_CPU_SECONDS: list[float] = []  # per warm process this worker started: the CPU time of its start (its imports)
+# per warm process this worker closed: what reaping it added to this process's RUSAGE_CHILDREN that the two lists
+# above hold already (its start and every launch it forked; not what it spent serving: its forks, its reads)
+CLOSED_CPU_SECONDS: list[float] = []
 
 
 class WarmServer:
@@ -81,11 +88,13 @@ class WarmServer:
     def __init__(self, env: dict[str, str], modules: tuple[str, ...]) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="hera_warm_"))
         self.env = {**env, **{key: str(self.folder / key.lower()) for key in SHARED_FOLDERS}}
-        self.process = subprocess.Popen([sys.executable, SERVER, *modules], env=self.env, cwd=self.folder,
+        self.process = subprocess.Popen([sys.executable, SERVER, *modules], env={**self.env, WARM_PROCESS: "1"},
+                                        cwd=self.folder,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         start_new_session=True)
         self.read("ready", 600)
-        START_CPU_SECONDS.append(sum(psutil.Process(self.process.pid).cpu_times()[:2]))
+        self.start_cpu = sum(psutil.Process(self.process.pid).cpu_times()[:2])
+        START_CPU_SECONDS.append(self.start_cpu)
 
     def read(self, word: str, timeout: float, agent: int | None = None) -> list[str]:
         """The next ``[warm] WORD ...`` line's fields (other lines: what an import printed, skipped)."""
@@ -121,10 +130,20 @@ class WarmServer:
         return result, float(cpu)
 
     def close(self) -> None:
+        serving = 0.0  # its own CPU time since it was ready, which no list above holds
+        with contextlib.suppress(psutil.Error):
+            serving = sum(psutil.Process(self.process.pid).cpu_times()[:2]) - self.start_cpu
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        before = _children_cpu()
         self.process.wait()
+        CLOSED_CPU_SECONDS.append(max(0.0, _children_cpu() - before - serving))
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def torchrun_env(rank: int, processes: int, port: int) -> dict[str, str]:

@@ -9,19 +9,16 @@ losses equal to DDP losses cannot hide a silent fallback to DDP. Without the var
 The hook patches ``transformers.trainer`` when a process imports it, not at start-up (tests/process_hooks/
 after_import.py).
 
-It also keeps DeepSpeed from JIT-compiling its shared-memory communication op (``deepspeed_shm_comm``) at engine
-start: on a machine without the compiled op in ``~/.cache/torch_extensions`` (a fresh CI machine) the build took 87
-CPU s while the other ranks waited. DeepSpeed uses that op only in ``inference_all_reduce`` (its inference engine);
-training's collectives are torch.distributed's either way, so what the ZeRO tests check is unchanged.
-
-And, as every process a test starts, the run does not see the packages it does not use (tests/process_hooks/
-unused_packages.py, which this hook puts on ``sys.path``: Python runs the first ``sitecustomize`` only).
+And, as every process a test starts, the run does not see the packages it does not use, nor builds DeepSpeed's
+shared-memory op (tests/process_hooks/unused_packages.py and deepspeed_shm.py, which this hook puts on ``sys.path``:
+Python runs the first ``sitecustomize`` only).
 """
 
 import os
 import sys
 
 sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "process_hooks"))
+import deepspeed_shm  # noqa: E402, F401 - tests/process_hooks/
 import unused_packages  # noqa: E402, F401 - tests/process_hooks/
 
 if os.environ.get("HERA_TEST_ENGINE_EVIDENCE"):
@@ -60,11 +57,6 @@ if os.environ.get("HERA_TEST_ENGINE_EVIDENCE"):
 
         module.Trainer.training_step = training_step
 
-    def _patch_deepspeed_comm(module) -> None:
-        module.build_shm_op = lambda: None
-
-    PATCHES = {"transformers.trainer": _patch_trainer, "deepspeed.comm.torch": _patch_deepspeed_comm}
-
     from after_import import patch_after_import  # tests/process_hooks/
 
-    patch_after_import(PATCHES)
+    patch_after_import({"transformers.trainer": _patch_trainer})

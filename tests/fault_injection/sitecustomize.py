@@ -35,6 +35,9 @@ signals every process of a job); with ``agent_first`` (seconds), torchrun's agen
 SIGKILLed first, and the ranks run on that long before the kill.
 ``HERA_TEST_TEACHER_ROWS`` (a number) makes the teacher's passes batch and keep that many rows at a time, so that a
 small data set's pass has several batches to be killed between (the uninterrupted run of a comparison sets it too).
+A warm process (tests/warm_launch.py) installs the patches as a rank does, for the runs of its ranks without a fault
+(a reference's teacher rows); a fault's kill finds the launch's processes by their start-up environment, which a
+forked rank does not have: a fault is launched for real.
 Then the next ``sitecustomize`` on the path runs (tests/fsdp_cpu/ or tests/process_hooks/):
 Python runs only the first it finds.
 """
@@ -338,7 +341,8 @@ def _patch_directions(module) -> None:
     module.HarcState.start = starting
 
 
-if "RANK" in os.environ:
+# a rank, or a warm process (tests/warm_launch.py) whose ranks it forks: each event reads the rank's own fault
+if "RANK" in os.environ or "HERA_TESTS_WARM_PROCESS" in os.environ:
     from after_import import patch_after_import  # tests/process_hooks/
 
     patch_after_import({"torch": _patch_torch, "torch.nn.modules.module": _patch_module,

@@ -101,8 +101,11 @@ def test_heras_heads_under_zero3_gather_nothing_beyond_the_sft_twin(tmp_path: Pa
     the modules' own calls, so a step with its term all-gathers exactly the bytes of the SFT twin's step (an older
     one gathered o_proj and each adapter matrix again in calls of their own, forward and backward); the weights after an
     SFT step and a HeRA step equal a brute-force reference on the unpartitioned layer (full fine-tuning, LoRA, DoRA)."""
-    # torchrun's ranks forked from the warm process (tests/warm_launch.py): the script is what is tested here
-    proc = run_python(Path(__file__).with_name("zero3_column_gather.py"), [], cwd=tmp_path, processes=2,
-                      env=offline_env(tmp_path, engines=("deepspeed",)), timeout=300)
+    # torchrun's ranks forked from the warm process (tests/warm_launch.py): the script is what is tested here. With
+    # the engine-evidence hook's environment of the ZeRO runs' launches, whose warm process serves it: the hook patches
+    # the Trainer's step only, which the script never calls
+    env = offline_env(tmp_path, engines=("deepspeed",), **evidence_env(tmp_path / "engine"))
+    proc = run_python(Path(__file__).with_name("zero3_column_gather.py"), [], cwd=tmp_path, processes=2, env=env,
+                      timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.count(": ok") == 6, proc.stdout

@@ -1,11 +1,13 @@
-"""Test-only start-up hook of every process a test starts (tests/conftest.py ``offline_env``): the packages its run
-does not use hidden (:mod:`unused_packages`); with ``HERA_TEST_RANK_MARKER`` naming a folder, a rank of a launch
-(``RANK`` set by torchrun or ``accelerate launch``) leaves ``rank<N>`` there, so a test can tell no rank started. The
-other hooks (tests/engine_evidence/, tests/fsdp_cpu/, tests/without_deepspeed/) come first on ``PYTHONPATH`` when a test
-adds them, and import it themselves: Python runs the first ``sitecustomize`` it finds."""
+"""Test-only start-up hook of every process a test starts (tests/conftest.py ``offline_env``): the packages its run does
+not use hidden (:mod:`unused_packages`), DeepSpeed's shared-memory op not built (:mod:`deepspeed_shm`); with
+``HERA_TEST_RANK_MARKER`` naming a folder, a rank of a launch (``RANK`` set by torchrun or ``accelerate launch``) leaves
+``rank<N>`` there, so a test can tell no rank started. The other hooks (tests/engine_evidence/, tests/fsdp_cpu/,
+tests/without_deepspeed/) come first on ``PYTHONPATH`` when a test adds them, and import it themselves: Python runs the
+first ``sitecustomize`` it finds."""
 
 import os
 
+import deepspeed_shm  # noqa: F401
 import unused_packages  # noqa: F401
 
 if os.environ.get("HERA_TEST_RANK_MARKER") and "RANK" in os.environ:
