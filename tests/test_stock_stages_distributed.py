@@ -6,14 +6,16 @@ the switch both ways.
 Three ``accelerate launch --config_file`` launches of LLaMA-Factory's fsdp2_config.yaml on CPU (tests/fsdp_checks.py;
 its test-only shim turns FSDP2 on per run, ``ACCELERATE_USE_FSDP=false`` makes a run plain DDP: accelerate launch's
 multi-CPU ranks are torchrun's), the runs one after another in each (tests/dist_probe.py): live, then disabled, then
-live. What stays as without the plugin: the files each run writes, its losses, its final adapter and the tensors of
-its checkpoints, bit for bit; the sharded checkpoints resume across the switch as stock resumes its own. (A DDP resume
-fails on CPU under accelerate launch in stock alone: transformers loads the optimizer with ``map_location`` cpu:0;
-its checkpoints are the same tensors either way.) What differs: FSDP2's ``pytorch_model_fsdp.bin``
-(FULL_STATE_DICT) holds the whole adapter with the plugin, rank 0's shards without (engines/fsdp_adapter.py), and
-the sharded run's one warning line. Across the switch such a file is refused: the plugin's by stock's own
-``load_state_dict`` check, stock's by the plugin, which alone cannot restore it (stock's own resume from it
-continues with the other rank's half of the adapter reset).
+live. The first live launch's ranks are forked from the worker's warm process with the variables accelerate gives them
+(tests/warm_launch.py, which a disabled plugin cannot use: the warm process imported it); the other two are real
+``accelerate launch`` processes, so the plugin live is still seen under the real launcher. What stays as without the
+plugin: the files each run writes, its losses, its final adapter and the tensors of its checkpoints, bit for bit; the
+sharded checkpoints resume across the switch as stock resumes its own. (A DDP resume fails on CPU under accelerate
+launch in stock alone: transformers loads the optimizer with ``map_location`` cpu:0; its checkpoints are the same
+tensors either way.) What differs: FSDP2's ``pytorch_model_fsdp.bin`` (FULL_STATE_DICT) holds the whole adapter with the
+plugin, rank 0's shards without (engines/fsdp_adapter.py), and the sharded run's one warning line. Across the switch
+such a file is refused: the plugin's by stock's own ``load_state_dict`` check, stock's by the plugin, which alone cannot
+restore it (stock's own resume from it continues with the other rank's half of the adapter reset).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dist_runs import PROBE
+from dist_runs import PROBE, warm_script
 from fsdp_checks import _launch, assert_fsdp2, fsdp2_config_file, read_fsdp_evidence
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -53,15 +55,19 @@ def _run(assets: Any, root: Path, engine: str, name: str, resume: str | None = N
     return {"recipe": recipe, "env": {**ENGINE_ENV[engine], "HERA_TEST_FSDP_EVIDENCE": str(folder / "fsdp")}}
 
 
-def _launch_runs(runs: list[dict[str, Any]], tmp: Path, disabled: bool) -> Any:
-    """The runs in one launch (live, or ``disabled``); its process (the last run may fail)."""
+def _launch_runs(runs: list[dict[str, Any]], tmp: Path, disabled: bool, warm: bool = False) -> Any:
+    """The runs in one launch (live, or ``disabled``; ``warm``: forked from the warm process); its process (the last
+    run may fail)."""
     tmp.mkdir(parents=True)
     (tmp / "runs.json").write_text(json.dumps(runs))
     launcher, env = _launch(fsdp2_config_file(tmp), tmp)
     env |= {"PYTHONUNBUFFERED": "1", **({"LLAMAFACTORY_HERA_DISABLE": "1"} if disabled else {})}
-    proc = run_once_more_if_aborted_at_exit(
-        [*launcher, PROBE, str(tmp / "runs.json"), str(tmp / "out.pt")],
-        dict(cwd=tmp, env=offline_env(tmp, **env), timeout=240 * len(runs)), lambda: None, tries=1)
+    args, options = [str(tmp / "runs.json"), str(tmp / "out.pt")], dict(cwd=tmp, env=offline_env(tmp, **env),
+                                                                         timeout=240 * len(runs))
+    if warm:
+        proc = warm_script(PROBE, args, 2, launcher[2:], **options)
+    else:
+        proc = run_once_more_if_aborted_at_exit([*launcher, PROBE, *args], options, lambda: None, tries=1)
     (tmp / "output.txt").write_text(proc.stdout + proc.stderr, encoding="utf-8")  # what a failed assertion omits
     return proc
 
@@ -97,7 +103,8 @@ def _losses(out: Path) -> list[float]:
 def test_stock_sft_runs_saves_and_resumes_as_without_the_plugin(assets, tmp_path: Path) -> None:
     root = tmp_path
     engines = list(ENGINE_ENV)
-    live = _launch_runs([_run(assets, root, engine, "live") for engine in engines], root / "launch_live", False)
+    live = _launch_runs([_run(assets, root, engine, "live") for engine in engines], root / "launch_live", False,
+                        warm=True)
     assert live.returncode == 0, live.stderr[-5000:]
     disabled = _launch_runs([*(_run(assets, root, engine, "off") for engine in engines),
                              _run(assets, root, "sharded", "live_off", "live"),
