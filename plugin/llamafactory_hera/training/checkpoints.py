@@ -1,11 +1,9 @@
 """A plugin run's checkpoints, both mixed in front of every method's Trainer by its workflow (around the step, not in
 it).
 
-Checkpoints a run can trust, and a stop that saves one (:class:`WholeCheckpoints`): each ``checkpoint-N`` marked whole
-(``lifecycle.whole_checkpoints``) once every rank fsynced its save, rotated only then, a save that fails for lack of
-space one line; on ``<prefix>_save_on_signal`` the ranks agree on one stop step through the process group's store
-(host-side: no device sync) and save a whole checkpoint there. What users see: docs/hera.md ("Killed, preempted, disk
-full").
+Checkpoints a run can trust, and a stop that saves one (:class:`WholeCheckpoints`; what users see: docs/hera.md,
+"Killed, preempted, disk full"): the marker is ``lifecycle.whole_checkpoints``'s; the ranks agree on a signal's stop
+step through the process group's store (host-side: no device sync).
 
 A resumed run's weights (:class:`RestoresCheckpointWeights`): transformers' ``Trainer._load_from_checkpoint`` loads a
 checkpoint's state dict as it is on disk, in the model's original format (``save_pretrained`` reverts the renaming
