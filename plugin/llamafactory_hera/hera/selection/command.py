@@ -81,7 +81,7 @@ def run_select(args: Any) -> SelectionResult:
     json_path, png_path, log_path = record_paths(target)
     with host_output_to(None if getattr(args, "verbose", False) else log_path):
         recipe_args = parse_recipe(recipe)
-        _quiet_transformers()
+        transformers.utils.logging.set_verbosity_warning()  # the parser set INFO: selection's output stays readable
         result, _ = run_selection(recipe_args, options)
         show(heads_table(result.selected, result))
         if isinstance(hera.hera_heads, list) and hera.hera_heads:  # an explicit list (e.g. the paper's) beside it
@@ -95,8 +95,3 @@ def run_select(args: Any) -> SelectionResult:
                       f"{options.num_heads}")
         show(f"record: {json_path}\nheatmap: {png_path}\n({result.duration_s:.1f} s)")
     return result
-
-
-def _quiet_transformers() -> None:
-    """LLaMA-Factory's parser sets transformers to INFO; selection output stays readable at WARNING."""
-    transformers.utils.logging.set_verbosity_warning()
