@@ -37,9 +37,10 @@ FINETUNING_KEYS = ("finetuning_type",)
 TRAINING_KEYS = ("seed", "output_dir")
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """``value`` as JSON holds it: lists and tuples as lists, anything not a JSON scalar as its text."""
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
 
 
@@ -50,7 +51,7 @@ def loading_keys(model_args: Any, data_args: Any, finetuning_args: Any, training
                          (training_args, TRAINING_KEYS)):
         for key in keys:
             if hasattr(holder, key):
-                found[key] = _plain(getattr(holder, key))
+                found[key] = plain(getattr(holder, key))
     return found
 
 

@@ -42,7 +42,7 @@ from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.data.media_warnings import media_warnings_held
 from llamafactory_hera_patches.data.templates import image_placeholder
 from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle.run_record import write_record
+from llamafactory_hera_patches.lifecycle.run_record import plain, write_record
 from llamafactory_hera_patches.tools.model_data import (
     RecipeArgs,
     holds_out_by_val_size,
@@ -160,10 +160,6 @@ def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int
     return collator, HeraSeq2SeqTrainer
 
 
-def _plain(value: Any) -> Any:
-    return value if isinstance(value, str | int | float | bool | list | type(None)) else str(value)
-
-
 def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
                         training_args: Any) -> tuple[dict[str, int], Any, Any]:
     """(image path -> training-data row, the counts of the rows that train, the aligned rows), after checking every
@@ -220,7 +216,7 @@ def _write_run_record(output_dir: str, hera_args: HeraArguments,
                       host_keys: tuple[tuple[Any, tuple[str, ...]], ...]) -> None:
     """``hera_run.json``: the HeRA settings and the host settings needed to re-score the run's heads."""
     record = {"stage": "hera", "llamafactory_hera_version": __version__, **hera_args.to_dict(),
-              "host": {key: _plain(getattr(holder, key, None)) for holder, keys in host_keys for key in keys}}
+              "host": {key: plain(getattr(holder, key, None)) for holder, keys in host_keys for key in keys}}
     write_record(Path(output_dir) / HERA_RUN_RECORD, record)
 
 
