@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +216,7 @@ def _contrastive(hera_args: HeraArguments, counts: Any, data_args: Any, training
 def _write_run_record(output_dir: str, hera_args: HeraArguments,
                       host_keys: tuple[tuple[Any, tuple[str, ...]], ...]) -> None:
     """``hera_run.json``: the HeRA settings and the host settings needed to re-score the run's heads."""
-    record = {"stage": "hera", "llamafactory_hera_version": __version__, **hera_args.to_dict(),
+    record = {"stage": "hera", "llamafactory_hera_version": __version__, **asdict(hera_args),
               "host": {key: plain(getattr(holder, key, None)) for holder, keys in host_keys for key in keys}}
     write_record(Path(output_dir) / HERA_RUN_RECORD, record)
 
