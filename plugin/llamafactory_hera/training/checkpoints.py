@@ -314,7 +314,8 @@ def _full_line(folder: Path, run: Path, error: BaseException) -> str | None:
     a quota), or less free space than the last whole checkpoint took, or than :data:`NEARLY_FULL` before the first
     (torch.save's writer says only ``unexpected pos`` or ``file write failed``)."""
     newest = whole.newest_whole(run)[0]
-    needed, free = whole.folder_bytes(newest), shutil.disk_usage(run).free
+    needed = sum(path.stat().st_size for path in newest.rglob("*") if path.is_file()) if newest else None
+    free = shutil.disk_usage(run).free
     if getattr(error, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and not any(
             text in str(error) for text in ("No space left on device", "Disk quota exceeded")) and \
             free >= (NEARLY_FULL if needed is None else needed):
