@@ -65,10 +65,9 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: Her
 
 def check_heads_before_parse(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
     """Named ``hera_heads`` against a local model's ``config.json``, before LLaMA-Factory parses the recipe: under
-    ``llamafactory-cli train`` with torchrun this runs before the ranks start
-    (``llamafactory_hera_patches.launch``),
+    ``llamafactory-cli train`` with torchrun this runs before the ranks start (``llamafactory_hera_patches.launch``),
     so a head out of range starts no rank. A hub id, a folder without ``config.json`` or a config that needs more
-    than this read is checked after the parse (:func:`validate_host_args`), as before."""
+    than this read is checked after the parse (:func:`validate_host_args`)."""
     model = raw_value(host_args, "model_name_or_path")
     if hera_args.auto_heads or not model or not (Path(str(model)).expanduser() / "config.json").is_file():
         return
