@@ -246,10 +246,6 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Number) and not isinstance(value, bool | np.bool_)
-
-
 def format_head_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     """Plain fixed-width text table (header, a dashed rule, one line per row; floats with 4 decimals, a negative
     zero as ``0.0000``).
@@ -259,8 +255,8 @@ def format_head_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     """
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
     widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
-    right = [bool(rows) and all(_is_number(row.get(column)) for row in rows if row.get(column) is not None)
-             for column in columns]
+    right = [bool(rows) and all(isinstance(value, numbers.Number) and not isinstance(value, bool | np.bool_)
+                                for row in rows if (value := row.get(column)) is not None) for column in columns]
 
     def render(values: list[str]) -> str:
         parts = [value.rjust(w) if r else value.ljust(w) for value, w, r in zip(values, widths, right, strict=True)]
