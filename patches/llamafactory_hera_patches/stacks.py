@@ -8,11 +8,12 @@ install) allows up to 5.8 and excludes 5.6.0. The plugin runs on every one of th
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
+
+from .guard import host_version
 
 # what LLaMA-Factory 0.9.5 or main allows: 4.55 to 5.8 (5.8.x), without 4.57.0 (both exclude it); also in pyproject
 TRANSFORMERS_SUPPORTED = ">=4.55,<5.9,!=4.57.0"
@@ -49,12 +50,10 @@ def dtype_key(found: str | None = None) -> str:
     return "torch_dtype" if found is not None and Version(found) < Version("4.56") else "dtype"
 
 
-def installed(distribution: str = "transformers") -> str | None:
-    """The installed version of ``distribution``, None when it is not installed."""
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return None
+def installed() -> str | None:
+    """The installed transformers version, None when it is not installed."""
+    found = host_version("transformers")
+    return None if found == "unknown" else found
 
 
 def unsupported_transformers(found: str | None = None) -> str | None:

@@ -65,6 +65,9 @@ def test_shipped_recipe_runs_whole_on_a_tiny_model_of_its_family(name: str, harc
     assert (adapter["r"], adapter["lora_alpha"]) == (32, 64)
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"}
+    run_record = json.loads((output / "harc_run.json").read_text())  # read back by `llamafactory-hera eval`
+    assert (run_record["stage"], run_record["host"]["model_name_or_path"]) == ("harc", recipe["model_name_or_path"])
+    assert all(run_record["settings"][key] == value for key, value in recipe.items() if key.startswith("harc_"))
     lines = [line for line in read_trainer_log(output) if "loss" in line]
     assert len(lines) == 5 and all(all(key in line for key in (*TERMS, "harc_layers")) for line in lines)
     assert lines[0]["harc_kl"] == 0.0 < lines[-1]["harc_kl"]  # LoRA starts as the identity, then moves

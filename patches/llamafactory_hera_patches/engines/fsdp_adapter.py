@@ -9,9 +9,8 @@ from another adapter (docs/configurations.md, N13). On such an accelerate (told 
 (broadcast from rank 0), as the fix does; on the others it does nothing. Applied by the import hook right after
 ``accelerate.utils.fsdp_utils`` executes (``save_fsdp_model`` / ``load_fsdp_model`` look the helpers up at call time).
 
-The file holds the whole tensors under PEFT's names (``...lora_A.weight``), as accelerate 1.11 names its shards, so no
-reader without the plugin resets the adapter silently: both 1.11 and a fixed accelerate refuse it with their own
-error. A file saved without the plugin by 1.11 (rank 0's shards) is refused here: half of each matrix is not in it.
+The file holds the whole tensors under PEFT's names (``...lora_A.weight``), as accelerate 1.11 names its shards: a
+reader without the plugin refuses it rather than reset the adapter, and a file of rank 0's shards is refused here.
 
 :func:`unsaved_state_dict` names the other silent loss, a run under FSDP2's default ``SHARDED_STATE_DICT`` that exits
 0 with no adapter or model written (docs/configurations.md, N20).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Mapping
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,6 @@ _BITSANDBYTES = {"bnb", "bitsandbytes"}
 _NO_INTEGER_SHARDS = ("torch's fully_shard makes each weight a parameter that could require gradients, which {codes} "
                       "cannot")
 _WITHOUT_FSDP = "on one GPU or under DDP / DeepSpeed ZeRO-2."
-
-
-def _accelerate_fails() -> bool:
-    try:
-        return Version(version("accelerate")) <= NEWEST_FAILING
-    except PackageNotFoundError:
-        return False
 
 
 def saved_codes_refusal(stage: str, host_args: Any, saved: dict[str, Any]) -> str | None:
@@ -124,7 +117,8 @@ def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str])
                 f"{stage} fails on it, as stock SFT does); use quantization_bit: 4 (QLoRA under FSDP2, with "
                 f"fsdp_cpu_ram_efficient_loading: false in the accelerate config), or 8-bit {_WITHOUT_FSDP}")
     loading = environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "")
-    if bits != "4" or not truthy(loading) or not _accelerate_fails():  # accelerate's str_to_bool's words
+    # truthy: accelerate's str_to_bool's words; accelerate is installed (LLaMA-Factory requires it)
+    if bits != "4" or not truthy(loading) or Version(version("accelerate")) > NEWEST_FAILING:
         return codes_dtype_refusal(host_args, environ, config) if bits == "4" and config is not None else None
     return (f"quantization_bit: {bits} under FSDP2 with fsdp_cpu_ram_efficient_loading: true "
             f"(FSDP_CPU_RAM_EFFICIENT_LOADING={loading}, set by accelerate launch): accelerate "

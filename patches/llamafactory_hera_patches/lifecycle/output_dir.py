@@ -1,14 +1,11 @@
-"""A training run's ``output_dir`` before LLaMA-Factory parses the recipe (before any model loads); docs/hera.md
-("Outputs") says what the user sees.
+"""A training run's ``output_dir`` before LLaMA-Factory parses the recipe (before any model loads): a finished run
+refused, a recipe asking for more steps continuing it, ``overwrite_output_dir: true`` moving the earlier run aside;
+docs/hera.md ("Running again: resume, refuse, overwrite") says what the user sees.
 
 Host shape relied on: LLaMA-Factory 0.9.5 resumes from the last ``checkpoint-N`` of an ``output_dir`` it finds, finished
-run or not, and with ``overwrite_output_dir: true`` writes the new run among the earlier one's files. Here, for every
-training run: a folder holding a finished run (its :mod:`.run_record` says ``finished``, or it holds the final model or
-the Trainer's end-of-run files) is refused unless ``overwrite_output_dir: true``, except that a recipe asking for more
-steps or epochs than it took continues it from its last checkpoint; an interrupted run's folder is left to
-LLaMA-Factory's resume; with ``overwrite_output_dir: true`` every entry but earlier ``previous_run_*`` folders (and the
-recipe being run and LlamaBoard's files of this run) moves into a new ``previous_run_<time>/``, refused when the folder
-holds the working folder or a path the recipe reads.
+run or not, and with ``overwrite_output_dir: true`` writes the new run among the earlier one's files. A finished run
+is told by its :mod:`.run_record` (else the final model or the Trainer's end-of-run files); the move leaves earlier
+``previous_run_*`` folders, the recipe being run and LlamaBoard's files of this run where they are.
 
 The refusal comes before the parse; the move after the parse and the method's checks (a refused recipe moves nothing),
 by the global main process (each node's under ``save_on_each_node``), the other ranks waiting for it.

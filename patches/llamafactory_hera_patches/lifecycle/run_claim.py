@@ -1,31 +1,12 @@
 """One live run per ``output_dir``: ``llamafactory_hera_claim.json``, taken before LLaMA-Factory parses the recipe.
 
-Two runs started into one folder used to both run to the end, each writing over the other's files (the folder held
-the later one's adapter and state, the earlier run's were lost without a word). Every run of the plugin's stages, or
-of a recipe's ``stage: sft`` twin (:mod:`..stage`; a plain recipe of LLaMA-Factory's own stages takes none: a claim
-outlives a SIGKILL, and such a folder holds what LLaMA-Factory writes), with an ``output_dir`` claims it first:
-
-- the claim (the process id, the host, its start time, the stage and the job identity below) is created atomically
-  (written beside it, then hard-linked into place; ``O_CREAT | O_EXCL`` where the file system has no hard links), so
-  of two runs started at once one gets it;
-- a folder a live run holds is refused before anything loads, naming the folder, that run (process, host, start
-  time) and the ways on. ``overwrite_output_dir: true`` does not override it (it would move the live run's files);
-- a claim whose process has ended on this host (a run killed, a machine restarted) is stale: it is taken over, with
-  a line saying so. A claim from another host cannot be checked that way: its run refreshes the file's time every
-  minute, and a claim not refreshed for :data:`LEASE_SECONDS` is stale on every host (a job killed on one node and
-  requeued on another); a fresher one counts as live unless it is this run's own job (the refusal says which file to
-  delete if that run is no longer running), or an earlier launch of this Slurm job (the same ``SLURM_JOB_ID``, a
-  lower ``SLURM_RESTART_COUNT``: the job requeued), which is stale at once. A rank of a multi-process job that meets
-  another host's claim waits up to :data:`JOB_WAIT_SECONDS` for its own job to take it over (the rank on the claim's
-  host finds its process gone), so that the nodes of one job do not part ways, one training and one refused;
-- a claim is replaced only by the run holding the takeover lock (``<claim>.takeover``, created as a claim is): of any
-  number of runs meeting one stale claim, one owns the folder and the others are refused naming it;
-- the ranks of one job share the claim, on one node and across nodes writing to a shared folder (its identity:
-  :func:`.claim_identity.job_identity`). A claim another rank made passes to global rank 0, which saves last: it lives
-  while rank 0 runs, whenever the rank that made it ends;
-- the process that holds the claim removes it when the run ends (returns, raises, exits: ``atexit``, or is
-  stopped by SIGTERM: torchrun stopping the other ranks, a scheduler's time limit), with the folder if the claim made
-  it and it is still empty.
+Which runs take a claim, what a live one refuses, when one is stale and how the ranks of one job share it: docs/hera.md
+("Running again: resume, refuse, overwrite", a live run). How: a claim (process id, host, start time, stage, job
+identity: :func:`.claim_identity.job_identity`) is written beside its place and hard-linked there (``O_CREAT |
+O_EXCL`` where the file system has no hard links), so of two runs started at once one gets it; a stale claim is
+replaced only by the run holding the takeover lock (``<claim>.takeover``, created as a claim is); a claim another
+rank made passes to global rank 0, which saves last; the holder removes it when the run ends (``atexit``, SIGTERM),
+with the folder if the claim made it and it is still empty.
 
 Imports nothing heavy: it runs before the parse.
 """

@@ -1,24 +1,13 @@
 """``llamafactory_hera_run.json``: what a ``llamafactory-cli train`` run of a method loaded its model with, and how it
 ended.
 
-Written by the stage patch (:mod:`..stage`) into ``output_dir`` for a training run of a method's stage, and of a
-LLaMA-Factory stage run as a method's baseline twin (a recipe holding a method's keys, ``stage=sft``); a plain
-LLaMA-Factory recipe's folder gets nothing: right after LLaMA-Factory parsed the recipe with ``status: running``, then
-``finished`` when the run returns, ``stopped`` when a save signal stopped it (exit 0 after a whole checkpoint, or before
-step 1 the rows its passes kept: the same command resumes it) or ``failed`` (with the error's first line) when it
-raises. A run killed from outside keeps ``running``. ``llamafactory-hera eval`` reads the loading keys back (a plain
-``stage: sft`` twin is then evaluated as it was trained, not at LLaMA-Factory's defaults) and refuses a run whose
-record is not ``finished``. A run that fails
-after it saved its model (a failing ``do_predict``, a reporting backend, an interrupt at the end) is ``finished`` with
-the error kept as ``error_after_save``: the saved model is there to evaluate.
-
-Values are the parsed ones (LLaMA-Factory's defaults filled in), so two records compare key by key. A method's own
-record (``hera_run.json``, ``rah_profile.json``, ``harc_run.json``: :attr:`Method.records`) left by a failed run is
-marked ``"status": "failed"`` too.
-
-``chain``: the records that produced the model, read when the run starts: a model_name_or_path that is a composed
-model (its :data:`COMPOSE_RECORD`) or an earlier run's output (its record's own chain) is followed back, so a stage-2
-run records compose -> stage 1 -> stage 2, and ``llamafactory-hera eval`` names it. Imports nothing heavy.
+Which runs write it, its statuses and its ``chain``: docs/eval.md ("What is loaded"). Written by the stage patch
+(:mod:`..stage`) into ``output_dir``: ``running`` right after LLaMA-Factory parsed the recipe, then ``finished``,
+``stopped`` (a save signal's stop) or ``failed`` (with the error's first line). A run that fails after it saved its
+model (a failing ``do_predict``, a reporting backend, an interrupt at the end) is ``finished`` with the error kept
+as ``error_after_save``. A method's own record (:attr:`Method.records`) left by a failed run is marked ``"status":
+"failed"`` too. ``llamafactory-hera eval`` reads the loading keys back (the parsed values: LLaMA-Factory's defaults
+filled in) and refuses a run whose record is not ``finished``. Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -48,9 +37,10 @@ FINETUNING_KEYS = ("finetuning_type",)
 TRAINING_KEYS = ("seed", "output_dir")
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """``value`` as JSON holds it: lists and tuples as lists, anything not a JSON scalar as its text."""
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
 
 
@@ -61,7 +51,7 @@ def loading_keys(model_args: Any, data_args: Any, finetuning_args: Any, training
                          (training_args, TRAINING_KEYS)):
         for key in keys:
             if hasattr(holder, key):
-                found[key] = _plain(getattr(holder, key))
+                found[key] = plain(getattr(holder, key))
     return found
 
 

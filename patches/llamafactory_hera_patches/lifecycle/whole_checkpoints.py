@@ -75,8 +75,3 @@ def rotate(run: Path, limit: int | None, keep: str | None) -> None:
         if keep is None or path != Path(keep):
             (path / MARKER).unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
-
-
-def folder_bytes(folder: Path | None) -> int | None:
-    """The bytes of the files under ``folder`` (None: no folder)."""
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder else None

@@ -1,10 +1,9 @@
 """The demos' output folders: one per method under the demos' root (``--output``, default ``./demo_output``; its
 layout: docs/development.md), each replaced only by its own demo.
 
-The root and each method folder carry a marker file (:data:`MARKER_NAME`). Running a demo again removes that demo's
-own outputs (the names its method lists, see :func:`prepare_folder`) from its folder alone, and says which; the other
-methods' folders and the asset caches are left alone. A folder without the marker whose ``run/`` holds files is
-refused unless ``--overwrite``.
+The root and each method folder carry a marker file (:data:`MARKER_NAME`); a rerun removes, and names, the outputs
+its method lists (:func:`prepare_folder`); a folder without the marker whose ``run/`` holds files is refused unless
+``--overwrite``.
 """
 
 from __future__ import annotations

@@ -100,12 +100,10 @@ def _task_files(module: str) -> dict[str, list[Path]]:
     return found
 
 
-def task_dataset(task: str, module: str, extra_folder: Path | None = None) -> tuple[str, str | None] | None:
-    """(``dataset_path``, ``dataset_name``) of ``task`` as its YAML ``<task>.yaml`` in ``module``'s task folder (or in
-    ``extra_folder``) names it; None when there is no such file (a group, a task named otherwise) or the dataset is a
-    local one."""
-    candidates = [*([extra_folder / f"{task}.yaml"] if extra_folder else []), *_task_files(module).get(task, [])]
-    for path in candidates:
+def task_dataset(task: str, module: str) -> tuple[str, str | None] | None:
+    """(``dataset_path``, ``dataset_name``) of ``task`` as its YAML ``<task>.yaml`` in ``module``'s task folder names
+    it; None when there is no such file (a group, a task named otherwise) or the dataset is a local one."""
+    for path in _task_files(module).get(task, []):
         if not path.is_file():
             continue
         config = _read_task(path)

@@ -8,7 +8,6 @@ the dataset is replaced by HARC's composed micro-batches (:mod:`~llamafactory_he
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from llamafactory_hera.log import progress_once, say_again_on_board, say_once
 from llamafactory_hera.training import watchdog
 from llamafactory_hera.training.checkpoints import RestoresCheckpointWeights, WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
+from llamafactory_hera_patches.lifecycle.run_record import plain, write_record
 from llamafactory_hera_patches.tools.model_data import RecipeArgs, load_aligned_rows
 
 
@@ -52,13 +52,10 @@ _HOST_KEYS = (("model_name_or_path", "adapter_name_or_path", "trust_remote_code"
 def write_run_record(harc_args: HarcArguments, *holders: Any) -> None:
     """``harc_run.json`` in ``output_dir``: the HARC keys and the host keys that load the model and its role data again
     (read by ``llamafactory-hera eval``). ``holders``: model, data, fine-tuning and training arguments."""
-    host = {key: value if isinstance(value, str | int | float | bool | list | type(None)) else str(value)
-            for holder, keys in zip(holders, _HOST_KEYS, strict=True) for key in keys
-            for value in [getattr(holder, key, None)]}
-    output = Path(holders[-1].output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    host = {key: plain(getattr(holder, key, None)) for holder, keys in zip(holders, _HOST_KEYS, strict=True)
+            for key in keys}
     record = {"stage": "harc", "llamafactory_hera_version": __version__, "settings": asdict(harc_args), "host": host}
-    (output / HARC_RUN_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    write_record(Path(holders[-1].output_dir) / HARC_RUN_RECORD, record)
 
 
 def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ def save_state(folder: str, hera_args: Any, log_tau: torch.Tensor) -> None:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, HERA_STATE_NAME), "w", encoding="utf-8") as handle:
         json.dump({"version": __version__, "log_temperature": value, "temperature": math.exp(value),
-                   "heads": list(hera_args.hera_heads), "hera_args": hera_args.to_dict()}, handle, indent=2)
+                   "heads": list(hera_args.hera_heads), "hera_args": asdict(hera_args)}, handle, indent=2)
 
 
 def _queue_file(folder: str, process_index: int) -> str:

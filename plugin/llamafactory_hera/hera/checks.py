@@ -26,8 +26,7 @@ from llamafactory_hera.recipe.quantization import check_quantization
 from llamafactory_hera_patches.data.templates import template_tokens
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import host_version
-from llamafactory_hera_patches.recipe.arguments import raw_value as _raw_value
-from llamafactory_hera_patches.recipe.arguments import truthy as _truthy
+from llamafactory_hera_patches.recipe.arguments import raw_value, truthy
 
 # deepspeedai/DeepSpeed#8148 (first released in 0.19.3): ZeRO-3 keeps frozen parameters whole during a non-reentrant
 # checkpoint's recompute; before it, the recompute sees them partitioned (shape [0]) and backward fails
@@ -56,7 +55,7 @@ _INCOMPATIBLE = (
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
     """Checks on the recipe's own keys, before LLaMA-Factory parses them: DeepSpeed with fp16 and a learned temperature
     (its refusal says why), named heads outside a local model (:func:`check_heads_before_parse`)."""
-    if (_raw_value(host_args, "deepspeed") and _truthy(_raw_value(host_args, "fp16"))
+    if (raw_value(host_args, "deepspeed") and truthy(raw_value(host_args, "fp16"))
             and hera_args.hera_learn_temperature):
         raise RecipeError("stage: hera cannot learn the temperature under DeepSpeed with fp16: true (the temperature's "
                           "own optimizer would step on loss-scaled gradients and would not skip overflow steps). Use "
@@ -66,14 +65,13 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: Her
 
 def check_heads_before_parse(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
     """Named ``hera_heads`` against a local model's ``config.json``, before LLaMA-Factory parses the recipe: under
-    ``llamafactory-cli train`` with torchrun this runs before the ranks start
-    (``llamafactory_hera_patches.launch``),
+    ``llamafactory-cli train`` with torchrun this runs before the ranks start (``llamafactory_hera_patches.launch``),
     so a head out of range starts no rank. A hub id, a folder without ``config.json`` or a config that needs more
-    than this read is checked after the parse (:func:`validate_host_args`), as before."""
-    model = _raw_value(host_args, "model_name_or_path")
+    than this read is checked after the parse (:func:`validate_host_args`)."""
+    model = raw_value(host_args, "model_name_or_path")
     if hera_args.auto_heads or not model or not (Path(str(model)).expanduser() / "config.json").is_file():
         return
-    remote = _truthy(_raw_value(host_args, "trust_remote_code"))
+    remote = truthy(raw_value(host_args, "trust_remote_code"))
     try:
         config = AutoConfig.from_pretrained(str(Path(str(model)).expanduser()), trust_remote_code=remote)
     except Exception:  # a config this transformers cannot read (a newer family's): the parse's checks name it

@@ -5,7 +5,7 @@ HeRA run logs and plots (:data:`LOG_KEYS`, :data:`TRAINING_PLOT`) and the name o
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from llamafactory_hera.heads.geometry import HeadRef, parse_head
@@ -129,10 +129,6 @@ class HeraArguments:
         if self.auto_heads:
             raise ValueError("hera_heads: auto has not been resolved yet")
         return [parse_head(h) for h in self.hera_heads]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-dict view (for JSON records)."""
-        return asdict(self)
 
 
 def _coerce_heads(key: str, value: Any) -> list[str] | str:

@@ -77,12 +77,6 @@ def queue_cap_line(geometry: ContrastiveGeometry, hera_args: HeraArguments) -> s
             f"holds {geometry.queue} (set hera_queue_size: {geometry.queue} to say so in the recipe).")
 
 
-def _setting(geometry: ContrastiveGeometry, hera_args: HeraArguments) -> str:
-    return (f"per_device_train_batch_size: {geometry.per_device} on {geometry.processes} process(es)"
-            f"{'' if geometry.gather or geometry.processes == 1 else ' with hera_gather: false'} and "
-            f"hera_queue_size: {hera_args.hera_queue_size}")
-
-
 def check_contrastive_geometry(geometry: ContrastiveGeometry, hera_args: HeraArguments,
                                data: str = "the training data",
                                more: str = "another dataset, or a larger max_samples") -> None:
@@ -99,7 +93,9 @@ def check_contrastive_geometry(geometry: ContrastiveGeometry, hera_args: HeraArg
             f"neighbour{'s' if k != 1 else ''}; at least 3 for a negative), but {data} has {distinct} distinct "
             f"image{'s' if distinct != 1 else ''}, so no set can ever hold {needed} (a queue would only repeat them). "
             f"{fix} on more images ({more}).")
-    setting = _setting(geometry, hera_args)
+    setting = (f"per_device_train_batch_size: {geometry.per_device} on {geometry.processes} process(es)"
+               f"{'' if geometry.gather or geometry.processes == 1 else ' with hera_gather: false'} and "
+               f"hera_queue_size: {hera_args.hera_queue_size}")
     if geometry.largest < 3:
         if geometry.largest < 2:
             what = "can never hold 2 image samples, so no HeRA loss can be formed and the run would be plain SFT"

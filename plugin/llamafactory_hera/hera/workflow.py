@@ -5,9 +5,10 @@ end count (:class:`RunSummary`), so a run that trains less HeRA than it seems to
 
 from __future__ import annotations
 
-import json
 import os
 import traceback
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
@@ -42,6 +43,7 @@ from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.data.media_warnings import media_warnings_held
 from llamafactory_hera_patches.data.templates import image_placeholder
 from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera_patches.lifecycle.run_record import plain, write_record
 from llamafactory_hera_patches.tools.model_data import (
     RecipeArgs,
     holds_out_by_val_size,
@@ -159,10 +161,6 @@ def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int
     return collator, HeraSeq2SeqTrainer
 
 
-def _plain(value: Any) -> Any:
-    return value if isinstance(value, str | int | float | bool | list | type(None)) else str(value)
-
-
 def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
                         training_args: Any) -> tuple[dict[str, int], Any, Any]:
     """(image path -> training-data row, the counts of the rows that train, the aligned rows), after checking every
@@ -218,12 +216,9 @@ def _contrastive(hera_args: HeraArguments, counts: Any, data_args: Any, training
 def _write_run_record(output_dir: str, hera_args: HeraArguments,
                       host_keys: tuple[tuple[Any, tuple[str, ...]], ...]) -> None:
     """``hera_run.json``: the HeRA settings and the host settings needed to re-score the run's heads."""
-    os.makedirs(output_dir, exist_ok=True)
-
-    record = {"stage": "hera", "llamafactory_hera_version": __version__, **hera_args.to_dict(),
-              "host": {key: _plain(getattr(holder, key, None)) for holder, keys in host_keys for key in keys}}
-    with open(os.path.join(output_dir, HERA_RUN_RECORD), "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
+    record = {"stage": "hera", "llamafactory_hera_version": __version__, **asdict(hera_args),
+              "host": {key: plain(getattr(holder, key, None)) for holder, keys in host_keys for key in keys}}
+    write_record(Path(output_dir) / HERA_RUN_RECORD, record)
 
 
 def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,

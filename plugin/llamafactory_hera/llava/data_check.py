@@ -80,13 +80,13 @@ def _aligned(rows: Any) -> Any:
         yield from zip(batch["_prompt"], batch["_response"], batch["_images"], strict=True)
 
 
-def check_images(paths: list[str], decode: bool, workers: int, desc: str, disable: bool | None) -> dict[str, str]:
+def check_images(paths: list[str], decode: bool, workers: int, desc: str) -> dict[str, str]:
     """``path -> MISSING | UNREADABLE`` for the bad ones of ``paths``, checked by ``workers`` threads."""
     from tqdm import tqdm
 
     problems: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(paths), desc=desc, unit="img",
-                                                               disable=disable) as bar:
+                                                               disable=None) as bar:  # None: on a terminal only
         for start in range(0, len(paths), IMAGE_CHUNK):  # in chunks: no future per image of the mixture at once
             chunk = paths[start:start + IMAGE_CHUNK]
             for path, problem in zip(chunk, pool.map(lambda p: image_problem(p, decode), chunk), strict=True):
@@ -96,17 +96,15 @@ def check_images(paths: list[str], decode: bool, workers: int, desc: str, disabl
     return problems
 
 
-def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: bool, workers: int,
-               progress: bool | None = None) -> DatasetCounts:
+def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: bool, workers: int) -> DatasetCounts:
     """Count ``rows`` (LLaMA-Factory's aligned dataset: ``_prompt``, ``_response``, ``_images``) and check each
-    distinct image file once (``workers`` threads; progress bars on a terminal unless ``progress`` says)."""
+    distinct image file once (``workers`` threads; progress bars on a terminal)."""
     from tqdm import tqdm
 
     counts = DatasetCounts(name, rows=len(rows))
     image_rows: list[tuple[list[str], bool]] = []  # each image row's files and whether its marks match
-    disable = None if progress is None else not progress  # tqdm: None = only on a terminal
     for row, (prompt, response, images) in enumerate(tqdm(_aligned(rows), total=len(rows), desc=f"{name}: rows",
-                                                           unit="row", disable=disable)):
+                                                           unit="row", disable=None)):
         images = images or []
         if not prompt or not response:
             counts.dropped_rows += 1
@@ -123,7 +121,7 @@ def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: b
             counts.text_only_rows += 1
     distinct = list(dict.fromkeys(path for paths, _ in image_rows for path in paths))  # in row order
     counts.images = len(distinct)
-    problems = check_images(distinct, decode, workers, f"{name}: images ({'decode' if decode else 'stat'})", disable)
+    problems = check_images(distinct, decode, workers, f"{name}: images ({'decode' if decode else 'stat'})")
     counts.bad_images = {_shown(path, media_dir, problem): problem for path, problem in problems.items()}
     counts.usable_rows = sum(1 for paths, marks_match in image_rows
                              if marks_match and not any(path in problems for path in paths))
@@ -146,8 +144,7 @@ def _load(recipe_args: Any, seed: int, name: str, file_name: Any) -> Any:
                           "(docs/llava-data.md).") from None
 
 
-def check_recipe(recipe_path: Path, decode: bool, workers: int, progress: bool | None = None
-                 ) -> tuple[list[DatasetCounts], str]:
+def check_recipe(recipe_path: Path, decode: bool, workers: int) -> tuple[list[DatasetCounts], str]:
     """Every dataset of the recipe counted (see the module), and the ``media_dir`` the run joins image paths with.
     RecipeError for a recipe without datasets, a dataset not in ``dataset_info.json`` or without its file, a
     ``media_dir`` that is no folder, a file LLaMA-Factory cannot load, ``workers`` below 1."""
@@ -178,7 +175,7 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int, progress: bool |
     counts = []
     for name in dict.fromkeys(names["dataset"] + names["eval_dataset"]):
         rows = _load(recipe_args, seed, name, info[name].get("file_name") if isinstance(info[name], dict) else None)
-        counts.append(count_rows(name, rows, image_placeholder(), media_dir, decode, workers, progress))
+        counts.append(count_rows(name, rows, image_placeholder(), media_dir, decode, workers))
     return counts, media_dir
 
 

@@ -131,11 +131,10 @@ def _label_fontsize(heads: int, map_width: float) -> float:
     return float(min(8.0, max(5.5, cell_pt * 0.9)))
 
 
-def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path: Path, title: str,
-                      box_label: str = "selected heads") -> Path:
+def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path: Path, title: str) -> Path:
     """Heatmap of ``scores`` ``[L, H]`` (MKNN in [0, 1]) saved as PNG at ``path``, laid out as the module says, with
-    a colorbar from 0 to the highest score (NaN cells blank), a legend for the boxes (``box_label``), labels omitted
-    beyond 40 selected heads, tick labels thinned on large maps."""
+    a colorbar from 0 to the highest score (NaN cells blank), a legend naming the boxes the selected heads, labels
+    omitted beyond 40 selected heads, tick labels thinned on large maps."""
     array = _check(scores, selected, "scores")
     layers, heads = array.shape
     width, height = _map_size(layers, heads, 10.0)
@@ -149,7 +148,7 @@ def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path:
     fit_title(fig, fig.suptitle(title, fontsize=10), title)
     _boxes(ax, selected, _BOX_COLOR)
     if selected:
-        _legend(fig, [(_BOX_COLOR, box_label)])
+        _legend(fig, [(_BOX_COLOR, "selected heads")])
     if layers * heads <= _MAX_ANNOTATED_CELLS:
         _annotate_cells(ax, array, signed=False)
     else:
@@ -247,10 +246,6 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Number) and not isinstance(value, bool | np.bool_)
-
-
 def format_head_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     """Plain fixed-width text table (header, a dashed rule, one line per row; floats with 4 decimals, a negative
     zero as ``0.0000``).
@@ -260,8 +255,8 @@ def format_head_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     """
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
     widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
-    right = [bool(rows) and all(_is_number(row.get(column)) for row in rows if row.get(column) is not None)
-             for column in columns]
+    right = [bool(rows) and all(isinstance(value, numbers.Number) and not isinstance(value, bool | np.bool_)
+                                for row in rows if (value := row.get(column)) is not None) for column in columns]
 
     def render(values: list[str]) -> str:
         parts = [value.rjust(w) if r else value.ljust(w) for value, w, r in zip(values, widths, right, strict=True)]

@@ -7,7 +7,6 @@ what each holds: docs/rah.md.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import asdict
@@ -32,6 +31,7 @@ from llamafactory_hera_patches.data.media_warnings import media_warnings_held
 from llamafactory_hera_patches.data.templates import image_placeholder
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import recorded_versions
+from llamafactory_hera_patches.lifecycle.run_record import write_record
 from llamafactory_hera_patches.tools.model_data import (
     RecipeArgs,
     load_aligned_rows,
@@ -204,7 +204,6 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
     calibration = calibrate(model, calibration_batches, caf_batches, kl_batches, rah_args, kinds, progress, plan)
     _say_what_was_left_out(calibration, len(rows))
     output = Path(training_args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     factors = lora_factors(calibration, model, plan.geometry)
     record = profile_record(calibration, rah_args, {
         "model_name_or_path": str(model_args.model_name_or_path), "dataset": list(data_args.dataset),
@@ -212,7 +211,7 @@ def run_rah(host: Any, model_args: Any, data_args: Any, training_args: Any, fine
         "seed": training_args.seed}, recorded_versions(), {
         "total_s": round(time.perf_counter() - started, 3),
         "without_model_loading_s": round(time.perf_counter() - loaded, 3)})
-    (output / PROFILE_JSON).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    write_record(output / PROFILE_JSON, record)  # the folder made
     plot_profile(calibration, output / PROFILE_PNG, str(model_args.model_name_or_path))
     outcomes = _outcomes(calibration, record["summary"])
     if not any(update.calibrated for update in calibration.updates):

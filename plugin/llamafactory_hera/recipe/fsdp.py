@@ -5,9 +5,8 @@ FSDP is turned on by ``accelerate launch`` with an FSDP config (it sets ``ACCELE
 ``FSDP_STATE_DICT_TYPE``), by the recipe (``fsdp``, with ``fsdp_config``'s ``fsdp_version`` / ``version``: 1 by
 default) or by any front end that sets the parsed ``fsdp`` option (LlamaBoard's extra arguments). :func:`check_fsdp`
 reads the first two before the parse (also in ``accelerate launch`` and ``llamafactory-cli train`` before any rank
-starts), :func:`check_fsdp_parsed` the parsed arguments. What runs and what is refused (a state dict type other than
-``FULL_STATE_DICT``, FSDP1, the recipe's ``fsdp`` key, RAH-LoRA under any FSDP, bitsandbytes weights FSDP2 fails on),
-with the test of each and why: docs/configurations.md (the FSDP rows and their notes).
+starts), :func:`check_fsdp_parsed` the parsed arguments. What runs and what is refused, with the test of each and
+why: docs/configurations.md (the FSDP rows and their notes).
 """
 
 from __future__ import annotations

@@ -1,17 +1,13 @@
-"""The checkpoint a plugin stage resumes from, checked before LLaMA-Factory parses the recipe (no model loads).
+"""The checkpoint a plugin stage resumes from, checked before LLaMA-Factory parses the recipe (no model loads): the host
+would fail on a mismatched checkpoint only after the model loads, or silently resume a finished run's folder (no
+optimizer state). Which checkpoint is resumed: docs/hera.md ("Killed, preempted, disk full", resume).
 
-The host would fail on a mismatched checkpoint only after the model loads, or silently resume a finished run's
-folder (no optimizer state).
-
-What is resumed: ``resume_from_checkpoint``'s folder (refused when half-written); ``true``: the newest whole
-``checkpoint-N`` of ``output_dir`` (``lifecycle.whole_checkpoints``); not given, a training run into an ``output_dir``
-with checkpoints and without ``overwrite_output_dir``: its newest whole one, which the trainer resumes (LLaMA-Factory
-names the last one). That folder must be a
-checkpoint (a Trainer's ``trainer_state.json``; not a run's output folder) of the kind of run the recipe asks for:
-LoRA (its ``adapter_config.json``: rank, DoRA) or whole-model weights (full or freeze: the run record says which),
-of a model with the same architecture and sizes (``config.json``: the checkpoint's own, or a LoRA checkpoint's base
-model's), written by the same stage (the run record, :mod:`llamafactory_hera_patches.lifecycle.run_record`, in the
-checkpoint's run folder). Only small files are read; what a file does not say is not checked.
+That folder must be a checkpoint (a Trainer's ``trainer_state.json``; not a run's output folder) of the kind of run
+the recipe asks for: LoRA (its ``adapter_config.json``: rank, DoRA) or whole-model weights (full or freeze: the run
+record says which), of a model with the same architecture and sizes (``config.json``: the checkpoint's own, or a LoRA
+checkpoint's base model's), written by the same stage (the run record,
+:mod:`llamafactory_hera_patches.lifecycle.run_record`, in the checkpoint's run folder). Only small files are read;
+what a file does not say is not checked.
 """
 
 from __future__ import annotations

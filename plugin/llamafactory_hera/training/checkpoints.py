@@ -1,11 +1,9 @@
 """A plugin run's checkpoints, both mixed in front of every method's Trainer by its workflow (around the step, not in
 it).
 
-Checkpoints a run can trust, and a stop that saves one (:class:`WholeCheckpoints`): each ``checkpoint-N`` marked whole
-(``lifecycle.whole_checkpoints``) once every rank fsynced its save, rotated only then, a save that fails for lack of
-space one line; on ``<prefix>_save_on_signal`` the ranks agree on one stop step through the process group's store
-(host-side: no device sync) and save a whole checkpoint there. What users see: docs/hera.md ("Killed, preempted, disk
-full").
+Checkpoints a run can trust, and a stop that saves one (:class:`WholeCheckpoints`; what users see: docs/hera.md,
+"Killed, preempted, disk full"): the marker is ``lifecycle.whole_checkpoints``'s; the ranks agree on a signal's stop
+step through the process group's store (host-side: no device sync).
 
 A resumed run's weights (:class:`RestoresCheckpointWeights`): transformers' ``Trainer._load_from_checkpoint`` loads a
 checkpoint's state dict as it is on disk, in the model's original format (``save_pretrained`` reverts the renaming
@@ -316,7 +314,8 @@ def _full_line(folder: Path, run: Path, error: BaseException) -> str | None:
     a quota), or less free space than the last whole checkpoint took, or than :data:`NEARLY_FULL` before the first
     (torch.save's writer says only ``unexpected pos`` or ``file write failed``)."""
     newest = whole.newest_whole(run)[0]
-    needed, free = whole.folder_bytes(newest), shutil.disk_usage(run).free
+    needed = sum(path.stat().st_size for path in newest.rglob("*") if path.is_file()) if newest else None
+    free = shutil.disk_usage(run).free
     if getattr(error, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and not any(
             text in str(error) for text in ("No space left on device", "Disk quota exceeded")) and \
             free >= (NEARLY_FULL if needed is None else needed):

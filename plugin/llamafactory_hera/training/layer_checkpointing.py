@@ -2,11 +2,9 @@
 (HeRA: the layers that hold its heads) and in every KV-sharing chain (a layer whose keys and values later layers read,
 and those readers: Gemma 3n, Gemma 4), the recipe's kind in every other layer.
 
-Reentrant checkpointing (LLaMA-Factory's default) runs a layer's first forward without autograd, so what a hook captures
-inside such a layer would carry no gradient; a KV-sharing reader gets its source's keys and values outside its
-checkpointed call, so both ends of a chain must be non-reentrant for an exact gradient. HARC, which reads the residual
-entering its layers (harc/residuals.py), switches only the chains. Why, what it costs and what was measured:
-docs/hera-design.md ("Gradient checkpointing").
+HARC, which reads the residual entering its layers (harc/residuals.py), switches only the chains. Why reentrant
+checkpointing loses these gradients, what the switch costs and what was measured: docs/hera-design.md ("Gradient
+checkpointing").
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
 """A plugin run's watchdog: a rank gone silent (its process or host frozen or lost, or cut off from ``output_dir``)
-ends the job with one line on every other rank, in minutes instead of ``ddp_timeout`` (docs/hera.md, "Killed,
-preempted, disk full").
+ends the job with one line on every other rank, in minutes instead of ``ddp_timeout``. The heartbeat files, the
+sections' bounds and why a shared file rather than the process group's store: docs/hera.md ("Killed, preempted, disk
+full", a frozen or lost node).
 
-Each rank keeps ``<output_dir>/llamafactory_hera_watchdog/rank-<r>.json``: its host, its section (loading, a pass
-before step 1, a step, a save) and that section's :func:`bound`. Its thread rewrites it every :data:`PULSE` s and on a
-change of section, and reads the others'. A file on the file system the nodes share, not the process group's store: a
-read waits on no peer, a store lookup on the store's host, which may be the frozen one. A peer whose file has not
-changed for longer than the bound it states is silent (on the reader's clock: no clock is compared across hosts); a
-frozen process's thread stops with it, a live rank's waiting in a collective does not. The steps only set the section
-(no file write, host sync or collective on their path); a peer never heard from in this launch (a folder the nodes do
-not share) is not watched.
+Each rank keeps ``<output_dir>/llamafactory_hera_watchdog/rank-<r>.json`` (its host, its section, that section's
+:func:`bound`), rewritten by its thread every :data:`PULSE` s and on a change of section. Silence is measured on the
+reader's clock (no clock is compared across hosts). The steps only set the section (no file write, host sync or
+collective on their path); a peer never heard from in this launch (a folder the nodes do not share) is not watched.
 """
 
 from __future__ import annotations

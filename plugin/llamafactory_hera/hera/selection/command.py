@@ -9,7 +9,7 @@ import transformers
 import yaml
 
 from llamafactory_hera.heads.geometry import parse_head
-from llamafactory_hera.hera.config import HeraArguments, parse_hera_arguments
+from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.hera.selection.recipe_write import (
     SelectionResult,
     check_folder_writable,
@@ -72,7 +72,8 @@ def run_select(args: Any) -> SelectionResult:
     if not args.dry_run:  # refuse before any heavy work
         check_writable(args.recipe, force=args.force, output=args.output)
     check_folder_writable(Path(target).resolve().parent, "the selection record and heatmap")
-    hera = recipe_hera_arguments(recipe)
+    # the recipe's hera_* keys as the run parses them (hera_heads may be missing: select chooses them)
+    hera = parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")}, require_heads=False)
     # the same keys hera_heads: auto reads, so both choose the same heads for the same recipe
     seed = args.seed if args.seed is not None else int(recipe.get("seed", 42) or 0)
     options = SelectionOptions.from_keys(hera, args, seed=seed, device=args.device,
@@ -80,7 +81,7 @@ def run_select(args: Any) -> SelectionResult:
     json_path, png_path, log_path = record_paths(target)
     with host_output_to(None if getattr(args, "verbose", False) else log_path):
         recipe_args = parse_recipe(recipe)
-        _quiet_transformers()
+        transformers.utils.logging.set_verbosity_warning()  # the parser set INFO: selection's output stays readable
         result, _ = run_selection(recipe_args, options)
         show(heads_table(result.selected, result))
         if isinstance(hera.hera_heads, list) and hera.hera_heads:  # an explicit list (e.g. the paper's) beside it
@@ -94,13 +95,3 @@ def run_select(args: Any) -> SelectionResult:
                       f"{options.num_heads}")
         show(f"record: {json_path}\nheatmap: {png_path}\n({result.duration_s:.1f} s)")
     return result
-
-
-def recipe_hera_arguments(recipe: dict[str, Any]) -> HeraArguments:
-    """The recipe's ``hera_*`` keys as the run parses them (``hera_heads`` may be missing: ``select`` chooses them)."""
-    return parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")}, require_heads=False)
-
-
-def _quiet_transformers() -> None:
-    """LLaMA-Factory's parser sets transformers to INFO; selection output stays readable at WARNING."""
-    transformers.utils.logging.set_verbosity_warning()
