@@ -1,13 +1,12 @@
 """Head selection on a model larger than its device (llamafactory_hera/placement.py): the memory plan against
 hand-worked numbers, Qwen2.5-VL-72B's plans on eight 80 GB GPUs and on one (free memory faked), the refusal before any
 weight loads (a 72B config.json, no weights), and the scores of a model split over RAM and disk against the
-whole-model selection's, computed in a separate process (``python -c``, the CPU, the model whole)."""
+whole-model selection's, computed in a separate process (forked from the worker's warm process; the CPU, the model
+whole)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,8 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import compute_module_sizes
+from dist_runs import run_python
 
-from conftest import base_recipe
+from conftest import base_recipe, offline_env
 from llamafactory_hera import placement
 from llamafactory_hera.heads.architecture import head_projections
 from llamafactory_hera.hera.selection import collect
@@ -211,12 +211,15 @@ print(json.dumps(scores))
 
 
 @pytest.fixture(scope="module")
-def whole_model_scores() -> dict[str, torch.Tensor]:
-    """The whole model's scores for each of :data:`CASES`, from one separate process (no offload, no patch)."""
-    tests = Path(__file__).resolve().parents[1]
-    script = REFERENCE.format(tests=str(tests), root=str(tests.parent / ".hera_assets" / "tests"), options=OPTIONS,
-                              cases=CASES)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+def whole_model_scores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The whole model's scores for each of :data:`CASES`, from one separate process (no offload, no patch), forked
+    from the worker's warm process (tests/dist_runs.py ``run_python``)."""
+    tests, folder = Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("whole_model")
+    script = folder / "reference.py"
+    script.write_text(REFERENCE.format(tests=str(tests), root=str(tests.parent / ".hera_assets" / "tests"),
+                                       options=OPTIONS, cases=CASES), encoding="utf-8")
+    done = run_python(script, [], cwd=folder, env=offline_env(folder))
+    assert done.returncode == 0, done.stderr[-3000:]
     return {case: torch.tensor(scores) for case, scores in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
