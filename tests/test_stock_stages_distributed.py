@@ -8,7 +8,8 @@ its test-only shim turns FSDP2 on per run, ``ACCELERATE_USE_FSDP=false`` makes a
 multi-CPU ranks are torchrun's), the runs one after another in each (tests/dist_probe.py): live, then disabled, then
 live. The first live launch's ranks are forked from the worker's warm process with the variables accelerate gives them
 (tests/warm_launch.py, which a disabled plugin cannot use: the warm process imported it); the other two are real
-``accelerate launch`` processes, so the plugin live is still seen under the real launcher. What stays as without the
+``accelerate launch`` processes, the second with a DDP run of its own, so each engine is also seen live under the real
+launcher. What stays as without the
 plugin: the files each run writes, its losses, its final adapter and the tensors of its checkpoints, bit for bit; the
 sharded checkpoints resume across the switch as stock resumes its own. (A DDP resume fails on CPU under accelerate
 launch in stock alone: transformers loads the optimizer with ``map_location`` cpu:0; its checkpoints are the same
@@ -110,11 +111,12 @@ def test_stock_sft_runs_saves_and_resumes_as_without_the_plugin(assets, tmp_path
                              _run(assets, root, "sharded", "live_off", "live"),
                              *(_run(assets, root, engine, "off_off", "off") for engine in ("sharded", "full")),
                              _run(assets, root, "full", "live_off", "live")], root / "launch_off", True)
-    again = _launch_runs([_run(assets, root, "sharded", "off_live", "off"),
+    again = _launch_runs([_run(assets, root, "ddp", "live_real"),  # DDP live under the real launcher too
+                          _run(assets, root, "sharded", "off_live", "off"),
                           _run(assets, root, "full", "live_live", "live"),
                           _run(assets, root, "full", "off_live", "off")], root / "launch_again", False)
     out = {f"{engine}/{name}": root / engine / name / "out" for engine in engines for name in
-           ("live", "off", "live_off", "off_live", "live_live", "off_off")}
+           ("live", "off", "live_off", "off_live", "live_live", "off_off", "live_real")}
 
     # both launches ran each engine: DDP without a DTensor, FSDP2 sharding every trainable parameter and o_proj
     for name in ("live", "off"):
@@ -128,6 +130,9 @@ def test_stock_sft_runs_saves_and_resumes_as_without_the_plugin(assets, tmp_path
         assert not {"llamafactory_hera_run.json", "llamafactory_hera_claim.json"} & _written(out[f"{engine}/live"])
         assert _losses(out[f"{engine}/live"]) == _losses(out[f"{engine}/off"]), engine
         assert len(_losses(out[f"{engine}/off"])) == 2, engine
+    assert _written(out["ddp/live_real"]) == _written(out["ddp/off"])  # the real accelerate launch's DDP run
+    assert _losses(out["ddp/live_real"]) == _losses(out["ddp/off"])
+    assert not differences(*(_tensors(out[f"ddp/{run}"] / "adapter_model.safetensors") for run in ("off", "live_real")))
     for engine in ("ddp", "full"):
         for path in ("", "checkpoint-1/", "checkpoint-2/"):
             for name in CHECKPOINT_TENSORS if path else CHECKPOINT_TENSORS[:1]:

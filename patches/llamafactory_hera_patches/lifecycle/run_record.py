@@ -1,11 +1,11 @@
 """``llamafactory_hera_run.json``: what a ``llamafactory-cli train`` run of a method loaded its model with, and how it
 ended.
 
-Which runs write it, its statuses and its ``chain``: docs/eval.md ("What is loaded"). Written by the stage patch
-(:mod:`..stage`) into ``output_dir``: ``running`` right after LLaMA-Factory parsed the recipe, then ``finished``,
-``stopped`` (a save signal's stop) or ``failed`` (with the error's first line). A run that fails after it saved its
-model (a failing ``do_predict``, a reporting backend, an interrupt at the end) is ``finished`` with the error kept
-as ``error_after_save``. A method's own record (:attr:`Method.records`) left by a failed run is marked ``"status":
+Which runs write it and its statuses: docs/eval.md ("What is loaded"); its ``chain``: "Scored as Table 2". Written by
+the stage patch (:mod:`..stage`) into ``output_dir``: ``running`` right after LLaMA-Factory parsed the recipe, then
+``finished``, ``stopped`` (a save signal's stop) or ``failed`` (with the error's first line). A run that fails after it
+saved its model (a failing ``do_predict``, a reporting backend, an interrupt at the end) is ``finished`` with the error
+kept as ``error_after_save``. A method's own record (:attr:`Method.records`) left by a failed run is marked ``"status":
 "failed"`` too. ``llamafactory-hera eval`` reads the loading keys back (the parsed values: LLaMA-Factory's defaults
 filled in) and refuses a run whose record is not ``finished``. Imports nothing heavy.
 """
