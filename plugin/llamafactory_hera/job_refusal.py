@@ -164,8 +164,7 @@ def _watch(job: Job) -> None:
         if refused and not _refusing.is_set():
             report = _node_report(store, job)
             if report:
-                sys.stderr.write(report)
-                sys.stderr.flush()
+                print(report, end="", file=sys.stderr, flush=True)
             tell_torchrun()
             os._exit(1)  # another rank refused the recipe and said so
         time.sleep(POLL_S)
@@ -195,30 +194,31 @@ def watch(env: Mapping[str, str] = os.environ) -> None:
 
 
 def announce(report: str, env: Mapping[str, str] = os.environ) -> tuple[bool, bool]:
-    """Tell the job's other ranks that this one refused with ``report``: (whether this rank prints it, whether the
-    store was reached). The first rank to refuse prints, and local rank 0 of each other node (:func:`_node_report`).
-    Without a store to reach (a single process; a store not up within :data:`TELL_S`): (True, False)."""
+    """Tell the other ranks that this one refused with ``report``: (whether this rank is still to print it, whether the
+    store was reached). The first to refuse prints it before they are told (they end at once, then torchrun stops it);
+    local rank 0 of each other node prints it too (:func:`_node_report`). No store (one process, none up within
+    :data:`TELL_S`): (True, False)."""
     _refusing.set()
-    job = job_of(env)
-    if job is None:
-        return True, False
-    store, deadline = None, time.monotonic() + TELL_S
-    while store is None and time.monotonic() < deadline:
+    job, store, deadline = job_of(env), None, time.monotonic() + TELL_S
+    while job is not None and store is None and time.monotonic() < deadline:
         store = _store(job)
         if store is None:
             time.sleep(POLL_S)
-    if store is None:
+    if store is None:  # not a job (job None), or no store reached
         return True, False
+    printed = False
     try:
         if store.add(job.prefix + "refusals", 1) == 1:
+            printed = True  # before the flag below
+            print(report, end="", file=sys.stderr, flush=True)
             store.set(job.prefix + REFUSED, json.dumps({"node": job.node, "report": report}))
             deadline = time.monotonic() + NODES_S
             while store.add(job.prefix + "told", 0) < job.nodes - 1 and time.monotonic() < deadline:
                 time.sleep(POLL_S)  # until each other node has its line: this rank's end ends torchrun's store
-            return True, True
+            return False, True
         return _node_report(store, job) is not None, True
     except RuntimeError:
-        return True, False
+        return not printed, False
 
 
 def install() -> None:
@@ -237,9 +237,8 @@ def install() -> None:
         tell_torchrun(os.environ)
         if not shared and waits_for_rank_0(os.environ):
             time.sleep(RANK_WAIT_S)  # no store reached: torchrun's agent stops this rank once rank 0 has failed
-        if prints:  # else a rank of this node printed it
-            sys.stderr.write(report)
-            sys.stderr.flush()
+        if prints:  # else this rank or another of its node printed it
+            print(report, end="", file=sys.stderr, flush=True)
         _stop_watching()
 
     excepthook._llamafactory_hera = True  # type: ignore[attr-defined]
