@@ -1,8 +1,10 @@
 """The HARC panel of LlamaBoard, declared: its fields (defaults from
 :class:`~llamafactory_hera.harc.config.HarcArguments`, the reference's; texts in ``panel_texts.yaml``), the check of
-``harc_band`` against the model's depth, and the loss plot with HARC's terms; the keys without a field go into "Extra
-arguments". What users see: docs/harc.md, "LlamaBoard"; the builder: :mod:`llamafactory_hera.board.builder`.
-"""
+``harc_band`` against the model's depth, and the loss plot with HARC's terms. The keys without a field
+(``harc_extract_harmful``, ``harc_extract_harmless``, ``harc_response_tokens``, ``harc_refresh_beta``,
+``harc_max_length``, ``harc_extract_batch_size``, ``harc_eval_max_new_tokens``, ``harc_save_on_signal``,
+``harc_watchdog_timeout``) go into "Extra arguments". What users see: docs/harc.md, "LlamaBoard"; the builder:
+:mod:`llamafactory_hera.board.builder`."""
 
 from __future__ import annotations
 
