@@ -29,7 +29,7 @@ import yaml
 from cost_record import pytest_runtest_protocol  # noqa: F401 - hook
 from frozen_heap import pytest_collection_finish, pytest_runtest_logfinish  # noqa: F401 - hooks
 from slow_first import pytest_collection_modifyitems as put_slow_modules_first
-from warm_launch import close_warm_servers
+from warm_launch import ENGINES, close_warm_servers
 
 from llamafactory_hera._bootstrap import register_methods
 from llamafactory_hera.fixtures import TinyAssets, build_tiny_assets
@@ -65,7 +65,6 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # share the cores between pytes
 
 
 EVAL_ONLY = ("wandb", "sklearn", "scikit-learn", "nltk")  # the eval extra's, which no training run imports to use
-ENGINES = ("deepspeed", "bitsandbytes")  # the test extra's engines, hidden from a run that does not use them
 
 
 def offline_env(tmp: Path, eval_extra: bool = False, engines: tuple[str, ...] = (), **extra: str) -> dict[str, str]:

@@ -52,8 +52,8 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 def test_dev_test_runs_pytest_on_every_core_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
     dev = _dev()
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert dev.parallel_args([]) == ["-n", "2", "--dist", "worksteal"]
-    assert dev.parallel_args(["-k", "numerics", "-x"]) == ["-n", "2", "--dist", "worksteal"]
+    assert dev.parallel_args([]) == ["-n", "3", "--dist", "worksteal"]
+    assert dev.parallel_args(["-k", "numerics", "-x"]) == ["-n", "3", "--dist", "worksteal"]
     for chosen in (["-n", "0"], ["-n4"], ["--numprocesses=3"], ["-p", "no:xdist"]):
         assert dev.parallel_args(chosen) == [], chosen
     monkeypatch.setattr(os, "cpu_count", lambda: 1)

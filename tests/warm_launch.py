@@ -56,6 +56,13 @@ PROBE_MODULES = ("accelerate.state", "torch", "frozen_heap", "llamafactory.train
 # import); the others are folders or marks a run reads when it gets there
 # and, where the launch sees DeepSpeed, what the script imports of it at its start (deepspeed_groups_reset)
 DEEPSPEED_MODULES = ("deepspeed.comm.comm", "deepspeed.utils.groups")
+# the test extra's engines: every warm launch sees them, imported by its warm process (DeepSpeed's modules above, the
+# others here). A cold process hides those its run does not use (tests/conftest.py offline_env,
+# tests/process_hooks/unused_packages.py) to save their imports, which a warm process pays once; hidden per launch, they
+# split the key, and a module of DDP, ZeRO and QLoRA launches started a warm process per engine set. What an install
+# without an engine does stays tested by cold processes
+ENGINES = ("deepspeed", "bitsandbytes")
+ENGINE_MODULES = ("bitsandbytes",)
 READ_AT_RUN_TIME = ("LLAMAFACTORY_HERA_CACHE", "HERA_TESTS_LAUNCH", "HERA_TEST_ENGINE_EVIDENCE",
                     "HERA_TEST_FSDP_EVIDENCE", "PYTEST_CURRENT_TEST")
 SHARED_FOLDERS = ("HF_HOME", "MPLCONFIGDIR")
@@ -74,7 +81,7 @@ STARTUP_WITH_RANK = ("HERA_TEST_RANK_MARKER",)
 # modules for what each rank reads at run time (tests/fault_injection/) patches the warm process's too
 WARM_PROCESS = "HERA_TESTS_WARM_PROCESS"
 _SERVERS: dict[tuple, WarmServer] = {}  # least recently used first
-MAX_SERVERS = 4  # per worker: each holds about 0.9 GB resident (the suite's workers share a 2-core, 23 GB machine)
+MAX_SERVERS = 3  # per worker: each holds about 0.9 GB resident (3 workers share a 2-core, 23 GB machine)
 CPU_SECONDS: list[float] = []  # per warm launch of this worker: its agent's and ranks' CPU time
 START_CPU_SECONDS: list[float] = []  # per warm process this worker started: the CPU time of its start (its imports)
 # per warm process this worker closed: what reaping it added to this process's RUSAGE_CHILDREN that the two lists
@@ -203,7 +210,8 @@ def server_for(env: dict[str, str], modules: tuple[str, ...] | None = None) -> W
     ``modules`` (default: tests/dist_probe.py's, :data:`PROBE_MODULES` and :data:`DEEPSPEED_MODULES`)."""
     if modules is None:
         hidden = env.get("HERA_TESTS_HIDDEN", "").split(",")
-        modules = PROBE_MODULES + (() if "deepspeed" in hidden else DEEPSPEED_MODULES)
+        modules = PROBE_MODULES + (() if "deepspeed" in hidden else DEEPSPEED_MODULES) + tuple(
+            name for name in ENGINE_MODULES if name not in hidden)
     refused = [key for key in STARTUP_WITH_RANK if key in env]
     if refused:
         raise ValueError(f"{refused}: a start-up hook acts on the rank's variables; launch it for real")
@@ -236,6 +244,8 @@ def warm_launch(script: str, args: list[str], *, cwd: Path, env: dict[str, str],
     on ranks forked from this worker's warm process; returns the completed process (exit code, stdout and stderr as
     the subprocess's) and the CPU seconds of the launch's processes. A launch past ``timeout`` is killed with its ranks
     and raises AssertionError with what it printed."""
+    env = {**env, "HERA_TESTS_HIDDEN": ",".join(name for name in env.get("HERA_TESTS_HIDDEN", "").split(",")
+                                                 if name and name not in ENGINES)}  # see ENGINE_MODULES
     server = server_for(env)
     envs = rank_envs(env, processes, port, launcher_env)
     try:
