@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import json
 import os
 import resource
@@ -208,10 +209,11 @@ def start_up_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
 def server_for(env: dict[str, str], modules: tuple[str, ...] | None = None) -> WarmServer:
     """This worker's warm process for launches of environment ``env`` (started at the first), which imported
     ``modules`` (default: tests/dist_probe.py's, :data:`PROBE_MODULES` and :data:`DEEPSPEED_MODULES`)."""
-    if modules is None:
-        hidden = env.get("HERA_TESTS_HIDDEN", "").split(",")
-        modules = PROBE_MODULES + (() if "deepspeed" in hidden else DEEPSPEED_MODULES) + tuple(
-            name for name in ENGINE_MODULES if name not in hidden)
+    if modules is None:  # the engines this stack installs (the oldest stack has no DeepSpeed), unless hidden
+        seen = [name for name in ENGINES if name not in env.get("HERA_TESTS_HIDDEN", "").split(",")
+                and importlib.util.find_spec(name)]
+        modules = PROBE_MODULES + (DEEPSPEED_MODULES if "deepspeed" in seen else ()) + tuple(
+            name for name in ENGINE_MODULES if name in seen)
     refused = [key for key in STARTUP_WITH_RANK if key in env]
     if refused:
         raise ValueError(f"{refused}: a start-up hook acts on the rank's variables; launch it for real")
