@@ -72,6 +72,7 @@ TORCH_TRIO = ("torch", "torchvision", "torchaudio")
 # wheels included) in 60 s with an empty cache and 19 s with a full one, pip in 169 s (2026-11-26)
 UV = "uv==0.13.9"
 LINT_PATHS = ("plugin", "patches", "testing", "tests", "bench", "dev.py")
+FORMAT_PATHS = ("plugin", "patches")  # `ruff format plugin patches` writes them so
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -274,6 +275,10 @@ def cmd_test(python: Path, pytest_args: list[str]) -> int:
         lint_paths = [p for p in LINT_PATHS if (ROOT / p).exists()]
         with phase("ruff"):
             ruff_code = run([venv_bin("ruff"), "check", *lint_paths], env=env, check=False)
+            # the package is kept in the formatter's layout: one statement a line, short lines for its reader
+            format_paths = [p for p in FORMAT_PATHS if (ROOT / p).exists()]
+            format_code = run([venv_bin("ruff"), "format", "--check", *format_paths], env=env, check=False)
+            ruff_code = ruff_code or format_code
         with phase("pytest"):
             options = [*parallel_args(pytest_args), *report_args(python, pytest_args), *duration_args(pytest_args)]
             test_code = run([python, "-m", "pytest", "-q", *options, *pytest_args], env=env, check=False)

@@ -44,15 +44,19 @@ def _check_cli_form(args: Any) -> None:
     if Path(script).name not in _CLIS or getattr(args, "module", False):
         return
     if not Path(script).is_file() and not getattr(args, "no_python", False):
-        raise RecipeError(f"accelerate launch ... {script} train: accelerate runs its training script with python and "
-                          f"there is no file {script} in {Path.cwd()}; launch `-m llamafactory.launcher RECIPE.yaml` "
-                          f"instead, or run `{script} train RECIPE.yaml` without accelerate launch.")
+        raise RecipeError(
+            f"accelerate launch ... {script} train: accelerate runs its training script with python and "
+            f"there is no file {script} in {Path.cwd()}; launch `-m llamafactory.launcher RECIPE.yaml` "
+            f"instead, or run `{script} train RECIPE.yaml` without accelerate launch."
+        )
     misc = importlib.import_module("llamafactory.extras.misc")
     devices = misc.get_device_count()
     if devices > 1 or misc.is_env_enabled("FORCE_TORCHRUN"):
-        raise RecipeError(f"accelerate launch ... {script} train: with {devices} visible devices "
-                          "LLaMA-Factory's CLI starts a torchrun of its own inside every rank; launch "
-                          "`-m llamafactory.launcher RECIPE.yaml` (or LLaMA-Factory's src/train.py) instead.")
+        raise RecipeError(
+            f"accelerate launch ... {script} train: with {devices} visible devices "
+            "LLaMA-Factory's CLI starts a torchrun of its own inside every rank; launch "
+            "`-m llamafactory.launcher RECIPE.yaml` (or LLaMA-Factory's src/train.py) instead."
+        )
 
 
 def _checked(prepare: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -91,8 +91,10 @@ def _apply_v1(launcher: ModuleType) -> None:
         training = sys.argv[1:2] and sys.argv[1] in launcher._DIST_TRAIN_COMMANDS
         stage = given_keys(launch_recipe(sys.argv)).get("stage") if training else None
         if method_for_stage(stage) is not None:
-            raise RecipeError(f"stage: {stage} with USE_V1=1: LLaMA-Factory's v1 trainers do not run the plugin's "
-                              "stages; unset USE_V1 to train with v0's trainer (llamafactory-cli train RECIPE.yaml).")
+            raise RecipeError(
+                f"stage: {stage} with USE_V1=1: LLaMA-Factory's v1 trainers do not run the plugin's "
+                "stages; unset USE_V1 to train with v0's trainer (llamafactory-cli train RECIPE.yaml)."
+            )
         return original()
 
     launcher.launch = launch

@@ -22,25 +22,32 @@ TRANSFORMERS_SUPPORTED = ">=4.55,<5.9,!=4.57.0"
 # from each release's wheel, models/<type>/configuration_*.py). A recipe naming one on an older release is refused
 # before loading (llamafactory_hera.recipe.stack_checks); docs/families.md says the same per row.
 FAMILY_MIN_TRANSFORMERS: dict[str, str] = {
-    "glm4v_moe": "4.56.0", "dinov3_vit": "4.56.0",  # DINOv3: a HeRA teacher
-    "qwen3_vl": "4.57.1", "qwen3_vl_moe": "4.57.1", "lfm2_vl": "4.57.1",  # in 4.57.0, which LLaMA-Factory excludes
-    "ernie4_5_vl_moe": "5.0.0", "glm_ocr": "5.1.0", "qwen3_5": "5.2.0", "qwen3_5_moe": "5.2.0", "gemma4": "5.5.0",
+    "glm4v_moe": "4.56.0",
+    "dinov3_vit": "4.56.0",  # DINOv3: a HeRA teacher
+    "qwen3_vl": "4.57.1",
+    "qwen3_vl_moe": "4.57.1",
+    "lfm2_vl": "4.57.1",  # in 4.57.0, which LLaMA-Factory excludes
+    "ernie4_5_vl_moe": "5.0.0",
+    "glm_ocr": "5.1.0",
+    "qwen3_5": "5.2.0",
+    "qwen3_5_moe": "5.2.0",
+    "gemma4": "5.5.0",
 }
 
 # (transformers release, flash_attn value) -> what breaks, and the way out
 HOST_BUGS: dict[tuple[str, str], str] = {
     ("5.6.0", "fa2"): "transformers 5.6.0's flash-attention 2 path fails in flash_attention_forward (s_aux is None; "
-                      "LLaMA-Factory issue 10610). Use flash_attn: sdpa, or transformers >= 5.7 with LLaMA-Factory "
-                      "main (pip install 'transformers>=5.7,<5.9' after installing LLaMA-Factory from its git main).",
+    "LLaMA-Factory issue 10610). Use flash_attn: sdpa, or transformers >= 5.7 with LLaMA-Factory "
+    "main (pip install 'transformers>=5.7,<5.9' after installing LLaMA-Factory from its git main).",
 }
 
 # (transformers release, quantization_bit) -> what was measured wrong on it: a warning before loading, not a refusal
 # (measured on the CPU only; a GPU's bitsandbytes kernels were not run)
 HOST_WARNINGS: dict[tuple[str, str], str] = {
     ("5.8.0", "8"): "stock SFT's first-step LoRA gradients through LLaMA-Factory's 8-bit model differed from the "
-                    "dequantized model's by up to 77 % (one tensor's norm; tiny Llama-3, LLaMA-Factory main, measured "
-                    "on the CPU only, a GPU's kernels not checked, 2026-11-26), 2e-7 on transformers 5.7.0. Use "
-                    "quantization_bit: 4, or pip install 'transformers==5.7.0'.",
+    "dequantized model's by up to 77 % (one tensor's norm; tiny Llama-3, LLaMA-Factory main, measured "
+    "on the CPU only, a GPU's kernels not checked, 2026-11-26), 2e-7 on transformers 5.7.0. Use "
+    "quantization_bit: 4, or pip install 'transformers==5.7.0'.",
 }
 
 
@@ -62,8 +69,10 @@ def unsupported_transformers(found: str | None = None) -> str | None:
     found = installed() if found is None else found
     if found is None or SpecifierSet(TRANSFORMERS_SUPPORTED).contains(Version(found), prereleases=True):
         return None
-    return (f"llamafactory-hera: transformers {found} is not supported (supported: {TRANSFORMERS_SUPPORTED}, what "
-            f"LLaMA-Factory 0.9.5 or main allows); pip install 'transformers{TRANSFORMERS_SUPPORTED}'")
+    return (
+        f"llamafactory-hera: transformers {found} is not supported (supported: {TRANSFORMERS_SUPPORTED}, what "
+        f"LLaMA-Factory 0.9.5 or main allows); pip install 'transformers{TRANSFORMERS_SUPPORTED}'"
+    )
 
 
 def family_too_new(model_type: str, found: str | None = None) -> str | None:

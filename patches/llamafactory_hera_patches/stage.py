@@ -56,8 +56,10 @@ def _check_shapes(tuner: ModuleType) -> tuple[ModuleType, ModuleType, ModuleType
     require(callbacks.LogCallback, ("on_log", "_write_log"), "logging")
     for method in registered_methods():
         if method.host_stage != "sft":
-            raise NotImplementedError(f"llamafactory-hera: method '{method.stage}' extends stage "
-                                      f"'{method.host_stage}'; the stage patch offers only the SFT workflow.")
+            raise NotImplementedError(
+                f"llamafactory-hera: method '{method.stage}' extends stage "
+                f"'{method.host_stage}'; the stage patch offers only the SFT workflow."
+            )
     return hparams, workflow, callbacks, ploting
 
 
@@ -127,30 +129,39 @@ def apply(tuner: ModuleType) -> None:
             for other in registered_methods():
                 ignored = sorted(k for k in method_raw if k.startswith(other.prefix))
                 if ignored:
-                    warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is not "
-                                  f"'{other.stage}' (this is how a recipe's baseline twin runs).", stacklevel=3)
+                    warnings.warn(
+                        f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is not "
+                        f"'{other.stage}' (this is how a recipe's baseline twin runs).",
+                        stacklevel=3,
+                    )
             # recorded only as a method's baseline twin (its recipe holds a method's keys): a plain recipe's
             # output_dir holds what LLaMA-Factory writes, nothing more
             with _recorded(tuner, str(raw_value(host_args, "stage") or "sft"), None, (), bool(method_raw)):
                 return original_training_function(config)
-        check, run_method, save_signal = _method_parts(method, method_raw, host_args,
-                                                       SFTWorkflow(workflow, ploting.smooth))
-        with stop_signal.noting(save_signal), _recorded(tuner, method.stage, check, method.records), \
-                _swapped(tuner, run_sft=run_method):
+        check, run_method, save_signal = _method_parts(
+            method, method_raw, host_args, SFTWorkflow(workflow, ploting.smooth)
+        )
+        with (
+            stop_signal.noting(save_signal),
+            _recorded(tuner, method.stage, check, method.records),
+            _swapped(tuner, run_sft=run_method),
+        ):
             return original_training_function(config)
 
     tuner._training_function = training_function
     tuner._llamafactory_hera_patched = True
 
 
-def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,
-                  host: SFTWorkflow) -> tuple[Callable[..., None], Callable[..., None], str | None]:
+def _method_parts(
+    method: Any, method_raw: dict[str, Any], host_args: Any, host: SFTWorkflow
+) -> tuple[Callable[..., None], Callable[..., None], str | None]:
     """(the method's checks of the parsed arguments, its run in place of ``run_sft``, its save signal: noted from
     here on, :mod:`.lifecycle.stop_signal`), after its raw checks."""
     own, ignored = keys_of(method, method_raw)
     if ignored:
-        warnings.warn(f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is "
-                      f"'{method.stage}'.", stacklevel=2)
+        warnings.warn(
+            f"llamafactory-hera: ignoring {', '.join(ignored)} because the stage is '{method.stage}'.", stacklevel=2
+        )
     method_args = method_arguments(method, own, host_args)
     check_host_args = method.load("check_host_args")
     run = method.load("run")
@@ -158,10 +169,15 @@ def _method_parts(method: Any, method_raw: dict[str, Any], host_args: Any,
     def check(*parsed: Any) -> None:
         check_host_args(*parsed, method_args)
 
-    def run_method(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
-                   generating_args: Any, callbacks: Any = None) -> None:
-        return run(host, model_args, data_args, training_args, finetuning_args, generating_args, callbacks,
-                   method_args)
+    def run_method(
+        model_args: Any,
+        data_args: Any,
+        training_args: Any,
+        finetuning_args: Any,
+        generating_args: Any,
+        callbacks: Any = None,
+    ) -> None:
+        return run(host, model_args, data_args, training_args, finetuning_args, generating_args, callbacks, method_args)
 
     return check, run_method, getattr(method_args, f"{method.prefix}save_on_signal", None)
 
@@ -194,8 +210,13 @@ def _unquantized_note(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
-def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
-              method_records: tuple[str, ...], record: bool = True) -> Iterator[None]:
+def _recorded(
+    tuner: ModuleType,
+    stage: str,
+    check: Callable[..., None] | None,
+    method_records: tuple[str, ...],
+    record: bool = True,
+) -> Iterator[None]:
     """``get_train_args`` for the run's duration: LLaMA-Factory's parse, the method's ``check`` of it, an earlier run's
     files moved aside under ``overwrite_output_dir`` (:mod:`.lifecycle.output_dir`), a host stage's notes,
     bitsandbytes' 4-bit CPU kernel note held back unless bitsandbytes quantizes the model, then (with ``record``) the
@@ -224,8 +245,14 @@ def _recorded(tuner: ModuleType, stage: str, check: Callable[..., None] | None,
         # by the one global main process (save_on_each_node makes a main per node: one writer per folder), and for
         # training runs only (a do_predict run into the training folder must not replace its record)
         if record and main and training and getattr(training_args, "output_dir", None):
-            written.append(run_record.write_started(training_args.output_dir, stage, run_record.loading_keys(
-                model_args, data_args, finetuning_args, training_args), marks=check is not None))
+            written.append(
+                run_record.write_started(
+                    training_args.output_dir,
+                    stage,
+                    run_record.loading_keys(model_args, data_args, finetuning_args, training_args),
+                    marks=check is not None,
+                )
+            )
         return parsed
 
     with _swapped(tuner, get_train_args=get_train_args):
@@ -261,5 +288,7 @@ def check_stage(stage: Any, method_stages: list[str], host_stages: tuple[str, ..
         return
     close = difflib.get_close_matches(value, [*method_stages, *host_stages], n=1, cutoff=0.5)
     hint = f"did you mean {close[0]}? " if close else ""
-    raise RecipeError(f"stage: {stage} is not a stage; {hint}stages: {', '.join(method_stages)} (llamafactory-hera), "
-                      f"{', '.join(host_stages)} (LLaMA-Factory).")
+    raise RecipeError(
+        f"stage: {stage} is not a stage; {hint}stages: {', '.join(method_stages)} (llamafactory-hera), "
+        f"{', '.join(host_stages)} (LLaMA-Factory)."
+    )

@@ -19,7 +19,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
         description="HeRA, RAH-LoRA and HARC for LLaMA-Factory: the methods' commands (HeRA's select, HARC's "
         "harc-data), eval of a run against its baseline, compose of a LLaVA-1.5-style model from an LLM and an image "
         "encoder, data (check a recipe's datasets before a long run) and plan (a run's memory, time and cost before "
-        "renting).")
+        "renting).",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     handlers: dict[str, Callable[[argparse.Namespace], None]] = {}
     for method in declared_methods():

@@ -46,8 +46,10 @@ def raised_by_plugin(error: BaseException) -> bool:
 def short_report(error: BaseException) -> str:
     """How to see the whole traceback, then ``[llamafactory-hera] error: <message>``: the message is the last line
     the run prints."""
-    return (f"[llamafactory-hera] (raised by the plugin's checks; {TRACEBACK_ENV}=1 prints the full traceback)\n"
-            f"[llamafactory-hera] error: {error}\n")
+    return (
+        f"[llamafactory-hera] (raised by the plugin's checks; {TRACEBACK_ENV}=1 prints the full traceback)\n"
+        f"[llamafactory-hera] error: {error}\n"
+    )
 
 
 def waits_for_rank_0(environ: Mapping[str, str]) -> bool:
@@ -74,15 +76,23 @@ def job_of(env: Mapping[str, str] = os.environ) -> Job | None:
     ``MASTER_PORT``), or None: a single process, or ranks without torchrun's agent, whose store alone outlives every
     rank (where rank 0's process group hosts it, as for srun tasks, a rank 0 ending at a refusal takes it along)."""
     try:
-        world, rank, local_rank, port, local_world = (int(env.get(key) or 0) for key in
-                                                      ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT",
-                                                       "LOCAL_WORLD_SIZE"))
+        world, rank, local_rank, port, local_world = (
+            int(env.get(key) or 0) for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+        )
     except ValueError:
         return None
     if world < 2 or not env.get("MASTER_ADDR") or not port or not env.get("TORCHELASTIC_RUN_ID"):
         return None
-    return Job(env["MASTER_ADDR"], port, world, rank, f"llamafactory_hera/{env.get('TORCHELASTIC_RESTART_COUNT', 0)}/",
-               env.get("GROUP_RANK") or socket.gethostname(), local_rank, max(1, world // (local_world or world)))
+    return Job(
+        env["MASTER_ADDR"],
+        port,
+        world,
+        rank,
+        f"llamafactory_hera/{env.get('TORCHELASTIC_RESTART_COUNT', 0)}/",
+        env.get("GROUP_RANK") or socket.gethostname(),
+        local_rank,
+        max(1, world // (local_world or world)),
+    )
 
 
 def several_nodes(env: Mapping[str, str] = os.environ) -> str | None:

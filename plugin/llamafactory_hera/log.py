@@ -50,8 +50,12 @@ def _another_rank() -> bool:
     imported: a process that has not imported it runs no group)."""
     torch = sys.modules.get("torch")
     distributed = getattr(torch, "distributed", None)
-    return bool(distributed is not None and distributed.is_available() and distributed.is_initialized()
-                and distributed.get_rank())
+    return bool(
+        distributed is not None
+        and distributed.is_available()
+        and distributed.is_initialized()
+        and distributed.get_rank()
+    )
 
 
 def say_once(message: str) -> None:
@@ -93,8 +97,14 @@ def _clock(seconds: float) -> str:
 def progress_line(phase: str, done: int, total: int, elapsed: float) -> dict[str, Any]:
     """A trainer_log.jsonl line LlamaBoard's progress bar reads, for ``done`` of ``total`` items of a phase."""
     remaining = elapsed / done * (total - done) if done else 0.0
-    return {"current_steps": done, "total_steps": total, "percentage": round(100.0 * done / max(total, 1), 2),
-            "elapsed_time": _clock(elapsed), "remaining_time": _clock(remaining), PHASE_KEY: phase}
+    return {
+        "current_steps": done,
+        "total_steps": total,
+        "percentage": round(100.0 * done / max(total, 1), 2),
+        "elapsed_time": _clock(elapsed),
+        "remaining_time": _clock(remaining),
+        PHASE_KEY: phase,
+    }
 
 
 def progress(items: Iterable[Any], label: str) -> Iterator[Any]:

@@ -73,6 +73,7 @@ def declared_methods() -> tuple[Method, ...]:
     stages = [method.stage for method in DECLARATIONS]
     prefixes = [method.prefix for method in DECLARATIONS]
     if len(set(stages)) != len(stages) or len(set(prefixes)) != len(prefixes):
-        raise RuntimeError(f"llamafactory-hera: two declared methods share a stage or a key prefix: {stages}, "
-                           f"{prefixes}")
+        raise RuntimeError(
+            f"llamafactory-hera: two declared methods share a stage or a key prefix: {stages}, {prefixes}"
+        )
     return DECLARATIONS

@@ -36,7 +36,9 @@ def stored_bytes(meta: torch.nn.Module, dtype: str, bits: int | None = None, dou
     linears = [m for name, m in meta.named_modules() if bits and type(m) is torch.nn.Linear and "lm_head" not in name]
     return compute_module_sizes(meta, dtype=getattr(torch, dtype))[""] + sum(
         math.ceil(m.weight.numel() * quantized_bytes_per_weight(bits, double_quant, m.in_features))
-        - m.weight.numel() * getattr(torch, dtype).itemsize for m in linears)
+        - m.weight.numel() * getattr(torch, dtype).itemsize
+        for m in linears
+    )
 
 
 def plan_memory(model_bytes: int, reserve: int, free: dict[Any, int]) -> dict[Any, int] | None:
@@ -64,9 +66,18 @@ def free_memory(device: str) -> dict[Any, int]:
     return {index: torch.cuda.mem_get_info(index)[0] for index in gpus} | {"cpu": ram}
 
 
-def device_map_for(meta: torch.nn.Module, model_name: str, device: str, dtype: str, *, job: str = "head selection",
-                   reserve: tuple[int, str] = (0, ""), fix: str = FIX, bits: int | None = None,
-                   double_quant: bool = True) -> dict[str, Any] | None:
+def device_map_for(
+    meta: torch.nn.Module,
+    model_name: str,
+    device: str,
+    dtype: str,
+    *,
+    job: str = "head selection",
+    reserve: tuple[int, str] = (0, ""),
+    fix: str = FIX,
+    bits: int | None = None,
+    double_quant: bool = True,
+) -> dict[str, Any] | None:
     """The ``device_map`` ``job`` loads ``meta``'s checkpoint with in ``dtype``, in ``bits`` (``quantization_bit``)
     where set (None: whole on ``device``), said in one line; a RecipeError naming the bytes needed (the model's, and
     ``reserve``: bytes of CPU RAM the job holds besides, and what for), ``fix`` and each ``quantization_bit`` that
@@ -80,31 +91,50 @@ def device_map_for(meta: torch.nn.Module, model_name: str, device: str, dtype: s
     budgets = plan_memory(size, reserve_bytes, free := free_memory(device))
     stored = f"{bits} bits (bitsandbytes; the rest in {dtype})" if bits else dtype
     if budgets is None:
-        show(f"{job}: the model is {gb(size)} in {stored}; it fits whole on {device} "
-             f"({gb(next(iter(free.values())))} free).")
+        show(
+            f"{job}: the model is {gb(size)} in {stored}; it fits whole on {device} "
+            f"({gb(next(iter(free.values())))} free)."
+        )
         return None
     device_map = {"": "disk"}  # accelerate's last resort, which no job here takes (nor a quantized model: whole)
     no_split = list(getattr(meta, "_no_split_modules", None) or [])
     if not bits and sum(budgets.values()) >= size and min(budgets.values()) >= 0:
-        balanced = budgets if sum(isinstance(place, int) for place in budgets) < 2 else get_balanced_memory(
-            meta, max_memory=dict(budgets), no_split_module_classes=no_split, dtype=getattr(torch, dtype))
-        device_map = infer_auto_device_map(meta, max_memory=balanced, dtype=getattr(torch, dtype),
-                                           no_split_module_classes=no_split)
+        balanced = (
+            budgets
+            if sum(isinstance(place, int) for place in budgets) < 2
+            else get_balanced_memory(
+                meta, max_memory=dict(budgets), no_split_module_classes=no_split, dtype=getattr(torch, dtype)
+            )
+        )
+        device_map = infer_auto_device_map(
+            meta, max_memory=balanced, dtype=getattr(torch, dtype), no_split_module_classes=no_split
+        )
     if any(at not in budgets for at in device_map.values()):
         besides = f" and {gb(reserve_bytes)} of CPU RAM for {reserve_for}" if reserve_bytes else ""
-        smaller = [f"{fewer} ({gb(need)})" for fewer in (8, 4) if fewer < (bits or 16)  # that fit whole
-                   and plan_memory(need := stored_bytes(meta, dtype, fewer), reserve_bytes, free) is None]
+        smaller = [
+            f"{fewer} ({gb(need)})"
+            for fewer in (8, 4)
+            if fewer < (bits or 16)  # that fit whole
+            and plan_memory(need := stored_bytes(meta, dtype, fewer), reserve_bytes, free) is None
+        ]
         raise RecipeError(
             f"model_name_or_path: {model_name}: {job} needs {gb(size)} for the model in {stored}"
             f"{' whole on ' + device if bits else ''}{besides}, {HEADROOM:.0%} of the free memory usable: "
             + ", ".join(f"{_name(place)} has {gb(free_bytes)}" for place, free_bytes in free.items())
-            + f". {fix}" + (f", or set quantization_bit: {' or '.join(smaller)}." if smaller else "."))
+            + f". {fix}"
+            + (f", or set quantization_bit: {' or '.join(smaller)}." if smaller else ".")
+        )
     placed = {place: sum(sizes[name] for name, at in device_map.items() if at == place) for place in budgets}
     offloaded = any(held for place, held in placed.items() if not isinstance(place, int))
-    show(f"{job}: the model is {gb(size)} in {dtype}, more than {device} holds: "
-         + ", ".join(f"{gb(held)} on {_name(place)}" for place, held in placed.items())
-         + (" (offloaded: each batch copies the layers it runs from there to a GPU, one at a time)." if offloaded
-            else " (no layer offloaded)."))
+    show(
+        f"{job}: the model is {gb(size)} in {dtype}, more than {device} holds: "
+        + ", ".join(f"{gb(held)} on {_name(place)}" for place, held in placed.items())
+        + (
+            " (offloaded: each batch copies the layers it runs from there to a GPU, one at a time)."
+            if offloaded
+            else " (no layer offloaded)."
+        )
+    )
     return device_map
 
 
@@ -120,9 +150,11 @@ def check_model_structure(model_name_or_path: str, trust_remote_code: bool) -> t
     try:
         config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise RecipeError(f"model_name_or_path: {model_name_or_path}: its config cannot be read "
-                          f"({str(err).splitlines()[0]}). Give the folder of a local model (holding its config.json) "
-                          "or a Hugging Face model id that is cached or reachable.") from None
+        raise RecipeError(
+            f"model_name_or_path: {model_name_or_path}: its config cannot be read "
+            f"({str(err).splitlines()[0]}). Give the folder of a local model (holding its config.json) "
+            "or a Hugging Face model id that is cached or reachable."
+        ) from None
     # lazy: transformers and its model classes (its generation code, scikit-learn) only once a model is read, so that
     # `select`'s one-line errors (--device, the recipe) come at once
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText

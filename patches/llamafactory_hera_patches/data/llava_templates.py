@@ -49,8 +49,10 @@ def apply(module: ModuleType) -> None:
     require(mm_plugin, ("get_mm_plugin",), "llava_templates")
     missing = [template.base for template in FAMILY_TEMPLATES.values() if template.base not in module.TEMPLATES]
     if missing:
-        raise HostMismatchError(f"llamafactory-hera: LLaMA-Factory {host_version()} has no template "
-                                f"{', '.join(missing)}, whose conversation formats the LLaVA templates copy.")
+        raise HostMismatchError(
+            f"llamafactory-hera: LLaMA-Factory {host_version()} has no template "
+            f"{', '.join(missing)}, whose conversation formats the LLaVA templates copy."
+        )
     formatter = importlib.import_module("llamafactory.data.formatter")
     require(formatter, ("EmptyFormatter",), "llava_templates")
     for name, base, bos_first in FAMILY_TEMPLATES.values():

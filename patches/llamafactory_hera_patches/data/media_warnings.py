@@ -21,8 +21,23 @@ from ..errors import RecipeError
 
 CONVERTER_LOGGER = "llamafactory.data.converter"
 MAX_HELD = 1000  # distinct warnings held per process; the rest are counted out in one line
-_FIELDS = ("name", "levelno", "levelname", "pathname", "filename", "module", "lineno", "funcName", "created", "msecs",
-           "relativeCreated", "process", "processName", "thread", "threadName")
+_FIELDS = (
+    "name",
+    "levelno",
+    "levelname",
+    "pathname",
+    "filename",
+    "module",
+    "lineno",
+    "funcName",
+    "created",
+    "msecs",
+    "relativeCreated",
+    "process",
+    "processName",
+    "thread",
+    "threadName",
+)
 
 
 def is_media_warning(message: str) -> bool:
@@ -46,8 +61,11 @@ class _Hold(logging.Filter):
         self.seen.add(message)
         if len(self.seen) > MAX_HELD + 1:
             return False
-        line = {"capped": True} if len(self.seen) > MAX_HELD else {
-            **{key: getattr(record, key, None) for key in _FIELDS}, "msg": message}
+        line = (
+            {"capped": True}
+            if len(self.seen) > MAX_HELD
+            else {**{key: getattr(record, key, None) for key in _FIELDS}, "msg": message}
+        )
         with open(self.path, "a", encoding="utf-8") as held:  # appended by the worker processes too
             held.write(json.dumps(line) + "\n")
         return False
@@ -83,5 +101,7 @@ def _replay(logger: logging.Logger, path: str) -> None:
     for fields in records.values():
         logger.handle(logging.makeLogRecord({**fields, "args": None}))
     if any(fields.get("capped") for fields in lines):
-        logger.warning(f"More files than these {len(records)} do not exist in `media_dir` (each process shows its "
-                       f"first {MAX_HELD}); LLaMA-Factory used their original paths.")
+        logger.warning(
+            f"More files than these {len(records)} do not exist in `media_dir` (each process shows its "
+            f"first {MAX_HELD}); LLaMA-Factory used their original paths."
+        )

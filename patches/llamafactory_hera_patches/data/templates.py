@@ -54,11 +54,16 @@ def template_tokens() -> dict[str, TemplateTokens]:
     out = {}
     for name, template in module.TEMPLATES.items():
         require(template, ("stop_words", "mm_plugin", *_FORMATS), "templates")
-        markup = sorted({token for fmt in _FORMATS for slot in _slots(getattr(template, fmt))
-                         for token in _MARKUP.findall(slot)})
-        out[name] = TemplateTokens(name, tuple(template.stop_words or ()), tuple(markup),
-                                   type(template.mm_plugin).__name__ != "BasePlugin",
-                                   bool(getattr(template, "replace_eos", False)))
+        markup = sorted(
+            {token for fmt in _FORMATS for slot in _slots(getattr(template, fmt)) for token in _MARKUP.findall(slot)}
+        )
+        out[name] = TemplateTokens(
+            name,
+            tuple(template.stop_words or ()),
+            tuple(markup),
+            type(template.mm_plugin).__name__ != "BasePlugin",
+            bool(getattr(template, "replace_eos", False)),
+        )
     return out
 
 

@@ -27,8 +27,10 @@ def _trainable_only_wrapper() -> Callable[[Callable], Callable]:
     module = importlib.import_module("llamafactory.model.model_utils.checkpointing")
     custom = getattr(module, "get_custom_gradient_checkpointing_func", None)
     if custom is None:
-        raise mismatch("checkpointing", "llamafactory.model.model_utils.checkpointing has no "
-                                        "get_custom_gradient_checkpointing_func")
+        raise mismatch(
+            "checkpointing",
+            "llamafactory.model.model_utils.checkpointing has no get_custom_gradient_checkpointing_func",
+        )
     return custom
 
 

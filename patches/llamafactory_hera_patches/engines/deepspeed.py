@@ -29,9 +29,11 @@ def loaded_whole() -> Iterator[None]:
     local rank 0, expecting FSDP's broadcast: the switch is off for the block)."""
     integration = importlib.import_module("transformers.integrations.deepspeed")
     if not hasattr(integration, "_hf_deepspeed_config_weak_ref"):
-        raise HostMismatchError("llamafactory-hera: transformers.integrations.deepspeed has no "
-                                "_hf_deepspeed_config_weak_ref (checked on transformers 5.6); cannot load the "
-                                "teacher outside ZeRO-3 partitioning. Use DeepSpeed ZeRO-2 or upgrade the plugin.")
+        raise HostMismatchError(
+            "llamafactory-hera: transformers.integrations.deepspeed has no "
+            "_hf_deepspeed_config_weak_ref (checked on transformers 5.6); cannot load the "
+            "teacher outside ZeRO-3 partitioning. Use DeepSpeed ZeRO-2 or upgrade the plugin."
+        )
     saved, efficient = integration._hf_deepspeed_config_weak_ref, os.environ.pop(EFFICIENT_LOADING, None)
     integration._hf_deepspeed_config_weak_ref = None
     try:
@@ -51,10 +53,12 @@ def zero3_forward(model: nn.Module) -> Iterator[None]:
     ``_forward_epilogue``, checked with DeepSpeed 0.19); a no-op for a model ZeRO-3 does not manage."""
     flagged = [module._parameters for module in model.modules() if hasattr(module._parameters, "_in_forward")]
     if not flagged and any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
-        raise HostMismatchError("llamafactory-hera: this DeepSpeed's ZeRO-3 modules have no _in_forward flag "
-                                "(checked on DeepSpeed 0.19), which HeRA's alignment monitor sets for its forward "
-                                "outside the engine's; set hera_monitor_steps: 0 or use the DeepSpeed the plugin was "
-                                "tested with.")
+        raise HostMismatchError(
+            "llamafactory-hera: this DeepSpeed's ZeRO-3 modules have no _in_forward flag "
+            "(checked on DeepSpeed 0.19), which HeRA's alignment monitor sets for its forward "
+            "outside the engine's; set hera_monitor_steps: 0 or use the DeepSpeed the plugin was "
+            "tested with."
+        )
     before = [parameters._in_forward for parameters in flagged]
     for parameters in flagged:
         parameters._in_forward = True

@@ -59,8 +59,11 @@ def unsaved_state_dict(environ: Mapping[str, str]) -> str | None:
     value = environ.get("FSDP_STATE_DICT_TYPE")
     if (value or default).strip().upper() in {"FULL_STATE_DICT", "1"}:  # StateDictType's name or value
         return None
-    return (f"FSDP_STATE_DICT_TYPE={value}" if value else
-            f"no FSDP_STATE_DICT_TYPE (accelerate's FSDP{version} default: {default})")
+    return (
+        f"FSDP_STATE_DICT_TYPE={value}"
+        if value
+        else f"no FSDP_STATE_DICT_TYPE (accelerate's FSDP{version} default: {default})"
+    )
 
 
 def unsaved_refusal(stage: str, environ: Mapping[str, str], note: bool = False) -> str | None:
@@ -69,13 +72,21 @@ def unsaved_refusal(stage: str, environ: Mapping[str, str], note: bool = False) 
     shown = unsaved_state_dict(environ)
     if shown is None:
         return None
-    start, what, end = ("[llamafactory-hera] warning: ", "saves only resumable sharded checkpoints (checkpoint-N/"
-                        "pytorch_model_fsdp_0/), no adapter or model", " to have them") if note else (
-        "", "would exit 0 with no adapter or model saved", "")
-    return (f"{start}ACCELERATE_USE_FSDP={environ['ACCELERATE_USE_FSDP']} (FSDP_VERSION="
-            f"{environ.get('FSDP_VERSION', '1')}), set by accelerate launch with an FSDP config, {shown}: stage: "
-            f"{stage} {what} (transformers' Trainer writes them under FSDP only with FULL_STATE_DICT); set "
-            f"fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config{end}.")
+    start, what, end = (
+        (
+            "[llamafactory-hera] warning: ",
+            "saves only resumable sharded checkpoints (checkpoint-N/pytorch_model_fsdp_0/), no adapter or model",
+            " to have them",
+        )
+        if note
+        else ("", "would exit 0 with no adapter or model saved", "")
+    )
+    return (
+        f"{start}ACCELERATE_USE_FSDP={environ['ACCELERATE_USE_FSDP']} (FSDP_VERSION="
+        f"{environ.get('FSDP_VERSION', '1')}), set by accelerate launch with an FSDP config, {shown}: stage: "
+        f"{stage} {what} (transformers' Trainer writes them under FSDP only with FULL_STATE_DICT); set "
+        f"fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config{end}."
+    )
 
 
 def _peft_names(model: Any) -> dict[str, str]:
@@ -84,8 +95,12 @@ def _peft_names(model: Any) -> dict[str, str]:
     from peft import get_peft_model_state_dict  # lazy: as accelerate's own
 
     params = {_WRAPPERS.sub("", name): param for name, param in model.named_parameters() if param.requires_grad}
-    named = {id(value): name for name, value in get_peft_model_state_dict(
-        model, state_dict=params, adapter_name=model.active_adapter, save_embedding_layers=False).items()}
+    named = {
+        id(value): name
+        for name, value in get_peft_model_state_dict(
+            model, state_dict=params, adapter_name=model.active_adapter, save_embedding_layers=False
+        ).items()
+    }
     return {name: named.get(id(param), name) for name, param in params.items()}
 
 
@@ -126,7 +141,8 @@ def apply(fsdp_utils: ModuleType) -> None:
                     "resume_from_checkpoint: the FSDP2 checkpoint's pytorch_model_fsdp.bin holds an adapter saved "
                     "without llamafactory-hera by accelerate before 1.15 (rank 0's shard of each matrix only), which "
                     "cannot be restored whole; start again from the last checkpoint saved with llamafactory-hera, or "
-                    "from the start.")
+                    "from the start."
+                )
             return set_model_state_dict(model, state_dict, options=dataclasses.replace(sd_options, strict=False))
         return original_set(model, state_dict, adapter_only=adapter_only, sd_options=sd_options)
 

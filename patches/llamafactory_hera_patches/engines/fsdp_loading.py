@@ -7,6 +7,7 @@ FSDP2's mixed-precision all-gather (:func:`codes_dtype_refusal`). Each, its caus
 Read from what ``accelerate launch`` sets (in its ranks, or in the launching process: patches/accelerate_launch.py);
 a recipe's own ``fsdp`` keys are the plugin's stages' refusal (recipe/fsdp.py).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -25,8 +26,9 @@ from .fsdp_qlora import cast_codes_message
 NEWEST_FAILING = Version("1.11.0")  # the newest accelerate run here; LLaMA-Factory 0.9.5 caps it there
 _BITSANDBYTES = {"bnb", "bitsandbytes"}
 # why FSDP2 fails on integer codes, and where they train instead: one wording for int8 and a saved checkpoint's codes
-_NO_INTEGER_SHARDS = ("torch's fully_shard makes each weight a parameter that could require gradients, which {codes} "
-                      "cannot")
+_NO_INTEGER_SHARDS = (
+    "torch's fully_shard makes each weight a parameter that could require gradients, which {codes} cannot"
+)
 _WITHOUT_FSDP = "on one GPU or under DDP / DeepSpeed ZeRO-2."
 
 
@@ -38,15 +40,20 @@ def saved_codes_refusal(stage: str, host_args: Any, saved: dict[str, Any]) -> st
     if not _by_bitsandbytes(saved):
         return None
     storage = str(saved.get("bnb_4bit_quant_storage") or "uint8")
-    codes = "int8 codes" if saved.get("load_in_8bit") else (
-        f"4-bit codes stored as {storage}" if saved.get("load_in_4bit") and storage == "uint8" else None)
+    codes = (
+        "int8 codes"
+        if saved.get("load_in_8bit")
+        else (f"4-bit codes stored as {storage}" if saved.get("load_in_4bit") and storage == "uint8" else None)
+    )
     if codes is None:
         return None
-    return (f"model_name_or_path: {raw_value(host_args, 'model_name_or_path')} is saved quantized by bitsandbytes with "
-            f"{codes} (quantization_config in its config.json), which FSDP2 cannot shard "
-            f"({_NO_INTEGER_SHARDS.format(codes='integer codes')}; stage: {stage} fails on it after loading, as stock "
-            "SFT does); train the unquantized checkpoint with quantization_bit: 4 (LLaMA-Factory stores the codes in "
-            f"the compute dtype, which FSDP2 shards), or this one {_WITHOUT_FSDP}")
+    return (
+        f"model_name_or_path: {raw_value(host_args, 'model_name_or_path')} is saved quantized by bitsandbytes with "
+        f"{codes} (quantization_config in its config.json), which FSDP2 cannot shard "
+        f"({_NO_INTEGER_SHARDS.format(codes='integer codes')}; stage: {stage} fails on it after loading, as stock "
+        "SFT does); train the unquantized checkpoint with quantization_bit: 4 (LLaMA-Factory stores the codes in "
+        f"the compute dtype, which FSDP2 shards), or this one {_WITHOUT_FSDP}"
+    )
 
 
 def _by_bitsandbytes(saved: dict[str, Any]) -> bool:
@@ -80,8 +87,13 @@ def _saved_config(host_args: Any) -> dict[str, Any] | None:
         else:
             from transformers.utils import cached_file  # lazy: the plugin's own CLI errors load no library
 
-            path = cached_file(str(name), "config.json", revision=raw_value(host_args, "model_revision") or "main",
-                               cache_dir=raw_value(host_args, "cache_dir"), token=raw_value(host_args, "hf_hub_token"))
+            path = cached_file(
+                str(name),
+                "config.json",
+                revision=raw_value(host_args, "model_revision") or "main",
+                cache_dir=raw_value(host_args, "cache_dir"),
+                token=raw_value(host_args, "hf_hub_token"),
+            )
         config = json.loads(Path(path).read_text(encoding="utf-8")) if path else None
         return config if isinstance(config, dict) else None
     except Exception:  # noqa: BLE001 - a check before loading: LLaMA-Factory reports its own failure to read it
@@ -112,20 +124,24 @@ def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str])
     if method not in _BITSANDBYTES:
         return None
     if bits == "8":
-        return (f"quantization_bit: 8 under FSDP2 (ACCELERATE_USE_FSDP, set by accelerate launch with an FSDP config): "
-                f"FSDP2 cannot shard bitsandbytes' int8 weights ({_NO_INTEGER_SHARDS.format(codes='int8')}; stage: "
-                f"{stage} fails on it, as stock SFT does); use quantization_bit: 4 (QLoRA under FSDP2, with "
-                f"fsdp_cpu_ram_efficient_loading: false in the accelerate config), or 8-bit {_WITHOUT_FSDP}")
+        return (
+            f"quantization_bit: 8 under FSDP2 (ACCELERATE_USE_FSDP, set by accelerate launch with an FSDP config): "
+            f"FSDP2 cannot shard bitsandbytes' int8 weights ({_NO_INTEGER_SHARDS.format(codes='int8')}; stage: "
+            f"{stage} fails on it, as stock SFT does); use quantization_bit: 4 (QLoRA under FSDP2, with "
+            f"fsdp_cpu_ram_efficient_loading: false in the accelerate config), or 8-bit {_WITHOUT_FSDP}"
+        )
     loading = environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "")
     # truthy: accelerate's str_to_bool's words; accelerate is installed (LLaMA-Factory requires it)
     if bits != "4" or not truthy(loading) or Version(version("accelerate")) > NEWEST_FAILING:
         return codes_dtype_refusal(host_args, environ, config) if bits == "4" and config is not None else None
-    return (f"quantization_bit: {bits} under FSDP2 with fsdp_cpu_ram_efficient_loading: true "
-            f"(FSDP_CPU_RAM_EFFICIENT_LOADING={loading}, set by accelerate launch): accelerate "
-            f"{version('accelerate')} cannot hand each rank its shards of a bitsandbytes-quantized model (stage: "
-            f"{stage} would fail after loading the model, in fsdp2_load_full_state_dict, as stock SFT does); set "
-            "fsdp_cpu_ram_efficient_loading: false in the accelerate config, as the plugin's "
-            "recipes/accelerate/fsdp2_qlora_config.yaml does.")
+    return (
+        f"quantization_bit: {bits} under FSDP2 with fsdp_cpu_ram_efficient_loading: true "
+        f"(FSDP_CPU_RAM_EFFICIENT_LOADING={loading}, set by accelerate launch): accelerate "
+        f"{version('accelerate')} cannot hand each rank its shards of a bitsandbytes-quantized model (stage: "
+        f"{stage} would fail after loading the model, in fsdp2_load_full_state_dict, as stock SFT does); set "
+        "fsdp_cpu_ram_efficient_loading: false in the accelerate config, as the plugin's "
+        "recipes/accelerate/fsdp2_qlora_config.yaml does."
+    )
 
 
 # a precision flag's torch dtype (for FSDP2's all-gather, accelerate 1.11 gathers fp8 runs' weights in bf16)
@@ -138,6 +154,7 @@ def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str], config: dict
     where each dtype comes from). ``config``: the checkpoint's config.json. The recipe's ``fp16`` / ``bf16`` come before
     accelerate's ``mixed_precision``, as transformers' TrainingArguments puts them; the codes' compute dtype is
     LLaMA-Factory's ``infer_optim_dtype`` on this device where the recipe names none, as it will choose."""
+
     def flag(*keys: str) -> bool:
         return any(truthy(raw_value(host_args, key)) for key in keys)
 

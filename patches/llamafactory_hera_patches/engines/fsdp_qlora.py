@@ -45,19 +45,24 @@ def check_codes_reach_the_forward(model: Any, param_dtype: Any) -> None:
         storage, stored = module.quant_storage, module.weight.dtype
         if stored == storage and param_dtype in (None, storage):
             continue
-        what = (f"are {stored}, not their packed storage {storage}" if stored != storage else
-                f"are stored as {storage} and the accelerate config's mixed precision gathers them as {param_dtype}")
+        what = (
+            f"are {stored}, not their packed storage {storage}"
+            if stored != storage
+            else f"are stored as {storage} and the accelerate config's mixed precision gathers them as {param_dtype}"
+        )
         raise RecipeError(cast_codes_message(what, param_dtype))
 
 
 def cast_codes_message(what: str, gathered: Any) -> str:
     """The refusal of 4-bit codes that FSDP2 would convert as numbers: ``what`` they are, ``gathered`` the dtype the
     all-gather converts them to (here after loading, and predicted before loading by fsdp_loading)."""
-    return (f"4-bit weights under FSDP2: the codes {what}, which converts them as numbers at every forward (every "
-            "weight would be wrong). The codes are stored in the dtype LLaMA-Factory loads the model in (bf16: true or "
-            "fp16: true in the recipe, else the checkpoint's dtype; a checkpoint saved 4-bit keeps its "
-            f"bnb_4bit_quant_storage): set the recipe's bf16: true or fp16: true to match {gathered}, or "
-            "mixed_precision: 'no' in the accelerate config.")
+    return (
+        f"4-bit weights under FSDP2: the codes {what}, which converts them as numbers at every forward (every "
+        "weight would be wrong). The codes are stored in the dtype LLaMA-Factory loads the model in (bf16: true or "
+        "fp16: true in the recipe, else the checkpoint's dtype; a checkpoint saved 4-bit keeps its "
+        f"bnb_4bit_quant_storage): set the recipe's bf16: true or fp16: true to match {gathered}, or "
+        "mixed_precision: 'no' in the accelerate config."
+    )
 
 
 def apply_keeping_codes(model: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -81,7 +86,7 @@ def checksum(codes: Any, chunk: int = 1 << 24) -> tuple[int, ...]:
     data = codes.data.contiguous().view(torch.uint8).flatten()
     sums = torch.zeros(2, dtype=torch.int64, device=data.device)
     for start in range(0, data.numel(), chunk):
-        part = data[start:start + chunk].to(torch.int64)
+        part = data[start : start + chunk].to(torch.int64)
         sums[0] += part.sum()
         sums[1] += (part * torch.arange(start + 1, start + 1 + part.numel(), device=data.device)).sum()
     return tuple(sums.tolist())
@@ -95,14 +100,21 @@ def check_at_first_forward(model: Any) -> None:
         if id(layer) in quantized:
             hooks: list[Any] = []
 
-            def check(module: Any, args: Any, name: str = name, loaded: tuple[int, ...] = checksum(layer.weight),
-                      hooks: list[Any] = hooks) -> None:
+            def check(
+                module: Any,
+                args: Any,
+                name: str = name,
+                loaded: tuple[int, ...] = checksum(layer.weight),
+                hooks: list[Any] = hooks,
+            ) -> None:
                 hooks.pop().remove()
                 if checksum(module.weight) != loaded:
-                    raise RecipeError(f"4-bit weights under FSDP2: the codes of {name} at its first forward are not "
-                                      "those loaded: accelerate's preparation converted them as numbers (every weight "
-                                      "would be wrong). Set mixed_precision: 'no' in the accelerate config, or train "
-                                      "this model without FSDP.")
+                    raise RecipeError(
+                        f"4-bit weights under FSDP2: the codes of {name} at its first forward are not "
+                        "those loaded: accelerate's preparation converted them as numbers (every weight "
+                        "would be wrong). Set mixed_precision: 'no' in the accelerate config, or train "
+                        "this model without FSDP."
+                    )
 
             hooks.append(layer.register_forward_pre_hook(check))
 

@@ -13,19 +13,26 @@ from typing import Any
 
 from transformers import AutoConfig
 
-NOTE = ("reentrant gradient checkpointing (use_reentrant_gc: true, LLaMA-Factory's default) drops the gradient that "
-        "flows through shared keys and values on this model")
+NOTE = (
+    "reentrant gradient checkpointing (use_reentrant_gc: true, LLaMA-Factory's default) drops the gradient that "
+    "flows through shared keys and values on this model"
+)
 
 
 def reentrant_kv_note(model_args: Any, training_args: Any) -> str | None:
     """The line for a training run whose model shares keys and values across layers and checkpoints reentrantly
     (``None`` otherwise, or when the config cannot be read)."""
-    if (not getattr(training_args, "do_train", False) or getattr(model_args, "disable_gradient_checkpointing", True)
-            or not getattr(model_args, "use_reentrant_gc", False) or getattr(model_args, "use_unsloth_gc", False)):
+    if (
+        not getattr(training_args, "do_train", False)
+        or getattr(model_args, "disable_gradient_checkpointing", True)
+        or not getattr(model_args, "use_reentrant_gc", False)
+        or getattr(model_args, "use_unsloth_gc", False)
+    ):
         return None
     try:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                            trust_remote_code=bool(getattr(model_args, "trust_remote_code", False)))
+        config = AutoConfig.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=bool(getattr(model_args, "trust_remote_code", False))
+        )
     except (OSError, ValueError):
         return None
     kind = str(getattr(config, "model_type", ""))
@@ -34,5 +41,7 @@ def reentrant_kv_note(model_args: Any, training_args: Any) -> str | None:
     total = int(getattr(text, "num_hidden_layers", 0) or 0)
     if kind == "gemma3n" or not 0 < shared < total:  # LLaMA-Factory turns checkpointing off for gemma3n
         return None
-    return (f"[llamafactory-hera] {NOTE} ({kind}: the last {shared} of {total} decoder layers read earlier layers' "
-            "keys and values); set use_reentrant_gc: false to train it.")
+    return (
+        f"[llamafactory-hera] {NOTE} ({kind}: the last {shared} of {total} decoder layers read earlier layers' "
+        "keys and values); set use_reentrant_gc: false to train it."
+    )

@@ -27,8 +27,14 @@ from .whole_checkpoints import CHECKPOINT_PREFIX, checkpoint_folders, newest_who
 
 PREVIOUS_PREFIX = "previous_run_"
 END_FILES = ("trainer_state.json", "train_results.json", "all_results.json")  # written once training has ended
-READ_KEYS = ("model_name_or_path", "adapter_name_or_path", "dataset_dir", "media_dir", "deepspeed",
-             "resume_from_checkpoint")
+READ_KEYS = (
+    "model_name_or_path",
+    "adapter_name_or_path",
+    "dataset_dir",
+    "media_dir",
+    "deepspeed",
+    "resume_from_checkpoint",
+)
 BOARD_FILES = ("llamaboard_config.yaml", "training_args.yaml")  # LlamaBoard writes them before it starts the run
 
 
@@ -58,23 +64,28 @@ def _kept(folder: Path) -> set[Path]:
 
 def _check_movable(folder: Path, host_args: Any) -> None:
     if _inside(Path.cwd().resolve(), folder):
-        raise RecipeError(f"output_dir: {folder} holds the working folder, whose files overwrite_output_dir: true "
-                          "would move aside. Set an output_dir of its own (e.g. saves/RUN_NAME).")
+        raise RecipeError(
+            f"output_dir: {folder} holds the working folder, whose files overwrite_output_dir: true "
+            "would move aside. Set an output_dir of its own (e.g. saves/RUN_NAME)."
+        )
     for key in READ_KEYS:
         for value in str(raw_value(host_args, key) or "").split(","):
             if value.strip() and _inside(Path(value.strip()).expanduser().resolve(), folder):
-                raise RecipeError(f"{key}: {value.strip()} lies inside output_dir: {folder}, whose files "
-                                  "overwrite_output_dir: true moves aside before the run. Set another output_dir "
-                                  "(the run reads that path from there), or remove overwrite_output_dir to continue "
-                                  "an unfinished run in its folder.")
+                raise RecipeError(
+                    f"{key}: {value.strip()} lies inside output_dir: {folder}, whose files "
+                    "overwrite_output_dir: true moves aside before the run. Set another output_dir "
+                    "(the run reads that path from there), or remove overwrite_output_dir to continue "
+                    "an unfinished run in its folder."
+                )
 
 
 def movable_entries(folder: Path) -> list[Path]:
     """The entries of ``folder`` an overwrite moves aside: all but earlier ``previous_run_*`` folders and this run's
     own files (the recipe, LlamaBoard's, its :mod:`.run_claim`)."""
     kept = _kept(folder)
-    return sorted(p for p in folder.iterdir() if not p.name.startswith((PREVIOUS_PREFIX, CLAIM))
-                  and p.resolve() not in kept)
+    return sorted(
+        p for p in folder.iterdir() if not p.name.startswith((PREVIOUS_PREFIX, CLAIM)) and p.resolve() not in kept
+    )
 
 
 def move_aside(folder: Path, entries: list[Path]) -> Path | None:
@@ -98,8 +109,11 @@ def move_aside(folder: Path, entries: list[Path]) -> Path | None:
         target.rmdir()
         return None
     names = ", ".join(entry.name for entry in moved[:8]) + (f" and {len(moved) - 8} more" if len(moved) > 8 else "")
-    print(f"[llamafactory-hera] overwrite_output_dir: moved the earlier run's files out of {folder} into "
-          f"{target.name}/ ({names}); delete that folder when you no longer need it.", flush=True)
+    print(
+        f"[llamafactory-hera] overwrite_output_dir: moved the earlier run's files out of {folder} into "
+        f"{target.name}/ ({names}); delete that folder when you no longer need it.",
+        flush=True,
+    )
     return target
 
 
@@ -141,8 +155,10 @@ def _how_to_continue(folder: Path, resume: Any) -> str:
         return ""
     steps, epochs = state.get("global_step"), round(_number(state.get("epoch"), 0), 4)
     unset = " and leave resume_from_checkpoint unset" if resume else ""
-    return (f" To continue it here from its last checkpoint ({checkpoints[-1].name}), ask for more than it took: "
-            f"max_steps above {steps}, or without max_steps num_train_epochs above {epochs:g}{unset}.")
+    return (
+        f" To continue it here from its last checkpoint ({checkpoints[-1].name}), ask for more than it took: "
+        f"max_steps above {steps}, or without max_steps num_train_epochs above {epochs:g}{unset}."
+    )
 
 
 def refuse_finished(host_args: Any) -> None:
@@ -153,8 +169,11 @@ def refuse_finished(host_args: Any) -> None:
     plugin. The same recipe again (or one asking for no more) is refused for every stage, LLaMA-Factory's own
     included: without the plugin it resumes from the last checkpoint, trains one step past ``max_steps`` and writes
     that model over the finished run's final one (lost), which is what the refusal keeps."""
-    if not truthy(raw_value(host_args, "do_train")) or not raw_value(host_args, "output_dir") or \
-            truthy(raw_value(host_args, "overwrite_output_dir")):
+    if (
+        not truthy(raw_value(host_args, "do_train"))
+        or not raw_value(host_args, "output_dir")
+        or truthy(raw_value(host_args, "overwrite_output_dir"))
+    ):
         return
     folder = Path(str(raw_value(host_args, "output_dir"))).expanduser().resolve()
     evidence = finished_evidence(folder) if folder.is_dir() else None
@@ -162,11 +181,13 @@ def refuse_finished(host_args: Any) -> None:
         given = raw_value(host_args, "resume_from_checkpoint")
         newest = newest_whole(folder)[0]
         resume = given if given and given is not True else newest or f"{folder}/{CHECKPOINT_PREFIX}N"
-        raise RecipeError(f"output_dir: {folder} holds a finished run ({evidence}); training again would resume it "
-                          "or write over its model. Set another output_dir for a new run, or overwrite_output_dir: "
-                          f"true to move that run's files into {folder}/{PREVIOUS_PREFIX}<time>/ and train afresh. "
-                          f"To train that run further, set another output_dir and resume_from_checkpoint: {resume} "
-                          f"(one of its checkpoints).{_how_to_continue(folder, given)}")
+        raise RecipeError(
+            f"output_dir: {folder} holds a finished run ({evidence}); training again would resume it "
+            "or write over its model. Set another output_dir for a new run, or overwrite_output_dir: "
+            f"true to move that run's files into {folder}/{PREVIOUS_PREFIX}<time>/ and train afresh. "
+            f"To train that run further, set another output_dir and resume_from_checkpoint: {resume} "
+            f"(one of its checkpoints).{_how_to_continue(folder, given)}"
+        )
 
 
 def moves_here(training_args: Any) -> bool:
@@ -189,8 +210,11 @@ def clear_for_overwrite(host_args: Any, training_args: Any) -> None:
     """After the parse and the method's checks, before the run record: ``overwrite_output_dir: true`` moves an
     earlier run's files aside. Every rank checks the folder may move (a refusal ends every rank alike); the mover
     (:func:`moves_here`) moves; then every rank waits for it when a process group is up."""
-    if not (getattr(training_args, "do_train", False) and getattr(training_args, "overwrite_output_dir", False)
-            and getattr(training_args, "output_dir", None)):
+    if not (
+        getattr(training_args, "do_train", False)
+        and getattr(training_args, "overwrite_output_dir", False)
+        and getattr(training_args, "output_dir", None)
+    ):
         return
     folder = Path(training_args.output_dir).expanduser().resolve()
     entries = movable_entries(folder) if folder.is_dir() else []

@@ -48,10 +48,17 @@ _guards: list[bool] = []  # the refresher and the SIGTERM release, started once 
 def new_claim(stage: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """This process's claim."""
     stat = process_stat(os.getpid())
-    return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": stat[1] if stat else None,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "stage": stage,
-            "job": job_identity(env), "scheduler_job": env.get("SLURM_JOB_ID") or None, "restarts": restarts(env),
-            "token": uuid.uuid4().hex}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "process_start": stat[1] if stat else None,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "stage": stage,
+        "job": job_identity(env),
+        "scheduler_job": env.get("SLURM_JOB_ID") or None,
+        "restarts": restarts(env),
+        "token": uuid.uuid4().hex,
+    }
 
 
 def _create(path: Path, claim: dict[str, Any]) -> bool:
@@ -149,16 +156,22 @@ def _clear_stale_lock(lock: Path) -> None:
 
 def _describe(claim: dict[str, Any]) -> str:
     stage = f", stage {claim['stage']}" if claim.get("stage") else ""
-    return (f"process {claim.get('pid', '?')} on host {claim.get('host', '?')}, started "
-            f"{claim.get('started', 'at an unknown time')}{stage}")
+    return (
+        f"process {claim.get('pid', '?')} on host {claim.get('host', '?')}, started "
+        f"{claim.get('started', 'at an unknown time')}{stage}"
+    )
 
 
 def _refuse(folder: Path, path: Path, other: dict[str, Any], here: bool) -> RecipeError:
-    ways = (f"Wait for it to end or stop it (kill {other.get('pid')}), then {RERUN}; or set another output_dir." if
-            here else f"Wait for it to end (if it is no longer running, delete {path}), then {RERUN}; or set another "
-            "output_dir.")
-    return RecipeError(f"output_dir: {folder} is in use by another run ({_describe(other)}); two runs in one folder "
-                       f"write over each other's files, overwrite_output_dir: true included. {ways}")
+    ways = (
+        f"Wait for it to end or stop it (kill {other.get('pid')}), then {RERUN}; or set another output_dir."
+        if here
+        else f"Wait for it to end (if it is no longer running, delete {path}), then {RERUN}; or set another output_dir."
+    )
+    return RecipeError(
+        f"output_dir: {folder} is in use by another run ({_describe(other)}); two runs in one folder "
+        f"write over each other's files, overwrite_output_dir: true included. {ways}"
+    )
 
 
 def _age(path: Path) -> float | None:
@@ -217,8 +230,12 @@ def _forget_in_child() -> None:
 def _earlier_launch(other: dict[str, Any], mine: dict[str, Any]) -> bool:
     """Whether ``other`` is the claim of an earlier launch of this scheduler job (a Slurm job requeued: the same
     ``SLURM_JOB_ID``, a higher ``SLURM_RESTART_COUNT``), stale wherever it was made."""
-    return (mine.get("scheduler_job") is not None and other.get("scheduler_job") == mine["scheduler_job"]
-            and isinstance(other.get("restarts"), int) and other["restarts"] < mine["restarts"])
+    return (
+        mine.get("scheduler_job") is not None
+        and other.get("scheduler_job") == mine["scheduler_job"]
+        and isinstance(other.get("restarts"), int)
+        and other["restarts"] < mine["restarts"]
+    )
 
 
 def _stale(other: dict[str, Any], mine: dict[str, Any], here: bool, age: float | None) -> str | None:
@@ -228,8 +245,10 @@ def _stale(other: dict[str, Any], mine: dict[str, Any], here: bool, age: float |
     if here and not is_alive_here(other.get("pid"), other.get("process_start")):
         return f"the claim of {_describe(other)}, which is no longer running"
     if _earlier_launch(other, mine):
-        return (f"the claim of {_describe(other)}, launch {other['restarts']} of this job (Slurm job "
-                f"{mine['scheduler_job']}, now launch {mine['restarts']}: requeued)")
+        return (
+            f"the claim of {_describe(other)}, launch {other['restarts']} of this job (Slurm job "
+            f"{mine['scheduler_job']}, now launch {mine['restarts']}: requeued)"
+        )
     if not here and age is not None and age > LEASE_SECONDS:
         return f"the claim of {_describe(other)}, not refreshed for {age / 60:.0f} minutes"
     return None
@@ -238,8 +257,13 @@ def _stale(other: dict[str, Any], mine: dict[str, Any], here: bool, age: float |
 def _adopt(path: Path, text: str, other: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any] | None:
     """Global rank 0 takes over its job's claim made by another rank (whose run may end while rank 0 still saves):
     the claim then names rank 0's process, lives while it runs and is released when it ends. None: it changed."""
-    adopted = {**other, "pid": mine["pid"], "host": mine["host"], "process_start": mine["process_start"],
-               "token": mine["token"]}
+    adopted = {
+        **other,
+        "pid": mine["pid"],
+        "host": mine["host"],
+        "process_start": mine["process_start"],
+        "token": mine["token"],
+    }
     return adopted if _take_over(path, text, mine, adopted) else None
 
 
@@ -280,8 +304,10 @@ def take(folder: Path, stage: str, env: Mapping[str, str] = os.environ) -> dict[
         if _read(path) != found:  # replaced since it was read (the age read was the new claim's): read it again
             continue
         raise _refuse(folder, path, other, here)
-    raise RecipeError(f"output_dir: {folder}: could not claim it ({path} changed {_ATTEMPTS} times while this run "
-                      "tried); other runs are starting into it. Set an output_dir of its own for each run.")
+    raise RecipeError(
+        f"output_dir: {folder}: could not claim it ({path} changed {_ATTEMPTS} times while this run "
+        "tried); other runs are starting into it. Set an output_dir of its own for each run."
+    )
 
 
 def _hold(path: Path, claim: dict[str, Any]) -> dict[str, Any]:

@@ -26,13 +26,42 @@ COMPOSE_RECORD = "llamafactory_hera_compose.json"  # written by ``llamafactory-h
 RUNNING, FINISHED, STOPPED, FAILED = "running", "finished", "stopped", "failed"
 CHECKPOINTS_MARKED = "checkpoints_marked"  # true: its checkpoints are whole only with their marker (whole_checkpoints)
 # the keys that decide how the model, its processor and its prompts are loaded, by the argument object holding them
-MODEL_KEYS = ("model_name_or_path", "adapter_name_or_path", "trust_remote_code", "use_fast_tokenizer",
-              "resize_vocab", "split_special_tokens", "add_tokens", "add_special_tokens", "image_max_pixels",
-              "image_min_pixels", "image_do_pan_and_scan", "crop_to_patches", "video_max_pixels", "video_min_pixels",
-              "video_fps", "video_maxlen", "use_audio_in_video", "audio_sampling_rate", "quantization_method",
-              "quantization_bit", "quantization_type", "double_quantization")
-DATA_KEYS = ("template", "dataset", "eval_dataset", "dataset_dir", "media_dir", "cutoff_len", "tool_format",
-             "default_system", "enable_thinking", "preserve_thinking")
+MODEL_KEYS = (
+    "model_name_or_path",
+    "adapter_name_or_path",
+    "trust_remote_code",
+    "use_fast_tokenizer",
+    "resize_vocab",
+    "split_special_tokens",
+    "add_tokens",
+    "add_special_tokens",
+    "image_max_pixels",
+    "image_min_pixels",
+    "image_do_pan_and_scan",
+    "crop_to_patches",
+    "video_max_pixels",
+    "video_min_pixels",
+    "video_fps",
+    "video_maxlen",
+    "use_audio_in_video",
+    "audio_sampling_rate",
+    "quantization_method",
+    "quantization_bit",
+    "quantization_type",
+    "double_quantization",
+)
+DATA_KEYS = (
+    "template",
+    "dataset",
+    "eval_dataset",
+    "dataset_dir",
+    "media_dir",
+    "cutoff_len",
+    "tool_format",
+    "default_system",
+    "enable_thinking",
+    "preserve_thinking",
+)
 FINETUNING_KEYS = ("finetuning_type",)
 TRAINING_KEYS = ("seed", "output_dir")
 
@@ -47,8 +76,12 @@ def plain(value: Any) -> Any:
 def loading_keys(model_args: Any, data_args: Any, finetuning_args: Any, training_args: Any) -> dict[str, Any]:
     """The recorded keys of LLaMA-Factory's parsed arguments (a key the host version lacks is left out)."""
     found = {}
-    for holder, keys in ((model_args, MODEL_KEYS), (data_args, DATA_KEYS), (finetuning_args, FINETUNING_KEYS),
-                         (training_args, TRAINING_KEYS)):
+    for holder, keys in (
+        (model_args, MODEL_KEYS),
+        (data_args, DATA_KEYS),
+        (finetuning_args, FINETUNING_KEYS),
+        (training_args, TRAINING_KEYS),
+    ):
         for key in keys:
             if hasattr(holder, key):
                 found[key] = plain(getattr(holder, key))
@@ -61,10 +94,15 @@ def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any], m
     a run started before markers keeps its checkpoints whole by their trainer_state.json)."""
     path = Path(output_dir) / RUN_RECORD
     resumed = any(path.parent.glob("checkpoint-[0-9]*"))
-    record = {"stage": stage, "status": RUNNING, "llamafactory_hera_version": host_version("llamafactory-hera"),
-              "started_ns": time.time_ns(), "loading": loading,
-              "chain": stage_chain(loading.get("model_name_or_path"), stage, path.parent),
-              CHECKPOINTS_MARKED: bool(read_record(path).get(CHECKPOINTS_MARKED) if resumed else marks)}
+    record = {
+        "stage": stage,
+        "status": RUNNING,
+        "llamafactory_hera_version": host_version("llamafactory-hera"),
+        "started_ns": time.time_ns(),
+        "loading": loading,
+        "chain": stage_chain(loading.get("model_name_or_path"), stage, path.parent),
+        CHECKPOINTS_MARKED: bool(read_record(path).get(CHECKPOINTS_MARKED) if resumed else marks),
+    }
     write_record(path, record)
     return path
 
@@ -118,8 +156,14 @@ def read_record(path: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-SAVED_MODEL_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors",
-                     "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+SAVED_MODEL_FILES = (
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def _saved_since(folder: Path, started_ns: Any) -> bool:
@@ -127,9 +171,12 @@ def _saved_since(folder: Path, started_ns: Any) -> bool:
     torn by an error amid the final save (a full disk) is not saved, so the same command writes it again."""
     if not isinstance(started_ns, int):
         return False
-    return any((folder / name).is_file() and (folder / name).stat().st_mtime_ns >= started_ns
-               and (not name.endswith(".safetensors") or _whole_safetensors(folder / name))
-               for name in SAVED_MODEL_FILES)
+    return any(
+        (folder / name).is_file()
+        and (folder / name).stat().st_mtime_ns >= started_ns
+        and (not name.endswith(".safetensors") or _whole_safetensors(folder / name))
+        for name in SAVED_MODEL_FILES
+    )
 
 
 def _whole_safetensors(path: Path) -> bool:

@@ -63,8 +63,11 @@ def stop_before_step(kept: str, agreed: bool | None = None) -> None:
     noted = _noted["received"] and not _noted["deferred"] if agreed is None else agreed
     if noted and not _noted["steps"]:
         if os.environ.get("RANK", "0") == "0":
-            print(f"[llamafactory-hera] {_noted['name']}: stopped before step 1, {kept}; to go on, {RERUN}: it starts "
-                  "the run, reusing what was kept.", flush=True)
+            print(
+                f"[llamafactory-hera] {_noted['name']}: stopped before step 1, {kept}; to go on, {RERUN}: it starts "
+                "the run, reusing what was kept.",
+                flush=True,
+            )
         raise Stopped(0)
 
 

@@ -24,15 +24,18 @@ CHECKPOINT_PREFIX = "checkpoint-"
 def checkpoint_folders(folder: Path) -> list[Path]:
     """``folder``'s ``checkpoint-N`` folders, by step (the last is the one LLaMA-Factory resumes from, as transformers'
     ``get_last_checkpoint`` picks it); none where ``folder`` is no folder."""
-    found = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
-             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    found = [
+        (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
+        for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
+        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
     return [path for _, path in sorted(found)]
 
 
 def newest_whole(run: Path) -> tuple[Path | None, list[Path]]:
     """(the newest whole ``checkpoint-N`` of ``run``, or None; the half-written ones newer than it)."""
     found, whole = checkpoint_folders(run), whole_checkpoints(run)
-    later = found[found.index(whole[-1]) + 1:] if whole else found
+    later = found[found.index(whole[-1]) + 1 :] if whole else found
     return (whole[-1] if whole else None), later
 
 

@@ -27,11 +27,17 @@ def split_dict(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Me
     method = method_for_stage(args.get("stage"))
     flags = {spec.name for spec in method_fields(method) if spec.type in ("bool", bool)} if method else set()
     for key, value in args.items():
-        if isinstance(value, str) and value.strip() and not truthy(value) \
-                and (key in flags or getattr(host_keys().get(key), "flag", 0)):
-            raise RecipeError(f"{key}: {value!r} is a string, not a boolean (a recipe's flags are unquoted: "
-                              f"LLaMA-Factory reads any non-empty string as true); write {key}: false without quotes "
-                              f"(or {key}: true).")
+        if (
+            isinstance(value, str)
+            and value.strip()
+            and not truthy(value)
+            and (key in flags or getattr(host_keys().get(key), "flag", 0))
+        ):
+            raise RecipeError(
+                f"{key}: {value!r} is a string, not a boolean (a recipe's flags are unquoted: "
+                f"LLaMA-Factory reads any non-empty string as true); write {key}: false without quotes "
+                f"(or {key}: true)."
+            )
     host = {k: v for k, v in args.items() if method_of_key(k) is None}
     own = {k: v for k, v in args.items() if method_of_key(k) is not None}
     if method is not None:
@@ -122,5 +128,11 @@ def compile_setting(args: dict[str, Any] | list[str]) -> str | None:
     ``torch_compile_backend`` / ``torch_compile_mode``, either of which turns it on too), or None."""
     if truthy(raw_value(args, "torch_compile")):
         return "torch_compile: true"
-    return next((f"{key}: {raw_value(args, key)}" for key in ("torch_compile_backend", "torch_compile_mode")
-                 if raw_value(args, key) not in (None, "")), None)
+    return next(
+        (
+            f"{key}: {raw_value(args, key)}"
+            for key in ("torch_compile_backend", "torch_compile_mode")
+            if raw_value(args, key) not in (None, "")
+        ),
+        None,
+    )

@@ -88,9 +88,16 @@ def host_keys() -> dict[str, HostKey]:
                 choices, optional = _choices(hints.get(spec.name))
                 default = spec.default if spec.default is not dataclasses.MISSING else None
                 single = _single(hints.get(spec.name))
-                keys[spec.name] = HostKey(spec.name, holder, default, choices, optional,
-                                          single if single in (int, float) else None,
-                                          str(spec.metadata.get("help", "")), single is bool)
+                keys[spec.name] = HostKey(
+                    spec.name,
+                    holder,
+                    default,
+                    choices,
+                    optional,
+                    single if single in (int, float) else None,
+                    str(spec.metadata.get("help", "")),
+                    single is bool,
+                )
     return keys
 
 

@@ -42,8 +42,10 @@ def _syntax_error(path: str, error: yaml.YAMLError) -> RecipeError:
     context_mark = getattr(error, "context_mark", None)
     context = getattr(error, "context", None)
     started = f" ({context} at {_where(context_mark)})" if context and in_file else ""
-    return RecipeError(f"recipe: {source} is not valid YAML: {problem} at {_where(mark) if in_file else 'its value'}"
-                       f"{started}. Correct the YAML there.")
+    return RecipeError(
+        f"recipe: {source} is not valid YAML: {problem} at {_where(mark) if in_file else 'its value'}"
+        f"{started}. Correct the YAML there."
+    )
 
 
 def _holds_nothing(path: Path) -> bool:
@@ -70,12 +72,15 @@ def read_recipe(read_args: ReadArgs, args: Any = None) -> Any:
     if path is not None and not Path(path).is_file():
         where = "" if Path(path).is_absolute() else f" (relative to the folder the run starts in, {Path.cwd()})"
         what = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
-        raise RecipeError(f"recipe: {path} {what}{where}. Name a recipe file: llamafactory-cli train "
-                          "path/to/recipe.yaml.")
+        raise RecipeError(
+            f"recipe: {path} {what}{where}. Name a recipe file: llamafactory-cli train path/to/recipe.yaml."
+        )
     if path is not None and _holds_nothing(Path(path)):
-        raise RecipeError(f"recipe: {path} is empty: it sets no keys. Write the run's keys into it "
-                          "(model_name_or_path, stage, dataset, output_dir, ...; recipes/ holds examples) or name "
-                          "another recipe file.")
+        raise RecipeError(
+            f"recipe: {path} is empty: it sets no keys. Write the run's keys into it "
+            "(model_name_or_path, stage, dataset, output_dir, ...; recipes/ holds examples) or name "
+            "another recipe file."
+        )
     try:
         return read_args(args)
     except yaml.YAMLError as error:

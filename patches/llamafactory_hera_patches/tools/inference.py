@@ -26,17 +26,24 @@ def load_engine(recipe: dict[str, Any]) -> Any:
     hparams = importlib.import_module("llamafactory.hparams")
     hf_engine = importlib.import_module("llamafactory.chat.hf_engine")
     model_args, data_args, finetuning_args, generating_args = hparams.get_infer_args(
-        {**recipe, "infer_backend": "huggingface"})
+        {**recipe, "infer_backend": "huggingface"}
+    )
     engine = hf_engine.HuggingfaceEngine(model_args, data_args, finetuning_args, generating_args)
     engine.model.eval()
     return engine
 
 
-def answer(engine: Any, messages: list[dict[str, str]], images: list[Any] | None,
-           input_kwargs: dict[str, Any]) -> str:
+def answer(engine: Any, messages: list[dict[str, str]], images: list[Any] | None, input_kwargs: dict[str, Any]) -> str:
     """The engine's first response text to ``messages`` (with ``images``), as LLaMA-Factory's chat answers."""
     hf_engine = importlib.import_module("llamafactory.chat.hf_engine")
     responses = hf_engine.HuggingfaceEngine._chat(
-        engine.model, engine.tokenizer, engine.processor, engine.template, engine.generating_args, messages,
-        images=images, input_kwargs=input_kwargs)
+        engine.model,
+        engine.tokenizer,
+        engine.processor,
+        engine.template,
+        engine.generating_args,
+        messages,
+        images=images,
+        input_kwargs=input_kwargs,
+    )
     return responses[0].response_text

@@ -58,8 +58,11 @@ def parse_recipe(recipe: dict[str, Any]) -> RecipeArgs:
     dataset)."""
     check_host()
     hparams = importlib.import_module("llamafactory.hparams")
-    known = {f.name for cls in (hparams.ModelArguments, hparams.DataArguments, hparams.FinetuningArguments)
-             for f in dataclasses.fields(cls)}
+    known = {
+        f.name
+        for cls in (hparams.ModelArguments, hparams.DataArguments, hparams.FinetuningArguments)
+        for f in dataclasses.fields(cls)
+    }
     keys = {k: v for k, v in recipe.items() if k in known and method_of_key(k) is None}
     method = method_for_stage(keys.get("stage"))
     if method is not None:
@@ -93,8 +96,9 @@ def load_aligned_rows(args: RecipeArgs, seed: int, dataset: list[str] | None = N
     names = dataset or args.data_args.dataset
     if not names:
         raise RecipeError("dataset: the recipe names no dataset; head selection needs image-caption pairs.")
-    return loader._get_merged_dataset(names, args.model_args, args.data_args,
-                                      training_args or training_args_for_reading(seed), stage="sft")
+    return loader._get_merged_dataset(
+        names, args.model_args, args.data_args, training_args or training_args_for_reading(seed), stage="sft"
+    )
 
 
 def scoring_device_map(device: str) -> dict[str, str]:
@@ -104,8 +108,9 @@ def scoring_device_map(device: str) -> dict[str, str]:
     return {"": "cpu" if device.partition(":")[0] == "cpu" else device}
 
 
-def load_model_for_scoring(args: RecipeArgs, device: str,
-                           device_map: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any], Any]:
+def load_model_for_scoring(
+    args: RecipeArgs, device: str, device_map: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, Any], Any]:
     """(model in eval mode on ``device``, or placed by ``device_map``, tokenizer module, template) exactly as
     LLaMA-Factory loads them."""
     model_module = importlib.import_module("llamafactory.model")
@@ -116,35 +121,61 @@ def load_model_for_scoring(args: RecipeArgs, device: str,
     # one process loads a whole copy: under FSDP's efficient loading (transformers' is_fsdp_enabled) LLaMA-Factory
     # would drop the device_map (a CPU model scored on the GPU) and transformers accelerate's dispatch
     with loaded_whole():
-        model = model_module.load_model(tokenizer_module["tokenizer"], args.model_args, args.finetuning_args,
-                                        is_trainable=False)
+        model = model_module.load_model(
+            tokenizer_module["tokenizer"], args.model_args, args.finetuning_args, is_trainable=False
+        )
     return model.eval(), tokenizer_module, template
 
 
-def multimodal_dataset_and_collator(args: RecipeArgs, model: Any, tokenizer_module: dict[str, Any], template: Any,
-                                    seed: int, rows: list[int], dataset: list[str] | None = None) -> tuple[Any, Any]:
+def multimodal_dataset_and_collator(
+    args: RecipeArgs,
+    model: Any,
+    tokenizer_module: dict[str, Any],
+    template: Any,
+    seed: int,
+    rows: list[int],
+    dataset: list[str] | None = None,
+) -> tuple[Any, Any]:
     """The chosen aligned ``rows``, tokenized as training tokenizes them (row ``i`` of the result is ``rows[i]``: no
     validation split or dropped row elsewhere can shift which tokens go with which teacher feature), and the SFT
     collator."""
-    return tokenized_rows_and_collator(args, model, tokenizer_module, template, seed,
-                                       load_aligned_rows(args, seed, dataset).select(rows))
+    return tokenized_rows_and_collator(
+        args, model, tokenizer_module, template, seed, load_aligned_rows(args, seed, dataset).select(rows)
+    )
 
 
-def tokenized_rows_and_collator(args: RecipeArgs, model: Any, tokenizer_module: dict[str, Any], template: Any,
-                                seed: int, chosen: Any, training_args: Any = None) -> tuple[Any, Any]:
+def tokenized_rows_and_collator(
+    args: RecipeArgs,
+    model: Any,
+    tokenizer_module: dict[str, Any],
+    template: Any,
+    seed: int,
+    chosen: Any,
+    training_args: Any = None,
+) -> tuple[Any, Any]:
     """Aligned rows ``chosen`` tokenized as training tokenizes them (row ``i`` of the result is ``chosen[i]``), and
     the SFT collator (no HeRA keys). Inside a run pass its ``training_args``: building new training arguments there
     would reset accelerate's state."""
     data = importlib.import_module("llamafactory.data")
     loader = importlib.import_module("llamafactory.data.loader")
     reading = training_args or training_args_for_reading(seed)
-    tokenized = loader._get_preprocessed_dataset(chosen, args.data_args, reading, "sft", template,
-                                                 tokenizer_module["tokenizer"], tokenizer_module.get("processor"))
+    tokenized = loader._get_preprocessed_dataset(
+        chosen,
+        args.data_args,
+        reading,
+        "sft",
+        template,
+        tokenizer_module["tokenizer"],
+        tokenizer_module.get("processor"),
+    )
     if len(tokenized) != len(chosen):
-        raise RecipeError(f"head scoring: LLaMA-Factory's tokenization kept {len(tokenized)} of the {len(chosen)} "
-                          "chosen image-caption rows; each must be one user turn and one answer.")
-    collator = data.SFTDataCollatorWith4DAttentionMask(template=template, model=model, pad_to_multiple_of=8,
-                                                      label_pad_token_id=-100, **tokenizer_module)
+        raise RecipeError(
+            f"head scoring: LLaMA-Factory's tokenization kept {len(tokenized)} of the {len(chosen)} "
+            "chosen image-caption rows; each must be one user turn and one answer."
+        )
+    collator = data.SFTDataCollatorWith4DAttentionMask(
+        template=template, model=model, pad_to_multiple_of=8, label_pad_token_id=-100, **tokenizer_module
+    )
     return tokenized, collator
 
 
@@ -186,20 +217,31 @@ def sampled_rows(recipe: dict[str, Any], count: int, seed: int) -> tuple[int, li
     """(the rows a run of ``recipe`` trains on, and up to ``count`` of them drawn by ``seed`` as (tokens, images,
     image tokens)), tokenized as training tokenizes them: the recipe's tokenizer, processor and template,
     ``cutoff_len`` applied. Offline: a model or Hub dataset not in the local cache raises."""
-    with mock.patch.object(constants, "HF_HUB_OFFLINE", True), mock.patch.object(datasets.config, "HF_HUB_OFFLINE",
-                                                                                 True):
+    with (
+        mock.patch.object(constants, "HF_HUB_OFFLINE", True),
+        mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True),
+    ):
         args = parse_recipe(recipe)
         tokenizer_module = importlib.import_module("llamafactory.model").load_tokenizer(args.model_args)
         tokenizer = tokenizer_module["tokenizer"]
-        template = importlib.import_module("llamafactory.data").get_template_and_fix_tokenizer(tokenizer,
-                                                                                              args.data_args)
+        template = importlib.import_module("llamafactory.data").get_template_and_fix_tokenizer(
+            tokenizer, args.data_args
+        )
         rows = load_aligned_rows(args, seed)
         rows = training_rows(args, seed, rows.select(range(min(len(rows), recipe.get("max_samples") or len(rows)))))
         chosen = rows.shuffle(seed=seed).select(range(min(count, len(rows))))
         with contextlib.redirect_stdout(io.StringIO()):  # not the first row, which the loader prints
             tokenized = importlib.import_module("llamafactory.data.loader")._get_preprocessed_dataset(
-                chosen, args.data_args, training_args_for_reading(seed), "sft", template, tokenizer,
-                tokenizer_module.get("processor"))
+                chosen,
+                args.data_args,
+                training_args_for_reading(seed),
+                "sft",
+                template,
+                tokenizer,
+                tokenizer_module.get("processor"),
+            )
     token = image_token_id(template, tokenizer)
-    return len(rows), [(len(ids), len(images or []), ids.count(token)) for ids, images in
-                       zip(tokenized["input_ids"], tokenized["images"], strict=True)]
+    return len(rows), [
+        (len(ids), len(images or []), ids.count(token))
+        for ids, images in zip(tokenized["input_ids"], tokenized["images"], strict=True)
+    ]

@@ -55,8 +55,10 @@ def _require_signature(module: ModuleType, path: str, expected: tuple[str, ...])
 def _modules(interface: ModuleType) -> dict[str, ModuleType]:
     """The web-UI modules, checked (raises before anything is patched)."""
     require(interface, ("create_ui", "create_train_tab"), PATCH)
-    mods = {name: importlib.import_module(f"{_WEBUI}.{name}")
-            for name in ("components", "components.train", "runner", "control", "locales", "common")}
+    mods = {
+        name: importlib.import_module(f"{_WEBUI}.{name}")
+        for name in ("components", "components.train", "runner", "control", "locales", "common")
+    }
     mods["constants"] = importlib.import_module("llamafactory.extras.constants")
     mods["ploting"] = importlib.import_module("llamafactory.extras.ploting")
     require(mods["components"], ("create_train_tab",), PATCH)
@@ -68,9 +70,11 @@ def _modules(interface: ModuleType) -> dict[str, ModuleType]:
         _require_signature(mods[module], path, expected)
     for method in registered_methods():
         if method.stage not in mods["constants"].TRAINING_STAGES.values():  # the .webui patch did not run
-            raise HostMismatchError(f"llamafactory-hera: LLaMA-Factory {host_version()}'s TRAINING_STAGES does not "
-                                    f"list the '{method.stage}' stage; the web UI cannot offer {method.label}. Set "
-                                    f"{DISABLE_ENV}=1 to run LLaMA-Factory without the plugin.")
+            raise HostMismatchError(
+                f"llamafactory-hera: LLaMA-Factory {host_version()}'s TRAINING_STAGES does not "
+                f"list the '{method.stage}' stage; the web UI cannot offer {method.label}. Set "
+                f"{DISABLE_ENV}=1 to run LLaMA-Factory without the plugin."
+            )
     return mods
 
 
@@ -88,8 +92,11 @@ def apply(interface: ModuleType) -> None:
             mods["locales"].LOCALES.setdefault(name, texts)
 
     original = mods["components.train"].create_train_tab
-    create_train_tab = original if getattr(original, "_llamafactory_hera", False) else _wrap_create_train_tab(
-        original, stages, panels, mods["common"].DEFAULT_DATA_DIR)
+    create_train_tab = (
+        original
+        if getattr(original, "_llamafactory_hera", False)
+        else _wrap_create_train_tab(original, stages, panels, mods["common"].DEFAULT_DATA_DIR)
+    )
     for module in (interface, mods["components"], mods["components.train"]):
         module.create_train_tab = create_train_tab
     if not getattr(mods["runner"].Runner, "_llamafactory_hera_patched", False):
@@ -97,8 +104,9 @@ def apply(interface: ModuleType) -> None:
     if not getattr(mods["common"]._clean_cmd, "_llamafactory_hera", False):
         mods["common"]._clean_cmd = _keeping_false_flags(mods["common"]._clean_cmd)
     if not getattr(mods["control"].gen_loss_plot, "_llamafactory_hera", False):
-        mods["control"].gen_loss_plot = _wrap_gen_loss_plot(mods["control"].gen_loss_plot, mods["ploting"].smooth,
-                                                            panels)
+        mods["control"].gen_loss_plot = _wrap_gen_loss_plot(
+            mods["control"].gen_loss_plot, mods["ploting"].smooth, panels
+        )
     interface._llamafactory_hera_patched = True
 
 
@@ -111,15 +119,20 @@ def _keeping_false_flags(clean: Callable[[dict[str, Any]], dict[str, Any]]) -> C
     return clean_cmd
 
 
-def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict[str, str],
-                           panels: list[tuple[Method, MethodPanel]], data_dir: str) -> Callable[..., Any]:
+def _wrap_create_train_tab(
+    original: Callable[..., dict[str, Any]],
+    stages: dict[str, str],
+    panels: list[tuple[Method, MethodPanel]],
+    data_dir: str,
+) -> Callable[..., Any]:
     def create_train_tab(engine: Any) -> dict[str, Any]:
         import gradio as gr
 
         built = []  # (method, panel, its accordion, its elements)
         for method, panel in panels:
-            with gr.Accordion(panel.locales[panel.tab]["en"]["label"], open=True, visible=False,
-                              elem_id=f"train-{panel.tab}") as tab:
+            with gr.Accordion(
+                panel.locales[panel.tab]["en"]["label"], open=True, visible=False, elem_id=f"train-{panel.tab}"
+            ) as tab:
                 built.append((method, panel, tab, panel.create_panel(gr, data_dir)))
         inputs = {elem for _, panel, _, own in built for elem in panel.inputs(own).values()}
         manager = engine.manager
@@ -154,6 +167,7 @@ def _wrap_create_train_tab(original: Callable[..., dict[str, Any]], stages: dict
 
 def _planner(runner: Any, method: Method) -> Callable[[dict[Any, Any]], str]:
     """The plan button's callback: the run Start would launch, as LlamaBoard parses it, planned by the method."""
+
     def plan_run(data: dict[Any, Any]) -> str:
         return method.load("plan")(runner._parse_train_args(data))
 
@@ -184,8 +198,9 @@ def _place_before(block: Any, anchor: Any) -> None:
     children.insert(children.index(node), block)
 
 
-def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, ModuleType],
-                  panels: list[tuple[Method, MethodPanel]]) -> None:
+def _patch_runner(
+    runner_cls: type, stages: dict[str, str], mods: dict[str, ModuleType], panels: list[tuple[Method, MethodPanel]]
+) -> None:
     original_initialize = runner_cls._initialize
     original_parse = runner_cls._parse_train_args
     original_config = runner_cls._build_config_dict
@@ -226,8 +241,10 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
             return error
         panel = selected[1]
         values = panel_values(self, data, panel)
-        context = {"model_path": elem_value(self, data, "top.model_path"),
-                   "dataset_dir": elem_value(self, data, "train.dataset_dir")}
+        context = {
+            "model_path": elem_value(self, data, "top.model_path"),
+            "dataset_dir": elem_value(self, data, "train.dataset_dir"),
+        }
         problem = panel.validate(values, extra_args(self, data), context) if values is not None else ""
         if problem:
             return panel.error_text(problem, elem_value(self, data, "top.lang") or "en")
@@ -260,8 +277,9 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
         final = None
         if self.do_train and chosen(self, data) is not None:
             get = lambda elem_id: elem_value(self, data, elem_id)  # noqa: E731
-            output_path = mods["common"].get_save_dir(get("top.model_name"), get("top.finetuning_type"),
-                                                      get("train.output_dir"))
+            output_path = mods["common"].get_save_dir(
+                get("top.model_name"), get("top.finetuning_type"), get("train.output_dir")
+            )
             final = (get("top.lang") or "en", output_path)
         yield from original_monitor(self)
         if final is not None:
@@ -269,8 +287,12 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
             if "loss_viewer" in info:
                 yield {self.manager.get_elem_by_id("train.loss_viewer"): info["loss_viewer"]}
 
-    for name, func in (("_initialize", _initialize), ("_parse_train_args", _parse_train_args),
-                       ("_build_config_dict", _build_config_dict), ("monitor", monitor)):
+    for name, func in (
+        ("_initialize", _initialize),
+        ("_parse_train_args", _parse_train_args),
+        ("_build_config_dict", _build_config_dict),
+        ("monitor", monitor),
+    ):
         func.__wrapped__ = getattr(runner_cls, name)
         func.__name__ = name
         func.__qualname__ = f"{runner_cls.__name__}.{name}"
@@ -278,8 +300,9 @@ def _patch_runner(runner_cls: type, stages: dict[str, str], mods: dict[str, Modu
     runner_cls._llamafactory_hera_patched = True
 
 
-def _wrap_gen_loss_plot(original: Callable[..., Any], smooth: Callable[..., Any],
-                        panels: list[tuple[Method, MethodPanel]]) -> Callable[..., Any]:
+def _wrap_gen_loss_plot(
+    original: Callable[..., Any], smooth: Callable[..., Any], panels: list[tuple[Method, MethodPanel]]
+) -> Callable[..., Any]:
     def gen_loss_plot(trainer_log: list[dict[str, Any]]) -> Any:
         for _, panel in panels:
             if panel.owns_loss_plot(trainer_log):

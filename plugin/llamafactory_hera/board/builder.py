@@ -75,8 +75,11 @@ class MethodPanel:
         self.defaults = {field.key: field.default for field in self.fields}
         # language -> what starts an error about the panel's values
         self.error_prefix = {lang: text.format(name=declaration.name) for lang, text in shared["error_prefix"].items()}
-        self.locales: Locales = {self.tab: {lang: {"label": text.format(name=declaration.name)}
-                                            for lang, text in shared["tab_title"].items()}}
+        self.locales: Locales = {
+            self.tab: {
+                lang: {"label": text.format(name=declaration.name)} for lang, text in shared["tab_title"].items()
+            }
+        }
         if self.note:
             self.locales[self.note] = {lang: {"value": text} for lang, text in texts["note"].items()}
         self.plan_button, self.plan_box = f"{declaration.prefix}plan_btn", f"{declaration.prefix}plan_box"
@@ -84,8 +87,10 @@ class MethodPanel:
         self.locales[self.plan_box] = {lang: {"label": text} for lang, text in shared["plan_box"].items()}
         for field in self.fields:
             lead = texts.get("only_with_note", {}) if field.only_with else {}
-            self.locales[field.key] = {lang: {"label": label, "info": lead.get(lang, "") + info}
-                                       for lang, (label, info) in texts["fields"][field.key].items()}
+            self.locales[field.key] = {
+                lang: {"label": label, "info": lead.get(lang, "") + info}
+                for lang, (label, info) in texts["fields"][field.key].items()
+            }
 
     # -- gradio ------------------------------------------------------------------------------------------------
 
@@ -98,8 +103,13 @@ class MethodPanel:
         names = dataset_names(dataset_dir) if dataset_dir else []
         elems = {**note, **create_widgets(gr, self.fields, self.locales, names)}
         elems[self.plan_button] = gr.Button(elem_id=f"train-{self.plan_button}", **self.locales[self.plan_button]["en"])
-        elems[self.plan_box] = gr.Textbox(elem_id=f"train-{self.plan_box}", interactive=False, lines=4, max_lines=30,
-                                          **self.locales[self.plan_box]["en"])
+        elems[self.plan_box] = gr.Textbox(
+            elem_id=f"train-{self.plan_box}",
+            interactive=False,
+            lines=4,
+            max_lines=30,
+            **self.locales[self.plan_box]["en"],
+        )
         return elems
 
     def inputs(self, elems: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,8 +130,9 @@ class MethodPanel:
         list_datasets.__name__ = f"list_{self.declaration.prefix}datasets"
         dataset_dir.change(list_datasets, [dataset_dir], boxes, queue=False)
         for box in boxes:
-            box.focus(lambda directory: gr.Dropdown(choices=dataset_names(directory)), [dataset_dir], [box],
-                      queue=False)
+            box.focus(
+                lambda directory: gr.Dropdown(choices=dataset_names(directory)), [dataset_dir], [box], queue=False
+            )
 
     # -- the run's arguments -------------------------------------------------------------------------------------
 
@@ -132,8 +143,11 @@ class MethodPanel:
         """
         merged = {field.key: values.get(field.key, field.default) for field in self.fields}
         recipe = {field.key: field.recipe_value(merged[field.key]) for field in self.fields}
-        return {field.key: recipe[field.key] for field in self.fields
-                if not field.only_with or recipe.get(field.only_with[0]) == field.only_with[1]}
+        return {
+            field.key: recipe[field.key]
+            for field in self.fields
+            if not field.only_with or recipe.get(field.only_with[0]) == field.only_with[1]
+        }
 
     def method_keys(self, extra: Mapping[str, Any] | None) -> dict[str, Any]:
         """The method's keys among the "Extra arguments" JSON (a dict, or None; they win over the panel)."""
@@ -141,11 +155,18 @@ class MethodPanel:
 
     def host_args(self, args: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
         """LlamaBoard's arguments without those the method does not use (kept where "Extra arguments" sets them)."""
-        return {key: value for key, value in args.items()
-                if key not in self.declaration.unused_host_keys or key in (extra or {})}
+        return {
+            key: value
+            for key, value in args.items()
+            if key not in self.declaration.unused_host_keys or key in (extra or {})
+        }
 
-    def validate(self, values: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
-                 context: Mapping[str, Any] | None = None) -> str:
+    def validate(
+        self,
+        values: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> str:
         """Empty when the panel's values with the "Extra arguments" make a valid run, else one line naming the key (a
         key without a field belongs in "Extra arguments"); the declared checks and dataset names are checked against
         ``context`` (LlamaBoard's ``model_path`` and ``dataset_dir``) where they can be read locally."""
@@ -179,16 +200,19 @@ class MethodPanel:
         return problem + NO_FIELD.format(key=key, name=self.declaration.name)
 
     def _dataset_problem(self, raw: Mapping[str, Any], dataset_dir: Any) -> str:
-        named = {key: value for key, value in raw.items() if value and self.declaration.spec(key).metadata.get(
-            "dataset")}
+        named = {
+            key: value for key, value in raw.items() if value and self.declaration.spec(key).metadata.get("dataset")
+        }
         missing = unknown_datasets(dataset_dir, named)
         if not missing:
             return ""
         key, (name, listed) = next(iter(missing.items()))
         listed_text = ", ".join(listed[:8]) + (", ..." if len(listed) > 8 else "") if listed else "no dataset"
         hint = f" {self.declaration.dataset_hint}" if self.declaration.dataset_hint else ""
-        return self._with_field_hint(f"{key}: dataset '{name}' is not in {dataset_dir}/dataset_info.json (it lists "
-                                     f"{listed_text}). Pick one of those or add it there.{hint}")
+        return self._with_field_hint(
+            f"{key}: dataset '{name}' is not in {dataset_dir}/dataset_info.json (it lists "
+            f"{listed_text}). Pick one of those or add it there.{hint}"
+        )
 
     # -- LlamaBoard's loss plot ----------------------------------------------------------------------------------
 

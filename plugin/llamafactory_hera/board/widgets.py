@@ -19,8 +19,9 @@ def as_markup(text: str) -> str:
     return html.escape(text, quote=False)
 
 
-def create_widgets(gr: Any, panel_fields: Iterable[Any], locales: dict[str, dict[str, dict[str, str]]],
-                   datasets: Sequence[str] = ()) -> dict[str, Any]:
+def create_widgets(
+    gr: Any, panel_fields: Iterable[Any], locales: dict[str, dict[str, dict[str, str]]], datasets: Sequence[str] = ()
+) -> dict[str, Any]:
     """The panel's inputs in the current gradio layout context (an accordion), row by row; key -> component. Labels
     are English here (LlamaBoard replaces them from the locales); a dataset box is a dropdown of ``datasets`` that
     also takes a typed name."""
@@ -30,8 +31,7 @@ def create_widgets(gr: Any, panel_fields: Iterable[Any], locales: dict[str, dict
         with gr.Row():
             for field in (f for f in ordered if f.row == row):
                 entry = locales[field.key]["en"]
-                common = dict(elem_id=f"train-{field.key}", scale=field.scale, label=entry["label"],
-                              info=entry["info"])
+                common = dict(elem_id=f"train-{field.key}", scale=field.scale, label=entry["label"], info=entry["info"])
                 if field.widget == "textbox":
                     elem = gr.Textbox(value=field.default, **common)
                 elif field.widget in ("int", "number"):
@@ -41,8 +41,7 @@ def create_widgets(gr: Any, panel_fields: Iterable[Any], locales: dict[str, dict
                 elif field.widget == "dropdown":
                     elem = gr.Dropdown(choices=list(field.choices or ()), value=field.default, **common)
                 elif field.widget == "dataset":
-                    elem = gr.Dropdown(choices=list(datasets), value=field.default, allow_custom_value=True,
-                                       **common)
+                    elem = gr.Dropdown(choices=list(datasets), value=field.default, allow_custom_value=True, **common)
                 else:
                     elem = gr.Checkbox(value=bool(field.default), **common)
                 elems[field.key] = elem

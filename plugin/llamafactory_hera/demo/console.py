@@ -12,9 +12,16 @@ from collections.abc import Callable
 PLUGIN_PREFIX = "[llamafactory-hera]"
 _STEP_DICT = re.compile(r"\{'loss': [^{}]*\}")
 # (key in the Trainer's log dictionary, label shown): HeRA's and HARC's terms; a key a run does not log is left out
-_SHOWN_METRICS = (("loss", "loss"), ("lm_loss", "lm_loss"), ("hera_loss", "hera_loss"), ("hera_temperature", "tau"),
-                  ("harc_couple", "couple"), ("harc_couple_resp", "couple_resp"), ("harc_kl", "kl"),
-                  ("harc_ce", "ce"))
+_SHOWN_METRICS = (
+    ("loss", "loss"),
+    ("lm_loss", "lm_loss"),
+    ("hera_loss", "hera_loss"),
+    ("hera_temperature", "tau"),
+    ("harc_couple", "couple"),
+    ("harc_couple_resp", "couple_resp"),
+    ("harc_kl", "kl"),
+    ("harc_ce", "ce"),
+)
 
 
 def step_line(step: int, total: int, metrics: dict[str, object]) -> str:
@@ -52,7 +59,7 @@ class ProgressFilter:
 
     def _line(self, line: str) -> None:
         if PLUGIN_PREFIX in line:
-            self.emit(line[line.index(PLUGIN_PREFIX):].rstrip())
+            self.emit(line[line.index(PLUGIN_PREFIX) :].rstrip())
             return
         for match in _STEP_DICT.finditer(line):
             try:
@@ -60,5 +67,4 @@ class ProgressFilter:
             except (ValueError, SyntaxError):
                 continue
             self.steps_seen += 1
-            self.emit(step_line(min(self.steps_seen * self.logging_steps, self.total_steps), self.total_steps,
-                                metrics))
+            self.emit(step_line(min(self.steps_seen * self.logging_steps, self.total_steps), self.total_steps, metrics))

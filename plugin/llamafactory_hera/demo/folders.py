@@ -43,8 +43,10 @@ def prepare_folder(folder: Path, own_outputs: tuple[str, ...], overwrite: bool) 
     run_dir = folder / RUN_DIR_NAME
     mine = (folder / MARKER_NAME).is_file()
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not (overwrite or mine):
-        raise DemoError(f"{run_dir} already exists, is not empty and was not made by the demo; pass --overwrite "
-                        "to replace it, or choose another --output.")
+        raise DemoError(
+            f"{run_dir} already exists, is not empty and was not made by the demo; pass --overwrite "
+            "to replace it, or choose another --output."
+        )
     return _remove(folder, own_outputs if mine else (RUN_DIR_NAME,))
 
 

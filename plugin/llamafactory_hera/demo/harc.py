@@ -27,21 +27,40 @@ SOURCE_ROWS = 48  # rows per source file (harmful, harmless); 12 pseudo-harmful
 LOGGING_STEPS = 5
 ROLES = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
 # (file in the run's folder, what it is), as the summary lists them
-OUTPUTS = (("adapter_model.safetensors", "LoRA adapter"), ("harc_eval.json", "refusal rates, validation cosines"),
-           ("harc_layers.json", "coupled layers over the run"),
-           ("harc_directions.pt", "refusal / harmfulness directions"),
-           ("trainer_log.jsonl", "per-step log (trainer_log.jsonl)"))
+OUTPUTS = (
+    ("adapter_model.safetensors", "LoRA adapter"),
+    ("harc_eval.json", "refusal rates, validation cosines"),
+    ("harc_layers.json", "coupled layers over the run"),
+    ("harc_directions.pt", "refusal / harmfulness directions"),
+    ("trainer_log.jsonl", "per-step log (trainer_log.jsonl)"),
+)
 
 
-def build_harc_recipe(model: Path, template: str, data_dir: Path, run_dir: Path, steps: int,
-                      logging_steps: int = LOGGING_STEPS) -> dict[str, Any]:
+def build_harc_recipe(
+    model: Path, template: str, data_dir: Path, run_dir: Path, steps: int, logging_steps: int = LOGGING_STEPS
+) -> dict[str, Any]:
     """A ``stage: harc`` recipe for a tiny text model (paths absolute), scaled down from the reference so that a
     short run shows the base extraction, refreshes and the ramp: 16 + 8 held-out rows, band 1 of 6 layers, a refresh
     every 20 steps and the ramp to 4 layers at step 40."""
-    return demo_recipe("harc", model, template, data_dir, run_dir, steps, logging_steps, lora_target="all",
-                       lora_rank=8, lora_alpha=16, **{role: role for role in ROLES}, harc_extract_samples=16,
-                       harc_validate_samples=8, harc_band=1, harc_refresh_steps=20, harc_layers_ramp_step=40,
-                       harc_eval_max_new_tokens=16)
+    return demo_recipe(
+        "harc",
+        model,
+        template,
+        data_dir,
+        run_dir,
+        steps,
+        logging_steps,
+        lora_target="all",
+        lora_rank=8,
+        lora_alpha=16,
+        **{role: role for role in ROLES},
+        harc_extract_samples=16,
+        harc_validate_samples=8,
+        harc_band=1,
+        harc_refresh_steps=20,
+        harc_layers_ramp_step=40,
+        harc_eval_max_new_tokens=16,
+    )
 
 
 def convert_sources(ctx: DemoContext) -> int:
@@ -49,11 +68,20 @@ def convert_sources(ctx: DemoContext) -> int:
     from llamafactory_hera.fixtures.harc_assets import write_source_files
 
     sources = write_source_files(ctx.folder / SOURCES_NAME, count=SOURCE_ROWS)
-    say(f"tiny copies of the public sources in {ctx.folder / SOURCES_NAME}: "
-        + ", ".join(path.name for path in sources.values()))
+    say(
+        f"tiny copies of the public sources in {ctx.folder / SOURCES_NAME}: "
+        + ", ".join(path.name for path in sources.values())
+    )
     given = [str(part) for flag, path in sources.items() for part in (flag, path)]
-    converter = [str(ctx.hera_cli), "harc-data", *given, "--harmless-rows", str(SOURCE_ROWS), "--out",
-                 str(ctx.folder / DATA_NAME)]
+    converter = [
+        str(ctx.hera_cli),
+        "harc-data",
+        *given,
+        "--harmless-rows",
+        str(SOURCE_ROWS),
+        "--out",
+        str(ctx.folder / DATA_NAME),
+    ]
     say("converting: " + command(*converter).strip())
     proc = subprocess.run(converter, env=ctx.env, capture_output=True, text=True)
     for line in (proc.stdout + proc.stderr).splitlines():
@@ -87,8 +115,7 @@ def refusal_lines(run_dir: Path) -> list[str]:
     before = refusal["before"]
     return [
         "Refusal rate (greedy answers, refusal-phrase matcher; before = the base model, the adapter disabled):",
-        f"  held-out harmful prompts   {_rate(before, 'harmful'):>12} -> {_rate(refusal, 'harmful'):<12} "
-        "(should rise)",
+        f"  held-out harmful prompts   {_rate(before, 'harmful'):>12} -> {_rate(refusal, 'harmful'):<12} (should rise)",
         f"  pseudo-harmful prompts     {_rate(before, 'pseudo'):>12} -> {_rate(refusal, 'pseudo'):<12} "
         "(benign prompts that look harmful, drawn from harc_pseudo; should stay low)",
         f"  a held-out harmful prompt, answer before: {_example(before, 'harmful')}",
@@ -99,19 +126,27 @@ def refusal_lines(run_dir: Path) -> list[str]:
 def harc_summary(ctx: DemoContext, elapsed: float, model: Path, template: str) -> str:
     """Refusal rates, outputs, plots and the next steps of a finished HARC demo."""
     paths = {"datasets (harc-data output)": ctx.folder / DATA_NAME, "full training output": ctx.log}
-    return summary_text(ctx, TITLE, elapsed, OUTPUTS, paths, figures=refusal_lines(ctx.run_dir), next_steps=[
-        f"Next steps (the next HARC demo run replaces {ctx.folder}; the other demos leave it):",
-        "  1. chat with the adapter, greedy (sampling a tiny random model prints noise); try a harmful prompt:",
-        chat_command(ctx, model, template, "--max_new_tokens", "32"),
-        "  2. evaluate the run against its base model: jailbreak attacks, over-refusal and the demo questions (the "
-        "trade-off table and plot; add gcg with --attacks direct,prefilling,templates,gcg):",
-        *eval_base_lines(ctx, "jailbreak,demo"),
-        "  3. a real model: convert the public sources, then train (see recipes/llama3_1_8b_harc.yaml):",
-        "     llamafactory-hera harc-data --circuit-breakers circuit_breakers_train.json --xstest "
-        "xstest_v2_completions_gpt4_gpteval.csv --ultrachat test_sft.parquet --out data/harc",
-        "     llamafactory-cli train recipes/llama3_1_8b_harc.yaml",
-        f"  4. the recipe of this run: {ctx.recipe}",
-    ])
+    return summary_text(
+        ctx,
+        TITLE,
+        elapsed,
+        OUTPUTS,
+        paths,
+        figures=refusal_lines(ctx.run_dir),
+        next_steps=[
+            f"Next steps (the next HARC demo run replaces {ctx.folder}; the other demos leave it):",
+            "  1. chat with the adapter, greedy (sampling a tiny random model prints noise); try a harmful prompt:",
+            chat_command(ctx, model, template, "--max_new_tokens", "32"),
+            "  2. evaluate the run against its base model: jailbreak attacks, over-refusal and the demo questions (the "
+            "trade-off table and plot; add gcg with --attacks direct,prefilling,templates,gcg):",
+            *eval_base_lines(ctx, "jailbreak,demo"),
+            "  3. a real model: convert the public sources, then train (see recipes/llama3_1_8b_harc.yaml):",
+            "     llamafactory-hera harc-data --circuit-breakers circuit_breakers_train.json --xstest "
+            "xstest_v2_completions_gpt4_gpteval.csv --ultrachat test_sft.parquet --out data/harc",
+            "     llamafactory-cli train recipes/llama3_1_8b_harc.yaml",
+            f"  4. the recipe of this run: {ctx.recipe}",
+        ],
+    )
 
 
 def run(ctx: DemoContext) -> int:

@@ -101,9 +101,16 @@ def train(ctx: DemoContext, logging_steps: int = 1) -> int:
     say(f"running: {shlex.join([str(ctx.cli), 'train', str(ctx.recipe)])}")
     say(f"full output: {ctx.log}" + ("" if ctx.show == "all" else " (--verbose shows it here)"))
     progress = ProgressFilter(ctx.steps or 1, lambda line: print(line, flush=True), logging_steps)
-    with open(ctx.log, "wb") as log, subprocess.Popen([str(ctx.cli), "train", str(ctx.recipe)], cwd=ctx.folder,
-                                                      env=ctx.env, stdout=subprocess.PIPE,
-                                                      stderr=subprocess.STDOUT) as proc:
+    with (
+        open(ctx.log, "wb") as log,
+        subprocess.Popen(
+            [str(ctx.cli), "train", str(ctx.recipe)],
+            cwd=ctx.folder,
+            env=ctx.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        ) as proc,
+    ):
         assert proc.stdout is not None
         while chunk := proc.stdout.read1(65536):
             log.write(chunk)
@@ -119,22 +126,44 @@ def train(ctx: DemoContext, logging_steps: int = 1) -> int:
         tail = ctx.log.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
         if ctx.show != "all":
             print("\n".join(tail), file=sys.stderr)
-        print(f"error: llamafactory-cli train failed with exit code {code}; full output in {ctx.log}",
-              file=sys.stderr)
+        print(f"error: llamafactory-cli train failed with exit code {code}; full output in {ctx.log}", file=sys.stderr)
     return code
 
 
-def demo_recipe(stage: str, model: Any, template: str, dataset_dir: Path, run_dir: Path, steps: int | None = None,
-                logging_steps: int = 1, **keys: Any) -> dict[str, Any]:
+def demo_recipe(
+    stage: str,
+    model: Any,
+    template: str,
+    dataset_dir: Path,
+    run_dir: Path,
+    steps: int | None = None,
+    logging_steps: int = 1,
+    **keys: Any,
+) -> dict[str, Any]:
     """What every demo's recipe holds: a LoRA run of ``stage`` on ``model`` into ``run_dir`` (paths absolute, seed 0),
     with ``steps`` optimizer steps at a constant learning rate and plotted when given, then the method's ``keys``."""
-    recipe = {"model_name_or_path": str(model), "template": template, "stage": stage, "do_train": True,
-              "finetuning_type": "lora", "dataset_dir": str(dataset_dir), "output_dir": str(run_dir),
-              "overwrite_output_dir": True, "report_to": "none", "seed": 0}
+    recipe = {
+        "model_name_or_path": str(model),
+        "template": template,
+        "stage": stage,
+        "do_train": True,
+        "finetuning_type": "lora",
+        "dataset_dir": str(dataset_dir),
+        "output_dir": str(run_dir),
+        "overwrite_output_dir": True,
+        "report_to": "none",
+        "seed": 0,
+    }
     if steps is not None:
-        recipe |= {"max_steps": steps, "gradient_accumulation_steps": 1, "learning_rate": 1.0e-3,
-                   "lr_scheduler_type": "constant", "logging_steps": logging_steps, "save_strategy": "no",
-                   "plot_loss": True}
+        recipe |= {
+            "max_steps": steps,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1.0e-3,
+            "lr_scheduler_type": "constant",
+            "logging_steps": logging_steps,
+            "save_strategy": "no",
+            "plot_loss": True,
+        }
     return recipe | keys
 
 
@@ -148,8 +177,9 @@ def prepare_assets(ctx: DemoContext, what: str, build: Callable[[Path], Assets])
     return assets
 
 
-def train_and_report(ctx: DemoContext, recipe: dict[str, Any], summary: Callable[[float], str],
-                     logging_steps: int = 1) -> int:
+def train_and_report(
+    ctx: DemoContext, recipe: dict[str, Any], summary: Callable[[float], str], logging_steps: int = 1
+) -> int:
     """Write ``recipe``, train on it and, when training succeeded, print ``summary(seconds the training took)``;
     returns the exit code."""
     ctx.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")  # keys in the given order

@@ -50,15 +50,29 @@ def eval_extra_lines() -> list[str]:
 
     if all(importlib.util.find_spec(module) for module in ("lmms_eval", "lm_eval")):
         return []
-    return ["     (once, the eval extra's libraries: " + shlex.join([sys.executable, "-m", "pip", "install",
-                                                                     *EXTRA_PACKAGES]) + ")"]
+    return [
+        "     (once, the eval extra's libraries: "
+        + shlex.join([sys.executable, "-m", "pip", "install", *EXTRA_PACKAGES])
+        + ")"
+    ]
 
 
 def chat_command(ctx: DemoContext, model: str | Path, template: str, *extra: str) -> str:
     """``llamafactory-cli chat`` with the run's adapter on ``model``, greedy (sampling a tiny random model prints
     noise), then ``extra`` arguments."""
-    return command(ctx.cli, "chat", "--model_name_or_path", model, "--adapter_name_or_path", ctx.run_dir,
-                   "--template", template, "--do_sample", "false", *extra)
+    return command(
+        ctx.cli,
+        "chat",
+        "--model_name_or_path",
+        model,
+        "--adapter_name_or_path",
+        ctx.run_dir,
+        "--template",
+        template,
+        "--do_sample",
+        "false",
+        *extra,
+    )
 
 
 def eval_base_lines(ctx: DemoContext, tasks: str = "demo") -> list[str]:
@@ -67,22 +81,31 @@ def eval_base_lines(ctx: DemoContext, tasks: str = "demo") -> list[str]:
     return [command(ctx.hera_cli, "eval", ctx.run_dir, "--base", "--tasks", tasks), *eval_extra_lines()]
 
 
-def summary_text(ctx: DemoContext, title: str, elapsed: float, outputs: Sequence[tuple[str, str]],
-                 paths: Mapping[str, Path], figures: Sequence[str], next_steps: Sequence[str],
-                 plots: bool = True) -> str:
+def summary_text(
+    ctx: DemoContext,
+    title: str,
+    elapsed: float,
+    outputs: Sequence[tuple[str, str]],
+    paths: Mapping[str, Path],
+    figures: Sequence[str],
+    next_steps: Sequence[str],
+    plots: bool = True,
+) -> str:
     """The summary of a finished demo run: ``outputs`` (file name in the run's folder, what it is), ``paths`` (what
     it is -> a path outside the run's folder), ``plots`` (list the run's PNGs), ``figures`` (the lines of what the
     run shows), ``next_steps`` (their heading and the numbered steps)."""
     run_dir = ctx.run_dir
     pngs = sorted(run_dir.glob("*.png"))
-    return "\n".join([
-        "",
-        f"{title} demo finished in {elapsed:.1f}s. Outputs in {run_dir}:",
-        *[where(run_dir, name, what) for name, what in outputs],
-        *[f"  {what:<34} {path}" for what, path in paths.items()],
-        *([f"Plots ({len(pngs)}):", *[f"  {path}" for path in pngs]] if plots else []),
-        "",
-        *figures,
-        "",
-        *next_steps,
-    ])
+    return "\n".join(
+        [
+            "",
+            f"{title} demo finished in {elapsed:.1f}s. Outputs in {run_dir}:",
+            *[where(run_dir, name, what) for name, what in outputs],
+            *[f"  {what:<34} {path}" for what, path in paths.items()],
+            *([f"Plots ({len(pngs)}):", *[f"  {path}" for path in pngs]] if plots else []),
+            "",
+            *figures,
+            "",
+            *next_steps,
+        ]
+    )

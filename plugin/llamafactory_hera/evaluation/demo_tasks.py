@@ -14,14 +14,20 @@ from llamafactory_hera.evaluation.presets import DEMO_MLLM_TASK, DEMO_TEXT_TASK
 
 LETTERS = "ABCD"
 _MLLM_ITEMS = (  # (shape, colour, background, asked)
-    ("circle", "red", "white", "colour"), ("square", "blue", "yellow", "shape"),
-    ("triangle", "green", "black", "colour"), ("cross", "yellow", "blue", "shape"),
-    ("square", "purple", "white", "colour"), ("circle", "orange", "black", "shape"),
-    ("cross", "white", "red", "colour"), ("triangle", "black", "white", "shape"),
+    ("circle", "red", "white", "colour"),
+    ("square", "blue", "yellow", "shape"),
+    ("triangle", "green", "black", "colour"),
+    ("cross", "yellow", "blue", "shape"),
+    ("square", "purple", "white", "colour"),
+    ("circle", "orange", "black", "shape"),
+    ("cross", "white", "red", "colour"),
+    ("triangle", "black", "white", "shape"),
 )
 _IMAGE_SIZES = ((48, 48), (96, 64), (40, 72), (128, 128), (64, 48), (56, 112), (32, 32), (80, 80))  # (width, height)
-_OPTIONS = {"colour": ("red", "blue", "green", "yellow", "purple", "orange", "white", "black"),
-            "shape": ("circle", "square", "triangle", "cross")}
+_OPTIONS = {
+    "colour": ("red", "blue", "green", "yellow", "purple", "orange", "white", "black"),
+    "shape": ("circle", "square", "triangle", "cross"),
+}
 _TEXT_ITEMS = (
     ("What colour is the sky on a clear day?", ("green", "blue", "red", "black"), 1),
     ("How many legs does a dog have?", ("two", "six", "four", "eight"), 2),
@@ -40,11 +46,20 @@ def mllm_rows() -> list[dict[str, Any]]:
     for index, (shape, colour, background, asked) in enumerate(_MLLM_ITEMS):
         truth = colour if asked == "colour" else shape
         others = [o for o in _OPTIONS[asked] if o != truth and o != background][:3]
-        options = [*others[:index % 4], truth, *others[index % 4:]]  # the answer's letter cycles A, B, C, D
-        rows.append({"id": index, "shape": shape, "colour": colour, "background": background, "seed": 1000 + index,
-                     "size": list(_IMAGE_SIZES[index]),
-                     "question": f"What {asked} is the object in the image?", "options": options,
-                     "answer": LETTERS[options.index(truth)]})
+        options = [*others[: index % 4], truth, *others[index % 4 :]]  # the answer's letter cycles A, B, C, D
+        rows.append(
+            {
+                "id": index,
+                "shape": shape,
+                "colour": colour,
+                "background": background,
+                "seed": 1000 + index,
+                "size": list(_IMAGE_SIZES[index]),
+                "question": f"What {asked} is the object in the image?",
+                "options": options,
+                "answer": LETTERS[options.index(truth)],
+            }
+        )
     return rows
 
 
@@ -54,6 +69,7 @@ def text_rows() -> list[dict[str, Any]]:
 
 
 # --- lmms-eval's callbacks (named by the task YAML through utils.py) ---
+
 
 def mllm_doc_to_visual(doc: dict[str, Any]) -> list[Any]:
     """The row's image (RGB PIL, the row's ``size`` = [width, height]), drawn from its seed as the fixtures draw their
@@ -65,8 +81,9 @@ def mllm_doc_to_visual(doc: dict[str, Any]) -> list[Any]:
 
     width, height = doc.get("size") or (IMAGE_SIZE, IMAGE_SIZE)
     side = min(width, height)
-    square = draw_shape(np.random.default_rng(doc["seed"]), doc["shape"], doc["colour"], doc["background"],
-                        scale="large", size=side)
+    square = draw_shape(
+        np.random.default_rng(doc["seed"]), doc["shape"], doc["colour"], doc["background"], scale="large", size=side
+    )
     if width == height:
         return [square]
     canvas = Image.new("RGB", (width, height), square.getpixel((0, 0)))
@@ -143,9 +160,11 @@ metric_list:
 metadata:
   version: 2.0
 """
-_UTILS = ("# callbacks of the llamafactory-hera demo task (see llamafactory_hera.evaluation.demo_tasks)\n"
-          "from llamafactory_hera.evaluation.demo_tasks import (  # noqa: F401\n"
-          "    mllm_doc_to_text, mllm_doc_to_visual, mllm_process_results)\n")
+_UTILS = (
+    "# callbacks of the llamafactory-hera demo task (see llamafactory_hera.evaluation.demo_tasks)\n"
+    "from llamafactory_hera.evaluation.demo_tasks import (  # noqa: F401\n"
+    "    mllm_doc_to_text, mllm_doc_to_visual, mllm_process_results)\n"
+)
 
 
 def write_demo_tasks(folder: Path, library: str) -> Path:
@@ -154,8 +173,7 @@ def write_demo_tasks(folder: Path, library: str) -> Path:
     mllm = library == "lmms-eval"
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / ("demo_mllm.jsonl" if mllm else "demo_text.jsonl")
-    data.write_text("".join(json.dumps(row) + "\n" for row in (mllm_rows() if mllm else text_rows())),
-                    encoding="utf-8")
+    data.write_text("".join(json.dumps(row) + "\n" for row in (mllm_rows() if mllm else text_rows())), encoding="utf-8")
     yaml_text = (_MLLM_YAML if mllm else _TEXT_YAML).replace("{data}", str(data))
     (folder / f"{DEMO_MLLM_TASK if mllm else DEMO_TEXT_TASK}.yaml").write_text(yaml_text, encoding="utf-8")
     if mllm:

@@ -82,21 +82,29 @@ def token_gradients(model: Any, problem: Problem, suffix: torch.Tensor) -> torch
     one_hot.scatter_(1, suffix.to(weight.device).unsqueeze(1), 1.0)
     one_hot.requires_grad_(True)
     with torch.enable_grad():
-        embeds = torch.cat([embedding(problem.before), (one_hot @ weight) * _embedding_scale(embedding),
-                            embedding(problem.after), embedding(problem.target)])
-        logits = model(inputs_embeds=embeds.unsqueeze(0), logits_to_keep=len(problem.target) + 1,
-                       use_cache=False).logits
+        embeds = torch.cat(
+            [
+                embedding(problem.before),
+                (one_hot @ weight) * _embedding_scale(embedding),
+                embedding(problem.after),
+                embedding(problem.target),
+            ]
+        )
+        logits = model(
+            inputs_embeds=embeds.unsqueeze(0), logits_to_keep=len(problem.target) + 1, use_cache=False
+        ).logits
         loss = _target_loss(logits[:, :-1], problem.target)[0]
         (grad,) = torch.autograd.grad(loss, one_hot)
     return grad
 
 
-def sample_candidates(suffix: torch.Tensor, grad: torch.Tensor, top_k: int, width: int, allowed: torch.Tensor,
-                      generator: torch.Generator) -> torch.Tensor:
+def sample_candidates(
+    suffix: torch.Tensor, grad: torch.Tensor, top_k: int, width: int, allowed: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """``[width, n]`` candidates, each ``suffix`` with one position ``i ~ U(suffix)`` set to a token
     ``~ U(top-k of -grad[i])`` among the allowed tokens (Algorithm 1's inner loop)."""
     scores = -grad.float().cpu()
-    scores[:, ~allowed[:scores.shape[1]]] = float("-inf")
+    scores[:, ~allowed[: scores.shape[1]]] = float("-inf")
     top = scores.topk(min(top_k, int(allowed.sum())), dim=1).indices  # [n, k]
     positions = torch.randint(0, len(suffix), (width,), generator=generator)
     choices = torch.randint(0, top.shape[1], (width,), generator=generator)
@@ -111,8 +119,9 @@ def keep_retokenizable(tokenizer: Any, candidates: torch.Tensor) -> torch.Tensor
     return candidates[torch.tensor(keep, dtype=torch.bool)]
 
 
-def target_losses(model: Any, problem: Problem, candidates: torch.Tensor, chunk: int = CHUNK
-                  ) -> tuple[torch.Tensor, int]:
+def target_losses(
+    model: Any, problem: Problem, candidates: torch.Tensor, chunk: int = CHUNK
+) -> tuple[torch.Tensor, int]:
     """Every candidate's target loss ``[B]`` (float32, on the CPU), in forward passes of ``chunk`` rows (halved when
     the device runs out of memory), and the chunk size that fitted (the next step starts from it)."""
     device = problem.before.device
@@ -125,7 +134,7 @@ def target_losses(model: Any, problem: Problem, candidates: torch.Tensor, chunk:
     losses: list[torch.Tensor] = []
     done = 0
     while done < width:
-        rows = candidates[done:done + chunk]
+        rows = candidates[done : done + chunk]
         out_of_memory = False
         try:
             with torch.no_grad():
@@ -149,8 +158,14 @@ def initial_suffix(tokenizer: Any, length: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def optimise_suffix(model: Any, tokenizer: Any, problem: Problem, budget: Budget, allowed: torch.Tensor | None = None,
-                    on_step: Callable[[int, float], None] | None = None) -> Suffix:
+def optimise_suffix(
+    model: Any,
+    tokenizer: Any,
+    problem: Problem,
+    budget: Budget,
+    allowed: torch.Tensor | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Suffix:
     """Algorithm 1 for ``budget.steps`` iterations; the suffix of the lowest loss seen. Seeded by ``budget.seed``.
     ``allowed``: :func:`allowed_tokens` (computed when not given; a caller attacking many prompts passes it once)."""
     generator = torch.Generator().manual_seed(budget.seed)
@@ -161,8 +176,9 @@ def optimise_suffix(model: Any, tokenizer: Any, problem: Problem, budget: Budget
     best, history, chunk = suffix, [], CHUNK
     for step in range(budget.steps):
         grad = token_gradients(model, problem, suffix)
-        candidates = keep_retokenizable(tokenizer, sample_candidates(suffix, grad, budget.top_k, budget.width,
-                                                                     allowed, generator))
+        candidates = keep_retokenizable(
+            tokenizer, sample_candidates(suffix, grad, budget.top_k, budget.width, allowed, generator)
+        )
         if len(candidates):
             losses, chunk = target_losses(model, problem, candidates, chunk)
             pick = int(losses.argmin())
@@ -192,8 +208,14 @@ def _read(path: Path) -> Suffix | None:
         return None  # absent, torn or of another layout: optimise again
 
 
-def optimised_suffixes(model: Any, tokenizer: Any, problems: dict[str, tuple[Problem, str]], budget: Budget,
-                       cache_dir: Path | None, say: Callable[[str], None]) -> dict[str, Suffix]:
+def optimised_suffixes(
+    model: Any,
+    tokenizer: Any,
+    problems: dict[str, tuple[Problem, str]],
+    budget: Budget,
+    cache_dir: Path | None,
+    say: Callable[[str], None],
+) -> dict[str, Suffix]:
     """A suffix per prompt of ``problems`` (prompt -> (problem, target text)), read from ``cache_dir`` or optimised
     and written there at once."""
     from tqdm.auto import tqdm
@@ -211,20 +233,25 @@ def optimised_suffixes(model: Any, tokenizer: Any, problems: dict[str, tuple[Pro
             allowed = allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
         started = time.perf_counter()
         with tqdm(total=budget.steps, desc=f"jailbreak: GCG prompt {number}/{len(problems)}", leave=False) as bar:
+
             def step(_: int, loss: float) -> None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
 
             suffix = optimise_suffix(model, tokenizer, problem, budget, allowed, on_step=step)
         found[prompt] = suffix
-        say(f"jailbreak: GCG prompt {number}/{len(problems)}: target loss {suffix.initial_loss:.3f} -> "
-            f"{suffix.loss:.3f} in {budget.steps} steps, {time.perf_counter() - started:.0f} s")
+        say(
+            f"jailbreak: GCG prompt {number}/{len(problems)}: target loss {suffix.initial_loss:.3f} -> "
+            f"{suffix.loss:.3f} in {budget.steps} steps, {time.perf_counter() - started:.0f} s"
+        )
         if path is not None:
             write_record(path, asdict(suffix))
     if cached:
         say(f"jailbreak: GCG: {cached} of {len(problems)} suffixes read from {cache_dir} (found by an earlier run)")
     stuck = sum(s.loss >= s.initial_loss for s in found.values())
     if stuck:
-        say(f"jailbreak: GCG did not lower the target loss for {stuck} of {len(found)} prompts in {budget.steps} "
-            "steps (their suffix is the initial one); raise --gcg-steps")
+        say(
+            f"jailbreak: GCG did not lower the target loss for {stuck} of {len(found)} prompts in {budget.steps} "
+            "steps (their suffix is the initial one); raise --gcg-steps"
+        )
     return found

@@ -29,4 +29,4 @@ def algorithm_source() -> str:
     results were computed under (the cache and the per-prompt loop change no suffix, so editing them keeps the
     suffixes, minutes each on a 7-8B model)."""
     text = Path(__file__).with_name("gcg.py").read_text(encoding="utf-8")
-    return text[:text.index("\n# ---------------------------------------------------------------- cached suffixes")]
+    return text[: text.index("\n# ---------------------------------------------------------------- cached suffixes")]

@@ -35,68 +35,160 @@ class Protocol:
 
 _LLAVA = "LLaVA-1.5's model zoo row (the RAH-LoRA paper's baseline)"
 _CAMBRIAN = "Cambrian-1's benchmark (the HeRA paper groups as Cambrian-1)"
-_MME_SCALE = ("MME-P / 20 is this project's scale: the HeRA paper does not say how it puts MME (out of 2000) on "
-              "0-100")
-_MMB = ("lmms-eval's static choice extraction (an answer its rules cannot read counts wrong); {who} scored MMBench "
-        "with ChatGPT-assisted choice extraction")
+_MME_SCALE = "MME-P / 20 is this project's scale: the HeRA paper does not say how it puts MME (out of 2000) on 0-100"
+_MMB = (
+    "lmms-eval's static choice extraction (an answer its rules cannot read counts wrong); {who} scored MMBench "
+    "with ChatGPT-assisted choice extraction"
+)
 
 TABLE2_PROTOCOLS: dict[str, tuple[Protocol, ...]] = {
     "General": (
-        Protocol("mme", "mme_perception_score", 1 / 20, "perception score (sum of acc and acc+ over 10 subtasks)",
-                 f"{_CAMBRIAN}: MME-P", _MME_SCALE),
-        Protocol("mmbench_en_dev_static", "gpt_eval_score", 1.0, "circular accuracy on en dev, static extraction",
-                 f"{_CAMBRIAN}: MMBench en dev"),
-        Protocol("seedbench", "seed_image", 100.0, "accuracy over SEED-Bench's image questions",
-                 f"{_CAMBRIAN}: SEED-I (images only)"),
-        Protocol("gqa", "exact_match", 100.0, "exact match on testdev balanced", f"{_CAMBRIAN}: GQA")),
+        Protocol(
+            "mme",
+            "mme_perception_score",
+            1 / 20,
+            "perception score (sum of acc and acc+ over 10 subtasks)",
+            f"{_CAMBRIAN}: MME-P",
+            _MME_SCALE,
+        ),
+        Protocol(
+            "mmbench_en_dev_static",
+            "gpt_eval_score",
+            1.0,
+            "circular accuracy on en dev, static extraction",
+            f"{_CAMBRIAN}: MMBench en dev",
+        ),
+        Protocol(
+            "seedbench",
+            "seed_image",
+            100.0,
+            "accuracy over SEED-Bench's image questions",
+            f"{_CAMBRIAN}: SEED-I (images only)",
+        ),
+        Protocol("gqa", "exact_match", 100.0, "exact match on testdev balanced", f"{_CAMBRIAN}: GQA"),
+    ),
     "Knowledge": (
-        Protocol("scienceqa_img", "exact_match", 100.0, "accuracy on ScienceQA's test questions with an image",
-                 f"{_CAMBRIAN}: SQA-I"),
+        Protocol(
+            "scienceqa_img",
+            "exact_match",
+            100.0,
+            "accuracy on ScienceQA's test questions with an image",
+            f"{_CAMBRIAN}: SQA-I",
+        ),
         Protocol("mmmu_val", "mmmu_acc", 100.0, "accuracy on MMMU val", f"{_CAMBRIAN}: MMMU val"),
-        Protocol("ai2d", "exact_match,flexible-extract", 100.0, "accuracy, flexible letter extraction",
-                 f"{_CAMBRIAN}: AI2D")),
+        Protocol(
+            "ai2d", "exact_match,flexible-extract", 100.0, "accuracy, flexible letter extraction", f"{_CAMBRIAN}: AI2D"
+        ),
+    ),
     "OCR": (
-        Protocol("chartqa", "relaxed_overall", 100.0, "relaxed accuracy over the human and augmented splits",
-                 f"{_CAMBRIAN}: ChartQA"),
-        Protocol("ocrbench", "ocrbench_accuracy", 100.0, "score out of 1000, divided by 1000",
-                 f"{_CAMBRIAN}: OCRBench"),
-        Protocol("textvqa_val", "exact_match", 100.0, "VQA accuracy on val, prompt without OCR tokens",
-                 f"{_CAMBRIAN}: TextVQA val"),
-        Protocol("docvqa_val", "anls", 100.0, "ANLS on val", f"{_CAMBRIAN}: DocVQA val")),
+        Protocol(
+            "chartqa",
+            "relaxed_overall",
+            100.0,
+            "relaxed accuracy over the human and augmented splits",
+            f"{_CAMBRIAN}: ChartQA",
+        ),
+        Protocol(
+            "ocrbench", "ocrbench_accuracy", 100.0, "score out of 1000, divided by 1000", f"{_CAMBRIAN}: OCRBench"
+        ),
+        Protocol(
+            "textvqa_val",
+            "exact_match",
+            100.0,
+            "VQA accuracy on val, prompt without OCR tokens",
+            f"{_CAMBRIAN}: TextVQA val",
+        ),
+        Protocol("docvqa_val", "anls", 100.0, "ANLS on val", f"{_CAMBRIAN}: DocVQA val"),
+    ),
     "Vision": (
-        Protocol("cv_bench_2d", "cv_bench_source_mean", 100.0, "mean of the accuracies on ADE20K and on COCO "
-                 "(computed here; the pooled cv_bench_acc stays in the per-task table)",
-                 f"{_CAMBRIAN}: CV-Bench 2D, the mean over its sources ADE20K and COCO"),
-        Protocol("cv_bench_3d", "cv_bench_source_mean", 100.0, "accuracy on Omni3D, its one source (= cv_bench_acc)",
-                 f"{_CAMBRIAN}: CV-Bench 3D (Omni3D)"),
+        Protocol(
+            "cv_bench_2d",
+            "cv_bench_source_mean",
+            100.0,
+            "mean of the accuracies on ADE20K and on COCO "
+            "(computed here; the pooled cv_bench_acc stays in the per-task table)",
+            f"{_CAMBRIAN}: CV-Bench 2D, the mean over its sources ADE20K and COCO",
+        ),
+        Protocol(
+            "cv_bench_3d",
+            "cv_bench_source_mean",
+            100.0,
+            "accuracy on Omni3D, its one source (= cv_bench_acc)",
+            f"{_CAMBRIAN}: CV-Bench 3D (Omni3D)",
+        ),
         Protocol("mmvp", "mmvp_accuracy", 100.0, "per-question accuracy", f"{_CAMBRIAN}: MMVP"),
-        Protocol("realworldqa", "exact_match", 100.0, "accuracy", f"{_CAMBRIAN}: RealWorldQA")),
+        Protocol("realworldqa", "exact_match", 100.0, "accuracy", f"{_CAMBRIAN}: RealWorldQA"),
+    ),
 }
 # where a column is not a mean of the paper's benchmarks (one missing), beside its benchmarks' own differences
-TABLE2_COLUMN_NOTES = {"Knowledge": "the paper's Knowledge (Cambrian-1's) also averages MathVista, which the knowledge "
-                                    "preset leaves out (a GPT judge): a mean over three benchmarks, not four"}
+TABLE2_COLUMN_NOTES = {
+    "Knowledge": "the paper's Knowledge (Cambrian-1's) also averages MathVista, which the knowledge "
+    "preset leaves out (a GPT judge): a mean over three benchmarks, not four"
+}
 
 RAH_PROTOCOLS: dict[str, tuple[Protocol, ...]] = {
-    "VQAv2": (Protocol("vqav2_val", "exact_match", 100.0, "VQA accuracy on val", f"{_LLAVA}: VQA accuracy on "
-                       "test-dev", "test-dev is scored only by the EvalAI server; vqav2_val is the validation split "
-                       "lmms-eval scores locally"),),
-    "TextVQA": (Protocol(TEXTVQA_OCR, "exact_match", 100.0, "VQA accuracy on val, the prompt with the image's OCR "
-                         "tokens ('Reference OCR token: ...')", f"{_LLAVA}: val, prompts with OCR tokens "
-                         "(llava_textvqa_val_v051_ocr)"),),
+    "VQAv2": (
+        Protocol(
+            "vqav2_val",
+            "exact_match",
+            100.0,
+            "VQA accuracy on val",
+            f"{_LLAVA}: VQA accuracy on test-dev",
+            "test-dev is scored only by the EvalAI server; vqav2_val is the validation split lmms-eval scores locally",
+        ),
+    ),
+    "TextVQA": (
+        Protocol(
+            TEXTVQA_OCR,
+            "exact_match",
+            100.0,
+            "VQA accuracy on val, the prompt with the image's OCR tokens ('Reference OCR token: ...')",
+            f"{_LLAVA}: val, prompts with OCR tokens (llava_textvqa_val_v051_ocr)",
+        ),
+    ),
     "GQA": (Protocol("gqa", "exact_match", 100.0, "exact match on testdev balanced", f"{_LLAVA}: testdev balanced"),),
-    "POPE": (Protocol("pope", "pope_f1_split_mean", 100.0, "F1 on each of the adversarial, popular and random "
-                      "splits, answers read as LLaVA's eval_pope.py reads them, averaged (computed here; the pooled "
-                      "pope_f1_score stays in the per-task table)", f"{_LLAVA}: the mean of the three splits' F1"),),
+    "POPE": (
+        Protocol(
+            "pope",
+            "pope_f1_split_mean",
+            100.0,
+            "F1 on each of the adversarial, popular and random "
+            "splits, answers read as LLaVA's eval_pope.py reads them, averaged (computed here; the pooled "
+            "pope_f1_score stays in the per-task table)",
+            f"{_LLAVA}: the mean of the three splits' F1",
+        ),
+    ),
     "MME": (Protocol("mme", "mme_perception_score", 1.0, "perception score, out of 2000", f"{_LLAVA}: MME-P"),),
-    "MM-Bench": (Protocol("mmbench_en_dev_static", "gpt_eval_score", 1.0, "circular accuracy on en dev, static "
-                          "extraction", f"{_LLAVA}: MMBench, scored by MMBench's server",
-                          _MMB.format(who="LLaVA-1.5 (MMBench's server)")),),
-    "SciQA": (Protocol("scienceqa_img", "exact_match", 100.0, "accuracy on the test questions with an image",
-                       f"{_LLAVA}: ScienceQA-IMG test"),),
-    "SEED": (Protocol("seedbench", "seed_all", 100.0, "accuracy over SEED-Bench's image and video questions",
-                      f"{_LLAVA}: SEED-Bench, image and video questions (SEED-IMG alone is another column of the zoo)",
-                      "a video question gets the frames lmms-eval's copy of SEED-Bench holds, as images; LLaVA-1.5 "
-                      "answered it on the video's middle frame"),),
+    "MM-Bench": (
+        Protocol(
+            "mmbench_en_dev_static",
+            "gpt_eval_score",
+            1.0,
+            "circular accuracy on en dev, static extraction",
+            f"{_LLAVA}: MMBench, scored by MMBench's server",
+            _MMB.format(who="LLaVA-1.5 (MMBench's server)"),
+        ),
+    ),
+    "SciQA": (
+        Protocol(
+            "scienceqa_img",
+            "exact_match",
+            100.0,
+            "accuracy on the test questions with an image",
+            f"{_LLAVA}: ScienceQA-IMG test",
+        ),
+    ),
+    "SEED": (
+        Protocol(
+            "seedbench",
+            "seed_all",
+            100.0,
+            "accuracy over SEED-Bench's image and video questions",
+            f"{_LLAVA}: SEED-Bench, image and video questions (SEED-IMG alone is another column of the zoo)",
+            "a video question gets the frames lmms-eval's copy of SEED-Bench holds, as images; LLaVA-1.5 "
+            "answered it on the video's middle frame",
+        ),
+    ),
 }
 
 
@@ -119,12 +211,24 @@ def differences(protocols: dict[str, tuple[Protocol, ...]], column_notes: dict[s
 
 def described(protocols: dict[str, tuple[Protocol, ...]]) -> dict[str, list[dict[str, Any]]]:
     """The protocols as the JSON report holds them."""
-    return {column: [{"task": p.task, "metric": p.metric, "scale": p.scale, "aggregation": p.aggregation,
-                      "paper": p.paper, "differs": p.differs or None} for p in benchmarks]
-            for column, benchmarks in protocols.items()}
+    return {
+        column: [
+            {
+                "task": p.task,
+                "metric": p.metric,
+                "scale": p.scale,
+                "aggregation": p.aggregation,
+                "paper": p.paper,
+                "differs": p.differs or None,
+            }
+            for p in benchmarks
+        ]
+        for column, benchmarks in protocols.items()
+    }
 
 
 # --- scores computed from lmms-eval's per-sample results ---
+
 
 def llava_pope_answer(text: str) -> str:
     """An answer read as LLaVA's llava/eval/eval_pope.py reads it, case-sensitive: its first sentence (cut at the first
@@ -159,8 +263,11 @@ def pope_f1_split_mean(samples: Iterable[dict[str, Any]]) -> float | None:
     read by :func:`llava_pope_answer`, averaged over the splits; None without samples, splits or answers."""
     splits: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for sample in samples:
-        category, scored, answer = (sample.get("doc", {}).get("category"), sample.get("pope_f1_score") or {},
-                                    raw_response(sample))
+        category, scored, answer = (
+            sample.get("doc", {}).get("category"),
+            sample.get("pope_f1_score") or {},
+            raw_response(sample),
+        )
         if category is None or answer is None or "ground_truth" not in scored:
             return None
         splits[category].append((llava_pope_answer(answer), str(scored["ground_truth"])))
@@ -199,14 +306,16 @@ def derived_entries(task: str, samples: dict[str, list[dict[str, Any]]]) -> list
 
 # --- the TextVQA variant with OCR tokens ---
 
+
 def write_protocol_tasks(folder: Path, lmms_tasks: Path) -> None:
     """Write :data:`TEXTVQA_OCR` into the include ``folder``: lmms-eval's ``textvqa_val`` (under ``lmms_tasks``, its
     task folder) with the OCR tokens in the prompt, the option lmms-eval's task has and leaves off."""
     base = lmms_tasks / "textvqa" / "textvqa_val.yaml"
     (folder / f"{TEXTVQA_OCR}.yaml").write_text(
-        f"include: {base}\ntask: {TEXTVQA_OCR}\nlmms_eval_specific_kwargs:\n  default:\n    pre_prompt: \"\"\n"
-        "    post_prompt: \"\\nAnswer the question using a single word or phrase.\"\n    ocr: true\n",
-        encoding="utf-8")
+        f'include: {base}\ntask: {TEXTVQA_OCR}\nlmms_eval_specific_kwargs:\n  default:\n    pre_prompt: ""\n'
+        '    post_prompt: "\\nAnswer the question using a single word or phrase."\n    ocr: true\n',
+        encoding="utf-8",
+    )
 
 
 VARIANT_OF = {TEXTVQA_OCR: "textvqa_val"}  # a task written here -> the lmms-eval task whose data it reads
@@ -215,4 +324,3 @@ VARIANT_OF = {TEXTVQA_OCR: "textvqa_val"}  # a task written here -> the lmms-eva
 def header(column: str, marked: dict[str, str]) -> str:
     """The column's name as printed: with :data:`MARK` when it is computed otherwise than the paper."""
     return f"{column}{MARK}" if column in marked else column
-

@@ -100,8 +100,14 @@ def _entries(results: dict[str, Any]) -> list[dict[str, Any]]:
             metric = key.split(",")[0]
             if "_stderr" in key or key == "alias" or isinstance(value, bool) or not isinstance(value, int | float):
                 continue
-            entries.append({"task": task, "metric": metric if key.endswith(",none") else key, "value": float(value),
-                            "higher_is_better": (better.get(task) or {}).get(metric, True)})
+            entries.append(
+                {
+                    "task": task,
+                    "metric": metric if key.endswith(",none") else key,
+                    "value": float(value),
+                    "higher_is_better": (better.get(task) or {}).get(metric, True),
+                }
+            )
     return entries
 
 
@@ -123,8 +129,15 @@ def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[s
             if task.library == LM and hasattr(evaluator, name):
                 stack.enter_context(mock.patch.object(evaluator, name, stand_in))
         # a task scored as its paper scores it from the samples (.protocols.DERIVED) keeps them
-        results = evaluator.simple_evaluate(model=model, tasks=[task.name], task_manager=manager, limit=limit,
-                                            log_samples=task.name in DERIVED, bootstrap_iters=0, **options)
+        results = evaluator.simple_evaluate(
+            model=model,
+            tasks=[task.name],
+            task_manager=manager,
+            limit=limit,
+            log_samples=task.name in DERIVED,
+            bootstrap_iters=0,
+            **options,
+        )
     return _entries(results or {}) + derived_entries(task.name, (results or {}).get("samples") or {})
 
 
@@ -139,19 +152,43 @@ def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[di
 
     harc_args = parse_harc_arguments(dict(rows_from.harc))
     recipe = parse_recipe({**rows_from.recipe, "stage": "sft"})
-    rows = load_role_rows(harc_args, lambda name: load_aligned_rows(recipe, rows_from.seed, [name]), engine.template,
-                          engine.tokenizer, rows_from.seed, say_once)
+    rows = load_role_rows(
+        harc_args,
+        lambda name: load_aligned_rows(recipe, rows_from.seed, [name]),
+        engine.template,
+        engine.tokenizer,
+        rows_from.seed,
+        say_once,
+    )
+
     def answers(chosen: list[Any]) -> list[str]:
         chosen = chosen[:limit] if limit else chosen
-        return generate_answers(engine.model, engine.tokenizer, [row.prompt_ids for row in chosen],
-                                harc_args.harc_eval_max_new_tokens, harc_args.harc_extract_batch_size,
-                                stop_ids(engine.tokenizer, engine.template), progress_once, "refusal: generating")
+        return generate_answers(
+            engine.model,
+            engine.tokenizer,
+            [row.prompt_ids for row in chosen],
+            harc_args.harc_eval_max_new_tokens,
+            harc_args.harc_extract_batch_size,
+            stop_ids(engine.tokenizer, engine.template),
+            progress_once,
+            "refusal: generating",
+        )
 
     record = refusal_record(answers(rows.validate_harmful), answers(rows.eval_pseudo))
-    return [{"task": "harc_refusal", "metric": "refusal_rate_harmful", "value": record["refusal_rate_harmful"],
-             "higher_is_better": True},
-            {"task": "harc_refusal", "metric": "refusal_rate_pseudo", "value": record["refusal_rate_pseudo"],
-             "higher_is_better": False}]
+    return [
+        {
+            "task": "harc_refusal",
+            "metric": "refusal_rate_harmful",
+            "value": record["refusal_rate_harmful"],
+            "higher_is_better": True,
+        },
+        {
+            "task": "harc_refusal",
+            "metric": "refusal_rate_pseudo",
+            "value": record["refusal_rate_pseudo"],
+            "higher_is_better": False,
+        },
+    ]
 
 
 def task_revision(task: PlannedTask, jailbreak: JailbreakSetup | None = None) -> str:
@@ -179,8 +216,10 @@ def device_note() -> str | None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count <= 1:
         return None
-    return (f"eval: {count} GPUs visible: the model is loaded with device_map: auto, split across all {count} (a "
-            f"pipeline, one GPU at work at a time); a model that fits one GPU runs faster pinned to it: {PIN}")
+    return (
+        f"eval: {count} GPUs visible: the model is loaded with device_map: auto, split across all {count} (a "
+        f"pipeline, one GPU at work at a time); a model that fits one GPU runs faster pinned to it: {PIN}"
+    )
 
 
 def load_engine(spec: ModelSpec) -> Any:
@@ -225,18 +264,18 @@ def lmms_model(engine: Any, label: str) -> Any:
                 visuals = _flatten(doc_to_visual(self.task_dict[task][split][doc_id])) if doc_to_visual else []
                 others = [type(v).__name__ for v in visuals if not isinstance(v, PIL.Image.Image)]
                 if others:
-                    raise RecipeError(f"task {task}: inputs of type {', '.join(sorted(set(others)))}; "
-                                      "llamafactory-hera eval answers image and text tasks only")
+                    raise RecipeError(
+                        f"task {task}: inputs of type {', '.join(sorted(set(others)))}; "
+                        "llamafactory-hera eval answers image and text tasks only"
+                    )
                 kwargs = dict(gen_kwargs or {})
                 until = kwargs.pop("until", None) or []
                 until = [until] if isinstance(until, str) else list(until)
                 temperature = float(kwargs.get("temperature", 0) or 0)
-                input_kwargs = {"max_new_tokens": int(kwargs.get("max_new_tokens", 128)),
-                                "do_sample": temperature > 0}
+                input_kwargs = {"max_new_tokens": int(kwargs.get("max_new_tokens", 128)), "do_sample": temperature > 0}
                 if temperature > 0:
                     input_kwargs["temperature"] = temperature
-                text = inference.answer(engine, [{"role": "user", "content": context}], visuals or None,
-                                        input_kwargs)
+                text = inference.answer(engine, [{"role": "user", "content": context}], visuals or None, input_kwargs)
                 for stop in until:
                     text = text.split(stop)[0] if stop else text
                 answers.append(text)
@@ -244,8 +283,10 @@ def lmms_model(engine: Any, label: str) -> Any:
 
         def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
             task = requests[0].args[-2] if requests and len(requests[0].args) > 2 else "?"
-            raise RecipeError(f"task {task} scores by log-likelihood; llamafactory-hera eval runs MLLM tasks that "
-                              "generate answers (generate_until), as every preset's")
+            raise RecipeError(
+                f"task {task} scores by log-likelihood; llamafactory-hera eval runs MLLM tasks that "
+                "generate answers (generate_until), as every preset's"
+            )
 
         def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
             raise RecipeError("multi-round tasks are not served by llamafactory-hera eval; choose single-turn tasks")
@@ -260,8 +301,16 @@ def lm_model(engine: Any, batch_size: int) -> Any:
     return HFLM(pretrained=engine.model, tokenizer=engine.tokenizer, batch_size=batch_size)
 
 
-def run_task(engine: Any, spec: ModelSpec, rows_from: ModelSpec, task: PlannedTask, limit: int | None,
-             batch_size: int, jailbreak: JailbreakSetup | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+def run_task(
+    engine: Any,
+    spec: ModelSpec,
+    rows_from: ModelSpec,
+    task: PlannedTask,
+    limit: int | None,
+    batch_size: int,
+    jailbreak: JailbreakSetup | None = None,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
     """``task``'s result on the loaded ``engine`` (the jailbreak task's also holds its ``answers`` and ``settings``;
     it keeps GCG's suffixes in ``cache_dir``, the model's eval cache folder)."""
     started = time.perf_counter()
@@ -273,17 +322,28 @@ def run_task(engine: Any, spec: ModelSpec, rows_from: ModelSpec, task: PlannedTa
     elif task.library == JAILBREAK:
         from llamafactory_hera.harc.evaluate import stop_ids
 
-        extra = run_jailbreak(engine, rows_from, jailbreak or JailbreakSetup(), limit, batch_size,
-                              stop_ids(engine.tokenizer, engine.template),
-                              cache_dir / "gcg_suffixes" if cache_dir is not None else None)
+        extra = run_jailbreak(
+            engine,
+            rows_from,
+            jailbreak or JailbreakSetup(),
+            limit,
+            batch_size,
+            stop_ids(engine.tokenizer, engine.template),
+            cache_dir / "gcg_suffixes" if cache_dir is not None else None,
+        )
         entries = extra.pop("entries")
     else:
         entries = run_refusal(engine, rows_from, limit)
     if not entries:
         raise ValueError(f"task {task.name}: {task.library} returned no metric")
-    return {"entries": entries, "seconds": round(time.perf_counter() - started, 3), "library": task.library,
-            "version": host_version(MODULES.get(task.library, "llamafactory-hera")),
-            "task_revision": task_revision(task, jailbreak), **extra}
+    return {
+        "entries": entries,
+        "seconds": round(time.perf_counter() - started, 3),
+        "library": task.library,
+        "version": host_version(MODULES.get(task.library, "llamafactory-hera")),
+        "task_revision": task_revision(task, jailbreak),
+        **extra,
+    }
 
 
 @dataclass
@@ -305,8 +365,9 @@ def cache_file(run_dir: Path, spec: ModelSpec, task: str) -> Path:
     return run_dir / CACHE_DIR / spec.cache_key() / f"{task.replace('/', '_')}.json"
 
 
-def cached_result(run_dir: Path, spec: ModelSpec, task: PlannedTask, limit: int | None,
-                  jailbreak: Any = None) -> dict[str, Any] | None:
+def cached_result(
+    run_dir: Path, spec: ModelSpec, task: PlannedTask, limit: int | None, jailbreak: Any = None
+) -> dict[str, Any] | None:
     """``task``'s cached result on ``spec``'s model, when it was computed with this ``limit`` and revision."""
     hit = read_record(cache_file(run_dir, spec, task.name))  # {}: absent or torn, the task runs again
     if hit and hit.get("limit") == limit and hit.get("task_revision") == task_revision(task, jailbreak):
@@ -314,8 +375,16 @@ def cached_result(run_dir: Path, spec: ModelSpec, task: PlannedTask, limit: int 
     return None
 
 
-def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTask], run_dir: Path, limit: int | None,
-                   batch_size: int, say: Any, jailbreak: Any = None) -> Outcome:
+def evaluate_model(
+    spec: ModelSpec,
+    rows_from: ModelSpec,
+    tasks: list[PlannedTask],
+    run_dir: Path,
+    limit: int | None,
+    batch_size: int,
+    say: Any,
+    jailbreak: Any = None,
+) -> Outcome:
     """Run (or read from the cache) every task on ``spec``'s model; a failing task is recorded and the next runs.
     ``jailbreak``: the jailbreak task's :class:`~.jailbreak.JailbreakSetup` (None: its defaults)."""
     from tqdm.auto import tqdm
@@ -345,8 +414,14 @@ def evaluate_model(spec: ModelSpec, rows_from: ModelSpec, tasks: list[PlannedTas
             (run_dir / CACHE_DIR).mkdir(parents=True, exist_ok=True)
             (run_dir / CACHE_DIR / "last_failure.txt").write_text(traceback.format_exc(), encoding="utf-8")
             continue
-        result = {**result, "limit": limit, "task": task.name, "group": task.group, "model": _describe(spec),
-                  "precision": precision(engine.model)}
+        result = {
+            **result,
+            "limit": limit,
+            "task": task.name,
+            "group": task.group,
+            "model": _describe(spec),
+            "precision": precision(engine.model),
+        }
         write_record(path, result)
         outcome.results[task.name] = result
     del engine

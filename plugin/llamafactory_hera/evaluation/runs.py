@@ -24,14 +24,43 @@ HERA_RECORD = "hera_run.json"
 RAH_RECORD = "rah_profile.json"
 HARC_RECORD = "harc_run.json"
 # how the model, its processor and its prompts are read: what must be the same for a run and its baseline
-COMPARED = ("template", "cutoff_len", "image_max_pixels", "image_min_pixels", "image_do_pan_and_scan",
-            "crop_to_patches", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen",
-            "use_audio_in_video", "audio_sampling_rate", "use_fast_tokenizer", "resize_vocab", "split_special_tokens",
-            "add_tokens", "add_special_tokens", "tool_format", "default_system", "enable_thinking", "preserve_thinking")
+COMPARED = (
+    "template",
+    "cutoff_len",
+    "image_max_pixels",
+    "image_min_pixels",
+    "image_do_pan_and_scan",
+    "crop_to_patches",
+    "video_max_pixels",
+    "video_min_pixels",
+    "video_fps",
+    "video_maxlen",
+    "use_audio_in_video",
+    "audio_sampling_rate",
+    "use_fast_tokenizer",
+    "resize_vocab",
+    "split_special_tokens",
+    "add_tokens",
+    "add_special_tokens",
+    "tool_format",
+    "default_system",
+    "enable_thinking",
+    "preserve_thinking",
+)
 # the run's quantization too: a QLoRA run is evaluated on the 4-bit base it trained on (the report says the precision)
-LOADING_KEYS = ("model_name_or_path", "adapter_name_or_path", "finetuning_type", "trust_remote_code", "dataset_dir",
-                "media_dir", "quantization_method", "quantization_bit", "quantization_type", "double_quantization",
-                *COMPARED)
+LOADING_KEYS = (
+    "model_name_or_path",
+    "adapter_name_or_path",
+    "finetuning_type",
+    "trust_remote_code",
+    "dataset_dir",
+    "media_dir",
+    "quantization_method",
+    "quantization_bit",
+    "quantization_type",
+    "double_quantization",
+    *COMPARED,
+)
 RECORDS = f"{RUN_RECORD}, {LLAMABOARD_ARGS}, {HERA_RECORD}, {RAH_RECORD} or {HARC_RECORD}"
 DEFAULT_SEED = 42  # LLaMA-Factory's (TrainingArguments.seed): a run that recorded none was trained with it
 
@@ -84,14 +113,24 @@ def _finished(run_dir: Path, name: str, record: dict[str, Any]) -> dict[str, Any
     """``record`` unless it says its run did not finish (a one-line error naming the record and the fix)."""
     status = record.get("status")
     if record.get("error_after_save"):
-        print(f"note: {run_dir / name}: the run saved its model, then failed ({record['error_after_save']}); "
-              "evaluating the saved model", file=sys.stderr)
+        print(
+            f"note: {run_dir / name}: the run saved its model, then failed ({record['error_after_save']}); "
+            "evaluating the saved model",
+            file=sys.stderr,
+        )
     if status is not None and status != FINISHED:
-        why = f": {record['error']}" if record.get("error") else {
-            "running": " (killed, or still training)",
-            "stopped": " (stopped by its save signal: the same training command continues it)"}.get(status, "")
-        raise RecipeError(f"RUN_DIR: {run_dir / name} says status: {status}{why}; that run did not finish, so its "
-                          "folder holds no model to evaluate. Re-run training into it (or give a finished run)")
+        why = (
+            f": {record['error']}"
+            if record.get("error")
+            else {
+                "running": " (killed, or still training)",
+                "stopped": " (stopped by its save signal: the same training command continues it)",
+            }.get(status, "")
+        )
+        raise RecipeError(
+            f"RUN_DIR: {run_dir / name} says status: {status}{why}; that run did not finish, so its "
+            "folder holds no model to evaluate. Re-run training into it (or give a finished run)"
+        )
     return record
 
 
@@ -101,8 +140,9 @@ def _method_keys(run_dir: Path) -> dict[str, Any]:
         return _finished(run_dir, HARC_RECORD, _read_json(run_dir / HARC_RECORD)).get("settings") or {}
     board = run_dir / LLAMABOARD_ARGS
     if board.is_file():
-        return {k: v for k, v in (yaml.safe_load(board.read_text(encoding="utf-8")) or {}).items()
-                if k.startswith("harc_")}
+        return {
+            k: v for k, v in (yaml.safe_load(board.read_text(encoding="utf-8")) or {}).items() if k.startswith("harc_")
+        }
     return {}
 
 
@@ -110,16 +150,24 @@ def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]
     """(stage, host keys, method keys, seed, the record read) from the run's record; a ``checkpoint-N`` folder without
     one: its run's (else it would take the baseline's loading keys, the confound the records exist to catch)."""
     own = (RUN_RECORD, LLAMABOARD_ARGS, HERA_RECORD, RAH_RECORD, HARC_RECORD)
-    if (run_dir.name.startswith("checkpoint-") and not any((run_dir / name).is_file() for name in own)
-            and (run_dir.parent / RUN_RECORD).is_file()):
+    if (
+        run_dir.name.startswith("checkpoint-")
+        and not any((run_dir / name).is_file() for name in own)
+        and (run_dir.parent / RUN_RECORD).is_file()
+    ):
         return _recorded_recipe(run_dir.parent)
     if (run_dir / RUN_RECORD).is_file():
         record = _finished(run_dir, RUN_RECORD, read_record(run_dir / RUN_RECORD))
         loading = record.get("loading") or {}
         if loading:
             stage = str(record.get("stage") or "sft")
-            return (stage, loading, _method_keys(run_dir) if stage == "harc" else {}, _seed(loading.get("seed")),
-                    run_dir / RUN_RECORD)
+            return (
+                stage,
+                loading,
+                _method_keys(run_dir) if stage == "harc" else {},
+                _seed(loading.get("seed")),
+                run_dir / RUN_RECORD,
+            )
     board = run_dir / LLAMABOARD_ARGS
     if board.is_file():
         recipe = yaml.safe_load(board.read_text(encoding="utf-8")) or {}
@@ -145,10 +193,17 @@ def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]
         if base:
             return "sft", {"model_name_or_path": base, "finetuning_type": "lora"}, {}, DEFAULT_SEED, adapter_config
     if (run_dir / "config.json").is_file():  # a plain full / freeze run: the run is the model, its base unknown
-        return ("sft", {"model_name_or_path": str(run_dir), "finetuning_type": "full", "_no_base": True}, {},
-                DEFAULT_SEED, run_dir / "config.json")
-    raise FileNotFoundError(f"RUN_DIR: {run_dir} holds no run record ({RECORDS}) and no LoRA adapter naming its base "
-                            "model; give the output_dir of a finished llamafactory-cli train or LlamaBoard run")
+        return (
+            "sft",
+            {"model_name_or_path": str(run_dir), "finetuning_type": "full", "_no_base": True},
+            {},
+            DEFAULT_SEED,
+            run_dir / "config.json",
+        )
+    raise FileNotFoundError(
+        f"RUN_DIR: {run_dir} holds no run record ({RECORDS}) and no LoRA adapter naming its base "
+        "model; give the output_dir of a finished llamafactory-cli train or LlamaBoard run"
+    )
 
 
 def is_multimodal(model_name_or_path: str, template: str | None = None) -> bool:
@@ -174,8 +229,10 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
         raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a folder; give a run's output_dir")
     stage, host, method, seed, record = _recorded_recipe(run_dir)
     if host.get("_no_base") and not trained:
-        raise RecipeError(f"--base: {run_dir} is a full fine-tuning run without a run record, so its base model is "
-                          "unknown; give the base as a run with --baseline, or evaluate the run alone")
+        raise RecipeError(
+            f"--base: {run_dir} is a full fine-tuning run without a run record, so its base model is "
+            "unknown; give the base as a run with --baseline, or evaluate the run alone"
+        )
     recipe = {k: host[k] for k in LOADING_KEYS if host.get(k) is not None}
     inherited = {}
     if template and not recipe.get("template"):
@@ -183,8 +240,10 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
     if not recipe.get("model_name_or_path"):
         raise RecipeError(f"RUN_DIR: the record of {run_dir} names no model_name_or_path; re-run training with it set")
     if not recipe.get("template"):
-        raise RecipeError(f"RUN_DIR: {run_dir} records no template (a {stage} run of llamafactory-cli keeps none); "
-                          "pass --template with the recipe's template: value, e.g. --template qwen2_vl")
+        raise RecipeError(
+            f"RUN_DIR: {run_dir} records no template (a {stage} run of llamafactory-cli keeps none); "
+            "pass --template with the recipe's template: value, e.g. --template qwen2_vl"
+        )
     base_path = str(recipe["model_name_or_path"])
     adapters = as_names(recipe.get("adapter_name_or_path"))
     if trained:
@@ -197,10 +256,12 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
             adapters = []
         else:
             against = ", nor to compare with its base (--base)" if base else ""
-            raise FileNotFoundError(f"RUN_DIR: {run_dir} has neither adapter_config.json nor config.json (did "
-                                    f"training finish?): it holds no trained model to evaluate{against}. Give the "
-                                    "output_dir of a finished run, or finish this one (resume_from_checkpoint: one of "
-                                    "its checkpoints)")
+            raise FileNotFoundError(
+                f"RUN_DIR: {run_dir} has neither adapter_config.json nor config.json (did "
+                f"training finish?): it holds no trained model to evaluate{against}. Give the "
+                "output_dir of a finished run, or finish this one (resume_from_checkpoint: one of "
+                "its checkpoints)"
+            )
     if adapters:
         recipe["adapter_name_or_path"] = ",".join(adapters)
     else:
@@ -208,8 +269,12 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
     # the folders it loads exist, as a stage checks them (a moved base model failed at loading, once per task, and
     # left a report of failed tasks); before is_multimodal, which may read LLaMA-Factory's templates for a hub id
     flag = "RUN_DIR" if label == "run" else "--baseline" if trained else "--base"
-    check_model_paths(recipe, started="llamafactory-hera eval", where=f"{flag}: {record}: ",
-                      fix=f"Restore that folder, or correct the path in {record.name}.")
+    check_model_paths(
+        recipe,
+        started="llamafactory-hera eval",
+        where=f"{flag}: {record}: ",
+        fix=f"Restore that folder, or correct the path in {record.name}.",
+    )
     modality = "mllm" if stage in ("hera", "rah") or is_multimodal(base_path, recipe["template"]) else "text"
     return ModelSpec(label, run_dir, stage, recipe, modality, trained, method, seed, inherited)
 
@@ -220,9 +285,11 @@ def align_loading(run: ModelSpec, other: ModelSpec, flag: str) -> None:
     for key in COMPARED:
         mine, theirs = run.recipe.get(key), other.recipe.get(key)
         if mine is not None and theirs is not None and _comparable(key, mine) != _comparable(key, theirs):
-            raise RecipeError(f"{flag}: {other.run_dir} loads with {key}: {theirs!r} but {run.run_dir} with {key}: "
-                              f"{mine!r} (as each was trained); every delta would mix in that difference. Compare "
-                              f"runs trained with the same {key} (re-train one with {key}: {mine!r})")
+            raise RecipeError(
+                f"{flag}: {other.run_dir} loads with {key}: {theirs!r} but {run.run_dir} with {key}: "
+                f"{mine!r} (as each was trained); every delta would mix in that difference. Compare "
+                f"runs trained with the same {key} (re-train one with {key}: {mine!r})"
+            )
         if mine is None and theirs is not None:
             run.recipe[key] = run.inherited[key] = theirs
         elif theirs is None and mine is not None:
@@ -234,23 +301,28 @@ def _comparable(key: str, value: Any) -> Any:
     return as_names(value) if key in ("add_tokens", "add_special_tokens") else value
 
 
-def read_pair(run_dir: Path, baseline: Path | None, base: bool,
-              template: str | None = None) -> tuple[ModelSpec, ModelSpec | None]:
+def read_pair(
+    run_dir: Path, baseline: Path | None, base: bool, template: str | None = None
+) -> tuple[ModelSpec, ModelSpec | None]:
     """The run's model and its baseline (``--baseline`` run, ``--base``, or none). A baseline run that recorded no
     template (a plain ``stage: sft`` twin) takes ``template`` or else the run's; both must be loaded alike
     (:func:`align_loading`). A ``template`` other than the one the run recorded is refused (it would be ignored)."""
     run = read_run(run_dir, "run", trained=True, template=template, base=base)
     if template is not None and "template" not in run.inherited and run.recipe["template"] != template:
-        raise RecipeError(f"--template {template}: {run_dir} records template: {run.recipe['template']}, the template "
-                          "it was trained with and is evaluated with; --template only fills in a template a run did "
-                          f"not record. Leave --template out, or evaluate a run trained with template: {template}")
+        raise RecipeError(
+            f"--template {template}: {run_dir} records template: {run.recipe['template']}, the template "
+            "it was trained with and is evaluated with; --template only fills in a template a run did "
+            f"not record. Leave --template out, or evaluate a run trained with template: {template}"
+        )
     if baseline is not None:
         other = read_run(baseline, "baseline", trained=True, template=template or run.recipe["template"])
         if other.stage == "sft" and other.modality != run.modality:  # a record-less twin: the run's kind of model
             other.modality = run.modality
         if other.modality != run.modality:
-            raise RecipeError(f"--baseline: {baseline} holds a {other.modality} model but {run_dir} a {run.modality} "
-                              "model; compare runs of the same model family")
+            raise RecipeError(
+                f"--baseline: {baseline} holds a {other.modality} model but {run_dir} a {run.modality} "
+                "model; compare runs of the same model family"
+            )
         align_loading(run, other, "--baseline")
         return run, other
     if base:

@@ -57,15 +57,29 @@ class PaperTable:
     protocols: dict[str, tuple[Protocol, ...]]
 
 
-TABLE2 = PaperTable("table2", "Table 2", PAPER_FILE, {column: PRESETS[preset].tasks for column, preset in
-                                                     GROUPS.items()}, SCORES, "Vision",
-                    (("baseline", "LLaVA-1.5 baseline"), ("hera", "+ HeRA")),
-                    differences(TABLE2_PROTOCOLS, TABLE2_COLUMN_NOTES), TABLE2_PROTOCOLS)
+TABLE2 = PaperTable(
+    "table2",
+    "Table 2",
+    PAPER_FILE,
+    {column: PRESETS[preset].tasks for column, preset in GROUPS.items()},
+    SCORES,
+    "Vision",
+    (("baseline", "LLaVA-1.5 baseline"), ("hera", "+ HeRA")),
+    differences(TABLE2_PROTOCOLS, TABLE2_COLUMN_NOTES),
+    TABLE2_PROTOCOLS,
+)
 # RAH-LoRA's Table 1, in the paper's column order; MME is its perception score as the paper prints it (out of 2000)
-RAH_TABLE1 = PaperTable("rah_table1", "RAH-LoRA Table 1", RAH_PAPER_FILE,
-                        {column: tuple(p.task for p in benchmarks) for column, benchmarks in RAH_PROTOCOLS.items()},
-                        scores(RAH_PROTOCOLS), None, (("baseline", "baseline"), ("rah", "+ RAH-LoRA")),
-                        differences(RAH_PROTOCOLS, {}), RAH_PROTOCOLS)
+RAH_TABLE1 = PaperTable(
+    "rah_table1",
+    "RAH-LoRA Table 1",
+    RAH_PAPER_FILE,
+    {column: tuple(p.task for p in benchmarks) for column, benchmarks in RAH_PROTOCOLS.items()},
+    scores(RAH_PROTOCOLS),
+    None,
+    (("baseline", "baseline"), ("rah", "+ RAH-LoRA")),
+    differences(RAH_PROTOCOLS, {}),
+    RAH_PROTOCOLS,
+)
 
 
 def _scores(rows: list[dict[str, Any]], side: str, table: PaperTable) -> dict[str, float]:
@@ -100,9 +114,11 @@ def _run_record(run_dir: str) -> dict[str, Any]:
 def chain_words(chain: list[dict[str, Any]], numbered: bool) -> str:
     """``HeRA stage 1 -> HeRA stage 2`` (``numbered``) or ``SFT -> SFT``; empty for no recorded chain."""
     runs = [link for link in chain if "stage" in link]
-    return " -> ".join(STAGE_NAMES.get(str(link["stage"]), str(link["stage"]))
-                       + (f" stage {number}" if numbered and len(runs) > 1 else "")
-                       for number, link in enumerate(runs, 1))
+    return " -> ".join(
+        STAGE_NAMES.get(str(link["stage"]), str(link["stage"]))
+        + (f" stage {number}" if numbered and len(runs) > 1 else "")
+        for number, link in enumerate(runs, 1)
+    )
 
 
 def _name(path: Any) -> str:
@@ -131,17 +147,26 @@ def table2(record: dict[str, Any], table: PaperTable = TABLE2) -> dict[str, Any]
         return None
     recorded = _run_record(record["run"]["run_dir"])
     run_chain = recorded.get("chain") or []
-    base_chain = ((_run_record(record["baseline"]["run_dir"]).get("chain") or [])
-                  if record["baseline"] and record["baseline"]["trained"] else [])
+    base_chain = (
+        (_run_record(record["baseline"]["run_dir"]).get("chain") or [])
+        if record["baseline"] and record["baseline"]["trained"]
+        else []
+    )
     llm = next((link for link in run_chain if "compose" in link), None)
-    title = ", ".join(part for part in (
-        f"{_name(llm['llm'])} + {_name(llm['vision'])}" if llm else record["run"]["title"],
-        chain_words(run_chain, numbered=True)) if part)
+    title = ", ".join(
+        part
+        for part in (
+            f"{_name(llm['llm'])} + {_name(llm['vision'])}" if llm else record["run"]["title"],
+            chain_words(run_chain, numbered=True),
+        )
+        if part
+    )
     if record["baseline"]:
         title += " vs " + (chain_words(base_chain, numbered=False) or record["baseline"]["title"])
     run, baseline = group_means(record["rows"], "run", table), group_means(record["rows"], "baseline", table)
-    found = paper_backbone([llm["llm"] if llm else None, (recorded.get("loading") or {}).get("model_name_or_path")],
-                           table)
+    found = paper_backbone(
+        [llm["llm"] if llm else None, (recorded.get("loading") or {}).get("model_name_or_path")], table
+    )
     delta = {}
     if table.delta:
         mine, theirs = run[table.delta]["mean"], baseline[table.delta]["mean"]
@@ -149,13 +174,27 @@ def table2(record: dict[str, Any], table: PaperTable = TABLE2) -> dict[str, Any]
     paper = None
     if found:
         backbone, entry = found
-        paper = {"backbone": backbone, "source": _paper(table.file)["source"],
-                 **({_delta_key(table): entry.get(_delta_key(table))} if table.delta else {}),
-                 **{side: dict(zip(table.columns, entry.get(side) or [None] * len(table.columns), strict=True))
-                    for side, _ in table.paper_rows}}
-    return {"title": title, "run_chain": run_chain, "baseline_chain": base_chain, "run": run, "baseline": baseline,
-            **delta, "paper": paper, "marked": dict(table.differs), "protocol": described(table.protocols),
-            "notes": [f"{header(column, table.differs)}: {note}" for column, note in table.differs.items()]}
+        paper = {
+            "backbone": backbone,
+            "source": _paper(table.file)["source"],
+            **({_delta_key(table): entry.get(_delta_key(table))} if table.delta else {}),
+            **{
+                side: dict(zip(table.columns, entry.get(side) or [None] * len(table.columns), strict=True))
+                for side, _ in table.paper_rows
+            },
+        }
+    return {
+        "title": title,
+        "run_chain": run_chain,
+        "baseline_chain": base_chain,
+        "run": run,
+        "baseline": baseline,
+        **delta,
+        "paper": paper,
+        "marked": dict(table.differs),
+        "protocol": described(table.protocols),
+        "notes": [f"{header(column, table.differs)}: {note}" for column, note in table.differs.items()],
+    }
 
 
 def _delta_key(table: PaperTable) -> str:
@@ -166,14 +205,19 @@ def _cell(value: float | None, signed: bool = False, absent: str = "–") -> str
     return absent if value is None else (f"{value:+.1f}" if signed else f"{value:.1f}")
 
 
-def markdown_lines(layout: dict[str, Any], run_title: str, baseline_title: str | None,
-                   table: PaperTable = TABLE2) -> list[str]:
+def markdown_lines(
+    layout: dict[str, Any], run_title: str, baseline_title: str | None, table: PaperTable = TABLE2
+) -> list[str]:
     """The layout as a markdown table (also what the console prints), then what is missing and the notes."""
     columns = list(table.columns)
     delta_head = f" Δ {header(table.delta, layout['marked'])} |" if table.delta else ""
     heads = " | ".join(header(column, layout["marked"]) for column in columns)
-    lines = [f"{table.title} layout: {layout['title']}", "", f"| model | {heads} |{delta_head}",
-             "| --- |" + " ---: |" * (len(columns) + bool(table.delta))]
+    lines = [
+        f"{table.title} layout: {layout['title']}",
+        "",
+        f"| model | {heads} |{delta_head}",
+        "| --- |" + " ---: |" * (len(columns) + bool(table.delta)),
+    ]
     sides = [("run: " + run_title, layout["run"], layout.get(_delta_key(table)))]
     if baseline_title:
         sides.append(("baseline: " + baseline_title, layout["baseline"], None))
@@ -197,7 +241,8 @@ def markdown_lines(layout: dict[str, Any], run_title: str, baseline_title: str |
     if paper:
         lines.append(f"- the paper's rows: {paper['source']}; its training and evaluation, not this run's")
     if layout["notes"]:
-        lines.append(f"- {MARK}: computed otherwise than the paper, as follows (docs/eval.md, \"What each paper "
-                     "reports\"):")
+        lines.append(
+            f'- {MARK}: computed otherwise than the paper, as follows (docs/eval.md, "What each paper reports"):'
+        )
     lines += [f"- {note}" for note in layout["notes"]]
     return lines

@@ -46,6 +46,7 @@ def datasets_cache(module: str) -> Path:
     resolution as in its api/task.py (mirrored: that module imports every model and task; without its makedirs)."""
     if module != "lmms_eval":
         return default_cache()
+
     def expanded(path: str) -> Path:
         return Path(os.path.expanduser(os.path.expandvars(path)))
 
@@ -53,8 +54,9 @@ def datasets_cache(module: str) -> Path:
     if explicit:
         return expanded(explicit)
     home = os.environ.get("HF_HOME", "~/.cache/huggingface")  # as lmms-eval reads them (no XDG_CACHE_HOME)
-    target = expanded(os.environ.get("HF_DATASETS_CACHE", os.path.join(os.path.expanduser(os.path.expandvars(home)),
-                                                                        "datasets")))
+    target = expanded(
+        os.environ.get("HF_DATASETS_CACHE", os.path.join(os.path.expanduser(os.path.expandvars(home)), "datasets"))
+    )
     if importlib.util.find_spec("lmms_eval") is None:
         return target
     # lazy: lmms-eval is the optional eval extra; this module of it imports only loguru
@@ -134,17 +136,25 @@ def is_cached(dataset: Dataset, cache: Path) -> bool:
     owner, name = dataset[0].split("/", 1)
     if not cache.is_dir():
         return False
-    roots = [root for root in cache.glob(f"{owner}___*") if root.is_dir()
-             and _folded(root.name) == _folded(f"{owner}___{name}")]
+    roots = [
+        root
+        for root in cache.glob(f"{owner}___*")
+        if root.is_dir() and _folded(root.name) == _folded(f"{owner}___{name}")
+    ]
     config = dataset[1] or "*"
-    return any(not path.name.endswith(".incomplete") and (path / "dataset_info.json").is_file()
-               for root in roots for path in root.glob(f"{config}/*/*"))
+    return any(
+        not path.name.endswith(".incomplete") and (path / "dataset_info.json").is_file()
+        for root in roots
+        for path in root.glob(f"{config}/*/*")
+    )
 
 
 def fetch_command(missing: list[tuple[Dataset, Path, bool]]) -> str:
     """The one command that caches ``missing`` (dataset, cache folder, whether the eval names it) where the eval
     reads them (run it with network access)."""
-    loads = "; ".join(f"datasets.load_dataset({path!r}{f', {name!r}' if name else ''}"
-                      f"{f', cache_dir={str(cache)!r}' if named else ''})"
-                      for (path, name), cache, named in dict.fromkeys(missing))
-    return f"HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 python -c \"import datasets; {loads}\""
+    loads = "; ".join(
+        f"datasets.load_dataset({path!r}{f', {name!r}' if name else ''}"
+        f"{f', cache_dir={str(cache)!r}' if named else ''})"
+        for (path, name), cache, named in dict.fromkeys(missing)
+    )
+    return f'HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 python -c "import datasets; {loads}"'

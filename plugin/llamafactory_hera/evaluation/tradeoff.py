@@ -21,9 +21,16 @@ DEMO_STAND_IN = "demo (offline stand-in)"
 
 
 def _row(axis: str, measure: str, source: dict[str, Any]) -> dict[str, Any]:
-    return {"axis": axis, "measure": measure, "task": source["task"], "metric": source["metric"],
-            "run": source["run"], "baseline": source["baseline"], "delta": source["delta"],
-            "higher_is_better": source["higher_is_better"]}
+    return {
+        "axis": axis,
+        "measure": measure,
+        "task": source["task"],
+        "metric": source["metric"],
+        "run": source["run"],
+        "baseline": source["baseline"],
+        "delta": source["delta"],
+        "higher_is_better": source["higher_is_better"],
+    }
 
 
 def _main_scores(rows: list[dict[str, Any]], wanted: Any) -> list[dict[str, Any]]:
@@ -33,8 +40,12 @@ def _main_scores(rows: list[dict[str, Any]], wanted: Any) -> list[dict[str, Any]
     for row in rows:
         if wanted(row):
             by_task.setdefault(row["task"], {})[row["metric"]] = row
-    return [metrics[metric] for metrics in by_task.values()
-            for metric in [next((m for m in MAIN_METRICS if m in metrics), None)] if metric]
+    return [
+        metrics[metric]
+        for metrics in by_task.values()
+        for metric in [next((m for m in MAIN_METRICS if m in metrics), None)]
+        if metric
+    ]
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -49,9 +60,18 @@ def _capability(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str |
         found = [_row(CAPABILITY, f"{r['task']} {r['metric']}", r) for r in chosen]
         if len(chosen) > 1:
             run, base = _mean([r["run"] for r in chosen]), _mean([r["baseline"] for r in chosen])
-            found.append({"axis": CAPABILITY, "measure": f"mean of {len(chosen)} tasks", "task": "capability",
-                          "metric": "mean", "run": run, "baseline": base, "higher_is_better": True,
-                          "delta": None if run is None or base is None else round(run - base, 6)})
+            found.append(
+                {
+                    "axis": CAPABILITY,
+                    "measure": f"mean of {len(chosen)} tasks",
+                    "task": "capability",
+                    "metric": "mean",
+                    "run": run,
+                    "baseline": base,
+                    "higher_is_better": True,
+                    "delta": None if run is None or base is None else round(run - base, 6),
+                }
+            )
         return found, "capability"
     demo = _main_scores(rows, lambda r: r["task"] == DEMO_TEXT_TASK)
     return [_row(CAPABILITY, f"{DEMO_STAND_IN} {r['metric']}", r) for r in demo], "demo" if demo else None
@@ -65,8 +85,12 @@ def _transfer_beside_its_source(robustness: list[dict[str, Any]]) -> list[dict[s
     filled = []
     for row in robustness:
         if row["metric"] == "asr_gcg_transfer" and row["baseline"] is None and base is not None:
-            row = {**row, "measure": f"{row['measure']} (base: its own suffixes)", "baseline": base,
-                   "delta": None if row["run"] is None else round(row["run"] - base, 6)}
+            row = {
+                **row,
+                "measure": f"{row['measure']} (base: its own suffixes)",
+                "baseline": base,
+                "delta": None if row["run"] is None else round(row["run"] - base, 6),
+            }
         filled.append(row)
     return filled
 
@@ -75,29 +99,46 @@ def tradeoff(record: dict[str, Any]) -> dict[str, Any] | None:
     """The trade-off of the report ``record`` (its ``rows``, the run's ``stage``); None when the jailbreak task
     reported nothing."""
     rows = record["rows"]
-    robustness = [_row(ROBUSTNESS, f"ASR {r['metric'].removeprefix('asr_')}"
-                       + (f" [{r['scored_by']}]" if r.get("scored_by") else ""), r) for r in rows
-                  if r["task"] == JAILBREAK and r["metric"].startswith("asr_") and ":" not in r["metric"]]
+    robustness = [
+        _row(
+            ROBUSTNESS,
+            f"ASR {r['metric'].removeprefix('asr_')}" + (f" [{r['scored_by']}]" if r.get("scored_by") else ""),
+            r,
+        )
+        for r in rows
+        if r["task"] == JAILBREAK and r["metric"].startswith("asr_") and ":" not in r["metric"]
+    ]
     if not robustness:
         return None
     robustness = _transfer_beside_its_source(robustness)
-    usability = [_row(USABILITY, OVER_REFUSAL, r) for r in rows
-                 if r["task"] == REFUSAL_TASK and r["metric"] == "refusal_rate_pseudo"]
+    usability = [
+        _row(USABILITY, OVER_REFUSAL, r)
+        for r in rows
+        if r["task"] == REFUSAL_TASK and r["metric"] == "refusal_rate_pseudo"
+    ]
     capability, source = _capability(rows)
     not_measured, notes = {}, []
     stage = record["run"]["stage"]
     if not usability:
         not_measured[USABILITY] = (
             f"a stage: {stage} run has no pseudo-harmful rows (over-refusal is measured on a HARC recipe's held-out "
-            "pseudo-harmful rows)" if stage != "harc" else
-            f"{REFUSAL_TASK} reported no refusal_rate_pseudo (see the failed tasks; rerun to retry)")
+            "pseudo-harmful rows)"
+            if stage != "harc"
+            else f"{REFUSAL_TASK} reported no refusal_rate_pseudo (see the failed tasks; rerun to retry)"
+        )
     if source is None:
         not_measured[CAPABILITY] = "add capability (lm-eval, from the Hub) or demo (offline) to --tasks"
     elif source == "demo":
-        notes.append("capability: the capability preset did not run; the demo text task (8 offline questions) stands "
-                     "in for it, not a capability benchmark")
-    return {"rows": robustness + usability + capability, "not_measured": not_measured, "notes": notes,
-            "capability": source}
+        notes.append(
+            "capability: the capability preset did not run; the demo text task (8 offline questions) stands "
+            "in for it, not a capability benchmark"
+        )
+    return {
+        "rows": robustness + usability + capability,
+        "not_measured": not_measured,
+        "notes": notes,
+        "capability": source,
+    }
 
 
 def cell(value: float | None, signed: bool = False) -> str:
@@ -122,12 +163,18 @@ def markdown_lines(record: dict[str, Any]) -> list[str]:
     direction is better) and its notes: the .md report and the console."""
     held, baseline = record["tradeoff"], record["baseline"]
     other = "base" if baseline and not baseline["trained"] else "baseline"
-    lines = [f"{_title(record)}: {record['run']['title']}" + (f" vs {other} {baseline['title']}" if baseline else ""),
-             "", f"| axis | measure | run | {other} | delta | better |", "| --- | --- | ---: | ---: | ---: | --- |"]
+    lines = [
+        f"{_title(record)}: {record['run']['title']}" + (f" vs {other} {baseline['title']}" if baseline else ""),
+        "",
+        f"| axis | measure | run | {other} | delta | better |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
     for axis in AXES:
         for row in (r for r in held["rows"] if r["axis"] == axis):
-            lines.append(f"| {axis} | {row['measure']} | {cell(row['run'])} | {cell(row['baseline'])} | "
-                         f"{cell(row['delta'], signed=True)} | {_better(row, other)} |")
+            lines.append(
+                f"| {axis} | {row['measure']} | {cell(row['run'])} | {cell(row['baseline'])} | "
+                f"{cell(row['delta'], signed=True)} | {_better(row, other)} |"
+            )
         if axis in held["not_measured"]:
             measure = OVER_REFUSAL if axis == USABILITY else "capability"
             better = "lower" if axis == USABILITY else "higher"
@@ -145,10 +192,11 @@ def plot(record: dict[str, Any], path: Path) -> None:
 
     held, baseline = record["tradeoff"], record["baseline"]
     other = "base" if baseline and not baseline["trained"] else "baseline"
-    titles = {ROBUSTNESS: "Robustness: ASR per attack\n(lower is better)",
-              USABILITY: "Usability: over-refusal on pseudo-harmful\n(lower is better)",
-              CAPABILITY: f"Capability{': ' + DEMO_STAND_IN if held['capability'] == 'demo' else ''}\n"
-                          "(higher is better)"}
+    titles = {
+        ROBUSTNESS: "Robustness: ASR per attack\n(lower is better)",
+        USABILITY: "Usability: over-refusal on pseudo-harmful\n(lower is better)",
+        CAPABILITY: f"Capability{': ' + DEMO_STAND_IN if held['capability'] == 'demo' else ''}\n(higher is better)",
+    }
     widths = [max(1, len([r for r in held["rows"] if r["axis"] == axis])) + 1 for axis in AXES]
     figure = Figure(figsize=(min(18, 3 + 1.1 * sum(widths)), 4.6))
     panels = figure.subplots(1, 3, gridspec_kw={"width_ratios": widths})
@@ -157,8 +205,16 @@ def plot(record: dict[str, Any], path: Path) -> None:
         panel.set_title(titles[axis], fontsize=10)
         if not rows:
             why = held["not_measured"].get(axis, "")
-            panel.text(0.5, 0.5, "not measured:\n" + textwrap.fill(why, 28), ha="center", va="center", fontsize=8,
-                       transform=panel.transAxes, color="dimgray")
+            panel.text(
+                0.5,
+                0.5,
+                "not measured:\n" + textwrap.fill(why, 28),
+                ha="center",
+                va="center",
+                fontsize=8,
+                transform=panel.transAxes,
+                color="dimgray",
+            )
             panel.set_xticks([])
             panel.set_yticks([])
             continue
@@ -169,8 +225,13 @@ def plot(record: dict[str, Any], path: Path) -> None:
         width = 0.8 / len(sides)
         for number, (key, label, color) in enumerate(sides):
             values = [r[key] if r[key] is not None else 0.0 for r in rows]
-            bars = panel.bar([p + (number - (len(sides) - 1) / 2) * width for p in positions], values, width,
-                             label=label, color=color)
+            bars = panel.bar(
+                [p + (number - (len(sides) - 1) / 2) * width for p in positions],
+                values,
+                width,
+                label=label,
+                color=color,
+            )
             panel.bar_label(bars, labels=[cell(r[key]) for r in rows], fontsize=7, padding=1)
         top = max([1.0, *[r[k] or 0.0 for r in rows for k in ("run", "baseline")]])
         panel.set_ylim(0, top * 1.15)

@@ -22,16 +22,16 @@ from transformers import TrainerCallback
 
 from llamafactory_hera.harc.data import ROLE_HARMFUL, ROLE_HARMLESS, ROLE_PSEUDO, EncodedRow
 
-BATCH_KEYS = ("harc_response_mask", "harc_t_inst", "harc_t_post", "harc_role", "harc_harmful_rows",
-              "harc_retain_rows")
+BATCH_KEYS = ("harc_response_mask", "harc_t_inst", "harc_t_post", "harc_role", "harc_harmful_rows", "harc_retain_rows")
 ROLE_NAMES = {ROLE_HARMFUL: "harmful", ROLE_HARMLESS: "harmless", ROLE_PSEUDO: "pseudo-harmful"}
 
 
 class ComposedMicroBatches(torch.utils.data.Dataset):
     """``len`` micro-batches an epoch; item ``i`` -> ``{"harc_rows": [(role, EncodedRow), ...]}`` (harmful first)."""
 
-    def __init__(self, rows: dict[int, list[EncodedRow]], sizes: dict[int, int], seed: int,
-                 step_items: int = 1) -> None:
+    def __init__(
+        self, rows: dict[int, list[EncodedRow]], sizes: dict[int, int], seed: int, step_items: int = 1
+    ) -> None:
         self.rows = {role: rows[role] for role, size in sizes.items() if size > 0}
         self.sizes = {role: size for role, size in sizes.items() if size > 0}
         self.seed, self.step_items = seed, step_items
@@ -50,8 +50,13 @@ class ComposedMicroBatches(torch.utils.data.Dataset):
         parts = []
         for role, size in self.sizes.items():
             reads, count = self.length * size, len(self.rows[role])
-            more = (f"{reads - count} repeats" if reads > count else
-                    f"every row within {math.ceil(count / reads)} epochs" if reads < count else "each once")
+            more = (
+                f"{reads - count} repeats"
+                if reads > count
+                else f"every row within {math.ceil(count / reads)} epochs"
+                if reads < count
+                else "each once"
+            )
             parts.append(f"{reads} {ROLE_NAMES[role]}{' rows' if not parts else ''} of {count} ({more})")
         return ", ".join(parts)
 
@@ -104,18 +109,25 @@ def collate_rows(rows: list[tuple[int, EncodedRow]], pad_id: int) -> dict[str, t
     roles = torch.zeros(size, dtype=torch.long)
     for i, (role, row) in enumerate(rows):
         prompt, answer = len(row.prompt_ids), len(row.response_ids)
-        input_ids[i, :prompt + answer] = torch.tensor(row.prompt_ids + row.response_ids, dtype=torch.long)
-        attention[i, :prompt + answer] = 1
-        response[i, prompt:prompt + answer] = 1
+        input_ids[i, : prompt + answer] = torch.tensor(row.prompt_ids + row.response_ids, dtype=torch.long)
+        attention[i, : prompt + answer] = 1
+        response[i, prompt : prompt + answer] = 1
         if role == ROLE_HARMFUL and answer:
-            labels[i, prompt:prompt + answer] = torch.tensor(row.response_ids, dtype=torch.long)
+            labels[i, prompt : prompt + answer] = torch.tensor(row.response_ids, dtype=torch.long)
         t_inst[i], t_post[i], roles[i] = row.t_inst, row.t_post, role
     harmful = [i for i, (role, _) in enumerate(rows) if role == ROLE_HARMFUL]
     retain = [i for i, (role, _) in enumerate(rows) if role != ROLE_HARMFUL]
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "harc_response_mask": response,
-            "harc_t_inst": t_inst, "harc_t_post": t_post, "harc_role": roles,
-            "harc_harmful_rows": torch.tensor(harmful, dtype=torch.long),
-            "harc_retain_rows": torch.tensor(retain, dtype=torch.long)}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "harc_response_mask": response,
+        "harc_t_inst": t_inst,
+        "harc_t_post": t_post,
+        "harc_role": roles,
+        "harc_harmful_rows": torch.tensor(harmful, dtype=torch.long),
+        "harc_retain_rows": torch.tensor(retain, dtype=torch.long),
+    }
 
 
 class HarcCollator:

@@ -34,90 +34,124 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], harc_args: Har
     finetuning = str(raw_value(host_args, "finetuning_type") or "lora").strip().lower()
     if not any(moving_weights(harc_args).values()) and not raw_value(host_args, "adapter_name_or_path"):
         keys = ", ".join(f"{key}: {value:g}" for key, value in moving_weights(harc_args).items())
-        raise RecipeError(f"{keys} leave only harc_weight_kl: {harc_args.harc_weight_kl:g}, and the KL to the "
-                          "adapter-free model is 0 with zero gradient while a new adapter is the identity, so nothing "
-                          "would train. Set harc_weight_couple: 1 and harc_weight_ce: 1 (reference).")
+        raise RecipeError(
+            f"{keys} leave only harc_weight_kl: {harc_args.harc_weight_kl:g}, and the KL to the "
+            "adapter-free model is 0 with zero gradient while a new adapter is the identity, so nothing "
+            "would train. Set harc_weight_couple: 1 and harc_weight_ce: 1 (reference)."
+        )
     if finetuning != "lora":
-        raise RecipeError(f"stage: harc trains a LoRA adapter (the KL reference is the model with its adapter "
-                          f"disabled); finetuning_type: {finetuning} has none. Set finetuning_type: lora.")
+        raise RecipeError(
+            f"stage: harc trains a LoRA adapter (the KL reference is the model with its adapter "
+            f"disabled); finetuning_type: {finetuning} has none. Set finetuning_type: lora."
+        )
     batch = raw_value(host_args, "per_device_train_batch_size")
     rows = harc_args.harc_batch_harmful + harc_args.harc_batch_harmless + harc_args.harc_batch_pseudo
     if batch is None:
         _set(host_args, "per_device_train_batch_size", 1)
     elif str(batch).strip() != "1":
         if not str(batch).strip().isdigit() or int(str(batch).strip()) < 1:
-            raise RecipeError(f"per_device_train_batch_size: got {batch}; with stage: harc it counts composed "
-                              "micro-batches per device step: a whole number >= 1 (1, the reference, when absent).")
-        say(f"note: per_device_train_batch_size: {batch} counts composed micro-batches with "
-              f"stage: harc: each device step takes {int(str(batch).strip()) * rows} rows ({batch} x "
-              f"{harc_args.harc_batch_harmful} harmful + {harc_args.harc_batch_harmless} harmless + "
-              f"{harc_args.harc_batch_pseudo} pseudo); the reference takes one ({rows} rows): set it to 1 for that.")
+            raise RecipeError(
+                f"per_device_train_batch_size: got {batch}; with stage: harc it counts composed "
+                "micro-batches per device step: a whole number >= 1 (1, the reference, when absent)."
+            )
+        say(
+            f"note: per_device_train_batch_size: {batch} counts composed micro-batches with "
+            f"stage: harc: each device step takes {int(str(batch).strip()) * rows} rows ({batch} x "
+            f"{harc_args.harc_batch_harmful} harmful + {harc_args.harc_batch_harmless} harmless + "
+            f"{harc_args.harc_batch_pseudo} pseudo); the reference takes one ({rows} rows): set it to 1 for that."
+        )
     for key in ("packing", "neat_packing"):
         if truthy(value := raw_value(host_args, key)):
-            raise RecipeError(f"{key}: {str(value).lower()} is not supported by stage: harc: it composes each "
-                              "micro-batch of whole rows of its role datasets and reads every row's residual stream at "
-                              "its own instruction and assistant-header positions, which packing several rows into "
-                              f"one sequence would mix. Remove {key}.")
+            raise RecipeError(
+                f"{key}: {str(value).lower()} is not supported by stage: harc: it composes each "
+                "micro-batch of whole rows of its role datasets and reads every row's residual stream at "
+                "its own instruction and assistant-header positions, which packing several rows into "
+                f"one sequence would mix. Remove {key}."
+            )
     for key in ("do_eval", "do_predict"):
         if truthy(raw_value(host_args, key)):
-            raise RecipeError(f"{key}: stage: harc has no evaluation split of its own (it evaluates refusals on "
-                              "held-out rows at the end, see harc_eval). Remove it.")
+            raise RecipeError(
+                f"{key}: stage: harc has no evaluation split of its own (it evaluates refusals on "
+                "held-out rows at the end, see harc_eval). Remove it."
+            )
     if compiled := compile_setting(host_args):
-        raise RecipeError(f"{compiled} is not supported by stage: harc: the compiled forward keeps the "
-                          "residual-stream readers it first traced (torch._dynamo skips guards on module hooks, "
-                          "skip_nnmodule_hook_guards) while HARC registers its readers anew each step, so a later "
-                          "step's residuals are not read (it stops: decoder layer N was not called). Remove "
-                          f"{compiled.partition(':')[0]}.")
+        raise RecipeError(
+            f"{compiled} is not supported by stage: harc: the compiled forward keeps the "
+            "residual-stream readers it first traced (torch._dynamo skips guards on module hooks, "
+            "skip_nnmodule_hook_guards) while HARC registers its readers anew each step, so a later "
+            "step's residuals are not read (it stops: decoder layer N was not called). Remove "
+            f"{compiled.partition(':')[0]}."
+        )
     for key in ("val_size", "eval_dataset"):
         value = raw_value(host_args, key)
         if value not in (None, "", 0, "0", 0.0, "0.0"):
-            raise RecipeError(f"{key}: stage: harc holds out its own validation rows (harc_validate_samples); remove "
-                              f"{key}.")
+            raise RecipeError(
+                f"{key}: stage: harc holds out its own validation rows (harc_validate_samples); remove {key}."
+            )
     if raw_value(host_args, "do_train") is not None and not truthy(raw_value(host_args, "do_train")):
         raise RecipeError("stage: harc trains; set do_train: true.")
     cutoff = raw_value(host_args, "cutoff_len")
     if cutoff is not None:  # LlamaBoard always sends its "Cutoff length" box
-        say(f"note: cutoff_len: {cutoff} is not used by stage: harc; harc_max_length: {harc_args.harc_max_length} "
+        say(
+            f"note: cutoff_len: {cutoff} is not used by stage: harc; harc_max_length: {harc_args.harc_max_length} "
             "limits each prompt (keeping its last tokens) and each answer (keeping its first tokens, then the "
-            "template's closing tokens). Set harc_max_length instead.")
+            "template's closing tokens). Set harc_max_length instead."
+        )
     if not raw_value(host_args, "dataset"):
         _set(host_args, "dataset", harc_args.harc_harmful)
     else:
         say("note: stage: harc reads its rows from the harc_* role keys; `dataset` is not used.")
 
 
-def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
-                       generating_args: Any, harc_args: HarcArguments) -> None:
+def validate_host_args(
+    model_args: Any,
+    data_args: Any,
+    training_args: Any,
+    finetuning_args: Any,
+    generating_args: Any,
+    harc_args: HarcArguments,
+) -> None:
     """Checks on the parsed arguments and the model's config (seconds, before the model loads)."""
     if not data_args.template:
-        raise RecipeError("template: stage: harc locates the instruction's last token and the assistant header with "
-                          "the model's chat template; set template (e.g. llama3, qwen).")
+        raise RecipeError(
+            "template: stage: harc locates the instruction's last token and the assistant header with "
+            "the model's chat template; set template (e.g. llama3, qwen)."
+        )
     dataset_dir = str(data_args.dataset_dir)
     if not dataset_dir.startswith(("REMOTE:", "ONLINE")):
         if not (Path(dataset_dir) / DATA_CONFIG).is_file():
-            raise RecipeError(f"dataset_dir: {dataset_dir} has no {DATA_CONFIG}; the harc_* keys name datasets listed "
-                              "there (`llamafactory-hera harc-data --out DIR` writes one).")
+            raise RecipeError(
+                f"dataset_dir: {dataset_dir} has no {DATA_CONFIG}; the harc_* keys name datasets listed "
+                "there (`llamafactory-hera harc-data --out DIR` writes one)."
+            )
         for key in (*ROLE_KEYS, "harc_extract_harmful", "harc_extract_harmless"):
             if getattr(harc_args, key):
-                check_dataset_names(key, [getattr(harc_args, key)], dataset_dir,
-                                    f"Add it there or name one of those in {key}.")
+                check_dataset_names(
+                    key, [getattr(harc_args, key)], dataset_dir, f"Add it there or name one of those in {key}."
+                )
     check_run_inputs(model_args, data_args, training_args, datasets_used=False, stage="harc")
 
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                        trust_remote_code=getattr(model_args, "trust_remote_code", False))
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=getattr(model_args, "trust_remote_code", False)
+    )
     kind = str(getattr(config, "model_type", ""))
-    if kind in composite_model_types() or any(getattr(config, key, None) is not None
-                                               for key in ("vision_config", "audio_config")):
-        raise RecipeError(f"model_name_or_path: {model_args.model_name_or_path} is a multimodal model ({kind}); "
-                          "stage: harc trains text LLMs only (text rows, one decoder's layers). Use a text-only chat "
-                          "model (e.g. Llama-3.1-8B-Instruct, Qwen2.5-7B-Instruct).")
+    if kind in composite_model_types() or any(
+        getattr(config, key, None) is not None for key in ("vision_config", "audio_config")
+    ):
+        raise RecipeError(
+            f"model_name_or_path: {model_args.model_name_or_path} is a multimodal model ({kind}); "
+            "stage: harc trains text LLMs only (text rows, one decoder's layers). Use a text-only chat "
+            "model (e.g. Llama-3.1-8B-Instruct, Qwen2.5-7B-Instruct)."
+        )
     check_quantization(model_args, config, "harc", dora=bool(getattr(finetuning_args, "use_dora", False)))
     text = config.get_text_config()
     layers = int(text.num_hidden_layers)
     eligible = eligible_layers(layers, harc_args.harc_band)
     if len(eligible) < harc_args.harc_layers_final:
-        raise RecipeError(f"harc_band: {harc_args.harc_band} leaves {len(eligible)} of {layers} decoder layers of "
-                          f"{model_args.model_name_or_path} to couple, fewer than harc_layers_final: "
-                          f"{harc_args.harc_layers_final}. Lower harc_band or harc_layers_final.")
+        raise RecipeError(
+            f"harc_band: {harc_args.harc_band} leaves {len(eligible)} of {layers} decoder layers of "
+            f"{model_args.model_name_or_path} to couple, fewer than harc_layers_final: "
+            f"{harc_args.harc_layers_final}. Lower harc_band or harc_layers_final."
+        )
     # Gradient checkpointing stays the recipe's: the coupling reads each coupled layer's input, the checkpoint's own
     # input, which keeps its graph under reentrant checkpointing too (harc/residuals.py)

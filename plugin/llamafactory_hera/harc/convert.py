@@ -67,8 +67,9 @@ def convert_circuit_breakers(path: Path, option: str = "--circuit-breakers") -> 
     where = f"{option} {path}"
     refusals, completions, skipped = [], [], 0
     for number, row in enumerate(read_rows(path, option), 1):
-        prompt, refusal, completion = (column_text(row, number, c, where) for c in ("prompt", "llama3_output",
-                                                                                     "output"))
+        prompt, refusal, completion = (
+            column_text(row, number, c, where) for c in ("prompt", "llama3_output", "output")
+        )
         if not prompt.strip() or not refusal.strip() or not completion.strip():
             skipped += 1
             continue
@@ -77,8 +78,10 @@ def convert_circuit_breakers(path: Path, option: str = "--circuit-breakers") -> 
     if not refusals:
         raise _no_rows(where, f"{skipped} rows with an empty prompt, llama3_output or output")
     note = "row i of both from the same source row"
-    return (Converted("harc_harmful", refusals, skipped, note),
-            Converted("harc_harmful_completions", completions, skipped, note))
+    return (
+        Converted("harc_harmful", refusals, skipped, note),
+        Converted("harc_harmful_completions", completions, skipped, note),
+    )
 
 
 def convert_xstest(path: Path, option: str = "--xstest") -> Converted:
@@ -90,8 +93,9 @@ def convert_xstest(path: Path, option: str = "--xstest") -> Converted:
     rows, labelled, skipped = [], 0, 0
     source = read_rows(path, option)
     for number, row in enumerate(source, 1):
-        label, prompt, completion = (column_text(row, number, c, where) for c in ("final_label", "prompt",
-                                                                                  "completion"))
+        label, prompt, completion = (
+            column_text(row, number, c, where) for c in ("final_label", "prompt", "completion")
+        )
         if label.strip() != FULL_COMPLIANCE:
             continue
         labelled += 1
@@ -100,8 +104,11 @@ def convert_xstest(path: Path, option: str = "--xstest") -> Converted:
             continue
         rows.append(alpaca(prompt, completion))
     if not rows:
-        raise _no_rows(where, f"{labelled} of {len(source)} rows have final_label {FULL_COMPLIANCE}, {skipped} of "
-                       "them with an empty prompt or completion")
+        raise _no_rows(
+            where,
+            f"{labelled} of {len(source)} rows have final_label {FULL_COMPLIANCE}, {skipped} of "
+            "them with an empty prompt or completion",
+        )
     return Converted("harc_pseudo", rows, skipped, f"final_label {FULL_COMPLIANCE}: {labelled} of {len(source)}")
 
 
@@ -112,15 +119,17 @@ def _first_pair(row: Row, number: int, where: str) -> tuple[str, str] | None:
         raise missing_column(row, number, "messages", where)
     messages = row["messages"]
     if not isinstance(messages, list):
-        raise RecipeError(f"{where}: row {number}, column 'messages': expected a list of {{role, content}}, got "
-                          f"{type(messages).__name__}.")
+        raise RecipeError(
+            f"{where}: row {number}, column 'messages': expected a list of {{role, content}}, got "
+            f"{type(messages).__name__}."
+        )
     for index, message in enumerate(messages[:2]):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise RecipeError(f"{where}: row {number}, column 'messages': message {index} is not a {{role, content}} "
-                              "object.")
+            raise RecipeError(
+                f"{where}: row {number}, column 'messages': message {index} is not a {{role, content}} object."
+            )
         if not isinstance(message["content"], str | None):
-            raise RecipeError(f"{where}: row {number}, column 'messages': the content of message {index} is not "
-                              "text.")
+            raise RecipeError(f"{where}: row {number}, column 'messages': the content of message {index} is not text.")
     if len(messages) < 2 or messages[0]["role"] != "user" or messages[1]["role"] != "assistant":
         return None
     return messages[0]["content"] or "", messages[1]["content"] or ""
@@ -162,8 +171,10 @@ def convert_prompts(path: Path, option: str, name: str, columns: tuple[str, ...]
         raise _no_rows(where, "the file has no rows")
     column = next((c for c in columns if c in source[0]), columns[0])
     if len(columns) > 1 and column not in source[0]:
-        raise RecipeError(f"{where}: row 1 has none of the columns {', '.join(repr(c) for c in columns)} "
-                          f"(its columns: {', '.join(map(str, source[0]))}).")
+        raise RecipeError(
+            f"{where}: row 1 has none of the columns {', '.join(repr(c) for c in columns)} "
+            f"(its columns: {', '.join(map(str, source[0]))})."
+        )
     prompts, skipped = [], 0
     for number, row in enumerate(source, 1):
         prompt = column_text(row, number, column, where)
@@ -179,8 +190,9 @@ def convert_prompts(path: Path, option: str, name: str, columns: tuple[str, ...]
     if not prompts:
         raise _no_rows(where, f"every '{column}' is empty")
     named = f" ('{column}')" if len(columns) > 1 else ""
-    return Converted(name, [alpaca(p, "") for p in prompts], skipped,
-                     f"the first {len(prompts)} of {len(source)}{named}")
+    return Converted(
+        name, [alpaca(p, "") for p in prompts], skipped, f"the first {len(prompts)} of {len(source)}{named}"
+    )
 
 
 # ---------------------------------------------------------------- writing
@@ -203,8 +215,9 @@ def plan_output(out: Path, datasets: list[Converted], force: bool = False) -> di
         try:
             info = json.loads(info_path.read_text(encoding="utf-8"))
         except (ValueError, OSError) as err:
-            raise RecipeError(f"{info_path}: cannot read it as JSON ({err}); fix or move it, or choose another "
-                              "--out.") from None
+            raise RecipeError(
+                f"{info_path}: cannot read it as JSON ({err}); fix or move it, or choose another --out."
+            ) from None
         if not isinstance(info, dict):
             raise RecipeError(f"{info_path}: not a JSON object of datasets; fix or move it, or choose another --out.")
     writes: dict[Path, bytes] = {}
@@ -221,8 +234,9 @@ def plan_output(out: Path, datasets: list[Converted], force: bool = False) -> di
             conflicts.append(str(path))
         writes[path] = data
     if conflicts and not force:
-        raise FileExistsError(f"would change {', '.join(conflicts)}; pass --force to replace them, or choose another "
-                              "--out.")
+        raise FileExistsError(
+            f"would change {', '.join(conflicts)}; pass --force to replace them, or choose another --out."
+        )
     writes[info_path] = encode(info)
     return writes
 
@@ -241,39 +255,72 @@ def write_output(writes: dict[Path, bytes]) -> None:
 
 # (flag, what it holds, what it gives)
 SOURCES: tuple[tuple[str, str, str], ...] = (
-    ("--circuit-breakers", "Circuit Breakers train JSON (circuit_breakers_train.json: prompt, output, llama3_output)",
-     "harc_harmful (prompt -> refusal) and harc_harmful_completions (prompt -> harmful completion), row-aligned"),
-    ("--ultrachat", "UltraChat 200k test_sft rows as .jsonl, .json or .parquet (messages: [{role, content}])",
-     "harc_harmless (first user turn -> first answer; seeded shuffle, cut to --harmless-rows)"),
-    ("--xstest", "XSTest v2 completions CSV (xstest_v2_completions_gpt4_gpteval.csv: prompt, completion, "
-     "final_label)", "harc_pseudo (prompt -> completion, rows labelled 1_full_compliance)"),
-    ("--advbench", "AdvBench harmful_behaviors.csv (goal), or JSON / JSON Lines with bad_q, goal or prompt",
-     "harc_extract_harmful (prompts for the prompt-side harmful mean; the reference's Qwen config)"),
-    ("--alpaca", "Alpaca JSON list or JSON Lines (instruction, optional input)",
-     "harc_extract_harmless (prompts for the prompt-side harmless mean; the reference's Qwen config)"),
+    (
+        "--circuit-breakers",
+        "Circuit Breakers train JSON (circuit_breakers_train.json: prompt, output, llama3_output)",
+        "harc_harmful (prompt -> refusal) and harc_harmful_completions (prompt -> harmful completion), row-aligned",
+    ),
+    (
+        "--ultrachat",
+        "UltraChat 200k test_sft rows as .jsonl, .json or .parquet (messages: [{role, content}])",
+        "harc_harmless (first user turn -> first answer; seeded shuffle, cut to --harmless-rows)",
+    ),
+    (
+        "--xstest",
+        "XSTest v2 completions CSV (xstest_v2_completions_gpt4_gpteval.csv: prompt, completion, final_label)",
+        "harc_pseudo (prompt -> completion, rows labelled 1_full_compliance)",
+    ),
+    (
+        "--advbench",
+        "AdvBench harmful_behaviors.csv (goal), or JSON / JSON Lines with bad_q, goal or prompt",
+        "harc_extract_harmful (prompts for the prompt-side harmful mean; the reference's Qwen config)",
+    ),
+    (
+        "--alpaca",
+        "Alpaca JSON list or JSON Lines (instruction, optional input)",
+        "harc_extract_harmless (prompts for the prompt-side harmless mean; the reference's Qwen config)",
+    ),
 )
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
     """Add ``harc-data`` to the ``llamafactory-hera`` sub-command parsers; verb -> handler."""
     verb = commands.add_parser(
-        "harc-data", help="Convert HARC's public data sources into LLaMA-Factory datasets for stage: harc.",
+        "harc-data",
+        help="Convert HARC's public data sources into LLaMA-Factory datasets for stage: harc.",
         description="Convert the public sources the HARC authors train on (Circuit Breakers, UltraChat 200k, XSTest "
         "v2, optionally AdvBench and Alpaca) into alpaca-format datasets in --out, list them in its "
         "dataset_info.json (existing entries kept) and print the recipe lines that name them. Nothing is written "
-        "unless every given source reads cleanly.")
+        "unless every given source reads cleanly.",
+    )
     for flag, holds, gives in SOURCES:
         verb.add_argument(flag, type=Path, default=None, metavar="PATH", help=f"{holds}; writes {gives}")
-    verb.add_argument("--out", type=Path, required=True, metavar="DIR",
-                      help="folder for the data files and dataset_info.json (the recipe's dataset_dir)")
+    verb.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder for the data files and dataset_info.json (the recipe's dataset_dir)",
+    )
     verb.add_argument("--seed", type=int, default=0, help="seed of the UltraChat shuffle (default: 0, the reference's)")
-    verb.add_argument("--harmless-rows", type=int, default=5400,
-                      help="UltraChat rows to keep (default: 5400 = 5000 training + 300 extraction + 100 validation, "
-                      "the reference's)")
-    verb.add_argument("--extract-rows", type=int, default=300,
-                      help="AdvBench and Alpaca rows to keep each, in file order (default: 300, the reference's)")
-    verb.add_argument("--force", action="store_true",
-                      help="replace data files and dataset_info.json entries of the same names whose content differs")
+    verb.add_argument(
+        "--harmless-rows",
+        type=int,
+        default=5400,
+        help="UltraChat rows to keep (default: 5400 = 5000 training + 300 extraction + 100 validation, "
+        "the reference's)",
+    )
+    verb.add_argument(
+        "--extract-rows",
+        type=int,
+        default=300,
+        help="AdvBench and Alpaca rows to keep each, in file order (default: 300, the reference's)",
+    )
+    verb.add_argument(
+        "--force",
+        action="store_true",
+        help="replace data files and dataset_info.json entries of the same names whose content differs",
+    )
     return {"harc-data": run_harc_data}
 
 
@@ -293,11 +340,13 @@ def convert_sources(args: argparse.Namespace) -> list[Converted]:
     if args.xstest is not None:
         datasets.append(convert_xstest(args.xstest))
     if args.advbench is not None:
-        datasets.append(convert_prompts(args.advbench, "--advbench", "harc_extract_harmful", ADVBENCH_COLUMNS,
-                                        args.extract_rows))
+        datasets.append(
+            convert_prompts(args.advbench, "--advbench", "harc_extract_harmful", ADVBENCH_COLUMNS, args.extract_rows)
+        )
     if args.alpaca is not None:
-        datasets.append(convert_prompts(args.alpaca, "--alpaca", "harc_extract_harmless", ("instruction",),
-                                        args.extract_rows))
+        datasets.append(
+            convert_prompts(args.alpaca, "--alpaca", "harc_extract_harmless", ("instruction",), args.extract_rows)
+        )
     return datasets
 
 

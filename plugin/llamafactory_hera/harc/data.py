@@ -34,22 +34,33 @@ class EncodedRow:
 def _fixed_tail(template: Any, tokenizer: Any, side: int) -> tuple[int, ...]:
     """The ids that side ``side`` (0: the prompt, 1: the answer) of a one-turn encoding ends with whatever its
     content: the longest common tail of two encodings with different contents."""
-    first, second = (list(template.encode_oneturn(tokenizer, [{"role": "user", "content": "q" if side else text},
-                                                              {"role": "assistant", "content": text if side else "ok"}]
-                                                  )[side]) for text in _SENTINELS)
+    first, second = (
+        list(
+            template.encode_oneturn(
+                tokenizer,
+                [
+                    {"role": "user", "content": "q" if side else text},
+                    {"role": "assistant", "content": text if side else "ok"},
+                ],
+            )[side]
+        )
+        for text in _SENTINELS
+    )
     size = 0
     while size < min(len(first), len(second)) and first[-1 - size] == second[-1 - size]:
         size += 1
-    return tuple(first[len(first) - size:])
+    return tuple(first[len(first) - size :])
 
 
 def template_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
     """The template's token ids between the user's content and the answer (the ``P`` tokens after ``t_inst``)."""
     tail = _fixed_tail(template, tokenizer, 0)
     if not tail:
-        raise RecipeError("template: the prompt ends with the user's content (no assistant header after it); HARC "
-                          "reads the residual after the instruction and at the end of the assistant header. Use the "
-                          "model's chat template (e.g. llama3, qwen).")
+        raise RecipeError(
+            "template: the prompt ends with the user's content (no assistant header after it); HARC "
+            "reads the residual after the instruction and at the end of the assistant header. Use the "
+            "model's chat template (e.g. llama3, qwen)."
+        )
     return tail
 
 
@@ -63,13 +74,26 @@ def without_answer_tail(rows: list[EncodedRow], tail: tuple[int, ...]) -> list[E
     """``rows`` with the template's closing tokens removed from the end of each answer (the reference extracts the
     response-side directions from the bare answer text; its training rows do end with EOS)."""
     size = len(tail)
-    return [EncodedRow(row.prompt_ids, row.response_ids[:-size], row.t_inst)
-            if size and row.response_ids[-size:] == tail else row for row in rows]
+    return [
+        EncodedRow(row.prompt_ids, row.response_ids[:-size], row.t_inst)
+        if size and row.response_ids[-size:] == tail
+        else row
+        for row in rows
+    ]
 
 
-def encode_row(template: Any, tokenizer: Any, tail: tuple[int, ...], prompt: list[dict[str, str]],
-               response: list[dict[str, str]], system: str | None, tools: str | None, max_length: int,
-               where: str, closing: tuple[int, ...] = ()) -> EncodedRow:
+def encode_row(
+    template: Any,
+    tokenizer: Any,
+    tail: tuple[int, ...],
+    prompt: list[dict[str, str]],
+    response: list[dict[str, str]],
+    system: str | None,
+    tools: str | None,
+    max_length: int,
+    where: str,
+    closing: tuple[int, ...] = (),
+) -> EncodedRow:
     """Tokenize one aligned row (``_prompt`` / ``_response`` messages; ``where`` names it in errors) and locate
     ``t_inst``. A prompt keeps its last ``max_length`` tokens; an answer its first ``max_length`` followed by the
     template's ``closing`` tokens (:func:`answer_tail`), as the reference cuts the answer and then appends EOS."""
@@ -85,15 +109,26 @@ def encode_row(template: Any, tokenizer: Any, tail: tuple[int, ...], prompt: lis
         response_ids = [*response_ids[:-end][:max_length], *closing] if closed else response_ids[:max_length]
     size = len(tail)
     if tuple(prompt_ids[-size:]) != tail or len(prompt_ids) <= size:
-        raise RecipeError(f"{where}: the prompt does not end with the template's assistant header {list(tail)} "
-                          f"(it ends with {prompt_ids[-size:]}); cannot locate the instruction's last token. Check "
-                          "that `template` is the model's chat template.")
+        raise RecipeError(
+            f"{where}: the prompt does not end with the template's assistant header {list(tail)} "
+            f"(it ends with {prompt_ids[-size:]}); cannot locate the instruction's last token. Check "
+            "that `template` is the model's chat template."
+        )
     return EncodedRow(tuple(prompt_ids), tuple(response_ids), len(prompt_ids) - 1 - size)
 
 
-def encode_rows(template: Any, tokenizer: Any, tail: tuple[int, ...], aligned: Any, indices: list[int],
-                max_length: int, dataset: str, key: str, with_response: bool = True,
-                closing: tuple[int, ...] = ()) -> list[EncodedRow]:
+def encode_rows(
+    template: Any,
+    tokenizer: Any,
+    tail: tuple[int, ...],
+    aligned: Any,
+    indices: list[int],
+    max_length: int,
+    dataset: str,
+    key: str,
+    with_response: bool = True,
+    closing: tuple[int, ...] = (),
+) -> list[EncodedRow]:
     """Rows ``indices`` of an aligned LLaMA-Factory dataset (columns ``_prompt``, ``_response``, ``_system``,
     ``_tools``), encoded (:func:`encode_row`); ``with_response=False`` keeps the prompts only (prompt-side
     extraction)."""
@@ -102,10 +137,23 @@ def encode_rows(template: Any, tokenizer: Any, tail: tuple[int, ...], aligned: A
         row = aligned[index]
         response = row["_response"] if with_response else []
         if with_response and (not response or not str(response[0].get("content", "")).strip()):
-            raise RecipeError(f"{key}: dataset '{dataset}', row {index}: empty response; this role needs an answer "
-                              "per row.")
-        rows.append(encode_row(template, tokenizer, tail, row["_prompt"], response, row.get("_system"),
-                               row.get("_tools"), max_length, f"{key}: dataset '{dataset}', row {index}", closing))
+            raise RecipeError(
+                f"{key}: dataset '{dataset}', row {index}: empty response; this role needs an answer per row."
+            )
+        rows.append(
+            encode_row(
+                template,
+                tokenizer,
+                tail,
+                row["_prompt"],
+                response,
+                row.get("_system"),
+                row.get("_tools"),
+                max_length,
+                f"{key}: dataset '{dataset}', row {index}",
+                closing,
+            )
+        )
     return rows
 
 
@@ -122,11 +170,13 @@ def split_rows(num_rows: int, extract: int, validate: int, seed: int) -> Split:
     """A seeded permutation of ``range(num_rows)``: the first ``extract`` rows, the next ``validate``, the rest."""
     order = list(range(num_rows))
     random.Random(seed).shuffle(order)
-    return Split(order[:extract], order[extract:extract + validate], order[extract + validate:])
+    return Split(order[:extract], order[extract : extract + validate], order[extract + validate :])
 
 
 def check_role_size(key: str, dataset: str, num_rows: int, needed: int, what: str) -> None:
     """ValueError naming the role key and dataset when it has fewer than ``needed`` rows."""
     if num_rows < needed:
-        raise RecipeError(f"{key}: dataset '{dataset}' has {num_rows} rows; {what} need at least {needed}. Add rows "
-                          "or lower harc_extract_samples / harc_validate_samples / the harc_batch_* keys.")
+        raise RecipeError(
+            f"{key}: dataset '{dataset}' has {num_rows} rows; {what} need at least {needed}. Add rows "
+            "or lower harc_extract_samples / harc_validate_samples / the harc_batch_* keys."
+        )

@@ -56,9 +56,17 @@ def blend(base: torch.Tensor, fresh: torch.Tensor, beta: float) -> torch.Tensor:
     return F.normalize((1.0 - beta) * base + beta * fresh, dim=-1)
 
 
-def _hidden_sums(model: nn.Module, rows: list[EncodedRow], layers: list[int], answer_tokens: int,
-                 pick: Callable[[int, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], batch_size: int,
-                 pad_id: int, progress: Progress, label: str) -> dict[int, torch.Tensor]:
+def _hidden_sums(
+    model: nn.Module,
+    rows: list[EncodedRow],
+    layers: list[int],
+    answer_tokens: int,
+    pick: Callable[[int, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+    batch_size: int,
+    pad_id: int,
+    progress: Progress,
+    label: str,
+) -> dict[int, torch.Tensor]:
     """layer -> float64 sum over ``rows`` of ``pick(layer, hidden [B, T, D], batch)`` (``[B, ...]``), read from the
     residual entering each of ``layers``, in eval mode (as the reference), without grad; rows fed ``batch_size`` at a
     time, right-padded, with only their first ``answer_tokens`` answer tokens (under causal attention the residuals
@@ -73,26 +81,47 @@ def _hidden_sums(model: nn.Module, rows: list[EncodedRow], layers: list[int], an
     device = next(model.parameters()).device
     cut = [EncodedRow(row.prompt_ids, row.response_ids[:answer_tokens], row.t_inst) for row in rows]
     with eval_mode(model), torch.no_grad(), reading_layers(model, layers, read):
-        for group in progress([cut[i:i + batch_size] for i in range(0, len(cut), batch_size)], label):
+        for group in progress([cut[i : i + batch_size] for i in range(0, len(cut), batch_size)], label):
             batch = collate_rows([(ROLE_HARMLESS, row) for row in group], pad_id)
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                  use_cache=False)
+            model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
+            )
     return sums
 
 
-def prompt_means(model: nn.Module, rows: list[EncodedRow], batch_size: int, pad_id: int, progress: Progress,
-                 label: str) -> torch.Tensor:
+def prompt_means(
+    model: nn.Module, rows: list[EncodedRow], batch_size: int, pad_id: int, progress: Progress, label: str
+) -> torch.Tensor:
     """``[L, 2, D]`` float64: mean residual entering each layer at ``t_inst`` (index 0) and ``t_post`` (index 1) of
     the prompts of ``rows`` (answers are not fed)."""
     layers = list(range(len(text_decoder(model).layers)))
-    sums = _hidden_sums(model, rows, layers, 0, lambda _, hidden, batch: torch.stack(
-        [at_positions(hidden, batch["harc_t_inst"]), at_positions(hidden, batch["harc_t_post"])], dim=1),
-        batch_size, pad_id, progress, label)
+    sums = _hidden_sums(
+        model,
+        rows,
+        layers,
+        0,
+        lambda _, hidden, batch: torch.stack(
+            [at_positions(hidden, batch["harc_t_inst"]), at_positions(hidden, batch["harc_t_post"])], dim=1
+        ),
+        batch_size,
+        pad_id,
+        progress,
+        label,
+    )
     return torch.stack([sums[layer] for layer in layers]).cpu() / len(rows)
 
 
-def response_means(model: nn.Module, rows: list[EncodedRow], num_tokens: int, batch_size: int, pad_id: int,
-                   progress: Progress, label: str) -> torch.Tensor:
+def response_means(
+    model: nn.Module,
+    rows: list[EncodedRow],
+    num_tokens: int,
+    batch_size: int,
+    pad_id: int,
+    progress: Progress,
+    label: str,
+) -> torch.Tensor:
     """``[L, D]`` float64: mean over ``rows`` of the residual entering each layer averaged over the row's first
     ``num_tokens`` answer tokens."""
 
@@ -116,20 +145,24 @@ class ExtractionRows:
     completions: list[EncodedRow] | None  # harmful prompt + harmful completion (response side); None: off
 
 
-def extract(model: nn.Module, rows: ExtractionRows, num_tokens: int, batch_size: int, pad_id: int,
-            progress: Progress) -> Directions:
+def extract(
+    model: nn.Module, rows: ExtractionRows, num_tokens: int, batch_size: int, pad_id: int, progress: Progress
+) -> Directions:
     """Every direction of the module docstring on ``model`` as it is now (float32 ``[L, D]``)."""
     harmful = prompt_means(model, rows.harmful_prompts, batch_size, pad_id, progress, "HARC directions: harmful")
     harmless = prompt_means(model, rows.harmless_prompts, batch_size, pad_id, progress, "HARC directions: harmless")
     prompt = unit(harmful - harmless).float()
     found = Directions(v_ref=prompt[:, 1].contiguous(), v_harm=prompt[:, 0].contiguous())
     if rows.completions is not None:
-        helpful = response_means(model, rows.helpful, num_tokens, batch_size, pad_id, progress,
-                                 "HARC directions: helpful answers")
-        refusal = response_means(model, rows.refusals, num_tokens, batch_size, pad_id, progress,
-                                 "HARC directions: refusals")
-        completion = response_means(model, rows.completions, num_tokens, batch_size, pad_id, progress,
-                                    "HARC directions: harmful completions")
+        helpful = response_means(
+            model, rows.helpful, num_tokens, batch_size, pad_id, progress, "HARC directions: helpful answers"
+        )
+        refusal = response_means(
+            model, rows.refusals, num_tokens, batch_size, pad_id, progress, "HARC directions: refusals"
+        )
+        completion = response_means(
+            model, rows.completions, num_tokens, batch_size, pad_id, progress, "HARC directions: harmful completions"
+        )
         found.v_ref_resp = unit(refusal - helpful).float()
         found.v_harm_resp = unit(completion - helpful).float()
     return found
@@ -141,9 +174,16 @@ def blended(base: Directions, fresh: Directions, beta: float) -> Directions:
     return Directions(**pairs)
 
 
-def validation_cosines(model: nn.Module, harmful: list[EncodedRow], harmless: list[EncodedRow],
-                       directions: Directions, layers: list[int], batch_size: int, pad_id: int,
-                       progress: Progress) -> dict[str, dict[str, float]]:
+def validation_cosines(
+    model: nn.Module,
+    harmful: list[EncodedRow],
+    harmless: list[EncodedRow],
+    directions: Directions,
+    layers: list[int],
+    batch_size: int,
+    pad_id: int,
+    progress: Progress,
+) -> dict[str, dict[str, float]]:
     """The diagnostic on held-out prompts (the reference's ``project_validation``): for each coupled layer ``l``, the
     mean over held-out harmful (and harmless) prompts of ``cos(h_l(t_post), v_ref[l])`` and ``cos(h_l(t_inst),
     v_harm[l])``: ``{"<layer>": {"harmful_ref", "harmless_ref", "harmful_harm", "harmless_harm"}}``. Coupling works when
@@ -152,12 +192,23 @@ def validation_cosines(model: nn.Module, harmful: list[EncodedRow], harmless: li
     def cosines(layer: int, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # [B, 2]
         post = at_positions(hidden, batch["harc_t_post"]).float()
         inst = at_positions(hidden, batch["harc_t_inst"]).float()
-        return torch.stack([F.cosine_similarity(post, directions.v_ref[layer].to(post.device)[None], dim=-1),
-                            F.cosine_similarity(inst, directions.v_harm[layer].to(inst.device)[None], dim=-1)], 1)
+        return torch.stack(
+            [
+                F.cosine_similarity(post, directions.v_ref[layer].to(post.device)[None], dim=-1),
+                F.cosine_similarity(inst, directions.v_harm[layer].to(inst.device)[None], dim=-1),
+            ],
+            1,
+        )
 
     means = {}
     for name, rows in (("harmful", harmful), ("harmless", harmless)):
         sums = _hidden_sums(model, rows, layers, 0, cosines, batch_size, pad_id, progress, f"HARC validation: {name}")
         means[name] = {layer: (sums[layer] / len(rows)).tolist() for layer in layers}
-    return {str(layer): {f"{name}_{key}": round(means[name][layer][k], 6) for key, k in (("ref", 0), ("harm", 1))
-                         for name in ("harmful", "harmless")} for layer in layers}
+    return {
+        str(layer): {
+            f"{name}_{key}": round(means[name][layer][k], 6)
+            for key, k in (("ref", 0), ("harm", 1))
+            for name in ("harmful", "harmless")
+        }
+        for layer in layers
+    }

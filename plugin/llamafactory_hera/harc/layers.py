@@ -20,8 +20,9 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-8)
 
 
-def layer_scores(v_ref: torch.Tensor, v_harm: torch.Tensor, v_ref_resp: torch.Tensor | None,
-                 v_harm_resp: torch.Tensor | None) -> torch.Tensor:
+def layer_scores(
+    v_ref: torch.Tensor, v_harm: torch.Tensor, v_ref_resp: torch.Tensor | None, v_harm_resp: torch.Tensor | None
+) -> torch.Tensor:
     """``[L]`` scores from ``[L, D]`` directions (see the module docstring)."""
     score = 1.0 - _cos(v_ref, v_harm).abs()
     if v_ref_resp is not None and v_harm_resp is not None:
@@ -40,7 +41,9 @@ def select_layers(scores: torch.Tensor, count: int, band: int) -> list[int]:
     """The ``count`` eligible layers of highest score, ascending (ties: the lower layer first)."""
     eligible = eligible_layers(scores.numel(), band)
     if len(eligible) < count:
-        raise RecipeError(f"harc_band: {band} leaves {len(eligible)} of {scores.numel()} decoder layers to choose "
-                          f"from, fewer than the {count} to couple (harc_layers / harc_layers_final). Lower harc_band.")
+        raise RecipeError(
+            f"harc_band: {band} leaves {len(eligible)} of {scores.numel()} decoder layers to choose "
+            f"from, fewer than the {count} to couple (harc_layers / harc_layers_final). Lower harc_band."
+        )
     ranked = sorted(eligible, key=lambda layer: (-float(scores[layer]), layer))
     return sorted(ranked[:count])

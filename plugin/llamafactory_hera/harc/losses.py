@@ -20,8 +20,14 @@ def _cosine(rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(rows.float(), direction.unsqueeze(0).expand(rows.shape[0], -1), dim=-1, eps=1e-8)
 
 
-def coupling_loss(ref_rows: dict[int, torch.Tensor], harm_rows: dict[int, torch.Tensor], v_ref: torch.Tensor,
-                  v_harm: torch.Tensor, harmful: torch.Tensor, margin: float) -> torch.Tensor:
+def coupling_loss(
+    ref_rows: dict[int, torch.Tensor],
+    harm_rows: dict[int, torch.Tensor],
+    v_ref: torch.Tensor,
+    v_harm: torch.Tensor,
+    harmful: torch.Tensor,
+    margin: float,
+) -> torch.Tensor:
     """Mean over layers of the per-row coupling (module docstring).
 
     ``ref_rows[l]`` / ``harm_rows[l]``: ``[B, D]`` residuals read against ``v_ref[l]`` / ``v_harm[l]`` (prompt side:
@@ -55,5 +61,6 @@ def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor, mask: 
 def refusal_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled tokens: ``logits`` ``[N, T, V]``, ``labels`` ``[N, T]`` with
     -100 where nothing is learned (position t predicts token t + 1)."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )

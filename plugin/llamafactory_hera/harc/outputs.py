@@ -33,8 +33,15 @@ def _refusals(trainer: Any, model: Any) -> dict[str, Any]:
     args = trainer.harc_args
 
     def answers(rows: list[Any]) -> list[str]:
-        return generate_answers(model, run.tokenizer, [row.prompt_ids for row in rows], args.harc_eval_max_new_tokens,
-                                args.harc_extract_batch_size, run.stop_ids, run.progress)
+        return generate_answers(
+            model,
+            run.tokenizer,
+            [row.prompt_ids for row in rows],
+            args.harc_eval_max_new_tokens,
+            args.harc_extract_batch_size,
+            run.stop_ids,
+            run.progress,
+        )
 
     record = refusal_record(answers(run.rows.validate_harmful), answers(run.rows.eval_pseudo))
     with model.disable_adapter():
@@ -54,26 +61,36 @@ def finish_run(trainer: Any) -> None:
         output = Path(trainer.args.output_dir)
         output.mkdir(parents=True, exist_ok=True)
         torch.save(state.as_record(), output / DIRECTIONS_FILE)
-        layers = [{key: entry[key] for key in ("step", "event", "layers", "scores", "seconds")}
-                  for entry in state.history]
-        (output / LAYERS_FILE).write_text(json.dumps({"band": args.harc_band, "history": layers}, indent=2),
-                                          encoding="utf-8")
-        record = {"refusal": evaluation, "validation": [{k: e[k] for k in ("step", "event", "layers", "validation")}
-                                                        for e in state.history],
-                  "rows": run.rows.counts, "refreshes": state.refreshes,
-                  "refresh_seconds": round(state.refresh_seconds, 3), "end_seconds": round(seconds, 3),
-                  "settings": asdict(args)}
+        layers = [
+            {key: entry[key] for key in ("step", "event", "layers", "scores", "seconds")} for entry in state.history
+        ]
+        (output / LAYERS_FILE).write_text(
+            json.dumps({"band": args.harc_band, "history": layers}, indent=2), encoding="utf-8"
+        )
+        record = {
+            "refusal": evaluation,
+            "validation": [{k: e[k] for k in ("step", "event", "layers", "validation")} for e in state.history],
+            "rows": run.rows.counts,
+            "refreshes": state.refreshes,
+            "refresh_seconds": round(state.refresh_seconds, 3),
+            "end_seconds": round(seconds, 3),
+            "settings": asdict(args),
+        }
         (output / EVAL_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
         _plots(trainer, output, evaluation, state.history)
         (output / STATE_FILE).unlink(missing_ok=True)
         rates = ""
         if evaluation is not None:
             before = evaluation["before"]
-            rates = (f"; refusal rate on held-out harmful prompts {_pct(before['refusal_rate_harmful'])}"
-                     f" -> {_pct(evaluation['refusal_rate_harmful'])}, on pseudo-harmful "
-                     f"{_pct(before['refusal_rate_pseudo'])} -> {_pct(evaluation['refusal_rate_pseudo'])}")
-        run.say(f"HARC: {state.refreshes} refreshes ({state.refresh_seconds:.1f} s), layers {state.layers}{rates}; "
-                f"{DIRECTIONS_FILE}, {LAYERS_FILE}, {EVAL_FILE} and plots in {output}")
+            rates = (
+                f"; refusal rate on held-out harmful prompts {_pct(before['refusal_rate_harmful'])}"
+                f" -> {_pct(evaluation['refusal_rate_harmful'])}, on pseudo-harmful "
+                f"{_pct(before['refusal_rate_pseudo'])} -> {_pct(evaluation['refusal_rate_pseudo'])}"
+            )
+        run.say(
+            f"HARC: {state.refreshes} refreshes ({state.refresh_seconds:.1f} s), layers {state.layers}{rates}; "
+            f"{DIRECTIONS_FILE}, {LAYERS_FILE}, {EVAL_FILE} and plots in {output}"
+        )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 

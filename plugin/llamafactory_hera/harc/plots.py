@@ -30,14 +30,22 @@ def plot_refusal(record: dict[str, Any], path: Path) -> Path:
         for g, (group, _) in enumerate(_GROUPS):
             x = g + (k - (len(series) - 1) / 2) * width
             value = rates.get(f"refusal_rate_{group}")
-            ax.bar(x, 0.0 if value is None else value, width * 0.92, color=color,
-                   label=name if g == 0 else None)
+            ax.bar(x, 0.0 if value is None else value, width * 0.92, color=color, label=name if g == 0 else None)
             text = "n/a" if value is None else f"{100 * value:.0f}%"
-            ax.annotate(text, (x, 0.0 if value is None else value), xytext=(0, 3), textcoords="offset points",
-                        ha="center", va="bottom", fontsize=9)
+            ax.annotate(
+                text,
+                (x, 0.0 if value is None else value),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=9,
+            )
     counts = [(record.get(group) or {}).get("count", "?") for group, _ in _GROUPS]
-    ax.set_xticks(range(len(_GROUPS)), [label.replace("\n", f" ({count} prompts)\n", 1)
-                                        for (_, label), count in zip(_GROUPS, counts, strict=True)])
+    ax.set_xticks(
+        range(len(_GROUPS)),
+        [label.replace("\n", f" ({count} prompts)\n", 1) for (_, label), count in zip(_GROUPS, counts, strict=True)],
+    )
     ax.set_ylim(0.0, 1.15)
     ax.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0], ["0%", "25%", "50%", "75%", "100%"])
     ax.set_ylabel("refusal rate")
@@ -55,8 +63,10 @@ def _mean_cosines(entry: dict[str, Any]) -> dict[str, float] | None:
     values = [validation[layer] for layer in layers if layer in validation] or list(validation.values())
     if not values:
         return None
-    return {key: sum(float(v[key]) for v in values) / len(values)
-            for key in ("harmful_ref", "harmless_ref", "harmful_harm", "harmless_harm")}
+    return {
+        key: sum(float(v[key]) for v in values) / len(values)
+        for key in ("harmful_ref", "harmless_ref", "harmful_harm", "harmless_harm")
+    }
 
 
 def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
@@ -66,8 +76,11 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
 
     ``history``: entries ``{"step", "layers", "validation": {"<layer>": {"harmful_ref", "harmless_ref", "harmful_harm",
     "harmless_harm"}}}`` (entries without validation skipped; ValueError when none has it). Returns ``path``."""
-    points = [(int(entry["step"]), [int(x) for x in entry.get("layers") or []], means)
-              for entry in history if (means := _mean_cosines(entry)) is not None]
+    points = [
+        (int(entry["step"]), [int(x) for x in entry.get("layers") or []], means)
+        for entry in history
+        if (means := _mean_cosines(entry)) is not None
+    ]
     if not points:
         raise ValueError("plot_diagnostics: the history has no entry with validation cosines (nothing to plot)")
     steps = [step for step, _, _ in points]
@@ -78,12 +91,25 @@ def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
     fig = agg_figure(figsize=(9.6, 4.4))
     axes = fig.subplots(1, 2, sharey=True)
     style = {"marker": "o", "markersize": 4} if len(points) <= 30 else {}
-    for ax, key, name in zip(axes, ("ref", "harm"), ("prompt end t_post vs v_ref", "instruction t_inst vs v_harm"),
-                             strict=True):
-        ax.plot(steps, [m[f"harmful_{key}"] for _, _, m in points], color=_HARMFUL_COLOR, linestyle="-",
-                label="held-out harmful", **style)
-        ax.plot(steps, [m[f"harmless_{key}"] for _, _, m in points], color=_HARMLESS_COLOR, linestyle="--",
-                label="held-out harmless", **style)
+    for ax, key, name in zip(
+        axes, ("ref", "harm"), ("prompt end t_post vs v_ref", "instruction t_inst vs v_harm"), strict=True
+    ):
+        ax.plot(
+            steps,
+            [m[f"harmful_{key}"] for _, _, m in points],
+            color=_HARMFUL_COLOR,
+            linestyle="-",
+            label="held-out harmful",
+            **style,
+        )
+        ax.plot(
+            steps,
+            [m[f"harmless_{key}"] for _, _, m in points],
+            color=_HARMLESS_COLOR,
+            linestyle="--",
+            label="held-out harmless",
+            **style,
+        )
         ax.axhline(0.0, color="black", linewidth=0.6)
         for step, _ in changes[1:]:
             ax.axvline(step, color="#7f7f7f", linestyle=":", linewidth=0.8)

@@ -19,22 +19,23 @@ from llamafactory_hera_patches.errors import RecipeError
 
 
 @contextmanager
-def reading_layers(model: nn.Module, layers: list[int],
-                   read: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+def reading_layers(model: nn.Module, layers: list[int], read: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
     """Call ``read(layer, hidden [B, T, D])`` with the residual entering each of ``layers`` during forwards inside."""
     modules = text_decoder(model).layers  # of a plain, PEFT-wrapped or unwrapped DDP / DeepSpeed causal LM
 
     def hook_for(layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             read(layer, args[0] if args else kwargs["hidden_states"])
+
         return hook
 
     with ExitStack() as hooks:  # each hook removed on exit
         for layer in layers:
             # first: DeepSpeed ZeRO-3's own pre-hook hands the layer a detached copy of its input (made without a
             # graph inside a reentrant layer's no_grad forward); the read takes the input as the checkpoint got it
-            hooks.enter_context(modules[layer].register_forward_pre_hook(hook_for(layer), with_kwargs=True,
-                                                                         prepend=True))
+            hooks.enter_context(
+                modules[layer].register_forward_pre_hook(hook_for(layer), with_kwargs=True, prepend=True)
+            )
         yield
 
 
@@ -59,8 +60,9 @@ class StepCapture:
     D]`` (at ``t_inst`` / ``t_post``) and, with a response window, ``response[l]`` ``[B, D]`` (mean over the first
     response tokens), all in the autograd graph."""
 
-    def __init__(self, t_inst: torch.Tensor, t_post: torch.Tensor, window: torch.Tensor | None,
-                 require_grad: bool) -> None:
+    def __init__(
+        self, t_inst: torch.Tensor, t_post: torch.Tensor, window: torch.Tensor | None, require_grad: bool
+    ) -> None:
         self.t_inst, self.t_post, self.window = t_inst, t_post, window
         self.require_grad = require_grad
         self.hidden: dict[int, torch.Tensor] = {}
@@ -75,13 +77,16 @@ class StepCapture:
         """Fill ``inst`` / ``post`` / ``response`` for ``layers`` from the kept inputs (after the forward)."""
         for layer in layers:
             if layer not in self.hidden:
-                raise RuntimeError(f"HARC: decoder layer {layer} was not called in the forward; its residual could "
-                                   "not be read.")
+                raise RuntimeError(
+                    f"HARC: decoder layer {layer} was not called in the forward; its residual could not be read."
+                )
             hidden = self.hidden[layer]
             if self.require_grad and not hidden.requires_grad:
-                raise RecipeError(f"HARC: the residual entering decoder layer {layer} carries no gradient, so the "
-                                  "coupling loss would not train anything: no trainable parameter below that layer "
-                                  "(LoRA must target the decoder layers).")
+                raise RecipeError(
+                    f"HARC: the residual entering decoder layer {layer} carries no gradient, so the "
+                    "coupling loss would not train anything: no trainable parameter below that layer "
+                    "(LoRA must target the decoder layers)."
+                )
             self.inst[layer] = at_positions(hidden, self.t_inst)
             self.post[layer] = at_positions(hidden, self.t_post)
             if self.window is not None:

@@ -47,8 +47,9 @@ def read_text(path: Path, where: str) -> str:
 
 
 def _not_utf8(where: str, err: UnicodeDecodeError) -> RecipeError:
-    return RecipeError(f"{where}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); save it "
-                       "as UTF-8.")
+    return RecipeError(
+        f"{where}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); save it as UTF-8."
+    )
 
 
 def read_csv(path: Path, where: str) -> list[tuple[int, Row]]:
@@ -69,17 +70,24 @@ def read_csv(path: Path, where: str) -> list[tuple[int, Row]]:
                     continue
                 label = f"row {len(rows) + 1} (line {start})"
                 if len(fields) > len(header):
-                    raise RecipeError(f"{where}: {label} has {len(fields)} fields, more than the header's "
-                                      f"{len(header)} ({', '.join(header)}); quote a field that holds a comma.")
+                    raise RecipeError(
+                        f"{where}: {label} has {len(fields)} fields, more than the header's "
+                        f"{len(header)} ({', '.join(header)}); quote a field that holds a comma."
+                    )
                 if len(fields) < len(header):
-                    raise RecipeError(f"{where}: {label} has {len(fields)} fields, fewer than the header's "
-                                      f"{len(header)}: no column '{header[len(fields)]}'.")
+                    raise RecipeError(
+                        f"{where}: {label} has {len(fields)} fields, fewer than the header's "
+                        f"{len(header)}: no column '{header[len(fields)]}'."
+                    )
                 rows.append((start, dict(zip(header, fields, strict=True))))
     except UnicodeDecodeError as err:
         raise _not_utf8(where, err) from None
     except csv.Error as err:
-        said = ("a quote opened there is never closed; close it" if "unexpected end of data" in str(err)
-                else "text after a closing quote; double a quote inside a quoted field (\"\")")
+        said = (
+            "a quote opened there is never closed; close it"
+            if "unexpected end of data" in str(err)
+            else 'text after a closing quote; double a quote inside a quoted field ("")'
+        )
         raise RecipeError(f"{where}: row {len(rows) + 1} (line {start}): {said} (csv: {err}).") from None
 
 

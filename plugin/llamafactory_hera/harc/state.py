@@ -60,8 +60,9 @@ class HarcState:
 
     def _extract(self, model: nn.Module) -> Directions:
         args = self.args
-        found = extract(model, self.rows, args.harc_response_tokens, args.harc_extract_batch_size, self.pad_id,
-                        self.progress)
+        found = extract(
+            model, self.rows, args.harc_response_tokens, args.harc_extract_batch_size, self.pad_id, self.progress
+        )
         return Directions(**_broadcast({k: v.cpu() for k, v in found.tensors().items()}))
 
     def scores(self) -> torch.Tensor:
@@ -74,17 +75,37 @@ class HarcState:
 
     def record(self, model: nn.Module, step: int, event: str, seconds: float) -> None:
         """Append a history entry for ``event`` at ``step``: layers, scores and the validation cosines (every rank)."""
-        cosines = validation_cosines(model, *self.validation, self.current, self.layers,
-                                     self.args.harc_extract_batch_size, self.pad_id, self.progress)
-        self.history.append({"step": step, "event": event, "layers": list(self.layers),
-                             "scores": [round(float(s), 6) for s in self.scores()], "seconds": round(seconds, 3),
-                             "validation": _broadcast(cosines)})
+        cosines = validation_cosines(
+            model,
+            *self.validation,
+            self.current,
+            self.layers,
+            self.args.harc_extract_batch_size,
+            self.pad_id,
+            self.progress,
+        )
+        self.history.append(
+            {
+                "step": step,
+                "event": event,
+                "layers": list(self.layers),
+                "scores": [round(float(s), 6) for s in self.scores()],
+                "seconds": round(seconds, 3),
+                "validation": _broadcast(cosines),
+            }
+        )
 
     def as_record(self) -> dict[str, Any]:
         """What a checkpoint keeps (and ``harc_directions.pt`` holds): base and current directions, layers, history."""
-        return {"base": self.base.tensors(), "current": self.current.tensors(), "layers": list(self.layers),
-                "count": self.count, "history": self.history, "refreshes": self.refreshes,
-                "refresh_seconds": self.refresh_seconds}
+        return {
+            "base": self.base.tensors(),
+            "current": self.current.tensors(),
+            "layers": list(self.layers),
+            "count": self.count,
+            "history": self.history,
+            "refreshes": self.refreshes,
+            "refresh_seconds": self.refresh_seconds,
+        }
 
     def save(self, folder: str) -> None:
         """Write :data:`STATE_FILE` into a checkpoint folder."""
@@ -94,9 +115,11 @@ class HarcState:
         """Take the state of a checkpoint written by :meth:`save` (resuming); error naming the file when absent."""
         path = Path(folder) / STATE_FILE
         if not path.is_file():
-            raise RecipeError(f"resume_from_checkpoint: {folder} has no {STATE_FILE}; it was not written by "
-                              "stage: harc, so its base directions are unknown. Resume from a HARC checkpoint "
-                              "or start a new run.")
+            raise RecipeError(
+                f"resume_from_checkpoint: {folder} has no {STATE_FILE}; it was not written by "
+                "stage: harc, so its base directions are unknown. Resume from a HARC checkpoint "
+                "or start a new run."
+            )
         record = torch.load(path, map_location="cpu", weights_only=False)
         self.base, self.current = Directions(**record["base"]), Directions(**record["current"])
         self.layers, self.count, self.history = list(record["layers"]), int(record["count"]), list(record["history"])

@@ -42,8 +42,9 @@ class AdapterSwitch:
     ``bench/step_counts.py --method harc``; 54 ms of host time on a 32-layer one, 7.6 ms this way)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = [module for module in model.modules()
-                       if isinstance(module, BaseTunerLayer | AuxiliaryTrainingWrapper)]
+        self.layers = [
+            module for module in model.modules() if isinstance(module, BaseTunerLayer | AuxiliaryTrainingWrapper)
+        ]
 
     @contextlib.contextmanager
     def off(self) -> Iterator[None]:
@@ -113,12 +114,14 @@ class HarcTrainerMixin:
         if self.lr_scheduler is None and warmup:
             steps = self.args.get_warmup_steps(num_training_steps)
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer or self.optimizer, lambda step: min(1.0, (step + 1) / steps) if steps > 0 else 1.0)
+                optimizer or self.optimizer, lambda step: min(1.0, (step + 1) / steps) if steps > 0 else 1.0
+            )
             self._created_lr_scheduler = True
         return super().create_scheduler(num_training_steps, optimizer)
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         extras = {key: inputs.pop(key) for key in BATCH_KEYS if key in inputs}
         if not model.training or len(extras) != len(BATCH_KEYS):
             raise RuntimeError("stage: harc trains on its composed micro-batches only (no evaluation dataset).")
@@ -138,19 +141,29 @@ class HarcTrainerMixin:
         capture.read(state.layers)
         logits = outputs.logits
         directions = self._harc_directions(logits.device)
-        couple = coupling_loss(capture.post, capture.inst, directions.v_ref, directions.v_harm, harmful,
-                               args.harc_margin)
+        couple = coupling_loss(
+            capture.post, capture.inst, directions.v_ref, directions.v_harm, harmful, args.harc_margin
+        )
         zero = logits.new_zeros((), dtype=torch.float32)
         couple_resp = zero
         if coupled_response:
-            couple_resp = coupling_loss(capture.response, capture.response, directions.v_ref_resp,
-                                        directions.v_harm_resp, harmful, args.harc_margin)
+            couple_resp = coupling_loss(
+                capture.response,
+                capture.response,
+                directions.v_ref_resp,
+                directions.v_harm_resp,
+                harmful,
+                args.harc_margin,
+            )
         retain = extras["harc_retain_rows"]  # row indices from the collator: no nonzero (a host sync) in the step
         kl = zero
         if retain.numel():
             with torch.no_grad(), self._harc_adapters(inner).off():
-                reference = inner(input_ids=inputs["input_ids"][retain],
-                                  attention_mask=inputs["attention_mask"][retain], use_cache=False).logits
+                reference = inner(
+                    input_ids=inputs["input_ids"][retain],
+                    attention_mask=inputs["attention_mask"][retain],
+                    use_cache=False,
+                ).logits
             kl = kl_to_reference(logits[retain], reference, response[retain].to(logits.device))
         chosen = extras["harc_harmful_rows"]
         ce = refusal_cross_entropy(logits[chosen], labels[chosen]) if chosen.numel() else zero
@@ -186,7 +199,8 @@ class HarcTrainerMixin:
             args = self.harc_args
             cached = self._harc_weight_tensor = torch.tensor(
                 [args.harc_weight_couple, args.harc_weight_couple_resp, args.harc_weight_kl, args.harc_weight_ce],
-                device=device)
+                device=device,
+            )
         return cached
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -32,9 +32,11 @@ def check_band_depth(args: HarcArguments, context: Mapping[str, Any]) -> str:
     eligible = eligible_layers(depth, args.harc_band)
     if len(eligible) >= args.harc_layers_final:
         return ""
-    return (f"harc_band: {args.harc_band} leaves {len(eligible)} of the {depth} decoder layers of "
-            f"{context.get('model_path')} to couple, fewer than harc_layers_final: {args.harc_layers_final}. Lower "
-            "harc_band or harc_layers_final.")
+    return (
+        f"harc_band: {args.harc_band} leaves {len(eligible)} of the {depth} decoder layers of "
+        f"{context.get('model_path')} to couple, fewer than harc_layers_final: {args.harc_layers_final}. Lower "
+        "harc_band or harc_layers_final."
+    )
 
 
 FIELDS = (
@@ -45,9 +47,17 @@ FIELDS = (
     *row(4, "harc_extract_samples", "harc_validate_samples", "harc_eval"),
 )
 
-PANEL = build_panel(PanelDeclaration(
-    name="HARC", prefix="harc_", package=__package__, arguments=HarcArguments, parse=parse_harc_arguments,
-    fields=FIELDS, loss_plot=LossPlot(TrainingPlot(TERMS, "HARC terms")), dataset_from_panel=True,
-    dataset_hint="`llamafactory-hera harc-data --out DIR` writes the four role datasets under their keys' names.",
-    checks=(check_band_depth,),
-))
+PANEL = build_panel(
+    PanelDeclaration(
+        name="HARC",
+        prefix="harc_",
+        package=__package__,
+        arguments=HarcArguments,
+        parse=parse_harc_arguments,
+        fields=FIELDS,
+        loss_plot=LossPlot(TrainingPlot(TERMS, "HARC terms")),
+        dataset_from_panel=True,
+        dataset_hint="`llamafactory-hera harc-data --out DIR` writes the four role datasets under their keys' names.",
+        checks=(check_band_depth,),
+    )
+)

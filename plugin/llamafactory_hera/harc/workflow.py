@@ -45,54 +45,94 @@ class RunContext:
 
 
 HARC_RUN_RECORD = "harc_run.json"
-_HOST_KEYS = (("model_name_or_path", "adapter_name_or_path", "trust_remote_code"),
-              ("template", "dataset_dir", "cutoff_len"), ("finetuning_type",), ("seed", "output_dir"))
+_HOST_KEYS = (
+    ("model_name_or_path", "adapter_name_or_path", "trust_remote_code"),
+    ("template", "dataset_dir", "cutoff_len"),
+    ("finetuning_type",),
+    ("seed", "output_dir"),
+)
 
 
 def write_run_record(harc_args: HarcArguments, *holders: Any) -> None:
     """``harc_run.json`` in ``output_dir``: the HARC keys and the host keys that load the model and its role data again
     (read by ``llamafactory-hera eval``). ``holders``: model, data, fine-tuning and training arguments."""
-    host = {key: plain(getattr(holder, key, None)) for holder, keys in zip(holders, _HOST_KEYS, strict=True)
-            for key in keys}
+    host = {
+        key: plain(getattr(holder, key, None)) for holder, keys in zip(holders, _HOST_KEYS, strict=True) for key in keys
+    }
     record = {"stage": "harc", "llamafactory_hera_version": __version__, "settings": asdict(harc_args), "host": host}
     write_record(Path(holders[-1].output_dir) / HARC_RUN_RECORD, record)
 
 
-def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
-             generating_args: Any, callbacks: Any, harc_args: HarcArguments) -> None:
+def run_harc(
+    host: Any,
+    model_args: Any,
+    data_args: Any,
+    training_args: Any,
+    finetuning_args: Any,
+    generating_args: Any,
+    callbacks: Any,
+    harc_args: HarcArguments,
+) -> None:
     """Train (see the module docstring)."""
     run = RunContext(plot=bool(finetuning_args.plot_loss), smooth=host.smooth)
     say_again_on_board()  # LlamaBoard's log box lost the recipe checks' lines (a host warning)
     if training_args.should_save:
         write_run_record(harc_args, model_args, data_args, finetuning_args, training_args)
 
-    def get_dataset(template: Any, model_args: Any, data_args: Any, training_args: Any, stage: str = "sft",
-                    tokenizer: Any = None, processor: Any = None, **_: Any) -> dict[str, Any]:
+    def get_dataset(
+        template: Any,
+        model_args: Any,
+        data_args: Any,
+        training_args: Any,
+        stage: str = "sft",
+        tokenizer: Any = None,
+        processor: Any = None,
+        **_: Any,
+    ) -> dict[str, Any]:
         # main process first, as LLaMA-Factory's own get_dataset: the other ranks then read the datasets cache
-        with training_args.main_process_first(desc="load HARC's role datasets",
-                                              local=not getattr(data_args, "data_shared_file_system", False)):
+        with training_args.main_process_first(
+            desc="load HARC's role datasets", local=not getattr(data_args, "data_shared_file_system", False)
+        ):
             recipe = RecipeArgs(model_args, data_args, None)
-            rows = load_role_rows(harc_args, lambda name: load_aligned_rows(recipe, training_args.seed, [name],
-                                                                            training_args=training_args),
-                                  template, tokenizer, training_args.seed, say_once)
+            rows = load_role_rows(
+                harc_args,
+                lambda name: load_aligned_rows(recipe, training_args.seed, [name], training_args=training_args),
+                template,
+                tokenizer,
+                training_args.seed,
+                say_once,
+            )
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         run.rows, run.tokenizer, run.stop_ids = rows, tokenizer, stop_ids(tokenizer, template)
-        run.state = HarcState(harc_args, rows.extraction, (rows.validate_harmful, rows.validate_harmless), pad_id,
-                              progress_once)
-        sizes = {ROLE_HARMFUL: harc_args.harc_batch_harmful, ROLE_HARMLESS: harc_args.harc_batch_harmless,
-                 ROLE_PSEUDO: harc_args.harc_batch_pseudo}
-        dataset = ComposedMicroBatches(rows.train, sizes, training_args.seed, training_args.world_size
-                                       * training_args.per_device_train_batch_size
-                                       * training_args.gradient_accumulation_steps)
-        counts = ", ".join(f"{key[5:]} {c['train']} train / {c['extract']} extract / {c['validate']} validate"
-                           for key, c in rows.counts.items())
-        say_once(f"HARC: {counts}; micro-batches of {sum(sizes.values())} rows ({harc_args.harc_batch_harmful} "
-                 f"harmful, {harc_args.harc_batch_harmless} harmless, {harc_args.harc_batch_pseudo} pseudo), "
-                 f"{len(dataset)} per epoch, which reads {dataset.epoch_reads()}; margin {harc_args.harc_margin}, "
-                 f"weights couple {harc_args.harc_weight_couple} / couple_resp "
-                 f"{harc_args.harc_weight_couple_resp if harc_args.response_coupling else 0} / kl "
-                 f"{harc_args.harc_weight_kl} / ce {harc_args.harc_weight_ce}; refresh every "
-                 f"{harc_args.harc_refresh_steps} optimizer steps")
+        run.state = HarcState(
+            harc_args, rows.extraction, (rows.validate_harmful, rows.validate_harmless), pad_id, progress_once
+        )
+        sizes = {
+            ROLE_HARMFUL: harc_args.harc_batch_harmful,
+            ROLE_HARMLESS: harc_args.harc_batch_harmless,
+            ROLE_PSEUDO: harc_args.harc_batch_pseudo,
+        }
+        dataset = ComposedMicroBatches(
+            rows.train,
+            sizes,
+            training_args.seed,
+            training_args.world_size
+            * training_args.per_device_train_batch_size
+            * training_args.gradient_accumulation_steps,
+        )
+        counts = ", ".join(
+            f"{key[5:]} {c['train']} train / {c['extract']} extract / {c['validate']} validate"
+            for key, c in rows.counts.items()
+        )
+        say_once(
+            f"HARC: {counts}; micro-batches of {sum(sizes.values())} rows ({harc_args.harc_batch_harmful} "
+            f"harmful, {harc_args.harc_batch_harmless} harmless, {harc_args.harc_batch_pseudo} pseudo), "
+            f"{len(dataset)} per epoch, which reads {dataset.epoch_reads()}; margin {harc_args.harc_margin}, "
+            f"weights couple {harc_args.harc_weight_couple} / couple_resp "
+            f"{harc_args.harc_weight_couple_resp if harc_args.response_coupling else 0} / kl "
+            f"{harc_args.harc_weight_kl} / ce {harc_args.harc_weight_ce}; refresh every "
+            f"{harc_args.harc_refresh_steps} optimizer steps"
+        )
         return {"train_dataset": dataset, "eval_dataset": None}
 
     class HarcSeq2SeqTrainer(HarcTrainerMixin, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
@@ -106,5 +146,14 @@ def run_harc(host: Any, model_args: Any, data_args: Any, training_args: Any, fin
             return result
 
     with watchdog.watching(training_args, harc_args.harc_watchdog_timeout):
-        host.run(HarcCollator, HarcSeq2SeqTrainer, model_args, data_args, training_args, finetuning_args,
-                 generating_args, callbacks, get_dataset=get_dataset)
+        host.run(
+            HarcCollator,
+            HarcSeq2SeqTrainer,
+            model_args,
+            data_args,
+            training_args,
+            finetuning_args,
+            generating_args,
+            callbacks,
+            get_dataset=get_dataset,
+        )

@@ -87,8 +87,9 @@ def plan_layers(config: Any) -> list[LayerPlan]:
     wide = getattr(text, "global_head_dim", None)  # Gemma 4: full-attention layers use heads of this width
     dims = [int(wide) if wide and types and types[i] == "full_attention" else base_dim for i in range(count)]
     sources = _kv_sources(text)
-    return [LayerPlan(i, kinds[i], sources[i], dims[i] if kinds[i] is LayerKind.ATTENTION else None)
-            for i in range(count)]
+    return [
+        LayerPlan(i, kinds[i], sources[i], dims[i] if kinds[i] is LayerKind.ATTENTION else None) for i in range(count)
+    ]
 
 
 def _kv_sources(text: Any) -> list[int | None]:
@@ -130,8 +131,14 @@ def _loaded_layer(index: int, layer: nn.Module) -> DecoderLayer:
     from torch import nn  # lazy: a loaded model has torch; the config view (geometry, before loading) needs none
 
     attention = getattr(layer, "self_attn", None)
-    output = next((module for module in (getattr(attention, name, None) for name in ("o_proj", "out_proj"))
-                   if isinstance(module, nn.Module)), None)
+    output = next(
+        (
+            module
+            for module in (getattr(attention, name, None) for name in ("o_proj", "out_proj"))
+            if isinstance(module, nn.Module)
+        ),
+        None,
+    )
     if attention is not None and output is not None:
         shared = bool(getattr(attention, "is_kv_shared_layer", False))
         source = getattr(attention, "kv_shared_layer_index", None) if shared else None
@@ -139,11 +146,28 @@ def _loaded_layer(index: int, layer: nn.Module) -> DecoderLayer:
             source = _kv_sources(attention.config)[index]  # transformers >= 5.8 keeps no index: keyed by layer type
         head_dim = getattr(attention, "head_dim", None)
         value = getattr(attention, "v_proj", None)
-        return DecoderLayer(index, LayerKind.ATTENTION, source if shared else None,
-                            int(head_dim) if head_dim else None, layer, output, value,
-                            isinstance(value, nn.Linear) and isinstance(output, nn.Linear))
-    kind = next((kind for name, kind in (("cross_attn", LayerKind.CROSS), ("linear_attn", LayerKind.LINEAR),
-                                         ("conv", LayerKind.CONVOLUTION)) if hasattr(layer, name)), LayerKind.OTHER)
+        return DecoderLayer(
+            index,
+            LayerKind.ATTENTION,
+            source if shared else None,
+            int(head_dim) if head_dim else None,
+            layer,
+            output,
+            value,
+            isinstance(value, nn.Linear) and isinstance(output, nn.Linear),
+        )
+    kind = next(
+        (
+            kind
+            for name, kind in (
+                ("cross_attn", LayerKind.CROSS),
+                ("linear_attn", LayerKind.LINEAR),
+                ("conv", LayerKind.CONVOLUTION),
+            )
+            if hasattr(layer, name)
+        ),
+        LayerKind.OTHER,
+    )
     return DecoderLayer(index, kind, None, None, layer)
 
 
@@ -158,9 +182,11 @@ def head_projections(model: nn.Module) -> dict[int, nn.Module]:
     layers = decoder_layers(model)
     found = {layer.index: layer.output for layer in layers if layer.has_heads and layer.output is not None}
     if not found:
-        raise RecipeError(f"{type(model).__name__}: no decoder layer has softmax self-attention with a per-head output "
-                          f"projection ({describe(layers)}); llamafactory-hera splits that projection by head and "
-                          "cannot run on this architecture.")
+        raise RecipeError(
+            f"{type(model).__name__}: no decoder layer has softmax self-attention with a per-head output "
+            f"projection ({describe(layers)}); llamafactory-hera splits that projection by head and "
+            "cannot run on this architecture."
+        )
     return found
 
 
@@ -182,9 +208,12 @@ def trainable_upstream(model: nn.Module, layers: list[int]) -> dict[int, bool]:
     result: dict[int, bool] = {}
     for index in layers:
         earlier = any(p.requires_grad for layer in decoder_layers[:index] for p in layer.parameters())
-        own = any(p.requires_grad for name, p in decoder_layers[index].named_parameters()
-                  if (name.startswith("self_attn.") and not name.startswith("self_attn.o_proj."))
-                  or name.startswith("input_layernorm."))
+        own = any(
+            p.requires_grad
+            for name, p in decoder_layers[index].named_parameters()
+            if (name.startswith("self_attn.") and not name.startswith("self_attn.o_proj."))
+            or name.startswith("input_layernorm.")
+        )
         result[index] = outside or earlier or own
     return result
 

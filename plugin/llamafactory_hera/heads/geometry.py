@@ -66,9 +66,15 @@ def attention_geometry(config: Any) -> AttentionGeometry:
     hidden = int(text.hidden_size)
     head_dim = getattr(text, "head_dim", None) or hidden // num_heads
     plans = plan_layers(config)
-    return AttentionGeometry(int(text.num_hidden_layers), num_heads, int(head_dim), hidden,
-                             tuple(head_layers(plans)), tuple(str(plan.kind) for plan in plans),
-                             tuple(plan.head_dim for plan in plans))
+    return AttentionGeometry(
+        int(text.num_hidden_layers),
+        num_heads,
+        int(head_dim),
+        hidden,
+        tuple(head_layers(plans)),
+        tuple(str(plan.kind) for plan in plans),
+        tuple(plan.head_dim for plan in plans),
+    )
 
 
 def check_heads_fit(heads: list[HeadRef], geometry: AttentionGeometry, model_name: str) -> None:
@@ -92,6 +98,8 @@ def check_has_heads(geometry: AttentionGeometry, config: Any, stage: str) -> Non
     if geometry.head_layers:
         return
     kinds = sorted(set(geometry.kinds))
-    raise RecipeError(f"{stage} cannot run on model_type '{getattr(config, 'model_type', '?')}': none of its "
-                      f"{geometry.num_layers} decoder layers has softmax self-attention with a per-head output "
-                      f"projection (its layers: {', '.join(kinds)}). Use stage: sft for this model.")
+    raise RecipeError(
+        f"{stage} cannot run on model_type '{getattr(config, 'model_type', '?')}': none of its "
+        f"{geometry.num_layers} decoder layers has softmax self-attention with a per-head output "
+        f"projection (its layers: {', '.join(kinds)}). Use stage: sft for this model."
+    )

@@ -21,8 +21,10 @@ POOLINGS = ("assistant", "text")
 # vision_start_token_id, vision_end_token_id, vision_token_id, audio_token_id, boi_token_index, ...
 _CONFIG_TOKEN_ATTR = re.compile(r"^(image|video|vision|audio|boi|eoi|boa|eoa)\w*_token_(id|index)$")
 # processor / mm_plugin attributes holding one multimodal token string
-_STRING_TOKEN_ATTR = re.compile(r"^((image|video|vision|audio)\w*_token|(start|end)_(image|video)_token|"
-                                r"(boi|eoi|boa|eoa)_token|\w*context_image_token)$")
+_STRING_TOKEN_ATTR = re.compile(
+    r"^((image|video|vision|audio)\w*_token|(start|end)_(image|video)_token|"
+    r"(boi|eoi|boa|eoa)_token|\w*context_image_token)$"
+)
 
 
 def _config_token_ids(config: Any) -> set[int]:
@@ -50,8 +52,9 @@ def _string_tokens(holder: Any) -> set[str]:
     return tokens
 
 
-def multimodal_token_ids(config: Any, processor: Any = None, tokenizer: Any = None,
-                         mm_plugin: Any = None) -> frozenset[int]:
+def multimodal_token_ids(
+    config: Any, processor: Any = None, tokenizer: Any = None, mm_plugin: Any = None
+) -> frozenset[int]:
     """Ids of every multimodal placeholder token (image, video, audio, vision start/end/pad) the model uses: from
     ``config``, and the ``image_token`` etc. of ``processor`` and of LLaMA-Factory's ``template.mm_plugin`` converted
     by ``tokenizer`` (default ``processor.tokenizer``; a string it does not know as a single token is skipped)."""
@@ -79,7 +82,8 @@ def require_multimodal_ids(ids: frozenset[int], model_type: str) -> frozenset[in
             f"stage: hera: found no multimodal placeholder token (image_token_id / image_token_index / video_token_id "
             f"...) in the config of model_type '{model_type}', its processor or the template's mm_plugin, so HeRA "
             "cannot tell where a sample's image is and would pool nothing. Use a multimodal model with its "
-            "LLaMA-Factory template (e.g. template: qwen2_vl, llava).")
+            "LLaMA-Factory template (e.g. template: qwen2_vl, llava)."
+        )
     return ids
 
 
@@ -91,8 +95,13 @@ def multimodal_positions(input_ids: torch.Tensor, multimodal_ids: Collection[int
     return torch.isin(input_ids, table)
 
 
-def pooled_token_mask(labels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      pooling: str, multimodal_ids: Iterable[int] | int | None) -> torch.Tensor:
+def pooled_token_mask(
+    labels: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    pooling: str,
+    multimodal_ids: Iterable[int] | int | None,
+) -> torch.Tensor:
     """``[B, T]`` bool mask of the tokens averaged into a head representation (see the module docstring).
 
     ``labels``: ``[B, T]`` unshifted (-100: no loss); ``attention_mask``: ``[B, T]`` (1 = attended) or None (other

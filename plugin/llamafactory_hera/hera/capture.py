@@ -78,9 +78,12 @@ class InCallColumns:
                 self.partitioned = self.armed and is_zero3_partition(module.weight)
             if self.partitioned:
                 weight, cols = module.weight, None if columns is None else self._columns_on(module.weight.device)
-                self.pieces[key] = (base_weight_columns(module, cols).detach()  # read as its forward does: a
-                                    if module is self.base and not weight.requires_grad  # copy, dequantized if 4-bit
-                                    else _CopyWithGradient.apply(weight, cols))
+                self.pieces[key] = (
+                    base_weight_columns(module, cols).detach()  # read as its forward does: a
+                    if module is self.base and not weight.requires_grad  # copy, dequantized if 4-bit
+                    else _CopyWithGradient.apply(weight, cols)
+                )
+
         # first: before DeepSpeed's hook releases the gathered weight
         module.register_forward_hook(hook, prepend=True)
 
@@ -94,10 +97,12 @@ class InCallColumns:
         """PEFT's DoRA ``get_weight_norm(weight, lora_weight, scaling)``, which also keeps ``||W + s B A||_row`` in
         float32 (``projection.dora_row_norm``, as the other engines' path) from the weights PEFT's forward gathered
         for it."""
+
         def reading(weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float) -> torch.Tensor:
             if self.partitioned:
                 self.pieces[("norm", name)] = dora_row_norm(weight, lora_weight, scaling)
             return get_weight_norm(weight, lora_weight, scaling)
+
         return reading
 
     def take(self) -> torch.Tensor | None:
@@ -106,15 +111,30 @@ class InCallColumns:
         if "weight" not in pieces:
             return None
         _, adapters = base_and_adapters(self.o_proj)
-        needed = [(kind, name) for name in adapters for kind in (
-            "lora_a", "lora_b", *(("magnitude", "norm") if self.o_proj.use_dora.get(name, False) else ()))]
+        needed = [
+            (kind, name)
+            for name in adapters
+            for kind in ("lora_a", "lora_b", *(("magnitude", "norm") if self.o_proj.use_dora.get(name, False) else ()))
+        ]
         if missing := [key for key in needed if key not in pieces]:
-            raise RuntimeError(f"HeRA: o_proj's {missing} were not seen in its call under ZeRO-3; PEFT's LoRA layer "
-                               "did not call them in its forward.")
-        return combined(pieces["weight"], [AdapterColumns(
-            pieces[("lora_a", name)], pieces[("lora_b", name)], self.o_proj.scaling[name],
-            (pieces[("magnitude", name)], pieces[("norm", name)]) if self.o_proj.use_dora.get(name, False) else None)
-            for name in adapters])
+            raise RuntimeError(
+                f"HeRA: o_proj's {missing} were not seen in its call under ZeRO-3; PEFT's LoRA layer "
+                "did not call them in its forward."
+            )
+        return combined(
+            pieces["weight"],
+            [
+                AdapterColumns(
+                    pieces[("lora_a", name)],
+                    pieces[("lora_b", name)],
+                    self.o_proj.scaling[name],
+                    (pieces[("magnitude", name)], pieces[("norm", name)])
+                    if self.o_proj.use_dora.get(name, False)
+                    else None,
+                )
+                for name in adapters
+            ],
+        )
 
 
 class HeadCapture:
@@ -134,15 +154,18 @@ class HeadCapture:
         o_projs = head_projections(model)
         missing = sorted({ref.layer for ref in heads} - set(o_projs))
         if missing:
-            raise ValueError(f"decoder layer(s) {missing} of the loaded model have no heads (layers with heads: "
-                             f"{sorted(o_projs)}); the config's plan said {list(geometry.head_layers)}")
+            raise ValueError(
+                f"decoder layer(s) {missing} of the loaded model have no heads (layers with heads: "
+                f"{sorted(o_projs)}); the config's plan said {list(geometry.head_layers)}"
+            )
         self._by_layer: dict[int, list[int]] = defaultdict(list)
         for ref in self.heads:
             self._by_layer[ref.layer].append(ref.head)
         self._modules = {layer: o_projs[layer] for layer in self._by_layer}
-        self._in_call = {layer: InCallColumns(self._modules[layer], head_columns(self._by_layer[layer],
-                                                                                 geometry.head_dim_of(layer)))
-                         for layer in self._by_layer}
+        self._in_call = {
+            layer: InCallColumns(self._modules[layer], head_columns(self._by_layer[layer], geometry.head_dim_of(layer)))
+            for layer in self._by_layer
+        }
         self._armed = False
         self._inputs: dict[int, torch.Tensor] = {}
         self.fed_by_trainable = trainable_upstream(model, sorted(self._by_layer))
@@ -188,14 +211,18 @@ class HeadCapture:
         if missing:
             raise RuntimeError(f"o_proj of layers {missing} did not run in this forward pass")
         # scanned on the checked steps only
-        if check_gradient and (cut := [layer for layer, x in sorted(inputs.items())
-                                       if self.fed_by_trainable[layer] and not x.requires_grad]):
+        if check_gradient and (
+            cut := [
+                layer for layer, x in sorted(inputs.items()) if self.fed_by_trainable[layer] and not x.requires_grad
+            ]
+        ):
             raise RecipeError(
                 f"HeRA: the o_proj input of layer(s) {cut} carries no gradient although trainable parameters feed "
                 "it, so the HeRA gradient would reach only the selected heads' W_O columns. The forward ran without "
                 "autograd: a gradient checkpointing that runs that layer under torch.no_grad (use_unsloth_gc, or a "
                 "custom checkpointing function HeRA cannot make non-reentrant) is the usual cause. "
-                "Remove use_unsloth_gc / set use_reentrant_gc: false.")
+                "Remove use_unsloth_gc / set use_reentrant_gc: false."
+            )
         reps: dict[HeadRef, torch.Tensor] = {}
         for layer, x_heads in inputs.items():
             if x_heads.shape[:2] != weights.shape:

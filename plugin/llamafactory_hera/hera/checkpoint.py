@@ -31,16 +31,26 @@ def save_state(folder: str, hera_args: Any, log_tau: torch.Tensor) -> None:
     value = float(log_tau.detach().cpu())
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, HERA_STATE_NAME), "w", encoding="utf-8") as handle:
-        json.dump({"version": __version__, "log_temperature": value, "temperature": math.exp(value),
-                   "heads": list(hera_args.hera_heads), "hera_args": asdict(hera_args)}, handle, indent=2)
+        json.dump(
+            {
+                "version": __version__,
+                "log_temperature": value,
+                "temperature": math.exp(value),
+                "heads": list(hera_args.hera_heads),
+                "hera_args": asdict(hera_args),
+            },
+            handle,
+            indent=2,
+        )
 
 
 def _queue_file(folder: str, process_index: int) -> str:
     return os.path.join(folder, f"hera_queue_rank{process_index}.pt")
 
 
-def save_optimizer_state(folder: str, tau_optimizer: torch.optim.Optimizer | None, queue: Any, process_index: int,
-                         should_save: bool) -> None:
+def save_optimizer_state(
+    folder: str, tau_optimizer: torch.optim.Optimizer | None, queue: Any, process_index: int, should_save: bool
+) -> None:
     """The temperature's own optimizer (DeepSpeed) and this rank's feature queue, beside the Trainer's optimizer."""
     if tau_optimizer is not None and should_save:
         torch.save(tau_optimizer.state_dict(), os.path.join(folder, TAU_OPTIMIZER_NAME))
@@ -48,8 +58,15 @@ def save_optimizer_state(folder: str, tau_optimizer: torch.optim.Optimizer | Non
         torch.save(queue.state_dict(), _queue_file(folder, process_index))
 
 
-def load_state(checkpoint: str, hera_args: Any, log_tau: torch.Tensor, tau_optimizer: torch.optim.Optimizer | None,
-               queue: Any, process_index: int, device: torch.device) -> None:
+def load_state(
+    checkpoint: str,
+    hera_args: Any,
+    log_tau: torch.Tensor,
+    tau_optimizer: torch.optim.Optimizer | None,
+    queue: Any,
+    process_index: int,
+    device: torch.device,
+) -> None:
     """Restore what :func:`save_state` and :func:`save_optimizer_state` wrote (resume_from_checkpoint); refuse a
     checkpoint without ``hera_state.json`` or of other heads."""
     tau_file = os.path.join(checkpoint, TAU_OPTIMIZER_NAME)
@@ -61,12 +78,16 @@ def load_state(checkpoint: str, hera_args: Any, log_tau: torch.Tensor, tau_optim
         queue.load_state_dict(load_on_cpu(queue_file), device)
     path = os.path.join(checkpoint, HERA_STATE_NAME)
     if not os.path.isfile(path):
-        raise RecipeError(f"resume_from_checkpoint: {checkpoint} has no {HERA_STATE_NAME}; it was not "
-                          "written by a HeRA run. Resume from a HeRA checkpoint or start a fresh run.")
+        raise RecipeError(
+            f"resume_from_checkpoint: {checkpoint} has no {HERA_STATE_NAME}; it was not "
+            "written by a HeRA run. Resume from a HeRA checkpoint or start a fresh run."
+        )
     with open(path, encoding="utf-8") as handle:
         state = json.load(handle)
     if state["heads"] != list(hera_args.hera_heads):
-        raise RecipeError(f"hera_heads: the checkpoint {checkpoint} trained heads {state['heads']} but the recipe "
-                          f"says {hera_args.hera_heads}; resume with the same heads or start a fresh run.")
+        raise RecipeError(
+            f"hera_heads: the checkpoint {checkpoint} trained heads {state['heads']} but the recipe "
+            f"says {hera_args.hera_heads}; resume with the same heads or start a fresh run."
+        )
     with torch.no_grad():
         log_tau.fill_(state["log_temperature"])

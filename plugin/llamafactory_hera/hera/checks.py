@@ -36,30 +36,45 @@ ZERO3_FROZEN_RECOMPUTE_FIX = Version("0.19.3")
 _INCOMPATIBLE = (
     # neat_packing first: LLaMA-Factory turns packing on when neat_packing is set
     ("neat_packing", "data", "packed sequences mix several samples in one row"),
-    ("packing", "data", "packed sequences mix several samples in one row, so per-sample head representations "
-     "and teacher neighbours cannot be formed"),
+    (
+        "packing",
+        "data",
+        "packed sequences mix several samples in one row, so per-sample head representations "
+        "and teacher neighbours cannot be formed",
+    ),
     ("use_mca", "finetuning", "Megatron-Core training does not use the SFT trainer HeRA extends"),
     ("use_hyper_parallel", "finetuning", "the hyper-parallel SFT workflow does not use the trainer HeRA extends"),
     ("use_kt", "model", "KTransformers replaces the attention modules whose o_proj HeRA reads"),
     ("use_unsloth", "model", "Unsloth replaces the attention kernels and its own gradient checkpointing"),
-    ("use_unsloth_gc", "model", "Unsloth's gradient checkpointing runs each layer's forward under torch.no_grad, so "
-     "the captured o_proj inputs carry no gradient and HeRA would train only the selected heads' W_O columns; "
-     "HeRA runs the layers of its heads under LLaMA-Factory's non-reentrant checkpointing, which keeps the gradient"),
-    ("galore_layerwise", "finetuning", "layer-wise GaLore updates inside backward hooks and skips the temperature "
-     "parameter group"),
-    ("apollo_layerwise", "finetuning", "layer-wise APOLLO updates inside backward hooks and skips the temperature "
-     "parameter group"),
+    (
+        "use_unsloth_gc",
+        "model",
+        "Unsloth's gradient checkpointing runs each layer's forward under torch.no_grad, so "
+        "the captured o_proj inputs carry no gradient and HeRA would train only the selected heads' W_O columns; "
+        "HeRA runs the layers of its heads under LLaMA-Factory's non-reentrant checkpointing, which keeps the gradient",
+    ),
+    (
+        "galore_layerwise",
+        "finetuning",
+        "layer-wise GaLore updates inside backward hooks and skips the temperature parameter group",
+    ),
+    (
+        "apollo_layerwise",
+        "finetuning",
+        "layer-wise APOLLO updates inside backward hooks and skips the temperature parameter group",
+    ),
 )
 
 
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
     """Checks on the recipe's own keys, before LLaMA-Factory parses them: DeepSpeed with fp16 and a learned temperature
     (its refusal says why), named heads outside a local model (:func:`check_heads_before_parse`)."""
-    if (raw_value(host_args, "deepspeed") and truthy(raw_value(host_args, "fp16"))
-            and hera_args.hera_learn_temperature):
-        raise RecipeError("stage: hera cannot learn the temperature under DeepSpeed with fp16: true (the temperature's "
-                          "own optimizer would step on loss-scaled gradients and would not skip overflow steps). Use "
-                          "bf16: true, or set hera_learn_temperature: false.")
+    if raw_value(host_args, "deepspeed") and truthy(raw_value(host_args, "fp16")) and hera_args.hera_learn_temperature:
+        raise RecipeError(
+            "stage: hera cannot learn the temperature under DeepSpeed with fp16: true (the temperature's "
+            "own optimizer would step on loss-scaled gradients and would not skip overflow steps). Use "
+            "bf16: true, or set hera_learn_temperature: false."
+        )
     check_heads_before_parse(host_args, hera_args)
 
 
@@ -87,9 +102,11 @@ def check_heads_of(hera_args: HeraArguments, config: Any, model: str) -> Any:
     if not hera_args.auto_heads:
         check_heads_fit(hera_args.head_refs, geometry, model)
     elif hera_args.hera_select_num_heads > geometry.num_model_heads:
-        raise RecipeError(f"hera_select_num_heads: got {hera_args.hera_select_num_heads}; allowed range is 1.."
-                          f"{geometry.num_model_heads} (the heads of {model}, in layers "
-                          f"{layer_list(list(geometry.head_layers))}).")
+        raise RecipeError(
+            f"hera_select_num_heads: got {hera_args.hera_select_num_heads}; allowed range is 1.."
+            f"{geometry.num_model_heads} (the heads of {model}, in layers "
+            f"{layer_list(list(geometry.head_layers))})."
+        )
     return geometry
 
 
@@ -98,10 +115,12 @@ def check_trains(training_args: Any) -> None:
     align), and the run ended at the frozen-heads check after the model loaded, with advice about lora_target."""
     if getattr(training_args, "do_train", True):
         return
-    raise RecipeError("do_train: false: stage: hera trains (its loss exists only in training steps; LLaMA-Factory's "
-                      "do_train is false when the recipe does not set it). Set do_train: true. To evaluate or predict "
-                      "with a trained HeRA run, use llamafactory-hera eval OUTPUT_DIR, or stage: sft with "
-                      "adapter_name_or_path: OUTPUT_DIR (LoRA) or model_name_or_path: OUTPUT_DIR (full, freeze).")
+    raise RecipeError(
+        "do_train: false: stage: hera trains (its loss exists only in training steps; LLaMA-Factory's "
+        "do_train is false when the recipe does not set it). Set do_train: true. To evaluate or predict "
+        "with a trained HeRA run, use llamafactory-hera eval OUTPUT_DIR, or stage: sft with "
+        "adapter_name_or_path: OUTPUT_DIR (LoRA) or model_name_or_path: OUTPUT_DIR (full, freeze)."
+    )
 
 
 def check_multimodal(model_args: Any, data_args: Any, config: Any) -> None:
@@ -109,20 +128,25 @@ def check_multimodal(model_args: Any, data_args: Any, config: Any) -> None:
     input" came after the tokenization otherwise)."""
     kind = str(getattr(config, "model_type", "?"))
     if getattr(config, "vision_config", None) is None:
-        raise RecipeError(f"model_name_or_path: {model_args.model_name_or_path} is a text-only model ({kind}); stage: "
-                          "hera aligns a multimodal model's attention heads with an image teacher. Use an MLLM (e.g. "
-                          "Qwen/Qwen2.5-VL-7B-Instruct with template: qwen2_vl), or stage: sft.")
+        raise RecipeError(
+            f"model_name_or_path: {model_args.model_name_or_path} is a text-only model ({kind}); stage: "
+            "hera aligns a multimodal model's attention heads with an image teacher. Use an MLLM (e.g. "
+            "Qwen/Qwen2.5-VL-7B-Instruct with template: qwen2_vl), or stage: sft."
+        )
     name = getattr(data_args, "template", None)
     template = template_tokens().get(name) if name else None
     if not name or (template is not None and not template.multimodal):
         what = f"template: {name} has no image plugin" if name else "template: not set"
-        raise RecipeError(f"{what}; stage: hera trains on image rows of {model_args.model_name_or_path} ({kind}), "
-                          "whose image tokens the template's plugin inserts. Set the model's multimodal template "
-                          "(e.g. qwen2_vl for Qwen2.5-VL, qwen3_vl for Qwen3-VL, llava for LLaVA-1.5).")
+        raise RecipeError(
+            f"{what}; stage: hera trains on image rows of {model_args.model_name_or_path} ({kind}), "
+            "whose image tokens the template's plugin inserts. Set the model's multimodal template "
+            "(e.g. qwen2_vl for Qwen2.5-VL, qwen3_vl for Qwen3-VL, llava for LLaVA-1.5)."
+        )
 
 
-def zero3_frozen_recompute_warning(finetuning_type: str, zero3: bool, checkpointing: bool,
-                                    deepspeed_version: str) -> str | None:
+def zero3_frozen_recompute_warning(
+    finetuning_type: str, zero3: bool, checkpointing: bool, deepspeed_version: str
+) -> str | None:
     """The warning for LoRA under ZeRO-3 with gradient checkpointing on a DeepSpeed before
     :data:`ZERO3_FROZEN_RECOMPUTE_FIX`: HeRA's heads' layers run non-reentrant checkpointing, and their frozen base
     weights fail its recompute."""
@@ -132,15 +156,23 @@ def zero3_frozen_recompute_warning(finetuning_type: str, zero3: bool, checkpoint
         return None
     if not (affected and zero3 and checkpointing and finetuning_type == "lora"):
         return None
-    return (f"[llamafactory-hera] warning: DeepSpeed ZeRO-3 with finetuning_type: lora and gradient checkpointing on "
-            f"deepspeed {deepspeed_version}: HeRA runs its heads' layers under non-reentrant checkpointing, whose "
-            "recompute of their frozen base weights can fail in backward (CheckpointError ... recomputed shape [0]) "
-            "before deepspeed 0.19.3 (deepspeedai/DeepSpeed#8148). Upgrade deepspeed, or use ZeRO-2 "
-            "(recipes/deepspeed/ds_z2_config.json).")
+    return (
+        f"[llamafactory-hera] warning: DeepSpeed ZeRO-3 with finetuning_type: lora and gradient checkpointing on "
+        f"deepspeed {deepspeed_version}: HeRA runs its heads' layers under non-reentrant checkpointing, whose "
+        "recompute of their frozen base weights can fail in backward (CheckpointError ... recomputed shape [0]) "
+        "before deepspeed 0.19.3 (deepspeedai/DeepSpeed#8148). Upgrade deepspeed, or use ZeRO-2 "
+        "(recipes/deepspeed/ds_z2_config.json)."
+    )
 
 
-def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
-                       generating_args: Any, hera_args: HeraArguments) -> None:
+def validate_host_args(
+    model_args: Any,
+    data_args: Any,
+    training_args: Any,
+    finetuning_args: Any,
+    generating_args: Any,
+    hera_args: HeraArguments,
+) -> None:
     """Refuse settings HeRA cannot honour. Heads and teacher are checked from their configs, so both fail in seconds,
     before the MLLM is loaded. Gradient checkpointing stays the recipe's: the trainer switches only the layers that
     hold selected heads to the non-reentrant kind (:mod:`llamafactory_hera.training.layer_checkpointing`)."""
@@ -149,29 +181,40 @@ def validate_host_args(model_args: Any, data_args: Any, training_args: Any, fine
     check_run_inputs(model_args, data_args, training_args, stage="hera")
     for attribute, holder, why in _INCOMPATIBLE:
         if getattr(holders[holder], attribute, False):
-            raise RecipeError(f"stage: hera cannot run with {attribute}: true ({why}). Remove {attribute} or use "
-                              "stage: sft.")
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                        trust_remote_code=getattr(model_args, "trust_remote_code", False))
+            raise RecipeError(
+                f"stage: hera cannot run with {attribute}: true ({why}). Remove {attribute} or use stage: sft."
+            )
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=getattr(model_args, "trust_remote_code", False)
+    )
     check_quantization(model_args, config, "hera", "W_O per head", bool(getattr(finetuning_args, "use_dora", False)))
     check_multimodal(model_args, data_args, config)
     geometry = check_heads_of(hera_args, config, str(model_args.model_name_or_path))
     adapters = model_args.adapter_name_or_path
-    check_adapter_fits(adapters if isinstance(adapters, list) else [adapters] if adapters else [],
-                       geometry.hidden_size, {geometry.num_heads * geometry.head_dim_of(layer)
-                                              for layer in geometry.head_layers or range(geometry.num_layers)},
-                       str(model_args.model_name_or_path))
+    check_adapter_fits(
+        adapters if isinstance(adapters, list) else [adapters] if adapters else [],
+        geometry.hidden_size,
+        {
+            geometry.num_heads * geometry.head_dim_of(layer)
+            for layer in geometry.head_layers or range(geometry.num_layers)
+        },
+        str(model_args.model_name_or_path),
+    )
     check_teacher_source(hera_args.hera_teacher, hera_args.hera_teacher_feature)
     if hera_args.auto_heads and getattr(training_args, "process_index", 0) == 0:
-        warning = short_ddp_timeout_warning(int(getattr(training_args, "world_size", 1)),
-                                            getattr(training_args, "ddp_timeout", None))
+        warning = short_ddp_timeout_warning(
+            int(getattr(training_args, "world_size", 1)), getattr(training_args, "ddp_timeout", None)
+        )
         if warning:
             print(warning, flush=True)
     if getattr(training_args, "deepspeed", None) and getattr(training_args, "process_index", 0) == 0:
         warning = zero3_frozen_recompute_warning(
-            str(getattr(finetuning_args, "finetuning_type", "")), is_deepspeed_zero3_enabled(),
+            str(getattr(finetuning_args, "finetuning_type", "")),
+            is_deepspeed_zero3_enabled(),
             not getattr(model_args, "disable_gradient_checkpointing", False)
-            or bool(getattr(training_args, "gradient_checkpointing", False)), host_version("deepspeed"))
+            or bool(getattr(training_args, "gradient_checkpointing", False)),
+            host_version("deepspeed"),
+        )
         if warning:
             print(warning, flush=True)
     geometry = contrastive_geometry(hera_args, training_args.per_device_train_batch_size, training_args.world_size)
@@ -195,8 +238,11 @@ def check_adapter_fits(adapters: list[str], hidden_size: int, attention_widths: 
                     raise RecipeError(
                         f"adapter_name_or_path: {adapter} was trained on another base model (its o_proj LoRA expects "
                         f"inputs of width {shape[1]}, {model_name} has {widths}; the adapter's base is "
-                        f"{base or 'unknown'}). Use an adapter of this base model.")
+                        f"{base or 'unknown'}). Use an adapter of this base model."
+                    )
                 if ".self_attn.o_proj.lora_B" in name and shape[0] != hidden_size:
-                    raise RecipeError(f"adapter_name_or_path: {adapter} was trained on another base model (o_proj "
-                                      f"output width {shape[0]}, {model_name} has {hidden_size}). Use an adapter of "
-                                      "this base model.")
+                    raise RecipeError(
+                        f"adapter_name_or_path: {adapter} was trained on another base model (o_proj "
+                        f"output width {shape[0]}, {model_name} has {hidden_size}). Use an adapter of "
+                        "this base model."
+                    )

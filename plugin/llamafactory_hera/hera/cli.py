@@ -1,7 +1,7 @@
 """HeRA's verbs of ``llamafactory-hera`` (added by :func:`add_verbs`, declared in :mod:`llamafactory_hera.methods`).
 
-    llamafactory-hera select RECIPE.yaml [options]     score every head by MKNN, write hera_heads into the recipe
-    llamafactory-hera select --report RUN_DIR [opts]   score a trained run's heads before/after training
+llamafactory-hera select RECIPE.yaml [options]     score every head by MKNN, write hera_heads into the recipe
+llamafactory-hera select --report RUN_DIR [opts]   score a trained run's heads before/after training
 """
 
 from __future__ import annotations
@@ -25,38 +25,63 @@ def _field(key: str) -> Field:
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
     """Add ``select`` to the ``llamafactory-hera`` sub-command parsers; verb -> handler."""
     select = commands.add_parser(
-        "select", help="Rank every attention head by MKNN alignment with the teacher and write the chosen heads.",
+        "select",
+        help="Rank every attention head by MKNN alignment with the teacher and write the chosen heads.",
         description="Rank every attention head (layer x head) by its MKNN alignment with the vision teacher on "
         "image-caption pairs of the recipe's dataset and write the chosen heads into the recipe as hera_heads. "
         "Model, adapter, template, dataset, teacher and k are read from the recipe. With --report RUN_DIR, score a "
-        "trained run's heads before and after training instead.")
+        "trained run's heads before and after training instead.",
+    )
     select.add_argument("recipe", nargs="?", type=Path, help="LLaMA-Factory training recipe (YAML)")
-    select.add_argument("--report", type=Path, metavar="RUN_DIR",
-                        help="a finished HeRA run's output_dir: before/after heatmaps and a delta table")
+    select.add_argument(
+        "--report",
+        type=Path,
+        metavar="RUN_DIR",
+        help="a finished HeRA run's output_dir: before/after heatmaps and a delta table",
+    )
     for flag, kind, key, what in RECIPE_BACKED:
         choices = _field(key).metadata.get("choices")
         options = {"choices": choices} if choices else {"type": kind}
-        select.add_argument(flag, default=None, **options,
-                            help=f"{what} (default: the recipe's {key}, else {_field(key).default})")
-    select.add_argument("--seed", type=int, default=None,
-                        help="sampling seed (default: the recipe's seed, else 42, the Trainer's default, as "
-                        "hera_heads: auto uses)")
+        select.add_argument(
+            flag, default=None, **options, help=f"{what} (default: the recipe's {key}, else {_field(key).default})"
+        )
+    select.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sampling seed (default: the recipe's seed, else 42, the Trainer's default, as hera_heads: auto uses)",
+    )
     select.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    select.add_argument("--dtype", default=None, choices=DTYPES,
-                        help="the model's dtype while scoring (default: the recipe's, or with --report the run's: "
-                        "bfloat16 with bf16: true or pure_bf16: true, float16 with fp16: true, else float32; pooled "
-                        "representations, teacher features and neighbours are float32 in every case)")
-    select.add_argument("--dataset", default=None, help="comma-separated dataset names from the recipe's "
-                        "dataset_dir (default: the recipe's dataset; with --report, use held-out data here)")
+    select.add_argument(
+        "--dtype",
+        default=None,
+        choices=DTYPES,
+        help="the model's dtype while scoring (default: the recipe's, or with --report the run's: "
+        "bfloat16 with bf16: true or pure_bf16: true, float16 with fp16: true, else float32; pooled "
+        "representations, teacher features and neighbours are float32 in every case)",
+    )
+    select.add_argument(
+        "--dataset",
+        default=None,
+        help="comma-separated dataset names from the recipe's "
+        "dataset_dir (default: the recipe's dataset; with --report, use held-out data here)",
+    )
     select.add_argument("--output", type=Path, default=None, help="write a new recipe here instead of editing RECIPE")
     select.add_argument("--force", action="store_true", help="replace explicit hera_heads / an existing --output")
     select.add_argument("--dry-run", action="store_true", help="score and report, write no recipe")
-    select.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                        help="with --report: resamples of the pairs for each head's interval (default 1000; at least "
-                        "100)")
-    select.add_argument("--verbose", action="store_true",
-                        help="print the host's loading output (transformers, LLaMA-Factory, warnings) here; by default "
-                        "it goes to a log next to the outputs (RECIPE.hera_selection.log, RUN_DIR/hera_report.log)")
+    select.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="with --report: resamples of the pairs for each head's interval (default 1000; at least 100)",
+    )
+    select.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the host's loading output (transformers, LLaMA-Factory, warnings) here; by default "
+        "it goes to a log next to the outputs (RECIPE.hera_selection.log, RUN_DIR/hera_report.log)",
+    )
     return {"select": run_select_verb}
 
 
@@ -66,8 +91,10 @@ def run_select_verb(args: argparse.Namespace) -> None:
     from llamafactory_hera.hera.selection.select import check_device
 
     if nodes := several_nodes():  # before anything loads
-        raise RecipeError(f"{nodes}: llamafactory-hera select runs as one process on one node; launched on several "
-                          "nodes, each would score every head and write the recipe. Run it once, on one node.")
+        raise RecipeError(
+            f"{nodes}: llamafactory-hera select runs as one process on one node; launched on several "
+            "nodes, each would score every head and write the recipe. Run it once, on one node."
+        )
     check_device(args.device)
     if args.report is not None:
         from llamafactory_hera.hera.selection.report import run_report  # lazy: as check_device

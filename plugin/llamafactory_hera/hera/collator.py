@@ -22,15 +22,25 @@ from llamafactory_hera.hera.teacher import open_image
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, image_identity, image_key
 from llamafactory_hera_patches.errors import RecipeError
 
-HERA_BATCH_KEYS = ("hera_pixel_values", "hera_pixel_keys", "hera_image_counts", "hera_image_keys", "hera_token_mask",
-                   "hera_anchor_index", "hera_sample_counts")
+HERA_BATCH_KEYS = (
+    "hera_pixel_values",
+    "hera_pixel_keys",
+    "hera_image_counts",
+    "hera_image_keys",
+    "hera_token_mask",
+    "hera_anchor_index",
+    "hera_sample_counts",
+)
 
 
 def collator_token_sources(collator: Any) -> dict[str, Any]:
     """Processor, tokenizer and LLaMA-Factory mm_plugin known to the SFT collator (for multimodal token ids)."""
     template = getattr(collator, "template", None)
-    return {"processor": getattr(collator, "processor", None), "tokenizer": getattr(collator, "tokenizer", None),
-            "mm_plugin": getattr(template, "mm_plugin", None)}
+    return {
+        "processor": getattr(collator, "processor", None),
+        "tokenizer": getattr(collator, "tokenizer", None),
+        "mm_plugin": getattr(template, "mm_plugin", None),
+    }
 
 
 def describe_image(image: Any, rows: dict[str, int]) -> str:
@@ -83,8 +93,13 @@ class HeraCollatorMixin:
         batch["hera_image_keys"] = keys
         batch["hera_image_counts"] = torch.tensor(counts, dtype=torch.long)
         if self.hera_multimodal_ids is not None and "labels" in batch:  # the pooled tokens, anchors, sample counts
-            mask = pooled_token_mask(batch["labels"], batch["input_ids"], batch.get("attention_mask"),
-                                     self.hera_pooling, self.hera_multimodal_ids)
+            mask = pooled_token_mask(
+                batch["labels"],
+                batch["input_ids"],
+                batch.get("attention_mask"),
+                self.hera_pooling,
+                self.hera_multimodal_ids,
+            )
             has_tokens = mask.any(-1).tolist()
             anchors = [i for i, (n, pooled) in enumerate(zip(counts, has_tokens, strict=True)) if n > 0 and pooled]
             batch["hera_token_mask"] = mask

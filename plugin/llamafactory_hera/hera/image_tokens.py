@@ -40,13 +40,23 @@ def _aligned_row(index: int, image: Any, aligned: Any, rows: dict[str, int], tok
     return rows.get(_path(image)) if isinstance(_path(image), str) else None
 
 
-def check_image_tokens(tokenized: Any, aligned: Any, rows: dict[str, int], template: Any,
-                       tokenizer_module: dict[str, Any], cutoff_len: int, data: str) -> None:
+def check_image_tokens(
+    tokenized: Any,
+    aligned: Any,
+    rows: dict[str, int],
+    template: Any,
+    tokenizer_module: dict[str, Any],
+    cutoff_len: int,
+    data: str,
+) -> None:
     """Refuse the first row of ``tokenized`` (LLaMA-Factory's tokenized training rows, ``input_ids``, ``labels``,
     ``images``) whose image tokens ``cutoff_len`` cut; ``aligned``: the rows before tokenization, found by their first
     image's path in ``rows`` (path -> aligned row)."""
-    if aligned is None or not isinstance(tokenized, datasets.Dataset) or not {
-            "input_ids", "labels", "images"} <= set(tokenized.column_names):
+    if (
+        aligned is None
+        or not isinstance(tokenized, datasets.Dataset)
+        or not {"input_ids", "labels", "images"} <= set(tokenized.column_names)
+    ):
         return  # a streaming dataset, or not LLaMA-Factory's supervised rows
     tokenizer = tokenizer_module["tokenizer"]
     token = image_token_id(template, tokenizer)
@@ -69,4 +79,5 @@ def check_image_tokens(tokenized: Any, aligned: Any, rows: dict[str, int], templ
                 f"cutoff_len: {cutoff_len} cuts the image tokens of training dataset row {source} ({data}): its "
                 f"{len(images)} image(s) take {expected} tokens and {kept} are left, so the model's image features "
                 f"would not match its tokens. Raise cutoff_len to at least {length} (that row's length), or lower "
-                "image_max_pixels.")
+                "image_max_pixels."
+            )

@@ -78,8 +78,11 @@ def hera_loss_anchored(
 
 def distributed() -> bool:
     """True inside an initialised multi-process group."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -124,7 +127,7 @@ def gather_batch(reps: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tenso
     gathered = _GatherWithGrad.apply(padded)  # [H, world * longest, D], differentiable
     teacher_parts = [torch.zeros_like(padded_teacher) for _ in range(world)]
     torch.distributed.all_gather(teacher_parts, padded_teacher)
-    reps_out = torch.cat([gathered[:, r * longest:r * longest + n] for r, n in enumerate(sizes)], dim=1)
+    reps_out = torch.cat([gathered[:, r * longest : r * longest + n] for r, n in enumerate(sizes)], dim=1)
     teacher_out = torch.cat([part[:n] for part, n in zip(teacher_parts, sizes, strict=True)])
     return reps_out, teacher_out, sum(sizes[:rank]), sizes
 
@@ -157,12 +160,15 @@ class FeatureQueue:
         reps, teacher = reps.detach().float(), teacher.detach().float()
         if self.reps is not None:
             reps, teacher = torch.cat([self.reps, reps], dim=1), torch.cat([self.teacher, teacher])
-        self.reps, self.teacher = reps[:, -self.capacity:], teacher[-self.capacity:]
+        self.reps, self.teacher = reps[:, -self.capacity :], teacher[-self.capacity :]
 
     def state_dict(self) -> dict[str, torch.Tensor | int | None]:
         """Tensors on the CPU, for checkpoints."""
-        return {"capacity": self.capacity, "reps": None if self.reps is None else self.reps.cpu(),
-                "teacher": None if self.teacher is None else self.teacher.cpu()}
+        return {
+            "capacity": self.capacity,
+            "reps": None if self.reps is None else self.reps.cpu(),
+            "teacher": None if self.teacher is None else self.teacher.cpu(),
+        }
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         """Restore from :meth:`state_dict`."""

@@ -74,11 +74,14 @@ def probe_set(hera_args: Any, recipe_args: Any, training_rows: Any, seed: int) -
         note = f"the held-out rows ({held_out_name}) give {len(pairs)} usable pairs, fewer than hera_k+1={needed}"
     pairs = _pairs_of(train, hera_args.hera_monitor_pairs, pair_seed, hera_args.hera_k, "training rows")
     if len(pairs) < needed:
-        problem = (f"only {len(pairs)} usable image-caption pairs with distinct images, fewer than hera_k+1={needed}"
-                   + (f"; {note}" if note else ""))
+        problem = f"only {len(pairs)} usable image-caption pairs with distinct images, fewer than hera_k+1={needed}" + (
+            f"; {note}" if note else ""
+        )
         if hera_args.hera_monitor_steps is not None:
-            raise RecipeError(f"hera_monitor_steps: got {hera_args.hera_monitor_steps}, but the monitor has {problem}."
-                              " Add data, lower hera_k, or set hera_monitor_steps: 0.")
+            raise RecipeError(
+                f"hera_monitor_steps: got {hera_args.hera_monitor_steps}, but the monitor has {problem}."
+                " Add data, lower hera_k, or set hera_monitor_steps: 0."
+            )
         print(f"{PREFIX} warning: alignment monitor off: {problem}.", flush=True)
         return None
     reason = note or "no val_size / eval_dataset"
@@ -151,7 +154,8 @@ class MonitorCallback(TrainerCallback):
             chosen = probe.rows.select([pair.row for pair in probe.pairs])
             tokenizer_module = {"tokenizer": self.tokenizer, "processor": getattr(collator, "processor", None)}
             self.dataset, self.collator = tokenized_rows_and_collator(
-                recipe_args, trainer.model, tokenizer_module, collator.template, args.seed, chosen, args)
+                recipe_args, trainer.model, tokenizer_module, collator.template, args.seed, chosen, args
+            )
 
     @torch.no_grad()
     def prepare_teacher(self, teacher: Any, image_processor: Any) -> None:
@@ -160,9 +164,14 @@ class MonitorCallback(TrainerCallback):
         if self.teacher_knn is not None:
             return
         wait_for_device(self.device)  # work queued before is not the monitor's
-        feats = collect.collect_teacher(teacher, image_processor, self.probe.pairs,  # shared with the precompute
-                                        teacher_batch_size(self.batch_size), progress=False,
-                                        store=feature_store(teacher))
+        feats = collect.collect_teacher(
+            teacher,
+            image_processor,
+            self.probe.pairs,  # shared with the precompute
+            teacher_batch_size(self.batch_size),
+            progress=False,
+            store=feature_store(teacher),
+        )
         self.teacher_knn = teacher_neighbours(feats, self.k, self.device, self.clamp)
         wait_for_device(self.device)
 
@@ -175,12 +184,19 @@ class MonitorCallback(TrainerCallback):
         # per layer [N, H*d_head] pooled o_proj inputs of the probe pairs, as selection's
         with eval_mode(model), zero3_forward(model):
             if self.mode == "multimodal":
-                pooled = collect.collect_multimodal(model, self.dataset, self.collator,
-                                                    list(range(len(self.probe.pairs))), self.batch_size, self.device,
-                                                    progress=False)
+                pooled = collect.collect_multimodal(
+                    model,
+                    self.dataset,
+                    self.collator,
+                    list(range(len(self.probe.pairs))),
+                    self.batch_size,
+                    self.device,
+                    progress=False,
+                )
             else:
-                pooled = collect.collect_text(model, self.tokenizer, self.probe.pairs, self.batch_size, self.device,
-                                              progress=False)
+                pooled = collect.collect_text(
+                    model, self.tokenizer, self.probe.pairs, self.batch_size, self.device, progress=False
+                )
         o_projs = head_projections(model)
         per_head: dict[HeadRef, torch.Tensor] = {}
         for layer, heads in self.by_layer.items():
@@ -188,14 +204,15 @@ class MonitorCallback(TrainerCallback):
             columns = head_columns(heads, head_dim)
             with gathered(o_projs[layer]):
                 weight = effective_weight_columns(o_projs[layer], columns.to(self.device)).detach()  # [d, n*dh]
-            scores, _ = layer_head_neighbours(pooled[layer][:, columns].to(self.device), weight, self.teacher_knn,
-                                              self.k, head_dim, clamp=self.clamp)
+            scores, _ = layer_head_neighbours(
+                pooled[layer][:, columns].to(self.device), weight, self.teacher_knn, self.k, head_dim, clamp=self.clamp
+            )
             per_head.update({HeadRef(layer, head): score for head, score in zip(heads, scores, strict=True)})
         return torch.stack([per_head[ref] for ref in (*self.aligned, *self.control)])
 
     def logs(self, scores: list[float]) -> dict[str, float]:
         """The logged metrics of one point from :meth:`score`'s values (host floats)."""
-        aligned, control = scores[:len(self.aligned)], scores[len(self.aligned):]
+        aligned, control = scores[: len(self.aligned)], scores[len(self.aligned) :]
         logs = {MEAN_KEY: sum(aligned) / len(aligned)}
         logs.update({f"{HEAD_PREFIX}{ref}": value for ref, value in zip(self.aligned, aligned, strict=True)})
         if control:
@@ -204,11 +221,16 @@ class MonitorCallback(TrainerCallback):
 
     def line(self) -> str:
         """What the monitor does in this run, for the start line."""
-        when = (f"every {self.every} steps" if self.every is not None
-                else f"{DEFAULT_POINTS} evenly spaced steps to the last")
+        when = (
+            f"every {self.every} steps"
+            if self.every is not None
+            else f"{DEFAULT_POINTS} evenly spaced steps to the last"
+        )
         control = ", ".join(str(ref) for ref in self.control) or "none"
-        return (f"alignment monitor at step 0 and {when} on {self.probe.source}, {self.mode} mode, "
-                f"k {self.k}, control heads [{control}]")
+        return (
+            f"alignment monitor at step 0 and {when} on {self.probe.source}, {self.mode} mode, "
+            f"k {self.k}, control heads [{control}]"
+        )
 
     def point(self, model: nn.Module) -> dict[str, float]:
         """Score the heads now (every rank; rank 0's values) and return the metrics."""

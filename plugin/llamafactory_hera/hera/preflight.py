@@ -38,8 +38,9 @@ class ContrastiveGeometry:
         return self.batch_set + self.queue
 
 
-def contrastive_geometry(hera_args: HeraArguments, per_device: int, processes: int,
-                         distinct_images: int | None = None) -> ContrastiveGeometry:
+def contrastive_geometry(
+    hera_args: HeraArguments, per_device: int, processes: int, distinct_images: int | None = None
+) -> ContrastiveGeometry:
     """The run's contrastive geometry; under ``hera_queue_size: auto`` the queue is decided here, once: a queue of
     ``4 * (hera_k + 1)`` samples when the largest batch set is smaller than ``hera_k + 1``, or than 3 (a set of 2 has
     no negative, whatever k); one ragged last batch of an epoch does not switch it on. With ``distinct_images``, a
@@ -54,16 +55,21 @@ def contrastive_geometry(hera_args: HeraArguments, per_device: int, processes: i
     queue = (4 * (hera_args.hera_k + 1) if needed else 0) if auto else int(hera_args.hera_queue_size)
     where = f"per_device_train_batch_size {per_device} x {gathered} process(es)"
     if auto:
-        reason = (f"auto: contrastive sets of at most {batch_set} image samples ({where}) are smaller than "
-                  f"{smallest_useful} (hera_k+1, and at least 3 for a negative)" if needed else
-                  f"auto: off, the contrastive set holds up to {batch_set} image samples ({where})")
+        reason = (
+            f"auto: contrastive sets of at most {batch_set} image samples ({where}) are smaller than "
+            f"{smallest_useful} (hera_k+1, and at least 3 for a negative)"
+            if needed
+            else f"auto: off, the contrastive set holds up to {batch_set} image samples ({where})"
+        )
     else:
         reason = f"hera_queue_size: {queue}"
     capped_from = None
     if distinct_images is not None and queue > max(0, distinct_images - batch_set):
         capped_from, queue = queue, max(0, distinct_images - batch_set)
-        reason += (f"; capped from {capped_from}: the training data has {distinct_images} distinct images, "
-                   f"{batch_set} of them in the batch set")
+        reason += (
+            f"; capped from {capped_from}: the training data has {distinct_images} distinct images, "
+            f"{batch_set} of them in the batch set"
+        )
     return ContrastiveGeometry(per_device, processes, gather, batch_set, queue, reason, distinct_images, capped_from)
 
 
@@ -71,15 +77,20 @@ def queue_cap_line(geometry: ContrastiveGeometry, hera_args: HeraArguments) -> s
     """The line saying that the training data's distinct images capped the queue (None when they did not)."""
     if geometry.capped_from is None:
         return None
-    return (f"note: hera_queue_size: {hera_args.hera_queue_size} gives a queue of {geometry.capped_from} samples, but "
-            f"the training data has {geometry.distinct_images} distinct images and a batch set holds "
-            f"{geometry.batch_set}: a longer queue than {geometry.queue} would hold the same images again. The queue "
-            f"holds {geometry.queue} (set hera_queue_size: {geometry.queue} to say so in the recipe).")
+    return (
+        f"note: hera_queue_size: {hera_args.hera_queue_size} gives a queue of {geometry.capped_from} samples, but "
+        f"the training data has {geometry.distinct_images} distinct images and a batch set holds "
+        f"{geometry.batch_set}: a longer queue than {geometry.queue} would hold the same images again. The queue "
+        f"holds {geometry.queue} (set hera_queue_size: {geometry.queue} to say so in the recipe)."
+    )
 
 
-def check_contrastive_geometry(geometry: ContrastiveGeometry, hera_args: HeraArguments,
-                               data: str = "the training data",
-                               more: str = "another dataset, or a larger max_samples") -> None:
+def check_contrastive_geometry(
+    geometry: ContrastiveGeometry,
+    hera_args: HeraArguments,
+    data: str = "the training data",
+    more: str = "another dataset, or a larger max_samples",
+) -> None:
     """Refuse a run none of whose contrastive sets can ever hold ``hera_k`` + 1 distinct images (an anchor and its k
     neighbours): too few distinct images in ``data`` (the recipe's keys that chose it, for the message; ``more``: the
     keys that would give more), or in a batch set and the queue together; first of all, one whose sets never hold a
@@ -92,25 +103,33 @@ def check_contrastive_geometry(geometry: ContrastiveGeometry, hera_args: HeraArg
             f"hera_k: {k}: a contrastive set needs {needed} distinct images (hera_k + 1: an anchor and its {k} teacher "
             f"neighbour{'s' if k != 1 else ''}; at least 3 for a negative), but {data} has {distinct} distinct "
             f"image{'s' if distinct != 1 else ''}, so no set can ever hold {needed} (a queue would only repeat them). "
-            f"{fix} on more images ({more}).")
-    setting = (f"per_device_train_batch_size: {geometry.per_device} on {geometry.processes} process(es)"
-               f"{'' if geometry.gather or geometry.processes == 1 else ' with hera_gather: false'} and "
-               f"hera_queue_size: {hera_args.hera_queue_size}")
+            f"{fix} on more images ({more})."
+        )
+    setting = (
+        f"per_device_train_batch_size: {geometry.per_device} on {geometry.processes} process(es)"
+        f"{'' if geometry.gather or geometry.processes == 1 else ' with hera_gather: false'} and "
+        f"hera_queue_size: {hera_args.hera_queue_size}"
+    )
     if geometry.largest < 3:
         if geometry.largest < 2:
             what = "can never hold 2 image samples, so no HeRA loss can be formed and the run would be plain SFT"
         else:
-            what = ("hold at most 2 image samples: the only other sample is the positive, there is no negative, and "
-                    "hera_loss would be exactly 0 every step")
-        raise RecipeError(f"stage: hera: with {setting}, the contrastive sets {what}. Raise "
-                          f"per_device_train_batch_size (at least {max(k + 1, 3)} is best), or set hera_queue_size: "
-                          "auto (or a number >= 2) to add recent samples from a queue.")
+            what = (
+                "hold at most 2 image samples: the only other sample is the positive, there is no negative, and "
+                "hera_loss would be exactly 0 every step"
+            )
+        raise RecipeError(
+            f"stage: hera: with {setting}, the contrastive sets {what}. Raise "
+            f"per_device_train_batch_size (at least {max(k + 1, 3)} is best), or set hera_queue_size: "
+            "auto (or a number >= 2) to add recent samples from a queue."
+        )
     if geometry.largest < k + 1:
         raise RecipeError(
             f"hera_k: {k}: each contrastive set needs hera_k + 1 = {k + 1} samples (an anchor and its {k} teacher "
             f"neighbours), but with {setting} a set holds at most {geometry.largest} ({geometry.batch_set} of a batch "
             f"set + {geometry.queue} queued). Raise per_device_train_batch_size to {k + 1}, set hera_queue_size: auto "
-            f"(or at least {k + 1 - geometry.batch_set}), or lower hera_k to at most {geometry.largest - 1}.")
+            f"(or at least {k + 1 - geometry.batch_set}), or lower hera_k to at most {geometry.largest - 1}."
+        )
 
 
 def check_same_heads_on_every_rank(heads: list[str]) -> None:
@@ -160,19 +179,25 @@ def check_image_rows(counts: ImageRowCounts | None, datasets: Any, which: str = 
     """Refuse training data without any image (``which``: said after "rows", e.g. which of them train)."""
     if counts is None or counts.image_rows > 0:
         return
-    videos = (f" ({counts.video_only_rows} rows have only videos, which have no teacher feature)"
-              if counts.video_only_rows else "")
-    raise RecipeError(f"dataset: {datasets} has no image in any of its {counts.rows} rows{which}{videos}; stage: hera "
-                      "aligns heads to the teacher's image neighbourhoods and would train plain SFT. Add image-text "
-                      "rows (sharegpt `images` column, registered in dataset_info.json) or use stage: sft.")
+    videos = (
+        f" ({counts.video_only_rows} rows have only videos, which have no teacher feature)"
+        if counts.video_only_rows
+        else ""
+    )
+    raise RecipeError(
+        f"dataset: {datasets} has no image in any of its {counts.rows} rows{which}{videos}; stage: hera "
+        "aligns heads to the teacher's image neighbourhoods and would train plain SFT. Add image-text "
+        "rows (sharegpt `images` column, registered in dataset_info.json) or use stage: sft."
+    )
 
 
 def trainable_layers(model: nn.Module) -> list[int]:
     """Decoder layers whose heads the recipe can train: their ``o_proj`` trains, or a trainable parameter feeds it."""
     o_projs = head_projections(model)
     fed = trainable_upstream(model, list(o_projs))
-    return [layer for layer, o_proj in o_projs.items()
-            if fed[layer] or any(p.requires_grad for p in o_proj.parameters())]
+    return [
+        layer for layer, o_proj in o_projs.items() if fed[layer] or any(p.requires_grad for p in o_proj.parameters())
+    ]
 
 
 def check_heads_train(model: nn.Module, heads: list[HeadRef], auto: bool, finetuning_args: Any = None) -> None:
@@ -181,19 +206,25 @@ def check_heads_train(model: nn.Module, heads: list[HeadRef], auto: bool, finetu
     stuck = [ref for ref in heads if ref.layer not in layers]
     if not stuck:
         return
+
     def listed(refs: list[HeadRef]) -> str:
         return "[" + ", ".join(str(ref) for ref in refs) + "]"
 
     finetuning = getattr(finetuning_args, "finetuning_type", None)
-    how = {"freeze": "raise freeze_trainable_layers to cover them (a negative value, e.g. -N, trains the first N "
-                     "layers; a positive N the last N)",
-           "lora": "add those layers' o_proj to lora_target (or use lora_target: all)"}.get(
-        str(finetuning), "unfreeze those layers (freeze_language_model: false)")
+    how = {
+        "freeze": "raise freeze_trainable_layers to cover them (a negative value, e.g. -N, trains the first N "
+        "layers; a positive N the last N)",
+        "lora": "add those layers' o_proj to lora_target (or use lora_target: all)",
+    }.get(str(finetuning), "unfreeze those layers (freeze_language_model: false)")
     where = f"layers {layers}" if layers else "no layer (nothing in or before the language model trains)"
-    which = f"hera_heads: auto selected {listed(heads)}; {listed(stuck)} of them" if auto else \
-        f"hera_heads: {listed(stuck)}"
+    which = (
+        f"hera_heads: auto selected {listed(heads)}; {listed(stuck)} of them"
+        if auto
+        else f"hera_heads: {listed(stuck)}"
+    )
     choose = "list heads of those layers in hera_heads" if auto else "choose heads there"
     raise RecipeError(
         f"{which} cannot train under this recipe (finetuning_type: {finetuning}): their layer's o_proj is frozen and "
         f"no trainable parameter feeds its input, so HeRA would move only the temperature. The recipe trains heads in "
-        f"{where}: {how}, or {choose}.")
+        f"{where}: {how}, or {choose}."
+    )

@@ -34,8 +34,10 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
     """
     base, adapters = base_and_adapters(o_proj)
     if base.weight.ndim != 2:  # a ZeRO-3 partition outside its gather: an empty 1-D placeholder
-        raise RuntimeError("o_proj's weight is a DeepSpeed ZeRO-3 partition; read it inside "
-                           "deepspeed.zero.GatheredParameters, or in its modules' calls (hera/capture.py).")
+        raise RuntimeError(
+            "o_proj's weight is a DeepSpeed ZeRO-3 partition; read it inside "
+            "deepspeed.zero.GatheredParameters, or in its modules' calls (hera/capture.py)."
+        )
     weight = base_weight_columns(base, columns)
     deltas = []
     for name in adapters:
@@ -43,8 +45,10 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
         lora_b = whole(o_proj.lora_B[name].weight).float()  # [d, r]
         scaling, dora = o_proj.scaling[name], None
         if o_proj.use_dora.get(name, False):
-            dora = (whole(o_proj.lora_magnitude_vector[name].weight),
-                    _dora_norm(base, o_proj.lora_A[name].weight, o_proj.lora_B[name].weight, scaling))
+            dora = (
+                whole(o_proj.lora_magnitude_vector[name].weight),
+                _dora_norm(base, o_proj.lora_A[name].weight, o_proj.lora_B[name].weight, scaling),
+            )
         deltas.append(AdapterColumns(lora_a, lora_b, scaling, dora))
     return combined(weight, deltas)
 
@@ -83,10 +87,14 @@ def _dora_norm(base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
             from torch.distributed.tensor import DTensor  # lazy: only a DTensor gets here
 
             device = weight.device_mesh.device_type  # offloaded shards (fsdp_offload_params) are read there
-            local = dora_row_norm(weight.to_local().to(device),
-                                  lora_b.to_local().to(device).float() @ whole(lora_a.detach()).float(), scaling)
-            return DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
-                                      shape=weight.shape[:1], stride=(1,)).full_tensor()
+            local = dora_row_norm(
+                weight.to_local().to(device),
+                lora_b.to_local().to(device).float() @ whole(lora_a.detach()).float(),
+                scaling,
+            )
+            return DTensor.from_local(
+                local, weight.device_mesh, weight.placements, run_check=False, shape=weight.shape[:1], stride=(1,)
+            ).full_tensor()
         return dora_row_norm(base_weight_columns(base), whole(lora_b).float() @ whole(lora_a).float(), scaling)
 
 
@@ -107,16 +115,19 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
             raise RuntimeError(
                 "o_proj's 4-bit weight is in bitsandbytes' CPU inference layout (repacked by an eval-mode forward "
                 "without gradient on a CPU with AVX512-BF16), which dequantize_4bit does not read; run the model's "
-                "eval forwards under llamafactory_hera.training.eval_forward.keep_4bit_layout.")
+                "eval forwards under llamafactory_hera.training.eval_forward.keep_4bit_layout."
+            )
         # lazy: bitsandbytes is installed only where a model was loaded 4-bit with it
         from bitsandbytes.functional import dequantize_4bit
 
         storage = getattr(base, "quant_storage", weight.dtype)
         if weight.dtype != storage:  # its bytes are no longer the codes
-            raise RuntimeError(f"o_proj's 4-bit weight is stored as {weight.dtype}, not as its packed storage "
-                               f"{storage}: something converted the codes as numbers (accelerate's FSDP2 "
-                               "mixed-precision upcast does, unless llamafactory_hera_patches.engines.fsdp_qlora "
-                               "keeps them out of it).")
+            raise RuntimeError(
+                f"o_proj's 4-bit weight is stored as {weight.dtype}, not as its packed storage "
+                f"{storage}: something converted the codes as numbers (accelerate's FSDP2 "
+                "mixed-precision upcast does, unless llamafactory_hera_patches.engines.fsdp_qlora "
+                "keeps them out of it)."
+            )
         if columns is not None and (sharded := sharded_columns(weight, quant_state, columns)) is not None:
             return sharded.float()  # under FSDP2, shards of whole rows and blocks: each rank's columns gathered
         full = dequantize_4bit(whole(weight).detach(), quant_state)  # [out, in]; a shard otherwise gathered whole
@@ -126,14 +137,18 @@ def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) ->
         if scb is None:
             scb = getattr(getattr(base, "state", None), "SCB", None)
         if scb is None:
-            raise TypeError(f"o_proj's base {type(base).__name__} holds int8 codes without their row scales (SCB); "
-                            "llamafactory-hera cannot read its weight.")
+            raise TypeError(
+                f"o_proj's base {type(base).__name__} holds int8 codes without their row scales (SCB); "
+                "llamafactory-hera cannot read its weight."
+            )
         codes = weight.data if columns is None else weight.data[:, columns]
         return codes.float() * (scb.float()[:, None] * (1.0 / 127.0))  # bitsandbytes' own order of operations
     if not weight.dtype.is_floating_point:
-        raise TypeError(f"o_proj's base {type(base).__name__} stores its weight as {weight.dtype}, a quantization "
-                        "llamafactory-hera cannot read exactly; use bitsandbytes (quantization_bit: 4 or 8) or an "
-                        "unquantized model.")
+        raise TypeError(
+            f"o_proj's base {type(base).__name__} stores its weight as {weight.dtype}, a quantization "
+            "llamafactory-hera cannot read exactly; use bitsandbytes (quantization_bit: 4 or 8) or an "
+            "unquantized model."
+        )
     return whole(weight, columns).float()  # an FSDP2 shard: only the columns gathered
 
 
@@ -151,15 +166,23 @@ def sharded_columns(weight: torch.Tensor, quant_state: object, columns: torch.Te
     ``[i * chunk, min((i + 1) * chunk, M))`` (the last ones short or empty). When ``chunk * k`` codes are whole rows
     and ``in`` whole blocks (bitsandbytes' CPU kernel on AVX-512 reads row r's blocks from ``r * (in // blocksize)``),
     rank i's shard is rows ``[i * chunk * k / in, ...)``: dequantized there, its ``[rows, C]`` gathered."""
-    if not hasattr(weight, "to_local") or weight.device_mesh.ndim != 1 or len(weight.placements) != 1 \
-            or not weight.placements[0].is_shard(0):
+    if (
+        not hasattr(weight, "to_local")
+        or weight.device_mesh.ndim != 1
+        or len(weight.placements) != 1
+        or not weight.placements[0].is_shard(0)
+    ):
         return None
     out, width = quant_state.shape
     per_element = 2 * weight.element_size()  # 4-bit codes per storage element
     total, world, size = weight.shape[0], weight.device_mesh.size(), len(columns)
     codes = -(-total // world) * per_element  # codes of a full shard
-    if total * per_element != out * width or codes % width or width % quant_state.blocksize \
-            or out * size * quant_state.dtype.itemsize > weight.numel() * weight.element_size():
+    if (
+        total * per_element != out * width
+        or codes % width
+        or width % quant_state.blocksize
+        or out * size * quant_state.dtype.itemsize > weight.numel() * weight.element_size()
+    ):
         return None
     # lazy: only a 4-bit layer sharded by FSDP2 gets here
     from bitsandbytes.functional import QuantState, dequantize_4bit
@@ -169,16 +192,22 @@ def sharded_columns(weight: torch.Tensor, quant_state: object, columns: torch.Te
     local = weight.to_local().detach().to(device)  # [rows * width / k, 1]
     rows = local.shape[0] * per_element // width
     first = weight.device_mesh.get_local_rank() * codes // quant_state.blocksize
-    absmax = _absmax(quant_state)[first:first + -(-rows * width // quant_state.blocksize)].to(device)
+    absmax = _absmax(quant_state)[first : first + -(-rows * width // quant_state.blocksize)].to(device)
     with torch.no_grad():
         values = torch.empty(rows, size, dtype=quant_state.dtype, device=device)
         if rows:
-            mine = QuantState(absmax, shape=torch.Size((rows, width)), code=quant_state.code,
-                              blocksize=quant_state.blocksize, quant_type=quant_state.quant_type,
-                              dtype=quant_state.dtype)  # [rows, width]: this shard's blocks, not nested
+            mine = QuantState(
+                absmax,
+                shape=torch.Size((rows, width)),
+                code=quant_state.code,
+                blocksize=quant_state.blocksize,
+                quant_type=quant_state.quant_type,
+                dtype=quant_state.dtype,
+            )  # [rows, width]: this shard's blocks, not nested
             values = dequantize_4bit(local, mine)[:, columns.to(device)]
-        return DTensor.from_local(values, weight.device_mesh, weight.placements, run_check=False,
-                                  shape=(out, size), stride=(size, 1)).full_tensor()
+        return DTensor.from_local(
+            values, weight.device_mesh, weight.placements, run_check=False, shape=(out, size), stride=(size, 1)
+        ).full_tensor()
 
 
 def _absmax(quant_state: object) -> torch.Tensor:
@@ -226,8 +255,14 @@ def whole(weight: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Te
         return whole(weight)[:, columns]  # sharded otherwise than by rows (never by FSDP2): whole, then indexed
     if columns is not None:  # the rows' columns, a DTensor sharded as the weight is (to_local, from_local: autograd)
         local = weight.to_local()[:, columns.to(weight.device)]
-        weight = DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
-                                    shape=(weight.shape[0], len(columns)), stride=(len(columns), 1))
+        weight = DTensor.from_local(
+            local,
+            weight.device_mesh,
+            weight.placements,
+            run_check=False,
+            shape=(weight.shape[0], len(columns)),
+            stride=(len(columns), 1),
+        )
     return weight.full_tensor(grad_placements=[Partial("avg")] * len(weight.placements))
 
 
@@ -237,8 +272,9 @@ def base_and_adapters(o_proj: nn.Module) -> tuple[nn.Linear, list[str]]:
     base = getattr(o_proj, "base_layer", None)
     if base is None:
         if not isinstance(o_proj, nn.Linear):
-            raise TypeError(f"o_proj is a {type(o_proj).__name__}; llamafactory-hera supports nn.Linear and "
-                            "LoRA-wrapped Linear.")
+            raise TypeError(
+                f"o_proj is a {type(o_proj).__name__}; llamafactory-hera supports nn.Linear and LoRA-wrapped Linear."
+            )
         return o_proj, []
     if not isinstance(base, nn.Linear) or len(_full_shape(getattr(base, "weight", None))) != 2:
         raise TypeError(
@@ -264,8 +300,9 @@ def head_columns(heads: list[int], head_dim: int, device: torch.device | None = 
     return torch.cat([h * head_dim + offsets for h in heads])
 
 
-def project_heads(o_proj: nn.Module, x_heads: torch.Tensor, heads: list[int], head_dim: int,
-                  weight: torch.Tensor | None = None) -> torch.Tensor:
+def project_heads(
+    o_proj: nn.Module, x_heads: torch.Tensor, heads: list[int], head_dim: int, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[len(heads), ..., d]``: each head's contribution to the residual stream, its slice of ``x_heads``
     ``[..., len(heads) * head_dim]`` (the ``o_proj`` input's slices for ``heads``, in that order) through its ``W_O``
     columns, in float32 (inputs and weight cast). Over every head they sum to ``o_proj(x) - bias`` (LoRA dropout

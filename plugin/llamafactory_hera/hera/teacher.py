@@ -73,8 +73,12 @@ def feature_layout(config: Any) -> FeatureLayout | None:
 def looks_like_path(value: str) -> bool:
     """True for values meant as a local folder: starting with ``.``, ``/`` or ``~``, holding a backslash or the
     platform's separator other than ``/``, or more than one ``/`` (a Hub id is ``name`` or ``namespace/name``)."""
-    return (value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1
-            or (os.sep != "/" and os.sep in value))
+    return (
+        value.startswith((".", "/", "~"))
+        or "\\" in value
+        or value.count("/") > 1
+        or (os.sep != "/" and os.sep in value)
+    )
 
 
 def resolve_teacher(name_or_path: str) -> str:
@@ -238,10 +242,10 @@ class VisionTeacher(nn.Module):
         if self.feature == "cls":
             pooled = out.last_hidden_state[:, 0] if self.layout.pooled == "first_token" else out.pooler_output
             return pooled.float()
-        tokens = out.last_hidden_state[:, self.layout.prefix:].float()  # [N, P, E]
+        tokens = out.last_hidden_state[:, self.layout.prefix :].float()  # [N, P, E]
         if mask is None:
             return tokens.mean(1)
-        weights = mask[:, self.layout.prefix:].to(tokens.dtype).unsqueeze(-1)  # [N, P, 1]
+        weights = mask[:, self.layout.prefix :].to(tokens.dtype).unsqueeze(-1)  # [N, P, 1]
         return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
@@ -255,8 +259,9 @@ TEACHER_DTYPE = torch.float32
 KEEP_ROWS = 4096  # rows a teacher pass hands on at a time (16 MB of DINOv2-L features)
 
 
-def load_teacher(name_or_path: str, feature: str, device: torch.device | str, *,
-                 dtype: torch.dtype = TEACHER_DTYPE) -> VisionTeacher:
+def load_teacher(
+    name_or_path: str, feature: str, device: torch.device | str, *, dtype: torch.dtype = TEACHER_DTYPE
+) -> VisionTeacher:
     """Load (once per process and settings) the frozen teacher on ``device``, its weights in ``dtype`` (float32
     unless a test asks otherwise)."""
     # lazy: transformers' model classes (its generation code, scikit-learn) only when a teacher loads, so that the
@@ -275,15 +280,17 @@ def load_teacher(name_or_path: str, feature: str, device: torch.device | str, *,
     return _TEACHERS[key]
 
 
-def per_sample_features(image_features: torch.Tensor, image_counts: torch.Tensor,
-                        num_images: int | None = None) -> torch.Tensor:
+def per_sample_features(
+    image_features: torch.Tensor, image_counts: torch.Tensor, num_images: int | None = None
+) -> torch.Tensor:
     """``[B, E]`` float32: per sample, the mean of its images' L2-normalised features (zero without images), so that
     every image of a sample weighs the same whatever its feature norm. ``image_features`` ``[N_img, E]``: the batch's
     images, sample by sample; ``image_counts`` ``[B]``: images per sample; ``num_images``: N_img when the caller knows
     it (then nothing waits on the device for the counts' sum)."""
     batch = image_counts.shape[0]
-    owner = torch.repeat_interleave(torch.arange(batch, device=image_counts.device), image_counts,
-                                    output_size=num_images)
+    owner = torch.repeat_interleave(
+        torch.arange(batch, device=image_counts.device), image_counts, output_size=num_images
+    )
     sums = torch.zeros(batch, image_features.shape[-1], device=image_features.device, dtype=torch.float32)
     sums.index_add_(0, owner.to(image_features.device), F.normalize(image_features.float(), dim=-1))
     return sums / image_counts.to(sums.device).clamp_min(1).unsqueeze(-1).float()
@@ -304,7 +311,7 @@ def teacher_batch_size(batch_size: int) -> int:
 def batches_of(items: list[Any], size: int) -> Iterator[list[Any]]:
     """Consecutive slices of ``items`` of ``size`` (the last one shorter)."""
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 @torch.no_grad()
@@ -314,15 +321,23 @@ def continuing(found: int, total: int, desc: str) -> None:
         show(f"[llamafactory-hera] {desc}: continuing from {found} of {total} rows (kept by an earlier pass).")
 
 
-def image_features(teacher: VisionTeacher, image_processor: Any, images: list[Any], batch_size: int,
-                   workers: int | None = None, progress: bool = True, desc: str = "teacher features",
-                   opener: Callable[[Any], Any] = open_image,
-                   keep: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+def image_features(
+    teacher: VisionTeacher,
+    image_processor: Any,
+    images: list[Any],
+    batch_size: int,
+    workers: int | None = None,
+    progress: bool = True,
+    desc: str = "teacher features",
+    opener: Callable[[Any], Any] = open_image,
+    keep: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
     """``[N, E]`` float32 teacher features of ``images`` (LLaMA-Factory image entries), in order, on the teacher's
     device. With ``workers > 0`` (default: :func:`prefetch_workers`) decoding (``opener``) and preprocessing run in
     background threads (PIL and torchvision release the GIL) up to ``workers + 1`` batches ahead, overlapping the
     teacher's forward on an accelerator. ``keep(first row, rows)`` gets the rows as the pass goes, every
     :data:`KEEP_ROWS` rows or more at a batch's end (a killed pass keeps them)."""
+
     def pixels(batch: list[Any]) -> torch.Tensor:
         return image_processor([opener(image) for image in batch], return_tensors="pt")["pixel_values"]
 
@@ -331,7 +346,7 @@ def image_features(teacher: VisionTeacher, image_processor: Any, images: list[An
         workers = prefetch_workers(next(teacher.parameters()).device)
     chunks, kept = [], 0  # kept: batches already handed to ``keep``
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hera-teacher-images") as pool:
-        pending = deque(pool.submit(pixels, b) for b in batches[:workers + 1] if workers)
+        pending = deque(pool.submit(pixels, b) for b in batches[: workers + 1] if workers)
         for index in tqdm(range(len(batches)), desc=desc, disable=not progress, file=progress_file()):
             if workers:
                 batch_pixels = pending.popleft().result()

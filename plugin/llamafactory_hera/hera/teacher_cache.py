@@ -107,8 +107,13 @@ class TeacherFeatureCache:
     def __contains__(self, key: str | None) -> bool:
         return self.enabled and key is not None and key in self.features
 
-    def lookup(self, keys: list[str | None], computed: torch.Tensor | None, computed_ids: list[str] | None,
-               device: torch.device | str | None = None) -> torch.Tensor:
+    def lookup(
+        self,
+        keys: list[str | None],
+        computed: torch.Tensor | None,
+        computed_ids: list[str] | None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
         """``[len(keys), E]`` on ``device``: the features of ``keys`` (one content key per image, None: not
         cacheable) in order, this batch's computed rows (``computed`` ``[M, E]``, named by the collator's M
         ``computed_ids``, :func:`image_identity`) by identity, else the cache's. ``device`` defaults to ``computed``'s
@@ -117,8 +122,10 @@ class TeacherFeatureCache:
         computed_ids = list(computed_ids or ())
         num_computed = 0 if computed is None else int(computed.shape[0])
         if num_computed != len(computed_ids):
-            raise RuntimeError(f"HeRA teacher features: {num_computed} computed rows but {len(computed_ids)} image "
-                               "identities from the collator; the batch was not built by the HeRA collator.")
+            raise RuntimeError(
+                f"HeRA teacher features: {num_computed} computed rows but {len(computed_ids)} image "
+                "identities from the collator; the batch was not built by the HeRA collator."
+            )
         if device is None:
             device = computed.device if computed is not None else torch.device("cpu")
         fresh = {identity: row for row, identity in enumerate(computed_ids)}
@@ -139,8 +146,10 @@ class TeacherFeatureCache:
                 cached.append(self.features[key])
                 cached_keys.add(key)
             else:
-                raise RuntimeError(f"HeRA teacher features: image {identity} of this batch was neither sent through "
-                                   "the teacher nor found in the feature cache.")
+                raise RuntimeError(
+                    f"HeRA teacher features: image {identity} of this batch was neither sent through "
+                    "the teacher nor found in the feature cache."
+                )
         if to_cache:  # features stay on the CPU: one device-to-host copy for all new ones, not waited for
             assert computed is not None
             host, event = rows_to_host(computed)
@@ -182,9 +191,11 @@ def cache_unwritable(folder: Path, err: OSError | RuntimeError, size: str = "") 
         return
     _unwritable_said.add(str(cache_root()))
     why = f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
-    show(f"[llamafactory-hera] warning: cannot write the cache folder {cache_root()} (${CACHE_ENV}; {folder}{size}: "
-         f"{why}); head selections and teacher features stay in memory for this command only. Point {CACHE_ENV} at a "
-         "writable folder to share them between commands.")
+    show(
+        f"[llamafactory-hera] warning: cannot write the cache folder {cache_root()} (${CACHE_ENV}; {folder}{size}: "
+        f"{why}); head selections and teacher features stay in memory for this command only. Point {CACHE_ENV} at a "
+        "writable folder to share them between commands."
+    )
 
 
 def path_fingerprint(path: str | None) -> str | None:
@@ -242,8 +253,10 @@ class TeacherFeatureStore:
                 data = torch.load(shard, map_location="cpu", weights_only=True)
                 rows = dict(zip(data["keys"], data["features"], strict=True))
             except Exception as err:  # noqa: BLE001 - a damaged file costs a teacher pass, never the run
-                show(f"[llamafactory-hera] teacher feature store: {shard} unreadable ({type(err).__name__}); its "
-                     "images go through the teacher again.")
+                show(
+                    f"[llamafactory-hera] teacher feature store: {shard} unreadable ({type(err).__name__}); its "
+                    "images go through the teacher again."
+                )
                 continue
             for key, row in rows.items():
                 self.rows.setdefault(key, row.clone())
@@ -258,8 +271,10 @@ class TeacherFeatureStore:
         note = f"; {removed} older file(s) removed to stay under {MAX_STORE_BYTES >> 20} MiB" if removed else ""
         if not self.said or removed:  # once a pass, or a removal: a long pass writes every KEEP_ROWS rows
             self.said = True
-            show(f"[llamafactory-hera] teacher features of {len(new)} images kept in {self.folder} ({size / 2**20:.1f} "
-                 f"MiB in {self.folder.parent}{note}; delete that folder to clear it), the pass's others as it goes.")
+            show(
+                f"[llamafactory-hera] teacher features of {len(new)} images kept in {self.folder} ({size / 2**20:.1f} "
+                f"MiB in {self.folder.parent}{note}; delete that folder to clear it), the pass's others as it goes."
+            )
 
     def _save(self, new: dict[str, torch.Tensor]) -> tuple[int, int]:
         """Write one shard atomically, then trim the store; returns (files removed, bytes the store holds)."""
@@ -332,10 +347,19 @@ def feature_store(teacher: VisionTeacher) -> TeacherFeatureStore | None:
     return _STORES.setdefault(str(folder), TeacherFeatureStore(folder))
 
 
-def stored_image_features(teacher: VisionTeacher, image_processor: Any, images: list[Any], batch_size: int,
-                          store: TeacherFeatureStore, *, persist: bool, workers: int | None = None,
-                          progress: bool = True, desc: str = "teacher features",
-                          opener: Callable[[Any], Any] = open_image) -> torch.Tensor:
+def stored_image_features(
+    teacher: VisionTeacher,
+    image_processor: Any,
+    images: list[Any],
+    batch_size: int,
+    store: TeacherFeatureStore,
+    *,
+    persist: bool,
+    workers: int | None = None,
+    progress: bool = True,
+    desc: str = "teacher features",
+    opener: Callable[[Any], Any] = open_image,
+) -> torch.Tensor:
     """``[N, E]`` float32 teacher features of ``images`` in order, on the teacher's device: the rows ``store`` holds,
     and each other distinct image through the teacher once (:func:`image_features`), then kept in ``store`` (on
     disk too with ``persist``). Images without a key (in-memory PIL objects) always go through the teacher."""
@@ -354,18 +378,22 @@ def stored_image_features(teacher: VisionTeacher, image_processor: Any, images: 
     continuing(len(found), len(found) + len(todo), desc)
 
     def keep(first: int, rows: torch.Tensor) -> None:  # the todo names in row order
-        pairs = zip(list(todo)[first:first + len(rows)], rows.cpu(), strict=True)
+        pairs = zip(list(todo)[first : first + len(rows)], rows.cpu(), strict=True)
         store.add({name: row for name, row in pairs if isinstance(name, str)}, persist)
 
     computed = image_features(teacher, image_processor, todo_images, batch_size, workers, progress, desc, opener, keep)
     if not found:  # every image computed; one of them twice where images repeat
-        return computed if len(todo_images) == len(images) else computed[
-            torch.tensor([todo[_name(key, i)] for i, key in enumerate(keys)])]
+        return (
+            computed
+            if len(todo_images) == len(images)
+            else computed[torch.tensor([todo[_name(key, i)] for i, key in enumerate(keys)])]
+        )
     stored_keys = list(found)
     stored = rows_to_device([found[key] for key in stored_keys], device)
     where = {key: row for row, key in enumerate(stored_keys)}
-    return torch.stack([stored[where[key]] if key in where else computed[todo[_name(key, i)]]
-                        for i, key in enumerate(keys)])
+    return torch.stack(
+        [stored[where[key]] if key in where else computed[todo[_name(key, i)]] for i, key in enumerate(keys)]
+    )
 
 
 def _name(key: str | None, position: int) -> str | int:

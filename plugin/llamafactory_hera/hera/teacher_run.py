@@ -31,8 +31,9 @@ from llamafactory_hera_patches.lifecycle import stop_signal
 GATHER_ROWS = 4096  # rows per all-gather round: [4096, 1024] float32 is 16 MB per rank
 
 
-def precompute_wanted(setting: str, cache_enabled: bool, num_samples: int | None, max_steps: int,
-                      global_batch: int) -> bool:
+def precompute_wanted(
+    setting: str, cache_enabled: bool, num_samples: int | None, max_steps: int, global_batch: int
+) -> bool:
     """Whether to precompute: ``true`` / ``false``, or under ``auto`` when the cache is on and the run sees every
     training sample at least once (no ``max_steps`` that ends it inside the first epoch)."""
     if setting != "auto":
@@ -66,10 +67,12 @@ def stored_rows(store: TeacherFeatureStore | None, keys: list[str]) -> dict[int,
     counts = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(counts, len(keys))
     if len(set(counts)) > 1:
-        raise RecipeError(f"hera_teacher_precompute: the ranks see different numbers of distinct training images "
-                          f"({', '.join(f'rank {r}: {n}' for r, n in enumerate(counts))}), so their teacher "
-                          "features cannot be gathered together. Give every node the same copy of the image files, "
-                          "or set hera_teacher_precompute: false.")
+        raise RecipeError(
+            f"hera_teacher_precompute: the ranks see different numbers of distinct training images "
+            f"({', '.join(f'rank {r}: {n}' for r, n in enumerate(counts))}), so their teacher "
+            "features cannot be gathered together. Give every node the same copy of the image files, "
+            "or set hera_teacher_precompute: false."
+        )
     payload = [_by_position(store, keys) if torch.distributed.get_rank() == 0 else None]
     torch.distributed.broadcast_object_list(payload, src=0)
     return payload[0] or {}
@@ -80,9 +83,16 @@ def _by_position(store: TeacherFeatureStore | None, keys: list[str]) -> dict[int
     return {position: found[key] for position, key in enumerate(keys) if key in found}
 
 
-def precompute_teacher_features(teacher: VisionTeacher, image_processor: Any, by_key: dict[str, Any],
-                                cache: TeacherFeatureCache, batch_size: int, opener: Callable[[Any], Any],
-                                progress: bool, store: TeacherFeatureStore | None = None) -> tuple[int, int]:
+def precompute_teacher_features(
+    teacher: VisionTeacher,
+    image_processor: Any,
+    by_key: dict[str, Any],
+    cache: TeacherFeatureCache,
+    batch_size: int,
+    opener: Callable[[Any], Any],
+    progress: bool,
+    store: TeacherFeatureStore | None = None,
+) -> tuple[int, int]:
     """Fill ``cache`` with the teacher feature of every keyed training image: the rows ``store`` holds (this teacher's
     selection or monitor pass), then of the others this rank computes ``keys[rank::world]`` and all-gathers every
     rank's rows. Collective under ``torch.distributed``: every rank calls it with the same images. Returns (images
@@ -97,14 +107,22 @@ def precompute_teacher_features(teacher: VisionTeacher, image_processor: Any, by
         continuing(len(stored), len(stored) + len(keys), desc)
 
     def keep(first: int, rows: torch.Tensor) -> None:  # kept as the pass goes: a killed run's rerun reads them
-        rows = dict(zip(mine[first:first + len(rows)], rows.float().cpu(), strict=True))
+        rows = dict(zip(mine[first : first + len(rows)], rows.float().cpu(), strict=True))
         cache.features.update(rows)
         if store is not None:
             store.add(rows, persist=True)
 
     with stop_signal.deferred() if world > 1 else contextlib.nullcontext():  # the ranks stop together, below
-        local = image_features(teacher, image_processor, [by_key[k] for k in mine], batch_size, progress=progress,
-                               desc=desc, opener=opener, keep=keep).float()  # [len(mine), E]
+        local = image_features(
+            teacher,
+            image_processor,
+            [by_key[k] for k in mine],
+            batch_size,
+            progress=progress,
+            desc=desc,
+            opener=opener,
+            keep=keep,
+        ).float()  # [len(mine), E]
     if world == 1:
         return len(mine), len(stored)
     backend = torch.distributed.get_backend()
@@ -114,9 +132,9 @@ def precompute_teacher_features(teacher: VisionTeacher, image_processor: Any, by
     stop_signal.stop_before_step("the teacher features computed so far kept in its store", agreed=noted.item() > 0)
     per_rank = -(-len(keys) // world)
     padded = torch.zeros(per_rank, local.shape[-1], dtype=local.dtype, device=comm)
-    padded[:len(mine)] = local.to(comm)
+    padded[: len(mine)] = local.to(comm)
     for start in range(0, per_rank, GATHER_ROWS):
-        piece = padded[start:start + GATHER_ROWS].contiguous()
+        piece = padded[start : start + GATHER_ROWS].contiguous()
         gathered = [torch.empty_like(piece) for _ in range(world)]
         torch.distributed.all_gather(gathered, piece)
         for source, block in enumerate(gathered):
@@ -134,8 +152,12 @@ def check_same_on_every_rank(model: torch.nn.Module, key: str, name: str) -> Non
     parameters and buffers, gathered. Collective: every rank calls it."""
     if not distributed():
         return
-    parts = [torch.stack([values.sum(), values.abs().sum()]) for values in (  # one float64 copy at a time
-        tensor.detach().double() for tensor in (*model.parameters(), *model.buffers()))]
+    parts = [
+        torch.stack([values.sum(), values.abs().sum()])
+        for values in (  # one float64 copy at a time
+            tensor.detach().double() for tensor in (*model.parameters(), *model.buffers())
+        )
+    ]
     sums = torch.stack(parts).sum(0).tolist() if parts else [0.0, 0.0]
     every: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every, sums)
@@ -143,15 +165,20 @@ def check_same_on_every_rank(model: torch.nn.Module, key: str, name: str) -> Non
     differ = [rank for rank in range(len(every)) if not torch.allclose(table[rank], table[0], rtol=1e-9, atol=0.0)]
     if differ:  # rank 0 and the first ranks that differ from it: one line on a node of 64 ranks too
         shown = [0, *differ[:7]]
-        raise RecipeError(f"{key}: '{name}' loaded with other weights on some ranks (sum, absolute sum: "
-                          f"{'; '.join(f'rank {r}: {every[r][0]:g}, {every[r][1]:g}' for r in shown)}"
-                          f"{f'; {len(differ) - 7} more ranks differ' if len(differ) > 7 else ''}), so each "
-                          "rank would align to another teacher. Give every node the same copy of it.")
+        raise RecipeError(
+            f"{key}: '{name}' loaded with other weights on some ranks (sum, absolute sum: "
+            f"{'; '.join(f'rank {r}: {every[r][0]:g}, {every[r][1]:g}' for r in shown)}"
+            f"{f'; {len(differ) - 7} more ranks differ' if len(differ) > 7 else ''}), so each "
+            "rank would align to another teacher. Give every node the same copy of it."
+        )
 
 
 def _has_images(dataset: Any) -> bool:
-    return dataset is not None and hasattr(dataset, "__len__") and "images" in (
-        getattr(dataset, "column_names", None) or ())
+    return (
+        dataset is not None
+        and hasattr(dataset, "__len__")
+        and "images" in (getattr(dataset, "column_names", None) or ())
+    )
 
 
 class RunTeacher:
@@ -182,9 +209,13 @@ class RunTeacher:
         """Whether ``hera_teacher_precompute`` computes the features before step 1 in this run (decided once)."""
         if self._precompute is None:
             global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-            self._precompute = precompute_wanted(self.hera_args.hera_teacher_precompute, self.cache.enabled,
-                                                 len(dataset) if _has_images(dataset) else None, args.max_steps,
-                                                 global_batch)
+            self._precompute = precompute_wanted(
+                self.hera_args.hera_teacher_precompute,
+                self.cache.enabled,
+                len(dataset) if _has_images(dataset) else None,
+                args.max_steps,
+                global_batch,
+            )
         return self._precompute
 
     def precompute(self, dataset: Any, collator: Any, args: Any, main_process: bool) -> None:
@@ -193,15 +224,23 @@ class RunTeacher:
         if not self.precompute_decision(dataset, args):
             return
         if not _has_images(dataset) or not self.cache.enabled:
-            print("[llamafactory-hera] hera_teacher_precompute: the training set has no readable `images` column "
-                  "(streaming?) or the teacher cache is off; teacher features are computed in the steps.")
+            print(
+                "[llamafactory-hera] hera_teacher_precompute: the training set has no readable `images` column "
+                "(streaming?) or the teacher cache is off; teacher features are computed in the steps."
+            )
             return
         by_key, uncacheable = training_images(dataset["images"])
         start = time.perf_counter()  # the teacher pass and the gather, not the keys above
         computed_here, from_store = precompute_teacher_features(
-            self.model, self.image_processor(collator), by_key, self.cache,
-            teacher_batch_size(args.per_device_train_batch_size), getattr(collator, "_open", open_image),
-            progress=main_process and not args.disable_tqdm, store=feature_store(self.model))
+            self.model,
+            self.image_processor(collator),
+            by_key,
+            self.cache,
+            teacher_batch_size(args.per_device_train_batch_size),
+            getattr(collator, "_open", open_image),
+            progress=main_process and not args.disable_tqdm,
+            store=feature_store(self.model),
+        )
         seconds = time.perf_counter() - start
         moved = ""
         if uncacheable == 0 and torch.device(args.device).type != "cpu":
@@ -214,16 +253,26 @@ class RunTeacher:
             moved = f"; {uncacheable} in-memory images cannot be cached, so the teacher stays on {args.device}"
         if main_process:
             shared = f", {from_store} from this teacher's earlier pass (head selection, monitor)" if from_store else ""
-            print(f"[llamafactory-hera] teacher features of {len(by_key)} training images computed before the "
-                  f"first step in {seconds:.1f} s ({computed_here} on this rank{shared}){moved}.")
+            print(
+                f"[llamafactory-hera] teacher features of {len(by_key)} training images computed before the "
+                f"first step in {seconds:.1f} s ({computed_here} on this rank{shared}){moved}."
+            )
 
-    def features(self, pixel_values: torch.Tensor | None, pixel_keys: list[str] | None, keys: list[str | None],
-                 counts: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def features(
+        self,
+        pixel_values: torch.Tensor | None,
+        pixel_keys: list[str] | None,
+        keys: list[str | None],
+        counts: torch.Tensor,
+        device: torch.device,
+    ) -> torch.Tensor:
         """``[B, E]`` per-sample teacher features on ``device``: this batch's computed images by identity, the others
         cached (one host-to-device copy of the cached rows)."""
         if pixel_values is not None and self.to(self.device):
-            print("[llamafactory-hera] an image missed by the precomputed teacher features: the teacher went back "
-                  f"to {self.device} for the rest of the run.")
+            print(
+                "[llamafactory-hera] an image missed by the precomputed teacher features: the teacher went back "
+                f"to {self.device} for the rest of the run."
+            )
         computed = self.model(pixel_values) if pixel_values is not None else None
         image_features = self.cache.lookup(keys, computed, pixel_keys, device)
         return per_sample_features(image_features, counts.to(device), num_images=len(keys))

@@ -48,8 +48,14 @@ class HeraTrainer:
     ``HeraArguments``), the run's feature cache and ``hera_queue`` (the feature queue's capacity,
     ``preflight.contrastive_geometry``'s) to ``__init__``."""
 
-    def __init__(self, *args: Any, hera_args: HeraArguments, hera_feature_cache: TeacherFeatureCache | None,
-                 hera_queue: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        hera_args: HeraArguments,
+        hera_feature_cache: TeacherFeatureCache | None,
+        hera_queue: int,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.hera_args, self.save_on_signal = hera_args, hera_args.hera_save_on_signal
         model, device = self.model, self.args.device
@@ -71,11 +77,16 @@ class HeraTrainer:
             # parameter to a model parameter (a KeyError in fsdp2_switch_optimizer_parameters otherwise)
             if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
                 self.hera_tau.own_optimizer = torch.optim.AdamW(
-                    [self.hera_log_tau], lr=self.hera_temperature_lr, betas=(self.args.adam_beta1,
-                    self.args.adam_beta2), eps=self.args.adam_epsilon, weight_decay=0.0)
+                    [self.hera_log_tau],
+                    lr=self.hera_temperature_lr,
+                    betas=(self.args.adam_beta1, self.args.adam_beta2),
+                    eps=self.args.adam_epsilon,
+                    weight_decay=0.0,
+                )
         multimodal_ids = require_multimodal_ids(
             multimodal_token_ids(model.config, **collator_token_sources(self.data_collator)),
-            str(getattr(model.config, "model_type", "?")))
+            str(getattr(model.config, "model_type", "?")),
+        )
         # the collator computes the pooled tokens and the anchors on the CPU (no host sync in the step)
         self.data_collator.hera_multimodal_ids = multimodal_ids
         self.data_collator.hera_pooling = hera_args.hera_pooling
@@ -83,17 +94,22 @@ class HeraTrainer:
         self._hera_warned_small_batch = False
 
     # ----------------------------------------------------------------------------- the step
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         """The LM loss plus ``lambda * L_HeRA`` of this micro-batch (evaluation and HeRA-less batches: LM only)."""
         pixel_values, pixel_keys, counts, keys, token_mask, anchor_index, sample_counts = (
-            inputs.pop(key, None) for key in HERA_BATCH_KEYS)  # what the collator added (hera/collator.py)
+            inputs.pop(key, None) for key in HERA_BATCH_KEYS
+        )  # what the collator added (hera/collator.py)
         if not model.training or counts is None:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         if token_mask is None or anchor_index is None or sample_counts is None:
-            raise RuntimeError("HeRA: the batch has no hera_token_mask / hera_anchor_index / hera_sample_counts; it "
-                               "was not built by the HeRA collator after the HeRA trainer set it up.")
+            raise RuntimeError(
+                "HeRA: the batch has no hera_token_mask / hera_anchor_index / hera_sample_counts; it "
+                "was not built by the HeRA collator after the HeRA trainer set it up."
+            )
         num_valid, text_only = (int(n) for n in sample_counts)
         if self.hera_sums.last_logged_step is None:
             self.hera_sums.last_logged_step = self.state.global_step
@@ -120,8 +136,9 @@ class HeraTrainer:
         # The Trainer divides the returned loss by the accumulation steps unless the model already normalised it
         # over the whole accumulated batch; in that case the HeRA term is divided here, so that both terms reach
         # backward with the same 1/accumulation weight.
-        trainer_divides = (not self.model_accepts_loss_kwargs or num_items_in_batch is None) and \
-            self.compute_loss_func is None  # Trainer.training_step's rule
+        trainer_divides = (
+            not self.model_accepts_loss_kwargs or num_items_in_batch is None
+        ) and self.compute_loss_func is None  # Trainer.training_step's rule
         steps = self.current_gradient_accumulation_steps
         accumulation = 1 if trainer_divides else steps
         total = lm_loss
@@ -135,9 +152,16 @@ class HeraTrainer:
         self.hera_sums.add(device_part, lm, [num_valid, text_only, 1.0, float(term is None), float(term is not None)])
         return (total, outputs) if return_outputs else total
 
-    def hera_term(self, reps: torch.Tensor, pixel_values: torch.Tensor | None, pixel_keys: list[str] | None,
-                  keys: list[str | None], counts: torch.Tensor, anchor_index: torch.Tensor, num_valid: int
-                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def hera_term(
+        self,
+        reps: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        pixel_keys: list[str] | None,
+        keys: list[str | None],
+        counts: torch.Tensor,
+        anchor_index: torch.Tensor,
+        num_valid: int,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(loss, finite), or (None, None) when the batch has no term: the 0-d float32 HeRA loss of this rank's samples
         that have images and pooled tokens (``anchor_index``, from the collator) against the global batch's
         (``hera_gather``) plus the queue, 0 where it was not finite (on any rank under ``hera_gather``; it then sends
@@ -171,12 +195,15 @@ class HeraTrainer:
         k = min(args.hera_k, num_candidates - 1)
         if k < args.hera_k and not self._hera_warned_small_batch:
             self._hera_warned_small_batch = True
-            print(f"[llamafactory-hera] warning: only {num_candidates} candidates in a contrastive set, fewer than "
-                  f"hera_k+1={args.hera_k + 1}; using k={k} for such batches.")
+            print(
+                f"[llamafactory-hera] warning: only {num_candidates} candidates in a contrastive set, fewer than "
+                f"hera_k+1={args.hera_k + 1}; using k={k} for such batches."
+            )
         anchor_index = offset + torch.arange(num_valid, device=device)
         temperature = used_temperature(self.hera_log_tau)
-        per_anchor = hera_loss_anchored(anchors, candidates, anchor_index, anchor_teacher, candidate_teacher, k,
-                                        temperature, args.hera_similarity)
+        per_anchor = hera_loss_anchored(
+            anchors, candidates, anchor_index, anchor_teacher, candidate_teacher, k, temperature, args.hera_similarity
+        )
         if gather:  # sum of local anchors scaled so that DDP's average over ranks is the global mean
             loss = per_anchor.sum() * (torch.distributed.get_world_size() / total_anchors) + 0.0 * candidates.sum()
         else:
@@ -219,8 +246,9 @@ class HeraTrainer:
         if self.hera_args.hera_learn_temperature and not any(
             p is self.hera_log_tau for group in optimizer.param_groups for p in group["params"]
         ):
-            optimizer.add_param_group({"params": [self.hera_log_tau], "lr": self.hera_temperature_lr,
-                                       "weight_decay": 0.0})
+            optimizer.add_param_group(
+                {"params": [self.hera_log_tau], "lr": self.hera_temperature_lr, "weight_decay": 0.0}
+            )
         return optimizer
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
@@ -235,8 +263,12 @@ class HeraTrainer:
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log: same decision on every rank, so the reduction is safe
-            self.hera_sums.log_values(logs, self.hera_log_tau, len(self.hera_queue) if self.hera_queue.capacity
-                                       else None, self.state.global_step)
+            self.hera_sums.log_values(
+                logs,
+                self.hera_log_tau,
+                len(self.hera_queue) if self.hera_queue.capacity else None,
+                self.state.global_step,
+            )
         super().log(logs, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -247,14 +279,22 @@ class HeraTrainer:
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        checkpoint.save_optimizer_state(output_dir, self.hera_tau.own_optimizer, self.hera_queue,
-                                        self.args.process_index, self.args.should_save)
+        checkpoint.save_optimizer_state(
+            output_dir, self.hera_tau.own_optimizer, self.hera_queue, self.args.process_index, self.args.should_save
+        )
 
     def _load_optimizer_and_scheduler(self, checkpoint_dir: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint_dir)
         if checkpoint_dir is not None:
-            checkpoint.load_state(checkpoint_dir, self.hera_args, self.hera_log_tau, self.hera_tau.own_optimizer,
-                                  self.hera_queue, self.args.process_index, self.args.device)
+            checkpoint.load_state(
+                checkpoint_dir,
+                self.hera_args,
+                self.hera_log_tau,
+                self.hera_tau.own_optimizer,
+                self.hera_queue,
+                self.args.process_index,
+                self.args.device,
+            )
 
 
 # ----------------------------------------------------------------------------- the step's per-log sums
@@ -264,8 +304,10 @@ DEVICE_STATS = ("lm", "hera", "hera_micro", "skipped", "weighted")
 # On the host: image samples used, text-only samples, micro-batches, micro-batches the host knew had no term,
 # micro-batches that computed a term.
 HOST_STATS = ("images", "text_only", "micro", "host_no_term", "attempts")
-NONFINITE_WARNING = ("[llamafactory-hera] warning: non-finite HeRA loss; the term is skipped for such micro-batches "
-                     "(counted as hera_nonfinite_skipped in the logs). Check hera_temperature / bf16 overflow.")
+NONFINITE_WARNING = (
+    "[llamafactory-hera] warning: non-finite HeRA loss; the term is skipped for such micro-batches "
+    "(counted as hera_nonfinite_skipped in the logs). Check hera_temperature / bf16 overflow."
+)
 
 
 class StepSums:
@@ -294,9 +336,12 @@ class StepSums:
         if self.warned_missing:
             return
         self.warned_missing = True
-        print(f"[llamafactory-hera] warning: a micro-batch at step {step + 1} had no HeRA term ({image_samples} usable "
-              f"image samples, {text_only} text-only, of {batch}): it trains the LM loss only. Such micro-batches are "
-              "counted as hera_batches_without_term in the logs and at the end of the run.", flush=True)
+        print(
+            f"[llamafactory-hera] warning: a micro-batch at step {step + 1} had no HeRA term ({image_samples} usable "
+            f"image samples, {text_only} text-only, of {batch}): it trains the LM loss only. Such micro-batches are "
+            "counted as hera_batches_without_term in the logs and at the end of the run.",
+            flush=True,
+        )
 
     def add(self, device_part: torch.Tensor | None, lm: torch.Tensor, host_part: list[float]) -> None:
         """Add one micro-batch: ``device_part`` ``[5]`` (``DEVICE_STATS``; None: LM loss ``lm`` only) and
@@ -316,8 +361,7 @@ class StepSums:
         """
         device = self.device_sums.device
         temperature = used_temperature(log_tau.detach()).double().reshape(1).to(device)
-        local = torch.cat([self.device_sums, torch.tensor(self.host_sums, dtype=torch.float64).to(device),
-                           temperature])
+        local = torch.cat([self.device_sums, torch.tensor(self.host_sums, dtype=torch.float64).to(device), temperature])
         stats, world = local.clone(), 1
         if reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats)
@@ -334,8 +378,9 @@ class StepSums:
         self.host_sums = [0.0] * len(HOST_STATS)
         return values, world
 
-    def log_values(self, logs: dict[str, float], log_tau: torch.Tensor, queue_size: int | None,
-                   global_step: int) -> None:
+    def log_values(
+        self, logs: dict[str, float], log_tau: torch.Tensor, queue_size: int | None, global_step: int
+    ) -> None:
         """Add HeRA's keys to a training log (same decision on every rank, so the reduction is safe)."""
         values, world = self.read(log_tau, reduce=True)
         optimizer_steps = max(global_step - (self.last_logged_step or 0), 1)

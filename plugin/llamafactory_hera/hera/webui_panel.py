@@ -46,13 +46,27 @@ FIELDS = (
     Field("hera_teacher", 0, scale=2),
     *row(0, "hera_k", "hera_lambda", "hera_temperature"),
     *row(1, "hera_pooling", "hera_similarity", "hera_teacher_feature", "hera_learn_temperature"),
-    *row(2, "hera_select_samples", "hera_select_num_heads", "hera_select_strategy", "hera_select_mode",
-         "hera_select_batch_size", only_with=AUTO_ONLY),
+    *row(
+        2,
+        "hera_select_samples",
+        "hera_select_num_heads",
+        "hera_select_strategy",
+        "hera_select_mode",
+        "hera_select_batch_size",
+        only_with=AUTO_ONLY,
+    ),
 )
 
-PANEL = build_panel(PanelDeclaration(
-    name="HeRA", prefix="hera_", package=__package__, arguments=HeraArguments, parse=parse_hera_arguments,
-    fields=FIELDS, checks=(check_heads_geometry,),
-    # hera_loss beside the loss; the alignment monitor's MKNN beside them when logged
-    loss_plot=LossPlot(TrainingPlot(("hera_loss",), "hera_loss", (ALIGNMENT_PANEL,))),
-))
+PANEL = build_panel(
+    PanelDeclaration(
+        name="HeRA",
+        prefix="hera_",
+        package=__package__,
+        arguments=HeraArguments,
+        parse=parse_hera_arguments,
+        fields=FIELDS,
+        checks=(check_heads_geometry,),
+        # hera_loss beside the loss; the alignment monitor's MKNN beside them when logged
+        loss_plot=LossPlot(TrainingPlot(("hera_loss",), "hera_loss", (ALIGNMENT_PANEL,))),
+    )
+)

@@ -61,8 +61,9 @@ class RunSummary(TrainerCallback):
     ``preflight.ImageRowCounts`` or None (streaming); ``contrastive``: ``preflight.ContrastiveGeometry``;
     ``monitor``: the alignment monitor's callback or None."""
 
-    def __init__(self, trainer: Any, hera_args: HeraArguments, data_counts: Any, contrastive: Any,
-                 monitor: Any = None) -> None:
+    def __init__(
+        self, trainer: Any, hera_args: HeraArguments, data_counts: Any, contrastive: Any, monitor: Any = None
+    ) -> None:
         self.trainer, self.hera_args, self.data_counts = trainer, hera_args, data_counts
         self.contrastive, self.monitor = contrastive, monitor
         self.said = False  # once: auto_find_batch_size begins training again after an out-of-memory error
@@ -78,17 +79,29 @@ class RunSummary(TrainerCallback):
         args, trainer, geometry = self.hera_args, self.trainer, self.contrastive
         temperature_lr, processes = trainer.hera_temperature_lr, trainer.args.world_size
         precompute = trainer.hera_teacher.precompute_decision(trainer.train_dataset, trainer.args)
-        monitor_line = self.monitor.line() if self.monitor is not None else (
-            "alignment monitor off (" + ("hera_monitor_steps: 0" if args.hera_monitor_steps == 0
-                                         else "no probe pairs") + ")")
+        monitor_line = (
+            self.monitor.line()
+            if self.monitor is not None
+            else (
+                "alignment monitor off ("
+                + ("hera_monitor_steps: 0" if args.hera_monitor_steps == 0 else "no probe pairs")
+                + ")"
+            )
+        )
         checkpointing_line = trainer.hera_checkpointing.line()
         if args.hera_learn_temperature:
-            temperature = (f"temperature {args.hera_temperature} learned (lr {temperature_lr:g}, "
-                           f"range [{TAU_MIN}, {TAU_MAX}])")
+            temperature = (
+                f"temperature {args.hera_temperature} learned (lr {temperature_lr:g}, range [{TAU_MIN}, {TAU_MAX}])"
+            )
         else:
             temperature = f"temperature {args.hera_temperature} fixed"
-        gather = (f"gather on ({processes} processes)" if args.hera_gather and processes > 1
-                  else "gather off" if processes > 1 else "gather n/a (1 process)")
+        gather = (
+            f"gather on ({processes} processes)"
+            if args.hera_gather and processes > 1
+            else "gather off"
+            if processes > 1
+            else "gather n/a (1 process)"
+        )
         queue = f"queue {geometry.queue if geometry.queue else 'off'} ({geometry.queue_reason})"
         precompute_on = "on" if precompute else "off"
         counts = self.data_counts
@@ -100,11 +113,13 @@ class RunSummary(TrainerCallback):
                 data += f" ({counts.text_only_rows} text-only: LM loss only)"
             if counts.video_only_rows:
                 data += f" ({counts.video_only_rows} video-only: LM loss only, videos have no teacher feature)"
-        return (f"{PREFIX} HeRA: heads [{', '.join(args.hera_heads)}]; teacher {args.hera_teacher} "
-                f"({args.hera_teacher_feature}); k {args.hera_k}; lambda {args.hera_lambda}; {temperature}; "
-                f"pooling {args.hera_pooling}; {gather}; contrastive set up to {geometry.largest} samples; {queue}; "
-                f"precompute {args.hera_teacher_precompute} -> {precompute_on}; {data}; {monitor_line}; "
-                f"{checkpointing_line}")
+        return (
+            f"{PREFIX} HeRA: heads [{', '.join(args.hera_heads)}]; teacher {args.hera_teacher} "
+            f"({args.hera_teacher_feature}); k {args.hera_k}; lambda {args.hera_lambda}; {temperature}; "
+            f"pooling {args.hera_pooling}; {gather}; contrastive set up to {geometry.largest} samples; {queue}; "
+            f"precompute {args.hera_teacher_precompute} -> {precompute_on}; {data}; {monitor_line}; "
+            f"{checkpointing_line}"
+        )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """The steps after the last log read (their checks, this rank's counts), then the micro-batches with a HeRA
@@ -115,20 +130,41 @@ class RunSummary(TrainerCallback):
             return
         missing = sums.micro_batches - sums.with_term - sums.nonfinite
         share = 100.0 * sums.with_term / sums.micro_batches
-        print(f"{PREFIX} HeRA term in {sums.with_term} of {sums.micro_batches} micro-batches ({share:.0f}%)"
-              + (f"; {missing} without (text-only or too few image samples)" if missing else "")
-              + (f"; {sums.nonfinite} skipped as non-finite (check hera_temperature / bf16 overflow)"
-                 if sums.nonfinite else "") + ".", flush=True)
+        print(
+            f"{PREFIX} HeRA term in {sums.with_term} of {sums.micro_batches} micro-batches ({share:.0f}%)"
+            + (f"; {missing} without (text-only or too few image samples)" if missing else "")
+            + (
+                f"; {sums.nonfinite} skipped as non-finite (check hera_temperature / bf16 overflow)"
+                if sums.nonfinite
+                else ""
+            )
+            + ".",
+            flush=True,
+        )
 
 
-def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int], data_counts: Any,
-                  contrastive: ContrastiveGeometry, probe: Any, recipe_args: Any, auto: bool) -> tuple[type, type]:
+def _hera_classes(
+    host: Any,
+    hera_args: HeraArguments,
+    image_rows: dict[str, int],
+    data_counts: Any,
+    contrastive: ContrastiveGeometry,
+    probe: Any,
+    recipe_args: Any,
+    auto: bool,
+) -> tuple[type, type]:
     """The run's collator and trainer classes: HeRA's step (``HeraTrainer``) with what runs around it wired here:
     the checks before the first step, the start and end lines, the alignment monitor."""
     cache = TeacherFeatureCache(enabled=hera_args.hera_teacher_cache)  # shared by this run's collator and trainer
-    collator = type("HeraSFTDataCollator", (HeraCollatorMixin, host.collator),
-                    {"hera_image_processor": load_image_processor(hera_args.hera_teacher), "hera_feature_cache": cache,
-                     "hera_image_rows": image_rows})
+    collator = type(
+        "HeraSFTDataCollator",
+        (HeraCollatorMixin, host.collator),
+        {
+            "hera_image_processor": load_image_processor(hera_args.hera_teacher),
+            "hera_feature_cache": cache,
+            "hera_image_rows": image_rows,
+        },
+    )
 
     class HeraSeq2SeqTrainer(HeraTrainer, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -138,10 +174,12 @@ def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int
             model = kwargs["model"] if "model" in kwargs else args[0]  # Trainer(model, args, ...)
             check_heads_train(model, hera_args.head_refs, auto, kwargs.get("finetuning_args"))
             keep_4bit_layout(model)  # through every eval forward: the monitor's, the Trainer's evaluation steps
-            super().__init__(*args, hera_args=hera_args, hera_feature_cache=cache, hera_queue=contrastive.queue,
-                             **kwargs)
-            self.hera_monitor = None if probe is None else MonitorCallback(self, hera_args, probe, self.hera_geometry,
-                                                                           recipe_args)
+            super().__init__(
+                *args, hera_args=hera_args, hera_feature_cache=cache, hera_queue=contrastive.queue, **kwargs
+            )
+            self.hera_monitor = (
+                None if probe is None else MonitorCallback(self, hera_args, probe, self.hera_geometry, recipe_args)
+            )
             # the start line before the monitor's step-0 point, both when training begins
             self.add_callback(RunSummary(self, hera_args, data_counts, contrastive, self.hera_monitor))
             if self.hera_monitor is not None:
@@ -149,8 +187,10 @@ def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int
 
         def train(self, *args: Any, **kwargs: Any) -> Any:
             if self.hera_monitor is not None:  # the probe pairs' teacher features, before the teacher may leave
-                self.hera_monitor.prepare_teacher(self.hera_teacher.model,  # the device (the precompute's pass)
-                                                  self.hera_teacher.image_processor(self.data_collator))
+                self.hera_monitor.prepare_teacher(
+                    self.hera_teacher.model,  # the device (the precompute's pass)
+                    self.hera_teacher.image_processor(self.data_collator),
+                )
             return super().train(*args, **kwargs)
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -161,8 +201,9 @@ def _hera_classes(host: Any, hera_args: HeraArguments, image_rows: dict[str, int
     return collator, HeraSeq2SeqTrainer
 
 
-def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
-                        training_args: Any) -> tuple[dict[str, int], Any, Any]:
+def _checked_image_rows(
+    model_args: Any, data_args: Any, finetuning_args: Any, training_args: Any
+) -> tuple[dict[str, int], Any, Any]:
     """(image path -> training-data row, the counts of the rows that train, the aligned rows), after checking every
     image file exists and that the training rows have images at all, before LLaMA-Factory's preprocessing fails on a
     missing file with a bare OSError. The counts leave out ``val_size``'s validation rows (LLaMA-Factory's split with
@@ -176,15 +217,31 @@ def _checked_image_rows(model_args: Any, data_args: Any, finetuning_args: Any,
     # file system: 8 ranks per node checking every image of a 665k-row dataset at once is what this avoids).
     local = not getattr(data_args, "data_shared_file_system", False)
     main = (training_args.local_process_index if local else training_args.process_index) == 0
-    with (training_args.main_process_first(desc="align the dataset and check its images", local=local),
-          media_warnings_held()):  # a missing file is named alone, not below the converter's line per image
+    with (
+        training_args.main_process_first(desc="align the dataset and check its images", local=local),
+        media_warnings_held(),
+    ):  # a missing file is named alone, not below the converter's line per image
         recipe = RecipeArgs(model_args, data_args, finetuning_args)
         aligned = load_aligned_rows(recipe, training_args.seed, training_args=training_args)
         counts = count_image_rows(training_rows(recipe, training_args.seed, aligned))
-        check_image_rows(counts, data_args.dataset, f" that train (val_size: {data_args.val_size} holds the others "
-                         "out)" if holds_out_by_val_size(data_args) else "")
-        return image_rows(aligned, column="_images", check_files=main, placeholder=image_placeholder(),
-                          data=describe_data(data_args)), counts, aligned
+        check_image_rows(
+            counts,
+            data_args.dataset,
+            f" that train (val_size: {data_args.val_size} holds the others out)"
+            if holds_out_by_val_size(data_args)
+            else "",
+        )
+        return (
+            image_rows(
+                aligned,
+                column="_images",
+                check_files=main,
+                placeholder=image_placeholder(),
+                data=describe_data(data_args),
+            ),
+            counts,
+            aligned,
+        )
 
 
 def _from_pil(err: BaseException) -> bool:
@@ -196,8 +253,12 @@ def _from_pil(err: BaseException) -> bool:
 def _contrastive(hera_args: HeraArguments, counts: Any, data_args: Any, training_args: Any) -> ContrastiveGeometry:
     """The run's contrastive sets (the trainer's queue among them). Refuse a run whose sets can never hold hera_k + 1
     distinct images of the rows that train; say when those images cap the queue."""
-    geometry = contrastive_geometry(hera_args, training_args.per_device_train_batch_size, training_args.world_size,
-                                    None if counts is None else counts.distinct_images)
+    geometry = contrastive_geometry(
+        hera_args,
+        training_args.per_device_train_batch_size,
+        training_args.world_size,
+        None if counts is None else counts.distinct_images,
+    )
     if counts is None:  # streaming: the sizes alone were checked before loading (hera/checks.py)
         return geometry
     names = ", ".join(data_args.dataset) if isinstance(data_args.dataset, list) else data_args.dataset
@@ -213,58 +274,121 @@ def _contrastive(hera_args: HeraArguments, counts: Any, data_args: Any, training
     return geometry
 
 
-def _write_run_record(output_dir: str, hera_args: HeraArguments,
-                      host_keys: tuple[tuple[Any, tuple[str, ...]], ...]) -> None:
+def _write_run_record(
+    output_dir: str, hera_args: HeraArguments, host_keys: tuple[tuple[Any, tuple[str, ...]], ...]
+) -> None:
     """``hera_run.json``: the HeRA settings and the host settings needed to re-score the run's heads."""
-    record = {"stage": "hera", "llamafactory_hera_version": __version__, **asdict(hera_args),
-              "host": {key: plain(getattr(holder, key, None)) for holder, keys in host_keys for key in keys}}
+    record = {
+        "stage": "hera",
+        "llamafactory_hera_version": __version__,
+        **asdict(hera_args),
+        "host": {key: plain(getattr(holder, key, None)) for holder, keys in host_keys for key in keys},
+    }
     write_record(Path(output_dir) / HERA_RUN_RECORD, record)
 
 
-def run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
-             generating_args: Any, callbacks: Any, hera_args: HeraArguments) -> None:
+def run_hera(
+    host: Any,
+    model_args: Any,
+    data_args: Any,
+    training_args: Any,
+    finetuning_args: Any,
+    generating_args: Any,
+    callbacks: Any,
+    hera_args: HeraArguments,
+) -> None:
     """Train (and evaluate) as ``run_sft`` does, with HeRA's collator and trainer; then HeRA's curves."""
     with watchdog.watching(training_args, hera_args.hera_watchdog_timeout):
         _run_hera(host, model_args, data_args, training_args, finetuning_args, generating_args, callbacks, hera_args)
 
 
-def _run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
-              generating_args: Any, callbacks: Any, hera_args: HeraArguments) -> None:
+def _run_hera(
+    host: Any,
+    model_args: Any,
+    data_args: Any,
+    training_args: Any,
+    finetuning_args: Any,
+    generating_args: Any,
+    callbacks: Any,
+    hera_args: HeraArguments,
+) -> None:
     say_again_on_board()  # LlamaBoard's log box lost the recipe checks' lines (a host warning)
     # the data checks first: an image-less dataset is named as such, not as too few pairs to select heads from
     rows, counts, aligned = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
     contrastive = _contrastive(hera_args, counts, data_args, training_args)
     auto = hera_args.auto_heads
     if auto:
-        precision = {"bf16": training_args.bf16, "fp16": training_args.fp16, "pure_bf16": finetuning_args.pure_bf16,
-                     "model_name_or_path": model_args.model_name_or_path}
+        precision = {
+            "bf16": training_args.bf16,
+            "fp16": training_args.fp16,
+            "pure_bf16": finetuning_args.pure_bf16,
+            "model_name_or_path": model_args.model_name_or_path,
+        }
         with watchdog.section("head selection"):
             hera_args.hera_heads = resolve_auto_heads(
-                RecipeArgs(model_args, data_args, finetuning_args), hera_args, training_args.seed,
-                str(training_args.device), training_args.output_dir, training_args.process_index == 0,
-                dtype=scoring_dtype(precision))
+                RecipeArgs(model_args, data_args, finetuning_args),
+                hera_args,
+                training_args.seed,
+                str(training_args.device),
+                training_args.output_dir,
+                training_args.process_index == 0,
+                dtype=scoring_dtype(precision),
+            )
 
     recipe_args = RecipeArgs(model_args, data_args, finetuning_args)
     probe = probe_set(hera_args, recipe_args, aligned, training_args.seed)  # before the model loads
     collator, trainer = _hera_classes(host, hera_args, rows, counts, contrastive, probe, recipe_args, auto)
     if training_args.should_save:
-        _write_run_record(training_args.output_dir, hera_args, (
-            (model_args, ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),
-            (data_args, ("template", "dataset", "eval_dataset", "dataset_dir", "media_dir", "cutoff_len",
-                         "enable_thinking", "default_system")),
-            (model_args, ("image_max_pixels", "image_min_pixels")),
-            (finetuning_args, ("finetuning_type", "pure_bf16")),
-            (training_args, ("seed", "output_dir", "bf16", "fp16"))))
+        _write_run_record(
+            training_args.output_dir,
+            hera_args,
+            (
+                (model_args, ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),
+                (
+                    data_args,
+                    (
+                        "template",
+                        "dataset",
+                        "eval_dataset",
+                        "dataset_dir",
+                        "media_dir",
+                        "cutoff_len",
+                        "enable_thinking",
+                        "default_system",
+                    ),
+                ),
+                (model_args, ("image_max_pixels", "image_min_pixels")),
+                (finetuning_args, ("finetuning_type", "pure_bf16")),
+                (training_args, ("seed", "output_dir", "bf16", "fp16")),
+            ),
+        )
+
     def get_dataset(template: Any, *args: Any, **tokenizer_module: Any) -> dict[str, Any]:
         module = host.get_dataset(template, *args, **tokenizer_module)  # tokenized; the model loads next
         if not data_args.packing and training_args.process_index == 0:
-            check_image_tokens(module.get("train_dataset"), aligned, rows, template, tokenizer_module,
-                               data_args.cutoff_len, describe_data(data_args))
+            check_image_tokens(
+                module.get("train_dataset"),
+                aligned,
+                rows,
+                template,
+                tokenizer_module,
+                data_args.cutoff_len,
+                describe_data(data_args),
+            )
         return module
 
     try:
-        host.run(collator, trainer, model_args, data_args, training_args, finetuning_args, generating_args, callbacks,
-                 get_dataset=get_dataset)
+        host.run(
+            collator,
+            trainer,
+            model_args,
+            data_args,
+            training_args,
+            finetuning_args,
+            generating_args,
+            callbacks,
+            get_dataset=get_dataset,
+        )
     except OSError as err:  # e.g. PIL's UnidentifiedImageError in the host's preprocessing
         culprit = next((path for path in rows if path in str(err)), None)
         if culprit is None:  # PIL's "Truncated File Read" names no file: the first that does not decode
@@ -272,8 +396,9 @@ def _run_hera(host: Any, model_args: Any, data_args: Any, training_args: Any, fi
             if found is None:
                 raise
             raise RecipeError(f"{found} (LLaMA-Factory's preprocessing: {type(err).__name__}: {err})") from err
-        raise RecipeError(f"HeRA cannot read {describe_image(culprit, rows)}: {type(err).__name__}: {err}. "
-                          "Fix or remove the file.") from err
+        raise RecipeError(
+            f"HeRA cannot read {describe_image(culprit, rows)}: {type(err).__name__}: {err}. Fix or remove the file."
+        ) from err
     if finetuning_args.plot_loss and training_args.process_index == 0:
         path, missing = plot_training(training_args.output_dir, "hera", TRAINING_PLOT, host.smooth)
         if path is not None:

@@ -44,8 +44,10 @@ def add_image_token(tokenizer: Any, llm: Any) -> str:
             matrix[token_id] = matrix[:mean_of].float().mean(0).to(matrix.dtype)
     where = "a new row" if grown else f"row {token_id} of {rows} (unused by the tokenizer)"
     sides = "input embedding (tied with the output)" if tied else "input and output embeddings"
-    return (f"{IMAGE_TOKEN} added as token {token_id}: {where} of the {sides} set to the mean of the {mean_of} rows of "
-            "the tokens the LLM's tokenizer had")
+    return (
+        f"{IMAGE_TOKEN} added as token {token_id}: {where} of the {sides} set to the mean of the {mean_of} rows of "
+        "the tokens the LLM's tokenizer had"
+    )
 
 
 def _vision_tower(name: str) -> Any:
@@ -61,12 +63,15 @@ def _vision_tower(name: str) -> Any:
     logging.set_verbosity_error()  # the text tower's weights are left out on purpose: no report of them
     try:
         tower, info = MODEL_MAPPING[type(vision_config)].from_pretrained(
-            name, config=vision_config, **{dtype_key(): "auto"}, output_loading_info=True)
+            name, config=vision_config, **{dtype_key(): "auto"}, output_loading_info=True
+        )
     finally:
         logging.set_verbosity(verbosity)
     if info["missing_keys"]:
-        raise ValueError(f"--vision {name}: its checkpoint lacks vision tower weights "
-                         f"({', '.join(sorted(info['missing_keys'])[:3])}, ...)")
+        raise ValueError(
+            f"--vision {name}: its checkpoint lacks vision tower weights "
+            f"({', '.join(sorted(info['missing_keys'])[:3])}, ...)"
+        )
     if getattr(tower, "use_head", False):  # LLaVA reads patch tokens, never SigLIP's pooled one (as LLaVA-OneVision)
         tower.use_head = tower.config.vision_use_head = False
         del tower.head
@@ -81,10 +86,16 @@ def _llava_model(plan: ComposePlan, llm: Any, tower: Any, token_id: int) -> Any:
 
     geometry = plan.geometry
     config = LlavaConfig(
-        text_config=llm.config, vision_config=tower.config, image_token_index=token_id,
-        image_seq_length=geometry.image_seq_length, projector_hidden_act="gelu", multimodal_projector_bias=True,
-        vision_feature_layer=geometry.feature_layer, vision_feature_select_strategy=geometry.select_strategy,
-        tie_word_embeddings=bool(llm.config.tie_word_embeddings))
+        text_config=llm.config,
+        vision_config=tower.config,
+        image_token_index=token_id,
+        image_seq_length=geometry.image_seq_length,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        vision_feature_layer=geometry.feature_layer,
+        vision_feature_select_strategy=geometry.select_strategy,
+        tie_word_embeddings=bool(llm.config.tie_word_embeddings),
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.seed)
         projector = LlavaMultiModalProjector(config).to(llm.dtype)
@@ -106,9 +117,14 @@ def _processor(plan: ComposePlan, tokenizer: Any) -> Any:
     from transformers import AutoImageProcessor, LlavaProcessor
 
     geometry = plan.geometry
-    return LlavaProcessor(image_processor=AutoImageProcessor.from_pretrained(plan.vision), tokenizer=tokenizer,
-                          patch_size=geometry.patch_size, vision_feature_select_strategy=geometry.select_strategy,
-                          num_additional_image_tokens=geometry.cls_tokens, image_token=IMAGE_TOKEN)
+    return LlavaProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(plan.vision),
+        tokenizer=tokenizer,
+        patch_size=geometry.patch_size,
+        vision_feature_select_strategy=geometry.select_strategy,
+        num_additional_image_tokens=geometry.cls_tokens,
+        image_token=IMAGE_TOKEN,
+    )
 
 
 def compose(plan: ComposePlan, tokenizer: Any) -> dict[str, Any]:
@@ -123,18 +139,29 @@ def compose(plan: ComposePlan, tokenizer: Any) -> dict[str, Any]:
     model = _llava_model(plan, llm, tower, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     geometry, projector = plan.geometry, model.model.multi_modal_projector
     record = {
-        "llm": plan.llm, "vision": plan.vision, "family": plan.family, "family_from": plan.family_reason,
-        "template": plan.template, "architecture": "LlavaForConditionalGeneration",
+        "llm": plan.llm,
+        "vision": plan.vision,
+        "family": plan.family,
+        "family_from": plan.family_reason,
+        "template": plan.template,
+        "architecture": "LlavaForConditionalGeneration",
         "vision_encoder": geometry.encoder,
         "vision_left_out": "SigLIP's attention-pooling head (never read)" if geometry.encoder == "siglip" else "none",
         "vision_feature_layer": geometry.feature_layer,
-        "vision_feature_select_strategy": geometry.select_strategy, "image_size": geometry.image_size,
-        "patch_size": geometry.patch_size, "image_seq_length": geometry.image_seq_length,
-        "image_token": IMAGE_TOKEN, "image_token_id": model.config.image_token_index, "added_token": token_words,
-        "projector": (f"mlp2x_gelu: Linear({projector.linear_1.in_features}, {projector.linear_1.out_features}), GELU, "
-                      f"Linear({projector.linear_2.in_features}, {projector.linear_2.out_features}), with biases"),
+        "vision_feature_select_strategy": geometry.select_strategy,
+        "image_size": geometry.image_size,
+        "patch_size": geometry.patch_size,
+        "image_seq_length": geometry.image_seq_length,
+        "image_token": IMAGE_TOKEN,
+        "image_token_id": model.config.image_token_index,
+        "added_token": token_words,
+        "projector": (
+            f"mlp2x_gelu: Linear({projector.linear_1.in_features}, {projector.linear_1.out_features}), GELU, "
+            f"Linear({projector.linear_2.in_features}, {projector.linear_2.out_features}), with biases"
+        ),
         "projector_init": "PyTorch nn.Linear default (Kaiming-uniform weights, uniform biases), as LLaVA-1.5's",
-        "seed": plan.seed, "dtype": dtype,
+        "seed": plan.seed,
+        "dtype": dtype,
         "vision_dtype": vision_dtype if vision_dtype == dtype else f"{vision_dtype}, cast to the LLM's {dtype}",
     }
     output = plan.output.resolve()

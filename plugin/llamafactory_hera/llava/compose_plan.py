@@ -21,8 +21,16 @@ ENCODERS: dict[str, tuple[int, str]] = {"clip": (1, "default"), "siglip": (0, "f
 ENCODER_OF_TYPE = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
 _FAMILY_OF_TYPE = {"qwen2": "qwen2.5", "qwen3": "qwen3"}  # llama: by its tokenizer
 # keys of a config that say the model already sees images (or other media)
-_MULTIMODAL_KEYS = ("vision_config", "text_config", "audio_config", "vision_tower", "mm_vision_tower", "visual",
-                    "image_token_index", "image_token_id")
+_MULTIMODAL_KEYS = (
+    "vision_config",
+    "text_config",
+    "audio_config",
+    "vision_tower",
+    "mm_vision_tower",
+    "visual",
+    "image_token_index",
+    "image_token_id",
+)
 
 
 @dataclass(frozen=True)
@@ -63,8 +71,10 @@ def _config_dict(name: str, flag: str) -> dict[str, Any]:
     try:
         config, _ = PretrainedConfig.get_config_dict(name)
     except (OSError, ValueError) as err:
-        raise RecipeError(f"{flag} {name}: its config.json cannot be read ({str(err).splitlines()[0]}); give a Hub id "
-                          "or a local folder holding a Hugging Face checkpoint.") from err
+        raise RecipeError(
+            f"{flag} {name}: its config.json cannot be read ({str(err).splitlines()[0]}); give a Hub id "
+            "or a local folder holding a Hugging Face checkpoint."
+        ) from err
     return config
 
 
@@ -72,8 +82,10 @@ def check_output(output: Path) -> None:
     """Refuse an existing non-empty folder (compose never overwrites) or a file, and a folder that cannot be made
     there (under a file, or where nothing can be written): before any weight loads, not when the model is written."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise RecipeError(f"--output {output}: it exists and is not an empty folder; compose never overwrites: name a "
-                          "new folder (or empty this one).")
+        raise RecipeError(
+            f"--output {output}: it exists and is not an empty folder; compose never overwrites: name a "
+            "new folder (or empty this one)."
+        )
     check_output_dir(output, "--output")
 
 
@@ -81,9 +93,11 @@ def check_text_only(name: str, config: dict[str, Any]) -> None:
     """Refuse an LLM whose config already has a vision (or other media) part."""
     found = [key for key in _MULTIMODAL_KEYS if key in config]
     if found:
-        raise RecipeError(f"--llm {name}: it is already a multimodal model (model type '{config.get('model_type')}', "
-                          f"its config has {', '.join(found)}); compose takes a text-only LLM (e.g. Qwen/Qwen3-8B). "
-                          "To fine-tune an existing MLLM, train it with its own template instead.")
+        raise RecipeError(
+            f"--llm {name}: it is already a multimodal model (model type '{config.get('model_type')}', "
+            f"its config has {', '.join(found)}); compose takes a text-only LLM (e.g. Qwen/Qwen3-8B). "
+            "To fine-tune an existing MLLM, train it with its own template instead."
+        )
 
 
 def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
@@ -95,17 +109,27 @@ def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
     model_type = str(config.get("model_type"))
     encoder = ENCODER_OF_TYPE.get(model_type)
     if encoder is None:
-        hint = (" (SigLIP2's NaFlex checkpoints have variable resolution: take a fixed-resolution one such as "
-                f"{DEFAULT_VISION})") if model_type == "siglip2" else ""
-        raise RecipeError(f"--vision {name}: model type '{model_type}' is not an image encoder compose knows{hint}; "
-                          f"give a CLIP or SigLIP checkpoint: {DEFAULT_VISION} (the default, the HeRA paper's) or "
-                          "openai/clip-vit-large-patch14-336 (LLaVA-1.5's).")
+        hint = (
+            (
+                " (SigLIP2's NaFlex checkpoints have variable resolution: take a fixed-resolution one such as "
+                f"{DEFAULT_VISION})"
+            )
+            if model_type == "siglip2"
+            else ""
+        )
+        raise RecipeError(
+            f"--vision {name}: model type '{model_type}' is not an image encoder compose knows{hint}; "
+            f"give a CLIP or SigLIP checkpoint: {DEFAULT_VISION} (the default, the HeRA paper's) or "
+            "openai/clip-vit-large-patch14-336 (LLaVA-1.5's)."
+        )
     full = AutoConfig.from_pretrained(name)
     vision = getattr(full, "vision_config", None) or full  # whole model or tower alone
     image_size, patch_size = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
     if not isinstance(image_size, int) or not isinstance(patch_size, int):
-        raise RecipeError(f"--vision {name}: its vision config gives no image_size / patch_size (found {image_size} / "
-                          f"{patch_size}); give a fixed-resolution CLIP or SigLIP checkpoint.")
+        raise RecipeError(
+            f"--vision {name}: its vision config gives no image_size / patch_size (found {image_size} / "
+            f"{patch_size}); give a fixed-resolution CLIP or SigLIP checkpoint."
+        )
     cls_tokens, strategy = ENCODERS[encoder]
     return VisionGeometry(encoder, image_size, patch_size, cls_tokens, strategy)
 
@@ -121,19 +145,23 @@ def detect_family(name: str, config: dict[str, Any], tokenizer: Any) -> tuple[st
         if "[INST]" in str(getattr(tokenizer, "chat_template", None) or ""):
             return "llama2", "model type llama, Llama-2-chat chat template ([INST])"
         return "vicuna", "model type llama, Llama-2 tokenizer without Llama-2-chat's chat template"
-    raise RecipeError(f"--llm {name}: model type '{model_type}' is of no LLM family compose has a template for; it "
-                      f"knows {', '.join(FAMILY_TEMPLATES)} (model types qwen2, qwen3, llama); pass --family with one "
-                      "of them to train in that family's conversation format.")
+    raise RecipeError(
+        f"--llm {name}: model type '{model_type}' is of no LLM family compose has a template for; it "
+        f"knows {', '.join(FAMILY_TEMPLATES)} (model types qwen2, qwen3, llama); pass --family with one "
+        "of them to train in that family's conversation format."
+    )
 
 
-def plan_compose(llm: str, vision: str, output: Path, family: str | None = None,
-                 seed: int = 42) -> tuple[ComposePlan, Any]:
+def plan_compose(
+    llm: str, vision: str, output: Path, family: str | None = None, seed: int = 42
+) -> tuple[ComposePlan, Any]:
     """Check the parts (configs and tokenizer only) and return the plan and the LLM's tokenizer."""
     from transformers import AutoTokenizer  # lazy: seconds of import; compose's --help needs not
 
     if family is not None and family not in FAMILY_TEMPLATES:
-        raise RecipeError(f"--family {family}: no template for it; the families compose knows are "
-                          f"{', '.join(FAMILY_TEMPLATES)}.")
+        raise RecipeError(
+            f"--family {family}: no template for it; the families compose knows are {', '.join(FAMILY_TEMPLATES)}."
+        )
     check_output(output)
     llm_config = _config_dict(llm, "--llm")
     check_text_only(llm, llm_config)

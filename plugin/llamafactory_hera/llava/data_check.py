@@ -45,14 +45,22 @@ class DatasetCounts:
         return sum(1 for value in self.bad_images.values() if value == status)
 
     def table_row(self) -> dict[str, object]:
-        return {"dataset": self.name, "rows": self.rows, "dropped": self.dropped_rows,
-                "text-only": self.text_only_rows, "<image> mismatch": self.mismatched_rows,
-                "usable by HeRA": self.usable_rows, "images": self.images, "missing": self.count(MISSING),
-                "unreadable": self.count(UNREADABLE)}
+        return {
+            "dataset": self.name,
+            "rows": self.rows,
+            "dropped": self.dropped_rows,
+            "text-only": self.text_only_rows,
+            "<image> mismatch": self.mismatched_rows,
+            "usable by HeRA": self.usable_rows,
+            "images": self.images,
+            "missing": self.count(MISSING),
+            "unreadable": self.count(UNREADABLE),
+        }
 
     def histogram(self) -> str:
         return f"images per row ({self.name}): " + " · ".join(
-            f"{n}: {rows:,}" for n, rows in sorted(self.images_per_row.items()))
+            f"{n}: {rows:,}" for n, rows in sorted(self.images_per_row.items())
+        )
 
 
 def _file_path(image: Any) -> str | None:
@@ -85,10 +93,12 @@ def check_images(paths: list[str], decode: bool, workers: int, desc: str) -> dic
     from tqdm import tqdm
 
     problems: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(paths), desc=desc, unit="img",
-                                                               disable=None) as bar:  # None: on a terminal only
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=len(paths), desc=desc, unit="img", disable=None) as bar,
+    ):  # None: on a terminal only
         for start in range(0, len(paths), IMAGE_CHUNK):  # in chunks: no future per image of the mixture at once
-            chunk = paths[start:start + IMAGE_CHUNK]
+            chunk = paths[start : start + IMAGE_CHUNK]
             for path, problem in zip(chunk, pool.map(lambda p: image_problem(p, decode), chunk), strict=True):
                 if problem:
                     problems[path] = problem
@@ -103,8 +113,9 @@ def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: b
 
     counts = DatasetCounts(name, rows=len(rows))
     image_rows: list[tuple[list[str], bool]] = []  # each image row's files and whether its marks match
-    for row, (prompt, response, images) in enumerate(tqdm(_aligned(rows), total=len(rows), desc=f"{name}: rows",
-                                                           unit="row", disable=None)):
+    for row, (prompt, response, images) in enumerate(
+        tqdm(_aligned(rows), total=len(rows), desc=f"{name}: rows", unit="row", disable=None)
+    ):
         images = images or []
         if not prompt or not response:
             counts.dropped_rows += 1
@@ -123,8 +134,9 @@ def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: b
     counts.images = len(distinct)
     problems = check_images(distinct, decode, workers, f"{name}: images ({'decode' if decode else 'stat'})")
     counts.bad_images = {_shown(path, media_dir, problem): problem for path, problem in problems.items()}
-    counts.usable_rows = sum(1 for paths, marks_match in image_rows
-                             if marks_match and not any(path in problems for path in paths))
+    counts.usable_rows = sum(
+        1 for paths, marks_match in image_rows if marks_match and not any(path in problems for path in paths)
+    )
     return counts
 
 
@@ -138,10 +150,12 @@ def _load(recipe_args: Any, seed: int, name: str, file_name: Any) -> Any:
         return load_aligned_rows(recipe_args, seed, [name])
     except DatasetGenerationError as err:
         cause = " ".join(str(err.__cause__ or err).split())
-        raise RecipeError(f"dataset: {name}: LLaMA-Factory's loader cannot read its file_name {file_name} ({cause}). "
-                          "LLaVA's llava_v1_5_mix665k.json mixes string and integer ids: run `llamafactory-hera data "
-                          "convert` on it and name the written *.string_ids.json in dataset_info.json "
-                          "(docs/llava-data.md).") from None
+        raise RecipeError(
+            f"dataset: {name}: LLaMA-Factory's loader cannot read its file_name {file_name} ({cause}). "
+            "LLaVA's llava_v1_5_mix665k.json mixes string and integer ids: run `llamafactory-hera data "
+            "convert` on it and name the written *.string_ids.json in dataset_info.json "
+            "(docs/llava-data.md)."
+        ) from None
 
 
 def check_recipe(recipe_path: Path, decode: bool, workers: int) -> tuple[list[DatasetCounts], str]:
@@ -158,18 +172,22 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int) -> tuple[list[Da
     _, recipe = load_recipe(recipe_path)
     names = {key: as_names(recipe.get(key)) for key in ("dataset", "eval_dataset")}
     if not any(names.values()):
-        raise RecipeError(f"dataset: {recipe_path} names no dataset; data check reads the datasets a recipe trains "
-                          "on. Add dataset: llava_pretrain_558k (stage 1) or llava_v1_5_mix665k (stage 2) with "
-                          "dataset_dir: recipes/data (docs/llava-data.md).")
+        raise RecipeError(
+            f"dataset: {recipe_path} names no dataset; data check reads the datasets a recipe trains "
+            "on. Add dataset: llava_pretrain_558k (stage 1) or llava_v1_5_mix665k (stage 2) with "
+            "dataset_dir: recipes/data (docs/llava-data.md)."
+        )
     recipe_args = parse_recipe({**recipe, "streaming": False})  # the same rows, as a table that can be counted
     dataset_dir, media_dir = str(recipe_args.data_args.dataset_dir), str(recipe_args.data_args.media_dir)
     for key, keyed in names.items():
         check_dataset_names(key, keyed, dataset_dir)
     if not os.path.isdir(media_dir):
         default = "" if recipe.get("media_dir") else ", which defaults to dataset_dir"
-        raise RecipeError(f"media_dir: {media_dir} is not a folder{default}; set media_dir to the folder LLaVA's "
-                          "image paths are relative to: recipes/data/llava/LLaVA-Pretrain/images for "
-                          "llava_pretrain_558k, recipes/data/llava for llava_v1_5_mix665k (docs/llava-data.md).")
+        raise RecipeError(
+            f"media_dir: {media_dir} is not a folder{default}; set media_dir to the folder LLaVA's "
+            "image paths are relative to: recipes/data/llava/LLaVA-Pretrain/images for "
+            "llava_pretrain_558k, recipes/data/llava for llava_v1_5_mix665k (docs/llava-data.md)."
+        )
     info = dataset_info(dataset_dir, "dataset", names["dataset"] + names["eval_dataset"])
     seed = int(recipe.get("seed", 42) or 0)
     counts = []
@@ -186,8 +204,10 @@ def report(counts: list[DatasetCounts], media_dir: str, decode: bool) -> str:
     rows = [c.table_row() for c in counts]
     lines = [format_head_table(rows, list(rows[0])), *(c.histogram() for c in counts)]
     if any(c.text_only_rows for c in counts):
-        lines.append("text-only rows: HeRA trains them with the LM loss alone (they are never contrastive anchors); "
-                     "the run does not fail on them")
+        lines.append(
+            "text-only rows: HeRA trains them with the LM loss alone (they are never contrastive anchors); "
+            "the run does not fail on them"
+        )
     how = "opened, verified and decoded by PIL" if decode else "stat: exists, not empty (--verify-images decodes each)"
     lines.append(f"media_dir: {media_dir}; images checked by {how}")
     bad = [(status, path) for c in counts for path, status in c.bad_images.items()]
@@ -205,7 +225,13 @@ def failure(counts: list[DatasetCounts]) -> str | None:
     if not bad and not mismatched:
         return None
     parts = [f"{bad} images are missing or unreadable (listed above)"] if bad else []
-    parts += [f"{c.name} has {c.mismatched_rows} rows whose <image> marks differ from their images (first rows: "
-              f"{', '.join(map(str, c.first_mismatches))})" for c in counts if c.mismatched_rows]
-    return (f"data check: {'; '.join(parts)}; the run would stop at the first. Download the missing files "
-            "(docs/llava-data.md), or remove those rows from the dataset.")
+    parts += [
+        f"{c.name} has {c.mismatched_rows} rows whose <image> marks differ from their images (first rows: "
+        f"{', '.join(map(str, c.first_mismatches))})"
+        for c in counts
+        if c.mismatched_rows
+    ]
+    return (
+        f"data check: {'; '.join(parts)}; the run would stop at the first. Download the missing files "
+        "(docs/llava-data.md), or remove those rows from the dataset."
+    )

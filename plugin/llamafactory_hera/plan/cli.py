@@ -28,16 +28,17 @@ LAUNCH_LINE = re.compile(r"accelerate launch --config_file (\S+)")  # a recipe h
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
     """Add ``plan`` to the ``llamafactory-hera`` sub-command parsers; verb -> handler."""
     parser = commands.add_parser(
-        "plan", help="a recipe's memory per GPU, fit, FLOPs, time and GPU-hours, before renting (docs/cost.md)",
+        "plan",
+        help="a recipe's memory per GPU, fit, FLOPs, time and GPU-hours, before renting (docs/cost.md)",
         description="Count one training step of the recipe on this CPU (its model's config.json, no weights) and "
-        "print its memory per GPU by category, whether it fits the card and what would, its FLOPs and its time.")
+        "print its memory per GPU by category, whether it fits the card and what would, its FLOPs and its time.",
+    )
     parser.add_argument("recipe", type=Path, help="the training recipe (YAML)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe keys as on llamafactory-cli's line")
     parser.add_argument("--gpus", type=_positive, help="GPUs of the run (default: the accelerate config's, else 1)")
     parser.add_argument("--gpu", default=DEFAULT_CARD, help=f"the card: {', '.join(CARDS)} (default {DEFAULT_CARD})")
     parser.add_argument("--accelerate-config", type=Path, help="the accelerate config the run is launched with")
-    return {"plan": lambda args: print(plan(args.recipe, args.overrides, args.gpus, args.gpu,
-                                            args.accelerate_config))}
+    return {"plan": lambda args: print(plan(args.recipe, args.overrides, args.gpus, args.gpu, args.accelerate_config))}
 
 
 def _positive(text: str) -> int:
@@ -56,13 +57,14 @@ def _model_config(name: str, recipe_text: str) -> Any:
     with contextlib.suppress(OSError, ValueError):  # a LLaVA-1.5 model compose has not built yet: from its parts
         if (composed := families.composed_config(recipe_text)) is not None:
             return composed
-    raise RecipeError(f"model_name_or_path: no config.json of {name} at hand ({missing}); plan reads it without "
-                      f"network: download it first (hf download {name} config.json; a compose command's: its LLM's "
-                      "and vision tower's) or point model_name_or_path to a local copy.")
+    raise RecipeError(
+        f"model_name_or_path: no config.json of {name} at hand ({missing}); plan reads it without "
+        f"network: download it first (hf download {name} config.json; a compose command's: its LLM's "
+        "and vision tower's) or point model_name_or_path to a local copy."
+    )
 
 
-def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str,
-         accelerate_config: Path | None) -> str:
+def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str, accelerate_config: Path | None) -> str:
     """The report ``llamafactory-hera plan`` prints: the recipe and its overrides read as training reads them."""
     from llamafactory_hera_patches.launch import launch_recipe  # lazy: LLaMA-Factory's arguments (seconds)
 
@@ -94,8 +96,14 @@ def checked(recipe: dict) -> Any:
     return None
 
 
-def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: str = DEFAULT_CARD,
-                accelerate_config: Path | None = None, recipe_text: str = "") -> str:
+def plan_recipe(
+    recipe: dict,
+    recipe_path: Path,
+    gpus: int | None = None,
+    gpu: str = DEFAULT_CARD,
+    accelerate_config: Path | None = None,
+    recipe_text: str = "",
+) -> str:
     """The report for ``recipe`` (read from ``recipe_path``, whose text ``recipe_text`` may name a compose command, or
     a LlamaBoard panel's arguments)."""
     started = time.time()
@@ -105,22 +113,37 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
     # lazy: transformers, peft, datasets (seconds)
     from llamafactory_hera.hera.checks import check_heads_of
     from llamafactory_hera.plan import count, lengths, methods
+
     method_args = checked(recipe)
     if (stage := recipe.get("stage", "sft")) not in ("sft", "pt", "hera", *methods.STAGES):
-        raise RecipeError(f"stage: plan counts sft, pt, hera, {', '.join(methods.STAGES)}, not {stage} (its "
-                          "reference model and paired rows are not modelled).")
+        raise RecipeError(
+            f"stage: plan counts sft, pt, hera, {', '.join(methods.STAGES)}, not {stage} (its "
+            "reference model and paired rows are not modelled)."
+        )
     setup = estimate.setup_of(recipe, recipe_path.parent, gpus, accelerate_config)
     with _quiet():  # transformers' info lines as it reads the config (LLaMA-Factory's import turns them on)
         config = _model_config(str(recipe.get("model_name_or_path")), recipe_text)
     if accelerate_config is None and (launch := LAUNCH_LINE.search(recipe_text)):
-        setup = replace(setup, notes=(*setup.notes, f"launch: planned as {estimate.ENGINES[setup.engine]} on "
-                                      f"{setup.gpus} GPU(s), no --accelerate-config given; the recipe's header "
-                                      f"names a launch with accelerate launch --config_file {launch[1]}: plan it "
-                                      f"with --accelerate-config {launch[1]}"))
+        setup = replace(
+            setup,
+            notes=(
+                *setup.notes,
+                f"launch: planned as {estimate.ENGINES[setup.engine]} on "
+                f"{setup.gpus} GPU(s), no --accelerate-config given; the recipe's header "
+                f"names a launch with accelerate launch --config_file {launch[1]}: plan it "
+                f"with --accelerate-config {launch[1]}",
+            ),
+        )
     liger = liger_applies_to(config.model_type)
     if setup.liger and not liger:
-        setup = replace(setup, liger=False, notes=(*setup.notes, f"enable_liger_kernel: LLaMA-Factory does not "
-                                                   f"patch {config.model_type}; the run trains without Liger"))
+        setup = replace(
+            setup,
+            liger=False,
+            notes=(
+                *setup.notes,
+                f"enable_liger_kernel: LLaMA-Factory does not patch {config.model_type}; the run trains without Liger",
+            ),
+        )
     if setup.stage in methods.STAGES:  # HARC's step, RAH-LoRA's calibration
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
@@ -135,15 +158,30 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
         max_pixels = (side * vision.patch_size * vision.spatial_merge_size) ** 2
         image = families.images(config, max_pixels)
     hera = setup.stage == "hera"
-    heads, head_layers = count.head_layers(method_args.hera_heads, method_args.hera_select_num_heads, check_heads_of(
-        method_args, config, str(recipe.get("model_name_or_path"))).num_heads) if hera else ([], 0)
-    shape = count.Shape(setup.batch, max(sizes.peak, image.tokens + 8) if image else sizes.peak, max_pixels,
-                        int(recipe.get("lora_rank", 8)) if setup.lora else None, int(recipe.get("lora_alpha", 16)),
-                        bool(setup.bits), setup.checkpointing, liger=setup.liger,
-                        parts=methods.trained_parts(recipe))
+    heads, head_layers = (
+        count.head_layers(
+            method_args.hera_heads,
+            method_args.hera_select_num_heads,
+            check_heads_of(method_args, config, str(recipe.get("model_name_or_path"))).num_heads,
+        )
+        if hera
+        else ([], 0)
+    )
+    shape = count.Shape(
+        setup.batch,
+        max(sizes.peak, image.tokens + 8) if image else sizes.peak,
+        max_pixels,
+        int(recipe.get("lora_rank", 8)) if setup.lora else None,
+        int(recipe.get("lora_alpha", 16)),
+        bool(setup.bits),
+        setup.checkpointing,
+        liger=setup.liger,
+        parts=methods.trained_parts(recipe),
+    )
     arm = "hera" if hera else "sft"
-    shapes = {"sft": shape} | ({"hera": count.Shape(**{**shape.__dict__, "hera": {**recipe, "heads": heads}})}
-                               if hera else {})
+    shapes = {"sft": shape} | (
+        {"hera": count.Shape(**{**shape.__dict__, "hera": {**recipe, "heads": heads}})} if hera else {}
+    )
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
         counts = count.scaled(config, shapes, head_layers if hera else 0)
@@ -157,14 +195,17 @@ def plan_recipe(recipe: dict, recipe_path: Path, gpus: int | None = None, gpu: s
                 more[f"{arm}+qlora"] = count.Shape(**{**shapes[arm].__dict__, "quantized": True})
             counts |= count.scaled(config, more | {arm: shapes[arm]}, head_layers if hera else 0)
     rows = sizes.rows or estimate.dataset_rows(recipe, recipe_path.parent)
-    lines = [f"plan: {recipe_path} on {setup.gpus} x {card.name} ({card.memory_gib:g} GiB)",
-             f"  {config.architectures[0] if config.architectures else config.model_type}: "
-             f"{counts[arm]['params'] / 1e9:.2f} B parameters ({counts[arm]['trainable'] / 1e6:.1f} M trained); stage "
-             f"{setup.stage}, {'LoRA' if setup.lora else 'full'}{f', {setup.bits}-bit' if setup.bits else ''}, "
-             f"{estimate.ENGINES[setup.engine]}, micro-batch {setup.batch} x accumulation {setup.accumulation}, "
-             f"cutoff_len {setup.cutoff}, Liger {'on' if setup.liger else 'off'}, gradient checkpointing "
-             f"{'on' if setup.checkpointing else 'off'}",
-             *(f"  note: {note}" for note in setup.notes), f"  {sizes.line}"]
+    lines = [
+        f"plan: {recipe_path} on {setup.gpus} x {card.name} ({card.memory_gib:g} GiB)",
+        f"  {config.architectures[0] if config.architectures else config.model_type}: "
+        f"{counts[arm]['params'] / 1e9:.2f} B parameters ({counts[arm]['trainable'] / 1e6:.1f} M trained); stage "
+        f"{setup.stage}, {'LoRA' if setup.lora else 'full'}{f', {setup.bits}-bit' if setup.bits else ''}, "
+        f"{estimate.ENGINES[setup.engine]}, micro-batch {setup.batch} x accumulation {setup.accumulation}, "
+        f"cutoff_len {setup.cutoff}, Liger {'on' if setup.liger else 'off'}, gradient checkpointing "
+        f"{'on' if setup.checkpointing else 'off'}",
+        *(f"  note: {note}" for note in setup.notes),
+        f"  {sizes.line}",
+    ]
     lines += memory_table(parts, arm)
     lines.append(fit_line(parts[arm]["needed"], card))
     if not fits:
@@ -196,35 +237,52 @@ def card_here() -> str:
         return DEFAULT_CARD
     device = torch.cuda.get_device_properties(0)
     name = device.name.upper().replace(" ", "")
-    known = [card for key, card in CARDS.items() if key.removeprefix("RTX-").split("-")[0] in name
-             and ("PCIE" in name) == key.endswith("PCIe")]
+    known = [
+        card
+        for key, card in CARDS.items()
+        if key.removeprefix("RTX-").split("-")[0] in name and ("PCIE" in name) == key.endswith("PCIe")
+    ]
     return min(known, key=lambda card: abs(card.memory_gib - device.total_memory / GiB)).name if known else DEFAULT_CARD
 
 
-def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card: Card, rows: int, known: bool,
-                recipe: dict, hera: bool, sizes: Any) -> list[str]:
+def _time_lines(
+    counts: dict[str, dict[str, float]],
+    setup: estimate.Setup,
+    card: Card,
+    rows: int,
+    known: bool,
+    recipe: dict,
+    hera: bool,
+    sizes: Any,
+) -> list[str]:
     (low, high), source = mfu(setup.engine, setup.bits)
     band = f"{low:.0%}-{high:.0%} MFU ({source}) of {card.bf16_tflops:g} TFLOP/s bf16"
     lines = []
     for name in ("sft", "hera") if hera else ("sft",):
         ratio = sizes.padded / sizes.peak  # counted at the peak; at the mean: attention quadratic in the length
-        attention = counts[name]["attention"] * ratio ** 2
+        attention = counts[name]["attention"] * ratio**2
         flops = (counts[name]["flops"] - counts[name]["attention"]) * ratio + attention
         comm = estimate.communicated(counts[name], setup)
         t = estimate.times(flops, setup, card, rows, sizes.mean, comm)
-        lines.append(f"  {name.upper()}: {flops * setup.accumulation / 1e12:.1f} TFLOPs per GPU per optimizer step "
-                     f"(attention {attention / flops:.1%} of them); at {band}: step "
-                     f"{span(t['step'], 's')}, {span(t['tokens/s'], '')} tokens/s per node")
+        lines.append(
+            f"  {name.upper()}: {flops * setup.accumulation / 1e12:.1f} TFLOPs per GPU per optimizer step "
+            f"(attention {attention / flops:.1%} of them); at {band}: step "
+            f"{span(t['step'], 's')}, {span(t['tokens/s'], '')} tokens/s per node"
+        )
         if any(comm):
             received = (setup.accumulation * comm[0] + comm[1]) / 1e9
-            lines.append(f"    communication: {received:,.1f} GB received per GPU per step under "
-                         f"{estimate.ENGINES[setup.engine]} (docs/cost.md), {t['communication']:.2f} s "
-                         f"on {card.link} ({card.link_gbs:g} GB/s datasheet, half each way), overlapped with the "
-                         "compute as the engine prefetches (each micro-step the longer of the two): "
-                         f"{span(tuple(t['communication'] / s * 100 for s in t['step']), '%')} of the step")
-        lines.append(f"    epoch of {rows} rows{'' if known else ' (the dataset is not at hand: per 1000 rows)'}, "
-                     f"{t['steps'][0]} steps: {duration(t['epoch'])}; run of {t['steps'][1]} steps: "
-                     f"{duration(t['run'])}, {span(t['gpu-hours'], '')} GPU-hours")
+            lines.append(
+                f"    communication: {received:,.1f} GB received per GPU per step under "
+                f"{estimate.ENGINES[setup.engine]} (docs/cost.md), {t['communication']:.2f} s "
+                f"on {card.link} ({card.link_gbs:g} GB/s datasheet, half each way), overlapped with the "
+                "compute as the engine prefetches (each micro-step the longer of the two): "
+                f"{span(tuple(t['communication'] / s * 100 for s in t['step']), '%')} of the step"
+            )
+        lines.append(
+            f"    epoch of {rows} rows{'' if known else ' (the dataset is not at hand: per 1000 rows)'}, "
+            f"{t['steps'][0]} steps: {duration(t['epoch'])}; run of {t['steps'][1]} steps: "
+            f"{duration(t['run'])}, {span(t['gpu-hours'], '')} GPU-hours"
+        )
     if hera:
         teacher = card.seconds(estimate.teacher_flops(rows), mfu("ddp")[0])  # bf16, one GPU
         line = f"  teacher precompute ({rows} images, DINOv2-L, one GPU): {duration(teacher)}"
@@ -233,8 +291,10 @@ def _time_lines(counts: dict[str, dict[str, float]], setup: estimate.Setup, card
             seconds = card.seconds(estimate.selection_flops(counts["hera"], select), mfu("ddp", setup.bits)[0])
             line += f"; head selection ({select} pairs, one GPU): {duration(seconds)}"
             if not card.holds(2 * counts["hera"]["params"]):
-                line += (" of compute; the bf16 model exceeds one GPU, whose CPU-offloaded layers are copied in every "
-                         "batch: select first over the node's GPUs (llamafactory-hera select)")
+                line += (
+                    " of compute; the bf16 model exceeds one GPU, whose CPU-offloaded layers are copied in every "
+                    "batch: select first over the node's GPUs (llamafactory-hera select)"
+                )
         lines.append(line)
     return lines
 

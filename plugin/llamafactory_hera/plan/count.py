@@ -18,8 +18,18 @@ from llamafactory_hera.plan.families import part
 
 SPECIAL_BLOCKS = ("deepstack_visual_indexes", "fullatt_block_indexes")
 _COUNTED: dict[tuple[str, str], dict[str, float]] = {}
-FIGURES = ("flops", "attention", "reference", "params", "trainable", "quantizable", "embedding", "vision",
-           "activations", "temporaries")
+FIGURES = (
+    "flops",
+    "attention",
+    "reference",
+    "params",
+    "trainable",
+    "quantizable",
+    "embedding",
+    "vision",
+    "activations",
+    "temporaries",
+)
 
 
 @dataclass(frozen=True)
@@ -75,8 +85,11 @@ def reduced(config: Any, types: list[str], vision_depth: int, attention: str = "
 
 def _attention_flops(flops: counter.StepFlops) -> int:
     names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
-    return sum(count for op, count in flops.get_flop_counts()["Global"].items() if getattr(op, "__name__", str(op))
-               .split(".")[0] in names)
+    return sum(
+        count
+        for op, count in flops.get_flop_counts()["Global"].items()
+        if getattr(op, "__name__", str(op)).split(".")[0] in names
+    )
 
 
 def count(config: Any, shape: Shape) -> dict[str, float]:
@@ -98,8 +111,11 @@ def _count(config: Any, shape: Shape) -> dict[str, float]:
             step.set_trainable(model, shape.parts)
         else:
             model = step.add_lora(model, shape.lora_rank, shape.lora_alpha)
-        linears = [m for name, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in name
-                   and "lora_" not in name]
+        linears = [
+            m
+            for name, m in model.named_modules()
+            if type(m) is nn.Linear and "lm_head" not in name and "lora_" not in name
+        ]
         if shape.quantized:
             step.quantize_in_place(model)
         step.train_mode(model, shape.checkpointing)
@@ -110,15 +126,22 @@ def _count(config: Any, shape: Shape) -> dict[str, float]:
             param.grad = torch.zeros_like(param)
         steps = counter.StepCounter(exclude=params + [p.grad for p in trainable])
         with counter.RealIndexMode(), counter.StepFlops() as flops, steps:
-            reference = step.step(model, data, steps, hera, shape.liger, reference_rows=shape.reference_rows,
-                                  probe=shape.probe)
+            reference = step.step(
+                model, data, steps, hera, shape.liger, reference_rows=shape.reference_rows, probe=shape.probe
+            )
     embeddings = [model.get_input_embeddings().weight, step.output_layer(model).weight]
-    return {"flops": flops.get_total_flops(), "attention": _attention_flops(flops), "reference": reference,
-            "params": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in trainable),
-            "quantizable": sum(m.weight.numel() for m in linears),
-            "embedding": sum(w.numel() for w in {id(w): w for w in embeddings}.values()),
-            "vision": sum(p.numel() for name, p in model.named_parameters() if part(name) != "language"),
-            "activations": steps.at_mark, "temporaries": steps.peak - steps.at_mark}
+    return {
+        "flops": flops.get_total_flops(),
+        "attention": _attention_flops(flops),
+        "reference": reference,
+        "params": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in trainable),
+        "quantizable": sum(m.weight.numel() for m in linears),
+        "embedding": sum(w.numel() for w in {id(w): w for w in embeddings}.values()),
+        "vision": sum(p.numel() for name, p in model.named_parameters() if part(name) != "language"),
+        "activations": steps.at_mark,
+        "temporaries": steps.peak - steps.at_mark,
+    }
 
 
 def scaled(config: Any, shapes: dict[str, Shape], head_layers: int) -> dict[str, dict[str, float]]:
@@ -134,20 +157,26 @@ def scaled(config: Any, shapes: dict[str, Shape], head_layers: int) -> dict[str,
     special = max((len(getattr(vision, key, None) or []) for key in SPECIAL_BLOCKS), default=0)
     base_v = min(max(special, 1), full_v)
     head_kind = "full_attention" if "full_attention" in kinds else kinds[0]
-    base_types = ([head_kind] * max(head_layers, 1) + [max(kinds, key=kinds.count)])[:len(kinds)]
+    base_types = ([head_kind] * max(head_layers, 1) + [max(kinds, key=kinds.count)])[: len(kinds)]
     attention = "eager" if any(shape.probe == "isal" for shape in shapes.values()) else "sdpa"
     base = {arm: count(reduced(config, base_types, base_v, attention), shape) for arm, shape in shapes.items()}
     last = list(shapes)[-1]
-    layers = [(kinds.count(kind) - base_types.count(kind),
-               count(reduced(config, base_types + [kind], base_v, attention), shapes[last]))
-              for kind in sorted(set(kinds)) if kinds.count(kind) > base_types.count(kind)]
+    layers = [
+        (
+            kinds.count(kind) - base_types.count(kind),
+            count(reduced(config, base_types + [kind], base_v, attention), shapes[last]),
+        )
+        for kind in sorted(set(kinds))
+        if kinds.count(kind) > base_types.count(kind)
+    ]
     more = list(layers)
     if full_v > base_v:
         more.append((full_v - base_v, count(reduced(config, base_types, base_v + 1, attention), shapes[last])))
     result = {}
     for arm, counts in base.items():
-        result[arm] = {key: counts[key] + sum(n * (added[key] - base[last][key]) for n, added in more)
-                       for key in FIGURES}
+        result[arm] = {
+            key: counts[key] + sum(n * (added[key] - base[last][key]) for n, added in more) for key in FIGURES
+        }
         result[arm]["layer"] = max([added["params"] - base[last]["params"] for _, added in layers] or [0])
     return result
 

@@ -38,20 +38,31 @@ class RealIndexMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         tensors = tensors_of((args, kwargs))
-        parameter_like = not tensors and func.overloadpacket not in INDEX_FACTORIES \
-            and (kwargs.get("dtype") or torch.get_default_dtype()).is_floating_point  # a weight being made: fake
-        if not parameter_like and not any(isinstance(t, FakeTensor) for t in tensors) \
-                and (func.is_view or all(t.numel() <= SMALL for t in tensors)):
+        parameter_like = (
+            not tensors
+            and func.overloadpacket not in INDEX_FACTORIES
+            and (kwargs.get("dtype") or torch.get_default_dtype()).is_floating_point
+        )  # a weight being made: fake
+        if (
+            not parameter_like
+            and not any(isinstance(t, FakeTensor) for t in tensors)
+            and (func.is_view or all(t.numel() <= SMALL for t in tensors))
+        ):
             with unset_fake_temporarily():
                 out = func(*args, **kwargs)
             if func.is_view or all(t.numel() <= SMALL for t in tensors_of(out)):
                 return out
-        if func is torch.ops.aten.index.Tensor and len(args[1]) == 1 and args[1][0] is not None \
-                and args[1][0].dtype == torch.bool and not isinstance(args[1][0], FakeTensor):
+        if (
+            func is torch.ops.aten.index.Tensor
+            and len(args[1]) == 1
+            and args[1][0] is not None
+            and args[1][0].dtype == torch.bool
+            and not isinstance(args[1][0], FakeTensor)
+        ):
             mask = args[1][0]
             with unset_fake_temporarily():
                 count = int(mask.sum())
-            return torch.empty((count, *args[0].shape[mask.ndim:]), dtype=args[0].dtype, device=args[0].device)
+            return torch.empty((count, *args[0].shape[mask.ndim :]), dtype=args[0].dtype, device=args[0].device)
         return func(*args, **kwargs)
 
 
@@ -103,9 +114,11 @@ def count_attention() -> None:
     """Give the CPU attention kernels their FLOPs in ``FlopCounterMode`` (module doc); idempotent."""
     aten = torch.ops.aten
     flop_counter.flop_registry[aten._scaled_dot_product_flash_attention_for_cpu] = flop_counter.shape_wrapper(
-        lambda q, k, v, *_, **__: flop_counter.sdpa_flop_count(*_heads(q, k, v)))
+        lambda q, k, v, *_, **__: flop_counter.sdpa_flop_count(*_heads(q, k, v))
+    )
     flop_counter.flop_registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = flop_counter.shape_wrapper(
-        lambda grad, q, k, v, *_, **__: flop_counter.sdpa_backward_flop_count(grad, *_heads(q, k, v)))
+        lambda grad, q, k, v, *_, **__: flop_counter.sdpa_backward_flop_count(grad, *_heads(q, k, v))
+    )
 
 
 class StepFlops(flop_counter.FlopCounterMode):

@@ -55,8 +55,9 @@ def found(path: str | Path, recipe_dir: Path) -> Path:
     path = Path(path)
     if path.is_absolute() or path.exists():
         return path
-    return next((folder / path for folder in (recipe_dir, *recipe_dir.resolve().parents) if (folder / path).exists()),
-                path)
+    return next(
+        (folder / path for folder in (recipe_dir, *recipe_dir.resolve().parents) if (folder / path).exists()), path
+    )
 
 
 def number(recipe: dict, key: str, default: float, kind: type = int) -> Any:
@@ -69,8 +70,11 @@ def number(recipe: dict, key: str, default: float, kind: type = int) -> Any:
 
 
 def _engine_of(zero: dict, where: str, notes: list[str]) -> str:
-    offloaded = [key for key in ("offload_optimizer", "offload_param")
-                 if str((zero.get(key) or {}).get("device", "none")).lower() not in ("none", "")]
+    offloaded = [
+        key
+        for key in ("offload_optimizer", "offload_param")
+        if str((zero.get(key) or {}).get("device", "none")).lower() not in ("none", "")
+    ]
     if offloaded:
         notes.append(f"{where}: {' and '.join(offloaded)} to the CPU is not counted (planned as kept on the GPU)")
     stage = int(zero.get("stage", zero.get("zero_stage", 0)) or 0)
@@ -89,8 +93,10 @@ def setup_of(recipe: dict, recipe_dir: Path, gpus: int | None, accelerate_config
         try:
             launch = yaml.safe_load(accelerate_config.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as err:
-            raise RecipeError(f"--accelerate-config: {accelerate_config} cannot be read ({err}); name the accelerate "
-                              "config file the run is launched with.") from None
+            raise RecipeError(
+                f"--accelerate-config: {accelerate_config} cannot be read ({err}); name the accelerate "
+                "config file the run is launched with."
+            ) from None
         default_gpus = number(launch, "num_processes", 1)
     if recipe.get("deepspeed") or launch.get("distributed_type") == "DEEPSPEED":
         named = recipe.get("deepspeed") or (launch.get("deepspeed_config") or {}).get("deepspeed_config_file")
@@ -99,27 +105,37 @@ def setup_of(recipe: dict, recipe_dir: Path, gpus: int | None, accelerate_config
             try:
                 zero = json.loads(found(named, recipe_dir).read_text(encoding="utf-8")).get("zero_optimization", {})
             except (OSError, ValueError) as err:
-                raise RecipeError(f"deepspeed: {named} cannot be read ({err}); point it to the JSON config the run "
-                                  "uses.") from None
+                raise RecipeError(
+                    f"deepspeed: {named} cannot be read ({err}); point it to the JSON config the run uses."
+                ) from None
         engine = _engine_of(zero, "deepspeed", notes)
         live = float(zero.get("stage3_max_live_parameters", 1e9))
     elif launch.get("distributed_type") == "FSDP":
         engine = "fsdp2"
         if str(launch.get("fsdp_config", {}).get("fsdp_version", 2)) != "2":
-            notes.append("accelerate config: FSDP version 1 is planned as FSDP2 (which upcasts every parameter to "
-                         "float32; version 1 only the trained ones, so its parameters may need less)")
+            notes.append(
+                "accelerate config: FSDP version 1 is planned as FSDP2 (which upcasts every parameter to "
+                "float32; version 1 only the trained ones, so its parameters may need less)"
+            )
         if truthy(launch.get("fsdp_config", {}).get("fsdp_offload_params", False)):
             notes.append("accelerate config: fsdp_offload_params is not counted (planned as kept on the GPU)")
     return Setup(
-        stage=str(recipe.get("stage", "sft")), lora=recipe.get("finetuning_type", "lora") == "lora",
+        stage=str(recipe.get("stage", "sft")),
+        lora=recipe.get("finetuning_type", "lora") == "lora",
         bits=number(recipe, "quantization_bit", 0) or None,
-        double_quant=truthy(recipe.get("double_quantization", True)), engine=engine, gpus=gpus or default_gpus,
-        live_params=live, batch=number(recipe, "per_device_train_batch_size", 1),
-        accumulation=number(recipe, "gradient_accumulation_steps", 1), cutoff=number(recipe, "cutoff_len", 2048),
+        double_quant=truthy(recipe.get("double_quantization", True)),
+        engine=engine,
+        gpus=gpus or default_gpus,
+        live_params=live,
+        batch=number(recipe, "per_device_train_batch_size", 1),
+        accumulation=number(recipe, "gradient_accumulation_steps", 1),
+        cutoff=number(recipe, "cutoff_len", 2048),
         liger=truthy(recipe.get("enable_liger_kernel", False)) or truthy(recipe.get("use_liger_kernel", False)),
         checkpointing=not truthy(recipe.get("disable_gradient_checkpointing", False)),
-        epochs=number(recipe, "num_train_epochs", 3.0, float), max_steps=number(recipe, "max_steps", -1),
-        notes=tuple(notes))
+        epochs=number(recipe, "num_train_epochs", 3.0, float),
+        max_steps=number(recipe, "max_steps", -1),
+        notes=tuple(notes),
+    )
 
 
 def memory(counts: dict[str, float], setup: Setup) -> dict[str, float]:
@@ -142,8 +158,14 @@ def memory(counts: dict[str, float], setup: Setup) -> dict[str, float]:
     else:
         weights = stored + 2 * (frozen - quantizable) + 4 * trainable
         grads, optimizer = 4 * trainable, 8 * trainable
-    parts = {"parameters": weights, "gradients": grads, "optimizer": optimizer, "gathered": gathered,
-             "activations": counts["activations"], "temporaries": counts["temporaries"]}
+    parts = {
+        "parameters": weights,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "gathered": gathered,
+        "activations": counts["activations"],
+        "temporaries": counts["temporaries"],
+    }
     parts["step peak"] = sum(parts.values())
     # A quantized load reads the bf16 shards onto the GPU before bitsandbytes quantizes them (measured: the 8B QLoRA
     # recipe's load peak is its whole bf16 model); FSDP2 and ZeRO-3 load a rank's shard
@@ -169,8 +191,12 @@ def fixes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: st
     shown = [c for c in changes if c[5]]
     out = [(c[1], needed(c)) for c in sorted(shown)]
     alone = {c[1]: card.holds(needed(c)) for c in changes}
-    pairs = [(a[0] + b[0], f"{a[1]} + {b[1]}", needed(a, b)) for i, a in enumerate(changes) for b in changes[i + 1:]
-             if a[6] != b[6] and not (a[2] and b[2]) and not (alone[a[1]] or alone[b[1]])]
+    pairs = [
+        (a[0] + b[0], f"{a[1]} + {b[1]}", needed(a, b))
+        for i, a in enumerate(changes)
+        for b in changes[i + 1 :]
+        if a[6] != b[6] and not (a[2] and b[2]) and not (alone[a[1]] or alone[b[1]])
+    ]
     return out + [(change, need) for _, change, need in sorted(pairs) if card.holds(need)][:4]
 
 
@@ -184,19 +210,43 @@ def _changes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm:
         out.append((1, "enable_liger_kernel: true", "+liger", {}, 1, True, "liger"))
     for factor in (2, 4, 8, 16):
         if setup.batch // factor >= 1:
-            out.append((1 + factor / 100, f"per_device_train_batch_size: {setup.batch // factor} "
-                        f"(gradient_accumulation_steps: {setup.accumulation * factor})", "", {}, factor, factor == 2,
-                        "batch"))
+            out.append(
+                (
+                    1 + factor / 100,
+                    f"per_device_train_batch_size: {setup.batch // factor} "
+                    f"(gradient_accumulation_steps: {setup.accumulation * factor})",
+                    "",
+                    {},
+                    factor,
+                    factor == 2,
+                    "batch",
+                )
+            )
     if f"{arm}+qlora" in counts:
         out.append((3, "quantization_bit: 4 (QLoRA)", "+qlora", {"bits": 4}, 1, True, "bits"))
     engine = setup.engine if setup.engine != "ddp" else "fsdp2" if setup.lora else "zero3"
     more = [gpus for gpus in (2, 4, 8, 16, 32, 64) if gpus > setup.gpus]
-    fewest = next((gpus for gpus in more if card.holds(memory(counts[arm], replace(
-        setup, engine=engine, gpus=gpus))["needed"])), None)
-    out += [(4 + gpus / 100, f"{gpus} GPUs under {ENGINES[engine]}", "", {"engine": engine, "gpus": gpus}, 1,
-             gpus == fewest, "gpus") for gpus in more]
-    out += [(5 + factor / 100, f"cutoff_len: {setup.cutoff // factor}", "", {}, factor, True, "cutoff")
-            for factor in (2, 4) if setup.cutoff // factor >= 256]
+    fewest = next(
+        (gpus for gpus in more if card.holds(memory(counts[arm], replace(setup, engine=engine, gpus=gpus))["needed"])),
+        None,
+    )
+    out += [
+        (
+            4 + gpus / 100,
+            f"{gpus} GPUs under {ENGINES[engine]}",
+            "",
+            {"engine": engine, "gpus": gpus},
+            1,
+            gpus == fewest,
+            "gpus",
+        )
+        for gpus in more
+    ]
+    out += [
+        (5 + factor / 100, f"cutoff_len: {setup.cutoff // factor}", "", {}, factor, True, "cutoff")
+        for factor in (2, 4)
+        if setup.cutoff // factor >= 256
+    ]
     return out
 
 
@@ -208,27 +258,39 @@ def communicated(counts: dict[str, float], setup: Setup) -> tuple[float, float]:
     ring = (n - 1) / n
     quantized = counts["quantizable"] if setup.bits else 0
     weights = 2 * (total - quantized) + quantized * (quantized_bytes_per_weight(setup.bits) if setup.bits else 0)
-    return {"fsdp2": (ring * (2 * weights + 4 * trained), 0.0), "zero3": (ring * (2 * weights + 2 * trained), 0.0),
-            "zero2": (ring * 2 * trained, ring * 2 * trained), "ddp": (0.0, 2 * ring * 4 * trained)}[setup.engine]
+    return {
+        "fsdp2": (ring * (2 * weights + 4 * trained), 0.0),
+        "zero3": (ring * (2 * weights + 2 * trained), 0.0),
+        "zero2": (ring * 2 * trained, ring * 2 * trained),
+        "ddp": (0.0, 2 * ring * 4 * trained),
+    }[setup.engine]
 
 
-def times(flops_micro: float, setup: Setup, card: Card, rows: int, tokens_per_row: int,
-          comm: tuple[float, float] = (0.0, 0.0)) -> dict[str, tuple]:
+def times(
+    flops_micro: float, setup: Setup, card: Card, rows: int, tokens_per_row: int, comm: tuple[float, float] = (0.0, 0.0)
+) -> dict[str, tuple]:
     """Seconds (fast, slow) at the engine's MFU band (``cards.mfu``) of ``card``: an optimizer step (every GPU runs
     its micro-batches at once; each micro-step takes the longer of its compute and its ``comm[0]`` bytes on the
     card's link, the engines prefetching the next layer's gather while one computes, then ``comm[1]`` bytes a step),
     an epoch of ``rows``, the run (``num_train_epochs`` or ``max_steps``), and the run's GPU-hours; tokens per
     second; the communication's seconds a step at the link's datasheet rate each way (a floor: NCCL reaches less)."""
     link = card.link_gbs / 2 * 1e9
-    step = tuple(setup.accumulation * max(compute, comm[0] / link) + comm[1] / link
-                 for compute in card.seconds(flops_micro, mfu(setup.engine, setup.bits)[0]))
+    step = tuple(
+        setup.accumulation * max(compute, comm[0] / link) + comm[1] / link
+        for compute in card.seconds(flops_micro, mfu(setup.engine, setup.bits)[0])
+    )
     steps_per_epoch = math.ceil(rows / (setup.batch * setup.gpus * setup.accumulation))
     run_steps = setup.max_steps if setup.max_steps > 0 else math.ceil(steps_per_epoch * setup.epochs)
     tokens = setup.batch * setup.gpus * setup.accumulation * tokens_per_row
-    return {"step": step, "epoch": tuple(s * steps_per_epoch for s in step), "run": tuple(s * run_steps for s in step),
-            "gpu-hours": tuple(s * run_steps * setup.gpus / 3600 for s in step),
-            "tokens/s": tuple(tokens / s for s in step), "steps": (steps_per_epoch, run_steps),
-            "communication": (setup.accumulation * comm[0] + comm[1]) / link}
+    return {
+        "step": step,
+        "epoch": tuple(s * steps_per_epoch for s in step),
+        "run": tuple(s * run_steps for s in step),
+        "gpu-hours": tuple(s * run_steps * setup.gpus / 3600 for s in step),
+        "tokens/s": tuple(tokens / s for s in step),
+        "steps": (steps_per_epoch, run_steps),
+        "communication": (setup.accumulation * comm[0] + comm[1]) / link,
+    }
 
 
 def selection_flops(counts: dict[str, float], samples: int) -> float:
@@ -250,8 +312,11 @@ def dataset_rows(recipe: dict, recipe_dir: Path) -> int | None:
         total = 0
         for name in names:
             text = (folder / info[name]["file_name"]).read_text(encoding="utf-8")
-            rows = len(json.loads(text)) if text.lstrip().startswith("[") else sum(1 for line in text.splitlines()
-                                                                                 if line.strip())
+            rows = (
+                len(json.loads(text))
+                if text.lstrip().startswith("[")
+                else sum(1 for line in text.splitlines() if line.strip())
+            )
             total += min(rows, int(recipe.get("max_samples") or rows))
     except (OSError, ValueError, KeyError, TypeError, RecipeError):
         return None

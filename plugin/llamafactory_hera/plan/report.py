@@ -11,14 +11,24 @@ GiB = estimate.GIB
 def memory_table(parts: dict[str, dict[str, float]], arm: str) -> list[str]:
     names = list(parts)
     lines = ["  memory per GPU (GiB)   " + "".join(f"{name.upper():>9}" for name in names)]
-    for key in ("parameters", "gradients", "optimizer", "gathered", "activations", "temporaries", "step peak",
-                "load peak"):
+    for key in (
+        "parameters",
+        "gradients",
+        "optimizer",
+        "gathered",
+        "activations",
+        "temporaries",
+        "step peak",
+        "load peak",
+    ):
         lines.append(f"    {key:20}" + "".join(f"{parts[name][key] / GiB:9.2f}" for name in names))
     if arm == "hera":
         extra = (parts["hera"]["step peak"] - parts["sft"]["step peak"]) / 2**20
         lines.append(f"    HeRA's extra over SFT: {extra:.1f} MiB (its captured heads, projection and loss)")
-    lines.append(f"    + reserve {estimate.RESERVE / GiB:.0f} GiB (CUDA context, cuBLAS / NCCL workspaces, allocator) "
-                 "on the larger of step and load peak")
+    lines.append(
+        f"    + reserve {estimate.RESERVE / GiB:.0f} GiB (CUDA context, cuBLAS / NCCL workspaces, allocator) "
+        "on the larger of step and load peak"
+    )
     return lines
 
 

@@ -45,8 +45,11 @@ def build(config: Any) -> nn.Module:
 def add_lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
     """LLaMA-Factory's LoRA on every linear layer of the language model (``lora_target: all``), trainable weights
     upcast to float32."""
-    names = [name for name, m in model.named_modules() if type(m) is nn.Linear and part(name) == "language"
-             and "lm_head" not in name]
+    names = [
+        name
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and part(name) == "language" and "lm_head" not in name
+    ]
     move = nn.Module.to
     nn.Module.to = lambda self, *_, **__: self  # one device, one dtype: peft's moves are no-ops, and Module.to cannot
     try:  # swap a fake parameter that transformers' initialisation holds a weak reference to
@@ -82,7 +85,7 @@ def batch(config: Any, size: int, seq: int, max_pixels: int) -> Batch:
     ids = torch.full((size, seq), 100, dtype=torch.long)
     tokens = image.tokens if image else 0
     if image:
-        ids[:, 4:4 + tokens] = getattr(config, "image_token_id", None) or config.image_token_index
+        ids[:, 4 : 4 + tokens] = getattr(config, "image_token_id", None) or config.image_token_index
     labels = ids.clone()
     labels[:, : (seq + tokens) // 2] = -100
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
@@ -123,8 +126,9 @@ def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
     """Every base ``nn.Linear`` but the output layer runs through :class:`Dequantized` and is marked 4-bit for
     HeRA's read of ``o_proj`` (:func:`four_bit_columns`, in place of ``projection.base_weight_columns``). Returns the
     quantized layers."""
-    layers = [m for name, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in name
-              and "lora_" not in name]
+    layers = [
+        m for name, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in name and "lora_" not in name
+    ]
     for layer in layers:
         layer.forward = (lambda m: lambda x: Dequantized.apply(x, m.weight, m.bias))(layer)
         layer.four_bit = True
@@ -145,10 +149,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, rows, chunk):
-            logits = (hidden[start:start + chunk] @ weight.T).float()
+            logits = (hidden[start : start + chunk] @ weight.T).float()
             probs = torch.softmax(logits, dim=-1)  # the kernel's in-place gradient of the chunk
             total = total + probs.sum() * 0
-            grad_hidden[start:start + chunk] = (probs.to(hidden.dtype) @ weight)
+            grad_hidden[start : start + chunk] = probs.to(hidden.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -182,8 +186,14 @@ def hera_parts(model: nn.Module, heads: list[str], recipe: dict) -> HeraParts:
     capture = HeadCapture(model, refs, attention_geometry(model.config))
     checkpointing = LayerCheckpointing(model, [ref.layer for ref in refs])
     log_tau = nn.Parameter(torch.tensor(math.log(recipe.get("hera_temperature", 0.07))))
-    return HeraParts(capture, checkpointing, log_tau, int(recipe.get("hera_k", 10)), float(recipe["hera_lambda"]),
-                     recipe.get("hera_similarity", "cosine"))
+    return HeraParts(
+        capture,
+        checkpointing,
+        log_tau,
+        int(recipe.get("hera_k", 10)),
+        float(recipe["hera_lambda"]),
+        recipe.get("hera_similarity", "cosine"),
+    )
 
 
 def hera_term(parts: HeraParts, reps: torch.Tensor, teacher_dim: int = 1024) -> torch.Tensor:
@@ -191,13 +201,28 @@ def hera_term(parts: HeraParts, reps: torch.Tensor, teacher_dim: int = 1024) -> 
     features (bench/cost_models.py gathers the global batch over a fake process group)."""
     size = reps.shape[1]
     teacher = torch.empty(size, teacher_dim)
-    return hera_loss_anchored(reps, reps, torch.arange(size), teacher, teacher, min(parts.k, size - 1),
-                              used_temperature(parts.log_tau), parts.similarity).mean()
+    return hera_loss_anchored(
+        reps,
+        reps,
+        torch.arange(size),
+        teacher,
+        teacher,
+        min(parts.k, size - 1),
+        used_temperature(parts.log_tau),
+        parts.similarity,
+    ).mean()
 
 
-def step(model: nn.Module, data: Batch, counter: Any, hera: HeraParts | None, liger: bool,
-         term: Callable[[HeraParts, torch.Tensor], torch.Tensor] = hera_term, reference_rows: int = 0,
-         probe: str | None = None) -> int:
+def step(
+    model: nn.Module,
+    data: Batch,
+    counter: Any,
+    hera: HeraParts | None,
+    liger: bool,
+    term: Callable[[HeraParts, torch.Tensor], torch.Tensor] = hera_term,
+    reference_rows: int = 0,
+    probe: str | None = None,
+) -> int:
     """One micro-step: forward (with HeRA's capture, projection and loss ``term`` when ``hera``; with
     ``reference_rows``, HARC's KL to the adapter-disabled model on those first rows, run without grad),
     ``counter.mark()`` at the forward's end, backward. ``probe``: RAH-LoRA's passes instead, ``isal`` a forward
@@ -216,7 +241,8 @@ def step(model: nn.Module, data: Batch, counter: Any, hera: HeraParts | None, li
         elif liger:  # the output layer's call computes the loss, inside the root's call (FSDP2 gathers its weight)
             head = output_layer(model)
             head.forward = lambda hidden: ChunkedLinearCrossEntropy.apply(
-                hidden[:, :-1].flatten(0, 1), head.weight, labels[:, 1:].flatten())
+                hidden[:, :-1].flatten(0, 1), head.weight, labels[:, 1:].flatten()
+            )
             try:
                 loss = model(**inputs).logits
             finally:
@@ -248,8 +274,9 @@ def train_mode(model: nn.Module, checkpointing: bool) -> None:
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         for module in model.modules():
-            if getattr(module, "gradient_checkpointing", False) and not any(p.requires_grad for p in
-                                                                            module.parameters()):
+            if getattr(module, "gradient_checkpointing", False) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
                 module.gradient_checkpointing = False
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()

@@ -42,8 +42,10 @@ def _map_size(layers: int, heads: int, max_side: float) -> tuple[float, float]:
 
 def _ticks(ax: Any, layers: int, heads: int) -> None:
     """Integer ticks on both axes, thinned to at most ``_MAX_TICKS`` per axis."""
-    for count, set_ticks, set_labels in ((heads, ax.set_xticks, ax.set_xticklabels),
-                                         (layers, ax.set_yticks, ax.set_yticklabels)):
+    for count, set_ticks, set_labels in (
+        (heads, ax.set_xticks, ax.set_xticklabels),
+        (layers, ax.set_yticks, ax.set_yticklabels),
+    ):
         step = max(1, math.ceil(count / _MAX_TICKS))
         positions = list(range(0, count, step))
         set_ticks(positions)
@@ -81,9 +83,17 @@ def _labels(ax: Any, selected: list[tuple[int, int]], heads: int, fontsize: floa
         return
     for layer, head in selected:
         side = 1 if head < heads / 2 else -1
-        ax.annotate(f"L{layer}H{head}", (head + 0.5 * side, layer), xytext=(3 * side, 0), textcoords="offset points",
-                    ha="left" if side > 0 else "right", va="center", fontsize=fontsize, zorder=4,
-                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
+        ax.annotate(
+            f"L{layer}H{head}",
+            (head + 0.5 * side, layer),
+            xytext=(3 * side, 0),
+            textcoords="offset points",
+            ha="left" if side > 0 else "right",
+            va="center",
+            fontsize=fontsize,
+            zorder=4,
+            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85},
+        )
 
 
 def _annotate_cells(ax: Any, array: np.ndarray, signed: bool) -> None:
@@ -94,8 +104,15 @@ def _annotate_cells(ax: Any, array: np.ndarray, signed: bool) -> None:
             continue
         r, g, b, _ = image.cmap(image.norm(value))
         color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-        ax.text(head, layer, signed_number(value) if signed else number(value), ha="center", va="center", fontsize=7,
-                color=color)
+        ax.text(
+            head,
+            layer,
+            signed_number(value) if signed else number(value),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color=color,
+        )
 
 
 def _hatch(ax: Any, cells: np.ndarray) -> None:
@@ -103,8 +120,11 @@ def _hatch(ax: Any, cells: np.ndarray) -> None:
     from matplotlib.patches import Rectangle  # lazy: matplotlib only when a figure is drawn
 
     for layer, head in zip(*np.nonzero(cells), strict=True):
-        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, hatch="//", edgecolor=(0, 0, 0, 0.3),
-                               linewidth=0, zorder=2))
+        ax.add_patch(
+            Rectangle(
+                (head - 0.5, layer - 0.5), 1, 1, fill=False, hatch="//", edgecolor=(0, 0, 0, 0.3), linewidth=0, zorder=2
+            )
+        )
 
 
 def _legend(fig: Any, entries: list[tuple[Any, str]]) -> None:
@@ -119,10 +139,16 @@ def _legend(fig: Any, entries: list[tuple[Any, str]]) -> None:
             return Patch(facecolor="white", edgecolor=(0, 0, 0, 0.45), hatch="//", linewidth=0.8)
         return Patch(facecolor="none", edgecolor=color, linewidth=1.6)
 
-    handles = [tuple(patch(c) for c in colors) if isinstance(colors, tuple) else patch(colors)
-               for colors, _ in entries]
-    fig.legend(handles, [label for _, label in entries], loc="outside lower center", ncols=len(entries),
-               fontsize=8, frameon=False, handler_map={tuple: HandlerTuple(ndivide=None, pad=0.3)})
+    handles = [tuple(patch(c) for c in colors) if isinstance(colors, tuple) else patch(colors) for colors, _ in entries]
+    fig.legend(
+        handles,
+        [label for _, label in entries],
+        loc="outside lower center",
+        ncols=len(entries),
+        fontsize=8,
+        frameon=False,
+        handler_map={tuple: HandlerTuple(ndivide=None, pad=0.3)},
+    )
 
 
 def _label_fontsize(heads: int, map_width: float) -> float:
@@ -141,8 +167,9 @@ def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path:
     fig = agg_figure(figsize=(width + 1.6, height + 1.0))
     ax = fig.subplots()
     low, high = _limits(array)
-    image = ax.imshow(array, cmap="viridis", vmin=low, vmax=high, aspect="auto", interpolation="nearest",
-                      origin="upper")
+    image = ax.imshow(
+        array, cmap="viridis", vmin=low, vmax=high, aspect="auto", interpolation="nearest", origin="upper"
+    )
     fig.colorbar(image, ax=ax, label="MKNN", fraction=0.05, pad=0.02)
     _ticks(ax, layers, heads)
     fit_title(fig, fig.suptitle(title, fontsize=10), title)
@@ -156,9 +183,16 @@ def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path:
     return save_png(fig, path, dpi=150)
 
 
-def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tuple[int, int]], path: Path,
-                      title: str, box_label: str = "selected heads", noise: np.ndarray | None = None,
-                      noise_label: str = "within noise") -> Path:
+def plot_before_after(
+    before: np.ndarray,
+    after: np.ndarray,
+    selected: list[tuple[int, int]],
+    path: Path,
+    title: str,
+    box_label: str = "selected heads",
+    noise: np.ndarray | None = None,
+    noise_label: str = "within noise",
+) -> Path:
     """Three panels side by side, saved as PNG: before, after (same colour scale), and after - before with a
     diverging colormap centred at 0; selected heads boxed in all three and labelled on the difference panel, where
     training shows. ``noise`` (``[layers, heads]`` bool, optional) hatches the differences within noise; the legend
@@ -179,8 +213,7 @@ def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tupl
     diff = second - first
     finite = np.abs(diff[np.isfinite(diff)])
     bound = float(finite.max()) if finite.size and finite.max() > 0 else 1e-6
-    diff_image = axes[2].imshow(diff, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto",
-                                interpolation="nearest")
+    diff_image = axes[2].imshow(diff, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
     axes[2].set_title("after \u2212 before", fontsize=10)
     fig.colorbar(diff_image, ax=axes[2], label="\u0394 MKNN", fraction=0.05, pad=0.02)
     for ax, color in zip(axes, (_BOX_COLOR, _BOX_COLOR, _DIFF_BOX_COLOR), strict=True):
@@ -204,9 +237,15 @@ def plot_before_after(before: np.ndarray, after: np.ndarray, selected: list[tupl
     return save_png(fig, path, dpi=150)
 
 
-def plot_score_panels(panels: list[tuple[np.ndarray, str]], layer_names: list[int], marked: list[tuple[int, int]],
-                      rolled_back: list[tuple[int, int]], path: Path, title: str,
-                      box_labels: tuple[str, str] = ("marked", "rolled back")) -> Path:
+def plot_score_panels(
+    panels: list[tuple[np.ndarray, str]],
+    layer_names: list[int],
+    marked: list[tuple[int, int]],
+    rolled_back: list[tuple[int, int]],
+    path: Path,
+    title: str,
+    box_labels: tuple[str, str] = ("marked", "rolled back"),
+) -> Path:
     """Side-by-side heatmaps of per-head scores ``[L, H]`` over the model layers ``layer_names`` (row i is layer
     ``layer_names[i]``; each panel its own colour scale, named by its label); ``marked`` (layer, head) cells boxed in
     red and ``rolled_back`` ones in black on every panel, named in a legend by ``box_labels``. PNG."""
@@ -218,8 +257,14 @@ def plot_score_panels(panels: list[tuple[np.ndarray, str]], layer_names: list[in
     fig = agg_figure(figsize=(len(arrays) * (width + 1.3), height + 1.3))
     for ax, array, (_, label) in zip(fig.subplots(1, len(arrays), squeeze=False)[0], arrays, panels, strict=True):
         low, high = float(np.nanmin(array)), float(np.nanmax(array))
-        image = ax.imshow(array, cmap="viridis", vmin=low, vmax=high if high > low else low + 1e-6,
-                          aspect="auto", interpolation="nearest")
+        image = ax.imshow(
+            array,
+            cmap="viridis",
+            vmin=low,
+            vmax=high if high > low else low + 1e-6,
+            aspect="auto",
+            interpolation="nearest",
+        )
         ax.set_title(label, fontsize=10)
         fig.colorbar(image, ax=ax, label=label, fraction=0.05, pad=0.02)
         _ticks(ax, layers, heads)
@@ -228,8 +273,11 @@ def plot_score_panels(panels: list[tuple[np.ndarray, str]], layer_names: list[in
         _boxes(ax, boxes[1], _DIFF_BOX_COLOR)
         if layers * heads <= _MAX_ANNOTATED_CELLS:
             _annotate_cells(ax, array, signed=True)
-    entries = [(color, label) for color, label, cells in zip((_BOX_COLOR, _DIFF_BOX_COLOR), box_labels, boxes,
-                                                             strict=True) if cells]
+    entries = [
+        (color, label)
+        for color, label, cells in zip((_BOX_COLOR, _DIFF_BOX_COLOR), box_labels, boxes, strict=True)
+        if cells
+    ]
     if entries:
         _legend(fig, entries)
     fit_title(fig, fig.suptitle(title, fontsize=11), title)
@@ -255,8 +303,15 @@ def format_head_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     """
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
     widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]
-    right = [bool(rows) and all(isinstance(value, numbers.Number) and not isinstance(value, bool | np.bool_)
-                                for row in rows if (value := row.get(column)) is not None) for column in columns]
+    right = [
+        bool(rows)
+        and all(
+            isinstance(value, numbers.Number) and not isinstance(value, bool | np.bool_)
+            for row in rows
+            if (value := row.get(column)) is not None
+        )
+        for column in columns
+    ]
 
     def render(values: list[str]) -> str:
         parts = [value.rjust(w) if r else value.ljust(w) for value, w, r in zip(values, widths, right, strict=True)]

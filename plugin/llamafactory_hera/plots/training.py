@@ -83,8 +83,9 @@ def read_series(output_dir: str | Path) -> Series:
     entries: list[tuple[Any, dict[str, Any]]] = []
     state = output_dir / "trainer_state.json"
     if state.is_file():
-        entries += [(entry.get("step"), entry) for entry in json.loads(state.read_text(encoding="utf-8")).get(
-            "log_history", [])]
+        entries += [
+            (entry.get("step"), entry) for entry in json.loads(state.read_text(encoding="utf-8")).get("log_history", [])
+        ]
     log = output_dir / "trainer_log.jsonl"
     if log.is_file():
         lines = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -104,8 +105,9 @@ def integer_steps(ax: Any, steps: list[int], label: str = "step") -> None:
     ax.set_xlabel(label)
 
 
-def _curve(ax: Any, series: tuple[list[int], list[float]], color: str, label: str, smooth: Smooth,
-           style: str = "-") -> None:
+def _curve(
+    ax: Any, series: tuple[list[int], list[float]], color: str, label: str, smooth: Smooth, style: str = "-"
+) -> None:
     steps, values = series
     marker = {"marker": "o", "markersize": 3} if len(steps) <= 30 else {}
     ax.plot(steps, values, color=color, alpha=0.35, linewidth=1.0, linestyle=style, **marker)
@@ -136,8 +138,17 @@ def _loss_panel(ax: Any, data: Series, plot: TrainingPlot, smooth: Smooth) -> li
         handles, labels = handles + more_handles, labels + more_labels
         drawn.extend(terms)
     ax.set_title("losses (solid: left axis, dashed: right axis)", fontsize=9)
-    ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=min(3, len(labels)),
-              title="faint: as logged, bold: smoothed", title_fontsize=8, frameon=False)
+    ax.legend(
+        handles,
+        labels,
+        fontsize=8,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.16),
+        ncols=min(3, len(labels)),
+        title="faint: as logged, bold: smoothed",
+        title_fontsize=8,
+        frameon=False,
+    )
     return drawn
 
 
@@ -153,8 +164,13 @@ def _side_panel(ax: Any, data: Series, panel: Panel) -> list[str]:
     for key, color in zip(panel.keys, COLORS, strict=False):
         if key in data:
             steps = data[key][0]
-            ax.plot(*data[key], color=color, linewidth=1.8, label=panel.labels.get(key, key),
-                    **({"marker": "o", "markersize": 3} if len(steps) <= 30 else {}))
+            ax.plot(
+                *data[key],
+                color=color,
+                linewidth=1.8,
+                label=panel.labels.get(key, key),
+                **({"marker": "o", "markersize": 3} if len(steps) <= 30 else {}),
+            )
             drawn.append(key)
     if panel.ylim is not None:
         ax.set_ylim(*panel.ylim)
@@ -170,8 +186,12 @@ def _side_panel(ax: Any, data: Series, panel: Panel) -> list[str]:
 def draw_training(data: Series, plot: TrainingPlot, smooth: Smooth, title: str = "") -> Any:
     """The figure (a ``matplotlib.figure.Figure`` on an Agg canvas, not saved): the loss panel, then each of
     ``plot.panels`` that has a logged series, under ``title``. None when nothing of it was logged."""
-    panels = [panel for panel in plot.panels if any(key in data for key in panel.keys)
-              or (panel.prefix and any(key.startswith(panel.prefix) for key in data))]
+    panels = [
+        panel
+        for panel in plot.panels
+        if any(key in data for key in panel.keys)
+        or (panel.prefix and any(key.startswith(panel.prefix) for key in data))
+    ]
     has_losses = any(key in data for key in (*plot.losses, *plot.terms))
     if not has_losses and not panels:
         return None
@@ -182,7 +202,7 @@ def draw_training(data: Series, plot: TrainingPlot, smooth: Smooth, title: str =
     if has_losses:
         drawn = _loss_panel(axes[0], data, plot, smooth)
         steps = [s for key in drawn for s in data[key][0]]
-    for ax, panel in zip(axes[int(has_losses):], panels, strict=True):
+    for ax, panel in zip(axes[int(has_losses) :], panels, strict=True):
         drawn = _side_panel(ax, data, panel)
         steps += [s for key in drawn for s in data[key][0]]
     for ax in fig.axes:  # twins too: they share x with their panel
@@ -193,8 +213,9 @@ def draw_training(data: Series, plot: TrainingPlot, smooth: Smooth, title: str =
     return fig
 
 
-def plot_training(output_dir: str | Path, stage: str, plot: TrainingPlot,
-                  smooth: Smooth) -> tuple[Path | None, list[str]]:
+def plot_training(
+    output_dir: str | Path, stage: str, plot: TrainingPlot, smooth: Smooth
+) -> tuple[Path | None, list[str]]:
     """Write ``output_dir/training.png`` from the run's logs. Returns (its path, the losses and terms never
     logged, to say so). A run that logged nothing to plot (e.g. ``max_steps`` below ``logging_steps``) gets a
     warning and no figure (path None), as the host's ``plot_loss`` warns and goes on."""
@@ -203,7 +224,10 @@ def plot_training(output_dir: str | Path, stage: str, plot: TrainingPlot,
     missing = [key for key in (*plot.losses, *plot.terms) if key not in data]
     fig = draw_training(data, plot, smooth, f"{output_dir.name} (stage: {stage}): training")
     if fig is None:
-        print(f"[llamafactory-hera] warning: training plot of {output_dir.name}: no loss, term or panel series was "
-              f"logged (was max_steps below logging_steps?); {TRAINING_PNG} not drawn", flush=True)
+        print(
+            f"[llamafactory-hera] warning: training plot of {output_dir.name}: no loss, term or panel series was "
+            f"logged (was max_steps below logging_steps?); {TRAINING_PNG} not drawn",
+            flush=True,
+        )
         return None, missing
     return save_png(fig, output_dir / TRAINING_PNG, dpi=110), missing

@@ -21,8 +21,9 @@ from llamafactory_hera.rah.update import lora_pair
 from llamafactory_hera_patches.errors import RecipeError
 
 
-def lora_factors(calibration: Calibration, model: nn.Module,
-                 geometry: Geometry) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def lora_factors(
+    calibration: Calibration, model: nn.Module, geometry: Geometry
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Exact module name -> (A ``[R, in]``, B ``[out, R]``), float32, for every module a kept update touches."""
     names = {id(module): name for name, module in model.named_modules()}
     modules = calibration.plan.modules
@@ -39,8 +40,14 @@ def lora_factors(calibration: Calibration, model: nn.Module,
     return {name: joined(parts)[::-1] for name, parts in pieces.items()}
 
 
-def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], output_dir: str | Path,
-                 base_name: str | None = None, dora: bool = False, overlay: WeightOverlay | None = None) -> list[str]:
+def save_adapter(
+    model: nn.Module,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    output_dir: str | Path,
+    base_name: str | None = None,
+    dora: bool = False,
+    overlay: WeightOverlay | None = None,
+) -> list[str]:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's ``save_pretrained``): ``factors`` for
     the base model, from ``model`` as :func:`~llamafactory_hera.rah.calibrate.calibrate` leaves it (touched plain
     weights ``W + BA`` in its dtype, the others' steps in ``overlay``); returns the target module names; ``model`` is
@@ -48,12 +55,22 @@ def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.
     norms of the calibrated weight, so PEFT's ``diag(m / ||W + BA||_row) (W + BA)`` is ``W + BA`` (``m`` in the
     model's dtype: in bf16 it rounds by up to 2^-9 of a row)."""
     if not factors:
-        raise RecipeError("RAH-LoRA: no head was calibrated (every target rolled back or none was found); there is "
-                          "no adapter to write.")
+        raise RecipeError(
+            "RAH-LoRA: no head was calibrated (every target rolled back or none was found); there is "
+            "no adapter to write."
+        )
     ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
-    config = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), lora_dropout=0.0,
-                        target_modules=sorted(factors), rank_pattern=ranks, alpha_pattern=dict(ranks), bias="none",
-                        base_model_name_or_path=base_name, use_dora=dora)
+    config = LoraConfig(
+        r=max(ranks.values()),
+        lora_alpha=max(ranks.values()),
+        lora_dropout=0.0,
+        target_modules=sorted(factors),
+        rank_pattern=ranks,
+        alpha_pattern=dict(ranks),
+        bias="none",
+        base_model_name_or_path=base_name,
+        use_dora=dora,
+    )
     peft_model = get_peft_model(model, config)
     try:
         for name, (a, b) in factors.items():
@@ -71,4 +88,3 @@ def save_adapter(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.
     finally:
         peft_model.unload()  # the base model without LoRA layers, as it came in
     return sorted(factors)
-

@@ -85,15 +85,19 @@ class Calibration:
     overlay: WeightOverlay | None = None  # the kept steps a quantized or offloaded projection computes with
 
 
-def _probe_logits(model: nn.Module, batches: list[dict[str, Any]],
-                  positions: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+def _probe_logits(
+    model: nn.Module, batches: list[dict[str, Any]], positions: list[list[torch.Tensor]]
+) -> list[torch.Tensor]:
     """Logits at the probe's text positions after the image, float32: ``[n_positions, V]`` per sample.
     ``positions`` holds each sample's positions as an index tensor (found once, in :func:`calibrate`): indexing
     with it needs no host sync, where a boolean mask would wait for the device at every alpha tried."""
     with torch.no_grad():
         logits = [model(**model_inputs(batch), use_cache=False).logits for batch in batches]
-    return [rows[b][index.to(rows.device)].float() for rows, sample in zip(logits, positions, strict=True)
-            for b, index in enumerate(sample)]  # the logits on the last layer's device
+    return [
+        rows[b][index.to(rows.device)].float()
+        for rows, sample in zip(logits, positions, strict=True)
+        for b, index in enumerate(sample)
+    ]  # the logits on the last layer's device
 
 
 def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
@@ -101,10 +105,16 @@ def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
     return tables[0] if len(tables) == 1 else torch.cat(tables)
 
 
-def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_batches: list[dict[str, Any]],
-              kl_batches: list[dict[str, Any]], args: RahArguments, kinds: TokenKinds,
-              progress: Callable[[Iterable[Any], str], Iterable[Any]] = lambda items, _: items,
-              plan: CalibrationPlan | None = None) -> Calibration:
+def calibrate(
+    model: nn.Module,
+    calibration_batches: list[dict[str, Any]],
+    caf_batches: list[dict[str, Any]],
+    kl_batches: list[dict[str, Any]],
+    args: RahArguments,
+    kinds: TokenKinds,
+    progress: Callable[[Iterable[Any], str], Iterable[Any]] = lambda items, _: items,
+    plan: CalibrationPlan | None = None,
+) -> Calibration:
     """Score, select and calibrate the layers ``args.rah_layers`` names (``plan``: the run's, else made here);
     ``caf_batches`` hold one sample each, batches are on the model's input device. Steps are tried in an overlay
     (overlay.py); a kept one is written into a plain weight, a quantized or offloaded projection keeps computing it
@@ -116,16 +126,24 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
         profile_attention(model, batch, layers, kinds, profile, args.rah_isal_pairs, modules)
     raw_isal = profile.scores().mean(dim=0)  # [L, H]
     isal_std = standardize_per_layer(raw_isal)
-    grads = torch.stack([gate_gradients(model, batch, layers, geometry.num_heads, geometry.head_dim, kinds, modules)
-                         for batch in progress(caf_batches, "CAF (gate gradients)")])
+    grads = torch.stack(
+        [
+            gate_gradients(model, batch, layers, geometry.num_heads, geometry.head_dim, kinds, modules)
+            for batch in progress(caf_batches, "CAF (gate gradients)")
+        ]
+    )
     caf = caf_scores(grads, args.rah_caf_form, args.rah_caf_weight)
     overlay = WeightOverlay(plan.dtype)
     maps = profile.maps()  # [L, H, P']
     maps_on: dict[torch.device, torch.Tensor] = {}  # on each device that holds a layer's weight slices
-    chosen = {layer: targets_in_layer(isal_std[row], caf[row], args.rah_isal_percentile, args.rah_caf_percentile)
-              for row, layer in enumerate(layers)}
-    candidates = {layer: anchor_candidates(isal_std[row], args.rah_beta, exclude=chosen[layer])
-                  for row, layer in enumerate(layers)}
+    chosen = {
+        layer: targets_in_layer(isal_std[row], caf[row], args.rah_isal_percentile, args.rah_caf_percentile)
+        for row, layer in enumerate(layers)
+    }
+    candidates = {
+        layer: anchor_candidates(isal_std[row], args.rah_beta, exclude=chosen[layer])
+        for row, layer in enumerate(layers)
+    }
     rows = {layer: row for row, layer in enumerate(layers)}
 
     @lru_cache(maxsize=3)  # the target's layer and, for the fallback, the two at one distance
@@ -135,46 +153,89 @@ def calibrate(model: nn.Module, calibration_batches: list[dict[str, Any]], caf_b
     updates: list[HeadUpdate] = []
     for layer in layers:
         for head in chosen[layer]:
-            distance, pool = anchor_pool(layer, head, candidates, geometry.group, "v" not in names,
-                                         args.rah_adjacent_layers)
+            distance, pool = anchor_pool(
+                layer, head, candidates, geometry.group, "v" not in names, args.rah_adjacent_layers
+            )
             if not pool:
                 updates.append(HeadUpdate(layer, head, []))
                 continue
             blocks = [layer] + sorted({other for other, _ in pool} - {layer})  # tables: own layer's heads first
-            index = {(other, h): i * geometry.num_heads + h for i, other in enumerate(blocks)
-                     for h in range(geometry.num_heads)}
+            index = {
+                (other, h): i * geometry.num_heads + h
+                for i, other in enumerate(blocks)
+                for h in range(geometry.num_heads)
+            }
             device = slices(layer)[0].device
             v_all, o_all = (_joined([slices(other)[i].to(device) for other in blocks]) for i in (0, 1))
             on_device = maps_on.setdefault(device, maps.to(device))
-            shared = {index[(layer, h)] for other, h in pool if other == layer and h // geometry.group ==
-                      head // geometry.group}
+            shared = {
+                index[(layer, h)]
+                for other, h in pool
+                if other == layer and h // geometry.group == head // geometry.group
+            }
             flat = [index[entry] for entry in pool]
-            scores = similarity(index[(layer, head)], flat, _joined([on_device[rows[other]] for other in blocks]),
-                                v_all, o_all, args.rah_rho, args.rah_w_v, 1.0 - args.rah_w_v, shared_v=shared)
+            scores = similarity(
+                index[(layer, head)],
+                flat,
+                _joined([on_device[rows[other]] for other in blocks]),
+                v_all,
+                o_all,
+                args.rah_rho,
+                args.rah_w_v,
+                1.0 - args.rah_w_v,
+                shared_v=shared,
+            )
             best = top_anchors(scores, flat, args.rah_num_anchors)
             entry_of = dict(zip(flat, pool, strict=True))
             updates.append(HeadUpdate(layer, head, [(*entry_of[i], score) for i, score in best], distance))
     slices.cache_clear()
     # per KL probe batch and sample, the text positions after the image (one host sync per sample, once)
-    masks = [[row.nonzero(as_tuple=True)[0] for row in token_masks(b["input_ids"], b["attention_mask"], kinds)[2]]
-             for b in kl_batches]
+    masks = [
+        [row.nonzero(as_tuple=True)[0] for row in token_masks(b["input_ids"], b["attention_mask"], kinds)[2]]
+        for b in kl_batches
+    ]
     if not any(index.numel() for sample in masks for index in sample):
-        raise RecipeError("RAH-LoRA: no KL probe row has text after its image, so no update could be measured; use "
-                          "rows whose text follows the image.")
+        raise RecipeError(
+            "RAH-LoRA: no KL probe row has text after its image, so no update could be measured; use "
+            "rows whose text follows the image."
+        )
     original = _probe_logits(model, kl_batches, masks)
     reference = original
     for update in progress(updates, "calibrating targets (trust region)"):
         if update.anchors:
-            reference = _calibrate_head(model, overlay, modules, update, geometry, names, args, kl_batches, masks,
-                                        reference)
+            reference = _calibrate_head(
+                model, overlay, modules, update, geometry, names, args, kl_batches, masks, reference
+            )
     kl_to_original = mean_kl(original, _probe_logits(model, kl_batches, masks)) if updates else 0.0
-    return Calibration(layers, raw_isal, isal_std, caf, updates, names, profile.one_sided, profile.map_skipped,
-                       len(profile.map_sums), kl_to_original, str(plan.dtype).removeprefix("torch."), plan, overlay)
+    return Calibration(
+        layers,
+        raw_isal,
+        isal_std,
+        caf,
+        updates,
+        names,
+        profile.one_sided,
+        profile.map_skipped,
+        len(profile.map_sums),
+        kl_to_original,
+        str(plan.dtype).removeprefix("torch."),
+        plan,
+        overlay,
+    )
 
 
-def _calibrate_head(model: nn.Module, overlay: WeightOverlay, modules: dict[int, DecoderLayer], update: HeadUpdate,
-                    geometry: Geometry, names: tuple[str, ...], args: RahArguments, batches: list[dict[str, Any]],
-                    masks: list[list[torch.Tensor]], reference: list[torch.Tensor]) -> list[torch.Tensor]:
+def _calibrate_head(
+    model: nn.Module,
+    overlay: WeightOverlay,
+    modules: dict[int, DecoderLayer],
+    update: HeadUpdate,
+    geometry: Geometry,
+    names: tuple[str, ...],
+    args: RahArguments,
+    batches: list[dict[str, Any]],
+    masks: list[list[torch.Tensor]],
+    reference: list[torch.Tensor],
+) -> list[torch.Tensor]:
     """Calibrate one target in ``overlay``, then settle it; returns the probe logits of the model as it now is.
     Anchors may sit in another layer (the adjacent-layer fallback), on another device: their slices are read from
     their own layer and brought to the target's."""
@@ -182,8 +243,10 @@ def _calibrate_head(model: nn.Module, overlay: WeightOverlay, modules: dict[int,
     v_head, o_head = head_slices(overlay, module, [update.head], geometry)
     anchor_slices = [head_slices(overlay, modules[layer], [head], geometry) for layer, head, _ in update.anchors]
     v_anchor, o_anchor = (torch.cat([pair[i].to(v_head.device) for pair in anchor_slices]) for i in (0, 1))
-    targets = {"v": (module.value, (v_rows(update.head, geometry), slice(None)), v_head[0], v_anchor),
-               "o": (module.output, (slice(None), o_columns(update.head, geometry)), o_head[0], o_anchor)}
+    targets = {
+        "v": (module.value, (v_rows(update.head, geometry), slice(None)), v_head[0], v_anchor),
+        "o": (module.output, (slice(None), o_columns(update.head, geometry)), o_head[0], o_anchor),
+    }
     saved, whole, stepped = {}, {}, {}
     for name in names:
         linear, index, own, anchor = targets[name]
@@ -203,8 +266,10 @@ def _calibrate_head(model: nn.Module, overlay: WeightOverlay, modules: dict[int,
             stepped[name] = (saved[name].float() + b @ a).to(saved[name].dtype)
             if whole[name] is not None:
                 whole[name][index] = stepped[name]
-            overlay.set_trial(linear, whole[name] if whole[name] is not None
-                              else module_step(name, b, a, update.head, geometry, linear))
+            overlay.set_trial(
+                linear,
+                whole[name] if whole[name] is not None else module_step(name, b, a, update.head, geometry, linear),
+            )
 
     def kl_at(alpha: float) -> float:
         set_alpha(alpha)

@@ -24,73 +24,103 @@ _FAST_ATTENTION = {"fa2", "fa3", "sdpa"}
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], rah_args: RahArguments) -> None:
     """Refuse what cannot work with a training-free calibration, naming the key and the fix."""
     if nodes := several_nodes():
-        raise RecipeError(f"{nodes}: stage: rah runs as one process on one node (its model over that node's GPUs); "
-                          "launched on several nodes, each would calibrate the whole model into the same output_dir. "
-                          "Run it on one node (NNODES unset or 1, one srun task).")
+        raise RecipeError(
+            f"{nodes}: stage: rah runs as one process on one node (its model over that node's GPUs); "
+            "launched on several nodes, each would calibrate the whole model into the same output_dir. "
+            "Run it on one node (NNODES unset or 1, one srun task)."
+        )
     attention = str(raw_value(host_args, "flash_attn") or "auto").strip().lower()
     if attention in _FAST_ATTENTION:
-        raise RecipeError(f"stage: rah needs attention weights, which {attention} attention does not return; remove "
-                          "flash_attn (the stage loads the model with eager attention) or set flash_attn: disabled.")
+        raise RecipeError(
+            f"stage: rah needs attention weights, which {attention} attention does not return; remove "
+            "flash_attn (the stage loads the model with eager attention) or set flash_attn: disabled."
+        )
     finetuning = str(raw_value(host_args, "finetuning_type") or "lora").strip().lower()
     if finetuning != "lora":
-        raise RecipeError(f"stage: rah writes a LoRA adapter; finetuning_type: {finetuning} cannot hold it. Set "
-                          "finetuning_type: lora.")
+        raise RecipeError(
+            f"stage: rah writes a LoRA adapter; finetuning_type: {finetuning} cannot hold it. Set "
+            "finetuning_type: lora."
+        )
     if raw_value(host_args, "deepspeed"):
         raise RecipeError("stage: rah takes no optimizer step and runs as one process; remove deepspeed.")
     liger = [f"{key}: true" for key in ("enable_liger_kernel", "use_liger_kernel") if truthy(raw_value(host_args, key))]
     if setting := compile_setting(host_args) or next(iter(liger), None):
-        raise RecipeError(f"{setting} does nothing in stage: rah: its calibration runs the model in eval mode "
-                          "outside transformers' Trainer (nothing is compiled, and LLaMA-Factory applies Liger's "
-                          f"kernels only to a model it loads for training). Remove {setting.partition(':')[0]}.")
+        raise RecipeError(
+            f"{setting} does nothing in stage: rah: its calibration runs the model in eval mode "
+            "outside transformers' Trainer (nothing is compiled, and LLaMA-Factory applies Liger's "
+            f"kernels only to a model it loads for training). Remove {setting.partition(':')[0]}."
+        )
     if raw_value(host_args, "do_train") is not None and not truthy(raw_value(host_args, "do_train")):
         raise RecipeError("stage: rah calibrates with llamafactory-cli train; set do_train: true.")
     for key in ("packing", "neat_packing"):
         if truthy(value := raw_value(host_args, key)):
-            raise RecipeError(f"{key}: {str(value).lower()} is not supported by stage: rah: it scores each calibration "
-                              "row's attention between its own text and image tokens, which packing several rows into "
-                              f"one sequence would mix. Remove {key}.")
+            raise RecipeError(
+                f"{key}: {str(value).lower()} is not supported by stage: rah: it scores each calibration "
+                "row's attention between its own text and image tokens, which packing several rows into "
+                f"one sequence would mix. Remove {key}."
+            )
     resume = raw_value(host_args, "resume_from_checkpoint")
     if resume not in (None, "") and not (isinstance(resume, bool) and not resume):
-        raise RecipeError(f"resume_from_checkpoint: {resume} does not apply to stage: rah: the calibration takes no "
-                          "optimizer step and writes no checkpoint to resume (it runs whole, in minutes). Remove "
-                          "resume_from_checkpoint.")
+        raise RecipeError(
+            f"resume_from_checkpoint: {resume} does not apply to stage: rah: the calibration takes no "
+            "optimizer step and writes no checkpoint to resume (it runs whole, in minutes). Remove "
+            "resume_from_checkpoint."
+        )
 
 
-def validate_host_args(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
-                       generating_args: Any, rah_args: RahArguments) -> None:
+def validate_host_args(
+    model_args: Any,
+    data_args: Any,
+    training_args: Any,
+    finetuning_args: Any,
+    generating_args: Any,
+    rah_args: RahArguments,
+) -> None:
     """Checks on the parsed arguments and the model's config (seconds, before the model loads); eager attention."""
     if getattr(training_args, "world_size", 1) > 1:
         raise RecipeError(f"{training_args.world_size} processes: {RAH_ONE_PROCESS}.")
     if model_args.adapter_name_or_path:
-        raise RecipeError("stage: rah calibrates the base model; adapter_name_or_path is set. Merge the adapter first "
-                          "(llamafactory-cli export) and calibrate the merged model.")
+        raise RecipeError(
+            "stage: rah calibrates the base model; adapter_name_or_path is set. Merge the adapter first "
+            "(llamafactory-cli export) and calibrate the merged model."
+        )
     if not data_args.dataset:
         raise RecipeError("dataset: stage: rah needs unlabelled image-text rows to calibrate on; name a dataset.")
     check_run_inputs(model_args, data_args, training_args, stage="rah")
 
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path,
-                                        trust_remote_code=getattr(model_args, "trust_remote_code", False))
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=getattr(model_args, "trust_remote_code", False)
+    )
     if not any(isinstance(getattr(config, name, None), int) for name in ("image_token_id", "image_token_index")):
-        raise RecipeError(f"stage: rah: {model_args.model_name_or_path} (model_type "
-                          f"'{getattr(config, 'model_type', '?')}') names no image token; RAH-LoRA calibrates the "
-                          "heads of a multimodal model by their attention between text and image tokens.")
-    check_quantization(model_args, config, "rah", "V and O weights per head",
-                       dora=bool(getattr(finetuning_args, "use_dora", False)))
+        raise RecipeError(
+            f"stage: rah: {model_args.model_name_or_path} (model_type "
+            f"'{getattr(config, 'model_type', '?')}') names no image token; RAH-LoRA calibrates the "
+            "heads of a multimodal model by their attention between text and image tokens."
+        )
+    check_quantization(
+        model_args, config, "rah", "V and O weights per head", dora=bool(getattr(finetuning_args, "use_dora", False))
+    )
     plans = plan_layers(config)
     calibratable, left = per_head_value_layers(plans, attention_geometry(config).head_dim)
     if not calibratable:
-        raise RecipeError(f"stage: rah cannot run on model_type '{getattr(config, 'model_type', '?')}': no decoder "
-                          "layer has softmax self-attention whose heads own their V and O projections "
-                          f"({describe(plans)}). Use another model.")
+        raise RecipeError(
+            f"stage: rah cannot run on model_type '{getattr(config, 'model_type', '?')}': no decoder "
+            "layer has softmax self-attention whose heads own their V and O projections "
+            f"({describe(plans)}). Use another model."
+        )
     asked = rah_args.layer_list(len(plans), calibratable)  # raises naming rah_layers
     named = [layer for layer in asked if layer in left]
     if named and len(named) == len(asked):
         why = ", ".join(f"L{i}: {left[i]}" for i in named)
-        raise RecipeError(f"rah_layers: none of the layers named can be calibrated ({why}); "
-                          f"the calibratable layers of {model_args.model_name_or_path} are {layer_list(calibratable)}. "
-                          "Use auto or name some of those.")
+        raise RecipeError(
+            f"rah_layers: none of the layers named can be calibrated ({why}); "
+            f"the calibratable layers of {model_args.model_name_or_path} are {layer_list(calibratable)}. "
+            "Use auto or name some of those."
+        )
     samples_needed = max(rah_args.rah_probe_samples, rah_args.rah_kl_samples)
     if data_args.max_samples is not None and data_args.max_samples < samples_needed:
-        raise RecipeError(f"max_samples: {data_args.max_samples} is fewer than the {samples_needed} rows the probes "
-                          "need (rah_probe_samples / rah_kl_samples). Raise max_samples or lower those keys.")
+        raise RecipeError(
+            f"max_samples: {data_args.max_samples} is fewer than the {samples_needed} rows the probes "
+            "need (rah_probe_samples / rah_kl_samples). Raise max_samples or lower those keys."
+        )
     model_args.flash_attn = "disabled"  # eager attention: LLaMA-Factory's AttentionFunction.DISABLED

@@ -89,8 +89,7 @@ def o_columns(head: int, geometry: Geometry) -> slice:
     return slice(head * geometry.head_dim, (head + 1) * geometry.head_dim)
 
 
-def module_step(name: str, b: torch.Tensor, a: torch.Tensor, head: int, geometry: Geometry,
-                linear: nn.Module) -> Step:
+def module_step(name: str, b: torch.Tensor, a: torch.Tensor, head: int, geometry: Geometry, linear: nn.Module) -> Step:
     """(B ``[out, r]``, A ``[r, in]``) of the whole projection for the head's step ``b @ a`` on its slice: V's A reads
     every input and its B writes the head's KV-group rows; O's A reads the head's columns and its B writes every row."""
     if name == "v":
@@ -102,8 +101,9 @@ def module_step(name: str, b: torch.Tensor, a: torch.Tensor, head: int, geometry
     return b, whole
 
 
-def head_slices(overlay: WeightOverlay, module: DecoderLayer, heads: Iterable[int],
-                geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+def head_slices(
+    overlay: WeightOverlay, module: DecoderLayer, heads: Iterable[int], geometry: Geometry
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(V slices ``[n, d, D]``, O slices ``[n, D, d]``) of ``heads`` as the layer now computes, float32, on its
     device."""
     value, output = overlay.current(module.value), overlay.current(module.output)

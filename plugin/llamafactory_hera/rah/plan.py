@@ -49,14 +49,21 @@ def plan_calibration(model: nn.Module, args: RahArguments | None = None) -> Cali
     layers = decoder_layers(model)
     kept, left = per_head_value_layers(layers, shape.head_dim)
     if not kept:
-        raise RecipeError(f"{type(model).__name__}: no decoder layer has softmax self-attention whose heads own a "
-                          f"v_proj and an output projection Linear ({describe(layers)}); RAH-LoRA calibrates those "
-                          "projections per head.")
+        raise RecipeError(
+            f"{type(model).__name__}: no decoder layer has softmax self-attention whose heads own a "
+            f"v_proj and an output projection Linear ({describe(layers)}); RAH-LoRA calibrates those "
+            "projections per head."
+        )
     text = model.config.get_text_config()
     kv = int(getattr(text, "num_key_value_heads", None) or shape.num_heads)
     modules = {index: layers[index] for index in kept}
-    names = tuple(name for name in ("v", "o") if name in args.rah_update) if args.rah_update != "auto" \
-        else ("v", "o") if kv == shape.num_heads else ("o",)
+    names = (
+        tuple(name for name in ("v", "o") if name in args.rah_update)
+        if args.rah_update != "auto"
+        else ("v", "o")
+        if kv == shape.num_heads
+        else ("o",)
+    )
     asked = args.layer_list(len(layers), kept)
     if args.rah_layers != AUTO:
         left = {layer: left[layer] for layer in asked if layer in left}

@@ -70,18 +70,24 @@ def token_kinds(model: nn.Module, tokenizer: Any, processor: Any = None) -> Toke
     """The model's image placeholder id (``image_token_id`` / ``image_token_index`` of its config) and its other
     multimodal tokens. Raises when the config names no image token."""
     config = model.config
-    image = {int(v) for v in (getattr(config, "image_token_id", None), getattr(config, "image_token_index", None))
-             if isinstance(v, int)}
+    image = {
+        int(v)
+        for v in (getattr(config, "image_token_id", None), getattr(config, "image_token_index", None))
+        if isinstance(v, int)
+    }
     if not image:
-        raise RecipeError(f"RAH-LoRA: the config of model_type '{getattr(config, 'model_type', '?')}' names no image "
-                          "token (image_token_id / image_token_index), so image positions cannot be found. Use a "
-                          "multimodal model such as llava-hf/llava-1.5-7b-hf.")
+        raise RecipeError(
+            f"RAH-LoRA: the config of model_type '{getattr(config, 'model_type', '?')}' names no image "
+            "token (image_token_id / image_token_index), so image positions cannot be found. Use a "
+            "multimodal model such as llava-hf/llava-1.5-7b-hf."
+        )
     others = multimodal_token_ids(config, processor, tokenizer) - image
     return TokenKinds(frozenset(image), frozenset(others))
 
 
-def token_masks(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                kinds: TokenKinds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_masks(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, kinds: TokenKinds
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(image positions I, text positions T, text positions after the first image token), each ``[B, T]`` bool; T
     leaves out the attention sink, the first attended position of each row (BOS, or the first system token), wherever
     the padding is."""
@@ -160,9 +166,15 @@ class AttentionProfile:
 
 
 @torch.no_grad()
-def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int], kinds: TokenKinds,
-                      profile: AttentionProfile, pairs: str = "paper",
-                      modules: dict[int, DecoderLayer] | None = None) -> None:
+def profile_attention(
+    model: nn.Module,
+    batch: dict[str, Any],
+    layers: list[int],
+    kinds: TokenKinds,
+    profile: AttentionProfile,
+    pairs: str = "paper",
+    modules: dict[int, DecoderLayer] | None = None,
+) -> None:
     """One eager forward with attention weights: add the batch's I-SAL and text->image maps to ``profile``. A row's
     map is the mean over its text queries (``pairs``: ``paper`` every text position, as Eq. 3 and 10; ``visible`` the
     text after the image) of the attention to each image position; a row without text after its image has none.
@@ -170,8 +182,10 @@ def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int]
     with attention_weights(modules or attention_modules(model), layers) as attentions:
         model(**model_inputs(batch), output_attentions=True, use_cache=False)
     if any(attentions.get(layer) is None for layer in layers):
-        raise RecipeError("RAH-LoRA needs attention weights: the model did not return them (load it with eager "
-                          "attention, flash_attn: disabled).")
+        raise RecipeError(
+            "RAH-LoRA needs attention weights: the model did not return them (load it with eager "
+            "attention, flash_attn: disabled)."
+        )
     image, text, after = token_masks(batch["input_ids"], batch["attention_mask"], kinds)
     masks = {image.device: (image, text, after)}
     per_layer = [isal(attentions[layer], *_on(attentions[layer].device, masks)[:2], pairs) for layer in layers]
@@ -183,15 +197,21 @@ def profile_attention(model: nn.Module, batch: dict[str, Any], layers: list[int]
         if not bool(after[b].any()):
             profile.map_skipped += 1
             continue
-        rows = torch.stack([attentions[layer][b][:, on[queries][b]][:, :, on[0][b]].float().mean(dim=1).to(first)
-                            for layer in layers for on in [_on(attentions[layer].device, masks)]]).cpu()  # [L, H, P]
+        rows = torch.stack(
+            [
+                attentions[layer][b][:, on[queries][b]][:, :, on[0][b]].float().mean(dim=1).to(first)
+                for layer in layers
+                for on in [_on(attentions[layer].device, masks)]
+            ]
+        ).cpu()  # [L, H, P]
         profile.map_sums[layout] = profile.map_sums[layout] + rows if layout in profile.map_sums else rows
         profile.map_rows[layout] = profile.map_rows.get(layout, 0) + 1
 
 
 @contextlib.contextmanager
-def head_gates(modules: dict[int, DecoderLayer], layers: list[int], num_heads: int,
-               head_dim: int) -> Iterator[dict[int, torch.Tensor]]:
+def head_gates(
+    modules: dict[int, DecoderLayer], layers: list[int], num_heads: int, head_dim: int
+) -> Iterator[dict[int, torch.Tensor]]:
     """Gates gamma ``[H]`` = 1 (requires grad) on each layer's heads, multiplying the ``o_proj`` input viewed as
     ``[B, T, H, d_head]`` (Eq. 5): layer -> gate, made by the layer's first forward on the device of its input (a
     layer placed on another GPU, or offloaded, computes there). Removed on exit."""
@@ -200,8 +220,9 @@ def head_gates(modules: dict[int, DecoderLayer], layers: list[int], num_heads: i
     def pre_hook(module: nn.Module, args: tuple[Any, ...], layer: int) -> tuple[Any, ...]:
         x = args[0]
         if layer not in gates:
-            gates[layer] = torch.ones(num_heads, device=x.device, requires_grad=True,
-                                      dtype=torch.promote_types(x.dtype, torch.float32))
+            gates[layer] = torch.ones(
+                num_heads, device=x.device, requires_grad=True, dtype=torch.promote_types(x.dtype, torch.float32)
+            )
         shaped = x.view(*x.shape[:-1], num_heads, head_dim) * gates[layer].to(x.dtype)[:, None]
         return (shaped.view(x.shape), *args[1:])
 
@@ -212,15 +233,25 @@ def head_gates(modules: dict[int, DecoderLayer], layers: list[int], num_heads: i
         yield gates
 
 
-def gate_gradients(model: nn.Module, batch: dict[str, Any], layers: list[int], num_heads: int, head_dim: int,
-                   kinds: TokenKinds, modules: dict[int, DecoderLayer] | None = None) -> torch.Tensor:
+def gate_gradients(
+    model: nn.Module,
+    batch: dict[str, Any],
+    layers: list[int],
+    num_heads: int,
+    head_dim: int,
+    kinds: TokenKinds,
+    modules: dict[int, DecoderLayer] | None = None,
+) -> torch.Tensor:
     """d(margin loss)/d(gate) of one sample (batch of 1) at gamma = 1: ``[L, H]`` float32 on the CPU. Where layers are
     offloaded to the CPU, what the backward keeps goes there too: else every offloaded layer's weights, copied to the
     GPU for its forward, stay there until the backward (the whole offloaded share at once)."""
     offloaded = any(at in ("cpu", "disk") for at in (getattr(model, "hf_device_map", None) or {}).values())
     kept = torch.autograd.graph.save_on_cpu() if offloaded else contextlib.nullcontext()
-    with head_gates(modules or attention_modules(model), layers, num_heads, head_dim) as gates, torch.enable_grad(), \
-            kept:
+    with (
+        head_gates(modules or attention_modules(model), layers, num_heads, head_dim) as gates,
+        torch.enable_grad(),
+        kept,
+    ):
         logits = model(**model_inputs(batch), use_cache=False).logits
         _, _, after = token_masks(batch["input_ids"], batch["attention_mask"], kinds)
         loss = margin_loss(logits, after.to(logits.device))

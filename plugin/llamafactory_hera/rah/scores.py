@@ -11,8 +11,9 @@ import torch
 EPS = 1e-6
 
 
-def _half(attn: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
-          visible_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _half(
+    attn: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, visible_only: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample and head: (sum of attention over the (query, key) pairs, number of pairs); with ``visible_only`` a
     pair counts only when the key does not come after the query. ``attn`` [B, H, T, T], ``queries`` / ``keys`` [B, T]
     -> ([B, H], [B])."""
@@ -24,8 +25,9 @@ def _half(attn: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
     return total, pairs.sum(dim=(-1, -2))
 
 
-def isal(attn: torch.Tensor, image_mask: torch.Tensor, text_mask: torch.Tensor,
-         pairs: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
+def isal(
+    attn: torch.Tensor, image_mask: torch.Tensor, text_mask: torch.Tensor, pairs: str = "paper"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """I-SAL per sample and head (Eq. 3): half the mean text->image attention plus half the mean image->text; returns
     (``[B, H]`` float32 scores, ``[B]`` bool: both halves present). ``pairs="paper"``: text->image over every (text
     query, image key) pair as Eq. 3 writes it, image->text over the text keys each image query can see (the text
@@ -40,8 +42,10 @@ def isal(attn: torch.Tensor, image_mask: torch.Tensor, text_mask: torch.Tensor,
     both = has_t2i & has_i2t
     score = torch.where(both, 0.5 * (mean_t2i + mean_i2t), torch.where(has_t2i, mean_t2i, mean_i2t))
     if not bool((has_t2i | has_i2t).all()):
-        raise ValueError("I-SAL: a sample has no visible pair of text and image tokens (no image token, or no text "
-                         "around it); such samples cannot be scored.")
+        raise ValueError(
+            "I-SAL: a sample has no visible pair of text and image tokens (no image token, or no text "
+            "around it); such samples cannot be scored."
+        )
     return score, both[:, 0]
 
 

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 
-def targets_in_layer(isal_std: torch.Tensor, caf: torch.Tensor, isal_percentile: float = 15.0,
-                     caf_percentile: float = 70.0) -> list[int]:
+def targets_in_layer(
+    isal_std: torch.Tensor, caf: torch.Tensor, isal_percentile: float = 15.0, caf_percentile: float = 70.0
+) -> list[int]:
     """Heads of one layer with standardised I-SAL below its ``isal_percentile`` AND CAF above its
     ``caf_percentile`` (Eq. 6-7): weakly cross-modal yet influential. ``[H]``, ``[H]`` -> head indices. Percentiles
     interpolate linearly (numpy's default)."""
@@ -21,15 +22,17 @@ def targets_in_layer(isal_std: torch.Tensor, caf: torch.Tensor, isal_percentile:
     return [int(h) for h in torch.nonzero(low & high).flatten()]
 
 
-def anchor_candidates(isal_std: torch.Tensor, beta: float = 0.25,
-                      exclude: list[int] | tuple[int, ...] = ()) -> list[int]:
+def anchor_candidates(
+    isal_std: torch.Tensor, beta: float = 0.25, exclude: list[int] | tuple[int, ...] = ()
+) -> list[int]:
     """Same-layer heads with standardised I-SAL above ``beta`` (Eq. 8, ``mu + beta sigma`` on a standardised
     scale), never a target. ``[H]`` -> head indices."""
     return [int(h) for h in torch.nonzero(isal_std > beta).flatten() if int(h) not in exclude]
 
 
-def anchor_pool(layer: int, head: int, candidates: dict[int, list[int]], group: int = 1, own_group: bool = True,
-                adjacent: int = 0) -> tuple[int | None, list[tuple[int, int]]]:
+def anchor_pool(
+    layer: int, head: int, candidates: dict[int, list[int]], group: int = 1, own_group: bool = True, adjacent: int = 0
+) -> tuple[int | None, list[tuple[int, int]]]:
     """Where a target's anchors come from: (distance in layers, [(layer, head)]) of the candidates, ``(None, [])``
     when none. Its own layer's ``candidates[layer]`` (Eq. 8) first, without its KV group's heads unless ``own_group``
     (``group`` query heads per KV head: their V slice is the target's own); when none is left, the paper's fallback:
@@ -44,9 +47,17 @@ def anchor_pool(layer: int, head: int, candidates: dict[int, list[int]], group: 
     return None, []
 
 
-def similarity(target: int, candidates: list[int], maps: torch.Tensor, v_slices: torch.Tensor,
-               o_slices: torch.Tensor, rho: float = 0.6, w_v: float = 0.7, w_o: float = 0.3,
-               shared_v: frozenset[int] | set[int] = frozenset()) -> torch.Tensor:
+def similarity(
+    target: int,
+    candidates: list[int],
+    maps: torch.Tensor,
+    v_slices: torch.Tensor,
+    o_slices: torch.Tensor,
+    rho: float = 0.6,
+    w_v: float = 0.7,
+    w_o: float = 0.3,
+    shared_v: frozenset[int] | set[int] = frozenset(),
+) -> torch.Tensor:
     """``[len(candidates)]`` float32 ``s = rho s_func + (1 - rho) (w_v cos(V) + w_o cos(O))`` of the target against
     each candidate (Eq. 9-11): ``s_func`` the cosine of the text->image maps, ``cos(V)`` / ``cos(O)`` of the
     flattened weight slices. ``shared_v``: candidates whose V slice is the target's own (GQA: same KV group and

@@ -21,7 +21,7 @@ def trimmed_mean(stack: torch.Tensor, trim: float = 0.1) -> torch.Tensor:
     if 2 * cut >= k:
         raise ValueError(f"rah_trim: got {trim}; with {k} anchors it would drop every value (allowed: < 0.5).")
     ordered = stack.float().sort(dim=0).values
-    return ordered[cut:k - cut].mean(dim=0)
+    return ordered[cut : k - cut].mean(dim=0)
 
 
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,8 +65,9 @@ class TrustRegion:
         return self.alpha == 0.0
 
 
-def search_alpha(kl_at: Callable[[float], float], alpha_max: float = 0.15, delta: float = 0.05,
-                 halvings: int = 5) -> TrustRegion:
+def search_alpha(
+    kl_at: Callable[[float], float], alpha_max: float = 0.15, delta: float = 0.05, halvings: int = 5
+) -> TrustRegion:
     """The largest alpha of ``alpha_max, alpha_max / 2, ...`` (``halvings`` halvings) whose measured mean KL
     ``kl_at(alpha)`` is <= ``delta`` (Eq. 14-15); alpha 0 (rollback) when none is."""
     tried = []

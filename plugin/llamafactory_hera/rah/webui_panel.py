@@ -21,8 +21,15 @@ from llamafactory_hera.log import PHASE_KEY
 from llamafactory_hera.rah.config import AUTO, RahArguments, parse_rah_arguments
 
 # LlamaBoard's Train-tab arguments that only matter to an optimizer: left out of a RAH-LoRA command
-OPTIMIZER_KEYS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
-                  "lr_scheduler_type", "max_grad_norm", "warmup_steps")
+OPTIMIZER_KEYS = (
+    "learning_rate",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "max_grad_norm",
+    "warmup_steps",
+)
 
 
 def normalize_layers(value: Any) -> Any:
@@ -44,11 +51,16 @@ def check_layers_depth(args: RahArguments, context: Mapping[str, Any]) -> str:
     layers = list(args.rah_layers)
     if depth is None or max(layers) < depth:
         return ""
-    given = f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2 \
+    given = (
+        f"{layers[0]}-{layers[-1]}"
+        if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2
         else ",".join(map(str, layers))
-    return (f"rah_layers: {given} goes beyond {context.get('model_path')}, which has {depth} decoder layers "
-            f"(num_hidden_layers of its text config; zero-based 0..{depth - 1}). Use auto or layers within "
-            f"0-{depth - 1}.")
+    )
+    return (
+        f"rah_layers: {given} goes beyond {context.get('model_path')}, which has {depth} decoder layers "
+        f"(num_hidden_layers of its text config; zero-based 0..{depth - 1}). Use auto or layers within "
+        f"0-{depth - 1}."
+    )
 
 
 def progress_figure(trainer_log: list[dict[str, Any]], smooth: Any = None) -> Any:
@@ -77,8 +89,16 @@ FIELDS = (
     *row(2, "rah_update", "rah_caf_form", "rah_isal_pairs"),
 )
 
-PANEL = build_panel(PanelDeclaration(
-    name="RAH-LoRA", prefix="rah_", package=__package__, arguments=RahArguments, parse=parse_rah_arguments,
-    fields=FIELDS, loss_plot=LossPlot(marker=PHASE_KEY, figure=progress_figure), unused_host_keys=OPTIMIZER_KEYS,
-    checks=(check_layers_depth,),
-))
+PANEL = build_panel(
+    PanelDeclaration(
+        name="RAH-LoRA",
+        prefix="rah_",
+        package=__package__,
+        arguments=RahArguments,
+        parse=parse_rah_arguments,
+        fields=FIELDS,
+        loss_plot=LossPlot(marker=PHASE_KEY, figure=progress_figure),
+        unused_host_keys=OPTIMIZER_KEYS,
+        checks=(check_layers_depth,),
+    )
+)

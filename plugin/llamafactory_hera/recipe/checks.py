@@ -42,8 +42,9 @@ def _file_without_rows(path: Path) -> bool:
     if not path.is_file():
         return False
     size = path.stat().st_size
-    return size == 0 or (size <= _SMALL_FILE and path.read_text(encoding="utf-8", errors="replace").strip()
-                         in _EMPTY_TEXTS)
+    return size == 0 or (
+        size <= _SMALL_FILE and path.read_text(encoding="utf-8", errors="replace").strip() in _EMPTY_TEXTS
+    )
 
 
 def check_dataset_names(key: str, names: list[str], dataset_dir: str, fix: str = "") -> None:
@@ -61,18 +62,24 @@ def check_dataset_names(key: str, names: list[str], dataset_dir: str, fix: str =
             close = difflib.get_close_matches(name, list(info), n=1, cutoff=0.6)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             advice = fix or f"Name one of those, or add '{name}' to {DATA_CONFIG}."
-            raise RecipeError(f"{key}: dataset '{name}' is not in {Path(dataset_dir) / DATA_CONFIG} (it lists: "
-                              f"{listed}).{hint} {advice}")
+            raise RecipeError(
+                f"{key}: dataset '{name}' is not in {Path(dataset_dir) / DATA_CONFIG} (it lists: "
+                f"{listed}).{hint} {advice}"
+            )
         entry = info[name] if isinstance(info[name], dict) else {}
         file_name = entry.get("file_name")
         from_file = isinstance(file_name, str) and not any(key in entry for key in _NOT_FROM_FILE)
         if from_file and not (Path(dataset_dir) / file_name).exists():
-            raise RecipeError(f"{key}: dataset '{name}' is listed in {Path(dataset_dir) / DATA_CONFIG} with file_name: "
-                              f"{file_name}, but {Path(dataset_dir) / file_name} does not exist. Put the file there, "
-                              "or correct its file_name (relative to dataset_dir).")
+            raise RecipeError(
+                f"{key}: dataset '{name}' is listed in {Path(dataset_dir) / DATA_CONFIG} with file_name: "
+                f"{file_name}, but {Path(dataset_dir) / file_name} does not exist. Put the file there, "
+                "or correct its file_name (relative to dataset_dir)."
+            )
         if isinstance(file_name, str) and _file_without_rows(Path(dataset_dir) / file_name):
-            raise RecipeError(f"{key}: dataset '{name}' has no rows: its file {Path(dataset_dir) / file_name} is "
-                              "empty. Fill it (for HARC's roles: llamafactory-hera harc-data) or name another dataset.")
+            raise RecipeError(
+                f"{key}: dataset '{name}' has no rows: its file {Path(dataset_dir) / file_name} is "
+                "empty. Fill it (for HARC's roles: llamafactory-hera harc-data) or name another dataset."
+            )
 
 
 def check_output_dir(output_dir: Any, key: str = "output_dir") -> None:
@@ -90,8 +97,10 @@ def check_output_dir(output_dir: Any, key: str = "output_dir") -> None:
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         if not existing.is_dir():
-            raise RecipeError(f"{key}: {output_dir} cannot be created: {existing} is a file, not a folder. Choose an "
-                              f"{key} whose parent folders are folders.")
+            raise RecipeError(
+                f"{key}: {output_dir} cannot be created: {existing} is a file, not a folder. Choose an "
+                f"{key} whose parent folders are folders."
+            )
         try:
             with tempfile.NamedTemporaryFile(dir=existing, prefix=".hera_write_probe."):
                 return
@@ -102,8 +111,9 @@ def check_output_dir(output_dir: Any, key: str = "output_dir") -> None:
         except OSError as err:
             failure = err
         what = "written" if existing == path else f"created (it would go into {existing})"
-        raise RecipeError(f"{key}: {output_dir} cannot be {what}: {failure.strerror or failure}. Choose a folder you "
-                          "can write to.") from None
+        raise RecipeError(
+            f"{key}: {output_dir} cannot be {what}: {failure.strerror or failure}. Choose a folder you can write to."
+        ) from None
 
 
 def _suggested_templates(vocab: set[str], multimodal: bool, model_type: str) -> list[str]:
@@ -148,11 +158,16 @@ def check_template(model_args: Any, data_args: Any) -> None:
     multimodal = any(getattr(config, key, None) is not None for key in ("vision_config", "audio_config"))
     kind = str(getattr(config, "model_type", ""))
     suggested = _suggested_templates(vocab, multimodal, kind)
-    fix = (f"Set template: {suggested[0]}" + (f" (also fitting: {', '.join(suggested[1:])})" if suggested[1:] else "")
-           if suggested else "Set template to the model's chat template")
-    raise RecipeError(f"template: {name} does not match the tokenizer of {source} ({kind}): its special tokens "
-                      f"{', '.join(missing)} are not in the vocabulary (they would become new tokens the model's "
-                      f"embeddings lack). {fix}, or resize_vocab: true to train new tokens.")
+    fix = (
+        f"Set template: {suggested[0]}" + (f" (also fitting: {', '.join(suggested[1:])})" if suggested[1:] else "")
+        if suggested
+        else "Set template to the model's chat template"
+    )
+    raise RecipeError(
+        f"template: {name} does not match the tokenizer of {source} ({kind}): its special tokens "
+        f"{', '.join(missing)} are not in the vocabulary (they would become new tokens the model's "
+        f"embeddings lack). {fix}, or resize_vocab: true to train new tokens."
+    )
 
 
 def check_max_samples(data_args: Any) -> None:
@@ -160,21 +175,29 @@ def check_max_samples(data_args: Any) -> None:
     none left its aligning ends in a bare ``StopIteration``)."""
     value = getattr(data_args, "max_samples", None)
     if value is not None and value < 1:
-        raise RecipeError(f"max_samples: {value} keeps no row of any dataset (LLaMA-Factory keeps the first "
-                          "max_samples rows of each). Set max_samples to 1 or more, or remove it to use every row.")
+        raise RecipeError(
+            f"max_samples: {value} keeps no row of any dataset (LLaMA-Factory keeps the first "
+            "max_samples rows of each). Set max_samples to 1 or more, or remove it to use every row."
+        )
 
 
-def check_run_inputs(model_args: Any, data_args: Any, training_args: Any, datasets_used: bool = True, *,
-                     stage: str) -> None:
+def check_run_inputs(
+    model_args: Any, data_args: Any, training_args: Any, datasets_used: bool = True, *, stage: str
+) -> None:
     """The checks every plugin stage runs right after LLaMA-Factory parsed the recipe: dataset names and files,
     ``max_samples``, ``output_dir``, the ``template`` against the tokenizer, FSDP set by a front end.
     ``datasets_used=False``: the stage reads its rows from its own keys (``dataset`` is checked when given, said so)."""
-    fix = "" if datasets_used else ("This stage does not read `dataset` (its rows come from its own keys): remove it, "
-                                    "or name a dataset listed there.")
+    fix = (
+        ""
+        if datasets_used
+        else (
+            "This stage does not read `dataset` (its rows come from its own keys): remove it, "
+            "or name a dataset listed there."
+        )
+    )
     check_max_samples(data_args)
     check_dataset_names("dataset", as_names(getattr(data_args, "dataset", None)), str(data_args.dataset_dir), fix)
-    check_dataset_names("eval_dataset", as_names(getattr(data_args, "eval_dataset", None)),
-                        str(data_args.dataset_dir))
+    check_dataset_names("eval_dataset", as_names(getattr(data_args, "eval_dataset", None)), str(data_args.dataset_dir))
     check_output_dir(getattr(training_args, "output_dir", None))
     check_template(model_args, data_args)
     check_fsdp_parsed(stage, training_args)
@@ -183,11 +206,13 @@ def check_run_inputs(model_args: Any, data_args: Any, training_args: Any, datase
 # why a stage cannot read its rows from an iterable (streamed) dataset
 _STREAMING = {
     "hera": "accelerate's batch dispatcher concatenates a streamed dataset's batches, and HeRA's per-row list-valued "
-            "batch keys (image paths, teacher rows) cannot be concatenated: TypeError at the first step, even on "
-            "one process",
+    "batch keys (image paths, teacher rows) cannot be concatenated: TypeError at the first step, even on "
+    "one process",
     "rah": "RAH-LoRA draws its probe and calibration rows by index from the whole dataset",
     "harc": "HARC draws its extraction, validation and training rows by index from whole role datasets",
 }
+
+
 def _deepspeed_config_readable(value: str) -> bool:
     """A JSON file, or what accelerate also accepts in its place: inline JSON or base64-encoded JSON."""
     text = value.strip()
@@ -222,44 +247,74 @@ def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -
     # also where its patch list has no kernel for the type (it then warns and trains without)
     liger = next((key for key in ("enable_liger_kernel", "use_liger_kernel") if truthy(raw_value(host_args, key))), "")
     for key, value, package, module, requirement, without in (
-            ("deepspeed", raw_value(host_args, "deepspeed"), "DeepSpeed", "deepspeed",  # lazy: transformers only here
-             lambda: import_module("transformers.dependency_versions_table").deps.get("deepspeed", "deepspeed"),
-             "or remove deepspeed to train without it"),
-            ("quantization_bit", bits if bnb else None, "bitsandbytes", "bitsandbytes", lambda: QLORA,
-             "llamafactory-hera's qlora extra: pip install '.[qlora]' in its clone; or remove quantization_bit to "
-             "train unquantized"),
-            (liger, "true" if liger else None, "liger-kernel", "liger_kernel", lambda: LIGER,
-             f"or remove {liger} to train without it")):
-        if value is None or str(value).strip().lower() in {"", "none", "null"} \
-                or importlib.util.find_spec(module) is not None:
+        (
+            "deepspeed",
+            raw_value(host_args, "deepspeed"),
+            "DeepSpeed",
+            "deepspeed",  # lazy: transformers only here
+            lambda: import_module("transformers.dependency_versions_table").deps.get("deepspeed", "deepspeed"),
+            "or remove deepspeed to train without it",
+        ),
+        (
+            "quantization_bit",
+            bits if bnb else None,
+            "bitsandbytes",
+            "bitsandbytes",
+            lambda: QLORA,
+            "llamafactory-hera's qlora extra: pip install '.[qlora]' in its clone; or remove quantization_bit to "
+            "train unquantized",
+        ),
+        (
+            liger,
+            "true" if liger else None,
+            "liger-kernel",
+            "liger_kernel",
+            lambda: LIGER,
+            f"or remove {liger} to train without it",
+        ),
+    ):
+        if (
+            value is None
+            or str(value).strip().lower() in {"", "none", "null"}
+            or importlib.util.find_spec(module) is not None
+        ):
             continue
-        raise RecipeError(f"{key}: {value} needs {package}, which is not installed here. Install it: pip install "
-                          f"'{requirement()}' ({without}).")
+        raise RecipeError(
+            f"{key}: {value} needs {package}, which is not installed here. Install it: pip install "
+            f"'{requirement()}' ({without})."
+        )
 
 
 def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None:
     """``fp16`` and ``bf16`` are not both on; a ``deepspeed`` path names a file."""
     if truthy(raw_value(host_args, "fp16")) and truthy(raw_value(host_args, "bf16")):
-        raise RecipeError("fp16: true and bf16: true: a run trains in one precision; keep bf16: true (GPUs since "
-                          "Ampere) and remove fp16, or keep fp16: true on older GPUs.")
+        raise RecipeError(
+            "fp16: true and bf16: true: a run trains in one precision; keep bf16: true (GPUs since "
+            "Ampere) and remove fp16, or keep fp16: true on older GPUs."
+        )
     deepspeed = raw_value(host_args, "deepspeed")
     if isinstance(deepspeed, str) and deepspeed.strip() and not _deepspeed_config_readable(deepspeed):
         where = Path(deepspeed).expanduser()
         relative = "" if where.is_absolute() else f", relative to the folder the run starts in ({Path.cwd()})"
-        raise RecipeError(f"deepspeed: {deepspeed} is not a file{relative}. Point it at a DeepSpeed JSON config "
-                          "(e.g. recipes/deepspeed/ds_z3_config.json, run from the repository root) or remove it.")
+        raise RecipeError(
+            f"deepspeed: {deepspeed} is not a file{relative}. Point it at a DeepSpeed JSON config "
+            "(e.g. recipes/deepspeed/ds_z3_config.json, run from the repository root) or remove it."
+        )
 
 
 def check_streaming(stage: str, host_args: dict[str, Any] | list[str]) -> None:
     """``streaming`` is off: every stage reads its rows as a map-style dataset."""
     if truthy(value := raw_value(host_args, "streaming")):
         reason = _STREAMING.get(stage, "the stage reads its rows by index")
-        raise RecipeError(f"streaming: {str(value).lower()} is not supported by stage: {stage} ({reason}). Remove "
-                          "streaming: the datasets are read once and cached on disk.")
+        raise RecipeError(
+            f"streaming: {str(value).lower()} is not supported by stage: {stage} ({reason}). Remove "
+            "streaming: the datasets are read once and cached on disk."
+        )
 
 
-def check_raw_launch(stage: str, host_args: dict[str, Any] | list[str],
-                     environ: Mapping[str, str] | None = None) -> None:
+def check_raw_launch(
+    stage: str, host_args: dict[str, Any] | list[str], environ: Mapping[str, str] | None = None
+) -> None:
     """Every check of this module, for a ``stage`` of the plugin, before LLaMA-Factory parses ``host_args``."""
     check_precision_and_deepspeed(host_args)
     check_fsdp(stage, host_args, os.environ if environ is None else environ)

@@ -36,8 +36,10 @@ def dataset_info(dataset_dir: str, key: str, names: list[str]) -> dict[str, Any]
     """``dataset_dir``'s ``dataset_info.json`` (errors name ``key`` and ``names``, which need it)."""
     path = Path(dataset_dir) / DATA_CONFIG
     if not path.is_file():
-        raise RecipeError(f"{key}: {', '.join(names)} must be listed in {path}, which does not exist (dataset_dir: "
-                          f"{dataset_dir}). Set dataset_dir to the folder holding {DATA_CONFIG}.")
+        raise RecipeError(
+            f"{key}: {', '.join(names)} must be listed in {path}, which does not exist (dataset_dir: "
+            f"{dataset_dir}). Set dataset_dir to the folder holding {DATA_CONFIG}."
+        )
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -58,8 +60,6 @@ def describe_data(data_args: Any) -> str:
         if isinstance(entry, dict) and entry.get("file_name"):
             return f"{names[0]}: {os.path.join(str(data_args.dataset_dir), entry['file_name'])}"
     return f"dataset: {names[0]}" if len(names) == 1 else f"datasets {', '.join(names)}: rows counted in that order"
-
-
 
 
 def image_problem(path: str, decode: bool) -> str | None:
@@ -105,8 +105,16 @@ def _rows(dataset: Any, columns: list[str], only: Iterable[int] | None) -> Itera
             row += 1
 
 
-def image_rows(dataset: Any, column: str = "images", check_files: bool = True, only: Iterable[int] | None = None,
-               *, placeholder: str | None = None, decode: bool = False, data: str | None = None) -> dict[str, int]:
+def image_rows(
+    dataset: Any,
+    column: str = "images",
+    check_files: bool = True,
+    only: Iterable[int] | None = None,
+    *,
+    placeholder: str | None = None,
+    decode: bool = False,
+    data: str | None = None,
+) -> dict[str, int]:
     """Map every image path of a (map-style) dataset's image column to its first row index; with ``check_files``,
     also check that each file exists (the main process only), with ``decode`` that PIL decodes it. ``only``: the rows
     to read (default: every row). ``placeholder``: also check that each row of LLaMA-Factory's aligned dataset holds
@@ -122,16 +130,21 @@ def image_rows(dataset: Any, column: str = "images", check_files: bool = True, o
         images = values[column] or []
         valid = marked and len(values["_prompt"]) % 2 == 1 and len(values["_response"]) == 1  # else the host drops it
         if valid and (marks := image_marks(values["_prompt"] + values["_response"], placeholder)) != len(images):
-            raise RecipeError(f"training dataset row {row}{of} has {len(images)} image(s) and {marks} {placeholder} "
-                              f"mark(s) in its messages; LLaMA-Factory needs one mark per image, where the image "
-                              "goes: add or remove marks (or images) in that row, or remove the row")
+            raise RecipeError(
+                f"training dataset row {row}{of} has {len(images)} image(s) and {marks} {placeholder} "
+                f"mark(s) in its messages; LLaMA-Factory needs one mark per image, where the image "
+                "goes: add or remove marks (or images) in that row, or remove the row"
+            )
         for image in images:
             path = image.get("path") if isinstance(image, dict) else image
             if not isinstance(path, str):
                 continue
             if check_files and path not in rows and (problem := image_problem(path, decode)):
-                what = "does not exist; fix the path in the dataset (or media_dir)" if problem == MISSING else (
-                    "cannot be decoded (truncated or not an image); replace the file")
+                what = (
+                    "does not exist; fix the path in the dataset (or media_dir)"
+                    if problem == MISSING
+                    else ("cannot be decoded (truncated or not an image); replace the file")
+                )
                 raise RecipeError(f"image {path!r} of training dataset row {row}{of} {what} or remove the row")
             rows.setdefault(path, row)
     return rows
@@ -143,6 +156,8 @@ def first_unreadable(rows: dict[str, int], data: str | None = None) -> str | Non
     of = f" ({data})" if data else ""
     for path, row in rows.items():
         if image_problem(path, decode=True) is not None:
-            return (f"image {path!r} of training dataset row {row}{of} cannot be decoded (truncated or not an "
-                    "image); replace the file or remove the row")
+            return (
+                f"image {path!r} of training dataset row {row}{of} cannot be decoded (truncated or not an "
+                "image); replace the file or remove the row"
+            )
     return None

@@ -21,17 +21,21 @@ from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.lifecycle.run_record import read_record
 from llamafactory_hera_patches.recipe.arguments import raw_value
 
-RAH_ONE_PROCESS = ("stage: rah runs as one process that places the model over every visible GPU; run it so: "
-                   "llamafactory-cli train RECIPE with FORCE_TORCHRUN unset (it starts one rank for stage: rah), "
-                   "not torchrun or accelerate launch with several")
-_LAUNCH = ("accelerate launch --config_file with fsdp_version: 2 and fsdp_state_dict_type: FULL_STATE_DICT (as "
-           "LLaMA-Factory's examples/accelerate/fsdp2_config.yaml)")
+RAH_ONE_PROCESS = (
+    "stage: rah runs as one process that places the model over every visible GPU; run it so: "
+    "llamafactory-cli train RECIPE with FORCE_TORCHRUN unset (it starts one rank for stage: rah), "
+    "not torchrun or accelerate launch with several"
+)
+_LAUNCH = (
+    "accelerate launch --config_file with fsdp_version: 2 and fsdp_state_dict_type: FULL_STATE_DICT (as "
+    "LLaMA-Factory's examples/accelerate/fsdp2_config.yaml)"
+)
 # FSDP1 on two CPU ranks with the shim: without sync_module_states (its default needs an accelerator) torch 2.11's
 # FullyShardedDataParallel refuses a CPU-only process ("FSDP needs a non-CPU accelerator device")
 _FSDP1_UNTESTED = "no CPU run can reach FSDP1's training here (accelerate 1.11's FSDP1 setup needs an accelerator)"
 _FSDP1 = {  # why a method is not run under FSDP1 (FullyShardedDataParallel)
     "hera": f"{_FSDP1_UNTESTED}, and outside a wrapped module's forward FSDP1 leaves each parameter a view of this "
-            "rank's flat shard, where HeRA reads o_proj's weight by head",
+    "rank's flat shard, where HeRA reads o_proj's weight by head",
     "harc": _FSDP1_UNTESTED,
 }
 
@@ -56,9 +60,11 @@ def _config_version(config: Any) -> str:
 def _recipe_refusal(stage: str, what: str) -> RecipeError:
     if stage == "rah":
         return RecipeError(f"{what}: {RAH_ONE_PROCESS}.")
-    return RecipeError(f"{what}: stage: {stage} runs under FSDP2 started by accelerate launch, not by the recipe's "
-                       f"fsdp key (transformers then builds its own FSDP plugin, a path no test here runs); remove "
-                       f"fsdp and fsdp_config from the recipe and launch with {_LAUNCH}.")
+    return RecipeError(
+        f"{what}: stage: {stage} runs under FSDP2 started by accelerate launch, not by the recipe's "
+        f"fsdp key (transformers then builds its own FSDP plugin, a path no test here runs); remove "
+        f"fsdp and fsdp_config from the recipe and launch with {_LAUNCH}."
+    )
 
 
 def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mapping[str, str]) -> None:
@@ -66,19 +72,25 @@ def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mappi
     value = raw_value(host_args, "fsdp")
     if _set(value):  # fsdp_config alone is ignored by transformers (it warns), so it is no FSDP run
         config = raw_value(host_args, "fsdp_config")
-        raise _recipe_refusal(stage, f"fsdp: {value}" + (f" (fsdp_config: {config}, FSDP version "
-                                                         f"{_config_version(config)})" if _set(config) else ""))
+        raise _recipe_refusal(
+            stage,
+            f"fsdp: {value}"
+            + (f" (fsdp_config: {config}, FSDP version {_config_version(config)})" if _set(config) else ""),
+        )
     version = launched_fsdp_version(environ)  # as accelerate's Accelerator reads it (1.11: "1" does not turn it on)
     if version is None:
         return
-    shown = f"ACCELERATE_USE_FSDP={environ['ACCELERATE_USE_FSDP']}" + (f" (FSDP_VERSION={environ['FSDP_VERSION']})"
-                                             if environ.get("FSDP_VERSION") else "")
+    shown = f"ACCELERATE_USE_FSDP={environ['ACCELERATE_USE_FSDP']}" + (
+        f" (FSDP_VERSION={environ['FSDP_VERSION']})" if environ.get("FSDP_VERSION") else ""
+    )
     launched = f"{shown}, set by accelerate launch with an FSDP config"
     if stage == "rah":
         raise RecipeError(f"{launched}: {RAH_ONE_PROCESS}.")
     if version != "2":
-        raise RecipeError(f"{launched}: stage: {stage} is not run under FSDP1 ({_FSDP1.get(stage, _FSDP1['harc'])});"
-                          f" set fsdp_version: 2 in the accelerate config.")
+        raise RecipeError(
+            f"{launched}: stage: {stage} is not run under FSDP1 ({_FSDP1.get(stage, _FSDP1['harc'])});"
+            f" set fsdp_version: 2 in the accelerate config."
+        )
     # the host's stages: the second refused, the first said (patches/stage.py)
     refusal = unsaved_refusal(stage, environ) or bitsandbytes_refusal(stage, host_args, environ)
     if refusal:
@@ -89,6 +101,7 @@ def check_fsdp_parsed(stage: str, training_args: Any) -> None:
     """The parsed ``fsdp`` option (set by any front end, e.g. LlamaBoard's extra arguments) is empty."""
     value = getattr(training_args, "fsdp", None)
     if value:
-        shown = " ".join(str(getattr(option, "value", option)) for option in value) if isinstance(value, list) \
-            else value
+        shown = (
+            " ".join(str(getattr(option, "value", option)) for option in value) if isinstance(value, list) else value
+        )
         raise _recipe_refusal(stage, f"fsdp: {shown}")

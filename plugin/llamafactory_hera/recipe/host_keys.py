@@ -62,8 +62,9 @@ def _suggested(name: str, names: list[str]) -> str:
 
 def _is_host_key(name: str, known: dict[str, Any]) -> bool:
     # HfArgumentParser also takes --no_<flag> for a flag that defaults to true (a --key list only)
-    return name in known or (name.startswith("no_") and known.get(name[3:]) is not None
-                             and known[name[3:]].default is True)
+    return name in known or (
+        name.startswith("no_") and known.get(name[3:]) is not None and known[name[3:]].default is True
+    )
 
 
 def check_unknown_keys(given: dict[str, Any]) -> None:
@@ -76,9 +77,11 @@ def check_unknown_keys(given: dict[str, Any]) -> None:
     names = [*known, *method_keys()]
     shown = "; ".join(f"{name}: {given[name]!r}{_suggested(str(name), names)}" for name in unknown)
     one = len(unknown) == 1
-    raise RecipeError(f"{shown}: {'not a recipe key' if one else 'not recipe keys'} of LLaMA-Factory or of "
-                      f"llamafactory-hera (LLaMA-Factory would stop on {'it' if one else 'them'}). Correct the "
-                      f"spelling, or remove {'it' if one else 'them'}.")
+    raise RecipeError(
+        f"{shown}: {'not a recipe key' if one else 'not recipe keys'} of LLaMA-Factory or of "
+        f"llamafactory-hera (LLaMA-Factory would stop on {'it' if one else 'them'}). Correct the "
+        f"spelling, or remove {'it' if one else 'them'}."
+    )
 
 
 def _is_null(value: Any) -> bool:
@@ -105,10 +108,14 @@ def check_choices(given: dict[str, Any]) -> None:
         what = "a fine-tuning method" if name == "finetuning_type" else f"a value {key.holder} accepts"
         words = [word for word in _YAML_BOOLS[value] if word in key.choices] if isinstance(value, bool) else []
         if words:  # save_strategy: no, unquoted, is the YAML boolean false
-            raise RecipeError(f"{name}: {value} is not {what} ({_allowed(key.choices, text)}); YAML reads an unquoted "
-                              f"{words[0]} as {str(value).lower()}. Quote it: {name}: '{words[0]}'.")
-        raise RecipeError(f"{name}: {value} is not {what} ({_allowed(key.choices, text)}); "
-                          f"{_mean(text, key.choices)}Set {name} to one of those.")
+            raise RecipeError(
+                f"{name}: {value} is not {what} ({_allowed(key.choices, text)}); YAML reads an unquoted "
+                f"{words[0]} as {str(value).lower()}. Quote it: {name}: '{words[0]}'."
+            )
+        raise RecipeError(
+            f"{name}: {value} is not {what} ({_allowed(key.choices, text)}); "
+            f"{_mean(text, key.choices)}Set {name} to one of those."
+        )
 
 
 def check_template_name(given: dict[str, Any]) -> None:
@@ -121,8 +128,10 @@ def check_template_name(given: dict[str, Any]) -> None:
         return
     close = nearest(str(value).strip(), names, 3, 0.5)
     hint = f"the nearest: {', '.join(close)}" if close else f"{len(names)} templates, e.g. llama3, qwen, qwen2_vl"
-    raise RecipeError(f"template: {value} is not a chat template of LLaMA-Factory ({hint}). Set template to the model "
-                      "family's template (LLaMA-Factory's README lists each model's).")
+    raise RecipeError(
+        f"template: {value} is not a chat template of LLaMA-Factory ({hint}). Set template to the model "
+        "family's template (LLaMA-Factory's README lists each model's)."
+    )
 
 
 def _number(name: str, value: Any) -> float:
@@ -143,15 +152,18 @@ def check_numbers(given: dict[str, Any]) -> None:
         if number < low or (number == low and not inclusive) or (high is not None and number > high):
             lowest = f">= {low:g}" if inclusive else f"> {low:g}"
             allowed = lowest + (f" and <= {high:g}" if high is not None else "")
-            raise RecipeError(f"{name}: {given[name]} is out of range: it is {why}, allowed {allowed}. Set {name} "
-                              f"{allowed}.")
+            raise RecipeError(
+                f"{name}: {given[name]} is out of range: it is {why}, allowed {allowed}. Set {name} {allowed}."
+            )
     max_steps = given.get("max_steps")
     steps = _number_or_none(max_steps)
     if "num_train_epochs" in given and (steps is None or steps <= 0):
         epochs = _number_or_none(given["num_train_epochs"])
         if epochs is None or epochs <= 0:
-            raise RecipeError(f"num_train_epochs: {given['num_train_epochs']} trains no step (max_steps not set "
-                              "above 0). Set num_train_epochs above 0, or max_steps to the number of steps.")
+            raise RecipeError(
+                f"num_train_epochs: {given['num_train_epochs']} trains no step (max_steps not set "
+                "above 0). Set num_train_epochs above 0, or max_steps to the number of steps."
+            )
 
 
 def _reads_as(kind: type, value: Any) -> bool:
@@ -178,8 +190,9 @@ def check_number_types(given: dict[str, Any]) -> None:
             continue
         what = "a whole number" if key.number is int else "a number"
         about = f"{key.help.strip().rstrip('.')}; " if key.help.strip() else ""
-        raise RecipeError(f"{name}: {value!r} is not {what} ({key.holder}: {about}default {key.default}). Set "
-                          f"{name} to {what}.")
+        raise RecipeError(
+            f"{name}: {value!r} is not {what} ({key.holder}: {about}default {key.default}). Set {name} to {what}."
+        )
 
 
 def _number_or_none(value: Any) -> float | None:
@@ -204,8 +217,10 @@ def check_report_to(given: dict[str, Any]) -> None:
     loggers = [*INTEGRATION_TO_CALLBACK, "all", "none"]
     for name in (str(item).strip() for item in names):
         if name and name not in loggers:
-            raise RecipeError(f"report_to: {value} names no logger of transformers ({', '.join(loggers)}); "
-                              f"{_mean(name, loggers)}Set report_to to those, or none.")
+            raise RecipeError(
+                f"report_to: {value} names no logger of transformers ({', '.join(loggers)}); "
+                f"{_mean(name, loggers)}Set report_to to those, or none."
+            )
 
 
 def check_bf16_device(host_args: dict[str, Any] | list[str]) -> None:
@@ -216,11 +231,17 @@ def check_bf16_device(host_args: dict[str, Any] | list[str]) -> None:
 
     given = given_keys(host_args)
     for key in ("bf16", "bf16_full_eval"):
-        if _flag(given, key) and not _flag(given, "use_cpu") \
-                and not training_args.is_torch_bf16_gpu_available() and not training_args.is_torch_xla_available():
-            raise RecipeError(f"{key}: true, but transformers finds no device here that computes in bf16 (a GPU "
-                              "since Ampere, an NPU, an XPU). Remove bf16 to train in float32 here, or run on such "
-                              "a device.")
+        if (
+            _flag(given, key)
+            and not _flag(given, "use_cpu")
+            and not training_args.is_torch_bf16_gpu_available()
+            and not training_args.is_torch_xla_available()
+        ):
+            raise RecipeError(
+                f"{key}: true, but transformers finds no device here that computes in bf16 (a GPU "
+                "since Ampere, an NPU, an XPU). Remove bf16 to train in float32 here, or run on such "
+                "a device."
+            )
 
 
 def check_host_keys(host_args: dict[str, Any] | list[str]) -> None:

@@ -17,8 +17,12 @@ from llamafactory_hera_patches.errors import RecipeError
 T = TypeVar("T")
 NULLS = {"none", "null", ""}
 # a recipe key's bound (its field's metadata) -> (how an error states it, whether a value keeps it)
-BOUNDS = {"min": (">=", operator.ge), "max": ("<=", operator.le), "min_exclusive": (">", operator.gt),
-          "max_exclusive": ("<", operator.lt)}
+BOUNDS = {
+    "min": (">=", operator.ge),
+    "max": ("<=", operator.le),
+    "min_exclusive": (">", operator.gt),
+    "max_exclusive": ("<", operator.lt),
+}
 
 
 def recipe_key(default: Any, help_text: str, **checks: Any) -> Any:
@@ -31,18 +35,25 @@ def recipe_key(default: Any, help_text: str, **checks: Any) -> Any:
 
 def save_on_signal_key() -> Any:
     """``<prefix>_save_on_signal`` of a method whose runs save checkpoints (``training/checkpoints.py``)."""
-    return recipe_key("sigterm", "On this signal (SLURM's preemption or time limit: SIGTERM, or --signal=USR1@90) "
-                      "every rank saves a whole checkpoint at one step's end and the run exits 0, to resume by "
-                      "running the same command again; none: the signal's default (the run dies).",
-                      choices=("sigterm", "sigusr1", "sigusr2", "none"))
+    return recipe_key(
+        "sigterm",
+        "On this signal (SLURM's preemption or time limit: SIGTERM, or --signal=USR1@90) "
+        "every rank saves a whole checkpoint at one step's end and the run exits 0, to resume by "
+        "running the same command again; none: the signal's default (the run dies).",
+        choices=("sigterm", "sigusr1", "sigusr2", "none"),
+    )
 
 
 def watchdog_key() -> Any:
     """``<prefix>_watchdog_timeout`` of a method whose runs take several ranks (``training/watchdog.py``)."""
-    return recipe_key(None, "Seconds a rank may go unheard (its heartbeat file in output_dir unchanged: its process "
-                      "or host frozen or gone) before every other rank ends the job with a line naming it. null: per "
-                      "section, 4x the last one's time and at least 300 s; 900 s for the first step and save, 1800 s "
-                      "while loading and in the passes before step 1. 0: no watchdog.", min=0)
+    return recipe_key(
+        None,
+        "Seconds a rank may go unheard (its heartbeat file in output_dir unchanged: its process "
+        "or host frozen or gone) before every other rank ends the job with a line naming it. null: per "
+        "section, 4x the last one's time and at least 300 s; 900 s for the first step and save, 1800 s "
+        "while loading and in the passes before step 1. 0: no watchdog.",
+        min=0,
+    )
 
 
 def fail(key: str, value: Any, allowed: str) -> RecipeError:
@@ -113,8 +124,9 @@ def coerce_field(key: str, value: Any, spec: Any) -> Any:
     return coerce_number(key, value, int if spec.type in ("int", int, "int | None") else float, meta)
 
 
-def parse_keys(cls: type[T], raw: dict[str, Any], method: str,
-               special: dict[str, Callable[[str, Any], Any]] | None = None) -> T:
+def parse_keys(
+    cls: type[T], raw: dict[str, Any], method: str, special: dict[str, Callable[[str, Any], Any]] | None = None
+) -> T:
     """``cls`` (a method's arguments dataclass) from its raw recipe keys: each value coerced by its field's
     declaration (:func:`coerce_field`) or by the method's own coercer for the key in ``special``; an unknown key is
     refused naming the closest valid one. Checks between keys are the method's, after this."""

@@ -49,16 +49,25 @@ def _model_on_meta_device(source: str, trust: bool) -> Any:
             return auto.from_config(config, trust_remote_code=trust)
     except Exception as error:  # noqa: BLE001 - a model (remote code) that cannot be built without weights: no check
         first = (str(error).strip().splitlines() or [""])[0][:200]
-        say(f"note: lora_target not checked before loading: {source}'s model could not be built without its weights "
-            f"here ({type(error).__name__}: {first}); PEFT checks it once the model has loaded.")
+        say(
+            f"note: lora_target not checked before loading: {source}'s model could not be built without its weights "
+            f"here ({type(error).__name__}: {first}); PEFT checks it once the model has loaded."
+        )
         return None
 
 
 def _linear_names(model: Any) -> list[str]:
     """The last parts of the names of the model's linear modules (what ``lora_target: all`` takes, lm_head aside)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if "Linear" in type(module).__name__ and "Embedding" not in type(module).__name__
-                   and not name.endswith("lm_head") and not name.rsplit(".", 1)[-1].isdigit()})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if "Linear" in type(module).__name__
+            and "Embedding" not in type(module).__name__
+            and not name.endswith("lm_head")
+            and not name.rsplit(".", 1)[-1].isdigit()
+        }
+    )
 
 
 def check_lora_target(given: dict[str, Any]) -> None:
@@ -79,18 +88,26 @@ def check_lora_target(given: dict[str, Any]) -> None:
     modules = [name for name, _ in model.named_modules() if name]
     kind = str(getattr(model.config, "model_type", ""))
     if kind in composite_model_types():
+
         def matches(name: str) -> bool:
             return any(name in module for module in modules)
     else:
+
         def matches(name: str) -> bool:
             return any(module == name or module.endswith(f".{name}") for module in modules)
+
     unmatched = [name for name in names if not matches(name)]
     if not unmatched:
         return
     linear = _linear_names(model)
-    hints = [f"did you mean {close[0]} for {name}?" for name in unmatched
-             if (close := difflib.get_close_matches(name, linear, n=1, cutoff=0.5))]
+    hints = [
+        f"did you mean {close[0]} for {name}?"
+        for name in unmatched
+        if (close := difflib.get_close_matches(name, linear, n=1, cutoff=0.5))
+    ]
     what = f"{', '.join(unmatched)} {'names' if len(unmatched) == 1 else 'name'} no module"
-    raise RecipeError(f"lora_target: {target}: {what} of {source} ({kind}); {' '.join(hints) + ' ' if hints else ''}"
-                      f"its linear modules: {', '.join(linear)}. Set lora_target to some of those, comma-separated, "
-                      "or all.")
+    raise RecipeError(
+        f"lora_target: {target}: {what} of {source} ({kind}); {' '.join(hints) + ' ' if hints else ''}"
+        f"its linear modules: {', '.join(linear)}. Set lora_target to some of those, comma-separated, "
+        "or all."
+    )

@@ -40,8 +40,9 @@ def _missing_path(key: str, value: str, started: str) -> str:
     return f"{key}: {value} is not a folder{relative} and not a Hugging Face model id (organisation/name){where}."
 
 
-def check_model_paths(given: dict[str, Any], *, started: str = "the run", where: str = "",
-                      fix: str | None = None) -> None:
+def check_model_paths(
+    given: dict[str, Any], *, started: str = "the run", where: str = "", fix: str | None = None
+) -> None:
     """``model_name_or_path`` is given; it and every ``adapter_name_or_path`` that is a local path is a folder, the
     model's holding its ``config.json``. The one check of the model paths: every plugin stage's raw recipe, ``select``
     (its parsed recipe), ``eval`` (each run's recorded keys). ``started``: what runs (a relative path is read from the
@@ -50,14 +51,21 @@ def check_model_paths(given: dict[str, Any], *, started: str = "the run", where:
     errors load no library): both keys default to None."""
     model = value_or_none(given.get("model_name_or_path"))
     if model is None:
-        raise RecipeError(f"{where}model_name_or_path: not set; a run trains a model. Set it to the model's folder or "
-                          "its Hugging Face id (e.g. Qwen/Qwen2.5-VL-7B-Instruct).")
+        raise RecipeError(
+            f"{where}model_name_or_path: not set; a run trains a model. Set it to the model's folder or "
+            "its Hugging Face id (e.g. Qwen/Qwen2.5-VL-7B-Instruct)."
+        )
     adapters = value_or_none(given.get("adapter_name_or_path"))
     items = adapters if isinstance(adapters, list) else str(adapters or "").split(",")
-    for key, value in [("model_name_or_path", str(model).strip()),
-                       *(("adapter_name_or_path", str(item).strip()) for item in items if str(item).strip())]:
-        holding = ("the model's config.json and weights" if key == "model_name_or_path"
-                   else "the adapter's adapter_config.json")
+    for key, value in [
+        ("model_name_or_path", str(model).strip()),
+        *(("adapter_name_or_path", str(item).strip()) for item in items if str(item).strip()),
+    ]:
+        holding = (
+            "the model's config.json and weights"
+            if key == "model_name_or_path"
+            else "the adapter's adapter_config.json"
+        )
         folder = Path(value).expanduser()
         if is_local_path(value) and not folder.exists():
             problem, own_fix = _missing_path(key, value, started), "Correct the path, or name a model id."

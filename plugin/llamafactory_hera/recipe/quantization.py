@@ -31,8 +31,12 @@ def quantization_in_use(model_args: Any, config: Any) -> tuple[str, int | None, 
         method = saved.get("quant_method", "?")
         method = str(getattr(method, "value", method)).lower()  # the object form's to_dict() keeps the enum
         bits = 4 if saved.get("load_in_4bit") else 8 if saved.get("load_in_8bit") else saved.get("bits")
-        return method, bits, f"model_name_or_path: {model_args.model_name_or_path} (saved {method}-quantized: " \
-                             "quantization_config in its config.json)"
+        return (
+            method,
+            bits,
+            f"model_name_or_path: {model_args.model_name_or_path} (saved {method}-quantized: "
+            "quantization_config in its config.json)",
+        )
     bits = getattr(model_args, "quantization_bit", None)
     if bits is None:
         return None
@@ -44,14 +48,17 @@ def quantization_in_use(model_args: Any, config: Any) -> tuple[str, int | None, 
 
 def dora_refusal(bits: Any) -> str:
     """Why ``use_dora`` with ``bits``-bit bitsandbytes weights does not run (checked before and after the parse)."""
-    return (f"use_dora: true with {bits}-bit bitsandbytes weights: LLaMA-Factory 0.9.5 refuses DoRA on every "
-            "quantized model after loading it (model/adapter.py compares transformers' quant_method 'bitsandbytes' "
-            "with its own 'bnb'; stage: sft fails the same way), and at 8-bit PEFT 0.18's DoRA forward fails from its "
-            "second call. Use plain LoRA with quantization, or DoRA unquantized.")
+    return (
+        f"use_dora: true with {bits}-bit bitsandbytes weights: LLaMA-Factory 0.9.5 refuses DoRA on every "
+        "quantized model after loading it (model/adapter.py compares transformers' quant_method 'bitsandbytes' "
+        "with its own 'bnb'; stage: sft fails the same way), and at 8-bit PEFT 0.18's DoRA forward fails from its "
+        "second call. Use plain LoRA with quantization, or DoRA unquantized."
+    )
 
 
-def check_quantization(model_args: Any, config: Any, stage: str, reads: str | None = None,
-                       dora: bool = False) -> tuple[str, int | None] | None:
+def check_quantization(
+    model_args: Any, config: Any, stage: str, reads: str | None = None, dora: bool = False
+) -> tuple[str, int | None] | None:
     """Refuse a quantization ``stage`` has not been run with (anything but bitsandbytes 4-/8-bit), naming where it comes
     from, and ``dora`` (the recipe's ``use_dora``) with any. ``reads``: the weights the stage reads exactly (for the
     message), None for a stage that reads none (HARC). Returns (method, bits) or None."""
@@ -66,16 +73,22 @@ def check_quantization(model_args: Any, config: Any, stage: str, reads: str | No
     if method == BITSANDBYTES:
         why = "bitsandbytes quantizes to 4 or 8 bits only. Set quantization_bit: 4 or 8"
     elif reads is None:
-        why = (f"llamafactory-hera runs stage: {stage} on bitsandbytes 4-/8-bit weights only (no test loads {method} "
-               "weights). Use an unquantized checkpoint, with quantization_bit: 4 or 8 (bitsandbytes) if memory is "
-               "short")
+        why = (
+            f"llamafactory-hera runs stage: {stage} on bitsandbytes 4-/8-bit weights only (no test loads {method} "
+            "weights). Use an unquantized checkpoint, with quantization_bit: 4 or 8 (bitsandbytes) if memory is "
+            "short"
+        )
     elif method in ("fp8", "mxfp4"):
-        why = ("LLaMA-Factory loads it dequantized (transformers' dequantize=True), a load llamafactory-hera has no "
-               "test of. Dequantize the checkpoint once and train that, or use bitsandbytes")
+        why = (
+            "LLaMA-Factory loads it dequantized (transformers' dequantize=True), a load llamafactory-hera has no "
+            "test of. Dequantize the checkpoint once and train that, or use bitsandbytes"
+        )
     else:
-        why = (f"{method} stores packed codes in its kernels' own layout, which llamafactory-hera does not decode, so "
-               "it cannot read them as weights. Use an unquantized checkpoint, with quantization_bit: 4 or 8 "
-               "(bitsandbytes) if memory is short")
+        why = (
+            f"{method} stores packed codes in its kernels' own layout, which llamafactory-hera does not decode, so "
+            "it cannot read them as weights. Use an unquantized checkpoint, with quantization_bit: 4 or 8 "
+            "(bitsandbytes) if memory is short"
+        )
     lead = f"reads {reads}, and {source} cannot be read exactly" if reads else f"is not run on {source}"
     raise RecipeError(f"stage: {stage} {lead}: {why}.")
 

@@ -36,9 +36,25 @@ WHOLE_MODEL_FILES = tuple(name for name in SAVED_MODEL_FILES if not name.startsw
 RUN_FOLDER_FILES = (RUN_RECORD, "train_results.json", "all_results.json")
 # the sizes that decide every weight's shape, at the config's top level and in its sub-configs (vocab_size left out:
 # resize_vocab and added tokens change it)
-SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-             "head_dim", "depth", "embed_dim", "num_heads", "patch_size", "temporal_patch_size", "spatial_merge_size",
-             "out_hidden_size", "image_size", "projection_dim", "hidden_dim", "num_layers")
+SIZE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "depth",
+    "embed_dim",
+    "num_heads",
+    "patch_size",
+    "temporal_patch_size",
+    "spatial_merge_size",
+    "out_hidden_size",
+    "image_size",
+    "projection_dim",
+    "hidden_dim",
+    "num_layers",
+)
 _SHOWN = 3
 
 
@@ -59,7 +75,8 @@ class Checkpoint:
     def described(self) -> str:
         if self.kind in ("lora", "oft"):
             what = f"{self.kind.upper() if self.kind == 'oft' else 'LoRA'}" + (
-                f" (rank {self.rank}{', DoRA' if self.dora else ''})" if self.rank is not None else "")
+                f" (rank {self.rank}{', DoRA' if self.dora else ''})" if self.rank is not None else ""
+            )
         else:
             what = self.finetuning_type or "full or freeze"
         stage = f"stage: {self.stage} " if self.stage else ""
@@ -114,15 +131,31 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         base = adapter.get("base_model_name_or_path") or loading.get("model_name_or_path")
         config = model_config(base) or model_config(loading.get("model_name_or_path"))
         rank = adapter.get("r")
-        return Checkpoint(folder, str(adapter.get("peft_type", "lora")).lower(), loading.get("finetuning_type"),
-                          record.get("stage"), rank if isinstance(rank, int) else None, bool(adapter.get("use_dora")),
-                          config, architecture(config, base), base)
+        return Checkpoint(
+            folder,
+            str(adapter.get("peft_type", "lora")).lower(),
+            loading.get("finetuning_type"),
+            record.get("stage"),
+            rank if isinstance(rank, int) else None,
+            bool(adapter.get("use_dora")),
+            config,
+            architecture(config, base),
+            base,
+        )
     whole = (folder / MODEL_CONFIG).is_file() or any((folder / name).is_file() for name in WHOLE_MODEL_FILES)
     config = (read_record(folder / MODEL_CONFIG) or None) if whole else None
     finetuning = loading.get("finetuning_type")
-    return Checkpoint(folder, "whole" if whole else None, finetuning if finetuning in ("full", "freeze") else None,
-                      record.get("stage"), None, None, config, architecture(config, "an unknown model"),
-                      loading.get("model_name_or_path"))
+    return Checkpoint(
+        folder,
+        "whole" if whole else None,
+        finetuning if finetuning in ("full", "freeze") else None,
+        record.get("stage"),
+        None,
+        None,
+        config,
+        architecture(config, "an unknown model"),
+        loading.get("model_name_or_path"),
+    )
 
 
 def _value(given: dict[str, Any], key: str) -> Any:
@@ -133,8 +166,9 @@ def _value(given: dict[str, Any], key: str) -> Any:
     return value
 
 
-def _differences(held: Checkpoint, stage: str, given: dict[str, Any],
-                 wanted_config: dict[str, Any] | None) -> tuple[list[str], list[str]]:
+def _differences(
+    held: Checkpoint, stage: str, given: dict[str, Any], wanted_config: dict[str, Any] | None
+) -> tuple[list[str], list[str]]:
     """(how the checkpoint differs from the recipe, the recipe settings that would match it)."""
     finetuning = str(_value(given, "finetuning_type")).strip().lower()
     differ: list[str] = []
@@ -142,8 +176,11 @@ def _differences(held: Checkpoint, stage: str, given: dict[str, Any],
     adapter = held.kind in ("lora", "oft")
     if (held.kind is not None and adapter != (finetuning in ("lora", "oft"))) or (adapter and held.kind != finetuning):
         matching.append(f"finetuning_type: {held.kind if adapter else held.finetuning_type or 'full or freeze'}")
-    elif held.finetuning_type in ("full", "freeze") and finetuning in ("full", "freeze") and \
-            held.finetuning_type != finetuning:
+    elif (
+        held.finetuning_type in ("full", "freeze")
+        and finetuning in ("full", "freeze")
+        and held.finetuning_type != finetuning
+    ):
         matching.append(f"finetuning_type: {held.finetuning_type}")
     elif adapter and held.rank is not None and str(held.rank) != str(_value(given, "lora_rank")).strip():
         matching.append(f"lora_rank: {held.rank}")
@@ -151,15 +188,18 @@ def _differences(held: Checkpoint, stage: str, given: dict[str, Any],
         matching.append(f"use_dora: {str(held.dora).lower()}")
     if held.config is not None and wanted_config is not None:
         # by model_type, not by class: the class a loader chose may differ from the one a config names
-        if (held.config.get("model_type") or architecture(held.config, "")) != \
-                (wanted_config.get("model_type") or architecture(wanted_config, "")):
+        if (held.config.get("model_type") or architecture(held.config, "")) != (
+            wanted_config.get("model_type") or architecture(wanted_config, "")
+        ):
             differ.append("another architecture")
         else:
             theirs, ours = sizes(held.config), sizes(wanted_config)
             changed = [key for key in theirs if key in ours and theirs[key] != ours[key]]
             if changed:
-                differ.append("other sizes: " + ", ".join(f"{key} {theirs[key]} there, {ours[key]} here"
-                                                          for key in changed[:_SHOWN]))
+                differ.append(
+                    "other sizes: "
+                    + ", ".join(f"{key} {theirs[key]} there, {ours[key]} here" for key in changed[:_SHOWN])
+                )
         if differ:
             matching.append(f"model_name_or_path: {held.source or f'a {held.model} of its sizes'}")
     if held.stage and held.stage != stage:
@@ -183,23 +223,27 @@ def check_checkpoint(stage: str, given: dict[str, Any], folder: Path, named: str
         raise RecipeError(f"{named} is not a Trainer checkpoint (it has no {TRAINER_STATE}). {fix}")
     held = read_checkpoint(folder)
     if held.kind is None and not any(entry.name.startswith("global_step") for entry in folder.iterdir()):
-        raise RecipeError(f"{named} holds no model weights (no {ADAPTER_CONFIG}, no {', '.join(WHOLE_MODEL_FILES)})."
-                          f" {fix}")
+        raise RecipeError(
+            f"{named} holds no model weights (no {ADAPTER_CONFIG}, no {', '.join(WHOLE_MODEL_FILES)}). {fix}"
+        )
     wanted_config = model_config(_value(given, "model_name_or_path"))
     differ, matching = _differences(held, stage, given, wanted_config)
     if not matching:
         return
     how = f" ({'; '.join(differ)})" if differ else ""
     start = ("adapter_name_or_path" if held.kind in ("lora", "oft") else "model_name_or_path") + f": {folder}"
-    raise RecipeError(f"{named} is {held.described()}; this recipe trains {_wanted(stage, given, wanted_config)}"
-                      f"{how}. Resume it with the settings of the run that wrote it ({', '.join(matching)}), or "
-                      f"{afresh} (a new run can start from its weights: {start}).")
+    raise RecipeError(
+        f"{named} is {held.described()}; this recipe trains {_wanted(stage, given, wanted_config)}"
+        f"{how}. Resume it with the settings of the run that wrote it ({', '.join(matching)}), or "
+        f"{afresh} (a new run can start from its weights: {start})."
+    )
 
 
 def _run_folder(folder: Path) -> bool:
     """Whether ``folder`` is a run's output folder (its record, end-of-run results or checkpoints), not a checkpoint."""
     return not CHECKPOINT_NAME.match(folder.name) and (
-        any((folder / name).is_file() for name in RUN_FOLDER_FILES) or last_checkpoint(folder) is not None)
+        any((folder / name).is_file() for name in RUN_FOLDER_FILES) or last_checkpoint(folder) is not None
+    )
 
 
 def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
@@ -211,60 +255,86 @@ def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
     afresh = "Remove resume_from_checkpoint to train afresh"
     if value is None:  # LLaMA-Factory resumes an output_dir's last checkpoint by itself
         out = Path(str(output_dir)).expanduser() if output_dir else None
-        last = last_checkpoint(out) if out is not None and truthy(given.get("do_train", False)) and not overwrite \
-            else None
+        last = (
+            last_checkpoint(out) if out is not None and truthy(given.get("do_train", False)) and not overwrite else None
+        )
         if last is not None:
-            check_checkpoint(stage, given, last, f"output_dir: {output_dir} holds an unfinished run, which "
-                             f"LLaMA-Factory resumes from its last checkpoint; {last}",
-                             "Set overwrite_output_dir: true to train afresh (its files move aside), or another "
-                             "output_dir")
+            check_checkpoint(
+                stage,
+                given,
+                last,
+                f"output_dir: {output_dir} holds an unfinished run, which "
+                f"LLaMA-Factory resumes from its last checkpoint; {last}",
+                "Set overwrite_output_dir: true to train afresh (its files move aside), or another output_dir",
+            )
         return
     if value is False or (isinstance(value, str) and not value.strip()):  # no resume (the Trainer's False)
         return
     if value is True:  # a YAML true (a string "true" is a path to the Trainer, as here)
         out = Path(str(output_dir)).expanduser() if output_dir else None
         if overwrite:
-            raise RecipeError(f"resume_from_checkpoint: true resumes the last checkpoint of output_dir: {output_dir}, "
-                              "but overwrite_output_dir: true moves that folder's files aside first. Remove one of "
-                              "them: resume_from_checkpoint to train afresh, overwrite_output_dir to resume.")
+            raise RecipeError(
+                f"resume_from_checkpoint: true resumes the last checkpoint of output_dir: {output_dir}, "
+                "but overwrite_output_dir: true moves that folder's files aside first. Remove one of "
+                "them: resume_from_checkpoint to train afresh, overwrite_output_dir to resume."
+            )
         last = last_checkpoint(out) if out is not None else None
         if last is None:
             # this run's claim (taken before the checks) may have made the folder: to the user it did not exist
             held = out is not None and out.is_dir() and not made_by_claim(out)
             if held and read_record(out / RUN_RECORD).get("stage") == stage:  # stopped before its first checkpoint
-                say(f"resume_from_checkpoint: true: output_dir: {output_dir} holds no whole checkpoint of its run yet "
-                    "(stopped before one): starting the run, reusing what its passes before step 1 kept.")
+                say(
+                    f"resume_from_checkpoint: true: output_dir: {output_dir} holds no whole checkpoint of its run yet "
+                    "(stopped before one): starting the run, reusing what its passes before step 1 kept."
+                )
                 return
             if not held or all(entry.name in JOB_FILES for entry in out.iterdir()):  # a job's first start
-                say(f"resume_from_checkpoint: true: output_dir: {output_dir} holds no run yet: starting it (the same "
-                    "command resumes it from its newest whole checkpoint).")
+                say(
+                    f"resume_from_checkpoint: true: output_dir: {output_dir} holds no run yet: starting it (the same "
+                    "command resumes it from its newest whole checkpoint)."
+                )
                 return
             half = [path.name for path in newest_whole(out)[1]] if held else []  # a run killed in its first save
-            where = (f"whose checkpoints ({', '.join(half)}) are all half-written (saves that did not finish on every "
-                     "rank)" if half else "which holds no checkpoint-N folder and no run record of this stage")
-            raise RecipeError(f"resume_from_checkpoint: true resumes the last checkpoint of output_dir: {output_dir}, "
-                              f"{where}: there is nothing to resume. {afresh}, or name a checkpoint of an earlier "
-                              "run (its OUTPUT_DIR/checkpoint-N).")
-        check_checkpoint(stage, given, last, f"resume_from_checkpoint: true (the last checkpoint of output_dir) "
-                         f"{last}", afresh)
+            where = (
+                f"whose checkpoints ({', '.join(half)}) are all half-written (saves that did not finish on every rank)"
+                if half
+                else "which holds no checkpoint-N folder and no run record of this stage"
+            )
+            raise RecipeError(
+                f"resume_from_checkpoint: true resumes the last checkpoint of output_dir: {output_dir}, "
+                f"{where}: there is nothing to resume. {afresh}, or name a checkpoint of an earlier "
+                "run (its OUTPUT_DIR/checkpoint-N)."
+            )
+        check_checkpoint(
+            stage, given, last, f"resume_from_checkpoint: true (the last checkpoint of output_dir) {last}", afresh
+        )
         return
     folder = Path(str(value)).expanduser()
-    fix = ("Name a checkpoint folder of an earlier run (OUTPUT_DIR/checkpoint-N), or remove resume_from_checkpoint "
-           "(a run whose output_dir holds checkpoints resumes from the last one unless overwrite_output_dir: true).")
+    fix = (
+        "Name a checkpoint folder of an earlier run (OUTPUT_DIR/checkpoint-N), or remove resume_from_checkpoint "
+        "(a run whose output_dir holds checkpoints resumes from the last one unless overwrite_output_dir: true)."
+    )
     if not folder.is_dir():
         raise RecipeError(f"resume_from_checkpoint: {value} is not a folder. {fix}")
     if CHECKPOINT_NAME.match(folder.name) and folder not in whole_checkpoints(folder.parent):
         newest = last_checkpoint(folder.parent)
         way = f"resume_from_checkpoint: {newest}" if newest else "none is: remove resume_from_checkpoint (afresh)"
-        raise RecipeError(f"resume_from_checkpoint: {value} is half-written (a save that did not finish on every rank: "
-                          f"no {MARKER}). Resume from the newest whole checkpoint of its run, {way}.")
+        raise RecipeError(
+            f"resume_from_checkpoint: {value} is half-written (a save that did not finish on every rank: "
+            f"no {MARKER}). Resume from the newest whole checkpoint of its run, {way}."
+        )
     if _run_folder(folder):
         last = last_checkpoint(folder)
-        named = (f"resume_from_checkpoint: {last} (its last checkpoint) to train that run further" if last else
-                 "one of its checkpoint-N folders (it has none: save_strategy was no, or they were deleted)")
+        named = (
+            f"resume_from_checkpoint: {last} (its last checkpoint) to train that run further"
+            if last
+            else "one of its checkpoint-N folders (it has none: save_strategy was no, or they were deleted)"
+        )
         start = "adapter_name_or_path" if (folder / ADAPTER_CONFIG).is_file() else "model_name_or_path"
-        raise RecipeError(f"resume_from_checkpoint: {value} is a run's output folder, not a checkpoint: resuming "
-                          "from it restores no optimizer state and trains on from that run's end (no step when it "
-                          f"reached max_steps). Name {named}, or, for a new run from its final model, set {start}: "
-                          f"{value} and remove resume_from_checkpoint.")
+        raise RecipeError(
+            f"resume_from_checkpoint: {value} is a run's output folder, not a checkpoint: resuming "
+            "from it restores no optimizer state and trains on from that run's end (no step when it "
+            f"reached max_steps). Name {named}, or, for a new run from its final model, set {start}: "
+            f"{value} and remove resume_from_checkpoint."
+        )
     check_checkpoint(stage, given, folder, f"resume_from_checkpoint: {value}", afresh)

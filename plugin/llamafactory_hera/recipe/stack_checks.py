@@ -72,4 +72,5 @@ def check_stack(given: dict[str, Any]) -> None:
             f"model_name_or_path: {model} is a {model_type} model, which transformers {found} does not have (its class "
             f"came in transformers {needed}; docs/families.md). Install a newer one the plugin supports: "
             f"pip install 'transformers>={needed}' (supported: {TRANSFORMERS_SUPPORTED}; LLaMA-Factory 0.9.5 allows "
-            "up to 5.6, its main up to 5.8).")
+            "up to 5.6, its main up to 5.8)."
+        )

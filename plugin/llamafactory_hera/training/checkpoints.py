@@ -143,13 +143,15 @@ def check_restored(model: nn.Module, folder: str, loaded: set[str], unplaced: li
     if not missing:
         return
     restored = len(trained) - len(missing)
-    found = f"; its tensors that fit no parameter of this model, e.g. {', '.join(unplaced[:_EXAMPLES])}" \
-        if unplaced else ""
+    found = (
+        f"; its tensors that fit no parameter of this model, e.g. {', '.join(unplaced[:_EXAMPLES])}" if unplaced else ""
+    )
     raise RecipeError(
         f"resume_from_checkpoint: {folder} restores {restored} of the {len(trained)} tensors this run trains "
         f"({len(missing)} not in it, e.g. {', '.join(missing[:_EXAMPLES])}{found}). Training on would start those "
         "from the base model's weights with the step count advanced. Resume from a checkpoint this recipe wrote "
-        "(same model and finetuning_type), or start afresh: another output_dir, or overwrite_output_dir: true.")
+        "(same model and finetuning_type), or start afresh: another output_dir, or overwrite_output_dir: true."
+    )
 
 
 class RestoresCheckpointWeights:
@@ -224,10 +226,15 @@ class WholeCheckpoints:
         watchdog.enter("the end of the run (final save)", "save")
         if not stop.stopped:
             return result
-        moved = (" without overwrite_output_dir: true (which moves it aside)"
-                 if getattr(self.args, "overwrite_output_dir", False) else "")  # LLaMA-Factory's key
-        say_once(f"{stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"  # type: ignore
-                 f"{self.state.global_step} and stopped; to go on, {stop_signal.RERUN}{moved}.")
+        moved = (
+            " without overwrite_output_dir: true (which moves it aside)"
+            if getattr(self.args, "overwrite_output_dir", False)
+            else ""
+        )  # LLaMA-Factory's key
+        say_once(
+            f"{stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"  # type: ignore
+            f"{self.state.global_step} and stopped; to go on, {stop_signal.RERUN}{moved}."
+        )
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -246,13 +253,16 @@ class WholeCheckpoints:
         if not value:
             return value
         named = Path(self.args.output_dir if value is True else str(value))  # type: ignore[attr-defined]
-        if value is not True and (not named.name.startswith(whole.CHECKPOINT_PREFIX)
-                                  or named in whole.whole_checkpoints(named.parent)):
+        if value is not True and (
+            not named.name.startswith(whole.CHECKPOINT_PREFIX) or named in whole.whole_checkpoints(named.parent)
+        ):
             return value
         newest, half = whole.newest_whole(named if value is True else named.parent)
         if half:
-            say_once(f"resume: passed over {', '.join(path.name for path in half)} (half-written: a save that did not "
-                     f"finish on every rank; kept, not deleted); resuming from {newest or 'the start (none whole)'}.")
+            say_once(
+                f"resume: passed over {', '.join(path.name for path in half)} (half-written: a save that did not "
+                f"finish on every rank; kept, not deleted); resuming from {newest or 'the start (none whole)'}."
+            )
         return str(newest) if newest else None  # none whole: the run starts (recipe.resume said so)
 
     def save_method_state(self, folder: str) -> None:
@@ -288,7 +298,8 @@ class WholeCheckpoints:
         device, load = self.args.device, torch.load  # type: ignore[attr-defined]
         if device.type == "cpu" and device.index is not None:
             torch.load = lambda *args, map_location=None, **kwargs: load(  # type: ignore[assignment]
-                *args, map_location="cpu" if map_location == device else map_location, **kwargs)
+                *args, map_location="cpu" if map_location == device else map_location, **kwargs
+            )
         try:
             super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
         finally:
@@ -316,13 +327,17 @@ def _full_line(folder: Path, run: Path, error: BaseException) -> str | None:
     newest = whole.newest_whole(run)[0]
     needed = sum(path.stat().st_size for path in newest.rglob("*") if path.is_file()) if newest else None
     free = shutil.disk_usage(run).free
-    if getattr(error, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and not any(
-            text in str(error) for text in ("No space left on device", "Disk quota exceeded")) and \
-            free >= (NEARLY_FULL if needed is None else needed):
+    if (
+        getattr(error, "errno", None) not in (errno.ENOSPC, errno.EDQUOT)
+        and not any(text in str(error) for text in ("No space left on device", "Disk quota exceeded"))
+        and free >= (NEARLY_FULL if needed is None else needed)
+    ):
         return None
     size = f"it needs about {needed:,} bytes (the size of {newest.name}), " if newest and needed else ""
     kept = f"{newest} is kept, and is what the same command resumes from" if newest else "no whole checkpoint yet"
     why = f"{type(error).__name__}: {(str(error) + chr(10)).splitlines()[0]}"
-    return (f"disk full: the checkpoint {folder} could not be written ({why}); {size}"
-            f"{free:,} bytes are free there. It is not marked whole; {kept}. Free space (or "
-            f"set save_total_limit, or another output_dir) and {stop_signal.RERUN}.")
+    return (
+        f"disk full: the checkpoint {folder} could not be written ({why}); {size}"
+        f"{free:,} bytes are free there. It is not marked whole; {kept}. Free space (or "
+        f"set save_total_limit, or another output_dir) and {stop_signal.RERUN}."
+    )

@@ -69,8 +69,10 @@ class LayerCheckpointing:
         few attribute reads when nothing changed since the last call)."""
         for index in self._wanted():
             layer = self._decoder_layers[index]
-            state = (getattr(layer, "gradient_checkpointing", False), getattr(layer, "_gradient_checkpointing_func",
-                                                                              None))
+            state = (
+                getattr(layer, "gradient_checkpointing", False),
+                getattr(layer, "_gradient_checkpointing_func", None),
+            )
             if self._seen.get(index) == state:
                 continue
             self.recipe[index] = checkpointing_kind(layer)
@@ -83,8 +85,12 @@ class LayerCheckpointing:
 
     def switched(self) -> list[int]:
         """The method's and the KV-sharing chains' layers made non-reentrant here (they were reentrant)."""
-        return [index for index in self._wanted() if self.recipe.get(index) == "reentrant"
-                and checkpointing_kind(self._decoder_layers[index]) == "non-reentrant"]
+        return [
+            index
+            for index in self._wanted()
+            if self.recipe.get(index) == "reentrant"
+            and checkpointing_kind(self._decoder_layers[index]) == "non-reentrant"
+        ]
 
     def line(self) -> str:
         """What each decoder layer runs under now, after :meth:`ensure` (as every training forward), e.g. ``gradient
@@ -99,20 +105,26 @@ class LayerCheckpointing:
             if index not in switched:
                 kind = checkpointing_kind(layer)
                 kinds[kind] = kinds.get(kind, 0) + 1
-        parts = [(kind if kind == NO_TRAINABLE else f"{kind} (the recipe's)") + " in " +
-                 ("every decoder layer" if count == total else f"{count} of {total} decoder layers")
-                 for kind, count in kinds.items()]
+        parts = [
+            (kind if kind == NO_TRAINABLE else f"{kind} (the recipe's)")
+            + " in "
+            + ("every decoder layer" if count == total else f"{count} of {total} decoder layers")
+            for kind, count in kinds.items()
+        ]
         own = [index for index in switched if index in self._heads]
         shared = [index for index in switched if index not in self._heads]
         for indices, why in ((own, self.owner), (shared, self._chain_words())):
             if indices:
-                parts.append(f"non-reentrant in layer{'s' if len(indices) > 1 else ''} "
-                             f"{', '.join(map(str, indices))} ({why})")
+                parts.append(
+                    f"non-reentrant in layer{'s' if len(indices) > 1 else ''} {', '.join(map(str, indices))} ({why})"
+                )
         return "gradient checkpointing: " + "; ".join(parts)
 
     def _chain_words(self) -> str:
         """E.g. ``keys and values shared: layer 2 reads layer 1's``."""
-        reads = "; ".join(f"layer{'s' if len(readers) > 1 else ''} {', '.join(map(str, readers))} "
-                          f"read{'' if len(readers) > 1 else 's'} layer {source}'s"
-                          for source, readers in sorted(self._chains.items()))
+        reads = "; ".join(
+            f"layer{'s' if len(readers) > 1 else ''} {', '.join(map(str, readers))} "
+            f"read{'' if len(readers) > 1 else 's'} layer {source}'s"
+            for source, readers in sorted(self._chains.items())
+        )
         return f"keys and values shared: {reads}"

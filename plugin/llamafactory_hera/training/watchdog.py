@@ -83,8 +83,11 @@ class Watch:
 
     def silent(self, now: float) -> list[Silent]:
         """The ranks heard in this launch, not ended, unheard for longer than their bounds."""
-        return [(rank, peer.beat, now - peer.since) for rank, peer in sorted(self.peers.items())
-                if peer.heard and not peer.ended and now - peer.since > float(peer.beat.get("bound", 0) or 0)]
+        return [
+            (rank, peer.beat, now - peer.since)
+            for rank, peer in sorted(self.peers.items())
+            if peer.heard and not peer.ended and now - peer.since > float(peer.beat.get("bound", 0) or 0)
+        ]
 
 
 def ending_line(silent: list[Silent], rank: int) -> str:
@@ -95,17 +98,28 @@ def ending_line(silent: list[Silent], rank: int) -> str:
     named = "; ".join(
         f"rank{'s' * (len(group) > 1)} {', '.join(str(r) for r, _, _ in group)} on {host}, unheard for "
         f"{max(s for _, _, s in group):.0f} s in {group[0][1].get('section', '?')} (bound "
-        f"{float(group[0][1].get('bound', 0)):.0f} s)" for host, group in hosts.items())
-    return (f"watchdog: {named}: its process or host is frozen or gone, or it cannot write output_dir. Rank {rank} "
-            f"ends (exit {EXIT_CODE}) so that the job ends instead of waiting for ddp_timeout; to go on, run the same "
-            "command again (with resume_from_checkpoint: true it continues from the newest whole checkpoint).")
+        f"{float(group[0][1].get('bound', 0)):.0f} s)"
+        for host, group in hosts.items()
+    )
+    return (
+        f"watchdog: {named}: its process or host is frozen or gone, or it cannot write output_dir. Rank {rank} "
+        f"ends (exit {EXIT_CODE}) so that the job ends instead of waiting for ddp_timeout; to go on, run the same "
+        "command again (with resume_from_checkpoint: true it continues from the newest whole checkpoint)."
+    )
 
 
 class Watchdog:
     """This rank's heartbeat and its thread (see the module doc); the run calls :meth:`enter` only."""
 
-    def __init__(self, folder: Path, rank: int, world_size: int, timeout: float | None,
-                 clock: Callable[[], float] = time.monotonic, launch: str = "") -> None:
+    def __init__(
+        self,
+        folder: Path,
+        rank: int,
+        world_size: int,
+        timeout: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        launch: str = "",
+    ) -> None:
         self.folder, self.rank, self.timeout, self.clock, self.launch = folder, rank, timeout, clock, launch
         self.last: dict[str, float] = {}  # kind -> the last such section's measured seconds
         self.section, self.kind, self.entered = "loading", "loading", clock()
@@ -122,9 +136,16 @@ class Watchdog:
 
     def beat(self) -> bytes:
         self.pulse += 1
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "section": self.section,
-                           "bound": bound(self.kind, self.last.get(self.kind), self.timeout),
-                           "pulse": self.pulse, "launch": self.launch}).encode()
+        return json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "section": self.section,
+                "bound": bound(self.kind, self.last.get(self.kind), self.timeout),
+                "pulse": self.pulse,
+                "launch": self.launch,
+            }
+        ).encode()
 
     def _write(self) -> None:
         with contextlib.suppress(OSError):  # a failed write counts as silence on the others' side
@@ -183,8 +204,13 @@ def watching(training_args: Any, timeout: float | None) -> Iterator[None]:
     launchers, and LLaMA-Factory's teardown of the process group next finds no rank in a collective (gloo aborts)."""
     dog = None
     if training_args.world_size > 1 and timeout != 0:
-        dog = Watchdog(Path(training_args.output_dir) / FOLDER, training_args.process_index,
-                       training_args.world_size, timeout, launch=launch_mark())
+        dog = Watchdog(
+            Path(training_args.output_dir) / FOLDER,
+            training_args.process_index,
+            training_args.world_size,
+            timeout,
+            launch=launch_mark(),
+        )
         dog.start()
         _running.append(dog)
     try:

@@ -40,11 +40,13 @@ def short_ddp_timeout_warning(world_size: int, ddp_timeout: int | None) -> str |
     if world_size <= 1 or ddp_timeout is None or ddp_timeout >= SHORT_DDP_TIMEOUT_S:
         return None
     others = world_size - 1
-    return (f"[llamafactory-hera] warning: hera_heads: auto scores the heads on rank 0 while the other {others} "
-            f"rank(s) wait for at most ddp_timeout: {ddp_timeout} s; loading a large model (after its first "
-            "download) and scoring can take longer, and the run then dies in a timeout. Set ddp_timeout: "
-            f"{FITTING_DDP_TIMEOUT_S} (as the recipes do), or list the heads of `llamafactory-hera select` in "
-            "hera_heads.")
+    return (
+        f"[llamafactory-hera] warning: hera_heads: auto scores the heads on rank 0 while the other {others} "
+        f"rank(s) wait for at most ddp_timeout: {ddp_timeout} s; loading a large model (after its first "
+        "download) and scoring can take longer, and the run then dies in a timeout. Set ddp_timeout: "
+        f"{FITTING_DDP_TIMEOUT_S} (as the recipes do), or list the heads of `llamafactory-hera select` in "
+        "hera_heads."
+    )
 
 
 def cache_dir() -> Path | None:
@@ -73,8 +75,9 @@ def preserved_random_state() -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, device: str, output_dir: str,
-                       is_main: bool, *, dtype: str) -> list[str]:
+def resolve_auto_heads(
+    recipe_args: Any, hera_args: HeraArguments, seed: int, device: str, output_dir: str, is_main: bool, *, dtype: str
+) -> list[str]:
     """Run (or reuse) the selection on the main process in the run's scoring ``dtype`` and share the heads with every
     rank."""
     payload: list[Any] = [None, None, False]  # heads, rank 0's error, whether it is a user error
@@ -107,9 +110,16 @@ def resolve_auto_heads(recipe_args: Any, hera_args: HeraArguments, seed: int, de
 
 def _record(result: SelectionResult, cached: bool, output_dir: str) -> None:
     os.makedirs(output_dir, exist_ok=True)
-    write_outputs(result, Path(output_dir) / RECORD_NAME, Path(output_dir) / HEATMAP_NAME,
-                  f"MKNN per head ({result.settings['mode']}, {result.num_pairs} pairs, k={result.settings['k']}); "
-                  f"{result.strategy}-{len(result.selected)}")
+    write_outputs(
+        result,
+        Path(output_dir) / RECORD_NAME,
+        Path(output_dir) / HEATMAP_NAME,
+        f"MKNN per head ({result.settings['mode']}, {result.num_pairs} pairs, k={result.settings['k']}); "
+        f"{result.strategy}-{len(result.selected)}",
+    )
     source = "reusing cached head selection" if cached else "selected heads"
-    print(f"[llamafactory-hera] hera_heads: auto -> [{', '.join(result.selected)}] ({source}; record: "
-          f"{Path(output_dir) / RECORD_NAME})", flush=True)
+    print(
+        f"[llamafactory-hera] hera_heads: auto -> [{', '.join(result.selected)}] ({source}; record: "
+        f"{Path(output_dir) / RECORD_NAME})",
+        flush=True,
+    )

@@ -80,12 +80,19 @@ def data_notes(usable: int, distinct: int, chosen: list[CalibrationPair], reques
     """What the record says about the calibration data (and what is worth a warning)."""
     captions = [pair.caption for pair in chosen]
     repeated = len(captions) - len(set(captions))
-    return {"usable_pairs": usable, "distinct_images": distinct, "rows_sharing_an_image_dropped": usable - distinct,
-            "pairs_requested": requested, "pairs_used": len(chosen), "repeated_captions": repeated}
+    return {
+        "usable_pairs": usable,
+        "distinct_images": distinct,
+        "rows_sharing_an_image_dropped": usable - distinct,
+        "pairs_requested": requested,
+        "pairs_used": len(chosen),
+        "repeated_captions": repeated,
+    }
 
 
-def sample_pairs(pairs: list[CalibrationPair], num_samples: int, seed: int, k: int,
-                 source: str, usable_rows: int | None = None) -> list[CalibrationPair]:
+def sample_pairs(
+    pairs: list[CalibrationPair], num_samples: int, seed: int, k: int, source: str, usable_rows: int | None = None
+) -> list[CalibrationPair]:
     """Up to ``num_samples`` of ``pairs`` (one per distinct image) drawn without replacement with ``seed``, in
     dataset order; fewer than ``k + 1`` (kNN needs k other samples) is a RecipeError that counts ``usable_rows``."""
     if len(pairs) < k + 1:
@@ -129,13 +136,14 @@ class PooledInputRecorder:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0]
             if self.weights is None or x.shape[:2] != self.weights.shape:
-                raise RuntimeError(f"o_proj input of layer {layer} has shape {tuple(x.shape)}, pooling mask "
-                                   f"{None if self.weights is None else tuple(self.weights.shape)}")
+                raise RuntimeError(
+                    f"o_proj input of layer {layer} has shape {tuple(x.shape)}, pooling mask "
+                    f"{None if self.weights is None else tuple(self.weights.shape)}"
+                )
             if self._pending[layer] is not None:
                 raise RuntimeError(f"o_proj of layer {layer} ran twice in one forward")
             with _without_autocast(x.device):  # the monitor's forward runs in training's autocast (bf16)
-                self._pending[layer] = torch.einsum("bt,btc->bc", self.weights.to(x.device, torch.float32),
-                                                    x.float())
+                self._pending[layer] = torch.einsum("bt,btc->bc", self.weights.to(x.device, torch.float32), x.float())
 
         return hook
 
@@ -153,8 +161,9 @@ class PooledInputRecorder:
         self._pending = dict.fromkeys(self.o_projs)
         if self.folder is not None:
             try:
-                teacher_cache.save_durable({"rows": self.batches[-1], "widths": self.widths},
-                                           self.folder / f"{len(self.batches) - 1}.pt")
+                teacher_cache.save_durable(
+                    {"rows": self.batches[-1], "widths": self.widths}, self.folder / f"{len(self.batches) - 1}.pt"
+                )
             except (OSError, RuntimeError) as err:  # torch.save: RuntimeError on ENOSPC; only the resume is lost
                 teacher_cache.cache_unwritable(self.folder, err)
                 self.folder = None
@@ -163,14 +172,16 @@ class PooledInputRecorder:
 
     def remaining(self, batches: list[Any], desc: str) -> list[Any]:
         """``batches`` less those read back from the folder (said)."""
-        continuing(sum(map(len, batches[:len(self.batches)])), sum(map(len, batches)), desc)
-        return batches[len(self.batches):]
+        continuing(sum(map(len, batches[: len(self.batches)])), sum(map(len, batches)), desc)
+        return batches[len(self.batches) :]
 
     def result(self) -> dict[int, torch.Tensor]:
         """Layer with heads -> ``[N, H*d_head]`` float32 on CPU, in the order samples were fed."""
         merged = torch.cat(self.batches)  # [N, sum of widths]
-        return {layer: part.contiguous() for layer, part in zip(self.o_projs, merged.split(self.widths, dim=-1),
-                                                                 strict=True)}
+        return {
+            layer: part.contiguous()
+            for layer, part in zip(self.o_projs, merged.split(self.widths, dim=-1), strict=True)
+        }
 
     def remove(self) -> None:
         """Remove the hooks."""
@@ -179,8 +190,15 @@ class PooledInputRecorder:
 
 
 @torch.no_grad()
-def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair], batch_size: int, device: Any,
-                 progress: bool = True, kept: Path | None = None) -> dict[int, torch.Tensor]:
+def collect_text(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: list[CalibrationPair],
+    batch_size: int,
+    device: Any,
+    progress: bool = True,
+    kept: Path | None = None,
+) -> dict[int, torch.Tensor]:
     """Pooled ``o_proj`` inputs with the captions alone through the text decoder: layer with heads -> ``[N,
     H*d_head]`` float32 (CPU). ``torch.no_grad``, not ``inference_mode``: the tests' simulated accelerator's wrapper
     tensors cannot be made in inference mode (llamafactory_hera_testing.accelerator). With ``kept``, batches are
@@ -189,14 +207,23 @@ def collect_text(model: nn.Module, tokenizer: Any, pairs: list[CalibrationPair],
     recorder = PooledInputRecorder(model, kept)
     try:
         desc = "heads (captions through the LM)"
-        for batch in tqdm(recorder.remaining(list(batches_of(pairs, batch_size)), desc), desc=desc,
-                          disable=not progress, file=progress_file()):
-            encoded = tokenizer([p.caption for p in batch], padding=True, return_tensors="pt",
-                                return_special_tokens_mask=True)
+        for batch in tqdm(
+            recorder.remaining(list(batches_of(pairs, batch_size)), desc),
+            desc=desc,
+            disable=not progress,
+            file=progress_file(),
+        ):
+            encoded = tokenizer(
+                [p.caption for p in batch], padding=True, return_tensors="pt", return_special_tokens_mask=True
+            )
             mask = encoded["attention_mask"].bool() & ~encoded["special_tokens_mask"].bool()
             recorder.weights = pooling_weights(mask).to(device)
-            through_root(model, decoder, input_ids=encoded["input_ids"].to(device),
-                         attention_mask=encoded["attention_mask"].to(device))
+            through_root(
+                model,
+                decoder,
+                input_ids=encoded["input_ids"].to(device),
+                attention_mask=encoded["attention_mask"].to(device),
+            )
             recorder.flush()
         return recorder.result()
     finally:
@@ -225,23 +252,38 @@ def through_root(model: nn.Module, decoder: nn.Module, **inputs: Any) -> Any:
 
 
 @torch.no_grad()  # as collect_text
-def collect_multimodal(model: nn.Module, dataset: Any, collator: Any, rows: list[int], batch_size: int, device: Any,
-                       progress: bool = True, kept: Path | None = None) -> dict[int, torch.Tensor]:
+def collect_multimodal(
+    model: nn.Module,
+    dataset: Any,
+    collator: Any,
+    rows: list[int],
+    batch_size: int,
+    device: Any,
+    progress: bool = True,
+    kept: Path | None = None,
+) -> dict[int, torch.Tensor]:
     """Head layer -> ``[N, H*d_head]`` float32 (CPU) pooled ``o_proj`` inputs with image + caption through the MLLM,
     batches built by the SFT collator (``kept``: as :func:`collect_text`)."""
     recorder = PooledInputRecorder(model, kept)
     template = getattr(collator, "template", None)
-    multimodal = multimodal_token_ids(model.config, getattr(collator, "processor", None),
-                                      getattr(collator, "tokenizer", None), getattr(template, "mm_plugin", None))
+    multimodal = multimodal_token_ids(
+        model.config,
+        getattr(collator, "processor", None),
+        getattr(collator, "tokenizer", None),
+        getattr(template, "mm_plugin", None),
+    )
     try:
         desc = "heads (image + caption through the MLLM)"
-        for batch_rows in tqdm(recorder.remaining(list(batches_of(rows, batch_size)), desc), desc=desc,
-                               disable=not progress, file=progress_file()):
+        for batch_rows in tqdm(
+            recorder.remaining(list(batches_of(rows, batch_size)), desc),
+            desc=desc,
+            disable=not progress,
+            file=progress_file(),
+        ):
             features = [dict(dataset[i]) for i in batch_rows]
             batch = collator(features)
             labels = batch.pop("labels")
-            mask = pooled_token_mask(labels, batch["input_ids"], batch.get("attention_mask"), "assistant",
-                                     multimodal)
+            mask = pooled_token_mask(labels, batch["input_ids"], batch.get("attention_mask"), "assistant", multimodal)
             recorder.weights = pooling_weights(mask).to(device)
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             model(**inputs, **_last_logits_only(model))  # the hooks read o_proj inputs; logits are not needed
@@ -252,17 +294,25 @@ def collect_multimodal(model: nn.Module, dataset: Any, collator: Any, rows: list
 
 
 @torch.no_grad()
-def collect_teacher(teacher: VisionTeacher, image_processor: Any, pairs: list[CalibrationPair], batch_size: int,
-                    progress: bool = True, workers: int | None = None, store: TeacherFeatureStore | None = None,
-                    persist: bool = False) -> torch.Tensor:
+def collect_teacher(
+    teacher: VisionTeacher,
+    image_processor: Any,
+    pairs: list[CalibrationPair],
+    batch_size: int,
+    progress: bool = True,
+    workers: int | None = None,
+    store: TeacherFeatureStore | None = None,
+    persist: bool = False,
+) -> torch.Tensor:
     """``[N, E]`` float32 teacher features (mean over each pair's images), on the teacher's device, ``batch_size``
     images at a time (decoding overlaps the forward on an accelerator:
     :func:`llamafactory_hera.hera.teacher.image_features`). With a ``store``, the images it holds skip the teacher
     and the others are added (on disk with ``persist``)."""
     images = [image for pair in pairs for image in pair.images]
     if store is not None:
-        feats = stored_image_features(teacher, image_processor, images, batch_size, store, persist=persist,
-                                      workers=workers, progress=progress)
+        feats = stored_image_features(
+            teacher, image_processor, images, batch_size, store, persist=persist, workers=workers, progress=progress
+        )
     else:
         feats = image_features(teacher, image_processor, images, batch_size, workers, progress)
     counts = torch.tensor([len(pair.images) for pair in pairs], device=feats.device)

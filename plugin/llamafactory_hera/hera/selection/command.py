@@ -47,9 +47,11 @@ def check_hera_recipe(path: Path, recipe: dict[str, Any]) -> None:
     heads (``hera_heads``) with HeRA's teacher, which such a recipe does not name."""
     method = method_for_stage(recipe.get("stage"))
     if method is not None and method.stage != "hera":
-        raise RecipeError(f"stage: {recipe.get('stage')}: {path} is a {method.label} recipe, not a HeRA recipe (stage: "
-                          "hera); select chooses hera_heads for HeRA runs. Run it with `llamafactory-cli train "
-                          f"{path}`, or select on a recipe with stage: hera.")
+        raise RecipeError(
+            f"stage: {recipe.get('stage')}: {path} is a {method.label} recipe, not a HeRA recipe (stage: "
+            "hera); select chooses hera_heads for HeRA runs. Run it with `llamafactory-cli train "
+            f"{path}`, or select on a recipe with stage: hera."
+        )
 
 
 def heads_table(heads: list[str], result: SelectionResult) -> str:
@@ -59,8 +61,13 @@ def heads_table(heads: list[str], result: SelectionResult) -> str:
     for head in heads:
         ref = parse_head(head)
         inside = ref.layer < len(result.scores) and ref.head < len(result.scores[ref.layer])
-        rows.append({"head": head, "MKNN": result.scores[ref.layer][ref.head] if inside else "-",
-                     "rank": f"{rank[str(ref)]}/{len(rank)}" if inside else "not in this model"})
+        rows.append(
+            {
+                "head": head,
+                "MKNN": result.scores[ref.layer][ref.head] if inside else "-",
+                "rank": f"{rank[str(ref)]}/{len(rank)}" if inside else "not in this model",
+            }
+        )
     return format_head_table(rows, ["head", "MKNN", "rank"])
 
 
@@ -76,8 +83,9 @@ def run_select(args: Any) -> SelectionResult:
     hera = parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")}, require_heads=False)
     # the same keys hera_heads: auto reads, so both choose the same heads for the same recipe
     seed = args.seed if args.seed is not None else int(recipe.get("seed", 42) or 0)
-    options = SelectionOptions.from_keys(hera, args, seed=seed, device=args.device,
-                                         dtype=getattr(args, "dtype", None) or scoring_dtype(recipe))
+    options = SelectionOptions.from_keys(
+        hera, args, seed=seed, device=args.device, dtype=getattr(args, "dtype", None) or scoring_dtype(recipe)
+    )
     json_path, png_path, log_path = record_paths(target)
     with host_output_to(None if getattr(args, "verbose", False) else log_path):
         recipe_args = parse_recipe(recipe)
@@ -89,9 +97,13 @@ def run_select(args: Any) -> SelectionResult:
         if not args.dry_run:
             written = update_recipe(args.recipe, result.selected, force=args.force, output=args.output)
             show(f"hera_heads: [{', '.join(result.selected)}] written to {written}")
-        write_outputs(result, json_path, png_path,
-                      f"MKNN per head: {Path(str(recipe_args.model_args.model_name_or_path)).name} "
-                      f"({options.mode}, {result.num_pairs} pairs, k={options.k}); {options.strategy}-"
-                      f"{options.num_heads}")
+        write_outputs(
+            result,
+            json_path,
+            png_path,
+            f"MKNN per head: {Path(str(recipe_args.model_args.model_name_or_path)).name} "
+            f"({options.mode}, {result.num_pairs} pairs, k={options.k}); {options.strategy}-"
+            f"{options.num_heads}",
+        )
         show(f"record: {json_path}\nheatmap: {png_path}\n({result.duration_s:.1f} s)")
     return result

@@ -19,8 +19,10 @@ from llamafactory_hera.hera.selection.scores import HeadNeighbours
 RESAMPLES = 1000
 MIN_RESAMPLES = 100  # select --report --bootstrap N: the fewest it takes
 CONFIDENCE = 0.95
-METHOD = ("paired percentile bootstrap: pairs resampled with replacement with their agreement as scored on the full "
-          "set (neighbourhoods are not recomputed), after - before with the same resample")
+METHOD = (
+    "paired percentile bootstrap: pairs resampled with replacement with their agreement as scored on the full "
+    "set (neighbourhoods are not recomputed), after - before with the same resample"
+)
 _CHUNK_ELEMENTS = 2**22  # bound on one [resamples, N] block of draws (elements)
 
 
@@ -53,8 +55,14 @@ class HeadChange:
         return self.after - self.before
 
 
-def paired_bootstrap(before: HeadNeighbours, after: HeadNeighbours, k: int, seed: int, resamples: int = RESAMPLES,
-                     confidence: float = CONFIDENCE) -> HeadChange:
+def paired_bootstrap(
+    before: HeadNeighbours,
+    after: HeadNeighbours,
+    k: int,
+    seed: int,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+) -> HeadChange:
     """Resample the pairs, take each head's percentile interval of ``after - before``, mark the changes within noise.
 
     The resamples are drawn by a CPU generator seeded with ``seed``, in chunks of rows (a chunk changes no number).

@@ -127,12 +127,15 @@ def check_writable(path: Path, *, force: bool = False, output: Path | None = Non
         if not mode & stat.S_IWUSR or not os.access(path, os.W_OK):
             raise PermissionError(
                 f"{path} is read-only (mode {mode:04o}); it is left as it is. Write the selected heads into a copy "
-                "with --output NEW.yaml (or make the recipe writable).")
+                "with --output NEW.yaml (or make the recipe writable)."
+            )
         current = _load(path.read_text(encoding="utf-8"), path).get(KEY)
         if _has_explicit_heads(current) and not force:
             shown = "[" + ", ".join(map(str, current)) + "]" if isinstance(current, list) else repr(str(current))
-            raise HeadsExistError(f"{path} already sets hera_heads: {shown}. Pass --force to replace them, "
-                                  "or --output NEW.yaml to write the selected heads into a copy.")
+            raise HeadsExistError(
+                f"{path} already sets hera_heads: {shown}. Pass --force to replace them, "
+                "or --output NEW.yaml to write the selected heads into a copy."
+            )
         return path
     target = Path(output)
     if target.exists() and not force:
@@ -149,8 +152,10 @@ def update_recipe(path: Path, heads: list[str], *, force: bool = False, output: 
     new_text = set_hera_heads(text, heads)
     expected = {**(yaml.safe_load(text) or {}), KEY: [str(parse_head(head)) for head in heads]}
     if yaml.safe_load(new_text) != expected:  # what LLaMA-Factory reads must be the recipe plus the new heads
-        raise RuntimeError(f"internal error: the edited {path} would not read back as before plus the new hera_heads; "
-                           f"nothing was written. Set hera_heads by hand: hera_heads: [{', '.join(expected[KEY])}]")
+        raise RuntimeError(
+            f"internal error: the edited {path} would not read back as before plus the new hera_heads; "
+            f"nothing was written. Set hera_heads by hand: hera_heads: [{', '.join(expected[KEY])}]"
+        )
     write_text_atomic(target, new_text, mode=stat.S_IMODE(path.stat().st_mode))
     return target
 
@@ -185,9 +190,11 @@ def check_folder_writable(folder: Path, what: str) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".hera_write_probe."):
             pass
     except OSError as err:
-        raise PermissionError(f"cannot write {what} into {folder} ({type(err).__name__}: {err.strerror}); nothing "
-                              "was scored. Make the folder writable, or pass --output NEW.yaml in a writable "
-                              "folder.") from None
+        raise PermissionError(
+            f"cannot write {what} into {folder} ({type(err).__name__}: {err.strerror}); nothing "
+            "was scored. Make the folder writable, or pass --output NEW.yaml in a writable "
+            "folder."
+        ) from None
 
 
 def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, title: str) -> None:

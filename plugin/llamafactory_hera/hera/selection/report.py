@@ -70,9 +70,17 @@ def _trained_recipe(recipe: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def _row(head: str, before: Any, after: Any, delta: float, low: float, high: float, noise: bool) -> dict[str, Any]:
-    return {"head": head, "before": before, "after": after, "delta": delta, "ci_low": low, "ci_high": high,
-            "ci": f"[{signed_number(low, 4)}, {signed_number(high, 4)}]", "within_noise": noise,
-            "change": "within noise" if noise else "beyond noise"}
+    return {
+        "head": head,
+        "before": before,
+        "after": after,
+        "delta": delta,
+        "ci_low": low,
+        "ci_high": high,
+        "ci": f"[{signed_number(low, 4)}, {signed_number(high, 4)}]",
+        "within_noise": noise,
+        "change": "within noise" if noise else "beyond noise",
+    }
 
 
 def summary_rows(change: HeadChange, selected: list[tuple[int, int]]) -> list[dict[str, Any]]:
@@ -81,9 +89,15 @@ def summary_rows(change: HeadChange, selected: list[tuple[int, int]]) -> list[di
     delta = change.delta
 
     def head_row(name: str, layer: int, head: int) -> dict[str, Any]:
-        return _row(name, float(change.before[layer, head]), float(change.after[layer, head]),
-                    float(delta[layer, head]), float(change.low[layer, head]), float(change.high[layer, head]),
-                    bool(change.noise[layer, head]))
+        return _row(
+            name,
+            float(change.before[layer, head]),
+            float(change.after[layer, head]),
+            float(delta[layer, head]),
+            float(change.low[layer, head]),
+            float(change.high[layer, head]),
+            bool(change.noise[layer, head]),
+        )
 
     rows = [head_row(f"L{layer}H{head}", layer, head) for layer, head in selected]
     others = np.ones_like(delta, dtype=bool)
@@ -92,11 +106,23 @@ def summary_rows(change: HeadChange, selected: list[tuple[int, int]]) -> list[di
     if others.any():
         mean = float(delta[others].mean())
         tail = (1.0 - change.settings["confidence"]) / 2
-        low, high = np.quantile(change.deltas[:, others].mean(-1), [tail, 1.0 - tail]) if len(change.deltas) else (
-            np.nan, np.nan)
+        low, high = (
+            np.quantile(change.deltas[:, others].mean(-1), [tail, 1.0 - tail])
+            if len(change.deltas)
+            else (np.nan, np.nan)
+        )
         noise = bool(within_noise(mean, low, high, change.resolution))
-        rows.append(_row(f"others ({int(others.sum())}) mean", float(change.before[others].mean()),
-                         float(change.after[others].mean()), mean, float(low), float(high), noise))
+        rows.append(
+            _row(
+                f"others ({int(others.sum())}) mean",
+                float(change.before[others].mean()),
+                float(change.after[others].mean()),
+                mean,
+                float(low),
+                float(high),
+                noise,
+            )
+        )
         layer, head = np.unravel_index(int(np.argmin(np.where(others, delta, np.inf))), delta.shape)
         rows.append(head_row(f"others: largest drop L{layer}H{head}", layer, head))
     return rows
@@ -106,30 +132,41 @@ def change_note(change: HeadChange, num_pairs: int, k: int) -> str:
     """The lines printed under the table: what the resolution and the interval are."""
     settings = change.settings
     percent = f"{100 * settings['confidence']:g}%"
-    return (f"resolution: 1/({num_pairs} pairs x k={k}) = {change.resolution:.4f} (the smallest step a score moves)\n"
-            f"ci: {percent} paired bootstrap interval of delta, {settings['resamples']} resamples of the {num_pairs} "
-            f"pairs (seed {settings['seed']}); within noise: the interval contains 0 or |delta| < resolution\n"
-            f"{int(change.noise.sum())} of {change.noise.size} heads changed within noise")
+    return (
+        f"resolution: 1/({num_pairs} pairs x k={k}) = {change.resolution:.4f} (the smallest step a score moves)\n"
+        f"ci: {percent} paired bootstrap interval of delta, {settings['resamples']} resamples of the {num_pairs} "
+        f"pairs (seed {settings['seed']}); within noise: the interval contains 0 or |delta| < resolution\n"
+        f"{int(change.noise.sum())} of {change.noise.size} heads changed within noise"
+    )
 
 
 def report_fields(change: HeadChange) -> dict[str, Any]:
     """The report JSON's fields for the change (``[L][H]`` lists)."""
-    return {"delta": change.delta.tolist(), "delta_ci_low": change.low.tolist(), "delta_ci_high": change.high.tolist(),
-            "within_noise": change.noise.tolist(), "resolution": change.resolution, "bootstrap": change.settings}
+    return {
+        "delta": change.delta.tolist(),
+        "delta_ci_low": change.low.tolist(),
+        "delta_ci_high": change.high.tolist(),
+        "within_noise": change.noise.tolist(),
+        "resolution": change.resolution,
+        "bootstrap": change.settings,
+    }
 
 
 def run_report(args: Any) -> dict[str, Any]:
     """Score the run's heads before and after training on the same pairs and write the report."""
     resamples = getattr(args, "bootstrap", RESAMPLES)
     if resamples < MIN_RESAMPLES:
-        raise RecipeError(f"--bootstrap: {resamples}; give at least {MIN_RESAMPLES} resamples (an interval from fewer "
-                          f"is noise itself), or leave it out for {RESAMPLES}")
+        raise RecipeError(
+            f"--bootstrap: {resamples}; give at least {MIN_RESAMPLES} resamples (an interval from fewer "
+            f"is noise itself), or leave it out for {RESAMPLES}"
+        )
     run_dir: Path = args.report
     recipe, record = _run_recipe(run_dir)
     hera = parse_hera_arguments({k: v for k, v in record.items() if k.startswith("hera_")})
     seed = args.seed if args.seed is not None else int(record["host"].get("seed") or 0) + 1
-    options = SelectionOptions.from_keys(hera, args, seed=seed, device=args.device,
-                                         dtype=getattr(args, "dtype", None) or scoring_dtype(record["host"]))
+    options = SelectionOptions.from_keys(
+        hera, args, seed=seed, device=args.device, dtype=getattr(args, "dtype", None) or scoring_dtype(record["host"])
+    )
     if options.dataset is None:
         show("note: scoring on the run's training data; pass --dataset NAME for held-out pairs")
     with host_output_to(None if getattr(args, "verbose", False) else run_dir / REPORT_LOG):
@@ -142,17 +179,38 @@ def run_report(args: Any) -> dict[str, Any]:
         rows = summary_rows(change, selected)
         show(format_head_table(rows, TABLE_COLUMNS))
         show(change_note(change, len(pairs), options.k))
-        report = {"run_dir": str(run_dir), "heads": list(hera.hera_heads), "before": change.before.tolist(),
-                  "after": change.after.tolist(), **report_fields(change), "summary": rows, "num_pairs": len(pairs),
-                  "identity": identity,
-                  "settings": {"num_samples": options.num_samples, "num_samples_used": len(pairs), "k": options.k,
-                               "mode": options.mode, "seed": seed, "clamp": options.clamp, "dtype": options.dtype}}
+        report = {
+            "run_dir": str(run_dir),
+            "heads": list(hera.hera_heads),
+            "before": change.before.tolist(),
+            "after": change.after.tolist(),
+            **report_fields(change),
+            "summary": rows,
+            "num_pairs": len(pairs),
+            "identity": identity,
+            "settings": {
+                "num_samples": options.num_samples,
+                "num_samples_used": len(pairs),
+                "k": options.k,
+                "mode": options.mode,
+                "seed": seed,
+                "clamp": options.clamp,
+                "dtype": options.dtype,
+            },
+        }
         write_text_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
         percent = f"{100 * change.settings['confidence']:g}%"
-        plot_before_after(change.before, change.after, selected, run_dir / REPORT_PNG,
-                          f"{run_dir.name} (stage: hera): MKNN per head before/after training ({options.mode}, "
-                          f"{len(pairs)} pairs, k={options.k})", box_label="aligned heads (hera_heads)",
-                          noise=change.noise, noise_label=f"within noise: the {percent} bootstrap interval of the "
-                          f"difference contains 0, or it is under one step ({change.resolution:.4f})")
+        plot_before_after(
+            change.before,
+            change.after,
+            selected,
+            run_dir / REPORT_PNG,
+            f"{run_dir.name} (stage: hera): MKNN per head before/after training ({options.mode}, "
+            f"{len(pairs)} pairs, k={options.k})",
+            box_label="aligned heads (hera_heads)",
+            noise=change.noise,
+            noise_label=f"within noise: the {percent} bootstrap interval of the "
+            f"difference contains 0, or it is under one step ({change.resolution:.4f})",
+        )
         show(f"report: {run_dir / REPORT_JSON}\nplot: {run_dir / REPORT_PNG}")
     return report

@@ -54,9 +54,15 @@ def clamp_outliers(feats: torch.Tensor, q: float) -> torch.Tensor:
     return torch.maximum(torch.minimum(feats, threshold), -threshold)
 
 
-def layer_head_neighbours(pooled: torch.Tensor, weight: torch.Tensor, teacher_knn: torch.Tensor, k: int,
-                          head_dim: int, max_chunk_elements: int = 2**26,
-                          clamp: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_head_neighbours(
+    pooled: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_knn: torch.Tensor,
+    k: int,
+    head_dim: int,
+    max_chunk_elements: int = 2**26,
+    clamp: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MKNN of each head of one layer against precomputed teacher neighbours ``teacher_knn`` ``[N, k]``: (``[H]``
     float32 scores in [0, 1], ``[H, N]`` float32 ``|kNN_head(i) ∩ kNN_teacher(i)| / k`` of each sample i, whose means
     the scores are). ``pooled`` ``[N, H * head_dim]``: the N samples' pooled ``o_proj`` inputs; ``weight`` ``[d, H *
@@ -69,8 +75,12 @@ def layer_head_neighbours(pooled: torch.Tensor, weight: torch.Tensor, teacher_kn
     heads = pooled.shape[1] // head_dim
     p = pooled.float().unflatten(-1, (heads, head_dim)).transpose(0, 1)  # [H, N, dh]
     w = weight.float().to(p.device).unflatten(-1, (heads, head_dim))  # [d, H, dh]
-    overlaps = torch.cat([knn_overlap(top_k_stable(ranked, k), teacher_knn.to(ranked.device).unsqueeze(0), num)
-                          for ranked in _ranked_blocks(p, w, max_chunk_elements, clamp)])  # [H, N]
+    overlaps = torch.cat(
+        [
+            knn_overlap(top_k_stable(ranked, k), teacher_knn.to(ranked.device).unsqueeze(0), num)
+            for ranked in _ranked_blocks(p, w, max_chunk_elements, clamp)
+        ]
+    )  # [H, N]
     return overlaps.mean(-1), overlaps
 
 
@@ -82,15 +92,15 @@ def _ranked_blocks(p: torch.Tensor, w: torch.Tensor, max_chunk_elements: int, cl
     if 0 < clamp < 1:
         chunk = max(1, max_chunk_elements // (num * max(num, w.shape[0])))
         for start in range(0, heads, chunk):
-            reps = torch.einsum("hnk,dhk->hnd", p[start:start + chunk], w[:, start:start + chunk])  # [h, N, d]
+            reps = torch.einsum("hnk,dhk->hnd", p[start : start + chunk], w[:, start : start + chunk])  # [h, N, d]
             unit = torch.nn.functional.normalize(clamp_outliers(reps, clamp), dim=-1)
             yield ranked_similarity(unit @ unit.transpose(-1, -2))
         return
     covariance = torch.einsum("dhk,dhj->hkj", w, w)  # [H, dh, dh] = W_h^T W_h
     chunk = max(1, max_chunk_elements // (num * num))
     for start in range(0, heads, chunk):
-        p_c = p[start:start + chunk]
-        yield ranked_similarity(p_c @ covariance[start:start + chunk] @ p_c.transpose(-1, -2))
+        p_c = p[start : start + chunk]
+        yield ranked_similarity(p_c @ covariance[start : start + chunk] @ p_c.transpose(-1, -2))
 
 
 def teacher_neighbours(teacher: torch.Tensor, k: int, device: torch.device | str, clamp: float = 0.0) -> torch.Tensor:
@@ -107,11 +117,16 @@ class HeadNeighbours:
     overlaps: torch.Tensor  # [L, H, N] float32 |kNN_head(i) ∩ kNN_teacher(i)| / k
 
 
-def all_head_neighbours(pooled: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
-                        weights: Mapping[int, torch.Tensor] | Sequence[torch.Tensor], teacher: torch.Tensor,
-                        k: int, head_dim: int | Mapping[int, int], device: torch.device | str | None = None,
-                        clamp: float = 0.0,
-                        num_layers: int | None = None) -> HeadNeighbours:
+def all_head_neighbours(
+    pooled: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+    weights: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+    teacher: torch.Tensor,
+    k: int,
+    head_dim: int | Mapping[int, int],
+    device: torch.device | str | None = None,
+    clamp: float = 0.0,
+    num_layers: int | None = None,
+) -> HeadNeighbours:
     """MKNN of every head of every layer with heads and each pair's overlap (:func:`layer_head_neighbours`); the rows of
     layers without heads (linear attention, convolution, cross-attention) are NaN. ``pooled`` / ``weights``: layer with
     heads -> its ``[N, H * head_dim]`` pooled ``o_proj`` inputs / ``[d, H * head_dim]`` effective ``o_proj`` weight (a
@@ -122,8 +137,10 @@ def all_head_neighbours(pooled: Mapping[int, torch.Tensor] | Sequence[torch.Tens
     weights = weights if isinstance(weights, Mapping) else dict(enumerate(weights))
     teacher_knn = teacher_neighbours(teacher, k, device, clamp)
     dims = head_dim if isinstance(head_dim, Mapping) else dict.fromkeys(pooled, head_dim)
-    rows = {layer: layer_head_neighbours(p.to(device), weights[layer].to(device), teacher_knn, k, dims[layer],
-                                         clamp=clamp) for layer, p in pooled.items()}
+    rows = {
+        layer: layer_head_neighbours(p.to(device), weights[layer].to(device), teacher_knn, k, dims[layer], clamp=clamp)
+        for layer, p in pooled.items()
+    }
     # one device-to-host copy for every layer
     scores = torch.stack([r[0] for r in rows.values()]).cpu()
     overlaps = torch.stack([r[1] for r in rows.values()]).cpu()

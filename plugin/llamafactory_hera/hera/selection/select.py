@@ -77,8 +77,12 @@ class SelectionOptions:
             raise RecipeError(f"--mode: got {self.mode!r}; allowed values are {', '.join(MODES)}.")
         if self.dtype not in DTYPES:
             raise RecipeError(f"--dtype: got {self.dtype!r}; allowed values are {', '.join(DTYPES)}.")
-        bounds = (("--heads", self.num_heads, 1), ("--k", self.k, 1), ("--batch-size", self.batch_size, 1),
-                  ("--samples", self.num_samples, 2))
+        bounds = (
+            ("--heads", self.num_heads, 1),
+            ("--k", self.k, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--samples", self.num_samples, 2),
+        )
         for name, value, low in bounds:
             if value < low:
                 raise RecipeError(f"{name}: got {value}; allowed range is >= {low}.")
@@ -92,14 +96,24 @@ class SelectionOptions:
         """The options of a recipe's ``hera_select_*`` keys, ``hera_k`` and teacher (``hera``: its HeraArguments), each
         replaced by the command-line option in ``args`` that names it when given; ``--dataset`` too. One place, so that
         ``select``, ``select --report`` and ``hera_heads: auto`` read a recipe alike."""
-        value = {key: getattr(hera, key) if getattr(args, dest(flag), None) is None else getattr(args, dest(flag))
-                 for flag, _, key, _ in RECIPE_BACKED}
+        value = {
+            key: getattr(hera, key) if getattr(args, dest(flag), None) is None else getattr(args, dest(flag))
+            for flag, _, key, _ in RECIPE_BACKED
+        }
         if getattr(args, "dataset", None):
             settings["dataset"] = [d.strip() for d in args.dataset.split(",")]
-        return cls(num_samples=value["hera_select_samples"], num_heads=value["hera_select_num_heads"],
-                   strategy=value["hera_select_strategy"], mode=value["hera_select_mode"],
-                   batch_size=value["hera_select_batch_size"], k=value["hera_k"], teacher=value["hera_teacher"],
-                   clamp=value["hera_select_clamp"], teacher_feature=hera.hera_teacher_feature, **settings)
+        return cls(
+            num_samples=value["hera_select_samples"],
+            num_heads=value["hera_select_num_heads"],
+            strategy=value["hera_select_strategy"],
+            mode=value["hera_select_mode"],
+            batch_size=value["hera_select_batch_size"],
+            k=value["hera_k"],
+            teacher=value["hera_teacher"],
+            clamp=value["hera_select_clamp"],
+            teacher_feature=hera.hera_teacher_feature,
+            **settings,
+        )
 
     def resolved_device(self) -> str:
         """``device`` or the first CUDA device when available, else CPU."""
@@ -127,8 +141,11 @@ def _checkpoint_dtype(model_name_or_path: Any) -> str:
         config = AutoConfig.from_pretrained(str(model_name_or_path), trust_remote_code=True)
     except (OSError, ValueError):
         return "float32"
-    names = (str(getattr(holder, key, None) or "").removeprefix("torch.")
-             for holder in (config, getattr(config, "text_config", None)) for key in ("dtype", "torch_dtype"))
+    names = (
+        str(getattr(holder, key, None) or "").removeprefix("torch.")
+        for holder in (config, getattr(config, "text_config", None))
+        for key in ("dtype", "torch_dtype")
+    )
     return next((name for name in names if name in DTYPES), "float32")
 
 
@@ -136,8 +153,9 @@ def choose_heads(scores: torch.Tensor, num_heads: int, strategy: str, seed: int)
     """``num_heads`` heads by ``strategy``: lowest scores (worst), highest (best) or a seeded random draw, among the
     scored heads (a layer without heads has NaN scores); ties broken by (layer, head) order."""
     layers, heads = scores.shape
-    scored = [(layer, head) for layer in range(layers) for head in range(heads)
-              if not math.isnan(float(scores[layer, head]))]
+    scored = [
+        (layer, head) for layer in range(layers) for head in range(heads) if not math.isnan(float(scores[layer, head]))
+    ]
     if num_heads > len(scored):
         raise RecipeError(f"--heads: got {num_heads}; the model has only {len(scored)} heads.")
     refs = [HeadRef(layer, head) for layer, head in scored]
@@ -170,18 +188,23 @@ def check_device(device: str | None) -> None:
     try:
         parsed = torch.device(device)
     except RuntimeError:
-        raise RecipeError(f"--device {device}: not a device torch knows; give cuda, cuda:N or cpu (or leave it out: "
-                          "cuda when available, else cpu).") from None
+        raise RecipeError(
+            f"--device {device}: not a device torch knows; give cuda, cuda:N or cpu (or leave it out: "
+            "cuda when available, else cpu)."
+        ) from None
     if parsed.type != "cuda":
         return
     if not torch.cuda.is_available():
-        raise RecipeError(f"--device {device}: no CUDA device is available here (no GPU or driver, or "
-                          "CUDA_VISIBLE_DEVICES hides them). Leave --device out (it takes the CPU here) or give "
-                          "--device cpu.")
+        raise RecipeError(
+            f"--device {device}: no CUDA device is available here (no GPU or driver, or "
+            "CUDA_VISIBLE_DEVICES hides them). Leave --device out (it takes the CPU here) or give "
+            "--device cpu."
+        )
     count = torch.cuda.device_count()
     if parsed.index is not None and parsed.index >= count:
-        raise RecipeError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}; "
-                          "give one of them.")
+        raise RecipeError(
+            f"--device {device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}; give one of them."
+        )
 
 
 def identity_of(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> dict[str, Any]:
@@ -207,8 +230,10 @@ def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.C
     teacher, data (at least k+1 usable pairs), model structure."""
     options.validate()
     model_args = recipe_args.model_args
-    check_model_paths({"model_name_or_path": model_args.model_name_or_path,
-                       "adapter_name_or_path": model_args.adapter_name_or_path}, started="select")
+    check_model_paths(
+        {"model_name_or_path": model_args.model_name_or_path, "adapter_name_or_path": model_args.adapter_name_or_path},
+        started="select",
+    )
     check_teacher_source(options.teacher, options.teacher_feature)
     rows = load_aligned_rows(recipe_args, options.seed, options.dataset)
     source = ", ".join(options.dataset or recipe_args.data_args.dataset or [])
@@ -224,14 +249,20 @@ def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.C
 def _warn_about_data(notes: dict[str, Any], source: str) -> None:
     """Fewer pairs than asked, rows sharing images, repeated captions: said, and kept in the record."""
     if notes["rows_sharing_an_image_dropped"]:
-        show(f"note: dataset {source}: {notes['rows_sharing_an_image_dropped']} of {notes['usable_pairs']} usable "
-              f"rows reuse an image of another row; one pair per image is scored ({notes['distinct_images']} images).")
+        show(
+            f"note: dataset {source}: {notes['rows_sharing_an_image_dropped']} of {notes['usable_pairs']} usable "
+            f"rows reuse an image of another row; one pair per image is scored ({notes['distinct_images']} images)."
+        )
     if notes["pairs_used"] < notes["pairs_requested"]:
-        show(f"warning: {notes['pairs_used']} image-caption pairs scored, fewer than the {notes['pairs_requested']} "
-              "asked for (hera_select_samples / --samples): the dataset has no more distinct images.")
+        show(
+            f"warning: {notes['pairs_used']} image-caption pairs scored, fewer than the {notes['pairs_requested']} "
+            "asked for (hera_select_samples / --samples): the dataset has no more distinct images."
+        )
     if notes["repeated_captions"] > notes["pairs_used"] // 10:
-        show(f"warning: {notes['repeated_captions']} of {notes['pairs_used']} captions repeat another caption; in "
-              "text mode those samples get identical head representations and tied neighbours.")
+        show(
+            f"warning: {notes['repeated_captions']} of {notes['pairs_used']} captions repeat another caption; in "
+            "text mode those samples get identical head representations and tied neighbours."
+        )
 
 
 def tied_share(scores: torch.Tensor) -> float:
@@ -241,8 +272,9 @@ def tied_share(scores: torch.Tensor) -> float:
     return sum(n for n in counts.values() if n > 1) / max(len(values), 1)
 
 
-def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str,
-                          device_map: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any], Any]:
+def load_in_scoring_dtype(
+    recipe_args: Any, device: str, dtype: str, device_map: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, Any], Any]:
     """(model, tokenizer module, template) loaded the way LLaMA-Factory loads them, the model in ``dtype`` (whole on
     ``device``, or placed by ``device_map``: :mod:`~llamafactory_hera.placement`): the compute dtype is
     set to ``dtype`` and a model whose floating weights load in another dtype is cast to it; a quantized model keeps
@@ -262,8 +294,9 @@ def load_in_scoring_dtype(recipe_args: Any, device: str, dtype: str,
     return model, tokenizer_module, template
 
 
-def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair],
-                          kept: Path | None = None) -> HeadNeighbours:
+def score_head_neighbours(
+    recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair], kept: Path | None = None
+) -> HeadNeighbours:
     """Load the model the way LLaMA-Factory does, in ``options.dtype``: ``[L, H]`` MKNN scores and each pair's
     overlap (CPU, :func:`~llamafactory_hera.hera.selection.scores.all_head_neighbours`); the language model's pass
     keeps its batches in ``kept`` and continues from those there (:class:`~collect.PooledInputRecorder`)."""
@@ -272,24 +305,39 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: li
     meta = check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
     # the o_proj weights are read in float32 into the CPU's RAM (collect.layer_weights), wherever o_proj lives: the CPU
     # keeps their bytes besides the model's layers it holds
-    device_map = None if meta is None else device_map_for(
-        meta, model_args.model_name_or_path, device, options.dtype, bits=model_args.quantization_bit,
-        double_quant=model_args.double_quantization, reserve=(4 * sum(
-            o_proj.weight.numel() for o_proj in head_projections(meta).values()), "its o_proj weights in float32"),
-        fix="Free memory, select on a machine with more (llamafactory-hera select RECIPE) and list its heads in "
-            "hera_heads")
+    device_map = (
+        None
+        if meta is None
+        else device_map_for(
+            meta,
+            model_args.model_name_or_path,
+            device,
+            options.dtype,
+            bits=model_args.quantization_bit,
+            double_quant=model_args.double_quantization,
+            reserve=(
+                4 * sum(o_proj.weight.numel() for o_proj in head_projections(meta).values()),
+                "its o_proj weights in float32",
+            ),
+            fix="Free memory, select on a machine with more (llamafactory-hera select RECIPE) and list its heads in "
+            "hera_heads",
+        )
+    )
     del meta
     model, tokenizer_module, template = load_in_scoring_dtype(recipe_args, device, options.dtype, device_map)
     geometry = attention_geometry(model.config)
     dataset = collator = None
     if options.mode == "text":
-        pooled = collect.collect_text(model, tokenizer_module["tokenizer"], pairs, options.batch_size, device,
-                                      options.progress, kept)
+        pooled = collect.collect_text(
+            model, tokenizer_module["tokenizer"], pairs, options.batch_size, device, options.progress, kept
+        )
     else:
-        dataset, collator = multimodal_dataset_and_collator(recipe_args, model, tokenizer_module, template,
-                                                            options.seed, [p.row for p in pairs], options.dataset)
-        pooled = collect.collect_multimodal(model, dataset, collator, list(range(len(pairs))), options.batch_size,
-                                            device, options.progress, kept)
+        dataset, collator = multimodal_dataset_and_collator(
+            recipe_args, model, tokenizer_module, template, options.seed, [p.row for p in pairs], options.dataset
+        )
+        pooled = collect.collect_multimodal(
+            model, dataset, collator, list(range(len(pairs))), options.batch_size, device, options.progress, kept
+        )
     weights = collect.layer_weights(model)
     del model, dataset, collator  # the collator holds the model (mRoPE): both go before the teacher loads
     collect.release_memory(device)  # and the memory with them (under hera_heads: auto, rank 0 trains next)
@@ -298,25 +346,42 @@ def score_head_neighbours(recipe_args: Any, options: SelectionOptions, pairs: li
     teacher = load_teacher(options.teacher, options.teacher_feature, device)
     # images an earlier pass of this teacher computed are taken from the store; the others are kept there (on disk),
     # so the training run's precompute sends none of them through the teacher again
-    feats = collect.collect_teacher(teacher, load_image_processor(options.teacher), pairs,
-                                    teacher_batch_size(options.batch_size), options.progress,
-                                    store=feature_store(teacher), persist=True)
+    feats = collect.collect_teacher(
+        teacher,
+        load_image_processor(options.teacher),
+        pairs,
+        teacher_batch_size(options.batch_size),
+        options.progress,
+        store=feature_store(teacher),
+        persist=True,
+    )
     head_dims = {layer: geometry.head_dim_of(layer) for layer in pooled}
-    return all_head_neighbours(pooled, weights, feats, options.k, head_dims, device, clamp=options.clamp,
-                               num_layers=geometry.num_layers)
+    return all_head_neighbours(
+        pooled, weights, feats, options.k, head_dims, device, clamp=options.clamp, num_layers=geometry.num_layers
+    )
 
 
-def run_selection(recipe_args: Any, options: SelectionOptions,
-                  cache: Path | None = None) -> tuple[SelectionResult, bool]:
+def run_selection(
+    recipe_args: Any, options: SelectionOptions, cache: Path | None = None
+) -> tuple[SelectionResult, bool]:
     """Score every head and choose ``options.num_heads`` of them; with a ``cache`` folder, reuse (or store) the scores
     under a key of everything that changes them (the scoring dtype included). Returns (result, from the cache)."""
     start = time.perf_counter()
     pairs, identity = prepare(recipe_args, options)
     # the options that change the scores, plus device and batch size for the record
-    settings = {"num_samples": options.num_samples, "k": options.k, "mode": options.mode, "seed": options.seed,
-                "teacher_feature": options.teacher_feature, "num_heads": options.num_heads,
-                "strategy": options.strategy, "batch_size": options.batch_size, "device": options.resolved_device(),
-                "clamp": options.clamp, "dtype": options.dtype}
+    settings = {
+        "num_samples": options.num_samples,
+        "k": options.k,
+        "mode": options.mode,
+        "seed": options.seed,
+        "teacher_feature": options.teacher_feature,
+        "num_heads": options.num_heads,
+        "strategy": options.strategy,
+        "batch_size": options.batch_size,
+        "device": options.resolved_device(),
+        "clamp": options.clamp,
+        "dtype": options.dtype,
+    }
     scoring = {k: settings[k] for k in ("num_samples", "k", "mode", "seed", "teacher_feature", "clamp", "dtype")}
     key = hashlib.sha256(json.dumps([scoring, identity], sort_keys=True).encode()).hexdigest()[:24]
     path = None if cache is None else cache / f"{key}.json"
@@ -333,18 +398,34 @@ def run_selection(recipe_args: Any, options: SelectionOptions,
     chosen = choose_heads(scores, options.num_heads, options.strategy, options.seed)
     notes = {**identity.get("data_notes", {}), "tied_heads_share": round(tied_share(scores), 4)}
     if notes["tied_heads_share"] > 0.5:
-        show(f"warning: {notes['tied_heads_share']:.0%} of the heads share their MKNN score with another head, so the "
-              "choice among them is arbitrary. Repeated captions or too few pairs are the usual cause: score on more "
-              "distinct image-caption pairs.")
+        show(
+            f"warning: {notes['tied_heads_share']:.0%} of the heads share their MKNN score with another head, so the "
+            "choice among them is arbitrary. Repeated captions or too few pairs are the usual cause: score on more "
+            "distinct image-caption pairs."
+        )
     layers, heads = scores.shape
-    ranking = sorted(({"head": str(HeadRef(layer, head)), "score": float(scores[layer, head])}
-                      for layer in range(layers) for head in range(heads)
-                      if not math.isnan(float(scores[layer, head]))), key=lambda r: r["score"])
+    ranking = sorted(
+        (
+            {"head": str(HeadRef(layer, head)), "score": float(scores[layer, head])}
+            for layer in range(layers)
+            for head in range(heads)
+            if not math.isnan(float(scores[layer, head]))
+        ),
+        key=lambda r: r["score"],
+    )
     stored = [[None if math.isnan(v) else v for v in row] for row in scores.tolist()]  # JSON: no NaN
-    result = SelectionResult(scores=stored, selected=[str(h) for h in chosen], strategy=options.strategy,
-                             ranking=ranking, settings={**settings, "num_samples_used": len(pairs)}, identity=identity,
-                             versions=recorded_versions(), num_pairs=len(pairs),
-                             duration_s=round(duration, 3), data_notes=notes)
+    result = SelectionResult(
+        scores=stored,
+        selected=[str(h) for h in chosen],
+        strategy=options.strategy,
+        ranking=ranking,
+        settings={**settings, "num_samples_used": len(pairs)},
+        identity=identity,
+        versions=recorded_versions(),
+        num_pairs=len(pairs),
+        duration_s=round(duration, 3),
+        data_notes=notes,
+    )
     if path is not None and not hit:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, result.to_json() + "\n")
