@@ -115,3 +115,24 @@ def test_a_step_is_watched_under_its_own_number(monkeypatch: pytest.MonkeyPatch)
     for done in (0, 3):
         _StopOnSignal("sigterm", "/out").on_step_begin(None, type("State", (), {"global_step": done})(), None)
         assert (dog.section, dog.kind) == (f"step {done + 1}", "step")
+
+
+def test_a_checkpoint_saved_again_after_a_rollback_is_unmarked_before_its_first_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resumed from checkpoint-1 (a rollback), the run saves checkpoint-2 again: its old marker is gone before the save
+    writes into it, so a save cut short (here at its first ``torch.save``, after the new weights) leaves checkpoint-2
+    half-written. Before, it kept its old marker, and the new weights beside the old optimizer and RNG state were
+    taken for whole."""
+    _trainer(tmp_path, max_steps=2).train()
+    assert whole_checkpoints(tmp_path) == [tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"]
+    save, seen = torch.save, []
+
+    def cut_short(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        seen.append((tmp_path / "checkpoint-2" / MARKER).exists())
+        raise OSError("the save was cut short")
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(OSError, match="cut short"):
+        _trainer(tmp_path, max_steps=2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    monkeypatch.setattr(torch, "save", save)
+    assert seen[:1] == [False] and whole_checkpoints(tmp_path) == [tmp_path / "checkpoint-1"]

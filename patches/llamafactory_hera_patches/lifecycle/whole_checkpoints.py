@@ -2,7 +2,8 @@
 preempted, disk full").
 
 The plugin's stages (``llamafactory_hera.training.checkpoints``) write :data:`MARKER` last, once every rank made its
-own files durable. Whole: a folder with the marker, in a run whose record (``run_record``) says its checkpoints are
+own files durable, and remove it from a folder saved again (a run resumed from an earlier step) before they write
+into it. Whole: a folder with the marker, in a run whose record (``run_record``) says its checkpoints are
 marked; in a run folder whose record predates markers (or that has none) and where no folder is marked, a folder with
 ``trainer_state.json`` (the main process writes it last). A half-written folder is passed over, never deleted.
 """
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from .run_record import CHECKPOINTS_MARKED, RUN_RECORD, read_record
 
@@ -60,21 +62,37 @@ def make_durable(folder: Path) -> None:
         _fsync(path)
 
 
-def write_marker(folder: Path, step: int, ranks: int) -> None:
-    """Mark ``folder`` whole once every rank made its files durable (:func:`make_durable`): the marker, fsynced under
-    another name and renamed (a write that fails leaves no marker), then the folder fsynced."""
+def write_marker(folder: Path, step: int, ranks: int, about: dict[str, Any] | None = None) -> None:
+    """Mark ``folder`` whole once every rank made its files durable (:func:`make_durable`): the marker (the step, the
+    ranks, and ``about``: the run's settings and its resume's lineage, :mod:`.pinned_resume`), fsynced under another
+    name and renamed (a write that fails leaves no marker), then the folder fsynced."""
     temporary = folder / f"{MARKER}.tmp"
-    temporary.write_text(json.dumps({"step": step, "ranks": ranks}), encoding="utf-8")
+    temporary.write_text(json.dumps({"step": step, "ranks": ranks, **(about or {})}), encoding="utf-8")
     _fsync(temporary)
     temporary.replace(folder / MARKER)
     _fsync(folder)
 
 
-def rotate(run: Path, limit: int | None, keep: str | None) -> None:
-    """``save_total_limit`` after a whole save: the oldest whole checkpoints beyond ``limit`` go (never ``keep``, the
-    best one), each unmarked first (a kill amid its deletion leaves it half-written, not whole); half-written ones
-    stay."""
+def read_marker(folder: Path) -> dict[str, Any]:
+    """What ``folder``'s marker says (``{}``: none, or one written before it said more than the step)."""
+    return read_record(folder / MARKER)
+
+
+def unmark(folder: Path) -> None:
+    """Before a save into ``folder`` that exists (a run resumed from an earlier step saves that step again): its old
+    marker goes first, on disk before any new file, so that a save cut short leaves a half-written folder, never the
+    new files beside the old ones under the old marker."""
+    if (folder / MARKER).is_file():
+        (folder / MARKER).unlink(missing_ok=True)
+        _fsync(folder)
+
+
+def rotate(run: Path, limit: int | None, keep: str | Path | tuple[str | Path | None, ...] | None) -> None:
+    """``save_total_limit`` after a whole save: the oldest whole checkpoints beyond ``limit`` go (never ``keep``: the
+    best one, and the one just saved, which a run resumed from an earlier step may have saved below older ones), each
+    unmarked first (a kill amid its deletion leaves it half-written, not whole); half-written ones stay."""
+    kept = {Path(path) for path in (keep if isinstance(keep, tuple) else (keep,)) if path}
     for path in whole_checkpoints(run)[:-limit] if limit and limit > 0 else []:
-        if keep is None or path != Path(keep):
+        if path not in kept:
             (path / MARKER).unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
