@@ -1,8 +1,10 @@
 """``llamafactory-cli train`` under torchrun: the recipe is checked once, in the launcher, before the ranks start
-(:func:`check_before_ranks`), one line and exit code 1 as without torchrun. A job that fails later ends with
-torchrun's report and its exit code, without the launcher's traceback. A method declared ``one_process`` (RAH-LoRA)
-gets a torchrun of one rank on a multi-GPU node unless ``FORCE_TORCHRUN`` is set. A bare ``torchrun`` has no launcher
-to patch (``llamafactory_hera.job_refusal``); ``accelerate launch`` runs :func:`check_before_ranks` too
+(:func:`check_before_ranks`: a finished run's folder included), one line and exit code 1 as without torchrun. A job
+that fails later ends with torchrun's report and its exit code, without the launcher's traceback; one whose ranks
+stopped on the save signal ends with 0, the launcher alive through a SIGTERM meanwhile
+(:mod:`.lifecycle.stop_signal`). A method declared ``one_process`` (RAH-LoRA) gets a torchrun of one rank on a
+multi-GPU node unless ``FORCE_TORCHRUN`` is set. A bare ``torchrun`` has no launcher to patch
+(``llamafactory_hera.job_refusal``); ``accelerate launch`` runs :func:`check_before_ranks` too
 (:mod:`.accelerate_launch`). LLaMA-Factory's v1 trainers (``USE_V1=1``) do not run the plugin's stages: such a recipe
 is one line before v1 reads it.
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
 import subprocess
 import sys
 from types import ModuleType
@@ -25,6 +26,8 @@ from unittest import mock
 
 from .errors import RecipeError
 from .guard import require
+from .lifecycle import stop_signal
+from .lifecycle.output_dir import refuse_finished
 from .recipe.arguments import given_keys, keys_of, split_args
 from .recipe.recipe_file import read_args_unchecked, read_recipe
 from .registry import method_for_stage
@@ -65,22 +68,15 @@ def check_before_ranks(argv: list[str]) -> Any:
     with mock.patch.object(importlib.import_module("llamafactory.extras.misc"), "check_dependencies", lambda: None):
         importlib.import_module("llamafactory.hparams")
     host_args, method_raw, method = split_args(raw)
+    refuse_finished(host_args)  # here, not in the ranks: one line, no torchrun report of failed ranks
     if method is None:
         check_host_stage(host_args, os.environ)
         return None
     method_args = method_arguments(method, keys_of(method, method_raw)[0], host_args)
-    _leave_save_signal_to_ranks(getattr(method_args, f"{method.prefix}save_on_signal", None))
+    stop_signal.leave_to_ranks(
+        getattr(method_args, f"{method.prefix}save_on_signal", None), given_keys(host_args).get("output_dir")
+    )
     return method
-
-
-def _leave_save_signal_to_ranks(name: str | None) -> None:
-    """A save signal other than SIGTERM is ignored from here on by this launching process and the launcher it starts
-    (torchrun's agent, accelerate's): a scheduler signals every process of the job, and SIGUSR1's default would end
-    the agent (whose store the ranks agree through) and this process while the ranks save. The ranks inherit the
-    ignore and set their own handler. SIGTERM stays the agent's: it passes it to the ranks, then kills them 30 s
-    later (torch.distributed.elastic)."""
-    if name in ("sigusr1", "sigusr2"):
-        signal.signal(getattr(signal, name.upper()), signal.SIG_IGN)
 
 
 def _apply_v1(launcher: ModuleType) -> None:
@@ -122,9 +118,10 @@ def apply(launcher: ModuleType) -> None:
             # transformers' arguments in a process that sees several GPUs and no launcher ask for torchrun (n_gpu > 1)
             os.environ["FORCE_TORCHRUN"], os.environ["NPROC_PER_NODE"] = "1", "1"
         try:
-            return original()
+            with stop_signal.launching():
+                return original()
         except subprocess.CalledProcessError as error:  # torchrun's report is above: its exit code, no traceback
-            raise SystemExit(error.returncode) from None
+            raise SystemExit(stop_signal.ended(error.returncode)) from None
 
     launcher.launch = launch
     launcher._llamafactory_hera_patched = True

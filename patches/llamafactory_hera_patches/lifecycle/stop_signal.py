@@ -1,7 +1,14 @@
 """A plugin stage's save signal (``<prefix>_save_on_signal``) noted from the stage's start (the stage patch, before the
 parse): through the load and the passes before step 1, each of which stops after a batch it kept
 (:func:`stop_before_step`: one line, exit 0), and the steps, where ``training/checkpoints.py`` saves a whole checkpoint.
-A forked child (a data worker) gets the signal's default back. Imports nothing heavy.
+A scheduler's other warning signal (SIGUSR1 or SIGUSR2: the job's ``--signal`` and the recipe's key disagree) is
+said in one line and taken for the save signal, where its default would end every process of the job unsaved. A
+forked child (a data worker) gets the signal's default back.
+
+The launching process (``llamafactory-cli`` before torchrun, ``accelerate launch``: :func:`leave_to_ranks`) leaves
+the signals to the ranks, and ``llamafactory-cli`` outlives a SIGTERM while its torchrun runs (:func:`launching`: a
+scheduler ends a job step whose task ended) and exits 0 when the ranks stopped on the signal (:func:`ended`).
+Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -10,11 +17,26 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from .run_record import FINISHED, RUN_RECORD, STOPPED, read_record
+
 RERUN = "run the same command again"  # what every stop line tells: the same command continues the run
-_noted: dict[str, Any] = {"name": None, "received": False, "steps": False, "depth": 0, "deferred": False}
+WARNINGS = ("SIGUSR1", "SIGUSR2")  # a scheduler's warning signals (SLURM's --signal=USR1@N); the host uses neither
+_noted: dict[str, Any] = {
+    "name": None,
+    "received": False,
+    "steps": False,
+    "depth": 0,
+    "deferred": False,
+    "key": None,
+    "came": None,
+    "told": False,
+}
+_launch: dict[str, Any] = {"name": None, "output_dir": None, "since": 0, "received": False}
 
 
 class Stopped(SystemExit):
@@ -25,24 +47,64 @@ def received() -> bool:
     return bool(_noted["received"])
 
 
+def came() -> str | None:
+    """The signal that came (``SIGUSR1`` ...): the save signal, or a warning signal taken for it; None before."""
+    return _noted["came"]
+
+
 def _note(signum: int, frame: Any) -> None:
-    _noted["received"] = True
+    _noted.update(received=True, came=_noted["came"] or signal.Signals(signum).name)
+
+
+def _note_other(signum: int, frame: Any) -> None:
+    """A warning signal that is not the save signal: taken for it, said once (local rank 0 of each node: every node's
+    log)."""
+    name = signal.Signals(signum).name
+    _noted.update(received=True, came=_noted["came"] or name)
+    if _noted["told"] or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    _noted["told"] = True
+    key, wanted = _noted["key"] or "the recipe's save signal", _noted["name"]
+    line = (
+        f"[llamafactory-hera] {name} came, but {key} is {wanted.lower()}: the job's signal and the recipe's differ. "
+        f"Taken for {wanted}: the run saves and stops. Make them one: {key}: {name.lower()}, or the job's "
+        f"--signal={wanted[3:]}@N."
+    )
+    try:
+        print(line, flush=True)
+    except RuntimeError:  # the handler ran inside a write to stdout (a reentrant call): past the stream
+        os.write(1, f"\n{line}\n".encode())
+
+
+def _signum(name: str | None) -> int | None:
+    number = getattr(signal, str(name).upper(), None) if name else None
+    return number if isinstance(number, int) else None
+
+
+def _others(name: str) -> list[int]:
+    """The warning signals a save signal ``name`` (``SIGTERM`` ...) leaves over."""
+    return [getattr(signal, other) for other in WARNINGS if other != name and hasattr(signal, other)]
 
 
 @contextlib.contextmanager
-def noting(name: str | None, steps: bool = False) -> Iterator[None]:
-    """The signal ``name`` (``sigterm`` ...; None or ``none``: nothing) noted for the block in the main thread; in
-    the steps' block (``steps``) stopping is ``training/checkpoints.py``'s."""
-    signum = getattr(signal, str(name).upper(), None) if name else None
+def noting(name: str | None, steps: bool = False, key: str | None = None) -> Iterator[None]:
+    """The signal ``name`` (``sigterm`` ...; None or ``none``: nothing) noted for the block in the main thread, and the
+    other warning signals taken for it (``key``: the recipe key that names it, for their line); in the steps' block
+    (``steps``) stopping is ``training/checkpoints.py``'s."""
+    signum = _signum(name)
     if signum is None or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous, before = signal.signal(signum, _note), dict(_noted)
-    _noted.update(name=signal.Signals(signum).name, steps=steps or _noted["steps"], depth=_noted["depth"] + 1)
+    own = signal.Signals(signum).name
+    handlers = {signum: _note, **dict.fromkeys(_others(own), _note_other)}
+    previous = {number: signal.signal(number, handler) for number, handler in handlers.items()}
+    before = dict(_noted)
+    _noted.update(name=own, steps=steps or _noted["steps"], depth=_noted["depth"] + 1, key=key or _noted["key"])
     try:
         yield
     finally:
-        signal.signal(signum, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         _noted.update(before if before["depth"] == 0 else {"steps": before["steps"], "depth": before["depth"]})
 
 
@@ -64,8 +126,8 @@ def stop_before_step(kept: str, agreed: bool | None = None) -> None:
     if noted and not _noted["steps"]:
         if os.environ.get("RANK", "0") == "0":
             print(
-                f"[llamafactory-hera] {_noted['name']}: stopped before step 1, {kept}; to go on, {RERUN}: it starts "
-                "the run, reusing what was kept.",
+                f"[llamafactory-hera] {_noted['came'] or _noted['name']}: stopped before step 1, {kept}; to go on, "
+                f"{RERUN}: it starts the run, reusing what was kept.",
                 flush=True,
             )
         raise Stopped(0)
@@ -74,13 +136,75 @@ def stop_before_step(kept: str, agreed: bool | None = None) -> None:
 def _default_in_child() -> None:
     """A forked child (a data worker, a preprocessing pool's worker) leaves the save signal to its rank: a scheduler
     signals every process of the job, and a worker it killed would end the rank before its save. SIGTERM before the
-    steps gets its default back (``Pool.terminate()`` ends a pool's workers with it); otherwise ignored."""
+    steps gets its default back (``Pool.terminate()`` ends a pool's workers with it); otherwise ignored, as are the
+    other warning signals (their line is the rank's)."""
     name = _noted["name"]
     if name and signal.getsignal(getattr(signal, name)) is _note:
         default = name == "SIGTERM" and not _noted["steps"]
         signal.signal(getattr(signal, name), signal.SIG_DFL if default else signal.SIG_IGN)
-        _noted.update(name=None, received=False, depth=0)
+        for other in _others(name):
+            if signal.getsignal(other) is _note_other:
+                signal.signal(other, signal.SIG_IGN)
+        _noted.update(name=None, received=False, depth=0, came=None)
 
 
 if hasattr(os, "register_at_fork"):  # POSIX: Windows has no fork
     os.register_at_fork(after_in_child=_default_in_child)
+
+
+def leave_to_ranks(name: str | None, output_dir: Any = None) -> None:
+    """In the launching process, before the ranks start: the save signal when it is a warning signal, and the other
+    warning signals, ignored from here on by this process and the launcher it starts (torchrun's agent, accelerate's),
+    which inherit the ignore, as the ranks do until their stage notes them: a scheduler signals every process of the
+    job, and SIGUSR1's default would end the agent (whose store the ranks agree through) and this process while the
+    ranks save. SIGTERM stays the agent's: it passes it to the ranks, then kills them 30 s later
+    (torch.distributed.elastic); :func:`launching` keeps this process alive meanwhile. ``none``: nothing."""
+    signum = _signum(name)
+    if signum is None:
+        return
+    own = signal.Signals(signum).name
+    for number in [signum, *_others(own)] if own in WARNINGS else _others(own):
+        signal.signal(number, signal.SIG_IGN)
+    _launch.update(name=own, output_dir=output_dir, since=time.time_ns())
+
+
+def _note_in_launcher(signum: int, frame: Any) -> None:
+    """SIGTERM to ``llamafactory-cli`` while its torchrun runs: torchrun got it too (a scheduler signals every process;
+    a terminal's or a process group's signal reaches both), and passes it on to the ranks; this process waits."""
+    _launch["received"] = True
+
+
+@contextlib.contextmanager
+def launching() -> Iterator[None]:
+    """``llamafactory-cli`` while the torchrun it started runs: with SIGTERM the save signal, SIGTERM no longer ends it
+    (under SLURM the launcher is the job step's task, and the step's other processes, the ranks mid-save included,
+    are killed once it ends). A handler, not an ignore: torchrun, started from here, gets the default back."""
+    if _launch["name"] != "SIGTERM" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _note_in_launcher)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def ended(code: int) -> int:
+    """The launcher's exit code for torchrun's ``code``: 0 when the ranks ended as asked, whatever torchrun's agent
+    says of the SIGTERM it passed on to them: the run's record, written since this launcher checked the recipe, says
+    stopped, or finished with no error when this launcher got SIGTERM (the signal came in the final save); else
+    ``code``."""
+    if not _launch["output_dir"]:
+        return code
+    record = read_record(Path(str(_launch["output_dir"])).expanduser() / RUN_RECORD)
+    started, status = record.get("started_ns"), record.get("status")
+    finished = status == FINISHED and _launch["received"] and "error_after_save" not in record
+    if not (status == STOPPED or finished) or not isinstance(started, int) or started < _launch["since"]:
+        return code
+    print(
+        f"[llamafactory-hera] {_launch['name']}: the ranks {'saved and stopped' if status == STOPPED else 'finished'} "
+        f"(the run's record says {status}); torchrun's agent ended on the signal (exit code {code}), this launch "
+        f"ends with 0.{f' To go on, {RERUN}.' if status == STOPPED else ''}",
+        flush=True,
+    )
+    return 0
