@@ -240,20 +240,19 @@ def test_a_taken_pin_passes_once_its_run_saved_since_even_when_rotated_away(asse
     save_total_limit). A pin the record does not hold (another one: a rollback) is checked as it is."""
     from llamafactory_hera.recipe.resume import check_resume
     from llamafactory_hera_patches.errors import RecipeError
-    from llamafactory_hera_patches.lifecycle import pinned_resume
     from llamafactory_hera_patches.lifecycle.run_record import write_started
-    from llamafactory_hera_patches.lifecycle.whole_checkpoints import write_marker
+    from llamafactory_hera_patches.lifecycle.whole_checkpoints import LINEAGE, newest_since, take, write_marker
 
     out, pin = tmp_path / "out", tmp_path / "out" / "checkpoint-1"
     write_started(out, "hera", {}, marks=True)
-    entry = pinned_resume.take(out, pin)
+    entry = take(out, pin)
     since = out / "checkpoint-2"
     since.mkdir()
     (since / "trainer_state.json").write_text("{}")
     (since / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
-    write_marker(since, 2, 1, {pinned_resume.LINEAGE: entry[pinned_resume.LINEAGE]})
+    write_marker(since, 2, 1, {LINEAGE: entry[LINEAGE]})
     recipe = base_recipe(assets, "qwen2_5_vl", out, resume_from_checkpoint=str(pin), lora_rank=8)
     check_resume("hera", recipe)  # the pin is gone: checkpoint-2 is checked
-    assert pinned_resume.newest_since(out, pin) == since
+    assert newest_since(out, pin) == since
     with pytest.raises(RecipeError, match=r"resume_from_checkpoint: .*checkpoint-3 is not a folder"):
         check_resume("hera", {**recipe, "resume_from_checkpoint": str(out / "checkpoint-3")})

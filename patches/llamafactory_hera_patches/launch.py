@@ -2,7 +2,7 @@
 (:func:`check_before_ranks`: a finished run's folder included), one line and exit code 1 as without torchrun. A job
 that fails later ends with torchrun's report and its exit code, without the launcher's traceback; one whose ranks
 stopped on the save signal ends with 0, the launcher alive through a SIGTERM meanwhile
-(:mod:`.lifecycle.stop_signal`). A method declared ``one_process`` (RAH-LoRA) gets a torchrun of one rank on a
+(:mod:`.lifecycle.launch_signals`). A method declared ``one_process`` (RAH-LoRA) gets a torchrun of one rank on a
 multi-GPU node unless ``FORCE_TORCHRUN`` is set. A bare ``torchrun`` has no launcher to patch
 (``llamafactory_hera.job_refusal``); ``accelerate launch`` runs :func:`check_before_ranks` too
 (:mod:`.accelerate_launch`). LLaMA-Factory's v1 trainers (``USE_V1=1``) do not run the plugin's stages: such a recipe
@@ -26,7 +26,7 @@ from unittest import mock
 
 from .errors import RecipeError
 from .guard import require
-from .lifecycle import stop_signal
+from .lifecycle import launch_signals
 from .lifecycle.output_dir import refuse_finished
 from .recipe.arguments import given_keys, keys_of, split_args
 from .recipe.recipe_file import read_args_unchecked, read_recipe
@@ -73,7 +73,7 @@ def check_before_ranks(argv: list[str]) -> Any:
         check_host_stage(host_args, os.environ)
         return None
     method_args = method_arguments(method, keys_of(method, method_raw)[0], host_args)
-    stop_signal.leave_to_ranks(
+    launch_signals.leave_to_ranks(
         getattr(method_args, f"{method.prefix}save_on_signal", None), given_keys(host_args).get("output_dir")
     )
     return method
@@ -118,10 +118,10 @@ def apply(launcher: ModuleType) -> None:
             # transformers' arguments in a process that sees several GPUs and no launcher ask for torchrun (n_gpu > 1)
             os.environ["FORCE_TORCHRUN"], os.environ["NPROC_PER_NODE"] = "1", "1"
         try:
-            with stop_signal.launching():
+            with launch_signals.launching():
                 return original()
         except subprocess.CalledProcessError as error:  # torchrun's report is above: its exit code, no traceback
-            raise SystemExit(stop_signal.ended(error.returncode)) from None
+            raise SystemExit(launch_signals.ended(error.returncode)) from None
 
     launcher.launch = launch
     launcher._llamafactory_hera_patched = True

@@ -42,7 +42,7 @@ def refuse_unshared(training_args: Any) -> None:
     if local_rank != 0 or local_world < 1 or world <= local_world:
         return
     node = int(os.environ.get("GROUP_RANK") or dist.get_rank() // local_world)
-    prefix = f"llamafactory_hera_probe/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/{training_args.output_dir}/"
+    prefix = f"llamafactory_hera_probe/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/"  # this launch's keys
     check_shared(
         Path(training_args.output_dir),
         dist.distributed_c10d._get_default_store(),  # the job's store: host-side, no collective

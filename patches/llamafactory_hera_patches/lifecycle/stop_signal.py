@@ -17,12 +17,8 @@ import contextlib
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-from .run_record import FINISHED, RUN_RECORD, STOPPED, read_record
 
 RERUN = "run the same command again"  # what every stop line tells: the same command continues the run
 WARNINGS = ("SIGUSR1", "SIGUSR2")  # a scheduler's warning signals (SLURM's --signal=USR1@N); the host uses neither
@@ -36,7 +32,6 @@ _noted: dict[str, Any] = {
     "came": None,
     "told": False,
 }
-_launch: dict[str, Any] = {"name": None, "output_dir": None, "since": 0, "received": False}
 
 
 class Stopped(SystemExit):
@@ -76,12 +71,13 @@ def _note_other(signum: int, frame: Any) -> None:
         os.write(1, f"\n{line}\n".encode())
 
 
-def _signum(name: str | None) -> int | None:
+def signal_number(name: str | None) -> int | None:
+    """The signal a save-signal key's value names (``sigterm`` ...), None for ``none`` or None."""
     number = getattr(signal, str(name).upper(), None) if name else None
     return number if isinstance(number, int) else None
 
 
-def _others(name: str) -> list[int]:
+def others(name: str) -> list[int]:
     """The warning signals a save signal ``name`` (``SIGTERM`` ...) leaves over."""
     return [getattr(signal, other) for other in WARNINGS if other != name and hasattr(signal, other)]
 
@@ -91,12 +87,12 @@ def noting(name: str | None, steps: bool = False, key: str | None = None) -> Ite
     """The signal ``name`` (``sigterm`` ...; None or ``none``: nothing) noted for the block in the main thread, and the
     other warning signals taken for it (``key``: the recipe key that names it, for their line); in the steps' block
     (``steps``) stopping is ``training/checkpoints.py``'s."""
-    signum = _signum(name)
+    signum = signal_number(name)
     if signum is None or threading.current_thread() is not threading.main_thread():
         yield
         return
     own = signal.Signals(signum).name
-    handlers = {signum: _note, **dict.fromkeys(_others(own), _note_other)}
+    handlers = {signum: _note, **dict.fromkeys(others(own), _note_other)}
     previous = {number: signal.signal(number, handler) for number, handler in handlers.items()}
     before = dict(_noted)
     _noted.update(name=own, steps=steps or _noted["steps"], depth=_noted["depth"] + 1, key=key or _noted["key"])
@@ -142,7 +138,7 @@ def _default_in_child() -> None:
     if name and signal.getsignal(getattr(signal, name)) is _note:
         default = name == "SIGTERM" and not _noted["steps"]
         signal.signal(getattr(signal, name), signal.SIG_DFL if default else signal.SIG_IGN)
-        for other in _others(name):
+        for other in others(name):
             if signal.getsignal(other) is _note_other:
                 signal.signal(other, signal.SIG_IGN)
         _noted.update(name=None, received=False, depth=0, came=None)
@@ -150,61 +146,3 @@ def _default_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # POSIX: Windows has no fork
     os.register_at_fork(after_in_child=_default_in_child)
-
-
-def leave_to_ranks(name: str | None, output_dir: Any = None) -> None:
-    """In the launching process, before the ranks start: the save signal when it is a warning signal, and the other
-    warning signals, ignored from here on by this process and the launcher it starts (torchrun's agent, accelerate's),
-    which inherit the ignore, as the ranks do until their stage notes them: a scheduler signals every process of the
-    job, and SIGUSR1's default would end the agent (whose store the ranks agree through) and this process while the
-    ranks save. SIGTERM stays the agent's: it passes it to the ranks, then kills them 30 s later
-    (torch.distributed.elastic); :func:`launching` keeps this process alive meanwhile. ``none``: nothing."""
-    signum = _signum(name)
-    if signum is None:
-        return
-    own = signal.Signals(signum).name
-    for number in [signum, *_others(own)] if own in WARNINGS else _others(own):
-        signal.signal(number, signal.SIG_IGN)
-    _launch.update(name=own, output_dir=output_dir, since=time.time_ns())
-
-
-def _note_in_launcher(signum: int, frame: Any) -> None:
-    """SIGTERM to ``llamafactory-cli`` while its torchrun runs: torchrun got it too (a scheduler signals every process;
-    a terminal's or a process group's signal reaches both), and passes it on to the ranks; this process waits."""
-    _launch["received"] = True
-
-
-@contextlib.contextmanager
-def launching() -> Iterator[None]:
-    """``llamafactory-cli`` while the torchrun it started runs: with SIGTERM the save signal, SIGTERM no longer ends it
-    (under SLURM the launcher is the job step's task, and the step's other processes, the ranks mid-save included,
-    are killed once it ends). A handler, not an ignore: torchrun, started from here, gets the default back."""
-    if _launch["name"] != "SIGTERM" or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _note_in_launcher)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def ended(code: int) -> int:
-    """The launcher's exit code for torchrun's ``code``: 0 when the ranks ended as asked, whatever torchrun's agent
-    says of the SIGTERM it passed on to them: the run's record, written since this launcher checked the recipe, says
-    stopped, or finished with no error when this launcher got SIGTERM (the signal came in the final save); else
-    ``code``."""
-    if not _launch["output_dir"]:
-        return code
-    record = read_record(Path(str(_launch["output_dir"])).expanduser() / RUN_RECORD)
-    started, status = record.get("started_ns"), record.get("status")
-    finished = status == FINISHED and _launch["received"] and "error_after_save" not in record
-    if not (status == STOPPED or finished) or not isinstance(started, int) or started < _launch["since"]:
-        return code
-    print(
-        f"[llamafactory-hera] {_launch['name']}: the ranks {'saved and stopped' if status == STOPPED else 'finished'} "
-        f"(the run's record says {status}); torchrun's agent ended on the signal (exit code {code}), this launch "
-        f"ends with 0.{f' To go on, {RERUN}.' if status == STOPPED else ''}",
-        flush=True,
-    )
-    return 0

@@ -21,10 +21,9 @@ from llamafactory_hera.log import say
 from llamafactory_hera.training.watchdog import FOLDER as WATCHDOG_FOLDER
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.lifecycle.claim_folders import CLAIM, made_by_claim
-from llamafactory_hera_patches.lifecycle.pinned_resume import newest_since
 from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
 from llamafactory_hera_patches.lifecycle.shared_output import PROBE_PREFIX
-from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, newest_whole, whole_checkpoints
+from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, newest_since, newest_whole, whole_checkpoints
 from llamafactory_hera_patches.recipe.arguments import given_keys, truthy
 from llamafactory_hera_patches.recipe.host_arguments import host_keys
 

@@ -40,7 +40,7 @@ except ImportError:  # transformers 4: the model class's ``_checkpoint_conversio
 from llamafactory_hera.log import say_once
 from llamafactory_hera.training import watchdog
 from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle import pinned_resume, resumed_settings, stop_signal
+from llamafactory_hera_patches.lifecycle import stop_signal
 from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole
 
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -217,7 +217,7 @@ class WholeCheckpoints:
     """Mix in front of a ``Trainer`` (see the module doc); ``save_on_signal``: the method's ``<prefix>_save_on_signal``
     (``recipe.keys.save_on_signal_key``), set by the method's trainer."""
 
-    lineage: str | None = None  # the lineage of a pinned resume (lifecycle.pinned_resume), in each marker it writes
+    lineage: str | None = None  # the lineage of a pinned resume (lifecycle.whole_checkpoints), in each marker it writes
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         self.resumed_from = self._whole_resume(resume_from_checkpoint)
@@ -254,7 +254,7 @@ class WholeCheckpoints:
     def _whole_resume(self, value: Any) -> Any:
         """The checkpoint to resume from: ``value``, or for ``true`` / a half-written ``checkpoint-N`` (as
         LLaMA-Factory picks the last one) the newest whole one of its run; says what it passed over. A path taken
-        by an earlier start of this run (a pin, :mod:`~llamafactory_hera_patches.lifecycle.pinned_resume`): the
+        by an earlier start of this run (a pin, :mod:`~llamafactory_hera_patches.lifecycle.whole_checkpoints`): the
         newest whole checkpoint saved since, when there is one."""
         if not value:
             return value
@@ -278,11 +278,11 @@ class WholeCheckpoints:
         """The newest whole checkpoint saved since an earlier start took ``pin`` (said in one line), else None; the
         first start to take ``pin`` records it (the main process), and this start's checkpoints carry its lineage."""
         out = Path(self.args.output_dir)  # type: ignore[attr-defined]
-        entry = pinned_resume.taken(out, pin)
+        entry = whole.taken(out, pin)
         if entry is None and self.is_world_process_zero():  # type: ignore[attr-defined]
-            entry = pinned_resume.take(out, pin)
-        self.lineage = entry[pinned_resume.LINEAGE] if entry else None
-        since = pinned_resume.saved_since(out, self.lineage) if self.lineage else []
+            entry = whole.take(out, pin)
+        self.lineage = entry[whole.LINEAGE] if entry else None
+        since = whole.saved_since(out, self.lineage) if self.lineage else []
         if not since:
             return None
         say_once(
@@ -295,10 +295,8 @@ class WholeCheckpoints:
     def _say_other_settings(self, folder: Path) -> None:
         """One line when the resumed checkpoint was saved with other settings than this run's."""
         marker = whole.read_marker(folder)
-        now = resumed_settings.settings(self.args)  # type: ignore[attr-defined]
-        line = resumed_settings.differences(
-            folder, marker.get(resumed_settings.SETTINGS) or {}, now, marker.get("step")
-        )
+        now = whole.settings(self.args)  # type: ignore[attr-defined]
+        line = whole.differences(folder, marker.get(whole.SETTINGS) or {}, now, marker.get("step"))
         if line:
             say_once(line)
 
@@ -309,9 +307,9 @@ class WholeCheckpoints:
         args, run = self.args, Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
         folder = run / f"{whole.CHECKPOINT_PREFIX}{self.state.global_step}"  # type: ignore[attr-defined]
         limit, args.save_total_limit = args.save_total_limit, None  # rotation after the whole save
-        about = {resumed_settings.SETTINGS: resumed_settings.settings(args)}
+        about = {whole.SETTINGS: whole.settings(args)}
         if self.lineage:
-            about[pinned_resume.LINEAGE] = self.lineage
+            about[whole.LINEAGE] = self.lineage
         try:
             with watchdog.section(f"the save of {folder.name}", "save"):
                 whole.unmark(folder)  # a folder saved again: by every rank, before any of its own writes
