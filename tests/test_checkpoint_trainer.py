@@ -122,9 +122,10 @@ def test_a_checkpoint_saved_again_after_a_rollback_is_unmarked_before_its_first_
     """Resumed from checkpoint-1 (a rollback), the run saves checkpoint-2 again: its old marker is gone before the save
     writes into it, so a save cut short (here at its first ``torch.save``, after the new weights) leaves checkpoint-2
     half-written. Before, it kept its old marker, and the new weights beside the old optimizer and RNG state were
-    taken for whole."""
-    _trainer(tmp_path, max_steps=2).train()
-    assert whole_checkpoints(tmp_path) == [tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"]
+    taken for whole. Saved again in full under ``save_total_limit: 1``, the rotation after it keeps it, though the
+    older checkpoint-3 lies beyond it (before, it deleted the checkpoint just saved)."""
+    _trainer(tmp_path, max_steps=3).train()
+    assert whole_checkpoints(tmp_path) == [tmp_path / f"checkpoint-{step}" for step in (1, 2, 3)]
     save, seen = torch.save, []
 
     def cut_short(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
@@ -135,4 +136,6 @@ def test_a_checkpoint_saved_again_after_a_rollback_is_unmarked_before_its_first_
     with pytest.raises(OSError, match="cut short"):
         _trainer(tmp_path, max_steps=2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
     monkeypatch.setattr(torch, "save", save)
-    assert seen[:1] == [False] and whole_checkpoints(tmp_path) == [tmp_path / "checkpoint-1"]
+    assert seen[:1] == [False] and whole_checkpoints(tmp_path) == [tmp_path / "checkpoint-1", tmp_path / "checkpoint-3"]
+    _trainer(tmp_path, max_steps=2, save_total_limit=1).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert whole_checkpoints(tmp_path) == [tmp_path / "checkpoint-2", tmp_path / "checkpoint-3"]
