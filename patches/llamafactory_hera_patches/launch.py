@@ -63,12 +63,12 @@ def check_before_ranks(argv: list[str]) -> Any:
     raw = launch_recipe(argv)
     if isinstance(raw, list) and any(flag in raw for flag in _HELP):
         return None
-    host_args, method_raw, method = split_args(raw)
-    refuse_finished(host_args)  # here, not in the ranks: one line, no torchrun report of failed ranks
     # the checks read v0's arguments (llamafactory.hparams), imported without the version checks its parser runs at
     # import (by the name it imported from extras.misc): the ranks run them as without the plugin
     with mock.patch.object(importlib.import_module("llamafactory.extras.misc"), "check_dependencies", lambda: None):
         importlib.import_module("llamafactory.hparams")
+    host_args, method_raw, method = split_args(raw)
+    refuse_finished(host_args)  # here, not in the ranks: one line, no torchrun report of failed ranks
     if method is None:
         check_host_stage(host_args, os.environ)
         return None
