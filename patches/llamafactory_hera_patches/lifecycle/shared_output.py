@@ -49,6 +49,8 @@ def refuse_unshared(training_args: Any) -> None:
         prefix,
         node,
         world // local_world,
+        WAIT_S,
+        SEEN_S,
     )
 
 
