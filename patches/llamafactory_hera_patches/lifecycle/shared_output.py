@@ -1,7 +1,7 @@
 """A run on several nodes needs one ``output_dir`` every node sees: each node's ranks write their own files into its
 checkpoints (RNG states, shards), the main process the markers and the run's record, and a requeue resumes every rank
-from there. On a folder of each node's own disk the run ended well and its requeue failed (one node resumed, the
-others started afresh: a collective mismatch, an abort). So after LLaMA-Factory parses the recipe (the process group
+from there. On a folder of each node's own disk a run ends well and its requeue fails (one node resumes, the others
+start afresh: a collective mismatch, an abort). So after LLaMA-Factory parses the recipe (the process group
 up, nothing loaded), local rank 0 of each node writes a probe file into ``output_dir`` and reads the other nodes'
 (their names through the job's store); one it does not see is a refusal. ``save_on_each_node: true`` (a folder on
 each node's disk, by choice) is left alone. docs/multinode.md ("Where things live").
