@@ -16,10 +16,6 @@ class Card:
     link: str = "PCIe Gen4"  # the link between the node's GPUs
     link_gbs: float = 64.0  # its datasheet rate per GPU, GB/s, both directions together
 
-    def seconds(self, flops: float, band: tuple[float, float]) -> tuple[float, float]:
-        """Seconds (fast, slow) for ``flops`` at the MFU ``band`` (low, high) of the card's peak."""
-        return flops / (self.bf16_tflops * 1e12 * band[1]), flops / (self.bf16_tflops * 1e12 * band[0])
-
     def holds(self, needed: float) -> bool:
         """Whether ``needed`` bytes fit the card's allocatable memory (GiB: 2**30 bytes each)."""
         return needed <= self.memory_gib * 2**30

@@ -270,7 +270,7 @@ def plan_recipe(
         lines.append("    each line below, added to this plan command, plans its change:")
         for change, needed in estimate.fixes(counts, setup, card, arm, image.tokens if image else 0):
             verdict = "fits" if card.holds(needed) else "still too much"
-            lines.append(f"    {change}: {needed / GiB:.2f} GiB, {verdict}")
+            lines.append(f"    {' '.join(change)}: {needed / GiB:.2f} GiB, {verdict}")
     lines += time_lines(counts, setup, card, rows, keys, sizes, network)
     lines.append(f"(counted in {time.time() - started:.0f} s on this CPU)")
     return "\n".join(lines)

@@ -184,11 +184,11 @@ def memory(counts: dict[str, float], setup: Setup) -> dict[str, float]:
 
 def fixes(
     counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: str, image_tokens: int = 0
-) -> list[tuple[str, float]]:
+) -> list[tuple[tuple[str, ...], float]]:
     """What ``arm`` would need per GPU (bytes) after each single change, and after each pair of changes that fits
     where neither change alone does, cheapest first (:func:`_changes`' order: Liger, a smaller micro-batch, 4-bit
-    QLoRA, more GPUs, a shorter cutoff); each change as it is added to the plan command (``key=value`` and options),
-    so that a line is the command that plans it."""
+    QLoRA, more GPUs, a shorter cutoff): (the changes, bytes), each change as it is added to the plan command
+    (``key=value`` and options), so that the changes joined by spaces are what plans them."""
     changes = _changes(counts, setup, card, arm, image_tokens)
 
     def needed(*chosen: tuple) -> float:
@@ -199,10 +199,10 @@ def fixes(
         return memory(arm_counts, replace(setup, **{k: v for c in chosen for k, v in c[3].items()}))["needed"]
 
     shown = [c for c in changes if c[5]]
-    out = [(c[1], needed(c)) for c in sorted(shown)]
+    out = [((c[1],), needed(c)) for c in sorted(shown)]
     alone = {c[1]: card.holds(needed(c)) for c in changes}
     pairs = [
-        (a[0] + b[0], f"{a[1]} {b[1]}", needed(a, b))
+        (a[0] + b[0], (a[1], b[1]), needed(a, b))
         for i, a in enumerate(changes)
         for b in changes[i + 1 :]
         if a[6] != b[6] and not (a[2] and b[2]) and not (alone[a[1]] or alone[b[1]])

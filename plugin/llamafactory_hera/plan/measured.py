@@ -54,7 +54,7 @@ class Step:
 
 
 # FLOPs and aten ops of one micro-step of the measured recipe, counted by plan's counter (llamafactory_hera.plan.count
-# at the full depth; bench/cost_table.py recounts them): (kind, arm) -> (FLOPs, aten ops)
+# at the full depth; bench/cost_measured.py recounts them): (kind, arm) -> (FLOPs, aten ops)
 COUNTED = {
     ("lora", "sft"): (89.00e12, 27_607),
     ("lora", "hera"): (89.00e12, 28_456),
@@ -106,18 +106,20 @@ def per_op(kind: str) -> Spread:
         values[0],
         statistics.median(values),
         values[-1],
-        f"{len(rows)} {'QLoRA' if kind == 'qlora' else 'LoRA'} runs on {len(leases)} leases: {'; '.join(leases)}",
+        f"{len(rows)} {'QLoRA' if kind == 'qlora' else 'LoRA'} runs on {len(leases)} "
+        f"lease{'s' if len(leases) > 1 else ''}: {'; '.join(leases)}",
     )
 
 
 def efficiency(kind: str) -> tuple[float, str]:
     """The floor of the compute's share of the card's peak for ``kind`` and where it comes from."""
-    lease, commit, ms, what = FASTEST[kind]
+    lease = FASTEST[kind][0]
+    ms = FASTEST[kind][2]
     flops = COUNTED[kind, "sft"][0]
     share = flops / (CARDS[lease.card].bf16_tflops * 1e12 * ms / 1e3)
     return share, (
-        f"{'QLoRA' if kind == 'qlora' else 'LoRA'} on the {lease.card} lease of {lease.date} ({commit}): "
-        f"{flops / 1e12:.1f} TFLOPs in {ms:.0f} ms, {what}"
+        f"{'QLoRA' if kind == 'qlora' else 'LoRA'} on the {lease.card} lease of {lease.date}: "
+        f"{flops / 1e12:.1f} TFLOPs in {ms:.0f} ms, {FASTEST[kind][3]}"
     )
 
 

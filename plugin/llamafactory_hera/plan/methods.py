@@ -79,14 +79,14 @@ def harc(
         + ", ".join(f"{name} {n * per_row / 1e12:.2f}" for name, n in rows.items())
         + f" + KL reference forward (retain rows, no grad) {counts['reference'] / 1e12:.2f}"
     )
-    t = timing.times(
-        counts["flops"], counts["ops"], setup, card, 1000, length, estimate.communicated(counts, setup), network
-    )
+    comm = estimate.communicated(counts, setup)
+    t = timing.times(counts["flops"], counts["ops"], setup, card, 1000, length, comm, network)
+    link = f", communication {t['communication']:.2f} s on {t['link']}" if any(comm) else ""
     lines.append(
-        f"  step {span(t['step'], 's')} (the longest of compute {span(t['compute'], 's')}, host "
-        f"{span(t['host'][::2], 's')} for {counts['ops']:,.0f} aten ops a micro-batch, and communication on "
-        f"{t['link']}: as a LoRA step of the measured Qwen3-VL-8B, docs/cost.md); run of {t['steps'][1]} steps: "
-        f"{duration(t['run'])}, {span(t['gpu-hours'], '')} GPU-hours"
+        f"  step {span(t['step'], 's')}: the longest of compute {span(t['compute'], 's')} and host "
+        f"{span(t['host'][::2], 's')} ({counts['ops']:,.0f} aten ops a micro-batch){link}, timed as the measured "
+        f"LoRA steps are (docs/cost.md); run of {t['steps'][1]} steps: {duration(t['run'])}, "
+        f"{span(t['gpu-hours'], '')} GPU-hours"
     )
     sets = 5 if recipe.get("harc_harmful_completions") else 2
     refresh = int(recipe.get("harc_refresh_steps", 100))

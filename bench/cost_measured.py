@@ -3,7 +3,7 @@ of one micro-step of the recipe the GPU leases measured, counted again by plan's
 figures; then what the table gives (a host's cost per op, the compute's floor, the teacher's pass) and each lease's
 runs predicted from the other leases alone (held out).
 
-    .venv/bin/python bench/cost_table.py            # about 2 minutes on one core
+    .venv/bin/python bench/cost_measured.py            # about 2 minutes on one core
 
 The measured recipe: bench/overhead.py's on the Qwen3-VL-8B architecture (tests/plan_configs.py's published config),
 bf16 (and 4-bit for QLoRA), LoRA r 8 on every linear layer, micro-batch 8 of 230-token rows with one 448 px image,
