@@ -66,7 +66,9 @@ def held_out() -> list[str]:
                 if not others:  # the other kind's runs (their own counted ops), on every lease
                     others = [s.seconds_per_op for s in measured.STEPS if s.kind != kind]
                     arm = f"{arm} (from the other kind: no other lease measured {kind})"
-                low, mid, high = (ops * value * 1e3 for value in (min(others), statistics.median(others), max(others)))
+                low = ops * min(others) * 1e3
+                mid = ops * statistics.median(others) * 1e3
+                high = ops * max(others) * 1e3
                 lines.append(
                     f"  {lease.card} {lease.date}, {kind} {arm}: measured {min(got):.1f}-{max(got):.1f} ms; from the "
                     f"other leases {low:.0f}-{high:.0f} ms (median {mid:.0f}, {mid / statistics.median(got) - 1:+.0%})"
@@ -76,7 +78,8 @@ def held_out() -> list[str]:
         if row.warm:
             continue
         starts = [r.seconds - r.images / rate for r in measured.TEACHER if not r.warm and r.lease != row.lease]
-        low, high = (min(starts) + row.images / rate, max(starts) + row.images / rate)
+        low = min(starts) + row.images / rate
+        high = max(starts) + row.images / rate
         lines.append(
             f"  teacher pass, {row.lease.card} {row.lease.date} ({row.commit}): measured {row.seconds:.2f} s; from "
             f"the other leases' starts {low:.2f}-{high:.2f} s ({low / row.seconds - 1:+.0%} to "

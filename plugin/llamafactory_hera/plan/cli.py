@@ -87,8 +87,7 @@ def _line(args: argparse.Namespace) -> tuple:
     rest.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     _options(rest, suppress=True)
     given = vars(args) | vars(rest.parse_intermixed_args(args.rest))
-    cards, gbits = given["node_link"]
-    network = Network(given["gpus_per_node"], cards, gbits)
+    network = Network(given["gpus_per_node"], *given["node_link"])
     return args.recipe, given.get("overrides", []), given["gpus"], given["gpu"], given["accelerate_config"], network
 
 

@@ -1,5 +1,5 @@
 """This project's own GPU measurements, the figures ``llamafactory-hera plan`` times a run from. Each row names its
-lease: the card, the date and the commit it ran (docs/cost.md lists them with the commands).
+lease: the card, the date and the commit it ran (docs/cost.md lists them, "Time: what the GPU leases measured").
 
 Every step row is bench/overhead.py's recipe on the Qwen3-VL-8B architecture: bf16, LoRA r 8 on every linear layer of
 the language model (QLoRA: the same in 4 bits), micro-batch 8 of 230-token rows with one 448 px image each (196 image
@@ -7,13 +7,13 @@ tokens), accumulation 1, reentrant gradient checkpointing, ``dataloader_num_work
 collator and a host sync in every step). What plan draws from them:
 
 - the host's cost of an aten op (:func:`per_op`): each run's median step over the aten ops plan's counter counts for
-  that step (:data:`COUNTED`). The card was idle through much of these steps (their FLOPs over the step are under a
-  quarter of its peak), so the step is taken as the host's work;
+  that step (:data:`COUNTED`). Their FLOPs over the step are under a quarter of the card's peak, so the step is
+  taken as the host's work;
 - the share of the card's peak the compute reaches (:func:`efficiency`): the FLOPs over the GPU's busy time where a
   lease measured it; none has yet, so a floor: the FLOPs over the fastest step recorded (the GPU cannot have been
   busy longer than the step). A time from a floor is an upper bound;
-- the teacher's pass before step 1 (:func:`teacher_pass`): a start and images per second, the DINOv2 processor and
-  forward together (the processor sets the rate, not the GPU).
+- the teacher's pass before step 1 (:func:`teacher_start`, :func:`teacher_rate`): a start and images per second,
+  the DINOv2 processor and forward together (the processor on the CPU sets the rate, not the GPU).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from llamafactory_hera.plan.cards import CARDS
 
-ROW_TOKENS, ROW_IMAGE_TOKENS, ROWS = 230, 196, 8  # the measured recipe's micro-batch
+ROWS = 8  # the measured recipe's micro-batch: 8 rows of 230 tokens
+ROW_TOKENS = 230
 
 
 @dataclass(frozen=True)

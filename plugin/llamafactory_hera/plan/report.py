@@ -75,7 +75,8 @@ def time_lines(
 ) -> list[str]:
     """Each arm's step, its parts and the run's time (:func:`timing.times`); HeRA's teacher pass and selection."""
     hera = "hera" in counts
-    known, rows = rows is not None, rows or 1000
+    known = rows is not None
+    rows = rows or 1000
     kind = measured_kind(setup.lora, setup.bits)
     share, source = efficiency(kind)
     cost = per_op(kind)
