@@ -9,9 +9,9 @@ collator and a host sync in every step). What plan draws from them:
 - the host's cost of an aten op (:func:`per_op`): each run's median step over the aten ops plan's counter counts for
   that step (:data:`COUNTED`). Their FLOPs over the step are under a quarter of the card's peak, so the step is
   taken as the host's work;
-- the share of the card's peak the compute reaches (:func:`efficiency`): the FLOPs over the GPU's busy time where a
-  lease measured it; none has yet, so a floor: the FLOPs over the fastest step recorded (the GPU cannot have been
-  busy longer than the step). A time from a floor is an upper bound;
+- the share of the card's peak the compute reaches (:func:`efficiency`): no lease has measured the GPU's busy time in
+  a step yet, so a floor: the FLOPs over the fastest step recorded (the GPU cannot have been busy longer than the
+  step). A time from a floor is an upper bound;
 - the teacher's pass before step 1 (:func:`teacher_start`, :func:`teacher_rate`): a start and images per second,
   the DINOv2 processor and forward together (the processor on the CPU sets the rate, not the GPU).
 """
