@@ -26,7 +26,7 @@ from test_accelerate_refusals import ACCELERATE, output_lines
 
 from conftest import free_port, offline_env, run_process
 from llamafactory_hera import _bootstrap
-from llamafactory_hera_patches import launch
+from llamafactory_hera_patches import v1 as v1_patch
 from llamafactory_hera_patches.errors import RecipeError
 
 ALL_REDUCE = """import json, sys
@@ -150,7 +150,7 @@ def test_a_stock_recipe_on_llamafactory_v1_is_read_without_v0s_version_checks(tm
     launched: list[list[str]] = []
     v1 = types.ModuleType("llamafactory.v1.launcher")
     v1.launch, v1._DIST_TRAIN_COMMANDS = lambda: launched.append(sys.argv[1:]), ("train", "sft", "dpo", "rm")
-    launch.apply(v1)
+    v1_patch.apply(v1)
     monkeypatch.setitem(sys.modules, "llamafactory.hparams", None)  # importing it raises ImportError
     monkeypatch.setattr(sys, "argv", ["llamafactory-cli", "train", str(recipe)])
     v1.launch()
