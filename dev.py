@@ -269,8 +269,8 @@ def cmd_pin_main(args: list[str]) -> int:
         found = re.search(r'VERSION = "([^"]+)"', git("show", f"FETCH_HEAD:{MAIN_VERSION_FILE}"))
     pin = {"version": found.group(1) if found else "unknown", "commit": commit, "date": date}
     TESTED_MAIN.write_text(json.dumps(pin, indent=2) + "\n", encoding="utf-8")
-    log(f"pinned LLaMA-Factory main at {commit} ({date}, {pin['version']}) in {TESTED_MAIN.relative_to(ROOT)}; "
-        "test it: python3 dev.py test --stack main")
+    log(f"pinned LLaMA-Factory main at {commit} ({date}, {pin['version']}) in {TESTED_MAIN}; test it: python3 dev.py "
+        "test --stack main")
     return 0
 
 
