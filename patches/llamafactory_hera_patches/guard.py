@@ -75,8 +75,9 @@ def git_head(folder: Path) -> str | None:
 def installed_commit(distribution: str = "llamafactory") -> str | None:
     """The git commit the installed ``distribution`` was built from (its ``direct_url.json``: a git URL's commit, or
     the current HEAD of the clone it was installed from), None for a release from an index or when not known."""
+    # lazy: the patches load at every start-up
     from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import distribution as installed  # lazy: the patches load at every start-up
+    from importlib.metadata import distribution as installed
 
     try:
         text = installed(distribution).read_text("direct_url.json")
