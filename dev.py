@@ -203,6 +203,7 @@ def setup(command: str, stack: str = "pinned") -> Path:
     with phase("torch trio"):
         install("-q", "-c", CONSTRAINTS, *TORCH_TRIO)
     target = INSTALL_TARGETS[command] if stack == "pinned" or command == "demo" else ".[test-stack]"
+    target = ".[test-stack,qlora]" if target == ".[test-stack]" and stack == "main" else target  # fsdp_qlora's tests
     host = [main_requirement()] if stack == "main" else []  # LLaMA-Factory main from its source, with the package
     with phase("dependencies"):
         install("-q", "-c", CONSTRAINTS, *host, target)
