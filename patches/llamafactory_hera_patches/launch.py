@@ -14,6 +14,7 @@ Checked on LLaMA-Factory 0.9.5 (the names :func:`apply` requires): ``launcher.la
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
@@ -23,6 +24,7 @@ from types import ModuleType
 from typing import Any
 from unittest import mock
 
+from . import launch_watch
 from .errors import RecipeError
 from .guard import require
 from .recipe.arguments import given_keys, keys_of, split_args
@@ -30,7 +32,7 @@ from .recipe.recipe_file import read_args_unchecked, read_recipe
 from .registry import method_for_stage
 from .stage import check_host_stage, method_arguments
 
-_MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt", "check_dependencies")
+_MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt", "check_dependencies", "find_available_port")
 _HELP = ("-h", "--help")
 
 
@@ -83,6 +85,25 @@ def _leave_save_signal_to_ranks(name: str | None) -> None:
         signal.signal(getattr(signal, name.upper()), signal.SIG_IGN)
 
 
+def _int_env(name: str, default: int) -> int | None:
+    """``name``'s whole number (``default`` when unset), None when it is not one (an elastic range: 1:2)."""
+    value = os.environ.get(name) or str(default)
+    return int(value) if value.isdigit() else None
+
+
+def _watched_ranks(method: Any, nodes: int, misc: ModuleType) -> int:
+    """How many ranks start a watchdog in this launch: every rank of a method's run unless its recipe turns the
+    watchdog off (``<prefix>watchdog_timeout: 0``); none for a host stage."""
+    if method is None or getattr(method, "one_process", False):
+        return 0
+    value = given_keys(launch_recipe(sys.argv)).get(f"{method.prefix}watchdog_timeout")
+    with contextlib.suppress(TypeError, ValueError):
+        if float(value) == 0:
+            return 0
+    ranks = nodes * int(os.environ.get("NPROC_PER_NODE") or misc.get_device_count())
+    return ranks if ranks > 1 else 0  # one process: no watchdog
+
+
 def _apply_v1(launcher: ModuleType) -> None:
     require(launcher, ("launch", "_DIST_TRAIN_COMMANDS"), "launch")
     original = launcher.launch
@@ -116,7 +137,14 @@ def apply(launcher: ModuleType) -> None:
     def launch() -> None:
         if not starts_torchrun(misc, sys.argv):
             return original()
+        # watched from here (launch_watch): the store's port chosen now, where LLaMA-Factory would pick its own
+        os.environ.setdefault("MASTER_PORT", str(misc.find_available_port()))
+        nodes, node = _int_env("NNODES", 1), _int_env("NODE_RANK", 0)
+        start = launch_watch.watch(os.environ, nodes, node) if nodes and node is not None else None
+        launch_watch.check_master_address()
         method = check_before_ranks(sys.argv)
+        if start is not None:
+            start.expect(_watched_ranks(method, nodes, misc))
         if getattr(method, "one_process", False) and not forces_torchrun(misc):
             # it places its model over every visible GPU itself: one rank, which sees them all. Not run_exp() here:
             # transformers' arguments in a process that sees several GPUs and no launcher ask for torchrun (n_gpu > 1)
