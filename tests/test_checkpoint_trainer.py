@@ -138,12 +138,12 @@ def test_a_step_is_watched_under_its_own_number(monkeypatch: pytest.MonkeyPatch)
 def test_each_save_is_watched_as_a_save_and_the_end_of_the_run_as_the_final_save(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One step of a real Trainer and its checkpoint: the sections a watchdog is told, in order, with the progress
-    in each. A step's forward counts twice (begun, done: one micro-batch here); a checkpoint's save is a
-    ``save`` (its bound is a save's, not a step's), each of its stages a unit of progress; after the steps the rank
-    is in the final save's own section (``final``: its own bound)."""
+    in each. A micro-batch counts three times (its loss begun, the model's forward begun and done; one here); a
+    checkpoint's save is a ``save`` (its bound is a save's, not a step's), each of its stages a unit of progress;
+    after the steps the rank is in the final save's own section (``final``: its own bound)."""
     dog = _Recorder()
     monkeypatch.setattr(sections, "_running", [dog])
     _trainer(tmp_path, max_steps=1).train()
-    assert dog.entered[1:] == [("step 1", "step", 1, 2), ("the save of checkpoint-1", "save", 1, 3),
+    assert dog.entered[1:] == [("step 1", "step", 1, 3), ("the save of checkpoint-1", "save", 1, 3),
                                ("step 1", "step", 1, 0)]
     assert dog.where() == ("the end of the run (final save)", "final", 1)

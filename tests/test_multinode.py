@@ -55,7 +55,7 @@ from dist_runs import launch_runs
 from faults import HOOK, ROWS, fault_env, phase_fault, recipe
 
 from conftest import LAUNCH_ENV, free_port, offline_env, processes_marked
-from llamafactory_hera.training import watchdog
+from llamafactory_hera.training import watch_bounds
 from llamafactory_hera_testing.recipes import harc_recipe
 from llamafactory_hera_testing.resume import differences, model_tensors
 
@@ -205,7 +205,7 @@ def assert_watchdog_ended(started: Start, node: int) -> None:
     assert started.codes[1 - node] != 0 and len(found) == 1, survivor[-5000:]
     assert found[0][:2] == (str(node), str(node)), found
     unheard = int(found[0][2])
-    assert BOUND <= unheard <= BOUND + 2 * watchdog.PULSE and started.ended <= BOUND + 4 * watchdog.PULSE, (
+    assert BOUND <= unheard <= BOUND + 2 * watch_bounds.PULSE and started.ended <= BOUND + 4 * watch_bounds.PULSE, (
         unheard, started.ended)
 
 

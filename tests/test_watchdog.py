@@ -21,11 +21,12 @@ from llamafactory_hera import log
 from llamafactory_hera.harc.config import parse_harc_arguments
 from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.training import sections, watchdog
-from llamafactory_hera.training.watchdog import FIRST, LATER_FLOOR, Place, Watchdog, bound
+from llamafactory_hera.training.watch_bounds import FIRST, LATER_FLOOR, PULSE, Place, bound
+from llamafactory_hera.training.watchdog import Watchdog
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.lifecycle import job_store
 
-PULSE = 0.1  # the threads' pulse here (a run's is 5 s, or a quarter of a short bound)
+FAST = 0.1  # the threads' pulse here (a run's is 5 s, or a quarter of a short bound)
 
 
 def test_bounds_first_then_from_the_last_section() -> None:
@@ -62,7 +63,7 @@ def ends(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         found["exited"].set()
         raise SystemExit(code)
 
-    monkeypatch.setattr(watchdog, "pulse_for", lambda timeout: PULSE)
+    monkeypatch.setattr(watchdog, "pulse_for", lambda timeout: FAST)
     monkeypatch.setattr(watchdog, "NOTICE_S", 0.3)
     monkeypatch.setattr(watchdog, "say_apart", found["said"].append)
     monkeypatch.setattr(watchdog.os, "_exit", exit_)
@@ -100,7 +101,7 @@ def test_a_frozen_rank_is_named_by_the_monitor(server: Any, ends: dict[str, Any]
     line starts as the multi-node test reads it."""
     monitor, frozen = _dog(server, 0), _dog(server, 1)
     _started(ends, monitor, frozen)
-    time.sleep(5 * PULSE)
+    time.sleep(5 * FAST)
     assert ends["codes"] == []  # both pulse: nobody is named
     started = time.monotonic()
     _freeze(frozen)
@@ -130,7 +131,7 @@ def test_a_stuck_rank_is_named_and_ends_with_the_others(server: Any, ends: dict[
 def test_rank_0_frozen_is_named_by_every_other_rank(server: Any, ends: dict[str, Any]) -> None:
     monitor, other = _dog(server, 0), _dog(server, 1)
     _started(ends, monitor, other)
-    time.sleep(5 * PULSE)
+    time.sleep(5 * FAST)
     _freeze(monitor)
     _wait_for(ends, 1)
     assert ends["codes"] == [1]
@@ -158,7 +159,7 @@ def test_a_store_that_never_answers_ends_the_job_with_the_node_that_hosts_it(ser
     client = _Hanging(job_store.client("127.0.0.1", server.port, 1.0))
     monitor, other = _dog(server, 0), _dog(server, 1, store=client)
     _started(ends, monitor, other)
-    time.sleep(5 * PULSE)
+    time.sleep(5 * FAST)
     _freeze(monitor)
     client.hang.set()
     _wait_for(ends, 1)
@@ -174,12 +175,12 @@ def test_an_earlier_launchs_rank_is_neither_heard_nor_taken_for_this_launchs(
     """Rank 1 of the launch before (a node thawed into this start) still runs and writes under its own launch's mark;
     this launch's rank 1 never starts: rank 0 names it never heard (the start bound, here 1 s), not taken in by the
     old one's beats nor by its leaving."""
-    monkeypatch.setenv(watchdog.START_ENV, "1")
+    monkeypatch.setenv(job_store.START_ENV, "1")
     old = _dog(server, 1, keys=job_store.Keys(f"{job_store.ROOT}/earlier/"))
     monitor = _dog(server, 0)
     assert monitor.keys != old.keys
     _started(ends, old, monitor)
-    time.sleep(5 * PULSE)
+    time.sleep(5 * FAST)
     old.stop()
     _wait_for(ends, 1)
     assert ends["codes"] == [1] and "rank 1, never heard in this launch" in ends["said"][0], ends["said"]
@@ -241,7 +242,7 @@ def test_torchs_collective_timeout_follows_the_section(server: Any, monkeypatch:
     assert set_to[-1] == 180000000
     dog = _dog(server, 0, timeout=None, job_timeout=1800)
     dog.enter("step 1", "step", 1)
-    assert set_to[-1] == FIRST["step"] + 3 * watchdog.PULSE + watchdog.MARGIN_S
+    assert set_to[-1] == FIRST["step"] + 3 * PULSE + watchdog.MARGIN_S
 
 
 def test_gloo_takes_the_timeout_torch_sets_after_init() -> None:

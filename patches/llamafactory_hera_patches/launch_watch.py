@@ -27,15 +27,8 @@ from typing import Any
 from .errors import RecipeError
 from .lifecycle import job_store
 
-START_ENV, START_S = "LLAMAFACTORY_HERA_START_TIMEOUT", 600.0
 POLL_S, RESOLVE_S = 1.0, 30.0  # how often the store is read; how long a temporary name-lookup failure is retried
 KILL_AFTER_S = 40.0  # torchrun's agent ends its ranks within 30 s of SIGTERM
-
-
-def start_bound(env: Mapping[str, str] = os.environ) -> float:
-    with contextlib.suppress(ValueError):
-        return float(env.get(START_ENV) or START_S)
-    return START_S
 
 
 def check_master_address(env: Mapping[str, str] = os.environ, retry_s: float = RESOLVE_S) -> None:
@@ -135,8 +128,9 @@ class StartWatch:
     def _said(self, missing: str) -> str:
         """The line for every node: the first launcher's, set in the store for the others."""
         line = (
-            f"watchdog: the launch did not start within {self.bound:.0f} s ({START_ENV}): {missing}. The job ends "
-            "(exit 1) instead of waiting on the rendezvous; fix what is missing and run the same command again."
+            f"watchdog: the launch did not start within {self.bound:.0f} s ({job_store.START_ENV}): {missing}. The "
+            "job ends (exit 1) instead of waiting on the rendezvous; fix what is missing and run the same command "
+            "again."
         )
         if self.store is not None:
             with contextlib.suppress(RuntimeError, ValueError, OSError):
@@ -184,6 +178,6 @@ def watch(env: Mapping[str, str], nodes: int, node: int) -> StartWatch | None:
     address = job_store.address(env)
     if address is None or env.get("RDZV_ID"):
         return None
-    found = StartWatch(address, node, nodes, start_bound(env), end_launch)
+    found = StartWatch(address, node, nodes, job_store.start_bound(env), end_launch)
     found.thread.start()
     return found

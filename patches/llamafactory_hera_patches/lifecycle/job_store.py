@@ -11,7 +11,9 @@ own (the restart count is in the mark's key).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +21,14 @@ from datetime import timedelta
 from typing import Any
 
 ROOT = "llamafactory_hera/watch"
+START_ENV, START_S = "LLAMAFACTORY_HERA_START_TIMEOUT", 600.0  # a launch's start: every node joined, every rank heard
+
+
+def start_bound(env: Mapping[str, str] = os.environ) -> float:
+    """Seconds a launch's nodes have to join and its ranks to start their runs (:data:`START_ENV`)."""
+    with contextlib.suppress(ValueError):
+        return float(env.get(START_ENV) or START_S)
+    return START_S
 
 
 @dataclass(frozen=True)
@@ -58,9 +68,12 @@ def address(env: Mapping[str, str] = os.environ) -> tuple[str, int] | None:
 
 def client(host: str, port: int, timeout: float) -> Any:
     """A client of the store at ``host:port``, its operations bounded by ``timeout`` seconds where the store answers
-    at all (a store whose host is frozen leaves a call waiting: the watchdog's guard bounds that)."""
+    at all (a store whose host is frozen leaves a call waiting: the watchdog's guard bounds that). OSError when
+    nothing listens there: tried with a plain socket first, as c10d logs each failed try with a C++ stack."""
     from torch.distributed import TCPStore  # lazy: the launcher reaches here before it needs torch
 
+    with socket.create_connection((host, port), timeout=timeout):
+        pass
     return TCPStore(host, port, None, False, timedelta(seconds=timeout), wait_for_workers=False)
 
 

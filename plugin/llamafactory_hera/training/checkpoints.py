@@ -240,6 +240,12 @@ class WholeCheckpoints:
             dist.destroy_process_group()
         raise SystemExit(0)
 
+    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        """A micro-batch begun is progress for the watchdog, before the wrapped model's own collectives (DDP's
+        broadcast of buffers): a rank stuck before it stays behind the ranks waiting there."""
+        sections.progress()
+        return super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]
+
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         """An epoch's steps (transformers 5), none once the run is at ``max_steps``: a run resumed from its last
         checkpoint (killed in its final save) writes the final model from it, not one step past it."""

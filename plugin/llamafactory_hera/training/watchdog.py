@@ -17,11 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,89 +28,17 @@ import torch.distributed as dist
 
 from llamafactory_hera.log import say_apart
 from llamafactory_hera.training import sections, watch_nvrx
+from llamafactory_hera.training.watch_bounds import Place, StorageProbe, bound, job_client, place_of, pulse_for
 from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described
 from llamafactory_hera_patches.lifecycle import job_store
 
-FIRST = {"loading": 1800.0, "selection": 1800.0, "directions": 1800.0, "teacher": 1800.0, "step": 900.0}
-FIRST |= {"save": 900.0, "final": 1800.0, "wait": 1800.0}  # a section kind's bound before one was timed
-LATER_FLOOR, FACTOR = 300.0, 4.0  # a later step's or save's bound: max(LATER_FLOOR, FACTOR x the last one's time)
-PULSE = 5.0  # seconds between a rank's beats (shorter where the recipe's bound is short: pulse_for)
 PAUSED = 3  # pulses: a longer gap between this rank's own pulses means it was stopped itself (SIGSTOP, swap)
 MARGIN_S = 10.0  # torch's timeout of a step's or save's collectives: the bound, 3 pulses and this
 NOTICE_S = 3.0  # how long the rank ending a job waits for each node's log to hold the line
-START_ENV, START_S = "LLAMAFACTORY_HERA_START_TIMEOUT", 600.0  # a launch's start: every node joined, every rank heard
 BOUNDED = ("step", "save")  # sections whose collectives torch's timeout bounds (no rank works alone before them)
 EXIT_CODE = 1
 RERUN = "to go on, run the same command again (with resume_from_checkpoint: true it continues from the newest whole "
 RERUN += "checkpoint)"
-
-
-def pulse_for(timeout: float | None) -> float:
-    """Seconds between beats: :data:`PULSE`, a quarter of a shorter recipe bound (at least 0.5 s)."""
-    return min(PULSE, max(0.5, timeout / 4)) if timeout else PULSE
-
-
-def start_bound() -> float:
-    """Seconds a launch's nodes have to join and its ranks to start their runs (:data:`START_ENV`)."""
-    with contextlib.suppress(ValueError):
-        return float(os.environ.get(START_ENV) or START_S)
-    return START_S
-
-
-def bound(kind: str, last: dict[str, float], timeout: float | None) -> float:
-    """Seconds a rank in a section of ``kind`` may go unheard or without progress: the recipe's ``timeout`` when set;
-    else for a step or save ``FACTOR`` x the last one's time (``last``: kind -> seconds), at least ``LATER_FLOOR``,
-    the final save likewise from the last save; else the kind's first bound."""
-    if timeout:
-        return float(timeout)
-    timed = last.get("save" if kind == "final" else kind)
-    if kind in ("step", "save", "final") and timed is not None:
-        return max(LATER_FLOOR, FACTOR * timed)
-    return FIRST.get(kind, FIRST["loading"])
-
-
-@dataclass(frozen=True)
-class Place:
-    """A rank's place in its job."""
-
-    rank: int
-    world: int
-    local_rank: int
-    node: str  # torchrun's node rank (GROUP_RANK), else the host's name
-    nodes: int
-    host: str
-    store: str  # where the job's store is, for the lines
-
-    @property
-    def says(self) -> bool:
-        """Whether this rank puts the job's last line in its node's log (one rank a node)."""
-        return self.local_rank == 0
-
-
-class StorageProbe:
-    """Whether ``output_dir``'s file system answers: a ``statvfs`` in a thread of its own, asked only while this rank
-    makes no progress (a step never touches the file system: no probe)."""
-
-    def __init__(self, folder: str, clock: Callable[[], float]) -> None:
-        self.folder, self.clock, self.since = folder, clock, None
-        self.thread: threading.Thread | None = None
-
-    def ask(self) -> None:
-        if self.thread is None or not self.thread.is_alive():
-            self.since = self.clock()
-            self.thread = threading.Thread(target=self._probe, name="llamafactory-hera-storage", daemon=True)
-            self.thread.start()
-
-    def _probe(self) -> None:
-        with contextlib.suppress(OSError):
-            os.statvfs(self.folder)
-        self.since = None
-
-    def waiting(self, pulse: float) -> float:
-        """Seconds the probe in flight has waited, 0 under a pulse (an answer is not a stall)."""
-        since = self.since
-        waited = self.clock() - since if since is not None else 0.0
-        return waited if waited >= pulse else 0.0
 
 
 class Watchdog:
@@ -134,9 +60,9 @@ class Watchdog:
         self.state = ("loading", "loading", 0, clock())  # section, kind, step, entered (swapped whole: one write)
         self.count, self.pulses, self.verdict = 0, 0, ""
         self.probe = StorageProbe(output_dir, clock)
-        self.judge = Judge(list(range(place.world)), clock(), start_bound()) if place.rank == 0 else None
+        self.judge = Judge(list(range(place.world)), clock(), job_store.start_bound()) if place.rank == 0 else None
         self.monitor = {"beat": {}, "pulse": None, "since": clock()}  # rank 0's beat as this rank last read it
-        self.stopped, self.ending = threading.Event(), threading.Lock()
+        self.stopped, self.entered, self.ending = threading.Event(), threading.Event(), threading.Lock()
         self.in_call: float | None = None  # when this rank's store call in flight began
         self.failing: float | None = None  # since when this rank's store calls fail
         self.guarded = self.moved = clock()
@@ -157,6 +83,7 @@ class Watchdog:
         self.state = (section, kind, previous[2] if step is None else step, now)
         self.count = 0
         self._bound_collectives(kind)
+        self.entered.set()  # published by the thread soon (a rank that freezes next is named in this section)
 
     def progress(self) -> None:
         self.count += 1
@@ -222,12 +149,20 @@ class Watchdog:
         if self.judge is not None:  # every key the monitor reads exists from the start
             for rank in range(self.place.world):
                 self._call(lambda rank=rank: self.store.compare_set(self.keys.beat(rank), "", PLACEHOLDER))
+        read = self.clock() - self.pulse_s
         while not self.stopped.is_set():
-            self._pulse()
-            self.stopped.wait(self.pulse_s)
+            self._publish()
+            if self.clock() - read >= self.pulse_s:  # the others' beats once a pulse
+                read = self.clock()
+                self._pulse()
+            self.stopped.wait(self.pulse_s / 10)  # at most 10 beats a pulse, however short the sections
+            self.entered.wait(max(0.0, self.pulse_s - (self.clock() - read)))  # a pulse, or a new section first
+            self.entered.clear()
+
+    def _publish(self) -> None:
+        self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
 
     def _pulse(self) -> None:
-        self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
         position = (self.state[1], self.state[2], self.count)
         if position != self.seen_position:
             self.seen_position, self.moved = position, self.clock()
@@ -247,7 +182,7 @@ class Watchdog:
         named = self.judge.named(self.clock()) if raws is not None and not self.stopped.is_set() else []
         if named:
             self.verdict = self.line(described(named))
-            self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
+            self._publish()
             self.end(self.verdict)
 
     def _hear_monitor(self) -> None:
@@ -377,7 +312,8 @@ class Watchdog:
 
     def stop(self) -> None:
         self.stopped.set()
-        self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))  # left: not watched
+        self.entered.set()
+        self._publish()  # its beat says it left: no longer watched
         for thread in self.threads:
             thread.join(2 * self.pulse_s)  # not longer: a store call stuck on a frozen host
 
@@ -390,32 +326,6 @@ def _distributed(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(
         word in text for word in ("Connection reset by peer", "Connection closed by peer", "gloo", "NCCL")
     )
-
-
-def place_of(training_args: Any, store: Any) -> Place:
-    """This rank's place, from the Trainer's arguments and torchrun's environment."""
-    world, local = training_args.world_size, int(os.environ.get("LOCAL_WORLD_SIZE") or training_args.world_size)
-    return Place(
-        training_args.process_index,
-        world,
-        training_args.local_process_index,
-        os.environ.get("GROUP_RANK") or socket.gethostname(),
-        max(1, world // max(1, local)),
-        socket.gethostname(),
-        f"{store.host}:{store.port}",
-    )
-
-
-def job_client(timeout: float) -> Any:
-    """A client of the job's store of its own (its calls bounded by ``timeout``): the process group's TCPStore
-    where there is one, else ``MASTER_ADDR:MASTER_PORT``; None without either."""
-    found = None
-    if dist.is_available() and dist.is_initialized():
-        found = dist.distributed_c10d._get_default_store()
-        while hasattr(found, "underlying_store"):
-            found = found.underlying_store
-    where = (found.host, found.port) if hasattr(found, "host") else job_store.address()
-    return job_store.client(where[0], where[1], timeout) if where else None
 
 
 @contextlib.contextmanager
