@@ -5,6 +5,7 @@ process; the launcher's end of its torchrun in a small process of its own."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -110,3 +111,16 @@ def test_the_launcher_ends_its_torchrun_and_itself() -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "child -15" in proc.stdout, (proc.stdout, proc.stderr)
     assert proc.stderr.startswith("\n[llamafactory-hera] watchdog: the launch did not start"), proc.stderr
+
+
+def test_the_watch_lasts_the_launch_and_leaves_no_port_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher's block: MASTER_PORT drawn where unset (LLaMA-Factory would draw its own, which the watch could
+    not know) and given back after; the watch's thread ends with the block; none for an elastic node count."""
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.delenv("RDZV_ID", raising=False)
+    with launch_watch.watching(lambda: free_port(), 2, 0) as start:
+        assert start is not None and start.thread.is_alive() and start.address[1] == int(os.environ["MASTER_PORT"])
+    start.thread.join(5)
+    assert not start.thread.is_alive() and "MASTER_PORT" not in os.environ
+    with launch_watch.watching(lambda: free_port(), None, 0) as start:
+        assert start is None

@@ -137,22 +137,21 @@ def apply(launcher: ModuleType) -> None:
     def launch() -> None:
         if not starts_torchrun(misc, sys.argv):
             return original()
-        # watched from here (launch_watch): the store's port chosen now, where LLaMA-Factory would pick its own
-        os.environ.setdefault("MASTER_PORT", str(misc.find_available_port()))
-        nodes, node = _int_env("NNODES", 1), _int_env("NODE_RANK", 0)
-        start = launch_watch.watch(os.environ, nodes, node) if nodes and node is not None else None
-        launch_watch.check_master_address()
-        method = check_before_ranks(sys.argv)
-        if start is not None:
-            start.expect(_watched_ranks(method, nodes, misc))
-        if getattr(method, "one_process", False) and not forces_torchrun(misc):
-            # it places its model over every visible GPU itself: one rank, which sees them all. Not run_exp() here:
-            # transformers' arguments in a process that sees several GPUs and no launcher ask for torchrun (n_gpu > 1)
-            os.environ["FORCE_TORCHRUN"], os.environ["NPROC_PER_NODE"] = "1", "1"
-        try:
-            return original()
-        except subprocess.CalledProcessError as error:  # torchrun's report is above: its exit code, no traceback
-            raise SystemExit(error.returncode) from None
+        nodes = _int_env("NNODES", 1)
+        # watched from here to the ranks' start (launch_watch), on the port chosen now where LLaMA-Factory would pick
+        with launch_watch.watching(misc.find_available_port, nodes, _int_env("NODE_RANK", 0)) as start:
+            launch_watch.check_master_address()
+            method = check_before_ranks(sys.argv)
+            if start is not None:
+                start.expect(_watched_ranks(method, nodes or 1, misc))
+            if getattr(method, "one_process", False) and not forces_torchrun(misc):
+                # it places its model over every visible GPU itself: one rank, which sees them all. Not run_exp()
+                # here: transformers' arguments in a process that sees several GPUs and no launcher ask for torchrun
+                os.environ["FORCE_TORCHRUN"], os.environ["NPROC_PER_NODE"] = "1", "1"
+            try:
+                return original()
+            except subprocess.CalledProcessError as error:  # torchrun's report is above: its exit code, no traceback
+                raise SystemExit(error.returncode) from None
 
     launcher.launch = launch
     launcher._llamafactory_hera_patched = True

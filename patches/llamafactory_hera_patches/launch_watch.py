@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .errors import RecipeError
@@ -172,12 +172,23 @@ def _children() -> list[int]:
     return found
 
 
-def watch(env: Mapping[str, str], nodes: int, node: int) -> StartWatch | None:
-    """The start watch of this node's launch (torchrun with a static rendezvous at ``MASTER_ADDR:MASTER_PORT``),
-    started; None for an elastic launch."""
-    address = job_store.address(env)
-    if address is None or env.get("RDZV_ID"):
-        return None
-    found = StartWatch(address, node, nodes, job_store.start_bound(env), end_launch)
-    found.thread.start()
-    return found
+@contextlib.contextmanager
+def watching(free_port: Callable[[], int], nodes: int | None, node: int | None) -> Iterator[StartWatch | None]:
+    """This node's launch watched for the block (torchrun with a static rendezvous at ``MASTER_ADDR:MASTER_PORT``,
+    the port drawn here by ``free_port`` when unset, as LLaMA-Factory would draw it, and set for the block); None: an
+    elastic launch (``RDZV_ID``) or node counts that are no numbers (``NNODES=1:2``)."""
+    drawn = "MASTER_PORT" not in os.environ
+    if drawn:
+        os.environ["MASTER_PORT"] = str(free_port())
+    address = job_store.address({"MASTER_ADDR": "127.0.0.1", **os.environ})  # LLaMA-Factory's default address
+    found = None
+    if address is not None and not os.environ.get("RDZV_ID") and nodes and node is not None:
+        found = StartWatch(address, node, nodes, job_store.start_bound(os.environ), end_launch)
+        found.thread.start()
+    try:
+        yield found
+    finally:
+        if found is not None:
+            found.stop()
+        if drawn:
+            os.environ.pop("MASTER_PORT", None)
