@@ -151,7 +151,7 @@ def apply(launcher: ModuleType) -> None:
             try:
                 return original()
             except subprocess.CalledProcessError as error:  # torchrun's report is above: its exit code, no traceback
-                raise SystemExit(error.returncode) from None
+                raise SystemExit(1 if start is not None and start.ended else error.returncode) from None
 
     launcher.launch = launch
     launcher._llamafactory_hera_patched = True

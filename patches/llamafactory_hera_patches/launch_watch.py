@@ -63,7 +63,7 @@ class StartWatch:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.address, self.node, self.nodes, self.bound, self.end, self.clock = address, node, nodes, bound, end, clock
-        self.started, self.ranks, self.expected = clock(), 0, threading.Event()
+        self.started, self.ranks, self.expected, self.ended = clock(), 0, threading.Event(), False
         self.store: Any = None
         self.keys: job_store.Keys | None = None
         self.done = threading.Event()
@@ -80,6 +80,7 @@ class StartWatch:
             if missing is None:
                 return
             if self.clock() - self.started > self.bound:
+                self.ended = True
                 self.end(self._said(missing))
                 return
             self.done.wait(POLL_S)
@@ -95,6 +96,7 @@ class StartWatch:
         try:
             verdict = self.store.get(self.keys.verdict) if self.store.check([self.keys.verdict]) else b""
             if verdict:
+                self.ended = True
                 self.end(verdict.decode())
                 self.done.set()
                 return None
