@@ -67,6 +67,7 @@ class Watchdog:
         self.failing: float | None = None  # since when this rank's store calls fail
         self.guarded = self.moved = clock()
         self.seen_position: Any = None
+        self.published = ""  # the section kind of the last beat written
         self.paused_at: float | None = None  # when this rank found it had been stopped itself
         self.threads = [
             threading.Thread(target=target, name=f"llamafactory-hera-watchdog-{name}", daemon=True)
@@ -151,15 +152,20 @@ class Watchdog:
                 self._call(lambda rank=rank: self.store.compare_set(self.keys.beat(rank), "", PLACEHOLDER))
         read = self.clock() - self.pulse_s
         while not self.stopped.is_set():
+            published = self.clock()
             self._publish()
-            if self.clock() - read >= self.pulse_s:  # the others' beats once a pulse
-                read = self.clock()
+            if published - read >= self.pulse_s:  # the others' beats once a pulse
+                read = published
                 self._pulse()
-            self.stopped.wait(self.pulse_s / 10)  # at most 10 beats a pulse, however short the sections
-            self.entered.wait(max(0.0, self.pulse_s - (self.clock() - read)))  # a pulse, or a new section first
+            self.entered.wait(max(0.0, read + self.pulse_s - self.clock()))  # a pulse, or a new section first
             self.entered.clear()
+            if self.state[1] == self.published:  # a new section of the same kind (a step): 10 beats a pulse at most
+                self.stopped.wait(max(0.0, published + self.pulse_s / 10 - self.clock()))
 
     def _publish(self) -> None:
+        """This rank's beat into the store (a new kind of section at once: a rank that freezes as a save begins is
+        named in its save)."""
+        self.published = self.state[1]
         self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
 
     def _pulse(self) -> None:
