@@ -76,8 +76,8 @@ def test_a_slow_rank_that_still_moves_holds_back_the_ranks_waiting_for_it() -> N
 
 def test_waiting_and_loading_ranks_are_never_named_stuck_and_loading_ones_hold_the_others_back() -> None:
     """Head selection: rank 0 scores (kind ``selection``), ranks 1 and 2 wait for it (``wait``, whatever their
-    position); rank 0 stops moving: it alone is named. And a rank still loading (watched for life only) holds back the naming of a rank
-    that waits for it in the teacher's pass."""
+    position); rank 0 stops moving: it alone is named. And a rank still loading (watched for life only) holds back
+    the naming of a rank that waits for it in the teacher's pass."""
     judge = Judge([0, 1, 2], now=0.0, first_bound=600)
     for t in range(0, 41, 5):
         judge.observe(0, beat(t, [0, 1, 7], kind="selection", section="head selection", host="node-a"), float(t))

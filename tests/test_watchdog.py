@@ -166,8 +166,8 @@ def test_a_store_that_never_answers_ends_the_job_with_the_node_that_hosts_it(ser
     client.release.set()
     assert ends["codes"] == [1]
     assert re.match(rf"watchdog: rank 0 on node0, unheard for 1 s in loading \(bound 1 s\): its process or host is "
-                    rf"frozen or gone; the job's store at 127.0.0.1:{server.port} does not answer either",
-                    ends["said"][0]), ends["said"]
+                    rf"frozen or gone; the job's store at 127.0.0.1:{server.port} does not answer either \(rank 1 is "
+                    rf"in loading\)", ends["said"][0]), ends["said"]
 
 
 def test_an_earlier_launchs_rank_is_neither_heard_nor_taken_for_this_launchs(

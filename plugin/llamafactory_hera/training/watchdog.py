@@ -219,7 +219,10 @@ class Watchdog:
             return
         limit = float(self.monitor["beat"].get("bound") or self.bound())
         if self.clock() - since > limit:
-            store = f"; the job's store at {self.place.store} does not answer either"
+            store = (  # rank 0's beat is as old as this rank's last read of it: where this rank is says more
+                f"; the job's store at {self.place.store} does not answer either (rank {self.place.rank} is in "
+                f"{self.state[0]})"
+            )
             if self._was_paused():
                 self.end(self._thawed(f"the job's store at {self.place.store} no longer answers"), store=False)
             elif self.judge is None and self.monitor["beat"]:
