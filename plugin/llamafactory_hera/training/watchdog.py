@@ -69,6 +69,7 @@ class Watchdog:
         self.seen_position: Any = None
         self.published = ""  # the section kind of the last beat written
         self.paused_at: float | None = None  # when this rank found it had been stopped itself
+        self.paused_s = 0.0  # for how long
         self.threads = [
             threading.Thread(target=target, name=f"llamafactory-hera-watchdog-{name}", daemon=True)
             for name, target in (("pulse", self._run), ("guard", self._guard))
@@ -157,7 +158,12 @@ class Watchdog:
             if published - read >= self.pulse_s:  # the others' beats once a pulse
                 read = published
                 self._pulse()
-            self.entered.wait(max(0.0, read + self.pulse_s - self.clock()))  # a pulse, or a new section first
+            elif self.judge is None and not self.monitor["beat"]:  # rank 0 not heard yet: at each beat until it is
+                self._hear_monitor()
+            due = read + self.pulse_s
+            if self.judge is None and not self.monitor["beat"]:
+                due = min(due, published + self.pulse_s / 10)
+            self.entered.wait(max(0.0, due - self.clock()))  # a pulse, or a new section first
             self.entered.clear()
             if self.state[1] == self.published:  # a new section of the same kind (a step): 10 beats a pulse at most
                 self.stopped.wait(max(0.0, published + self.pulse_s / 10 - self.clock()))
@@ -192,7 +198,8 @@ class Watchdog:
             self.end(self.verdict)
 
     def _hear_monitor(self) -> None:
-        raw = self._call(lambda: self.store.get(self.keys.beat(0)))
+        key = self.keys.beat(0)
+        raw = self._call(lambda: self.store.get(key) if self.store.check([key]) else None)
         beat = json.loads(raw) if raw and raw != PLACEHOLDER else None
         if isinstance(beat, dict):
             if beat.get("pulse") != self.monitor["pulse"]:
@@ -243,7 +250,7 @@ class Watchdog:
 
     def _paused(self, now: float) -> None:
         """This rank was stopped itself: the silence it would see is its own."""
-        self.paused_at = now
+        self.paused_at, self.paused_s = now, now - self.guarded
         self.monitor["since"] = now
         if self.judge is not None:
             self.judge.paused(now)
@@ -263,7 +270,7 @@ class Watchdog:
         )
 
     def _thawed(self, why: str) -> str:
-        stopped = self.clock() - (self.paused_at or self.guarded)
+        stopped = self.paused_s if self.paused_at is not None else self.clock() - self.guarded
         return (
             f"watchdog: rank {self.place.rank} on {self.place.host} was stopped (its process or host frozen) and "
             f"went on {stopped:.0f} s later; meanwhile the job ended: {why.removeprefix('watchdog: ')} Rank "
@@ -315,6 +322,9 @@ class Watchdog:
         )
 
     def start(self) -> None:
+        """Its first beat written before anything else (rank 0's before its thread writes the other ranks'
+        placeholders: no rank reads a placeholder of rank 0), then counted as started, then its threads."""
+        self._publish()
         self._call(lambda: self.store.add(self.keys.started, 1))
         for thread in self.threads:
             thread.start()
