@@ -207,7 +207,8 @@ def test_a_rank_thawed_after_the_job_ended_says_so_and_ends(server: Any, ends: d
         dog.ended_meanwhile(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [1.2.3.4]:5"))
     assert ends["codes"] == [1]
     assert re.match(r"watchdog: rank 1 on node1 was stopped \(its process or host frozen\) and went on 10 s later; "
-                    r"meanwhile the job ended: its collective failed \(\[gloo", ends["said"][0]), ends["said"]
+                    r"meanwhile the job ended: its collective failed \(\[gloo.*:5\)\. Rank 1 ends \(exit 1\)",
+                    ends["said"][0]), ends["said"]
     dog = _dog(server, 1, store=_Gone(), keys=job_store.Keys("k/"))
     dog.enter("step 3", "step", 3)
     dog.ended_meanwhile(RuntimeError("Connection reset by peer"))

@@ -271,10 +271,11 @@ class Watchdog:
 
     def _thawed(self, why: str) -> str:
         stopped = self.paused_s if self.paused_at is not None else self.clock() - self.guarded
+        why = why.removeprefix("watchdog: ").rstrip(".")
         return (
             f"watchdog: rank {self.place.rank} on {self.place.host} was stopped (its process or host frozen) and "
-            f"went on {stopped:.0f} s later; meanwhile the job ended: {why.removeprefix('watchdog: ')} Rank "
-            f"{self.place.rank} ends (exit {EXIT_CODE}); {RERUN}."
+            f"went on {stopped:.0f} s later; meanwhile the job ended: {why}. Rank {self.place.rank} ends (exit "
+            f"{EXIT_CODE}); {RERUN}."
         )
 
     def end(self, line: str, store: bool = True) -> None:
