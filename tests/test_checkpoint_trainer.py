@@ -112,11 +112,14 @@ class _Recorder:
     left."""
 
     def __init__(self) -> None:
-        self.state, self.count, self.entered = ("loading", "loading", 0), 0, []
+        self.state = ("loading", "loading", 0)
+        self.count = 0
+        self.entered = []
 
     def enter(self, section: str, kind: str, step: int | None = None) -> None:
         self.entered.append((*self.state, self.count))
-        self.state, self.count = (section, kind, self.state[2] if step is None else step), 0
+        self.state = (section, kind, self.state[2] if step is None else step)
+        self.count = 0
 
     def progress(self) -> None:
         self.count += 1

@@ -75,7 +75,8 @@ def test_ranks_that_never_start_their_run_and_the_first_nodes_line_in_every_node
     """Both nodes joined, 3 of 4 ranks started their watchdog: node 0's launcher names it at the bound and sets its
     line in the store; node 1's launcher, whose bound passes later, says that same line."""
     said: list[str] = [], []
-    first, second = _watch(server.port, 0, 2, said[0]), _watch(server.port, 1, 2, said[1], bound=30.0)
+    first = _watch(server.port, 0, 2, said[0])
+    second = _watch(server.port, 1, 2, said[1], bound=30.0)
     for watch in (first, second):
         watch.expect(4)
     second.thread.start()

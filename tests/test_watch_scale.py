@@ -19,14 +19,18 @@ from llamafactory_hera.training.watch_judge import Judge
 from llamafactory_hera.training.watchdog import Watchdog
 from llamafactory_hera_patches.lifecycle import job_store
 
-RANKS, PER_NODE, PULSE, CLIENTS = 1024, 8, 5.0, 8
+RANKS = 1024
+PER_NODE = 8
+PULSE = 5.0
+CLIENTS = 8
 
 
 class Job:
     """``RANKS`` simulated ranks (their watchdogs, no threads) sharing ``CLIENTS`` connections to one store."""
 
     def __init__(self, port: int, ranks: int = RANKS) -> None:
-        self.now, self.ranks = 0.0, ranks
+        self.now = 0.0
+        self.ranks = ranks
         clients = [job_store.client("127.0.0.1", port, 30.0) for _ in range(CLIENTS)]
         self.keys = job_store.launch_mark(clients[0])
         self.dogs = [
@@ -36,7 +40,10 @@ class Job:
             for rank in range(ranks)]
         self.monitor: Judge = self.dogs[0].judge
         self.frozen: set[int] = set()
-        self.calls, self.reads, self.spent, self.pulses = 0, 0, 0.0, 0
+        self.calls = 0
+        self.reads = 0
+        self.spent = 0.0
+        self.pulses = 0
         for rank in range(ranks):  # the monitor's placeholders, one call each at its start
             clients[0].compare_set(self.keys.beat(rank), "", b"-")
 
@@ -107,7 +114,8 @@ def port() -> Any:
 
 
 def test_1024_ranks_a_storage_stall_a_frozen_rank_and_a_stuck_one(port: int) -> None:
-    job, everyone = Job(port), set(range(RANKS))
+    job = Job(port)
+    everyone = set(range(RANKS))
     for dog in job.dogs:  # a first save of 10 s: the next save's bound is the floor, 300 s
         dog.enter("the save of checkpoint-2", "save", 2)
     job.now += 10.0
@@ -126,12 +134,14 @@ def test_1024_ranks_a_storage_stall_a_frozen_rank_and_a_stuck_one(port: int) -> 
         if dog.place.rank != 901:
             dog.progress()
     job.frozen.add(517)
-    stopped, bound = job.now, job.dogs[1].bound()
+    stopped = job.now
+    bound = job.dogs[1].bound()
     frozen, frozen_named = job.run(job.now + 600.0)
     job.frozen.discard(517)  # its node taken out of the job: its last beat says it left
     job.dogs[517].stopped.set()
     stuck, stuck_named = job.run(job.now + 600.0)
-    to_frozen, to_stuck = frozen_named - stopped, stuck_named - stopped
+    to_frozen = frozen_named - stopped
+    to_stuck = stuck_named - stopped
     seconds = job.pulses * PULSE
     print(f"\n1,024 ranks, one TCPStore, a {PULSE:.0f} s pulse: {job.calls / seconds:.0f} store calls a second "
           f"({job.reads / seconds:.0f} key reads a second; heartbeat files: {RANKS * (RANKS - 1) / PULSE:,.0f}); the "

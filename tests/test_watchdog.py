@@ -99,7 +99,8 @@ def _wait_for(ends: dict[str, Any], count: int, timeout: float = 10.0) -> None:
 def test_a_frozen_rank_is_named_by_the_monitor(server: Any, ends: dict[str, Any]) -> None:
     """Rank 1 freezes while loading (bound 1 s): rank 0's monitor names it unheard, says the line and ends; the
     line starts as the multi-node test reads it."""
-    monitor, frozen = _dog(server, 0), _dog(server, 1)
+    monitor = _dog(server, 0)
+    frozen = _dog(server, 1)
     _started(ends, monitor, frozen)
     time.sleep(5 * FAST)
     assert ends["codes"] == []  # both pulse: nobody is named
@@ -129,7 +130,8 @@ def test_a_stuck_rank_is_named_and_ends_with_the_others(server: Any, ends: dict[
 
 
 def test_rank_0_frozen_is_named_by_every_other_rank(server: Any, ends: dict[str, Any]) -> None:
-    monitor, other = _dog(server, 0), _dog(server, 1)
+    monitor = _dog(server, 0)
+    other = _dog(server, 1)
     _started(ends, monitor, other)
     time.sleep(5 * FAST)
     _freeze(monitor)
@@ -142,7 +144,9 @@ class _Hanging:
     """A store client that answers until ``hang`` is set, then never returns (its host frozen: TCPStore waits on)."""
 
     def __init__(self, client: Any) -> None:
-        self.client, self.hang, self.release = client, threading.Event(), threading.Event()
+        self.client = client
+        self.hang = threading.Event()
+        self.release = threading.Event()
 
     def __getattr__(self, name: str) -> Any:
         def call(*args: Any) -> Any:
@@ -157,7 +161,8 @@ def test_a_store_that_never_answers_ends_the_job_with_the_node_that_hosts_it(ser
     """The first node frozen whole: torchrun's agent there, which hosts the job's store, stops with rank 0. Rank 1's
     store call never returns; its guard names rank 0 and the store, within rank 0's bound."""
     client = _Hanging(job_store.client("127.0.0.1", server.port, 1.0))
-    monitor, other = _dog(server, 0), _dog(server, 1, store=client)
+    monitor = _dog(server, 0)
+    other = _dog(server, 1, store=client)
     _started(ends, monitor, other)
     time.sleep(5 * FAST)
     _freeze(monitor)
@@ -262,10 +267,13 @@ class _Recorder:
     """A watchdog as sections.py sees one: every section entered and the progress in it."""
 
     def __init__(self) -> None:
-        self.state, self.entered, self.count = ("loading", "loading", 0), [], 0
+        self.state = ("loading", "loading", 0)
+        self.entered = []
+        self.count = 0
 
     def enter(self, section: str, kind: str, step: int | None = None) -> None:
-        self.state, self.count = (section, kind, self.state[2] if step is None else step), 0
+        self.state = (section, kind, self.state[2] if step is None else step)
+        self.count = 0
         self.entered.append(self.state)
 
     def progress(self) -> None:

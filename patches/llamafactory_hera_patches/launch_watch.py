@@ -27,14 +27,16 @@ from typing import Any
 from .errors import RecipeError
 from .lifecycle import job_store
 
-POLL_S, RESOLVE_S = 1.0, 30.0  # how often the store is read; how long a temporary name-lookup failure is retried
+POLL_S = 1.0  # how often the store is read; how long a temporary name-lookup failure is retried
+RESOLVE_S = 30.0
 KILL_AFTER_S = 40.0  # torchrun's agent ends its ranks within 30 s of SIGTERM
 
 
 def check_master_address(env: Mapping[str, str] = os.environ, retry_s: float = RESOLVE_S) -> None:
     """RecipeError naming ``MASTER_ADDR`` when it does not resolve here (a temporary lookup failure is retried for
     ``retry_s`` seconds first): c10d would retry it for minutes, warning only."""
-    host, deadline = env.get("MASTER_ADDR") or "127.0.0.1", time.monotonic() + retry_s
+    host = env.get("MASTER_ADDR") or "127.0.0.1"
+    deadline = time.monotonic() + retry_s
     while True:
         try:
             socket.getaddrinfo(host, None)
@@ -62,8 +64,16 @@ class StartWatch:
         end: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.address, self.node, self.nodes, self.bound, self.end, self.clock = address, node, nodes, bound, end, clock
-        self.started, self.ranks, self.expected, self.ended = clock(), 0, threading.Event(), False
+        self.address = address
+        self.node = node
+        self.nodes = nodes
+        self.bound = bound
+        self.end = end
+        self.clock = clock
+        self.started = clock()
+        self.ranks = 0
+        self.expected = threading.Event()
+        self.ended = False
         self.store: Any = None
         self.keys: job_store.Keys | None = None
         self.done = threading.Event()

@@ -21,7 +21,8 @@ from datetime import timedelta
 from typing import Any
 
 ROOT = "llamafactory_hera/watch"
-START_ENV, START_S = "LLAMAFACTORY_HERA_START_TIMEOUT", 600.0  # a launch's start: every node joined, every rank heard
+START_ENV = "LLAMAFACTORY_HERA_START_TIMEOUT"  # a launch's start: every node joined, every rank heard
+START_S = 600.0
 
 
 def start_bound(env: Mapping[str, str] = os.environ) -> float:
@@ -62,7 +63,8 @@ class Keys:
 
 def address(env: Mapping[str, str] = os.environ) -> tuple[str, int] | None:
     """``(MASTER_ADDR, MASTER_PORT)`` of this job, None when either is unset or not a port."""
-    host, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+    host = env.get("MASTER_ADDR", "")
+    port = env.get("MASTER_PORT", "")
     return (host, int(port)) if host and port.isdigit() and int(port) > 0 else None
 
 

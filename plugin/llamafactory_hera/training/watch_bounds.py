@@ -17,7 +17,8 @@ from llamafactory_hera_patches.lifecycle import job_store
 
 FIRST = {"loading": 1800.0, "selection": 1800.0, "directions": 1800.0, "teacher": 1800.0, "step": 900.0}
 FIRST |= {"save": 900.0, "final": 1800.0, "wait": 1800.0}  # a section kind's bound before one was timed
-LATER_FLOOR, FACTOR = 300.0, 4.0  # a later step's or save's bound: max(LATER_FLOOR, FACTOR x the last one's time)
+LATER_FLOOR = 300.0  # a later step's or save's bound: max(LATER_FLOOR, FACTOR x the last one's time)
+FACTOR = 4.0
 PULSE = 5.0  # seconds between a rank's beats (shorter where the recipe's bound is short: pulse_for)
 
 
@@ -61,7 +62,9 @@ class StorageProbe:
     makes no progress (a step never touches the file system: no probe)."""
 
     def __init__(self, folder: str, clock: Callable[[], float]) -> None:
-        self.folder, self.clock, self.since = folder, clock, None
+        self.folder = folder
+        self.clock = clock
+        self.since = None
         self.thread: threading.Thread | None = None
 
     def ask(self) -> None:
@@ -84,7 +87,8 @@ class StorageProbe:
 
 def place_of(training_args: Any, store: Any) -> Place:
     """This rank's place, from the Trainer's arguments and torchrun's environment."""
-    world, local = training_args.world_size, int(os.environ.get("LOCAL_WORLD_SIZE") or training_args.world_size)
+    world = training_args.world_size
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or training_args.world_size)
     return Place(
         training_args.process_index,
         world,

@@ -70,19 +70,24 @@ class Judge:
 
     def __init__(self, ranks: list[int], now: float, first_bound: float) -> None:
         self.seen = {rank: Seen(beat_since=now, moved_since=now) for rank in ranks}
-        self.started, self.first_bound = now, first_bound
+        self.started = now
+        self.first_bound = first_bound
 
     def observe(self, rank: int, raw: bytes | None, now: float) -> None:
         """Rank ``rank``'s beat read at ``now`` (None or unparsable: not read this time, nothing changes)."""
-        beat, seen = parse(raw), self.seen[rank]
+        beat = parse(raw)
+        seen = self.seen[rank]
         if beat is None:
             return
-        seen.beat, seen.heard = beat, True
+        seen.beat = beat
+        seen.heard = True
         if beat.get("pulse") != seen.pulse:
-            seen.pulse, seen.beat_since = beat.get("pulse"), now
+            seen.pulse = beat.get("pulse")
+            seen.beat_since = now
         position = beat.get("position")
         if position != seen.position:
-            seen.position, seen.moved_since = position, now
+            seen.position = position
+            seen.moved_since = now
 
     def paused(self, now: float) -> None:
         """The monitor itself was paused: the silence it would see is its own."""
@@ -160,7 +165,8 @@ def described(named: list[Named]) -> str:
     """The named ranks, one clause per reason and host: rank, host, section, seconds, bound."""
     clauses = []
     for group in _group(named):
-        first, seconds = group[0], max(entry.seconds for entry in group)
+        first = group[0]
+        seconds = max(entry.seconds for entry in group)
         bound = float(first.beat.get("bound", 0) or 0)
         where = f"{_ranks(group)} on {first.beat.get('host', '?')}"
         section = first.beat.get("section", "?")

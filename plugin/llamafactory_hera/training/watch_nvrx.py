@@ -25,7 +25,10 @@ class Reporter:
     """The sections and progress of this rank, told to ``client`` (a connected ``RankMonitorClient``)."""
 
     def __init__(self, client: Any) -> None:
-        self.client, self.open, self.state, self.beaten = client, None, ("loading", "loading", 0), 0.0
+        self.client = client
+        self.open = None
+        self.state = ("loading", "loading", 0)
+        self.beaten = 0.0
         self.known = set(getattr(getattr(client, "cfg", None), "rank_section_timeouts", None) or ())
 
     def enter(self, section: str, kind: str, step: int | None = None) -> None:

@@ -54,15 +54,25 @@ class Watchdog:
         clock: Callable[[], float] = time.monotonic,
         job_timeout: float | None = None,
     ) -> None:
-        self.place, self.store, self.keys, self.timeout, self.clock = place, store, keys, timeout, clock
-        self.pulse_s, self.job_timeout, self.pg_timeout = pulse_for(timeout), job_timeout, None
+        self.place = place
+        self.store = store
+        self.keys = keys
+        self.timeout = timeout
+        self.clock = clock
+        self.pulse_s = pulse_for(timeout)
+        self.job_timeout = job_timeout
+        self.pg_timeout = None
         self.last: dict[str, float] = {}  # kind -> the last such section's measured seconds
         self.state = ("loading", "loading", 0, clock())  # section, kind, step, entered (swapped whole: one write)
-        self.count, self.pulses, self.verdict = 0, 0, ""
+        self.count = 0
+        self.pulses = 0
+        self.verdict = ""
         self.probe = StorageProbe(output_dir, clock)
         self.judge = Judge(list(range(place.world)), clock(), job_store.start_bound()) if place.rank == 0 else None
         self.monitor = {"beat": {}, "pulse": None, "since": clock()}  # rank 0's beat as this rank last read it
-        self.stopped, self.entered, self.ending = threading.Event(), threading.Event(), threading.Lock()
+        self.stopped = threading.Event()
+        self.entered = threading.Event()
+        self.ending = threading.Lock()
         self.in_call: float | None = None  # when this rank's store call in flight began
         self.failing: float | None = None  # since when this rank's store calls fail
         self.guarded = self.moved = clock()
@@ -177,7 +187,8 @@ class Watchdog:
     def _pulse(self) -> None:
         position = (self.state[1], self.state[2], self.count)
         if position != self.seen_position:
-            self.seen_position, self.moved = position, self.clock()
+            self.seen_position = position
+            self.moved = self.clock()
         elif self.clock() - self.moved >= 2 * self.pulse_s:
             self.probe.ask()
         if self.judge is not None:
@@ -250,7 +261,8 @@ class Watchdog:
 
     def _paused(self, now: float) -> None:
         """This rank was stopped itself: the silence it would see is its own."""
-        self.paused_at, self.paused_s = now, now - self.guarded
+        self.paused_at = now
+        self.paused_s = now - self.guarded
         self.monitor["since"] = now
         if self.judge is not None:
             self.judge.paused(now)
@@ -294,7 +306,8 @@ class Watchdog:
     def _told(self) -> None:
         """The line is in this node's log (its sayer marks it); rank 0 waits for every node's, the others for their
         node's sayer."""
-        node, deadline = self.place.node, time.monotonic() + NOTICE_S + self.pulse_s
+        node = self.place.node
+        deadline = time.monotonic() + NOTICE_S + self.pulse_s
         with contextlib.suppress(RuntimeError, ValueError, OSError):
             if self.place.says:
                 self.store.set(self.keys.told(node), "1")
