@@ -5,7 +5,12 @@
     python3 dev.py demo [DEMO ARGS...]     set up .venv, then python -m llamafactory_hera.demo
     ... --stack oldest                     the same on the second stack (.venv-oldest, constraints-oldest.txt):
                                            test runs the three demos and OLDEST_STACK_TESTS there
-    python3 dev.py test --stack all        both stacks, one after the other (what CI runs)
+    ... --stack main                       the same on LLaMA-Factory main (.venv-main, constraints-main.txt) at the
+                                           commit of TESTED_MAIN, from LLAMAFACTORY_MAIN_SOURCE (a git URL or a
+                                           clone): test runs the three demos and MAIN_STACK_TESTS there
+    python3 dev.py test --stack all        the stacks one after another (what CI runs); main only where its source
+                                           is reachable, else one line saying why it was not tested
+    python3 dev.py pin-main [REF]          pin main at REF of LLAMAFACTORY_MAIN_SOURCE (default: its HEAD)
     python3 dev.py costs [PYTEST ARGS...]  test (pinned stack), each test's cost recorded; then tests/COSTS.md
     python3 dev.py costs --from DIR        tests/COSTS.md from a recording made before (HERA_TEST_COSTS=DIR)
 
@@ -23,7 +28,9 @@ A ``.venv`` made by ``demo`` gets the test extras on the first ``test``; one mad
 from __future__ import annotations
 
 import ast
+import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -43,7 +50,17 @@ CONSTRAINTS = ROOT / "constraints-torch.txt"
 # the host stacks (docs/install.md's table): each in its own venv, pinned by its own constraints file. "pinned" runs the
 # whole suite (lint included); "oldest" (LLaMA-Factory 0.9.5 with the oldest transformers it allows that the plugin
 # supports) runs the three demos and OLDEST_STACK_TESTS; "all" (what CI runs) both, one after the other
-STACKS = {"pinned": (".venv", "constraints-torch.txt"), "oldest": (".venv-oldest", "constraints-oldest.txt")}
+STACKS = {
+    "pinned": (".venv", "constraints-torch.txt"),
+    "oldest": (".venv-oldest", "constraints-oldest.txt"),
+    "main": (".venv-main", "constraints-main.txt"),
+}
+# LLaMA-Factory main is on no package index: "main" installs it from this source (a git URL, or a local clone) at the
+# commit TESTED_MAIN pins (which the plugin's version guard names too); `dev.py pin-main` moves the pin. Where the
+# source is not set or not reachable (CI reaches package registries only), `--stack all` leaves main out in one line
+MAIN_SOURCE_ENV = "LLAMAFACTORY_MAIN_SOURCE"
+TESTED_MAIN = ROOT / "patches" / "llamafactory_hera_patches" / "tested_main.json"
+MAIN_VERSION_FILE = "src/llamafactory/extras/env.py"  # VERSION = "..." in LLaMA-Factory's tree
 # on the second stack: each method's stage, select, the families that release has, resume, the host-key refusals
 OLDEST_STACK_TESTS = (
     "tests/test_stacks.py",  # the transformers range, the families a release lacks, fa2 on 5.6.0
@@ -53,6 +70,25 @@ OLDEST_STACK_TESTS = (
     "tests/rah/test_rah_stage.py",
     "tests/harc/test_harc_stage.py",
     "tests/hera/test_hera_selection.py",  # select
+)
+# on main: the oldest stack's subset, then the tests of every patch point (the trainer's entry, both launchers and v1's
+# parse, accelerate's launch and FSDP utilities, the templates, LlamaBoard) and of main's own switches and families
+MAIN_STACK_TESTS = (
+    *OLDEST_STACK_TESTS,
+    "tests/test_backend_switches.py",  # every backend switch x stage, main's Megatron-Bridge included
+    "tests/test_host_guard.py",  # the pinned commit is what is installed
+    "tests/test_activation.py",
+    "tests/test_host_only.py",  # v1 (USE_V1, a stock v1 run), accelerate launch of a user's script
+    "tests/test_torchrun_refusals.py",
+    "tests/test_launch_refusals.py",
+    "tests/test_accelerate_refusals.py",
+    "tests/test_fsdp_adapter_patch.py",
+    "tests/test_fsdp_qlora_patch.py",
+    "tests/hera/test_hera_llava15_recipes.py",  # the LLaVA-1.5 templates
+    "tests/hera/test_hera_webui.py",  # LlamaBoard: stage list, panels, saved config, loss plot
+    "tests/rah/test_rah_webui.py",
+    "tests/harc/test_harc_webui.py",
+    "tests/test_output_dir.py",  # LlamaBoard's own files in output_dir (main's webui_subprocess.log)
 )
 # tests of OLDEST_STACK_TESTS that fail on the second stack for a known open bug, deselected there by name so that
 # they are seen (none open: hera_heads: auto under torchrun, "SafetensorError: device cpu:0 is invalid" on 4.55, was
@@ -135,8 +171,8 @@ def use_stack(stack: str) -> None:
 
 def setup(command: str, stack: str = "pinned") -> Path:
     """Create/reuse the stack's venv (``.venv`` for the pinned one) and install the current tree into it, with what
-    ``command`` needs (:data:`INSTALL_TARGETS`; the second stack's tests get only pytest's tools, ``.[test-stack]``);
-    return the venv's python."""
+    ``command`` needs (:data:`INSTALL_TARGETS`; the other stacks' tests get only pytest's tools, ``.[test-stack]``;
+    main's LLaMA-Factory from its source, :func:`main_requirement`); return the venv's python."""
     python = venv_bin("python")
     with phase("venv"):
         if python.is_file():
@@ -167,14 +203,76 @@ def setup(command: str, stack: str = "pinned") -> Path:
     with phase("torch trio"):
         install("-q", "-c", CONSTRAINTS, *TORCH_TRIO)
     target = INSTALL_TARGETS[command] if stack == "pinned" or command == "demo" else ".[test-stack]"
+    target = ".[test-stack,qlora]" if target == ".[test-stack]" and stack == "main" else target  # fsdp_qlora's tests
+    host = [main_requirement()] if stack == "main" else []  # LLaMA-Factory main from its source, with the package
     with phase("dependencies"):
-        install("-q", "-c", CONSTRAINTS, target)
+        install("-q", "-c", CONSTRAINTS, *host, target)
     with phase("reinstall package"):
         install("-q", "--no-deps", "--force-reinstall", ".")
     if command == "test":
         with phase("test support"):
             install("-q", "--no-deps", "--force-reinstall", "./testing")
     return python
+
+
+def main_source() -> tuple[str | None, str]:
+    """(the git URL of ``LLAMAFACTORY_MAIN_SOURCE``, a local clone's as a ``file://`` URL; None where it is not set or
+    ``git ls-remote`` cannot reach it, and then why)."""
+    given = os.environ.get(MAIN_SOURCE_ENV, "").strip()
+    if not given:
+        return None, f"{MAIN_SOURCE_ENV} is not set (a git URL or a local clone of LLaMA-Factory)"
+    url = given if "://" in given or given.startswith("git@") else Path(given).expanduser().resolve().as_uri()
+    try:
+        probe = subprocess.run(["git", "ls-remote", url, "HEAD"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return None, f"git ls-remote {url} failed ({error})"
+    if probe.returncode != 0:
+        said = (probe.stderr.strip().splitlines() or ["no message"])[0]
+        return None, f"{MAIN_SOURCE_ENV}={given} is not reachable (git ls-remote: {said})"
+    return url, ""
+
+
+def tested_main() -> dict[str, str]:
+    """The pinned LLaMA-Factory main: ``version``, ``commit``, ``date`` (:data:`TESTED_MAIN`)."""
+    return json.loads(TESTED_MAIN.read_text(encoding="utf-8"))
+
+
+def main_requirement() -> str:
+    """``llamafactory @ git+SOURCE@COMMIT``: main at the pinned commit (its install records the commit, which the
+    plugin's version guard reads); SystemExit naming why where the source is not reachable."""
+    url, why = main_source()
+    if url is None:
+        log(f"cannot set up LLaMA-Factory main: {why}")
+        raise SystemExit(2)
+    return f"llamafactory @ git+{url}@{tested_main()['commit']}"
+
+
+def cmd_pin_main(args: list[str]) -> int:
+    """``pin-main [REF]``: :data:`TESTED_MAIN` set to REF (a branch, tag or commit; default the source's HEAD) of
+    ``LLAMAFACTORY_MAIN_SOURCE``, with its commit date and LLaMA-Factory version, fetched at depth 1."""
+    url, why = main_source()
+    if url is None or len(args) > 1:
+        log(f"cannot pin LLaMA-Factory main: {why or 'one REF at most'}")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="hera-main-") as tmp:
+        def git(*part: str) -> str:
+            return subprocess.run(["git", "-C", tmp, *part], check=True, capture_output=True, text=True).stdout.strip()
+
+        git("init", "-q")
+        try:
+            git("fetch", "-q", "--depth", "1", url, args[0] if args else "HEAD")
+        except subprocess.CalledProcessError as error:
+            said = (error.stderr.strip().splitlines() or ["no message"])[0]
+            log(f"cannot fetch {args[0]} from {url} ({said}); name a branch, a tag or a whole commit")
+            return 1
+        commit = git("rev-parse", "FETCH_HEAD")
+        date = git("log", "-1", "--format=%cs", "FETCH_HEAD")
+        found = re.search(r'VERSION = "([^"]+)"', git("show", f"FETCH_HEAD:{MAIN_VERSION_FILE}"))
+    pin = {"version": found.group(1) if found else "unknown", "commit": commit, "date": date}
+    TESTED_MAIN.write_text(json.dumps(pin, indent=2) + "\n", encoding="utf-8")
+    log(f"pinned LLaMA-Factory main at {commit} ({date}, {pin['version']}) in {TESTED_MAIN}; test it: python3 dev.py "
+        "test --stack main")
+    return 0
 
 
 # pip settings handed to uv (pip's key -> uv's option), pip settings that change nothing uv installs, and the
@@ -323,9 +421,10 @@ def run_demos(python: Path, output: Path, env: dict[str, str]) -> list[int]:
     return [ended[method][0] for method in DEMO_METHODS]
 
 
-def cmd_test_second_stack(python: Path, pytest_args: list[str]) -> int:
-    """The second stack: the three demos (each into a temporary folder), then :data:`OLDEST_STACK_TESTS`. Exit code:
-    the first failure's."""
+def cmd_test_second_stack(python: Path, pytest_args: list[str], stack: str = "oldest") -> int:
+    """A stack other than the pinned one: the three demos (each into a temporary folder), then its tests
+    (:data:`OLDEST_STACK_TESTS`, main's :data:`MAIN_STACK_TESTS`). Exit code: the first failure's."""
+    tests = MAIN_STACK_TESTS if stack == "main" else OLDEST_STACK_TESTS
     codes = []
     with offline_env() as env:
         output = Path(env["HF_HOME"]).parent / "demo_output"
@@ -335,8 +434,8 @@ def cmd_test_second_stack(python: Path, pytest_args: list[str]) -> int:
             options = [*parallel_args(pytest_args), *report_args(python, pytest_args), *duration_args(pytest_args)]
             left_out = (*OLDEST_STACK_OPEN, *OLDEST_STACK_ENGINE_RUNS)
             open_bugs = [arg for test in left_out for arg in ("--deselect", test)]
-            codes.append(run([python, "-m", "pytest", "-q", *options, *OLDEST_STACK_TESTS, *open_bugs, *pytest_args],
-                             env=env, check=False))
+            codes.append(run([python, "-m", "pytest", "-q", *options, *tests, *open_bugs, *pytest_args], env=env,
+                             check=False))
     failed = [code for code in codes if code != 0]
     return failed[0] if failed else 0
 
@@ -372,6 +471,8 @@ def main(argv: list[str]) -> int:
         return 0
     if argv and argv[0] == "costs":
         return cmd_costs(argv[1:])
+    if argv and argv[0] == "pin-main":
+        return cmd_pin_main(argv[1:])
     if not argv or argv[0] not in {"test", "demo"}:
         print(f"usage:\n{USAGE}", file=sys.stderr)
         return 2
@@ -382,7 +483,11 @@ def main(argv: list[str]) -> int:
         return 2
     start, load_at_start = time.perf_counter(), load_average()
     code = 0
-    for name in (("pinned", "oldest") if stack == "all" else (stack,)):
+    for name in (tuple(STACKS) if stack == "all" else (stack,)):
+        unreachable = main_source()[1] if name == "main" and stack == "all" else ""
+        if unreachable:
+            log(f"LLaMA-Factory main was not tested: {unreachable}")
+            continue
         use_stack(name)
         log(f"=== stack {name}: {VENV.name}, {CONSTRAINTS.name}")
         try:
@@ -390,7 +495,7 @@ def main(argv: list[str]) -> int:
             if command == "demo":
                 step = cmd_demo(python, rest)
             else:
-                step = cmd_test(python, rest) if name == "pinned" else cmd_test_second_stack(python, rest)
+                step = cmd_test(python, rest) if name == "pinned" else cmd_test_second_stack(python, rest, name)
         except SystemExit as stop:
             step = stop.code if isinstance(stop.code, int) else 1
         except KeyboardInterrupt:
@@ -406,7 +511,8 @@ def main(argv: list[str]) -> int:
 
 
 def stack_option(command: str, args: list[str]) -> tuple[str | None, list[str]]:
-    """``--stack NAME`` (pinned, oldest, all; ``test`` only takes all) taken out of ``args``; None when it is wrong."""
+    """``--stack NAME`` (pinned, oldest, main, all; ``test`` only takes all) taken out of ``args``; None when it is
+    wrong."""
     if "--stack" not in args:
         return "pinned", args
     at = args.index("--stack")

@@ -18,7 +18,9 @@ CONFIGURATIONS = ("LoRA", "full", "freeze", "QLoRA 4-bit", "QLoRA 8-bit", "check
                   "ZeRO-3 + DoRA", "FSDP2 LoRA", "FSDP2 full", "FSDP2 bf16", "FSDP2 CPU offload", "FSDP2 + QLoRA",
                   "FSDP2 + QLoRA, efficient loading", "FSDP2 + QLoRA 8-bit", "FSDP2 + QLoRA, codes in another dtype",
                   "FSDP2 sharded state dict", "FSDP1", "FSDP1 + QLoRA (LLaMA-Factory's example)", "recipe's `fsdp` key",
-                  "packing", "streaming", "`torch_compile`", "`enable_liger_kernel`")
+                  "packing", "streaming", "`torch_compile`", "`enable_liger_kernel`", "`use_hyper_parallel`",
+                  "`USE_MEGATRON_BRIDGE=1` (main)", "`USE_MCA=1` (Megatron-Core)", "`use_kt` (KTransformers)",
+                  "`use_unsloth`", "v1 (`USE_V1=1`, a v1 trainer run)")
 CELL = re.compile(r"^(runs( \(N\d+\))?|refused: [^()|]+ \(N\d+\)|no test(: [^()|]+)? \(N\d+\))$")
 LABEL_LIMIT, CELL_LIMIT = 40, 50  # read in a minute: a row is a few words, the conditions are in the notes
 NODE = re.compile(r"`(tests/[\w/]+\.py)::(\w+)(\[[^\]`]*\])?`")

@@ -14,6 +14,7 @@ do not look at), so a check that still runs there exits 1, as it did before.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -26,7 +27,7 @@ from test_accelerate_refusals import ACCELERATE, output_lines
 
 from conftest import free_port, offline_env, run_process
 from llamafactory_hera import _bootstrap
-from llamafactory_hera_patches import launch
+from llamafactory_hera_patches import v1 as v1_patch
 from llamafactory_hera_patches.errors import RecipeError
 
 ALL_REDUCE = """import json, sys
@@ -150,7 +151,7 @@ def test_a_stock_recipe_on_llamafactory_v1_is_read_without_v0s_version_checks(tm
     launched: list[list[str]] = []
     v1 = types.ModuleType("llamafactory.v1.launcher")
     v1.launch, v1._DIST_TRAIN_COMMANDS = lambda: launched.append(sys.argv[1:]), ("train", "sft", "dpo", "rm")
-    launch.apply(v1)
+    v1_patch.apply(v1)
     monkeypatch.setitem(sys.modules, "llamafactory.hparams", None)  # importing it raises ImportError
     monkeypatch.setattr(sys, "argv", ["llamafactory-cli", "train", str(recipe)])
     v1.launch()
@@ -174,11 +175,16 @@ def test_a_stock_v1_run_with_a_trl_outside_v0s_range_trains_as_without_the_plugi
     fake = tmp_path / "fake" / "trl-0.99.0.dist-info"
     fake.mkdir(parents=True)
     (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: trl\nVersion: 0.99.0\n", encoding="utf-8")
+    # v1's own keys: main renamed the template key (custom_chat_template, a Jinja template; the tokenizer's otherwise)
+    from llamafactory.v1.config import ModelArguments
+
+    v1_keys = {field.name for field in dataclasses.fields(ModelArguments)}
+    template = {"template": "qwen3_nothink"} if "template" in v1_keys else {}
     runs = {}
     for arm in ("live", "off"):
-        recipe = {"model": str(harc_assets.models["qwen2"]), "template": "qwen3_nothink", "train_dataset":
-                  str(tmp_path / "data.yaml"), "output_dir": str(tmp_path / arm / "out"), "micro_batch_size": 2,
-                  "max_steps": 2, "cutoff_len": 64, "batching_workers": 0}
+        recipe = {"model": str(harc_assets.models["qwen2"]), **template, "train_dataset": str(tmp_path / "data.yaml"),
+                  "output_dir": str(tmp_path / arm / "out"), "micro_batch_size": 2, "max_steps": 2, "cutoff_len": 64,
+                  "batching_workers": 0}
         (tmp_path / arm).mkdir()
         (tmp_path / arm / "recipe.yaml").write_text(json.dumps(recipe), encoding="utf-8")
         env = offline_env(tmp_path / arm, USE_V1="1", PYTHONPATH=str(tmp_path / "fake"),

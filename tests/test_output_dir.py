@@ -204,6 +204,31 @@ def test_an_entry_gone_before_the_move_counts_as_moved(tmp_path: Path, capsys: p
     assert [path.name for path in tmp_path.iterdir()] == [target.name]
 
 
+def test_an_overwrite_leaves_llamaboards_files_of_the_run_it_started(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run LlamaBoard started (``LLAMABOARD_WORKDIR``: its folder) keeps the files LlamaBoard wrote there before
+    starting it: its config, the command's arguments and, on LLaMA-Factory main, ``webui_subprocess.log``, the run's
+    output it is writing (moved, the live log would go on in ``previous_run_*/``). Every file the installed
+    LlamaBoard writes into the run's folder before the run is among them (its runner's joins with the run's
+    ``args["output_dir"]``)."""
+    import importlib.util
+    import re
+
+    import llamafactory.extras.constants as constants
+
+    written = {constants.LLAMABOARD_CONFIG, constants.TRAINING_ARGS}
+    # read, not imported: LlamaBoard's import (gradio's) costs about 2.5 CPU s
+    runner = Path(importlib.util.find_spec("llamafactory.webui.runner").origin).read_text(encoding="utf-8")
+    written.update(re.findall(r"os\.path\.join\(args\[\"output_dir\"\], \"([^\"]+)\"\)", runner))
+    board = {"llamaboard_config.yaml", "training_args.yaml", "webui_subprocess.log"}
+    for name in (*board, "running_log.txt", "adapter_model.safetensors"):
+        (tmp_path / name).write_text("", encoding="utf-8")
+    monkeypatch.setenv("LLAMABOARD_WORKDIR", str(tmp_path))
+    assert [path.name for path in output_dir.movable_entries(tmp_path)] == ["adapter_model.safetensors",
+                                                                            "running_log.txt"]
+    assert written <= board <= set(output_dir.BOARD_FILES), written
+
+
 @pytest.mark.parametrize(("each_node", "process", "local", "moves"), [
     (False, 0, 0, True), (False, 2, 0, False), (False, 1, 1, False),
     (True, 2, 0, True), (True, 3, 1, False), (True, 0, 0, True)])

@@ -111,8 +111,9 @@ def test_the_qlora_extra_is_the_bitsandbytes_the_refusal_names() -> None:
 @pytest.mark.parametrize("stage", ["harc", "rah"])
 def test_quantization_without_bitsandbytes_is_one_line(stage: str, assets: Any, harc_assets: Any, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without bitsandbytes (``find_spec`` patched), before loading: HARC and RAH-LoRA name the pip command, before any
-    other key's error. (HeRA through the real CLI below.)"""
+    """Without bitsandbytes (``find_spec`` patched), before loading: HARC and RAH-LoRA name the pip command, after the
+    values no install makes run (``quantization_bit: 3`` asked for bitsandbytes, which would then refuse 3 bits).
+    (HeRA through the real CLI below.)"""
     import importlib.util
 
     from test_launch_refusals import _recipe, _refused
@@ -127,9 +128,12 @@ def test_quantization_without_bitsandbytes_is_one_line(stage: str, assets: Any, 
     assert message == (f"quantization_bit: 4 needs bitsandbytes, which is not installed here. Install it: pip install "
                        f"'{QLORA}' (llamafactory-hera's qlora extra: pip install '.[qlora]' in its clone; or remove "
                        "quantization_bit to train unquantized)."), message
-    # the install is asked first, before the other keys' checks: not reported as quantization_type's error
+    # a value no install makes run is said first, then the install: quantization_type's, quantization_bit's own
     assert _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", quantization_bit=4,
-                            quantization_type="nf5")) == message
+                            quantization_type="nf5")).startswith("quantization_type: nf5 is not a value")
+    assert _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", quantization_bit=3)) == (
+        "quantization_bit: 3: bitsandbytes (quantization_method: bnb, the default) quantizes to 4 or 8 bits only. Set "
+        "quantization_bit: 4 or 8, or remove it to train unquantized.")
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     assert _refused(_recipe(stage, assets, harc_assets, tmp_path / "out", quantization_type="nf5")).startswith(
         "quantization_type: nf5 is not a value"), "the other key's error is one"

@@ -239,3 +239,30 @@ def test_an_empty_recipe_file_is_one_line_naming_it(tmp_path: Path, monkeypatch:
         assert _run_exp_on(path, monkeypatch) == (
             f"recipe: {path} is empty: it sets no keys. Write the run's keys into it (model_name_or_path, stage, "
             "dataset, output_dir, ...; recipes/ holds examples) or name another recipe file.")
+
+
+def test_the_check_before_torchrun_leaves_v0s_version_checks_to_the_ranks(harc_assets: Any, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher reads v0's ``llamafactory.hparams`` for its check, whose import runs ``check_dependencies()``; a
+    stock launcher runs none (its ranks do). Here v0's hparams are imported afresh with a version check that fails:
+    the check before torchrun passes a stock and a plugin recipe alike, so the ranks run the checks as without the
+    plugin."""
+    import llamafactory
+    import llamafactory.extras.misc as misc
+
+    from llamafactory_hera_patches import launch
+
+    def out_of_range() -> None:
+        raise ImportError("trl>=0.18,<=0.24 is required, found trl==0.99")
+
+    monkeypatch.setattr(misc, "check_dependencies", out_of_range)
+    # the package's name for it put back afterwards (or removed, as the modules below)
+    monkeypatch.setattr(llamafactory, "hparams", getattr(llamafactory, "hparams", None), raising=False)
+    for stage in ("sft", "harc"):
+        for name in [name for name in sys.modules if name.split(".")[:2] == ["llamafactory", "hparams"]]:
+            monkeypatch.delitem(sys.modules, name)  # each put back afterwards
+        path = tmp_path / f"{stage}.yaml"
+        path.write_text(yaml.safe_dump(harc_recipe(harc_assets, "llama3", tmp_path / stage, stage=stage)))
+        method = launch.check_before_ranks(["llamafactory-cli", "train", str(path)])
+        assert getattr(method, "stage", None) == (None if stage == "sft" else stage)
+        assert "llamafactory.hparams" in sys.modules

@@ -1,11 +1,21 @@
-"""Shape checks of the host before patching."""
+"""Shape checks of the host before patching, and which LLaMA-Factory the plugin was checked on: its releases
+(``CHECKED_VERSIONS``) and, for its main branch (a git install that keeps one version number while it moves), the
+commit pinned in ``tested_main.json`` (what ``python3 dev.py test --stack main`` installs; ``python3 dev.py pin-main``
+moves it). A main install at another commit is said once (:func:`unchecked_note`), read from the install's
+``direct_url.json`` (PEP 610: a git URL's commit, or the HEAD of the clone it was installed from).
+"""
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 from types import ModuleType
+from urllib.parse import unquote, urlparse
 
 from . import CHECKED_VERSIONS
+
+TESTED_MAIN = Path(__file__).with_name("tested_main.json")  # {"version", "commit", "date"} of the main checked
 
 DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
 
@@ -29,13 +39,90 @@ def recorded_versions() -> dict[str, str]:
     return {name: host_version(name) for name in ("llamafactory-hera", "llamafactory", "transformers", "torch", "peft")}
 
 
+def tested_main() -> dict[str, str]:
+    """The LLaMA-Factory main the plugin was checked on: ``version``, ``commit`` (40 hex digits), ``date``."""
+    return json.loads(TESTED_MAIN.read_text(encoding="utf-8"))
+
+
+def checked_hosts() -> str:
+    """The LLaMA-Factory installs the plugin was checked on, in words (its releases, main at its commit)."""
+    main = tested_main()
+    releases = [version for version in CHECKED_VERSIONS if version != main["version"]]
+    return f"{', '.join(releases)} and main at commit {main['commit'][:9]} ({main['date']})"
+
+
+def git_head(folder: Path) -> str | None:
+    """The commit a git clone's ``HEAD`` is at, read from its files (a worktree's ``.git`` file followed; a branch
+    from its ref file or ``packed-refs``), None when ``folder`` is no clone."""
+    git = folder / ".git"
+    try:
+        if git.is_file():  # a worktree or submodule: "gitdir: <path>"
+            git = (folder / git.read_text(encoding="utf-8").split(":", 1)[1].strip()).resolve()
+        head = (git / "HEAD").read_text(encoding="utf-8").strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head.removeprefix("ref: ")
+        common = git / "commondir"
+        base = (git / common.read_text(encoding="utf-8").strip()).resolve() if common.is_file() else git
+        if (base / ref).is_file():
+            return (base / ref).read_text(encoding="utf-8").strip()
+        packed = (base / "packed-refs").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    return next((line.split()[0] for line in packed if line.endswith(f" {ref}")), None)
+
+
+def installed_commit(distribution: str = "llamafactory") -> str | None:
+    """The git commit the installed ``distribution`` was built from (its ``direct_url.json``: a git URL's commit, or
+    the current HEAD of the clone it was installed from), None for a release from an index or when not known."""
+    # lazy: the patches load at every start-up
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import distribution as installed
+
+    try:
+        text = installed(distribution).read_text("direct_url.json")
+    except PackageNotFoundError:
+        return None
+    direct = json.loads(text) if text else {}
+    commit = direct.get("vcs_info", {}).get("commit_id")
+    url = urlparse(str(direct.get("url", "")))
+    if commit is None and "dir_info" in direct and url.scheme == "file":
+        return git_head(Path(unquote(url.path)))
+    return commit
+
+
+def unchecked_note(version: str | None = None, commit: str | None = None) -> str | None:
+    """What a warning says of the installed LLaMA-Factory (``version``, ``commit``: the installed ones by default) when
+    it is neither a checked release nor main at the checked commit, None when it is one of those."""
+    version = host_version() if version is None else version
+    main = tested_main()
+    if version not in CHECKED_VERSIONS:
+        found = version
+    elif version != main["version"]:
+        return None
+    else:
+        commit = installed_commit() if commit is None else commit
+        if commit == main["commit"]:
+            return None
+        found = (
+            f"main ({version}) at commit {commit[:9]}: main has moved past the commit checked (or back), and what "
+            "changed is not checked"
+            if commit
+            else f"main ({version}) at a commit its install does not record (installed neither from a git URL nor "
+            "from a clone), so which main is not known"
+        )
+    return (
+        f"llamafactory-hera was checked on LLaMA-Factory {checked_hosts()}, found {found}; its internals have the "
+        "expected shape, continuing."
+    )
+
+
 def mismatch(patch: str, found: str) -> HostMismatchError:
     """The error for a host whose internals the ``patch`` was not written for (``found``: what differs)."""
     return HostMismatchError(
         f"llamafactory-hera: LLaMA-Factory {host_version()} does not have the internals the '{patch}' patch "
-        f"was written for ({found}). The plugin was checked on "
-        f"LLaMA-Factory {', '.join(CHECKED_VERSIONS)}; install one of those, upgrade llamafactory-hera, or set "
-        f"{DISABLE_ENV}=1 to run LLaMA-Factory without the plugin."
+        f"was written for ({found}). The plugin was checked on LLaMA-Factory {checked_hosts()}; install one of "
+        f"those, upgrade llamafactory-hera, or set {DISABLE_ENV}=1 to run LLaMA-Factory without the plugin."
     )
 
 
@@ -50,12 +137,10 @@ _warned = False
 
 
 def warn_if_unchecked() -> None:
-    """One warning when the host version is not among the checked ones (shapes already verified)."""
+    """One warning when the host is neither a checked release nor main at the checked commit (:func:`unchecked_note`;
+    shapes already verified)."""
     global _warned
-    if not _warned and host_version() not in CHECKED_VERSIONS:
+    note = None if _warned else unchecked_note()
+    if note:
         _warned = True
-        warnings.warn(
-            f"llamafactory-hera was checked on LLaMA-Factory {', '.join(CHECKED_VERSIONS)}, found {host_version()}; "
-            "its internals have the expected shape, continuing.",
-            stacklevel=2,
-        )
+        warnings.warn(note, stacklevel=2)

@@ -3,13 +3,13 @@
 torchrun's report and its exit code, without the launcher's traceback. A method declared ``one_process`` (RAH-LoRA)
 gets a torchrun of one rank on a multi-GPU node unless ``FORCE_TORCHRUN`` is set. A bare ``torchrun`` has no launcher
 to patch (``llamafactory_hera.job_refusal``); ``accelerate launch`` runs :func:`check_before_ranks` too
-(:mod:`.accelerate_launch`). LLaMA-Factory's v1 trainers (``USE_V1=1``) do not run the plugin's stages: such a recipe
-is one line before v1 reads it.
+(:mod:`.accelerate_launch`). A backend switch a plugin stage cannot run under is refused here too (:mod:`.backends`);
+LLaMA-Factory's v1 launcher: :mod:`.v1`.
 
-Checked on LLaMA-Factory 0.9.5 (the names :func:`apply` requires): ``launcher.launch()`` pops the command from
-``sys.argv`` and runs ``torchrun ... launcher.py <args>`` with ``subprocess.run(check=True)`` when
-:func:`starts_torchrun` says so, else ``run_exp()``; ``llamafactory.v1.launcher.launch()`` does the same for its
-``_DIST_TRAIN_COMMANDS``; the recipe is read as ``hparams.read_args`` reads it (:func:`launch_recipe`).
+Checked on LLaMA-Factory 0.9.5 and main (the names :func:`apply` requires): ``launcher.launch()`` pops the command
+from ``sys.argv`` and runs ``torchrun ... launcher.py <args>`` with ``subprocess.run(check=True)`` when
+:func:`starts_torchrun` says so, else ``run_exp()``; the recipe is read as ``hparams.read_args`` reads it
+(:func:`launch_recipe`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Any
 from unittest import mock
 
-from . import launch_watch
+from . import backends, launch_watch
 from .errors import RecipeError
 from .guard import require
 from .recipe.arguments import given_keys, keys_of, split_args
@@ -37,8 +37,9 @@ _HELP = ("-h", "--help")
 
 
 def forces_torchrun(misc: ModuleType) -> bool:
-    """``FORCE_TORCHRUN`` or ``USE_MCA``: torchrun whatever the device count."""
-    return bool(misc.is_env_enabled("FORCE_TORCHRUN") or misc.is_env_enabled("USE_MCA"))
+    """``FORCE_TORCHRUN``, or a backend switch the launcher starts torchrun under (``USE_MCA``; main's
+    ``USE_MEGATRON_BRIDGE``): torchrun whatever the device count."""
+    return bool(misc.is_env_enabled("FORCE_TORCHRUN") or backends.forced_torchrun(os.environ))
 
 
 def starts_torchrun(misc: ModuleType, argv: list[str]) -> bool:
@@ -62,10 +63,22 @@ def check_before_ranks(argv: list[str]) -> Any:
     raw = launch_recipe(argv)
     if isinstance(raw, list) and any(flag in raw for flag in _HELP):
         return None
+    method = method_for_stage(given_keys(raw).get("stage"))
+    # a backend switch first: USE_MCA=1 without mcore_adapter fails v0's llamafactory.hparams at its import
+    refused = method is not None and backends.refusal(method.stage, raw, os.environ)
+    if refused:
+        raise RecipeError(refused)
     # the checks read v0's arguments (llamafactory.hparams), imported without the version checks its parser runs at
     # import (by the name it imported from extras.misc): the ranks run them as without the plugin
     with mock.patch.object(importlib.import_module("llamafactory.extras.misc"), "check_dependencies", lambda: None):
-        importlib.import_module("llamafactory.hparams")
+        try:
+            importlib.import_module("llamafactory.hparams")
+        except (
+            ImportError
+        ):  # what the switch needs is not installed: a host stage's ranks say so, as without the plugin
+            if method is None:
+                return None
+            raise
     host_args, method_raw, method = split_args(raw)
     if method is None:
         check_host_stage(host_args, os.environ)
@@ -104,30 +117,9 @@ def _watched_ranks(method: Any, nodes: int, misc: ModuleType) -> int:
     return ranks if ranks > 1 else 0  # one process: no watchdog
 
 
-def _apply_v1(launcher: ModuleType) -> None:
-    require(launcher, ("launch", "_DIST_TRAIN_COMMANDS"), "launch")
-    original = launcher.launch
-
-    def launch() -> None:
-        training = sys.argv[1:2] and sys.argv[1] in launcher._DIST_TRAIN_COMMANDS
-        stage = given_keys(launch_recipe(sys.argv)).get("stage") if training else None
-        if method_for_stage(stage) is not None:
-            raise RecipeError(
-                f"stage: {stage} with USE_V1=1: LLaMA-Factory's v1 trainers do not run the plugin's "
-                "stages; unset USE_V1 to train with v0's trainer (llamafactory-cli train RECIPE.yaml)."
-            )
-        return original()
-
-    launcher.launch = launch
-
-
 def apply(launcher: ModuleType) -> None:
-    """Patch ``llamafactory.launcher`` or ``llamafactory.v1.launcher`` (all or nothing)."""
+    """Patch ``llamafactory.launcher`` (all or nothing)."""
     if getattr(launcher, "_llamafactory_hera_patched", False):
-        return
-    if launcher.__name__.startswith("llamafactory.v1"):
-        _apply_v1(launcher)
-        launcher._llamafactory_hera_patched = True
         return
     misc = importlib.import_module("llamafactory.extras.misc")
     require(launcher, ("launch",), "launch")

@@ -34,6 +34,14 @@ FAMILY_MIN_TRANSFORMERS: dict[str, str] = {
     "gemma4": "5.5.0",
 }
 
+# image-text families LLaMA-Factory ships that the plugin's stages have not run on: model_type -> why. A recipe naming
+# one is refused by name before loading (llamafactory_hera.recipe.stack_checks); docs/families.md says the same
+FAMILY_REFUSED: dict[str, str] = {
+    "moss_vl": "LLaMA-Factory main runs MOSS-VL from the checkpoint's own code (trust_remote_code) on transformers "
+    "4.57.1 with torchcodec 0.7.0 only (it refuses any other release when it loads the model), and no test of the "
+    "plugin's stages can load that code",
+}
+
 # (transformers release, flash_attn value) -> what breaks, and the way out
 HOST_BUGS: dict[tuple[str, str], str] = {
     ("5.6.0", "fa2"): "transformers 5.6.0's flash-attention 2 path fails in flash_attention_forward (s_aux is None; "

@@ -24,6 +24,7 @@ from typing import Any
 
 from transformers.utils import logging as transformers_logging
 
+from . import backends
 from . import logging as log_patch
 from .data.templates import host_stages
 from .engines import fsdp_adapter, fsdp_loading
@@ -185,7 +186,11 @@ def _method_parts(
 def method_arguments(method: Any, own: dict[str, Any], host_args: Any, machine: bool = True) -> Any:
     """The method's arguments from its own keys (``own``), after its checks of the raw recipe (nothing loaded): what
     a run checks before LLaMA-Factory parses the recipe (also run by :mod:`.launch` before torchrun
-    starts, and by ``llamafactory-hera plan`` without this ``machine``'s checks)."""
+    starts, and by ``llamafactory-hera plan`` without this ``machine``'s checks). A backend switch that hands the run
+    to another workflow (:mod:`.backends`) is refused first."""
+    refused = backends.refusal(method.stage, host_args, os.environ if machine else {})
+    if refused:
+        raise RecipeError(refused)
     method_args = method.load("parse_arguments")(own)
     with _quiet_transformers():  # a raw check may read the model's config.json (HeRA's heads)
         method.check_raw(host_args, method_args, machine)

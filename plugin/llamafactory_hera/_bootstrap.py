@@ -32,7 +32,9 @@ _TARGETS = {
     # llamafactory-cli train under torchrun: the recipe checked before the ranks
     "llamafactory.launcher": "launch",
     "llamafactory.train.tuner": "stage",
-    "llamafactory.v1.launcher": "launch",  # USE_V1=1: a plugin stage refused before v1 reads the recipe
+    # LLaMA-Factory's v1: a plugin stage refused before v1 reads the recipe (USE_V1=1, a v1 trainer run itself)
+    "llamafactory.v1.config": "v1",
+    "llamafactory.v1.launcher": "v1",
     "llamafactory.webui.interface": "webui.board",  # LlamaBoard: the methods' panels, args, saved config, loss plot
 }
 _RUNS_TRAINING = ("from llamafactory.train.tuner import run_exp", "run_exp()")  # launcher.py, a clone's src/train.py
@@ -115,7 +117,7 @@ def _apply(patch, module) -> None:
         for pending in _ACCELERATE.keys() - _patched:
             if pending in sys.modules:
                 _apply(_ACCELERATE[pending], sys.modules[pending])
-    if patch in ("stage", "launch", "accelerate_launch"):  # a training process or its launcher: the plugin's
+    if patch in ("stage", "launch", "accelerate_launch", "v1"):  # a training process or its launcher: the plugin's
         # errors end it with their message alone
         importlib.import_module("llamafactory_hera.job_refusal").install()
 

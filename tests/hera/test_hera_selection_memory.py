@@ -295,6 +295,20 @@ def test_a_4_bit_model_that_does_not_fit_is_not_told_to_set_its_own_4_bits(model
     assert str(caught.value).endswith(f"{placement.FIX}.")
 
 
+def test_a_4_bit_model_larger_than_its_gpu_is_refused_not_offloaded(model_72b, monkeypatch, capsys) -> None:
+    """4 bits (41.6 GB) on a GPU with 40 GB free and 512 GB of RAM: refused naming the bytes. LLaMA-Factory loads a
+    bitsandbytes model whole on its device, so it is never split over the GPU and the RAM, though the RAM could hold
+    it (accelerate's map in the config's bf16 sizes, 146.8 GB, would fit the two)."""
+    big, meta = model_72b
+    monkeypatch.setattr(placement, "free_memory", lambda device: {0: 40 * 10**9, "cpu": 512 * 10**9})
+    with pytest.raises(ValueError) as caught:
+        placement.device_map_for(meta, str(big), "cuda:0", "bfloat16", bits=4)
+    assert str(caught.value).startswith(f"model_name_or_path: {big}: head selection needs 41.6 GB for the model in 4 "
+                                        "bits (bitsandbytes; the rest in bfloat16) whole on cuda:0, 90% of the free "
+                                        "memory usable: cuda:0 has 40.0 GB, cpu has 512.0 GB."), caught.value
+    assert "offloaded" not in capsys.readouterr().out
+
+
 def test_rah_places_a_4_bit_model_by_its_codes(model_72b, monkeypatch, capsys) -> None:
     """RAH-LoRA on Qwen2.5-VL-72B with ``quantization_bit: 4`` on one 80 GB GPU: 41.6 GB in bitsandbytes' codes fits
     whole there, as LLaMA-Factory loads it (in bf16, 146.8 GB, it would be spread over the GPU and the CPU, which a

@@ -34,7 +34,8 @@ def loaded_whole() -> Iterator[None]:
             "_hf_deepspeed_config_weak_ref (checked on transformers 5.6); cannot load the "
             "teacher outside ZeRO-3 partitioning. Use DeepSpeed ZeRO-2 or upgrade the plugin."
         )
-    saved, efficient = integration._hf_deepspeed_config_weak_ref, os.environ.pop(EFFICIENT_LOADING, None)
+    saved = integration._hf_deepspeed_config_weak_ref
+    efficient = os.environ.pop(EFFICIENT_LOADING, None)
     integration._hf_deepspeed_config_weak_ref = None
     try:
         yield

@@ -115,7 +115,8 @@ def apply(fsdp_utils: ModuleType) -> None:
     if hasattr(fsdp_utils, "_get_model_state_dict") and not lacks_fix(fsdp_utils):
         return
     require(fsdp_utils, _HELPERS, "fsdp_adapter")
-    original_get, original_set = fsdp_utils._get_model_state_dict, fsdp_utils._set_model_state_dict
+    original_get = fsdp_utils._get_model_state_dict
+    original_set = fsdp_utils._set_model_state_dict
 
     def _get_model_state_dict(model: Any, adapter_only: bool = False, sd_options: Any = None) -> Any:
         if adapter_only and _whole(sd_options) and fsdp_utils.is_peft_model(model):

@@ -42,7 +42,8 @@ def check_codes_reach_the_forward(model: Any, param_dtype: Any) -> None:
     codes converted as numbers, not as the bytes they are. (A 4-bit layer in the accelerate config's
     ``ignored_modules``, never gathered, is checked too: a refusal there would be false; no run here ignores one.)"""
     for module in _4bit_layers(model):
-        storage, stored = module.quant_storage, module.weight.dtype
+        storage = module.quant_storage
+        stored = module.weight.dtype
         if stored == storage and param_dtype in (None, storage):
             continue
         what = (

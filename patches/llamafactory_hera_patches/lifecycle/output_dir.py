@@ -35,7 +35,9 @@ READ_KEYS = (
     "deepspeed",
     "resume_from_checkpoint",
 )
-BOARD_FILES = ("llamaboard_config.yaml", "training_args.yaml")  # LlamaBoard writes them before it starts the run
+# LlamaBoard writes them before it starts the run (main also the run's output, webui_subprocess.log, which it reads
+# when the run fails)
+BOARD_FILES = ("llamaboard_config.yaml", "training_args.yaml", "webui_subprocess.log")
 
 
 def finished_evidence(folder: Path) -> str | None:

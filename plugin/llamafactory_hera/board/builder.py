@@ -43,7 +43,9 @@ class BoxField:
 
     def __init__(self, declared: Field, declaration: PanelDeclaration) -> None:
         spec = declaration.spec(declared.key)
-        self.key, self.row, self.scale = declared.key, declared.row, declared.scale
+        self.key = declared.key
+        self.row = declared.row
+        self.scale = declared.scale
         self.widget = declared.widget or widget_for(spec)
         if self.widget not in WIDGETS:
             raise ValueError(f"{declared.key}: widget {self.widget!r} is not one of {', '.join(WIDGETS)}")
@@ -82,7 +84,8 @@ class MethodPanel:
         }
         if self.note:
             self.locales[self.note] = {lang: {"value": text} for lang, text in texts["note"].items()}
-        self.plan_button, self.plan_box = f"{declaration.prefix}plan_btn", f"{declaration.prefix}plan_box"
+        self.plan_button = f"{declaration.prefix}plan_btn"
+        self.plan_box = f"{declaration.prefix}plan_box"
         self.locales[self.plan_button] = {lang: {"value": text} for lang, text in shared["plan_button"].items()}
         self.locales[self.plan_box] = {lang: {"label": text} for lang, text in shared["plan_box"].items()}
         for field in self.fields:

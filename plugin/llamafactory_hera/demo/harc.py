@@ -158,7 +158,8 @@ def run(ctx: DemoContext) -> int:
     if code != 0:
         print(f"error: llamafactory-hera harc-data failed with exit code {code}", file=sys.stderr)
         return code
-    model, template = assets.models[ctx.family], assets.templates[ctx.family]
+    model = assets.models[ctx.family]
+    template = assets.templates[ctx.family]
     steps = ctx.steps or DEFAULT_STEPS
     logging_steps = min(LOGGING_STEPS, steps)
     recipe = build_harc_recipe(model, template, ctx.folder / DATA_NAME, ctx.run_dir, steps, logging_steps)

@@ -66,7 +66,9 @@ def build_recipe(assets: TinyAssets, family: str, run_dir: Path, steps: int) -> 
 
 def summary(ctx: DemoContext, elapsed: float) -> str:
     """Human-readable report of a finished demo run: outputs, every plot, losses, next steps."""
-    run_dir, folder, cli = ctx.run_dir, ctx.folder, ctx.cli
+    run_dir = ctx.run_dir
+    folder = ctx.folder
+    cli = ctx.cli
     log = read_log(run_dir)
     selected = folder / "recipe_selected.yaml"
     twin = folder / "run_sft"

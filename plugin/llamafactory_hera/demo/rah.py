@@ -97,7 +97,8 @@ def rah_summary(ctx: DemoContext, elapsed: float, template: str, model: str) -> 
 def run(ctx: DemoContext) -> int:
     """Build (or reuse) the tiny models, write the recipe, calibrate, print the summary; the exit code."""
     assets = prepare_assets(ctx, "tiny assets", build_tiny_assets)
-    template, model = assets.templates[ctx.family], str(assets.models[ctx.family])
+    template = assets.templates[ctx.family]
+    model = str(assets.models[ctx.family])
     return train_and_report(
         ctx,
         build_rah_recipe(assets, ctx.family, ctx.run_dir),

@@ -66,9 +66,13 @@ def _read_targets(path: Path | None, ids: list[str]) -> dict[str, str]:
 
 
 def _read_harmbench(rows: list[tuple[str, dict[str, Any]]], where: str, targets_file: Path | None) -> AttackData:
-    prompts, behaviours, ids, left_out = [], [], [], 0
+    prompts = []
+    behaviours = []
+    ids = []
+    left_out = 0
     for number, row in rows:
-        behaviour, behaviour_id = _text(row, number, "Behavior", where), _text(row, number, "BehaviorID", where)
+        behaviour = _text(row, number, "Behavior", where)
+        behaviour_id = _text(row, number, "BehaviorID", where)
         tags = [tag.strip() for tag in _text(row, number, "Tags", where, required=False).split(",")]
         context = _text(row, number, "ContextString", where, required=False)
         if "context" in tags and not context.strip():

@@ -173,7 +173,9 @@ def optimise_suffix(
         allowed = allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
     suffix = initial_suffix(tokenizer, budget.suffix_tokens)
     best_loss = initial = float(target_losses(model, problem, suffix.unsqueeze(0))[0][0])
-    best, history, chunk = suffix, [], CHUNK
+    best = suffix
+    history = []
+    chunk = CHUNK
     for step in range(budget.steps):
         grad = token_gradients(model, problem, suffix)
         candidates = keep_retokenizable(
@@ -184,7 +186,8 @@ def optimise_suffix(
             pick = int(losses.argmin())
             suffix = candidates[pick]
             if float(losses[pick]) < best_loss:
-                best, best_loss = suffix, float(losses[pick])
+                best = suffix
+                best_loss = float(losses[pick])
         history.append(best_loss)
         if on_step is not None:
             on_step(step, best_loss)
@@ -227,7 +230,8 @@ def optimised_suffixes(
         path = cache_dir / f"{suffix_key(prompt, target, budget)}.json" if cache_dir is not None else None
         hit = _read(path) if path is not None else None
         if hit is not None:
-            found[prompt], cached = hit, cached + 1
+            found[prompt] = hit
+            cached = cached + 1
             continue
         if allowed is None:
             allowed = allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])

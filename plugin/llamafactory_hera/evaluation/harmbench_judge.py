@@ -14,7 +14,8 @@ from llamafactory_hera.log import progress_once
 
 HARMBENCH = "harmbench"
 CLIP_TOKENS = 512  # evaluate_completions.py --num_tokens: each generation clipped to this many classifier tokens
-YES, NO = "yes", "no"
+YES = "yes"
+NO = "no"
 
 # HarmBench eval_utils.py LLAMA2_CLS_PROMPT["prompt"] and ["prompt_contextual"], verbatim (MIT licence): they share
 # everything but the task sentence, the context and the first rule

@@ -174,7 +174,8 @@ def judge_answers(
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    path, offline = os.path.expanduser(spec.name), _offline()
+    path = os.path.expanduser(spec.name)
+    offline = _offline()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
     loader = AutoModelForSequenceClassification if spec.kind == CLASSIFIER else AutoModelForCausalLM
     # on GPUs beside the evaluated model (device_map auto: where memory is free), else on the CPU

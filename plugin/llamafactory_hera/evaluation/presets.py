@@ -16,7 +16,10 @@ from llamafactory_hera.evaluation.protocols import VARIANT_OF
 from llamafactory_hera.evaluation.task_data import Dataset, fetch_command, is_cached, offline, task_datasets
 from llamafactory_hera_patches.errors import RecipeError
 
-LMMS, LM, REFUSAL, JAILBREAK = "lmms-eval", "lm-eval", "refusal", "jailbreak"
+LMMS = "lmms-eval"
+LM = "lm-eval"
+REFUSAL = "refusal"
+JAILBREAK = "jailbreak"
 MODULES = {LMMS: "lmms_eval", LM: "lm_eval"}  # the libraries' import names
 DEMO_MLLM_TASK = "llamafactory_hera_demo_mllm"
 DEMO_TEXT_TASK = "llamafactory_hera_demo_text"

@@ -263,11 +263,9 @@ def pope_f1_split_mean(samples: Iterable[dict[str, Any]]) -> float | None:
     read by :func:`llava_pope_answer`, averaged over the splits; None without samples, splits or answers."""
     splits: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for sample in samples:
-        category, scored, answer = (
-            sample.get("doc", {}).get("category"),
-            sample.get("pope_f1_score") or {},
-            raw_response(sample),
-        )
+        category = sample.get("doc", {}).get("category")
+        scored = sample.get("pope_f1_score") or {}
+        answer = raw_response(sample)
         if category is None or answer is None or "ground_truth" not in scored:
             return None
         splits[category].append((llava_pope_answer(answer), str(scored["ground_truth"])))

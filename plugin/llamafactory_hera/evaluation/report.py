@@ -39,7 +39,8 @@ def report_rows(tasks: list[PlannedTask], run: Outcome, baseline: Outcome | None
         )
         for key in list(dict.fromkeys([*mine, *theirs])):
             entry = mine.get(key) or theirs[key]
-            value, other = (mine.get(key) or {}).get("value"), (theirs.get(key) or {}).get("value")
+            value = (mine.get(key) or {}).get("value")
+            other = (theirs.get(key) or {}).get("value")
             delta = None if value is None or other is None else round(value - other, 6)
             scorers = dict.fromkeys(
                 s for s in ((mine.get(key) or {}).get("scored_by"), (theirs.get(key) or {}).get("scored_by")) if s
@@ -243,7 +244,8 @@ def _replaced(path: Path) -> dict[str, Any] | None:
 def _write_jailbreak_answers(path: Path, run: Outcome, baseline: Outcome | None) -> dict[str, Any] | None:
     """The jailbreak task's scored answers of both models as JSONL at ``path`` (a line per model, attack, prompt and
     template); what the record says of it (``answers_file``, ``settings`` per model), or None when it did not run."""
-    lines, settings = [], {}
+    lines = []
+    settings = {}
     for outcome in (run, baseline):
         result = outcome.results.get(JAILBREAK) if outcome is not None else None
         if not result:

@@ -283,7 +283,8 @@ def align_loading(run: ModelSpec, other: ModelSpec, flag: str) -> None:
     """Refuse (one line naming the key) when ``run`` and ``other`` recorded a :data:`COMPARED` key with different
     values; a key only one of them recorded is set on the other (listed in its ``inherited``)."""
     for key in COMPARED:
-        mine, theirs = run.recipe.get(key), other.recipe.get(key)
+        mine = run.recipe.get(key)
+        theirs = other.recipe.get(key)
         if mine is not None and theirs is not None and _comparable(key, mine) != _comparable(key, theirs):
             raise RecipeError(
                 f"{flag}: {other.run_dir} loads with {key}: {theirs!r} but {run.run_dir} with {key}: "

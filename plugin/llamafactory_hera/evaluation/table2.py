@@ -163,13 +163,15 @@ def table2(record: dict[str, Any], table: PaperTable = TABLE2) -> dict[str, Any]
     )
     if record["baseline"]:
         title += " vs " + (chain_words(base_chain, numbered=False) or record["baseline"]["title"])
-    run, baseline = group_means(record["rows"], "run", table), group_means(record["rows"], "baseline", table)
+    run = group_means(record["rows"], "run", table)
+    baseline = group_means(record["rows"], "baseline", table)
     found = paper_backbone(
         [llm["llm"] if llm else None, (recorded.get("loading") or {}).get("model_name_or_path")], table
     )
     delta = {}
     if table.delta:
-        mine, theirs = run[table.delta]["mean"], baseline[table.delta]["mean"]
+        mine = run[table.delta]["mean"]
+        theirs = baseline[table.delta]["mean"]
         delta = {_delta_key(table): None if mine is None or theirs is None else round(mine - theirs, 4)}
     paper = None
     if found:

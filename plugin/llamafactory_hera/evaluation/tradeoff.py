@@ -12,7 +12,9 @@ from typing import Any
 from llamafactory_hera.evaluation.presets import DEMO_TEXT_TASK, JAILBREAK, PRESETS, REFUSAL_TASK
 from llamafactory_hera.plots.text import save_png
 
-ROBUSTNESS, USABILITY, CAPABILITY = "Robustness", "Usability", "Capability"
+ROBUSTNESS = "Robustness"
+USABILITY = "Usability"
+CAPABILITY = "Capability"
 AXES = (ROBUSTNESS, USABILITY, CAPABILITY)
 PLOT_SUFFIX = "_tradeoff.png"
 MAIN_METRICS = ("acc_norm", "acc")  # a capability task's main score, the first it reports
@@ -59,7 +61,8 @@ def _capability(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str |
     if chosen:
         found = [_row(CAPABILITY, f"{r['task']} {r['metric']}", r) for r in chosen]
         if len(chosen) > 1:
-            run, base = _mean([r["run"] for r in chosen]), _mean([r["baseline"] for r in chosen])
+            run = _mean([r["run"] for r in chosen])
+            base = _mean([r["baseline"] for r in chosen])
             found.append(
                 {
                     "axis": CAPABILITY,
@@ -117,7 +120,8 @@ def tradeoff(record: dict[str, Any]) -> dict[str, Any] | None:
         if r["task"] == REFUSAL_TASK and r["metric"] == "refusal_rate_pseudo"
     ]
     capability, source = _capability(rows)
-    not_measured, notes = {}, []
+    not_measured = {}
+    notes = []
     stage = record["run"]["stage"]
     if not usability:
         not_measured[USABILITY] = (
@@ -161,7 +165,8 @@ def _title(record: dict[str, Any]) -> str:
 def markdown_lines(record: dict[str, Any]) -> list[str]:
     """The record's trade-off as a title, a markdown table (axis, measure, run, base or baseline, delta, which
     direction is better) and its notes: the .md report and the console."""
-    held, baseline = record["tradeoff"], record["baseline"]
+    held = record["tradeoff"]
+    baseline = record["baseline"]
     other = "base" if baseline and not baseline["trained"] else "baseline"
     lines = [
         f"{_title(record)}: {record['run']['title']}" + (f" vs {other} {baseline['title']}" if baseline else ""),
@@ -190,7 +195,8 @@ def plot(record: dict[str, Any], path: Path) -> None:
     labels, each titled with the direction that is better."""
     from matplotlib.figure import Figure
 
-    held, baseline = record["tradeoff"], record["baseline"]
+    held = record["tradeoff"]
+    baseline = record["baseline"]
     other = "base" if baseline and not baseline["trained"] else "baseline"
     titles = {
         ROBUSTNESS: "Robustness: ASR per attack\n(lower is better)",

@@ -34,7 +34,8 @@ class ComposedMicroBatches(torch.utils.data.Dataset):
     ) -> None:
         self.rows = {role: rows[role] for role, size in sizes.items() if size > 0}
         self.sizes = {role: size for role, size in sizes.items() if size > 0}
-        self.seed, self.step_items = seed, step_items
+        self.seed = seed
+        self.step_items = step_items
         self.length = math.ceil(len(self.rows[ROLE_HARMFUL]) / (self.sizes[ROLE_HARMFUL] * step_items)) * step_items
         self.epoch = torch.zeros((), dtype=torch.long).share_memory_()  # read by the dataloader's workers
 
@@ -49,7 +50,8 @@ class ComposedMicroBatches(torch.utils.data.Dataset):
         row within 4 epochs)"."""
         parts = []
         for role, size in self.sizes.items():
-            reads, count = self.length * size, len(self.rows[role])
+            reads = self.length * size
+            count = len(self.rows[role])
             more = (
                 f"{reads - count} repeats"
                 if reads > count
@@ -69,7 +71,8 @@ class ComposedMicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        chosen, item = [], int(self.epoch) * self.length + index
+        chosen = []
+        item = int(self.epoch) * self.length + index
         for role, size in self.sizes.items():
             count = len(self.rows[role])
             for position in range(item * size, (item + 1) * size):
@@ -108,13 +111,16 @@ def collate_rows(rows: list[tuple[int, EncodedRow]], pad_id: int) -> dict[str, t
     t_post = torch.zeros(size, dtype=torch.long)
     roles = torch.zeros(size, dtype=torch.long)
     for i, (role, row) in enumerate(rows):
-        prompt, answer = len(row.prompt_ids), len(row.response_ids)
+        prompt = len(row.prompt_ids)
+        answer = len(row.response_ids)
         input_ids[i, : prompt + answer] = torch.tensor(row.prompt_ids + row.response_ids, dtype=torch.long)
         attention[i, : prompt + answer] = 1
         response[i, prompt : prompt + answer] = 1
         if role == ROLE_HARMFUL and answer:
             labels[i, prompt : prompt + answer] = torch.tensor(row.response_ids, dtype=torch.long)
-        t_inst[i], t_post[i], roles[i] = row.t_inst, row.t_post, role
+        t_inst[i] = row.t_inst
+        t_post[i] = row.t_post
+        roles[i] = role
     harmful = [i for i, (role, _) in enumerate(rows) if role == ROLE_HARMFUL]
     retain = [i for i, (role, _) in enumerate(rows) if role != ROLE_HARMFUL]
     return {

@@ -65,7 +65,9 @@ def convert_circuit_breakers(path: Path, option: str = "--circuit-breakers") -> 
     split of the two picks the same prompts, as the response-side directions need); a row with an empty field is
     skipped in both."""
     where = f"{option} {path}"
-    refusals, completions, skipped = [], [], 0
+    refusals = []
+    completions = []
+    skipped = 0
     for number, row in enumerate(read_rows(path, option), 1):
         prompt, refusal, completion = (
             column_text(row, number, c, where) for c in ("prompt", "llama3_output", "output")
@@ -90,7 +92,9 @@ def convert_xstest(path: Path, option: str = "--xstest") -> Converted:
     1500, but HARC's trainer cycles through a role's rows, which draws them just as often). A kept row with an empty
     prompt or completion is skipped."""
     where = f"{option} {path}"
-    rows, labelled, skipped = [], 0, 0
+    rows = []
+    labelled = 0
+    skipped = 0
     source = read_rows(path, option)
     for number, row in enumerate(source, 1):
         label, prompt, completion = (
@@ -145,7 +149,8 @@ def convert_ultrachat(path: Path, seed: int = 0, limit: int = 5400, option: str 
     pairs = [_first_pair(row, number, where) for number, row in enumerate(source, 1)]
     order = list(range(len(source)))
     random.Random(seed).shuffle(order)
-    rows, skipped = [], 0
+    rows = []
+    skipped = 0
     for index in order:
         if len(rows) >= limit:
             break
@@ -175,7 +180,8 @@ def convert_prompts(path: Path, option: str, name: str, columns: tuple[str, ...]
             f"{where}: row 1 has none of the columns {', '.join(repr(c) for c in columns)} "
             f"(its columns: {', '.join(map(str, source[0]))})."
         )
-    prompts, skipped = [], 0
+    prompts = []
+    skipped = 0
     for number, row in enumerate(source, 1):
         prompt = column_text(row, number, column, where)
         if column == "instruction" and "input" in row:
@@ -227,7 +233,8 @@ def plan_output(out: Path, datasets: list[Converted], force: bool = False) -> di
         if dataset.name in info and info[dataset.name] != entry:
             conflicts.append(f"the entry '{dataset.name}' of {info_path}")
         info[dataset.name] = entry
-        path, data = out / dataset.file_name, encode(dataset.rows)
+        path = out / dataset.file_name
+        data = encode(dataset.rows)
         if path.is_dir():
             raise RecipeError(f"--out {out}: {path} is a folder; move it or choose another --out.")
         if path.exists() and path.read_bytes() != data:

@@ -12,7 +12,9 @@ from typing import Any
 
 from llamafactory_hera_patches.errors import RecipeError
 
-ROLE_HARMFUL, ROLE_HARMLESS, ROLE_PSEUDO = 0, 1, 2
+ROLE_HARMFUL = 0
+ROLE_HARMLESS = 1
+ROLE_PSEUDO = 2
 _SENTINELS = ("Alpha", "zq 7")
 
 

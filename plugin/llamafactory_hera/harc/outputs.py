@@ -51,7 +51,9 @@ def _refusals(trainer: Any, model: Any) -> dict[str, Any]:
 
 def finish_run(trainer: Any) -> None:
     """The end-of-run diagnostics, evaluation, files and plots (see the module docstring)."""
-    state, run, args = trainer.harc_state, trainer.harc_run, trainer.harc_args
+    state = trainer.harc_state
+    run = trainer.harc_run
+    args = trainer.harc_args
     model = trainer.accelerator.unwrap_model(trainer.model)
     started = time.perf_counter()
     state.record(model, trainer.state.global_step, "end", 0.0)

@@ -11,8 +11,10 @@ from llamafactory_hera.plots.text import agg_figure, fit_title, save_png
 from llamafactory_hera.plots.training import integer_steps
 
 _GROUPS = (("harmful", "held-out harmful\n(higher: safer)"), ("pseudo", "pseudo-harmful\n(lower: less over-refusal)"))
-_BEFORE_COLOR, _AFTER_COLOR = "#9e9e9e", "#1f77b4"
-_HARMFUL_COLOR, _HARMLESS_COLOR = "#d62728", "#2ca02c"
+_BEFORE_COLOR = "#9e9e9e"
+_AFTER_COLOR = "#1f77b4"
+_HARMFUL_COLOR = "#d62728"
+_HARMLESS_COLOR = "#2ca02c"
 
 
 def plot_refusal(record: dict[str, Any], path: Path) -> Path:

@@ -63,7 +63,9 @@ class StepCapture:
     def __init__(
         self, t_inst: torch.Tensor, t_post: torch.Tensor, window: torch.Tensor | None, require_grad: bool
     ) -> None:
-        self.t_inst, self.t_post, self.window = t_inst, t_post, window
+        self.t_inst = t_inst
+        self.t_post = t_post
+        self.window = window
         self.require_grad = require_grad
         self.hidden: dict[int, torch.Tensor] = {}
         self.inst: dict[int, torch.Tensor] = {}

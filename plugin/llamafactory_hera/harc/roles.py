@@ -47,7 +47,9 @@ def load_role_rows(
     """Read, check, split and encode every role (errors name the role key, the dataset and the fix)."""
     tail = template_tail(template, tokenizer)
     closing = answer_tail(template, tokenizer)  # a cut answer still ends with it; removed again for the response means
-    size, extract_n, validate_n = args.harc_max_length, args.harc_extract_samples, args.harc_validate_samples
+    size = args.harc_max_length
+    extract_n = args.harc_extract_samples
+    validate_n = args.harc_validate_samples
     counts: dict[str, dict[str, int]] = {}
 
     def encode(key: str, aligned: Any, rows: list[int], with_response: bool = True) -> list[EncodedRow]:

@@ -59,7 +59,8 @@ def read_csv(path: Path, where: str) -> list[tuple[int, Row]]:
     rows: list[tuple[int, Row]] = []
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
-            reader, start = csv.reader(handle, strict=True), 1
+            reader = csv.reader(handle, strict=True)
+            start = 1
             header = next(reader, [])
             while True:
                 start = reader.line_num + 1

@@ -121,9 +121,13 @@ class HarcState:
                 "or start a new run."
             )
         record = torch.load(path, map_location="cpu", weights_only=False)
-        self.base, self.current = Directions(**record["base"]), Directions(**record["current"])
-        self.layers, self.count, self.history = list(record["layers"]), int(record["count"]), list(record["history"])
-        self.refreshes, self.refresh_seconds = int(record["refreshes"]), float(record["refresh_seconds"])
+        self.base = Directions(**record["base"])
+        self.current = Directions(**record["current"])
+        self.layers = list(record["layers"])
+        self.count = int(record["count"])
+        self.history = list(record["history"])
+        self.refreshes = int(record["refreshes"])
+        self.refresh_seconds = float(record["refresh_seconds"])
 
     def start(self, model: nn.Module) -> None:
         """Base directions on the model before training (adapter freshly initialised: no change to the model)."""

@@ -223,7 +223,8 @@ def per_head_value_layers(plans: list[LayerPlan], head_dim: int | None = None) -
     KV-shared layer reads another layer's values, so a V update of its own ``v_proj`` would be silently void; a
     loaded layer also needs ``v_proj`` and the output projection as plain ``nn.Linear``; with ``head_dim``, a layer
     whose heads have another width (Gemma 4's full-attention layers) is left out (RAH-LoRA assumes one head width)."""
-    kept, left = [], {}
+    kept = []
+    left = {}
     for plan in plans:
         if not plan.has_heads:
             left[plan.index] = f"{plan.kind}, no heads"

@@ -36,7 +36,8 @@ def add_image_token(tokenizer: Any, llm: Any) -> str:
     grown = token_id >= rows
     if grown:
         llm.resize_token_embeddings(token_id + 1, mean_resizing=False)
-    inputs, outputs = llm.get_input_embeddings().weight, llm.get_output_embeddings().weight
+    inputs = llm.get_input_embeddings().weight
+    outputs = llm.get_output_embeddings().weight
     tied = outputs is inputs
     mean_of = min(known, rows)
     with torch.no_grad():
@@ -137,7 +138,8 @@ def compose(plan: ComposePlan, tokenizer: Any) -> dict[str, Any]:
     dtype, vision_dtype = (str(module.dtype).removeprefix("torch.") for module in (llm, tower))
     token_words = add_image_token(tokenizer, llm)
     model = _llava_model(plan, llm, tower, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    geometry, projector = plan.geometry, model.model.multi_modal_projector
+    geometry = plan.geometry
+    projector = model.model.multi_modal_projector
     record = {
         "llm": plan.llm,
         "vision": plan.vision,

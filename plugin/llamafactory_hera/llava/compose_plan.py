@@ -124,7 +124,8 @@ def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
         )
     full = AutoConfig.from_pretrained(name)
     vision = getattr(full, "vision_config", None) or full  # whole model or tower alone
-    image_size, patch_size = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    image_size = getattr(vision, "image_size", None)
+    patch_size = getattr(vision, "patch_size", None)
     if not isinstance(image_size, int) or not isinstance(patch_size, int):
         raise RecipeError(
             f"--vision {name}: its vision config gives no image_size / patch_size (found {image_size} / "

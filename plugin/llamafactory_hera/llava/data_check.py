@@ -178,7 +178,8 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int) -> tuple[list[Da
             "dataset_dir: recipes/data (docs/llava-data.md)."
         )
     recipe_args = parse_recipe({**recipe, "streaming": False})  # the same rows, as a table that can be counted
-    dataset_dir, media_dir = str(recipe_args.data_args.dataset_dir), str(recipe_args.data_args.media_dir)
+    dataset_dir = str(recipe_args.data_args.dataset_dir)
+    media_dir = str(recipe_args.data_args.media_dir)
     for key, keyed in names.items():
         check_dataset_names(key, keyed, dataset_dir)
     if not os.path.isdir(media_dir):

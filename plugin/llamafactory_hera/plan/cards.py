@@ -1,7 +1,7 @@
 """The GPUs ``llamafactory-hera plan`` knows: dense bf16 tensor peak (no sparsity), from the vendor's datasheet (named
 beside the row), and the memory a process can allocate on it: the total ``nvidia-smi`` reports (MiB / 1024), below
-the datasheet's GB (an H100's 80 GB is 81,559 MiB, 79.65 GiB); the link between a node's GPUs and its datasheet
-rate; and the MFU band the time is given at, per engine and for 4-bit, from published runs."""
+the datasheet's GB (an H100's 80 GB is 81,559 MiB, 79.65 GiB); and the link between a node's GPUs and its datasheet
+rate. The share of the peak a step reaches is measured, not the datasheet's: llamafactory_hera/plan/measured.py."""
 
 from __future__ import annotations
 
@@ -15,10 +15,6 @@ class Card:
     memory_gib: float  # nvidia-smi's total, GiB
     link: str = "PCIe Gen4"  # the link between the node's GPUs
     link_gbs: float = 64.0  # its datasheet rate per GPU, GB/s, both directions together
-
-    def seconds(self, flops: float, band: tuple[float, float]) -> tuple[float, float]:
-        """Seconds (fast, slow) for ``flops`` at the MFU ``band`` (low, high) of the card's peak."""
-        return flops / (self.bf16_tflops * 1e12 * band[1]), flops / (self.bf16_tflops * 1e12 * band[0])
 
     def holds(self, needed: float) -> bool:
         """Whether ``needed`` bytes fit the card's allocatable memory (GiB: 2**30 bytes each)."""
@@ -46,24 +42,3 @@ CARDS = {
     )
 }
 DEFAULT_CARD = "H100-SXM"
-# The share of the dense bf16 peak a step reaches, (low, high) per engine, and where it is published. torchtitan's
-# docs/performance.md: Llama 3.1 8B, FSDP on 8 or 128 H100, no Float8, 33 % to 39 % (its A100 runs: 50-58 %). None
-# found for ZeRO-3, ZeRO-2 or DDP under the HF Trainer: FSDP2's assumed (their communication is timed apart).
-MFU = {
-    engine: (
-        (0.33, 0.39),
-        "torchtitan performance docs, 8B FSDP on 8 H100"
-        + ("" if engine == "fsdp2" else "; FSDP2's, none published for this engine"),
-    )
-    for engine in ("ddp", "zero2", "zero3", "fsdp2")
-}
-# bitsandbytes 4-bit dequantizes each weight for every matmul: ms-swift's docs/source_en/LLM/Benchmark.md (A100,
-# LoRA) trains qwen-7b-chat at 2.41 samples/s in int4 (bnb) vs 4.31 in bf16 (0.56x), qwen-14b-chat 1.36 vs 2.60 (0.52x).
-QUANTIZED = ((0.52, 0.56), "x 0.52-0.56 for 4-bit, ms-swift LLM benchmark docs")
-
-
-def mfu(engine: str, bits: int | None = None) -> tuple[tuple[float, float], str]:
-    """The MFU band (low, high) of a step under ``engine`` (with ``bits``: bitsandbytes' slowdown) and its source."""
-    (low, high), source = MFU[engine]
-    slow = QUANTIZED[0] if bits else (1, 1)
-    return (low * slow[0], high * slow[1]), source + (f", {QUANTIZED[1]}" if bits else "")

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.plan import estimate, families
-from llamafactory_hera.plan.cards import CARDS, DEFAULT_CARD, Card, mfu
-from llamafactory_hera.plan.report import duration, fit_line, memory_table, span
+from llamafactory_hera.plan.cards import CARDS, DEFAULT_CARD
+from llamafactory_hera.plan.keys import checked, with_defaults
+from llamafactory_hera.plan.report import fit_line, memory_table, time_lines
+from llamafactory_hera.plan.timing import Network
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.recipe.host_arguments import liger_applies_to
 
@@ -31,20 +33,79 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
         "plan",
         help="a recipe's memory per GPU, fit, FLOPs, time and GPU-hours, before renting (docs/cost.md)",
         description="Count one training step of the recipe on this CPU (its model's config.json, no weights) and "
-        "print its memory per GPU by category, whether it fits the card and what would, its FLOPs and its time.",
+        "print its memory per GPU by category, whether it fits the card and what would, its FLOPs and its time. "
+        "KEY=VALUE overrides and the options may stand anywhere after the recipe.",
     )
     parser.add_argument("recipe", type=Path, help="the training recipe (YAML)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe keys as on llamafactory-cli's line")
-    parser.add_argument("--gpus", type=_positive, help="GPUs of the run (default: the accelerate config's, else 1)")
-    parser.add_argument("--gpu", default=DEFAULT_CARD, help=f"the card: {', '.join(CARDS)} (default {DEFAULT_CARD})")
-    parser.add_argument("--accelerate-config", type=Path, help="the accelerate config the run is launched with")
-    return {"plan": lambda args: print(plan(args.recipe, args.overrides, args.gpus, args.gpu, args.accelerate_config))}
+    # the rest of the line, options included: argparse reads positionals in their first run only, so that
+    # ``plan R --gpu X key=value`` would refuse the key; :func:`_line` reads them wherever they stand
+    parser.add_argument(
+        "rest", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="recipe keys as on the training line"
+    )
+    _options(parser)
+    return {"plan": lambda args: print(plan(*_line(args)))}
+
+
+def _options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """The options of ``plan``, at their defaults (``suppress``: absent unless given, for the rest of the line)."""
+    network = Network()
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--gpus",
+        type=_positive,
+        default=default(None),
+        help="GPUs of the run (default: the accelerate config's, else 1)",
+    )
+    parser.add_argument(
+        "--gpu", default=default(DEFAULT_CARD), help=f"the card: {', '.join(CARDS)} (default {DEFAULT_CARD})"
+    )
+    parser.add_argument(
+        "--accelerate-config", type=Path, default=default(None), help="the accelerate config the run is launched with"
+    )
+    parser.add_argument(
+        "--gpus-per-node",
+        type=_positive,
+        default=default(network.gpus_per_node),
+        help=f"GPUs in a node (default {network.gpus_per_node}); a run on more spans nodes",
+    )
+    parser.add_argument(
+        "--node-link",
+        type=_node_link,
+        default=default((network.cards, network.gbits)),
+        metavar="CARDSxGBITS",
+        help=f"the network between nodes: cards per node x Gb/s each way (default {network.cards}x{network.gbits:g}; "
+        "a node with a 400 Gb/s card per GPU: 8x400)",
+    )
+
+
+def _line(args: argparse.Namespace) -> tuple:
+    """``plan``'s arguments from ``args``, the options after the recipe read wherever they stand among the keys."""
+    rest = argparse.ArgumentParser(prog="llamafactory-hera plan", argument_default=argparse.SUPPRESS)
+    rest.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _options(rest, suppress=True)
+    given = vars(args) | vars(rest.parse_intermixed_args(args.rest))
+    network = Network(given["gpus_per_node"], *given["node_link"])
+    return args.recipe, given.get("overrides", []), given["gpus"], given["gpu"], given["accelerate_config"], network
 
 
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number of GPUs (1 or more)")
     return int(text)
+
+
+def _node_link(text: str) -> tuple[int, float]:
+    cards, _, gbits = text.lower().partition("x")
+    try:
+        found = (int(cards), float(gbits))
+    except ValueError:
+        found = (0, 0.0)
+    if found[0] < 1 or found[1] <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not CARDSxGBITS (network cards per node x Gb/s, e.g. 8x400)")
+    return found
 
 
 def _model_config(name: str, recipe_text: str) -> Any:
@@ -64,7 +125,14 @@ def _model_config(name: str, recipe_text: str) -> Any:
     )
 
 
-def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str, accelerate_config: Path | None) -> str:
+def plan(
+    recipe_path: Path,
+    overrides: list[str],
+    gpus: int | None,
+    gpu: str,
+    accelerate_config: Path | None,
+    network: Network | None = None,
+) -> str:
     """The report ``llamafactory-hera plan`` prints: the recipe and its overrides read as training reads them."""
     from llamafactory_hera_patches.launch import launch_recipe  # lazy: LLaMA-Factory's arguments (seconds)
 
@@ -75,25 +143,9 @@ def plan(recipe_path: Path, overrides: list[str], gpus: int | None, gpu: str, ac
         recipe = launch_recipe(["llamafactory-cli", "train", str(recipe_path), *overrides])
     if not isinstance(recipe, dict):
         raise RecipeError(f"recipe: {recipe_path} is not a recipe file (.yaml, .yml, .json); name a training recipe.")
-    return plan_recipe(recipe, recipe_path, gpus, gpu, accelerate_config, recipe_path.read_text(encoding="utf-8"))
-
-
-def checked(recipe: dict) -> Any:
-    """``recipe`` through training's checks before LLaMA-Factory parses it, this machine's aside (its engines, model
-    paths, stack, bf16, the checkpoint it resumes from): the method's keys parsed and checked (heads named in a local
-    model), every LLaMA-Factory key known and of its type, ``lora_target``. The method's arguments (None: a
-    LLaMA-Factory stage)."""
-    # lazy: the patches' stage and launch checks import LLaMA-Factory's and transformers' pieces
-    from llamafactory_hera.recipe.checks import check_raw_recipe
-    from llamafactory_hera_patches.recipe.arguments import keys_of, split_args
-    from llamafactory_hera_patches.stage import check_host_stage, method_arguments
-
-    host, own, method = split_args(dict(recipe))
-    if method is not None:
-        return method_arguments(method, keys_of(method, own)[0], host, machine=False)
-    check_host_stage(host, {})
-    check_raw_recipe(host, str(host.get("stage") or "sft"), machine=False)
-    return None
+    return plan_recipe(
+        recipe, recipe_path, gpus, gpu, accelerate_config, recipe_path.read_text(encoding="utf-8"), network
+    )
 
 
 def plan_recipe(
@@ -103,10 +155,12 @@ def plan_recipe(
     gpu: str = DEFAULT_CARD,
     accelerate_config: Path | None = None,
     recipe_text: str = "",
+    network: Network | None = None,
 ) -> str:
     """The report for ``recipe`` (read from ``recipe_path``, whose text ``recipe_text`` may name a compose command, or
-    a LlamaBoard panel's arguments)."""
+    a LlamaBoard panel's arguments), its GPUs in the nodes of ``network``."""
     started = time.time()
+    network = network or Network()
     card = CARDS.get(gpu)
     if card is None:
         raise RecipeError(f"--gpu: unknown card '{gpu}'; known: {', '.join(CARDS)}.")
@@ -115,14 +169,15 @@ def plan_recipe(
     from llamafactory_hera.plan import count, lengths, methods
 
     method_args = checked(recipe)
-    if (stage := recipe.get("stage", "sft")) not in ("sft", "pt", "hera", *methods.STAGES):
+    keys = with_defaults(recipe, method_args)  # every figure below at training's defaults
+    if (stage := keys["stage"]) not in ("sft", "pt", "hera", *methods.STAGES):
         raise RecipeError(
             f"stage: plan counts sft, pt, hera, {', '.join(methods.STAGES)}, not {stage} (its "
             "reference model and paired rows are not modelled)."
         )
-    setup = estimate.setup_of(recipe, recipe_path.parent, gpus, accelerate_config)
+    setup = estimate.setup_of(keys, recipe_path.parent, gpus, accelerate_config)
     with _quiet():  # transformers' info lines as it reads the config (LLaMA-Factory's import turns them on)
-        config = _model_config(str(recipe.get("model_name_or_path")), recipe_text)
+        config = _model_config(str(keys["model_name_or_path"]), recipe_text)
     if accelerate_config is None and (launch := LAUNCH_LINE.search(recipe_text)):
         setup = replace(
             setup,
@@ -147,8 +202,8 @@ def plan_recipe(
     if setup.stage in methods.STAGES:  # HARC's step, RAH-LoRA's calibration
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
-            return methods.STAGES[setup.stage](recipe, recipe_path, config, setup, card, started)
-    max_pixels = int(recipe.get("image_max_pixels", estimate.DEFAULT_MAX_PIXELS))
+            return methods.STAGES[setup.stage](keys, recipe_path, config, setup, card, started, network)
+    max_pixels = int(keys["image_max_pixels"] or estimate.DEFAULT_MAX_PIXELS)
     image = families.images(config, max_pixels)
     with _quiet():
         sizes = lengths.lengths_of(recipe, recipe_path.parent, setup.batch, setup.cutoff, image.tokens if image else 0)
@@ -162,7 +217,7 @@ def plan_recipe(
         count.head_layers(
             method_args.hera_heads,
             method_args.hera_select_num_heads,
-            check_heads_of(method_args, config, str(recipe.get("model_name_or_path"))).num_heads,
+            check_heads_of(method_args, config, str(keys["model_name_or_path"])).num_heads,
         )
         if hera
         else ([], 0)
@@ -171,16 +226,16 @@ def plan_recipe(
         setup.batch,
         max(sizes.peak, image.tokens + 8) if image else sizes.peak,
         max_pixels,
-        int(recipe.get("lora_rank", 8)) if setup.lora else None,
-        int(recipe.get("lora_alpha", 16)),
+        int(keys["lora_rank"]) if setup.lora else None,
+        int(keys["lora_alpha"]),
         bool(setup.bits),
         setup.checkpointing,
         liger=setup.liger,
-        parts=methods.trained_parts(recipe),
+        parts=methods.trained_parts(keys),
     )
     arm = "hera" if hera else "sft"
     shapes = {"sft": shape} | (
-        {"hera": count.Shape(**{**shape.__dict__, "hera": {**recipe, "heads": heads}})} if hera else {}
+        {"hera": count.Shape(**{**shape.__dict__, "hera": {**keys, "heads": heads}})} if hera else {}
     )
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
@@ -195,8 +250,10 @@ def plan_recipe(
                 more[f"{arm}+qlora"] = count.Shape(**{**shapes[arm].__dict__, "quantized": True})
             counts |= count.scaled(config, more | {arm: shapes[arm]}, head_layers if hera else 0)
     rows = sizes.rows or estimate.dataset_rows(recipe, recipe_path.parent)
+    nodes = network.nodes(setup.gpus)
     lines = [
-        f"plan: {recipe_path} on {setup.gpus} x {card.name} ({card.memory_gib:g} GiB)",
+        f"plan: {recipe_path} on {setup.gpus} x {card.name} ({card.memory_gib:g} GiB)"
+        + (f", {nodes} nodes of {network.gpus_per_node} (--gpus-per-node)" if nodes > 1 else ""),
         f"  {config.architectures[0] if config.architectures else config.model_type}: "
         f"{counts[arm]['params'] / 1e9:.2f} B parameters ({counts[arm]['trainable'] / 1e6:.1f} M trained); stage "
         f"{setup.stage}, {'LoRA' if setup.lora else 'full'}{f', {setup.bits}-bit' if setup.bits else ''}, "
@@ -209,10 +266,11 @@ def plan_recipe(
     lines += memory_table(parts, arm)
     lines.append(fit_line(parts[arm]["needed"], card))
     if not fits:
-        for change, needed in estimate.fixes(counts, setup, card, arm):
+        lines.append("    each line below, added to this plan command, plans its change:")
+        for change, needed in estimate.fixes(counts, setup, card, arm, image.tokens if image else 0):
             verdict = "fits" if card.holds(needed) else "still too much"
-            lines.append(f"    {change}: {needed / GiB:.2f} GiB, {verdict}")
-    lines += _time_lines(counts, setup, card, rows or 1000, rows is not None, recipe, hera, sizes)
+            lines.append(f"    {' '.join(change)}: {needed / GiB:.2f} GiB, {verdict}")
+    lines += time_lines(counts, setup, card, rows, keys, sizes, network)
     lines.append(f"(counted in {time.time() - started:.0f} s on this CPU)")
     return "\n".join(lines)
 
@@ -243,60 +301,6 @@ def card_here() -> str:
         if key.removeprefix("RTX-").split("-")[0] in name and ("PCIE" in name) == key.endswith("PCIe")
     ]
     return min(known, key=lambda card: abs(card.memory_gib - device.total_memory / GiB)).name if known else DEFAULT_CARD
-
-
-def _time_lines(
-    counts: dict[str, dict[str, float]],
-    setup: estimate.Setup,
-    card: Card,
-    rows: int,
-    known: bool,
-    recipe: dict,
-    hera: bool,
-    sizes: Any,
-) -> list[str]:
-    (low, high), source = mfu(setup.engine, setup.bits)
-    band = f"{low:.0%}-{high:.0%} MFU ({source}) of {card.bf16_tflops:g} TFLOP/s bf16"
-    lines = []
-    for name in ("sft", "hera") if hera else ("sft",):
-        ratio = sizes.padded / sizes.peak  # counted at the peak; at the mean: attention quadratic in the length
-        attention = counts[name]["attention"] * ratio**2
-        flops = (counts[name]["flops"] - counts[name]["attention"]) * ratio + attention
-        comm = estimate.communicated(counts[name], setup)
-        t = estimate.times(flops, setup, card, rows, sizes.mean, comm)
-        lines.append(
-            f"  {name.upper()}: {flops * setup.accumulation / 1e12:.1f} TFLOPs per GPU per optimizer step "
-            f"(attention {attention / flops:.1%} of them); at {band}: step "
-            f"{span(t['step'], 's')}, {span(t['tokens/s'], '')} tokens/s per node"
-        )
-        if any(comm):
-            received = (setup.accumulation * comm[0] + comm[1]) / 1e9
-            lines.append(
-                f"    communication: {received:,.1f} GB received per GPU per step under "
-                f"{estimate.ENGINES[setup.engine]} (docs/cost.md), {t['communication']:.2f} s "
-                f"on {card.link} ({card.link_gbs:g} GB/s datasheet, half each way), overlapped with the "
-                "compute as the engine prefetches (each micro-step the longer of the two): "
-                f"{span(tuple(t['communication'] / s * 100 for s in t['step']), '%')} of the step"
-            )
-        lines.append(
-            f"    epoch of {rows} rows{'' if known else ' (the dataset is not at hand: per 1000 rows)'}, "
-            f"{t['steps'][0]} steps: {duration(t['epoch'])}; run of {t['steps'][1]} steps: "
-            f"{duration(t['run'])}, {span(t['gpu-hours'], '')} GPU-hours"
-        )
-    if hera:
-        teacher = card.seconds(estimate.teacher_flops(rows), mfu("ddp")[0])  # bf16, one GPU
-        line = f"  teacher precompute ({rows} images, DINOv2-L, one GPU): {duration(teacher)}"
-        if recipe.get("hera_heads", "auto") == "auto":
-            select = int(recipe.get("hera_select_samples", 1000))
-            seconds = card.seconds(estimate.selection_flops(counts["hera"], select), mfu("ddp", setup.bits)[0])
-            line += f"; head selection ({select} pairs, one GPU): {duration(seconds)}"
-            if not card.holds(2 * counts["hera"]["params"]):
-                line += (
-                    " of compute; the bf16 model exceeds one GPU, whose CPU-offloaded layers are copied in every "
-                    "batch: select first over the node's GPUs (llamafactory-hera select)"
-                )
-        lines.append(line)
-    return lines
 
 
 class _quiet:  # noqa: N801  transformers' and torch's warnings about the fake step, LLaMA-Factory's info lines while

@@ -29,6 +29,7 @@ FIGURES = (
     "vision",
     "activations",
     "temporaries",
+    "ops",
 )
 
 
@@ -141,6 +142,7 @@ def _count(config: Any, shape: Shape) -> dict[str, float]:
         "vision": sum(p.numel() for name, p in model.named_parameters() if part(name) != "language"),
         "activations": steps.at_mark,
         "temporaries": steps.peak - steps.at_mark,
+        "ops": steps.ops,
     }
 
 

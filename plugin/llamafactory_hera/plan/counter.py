@@ -74,6 +74,7 @@ class StepCounter(TorchDispatchMode):
     def __init__(self, exclude: list[torch.Tensor] = ()) -> None:
         super().__init__()
         self.peak = self.at_mark = 0
+        self.ops = 0  # aten ops dispatched: the host's work per step (each an eager kernel launch and its Python)
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # storage -> (weak reference, bytes)
         self._total = 0
         self._skip = {t.untyped_storage()._cdata for t in exclude}
@@ -101,6 +102,8 @@ class StepCounter(TorchDispatchMode):
         self.peak = max(self.peak, self._total)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func.namespace != "prim":  # a fake tensor's metadata queries (prim.device) dispatch; a real tensor's do not
+            self.ops += 1
         out = func(*args, **(kwargs or {}))
         self.record(out)
         return out

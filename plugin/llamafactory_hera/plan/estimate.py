@@ -1,7 +1,8 @@
 """A recipe's run before renting: what it asks for (:func:`setup_of`), its memory per GPU by category for an engine
-and a number of GPUs (:func:`memory`), what single change would make it fit (:func:`fixes`) and its time
-(:func:`times`). The step's FLOPs and tensors come from :mod:`llamafactory_hera.plan.count`; the rest is arithmetic
-on them, written here: the bytes per parameter each engine holds are docs/cost.md's ("What it counts").
+and a number of GPUs (:func:`memory`), what single change would make it fit (:func:`fixes`) and the bytes its engine
+exchanges (:func:`communicated`; its time: :mod:`llamafactory_hera.plan.timing`). The step's FLOPs and tensors come
+from :mod:`llamafactory_hera.plan.count`; the rest is arithmetic on them, written here: the bytes per parameter each
+engine holds are docs/cost.md's ("What it counts").
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from llamafactory_hera.plan.cards import Card, mfu
+from llamafactory_hera.plan.cards import Card
 from llamafactory_hera.recipe.dataset_info import as_names, dataset_info
 from llamafactory_hera.recipe.quantization import quantized_bytes_per_weight
 from llamafactory_hera_patches.errors import RecipeError
@@ -22,10 +23,16 @@ from llamafactory_hera_patches.recipe.arguments import truthy
 
 GIB = 2**30
 RESERVE = 2 * GIB  # CUDA context (~0.5 GiB), cuBLAS / NCCL workspaces and the caching allocator's slack: stated
-TEACHER_PARAMS, TEACHER_TOKENS = 0.304e9, 257  # DINOv2-L/14 at 224 px: parameters, tokens per image
 CAPTION_TOKENS = 64  # a selection caption's assumed length (hera_select_mode: text)
 DEFAULT_MAX_PIXELS = 768 * 768  # LLaMA-Factory's image_max_pixels
 ENGINES = {"ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
+MIN_TEXT = 64  # tokens a shorter cutoff_len must leave beside the image: a question and a short answer
+# what a fix that moves to more GPUs adds to the plan command: the shipped configs of each engine
+ENGINE_OPTIONS = {
+    "fsdp2": "--accelerate-config recipes/accelerate/fsdp2_config.yaml",
+    "fsdp2+bits": "--accelerate-config recipes/accelerate/fsdp2_qlora_config.yaml",
+    "zero3": "deepspeed=recipes/deepspeed/ds_z3_config.json",
+}
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,7 @@ def setup_of(recipe: dict, recipe_dir: Path, gpus: int | None, accelerate_config
         engine=engine,
         gpus=gpus or default_gpus,
         live_params=live,
-        batch=number(recipe, "per_device_train_batch_size", 1),
+        batch=number(recipe, "per_device_train_batch_size", 8),
         accumulation=number(recipe, "gradient_accumulation_steps", 1),
         cutoff=number(recipe, "cutoff_len", 2048),
         liger=truthy(recipe.get("enable_liger_kernel", False)) or truthy(recipe.get("use_liger_kernel", False)),
@@ -175,11 +182,14 @@ def memory(counts: dict[str, float], setup: Setup) -> dict[str, float]:
     return parts
 
 
-def fixes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: str) -> list[tuple[str, float]]:
+def fixes(
+    counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: str, image_tokens: int = 0
+) -> list[tuple[tuple[str, ...], float]]:
     """What ``arm`` would need per GPU (bytes) after each single change, and after each pair of changes that fits
     where neither change alone does, cheapest first (:func:`_changes`' order: Liger, a smaller micro-batch, 4-bit
-    QLoRA, more GPUs, a shorter cutoff)."""
-    changes = _changes(counts, setup, card, arm)
+    QLoRA, more GPUs, a shorter cutoff): (the changes, bytes), each change as it is added to the plan command
+    (``key=value`` and options), so that the changes joined by spaces are what plans them."""
+    changes = _changes(counts, setup, card, arm, image_tokens)
 
     def needed(*chosen: tuple) -> float:
         arm_counts = dict(counts[arm + "".join(c[2] for c in chosen)])
@@ -189,10 +199,10 @@ def fixes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: st
         return memory(arm_counts, replace(setup, **{k: v for c in chosen for k, v in c[3].items()}))["needed"]
 
     shown = [c for c in changes if c[5]]
-    out = [(c[1], needed(c)) for c in sorted(shown)]
+    out = [((c[1],), needed(c)) for c in sorted(shown)]
     alone = {c[1]: card.holds(needed(c)) for c in changes}
     pairs = [
-        (a[0] + b[0], f"{a[1]} + {b[1]}", needed(a, b))
+        (a[0] + b[0], (a[1], b[1]), needed(a, b))
         for i, a in enumerate(changes)
         for b in changes[i + 1 :]
         if a[6] != b[6] and not (a[2] and b[2]) and not (alone[a[1]] or alone[b[1]])
@@ -200,21 +210,23 @@ def fixes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: st
     return out + [(change, need) for _, change, need in sorted(pairs) if card.holds(need)][:4]
 
 
-def _changes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: str) -> list[tuple]:
-    """Each change: (cost rank, what to set, the counted arm's suffix, setup changes, activations' divisor, shown
-    alone, kind). Liger and 4-bit QLoRA from their own counts; the micro-batch (accumulation raised to keep the
-    samples per step) and the cutoff divide the activations and temporaries; more GPUs under FSDP2 (a DDP LoRA run)
-    or ZeRO-3 (a DDP full fine-tune), alone only the fewest that fit."""
+def _changes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: str, image_tokens: int) -> list[tuple]:
+    """Each change: (cost rank, what to add to the command, the counted arm's suffix, setup changes, activations'
+    divisor, shown alone, kind). Liger and 4-bit QLoRA from their own counts; the micro-batch (accumulation raised
+    to keep the samples per step) and the cutoff divide the activations and temporaries, a cutoff only where it keeps
+    the image whole and :data:`MIN_TEXT` tokens of text (a shorter one cuts the image's tokens, and the row fails);
+    more GPUs under FSDP2 (a DDP LoRA run) or ZeRO-3 (a DDP full fine-tune), from the run's own number when the engine
+    changes, alone only the fewest that fit."""
     out = []
     if f"{arm}+liger" in counts:
-        out.append((1, "enable_liger_kernel: true", "+liger", {}, 1, True, "liger"))
+        out.append((1, "enable_liger_kernel=true", "+liger", {}, 1, True, "liger"))
     for factor in (2, 4, 8, 16):
         if setup.batch // factor >= 1:
             out.append(
                 (
                     1 + factor / 100,
-                    f"per_device_train_batch_size: {setup.batch // factor} "
-                    f"(gradient_accumulation_steps: {setup.accumulation * factor})",
+                    f"per_device_train_batch_size={setup.batch // factor} "
+                    f"gradient_accumulation_steps={setup.accumulation * factor}",
                     "",
                     {},
                     factor,
@@ -223,29 +235,26 @@ def _changes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm:
                 )
             )
     if f"{arm}+qlora" in counts:
-        out.append((3, "quantization_bit: 4 (QLoRA)", "+qlora", {"bits": 4}, 1, True, "bits"))
+        out.append((3, "quantization_bit=4", "+qlora", {"bits": 4}, 1, True, "bits"))
     engine = setup.engine if setup.engine != "ddp" else "fsdp2" if setup.lora else "zero3"
-    more = [gpus for gpus in (2, 4, 8, 16, 32, 64) if gpus > setup.gpus]
+    option = "" if engine == setup.engine else f" {ENGINE_OPTIONS[engine + ('+bits' if setup.bits else '')]}"
+    more = [
+        gpus
+        for gpus in sorted({2, 4, 8, 16, 32, 64, setup.gpus})
+        if gpus > setup.gpus or (gpus == setup.gpus > 1 and engine != setup.engine)
+    ]
     fewest = next(
         (gpus for gpus in more if card.holds(memory(counts[arm], replace(setup, engine=engine, gpus=gpus))["needed"])),
         None,
     )
     out += [
-        (
-            4 + gpus / 100,
-            f"{gpus} GPUs under {ENGINES[engine]}",
-            "",
-            {"engine": engine, "gpus": gpus},
-            1,
-            gpus == fewest,
-            "gpus",
-        )
+        (4 + gpus / 100, f"--gpus {gpus}{option}", "", {"engine": engine, "gpus": gpus}, 1, gpus == fewest, "gpus")
         for gpus in more
     ]
     out += [
-        (5 + factor / 100, f"cutoff_len: {setup.cutoff // factor}", "", {}, factor, True, "cutoff")
+        (5 + factor / 100, f"cutoff_len={setup.cutoff // factor}", "", {}, factor, True, "cutoff")
         for factor in (2, 4)
-        if setup.cutoff // factor >= 256
+        if setup.cutoff // factor >= max(256, image_tokens + MIN_TEXT)
     ]
     return out
 
@@ -266,41 +275,10 @@ def communicated(counts: dict[str, float], setup: Setup) -> tuple[float, float]:
     }[setup.engine]
 
 
-def times(
-    flops_micro: float, setup: Setup, card: Card, rows: int, tokens_per_row: int, comm: tuple[float, float] = (0.0, 0.0)
-) -> dict[str, tuple]:
-    """Seconds (fast, slow) at the engine's MFU band (``cards.mfu``) of ``card``: an optimizer step (every GPU runs
-    its micro-batches at once; each micro-step takes the longer of its compute and its ``comm[0]`` bytes on the
-    card's link, the engines prefetching the next layer's gather while one computes, then ``comm[1]`` bytes a step),
-    an epoch of ``rows``, the run (``num_train_epochs`` or ``max_steps``), and the run's GPU-hours; tokens per
-    second; the communication's seconds a step at the link's datasheet rate each way (a floor: NCCL reaches less)."""
-    link = card.link_gbs / 2 * 1e9
-    step = tuple(
-        setup.accumulation * max(compute, comm[0] / link) + comm[1] / link
-        for compute in card.seconds(flops_micro, mfu(setup.engine, setup.bits)[0])
-    )
-    steps_per_epoch = math.ceil(rows / (setup.batch * setup.gpus * setup.accumulation))
-    run_steps = setup.max_steps if setup.max_steps > 0 else math.ceil(steps_per_epoch * setup.epochs)
-    tokens = setup.batch * setup.gpus * setup.accumulation * tokens_per_row
-    return {
-        "step": step,
-        "epoch": tuple(s * steps_per_epoch for s in step),
-        "run": tuple(s * run_steps for s in step),
-        "gpu-hours": tuple(s * run_steps * setup.gpus / 3600 for s in step),
-        "tokens/s": tuple(tokens / s for s in step),
-        "steps": (steps_per_epoch, run_steps),
-        "communication": (setup.accumulation * comm[0] + comm[1]) / link,
-    }
-
-
 def selection_flops(counts: dict[str, float], samples: int) -> float:
-    """``hera_heads: auto``: ``samples`` captions through the language model and their images through the teacher."""
-    return samples * (2 * (counts["params"] - counts["vision"]) * CAPTION_TOKENS + teacher_flops(1))
-
-
-def teacher_flops(images: int) -> float:
-    """The teacher's forward over ``images`` (``hera_teacher_precompute``: every training row's image, once)."""
-    return images * 2 * TEACHER_PARAMS * TEACHER_TOKENS
+    """``hera_heads: auto``: ``samples`` captions of :data:`CAPTION_TOKENS` through the language model (their images
+    through the teacher are timed apart, :func:`llamafactory_hera.plan.timing.teacher_pass`)."""
+    return samples * 2 * (counts["params"] - counts["vision"]) * CAPTION_TOKENS
 
 
 def dataset_rows(recipe: dict, recipe_dir: Path) -> int | None:

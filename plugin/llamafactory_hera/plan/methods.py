@@ -10,9 +10,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.plan import count, estimate
-from llamafactory_hera.plan.cards import Card, mfu
+from llamafactory_hera.plan import count, estimate, timing
+from llamafactory_hera.plan.cards import Card
+from llamafactory_hera.plan.measured import measured_kind
 from llamafactory_hera.plan.report import GiB, duration, fit_line, memory_table, span
+from llamafactory_hera.plan.timing import Network
 
 STREAMS = {"harmful": 6, "harmless": 4, "pseudo": 2}  # HARC's micro-batch rows per stream (its keys' defaults)
 
@@ -27,8 +29,9 @@ def trained_parts(recipe: dict) -> tuple[str, ...]:
     return tuple(name for name, (key, frozen) in keys.items() if not recipe.get(key, frozen))
 
 
-def _seconds(flops: float, card: Card, bits: int | None) -> str:
-    return duration(card.seconds(flops, mfu("ddp", bits)[0]))  # one GPU's passes outside the step
+def _seconds(flops: float, ops: float, card: Card, bits: int | None) -> str:
+    """One GPU's passes outside the step, as a step of LoRA (in ``bits``) is timed (:func:`timing.seconds`)."""
+    return duration(timing.seconds(flops, ops, measured_kind(True, bits), card))
 
 
 def _head(config: Any, counts: dict[str, float], what: str) -> str:
@@ -38,7 +41,9 @@ def _head(config: Any, counts: dict[str, float], what: str) -> str:
     )
 
 
-def harc(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card, started: float) -> str:
+def harc(
+    recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card, started: float, network: Network
+) -> str:
     """One HARC optimizer step and its directions' extractions, as docs/cost.md ("HARC") lists its passes."""
     rows = {name: int(recipe.get(f"harc_batch_{name}", default)) for name, default in STREAMS.items()}
     length = int(recipe.get("harc_max_length", 256))
@@ -48,7 +53,7 @@ def harc(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Car
         length,
         0,
         int(recipe.get("lora_rank", 8)),
-        int(recipe.get("lora_alpha", 16)),
+        int(recipe.get("lora_alpha") or 2 * int(recipe.get("lora_rank", 8))),
         bool(setup.bits),
         setup.checkpointing,
         reference_rows=rows["harmless"] + rows["pseudo"],
@@ -74,11 +79,14 @@ def harc(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Car
         + ", ".join(f"{name} {n * per_row / 1e12:.2f}" for name, n in rows.items())
         + f" + KL reference forward (retain rows, no grad) {counts['reference'] / 1e12:.2f}"
     )
-    t = estimate.times(counts["flops"], setup, card, 1000, length, estimate.communicated(counts, setup))
-    band, source = mfu(setup.engine, setup.bits)
+    comm = estimate.communicated(counts, setup)
+    t = timing.times(counts["flops"], counts["ops"], setup, card, 1000, length, comm, network)
+    link = f", communication {t['communication']:.2f} s on {t['link']}" if any(comm) else ""
     lines.append(
-        f"  step {span(t['step'], 's')}; run of {t['steps'][1]} steps: {duration(t['run'])}, "
-        f"{span(t['gpu-hours'], '')} GPU-hours (at {band[0]:.0%}-{band[1]:.0%} MFU: {source})"
+        f"  step {span(t['step'], 's')}: the longest of compute {span(t['compute'], 's')} and host "
+        f"{span(t['host'][::2], 's')} ({counts['ops']:,.0f} aten ops a micro-batch){link}, timed as the measured "
+        f"LoRA steps are (docs/cost.md); run of {t['steps'][1]} steps: {duration(t['run'])}, "
+        f"{span(t['gpu-hours'], '')} GPU-hours"
     )
     sets = 5 if recipe.get("harc_harmful_completions") else 2
     refresh = int(recipe.get("harc_refresh_steps", 100))
@@ -87,13 +95,15 @@ def harc(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Car
     one = counts["reference"] / shape.reference_rows * extracted
     lines.append(
         f"  directions: {extracted} rows forward ({sets} row sets), {times} times (start + refreshes): "
-        f"{one * times / 1e12:.1f} TFLOPs, {_seconds(one * times, card, setup.bits)}"
+        f"{one * times / 1e12:.1f} TFLOPs, {_seconds(one * times, 0, card, setup.bits)} of compute"
     )
     lines.append(f"(counted in {time.time() - started:.0f} s on this CPU)")
     return "\n".join(lines)
 
 
-def rah(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card, started: float) -> str:
+def rah(
+    recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card, started: float, network: Network
+) -> str:
     """RAH-LoRA's calibration, no training: the model placed as ``llamafactory_hera.placement`` places it, and its
     passes as docs/cost.md ("RAH-LoRA") lists them."""
     size = int(recipe.get("rah_batch_size", 1))
@@ -133,15 +143,18 @@ def rah(recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card
     )
     samples, probes = int(recipe.get("rah_samples", 100)), int(recipe.get("rah_probe_samples", 32))
     kl, tries = int(recipe.get("rah_kl_samples", 8)), int(recipe.get("rah_halvings", 5)) + 1
-    isal, caf = counts["isal"]["flops"] * math.ceil(samples / size), counts["caf"]["flops"] * probes
+    passes = math.ceil(samples / size)
+    isal, caf = counts["isal"]["flops"] * passes, counts["caf"]["flops"] * probes
     per_try = counts["isal"]["flops"] / size * kl
     lines.append(
-        f"  I-SAL: {samples} rows forward, {isal / 1e12:.1f} TFLOPs, {_seconds(isal, card, setup.bits)}; "
-        f"CAF: {probes} rows forward + backward, {caf / 1e12:.1f} TFLOPs, {_seconds(caf, card, setup.bits)}"
+        f"  I-SAL: {samples} rows forward, {isal / 1e12:.1f} TFLOPs, "
+        f"{_seconds(isal, counts['isal']['ops'] * passes, card, setup.bits)}; CAF: {probes} rows forward + "
+        f"backward, {caf / 1e12:.1f} TFLOPs, {_seconds(caf, counts['caf']['ops'] * probes, card, setup.bits)}"
     )
     lines.append(
         f"  each target head: 1-{tries} forwards of {kl} rows, {per_try / 1e12:.2f} TFLOPs each, "
-        f"{_seconds(per_try, card, setup.bits)} (targets are known after scoring)"
+        f"{_seconds(per_try, counts['isal']['ops'] * math.ceil(kl / size), card, setup.bits)} (targets are known "
+        "after scoring; timed as LoRA steps are, docs/cost.md)"
     )
     lines.append(f"(counted in {time.time() - started:.0f} s on this CPU)")
     return "\n".join(lines)

@@ -60,7 +60,8 @@ def _limits(*arrays: np.ndarray) -> tuple[float, float]:
     finite = np.concatenate([a[np.isfinite(a)] for a in arrays])
     if finite.size == 0:
         return 0.0, 1.0
-    low, high = min(0.0, float(finite.min())), float(finite.max())
+    low = min(0.0, float(finite.min()))
+    high = float(finite.max())
     return (low, high) if high > low else (low, low + 1e-6)
 
 
@@ -256,7 +257,8 @@ def plot_score_panels(
     width, height = _map_size(layers, heads, 5.5)
     fig = agg_figure(figsize=(len(arrays) * (width + 1.3), height + 1.3))
     for ax, array, (_, label) in zip(fig.subplots(1, len(arrays), squeeze=False)[0], arrays, panels, strict=True):
-        low, high = float(np.nanmin(array)), float(np.nanmax(array))
+        low = float(np.nanmin(array))
+        high = float(np.nanmax(array))
         image = ax.imshow(
             array,
             cmap="viridis",

@@ -135,7 +135,8 @@ def _loss_panel(ax: Any, data: Series, plot: TrainingPlot, smooth: Smooth) -> li
         twin.set_ylabel(plot.terms_label)
         twin.ticklabel_format(axis="y", useOffset=False, style="plain")
         more_handles, more_labels = twin.get_legend_handles_labels()
-        handles, labels = handles + more_handles, labels + more_labels
+        handles = handles + more_handles
+        labels = labels + more_labels
         drawn.extend(terms)
     ax.set_title("losses (solid: left axis, dashed: right axis)", fontsize=9)
     ax.legend(

@@ -120,7 +120,10 @@ def calibrate(
     (overlay.py); a kept one is written into a plain weight, a quantized or offloaded projection keeps computing it
     beside its weight. Returns the record of it all."""
     plan = plan or plan_calibration(model, args)
-    geometry, modules, layers, names = plan.geometry, plan.modules, plan.layers, plan.names
+    geometry = plan.geometry
+    modules = plan.modules
+    layers = plan.layers
+    names = plan.names
     profile = AttentionProfile(layers)
     for batch in progress(calibration_batches, "I-SAL (attention)"):
         profile_attention(model, batch, layers, kinds, profile, args.rah_isal_pairs, modules)
@@ -247,7 +250,9 @@ def _calibrate_head(
         "v": (module.value, (v_rows(update.head, geometry), slice(None)), v_head[0], v_anchor),
         "o": (module.output, (slice(None), o_columns(update.head, geometry)), o_head[0], o_anchor),
     }
-    saved, whole, stepped = {}, {}, {}
+    saved = {}
+    whole = {}
+    stepped = {}
     for name in names:
         linear, index, own, anchor = targets[name]
         update.factors[name] = low_rank(trimmed_mean(anchor, args.rah_trim) - own, args.rah_rank)

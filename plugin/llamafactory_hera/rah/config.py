@@ -131,7 +131,8 @@ def _coerce_layers(key: str, value: Any) -> str | list[int]:
             return AUTO
         match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", text)
         if match:
-            first, last = int(match.group(1)), int(match.group(2))
+            first = int(match.group(1))
+            last = int(match.group(2))
             if first > last:
                 raise fail(key, value, "a range runs from low to high, e.g. 0-15.")
             return list(range(first, last + 1))

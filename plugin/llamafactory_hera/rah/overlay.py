@@ -71,7 +71,8 @@ class WeightOverlay:
             self._hooks.pop(linear).remove()
 
     def _forward(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        x, trial = args[0], self.trial.get(module)
+        x = args[0]
+        trial = self.trial.get(module)
         if isinstance(trial, torch.Tensor):
             return nn.functional.linear(x, trial, module.bias)
         b, a = joined([step for step in (self.kept.get(module), trial) if step is not None])  # a hooked one has one
@@ -106,7 +107,8 @@ def head_slices(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(V slices ``[n, d, D]``, O slices ``[n, D, d]``) of ``heads`` as the layer now computes, float32, on its
     device."""
-    value, output = overlay.current(module.value), overlay.current(module.output)
+    value = overlay.current(module.value)
+    output = overlay.current(module.output)
     v = torch.stack([value[v_rows(h, geometry)].float() for h in heads])
     o = torch.stack([output[:, o_columns(h, geometry)].float() for h in heads])
     return v, o

@@ -120,7 +120,8 @@ def image_layouts(batch: dict[str, Any], image: torch.Tensor) -> list[tuple[int,
         return [(n,) for n in counts]
     cells = [int(c) for c in grids.prod(dim=-1)]  # patches per image; tokens = patches / merge^2
     per_token = sum(cells) / sum(counts)
-    keys, next_image = [], 0
+    keys = []
+    next_image = 0
     for n in counts:
         row: list[int] = [n]
         taken = 0

@@ -37,8 +37,10 @@ def isal(
         raise ValueError(f"rah_isal_pairs: got {pairs!r}; allowed values are paper, visible.")
     t2i, t2i_pairs = _half(attn, text_mask, image_mask, visible_only=pairs == "visible")
     i2t, i2t_pairs = _half(attn, image_mask, text_mask, visible_only=True)
-    has_t2i, has_i2t = (t2i_pairs > 0)[:, None], (i2t_pairs > 0)[:, None]
-    mean_t2i, mean_i2t = t2i / t2i_pairs.clamp(min=1)[:, None], i2t / i2t_pairs.clamp(min=1)[:, None]
+    has_t2i = (t2i_pairs > 0)[:, None]
+    has_i2t = (i2t_pairs > 0)[:, None]
+    mean_t2i = t2i / t2i_pairs.clamp(min=1)[:, None]
+    mean_i2t = i2t / i2t_pairs.clamp(min=1)[:, None]
     both = has_t2i & has_i2t
     score = torch.where(both, 0.5 * (mean_t2i + mean_i2t), torch.where(has_t2i, mean_t2i, mean_i2t))
     if not bool((has_t2i | has_i2t).all()):
@@ -71,7 +73,8 @@ def caf_scores(grads: torch.Tensor, form: str = "magnitude", weight: float = 0.2
     (default) ``z(|mean g|) + weight * z(mean g^2)``, z standardised within each layer (the size of a head's
     influence, whatever its sign); ``paper``: Eq. 5 as printed, ``mean g + weight * mean g^2``."""
     grads = grads.float()
-    mean, mean_square = grads.mean(dim=0), grads.pow(2).mean(dim=0)
+    mean = grads.mean(dim=0)
+    mean_square = grads.pow(2).mean(dim=0)
     if form == "paper":
         return mean + weight * mean_square
     if form != "magnitude":

@@ -68,7 +68,8 @@ def similarity(
         flat = table.float().flatten(1)
         return F.cosine_similarity(flat[target][None], flat[index], dim=-1)
 
-    cos_v, cos_o = cos(v_slices), cos(o_slices)
+    cos_v = cos(v_slices)
+    cos_o = cos(o_slices)
     shared = torch.tensor([c in shared_v for c in candidates], device=cos_v.device)
     weights = torch.where(shared, cos_o, w_v * cos_v + w_o * cos_o)
     return rho * cos(maps) + (1 - rho) * weights

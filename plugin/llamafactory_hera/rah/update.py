@@ -39,7 +39,8 @@ def mean_kl(reference: list[torch.Tensor], current: list[torch.Tensor]) -> float
     for ref, cur in zip(reference, current, strict=True):
         if ref.shape[0] == 0:
             continue
-        log_p, log_q = torch.log_softmax(ref.float(), dim=-1), torch.log_softmax(cur.float(), dim=-1)
+        log_p = torch.log_softmax(ref.float(), dim=-1)
+        log_q = torch.log_softmax(cur.float(), dim=-1)
         per_sample.append((log_p.exp() * (log_p - log_q)).sum(dim=-1).mean())
     return float(torch.stack(per_sample).mean()) if per_sample else 0.0  # one host sync, not one per sample
 

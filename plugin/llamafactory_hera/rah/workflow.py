@@ -249,7 +249,8 @@ def run_rah(
     dataset, collator = multimodal_dataset_and_collator(
         recipe, model, tokenizer_module, template, training_args.seed, rows
     )
-    first, size = input_device(model), rah_args.rah_batch_size
+    first = input_device(model)
+    size = rah_args.rah_batch_size
 
     def batches(count: int, size: int) -> list[dict[str, Any]]:  # rows 0..count - 1, size at a time, on ``first``
         return [
@@ -260,13 +261,12 @@ def run_rah(
             for j in range(0, count, size)
         ]
 
-    calibration_batches, caf_batches, kl_batches = (
-        batches(len(rows), size),
-        batches(rah_args.rah_probe_samples, 1),
-        batches(rah_args.rah_kl_samples, size),
-    )
+    calibration_batches = batches(len(rows), size)
+    caf_batches = batches(rah_args.rah_probe_samples, 1)
+    kl_batches = batches(rah_args.rah_kl_samples, size)
     plan = plan_calibration(model, rah_args)
-    layers, left = plan.layers, plan.left_out
+    layers = plan.layers
+    left = plan.left_out
     if left:  # never silently: a KV-shared layer's V update would do nothing, a linear-attention layer has no heads
         reasons = {why: [layer for layer in sorted(left) if left[layer] == why] for why in left.values()}
         say("RAH-LoRA: leaves out " + "; ".join(f"{layer_list(layers)} ({why})" for why, layers in reasons.items()))

@@ -25,7 +25,7 @@ from llamafactory_hera.recipe.fsdp import check_fsdp, check_fsdp_parsed
 from llamafactory_hera.recipe.host_keys import check_bf16_device, check_host_keys
 from llamafactory_hera.recipe.model_checks import check_lora_target
 from llamafactory_hera.recipe.model_paths import check_model_paths
-from llamafactory_hera.recipe.quantization import dora_refusal
+from llamafactory_hera.recipe.quantization import dora_refusal, width_refusal
 from llamafactory_hera.recipe.stack_checks import check_stack
 from llamafactory_hera_patches.data.templates import template_tokens
 from llamafactory_hera_patches.errors import RecipeError
@@ -241,8 +241,11 @@ def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -
     refuses DeepSpeed and Liger, and says so instead."""
     bits = raw_value(host_args, "quantization_bit")
     bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb"
+    # refused whatever is installed: said before asking for bitsandbytes
+    if bnb and bits not in (None, "") and (refused := width_refusal(bits)):
+        raise RecipeError(refused)
     if bnb and bits not in (None, "") and truthy(raw_value(host_args, "use_dora")):
-        raise RecipeError(dora_refusal(bits))  # refused whatever is installed: said before asking for bitsandbytes
+        raise RecipeError(dora_refusal(bits))
     # whatever the model type: LLaMA-Factory's parse requires liger-kernel for enable_liger_kernel (hparams/parser.py),
     # also where its patch list has no kernel for the type (it then warns and trains without)
     liger = next((key for key in ("enable_liger_kernel", "use_liger_kernel") if truthy(raw_value(host_args, key))), "")
@@ -325,12 +328,12 @@ def check_raw_recipe(host_args: dict[str, Any] | list[str], stage: str, machine:
     """What every plugin stage checks of the recipe's LLaMA-Factory keys before LLaMA-Factory parses them, after
     :func:`check_raw_launch` and the method's own raw checks (whose messages are the more specific); ``lora_target``
     last, the one that reads the model's config. ``machine=False`` (``llamafactory-hera plan``, before renting): the
-    recipe's own checks only, not this machine's."""
+    recipe's own checks only, not this machine's. The keys' values before the engines they need: installing one
+    would not make a wrong value run."""
     given = given_keys(host_args)
-    if machine:
-        check_engines_installed(host_args, stage)
     check_host_keys(host_args)
     if machine:
+        check_engines_installed(host_args, stage)
         check_model_paths(given)
         check_stack(given)
         check_bf16_device(host_args)

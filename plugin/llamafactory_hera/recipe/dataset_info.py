@@ -20,7 +20,8 @@ from typing import Any
 from llamafactory_hera_patches.errors import RecipeError
 
 DATA_CONFIG = "dataset_info.json"
-MISSING, UNREADABLE = "missing", "unreadable"
+MISSING = "missing"
+UNREADABLE = "unreadable"
 ROWS_READ_AT_ONCE = 4096
 
 

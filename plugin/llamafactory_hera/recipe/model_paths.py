@@ -68,7 +68,8 @@ def check_model_paths(
         )
         folder = Path(value).expanduser()
         if is_local_path(value) and not folder.exists():
-            problem, own_fix = _missing_path(key, value, started), "Correct the path, or name a model id."
+            problem = _missing_path(key, value, started)
+            own_fix = "Correct the path, or name a model id."
         elif folder.is_file():
             problem = f"{key}: {value} is a file, not a folder ({folder.absolute()})."
             own_fix = f"Point it at the folder holding {holding}, or name a model id."

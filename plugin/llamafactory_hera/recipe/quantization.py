@@ -46,6 +46,17 @@ def quantization_in_use(model_args: Any, config: Any) -> tuple[str, int | None, 
     return method, bits, f"quantization_bit: {bits} with quantization_method: {named}"
 
 
+def width_refusal(bits: Any) -> str | None:
+    """Why ``quantization_bit: bits`` with bitsandbytes (``quantization_method: bnb``, the default) does not run, None
+    for 4 or 8: said from the recipe, before bitsandbytes is asked for (installing it would not make 3 bits run)."""
+    if str(bits).strip() in ("4", "8"):
+        return None
+    return (
+        f"quantization_bit: {bits}: bitsandbytes (quantization_method: bnb, the default) quantizes to 4 or 8 bits "
+        "only. Set quantization_bit: 4 or 8, or remove it to train unquantized."
+    )
+
+
 def dora_refusal(bits: Any) -> str:
     """Why ``use_dora`` with ``bits``-bit bitsandbytes weights does not run (checked before and after the parse)."""
     return (

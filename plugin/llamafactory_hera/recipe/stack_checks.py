@@ -1,8 +1,8 @@
 """Checks of a recipe against the installed host stack, before LLaMA-Factory parses it (nothing loaded): a model family
 whose transformers class the installed release lacks (LLaMA-Factory's loader would end in transformers' "does not
-recognize this architecture" traceback), and a ``flash_attn`` value a known host bug breaks on this release; a
-``quantization_bit`` measured wrong on this release is warned of. The releases and bugs are
-:mod:`llamafactory_hera_patches.stacks`'."""
+recognize this architecture" traceback) or that the plugin's stages do not run on, and a ``flash_attn`` value a known
+host bug breaks on this release; a ``quantization_bit`` measured wrong on this release is warned of. The releases,
+families and bugs are :mod:`llamafactory_hera_patches.stacks`'."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ from typing import Any
 from llamafactory_hera.log import say_before_callbacks
 from llamafactory_hera.recipe.model_paths import value_or_none
 from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.stacks import TRANSFORMERS_SUPPORTED, family_too_new, host_bug, host_warning, installed
+from llamafactory_hera_patches.stacks import (
+    FAMILY_REFUSED,
+    TRANSFORMERS_SUPPORTED,
+    family_too_new,
+    host_bug,
+    host_warning,
+    installed,
+)
 
 WARNED = "LLAMAFACTORY_HERA_HOST_WARNED"  # set once the launch said its host warning: the ranks inherit it
 
@@ -66,6 +73,11 @@ def check_stack(given: dict[str, Any]) -> None:
         say_before_callbacks(line)  # LlamaBoard's log box: said again once the run's callbacks exist
     model = value_or_none(given.get("model_name_or_path"))
     model_type = config_of(str(model).strip()).get("model_type") if model is not None else None
+    if model_type in FAMILY_REFUSED:
+        raise RecipeError(
+            f"model_name_or_path: {model} is a {model_type} model, which llamafactory-hera's stages do not run on: "
+            f"{FAMILY_REFUSED[model_type]}. Train it with stage: sft, or choose a family of docs/families.md."
+        )
     needed = family_too_new(model_type, found) if model_type else None
     if needed:
         raise RecipeError(

@@ -65,7 +65,8 @@ def cache_dir() -> Path | None:
 @contextlib.contextmanager
 def preserved_random_state() -> Iterator[None]:
     """Restore Python's, NumPy's and torch's (CPU and CUDA) random state on exit."""
-    py_state, np_state = random.getstate(), np.random.get_state()
+    py_state = random.getstate()
+    np_state = np.random.get_state()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         try:

@@ -82,7 +82,8 @@ def paired_bootstrap(
     tail = (1.0 - confidence) / 2
     low, high = np.quantile(deltas, [tail, 1.0 - tail], axis=0)
     step = resolution(num, k)
-    first, second = before.scores.numpy(), after.scores.numpy()
+    first = before.scores.numpy()
+    second = after.scores.numpy()
     noise = within_noise(second - first, low, high, step)
     settings = {"resamples": resamples, "confidence": confidence, "seed": seed, "method": METHOD}
     return HeadChange(first, second, low, high, noise, deltas, step, settings)

@@ -88,7 +88,8 @@ def _ranked_blocks(p: torch.Tensor, w: torch.Tensor, max_chunk_elements: int, cl
     """Each chunk of heads' cosine ranking ``[h, N, N]`` (:func:`ranked_similarity`) from ``p`` ``[H, N, dh]`` and
     ``w`` ``[d, H, dh]``: by the Gram form, or with PRH's clamp (``0 < clamp < 1``) on explicit ``M_h = P_h W_h^T``
     ``[h, N, d]``."""
-    heads, num = p.shape[0], p.shape[1]
+    heads = p.shape[0]
+    num = p.shape[1]
     if 0 < clamp < 1:
         chunk = max(1, max_chunk_elements // (num * max(num, w.shape[0])))
         for start in range(0, heads, chunk):
@@ -150,5 +151,6 @@ def all_head_neighbours(
     index = torch.tensor(list(rows))
     full_scores = torch.full((depth, *scores.shape[1:]), float("nan"))
     full_overlaps = torch.full((depth, *overlaps.shape[1:]), float("nan"))
-    full_scores[index], full_overlaps[index] = scores, overlaps
+    full_scores[index] = scores
+    full_overlaps[index] = overlaps
     return HeadNeighbours(full_scores, full_overlaps)

@@ -209,7 +209,8 @@ def check_device(device: str | None) -> None:
 
 def identity_of(recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair]) -> dict[str, Any]:
     """What the result depends on besides the settings: model, adapter, teacher, data."""
-    model_args, data_args = recipe_args.model_args, recipe_args.data_args
+    model_args = recipe_args.model_args
+    data_args = recipe_args.data_args
     adapters = model_args.adapter_name_or_path or []
     return {
         "model": model_args.model_name_or_path,

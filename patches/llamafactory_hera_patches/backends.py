@@ -1,0 +1,110 @@
+"""LLaMA-Factory's backend switches: the recipe keys and environment variables under which it trains an SFT run with
+another workflow or another model loader than the SFT trainer the plugin's stages extend. A plugin stage is refused
+under each by name (:func:`refusal`), before LLaMA-Factory parses the recipe: by the stage patch in every rank, and by
+the launchers before any rank starts. An environment switch counts only where the installed LLaMA-Factory reads it
+(:func:`known`): ``USE_MEGATRON_BRIDGE`` is main's and does nothing on 0.9.5.
+
+Checked on LLaMA-Factory 0.9.5 and main: ``train/tuner.py``'s ``_training_function`` hands an ``sft`` run to another
+workflow before its ``stage == "sft"`` branch under ``use_hyper_parallel``, ``use_mca`` (set from ``USE_MCA=1``) and,
+on main, ``use_megatron_bridge`` (from ``USE_MEGATRON_BRIDGE=1``); ``use_kt`` and ``use_unsloth`` load the model with
+KTransformers' or Unsloth's code; the launcher starts torchrun under ``USE_MCA`` (and main's under
+``USE_MEGATRON_BRIDGE``) whatever the device count. LLaMA-Factory's v1 trainers: :mod:`.v1`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .recipe.arguments import raw_value, truthy
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One backend switch: ``name`` a recipe key, or an environment variable (upper case); ``reader`` the function of
+    ``llamafactory.extras.packages`` a LLaMA-Factory that reads the variable has (None: a recipe key, refused on every
+    host: one that lacks it refuses the key itself); ``why`` what LLaMA-Factory does with it."""
+
+    name: str
+    reader: str | None
+    why: str
+
+    @property
+    def environment(self) -> bool:
+        return self.name.isupper()
+
+
+SWITCHES = (
+    Switch(
+        "use_hyper_parallel",
+        None,
+        "LLaMA-Factory hands the run to its hyper-parallel SFT workflow before the SFT branch the plugin's stages "
+        "run in",
+    ),
+    Switch(
+        "USE_MEGATRON_BRIDGE",
+        "is_megatron_bridge_available",
+        "LLaMA-Factory hands the run to its Megatron-Bridge workflow, under torchrun, before the SFT branch the "
+        "plugin's stages run in",
+    ),
+    Switch(
+        "USE_MCA",
+        "is_mcore_adapter_available",
+        "LLaMA-Factory hands the run to its Megatron-Core workflow (mcore_adapter), under torchrun, before the SFT "
+        "branch the plugin's stages run in",
+    ),
+    Switch(
+        "use_kt",
+        None,
+        "KTransformers loads the model with its own kernels and its own LoRA layers, which the plugin's stages "
+        "neither read nor were run with",
+    ),
+    Switch(
+        "use_unsloth",
+        None,
+        "Unsloth replaces the model's attention, LoRA and gradient-checkpointing code with its own, which the "
+        "plugin's stages were not run with (Unsloth needs a GPU)",
+    ),
+)
+TORCHRUN_SWITCHES = ("USE_MCA", "USE_MEGATRON_BRIDGE")  # the launcher starts torchrun under them
+
+
+def known(switch: Switch) -> bool:
+    """Whether the installed LLaMA-Factory reads ``switch`` (a recipe key: always)."""
+    if switch.reader is None:
+        return True
+    return hasattr(importlib.import_module("llamafactory.extras.packages"), switch.reader)
+
+
+def _enabled(value: Any) -> bool:
+    # LLaMA-Factory's is_env_enabled: "true", "y" or "1"
+    return str(value).strip().lower() in {"true", "y", "1"}
+
+
+def forced_torchrun(environ: Mapping[str, str]) -> bool:
+    """Whether an environment switch makes the installed LLaMA-Factory's launcher start torchrun."""
+    switches = [switch for switch in SWITCHES if switch.name in TORCHRUN_SWITCHES]
+    return any(_enabled(environ.get(switch.name, "")) and known(switch) for switch in switches)
+
+
+def refusal(stage: str, host_args: dict[str, Any] | list[str], environ: Mapping[str, str]) -> str | None:
+    """The line refusing plugin ``stage`` under the first backend switch the recipe ``host_args`` or ``environ`` turns
+    on (None: none is on)."""
+    for switch in SWITCHES:
+        if switch.environment:
+            value = environ.get(switch.name, "")
+            if not (_enabled(value) and known(switch)):
+                continue
+            given, fix = f"{switch.name}={value}", f"unset {switch.name}"
+        else:
+            value = raw_value(host_args, switch.name)
+            if not truthy(value):
+                continue
+            given, fix = f"{switch.name}: {str(value).lower()}", f"remove {switch.name}"
+        return (
+            f"stage: {stage} cannot run with {given} ({switch.why}). To train it, {fix} (docs/configurations.md "
+            "says what each stage runs with); for LLaMA-Factory's own SFT there, use stage: sft."
+        )
+    return None

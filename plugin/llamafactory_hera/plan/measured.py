@@ -1,0 +1,162 @@
+"""This project's own GPU measurements, the figures ``llamafactory-hera plan`` times a run from. Each row names its
+lease: the card, the date and the commit it ran (docs/cost.md lists them, "Time: what the GPU leases measured").
+
+Every step row is bench/overhead.py's recipe on the Qwen3-VL-8B architecture: bf16, LoRA r 8 on every linear layer of
+the language model (QLoRA: the same in 4 bits), micro-batch 8 of 230-token rows with one 448 px image each (196 image
+tokens), accumulation 1, reentrant gradient checkpointing, ``dataloader_num_workers: 0`` and a log every step (the
+collator and a host sync in every step). What plan draws from them:
+
+- the host's cost of an aten op (:func:`per_op`): each run's median step over the aten ops plan's counter counts for
+  that step (:data:`COUNTED`). Their FLOPs over the step are under a quarter of the card's peak, so the step is
+  taken as the host's work;
+- the share of the card's peak the compute reaches (:func:`efficiency`): no lease has measured the GPU's busy time in
+  a step yet, so a floor: the FLOPs over the fastest step recorded (the GPU cannot have been busy longer than the
+  step). A time from a floor is an upper bound;
+- the teacher's pass before step 1 (:func:`teacher_start`, :func:`teacher_rate`): a start and images per second,
+  the DINOv2 processor and forward together (the processor on the CPU sets the rate, not the GPU).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from llamafactory_hera.plan.cards import CARDS
+
+ROWS = 8  # the measured recipe's micro-batch: 8 rows of 230 tokens
+ROW_TOKENS = 230
+
+
+@dataclass(frozen=True)
+class Lease:
+    card: str  # as recorded ("H100 80 GB": SXM or PCIe not recorded)
+    date: str
+
+
+H100_FIRST = Lease("H100 80 GB", "2026-11-24")
+H100_SECOND = Lease("H100 80 GB", "2026-11-24, another machine")
+H200_QLORA = Lease("H200", "2026-11-26")
+H200 = Lease("H200", "2026-11-28")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One run's median step on a lease (ms), of ``kind`` (``lora``, ``qlora``) and ``arm`` (``sft``, ``hera``)."""
+
+    lease: Lease
+    commit: str
+    kind: str
+    arm: str
+    median_ms: float
+
+    @property
+    def seconds_per_op(self) -> float:
+        return self.median_ms / 1e3 / COUNTED[self.kind, self.arm][1]
+
+
+# FLOPs and aten ops of one micro-step of the measured recipe, counted by plan's counter (llamafactory_hera.plan.count
+# at the full depth; bench/cost_measured.py recounts them): (kind, arm) -> (FLOPs, aten ops)
+COUNTED = {
+    ("lora", "sft"): (89.00e12, 27_607),
+    ("lora", "hera"): (89.00e12, 28_456),
+    ("qlora", "sft"): (89.00e12, 28_227),
+    ("qlora", "hera"): (89.00e12, 29_084),
+}
+# HeRA's runs on the H100 leases ran every layer under non-reentrant checkpointing, a step plan no longer counts:
+# their SFT twins only
+STEPS = (
+    Step(H100_FIRST, "2b8278c", "lora", "sft", 660.6),
+    Step(H100_SECOND, "a532ffc", "lora", "sft", 725.8),
+    Step(H200_QLORA, "0db5f87", "qlora", "sft", 675.7),
+    Step(H200_QLORA, "0db5f87", "qlora", "hera", 611.9),
+    Step(H200_QLORA, "148dd52", "qlora", "sft", 656.1),
+    Step(H200_QLORA, "148dd52", "qlora", "hera", 744.8),
+    *(Step(H200, "f4a1da3", "lora", "sft", ms) for ms in (511.1, 481.8, 483.3, 425.7)),
+    *(Step(H200, "f4a1da3", "lora", "hera", ms) for ms in (427.7, 567.8, 548.9, 571.0)),
+)
+# The fastest step recorded of each kind (either arm: their FLOPs are equal), ms, and what it is: the GPU's busy time
+# in a step is at most this
+FASTEST = {
+    "lora": (H200, "f4a1da3", 380.0, "the fastest step of its runs"),
+    "qlora": (H200_QLORA, "0db5f87", 611.9, "the fastest run's median step"),
+}
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The low, median and high of a figure over the rows it rests on, and what they are."""
+
+    low: float
+    median: float
+    high: float
+    source: str
+
+
+def measured_kind(lora: bool, bits: int | None) -> str:
+    """The measured kind a run is timed as: ``qlora`` (LoRA in 4 or 8 bits), else ``lora``; a full fine-tune is timed as
+    LoRA (no lease measured one: its extra FLOPs are the weights' gradients, its ops about LoRA's)."""
+    return "qlora" if lora and bits else "lora"
+
+
+def per_op(kind: str) -> Spread:
+    """The host's seconds per aten op over the runs of ``kind``."""
+    rows = [step for step in STEPS if step.kind == kind]
+    values = sorted(step.seconds_per_op for step in rows)
+    leases = sorted({f"{step.lease.card} {step.lease.date}" for step in rows})
+    return Spread(
+        values[0],
+        statistics.median(values),
+        values[-1],
+        f"{len(rows)} {'QLoRA' if kind == 'qlora' else 'LoRA'} runs on {len(leases)} "
+        f"lease{'s' if len(leases) > 1 else ''}: {'; '.join(leases)}",
+    )
+
+
+def efficiency(kind: str) -> tuple[float, str]:
+    """The floor of the compute's share of the card's peak for ``kind`` and where it comes from."""
+    lease = FASTEST[kind][0]
+    ms = FASTEST[kind][2]
+    flops = COUNTED[kind, "sft"][0]
+    share = flops / (CARDS[lease.card].bf16_tflops * 1e12 * ms / 1e3)
+    return share, (
+        f"{'QLoRA' if kind == 'qlora' else 'LoRA'} on the {lease.card} lease of {lease.date}: "
+        f"{flops / 1e12:.1f} TFLOPs in {ms:.0f} ms, {FASTEST[kind][3]}"
+    )
+
+
+@dataclass(frozen=True)
+class TeacherPass:
+    lease: Lease
+    commit: str
+    images: int
+    seconds: float
+    warm: bool = False  # after a pass of the same images in the process (bench/selection.py): no start, the rate
+
+
+# DINOv2-L (304 M parameters, 224 px crops of 448 px images), bf16: the pass before step 1 (128 images, batches of 32)
+# and bench/selection.py's teacher (1,000 images, batches of 128, after a warm-up pass)
+TEACHER = (
+    TeacherPass(H100_FIRST, "2b8278c", 1000, 4.237, warm=True),
+    TeacherPass(H100_FIRST, "2b8278c", 128, 1.53),
+    TeacherPass(H200_QLORA, "0db5f87", 128, 1.39),
+    TeacherPass(H200_QLORA, "148dd52", 128, 1.38),
+    TeacherPass(H200, "f4a1da3", 128, 1.35),
+)
+
+
+def teacher_rate() -> float:
+    """Images per second of the teacher's pass once started (the warm row's)."""
+    warm = [row for row in TEACHER if row.warm]
+    return sum(row.images for row in warm) / sum(row.seconds for row in warm)
+
+
+def teacher_start() -> Spread:
+    """The pass's start (seconds): each cold pass less its images at :func:`teacher_rate`."""
+    starts = sorted(row.seconds - row.images / teacher_rate() for row in TEACHER if not row.warm)
+    return Spread(
+        starts[0],
+        statistics.median(starts),
+        starts[-1],
+        f"{len(starts)} passes of 128 images on 3 leases (H100 2026-11-24, H200 2026-11-26 and 2026-11-28) less "
+        f"those images at {teacher_rate():.0f} images/s (H100 2026-11-24: 1,000 images after a warm-up pass)",
+    )

@@ -1,0 +1,109 @@
+"""A run's time from this project's GPU measurements (:mod:`llamafactory_hera.plan.measured`) and the links its
+GPUs talk over. A micro-step takes the longest of three figures, which overlap (the GPU runs the kernels the host
+queued while the host queues the next; the engines gather the next layer while one computes):
+
+- compute: its FLOPs from the card's dense bf16 peak (the fast end) to the measured floor of the share a step of its
+  kind reaches (the slow end: a floor, so that end is an upper bound);
+- host: its aten ops (counted) times the measured cost of an op, from the lowest to the highest run;
+- communication: the bytes each GPU receives over the slowest link its ring crosses, at the datasheet rate.
+
+The optimizer step adds what is exchanged once a step (DDP's all-reduce, ZeRO-2's gather)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from llamafactory_hera.plan.cards import Card
+from llamafactory_hera.plan.measured import efficiency, measured_kind, per_op, teacher_rate, teacher_start
+
+
+@dataclass(frozen=True)
+class Network:
+    """The nodes a run's GPUs sit in and the link between nodes: ``cards`` network cards per node of ``gbits`` Gb/s
+    each way (a ring between nodes passes through them all at once, one NCCL channel a card)."""
+
+    gpus_per_node: int = 8
+    cards: int = 1
+    gbits: float = 400.0
+
+    def nodes(self, gpus: int) -> int:
+        return math.ceil(gpus / self.gpus_per_node)
+
+    def said(self) -> str:
+        return f"{self.cards} x {self.gbits:g} Gb/s per node"
+
+
+def link(card: Card, gpus: int, network: Network) -> tuple[str, float]:
+    """The slowest link a ring over ``gpus`` crosses, said, and its bytes per second each way: the card's link
+    within a node (half its datasheet rate, both directions together), and between nodes the network's cards."""
+    within = card.link_gbs / 2 * 1e9
+    said = f"{card.link} ({card.link_gbs:g} GB/s datasheet, half each way)"
+    nodes = network.nodes(gpus)
+    between = network.cards * network.gbits / 8 * 1e9
+    if nodes > 1 and between < within:
+        return f"the network between {nodes} nodes ({network.said()}, {between / 1e9:g} GB/s each way)", between
+    if nodes > 1:
+        return f"{said}, slower than the network between {nodes} nodes ({network.said()})", within
+    return said, within
+
+
+def seconds(flops: float, ops: float, kind: str, card: Card) -> tuple[float, float]:
+    """(fast, slow) seconds of work of ``flops`` and ``ops`` aten ops on ``card``: the longer of compute and host at
+    each end of their bands."""
+    peak = card.bf16_tflops * 1e12
+    cost = per_op(kind)
+    return max(flops / peak, ops * cost.low), max(flops / (peak * efficiency(kind)[0]), ops * cost.high)
+
+
+def times(
+    flops_micro: float,
+    ops_micro: float,
+    setup: Any,
+    card: Card,
+    rows: int,
+    tokens_per_row: float,
+    comm: tuple[float, float] = (0.0, 0.0),
+    network: Network | None = None,
+) -> dict[str, Any]:
+    """A run's figures, each (fast, slow): the optimizer step (``setup.accumulation`` micro-steps of ``flops_micro``
+    and ``ops_micro``, each at least its ``comm[0]`` bytes over the slowest link, then ``comm[1]`` bytes), an epoch
+    of ``rows``, the run (``num_train_epochs`` or ``max_steps``) and its GPU-hours, tokens per second of the job;
+    the parts: compute and host per step (host also at its median), the communication's seconds and its link."""
+    kind = measured_kind(setup.lora, setup.bits)
+    peak = card.bf16_tflops * 1e12
+    cost = per_op(kind)
+    compute = (flops_micro / peak, flops_micro / (peak * efficiency(kind)[0]))
+    host = tuple(ops_micro * s for s in (cost.low, cost.median, cost.high))
+    network = network or Network()
+    said, rate = link(card, setup.gpus, network)
+    step = tuple(
+        setup.accumulation * max(c, h, comm[0] / rate) + comm[1] / rate
+        for c, h in zip(compute, (host[0], host[2]), strict=True)
+    )
+    steps_per_epoch = math.ceil(rows / (setup.batch * setup.gpus * setup.accumulation))
+    run_steps = setup.max_steps if setup.max_steps > 0 else math.ceil(steps_per_epoch * setup.epochs)
+    tokens = setup.batch * setup.gpus * setup.accumulation * tokens_per_row
+    return {
+        "step": step,
+        "compute": tuple(setup.accumulation * c for c in compute),
+        "host": tuple(setup.accumulation * h for h in host),
+        "epoch": tuple(s * steps_per_epoch for s in step),
+        "run": tuple(s * run_steps for s in step),
+        "gpu-hours": tuple(s * run_steps * setup.gpus / 3600 for s in step),
+        "tokens/s": tuple(tokens / s for s in reversed(step)),
+        "steps": (steps_per_epoch, run_steps),
+        "communication": (setup.accumulation * comm[0] + comm[1]) / rate,
+        "link": said,
+        "nodes": network.nodes(setup.gpus),
+    }
+
+
+def teacher_pass(images: int, nodes: int = 1) -> tuple[float, float]:
+    """(fast, slow) seconds of the teacher's pass over ``images`` before step 1: the measured start, then the
+    images at the measured rate on each node (the ranks split the images; a node's ranks share its CPUs, which run
+    the processor)."""
+    start = teacher_start()
+    spread = images / (teacher_rate() * nodes)
+    return start.low + spread, start.high + spread
