@@ -14,7 +14,7 @@ from test_whole_checkpoints import _SignalAt
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from llamafactory_hera.training import checkpoints, watchdog
+from llamafactory_hera.training import checkpoints, sections
 from llamafactory_hera.training.checkpoints import WholeCheckpoints, _StopOnSignal
 from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole_checkpoints_module
 from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, whole_checkpoints
@@ -107,14 +107,35 @@ def test_each_rank_makes_its_files_durable_before_the_ranks_agree(tmp_path: Path
     assert len(agreed) == 1 and "optimizer.pt" in {path.name for path in files} and files <= agreed[0]
 
 
+class _Recorder:
+    """A watchdog as ``training/sections.py`` sees one: each section entered, with the progress made in the one it
+    left."""
+
+    def __init__(self) -> None:
+        self.state = ("loading", "loading", 0)
+        self.count = 0
+        self.entered = []
+
+    def enter(self, section: str, kind: str, step: int | None = None) -> None:
+        self.entered.append((*self.state, self.count))
+        self.state = (section, kind, self.state[2] if step is None else step)
+        self.count = 0
+
+    def progress(self) -> None:
+        self.count += 1
+
+    def where(self) -> tuple[str, str, int]:
+        return self.state
+
+
 def test_a_step_is_watched_under_its_own_number(monkeypatch: pytest.MonkeyPatch) -> None:
     """As step N begins (``global_step`` N - 1), the watchdog's section is ``step N``: the number its line names is
     the step the rank is in, as the Trainer's logs count it."""
-    dog = watchdog.Watchdog(Path("unused"), 0, 2, None, clock=lambda: 0.0)
-    monkeypatch.setattr(watchdog, "_running", [dog])
+    dog = _Recorder()
+    monkeypatch.setattr(sections, "_running", [dog])
     for done in (0, 3):
         _StopOnSignal("sigterm", "/out").on_step_begin(None, type("State", (), {"global_step": done})(), None)
-        assert (dog.section, dog.kind) == (f"step {done + 1}", "step")
+        assert dog.where() == (f"step {done + 1}", "step", done + 1)
 
 
 def test_a_checkpoint_saved_again_after_a_rollback_is_unmarked_before_its_first_file(
@@ -139,3 +160,17 @@ def test_a_checkpoint_saved_again_after_a_rollback_is_unmarked_before_its_first_
     assert seen[:1] == [False] and whole_checkpoints(tmp_path) == [tmp_path / "checkpoint-1", tmp_path / "checkpoint-3"]
     _trainer(tmp_path, max_steps=2, save_total_limit=1).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
     assert whole_checkpoints(tmp_path) == [tmp_path / "checkpoint-2", tmp_path / "checkpoint-3"]
+
+
+def test_each_save_is_watched_as_a_save_and_the_end_of_the_run_as_the_final_save(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One step of a real Trainer and its checkpoint: the sections a watchdog is told, in order, with the progress
+    in each. A micro-batch counts three times (its loss begun, the model's forward begun and done; one here); a
+    checkpoint's save is a ``save`` (its bound is a save's, not a step's), each of its stages a unit of progress;
+    after the steps the rank is in the final save's own section (``final``: its own bound)."""
+    dog = _Recorder()
+    monkeypatch.setattr(sections, "_running", [dog])
+    _trainer(tmp_path, max_steps=1).train()
+    assert dog.entered[1:] == [("step 1", "step", 1, 3), ("the save of checkpoint-1", "save", 1, 3),
+                               ("step 1", "step", 1, 0)]
+    assert dog.where() == ("the end of the run (final save)", "final", 1)

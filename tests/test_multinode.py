@@ -61,7 +61,7 @@ from faults import HOOK, ROWS, fault_env, phase_fault, recipe
 from fsdp_checks import FSDP_HOOK, assert_fsdp2, fsdp2_config_file
 
 from conftest import LAUNCH_ENV, free_port, offline_env, processes_marked
-from llamafactory_hera.training import watchdog
+from llamafactory_hera.training import watch_bounds
 from llamafactory_hera_testing.recipes import harc_recipe
 from llamafactory_hera_testing.resume import differences, model_tensors
 
@@ -172,6 +172,11 @@ class Job:
                 time.sleep(0.2)
             if frozen is not None:
                 ended = time.time() - stopped
+                for process in processes_marked(LAUNCH_ENV, marks[frozen]):  # the hung host comes back
+                    with contextlib.suppress(psutil.Error):
+                        process.resume()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    nodes[frozen].wait(timeout=60)
         finally:
             for mark in marks:
                 end(processes_marked(LAUNCH_ENV, mark))
@@ -214,13 +219,18 @@ def reference(tmp: Path, make: Any) -> Path:
 
 def assert_watchdog_ended(started: Start, node: int) -> None:
     """The other node ended the job with the watchdog's one line naming rank ``node`` on its host, within the
-    bound."""
+    bound; the frozen node, thawed after that, says in its own log that it was stopped and the job ended meanwhile
+    (no gloo traceback of its rank)."""
     survivor = started.logs[1 - node]
     found = re.findall(WATCHDOG_LINE, survivor)
     assert started.codes[1 - node] != 0 and len(found) == 1, survivor[-5000:]
+    thawed = started.logs[node]
+    assert re.search(rf"\[llamafactory-hera\] watchdog: rank {node} on node{node} was stopped \(its process or host "
+                     r"frozen\) and went on \d+ s later; meanwhile the job ended", thawed), thawed[-5000:]
+    assert not re.search(r"^(RuntimeError|torch\.distributed\.\w+Error): ", thawed, re.M), thawed[-5000:]
     assert found[0][:2] == (str(node), str(node)), found
     unheard = int(found[0][2])
-    assert BOUND <= unheard <= BOUND + 2 * watchdog.PULSE and started.ended <= BOUND + 4 * watchdog.PULSE, (
+    assert BOUND <= unheard <= BOUND + 2 * watch_bounds.PULSE and started.ended <= BOUND + 4 * watch_bounds.PULSE, (
         unheard, started.ended)
 
 

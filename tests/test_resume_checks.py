@@ -256,3 +256,20 @@ def test_a_taken_pin_passes_once_its_run_saved_since_even_when_rotated_away(asse
     assert newest_since(out, pin) == since
     with pytest.raises(RecipeError, match=r"resume_from_checkpoint: .*checkpoint-3 is not a folder"):
         check_resume("hera", {**recipe, "resume_from_checkpoint": str(out / "checkpoint-3")})
+
+
+def test_true_in_a_folder_holding_only_a_jobs_own_files_starts_the_run(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """The first start of a SLURM job with ``resume_from_checkpoint: true`` (the same command on every start): its
+    output_dir holds only what a job's processes write before the run (the ranks' claim, the heartbeat folder an
+    earlier plugin version's watchdog left in a start killed before its end): the run starts, with its line, instead
+    of being refused as a folder with nothing to resume."""
+    from llamafactory_hera.recipe.resume import WATCHDOG_FOLDER, check_resume
+    from llamafactory_hera_patches.lifecycle.claim_folders import CLAIM
+
+    out = tmp_path / "out"
+    (out / WATCHDOG_FOLDER).mkdir(parents=True)
+    (out / WATCHDOG_FOLDER / "rank-1.json").write_text("{}")
+    (out / CLAIM).write_text("{}")
+    check_resume("hera", {"resume_from_checkpoint": True, "output_dir": str(out), "do_train": True})
+    assert f"output_dir: {out} holds no run yet: starting it" in capsys.readouterr().out

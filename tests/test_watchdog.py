@@ -1,5 +1,7 @@
-"""The watchdog of a plugin run's ranks (llamafactory_hera/training/watchdog.py): its bounds and the line on a fake
-clock and fake heartbeats, its thread on real files in this process, and its key. A node frozen in a step of a real
+"""The watchdog of a plugin run's ranks (llamafactory_hera/training/watchdog.py, sections.py): its bounds, sections and
+progress, torch's process-group timeout per section, and its threads on a real TCPStore in this process (a frozen
+rank, a stuck one, rank 0 frozen, a store that never answers, a thawed rank, an earlier launch's rank); its key. What
+the monitor concludes: tests/test_watch_judge.py; 1,024 ranks: tests/test_watch_scale.py; a frozen node of a real
 launch: tests/test_multinode.py."""
 
 from __future__ import annotations
@@ -8,147 +10,326 @@ import json
 import re
 import threading
 import time
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 
+from llamafactory_hera import log
 from llamafactory_hera.harc.config import parse_harc_arguments
 from llamafactory_hera.hera.config import parse_hera_arguments
-from llamafactory_hera.training import watchdog
-from llamafactory_hera.training.watchdog import FIRST, LATER_FLOOR, Watch, Watchdog, bound, ending_line
+from llamafactory_hera.training import sections, watchdog
+from llamafactory_hera.training.watch_bounds import FIRST, LATER_FLOOR, PULSE, Place, bound
+from llamafactory_hera.training.watchdog import Watchdog
 from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera_patches.lifecycle import job_store
+
+FAST = 0.1  # the threads' pulse here (a run's is 5 s, or a quarter of a short bound)
 
 
 def test_bounds_first_then_from_the_last_section() -> None:
-    assert bound("loading", None, None) == FIRST["loading"] == bound("head selection", 5.0, None)
-    assert bound("step", None, None) == FIRST["step"] and bound("save", None, None) == FIRST["save"]
-    assert bound("step", 2.0, None) == LATER_FLOOR  # short steps: the floor
-    assert bound("step", 200.0, None) == 800.0 and bound("save", 100.0, None) == 400.0
-    assert bound("step", 200.0, 20) == bound("loading", None, 20) == 20.0  # the recipe's key, every section
+    assert bound("loading", {}, None) == FIRST["loading"] == bound("selection", {"selection": 5.0}, None)
+    assert bound("step", {}, None) == FIRST["step"] and bound("save", {}, None) == FIRST["save"]
+    assert bound("final", {}, None) == FIRST["final"] and bound("final", {"save": 200.0}, None) == 800.0
+    assert bound("step", {"step": 2.0}, None) == LATER_FLOOR  # short steps: the floor
+    assert bound("step", {"step": 200.0}, None) == 800.0 and bound("save", {"save": 100.0}, None) == 400.0
+    assert bound("step", {"step": 200.0}, 20) == bound("loading", {}, 20) == 20.0  # the recipe's key, every section
 
 
-def beat(section: str, bound_s: float, pulse: int, host: str = "node-b", launch: str = "") -> bytes:
-    return json.dumps({"host": host, "section": section, "bound": bound_s, "pulse": pulse, "launch": launch}).encode()
+@pytest.fixture
+def server() -> Any:
+    """A real TCPStore in this process, as torchrun's agent hosts the job's store."""
+    return dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=5), wait_for_workers=False)
 
 
-def test_a_frozen_rank_is_named_and_the_live_ones_are_not() -> None:
-    """Rank 1 pulses throughout (a live rank waiting in a collective: its section does not move); rank 2 stops at
-    t = 20 (a frozen process: its thread stops with it); silent once unheard for longer than its bound, not before."""
-    watch = Watch([1, 2], now=0.0)
-    for t in range(0, 51, 5):
-        watch.observe(1, beat("step 3", 30, t), float(t))
-        watch.observe(2, beat("step 3", 30, min(t, 20), host="node-c"), float(t))
-        assert watch.silent(float(t)) == [], t
-    assert watch.silent(50.0) == []
-    silent = watch.silent(51.0)
-    assert [(rank, seconds) for rank, _, seconds in silent] == [(2, 31.0)]
-    line = ending_line(silent, 0)
-    assert line.startswith("watchdog: rank 2 on node-c, unheard for 31 s in step 3 (bound 30 s): its process or "
-                           "host is frozen or gone") and "Rank 0 ends (exit 1)" in line
-    assert "run the same command again" in line and line.count("\n") == 0
+def _dog(server: Any, rank: int, world: int = 2, timeout: float | None = 1.0, store: Any = None,
+         keys: job_store.Keys | None = None, **more: Any) -> Watchdog:
+    """Rank ``rank`` of a job of ``world`` ranks, one a node (node<rank> on host node<rank>)."""
+    client = store or job_store.client("127.0.0.1", server.port, 1.0)
+    place = Place(rank, world, 0, f"node{rank}", world, f"node{rank}", f"127.0.0.1:{server.port}")
+    return Watchdog(place, client, keys or job_store.launch_mark(client), timeout, ".", **more)
 
 
-def test_a_whole_node_is_one_line_naming_its_ranks() -> None:
-    silent = [(2, json.loads(beat("the save of checkpoint-4", 900, 1)), 901.0),
-              (3, json.loads(beat("the save of checkpoint-4", 900, 1)), 905.0)]
-    assert ending_line(silent, 0).startswith("watchdog: ranks 2, 3 on node-b, unheard for 905 s in the save of "
-                                             "checkpoint-4 (bound 900 s)")
-
-
-def test_files_of_an_earlier_launch_and_ranks_that_ended_are_not_silent() -> None:
-    watch = Watch([1, 2, 3], now=0.0)
-    watch.observe(1, beat("step 40", 10, 57), 5.0)  # an earlier launch's file, never rewritten
-    watch.observe(2, None, 5.0)  # no file yet ...
-    watch.observe(2, beat("loading", 10, 1), 10.0)  # ... then this launch's: heard
-    watch.observe(3, beat("loading", 10, 3), 5.0)
-    watch.observe(3, beat("loading", 10, 4), 10.0)
-    watch.observe(3, None, 15.0)  # its file removed: the rank ended
-    watch.observe(2, b'{"host": "no', 15.0)  # a write caught half-way: no change
-    assert [rank for rank, _, _ in watch.silent(100.0)] == [2]
-    watch.paused(100.0)  # this rank was paused itself: the silence was its own
-    assert watch.silent(105.0) == []
-
-
-def test_a_peer_that_froze_before_the_first_read_is_told_by_its_launchs_mark() -> None:
-    """Rank 1 froze before this rank first read its file (a short first step: seen on two simulated nodes), so its
-    file never changes here; it carries this launch's mark (the process group's store, new in every launch), so it is
-    watched from that read. Rank 2's file, left by the launch before (a requeue after a frozen node), is not."""
-    watch = Watch([1, 2], now=0.0, launch="this")
-    watch.observe(1, beat("step 2", 20, 3, launch="this"), 5.0)
-    watch.observe(2, beat("step 2", 20, 3, launch="before"), 5.0)
-    for t in (10.0, 15.0, 20.0, 25.0):
-        watch.observe(1, beat("step 2", 20, 3, launch="this"), t)
-        watch.observe(2, beat("step 2", 20, 3, launch="before"), t)
-    assert watch.silent(24.0) == [] and [rank for rank, _, _ in watch.silent(26.0)] == [1]
-
-
-def test_sections_are_timed_and_their_bounds_written() -> None:
-    now = [0.0]
-    dog = Watchdog(Path("unused"), 0, 2, None, clock=lambda: now[0], launch="mark")
-    assert json.loads(dog.beat())["bound"] == FIRST["loading"]
-    dog.enter("step 1", "step")
-    now[0] = 100.0
-    dog.enter("step 2", "step")
-    assert json.loads(dog.beat()) | {"host": "", "pid": 0} == {"host": "", "pid": 0, "section": "step 2",
-                                                                "bound": 400.0, "pulse": 2, "launch": "mark"}
-
-
-class _Args:
-    def __init__(self, folder: Path, rank: int) -> None:
-        self.output_dir, self.process_index, self.world_size = str(folder), rank, 2
-
-
-def _fake_exit(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list]:
-    """The watchdog's line and ``os._exit`` caught: (set when it exits, what it said then its exit code); the exit
-    raises SystemExit, which ends the watchdog's thread alone, silently."""
-    ended, said = threading.Event(), []
+@pytest.fixture
+def ends(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Short pulses; the lines said and ``os._exit`` caught (the exit raises SystemExit, which ends the calling thread
+    alone, silently). ``ends["dogs"]``: watchdogs to stop at the end."""
+    found: dict[str, Any] = {"said": [], "codes": [], "dogs": [], "exited": threading.Event()}
 
     def exit_(code: int) -> None:
-        said.append(code)
-        ended.set()
+        found["codes"].append(code)
+        found["exited"].set()
         raise SystemExit(code)
 
-    monkeypatch.setattr(watchdog, "say", said.append)
+    monkeypatch.setattr(watchdog, "pulse_for", lambda timeout: FAST)
+    monkeypatch.setattr(watchdog, "NOTICE_S", 0.3)
+    monkeypatch.setattr(watchdog, "say_apart", found["said"].append)
     monkeypatch.setattr(watchdog.os, "_exit", exit_)
-    monkeypatch.setattr(threading, "excepthook", lambda _: None)  # the fake exit's SystemExit in the thread
-    return ended, said
+    monkeypatch.setattr(threading, "excepthook", lambda _: None)
+    yield found
+    for dog in found["dogs"]:
+        dog.stopped.set()
+        for thread in dog.threads:
+            if thread.is_alive():
+                thread.join(1)  # a thread held in a store call that never returns is left (a daemon)
 
 
-def test_the_thread_ends_a_rank_whose_peer_froze(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two ranks' watchdogs in this process on real files (pulses of 0.1 s, bound 1 s): rank 1's thread stops as a
-    SIGSTOP would stop it (its file stays); rank 0's says the line and ends its process (here: its thread)."""
-    monkeypatch.setattr(watchdog, "PULSE", 0.1)
-    ended, said = _fake_exit(monkeypatch)
-    frozen = Watchdog(tmp_path / watchdog.FOLDER, 1, 2, 1.0)
-    with watchdog.watching(_Args(tmp_path, 0), 1.0):
-        frozen.enter("step 3", "step")
-        frozen.start()
-        assert not ended.wait(2.0)  # both pulse: nobody is silent
-        frozen.stopped.set()
-        frozen.thread.join()
-        assert ended.wait(5.0)
-    assert said[-1] == 1 and re.match(r"watchdog: rank 1 on \S+, unheard for \d+ s in step 3 \(bound 1 s\)", said[0])
-    assert sorted(p.name for p in (tmp_path / watchdog.FOLDER).iterdir()) == ["rank-1.json"]  # rank 0's removed
+def _started(ends: dict[str, Any], *dogs: Watchdog) -> None:
+    for dog in dogs:
+        ends["dogs"].append(dog)
+        dog.start()
 
 
-def test_the_ranks_leave_a_watched_run_together_still_watched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run's block ends in a barrier while the watchdog still runs: rank 0 alone writes the final save, and a rank
-    done before it waited there unwatched (two simulated nodes, HARC, rank 0 frozen in the final save: rank 1's
-    launcher waited past 600 s). A block that raises (a refusal, a stop) ends without it."""
-    barriers: list[int] = []
+def _freeze(dog: Watchdog) -> None:
+    """As SIGSTOP: its threads stop where they are, its last beat stays (no ``left``)."""
+    dog.stopped.set()
+    for thread in dog.threads:
+        thread.join(5)
+    dog.stopped = threading.Event()  # its beat does not say it left
+
+
+def _wait_for(ends: dict[str, Any], count: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(ends["codes"]) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_a_frozen_rank_is_named_by_the_monitor(server: Any, ends: dict[str, Any]) -> None:
+    """Rank 1 freezes while loading (bound 1 s): rank 0's monitor names it unheard, says the line and ends; the
+    line starts as the multi-node test reads it."""
+    monitor = _dog(server, 0)
+    frozen = _dog(server, 1)
+    _started(ends, monitor, frozen)
+    time.sleep(5 * FAST)
+    assert ends["codes"] == []  # both pulse: nobody is named
+    started = time.monotonic()
+    _freeze(frozen)
+    _wait_for(ends, 1)
+    assert ends["codes"] == [1] and 1.0 <= time.monotonic() - started < 3.0
+    assert re.match(r"watchdog: rank 1 on node1, unheard for 1 s in loading \(bound 1 s\): its process or host is "
+                    r"frozen or gone\. The job ends", ends["said"][0]), ends["said"]
+    assert "run the same command again" in ends["said"][0] and "\n" not in ends["said"][0]
+
+
+def test_a_stuck_rank_is_named_and_ends_with_the_others(server: Any, ends: dict[str, Any]) -> None:
+    """Both ranks in step 3; rank 0 finished its forward (two units of progress) and waits, rank 1 is alive but never
+    moves: rank 0's monitor names rank 1 stuck; rank 1 reads the verdict in rank 0's beat, says it in its node's
+    log and ends too. Torch's timeout of the step's collectives was set (the bound, 3 pulses, the margin)."""
+    dogs = [_dog(server, rank) for rank in (0, 1)]
+    for dog in dogs:
+        dog.enter("step 3", "step", 3)
+    dogs[0].progress()
+    dogs[0].progress()
+    _started(ends, *dogs)
+    _wait_for(ends, 2)
+    assert ends["codes"] == [1, 1] and len(set(ends["said"])) == 1, ends["said"]
+    assert re.match(r"watchdog: rank 1 on node1, no progress for 1 s in step 3 \(bound 1 s\): alive but stuck",
+                    ends["said"][0]), ends["said"]
+
+
+def test_rank_0_frozen_is_named_by_every_other_rank(server: Any, ends: dict[str, Any]) -> None:
+    monitor = _dog(server, 0)
+    other = _dog(server, 1)
+    _started(ends, monitor, other)
+    time.sleep(5 * FAST)
+    _freeze(monitor)
+    _wait_for(ends, 1)
+    assert ends["codes"] == [1]
+    assert re.match(r"watchdog: rank 0 on node0, unheard for 1 s in loading \(bound 1 s\)", ends["said"][0])
+
+
+class _Hanging:
+    """A store client that answers until ``hang`` is set, then never returns (its host frozen: TCPStore waits on)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.hang = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any) -> Any:
+            if self.hang.is_set() and self.release.wait():
+                raise RuntimeError("the test ended")
+            return getattr(self.client, name)(*args)
+
+        return call
+
+
+def test_a_store_that_never_answers_ends_the_job_with_the_node_that_hosts_it(server: Any, ends: dict[str, Any]) -> None:
+    """The first node frozen whole: torchrun's agent there, which hosts the job's store, stops with rank 0. Rank 1's
+    store call never returns; its guard names rank 0 and the store, within rank 0's bound."""
+    client = _Hanging(job_store.client("127.0.0.1", server.port, 1.0))
+    monitor = _dog(server, 0)
+    other = _dog(server, 1, store=client)
+    _started(ends, monitor, other)
+    time.sleep(5 * FAST)
+    _freeze(monitor)
+    client.hang.set()
+    _wait_for(ends, 1)
+    client.release.set()
+    assert ends["codes"] == [1]
+    assert re.match(rf"watchdog: rank 0 on node0, unheard for 1 s in loading \(bound 1 s\): its process or host is "
+                    rf"frozen or gone; the job's store at 127.0.0.1:{server.port} does not answer either \(rank 1 is "
+                    rf"in loading\)", ends["said"][0]), ends["said"]
+
+
+def test_an_earlier_launchs_rank_is_neither_heard_nor_taken_for_this_launchs(
+        server: Any, ends: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 of the launch before (a node thawed into this start) still runs and writes under its own launch's mark;
+    this launch's rank 1 never starts: rank 0 names it never heard (the start bound, here 1 s), not taken in by the
+    old one's beats nor by its leaving."""
+    monkeypatch.setenv(job_store.START_ENV, "1")
+    old = _dog(server, 1, keys=job_store.Keys(f"{job_store.ROOT}/earlier/"))
+    monitor = _dog(server, 0)
+    assert monitor.keys != old.keys
+    _started(ends, old, monitor)
+    time.sleep(5 * FAST)
+    old.stop()
+    _wait_for(ends, 1)
+    assert ends["codes"] == [1] and "rank 1, never heard in this launch" in ends["said"][0], ends["said"]
+
+
+class _Gone:
+    """The store of a job that ended: every call fails."""
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any) -> Any:
+            raise RuntimeError("Connection reset by peer")
+
+        return call
+
+
+def test_a_rank_thawed_after_the_job_ended_says_so_and_ends(server: Any, ends: dict[str, Any]) -> None:
+    """Its collective fails as it goes on (gloo: the peers are gone) and it was stopped itself: one line says it was
+    stopped, that the job ended meanwhile, and the process ends (no traceback). Not stopped: a line says which
+    collective failed and the error goes on. An error that is no collective's: nothing."""
+    dog = _dog(server, 1, store=_Gone(), keys=job_store.Keys("k/"))
+    dog.enter("step 3", "step", 3)
+    dog.guarded -= 10.0  # its guard's tick is overdue: it was stopped
+    with pytest.raises(SystemExit):
+        dog.ended_meanwhile(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [1.2.3.4]:5"))
+    assert ends["codes"] == [1]
+    assert re.match(r"watchdog: rank 1 on node1 was stopped \(its process or host frozen\) and went on 10 s later; "
+                    r"meanwhile the job ended: its collective failed \(\[gloo.*:5\)\. Rank 1 ends \(exit 1\)",
+                    ends["said"][0]), ends["said"]
+    dog = _dog(server, 1, store=_Gone(), keys=job_store.Keys("k/"))
+    dog.enter("step 3", "step", 3)
+    dog.ended_meanwhile(RuntimeError("Connection reset by peer"))
+    assert ends["said"][1] == ("watchdog: rank 1 on node1: a collective in step 3 failed (Connection reset by peer): "
+                               "another rank's process or node ended, or the network between them failed.")
+    dog.ended_meanwhile(ValueError("a bug"))
+    assert len(ends["said"]) == 2 and ends["codes"] == [1]
+
+
+def test_the_line_is_a_line_of_its_own_after_a_progress_bar(capsys: pytest.CaptureFixture) -> None:
+    print("step 3/5 |####      | 60%\r", end="", flush=True)  # tqdm's bar, its line left open
+    log.say_apart("watchdog: rank 1 on node1, unheard for 21 s")
+    assert capsys.readouterr().out.endswith("\r\n[llamafactory-hera] watchdog: rank 1 on node1, unheard for 21 s\n")
+
+
+def test_torchs_collective_timeout_follows_the_section(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's or save's collectives time out after its bound, 3 pulses and the margin (a backstop behind the
+    watchdog's line); loading and the passes before step 1 get the job's own timeout back (a rank works alone
+    there while the others wait)."""
+    set_to: list[float] = []
     monkeypatch.setattr(watchdog.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(watchdog.dist, "barrier", lambda: barriers.append(len(watchdog._running)))
-    monkeypatch.setattr(watchdog, "launch_mark", lambda: "")
-    with watchdog.watching(_Args(tmp_path, 0), 20.0):
-        pass
-    assert barriers == [1] and watchdog._running == []
-    with pytest.raises(SystemExit), watchdog.watching(_Args(tmp_path, 0), 20.0):
-        raise SystemExit(0)
-    with watchdog.watching(_Args(tmp_path, 0), 0):  # the watchdog off: still together
-        pass
-    assert barriers == [1, 0]
+    monkeypatch.setattr(watchdog.dist.distributed_c10d, "_set_pg_timeout",
+                        lambda timeout: set_to.append(timeout.total_seconds()))
+    dog = _dog(server, 0, timeout=20.0, job_timeout=180000000)
+    dog.enter("the teacher's pass before step 1", "teacher")
+    assert set_to == []  # never changed: nothing to give back
+    dog.enter("step 1", "step", 1)
+    dog.enter("the save of checkpoint-1", "save")
+    dog.enter("step 2", "step", 2)
+    assert set_to == [20.0 + 3 * 5.0 + watchdog.MARGIN_S]
+    dog.enter("the end of the run (final save)", "final")
+    assert set_to[-1] == 180000000
+    dog = _dog(server, 0, timeout=None, job_timeout=1800)
+    dog.enter("step 1", "step", 1)
+    assert set_to[-1] == FIRST["step"] + 3 * PULSE + watchdog.MARGIN_S
+
+
+def test_gloo_takes_the_timeout_torch_sets_after_init() -> None:
+    """The pinned torch's ``_set_pg_timeout`` reaches a gloo group (a one-process group here)."""
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=1000))
+    try:
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=45))
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        assert backend.options._timeout == timedelta(seconds=45)
+    finally:
+        dist.destroy_process_group()
+
+
+class _Recorder:
+    """A watchdog as sections.py sees one: every section entered and the progress in it."""
+
+    def __init__(self) -> None:
+        self.state = ("loading", "loading", 0)
+        self.entered = []
+        self.count = 0
+
+    def enter(self, section: str, kind: str, step: int | None = None) -> None:
+        self.state = (section, kind, self.state[2] if step is None else step)
+        self.count = 0
+        self.entered.append(self.state)
+
+    def progress(self) -> None:
+        self.count += 1
+
+    def where(self) -> tuple[str, str, int]:
+        return self.state
+
+
+def test_sections_give_back_the_one_before_and_count_forwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A section block ends in the section before it; ``forwards`` counts every module's forward in the block;
+    ``counting_forwards`` counts a model's forward twice (begun, done); none of it when the run is not watched."""
+    dog = _Recorder()
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    with sections.counting_forwards(model):  # not watched: no hook
+        model(torch.ones(1, 2))
+    monkeypatch.setattr(sections, "_running", [dog])
+    sections.enter("step 3", "step", 3)
+    with sections.counting_forwards(model):
+        model(torch.ones(1, 2))
+    assert dog.count == 2
+    with sections.section("the teacher's pass before step 1", "teacher", forwards=True):
+        model(torch.ones(1, 2))
+        assert dog.state == ("the teacher's pass before step 1", "teacher", 3) and dog.count == 3  # 3 modules
+    assert dog.state == ("step 3", "step", 3)
+    model(torch.ones(1, 2))
+    assert dog.count == 0  # the hooks are gone
+
+
+def test_a_run_is_watched_unless_its_key_is_0_and_its_ranks_leave_through_a_watched_barrier(
+        server: Any, ends: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``<prefix>_watchdog_timeout`` unset watches a run of several processes (the store at MASTER_ADDR:MASTER_PORT
+    here, no process group); 0 turns it off; one process is never watched. The ranks leave the block through a
+    barrier, in a ``wait`` section, still watched; a block that raises leaves without it."""
+    barriers: list[tuple[str, str, int]] = []
+    group = [False]  # whether a process group runs: none while the watchdog finds its store, one at the barrier
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setattr(watchdog.dist, "is_initialized", lambda: group[0])
+    monkeypatch.setattr(watchdog.dist, "barrier", lambda: barriers.append(sections._running[0].where()))
+    args = type("Args", (), {"world_size": 2, "process_index": 0, "local_process_index": 0, "output_dir": "."})()
+    with watchdog.watching(args, None):
+        dog = sections._running[0]
+        assert isinstance(dog, Watchdog) and dog.threads[0].is_alive()
+        group[0] = True
+    group[0] = False
+    assert barriers == [("the last barrier (every rank's end)", "wait", 0)] and sections._running == []
+    assert not dog.threads[0].is_alive() and json.loads(server.get(dog.keys.beat(0)))["left"]
+    with pytest.raises(KeyError), watchdog.watching(args, None):
+        raise KeyError("a bug")
+    assert len(barriers) == 1
+    args.world_size = 1
+    for world, timeout in ((2, 0), (1, None)):
+        args.world_size = world
+        with watchdog.watching(args, timeout):
+            assert sections._running == []
 
 
 @pytest.mark.parametrize("parse,key", [(parse_hera_arguments, "hera_watchdog_timeout"),
@@ -159,112 +340,3 @@ def test_the_key(parse: Any, key: str) -> None:
     assert getattr(parse(base), key) is None and getattr(parse({**base, key: "20"}), key) == 20.0
     with pytest.raises(RecipeError, match=f"{key}: got -1; allowed range is >= 0"):
         parse({**base, key: -1})
-
-
-def test_each_section_is_timed_under_its_own_kind() -> None:
-    """A step of 200 s, then a save of 100 s: the next step's bound is 4 x the step's time and the next save's 4 x the
-    save's (a section timed under the kind it leaves for would give the step the save's time)."""
-    now = [0.0]
-    dog = Watchdog(Path("unused"), 0, 2, None, clock=lambda: now[0])
-    dog.enter("step 1", "step")
-    now[0] = 200.0
-    dog.enter("the save of checkpoint-1", "save")
-    now[0] = 300.0
-    dog.enter("step 2", "step")
-    assert json.loads(dog.beat())["bound"] == 800.0
-    now[0] = 310.0
-    dog.enter("the save of checkpoint-2", "save")
-    assert json.loads(dog.beat())["bound"] == 400.0
-
-
-def test_a_section_block_gives_back_the_section_and_its_kind(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A save inside step 3 (``section``): after it the rank is in step 3 again, bounded as a step, not as a save."""
-    now = [0.0]
-    dog = Watchdog(Path("unused"), 0, 2, None, clock=lambda: now[0])
-    monkeypatch.setattr(watchdog, "_running", [dog])
-    watchdog.enter("step 3", "step")
-    with watchdog.section("the save of checkpoint-3", "save"):
-        assert (dog.section, dog.kind) == ("the save of checkpoint-3", "save")
-    assert (dog.section, dog.kind) == ("step 3", "step")
-
-
-def test_a_rank_paused_itself_does_not_take_its_unchanged_peers_for_silent(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The whole job suspended, then resumed (every process stopped at once): this rank's thread finds its own clock
-    1000 s on and its peer's file unchanged, the peer not yet running again. The silence was its own: no end. Then
-    the peer stays unchanged for longer than its bound (1 s) on this rank's clock: the rank ends (the thread still
-    watches). The thread's clock is a fake one the test moves a pulse at a time; its pulses of 0.05 s are real."""
-    monkeypatch.setattr(watchdog, "PULSE", 0.05)
-    (ended, said), reads = _fake_exit(monkeypatch), [0]
-    folder, now = tmp_path / watchdog.FOLDER, [0.0]
-    folder.mkdir()
-    (folder / "rank-1.json").write_bytes(beat("step 3", 1, 1, launch="this"))
-    running = threading.Event()  # the thread took its first time: a clock moved after that is seen
-
-    def clock() -> float:
-        if threading.current_thread() is not threading.main_thread():
-            running.set()
-        return now[0]
-
-    dog = Watchdog(folder, 0, 2, None, clock=clock, launch="this")
-    read = dog._read
-    monkeypatch.setattr(dog, "_read", lambda rank: (reads.__setitem__(0, reads[0] + 1), read(rank))[1])
-
-    def move_to(t: float) -> None:
-        """The thread's clock at ``t``, then one read of the peer's file at that time."""
-        before, now[0] = reads[0], t
-        deadline = time.monotonic() + 5.0
-        while reads[0] == before and not ended.is_set() and time.monotonic() < deadline:
-            time.sleep(0.005)
-
-    dog.start()
-    try:
-        assert running.wait(5.0)
-        move_to(0.1)  # read once: this launch's file
-        assert reads == [1] and dog.watch.peers[1].heard
-        move_to(1000.1)  # the job resumed: this rank's own gap of 1000 s
-        assert not ended.is_set() and said == []
-        for tenth in range(1, 10):  # 0.9 s of the bound, a pulse at a time
-            move_to(1000.1 + tenth / 10)
-        assert not ended.is_set() and said == []
-        for tenth in range(10, 13):
-            move_to(1000.1 + tenth / 10)
-        assert ended.wait(5.0) and said[-1] == 1 and "unheard for 1 s in step 3" in said[0]
-    finally:
-        dog.stopped.set()
-        dog.thread.join()
-
-
-def test_the_last_rank_out_removes_the_folder(tmp_path: Path) -> None:
-    """A rank's stop removes its heartbeat file, then the folder when it was the last one in it: a finished run
-    leaves no watchdog folder in output_dir."""
-    dog = Watchdog(tmp_path / watchdog.FOLDER, 0, 2, None)
-    dog.start()
-    assert [path.name for path in (tmp_path / watchdog.FOLDER).iterdir()] == ["rank-0.json"]
-    dog.stop()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_every_rank_of_a_launch_gets_the_first_ranks_mark(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The launch's mark is the first rank's, read by every other from the process group's store (the same on all);
-    the next launch's store gives a new one."""
-    store = dist.HashStore()
-    monkeypatch.setattr(watchdog.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(watchdog.dist.distributed_c10d, "_get_default_store", lambda: store)
-    marks = [watchdog.launch_mark() for _rank in range(3)]
-    assert len(set(marks)) == 1 and len(marks[0]) == 32
-    monkeypatch.setattr(watchdog.dist.distributed_c10d, "_get_default_store", lambda: dist.HashStore())
-    assert watchdog.launch_mark() != marks[0]
-
-
-def test_a_run_is_watched_unless_its_key_is_0(tmp_path: Path) -> None:
-    """``<prefix>_watchdog_timeout`` unset (None: the bounds of :func:`bound`) watches the run; 0 turns it off; a
-    single process is never watched."""
-    with watchdog.watching(_Args(tmp_path, 0), None):
-        assert len(watchdog._running) == 1 and (tmp_path / watchdog.FOLDER / "rank-0.json").is_file()
-    assert watchdog._running == [] and not (tmp_path / watchdog.FOLDER).exists()
-    single = _Args(tmp_path, 0)
-    single.world_size = 1
-    for args, timeout in ((_Args(tmp_path, 0), 0), (single, None)):
-        with watchdog.watching(args, timeout):
-            assert watchdog._running == [] and not (tmp_path / watchdog.FOLDER).exists()

@@ -16,6 +16,7 @@ from ``sys.argv`` and runs ``torchrun ... launcher.py <args>`` with ``subprocess
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import subprocess
@@ -24,7 +25,7 @@ from types import ModuleType
 from typing import Any
 from unittest import mock
 
-from . import backends
+from . import backends, launch_watch
 from .errors import RecipeError
 from .guard import require
 from .lifecycle import launch_signals
@@ -34,7 +35,7 @@ from .recipe.recipe_file import read_args_unchecked, read_recipe
 from .registry import method_for_stage
 from .stage import check_host_stage, method_arguments
 
-_MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt", "check_dependencies")
+_MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt", "check_dependencies", "find_available_port")
 _HELP = ("-h", "--help")
 
 
@@ -93,6 +94,25 @@ def check_before_ranks(argv: list[str]) -> Any:
     return method
 
 
+def _int_env(name: str, default: int) -> int | None:
+    """``name``'s whole number (``default`` when unset), None when it is not one (an elastic range: 1:2)."""
+    value = os.environ.get(name) or str(default)
+    return int(value) if value.isdigit() else None
+
+
+def _watched_ranks(method: Any, nodes: int, misc: ModuleType) -> int:
+    """How many ranks start a watchdog in this launch: every rank of a method's run unless its recipe turns the
+    watchdog off (``<prefix>watchdog_timeout: 0``); none for a host stage."""
+    if method is None or getattr(method, "one_process", False):
+        return 0
+    value = given_keys(launch_recipe(sys.argv)).get(f"{method.prefix}watchdog_timeout")
+    with contextlib.suppress(TypeError, ValueError):
+        if float(value) == 0:
+            return 0
+    ranks = nodes * int(os.environ.get("NPROC_PER_NODE") or misc.get_device_count())
+    return ranks if ranks > 1 else 0  # one process: no watchdog
+
+
 def apply(launcher: ModuleType) -> None:
     """Patch ``llamafactory.launcher`` (all or nothing)."""
     if getattr(launcher, "_llamafactory_hera_patched", False):
@@ -105,16 +125,23 @@ def apply(launcher: ModuleType) -> None:
     def launch() -> None:
         if not starts_torchrun(misc, sys.argv):
             return original()
-        method = check_before_ranks(sys.argv)
-        if getattr(method, "one_process", False) and not forces_torchrun(misc):
-            # it places its model over every visible GPU itself: one rank, which sees them all. Not run_exp() here:
-            # transformers' arguments in a process that sees several GPUs and no launcher ask for torchrun (n_gpu > 1)
-            os.environ["FORCE_TORCHRUN"], os.environ["NPROC_PER_NODE"] = "1", "1"
-        try:
-            with launch_signals.launching():
-                return original()
-        except subprocess.CalledProcessError as error:  # torchrun's report is above: its exit code, no traceback
-            raise SystemExit(launch_signals.ended(error.returncode)) from None
+        nodes = _int_env("NNODES", 1)
+        # watched from here to the ranks' start (launch_watch), on the port chosen now where LLaMA-Factory would pick
+        with launch_watch.watching(misc.find_available_port, nodes, _int_env("NODE_RANK", 0)) as start:
+            launch_watch.check_master_address()
+            method = check_before_ranks(sys.argv)
+            if start is not None:
+                start.expect(_watched_ranks(method, nodes or 1, misc))
+            if getattr(method, "one_process", False) and not forces_torchrun(misc):
+                # it places its model over every visible GPU itself: one rank, which sees them all. Not run_exp()
+                # here: transformers' arguments in a process that sees several GPUs and no launcher ask for torchrun
+                os.environ["FORCE_TORCHRUN"], os.environ["NPROC_PER_NODE"] = "1", "1"
+            try:
+                with launch_signals.launching():
+                    return original()
+            except subprocess.CalledProcessError as error:  # torchrun's report is above: its exit code, no traceback
+                code = 1 if start is not None and start.ended else error.returncode
+                raise SystemExit(launch_signals.ended(code)) from None
 
     launcher.launch = launch
     launcher._llamafactory_hera_patched = True

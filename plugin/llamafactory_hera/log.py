@@ -45,6 +45,14 @@ def say(message: str) -> None:
     _append(RUNNING_LOG, line)
 
 
+def say_apart(message: str) -> None:
+    """:func:`say` on a line of its own: a newline first, for a progress bar's ``\\r`` that left the line open (a
+    log that holds both streams would otherwise join the line to the bar)."""
+    line = f"[llamafactory-hera] {message}"
+    print(f"\n{line}", flush=True)
+    _append(RUNNING_LOG, line)
+
+
 def _another_rank() -> bool:
     """Whether this process is a rank other than 0 of a running torch.distributed group (torch is looked up, not
     imported: a process that has not imported it runs no group)."""

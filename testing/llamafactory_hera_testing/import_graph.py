@@ -179,10 +179,12 @@ ENTRIES = ("hera.trainer", "hera.workflow", "rah.workflow", "harc.trainer", "har
 # booleans (recipe/host_arguments.py); HeRA's trainer its capture (hera/capture.py: the heads' inputs, and their
 # weights read in the modules' calls under ZeRO-3) beside the projection; a module raises RecipeError from where it is
 # defined (llamafactory_hera_patches/errors.py), not through the one-line report's module (job_refusal.py); a
-# trainer and a workflow the watchdog (training/watchdog.py), which times the passes, steps and saves, and the save
-# signal noted from the stage's start (lifecycle/stop_signal.py), which the passes before step 1 stop on; a
-# workflow's placement the quantized bytes a weight takes (recipe/quantization.py, torch-free: plan reads it too)
-TRAINER_FILES, WORKFLOW_FILES = 21, 49
+# trainer the sections it tells its watchdog (training/sections.py), which time the passes, steps and saves, and the
+# save signal noted from the stage's start (lifecycle/stop_signal.py), which the passes before step 1 stop on; a
+# workflow the watchdog itself (training/watchdog.py: its bounds, its monitor's judgement, the job's store keys it
+# shares with the launcher, nvidia-resiliency-ext's reporter) and its placement the quantized bytes a weight takes
+# (recipe/quantization.py, torch-free: plan reads it too)
+TRAINER_FILES, WORKFLOW_FILES = 21, 54
 
 
 def _lines(path: Path) -> int:

@@ -22,6 +22,7 @@ when its count of the point's events reaches ``at`` (1-based, counted in this pr
 
 What a due fault does is its ``signal``: ``sigkill`` (the default) kills the launch; ``sigstop`` stops this rank alone
 (a frozen node; the test stops the rest of its node), which stays stopped until the launcher or the test kills it;
+``hang`` blocks this rank's main thread for good while its other threads run on (a rank alive but stuck);
 ``sigterm`` / ``sigusr1`` go to every rank of the launch from this rank (as SLURM signals each task), or, where
 ``HERA_TEST_SIGNAL_FILE`` names a file (two simulated nodes: tests/test_multinode.py), the rank writes the signal's
 name there and waits until the test, which sees every node, has sent it to every task and removed the file. A ``torn``
@@ -112,6 +113,10 @@ def act(why: str) -> None:
     elif name == "sigstop":
         print(f"[fault_injection] rank {rank}: SIGSTOP {why} at {time.time():.1f}", flush=True)
         os.kill(os.getpid(), signal.SIGSTOP)
+    elif name == "hang":
+        print(f"[fault_injection] rank {rank}: HANG {why} at {time.time():.1f}", flush=True)
+        while True:  # the main thread stuck, every other thread alive (a hung kernel, a lost peer of NCCL)
+            time.sleep(60)
     elif os.environ.get("HERA_TEST_SIGNAL_FILE"):
         path = os.environ["HERA_TEST_SIGNAL_FILE"]
         print(f"[fault_injection] rank {rank}: {name.upper()} to every task {why}", flush=True)

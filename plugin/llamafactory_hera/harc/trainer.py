@@ -29,7 +29,7 @@ from llamafactory_hera.harc.data import ROLE_HARMFUL
 from llamafactory_hera.harc.directions import Directions
 from llamafactory_hera.harc.losses import coupling_loss, kl_to_reference, refusal_cross_entropy
 from llamafactory_hera.harc.residuals import StepCapture, reading_layers, response_window
-from llamafactory_hera.training import watchdog
+from llamafactory_hera.training import sections
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
 _TERMS = ("couple", "couple_resp", "kl", "ce")
@@ -72,7 +72,7 @@ class _StepEnd(TrainerCallback):
             trainer.harc_state.load(resumed)
             trainer.harc_run.say(f"HARC: resumed directions and layers {trainer.harc_state.layers} from {resumed}")
         else:
-            with watchdog.section("HARC's direction extraction"):
+            with sections.section("HARC's direction extraction", "directions", forwards=True):
                 trainer.harc_state.start(model)
             trainer.harc_run.say(f"HARC: base directions extracted; coupling layers {trainer.harc_state.layers}")
         # the recipe's checkpointing in every layer: the coupling reads each coupled layer's input (a forward pre-hook:

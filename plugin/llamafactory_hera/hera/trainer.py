@@ -34,7 +34,7 @@ from llamafactory_hera.hera.loss import (
 )
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher
-from llamafactory_hera.training import watchdog
+from llamafactory_hera.training import sections
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
 if TYPE_CHECKING:  # the arguments' declaration (recipe keys, plots) is the workflow's to load, not the step's
@@ -254,7 +254,7 @@ class HeraTrainer:
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """The teacher's pass before step 1 (``hera_teacher_precompute``), then the run."""
         teacher = self.hera_teacher
-        with watchdog.section("the teacher's pass before step 1"):
+        with sections.section("the teacher's pass before step 1", "teacher", forwards=True):
             teacher.precompute(self.train_dataset, self.data_collator, self.args, self.is_world_process_zero())
         try:
             return super().train(*args, **kwargs)

@@ -37,7 +37,7 @@ from llamafactory_hera.hera.trainer import HeraTrainer
 from llamafactory_hera.log import say, say_again_on_board
 from llamafactory_hera.plots.training import plot_training
 from llamafactory_hera.recipe.dataset_info import describe_data, first_unreadable, image_rows
-from llamafactory_hera.training import watchdog
+from llamafactory_hera.training import sections, watchdog
 from llamafactory_hera.training.checkpoints import RestoresCheckpointWeights, WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.data.media_warnings import media_warnings_held
@@ -324,7 +324,9 @@ def _run_hera(
             "pure_bf16": finetuning_args.pure_bf16,
             "model_name_or_path": model_args.model_name_or_path,
         }
-        with watchdog.section("head selection"):
+        # rank 0 scores the heads (each forward is progress) while the others wait for it in a collective
+        kind = "selection" if training_args.process_index == 0 else "wait"
+        with sections.section("head selection", kind, forwards=True):
             hera_args.hera_heads = resolve_auto_heads(
                 RecipeArgs(model_args, data_args, finetuning_args),
                 hera_args,

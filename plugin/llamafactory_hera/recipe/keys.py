@@ -48,8 +48,8 @@ def watchdog_key() -> Any:
     """``<prefix>_watchdog_timeout`` of a method whose runs take several ranks (``training/watchdog.py``)."""
     return recipe_key(
         None,
-        "Seconds a rank may go unheard (its heartbeat file in output_dir unchanged: its process "
-        "or host frozen or gone) before every other rank ends the job with a line naming it. null: per "
+        "Seconds a rank may go unheard (its process or host frozen or gone) or without progress (stuck) "
+        "before the job ends with a line naming it in every node's log (docs/multinode.md). null: per "
         "section, 4x the last one's time and at least 300 s; 900 s for the first step and save, 1800 s "
         "while loading and in the passes before step 1. 0: no watchdog.",
         min=0,

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.log import say
-from llamafactory_hera.training.watchdog import FOLDER as WATCHDOG_FOLDER
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.lifecycle.claim_folders import CLAIM, made_by_claim
 from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
@@ -27,7 +26,10 @@ from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, newest
 from llamafactory_hera_patches.recipe.arguments import given_keys, truthy
 from llamafactory_hera_patches.recipe.host_arguments import host_keys
 
-# what a job's processes write into output_dir before its run starts (its ranks' claim and heartbeats)
+# what a job's processes write into output_dir before its run starts: its ranks' claim, and the heartbeat folder of
+# plugin versions whose watchdog kept its heartbeats there (a start of one killed before its end leaves it behind; the
+# watchdog's heartbeats now live in the job's store)
+WATCHDOG_FOLDER = "llamafactory_hera_watchdog"
 JOB_FILES = (CLAIM, WATCHDOG_FOLDER)
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR and get_last_checkpoint

@@ -38,7 +38,7 @@ except ImportError:  # transformers 4: the model class's ``_checkpoint_conversio
     get_model_conversion_mapping = None
 
 from llamafactory_hera.log import say_once
-from llamafactory_hera.training import watchdog
+from llamafactory_hera.training import sections
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.lifecycle import stop_signal
 from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole
@@ -197,7 +197,7 @@ class _StopOnSignal(TrainerCallback):
         self.stop_step, self.stopped, self.noted = None, False, stop_signal.received  # noted: this process's
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        watchdog.enter(f"step {state.global_step + 1}", "step")
+        sections.enter(f"step {state.global_step + 1}", "step", state.global_step + 1)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         received = self.noted()  # noted since the stage started (lifecycle.stop_signal)
@@ -225,9 +225,9 @@ class WholeCheckpoints:
             self._say_other_settings(Path(str(self.resumed_from)))
         self.stop = stop = _StopOnSignal(self.save_on_signal, self.args.output_dir)  # type: ignore[attr-defined]
         self.add_callback(stop)  # type: ignore[attr-defined]
-        with stop_signal.noting(stop.name, steps=True):
+        with stop_signal.noting(stop.name, steps=True), sections.counting_forwards(self.model):  # type: ignore
             result = super().train(self.resumed_from, *args, **kwargs)  # type: ignore[misc]
-        watchdog.enter("the end of the run (final save)", "save")
+        sections.enter("the end of the run (final save)", "final")
         if not stop.stopped:
             return result
         moved = (
@@ -243,6 +243,12 @@ class WholeCheckpoints:
             dist.barrier()
             dist.destroy_process_group()
         raise SystemExit(0)
+
+    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        """A micro-batch begun is progress for the watchdog, before the wrapped model's own collectives (DDP's
+        broadcast of buffers): a rank stuck before it stays behind the ranks waiting there."""
+        sections.progress()
+        return super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         """An epoch's steps (transformers 5), none once the run is at ``max_steps``: a run resumed from its last
@@ -311,11 +317,14 @@ class WholeCheckpoints:
         if self.lineage:
             about[whole.LINEAGE] = self.lineage
         try:
-            with watchdog.section(f"the save of {folder.name}", "save"):
+            with sections.section(f"the save of {folder.name}", "save"):  # a stage done is progress
                 whole.unmark(folder)  # a folder saved again: by every rank, before any of its own writes
                 super()._save_checkpoint(model, trial)  # type: ignore[misc]
+                sections.progress()
                 self.save_method_state(str(folder))
+                sections.progress()
                 whole.make_durable(folder)  # this rank's files, before the ranks agree
+                sections.progress()
                 _every_rank_saved(args.device)
                 if args.should_save:
                     whole.write_marker(folder, self.state.global_step, args.world_size, about)  # type: ignore[attr-defined]

@@ -1,12 +1,15 @@
-"""A plugin run's watchdog: a rank gone silent (its process or host frozen or lost, or cut off from ``output_dir``)
-ends the job with one line on every other rank, in minutes instead of ``ddp_timeout``. The heartbeat files, the
-sections' bounds and why a shared file rather than the process group's store: docs/hera.md ("Killed, preempted, disk
-full", a frozen or lost node).
+"""A plugin run's watchdog: a rank frozen, gone, or alive but stuck (in a kernel, a collective, I/O) ends the job
+within its section's bound, with one line naming the rank, its host and the section in every node's log. What users
+see: docs/multinode.md ("A node that freezes, dies or hangs").
 
-Each rank keeps ``<output_dir>/llamafactory_hera_watchdog/rank-<r>.json`` (its host, its section, that section's
-:func:`bound`), rewritten by its thread every :data:`PULSE` s and on a change of section. Silence is measured on the
-reader's clock (no clock is compared across hosts). The steps only set the section (no file write, host sync or
-collective on their path); a peer never heard from in this launch (a folder the nodes do not share) is not watched.
+Each rank's thread publishes its heartbeat every pulse in the job's c10d store (``lifecycle.job_store``: no file, so a
+storage stall is no silence): its section and bound (``training.sections``), a pulse count and its position in the
+run. Rank 0's thread is the monitor: one read of every beat a pulse (O(N)), judged by ``training.watch_judge``; the
+other ranks read rank 0's beat, which carries its verdict. A rank that finds rank 0 unheard, or the store not
+answering (its host frozen), ends the job itself. A guard thread bounds a store call that never returns. Torch's own
+process-group timeout is set per section (the steps' and saves' bound plus the time for the line), instead of
+``ddp_timeout``, as a backstop. Where nvidia-resiliency-ext's ``ft_launcher`` runs the job, the sections go to its
+rank monitor instead (``training.watch_nvrx``).
 """
 
 from __future__ import annotations
@@ -14,238 +17,387 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from llamafactory_hera.log import say
+from llamafactory_hera.log import say_apart
+from llamafactory_hera.training import sections, watch_nvrx
+from llamafactory_hera.training.watch_bounds import Place, StorageProbe, bound, job_client, place_of, pulse_for
+from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described
+from llamafactory_hera_patches.lifecycle import job_store
 
-FOLDER = "llamafactory_hera_watchdog"
-PULSE = 5.0  # seconds between a rank's heartbeat writes and its reads of the others'
-PAUSED = 3  # pulses: a longer gap between this rank's own checks means it was paused itself (SIGSTOP, swap)
-FIRST = {"loading": 1800.0, "step": 900.0, "save": 900.0}  # a section's first bound; a pass before step 1: loading's
-LATER_FLOOR, FACTOR = 300.0, 4.0  # a step's or save's later bounds: max(LATER_FLOOR, FACTOR x the last one's time)
+PAUSED = 3  # pulses: a longer gap between this rank's own pulses means it was stopped itself (SIGSTOP, swap)
+MARGIN_S = 10.0  # torch's timeout of a step's or save's collectives: the bound, 3 pulses and this
+NOTICE_S = 3.0  # how long the rank ending a job waits for each node's log to hold the line
+BOUNDED = ("step", "save")  # sections whose collectives torch's timeout bounds (no rank works alone before them)
 EXIT_CODE = 1
-Silent = tuple[int, dict[str, Any], float]  # (rank, its last heartbeat, seconds unheard)
-
-
-def bound(kind: str, last: float | None, timeout: float | None) -> float:
-    """Seconds a rank in a section of ``kind`` may go unheard: the recipe's ``timeout`` when set, else the first bound
-    (loading and the passes before step 1 always), else ``FACTOR`` x ``last`` (the last such section's time), at
-    least ``LATER_FLOOR``. A live rank's thread may pause that long (a C call holding the GIL, a file system's
-    hiccup)."""
-    if timeout:
-        return float(timeout)
-    if last is None or kind not in ("step", "save"):
-        return FIRST.get(kind, FIRST["loading"])
-    return max(LATER_FLOOR, FACTOR * last)
-
-
-@dataclass
-class Peer:
-    """What this rank saw of another's heartbeat file."""
-
-    raw: bytes | None = None  # its content at the last read
-    since: float = 0.0  # when it last changed (this rank's clock)
-    read: bool = False  # read before: a change after that is this launch's (an earlier launch's file is not)
-    heard: bool = False  # changed in this launch
-    ended: bool = False  # its file went away: the rank ended (its error, or the run's end, ends the job)
-    beat: dict[str, Any] = field(default_factory=dict)
-
-
-class Watch:
-    """The others' heartbeats as this rank reads them (pure: reads and times are passed in)."""
-
-    def __init__(self, ranks: list[int], now: float, launch: str = "") -> None:
-        self.peers, self.launch = {rank: Peer(since=now) for rank in ranks}, launch
-
-    def observe(self, rank: int, raw: bytes | None, now: float) -> None:
-        """Rank ``rank``'s file read at ``now`` (None: no file)."""
-        peer, read = self.peers[rank], self.peers[rank].read
-        peer.read, peer.ended = True, peer.ended or (raw is None and peer.heard)
-        if raw is not None and raw != peer.raw:
-            with contextlib.suppress(ValueError):  # a write caught half-way: read again at the next pulse
-                beat = json.loads(raw)  # this launch's: it carries the launch's mark, or it changed since read
-                mine = bool(self.launch) and beat.get("launch") == self.launch
-                peer.beat, peer.raw, peer.since, peer.heard = beat, raw, now, peer.heard or read or mine
-
-    def paused(self, now: float) -> None:
-        """This rank itself was paused: the silence it would see is its own."""
-        for peer in self.peers.values():
-            peer.since = now
-
-    def silent(self, now: float) -> list[Silent]:
-        """The ranks heard in this launch, not ended, unheard for longer than their bounds."""
-        return [
-            (rank, peer.beat, now - peer.since)
-            for rank, peer in sorted(self.peers.items())
-            if peer.heard and not peer.ended and now - peer.since > float(peer.beat.get("bound", 0) or 0)
-        ]
-
-
-def ending_line(silent: list[Silent], rank: int) -> str:
-    """The line a surviving ``rank`` prints before it ends its process (the silent ranks by host)."""
-    hosts: dict[str, list[Silent]] = {}
-    for entry in silent:
-        hosts.setdefault(str(entry[1].get("host", "?")), []).append(entry)
-    named = "; ".join(
-        f"rank{'s' * (len(group) > 1)} {', '.join(str(r) for r, _, _ in group)} on {host}, unheard for "
-        f"{max(s for _, _, s in group):.0f} s in {group[0][1].get('section', '?')} (bound "
-        f"{float(group[0][1].get('bound', 0)):.0f} s)"
-        for host, group in hosts.items()
-    )
-    return (
-        f"watchdog: {named}: its process or host is frozen or gone, or it cannot write output_dir. Rank {rank} "
-        f"ends (exit {EXIT_CODE}) so that the job ends instead of waiting for ddp_timeout; to go on, run the same "
-        "command again (with resume_from_checkpoint: true it continues from the newest whole checkpoint)."
-    )
+RERUN = "to go on, run the same command again (with resume_from_checkpoint: true it continues from the newest whole "
+RERUN += "checkpoint)"
 
 
 class Watchdog:
-    """This rank's heartbeat and its thread (see the module doc); the run calls :meth:`enter` only."""
+    """This rank's heartbeat, its monitor role on rank 0, and the end of the job (see the module doc)."""
 
     def __init__(
         self,
-        folder: Path,
-        rank: int,
-        world_size: int,
+        place: Place,
+        store: Any,
+        keys: job_store.Keys,
         timeout: float | None,
+        output_dir: str,
         clock: Callable[[], float] = time.monotonic,
-        launch: str = "",
+        job_timeout: float | None = None,
     ) -> None:
-        self.folder, self.rank, self.timeout, self.clock, self.launch = folder, rank, timeout, clock, launch
+        self.place = place
+        self.store = store
+        self.keys = keys
+        self.timeout = timeout
+        self.clock = clock
+        self.pulse_s = pulse_for(timeout)
+        self.job_timeout = job_timeout
+        self.pg_timeout = None
         self.last: dict[str, float] = {}  # kind -> the last such section's measured seconds
-        self.section, self.kind, self.entered = "loading", "loading", clock()
-        self.pulse, self.stopped, self.moved = 0, threading.Event(), threading.Event()
-        self.watch = Watch([r for r in range(world_size) if r != rank], self.entered, launch)
-        self.thread = threading.Thread(target=self._run, name="llamafactory-hera-watchdog", daemon=True)
+        self.state = ("loading", "loading", 0, clock())  # section, kind, step, entered (swapped whole: one write)
+        self.count = 0
+        self.pulses = 0
+        self.verdict = ""
+        self.probe = StorageProbe(output_dir, clock)
+        self.judge = Judge(list(range(place.world)), clock(), job_store.start_bound()) if place.rank == 0 else None
+        self.monitor = {"beat": {}, "pulse": None, "since": clock()}  # rank 0's beat as this rank last read it
+        self.stopped = threading.Event()
+        self.entered = threading.Event()
+        self.ending = threading.Lock()
+        self.in_call: float | None = None  # when this rank's store call in flight began
+        self.failing: float | None = None  # since when this rank's store calls fail
+        self.guarded = self.moved = clock()
+        self.seen_position: Any = None
+        self.published = ""  # the section kind of the last beat written
+        self.paused_at: float | None = None  # when this rank found it had been stopped itself
+        self.paused_s = 0.0  # for how long
+        self.threads = [
+            threading.Thread(target=target, name=f"llamafactory-hera-watchdog-{name}", daemon=True)
+            for name, target in (("pulse", self._run), ("guard", self._guard))
+        ]
 
-    def enter(self, section: str, kind: str) -> None:
-        """This rank is now in ``section`` (of ``kind``: its bounds' history); the one before it is timed."""
+    # --- the run's side (main thread) ---
+
+    def enter(self, section: str, kind: str, step: int | None = None) -> None:
+        """This rank is now in ``section`` of ``kind`` (its bounds' history); the one before it is timed."""
         now = self.clock()
-        self.last[self.kind] = now - self.entered
-        self.section, self.kind, self.entered = section, kind, now
-        self.moved.set()  # the thread writes it (a file write off the step's path)
+        previous = self.state
+        self.last[previous[1]] = now - previous[3]
+        self.state = (section, kind, previous[2] if step is None else step, now)
+        self.count = 0
+        self._bound_collectives(kind)
+        self.entered.set()  # published by the thread soon (a rank that freezes next is named in this section)
+
+    def progress(self) -> None:
+        self.count += 1
+
+    def where(self) -> tuple[str, str, int]:
+        section, kind, step, _ = self.state
+        return section, kind, step
+
+    def bound(self) -> float:
+        return bound(self.state[1], self.last, self.timeout)
+
+    def _bound_collectives(self, kind: str) -> None:
+        """Torch's timeout of the process group: this section's bound and the time for the line in a step or save,
+        the job's own elsewhere (where a rank may work alone while the others wait in a collective)."""
+        wanted = self.bound() + 3 * self.pulse_s + MARGIN_S if kind in BOUNDED else self.job_timeout
+        if wanted is None or (self.pg_timeout is None and kind not in BOUNDED):
+            return
+        if self.pg_timeout is not None and abs(wanted - self.pg_timeout) < 1.0:
+            return
+        setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+        if setter is not None and dist.is_available() and dist.is_initialized():
+            setter(timedelta(seconds=wanted))
+            self.pg_timeout = wanted
+
+    # --- the beat ---
 
     def beat(self) -> bytes:
-        self.pulse += 1
-        return json.dumps(
-            {
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "section": self.section,
-                "bound": bound(self.kind, self.last.get(self.kind), self.timeout),
-                "pulse": self.pulse,
-                "launch": self.launch,
-            }
-        ).encode()
+        section, kind, step, _ = self.state
+        self.pulses += 1
+        beat = {
+            "host": self.place.host,
+            "node": self.place.node,
+            "pid": os.getpid(),
+            "section": section,
+            "kind": kind,
+            "bound": self.bound(),
+            "pulse": self.pulses,
+            "position": [step, PHASES.get(kind, 0), self.count],
+            "storage": self.probe.waiting(self.pulse_s),
+        }
+        if self.verdict:
+            beat["verdict"] = self.verdict
+        if self.stopped.is_set():
+            beat["left"] = True
+        return json.dumps(beat).encode()
 
-    def _write(self) -> None:
-        with contextlib.suppress(OSError):  # a failed write counts as silence on the others' side
-            (self.folder / f"rank-{self.rank}.json").write_bytes(self.beat())
-
-    def _read(self, rank: int) -> bytes | None:
+    def _call(self, call: Callable[[], Any]) -> Any:
+        """A store call; None when it failed (noted: :meth:`_store_check`)."""
+        self.in_call = self.clock()
         try:
-            return (self.folder / f"rank-{rank}.json").read_bytes()
-        except FileNotFoundError:
+            result = call()
+            self.failing = None
+            return result
+        except (RuntimeError, ValueError, OSError):
+            self.failing = self.failing or self.clock()
             return None
-        except OSError:
-            return b""  # unreadable now (a stale NFS handle): no change seen
+        finally:
+            self.in_call = None
+
+    # --- the threads ---
 
     def _run(self) -> None:
-        checked = self.clock()
+        if self.judge is not None:  # every key the monitor reads exists from the start
+            for rank in range(self.place.world):
+                self._call(lambda rank=rank: self.store.compare_set(self.keys.beat(rank), "", PLACEHOLDER))
+        read = self.clock() - self.pulse_s
         while not self.stopped.is_set():
-            self.moved.wait(max(0.0, PULSE - (self.clock() - checked)))  # a pulse, or a section's change first
-            self.moved.clear()
-            if self.stopped.is_set():
-                break
-            self._write()
+            published = self.clock()
+            self._publish()
+            if published - read >= self.pulse_s:  # the others' beats once a pulse
+                read = published
+                self._pulse()
+            elif self.judge is None and not self.monitor["beat"]:  # rank 0 not heard yet: at each beat until it is
+                self._hear_monitor()
+            due = read + self.pulse_s
+            if self.judge is None and not self.monitor["beat"]:
+                due = min(due, published + self.pulse_s / 10)
+            self.entered.wait(max(0.0, due - self.clock()))  # a pulse, or a new section first
+            self.entered.clear()
+            if self.state[1] == self.published:  # a new section of the same kind (a step): 10 beats a pulse at most
+                self.stopped.wait(max(0.0, published + self.pulse_s / 10 - self.clock()))
+
+    def _publish(self) -> None:
+        """This rank's beat into the store (a new kind of section at once: a rank that freezes as a save begins is
+        named in its save)."""
+        self.published = self.state[1]
+        self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
+
+    def _pulse(self) -> None:
+        position = (self.state[1], self.state[2], self.count)
+        if position != self.seen_position:
+            self.seen_position = position
+            self.moved = self.clock()
+        elif self.clock() - self.moved >= 2 * self.pulse_s:
+            self.probe.ask()
+        if self.judge is not None:
+            self._judge()
+        else:
+            self._hear_monitor()
+        self._store_check()
+
+    def _judge(self) -> None:
+        keys = [self.keys.beat(rank) for rank in range(self.place.world)]
+        raws = self._call(lambda: self.store.multi_get(keys))
+        for rank, raw in enumerate(raws or ()):
+            self.judge.observe(rank, raw, self.clock())
+        named = self.judge.named(self.clock()) if raws is not None and not self.stopped.is_set() else []
+        if named:
+            self.verdict = self.line(described(named))
+            self._publish()
+            self.end(self.verdict)
+
+    def _hear_monitor(self) -> None:
+        key = self.keys.beat(0)
+        raw = self._call(lambda: self.store.get(key) if self.store.check([key]) else None)
+        beat = json.loads(raw) if raw and raw != PLACEHOLDER else None
+        if isinstance(beat, dict):
+            if beat.get("pulse") != self.monitor["pulse"]:
+                self.monitor.update(beat=beat, pulse=beat.get("pulse"), since=self.clock())
+            if beat.get("verdict"):
+                self.end(self._thawed(beat["verdict"]) if self._was_paused() else beat["verdict"])
+                return
+        heard = self.monitor["beat"]
+        unheard = self.clock() - self.monitor["since"]
+        if heard and not heard.get("left") and unheard > float(heard.get("bound") or 0):
+            self.end(self.line(self._monitor_unheard(unheard)))
+
+    def _monitor_unheard(self, seconds: float, store: str = "") -> str:
+        heard = self.monitor["beat"]
+        return (
+            f"rank 0 on {heard.get('host', '?')}, unheard for {seconds:.0f} s in {heard.get('section', '?')} (bound "
+            f"{float(heard.get('bound') or 0):.0f} s): its process or host is frozen or gone{store}"
+        )
+
+    def _store_check(self) -> None:
+        """The store failing (its host gone) or not answering (frozen) for longer than rank 0's bound ends the job."""
+        since = self.failing if self.failing is not None else self.in_call
+        if since is None or self.stopped.is_set():
+            return
+        limit = float(self.monitor["beat"].get("bound") or self.bound())
+        if self.clock() - since > limit:
+            store = (  # rank 0's beat is as old as this rank's last read of it: where this rank is says more
+                f"; the job's store at {self.place.store} does not answer either (rank {self.place.rank} is in "
+                f"{self.state[0]})"
+            )
+            if self._was_paused():
+                self.end(self._thawed(f"the job's store at {self.place.store} no longer answers"), store=False)
+            elif self.judge is None and self.monitor["beat"]:
+                seconds = self.clock() - self.monitor["since"]
+                self.end(self.line(self._monitor_unheard(seconds, store)), store=False)
+            else:
+                self.end(self.line(f"the job's store at {self.place.store} has not answered for {limit:.0f} s"), False)
+
+    def _guard(self) -> None:
+        """This rank's own pause (its clock jumped between two of the guard's ticks) is noted here, and a store call
+        that never returns (its host frozen: TCPStore waits on) is bounded here: no store call holds this thread."""
+        while not self.stopped.wait(self.pulse_s / 2):
             now = self.clock()
-            if now - checked >= PULSE:  # the others are read once a pulse
-                if now - checked > PAUSED * PULSE:
-                    self.watch.paused(now)
-                checked = now
-                for rank in self.watch.peers:
-                    self.watch.observe(rank, self._read(rank), self.clock())
-                silent = self.watch.silent(self.clock())
-                if silent and not self.stopped.is_set():
-                    say(ending_line(silent, self.rank))
-                    os._exit(EXIT_CODE)
-            self.stopped.wait(PULSE / 10)  # at most 10 writes a pulse, however short the steps
+            if now - self.guarded > PAUSED * self.pulse_s:
+                self._paused(now)
+            self.guarded = now
+            self._store_check()
+
+    def _paused(self, now: float) -> None:
+        """This rank was stopped itself: the silence it would see is its own."""
+        self.paused_at = now
+        self.paused_s = now - self.guarded
+        self.monitor["since"] = now
+        if self.judge is not None:
+            self.judge.paused(now)
+
+    def _was_paused(self) -> bool:
+        """Whether this rank was stopped itself lately (or is, as the run sees it: its pulse is overdue)."""
+        now = self.clock()
+        recent = self.paused_at is not None and now - self.paused_at < (PAUSED + 2) * self.pulse_s
+        return recent or now - self.guarded > PAUSED * self.pulse_s
+
+    # --- the end ---
+
+    def line(self, named: str) -> str:
+        return (
+            f"watchdog: {named}. The job ends (exit {EXIT_CODE} on every rank) instead of waiting for ddp_timeout; "
+            f"{RERUN}."
+        )
+
+    def _thawed(self, why: str) -> str:
+        stopped = self.paused_s if self.paused_at is not None else self.clock() - self.guarded
+        why = why.removeprefix("watchdog: ").rstrip(".")
+        return (
+            f"watchdog: rank {self.place.rank} on {self.place.host} was stopped (its process or host frozen) and "
+            f"went on {stopped:.0f} s later; meanwhile the job ended: {why}. Rank {self.place.rank} ends (exit "
+            f"{EXIT_CODE}); {RERUN}."
+        )
+
+    def end(self, line: str, store: bool = True) -> None:
+        """Say ``line`` in this node's log (one rank a node), wait a little for the other nodes' logs to hold it,
+        and end this process. Once per process."""
+        if not self.ending.acquire(blocking=False):
+            return
+        if self.place.says:
+            say_apart(line)
+        if store:  # bounded: a store that stops answering now must not keep this process
+            waiting = threading.Thread(target=self._told, daemon=True)
+            waiting.start()
+            waiting.join(NOTICE_S + self.pulse_s)
+        os._exit(EXIT_CODE)
+
+    def _told(self) -> None:
+        """The line is in this node's log (its sayer marks it); rank 0 waits for every node's, the others for their
+        node's sayer."""
+        node = self.place.node
+        deadline = time.monotonic() + NOTICE_S + self.pulse_s
+        with contextlib.suppress(RuntimeError, ValueError, OSError):
+            if self.place.says:
+                self.store.set(self.keys.told(node), "1")
+                told = self.store.add(self.keys.told("count"), 1)
+                while self.place.rank == 0 and told < self.place.nodes and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    told = self.store.add(self.keys.told("count"), 0)
+            else:
+                while not self.store.check([self.keys.told(node)]) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+
+    def ended_meanwhile(self, error: BaseException) -> None:
+        """The run's collective failed in this rank's main thread: if this rank was stopped itself meanwhile (a node
+        thawed after the job ended), the job's end is said in one line and the process ends; else a line says which
+        collective failed, and the error goes on."""
+        if not _distributed(error):
+            return
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        if self._was_paused():
+            raw = self._call(lambda: self.store.get(self.keys.beat(0))) if self.in_call is None else None
+            verdict = (json.loads(raw).get("verdict") if raw and raw != PLACEHOLDER else None) or ""
+            self.end(self._thawed(verdict or f"its collective failed ({first})"), store=False)
+        say_apart(
+            f"watchdog: rank {self.place.rank} on {self.place.host}: a collective in {self.state[0]} failed "
+            f"({first}): another rank's process or node ended, or the network between them failed."
+        )
 
     def start(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._write()
-        self.thread.start()
+        """Its first beat written before anything else (rank 0's before its thread writes the other ranks'
+        placeholders: no rank reads a placeholder of rank 0), then counted as started, then its threads."""
+        self._publish()
+        self._call(lambda: self.store.add(self.keys.started, 1))
+        for thread in self.threads:
+            thread.start()
 
     def stop(self) -> None:
         self.stopped.set()
-        self.moved.set()
-        self.thread.join(2 * PULSE)  # not longer: a read stuck on a hung file system
-        for remove in (self.folder / f"rank-{self.rank}.json").unlink, self.folder.rmdir:  # the last one out: both
-            with contextlib.suppress(OSError):
-                remove()
+        self.entered.set()
+        self._publish()  # its beat says it left: no longer watched
+        for thread in self.threads:
+            thread.join(2 * self.pulse_s)  # not longer: a store call stuck on a frozen host
 
 
-_running: list[Watchdog] = []  # this process's watchdog while a run is watched (none or one)
+def _distributed(error: BaseException) -> bool:
+    """A failed collective or process-group call (gloo's and NCCL's errors, torch's distributed errors)."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        word in text for word in ("Connection reset by peer", "Connection closed by peer", "gloo", "NCCL")
+    )
 
 
 @contextlib.contextmanager
 def watching(training_args: Any, timeout: float | None) -> Iterator[None]:
     """A plugin run watched for the block (several processes, ``timeout`` not 0), which the ranks leave together (a
-    barrier, still watched): a rank frozen in the final save (rank 0's alone) is named, not waited for by the others'
-    launchers, and LLaMA-Factory's teardown of the process group next finds no rank in a collective (gloo aborts)."""
-    dog = None
+    barrier, still watched: a rank frozen in the final save, which rank 0 alone writes, is named, not waited for);
+    LLaMA-Factory's teardown of the process group next finds no rank in a collective."""
+    dog: Any = None
     if training_args.world_size > 1 and timeout != 0:
-        dog = Watchdog(
-            Path(training_args.output_dir) / FOLDER,
-            training_args.process_index,
-            training_args.world_size,
-            timeout,
-            launch=launch_mark(),
-        )
-        dog.start()
-        _running.append(dog)
+        dog = watch_nvrx.reporter() or _started(training_args, timeout)
+    if dog is not None:
+        sections._running.append(dog)
     try:
         yield
+        sections.enter("the last barrier (every rank's end)", "wait")
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
+    except BaseException as error:
+        if isinstance(dog, Watchdog):
+            dog.ended_meanwhile(error)
+        raise
     finally:
         if dog is not None:
-            _running.remove(dog)
+            sections._running.remove(dog)
             dog.stop()
 
 
-def launch_mark() -> str:
-    """One mark per launch, the same on every rank: the first rank's, through the process group's store, which every
-    launch starts new (a requeue's ranks then tell the frozen rank's file of the start before from their peers' files,
-    however early a peer froze). Empty without a process group."""
-    if not dist.is_initialized():
-        return ""
-    store = dist.distributed_c10d._get_default_store()  # host-side: no device sync
-    return store.compare_set(f"{FOLDER}:launch", "", uuid.uuid4().hex).decode()
-
-
-def enter(section: str, kind: str) -> None:
-    """This rank's section from now (see :meth:`Watchdog.enter`); nothing when the run is not watched."""
-    for dog in _running:
-        dog.enter(section, kind)
-
-
-@contextlib.contextmanager
-def section(name: str, kind: str | None = None) -> Iterator[None]:
-    """``name`` (of ``kind``, default ``name``) for the block, then the section before it again."""
-    before = [(dog, dog.section, dog.kind) for dog in _running]
-    enter(name, kind or name)
-    try:
-        yield
-    finally:
-        for dog, previous, previous_kind in before:
-            dog.enter(previous, previous_kind)
+def _started(training_args: Any, timeout: float | None) -> Watchdog | None:
+    store = job_client(pulse_for(timeout))
+    if store is None:
+        return None
+    keys = job_store.launch_mark(store, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    dog = Watchdog(
+        place_of(training_args, store),
+        store,
+        keys,
+        timeout,
+        str(Path(training_args.output_dir)),
+        job_timeout=getattr(training_args, "ddp_timeout", None),
+    )
+    dog.start()
+    return dog

@@ -1,0 +1,206 @@
+"""A torchrun launch watched from ``llamafactory-cli``'s first line until every rank's watchdog runs: a master address
+that does not resolve is one line at once (:func:`check_master_address`); a node that never joins, ``NNODES`` above
+the nodes started, or ranks stuck before their run (LLaMA-Factory's start, the process group's rendezvous) give one
+line within the start bound (``LLAMAFACTORY_HERA_START_TIMEOUT``, 600 s), naming what is missing, in every node's
+log that reaches the job's store (:class:`StartWatch`). Then the ranks' watchdogs take over
+(``llamafactory_hera.training.watchdog``).
+
+Each node's launcher, once the job's store answers (torchrun's agent on the first node hosts it at
+``MASTER_ADDR:MASTER_PORT``), marks its node there and reads which nodes joined and how many ranks started; the first
+launcher to see the bound pass sets the line for the others, says it, and ends its torchrun (SIGTERM: the agent ends
+its ranks). An elastic launch (``RDZV_ID``: torchrun's c10d rendezvous) keeps its ranks' store elsewhere: not watched
+here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from .errors import RecipeError
+from .lifecycle import job_store
+
+POLL_S = 1.0  # how often the store is read; how long a temporary name-lookup failure is retried
+RESOLVE_S = 30.0
+KILL_AFTER_S = 40.0  # torchrun's agent ends its ranks within 30 s of SIGTERM
+
+
+def check_master_address(env: Mapping[str, str] = os.environ, retry_s: float = RESOLVE_S) -> None:
+    """RecipeError naming ``MASTER_ADDR`` when it does not resolve here (a temporary lookup failure is retried for
+    ``retry_s`` seconds first): c10d would retry it for minutes, warning only."""
+    host = env.get("MASTER_ADDR") or "127.0.0.1"
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            socket.getaddrinfo(host, None)
+            return
+        except socket.gaierror as error:
+            if error.errno != socket.EAI_AGAIN or time.monotonic() > deadline:
+                raise RecipeError(
+                    f"MASTER_ADDR={host} does not resolve on this node ({socket.gethostname()}): {error.strerror}. "
+                    "Set MASTER_ADDR to the first node's host name or address as every node resolves it "
+                    "(recipes/slurm/node.sh: the first of `scontrol show hostnames`), then run the same command again."
+                ) from None
+            time.sleep(POLL_S)
+
+
+class StartWatch:
+    """One node's watch of its launch's start (see the module doc). ``ranks``: how many ranks must start a watchdog
+    (0 until the recipe says its run has one: :meth:`expect`)."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        node: int,
+        nodes: int,
+        bound: float,
+        end: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.address = address
+        self.node = node
+        self.nodes = nodes
+        self.bound = bound
+        self.end = end
+        self.clock = clock
+        self.started = clock()
+        self.ranks = 0
+        self.expected = threading.Event()
+        self.ended = False
+        self.store: Any = None
+        self.keys: job_store.Keys | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="llamafactory-hera-start-watch", daemon=True)
+
+    def expect(self, ranks: int) -> None:
+        """The recipe is read: ``ranks`` watchdogs are to start (0: none, the watch ends once every node joined)."""
+        self.ranks = ranks
+        self.expected.set()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            missing = self.missing()
+            if missing is None:
+                return
+            if self.clock() - self.started > self.bound:
+                self.ended = True
+                self.end(self._said(missing))
+                return
+            self.done.wait(POLL_S)
+
+    def missing(self) -> str | None:
+        """What the launch still lacks, in words (None: nothing, the watch is done)."""
+        where = f"{self.address[0]}:{self.address[1]}"
+        if self.keys is None and not self._connect():
+            return (
+                f"node {self.node} ({socket.gethostname()}) could not reach the job's store at {where}: node 0's "
+                "launcher has not started, or MASTER_ADDR / MASTER_PORT point elsewhere, or a firewall is between"
+            )
+        try:
+            verdict = self.store.get(self.keys.verdict) if self.store.check([self.keys.verdict]) else b""
+            if verdict:
+                self.ended = True
+                self.end(verdict.decode())
+                self.done.set()
+                return None
+            joined = [node for node in range(self.nodes) if self.store.check([self.keys.node(node)])]
+            started = int(self.store.add(self.keys.started, 0))
+        except (RuntimeError, ValueError, OSError):
+            return f"the job's store at {where} stopped answering"
+        if len(joined) < self.nodes:
+            absent = ", ".join(str(node) for node in range(self.nodes) if node not in joined)
+            return (
+                f"{len(joined)} of NNODES={self.nodes} nodes joined the job at {where}: node(s) {absent} did not "
+                "(never started, or stuck before its launcher reached the store: see that node's log)"
+            )
+        if not self.expected.is_set() or started < self.ranks:
+            return (
+                f"every node joined, but {started} of {self.ranks or '?'} ranks started their run (the others are "
+                "stuck before it: LLaMA-Factory's start, the recipe's checks, the process group's rendezvous)"
+            )
+        return None
+
+    def _connect(self) -> bool:
+        try:
+            self.store = job_store.client(*self.address, POLL_S * 5)
+            self.keys = job_store.launch_mark(self.store)
+            self.store.set(self.keys.node(self.node), socket.gethostname())
+            return True
+        except (RuntimeError, ValueError, OSError):
+            self.store = self.keys = None
+            return False
+
+    def _said(self, missing: str) -> str:
+        """The line for every node: the first launcher's, set in the store for the others."""
+        line = (
+            f"watchdog: the launch did not start within {self.bound:.0f} s ({job_store.START_ENV}): {missing}. The "
+            "job ends (exit 1) instead of waiting on the rendezvous; fix what is missing and run the same command "
+            "again."
+        )
+        if self.store is not None:
+            with contextlib.suppress(RuntimeError, ValueError, OSError):
+                return self.store.compare_set(self.keys.verdict, "", line).decode()
+        return line
+
+    def stop(self) -> None:
+        self.done.set()
+
+
+def end_launch(line: str) -> None:
+    """Say ``line`` and end this launcher: its torchrun ends its ranks on SIGTERM (SIGKILL after
+    :data:`KILL_AFTER_S`); without one yet (its checks still running), this process ends at once."""
+    print(f"\n[llamafactory-hera] {line}", file=sys.stderr, flush=True)
+    children = _children()
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    if not children:
+        os._exit(1)
+
+    def kill() -> None:
+        time.sleep(KILL_AFTER_S)
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=kill, daemon=True).start()
+
+
+def _children() -> list[int]:
+    """This process's child processes (Linux: /proc)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{os.getpid()}/task"):
+            with open(f"/proc/{os.getpid()}/task/{task}/children", encoding="ascii") as handle:
+                found += [int(pid) for pid in handle.read().split()]
+    return found
+
+
+@contextlib.contextmanager
+def watching(free_port: Callable[[], int], nodes: int | None, node: int | None) -> Iterator[StartWatch | None]:
+    """This node's launch watched for the block (torchrun with a static rendezvous at ``MASTER_ADDR:MASTER_PORT``,
+    the port drawn here by ``free_port`` when unset, as LLaMA-Factory would draw it, and set for the block); None: an
+    elastic launch (``RDZV_ID``) or node counts that are no numbers (``NNODES=1:2``)."""
+    drawn = "MASTER_PORT" not in os.environ
+    if drawn:
+        os.environ["MASTER_PORT"] = str(free_port())
+    address = job_store.address({"MASTER_ADDR": "127.0.0.1", **os.environ})  # LLaMA-Factory's default address
+    found = None
+    if address is not None and not os.environ.get("RDZV_ID") and nodes and node is not None:
+        found = StartWatch(address, node, nodes, job_store.start_bound(os.environ), end_launch)
+        found.thread.start()
+    try:
+        yield found
+    finally:
+        if found is not None:
+            found.stop()
+        if drawn:
+            os.environ.pop("MASTER_PORT", None)

@@ -1,0 +1,112 @@
+"""What a rank's watchdog is made of (``training/watchdog.py``): each section kind's bound, the pulse, the rank's place
+in its job, its own client of the job's store, and the probe of ``output_dir``'s file system."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+from llamafactory_hera_patches.lifecycle import job_store
+
+FIRST = {"loading": 1800.0, "selection": 1800.0, "directions": 1800.0, "teacher": 1800.0, "step": 900.0}
+FIRST |= {"save": 900.0, "final": 1800.0, "wait": 1800.0}  # a section kind's bound before one was timed
+LATER_FLOOR = 300.0  # a later step's or save's bound: max(LATER_FLOOR, FACTOR x the last one's time)
+FACTOR = 4.0
+PULSE = 5.0  # seconds between a rank's beats (shorter where the recipe's bound is short: pulse_for)
+
+
+def pulse_for(timeout: float | None) -> float:
+    """Seconds between beats: :data:`PULSE`, a quarter of a shorter recipe bound (at least 0.5 s)."""
+    return min(PULSE, max(0.5, timeout / 4)) if timeout else PULSE
+
+
+def bound(kind: str, last: dict[str, float], timeout: float | None) -> float:
+    """Seconds a rank in a section of ``kind`` may go unheard or without progress: the recipe's ``timeout`` when set;
+    else for a step or save ``FACTOR`` x the last one's time (``last``: kind -> seconds), at least ``LATER_FLOOR``,
+    the final save likewise from the last save; else the kind's first bound."""
+    if timeout:
+        return float(timeout)
+    timed = last.get("save" if kind == "final" else kind)
+    if kind in ("step", "save", "final") and timed is not None:
+        return max(LATER_FLOOR, FACTOR * timed)
+    return FIRST.get(kind, FIRST["loading"])
+
+
+@dataclass(frozen=True)
+class Place:
+    """A rank's place in its job."""
+
+    rank: int
+    world: int
+    local_rank: int
+    node: str  # torchrun's node rank (GROUP_RANK), else the host's name
+    nodes: int
+    host: str
+    store: str  # where the job's store is, for the lines
+
+    @property
+    def says(self) -> bool:
+        """Whether this rank puts the job's last line in its node's log (one rank a node)."""
+        return self.local_rank == 0
+
+
+class StorageProbe:
+    """Whether ``output_dir``'s file system answers: a ``statvfs`` in a thread of its own, asked only while this rank
+    makes no progress (a step never touches the file system: no probe)."""
+
+    def __init__(self, folder: str, clock: Callable[[], float]) -> None:
+        self.folder = folder
+        self.clock = clock
+        self.since = None
+        self.thread: threading.Thread | None = None
+
+    def ask(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self.since = self.clock()
+            self.thread = threading.Thread(target=self._probe, name="llamafactory-hera-storage", daemon=True)
+            self.thread.start()
+
+    def _probe(self) -> None:
+        with contextlib.suppress(OSError):
+            os.statvfs(self.folder)
+        self.since = None
+
+    def waiting(self, pulse: float) -> float:
+        """Seconds the probe in flight has waited, 0 under a pulse (an answer is not a stall)."""
+        since = self.since
+        waited = self.clock() - since if since is not None else 0.0
+        return waited if waited >= pulse else 0.0
+
+
+def place_of(training_args: Any, store: Any) -> Place:
+    """This rank's place, from the Trainer's arguments and torchrun's environment."""
+    world = training_args.world_size
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or training_args.world_size)
+    return Place(
+        training_args.process_index,
+        world,
+        training_args.local_process_index,
+        os.environ.get("GROUP_RANK") or socket.gethostname(),
+        max(1, world // max(1, local)),
+        socket.gethostname(),
+        f"{store.host}:{store.port}",
+    )
+
+
+def job_client(timeout: float) -> Any:
+    """A client of the job's store of its own (its calls bounded by ``timeout``): the process group's TCPStore
+    where there is one, else ``MASTER_ADDR:MASTER_PORT``; None without either."""
+    found = None
+    if dist.is_available() and dist.is_initialized():
+        found = dist.distributed_c10d._get_default_store()
+        while hasattr(found, "underlying_store"):
+            found = found.underlying_store
+    where = (found.host, found.port) if hasattr(found, "host") else job_store.address()
+    return job_store.client(where[0], where[1], timeout) if where else None

@@ -1,0 +1,196 @@
+"""What the watchdog's monitor concludes from the ranks' heartbeats (pure: beats and times are passed in).
+
+Each rank publishes a heartbeat (:class:`Beat`): its host, its section and that section's bound, a pulse count (its
+watchdog's thread is alive) and its position in the run, ``[step, phase, progress]`` (the step the section belongs
+to, the section kind's place in a step, the micro-batches or save stages done in it), which only grows while the rank
+works. The monitor reads every beat once a pulse and, on its own clock (no clock is compared across hosts), names:
+
+- a rank **unheard** for longer than its bound: its pulse count stopped (its process or host frozen or gone);
+- a rank **stuck**: alive, but its position has not moved for longer than its bound, and no rank behind it still
+  moves (the ranks ahead of a stuck one wait for it in a collective and are not named; when every rank is at the
+  same point, a collective that does not complete, all are named);
+- a rank **never heard** in this launch within the first bound (its run did not start);
+- a rank whose ``output_dir`` has not answered a probe for :data:`STORAGE_BOUND` seconds. A rank whose probe is in
+  flight is never named stuck: a storage stall is not a peer's silence, and ranks waiting on it are not named either.
+
+Sections of kind ``wait`` (a rank waiting for another's work alone: head selection on rank 0, the final save) are
+never the cause; ``loading`` is watched for life, not progress (LLaMA-Factory's loading reports none the plugin
+reads), and a rank still loading holds back the naming of ranks ahead of it. A beat that cannot be read (a failed or
+timed-out read, a missing key) changes nothing: only a rank's own last beat says it left the run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# a section kind's place within a step, so that positions compare along the run (a save ends its step)
+PHASES = {"loading": 0, "selection": 1, "directions": 2, "teacher": 3, "step": 4, "save": 5, "final": 6, "wait": 7}
+JUDGED = ("selection", "directions", "teacher", "step", "save", "final")  # watched for progress, not only for life
+STORAGE_BOUND = 1800.0  # seconds a probe of output_dir may stay unanswered before the rank is named for it
+PLACEHOLDER = b"-"  # a beat key's value before its rank first writes (the monitor creates every key it reads)
+
+
+@dataclass
+class Seen:
+    """One rank as the monitor saw it (times on the monitor's clock)."""
+
+    beat: dict[str, Any] = field(default_factory=dict)
+    heard: bool = False  # a beat of this launch was read
+    pulse: Any = None
+    position: Any = None
+    beat_since: float = 0.0  # when its pulse count last changed
+    moved_since: float = 0.0  # when its position last changed
+
+
+@dataclass(frozen=True)
+class Named:
+    """A rank the monitor names: why (``unheard``, ``stuck``, ``never``, ``storage``), for how long, its beat."""
+
+    rank: int
+    why: str
+    seconds: float
+    beat: dict[str, Any]
+
+
+def parse(raw: bytes | None) -> dict[str, Any] | None:
+    """A beat's JSON, None when there is none yet or it does not parse."""
+    if not raw or raw == PLACEHOLDER:
+        return None
+    try:
+        beat = json.loads(raw)
+    except ValueError:
+        return None
+    return beat if isinstance(beat, dict) else None
+
+
+class Judge:
+    """Every rank's beats as the monitor reads them, and who to name (see the module doc)."""
+
+    def __init__(self, ranks: list[int], now: float, first_bound: float) -> None:
+        self.seen = {rank: Seen(beat_since=now, moved_since=now) for rank in ranks}
+        self.started = now
+        self.first_bound = first_bound
+
+    def observe(self, rank: int, raw: bytes | None, now: float) -> None:
+        """Rank ``rank``'s beat read at ``now`` (None or unparsable: not read this time, nothing changes)."""
+        beat = parse(raw)
+        seen = self.seen[rank]
+        if beat is None:
+            return
+        seen.beat = beat
+        seen.heard = True
+        if beat.get("pulse") != seen.pulse:
+            seen.pulse = beat.get("pulse")
+            seen.beat_since = now
+        position = beat.get("position")
+        if position != seen.position:
+            seen.position = position
+            seen.moved_since = now
+
+    def paused(self, now: float) -> None:
+        """The monitor itself was paused: the silence it would see is its own."""
+        self.started = min(self.started, now)
+        for seen in self.seen.values():
+            seen.beat_since = seen.moved_since = now
+
+    def named(self, now: float) -> list[Named]:
+        """The ranks to name now (empty: the job is well)."""
+        found: list[Named] = []
+        judged: dict[int, Seen] = {}
+        for rank, seen in sorted(self.seen.items()):
+            beat = seen.beat
+            if not seen.heard:
+                if now - self.started > self.first_bound:
+                    found.append(Named(rank, "never", now - self.started, {"bound": self.first_bound}))
+                continue
+            if beat.get("left"):
+                continue
+            bound = float(beat.get("bound") or 0.0)
+            if now - seen.beat_since > bound:
+                found.append(Named(rank, "unheard", now - seen.beat_since, beat))
+            elif float(beat.get("storage") or 0.0) > STORAGE_BOUND:
+                found.append(Named(rank, "storage", float(beat["storage"]), beat))
+            elif beat.get("kind") != "wait":
+                judged[rank] = seen
+        return found or self._stuck(judged, now)
+
+    def _stuck(self, judged: dict[int, Seen], now: float) -> list[Named]:
+        """The stalled ranks at the lowest position of all the ranks that can hold the others up, when no rank there
+        still moves."""
+        stalled = {rank for rank, seen in judged.items() if _stalled(seen, now)}
+        if not stalled:
+            return []
+        positions = {rank: _order(seen.beat) for rank, seen in judged.items()}
+        lowest = min(positions.values())
+        if any(positions[rank] == lowest and rank not in stalled for rank in judged):
+            return []
+        return [
+            Named(rank, "stuck", now - judged[rank].moved_since, judged[rank].beat)
+            for rank in sorted(stalled)
+            if positions[rank] == lowest
+        ]
+
+
+def _stalled(seen: Seen, now: float) -> bool:
+    """Not moved within its bound, in a section watched for progress, and not waiting on its own storage."""
+    beat = seen.beat
+    return (
+        beat.get("kind") in JUDGED
+        and not float(beat.get("storage") or 0.0)
+        and now - seen.moved_since > float(beat.get("bound") or 0.0)
+    )
+
+
+def _order(beat: dict[str, Any]) -> tuple[float, ...]:
+    """A rank's place along the run: its position, the section kind's phase standing in for a position not sent."""
+    position = beat.get("position") or [0, PHASES.get(str(beat.get("kind")), 0), 0]
+    return tuple(float(value) for value in position)
+
+
+def _group(named: list[Named]) -> list[list[Named]]:
+    """The named ranks grouped by why and host, in the order first named."""
+    groups: dict[tuple[str, str], list[Named]] = {}
+    for entry in named:
+        groups.setdefault((entry.why, str(entry.beat.get("host", "?"))), []).append(entry)
+    return list(groups.values())
+
+
+def _ranks(group: list[Named]) -> str:
+    return f"rank{'s' * (len(group) > 1)} {', '.join(str(entry.rank) for entry in group)}"
+
+
+def described(named: list[Named]) -> str:
+    """The named ranks, one clause per reason and host: rank, host, section, seconds, bound."""
+    clauses = []
+    for group in _group(named):
+        first = group[0]
+        seconds = max(entry.seconds for entry in group)
+        bound = float(first.beat.get("bound", 0) or 0)
+        where = f"{_ranks(group)} on {first.beat.get('host', '?')}"
+        section = first.beat.get("section", "?")
+        if first.why == "unheard":
+            clauses.append(
+                f"{where}, unheard for {seconds:.0f} s in {section} (bound {bound:.0f} s): its process or host is "
+                "frozen or gone"
+            )
+        elif first.why == "stuck":
+            alike = "; every rank stopped at the same point: a collective that does not complete" * (
+                len({tuple(entry.beat.get("position") or ()) for entry in group}) == 1 and len(group) > 1
+            )
+            clauses.append(
+                f"{where}, no progress for {seconds:.0f} s in {section} (bound {bound:.0f} s): alive but stuck (a "
+                f"kernel, a collective, a lost peer of NCCL){alike}"
+            )
+        elif first.why == "storage":
+            clauses.append(
+                f"{where}: output_dir's file system has not answered for {seconds:.0f} s in {section} (bound "
+                f"{STORAGE_BOUND:.0f} s)"
+            )
+        else:
+            clauses.append(
+                f"{_ranks(group)}, never heard in this launch ({seconds:.0f} s, bound {bound:.0f} s): its run did "
+                "not start (its node's launcher, or an error before the run)"
+            )
+    return "; ".join(clauses)

@@ -1,0 +1,74 @@
+"""A plugin run's sections reported to nvidia-resiliency-ext's rank monitor, where its ``ft_launcher`` runs the job
+(the optional ``ft`` extra): its monitors time each section and end a rank that overstays, and ``ft_launcher``
+restarts or ends the job, so the plugin's own watchdog does not run beside it.
+
+A section kind is opened in the rank monitor by its name (``step``, ``save``, ``final``, ``loading``, ...) when
+``ft_launcher``'s config gives it a timeout (``rank_section_timeouts``); a kind it does not list counts as out of
+section (``rank_out_of_section_timeout``). Each unit of progress (a forward, a save's stage) is a heartbeat, at most
+one a second (each is a round trip to the monitor).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from typing import Any
+
+from llamafactory_hera.log import say_once
+
+SOCKET_ENV = "FT_RANK_MONITOR_IPC_SOCKET"  # set by ft_launcher in every rank it starts
+HEARTBEAT_S = 1.0
+
+
+class Reporter:
+    """The sections and progress of this rank, told to ``client`` (a connected ``RankMonitorClient``)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.open = None
+        self.state = ("loading", "loading", 0)
+        self.beaten = 0.0
+        self.known = set(getattr(getattr(client, "cfg", None), "rank_section_timeouts", None) or ())
+
+    def enter(self, section: str, kind: str, step: int | None = None) -> None:
+        self.state = (section, kind, self.state[2] if step is None else step)
+        if kind == self.open:
+            return
+        if self.open is not None:
+            self.client.end_section(self.open)
+        self.open = kind if kind in self.known else None
+        if self.open is not None:
+            self.client.start_section(kind)
+
+    def progress(self) -> None:
+        now = time.monotonic()
+        if now - self.beaten >= HEARTBEAT_S:
+            self.beaten = now
+            self.client.send_heartbeat()
+
+    def where(self) -> tuple[str, str, int]:
+        return self.state
+
+    def stop(self) -> None:
+        self.client.end_all_sections()
+        self.client.shutdown_workload_monitoring()
+
+
+def reporter() -> Reporter | None:
+    """A reporter when this rank runs under ``ft_launcher`` with nvidia-resiliency-ext installed, else None."""
+    if not os.environ.get(SOCKET_ENV):
+        return None
+    try:  # the optional extra: importlib, so that a run without it imports nothing of it
+        tolerance = importlib.import_module("nvidia_resiliency_ext.fault_tolerance")
+    except ImportError:
+        return None
+    client = tolerance.RankMonitorClient()
+    client.init_workload_monitoring()
+    found = Reporter(client)
+    found.enter("loading", "loading")
+    say_once(
+        "watchdog: this run's sections go to nvidia-resiliency-ext's rank monitor (ft_launcher), whose "
+        f"rank_section_timeouts bound them ({', '.join(sorted(found.known)) or 'none listed'})."
+    )
+    return found
