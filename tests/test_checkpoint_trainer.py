@@ -138,6 +138,30 @@ def test_a_step_is_watched_under_its_own_number(monkeypatch: pytest.MonkeyPatch)
         assert dog.where() == (f"step {done + 1}", "step", done + 1)
 
 
+def test_a_checkpoint_saved_again_after_a_rollback_is_unmarked_before_its_first_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resumed from checkpoint-1 (a rollback), the run saves checkpoint-2 again: its old marker is gone before the save
+    writes into it, so a save cut short (here at its first ``torch.save``, after the new weights) leaves checkpoint-2
+    half-written. Before, it kept its old marker, and the new weights beside the old optimizer and RNG state were
+    taken for whole. Saved again in full under ``save_total_limit: 1``, the rotation after it keeps it, though the
+    older checkpoint-3 lies beyond it (before, it deleted the checkpoint just saved)."""
+    _trainer(tmp_path, max_steps=3).train()
+    assert whole_checkpoints(tmp_path) == [tmp_path / f"checkpoint-{step}" for step in (1, 2, 3)]
+    save, seen = torch.save, []
+
+    def cut_short(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        seen.append((tmp_path / "checkpoint-2" / MARKER).exists())
+        raise OSError("the save was cut short")
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(OSError, match="cut short"):
+        _trainer(tmp_path, max_steps=2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    monkeypatch.setattr(torch, "save", save)
+    assert seen[:1] == [False] and whole_checkpoints(tmp_path) == [tmp_path / "checkpoint-1", tmp_path / "checkpoint-3"]
+    _trainer(tmp_path, max_steps=2, save_total_limit=1).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert whole_checkpoints(tmp_path) == [tmp_path / "checkpoint-2", tmp_path / "checkpoint-3"]
+
+
 def test_each_save_is_watched_as_a_save_and_the_end_of_the_run_as_the_final_save(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One step of a real Trainer and its checkpoint: the sections a watchdog is told, in order, with the progress

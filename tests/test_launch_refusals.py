@@ -496,22 +496,26 @@ def test_rah_on_several_ranks_names_the_one_process_way() -> None:
                                        "FORCE_TORCHRUN unset")
 
 
-@pytest.mark.parametrize("name", ["sigusr1", "sigterm"])
-def test_the_launching_process_leaves_a_save_signal_other_than_sigterm_to_the_ranks(assets: Any, tmp_path: Path,
-                                                                                      name: str) -> None:
+@pytest.mark.parametrize("name", ["sigusr1", "sigterm", "none"])
+def test_the_launching_process_leaves_the_schedulers_signals_to_the_ranks(assets: Any, tmp_path: Path,
+                                                                          name: str) -> None:
     """The check that runs in ``llamafactory-cli``'s (or ``accelerate launch``'s) process before the ranks start sets
-    ``hera_save_on_signal: sigusr1`` to ignored there, which torchrun's agent inherits: a scheduler's SIGUSR1 to every
-    process of the job would otherwise end the agent and the launcher while the ranks save. SIGTERM stays theirs."""
+    the scheduler's warning signals (SIGUSR1, SIGUSR2) to ignored there, which torchrun's agent inherits: a scheduler's
+    signal to every process of the job would otherwise end the agent and the launcher while the ranks save (the
+    save signal), or end the whole job with no line (the other one, which the ranks take for the save signal with a
+    line). SIGTERM stays theirs; ``none`` leaves every signal as it was."""
     import signal
 
     from llamafactory_hera_patches.launch import check_before_ranks
 
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(base_recipe(assets, "qwen2_5_vl", tmp_path / "out") | {"hera_save_on_signal": name}))
-    before = {number: signal.getsignal(number) for number in (signal.SIGUSR1, signal.SIGTERM)}
+    numbers = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+    before = {number: signal.getsignal(number) for number in numbers}
     try:
         assert check_before_ranks(["llamafactory-cli", "train", str(path)]).stage == "hera"
-        assert (signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN) == (name == "sigusr1")
+        ignored = [number for number in numbers if signal.getsignal(number) == signal.SIG_IGN]
+        assert ignored == ([] if name == "none" else [signal.SIGUSR1, signal.SIGUSR2])
         assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
     finally:
         for number, handler in before.items():

@@ -1,20 +1,24 @@
-"""Two nodes of a SLURM job on one machine, started as recipes/slurm/hera_2nodes.sbatch starts them (docs/multinode.md):
-``recipes/slurm/node.sh`` once per node, each in its own UTS and PID namespace (its own host name) with its own HOME,
-caches and TMPDIR, ``output_dir`` shared, one CPU rank per node. Every start of the job is the SAME command on both
-nodes (``resume_from_checkpoint: true``, ``hera_save_on_signal: sigusr1``, as the sbatch passes them); nothing is
-edited between starts. A start's fault (tests/faults.py :func:`phase_fault`, acted by tests/fault_injection/) is a
-signal at a phase of one rank's run (load, head selection, the teacher's pass, HARC's directions, a step, a save, the
-final save):
+"""Two nodes of a SLURM job on one machine, started as recipes/slurm/job.sh starts them (docs/multinode.md):
+``recipes/slurm/node.sh`` once per node, each in its own UTS and PID namespace (its own host name) with its own
+HOME, caches and TMPDIR, ``output_dir`` shared, one CPU rank per node. The namespace's first process (``sh``) outlives
+node.sh's launcher as slurmstepd outlives a step's task, and its end ends every process left in the namespace, as
+SLURM ends a step whose task ended. Every start of the job is the SAME command on both nodes
+(``resume_from_checkpoint: true`` and the job's save signal: ``hera_save_on_signal: sigusr1`` as the sbatch passes it
+for its ``--signal=USR1@N``, or the default SIGTERM); nothing is edited between starts. A start's fault
+(tests/faults.py :func:`phase_fault`, acted by tests/fault_injection/) is a signal at a phase of one rank's run (load,
+head selection, the teacher's pass, HARC's directions, a step, a save, the final save):
 
 - ``sigkill``: every process of that rank's node killed (a lost host);
 - ``sigterm`` / ``sigusr1``: sent by this test to every task of both nodes, as SLURM signals a job's tasks
-  (preemption; the sbatch's ``--signal=USR1@N``, the recipe's save signal);
+  (preemption; the sbatch's ``--signal=USR1@N``): the save signal's stop, or with ``sigusr1`` chosen a SIGTERM that
+  ends the ranks unsaved;
 - ``sigstop``: every process of that rank's node stopped (a hung host): the other node must end the job with the
   watchdog's line naming the silent rank and node, within the bound.
 
-The seeded chain (in the suite; ``HERA_MULTINODE_SEED`` repeats a printed seed): start 1 freezes one node at a seeded
-phase, start 2 SIGKILLs a node or SIGTERMs every task at another phase, start 3 finishes, with the adapter of the run
-never stopped (its reference: the same run on two DDP ranks of one node, tests/dist_runs.py).
+In the suite (``HERA_MULTINODE_SEED`` repeats a printed seed): the seeded chain of a job on the default save signal
+(a frozen node; a SIGTERM to every task, saved; the finish, with the adapter of the run never stopped, its reference
+the same run on two DDP ranks of one node, tests/dist_runs.py), and the 72B job's FSDP2 launch stopped by its
+SIGUSR1.
 
 The campaign (not in the suite; one command)::
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import random
 import re
@@ -53,6 +58,7 @@ import pytest
 import yaml
 from dist_runs import launch_runs
 from faults import HOOK, ROWS, fault_env, phase_fault, recipe
+from fsdp_checks import FSDP_HOOK, assert_fsdp2, fsdp2_config_file
 
 from conftest import LAUNCH_ENV, free_port, offline_env, processes_marked
 from llamafactory_hera.training import watch_bounds
@@ -91,35 +97,42 @@ class Start:
     logs: list[str] = field(repr=False)
     finished: bool
     ended: float | None = None
+    status: str | None = None  # the run record's, once both nodes ended
 
 
 class Job:
     """A SLURM job of two nodes: ``make(out)``'s recipe of the stage whose keys start with ``prefix``, its output_dir
     and node folders under ``tmp``; :meth:`start` runs one start of it."""
 
-    def __init__(self, tmp: Path, make: Any, prefix: str = "hera") -> None:
+    def __init__(self, tmp: Path, make: Any, prefix: str = "hera", keys: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.tmp, self.out, self.port, self.starts, self.prefix = tmp, tmp / "shared" / "out", free_port(), [], prefix
+        # the job's every start: the same command (the sbatch's save signal, or ``keys``; ``env``: the sbatch's)
+        self.keys = keys if keys is not None else f"{prefix}_save_on_signal=sigusr1"
+        self.env = {"PYTHONPATH": str(HOOK), **(env or {})}
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(make(self.out)), encoding="utf-8")
 
     def _node(self, node: int, fault: dict[str, Any] | None) -> subprocess.Popen:
         """Node ``node``'s ``srun bash recipes/slurm/node.sh`` (its output in a log of its own per start)."""
         home, start = self.tmp / f"node{node}", len(self.starts)
-        env = offline_env(home, PYTHONPATH=str(HOOK), HERA_TEST_TEACHER_ROWS=ROWS, PYTHONUNBUFFERED="1",
+        env = offline_env(home, HERA_TEST_TEACHER_ROWS=ROWS, PYTHONUNBUFFERED="1",
                           HOME=str(home / "home"), XDG_CACHE_HOME=str(home / "cache"),
                           NODE_SCRATCH=str(home / "scratch"), RECIPE=str(self.tmp / "recipe.yaml"),
                           OUTPUT_DIR=str(self.out), MASTER_ADDR=machine_address(), MASTER_PORT=str(self.port),
                           GLOO_SOCKET_IFNAME="lo", SLURM_NNODES="2", SLURM_NODEID=str(node), SLURM_JOB_ID="4242",
                           SLURM_RESTART_COUNT=str(start), GPUS_PER_NODE="1",
                           HERA_TEST_SIGNAL_FILE=str(self.tmp / f"signal{start}"),
-                          EXTRA_KEYS=f"{self.prefix}_save_on_signal=sigusr1 {self.prefix}_watchdog_timeout={BOUND} "
-                                     "resume_from_checkpoint=true",  # the job's every start: the same command
-                          **fault_env(fault))
+                          EXTRA_KEYS=f"{self.keys} {self.prefix}_watchdog_timeout={BOUND} resume_from_checkpoint=true",
+                          **self.env, **fault_env(fault))
         env[LAUNCH_ENV] = self.mark(node, start)
         (home / "home").mkdir(parents=True, exist_ok=True)
         log = (home / f"start{start}.log").open("w", encoding="utf-8")
+        # sh stays the namespace's first process, as slurmstepd outlives the task it starts: when the task
+        # (node.sh's llamafactory-cli) ends, sh ends and the kernel ends every process left in the namespace, as
+        # SLURM ends a step's processes once its task has ended
         command = ["unshare", "--uts", "--pid", "--fork", "--mount-proc", "sh", "-c",
-                   f"hostname node{node} && exec bash {NODE_SH}"]
+                   f"hostname node{node} && bash {NODE_SH}"]
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
@@ -174,17 +187,19 @@ class Job:
         record = self.out / "llamafactory_hera_run.json"
         finished = [node.returncode for node in nodes] == [0, 0] and record.is_file() and (
             '"status": "finished"' in record.read_text(encoding="utf-8"))
+        status = json.loads(record.read_text(encoding="utf-8")).get("status") if record.is_file() else None
         self.starts.append(Start(fault, "[fault_injection]" in "".join(logs), [node.returncode for node in nodes],
-                                 logs, finished, ended))
+                                 logs, finished, ended, status))
         return self.starts[-1]
 
     def chain(self, faults: list[dict[str, Any]], on_freeze: Any = None) -> list[Start]:
         """A start per fault, then starts without one until the run finished (at most two: a requeue that fails
         without a fault is a hand edit the job would need; this test never makes one)."""
+        first = len(self.starts)
         for fault in [*faults, None, None]:
-            if self.start(fault, on_freeze).finished or (fault is None and len(self.starts) > len(faults) + 1):
+            if self.start(fault, on_freeze).finished or (fault is None and len(self.starts) - first > len(faults) + 1):
                 break
-        return self.starts
+        return self.starts[first:]
 
 
 def end(processes: list[psutil.Process]) -> None:
@@ -219,35 +234,56 @@ def assert_watchdog_ended(started: Start, node: int) -> None:
         unheard, started.ended)
 
 
-def test_a_seeded_chain_of_a_frozen_node_and_a_kill_or_preemption_ends_as_never_stopped(
-        assets: Any, tmp_path: Path) -> None:
-    """Start 1: one node frozen at a seeded phase (the other ends the job, the watchdog's line); start 2: a seeded
-    SIGKILL of a node or SIGTERM to every task at another phase; start 3 finishes equal to the reference, computed
-    while the frozen node's partner waits out the bound (the machine's cores are idle then)."""
+def test_a_seeded_chain_of_a_frozen_node_and_a_preemption_ends_as_never_stopped(assets: Any, tmp_path: Path) -> None:
+    """A job on the default save signal (SIGTERM: a partition that preempts with a grace time, no ``--signal``).
+    Start 1: one node frozen at a seeded phase (the other ends the job, the watchdog's line). Start 2: SIGTERM to every
+    task at a seeded step or save (SLURM's preemption): every rank saves and stops, both nodes exit 0, the record
+    ``stopped`` (before: it ended ``llamafactory-cli`` itself, 143, and the step's processes with it: no stop line,
+    the record ``running``). Start 3 finishes equal to the reference, computed while the frozen node's partner waits
+    out the bound (the machine's cores are idle then). (A SIGKILL of a node: the campaign.)"""
     rng = random.Random(SEED)
     frozen_phase, node = rng.choice(["load", "precompute", "step", "save"]), rng.randrange(2)
-    second = phase_fault(rng, rng.choice([phase for phase in ("load", "step", "save", "final")
-                                          if phase != frozen_phase]), rng.choice(["sigkill", "sigterm"]),
-                         rng.randrange(2))
     first = phase_fault(rng, frozen_phase, "sigstop", node)
-    print(f"HERA_MULTINODE_SEED={SEED}: {first} then {second}")
+    preempted = phase_fault(rng, rng.choice(["step", "save"]), "sigterm", rng.randrange(2))
+    print(f"HERA_MULTINODE_SEED={SEED}: {first} then {preempted}")
     make = functools.partial(recipe, assets)
-    job, pool = Job(tmp_path, make), ThreadPoolExecutor(1)
+    job, pool = Job(tmp_path, make, keys=""), ThreadPoolExecutor(1)
     pending: list[Any] = []
     try:
-        starts = job.chain([first, second], lambda: pending.append(pool.submit(reference, tmp_path / "ref", make)))
-        said = [(start.fault, start.reached, start.codes, start.finished) for start in starts]
+        starts = job.chain([first, preempted], lambda: pending.append(pool.submit(reference, tmp_path / "ref", make)))
+        said = [(start.fault, start.reached, start.codes, start.status, start.finished) for start in starts]
         assert "holds no run yet: starting it" in starts[0].logs[0], starts[0].logs[0][-5000:]  # resume: true
         assert starts[0].reached and not starts[0].finished, said
         assert_watchdog_ended(starts[0], node)
         print(f"two nodes: node {node} frozen ({frozen_phase}); the other ended the job {starts[0].ended:.0f} s "
               "after the freeze")
-        assert len(starts) == 3 and starts[1].reached and not starts[1].finished and starts[2].finished, (
-            SEED, said, [log[-3000:] for log in starts[-1].logs])
+        stop = [line for line in starts[1].logs[0].splitlines() if "SIGTERM: saved the whole checkpoint" in line]
+        assert starts[1].reached and starts[1].codes == [0, 0] and starts[1].status == "stopped" and len(stop) == 1, (
+            said, [log[-3000:] for log in starts[1].logs])
+        assert len(starts) == 3 and starts[2].finished, (SEED, said, [log[-3000:] for log in starts[-1].logs])
         out = pending[0].result() if pending else reference(tmp_path / "ref", make)
     finally:
         pool.shutdown(wait=True)
     assert not (bad := differences(model_tensors(out), model_tensors(job.out))), (SEED, said, bad[:5])
+
+
+def test_the_fsdp2_launch_on_two_nodes_shards_and_stops_on_the_jobs_signal(assets: Any, tmp_path: Path) -> None:
+    """recipes/slurm's FSDP2 launch (qwen2_5_72b_hera_fsdp2_2nodes.sbatch: node.sh with ACCELERATE_CONFIG, accelerate
+    launch on each node) of a small HeRA LoRA run, its model sharded by FSDP2 over one rank per node (tests/fsdp_cpu/:
+    FSDP2 on CPU ranks), each rank under FSDP2 at every step and save. The sbatch's SIGUSR1 to every task at a seeded
+    step: every rank saves a whole checkpoint and stops, both nodes exit 0, the record ``stopped`` (its resume, the
+    same code on one node: tests/test_fault_injection.py's FSDP2 chain). Before, node.sh launched DDP only: the 72B
+    recipe had no multi-node launch."""
+    rng = random.Random(SEED)
+    stop = phase_fault(rng, "step", "sigusr1", rng.randrange(2))
+    print(f"HERA_MULTINODE_SEED={SEED}: {stop}")
+    env = {"ACCELERATE_CONFIG": str(fsdp2_config_file(tmp_path)), "PYTHONPATH": f"{HOOK}{os.pathsep}{FSDP_HOOK}",
+           "HERA_TEST_FSDP_ON_CPU": "1", "HERA_TEST_FSDP_EVIDENCE": str(tmp_path / "fsdp")}
+    started = Job(tmp_path, functools.partial(recipe, assets), env=env).start(stop)
+    stopped = [line for line in started.logs[0].splitlines() if "SIGUSR1: saved the whole checkpoint" in line]
+    assert started.reached and started.codes == [0, 0] and started.status == "stopped" and len(stopped) == 1, (
+        started, [log[-3000:] for log in started.logs])
+    assert_fsdp2(tmp_path, {"step", "save"})
 
 
 STAGES = {  # a chain's run -> (its phases, its recipe for output_dir ``out``)

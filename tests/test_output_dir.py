@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from test_run_errors import _recipe
@@ -283,3 +284,102 @@ def test_a_finished_run_without_a_checkpoint_or_its_state_is_not_continued(tmp_p
     (tmp_path / "checkpoint-4").mkdir()
     (tmp_path / "trainer_state.json").unlink()
     assert not output_dir.continues_finished(tmp_path, {"max_steps": 9})
+
+
+def test_a_finished_runs_folder_is_refused_by_the_launcher_before_torchrun(assets, tmp_path: Path) -> None:
+    """``llamafactory-cli train`` under torchrun on a finished run's folder: before, the refusal came from the ranks,
+    followed by torchrun's ChildFailedError report of each failed rank; now the launcher's check before the ranks
+    start refuses it (tests/test_multinode.py: one line on each node and no report)."""
+    from llamafactory_hera_patches.launch import check_before_ranks
+    from llamafactory_hera_patches.lifecycle.run_record import write_ended, write_started
+
+    out = tmp_path / "out"
+    write_ended(write_started(out, "hera", {}), None)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(base_recipe(assets, "qwen2_5_vl", out, **ONE_STEP)), encoding="utf-8")
+    with pytest.raises(RecipeError, match=rf"^output_dir: {out} holds a finished run \({RUN_RECORD} says finished\)"):
+        check_before_ranks(["llamafactory-cli", "train", str(path)])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_each_node_sees_the_others_probe_or_refuses(shared: bool, tmp_path: Path) -> None:
+    """Two nodes' local ranks 0 (threads here) write a probe into output_dir and read each other's, through one store.
+    A folder both see passes and keeps no probe; a folder of each node's own disk (two folders here) is refused on
+    both nodes, naming the node and file not seen (before: the run ended with rank 1's RNG state on node 1's disk,
+    and its requeue in a collective mismatch)."""
+    import threading
+
+    import torch.distributed as dist
+
+    from llamafactory_hera_patches.lifecycle.shared_output import PROBE_PREFIX, check_shared
+
+    store, errors = dist.HashStore(), {}
+    folders = [tmp_path / "shared"] * 2 if shared else [tmp_path / "node0", tmp_path / "node1"]
+
+    def node(rank: int) -> None:
+        try:
+            check_shared(folders[rank], store, "probe/", rank, 2, wait=30, seen=0.5)
+        except RecipeError as error:
+            errors[rank] = str(error)
+
+    threads = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not [path for folder in folders for path in folder.iterdir()]  # every probe removed
+    if shared:
+        assert errors == {}
+        return
+    assert sorted(errors) == [0, 1]
+    assert errors[1].startswith(f"output_dir: {folders[1]} is not one folder shared by the job's 2 nodes: node 1 (")
+    assert "does not see the files the others wrote into it (node 0 (" in errors[1] and PROBE_PREFIX in errors[1]
+    assert errors[1].endswith("Set output_dir to a folder every node mounts (NFS, Lustre, GPFS).")
+
+
+def test_local_rank_0_of_each_node_probes_after_the_parse(assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """What a rank reads to take part (:func:`refuse_unshared`): its node from its rank over ``LOCAL_WORLD_SIZE``, the
+    job's store, each node's ``output_dir``; one node (or ``save_on_each_node: true``) probes nothing. And a run calls
+    it after LLaMA-Factory's parse, with the parsed arguments, before its record is written."""
+    import threading
+
+    import torch.distributed as dist
+
+    from llamafactory_hera_patches.lifecycle import shared_output
+
+    store, local, errors = dist.HashStore(), threading.local(), {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: local.rank)
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", lambda: store)
+    monkeypatch.setattr(shared_output, "SEEN_S", 0.5)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("GROUP_RANK", raising=False)
+
+    def node(rank: int, each_node: bool = False) -> None:
+        local.rank = rank
+        args = SimpleNamespace(output_dir=str(tmp_path / f"node{rank}"), save_on_each_node=each_node)
+        try:
+            shared_output.refuse_unshared(args)
+        except RecipeError as error:
+            errors[rank] = str(error)
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # one node of two ranks: nothing to probe
+    node(0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    node(1, each_node=True)
+    assert errors == {} and not (tmp_path / "node0").exists() and not (tmp_path / "node1").exists()
+    threads = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(errors) == [0, 1] and "node 0 (" in errors[1] and "node 1 (" in errors[0], errors
+    monkeypatch.undo()
+    seen: list[Any] = []
+    monkeypatch.setattr(shared_output, "refuse_unshared",
+                        lambda args: seen.append((args.output_dir, (Path(args.output_dir) / RUN_RECORD).exists())))
+    out = tmp_path / "run"
+    run_train(base_recipe(assets, "qwen2_5_vl", out, **ONE_STEP), tmp_path)
+    assert seen == [(str(out), False)]

@@ -263,3 +263,64 @@ def test_a_stop_in_head_selection_stops_every_rank_with_rank_0(main: bool, monke
         auto.resolve_auto_heads(recipe, parse_hera_arguments({"hera_heads": "auto"}), 0, "cpu", "out", main,
                                 dtype="float32")
     assert caught.value.code == 0
+
+
+def test_the_jobs_other_warning_signal_is_said_and_taken_for_the_save_signal(assets, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hera_save_on_signal: sigusr2`` in a job that signals SIGUSR1 (an sbatch's ``--signal=USR1@N``). Before: the
+    signal's default ended every process of the job, with no save and no line. Now one line names both signals and
+    the key, and the run stops as on its save signal: a whole checkpoint, the stop line, exit 0, the record
+    ``stopped``."""
+    import llamafactory.train.sft.workflow as workflow  # here: importing llamafactory costs seconds
+
+    out = tmp_path / "out"
+    recipe = base_recipe(assets, "qwen2_5_vl", out, **{**ONE_STEP, "max_steps": 2, "hera_save_on_signal": "sigusr2"})
+    with monkeypatch.context() as patched, signals_raise(signal.SIGUSR1, signal.SIGUSR2):
+        signal_at(patched, workflow, "load_model", signal.SIGUSR1)
+        proc = run_train(recipe, tmp_path / "run", check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines(proc, " came, but ") == [
+        "[llamafactory-hera] SIGUSR1 came, but hera_save_on_signal is sigusr2: the job's signal and the recipe's "
+        "differ. Taken for SIGUSR2: the run saves and stops. Make them one: hera_save_on_signal: sigusr1, or the job's "
+        "--signal=USR2@N."]
+    assert lines(proc, ": saved the whole checkpoint") == [
+        f"[llamafactory-hera] SIGUSR1: saved the whole checkpoint {out}/checkpoint-1 and stopped; to go on, run the "
+        "same command again."]
+    assert json.loads((out / RUN_RECORD).read_text())["status"] == "stopped"
+
+
+def test_a_pinned_checkpoint_is_taken_once_and_the_same_command_goes_on_from_the_run(
+        assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``resume_from_checkpoint: <another run's checkpoint-1>`` kept in the recipe, as a requeue reruns it. Before:
+    every start went back to the pin, so the run never got past one preemption. Now the start that takes the pin
+    records it; the run stopped at step 2 (SIGTERM), and the same command continues from checkpoint-2, the newest
+    whole checkpoint saved since, saying so, and ends as the run never stopped. The pinned run's learning rate differs
+    from the checkpoint's, which its optimizer state keeps: named in one line at the resume (before: no word); the
+    requeue, resuming its own checkpoint, names nothing."""
+    import transformers
+
+    first = tmp_path / "first" / "out"
+    run_train(base_recipe(assets, "qwen2_5_vl", first, **{**ONE_STEP, "max_steps": 1}), tmp_path / "first")
+    pin = first / "checkpoint-1"
+    out, whole = tmp_path / "run" / "out", tmp_path / "whole" / "out"
+    recipe = base_recipe(assets, "qwen2_5_vl", out, **{**ONE_STEP, "max_steps": 3, "learning_rate": 2e-3,
+                                                      "resume_from_checkpoint": str(pin)})
+    with monkeypatch.context() as patched, signals_raise(signal.SIGTERM):
+        signal_at(patched, transformers.Trainer, "training_step", signal.SIGTERM)  # as step 2 begins
+        proc = run_train(recipe, tmp_path / "run", check=False)
+    assert proc.returncode == 0 and lines(proc, "SIGTERM: saved the whole checkpoint"), proc.stdout[-3000:]
+    assert lines(proc, "resume: ") == [
+        f"[llamafactory-hera] resume: {pin} was saved with other settings than this recipe's: learning_rate 0.001 "
+        "there, 0.002 here; max_steps 1 there, 3 here. Kept from the checkpoint's optimizer state: learning_rate. "
+        "This recipe's from step 1 on: max_steps. To go on as the run began, set them back."]
+    proc = run_train(recipe, tmp_path / "again")
+    [line] = lines(proc, "resume_from_checkpoint: ")
+    assert line.startswith(f"[llamafactory-hera] resume_from_checkpoint: {pin} was taken when this run started from "
+                           "it (") and line.endswith(
+        f"); resuming from {out}/checkpoint-2, the newest whole checkpoint saved since. To start from {pin} again, "
+        "delete or move aside the checkpoints saved since (checkpoint-2).")
+    assert not lines(proc, "resume: "), proc.stdout[-3000:]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    run_train({**recipe, "output_dir": str(whole)}, tmp_path / "whole")
+    got, want = adapter(out), adapter(whole)
+    assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in want)

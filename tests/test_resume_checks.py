@@ -234,6 +234,30 @@ def test_the_checkpoint_of_the_same_kind_of_run_passes(assets: Any, runs: dict[s
         check_resume("hera", [f"--{key}={value}" for key, value in recipe.items() if not isinstance(value, list)])
 
 
+def test_a_taken_pin_passes_once_its_run_saved_since_even_when_rotated_away(assets: Any, tmp_path: Path) -> None:
+    """A pin an earlier start took (its run's record says so) with a whole checkpoint saved since: the check before the
+    parse checks that checkpoint, which the trainer resumes from, so the pin itself may be gone (rotated away by
+    save_total_limit). A pin the record does not hold (another one: a rollback) is checked as it is."""
+    from llamafactory_hera.recipe.resume import check_resume
+    from llamafactory_hera_patches.errors import RecipeError
+    from llamafactory_hera_patches.lifecycle.run_record import write_started
+    from llamafactory_hera_patches.lifecycle.whole_checkpoints import LINEAGE, newest_since, take, write_marker
+
+    out, pin = tmp_path / "out", tmp_path / "out" / "checkpoint-1"
+    write_started(out, "hera", {}, marks=True)
+    entry = take(out, pin)
+    since = out / "checkpoint-2"
+    since.mkdir()
+    (since / "trainer_state.json").write_text("{}")
+    (since / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    write_marker(since, 2, 1, {LINEAGE: entry[LINEAGE]})
+    recipe = base_recipe(assets, "qwen2_5_vl", out, resume_from_checkpoint=str(pin), lora_rank=8)
+    check_resume("hera", recipe)  # the pin is gone: checkpoint-2 is checked
+    assert newest_since(out, pin) == since
+    with pytest.raises(RecipeError, match=r"resume_from_checkpoint: .*checkpoint-3 is not a folder"):
+        check_resume("hera", {**recipe, "resume_from_checkpoint": str(out / "checkpoint-3")})
+
+
 def test_true_in_a_folder_holding_only_a_jobs_own_files_starts_the_run(tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture) -> None:
     """The first start of a SLURM job with ``resume_from_checkpoint: true`` (the same command on every start): its

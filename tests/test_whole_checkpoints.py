@@ -262,3 +262,44 @@ def test_a_stock_stages_checkpoints_are_whole_by_their_trainer_state(assets: Any
     record = read_record(out / RUN_RECORD)
     assert record["stage"] == "sft" and record[CHECKPOINTS_MARKED] is False
     assert whole_checkpoints(out) == [out / "checkpoint-1"] and not (out / "checkpoint-1" / MARKER).exists()
+
+
+@pytest.mark.parametrize("name", ["adapter_model.bin", "pytorch_model.bin", "model.safetensors.index.json",
+                                  "pytorch_model.bin.index.json"])
+def test_every_final_model_format_is_checked_whole(name: str, tmp_path: Path) -> None:
+    """A run whose final save failed with its model torn (a full disk) is ``failed``, in every format
+    ``save_pretrained`` writes: before, a torn ``adapter_model.bin`` or ``pytorch_model.bin``
+    (``save_safetensors: false``) and an index whose shard was torn counted as saved, the run was recorded
+    ``finished``, the same command was refused and eval read the torn file. Whole, it is ``finished``."""
+    from safetensors.torch import save_file
+
+    from llamafactory_hera_patches.lifecycle.run_record import write_ended
+
+    tensors = {"lora_A": torch.ones(64, 8), "lora_B": torch.zeros(8, 64)}
+    for torn, status in ((True, "failed"), (False, "finished")):
+        folder = tmp_path / str(torn)
+        path = write_started(folder, "hera", {"seed": 0})
+        shard = folder / (name if not name.endswith(".index.json") else "shard-00001-of-00001" + (
+            ".safetensors" if name.startswith("model") else ".bin"))
+        save_file(tensors, shard) if shard.suffix == ".safetensors" else torch.save(tensors, shard)
+        if name.endswith(".index.json"):
+            (folder / name).write_text(json.dumps({"weight_map": {key: shard.name for key in tensors}}))
+        if torn:
+            shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        write_ended(path, OSError(28, "No space left on device"))
+        assert read_record(path)["status"] == status, (name, torn)
+
+
+def test_a_folder_saved_again_loses_its_marker_first_and_rotation_keeps_the_one_saved(tmp_path: Path) -> None:
+    """A run resumed from an earlier step saves a checkpoint-N that exists: its old marker goes before any new file
+    (a save cut short then leaves a half-written folder, not new files under the old marker); and the rotation after
+    that save never deletes it, though older whole checkpoints of higher steps lie beside it."""
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        whole_checkpoints_module.write_marker(run / f"checkpoint-{step}", step, 1)
+    whole_checkpoints_module.unmark(run / "checkpoint-4")
+    assert whole_checkpoints(run) == [run / "checkpoint-2", run / "checkpoint-6"]
+    whole_checkpoints_module.write_marker(run / "checkpoint-4", 4, 1)  # saved again, whole
+    rotate(run, 1, (None, run / "checkpoint-4"))
+    assert whole_checkpoints(run) == [run / "checkpoint-4", run / "checkpoint-6"]

@@ -1,8 +1,10 @@
 """``llamafactory-cli train`` under torchrun: the recipe is checked once, in the launcher, before the ranks start
-(:func:`check_before_ranks`), one line and exit code 1 as without torchrun. A job that fails later ends with
-torchrun's report and its exit code, without the launcher's traceback. A method declared ``one_process`` (RAH-LoRA)
-gets a torchrun of one rank on a multi-GPU node unless ``FORCE_TORCHRUN`` is set. A bare ``torchrun`` has no launcher
-to patch (``llamafactory_hera.job_refusal``); ``accelerate launch`` runs :func:`check_before_ranks` too
+(:func:`check_before_ranks`: a finished run's folder included), one line and exit code 1 as without torchrun. A job
+that fails later ends with torchrun's report and its exit code, without the launcher's traceback; one whose ranks
+stopped on the save signal ends with 0, the launcher alive through a SIGTERM meanwhile
+(:mod:`.lifecycle.launch_signals`). A method declared ``one_process`` (RAH-LoRA) gets a torchrun of one rank on a
+multi-GPU node unless ``FORCE_TORCHRUN`` is set. A bare ``torchrun`` has no launcher to patch
+(``llamafactory_hera.job_refusal``); ``accelerate launch`` runs :func:`check_before_ranks` too
 (:mod:`.accelerate_launch`). A backend switch a plugin stage cannot run under is refused here too (:mod:`.backends`);
 LLaMA-Factory's v1 launcher: :mod:`.v1`.
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import signal
 import subprocess
 import sys
 from types import ModuleType
@@ -27,6 +28,8 @@ from unittest import mock
 from . import backends, launch_watch
 from .errors import RecipeError
 from .guard import require
+from .lifecycle import launch_signals
+from .lifecycle.output_dir import refuse_finished
 from .recipe.arguments import given_keys, keys_of, split_args
 from .recipe.recipe_file import read_args_unchecked, read_recipe
 from .registry import method_for_stage
@@ -80,22 +83,15 @@ def check_before_ranks(argv: list[str]) -> Any:
                 return None
             raise
     host_args, method_raw, method = split_args(raw)
+    refuse_finished(host_args)  # here, not in the ranks: one line, no torchrun report of failed ranks
     if method is None:
         check_host_stage(host_args, os.environ)
         return None
     method_args = method_arguments(method, keys_of(method, method_raw)[0], host_args)
-    _leave_save_signal_to_ranks(getattr(method_args, f"{method.prefix}save_on_signal", None))
+    launch_signals.leave_to_ranks(
+        getattr(method_args, f"{method.prefix}save_on_signal", None), given_keys(host_args).get("output_dir")
+    )
     return method
-
-
-def _leave_save_signal_to_ranks(name: str | None) -> None:
-    """A save signal other than SIGTERM is ignored from here on by this launching process and the launcher it starts
-    (torchrun's agent, accelerate's): a scheduler signals every process of the job, and SIGUSR1's default would end
-    the agent (whose store the ranks agree through) and this process while the ranks save. The ranks inherit the
-    ignore and set their own handler. SIGTERM stays the agent's: it passes it to the ranks, then kills them 30 s
-    later (torch.distributed.elastic)."""
-    if name in ("sigusr1", "sigusr2"):
-        signal.signal(getattr(signal, name.upper()), signal.SIG_IGN)
 
 
 def _int_env(name: str, default: int) -> int | None:
@@ -141,9 +137,11 @@ def apply(launcher: ModuleType) -> None:
                 # here: transformers' arguments in a process that sees several GPUs and no launcher ask for torchrun
                 os.environ["FORCE_TORCHRUN"], os.environ["NPROC_PER_NODE"] = "1", "1"
             try:
-                return original()
+                with launch_signals.launching():
+                    return original()
             except subprocess.CalledProcessError as error:  # torchrun's report is above: its exit code, no traceback
-                raise SystemExit(1 if start is not None and start.ended else error.returncode) from None
+                code = 1 if start is not None and start.ended else error.returncode
+                raise SystemExit(launch_signals.ended(code)) from None
 
     launcher.launch = launch
     launcher._llamafactory_hera_patched = True

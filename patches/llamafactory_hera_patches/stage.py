@@ -31,7 +31,7 @@ from .engines import fsdp_adapter, fsdp_loading
 from .engines.kv_sharing import reentrant_kv_note
 from .errors import RecipeError
 from .guard import require, warn_if_unchecked
-from .lifecycle import output_dir, run_claim, run_record, stop_signal
+from .lifecycle import output_dir, run_claim, run_record, shared_output, stop_signal
 from .recipe import recipe_file
 from .recipe.arguments import keys_of, raw_value, split_args, truthy
 from .registry import registered_methods
@@ -143,7 +143,7 @@ def apply(tuner: ModuleType) -> None:
             method, method_raw, host_args, SFTWorkflow(workflow, ploting.smooth)
         )
         with (
-            stop_signal.noting(save_signal),
+            stop_signal.noting(save_signal, key=f"{method.prefix}save_on_signal"),
             _recorded(tuner, method.stage, check, method.records),
             _swapped(tuner, run_sft=run_method),
         ):
@@ -223,7 +223,8 @@ def _recorded(
     record: bool = True,
 ) -> Iterator[None]:
     """``get_train_args`` for the run's duration: LLaMA-Factory's parse, the method's ``check`` of it, an earlier run's
-    files moved aside under ``overwrite_output_dir`` (:mod:`.lifecycle.output_dir`), a host stage's notes,
+    files moved aside under ``overwrite_output_dir`` (:mod:`.lifecycle.output_dir`; on several nodes, first, that they
+    share it: :mod:`.lifecycle.shared_output`), a host stage's notes,
     bitsandbytes' 4-bit CPU kernel note held back unless bitsandbytes quantizes the model, then (with ``record``) the
     run's :mod:`.lifecycle.run_record` (training runs, by the main process) written ``running``;
     marked ``finished`` or ``failed`` when the run ends. A recipe refused by a check records nothing (an earlier run's
@@ -239,8 +240,10 @@ def _recorded(
         model_args, data_args, training_args, finetuning_args = parsed[:4]
         if "bitsandbytes" not in sys.modules and not fsdp_loading.loads_bitsandbytes_weights(args):
             _BITSANDBYTES_CPU.addFilter(_unquantized_note)  # said only where a run quantizes
-        output_dir.clear_for_overwrite(args, training_args)
         main, training = getattr(training_args, "process_index", 0) == 0, getattr(training_args, "do_train", True)
+        if record and training:  # every node reads its checkpoints and record: one folder they all see
+            shared_output.refuse_unshared(training_args)
+        output_dir.clear_for_overwrite(args, training_args)
         if check is None and main:  # a stock stage: the host's gradient, what FSDP saves of it
             with _quiet_transformers():
                 note = reentrant_kv_note(model_args, training_args)

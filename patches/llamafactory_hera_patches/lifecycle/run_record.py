@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ RUN_RECORD = "llamafactory_hera_run.json"
 COMPOSE_RECORD = "llamafactory_hera_compose.json"  # written by ``llamafactory-hera compose`` beside the model
 RUNNING, FINISHED, STOPPED, FAILED = "running", "finished", "stopped", "failed"
 CHECKPOINTS_MARKED = "checkpoints_marked"  # true: its checkpoints are whole only with their marker (whole_checkpoints)
+PINNED_RESUME = "pinned_resume"  # the resume_from_checkpoint a start of the run took, and its lineage (pinned_resume)
 # the keys that decide how the model, its processor and its prompts are loaded, by the argument object holding them
 MODEL_KEYS = (
     "model_name_or_path",
@@ -91,9 +93,11 @@ def loading_keys(model_args: Any, data_args: Any, finetuning_args: Any, training
 def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any], marks: bool = False) -> Path:
     """The record with ``status: running`` (replacing a previous run's in the same ``output_dir``); ``marks``: the
     stage marks its checkpoints (:data:`CHECKPOINTS_MARKED`; where checkpoints are kept, the previous record's word:
-    a run started before markers keeps its checkpoints whole by their trainer_state.json)."""
+    a run started before markers keeps its checkpoints whole by their trainer_state.json, and the checkpoint an
+    earlier start was pinned to stays recorded, :data:`PINNED_RESUME`)."""
     path = Path(output_dir) / RUN_RECORD
     resumed = any(path.parent.glob("checkpoint-[0-9]*"))
+    previous = read_record(path) if resumed else {}
     record = {
         "stage": stage,
         "status": RUNNING,
@@ -101,7 +105,8 @@ def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any], m
         "started_ns": time.time_ns(),
         "loading": loading,
         "chain": stage_chain(loading.get("model_name_or_path"), stage, path.parent),
-        CHECKPOINTS_MARKED: bool(read_record(path).get(CHECKPOINTS_MARKED) if resumed else marks),
+        CHECKPOINTS_MARKED: bool(previous.get(CHECKPOINTS_MARKED) if resumed else marks),
+        **({PINNED_RESUME: previous[PINNED_RESUME]} if PINNED_RESUME in previous else {}),
     }
     write_record(path, record)
     return path
@@ -167,16 +172,35 @@ SAVED_MODEL_FILES = (
 
 
 def _saved_since(folder: Path, started_ns: Any) -> bool:
-    """Whether the run saved its model (adapter or full weights) into ``folder`` after it started: a safetensors file
-    torn by an error amid the final save (a full disk) is not saved, so the same command writes it again."""
+    """Whether the run saved its model (adapter or full weights) into ``folder`` after it started: a file torn by an
+    error amid the final save (a full disk) is not saved (:func:`whole_model_file`), so the same command writes it
+    again."""
     if not isinstance(started_ns, int):
         return False
     return any(
         (folder / name).is_file()
         and (folder / name).stat().st_mtime_ns >= started_ns
-        and (not name.endswith(".safetensors") or _whole_safetensors(folder / name))
+        and whole_model_file(folder / name)
         for name in SAVED_MODEL_FILES
     )
+
+
+def whole_model_file(path: Path) -> bool:
+    """Whether a saved model file is whole, in each format ``save_pretrained`` writes: safetensors as long as its
+    header says, ``torch.save``'s zip archive (``.bin``, ``save_safetensors: false``) with its central directory
+    (written last) and every member inside the file, an index with every shard it names whole."""
+    if path.name.endswith(".index.json"):
+        shards = read_record(path).get("weight_map")
+        return (
+            isinstance(shards, dict)
+            and bool(shards)
+            and all(whole_model_file(path.parent / str(name)) for name in set(shards.values()))
+        )
+    if path.suffix == ".safetensors":
+        return _whole_safetensors(path)
+    if path.suffix == ".bin":
+        return _whole_zip(path)
+    return path.is_file()
 
 
 def _whole_safetensors(path: Path) -> bool:
@@ -188,6 +212,17 @@ def _whole_safetensors(path: Path) -> bool:
         end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
         return path.stat().st_size == 8 + length + end
     except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
+def _whole_zip(path: Path) -> bool:
+    """Whether ``path`` is a zip archive whose central directory (at its end) reads and whose members all lie inside
+    it: a file cut short has lost its end."""
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as archive:
+            return all(member.header_offset + member.compress_size <= size for member in archive.infolist())
+    except (OSError, ValueError, zipfile.BadZipFile):
         return False
 
 

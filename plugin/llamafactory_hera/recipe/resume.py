@@ -21,7 +21,8 @@ from llamafactory_hera.log import say
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.lifecycle.claim_folders import CLAIM, made_by_claim
 from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
-from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, newest_whole, whole_checkpoints
+from llamafactory_hera_patches.lifecycle.shared_output import PROBE_PREFIX
+from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, newest_since, newest_whole, whole_checkpoints
 from llamafactory_hera_patches.recipe.arguments import given_keys, truthy
 from llamafactory_hera_patches.recipe.host_arguments import host_keys
 
@@ -248,6 +249,12 @@ def _run_folder(folder: Path) -> bool:
     )
 
 
+def _job_file(name: str) -> bool:
+    """Whether ``name`` is a file a job writes into output_dir before its run starts (a node's probe of a start that
+    ended in it included: :mod:`llamafactory_hera_patches.lifecycle.shared_output`)."""
+    return name in JOB_FILES or name.startswith(PROBE_PREFIX)
+
+
 def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
     """The checkpoint the recipe resumes from, if any, fits it (see the module doc); called by every plugin stage
     before LLaMA-Factory parses ``host_args`` (after the model paths are checked)."""
@@ -290,7 +297,7 @@ def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
                     "(stopped before one): starting the run, reusing what its passes before step 1 kept."
                 )
                 return
-            if not held or all(entry.name in JOB_FILES for entry in out.iterdir()):  # a job's first start
+            if not held or all(_job_file(entry.name) for entry in out.iterdir()):  # a job's first start
                 say(
                     f"resume_from_checkpoint: true: output_dir: {output_dir} holds no run yet: starting it (the same "
                     "command resumes it from its newest whole checkpoint)."
@@ -312,6 +319,12 @@ def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
         )
         return
     folder = Path(str(value)).expanduser()
+    since = newest_since(Path(str(output_dir)).expanduser(), value) if output_dir else None
+    if since is not None:  # an earlier start took the pin: the trainer resumes from this one, and says so
+        check_checkpoint(
+            stage, given, since, f"resume_from_checkpoint: {value} (the checkpoint saved since) {since}", afresh
+        )
+        return
     fix = (
         "Name a checkpoint folder of an earlier run (OUTPUT_DIR/checkpoint-N), or remove resume_from_checkpoint "
         "(a run whose output_dir holds checkpoints resumes from the last one unless overwrite_output_dir: true)."

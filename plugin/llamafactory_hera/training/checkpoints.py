@@ -217,8 +217,12 @@ class WholeCheckpoints:
     """Mix in front of a ``Trainer`` (see the module doc); ``save_on_signal``: the method's ``<prefix>_save_on_signal``
     (``recipe.keys.save_on_signal_key``), set by the method's trainer."""
 
+    lineage: str | None = None  # the lineage of a pinned resume (lifecycle.whole_checkpoints), in each marker it writes
+
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         self.resumed_from = self._whole_resume(resume_from_checkpoint)
+        if self.resumed_from:
+            self._say_other_settings(Path(str(self.resumed_from)))
         self.stop = stop = _StopOnSignal(self.save_on_signal, self.args.output_dir)  # type: ignore[attr-defined]
         self.add_callback(stop)  # type: ignore[attr-defined]
         with stop_signal.noting(stop.name, steps=True), sections.counting_forwards(self.model):  # type: ignore
@@ -232,7 +236,7 @@ class WholeCheckpoints:
             else ""
         )  # LLaMA-Factory's key
         say_once(
-            f"{stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"  # type: ignore
+            f"{stop_signal.came() or stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"  # type: ignore
             f"{self.state.global_step} and stopped; to go on, {stop_signal.RERUN}{moved}."
         )
         if dist.is_initialized():
@@ -255,9 +259,14 @@ class WholeCheckpoints:
 
     def _whole_resume(self, value: Any) -> Any:
         """The checkpoint to resume from: ``value``, or for ``true`` / a half-written ``checkpoint-N`` (as
-        LLaMA-Factory picks the last one) the newest whole one of its run; says what it passed over."""
+        LLaMA-Factory picks the last one) the newest whole one of its run; says what it passed over. A path taken
+        by an earlier start of this run (a pin, :mod:`~llamafactory_hera_patches.lifecycle.whole_checkpoints`): the
+        newest whole checkpoint saved since, when there is one."""
         if not value:
             return value
+        since = self._since_pin(value) if value is not True else None
+        if since is not None:
+            return since
         named = Path(self.args.output_dir if value is True else str(value))  # type: ignore[attr-defined]
         if value is not True and (
             not named.name.startswith(whole.CHECKPOINT_PREFIX) or named in whole.whole_checkpoints(named.parent)
@@ -271,6 +280,32 @@ class WholeCheckpoints:
             )
         return str(newest) if newest else None  # none whole: the run starts (recipe.resume said so)
 
+    def _since_pin(self, pin: Any) -> str | None:
+        """The newest whole checkpoint saved since an earlier start took ``pin`` (said in one line), else None; the
+        first start to take ``pin`` records it (the main process), and this start's checkpoints carry its lineage."""
+        out = Path(self.args.output_dir)  # type: ignore[attr-defined]
+        entry = whole.taken(out, pin)
+        if entry is None and self.is_world_process_zero():  # type: ignore[attr-defined]
+            entry = whole.take(out, pin)
+        self.lineage = entry[whole.LINEAGE] if entry else None
+        since = whole.saved_since(out, self.lineage) if self.lineage else []
+        if not since:
+            return None
+        say_once(
+            f"resume_from_checkpoint: {pin} was taken when this run started from it ({entry['taken']}); resuming "
+            f"from {since[-1]}, the newest whole checkpoint saved since. To start from {pin} again, delete or move "
+            f"aside the checkpoints saved since ({', '.join(path.name for path in since)})."
+        )
+        return str(since[-1])
+
+    def _say_other_settings(self, folder: Path) -> None:
+        """One line when the resumed checkpoint was saved with other settings than this run's."""
+        marker = whole.read_marker(folder)
+        now = whole.settings(self.args)  # type: ignore[attr-defined]
+        line = whole.differences(folder, marker.get(whole.SETTINGS) or {}, now, marker.get("step"))
+        if line:
+            say_once(line)
+
     def save_method_state(self, folder: str) -> None:
         """A method's own state, written into ``folder`` inside the whole save (``save_only_model`` too)."""
 
@@ -278,8 +313,12 @@ class WholeCheckpoints:
         args, run = self.args, Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
         folder = run / f"{whole.CHECKPOINT_PREFIX}{self.state.global_step}"  # type: ignore[attr-defined]
         limit, args.save_total_limit = args.save_total_limit, None  # rotation after the whole save
+        about = {whole.SETTINGS: whole.settings(args)}
+        if self.lineage:
+            about[whole.LINEAGE] = self.lineage
         try:
             with sections.section(f"the save of {folder.name}", "save"):  # a stage done is progress
+                whole.unmark(folder)  # a folder saved again: by every rank, before any of its own writes
                 super()._save_checkpoint(model, trial)  # type: ignore[misc]
                 sections.progress()
                 self.save_method_state(str(folder))
@@ -288,7 +327,7 @@ class WholeCheckpoints:
                 sections.progress()
                 _every_rank_saved(args.device)
                 if args.should_save:
-                    whole.write_marker(folder, self.state.global_step, args.world_size)  # type: ignore[attr-defined]
+                    whole.write_marker(folder, self.state.global_step, args.world_size, about)  # type: ignore[attr-defined]
         except Exception as error:
             # said by this rank at once, with no collective: under FSDP2 and ZeRO-3 the other ranks may still be in
             # the save's own gathers, which another collective here would not match (a hang); the launcher ends them
@@ -299,7 +338,7 @@ class WholeCheckpoints:
             # a stop's checkpoint outlives the rotation of transformers' _finalize_training after the stop
             args.save_total_limit = None if self.stop.stopped else limit
         if args.should_save:
-            whole.rotate(run, limit, self.state.best_model_checkpoint)  # type: ignore[attr-defined]
+            whole.rotate(run, limit, (self.state.best_model_checkpoint, folder))  # type: ignore[attr-defined]
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """transformers loads a DDP run's optimizer onto ``args.device``, on CPU ranks ``cpu:0``, which torch refuses

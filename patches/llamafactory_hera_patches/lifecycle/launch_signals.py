@@ -1,0 +1,79 @@
+"""The launching process's side of a save signal (:mod:`.stop_signal` is the ranks'): ``llamafactory-cli`` before
+torchrun, ``accelerate launch``. It leaves the scheduler's signals to the ranks (:func:`leave_to_ranks`), and
+``llamafactory-cli`` outlives a SIGTERM while its torchrun runs (:func:`launching`: a scheduler ends a job step whose
+task ended, the ranks mid-save included) and exits 0 when the ranks stopped on the signal (:func:`ended`). Imports
+nothing heavy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .run_record import FINISHED, RUN_RECORD, STOPPED, read_record
+from .stop_signal import RERUN, WARNINGS, others, signal_number
+
+_launch: dict[str, Any] = {"name": None, "output_dir": None, "since": 0, "received": False}
+
+
+def leave_to_ranks(name: str | None, output_dir: Any = None) -> None:
+    """In the launching process, before the ranks start: the save signal when it is a warning signal, and the other
+    warning signals, ignored from here on by this process and the launcher it starts (torchrun's agent, accelerate's),
+    which inherit the ignore, as the ranks do until their stage notes them: a scheduler signals every process of the
+    job, and SIGUSR1's default would end the agent (whose store the ranks agree through) and this process while the
+    ranks save. SIGTERM stays the agent's: it passes it to the ranks, then kills them 30 s later
+    (torch.distributed.elastic); :func:`launching` keeps this process alive meanwhile. ``none``: nothing."""
+    number = signal_number(name)
+    if number is None:
+        return
+    own = signal.Signals(number).name
+    for ignored in [number, *others(own)] if own in WARNINGS else others(own):
+        signal.signal(ignored, signal.SIG_IGN)
+    _launch.update(name=own, output_dir=output_dir, since=time.time_ns())
+
+
+def _note_in_launcher(signum: int, frame: Any) -> None:
+    """SIGTERM to ``llamafactory-cli`` while its torchrun runs: torchrun got it too (a scheduler signals every process;
+    a terminal's or a process group's signal reaches both), and passes it on to the ranks; this process waits."""
+    _launch["received"] = True
+
+
+@contextlib.contextmanager
+def launching() -> Iterator[None]:
+    """``llamafactory-cli`` while the torchrun it started runs: with SIGTERM the save signal, SIGTERM no longer ends it
+    (under SLURM the launcher is the job step's task, and the step's other processes, the ranks mid-save included,
+    are killed once it ends). A handler, not an ignore: torchrun, started from here, gets the default back."""
+    if _launch["name"] != "SIGTERM" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _note_in_launcher)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def ended(code: int) -> int:
+    """The launcher's exit code for torchrun's ``code``: 0 when the ranks ended as asked, whatever torchrun's agent
+    says of the SIGTERM it passed on to them: the run's record, written since this launcher checked the recipe, says
+    stopped, or finished with no error when this launcher got SIGTERM (the signal came in the final save); else
+    ``code``."""
+    if not _launch["output_dir"]:
+        return code
+    record = read_record(Path(str(_launch["output_dir"])).expanduser() / RUN_RECORD)
+    started, status = record.get("started_ns"), record.get("status")
+    finished = status == FINISHED and _launch["received"] and "error_after_save" not in record
+    if not (status == STOPPED or finished) or not isinstance(started, int) or started < _launch["since"]:
+        return code
+    print(
+        f"[llamafactory-hera] {_launch['name']}: the ranks {'saved and stopped' if status == STOPPED else 'finished'} "
+        f"(the run's record says {status}); torchrun's agent ended on the signal (exit code {code}), this launch "
+        f"ends with 0.{f' To go on, {RERUN}.' if status == STOPPED else ''}",
+        flush=True,
+    )
+    return 0
