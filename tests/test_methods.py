@@ -143,12 +143,14 @@ def test_the_shared_folders_hold_only_what_two_methods_or_the_shared_code_use() 
     package = REPO / "plugin" / "llamafactory_hera"
     names = {f"{folder}.{path.stem}" for folder in SHARED for path in (package / folder).glob("*.py")}
     names -= {f"{folder}.__init__" for folder in SHARED}
-    pattern = re.compile(rf"llamafactory_hera\.({'|'.join(SHARED)})(?:\.(\w+)| import \(?([\w, \n]+))")
+    # a name list runs over lines only inside parentheses: a bare list ends at its line, before the next import
+    pattern = re.compile(rf"llamafactory_hera\.({'|'.join(SHARED)})(?:\.(\w+)| import (?:\(([\w, \n]+)\)|([\w, ]+)))")
 
     def imported(paths: list[Path]) -> set[str]:
         found = set()
         for match in pattern.finditer("\n".join(path.read_text(encoding="utf-8") for path in paths)):
-            modules = [match.group(2)] if match.group(2) else re.split(r"[,\s]+", match.group(3))
+            listed = match.group(3) or match.group(4) or ""
+            modules = [match.group(2)] if match.group(2) else re.split(r"[,\s]+", listed.strip())
             found |= {f"{match.group(1)}.{module}" for module in modules}
         return found & names
 
