@@ -103,22 +103,26 @@ def test_overhead_script_runs_both_stages_and_prints_ratios(bench_root: Path) ->
 
 
 def test_step_counts_gate_holds_on_the_smoke_preset(bench_root: Path) -> None:
-    """One optimizer step of the real run_exp, counted (aten ops by a dispatch mode; Python calls in
-    torch/utils/checkpoint.py): HeRA against SFT with LLaMA-Factory's defaults. HeRA adds at most 900 ops with the
-    preset's 5 heads; with its heads in one layer of 8, checkpoint.py calls grow by at most a quarter of what
-    non-reentrant checkpointing in every layer adds; HeRA's extra ops do not grow from batch 2 to 8 (2 to 8 images).
-    """
+    """The host's whole second step of three of the real run_exp (its batch's loading and collation, forward,
+    backward, optimizer, callbacks), counted: aten ops by a dispatch mode, Python calls by ``sys.setprofile`` (in the
+    next step, apart from the mode's own calls), HeRA against SFT with LLaMA-Factory's defaults. HeRA makes SFT's
+    checkpoint.py calls exactly (its heads leave their reentrant checkpoint as one more output: it used to run their
+    layers non-reentrant, +893 calls a layer), adds at most 1 % of SFT's step at the real depth (36 layers) in aten
+    ops and in Python calls, and its extra ops do not grow from batch 4 to 8 (4 to 8 images; k 3 and 7, no queue: a
+    batch of 2 holds no negative without HeRA's queue of earlier rows, a configuration of its own)."""
+    step_counts = bench_module("step_counts")
     counts = bench_root / "step_counts.json"
-    out = _run(bench_root, "step_counts.py", "--preset", "qwen3-vl-8b-smoke", "--batches", "2", "8", "--check",
+    out = _run(bench_root, "step_counts.py", "--preset", "qwen3-vl-8b-smoke", "--batches", "4", "8", "--check",
                "--json", str(counts), "--assets", str(bench_root))
     rows = json.loads(counts.read_text())
-    sft, non_reentrant, hera, one = (rows[k] for k in ("sft", "sft_nonreentrant", "hera", "hera_one_layer"))
+    sft, non_reentrant, hera = (rows[k] for k in ("sft", "sft_nonreentrant", "hera"))
     assert sft["checkpoint_calls"] < non_reentrant["checkpoint_calls"], rows  # the counter sees checkpointing
-    assert hera["ops"] - sft["ops"] <= 900, rows
-    assert 0 < one["checkpoint_calls"] - sft["checkpoint_calls"] <= (
-        non_reentrant["checkpoint_calls"] - sft["checkpoint_calls"]) / 4, rows
+    assert hera["checkpoint_calls"] == sft["checkpoint_calls"], rows
+    assert 0 < hera["ops"] - sft["ops"] <= step_counts.OPS_LIMIT <= 300, rows
+    assert 0 < hera["calls"] - sft["calls"] <= step_counts.CALLS_LIMIT <= 2300, rows
     assert rows["hera_b8"]["ops"] - rows["sft_b8"]["ops"] <= hera["ops"] - sft["ops"] + 8, rows
-    assert re.search(r"^SFT \(LLaMA-Factory defaults\)\s+2\s+[\d,]+\s+[\d,]+\s+[\d,]+$", out, re.M), out
+    assert re.search(r"^SFT \(LLaMA-Factory defaults\)\s+4\s+[\d,]+\s+[\d,]+\s+[\d,]+$", out, re.M), out
+    assert re.search(r"^HeRA/SFT host work per step: aten ops 1\.\d{4}, Python calls 1\.\d{4}$", out, re.M), out
     assert "FAIL" not in out, out
 
 
