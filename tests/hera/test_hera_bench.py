@@ -126,6 +126,24 @@ def test_step_counts_gate_holds_on_the_smoke_preset(bench_root: Path) -> None:
     assert "FAIL" not in out, out
 
 
+
+def test_step_ab_dry_run_writes_the_table_the_gpu_lease_fills(tmp_path: Path) -> None:
+    """bench/step_ab.py's dry run (the GPU script's path on a CPU: the arms' two resident processes taking turns,
+    the ratio's intervals, the profiled steps, the traces), its small row alone: the table has the row with both
+    intervals, the profiled step of each arm and the differences by op, and the files the lease brings back."""
+    out = tmp_path / "out"
+    printed = _run(tmp_path, "step_ab.py", "--dry-run", "--rows", "small", "--out", str(out), "--assets",
+                   str(tmp_path / "assets"))
+    table = (out / "step_ab.md").read_text()
+    assert re.search(r"^\| small: micro-batch 4 x 1, 0 workers, logging 10 \| 3 \| [\d.]+ \| [\d.]+ \| "
+                     r"[\d.]+ ± [\d.]+ \| [\d.]+ \[[\d.]+, [\d.]+\]", table, re.M), table
+    assert re.search(r"^\| SFT \| [\d.]+ \|", table, re.M) and re.search(r"^\| HeRA \| [\d.]+ \|", table, re.M), table
+    assert "small: HeRA minus SFT, self CPU time" in table and "whole run" in printed, printed[-3000:]
+    steps = [json.loads(line) for line in (out / "step_ab_steps.jsonl").read_text().splitlines()]
+    assert {step["arm"] for step in steps} == {"sft", "hera"}, steps[:4]
+    assert sorted(path.name for path in out.glob("trace_*.json.gz")) == ["trace_small_hera.json.gz",
+                                                                           "trace_small_sft.json.gz"]
+
 NOT_COUNTED = re.compile(r"^instructions, cycles\s+not counted: hardware counters: \S", re.M)
 SAME_STEP = re.compile(r"^steps without a point\s+instructions on/off, same step: median ([\d.]+) "
                        r"\(([\d.]+)-([\d.]+)\) over \d+ steps$", re.M)
