@@ -150,8 +150,22 @@ def smoke_preset(spec: Preset) -> Preset:
     return replace(spec, name=f"{spec.name}-smoke", text=text, vision=vision, teacher=teacher, published_params=None)
 
 
+def depth_preset(spec: Preset) -> Preset:
+    """A real preset's depth at its smoke preset's widths: every decoder layer and vision block the published model
+    has (Qwen3-VL-8B: 36 and 27, DeepStack at 8/16/24), each tiny. What a step dispatches per layer (aten ops,
+    Python calls, checkpointing, hooks) is counted as the real model makes it, in seconds on a CPU."""
+    smoke = smoke_preset(spec)
+    text = {**smoke.text, "num_hidden_layers": spec.text["num_hidden_layers"]}
+    vision = {**smoke.vision, "depth": spec.vision["depth"]}
+    for key in ("deepstack_visual_indexes", "fullatt_block_indexes"):
+        if key in spec.vision:
+            vision[key] = spec.vision[key]
+    return replace(smoke, name=f"{spec.name}-depth", text=text, vision=vision)
+
+
 for _name in ("qwen3-vl-8b", "qwen2.5-vl-7b"):
     PRESETS[f"{_name}-smoke"] = smoke_preset(PRESETS[_name])
+    PRESETS[f"{_name}-depth"] = depth_preset(PRESETS[_name])
 
 @dataclass(frozen=True)
 class BenchAssets:

@@ -14,6 +14,12 @@
 #   harc:      Llama-3.1-8B architecture, random weights, bf16, LoRA on all linear layers; HARC against SFT with
 #              LLaMA-Factory's defaults (reentrant checkpointing), as users run it (HARC: its coupled layers only
 #              non-reentrant)
+#   step:      HeRA's optimizer step against SFT's in one lease (bench/step_ab.py): Qwen3-VL-8B architecture, the
+#              arms resident at once and taking turns step by step; the shipped recipe's settings (micro-batch 16 x 8,
+#              4 dataloader workers, logging every 10 steps) and the small step (8 x 1, no worker), each until its
+#              ratio's 95 % interval is within +-1.5 %, then one profiled step of each arm; BUDGET seconds (480, the
+#              asset build included; with this script's install, within 9 minutes); tables and traces in $OUT
+#              (not in "all")
 # Budget: ~17 GB of weights per preset are drawn on the GPU and written once (disk: 64 GB), then each
 # overhead run loads them again (separate processes, so peak memory is per run).
 set -euo pipefail
@@ -42,6 +48,8 @@ ASSETS=${ASSETS:-/tmp/hera_bench_assets}
                   echo "predicted by bench/cost.py (tensors only, no CUDA context) for overhead's step:"
                   $PY bench/cost.py --case 8b-lora --no-selection --detail --image-side 448 \
                     --set per_device_train_batch_size=8 --set cutoff_len="${COST_TOKENS:-1024}" ;;&
+    step) $PY bench/step_ab.py --device cuda --preset qwen3-vl-8b --budget "${BUDGET:-480}" --assets "$ASSETS" \
+            --out "${OUT:-/tmp/step_ab}" ;;
     qlora) $PY bench/overhead.py --device cuda --preset qwen3-vl-8b --repeats "${REPEATS:-2}" --epochs "${EPOCHS:-2}" \
                     --images 128 --batch 8 --warmup 3 --assets "$ASSETS" --quantization-bit 4 ;;
     selection|all) $PY bench/selection.py --device cuda --preset qwen2.5-vl-7b --samples 1000 --repeats 3 \

@@ -123,6 +123,26 @@ def test_step_syncs_counts_per_step() -> None:
         (1, False, 1), (2, True, 2), (3, False, 3)]
 
 
+def test_step_syncs_say_where_in_the_step_each_wait_falls() -> None:
+    """Each wait with the ops run in its step up to it, itself included: ``x + 1``, ``sum``, then ``item`` (the
+    third); a host tensor made and copied to the device (no wait), ``x > 0``, ``all``, and the truth value, an
+    ``item`` too (the eighth)."""
+    from types import SimpleNamespace
+
+    with SimulatedAccelerator() as accelerator:
+        counter = StepSyncs(accelerator)
+        args = SimpleNamespace(logging_steps=0)
+        x = torch.randn(3, device=DEVICE)
+        counter.on_step_begin(args, SimpleNamespace(global_step=0), None)
+        (x + 1).sum().item()
+        torch.ones(2).to(DEVICE)
+        bool((x > 0).all())
+        counter.on_train_end(args, None, None)
+    (waits,) = counter.waits
+    assert [(kind, ops) for kind, ops, _ in waits] == [("item", 3), ("item", 8)], waits
+    assert counter.ops == [8] and all("test_accelerator_sim.py" in frame for _, _, frame in waits), waits
+
+
 def test_a_cpu_run_after_a_device_run_is_on_the_cpu(assets, tmp_path) -> None:
     """Nothing of the simulated device outlives its patches: a CPU run_exp after one on the device loads and trains
     on the CPU. Failed before with "Cannot copy out of meta tensor" when LLaMA-Factory's parser was first imported

@@ -69,10 +69,15 @@ def test_head_contributions_sum_to_o_proj(assets, family: str, lora: bool) -> No
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_capture_equals_explicit_pooled_contributions(assets, family: str) -> None:
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_capture_equals_explicit_pooled_contributions(assets, family: str, interleaved: bool) -> None:
+    """Every head pooled and projected at once (per head size: one pooling, one projection), against each head's
+    explicit mean over its tokens; the heads in layer order, or interleaved (put back in recipe order)."""
     model = _load(assets, family, lora=True)
     geometry = attention_geometry(model.config)
-    heads = [HeadRef(0, 1), HeadRef(geometry.num_layers - 1, 0), HeadRef(geometry.num_layers - 1, 2)]
+    last = geometry.num_layers - 1
+    heads = [HeadRef(last, 2), HeadRef(0, 1), HeadRef(last, 0)] if interleaved else [
+        HeadRef(0, 1), HeadRef(last, 0), HeadRef(last, 2)]
     batch = _batch(assets, family)
     mask = batch["attention_mask"].bool() & (torch.rand(batch["input_ids"].shape, generator=torch.Generator()
                                                          .manual_seed(1)) > 0.3)

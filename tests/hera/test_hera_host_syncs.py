@@ -27,8 +27,9 @@ def sft_recipe(assets: Any, family: str, out: Path, **overrides: Any) -> dict[st
     return {**{k: v for k, v in recipe.items() if not k.startswith("hera_")}, "stage": "sft"}
 
 
-def step_syncs(accelerator: Any, recipe: dict[str, Any], counter: Any = None) -> list[tuple[int, bool, Counter[str]]]:
-    """``StepSyncs.steps`` of one run on the device: (global step, logged, Counter of syncs by kind)."""
+def step_syncs(accelerator: Any, recipe: dict[str, Any], counter: Any = None) -> tuple[list, list, list]:
+    """``StepSyncs.steps`` of one run on the device: (global step, logged, Counter of syncs by kind); the frames; and
+    where each wait fell in its step (``StepSyncs.waits``)."""
     from llamafactory.train.tuner import run_exp
 
     from llamafactory_hera_testing.accelerator import StepSyncs
@@ -36,7 +37,16 @@ def step_syncs(accelerator: Any, recipe: dict[str, Any], counter: Any = None) ->
     counter = counter or StepSyncs(accelerator)
     with accelerator:
         run_exp(recipe, callbacks=[counter])
-    return counter.steps, counter.where
+    return counter.steps, counter.where, counter.waits
+
+
+def none_earlier(mine: list[tuple[str, int, str]], reference: list[tuple[str, int, str]]) -> list[str]:
+    """Where ``mine`` (a step's waits: kind, ops up to it, frame) waits otherwise than ``reference``: a wait of
+    another kind or place in the order, or one after fewer ops than the reference's (earlier in the step)."""
+    if [(kind, frame) for kind, _, frame in mine] != [(kind, frame) for kind, _, frame in reference]:
+        return [f"waits differ: {[w[::2] for w in mine]} against {[w[::2] for w in reference]}"]
+    return [f"{kind} at {frame}: after {ops} ops, SFT's after {theirs}"
+            for (kind, ops, frame), (_, theirs, _) in zip(mine, reference, strict=True) if ops < theirs]
 
 
 def pinned_buffers(monkeypatch: Any) -> dict[int, bool]:
@@ -68,7 +78,7 @@ def without_copies(counts: Counter[str]) -> Counter[str]:
 
 
 @pytest.fixture(scope="module")
-def sft_syncs(assets: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[list, list]:
+def sft_syncs(assets: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[list, list, list]:
     """Plain SFT's :func:`step_syncs` on its own simulated device: the reference of every case below, run once (the
     cases' patches are HeRA's, which a ``stage: sft`` run does not call)."""
     with pytest.MonkeyPatch.context() as patches, simulated_accelerator(patches) as device:
@@ -79,9 +89,9 @@ def sft_syncs(assets: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[li
 def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, sft_syncs, accelerator, tmp_path: Path, teacher: str,
                                                      monkeypatch) -> None:
     """Step 3 (not logged): HeRA's device-to-host syncs equal SFT's (16 on this model: the Qwen2.5-VL forward's
-    and the Trainer's own). Its host-to-device copies exceed SFT's by 4 at most: the batch's three HeRA tensors
-    (image counts, pooled-token mask, anchor indices) and one copy of the cached teacher features (in_step: the
-    teacher's pixels instead).
+    and the Trainer's own), asked for by the same frames in the same order, none after fewer ops of the step than
+    SFT's. Its host-to-device copies exceed SFT's by 4 at most: the batch's three HeRA tensors (image counts, pooling
+    weights, anchor indices) and one copy of the cached teacher features (in_step: the teacher's pixels instead).
 
     The precomputed run also has the alignment monitor scoring at every logging step (``hera_monitor_steps: 2``):
     step 3 has none of its work.
@@ -110,16 +120,19 @@ def test_a_non_logging_hera_step_adds_no_sync_to_sft(assets, sft_syncs, accelera
         from llamafactory_hera.hera import capture
 
         monkeypatch.setattr(capture, "is_zero3_partition", lambda weight: True)
-    sft, sft_where = sft_syncs
+    sft, sft_where, sft_waits = sft_syncs
     asked = pinned_buffers(monkeypatch) if teacher != "in_step" else {}
     counter = StepSyncs(accelerator)
-    hera, hera_where = step_syncs(accelerator, base_recipe(assets, "qwen2_5_vl", tmp_path / "hera", **STEPS,
+    hera, hera_where, hera_waits = step_syncs(accelerator, base_recipe(assets, "qwen2_5_vl", tmp_path / "hera", **STEPS,
                                                            **hera_keys[teacher]), counter)
     print("\nSFT ", [(s, logged, dict(c)) for s, logged, c in sft])
     print("HeRA", [(s, logged, dict(c)) for s, logged, c in hera])
     print("HeRA step 3:\n" + hera_where[2])
     assert [(s, logged) for s, logged, _ in hera] == [(1, False), (2, True), (3, False), (4, True)]
     assert without_copies(hera[2][2]) == without_copies(sft[2][2]), hera_where[2]
+    # the same waits, in the same order, none of them earlier in the step than SFT's (HeRA's ops come before them or
+    # after the last)
+    assert not none_earlier(hera_waits[2], sft_waits[2]), none_earlier(hera_waits[2], sft_waits[2])
     assert hera[2][2]["to device"] - sft[2][2]["to device"] <= 4, hera_where[2]
     feature_copies = [ptr for ptr, frame in counter.copy_sources[2] if "teacher_cache.py" in frame]
     if teacher in ("precomputed", "zero3_reads"):

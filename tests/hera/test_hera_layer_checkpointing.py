@@ -1,8 +1,8 @@
-"""Gradient checkpointing per decoder layer: HeRA runs the layers of its heads non-reentrant and leaves every other
-layer the recipe's kind (reentrant by default), through the real ``run_exp``.
+"""Gradient checkpointing per decoder layer: HeRA leaves every layer the recipe's kind (reentrant by default) and reads
+its heads' inputs out of a reentrant layer's checkpoint, as one more output, through the real ``run_exp``.
 
 The HeRA gradient must not depend on it: with the heads in the middle layer of three, the gradient of every
-trainable parameter is the same under the default (reentrant below and above, non-reentrant in the heads' layer),
+trainable parameter is the same under the default (reentrant everywhere, the heads read out of their layer's),
 non-reentrant checkpointing everywhere and no checkpointing, in full fine-tuning, with LoRA and with the projector
 trained (HeRA's gradient reaches it through the reentrant layer 0); and the HeRA part of it (lambda 1 minus lambda 0)
 reaches the reentrant layer below the heads and nothing above them.
@@ -32,8 +32,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "trainer_reenables": {"use_reentrant_gc": False, "gradient_checkpointing": True},
     "frozen_lm": {"freeze_language_model": True, "freeze_multi_modal_projector": False},
 }
-MIXED = ("gradient checkpointing: reentrant (the recipe's) in 2 of 3 decoder layers; non-reentrant in layer 1 "
-         "(HeRA's heads)")
+MIXED = ("gradient checkpointing: reentrant (the recipe's) in every decoder layer; HeRA's heads read out of the "
+         "reentrant checkpoint of layer 1")
 LINES = {
     "default": MIXED,
     "non_reentrant": "gradient checkpointing: non-reentrant (the recipe's) in every decoder layer",

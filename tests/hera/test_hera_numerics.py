@@ -193,3 +193,54 @@ def test_anchored_loss_breaks_teacher_ties_of_reused_images_towards_the_lower_in
     whole = hera_loss_anchored(candidates, candidates, every, teacher, teacher, 3, 0.2)
     assert whole.tolist() == pytest.approx(_loop_anchored(candidates, candidates, every, teacher, teacher, 3, 0.2),
                                            rel=1e-5)
+
+
+@pytest.mark.parametrize("queued", [0, 5])
+def test_anchored_loss_shortcuts_give_the_explicit_paths_values(queued: int) -> None:
+    """The step's shortcuts compute the same numbers: ``anchor_index`` None (the anchors are the first candidates)
+    against their explicit positions, and candidates (and their teacher features) that are the anchors themselves,
+    normalised once, against equal copies normalised apart; with a queue after the anchors, and without."""
+    gen = torch.Generator().manual_seed(11)
+    anchors = torch.randn(3, 6, 5, generator=gen, requires_grad=True)
+    teacher = torch.randn(6, 4, generator=gen)
+    queue, queue_teacher = torch.randn(3, queued, 5, generator=gen), torch.randn(queued, 4, generator=gen)
+    candidates = torch.cat([anchors, queue], 1) if queued else anchors
+    candidate_teacher = torch.cat([teacher, queue_teacher]) if queued else teacher
+    tau = torch.tensor(0.2, requires_grad=True)
+    got = hera_loss_anchored(anchors, candidates, None, teacher, candidate_teacher, 3, tau)
+    copies = (candidates.clone(), candidate_teacher.clone())  # other tensors: each side normalised on its own
+    want = hera_loss_anchored(anchors, *copies[:1], torch.arange(6), teacher, copies[1], 3, tau)
+    assert torch.equal(got, want)
+    got_grads = torch.autograd.grad(got.sum(), (anchors, tau))
+    want_grads = torch.autograd.grad(want.sum(), (anchors, tau))
+    for mine, theirs in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_step_sums_read_what_each_micro_batch_added() -> None:
+    """``StepSums`` keeps each micro-batch's device values and sums them at the read (and every ``FOLD_AT``
+    micro-batches): the LM losses over their divisors, the finite terms, their count, the skipped ones, and lambda x
+    term / steps, as a loop over the micro-batches gives them (70 micro-batches: one fold on the way)."""
+    from llamafactory_hera.hera.step_sums import FOLD_AT, StepSums
+
+    sums = StepSums(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(5)
+    want = {"lm": 0.0, "hera": 0.0, "hera_micro": 0.0, "skipped": 0.0, "weighted": 0.0}
+    for i in range(FOLD_AT + 6):
+        lm, steps = torch.rand((), generator=gen) * 3, 8 if i < 40 else 3  # a short last accumulation
+        term = None if i % 7 == 0 else torch.rand((), generator=gen)
+        finite = None if term is None else torch.tensor(i % 5 != 1)
+        if term is not None and not finite:
+            term = torch.zeros(())  # what the step keeps of a non-finite term
+        sums.add(lm, steps if i % 2 else 1, term, finite, (0.01, steps), [1.0, 0.0, 1.0, float(term is None),
+                                                                          float(term is not None)])
+        want["lm"] += float(lm) / (steps if i % 2 else 1)
+        if term is not None:
+            want["hera"] += float(term)
+            want["hera_micro"] += float(finite)
+            want["skipped"] += 1.0 - float(finite)
+            want["weighted"] += 0.01 * float(term) / steps
+    values, world = sums.read(torch.tensor(math.log(0.07)), reduce=False)
+    assert world == 1 and values["micro"] == FOLD_AT + 6 and values["attempts"] == FOLD_AT + 6 - 10
+    assert {key: values[key] for key in want} == pytest.approx(want, rel=1e-6)
+    assert sums.nonfinite == want["skipped"] and sums.with_term == want["hera_micro"]

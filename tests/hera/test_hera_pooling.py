@@ -59,7 +59,7 @@ def test_every_multimodal_token_of_the_model_is_found(assets, family: str) -> No
 
 class PoolProbe:
     """Records every training batch's pooled mask and input ids (wraps the collator's pooled_token_mask: the
-    collator builds the mask on the host, the trainer pools exactly it, as ``hera_token_mask``)."""
+    collator builds the mask on the host, the trainer pools exactly it, as ``hera_pooling_weights``)."""
 
     def __init__(self, monkeypatch) -> None:
         import llamafactory_hera.hera.collator as collator_module

@@ -139,6 +139,9 @@ def test_per_sample_features_are_means_of_unit_image_features() -> None:
     scaled = feats.clone()
     scaled[0] *= 1000
     torch.testing.assert_close(per_sample_features(scaled, counts), per_sample_features(feats, counts))
+    # one image each (the collator says so): the same values without the sums
+    ones = torch.ones(5, dtype=torch.long)
+    assert torch.equal(per_sample_features(feats[:5], ones, one_each=True), per_sample_features(feats[:5], ones))
 
 
 def test_features_are_float32_through_batching_selection_and_precompute(assets) -> None:

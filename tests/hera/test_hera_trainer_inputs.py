@@ -1,4 +1,5 @@
-"""The Trainer's input preparation under DeepSpeed leaves the teacher's pixels as they were collated."""
+"""The Trainer's input preparation under DeepSpeed leaves the teacher's pixels and the pooling weights as they were
+collated."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def _deepspeed_bf16_trainer(cls: type) -> transformers.Trainer:
 def _batch() -> dict:
     torch.manual_seed(0)
     return {"input_ids": torch.tensor([[1, 2, 3]]), "pixel_values": torch.randn(4, 6),
-            "hera_pixel_values": torch.randn(2, 3, 8, 8), "hera_pixel_keys": ["a", "b"]}
+            "hera_pixel_values": torch.randn(2, 3, 8, 8), "hera_pixel_keys": ["a", "b"],
+            "hera_pooling_weights": torch.tensor([[0.0, 1 / 3, 1 / 3, 1 / 3]])}
 
 
 def test_teacher_pixels_stay_float32_when_deepspeed_casts_the_inputs() -> None:
@@ -39,6 +41,9 @@ def test_teacher_pixels_stay_float32_when_deepspeed_casts_the_inputs() -> None:
     ours = _deepspeed_bf16_trainer(_Trainer)._prepare_inputs(_batch())
     assert ours["hera_pixel_values"].dtype == torch.float32 and torch.equal(ours["hera_pixel_values"], pixels)
     assert ours["pixel_values"].dtype == torch.bfloat16  # the model's own inputs are prepared as before
+    # the pooling weights in float32 too (bf16 rounds 1/3), on the device
+    assert stock["hera_pooling_weights"].dtype == torch.bfloat16
+    assert torch.equal(ours["hera_pooling_weights"], _batch()["hera_pooling_weights"])
     assert torch.equal(ours["input_ids"], stock["input_ids"]) and ours["hera_pixel_keys"] == ["a", "b"]
 
 
@@ -67,8 +72,8 @@ def test_a_forward_that_fails_keeps_its_own_error(monkeypatch: pytest.MonkeyPatc
     trainer.hera_capture, trainer.hera_checkpointing = _Capture(), SimpleNamespace(ensure=lambda: None)
     trainer.hera_sums, trainer.state = SimpleNamespace(last_logged_step=0), SimpleNamespace(global_step=0)
     model = SimpleNamespace(training=True)
-    batch = dict(zip(HERA_BATCH_KEYS, (None, None, torch.ones(1), [None], torch.ones(1, 3, dtype=torch.bool),
-                                       torch.zeros(1, dtype=torch.long), torch.tensor([1, 0])), strict=True))
+    batch = dict(zip(HERA_BATCH_KEYS, (None, None, torch.ones(1), [None], torch.full((1, 3), 1 / 3),
+                                       torch.zeros(1, dtype=torch.long), [1, 0, 1]), strict=True))
     monkeypatch.setattr(transformers.Trainer, "compute_loss", forward)
     with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
         trainer.compute_loss(model, {"input_ids": torch.ones(1, 3), **batch})
@@ -84,6 +89,7 @@ def test_a_nan_at_a_padded_position_leaves_a_micro_batch_without_a_term_finite(h
     from transformers import AutoModelForCausalLM
 
     from llamafactory_hera.heads.geometry import HeadRef, attention_geometry
+    from llamafactory_hera.heads.pooling import pooling_weights
     from llamafactory_hera.hera.capture import HeadCapture
     from llamafactory_hera.hera.collator import HERA_BATCH_KEYS
     from llamafactory_hera.hera.trainer import StepSums
@@ -107,8 +113,8 @@ def test_a_nan_at_a_padded_position_leaves_a_micro_batch_without_a_term_finite(h
     monkeypatch.setattr(transformers.Trainer, "compute_loss", lambda self, model, inputs, **kwargs: (
         model(**inputs).loss, None))
     ids, mask = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
-    batch = dict(zip(HERA_BATCH_KEYS, (None, None, torch.zeros(2), [None, None], mask.bool(),
-                                       torch.zeros(0, dtype=torch.long), torch.tensor([0, 2])), strict=True))
+    batch = dict(zip(HERA_BATCH_KEYS, (None, None, torch.zeros(2), [None, None], pooling_weights(mask.bool()),
+                                       torch.zeros(0, dtype=torch.long), [0, 2, 0]), strict=True))
     loss = trainer.compute_loss(model, {"input_ids": ids, "attention_mask": mask,
                                         "labels": ids.masked_fill(mask == 0, -100), **batch})
     assert torch.isfinite(loss), loss

@@ -1,4 +1,5 @@
-"""The heads' inputs captured in the LM forward (:class:`HeadCapture`, steps 2-3 of the HeRA step) and, under
+"""The heads' inputs captured in the LM forward (:class:`HeadCapture`, steps 2-3 of the HeRA step), out of a reentrant
+checkpoint as one of its outputs where the layer checkpoints so (:meth:`HeadCapture.checkpointed`), and, under
 DeepSpeed ZeRO-3, the heads' columns of ``o_proj``'s weights read in the modules' own calls (:class:`InCallColumns`):
 a ZeRO-3 parameter is whole only inside its module's call, so while the capture is armed, hooks copy the heads'
 columns while ZeRO-3 holds each weight whole, with their gradient back to the partitioned parameters
@@ -7,7 +8,10 @@ columns while ZeRO-3 holds each weight whole, with their gradient back to the pa
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,8 +25,8 @@ from llamafactory_hera.hera.projection import (
     base_weight_columns,
     combined,
     dora_row_norm,
+    effective_weight_columns,
     head_columns,
-    project_heads,
 )
 from llamafactory_hera_patches.errors import RecipeError
 
@@ -137,15 +141,58 @@ class InCallColumns:
         )
 
 
+class _LayerRun:
+    """A decoder layer's checkpointed call (``func``, transformers' ``partial(layer.__call__, **kwargs)``) that also
+    returns the heads' inputs its ``o_proj`` hook put in the layer's slot and, where its weights are plain tensors,
+    the heads' effective ``W_O`` columns read there (:meth:`HeadCapture._weight_columns`): ``(*outputs, inputs[,
+    columns])``. Read inside the call, the columns' gradient reaches ``o_proj``'s trainable weights in the same backward
+    as the layer's own (DDP marks each parameter ready once a backward: a second gradient from outside the
+    checkpoint would be refused); FSDP2's sharded weights (DTensors) are gathered outside, once. ``__self__`` is the
+    layer, where LLaMA-Factory's checkpointing function looks for it (``func.__self__``: does it train?)."""
+
+    def __init__(self, capture: HeadCapture, layer: int, func: Callable[..., Any]) -> None:
+        self.capture, self.layer, self.func = capture, layer, func
+        self.__self__ = func.func.__self__ if isinstance(func, functools.partial) else getattr(func, "__self__", None)
+        self.single = True  # the layer returns one tensor (not a tuple): set by each call
+        # decided once: the first forward and its recomputation must return the same outputs
+        self.with_columns = not any(hasattr(p, "full_tensor") for p in capture._modules[layer].parameters())
+
+    def __call__(self, *args: Any) -> tuple[Any, ...]:
+        slot: list[torch.Tensor] = []
+        self.capture._slots[self.layer] = slot
+        try:
+            out = self.func(*args)
+        finally:
+            del self.capture._slots[self.layer]
+        if len(slot) != 1:
+            raise RuntimeError(f"o_proj of layer {self.layer} ran {len(slot)} times in one call of its layer")
+        self.single = not isinstance(out, tuple)
+        extra = (slot[0],)
+        if self.with_columns:  # in float32, as outside the model's forward (its autocast would round them to bf16)
+            device = slot[0].device
+            exact = torch.amp.is_autocast_available(device.type)
+            with torch.autocast(device.type, enabled=False) if exact else contextlib.nullcontext():
+                extra = (slot[0], self.capture._weight_columns(self.layer, None, device))
+        return (out, *extra) if self.single else (*out, *extra)
+
+
 class HeadCapture:
     """Forward hooks that produce ``[n_heads, B, d]`` head representations for one forward pass.
 
     A forward hook on each selected layer's ``o_proj`` copies the selected heads' slices of its input
-    (``[B, T, n*d_head]``; slicing and concatenation save no tensors for backward, so gradient
-    checkpointing's recomputation sees the same saved tensors with or without the hook). After the
-    forward, the slices are pooled over the chosen tokens and projected through each head's ``W_O``
-    columns, outside any checkpointed region, so the HeRA loss has a full autograd graph.
+    (``[B, T, n*d_head]``: one slice per run of consecutive heads, joined or copied; slices, concatenation and
+    copies save no tensors for backward, so non-reentrant checkpointing's recomputation sees the same saved tensors
+    with or without the hook). After the forward, the slices are pooled over the chosen tokens and projected through
+    each head's ``W_O`` columns, so the HeRA loss has a full autograd graph.
     Hooks act only while armed: recomputation during backward and evaluation forwards are ignored.
+
+    A layer under reentrant checkpointing runs its first forward without autograd, so a slice taken there has no
+    gradient. Such a layer's checkpointing function is wrapped (:meth:`checkpointed`): while armed, the slices leave
+    the checkpoint as one more output, so they carry its gradient, and the recomputation in backward (where the hook
+    takes them again, with autograd) sends HeRA's gradient into the layer together with the LM loss's: the same
+    arithmetic as non-reentrant checkpointing, at reentrant checkpointing's host cost (no saved-tensor hooks). The
+    heads' ``W_O`` columns leave it the same way (:class:`_LayerRun`), so that ``o_proj``'s weights get their whole
+    gradient in that one backward.
     """
 
     def __init__(self, model: nn.Module, heads: list[HeadRef], geometry: AttentionGeometry) -> None:
@@ -162,37 +209,87 @@ class HeadCapture:
         for ref in self.heads:
             self._by_layer[ref.layer].append(ref.head)
         self._modules = {layer: o_projs[layer] for layer in self._by_layer}
-        self._in_call = {
-            layer: InCallColumns(self._modules[layer], head_columns(self._by_layer[layer], geometry.head_dim_of(layer)))
-            for layer in self._by_layer
+        self._columns = {
+            layer: head_columns(self._by_layer[layer], geometry.head_dim_of(layer)) for layer in self._by_layer
         }
+        self._in_call = {layer: InCallColumns(self._modules[layer], self._columns[layer]) for layer in self._by_layer}
+        # the representations are computed per head size (one pooling and one projection each), layer by layer; then
+        # put back in recipe order (``_order``, None when they already are)
+        by_size: dict[int, list[int]] = defaultdict(list)
+        for layer in sorted(self._by_layer):
+            by_size[geometry.head_dim_of(layer)].append(layer)
+        self._groups = sorted(by_size.items())
+        computed = [
+            HeadRef(layer, head) for _, layers in self._groups for layer in layers for head in self._by_layer[layer]
+        ]
+        order = [computed.index(ref) for ref in self.heads]
+        self._order = None if order == list(range(len(order))) else torch.tensor(order)
         self._armed = False
         self._inputs: dict[int, torch.Tensor] = {}
+        self._slots: dict[int, list[torch.Tensor]] = {}  # layer -> its heads' inputs, inside a checkpointed() call
+        self._read_columns: dict[int, torch.Tensor] = {}  # layer -> its heads' W_O columns read in its checkpoint
         self.fed_by_trainable = trainable_upstream(model, sorted(self._by_layer))
         for layer in sorted(self._by_layer):
             self._modules[layer].register_forward_hook(self._make_hook(layer))
 
     def _make_hook(self, layer: int):
         dh = self.geometry.head_dim_of(layer)
-        slices = [slice(h * dh, (h + 1) * dh) for h in self._by_layer[layer]]
+        runs: list[list[int]] = []  # [first column, width] of each run of consecutive heads, in recipe order
+        for head in self._by_layer[layer]:
+            if runs and runs[-1][0] + runs[-1][1] == head * dh:
+                runs[-1][1] += dh
+            else:
+                runs.append([head * dh, dh])
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if self._armed:
+            slot = self._slots.get(layer)  # inside checkpointed(): the first forward and its recomputation
+            if slot is not None or self._armed:
                 x = args[0]  # [B, T, H*dh]
-                self._inputs[layer] = torch.cat([x[..., s] for s in slices], dim=-1)  # [B, T, n*dh], a copy
+                parts = [x.narrow(-1, start, width) for start, width in runs]
+                heads = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0].clone()  # [B, T, n*dh], a copy
+                if slot is not None:
+                    slot.append(heads)
+                else:
+                    self._inputs[layer] = heads
 
         return hook
+
+    @property
+    def copies_in_call(self) -> bool:
+        """Whether a head's ``o_proj`` weight is a DeepSpeed ZeRO-3 partition: its columns are then copied inside the
+        module's call (:class:`InCallColumns`), which a checkpoint's first forward without autograd would cut from
+        their gradient, so such a layer must not checkpoint reentrantly (:meth:`checkpointed` does not apply)."""
+        return any(is_zero3_partition(reader.base.weight) for reader in self._in_call.values())
+
+    def checkpointed(self, layer: int, function: Callable[..., Any]) -> Callable[..., Any]:
+        """``function``, decoder layer ``layer``'s reentrant checkpointing, also handing out the heads' inputs while
+        armed (:class:`_LayerRun`): they take the checkpoint's gradient; unarmed (evaluation), ``function`` as is.
+        ``__wrapped__`` is ``function``: the layer still checkpoints as the recipe asked."""
+
+        @functools.wraps(function)
+        def capturing(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            if not self._armed:
+                return function(func, *args, **kwargs)
+            run = _LayerRun(self, layer, func)
+            outputs = function(run, *args, **kwargs)
+            if run.with_columns:
+                *outputs, self._inputs[layer], self._read_columns[layer] = outputs
+            else:
+                *outputs, self._inputs[layer] = outputs
+            return outputs[0] if run.single else tuple(outputs)
+
+        return capturing
 
     def arm(self) -> None:
         """Capture the next forward pass."""
         self._armed = True
-        self._inputs = {}
+        self._inputs, self._read_columns = {}, {}
         for reader in self._in_call.values():
             reader.armed = True
 
     def drop(self) -> None:
         """Stop capturing and forget what the last forward left (it failed: nothing is built from it)."""
-        self._armed, self._inputs = False, {}
+        self._armed, self._inputs, self._read_columns = False, {}, {}
         for reader in self._in_call.values():
             reader.armed, reader.pieces, reader.partitioned = False, {}, False
 
@@ -204,7 +301,10 @@ class HeadCapture:
         inputs, self._inputs = self._inputs, {}
         for reader in self._in_call.values():
             reader.armed = False
+        # the heads' W_O columns read already: in the layer's checkpoint, or in the modules' calls (ZeRO-3)
         in_call = {layer: reader.take() for layer, reader in self._in_call.items()}
+        in_call.update(self._read_columns)
+        self._read_columns = {}
         if not inputs:
             return None
         missing = sorted(set(self._by_layer) - set(inputs))
@@ -223,15 +323,45 @@ class HeadCapture:
                 "custom checkpointing function HeRA cannot make non-reentrant) is the usual cause. "
                 "Remove use_unsloth_gc / set use_reentrant_gc: false."
             )
-        reps: dict[HeadRef, torch.Tensor] = {}
         for layer, x_heads in inputs.items():
             if x_heads.shape[:2] != weights.shape:
                 raise RuntimeError(
                     f"o_proj input of layer {layer} has shape {tuple(x_heads.shape)} but the pooling mask is "
                     f"{tuple(weights.shape)}; the model changes the sequence length internally."
                 )
-            pooled = torch.einsum("bt,btc->bc", weights.to(x_heads.device, torch.float32), x_heads.float())
-            heads, module, head_dim = self._by_layer[layer], self._modules[layer], self.geometry.head_dim_of(layer)
-            projected = project_heads(module, pooled, heads, head_dim, in_call[layer])  # [n, B, d]
-            reps.update({HeadRef(layer, h): rep for h, rep in zip(heads, projected, strict=True)})
-        return torch.stack([reps[ref] for ref in self.heads])
+        # per head size, every layer at once: one pooling [B, 1, T] x [B, T, N*dh] and one projection of each head's
+        # pooled input through its W_O columns, [N, B, dh] x [N, dh, d] (project_heads' arithmetic, batched)
+        device = next(iter(inputs.values())).device
+        pooling = weights.to(device, torch.float32).unsqueeze(1)
+        parts = []
+        for head_dim, layers in self._groups:
+            x_heads = _joined([inputs[layer] for layer in layers], 2).float()  # [B, T, N*dh]
+            pooled = torch.bmm(pooling, x_heads)  # [B, 1, N*dh]
+            columns = _joined([self._weight_columns(layer, in_call[layer], device) for layer in layers], 1)  # [d, N*dh]
+            heads = columns.shape[1] // head_dim
+            pooled = pooled.view(pooled.shape[0], heads, head_dim).transpose(0, 1)  # [N, B, dh]
+            parts.append(torch.bmm(pooled, columns.reshape(columns.shape[0], heads, head_dim).permute(1, 2, 0)))
+        reps = _joined(parts, 0)  # [n_heads, B, d]
+        if self._order is not None:
+            self._order = self._order.to(device)
+            reps = reps.index_select(0, self._order)
+        return reps
+
+    def _weight_columns(self, layer: int, in_call: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """``[d, n*dh]`` float32 effective ``W_O`` columns of ``layer``'s heads: read already (``in_call``: in the
+        layer's checkpoint, or in the modules' calls under ZeRO-3) or now (:func:`effective_weight_columns`), with its
+        column indices on ``device``, moved there once."""
+        if in_call is not None:
+            return in_call
+        return effective_weight_columns(self._modules[layer], self._columns_on(layer, device))
+
+    def _columns_on(self, layer: int, device: torch.device) -> torch.Tensor:
+        """``layer``'s heads' input columns on ``device``, copied there once (a copy in every call would be an op)."""
+        if self._columns[layer].device != device:
+            self._columns[layer] = self._columns[layer].to(device)
+        return self._columns[layer]
+
+
+def _joined(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat`` along ``dim``, the tensor itself when it is one (no copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)

@@ -6,9 +6,11 @@ collator removes them, so the MLLM batch itself is exactly what plain SFT produc
 so the trainer ties each feature to its image whatever the cache holds by then.
 
 Once told the multimodal token ids and the pooling (``hera_multimodal_ids``, ``hera_pooling``), it also computes on the
-CPU what the step would otherwise ask the GPU for (each a host sync): ``hera_token_mask`` ``[B, T]`` bool (the pooled
-tokens), ``hera_anchor_index`` ``[A]`` int64 (the samples with images and pooled tokens: the loss's anchors),
-``hera_sample_counts``: ``[A, text-only samples]`` as Python ints.
+CPU what the step would otherwise ask the GPU for (each a host sync), or compute there (work the host would launch in
+the step): ``hera_pooling_weights`` ``[B, T]`` float32 (each row averages the sample's pooled tokens:
+``pooling.pooling_weights`` of their mask), ``hera_anchor_index`` ``[A]`` int64 (the samples with images and pooled
+tokens: the loss's anchors), ``hera_sample_counts``: ``[A, text-only samples, 1 if every sample holds exactly one
+image else 0]`` as Python ints.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-from llamafactory_hera.heads.pooling import pooled_token_mask
+from llamafactory_hera.heads.pooling import pooled_token_mask, pooling_weights
 from llamafactory_hera.hera.teacher import open_image
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, image_identity, image_key
 from llamafactory_hera_patches.errors import RecipeError
@@ -27,7 +29,7 @@ HERA_BATCH_KEYS = (
     "hera_pixel_keys",
     "hera_image_counts",
     "hera_image_keys",
-    "hera_token_mask",
+    "hera_pooling_weights",
     "hera_anchor_index",
     "hera_sample_counts",
 )
@@ -102,7 +104,7 @@ class HeraCollatorMixin:
             )
             has_tokens = mask.any(-1).tolist()
             anchors = [i for i, (n, pooled) in enumerate(zip(counts, has_tokens, strict=True)) if n > 0 and pooled]
-            batch["hera_token_mask"] = mask
+            batch["hera_pooling_weights"] = pooling_weights(mask)
             batch["hera_anchor_index"] = torch.tensor(anchors, dtype=torch.long)
-            batch["hera_sample_counts"] = [len(anchors), counts.count(0)]
+            batch["hera_sample_counts"] = [len(anchors), counts.count(0), int(counts.count(1) == len(counts))]
         return batch

@@ -34,7 +34,7 @@ Similarity = Literal["cosine", "dot"]
 def hera_loss_anchored(
     anchors: torch.Tensor,
     candidates: torch.Tensor,
-    anchor_index: torch.Tensor,
+    anchor_index: torch.Tensor | None,
     anchor_teacher: torch.Tensor,
     candidate_teacher: torch.Tensor,
     k: int,
@@ -47,22 +47,25 @@ def hera_loss_anchored(
     ``candidates == anchors`` its mean is Eq. 4 averaged over the batch.
 
     ``anchors`` ``[H, A, D]`` (carry the gradient), ``candidates`` ``[H, C, D]`` (queued ones detached),
-    ``anchor_index`` ``[A]`` each anchor's position among the candidates (-1: not one of them), ``anchor_teacher``
-    ``[A, E]``, ``candidate_teacher`` ``[C, E]``."""
+    ``anchor_index`` ``[A]`` each anchor's position among the candidates (-1: not one of them; None: the anchors are
+    the first A candidates, in order), ``anchor_teacher`` ``[A, E]``, ``candidate_teacher`` ``[C, E]``. A candidate
+    set that is the anchors themselves (the same tensors) is normalised once."""
     num_candidates = candidates.shape[-2]
     if not 1 <= k <= num_candidates - 1:
         raise ValueError(f"k={k} needs 1 <= k <= C-1 with C={num_candidates} candidates")
-    a, c = anchors.float(), candidates.float()
-    if similarity == "cosine":
-        a, c = F.normalize(a, dim=-1), F.normalize(c, dim=-1)
-    elif similarity != "dot":
+    if similarity not in ("cosine", "dot"):
         raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
+    a = _unit(anchors, similarity == "cosine")
+    c = a if candidates is anchors else _unit(candidates, similarity == "cosine")
     # [A, C]: True at each anchor's own column (none for -1); a comparison, so no boolean-mask indexing (a sync)
-    columns = torch.arange(num_candidates, device=a.device)
-    self_mask = anchor_index.to(a.device).unsqueeze(-1) == columns
+    if anchor_index is None:
+        self_mask = torch.eye(anchors.shape[-2], num_candidates, dtype=torch.bool, device=a.device)
+    else:
+        columns = torch.arange(num_candidates, device=a.device)
+        self_mask = anchor_index.to(a.device).unsqueeze(-1) == columns
     with torch.no_grad():
-        t_a = F.normalize(anchor_teacher.float(), dim=-1)
-        t_c = F.normalize(candidate_teacher.float(), dim=-1)
+        t_a = _unit(anchor_teacher, True)
+        t_c = t_a if candidate_teacher is anchor_teacher else _unit(candidate_teacher, True)
         teacher_sim = (t_a @ t_c.T).masked_fill(self_mask, float("-inf"))
         # [A, k]; a stable sort, so a tie at the k-th place (reused images have equal teacher features) goes to
         # the lower index on every device, as top_k_stable's, without its host sync
@@ -71,6 +74,12 @@ def hera_loss_anchored(
     log_probs = torch.log_softmax(logits, dim=-1)
     picked = log_probs.gather(-1, neighbours.unsqueeze(0).expand(log_probs.shape[0], -1, -1))  # [H, A, k]
     return -picked.mean(dim=(0, 2))
+
+
+def _unit(x: torch.Tensor, normalise: bool) -> torch.Tensor:
+    """``x`` in float32, L2-normalised along its last dimension when ``normalise``."""
+    x = x.float()
+    return F.normalize(x, dim=-1) if normalise else x
 
 
 # ---------------------------------------------------------------- the distributed candidate set (gather, queue)

@@ -68,12 +68,13 @@ def combined(weight: torch.Tensor, adapters: list[AdapterColumns]) -> torch.Tens
     ``(c - 1) W + c s B A`` with ``c = m / ||W + s B A||_row`` (DoRA)."""
     total = weight
     for adapter in adapters:
+        if adapter.dora is None:  # W + s B A in one op (a step's fewest launches)
+            total = torch.addmm(total, adapter.lora_b, adapter.lora_a, alpha=adapter.scaling)
+            continue
         delta = adapter.scaling * (adapter.lora_b @ adapter.lora_a)
-        if adapter.dora is not None:
-            magnitude, norm = adapter.dora
-            row = (magnitude.float() / norm)[:, None]
-            delta = (row - 1) * weight + row * delta
-        total = total + delta
+        magnitude, norm = adapter.dora
+        row = (magnitude.float() / norm)[:, None]
+        total = total + ((row - 1) * weight + row * delta)
     return total
 
 

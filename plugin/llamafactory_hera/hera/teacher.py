@@ -281,12 +281,15 @@ def load_teacher(
 
 
 def per_sample_features(
-    image_features: torch.Tensor, image_counts: torch.Tensor, num_images: int | None = None
+    image_features: torch.Tensor, image_counts: torch.Tensor, num_images: int | None = None, one_each: bool = False
 ) -> torch.Tensor:
     """``[B, E]`` float32: per sample, the mean of its images' L2-normalised features (zero without images), so that
     every image of a sample weighs the same whatever its feature norm. ``image_features`` ``[N_img, E]``: the batch's
     images, sample by sample; ``image_counts`` ``[B]``: images per sample; ``num_images``: N_img when the caller knows
-    it (then nothing waits on the device for the counts' sum)."""
+    it (then nothing waits on the device for the counts' sum); ``one_each``: the caller knows every count is 1, so each
+    sample's mean is its image's normalised feature (the same values, without the sums' ops)."""
+    if one_each:
+        return F.normalize(image_features.float(), dim=-1)
     batch = image_counts.shape[0]
     owner = torch.repeat_interleave(
         torch.arange(batch, device=image_counts.device), image_counts, output_size=num_images

@@ -265,9 +265,11 @@ class RunTeacher:
         keys: list[str | None],
         counts: torch.Tensor,
         device: torch.device,
+        one_each: bool = False,
     ) -> torch.Tensor:
         """``[B, E]`` per-sample teacher features on ``device``: this batch's computed images by identity, the others
-        cached (one host-to-device copy of the cached rows)."""
+        cached (one host-to-device copy of the cached rows). ``one_each``: every sample holds exactly one image (the
+        collator knows; :func:`per_sample_features`)."""
         if pixel_values is not None and self.to(self.device):
             print(
                 "[llamafactory-hera] an image missed by the precomputed teacher features: the teacher went back "
@@ -275,4 +277,4 @@ class RunTeacher:
             )
         computed = self.model(pixel_values) if pixel_values is not None else None
         image_features = self.cache.lookup(keys, computed, pixel_keys, device)
-        return per_sample_features(image_features, counts.to(device), num_images=len(keys))
+        return per_sample_features(image_features, counts.to(device), num_images=len(keys), one_each=one_each)

@@ -7,7 +7,7 @@ pooled and projected through each head's ``W_O`` columns (``HeadCapture.disarm``
 (:meth:`HeraTrainer.hera_term`: this rank's anchors, the global batch under ``hera_gather``, the feature queue); the
 loss (``hera/loss.py``), made 0 when not finite, scaled like the LM loss under gradient accumulation. The teacher's
 features come from ``teacher_run.RunTeacher``, the temperature from ``loss.used_temperature``; the per-log sums are
-:class:`StepSums`, at the end of this file. What runs around the steps is wired by ``hera/workflow.py``.
+``step_sums.StepSums``. What runs around the steps is wired by ``hera/workflow.py``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from llamafactory_hera.heads.geometry import attention_geometry
-from llamafactory_hera.heads.pooling import multimodal_token_ids, pooling_weights, require_multimodal_ids
+from llamafactory_hera.heads.pooling import multimodal_token_ids, require_multimodal_ids
 from llamafactory_hera.hera import checkpoint
 from llamafactory_hera.hera.capture import HeadCapture
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS, collator_token_sources
@@ -32,6 +33,7 @@ from llamafactory_hera.hera.loss import (
     hera_loss_anchored,
     used_temperature,
 )
+from llamafactory_hera.hera.step_sums import StepSums
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher
 from llamafactory_hera.training import sections
@@ -40,7 +42,7 @@ from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 if TYPE_CHECKING:  # the arguments' declaration (recipe keys, plots) is the workflow's to load, not the step's
     from llamafactory_hera.hera.config import HeraArguments
 
-__all__ = ["HeraTrainer"]
+__all__ = ["HeraTrainer", "StepSums"]
 
 
 class HeraTrainer:
@@ -61,8 +63,14 @@ class HeraTrainer:
         model, device = self.model, self.args.device
         self.hera_geometry = attention_geometry(model.config)
         self.hera_capture = HeadCapture(model, hera_args.head_refs, self.hera_geometry)
-        # the heads' layers non-reentrant (their hooks need autograd in the first forward), the others as recipe'd
-        self.hera_checkpointing = LayerCheckpointing(model, [ref.layer for ref in hera_args.head_refs])
+        # the heads' hooks need autograd: a reentrant heads' layer hands their inputs out of its checkpoint (under
+        # ZeRO-3, whose weight columns are copied inside o_proj's call, it turns non-reentrant; a quantized model is
+        # partitioned only when training starts, so the engine's flag decides too); the others as the recipe says
+        capture = self.hera_capture
+        zero3 = capture.copies_in_call or is_deepspeed_zero3_enabled()
+        self.hera_checkpointing = LayerCheckpointing(
+            model, [ref.layer for ref in hera_args.head_refs], reentrant=None if zero3 else capture.checkpointed
+        )
         self.hera_teacher = RunTeacher(hera_args, hera_feature_cache, device)
         self.hera_queue = FeatureQueue(hera_queue)
         self.hera_log_tau = nn.Parameter(
@@ -98,19 +106,19 @@ class HeraTrainer:
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         """The LM loss plus ``lambda * L_HeRA`` of this micro-batch (evaluation and HeRA-less batches: LM only)."""
-        pixel_values, pixel_keys, counts, keys, token_mask, anchor_index, sample_counts = (
+        pixel_values, pixel_keys, counts, keys, pooling, anchor_index, sample_counts = (
             inputs.pop(key, None) for key in HERA_BATCH_KEYS
         )  # what the collator added (hera/collator.py)
         if not model.training or counts is None:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        if token_mask is None or anchor_index is None or sample_counts is None:
+        if pooling is None or anchor_index is None or sample_counts is None:
             raise RuntimeError(
-                "HeRA: the batch has no hera_token_mask / hera_anchor_index / hera_sample_counts; it "
+                "HeRA: the batch has no hera_pooling_weights / hera_anchor_index / hera_sample_counts; it "
                 "was not built by the HeRA collator after the HeRA trainer set it up."
             )
-        num_valid, text_only = (int(n) for n in sample_counts)
+        num_valid, text_only, one_each = (int(n) for n in sample_counts)
         if self.hera_sums.last_logged_step is None:
             self.hera_sums.last_logged_step = self.state.global_step
         # 2-3. the LM forward with the heads' o_proj inputs captured, then pooled and projected: reps [H, B, d]
@@ -123,11 +131,16 @@ class HeraTrainer:
             raise
         # LLaMA-Factory's ASFT path (use_asft_loss) returns the loss alone, whatever return_outputs says
         lm_loss, outputs = result if isinstance(result, tuple) else (result, None)
-        reps = self.hera_capture.disarm(pooling_weights(token_mask), check_gradient=torch.is_grad_enabled())
+        reps = self.hera_capture.disarm(pooling, check_gradient=torch.is_grad_enabled())
         if reps is None:
             raise RuntimeError("HeRA hooks did not fire: the model's o_proj modules were not called in the forward.")
         # 4-5. the contrastive set and the HeRA loss
-        term, finite = self.hera_term(reps, pixel_values, pixel_keys, keys, counts, anchor_index, num_valid)
+        features = (  # the teacher runs for a batch with anchors only
+            self.hera_teacher.features(pixel_values, pixel_keys, keys, counts, reps.device, bool(one_each))
+            if num_valid > 0
+            else None
+        )
+        term, finite = self.hera_term(reps, features, anchor_index, num_valid)
         if term is None:
             self.hera_sums.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
             # under FSDP2 the heads' weight columns were gathered for reps: a rank without a term still runs their
@@ -141,40 +154,42 @@ class HeraTrainer:
         ) and self.compute_loss_func is None  # Trainer.training_step's rule
         steps = self.current_gradient_accumulation_steps
         accumulation = 1 if trainer_divides else steps
-        total = lm_loss
-        lm = lm_loss.detach().double() / (steps if trainer_divides else 1)
-        device_part = None
+        total, weight = lm_loss, (0.0, steps)  # weight: (lambda, steps), the term's part of the logged loss
         if term is not None:
-            total = lm_loss + (self.hera_args.hera_lambda * term / accumulation).to(lm_loss.dtype)
-            term_value, ok = term.detach().double(), finite.double()
-            # what the term adds to the logged `loss`: lambda * term / accumulation steps, in every configuration
-            device_part = torch.stack([lm, term_value, ok, 1.0 - ok, self.hera_args.hera_lambda * term_value / steps])
-        self.hera_sums.add(device_part, lm, [num_valid, text_only, 1.0, float(term is None), float(term is not None)])
+            weight = (self.hera_args.hera_lambda, steps)
+            weighted = self.hera_args.hera_lambda * term
+            if accumulation != 1:  # a division by 1 is no op to launch
+                weighted = weighted / accumulation
+            total = lm_loss + weighted.to(lm_loss.dtype)
+        # what the term adds to the logged `loss`: lambda * term / accumulation steps, in every configuration
+        self.hera_sums.add(
+            lm_loss,
+            steps if trainer_divides else 1,
+            term,
+            finite,
+            weight,
+            [num_valid, text_only, 1.0, float(term is None), float(term is not None)],
+        )
         return (total, outputs) if return_outputs else total
 
     def hera_term(
-        self,
-        reps: torch.Tensor,
-        pixel_values: torch.Tensor | None,
-        pixel_keys: list[str] | None,
-        keys: list[str | None],
-        counts: torch.Tensor,
-        anchor_index: torch.Tensor,
-        num_valid: int,
+        self, reps: torch.Tensor, features: torch.Tensor | None, anchor_index: torch.Tensor, num_valid: int
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(loss, finite), or (None, None) when the batch has no term: the 0-d float32 HeRA loss of this rank's samples
-        that have images and pooled tokens (``anchor_index``, from the collator) against the global batch's
-        (``hera_gather``) plus the queue, 0 where it was not finite (on any rank under ``hera_gather``; it then sends
-        no gradient), and ``finite``, a 0-d bool on the device. Every decision whether a collective runs is taken on
-        global quantities, so all ranks agree; nothing waits on the device but the exchange of the ranks' anchor
-        counts under ``hera_gather`` (:func:`gather_batch`)."""
+        that have images and pooled tokens (``anchor_index``, from the collator; ``num_valid`` of them) against the
+        global batch's (``hera_gather``) plus the queue, 0 where it was not finite (on any rank under ``hera_gather``;
+        it then sends no gradient), and ``finite``, a 0-d bool on the device. ``features``: the teacher's ``[B, E]``
+        (None without anchors).
+        Every decision whether a collective runs is taken on global quantities, so all ranks agree; nothing waits on
+        the device but the exchange of the ranks' anchor counts under ``hera_gather`` (:func:`gather_batch`)."""
         args = self.hera_args
         device = reps.device
-        if num_valid > 0:
+        if features is not None and num_valid == reps.shape[1]:  # every sample an anchor: no selection to launch
+            anchors, anchor_teacher = reps, features.float()
+        elif features is not None:
             anchor_index = anchor_index.to(device, non_blocking=True)
-            teacher_all = self.hera_teacher.features(pixel_values, pixel_keys, keys, counts.to(device), device)
             anchors = reps.index_select(1, anchor_index)
-            anchor_teacher = teacher_all.index_select(0, anchor_index).float()
+            anchor_teacher = features.index_select(0, anchor_index).float()
         else:
             anchors = reps[:, :0]
             anchor_teacher = torch.zeros(0, self.hera_teacher.dim, device=device)
@@ -184,7 +199,7 @@ class HeraTrainer:
             total_anchors = sum(sizes)
         else:
             candidates, candidate_teacher, offset, total_anchors = anchors, anchor_teacher, 0, num_valid
-        batch_reps, batch_teacher = candidates.detach(), candidate_teacher
+        batch_reps, batch_teacher = candidates, candidate_teacher  # pushed detached (FeatureQueue.push)
         if len(self.hera_queue) and total_anchors > 0:
             candidates = torch.cat([candidates, self.hera_queue.reps.to(device)], dim=1)
             candidate_teacher = torch.cat([candidate_teacher, self.hera_queue.teacher.to(device)])
@@ -199,10 +214,11 @@ class HeraTrainer:
                 f"[llamafactory-hera] warning: only {num_candidates} candidates in a contrastive set, fewer than "
                 f"hera_k+1={args.hera_k + 1}; using k={k} for such batches."
             )
-        anchor_index = offset + torch.arange(num_valid, device=device)
+        # the anchors' places among the candidates: the first ones (None) unless other ranks' come first
+        positions = offset + torch.arange(num_valid, device=device) if offset else None
         temperature = used_temperature(self.hera_log_tau)
         per_anchor = hera_loss_anchored(
-            anchors, candidates, anchor_index, anchor_teacher, candidate_teacher, k, temperature, args.hera_similarity
+            anchors, candidates, positions, anchor_teacher, candidate_teacher, k, temperature, args.hera_similarity
         )
         if gather:  # sum of local anchors scaled so that DDP's average over ranks is the global mean
             loss = per_anchor.sum() * (torch.distributed.get_world_size() / total_anchors) + 0.0 * candidates.sum()
@@ -211,26 +227,34 @@ class HeraTrainer:
         # Never let a NaN/inf reach the weights, and do not wait on the device to find out: the flag stays there
         # (counted in the stats and warned about at the next log), the loss becomes 0 and its gradient is zeroed
         # where it enters the model (the head representations) and the temperature.
-        finite = torch.isfinite(loss)
+        finite = loss.abs() < math.inf  # torch.isfinite's answer (NaN and inf compare False) in 2 ops, not 4
         if gather:
             finite = all_ranks_all(finite)
+        failed = finite.logical_not()
         for entry in (reps, temperature):
             if entry.requires_grad:
-                entry.register_hook(lambda grad: torch.where(finite, grad, torch.zeros_like(grad)))
-        return torch.where(finite, loss, torch.zeros_like(loss)), finite
+                entry.register_hook(lambda grad: grad.masked_fill(failed, 0.0))
+        return loss.masked_fill(failed, 0.0), finite
 
     # ----------------------------------------------------------------------------- around the step
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """The Trainer's input preparation, except for the teacher's pixels ``[N_img, C, H, W]``.
+        """The Trainer's input preparation, except for the teacher's pixels ``[N_img, C, H, W]`` and the pooling
+        weights ``[B, T]``.
 
         Under DeepSpeed the Trainer casts every floating input to the engine's dtype (bf16): the teacher would see
-        rounded pixels in the steps but float32 pixels when precomputing, and the features would differ. The pixels
-        stay float32 on the CPU; the teacher moves them itself.
+        rounded pixels in the steps but float32 pixels when precomputing, and the features would differ; the pooling
+        weights (``1 / n``) would be rounded too, unlike the float32 ones of every other engine. The pixels stay
+        float32 on the CPU (the teacher moves them itself); the weights go to the device in float32, where the
+        Trainer sends the batch.
         """
-        pixels = inputs.pop("hera_pixel_values", None) if hasattr(inputs, "pop") else None  # dict or BatchFeature
+        has_pop = hasattr(inputs, "pop")  # dict or BatchFeature
+        pixels = inputs.pop("hera_pixel_values", None) if has_pop else None
+        pooling = inputs.pop("hera_pooling_weights", None) if has_pop else None
         prepared = super()._prepare_inputs(inputs)
         if pixels is not None:
             prepared["hera_pixel_values"] = pixels
+        if pooling is not None:
+            prepared["hera_pooling_weights"] = pooling.to(self.args.device)
         return prepared
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
@@ -295,109 +319,3 @@ class HeraTrainer:
                 self.args.process_index,
                 self.args.device,
             )
-
-
-# ----------------------------------------------------------------------------- the step's per-log sums
-# On the device (float64): LM loss, HeRA loss (finite ones), finite HeRA terms, non-finite (skipped) HeRA terms,
-# lambda * term / accumulation steps.
-DEVICE_STATS = ("lm", "hera", "hera_micro", "skipped", "weighted")
-# On the host: image samples used, text-only samples, micro-batches, micro-batches the host knew had no term,
-# micro-batches that computed a term.
-HOST_STATS = ("images", "text_only", "micro", "host_no_term", "attempts")
-NONFINITE_WARNING = (
-    "[llamafactory-hera] warning: non-finite HeRA loss; the term is skipped for such micro-batches "
-    "(counted as hera_nonfinite_skipped in the logs). Check hera_temperature / bf16 overflow."
-)
-
-
-class StepSums:
-    """Per-log sums of the HeRA step, read at a logging step; the first-missing-term warning; this rank's counts of
-    micro-batches with a term (the run's end line, ``workflow.RunSummary``).
-
-    A training step must not wait on the GPU (every ``.item()``, ``bool(tensor)``, boolean mask or ``.cpu()`` does).
-    So the sums that come from the device (the losses, whether the HeRA loss was finite) stay on the device, and the
-    counts the collator already knew (image samples, text-only samples, micro-batches without a term) stay on the
-    host; both are read together when the Trainer logs, which syncs anyway. The checks are made there: a non-finite
-    HeRA loss warns at the first log after it (and is logged as ``hera_nonfinite_skipped``).
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device_sums = torch.zeros(len(DEVICE_STATS), dtype=torch.float64, device=device)
-        self.host_sums = [0.0] * len(HOST_STATS)
-        self.last_logged_step: int | None = None  # set at the first training step (resume-aware)
-        self.micro_batches = 0
-        self.with_term = 0
-        self.nonfinite = 0  # micro-batches whose HeRA term was non-finite and skipped (read at logging steps)
-        self.warned_missing = False
-        self.warned_nonfinite = False
-
-    def note_missing_term(self, image_samples: int, text_only: int, batch: int, step: int) -> None:
-        """A micro-batch without a HeRA term: warn once, with what it held."""
-        if self.warned_missing:
-            return
-        self.warned_missing = True
-        print(
-            f"[llamafactory-hera] warning: a micro-batch at step {step + 1} had no HeRA term ({image_samples} usable "
-            f"image samples, {text_only} text-only, of {batch}): it trains the LM loss only. Such micro-batches are "
-            "counted as hera_batches_without_term in the logs and at the end of the run.",
-            flush=True,
-        )
-
-    def add(self, device_part: torch.Tensor | None, lm: torch.Tensor, host_part: list[float]) -> None:
-        """Add one micro-batch: ``device_part`` ``[5]`` (``DEVICE_STATS``; None: LM loss ``lm`` only) and
-        ``host_part`` (``HOST_STATS``). Device work only: no sync."""
-        if device_part is None:
-            self.device_sums[0] += lm
-        else:
-            self.device_sums += device_part
-        self.host_sums = [a + b for a, b in zip(self.host_sums, host_part, strict=True)]
-        self.micro_batches += 1
-
-    def read(self, log_tau: torch.Tensor, reduce: bool) -> tuple[dict[str, float], int]:
-        """The sums since the last read (all ranks' when ``reduce``) and the world size; resets them. One sync.
-
-        Also counts this rank's micro-batches with a term for the end of the run and warns at the first non-finite
-        term.
-        """
-        device = self.device_sums.device
-        temperature = used_temperature(log_tau.detach()).double().reshape(1).to(device)
-        local = torch.cat([self.device_sums, torch.tensor(self.host_sums, dtype=torch.float64).to(device), temperature])
-        stats, world = local.clone(), 1
-        if reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(stats)
-            world = torch.distributed.get_world_size()
-        names = (*DEVICE_STATS, *HOST_STATS, "temperature")
-        both = torch.stack([local, stats]).tolist()  # the one device-to-host copy of a logging step
-        mine, values = dict(zip(names, both[0], strict=True)), dict(zip(names, both[1], strict=True))
-        self.with_term += int(mine["attempts"] - mine["skipped"])
-        self.nonfinite += int(mine["skipped"])
-        if values["skipped"] and not self.warned_nonfinite:  # silence would be the worst failure
-            self.warned_nonfinite = True
-            print(NONFINITE_WARNING, flush=True)
-        self.device_sums.zero_()
-        self.host_sums = [0.0] * len(HOST_STATS)
-        return values, world
-
-    def log_values(
-        self, logs: dict[str, float], log_tau: torch.Tensor, queue_size: int | None, global_step: int
-    ) -> None:
-        """Add HeRA's keys to a training log (same decision on every rank, so the reduction is safe)."""
-        values, world = self.read(log_tau, reduce=True)
-        optimizer_steps = max(global_step - (self.last_logged_step or 0), 1)
-        if values["micro"] > 0:
-            # Same normalisation as the Trainer's logged `loss`: loss == lm_loss + hera_weighted_loss.
-            logs["lm_loss"] = values["lm"] / world / optimizer_steps
-            logs["hera_weighted_loss"] = values["weighted"] / world / optimizer_steps
-            logs["hera_image_samples"] = values["images"] / values["micro"]
-            logs["hera_text_only_samples"] = values["text_only"] / values["micro"]
-            no_term = values["host_no_term"] + values["skipped"]
-            if no_term:
-                logs["hera_batches_without_term"] = no_term
-            if values["skipped"]:
-                logs["hera_nonfinite_skipped"] = values["skipped"]
-        if values["hera_micro"] > 0:
-            logs["hera_loss"] = values["hera"] / values["hera_micro"]
-        logs["hera_temperature"] = values["temperature"] / world  # mean over ranks (equal when in sync)
-        if queue_size is not None:
-            logs["hera_queue_size"] = queue_size
-        self.last_logged_step = global_step

@@ -1,6 +1,8 @@
-"""Gradient checkpointing where a method's gradient needs it: the non-reentrant kind in the layers a method reads inside
-(HeRA: the layers that hold its heads) and in every KV-sharing chain (a layer whose keys and values later layers read,
-and those readers: Gemma 3n, Gemma 4), the recipe's kind in every other layer.
+"""Gradient checkpointing where a method's gradient needs it: in the layers a method reads inside (HeRA: the layers that
+hold its heads), the method's own reading of a reentrant layer where it has one (HeRA's heads' inputs as outputs of
+the checkpoint, ``hera/capture.py``), else the non-reentrant kind; the non-reentrant kind in every KV-sharing chain (a
+layer whose keys and values later layers read, and those readers: Gemma 3n, Gemma 4); the recipe's kind in every other
+layer.
 
 HARC, which reads the residual entering its layers (harc/residuals.py), switches only the chains. Why reentrant
 checkpointing loses these gradients, what the switch costs and what was measured: docs/hera-design.md ("Gradient
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
@@ -46,16 +48,27 @@ def checkpointing_kind(module: nn.Module) -> str:
 class LayerCheckpointing:
     """Switches the decoder layers ``layers`` (the method's: ``owner`` names them in :meth:`line`) and every
     KV-sharing chain's from reentrant to non-reentrant checkpointing, LLaMA-Factory's own function as under
-    ``use_reentrant_gc: false``; other layers keep theirs. :meth:`ensure` runs before every training forward: the
-    Trainer re-enables (reentrant) checkpointing in every layer when training starts, which would undo the switch."""
+    ``use_reentrant_gc: false``; other layers keep theirs. With ``reentrant`` (the method's reading of a reentrant
+    layer: ``reentrant(index, function)`` returns the function that layer runs instead of ``function``), the method's
+    layers outside a chain keep reentrant checkpointing through it. :meth:`ensure` runs before every training
+    forward: the Trainer re-enables (reentrant) checkpointing in every layer when training starts, which would undo
+    the switch."""
 
-    def __init__(self, model: nn.Module, layers: Iterable[int], owner: str = "HeRA's heads") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Iterable[int],
+        owner: str = "HeRA's heads",
+        reentrant: Callable[[int, Callable[..., Any]], Callable[..., Any]] | None = None,
+    ) -> None:
         self._decoder_layers = list(text_decoder(model).layers)
         self._chains = kv_sharing_chains(decoder_layers(model))  # source -> its readers (KV sharing)
         self._shared = sorted({index for source, readers in self._chains.items() for index in (source, *readers)})
         self._heads = sorted(set(layers))
         self.owner = owner
+        self._reentrant = reentrant
         self.recipe: dict[int, str] = {}  # switched-layer candidate -> its kind before the switch, at its last change
+        self.read_through: set[int] = set()  # the method's layers kept reentrant, read through ``reentrant``
         self._function: Any = None  # LLaMA-Factory's non-reentrant function, built at the first switch
         self._seen: dict[int, tuple[bool, Any]] = {}
         self.ensure()
@@ -76,7 +89,12 @@ class LayerCheckpointing:
             if self._seen.get(index) == state:
                 continue
             self.recipe[index] = checkpointing_kind(layer)
-            if self.recipe[index] == "reentrant":
+            self.read_through.discard(index)
+            if self.recipe[index] == "reentrant" and self._reentrant is not None and index not in self._shared:
+                layer._gradient_checkpointing_func = self._reentrant(index, state[1])
+                self.read_through.add(index)
+                state = (state[0], layer._gradient_checkpointing_func)
+            elif self.recipe[index] == "reentrant":
                 if self._function is None:
                     self._function = non_reentrant_checkpointing()
                 layer._gradient_checkpointing_func = self._function
@@ -95,7 +113,9 @@ class LayerCheckpointing:
     def line(self) -> str:
         """What each decoder layer runs under now, after :meth:`ensure` (as every training forward), e.g. ``gradient
         checkpointing: reentrant (the recipe's) in 31 of 36 decoder layers; non-reentrant in layers 3, 9, 17, 25, 33
-        (HeRA's heads)``; layers LLaMA-Factory calls plainly for want of a trainable parameter are
+        (HeRA's heads)``, or with ``reentrant``: ``reentrant (the recipe's) in every decoder layer; HeRA's heads read
+        out of the reentrant checkpoint of layers 3, 9``; layers LLaMA-Factory calls plainly for want of a trainable
+        parameter are
         ``off (no trainable parameters)``. Call it when training begins: the Trainer may re-enable checkpointing."""
         self.ensure()
         switched = self.switched()
@@ -118,6 +138,11 @@ class LayerCheckpointing:
                 parts.append(
                     f"non-reentrant in layer{'s' if len(indices) > 1 else ''} {', '.join(map(str, indices))} ({why})"
                 )
+        if read := sorted(self.read_through):
+            parts.append(
+                f"{self.owner} read out of the reentrant checkpoint of layer{'s' if len(read) > 1 else ''} "
+                f"{', '.join(map(str, read))}"
+            )
         return "gradient checkpointing: " + "; ".join(parts)
 
     def _chain_words(self) -> str:
