@@ -22,7 +22,7 @@ import pytest
 
 from conftest import free_port, offline_env
 from llamafactory_hera import job_refusal
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 RANK = str(Path(__file__).with_name("refusal_rank.py"))
 BIN = Path(sys.executable).parent

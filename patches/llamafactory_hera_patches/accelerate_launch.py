@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Any
 from unittest import mock
 
-from .errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 _PREPARES = ("prepare_multi_gpu_env", "prepare_deepspeed_cmd_env", "prepare_simple_launcher_cmd_env")
 _CLIS = ("llamafactory-cli", "lmf")

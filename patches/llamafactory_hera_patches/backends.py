@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .recipe.arguments import raw_value, truthy
+from llamafactory_hera.runtime.raw_recipe import raw_value, truthy
 
 
 @dataclass(frozen=True)

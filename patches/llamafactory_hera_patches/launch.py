@@ -2,7 +2,7 @@
 (:func:`check_before_ranks`: a finished run's folder included), one line and exit code 1 as without torchrun. A job
 that fails later ends with torchrun's report and its exit code, without the launcher's traceback; one whose ranks
 stopped on the save signal ends with 0, the launcher alive through a SIGTERM meanwhile
-(:mod:`.lifecycle.launch_signals`). A method declared ``one_process`` (RAH-LoRA) gets a torchrun of one rank on a
+(:mod:`.runtime.launch_signals`). A method declared ``one_process`` (RAH-LoRA) gets a torchrun of one rank on a
 multi-GPU node unless ``FORCE_TORCHRUN`` is set. A bare ``torchrun`` has no launcher to patch
 (``llamafactory_hera.job_refusal``); ``accelerate launch`` runs :func:`check_before_ranks` too
 (:mod:`.accelerate_launch`). A backend switch a plugin stage cannot run under is refused here too (:mod:`.backends`);
@@ -25,14 +25,16 @@ from types import ModuleType
 from typing import Any
 from unittest import mock
 
-from . import backends, launch_watch
-from .errors import RecipeError
+from llamafactory_hera.runtime import launch_signals, launch_watch
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.output_dir import refuse_finished
+from llamafactory_hera.runtime.raw_recipe import given_keys
+from llamafactory_hera.runtime.registry import method_for_stage
+
+from . import backends
 from .guard import require
-from .lifecycle import launch_signals
-from .lifecycle.output_dir import refuse_finished
-from .recipe.arguments import given_keys, keys_of, split_args
+from .recipe.arguments import keys_of, split_args
 from .recipe.recipe_file import read_args_unchecked, read_recipe
-from .registry import method_for_stage
 from .stage import check_host_stage, method_arguments
 
 _MISC_NAMES = ("is_env_enabled", "get_device_count", "use_ray", "use_kt", "check_dependencies", "find_available_port")

@@ -24,17 +24,19 @@ from typing import Any
 
 from transformers.utils import logging as transformers_logging
 
+from llamafactory_hera.runtime import output_dir, run_claim, run_record, shared_output, stop_signal
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import raw_value, truthy
+from llamafactory_hera.runtime.registry import registered_methods
+
 from . import backends
 from . import logging as log_patch
 from .data.templates import host_stages
 from .engines import fsdp_adapter, fsdp_loading
 from .engines.kv_sharing import reentrant_kv_note
-from .errors import RecipeError
 from .guard import require, warn_if_unchecked
-from .lifecycle import output_dir, run_claim, run_record, shared_output, stop_signal
 from .recipe import recipe_file
-from .recipe.arguments import keys_of, raw_value, split_args, truthy
-from .registry import registered_methods
+from .recipe.arguments import keys_of, split_args
 
 _TUNER_NAMES = ("_training_function", "get_train_args", "run_sft")
 # bitsandbytes' CPU backend logs this at its import where the ``kernels`` package is missing; PEFT imports bitsandbytes
@@ -157,7 +159,7 @@ def _method_parts(
     method: Any, method_raw: dict[str, Any], host_args: Any, host: SFTWorkflow
 ) -> tuple[Callable[..., None], Callable[..., None], str | None]:
     """(the method's checks of the parsed arguments, its run in place of ``run_sft``, its save signal: noted from
-    here on, :mod:`.lifecycle.stop_signal`), after its raw checks."""
+    here on, :mod:`.runtime.stop_signal`), after its raw checks."""
     own, ignored = keys_of(method, method_raw)
     if ignored:
         warnings.warn(
@@ -223,10 +225,10 @@ def _recorded(
     record: bool = True,
 ) -> Iterator[None]:
     """``get_train_args`` for the run's duration: LLaMA-Factory's parse, the method's ``check`` of it, an earlier run's
-    files moved aside under ``overwrite_output_dir`` (:mod:`.lifecycle.output_dir`; on several nodes, first, that they
-    share it: :mod:`.lifecycle.shared_output`), a host stage's notes,
+    files moved aside under ``overwrite_output_dir`` (:mod:`.runtime.output_dir`; on several nodes, first, that they
+    share it: :mod:`.runtime.shared_output`), a host stage's notes,
     bitsandbytes' 4-bit CPU kernel note held back unless bitsandbytes quantizes the model, then (with ``record``) the
-    run's :mod:`.lifecycle.run_record` (training runs, by the main process) written ``running``;
+    run's :mod:`.runtime.run_record` (training runs, by the main process) written ``running``;
     marked ``finished`` or ``failed`` when the run ends. A recipe refused by a check records nothing (an earlier run's
     record in ``output_dir`` is left as it was)."""
     written: list[Any] = []

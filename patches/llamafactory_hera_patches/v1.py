@@ -19,12 +19,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import given_keys
+from llamafactory_hera.runtime.registry import method_for_stage
+
 from .guard import require
 from .launch import launch_recipe
-from .recipe.arguments import given_keys
 from .recipe.recipe_file import read_args_unchecked, read_recipe
-from .registry import method_for_stage
 
 
 def _apply_launcher(launcher: ModuleType) -> None:

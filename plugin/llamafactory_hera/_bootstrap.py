@@ -131,7 +131,7 @@ def _declared_methods():
 def register_methods() -> None:
     """Register the plugin's declared methods with the patches (idempotent; the declarations are imported at the
     patches' first lookup)."""
-    from llamafactory_hera_patches.registry import register_methods as register
+    from llamafactory_hera.runtime.registry import register_methods as register
 
     register(_declared_methods)
 

@@ -1,5 +1,5 @@
 """The methods this plugin brings to LLaMA-Factory: the registry, above the methods' packages (none of which imports
-it). The start-up hook registers :func:`declared_methods` with :mod:`llamafactory_hera_patches.registry`; the patches
+it). The start-up hook registers :func:`declared_methods` with :mod:`llamafactory_hera.runtime.registry`; the patches
 make each declaration (:class:`~llamafactory_hera.recipe.declaration.Method`) a stage, an argument set and a LlamaBoard
 panel, and ``llamafactory-hera`` takes its verbs from it, so adding a method touches no patch. Declarations import only
 each method's ``config``; the heavy parts are ``"module:attribute"`` strings.
@@ -21,8 +21,8 @@ HERA = Method(
     prefix="hera_",
     host_stage="sft",
     parse_arguments="llamafactory_hera.hera.config:parse_hera_arguments",
-    check_raw_host_args="llamafactory_hera.hera.checks:validate_raw_host_args",
-    check_host_args="llamafactory_hera.hera.checks:validate_host_args",
+    check_raw_host_args="llamafactory_hera.hera.raw_checks:validate_raw_host_args",
+    check_host_args="llamafactory_hera.hera.raw_checks:validate_host_args",
     run="llamafactory_hera.hera.workflow:run_hera",
     log_keys=hera.LOG_KEYS,
     panel="llamafactory_hera.hera.webui_panel:PANEL",
@@ -37,8 +37,8 @@ RAH = Method(
     prefix="rah_",
     host_stage="sft",
     parse_arguments="llamafactory_hera.rah.config:parse_rah_arguments",
-    check_raw_host_args="llamafactory_hera.rah.checks:validate_raw_host_args",
-    check_host_args="llamafactory_hera.rah.checks:validate_host_args",
+    check_raw_host_args="llamafactory_hera.rah.raw_checks:validate_raw_host_args",
+    check_host_args="llamafactory_hera.rah.raw_checks:validate_host_args",
     run="llamafactory_hera.rah.workflow:run_rah",
     log_keys=(),
     panel="llamafactory_hera.rah.webui_panel:PANEL",
@@ -53,8 +53,8 @@ HARC = Method(
     prefix="harc_",
     host_stage="sft",
     parse_arguments="llamafactory_hera.harc.config:parse_harc_arguments",
-    check_raw_host_args="llamafactory_hera.harc.checks:validate_raw_host_args",
-    check_host_args="llamafactory_hera.harc.checks:validate_host_args",
+    check_raw_host_args="llamafactory_hera.harc.raw_checks:validate_raw_host_args",
+    check_host_args="llamafactory_hera.harc.raw_checks:validate_host_args",
     run="llamafactory_hera.harc.workflow:run_harc",
     log_keys=harc.LOG_KEYS,
     panel="llamafactory_hera.harc.webui_panel:PANEL",

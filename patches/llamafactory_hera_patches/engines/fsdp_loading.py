@@ -19,7 +19,8 @@ from typing import Any
 
 from packaging.version import Version
 
-from ..recipe.arguments import raw_value, truthy
+from llamafactory_hera.runtime.raw_recipe import raw_value, truthy
+
 from .fsdp_adapter import launched_fsdp_version
 from .fsdp_qlora import cast_codes_message
 

@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from ..errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
+
 from ..guard import require
 
 _SUFFIXES = (".yaml", ".yml", ".json")  # what read_args reads as a file (.json: json.load)

@@ -22,12 +22,12 @@ from unittest import mock
 import datasets
 from huggingface_hub import constants
 
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.registry import method_for_stage, method_of_key
 
 from ..data.templates import image_token_id
 from ..engines.deepspeed import loaded_whole
 from ..guard import require
-from ..registry import method_for_stage, method_of_key
 
 
 @dataclass

@@ -20,8 +20,9 @@ from collections.abc import Callable, Generator
 from types import ModuleType
 from typing import Any
 
+from llamafactory_hera.runtime.registry import method_of_key, registered_methods
+
 from ..guard import DISABLE_ENV, HostMismatchError, host_version, mismatch, require, warn_if_unchecked
-from ..registry import method_of_key, registered_methods
 
 Method = Any  # a registered method (:mod:`..registry`)
 MethodPanel = Any  # its LlamaBoard panel: tab, keys, locales, create_panel, bind, validate, build_args, ...

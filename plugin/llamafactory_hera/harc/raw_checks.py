@@ -14,12 +14,13 @@ from transformers import AutoConfig
 from llamafactory_hera.harc.config import ROLE_KEYS, HarcArguments, moving_weights
 from llamafactory_hera.harc.layers import eligible_layers
 from llamafactory_hera.log import say
-from llamafactory_hera.recipe.checks import check_dataset_names, check_run_inputs
 from llamafactory_hera.recipe.dataset_info import DATA_CONFIG
 from llamafactory_hera.recipe.quantization import check_quantization
+from llamafactory_hera.recipe.raw_checks import check_dataset_names, check_run_inputs
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import raw_value, truthy
 from llamafactory_hera_patches.data.templates import composite_model_types
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.recipe.arguments import compile_setting, raw_value, truthy
+from llamafactory_hera_patches.recipe.arguments import compile_setting
 
 
 def _set(host_args: dict[str, Any] | list[str], key: str, value: Any) -> None:

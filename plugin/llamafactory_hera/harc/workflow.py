@@ -23,10 +23,10 @@ from llamafactory_hera.harc.roles import load_role_rows
 from llamafactory_hera.harc.state import HarcState
 from llamafactory_hera.harc.trainer import HarcTrainerMixin
 from llamafactory_hera.log import progress_once, say_again_on_board, say_once
+from llamafactory_hera.runtime.run_record import plain, write_record
 from llamafactory_hera.training import watchdog
 from llamafactory_hera.training.checkpoints import RestoresCheckpointWeights, WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
-from llamafactory_hera_patches.lifecycle.run_record import plain, write_record
 from llamafactory_hera_patches.tools.model_data import RecipeArgs, load_aligned_rows
 
 

@@ -24,7 +24,7 @@ from llamafactory_hera.hera.projection import (
     head_columns,
     project_heads,
 )
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 def is_zero3_partition(weight: torch.Tensor) -> bool:

@@ -15,7 +15,7 @@ from torch import nn
 from llamafactory_hera.heads.architecture import head_projections, trainable_upstream
 from llamafactory_hera.heads.geometry import HeadRef
 from llamafactory_hera.hera.config import AUTO, HeraArguments
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,15 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from llamafactory_hera.heads.architecture import layer_list
 from llamafactory_hera.heads.geometry import attention_geometry, check_has_heads, check_heads_fit
 from llamafactory_hera.hera.config import HeraArguments
-from llamafactory_hera.hera.preflight import check_contrastive_geometry, contrastive_geometry
+from llamafactory_hera.hera.preparation_checks import check_contrastive_geometry, contrastive_geometry
 from llamafactory_hera.hera.selection.auto import short_ddp_timeout_warning
 from llamafactory_hera.hera.teacher import check_teacher_source
-from llamafactory_hera.recipe.checks import check_run_inputs
 from llamafactory_hera.recipe.quantization import check_quantization
+from llamafactory_hera.recipe.raw_checks import check_run_inputs
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import raw_value, truthy
 from llamafactory_hera_patches.data.templates import template_tokens
-from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import host_version
-from llamafactory_hera_patches.recipe.arguments import raw_value, truthy
 
 # deepspeedai/DeepSpeed#8148 (first released in 0.19.3): ZeRO-3 keeps frozen parameters whole during a non-reentrant
 # checkpoint's recompute; before it, the recompute sees them partitioned (shape [0]) and backward fails

@@ -19,7 +19,7 @@ from llamafactory_hera.hera.config import HERA_RUN_RECORD, TRAINING_PLOT, HeraAr
 from llamafactory_hera.hera.image_tokens import check_image_tokens
 from llamafactory_hera.hera.loss import TAU_MAX, TAU_MIN
 from llamafactory_hera.hera.monitor import MonitorCallback, probe_set
-from llamafactory_hera.hera.preflight import (
+from llamafactory_hera.hera.preparation_checks import (
     ContrastiveGeometry,
     check_contrastive_geometry,
     check_heads_train,
@@ -37,13 +37,13 @@ from llamafactory_hera.hera.trainer import HeraTrainer
 from llamafactory_hera.log import say, say_again_on_board
 from llamafactory_hera.plots.training import plot_training
 from llamafactory_hera.recipe.dataset_info import describe_data, first_unreadable, image_rows
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.run_record import plain, write_record
 from llamafactory_hera.training import sections, watchdog
 from llamafactory_hera.training.checkpoints import RestoresCheckpointWeights, WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.data.media_warnings import media_warnings_held
 from llamafactory_hera_patches.data.templates import image_placeholder
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle.run_record import plain, write_record
 from llamafactory_hera_patches.tools.model_data import (
     RecipeArgs,
     holds_out_by_val_size,
@@ -259,7 +259,7 @@ def _contrastive(hera_args: HeraArguments, counts: Any, data_args: Any, training
         training_args.world_size,
         None if counts is None else counts.distinct_images,
     )
-    if counts is None:  # streaming: the sizes alone were checked before loading (hera/checks.py)
+    if counts is None:  # streaming: the sizes alone were checked before loading (hera/raw_checks.py)
         return geometry
     names = ", ".join(data_args.dataset) if isinstance(data_args.dataset, list) else data_args.dataset
     limit = f", max_samples: {data_args.max_samples}" if data_args.max_samples is not None else ""

@@ -14,7 +14,7 @@ def checked(recipe: dict) -> Any:
     model), every LLaMA-Factory key known and of its type, ``lora_target``. The method's arguments (None: a
     LLaMA-Factory stage)."""
     # lazy: the patches' stage and launch checks import LLaMA-Factory's and transformers' pieces
-    from llamafactory_hera.recipe.checks import check_raw_recipe
+    from llamafactory_hera.recipe.raw_checks import check_raw_recipe
     from llamafactory_hera_patches.recipe.arguments import keys_of, split_args
     from llamafactory_hera_patches.stage import check_host_stage, method_arguments
 

@@ -12,11 +12,12 @@ from llamafactory_hera.heads.architecture import describe, layer_list, per_head_
 from llamafactory_hera.heads.geometry import attention_geometry
 from llamafactory_hera.job_refusal import several_nodes
 from llamafactory_hera.rah.config import RahArguments
-from llamafactory_hera.recipe.checks import check_run_inputs
 from llamafactory_hera.recipe.fsdp import RAH_ONE_PROCESS
 from llamafactory_hera.recipe.quantization import check_quantization
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.recipe.arguments import compile_setting, raw_value, truthy
+from llamafactory_hera.recipe.raw_checks import check_run_inputs
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import raw_value, truthy
+from llamafactory_hera_patches.recipe.arguments import compile_setting
 
 _FAST_ATTENTION = {"fa2", "fa3", "sdpa"}
 

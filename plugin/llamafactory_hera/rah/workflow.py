@@ -26,12 +26,12 @@ from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.rah.plan import plan_calibration
 from llamafactory_hera.rah.probe import token_kinds
 from llamafactory_hera.recipe.dataset_info import describe_data, image_rows
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.run_record import write_record
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.data.media_warnings import media_warnings_held
 from llamafactory_hera_patches.data.templates import image_placeholder
-from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import recorded_versions
-from llamafactory_hera_patches.lifecycle.run_record import write_record
 from llamafactory_hera_patches.tools.model_data import (
     RecipeArgs,
     load_aligned_rows,

@@ -67,7 +67,7 @@ class Method:
         checkpoint it resumes from (:mod:`llamafactory_hera.recipe.resume`); ``machine=False``: not this machine's
         (``check_raw_recipe``'s) nor the checkpoint's."""
         # lazy: the checks only when a recipe is checked; the registry imports this module whenever a patch applies
-        from llamafactory_hera.recipe.checks import check_raw_launch, check_raw_recipe
+        from llamafactory_hera.recipe.raw_checks import check_raw_launch, check_raw_recipe
         from llamafactory_hera.recipe.resume import check_resume
 
         watch()  # a rank of a method's job ends when another refuses (a stock stage's rank is left as stock runs)

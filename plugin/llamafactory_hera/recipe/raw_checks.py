@@ -27,9 +27,9 @@ from llamafactory_hera.recipe.model_checks import check_lora_target
 from llamafactory_hera.recipe.model_paths import check_model_paths
 from llamafactory_hera.recipe.quantization import dora_refusal, width_refusal
 from llamafactory_hera.recipe.stack_checks import check_stack
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import given_keys, raw_value, truthy
 from llamafactory_hera_patches.data.templates import template_tokens
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.recipe.arguments import given_keys, raw_value, truthy
 
 NOT_LOCAL = ("REMOTE:", "ONLINE")  # LLaMA-Factory's dataset_dir values that are not a folder
 _EMPTY_TEXTS = ("", "[]", "{}")  # a JSON / JSONL dataset file with no row

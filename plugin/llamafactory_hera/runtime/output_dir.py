@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeError
-from ..recipe.arguments import raw_value, truthy
 from .claim_folders import CLAIM
+from .errors import RecipeError
+from .raw_recipe import raw_value, truthy
 from .run_record import FINISHED, RUN_RECORD, SAVED_MODEL_FILES, read_record
 from .whole_checkpoints import CHECKPOINT_PREFIX, checkpoint_folders, newest_whole
 

@@ -28,11 +28,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeError
-from ..recipe.arguments import raw_value
 from . import claim_folders
 from .claim_folders import CLAIM
 from .claim_identity import global_rank, is_alive_here, job_identity, process_stat, restarts
+from .errors import RecipeError
+from .raw_recipe import raw_value
 from .run_record import write_record
 from .stop_signal import RERUN
 
