@@ -295,7 +295,8 @@ def test_fsdp_version_is_read_as_transformers_reads_it(tmp_path: Path) -> None:
     the refusal of the recipe's ``fsdp`` key."""
     from types import SimpleNamespace
 
-    from llamafactory_hera.recipe.raw_checks import check_fsdp_parsed, check_raw_launch
+    from llamafactory_hera.recipe.fsdp import check_fsdp_parsed
+    from llamafactory_hera.recipe.raw_checks import check_raw_launch
 
     config_file = tmp_path / "fsdp.json"
     config_file.write_text(json.dumps({"fsdp_version": 2}), encoding="utf-8")
@@ -486,7 +487,7 @@ def test_rah_on_several_ranks_names_the_one_process_way() -> None:
     from types import SimpleNamespace
 
     from llamafactory_hera.rah.config import RahArguments
-    from llamafactory_hera.rah.raw_checks import validate_host_args
+    from llamafactory_hera.rah.parsed_checks import validate_host_args
 
     with pytest.raises(ValueError) as error:
         validate_host_args(SimpleNamespace(), SimpleNamespace(), SimpleNamespace(world_size=8), SimpleNamespace(),

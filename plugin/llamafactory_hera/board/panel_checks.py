@@ -15,7 +15,7 @@ from transformers import AutoConfig
 
 from llamafactory_hera.heads.geometry import AttentionGeometry, attention_geometry
 from llamafactory_hera.recipe.dataset_info import dataset_info
-from llamafactory_hera.recipe.raw_checks import NOT_LOCAL
+from llamafactory_hera.recipe.parsed_checks import NOT_LOCAL
 from llamafactory_hera.runtime.errors import RecipeError
 
 

@@ -1,4 +1,4 @@
-"""What can be decided about a HeRA run before its first step: contrastive set sizes, the queue, image rows, the
+"""HeRA's checks in its run's preparation, before its first step: contrastive set sizes, the queue, image rows, the
 same heads on every rank; once the model is loaded, heads that no trainable weight can move. A run that would train
 plain SFT while looking like HeRA is stopped, naming the setting and the fix (docs/hera-design.md, "The objective";
 docs/hera.md, "Unsupported combinations").

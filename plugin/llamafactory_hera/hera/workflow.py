@@ -58,8 +58,8 @@ class RunSummary(TrainerCallback):
     """Prints the start line when training begins (main process), after ``Trainer.train`` re-enabled gradient
     checkpointing, so that its checkpointing part says what the steps run under, and before the alignment monitor's
     step-0 point; at the end, the count of micro-batches with a HeRA term. ``data_counts``:
-    ``preflight.ImageRowCounts`` or None (streaming); ``contrastive``: ``preflight.ContrastiveGeometry``;
-    ``monitor``: the alignment monitor's callback or None."""
+    ``preparation_checks.ImageRowCounts`` or None (streaming); ``contrastive``:
+    ``preparation_checks.ContrastiveGeometry``; ``monitor``: the alignment monitor's callback or None."""
 
     def __init__(
         self, trainer: Any, hera_args: HeraArguments, data_counts: Any, contrastive: Any, monitor: Any = None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.recipe.raw_checks import check_output_dir
+from llamafactory_hera.recipe.parsed_checks import check_output_dir
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.data.llava_templates import FAMILY_TEMPLATES
 

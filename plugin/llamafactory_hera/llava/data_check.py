@@ -163,7 +163,7 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int) -> tuple[list[Da
     RecipeError for a recipe without datasets, a dataset not in ``dataset_info.json`` or without its file, a
     ``media_dir`` that is no folder, a file LLaMA-Factory cannot load, ``workers`` below 1."""
     from llamafactory_hera.hera.selection.command import load_recipe
-    from llamafactory_hera.recipe.raw_checks import check_dataset_names
+    from llamafactory_hera.recipe.parsed_checks import check_dataset_names
     from llamafactory_hera_patches.data.templates import image_placeholder
     from llamafactory_hera_patches.tools.model_data import parse_recipe
 

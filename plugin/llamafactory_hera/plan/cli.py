@@ -165,7 +165,7 @@ def plan_recipe(
     if card is None:
         raise RecipeError(f"--gpu: unknown card '{gpu}'; known: {', '.join(CARDS)}.")
     # lazy: transformers, peft, datasets (seconds)
-    from llamafactory_hera.hera.raw_checks import check_heads_of
+    from llamafactory_hera.hera.parsed_checks import check_heads_of
     from llamafactory_hera.plan import count, lengths, methods
 
     method_args = checked(recipe)
