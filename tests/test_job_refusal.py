@@ -192,7 +192,7 @@ def test_a_stock_stages_ranks_start_no_watch(agent_store: int, monkeypatch: pyte
     assert not job_refusal._watching
     hera = next(method for method in declared_methods() if method.stage == "hera")
     with pytest.raises(RecipeError):
-        hera.check_raw({"stage": "hera", "fp16": True, "bf16": True}, None)
+        hera.run(hera, None).check_raw({"stage": "hera", "fp16": True, "bf16": True})
     assert [thread.is_alive() for thread in job_refusal._watching] == [True]
 
 

@@ -106,7 +106,7 @@ def test_a_stock_stage_that_saves_no_adapter_under_fsdp_is_said_not_refused(valu
     checkpoints and no adapter, as without the plugin: not refused, one warning line saying what is saved and what is
     not (the run: tests/test_stock_stages_distributed.py); FULL_STATE_DICT says nothing."""
     from llamafactory_hera_patches.engines.fsdp_adapter import unsaved_refusal
-    from llamafactory_hera_patches.stage import check_host_stage
+    from llamafactory_hera_patches.recipe.raw_checks import check_host_stage
 
     environ = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", **({"FSDP_STATE_DICT_TYPE": value} if value else {})}
     recipe = {k: v for k, v in {**_recipe("hera", assets, None, tmp_path / "out"), "stage": "sft"}.items()

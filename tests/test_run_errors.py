@@ -19,7 +19,7 @@ import yaml
 from conftest import base_recipe, harc_recipe, offline_env, run_process, run_train
 from llamafactory_hera.demo.rah import build_rah_recipe
 from llamafactory_hera.recipe.parsed_checks import check_output_dir
-from llamafactory_hera_patches.stage import check_stage
+from llamafactory_hera_patches.recipe.raw_checks import check_stage
 
 HERA = str(Path(sys.executable).with_name("llamafactory-hera"))
 

@@ -8,7 +8,6 @@ Which stages and key prefixes belong to the plugin comes from the registered met
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any
 
 from llamafactory_hera.runtime.errors import RecipeError
@@ -17,7 +16,7 @@ from llamafactory_hera.runtime.registry import method_for_stage, method_of_key
 
 from .host_arguments import host_keys
 
-Method = Any  # a registered method (see :mod:`..registry`)
+Method = Any  # a registered method (see :mod:`llamafactory_hera.runtime.registry`)
 
 
 def split_dict(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Method | None]:
@@ -48,9 +47,8 @@ def split_dict(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Me
 
 
 def method_fields(method: Method) -> tuple[dataclasses.Field, ...]:
-    """``method``'s recipe keys: the fields of the dataclass its ``parse_arguments`` returns."""
-    arguments = typing.get_type_hints(method.load("parse_arguments")).get("return")
-    return dataclasses.fields(arguments) if dataclasses.is_dataclass(arguments) else ()
+    """``method``'s recipe keys: the fields of its run's arguments dataclass."""
+    return dataclasses.fields(method.run.arguments)
 
 
 def split_list(args: list[str]) -> tuple[list[str], dict[str, Any], Method | None]:

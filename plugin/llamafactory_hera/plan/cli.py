@@ -134,7 +134,9 @@ def plan(
     network: Network | None = None,
 ) -> str:
     """The report ``llamafactory-hera plan`` prints: the recipe and its overrides read as training reads them."""
-    from llamafactory_hera_patches.launch import launch_recipe  # lazy: LLaMA-Factory's arguments (seconds)
+    from llamafactory_hera_patches.recipe.recipe_file import (
+        launch_recipe,  # lazy: the patches read recipes as LLaMA-Factory
+    )
 
     for item in overrides:
         if "=" not in item:

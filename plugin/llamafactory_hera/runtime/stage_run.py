@@ -1,9 +1,21 @@
-"""The run-wide controls of a method's run, as its recipe sets them (:class:`RunControls`): read once from its
-arguments by its run class, then handed on by name. Imports nothing."""
+"""A plugin stage's run as the stage patch and the method's run class hand it over (``recipe/run.py``): LLaMA-Factory's
+parsed arguments (:class:`HostArguments`) and the run-wide controls the method's keys set (:class:`RunControls`), read
+once from its arguments by its run class, then handed on by name. Imports nothing."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+
+class HostArguments(NamedTuple):
+    """LLaMA-Factory's parsed arguments, in the order its ``get_train_args`` returns them."""
+
+    model: Any
+    data: Any
+    training: Any
+    finetuning: Any
+    generating: Any
 
 
 @dataclass(frozen=True)
