@@ -31,7 +31,7 @@ def start_run(method: Any, keys: dict[str, Any], host_args: RawRecipe, machine: 
     refused = backends.refusal(method.stage, host_args, os.environ if machine else {})
     if refused:
         raise RecipeError(refused)
-    run = method.start(keys)
+    run = method.run(method, method.run.parse(keys))  # the method's keys parsed: an error names the key
     with quiet_transformers():  # a raw check may read the model's config.json (HeRA's heads)
         run.check_raw(host_args, machine)
     return run

@@ -42,10 +42,6 @@ class Method:
     records: tuple[str, ...] = ()  # files the run writes into output_dir that say a run happened (marked if it fails)
     one_process: bool = False  # runs as one process over every visible GPU: llamafactory-cli train starts one rank
 
-    def start(self, keys: dict[str, Any]) -> MethodRun:
-        """A run of this method, its prefixed recipe ``keys`` parsed (an error names the key)."""
-        return self.run(self, self.run.parse(keys))
-
     def owns(self, stage: Any) -> bool:
         """Whether a recipe's or the web UI's ``stage`` value selects this method."""
         return str(stage or "").strip().lower() == self.stage

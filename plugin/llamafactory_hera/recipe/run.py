@@ -1,5 +1,5 @@
 """A method's run (:class:`MethodRun`): its arguments and its phases, in the order the stage patch runs them
-(docs/development.md, "How a method is declared").
+(docs/development.md, "Architecture").
 
 A run class is light to import: the declaration that names it (:mod:`llamafactory_hera.methods`) is imported at every
 start of LLaMA-Factory and by ``llamafactory-hera``'s one-line errors, which load no torch. So each phase imports the

@@ -4,7 +4,7 @@ The plugin's start-up hook registers, before any patch is applied, a source of i
 (``llamafactory_hera.methods.declared_methods``), called at each lookup (a process that never asks imports no
 declaration). The patches use a method by the fields of its declaration (``llamafactory_hera.recipe.declaration``):
 ``stage``, ``label``, ``prefix``, ``host_stage``, ``log_keys``, ``records``, ``panel()``, ``plan(args)``,
-``one_process``, ``run`` (its arguments), ``owns(stage)`` and ``start(keys)``, and a run by its phases
+``one_process``, ``run`` (its run class: its arguments, its keys parsed) and ``owns(stage)``, and a run by its phases
 (``llamafactory_hera.recipe.run``). Imports nothing.
 """
 
