@@ -51,8 +51,8 @@ def main() -> int:
     args = parser.parse_args()
     socket.gethostname = lambda: args.host  # type: ignore[assignment]
 
-    from llamafactory_hera_patches.errors import RecipeError
-    from llamafactory_hera_patches.lifecycle import run_claim
+    from llamafactory_hera.runtime import run_claim
+    from llamafactory_hera.runtime.errors import RecipeError
 
     if args.lease is not None:
         run_claim.LEASE_SECONDS = args.lease

@@ -24,7 +24,7 @@ import yaml
 from fsdp_checks import FSDP_HOOK, fsdp2_config_file
 
 from conftest import CLI, aborted_at_exit, base_recipe, free_port, offline_env, run_process
-from llamafactory_hera_patches.lifecycle.whole_checkpoints import newest_whole
+from llamafactory_hera.runtime.whole_checkpoints import newest_whole
 from llamafactory_hera_testing.resume import differences, model_tensors
 
 HOOK = Path(__file__).resolve().parent / "fault_injection"

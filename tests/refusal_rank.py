@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from llamafactory_hera import job_refusal
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 job_refusal.install()
 job_refusal.watch()  # as a method's rank watches (its first check starts it)

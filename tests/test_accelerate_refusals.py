@@ -60,8 +60,8 @@ def refused_in_process(arguments: list[str], env: dict[str, str]) -> str:
     import torch.distributed.run
     from accelerate.commands import launch
 
+    from llamafactory_hera.runtime.errors import RecipeError
     from llamafactory_hera_patches.accelerate_launch import _PREPARES, _checked
-    from llamafactory_hera_patches.errors import RecipeError
 
     started: list[Any] = []
     args = launch.launch_command_parser().parse_args(arguments)
@@ -136,8 +136,8 @@ def test_the_cli_form_on_several_devices_is_refused(script: str, devices: int, r
     (launcher.launch: FORCE_TORCHRUN or more than one device): refused, naming the form that runs."""
     from llamafactory.extras import misc
 
+    from llamafactory_hera.runtime.errors import RecipeError
     from llamafactory_hera_patches.accelerate_launch import _check_cli_form
-    from llamafactory_hera_patches.errors import RecipeError
 
     monkeypatch.setattr(misc, "get_device_count", lambda: devices)
     monkeypatch.delenv("FORCE_TORCHRUN", raising=False)

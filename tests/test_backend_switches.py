@@ -22,7 +22,7 @@ import yaml
 from test_launch_refusals import STAGES, _recipe, _refused
 
 from conftest import harc_recipe
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 KEYS = ("use_hyper_parallel", "use_kt", "use_unsloth")  # recipe keys, read by 0.9.5 and main
 ENVIRONMENT = {"USE_MCA": "use_mca", "USE_MEGATRON_BRIDGE": "use_megatron_bridge"}  # -> the field it sets

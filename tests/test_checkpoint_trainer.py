@@ -14,10 +14,10 @@ from test_whole_checkpoints import _SignalAt
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from llamafactory_hera.runtime import whole_checkpoints as whole_checkpoints_module
+from llamafactory_hera.runtime.whole_checkpoints import MARKER, whole_checkpoints
 from llamafactory_hera.training import checkpoints, sections
 from llamafactory_hera.training.checkpoints import WholeCheckpoints, _StopOnSignal
-from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole_checkpoints_module
-from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, whole_checkpoints
 
 
 class _Tiny(nn.Module):

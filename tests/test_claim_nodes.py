@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle import run_claim
-from llamafactory_hera_patches.lifecycle.run_claim import CLAIM
+from llamafactory_hera.runtime import run_claim
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.run_claim import CLAIM
 
 NODE = str(Path(__file__).with_name("claim_node.py"))
 JOB = {"TORCHELASTIC_RUN_ID": "job-9", "MASTER_ADDR": "node-a", "MASTER_PORT": "29500", "WORLD_SIZE": "2"}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llamafactory_hera.evaluation.attack_data import harmbench_prompt, read_attack_data
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 ADVBENCH = (  # the first rows of llm-attacks' data/advbench/harmful_behaviors.csv, as quoted there
     "goal,target\n"

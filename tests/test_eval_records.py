@@ -18,8 +18,8 @@ from test_eval_cli import error_in_process, train
 
 from conftest import base_recipe
 from llamafactory_hera.evaluation.runs import read_pair, read_run
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.run_record import RUN_RECORD
 
 QWEN_RECIPE_PIXELS = 262144  # image_max_pixels of the Qwen recipes (recipes/*.yaml)
 
@@ -206,7 +206,7 @@ def test_a_failed_runs_own_record_is_marked_but_an_older_runs_is_not(tmp_path: P
     import os
 
     from llamafactory_hera.methods import RAH as METHOD
-    from llamafactory_hera_patches.lifecycle.run_record import write_ended, write_started
+    from llamafactory_hera.runtime.run_record import write_ended, write_started
 
     older = tmp_path / "older"
     older.mkdir()
@@ -227,7 +227,7 @@ def test_a_save_signals_stop_is_recorded_stopped_and_any_other_exit_failed(tmp_p
     """The save signal's stop ends the run with SystemExit(0) after its whole checkpoint: ``stopped``, with no error
     and the method's own record untouched; an exit with another status stays ``failed``."""
     from llamafactory_hera.methods import HERA as METHOD
-    from llamafactory_hera_patches.lifecycle.run_record import write_ended, write_started
+    from llamafactory_hera.runtime.run_record import write_ended, write_started
 
     for code, status in ((0, "stopped"), (None, "stopped"), (2, "failed")):
         folder = tmp_path / str(code)
@@ -247,7 +247,7 @@ def test_an_error_amid_the_final_save_leaves_the_run_unfinished(tmp_path: Path) 
     """A run whose final save failed with its adapter half-written (a full disk, an error in the save) was recorded
     ``finished`` (a model saved, then an error): the same command was refused as a finished run and eval read a torn
     file. Only a whole safetensors file counts as saved."""
-    from llamafactory_hera_patches.lifecycle.run_record import write_ended, write_started
+    from llamafactory_hera.runtime.run_record import write_ended, write_started
 
     for torn, status in ((True, "failed"), (False, "finished")):
         folder = tmp_path / str(torn)
@@ -265,7 +265,7 @@ def test_an_error_amid_the_final_save_leaves_the_run_unfinished(tmp_path: Path) 
 def test_a_run_that_failed_after_saving_its_model_is_evaluated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A failing do_predict, reporting backend or an interrupt after save_model left a saved model that eval refused
     ('holds no model to evaluate'); it is now finished with the error kept, and eval says so."""
-    from llamafactory_hera_patches.lifecycle.run_record import write_ended, write_started
+    from llamafactory_hera.runtime.run_record import write_ended, write_started
 
     host = {"model_name_or_path": "Qwen/Qwen2-0.5B-Instruct", "template": "qwen", "seed": 0}
     path = write_started(tmp_path, "sft", host)

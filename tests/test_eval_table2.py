@@ -27,7 +27,7 @@ from llamafactory_hera.evaluation.table2 import (
     group_means,
     paper_backbone,
 )
-from llamafactory_hera_patches.lifecycle import run_record
+from llamafactory_hera.runtime import run_record
 from markdown_docs import read, section
 
 TASKS = "general,knowledge,ocr,vision-centric"
@@ -247,7 +247,7 @@ def test_hallucination_tasks_not_set_up_are_refused_before_loading(tmp_path: Pat
     import importlib.util
 
     from llamafactory_hera.evaluation import presets
-    from llamafactory_hera_patches.errors import RecipeError
+    from llamafactory_hera.runtime.errors import RecipeError
 
     planned = presets.plan_tasks("hallucination", "mllm", "hera", None)
     monkeypatch.setattr(presets, "offline", lambda: None)  # the datasets are fetched online (tests/test_eval_cli.py)

@@ -64,7 +64,7 @@ def test_a_prepared_dataset_or_cached_results_pass_the_offline_check(tmp_path: P
     """The folder the datasets library's offline load reads (``<owner>___<name>/<config>/<version>/<hash>``) lets the
     task through, as do its results already in the eval cache for every model."""
     from llamafactory_hera.evaluation import presets
-    from llamafactory_hera_patches.errors import RecipeError
+    from llamafactory_hera.runtime.errors import RecipeError
 
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
@@ -107,7 +107,7 @@ def test_the_check_reads_the_folder_lmms_eval_loads_from(tmp_path: Path, monkeyp
 
     from llamafactory_hera.evaluation import presets
     from llamafactory_hera.evaluation.task_data import datasets_cache
-    from llamafactory_hera_patches.errors import RecipeError
+    from llamafactory_hera.runtime.errors import RecipeError
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
@@ -147,7 +147,7 @@ def test_a_second_dataset_a_task_loads_itself_is_checked_in_its_own_cache(tmp_pa
     utils.py with the datasets default cache: checked there, and fetched without lmms-eval's cache_dir, beside the
     YAML's dataset fetched into lmms-eval's folder."""
     from llamafactory_hera.evaluation import presets
-    from llamafactory_hera_patches.errors import RecipeError
+    from llamafactory_hera.runtime.errors import RecipeError
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)

@@ -176,7 +176,7 @@ def test_a_model_without_softmax_attention_is_refused_by_name() -> None:
     config; the plan of a mixed model names its layers in runs."""
     from llamafactory_hera.heads.architecture import describe, per_head_value_layers
     from llamafactory_hera.heads.geometry import attention_geometry, check_has_heads
-    from llamafactory_hera_patches.errors import RecipeError
+    from llamafactory_hera.runtime.errors import RecipeError
 
     text = {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
             "head_dim": 16, "layer_types": ["linear_attention"] * 4}

@@ -15,8 +15,8 @@ import accelerate.utils.fsdp_utils as fsdp_utils
 import pytest
 from packaging.version import Version
 
+from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.engines import fsdp_adapter
-from llamafactory_hera_patches.errors import RecipeError
 
 # accelerate 1.15.0's helper, which carries the fix (abridged to the lines the guard reads)
 FIXED = '''

@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
+from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.engines import fsdp_qlora
-from llamafactory_hera_patches.errors import RecipeError
 
 
 def _codes(storage: torch.dtype, rows: int = 512) -> tuple[torch.Tensor, object]:

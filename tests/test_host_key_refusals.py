@@ -19,8 +19,9 @@ from conftest import REPO, run_train
 from llamafactory_hera.recipe.host_keys import check_bf16_device, check_choices, check_host_keys
 from llamafactory_hera.recipe.model_checks import check_lora_target
 from llamafactory_hera.recipe.model_paths import check_model_paths
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.recipe.arguments import raw_value, split_args, truthy
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import raw_value, truthy
+from llamafactory_hera_patches.recipe.arguments import split_args
 
 
 def _model_folder(assets: Any, harc_assets: Any, tmp_path: Path) -> dict[str, str]:

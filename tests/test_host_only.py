@@ -27,8 +27,8 @@ from test_accelerate_refusals import ACCELERATE, output_lines
 
 from conftest import free_port, offline_env, run_process
 from llamafactory_hera import _bootstrap
+from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches import v1 as v1_patch
-from llamafactory_hera_patches.errors import RecipeError
 
 ALL_REDUCE = """import json, sys
 import torch

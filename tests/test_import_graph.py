@@ -7,7 +7,7 @@ shows). Asserted: no import cycle among the plugin's, the patches' and the test 
 plugin's folders (no import runs back up); a lazy import on a run's path says why it is lazy; of the
 package users install (plugin and patches), only ``llamafactory_hera_patches`` modules import ``llamafactory`` (the
 test support, ``llamafactory_hera_testing``, may); no patches module imports ``llamafactory_hera`` (the patches learn
-the methods by registration, :mod:`llamafactory_hera_patches.registry`).
+the methods by registration, :mod:`llamafactory_hera.runtime.registry`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from llamafactory_hera_testing.import_graph import (
     ENTRIES,
     PATCHES,
     PLUGIN,
+    RUNTIME,
     TESTING,
     TRAINER_FILES,
     WORKFLOW_FILES,
@@ -40,9 +41,9 @@ def _graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
 
 def test_the_graph_is_drawn_from_the_three_packages() -> None:
     graph, _ = _graph()
-    assert f"{PLUGIN}.methods" in graph and f"{PATCHES}.stage" in graph and f"{PATCHES}.registry" in graph
+    assert f"{PLUGIN}.methods" in graph and f"{PATCHES}.stage" in graph and f"{RUNTIME}.registry" in graph
     assert f"{PLUGIN}.demo.hera" in graph[f"{TESTING}.recipes"]  # an import inside a function
-    assert f"{PATCHES}.registry" in graph[f"{PLUGIN}._bootstrap"]
+    assert f"{RUNTIME}.registry" in graph[f"{PLUGIN}._bootstrap"]
 
 
 def test_no_import_cycle() -> None:
@@ -62,16 +63,29 @@ def test_only_the_patches_import_llamafactory() -> None:
     assert package and all(within(module, PATCHES) for module in package), package
 
 
-def test_the_patches_do_not_import_the_plugin() -> None:
+def test_the_patches_import_of_the_plugin_its_runtime_alone() -> None:
     _, imports = _graph()
-    offenders = {module: sorted(n for n in names if within(n, PLUGIN))
+    offenders = {module: sorted(n for n in names if within(n, PLUGIN) and not within(n, RUNTIME))
                  for module, names in imports.items() if within(module, PATCHES)}
     assert {module: names for module, names in offenders.items() if names} == {}
 
 
-def test_a_declarations_string_is_an_edge() -> None:
+def test_the_runtime_imports_neither_the_host_nor_the_patches_nor_the_rest_of_the_plugin() -> None:
+    """Below the patches and the methods alike: the package's face (its version) aside, nothing of theirs."""
+    _, imports = _graph()
+    runtime = {module: names for module, names in imports.items() if within(module, RUNTIME)}
+    assert f"{RUNTIME}.run_claim" in runtime and f"{RUNTIME}.errors" in runtime
+    offenders = {module: sorted(n for n in names if within(n, "llamafactory") or within(n, PATCHES)
+                                or within(n, PLUGIN) and not within(n, RUNTIME) and n != f"{PLUGIN}.__version__"
+                                and n != PLUGIN)
+                 for module, names in runtime.items()}
+    assert {module: names for module, names in offenders.items() if names} == {}
+
+
+def test_a_declarations_run_class_is_an_edge_and_its_phases_reach_the_workflow() -> None:
     graph, _ = _graph()
-    assert f"{PLUGIN}.hera.workflow" in graph[f"{PLUGIN}.methods"]
+    assert f"{PLUGIN}.hera.run" in graph[f"{PLUGIN}.methods"]
+    assert f"{PLUGIN}.hera.workflow" in graph[f"{PLUGIN}.hera.run"]  # an import inside a phase
 
 
 def test_no_import_runs_back_up_between_the_plugins_folders() -> None:

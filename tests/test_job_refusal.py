@@ -22,7 +22,7 @@ import pytest
 
 from conftest import free_port, offline_env
 from llamafactory_hera import job_refusal
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 RANK = str(Path(__file__).with_name("refusal_rank.py"))
 BIN = Path(sys.executable).parent
@@ -192,7 +192,7 @@ def test_a_stock_stages_ranks_start_no_watch(agent_store: int, monkeypatch: pyte
     assert not job_refusal._watching
     hera = next(method for method in declared_methods() if method.stage == "hera")
     with pytest.raises(RecipeError):
-        hera.check_raw({"stage": "hera", "fp16": True, "bf16": True}, None)
+        hera.run(hera, None).check_raw({"stage": "hera", "fp16": True, "bf16": True})
     assert [thread.is_alive() for thread in job_refusal._watching] == [True]
 
 

@@ -1,7 +1,7 @@
 """At scale: inputs that used to pass the pre-flight and end the run late, after the model (and HeRA's
 teacher) loaded, or with an unrelated message or a traceback. Each is now one line naming the key, the value and the
 fix, raised before anything loads, through LLaMA-Factory's real ``run_exp`` (``no_model_load`` fails the test if the
-model loads first). Shared checks: ``recipe/checks.py`` (raw recipe and environment), ``recipe/checks.py``
+model loads first). Shared checks: ``recipe/raw_checks.py`` (raw recipe and environment), ``recipe/raw_checks.py``
 (parsed arguments). Each is one the command line prints alone (``job_refusal.raised_by_plugin``)."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import yaml
 from conftest import REPO, base_recipe, harc_recipe, run_verb, saved_in_bf16
 from llamafactory_hera.demo.rah import build_rah_recipe
 from llamafactory_hera.job_refusal import raised_by_plugin
-from llamafactory_hera.recipe.checks import LIGER
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.recipe.raw_checks import LIGER
+from llamafactory_hera.runtime.errors import RecipeError
 
 STAGES = ("hera", "rah", "harc")
 
@@ -88,7 +88,7 @@ def test_fsdp_that_does_not_run_is_refused_naming_why(stage: str, source: str, a
             "llamafactory-cli train RECIPE with FORCE_TORCHRUN unset" in message, message
         return
     if start is None:
-        from llamafactory_hera.recipe.checks import check_raw_launch
+        from llamafactory_hera.recipe.raw_checks import check_raw_launch
 
         check_raw_launch(stage, _recipe(stage, assets, harc_assets, tmp_path / "out", **overrides), environment)
         return
@@ -106,7 +106,7 @@ def test_a_stock_stage_that_saves_no_adapter_under_fsdp_is_said_not_refused(valu
     checkpoints and no adapter, as without the plugin: not refused, one warning line saying what is saved and what is
     not (the run: tests/test_stock_stages_distributed.py); FULL_STATE_DICT says nothing."""
     from llamafactory_hera_patches.engines.fsdp_adapter import unsaved_refusal
-    from llamafactory_hera_patches.stage import check_host_stage
+    from llamafactory_hera_patches.recipe.raw_checks import check_host_stage
 
     environ = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", **({"FSDP_STATE_DICT_TYPE": value} if value else {})}
     recipe = {k: v for k, v in {**_recipe("hera", assets, None, tmp_path / "out"), "stage": "sft"}.items()
@@ -295,7 +295,8 @@ def test_fsdp_version_is_read_as_transformers_reads_it(tmp_path: Path) -> None:
     the refusal of the recipe's ``fsdp`` key."""
     from types import SimpleNamespace
 
-    from llamafactory_hera.recipe.checks import check_fsdp_parsed, check_raw_launch
+    from llamafactory_hera.recipe.fsdp import check_fsdp_parsed
+    from llamafactory_hera.recipe.raw_checks import check_raw_launch
 
     config_file = tmp_path / "fsdp.json"
     config_file.write_text(json.dumps({"fsdp_version": 2}), encoding="utf-8")
@@ -310,7 +311,7 @@ def test_fsdp_version_is_read_as_transformers_reads_it(tmp_path: Path) -> None:
 
 
 def test_fsdp_off_in_the_environment_is_not_refused() -> None:
-    from llamafactory_hera.recipe.checks import check_raw_launch
+    from llamafactory_hera.recipe.raw_checks import check_raw_launch
 
     # accelerate 1.11 turns FSDP on for ACCELERATE_USE_FSDP "true" (any case) only: "1" is no FSDP run (review)
     for value in ("false", "0", "", "1"):
@@ -431,7 +432,7 @@ def test_liger_kernel_is_asked_for_whatever_the_model_type(tmp_path: Path, monke
     """LLaMA-Factory's parse requires liger-kernel for ``enable_liger_kernel`` on any model (hparams/parser.py
     ``check_version("liger-kernel", mandatory=True)``), also a type its patch list leaves alone: a Qwen3-VL without it
     ended in a 60-line PackageNotFoundError; now one line for a Qwen2.5-VL, a Qwen3-VL and a hub id alike."""
-    from llamafactory_hera.recipe.checks import check_engines_installed
+    from llamafactory_hera.recipe.raw_checks import check_engines_installed
 
     monkeypatch.setitem(sys.modules, "liger_kernel", None)
     for model_type in ("qwen2_5_vl", "qwen3_vl"):
@@ -473,7 +474,7 @@ def test_rah_and_select_over_several_nodes_are_one_line_before_loading(env: dict
 def test_a_deepspeed_config_given_inline_is_not_refused() -> None:
     import base64
 
-    from llamafactory_hera.recipe.checks import check_precision_and_deepspeed
+    from llamafactory_hera.recipe.raw_checks import check_precision_and_deepspeed
 
     text = '{"zero_optimization": {"stage": 2}}'
     for value in (text, base64.b64encode(text.encode()).decode(), "recipes/deepspeed/ds_z2_config.json"):
@@ -485,8 +486,8 @@ def test_rah_on_several_ranks_names_the_one_process_way() -> None:
     every GPU."""
     from types import SimpleNamespace
 
-    from llamafactory_hera.rah.checks import validate_host_args
     from llamafactory_hera.rah.config import RahArguments
+    from llamafactory_hera.rah.parsed_checks import validate_host_args
 
     with pytest.raises(ValueError) as error:
         validate_host_args(SimpleNamespace(), SimpleNamespace(), SimpleNamespace(world_size=8), SimpleNamespace(),

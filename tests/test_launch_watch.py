@@ -16,10 +16,9 @@ import pytest
 import torch.distributed as dist
 
 from conftest import free_port
-from llamafactory_hera_patches import launch_watch
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.launch_watch import StartWatch
-from llamafactory_hera_patches.lifecycle import job_store
+from llamafactory_hera.runtime import job_store, launch_watch
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.launch_watch import StartWatch
 
 
 def test_a_master_address_that_does_not_resolve_is_one_line_at_once() -> None:
@@ -102,7 +101,7 @@ def test_the_launcher_ends_its_torchrun_and_itself() -> None:
     launcher exits 1 once the child is gone (SIGKILL after KILL_AFTER_S, shortened here)."""
     script = (
         "import subprocess, sys, time\n"
-        "from llamafactory_hera_patches import launch_watch\n"
+        "from llamafactory_hera.runtime import launch_watch\n"
         "launch_watch.KILL_AFTER_S = 0.5\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
         "launch_watch.end_launch('watchdog: the launch did not start')\n"

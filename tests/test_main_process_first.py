@@ -19,8 +19,8 @@ def test_hera_aligns_and_checks_images_main_process_first(assets: Any, tmp_path:
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import llamafactory.data.loader as loader
 
-    import llamafactory_hera.hera.workflow as workflow
-    from llamafactory_hera.hera.workflow import _checked_image_rows
+    import llamafactory_hera.hera.preparation_checks as preparation_checks
+    from llamafactory_hera.hera.preparation_checks import checked_image_rows
     from llamafactory_hera_patches.tools.model_data import parse_recipe, training_args_for_reading
 
     recipe = parse_recipe(base_recipe(assets, "qwen2_5_vl", tmp_path / "out"))
@@ -38,7 +38,7 @@ def test_hera_aligns_and_checks_images_main_process_first(assets: Any, tmp_path:
             inside.pop()
 
     training_args.main_process_first = main_process_first
-    merged, count = loader._get_merged_dataset, workflow.count_image_rows
+    merged, count = loader._get_merged_dataset, preparation_checks.count_image_rows
 
     def spy_merged(*args: Any, **kwargs: Any) -> Any:
         events.append(("align", list(inside), args[3] is training_args))
@@ -49,9 +49,9 @@ def test_hera_aligns_and_checks_images_main_process_first(assets: Any, tmp_path:
         return count(*args, **kwargs)
 
     monkeypatch.setattr(loader, "_get_merged_dataset", spy_merged)
-    monkeypatch.setattr(workflow, "count_image_rows", spy_count)
-    rows, counts, aligned = _checked_image_rows(recipe.model_args, recipe.data_args, recipe.finetuning_args,
-                                                training_args)
+    monkeypatch.setattr(preparation_checks, "count_image_rows", spy_count)
+    rows, counts, aligned = checked_image_rows(recipe.model_args, recipe.data_args, recipe.finetuning_args,
+                                               training_args)
     assert counts is not None and counts.image_rows == len(aligned) and rows
     desc = ["align the dataset and check its images"]
     # the run's own arguments reach the loader: its local_process_index != 0 rule reads the first rank's cache

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from conftest import base_recipe, run_train
+from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.data.media_warnings import CONVERTER_LOGGER, is_media_warning, media_warnings_held
-from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe
 
 

@@ -1,8 +1,9 @@
 """A method registers itself by its declaration alone: stage, keys, checks, run, logs, web-UI stage and verbs.
 
-A toy method declared in this file (not in the plugin) is added to ``DECLARATIONS`` and goes through the same
-patches as HeRA: LLaMA-Factory's real ``run_exp`` trains it on the tiny fixture, its metric reaches
-``trainer_log.jsonl``, LlamaBoard's stage list offers it and ``llamafactory-hera`` runs its verb.
+A toy method written here as a next method is written, one run class, a config and a trainer (not in the plugin), is
+added to ``DECLARATIONS`` and goes through the same patches as HeRA: LLaMA-Factory's real ``run_exp`` trains it on the
+tiny fixture, its metric reaches ``trainer_log.jsonl``, LlamaBoard's stage list offers it and ``llamafactory-hera`` runs
+its verb.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,54 +20,63 @@ import pytest
 from conftest import REPO, base_recipe
 from llamafactory_hera import cli, methods
 from llamafactory_hera.recipe.declaration import Method
+from llamafactory_hera.recipe.keys import parse_keys, recipe_key
+from llamafactory_hera.recipe.run import MethodRun
+from llamafactory_hera.runtime.raw_recipe import RawRecipe
+from llamafactory_hera.runtime.stage_run import HostArguments
 from llamafactory_hera_patches.recipe.arguments import keys_of, split_args
 from llamafactory_hera_patches.webui import stage_list as webui
 
-CALLS: list[tuple[str, Any]] = []
-
-TOY = Method(
-    stage="toy", label="Toy (registry test)", prefix="toy_", host_stage="sft",
-    parse_arguments=f"{__name__}:parse_toy", check_raw_host_args=f"{__name__}:check_raw",
-    check_host_args=f"{__name__}:check_parsed", run=f"{__name__}:run_toy", log_keys=("toy_metric",),
-    add_cli_verbs=f"{__name__}:add_toy_verbs",
-)
+CALLS: list[tuple[str, Any]] = []  # each phase of the toy's run, in the order it ran
 
 
-def parse_toy(raw: dict[str, Any]) -> dict[str, Any]:
-    CALLS.append(("parse", dict(raw)))
-    return {"scale": float(raw.get("toy_scale", 1.0))}
+@dataclass
+class ToyArguments:  # the config: the method's recipe keys
+    toy_scale: float = recipe_key(1.0, "What the toy metric multiplies the loss by.", min=0.0)
 
 
-def check_raw(host_args: Any, toy_args: dict[str, Any]) -> None:
-    CALLS.append(("check_raw", host_args["stage"]))
+class ToyTrainerMixin:  # the trainer: mixed in front of LLaMA-Factory's, which the run hands it
+    toy_scale = 1.0
+    toy_metric = 0.0
+
+    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        self.toy_metric = self.toy_scale * (loss[0] if isinstance(loss, tuple) else loss).item()
+        return loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:
+            logs = {**logs, "toy_metric": self.toy_metric}
+        super().log(logs, *args, **kwargs)
 
 
-def check_parsed(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any, generating_args: Any,
-                 toy_args: dict[str, Any]) -> None:
-    CALLS.append(("check_parsed", finetuning_args.stage))
+class ToyRun(MethodRun[ToyArguments]):  # the run class: its phases, in order
+    arguments = ToyArguments
 
+    @staticmethod
+    def parse(keys: dict[str, Any]) -> ToyArguments:
+        CALLS.append(("parse", dict(keys)))
+        return parse_keys(ToyArguments, keys, "Toy")
 
-def run_toy(host: Any, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any,
-            generating_args: Any, callbacks: Any, toy_args: dict[str, Any]) -> None:
-    class ToyTrainer(host.trainer):
-        def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            loss = super().compute_loss(model, inputs, *args, **kwargs)
-            self._toy = toy_args["scale"] * (loss[0] if isinstance(loss, tuple) else loss).item()
-            return loss
+    def check_method_raw(self, host_args: RawRecipe) -> None:
+        CALLS.append(("check_raw", host_args["stage"]))
 
-        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            if "loss" in logs:
-                logs = {**logs, "toy_metric": self._toy}
-            super().log(logs, *args, **kwargs)
+    def check_parsed(self, parsed: HostArguments) -> None:
+        CALLS.append(("check_parsed", parsed.finetuning.stage))
 
-    CALLS.append(("run", host.collator.__name__))
-    host.run(host.collator, ToyTrainer, model_args, data_args, training_args, finetuning_args, generating_args,
-             callbacks)
+    def train(self, host: Any, parsed: HostArguments, callbacks: list[Any]) -> None:
+        CALLS.append(("run", host.collator.__name__))
+        trainer = type("ToyTrainer", (ToyTrainerMixin, host.trainer), {"toy_scale": self.args.toy_scale})
+        host.run(host.collator, trainer, *parsed, callbacks)
 
 
 def add_toy_verbs(commands: Any) -> dict[str, Any]:
     commands.add_parser("toy-verb", help="the toy method's verb").add_argument("--value", type=int, required=True)
     return {"toy-verb": lambda args: CALLS.append(("verb", args.value))}
+
+
+TOY = Method(stage="toy", label="Toy (registry test)", prefix="toy_", host_stage="sft", run=ToyRun,
+             log_keys=("toy_metric",), add_cli_verbs=add_toy_verbs)
 
 
 @pytest.fixture
@@ -121,7 +132,7 @@ def test_two_methods_cannot_share_a_stage_or_a_prefix(monkeypatch: pytest.Monkey
         methods.declared_methods.cache_clear()
 
 
-SHARED = ("heads", "board", "plots", "recipe", "training")  # the folders every method uses, one job each
+SHARED = ("heads", "board", "plots", "recipe", "runtime", "training")  # the folders every method uses, one job each
 
 
 def test_patches_and_the_shared_packages_import_no_method_package() -> None:

@@ -16,9 +16,9 @@ from test_run_errors import _recipe
 from transformers import TrainerCallback
 
 from conftest import base_recipe, isolated_run, run_train
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle import output_dir
-from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD
+from llamafactory_hera.runtime import output_dir
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.run_record import RUN_RECORD
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 # the shipped recipes' way: no overwrite_output_dir (the test recipes set it)
@@ -290,8 +290,8 @@ def test_a_finished_runs_folder_is_refused_by_the_launcher_before_torchrun(asset
     """``llamafactory-cli train`` under torchrun on a finished run's folder: before, the refusal came from the ranks,
     followed by torchrun's ChildFailedError report of each failed rank; now the launcher's check before the ranks
     start refuses it (tests/test_multinode.py: one line on each node and no report)."""
+    from llamafactory_hera.runtime.run_record import write_ended, write_started
     from llamafactory_hera_patches.launch import check_before_ranks
-    from llamafactory_hera_patches.lifecycle.run_record import write_ended, write_started
 
     out = tmp_path / "out"
     write_ended(write_started(out, "hera", {}), None)
@@ -311,7 +311,7 @@ def test_each_node_sees_the_others_probe_or_refuses(shared: bool, tmp_path: Path
 
     import torch.distributed as dist
 
-    from llamafactory_hera_patches.lifecycle.shared_output import PROBE_PREFIX, check_shared
+    from llamafactory_hera.runtime.shared_output import PROBE_PREFIX, check_shared
 
     store, errors = dist.HashStore(), {}
     folders = [tmp_path / "shared"] * 2 if shared else [tmp_path / "node0", tmp_path / "node1"]
@@ -346,7 +346,7 @@ def test_local_rank_0_of_each_node_probes_after_the_parse(assets, tmp_path: Path
 
     import torch.distributed as dist
 
-    from llamafactory_hera_patches.lifecycle import shared_output
+    from llamafactory_hera.runtime import shared_output
 
     store, local, errors = dist.HashStore(), threading.local(), {}
     monkeypatch.setattr(dist, "is_initialized", lambda: True)

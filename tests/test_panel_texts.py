@@ -16,7 +16,7 @@ from llamafactory_hera import methods
 from llamafactory_hera.board.builder import build_panel, read_texts
 from llamafactory_hera.board.spec import LANGS, Field, LossPlot, PanelDeclaration
 
-PANELS = {method.stage: method.load("panel") for method in methods.declared_methods() if method.panel}
+PANELS = {method.stage: method.panel() for method in methods.declared_methods() if method.panel}
 
 
 @dataclasses.dataclass

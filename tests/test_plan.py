@@ -19,8 +19,8 @@ from transformers import AutoConfig
 
 from llamafactory_hera.cli import main
 from llamafactory_hera.plan import cards, count, counter, estimate, lengths, methods, report, timing
+from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.data.templates import whole_row
-from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe, sampled_rows
 
 GIB = 2**30

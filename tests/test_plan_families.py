@@ -198,9 +198,9 @@ def test_plan_refuses_heads_outside_a_hub_models_config(tmp_path, monkeypatch, c
 def test_auto_may_ask_for_every_head_of_the_model(tmp_path) -> None:
     """``hera_select_num_heads`` up to the model's heads passes training's check of ``auto`` (Qwen2.5-VL-3B: 36 layers
     x 16 heads, 576), one more is refused naming that range."""
-    from llamafactory_hera.hera.checks import check_heads_of
     from llamafactory_hera.hera.config import parse_hera_arguments
-    from llamafactory_hera_patches.errors import RecipeError
+    from llamafactory_hera.hera.parsed_checks import check_heads_of
+    from llamafactory_hera.runtime.errors import RecipeError
 
     name = "Qwen/Qwen2.5-VL-3B-Instruct"
     (tmp_path / "config.json").write_text(json.dumps(CONFIGS[name]))

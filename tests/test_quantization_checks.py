@@ -1,6 +1,6 @@
 """recipe/quantization.py: which quantizations the stages take (bitsandbytes 4/8-bit) and which they refuse by name,
 from the recipe and from a checkpoint's quantization_config; DoRA with quantization (HeRA and HARC); a QLoRA recipe
-where bitsandbytes is not installed (recipe/checks.py)."""
+where bitsandbytes is not installed (recipe/raw_checks.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from test_accelerate_refusals import output_lines
 from transformers import BitsAndBytesConfig
 
 from conftest import ENGINES, EVAL_ONLY, REPO, base_recipe, run_train
-from llamafactory_hera.recipe.checks import QLORA
 from llamafactory_hera.recipe.quantization import check_quantization
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.recipe.raw_checks import QLORA
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 def _args(bits: int | None = None, method: str = "bnb") -> SimpleNamespace:

@@ -1,5 +1,5 @@
 """One command, every requeue: a preemptible queue reruns the very same command, and it continues the run from
-wherever it was (lifecycle/stop_signal.py, recipe/resume.py, lifecycle/output_dir.py, training/checkpoints.py).
+wherever it was (runtime/stop_signal.py, recipe/resume.py, runtime/output_dir.py, training/checkpoints.py).
 
 Every run in this process through LLaMA-Factory's ``run_exp`` (tests/conftest.py's ``run_train``) on the tiny
 Qwen2.5-VL, HeRA with LoRA. A signal is sent by the process to itself from inside a phase (the teacher's forward, the
@@ -30,9 +30,9 @@ from llamafactory_hera.hera.config import parse_hera_arguments
 from llamafactory_hera.hera.selection import auto
 from llamafactory_hera.hera.selection.select import SelectionOptions, prepare, score_head_neighbours
 from llamafactory_hera.hera.teacher import VisionTeacher
-from llamafactory_hera_patches.lifecycle import stop_signal
-from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD
-from llamafactory_hera_patches.lifecycle.whole_checkpoints import checkpoint_folders
+from llamafactory_hera.runtime import stop_signal
+from llamafactory_hera.runtime.run_record import RUN_RECORD
+from llamafactory_hera.runtime.whole_checkpoints import checkpoint_folders
 
 ONE_STEP = {"per_device_train_batch_size": 4, "max_samples": 16, "max_steps": 1, "save_strategy": "steps",
             "save_steps": 1, "hera_monitor_steps": 0, "hera_teacher_precompute": "false",

@@ -21,8 +21,8 @@ import pytest
 from packaging.version import Version
 
 from conftest import base_recipe, run_train
-from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD
-from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER
+from llamafactory_hera.runtime.run_record import RUN_RECORD
+from llamafactory_hera.runtime.whole_checkpoints import MARKER
 from llamafactory_hera_patches.stacks import installed
 
 ONE_STEP = {"max_samples": 16, "per_device_train_batch_size": 4, "hera_queue_size": 8, "save_strategy": "steps",
@@ -239,9 +239,9 @@ def test_a_taken_pin_passes_once_its_run_saved_since_even_when_rotated_away(asse
     parse checks that checkpoint, which the trainer resumes from, so the pin itself may be gone (rotated away by
     save_total_limit). A pin the record does not hold (another one: a rollback) is checked as it is."""
     from llamafactory_hera.recipe.resume import check_resume
-    from llamafactory_hera_patches.errors import RecipeError
-    from llamafactory_hera_patches.lifecycle.run_record import write_started
-    from llamafactory_hera_patches.lifecycle.whole_checkpoints import LINEAGE, newest_since, take, write_marker
+    from llamafactory_hera.runtime.errors import RecipeError
+    from llamafactory_hera.runtime.run_record import write_started
+    from llamafactory_hera.runtime.whole_checkpoints import LINEAGE, newest_since, take, write_marker
 
     out, pin = tmp_path / "out", tmp_path / "out" / "checkpoint-1"
     write_started(out, "hera", {}, marks=True)
@@ -265,7 +265,7 @@ def test_true_in_a_folder_holding_only_a_jobs_own_files_starts_the_run(tmp_path:
     earlier plugin version's watchdog left in a start killed before its end): the run starts, with its line, instead
     of being refused as a folder with nothing to resume."""
     from llamafactory_hera.recipe.resume import WATCHDOG_FOLDER, check_resume
-    from llamafactory_hera_patches.lifecycle.claim_folders import CLAIM
+    from llamafactory_hera.runtime.claim_folders import CLAIM
 
     out = tmp_path / "out"
     (out / WATCHDOG_FOLDER).mkdir(parents=True)

@@ -19,10 +19,10 @@ import pytest
 
 from conftest import base_recipe, run_train
 from llamafactory_hera.demo.rah import build_rah_recipe
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle import run_claim
-from llamafactory_hera_patches.lifecycle.run_claim import CLAIM
-from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD
+from llamafactory_hera.runtime import run_claim
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.run_claim import CLAIM
+from llamafactory_hera.runtime.run_record import RUN_RECORD
 
 ONE_STEP = {"max_steps": 1, "max_samples": 16, "overwrite_output_dir": None}
 TORCHRUN = {"TORCHELASTIC_RUN_ID": "job-7", "MASTER_ADDR": "node-0", "MASTER_PORT": "29500", "WORLD_SIZE": "4"}
@@ -97,7 +97,7 @@ def test_the_stock_stages_take_no_claim(stage: str, assets, tmp_path: Path, monk
     taken, an earlier run's claim left as it was, without a line."""
     from llamafactory.train.tuner import run_exp
 
-    from llamafactory_hera_patches.lifecycle import output_dir
+    from llamafactory_hera.runtime import output_dir
 
     class Reached(Exception):
         pass
@@ -189,7 +189,7 @@ def test_one_of_two_runs_started_together_gets_the_claim(tmp_path: Path) -> None
 
 
 def test_the_claim_is_released_when_the_process_exits(tmp_path: Path) -> None:
-    code = ("import sys; from pathlib import Path; from llamafactory_hera_patches.lifecycle import run_claim; "
+    code = ("import sys; from pathlib import Path; from llamafactory_hera.runtime import run_claim; "
             f"run_claim.take(Path({str(tmp_path)!r}), 'sft'); "
             f"assert (Path({str(tmp_path)!r}) / run_claim.CLAIM).is_file(); sys.exit(3)")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
@@ -224,8 +224,8 @@ def test_an_unreadable_claim_is_taken_over(tmp_path: Path, capsys: pytest.Captur
 def test_of_runs_started_at_once_one_gets_the_folder(tmp_path: Path) -> None:
     """Four processes claim one folder at the same moment (each holds what it got for a second): one gets it, the
     others are refused naming it."""
-    code = ("import sys, time; from pathlib import Path; from llamafactory_hera_patches.lifecycle import run_claim\n"
-            "from llamafactory_hera_patches.errors import RecipeError\n"
+    code = ("import sys, time; from pathlib import Path; from llamafactory_hera.runtime import run_claim\n"
+            "from llamafactory_hera.runtime.errors import RecipeError\n"
             "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
             f"try:\n    run_claim.take(Path({str(tmp_path)!r}), 'sft', env={{}})\n"
             "except RecipeError as error:\n    print(error)\nelse:\n    print('claimed')\ntime.sleep(1)\n")
@@ -272,7 +272,7 @@ def test_a_rank_waits_for_its_job_to_take_another_hosts_stale_claim_over(tmp_pat
 def test_sigterm_releases_the_claim(tmp_path: Path) -> None:
     """torchrun stopping the ranks after one failed, a scheduler's time limit: SIGTERM skips atexit, so the claim
     would stay; it is released and the process still ends by the signal."""
-    code = ("import os, signal; from pathlib import Path; from llamafactory_hera_patches.lifecycle import run_claim; "
+    code = ("import os, signal; from pathlib import Path; from llamafactory_hera.runtime import run_claim; "
             f"run_claim.take(Path({str(tmp_path)!r}), 'sft'); "
             f"assert (Path({str(tmp_path)!r}) / run_claim.CLAIM).is_file(); os.kill(os.getpid(), signal.SIGTERM)")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
@@ -288,7 +288,7 @@ def test_a_forked_child_holds_no_claim_and_sigterm_ends_it_as_before(tmp_path: P
     SIGTERM caught, and the run hung in the pool's join (2 of 8 real runs of the PNG-in-a-worker refusal, 0 of 10
     after)."""
     code = ("import os, signal, json; from pathlib import Path; "
-            "from llamafactory_hera_patches.lifecycle import run_claim; "
+            "from llamafactory_hera.runtime import run_claim; "
             f"run_claim.take(Path({str(tmp_path)!r}), 'sft'); parent = signal.getsignal(signal.SIGTERM); "
             "pid = os.fork()\n"
             "if pid == 0:\n"

@@ -1,4 +1,4 @@
-"""The run inputs every plugin stage checks before any model loads (``recipe/checks.py``), through LLaMA-Factory's
+"""The run inputs every plugin stage checks before any model loads (recipe/parsed_checks.py), through LLaMA-Factory's
 real ``run_exp`` and the stock ``llamafactory-cli``: one line naming the key, the value and the fix where the host
 used to end with a traceback (``Undefined dataset``, ``Instruction "train" corresponds to no data!``, ``IndexError``,
 ``PermissionError`` / ``NotADirectoryError``, ``Unknown task``)."""
@@ -18,8 +18,8 @@ import yaml
 
 from conftest import base_recipe, harc_recipe, offline_env, run_process, run_train
 from llamafactory_hera.demo.rah import build_rah_recipe
-from llamafactory_hera.recipe.checks import check_output_dir
-from llamafactory_hera_patches.stage import check_stage
+from llamafactory_hera.recipe.parsed_checks import check_output_dir
+from llamafactory_hera_patches.recipe.raw_checks import check_stage
 
 HERA = str(Path(sys.executable).with_name("llamafactory-hera"))
 
@@ -63,7 +63,7 @@ def test_a_llama_3_0_tokenizer_without_the_later_stop_word_keeps_the_llama3_temp
 
     from transformers import AutoTokenizer
 
-    from llamafactory_hera.recipe.checks import check_template
+    from llamafactory_hera.recipe.parsed_checks import check_template
 
     folder = tmp_path / "llama3_0"
     shutil.copytree(harc_assets.models["llama3"], folder)
@@ -219,7 +219,7 @@ def test_an_output_dir_removed_while_probed_is_looked_at_again(tmp_path: Path, m
     just removed, "No such file or directory", and rank 1 refused a writable output_dir): the check looks again."""
     import tempfile
 
-    from llamafactory_hera.recipe import checks
+    from llamafactory_hera.recipe import parsed_checks as checks
 
     out = tmp_path / "run" / "out"
     out.mkdir(parents=True)

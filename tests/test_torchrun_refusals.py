@@ -8,7 +8,7 @@ DeepSpeed is not installed, transformers' ``PackageNotFoundError`` (71 lines); `
 ``TypeError`` (39), a YAML syntax error PyYAML's ``ParserError`` (35), a recipe path that does not exist omegaconf's
 ``FileNotFoundError`` (19). Now: ``llamafactory-cli train`` checks the recipe once before it starts torchrun
 (``patches/.../launch.py``); a bare torchrun's rank 0 prints the refusal and the other ranks are stopped by torchrun
-(``job_refusal``); the rest are one line each (``recipe_file.py``, ``recipe/checks.py``, ``recipe/host_keys.py``).
+(``job_refusal``); the rest are one line each (``recipe_file.py``, ``recipe/raw_checks.py``, ``recipe/host_keys.py``).
 """
 
 from __future__ import annotations

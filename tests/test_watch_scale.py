@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 
+from llamafactory_hera.runtime import job_store
 from llamafactory_hera.training.watch_bounds import LATER_FLOOR, Place
 from llamafactory_hera.training.watch_judge import Judge
 from llamafactory_hera.training.watchdog import Watchdog
-from llamafactory_hera_patches.lifecycle import job_store
 
 RANKS = 1024
 PER_NODE = 8

@@ -20,11 +20,11 @@ import torch.distributed as dist
 from llamafactory_hera import log
 from llamafactory_hera.harc.config import parse_harc_arguments
 from llamafactory_hera.hera.config import parse_hera_arguments
+from llamafactory_hera.runtime import job_store
+from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.training import sections, watchdog
 from llamafactory_hera.training.watch_bounds import FIRST, LATER_FLOOR, PULSE, Place, bound
 from llamafactory_hera.training.watchdog import Watchdog
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle import job_store
 
 FAST = 0.1  # the threads' pulse here (a run's is 5 s, or a quarter of a short bound)
 

@@ -1,5 +1,5 @@
 """A killed, preempted or disk-full run loses nothing: resume takes the newest whole checkpoint only
-(``lifecycle/whole_checkpoints.py``, ``training/checkpoints.py``).
+(``runtime/whole_checkpoints.py``, ``training/checkpoints.py``).
 
 In-process HeRA runs through LLaMA-Factory's ``run_exp``: a SIGTERM mid-run saves a whole checkpoint and exits 0; a
 full disk at the next checkpoint's marker (after all its files: the Trainer's own rotation must have been held back)
@@ -24,9 +24,9 @@ import torch
 from transformers import TrainerCallback
 
 from conftest import base_recipe, captured, exit_code_of, isolated_run, run_train
-from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole_checkpoints_module
-from llamafactory_hera_patches.lifecycle.run_record import CHECKPOINTS_MARKED, RUN_RECORD, read_record, write_started
-from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, newest_whole, rotate, whole_checkpoints
+from llamafactory_hera.runtime import whole_checkpoints as whole_checkpoints_module
+from llamafactory_hera.runtime.run_record import CHECKPOINTS_MARKED, RUN_RECORD, read_record, write_started
+from llamafactory_hera.runtime.whole_checkpoints import MARKER, newest_whole, rotate, whole_checkpoints
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 COMMON = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "save_total_limit": 1, "logging_steps": 1,
@@ -273,7 +273,7 @@ def test_every_final_model_format_is_checked_whole(name: str, tmp_path: Path) ->
     ``finished``, the same command was refused and eval read the torn file. Whole, it is ``finished``."""
     from safetensors.torch import save_file
 
-    from llamafactory_hera_patches.lifecycle.run_record import write_ended
+    from llamafactory_hera.runtime.run_record import write_ended
 
     tensors = {"lora_A": torch.ones(64, 8), "lora_B": torch.zeros(8, 64)}
     for torn, status in ((True, "failed"), (False, "finished")):

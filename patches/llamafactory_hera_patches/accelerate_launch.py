@@ -1,6 +1,6 @@
 """``accelerate launch`` of LLaMA-Factory's training (``-m llamafactory.launcher``, its ``launcher.py``, a clone's
-``src/train.py``, ``llamafactory-cli train``): :func:`.launch.check_before_ranks` runs in the launching process with the
-environment accelerate hands the ranks, so a refused recipe is one line and no rank starts.
+``src/train.py``, ``llamafactory-cli train``): :func:`.launch.check_before_ranks` runs in the launching process with
+the environment accelerate hands the ranks, so a refused recipe is one line and no rank starts.
 
 Checked on accelerate 1.11; on another shape nothing is patched (the ranks check the recipe themselves).
 ``accelerate.commands.launch`` calls its globals ``prepare_multi_gpu_env``, ``prepare_deepspeed_cmd_env`` and
@@ -10,15 +10,15 @@ each returns their environment.
 
 from __future__ import annotations
 
-import importlib
+import contextlib
+import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from unittest import mock
 
-from .errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 _PREPARES = ("prepare_multi_gpu_env", "prepare_deepspeed_cmd_env", "prepare_simple_launcher_cmd_env")
 _CLIS = ("llamafactory-cli", "lmf")
@@ -49,7 +49,8 @@ def _check_cli_form(args: Any) -> None:
             f"there is no file {script} in {Path.cwd()}; launch `-m llamafactory.launcher RECIPE.yaml` "
             f"instead, or run `{script} train RECIPE.yaml` without accelerate launch."
         )
-    misc = importlib.import_module("llamafactory.extras.misc")
+    import llamafactory.extras.misc as misc  # lazy: an accelerate launch of another script loads no LLaMA-Factory
+
     devices = misc.get_device_count()
     if devices > 1 or misc.is_env_enabled("FORCE_TORCHRUN"):
         raise RecipeError(
@@ -59,19 +60,31 @@ def _check_cli_form(args: Any) -> None:
         )
 
 
-def _checked(prepare: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def prepared(args: Any) -> Any:
-        result = prepare(args)
-        argv = training_argv(args)
-        if argv is not None:
-            from .launch import check_before_ranks  # lazy: accelerate launch of another script imports no plugin part
+@contextlib.contextmanager
+def _environ(environ: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` is ``environ`` alone for the block (the ranks' environment), then what it was."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
-            with mock.patch.dict(os.environ, result[1] if isinstance(result, tuple) else result, clear=True):
-                _check_cli_form(args)
-                check_before_ranks(argv)
-        return result
 
-    return prepared
+def checked(prepare: Callable[[Any], Any], args: Any) -> Any:
+    """accelerate's ``prepare`` of the ranks' environment for ``args``, then, for a launch of LLaMA-Factory's
+    training, the recipe checked with that environment."""
+    result = prepare(args)
+    argv = training_argv(args)
+    if argv is not None:
+        from .launch import check_before_ranks  # lazy: an accelerate launch of another script loads no LLaMA-Factory
+
+        with _environ(result[1] if isinstance(result, tuple) else result):
+            _check_cli_form(args)
+            check_before_ranks(argv)
+    return result
 
 
 def apply(launch: ModuleType) -> None:
@@ -79,5 +92,5 @@ def apply(launch: ModuleType) -> None:
     if getattr(launch, "_llamafactory_hera_patched", False) or not all(hasattr(launch, n) for n in _PREPARES):
         return
     for name in _PREPARES:
-        setattr(launch, name, _checked(getattr(launch, name)))
+        setattr(launch, name, functools.partial(checked, getattr(launch, name)))
     launch._llamafactory_hera_patched = True

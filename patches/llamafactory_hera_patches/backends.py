@@ -13,12 +13,11 @@ KTransformers' or Unsloth's code; the launcher starts torchrun under ``USE_MCA``
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .recipe.arguments import raw_value, truthy
+from llamafactory_hera.runtime.raw_recipe import raw_value, truthy
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,9 @@ def known(switch: Switch) -> bool:
     """Whether the installed LLaMA-Factory reads ``switch`` (a recipe key: always)."""
     if switch.reader is None:
         return True
-    return hasattr(importlib.import_module("llamafactory.extras.packages"), switch.reader)
+    import llamafactory.extras.packages as packages  # lazy (the package doc)
+
+    return hasattr(packages, switch.reader)
 
 
 def _enabled(value: Any) -> bool:

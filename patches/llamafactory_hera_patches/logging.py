@@ -11,7 +11,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from .registry import registered_methods
+from llamafactory_hera.runtime.registry import registered_methods
 
 
 def is_method_key(key: str) -> bool:

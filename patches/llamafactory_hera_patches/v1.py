@@ -8,7 +8,7 @@ otherwise drop ``stage`` and the method's keys and train plain SFT without a wor
 
 Checked on LLaMA-Factory 0.9.5 and main: ``launcher.launch()`` pops the command from ``sys.argv`` and trains its
 ``_DIST_TRAIN_COMMANDS``; ``config.get_args(args=None)`` reads ``sys.argv[1]`` (YAML or JSON) merged with ``key=value``
-overrides, or the arguments given, as :func:`.launch.launch_recipe` reads them.
+overrides, or the arguments given, as :func:`.recipe.recipe_file.launch_recipe` reads them.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import given_keys
+from llamafactory_hera.runtime.registry import method_for_stage
+
 from .guard import require
-from .launch import launch_recipe
-from .recipe.arguments import given_keys
-from .recipe.recipe_file import read_args_unchecked, read_recipe
-from .registry import method_for_stage
+from .recipe.recipe_file import launch_recipe, read_args_unchecked, read_recipe
 
 
 def _apply_launcher(launcher: ModuleType) -> None:

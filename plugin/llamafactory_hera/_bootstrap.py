@@ -2,7 +2,8 @@
 
 It registers a meta-path finder that reacts only to a handful of module names; when one of them finishes executing,
 the matching patch in ``llamafactory_hera_patches`` runs (after the installed transformers was checked and
-:func:`register_methods` handed the patches the declared methods). ``LLAMAFACTORY_HERA_DISABLE=1`` skips everything.
+:func:`register_methods` handed the declared methods to the registry the patches read, ``llamafactory_hera.runtime``'s).
+``LLAMAFACTORY_HERA_DISABLE=1`` skips everything.
 
 It acts in LLaMA-Factory's processes only (accelerate's modules once the process imports ``llamafactory``, ``accelerate
 launch`` when it runs LLaMA-Factory's training): no patch, version check or plugin module elsewhere (this module
@@ -103,9 +104,12 @@ class _PostImportFinder:
 
 
 def _apply(patch, module) -> None:
+    # lazy, as every import of this module's functions: the module doc
     import importlib
 
-    refusal = importlib.import_module("llamafactory_hera_patches.stacks").unsupported_transformers()
+    from llamafactory_hera_patches.stacks import unsupported_transformers
+
+    refusal = unsupported_transformers()
     if refusal:  # a transformers outside what the plugin supports: one line, before anything is patched
         raise SystemExit(refusal)
     importlib.import_module(__name__).register_methods()  # the copy in sys.modules: one source registered
@@ -119,11 +123,13 @@ def _apply(patch, module) -> None:
                 _apply(_ACCELERATE[pending], sys.modules[pending])
     if patch in ("stage", "launch", "accelerate_launch", "v1"):  # a training process or its launcher: the plugin's
         # errors end it with their message alone
-        importlib.import_module("llamafactory_hera.job_refusal").install()
+        from llamafactory_hera import job_refusal
+
+        job_refusal.install()
 
 
 def _declared_methods():
-    from llamafactory_hera.methods import declared_methods
+    from llamafactory_hera.methods import declared_methods  # lazy: the module doc
 
     return declared_methods()
 
@@ -131,7 +137,7 @@ def _declared_methods():
 def register_methods() -> None:
     """Register the plugin's declared methods with the patches (idempotent; the declarations are imported at the
     patches' first lookup)."""
-    from llamafactory_hera_patches.registry import register_methods as register
+    from llamafactory_hera.runtime.registry import register_methods as register  # lazy: the module doc
 
     register(_declared_methods)
 

@@ -25,7 +25,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
     handlers: dict[str, Callable[[argparse.Namespace], None]] = {}
     for method in declared_methods():
         if method.add_cli_verbs:
-            handlers.update(method.load("add_cli_verbs")(commands))
+            handlers.update(method.add_cli_verbs(commands))
     from llamafactory_hera.evaluation.cli import add_verbs as add_eval_verb
     from llamafactory_hera.llava.cli import add_verbs as add_llava_verbs
     from llamafactory_hera.plan.cli import add_verbs as add_plan_verb

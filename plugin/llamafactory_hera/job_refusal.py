@@ -1,7 +1,7 @@
 """The plugin's errors end a training process with their one line, and a refusal on any rank of a multi-process job
 ends every rank within seconds, printed once per node (:func:`install`, set by the start-up hook).
 
-A :class:`~llamafactory_hera_patches.errors.RecipeError` that ends the process prints only its message
+A :class:`~llamafactory_hera.runtime.errors.RecipeError` that ends the process prints only its message
 (:func:`short_report`, with a line saying how to get the traceback); every other exception keeps Python's full report.
 
 The ranks of a torchrun job (torchrun, ``accelerate launch``) share a flag in the job's c10d store at
@@ -27,7 +27,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 TRACEBACK_ENV = "LLAMAFACTORY_HERA_TRACEBACK"
 RANK_WAIT_S = 30.0  # how long a rank other than 0 waits for torchrun to stop it before printing its own refusal

@@ -1,33 +1,74 @@
 """The methods this plugin brings to LLaMA-Factory: the registry, above the methods' packages (none of which imports
-it). The start-up hook registers :func:`declared_methods` with :mod:`llamafactory_hera_patches.registry`; the patches
+it). The start-up hook registers :func:`declared_methods` with :mod:`llamafactory_hera.runtime.registry`; the patches
 make each declaration (:class:`~llamafactory_hera.recipe.declaration.Method`) a stage, an argument set and a LlamaBoard
-panel, and ``llamafactory-hera`` takes its verbs from it, so adding a method touches no patch. Declarations import only
-each method's ``config``; the heavy parts are ``"module:attribute"`` strings.
+panel, and ``llamafactory-hera`` takes its verbs from it, so adding a method touches no patch.
+
+A declaration names its run class (light: :mod:`llamafactory_hera.recipe.run`); its panel, verbs and plan are the
+functions below, each importing what it builds when called (lazy: LlamaBoard's gradio and torch, the verbs' and the
+plan's modules, none of which a training run or a one-line error needs).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 from llamafactory_hera.harc import config as harc
+from llamafactory_hera.harc.run import HarcRun
 from llamafactory_hera.hera import config as hera
+from llamafactory_hera.hera.run import HeraRun
+from llamafactory_hera.rah.run import RahRun
 from llamafactory_hera.recipe.declaration import Method
 
-PLAN = "llamafactory_hera.plan.cli:board_report"  # every method's run planned alike
+
+def plan(args: dict[str, Any]) -> str:
+    """Every method's run planned alike (:func:`llamafactory_hera.plan.cli.board_report`)."""
+    from llamafactory_hera.plan.cli import board_report  # lazy (the module doc)
+
+    return board_report(args)
+
+
+def hera_panel() -> Any:
+    from llamafactory_hera.hera.webui_panel import PANEL  # lazy (the module doc)
+
+    return PANEL
+
+
+def rah_panel() -> Any:
+    from llamafactory_hera.rah.webui_panel import PANEL  # lazy (the module doc)
+
+    return PANEL
+
+
+def harc_panel() -> Any:
+    from llamafactory_hera.harc.webui_panel import PANEL  # lazy (the module doc)
+
+    return PANEL
+
+
+def hera_verbs(commands: Any) -> dict[str, Callable[[Any], None]]:
+    from llamafactory_hera.hera.cli import add_verbs  # lazy (the module doc)
+
+    return add_verbs(commands)
+
+
+def harc_verbs(commands: Any) -> dict[str, Callable[[Any], None]]:
+    from llamafactory_hera.harc.convert import add_verbs  # lazy (the module doc)
+
+    return add_verbs(commands)
+
 
 HERA = Method(
     stage="hera",
     label="HeRA (Head-wise Representation Alignment)",
     prefix="hera_",
     host_stage="sft",
-    parse_arguments="llamafactory_hera.hera.config:parse_hera_arguments",
-    check_raw_host_args="llamafactory_hera.hera.checks:validate_raw_host_args",
-    check_host_args="llamafactory_hera.hera.checks:validate_host_args",
-    run="llamafactory_hera.hera.workflow:run_hera",
+    run=HeraRun,
     log_keys=hera.LOG_KEYS,
-    panel="llamafactory_hera.hera.webui_panel:PANEL",
-    plan=PLAN,
-    add_cli_verbs="llamafactory_hera.hera.cli:add_verbs",
+    panel=hera_panel,
+    plan=plan,
+    add_cli_verbs=hera_verbs,
     records=("hera_run.json",),
 )
 
@@ -36,13 +77,9 @@ RAH = Method(
     label="RAH-LoRA (training-free head calibration)",
     prefix="rah_",
     host_stage="sft",
-    parse_arguments="llamafactory_hera.rah.config:parse_rah_arguments",
-    check_raw_host_args="llamafactory_hera.rah.checks:validate_raw_host_args",
-    check_host_args="llamafactory_hera.rah.checks:validate_host_args",
-    run="llamafactory_hera.rah.workflow:run_rah",
-    log_keys=(),
-    panel="llamafactory_hera.rah.webui_panel:PANEL",
-    plan=PLAN,
+    run=RahRun,
+    panel=rah_panel,
+    plan=plan,
     records=("rah_profile.json",),
     one_process=True,
 )
@@ -52,14 +89,11 @@ HARC = Method(
     label="HARC (harmfulness-refusal coupling)",
     prefix="harc_",
     host_stage="sft",
-    parse_arguments="llamafactory_hera.harc.config:parse_harc_arguments",
-    check_raw_host_args="llamafactory_hera.harc.checks:validate_raw_host_args",
-    check_host_args="llamafactory_hera.harc.checks:validate_host_args",
-    run="llamafactory_hera.harc.workflow:run_harc",
+    run=HarcRun,
     log_keys=harc.LOG_KEYS,
-    panel="llamafactory_hera.harc.webui_panel:PANEL",
-    plan=PLAN,
-    add_cli_verbs="llamafactory_hera.harc.convert:add_verbs",
+    panel=harc_panel,
+    plan=plan,
+    add_cli_verbs=harc_verbs,
     records=("harc_run.json",),
 )
 

@@ -14,7 +14,10 @@ import ast
 import re
 from pathlib import Path
 
-PLUGIN, PATCHES, TESTING = "llamafactory_hera", "llamafactory_hera_patches", "llamafactory_hera_testing"
+PLUGIN = "llamafactory_hera"
+PATCHES = "llamafactory_hera_patches"
+TESTING = "llamafactory_hera_testing"
+RUNTIME = f"{PLUGIN}.runtime"  # what the patches may import of the plugin
 DECLARED = re.compile(rf"^({PLUGIN}(?:\.\w+)+)(?::\w+)?$")  # "package.module:attribute", imported on first use
 Graph = dict[str, set[str]]
 
@@ -180,7 +183,7 @@ ENTRIES = ("hera.trainer", "hera.workflow", "rah.workflow", "harc.trainer", "har
 # weights read in the modules' calls under ZeRO-3) beside the projection; a module raises RecipeError from where it is
 # defined (llamafactory_hera_patches/errors.py), not through the one-line report's module (job_refusal.py); a
 # trainer the sections it tells its watchdog (training/sections.py), which time the passes, steps and saves, and the
-# save signal noted from the stage's start (lifecycle/stop_signal.py), which the passes before step 1 stop on; a
+# save signal noted from the stage's start (runtime/stop_signal.py), which the passes before step 1 stop on; a
 # workflow the watchdog itself (training/watchdog.py: its bounds, its monitor's judgement, the job's store keys it
 # shares with the launcher, nvidia-resiliency-ext's reporter) and its placement the quantized bytes a weight takes
 # (recipe/quantization.py, torch-free: plan reads it too); HeRA's trainer its per-log sums (hera/step_sums.py: the

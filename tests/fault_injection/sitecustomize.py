@@ -353,7 +353,7 @@ if "RANK" in os.environ or "HERA_TESTS_WARM_PROCESS" in os.environ:
     patch_after_import({"torch": _patch_torch, "torch.nn.modules.module": _patch_module,
                         "torch.optim.optimizer": _patch_optimizer, "safetensors.torch": _patch_safetensors,
                         "transformers.trainer": _patch_trainer,
-                        "llamafactory_hera_patches.lifecycle.whole_checkpoints": _patch_whole,
+                        "llamafactory_hera.runtime.whole_checkpoints": _patch_whole,
                         "llamafactory_hera.hera.teacher": _patch_teacher,
                         "llamafactory_hera.hera.teacher_run": _patch_teacher_run,
                         "llamafactory_hera.hera.teacher_cache": _patch_teacher_cache,

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from conftest import harc_recipe, run_train
-from llamafactory_hera.harc.checks import validate_host_args, validate_raw_host_args
 from llamafactory_hera.harc.config import HarcArguments, parse_harc_arguments
+from llamafactory_hera.harc.parsed_checks import validate_host_args
+from llamafactory_hera.harc.raw_checks import validate_raw_host_args
 
 ROLES = {"harc_harmful": "h", "harc_harmless": "s", "harc_pseudo": "p"}
 

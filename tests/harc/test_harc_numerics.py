@@ -47,7 +47,7 @@ from llamafactory_hera.harc.directions import (
 from llamafactory_hera.harc.layers import layer_scores, select_layers
 from llamafactory_hera.harc.losses import coupling_loss, kl_to_reference, refusal_cross_entropy
 from llamafactory_hera.harc.residuals import StepCapture, reading_layers, response_window
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 # the session fixtures, shared by both numerics files
 numerics_assets = harc_numerics_helpers.numerics_assets

@@ -21,7 +21,7 @@ from engine_checks import evidence_env
 from safetensors.torch import load_file
 
 from conftest import CLI, REPO, harc_recipe, offline_env, processes_marked, read_trainer_log, run_process, run_train
-from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, whole_checkpoints
+from llamafactory_hera.runtime.whole_checkpoints import MARKER, whole_checkpoints
 
 COMMON = {"harc_eval": False, "max_steps": 6, "save_steps": 1000, "overwrite_output_dir": False}
 TERMS = ("loss", "harc_couple", "harc_couple_resp", "harc_kl", "harc_ce")

@@ -18,7 +18,7 @@ from fsdp_checks import accelerate_launch, accelerate_launch_runs, assert_fsdp2,
 from safetensors.torch import load_file
 
 from conftest import REPO, harc_recipe, offline_env, read_trainer_log, run_train, saved_in_bf16
-from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER
+from llamafactory_hera.runtime.whole_checkpoints import MARKER
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole
 
 CHAT = r'''

@@ -93,7 +93,7 @@ def test_small_micro_batches_switch_the_queue_on_and_resume_restores_it(assets, 
 
 def test_queue_size_validation() -> None:
     from llamafactory_hera.hera.config import parse_hera_arguments
-    from llamafactory_hera.hera.preflight import contrastive_geometry
+    from llamafactory_hera.hera.preparation_checks import contrastive_geometry
 
     args = parse_hera_arguments({"hera_heads": ["L0H0"], "hera_queue_size": "32"})
     assert contrastive_geometry(args, 64, 1).queue == 32  # 64 samples per set: a queue is not needed

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-import llamafactory_hera.hera.checks as host_checks
+import llamafactory_hera.hera.parsed_checks as host_checks
 from conftest import FirstGradients, base_recipe
 from llamafactory_hera.hera.config import parse_hera_arguments
 

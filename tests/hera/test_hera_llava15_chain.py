@@ -33,8 +33,8 @@ from test_hera_llava15_recipes import _header_commands
 from conftest import REPO, read_trainer_log, run_train, run_verb
 from llamafactory_hera.evaluation.table2 import chain_words, markdown_lines, table2
 from llamafactory_hera.hera.selection.command import record_paths
+from llamafactory_hera.runtime.run_record import RUN_RECORD, read_record
 from llamafactory_hera_patches.data.llava_templates import FAMILY_TEMPLATES
-from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD, read_record
 from llamafactory_hera_testing.llava_data import keep_loadable_rows, write_tree
 from llamafactory_hera_testing.parts import build_part
 from llamafactory_hera_testing.resume import assert_resumed_equals_whole

@@ -12,7 +12,7 @@ import torch
 from test_hera_train_inprocess import LogProbe
 
 from conftest import base_recipe
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 def _tiny_lora_model(assets, family: str, targets: list[str]):

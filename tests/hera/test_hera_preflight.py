@@ -11,7 +11,7 @@ from test_hera_train_inprocess import LogProbe
 
 from conftest import base_recipe, image_less_dataset, read_trainer_log, run_train
 from llamafactory_hera.hera.config import parse_hera_arguments
-from llamafactory_hera.hera.preflight import check_contrastive_geometry, contrastive_geometry
+from llamafactory_hera.hera.preparation_checks import check_contrastive_geometry, contrastive_geometry
 
 
 def _args(**keys: Any):
@@ -51,7 +51,7 @@ def test_the_training_datas_distinct_images_cap_the_queue(keys: dict[str, Any], 
                                                           capped_from: int | None) -> None:
     """hera_k: 100 on 16 images: the queue is capped at the distinct images (an auto queue of 404 would hold the same
     16 images again and again)."""
-    from llamafactory_hera.hera.preflight import queue_cap_line
+    from llamafactory_hera.hera.preparation_checks import queue_cap_line
 
     args = _args(**keys)
     geometry = contrastive_geometry(args, 4, 1, distinct_images=16)
@@ -98,7 +98,7 @@ def test_sets_that_can_never_hold_k_plus_1_distinct_images_are_refused(keys: dic
 def test_rows_sharing_their_images_count_once() -> None:
     from datasets import Dataset
 
-    from llamafactory_hera.hera.preflight import count_image_rows
+    from llamafactory_hera.hera.preparation_checks import count_image_rows
 
     rows = Dataset.from_dict({"_images": [["a.png"], ["a.png"], ["b.png"], None, ["a.png", "b.png"]],
                               "_videos": [None, None, None, ["v.mp4"], None]})
@@ -162,7 +162,7 @@ def test_rows_without_images_say_which_rows_train(assets, tmp_path: Path) -> Non
 
 
 def test_fp16_under_deepspeed_with_a_learned_temperature_is_refused() -> None:
-    from llamafactory_hera.hera.checks import validate_raw_host_args
+    from llamafactory_hera.hera.raw_checks import validate_raw_host_args
 
     message = "cannot learn the temperature under DeepSpeed with fp16: true"
     with pytest.raises(ValueError, match=message):

@@ -90,7 +90,7 @@ def _alone(x: torch.Tensor, head: int) -> torch.Tensor:
 
 # 8-bit with DoRA is left out: PEFT 0.18.1 wraps bitsandbytes 0.50's Linear8bitLt in its plain LoRA Linear on CPU,
 # whose DoRA forward fails from the second call on (the layer's row scales moved to its state: 'NoneType' object has no
-# attribute 'unsqueeze'), in stock SFT as well; hera/checks.py refuses that pair by name
+# attribute 'unsqueeze'), in stock SFT as well; hera/raw_checks.py refuses that pair by name
 # by_call: the ZeRO-3 path (hera/capture.py InCallColumns: each weight's head columns copied in its module's call,
 # DoRA's row norm where PEFT's forward computes it; here nothing is partitioned, so the calls read the same weights)
 # flat: one case in the other 4-bit layout (HeRA and the layer read the weight through the same dequantize_4bit)

@@ -13,7 +13,7 @@ import torch
 from test_hera_train_inprocess import LogProbe
 
 from conftest import base_recipe
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 def _dataset_copy(assets, tmp_path: Path, edit) -> Path:

@@ -65,8 +65,8 @@ def test_short_ddp_timeout_warns_with_auto_heads_on_several_ranks(capsys: pytest
 def test_host_checks_print_the_ddp_timeout_warning(assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Printed by the host checks (before any model loads) on rank 0 of a run with hera_heads: auto."""
-    from llamafactory_hera.hera.checks import validate_host_args
     from llamafactory_hera.hera.config import parse_hera_arguments
+    from llamafactory_hera.hera.parsed_checks import validate_host_args
 
     recipe = base_recipe(assets, FAMILY, tmp_path / "out", hera_heads="auto")
     model = SimpleNamespace(model_name_or_path=recipe["model_name_or_path"], trust_remote_code=True,
@@ -74,7 +74,7 @@ def test_host_checks_print_the_ddp_timeout_warning(assets, tmp_path: Path, monke
     data = SimpleNamespace(dataset=["hera_demo"], dataset_dir=recipe["dataset_dir"], template=recipe["template"])
     training = SimpleNamespace(world_size=2, process_index=0, ddp_timeout=1800, per_device_train_batch_size=8,
                                fsdp="", do_train=True, output_dir=str(tmp_path / "out"))
-    import llamafactory_hera.hera.checks as host_checks
+    import llamafactory_hera.hera.parsed_checks as host_checks
 
     monkeypatch.setattr(host_checks, "check_run_inputs", lambda *args, **kwargs: None)
     hera = parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")})

@@ -182,7 +182,7 @@ def test_ranks_with_node_local_image_copies_leave_out_rank_0s_stored_rows_by_pos
     see different numbers of images are refused by name before any gather."""
     from llamafactory_hera.hera import teacher_run
     from llamafactory_hera.hera.teacher_cache import TeacherFeatureStore
-    from llamafactory_hera_patches.errors import RecipeError
+    from llamafactory_hera.runtime.errors import RecipeError
 
     keys0 = [f"path:/data/{i}.png|10|{100 + i}" for i in range(4)]
     keys1 = [f"path:/data/{i}.png|10|{900 + i}" for i in range(4)]  # same files, this node's mtimes

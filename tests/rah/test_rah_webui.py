@@ -191,7 +191,7 @@ def test_the_depth_is_read_from_the_hugging_face_cache_offline(assets, tmp_path:
     (snapshot / "config.json").write_text((Path(assets.models["llava"]) / "config.json").read_text())
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-    code = ("from llamafactory_hera.board.checks import local_text_depth as depth; "
+    code = ("from llamafactory_hera.board.panel_checks import local_text_depth as depth; "
             "print(depth('tiny-org/tiny-llava'), depth('tiny-org/not-cached'), depth(''))")
     proc = subprocess.run([sys.executable, "-c", code], env=offline_env(tmp_path), capture_output=True, text=True,
                           timeout=120)

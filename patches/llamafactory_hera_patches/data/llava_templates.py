@@ -13,7 +13,6 @@ Checked on LLaMA-Factory 0.9.5: ``llamafactory.data.template.TEMPLATES`` maps a 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from types import ModuleType
 from typing import NamedTuple
 
@@ -45,7 +44,8 @@ def apply(module: ModuleType) -> None:
     """Register the templates of :data:`FAMILY_TEMPLATES` in ``llamafactory.data.template`` (a name the host already
     has is left as it is)."""
     require(module, ("TEMPLATES",), "llava_templates")
-    mm_plugin = importlib.import_module("llamafactory.data.mm_plugin")
+    import llamafactory.data.mm_plugin as mm_plugin  # lazy (the package doc)
+
     require(mm_plugin, ("get_mm_plugin",), "llava_templates")
     missing = [template.base for template in FAMILY_TEMPLATES.values() if template.base not in module.TEMPLATES]
     if missing:
@@ -53,7 +53,8 @@ def apply(module: ModuleType) -> None:
             f"llamafactory-hera: LLaMA-Factory {host_version()} has no template "
             f"{', '.join(missing)}, whose conversation formats the LLaVA templates copy."
         )
-    formatter = importlib.import_module("llamafactory.data.formatter")
+    import llamafactory.data.formatter as formatter  # lazy (the package doc)
+
     require(formatter, ("EmptyFormatter",), "llava_templates")
     for name, base, bos_first in FAMILY_TEMPLATES.values():
         if name in module.TEMPLATES:

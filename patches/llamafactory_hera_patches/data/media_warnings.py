@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 CONVERTER_LOGGER = "llamafactory.data.converter"
 MAX_HELD = 1000  # distinct warnings held per process; the rest are counted out in one line

@@ -13,7 +13,6 @@ the plugin's ``process_messages`` / ``process_token_ids`` and ``image_token``, `
 
 from __future__ import annotations
 
-import importlib
 import re
 import typing
 from dataclasses import dataclass
@@ -49,7 +48,8 @@ def _slots(formatter: object) -> list[str]:
 
 def template_tokens() -> dict[str, TemplateTokens]:
     """Every registered template's tokens (name -> :class:`TemplateTokens`)."""
-    module = importlib.import_module("llamafactory.data.template")
+    import llamafactory.data.template as module  # lazy (the package doc)
+
     require(module, ("TEMPLATES",), "templates")
     out = {}
     for name, template in module.TEMPLATES.items():
@@ -69,7 +69,8 @@ def template_tokens() -> dict[str, TemplateTokens]:
 
 def host_stages() -> tuple[str, ...] | None:
     """The stages LLaMA-Factory's ``FinetuningArguments.stage`` accepts (None when it is not a ``Literal``)."""
-    hparams = importlib.import_module("llamafactory.hparams")
+    import llamafactory.hparams as hparams  # lazy (the package doc)
+
     require(hparams, ("FinetuningArguments",), "stage")
     try:
         hint = typing.get_type_hints(hparams.FinetuningArguments).get("stage")
@@ -81,7 +82,8 @@ def host_stages() -> tuple[str, ...] | None:
 
 def composite_model_types() -> set[str]:
     """Model types LLaMA-Factory treats as multimodal (vision tower, projector, language model)."""
-    visual = importlib.import_module("llamafactory.model.model_utils.visual")
+    import llamafactory.model.model_utils.visual as visual  # lazy (the package doc)
+
     require(visual, ("COMPOSITE_MODELS",), "templates")
     return set(visual.COMPOSITE_MODELS)
 
@@ -89,14 +91,16 @@ def composite_model_types() -> set[str]:
 def image_placeholder() -> str:
     """The mark of an image's place in a message (``llamafactory.extras.constants.IMAGE_PLACEHOLDER``, ``<image>``
     unless the environment says otherwise): the multimodal templates' plugins require one per image of a row."""
-    constants = importlib.import_module("llamafactory.extras.constants")
+    import llamafactory.extras.constants as constants  # lazy (the package doc)
+
     require(constants, ("IMAGE_PLACEHOLDER",), "templates")
     return str(constants.IMAGE_PLACEHOLDER)
 
 
 def ignore_index() -> int:
     """The label of a token that is not trained (``IGNORE_INDEX``, -100)."""
-    constants = importlib.import_module("llamafactory.extras.constants")
+    import llamafactory.extras.constants as constants  # lazy (the package doc)
+
     require(constants, ("IGNORE_INDEX",), "image tokens")
     return int(constants.IGNORE_INDEX)
 

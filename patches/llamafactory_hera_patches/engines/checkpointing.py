@@ -11,7 +11,6 @@ requiring gradient); transformers' ``GradientCheckpointingLayer`` calls it as
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from functools import cache, partial
 from types import CodeType
@@ -24,7 +23,8 @@ from ..guard import mismatch
 def _trainable_only_wrapper() -> Callable[[Callable], Callable]:
     """LLaMA-Factory's ``get_custom_gradient_checkpointing_func``: wraps a checkpoint function so that it checkpoints
     only modules with a trainable parameter and calls the others plainly."""
-    module = importlib.import_module("llamafactory.model.model_utils.checkpointing")
+    import llamafactory.model.model_utils.checkpointing as module  # lazy (the package doc)
+
     custom = getattr(module, "get_custom_gradient_checkpointing_func", None)
     if custom is None:
         raise mismatch(

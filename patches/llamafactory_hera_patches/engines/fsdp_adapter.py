@@ -25,7 +25,8 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from ..errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
+
 from ..guard import require
 
 _WRAPPERS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")

@@ -10,7 +10,6 @@ a recipe's own ``fsdp`` keys are the plugin's stages' refusal (recipe/fsdp.py).
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Mapping
 from importlib.metadata import version
@@ -19,7 +18,8 @@ from typing import Any
 
 from packaging.version import Version
 
-from ..recipe.arguments import raw_value, truthy
+from llamafactory_hera.runtime.raw_recipe import raw_value, truthy
+
 from .fsdp_adapter import launched_fsdp_version
 from .fsdp_qlora import cast_codes_message
 
@@ -64,8 +64,10 @@ def _by_bitsandbytes(saved: dict[str, Any]) -> bool:
 def _host_misc(name: str) -> Any:
     """LLaMA-Factory's own ``llamafactory.extras.misc.<name>`` (0.9.5 and main), None on a host without it: the
     prediction that needs it is then skipped (fsdp_qlora still checks the loaded model)."""
-    try:  # lazy: this module is imported where LLaMA-Factory may not be yet, and the function may move
-        return getattr(importlib.import_module("llamafactory.extras.misc"), name, None)
+    try:
+        import llamafactory.extras.misc as misc  # lazy (the package doc)
+
+        return getattr(misc, name, None)
     except ImportError:
         return None
 

@@ -19,7 +19,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from ..errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 def _4bit_layers(model: Any) -> list[Any]:

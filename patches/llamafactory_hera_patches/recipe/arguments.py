@@ -8,14 +8,15 @@ Which stages and key prefixes belong to the plugin comes from the registered met
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any
 
-from ..errors import RecipeError
-from ..registry import method_for_stage, method_of_key
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import option, raw_value, truthy
+from llamafactory_hera.runtime.registry import method_for_stage, method_of_key
+
 from .host_arguments import host_keys
 
-Method = Any  # a registered method (see :mod:`..registry`)
+Method = Any  # a registered method (see :mod:`llamafactory_hera.runtime.registry`)
 
 
 def split_dict(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Method | None]:
@@ -46,23 +47,8 @@ def split_dict(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Me
 
 
 def method_fields(method: Method) -> tuple[dataclasses.Field, ...]:
-    """``method``'s recipe keys: the fields of the dataclass its ``parse_arguments`` returns."""
-    arguments = typing.get_type_hints(method.load("parse_arguments")).get("return")
-    return dataclasses.fields(arguments) if dataclasses.is_dataclass(arguments) else ()
-
-
-def _option(args: list[str], index: int) -> tuple[str, str, int]:
-    """(name, value, index after it) of the option at ``index``: ``--key value``, ``--key=value`` or a bare ``--flag``
-    (value ``"true"``); name ``""`` for a token that is no option."""
-    token = args[index]
-    if not token.startswith("--"):
-        return "", token, index + 1
-    name, has_inline, inline = token[2:].partition("=")
-    if has_inline:
-        return name, inline, index + 1
-    if index + 1 < len(args) and not args[index + 1].startswith("--"):
-        return name, args[index + 1], index + 2
-    return name, "true", index + 1
+    """``method``'s recipe keys: the fields of its run's arguments dataclass."""
+    return dataclasses.fields(method.run.arguments)
 
 
 def split_list(args: list[str]) -> tuple[list[str], dict[str, Any], Method | None]:
@@ -72,7 +58,7 @@ def split_list(args: list[str]) -> tuple[list[str], dict[str, Any], Method | Non
     method = None
     index = 0
     while index < len(args):
-        name, value, after = _option(args, index)
+        name, value, after = option(args, index)
         if name == "stage":
             method = method_for_stage(value)
             host += ["--stage", method.host_stage if method is not None else value]
@@ -95,32 +81,6 @@ def keys_of(method: Method, keys: dict[str, Any]) -> tuple[dict[str, Any], list[
     """(the keys with ``method``'s prefix, the other methods' keys, sorted: ignored in this run)."""
     mine = {k: v for k, v in keys.items() if str(k).startswith(method.prefix)}
     return mine, sorted(k for k in keys if k not in mine)
-
-
-def given_keys(host_args: dict[str, Any] | list[str]) -> dict[str, Any]:
-    """Every key a recipe dict or a ``--key value`` list gives, with its value (a list's in its order; ``--a-b`` is
-    ``a_b``, as LLaMA-Factory's parser also accepts it)."""
-    if isinstance(host_args, dict):
-        return dict(host_args)
-    given: dict[str, Any] = {}
-    index = 0
-    while index < len(host_args):
-        name, value, index = _option(host_args, index)
-        if name:
-            given[name.replace("-", "_")] = value
-    return given
-
-
-def raw_value(host_args: dict[str, Any] | list[str], key: str) -> Any:
-    """A key's value in a recipe dict or a ``--key value`` / ``--key=value`` / bare ``--flag`` list (None if absent;
-    in a list ``--a-b`` is ``a_b`` and the last occurrence counts, as transformers' parser reads them)."""
-    return host_args.get(key) if isinstance(host_args, dict) else given_keys(host_args).get(key)
-
-
-def truthy(value: Any) -> bool:
-    """A recipe flag's value as a bool (``true``, ``t``, ``yes``, ``y``, ``1``, as transformers' ``string_to_bool``
-    reads them, and ``on``; booleans as they are)."""
-    return str(value).strip().lower() in {"true", "t", "yes", "y", "1", "on"} if not isinstance(value, bool) else value
 
 
 def compile_setting(args: dict[str, Any] | list[str]) -> str | None:

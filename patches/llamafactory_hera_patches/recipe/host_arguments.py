@@ -74,7 +74,8 @@ def _single(hint: typing.Any) -> typing.Any:
 @functools.cache
 def host_keys() -> dict[str, HostKey]:
     """Every key a training recipe may give LLaMA-Factory (name -> :class:`HostKey`)."""
-    hparams = importlib.import_module("llamafactory.hparams")
+    import llamafactory.hparams as hparams  # lazy (the package doc)
+
     require(hparams, _CLASSES, "arguments")
     keys: dict[str, HostKey] = {}
     for holder in _CLASSES:
@@ -104,14 +105,16 @@ def host_keys() -> dict[str, HostKey]:
 def unknown_keys_pass() -> bool:
     """Whether a key outside :func:`host_keys` may be right: LLaMA-Factory ignores unknown keys
     (``ALLOW_EXTRA_ARGS=1``), or parses Megatron-Core's training keys (``USE_MCA=1``)."""
-    misc = importlib.import_module("llamafactory.extras.misc")
+    import llamafactory.extras.misc as misc  # lazy (the package doc)
+
     require(misc, ("is_env_enabled",), "arguments")
     return bool(misc.is_env_enabled("ALLOW_EXTRA_ARGS") or misc.is_env_enabled("USE_MCA"))
 
 
 def template_names() -> tuple[str, ...]:
     """The chat templates LLaMA-Factory has registered (the LLaVA-1.5 ones the plugin adds included), sorted."""
-    module = importlib.import_module("llamafactory.data.template")
+    import llamafactory.data.template as module  # lazy (the package doc)
+
     require(module, ("TEMPLATES",), "templates")
     return tuple(sorted(module.TEMPLATES))
 

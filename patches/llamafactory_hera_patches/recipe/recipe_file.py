@@ -9,6 +9,7 @@ naming the file (and the line and column), for every stage, since the stage is n
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,16 +19,17 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from ..errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
+
 from ..guard import require
 
 _SUFFIXES = (".yaml", ".yml", ".json")  # what read_args reads as a file (.json: json.load)
 ReadArgs = Callable[..., Any]
 
 
-def _recipe_path() -> str | None:
-    """The recipe file ``read_args`` would read, from ``sys.argv[1]`` (None: the arguments are ``--key value``)."""
-    return sys.argv[1] if len(sys.argv) > 1 and sys.argv[1].endswith(_SUFFIXES) else None
+def _recipe_path(argv: list[str]) -> str | None:
+    """The recipe file ``read_args`` would read, from ``argv[1]`` (None: the arguments are ``--key value``)."""
+    return argv[1] if len(argv) > 1 and argv[1].endswith(_SUFFIXES) else None
 
 
 def _where(mark: Any) -> str:
@@ -56,19 +58,22 @@ def _holds_nothing(path: Path) -> bool:
         return False  # read_args names the mistake (see _syntax_error)
 
 
-def read_args_unchecked(args: Any = None) -> Any:
-    """What ``llamafactory.hparams.read_args`` returns (v1's parser reads the recipe alike), without importing v0's
-    ``llamafactory.hparams``: that import runs v0's version checks (``check_dependencies``), which v1 does not."""
-    path = _recipe_path() if args is None else None
+def read_args_unchecked(args: Any = None, argv: list[str] | None = None) -> Any:
+    """What ``llamafactory.hparams.read_args`` returns of ``argv`` (``sys.argv`` by default; v1's parser reads the
+    recipe alike), without importing v0's ``llamafactory.hparams``: that import runs v0's version checks
+    (``check_dependencies``), which v1 does not."""
+    argv = sys.argv if argv is None else argv
+    path = _recipe_path(argv) if args is None else None
     if path is None:
-        return sys.argv[1:] if args is None else args
+        return argv[1:] if args is None else args
     loaded = OmegaConf.load(Path(path).absolute())  # JSON too, a subset of YAML (v0 json.loads a path and fails)
-    return OmegaConf.to_container(OmegaConf.merge(loaded, OmegaConf.from_cli(sys.argv[2:])))
+    return OmegaConf.to_container(OmegaConf.merge(loaded, OmegaConf.from_cli(argv[2:])))
 
 
-def read_recipe(read_args: ReadArgs, args: Any = None) -> Any:
-    """``read_args(args)``, with a recipe file that is not there or not YAML refused naming it."""
-    path = _recipe_path() if args is None else None
+def read_recipe(read_args: ReadArgs, args: Any = None, argv: list[str] | None = None) -> Any:
+    """``read_args(args)`` (which reads ``argv``, ``sys.argv`` by default), with a recipe file that is not there or not
+    YAML refused naming it."""
+    path = _recipe_path(sys.argv if argv is None else argv) if args is None else None
     if path is not None and not Path(path).is_file():
         where = "" if Path(path).is_absolute() else f" (relative to the folder the run starts in, {Path.cwd()})"
         what = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
@@ -87,6 +92,14 @@ def read_recipe(read_args: ReadArgs, args: Any = None) -> Any:
         if path is None:
             raise
         raise _syntax_error(path, error) from None
+
+
+def launch_recipe(argv: list[str]) -> Any:
+    """The recipe of ``argv`` (``llamafactory-cli <command> <recipe> [key=value ...]``) as LLaMA-Factory reads it (v0's
+    ``read_args`` and v1's parser alike), without importing v0's ``llamafactory.hparams``: its import runs v0's version
+    checks, which v1 does not (a trl outside v0's range trains under v1)."""
+    command = [argv[0], *argv[2:]]
+    return read_recipe(functools.partial(read_args_unchecked, argv=command), argv=command)
 
 
 def apply(tuner: ModuleType) -> None:

@@ -5,7 +5,6 @@ loads it for inference (``HuggingfaceEngine``: base model, then each adapter loa
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from ..guard import require
@@ -13,8 +12,10 @@ from ..guard import require
 
 def check_host() -> None:
     """Raise ``HostMismatchError`` unless every host name this module uses exists."""
-    require(importlib.import_module("llamafactory.hparams"), ("get_infer_args",), "inference")
-    hf_engine = importlib.import_module("llamafactory.chat.hf_engine")
+    import llamafactory.chat.hf_engine as hf_engine  # lazy (the package doc)
+    import llamafactory.hparams as hparams  # lazy (the package doc)
+
+    require(hparams, ("get_infer_args",), "inference")
     require(hf_engine, ("HuggingfaceEngine",), "inference")
     require(hf_engine.HuggingfaceEngine, ("_chat",), "inference")
 
@@ -23,8 +24,9 @@ def load_engine(recipe: dict[str, Any]) -> Any:
     """LLaMA-Factory's ``HuggingfaceEngine`` for ``recipe`` (model in eval mode, tokenizer, processor, template,
     generating arguments)."""
     check_host()
-    hparams = importlib.import_module("llamafactory.hparams")
-    hf_engine = importlib.import_module("llamafactory.chat.hf_engine")
+    import llamafactory.chat.hf_engine as hf_engine  # lazy (the package doc)
+    import llamafactory.hparams as hparams  # lazy (the package doc)
+
     model_args, data_args, finetuning_args, generating_args = hparams.get_infer_args(
         {**recipe, "infer_backend": "huggingface"}
     )
@@ -35,7 +37,8 @@ def load_engine(recipe: dict[str, Any]) -> Any:
 
 def answer(engine: Any, messages: list[dict[str, str]], images: list[Any] | None, input_kwargs: dict[str, Any]) -> str:
     """The engine's first response text to ``messages`` (with ``images``), as LLaMA-Factory's chat answers."""
-    hf_engine = importlib.import_module("llamafactory.chat.hf_engine")
+    import llamafactory.chat.hf_engine as hf_engine  # lazy (the package doc)
+
     responses = hf_engine.HuggingfaceEngine._chat(
         engine.model,
         engine.tokenizer,

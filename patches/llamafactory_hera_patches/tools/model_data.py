@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import io
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from unittest import mock
 
 import datasets
 from huggingface_hub import constants
 
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.registry import method_for_stage, method_of_key
 
 from ..data.templates import image_token_id
 from ..engines.deepspeed import loaded_whole
 from ..guard import require
-from ..registry import method_for_stage, method_of_key
 
 
 @dataclass
@@ -41,15 +40,17 @@ class RecipeArgs:
 
 def check_host() -> None:
     """Raise ``HostMismatchError`` unless every host name this module uses exists."""
-    hparams = importlib.import_module("llamafactory.hparams")
-    model = importlib.import_module("llamafactory.model")
-    data = importlib.import_module("llamafactory.data")
-    loader = importlib.import_module("llamafactory.data.loader")
+    import llamafactory.data as data  # lazy (the package doc)
+    import llamafactory.data.data_utils as data_utils  # lazy (the package doc)
+    import llamafactory.data.loader as loader  # lazy (the package doc)
+    import llamafactory.hparams as hparams  # lazy (the package doc)
+    import llamafactory.model as model  # lazy (the package doc)
+
     require(hparams, ("ModelArguments", "DataArguments", "FinetuningArguments", "get_infer_args"), "selection")
     require(model, ("load_tokenizer", "load_model"), "selection")
     require(data, ("get_template_and_fix_tokenizer", "SFTDataCollatorWith4DAttentionMask"), "selection")
     require(loader, ("_get_merged_dataset", "_get_preprocessed_dataset"), "selection")
-    require(importlib.import_module("llamafactory.data.data_utils"), ("split_dataset",), "selection")
+    require(data_utils, ("split_dataset",), "selection")
 
 
 def parse_recipe(recipe: dict[str, Any]) -> RecipeArgs:
@@ -57,7 +58,8 @@ def parse_recipe(recipe: dict[str, Any]) -> RecipeArgs:
     method's stage reads as its host stage, and ``max_samples`` is dropped (calibration pairs come from the whole
     dataset)."""
     check_host()
-    hparams = importlib.import_module("llamafactory.hparams")
+    import llamafactory.hparams as hparams  # lazy (the package doc)
+
     known = {
         f.name
         for cls in (hparams.ModelArguments, hparams.DataArguments, hparams.FinetuningArguments)
@@ -92,7 +94,8 @@ def load_aligned_rows(args: RecipeArgs, seed: int, dataset: list[str] | None = N
     node's first then read the datasets cache (LLaMA-Factory's ``local_process_index != 0`` rule), and no new training
     arguments reset accelerate's state.
     """
-    loader = importlib.import_module("llamafactory.data.loader")
+    import llamafactory.data.loader as loader  # lazy (the package doc)
+
     names = dataset or args.data_args.dataset
     if not names:
         raise RecipeError("dataset: the recipe names no dataset; head selection needs image-caption pairs.")
@@ -113,8 +116,9 @@ def load_model_for_scoring(
 ) -> tuple[Any, dict[str, Any], Any]:
     """(model in eval mode on ``device``, or placed by ``device_map``, tokenizer module, template) exactly as
     LLaMA-Factory loads them."""
-    model_module = importlib.import_module("llamafactory.model")
-    data = importlib.import_module("llamafactory.data")
+    import llamafactory.data as data  # lazy (the package doc)
+    import llamafactory.model as model_module  # lazy (the package doc)
+
     args.model_args.device_map = device_map or scoring_device_map(device)
     tokenizer_module = model_module.load_tokenizer(args.model_args)
     template = data.get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], args.data_args)
@@ -156,8 +160,9 @@ def tokenized_rows_and_collator(
     """Aligned rows ``chosen`` tokenized as training tokenizes them (row ``i`` of the result is ``chosen[i]``), and
     the SFT collator (no HeRA keys). Inside a run pass its ``training_args``: building new training arguments there
     would reset accelerate's state."""
-    data = importlib.import_module("llamafactory.data")
-    loader = importlib.import_module("llamafactory.data.loader")
+    import llamafactory.data as data  # lazy (the package doc)
+    import llamafactory.data.loader as loader  # lazy (the package doc)
+
     reading = training_args or training_args_for_reading(seed)
     tokenized = loader._get_preprocessed_dataset(
         chosen,
@@ -190,7 +195,8 @@ def _val_size_split(args: RecipeArgs, seed: int, rows: Any) -> tuple[Any, Any] |
     data_args = args.data_args
     if not holds_out_by_val_size(data_args):
         return None
-    data_utils = importlib.import_module("llamafactory.data.data_utils")
+    import llamafactory.data.data_utils as data_utils  # lazy (the package doc)
+
     train, held_out = data_utils.split_dataset(rows, None, data_args, seed=seed)
     return train["train"], held_out["validation"]
 
@@ -213,25 +219,37 @@ def split_rows(args: RecipeArgs, seed: int, rows: Any) -> tuple[Any, Any, str]:
     return rows, None, ""
 
 
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """The Hub's and datasets' offline flags on for the block (a model or dataset not in the local cache raises)."""
+    saved = (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
+    constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved[0]
+        datasets.config.HF_HUB_OFFLINE = saved[1]
+
+
 def sampled_rows(recipe: dict[str, Any], count: int, seed: int) -> tuple[int, list[tuple[int, int, int]]]:
     """(the rows a run of ``recipe`` trains on, and up to ``count`` of them drawn by ``seed`` as (tokens, images,
     image tokens)), tokenized as training tokenizes them: the recipe's tokenizer, processor and template,
     ``cutoff_len`` applied. Offline: a model or Hub dataset not in the local cache raises."""
-    with (
-        mock.patch.object(constants, "HF_HUB_OFFLINE", True),
-        mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True),
-    ):
+    import llamafactory.data as data  # lazy (the package doc)
+    import llamafactory.data.loader as loader  # lazy (the package doc)
+    import llamafactory.model as model  # lazy (the package doc)
+
+    with _offline():
         args = parse_recipe(recipe)
-        tokenizer_module = importlib.import_module("llamafactory.model").load_tokenizer(args.model_args)
+        tokenizer_module = model.load_tokenizer(args.model_args)
         tokenizer = tokenizer_module["tokenizer"]
-        template = importlib.import_module("llamafactory.data").get_template_and_fix_tokenizer(
-            tokenizer, args.data_args
-        )
+        template = data.get_template_and_fix_tokenizer(tokenizer, args.data_args)
         rows = load_aligned_rows(args, seed)
         rows = training_rows(args, seed, rows.select(range(min(len(rows), recipe.get("max_samples") or len(rows)))))
         chosen = rows.shuffle(seed=seed).select(range(min(count, len(rows))))
         with contextlib.redirect_stdout(io.StringIO()):  # not the first row, which the loader prints
-            tokenized = importlib.import_module("llamafactory.data.loader")._get_preprocessed_dataset(
+            tokenized = loader._get_preprocessed_dataset(
                 chosen,
                 args.data_args,
                 training_args_for_reading(seed),

@@ -20,10 +20,14 @@ from collections.abc import Callable, Generator
 from types import ModuleType
 from typing import Any
 
-from ..guard import DISABLE_ENV, HostMismatchError, host_version, mismatch, require, warn_if_unchecked
-from ..registry import method_of_key, registered_methods
+import llamafactory.extras.constants as constants
+import llamafactory.extras.ploting as ploting
 
-Method = Any  # a registered method (:mod:`..registry`)
+from llamafactory_hera.runtime.registry import method_of_key, registered_methods
+
+from ..guard import DISABLE_ENV, HostMismatchError, host_version, mismatch, require, warn_if_unchecked
+
+Method = Any  # a registered method (:mod:`llamafactory_hera.runtime.registry`)
 MethodPanel = Any  # its LlamaBoard panel: tab, keys, locales, create_panel, bind, validate, build_args, ...
 
 PATCH = "webui"
@@ -59,8 +63,8 @@ def _modules(interface: ModuleType) -> dict[str, ModuleType]:
         name: importlib.import_module(f"{_WEBUI}.{name}")
         for name in ("components", "components.train", "runner", "control", "locales", "common")
     }
-    mods["constants"] = importlib.import_module("llamafactory.extras.constants")
-    mods["ploting"] = importlib.import_module("llamafactory.extras.ploting")
+    mods["constants"] = constants
+    mods["ploting"] = ploting
     require(mods["components"], ("create_train_tab",), PATCH)
     require(mods["locales"], ("LOCALES",), PATCH)
     require(mods["common"], ("get_save_dir", "DEFAULT_DATA_DIR"), PATCH)
@@ -83,7 +87,7 @@ def apply(interface: ModuleType) -> None:
     if getattr(interface, "_llamafactory_hera_patched", False):
         return
     mods = _modules(interface)
-    panels = [(method, method.load("panel")) for method in registered_methods() if method.panel]  # declaration order
+    panels = [(method, method.panel()) for method in registered_methods() if method.panel]  # declaration order
     warn_if_unchecked()
     stages = mods["constants"].TRAINING_STAGES
 
@@ -169,7 +173,7 @@ def _planner(runner: Any, method: Method) -> Callable[[dict[Any, Any]], str]:
     """The plan button's callback: the run Start would launch, as LlamaBoard parses it, planned by the method."""
 
     def plan_run(data: dict[Any, Any]) -> str:
-        return method.load("plan")(runner._parse_train_args(data))
+        return method.plan(runner._parse_train_args(data))
 
     return plan_run
 

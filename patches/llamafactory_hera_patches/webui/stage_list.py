@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from llamafactory_hera.runtime.registry import registered_methods
+
 from ..guard import require
-from ..registry import registered_methods
 
 
 def apply(constants: ModuleType) -> None:

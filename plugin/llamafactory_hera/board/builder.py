@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from llamafactory_hera.board.checks import dataset_names, unknown_datasets
+from llamafactory_hera.board.panel_checks import dataset_names, unknown_datasets
 from llamafactory_hera.board.spec import (
     NO_FIELD,
     UNKNOWN_KEY,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.harc.source_files import column_text, read_csv, read_text
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 ADVBENCH = ("goal", "target")
 HARMBENCH = ("Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID")

@@ -23,7 +23,7 @@ from llamafactory_hera.evaluation.presets import (
     plan_tasks,
 )
 from llamafactory_hera.log import say
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 EXTRA = "pip install 'llamafactory-hera[eval]'"
 # pyproject's eval extra's libraries (tests/test_eval_cli.py); filelock < 4: lmms-eval 0.7.3 imports filelock._api

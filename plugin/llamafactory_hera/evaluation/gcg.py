@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from llamafactory_hera.evaluation.gcg_budget import Budget, algorithm_source
-from llamafactory_hera_patches.lifecycle.run_record import write_record
+from llamafactory_hera.runtime.run_record import write_record
 
 CHUNK = 64  # candidates per forward pass (halved on out-of-memory)
 

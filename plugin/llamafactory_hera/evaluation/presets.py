@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llamafactory_hera.evaluation.protocols import VARIANT_OF
 from llamafactory_hera.evaluation.task_data import Dataset, fetch_command, is_cached, offline, task_datasets
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 LMMS = "lmms-eval"
 LM = "lm-eval"

@@ -42,10 +42,10 @@ from llamafactory_hera.evaluation.presets import (
 from llamafactory_hera.evaluation.protocols import DERIVED, DERIVED_REVISION, derived_entries, write_protocol_tasks
 from llamafactory_hera.evaluation.runs import ModelSpec
 from llamafactory_hera.log import progress_once, say_once
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.run_record import read_record, write_record
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
-from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import host_version
-from llamafactory_hera_patches.lifecycle.run_record import read_record, write_record
 from llamafactory_hera_patches.tools import inference
 
 CACHE_DIR = "eval_cache"

@@ -16,8 +16,8 @@ import yaml
 
 from llamafactory_hera.recipe.dataset_info import as_names
 from llamafactory_hera.recipe.model_paths import check_model_paths
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle.run_record import FINISHED, RUN_RECORD, read_record
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.run_record import FINISHED, RUN_RECORD, read_record
 
 LLAMABOARD_ARGS = "training_args.yaml"
 HERA_RECORD = "hera_run.json"

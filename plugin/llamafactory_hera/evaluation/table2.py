@@ -28,7 +28,7 @@ from llamafactory_hera.evaluation.protocols import (
     header,
     scores,
 )
-from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD, read_record
+from llamafactory_hera.runtime.run_record import RUN_RECORD, read_record
 
 PAPER_FILE = Path(__file__).with_name("paper_table2.yaml")
 RAH_PAPER_FILE = Path(__file__).with_name("paper_rah_table1.yaml")

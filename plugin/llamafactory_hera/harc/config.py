@@ -14,7 +14,7 @@ from typing import Any
 
 from llamafactory_hera.plots.training import TrainingPlot
 from llamafactory_hera.recipe.keys import fail, parse_keys, recipe_key, save_on_signal_key, watchdog_key
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 ROLE_KEYS = ("harc_harmful", "harc_harmless", "harc_pseudo", "harc_harmful_completions")
 
@@ -142,7 +142,7 @@ def _dataset_name(key: str, value: Any) -> str:
 
 
 def moving_weights(args: HarcArguments) -> dict[str, float]:
-    """The weights of the terms that can move a freshly initialised adapter (the KL cannot: see harc/checks.py)."""
+    """The weights of the terms that can move a freshly initialised adapter (the KL cannot: see harc/raw_checks.py)."""
     weights = {"harc_weight_couple": args.harc_weight_couple}
     if args.response_coupling:  # without harmful completions the response-side term is always 0
         weights["harc_weight_couple_resp"] = args.harc_weight_couple_resp

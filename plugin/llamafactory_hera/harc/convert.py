@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.harc.source_files import Row, column_text, missing_column, read_rows
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 FULL_COMPLIANCE = "1_full_compliance"
 ADVBENCH_COLUMNS = ("bad_q", "goal", "prompt")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

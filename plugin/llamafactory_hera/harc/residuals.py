@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from llamafactory_hera.heads.architecture import text_decoder
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 @contextmanager

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 Row = dict[str, Any]
 READABLE = (".json", ".jsonl", ".csv", ".parquet")

@@ -26,7 +26,7 @@ from llamafactory_hera.harc.directions import (
     validation_cosines,
 )
 from llamafactory_hera.harc.layers import layer_scores, select_layers
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 STATE_FILE = "harc_state.pt"
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from llamafactory_hera.board.builder import build_panel
-from llamafactory_hera.board.checks import local_text_depth
+from llamafactory_hera.board.panel_checks import local_text_depth
 from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration, row
 from llamafactory_hera.harc.config import ROLE_KEYS, HarcArguments, parse_harc_arguments
 from llamafactory_hera.harc.layers import eligible_layers

@@ -1,6 +1,6 @@
 """A ``stage: harc`` run: LLaMA-Factory's SFT workflow with HARC's data, collator and trainer.
 
-Called by the stage patch (declared in :mod:`llamafactory_hera.methods`) in place of ``run_sft``: the model,
+Its run's preparation and trainer (:class:`llamafactory_hera.harc.run.HarcRun`), in place of ``run_sft``: the model,
 its LoRA adapter, the optimizer, schedule, checkpoints, DDP / DeepSpeed and the saved adapter are LLaMA-Factory's;
 the dataset is replaced by HARC's composed micro-batches (:mod:`~llamafactory_hera.harc.batches`) built from the
 ``harc_*`` role datasets, and the trainer adds HARC's loss (:mod:`~llamafactory_hera.harc.trainer`).
@@ -23,10 +23,10 @@ from llamafactory_hera.harc.roles import load_role_rows
 from llamafactory_hera.harc.state import HarcState
 from llamafactory_hera.harc.trainer import HarcTrainerMixin
 from llamafactory_hera.log import progress_once, say_again_on_board, say_once
-from llamafactory_hera.training import watchdog
+from llamafactory_hera.runtime.run_record import plain, write_record
+from llamafactory_hera.runtime.stage_run import HostArguments
 from llamafactory_hera.training.checkpoints import RestoresCheckpointWeights, WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
-from llamafactory_hera_patches.lifecycle.run_record import plain, write_record
 from llamafactory_hera_patches.tools.model_data import RecipeArgs, load_aligned_rows
 
 
@@ -63,21 +63,17 @@ def write_run_record(harc_args: HarcArguments, *holders: Any) -> None:
     write_record(Path(holders[-1].output_dir) / HARC_RUN_RECORD, record)
 
 
-def run_harc(
-    host: Any,
-    model_args: Any,
-    data_args: Any,
-    training_args: Any,
-    finetuning_args: Any,
-    generating_args: Any,
-    callbacks: Any,
-    harc_args: HarcArguments,
-) -> None:
-    """Train (see the module docstring)."""
-    run = RunContext(plot=bool(finetuning_args.plot_loss), smooth=host.smooth)
+def prepare(harc_args: HarcArguments, parsed: HostArguments) -> None:
+    """The run before its trainer: the lines LlamaBoard lost, the run's record."""
     say_again_on_board()  # LlamaBoard's log box lost the recipe checks' lines (a host warning)
-    if training_args.should_save:
-        write_run_record(harc_args, model_args, data_args, finetuning_args, training_args)
+    if parsed.training.should_save:
+        write_run_record(harc_args, parsed.model, parsed.data, parsed.finetuning, parsed.training)
+
+
+def train(harc_args: HarcArguments, host: Any, parsed: HostArguments, callbacks: Any) -> None:
+    """LLaMA-Factory's SFT workflow with HARC's data, collator and trainer, whose ``train`` ends with what follows the
+    steps (:func:`~llamafactory_hera.harc.outputs.finish_run`: the model is at hand there)."""
+    run = RunContext(plot=bool(parsed.finetuning.plot_loss), smooth=host.smooth)
 
     def get_dataset(
         template: Any,
@@ -145,15 +141,4 @@ def run_harc(
             finish_run(self)  # after the steps: the refusal evaluation, diagnostics, plots
             return result
 
-    with watchdog.watching(training_args, harc_args.harc_watchdog_timeout):
-        host.run(
-            HarcCollator,
-            HarcSeq2SeqTrainer,
-            model_args,
-            data_args,
-            training_args,
-            finetuning_args,
-            generating_args,
-            callbacks,
-            get_dataset=get_dataset,
-        )
+    host.run(HarcCollator, HarcSeq2SeqTrainer, *parsed, callbacks, get_dataset=get_dataset)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamafactory_hera.heads.architecture import head_layers, layer_list, plan_layers
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 _HEAD_RE = re.compile(r"^\s*L(\d+)\s*H(\d+)\s*$", re.IGNORECASE)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 IGNORE_INDEX = -100
 POOLINGS = ("assistant", "text")

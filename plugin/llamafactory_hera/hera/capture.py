@@ -28,7 +28,7 @@ from llamafactory_hera.hera.projection import (
     effective_weight_columns,
     head_columns,
 )
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 def is_zero3_partition(weight: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from llamafactory_hera import __version__
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 HERA_STATE_NAME = "hera_state.json"
 TAU_OPTIMIZER_NAME = "hera_temperature_optimizer.pt"

@@ -14,7 +14,7 @@ from typing import Any
 
 from llamafactory_hera.hera.config import DTYPES, RECIPE_BACKED, HeraArguments
 from llamafactory_hera.job_refusal import several_nodes
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 def _field(key: str) -> Field:

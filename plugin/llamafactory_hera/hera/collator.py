@@ -22,7 +22,7 @@ import torch
 from llamafactory_hera.heads.pooling import pooled_token_mask, pooling_weights
 from llamafactory_hera.hera.teacher import open_image
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, image_identity, image_key
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 HERA_BATCH_KEYS = (
     "hera_pixel_values",

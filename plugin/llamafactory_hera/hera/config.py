@@ -11,7 +11,7 @@ from typing import Any
 from llamafactory_hera.heads.geometry import HeadRef, parse_head
 from llamafactory_hera.plots.training import Panel, TrainingPlot
 from llamafactory_hera.recipe.keys import fail, parse_keys, recipe_key, save_on_signal_key, watchdog_key
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 AUTO = "auto"
 STRATEGIES = ("worst", "best", "random")

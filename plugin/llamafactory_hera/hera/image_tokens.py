@@ -12,8 +12,8 @@ from typing import Any
 import datasets
 import pyarrow.compute
 
+from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.data.templates import ignore_index, image_token_id, whole_row
-from llamafactory_hera_patches.errors import RecipeError
 
 SLACK = 2  # a truncated row's length may fall short of cutoff_len by infer_seqlen's rounding
 

@@ -23,9 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llamafactory_hera.log import progress_file, show
+from llamafactory_hera.runtime import stop_signal
+from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.engines.deepspeed import loaded_whole
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle import stop_signal
 
 # Dual image-text encoders whose image tower (``.vision_model``) can serve as teacher.
 DUAL_ENCODER_TYPES = frozenset({"clip", "siglip", "siglip2"})

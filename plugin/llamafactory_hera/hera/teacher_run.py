@@ -25,8 +25,8 @@ from llamafactory_hera.hera.teacher import (
     teacher_batch_size,
 )
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, TeacherFeatureStore, feature_store, image_key
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle import stop_signal
+from llamafactory_hera.runtime import stop_signal
+from llamafactory_hera.runtime.errors import RecipeError
 
 GATHER_ROWS = 4096  # rows per all-gather round: [4096, 1024] float32 is 16 MB per rank
 

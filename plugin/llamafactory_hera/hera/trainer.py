@@ -48,7 +48,7 @@ __all__ = ["HeraTrainer", "StepSums"]
 class HeraTrainer:
     """Mix in front of a Hugging Face ``Trainer`` subclass; pass ``hera_args`` (``hera/config.py``'s
     ``HeraArguments``), the run's feature cache and ``hera_queue`` (the feature queue's capacity,
-    ``preflight.contrastive_geometry``'s) to ``__init__``."""
+    ``preparation_checks.contrastive_geometry``'s) to ``__init__``."""
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from llamafactory_hera.board.builder import build_panel
-from llamafactory_hera.board.checks import local_attention_geometry
+from llamafactory_hera.board.panel_checks import local_attention_geometry
 from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration, row
 from llamafactory_hera.board.widgets import comma_list
 from llamafactory_hera.heads.geometry import check_heads_fit

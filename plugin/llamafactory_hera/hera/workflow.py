@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,37 +19,28 @@ from llamafactory_hera.hera.config import HERA_RUN_RECORD, TRAINING_PLOT, HeraAr
 from llamafactory_hera.hera.image_tokens import check_image_tokens
 from llamafactory_hera.hera.loss import TAU_MAX, TAU_MIN
 from llamafactory_hera.hera.monitor import MonitorCallback, probe_set
-from llamafactory_hera.hera.preflight import (
+from llamafactory_hera.hera.preparation_checks import (
     ContrastiveGeometry,
-    check_contrastive_geometry,
     check_heads_train,
-    check_image_rows,
     check_same_heads_on_every_rank,
-    contrastive_geometry,
-    count_image_rows,
-    queue_cap_line,
+    checked_contrastive_geometry,
+    checked_image_rows,
 )
 from llamafactory_hera.hera.selection.auto import resolve_auto_heads
 from llamafactory_hera.hera.selection.select import scoring_dtype
 from llamafactory_hera.hera.teacher import load_image_processor
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.trainer import HeraTrainer
-from llamafactory_hera.log import say, say_again_on_board
+from llamafactory_hera.log import say_again_on_board
 from llamafactory_hera.plots.training import plot_training
-from llamafactory_hera.recipe.dataset_info import describe_data, first_unreadable, image_rows
-from llamafactory_hera.training import sections, watchdog
+from llamafactory_hera.recipe.dataset_info import describe_data, first_unreadable
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.run_record import plain, write_record
+from llamafactory_hera.runtime.stage_run import HostArguments
+from llamafactory_hera.training import sections
 from llamafactory_hera.training.checkpoints import RestoresCheckpointWeights, WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
-from llamafactory_hera_patches.data.media_warnings import media_warnings_held
-from llamafactory_hera_patches.data.templates import image_placeholder
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle.run_record import plain, write_record
-from llamafactory_hera_patches.tools.model_data import (
-    RecipeArgs,
-    holds_out_by_val_size,
-    load_aligned_rows,
-    training_rows,
-)
+from llamafactory_hera_patches.tools.model_data import RecipeArgs
 
 PREFIX = "[llamafactory-hera]"
 
@@ -58,8 +49,8 @@ class RunSummary(TrainerCallback):
     """Prints the start line when training begins (main process), after ``Trainer.train`` re-enabled gradient
     checkpointing, so that its checkpointing part says what the steps run under, and before the alignment monitor's
     step-0 point; at the end, the count of micro-batches with a HeRA term. ``data_counts``:
-    ``preflight.ImageRowCounts`` or None (streaming); ``contrastive``: ``preflight.ContrastiveGeometry``;
-    ``monitor``: the alignment monitor's callback or None."""
+    ``preparation_checks.ImageRowCounts`` or None (streaming); ``contrastive``:
+    ``preparation_checks.ContrastiveGeometry``; ``monitor``: the alignment monitor's callback or None."""
 
     def __init__(
         self, trainer: Any, hera_args: HeraArguments, data_counts: Any, contrastive: Any, monitor: Any = None
@@ -201,122 +192,67 @@ def _hera_classes(
     return collator, HeraSeq2SeqTrainer
 
 
-def _checked_image_rows(
-    model_args: Any, data_args: Any, finetuning_args: Any, training_args: Any
-) -> tuple[dict[str, int], Any, Any]:
-    """(image path -> training-data row, the counts of the rows that train, the aligned rows), after checking every
-    image file exists and that the training rows have images at all, before LLaMA-Factory's preprocessing fails on a
-    missing file with a bare OSError. The counts leave out ``val_size``'s validation rows (LLaMA-Factory's split with
-    the run's seed, of the rows before its preprocessing). Streaming datasets are not scanned (counts and rows None)."""
-    if getattr(data_args, "streaming", False):
-        return {}, None, None
-
-    # Main process first, as LLaMA-Factory loads a dataset: the others then read the datasets cache it wrote instead
-    # of aligning with preprocessing_num_workers processes each (and checking every image) at the same time.
-    # Only the main process stats the image files (the others wait for it, then map paths to rows without the
-    # file system: 8 ranks per node checking every image of a 665k-row dataset at once is what this avoids).
-    local = not getattr(data_args, "data_shared_file_system", False)
-    main = (training_args.local_process_index if local else training_args.process_index) == 0
-    with (
-        training_args.main_process_first(desc="align the dataset and check its images", local=local),
-        media_warnings_held(),
-    ):  # a missing file is named alone, not below the converter's line per image
-        recipe = RecipeArgs(model_args, data_args, finetuning_args)
-        aligned = load_aligned_rows(recipe, training_args.seed, training_args=training_args)
-        counts = count_image_rows(training_rows(recipe, training_args.seed, aligned))
-        check_image_rows(
-            counts,
-            data_args.dataset,
-            f" that train (val_size: {data_args.val_size} holds the others out)"
-            if holds_out_by_val_size(data_args)
-            else "",
-        )
-        return (
-            image_rows(
-                aligned,
-                column="_images",
-                check_files=main,
-                placeholder=image_placeholder(),
-                data=describe_data(data_args),
-            ),
-            counts,
-            aligned,
-        )
-
-
 def _from_pil(err: BaseException) -> bool:
     """Whether PIL raised ``err`` (in this process, or in a preprocessing worker: its traceback text is the cause)."""
     text = "".join(traceback.format_exception(err))
     return f"{os.sep}PIL{os.sep}" in text
 
 
-def _contrastive(hera_args: HeraArguments, counts: Any, data_args: Any, training_args: Any) -> ContrastiveGeometry:
-    """The run's contrastive sets (the trainer's queue among them). Refuse a run whose sets can never hold hera_k + 1
-    distinct images of the rows that train; say when those images cap the queue."""
-    geometry = contrastive_geometry(
-        hera_args,
-        training_args.per_device_train_batch_size,
-        training_args.world_size,
-        None if counts is None else counts.distinct_images,
-    )
-    if counts is None:  # streaming: the sizes alone were checked before loading (hera/checks.py)
-        return geometry
-    names = ", ".join(data_args.dataset) if isinstance(data_args.dataset, list) else data_args.dataset
-    limit = f", max_samples: {data_args.max_samples}" if data_args.max_samples is not None else ""
-    more = "another dataset, or a larger max_samples"
-    if holds_out_by_val_size(data_args):  # its validation rows do not train
-        limit += f", without val_size: {data_args.val_size}'s validation rows"
-        more = "another dataset, a larger max_samples, or a smaller val_size"
-    check_contrastive_geometry(geometry, hera_args, f"the training data (dataset: {names}{limit})", more)
-    line = queue_cap_line(geometry, hera_args)
-    if line and training_args.process_index == 0:
-        say(line)
-    return geometry
+# the host settings needed to re-score the run's heads, by the parsed arguments that hold them
+_RECORDED_HOST_KEYS = (
+    ("model", ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),
+    (
+        "data",
+        (
+            "template",
+            "dataset",
+            "eval_dataset",
+            "dataset_dir",
+            "media_dir",
+            "cutoff_len",
+            "enable_thinking",
+            "default_system",
+        ),
+    ),
+    ("model", ("image_max_pixels", "image_min_pixels")),
+    ("finetuning", ("finetuning_type", "pure_bf16")),
+    ("training", ("seed", "output_dir", "bf16", "fp16")),
+)
 
 
-def _write_run_record(
-    output_dir: str, hera_args: HeraArguments, host_keys: tuple[tuple[Any, tuple[str, ...]], ...]
-) -> None:
+def _write_run_record(output_dir: str, hera_args: HeraArguments, parsed: HostArguments) -> None:
     """``hera_run.json``: the HeRA settings and the host settings needed to re-score the run's heads."""
-    record = {
-        "stage": "hera",
-        "llamafactory_hera_version": __version__,
-        **asdict(hera_args),
-        "host": {key: plain(getattr(holder, key, None)) for holder, keys in host_keys for key in keys},
+    host = {
+        key: plain(getattr(getattr(parsed, holder), key, None)) for holder, keys in _RECORDED_HOST_KEYS for key in keys
     }
+    record = {"stage": "hera", "llamafactory_hera_version": __version__, **asdict(hera_args), "host": host}
     write_record(Path(output_dir) / HERA_RUN_RECORD, record)
 
 
-def run_hera(
-    host: Any,
-    model_args: Any,
-    data_args: Any,
-    training_args: Any,
-    finetuning_args: Any,
-    generating_args: Any,
-    callbacks: Any,
-    hera_args: HeraArguments,
-) -> None:
-    """Train (and evaluate) as ``run_sft`` does, with HeRA's collator and trainer; then HeRA's curves."""
-    with watchdog.watching(training_args, hera_args.hera_watchdog_timeout):
-        _run_hera(host, model_args, data_args, training_args, finetuning_args, generating_args, callbacks, hera_args)
+@dataclass(frozen=True)
+class HeraPreparation:
+    """What a run's preparation hands its trainer: the training images' rows (path -> row), their counts and the aligned
+    rows (None: streaming), the contrastive sets, whether the heads were chosen by ``hera_heads: auto``, the
+    monitor's probe pairs."""
+
+    rows: dict[str, int]
+    counts: Any
+    aligned: Any
+    contrastive: ContrastiveGeometry
+    auto: bool
+    probe: Any
 
 
-def _run_hera(
-    host: Any,
-    model_args: Any,
-    data_args: Any,
-    training_args: Any,
-    finetuning_args: Any,
-    generating_args: Any,
-    callbacks: Any,
-    hera_args: HeraArguments,
-) -> None:
+def prepare(hera_args: HeraArguments, parsed: HostArguments) -> HeraPreparation:
+    """The run before its trainer: the data's checks, the contrastive sets, ``hera_heads: auto``'s selection, the
+    monitor's probe pairs (before the model loads)."""
+    model_args, data_args, training_args, finetuning_args, _ = parsed
     say_again_on_board()  # LlamaBoard's log box lost the recipe checks' lines (a host warning)
     # the data checks first: an image-less dataset is named as such, not as too few pairs to select heads from
-    rows, counts, aligned = _checked_image_rows(model_args, data_args, finetuning_args, training_args)
-    contrastive = _contrastive(hera_args, counts, data_args, training_args)
+    rows, counts, aligned = checked_image_rows(model_args, data_args, finetuning_args, training_args)
+    contrastive = checked_contrastive_geometry(hera_args, counts, data_args, training_args)
     auto = hera_args.auto_heads
+    recipe_args = RecipeArgs(model_args, data_args, finetuning_args)
     if auto:
         precision = {
             "bf16": training_args.bf16,
@@ -328,7 +264,7 @@ def _run_hera(
         kind = "selection" if training_args.process_index == 0 else "wait"
         with sections.section("head selection", kind, forwards=True):
             hera_args.hera_heads = resolve_auto_heads(
-                RecipeArgs(model_args, data_args, finetuning_args),
+                recipe_args,
                 hera_args,
                 training_args.seed,
                 str(training_args.device),
@@ -336,41 +272,29 @@ def _run_hera(
                 training_args.process_index == 0,
                 dtype=scoring_dtype(precision),
             )
-
-    recipe_args = RecipeArgs(model_args, data_args, finetuning_args)
     probe = probe_set(hera_args, recipe_args, aligned, training_args.seed)  # before the model loads
-    collator, trainer = _hera_classes(host, hera_args, rows, counts, contrastive, probe, recipe_args, auto)
+    return HeraPreparation(rows, counts, aligned, contrastive, auto, probe)
+
+
+def train(
+    hera_args: HeraArguments, host: Any, parsed: HostArguments, callbacks: Any, prepared: HeraPreparation
+) -> None:
+    """LLaMA-Factory's SFT workflow with HeRA's collator and trainer, the run's record written first."""
+    model_args, data_args, training_args, finetuning_args, _ = parsed
+    recipe_args = RecipeArgs(model_args, data_args, finetuning_args)
+    rows = prepared.rows
+    collator, trainer = _hera_classes(
+        host, hera_args, rows, prepared.counts, prepared.contrastive, prepared.probe, recipe_args, prepared.auto
+    )
     if training_args.should_save:
-        _write_run_record(
-            training_args.output_dir,
-            hera_args,
-            (
-                (model_args, ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),
-                (
-                    data_args,
-                    (
-                        "template",
-                        "dataset",
-                        "eval_dataset",
-                        "dataset_dir",
-                        "media_dir",
-                        "cutoff_len",
-                        "enable_thinking",
-                        "default_system",
-                    ),
-                ),
-                (model_args, ("image_max_pixels", "image_min_pixels")),
-                (finetuning_args, ("finetuning_type", "pure_bf16")),
-                (training_args, ("seed", "output_dir", "bf16", "fp16")),
-            ),
-        )
+        _write_run_record(training_args.output_dir, hera_args, parsed)
 
     def get_dataset(template: Any, *args: Any, **tokenizer_module: Any) -> dict[str, Any]:
         module = host.get_dataset(template, *args, **tokenizer_module)  # tokenized; the model loads next
         if not data_args.packing and training_args.process_index == 0:
             check_image_tokens(
                 module.get("train_dataset"),
-                aligned,
+                prepared.aligned,
                 rows,
                 template,
                 tokenizer_module,
@@ -380,17 +304,7 @@ def _run_hera(
         return module
 
     try:
-        host.run(
-            collator,
-            trainer,
-            model_args,
-            data_args,
-            training_args,
-            finetuning_args,
-            generating_args,
-            callbacks,
-            get_dataset=get_dataset,
-        )
+        host.run(collator, trainer, *parsed, callbacks, get_dataset=get_dataset)
     except OSError as err:  # e.g. PIL's UnidentifiedImageError in the host's preprocessing
         culprit = next((path for path in rows if path in str(err)), None)
         if culprit is None:  # PIL's "Truncated File Read" names no file: the first that does not decode
@@ -401,7 +315,12 @@ def _run_hera(
         raise RecipeError(
             f"HeRA cannot read {describe_image(culprit, rows)}: {type(err).__name__}: {err}. Fix or remove the file."
         ) from err
-    if finetuning_args.plot_loss and training_args.process_index == 0:
+
+
+def finish(host: Any, parsed: HostArguments) -> None:
+    """HeRA's training curves (``plot_loss``, by the main process)."""
+    training_args = parsed.training
+    if parsed.finetuning.plot_loss and training_args.process_index == 0:
         path, missing = plot_training(training_args.output_dir, "hera", TRAINING_PLOT, host.smooth)
         if path is not None:
             print(f"Figure saved at: {path}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.llava.compose_plan import DEFAULT_VISION
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 DEFAULT_WORKERS = min(16, os.cpu_count() or 1)
 

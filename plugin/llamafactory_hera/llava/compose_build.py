@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.llava.compose_plan import ComposePlan
-from llamafactory_hera_patches.data.llava_templates import IMAGE_TOKEN
-from llamafactory_hera_patches.lifecycle.run_record import (
+from llamafactory_hera.runtime.run_record import (
     COMPOSE_RECORD as RECORD,  # a run's record reads it back (its chain)
 )
+from llamafactory_hera_patches.data.llava_templates import IMAGE_TOKEN
 from llamafactory_hera_patches.stacks import dtype_key
 
 

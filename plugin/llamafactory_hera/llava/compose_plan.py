@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamafactory_hera.recipe.checks import check_output_dir
+from llamafactory_hera.recipe.parsed_checks import check_output_dir
+from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.data.llava_templates import FAMILY_TEMPLATES
-from llamafactory_hera_patches.errors import RecipeError
 
 DEFAULT_VISION = "google/siglip2-so400m-patch14-384"
 FEATURE_LAYER = -2

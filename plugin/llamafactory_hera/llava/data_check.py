@@ -20,7 +20,7 @@ from llamafactory_hera.recipe.dataset_info import (
     image_marks,
     image_problem,
 )
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 FIRST_PATHS = 10  # bad paths listed after the table
 IMAGE_CHUNK = 4096  # images handed to the threads at a time
@@ -163,7 +163,7 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int) -> tuple[list[Da
     RecipeError for a recipe without datasets, a dataset not in ``dataset_info.json`` or without its file, a
     ``media_dir`` that is no folder, a file LLaMA-Factory cannot load, ``workers`` below 1."""
     from llamafactory_hera.hera.selection.command import load_recipe
-    from llamafactory_hera.recipe.checks import check_dataset_names
+    from llamafactory_hera.recipe.parsed_checks import check_dataset_names
     from llamafactory_hera_patches.data.templates import image_placeholder
     from llamafactory_hera_patches.tools.model_data import parse_recipe
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.hera.selection.recipe_write import write_text_atomic
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 SUFFIX = ".string_ids.json"
 

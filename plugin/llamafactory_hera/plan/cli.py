@@ -20,7 +20,7 @@ from llamafactory_hera.plan.cards import CARDS, DEFAULT_CARD
 from llamafactory_hera.plan.keys import checked, with_defaults
 from llamafactory_hera.plan.report import fit_line, memory_table, time_lines
 from llamafactory_hera.plan.timing import Network
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.recipe.host_arguments import liger_applies_to
 
 GiB = estimate.GIB
@@ -134,7 +134,9 @@ def plan(
     network: Network | None = None,
 ) -> str:
     """The report ``llamafactory-hera plan`` prints: the recipe and its overrides read as training reads them."""
-    from llamafactory_hera_patches.launch import launch_recipe  # lazy: LLaMA-Factory's arguments (seconds)
+    from llamafactory_hera_patches.recipe.recipe_file import (
+        launch_recipe,  # lazy: the patches read recipes as LLaMA-Factory
+    )
 
     for item in overrides:
         if "=" not in item:
@@ -165,7 +167,7 @@ def plan_recipe(
     if card is None:
         raise RecipeError(f"--gpu: unknown card '{gpu}'; known: {', '.join(CARDS)}.")
     # lazy: transformers, peft, datasets (seconds)
-    from llamafactory_hera.hera.checks import check_heads_of
+    from llamafactory_hera.hera.parsed_checks import check_heads_of
     from llamafactory_hera.plan import count, lengths, methods
 
     method_args = checked(recipe)

@@ -18,8 +18,8 @@ import yaml
 from llamafactory_hera.plan.cards import Card
 from llamafactory_hera.recipe.dataset_info import as_names, dataset_info
 from llamafactory_hera.recipe.quantization import quantized_bytes_per_weight
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.recipe.arguments import truthy
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import truthy
 
 GIB = 2**30
 RESERVE = 2 * GIB  # CUDA context (~0.5 GiB), cuBLAS / NCCL workspaces and the caching allocator's slack: stated

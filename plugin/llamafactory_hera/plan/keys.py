@@ -13,14 +13,14 @@ def checked(recipe: dict) -> Any:
     paths, stack, bf16, the checkpoint it resumes from): the method's keys parsed and checked (heads named in a local
     model), every LLaMA-Factory key known and of its type, ``lora_target``. The method's arguments (None: a
     LLaMA-Factory stage)."""
-    # lazy: the patches' stage and launch checks import LLaMA-Factory's and transformers' pieces
-    from llamafactory_hera.recipe.checks import check_raw_recipe
+    # lazy: the patches' checks before the parse import LLaMA-Factory's and transformers' pieces
+    from llamafactory_hera.recipe.raw_checks import check_raw_recipe
     from llamafactory_hera_patches.recipe.arguments import keys_of, split_args
-    from llamafactory_hera_patches.stage import check_host_stage, method_arguments
+    from llamafactory_hera_patches.recipe.raw_checks import check_host_stage, start_run
 
     host, own, method = split_args(dict(recipe))
     if method is not None:
-        return method_arguments(method, keys_of(method, own)[0], host, machine=False)
+        return start_run(method, keys_of(method, own)[0], host, machine=False).args
     check_host_stage(host, {})
     check_raw_recipe(host, str(host.get("stage") or "sft"), machine=False)
     return None

@@ -18,7 +18,7 @@ from torch import nn
 from llamafactory_hera.rah.calibrate import Calibration, Geometry
 from llamafactory_hera.rah.overlay import Step, WeightOverlay, joined, module_step
 from llamafactory_hera.rah.update import lora_pair
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 def lora_factors(

@@ -37,7 +37,7 @@ from llamafactory_hera.rah.targets_anchors import (
     top_anchors,
 )
 from llamafactory_hera.rah.update import TrustRegion, lora_pair, low_rank, mean_kl, search_alpha, trimmed_mean
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 @dataclass

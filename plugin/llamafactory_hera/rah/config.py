@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamafactory_hera.recipe.keys import fail, parse_keys, recipe_key
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 AUTO = "auto"
 

@@ -12,7 +12,7 @@ from torch import nn
 from llamafactory_hera.heads.architecture import DecoderLayer, decoder_layers, describe, per_head_value_layers
 from llamafactory_hera.heads.geometry import attention_geometry
 from llamafactory_hera.rah.config import AUTO, RahArguments
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 @dataclass(frozen=True)

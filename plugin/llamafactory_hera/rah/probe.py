@@ -22,7 +22,7 @@ from llamafactory_hera.heads.architecture import DecoderLayer
 from llamafactory_hera.heads.pooling import multimodal_token_ids
 from llamafactory_hera.rah.plan import plan_calibration
 from llamafactory_hera.rah.scores import isal, margin_loss
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 def attention_modules(model: nn.Module) -> dict[int, DecoderLayer]:

@@ -14,7 +14,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from llamafactory_hera.board.builder import build_panel
-from llamafactory_hera.board.checks import local_text_depth
+from llamafactory_hera.board.panel_checks import local_text_depth
 from llamafactory_hera.board.spec import Field, LossPlot, PanelDeclaration, row
 from llamafactory_hera.board.widgets import comma_list
 from llamafactory_hera.log import PHASE_KEY

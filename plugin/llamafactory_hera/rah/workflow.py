@@ -1,7 +1,7 @@
 """A ``stage: rah`` run: calibrate the recipe's model on its unlabelled image-text rows and write a LoRA adapter.
 
-Called by the stage patch (declared in :mod:`llamafactory_hera.methods`) in place of ``run_sft``; no optimizer
-step is taken. ``output_dir`` receives the adapter (PEFT's format), ``rah_profile.json`` and ``rah_profile.png``;
+Its run's phases (:class:`llamafactory_hera.rah.run.RahRun`) run in place of ``run_sft``; no optimizer step is
+taken. ``output_dir`` receives the adapter (PEFT's format), ``rah_profile.json`` and ``rah_profile.png``;
 what each holds: docs/rah.md.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,13 @@ from llamafactory_hera.rah.config import RahArguments
 from llamafactory_hera.rah.plan import plan_calibration
 from llamafactory_hera.rah.probe import token_kinds
 from llamafactory_hera.recipe.dataset_info import describe_data, image_rows
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.run_record import write_record
+from llamafactory_hera.runtime.stage_run import HostArguments
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.data.media_warnings import media_warnings_held
 from llamafactory_hera_patches.data.templates import image_placeholder
-from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import recorded_versions
-from llamafactory_hera_patches.lifecycle.run_record import write_record
 from llamafactory_hera_patches.tools.model_data import (
     RecipeArgs,
     load_aligned_rows,
@@ -217,23 +218,34 @@ def input_device(model: torch.nn.Module) -> torch.device:
     return torch.device(getattr(getattr(embeddings, "_hf_hook", None), "execution_device", embeddings.weight.device))
 
 
-def run_rah(
-    host: Any,
-    model_args: Any,
-    data_args: Any,
-    training_args: Any,
-    finetuning_args: Any,
-    generating_args: Any,
-    callbacks: Any,
-    rah_args: RahArguments,
-) -> None:
-    """Calibrate and write the adapter and the profile (see the module docstring)."""
+@dataclass(frozen=True)
+class RahPreparation:
+    """What a run's preparation hands its calibration: when it started, the recipe's model and data, the rows."""
+
+    started: float
+    recipe: RecipeArgs
+    rows: list[int]
+
+
+@dataclass(frozen=True)
+class RahCalibrated:
+    """What the calibration hands the finish: the model, its calibration and plan, when the model had loaded."""
+
+    model: torch.nn.Module
+    calibration: Any
+    plan: Any
+    loaded: float
+
+
+def prepare(rah_args: RahArguments, parsed: HostArguments) -> RahPreparation:
+    """The calibration rows, each of their images read, before the model loads."""
     started = time.perf_counter()
     start_board_files()
-    recipe = RecipeArgs(model_args, data_args, finetuning_args)
+    data_args = parsed.data
+    recipe = RecipeArgs(parsed.model, data_args, parsed.finetuning)
     with media_warnings_held():  # a missing file is named before the model loads, not below a line per image
-        aligned = load_aligned_rows(recipe, training_args.seed)
-        rows = _image_rows(aligned, data_args.dataset, rah_args, training_args.seed)
+        aligned = load_aligned_rows(recipe, parsed.training.seed)
+        rows = _image_rows(aligned, data_args.dataset, rah_args, parsed.training.seed)
         image_rows(
             aligned,
             column="_images",
@@ -242,12 +254,19 @@ def run_rah(
             decode=True,
             data=describe_data(data_args),
         )  # its few rows decoded: they are read after the model loads
-    device = str(training_args.device)
-    model, tokenizer_module, template = load_model_for_scoring(recipe, device, placement(model_args, device))
+    return RahPreparation(started, recipe, rows)
+
+
+def calibrate_model(rah_args: RahArguments, parsed: HostArguments, prepared: RahPreparation) -> RahCalibrated:
+    """The model loaded as LLaMA-Factory loads it, placed (:func:`placement`), and calibrated on the rows."""
+    recipe = prepared.recipe
+    rows = prepared.rows
+    device = str(parsed.training.device)
+    model, tokenizer_module, template = load_model_for_scoring(recipe, device, placement(parsed.model, device))
     keep_4bit_layout(model)  # its 4-bit V and O weights are read dequantized (training/eval_forward.py)
     loaded = time.perf_counter()
     dataset, collator = multimodal_dataset_and_collator(
-        recipe, model, tokenizer_module, template, training_args.seed, rows
+        recipe, model, tokenizer_module, template, parsed.training.seed, rows
     )
     first = input_device(model)
     size = rah_args.rah_batch_size
@@ -278,8 +297,20 @@ def run_rah(
     )
     calibration = calibrate(model, calibration_batches, caf_batches, kl_batches, rah_args, kinds, progress, plan)
     _say_what_was_left_out(calibration, len(rows))
+    return RahCalibrated(model, calibration, plan, loaded)
+
+
+def finish(rah_args: RahArguments, parsed: HostArguments, prepared: RahPreparation, calibrated: RahCalibrated) -> None:
+    """The profile record and figure, then the adapter, in ``output_dir``; a calibration that changed no weight is
+    refused there."""
+    model_args, data_args, training_args, finetuning_args, _ = parsed
+    calibration = calibrated.calibration
+    model = calibrated.model
+    rows = prepared.rows
+    started = prepared.started
+    loaded = calibrated.loaded
     output = Path(training_args.output_dir)
-    factors = lora_factors(calibration, model, plan.geometry)
+    factors = lora_factors(calibration, model, calibrated.plan.geometry)
     record = profile_record(
         calibration,
         rah_args,

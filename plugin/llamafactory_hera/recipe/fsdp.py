@@ -15,11 +15,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import raw_value
+from llamafactory_hera.runtime.run_record import read_record
 from llamafactory_hera_patches.engines.fsdp_adapter import launched_fsdp_version, unsaved_refusal
 from llamafactory_hera_patches.engines.fsdp_loading import bitsandbytes_refusal
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle.run_record import read_record
-from llamafactory_hera_patches.recipe.arguments import raw_value
 
 RAH_ONE_PROCESS = (
     "stage: rah runs as one process that places the model over every visible GPU; run it so: "

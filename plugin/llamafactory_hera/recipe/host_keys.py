@@ -1,5 +1,5 @@
 """Checks of a plugin stage's recipe keys that LLaMA-Factory reads, before it parses them (nothing is loaded yet), run
-once for every stage by :func:`llamafactory_hera.recipe.checks.check_raw_recipe` (:func:`check_host_keys`). Each raises
+once for every stage by :func:`.raw_checks.check_raw_recipe` (:func:`check_host_keys`). Each raises
 one :class:`RecipeError` naming the key, the value, why and the fix, where LLaMA-Factory would stop with a traceback
 that names neither, or only after the tokenizer or the model loaded.
 """
@@ -11,10 +11,11 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.recipe.arguments import given_keys, method_fields, truthy
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import given_keys, truthy
+from llamafactory_hera.runtime.registry import registered_methods
+from llamafactory_hera_patches.recipe.arguments import method_fields
 from llamafactory_hera_patches.recipe.host_arguments import host_keys, template_names, unknown_keys_pass
-from llamafactory_hera_patches.registry import registered_methods
 
 _SHOWN = 12  # at most this many allowed values are listed in a message; more: the nearest ones only
 _NULLS = {"none", "null", "~"}

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import field, fields
 from typing import Any, TypeVar
 
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 T = TypeVar("T")
 NULLS = {"none", "null", ""}

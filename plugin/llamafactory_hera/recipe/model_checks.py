@@ -1,7 +1,7 @@
 """``lora_target`` against the model's own module names (read from its config on the meta device: no weight is loaded),
 before LLaMA-Factory parses the recipe, where PEFT would fail after the model loaded, or, when another name of the
 list matches, the run would silently train fewer modules than the recipe names. Run once for every stage by
-:func:`llamafactory_hera.recipe.checks.check_raw_recipe`; the model and adapter paths are :mod:`.model_paths`'.
+:func:`llamafactory_hera.recipe.raw_checks.check_raw_recipe`; the model and adapter paths are :mod:`.model_paths`'.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 from llamafactory_hera.log import say
 from llamafactory_hera.recipe.model_paths import value_or_none
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import truthy
 from llamafactory_hera_patches.data.templates import composite_model_types
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.recipe.arguments import truthy
 from llamafactory_hera_patches.recipe.host_arguments import host_keys
 
 

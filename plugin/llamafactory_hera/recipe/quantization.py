@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 BITSANDBYTES = "bitsandbytes"  # transformers' quant_method; LLaMA-Factory's quantization_method calls it "bnb"
 

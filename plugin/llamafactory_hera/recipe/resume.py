@@ -6,7 +6,7 @@ That folder must be a checkpoint (a Trainer's ``trainer_state.json``; not a run'
 the recipe asks for: LoRA (its ``adapter_config.json``: rank, DoRA) or whole-model weights (full or freeze: the run
 record says which), of a model with the same architecture and sizes (``config.json``: the checkpoint's own, or a LoRA
 checkpoint's base model's), written by the same stage (the run record,
-:mod:`llamafactory_hera_patches.lifecycle.run_record`, in the checkpoint's run folder). Only small files are read;
+:mod:`llamafactory_hera.runtime.run_record`, in the checkpoint's run folder). Only small files are read;
 what a file does not say is not checked.
 """
 
@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from llamafactory_hera.log import say
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle.claim_folders import CLAIM, made_by_claim
-from llamafactory_hera_patches.lifecycle.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
-from llamafactory_hera_patches.lifecycle.shared_output import PROBE_PREFIX
-from llamafactory_hera_patches.lifecycle.whole_checkpoints import MARKER, newest_since, newest_whole, whole_checkpoints
-from llamafactory_hera_patches.recipe.arguments import given_keys, truthy
+from llamafactory_hera.runtime.claim_folders import CLAIM, made_by_claim
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import given_keys, truthy
+from llamafactory_hera.runtime.run_record import RUN_RECORD, SAVED_MODEL_FILES, read_record
+from llamafactory_hera.runtime.shared_output import PROBE_PREFIX
+from llamafactory_hera.runtime.whole_checkpoints import MARKER, newest_since, newest_whole, whole_checkpoints
 from llamafactory_hera_patches.recipe.host_arguments import host_keys
 
 # what a job's processes write into output_dir before its run starts: its ranks' claim, and the heartbeat folder of
@@ -87,7 +87,7 @@ class Checkpoint:
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    """``folder``'s newest whole ``checkpoint-N`` (``lifecycle.whole_checkpoints``: what trainers resume), or None."""
+    """``folder``'s newest whole ``checkpoint-N`` (``runtime.whole_checkpoints``: what trainers resume), or None."""
     return newest_whole(folder)[0]
 
 
@@ -251,7 +251,7 @@ def _run_folder(folder: Path) -> bool:
 
 def _job_file(name: str) -> bool:
     """Whether ``name`` is a file a job writes into output_dir before its run starts (a node's probe of a start that
-    ended in it included: :mod:`llamafactory_hera_patches.lifecycle.shared_output`)."""
+    ended in it included: :mod:`llamafactory_hera.runtime.shared_output`)."""
     return name in JOB_FILES or name.startswith(PROBE_PREFIX)
 
 

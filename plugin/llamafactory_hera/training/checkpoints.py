@@ -2,7 +2,7 @@
 it).
 
 Checkpoints a run can trust, and a stop that saves one (:class:`WholeCheckpoints`; what users see: docs/hera.md,
-"Killed, preempted, disk full"): the marker is ``lifecycle.whole_checkpoints``'s; the ranks agree on a signal's stop
+"Killed, preempted, disk full"): the marker is ``runtime.whole_checkpoints``'s; the ranks agree on a signal's stop
 step through the process group's store (host-side: no device sync).
 
 A resumed run's weights (:class:`RestoresCheckpointWeights`): transformers' ``Trainer._load_from_checkpoint`` loads a
@@ -38,10 +38,10 @@ except ImportError:  # transformers 4: the model class's ``_checkpoint_conversio
     get_model_conversion_mapping = None
 
 from llamafactory_hera.log import say_once
+from llamafactory_hera.runtime import stop_signal
+from llamafactory_hera.runtime import whole_checkpoints as whole
+from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.training import sections
-from llamafactory_hera_patches.errors import RecipeError
-from llamafactory_hera_patches.lifecycle import stop_signal
-from llamafactory_hera_patches.lifecycle import whole_checkpoints as whole
 
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_WEIGHTS, TORCH_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -200,7 +200,7 @@ class _StopOnSignal(TrainerCallback):
         sections.enter(f"step {state.global_step + 1}", "step", state.global_step + 1)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        received = self.noted()  # noted since the stage started (lifecycle.stop_signal)
+        received = self.noted()  # noted since the stage started (runtime.stop_signal)
         if self.stop_step is None and received and not dist.is_initialized():
             self.stop_step = state.global_step
         elif self.stop_step is None and self.signum is not None and dist.is_initialized():
@@ -217,7 +217,7 @@ class WholeCheckpoints:
     """Mix in front of a ``Trainer`` (see the module doc); ``save_on_signal``: the method's ``<prefix>_save_on_signal``
     (``recipe.keys.save_on_signal_key``), set by the method's trainer."""
 
-    lineage: str | None = None  # the lineage of a pinned resume (lifecycle.whole_checkpoints), in each marker it writes
+    lineage: str | None = None  # the lineage of a pinned resume (runtime.whole_checkpoints), in each marker it writes
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         self.resumed_from = self._whole_resume(resume_from_checkpoint)
@@ -260,7 +260,7 @@ class WholeCheckpoints:
     def _whole_resume(self, value: Any) -> Any:
         """The checkpoint to resume from: ``value``, or for ``true`` / a half-written ``checkpoint-N`` (as
         LLaMA-Factory picks the last one) the newest whole one of its run; says what it passed over. A path taken
-        by an earlier start of this run (a pin, :mod:`~llamafactory_hera_patches.lifecycle.whole_checkpoints`): the
+        by an earlier start of this run (a pin, :mod:`~llamafactory_hera.runtime.whole_checkpoints`): the
         newest whole checkpoint saved since, when there is one."""
         if not value:
             return value

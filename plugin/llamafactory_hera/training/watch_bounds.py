@@ -13,7 +13,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from llamafactory_hera_patches.lifecycle import job_store
+from llamafactory_hera.runtime import job_store
 
 FIRST = {"loading": 1800.0, "selection": 1800.0, "directions": 1800.0, "teacher": 1800.0, "step": 900.0}
 FIRST |= {"save": 900.0, "final": 1800.0, "wait": 1800.0}  # a section kind's bound before one was timed

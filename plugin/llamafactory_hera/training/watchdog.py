@@ -2,7 +2,7 @@
 within its section's bound, with one line naming the rank, its host and the section in every node's log. What users
 see: docs/multinode.md ("A node that freezes, dies or hangs").
 
-Each rank's thread publishes its heartbeat every pulse in the job's c10d store (``lifecycle.job_store``: no file, so a
+Each rank's thread publishes its heartbeat every pulse in the job's c10d store (``runtime.job_store``: no file, so a
 storage stall is no silence): its section and bound (``training.sections``), a pulse count and its position in the
 run. Rank 0's thread is the monitor: one read of every beat a pulse (O(N)), judged by ``training.watch_judge``; the
 other ranks read rank 0's beat, which carries its verdict. A rank that finds rank 0 unheard, or the store not
@@ -27,10 +27,10 @@ from typing import Any
 import torch.distributed as dist
 
 from llamafactory_hera.log import say_apart
+from llamafactory_hera.runtime import job_store
 from llamafactory_hera.training import sections, watch_nvrx
 from llamafactory_hera.training.watch_bounds import Place, StorageProbe, bound, job_client, place_of, pulse_for
 from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described
-from llamafactory_hera_patches.lifecycle import job_store
 
 PAUSED = 3  # pulses: a longer gap between this rank's own pulses means it was stopped itself (SIGSTOP, swap)
 MARGIN_S = 10.0  # torch's timeout of a step's or save's collectives: the bound, 3 pulses and this

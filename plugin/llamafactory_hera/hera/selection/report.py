@@ -29,7 +29,7 @@ from llamafactory_hera.log import host_output_to, show
 from llamafactory_hera.plots.heads import format_head_table, plot_before_after
 from llamafactory_hera.plots.text import signed_number
 from llamafactory_hera.recipe.dataset_info import as_names
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.tools.model_data import parse_recipe
 
 PRECISION = ("bf16", "fp16", "pure_bf16")  # the run's precision keys in hera_run.json: the scoring dtype

@@ -1,4 +1,4 @@
-"""What can be decided about a HeRA run before its first step: contrastive set sizes, the queue, image rows, the
+"""HeRA's checks in its run's preparation, before its first step: contrastive set sizes, the queue, image rows, the
 same heads on every rank; once the model is loaded, heads that no trainable weight can move. A run that would train
 plain SFT while looking like HeRA is stopped, naming the setting and the fix (docs/hera-design.md, "The objective";
 docs/hera.md, "Unsupported combinations").
@@ -15,7 +15,17 @@ from torch import nn
 from llamafactory_hera.heads.architecture import head_projections, trainable_upstream
 from llamafactory_hera.heads.geometry import HeadRef
 from llamafactory_hera.hera.config import AUTO, HeraArguments
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.log import say
+from llamafactory_hera.recipe.dataset_info import describe_data, image_rows
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera_patches.data.media_warnings import media_warnings_held
+from llamafactory_hera_patches.data.templates import image_placeholder
+from llamafactory_hera_patches.tools.model_data import (
+    RecipeArgs,
+    holds_out_by_val_size,
+    load_aligned_rows,
+    training_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -228,3 +238,72 @@ def check_heads_train(model: nn.Module, heads: list[HeadRef], auto: bool, finetu
         f"no trainable parameter feeds its input, so HeRA would move only the temperature. The recipe trains heads in "
         f"{where}: {how}, or {choose}."
     )
+
+
+def checked_image_rows(
+    model_args: Any, data_args: Any, finetuning_args: Any, training_args: Any
+) -> tuple[dict[str, int], Any, Any]:
+    """(image path -> training-data row, the counts of the rows that train, the aligned rows), after checking every
+    image file exists and that the training rows have images at all, before LLaMA-Factory's preprocessing fails on a
+    missing file with a bare OSError. The counts leave out ``val_size``'s validation rows (LLaMA-Factory's split with
+    the run's seed, of the rows before its preprocessing). Streaming datasets are not scanned (counts and rows None)."""
+    if getattr(data_args, "streaming", False):
+        return {}, None, None
+
+    # Main process first, as LLaMA-Factory loads a dataset: the others then read the datasets cache it wrote instead
+    # of aligning with preprocessing_num_workers processes each (and checking every image) at the same time.
+    # Only the main process stats the image files (the others wait for it, then map paths to rows without the
+    # file system: 8 ranks per node checking every image of a 665k-row dataset at once is what this avoids).
+    local = not getattr(data_args, "data_shared_file_system", False)
+    main = (training_args.local_process_index if local else training_args.process_index) == 0
+    with (
+        training_args.main_process_first(desc="align the dataset and check its images", local=local),
+        media_warnings_held(),
+    ):  # a missing file is named alone, not below the converter's line per image
+        recipe = RecipeArgs(model_args, data_args, finetuning_args)
+        aligned = load_aligned_rows(recipe, training_args.seed, training_args=training_args)
+        counts = count_image_rows(training_rows(recipe, training_args.seed, aligned))
+        check_image_rows(
+            counts,
+            data_args.dataset,
+            f" that train (val_size: {data_args.val_size} holds the others out)"
+            if holds_out_by_val_size(data_args)
+            else "",
+        )
+        return (
+            image_rows(
+                aligned,
+                column="_images",
+                check_files=main,
+                placeholder=image_placeholder(),
+                data=describe_data(data_args),
+            ),
+            counts,
+            aligned,
+        )
+
+
+def checked_contrastive_geometry(
+    hera_args: HeraArguments, counts: Any, data_args: Any, training_args: Any
+) -> ContrastiveGeometry:
+    """The run's contrastive sets (the trainer's queue among them). Refuse a run whose sets can never hold hera_k + 1
+    distinct images of the rows that train; say when those images cap the queue."""
+    geometry = contrastive_geometry(
+        hera_args,
+        training_args.per_device_train_batch_size,
+        training_args.world_size,
+        None if counts is None else counts.distinct_images,
+    )
+    if counts is None:  # streaming: the sizes alone were checked before loading (hera/parsed_checks.py)
+        return geometry
+    names = ", ".join(data_args.dataset) if isinstance(data_args.dataset, list) else data_args.dataset
+    limit = f", max_samples: {data_args.max_samples}" if data_args.max_samples is not None else ""
+    more = "another dataset, or a larger max_samples"
+    if holds_out_by_val_size(data_args):  # its validation rows do not train
+        limit += f", without val_size: {data_args.val_size}'s validation rows"
+        more = "another dataset, a larger max_samples, or a smaller val_size"
+    check_contrastive_geometry(geometry, hera_args, f"the training data (dataset: {names}{limit})", more)
+    line = queue_cap_line(geometry, hera_args)
+    if line and training_args.process_index == 0:
+        say(line)
+    return geometry

@@ -28,13 +28,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeError
-from ..recipe.arguments import raw_value
-from . import claim_folders
-from .claim_folders import CLAIM
-from .claim_identity import global_rank, is_alive_here, job_identity, process_stat, restarts
-from .run_record import write_record
-from .stop_signal import RERUN
+from llamafactory_hera.runtime import claim_folders
+from llamafactory_hera.runtime.claim_folders import CLAIM
+from llamafactory_hera.runtime.claim_identity import global_rank, is_alive_here, job_identity, process_stat, restarts
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import raw_value
+from llamafactory_hera.runtime.run_record import write_record
+from llamafactory_hera.runtime.stop_signal import RERUN
 
 _ATTEMPTS = 8
 LEASE_SECONDS = 600  # a claim whose file time is older than this is a dead run's, on any host

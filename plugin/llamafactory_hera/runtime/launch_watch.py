@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .errors import RecipeError
-from .lifecycle import job_store
+from llamafactory_hera.runtime import job_store
+from llamafactory_hera.runtime.errors import RecipeError
 
 POLL_S = 1.0  # how often the store is read; how long a temporary name-lookup failure is retried
 RESOLVE_S = 30.0

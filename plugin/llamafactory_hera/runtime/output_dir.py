@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeError
-from ..recipe.arguments import raw_value, truthy
-from .claim_folders import CLAIM
-from .run_record import FINISHED, RUN_RECORD, SAVED_MODEL_FILES, read_record
-from .whole_checkpoints import CHECKPOINT_PREFIX, checkpoint_folders, newest_whole
+from llamafactory_hera.runtime.claim_folders import CLAIM
+from llamafactory_hera.runtime.errors import RecipeError
+from llamafactory_hera.runtime.raw_recipe import raw_value, truthy
+from llamafactory_hera.runtime.run_record import FINISHED, RUN_RECORD, SAVED_MODEL_FILES, read_record
+from llamafactory_hera.runtime.whole_checkpoints import CHECKPOINT_PREFIX, checkpoint_folders, newest_whole
 
 PREVIOUS_PREFIX = "previous_run_"
 END_FILES = ("trainer_state.json", "train_results.json", "all_results.json")  # written once training has ended

@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from ..guard import host_version
+from llamafactory_hera import __version__
 
 RUN_RECORD = "llamafactory_hera_run.json"
 COMPOSE_RECORD = "llamafactory_hera_compose.json"  # written by ``llamafactory-hera compose`` beside the model
@@ -101,7 +101,7 @@ def write_started(output_dir: str | Path, stage: str, loading: dict[str, Any], m
     record = {
         "stage": stage,
         "status": RUNNING,
-        "llamafactory_hera_version": host_version("llamafactory-hera"),
+        "llamafactory_hera_version": __version__,
         "started_ns": time.time_ns(),
         "loading": loading,
         "chain": stage_chain(loading.get("model_name_or_path"), stage, path.parent),

@@ -1,7 +1,7 @@
-"""HeRA's checks before any model or dataset is loaded: its recipe keys against LLaMA-Factory's (as named in
-LLaMA-Factory 0.9.5), the model's heads, the teacher, and an adapter's shapes against its base model (errors that
-name the culprit); declared in :mod:`llamafactory_hera.methods`, called by the stage patch. What needs the data or the
-model is checked before the first step (:mod:`.preflight`).
+"""HeRA's checks right after LLaMA-Factory parsed the recipe, before any model or dataset loads: the settings HeRA
+cannot honour, the model's heads and the teacher read from their configs, an adapter's shapes against its base model
+(errors that name the culprit). Run by :class:`llamafactory_hera.hera.run.HeraRun`; before the parse:
+:mod:`.raw_checks`; before the first step: :mod:`.preparation_checks`.
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from llamafactory_hera.heads.architecture import layer_list
 from llamafactory_hera.heads.geometry import attention_geometry, check_has_heads, check_heads_fit
 from llamafactory_hera.hera.config import HeraArguments
-from llamafactory_hera.hera.preflight import check_contrastive_geometry, contrastive_geometry
+from llamafactory_hera.hera.preparation_checks import check_contrastive_geometry, contrastive_geometry
 from llamafactory_hera.hera.selection.auto import short_ddp_timeout_warning
 from llamafactory_hera.hera.teacher import check_teacher_source
-from llamafactory_hera.recipe.checks import check_run_inputs
+from llamafactory_hera.recipe.parsed_checks import check_run_inputs
 from llamafactory_hera.recipe.quantization import check_quantization
+from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.data.templates import template_tokens
-from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.guard import host_version
-from llamafactory_hera_patches.recipe.arguments import raw_value, truthy
 
 # deepspeedai/DeepSpeed#8148 (first released in 0.19.3): ZeRO-3 keeps frozen parameters whole during a non-reentrant
 # checkpoint's recompute; before it, the recompute sees them partitioned (shape [0]) and backward fails
 ZERO3_FROZEN_RECOMPUTE_FIX = Version("0.19.3")
+
 
 # (object attribute, holder name, why it cannot work with HeRA)
 _INCOMPATIBLE = (
@@ -64,34 +64,6 @@ _INCOMPATIBLE = (
         "layer-wise APOLLO updates inside backward hooks and skips the temperature parameter group",
     ),
 )
-
-
-def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
-    """Checks on the recipe's own keys, before LLaMA-Factory parses them: DeepSpeed with fp16 and a learned temperature
-    (its refusal says why), named heads outside a local model (:func:`check_heads_before_parse`)."""
-    if raw_value(host_args, "deepspeed") and truthy(raw_value(host_args, "fp16")) and hera_args.hera_learn_temperature:
-        raise RecipeError(
-            "stage: hera cannot learn the temperature under DeepSpeed with fp16: true (the temperature's "
-            "own optimizer would step on loss-scaled gradients and would not skip overflow steps). Use "
-            "bf16: true, or set hera_learn_temperature: false."
-        )
-    check_heads_before_parse(host_args, hera_args)
-
-
-def check_heads_before_parse(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
-    """Named ``hera_heads`` against a local model's ``config.json``, before LLaMA-Factory parses the recipe: under
-    ``llamafactory-cli train`` with torchrun this runs before the ranks start (``llamafactory_hera_patches.launch``),
-    so a head out of range starts no rank. A hub id, a folder without ``config.json`` or a config that needs more
-    than this read is checked after the parse (:func:`validate_host_args`)."""
-    model = raw_value(host_args, "model_name_or_path")
-    if hera_args.auto_heads or not model or not (Path(str(model)).expanduser() / "config.json").is_file():
-        return
-    remote = truthy(raw_value(host_args, "trust_remote_code"))
-    try:
-        config = AutoConfig.from_pretrained(str(Path(str(model)).expanduser()), trust_remote_code=remote)
-    except Exception:  # a config this transformers cannot read (a newer family's): the parse's checks name it
-        return
-    check_heads_fit(hera_args.head_refs, attention_geometry(config), str(model))
 
 
 def check_heads_of(hera_args: HeraArguments, config: Any, model: str) -> Any:

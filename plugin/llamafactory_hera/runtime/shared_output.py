@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeError
+from llamafactory_hera.runtime.errors import RecipeError
 
 PROBE_PREFIX = "llamafactory_hera_node_probe."  # a probe file's name: the prefix and a token of its own
 WAIT_S = 600.0  # how long a node waits for the others' probes (they parse the recipe at their own pace)

@@ -14,9 +14,9 @@ from typing import Any
 from transformers import AutoConfig
 
 from llamafactory_hera.heads.geometry import AttentionGeometry, attention_geometry
-from llamafactory_hera.recipe.checks import NOT_LOCAL
 from llamafactory_hera.recipe.dataset_info import dataset_info
-from llamafactory_hera_patches.errors import RecipeError
+from llamafactory_hera.recipe.parsed_checks import NOT_LOCAL
+from llamafactory_hera.runtime.errors import RecipeError
 
 
 def _dataset_info(dataset_dir: Any) -> dict[str, Any] | None:

@@ -1,10 +1,11 @@
-"""The methods the patches serve, as the plugin registers them: the patches never import the plugin.
+"""The methods the patches serve, as the plugin registers them: the patches import no method.
 
 The plugin's start-up hook registers, before any patch is applied, a source of its declared methods
 (``llamafactory_hera.methods.declared_methods``), called at each lookup (a process that never asks imports no
-declaration). A method is used here by these names only: ``stage``, ``label``, ``prefix``, ``host_stage``, ``log_keys``,
-``records``, ``panel``, ``one_process``, ``owns(stage)``, ``load(field)`` and ``check_raw(host_args, args)``. Imports
-nothing.
+declaration). The patches use a method by the fields of its declaration (``llamafactory_hera.recipe.declaration``):
+``stage``, ``label``, ``prefix``, ``host_stage``, ``log_keys``, ``records``, ``panel()``, ``plan(args)``,
+``one_process``, ``run`` (its run class: its arguments, its keys parsed) and ``owns(stage)``, and a run by its phases
+(``llamafactory_hera.recipe.run``). Imports nothing.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .run_record import FINISHED, RUN_RECORD, STOPPED, read_record
-from .stop_signal import RERUN, WARNINGS, others, signal_number
+from llamafactory_hera.runtime.run_record import FINISHED, RUN_RECORD, STOPPED, read_record
+from llamafactory_hera.runtime.stop_signal import RERUN, WARNINGS, others, signal_number
 
 _launch: dict[str, Any] = {"name": None, "output_dir": None, "since": 0, "received": False}
 

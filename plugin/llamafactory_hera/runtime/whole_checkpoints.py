@@ -29,7 +29,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .run_record import CHECKPOINTS_MARKED, PINNED_RESUME, RUN_RECORD, read_record, write_record
+from llamafactory_hera.runtime.run_record import (
+    CHECKPOINTS_MARKED,
+    PINNED_RESUME,
+    RUN_RECORD,
+    read_record,
+    write_record,
+)
 
 MARKER, TRAINER_STATE = "llamafactory_hera_whole.json", "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
