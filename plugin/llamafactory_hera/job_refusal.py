@@ -27,6 +27,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
+from llamafactory_hera.log import PREFIX, line
 from llamafactory_hera_patches.errors import RecipeError
 
 TRACEBACK_ENV = "LLAMAFACTORY_HERA_TRACEBACK"
@@ -44,11 +45,13 @@ def raised_by_plugin(error: BaseException) -> bool:
 
 
 def short_report(error: BaseException) -> str:
-    """How to see the whole traceback, then ``[llamafactory-hera] error: <message>``: the message is the last line
+    """How to see the whole traceback, then the plugin's ``error: <message>`` line: the message is the last line
     the run prints."""
     return (
-        f"[llamafactory-hera] (raised by the plugin's checks; {TRACEBACK_ENV}=1 prints the full traceback)\n"
-        f"[llamafactory-hera] error: {error}\n"
+        line(f"(raised by the plugin's checks; {TRACEBACK_ENV}=1 prints the full traceback)")
+        + "\n"
+        + line(f"error: {error}")
+        + "\n"
     )
 
 
@@ -114,7 +117,7 @@ def tell_torchrun(environ: Mapping[str, str] = os.environ) -> None:
     path = environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    note = "refused by llamafactory-hera's checks: see the [llamafactory-hera] error line above"
+    note = f"refused by llamafactory-hera's checks: see the {PREFIX} error line above"
     with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as file:
         # the form torch's own @record writes (a bare string message makes the agent warn twice)
         json.dump({"message": {"message": note, "extraInfo": {"timestamp": str(int(time.time()))}}}, file)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from llamafactory_hera.hera.teacher import VisionTeacher, continuing, image_features, open_image
-from llamafactory_hera.log import show
+from llamafactory_hera.log import line, show
 
 
 def image_key(image: Any) -> str | None:
@@ -192,9 +192,11 @@ def cache_unwritable(folder: Path, err: OSError | RuntimeError, size: str = "") 
     _unwritable_said.add(str(cache_root()))
     why = f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
     show(
-        f"[llamafactory-hera] warning: cannot write the cache folder {cache_root()} (${CACHE_ENV}; {folder}{size}: "
-        f"{why}); head selections and teacher features stay in memory for this command only. Point {CACHE_ENV} at a "
-        "writable folder to share them between commands."
+        line(
+            f"warning: cannot write the cache folder {cache_root()} (${CACHE_ENV}; {folder}{size}: {why}); head "
+            f"selections and teacher features stay in memory for this command only. Point {CACHE_ENV} at a "
+            "writable folder to share them between commands."
+        )
     )
 
 
@@ -254,8 +256,10 @@ class TeacherFeatureStore:
                 rows = dict(zip(data["keys"], data["features"], strict=True))
             except Exception as err:  # noqa: BLE001 - a damaged file costs a teacher pass, never the run
                 show(
-                    f"[llamafactory-hera] teacher feature store: {shard} unreadable ({type(err).__name__}); its "
-                    "images go through the teacher again."
+                    line(
+                        f"teacher feature store: {shard} unreadable ({type(err).__name__}); its images go through "
+                        "the teacher again."
+                    )
                 )
                 continue
             for key, row in rows.items():
@@ -272,8 +276,10 @@ class TeacherFeatureStore:
         if not self.said or removed:  # once a pass, or a removal: a long pass writes every KEEP_ROWS rows
             self.said = True
             show(
-                f"[llamafactory-hera] teacher features of {len(new)} images kept in {self.folder} ({size / 2**20:.1f} "
-                f"MiB in {self.folder.parent}{note}; delete that folder to clear it), the pass's others as it goes."
+                line(
+                    f"teacher features of {len(new)} images kept in {self.folder} ({size / 2**20:.1f} MiB in "
+                    f"{self.folder.parent}{note}; delete that folder to clear it), the pass's others as it goes."
+                )
             )
 
     def _save(self, new: dict[str, torch.Tensor]) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from llamafactory_hera.hera.teacher import (
     teacher_batch_size,
 )
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, TeacherFeatureStore, feature_store, image_key
+from llamafactory_hera.log import say
 from llamafactory_hera_patches.errors import RecipeError
 from llamafactory_hera_patches.lifecycle import stop_signal
 
@@ -224,8 +225,8 @@ class RunTeacher:
         if not self.precompute_decision(dataset, args):
             return
         if not _has_images(dataset) or not self.cache.enabled:
-            print(
-                "[llamafactory-hera] hera_teacher_precompute: the training set has no readable `images` column "
+            say(
+                "hera_teacher_precompute: the training set has no readable `images` column "
                 "(streaming?) or the teacher cache is off; teacher features are computed in the steps."
             )
             return
@@ -253,8 +254,8 @@ class RunTeacher:
             moved = f"; {uncacheable} in-memory images cannot be cached, so the teacher stays on {args.device}"
         if main_process:
             shared = f", {from_store} from this teacher's earlier pass (head selection, monitor)" if from_store else ""
-            print(
-                f"[llamafactory-hera] teacher features of {len(by_key)} training images computed before the "
+            say(
+                f"teacher features of {len(by_key)} training images computed before the "
                 f"first step in {seconds:.1f} s ({computed_here} on this rank{shared}){moved}."
             )
 
@@ -269,8 +270,8 @@ class RunTeacher:
         """``[B, E]`` per-sample teacher features on ``device``: this batch's computed images by identity, the others
         cached (one host-to-device copy of the cached rows)."""
         if pixel_values is not None and self.to(self.device):
-            print(
-                "[llamafactory-hera] an image missed by the precomputed teacher features: the teacher went back "
+            say(
+                "an image missed by the precomputed teacher features: the teacher went back "
                 f"to {self.device} for the rest of the run."
             )
         computed = self.model(pixel_values) if pixel_values is not None else None
