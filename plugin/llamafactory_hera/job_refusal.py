@@ -212,7 +212,9 @@ def announce(report: str, env: Mapping[str, str] = os.environ) -> tuple[bool, bo
     local rank 0 of each other node prints it too (:func:`_node_report`). No store (one process, none up within
     :data:`TELL_S`): (True, False)."""
     _refusing.set()
-    job, store, deadline = job_of(env), None, time.monotonic() + TELL_S
+    job = job_of(env)
+    store = None
+    deadline = time.monotonic() + TELL_S
     while job is not None and store is None and time.monotonic() < deadline:
         store = _store(job)
         if store is None:

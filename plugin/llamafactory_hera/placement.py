@@ -87,7 +87,8 @@ def device_map_for(
         show(f"{job}: {model_name} loads whole on {device}, as LLaMA-Factory loads it.")
         return None
     sizes = compute_module_sizes(meta, dtype=getattr(torch, dtype))
-    size, (reserve_bytes, reserve_for) = stored_bytes(meta, dtype, bits, double_quant), reserve
+    size = stored_bytes(meta, dtype, bits, double_quant)
+    reserve_bytes, reserve_for = reserve
     budgets = plan_memory(size, reserve_bytes, free := free_memory(device))
     stored = f"{bits} bits (bitsandbytes; the rest in {dtype})" if bits else dtype
     if budgets is None:

@@ -147,7 +147,8 @@ class HarcTrainerMixin(Trainer):
         extras = {key: inputs.pop(key) for key in BATCH_KEYS if key in inputs}
         if not model.training or len(extras) != len(BATCH_KEYS):
             raise RuntimeError("stage: harc trains on its composed micro-batches only (no evaluation dataset).")
-        args, state = self.harc_args, self.harc_state
+        args = self.harc_args
+        state = self.harc_state
         self._harc_step_layers = list(state.layers)  # logged with this step (the state may change after it)
         labels = inputs.pop("labels")
         roles = extras["harc_role"]

@@ -212,7 +212,8 @@ class MonitorCallback(TrainerCallback):
 
     def logs(self, scores: list[float]) -> dict[str, float]:
         """The logged metrics of one point from :meth:`score`'s values (host floats)."""
-        aligned, control = scores[: len(self.aligned)], scores[len(self.aligned) :]
+        aligned = scores[: len(self.aligned)]
+        control = scores[len(self.aligned) :]
         logs = {MEAN_KEY: sum(aligned) / len(aligned)}
         logs.update({f"{HEAD_PREFIX}{ref}": value for ref, value in zip(self.aligned, aligned, strict=True)})
         if control:
@@ -268,6 +269,7 @@ class MonitorCallback(TrainerCallback):
 
     def flush(self) -> None:
         """A point that no training log took (the Trainer did not log after all) is logged on its own."""
-        pending, self.pending = self.pending, None
+        pending = self.pending
+        self.pending = None
         if pending is not None:
             self.trainer.log(dict(pending[1]))

@@ -344,7 +344,8 @@ def image_features(
     batches = list(batches_of(images, batch_size))
     if workers is None:
         workers = prefetch_workers(next(teacher.parameters()).device)
-    chunks, kept = [], 0  # kept: batches already handed to ``keep``
+    chunks = []
+    kept = 0  # batches already handed to ``keep``
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hera-teacher-images") as pool:
         pending = deque(pool.submit(pixels, b) for b in batches[: workers + 1] if workers)
         for index in tqdm(range(len(batches)), desc=desc, disable=not progress, file=progress_file()):

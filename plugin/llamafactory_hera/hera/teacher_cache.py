@@ -229,13 +229,15 @@ class TeacherFeatureStore:
         self.rows: dict[str, torch.Tensor] = {}
         self._read = False
         self.files: dict[str, Path] = {}  # key -> the file holding its row
-        self.in_use, self.said = set[Path](), False  # the files the pass under way reads/writes (kept); said where
+        self.in_use = set[Path]()  # the files the pass under way reads or writes (kept)
+        self.said = False  # whether this pass said where its rows are kept
 
     def get(self, keys: Iterable[str | None]) -> dict[str, torch.Tensor]:
         """The stored rows of ``keys`` (absent keys left out), as a pass begins."""
         self._read_disk()
         found = {key: self.rows[key] for key in keys if key is not None and key in self.rows}
-        self.in_use, self.said = {self.files[key] for key in found if key in self.files}, False
+        self.in_use = {self.files[key] for key in found if key in self.files}
+        self.said = False
         return found
 
     def add(self, rows: dict[str, torch.Tensor], persist: bool) -> None:

@@ -102,8 +102,10 @@ def precompute_teacher_features(
     stored = stored_rows(store, keys)
     cache.features.update({keys[position]: row for position, row in stored.items()})
     keys = [key for position, key in enumerate(keys) if position not in stored]
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1)
-    mine, desc = keys[rank::world], "teacher features (before training)"
+    rank = torch.distributed.get_rank() if distributed() else 0
+    world = torch.distributed.get_world_size() if distributed() else 1
+    mine = keys[rank::world]
+    desc = "teacher features (before training)"
     if progress:
         continuing(len(stored), len(stored) + len(keys), desc)
 

@@ -104,7 +104,8 @@ def check_quantization(
     raise RecipeError(f"stage: {stage} {lead}: {why}.")
 
 
-NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit: weights per absmax; absmax values per second-level scale
+NF4_BLOCK = 64  # bitsandbytes 4-bit: weights per absmax
+NESTED_BLOCK = 256  # absmax values per second-level scale
 
 
 def quantized_bytes_per_weight(bits: int, double_quant: bool = True, row_width: int | None = None) -> float:
