@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from llamafactory_hera.heads.geometry import AttentionGeometry, attention_geometry
 from llamafactory_hera.heads.pooling import multimodal_token_ids, pooling_weights, require_multimodal_ids
-from llamafactory_hera.hera import checkpoint
+from llamafactory_hera.hera import saved_state
 from llamafactory_hera.hera.capture import HeadCapture
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS, collator_token_sources
 from llamafactory_hera.hera.loss import (
@@ -298,12 +298,12 @@ class HeraTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            checkpoint.save_state(output_dir or self.args.output_dir, self.hera_args, self.hera_log_tau)
+            saved_state.save_state(output_dir or self.args.output_dir, self.hera_args, self.hera_log_tau)
 
     @override
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        checkpoint.save_optimizer_state(
+        saved_state.save_optimizer_state(
             output_dir, self.hera_tau.own_optimizer, self.hera_queue, self.args.process_index, self.args.should_save
         )
 
@@ -311,7 +311,7 @@ class HeraTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint_dir: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint_dir)
         if checkpoint_dir is not None:
-            checkpoint.load_state(
+            saved_state.load_state(
                 checkpoint_dir,
                 self.hera_args,
                 self.hera_log_tau,
