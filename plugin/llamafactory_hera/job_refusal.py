@@ -240,7 +240,7 @@ def install() -> None:
     """Route uncaught plugin errors to :func:`short_report`, printed once per node of the job (idempotent; off with
     LLAMAFACTORY_HERA_TRACEBACK=1)."""
     previous = sys.excepthook
-    if getattr(previous, "_llamafactory_hera", False) or os.environ.get(TRACEBACK_ENV, "") not in {"", "0"}:
+    if getattr(previous, "__module__", None) == __name__ or os.environ.get(TRACEBACK_ENV, "") not in {"", "0"}:
         return
 
     def excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
@@ -256,5 +256,4 @@ def install() -> None:
             print(report, end="", file=sys.stderr, flush=True)
         _stop_watching()
 
-    excepthook._llamafactory_hera = True  # type: ignore[attr-defined]
     sys.excepthook = excepthook

@@ -382,7 +382,7 @@ def stored_image_features(
             todo_images.append(image)
     device = next(teacher.parameters()).device
     if found and not todo_images:
-        return rows_to_device([found[key] for key in keys], device)  # type: ignore[index]
+        return rows_to_device([found[key] for key in keys if key is not None], device)  # all found: none unkeyed
     continuing(len(found), len(found) + len(todo), desc)
 
     def keep(first: int, rows: torch.Tensor) -> None:  # the todo names in row order
