@@ -185,7 +185,7 @@ def test_judges_that_cannot_judge(lora_pair: tuple[Path, Path], judges: SimpleNa
               run_dir.parent / "prompts.json", "--judge")
     line = _error(capfd, *common, judges.not_a_judge)
     assert "a judge that is not a classifier (architectures ['LlamaForCausalLM'])" in line and "Llama Guard" in line
-    assert "no checkpoint folder there" in _error(capfd, *common, tmp_path / "missing")
+    assert "no model folder there" in _error(capfd, *common, tmp_path / "missing")
     line = _error(capfd, *common, "nobody/no-such-judge")
     assert "not a local folder and not found" in line and "HF_HUB_OFFLINE is set" in line
     line = _error(capfd, *common, judges.unlabelled)
@@ -239,7 +239,7 @@ def test_a_gated_judge_says_so(monkeypatch) -> None:
         raise OSError("You are trying to access a gated repo.\nMake sure to have access to it. 401 Client Error")
 
     monkeypatch.setattr(AutoConfig, "from_pretrained", gated)
-    with pytest.raises(RecipeError, match=r"a gated checkpoint this account may not read yet \(You are trying to "
+    with pytest.raises(RecipeError, match=r"a gated model this account may not read yet \(You are trying to "
                                           r"access a gated repo\.\); accept its licence"):
         check_judge("meta-llama/Llama-Guard-3-8B")
 

@@ -189,7 +189,7 @@ def test_8_bit_on_transformers_5_8_0_is_warned_of_once_before_loading(capsys: py
                                                                            "load_in_8bit": True}}))
     monkeypatch.delenv("LLAMAFACTORY_HERA_HOST_WARNED")
     stack_checks.check_stack({"model_name_or_path": str(saved)})
-    assert capsys.readouterr().out.startswith("[llamafactory-hera] warning: the checkpoint saved 8-bit on "
+    assert capsys.readouterr().out.startswith("[llamafactory-hera] warning: the model saved 8-bit on "
                                               "transformers 5.8.0: stock SFT's")
     monkeypatch.delenv("LLAMAFACTORY_HERA_HOST_WARNED")
     for key, value in (("RANK", "1"), ("SLURM_PROCID", "3")):  # another rank of torchrun, another task of srun

@@ -27,6 +27,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
+from llamafactory_hera.log import PREFIX, line
 from llamafactory_hera.runtime.errors import RecipeError
 
 TRACEBACK_ENV = "LLAMAFACTORY_HERA_TRACEBACK"
@@ -44,11 +45,13 @@ def raised_by_plugin(error: BaseException) -> bool:
 
 
 def short_report(error: BaseException) -> str:
-    """How to see the whole traceback, then ``[llamafactory-hera] error: <message>``: the message is the last line
+    """How to see the whole traceback, then the plugin's ``error: <message>`` line: the message is the last line
     the run prints."""
     return (
-        f"[llamafactory-hera] (raised by the plugin's checks; {TRACEBACK_ENV}=1 prints the full traceback)\n"
-        f"[llamafactory-hera] error: {error}\n"
+        line(f"(raised by the plugin's checks; {TRACEBACK_ENV}=1 prints the full traceback)")
+        + "\n"
+        + line(f"error: {error}")
+        + "\n"
     )
 
 
@@ -114,7 +117,7 @@ def tell_torchrun(environ: Mapping[str, str] = os.environ) -> None:
     path = environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    note = "refused by llamafactory-hera's checks: see the [llamafactory-hera] error line above"
+    note = f"refused by llamafactory-hera's checks: see the {PREFIX} error line above"
     with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as file:
         # the form torch's own @record writes (a bare string message makes the agent warn twice)
         json.dump({"message": {"message": note, "extraInfo": {"timestamp": str(int(time.time()))}}}, file)
@@ -209,7 +212,9 @@ def announce(report: str, env: Mapping[str, str] = os.environ) -> tuple[bool, bo
     local rank 0 of each other node prints it too (:func:`_node_report`). No store (one process, none up within
     :data:`TELL_S`): (True, False)."""
     _refusing.set()
-    job, store, deadline = job_of(env), None, time.monotonic() + TELL_S
+    job = job_of(env)
+    store = None
+    deadline = time.monotonic() + TELL_S
     while job is not None and store is None and time.monotonic() < deadline:
         store = _store(job)
         if store is None:
@@ -235,7 +240,7 @@ def install() -> None:
     """Route uncaught plugin errors to :func:`short_report`, printed once per node of the job (idempotent; off with
     LLAMAFACTORY_HERA_TRACEBACK=1)."""
     previous = sys.excepthook
-    if getattr(previous, "_llamafactory_hera", False) or os.environ.get(TRACEBACK_ENV, "") not in {"", "0"}:
+    if getattr(previous, "__module__", None) == __name__ or os.environ.get(TRACEBACK_ENV, "") not in {"", "0"}:
         return
 
     def excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
@@ -251,5 +256,4 @@ def install() -> None:
             print(report, end="", file=sys.stderr, flush=True)
         _stop_watching()
 
-    excepthook._llamafactory_hera = True  # type: ignore[attr-defined]
     sys.excepthook = excepthook

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+PREFIX = "[llamafactory-hera]"  # what every line the plugin says starts with (demo/console.py picks them out by it)
 RUNNING_LOG = "running_log.txt"
 TRAINER_LOG = "trainer_log.jsonl"
 PHASE_KEY = "rah_phase"  # marks a trainer_log line as RAH-LoRA progress (the panel draws it instead of a loss)
@@ -38,19 +39,22 @@ def _append(name: str, line: str) -> None:
             log.write(line + "\n")
 
 
+def line(message: str) -> str:
+    """``message`` as a line of the plugin's (its prefix first), for a caller that prints it itself."""
+    return f"{PREFIX} {message}"
+
+
 def say(message: str) -> None:
     """One line on the terminal, and in LlamaBoard's log box when LlamaBoard runs it."""
-    line = f"[llamafactory-hera] {message}"
-    print(line, flush=True)
-    _append(RUNNING_LOG, line)
+    print(line(message), flush=True)
+    _append(RUNNING_LOG, line(message))
 
 
 def say_apart(message: str) -> None:
     """:func:`say` on a line of its own: a newline first, for a progress bar's ``\\r`` that left the line open (a
     log that holds both streams would otherwise join the line to the bar)."""
-    line = f"[llamafactory-hera] {message}"
-    print(f"\n{line}", flush=True)
-    _append(RUNNING_LOG, line)
+    print(f"\n{line(message)}", flush=True)
+    _append(RUNNING_LOG, line(message))
 
 
 def _another_rank() -> bool:

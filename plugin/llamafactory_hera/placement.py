@@ -3,7 +3,7 @@ whole on its device when it fits there; else over every visible GPU, balanced by
 what the GPUs cannot hold (an offloaded layer is copied to its GPU for its forward, every batch); refused before any
 weight loads when all of them together cannot hold it. Under a launch of several processes on the node each keeps to
 its own GPU and the CPU: the others' GPUs are theirs. Sizes from the config alone (a meta-device model), so a 70B
-checkpoint is judged without reading its weights (:func:`check_model_structure` builds it and checks its heads). A
+model is judged without reading its weights (:func:`check_model_structure` builds it and checks its heads). A
 bitsandbytes model (``quantization_bit``) is judged whole on the job's device in its codes, as LLaMA-Factory loads it.
 """
 
@@ -26,7 +26,7 @@ FIX = "Free memory or run on a machine with more GPU memory or RAM"
 
 
 def gb(size: float) -> str:
-    """Bytes as decimal GB, as checkpoints' sizes are quoted."""
+    """Bytes as decimal GB, as models' sizes are quoted."""
     return f"{size / 1e9:.1f} GB"
 
 
@@ -78,7 +78,7 @@ def device_map_for(
     bits: int | None = None,
     double_quant: bool = True,
 ) -> dict[str, Any] | None:
-    """The ``device_map`` ``job`` loads ``meta``'s checkpoint with in ``dtype``, in ``bits`` (``quantization_bit``)
+    """The ``device_map`` ``job`` loads ``meta``'s model with in ``dtype``, in ``bits`` (``quantization_bit``)
     where set (None: whole on ``device``), said in one line; a RecipeError naming the bytes needed (the model's, and
     ``reserve``: bytes of CPU RAM the job holds besides, and what for), ``fix`` and each ``quantization_bit`` that
     would fit where the GPUs and the RAM cannot hold it. On a device other than the CPU or CUDA, or saved quantized
@@ -87,7 +87,8 @@ def device_map_for(
         show(f"{job}: {model_name} loads whole on {device}, as LLaMA-Factory loads it.")
         return None
     sizes = compute_module_sizes(meta, dtype=getattr(torch, dtype))
-    size, (reserve_bytes, reserve_for) = stored_bytes(meta, dtype, bits, double_quant), reserve
+    size = stored_bytes(meta, dtype, bits, double_quant)
+    reserve_bytes, reserve_for = reserve
     budgets = plan_memory(size, reserve_bytes, free := free_memory(device))
     stored = f"{bits} bits (bitsandbytes; the rest in {dtype})" if bits else dtype
     if budgets is None:

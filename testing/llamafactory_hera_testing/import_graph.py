@@ -181,7 +181,7 @@ ENTRIES = ("hera.trainer", "hera.workflow", "rah.workflow", "harc.trainer", "har
 # include selection's memory plan (placement.py) and the host's key table that the one key reader consults for
 # booleans (recipe/host_arguments.py); HeRA's trainer its capture (hera/capture.py: the heads' inputs, and their
 # weights read in the modules' calls under ZeRO-3) beside the projection; a module raises RecipeError from where it is
-# defined (llamafactory_hera_patches/errors.py), not through the one-line report's module (job_refusal.py); a
+# defined (runtime/errors.py), not through the one-line report's module (job_refusal.py); a
 # trainer the sections it tells its watchdog (training/sections.py), which time the passes, steps and saves, and the
 # save signal noted from the stage's start (runtime/stop_signal.py), which the passes before step 1 stop on; a
 # workflow the watchdog itself (training/watchdog.py: its bounds, its monitor's judgement, the job's store keys it

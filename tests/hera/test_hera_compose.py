@@ -291,7 +291,7 @@ def test_compose_refuses_before_loading(parts: Path, tmp_path: Path, case: str,
     elif case == "naflex":
         vision = _config_folder(tmp_path / "naflex", {"model_type": "siglip2"})
         expected = (f"--vision {vision}: model type 'siglip2' is not an image encoder compose knows (SigLIP2's NaFlex "
-                    "checkpoints have variable resolution: take a fixed-resolution one")
+                    "models have variable resolution: take a fixed-resolution one")
     elif case == "unknown_family":
         llm = _config_folder(tmp_path / "mistral", {"model_type": "mistral"})
         AutoTokenizer.from_pretrained(parts / "llama").save_pretrained(llm)

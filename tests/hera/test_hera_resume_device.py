@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import base_recipe
-from llamafactory_hera.hera.checkpoint import TAU_OPTIMIZER_NAME
 from llamafactory_hera.hera.loss import TemperatureGradHandler
+from llamafactory_hera.hera.saved_state import TAU_OPTIMIZER_NAME
 
 
 @pytest.fixture

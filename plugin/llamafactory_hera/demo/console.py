@@ -1,5 +1,5 @@
 """What the demo shows while ``llamafactory-cli train`` runs: the host's several hundred lines go to a log file, and
-the terminal gets this plugin's own lines (``[llamafactory-hera] ...``) and one progress line per logged step, read
+the terminal gets this plugin's own lines (``log.PREFIX`` first) and one progress line per logged step, read
 from the Trainer's ``{'loss': ...}`` dictionaries.
 """
 
@@ -9,7 +9,8 @@ import ast
 import re
 from collections.abc import Callable
 
-PLUGIN_PREFIX = "[llamafactory-hera]"
+from llamafactory_hera.log import PREFIX
+
 _STEP_DICT = re.compile(r"\{'loss': [^{}]*\}")
 # (key in the Trainer's log dictionary, label shown): HeRA's and HARC's terms; a key a run does not log is left out
 _SHOWN_METRICS = (
@@ -58,8 +59,8 @@ class ProgressFilter:
             self._pending = ""
 
     def _line(self, line: str) -> None:
-        if PLUGIN_PREFIX in line:
-            self.emit(line[line.index(PLUGIN_PREFIX) :].rstrip())
+        if PREFIX in line:
+            self.emit(line[line.index(PREFIX) :].rstrip())
             return
         for match in _STEP_DICT.finditer(line):
             try:

@@ -1,5 +1,5 @@
 """``--judge MODEL`` of the jailbreak task: a safety classifier that says whether an answer is harmful (the kinds and
-what each reads: docs/eval.md, "Judge"). :func:`check_judge` reads only the checkpoint's config (and a causal LM's
+what each reads: docs/eval.md, "Judge"). :func:`check_judge` reads only the model's config (and a causal LM's
 chat template), never its weights, and refuses what cannot judge before any model loads.
 """
 
@@ -21,7 +21,7 @@ from llamafactory_hera_patches.stacks import dtype_key
 CLASSIFIER = "classifier"
 LLAMA_GUARD = "llama_guard"
 KINDS = (
-    "a sequence-classification checkpoint (architectures *ForSequenceClassification, e.g. GPTFuzz's judge) "
+    "a sequence-classification model (architectures *ForSequenceClassification, e.g. GPTFuzz's judge) "
     "whose id2label names a harmful class, a Llama Guard-style causal LM whose chat template answers "
     "safe/unsafe, or HarmBench's classifier (a causal LM named HarmBench, e.g. cais/HarmBench-Llama-2-13b-cls)"
 )
@@ -69,8 +69,7 @@ def _read_config(name: str) -> Any:
     looks_local = name.startswith(("/", ".", "~")) or os.path.exists(name)
     if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
         raise RecipeError(
-            f"--judge {name}: no checkpoint folder there (no config.json); give a judge's checkpoint "
-            "folder or a Hugging Face id"
+            f"--judge {name}: no model folder there (no config.json); give a judge's model folder or a Hugging Face id"
         )
     try:
         return AutoConfig.from_pretrained(os.path.expanduser(name), local_files_only=_offline())
@@ -78,16 +77,16 @@ def _read_config(name: str) -> Any:
         said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "gated" in str(err).lower() or "401" in str(err) or "403" in str(err):
             raise RecipeError(
-                f"--judge {name}: a gated checkpoint this account may not read yet ({said[:160]}); "
+                f"--judge {name}: a gated model this account may not read yet ({said[:160]}); "
                 "accept its licence on its Hugging Face page, then hf auth login"
             ) from err
         fix = (
             "HF_HUB_OFFLINE is set: download it first (hf download " + name + ") or give a local folder"
             if _offline()
-            else "give a local checkpoint folder or a Hugging Face id that exists"
+            else "give a local model folder or a Hugging Face id that exists"
         )
         raise RecipeError(
-            f"--judge {name}: not a local folder and not found as a Hugging Face checkpoint "
+            f"--judge {name}: not a local folder and not found as a Hugging Face model "
             f"({type(err).__name__}: {said[:160]}); {fix}"
         ) from err
 
@@ -108,7 +107,7 @@ def harmful_class(id2label: dict[int, str]) -> tuple[int, str] | None:
 
 
 def check_judge(name: str) -> JudgeSpec:
-    """``--judge``'s checkpoint, checked from its config (and chat template) alone: one-line errors, nothing loaded."""
+    """``--judge``'s model, checked from its config (and chat template) alone: one-line errors, nothing loaded."""
     config = _read_config(name)
     architectures = list(getattr(config, "architectures", None) or [])
     source = "".join(
@@ -232,7 +231,7 @@ def guard_input(tokenizer: Any, prompt: str, answer: str) -> tuple[int, ...]:
     if prompt.strip() not in text or answer.strip() not in text:
         raise RecipeError(
             "--judge: its chat template does not show the conversation it should judge (neither as "
-            "text nor as text parts); give a Llama Guard 1-3 checkpoint"
+            "text nor as text parts); give a Llama Guard 1-3 model"
         )
     return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 

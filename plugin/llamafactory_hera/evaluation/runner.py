@@ -21,10 +21,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from llamafactory_hera.evaluation import jailbreak as jailbreak_module
 from llamafactory_hera.evaluation.demo_tasks import write_demo_tasks
@@ -111,6 +111,22 @@ def _entries(results: dict[str, Any]) -> list[dict[str, Any]]:
     return entries
 
 
+@contextlib.contextmanager
+def _without_run_metadata(evaluator: Any) -> Iterator[None]:
+    """lm-eval's ``simple_evaluate`` adds the working folder's git commit and torch's environment report to results
+    that are not kept here: its git call prints "fatal: not a git repository" outside one, and the report takes ~2 s
+    per task. It has no switch for either: its two functions do nothing for the block, then are put back."""
+    names = [name for name in ("get_git_commit_hash", "add_env_info") if hasattr(evaluator, name)]
+    kept = {name: getattr(evaluator, name) for name in names}
+    for name in names:
+        setattr(evaluator, name, lambda *_, **__: None)
+    try:
+        yield
+    finally:
+        for name, function in kept.items():
+            setattr(evaluator, name, function)
+
+
 def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[str, Any]]:
     """``task`` through its library's ``simple_evaluate`` (a demo task without indexing the library's registry)."""
     if task.library == LMMS:
@@ -122,12 +138,7 @@ def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[s
 
         options = {}
     manager = task_manager(task.library, task.name not in (DEMO_MLLM_TASK, DEMO_TEXT_TASK))
-    with contextlib.ExitStack() as stack:
-        # lm-eval adds the working folder's git commit and torch's environment report to results that are not kept
-        # here: its git call prints "fatal: not a git repository" outside one, and the report takes ~2 s per task
-        for name, stand_in in (("get_git_commit_hash", lambda: None), ("add_env_info", lambda *_, **__: None)):
-            if task.library == LM and hasattr(evaluator, name):
-                stack.enter_context(mock.patch.object(evaluator, name, stand_in))
+    with _without_run_metadata(evaluator if task.library == LM else None):
         # a task scored as its paper scores it from the samples (.protocols.DERIVED) keeps them
         results = evaluator.simple_evaluate(
             model=model,

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
-from transformers import SchedulerType, TrainerCallback
+from transformers import SchedulerType, Trainer, TrainerCallback
+from typing_extensions import override
 
 from llamafactory_hera.harc.batches import BATCH_KEYS, StreamEpochs
 from llamafactory_hera.harc.config import HarcArguments
@@ -31,6 +32,9 @@ from llamafactory_hera.harc.losses import coupling_loss, kl_to_reference, refusa
 from llamafactory_hera.harc.residuals import StepCapture, reading_layers, response_window
 from llamafactory_hera.training import sections
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
+
+if TYPE_CHECKING:  # a signature's type: the state is the workflow's to build
+    from llamafactory_hera.harc.state import HarcState
 
 _TERMS = ("couple", "couple_resp", "kl", "ce")
 
@@ -61,9 +65,10 @@ class _StepEnd(TrainerCallback):
     """The state's life cycle on every rank: base directions once the model is wrapped (or the checkpoint's state
     when resuming), ramp / refresh after each optimizer step (saved into every checkpoint by the trainer)."""
 
-    def __init__(self, trainer: Any) -> None:
+    def __init__(self, trainer: HarcTrainerMixin) -> None:
         self.trainer = trainer
 
+    @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer
         resumed = trainer.resumed_from
@@ -81,30 +86,46 @@ class _StepEnd(TrainerCallback):
         trainer.harc_checkpointing = LayerCheckpointing(model, [], "HARC")
         trainer.harc_run.say(f"HARC: {trainer.harc_checkpointing.line()}")
 
+    @override
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
         trainer.harc_state.on_step_end(model, state.global_step, state.max_steps, trainer.harc_run.say)
 
 
-class HarcTrainerMixin:
-    """See the module docstring. ``harc_run``: the run's context (:class:`~llamafactory_hera.harc.workflow.RunContext`,
-    its state included)."""
+class HarcTrainerMixin(Trainer):
+    """HARC's step (the module doc), a ``Trainer`` mixed in front of the host's trainer class with the plugin's
+    checkpoints (``training/checkpoints.py``), whose ``save_method_state`` and ``resumed_from`` it uses."""
+
+    harc_args: HarcArguments
+    harc_run: Any  # the run's context (harc/workflow.py's RunContext), its state included
+    harc_state: HarcState  # the directions and the coupled layers
+    harc_checkpointing: LayerCheckpointing  # set once the model is wrapped (_StepEnd)
+    resumed_from: str | None  # the checkpoint this start resumed from (WholeCheckpoints)
+    _harc_sums: torch.Tensor  # [terms..., micro-batches] since the last log, on the training device
+    _harc_step_layers: list[int] | None = None  # the layers the last step coupled
+    _harc_switch: tuple[nn.Module, AdapterSwitch] | None = None  # (model, its adapter switch)
+    _harc_on_device: tuple[Any, torch.device, Directions] | None = None  # (state's directions, device, their copy)
+    _harc_weight_tensor: torch.Tensor | None = None  # the terms' weights on the training device
 
     def __init__(self, *args: Any, harc_args: HarcArguments, harc_run: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.harc_args, self.harc_run, self.harc_state = harc_args, harc_run, harc_run.state
+        self.harc_args = harc_args
+        self.harc_run = harc_run
+        self.harc_state = harc_run.state
         self.save_on_signal = harc_args.harc_save_on_signal
         self.model_accepts_loss_kwargs = False  # the Trainer divides by the accumulation steps, as the reference
         self._harc_sums = torch.zeros(len(_TERMS) + 1, dtype=torch.float64)
         self.add_callback(_StepEnd(self))
         self.add_callback(StreamEpochs(self.train_dataset))
 
+    @override
     def save_method_state(self, folder: str) -> None:
         """HARC's state into every checkpoint (WholeCheckpoints), ``save_only_model`` included: resume needs it."""
         if self.args.should_save:
             self.harc_state.save(folder)
 
+    @override
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """``constant_with_warmup`` as the reference's (``main/train.py``, ``lr_at``: ``lr * (step + 1) / warmup``):
         optimizer step ``k`` of ``W`` warm-up steps runs at ``k / W`` of the rate, so the first update already moves
@@ -119,13 +140,15 @@ class HarcTrainerMixin:
             self._created_lr_scheduler = True
         return super().create_scheduler(num_training_steps, optimizer)
 
+    @override
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         extras = {key: inputs.pop(key) for key in BATCH_KEYS if key in inputs}
         if not model.training or len(extras) != len(BATCH_KEYS):
             raise RuntimeError("stage: harc trains on its composed micro-batches only (no evaluation dataset).")
-        args, state = self.harc_args, self.harc_state
+        args = self.harc_args
+        state = self.harc_state
         self._harc_step_layers = list(state.layers)  # logged with this step (the state may change after it)
         labels = inputs.pop("labels")
         roles = extras["harc_role"]
@@ -176,16 +199,15 @@ class HarcTrainerMixin:
 
     def _harc_adapters(self, inner: nn.Module) -> AdapterSwitch:
         """The adapter switch of ``inner`` (found at the first reference forward)."""
-        switch = getattr(self, "_harc_switch", None)
-        if switch is None or switch[0] is not inner:
-            switch = self._harc_switch = (inner, AdapterSwitch(inner))
-        return switch[1]
+        if self._harc_switch is None or self._harc_switch[0] is not inner:
+            self._harc_switch = (inner, AdapterSwitch(inner))
+        return self._harc_switch[1]
 
     def _harc_directions(self, device: torch.device) -> Directions:
         """The state's current directions (kept on the CPU) on ``device``: copied in one transfer when they change
         (base, refresh, resume), not per layer and micro-batch."""
         current = self.harc_state.current
-        cached = getattr(self, "_harc_on_device", None)
+        cached = self._harc_on_device
         if cached is None or cached[0] is not current or cached[1] != device:
             tensors = current.tensors()
             moved = torch.stack(list(tensors.values())).to(device).unbind(0)  # [K, L, D] -> K x [L, D]
@@ -194,7 +216,7 @@ class HarcTrainerMixin:
 
     def _harc_weights(self, device: torch.device) -> torch.Tensor:
         """``[4]`` float32 weights of :data:`_TERMS` on ``device`` (copied once)."""
-        cached = getattr(self, "_harc_weight_tensor", None)
+        cached = self._harc_weight_tensor
         if cached is None or cached.device != device:
             args = self.harc_args
             cached = self._harc_weight_tensor = torch.tensor(
@@ -203,6 +225,7 @@ class HarcTrainerMixin:
             )
         return cached
 
+    @override
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log: every rank logs at the same step, so the reduction is safe
             sums = self._harc_sums.clone()
@@ -215,7 +238,7 @@ class HarcTrainerMixin:
                 for index, term in enumerate(_TERMS):
                     logs[f"harc_{term}"] = float(sums[index] / sums[-1])
             # the layers the logged step coupled: a ramp or refresh at its end has already changed the state's
-            layers = getattr(self, "_harc_step_layers", self.harc_state.layers)
+            layers = self.harc_state.layers if self._harc_step_layers is None else self._harc_step_layers
             logs["harc_layers"] = ",".join(str(layer) for layer in layers)
             self._harc_sums.zero_()
         super().log(logs, *args, **kwargs)

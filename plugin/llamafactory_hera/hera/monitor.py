@@ -25,12 +25,12 @@ from llamafactory_hera.hera.selection import collect
 from llamafactory_hera.hera.selection.scores import layer_head_neighbours, teacher_neighbours
 from llamafactory_hera.hera.teacher import teacher_batch_size
 from llamafactory_hera.hera.teacher_cache import feature_store
+from llamafactory_hera.log import say
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.training.eval_forward import eval_mode
 from llamafactory_hera_patches.engines.deepspeed import zero3_forward
 from llamafactory_hera_patches.tools.model_data import split_rows, tokenized_rows_and_collator
 
-PREFIX = "[llamafactory-hera]"
 DEFAULT_POINTS = 10  # hera_monitor_steps: null scores at step 0 and at this many evenly spaced steps
 MEAN_KEY = "hera_mknn"
 HEAD_PREFIX = "hera_mknn/"
@@ -82,7 +82,7 @@ def probe_set(hera_args: Any, recipe_args: Any, training_rows: Any, seed: int) -
                 f"hera_monitor_steps: got {hera_args.hera_monitor_steps}, but the monitor has {problem}."
                 " Add data, lower hera_k, or set hera_monitor_steps: 0."
             )
-        print(f"{PREFIX} warning: alignment monitor off: {problem}.", flush=True)
+        say(f"warning: alignment monitor off: {problem}.")
         return None
     reason = note or "no val_size / eval_dataset"
     return ProbeSet(pairs, train, f"{len(pairs)} training pairs ({reason})")
@@ -212,7 +212,8 @@ class MonitorCallback(TrainerCallback):
 
     def logs(self, scores: list[float]) -> dict[str, float]:
         """The logged metrics of one point from :meth:`score`'s values (host floats)."""
-        aligned, control = scores[: len(self.aligned)], scores[len(self.aligned) :]
+        aligned = scores[: len(self.aligned)]
+        control = scores[len(self.aligned) :]
         logs = {MEAN_KEY: sum(aligned) / len(aligned)}
         logs.update({f"{HEAD_PREFIX}{ref}": value for ref, value in zip(self.aligned, aligned, strict=True)})
         if control:
@@ -268,6 +269,7 @@ class MonitorCallback(TrainerCallback):
 
     def flush(self) -> None:
         """A point that no training log took (the Trainer did not log after all) is logged on its own."""
-        pending, self.pending = self.pending, None
+        pending = self.pending
+        self.pending = None
         if pending is not None:
             self.trainer.log(dict(pending[1]))

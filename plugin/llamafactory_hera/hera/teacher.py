@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from llamafactory_hera.log import progress_file, show
+from llamafactory_hera.log import line, progress_file, show
 from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.engines.deepspeed import loaded_whole
@@ -112,7 +112,7 @@ def check_teacher_source(name_or_path: str, feature: str | None = None) -> None:
     if not is_vision_encoder_config(config):
         raise RecipeError(
             f"hera_teacher: '{name_or_path}' is a '{config.model_type}' model, not a vision encoder. "
-            "Use a self-supervised vision model such as facebook/dinov2-large (or a CLIP/SigLIP checkpoint, "
+            "Use a self-supervised vision model such as facebook/dinov2-large (or a CLIP/SigLIP model, "
             "whose image tower is used)."
         )
     check_feature(feature_layout(config), name_or_path, config.model_type, feature)
@@ -123,14 +123,14 @@ def check_feature(layout: FeatureLayout | None, name_or_path: str, model_type: s
     if layout is None:
         raise RecipeError(
             f"hera_teacher: '{name_or_path}' is a '{model_type}' vision model, whose image feature HeRA does not "
-            f"know (which token holds it differs per family). Use a {SUPPORTED_FAMILIES} checkpoint, "
+            f"know (which token holds it differs per family). Use a {SUPPORTED_FAMILIES} model, "
             "e.g. facebook/dinov2-large."
         )
     if feature == "cls" and layout.pooled is None:
         raise RecipeError(
             f"hera_teacher_feature: got 'cls', but the teacher '{name_or_path}' ({layout.model_type} with "
             "vision_use_head: false) has no [CLS] token and no attention-pooling head, so no pooled image feature. "
-            "Set hera_teacher_feature: mean (the mean of its patch tokens), or use a checkpoint with its head."
+            "Set hera_teacher_feature: mean (the mean of its patch tokens), or use a model with its head."
         )
 
 
@@ -321,7 +321,7 @@ def batches_of(items: list[Any], size: int) -> Iterator[list[Any]]:
 def continuing(found: int, total: int, desc: str) -> None:
     """Say that a pass takes ``found`` of its ``total`` rows from an earlier (perhaps killed) pass."""
     if found and found < total:
-        show(f"[llamafactory-hera] {desc}: continuing from {found} of {total} rows (kept by an earlier pass).")
+        show(line(f"{desc}: continuing from {found} of {total} rows (kept by an earlier pass)."))
 
 
 def image_features(
@@ -347,7 +347,8 @@ def image_features(
     batches = list(batches_of(images, batch_size))
     if workers is None:
         workers = prefetch_workers(next(teacher.parameters()).device)
-    chunks, kept = [], 0  # kept: batches already handed to ``keep``
+    chunks = []
+    kept = 0  # batches already handed to ``keep``
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hera-teacher-images") as pool:
         pending = deque(pool.submit(pixels, b) for b in batches[: workers + 1] if workers)
         for index in tqdm(range(len(batches)), desc=desc, disable=not progress, file=progress_file()):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from llamafactory_hera.hera.teacher import VisionTeacher, continuing, image_features, open_image
-from llamafactory_hera.log import show
+from llamafactory_hera.log import line, show
 
 
 def image_key(image: Any) -> str | None:
@@ -192,9 +192,11 @@ def cache_unwritable(folder: Path, err: OSError | RuntimeError, size: str = "") 
     _unwritable_said.add(str(cache_root()))
     why = f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
     show(
-        f"[llamafactory-hera] warning: cannot write the cache folder {cache_root()} (${CACHE_ENV}; {folder}{size}: "
-        f"{why}); head selections and teacher features stay in memory for this command only. Point {CACHE_ENV} at a "
-        "writable folder to share them between commands."
+        line(
+            f"warning: cannot write the cache folder {cache_root()} (${CACHE_ENV}; {folder}{size}: {why}); head "
+            f"selections and teacher features stay in memory for this command only. Point {CACHE_ENV} at a "
+            "writable folder to share them between commands."
+        )
     )
 
 
@@ -227,13 +229,15 @@ class TeacherFeatureStore:
         self.rows: dict[str, torch.Tensor] = {}
         self._read = False
         self.files: dict[str, Path] = {}  # key -> the file holding its row
-        self.in_use, self.said = set[Path](), False  # the files the pass under way reads/writes (kept); said where
+        self.in_use = set[Path]()  # the files the pass under way reads or writes (kept)
+        self.said = False  # whether this pass said where its rows are kept
 
     def get(self, keys: Iterable[str | None]) -> dict[str, torch.Tensor]:
         """The stored rows of ``keys`` (absent keys left out), as a pass begins."""
         self._read_disk()
         found = {key: self.rows[key] for key in keys if key is not None and key in self.rows}
-        self.in_use, self.said = {self.files[key] for key in found if key in self.files}, False
+        self.in_use = {self.files[key] for key in found if key in self.files}
+        self.said = False
         return found
 
     def add(self, rows: dict[str, torch.Tensor], persist: bool) -> None:
@@ -254,8 +258,10 @@ class TeacherFeatureStore:
                 rows = dict(zip(data["keys"], data["features"], strict=True))
             except Exception as err:  # noqa: BLE001 - a damaged file costs a teacher pass, never the run
                 show(
-                    f"[llamafactory-hera] teacher feature store: {shard} unreadable ({type(err).__name__}); its "
-                    "images go through the teacher again."
+                    line(
+                        f"teacher feature store: {shard} unreadable ({type(err).__name__}); its images go through "
+                        "the teacher again."
+                    )
                 )
                 continue
             for key, row in rows.items():
@@ -272,8 +278,10 @@ class TeacherFeatureStore:
         if not self.said or removed:  # once a pass, or a removal: a long pass writes every KEEP_ROWS rows
             self.said = True
             show(
-                f"[llamafactory-hera] teacher features of {len(new)} images kept in {self.folder} ({size / 2**20:.1f} "
-                f"MiB in {self.folder.parent}{note}; delete that folder to clear it), the pass's others as it goes."
+                line(
+                    f"teacher features of {len(new)} images kept in {self.folder} ({size / 2**20:.1f} MiB in "
+                    f"{self.folder.parent}{note}; delete that folder to clear it), the pass's others as it goes."
+                )
             )
 
     def _save(self, new: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -374,7 +382,7 @@ def stored_image_features(
             todo_images.append(image)
     device = next(teacher.parameters()).device
     if found and not todo_images:
-        return rows_to_device([found[key] for key in keys], device)  # type: ignore[index]
+        return rows_to_device([found[key] for key in keys if key is not None], device)  # all found: none unkeyed
     continuing(len(found), len(found) + len(todo), desc)
 
     def keep(first: int, rows: torch.Tensor) -> None:  # the todo names in row order

@@ -25,6 +25,7 @@ from llamafactory_hera.hera.teacher import (
     teacher_batch_size,
 )
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache, TeacherFeatureStore, feature_store, image_key
+from llamafactory_hera.log import say
 from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime.errors import RecipeError
 
@@ -101,8 +102,10 @@ def precompute_teacher_features(
     stored = stored_rows(store, keys)
     cache.features.update({keys[position]: row for position, row in stored.items()})
     keys = [key for position, key in enumerate(keys) if position not in stored]
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed() else (0, 1)
-    mine, desc = keys[rank::world], "teacher features (before training)"
+    rank = torch.distributed.get_rank() if distributed() else 0
+    world = torch.distributed.get_world_size() if distributed() else 1
+    mine = keys[rank::world]
+    desc = "teacher features (before training)"
     if progress:
         continuing(len(stored), len(stored) + len(keys), desc)
 
@@ -224,8 +227,8 @@ class RunTeacher:
         if not self.precompute_decision(dataset, args):
             return
         if not _has_images(dataset) or not self.cache.enabled:
-            print(
-                "[llamafactory-hera] hera_teacher_precompute: the training set has no readable `images` column "
+            say(
+                "hera_teacher_precompute: the training set has no readable `images` column "
                 "(streaming?) or the teacher cache is off; teacher features are computed in the steps."
             )
             return
@@ -253,8 +256,8 @@ class RunTeacher:
             moved = f"; {uncacheable} in-memory images cannot be cached, so the teacher stays on {args.device}"
         if main_process:
             shared = f", {from_store} from this teacher's earlier pass (head selection, monitor)" if from_store else ""
-            print(
-                f"[llamafactory-hera] teacher features of {len(by_key)} training images computed before the "
+            say(
+                f"teacher features of {len(by_key)} training images computed before the "
                 f"first step in {seconds:.1f} s ({computed_here} on this rank{shared}){moved}."
             )
 
@@ -271,8 +274,8 @@ class RunTeacher:
         cached (one host-to-device copy of the cached rows). ``one_each``: every sample holds exactly one image (the
         collator knows; :func:`per_sample_features`)."""
         if pixel_values is not None and self.to(self.device):
-            print(
-                "[llamafactory-hera] an image missed by the precomputed teacher features: the teacher went back "
+            say(
+                "an image missed by the precomputed teacher features: the teacher went back "
                 f"to {self.device} for the rest of the run."
             )
         computed = self.model(pixel_values) if pixel_values is not None else None

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers import Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
+from typing_extensions import override
 
-from llamafactory_hera.heads.geometry import attention_geometry
+from llamafactory_hera.heads.geometry import AttentionGeometry, attention_geometry
 from llamafactory_hera.heads.pooling import multimodal_token_ids, require_multimodal_ids
-from llamafactory_hera.hera import checkpoint
+from llamafactory_hera.hera import saved_state
 from llamafactory_hera.hera.capture import HeadCapture
 from llamafactory_hera.hera.collator import HERA_BATCH_KEYS, collator_token_sources
 from llamafactory_hera.hera.loss import (
@@ -45,10 +47,24 @@ if TYPE_CHECKING:  # the arguments' declaration (recipe keys, plots) is the work
 __all__ = ["HeraTrainer", "StepSums"]
 
 
-class HeraTrainer:
-    """Mix in front of a Hugging Face ``Trainer`` subclass; pass ``hera_args`` (``hera/config.py``'s
+class HeraTrainer(Trainer):
+    """HeRA's step, a ``Trainer`` mixed in front of the host's trainer class (with the plugin's checkpoints,
+    ``training/checkpoints.py``, which read ``save_on_signal``); pass ``hera_args`` (``hera/config.py``'s
     ``HeraArguments``), the run's feature cache and ``hera_queue`` (the feature queue's capacity,
     ``preparation_checks.contrastive_geometry``'s) to ``__init__``."""
+
+    hera_args: HeraArguments
+    save_on_signal: str  # hera_save_on_signal, for the plugin's checkpoints
+    hera_geometry: AttentionGeometry
+    hera_capture: HeadCapture  # the hooks on the selected heads' o_proj inputs
+    hera_checkpointing: LayerCheckpointing  # how each decoder layer is recomputed in backward
+    hera_teacher: RunTeacher  # the teacher's features of the batch's images
+    hera_queue: FeatureQueue  # earlier batches' features (capacity 0: off)
+    hera_log_tau: nn.Parameter  # log of the contrastive temperature
+    hera_temperature_lr: float
+    hera_tau: TemperatureGradHandler  # the temperature's gradient step (its own optimizer under DeepSpeed, FSDP)
+    hera_sums: StepSums  # the step's per-log sums
+    _hera_warned_small_batch: bool  # whether the small contrastive set was said
 
     def __init__(
         self,
@@ -102,6 +118,7 @@ class HeraTrainer:
         self._hera_warned_small_batch = False
 
     # ----------------------------------------------------------------------------- the step
+    @override
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
@@ -237,6 +254,7 @@ class HeraTrainer:
         return loss.masked_fill(failed, 0.0), finite
 
     # ----------------------------------------------------------------------------- around the step
+    @override
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The Trainer's input preparation, except for the teacher's pixels ``[N_img, C, H, W]`` and the pooling
         weights ``[B, T]``.
@@ -257,11 +275,13 @@ class HeraTrainer:
             prepared["hera_pooling_weights"] = pooling.to(self.args.device)
         return prepared
 
+    @override
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         for key in HERA_BATCH_KEYS:
             inputs.pop(key, None)
         return super().prediction_step(model, inputs, *args, **kwargs)
 
+    @override
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """The Trainer's optimizer plus the learnable temperature in its own group (``hera_temperature_lr``)."""
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -275,6 +295,7 @@ class HeraTrainer:
             )
         return optimizer
 
+    @override
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """The teacher's pass before step 1 (``hera_teacher_precompute``), then the run."""
         teacher = self.hera_teacher
@@ -285,6 +306,7 @@ class HeraTrainer:
         finally:
             teacher.to(teacher.device)  # the process-wide teacher goes back where load_teacher put it
 
+    @override
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log: same decision on every rank, so the reduction is safe
             self.hera_sums.log_values(
@@ -296,21 +318,24 @@ class HeraTrainer:
         super().log(logs, *args, **kwargs)
 
     # ----------------------------------------------------------------------------- checkpoints
+    @override
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            checkpoint.save_state(output_dir or self.args.output_dir, self.hera_args, self.hera_log_tau)
+            saved_state.save_state(output_dir or self.args.output_dir, self.hera_args, self.hera_log_tau)
 
+    @override
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        checkpoint.save_optimizer_state(
+        saved_state.save_optimizer_state(
             output_dir, self.hera_tau.own_optimizer, self.hera_queue, self.args.process_index, self.args.should_save
         )
 
+    @override
     def _load_optimizer_and_scheduler(self, checkpoint_dir: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint_dir)
         if checkpoint_dir is not None:
-            checkpoint.load_state(
+            saved_state.load_state(
                 checkpoint_dir,
                 self.hera_args,
                 self.hera_log_tau,

@@ -21,7 +21,7 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
     parser = commands.add_parser(
         "compose",
         help="a LLaVA-1.5-style model from a text-only LLM and an image encoder",
-        description="Write a LLaVA checkpoint (transformers' LlavaForConditionalGeneration) of the LLM's and the "
+        description="Write a LLaVA model (transformers' LlavaForConditionalGeneration) of the LLM's and the "
         "vision tower's weights and a fresh seeded 2-layer MLP projector, its processor, and "
         "llamafactory_hera_compose.json; print the template: line to train it with.",
     )
@@ -31,7 +31,7 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
         default=DEFAULT_VISION,
         help=f"a CLIP or SigLIP image encoder: Hub id or local folder (default {DEFAULT_VISION})",
     )
-    parser.add_argument("--output", required=True, type=Path, help="a new (or empty) folder for the checkpoint")
+    parser.add_argument("--output", required=True, type=Path, help="a new (or empty) folder for the model")
     parser.add_argument(
         "--family",
         default=None,

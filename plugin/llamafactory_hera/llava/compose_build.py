@@ -1,4 +1,4 @@
-"""Build and write a composed checkpoint: transformers' LLaVA (``LlavaForConditionalGeneration``) from a text-only
+"""Build and write a composed model: transformers' LLaVA (``LlavaForConditionalGeneration``) from a text-only
 LLM, an image encoder's vision tower and a fresh projector, with its ``LlavaProcessor`` and a record of how (what
 each part becomes: docs/hera.md, "Compose a LLaVA-1.5 model from an LLM"). SigLIP's attention-pooling head is left
 out so that no trainable tower holds parameters without gradients. Everything is written to a temporary sibling
@@ -53,7 +53,7 @@ def add_image_token(tokenizer: Any, llm: Any) -> str:
 
 def _vision_tower(name: str) -> Any:
     """The encoder's vision tower (``CLIPVisionModel`` / ``SiglipVisionModel``) with its weights, from a whole
-    two-tower checkpoint or a vision-only one."""
+    two-tower model or a vision-only one."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
     from transformers.utils import logging
@@ -70,8 +70,7 @@ def _vision_tower(name: str) -> Any:
         logging.set_verbosity(verbosity)
     if info["missing_keys"]:
         raise ValueError(
-            f"--vision {name}: its checkpoint lacks vision tower weights "
-            f"({', '.join(sorted(info['missing_keys'])[:3])}, ...)"
+            f"--vision {name}: its weights hold no vision tower ({', '.join(sorted(info['missing_keys'])[:3])}, ...)"
         )
     if getattr(tower, "use_head", False):  # LLaVA reads patch tokens, never SigLIP's pooled one (as LLaVA-OneVision)
         tower.use_head = tower.config.vision_use_head = False

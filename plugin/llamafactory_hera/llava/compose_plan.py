@@ -73,7 +73,7 @@ def _config_dict(name: str, flag: str) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise RecipeError(
             f"{flag} {name}: its config.json cannot be read ({str(err).splitlines()[0]}); give a Hub id "
-            "or a local folder holding a Hugging Face checkpoint."
+            "or a local folder holding a Hugging Face model."
         ) from err
     return config
 
@@ -101,7 +101,7 @@ def check_text_only(name: str, config: dict[str, Any]) -> None:
 
 
 def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
-    """The geometry of a CLIP or SigLIP checkpoint (whole two-tower model or vision tower alone); ``config``: its
+    """The geometry of a CLIP or SigLIP model (whole two-tower model or vision tower alone); ``config``: its
     config.json, whose model type is checked before transformers reads it (a config.json leaves out the values that
     are the defaults, ``patch_size`` 16 of SigLIP: the sizes are read from transformers' config)."""
     from transformers import AutoConfig  # lazy: seconds of import; compose's --help needs not
@@ -111,7 +111,7 @@ def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
     if encoder is None:
         hint = (
             (
-                " (SigLIP2's NaFlex checkpoints have variable resolution: take a fixed-resolution one such as "
+                " (SigLIP2's NaFlex models have variable resolution: take a fixed-resolution one such as "
                 f"{DEFAULT_VISION})"
             )
             if model_type == "siglip2"
@@ -119,7 +119,7 @@ def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
         )
         raise RecipeError(
             f"--vision {name}: model type '{model_type}' is not an image encoder compose knows{hint}; "
-            f"give a CLIP or SigLIP checkpoint: {DEFAULT_VISION} (the default, the HeRA paper's) or "
+            f"give a CLIP or SigLIP model: {DEFAULT_VISION} (the default, the HeRA paper's) or "
             "openai/clip-vit-large-patch14-336 (LLaVA-1.5's)."
         )
     full = AutoConfig.from_pretrained(name)
@@ -129,7 +129,7 @@ def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
     if not isinstance(image_size, int) or not isinstance(patch_size, int):
         raise RecipeError(
             f"--vision {name}: its vision config gives no image_size / patch_size (found {image_size} / "
-            f"{patch_size}); give a fixed-resolution CLIP or SigLIP checkpoint."
+            f"{patch_size}); give a fixed-resolution CLIP or SigLIP model."
         )
     cls_tokens, strategy = ENCODERS[encoder]
     return VisionGeometry(encoder, image_size, patch_size, cls_tokens, strategy)

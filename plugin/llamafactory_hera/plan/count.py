@@ -69,7 +69,8 @@ def reduced(config: Any, types: list[str], vision_depth: int, attention: str = "
     """``config`` with decoder layers of ``types`` and ``vision_depth`` vision blocks (its DeepStack / full-attention
     block indices moved into the reduced tower, as many as the full one has)."""
     config = copy.deepcopy(config)
-    text, vision = config.get_text_config(), getattr(config, "vision_config", None)
+    text = config.get_text_config()
+    vision = getattr(config, "vision_config", None)
     text.num_hidden_layers = len(types)
     if getattr(text, "layer_types", None):
         text.layer_types = list(types)
@@ -154,7 +155,8 @@ def scaled(config: Any, shapes: dict[str, Shape], head_layers: int) -> dict[str,
     layers of that kind left out are added, counted on the last arm: a layer without heads and the frozen tower run
     alike in every arm (Liger and 4 bits change the output layer, the loss and each layer's passing temporaries, not
     what a layer adds). RAH-LoRA's I-SAL probe runs eager attention (its attention weights)."""
-    kinds, (_, _, full_v) = layer_types(config), depths(config)
+    kinds = layer_types(config)
+    full_v = depths(config)[2]  # the vision tower's blocks
     vision = getattr(config, "vision_config", None)
     special = max((len(getattr(vision, key, None) or []) for key in SPECIAL_BLOCKS), default=0)
     base_v = min(max(special, 1), full_v)

@@ -94,7 +94,10 @@ def setup_of(recipe: dict, recipe_dir: Path, gpus: int | None, accelerate_config
     """The recipe's method, engine (its ``deepspeed`` key, else the accelerate config's: DeepSpeed, FSDP, else DDP),
     GPUs (``gpus``, else the accelerate config's ``num_processes``, else 1), quantization, batch, accumulation, cutoff,
     Liger and checkpointing; what is planned as something else is said in :attr:`Setup.notes`."""
-    engine, default_gpus, live, notes = "ddp", 1, 1e9, []
+    engine = "ddp"
+    default_gpus = 1
+    live = 1e9
+    notes = []
     launch: dict = {}
     if accelerate_config is not None:
         try:
@@ -149,22 +152,31 @@ def memory(counts: dict[str, float], setup: Setup) -> dict[str, float]:
     """Bytes per GPU by category (module doc) for ``counts`` (one arm, scaled) under ``setup``'s engine and GPUs;
     activations and temporaries as counted (temporaries: the rest of the step's peak: logits' gradients, the layer
     being recomputed, dequantized 4-bit weights)."""
-    n, total, trainable = setup.gpus, counts["params"], counts["trainable"]
-    frozen, quantizable = total - trainable, counts["quantizable"] if setup.bits else 0
+    n = setup.gpus
+    total = counts["params"]
+    trainable = counts["trainable"]
+    frozen = total - trainable
+    quantizable = counts["quantizable"] if setup.bits else 0
     stored = quantizable * quantized_bytes_per_weight(setup.bits, setup.double_quant) if setup.bits else 0
     gathered = 0.0
     if setup.engine == "fsdp2":
         weights = (stored + 4 * (total - quantizable)) / n
-        grads, optimizer = 4 * trainable / n, 8 * trainable / n
+        grads = 4 * trainable / n
+        optimizer = 8 * trainable / n
         gathered = 2 * (2 * counts["layer"] + counts["embedding"])
     elif setup.engine == "zero3":
-        weights, grads, optimizer = (2 * frozen + 6 * trainable) / n, 4 * trainable / n, 8 * trainable / n
+        weights = (2 * frozen + 6 * trainable) / n
+        grads = 4 * trainable / n
+        optimizer = 8 * trainable / n
         gathered = 2 * min(setup.live_params, total)
     elif setup.engine == "zero2":
-        weights, grads, optimizer = 2 * total + 4 * trainable / n, 2 * trainable / n, 8 * trainable / n
+        weights = 2 * total + 4 * trainable / n
+        grads = 2 * trainable / n
+        optimizer = 8 * trainable / n
     else:
         weights = stored + 2 * (frozen - quantizable) + 4 * trainable
-        grads, optimizer = 4 * trainable, 8 * trainable
+        grads = 4 * trainable
+        optimizer = 8 * trainable
     parts = {
         "parameters": weights,
         "gradients": grads,
@@ -263,7 +275,9 @@ def communicated(counts: dict[str, float], setup: Setup) -> tuple[float, float]:
     """Bytes each GPU receives per micro-step and per optimizer step (a ring: ``(N - 1) / N`` of each whole), each
     engine's collectives as docs/cost.md lists them (the recompute under checkpointing uses the backward's gather; DDP's
     all-reduce moves twice the bytes of a ring all-reduce). One GPU: none."""
-    n, total, trained = setup.gpus, counts["params"], counts["trainable"]
+    n = setup.gpus
+    total = counts["params"]
+    trained = counts["trainable"]
     ring = (n - 1) / n
     quantized = counts["quantizable"] if setup.bits else 0
     weights = 2 * (total - quantized) + quantized * (quantized_bytes_per_weight(setup.bits) if setup.bits else 0)

@@ -13,7 +13,8 @@ from typing import Any
 
 from llamafactory_hera.llava.compose_plan import DEFAULT_VISION, ENCODER_OF_TYPE, ENCODERS, FEATURE_LAYER
 
-PROJECTOR, VISION = ("merger", "multi_modal_projector"), ("visual", "vision_tower", "image_newline")
+PROJECTOR = ("merger", "multi_modal_projector")
+VISION = ("visual", "vision_tower", "image_newline")
 TOWER_MERGERS = "deepstack_merger"  # Qwen3-VL's DeepStack mergers: LLaMA-Factory's vision_model_keys, frozen with it
 TOKEN_TYPES = {"qwen3_vl": "mm_token_type_ids", "qwen3_5": "mm_token_type_ids", "gemma3": "token_type_ids"}
 

@@ -13,7 +13,8 @@ from llamafactory_hera.plan.estimate import found
 from llamafactory_hera.recipe.dataset_info import as_names
 from llamafactory_hera_patches.tools.model_data import sampled_rows
 
-SAMPLE, SEED = 300, 0  # rows sampled, by this seed
+SAMPLE = 300  # rows sampled
+SEED = 0  # the sample's seed
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,11 @@ def lengths_of(recipe: dict, recipe_dir: Path, batch: int, cutoff: int, worst_im
             f"row {cutoff} tokens with {image}",
         )
     tokens = sorted(row[0] for row in rows)
-    longest, most_images = tokens[-1], max(row[2] for row in rows)
+    longest = tokens[-1]
+    most_images = max(row[2] for row in rows)
     whole = len(rows) >= total  # every row read: no micro-batch holds a longer one
-    peak, image_tokens = (longest, most_images) if whole else (cutoff, max(most_images, worst_image_tokens))
+    peak = longest if whole else cutoff
+    image_tokens = most_images if whole else max(most_images, worst_image_tokens)
     groups = [rows[i : i + batch] for i in range(0, len(rows), batch)]
     padded = sum(max(row[0] for row in group) for group in groups) / len(groups)
     mean = sum(tokens) / len(tokens)

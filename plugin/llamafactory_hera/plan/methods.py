@@ -141,10 +141,13 @@ def rah(
         f"  loads {where}: {weights / GiB:.2f} GiB of weights + {probe_peak / GiB:.2f} GiB of the probe + "
         f"{estimate.RESERVE / GiB:.0f} GiB reserve"
     )
-    samples, probes = int(recipe.get("rah_samples", 100)), int(recipe.get("rah_probe_samples", 32))
-    kl, tries = int(recipe.get("rah_kl_samples", 8)), int(recipe.get("rah_halvings", 5)) + 1
+    samples = int(recipe.get("rah_samples", 100))
+    probes = int(recipe.get("rah_probe_samples", 32))
+    kl = int(recipe.get("rah_kl_samples", 8))
+    tries = int(recipe.get("rah_halvings", 5)) + 1
     passes = math.ceil(samples / size)
-    isal, caf = counts["isal"]["flops"] * passes, counts["caf"]["flops"] * probes
+    isal = counts["isal"]["flops"] * passes
+    caf = counts["caf"]["flops"] * probes
     per_try = counts["isal"]["flops"] / size * kl
     lines.append(
         f"  I-SAL: {samples} rows forward, {isal / 1e12:.1f} TFLOPs, "

@@ -249,7 +249,8 @@ def step(
                 del head.forward
         else:
             out = model(**inputs, labels=labels)
-            loss, logits = out.loss, out.logits[:reference_rows] if reference_rows else None  # HARC's KL reads them
+            loss = out.loss
+            logits = out.logits[:reference_rows] if reference_rows else None  # HARC's KL reads them
             del out
         with StepFlops() as reference:
             if reference_rows:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llamafactory_hera.log import say
 from llamafactory_hera.plots.text import agg_figure, fit_title, save_png
 
 Smooth = Callable[[list[float]], list[float]]
@@ -225,10 +226,9 @@ def plot_training(
     missing = [key for key in (*plot.losses, *plot.terms) if key not in data]
     fig = draw_training(data, plot, smooth, f"{output_dir.name} (stage: {stage}): training")
     if fig is None:
-        print(
-            f"[llamafactory-hera] warning: training plot of {output_dir.name}: no loss, term or panel series was "
-            f"logged (was max_steps below logging_steps?); {TRAINING_PNG} not drawn",
-            flush=True,
+        say(
+            f"warning: training plot of {output_dir.name}: no loss, term or panel series was "
+            f"logged (was max_steps below logging_steps?); {TRAINING_PNG} not drawn"
         )
         return None, missing
     return save_png(fig, output_dir / TRAINING_PNG, dpi=110), missing

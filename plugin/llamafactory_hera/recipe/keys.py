@@ -10,11 +10,14 @@ import math
 import operator
 from collections.abc import Callable
 from dataclasses import field, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llamafactory_hera.runtime.errors import RecipeError
 
-T = TypeVar("T")
+if TYPE_CHECKING:  # the type checker's name for "a dataclass"
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 NULLS = {"none", "null", ""}
 # a recipe key's bound (its field's metadata) -> (how an error states it, whether a value keeps it)
 BOUNDS = {
@@ -130,7 +133,7 @@ def parse_keys(
     """``cls`` (a method's arguments dataclass) from its raw recipe keys: each value coerced by its field's
     declaration (:func:`coerce_field`) or by the method's own coercer for the key in ``special``; an unknown key is
     refused naming the closest valid one. Checks between keys are the method's, after this."""
-    valid = {spec.name: spec for spec in fields(cls)}  # type: ignore[arg-type]
+    valid = {spec.name: spec for spec in fields(cls)}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in valid:

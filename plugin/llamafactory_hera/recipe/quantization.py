@@ -1,5 +1,5 @@
 """Which quantizations a stage runs on, checked before the model loads, from the recipe (``quantization_bit`` /
-``quantization_method``) and the checkpoint's own ``config.json`` (``quantization_config``, which LLaMA-Factory honours
+``quantization_method``) and the model's own ``config.json`` (``quantization_config``, which LLaMA-Factory honours
 without ``quantization_bit``): bitsandbytes 4-bit (nf4, fp4, double quantization) and 8-bit, which HeRA and RAH-LoRA
 read exactly (:func:`llamafactory_hera.hera.projection.base_weight_columns`). Every other method is refused by name,
 and DoRA with quantization too (HeRA, HARC); why each: docs/configurations.md (N3, N9, N10).
@@ -14,8 +14,8 @@ from llamafactory_hera.runtime.errors import RecipeError
 BITSANDBYTES = "bitsandbytes"  # transformers' quant_method; LLaMA-Factory's quantization_method calls it "bnb"
 
 
-def checkpoint_quantization(config: Any) -> dict[str, Any] | None:
-    """The ``quantization_config`` a checkpoint was saved with (a dict), or None for an unquantized checkpoint."""
+def saved_quantization(config: Any) -> dict[str, Any] | None:
+    """The ``quantization_config`` a model was saved with (a dict), or None for an unquantized model."""
     quantization = getattr(config, "quantization_config", None)
     if quantization is None:
         return None
@@ -25,8 +25,8 @@ def checkpoint_quantization(config: Any) -> dict[str, Any] | None:
 def quantization_in_use(model_args: Any, config: Any) -> tuple[str, int | None, str] | None:
     """(method as transformers names it, bits or None, where it comes from) of the model a run loads, or None.
 
-    The checkpoint's own ``quantization_config`` wins over ``quantization_bit`` (LLaMA-Factory's order)."""
-    saved = checkpoint_quantization(config)
+    The model's own ``quantization_config`` wins over ``quantization_bit`` (LLaMA-Factory's order)."""
+    saved = saved_quantization(config)
     if saved is not None:
         method = saved.get("quant_method", "?")
         method = str(getattr(method, "value", method)).lower()  # the object form's to_dict() keeps the enum
@@ -86,25 +86,26 @@ def check_quantization(
     elif reads is None:
         why = (
             f"llamafactory-hera runs stage: {stage} on bitsandbytes 4-/8-bit weights only (no test loads {method} "
-            "weights). Use an unquantized checkpoint, with quantization_bit: 4 or 8 (bitsandbytes) if memory is "
+            "weights). Use an unquantized model, with quantization_bit: 4 or 8 (bitsandbytes) if memory is "
             "short"
         )
     elif method in ("fp8", "mxfp4"):
         why = (
             "LLaMA-Factory loads it dequantized (transformers' dequantize=True), a load llamafactory-hera has no "
-            "test of. Dequantize the checkpoint once and train that, or use bitsandbytes"
+            "test of. Dequantize the model once and train that, or use bitsandbytes"
         )
     else:
         why = (
             f"{method} stores packed codes in its kernels' own layout, which llamafactory-hera does not decode, so "
-            "it cannot read them as weights. Use an unquantized checkpoint, with quantization_bit: 4 or 8 "
+            "it cannot read them as weights. Use an unquantized model, with quantization_bit: 4 or 8 "
             "(bitsandbytes) if memory is short"
         )
     lead = f"reads {reads}, and {source} cannot be read exactly" if reads else f"is not run on {source}"
     raise RecipeError(f"stage: {stage} {lead}: {why}.")
 
 
-NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes 4-bit: weights per absmax; absmax values per second-level scale
+NF4_BLOCK = 64  # bitsandbytes 4-bit: weights per absmax
+NESTED_BLOCK = 256  # absmax values per second-level scale
 
 
 def quantized_bytes_per_weight(bits: int, double_quant: bool = True, row_width: int | None = None) -> float:

@@ -33,7 +33,9 @@ WATCHDOG_FOLDER = "llamafactory_hera_watchdog"
 JOB_FILES = (CLAIM, WATCHDOG_FOLDER)
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR and get_last_checkpoint
-TRAINER_STATE, ADAPTER_CONFIG, MODEL_CONFIG = "trainer_state.json", "adapter_config.json", "config.json"
+TRAINER_STATE = "trainer_state.json"
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CONFIG = "config.json"
 WHOLE_MODEL_FILES = tuple(name for name in SAVED_MODEL_FILES if not name.startswith("adapter_"))
 # never in a checkpoint: the run record and the Trainer's end-of-run results (LLaMA-Factory's save_metrics)
 RUN_FOLDER_FILES = (RUN_RECORD, "train_results.json", "all_results.json")
@@ -196,7 +198,8 @@ def _differences(
         ):
             differ.append("another architecture")
         else:
-            theirs, ours = sizes(held.config), sizes(wanted_config)
+            theirs = sizes(held.config)
+            ours = sizes(wanted_config)
             changed = [key for key in theirs if key in ours and theirs[key] != ours[key]]
             if changed:
                 differ.append(
@@ -259,7 +262,8 @@ def check_resume(stage: str, host_args: dict[str, Any] | list[str]) -> None:
     """The checkpoint the recipe resumes from, if any, fits it (see the module doc); called by every plugin stage
     before LLaMA-Factory parses ``host_args`` (after the model paths are checked)."""
     given = given_keys(host_args)
-    value, output_dir = given.get("resume_from_checkpoint"), given.get("output_dir")
+    value = given.get("resume_from_checkpoint")
+    output_dir = given.get("output_dir")
     overwrite = truthy(given.get("overwrite_output_dir", False))
     afresh = "Remove resume_from_checkpoint to train afresh"
     if value is None:  # LLaMA-Factory resumes an output_dir's last checkpoint by itself

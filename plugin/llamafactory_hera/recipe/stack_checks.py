@@ -42,7 +42,7 @@ def config_of(source: str) -> dict[str, Any]:
 
 def host_warning_line(given: dict[str, Any]) -> str | None:
     """The line warning of a bitsandbytes quantization measured wrong on the installed transformers (from
-    ``quantization_bit``, or a checkpoint saved quantized), None when nothing is known."""
+    ``quantization_bit``, or a model saved quantized), None when nothing is known."""
     found = installed()
     bits = value_or_none(given.get("quantization_bit"))
     method = str(value_or_none(given.get("quantization_method")) or "bnb").strip().lower()
@@ -50,7 +50,7 @@ def host_warning_line(given: dict[str, Any]) -> str | None:
         model = value_or_none(given.get("model_name_or_path"))
         saved = config_of(str(model).strip()).get("quantization_config") or {} if model is not None else {}
         bits = 8 if saved.get("quant_method") == "bitsandbytes" and saved.get("load_in_8bit") else None
-        where = "the checkpoint saved 8-bit"
+        where = "the model saved 8-bit"
     else:
         where = f"quantization_bit: {bits}"
     warning = host_warning(bits, found) if bits is not None else None

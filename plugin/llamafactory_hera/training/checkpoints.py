@@ -1,5 +1,5 @@
-"""A plugin run's checkpoints, both mixed in front of every method's Trainer by its workflow (around the step, not in
-it).
+"""A plugin run's checkpoints: the mixins every method's workflow puts in front of the host's trainer (around the
+step, not in it).
 
 Checkpoints a run can trust, and a stop that saves one (:class:`WholeCheckpoints`; what users see: docs/hera.md,
 "Killed, preempted, disk full"): the marker is ``runtime.whole_checkpoints``'s; the ranks agree on a signal's stop
@@ -15,12 +15,14 @@ same way; DeepSpeed and FSDP keep the Trainer's path.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
 import re
 import shutil
 import signal
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.trainer_pt_utils import reissue_pt_warnings
+from typing_extensions import override
 
 try:  # transformers >= 5: the conversion mapping from_pretrained applies
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -43,15 +48,18 @@ from llamafactory_hera.runtime import whole_checkpoints as whole
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.training import sections
 
-SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
-TORCH_WEIGHTS, TORCH_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# a whole-model save's (single file, index of shards), safetensors first, as from_pretrained looks for them
+WEIGHT_FILES = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _EXAMPLES = 3
 
 
 def weight_files(folder: str) -> list[str]:
     """The whole-model weight files of a checkpoint folder (one file, or an index's shards), [] when none."""
-    for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (TORCH_WEIGHTS, TORCH_INDEX)):
+    for single, index in WEIGHT_FILES:
         if os.path.isfile(os.path.join(folder, single)):
             return [os.path.join(folder, single)]
         if os.path.isfile(os.path.join(folder, index)):
@@ -59,12 +67,6 @@ def weight_files(folder: str) -> list[str]:
                 shards = sorted(set(json.load(handle)["weight_map"].values()))
             return [os.path.join(folder, shard) for shard in shards]
     return []
-
-
-def _read(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        return load_file(path, device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def model_keys(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
@@ -111,7 +113,10 @@ def restore_weights(model: nn.Module, folder: str) -> None:
     unplaced: list[str] = []
     state_keys = set(model.state_dict())
     for path in weight_files(folder):
-        tensors = _read(path)
+        if path.endswith(".safetensors"):
+            tensors = load_file(path, device="cpu")
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
         names = model_keys(model, tensors)
         renamed = {names[key]: tensor for key, tensor in tensors.items() if names[key] in state_keys}
         unplaced += sorted(key for key in tensors if names[key] not in state_keys)
@@ -154,14 +159,14 @@ def check_restored(model: nn.Module, folder: str, loaded: set[str], unplaced: li
     )
 
 
-class RestoresCheckpointWeights:
-    """Mix in front of a ``Trainer``: resuming (and ``load_best_model_at_end``) restores the checkpoint's weights under
-    the model's names, or fails."""
+class RestoresCheckpointWeights(Trainer):
+    """A ``Trainer`` whose resume (and ``load_best_model_at_end``) restores the checkpoint's weights under the model's
+    names, or fails. Mixed in front of the host's trainer class, which is a ``Trainer`` too."""
 
     def _restores_itself(self, folder: str, model: nn.Module, adapters: bool) -> bool:
         """Load ``folder`` into ``model`` here when the Trainer's path would not rename (whole-model files, and
         adapters when ``adapters``); False: the Trainer's own path (DeepSpeed, FSDP, sharded adapters)."""
-        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return False
         if hasattr(model, "peft_config") and hasattr(model, "load_adapter"):
             if not adapters or not any(os.path.isfile(os.path.join(folder, name)) for name in ADAPTER_FILES):
@@ -173,14 +178,16 @@ class RestoresCheckpointWeights:
         restore_weights(model, folder)
         return True
 
+    @override
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if not self._restores_itself(resume_from_checkpoint, self.model if model is None else model, adapters=True):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    @override
     def _load_best_model(self) -> None:
-        folder = self.state.best_model_checkpoint  # type: ignore[attr-defined]
-        if not self._restores_itself(folder, self.model, adapters=False):  # type: ignore[attr-defined]
-            super()._load_best_model()  # type: ignore[misc]
+        folder = self.state.best_model_checkpoint
+        if folder is None or not self._restores_itself(folder, self.model, adapters=False):
+            super()._load_best_model()
 
 
 # steps between a rank noting the signal and the stop: the ranks run in lockstep (a collective every step), so a rank
@@ -193,12 +200,17 @@ class _StopOnSignal(TrainerCallback):
 
     def __init__(self, name: str, output_dir: str) -> None:
         self.signum = getattr(signal, name.upper(), None)
-        self.name, self.key = name.upper(), f"llamafactory_hera_stop:{output_dir}"
-        self.stop_step, self.stopped, self.noted = None, False, stop_signal.received  # noted: this process's
+        self.name = name.upper()
+        self.key = f"llamafactory_hera_stop:{output_dir}"
+        self.stop_step: int | None = None
+        self.stopped = False
+        self.noted = stop_signal.received  # whether this process noted the signal since the stage started
 
+    @override
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         sections.enter(f"step {state.global_step + 1}", "step", state.global_step + 1)
 
+    @override
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         received = self.noted()  # noted since the stage started (runtime.stop_signal)
         if self.stop_step is None and received and not dist.is_initialized():
@@ -213,30 +225,46 @@ class _StopOnSignal(TrainerCallback):
             control.should_save = control.should_training_stop = self.stopped = True
 
 
-class WholeCheckpoints:
-    """Mix in front of a ``Trainer`` (see the module doc); ``save_on_signal``: the method's ``<prefix>_save_on_signal``
-    (``recipe.keys.save_on_signal_key``), set by the method's trainer."""
+class WholeCheckpoints(Trainer):
+    """A ``Trainer`` whose checkpoints are whole or known half-written, which stops on the save signal with one, and
+    which rotates only whole ones (the module doc). Mixed in front of the host's trainer class, a ``Trainer`` too.
 
+    transformers rotates (``save_total_limit``) inside its own save, before the folder is marked whole, counting
+    half-written folders: the Trainer works on its own copy of the arguments, without the limit, which this class
+    applies after each whole save and at the run's end (:meth:`_keep_the_best_alone`)."""
+
+    save_on_signal: str  # the method's ``<prefix>_save_on_signal`` (``recipe.keys``), set by the method's trainer
+    checkpoint_limit: int | None  # the recipe's save_total_limit
+    resumed_from: str | None = None  # the checkpoint this start resumed from
+    stop: _StopOnSignal  # this start's stop on the save signal
     lineage: str | None = None  # the lineage of a pinned resume (runtime.whole_checkpoints), in each marker it writes
 
-    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.checkpoint_limit = self.args.save_total_limit
+        self.args = copy.copy(self.args)  # the recipe's arguments stay as they are
+        self.args.save_total_limit = None
+
+    @override
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         self.resumed_from = self._whole_resume(resume_from_checkpoint)
         if self.resumed_from:
-            self._say_other_settings(Path(str(self.resumed_from)))
-        self.stop = stop = _StopOnSignal(self.save_on_signal, self.args.output_dir)  # type: ignore[attr-defined]
-        self.add_callback(stop)  # type: ignore[attr-defined]
-        with stop_signal.noting(stop.name, steps=True), sections.counting_forwards(self.model):  # type: ignore
-            result = super().train(self.resumed_from, *args, **kwargs)  # type: ignore[misc]
+            self._say_other_settings(Path(self.resumed_from))
+        self.stop = stop = _StopOnSignal(self.save_on_signal, self.args.output_dir)
+        self.add_callback(stop)
+        with stop_signal.noting(stop.name, steps=True), sections.counting_forwards(self.model):
+            result = super().train(self.resumed_from, *args, **kwargs)
         sections.enter("the end of the run (final save)", "final")
         if not stop.stopped:
+            self._keep_the_best_alone()
             return result
         moved = (
             " without overwrite_output_dir: true (which moves it aside)"
-            if getattr(self.args, "overwrite_output_dir", False)
+            if getattr(self.args, "overwrite_output_dir", False)  # LLaMA-Factory's key, not transformers'
             else ""
-        )  # LLaMA-Factory's key
+        )
         say_once(
-            f"{stop_signal.came() or stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"  # type: ignore
+            f"{stop_signal.came() or stop.name}: saved the whole checkpoint {self.args.output_dir}/checkpoint-"
             f"{self.state.global_step} and stopped; to go on, {stop_signal.RERUN}{moved}."
         )
         if dist.is_initialized():
@@ -244,35 +272,51 @@ class WholeCheckpoints:
             dist.destroy_process_group()
         raise SystemExit(0)
 
+    def _keep_the_best_alone(self) -> None:
+        """transformers' rule at a run's end, which its copy of the arguments no longer triggers: under
+        ``save_total_limit: 1`` with a best checkpoint, every other checkpoint goes (not after a signal stop, whose
+        checkpoint stays)."""
+        best = self.state.best_model_checkpoint
+        if not self.args.should_save or best is None or self.checkpoint_limit != 1:
+            return
+        for folder in whole.checkpoint_folders(Path(self.args.output_dir)):
+            if not os.path.samefile(folder, best):
+                whole.unmark(folder)  # a kill amid the deletion leaves it half-written, not whole
+                shutil.rmtree(folder, ignore_errors=True)
+
+    @override
     def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         """A micro-batch begun is progress for the watchdog, before the wrapped model's own collectives (DDP's
         broadcast of buffers): a rank stuck before it stays behind the ranks waiting there."""
         sections.progress()
-        return super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
+    @override
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         """An epoch's steps (transformers 5), none once the run is at ``max_steps``: a run resumed from its last
         checkpoint (killed in its final save) writes the final model from it, not one step past it."""
-        if self.state.global_step >= self.state.max_steps > 0:  # type: ignore[attr-defined]
+        if self.state.global_step >= self.state.max_steps > 0:
             return None
-        return super()._run_epoch(*args, **kwargs)  # type: ignore[misc]
+        return super()._run_epoch(*args, **kwargs)
 
-    def _whole_resume(self, value: Any) -> Any:
+    def _whole_resume(self, value: str | bool | None) -> str | None:
         """The checkpoint to resume from: ``value``, or for ``true`` / a half-written ``checkpoint-N`` (as
         LLaMA-Factory picks the last one) the newest whole one of its run; says what it passed over. A path taken
         by an earlier start of this run (a pin, :mod:`~llamafactory_hera.runtime.whole_checkpoints`): the
         newest whole checkpoint saved since, when there is one."""
         if not value:
-            return value
-        since = self._since_pin(value) if value is not True else None
-        if since is not None:
-            return since
-        named = Path(self.args.output_dir if value is True else str(value))  # type: ignore[attr-defined]
-        if value is not True and (
-            not named.name.startswith(whole.CHECKPOINT_PREFIX) or named in whole.whole_checkpoints(named.parent)
-        ):
-            return value
-        newest, half = whole.newest_whole(named if value is True else named.parent)
+            return None
+        if value is True:
+            run = Path(self.args.output_dir)
+        else:
+            since = self._since_pin(value)
+            named = Path(value)
+            if since is not None:
+                return since
+            if not named.name.startswith(whole.CHECKPOINT_PREFIX) or named in whole.whole_checkpoints(named.parent):
+                return str(value)
+            run = named.parent
+        newest, half = whole.newest_whole(run)
         if half:
             say_once(
                 f"resume: passed over {', '.join(path.name for path in half)} (half-written: a save that did not "
@@ -280,12 +324,12 @@ class WholeCheckpoints:
             )
         return str(newest) if newest else None  # none whole: the run starts (recipe.resume said so)
 
-    def _since_pin(self, pin: Any) -> str | None:
-        """The newest whole checkpoint saved since an earlier start took ``pin`` (said in one line), else None; the
-        first start to take ``pin`` records it (the main process), and this start's checkpoints carry its lineage."""
-        out = Path(self.args.output_dir)  # type: ignore[attr-defined]
+    def _since_pin(self, pin: str) -> str | None:
+        """The newest whole checkpoint saved since an earlier start took ``pin``, else None (the first start records
+        the pin, and its checkpoints carry its lineage: ``runtime.whole_checkpoints``)."""
+        out = Path(self.args.output_dir)
         entry = whole.taken(out, pin)
-        if entry is None and self.is_world_process_zero():  # type: ignore[attr-defined]
+        if entry is None and self.is_world_process_zero():
             entry = whole.take(out, pin)
         self.lineage = entry[whole.LINEAGE] if entry else None
         since = whole.saved_since(out, self.lineage) if self.lineage else []
@@ -301,7 +345,7 @@ class WholeCheckpoints:
     def _say_other_settings(self, folder: Path) -> None:
         """One line when the resumed checkpoint was saved with other settings than this run's."""
         marker = whole.read_marker(folder)
-        now = whole.settings(self.args)  # type: ignore[attr-defined]
+        now = whole.settings(self.args)
         line = whole.differences(folder, marker.get(whole.SETTINGS) or {}, now, marker.get("step"))
         if line:
             say_once(line)
@@ -309,17 +353,18 @@ class WholeCheckpoints:
     def save_method_state(self, folder: str) -> None:
         """A method's own state, written into ``folder`` inside the whole save (``save_only_model`` too)."""
 
+    @override
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        args, run = self.args, Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
-        folder = run / f"{whole.CHECKPOINT_PREFIX}{self.state.global_step}"  # type: ignore[attr-defined]
-        limit, args.save_total_limit = args.save_total_limit, None  # rotation after the whole save
+        args = self.args
+        run = Path(self._get_output_dir(trial=trial))
+        folder = run / f"{whole.CHECKPOINT_PREFIX}{self.state.global_step}"
         about = {whole.SETTINGS: whole.settings(args)}
         if self.lineage:
             about[whole.LINEAGE] = self.lineage
         try:
             with sections.section(f"the save of {folder.name}", "save"):  # a stage done is progress
                 whole.unmark(folder)  # a folder saved again: by every rank, before any of its own writes
-                super()._save_checkpoint(model, trial)  # type: ignore[misc]
+                super()._save_checkpoint(model, trial)
                 sections.progress()
                 self.save_method_state(str(folder))
                 sections.progress()
@@ -327,31 +372,31 @@ class WholeCheckpoints:
                 sections.progress()
                 _every_rank_saved(args.device)
                 if args.should_save:
-                    whole.write_marker(folder, self.state.global_step, args.world_size, about)  # type: ignore[attr-defined]
+                    whole.write_marker(folder, self.state.global_step, args.world_size, about)
         except Exception as error:
             # said by this rank at once, with no collective: under FSDP2 and ZeRO-3 the other ranks may still be in
             # the save's own gathers, which another collective here would not match (a hang); the launcher ends them
             # when this process ends
             line = _full_line(folder, run, error)
             raise (RecipeError(line) if line else error) from None
-        finally:
-            # a stop's checkpoint outlives the rotation of transformers' _finalize_training after the stop
-            args.save_total_limit = None if self.stop.stopped else limit
         if args.should_save:
-            whole.rotate(run, limit, (self.state.best_model_checkpoint, folder))  # type: ignore[attr-defined]
+            whole.rotate(run, self.checkpoint_limit, (self.state.best_model_checkpoint, folder))
 
+    @override
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """transformers loads a DDP run's optimizer onto ``args.device``, on CPU ranks ``cpu:0``, which torch refuses
-        ("don't know how to restore data location"): there, onto ``cpu``, for this call only."""
-        device, load = self.args.device, torch.load  # type: ignore[attr-defined]
-        if device.type == "cpu" and device.index is not None:
-            torch.load = lambda *args, map_location=None, **kwargs: load(  # type: ignore[assignment]
-                *args, map_location="cpu" if map_location == device else map_location, **kwargs
-            )
-        try:
-            super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
-        finally:
-            torch.load = load
+        ("don't know how to restore data location"): there, onto ``cpu``, as transformers does for one process."""
+        device = self.args.device
+        files = [os.path.join(checkpoint or "", name) for name in (OPTIMIZER_NAME, SCHEDULER_NAME)]
+        cpu_ranks = device.type == "cpu" and device.index is not None and self.args.world_size > 1
+        engine = self.is_deepspeed_enabled or self.is_fsdp_enabled  # they load their own
+        if not cpu_ranks or engine or not all(os.path.isfile(path) for path in files):
+            super()._load_optimizer_and_scheduler(checkpoint)
+            return
+        self.optimizer.load_state_dict(torch.load(files[0], map_location="cpu", weights_only=True))
+        with warnings.catch_warnings(record=True) as caught:
+            self.lr_scheduler.load_state_dict(torch.load(files[1], weights_only=True))
+        reissue_pt_warnings(caught)
 
 
 def _every_rank_saved(device: torch.device) -> None:
@@ -369,9 +414,8 @@ NEARLY_FULL = 64 * 2**20  # free bytes under which a failed save is taken for a 
 
 
 def _full_line(folder: Path, run: Path, error: BaseException) -> str | None:
-    """The disk-full line when a save failed for lack of space, else None: ENOSPC / EDQUOT, their text (safetensors,
-    a quota), or less free space than the last whole checkpoint took, or than :data:`NEARLY_FULL` before the first
-    (torch.save's writer says only ``unexpected pos`` or ``file write failed``)."""
+    """The disk-full line when a save failed for lack of space (docs/hera.md's "Disk full"), else None; free space
+    is read too, as torch.save's writer says only ``unexpected pos`` or ``file write failed``."""
     newest = whole.newest_whole(run)[0]
     needed = sum(path.stat().st_size for path in newest.rglob("*") if path.is_file()) if newest else None
     free = shutil.disk_usage(run).free

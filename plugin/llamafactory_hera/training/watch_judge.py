@@ -1,22 +1,11 @@
-"""What the watchdog's monitor concludes from the ranks' heartbeats (pure: beats and times are passed in).
+"""What the watchdog's monitor concludes from the ranks' heartbeats (pure: beats and times are passed in). Whom it
+names and why: docs/multinode.md, "What it watches".
 
-Each rank publishes a heartbeat (:class:`Beat`): its host, its section and that section's bound, a pulse count (its
-watchdog's thread is alive) and its position in the run, ``[step, phase, progress]`` (the step the section belongs
-to, the section kind's place in a step, the micro-batches or save stages done in it), which only grows while the rank
-works. The monitor reads every beat once a pulse and, on its own clock (no clock is compared across hosts), names:
-
-- a rank **unheard** for longer than its bound: its pulse count stopped (its process or host frozen or gone);
-- a rank **stuck**: alive, but its position has not moved for longer than its bound, and no rank behind it still
-  moves (the ranks ahead of a stuck one wait for it in a collective and are not named; when every rank is at the
-  same point, a collective that does not complete, all are named);
-- a rank **never heard** in this launch within the first bound (its run did not start);
-- a rank whose ``output_dir`` has not answered a probe for :data:`STORAGE_BOUND` seconds. A rank whose probe is in
-  flight is never named stuck: a storage stall is not a peer's silence, and ranks waiting on it are not named either.
-
-Sections of kind ``wait`` (a rank waiting for another's work alone: head selection on rank 0, the final save) are
-never the cause; ``loading`` is watched for life, not progress (LLaMA-Factory's loading reports none the plugin
-reads), and a rank still loading holds back the naming of ranks ahead of it. A beat that cannot be read (a failed or
-timed-out read, a missing key) changes nothing: only a rank's own last beat says it left the run.
+A heartbeat (JSON, :func:`parse`) carries a pulse count (its rank's watchdog thread is alive) and the rank's position in
+the run, ``[step, phase, progress]`` (the section's step, the section kind's place in a step, the micro-batches or save
+stages done in it), which only grows while the rank works. The monitor keeps its own clock (none is compared across
+hosts). A beat that cannot be read (a failed or timed-out read, a missing key) changes nothing: only a rank's own last
+beat says it left the run.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from llamafactory_hera.hera.selection.collect import release_memory
 from llamafactory_hera.hera.selection.recipe_write import SelectionResult, write_outputs
 from llamafactory_hera.hera.selection.select import SelectionOptions, run_selection
 from llamafactory_hera.hera.teacher_cache import cache_root, cache_unwritable
+from llamafactory_hera.log import line, say
 from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime.errors import RecipeError
 
@@ -40,8 +41,8 @@ def short_ddp_timeout_warning(world_size: int, ddp_timeout: int | None) -> str |
     if world_size <= 1 or ddp_timeout is None or ddp_timeout >= SHORT_DDP_TIMEOUT_S:
         return None
     others = world_size - 1
-    return (
-        f"[llamafactory-hera] warning: hera_heads: auto scores the heads on rank 0 while the other {others} "
+    return line(
+        f"warning: hera_heads: auto scores the heads on rank 0 while the other {others} "
         f"rank(s) wait for at most ddp_timeout: {ddp_timeout} s; loading a large model (after its first "
         "download) and scoring can take longer, and the run then dies in a timeout. Set ddp_timeout: "
         f"{FITTING_DDP_TIMEOUT_S} (as the recipes do), or list the heads of `llamafactory-hera select` in "
@@ -119,8 +120,4 @@ def _record(result: SelectionResult, cached: bool, output_dir: str) -> None:
         f"{result.strategy}-{len(result.selected)}",
     )
     source = "reusing cached head selection" if cached else "selected heads"
-    print(
-        f"[llamafactory-hera] hera_heads: auto -> [{', '.join(result.selected)}] ({source}; record: "
-        f"{Path(output_dir) / RECORD_NAME})",
-        flush=True,
-    )
+    say(f"hera_heads: auto -> [{', '.join(result.selected)}] ({source}; record: {Path(output_dir) / RECORD_NAME})")

@@ -122,16 +122,16 @@ class SelectionOptions:
 
 def scoring_dtype(precision: Any) -> str:
     """The dtype heads are scored in, from a recipe's precision keys (a mapping that may also hold
-    ``model_name_or_path``); with none set, the checkpoint's own floating dtype, what LLaMA-Factory then trains in (a
-    bf16 7B checkpoint is not cast to a float32 copy of twice its size)."""
+    ``model_name_or_path``); with none set, the model's own saved floating dtype, what LLaMA-Factory then trains in (a
+    bf16 7B model is not cast to a float32 copy of twice its size)."""
     if truthy(precision.get("bf16")) or truthy(precision.get("pure_bf16")):
         return "bfloat16"
     if truthy(precision.get("fp16")):
         return "float16"
-    return _checkpoint_dtype(precision.get("model_name_or_path"))
+    return _saved_dtype(precision.get("model_name_or_path"))
 
 
-def _checkpoint_dtype(model_name_or_path: Any) -> str:
+def _saved_dtype(model_name_or_path: Any) -> str:
     """The floating dtype ``config.json`` names (``dtype`` or ``torch_dtype``, top level or the text config)."""
     if not model_name_or_path:
         return "float32"

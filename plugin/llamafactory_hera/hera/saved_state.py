@@ -1,6 +1,5 @@
-"""What a HeRA checkpoint holds besides the model: temperature, its optimizer, the feature queue.
-
-Plain functions the trainer calls from ``save_model`` and the Trainer's optimizer save / load.
+"""What HeRA saves beside the model (in each checkpoint, and with the final model): the temperature, its optimizer,
+the feature queue. Plain functions the trainer calls from ``save_model`` and the Trainer's optimizer save / load.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ TAU_OPTIMIZER_NAME = "hera_temperature_optimizer.pt"
 
 
 def load_on_cpu(path: str) -> Any:
-    """``torch.load`` of a HeRA checkpoint file onto the CPU; the caller moves what it restores to its device (the
+    """``torch.load`` of a file HeRA saved onto the CPU; the caller moves what it restores to its device (the
     tensors are tagged with the GPU that wrote them: a resume without it would fail to deserialize)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
