@@ -6,7 +6,9 @@ launch: tests/test_multinode.py."""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import re
 import threading
 import time
@@ -37,6 +39,18 @@ def test_bounds_first_then_from_the_last_section() -> None:
     assert bound("step", {"step": 200.0}, None) == 800.0 and bound("save", {"save": 100.0}, None) == 400.0
     assert bound("step", {"step": 200.0}, 20) == bound("loading", {}, 20) == 20.0  # the recipe's key, every section
 
+
+
+def test_the_environment_is_read_at_each_call_after_os_environ_is_rebound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """datasets' ``map(num_proc=N)`` (LLaMA-Factory's preprocessing with workers) rebinds ``os.environ`` to a copy and
+    keeps it: the start bound and the store's address read the environment of the call (a default argument bound the
+    object of the import, so a later variable went unseen and the start bound stayed 600 s)."""
+    monkeypatch.setattr(os, "environ", copy.deepcopy(os.environ))
+    monkeypatch.setenv(job_store.START_ENV, "7")
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    assert job_store.start_bound() == 7.0
+    assert job_store.address() == ("node0", 29511)
 
 @pytest.fixture
 def server() -> Any:

@@ -74,10 +74,12 @@ class Job:
     nodes: int
 
 
-def job_of(env: Mapping[str, str] = os.environ) -> Job | None:
+def job_of(env: Mapping[str, str] | None = None) -> Job | None:
     """This process's torchrun job (its ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``GROUP_RANK``, ``MASTER_ADDR``,
     ``MASTER_PORT``), or None: a single process, or ranks without torchrun's agent, whose store alone outlives every
     rank (where rank 0's process group hosts it, as for srun tasks, a rank 0 ending at a refusal takes it along)."""
+    # os.environ read at the call: datasets' map(num_proc=N) rebinds it to a copy, which a default keeps
+    env = os.environ if env is None else env
     try:
         world, rank, local_rank, port, local_world = (
             int(env.get(key) or 0) for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT", "LOCAL_WORLD_SIZE")
@@ -98,9 +100,10 @@ def job_of(env: Mapping[str, str] = os.environ) -> Job | None:
     )
 
 
-def several_nodes(env: Mapping[str, str] = os.environ) -> str | None:
+def several_nodes(env: Mapping[str, str] | None = None) -> str | None:
     """What says this process runs on one of several nodes (``NNODES`` above 1, which LLaMA-Factory's launcher passes
     to torchrun; a launched rank's ``WORLD_SIZE`` above its node's ``LOCAL_WORLD_SIZE``), else None."""
+    env = os.environ if env is None else env
     with contextlib.suppress(ValueError):  # an elastic range (1:2) or no number: the launcher decides
         if int(env.get("NNODES") or 1) > 1:
             return f"NNODES={env['NNODES']}"
@@ -110,10 +113,11 @@ def several_nodes(env: Mapping[str, str] = os.environ) -> str | None:
     return None
 
 
-def tell_torchrun(environ: Mapping[str, str] = os.environ) -> None:
+def tell_torchrun(environ: Mapping[str, str] | None = None) -> None:
     """In a torchrun rank, the error file its agent reads (``TORCHELASTIC_ERROR_FILE``): its report of the failed job
     then points at the refusal's line instead of saying how to get a traceback (every rank a refusal ends writes it:
     the report names whichever failed first)."""
+    environ = os.environ if environ is None else environ
     path = environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
@@ -196,8 +200,9 @@ def _stop_watching() -> None:
 atexit.register(_stop_watching)
 
 
-def watch(env: Mapping[str, str] = os.environ) -> None:
+def watch(env: Mapping[str, str] | None = None) -> None:
     """In a rank of a multi-process job, end this process when another rank refuses (once per process)."""
+    env = os.environ if env is None else env
     job = job_of(env)
     if job is None or _watching:
         return
@@ -206,11 +211,12 @@ def watch(env: Mapping[str, str] = os.environ) -> None:
     thread.start()
 
 
-def announce(report: str, env: Mapping[str, str] = os.environ) -> tuple[bool, bool]:
+def announce(report: str, env: Mapping[str, str] | None = None) -> tuple[bool, bool]:
     """Tell the other ranks that this one refused with ``report``: (whether this rank is still to print it, whether the
     store was reached). The first to refuse prints it before they are told (they end at once, then torchrun stops it);
     local rank 0 of each other node prints it too (:func:`_node_report`). No store (one process, none up within
     :data:`TELL_S`): (True, False)."""
+    env = os.environ if env is None else env
     _refusing.set()
     job = job_of(env)
     store = None

@@ -188,7 +188,7 @@ ENTRIES = ("hera.trainer", "hera.workflow", "rah.workflow", "harc.trainer", "har
 # shares with the launcher, nvidia-resiliency-ext's reporter) and its placement the quantized bytes a weight takes
 # (recipe/quantization.py, torch-free: plan reads it too); HeRA's trainer its per-log sums (hera/step_sums.py: the
 # values its step keeps and sums at the logging read), apart from the step, which keeps it under 400 lines
-TRAINER_FILES, WORKFLOW_FILES = 22, 55
+TRAINER_FILES, WORKFLOW_FILES = 21, 50
 
 
 def _lines(path: Path) -> int:

@@ -23,8 +23,10 @@ from typing import Any
 _LOOPBACK = ("localhost", "::1")
 
 
-def job_identity(env: Mapping[str, str] = os.environ) -> str | None:
+def job_identity(env: Mapping[str, str] | None = None) -> str | None:
     """What the ranks of one distributed job share (see the module docstring), or None for a single process."""
+    # os.environ read at the call: datasets' map(num_proc=N) rebinds it to a copy, which a default keeps
+    env = os.environ if env is None else env
     run_id = env.get("TORCHELASTIC_RUN_ID")
     addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     try:

@@ -25,8 +25,10 @@ START_ENV = "LLAMAFACTORY_HERA_START_TIMEOUT"  # a launch's start: every node jo
 START_S = 600.0
 
 
-def start_bound(env: Mapping[str, str] = os.environ) -> float:
+def start_bound(env: Mapping[str, str] | None = None) -> float:
     """Seconds a launch's nodes have to join and its ranks to start their runs (:data:`START_ENV`)."""
+    # os.environ read at the call: datasets' map(num_proc=N) rebinds it to a copy, which a default keeps
+    env = os.environ if env is None else env
     with contextlib.suppress(ValueError):
         return float(env.get(START_ENV) or START_S)
     return START_S
@@ -61,8 +63,9 @@ class Keys:
         return f"{self.prefix}told/{node}"
 
 
-def address(env: Mapping[str, str] = os.environ) -> tuple[str, int] | None:
+def address(env: Mapping[str, str] | None = None) -> tuple[str, int] | None:
     """``(MASTER_ADDR, MASTER_PORT)`` of this job, None when either is unset or not a port."""
+    env = os.environ if env is None else env
     host = env.get("MASTER_ADDR", "")
     port = env.get("MASTER_PORT", "")
     return (host, int(port)) if host and port.isdigit() and int(port) > 0 else None

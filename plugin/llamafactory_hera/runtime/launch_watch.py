@@ -32,9 +32,11 @@ RESOLVE_S = 30.0
 KILL_AFTER_S = 40.0  # torchrun's agent ends its ranks within 30 s of SIGTERM
 
 
-def check_master_address(env: Mapping[str, str] = os.environ, retry_s: float = RESOLVE_S) -> None:
+def check_master_address(env: Mapping[str, str] | None = None, retry_s: float = RESOLVE_S) -> None:
     """RecipeError naming ``MASTER_ADDR`` when it does not resolve here (a temporary lookup failure is retried for
     ``retry_s`` seconds first): c10d would retry it for minutes, warning only."""
+    # os.environ read at the call: datasets' map(num_proc=N) rebinds it to a copy, which a default keeps
+    env = os.environ if env is None else env
     host = env.get("MASTER_ADDR") or "127.0.0.1"
     deadline = time.monotonic() + retry_s
     while True:

@@ -45,8 +45,10 @@ _held: dict[Path, dict[str, Any]] = {}  # this process's claims, by file: releas
 _guards: list[bool] = []  # the refresher and the SIGTERM release, started once per process
 
 
-def new_claim(stage: str, env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+def new_claim(stage: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """This process's claim."""
+    # os.environ read at the call: datasets' map(num_proc=N) rebinds it to a copy, which a default keeps
+    env = os.environ if env is None else env
     stat = process_stat(os.getpid())
     return {
         "pid": os.getpid(),
@@ -267,9 +269,10 @@ def _adopt(path: Path, text: str, other: dict[str, Any], mine: dict[str, Any]) -
     return adopted if _take_over(path, text, mine, adopted) else None
 
 
-def take(folder: Path, stage: str, env: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
+def take(folder: Path, stage: str, env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     """Claim ``folder`` for this run: the claim created or taken (to release), or None when this run's job holds it
     already. Raises :class:`RecipeError` when a live run of another job holds it."""
+    env = os.environ if env is None else env
     path = folder / CLAIM
     mine = new_claim(stage, env)
     attempts, wait_until = 0, time.monotonic() + JOB_WAIT_SECONDS
