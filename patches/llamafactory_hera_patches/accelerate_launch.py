@@ -27,7 +27,8 @@ _CLIS = ("llamafactory-cli", "lmf")
 def training_argv(args: Any) -> list[str] | None:
     """``llamafactory-cli train <recipe> ...`` for a launch of LLaMA-Factory's training (the start-up hook patches a
     launch that runs it: ``llamafactory_hera._bootstrap.runs_llamafactory``), else None."""
-    script, rest = str(args.training_script), [str(arg) for arg in args.training_script_args]
+    script = str(args.training_script)
+    rest = [str(arg) for arg in args.training_script_args]
     if getattr(args, "module", False):
         return ["llamafactory-cli", "train", *rest] if script == "llamafactory.launcher" else None
     if Path(script).name in _CLIS:

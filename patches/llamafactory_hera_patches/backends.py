@@ -98,12 +98,14 @@ def refusal(stage: str, host_args: dict[str, Any] | list[str], environ: Mapping[
             value = environ.get(switch.name, "")
             if not (_enabled(value) and known(switch)):
                 continue
-            given, fix = f"{switch.name}={value}", f"unset {switch.name}"
+            given = f"{switch.name}={value}"
+            fix = f"unset {switch.name}"
         else:
             value = raw_value(host_args, switch.name)
             if not truthy(value):
                 continue
-            given, fix = f"{switch.name}: {str(value).lower()}", f"remove {switch.name}"
+            given = f"{switch.name}: {str(value).lower()}"
+            fix = f"remove {switch.name}"
         return (
             f"stage: {stage} cannot run with {given} ({switch.why}). To train it, {fix} (docs/configurations.md "
             "says what each stage runs with); for LLaMA-Factory's own SFT there, use stage: sft."

@@ -99,7 +99,9 @@ def train(harc_args: HarcArguments, host: Any, parsed: HostArguments, callbacks:
                 say_once,
             )
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        run.rows, run.tokenizer, run.stop_ids = rows, tokenizer, stop_ids(tokenizer, template)
+        run.rows = rows
+        run.tokenizer = tokenizer
+        run.stop_ids = stop_ids(tokenizer, template)
         run.state = HarcState(
             harc_args, rows.extraction, (rows.validate_harmful, rows.validate_harmless), pad_id, progress_once
         )

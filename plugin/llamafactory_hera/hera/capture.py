@@ -44,7 +44,9 @@ class _CopyWithGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
-        ctx.shape, ctx.dtype, ctx.columns = weight.shape, weight.dtype, columns
+        ctx.shape = weight.shape
+        ctx.dtype = weight.dtype
+        ctx.columns = columns
         return (weight if columns is None else weight[:, columns]).to(torch.float32, copy=True)
 
     @staticmethod
@@ -63,7 +65,9 @@ class InCallColumns:
     partitioned (the other engines read the weight after the forward)."""
 
     def __init__(self, o_proj: nn.Module, columns: torch.Tensor) -> None:
-        self.o_proj, self.columns, self.armed = o_proj, columns, False
+        self.o_proj = o_proj
+        self.columns = columns
+        self.armed = False
         self.pieces: dict[Any, torch.Tensor] = {}
         self.partitioned = False  # this forward's base weight is a ZeRO-3 partition: set in the base's call, the first
         self.base, _ = base_and_adapters(o_proj)
@@ -81,7 +85,8 @@ class InCallColumns:
             if module is self.base:
                 self.partitioned = self.armed and is_zero3_partition(module.weight)
             if self.partitioned:
-                weight, cols = module.weight, None if columns is None else self._columns_on(module.weight.device)
+                weight = module.weight
+                cols = None if columns is None else self._columns_on(module.weight.device)
                 self.pieces[key] = (
                     base_weight_columns(module, cols).detach()  # read as its forward does: a
                     if module is self.base and not weight.requires_grad  # copy, dequantized if 4-bit
@@ -111,7 +116,9 @@ class InCallColumns:
 
     def take(self) -> torch.Tensor | None:
         """``[d, C]`` float32 effective weight columns from the pieces of the last armed forward, or None."""
-        pieces, self.pieces, self.partitioned = self.pieces, {}, False
+        pieces = self.pieces
+        self.pieces = {}
+        self.partitioned = False
         if "weight" not in pieces:
             return None
         _, adapters = base_and_adapters(self.o_proj)
@@ -151,7 +158,9 @@ class _LayerRun:
     layer, where LLaMA-Factory's checkpointing function looks for it (``func.__self__``: does it train?)."""
 
     def __init__(self, capture: HeadCapture, layer: int, func: Callable[..., Any]) -> None:
-        self.capture, self.layer, self.func = capture, layer, func
+        self.capture = capture
+        self.layer = layer
+        self.func = func
         self.__self__ = func.func.__self__ if isinstance(func, functools.partial) else getattr(func, "__self__", None)
         self.single = True  # the layer returns one tensor (not a tuple): set by each call
         # decided once: the first forward and its recomputation must return the same outputs
@@ -283,22 +292,28 @@ class HeadCapture:
     def arm(self) -> None:
         """Capture the next forward pass."""
         self._armed = True
-        self._inputs, self._read_columns = {}, {}
+        self._inputs = {}
+        self._read_columns = {}
         for reader in self._in_call.values():
             reader.armed = True
 
     def drop(self) -> None:
         """Stop capturing and forget what the last forward left (it failed: nothing is built from it)."""
-        self._armed, self._inputs, self._read_columns = False, {}, {}
+        self._armed = False
+        self._inputs = {}
+        self._read_columns = {}
         for reader in self._in_call.values():
-            reader.armed, reader.pieces, reader.partitioned = False, {}, False
+            reader.armed = False
+            reader.pieces = {}
+            reader.partitioned = False
 
     def disarm(self, weights: torch.Tensor, check_gradient: bool = False) -> torch.Tensor | None:
         """Stop capturing; the ``[n_heads, B, d]`` float32 representations in recipe order (None if no hook fired)
         pooled with ``weights`` ``[B, T]`` (rows sum to 1, or 0 for samples without tokens). ``check_gradient``: in a
         training step, raise if a captured input that trainable parameters feed carries no gradient."""
         self._armed = False
-        inputs, self._inputs = self._inputs, {}
+        inputs = self._inputs
+        self._inputs = {}
         for reader in self._in_call.values():
             reader.armed = False
         # the heads' W_O columns read already: in the layer's checkpoint, or in the modules' calls (ZeRO-3)

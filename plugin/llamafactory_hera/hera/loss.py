@@ -104,7 +104,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
-        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        world = torch.distributed.get_world_size()
+        rank = torch.distributed.get_rank()
         ctx.slice = (rank * tensor.shape[1], (rank + 1) * tensor.shape[1])
         parts = [torch.empty_like(tensor) for _ in range(world)]
         torch.distributed.all_gather(parts, tensor.contiguous())
@@ -122,7 +123,8 @@ def gather_batch(reps: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tenso
     """All-gather variable-size per-rank batches, keeping the student's autograd graph: ``reps`` ``[H, n, D]`` and
     ``teacher`` ``[n, E]`` of this rank (n may be 0 and differ across ranks) -> (``[H, N, D]``, ``[N, E]`` of all ranks
     in rank order, the offset of this rank's rows, the per-rank sizes)."""
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
     # The one host sync HeRA keeps in a step, under hera_gather only: the gathered batch's shape depends on every
     # rank's anchor count, which only that rank's collator knows; one copy of the world's counts to the host.
     size = torch.tensor([reps.shape[1]], device=reps.device)
@@ -166,10 +168,13 @@ class FeatureQueue:
         """Append the newest samples (``[H, n, D]``, ``[n, E]``), dropping the oldest beyond capacity."""
         if self.capacity <= 0 or teacher.shape[0] == 0:
             return
-        reps, teacher = reps.detach().float(), teacher.detach().float()
+        reps = reps.detach().float()
+        teacher = teacher.detach().float()
         if self.reps is not None:
-            reps, teacher = torch.cat([self.reps, reps], dim=1), torch.cat([self.teacher, teacher])
-        self.reps, self.teacher = reps[:, -self.capacity :], teacher[-self.capacity :]
+            reps = torch.cat([self.reps, reps], dim=1)
+            teacher = torch.cat([self.teacher, teacher])
+        self.reps = reps[:, -self.capacity :]
+        self.teacher = teacher[-self.capacity :]
 
     def state_dict(self) -> dict[str, torch.Tensor | int | None]:
         """Tensors on the CPU, for checkpoints."""
@@ -188,7 +193,8 @@ class FeatureQueue:
 
 TAU_MIN = 0.01  # CLIP's cap: 1 / tau <= 100
 TAU_MAX = 100.0  # symmetric in log space; wide enough for raw dot products (hera_similarity: dot)
-LOG_TAU_MIN, LOG_TAU_MAX = math.log(TAU_MIN), math.log(TAU_MAX)
+LOG_TAU_MIN = math.log(TAU_MIN)
+LOG_TAU_MAX = math.log(TAU_MAX)
 
 
 def used_temperature(log_tau: torch.Tensor) -> torch.Tensor:

@@ -198,7 +198,8 @@ def check_adapter_fits(adapters: list[str], hidden_size: int, attention_widths: 
     belong to this base model: the text model's width ``hidden_size``, o_proj's input widths ``attention_widths``
     (``num_heads * head_dim`` of the layers; Gemma 4's layers differ). Shapes only, no weight loaded."""
     for adapter in adapters:
-        weights, config = Path(adapter) / "adapter_model.safetensors", Path(adapter) / "adapter_config.json"
+        weights = Path(adapter) / "adapter_model.safetensors"
+        config = Path(adapter) / "adapter_config.json"
         if not weights.is_file():
             continue
         base = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None

@@ -75,7 +75,8 @@ def contrastive_geometry(
         reason = f"hera_queue_size: {queue}"
     capped_from = None
     if distinct_images is not None and queue > max(0, distinct_images - batch_set):
-        capped_from, queue = queue, max(0, distinct_images - batch_set)
+        capped_from = queue
+        queue = max(0, distinct_images - batch_set)
         reason += (
             f"; capped from {capped_from}: the training data has {distinct_images} distinct images, "
             f"{batch_set} of them in the batch set"
@@ -106,7 +107,8 @@ def check_contrastive_geometry(
     keys that would give more), or in a batch set and the queue together; first of all, one whose sets never hold a
     negative."""
     k = hera_args.hera_k
-    distinct, needed = geometry.distinct_images, max(k + 1, 3)
+    distinct = geometry.distinct_images
+    needed = max(k + 1, 3)
     if distinct is not None and distinct < needed:
         fix = f"Lower hera_k to at most {distinct - 1}, or train" if distinct >= 3 else "Train"
         raise RecipeError(

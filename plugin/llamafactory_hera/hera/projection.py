@@ -43,7 +43,8 @@ def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.
     for name in adapters:
         lora_a = whole(o_proj.lora_A[name].weight, columns).float()  # [r, C]
         lora_b = whole(o_proj.lora_B[name].weight).float()  # [d, r]
-        scaling, dora = o_proj.scaling[name], None
+        scaling = o_proj.scaling[name]
+        dora = None
         if o_proj.use_dora.get(name, False):
             dora = (
                 whole(o_proj.lora_magnitude_vector[name].weight),
@@ -176,7 +177,9 @@ def sharded_columns(weight: torch.Tensor, quant_state: object, columns: torch.Te
         return None
     out, width = quant_state.shape
     per_element = 2 * weight.element_size()  # 4-bit codes per storage element
-    total, world, size = weight.shape[0], weight.device_mesh.size(), len(columns)
+    total = weight.shape[0]
+    world = weight.device_mesh.size()
+    size = len(columns)
     codes = -(-total // world) * per_element  # codes of a full shard
     if (
         total * per_element != out * width

@@ -109,13 +109,18 @@ class StepSums:
             if self._terms:
                 terms = torch.stack(self._terms).double()
                 finite = torch.stack(self._finite).double()
-                hera, micro = terms.sum(), finite.sum()
+                hera = terms.sum()
+                micro = finite.sum()
                 weighted = _scaled_sum(self._terms, [w[0] for w in self._weights], [w[1] for w in self._weights])
                 skipped = len(self._terms) - micro
             else:
                 hera = micro = weighted = skipped = zero
             self.device_sums += torch.stack([lm.to(zero.device), hera, micro, skipped, weighted])
-        self._lm, self._lm_divisors, self._terms, self._finite, self._weights = [], [], [], [], []
+        self._lm = []
+        self._lm_divisors = []
+        self._terms = []
+        self._finite = []
+        self._weights = []
 
     def read(self, log_tau: torch.Tensor, reduce: bool) -> tuple[dict[str, float], int]:
         """The sums since the last read (all ranks' when ``reduce``) and the world size; resets them. One sync.
@@ -127,13 +132,15 @@ class StepSums:
         device = self.device_sums.device
         temperature = used_temperature(log_tau.detach()).double().reshape(1).to(device)
         local = torch.cat([self.device_sums, torch.tensor(self.host_sums, dtype=torch.float64).to(device), temperature])
-        stats, world = local.clone(), 1
+        stats = local.clone()
+        world = 1
         if reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats)
             world = torch.distributed.get_world_size()
         names = (*DEVICE_STATS, *HOST_STATS, "temperature")
         both = torch.stack([local, stats]).tolist()  # the one device-to-host copy of a logging step
-        mine, values = dict(zip(names, both[0], strict=True)), dict(zip(names, both[1], strict=True))
+        mine = dict(zip(names, both[0], strict=True))
+        values = dict(zip(names, both[1], strict=True))
         self.with_term += int(mine["attempts"] - mine["skipped"])
         self.nonfinite += int(mine["skipped"])
         if values["skipped"] and not self.warned_nonfinite:  # silence would be the worst failure

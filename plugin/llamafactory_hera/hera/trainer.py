@@ -75,8 +75,10 @@ class HeraTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.hera_args, self.save_on_signal = hera_args, hera_args.hera_save_on_signal
-        model, device = self.model, self.args.device
+        self.hera_args = hera_args
+        self.save_on_signal = hera_args.hera_save_on_signal
+        model = self.model
+        device = self.args.device
         self.hera_geometry = attention_geometry(model.config)
         self.hera_capture = HeadCapture(model, hera_args.head_refs, self.hera_geometry)
         # the heads' hooks need autograd: a reentrant heads' layer hands their inputs out of its checkpoint (under
@@ -171,7 +173,9 @@ class HeraTrainer(Trainer):
         ) and self.compute_loss_func is None  # Trainer.training_step's rule
         steps = self.current_gradient_accumulation_steps
         accumulation = 1 if trainer_divides else steps
-        total, weight = lm_loss, (0.0, steps)  # weight: (lambda, steps), the term's part of the logged loss
+        # weight: (lambda, steps), the term's part of the logged loss
+        total = lm_loss
+        weight = (0.0, steps)
         if term is not None:
             weight = (self.hera_args.hera_lambda, steps)
             weighted = self.hera_args.hera_lambda * term
@@ -202,7 +206,8 @@ class HeraTrainer(Trainer):
         args = self.hera_args
         device = reps.device
         if features is not None and num_valid == reps.shape[1]:  # every sample an anchor: no selection to launch
-            anchors, anchor_teacher = reps, features.float()
+            anchors = reps
+            anchor_teacher = features.float()
         elif features is not None:
             anchor_index = anchor_index.to(device, non_blocking=True)
             anchors = reps.index_select(1, anchor_index)
@@ -215,8 +220,13 @@ class HeraTrainer(Trainer):
             candidates, candidate_teacher, offset, sizes = gather_batch(anchors, anchor_teacher)
             total_anchors = sum(sizes)
         else:
-            candidates, candidate_teacher, offset, total_anchors = anchors, anchor_teacher, 0, num_valid
-        batch_reps, batch_teacher = candidates, candidate_teacher  # pushed detached (FeatureQueue.push)
+            candidates = anchors
+            candidate_teacher = anchor_teacher
+            offset = 0
+            total_anchors = num_valid
+        # pushed detached (FeatureQueue.push)
+        batch_reps = candidates
+        batch_teacher = candidate_teacher
         if len(self.hera_queue) and total_anchors > 0:
             candidates = torch.cat([candidates, self.hera_queue.reps.to(device)], dim=1)
             candidate_teacher = torch.cat([candidate_teacher, self.hera_queue.teacher.to(device)])

@@ -55,8 +55,11 @@ class RunSummary(TrainerCallback):
     def __init__(
         self, trainer: Any, hera_args: HeraArguments, data_counts: Any, contrastive: Any, monitor: Any = None
     ) -> None:
-        self.trainer, self.hera_args, self.data_counts = trainer, hera_args, data_counts
-        self.contrastive, self.monitor = contrastive, monitor
+        self.trainer = trainer
+        self.hera_args = hera_args
+        self.data_counts = data_counts
+        self.contrastive = contrastive
+        self.monitor = monitor
         self.said = False  # once: auto_find_batch_size begins training again after an out-of-memory error
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
@@ -67,8 +70,11 @@ class RunSummary(TrainerCallback):
     def start_line(self) -> str:
         """The run's HeRA settings in one line (heads, teacher, k, lambda, temperature, pooling, sets, data, monitor,
         gradient checkpointing per decoder layer)."""
-        args, trainer, geometry = self.hera_args, self.trainer, self.contrastive
-        temperature_lr, processes = trainer.hera_temperature_lr, trainer.args.world_size
+        args = self.hera_args
+        trainer = self.trainer
+        geometry = self.contrastive
+        temperature_lr = trainer.hera_temperature_lr
+        processes = trainer.args.world_size
         precompute = trainer.hera_teacher.precompute_decision(trainer.train_dataset, trainer.args)
         monitor_line = (
             self.monitor.line()

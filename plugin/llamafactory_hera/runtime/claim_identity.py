@@ -28,7 +28,8 @@ def job_identity(env: Mapping[str, str] | None = None) -> str | None:
     # os.environ read at the call: datasets' map(num_proc=N) rebinds it to a copy, which a default keeps
     env = os.environ if env is None else env
     run_id = env.get("TORCHELASTIC_RUN_ID")
-    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    addr = env.get("MASTER_ADDR")
+    port = env.get("MASTER_PORT")
     try:
         several = int(env.get("WORLD_SIZE", "1")) > 1
     except ValueError:

@@ -66,7 +66,8 @@ def ended(code: int) -> int:
     if not _launch["output_dir"]:
         return code
     record = read_record(Path(str(_launch["output_dir"])).expanduser() / RUN_RECORD)
-    started, status = record.get("started_ns"), record.get("status")
+    started = record.get("started_ns")
+    status = record.get("status")
     finished = status == FINISHED and _launch["received"] and "error_after_save" not in record
     if not (status == STOPPED or finished) or not isinstance(started, int) or started < _launch["since"]:
         return code

@@ -95,7 +95,8 @@ def move_aside(folder: Path, entries: list[Path]) -> Path | None:
     move. An entry gone meanwhile counts as moved (another rank's LlamaBoard log callback deletes
     ``running_log.txt`` right after its parse)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target, number = folder / f"{PREVIOUS_PREFIX}{stamp}", 1
+    target = folder / f"{PREVIOUS_PREFIX}{stamp}"
+    number = 1
     while target.exists():
         number += 1
         target = folder / f"{PREVIOUS_PREFIX}{stamp}_{number}"
@@ -152,10 +153,12 @@ def continues_finished(folder: Path, host_args: Any) -> bool:
 
 
 def _how_to_continue(folder: Path, resume: Any) -> str:
-    state, checkpoints = read_record(folder / "trainer_state.json"), checkpoint_folders(folder)
+    state = read_record(folder / "trainer_state.json")
+    checkpoints = checkpoint_folders(folder)
     if not state or not checkpoints:
         return ""
-    steps, epochs = state.get("global_step"), round(_number(state.get("epoch"), 0), 4)
+    steps = state.get("global_step")
+    epochs = round(_number(state.get("epoch"), 0), 4)
     unset = " and leave resume_from_checkpoint unset" if resume else ""
     return (
         f" To continue it here from its last checkpoint ({checkpoints[-1].name}), ask for more than it took: "

@@ -275,7 +275,8 @@ def take(folder: Path, stage: str, env: Mapping[str, str] | None = None) -> dict
     env = os.environ if env is None else env
     path = folder / CLAIM
     mine = new_claim(stage, env)
-    attempts, wait_until = 0, time.monotonic() + JOB_WAIT_SECONDS
+    attempts = 0
+    wait_until = time.monotonic() + JOB_WAIT_SECONDS
     while attempts < _ATTEMPTS:
         attempts += 1
         if _create(path, mine):

@@ -24,7 +24,10 @@ from llamafactory_hera import __version__
 
 RUN_RECORD = "llamafactory_hera_run.json"
 COMPOSE_RECORD = "llamafactory_hera_compose.json"  # written by ``llamafactory-hera compose`` beside the model
-RUNNING, FINISHED, STOPPED, FAILED = "running", "finished", "stopped", "failed"
+RUNNING = "running"
+FINISHED = "finished"
+STOPPED = "stopped"
+FAILED = "failed"
 CHECKPOINTS_MARKED = "checkpoints_marked"  # true: its checkpoints are whole only with their marker (whole_checkpoints)
 PINNED_RESUME = "pinned_resume"  # the resume_from_checkpoint a start of the run took, and its lineage (pinned_resume)
 # the keys that decide how the model, its processor and its prompts are loaded, by the argument object holding them

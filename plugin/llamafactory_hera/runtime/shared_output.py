@@ -33,7 +33,8 @@ def refuse_unshared(training_args: Any) -> None:
     import torch.distributed as dist
 
     try:
-        local_world, local_rank = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ["LOCAL_WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     except (KeyError, ValueError):
         return
     if getattr(training_args, "save_on_each_node", False) or not (dist.is_available() and dist.is_initialized()):

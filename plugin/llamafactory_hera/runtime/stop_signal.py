@@ -59,7 +59,8 @@ def _note_other(signum: int, frame: Any) -> None:
     if _noted["told"] or os.environ.get("LOCAL_RANK", "0") != "0":
         return
     _noted["told"] = True
-    key, wanted = _noted["key"] or "the recipe's save signal", _noted["name"]
+    key = _noted["key"] or "the recipe's save signal"
+    wanted = _noted["name"]
     line = (
         f"[llamafactory-hera] {name} came, but {key} is {wanted.lower()}: the job's signal and the recipe's differ. "
         f"Taken for {wanted}: the run saves and stops. Make them one: {key}: {name.lower()}, or the job's "
@@ -108,7 +109,8 @@ def noting(name: str | None, steps: bool = False, key: str | None = None) -> Ite
 def deferred() -> Iterator[None]:
     """No stop inside the block: the ranks of a distributed pass stop together after it (``agreed``), since a rank
     that stopped alone would leave the others waiting in the pass's gather."""
-    before, _noted["deferred"] = _noted["deferred"], True
+    before = _noted["deferred"]
+    _noted["deferred"] = True
     try:
         yield
     finally:

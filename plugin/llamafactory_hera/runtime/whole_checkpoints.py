@@ -37,9 +37,12 @@ from llamafactory_hera.runtime.run_record import (
     write_record,
 )
 
-MARKER, TRAINER_STATE = "llamafactory_hera_whole.json", "trainer_state.json"
+MARKER = "llamafactory_hera_whole.json"
+TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
-LINEAGE, SETTINGS = "lineage", "settings"  # a marker's keys (a pinned resume's lineage: the run record's too)
+# a marker's keys (a pinned resume's lineage: the run record's too)
+LINEAGE = "lineage"
+SETTINGS = "settings"
 # restored from the checkpoint with the optimizer's parameter groups: the recipe's value is not used
 KEPT = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
 # this recipe's from the resumed step on
@@ -71,7 +74,8 @@ def checkpoint_folders(folder: Path) -> list[Path]:
 
 def newest_whole(run: Path) -> tuple[Path | None, list[Path]]:
     """(the newest whole ``checkpoint-N`` of ``run``, or None; the half-written ones newer than it)."""
-    found, whole = checkpoint_folders(run), whole_checkpoints(run)
+    found = checkpoint_folders(run)
+    whole = whole_checkpoints(run)
     later = found[found.index(whole[-1]) + 1 :] if whole else found
     return (whole[-1] if whole else None), later
 
