@@ -151,7 +151,7 @@ def test_readme_says_what_the_set_up_costs_and_needs() -> None:
 
     clone = " ".join(section(README, "Try it from a clone").split())
     for words in ("5.9 GB", "6.8 GB with the test tools", "source .venv/bin/activate", "`llamafactory-cli webui`",
-                  "about 25 minutes on a 2-core machine", "Chromium with `apt-get`"):
+                  "about 20 minutes on a 2-core machine", "Chromium with `apt-get`"):
         assert words in clone, words
 
 
