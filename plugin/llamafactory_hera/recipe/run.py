@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from llamafactory_hera.job_refusal import watch
 from llamafactory_hera.runtime.raw_recipe import RawRecipe
 from llamafactory_hera.runtime.stage_run import HostArguments, RunControls
 
-if TYPE_CHECKING:
-    from llamafactory_hera.recipe.declaration import Method
-
 Arguments = TypeVar("Arguments")
+
+
+class Declared(Protocol):
+    """What a run reads of the declaration that names its class (``recipe.declaration.Method``, which imports this
+    module: a protocol here, so that the two do not import each other)."""
+
+    @property
+    def stage(self) -> str: ...
+
+    @property
+    def one_process(self) -> bool: ...
 
 
 class MethodRun(Generic[Arguments]):
@@ -40,7 +48,7 @@ class MethodRun(Generic[Arguments]):
 
     arguments: ClassVar[type]  # the dataclass of the method's recipe keys
 
-    def __init__(self, method: Method, args: Arguments) -> None:
+    def __init__(self, method: Declared, args: Arguments) -> None:
         self.method = method
         self.args = args
 
