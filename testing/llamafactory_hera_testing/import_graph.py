@@ -187,8 +187,9 @@ ENTRIES = ("hera.trainer", "hera.workflow", "rah.workflow", "harc.trainer", "har
 # workflow the watchdog itself (training/watchdog.py: its bounds, its monitor's judgement, the job's store keys it
 # shares with the launcher, nvidia-resiliency-ext's reporter) and its placement the quantized bytes a weight takes
 # (recipe/quantization.py, torch-free: plan reads it too); HeRA's trainer its per-log sums (hera/step_sums.py: the
-# values its step keeps and sums at the logging read), apart from the step, which keeps it under 400 lines
-TRAINER_FILES, WORKFLOW_FILES = 21, 50
+# values its step keeps and sums at the logging read), apart from the step, which keeps it under 400 lines; a
+# workflow the resumed weights' mixin apart from the checkpoints' (training/checkpoint_weights.py), likewise
+TRAINER_FILES, WORKFLOW_FILES = 21, 51
 
 
 def _lines(path: Path) -> int:

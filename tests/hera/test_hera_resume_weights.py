@@ -83,7 +83,7 @@ def test_a_checkpoint_with_or_without_the_base_model_prefix_restores_every_tenso
     out). Without the prefix (the mutant ``prefix = None``) neither restores a tensor."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
-    from llamafactory_hera.training.checkpoints import model_keys, restore_weights
+    from llamafactory_hera.training.checkpoint_weights import model_keys, restore_weights
 
     config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)

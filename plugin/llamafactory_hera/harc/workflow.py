@@ -25,7 +25,8 @@ from llamafactory_hera.harc.trainer import HarcTrainerMixin
 from llamafactory_hera.log import progress_once, say_again_on_board, say_once
 from llamafactory_hera.runtime.run_record import plain, write_record
 from llamafactory_hera.runtime.stage_run import HostArguments
-from llamafactory_hera.training.checkpoints import RestoresCheckpointWeights, WholeCheckpoints
+from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
+from llamafactory_hera.training.checkpoints import WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.tools.model_data import RecipeArgs, load_aligned_rows
 

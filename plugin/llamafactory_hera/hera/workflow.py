@@ -38,7 +38,8 @@ from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera.runtime.run_record import plain, write_record
 from llamafactory_hera.runtime.stage_run import HostArguments
 from llamafactory_hera.training import sections
-from llamafactory_hera.training.checkpoints import RestoresCheckpointWeights, WholeCheckpoints
+from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeights
+from llamafactory_hera.training.checkpoints import WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.tools.model_data import RecipeArgs
 
