@@ -21,6 +21,7 @@ from llamafactory_hera.hera.config import HeraArguments
 from llamafactory_hera.hera.preparation_checks import check_contrastive_geometry, contrastive_geometry
 from llamafactory_hera.hera.selection.auto import short_ddp_timeout_warning
 from llamafactory_hera.hera.teacher import check_teacher_source
+from llamafactory_hera.log import line
 from llamafactory_hera.recipe.parsed_checks import check_run_inputs
 from llamafactory_hera.recipe.quantization import check_quantization
 from llamafactory_hera.runtime.errors import RecipeError
@@ -128,8 +129,8 @@ def zero3_frozen_recompute_warning(
         return None
     if not (affected and zero3 and checkpointing and finetuning_type == "lora"):
         return None
-    return (
-        f"[llamafactory-hera] warning: DeepSpeed ZeRO-3 with finetuning_type: lora and gradient checkpointing on "
+    return line(
+        f"warning: DeepSpeed ZeRO-3 with finetuning_type: lora and gradient checkpointing on "
         f"deepspeed {deepspeed_version}: HeRA runs its heads' layers under non-reentrant checkpointing, whose "
         "recompute of their frozen base weights can fail in backward (CheckpointError ... recomputed shape [0]) "
         "before deepspeed 0.19.3 (deepspeedai/DeepSpeed#8148). Upgrade deepspeed, or use ZeRO-2 "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from llamafactory_hera.hera.loss import used_temperature
+from llamafactory_hera.log import line
 
 __all__ = ["DEVICE_STATS", "FOLD_AT", "HOST_STATS", "NONFINITE_WARNING", "StepSums"]
 
@@ -23,8 +24,8 @@ DEVICE_STATS = ("lm", "hera", "hera_micro", "skipped", "weighted")
 # micro-batches that computed a term.
 HOST_STATS = ("images", "text_only", "micro", "host_no_term", "attempts")
 FOLD_AT = 64  # micro-batches kept before their values are summed on the device (a few ops, no sync)
-NONFINITE_WARNING = (
-    "[llamafactory-hera] warning: non-finite HeRA loss; the term is skipped for such micro-batches "
+NONFINITE_WARNING = line(
+    "warning: non-finite HeRA loss; the term is skipped for such micro-batches "
     "(counted as hera_nonfinite_skipped in the logs). Check hera_temperature / bf16 overflow."
 )
 
@@ -70,9 +71,11 @@ class StepSums:
             return
         self.warned_missing = True
         print(
-            f"[llamafactory-hera] warning: a micro-batch at step {step + 1} had no HeRA term ({image_samples} usable "
-            f"image samples, {text_only} text-only, of {batch}): it trains the LM loss only. Such micro-batches are "
-            "counted as hera_batches_without_term in the logs and at the end of the run.",
+            line(
+                f"warning: a micro-batch at step {step + 1} had no HeRA term ({image_samples} usable "
+                f"image samples, {text_only} text-only, of {batch}): it trains the LM loss only. Such micro-batches are "
+                "counted as hera_batches_without_term in the logs and at the end of the run."
+            ),
             flush=True,
         )
 

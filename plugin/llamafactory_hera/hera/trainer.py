@@ -38,6 +38,7 @@ from llamafactory_hera.hera.loss import (
 from llamafactory_hera.hera.step_sums import StepSums
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.teacher_run import RunTeacher
+from llamafactory_hera.log import line
 from llamafactory_hera.training import sections
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
@@ -238,8 +239,10 @@ class HeraTrainer(Trainer):
         if k < args.hera_k and not self._hera_warned_small_batch:
             self._hera_warned_small_batch = True
             print(
-                f"[llamafactory-hera] warning: only {num_candidates} candidates in a contrastive set, fewer than "
-                f"hera_k+1={args.hera_k + 1}; using k={k} for such batches."
+                line(
+                    f"warning: only {num_candidates} candidates in a contrastive set, fewer than "
+                    f"hera_k+1={args.hera_k + 1}; using k={k} for such batches."
+                )
             )
         # the anchors' places among the candidates: the first ones (None) unless other ranks' come first
         positions = offset + torch.arange(num_valid, device=device) if offset else None

@@ -31,7 +31,7 @@ from llamafactory_hera.hera.selection.select import scoring_dtype
 from llamafactory_hera.hera.teacher import load_image_processor
 from llamafactory_hera.hera.teacher_cache import TeacherFeatureCache
 from llamafactory_hera.hera.trainer import HeraTrainer
-from llamafactory_hera.log import say_again_on_board
+from llamafactory_hera.log import PREFIX, line, say_again_on_board
 from llamafactory_hera.plots.training import plot_training
 from llamafactory_hera.recipe.dataset_info import describe_data, first_unreadable
 from llamafactory_hera.runtime.errors import RecipeError
@@ -42,8 +42,6 @@ from llamafactory_hera.training.checkpoint_weights import RestoresCheckpointWeig
 from llamafactory_hera.training.checkpoints import WholeCheckpoints
 from llamafactory_hera.training.eval_forward import keep_4bit_layout
 from llamafactory_hera_patches.tools.model_data import RecipeArgs
-
-PREFIX = "[llamafactory-hera]"
 
 
 class RunSummary(TrainerCallback):
@@ -332,4 +330,4 @@ def finish(host: Any, parsed: HostArguments) -> None:
         if path is not None:
             print(f"Figure saved at: {path}")
         if path is not None and missing:
-            print(f"[llamafactory-hera] not logged, so not plotted: {', '.join(missing)}", flush=True)
+            print(line(f"not logged, so not plotted: {', '.join(missing)}"), flush=True)
