@@ -57,7 +57,7 @@ import psutil
 import pytest
 import yaml
 from dist_runs import launch_runs
-from faults import HOOK, ROWS, fault_env, phase_fault, recipe
+from faults import HOOK, ROWS, STEPS, fault_env, phase_fault, recipe
 from fsdp_checks import FSDP_HOOK, assert_fsdp2, fsdp2_config_file
 
 from conftest import LAUNCH_ENV, free_port, offline_env, processes_marked
@@ -246,7 +246,12 @@ def test_a_seeded_chain_of_a_frozen_node_and_a_preemption_ends_as_never_stopped(
     first = phase_fault(rng, frozen_phase, "sigstop", node)
     preempted = phase_fault(rng, rng.choice(["step", "save"]), "sigterm", rng.randrange(2))
     print(f"HERA_MULTINODE_SEED={SEED}: {first} then {preempted}")
-    make = functools.partial(recipe, assets)
+    # two steps more than faults.py's run, so that every seed's preemption stops before the last step: start 1 leaves
+    # a whole checkpoint of step 2 at most (a node frozen before checkpoint-2's marker writes it once thawed), start
+    # 2's SIGTERM then comes in step 4 or in checkpoint-4's save at the latest (the hook counts from the launch's
+    # first step and save), and the ranks stop at the step after the one whose end noted it (STOP_MARGIN): step 6.
+    # A stop agreed at the last step is the run's own end (it finishes, its record ``finished``): no preemption tested
+    make = functools.partial(recipe, assets, max_steps=STEPS + 2)
     job, pool = Job(tmp_path, make, keys=""), ThreadPoolExecutor(1)
     pending: list[Any] = []
     try:
