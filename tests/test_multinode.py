@@ -230,7 +230,8 @@ def assert_watchdog_ended(started: Start, node: int) -> None:
     assert not re.search(r"^(RuntimeError|torch\.distributed\.\w+Error): ", thawed, re.M), thawed[-5000:]
     assert found[0][:2] == (str(node), str(node)), found
     unheard = int(found[0][2])
-    assert BOUND <= unheard <= BOUND + 2 * watch_bounds.PULSE and started.ended <= BOUND + 4 * watch_bounds.PULSE, (
+    # the monitor judges once a pulse, and on a loaded machine (CI's 2 cores, 3 workers) its read comes a pulse late
+    assert BOUND <= unheard <= BOUND + 3 * watch_bounds.PULSE and started.ended <= BOUND + 4 * watch_bounds.PULSE, (
         unheard, started.ended)
 
 
