@@ -12,6 +12,7 @@ plugin's start-up hook patches a launching process (:func:`refused_in_process`):
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -61,12 +62,12 @@ def refused_in_process(arguments: list[str], env: dict[str, str]) -> str:
     from accelerate.commands import launch
 
     from llamafactory_hera.runtime.errors import RecipeError
-    from llamafactory_hera_patches.accelerate_launch import _PREPARES, _checked
+    from llamafactory_hera_patches.accelerate_launch import _PREPARES, checked
 
     started: list[Any] = []
     args = launch.launch_command_parser().parse_args(arguments)
-    checked = {name: _checked(getattr(launch, name)) for name in _PREPARES}
-    with mock.patch.dict(os.environ, env, clear=True), mock.patch.multiple(launch, **checked), \
+    wrapped = {name: functools.partial(checked, getattr(launch, name)) for name in _PREPARES}
+    with mock.patch.dict(os.environ, env, clear=True), mock.patch.multiple(launch, **wrapped), \
             mock.patch.object(torch.distributed.run, "run", started.append), pytest.raises(RecipeError) as refused:
         launch.launch_command(args)
     assert not started

@@ -65,11 +65,17 @@ class TermGradient:
             o_projs = head_projections(trainer.model)
             layers = sorted({ref.layer for ref in trainer.hera_args.head_refs})
             params = {layer: [p for p in o_projs[layer].parameters() if p.requires_grad] for layer in layers}
-            flat = [p for layer in layers for p in params[layer]]
-            grads = iter(torch.autograd.grad(term, flat, retain_graph=True, allow_unused=True))
+            # backward, not autograd.grad: the heads' layers keep reentrant checkpointing, whose recompute in
+            # backward accumulates into .grad (what the optimizer reads); every gradient is put back as it was
+            trainable = [p for p in trainer.model.parameters() if p.requires_grad] + [trainer.hera_log_tau]
+            kept = [p.grad for p in trainable]
+            for p in trainable:
+                p.grad = None
+            term.backward(retain_graph=True)
             for layer in layers:
-                self.per_layer[layer] = sum(float(g.abs().sum()) for g in (next(grads) for _ in params[layer])
-                                            if g is not None)
+                self.per_layer[layer] = sum(float(p.grad.abs().sum()) for p in params[layer] if p.grad is not None)
+            for p, grad in zip(trainable, kept, strict=True):
+                p.grad = grad
         return term, finite
 
 

@@ -130,5 +130,5 @@ def test_unknown_vision_family_is_refused(tmp_path) -> None:
 
     IJepaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"hera_teacher: '.*' is a 'ijepa' vision model, whose image feature .*"
-                                         r"Use a DINOv2 .* checkpoint"):
+                                         r"Use a DINOv2 .* model"):
         check_teacher_source(str(tmp_path), "mean")
