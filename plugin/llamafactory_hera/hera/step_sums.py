@@ -73,8 +73,8 @@ class StepSums:
         print(
             line(
                 f"warning: a micro-batch at step {step + 1} had no HeRA term ({image_samples} usable "
-                f"image samples, {text_only} text-only, of {batch}): it trains the LM loss only. Such micro-batches are "
-                "counted as hera_batches_without_term in the logs and at the end of the run."
+                f"image samples, {text_only} text-only, of {batch}): it trains the LM loss only. Such "
+                "micro-batches are counted as hera_batches_without_term in the logs and at the end of the run."
             ),
             flush=True,
         )
