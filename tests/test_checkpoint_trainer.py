@@ -14,6 +14,7 @@ from test_whole_checkpoints import _SignalAt
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime import whole_checkpoints as whole_checkpoints_module
 from llamafactory_hera.runtime.whole_checkpoints import MARKER, whole_checkpoints
 from llamafactory_hera.training import checkpoints, sections
@@ -30,7 +31,7 @@ class _Tiny(nn.Module):
 
 
 class _Trainer(WholeCheckpoints, Trainer):
-    save_on_signal = "sigterm"
+    """A plugin trainer: its save signal is the one its stage notes (here the test's ``stop_signal.noting``)."""
 
 
 def _trainer(out: Path, **keys: Any) -> _Trainer:
@@ -47,7 +48,7 @@ def test_a_signal_stop_keeps_its_checkpoint_whatever_the_best_model_and_the_limi
     trainer = _trainer(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
                        metric_for_best_model="loss", greater_is_better=True, save_total_limit=1)  # best: an early one
     trainer.add_callback(_SignalAt(3))
-    with pytest.raises(SystemExit) as stop:
+    with stop_signal.noting("sigterm"), pytest.raises(SystemExit) as stop:  # the stage's save signal, as it notes it
         trainer.train()
     assert stop.value.code == 0 and trainer.state.global_step == 3
     best = Path(trainer.state.best_model_checkpoint)

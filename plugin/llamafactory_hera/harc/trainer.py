@@ -113,7 +113,6 @@ class HarcTrainerMixin(Trainer):
         self.harc_args = harc_args
         self.harc_run = harc_run
         self.harc_state = harc_run.state
-        self.save_on_signal = harc_args.harc_save_on_signal
         self.model_accepts_loss_kwargs = False  # the Trainer divides by the accumulation steps, as the reference
         self._harc_sums = torch.zeros(len(_TERMS) + 1, dtype=torch.float64)
         self.add_callback(_StepEnd(self))

@@ -50,12 +50,11 @@ __all__ = ["HeraTrainer", "StepSums"]
 
 class HeraTrainer(Trainer):
     """HeRA's step, a ``Trainer`` mixed in front of the host's trainer class (with the plugin's checkpoints,
-    ``training/checkpoints.py``, which read ``save_on_signal``); pass ``hera_args`` (``hera/config.py``'s
+    ``training/checkpoints.py``, which stop on the stage's save signal); pass ``hera_args`` (``hera/config.py``'s
     ``HeraArguments``), the run's feature cache and ``hera_queue`` (the feature queue's capacity,
     ``preparation_checks.contrastive_geometry``'s) to ``__init__``."""
 
     hera_args: HeraArguments
-    save_on_signal: str  # hera_save_on_signal, for the plugin's checkpoints
     hera_geometry: AttentionGeometry
     hera_capture: HeadCapture  # the hooks on the selected heads' o_proj inputs
     hera_checkpointing: LayerCheckpointing  # how each decoder layer is recomputed in backward
@@ -77,7 +76,6 @@ class HeraTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.hera_args = hera_args
-        self.save_on_signal = hera_args.hera_save_on_signal
         model = self.model
         device = self.args.device
         self.hera_geometry = attention_geometry(model.config)

@@ -42,6 +42,12 @@ def received() -> bool:
     return bool(_noted["received"])
 
 
+def noted_name() -> str | None:
+    """The save signal noted now (``SIGTERM`` ...: the stage's ``<prefix>_save_on_signal``, from its start), None where
+    none is (``none``, or outside a plugin stage)."""
+    return _noted["name"]
+
+
 def came() -> str | None:
     """The signal that came (``SIGUSR1`` ...): the save signal, or a warning signal taken for it; None before."""
     return _noted["came"]

@@ -75,7 +75,6 @@ class WholeCheckpoints(Trainer):
     half-written folders: the Trainer works on its own copy of the arguments, without the limit, which this class
     applies after each whole save and at the run's end (:meth:`_keep_the_best_alone`)."""
 
-    save_on_signal: str  # the method's ``<prefix>_save_on_signal`` (``recipe.keys``), set by the method's trainer
     checkpoint_limit: int | None  # the recipe's save_total_limit
     resumed_from: str | None = None  # the checkpoint this start resumed from
     stop: _StopOnSignal  # this start's stop on the save signal
@@ -92,7 +91,8 @@ class WholeCheckpoints(Trainer):
         self.resumed_from = self._whole_resume(resume_from_checkpoint)
         if self.resumed_from:
             self._say_other_settings(Path(self.resumed_from))
-        self.stop = stop = _StopOnSignal(self.save_on_signal, self.args.output_dir)
+        # the stage's save signal (its <prefix>_save_on_signal, noted since the stage started: runtime.stop_signal)
+        self.stop = stop = _StopOnSignal(stop_signal.noted_name() or "none", self.args.output_dir)
         self.add_callback(stop)
         with stop_signal.noting(stop.name, steps=True), sections.counting_forwards(self.model):
             result = super().train(self.resumed_from, *args, **kwargs)
