@@ -105,12 +105,11 @@ def launch_recipe(argv: list[str]) -> Any:
 def apply(tuner: ModuleType) -> None:
     """Make ``tuner.read_args`` (``run_exp``'s first read of the recipe) :func:`read_recipe` (once)."""
     require(tuner, ("read_args",), "recipe file")
-    if getattr(tuner.read_args, "_llamafactory_hera", False):
+    if getattr(tuner.read_args, "__module__", None) == __name__:  # patched already: the function below
         return
     original = tuner.read_args
 
     def read_args(args: Any = None) -> Any:
         return read_recipe(original, args)
 
-    read_args._llamafactory_hera = True  # type: ignore[attr-defined]
     tuner.read_args = read_args
