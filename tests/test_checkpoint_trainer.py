@@ -163,6 +163,19 @@ def test_a_checkpoint_saved_again_after_a_rollback_is_unmarked_before_its_first_
     assert whole_checkpoints(tmp_path) == [tmp_path / "checkpoint-2", tmp_path / "checkpoint-3"]
 
 
+
+def test_the_final_model_keeps_the_recipes_save_total_limit(tmp_path: Path) -> None:
+    """The Trainer rotates nothing itself during the steps (its copy of the arguments has no limit; the plugin rotates
+    whole checkpoints only), and after them its arguments hold the recipe's limit again: the final model's
+    training_args.bin says save_total_limit 1, not None."""
+    trainer = _trainer(tmp_path, max_steps=2, save_total_limit=1)
+    recipe_args = trainer.checkpoint_limit
+    trainer.train()
+    assert whole_checkpoints(tmp_path) == [tmp_path / "checkpoint-2"]
+    trainer.save_model(str(tmp_path / "final"))
+    saved = torch.load(tmp_path / "final" / "training_args.bin", weights_only=False)
+    assert saved.save_total_limit == recipe_args == 1
+
 def test_each_save_is_watched_as_a_save_and_the_end_of_the_run_as_the_final_save(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One step of a real Trainer and its checkpoint: the sections a watchdog is told, in order, with the progress

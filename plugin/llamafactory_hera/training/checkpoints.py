@@ -88,6 +88,7 @@ class WholeCheckpoints(Trainer):
 
     @override
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        self.args.save_total_limit = None  # the steps' rotation is this class's (the class doc)
         self.resumed_from = self._whole_resume(resume_from_checkpoint)
         if self.resumed_from:
             self._say_other_settings(Path(self.resumed_from))
@@ -96,6 +97,8 @@ class WholeCheckpoints(Trainer):
         self.add_callback(stop)
         with stop_signal.noting(stop.name, steps=True), sections.counting_forwards(self.model):
             result = super().train(self.resumed_from, *args, **kwargs)
+        # no rotation after the steps: the final model's training_args.bin and the callbacks see the recipe's limit
+        self.args.save_total_limit = self.checkpoint_limit
         sections.enter("the end of the run (final save)", "final")
         if not stop.stopped:
             self._keep_the_best_alone()
