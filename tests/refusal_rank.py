@@ -27,7 +27,6 @@ from llamafactory_hera import job_refusal
 from llamafactory_hera.runtime.errors import RecipeError
 
 job_refusal.install()
-job_refusal.watch()  # as a method's rank watches (its first check starts it)
 rank = int(os.environ.get("RANK") or os.environ["SLURM_PROCID"])
 world = int(os.environ.get("WORLD_SIZE") or os.environ["SLURM_NTASKS"])
 what = sys.argv[1]
@@ -43,6 +42,9 @@ stamp = f"{sys.argv[2]}.{rank}"  # when this rank refused, or began to wait for 
 with open(f"{stamp}.tmp", "w", encoding="utf-8") as file:
     file.write(str(time.time()))
 os.replace(f"{stamp}.tmp", stamp)  # whole or absent: the test polls for it
+# as a method's rank watches (its first check starts it); after the stamp: a rank the other's refusal ends at once
+# must have said it was up first (under load, one ended between the two and the test read it as never up)
+job_refusal.watch()
 if what not in {"teacher", "adapter"} and str(rank) in what.split(","):
     raise RecipeError(f"hera_k: 0 is out of range (rank {rank}). Set hera_k to 1 or more.")
 dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=timedelta(seconds=600))
