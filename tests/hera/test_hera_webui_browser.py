@@ -249,9 +249,15 @@ def test_hera_run_from_the_browser(assets: TinyAssets, webui: tuple[str, Path], 
             page.locator("#train-hera_k input").press("Tab")
 
             # the command preview carries the stage and the hera_* keys
-            page.get_by_role("button", name="Preview command", exact=True).click()
             command = page.locator("code", has_text="llamafactory-cli train").first
-            command.wait_for()
+            for attempt in range(3):  # a click gradio dropped while its queue was busy (CI's loaded cores): again
+                page.get_by_role("button", name="Preview command", exact=True).click()
+                try:
+                    command.wait_for(timeout=45_000)
+                    break
+                except sync_api.TimeoutError:
+                    if attempt == 2:
+                        raise
             preview = command.inner_text()
             for expected in ("--stage hera", "--hera_heads L1H0,L1H2", f"--hera_teacher {assets.teacher}",
                              "--hera_k 3", "--hera_lambda 0.01", "--hera_temperature 0.07",
