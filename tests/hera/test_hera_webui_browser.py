@@ -114,6 +114,50 @@ def _field(page: Any, label: str, tag: str = "textarea") -> Any:
     return page.locator(f"label:has([data-testid='block-info']:text-is({json.dumps(label)})) {tag}").first
 
 
+def _fill_the_run(page: Any, assets: TinyAssets) -> None:
+    """Fill the form for the run, each field again where it lost its value. LlamaBoard answers some events outside
+    its queue (the model name's fills the model path and template; the stage's empties the dataset); under CI's
+    loaded cores such an answer came after the test had filled the field, and every Preview click then failed."""
+    model_path = str(assets.models["qwen3_vl"])
+    if _field(page, "Model path").input_value() != model_path:
+        _field(page, "Model path").fill(model_path)
+    if page.locator("input[aria-label='Chat template']").input_value() != assets.templates["qwen3_vl"]:
+        _pick(page, "input[aria-label='Chat template']", assets.templates["qwen3_vl"])
+    if _field(page, "Data dir").input_value() != str(assets.dataset_dir):
+        _field(page, "Data dir").fill(str(assets.dataset_dir))
+    if "hera_demo" not in _dataset_tokens(page):
+        _field(page, "Dataset", "input").click()  # focus lists the datasets of the folder
+        page.locator(_option("hera_demo")).first.click()
+        page.keyboard.press("Escape")
+    if page.locator("input[aria-label='Compute type']").input_value() != "fp32":
+        _pick(page, "input[aria-label='Compute type']", "fp32")
+    batch = page.locator("input[aria-label='number input for Batch size']").first
+    batch.fill("8")
+    batch.press("Enter")
+    if not _field(page, "Extra arguments").is_visible():
+        page.get_by_text("Extra configurations", exact=True).click()
+    _field(page, "Extra arguments").fill(json.dumps(EXTRA_ARGS))
+    page.locator("#train-hera_heads textarea").fill("L1H0, L1H2")
+    page.locator("#train-hera_teacher textarea").fill(str(assets.teacher))
+    page.locator("#train-hera_k input").fill("3")
+    page.locator("#train-hera_k input").press("Tab")
+
+
+def _dataset_tokens(page: Any) -> list[str]:
+    """The datasets chosen in the Train tab's Dataset box."""
+    label = "label:has([data-testid='block-info']:text-is(\"Dataset\"))"
+    return page.locator(f"{label} .token span").all_inner_texts()
+
+
+def _form_state(page: Any) -> str:
+    """What the form held when no preview came, and the page's last text (LlamaBoard's alert is there)."""
+    values = {"model path": _field(page, "Model path").input_value(),
+              "template": page.locator("input[aria-label='Chat template']").input_value(),
+              "data dir": _field(page, "Data dir").input_value(), "datasets": _dataset_tokens(page)}
+    body = page.locator("body").inner_text()
+    return f"{values}\n{body[-1500:]}"
+
+
 def _orange_pixels(data_uri: str) -> int:
     """Pixels near matplotlib's C1 orange (#ff7f0e, hera_loss) in a plot image."""
     from PIL import Image
@@ -231,33 +275,19 @@ def test_hera_run_from_the_browser(assets: TinyAssets, webui: tuple[str, Path], 
                 assert page.locator(f"#train-{key} textarea, #train-{key} input").first.input_value() == value, key
             assert "Heads to align" in panel.inner_text() and "Vision teacher" in panel.inner_text()
 
-            # data and a short CPU run
-            _field(page, "Data dir").fill(str(assets.dataset_dir))
-            dataset = _field(page, "Dataset", "input")
-            dataset.click()  # focus lists the datasets of the folder
-            page.locator(_option("hera_demo")).first.click()
-            page.keyboard.press("Escape")
-            _pick(page, "input[aria-label='Compute type']", "fp32")
-            batch = page.locator("input[aria-label='number input for Batch size']").first
-            batch.fill("8")
-            batch.press("Enter")
-            page.get_by_text("Extra configurations", exact=True).click()
-            _field(page, "Extra arguments").fill(json.dumps(EXTRA_ARGS))
-            page.locator("#train-hera_heads textarea").fill("L1H0, L1H2")
-            page.locator("#train-hera_teacher textarea").fill(str(assets.teacher))
-            page.locator("#train-hera_k input").fill("3")
-            page.locator("#train-hera_k input").press("Tab")
-
-            # the command preview carries the stage and the hera_* keys
+            # data and a short CPU run; the command preview carries the stage and the hera_* keys
             command = page.locator("code", has_text="llamafactory-cli train").first
-            for attempt in range(3):  # a click gradio dropped while its queue was busy (CI's loaded cores): again
+            states = []
+            for _ in range(3):
+                _fill_the_run(page, assets)
                 page.get_by_role("button", name="Preview command", exact=True).click()
                 try:
                     command.wait_for(timeout=45_000)
                     break
                 except sync_api.TimeoutError:
-                    if attempt == 2:
-                        raise
+                    states.append(_form_state(page))
+            else:
+                pytest.fail("no command preview after 3 clicks; the form at each:\n" + "\n".join(states))
             preview = command.inner_text()
             for expected in ("--stage hera", "--hera_heads L1H0,L1H2", f"--hera_teacher {assets.teacher}",
                              "--hera_k 3", "--hera_lambda 0.01", "--hera_temperature 0.07",
