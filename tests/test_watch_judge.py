@@ -76,8 +76,8 @@ def test_a_slow_rank_that_still_moves_holds_back_the_ranks_waiting_for_it() -> N
 
 def test_waiting_and_loading_ranks_are_never_named_stuck_and_loading_ones_hold_the_others_back() -> None:
     """Head selection: rank 0 scores (kind ``selection``), ranks 1 and 2 wait for it (``wait``, whatever their
-    position); rank 0 stops moving: it alone is named. And a rank still loading (watched for life only) holds back
-    the naming of a rank that waits for it in the teacher's pass."""
+    position); rank 0 stops moving: it alone is named. And a rank still loading (within its bound) holds back the
+    naming of a rank that waits for it in the teacher's pass."""
     judge = Judge([0, 1, 2], now=0.0, first_bound=600)
     for t in range(0, 41, 5):
         judge.observe(0, beat(t, [0, 1, 7], kind="selection", section="head selection", host="node-a"), float(t))
@@ -147,3 +147,41 @@ def test_one_clause_per_reason_and_host() -> None:
     assert re.fullmatch(r"ranks 2, 3 on node-b, unheard for 905 s in the save of checkpoint-4 \(bound 900 s\): its "
                         r"process or host is frozen or gone; rank 4 on node-c, unheard for 905 s in step 3 \(bound "
                         r"900 s\): its process or host is frozen or gone", text), text
+
+
+def _loading(pulse: int, moves: int, collective: bool, host: str = "node-b") -> bytes:
+    """A loading rank's beat: ``moves`` counts its main thread's moves; ``collective``: it waits in one."""
+    return beat(pulse, [0, 0, moves], kind="loading", section="loading", bound=30, host=host, collective=collective)
+
+
+def test_a_rank_stuck_in_its_load_is_named_when_another_waits_for_it_in_a_collective() -> None:
+    """LLaMA-Factory's load: rank 0 preprocesses the data (its main thread moves) while ranks 1 and 2 wait in the
+    barrier of ``main_process_first`` (a collective, not moving): nobody is named, whatever the time. Rank 0 stops
+    moving at t = 100 (outside a collective): named alone once its bound has passed, the waiting ranks never."""
+    judge = Judge([0, 1, 2], now=0.0, first_bound=600)
+    for t in range(0, 161, 5):
+        judge.observe(0, _loading(t, min(t, 100), False, host="node-a"), float(t))
+        for rank in (1, 2):
+            judge.observe(rank, _loading(t, 3, True), float(t))
+        if t <= 130:
+            assert named(judge, float(t)) == [], t
+    assert named(judge, 131.0) == [(0, "stuck")]
+    assert re.match(r"rank 0 on node-a, no progress for 31 s in loading \(bound 30 s\): alive but stuck",
+                    described(judge.named(131.0)))
+
+
+def test_ranks_that_all_load_slowly_are_never_named_and_all_waiting_are_named_together() -> None:
+    """Every rank's main thread stands still in a load of its own (one long read of a shard, no rank in a
+    collective): a slow load looks like this, so nobody is named. Every rank waiting in a collective of the load
+    that never completes: all named, as a collective that does not complete."""
+    judge = Judge([0, 1], now=0.0, first_bound=600)
+    for t in range(0, 301, 5):
+        for rank in (0, 1):
+            judge.observe(rank, _loading(t, 2, False), float(t))
+    assert named(judge, 300.0) == []
+    judge = Judge([0, 1], now=0.0, first_bound=600)
+    for t in range(0, 41, 5):
+        judge.observe(0, _loading(t, 9, True), float(t))
+        judge.observe(1, _loading(t, 2, True), float(t))
+    assert named(judge, 36.0) == [(0, "stuck"), (1, "stuck")]
+    assert "every rank stopped at the same point" in described(judge.named(36.0))

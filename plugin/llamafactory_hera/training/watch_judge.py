@@ -16,7 +16,8 @@ from typing import Any
 
 # a section kind's place within a step, so that positions compare along the run (a save ends its step)
 PHASES = {"loading": 0, "selection": 1, "directions": 2, "teacher": 3, "step": 4, "save": 5, "final": 6, "wait": 7}
-JUDGED = ("selection", "directions", "teacher", "step", "save", "final")  # watched for progress, not only for life
+# watched for progress, not only for life (a load: its main thread's moves, training/watch_stack.py)
+JUDGED = ("loading", "selection", "directions", "teacher", "step", "save", "final")
 STORAGE_BOUND = 1800.0  # seconds a probe of output_dir may stay unanswered before the rank is named for it
 PLACEHOLDER = b"-"  # a beat key's value before its rank first writes (the monitor creates every key it reads)
 
@@ -115,11 +116,20 @@ class Judge:
         lowest = min(positions.values())
         if any(positions[rank] == lowest and rank not in stalled for rank in judged):
             return []
-        return [
-            Named(rank, "stuck", now - judged[rank].moved_since, judged[rank].beat)
-            for rank in sorted(stalled)
-            if positions[rank] == lowest
-        ]
+        held = [rank for rank in sorted(stalled) if positions[rank] == lowest]
+        if all(judged[rank].beat.get("kind") == "loading" for rank in held):
+            held = _holding_up(held, judged)
+        return [Named(rank, "stuck", now - judged[rank].moved_since, judged[rank].beat) for rank in held]
+
+
+def _holding_up(loading: list[int], judged: dict[int, Seen]) -> list[int]:
+    """Of the ranks stalled in their load, those that hold the others up. None while no rank waits in a collective:
+    every rank busy in a slow load of its own looks as stuck ones would. Else the stalled ones that do not wait
+    themselves, or every one when all wait (a collective that does not complete)."""
+    if not any(seen.beat.get("collective") for seen in judged.values()):
+        return []
+    working = [rank for rank in loading if not judged[rank].beat.get("collective")]
+    return working or loading
 
 
 def _stalled(seen: Seen, now: float) -> bool:
@@ -134,7 +144,9 @@ def _stalled(seen: Seen, now: float) -> bool:
 
 def _order(beat: dict[str, Any]) -> tuple[float, ...]:
     """A rank's place along the run: its position, the section kind's phase standing in for a position not sent."""
-    position = beat.get("position") or [0, PHASES.get(str(beat.get("kind")), 0), 0]
+    position = list(beat.get("position") or [0, PHASES.get(str(beat.get("kind")), 0), 0])
+    if beat.get("kind") == "loading":  # its count is of its main thread's moves: no two ranks' compare
+        position[2:] = [0]
     return tuple(float(value) for value in position)
 
 
@@ -165,8 +177,9 @@ def described(named: list[Named]) -> str:
                 "frozen or gone"
             )
         elif first.why == "stuck":
+            waiting = first.beat.get("kind") != "loading" or all(entry.beat.get("collective") for entry in group)
             alike = "; every rank stopped at the same point: a collective that does not complete" * (
-                len({tuple(entry.beat.get("position") or ()) for entry in group}) == 1 and len(group) > 1
+                len({_order(entry.beat) for entry in group}) == 1 and len(group) > 1 and waiting
             )
             clauses.append(
                 f"{where}, no progress for {seconds:.0f} s in {section} (bound {bound:.0f} s): alive but stuck (a "

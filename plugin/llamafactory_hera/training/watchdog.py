@@ -31,6 +31,7 @@ from llamafactory_hera.runtime import job_store
 from llamafactory_hera.training import sections, watch_nvrx
 from llamafactory_hera.training.watch_bounds import Place, StorageProbe, bound, job_client, place_of, pulse_for
 from llamafactory_hera.training.watch_judge import PHASES, PLACEHOLDER, Judge, described
+from llamafactory_hera.training.watch_stack import MainThread
 
 PAUSED = 3  # pulses: a longer gap between this rank's own pulses means it was stopped itself (SIGSTOP, swap)
 MARGIN_S = 10.0  # torch's timeout of a step's or save's collectives: the bound, 3 pulses and this
@@ -68,6 +69,7 @@ class Watchdog:
         self.pulses = 0
         self.verdict = ""
         self.probe = StorageProbe(output_dir, clock)
+        self.main = MainThread()  # the run's thread: built on it
         self.judge = Judge(list(range(place.world)), clock(), job_store.start_bound()) if place.rank == 0 else None
         self.monitor = {"beat": {}, "pulse": None, "since": clock()}  # rank 0's beat as this rank last read it
         self.stopped = threading.Event()
@@ -135,6 +137,7 @@ class Watchdog:
             "pulse": self.pulses,
             "position": [step, PHASES.get(kind, 0), self.count],
             "storage": self.probe.waiting(self.pulse_s),
+            "collective": self.main.in_collective,
         }
         if self.verdict:
             beat["verdict"] = self.verdict
@@ -185,6 +188,8 @@ class Watchdog:
         self._call(lambda: self.store.set(self.keys.beat(self.place.rank), self.beat()))
 
     def _pulse(self) -> None:
+        if self.main.look() and self.state[1] == "loading":
+            self.count += 1  # LLaMA-Factory's load counts nothing: its main thread's moves stand for progress
         position = (self.state[1], self.state[2], self.count)
         if position != self.seen_position:
             self.seen_position = position

@@ -1,0 +1,96 @@
+"""What the watchdog reads off the run's main thread while it loads (llamafactory_hera/training/watch_stack.py):
+a thread that works moves, one blocked does not, one blocked in ``torch.distributed`` is in a collective (a real
+gloo barrier that waits for a rank that never comes), and a progress bar's count is a move."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from conftest import free_port, offline_env
+from llamafactory_hera.training.watch_stack import MainThread
+
+
+def _thread(target: object) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    time.sleep(0.2)
+    return thread
+
+
+def test_a_working_thread_moves_and_a_blocked_one_does_not() -> None:
+    stop = threading.Event()
+
+    def work() -> None:
+        total = 0
+        while not stop.is_set():
+            total += sum(range(1000))
+
+    worker = _thread(work)
+    looked = MainThread(worker)
+    looked.look()
+    moves = 0
+    for _ in range(10):
+        time.sleep(0.1)  # its loop calls sum() from one line: the CPU time it uses tells that it moves
+        moves += looked.look()
+    assert moves >= 5 and not looked.in_collective
+    stop.set()
+
+    blocked = threading.Event()
+    sleeper = _thread(lambda: blocked.wait(30))
+    looked = MainThread(sleeper)
+    looked.look()
+    assert not any(looked.look() for _ in range(5)) and not looked.in_collective
+    bar = tqdm(total=10, disable=False, file=open("/dev/null", "w"))  # any live bar's count is the process's progress
+    looked.look()
+    bar.update(1)
+    assert looked.look() and not looked.look()
+    bar.close()
+    blocked.set()
+
+
+def test_a_thread_in_a_gloo_barrier_is_in_a_collective(tmp_path: Path) -> None:
+    """A two-process gloo job: rank 0's barrier (torch.distributed's, in a thread) waits for rank 1, which never
+    calls it; rank 0 looks at the waiting thread."""
+    env = offline_env(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK],
+            env={**env, "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        printed = ranks[0].communicate(timeout=120)[0]
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    assert "moved False, in a collective True" in printed, printed
+
+
+RANK = """
+import datetime, os, threading, time
+import torch.distributed as dist
+from llamafactory_hera.training.watch_stack import MainThread
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=10))
+if os.environ["RANK"] == "1":
+    time.sleep(30)
+else:
+    waiter = threading.Thread(target=lambda: dist.barrier(), daemon=True)
+    waiter.start()
+    time.sleep(0.5)
+    looked = MainThread(waiter)
+    looked.look()
+    time.sleep(0.2)
+    print(f"moved {looked.look()}, in a collective {looked.in_collective}", flush=True)
+    os._exit(0)
+"""
