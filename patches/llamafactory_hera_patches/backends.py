@@ -74,7 +74,7 @@ def known(switch: Switch) -> bool:
     """Whether the installed LLaMA-Factory reads ``switch`` (a recipe key: always)."""
     if switch.reader is None:
         return True
-    import llamafactory.extras.packages as packages  # lazy (the package doc)
+    import llamafactory.extras.packages as packages  # lazy
 
     return hasattr(packages, switch.reader)
 

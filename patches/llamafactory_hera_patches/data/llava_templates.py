@@ -44,7 +44,7 @@ def apply(module: ModuleType) -> None:
     """Register the templates of :data:`FAMILY_TEMPLATES` in ``llamafactory.data.template`` (a name the host already
     has is left as it is)."""
     require(module, ("TEMPLATES",), "llava_templates")
-    import llamafactory.data.mm_plugin as mm_plugin  # lazy (the package doc)
+    import llamafactory.data.mm_plugin as mm_plugin  # lazy
 
     require(mm_plugin, ("get_mm_plugin",), "llava_templates")
     missing = [template.base for template in FAMILY_TEMPLATES.values() if template.base not in module.TEMPLATES]
@@ -53,7 +53,7 @@ def apply(module: ModuleType) -> None:
             f"llamafactory-hera: LLaMA-Factory {host_version()} has no template "
             f"{', '.join(missing)}, whose conversation formats the LLaVA templates copy."
         )
-    import llamafactory.data.formatter as formatter  # lazy (the package doc)
+    import llamafactory.data.formatter as formatter  # lazy
 
     require(formatter, ("EmptyFormatter",), "llava_templates")
     for name, base, bos_first in FAMILY_TEMPLATES.values():

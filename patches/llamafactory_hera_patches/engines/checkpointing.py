@@ -23,7 +23,7 @@ from ..guard import mismatch
 def _trainable_only_wrapper() -> Callable[[Callable], Callable]:
     """LLaMA-Factory's ``get_custom_gradient_checkpointing_func``: wraps a checkpoint function so that it checkpoints
     only modules with a trainable parameter and calls the others plainly."""
-    import llamafactory.model.model_utils.checkpointing as module  # lazy (the package doc)
+    import llamafactory.model.model_utils.checkpointing as module  # lazy
 
     custom = getattr(module, "get_custom_gradient_checkpointing_func", None)
     if custom is None:

@@ -12,8 +12,8 @@ from ..guard import require
 
 def check_host() -> None:
     """Raise ``HostMismatchError`` unless every host name this module uses exists."""
-    import llamafactory.chat.hf_engine as hf_engine  # lazy (the package doc)
-    import llamafactory.hparams as hparams  # lazy (the package doc)
+    import llamafactory.chat.hf_engine as hf_engine  # lazy
+    import llamafactory.hparams as hparams  # lazy
 
     require(hparams, ("get_infer_args",), "inference")
     require(hf_engine, ("HuggingfaceEngine",), "inference")
@@ -24,8 +24,8 @@ def load_engine(recipe: dict[str, Any]) -> Any:
     """LLaMA-Factory's ``HuggingfaceEngine`` for ``recipe`` (model in eval mode, tokenizer, processor, template,
     generating arguments)."""
     check_host()
-    import llamafactory.chat.hf_engine as hf_engine  # lazy (the package doc)
-    import llamafactory.hparams as hparams  # lazy (the package doc)
+    import llamafactory.chat.hf_engine as hf_engine  # lazy
+    import llamafactory.hparams as hparams  # lazy
 
     model_args, data_args, finetuning_args, generating_args = hparams.get_infer_args(
         {**recipe, "infer_backend": "huggingface"}
@@ -37,7 +37,7 @@ def load_engine(recipe: dict[str, Any]) -> Any:
 
 def answer(engine: Any, messages: list[dict[str, str]], images: list[Any] | None, input_kwargs: dict[str, Any]) -> str:
     """The engine's first response text to ``messages`` (with ``images``), as LLaMA-Factory's chat answers."""
-    import llamafactory.chat.hf_engine as hf_engine  # lazy (the package doc)
+    import llamafactory.chat.hf_engine as hf_engine  # lazy
 
     responses = hf_engine.HuggingfaceEngine._chat(
         engine.model,
