@@ -4,11 +4,9 @@ The import hook in ``llamafactory_hera._bootstrap`` applies each patch right aft
 Each checks the host's shape first (:mod:`.guard`), then applies completely or raises one error naming the
 LLaMA-Factory version; nothing is half-patched.
 
-Rooms: apply modules on top (:mod:`.stage`, :mod:`.launch`, :mod:`.accelerate_launch`, :mod:`.v1`, :mod:`.webui`,
-:mod:`.logging`) over :mod:`.recipe` (keys as the host reads them, pre-parse checks), :mod:`.engines` (FSDP2,
-DeepSpeed, 4-bit weights, checkpointing), :mod:`.data` (templates, image tokens), :mod:`.tools` (what offline tools
-load) and :mod:`.backends` (switches a plugin stage is refused under); :mod:`.guard` and :mod:`.stacks` check the host
-and its stack. They use ``llamafactory_hera.runtime``.
+Apply modules (:mod:`.stage`, :mod:`.launch`, :mod:`.accelerate_launch`, :mod:`.v1`, :mod:`.webui`, :mod:`.logging`)
+sit over :mod:`.recipe`, :mod:`.engines`, :mod:`.data`, :mod:`.tools` and :mod:`.backends`; :mod:`.guard` and
+:mod:`.stacks` check the host and its stack.
 
 Apply modules import LLaMA-Factory at their top (the hook imports each after its host module ran). The others import
 it inside the functions that read it ("lazy"): the plugin's light modules (checks before the host loads,

@@ -59,7 +59,7 @@ def _check_cli_form(args: Any) -> None:
 
 @contextlib.contextmanager
 def _environ(environ: Mapping[str, str]) -> Iterator[None]:
-    """``os.environ`` is only ``environ`` for the block, then restored."""
+    """``os.environ`` is only ``environ`` for the block."""
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(environ)

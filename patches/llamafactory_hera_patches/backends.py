@@ -1,12 +1,11 @@
 """The host's backend switches: recipe keys and environment variables under which an SFT run uses another workflow
 or model loader than the SFT trainer the plugin's stages extend. A plugin stage is refused under each by name
-(:func:`refusal`) before the host parses the recipe: in every rank, and by the launchers before ranks start. An
-environment switch counts only where the host reads it (:func:`known`): ``USE_MEGATRON_BRIDGE`` is main's only.
+(:func:`refusal`) before the host parses the recipe: in every rank, and by the launchers. An environment switch counts
+only where the host reads it (:func:`known`): ``USE_MEGATRON_BRIDGE`` is main's only.
 
 Checked on LLaMA-Factory 0.9.5 and main: ``_training_function`` hands an ``sft`` run to another workflow before its
-``stage == "sft"`` branch under ``use_hyper_parallel``, ``use_mca`` (``USE_MCA=1``) and, on main,
-``use_megatron_bridge``; ``use_kt`` and ``use_unsloth`` load the model with their own code; the launcher starts
-torchrun under ``USE_MCA`` (and main's under ``USE_MEGATRON_BRIDGE``) whatever the device count. v1: :mod:`.v1`.
+``stage == "sft"`` branch under ``use_hyper_parallel``, ``use_mca`` and main's ``use_megatron_bridge``; ``use_kt`` and
+``use_unsloth`` load the model with their own code; :data:`TORCHRUN_SWITCHES` force torchrun.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Shape checks of the host before patching, and which LLaMA-Factory the plugin was checked on: releases
 (``CHECKED_VERSIONS``) and, for main (one version number while it moves), the commit pinned in ``tested_main.json``
-(installed by ``python3 dev.py test --stack main``, moved by ``python3 dev.py pin-main``). A main install at another
-commit, read from its ``direct_url.json`` (PEP 610), is warned about once.
+(``dev.py test --stack main`` installs it, ``dev.py pin-main`` moves it). A main install at another commit (its
+``direct_url.json``, PEP 610) is warned about once.
 """
 
 from __future__ import annotations

@@ -1,14 +1,12 @@
 """``llamafactory-cli train`` under torchrun: the recipe is checked once in the launcher before the ranks start
-(:func:`check_before_ranks`, a finished run's folder included): one line and exit code 1, as without torchrun. A job
-failing later ends with torchrun's report and exit code, no launcher traceback; ranks stopped on the save signal end
-with 0, the launcher surviving a SIGTERM meanwhile (:mod:`llamafactory_hera.runtime.launch_signals`). A ``one_process``
-method (RAH-LoRA) gets a one-rank torchrun on a multi-GPU node unless ``FORCE_TORCHRUN`` is set. Backend switches a
-plugin stage cannot run under are refused (:mod:`.backends`). Elsewhere: bare ``torchrun``
-(``llamafactory_hera.job_refusal``), ``accelerate launch`` (:mod:`.accelerate_launch`), the v1 launcher (:mod:`.v1`).
+(:func:`check_before_ranks`): one line and exit code 1, as without torchrun. A later failure ends with torchrun's
+report and exit code, no launcher traceback; ranks stopped on the save signal end with 0, the launcher surviving a
+SIGTERM meanwhile (:mod:`llamafactory_hera.runtime.launch_signals`). A ``one_process`` method (RAH-LoRA) gets a
+one-rank torchrun on a multi-GPU node unless ``FORCE_TORCHRUN`` is set. See also ``llamafactory_hera.job_refusal``
+(bare ``torchrun``), :mod:`.accelerate_launch`, :mod:`.v1`.
 
 Checked on LLaMA-Factory 0.9.5 and main: ``launcher.launch()`` pops the command from ``sys.argv`` and runs ``torchrun
-... launcher.py <args>`` with ``subprocess.run(check=True)`` when :func:`starts_torchrun`, else ``run_exp()``; the
-recipe is read as ``hparams.read_args`` reads it (:func:`.recipe.recipe_file.launch_recipe`).
+... launcher.py <args>`` with ``subprocess.run(check=True)`` when :func:`starts_torchrun`, else ``run_exp()``.
 """
 
 from __future__ import annotations
@@ -121,15 +119,15 @@ def launch(original: Any) -> None:
     if not starts_torchrun(sys.argv):
         return original()
     nodes = _int_env("NNODES", 1)
-    # watched until the ranks start, on the port chosen now where the host would pick
+    # watched until the ranks start, on a port chosen now
     with launch_watch.watching(misc.find_available_port, nodes, _int_env("NODE_RANK", 0)) as start:
         launch_watch.check_master_address()
         run = check_before_ranks(sys.argv)
         if start is not None:
             start.expect(_watched_ranks(run, nodes or 1))
         if run is not None and run.method.one_process and not forces_torchrun():
-            # it spreads its model over every visible GPU itself: one rank. Not run_exp(): transformers' arguments
-            # ask for torchrun in a process seeing several GPUs and no launcher
+            # one rank spreads the model over every visible GPU. Not run_exp(): transformers' arguments ask for
+            # torchrun in a process seeing several GPUs and no launcher
             os.environ["FORCE_TORCHRUN"] = "1"
             os.environ["NPROC_PER_NODE"] = "1"
         try:

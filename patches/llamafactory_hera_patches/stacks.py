@@ -1,7 +1,7 @@
 """The host stacks the plugin runs on: transformers releases, the families a release lacks, known host bugs.
 
 LLaMA-Factory 0.9.5 (PyPI) allows transformers 4.55 to 5.6 except 4.57.0; main (0.9.6.dev0, git) allows up to 5.8 and
-excludes 5.6.0. The plugin runs on all: :data:`TRANSFORMERS_SUPPORTED` (also pyproject's bound). Tested stacks:
+excludes 5.6.0. The plugin runs on all of them: :data:`TRANSFORMERS_SUPPORTED` (pyproject's bound too). Tested stacks:
 docs/install.md. Nothing here imports transformers or LLaMA-Factory (versions come from package metadata).
 """
 
@@ -14,7 +14,6 @@ from packaging.version import Version
 
 from .guard import host_version
 
-# what 0.9.5 or main allows: 4.55 to 5.8.x, without 4.57.0 (both exclude it)
 TRANSFORMERS_SUPPORTED = ">=4.55,<5.9,!=4.57.0"
 
 # image-text families added after 4.55: model_type -> first release with it (per each wheel's

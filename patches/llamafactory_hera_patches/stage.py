@@ -3,7 +3,7 @@
 Checked on LLaMA-Factory 0.9.5: :func:`_check_shapes` verifies the host names used (module globals looked up at
 call time) before anything is patched. A method's stage maps to its host stage (``sft``) before LLaMA-Factory parses
 the arguments, so every host check, the data pipeline and the web UI treat the run as SFT. :func:`run_method` holds a
-method's steps in order. Methods come from :mod:`llamafactory_hera.runtime.registry`; nothing here names one.
+method's steps in order. Nothing here names a method.
 """
 
 from __future__ import annotations
@@ -129,10 +129,10 @@ def training_function(
 def run_method(
     tuner: ModuleType, host_training: Callable[[dict[str, Any]], None], config: dict[str, Any], method: Any, raw: dict
 ) -> None:
-    """A method's run (output_dir claimed), step by step. ``raw``: every method's keys of the recipe."""
+    """A method's run (output_dir claimed). ``raw``: every method's keys of the recipe."""
     host_args = config["args"]
     output_dir.refuse_finished(host_args)  # before the parse would resume it
-    run = start_run(method, _own_keys(method, raw), host_args)  # the run's raw checks: nothing loaded
+    run = start_run(method, _own_keys(method, raw), host_args)  # raw checks: nothing loaded
     controls = run.controls
     # the save signal, noted through parse, load, pre-step passes and steps
     with stop_signal.noting(controls.save_signal, key=controls.save_signal_key):
@@ -194,7 +194,7 @@ def _own_keys(method: Any, raw: dict[str, Any]) -> dict[str, Any]:
 
 def _parse(host_args: RawRecipe, stage: str, run: Any, recorded: bool) -> tuple[Any, ...]:
     """The host's parse, then ``run``'s parsed checks (None: a host stage's notes), the 4-bit CPU note held back
-    unless bitsandbytes quantizes, a shared folder checked on several nodes (if ``recorded``), an earlier run's files
+    unless bitsandbytes quantizes, a ``recorded`` run's folder checked as shared by all nodes, an earlier run's files
     moved aside under ``overwrite_output_dir``."""
     parsed = hparams.get_train_args(host_args)
     host = HostArguments(*parsed)

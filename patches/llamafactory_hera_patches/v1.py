@@ -1,10 +1,9 @@
 """The host's v1 trainers do not run plugin stages (no stage key, no trainer or loss to extend): a plugin ``stage`` is
-refused in one line before v1 reads it, at each v1 entry. ``USE_V1=1 llamafactory-cli train``: in the launcher, before
-torchrun starts. ``python -m llamafactory.v1.trainers.sft_trainer recipe.yaml`` (``dpo_trainer``, ``rm_trainer``
-alike) or a rank of v1's torchrun: at ``llamafactory.v1.config.get_args``, which every v1 trainer parses with. Else,
-with ``ALLOW_EXTRA_KEYS=1``, v1 would drop ``stage`` and the method's keys and silently train plain SFT.
+refused in one line at each v1 entry. ``USE_V1=1 llamafactory-cli train``: in the launcher, before torchrun starts.
+``python -m llamafactory.v1.trainers.sft_trainer`` (dpo, rm alike) or a v1 rank: at ``llamafactory.v1.config.get_args``,
+which every v1 trainer parses with. Otherwise, under ``ALLOW_EXTRA_KEYS=1``, v1 would silently train plain SFT.
 
-Checked on LLaMA-Factory 0.9.5 and main: ``launcher.launch()`` pops the command from ``sys.argv`` and trains its
+Checked on LLaMA-Factory 0.9.5 and main: ``launcher.launch()`` pops the command and trains its
 ``_DIST_TRAIN_COMMANDS``; ``config.get_args(args=None)`` reads the recipe as :func:`.recipe.recipe_file.launch_recipe`.
 """
 

@@ -1,11 +1,10 @@
 """LLaVA-1.5 chat templates for the LLM families ``llamafactory-hera compose`` builds from: the host's template for
-the family copied whole, with LLaVA-1.5's image plugin. ``llava_vicuna`` adds the BOS LLaVA-1.5 starts every row with
-(``conv_vicuna_v1``), which the host's ``vicuna`` / ``llava`` leave out: the first layers' heads use it as attention
-sink. Registered when ``llamafactory.data.template`` is imported, so ``llamafactory-cli`` and LlamaBoard list them.
+the family with LLaVA-1.5's image plugin. ``llava_vicuna`` adds the BOS LLaVA-1.5 starts rows with, which the host's
+``vicuna`` / ``llava`` leave out: the first layers' heads use it as attention sink. Registered when
+``llamafactory.data.template`` is imported, so ``llamafactory-cli`` and LlamaBoard list them.
 
-Checked on LLaMA-Factory 0.9.5: ``data.template.TEMPLATES`` maps a name to a ``Template`` dataclass;
-``data.mm_plugin.get_mm_plugin(name, image_token=...)``. The plugin imports this module for :data:`FAMILY_TEMPLATES`
-alone: nothing of the host is imported before :func:`apply`.
+Checked on LLaMA-Factory 0.9.5 (``TEMPLATES``, ``get_mm_plugin``). The plugin imports this module for
+:data:`FAMILY_TEMPLATES` alone: nothing of the host is imported before :func:`apply`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """The host's "Media ... does not exist in `media_dir`" warnings, held while a method checks its image files.
 
-Checked on LLaMA-Factory 0.9.5: ``DatasetConverter._find_medias`` logs one such line per file while aligning rows,
-before a method's check can run. :func:`media_warnings_held` holds them: dropped if the block ends in the plugin's
-refusal, logged (deduplicated) if it passes. Worker processes inherit the filter. Each holds at most :data:`MAX_HELD`
-distinct lines; the rest are counted in one line.
+Checked on LLaMA-Factory 0.9.5: ``DatasetConverter._find_medias`` logs one per file while aligning rows, before a
+method's check runs. :func:`media_warnings_held` holds them: dropped if the block ends in the plugin's refusal, else
+logged once each. Worker processes inherit the filter; each holds at most :data:`MAX_HELD`, counting the rest.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Host facts read (not patched) for checks before any model loads: what each chat template needs of a tokenizer,
-which stages the parser accepts, which model types are multimodal; and a row's image tokens and length before
-``cutoff_len`` (:func:`whole_row`), to refuse a ``cutoff_len`` cutting image tokens (Qwen3-VL's rope index would fail
-after loading).
+the parser's stages, the multimodal model types; and a row's image tokens and length before ``cutoff_len``
+(:func:`whole_row`), to refuse a ``cutoff_len`` cutting image tokens (Qwen3-VL's rope index would fail after loading).
 
-Checked on LLaMA-Factory 0.9.5: ``data.template.TEMPLATES`` (``stop_words``, the ``format_*`` formatters' ``slots``,
-``mm_plugin``; ``fix_special_tokens`` adds missing stop words as new tokens, the first replacing EOS with
-``replace_eos``), ``FinetuningArguments.stage`` (a ``Literal``), ``model_utils.visual.COMPOSITE_MODELS``,
-``extras.constants`` and, as ``data/processor/supervised.py`` calls them, the plugin's ``process_messages`` /
-``process_token_ids`` / ``image_token``, ``template.encode_multiturn`` and ``template.efficient_eos``.
+Checked on LLaMA-Factory 0.9.5: ``TEMPLATES`` (``fix_special_tokens`` adds missing stop words as new tokens, the
+first replacing EOS with ``replace_eos``), ``FinetuningArguments.stage`` (a ``Literal``), ``COMPOSITE_MODELS``,
+``extras.constants``, and the plugin and template methods as ``data/processor/supervised.py`` calls them.
 """
 
 from __future__ import annotations

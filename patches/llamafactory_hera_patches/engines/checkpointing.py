@@ -1,11 +1,10 @@
-"""The host's non-reentrant gradient checkpointing function (``use_reentrant_gc: false``), for a method that needs it
-in some layers only.
+"""The host's non-reentrant gradient checkpointing function, for a method that needs it in some layers only.
 
 Checked on LLaMA-Factory 0.9.5 with transformers 5.6: ``prepare_model_for_training`` installs
 ``get_custom_gradient_checkpointing_func(partial(checkpoint, use_reentrant=model_args.use_reentrant_gc))`` as every
 checkpointing module's ``_gradient_checkpointing_func`` (it checkpoints only modules with trainable parameters, their
-hidden states marked as requiring gradient); ``GradientCheckpointingLayer`` calls it as
-``self._gradient_checkpointing_func(partial(layer.__call__, **kwargs), *args)``.
+hidden states marked as requiring gradient); ``GradientCheckpointingLayer`` calls it with
+``partial(layer.__call__, **kwargs), *args``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Models used beside the trained one load whole on every rank (:func:`loaded_whole`); a forward outside the
-DeepSpeed engine's gathers parameters a module reads from another, as the engine's does.
+"""Models used beside the trained one (the frozen teacher, the ``hera_heads: auto`` scoring copy) load whole on every
+rank (:func:`loaded_whole`): outside the DeepSpeed or FSDP engine, partitioned ones would be placeholders, and FSDP's
+efficient loading gives zeros off local rank 0. :func:`zero3_forward` gathers, outside the engine's forward,
+parameters a module reads from another.
 
-Checked on transformers 5.6 (``integrations.deepspeed._hf_deepspeed_config_weak_ref``, which ``from_pretrained``
-consults to load inside ``zero.Init``; ``FSDP_CPU_RAM_EFFICIENT_LOADING``, read by ``is_fsdp_enabled``) with DeepSpeed
-0.19. The frozen teacher and the ``hera_heads: auto`` scoring copy live outside the DeepSpeed or FSDP engine:
-partitioned, they would be placeholders; under FSDP's efficient loading, zeros on every process but local rank 0.
+Checked on transformers 5.6 (``_hf_deepspeed_config_weak_ref``, which ``from_pretrained`` consults to load inside
+``zero.Init``; ``FSDP_CPU_RAM_EFFICIENT_LOADING``, read by ``is_fsdp_enabled``) with DeepSpeed 0.19.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Host failures of FSDP2 with bitsandbytes weights, named before loading for every stage (stock SFT fails alike):
-8-bit weights or int8 / uint8-stored codes, which ``fully_shard`` cannot make DTensor parameters; 4-bit with
-``fsdp_cpu_ram_efficient_loading: true`` on accelerate <= 1.11; 4-bit codes stored in another dtype than FSDP2's
+int8 or uint8-stored codes, which ``fully_shard`` cannot make DTensor parameters; 4-bit with
+``fsdp_cpu_ram_efficient_loading: true`` on accelerate <= 1.11; 4-bit codes in another dtype than FSDP2's
 mixed-precision all-gather. Causes and tests: docs/configurations.md (N17-N19).
 
-Read from what ``accelerate launch`` sets (in its ranks, or the launcher: patches/accelerate_launch.py); a recipe's own
-``fsdp`` keys are refused by recipe/fsdp.py.
+Read from what ``accelerate launch`` sets (in its ranks, or the launcher); a recipe's own ``fsdp`` keys are refused by
+recipe/fsdp.py.
 """
 
 from __future__ import annotations
@@ -71,9 +71,9 @@ def _host_misc(name: str) -> Any:
 
 
 def _saved_config(host_args: Any) -> dict[str, Any] | None:
-    """``model_name_or_path``'s config.json: a local folder's, or a Hub id's via ``cached_file`` with the recipe's
-    revision, cache dir and token (the host fetches it first anyway). None if unreadable (no name, a ModelScope or
-    Modelers id, a failed fetch, not JSON): the host then loads, or says why not, as without this check."""
+    """``model_name_or_path``'s config.json: a local folder's, or a Hub id's via ``cached_file`` (the recipe's
+    revision, cache dir, token; the host fetches it first anyway). None if unreadable (no name, a ModelScope or
+    Modelers id, a failed fetch, not JSON): the host then loads or says why not."""
     name = raw_value(host_args, "model_name_or_path")
     if not name:
         return None
@@ -148,9 +148,9 @@ _DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
 
 def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str], config: dict[str, Any]) -> str | None:
     """fsdp_qlora's refusal, before loading: 4-bit codes stored in another dtype than FSDP2's mixed-precision
-    all-gather, which would convert them as numbers every forward (docs/configurations.md, N19). ``config``: the
-    checkpoint's config.json. ``fp16`` / ``bf16`` win over accelerate's ``mixed_precision`` (as in TrainingArguments);
-    with neither, the compute dtype is the host's ``infer_optim_dtype`` on this device."""
+    all-gather (docs/configurations.md, N19). ``config``: the checkpoint's config.json. ``fp16`` / ``bf16`` win over
+    accelerate's ``mixed_precision`` (as in TrainingArguments); with neither, the compute dtype is the host's
+    ``infer_optim_dtype`` on this device."""
 
     def flag(*keys: str) -> bool:
         return any(truthy(raw_value(host_args, key)) for key in keys)

@@ -2,13 +2,12 @@
 
 accelerate's ``fsdp2_prepare_model`` upcasts every non-float32 parameter to float32 after ``fully_shard``, the packed
 4-bit codes (stored as bf16) included, and FSDP2's bf16 all-gather then rewrites every NaN-shaped pair of bytes
-(docs/configurations.md, N14, N19). This patch keeps 4-bit weights out of the preparation's dtype conversions (``.to``
-/ ``.float`` / ``.half`` go through ``Module._apply``, guarded for the call), then refuses what the forward would still
-convert: a weight off its storage dtype or gathered in another (:func:`check_codes_reach_the_forward`), and codes whose
-checksum changed by any path by a layer's first forward (:func:`check_at_first_forward`).
+(docs/configurations.md, N14, N19). This patch keeps 4-bit weights out of the preparation's dtype conversions (all go
+through ``Module._apply``, guarded for the call), then refuses what the forward would still convert
+(:func:`check_codes_reach_the_forward`, :func:`check_at_first_forward`).
 
 Applied right after ``accelerate.utils.fsdp_utils`` executes, before ``accelerate.utils`` and the Accelerator bind the
-function, on every accelerate that has ``fsdp2_prepare_model``.
+function, on every accelerate with ``fsdp2_prepare_model``.
 """
 
 from __future__ import annotations
@@ -37,8 +36,8 @@ def packed_4bit_weights(model: Any) -> dict[int, Any]:
 
 def check_codes_reach_the_forward(model: Any, param_dtype: Any) -> None:
     """Raise if a prepared 4-bit weight left its storage dtype, or FSDP2's all-gather (``param_dtype``, None without
-    mixed precision) would cast it: the forward would read the codes converted as numbers. (A 4-bit layer in
-    ``ignored_modules``, never gathered, is checked too, falsely; no run here ignores one.)"""
+    mixed precision) would cast it. (A layer in ``ignored_modules``, never gathered, is checked too, falsely; no run
+    here ignores one.)"""
     for module in _4bit_layers(model):
         storage = module.quant_storage
         stored = module.weight.dtype

@@ -1,15 +1,10 @@
 """The host's training keys, their allowed values and its chat template names, read (not patched) to check a recipe
 before LLaMA-Factory parses it.
 
-Checked on LLaMA-Factory 0.9.5:
-- ``llamafactory.hparams``: the dataclasses of :data:`_CLASSES`, which ``get_train_args`` parses a recipe into
-  (``HfArgumentParser`` refuses any other key); a ``Literal`` or ``Enum`` field (``finetuning_type``, ``optim``, ...)
-  is checked only in ``__post_init__``, by a bare ``assert`` or an ``Enum`` lookup (a traceback, the value sometimes
-  unnamed);
-- ``extras.misc.is_env_enabled``: with ``ALLOW_EXTRA_ARGS`` unknown keys are ignored; with ``USE_MCA`` the training
-  keys are Megatron-Core's, not read here;
-- ``data.template.TEMPLATES`` (an unknown name fails only after the tokenizer loaded) and
-  ``model_utils/liger_kernel.py``.
+Checked on LLaMA-Factory 0.9.5: ``get_train_args`` parses a recipe into :data:`_CLASSES` (``HfArgumentParser`` refuses
+other keys); a ``Literal`` or ``Enum`` field (``optim``, ...) is checked only in ``__post_init__``, by a bare
+``assert`` or ``Enum`` lookup (a traceback, the value sometimes unnamed). ``ALLOW_EXTRA_ARGS`` ignores unknown keys;
+under ``USE_MCA`` they are Megatron-Core's, not read here. An unknown template fails only after the tokenizer loaded.
 """
 
 from __future__ import annotations
@@ -45,8 +40,8 @@ class HostKey:
 
 
 def _choices(hint: typing.Any) -> tuple[tuple[str, ...], bool]:
-    """(string values a ``Literal`` / ``Enum`` type, or its union with None, accepts; whether None is). No values if
-    another type is in the union (then only the host checks)."""
+    """(string values a ``Literal`` / ``Enum`` (or with None) accepts, whether None is). No values if another type is
+    in the union."""
     members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     values: list[str] = []
     optional = other = False

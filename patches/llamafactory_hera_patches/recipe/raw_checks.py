@@ -37,8 +37,8 @@ def start_run(method: Any, keys: dict[str, Any], host_args: RawRecipe, machine: 
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """transformers' warnings only, for the block: after the host's parse turns info logging on, the checks' reads
-    of config and tokenizer would print 60-250 lines before a one-line refusal (the later load prints them)."""
+    """transformers' warnings only, for the block: at the host's info level the checks' config and tokenizer reads
+    would print 60-250 lines before a one-line refusal."""
     level = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity(max(level, transformers_logging.WARNING))
     try:

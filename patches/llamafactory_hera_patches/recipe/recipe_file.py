@@ -1,9 +1,9 @@
 """The recipe file of ``llamafactory-cli train recipe.yaml``, read as the host reads it, with its mistakes named.
 
-Checked on LLaMA-Factory 0.9.5: ``hparams.read_args(args=None)`` (bound in ``train.tuner``, looked up by ``run_exp`` at
-call time) returns ``args`` when given; else, for ``sys.argv[1]`` ending in ``.yaml`` / ``.yml``, ``OmegaConf.load`` of
-it merged with ``OmegaConf.from_cli(sys.argv[2:])``. A missing path, a YAML syntax error or an empty file (a host
-traceback) is one :class:`RecipeError` naming the file, line and column, for every stage (unknown before the read).
+Checked on LLaMA-Factory 0.9.5: ``read_args(args=None)`` (bound in ``train.tuner``, looked up by ``run_exp`` at call
+time) returns ``args`` if given; else ``OmegaConf.load(sys.argv[1])`` (``.yaml`` / ``.yml``) merged with
+``OmegaConf.from_cli(sys.argv[2:])``. A missing path, YAML syntax error or empty file (a host traceback) is one
+:class:`RecipeError` naming the file, line and column, for every stage (unknown before the read).
 """
 
 from __future__ import annotations

@@ -52,8 +52,8 @@ def check_host() -> None:
 
 
 def parse_recipe(recipe: dict[str, Any]) -> RecipeArgs:
-    """Parse a recipe's model/data/fine-tuning keys; others and methods' keys are ignored, a method's stage reads as
-    its host stage, ``max_samples`` is dropped (calibration pairs come from the whole dataset)."""
+    """Parse a recipe's model/data/fine-tuning keys; a method's stage reads as its host stage; ``max_samples`` is
+    dropped (calibration pairs come from the whole dataset)."""
     check_host()
     import llamafactory.hparams as hparams  # lazy
 
@@ -224,8 +224,8 @@ def _offline() -> Iterator[None]:
 
 
 def sampled_rows(recipe: dict[str, Any], count: int, seed: int) -> tuple[int, list[tuple[int, int, int]]]:
-    """(number of rows a run of ``recipe`` trains on, up to ``count`` of them drawn by ``seed`` as (tokens, images,
-    image tokens)), tokenized as in training (``cutoff_len`` applied). Offline: an uncached model or dataset raises."""
+    """(rows a run of ``recipe`` trains on, ``count`` of them drawn by ``seed`` as (tokens, images, image tokens)),
+    tokenized as in training. Offline: an uncached model or dataset raises."""
     import llamafactory.data as data  # lazy
     import llamafactory.data.loader as loader  # lazy
     import llamafactory.model as model  # lazy

@@ -1,11 +1,11 @@
 """Every method as a stage of LlamaBoard, applied once ``llamafactory.webui.interface`` has executed (it imported every
-module touched here): all shapes checked, then everything patched. The dropdown entry: :mod:`.stage_list`. Each method
-gets the ``MethodPanel`` its declaration names; with any other stage UI, preview, command and saved configs are stock.
+module touched here): all shapes checked, then everything patched. Each method gets the ``MethodPanel`` its
+declaration names; with any other stage UI, preview, command and saved configs are stock.
 
 Checked on LLaMA-Factory 0.9.5 (gradio 5) by :func:`_modules`. ``create_train_tab(engine)`` binds its buttons to
-``engine.manager.get_base_elems()`` plus the tab's inputs, so a panel's inputs must exist before it runs
-(``cmd_preview_btn`` sits after the settings accordions); ``common._clean_cmd`` drops every false value from the
-preview and the saved ``training_args.yaml``, so a method's false flag is put back (a quoted ``'false'`` is refused).
+``engine.manager.get_base_elems()`` plus the tab's inputs, so panel inputs must exist before it runs;
+``common._clean_cmd`` drops every false value from the preview and the saved ``training_args.yaml``, so a method's
+false flag is put back (a quoted ``'false'`` is refused).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ MethodPanel = Any  # its LlamaBoard panel: tab, keys, locales, create_panel, bin
 
 PATCH = "webui"
 _WEBUI = "llamafactory.webui"
-# (module, attribute) -> parameters of the web-UI functions wrapped or called
+# web-UI functions wrapped or called: (module, attribute) -> parameters
 _SIGNATURES = {
     ("components.train", "create_train_tab"): ("engine",),
     ("runner", "Runner._initialize"): ("self", "data", "do_train", "from_preview"),
@@ -234,8 +234,7 @@ def _patch_runner(
         selected = chosen(self, data)
         dataset_box = self.manager.get_elem_by_id("train.dataset") if do_train and selected is not None else None
         if dataset_box is not None and selected[1].declaration.dataset_from_panel and not data.get(dataset_box):
-            # the method's dataset keys name its rows (the run fills `dataset`): the stock check would refuse an empty
-            # Dataset box
+            # the panel's dataset keys name the rows (the run fills `dataset`): the stock check refuses an empty box
             data = {**data, dataset_box: ["(from the panel)"]}
         error = original_initialize(self, data, do_train, from_preview)
         if error or not do_train or selected is None:
