@@ -2,7 +2,8 @@
 
 Checked on LLaMA-Factory 0.9.5: ``DatasetConverter._find_medias`` logs one per file while aligning rows, before a
 method's check runs. :func:`media_warnings_held` holds them: dropped if the block ends in the plugin's refusal, else
-logged once each. Worker processes inherit the filter; each holds at most :data:`MAX_HELD`, counting the rest.
+logged once each. Worker processes inherit the filter; each holds at most :data:`MAX_HELD`, then says in
+one line that more were left out.
 """
 
 from __future__ import annotations
