@@ -1,11 +1,10 @@
-"""``accelerate launch`` of LLaMA-Factory's training (``-m llamafactory.launcher``, its ``launcher.py``, a clone's
-``src/train.py``, ``llamafactory-cli train``): :func:`.launch.check_before_ranks` runs in the launching process with
-the environment accelerate hands the ranks, so a refused recipe is one line and no rank starts.
+"""``accelerate launch`` of the host's training (``-m llamafactory.launcher``, ``launcher.py``, ``src/train.py``,
+``llamafactory-cli train``): :func:`.launch.check_before_ranks` runs in the launcher with the ranks' environment, so a
+refused recipe is one line and no rank starts.
 
-Checked on accelerate 1.11; on another shape nothing is patched (the ranks check the recipe themselves).
-``accelerate.commands.launch`` calls its globals ``prepare_multi_gpu_env``, ``prepare_deepspeed_cmd_env`` and
-``prepare_simple_launcher_cmd_env`` (``args``: the command merged with the config) just before starting the ranks;
-each returns their environment.
+Checked on accelerate 1.11 (on another shape the ranks check the recipe themselves): ``accelerate.commands.launch``
+calls the :data:`_PREPARES` globals (``args``: command merged with config) just before starting the ranks; each
+returns their environment.
 """
 
 from __future__ import annotations
@@ -25,8 +24,7 @@ _CLIS = ("llamafactory-cli", "lmf")
 
 
 def training_argv(args: Any) -> list[str] | None:
-    """``llamafactory-cli train <recipe> ...`` for a launch of LLaMA-Factory's training (the start-up hook patches a
-    launch that runs it: ``llamafactory_hera._bootstrap.runs_llamafactory``), else None."""
+    """``llamafactory-cli train <recipe> ...`` for a launch of the host's training, else None."""
     script = str(args.training_script)
     rest = [str(arg) for arg in args.training_script_args]
     if getattr(args, "module", False):
@@ -37,10 +35,8 @@ def training_argv(args: Any) -> list[str] | None:
 
 
 def _check_cli_form(args: Any) -> None:
-    """``llamafactory-cli train`` under ``accelerate launch``: a bare name is no file python can run (each rank failed:
-    can't open file); on a node with several devices LLaMA-Factory's CLI would start a torchrun of its own inside every
-    rank (its launcher does on more than one visible device, or with ``FORCE_TORCHRUN``), one nested job per rank on
-    accelerate's port."""
+    """Refuse ``llamafactory-cli train`` under ``accelerate launch``: a bare name is no file python can run; with
+    several devices (or ``FORCE_TORCHRUN``) the CLI starts a nested torchrun in every rank on accelerate's port."""
     script = str(args.training_script)
     if Path(script).name not in _CLIS or getattr(args, "module", False):
         return
@@ -50,7 +46,7 @@ def _check_cli_form(args: Any) -> None:
             f"there is no file {script} in {Path.cwd()}; launch `-m llamafactory.launcher RECIPE.yaml` "
             f"instead, or run `{script} train RECIPE.yaml` without accelerate launch."
         )
-    import llamafactory.extras.misc as misc  # lazy: an accelerate launch of another script loads no LLaMA-Factory
+    import llamafactory.extras.misc as misc  # lazy: other scripts load no host
 
     devices = misc.get_device_count()
     if devices > 1 or misc.is_env_enabled("FORCE_TORCHRUN"):
@@ -63,7 +59,7 @@ def _check_cli_form(args: Any) -> None:
 
 @contextlib.contextmanager
 def _environ(environ: Mapping[str, str]) -> Iterator[None]:
-    """``os.environ`` is ``environ`` alone for the block (the ranks' environment), then what it was."""
+    """``os.environ`` is only ``environ`` for the block."""
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(environ)
@@ -75,12 +71,11 @@ def _environ(environ: Mapping[str, str]) -> Iterator[None]:
 
 
 def checked(prepare: Callable[[Any], Any], args: Any) -> Any:
-    """accelerate's ``prepare`` of the ranks' environment for ``args``, then, for a launch of LLaMA-Factory's
-    training, the recipe checked with that environment."""
+    """accelerate's ``prepare``, then, for the host's training, the recipe checked in the ranks' environment."""
     result = prepare(args)
     argv = training_argv(args)
     if argv is not None:
-        from .launch import check_before_ranks  # lazy: an accelerate launch of another script loads no LLaMA-Factory
+        from .launch import check_before_ranks  # lazy: other scripts load no host
 
         with _environ(result[1] if isinstance(result, tuple) else result):
             _check_cli_form(args)

@@ -1,14 +1,11 @@
-"""LLaMA-Factory's backend switches: the recipe keys and environment variables under which it trains an SFT run with
-another workflow or another model loader than the SFT trainer the plugin's stages extend. A plugin stage is refused
-under each by name (:func:`refusal`), before LLaMA-Factory parses the recipe: by the stage patch in every rank, and by
-the launchers before any rank starts. An environment switch counts only where the installed LLaMA-Factory reads it
-(:func:`known`): ``USE_MEGATRON_BRIDGE`` is main's and does nothing on 0.9.5.
+"""The host's backend switches: recipe keys and environment variables under which an SFT run uses another workflow
+or model loader than the SFT trainer the plugin's stages extend. A plugin stage is refused under each by name
+(:func:`refusal`) before the host parses the recipe: in every rank, and by the launchers. An environment switch counts
+only where the host reads it (:func:`known`): ``USE_MEGATRON_BRIDGE`` is main's only.
 
-Checked on LLaMA-Factory 0.9.5 and main: ``train/tuner.py``'s ``_training_function`` hands an ``sft`` run to another
-workflow before its ``stage == "sft"`` branch under ``use_hyper_parallel``, ``use_mca`` (set from ``USE_MCA=1``) and,
-on main, ``use_megatron_bridge`` (from ``USE_MEGATRON_BRIDGE=1``); ``use_kt`` and ``use_unsloth`` load the model with
-KTransformers' or Unsloth's code; the launcher starts torchrun under ``USE_MCA`` (and main's under
-``USE_MEGATRON_BRIDGE``) whatever the device count. LLaMA-Factory's v1 trainers: :mod:`.v1`.
+Checked on LLaMA-Factory 0.9.5 and main: ``_training_function`` hands an ``sft`` run to another workflow before its
+``stage == "sft"`` branch under ``use_hyper_parallel``, ``use_mca`` and main's ``use_megatron_bridge``; ``use_kt`` and
+``use_unsloth`` load the model with their own code; :data:`TORCHRUN_SWITCHES` force torchrun.
 """
 
 from __future__ import annotations
@@ -22,9 +19,8 @@ from llamafactory_hera.runtime.raw_recipe import raw_value, truthy
 
 @dataclass(frozen=True)
 class Switch:
-    """One backend switch: ``name`` a recipe key, or an environment variable (upper case); ``reader`` the function of
-    ``llamafactory.extras.packages`` a LLaMA-Factory that reads the variable has (None: a recipe key, refused on every
-    host: one that lacks it refuses the key itself); ``why`` what LLaMA-Factory does with it."""
+    """``name``: a recipe key or an environment variable (upper case); ``reader``: the ``extras.packages`` function a
+    host that reads the variable has (None: a recipe key, refused everywhere; a host lacking it refuses the key)."""
 
     name: str
     reader: str | None
@@ -67,14 +63,14 @@ SWITCHES = (
         "plugin's stages were not run with (Unsloth needs a GPU)",
     ),
 )
-TORCHRUN_SWITCHES = ("USE_MCA", "USE_MEGATRON_BRIDGE")  # the launcher starts torchrun under them
+TORCHRUN_SWITCHES = ("USE_MCA", "USE_MEGATRON_BRIDGE")  # the launcher starts torchrun
 
 
 def known(switch: Switch) -> bool:
-    """Whether the installed LLaMA-Factory reads ``switch`` (a recipe key: always)."""
+    """Whether the installed host reads ``switch`` (a recipe key: always)."""
     if switch.reader is None:
         return True
-    import llamafactory.extras.packages as packages  # lazy (the package doc)
+    import llamafactory.extras.packages as packages  # lazy
 
     return hasattr(packages, switch.reader)
 
@@ -85,14 +81,13 @@ def _enabled(value: Any) -> bool:
 
 
 def forced_torchrun(environ: Mapping[str, str]) -> bool:
-    """Whether an environment switch makes the installed LLaMA-Factory's launcher start torchrun."""
+    """Whether an environment switch makes the launcher start torchrun."""
     switches = [switch for switch in SWITCHES if switch.name in TORCHRUN_SWITCHES]
     return any(_enabled(environ.get(switch.name, "")) and known(switch) for switch in switches)
 
 
 def refusal(stage: str, host_args: dict[str, Any] | list[str], environ: Mapping[str, str]) -> str | None:
-    """The line refusing plugin ``stage`` under the first backend switch the recipe ``host_args`` or ``environ`` turns
-    on (None: none is on)."""
+    """The line refusing ``stage`` under the first switch ``host_args`` or ``environ`` turns on, else None."""
     for switch in SWITCHES:
         if switch.environment:
             value = environ.get(switch.name, "")

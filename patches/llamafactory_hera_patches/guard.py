@@ -1,8 +1,7 @@
-"""Shape checks of the host before patching, and which LLaMA-Factory the plugin was checked on: its releases
-(``CHECKED_VERSIONS``) and, for its main branch (a git install that keeps one version number while it moves), the
-commit pinned in ``tested_main.json`` (what ``python3 dev.py test --stack main`` installs; ``python3 dev.py pin-main``
-moves it). A main install at another commit is said once (:func:`unchecked_note`), read from the install's
-``direct_url.json`` (PEP 610: a git URL's commit, or the HEAD of the clone it was installed from).
+"""Shape checks of the host before patching, and which LLaMA-Factory the plugin was checked on: releases
+(``CHECKED_VERSIONS``) and, for main (one version number while it moves), the commit pinned in ``tested_main.json``
+(``dev.py test --stack main`` installs it, ``dev.py pin-main`` moves it). A main install at another commit (its
+``direct_url.json``, PEP 610) is warned about once.
 """
 
 from __future__ import annotations
@@ -15,18 +14,18 @@ from urllib.parse import unquote, urlparse
 
 from . import CHECKED_VERSIONS
 
-TESTED_MAIN = Path(__file__).with_name("tested_main.json")  # {"version", "commit", "date"} of the main checked
+TESTED_MAIN = Path(__file__).with_name("tested_main.json")  # {"version", "commit", "date"}
 
 DISABLE_ENV = "LLAMAFACTORY_HERA_DISABLE"
 
 
 class HostMismatchError(RuntimeError):
-    """LLaMA-Factory's internals do not have the shape a patch was written for."""
+    """The host's internals lack the shape a patch was written for."""
 
 
 def host_version(distribution: str = "llamafactory") -> str:
-    """The installed version of ``distribution`` (LLaMA-Factory's by default), ``unknown`` when it is not installed."""
-    from importlib.metadata import PackageNotFoundError, version  # lazy: the patches load at every start-up
+    """The installed version of ``distribution``, or ``unknown``."""
+    from importlib.metadata import PackageNotFoundError, version  # lazy: patches load at every start-up
 
     try:
         return version(distribution)
@@ -35,25 +34,25 @@ def host_version(distribution: str = "llamafactory") -> str:
 
 
 def recorded_versions() -> dict[str, str]:
-    """The versions a run's record names (select's and RAH-LoRA's), ``unknown`` for one not installed."""
+    """The versions a run's record names (select's and RAH-LoRA's)."""
     return {name: host_version(name) for name in ("llamafactory-hera", "llamafactory", "transformers", "torch", "peft")}
 
 
 def tested_main() -> dict[str, str]:
-    """The LLaMA-Factory main the plugin was checked on: ``version``, ``commit`` (40 hex digits), ``date``."""
+    """The checked main: ``version``, ``commit`` (40 hex digits), ``date``."""
     return json.loads(TESTED_MAIN.read_text(encoding="utf-8"))
 
 
 def checked_hosts() -> str:
-    """The LLaMA-Factory installs the plugin was checked on, in words (its releases, main at its commit)."""
+    """The checked host installs, in words."""
     main = tested_main()
     releases = [version for version in CHECKED_VERSIONS if version != main["version"]]
     return f"{', '.join(releases)} and main at commit {main['commit'][:9]} ({main['date']})"
 
 
 def git_head(folder: Path) -> str | None:
-    """The commit a git clone's ``HEAD`` is at, read from its files (a worktree's ``.git`` file followed; a branch
-    from its ref file or ``packed-refs``), None when ``folder`` is no clone."""
+    """A clone's ``HEAD`` commit, read from its files (worktree ``.git`` files, ref files, ``packed-refs``); None if
+    ``folder`` is no clone."""
     git = folder / ".git"
     try:
         if git.is_file():  # a worktree or submodule: "gitdir: <path>"
@@ -73,9 +72,9 @@ def git_head(folder: Path) -> str | None:
 
 
 def installed_commit(distribution: str = "llamafactory") -> str | None:
-    """The git commit the installed ``distribution`` was built from (its ``direct_url.json``: a git URL's commit, or
-    the current HEAD of the clone it was installed from), None for a release from an index or when not known."""
-    # lazy: the patches load at every start-up
+    """The commit ``distribution`` was built from (``direct_url.json``: a git URL's commit, or the HEAD of the clone
+    it was installed from); None for an index release or unknown."""
+    # lazy: patches load at every start-up
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import distribution as installed
 
@@ -92,8 +91,8 @@ def installed_commit(distribution: str = "llamafactory") -> str | None:
 
 
 def unchecked_note(version: str | None = None, commit: str | None = None) -> str | None:
-    """What a warning says of the installed LLaMA-Factory (``version``, ``commit``: the installed ones by default) when
-    it is neither a checked release nor main at the checked commit, None when it is one of those."""
+    """The warning for a host (installed by default) that is neither a checked release nor main at the checked
+    commit; else None."""
     version = host_version() if version is None else version
     main = tested_main()
     if version not in CHECKED_VERSIONS:
@@ -118,7 +117,7 @@ def unchecked_note(version: str | None = None, commit: str | None = None) -> str
 
 
 def mismatch(patch: str, found: str) -> HostMismatchError:
-    """The error for a host whose internals the ``patch`` was not written for (``found``: what differs)."""
+    """The error for a host ``patch`` was not written for (``found``: what differs)."""
     return HostMismatchError(
         f"llamafactory-hera: LLaMA-Factory {host_version()} does not have the internals the '{patch}' patch "
         f"was written for ({found}). The plugin was checked on LLaMA-Factory {checked_hosts()}; install one of "
@@ -127,7 +126,7 @@ def mismatch(patch: str, found: str) -> HostMismatchError:
 
 
 def require(module: ModuleType, names: tuple[str, ...], patch: str) -> None:
-    """Raise :class:`HostMismatchError` unless ``module`` has every attribute in ``names``."""
+    """Raise :class:`HostMismatchError` unless ``module`` has every one of ``names``."""
     missing = [name for name in names if not hasattr(module, name)]
     if missing:
         raise mismatch(patch, f"{module.__name__} lacks {', '.join(missing)}")
@@ -137,8 +136,7 @@ _warned = False
 
 
 def warn_if_unchecked() -> None:
-    """One warning when the host is neither a checked release nor main at the checked commit (:func:`unchecked_note`;
-    shapes already verified)."""
+    """Warn once about an unchecked host (:func:`unchecked_note`; shapes already verified)."""
     global _warned
     note = None if _warned else unchecked_note()
     if note:

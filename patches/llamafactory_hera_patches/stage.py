@@ -1,13 +1,9 @@
 """Registers every declared method's stage (``stage: hera``, ...) in LLaMA-Factory's trainer entry point.
 
-Checked on LLaMA-Factory 0.9.5; the host names relied on (module globals looked up at call time) are
-:func:`_check_shapes`'s, verified before anything is patched. A method's stage is mapped to its host stage (``sft``)
-before LLaMA-Factory parses the arguments, so every host check, the data pipeline and the web UI treat the run as
-SFT. :func:`run_method` runs a method's stage, its steps in order: the claim of ``output_dir``, a finished folder
-refused, the run's raw checks, its save signal noted, LLaMA-Factory's parse and the run's parsed checks, the run's
-record, LLaMA-Factory's training function with the run's phases in place of ``run_sft``, and the record's end. What a
-method declares is the plugin's ``Method``, registered with :mod:`llamafactory_hera.runtime.registry`; nothing here
-names one.
+Checked on LLaMA-Factory 0.9.5: :func:`_check_shapes` verifies the host names used (module globals looked up at
+call time) before anything is patched. A method's stage maps to its host stage (``sft``) before LLaMA-Factory parses
+the arguments, so every host check, the data pipeline and the web UI treat the run as SFT. :func:`run_method` holds a
+method's steps in order. Nothing here names a method.
 """
 
 from __future__ import annotations
@@ -42,8 +38,8 @@ from .recipe.arguments import keys_of, split_args
 from .recipe.raw_checks import check_host_stage, quiet_transformers, start_run
 
 _TUNER_NAMES = ("_training_function", "get_train_args", "run_sft")
-# bitsandbytes' CPU backend logs this at its import where the ``kernels`` package is missing; PEFT imports bitsandbytes
-# in every LoRA run where it is installed, and the kernel serves 4-bit weights only
+# bitsandbytes' CPU backend logs this at import without the ``kernels`` package; PEFT imports it in every LoRA run,
+# yet the kernel serves 4-bit weights only
 _BITSANDBYTES_CPU = logging.getLogger("bitsandbytes.backends.cpu.ops")
 _KERNEL_NOTE = "Failed to load CPU gemm_4bit_forward"
 _WORKFLOW_NAMES = ("run_sft", "get_dataset", "SFTDataCollatorWith4DAttentionMask", "CustomSeq2SeqTrainer")
@@ -66,7 +62,7 @@ def _check_shapes(tuner: ModuleType) -> None:
 
 @contextlib.contextmanager
 def _swapped(module: ModuleType, **replacements: Any) -> Iterator[None]:
-    """Module globals replaced for the block (restored even on error): LLaMA-Factory calls them by these names."""
+    """Replace module globals for the block; restored even on error."""
     saved = {name: getattr(module, name) for name in replacements}
     for name, value in replacements.items():
         setattr(module, name, value)
@@ -80,12 +76,10 @@ def _swapped(module: ModuleType, **replacements: Any) -> Iterator[None]:
 class SFTWorkflow:
     """What a method's run gets of LLaMA-Factory's SFT workflow (0.9.5).
 
-    ``collator`` / ``trainer``: the stock ``SFTDataCollatorWith4DAttentionMask`` / ``CustomSeq2SeqTrainer``
-    (for the method to subclass); ``run(collator, trainer, model_args, ..., get_dataset=None)``: ``run_sft`` whole
-    with those two (and, when given, its ``get_dataset(template, model_args, data_args, training_args, stage,
-    **tokenizer_module) -> {"train_dataset": ..., "eval_dataset": ...}``) replaced for its duration (the host's is
-    ``get_dataset``: the data tokenized, before the model loads); ``smooth``: the loss curves' smoothing
-    (``extras.ploting.smooth``).
+    ``collator`` / ``trainer``: the stock classes, to subclass; ``get_dataset``: the host's (data tokenized before the
+    model loads); ``smooth``: the loss curves' smoothing. :meth:`run`: ``run_sft`` whole with collator, trainer and,
+    if given, ``get_dataset(template, model_args, data_args, training_args, stage, **tokenizer_module) ->
+    {"train_dataset": ..., "eval_dataset": ...}`` swapped in.
     """
 
     def __init__(self) -> None:
@@ -98,7 +92,7 @@ class SFTWorkflow:
         replaced = {"SFTDataCollatorWith4DAttentionMask": collator, "CustomSeq2SeqTrainer": trainer}
         if get_dataset is not None:
             replaced["get_dataset"] = get_dataset
-        # run_sft reads them as its module's globals: no argument of its takes them
+        # run_sft reads these as module globals, not arguments
         with _swapped(sft_workflow, **replaced):
             sft_workflow.run_sft(*args)
 
@@ -118,14 +112,14 @@ def apply(tuner: ModuleType) -> None:
 def training_function(
     tuner: ModuleType, host_training: Callable[[dict[str, Any]], None], config: dict[str, Any]
 ) -> None:
-    """LLaMA-Factory's ``_training_function`` (``host_training``; ``config``: its ``args`` and ``callbacks``) with the
-    plugin's steps around it: a method's stage (:func:`run_method`), or LLaMA-Factory's (:func:`run_host_stage`)."""
+    """The host's ``_training_function`` (``config``: its ``args``, ``callbacks``) run as :func:`run_method` or
+    :func:`run_host_stage`."""
     raw = hparams.read_args(config.get("args"))
     host_args, method_raw, method = split_args(raw)
     config = {**config, "args": host_args}
-    if method is None and not method_raw:  # a plain recipe: LLaMA-Factory's run alone, nothing of the plugin's
-        return run_host_stage(tuner, host_training, config, method_raw)  # left in output_dir when it is killed
-    # one live run per output_dir: claimed before anything else reads or writes the folder
+    if method is None and not method_raw:  # a plain recipe: the host's run alone;
+        return run_host_stage(tuner, host_training, config, method_raw)  # nothing of ours left in output_dir if killed
+    # one live run per output_dir: claimed before anything reads or writes it
     with run_claim.claimed(host_args, str(raw_value(raw, "stage") or "sft")):
         if method is None:  # a method's baseline twin: its recipe holds the method's keys
             return run_host_stage(tuner, host_training, config, method_raw)
@@ -135,12 +129,12 @@ def training_function(
 def run_method(
     tuner: ModuleType, host_training: Callable[[dict[str, Any]], None], config: dict[str, Any], method: Any, raw: dict
 ) -> None:
-    """A plugin stage's run, claimed: its steps, in order. ``raw``: every method's keys of the recipe."""
+    """A method's run (output_dir claimed). ``raw``: every method's keys of the recipe."""
     host_args = config["args"]
-    output_dir.refuse_finished(host_args)  # a finished run's folder, before the parse would resume it
-    run = start_run(method, _own_keys(method, raw), host_args)  # the run's raw checks: nothing loaded
+    output_dir.refuse_finished(host_args)  # before the parse would resume it
+    run = start_run(method, _own_keys(method, raw), host_args)  # raw checks: nothing loaded
     controls = run.controls
-    # the save signal, noted through the parse, the load, the passes before step 1 and the steps
+    # the save signal, noted through parse, load, pre-step passes and steps
     with stop_signal.noting(controls.save_signal, key=controls.save_signal_key):
         record = None
         try:
@@ -148,7 +142,7 @@ def run_method(
             record = _started(parsed, method.stage, marks=True)  # the run's record: running
             in_place_of_sft = functools.partial(_run_in_place_of_sft, run, SFTWorkflow())
             with _swapped(tuner, get_train_args=functools.partial(_parsed, parsed), run_sft=in_place_of_sft):
-                host_training(config)  # LLaMA-Factory's training function: callbacks, the run's phases 3 to 5
+                host_training(config)  # callbacks, the run's phases 3 to 5
         except BaseException as error:
             _ended(record, error, method.records)  # failed (or stopped on the save signal)
             raise
@@ -160,11 +154,10 @@ def run_method(
 def run_host_stage(
     tuner: ModuleType, host_training: Callable[[dict[str, Any]], None], config: dict[str, Any], raw: dict
 ) -> None:
-    """A LLaMA-Factory stage's run: its stage checked, the methods' keys (``raw``) it ignores said; recorded only as a
-    method's baseline twin (its recipe holds a method's keys): a plain recipe's output_dir holds what LLaMA-Factory
-    writes, nothing more."""
+    """A host stage's run: stage checked, ignored method keys (``raw``) warned about. Recorded only as a method's
+    baseline twin (``raw`` set): a plain recipe's output_dir holds only what LLaMA-Factory writes."""
     host_args = config["args"]
-    output_dir.refuse_finished(host_args)  # a finished run's folder, before the parse would resume it
+    output_dir.refuse_finished(host_args)  # before the parse would resume it
     check_host_stage(host_args, os.environ)
     for other in registered_methods():
         ignored = sorted(key for key in raw if key.startswith(other.prefix))
@@ -190,7 +183,7 @@ def run_host_stage(
 
 
 def _own_keys(method: Any, raw: dict[str, Any]) -> dict[str, Any]:
-    """``method``'s keys of ``raw``; another method's are said to be ignored."""
+    """``method``'s keys of ``raw``; warns that another method's are ignored."""
     own, ignored = keys_of(method, raw)
     if ignored:
         warnings.warn(
@@ -200,10 +193,9 @@ def _own_keys(method: Any, raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parse(host_args: RawRecipe, stage: str, run: Any, recorded: bool) -> tuple[Any, ...]:
-    """LLaMA-Factory's parse of ``host_args``, then the ``run``'s parsed checks (None: a host stage's notes), an earlier
-    run's files moved aside under ``overwrite_output_dir`` (:mod:`llamafactory_hera.runtime.output_dir`; on several
-    nodes, first, that they share it: :mod:`llamafactory_hera.runtime.shared_output`, where the run is ``recorded``),
-    bitsandbytes' 4-bit CPU kernel note held back unless bitsandbytes quantizes the model."""
+    """The host's parse, then ``run``'s parsed checks (None: a host stage's notes), the 4-bit CPU note held back
+    unless bitsandbytes quantizes, a ``recorded`` run's folder checked as shared by all nodes, an earlier run's files
+    moved aside under ``overwrite_output_dir``."""
     parsed = hparams.get_train_args(host_args)
     host = HostArguments(*parsed)
     if run is not None:
@@ -214,7 +206,7 @@ def _parse(host_args: RawRecipe, stage: str, run: Any, recorded: bool) -> tuple[
     training_args = host.training
     main = getattr(training_args, "process_index", 0) == 0
     training = getattr(training_args, "do_train", True)
-    if recorded and training:  # every node reads its checkpoints and record: one folder they all see
+    if recorded and training:  # every node reads checkpoints and record
         shared_output.refuse_unshared(training_args)
     output_dir.clear_for_overwrite(host_args, training_args)
     if run is None and main:  # a stock stage: the host's gradient, what FSDP saves of it
@@ -227,7 +219,7 @@ def _parse(host_args: RawRecipe, stage: str, run: Any, recorded: bool) -> tuple[
 
 
 def _parsed(parsed: tuple[Any, ...], args: Any = None) -> tuple[Any, ...]:
-    """LLaMA-Factory's ``get_train_args`` inside the training function: the parse the stage made."""
+    """``get_train_args``'s stand-in: the stage's parse."""
     return parsed
 
 
@@ -241,14 +233,13 @@ def _run_in_place_of_sft(
     generating_args: Any,
     callbacks: Any = None,
 ) -> None:
-    """What LLaMA-Factory's training function calls as ``run_sft``: the run's phases 3 to 5."""
+    """``run_sft``'s stand-in: the run's phases 3 to 5."""
     run.run(host, HostArguments(model_args, data_args, training_args, finetuning_args, generating_args), callbacks)
 
 
 def _started(parsed: tuple[Any, ...], stage: str, marks: bool) -> Path | None:
-    """The run's :mod:`llamafactory_hera.runtime.run_record`, written ``running`` by the one global main process
-    (save_on_each_node makes a main per node: one writer per folder), for a training run only (a do_predict run into
-    the training folder must not replace its record); ``marks``: a method's stage, which marks its checkpoints."""
+    """Write the run record ``running``: global main only (save_on_each_node has a main per node; one writer per
+    folder), training runs only (a do_predict run must not replace it). ``marks``: a method marks its checkpoints."""
     host = HostArguments(*parsed)
     training_args = host.training
     main = getattr(training_args, "process_index", 0) == 0
@@ -259,8 +250,8 @@ def _started(parsed: tuple[Any, ...], stage: str, marks: bool) -> Path | None:
 
 
 def _ended(record: Path | None, error: BaseException | None, method_records: tuple[str, ...] = ()) -> None:
-    """The record marked ``finished``, ``stopped`` or ``failed`` (then the method's own ``method_records`` too); a
-    recipe refused by a check recorded nothing (an earlier run's record in ``output_dir`` is left as it was)."""
+    """Mark the record ``finished``, ``stopped`` or ``failed`` (with ``method_records``). None: nothing recorded; an
+    earlier run's record is left as it was."""
     if record is not None:
         run_record.write_ended(record, error, method_records)
 

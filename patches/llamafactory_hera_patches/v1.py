@@ -1,14 +1,10 @@
-"""LLaMA-Factory's v1 trainers do not run the plugin's stages (v1 has no stage key and no trainer or loss to extend):
-a recipe whose ``stage`` is a plugin's is one line before v1 reads it, under each entry v1 has. ``USE_V1=1
-llamafactory-cli train`` (``llamafactory.v1.launcher``): in the launching process, before torchrun starts any rank. A
-v1 trainer module run itself, ``python -m llamafactory.v1.trainers.sft_trainer recipe.yaml`` (the entry its docstring
-gives; ``dpo_trainer`` and ``rm_trainer`` alike), or a rank of v1's torchrun: at v1's ``get_args``
-(``llamafactory.v1.config``), which every v1 trainer parses its recipe with. With ``ALLOW_EXTRA_KEYS=1`` v1 would
-otherwise drop ``stage`` and the method's keys and train plain SFT without a word.
+"""The host's v1 trainers do not run plugin stages (no stage key, no trainer or loss to extend): a plugin ``stage`` is
+refused in one line at each v1 entry. ``USE_V1=1 llamafactory-cli train``: in the launcher, before torchrun starts.
+``python -m llamafactory.v1.trainers.sft_trainer`` (dpo, rm alike) or a v1 rank: at ``llamafactory.v1.config.get_args``,
+which every v1 trainer parses with. Otherwise, under ``ALLOW_EXTRA_KEYS=1``, v1 would silently train plain SFT.
 
-Checked on LLaMA-Factory 0.9.5 and main: ``launcher.launch()`` pops the command from ``sys.argv`` and trains its
-``_DIST_TRAIN_COMMANDS``; ``config.get_args(args=None)`` reads ``sys.argv[1]`` (YAML or JSON) merged with ``key=value``
-overrides, or the arguments given, as :func:`.recipe.recipe_file.launch_recipe` reads them.
+Checked on LLaMA-Factory 0.9.5 and main: ``launcher.launch()`` pops the command and trains its
+``_DIST_TRAIN_COMMANDS``; ``config.get_args(args=None)`` reads the recipe as :func:`.recipe.recipe_file.launch_recipe`.
 """
 
 from __future__ import annotations
@@ -45,8 +41,7 @@ def _apply_launcher(launcher: ModuleType) -> None:
 
 
 def entry() -> str:
-    """How this process reached v1's parse, as the user typed it: ``USE_V1=1``, ``python -m <the v1 module run>``,
-    or ``llamafactory.v1.config.get_args`` (called from Python)."""
+    """How this process reached v1's parse: ``USE_V1=1``, ``python -m <module>``, or ``...config.get_args``."""
     if os.environ.get("USE_V1", "").strip().lower() in {"true", "y", "1"}:
         return "USE_V1=1"
     parts = Path(sys.argv[0]).with_suffix("").parts if sys.argv and sys.argv[0].endswith(".py") else ()
@@ -57,7 +52,7 @@ def entry() -> str:
 
 
 def _apply_config(config: ModuleType) -> None:
-    """``get_args`` of ``llamafactory.v1.config`` and of its ``arg_parser`` (both names the trainers import)."""
+    """Patch ``get_args`` in ``llamafactory.v1.config`` and its ``arg_parser`` (trainers import both)."""
     parser = sys.modules[f"{config.__name__}.arg_parser"]
     require(config, ("get_args",), "launch")
     require(parser, ("get_args",), "launch")

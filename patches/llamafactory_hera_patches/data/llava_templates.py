@@ -1,13 +1,10 @@
-"""LLaVA-1.5 chat templates for the LLM families ``llamafactory-hera compose`` builds models from: each is
-LLaMA-Factory's template for the family copied whole, with LLaVA-1.5's image plugin (``get_mm_plugin(name="llava",
-image_token="<image>")``). Vicuna's (``llava_vicuna``) adds the BOS LLaVA-1.5 tokenizes every row with
-(``conv_vicuna_v1``), which LLaMA-Factory's ``vicuna`` / ``llava`` templates leave out: it is the attention sink the
-first layers' heads see in every row. Registered when ``llamafactory.data.template`` is imported (the start-up hook), so
-``llamafactory-cli`` and LlamaBoard list them.
+"""LLaVA-1.5 chat templates for the LLM families ``llamafactory-hera compose`` builds from: the host's template for
+the family with LLaVA-1.5's image plugin. ``llava_vicuna`` adds the BOS LLaVA-1.5 starts rows with, which the host's
+``vicuna`` / ``llava`` leave out: the first layers' heads use it as attention sink. Registered when
+``llamafactory.data.template`` is imported, so ``llamafactory-cli`` and LlamaBoard list them.
 
-Checked on LLaMA-Factory 0.9.5: ``llamafactory.data.template.TEMPLATES`` maps a name to a ``Template`` dataclass;
-``llamafactory.data.mm_plugin.get_mm_plugin(name, image_token=...)``. The plugin imports this module for
-:data:`FAMILY_TEMPLATES` alone: nothing of LLaMA-Factory is imported before :func:`apply`.
+Checked on LLaMA-Factory 0.9.5 (``TEMPLATES``, ``get_mm_plugin``). The plugin imports this module for
+:data:`FAMILY_TEMPLATES` alone: nothing of the host is imported before :func:`apply`.
 """
 
 from __future__ import annotations
@@ -22,8 +19,7 @@ IMAGE_TOKEN = "<image>"
 
 
 class LlavaTemplate(NamedTuple):
-    """A family's LLaVA-1.5 template: its name, LLaMA-Factory's template whose conversation format it copies, and
-    whether each row starts with the BOS token (LLaVA-1.5's ``conv_vicuna_v1`` starts every row with ``<s>``)."""
+    """A family's LLaVA-1.5 template: ``base``, the host template it copies; ``bos_first``: rows start with BOS."""
 
     name: str
     base: str
@@ -33,7 +29,7 @@ class LlavaTemplate(NamedTuple):
 # LLM family -> the template a composed model trains with
 FAMILY_TEMPLATES: dict[str, LlavaTemplate] = {
     "qwen2.5": LlavaTemplate("llava_qwen2_5", "qwen"),
-    "qwen3": LlavaTemplate("llava_qwen3", "qwen3_nothink"),  # LLaVA data has no <think> blocks: a format without them
+    "qwen3": LlavaTemplate("llava_qwen3", "qwen3_nothink"),  # LLaVA data has no <think> blocks
     "vicuna": LlavaTemplate("llava_vicuna", "vicuna", bos_first=True),
     "llama2": LlavaTemplate("llava_llama2", "llama2"),
     "llama3": LlavaTemplate("llava_llama3", "llama3"),
@@ -41,10 +37,9 @@ FAMILY_TEMPLATES: dict[str, LlavaTemplate] = {
 
 
 def apply(module: ModuleType) -> None:
-    """Register the templates of :data:`FAMILY_TEMPLATES` in ``llamafactory.data.template`` (a name the host already
-    has is left as it is)."""
+    """Register :data:`FAMILY_TEMPLATES` (a name the host has is left as it is)."""
     require(module, ("TEMPLATES",), "llava_templates")
-    import llamafactory.data.mm_plugin as mm_plugin  # lazy (the package doc)
+    import llamafactory.data.mm_plugin as mm_plugin  # lazy
 
     require(mm_plugin, ("get_mm_plugin",), "llava_templates")
     missing = [template.base for template in FAMILY_TEMPLATES.values() if template.base not in module.TEMPLATES]
@@ -53,7 +48,7 @@ def apply(module: ModuleType) -> None:
             f"llamafactory-hera: LLaMA-Factory {host_version()} has no template "
             f"{', '.join(missing)}, whose conversation formats the LLaVA templates copy."
         )
-    import llamafactory.data.formatter as formatter  # lazy (the package doc)
+    import llamafactory.data.formatter as formatter  # lazy
 
     require(formatter, ("EmptyFormatter",), "llava_templates")
     for name, base, bos_first in FAMILY_TEMPLATES.values():

@@ -1,10 +1,9 @@
-"""LLaMA-Factory's "Media ... does not exist in `media_dir`" warnings, held while a method checks its image files.
+"""The host's "Media ... does not exist in `media_dir`" warnings, held while a method checks its image files.
 
-Checked on LLaMA-Factory 0.9.5: ``DatasetConverter._find_medias`` (``llamafactory.data.converter``) logs ``Media {path}
-does not exist in `media_dir`. Use original path.`` once per such file, as it aligns the rows, before a method's own
-check can run. Inside :func:`media_warnings_held` those lines are held: dropped when the block ends in the plugin's
-one-line refusal, logged (deduplicated) when it passes. The converter's worker processes inherit the filter. Each
-process holds at most :data:`MAX_HELD` distinct lines; what is left out is said in one line.
+Checked on LLaMA-Factory 0.9.5: ``DatasetConverter._find_medias`` logs one per file while aligning rows, before a
+method's check runs. :func:`media_warnings_held` holds them: dropped if the block ends in the plugin's refusal, else
+logged once each. Worker processes inherit the filter; each holds at most :data:`MAX_HELD`, then says in
+one line that more were left out.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from pathlib import Path
 from llamafactory_hera.runtime.errors import RecipeError
 
 CONVERTER_LOGGER = "llamafactory.data.converter"
-MAX_HELD = 1000  # distinct warnings held per process; the rest are counted out in one line
+MAX_HELD = 1000
 _FIELDS = (
     "name",
     "levelno",
@@ -45,12 +44,12 @@ def is_media_warning(message: str) -> bool:
 
 
 class _Hold(logging.Filter):
-    """Keeps the converter's media warnings out of the handlers, one JSON line each in ``path``."""
+    """Keeps media warnings from the handlers, one JSON line each in ``path``."""
 
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
-        self.seen: set[str] = set()  # this process's (a forked worker starts from its parent's)
+        self.seen: set[str] = set()  # a forked worker starts from its parent's
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -66,14 +65,14 @@ class _Hold(logging.Filter):
             if len(self.seen) > MAX_HELD
             else {**{key: getattr(record, key, None) for key in _FIELDS}, "msg": message}
         )
-        with open(self.path, "a", encoding="utf-8") as held:  # appended by the worker processes too
+        with open(self.path, "a", encoding="utf-8") as held:  # workers append too
             held.write(json.dumps(line) + "\n")
         return False
 
 
 @contextlib.contextmanager
 def media_warnings_held() -> Iterator[Path]:
-    """Hold the converter's media warnings for the block (see the module docstring); yields the file holding them."""
+    """Hold media warnings for the block; yields the file holding them."""
     logger = logging.getLogger(CONVERTER_LOGGER)
     with tempfile.TemporaryDirectory(prefix="llamafactory_hera_media_") as folder:
         hold = _Hold(os.path.join(folder, "held.jsonl"))
@@ -82,10 +81,10 @@ def media_warnings_held() -> Iterator[Path]:
         try:
             yield Path(hold.path)
         except RecipeError:
-            raise  # the refusal names the first missing file: the converter's lines would only bury it
+            raise  # the refusal names the first missing file: the lines would bury it
         except BaseException:
             logger.removeFilter(hold)
-            _replay(logger, hold.path)  # another failure: the lines as LLaMA-Factory prints them, above it
+            _replay(logger, hold.path)  # another failure: the lines above it
             raise
         finally:
             logger.removeFilter(hold)

@@ -1,14 +1,10 @@
-"""What each of LLaMA-Factory's chat templates needs of a tokenizer, which stages its parser accepts and which model
-types it treats as multimodal, read (not patched) for the plugin's checks before any model loads; and what a template
-does with a row's images (:func:`whole_row`: its image tokens and its length before ``cutoff_len``, for the refusal of a
-``cutoff_len`` that cuts a row's image tokens, where Qwen3-VL's rope index would fail after the model loaded).
+"""Host facts read (not patched) for checks before any model loads: what each chat template needs of a tokenizer,
+the parser's stages, the multimodal model types; and a row's image tokens and length before ``cutoff_len``
+(:func:`whole_row`), to refuse a ``cutoff_len`` cutting image tokens (Qwen3-VL's rope index would fail after loading).
 
-Checked on LLaMA-Factory 0.9.5: ``data.template.TEMPLATES`` (``stop_words``, the ``format_*`` formatters' ``slots``,
-``mm_plugin``; ``fix_special_tokens`` adds missing stop words as new tokens, the first replacing EOS with
-``replace_eos``), ``FinetuningArguments.stage`` (a ``Literal``), ``model_utils.visual.COMPOSITE_MODELS``,
-``extras.constants`` (``IMAGE_PLACEHOLDER``, ``IGNORE_INDEX``) and, as ``data/processor/supervised.py`` calls them,
-the plugin's ``process_messages`` / ``process_token_ids`` and ``image_token``, ``template.encode_multiturn`` and
-``template.efficient_eos``.
+Checked on LLaMA-Factory 0.9.5: ``TEMPLATES`` (``fix_special_tokens`` adds missing stop words as new tokens, the
+first replacing EOS with ``replace_eos``), ``FinetuningArguments.stage`` (a ``Literal``), ``COMPOSITE_MODELS``,
+``extras.constants``, and the plugin and template methods as ``data/processor/supervised.py`` calls them.
 """
 
 from __future__ import annotations
@@ -20,25 +16,24 @@ from typing import Any
 
 from ..guard import require
 
-_MARKUP = re.compile(r"<\|[^|<>\s]+\|>")  # <|im_start|>, <|eot_id|>: special tokens of the template's model family
+_MARKUP = re.compile(r"<\|[^|<>\s]+\|>")  # <|im_start|>, <|eot_id|>, ...
 _FORMATS = ("format_user", "format_assistant", "format_system", "format_prefix")
 
 
 @dataclass(frozen=True)
 class TemplateTokens:
-    """A template's tokens that must be single tokens of the model's vocabulary."""
+    """A template's tokens that must be single tokens of the vocabulary."""
 
     name: str
-    stop_words: tuple[str, ...]  # added to the tokenizer (new ids, outside the embeddings) when missing
-    markup: tuple[str, ...]  # ``<|...|>`` strings of its formats: split into pieces when missing
-    multimodal: bool  # the template has a multimodal plugin
-    replace_eos: bool = False  # the first stop word becomes EOS, which ends every training sequence
+    stop_words: tuple[str, ...]  # added as new ids (outside the embeddings) when missing
+    markup: tuple[str, ...]  # ``<|...|>`` of its formats: split when missing
+    multimodal: bool  # has a multimodal plugin
+    replace_eos: bool = False  # the first stop word becomes EOS, ending every training sequence
 
     @property
     def needed(self) -> set[str]:
-        """The markup, and the first stop word when it replaces EOS. The other stop words only stop generation: a
-        tokenizer without them (Llama-3.0 lacks ``<|eom_id|>`` of the ``llama3`` template) never meets them in
-        inputs, so they are not needed."""
+        """The markup, and the first stop word if it replaces EOS. Other stop words only stop generation, never met in
+        inputs (Llama-3.0 lacks ``<|eom_id|>`` of the ``llama3`` template)."""
         return set(self.markup) | ({self.stop_words[0]} if self.replace_eos and self.stop_words else set())
 
 
@@ -47,8 +42,8 @@ def _slots(formatter: object) -> list[str]:
 
 
 def template_tokens() -> dict[str, TemplateTokens]:
-    """Every registered template's tokens (name -> :class:`TemplateTokens`)."""
-    import llamafactory.data.template as module  # lazy (the package doc)
+    """Every registered template's tokens, by name."""
+    import llamafactory.data.template as module  # lazy
 
     require(module, ("TEMPLATES",), "templates")
     out = {}
@@ -68,8 +63,8 @@ def template_tokens() -> dict[str, TemplateTokens]:
 
 
 def host_stages() -> tuple[str, ...] | None:
-    """The stages LLaMA-Factory's ``FinetuningArguments.stage`` accepts (None when it is not a ``Literal``)."""
-    import llamafactory.hparams as hparams  # lazy (the package doc)
+    """The stages ``FinetuningArguments.stage`` accepts (None if not a ``Literal``)."""
+    import llamafactory.hparams as hparams  # lazy
 
     require(hparams, ("FinetuningArguments",), "stage")
     try:
@@ -81,32 +76,32 @@ def host_stages() -> tuple[str, ...] | None:
 
 
 def composite_model_types() -> set[str]:
-    """Model types LLaMA-Factory treats as multimodal (vision tower, projector, language model)."""
-    import llamafactory.model.model_utils.visual as visual  # lazy (the package doc)
+    """Model types the host treats as multimodal (vision tower, projector, language model)."""
+    import llamafactory.model.model_utils.visual as visual  # lazy
 
     require(visual, ("COMPOSITE_MODELS",), "templates")
     return set(visual.COMPOSITE_MODELS)
 
 
 def image_placeholder() -> str:
-    """The mark of an image's place in a message (``llamafactory.extras.constants.IMAGE_PLACEHOLDER``, ``<image>``
-    unless the environment says otherwise): the multimodal templates' plugins require one per image of a row."""
-    import llamafactory.extras.constants as constants  # lazy (the package doc)
+    """``IMAGE_PLACEHOLDER`` (``<image>`` unless the environment says otherwise): multimodal plugins require one per
+    image of a row."""
+    import llamafactory.extras.constants as constants  # lazy
 
     require(constants, ("IMAGE_PLACEHOLDER",), "templates")
     return str(constants.IMAGE_PLACEHOLDER)
 
 
 def ignore_index() -> int:
-    """The label of a token that is not trained (``IGNORE_INDEX``, -100)."""
-    import llamafactory.extras.constants as constants  # lazy (the package doc)
+    """An untrained token's label (``IGNORE_INDEX``, -100)."""
+    import llamafactory.extras.constants as constants  # lazy
 
     require(constants, ("IGNORE_INDEX",), "image tokens")
     return int(constants.IGNORE_INDEX)
 
 
 def image_token_id(template: Any, tokenizer: Any) -> int | None:
-    """The id of the token the template's plugin repeats for an image's features; None for a text-only template."""
+    """Id of the token the plugin repeats for an image's features; None for a text-only template."""
     token = getattr(getattr(template, "mm_plugin", None), "image_token", None)
     if not token:
         return None
@@ -115,8 +110,8 @@ def image_token_id(template: Any, tokenizer: Any) -> int | None:
 
 
 def whole_row(template: Any, tokenizer: Any, processor: Any, aligned: dict[str, Any]) -> tuple[int, int]:
-    """(image tokens of the aligned row's images, the row's length in tokens before ``cutoff_len``), as the
-    supervised preprocessing expands and encodes it (its images decoded and processed once more)."""
+    """(image tokens of the aligned row, its length before ``cutoff_len``) as supervised preprocessing encodes it
+    (images decoded and processed again)."""
     plugin = template.mm_plugin
     images, videos, audios = (aligned.get(key) or [] for key in ("_images", "_videos", "_audios"))
     messages = plugin.process_messages(aligned["_prompt"] + aligned["_response"], images, videos, audios, processor)

@@ -1,11 +1,10 @@
-"""Models used beside the trained one load whole on every rank (:func:`loaded_whole`); a forward run outside the
-DeepSpeed engine's gathers the parameters a module reads from another, as the engine's forward does.
+"""Models used beside the trained one (the frozen teacher, the ``hera_heads: auto`` scoring copy) load whole on every
+rank (:func:`loaded_whole`): outside the DeepSpeed or FSDP engine, partitioned ones would be placeholders, and FSDP's
+efficient loading gives zeros off local rank 0. :func:`zero3_forward` gathers, outside the engine's forward,
+parameters a module reads from another.
 
-Checked on transformers 5.6 (``transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref``, the module global
-that ``from_pretrained`` consults to decide whether to load inside ``zero.Init``; ``FSDP_CPU_RAM_EFFICIENT_LOADING``,
-read by ``transformers.integrations.fsdp.is_fsdp_enabled``) with DeepSpeed 0.19. The frozen teacher and the scoring
-copy of ``hera_heads: auto`` are used outside the DeepSpeed or FSDP engine: partitioned, they would be placeholders;
-under FSDP's efficient loading (LLaMA-Factory's fsdp2_config.yaml), zeros on every process but local rank 0.
+Checked on transformers 5.6 (``_hf_deepspeed_config_weak_ref``, which ``from_pretrained`` consults to load inside
+``zero.Init``; ``FSDP_CPU_RAM_EFFICIENT_LOADING``, read by ``is_fsdp_enabled``) with DeepSpeed 0.19.
 """
 
 from __future__ import annotations
@@ -24,9 +23,8 @@ EFFICIENT_LOADING = "FSDP_CPU_RAM_EFFICIENT_LOADING"
 
 @contextlib.contextmanager
 def loaded_whole() -> Iterator[None]:
-    """Load models inside this block as ordinary modules holding their weights, under a ZeRO-3 config (outside
-    ``zero.Init``) and under FSDP's efficient loading (which fills every parameter with zeros on a process that is not
-    local rank 0, expecting FSDP's broadcast: the switch is off for the block)."""
+    """Models load whole in this block: outside ``zero.Init`` under ZeRO-3, and with FSDP's efficient loading off (it
+    zero-fills parameters off local rank 0, expecting FSDP's broadcast)."""
     integration = importlib.import_module("transformers.integrations.deepspeed")
     if not hasattr(integration, "_hf_deepspeed_config_weak_ref"):
         raise HostMismatchError(
@@ -47,11 +45,9 @@ def loaded_whole() -> Iterator[None]:
 
 @contextlib.contextmanager
 def zero3_forward(model: nn.Module) -> Iterator[None]:
-    """A forward of ``model`` outside the DeepSpeed engine's (HeRA's alignment monitor), marked as the engine's forward
-    marks it: under ZeRO-3 a parameter a module reads from another module (PEFT's DoRA layer reads ``lora_A``'s and
-    the base layer's weights) is then gathered when read, instead of being the empty placeholder of its partition.
-    DeepSpeed's ``ZeROOrderedDict._in_forward`` flag (set and cleared by ``DeepSpeedEngine._forward_prologue`` /
-    ``_forward_epilogue``, checked with DeepSpeed 0.19); a no-op for a model ZeRO-3 does not manage."""
+    """A forward outside the engine's (HeRA's alignment monitor), flagged as the engine flags its own
+    (``ZeROOrderedDict._in_forward``, DeepSpeed 0.19): under ZeRO-3 a parameter read from another module (PEFT's DoRA
+    reads ``lora_A``'s and the base weights) is then gathered, not an empty placeholder. No-op without ZeRO-3."""
     flagged = [module._parameters for module in model.modules() if hasattr(module._parameters, "_in_forward")]
     if not flagged and any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
         raise HostMismatchError(

@@ -1,19 +1,17 @@
-"""A LoRA adapter saved and loaded whole under FSDP2 (``FULL_STATE_DICT``), for every stage, stock ones included.
+"""A LoRA adapter saved and loaded whole under FSDP2 (``FULL_STATE_DICT``), for every stage.
 
-transformers' Trainer saves and loads its FSDP resume checkpoint (``pytorch_model_fsdp.bin``) through accelerate's
-``save_fsdp_model`` / ``load_fsdp_model`` with ``adapter_only=True``; before accelerate PR 4206 (1.15.0) that path
-writes rank 0's DTensor shard of each matrix and restores nothing on the other ranks, so a resumed LoRA run continues
-from another adapter (docs/configurations.md, N13). On such an accelerate (told by the source of its
-``_get_model_state_dict``: no full-state-dict branch) this patch reads the adapter with torch's gathered
-``get_model_state_dict(..., ignore_frozen_params=True)`` and sets it with ``set_model_state_dict(..., strict=False)``
-(broadcast from rank 0), as the fix does; on the others it does nothing. Applied by the import hook right after
-``accelerate.utils.fsdp_utils`` executes (``save_fsdp_model`` / ``load_fsdp_model`` look the helpers up at call time).
+Before accelerate 1.15.0, ``save_fsdp_model`` / ``load_fsdp_model`` with ``adapter_only=True`` (the Trainer's
+``pytorch_model_fsdp.bin``) write rank 0's DTensor shard of each matrix and restore nothing on other ranks: a resumed
+LoRA run continues from another adapter (docs/configurations.md, N13). There (``_get_model_state_dict`` has no
+full-state-dict branch) this patch gets and sets the adapter with torch's gathered ``get_model_state_dict(...,
+ignore_frozen_params=True)`` / ``set_model_state_dict(..., strict=False)`` (broadcast from rank 0), as the fix does.
+Applied right after ``accelerate.utils.fsdp_utils`` executes (its savers look the helpers up at call time).
 
-The file holds the whole tensors under PEFT's names (``...lora_A.weight``), as accelerate 1.11 names its shards: a
-reader without the plugin refuses it rather than reset the adapter, and a file of rank 0's shards is refused here.
+The file holds whole tensors under PEFT's names (``...lora_A.weight``), as accelerate 1.11 names its shards: a reader
+without the plugin refuses it rather than reset the adapter; a file of rank 0's shards is refused here.
 
-:func:`unsaved_state_dict` names the other silent loss, a run under FSDP2's default ``SHARDED_STATE_DICT`` that exits
-0 with no adapter or model written (docs/configurations.md, N20).
+:func:`unsaved_state_dict`: FSDP2's default ``SHARDED_STATE_DICT`` exits 0 with no adapter or model written
+(docs/configurations.md, N20).
 """
 
 from __future__ import annotations
@@ -34,25 +32,23 @@ _HELPERS = ("_get_model_state_dict", "_set_model_state_dict", "is_peft_model", "
 
 
 def lacks_fix(fsdp_utils: ModuleType) -> bool:
-    """True when this accelerate's adapter-only state dict ignores ``sd_options`` (accelerate before PR 4206)."""
+    """True when this accelerate's adapter-only state dict ignores ``sd_options`` (before 1.15.0)."""
     try:
         source = inspect.getsource(fsdp_utils._get_model_state_dict)
-    except (OSError, TypeError):  # no source (a frozen install): the shape check alone decides, as before the fix
+    except (OSError, TypeError):  # no source (frozen install): the shape check decides
         return True
     return "full_state_dict" not in source
 
 
 def launched_fsdp_version(environ: Mapping[str, str]) -> str | None:
-    """The FSDP version ``accelerate launch`` set (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, read as accelerate's
-    FSDP plugin reads them: "1" when unnamed), None when it launched no FSDP."""
+    """The FSDP version ``accelerate launch`` set ("1" when unnamed, as accelerate reads it), None without FSDP."""
     if environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
         return None
     return (environ.get("FSDP_VERSION") or "1").strip()
 
 
 def unsaved_state_dict(environ: Mapping[str, str]) -> str | None:
-    """What ``accelerate launch`` set (:func:`launched_fsdp_version`, ``FSDP_STATE_DICT_TYPE``) when it makes the
-    Trainer save no adapter or model, else None."""
+    """What ``accelerate launch`` set that makes the Trainer save no adapter or model, else None."""
     version = launched_fsdp_version(environ)
     if version is None:
         return None
@@ -68,8 +64,8 @@ def unsaved_state_dict(environ: Mapping[str, str]) -> str | None:
 
 
 def unsaved_refusal(stage: str, environ: Mapping[str, str], note: bool = False) -> str | None:
-    """The one-line refusal of a training run that :func:`unsaved_state_dict` would leave without a saved adapter or
-    model (``stage`` named), else None; with ``note``, the line saying so for a run that goes on (a host stage's)."""
+    """One-line refusal of a run :func:`unsaved_state_dict` would leave unsaved, else None; with ``note``, a warning
+    for a run that goes on (a host stage's)."""
     shown = unsaved_state_dict(environ)
     if shown is None:
         return None
@@ -91,8 +87,7 @@ def unsaved_refusal(stage: str, environ: Mapping[str, str], note: bool = False) 
 
 
 def _peft_names(model: Any) -> dict[str, str]:
-    """torch's name of each trainable parameter (as ``get_model_state_dict`` gives it) -> PEFT's (as
-    ``get_peft_model_state_dict`` gives it; torch's where PEFT names none)."""
+    """Each trainable parameter's torch name -> PEFT's (torch's where PEFT names none)."""
     from peft import get_peft_model_state_dict  # lazy: as accelerate's own
 
     params = {_WRAPPERS.sub("", name): param for name, param in model.named_parameters() if param.requires_grad}
@@ -111,8 +106,7 @@ def _whole(options: Any) -> bool:
 
 
 def apply(fsdp_utils: ModuleType) -> None:
-    # an accelerate with the fix needs nothing: checked first, so that a later accelerate renaming a helper never fails
-    # a LLaMA-Factory process
+    # a fixed accelerate needs nothing: checked first, so a later rename never fails a host process
     if hasattr(fsdp_utils, "_get_model_state_dict") and not lacks_fix(fsdp_utils):
         return
     require(fsdp_utils, _HELPERS, "fsdp_adapter")
@@ -138,7 +132,7 @@ def apply(fsdp_utils: ModuleType) -> None:
             shards = any(isinstance(value, DTensor) for value in state_dict.values())
             state_dict = {torch_names.get(name, name): value for name, value in state_dict.items()}
             if state_dict and (shards or not set(torch_names.values()) & set(state_dict)):  # rank 0 read the file;
-                # the others wait in the broadcast from rank 0: a RecipeError ends them too (job_refusal), said once
+                # the others wait in its broadcast: a RecipeError ends them too (job_refusal), said once
                 raise RecipeError(
                     "resume_from_checkpoint: the FSDP2 checkpoint's pytorch_model_fsdp.bin holds an adapter saved "
                     "without llamafactory-hera by accelerate before 1.15 (rank 0's shard of each matrix only), which "

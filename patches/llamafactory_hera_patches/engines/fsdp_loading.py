@@ -1,11 +1,10 @@
-"""Known host failures of FSDP2 with bitsandbytes weights, named before loading, for every training stage (stock SFT
-fails the same way): 8-bit weights or int8 / uint8-stored codes, which ``fully_shard`` cannot make DTensor parameters;
-4-bit with ``fsdp_cpu_ram_efficient_loading: true`` on accelerate <= 1.11; 4-bit codes stored in another dtype than
-FSDP2's mixed-precision all-gather (:func:`codes_dtype_refusal`). Each, its cause and its test: docs/configurations.md
-(N17-N19).
+"""Host failures of FSDP2 with bitsandbytes weights, named before loading for every stage (stock SFT fails alike):
+int8 or uint8-stored codes, which ``fully_shard`` cannot make DTensor parameters; 4-bit with
+``fsdp_cpu_ram_efficient_loading: true`` on accelerate <= 1.11; 4-bit codes in another dtype than FSDP2's
+mixed-precision all-gather. Causes and tests: docs/configurations.md (N17-N19).
 
-Read from what ``accelerate launch`` sets (in its ranks, or in the launching process: patches/accelerate_launch.py);
-a recipe's own ``fsdp`` keys are the plugin's stages' refusal (recipe/fsdp.py).
+Read from what ``accelerate launch`` sets (in its ranks, or the launcher); a recipe's own ``fsdp`` keys are refused by
+recipe/fsdp.py.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from .fsdp_qlora import cast_codes_message
 
 NEWEST_FAILING = Version("1.11.0")  # the newest accelerate run here; LLaMA-Factory 0.9.5 caps it there
 _BITSANDBYTES = {"bnb", "bitsandbytes"}
-# why FSDP2 fails on integer codes, and where they train instead: one wording for int8 and a saved checkpoint's codes
+# why FSDP2 fails on integer codes, and where they train instead (int8 and saved checkpoints)
 _NO_INTEGER_SHARDS = (
     "torch's fully_shard makes each weight a parameter that could require gradients, which {codes} cannot"
 )
@@ -33,10 +32,9 @@ _WITHOUT_FSDP = "on one GPU or under DDP / DeepSpeed ZeRO-2."
 
 
 def saved_codes_refusal(stage: str, host_args: Any, saved: dict[str, Any]) -> str | None:
-    """The refusal of a checkpoint saved with bitsandbytes (its config.json's ``quantization_config``, ``saved``) whose
-    codes FSDP2 cannot shard (int8, or 4-bit in bitsandbytes' default uint8 storage, as most 4-bit checkpoints on the
-    Hub): ``fully_shard`` fails on them after loading, as for ``quantization_bit: 8``. LLaMA-Factory loads such a
-    checkpoint as saved, whatever ``quantization_bit`` says."""
+    """Refuse a bitsandbytes checkpoint (``saved``: its ``quantization_config``) whose codes FSDP2 cannot shard: int8,
+    or 4-bit in the default uint8 storage (most on the Hub). ``fully_shard`` fails after loading; the host loads it as
+    saved, whatever ``quantization_bit`` says."""
     if not _by_bitsandbytes(saved):
         return None
     storage = str(saved.get("bnb_4bit_quant_storage") or "uint8")
@@ -57,15 +55,15 @@ def saved_codes_refusal(stage: str, host_args: Any, saved: dict[str, Any]) -> st
 
 
 def _by_bitsandbytes(saved: dict[str, Any]) -> bool:
-    """Whether a checkpoint's ``quantization_config`` is bitsandbytes'."""
+    """Whether ``saved`` is bitsandbytes'."""
     return str(saved.get("quant_method", "")).lower() == "bitsandbytes"
 
 
 def _host_misc(name: str) -> Any:
-    """LLaMA-Factory's own ``llamafactory.extras.misc.<name>`` (0.9.5 and main), None on a host without it: the
-    prediction that needs it is then skipped (fsdp_qlora still checks the loaded model)."""
+    """``llamafactory.extras.misc.<name>``, or None: the prediction needing it is skipped (fsdp_qlora still checks
+    the loaded model)."""
     try:
-        import llamafactory.extras.misc as misc  # lazy (the package doc)
+        import llamafactory.extras.misc as misc  # lazy
 
         return getattr(misc, name, None)
     except ImportError:
@@ -73,21 +71,20 @@ def _host_misc(name: str) -> Any:
 
 
 def _saved_config(host_args: Any) -> dict[str, Any] | None:
-    """``model_name_or_path``'s config.json: a local folder's, or a Hugging Face Hub id's through transformers'
-    ``cached_file`` with the recipe's revision, cache folder and token (the file LLaMA-Factory fetches first anyway;
-    offline, the one in the Hub cache). None where it cannot be read here (no name, a ModelScope or Modelers id, a
-    failed fetch, not JSON): LLaMA-Factory then loads, or says why it cannot, as without this check."""
+    """``model_name_or_path``'s config.json: a local folder's, or a Hub id's via ``cached_file`` (the recipe's
+    revision, cache dir, token; the host fetches it first anyway). None if unreadable (no name, a ModelScope or
+    Modelers id, a failed fetch, not JSON): the host then loads or says why not."""
     name = raw_value(host_args, "model_name_or_path")
     if not name:
         return None
     local = Path(str(name)).expanduser()
     try:
-        if local.is_dir():  # LLaMA-Factory reads a local folder whichever hub it is set to
+        if local.is_dir():  # a local folder, whichever hub is set
             path = local / "config.json"
         elif any(hub is None or hub() for hub in (_host_misc("use_modelscope"), _host_misc("use_openmind"))):
-            return None  # an id of another hub (USE_MODELSCOPE_HUB / USE_OPENMIND_HUB), or a host that cannot say
+            return None  # another hub's id (USE_MODELSCOPE_HUB / USE_OPENMIND_HUB), or unknown
         else:
-            from transformers.utils import cached_file  # lazy: the plugin's own CLI errors load no library
+            from transformers.utils import cached_file  # lazy: CLI errors load no library
 
             path = cached_file(
                 str(name),
@@ -98,13 +95,12 @@ def _saved_config(host_args: Any) -> dict[str, Any] | None:
             )
         config = json.loads(Path(path).read_text(encoding="utf-8")) if path else None
         return config if isinstance(config, dict) else None
-    except Exception:  # noqa: BLE001 - a check before loading: LLaMA-Factory reports its own failure to read it
+    except Exception:  # noqa: BLE001 - the host reports its own failure to read it
         return None
 
 
 def loads_bitsandbytes_weights(host_args: Any) -> bool:
-    """Whether a recipe's model is quantized by bitsandbytes: ``quantization_bit`` (method ``bnb``), or a checkpoint
-    saved so (its config.json read by :func:`_saved_config`; LLaMA-Factory loads it as saved)."""
+    """Whether the model is quantized by bitsandbytes: ``quantization_bit`` (method ``bnb``), or saved so."""
     method = str(raw_value(host_args, "quantization_method") or "bnb").lower()
     if raw_value(host_args, "quantization_bit") not in (None, "") and method in _BITSANDBYTES:
         return True
@@ -112,14 +108,14 @@ def loads_bitsandbytes_weights(host_args: Any) -> bool:
 
 
 def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str]) -> str | None:
-    """The one-line refusal of ``host_args`` (a recipe's keys) under the FSDP2 launch ``environ`` describes, when
-    FSDP2 would fail on its bitsandbytes-quantized model after loading it, or convert its 4-bit codes as numbers, else
-    None. The checkpoint's config.json is read once (a Hub id: one fetch of it per rank)."""
+    """One-line refusal where FSDP2 (launched per ``environ``) would fail on the recipe's bitsandbytes model after
+    loading, or convert its 4-bit codes as numbers; else None. config.json is read once (a Hub id: one fetch per
+    rank)."""
     if launched_fsdp_version(environ) != "2":
         return None
     config = _saved_config(host_args)
     saved = (config or {}).get("quantization_config")
-    if saved:  # LLaMA-Factory loads a checkpoint saved quantized as saved, whatever quantization_bit says
+    if saved:  # loaded as saved, whatever quantization_bit says
         return saved_codes_refusal(stage, host_args, saved) or codes_dtype_refusal(host_args, environ, config)
     bits = str(raw_value(host_args, "quantization_bit")).strip()
     method = str(raw_value(host_args, "quantization_method") or "bnb").lower()
@@ -133,7 +129,7 @@ def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str])
             f"fsdp_cpu_ram_efficient_loading: false in the accelerate config), or 8-bit {_WITHOUT_FSDP}"
         )
     loading = environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "")
-    # truthy: accelerate's str_to_bool's words; accelerate is installed (LLaMA-Factory requires it)
+    # truthy: accelerate's str_to_bool words; the host requires accelerate
     if bits != "4" or not truthy(loading) or Version(version("accelerate")) > NEWEST_FAILING:
         return codes_dtype_refusal(host_args, environ, config) if bits == "4" and config is not None else None
     return (
@@ -146,16 +142,15 @@ def bitsandbytes_refusal(stage: str, host_args: Any, environ: Mapping[str, str])
     )
 
 
-# a precision flag's torch dtype (for FSDP2's all-gather, accelerate 1.11 gathers fp8 runs' weights in bf16)
+# a precision flag's torch dtype (accelerate 1.11's FSDP2 gathers fp8 runs' weights in bf16)
 _DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}
 
 
 def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str], config: dict[str, Any]) -> str | None:
-    """Before loading, the refusal fsdp_qlora would give after it: 4-bit codes stored in another dtype than FSDP2's
-    mixed-precision all-gather, which would convert them as numbers at every forward (docs/configurations.md, N19:
-    where each dtype comes from). ``config``: the checkpoint's config.json. The recipe's ``fp16`` / ``bf16`` come before
-    accelerate's ``mixed_precision``, as transformers' TrainingArguments puts them; the codes' compute dtype is
-    LLaMA-Factory's ``infer_optim_dtype`` on this device where the recipe names none, as it will choose."""
+    """fsdp_qlora's refusal, before loading: 4-bit codes stored in another dtype than FSDP2's mixed-precision
+    all-gather (docs/configurations.md, N19). ``config``: the checkpoint's config.json. ``fp16`` / ``bf16`` win over
+    accelerate's ``mixed_precision`` (as in TrainingArguments); with neither, the compute dtype is the host's
+    ``infer_optim_dtype`` on this device."""
 
     def flag(*keys: str) -> bool:
         return any(truthy(raw_value(host_args, key)) for key in keys)
@@ -165,7 +160,7 @@ def codes_dtype_refusal(host_args: Any, environ: Mapping[str, str], config: dict
     gathered = _DTYPE_OF.get(mixed or environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower())
     if gathered is None:
         return None
-    import torch  # lazy: the plugin's own CLI errors load no library; a training run has it loaded
+    import torch  # lazy: CLI errors load no library
 
     gathered = getattr(torch, gathered)
     saved = config.get("quantization_config") or {}

@@ -1,15 +1,13 @@
-"""bitsandbytes 4-bit weights kept bit for bit through accelerate's FSDP2 upcast, for every stage (stock ones included).
+"""bitsandbytes 4-bit weights kept bit for bit through accelerate's FSDP2 upcast, for every stage.
 
 accelerate's ``fsdp2_prepare_model`` upcasts every non-float32 parameter to float32 after ``fully_shard``, the packed
-4-bit codes (stored as bf16 values) included, and FSDP2's bf16 all-gather then rewrites every NaN-shaped pair of bytes:
-what is lost and how much is docs/configurations.md (N14, N19). This patch keeps every 4-bit weight out of any dtype
-conversion the preparation makes (every ``.to`` / ``.float`` / ``.half`` goes through ``Module._apply``, guarded for
-the call), then refuses what the forward would still convert: a weight no longer in its storage dtype, an all-gather
-dtype other than that one (:func:`check_codes_reach_the_forward`), and at each 4-bit layer's first forward codes whose
-checksum changed by any path (:func:`check_at_first_forward`).
+4-bit codes (stored as bf16) included, and FSDP2's bf16 all-gather then rewrites every NaN-shaped pair of bytes
+(docs/configurations.md, N14, N19). This patch keeps 4-bit weights out of the preparation's dtype conversions (all go
+through ``Module._apply``, guarded for the call), then refuses what the forward would still convert
+(:func:`check_codes_reach_the_forward`, :func:`check_at_first_forward`).
 
-Applied by the import hook right after ``accelerate.utils.fsdp_utils`` executes, before ``accelerate.utils`` and the
-Accelerator bind the function, on every accelerate that has ``fsdp2_prepare_model``.
+Applied right after ``accelerate.utils.fsdp_utils`` executes, before ``accelerate.utils`` and the Accelerator bind the
+function, on every accelerate with ``fsdp2_prepare_model``.
 """
 
 from __future__ import annotations
@@ -23,8 +21,8 @@ from llamafactory_hera.runtime.errors import RecipeError
 
 
 def _4bit_layers(model: Any) -> list[Any]:
-    """Every bitsandbytes 4-bit layer of ``model`` (none when bitsandbytes is not imported: then the model holds no
-    such layer). PEFT's LoRA wrapper of one shares its class name, not its class."""
+    """Every bitsandbytes 4-bit layer (none if bitsandbytes is not imported). PEFT's LoRA wrapper of one shares its
+    class name, not its class."""
     bitsandbytes = sys.modules.get("bitsandbytes")
     if bitsandbytes is None:
         return []
@@ -32,15 +30,14 @@ def _4bit_layers(model: Any) -> list[Any]:
 
 
 def packed_4bit_weights(model: Any) -> dict[int, Any]:
-    """``id -> weight`` of every bitsandbytes 4-bit layer's weight in ``model``."""
+    """``id -> weight`` of every 4-bit layer's weight."""
     return {id(module.weight): module.weight for module in _4bit_layers(model)}
 
 
 def check_codes_reach_the_forward(model: Any, param_dtype: Any) -> None:
-    """Raise when a 4-bit weight of the prepared ``model`` is no longer in its packed storage dtype, or when FSDP2's
-    all-gather (``param_dtype``, None without mixed precision) would cast it: either way the forward would read the
-    codes converted as numbers, not as the bytes they are. (A 4-bit layer in the accelerate config's
-    ``ignored_modules``, never gathered, is checked too: a refusal there would be false; no run here ignores one.)"""
+    """Raise if a prepared 4-bit weight left its storage dtype, or FSDP2's all-gather (``param_dtype``, None without
+    mixed precision) would cast it. (A layer in ``ignored_modules``, never gathered, is checked too, falsely; no run
+    here ignores one.)"""
     for module in _4bit_layers(model):
         storage = module.quant_storage
         stored = module.weight.dtype
@@ -55,8 +52,8 @@ def check_codes_reach_the_forward(model: Any, param_dtype: Any) -> None:
 
 
 def cast_codes_message(what: str, gathered: Any) -> str:
-    """The refusal of 4-bit codes that FSDP2 would convert as numbers: ``what`` they are, ``gathered`` the dtype the
-    all-gather converts them to (here after loading, and predicted before loading by fsdp_loading)."""
+    """Refusal of 4-bit codes FSDP2 would convert as numbers: ``what`` they are, ``gathered`` the all-gather's dtype
+    (used after loading, and before it by fsdp_loading)."""
     return (
         f"4-bit weights under FSDP2: the codes {what}, which converts them as numbers at every forward (every "
         "weight would be wrong). The codes are stored in the dtype LLaMA-Factory loads the model in (bf16: true or "
@@ -67,9 +64,8 @@ def cast_codes_message(what: str, gathered: Any) -> str:
 
 
 def apply_keeping_codes(model: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """``Module._apply`` of ``model`` with ``fn``, but each 4-bit weight (:func:`packed_4bit_weights`, read now: after
-    ``fully_shard`` they are the registered shards) that ``fn`` would give another dtype is kept as it is, moved to
-    the device ``fn`` moves it to. FSDP2's own ``_apply`` resets its sharded parameters after the conversion."""
+    """``Module._apply`` with ``fn``, but a 4-bit weight (read now: after ``fully_shard``, the shards) ``fn`` would
+    give another dtype is only moved to ``fn``'s device. FSDP2's ``_apply`` resets its sharded parameters after."""
     kept = packed_4bit_weights(model)
 
     def keep(tensor: Any) -> Any:
@@ -80,9 +76,9 @@ def apply_keeping_codes(model: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def checksum(codes: Any, chunk: int = 1 << 24) -> tuple[int, ...]:
-    """The sum of the bytes of ``codes`` and their sum weighted by position (int64, wrapping alike), on the codes' own
-    device in chunks of ``chunk`` bytes: one host read of two numbers, no copy of a 70B model's codes to the host."""
-    import torch  # lazy: the patches load at every start-up
+    """(byte sum, position-weighted byte sum) of ``codes`` in int64, on their device in ``chunk``-byte chunks: two
+    numbers read back, no copy of a 70B model's codes to the host."""
+    import torch  # lazy: patches load at every start-up
 
     data = codes.data.contiguous().view(torch.uint8).flatten()
     sums = torch.zeros(2, dtype=torch.int64, device=data.device)
@@ -94,8 +90,8 @@ def checksum(codes: Any, chunk: int = 1 << 24) -> tuple[int, ...]:
 
 
 def check_at_first_forward(model: Any) -> None:
-    """A pre-forward hook on each 4-bit layer of ``model`` (before its preparation) that, once, compares the checksum
-    of the codes its forward gets with the one taken now, and refuses the layer by name if they differ."""
+    """Hook each 4-bit layer (before preparation) to compare, once, its first forward's code checksum with the one
+    taken now; a change is refused by layer name."""
     quantized = {id(layer) for layer in _4bit_layers(model)}
     for name, layer in model.named_modules():
         if id(layer) in quantized:
@@ -121,7 +117,7 @@ def check_at_first_forward(model: Any) -> None:
 
 
 def apply(fsdp_utils: ModuleType) -> None:
-    # checked first, so that a later accelerate renaming the function never fails a LLaMA-Factory process
+    # checked first: a later accelerate renaming it never fails a host process
     if not hasattr(fsdp_utils, "fsdp2_prepare_model"):
         return
     original = fsdp_utils.fsdp2_prepare_model
@@ -131,7 +127,7 @@ def apply(fsdp_utils: ModuleType) -> None:
         if not packed_4bit_weights(model):
             return original(accelerator, model)
         check_at_first_forward(model)
-        model._apply = functools.partial(apply_keeping_codes, model)  # for this call: .to, .float, ... go through it
+        model._apply = functools.partial(apply_keeping_codes, model)  # for this call
         try:
             prepared = original(accelerator, model)
         finally:
@@ -141,8 +137,8 @@ def apply(fsdp_utils: ModuleType) -> None:
         return prepared
 
     fsdp_utils.fsdp2_prepare_model = fsdp2_prepare_model
-    # accelerate.utils and accelerate.accelerator bind the name at their import: where they were imported before this
-    # patch ran (a program that imported accelerate before LLaMA-Factory), Accelerator.prepare calls their copy
+    # accelerate.utils and accelerate.accelerator bind the name at import: if imported before this patch ran,
+    # Accelerator.prepare calls their copy
     for name in ("accelerate.utils", "accelerate.accelerator"):
         module = sys.modules.get(name)
         if getattr(module, "fsdp2_prepare_model", None) is original:

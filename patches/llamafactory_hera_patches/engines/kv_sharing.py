@@ -1,10 +1,9 @@
-"""One line for stock stages on a model whose layers share keys and values (Gemma 4; any config with
-``num_kv_shared_layers``) under reentrant gradient checkpointing: that gradient is dropped, and how to keep it.
+"""One line for stock stages on a KV-sharing model (Gemma 4; any ``num_kv_shared_layers``) under reentrant gradient
+checkpointing: that gradient is dropped, and how to keep it.
 
 Checked on LLaMA-Factory 0.9.5 with transformers 5.6: a KV-shared layer reads its source's keys and values from
-``shared_kv_states``, outside its checkpointed call, and LLaMA-Factory's checkpointing defaults to reentrant
-(``use_reentrant_gc: true``) except for ``gemma3n``. Why the gradient is dropped and whose cause it is:
-docs/hera-design.md ("Gradient checkpointing"). The stage keeps LLaMA-Factory's behaviour and says so.
+``shared_kv_states``, outside its checkpointed call; the host defaults to reentrant except for ``gemma3n``. Why:
+docs/hera-design.md ("Gradient checkpointing"). The stage keeps the host's behaviour and says so.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ NOTE = (
 
 
 def reentrant_kv_note(model_args: Any, training_args: Any) -> str | None:
-    """The line for a training run whose model shares keys and values across layers and checkpoints reentrantly
-    (``None`` otherwise, or when the config cannot be read)."""
+    """The line for a training run that shares keys and values and checkpoints reentrantly, else None."""
     if (
         not getattr(training_args, "do_train", False)
         or getattr(model_args, "disable_gradient_checkpointing", True)
@@ -39,7 +37,7 @@ def reentrant_kv_note(model_args: Any, training_args: Any) -> str | None:
     text = config.get_text_config()
     shared = int(getattr(text, "num_kv_shared_layers", 0) or 0)
     total = int(getattr(text, "num_hidden_layers", 0) or 0)
-    if kind == "gemma3n" or not 0 < shared < total:  # LLaMA-Factory turns checkpointing off for gemma3n
+    if kind == "gemma3n" or not 0 < shared < total:  # the host turns checkpointing off for gemma3n
         return None
     return (
         f"[llamafactory-hera] {NOTE} ({kind}: the last {shared} of {total} decoder layers read earlier layers' "

@@ -1,8 +1,7 @@
-"""Separates a method's keys and ``stage: <method>`` from the arguments LLaMA-Factory parses.
+"""Separates a method's keys and ``stage: <method>`` from the arguments the host parses.
 
-LLaMA-Factory 0.9.5 (``hparams.parser.read_args``) hands the trainer either a dict (YAML or JSON recipe merged with
-``key=value`` overrides) or a list of command-line strings (``--key value`` / ``--key=value``). Both forms are handled.
-Which stages and key prefixes belong to the plugin comes from the registered methods (:mod:`..registry`).
+LLaMA-Factory 0.9.5's ``read_args`` gives a dict (recipe merged with ``key=value`` overrides) or a list of
+``--key value`` / ``--key=value`` strings; both are handled. Stages and key prefixes come from the registered methods.
 """
 
 from __future__ import annotations
@@ -16,15 +15,13 @@ from llamafactory_hera.runtime.registry import method_for_stage, method_of_key
 
 from .host_arguments import host_keys
 
-Method = Any  # a registered method (see :mod:`llamafactory_hera.runtime.registry`)
+Method = Any  # a registered method (:mod:`llamafactory_hera.runtime.registry`)
 
 
 def split_dict(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Method | None]:
-    """Return (host args with a method's stage mapped to its host stage, every registered method's keys, the method
-    the stage selects or None). A boolean key given a string that says no (``bf16: "false"``, ``do_train: n``,
-    ``hera_gather: "false"``) is refused: LLaMA-Factory hands a dict's values to its dataclasses as they are
-    (``HfArgumentParser.parse_dict``), so the Trainer reads any non-empty string as true, where :func:`truthy` (and the
-    plugin's checks) would read false; the stage's own flags (its arguments' ``bool`` fields) keep the same rule."""
+    """(host args with a method's stage mapped to its host stage, every method's keys, the selected method or None).
+    A host or method flag given a string saying no (``bf16: "false"``) is refused: ``HfArgumentParser.parse_dict``
+    passes it on as is, so the Trainer reads it true where :func:`truthy` and the plugin's checks read false."""
     method = method_for_stage(args.get("stage"))
     flags = {spec.name for spec in method_fields(method) if spec.type in ("bool", bool)} if method else set()
     for key, value in args.items():
@@ -52,7 +49,7 @@ def method_fields(method: Method) -> tuple[dataclasses.Field, ...]:
 
 
 def split_list(args: list[str]) -> tuple[list[str], dict[str, Any], Method | None]:
-    """The same for a ``--key value`` list; values stay strings (coerced later)."""
+    """:func:`split_dict` for a ``--key value`` list; values stay strings (coerced later)."""
     host: list[str] = []
     own: dict[str, Any] = {}
     method = None
@@ -71,21 +68,21 @@ def split_list(args: list[str]) -> tuple[list[str], dict[str, Any], Method | Non
 
 
 def split_args(args: dict[str, Any] | list[str]) -> tuple[dict[str, Any] | list[str], dict[str, Any], Method | None]:
-    """Dispatch on the argument form; see :func:`split_dict` and :func:`split_list`."""
+    """:func:`split_dict` or :func:`split_list`, by form."""
     if isinstance(args, dict):
         return split_dict(args)
     return split_list(list(args))
 
 
 def keys_of(method: Method, keys: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """(the keys with ``method``'s prefix, the other methods' keys, sorted: ignored in this run)."""
+    """(keys with ``method``'s prefix, the others sorted: ignored in this run)."""
     mine = {k: v for k, v in keys.items() if str(k).startswith(method.prefix)}
     return mine, sorted(k for k in keys if k not in mine)
 
 
 def compile_setting(args: dict[str, Any] | list[str]) -> str | None:
-    """``key: value`` of the recipe key that turns transformers' ``torch.compile`` on (``torch_compile``, or a
-    ``torch_compile_backend`` / ``torch_compile_mode``, either of which turns it on too), or None."""
+    """``key: value`` of the key turning ``torch.compile`` on (``torch_compile``, ``torch_compile_backend`` or
+    ``torch_compile_mode``), or None."""
     if truthy(raw_value(args, "torch_compile")):
         return "torch_compile: true"
     return next(

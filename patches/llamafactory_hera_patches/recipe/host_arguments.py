@@ -1,16 +1,10 @@
-"""LLaMA-Factory's training keys, their allowed values and its chat template names, read (not patched) for the
-plugin's checks of a recipe before LLaMA-Factory parses it.
+"""The host's training keys, their allowed values and its chat template names, read (not patched) to check a recipe
+before LLaMA-Factory parses it.
 
-Checked on LLaMA-Factory 0.9.5:
-- ``llamafactory.hparams``: ``ModelArguments``, ``DataArguments``, ``TrainingArguments``, ``FinetuningArguments``,
-  ``GeneratingArguments``, the dataclasses ``get_train_args`` parses a training recipe into (``HfArgumentParser``
-  refuses any other key: "Some keys are not used by the HfArgumentParser"); a field typed with a ``Literal`` or an
-  ``Enum`` (``finetuning_type``, ``lr_scheduler_type``, ``optim``, ...) is checked only in the dataclasses'
-  ``__post_init__``, by a bare ``assert`` or an ``Enum`` lookup (a traceback, the value sometimes unnamed);
-- ``llamafactory.extras.misc.is_env_enabled``: with ``ALLOW_EXTRA_ARGS`` unknown keys are ignored, not refused; with
-  ``USE_MCA`` the training keys are Megatron-Core's (``mcore_adapter.TrainingArguments``), not read here;
-- ``llamafactory.data.template.TEMPLATES`` (:func:`template_names`; an unknown name fails only after the tokenizer
-  loaded) and ``model_utils/liger_kernel.py`` (:func:`liger_applies_to`).
+Checked on LLaMA-Factory 0.9.5: ``get_train_args`` parses a recipe into :data:`_CLASSES` (``HfArgumentParser`` refuses
+other keys); a ``Literal`` or ``Enum`` field (``optim``, ...) is checked only in ``__post_init__``, by a bare
+``assert`` or ``Enum`` lookup (a traceback, the value sometimes unnamed). ``ALLOW_EXTRA_ARGS`` ignores unknown keys;
+under ``USE_MCA`` they are Megatron-Core's, not read here. An unknown template fails only after the tokenizer loaded.
 """
 
 from __future__ import annotations
@@ -32,23 +26,22 @@ _CLASSES = ("ModelArguments", "DataArguments", "TrainingArguments", "FinetuningA
 
 @dataclass(frozen=True)
 class HostKey:
-    """One key of LLaMA-Factory's training recipe: its dataclass, its default and, for a ``Literal`` or ``Enum``
-    type, the values it accepts (``None`` allowed when the type is optional); for a number, ``int`` or ``float``
-    (``HfArgumentParser.parse_dict`` passes a YAML string on unconverted) and its help text."""
+    """One host recipe key. ``choices``: a ``Literal`` / ``Enum``'s values; ``number``: ``int`` or ``float``
+    (``HfArgumentParser.parse_dict`` passes a YAML string on unconverted)."""
 
     name: str
-    holder: str  # the dataclass, e.g. FinetuningArguments
+    holder: str  # e.g. FinetuningArguments
     default: typing.Any
     choices: tuple[str, ...] = ()
     optional: bool = False
-    number: type | None = None  # int or float: the key takes a number of this type (None allowed if optional)
+    number: type | None = None  # None allowed if optional
     help: str = ""
     flag: bool = False  # typed bool (or bool or None)
 
 
 def _choices(hint: typing.Any) -> tuple[tuple[str, ...], bool]:
-    """(the string values a ``Literal`` / ``Enum`` type, or a union of them with None, accepts; whether None is
-    accepted). No values when any other type is in the union (the value is then checked by the host only)."""
+    """(string values a ``Literal`` / ``Enum`` (or with None) accepts, whether None is). No values if another type is
+    in the union."""
     members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     values: list[str] = []
     optional = other = False
@@ -59,13 +52,13 @@ def _choices(hint: typing.Any) -> tuple[tuple[str, ...], bool]:
             values += typing.get_args(member)
         elif isinstance(member, type) and issubclass(member, enum.Enum):
             values += [str(item.value) for item in member]
-        elif member is not str:  # a free string beside an enum (lr_scheduler_type) is still looked up in the enum
+        elif member is not str:  # str beside an enum (lr_scheduler_type): still looked up
             other = True
     return (() if other else tuple(values)), optional
 
 
 def _single(hint: typing.Any) -> typing.Any:
-    """The one type ``hint`` is (or it or None); None for a union of several."""
+    """The one type ``hint`` is (optionally with None); None for a union of several."""
     members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     found = [member for member in members if member is not type(None)]
     return found[0] if len(found) == 1 else None
@@ -73,8 +66,8 @@ def _single(hint: typing.Any) -> typing.Any:
 
 @functools.cache
 def host_keys() -> dict[str, HostKey]:
-    """Every key a training recipe may give LLaMA-Factory (name -> :class:`HostKey`)."""
-    import llamafactory.hparams as hparams  # lazy (the package doc)
+    """Every key a training recipe may give the host, by name."""
+    import llamafactory.hparams as hparams  # lazy
 
     require(hparams, _CLASSES, "arguments")
     keys: dict[str, HostKey] = {}
@@ -103,17 +96,16 @@ def host_keys() -> dict[str, HostKey]:
 
 
 def unknown_keys_pass() -> bool:
-    """Whether a key outside :func:`host_keys` may be right: LLaMA-Factory ignores unknown keys
-    (``ALLOW_EXTRA_ARGS=1``), or parses Megatron-Core's training keys (``USE_MCA=1``)."""
-    import llamafactory.extras.misc as misc  # lazy (the package doc)
+    """Whether unknown keys may be right: ignored (``ALLOW_EXTRA_ARGS=1``) or Megatron-Core's (``USE_MCA=1``)."""
+    import llamafactory.extras.misc as misc  # lazy
 
     require(misc, ("is_env_enabled",), "arguments")
     return bool(misc.is_env_enabled("ALLOW_EXTRA_ARGS") or misc.is_env_enabled("USE_MCA"))
 
 
 def template_names() -> tuple[str, ...]:
-    """The chat templates LLaMA-Factory has registered (the LLaVA-1.5 ones the plugin adds included), sorted."""
-    import llamafactory.data.template as module  # lazy (the package doc)
+    """The registered chat templates (the plugin's LLaVA-1.5 ones included), sorted."""
+    import llamafactory.data.template as module  # lazy
 
     require(module, ("TEMPLATES",), "templates")
     return tuple(sorted(module.TEMPLATES))
@@ -121,8 +113,8 @@ def template_names() -> tuple[str, ...]:
 
 @functools.cache
 def liger_applies_to(model_type: str) -> bool:
-    """Whether LLaMA-Factory's ``enable_liger_kernel`` imports liger-kernel for ``model_type`` (read from its source,
-    which names each type it patches; the file is found without importing LLaMA-Factory's model package)."""
+    """Whether ``enable_liger_kernel`` imports liger-kernel for ``model_type``: read from its source (which names each
+    type), found without importing the host's model package."""
     spec = importlib.util.find_spec("llamafactory")
     folders = list(spec.submodule_search_locations or []) if spec else []
     source = Path(folders[0], "model", "model_utils", "liger_kernel.py") if folders else None

@@ -1,7 +1,6 @@
-"""A run's checks before LLaMA-Factory parses its recipe (nothing loaded), as the stage patch, the launchers
-(:mod:`..launch`, :mod:`..accelerate_launch`) and ``llamafactory-hera plan`` run them: a method's run started from its
-keys (:func:`start_run`), or a host stage's recipe checked (:func:`check_host_stage`). A stage that is neither a
-method's nor the host's (``FinetuningArguments.stage``'s ``Literal``) is refused with the closest name.
+"""A run's checks before the host parses its recipe (nothing loaded), for the stage patch, the launchers and
+``llamafactory-hera plan``: :func:`start_run` for a method, :func:`check_host_stage` for a host stage. An unknown stage
+is refused with the closest name.
 """
 
 from __future__ import annotations
@@ -24,24 +23,22 @@ from ..engines import fsdp_loading
 
 
 def start_run(method: Any, keys: dict[str, Any], host_args: RawRecipe, machine: bool = True) -> Any:
-    """``method``'s run (its declaration's run class) from its own ``keys``, after its raw checks: a backend switch
-    that hands the run to another workflow (:mod:`..backends`) first, then the run's :meth:`check_raw`. Run in every
-    rank, once before torchrun or ``accelerate launch`` starts the ranks, and by ``llamafactory-hera plan`` without
-    this ``machine``'s checks."""
+    """``method``'s run from its ``keys``, after its raw checks: backend switches (:mod:`..backends`), then
+    :meth:`check_raw`. Run in every rank, once in the launcher, and by ``llamafactory-hera plan`` (``machine``
+    false: no checks of this machine)."""
     refused = backends.refusal(method.stage, host_args, os.environ if machine else {})
     if refused:
         raise RecipeError(refused)
-    run = method.run(method, method.run.parse(keys))  # the method's keys parsed: an error names the key
-    with quiet_transformers():  # a raw check may read the model's config.json (HeRA's heads)
+    run = method.run(method, method.run.parse(keys))  # an error names the key
+    with quiet_transformers():  # may read config.json (HeRA's heads)
         run.check_raw(host_args, machine)
     return run
 
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """transformers' warnings only, for the block: LLaMA-Factory's parse turns its info logging on, and the checks'
-    reads of the model's config and tokenizer would print every file read and the whole config (60-250 lines) before
-    a one-line refusal; the model load that follows a passed check prints them as in an SFT run."""
+    """transformers' warnings only, for the block: at the host's info level the checks' config and tokenizer reads
+    would print 60-250 lines before a one-line refusal."""
     level = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity(max(level, transformers_logging.WARNING))
     try:
@@ -51,9 +48,8 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def check_host_stage(host_args: RawRecipe, environ: Mapping[str, str]) -> None:
-    """A recipe of no method's stage: the stage is LLaMA-Factory's, and a training run under the FSDP ``environ`` names
-    (what ``accelerate launch`` sets) would not fail after loading (a state dict that saves no adapter is said, not
-    refused: the stage patch)."""
+    """A host stage's recipe: the stage exists, and training under ``environ``'s FSDP would not fail after loading
+    (an unsaved state dict is warned about by the stage patch, not refused)."""
     check_stage(raw_value(host_args, "stage"), [m.stage for m in registered_methods()], host_stages())
     stage = str(raw_value(host_args, "stage") or "sft")
     refusal = truthy(raw_value(host_args, "do_train")) and fsdp_loading.bitsandbytes_refusal(stage, host_args, environ)
@@ -62,7 +58,7 @@ def check_host_stage(host_args: RawRecipe, environ: Mapping[str, str]) -> None:
 
 
 def check_stage(stage: Any, method_stages: list[str], host_stages: tuple[str, ...] | None) -> None:
-    """A recipe's ``stage`` is the plugin's or LLaMA-Factory's (``host_stages``; None: not known, not checked)."""
+    """Refuse a ``stage`` neither the plugin's nor the host's (``host_stages`` None: not checked)."""
     if stage is None or host_stages is None:
         return
     value = str(stage).strip().lower()

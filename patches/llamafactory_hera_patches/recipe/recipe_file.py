@@ -1,10 +1,9 @@
-"""The recipe file of ``llamafactory-cli train recipe.yaml``, read as LLaMA-Factory reads it, with its mistakes named.
+"""The recipe file of ``llamafactory-cli train recipe.yaml``, read as the host reads it, with its mistakes named.
 
-Checked on LLaMA-Factory 0.9.5: ``llamafactory.hparams.read_args(args=None)`` (bound in ``llamafactory.train.tuner``
-as ``read_args``, looked up by ``run_exp`` at call time) returns ``args`` when given; else, for ``sys.argv[1]`` ending
-in ``.yaml`` / ``.yml``, ``OmegaConf.load`` of that path merged with ``OmegaConf.from_cli(sys.argv[2:])``. A missing
-path, a YAML syntax error or an empty file, which end the host's run in a traceback, are one :class:`RecipeError`
-naming the file (and the line and column), for every stage, since the stage is not known before the file is read.
+Checked on LLaMA-Factory 0.9.5: ``read_args(args=None)`` (bound in ``train.tuner``, looked up by ``run_exp`` at call
+time) returns ``args`` if given; else ``OmegaConf.load(sys.argv[1])`` (``.yaml`` / ``.yml``) merged with
+``OmegaConf.from_cli(sys.argv[2:])``. A missing path, YAML syntax error or empty file (a host traceback) is one
+:class:`RecipeError` naming the file, line and column, for every stage (unknown before the read).
 """
 
 from __future__ import annotations
@@ -23,12 +22,12 @@ from llamafactory_hera.runtime.errors import RecipeError
 
 from ..guard import require
 
-_SUFFIXES = (".yaml", ".yml", ".json")  # what read_args reads as a file (.json: json.load)
+_SUFFIXES = (".yaml", ".yml", ".json")  # read_args reads these as files (.json: json.load)
 ReadArgs = Callable[..., Any]
 
 
 def _recipe_path(argv: list[str]) -> str | None:
-    """The recipe file ``read_args`` would read, from ``argv[1]`` (None: the arguments are ``--key value``)."""
+    """The recipe file ``read_args`` would read (None: ``--key value`` arguments)."""
     return argv[1] if len(argv) > 1 and argv[1].endswith(_SUFFIXES) else None
 
 
@@ -51,7 +50,7 @@ def _syntax_error(path: str, error: yaml.YAMLError) -> RecipeError:
 
 
 def _holds_nothing(path: Path) -> bool:
-    """Whether the recipe file is empty (or only comments): LLaMA-Factory's parse would fail with a traceback."""
+    """Whether the recipe is empty or only comments (the host's parse would fail in a traceback)."""
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8", errors="replace")) is None
     except yaml.YAMLError:
@@ -59,20 +58,18 @@ def _holds_nothing(path: Path) -> bool:
 
 
 def read_args_unchecked(args: Any = None, argv: list[str] | None = None) -> Any:
-    """What ``llamafactory.hparams.read_args`` returns of ``argv`` (``sys.argv`` by default; v1's parser reads the
-    recipe alike), without importing v0's ``llamafactory.hparams``: that import runs v0's version checks
-    (``check_dependencies``), which v1 does not."""
+    """``hparams.read_args``'s result for ``argv`` (v1 reads alike), without importing ``llamafactory.hparams``,
+    whose import runs v0's version checks (v1 does not)."""
     argv = sys.argv if argv is None else argv
     path = _recipe_path(argv) if args is None else None
     if path is None:
         return argv[1:] if args is None else args
-    loaded = OmegaConf.load(Path(path).absolute())  # JSON too, a subset of YAML (v0 json.loads a path and fails)
+    loaded = OmegaConf.load(Path(path).absolute())  # JSON too, a YAML subset
     return OmegaConf.to_container(OmegaConf.merge(loaded, OmegaConf.from_cli(argv[2:])))
 
 
 def read_recipe(read_args: ReadArgs, args: Any = None, argv: list[str] | None = None) -> Any:
-    """``read_args(args)`` (which reads ``argv``, ``sys.argv`` by default), with a recipe file that is not there or not
-    YAML refused naming it."""
+    """``read_args(args)``, refusing by name a recipe file that is missing, empty or not YAML."""
     path = _recipe_path(sys.argv if argv is None else argv) if args is None else None
     if path is not None and not Path(path).is_file():
         where = "" if Path(path).is_absolute() else f" (relative to the folder the run starts in, {Path.cwd()})"
@@ -95,17 +92,16 @@ def read_recipe(read_args: ReadArgs, args: Any = None, argv: list[str] | None = 
 
 
 def launch_recipe(argv: list[str]) -> Any:
-    """The recipe of ``argv`` (``llamafactory-cli <command> <recipe> [key=value ...]``) as LLaMA-Factory reads it (v0's
-    ``read_args`` and v1's parser alike), without importing v0's ``llamafactory.hparams``: its import runs v0's version
-    checks, which v1 does not (a trl outside v0's range trains under v1)."""
+    """The recipe of ``llamafactory-cli <command> <recipe> [key=value ...]`` as v0 and v1 read it, without v0's
+    import-time version checks (a trl outside v0's range trains under v1)."""
     command = [argv[0], *argv[2:]]
     return read_recipe(functools.partial(read_args_unchecked, argv=command), argv=command)
 
 
 def apply(tuner: ModuleType) -> None:
-    """Make ``tuner.read_args`` (``run_exp``'s first read of the recipe) :func:`read_recipe` (once)."""
+    """Route ``tuner.read_args`` (``run_exp``'s first read) through :func:`read_recipe`, once."""
     require(tuner, ("read_args",), "recipe file")
-    if getattr(tuner.read_args, "__module__", None) == __name__:  # patched already: the function below
+    if getattr(tuner.read_args, "__module__", None) == __name__:  # patched already
         return
     original = tuner.read_args
 

@@ -1,6 +1,5 @@
-"""LLaMA-Factory's inference engine, for ``llamafactory-hera eval``: a recipe's model loaded exactly as LLaMA-Factory
-loads it for inference (``HuggingfaceEngine``: base model, then each adapter loaded and merged), and one answer from it
-(the static ``HuggingfaceEngine._chat``). Checked on LLaMA-Factory 0.9.5 (:func:`check_host`, before anything loads).
+"""The host's inference engine for ``llamafactory-hera eval``: ``HuggingfaceEngine`` (base model, adapters loaded and
+merged) and one answer from its static ``_chat``. Checked on LLaMA-Factory 0.9.5 (:func:`check_host`).
 """
 
 from __future__ import annotations
@@ -11,9 +10,9 @@ from ..guard import require
 
 
 def check_host() -> None:
-    """Raise ``HostMismatchError`` unless every host name this module uses exists."""
-    import llamafactory.chat.hf_engine as hf_engine  # lazy (the package doc)
-    import llamafactory.hparams as hparams  # lazy (the package doc)
+    """Raise ``HostMismatchError`` unless every host name used here exists."""
+    import llamafactory.chat.hf_engine as hf_engine  # lazy
+    import llamafactory.hparams as hparams  # lazy
 
     require(hparams, ("get_infer_args",), "inference")
     require(hf_engine, ("HuggingfaceEngine",), "inference")
@@ -21,11 +20,10 @@ def check_host() -> None:
 
 
 def load_engine(recipe: dict[str, Any]) -> Any:
-    """LLaMA-Factory's ``HuggingfaceEngine`` for ``recipe`` (model in eval mode, tokenizer, processor, template,
-    generating arguments)."""
+    """The host's ``HuggingfaceEngine`` for ``recipe``, its model in eval mode."""
     check_host()
-    import llamafactory.chat.hf_engine as hf_engine  # lazy (the package doc)
-    import llamafactory.hparams as hparams  # lazy (the package doc)
+    import llamafactory.chat.hf_engine as hf_engine  # lazy
+    import llamafactory.hparams as hparams  # lazy
 
     model_args, data_args, finetuning_args, generating_args = hparams.get_infer_args(
         {**recipe, "infer_backend": "huggingface"}
@@ -36,8 +34,8 @@ def load_engine(recipe: dict[str, Any]) -> Any:
 
 
 def answer(engine: Any, messages: list[dict[str, str]], images: list[Any] | None, input_kwargs: dict[str, Any]) -> str:
-    """The engine's first response text to ``messages`` (with ``images``), as LLaMA-Factory's chat answers."""
-    import llamafactory.chat.hf_engine as hf_engine  # lazy (the package doc)
+    """The engine's first response text, as the host's chat answers."""
+    import llamafactory.chat.hf_engine as hf_engine  # lazy
 
     responses = hf_engine.HuggingfaceEngine._chat(
         engine.model,

@@ -1,10 +1,8 @@
-"""What a method's offline tools (head selection, calibration) need from LLaMA-Factory: a recipe's arguments,
-its model and its data.
+"""A recipe's arguments, model and data for a method's offline tools (head selection, calibration).
 
-Checked on LLaMA-Factory 0.9.5; the host names relied on are :func:`check_host`'s, verified before use. The loader's
-``_get_merged_dataset`` gives the aligned columns (``_prompt``, ``_response``, ``_images``), its
-``_get_preprocessed_dataset`` the training tokenization (one output row per valid input row), and
-``data_utils.split_dataset`` holds ``val_size`` rows out as the training run does.
+Checked on LLaMA-Factory 0.9.5 (:func:`check_host`). The loader's ``_get_merged_dataset`` gives the aligned columns
+(``_prompt``, ``_response``, ``_images``), ``_get_preprocessed_dataset`` the training tokenization (one output row per
+valid input row), and ``data_utils.split_dataset`` holds ``val_size`` rows out as training does.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from ..guard import require
 
 @dataclass
 class RecipeArgs:
-    """LLaMA-Factory's parsed arguments for reading a recipe's model and data (no training)."""
+    """The host's parsed arguments for reading a recipe's model and data."""
 
     model_args: Any
     data_args: Any
@@ -39,12 +37,12 @@ class RecipeArgs:
 
 
 def check_host() -> None:
-    """Raise ``HostMismatchError`` unless every host name this module uses exists."""
-    import llamafactory.data as data  # lazy (the package doc)
-    import llamafactory.data.data_utils as data_utils  # lazy (the package doc)
-    import llamafactory.data.loader as loader  # lazy (the package doc)
-    import llamafactory.hparams as hparams  # lazy (the package doc)
-    import llamafactory.model as model  # lazy (the package doc)
+    """Raise ``HostMismatchError`` unless every host name used here exists."""
+    import llamafactory.data as data  # lazy
+    import llamafactory.data.data_utils as data_utils  # lazy
+    import llamafactory.data.loader as loader  # lazy
+    import llamafactory.hparams as hparams  # lazy
+    import llamafactory.model as model  # lazy
 
     require(hparams, ("ModelArguments", "DataArguments", "FinetuningArguments", "get_infer_args"), "selection")
     require(model, ("load_tokenizer", "load_model"), "selection")
@@ -54,11 +52,10 @@ def check_host() -> None:
 
 
 def parse_recipe(recipe: dict[str, Any]) -> RecipeArgs:
-    """Parse the model/data/fine-tuning keys of a recipe; training-only keys and the methods' keys are ignored, a
-    method's stage reads as its host stage, and ``max_samples`` is dropped (calibration pairs come from the whole
-    dataset)."""
+    """Parse a recipe's model/data/fine-tuning keys; a method's stage reads as its host stage; ``max_samples`` is
+    dropped (calibration pairs come from the whole dataset)."""
     check_host()
-    import llamafactory.hparams as hparams  # lazy (the package doc)
+    import llamafactory.hparams as hparams  # lazy
 
     known = {
         f.name
@@ -75,26 +72,25 @@ def parse_recipe(recipe: dict[str, Any]) -> RecipeArgs:
 
 
 def training_args_for_reading(seed: int) -> Any:
-    """Minimal ``Seq2SeqTrainingArguments`` that LLaMA-Factory's data loader expects."""
+    """Minimal ``Seq2SeqTrainingArguments`` for the host's data loader."""
     from transformers import Seq2SeqTrainingArguments  # lazy: only for reading rows outside a run
 
-    # The loader never writes to output_dir; a path that is not created keeps every call from leaving a folder behind.
+    # The loader never writes output_dir; an uncreated path leaves no folder behind.
     unused = os.path.join(tempfile.gettempdir(), f"llamafactory_hera_reading_unused_{os.getpid()}")
     args = Seq2SeqTrainingArguments(output_dir=unused, seed=seed, report_to=[])
-    # Selection runs on one rank only (hera_heads: auto runs it on rank 0 while the others wait in a broadcast):
-    # the loader's "main process first" barrier would hang, so it is a no-op here.
+    # Selection runs on rank 0 only (hera_heads: auto; the others wait in a broadcast): the loader's "main process
+    # first" barrier would hang, so it is a no-op.
     args.main_process_first = lambda *a, **k: contextlib.nullcontext()
     return args
 
 
 def load_aligned_rows(args: RecipeArgs, seed: int, dataset: list[str] | None = None, training_args: Any = None) -> Any:
-    """The recipe's datasets in LLaMA-Factory's aligned format (``_prompt``, ``_response``, ``_images``).
+    """The recipe's datasets in aligned format.
 
-    Inside a run pass its ``training_args`` (and call this under its ``main_process_first``): ranks other than each
-    node's first then read the datasets cache (LLaMA-Factory's ``local_process_index != 0`` rule), and no new training
-    arguments reset accelerate's state.
+    Inside a run pass its ``training_args`` and call under its ``main_process_first``: non-first ranks of each node
+    then read the datasets cache, and no new training arguments reset accelerate's state.
     """
-    import llamafactory.data.loader as loader  # lazy (the package doc)
+    import llamafactory.data.loader as loader  # lazy
 
     names = dataset or args.data_args.dataset
     if not names:
@@ -105,25 +101,23 @@ def load_aligned_rows(args: RecipeArgs, seed: int, dataset: list[str] | None = N
 
 
 def scoring_device_map(device: str) -> dict[str, str]:
-    """``device_map`` for a model loaded whole on ``device`` ("cuda:3", "cpu"): a CPU rank's training_args.device is
-    "cpu:0", which transformers 4.55's safetensors loading refuses ("device cpu:0 is invalid"), so the CPU goes by its
-    plain name."""
+    """``device_map`` for a model loaded whole on ``device`` ("cuda:3", "cpu"). The CPU goes by its plain name:
+    transformers 4.55's safetensors loading refuses "cpu:0", a CPU rank's training_args.device."""
     return {"": "cpu" if device.partition(":")[0] == "cpu" else device}
 
 
 def load_model_for_scoring(
     args: RecipeArgs, device: str, device_map: dict[str, Any] | None = None
 ) -> tuple[Any, dict[str, Any], Any]:
-    """(model in eval mode on ``device``, or placed by ``device_map``, tokenizer module, template) exactly as
-    LLaMA-Factory loads them."""
-    import llamafactory.data as data  # lazy (the package doc)
-    import llamafactory.model as model_module  # lazy (the package doc)
+    """(model in eval mode on ``device`` or by ``device_map``, tokenizer module, template) as the host loads them."""
+    import llamafactory.data as data  # lazy
+    import llamafactory.model as model_module  # lazy
 
     args.model_args.device_map = device_map or scoring_device_map(device)
     tokenizer_module = model_module.load_tokenizer(args.model_args)
     template = data.get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], args.data_args)
-    # one process loads a whole copy: under FSDP's efficient loading (transformers' is_fsdp_enabled) LLaMA-Factory
-    # would drop the device_map (a CPU model scored on the GPU) and transformers accelerate's dispatch
+    # a whole copy: under FSDP's efficient loading the host would drop the device_map (a CPU model scored on GPU)
+    # and transformers accelerate's dispatch
     with loaded_whole():
         model = model_module.load_model(
             tokenizer_module["tokenizer"], args.model_args, args.finetuning_args, is_trainable=False
@@ -140,9 +134,8 @@ def multimodal_dataset_and_collator(
     rows: list[int],
     dataset: list[str] | None = None,
 ) -> tuple[Any, Any]:
-    """The chosen aligned ``rows``, tokenized as training tokenizes them (row ``i`` of the result is ``rows[i]``: no
-    validation split or dropped row elsewhere can shift which tokens go with which teacher feature), and the SFT
-    collator."""
+    """The aligned ``rows`` tokenized as in training, and the SFT collator. Row ``i`` is ``rows[i]``: no validation
+    split or dropped row can shift which tokens go with which teacher feature."""
     return tokenized_rows_and_collator(
         args, model, tokenizer_module, template, seed, load_aligned_rows(args, seed, dataset).select(rows)
     )
@@ -157,11 +150,10 @@ def tokenized_rows_and_collator(
     chosen: Any,
     training_args: Any = None,
 ) -> tuple[Any, Any]:
-    """Aligned rows ``chosen`` tokenized as training tokenizes them (row ``i`` of the result is ``chosen[i]``), and
-    the SFT collator (no HeRA keys). Inside a run pass its ``training_args``: building new training arguments there
-    would reset accelerate's state."""
-    import llamafactory.data as data  # lazy (the package doc)
-    import llamafactory.data.loader as loader  # lazy (the package doc)
+    """Aligned rows ``chosen`` tokenized as in training (row ``i`` is ``chosen[i]``), and the SFT collator (no HeRA
+    keys). Inside a run pass its ``training_args``: new ones would reset accelerate's state."""
+    import llamafactory.data as data  # lazy
+    import llamafactory.data.loader as loader  # lazy
 
     reading = training_args or training_args_for_reading(seed)
     tokenized = loader._get_preprocessed_dataset(
@@ -185,31 +177,30 @@ def tokenized_rows_and_collator(
 
 
 def holds_out_by_val_size(data_args: Any) -> bool:
-    """Whether LLaMA-Factory holds ``val_size`` of the training rows out (no ``eval_dataset``, not streaming)."""
+    """Whether the host holds ``val_size`` rows out (no ``eval_dataset``, not streaming)."""
     return not data_args.eval_dataset and data_args.val_size > 1e-6 and not data_args.streaming
 
 
 def _val_size_split(args: RecipeArgs, seed: int, rows: Any) -> tuple[Any, Any] | None:
-    """(training rows, validation rows) of LLaMA-Factory's ``val_size`` split of ``rows`` (its ``split_dataset`` with
-    the run's seed), or None when the recipe holds none out so (:func:`holds_out_by_val_size`)."""
+    """(training rows, validation rows) of the host's ``val_size`` split with the run's seed, or None if none."""
     data_args = args.data_args
     if not holds_out_by_val_size(data_args):
         return None
-    import llamafactory.data.data_utils as data_utils  # lazy (the package doc)
+    import llamafactory.data.data_utils as data_utils  # lazy
 
     train, held_out = data_utils.split_dataset(rows, None, data_args, seed=seed)
     return train["train"], held_out["validation"]
 
 
 def training_rows(args: RecipeArgs, seed: int, rows: Any) -> Any:
-    """The rows of ``rows`` that a run trains on: without the ``val_size`` split's validation rows."""
+    """``rows`` without the ``val_size`` split's validation rows."""
     split = _val_size_split(args, seed, rows)
     return rows if split is None else split[0]
 
 
 def split_rows(args: RecipeArgs, seed: int, rows: Any) -> tuple[Any, Any, str]:
-    """(training rows, held-out rows or None, what was held out) as LLaMA-Factory splits a run's data: the aligned
-    rows of ``eval_dataset``, or the ``val_size`` split of ``rows``."""
+    """(training rows, held-out rows or None, what was held out) as the host splits: ``eval_dataset``, or
+    ``val_size``."""
     data_args = args.data_args
     if data_args.eval_dataset:
         return rows, load_aligned_rows(args, seed, data_args.eval_dataset), f"eval_dataset {data_args.eval_dataset}"
@@ -221,7 +212,7 @@ def split_rows(args: RecipeArgs, seed: int, rows: Any) -> tuple[Any, Any, str]:
 
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
-    """The Hub's and datasets' offline flags on for the block (a model or dataset not in the local cache raises)."""
+    """Hub and datasets offline for the block: an uncached model or dataset raises."""
     saved = (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
     constants.HF_HUB_OFFLINE = True
     datasets.config.HF_HUB_OFFLINE = True
@@ -233,12 +224,11 @@ def _offline() -> Iterator[None]:
 
 
 def sampled_rows(recipe: dict[str, Any], count: int, seed: int) -> tuple[int, list[tuple[int, int, int]]]:
-    """(the rows a run of ``recipe`` trains on, and up to ``count`` of them drawn by ``seed`` as (tokens, images,
-    image tokens)), tokenized as training tokenizes them: the recipe's tokenizer, processor and template,
-    ``cutoff_len`` applied. Offline: a model or Hub dataset not in the local cache raises."""
-    import llamafactory.data as data  # lazy (the package doc)
-    import llamafactory.data.loader as loader  # lazy (the package doc)
-    import llamafactory.model as model  # lazy (the package doc)
+    """(rows a run of ``recipe`` trains on, ``count`` of them drawn by ``seed`` as (tokens, images, image tokens)),
+    tokenized as in training. Offline: an uncached model or dataset raises."""
+    import llamafactory.data as data  # lazy
+    import llamafactory.data.loader as loader  # lazy
+    import llamafactory.model as model  # lazy
 
     with _offline():
         args = parse_recipe(recipe)
@@ -248,7 +238,7 @@ def sampled_rows(recipe: dict[str, Any], count: int, seed: int) -> tuple[int, li
         rows = load_aligned_rows(args, seed)
         rows = training_rows(args, seed, rows.select(range(min(len(rows), recipe.get("max_samples") or len(rows)))))
         chosen = rows.shuffle(seed=seed).select(range(min(count, len(rows))))
-        with contextlib.redirect_stdout(io.StringIO()):  # not the first row, which the loader prints
+        with contextlib.redirect_stdout(io.StringIO()):  # the loader prints the first row
             tokenized = loader._get_preprocessed_dataset(
                 chosen,
                 args.data_args,

@@ -1,14 +1,11 @@
-"""Every declared method as a first-class stage of LlamaBoard (LLaMA-Factory's web UI), applied once
-``llamafactory.webui.interface`` has executed (it has imported every module touched here): all shapes are checked, then
-everything is patched. The stage joins the dropdown in :mod:`.stage_list`. Each method's panel is the plugin's
-``MethodPanel`` its declaration names; with any other stage the UI, the preview, the command and the saved configs are
-stock.
+"""Every method as a stage of LlamaBoard, applied once ``llamafactory.webui.interface`` has executed (it imported every
+module touched here): all shapes checked, then everything patched. Each method gets the ``MethodPanel`` its
+declaration names; with any other stage UI, preview, command and saved configs are stock.
 
-Checked on LLaMA-Factory 0.9.5 (gradio 5): the names and signatures :func:`_modules` and :data:`_SIGNATURES` verify.
-``create_train_tab(engine)`` binds its buttons to ``engine.manager.get_base_elems()`` plus the tab's inputs, so a
-panel's inputs must exist before it runs (``cmd_preview_btn`` sits after the settings accordions); ``common._clean_cmd``
-drops every false value from the preview and the saved ``training_args.yaml``, so a method's flag set false is put
-back (a quoted ``'false'`` would be refused, as LLaMA-Factory's flags are).
+Checked on LLaMA-Factory 0.9.5 (gradio 5) by :func:`_modules`. ``create_train_tab(engine)`` binds its buttons to
+``engine.manager.get_base_elems()`` plus the tab's inputs, so panel inputs must exist before it runs;
+``common._clean_cmd`` drops every false value from the preview and the saved ``training_args.yaml``, so a method's
+false flag is put back (a quoted ``'false'`` is refused).
 """
 
 from __future__ import annotations
@@ -32,7 +29,7 @@ MethodPanel = Any  # its LlamaBoard panel: tab, keys, locales, create_panel, bin
 
 PATCH = "webui"
 _WEBUI = "llamafactory.webui"
-# the web-UI functions this patch wraps or calls: (module, attribute) -> their parameters
+# web-UI functions wrapped or called: (module, attribute) -> parameters
 _SIGNATURES = {
     ("components.train", "create_train_tab"): ("engine",),
     ("runner", "Runner._initialize"): ("self", "data", "do_train", "from_preview"),
@@ -46,7 +43,7 @@ _SIGNATURES = {
 
 
 def _require_signature(module: ModuleType, path: str, expected: tuple[str, ...]) -> None:
-    """Raise :class:`HostMismatchError` unless ``module`` has ``path`` (e.g. ``Runner.monitor``) taking ``expected``."""
+    """Raise :class:`HostMismatchError` unless ``module.path`` takes ``expected``."""
     func: Any = module
     for name in path.split("."):
         require(func, (name,), PATCH)
@@ -57,7 +54,7 @@ def _require_signature(module: ModuleType, path: str, expected: tuple[str, ...])
 
 
 def _modules(interface: ModuleType) -> dict[str, ModuleType]:
-    """The web-UI modules, checked (raises before anything is patched)."""
+    """The web-UI modules, checked before anything is patched."""
     require(interface, ("create_ui", "create_train_tab"), PATCH)
     mods = {
         name: importlib.import_module(f"{_WEBUI}.{name}")
@@ -83,7 +80,7 @@ def _modules(interface: ModuleType) -> dict[str, ModuleType]:
 
 
 def apply(interface: ModuleType) -> None:
-    """Patch LlamaBoard (``llamafactory.webui.*``) in place; all checks before any change."""
+    """Patch LlamaBoard (``llamafactory.webui.*``) in place."""
     if getattr(interface, "_llamafactory_hera_patched", False):
         return
     mods = _modules(interface)
@@ -170,7 +167,7 @@ def _wrap_create_train_tab(
 
 
 def _planner(runner: Any, method: Method) -> Callable[[dict[Any, Any]], str]:
-    """The plan button's callback: the run Start would launch, as LlamaBoard parses it, planned by the method."""
+    """The plan button's callback: the method's plan of the run Start would launch."""
 
     def plan_run(data: dict[Any, Any]) -> str:
         return method.plan(runner._parse_train_args(data))
@@ -178,26 +175,26 @@ def _planner(runner: Any, method: Method) -> Callable[[dict[Any, Any]], str]:
     return plan_run
 
 
-# The Stage dropdown's least width (px): stock gives it 1/6 of its row (157 px of text at a 1600 px window), which cuts
-# the methods' names off ("HeRA (Head-wise Representation Alignment)" takes 313 px); at this width the longest name
-# fits beside the dropdown's arrow from a 1280 px window up, and the other boxes of the row keep their share.
+# The Stage dropdown's least width (px): stock's 1/6 of the row (157 px at a 1600 px window) cuts the methods' names
+# ("HeRA (Head-wise Representation Alignment)" takes 313 px); this fits the longest from a 1280 px window up,
+# leaving the row's other boxes their share.
 STAGE_MIN_WIDTH = 420
 
 
 def _shown_for(method: Method, stages: dict[str, str], gr: Any) -> Callable[[str], Any]:
-    """The Train tab's stage dropdown -> the method's accordion, shown only for its own stage."""
+    """Dropdown callback: the method's accordion shown only for its own stage."""
     return lambda label: gr.Accordion(visible=method.owns(stages.get(label)))
 
 
 def _place_before(block: Any, anchor: Any) -> None:
-    """Move ``block`` in its parent's layout to just before the ancestor of ``anchor`` that shares that parent."""
+    """Move ``block`` just before ``anchor``'s ancestor that shares its parent."""
     parent = getattr(block, "parent", None)
     children = getattr(parent, "children", None)
     node = anchor
     while node is not None and getattr(node, "parent", None) is not parent:
         node = getattr(node, "parent", None)
     if children is None or node is None or block not in children:
-        return  # gradio's layout has another shape: the panel stays at the top of the tab
+        return  # another layout: the panel stays on top
     children.remove(block)
     children.insert(children.index(node), block)
 
@@ -217,16 +214,16 @@ def _patch_runner(
             return None
 
     def chosen(self: Any, data: dict[Any, Any] | None) -> tuple[Method, MethodPanel] | None:
-        """The method (and its panel) whose stage the Train tab selects, if any."""
+        """The selected stage's (method, panel), or None."""
         stage = stages.get(elem_value(self, data, "train.training_stage")) if data else None
         return next(((method, panel) for method, panel in panels if method.owns(stage)), None)
 
     def panel_values(self: Any, data: dict[Any, Any], panel: MethodPanel) -> dict[str, Any] | None:
         values = {key: elem_value(self, data, f"train.{key}") for key in panel.keys}
-        return None if all(v is None for v in values.values()) else values  # None: a UI without the panel
+        return None if all(v is None for v in values.values()) else values  # None: no panel in the UI
 
     def extra_args(self: Any, data: dict[Any, Any]) -> dict[str, Any]:
-        """The "Extra arguments" JSON box as a dict (the stock checks refuse a box that is not JSON)."""
+        """The "Extra arguments" JSON box as a dict ({} if not JSON: the stock checks refuse it)."""
         try:
             extra = json.loads(elem_value(self, data, "train.extra_args") or "{}")
         except (TypeError, ValueError):
@@ -237,8 +234,7 @@ def _patch_runner(
         selected = chosen(self, data)
         dataset_box = self.manager.get_elem_by_id("train.dataset") if do_train and selected is not None else None
         if dataset_box is not None and selected[1].declaration.dataset_from_panel and not data.get(dataset_box):
-            # the method reads its rows from its panel's dataset keys: the stock "choose a dataset" check would
-            # refuse an empty Dataset box (the run fills `dataset` itself, see the method's raw host checks)
+            # the panel's dataset keys name the rows (the run fills `dataset`): the stock check refuses an empty box
             data = {**data, dataset_box: ["(from the panel)"]}
         error = original_initialize(self, data, do_train, from_preview)
         if error or not do_train or selected is None:
@@ -275,8 +271,8 @@ def _patch_runner(
         return config
 
     def monitor(self: Any) -> Generator[dict[Any, Any], None, None]:
-        # Stock polls every 2 s and stops when the process ends, so a short run can finish with an
-        # old plot (or none); a method's run gets one last loss plot after the stock monitor is done.
+        # Stock polls every 2 s and stops with the process, so a short run can end on an old plot (or none): a method's
+        # run gets one last plot after it.
         data = self.running_data
         final = None
         if self.do_train and chosen(self, data) is not None:

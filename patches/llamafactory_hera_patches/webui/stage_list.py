@@ -1,8 +1,7 @@
 """Adds every registered method to LlamaBoard's training-stage dropdown (``extras.constants.TRAINING_STAGES``).
 
-Checked on LLaMA-Factory 0.9.5: the web UI modules import this dict by reference, so an
-in-place update before the UI is built adds the stage everywhere (label and stage from the method's
-declaration). The methods' panels, their arguments and the loss plot are :mod:`.board`.
+Checked on LLaMA-Factory 0.9.5: the web UI imports this dict by reference, so updating it in place before the UI is
+built adds the stage everywhere. Panels and loss plot: :mod:`.board`.
 """
 
 from __future__ import annotations
