@@ -58,9 +58,8 @@ class _CopyWithGradient(torch.autograd.Function):
 
 
 class InCallColumns:
-    """One ``o_proj``'s effective weight at the heads' ``columns`` ``[C]``, copied piece by piece inside its modules'
-    calls while :attr:`armed` and ZeRO-3 partitions the base weight. :meth:`take` combines them (the same sum as
-    ``projection.effective_weight_columns``); None when nothing was partitioned (other engines read it later)."""
+    """One ``o_proj``'s effective weight at ``columns`` ``[C]``, copied in its modules' calls while :attr:`armed` under
+    ZeRO-3; :meth:`take` sums the pieces as ``projection.effective_weight_columns`` does."""
 
     def __init__(self, o_proj: nn.Module, columns: torch.Tensor) -> None:
         self.o_proj = o_proj
@@ -101,8 +100,7 @@ class InCallColumns:
         return self.columns
 
     def _norm_reader(self, get_weight_norm: Any, name: str) -> Any:
-        """PEFT's DoRA ``get_weight_norm``, also keeping ``||W + s B A||_row`` in float32
-        (``projection.dora_row_norm``) from the weights PEFT's forward gathered."""
+        """PEFT's DoRA ``get_weight_norm``, also keeping the float32 row norm (``projection.dora_row_norm``)."""
 
         def reading(weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float) -> torch.Tensor:
             if self.partitioned:
@@ -146,11 +144,9 @@ class InCallColumns:
 
 
 class _LayerRun:
-    """A decoder layer's checkpointed call (``func``: ``partial(layer.__call__, **kwargs)``) returning
-    ``(*outputs, inputs[, columns])``: the heads' inputs from the ``o_proj`` hook and, for plain-tensor weights, their
-    effective ``W_O`` columns. Read inside the call, the columns' gradient reaches ``o_proj`` in the layer's own
-    backward (DDP refuses a second gradient from outside the checkpoint); FSDP2's DTensors are gathered outside, once.
-    ``__self__`` is the layer: LLaMA-Factory's checkpointing reads ``func.__self__`` to see whether it trains."""
+    """A layer's checkpointed call returning ``(*outputs, inputs[, columns])``: the heads' inputs and, for plain
+    weights, their ``W_O`` columns, read inside so their gradient comes in the layer's own backward (DDP refuses a
+    second one); FSDP2's DTensors are gathered outside. ``__self__``: the layer (LLaMA-Factory checks it trains)."""
 
     def __init__(self, capture: HeadCapture, layer: int, func: Callable[..., Any]) -> None:
         self.capture = capture
@@ -183,16 +179,13 @@ class _LayerRun:
 class HeadCapture:
     """Forward hooks producing ``[n_heads, B, d]`` head representations for one forward pass.
 
-    A hook on each selected layer's ``o_proj`` copies the heads' slices of its input ``[B, T, n*d_head]`` (one per
-    run of consecutive heads; slicing, concatenation and copies save nothing for backward, so non-reentrant
-    checkpointing's recomputation is unchanged). After the forward they are pooled over the chosen tokens and projected
-    through each head's ``W_O`` columns, giving the HeRA loss a full autograd graph. Hooks act only while armed:
-    recomputation in backward and evaluation forwards are ignored.
+    A hook on each selected ``o_proj`` copies the heads' slices of its input ``[B, T, n*d_head]`` (slices and copies
+    save nothing for backward, so non-reentrant recomputation is unchanged). After the forward they are pooled and
+    projected through each head's ``W_O`` columns, with a full autograd graph. Hooks act only while armed.
 
-    Reentrant checkpointing runs the first forward without autograd, so a slice taken there has no gradient. Such a
-    layer's checkpointing is wrapped (:meth:`checkpointed`): the slices and ``W_O`` columns leave the checkpoint as
-    extra outputs, and the recomputation sends HeRA's gradient into the layer with the LM loss's in one backward:
-    non-reentrant arithmetic at reentrant host cost.
+    Reentrant checkpointing runs the first forward without autograd. Such a layer's checkpointing is wrapped
+    (:meth:`checkpointed`): slices and ``W_O`` columns leave the checkpoint as extra outputs, and the recomputation
+    sends HeRA's gradient into the layer with the LM loss's: non-reentrant arithmetic at reentrant host cost.
     """
 
     def __init__(self, model: nn.Module, heads: list[HeadRef], geometry: AttentionGeometry) -> None:
@@ -255,8 +248,8 @@ class HeadCapture:
 
     @property
     def copies_in_call(self) -> bool:
-        """Whether a head's ``o_proj`` weight is a ZeRO-3 partition. Its columns are then copied in the module's call,
-        which a reentrant checkpoint's no-autograd forward would cut from their gradient: no reentrant checkpoint."""
+        """Whether a head's ``o_proj`` weight is a ZeRO-3 partition: its columns are copied in the module's call, so
+        its layer must not checkpoint reentrantly (no autograd there)."""
         return any(is_zero3_partition(reader.base.weight) for reader in self._in_call.values())
 
     def checkpointed(self, layer: int, function: Callable[..., Any]) -> Callable[..., Any]:
@@ -350,14 +343,13 @@ class HeadCapture:
         return reps
 
     def _weight_columns(self, layer: int, in_call: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-        """``[d, n*dh]`` float32 effective ``W_O`` columns of ``layer``'s heads: ``in_call`` if read already, else
-        read now (:func:`effective_weight_columns`)."""
+        """``[d, n*dh]`` float32 ``W_O`` columns of ``layer``'s heads: ``in_call``, else read now."""
         if in_call is not None:
             return in_call
         return effective_weight_columns(self._modules[layer], self._columns_on(layer, device))
 
     def _columns_on(self, layer: int, device: torch.device) -> torch.Tensor:
-        """``layer``'s heads' columns on ``device``, moved once (a copy per call would be an op)."""
+        """``layer``'s heads' columns on ``device``, moved once."""
         if self._columns[layer].device != device:
             self._columns[layer] = self._columns[layer].to(device)
         return self._columns[layer]

@@ -1,8 +1,7 @@
-"""Collator mixin: adds the teacher's pixel values of each sample's raw images, read before the host collator removes
-them, so the MLLM batch is exactly plain SFT's. Keys: ``hera_image_counts`` ``[B]`` int64; ``hera_image_keys``:
-``N_img`` cache keys (None: not cacheable); ``hera_pixel_values`` ``[M, 3, h, w]``: the ``M <= N_img`` distinct
-uncached images (absent when none), each once; ``hera_pixel_keys``: their M identities
-(``teacher_cache.image_identity``), tying each feature to its image whatever the cache holds by then.
+"""Collator mixin adding the teacher's pixels of each sample's images (read before the host collator drops them; the
+MLLM batch stays plain SFT's). Keys: ``hera_image_counts`` ``[B]`` int64; ``hera_image_keys``: ``N_img`` cache keys
+(None: not cacheable); ``hera_pixel_values`` ``[M, 3, h, w]``: the ``M <= N_img`` distinct uncached images (absent
+when none); ``hera_pixel_keys``: their identities, tying each feature to its image whatever the cache holds then.
 
 Given ``hera_multimodal_ids`` and ``hera_pooling``, it also computes on the CPU what the step would otherwise sync for
 or launch: ``hera_pooling_weights`` ``[B, T]`` float32 (each row averages the sample's pooled tokens),

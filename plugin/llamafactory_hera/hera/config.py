@@ -217,8 +217,7 @@ def _coerce_queue_size(key: str, value: Any) -> str:
 
 
 def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> HeraArguments:
-    """Validated :class:`HeraArguments` from ``hera_*`` keys (typed or string values); RecipeError naming key, value
-    and allowed range, or the closest valid key."""
+    """Validated :class:`HeraArguments` from ``hera_*`` keys (typed or strings); else a RecipeError naming the key."""
     special = {"hera_heads": _coerce_heads, "hera_queue_size": _coerce_queue_size}
     args = parse_keys(HeraArguments, raw, "HeRA", special)
     if args.hera_teacher_precompute == "true" and not args.hera_teacher_cache:

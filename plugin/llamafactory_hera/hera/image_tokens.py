@@ -1,7 +1,6 @@
-"""``cutoff_len`` against the tokenized training rows' image tokens, before the model loads: a row truncated into its
-image tokens is refused in one line naming the row, its image tokens, what is left and the ``cutoff_len`` that keeps
-them (docs/hera-design.md, "Bad image rows"). Only rows near ``cutoff_len`` that look cut are read; their images are
-processed again to count their tokens exactly.
+"""``cutoff_len`` against the tokenized rows' image tokens, before the model loads: a row cut into its image tokens is
+refused, naming the row, its tokens, what is left and the ``cutoff_len`` that keeps them (docs/hera-design.md, "Bad
+image rows"). Only rows near ``cutoff_len`` that look cut are re-processed to count exactly.
 """
 
 from __future__ import annotations

@@ -8,11 +8,9 @@ teacher features ``t``::
 ``N_k^t(i)`` are image i's k nearest other batch images in teacher space (cosine). The loss is averaged over the
 batch and heads.
 
-Three parts: the equation as a pure function (:func:`hera_loss_anchored`); the distributed candidate set (all ranks'
-samples gathered with their gradient, plus a FIFO queue of recent teacher features and detached representations when
-a batch is too small for k neighbours); the learnable temperature (float32 ``log tau``, clamped to
-``[TAU_MIN, TAU_MAX]`` where used and after every optimizer step). Why: docs/hera-design.md ("The objective",
-"Multi-GPU").
+Here: the equation (:func:`hera_loss_anchored`); the candidate set (ranks' samples gathered with gradient, a queue of
+recent detached samples); the learned float32 ``log tau``, clamped to ``[TAU_MIN, TAU_MAX]`` when used and after each
+optimizer step. Why: docs/hera-design.md ("The objective", "Multi-GPU").
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from transformers import TrainerCallback
 Similarity = Literal["cosine", "dot"]
 
 
-# ----------------------------------------------------------------------------- the equation (a pure function)
+# --- the equation (a pure function)
 
 
 def hera_loss_anchored(
@@ -41,9 +39,8 @@ def hera_loss_anchored(
     temperature: float | torch.Tensor = 0.07,
     similarity: Similarity = "cosine",
 ) -> torch.Tensor:
-    """``[A]`` float32 per-anchor HeRA losses (mean over heads and neighbours) against a candidate set (global batch
-    and/or queue): positives are the anchor's k teacher neighbours among the other candidates (needs ``C - 1 >= k``),
-    the softmax runs over those candidates. With ``candidates == anchors`` the mean is Eq. 4.
+    """``[A]`` float32 per-anchor losses (mean over heads and neighbours): positives are the k teacher neighbours among
+    the other candidates (``C - 1 >= k``), the softmax over those candidates. With ``candidates == anchors``: Eq. 4.
 
     ``anchors`` ``[H, A, D]`` (with gradient), ``candidates`` ``[H, C, D]`` (queued ones detached), ``anchor_index``
     ``[A]`` positions among the candidates (-1: absent; None: the first A, in order), ``anchor_teacher`` ``[A, E]``,
@@ -80,7 +77,7 @@ def _unit(x: torch.Tensor, normalise: bool) -> torch.Tensor:
     return F.normalize(x, dim=-1) if normalise else x
 
 
-# ---------------------------------------------------------------- the distributed candidate set (gather, queue)
+# --- the distributed candidate set (gather, queue)
 
 
 def distributed() -> bool:
@@ -117,8 +114,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def gather_batch(reps: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, list[int]]:
-    """All-gather per-rank batches of any size (n may be 0), keeping the student's graph: ``reps`` ``[H, n, D]``,
-    ``teacher`` ``[n, E]`` -> (``[H, N, D]``, ``[N, E]`` in rank order, this rank's offset, per-rank sizes)."""
+    """All-gather per-rank batches (n may be 0), keeping the graph: ``reps`` ``[H, n, D]``, ``teacher`` ``[n, E]``
+    -> (``[H, N, D]``, ``[N, E]`` in rank order, this rank's offset, per-rank sizes)."""
     world = torch.distributed.get_world_size()
     rank = torch.distributed.get_rank()
     # HeRA's one host sync in a step (hera_gather only): the gathered shape depends on every rank's anchor count.
@@ -197,12 +194,11 @@ def used_temperature(log_tau: torch.Tensor) -> torch.Tensor:
 
 
 class TemperatureGradHandler(TrainerCallback):
-    """Owns the gradient (and, with ``own_optimizer``, the update) of the temperature, which lives outside the model.
+    """The temperature's gradient (and update, with ``own_optimizer``); it lives outside the model.
 
-    - Before each optimizer step: averages the gradient over ranks (DDP does not see it); every rank takes part,
-      with zeros if it had no HeRA term, so the collective matches.
-    - With ``own_optimizer`` (an AdamW the trainer sets under DeepSpeed or FSDP, whose optimizers take only model
-      parameters): steps it with the main schedule's factor (main optimizer's lr / ``learning_rate``).
+    - Before each optimizer step: averages the gradient over ranks (DDP does not see it), zeros where a rank had no
+      term, so the collective matches.
+    - ``own_optimizer`` (AdamW, set under DeepSpeed or FSDP): stepped with the main lr / ``learning_rate`` factor.
     - After each step: clamps ``log tau`` and clears its gradient (``model.zero_grad()`` does not reach it).
     """
 

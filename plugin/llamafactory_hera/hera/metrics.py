@@ -26,9 +26,8 @@ def knn_indices(feats: torch.Tensor, k: int) -> torch.Tensor:
 def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
     """``[..., k]`` indices of each row's k largest values; a tie at the k-th place goes to the lower index.
 
-    ``torch.topk`` leaves ties (duplicate images or captions) unspecified, so they could differ between runs. Rows
-    with a k-th place tie are redone with a stable sort; others keep ``topk``'s (5x cheaper than sorting all).
-    Only the returned set matters, not its order.
+    ``torch.topk`` leaves ties (duplicate images or captions) unspecified; tied rows are redone with a stable sort,
+    others keep ``topk``'s (5x cheaper than sorting all). Only the set matters, not its order.
     """
     values, indices = scores.topk(k, dim=-1)
     kth = values[..., -1:]

@@ -1,10 +1,9 @@
 """Alignment during training: the aligned heads' MKNN with the teacher on a fixed probe set (``hera_monitor_*``;
 docs/hera.md "Alignment during training").
 
-Probe pairs are drawn once, before the model loads (:func:`probe_set`); points are scored exactly as selection scores
-a head, the teacher's side once. Points follow a fixed schedule (:func:`monitor_steps`) at the end of the optimizer
-step: every rank scores (ZeRO-3 needs all in the forward), rank 0's values are broadcast and logged through
-``log()``. A step without a point does nothing on the device.
+Probe pairs are drawn before the model loads (:func:`probe_set`) and scored as selection scores a head, the teacher's
+side once. At scheduled step ends (:func:`monitor_steps`) every rank scores (ZeRO-3 needs all in the forward) and
+rank 0's values are broadcast and logged. Other steps do nothing on the device.
 """
 
 from __future__ import annotations
@@ -55,8 +54,8 @@ def _pairs_of(rows: Any, count: int, seed: int, k: int, source: str) -> list[col
 
 
 def probe_set(hera_args: Any, recipe_args: Any, training_rows: Any, seed: int) -> ProbeSet | None:
-    """The probe pairs (held-out rows if enough, else training rows), or None with the monitor off
-    (``hera_monitor_steps: 0``, or too few pairs under the default; too few with an explicit value: RecipeError)."""
+    """Probe pairs (held-out rows if enough, else training rows), or None: monitor off (``hera_monitor_steps: 0``, or
+    too few pairs by default; RecipeError if set explicitly)."""
     if hera_args.hera_monitor_steps == 0 or training_rows is None:
         return None
 
@@ -98,8 +97,7 @@ def control_heads(aligned: list[HeadRef], num_heads: int, seed: int) -> list[Hea
 
 
 def wait_for_device(device: Any) -> None:
-    """On CUDA, wait for queued work so the next clock read measures only what follows. Called only when the monitor
-    scores or prepares."""
+    """On CUDA, wait for queued work so a clock read next times only what follows (only when scoring or preparing)."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
@@ -114,11 +112,8 @@ def monitor_steps(every: int | None, max_steps: int) -> set[int]:
 
 
 class MonitorCallback(TrainerCallback):
-    """Scores the aligned and control heads on the probe set at the scheduled steps, logged through ``trainer.log``.
-
-    Added after the host's callbacks, so ``control.should_log`` is decided when ``on_step_end`` runs; the trainer's
-    ``log`` calls :meth:`merge` on every training log. Construction runs nothing on the model.
-    """
+    """Scores aligned and control heads at the scheduled steps. Added after the host's callbacks, so
+    ``control.should_log`` is decided at ``on_step_end``; the trainer's ``log`` calls :meth:`merge`."""
 
     def __init__(self, trainer: Any, hera_args: Any, probe: ProbeSet, geometry: Any, recipe_args: Any) -> None:
         args = trainer.args

@@ -144,9 +144,8 @@ def validate_host_args(
     generating_args: Any,
     hera_args: HeraArguments,
 ) -> None:
-    """Refuse settings HeRA cannot honour; heads and teacher are checked from configs, in seconds, before the MLLM
-    loads. Gradient checkpointing stays the recipe's except the heads' layers (non-reentrant,
-    :mod:`llamafactory_hera.training.layer_checkpointing`)."""
+    """Refuse settings HeRA cannot honour, in seconds (heads and teacher from configs, before the MLLM loads).
+    Gradient checkpointing stays the recipe's except the heads' layers (non-reentrant, ``layer_checkpointing``)."""
     holders = {"data": data_args, "finetuning": finetuning_args, "model": model_args}
     check_trains(training_args)
     check_run_inputs(model_args, data_args, training_args, stage="hera")
@@ -193,8 +192,8 @@ def validate_host_args(
 
 
 def check_adapter_fits(adapters: list[str], hidden_size: int, attention_widths: set[int], model_name: str) -> None:
-    """Raise when a local adapter's o_proj LoRA shapes do not fit ``hidden_size`` and ``attention_widths``
-    (``num_heads * head_dim`` per layer; Gemma 4's differ); hub ids skipped, no weight loaded."""
+    """Refuse a local adapter whose o_proj LoRA shapes miss ``hidden_size`` / ``attention_widths`` (``num_heads *
+    head_dim`` per layer); hub ids skipped, no weight loaded."""
     for adapter in adapters:
         weights = Path(adapter) / "adapter_model.safetensors"
         config = Path(adapter) / "adapter_config.json"

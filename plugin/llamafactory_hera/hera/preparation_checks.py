@@ -1,6 +1,6 @@
-"""HeRA's checks before the first step: contrastive set sizes, the queue, image rows, the same heads on every rank;
-after the model loads, heads no trainable weight can move. A run that would train plain SFT while looking like HeRA
-stops, naming the setting and the fix (docs/hera-design.md, "The objective"; docs/hera.md, "Unsupported combinations").
+"""HeRA's checks before the first step: contrastive sets, queue, image rows, same heads on all ranks, heads that can
+train. A run that would be plain SFT looking like HeRA stops, naming setting and fix (docs/hera-design.md, "The
+objective"; docs/hera.md, "Unsupported combinations").
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from llamafactory_hera_patches.tools.model_data import (
 
 @dataclass(frozen=True)
 class ContrastiveGeometry:
-    """The largest contrastive set a run can form: ``batch_set``, the image samples of one step (per-device batch,
-    times the processes under ``hera_gather``), plus ``queue``, the feature queue's capacity."""
+    """The largest contrastive set: ``batch_set`` (a step's image samples; times the processes under
+    ``hera_gather``) plus ``queue`` (its capacity)."""
 
     per_device: int
     processes: int
@@ -49,9 +49,8 @@ class ContrastiveGeometry:
 def contrastive_geometry(
     hera_args: HeraArguments, per_device: int, processes: int, distinct_images: int | None = None
 ) -> ContrastiveGeometry:
-    """The run's contrastive geometry. ``hera_queue_size: auto`` gives ``4 * (hera_k + 1)`` when the largest batch set
-    is below ``hera_k + 1`` or 3 (a set of 2 has no negative); a ragged last batch does not switch it on. Any queue is
-    capped at ``distinct_images`` minus one batch set: a longer one would repeat images."""
+    """``hera_queue_size: auto``: ``4 * (hera_k + 1)`` when a full batch set is below ``max(hera_k + 1, 3)`` (2 have no
+    negative). Any queue is capped at ``distinct_images`` minus a batch set (longer would repeat images)."""
     gather = hera_args.hera_gather
     gathered = processes if gather and processes > 1 else 1
     batch_set = per_device * gathered
@@ -98,9 +97,8 @@ def check_contrastive_geometry(
     data: str = "the training data",
     more: str = "another dataset, or a larger max_samples",
 ) -> None:
-    """Refuse a run whose contrastive sets can never hold ``hera_k + 1`` distinct images (an anchor and k neighbours):
-    too few in ``data`` (named in the message; ``more``: keys giving more), or in a batch set plus queue; first, one
-    whose sets never hold a negative."""
+    """Refuse sets that can never hold ``hera_k + 1`` distinct images: too few in ``data`` (``more``: keys giving
+    more), or in a batch set plus queue; first, sets that never hold a negative."""
     k = hera_args.hera_k
     distinct = geometry.distinct_images
     needed = max(k + 1, 3)
@@ -240,9 +238,9 @@ def check_heads_train(model: nn.Module, heads: list[HeadRef], auto: bool, finetu
 def checked_image_rows(
     model_args: Any, data_args: Any, finetuning_args: Any, training_args: Any
 ) -> tuple[dict[str, int], Any, Any]:
-    """(image path -> row, counts of the training rows, aligned rows), after checking each image file exists and the
-    training rows have images, before LLaMA-Factory fails on a missing file with a bare OSError. Counts exclude
-    ``val_size``'s rows (LLaMA-Factory's split, run's seed). Streaming is not scanned (counts and rows None)."""
+    """(image path -> row, training-row counts, aligned rows), after checking the image files exist (else
+    LLaMA-Factory fails with a bare OSError) and training rows have images. Counts exclude ``val_size``'s rows.
+    Streaming is not scanned (counts and rows None)."""
     if getattr(data_args, "streaming", False):
         return {}, None, None
 

@@ -17,14 +17,11 @@ from torch import nn
 
 
 def effective_weight_columns(o_proj: nn.Module, columns: torch.Tensor) -> torch.Tensor:
-    """``[d, C]`` float32 effective weight of ``o_proj`` (``nn.Linear``, bitsandbytes 4-/8-bit, or a PEFT LoRA / DoRA
-    layer wrapping one) at input ``columns`` ``[C]``, bias excluded, with every active unmerged adapter's delta.
+    """``[d, C]`` float32 effective weight of ``o_proj`` (Linear, bitsandbytes 4-/8-bit, or PEFT LoRA / DoRA on one) at
+    input ``columns`` ``[C]``, bias excluded, plus each active unmerged adapter's delta, taken on the base weight
+    (:func:`combined`), as LLaMA-Factory trains one adapter.
 
-    Each delta (:func:`combined`; DoRA's row norm over the full row, detached, as PEFT takes it) is taken on the base
-    weight, as LLaMA-Factory trains one adapter (PEFT applies a second DoRA adapter to the first's result).
-
-    Base and deltas are added in float32: in bf16 a LoRA delta a few 1e-5 of the weight (early in training) is mostly
-    rounded away (at |delta|/|W| = 7e-5, 98.6 % of its effect on the projected value).
+    Summed in float32: in bf16 a LoRA delta of a few 1e-5 of the weight is mostly rounded away (at 7e-5, 98.6 %).
     """
     base, adapters = base_and_adapters(o_proj)
     if base.weight.ndim != 2:  # a ZeRO-3 partition outside its gather: an empty 1-D placeholder
@@ -96,12 +93,10 @@ def _dora_norm(base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
 def base_weight_columns(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
     """``[out, C]`` float32 weight of a base ``Linear`` at input ``columns`` (None: all), as its forward uses it.
 
-    Plain: as stored. bitsandbytes 8-bit: ``codes * SCB / 127`` (per-row absmax ``SCB``). 4-bit (``Params4bit``: nf4,
-    fp4, double quantization): dequantized whole (blocks run along the flattened rows), then indexed; under FSDP2 a
-    shard of whole rows and blocks is dequantized alone and the columns gathered (:func:`sharded_columns`), other
-    shards gathered whole first. Other non-floating storage is refused by name.
-    bitsandbytes 0.50's CPU 8-bit layer multiplies by exactly this weight in train mode; in eval mode (``select``) it
-    runs LLM.int8 (~7e-3 relative), so the heads sum to the layer's output within that rounding."""
+    bitsandbytes 8-bit: ``codes * SCB / 127`` (per-row absmax). 4-bit (nf4, fp4, nested): dequantized whole, then
+    indexed; under FSDP2 by shard where possible (:func:`sharded_columns`). Other integer storage is refused.
+    bitsandbytes 0.50's CPU 8-bit layer uses exactly this weight in train mode; in eval mode (``select``) LLM.int8
+    (~7e-3 relative), so the heads sum to the output within that rounding."""
     weight = base.weight
     quant_state = _quant_state(base)
     if quant_state is not None:
@@ -152,12 +147,11 @@ def sharded_columns(weight: torch.Tensor, quant_state: object, columns: torch.Te
     ``Shard(0)``, 1-D mesh) of whole rows of whole blocks, or the columns would move more bytes than the packed weight:
     the caller gathers it whole. Decided from global shapes, so all ranks issue the same collectives.
 
-    bitsandbytes packs ``[out, in]`` row-major into ``[out * in / k, 1]`` storage elements (``k`` codes each; ``k = 4``
-    in bf16, LLaMA-Factory's storage under FSDP), in blocks of ``blocksize`` codes with one absmax each (the
-    ``QuantState``, whole on every rank). FSDP2 shards dim 0 like ``torch.chunk``: ``chunk = ceil(M / world)``, rank i
-    holding ``[i * chunk, min((i + 1) * chunk, M))``. When ``chunk * k`` codes are whole rows and ``in`` whole blocks
-    (the AVX-512 CPU kernel reads row r's blocks from ``r * (in // blocksize)``), rank i holds rows
-    ``[i * chunk * k / in, ...)``: dequantized there, its ``[rows, C]`` gathered."""
+    bitsandbytes packs ``[out, in]`` row-major into ``[out * in / k, 1]`` storage elements (``k`` codes each; 4 in
+    bf16, LLaMA-Factory's FSDP storage), ``blocksize`` codes per absmax (``QuantState``, whole on every rank). FSDP2
+    gives rank i ``[i * chunk, min((i + 1) * chunk, M))``, ``chunk = ceil(M / world)``. When ``chunk * k`` codes are
+    whole rows and ``in`` whole blocks (the AVX-512 CPU kernel reads row r's blocks from ``r * (in // blocksize)``),
+    rank i holds rows ``[i * chunk * k / in, ...)``: dequantized there, its ``[rows, C]`` gathered."""
     if (
         not hasattr(weight, "to_local")
         or weight.device_mesh.ndim != 1
@@ -227,11 +221,9 @@ def dora_row_norm(weight: torch.Tensor, lora_weight: torch.Tensor, scaling: floa
 
 
 def whole(weight: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
-    """``weight`` whole, or its ``[:, columns]``. Under FSDP2 (a DTensor of this rank's rows) only ``columns`` are
-    gathered (a collective: all ranks read the same weights in the same order); the gradient returns averaged
-    (``Partial("avg")``), as FSDP2 averages its own (a sum would scale the update by the rank count). A CPU-offloaded
-    shard (``fsdp_offload_params``) is moved to the accelerator first, as torch's full state-dict gather does, its
-    gradient going back to the host. Other tensors are indexed as they are."""
+    """``weight`` whole, or its ``[:, columns]``. An FSDP2 DTensor gathers only ``columns`` (a collective: same order
+    on all ranks), its gradient averaged (``Partial("avg")``) as FSDP2's own (a sum would scale by the rank count); a
+    CPU-offloaded shard moves to the accelerator first, as torch's full state-dict gather does."""
     if not hasattr(weight, "full_tensor"):
         return weight if columns is None else weight[:, columns]
     from torch.distributed.tensor import DTensor, Partial  # lazy: only a DTensor gets here

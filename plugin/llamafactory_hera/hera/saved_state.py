@@ -66,8 +66,7 @@ def load_state(
     process_index: int,
     device: torch.device,
 ) -> None:
-    """Restore what :func:`save_state` and :func:`save_optimizer_state` wrote; refuse a checkpoint without
-    ``hera_state.json`` or of other heads."""
+    """Restore the saved state; refuse a checkpoint without ``hera_state.json`` or of other heads."""
     tau_file = os.path.join(checkpoint, TAU_OPTIMIZER_NAME)
     if tau_optimizer is not None and os.path.isfile(tau_file):
         # load_state_dict moves state tensors to the parameter's device (``step`` stays on the CPU)

@@ -1,10 +1,9 @@
 """The HeRA step's per-log sums (:class:`StepSums`), read when the Trainer logs.
 
-A step must not wait on the GPU (``.item()``, ``bool(tensor)``, boolean masks, ``.cpu()`` all do) nor launch more than
-it needs. Each micro-batch keeps its device values (LM loss, HeRA term, finite flag: two ``detach`` ops); the
-collator's counts stay on the host. Values are summed on the device every :data:`FOLD_AT` micro-batches (no sync) and
-read at the next logging step, which syncs anyway. Checks run at that read: a non-finite HeRA loss warns at the first
-log after it (logged as ``hera_nonfinite_skipped``).
+A step must not wait on the GPU (``.item()``, ``bool(tensor)``, masks, ``.cpu()`` do) nor launch more than needed.
+Micro-batches keep device values (two ``detach`` ops), counts stay on the host; values are summed every
+:data:`FOLD_AT` micro-batches (no sync) and read at the next logging step, which syncs anyway. A non-finite HeRA
+loss warns at that read (logged as ``hera_nonfinite_skipped``).
 """
 
 from __future__ import annotations
@@ -85,9 +84,8 @@ class StepSums:
         weight: tuple[float, float],
         host_part: list[float],
     ) -> None:
-        """Add one micro-batch: 0-d ``lm_loss`` (logged divided by ``lm_divisor``), 0-d device ``term`` and ``finite``
-        (None: no term; logged share ``term * lambda / steps``, ``weight`` = (lambda, steps)), ``host_part``
-        (:data:`HOST_STATS`). No sync, two ops."""
+        """Add one micro-batch: 0-d ``lm_loss`` (logged over ``lm_divisor``), 0-d ``term`` and ``finite`` (None: no
+        term), ``weight`` = (lambda, steps), ``host_part`` (:data:`HOST_STATS`). No sync, two ops."""
         self._lm.append(lm_loss.detach())
         self._lm_divisors.append(lm_divisor)
         if term is not None and finite is not None:

@@ -53,9 +53,9 @@ class HeraTrainer(Trainer):
 
     hera_args: HeraArguments
     hera_geometry: AttentionGeometry
-    hera_capture: HeadCapture  # the hooks on the selected heads' o_proj inputs
-    hera_checkpointing: LayerCheckpointing  # how each decoder layer is recomputed in backward
-    hera_teacher: RunTeacher  # the teacher's features of the batch's images
+    hera_capture: HeadCapture  # hooks on the heads' o_proj inputs
+    hera_checkpointing: LayerCheckpointing  # each layer's recomputation in backward
+    hera_teacher: RunTeacher
     hera_queue: FeatureQueue  # earlier batches' features (capacity 0: off)
     hera_log_tau: nn.Parameter  # log of the contrastive temperature
     hera_temperature_lr: float
@@ -77,9 +77,8 @@ class HeraTrainer(Trainer):
         device = self.args.device
         self.hera_geometry = attention_geometry(model.config)
         self.hera_capture = HeadCapture(model, hera_args.head_refs, self.hera_geometry)
-        # the hooks need autograd: a reentrant heads' layer hands their inputs out of its checkpoint; under ZeRO-3
-        # (columns copied in o_proj's call) it turns non-reentrant. A quantized model is partitioned only when
-        # training starts, so the engine's flag decides too. Other layers: as the recipe says
+        # the hooks need autograd: a reentrant heads' layer hands inputs out of its checkpoint; under ZeRO-3 it turns
+        # non-reentrant (a quantized model is partitioned only at train start, so the engine's flag counts too)
         capture = self.hera_capture
         zero3 = capture.copies_in_call or is_deepspeed_zero3_enabled()
         self.hera_checkpointing = LayerCheckpointing(
@@ -115,7 +114,7 @@ class HeraTrainer(Trainer):
         self.hera_sums = StepSums(device)
         self._hera_warned_small_batch = False
 
-    # ----------------------------------------------------------------------------- the step
+    # --- the step
     @override
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -158,8 +157,7 @@ class HeraTrainer(Trainer):
         term, finite = self.hera_term(reps, features, anchor_index, num_valid)
         if term is None:
             self.hera_sums.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
-            # FSDP2 gathered the heads' columns for reps: run their backward with zeros so every rank issues the
-            # same collectives
+            # FSDP2 gathered the heads' columns for reps: a zero backward keeps every rank's collectives equal
             lm_loss = lm_loss + (reps.nan_to_num() * 0.0).sum().to(lm_loss.dtype) if reps.requires_grad else lm_loss
         # The Trainer divides the loss by the accumulation steps unless the model normalised it over the whole
         # accumulated batch; then the HeRA term is divided here, so both terms get the same 1/accumulation weight.
@@ -168,7 +166,6 @@ class HeraTrainer(Trainer):
         ) and self.compute_loss_func is None  # Trainer.training_step's rule
         steps = self.current_gradient_accumulation_steps
         accumulation = 1 if trainer_divides else steps
-        # weight: (lambda, steps), the term's share of the logged loss
         total = lm_loss
         weight = (0.0, steps)
         if term is not None:
@@ -177,7 +174,7 @@ class HeraTrainer(Trainer):
             if accumulation != 1:  # skip a no-op launch
                 weighted = weighted / accumulation
             total = lm_loss + weighted.to(lm_loss.dtype)
-        # the term adds lambda * term / accumulation steps to the logged `loss`, in every configuration
+        # the term adds lambda * term / accumulation steps to the logged `loss`
         self.hera_sums.add(
             lm_loss,
             steps if trainer_divides else 1,
@@ -193,11 +190,10 @@ class HeraTrainer(Trainer):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(loss, finite)``, or ``(None, None)`` when the batch has no term.
 
-        ``loss``: 0-d float32 HeRA loss of this rank's ``num_valid`` anchors (``anchor_index``: samples with images
-        and pooled tokens) against the global batch (``hera_gather``) plus the queue; 0, with no gradient, if not
-        finite on any rank. ``finite``: 0-d bool on the device. ``features``: the teacher's ``[B, E]`` (None without
-        anchors). Whether a collective runs is decided on global quantities, so ranks agree; only the anchor-count
-        exchange under ``hera_gather`` waits on the device (:func:`gather_batch`)."""
+        ``loss``: 0-d float32 loss of this rank's ``num_valid`` anchors against the global batch (``hera_gather``)
+        plus the queue; 0, with no gradient, if not finite on any rank. ``finite``: 0-d device bool. ``features``:
+        teacher ``[B, E]`` (None without anchors). Collectives are decided on global quantities, so ranks agree; only
+        the anchor-count exchange (:func:`gather_batch`) waits on the device."""
         args = self.hera_args
         device = reps.device
         if features is not None and num_valid == reps.shape[1]:  # all samples anchors: no selection
@@ -238,7 +234,7 @@ class HeraTrainer(Trainer):
                     f"hera_k+1={args.hera_k + 1}; using k={k} for such batches."
                 )
             )
-        # the anchors' places among the candidates: the first (None) unless other ranks' come first
+        # anchors' places among the candidates (None: the first, when no other rank's come before)
         positions = offset + torch.arange(num_valid, device=device) if offset else None
         temperature = used_temperature(self.hera_log_tau)
         per_anchor = hera_loss_anchored(
@@ -248,8 +244,8 @@ class HeraTrainer(Trainer):
             loss = per_anchor.sum() * (torch.distributed.get_world_size() / total_anchors) + 0.0 * candidates.sum()
         else:
             loss = per_anchor.mean()
-        # A NaN/inf never reaches the weights, without waiting on the device: the flag stays there (counted, warned
-        # at the next log), the loss becomes 0 and its gradient is zeroed at the head representations and temperature.
+        # A NaN/inf never reaches the weights, without a sync: the flag stays on the device (warned at the next log),
+        # the loss becomes 0 and its gradient is zeroed at the head representations and the temperature.
         finite = loss.abs() < math.inf  # torch.isfinite in 2 ops, not 4 (NaN and inf compare False)
         if gather:
             finite = all_ranks_all(finite)
@@ -259,15 +255,14 @@ class HeraTrainer(Trainer):
                 entry.register_hook(lambda grad: grad.masked_fill(failed, 0.0))
         return loss.masked_fill(failed, 0.0), finite
 
-    # ----------------------------------------------------------------------------- around the step
+    # --- around the step
     @override
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The Trainer's input preparation, except for the teacher's pixels ``[N_img, C, H, W]`` and the pooling
         weights ``[B, T]``.
 
-        Under DeepSpeed the Trainer casts floating inputs to bf16: the teacher's features would differ from the
-        precomputed (float32) ones, and the ``1 / n`` weights would be rounded unlike on other engines. The pixels
-        stay float32 on the CPU (the teacher moves them); the weights go to the device in float32.
+        DeepSpeed's cast to bf16 would make the teacher's features differ from the precomputed float32 ones, and
+        round the ``1 / n`` weights. Pixels stay float32 on the CPU; the weights go to the device in float32.
         """
         has_pop = hasattr(inputs, "pop")  # dict or BatchFeature
         pixels = inputs.pop("hera_pixel_values", None) if has_pop else None
@@ -321,7 +316,7 @@ class HeraTrainer(Trainer):
             )
         super().log(logs, *args, **kwargs)
 
-    # ----------------------------------------------------------------------------- checkpoints
+    # --- checkpoints
     @override
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)

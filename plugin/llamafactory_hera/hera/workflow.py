@@ -45,9 +45,8 @@ from llamafactory_hera_patches.tools.model_data import RecipeArgs
 
 
 class RunSummary(TrainerCallback):
-    """Prints the start line when training begins (main process; after ``Trainer.train`` re-enabled gradient
-    checkpointing, so it reports what the steps run under; before the monitor's step-0 point), and at the end the
-    count of micro-batches with a HeRA term. ``data_counts``: ``ImageRowCounts`` or None (streaming)."""
+    """Prints the start line at train begin (main process; after gradient checkpointing is re-enabled, before the
+    monitor's step-0 point) and the micro-batches with a HeRA term at the end."""
 
     def __init__(
         self, trainer: Any, hera_args: HeraArguments, data_counts: Any, contrastive: Any, monitor: Any = None
@@ -145,8 +144,7 @@ def _hera_classes(
     recipe_args: Any,
     auto: bool,
 ) -> tuple[type, type]:
-    """The run's collator and trainer classes: ``HeraTrainer`` plus the pre-step checks, start and end lines and
-    alignment monitor."""
+    """The run's collator and trainer classes (``HeraTrainer`` with checks, start/end lines, monitor)."""
     cache = TeacherFeatureCache(enabled=hera_args.hera_teacher_cache)  # shared by this run's collator and trainer
     collator = type(
         "HeraSFTDataCollator",
@@ -160,8 +158,7 @@ def _hera_classes(
 
     class HeraSeq2SeqTrainer(HeraTrainer, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            # before the teacher loads: same heads on every rank, moved by a trainable weight (else only the
-            # temperature would train)
+            # before the teacher loads: same heads on all ranks, each moved by a trainable weight
             check_same_heads_on_every_rank(list(hera_args.hera_heads))
             model = kwargs["model"] if "model" in kwargs else args[0]  # Trainer(model, args, ...)
             check_heads_train(model, hera_args.head_refs, auto, kwargs.get("finetuning_args"))
@@ -199,7 +196,7 @@ def _from_pil(err: BaseException) -> bool:
     return f"{os.sep}PIL{os.sep}" in text
 
 
-# the host settings needed to re-score the run's heads, by the parsed arguments that hold them
+# host settings for re-scoring the heads, by the parsed arguments holding them
 _RECORDED_HOST_KEYS = (
     ("model", ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),
     (
@@ -232,8 +229,7 @@ def _write_run_record(output_dir: str, hera_args: HeraArguments, parsed: HostArg
 
 @dataclass(frozen=True)
 class HeraPreparation:
-    """What preparation hands the trainer: image rows (path -> row), counts and aligned rows (None: streaming),
-    contrastive sets, whether ``hera_heads: auto`` chose the heads, the monitor's probe pairs."""
+    """Preparation's hand-over to the trainer (``counts``, ``aligned``: None when streaming)."""
 
     rows: dict[str, int]
     counts: Any
@@ -259,7 +255,7 @@ def prepare(hera_args: HeraArguments, parsed: HostArguments) -> HeraPreparation:
             "pure_bf16": finetuning_args.pure_bf16,
             "model_name_or_path": model_args.model_name_or_path,
         }
-        # rank 0 scores the heads while the others wait in a collective
+        # rank 0 scores; the others wait in a collective
         kind = "selection" if training_args.process_index == 0 else "wait"
         with sections.section("head selection", kind, forwards=True):
             hera_args.hera_heads = resolve_auto_heads(
