@@ -1,9 +1,9 @@
-"""The heads' inputs captured in the LM forward (:class:`HeadCapture`, steps 2-3 of the HeRA step), out of a reentrant
-checkpoint as one of its outputs where the layer checkpoints so (:meth:`HeadCapture.checkpointed`), and, under
-DeepSpeed ZeRO-3, the heads' columns of ``o_proj``'s weights read in the modules' own calls (:class:`InCallColumns`):
-a ZeRO-3 parameter is whole only inside its module's call, so while the capture is armed, hooks copy the heads'
-columns while ZeRO-3 holds each weight whole, with their gradient back to the partitioned parameters
-(:class:`_CopyWithGradient`); the HeRA step then gathers nothing of its own (docs/hera-design.md, "ZeRO-3").
+"""Capture of the heads' inputs in the LM forward (:class:`HeadCapture`, steps 2-3 of the HeRA step).
+
+Under reentrant checkpointing they leave the checkpoint as an extra output (:meth:`HeadCapture.checkpointed`).
+A ZeRO-3 parameter is whole only inside its module's call, so while armed, hooks copy the heads' ``o_proj`` columns
+there, with their gradient back to the partitions (:class:`InCallColumns`); the HeRA step gathers nothing itself
+(docs/hera-design.md, "ZeRO-3").
 """
 
 from __future__ import annotations
@@ -37,10 +37,9 @@ def is_zero3_partition(weight: torch.Tensor) -> bool:
 
 
 class _CopyWithGradient(torch.autograd.Function):
-    """``weight[:, columns]`` (``columns`` None: all of ``weight``) as a float32 copy whose gradient goes back into
-    a zero tensor of ``weight``'s shape and dtype at those columns. Nothing is saved for backward with
-    ``save_for_backward``: the copy is taken in the first forward only (the hooks are disarmed in a checkpointed
-    layer's recomputation), and a saved tensor there would make the two forwards save different tensors."""
+    """``weight[:, columns]`` (None: all) as a float32 copy; its gradient lands at those columns of a zero tensor
+    shaped like ``weight``. Nothing is saved for backward: the copy is taken in the first forward only (hooks are
+    disarmed in a checkpoint's recomputation), so a saved tensor would differ between the two forwards."""
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
@@ -59,17 +58,15 @@ class _CopyWithGradient(torch.autograd.Function):
 
 
 class InCallColumns:
-    """One ``o_proj``'s effective weight at the heads' ``columns`` ``[C]``, its pieces copied inside the calls of its
-    modules while :attr:`armed` and while ZeRO-3 partitions its base weight (a ``ds_id``); :meth:`take` combines them
-    (``projection.combined``: the same sum as ``projection.effective_weight_columns``), None when nothing was
-    partitioned (the other engines read the weight after the forward)."""
+    """One ``o_proj``'s effective weight at ``columns`` ``[C]``, copied in its modules' calls while :attr:`armed` under
+    ZeRO-3; :meth:`take` sums the pieces as ``projection.effective_weight_columns`` does."""
 
     def __init__(self, o_proj: nn.Module, columns: torch.Tensor) -> None:
         self.o_proj = o_proj
         self.columns = columns
         self.armed = False
         self.pieces: dict[Any, torch.Tensor] = {}
-        self.partitioned = False  # this forward's base weight is a ZeRO-3 partition: set in the base's call, the first
+        self.partitioned = False  # base weight is a ZeRO-3 partition this forward: set in the base's (first) call
         self.base, _ = base_and_adapters(o_proj)
         self._hook(self.base, "weight", columns)
         for name in getattr(o_proj, "lora_A", {}):
@@ -88,8 +85,8 @@ class InCallColumns:
                 weight = module.weight
                 cols = None if columns is None else self._columns_on(module.weight.device)
                 self.pieces[key] = (
-                    base_weight_columns(module, cols).detach()  # read as its forward does: a
-                    if module is self.base and not weight.requires_grad  # copy, dequantized if 4-bit
+                    base_weight_columns(module, cols).detach()  # as its forward reads it: a copy,
+                    if module is self.base and not weight.requires_grad  # dequantized if 4-bit
                     else _CopyWithGradient.apply(weight, cols)
                 )
 
@@ -97,15 +94,13 @@ class InCallColumns:
         module.register_forward_hook(hook, prepend=True)
 
     def _columns_on(self, device: torch.device) -> torch.Tensor:
-        """The columns on ``device``, copied there once (a copy from the host in every call would wait for it)."""
+        """The columns on ``device``, moved once (a host copy per call would wait)."""
         if self.columns.device != device:
             self.columns = self.columns.to(device)
         return self.columns
 
     def _norm_reader(self, get_weight_norm: Any, name: str) -> Any:
-        """PEFT's DoRA ``get_weight_norm(weight, lora_weight, scaling)``, which also keeps ``||W + s B A||_row`` in
-        float32 (``projection.dora_row_norm``, as the other engines' path) from the weights PEFT's forward gathered
-        for it."""
+        """PEFT's DoRA ``get_weight_norm``, also keeping the float32 row norm (``projection.dora_row_norm``)."""
 
         def reading(weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float) -> torch.Tensor:
             if self.partitioned:
@@ -115,7 +110,7 @@ class InCallColumns:
         return reading
 
     def take(self) -> torch.Tensor | None:
-        """``[d, C]`` float32 effective weight columns from the pieces of the last armed forward, or None."""
+        """``[d, C]`` float32 effective weight columns from the last armed forward, or None."""
         pieces = self.pieces
         self.pieces = {}
         self.partitioned = False
@@ -149,20 +144,16 @@ class InCallColumns:
 
 
 class _LayerRun:
-    """A decoder layer's checkpointed call (``func``, transformers' ``partial(layer.__call__, **kwargs)``) that also
-    returns the heads' inputs its ``o_proj`` hook put in the layer's slot and, where its weights are plain tensors,
-    the heads' effective ``W_O`` columns read there (:meth:`HeadCapture._weight_columns`): ``(*outputs, inputs[,
-    columns])``. Read inside the call, the columns' gradient reaches ``o_proj``'s trainable weights in the same backward
-    as the layer's own (DDP marks each parameter ready once a backward: a second gradient from outside the
-    checkpoint would be refused); FSDP2's sharded weights (DTensors) are gathered outside, once. ``__self__`` is the
-    layer, where LLaMA-Factory's checkpointing function looks for it (``func.__self__``: does it train?)."""
+    """A layer's checkpointed call returning ``(*outputs, inputs[, columns])``: the heads' inputs and, for plain
+    weights, their ``W_O`` columns, read inside so their gradient comes in the layer's own backward (DDP refuses a
+    second one); FSDP2's DTensors are gathered outside. ``__self__``: the layer (LLaMA-Factory checks it trains)."""
 
     def __init__(self, capture: HeadCapture, layer: int, func: Callable[..., Any]) -> None:
         self.capture = capture
         self.layer = layer
         self.func = func
         self.__self__ = func.func.__self__ if isinstance(func, functools.partial) else getattr(func, "__self__", None)
-        self.single = True  # the layer returns one tensor (not a tuple): set by each call
+        self.single = True  # the layer returns one tensor, not a tuple: set by each call
         # decided once: the first forward and its recomputation must return the same outputs
         self.with_columns = not any(hasattr(p, "full_tensor") for p in capture._modules[layer].parameters())
 
@@ -177,7 +168,7 @@ class _LayerRun:
             raise RuntimeError(f"o_proj of layer {self.layer} ran {len(slot)} times in one call of its layer")
         self.single = not isinstance(out, tuple)
         extra = (slot[0],)
-        if self.with_columns:  # in float32, as outside the model's forward (its autocast would round them to bf16)
+        if self.with_columns:  # float32, as outside the forward (its autocast would round to bf16)
             device = slot[0].device
             exact = torch.amp.is_autocast_available(device.type)
             with torch.autocast(device.type, enabled=False) if exact else contextlib.nullcontext():
@@ -186,22 +177,15 @@ class _LayerRun:
 
 
 class HeadCapture:
-    """Forward hooks that produce ``[n_heads, B, d]`` head representations for one forward pass.
+    """Forward hooks producing ``[n_heads, B, d]`` head representations for one forward pass.
 
-    A forward hook on each selected layer's ``o_proj`` copies the selected heads' slices of its input
-    (``[B, T, n*d_head]``: one slice per run of consecutive heads, joined or copied; slices, concatenation and
-    copies save no tensors for backward, so non-reentrant checkpointing's recomputation sees the same saved tensors
-    with or without the hook). After the forward, the slices are pooled over the chosen tokens and projected through
-    each head's ``W_O`` columns, so the HeRA loss has a full autograd graph.
-    Hooks act only while armed: recomputation during backward and evaluation forwards are ignored.
+    A hook on each selected ``o_proj`` copies the heads' slices of its input ``[B, T, n*d_head]`` (slices and copies
+    save nothing for backward, so non-reentrant recomputation is unchanged). After the forward they are pooled and
+    projected through each head's ``W_O`` columns, with a full autograd graph. Hooks act only while armed.
 
-    A layer under reentrant checkpointing runs its first forward without autograd, so a slice taken there has no
-    gradient. Such a layer's checkpointing function is wrapped (:meth:`checkpointed`): while armed, the slices leave
-    the checkpoint as one more output, so they carry its gradient, and the recomputation in backward (where the hook
-    takes them again, with autograd) sends HeRA's gradient into the layer together with the LM loss's: the same
-    arithmetic as non-reentrant checkpointing, at reentrant checkpointing's host cost (no saved-tensor hooks). The
-    heads' ``W_O`` columns leave it the same way (:class:`_LayerRun`), so that ``o_proj``'s weights get their whole
-    gradient in that one backward.
+    Reentrant checkpointing runs the first forward without autograd. Such a layer's checkpointing is wrapped
+    (:meth:`checkpointed`): slices and ``W_O`` columns leave the checkpoint as extra outputs, and the recomputation
+    sends HeRA's gradient into the layer with the LM loss's: non-reentrant arithmetic at reentrant host cost.
     """
 
     def __init__(self, model: nn.Module, heads: list[HeadRef], geometry: AttentionGeometry) -> None:
@@ -222,8 +206,7 @@ class HeadCapture:
             layer: head_columns(self._by_layer[layer], geometry.head_dim_of(layer)) for layer in self._by_layer
         }
         self._in_call = {layer: InCallColumns(self._modules[layer], self._columns[layer]) for layer in self._by_layer}
-        # the representations are computed per head size (one pooling and one projection each), layer by layer; then
-        # put back in recipe order (``_order``, None when they already are)
+        # computed per head size (one pooling and projection each), then put back in recipe order (None: already)
         by_size: dict[int, list[int]] = defaultdict(list)
         for layer in sorted(self._by_layer):
             by_size[geometry.head_dim_of(layer)].append(layer)
@@ -265,15 +248,13 @@ class HeadCapture:
 
     @property
     def copies_in_call(self) -> bool:
-        """Whether a head's ``o_proj`` weight is a DeepSpeed ZeRO-3 partition: its columns are then copied inside the
-        module's call (:class:`InCallColumns`), which a checkpoint's first forward without autograd would cut from
-        their gradient, so such a layer must not checkpoint reentrantly (:meth:`checkpointed` does not apply)."""
+        """Whether a head's ``o_proj`` weight is a ZeRO-3 partition: its columns are copied in the module's call, so
+        its layer must not checkpoint reentrantly (no autograd there)."""
         return any(is_zero3_partition(reader.base.weight) for reader in self._in_call.values())
 
     def checkpointed(self, layer: int, function: Callable[..., Any]) -> Callable[..., Any]:
-        """``function``, decoder layer ``layer``'s reentrant checkpointing, also handing out the heads' inputs while
-        armed (:class:`_LayerRun`): they take the checkpoint's gradient; unarmed (evaluation), ``function`` as is.
-        ``__wrapped__`` is ``function``: the layer still checkpoints as the recipe asked."""
+        """Layer ``layer``'s reentrant checkpointing ``function``, also handing out the heads' inputs while armed
+        (:class:`_LayerRun`); unarmed, ``function`` as is. ``__wrapped__`` is ``function``."""
 
         @functools.wraps(function)
         def capturing(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -298,7 +279,7 @@ class HeadCapture:
             reader.armed = True
 
     def drop(self) -> None:
-        """Stop capturing and forget what the last forward left (it failed: nothing is built from it)."""
+        """Stop capturing and forget the last (failed) forward's captures."""
         self._armed = False
         self._inputs = {}
         self._read_columns = {}
@@ -308,15 +289,15 @@ class HeadCapture:
             reader.partitioned = False
 
     def disarm(self, weights: torch.Tensor, check_gradient: bool = False) -> torch.Tensor | None:
-        """Stop capturing; the ``[n_heads, B, d]`` float32 representations in recipe order (None if no hook fired)
-        pooled with ``weights`` ``[B, T]`` (rows sum to 1, or 0 for samples without tokens). ``check_gradient``: in a
-        training step, raise if a captured input that trainable parameters feed carries no gradient."""
+        """Stop capturing; return ``[n_heads, B, d]`` float32 representations in recipe order (None if no hook fired),
+        pooled with ``weights`` ``[B, T]`` (rows sum to 1, or 0 without tokens). ``check_gradient``: raise if an
+        input fed by trainable parameters carries no gradient."""
         self._armed = False
         inputs = self._inputs
         self._inputs = {}
         for reader in self._in_call.values():
             reader.armed = False
-        # the heads' W_O columns read already: in the layer's checkpoint, or in the modules' calls (ZeRO-3)
+        # W_O columns read already: in the layer's checkpoint, or in the modules' calls (ZeRO-3)
         in_call = {layer: reader.take() for layer, reader in self._in_call.items()}
         in_call.update(self._read_columns)
         self._read_columns = {}
@@ -344,8 +325,7 @@ class HeadCapture:
                     f"o_proj input of layer {layer} has shape {tuple(x_heads.shape)} but the pooling mask is "
                     f"{tuple(weights.shape)}; the model changes the sequence length internally."
                 )
-        # per head size, every layer at once: one pooling [B, 1, T] x [B, T, N*dh] and one projection of each head's
-        # pooled input through its W_O columns, [N, B, dh] x [N, dh, d] (project_heads' arithmetic, batched)
+        # per head size, all layers at once: pooling [B, 1, T] x [B, T, N*dh], projection [N, B, dh] x [N, dh, d]
         device = next(iter(inputs.values())).device
         pooling = weights.to(device, torch.float32).unsqueeze(1)
         parts = []
@@ -363,20 +343,18 @@ class HeadCapture:
         return reps
 
     def _weight_columns(self, layer: int, in_call: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-        """``[d, n*dh]`` float32 effective ``W_O`` columns of ``layer``'s heads: read already (``in_call``: in the
-        layer's checkpoint, or in the modules' calls under ZeRO-3) or now (:func:`effective_weight_columns`), with its
-        column indices on ``device``, moved there once."""
+        """``[d, n*dh]`` float32 ``W_O`` columns of ``layer``'s heads: ``in_call``, else read now."""
         if in_call is not None:
             return in_call
         return effective_weight_columns(self._modules[layer], self._columns_on(layer, device))
 
     def _columns_on(self, layer: int, device: torch.device) -> torch.Tensor:
-        """``layer``'s heads' input columns on ``device``, copied there once (a copy in every call would be an op)."""
+        """``layer``'s heads' columns on ``device``, moved once."""
         if self._columns[layer].device != device:
             self._columns[layer] = self._columns[layer].to(device)
         return self._columns[layer]
 
 
 def _joined(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """``torch.cat`` along ``dim``, the tensor itself when it is one (no copy)."""
+    """``torch.cat`` along ``dim``; a single tensor as is (no copy)."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)

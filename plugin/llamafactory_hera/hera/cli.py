@@ -18,7 +18,7 @@ from llamafactory_hera.runtime.errors import RecipeError
 
 
 def _field(key: str) -> Field:
-    """HeraArguments' field ``key``: its default (what a recipe without the key gets) and its choices."""
+    """HeraArguments' field ``key`` (default and choices)."""
     return next(f for f in fields(HeraArguments) if f.name == key)
 
 
@@ -86,8 +86,8 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
 
 
 def run_select_verb(args: argparse.Namespace) -> None:
-    """``select``: the report of a finished run (``--report``), else the selection written into the recipe."""
-    # lazy: torch and the model loaders only when the verb runs, not for every verb's --help
+    """``select``: a finished run's report (``--report``), else the selection written into the recipe."""
+    # lazy: torch and model loaders only when the verb runs, not for --help
     from llamafactory_hera.hera.selection.select import check_device
 
     if nodes := several_nodes():  # before anything loads

@@ -1,16 +1,12 @@
-"""Collator mixin: adds the teacher's pixel values of each sample's raw images to the batch, read before the host
-collator removes them, so the MLLM batch itself is exactly what plain SFT produces. Keys added: ``hera_image_counts``
-``[B]`` int64 (images per sample); ``hera_image_keys``: ``N_img`` cache keys (``None``: not cacheable);
-``hera_pixel_values`` ``[M, 3, h, w]``: the teacher's inputs for the ``M <= N_img`` distinct images not cached yet
-(absent when all are), each computed once; ``hera_pixel_keys``: their M identities (``teacher_cache.image_identity``),
-so the trainer ties each feature to its image whatever the cache holds by then.
+"""Collator mixin adding the teacher's pixels of each sample's images (read before the host collator drops them; the
+MLLM batch stays plain SFT's). Keys: ``hera_image_counts`` ``[B]`` int64; ``hera_image_keys``: ``N_img`` cache keys
+(None: not cacheable); ``hera_pixel_values`` ``[M, 3, h, w]``: the ``M <= N_img`` distinct uncached images (absent
+when none); ``hera_pixel_keys``: their identities, tying each feature to its image whatever the cache holds then.
 
-Once told the multimodal token ids and the pooling (``hera_multimodal_ids``, ``hera_pooling``), it also computes on the
-CPU what the step would otherwise ask the GPU for (each a host sync), or compute there (work the host would launch in
-the step): ``hera_pooling_weights`` ``[B, T]`` float32 (each row averages the sample's pooled tokens:
-``pooling.pooling_weights`` of their mask), ``hera_anchor_index`` ``[A]`` int64 (the samples with images and pooled
-tokens: the loss's anchors), ``hera_sample_counts``: ``[A, text-only samples, 1 if every sample holds exactly one
-image else 0]`` as Python ints.
+Given ``hera_multimodal_ids`` and ``hera_pooling``, it also computes on the CPU what the step would otherwise sync for
+or launch: ``hera_pooling_weights`` ``[B, T]`` float32 (each row averages the sample's pooled tokens),
+``hera_anchor_index`` ``[A]`` int64 (samples with images and pooled tokens: the anchors), ``hera_sample_counts``:
+``[A, text-only samples, 1 if every sample holds exactly one image else 0]`` as Python ints.
 """
 
 from __future__ import annotations
@@ -36,7 +32,7 @@ HERA_BATCH_KEYS = (
 
 
 def collator_token_sources(collator: Any) -> dict[str, Any]:
-    """Processor, tokenizer and LLaMA-Factory mm_plugin known to the SFT collator (for multimodal token ids)."""
+    """The SFT collator's processor, tokenizer and mm_plugin (for multimodal token ids)."""
     template = getattr(collator, "template", None)
     return {
         "processor": getattr(collator, "processor", None),
@@ -60,7 +56,7 @@ class HeraCollatorMixin:
     hera_image_processor: Any = None
     hera_feature_cache: TeacherFeatureCache | None = None
     hera_image_rows: dict[str, int] | None = None  # image path -> dataset row, for error messages
-    hera_multimodal_ids: frozenset[int] | None = None  # set by the trainer (the model's placeholder tokens)
+    hera_multimodal_ids: frozenset[int] | None = None  # the model's placeholder tokens, set by the trainer
     hera_pooling: str = "assistant"
 
     def _open(self, image: Any) -> Any:
@@ -79,7 +75,7 @@ class HeraCollatorMixin:
             images.extend(sample_images)
         cache = self.hera_feature_cache
         keys = [image_key(img) for img in images]
-        # Opened before the host collator opens them too, so that an unreadable file is reported by name and row.
+        # Opened before the host collator, so an unreadable file is reported by name and row.
         todo_ids: list[str] = []
         todo: list[Any] = []
         for position, (image, key) in enumerate(zip(images, keys, strict=True)):

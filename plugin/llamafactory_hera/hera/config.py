@@ -1,6 +1,6 @@
-"""``HeraArguments``: every ``hera_*`` key of a recipe, its help text, the paper's default and its checks; and what a
-HeRA run logs and plots (:data:`LOG_KEYS`, :data:`TRAINING_PLOT`) and the name of its run record; and the options of
-``llamafactory-hera select`` that fall back to its keys (:data:`RECIPE_BACKED`).
+"""``HeraArguments``: every ``hera_*`` recipe key with help, paper default and checks; what a HeRA run logs and plots
+(:data:`LOG_KEYS`, :data:`TRAINING_PLOT`); its run record's name; ``select``'s recipe-backed options
+(:data:`RECIPE_BACKED`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ STRATEGIES = ("worst", "best", "random")
 MODES = ("text", "multimodal")
 DTYPES = ("float32", "bfloat16", "float16")
 
-# command-line options that fall back to a recipe key (the same keys hera_heads: auto reads):
-# (flag, type, recipe key, what it sets)
+# (flag, type, recipe key, help): options falling back to the keys hera_heads: auto reads
 RECIPE_BACKED: tuple[tuple[str, type, str, str], ...] = (
     ("--samples", int, "hera_select_samples", "image-caption pairs to score on"),
     ("--heads", int, "hera_select_num_heads", "number of heads to choose"),
@@ -44,7 +43,7 @@ RECIPE_BACKED: tuple[tuple[str, type, str, str], ...] = (
 
 
 def dest(flag: str) -> str:
-    """The namespace attribute of a ``select`` option (``--batch-size`` -> ``batch_size``)."""
+    """``--batch-size`` -> ``batch_size``."""
     return flag.lstrip("-").replace("-", "_")
 
 
@@ -175,12 +174,12 @@ class HeraArguments:
 
     @property
     def auto_heads(self) -> bool:
-        """True when the heads are to be selected at the start of training."""
+        """Whether the heads are selected at the start of training."""
         return self.hera_heads == AUTO
 
     @property
     def head_refs(self) -> list[HeadRef]:
-        """The parsed heads, in recipe order (not available before auto selection has run)."""
+        """The parsed heads in recipe order; ValueError before auto selection ran."""
         if self.auto_heads:
             raise ValueError("hera_heads: auto has not been resolved yet")
         return [parse_head(h) for h in self.hera_heads]
@@ -218,8 +217,7 @@ def _coerce_queue_size(key: str, value: Any) -> str:
 
 
 def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> HeraArguments:
-    """Validated :class:`HeraArguments` from ``hera_*`` keys (typed or string values); RecipeError naming the key,
-    the value and the allowed range, or the closest valid key."""
+    """Validated :class:`HeraArguments` from ``hera_*`` keys (typed or strings); else a RecipeError naming the key."""
     special = {"hera_heads": _coerce_heads, "hera_queue_size": _coerce_queue_size}
     args = parse_keys(HeraArguments, raw, "HeRA", special)
     if args.hera_teacher_precompute == "true" and not args.hera_teacher_cache:
@@ -242,10 +240,9 @@ def parse_hera_arguments(raw: dict[str, Any], require_heads: bool = True) -> Her
     return args
 
 
-HERA_RUN_RECORD = "hera_run.json"  # the run's settings, written into output_dir (read by `select --report`, `eval`)
+HERA_RUN_RECORD = "hera_run.json"  # in output_dir; read by `select --report`, `eval`
 
-# metrics a HeRA run logs next to LLaMA-Factory's (trainer_log.jsonl, LlamaBoard, the curves)
-# ("hera_mknn/": every per-head key of the alignment monitor, hera_mknn/L<l>H<h>)
+# metrics logged next to LLaMA-Factory's ("hera_mknn/": the monitor's per-head keys, hera_mknn/L<l>H<h>)
 LOG_KEYS = (
     "lm_loss",
     "hera_loss",
@@ -261,8 +258,7 @@ LOG_KEYS = (
     "hera_mknn_control",
 )
 
-# the alignment monitor's series (aligned heads' mean MKNN, the control heads' mean, one faint line per head) when
-# the run logged them, in training.png and in LlamaBoard's loss plot (webui_panel)
+# the monitor's series, when logged, in training.png and LlamaBoard's loss plot (webui_panel)
 ALIGNMENT_PANEL = Panel(
     "alignment with the teacher (MKNN)",
     "MKNN",
@@ -275,7 +271,7 @@ ALIGNMENT_PANEL = Panel(
     prefix="hera_mknn/",
     ylim=(0.0, 1.0),
 )
-# the run's training.png: the HeRA term beside the losses, the learned temperature, the alignment panel
+# training.png: the HeRA term beside the losses, the learned temperature, the alignment panel
 TRAINING_PLOT = TrainingPlot(
     terms=("hera_loss",),
     terms_label="HeRA loss (InfoNCE)",

@@ -1,8 +1,6 @@
-"""``cutoff_len`` against the image tokens of the tokenized training rows, after LLaMA-Factory tokenized the data and
-before the model loads: a row truncated into its image tokens is one line naming the row, its image tokens, what
-``cutoff_len`` left of them and the ``cutoff_len`` that keeps them (docs/hera-design.md, "Bad image rows"). Only rows
-of about ``cutoff_len`` tokens whose image tokens look cut are read; their images are processed once more to count
-their tokens exactly.
+"""``cutoff_len`` against the tokenized rows' image tokens, before the model loads: a row cut into its image tokens is
+refused, naming the row, its tokens, what is left and the ``cutoff_len`` that keeps them (docs/hera-design.md, "Bad
+image rows"). Only rows near ``cutoff_len`` that look cut are re-processed to count exactly.
 """
 
 from __future__ import annotations
@@ -15,12 +13,12 @@ import pyarrow.compute
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.data.templates import ignore_index, image_token_id, whole_row
 
-SLACK = 2  # a truncated row's length may fall short of cutoff_len by infer_seqlen's rounding
+SLACK = 2  # infer_seqlen's rounding may leave a truncated row this short of cutoff_len
 
 
 def looks_cut(input_ids: list[int], labels: list[int], token: int, images: int, ignored: int) -> bool:
-    """Whether the image tokens of a tokenized row may have been cut: fewer runs of ``token`` than ``images``, or the
-    last run ending the row or followed by a trained token (the truncated prompt's end meeting the answer)."""
+    """Whether a row's image tokens may be cut: fewer runs of ``token`` than ``images``, or the last run ends the row
+    or meets a trained token (the truncated prompt's end)."""
     starts = [i for i, t in enumerate(input_ids) if t == token and (i == 0 or input_ids[i - 1] != token)]
     if len(starts) < images:
         return True
@@ -33,8 +31,8 @@ def _path(image: Any) -> Any:
 
 
 def _aligned_row(index: int, image: Any, aligned: Any, rows: dict[str, int], tokenized_rows: int) -> int | None:
-    """The aligned row that tokenized row ``index`` came from: the same index where no row was dropped or moved (its
-    first image agrees), else the first row holding its first image (the same image tokens; another text)."""
+    """The aligned row of tokenized row ``index``: the same index if none was dropped (first images agree), else the
+    first row holding its first image (same image tokens)."""
     if tokenized_rows == len(aligned) and _path((aligned[index]["_images"] or [None])[0]) == _path(image):
         return index
     return rows.get(_path(image)) if isinstance(_path(image), str) else None
@@ -49,15 +47,14 @@ def check_image_tokens(
     cutoff_len: int,
     data: str,
 ) -> None:
-    """Refuse the first row of ``tokenized`` (LLaMA-Factory's tokenized training rows, ``input_ids``, ``labels``,
-    ``images``) whose image tokens ``cutoff_len`` cut; ``aligned``: the rows before tokenization, found by their first
-    image's path in ``rows`` (path -> aligned row)."""
+    """Refuse the first tokenized training row whose image tokens ``cutoff_len`` cut; ``aligned``: the rows before
+    tokenization, found via ``rows`` (first image path -> aligned row)."""
     if (
         aligned is None
         or not isinstance(tokenized, datasets.Dataset)
         or not {"input_ids", "labels", "images"} <= set(tokenized.column_names)
     ):
-        return  # a streaming dataset, or not LLaMA-Factory's supervised rows
+        return  # streaming, or not supervised rows
     tokenizer = tokenizer_module["tokenizer"]
     token = image_token_id(template, tokenizer)
     if token is None:
@@ -71,7 +68,7 @@ def check_image_tokens(
             continue
         source = _aligned_row(index, images[0], aligned, rows, len(tokenized))
         if source is None or len(aligned[source]["_images"] or []) != len(images):
-            continue  # no row found, or one with other images (found by its first): its tokens would not count
+            continue  # no row found, or one with other images: its count would be wrong
         expected, length = whole_row(template, tokenizer, tokenizer_module.get("processor"), aligned[source])
         kept = row["input_ids"].count(token)
         if kept < expected:

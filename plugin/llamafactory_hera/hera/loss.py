@@ -5,14 +5,12 @@ teacher features ``t``::
 
     L_RA(i) = -(1/k) * sum_{j in N_k^t(i)} log( exp(s(M_i, M_j)/tau) / sum_{z != i} exp(s(M_i, M_z)/tau) )
 
-``N_k^t(i)`` are the k nearest neighbours of image i among the other batch images in teacher
-space (cosine, self excluded). The loss is averaged over the batch and over heads.
+``N_k^t(i)`` are image i's k nearest other batch images in teacher space (cosine). The loss is averaged over the
+batch and heads.
 
-The module has three parts: the equation as a pure function (:func:`hera_loss_anchored`, shapes in its docstring);
-the distributed candidate set a training step feeds it with (every rank's samples all-gathered with their gradient,
-and a FIFO queue of recent teacher features and detached representations when a batch is too small for k neighbours);
-the learnable temperature (``log tau``, float32, clamped to ``[TAU_MIN, TAU_MAX]`` where used and put back into that
-range after every optimizer step). Why each: docs/hera-design.md ("The objective", "Multi-GPU").
+Here: the equation (:func:`hera_loss_anchored`); the candidate set (ranks' samples gathered with gradient, a queue of
+recent detached samples); the learned float32 ``log tau``, clamped to ``[TAU_MIN, TAU_MAX]`` when used and after each
+optimizer step. Why: docs/hera-design.md ("The objective", "Multi-GPU").
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from transformers import TrainerCallback
 Similarity = Literal["cosine", "dot"]
 
 
-# ----------------------------------------------------------------------------- the equation (a pure function)
+# --- the equation (a pure function)
 
 
 def hera_loss_anchored(
@@ -41,15 +39,12 @@ def hera_loss_anchored(
     temperature: float | torch.Tensor = 0.07,
     similarity: Similarity = "cosine",
 ) -> torch.Tensor:
-    """``[A]`` float32 per-anchor HeRA losses (averaged over heads and neighbours) of some anchors against a larger
-    candidate set (global batch and/or a feature queue): each anchor's positives are its k teacher neighbours among the
-    candidates other than itself (needs ``C - 1 >= k``), and its softmax runs over those same candidates. With
-    ``candidates == anchors`` its mean is Eq. 4 averaged over the batch.
+    """``[A]`` float32 per-anchor losses (mean over heads and neighbours): positives are the k teacher neighbours among
+    the other candidates (``C - 1 >= k``), the softmax over those candidates. With ``candidates == anchors``: Eq. 4.
 
-    ``anchors`` ``[H, A, D]`` (carry the gradient), ``candidates`` ``[H, C, D]`` (queued ones detached),
-    ``anchor_index`` ``[A]`` each anchor's position among the candidates (-1: not one of them; None: the anchors are
-    the first A candidates, in order), ``anchor_teacher`` ``[A, E]``, ``candidate_teacher`` ``[C, E]``. A candidate
-    set that is the anchors themselves (the same tensors) is normalised once."""
+    ``anchors`` ``[H, A, D]`` (with gradient), ``candidates`` ``[H, C, D]`` (queued ones detached), ``anchor_index``
+    ``[A]`` positions among the candidates (-1: absent; None: the first A, in order), ``anchor_teacher`` ``[A, E]``,
+    ``candidate_teacher`` ``[C, E]``. Candidates that are the anchors' own tensors are normalised once."""
     num_candidates = candidates.shape[-2]
     if not 1 <= k <= num_candidates - 1:
         raise ValueError(f"k={k} needs 1 <= k <= C-1 with C={num_candidates} candidates")
@@ -57,7 +52,7 @@ def hera_loss_anchored(
         raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
     a = _unit(anchors, similarity == "cosine")
     c = a if candidates is anchors else _unit(candidates, similarity == "cosine")
-    # [A, C]: True at each anchor's own column (none for -1); a comparison, so no boolean-mask indexing (a sync)
+    # [A, C]: True at each anchor's own column (none for -1); a comparison, not mask indexing (a sync)
     if anchor_index is None:
         self_mask = torch.eye(anchors.shape[-2], num_candidates, dtype=torch.bool, device=a.device)
     else:
@@ -67,8 +62,8 @@ def hera_loss_anchored(
         t_a = _unit(anchor_teacher, True)
         t_c = t_a if candidate_teacher is anchor_teacher else _unit(candidate_teacher, True)
         teacher_sim = (t_a @ t_c.T).masked_fill(self_mask, float("-inf"))
-        # [A, k]; a stable sort, so a tie at the k-th place (reused images have equal teacher features) goes to
-        # the lower index on every device, as top_k_stable's, without its host sync
+        # [A, k]; stable sort: a tie at the k-th place (reused images) goes to the lower index on every device,
+        # as top_k_stable's, without its host sync
         neighbours = teacher_sim.sort(dim=-1, descending=True, stable=True).indices[:, :k].contiguous()  # not [A, C]
     logits = (a @ c.transpose(-1, -2) / temperature).masked_fill(self_mask, float("-inf"))  # [H, A, C]
     log_probs = torch.log_softmax(logits, dim=-1)
@@ -77,16 +72,16 @@ def hera_loss_anchored(
 
 
 def _unit(x: torch.Tensor, normalise: bool) -> torch.Tensor:
-    """``x`` in float32, L2-normalised along its last dimension when ``normalise``."""
+    """``x`` in float32, L2-normalised on the last dim when ``normalise``."""
     x = x.float()
     return F.normalize(x, dim=-1) if normalise else x
 
 
-# ---------------------------------------------------------------- the distributed candidate set (gather, queue)
+# --- the distributed candidate set (gather, queue)
 
 
 def distributed() -> bool:
-    """True inside an initialised multi-process group."""
+    """Inside an initialised multi-process group."""
     return (
         torch.distributed.is_available()
         and torch.distributed.is_initialized()
@@ -95,11 +90,10 @@ def distributed() -> bool:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 1 whose backward sums every rank's gradient for this rank's slice.
+    """All-gather along dim 1; backward sums every rank's gradient for this rank's slice (all_reduce, then slice).
 
-    Written out (all_reduce of the whole gradient, then this rank's slice) instead of
-    ``torch.distributed.nn.functional.all_gather``, whose gloo backward (all-to-all emulated with
-    scatters) returned wrong gradients for strided gradient slices in our checks (torch 2.11).
+    Not ``torch.distributed.nn.functional.all_gather``: its gloo backward returned wrong gradients for strided
+    slices in our checks (torch 2.11).
     """
 
     @staticmethod
@@ -120,13 +114,11 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def gather_batch(reps: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, list[int]]:
-    """All-gather variable-size per-rank batches, keeping the student's autograd graph: ``reps`` ``[H, n, D]`` and
-    ``teacher`` ``[n, E]`` of this rank (n may be 0 and differ across ranks) -> (``[H, N, D]``, ``[N, E]`` of all ranks
-    in rank order, the offset of this rank's rows, the per-rank sizes)."""
+    """All-gather per-rank batches (n may be 0), keeping the graph: ``reps`` ``[H, n, D]``, ``teacher`` ``[n, E]``
+    -> (``[H, N, D]``, ``[N, E]`` in rank order, this rank's offset, per-rank sizes)."""
     world = torch.distributed.get_world_size()
     rank = torch.distributed.get_rank()
-    # The one host sync HeRA keeps in a step, under hera_gather only: the gathered batch's shape depends on every
-    # rank's anchor count, which only that rank's collator knows; one copy of the world's counts to the host.
+    # HeRA's one host sync in a step (hera_gather only): the gathered shape depends on every rank's anchor count.
     size = torch.tensor([reps.shape[1]], device=reps.device)
     sizes_t = [torch.zeros_like(size) for _ in range(world)]
     torch.distributed.all_gather(sizes_t, size)
@@ -144,8 +136,7 @@ def gather_batch(reps: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tenso
 
 
 def all_ranks_all(flag: torch.Tensor) -> torch.Tensor:
-    """Logical AND of a 0-d bool device tensor over ranks, as a device tensor (no host sync; the flag itself
-    outside a process group)."""
+    """AND of a 0-d bool device tensor over ranks, on the device (no host sync; ``flag`` outside a group)."""
     if not distributed():
         return flag
     value = flag.to(torch.int32).reshape(1)
@@ -154,7 +145,7 @@ def all_ranks_all(flag: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureQueue:
-    """FIFO of the most recent ``capacity`` samples: detached student reps ``[H, Q, D]`` and teacher ``[Q, E]``."""
+    """FIFO of the last ``capacity`` samples: detached student reps ``[H, Q, D]``, teacher ``[Q, E]``."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -165,7 +156,7 @@ class FeatureQueue:
         return 0 if self.teacher is None else int(self.teacher.shape[0])
 
     def push(self, reps: torch.Tensor, teacher: torch.Tensor) -> None:
-        """Append the newest samples (``[H, n, D]``, ``[n, E]``), dropping the oldest beyond capacity."""
+        """Append ``[H, n, D]``, ``[n, E]``, dropping the oldest beyond capacity."""
         if self.capacity <= 0 or teacher.shape[0] == 0:
             return
         reps = reps.detach().float()
@@ -203,16 +194,12 @@ def used_temperature(log_tau: torch.Tensor) -> torch.Tensor:
 
 
 class TemperatureGradHandler(TrainerCallback):
-    """Owns the gradient (and, under DeepSpeed, the update) of the temperature, which lives outside the model.
+    """The temperature's gradient (and update, with ``own_optimizer``); it lives outside the model.
 
-    - Before each optimizer step it averages the gradient over data-parallel ranks (DDP does not
-      see the parameter). Every rank takes part, with a zero gradient when its micro-batches had
-      no HeRA term, so the collective always matches.
-    - Under DeepSpeed, whose ZeRO optimizer accepts only the model's own parameters, the temperature
-      has its own AdamW (``own_optimizer``), stepped here with the main schedule's learning-rate
-      factor (current lr of the main optimizer / ``learning_rate``).
-    - After each step it clamps ``log tau`` into range and clears the gradient: the Trainer zeroes
-      gradients with ``model.zero_grad()``, which does not reach this parameter.
+    - Before each optimizer step: averages the gradient over ranks (DDP does not see it), zeros where a rank had no
+      term, so the collective matches.
+    - ``own_optimizer`` (AdamW, set under DeepSpeed or FSDP): stepped with the main lr / ``learning_rate`` factor.
+    - After each step: clamps ``log tau`` and clears its gradient (``model.zero_grad()`` does not reach it).
     """
 
     def __init__(self, log_tau: nn.Parameter, base_lr: float) -> None:

@@ -1,8 +1,7 @@
 """Alignment metrics between two representation spaces.
 
-``mutual_knn`` follows the Platonic Representation Hypothesis reference code (``minyoungg/platonic-rep``): rows are
-L2-normalised, the k nearest neighbours of sample i are the top-k of row i of the Gram matrix with the diagonal
-excluded, and the score is the mean over samples of the overlap of the two neighbour sets divided by k.
+``mutual_knn`` follows the Platonic Representation Hypothesis code (``minyoungg/platonic-rep``): L2-normalised rows,
+neighbours the top-k of the Gram row without the diagonal, score the mean neighbour-set overlap divided by k.
 """
 
 from __future__ import annotations
@@ -12,8 +11,8 @@ import torch.nn.functional as F
 
 
 def knn_indices(feats: torch.Tensor, k: int) -> torch.Tensor:
-    """``[..., N, k]`` int64 indices of the k (``1 <= k <= N - 1``) nearest neighbours of every row of ``feats``
-    ``[..., N, D]`` by cosine similarity (float32), self excluded, most similar first."""
+    """``[..., N, k]`` int64 cosine nearest neighbours (float32, self excluded, nearest first) of each row of
+    ``feats`` ``[..., N, D]``; ``1 <= k <= N - 1``."""
     num = feats.shape[-2]
     if not 1 <= k <= num - 1:
         raise ValueError(f"k={k} needs 1 <= k <= N-1 with N={num} samples; use fewer neighbours or more samples.")
@@ -25,12 +24,10 @@ def knn_indices(feats: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """``[..., k]`` indices of the k largest values of each row; a tie at the k-th place goes to the lower index.
+    """``[..., k]`` indices of each row's k largest values; a tie at the k-th place goes to the lower index.
 
-    ``torch.topk`` leaves ties unspecified, so a tie at the k-th place (duplicate images or captions) could
-    be broken differently from run to run. Rows with such a tie (found by counting the k-th value) are
-    redone with a stable sort; the others keep ``topk``'s result (5x cheaper than sorting every row).
-    The order inside the returned k is by value; only the set matters to its users.
+    ``torch.topk`` leaves ties (duplicate images or captions) unspecified; tied rows are redone with a stable sort,
+    others keep ``topk``'s (5x cheaper than sorting all). Only the set matters, not its order.
     """
     values, indices = scores.topk(k, dim=-1)
     kth = values[..., -1:]
@@ -43,11 +40,9 @@ def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def knn_overlap(knn_a: torch.Tensor, knn_b: torch.Tensor, num: int) -> torch.Tensor:
-    """``[..., N]`` float32 per-row overlap ``|A_i ∩ B_i| / k`` of two ``[..., N, k]`` neighbour index sets over ``num``
-    indices (``knn_a``'s distinct within a row, broadcastable against ``knn_b``).
-
-    Only B is turned into a ``[..., N, N]`` membership mask; A's indices are looked up in it, so a broadcast B (one
-    teacher against many heads) costs ``O(N^2)`` once plus ``O(N k)`` per A row set."""
+    """``[..., N]`` float32 overlap ``|A_i ∩ B_i| / k`` of two ``[..., N, k]`` neighbour sets over ``num`` indices
+    (``knn_a`` distinct per row, broadcastable against ``knn_b``). Only B becomes an ``[..., N, N]`` mask, so one
+    teacher against many heads costs ``O(N^2)`` once plus ``O(N k)`` per head."""
     k = knn_a.shape[-1]
     member_b = torch.zeros((*knn_b.shape[:-1], num), dtype=torch.float32, device=knn_b.device).scatter_(-1, knn_b, 1.0)
     batch = torch.broadcast_shapes(knn_a.shape[:-2], knn_b.shape[:-2])
@@ -56,9 +51,8 @@ def knn_overlap(knn_a: torch.Tensor, knn_b: torch.Tensor, num: int) -> torch.Ten
 
 
 def mutual_knn(feats_a: torch.Tensor, feats_b: torch.Tensor, k: int = 10) -> float:
-    """Mutual k-nearest-neighbour alignment of two feature sets over the same N samples (``[N, D_a]``, e.g. a head's
-    representations, and ``[N, D_b]``, e.g. teacher [CLS] features; PRH's default k is 10): the mean over samples of
-    ``|kNN_a(i) ∩ kNN_b(i)| / k``, in [0, 1]."""
+    """Mutual kNN alignment of ``[N, D_a]`` and ``[N, D_b]`` features of the same samples (PRH's default k: 10):
+    mean of ``|kNN_a(i) ∩ kNN_b(i)| / k``, in [0, 1]."""
     if feats_a.ndim != 2 or feats_b.ndim != 2:
         raise ValueError(f"mutual_knn expects 2-D [N, D] inputs, got {tuple(feats_a.shape)} and {tuple(feats_b.shape)}")
     if feats_a.shape[0] != feats_b.shape[0]:

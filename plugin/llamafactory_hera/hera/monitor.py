@@ -1,11 +1,9 @@
 """Alignment during training: the aligned heads' MKNN with the teacher on a fixed probe set (``hera_monitor_*``;
-docs/hera.md "Alignment during training" says when, on what and against which control heads).
+docs/hera.md "Alignment during training").
 
-The probe pairs are drawn once, before the model loads (:func:`probe_set`), and every point is scored exactly as
-selection scores a head; the teacher's side is computed once. Points come on a fixed schedule (:func:`monitor_steps`),
-the same on every rank, at the end of the optimizer step: every rank scores (under ZeRO-3 every rank must take part
-in the forward) and rank 0's values are broadcast, through the Trainer's ``log()``. A step without a point does
-nothing on the device.
+Probe pairs are drawn before the model loads (:func:`probe_set`) and scored as selection scores a head, the teacher's
+side once. At scheduled step ends (:func:`monitor_steps`) every rank scores (ZeRO-3 needs all in the forward) and
+rank 0's values are broadcast and logged. Other steps do nothing on the device.
 """
 
 from __future__ import annotations
@@ -42,13 +40,12 @@ class ProbeSet:
     """The monitor's fixed image-caption pairs and where they come from."""
 
     pairs: list[collect.CalibrationPair]
-    rows: Any  # the aligned rows the pairs index (``pair.row``), for the multimodal mode's tokenization
-    source: str  # said in the start line
+    rows: Any  # the aligned rows ``pair.row`` indexes, for multimodal tokenization
+    source: str  # for the start line
 
 
 def _pairs_of(rows: Any, count: int, seed: int, k: int, source: str) -> list[collect.CalibrationPair]:
-    """Up to ``count`` pairs with distinct images, drawn as ``select`` draws them (dataset order kept); all of them
-    when there are fewer than ``k + 1`` (the caller says so)."""
+    """Up to ``count`` pairs with distinct images, drawn as ``select`` does; all when fewer than ``k + 1``."""
     usable = collect.usable_pairs(rows)
     distinct = collect.distinct_image_pairs(usable, seed)
     if len(distinct) < k + 1:
@@ -57,16 +54,15 @@ def _pairs_of(rows: Any, count: int, seed: int, k: int, source: str) -> list[col
 
 
 def probe_set(hera_args: Any, recipe_args: Any, training_rows: Any, seed: int) -> ProbeSet | None:
-    """The probe pairs of a run (held-out rows when there are enough, else training rows), or None with the monitor
-    off (``hera_monitor_steps: 0``, or too few pairs under the default; an explicit ``hera_monitor_steps`` with too
-    few pairs is a RecipeError)."""
+    """Probe pairs (held-out rows if enough, else training rows), or None: monitor off (``hera_monitor_steps: 0``, or
+    too few pairs by default; RecipeError if set explicitly)."""
     if hera_args.hera_monitor_steps == 0 or training_rows is None:
         return None
 
     needed = hera_args.hera_k + 1
     pair_seed = seed + 1  # as `select --report` draws its pairs by default
     train, held_out, held_out_name = split_rows(recipe_args, seed, training_rows)
-    note = ""  # why the held-out rows were not used
+    note = ""  # why held-out rows were not used
     if held_out is not None:
         pairs = _pairs_of(held_out, hera_args.hera_monitor_pairs, pair_seed, hera_args.hera_k, held_out_name)
         if len(pairs) >= needed:
@@ -89,8 +85,7 @@ def probe_set(hera_args: Any, recipe_args: Any, training_rows: Any, seed: int) -
 
 
 def control_heads(aligned: list[HeadRef], num_heads: int, seed: int) -> list[HeadRef]:
-    """As many unaligned heads as aligned ones, each in an aligned head's layer (fewer when a layer has no unaligned
-    head left), drawn with ``seed``; sorted."""
+    """Per aligned head, an unaligned head of its layer (fewer if none left), drawn with ``seed``; sorted."""
     rng = random.Random(seed)
     taken = set(aligned)
     chosen: list[HeadRef] = []
@@ -102,29 +97,23 @@ def control_heads(aligned: list[HeadRef], num_heads: int, seed: int) -> list[Hea
 
 
 def wait_for_device(device: Any) -> None:
-    """On a CUDA device, wait for the work queued so far, so that a clock read next measures only what follows. The
-    monitor calls it only when it scores or prepares, never on a step without a point."""
+    """On CUDA, wait for queued work so a clock read next times only what follows (only when scoring or preparing)."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
 
 
 def monitor_steps(every: int | None, max_steps: int) -> set[int]:
-    """The optimizer steps that get a point: 0 and every ``every`` steps, or (``None``) 0 and :data:`DEFAULT_POINTS`
-    evenly spaced steps, the last at ``max_steps`` (every step of a shorter run)."""
+    """Steps with a point: 0 and every ``every`` steps, or (None) 0 and :data:`DEFAULT_POINTS` evenly spaced steps
+    ending at ``max_steps``."""
     if every is not None:
         return {0, *range(every, max_steps + 1, every)} if every > 0 else set()
     return {0, *((i * max_steps + DEFAULT_POINTS // 2) // DEFAULT_POINTS for i in range(1, DEFAULT_POINTS + 1))}
 
 
 class MonitorCallback(TrainerCallback):
-    """``hera_monitor_steps``: scores the aligned and control heads on the probe set at the schedule's steps and logs
-    the points through ``trainer.log``; the teacher's side is computed once.
-
-    Added by the trainer after LLaMA-Factory's and the Trainer's own callbacks, so ``control.should_log`` is decided
-    when ``on_step_end`` reaches it; the trainer's ``log`` calls :meth:`merge` on every training log. Built before
-    training (control heads drawn, the student side's inputs built); nothing runs on the model yet.
-    """
+    """Scores aligned and control heads at the scheduled steps. Added after the host's callbacks, so
+    ``control.should_log`` is decided at ``on_step_end``; the trainer's ``log`` calls :meth:`merge`."""
 
     def __init__(self, trainer: Any, hera_args: Any, probe: ProbeSet, geometry: Any, recipe_args: Any) -> None:
         args = trainer.args
@@ -148,7 +137,7 @@ class MonitorCallback(TrainerCallback):
         self.by_layer = dict(sorted(by_layer.items()))
         collator = trainer.data_collator
         self.tokenizer = getattr(collator, "tokenizer", None)  # text mode
-        self.dataset: Any = None  # multimodal mode: the probe rows tokenized and collated as training (and selection)
+        self.dataset: Any = None  # multimodal mode: probe rows tokenized and collated as in training
         self.collator: Any = None
         if self.mode == "multimodal":
             chosen = probe.rows.select([pair.row for pair in probe.pairs])
@@ -159,8 +148,8 @@ class MonitorCallback(TrainerCallback):
 
     @torch.no_grad()
     def prepare_teacher(self, teacher: Any, image_processor: Any) -> None:
-        """Teacher features of the probe pairs and their neighbours, once, kept for the run (synced, so that a clock
-        read around it, as ``bench/overhead.py --monitor`` does, measures it alone)."""
+        """The probe pairs' teacher neighbours, once per run (synced, so ``bench/overhead.py --monitor`` times it
+        alone)."""
         if self.teacher_knn is not None:
             return
         wait_for_device(self.device)  # work queued before is not the monitor's
@@ -177,11 +166,11 @@ class MonitorCallback(TrainerCallback):
 
     @torch.no_grad()
     def score(self, model: nn.Module) -> torch.Tensor:
-        """``[len(aligned) + len(control)]`` float32 MKNN on the device, aligned heads first (recipe order), then
-        the control heads. The forward runs without autograd in eval mode; the model's mode is restored."""
+        """``[len(aligned) + len(control)]`` float32 MKNN on the device, aligned (recipe order) then control heads.
+        The forward runs in eval mode without autograd; the model's mode is restored."""
         if self.teacher_knn is None:
             raise RuntimeError("alignment monitor: prepare_teacher was not called before the first score")
-        # per layer [N, H*d_head] pooled o_proj inputs of the probe pairs, as selection's
+        # per layer [N, H*d_head] pooled o_proj inputs, as in selection
         with eval_mode(model), zero3_forward(model):
             if self.mode == "multimodal":
                 pooled = collect.collect_multimodal(
@@ -211,7 +200,7 @@ class MonitorCallback(TrainerCallback):
         return torch.stack([per_head[ref] for ref in (*self.aligned, *self.control)])
 
     def logs(self, scores: list[float]) -> dict[str, float]:
-        """The logged metrics of one point from :meth:`score`'s values (host floats)."""
+        """One point's metrics from :meth:`score`'s values."""
         aligned = scores[: len(self.aligned)]
         control = scores[len(self.aligned) :]
         logs = {MEAN_KEY: sum(aligned) / len(aligned)}
@@ -221,7 +210,7 @@ class MonitorCallback(TrainerCallback):
         return logs
 
     def line(self) -> str:
-        """What the monitor does in this run, for the start line."""
+        """The monitor's part of the start line."""
         when = (
             f"every {self.every} steps"
             if self.every is not None
@@ -235,7 +224,7 @@ class MonitorCallback(TrainerCallback):
 
     def point(self, model: nn.Module) -> dict[str, float]:
         """Score the heads now (every rank; rank 0's values) and return the metrics."""
-        wait_for_device(self.device)  # the step's queued kernels are the step's time, not the point's
+        wait_for_device(self.device)  # queued kernels are the step's time, not the point's
         scores = self.score(model)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.broadcast(scores, src=0)
@@ -262,13 +251,13 @@ class MonitorCallback(TrainerCallback):
         self.flush()
 
     def merge(self, logs: dict[str, float], step: int) -> None:
-        """Put the point of this step into the Trainer's training log of this step."""
+        """Put this step's point into its training log."""
         if self.pending is not None and self.pending[0] == step:
             logs.update(self.pending[1])
             self.pending = None
 
     def flush(self) -> None:
-        """A point that no training log took (the Trainer did not log after all) is logged on its own."""
+        """Log alone a point no training log took."""
         pending = self.pending
         self.pending = None
         if pending is not None:

@@ -1,7 +1,7 @@
-"""HeRA's checks right after LLaMA-Factory parsed the recipe, before any model or dataset loads: the settings HeRA
-cannot honour, the model's heads and the teacher read from their configs, an adapter's shapes against its base model
-(errors that name the culprit). Run by :class:`llamafactory_hera.hera.run.HeraRun`; before the parse:
-:mod:`.raw_checks`; before the first step: :mod:`.preparation_checks`.
+"""HeRA's checks after LLaMA-Factory parsed the recipe, before any model or dataset loads: unsupported settings,
+heads and teacher from their configs, an adapter's shapes against its base model. Run by
+:class:`llamafactory_hera.hera.run.HeraRun`; before the parse: :mod:`.raw_checks`; before the first step:
+:mod:`.preparation_checks`.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.data.templates import template_tokens
 from llamafactory_hera_patches.guard import host_version
 
-# deepspeedai/DeepSpeed#8148 (first released in 0.19.3): ZeRO-3 keeps frozen parameters whole during a non-reentrant
-# checkpoint's recompute; before it, the recompute sees them partitioned (shape [0]) and backward fails
+# from 0.19.3 (deepspeedai/DeepSpeed#8148) ZeRO-3 keeps frozen parameters whole in a non-reentrant recompute;
+# before, the recompute sees them partitioned (shape [0]) and backward fails
 ZERO3_FROZEN_RECOMPUTE_FIX = Version("0.19.3")
 
 
-# (object attribute, holder name, why it cannot work with HeRA)
+# (attribute, holder, why HeRA cannot work with it)
 _INCOMPATIBLE = (
     # neat_packing first: LLaMA-Factory turns packing on when neat_packing is set
     ("neat_packing", "data", "packed sequences mix several samples in one row"),
@@ -68,8 +68,8 @@ _INCOMPATIBLE = (
 
 
 def check_heads_of(hera_args: HeraArguments, config: Any, model: str) -> Any:
-    """The heads against the model's ``config``: it has some, the named ones are in it, ``auto``'s number is at most
-    its heads (also ``llamafactory-hera plan``'s check). Returns the model's attention geometry."""
+    """Check the heads against ``config`` (it has heads, the named ones exist, ``auto``'s count fits; also
+    ``plan``'s check); return its attention geometry."""
     geometry = attention_geometry(config)
     check_has_heads(geometry, config, "stage: hera")
     if not hera_args.auto_heads:
@@ -84,8 +84,8 @@ def check_heads_of(hera_args: HeraArguments, config: Any, model: str) -> Any:
 
 
 def check_trains(training_args: Any) -> None:
-    """``do_train`` is on: without it LLaMA-Factory builds the model for inference (a LoRA not trainable, nothing to
-    align), and the run ended at the frozen-heads check after the model loaded, with advice about lora_target."""
+    """Require ``do_train``: without it LLaMA-Factory builds an inference model (nothing trainable), and the run
+    would fail only at the frozen-heads check after loading, with misleading lora_target advice."""
     if getattr(training_args, "do_train", True):
         return
     raise RecipeError(
@@ -97,8 +97,7 @@ def check_trains(training_args: Any) -> None:
 
 
 def check_multimodal(model_args: Any, data_args: Any, config: Any) -> None:
-    """The model takes images and ``template`` has an image plugin (LLaMA-Factory's "This model does not support image
-    input" came after the tokenization otherwise)."""
+    """Require an image model and a ``template`` with an image plugin (else LLaMA-Factory fails after tokenizing)."""
     kind = str(getattr(config, "model_type", "?"))
     if getattr(config, "vision_config", None) is None:
         raise RecipeError(
@@ -120,9 +119,8 @@ def check_multimodal(model_args: Any, data_args: Any, config: Any) -> None:
 def zero3_frozen_recompute_warning(
     finetuning_type: str, zero3: bool, checkpointing: bool, deepspeed_version: str
 ) -> str | None:
-    """The warning for LoRA under ZeRO-3 with gradient checkpointing on a DeepSpeed before
-    :data:`ZERO3_FROZEN_RECOMPUTE_FIX`: HeRA's heads' layers run non-reentrant checkpointing, and their frozen base
-    weights fail its recompute."""
+    """The warning for LoRA + ZeRO-3 + gradient checkpointing on DeepSpeed before :data:`ZERO3_FROZEN_RECOMPUTE_FIX`
+    (the heads' layers checkpoint non-reentrantly), else None."""
     try:
         affected = Version(deepspeed_version) < ZERO3_FROZEN_RECOMPUTE_FIX
     except InvalidVersion:
@@ -146,9 +144,8 @@ def validate_host_args(
     generating_args: Any,
     hera_args: HeraArguments,
 ) -> None:
-    """Refuse settings HeRA cannot honour. Heads and teacher are checked from their configs, so both fail in seconds,
-    before the MLLM is loaded. Gradient checkpointing stays the recipe's: the trainer switches only the layers that
-    hold selected heads to the non-reentrant kind (:mod:`llamafactory_hera.training.layer_checkpointing`)."""
+    """Refuse settings HeRA cannot honour, in seconds (heads and teacher from configs, before the MLLM loads).
+    Gradient checkpointing stays the recipe's except the heads' layers (non-reentrant, ``layer_checkpointing``)."""
     holders = {"data": data_args, "finetuning": finetuning_args, "model": model_args}
     check_trains(training_args)
     check_run_inputs(model_args, data_args, training_args, stage="hera")
@@ -195,9 +192,8 @@ def validate_host_args(
 
 
 def check_adapter_fits(adapters: list[str], hidden_size: int, attention_widths: set[int], model_name: str) -> None:
-    """Raise when a local adapter's (``adapter_name_or_path`` entries; hub ids skipped) o_proj LoRA matrices cannot
-    belong to this base model: the text model's width ``hidden_size``, o_proj's input widths ``attention_widths``
-    (``num_heads * head_dim`` of the layers; Gemma 4's layers differ). Shapes only, no weight loaded."""
+    """Refuse a local adapter whose o_proj LoRA shapes miss ``hidden_size`` / ``attention_widths`` (``num_heads *
+    head_dim`` per layer); hub ids skipped, no weight loaded."""
     for adapter in adapters:
         weights = Path(adapter) / "adapter_model.safetensors"
         config = Path(adapter) / "adapter_config.json"

@@ -1,7 +1,6 @@
-"""HeRA's checks in its run's preparation, before its first step: contrastive set sizes, the queue, image rows, the
-same heads on every rank; once the model is loaded, heads that no trainable weight can move. A run that would train
-plain SFT while looking like HeRA is stopped, naming the setting and the fix (docs/hera-design.md, "The objective";
-docs/hera.md, "Unsupported combinations").
+"""HeRA's checks before the first step: contrastive sets, queue, image rows, same heads on all ranks, heads that can
+train. A run that would be plain SFT looking like HeRA stops, naming setting and fix (docs/hera-design.md, "The
+objective"; docs/hera.md, "Unsupported combinations").
 """
 
 from __future__ import annotations
@@ -30,9 +29,8 @@ from llamafactory_hera_patches.tools.model_data import (
 
 @dataclass(frozen=True)
 class ContrastiveGeometry:
-    """Largest contrastive set a run can form, from the batch geometry (and the training data's distinct images, when
-    known): ``batch_set`` the image samples one step can contribute (per-device batch, times the data-parallel
-    processes when ``hera_gather`` gathers them), ``queue`` the feature queue's capacity."""
+    """The largest contrastive set: ``batch_set`` (a step's image samples; times the processes under
+    ``hera_gather``) plus ``queue`` (its capacity)."""
 
     per_device: int
     processes: int
@@ -40,8 +38,8 @@ class ContrastiveGeometry:
     batch_set: int
     queue: int
     queue_reason: str
-    distinct_images: int | None = None  # of the training data, when known (None: streaming, or not read yet)
-    capped_from: int | None = None  # the queue the settings asked for, when the distinct images capped it
+    distinct_images: int | None = None  # in the training data (None: streaming, or not read yet)
+    capped_from: int | None = None  # the queue asked for, when the distinct images capped it
 
     @property
     def largest(self) -> int:
@@ -51,11 +49,8 @@ class ContrastiveGeometry:
 def contrastive_geometry(
     hera_args: HeraArguments, per_device: int, processes: int, distinct_images: int | None = None
 ) -> ContrastiveGeometry:
-    """The run's contrastive geometry; under ``hera_queue_size: auto`` the queue is decided here, once: a queue of
-    ``4 * (hera_k + 1)`` samples when the largest batch set is smaller than ``hera_k + 1``, or than 3 (a set of 2 has
-    no negative, whatever k); one ragged last batch of an epoch does not switch it on. With ``distinct_images``, a
-    queue (auto or set) is capped at the distinct images beyond one batch set: a longer one would hold the same
-    images again."""
+    """``hera_queue_size: auto``: ``4 * (hera_k + 1)`` when a full batch set is below ``max(hera_k + 1, 3)`` (2 have no
+    negative). Any queue is capped at ``distinct_images`` minus a batch set (longer would repeat images)."""
     gather = hera_args.hera_gather
     gathered = processes if gather and processes > 1 else 1
     batch_set = per_device * gathered
@@ -85,7 +80,7 @@ def contrastive_geometry(
 
 
 def queue_cap_line(geometry: ContrastiveGeometry, hera_args: HeraArguments) -> str | None:
-    """The line saying that the training data's distinct images capped the queue (None when they did not)."""
+    """The line saying the distinct images capped the queue, or None."""
     if geometry.capped_from is None:
         return None
     return (
@@ -102,10 +97,8 @@ def check_contrastive_geometry(
     data: str = "the training data",
     more: str = "another dataset, or a larger max_samples",
 ) -> None:
-    """Refuse a run none of whose contrastive sets can ever hold ``hera_k`` + 1 distinct images (an anchor and its k
-    neighbours): too few distinct images in ``data`` (the recipe's keys that chose it, for the message; ``more``: the
-    keys that would give more), or in a batch set and the queue together; first of all, one whose sets never hold a
-    negative."""
+    """Refuse sets that can never hold ``hera_k + 1`` distinct images: too few in ``data`` (``more``: keys giving
+    more), or in a batch set plus queue; first, sets that never hold a negative."""
     k = hera_args.hera_k
     distinct = geometry.distinct_images
     needed = max(k + 1, 3)
@@ -145,7 +138,7 @@ def check_contrastive_geometry(
 
 
 def check_same_heads_on_every_rank(heads: list[str]) -> None:
-    """Raise unless every data-parallel rank aligns the same heads (once, at trainer start)."""
+    """Raise unless every rank aligns the same heads."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
@@ -161,7 +154,7 @@ class ImageRowCounts:
     rows: int
     image_rows: int
     video_only_rows: int
-    distinct_images: int | None = None  # image rows with distinct images (rows sharing their images count once)
+    distinct_images: int | None = None  # rows sharing their images count once
 
     @property
     def text_only_rows(self) -> int:
@@ -182,13 +175,13 @@ def count_image_rows(dataset: Any) -> ImageRowCounts | None:
 
 
 def _image_identity(image: Any, row: int) -> Any:
-    """An image entry's file path; an image held in the data itself counts as its row's own."""
+    """An image entry's path; an in-memory image is its row's own."""
     path = image.get("path") if isinstance(image, dict) else image
     return path if isinstance(path, str) else ("in-memory", row)
 
 
 def check_image_rows(counts: ImageRowCounts | None, datasets: Any, which: str = "") -> None:
-    """Refuse training data without any image (``which``: said after "rows", e.g. which of them train)."""
+    """Refuse training data without images (``which``: said after "rows")."""
     if counts is None or counts.image_rows > 0:
         return
     videos = (
@@ -204,7 +197,7 @@ def check_image_rows(counts: ImageRowCounts | None, datasets: Any, which: str = 
 
 
 def trainable_layers(model: nn.Module) -> list[int]:
-    """Decoder layers whose heads the recipe can train: their ``o_proj`` trains, or a trainable parameter feeds it."""
+    """Decoder layers whose ``o_proj`` trains or is fed by a trainable parameter."""
     o_projs = head_projections(model)
     fed = trainable_upstream(model, list(o_projs))
     return [
@@ -213,7 +206,7 @@ def trainable_layers(model: nn.Module) -> list[int]:
 
 
 def check_heads_train(model: nn.Module, heads: list[HeadRef], auto: bool, finetuning_args: Any = None) -> None:
-    """Refuse, naming the heads no trainable parameter can move, and the fix."""
+    """Refuse heads no trainable parameter can move, naming them and the fix."""
     layers = trainable_layers(model)
     stuck = [ref for ref in heads if ref.layer not in layers]
     if not stuck:
@@ -245,23 +238,20 @@ def check_heads_train(model: nn.Module, heads: list[HeadRef], auto: bool, finetu
 def checked_image_rows(
     model_args: Any, data_args: Any, finetuning_args: Any, training_args: Any
 ) -> tuple[dict[str, int], Any, Any]:
-    """(image path -> training-data row, the counts of the rows that train, the aligned rows), after checking every
-    image file exists and that the training rows have images at all, before LLaMA-Factory's preprocessing fails on a
-    missing file with a bare OSError. The counts leave out ``val_size``'s validation rows (LLaMA-Factory's split with
-    the run's seed, of the rows before its preprocessing). Streaming datasets are not scanned (counts and rows None)."""
+    """(image path -> row, training-row counts, aligned rows), after checking the image files exist (else
+    LLaMA-Factory fails with a bare OSError) and training rows have images. Counts exclude ``val_size``'s rows.
+    Streaming is not scanned (counts and rows None)."""
     if getattr(data_args, "streaming", False):
         return {}, None, None
 
-    # Main process first, as LLaMA-Factory loads a dataset: the others then read the datasets cache it wrote instead
-    # of aligning with preprocessing_num_workers processes each (and checking every image) at the same time.
-    # Only the main process stats the image files (the others wait for it, then map paths to rows without the
-    # file system: 8 ranks per node checking every image of a 665k-row dataset at once is what this avoids).
+    # Main process first, as LLaMA-Factory loads a dataset: the others read its datasets cache instead of aligning
+    # with their own workers at once. Only it stats the image files (avoids 8 ranks per node checking 665k images).
     local = not getattr(data_args, "data_shared_file_system", False)
     main = (training_args.local_process_index if local else training_args.process_index) == 0
     with (
         training_args.main_process_first(desc="align the dataset and check its images", local=local),
         media_warnings_held(),
-    ):  # a missing file is named alone, not below the converter's line per image
+    ):  # a missing file is named alone, not below a converter line per image
         recipe = RecipeArgs(model_args, data_args, finetuning_args)
         aligned = load_aligned_rows(recipe, training_args.seed, training_args=training_args)
         counts = count_image_rows(training_rows(recipe, training_args.seed, aligned))
@@ -288,15 +278,15 @@ def checked_image_rows(
 def checked_contrastive_geometry(
     hera_args: HeraArguments, counts: Any, data_args: Any, training_args: Any
 ) -> ContrastiveGeometry:
-    """The run's contrastive sets (the trainer's queue among them). Refuse a run whose sets can never hold hera_k + 1
-    distinct images of the rows that train; say when those images cap the queue."""
+    """The run's contrastive sets; refuses sets that can never hold hera_k + 1 distinct training images, and says
+    when those images cap the queue."""
     geometry = contrastive_geometry(
         hera_args,
         training_args.per_device_train_batch_size,
         training_args.world_size,
         None if counts is None else counts.distinct_images,
     )
-    if counts is None:  # streaming: the sizes alone were checked before loading (hera/parsed_checks.py)
+    if counts is None:  # streaming: sizes were checked before loading (hera/parsed_checks.py)
         return geometry
     names = ", ".join(data_args.dataset) if isinstance(data_args.dataset, list) else data_args.dataset
     limit = f", max_samples: {data_args.max_samples}" if data_args.max_samples is not None else ""

@@ -1,6 +1,5 @@
-"""HeRA's checks of a recipe before LLaMA-Factory parses it (nothing loaded): DeepSpeed with fp16 and a learned
-temperature, named heads against a local model's ``config.json``. Run by :class:`llamafactory_hera.hera.run.HeraRun`,
-also before torchrun starts the ranks; after the parse: :mod:`.parsed_checks`.
+"""HeRA's checks before LLaMA-Factory parses the recipe (nothing loaded; also before torchrun starts the ranks). Run
+by :class:`llamafactory_hera.hera.run.HeraRun`; after the parse: :mod:`.parsed_checks`.
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ from llamafactory_hera.runtime.raw_recipe import raw_value, truthy
 
 
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
-    """Checks on the recipe's own keys, before LLaMA-Factory parses them: DeepSpeed with fp16 and a learned temperature
-    (its refusal says why), named heads outside a local model (:func:`check_heads_before_parse`)."""
+    """Refuse DeepSpeed with fp16 and a learned temperature, and named heads outside a local model."""
     if raw_value(host_args, "deepspeed") and truthy(raw_value(host_args, "fp16")) and hera_args.hera_learn_temperature:
         raise RecipeError(
             "stage: hera cannot learn the temperature under DeepSpeed with fp16: true (the temperature's "
@@ -29,16 +27,15 @@ def validate_raw_host_args(host_args: dict[str, Any] | list[str], hera_args: Her
 
 
 def check_heads_before_parse(host_args: dict[str, Any] | list[str], hera_args: HeraArguments) -> None:
-    """Named ``hera_heads`` against a local model's ``config.json``, before LLaMA-Factory parses the recipe: under
-    ``llamafactory-cli train`` with torchrun this runs before the ranks start (``llamafactory_hera_patches.launch``),
-    so a head out of range starts no rank. A hub id, a folder without ``config.json`` or a config that needs more
-    than this read is checked after the parse (:func:`validate_host_args`)."""
+    """Named ``hera_heads`` against a local model's ``config.json``; under torchrun this runs before the ranks start
+    (``llamafactory_hera_patches.launch``), so a head out of range starts none. Hub ids, folders without
+    ``config.json`` and unreadable configs are checked after the parse (:func:`validate_host_args`)."""
     model = raw_value(host_args, "model_name_or_path")
     if hera_args.auto_heads or not model or not (Path(str(model)).expanduser() / "config.json").is_file():
         return
     remote = truthy(raw_value(host_args, "trust_remote_code"))
     try:
         config = AutoConfig.from_pretrained(str(Path(str(model)).expanduser()), trust_remote_code=remote)
-    except Exception:  # a config this transformers cannot read (a newer family's): the parse's checks name it
+    except Exception:  # a config this transformers cannot read: the parse's checks name it
         return
     check_heads_fit(hera_args.head_refs, attention_geometry(config), str(model))

@@ -1,5 +1,5 @@
-"""A ``stage: hera`` run (:class:`HeraRun`): HeRA's arguments and its phases, in order. Each phase imports the module
-that does its work (lazy: :mod:`llamafactory_hera.recipe.run` says why)."""
+"""A ``stage: hera`` run (:class:`HeraRun`): its arguments and phases in order, each importing its module lazily
+(:mod:`llamafactory_hera.recipe.run` says why)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class HeraRun(MethodRun[HeraArguments]):
 
     arguments = HeraArguments
     parse = staticmethod(parse_hera_arguments)
-    prepared: HeraPreparation | None = None  # what the preparation hands the trainer
+    prepared: HeraPreparation | None = None
 
     @property
     @override

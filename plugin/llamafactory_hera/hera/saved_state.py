@@ -1,5 +1,5 @@
-"""What HeRA saves beside the model (in each checkpoint, and with the final model): the temperature, its optimizer,
-the feature queue. Plain functions the trainer calls from ``save_model`` and the Trainer's optimizer save / load.
+"""What HeRA saves beside the model (each checkpoint and the final model): the temperature, its optimizer, the feature
+queue. Called from the trainer's ``save_model`` and optimizer save / load.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ TAU_OPTIMIZER_NAME = "hera_temperature_optimizer.pt"
 
 
 def load_on_cpu(path: str) -> Any:
-    """``torch.load`` of a file HeRA saved onto the CPU; the caller moves what it restores to its device (the
-    tensors are tagged with the GPU that wrote them: a resume without it would fail to deserialize)."""
+    """``torch.load`` onto the CPU (tensors are tagged with the GPU that wrote them; a resume without it would fail);
+    the caller moves them."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def save_state(folder: str, hera_args: Any, log_tau: torch.Tensor) -> None:
-    """``hera_state.json`` into ``folder`` (with every saved model): what a checkpoint needs to resume HeRA exactly."""
+    """Write ``hera_state.json`` into ``folder``: what resuming HeRA exactly needs."""
     value = float(log_tau.detach().cpu())
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, HERA_STATE_NAME), "w", encoding="utf-8") as handle:
@@ -50,10 +50,10 @@ def _queue_file(folder: str, process_index: int) -> str:
 def save_optimizer_state(
     folder: str, tau_optimizer: torch.optim.Optimizer | None, queue: Any, process_index: int, should_save: bool
 ) -> None:
-    """The temperature's own optimizer (DeepSpeed) and this rank's feature queue, beside the Trainer's optimizer."""
+    """Save the temperature's own optimizer (DeepSpeed, FSDP) and this rank's feature queue."""
     if tau_optimizer is not None and should_save:
         torch.save(tau_optimizer.state_dict(), os.path.join(folder, TAU_OPTIMIZER_NAME))
-    if queue.capacity:  # every rank its own file (queues differ per rank without hera_gather)
+    if queue.capacity:  # a file per rank (queues differ without hera_gather)
         torch.save(queue.state_dict(), _queue_file(folder, process_index))
 
 
@@ -66,11 +66,10 @@ def load_state(
     process_index: int,
     device: torch.device,
 ) -> None:
-    """Restore what :func:`save_state` and :func:`save_optimizer_state` wrote (resume_from_checkpoint); refuse a
-    checkpoint without ``hera_state.json`` or of other heads."""
+    """Restore the saved state; refuse a checkpoint without ``hera_state.json`` or of other heads."""
     tau_file = os.path.join(checkpoint, TAU_OPTIMIZER_NAME)
     if tau_optimizer is not None and os.path.isfile(tau_file):
-        # load_state_dict moves each state tensor to its parameter's device (``step`` stays on the CPU)
+        # load_state_dict moves state tensors to the parameter's device (``step`` stays on the CPU)
         tau_optimizer.load_state_dict(load_on_cpu(tau_file))
     queue_file = _queue_file(checkpoint, process_index)
     if os.path.isfile(queue_file):

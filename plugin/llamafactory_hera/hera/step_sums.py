@@ -1,11 +1,9 @@
-"""The HeRA step's per-log sums (:class:`StepSums`): what it logs and checks, read when the Trainer logs.
+"""The HeRA step's per-log sums (:class:`StepSums`), read when the Trainer logs.
 
-A training step must not wait on the GPU (every ``.item()``, ``bool(tensor)``, boolean mask or ``.cpu()`` does), nor
-launch more than it needs. So each micro-batch only keeps its device values (its LM loss, its HeRA term and whether
-that was finite: two ``detach`` ops) and the counts the collator already knew stay on the host; the values are summed
-on the device at the next logging step, which syncs anyway, or every :data:`FOLD_AT` micro-batches (no sync), and read
-there. The checks are made at that read: a non-finite HeRA loss warns at the first log after it (and is logged as
-``hera_nonfinite_skipped``).
+A step must not wait on the GPU (``.item()``, ``bool(tensor)``, masks, ``.cpu()`` do) nor launch more than needed.
+Micro-batches keep device values (two ``detach`` ops), counts stay on the host; values are summed every
+:data:`FOLD_AT` micro-batches (no sync) and read at the next logging step, which syncs anyway. A non-finite HeRA
+loss warns at that read (logged as ``hera_nonfinite_skipped``).
 """
 
 from __future__ import annotations
@@ -17,13 +15,12 @@ from llamafactory_hera.log import line
 
 __all__ = ["DEVICE_STATS", "FOLD_AT", "HOST_STATS", "NONFINITE_WARNING", "StepSums"]
 
-# Summed on the device (float64): LM loss, HeRA loss (finite ones), finite HeRA terms, non-finite (skipped) HeRA terms,
+# Summed on the device (float64): LM loss, finite HeRA losses, finite terms, skipped (non-finite) terms,
 # lambda * term / accumulation steps.
 DEVICE_STATS = ("lm", "hera", "hera_micro", "skipped", "weighted")
-# On the host: image samples used, text-only samples, micro-batches, micro-batches the host knew had no term,
-# micro-batches that computed a term.
+# On the host: image samples, text-only samples, micro-batches, those known to have no term, those computing one.
 HOST_STATS = ("images", "text_only", "micro", "host_no_term", "attempts")
-FOLD_AT = 64  # micro-batches kept before their values are summed on the device (a few ops, no sync)
+FOLD_AT = 64  # micro-batches kept before summing on the device (no sync)
 NONFINITE_WARNING = line(
     "warning: non-finite HeRA loss; the term is skipped for such micro-batches "
     "(counted as hera_nonfinite_skipped in the logs). Check hera_temperature / bf16 overflow."
@@ -31,9 +28,8 @@ NONFINITE_WARNING = line(
 
 
 def _scaled_sum(values: list[torch.Tensor], multipliers: list[float], divisors: list[float]) -> torch.Tensor:
-    """``sum_i values[i] * multipliers[i] / divisors[i]`` in float64 (0-d), one stacked sum per distinct
-    (multiplier, divisor), each step of which is skipped where it is 1: the ops of one or two groups, whatever the
-    number of values."""
+    """0-d float64 ``sum_i values[i] * multipliers[i] / divisors[i]``: one stacked sum per distinct (multiplier,
+    divisor), skipping factors of 1, so the op count does not grow with the values."""
     total = None
     pairs = list(zip(multipliers, divisors, strict=True))
     for multiplier, divisor in dict.fromkeys(pairs):
@@ -47,26 +43,26 @@ def _scaled_sum(values: list[torch.Tensor], multipliers: list[float], divisors: 
 
 
 class StepSums:
-    """Per-log sums of the HeRA step, read at a logging step; the first-missing-term warning; this rank's counts of
-    micro-batches with a term (the run's end line, ``workflow.RunSummary``). See the module's docstring."""
+    """Per-log sums, the first-missing-term warning, and this rank's counts for the end line
+    (``workflow.RunSummary``)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device_sums = torch.zeros(len(DEVICE_STATS), dtype=torch.float64, device=device)
         self.host_sums = [0.0] * len(HOST_STATS)
-        self._lm: list[torch.Tensor] = []  # each micro-batch's LM loss, detached, and its divisor
+        self._lm: list[torch.Tensor] = []  # each LM loss, detached, and its divisor
         self._lm_divisors: list[float] = []
-        self._terms: list[torch.Tensor] = []  # each term's value (0 where not finite), its flag and weight in `loss`
+        self._terms: list[torch.Tensor] = []  # each term (0 if not finite), its flag and weight in `loss`
         self._finite: list[torch.Tensor] = []
         self._weights: list[tuple[float, float]] = []  # (lambda, accumulation steps)
         self.last_logged_step: int | None = None  # set at the first training step (resume-aware)
         self.micro_batches = 0
         self.with_term = 0
-        self.nonfinite = 0  # micro-batches whose HeRA term was non-finite and skipped (read at logging steps)
+        self.nonfinite = 0  # micro-batches with a skipped non-finite term (read at logging steps)
         self.warned_missing = False
         self.warned_nonfinite = False
 
     def note_missing_term(self, image_samples: int, text_only: int, batch: int, step: int) -> None:
-        """A micro-batch without a HeRA term: warn once, with what it held."""
+        """Warn once about a micro-batch without a HeRA term."""
         if self.warned_missing:
             return
         self.warned_missing = True
@@ -88,9 +84,8 @@ class StepSums:
         weight: tuple[float, float],
         host_part: list[float],
     ) -> None:
-        """Add one micro-batch: its LM loss (0-d; logged divided by ``lm_divisor``), its HeRA ``term`` and ``finite``
-        flag (0-d on the device; None: no term), whose part of the logged loss is ``term * lambda / steps``
-        (``weight``: (lambda, steps)), and ``host_part`` (:data:`HOST_STATS`). No sync, two ops."""
+        """Add one micro-batch: 0-d ``lm_loss`` (logged over ``lm_divisor``), 0-d ``term`` and ``finite`` (None: no
+        term), ``weight`` = (lambda, steps), ``host_part`` (:data:`HOST_STATS`). No sync, two ops."""
         self._lm.append(lm_loss.detach())
         self._lm_divisors.append(lm_divisor)
         if term is not None and finite is not None:
@@ -103,7 +98,7 @@ class StepSums:
             self._fold()
 
     def _fold(self) -> None:
-        """Sum the kept micro-batches' values into :attr:`device_sums` (device work only: no sync)."""
+        """Sum the kept values into :attr:`device_sums` (no sync)."""
         if not self._lm:
             return
         with torch.no_grad():
@@ -127,10 +122,7 @@ class StepSums:
 
     def read(self, log_tau: torch.Tensor, reduce: bool) -> tuple[dict[str, float], int]:
         """The sums since the last read (all ranks' when ``reduce``) and the world size; resets them. One sync.
-
-        Also counts this rank's micro-batches with a term for the end of the run and warns at the first non-finite
-        term.
-        """
+        Also updates this rank's end-of-run counts and warns at the first non-finite term."""
         self._fold()
         device = self.device_sums.device
         temperature = used_temperature(log_tau.detach()).double().reshape(1).to(device)
@@ -141,7 +133,7 @@ class StepSums:
             torch.distributed.all_reduce(stats)
             world = torch.distributed.get_world_size()
         names = (*DEVICE_STATS, *HOST_STATS, "temperature")
-        both = torch.stack([local, stats]).tolist()  # the one device-to-host copy of a logging step
+        both = torch.stack([local, stats]).tolist()  # the logging step's one device-to-host copy
         mine = dict(zip(names, both[0], strict=True))
         values = dict(zip(names, both[1], strict=True))
         self.with_term += int(mine["attempts"] - mine["skipped"])
@@ -156,7 +148,7 @@ class StepSums:
     def log_values(
         self, logs: dict[str, float], log_tau: torch.Tensor, queue_size: int | None, global_step: int
     ) -> None:
-        """Add HeRA's keys to a training log (same decision on every rank, so the reduction is safe)."""
+        """Add HeRA's keys to a training log (called on every rank: the reduction is safe)."""
         values, world = self.read(log_tau, reduce=True)
         optimizer_steps = max(global_step - (self.last_logged_step or 0), 1)
         if values["micro"] > 0:

@@ -1,13 +1,11 @@
 """HeRA's training step: ``loss = lm_loss + lambda * L_HeRA``, one class read top to bottom.
 
-:class:`HeraTrainer` is mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer`` (``hera/workflow.py``). One
-optimizer step, from :meth:`HeraTrainer.compute_loss` to the loss value: the batch, built on the CPU
-(``hera/collator.py``); the LM forward with hooks on the selected heads' ``o_proj`` inputs (``capture.HeadCapture``),
-pooled and projected through each head's ``W_O`` columns (``HeadCapture.disarm``, ``[H, B, d]``); the contrastive set
-(:meth:`HeraTrainer.hera_term`: this rank's anchors, the global batch under ``hera_gather``, the feature queue); the
-loss (``hera/loss.py``), made 0 when not finite, scaled like the LM loss under gradient accumulation. The teacher's
-features come from ``teacher_run.RunTeacher``, the temperature from ``loss.used_temperature``; the per-log sums are
-``step_sums.StepSums``. What runs around the steps is wired by ``hera/workflow.py``.
+:class:`HeraTrainer` is mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer`` (``hera/workflow.py`` wires
+the rest). One step (:meth:`HeraTrainer.compute_loss`): the batch, built on the CPU (``hera/collator.py``); the LM
+forward with the heads' ``o_proj`` inputs captured, pooled and projected through ``W_O`` (``capture.HeadCapture``,
+``[H, B, d]``); the contrastive set (:meth:`HeraTrainer.hera_term`: local anchors, the global batch under
+``hera_gather``, the queue); the loss (``hera/loss.py``), 0 when not finite, scaled like the LM loss under gradient
+accumulation. Teacher features: ``teacher_run.RunTeacher``; per-log sums: ``step_sums.StepSums``.
 """
 
 from __future__ import annotations
@@ -42,29 +40,28 @@ from llamafactory_hera.log import line
 from llamafactory_hera.training import sections
 from llamafactory_hera.training.layer_checkpointing import LayerCheckpointing
 
-if TYPE_CHECKING:  # the arguments' declaration (recipe keys, plots) is the workflow's to load, not the step's
+if TYPE_CHECKING:  # the arguments' declaration is the workflow's to load, not the step's
     from llamafactory_hera.hera.config import HeraArguments
 
 __all__ = ["HeraTrainer", "StepSums"]
 
 
 class HeraTrainer(Trainer):
-    """HeRA's step, a ``Trainer`` mixed in front of the host's trainer class (with the plugin's checkpoints,
-    ``training/checkpoints.py``, which stop on the stage's save signal); pass ``hera_args`` (``hera/config.py``'s
-    ``HeraArguments``), the run's feature cache and ``hera_queue`` (the feature queue's capacity,
-    ``preparation_checks.contrastive_geometry``'s) to ``__init__``."""
+    """HeRA's step, mixed in front of the host's trainer class (with ``training/checkpoints.py``'s checkpoints).
+    ``__init__`` takes ``hera_args``, the run's feature cache and ``hera_queue``, the queue's capacity
+    (``preparation_checks.contrastive_geometry``)."""
 
     hera_args: HeraArguments
     hera_geometry: AttentionGeometry
-    hera_capture: HeadCapture  # the hooks on the selected heads' o_proj inputs
-    hera_checkpointing: LayerCheckpointing  # how each decoder layer is recomputed in backward
-    hera_teacher: RunTeacher  # the teacher's features of the batch's images
+    hera_capture: HeadCapture  # hooks on the heads' o_proj inputs
+    hera_checkpointing: LayerCheckpointing  # each layer's recomputation in backward
+    hera_teacher: RunTeacher
     hera_queue: FeatureQueue  # earlier batches' features (capacity 0: off)
     hera_log_tau: nn.Parameter  # log of the contrastive temperature
     hera_temperature_lr: float
-    hera_tau: TemperatureGradHandler  # the temperature's gradient step (its own optimizer under DeepSpeed, FSDP)
-    hera_sums: StepSums  # the step's per-log sums
-    _hera_warned_small_batch: bool  # whether the small contrastive set was said
+    hera_tau: TemperatureGradHandler  # the temperature's step (own optimizer under DeepSpeed, FSDP)
+    hera_sums: StepSums
+    _hera_warned_small_batch: bool
 
     def __init__(
         self,
@@ -80,9 +77,8 @@ class HeraTrainer(Trainer):
         device = self.args.device
         self.hera_geometry = attention_geometry(model.config)
         self.hera_capture = HeadCapture(model, hera_args.head_refs, self.hera_geometry)
-        # the heads' hooks need autograd: a reentrant heads' layer hands their inputs out of its checkpoint (under
-        # ZeRO-3, whose weight columns are copied inside o_proj's call, it turns non-reentrant; a quantized model is
-        # partitioned only when training starts, so the engine's flag decides too); the others as the recipe says
+        # the hooks need autograd: a reentrant heads' layer hands inputs out of its checkpoint; under ZeRO-3 it turns
+        # non-reentrant (a quantized model is partitioned only at train start, so the engine's flag counts too)
         capture = self.hera_capture
         zero3 = capture.copies_in_call or is_deepspeed_zero3_enabled()
         self.hera_checkpointing = LayerCheckpointing(
@@ -98,8 +94,8 @@ class HeraTrainer(Trainer):
         self.hera_tau = TemperatureGradHandler(self.hera_log_tau, self.hera_temperature_lr)
         if hera_args.hera_learn_temperature:
             self.add_callback(self.hera_tau)
-            # ZeRO's optimizer takes only the model's parameters; accelerate's FSDP2 preparation maps every optimizer
-            # parameter to a model parameter (a KeyError in fsdp2_switch_optimizer_parameters otherwise)
+            # ZeRO's optimizer takes only model parameters; FSDP2 maps every optimizer parameter to a model one
+            # (else a KeyError in fsdp2_switch_optimizer_parameters)
             if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
                 self.hera_tau.own_optimizer = torch.optim.AdamW(
                     [self.hera_log_tau],
@@ -112,21 +108,21 @@ class HeraTrainer(Trainer):
             multimodal_token_ids(model.config, **collator_token_sources(self.data_collator)),
             str(getattr(model.config, "model_type", "?")),
         )
-        # the collator computes the pooled tokens and the anchors on the CPU (no host sync in the step)
+        # the collator finds pooled tokens and anchors on the CPU (no host sync in the step)
         self.data_collator.hera_multimodal_ids = multimodal_ids
         self.data_collator.hera_pooling = hera_args.hera_pooling
         self.hera_sums = StepSums(device)
         self._hera_warned_small_batch = False
 
-    # ----------------------------------------------------------------------------- the step
+    # --- the step
     @override
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """The LM loss plus ``lambda * L_HeRA`` of this micro-batch (evaluation and HeRA-less batches: LM only)."""
+        """LM loss plus ``lambda * L_HeRA`` (evaluation and HeRA-less batches: LM only)."""
         pixel_values, pixel_keys, counts, keys, pooling, anchor_index, sample_counts = (
             inputs.pop(key, None) for key in HERA_BATCH_KEYS
-        )  # what the collator added (hera/collator.py)
+        )  # added by hera/collator.py
         if not model.training or counts is None:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -139,21 +135,21 @@ class HeraTrainer(Trainer):
         num_valid, text_only, one_each = (int(n) for n in sample_counts)
         if self.hera_sums.last_logged_step is None:
             self.hera_sums.last_logged_step = self.state.global_step
-        # 2-3. the LM forward with the heads' o_proj inputs captured, then pooled and projected: reps [H, B, d]
+        # 2-3. LM forward, heads' o_proj inputs captured, pooled and projected: reps [H, B, d]
         self.hera_checkpointing.ensure()
         self.hera_capture.arm()
         try:
             result = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        except BaseException:  # the forward's own error (an OOM...) stays the one raised
+        except BaseException:  # the forward's own error (an OOM...) is the one raised
             self.hera_capture.drop()
             raise
-        # LLaMA-Factory's ASFT path (use_asft_loss) returns the loss alone, whatever return_outputs says
+        # LLaMA-Factory's ASFT path (use_asft_loss) returns the loss alone, whatever return_outputs
         lm_loss, outputs = result if isinstance(result, tuple) else (result, None)
         reps = self.hera_capture.disarm(pooling, check_gradient=torch.is_grad_enabled())
         if reps is None:
             raise RuntimeError("HeRA hooks did not fire: the model's o_proj modules were not called in the forward.")
         # 4-5. the contrastive set and the HeRA loss
-        features = (  # the teacher runs for a batch with anchors only
+        features = (  # the teacher runs only for a batch with anchors
             self.hera_teacher.features(pixel_values, pixel_keys, keys, counts, reps.device, bool(one_each))
             if num_valid > 0
             else None
@@ -161,27 +157,24 @@ class HeraTrainer(Trainer):
         term, finite = self.hera_term(reps, features, anchor_index, num_valid)
         if term is None:
             self.hera_sums.note_missing_term(num_valid, text_only, int(counts.numel()), self.state.global_step)
-            # under FSDP2 the heads' weight columns were gathered for reps: a rank without a term still runs their
-            # backward, with zeros, so that every rank issues the same collectives
+            # FSDP2 gathered the heads' columns for reps: a zero backward keeps every rank's collectives equal
             lm_loss = lm_loss + (reps.nan_to_num() * 0.0).sum().to(lm_loss.dtype) if reps.requires_grad else lm_loss
-        # The Trainer divides the returned loss by the accumulation steps unless the model already normalised it
-        # over the whole accumulated batch; in that case the HeRA term is divided here, so that both terms reach
-        # backward with the same 1/accumulation weight.
+        # The Trainer divides the loss by the accumulation steps unless the model normalised it over the whole
+        # accumulated batch; then the HeRA term is divided here, so both terms get the same 1/accumulation weight.
         trainer_divides = (
             not self.model_accepts_loss_kwargs or num_items_in_batch is None
         ) and self.compute_loss_func is None  # Trainer.training_step's rule
         steps = self.current_gradient_accumulation_steps
         accumulation = 1 if trainer_divides else steps
-        # weight: (lambda, steps), the term's part of the logged loss
         total = lm_loss
         weight = (0.0, steps)
         if term is not None:
             weight = (self.hera_args.hera_lambda, steps)
             weighted = self.hera_args.hera_lambda * term
-            if accumulation != 1:  # a division by 1 is no op to launch
+            if accumulation != 1:  # skip a no-op launch
                 weighted = weighted / accumulation
             total = lm_loss + weighted.to(lm_loss.dtype)
-        # what the term adds to the logged `loss`: lambda * term / accumulation steps, in every configuration
+        # the term adds lambda * term / accumulation steps to the logged `loss`
         self.hera_sums.add(
             lm_loss,
             steps if trainer_divides else 1,
@@ -195,16 +188,15 @@ class HeraTrainer(Trainer):
     def hera_term(
         self, reps: torch.Tensor, features: torch.Tensor | None, anchor_index: torch.Tensor, num_valid: int
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(loss, finite), or (None, None) when the batch has no term: the 0-d float32 HeRA loss of this rank's samples
-        that have images and pooled tokens (``anchor_index``, from the collator; ``num_valid`` of them) against the
-        global batch's (``hera_gather``) plus the queue, 0 where it was not finite (on any rank under ``hera_gather``;
-        it then sends no gradient), and ``finite``, a 0-d bool on the device. ``features``: the teacher's ``[B, E]``
-        (None without anchors).
-        Every decision whether a collective runs is taken on global quantities, so all ranks agree; nothing waits on
-        the device but the exchange of the ranks' anchor counts under ``hera_gather`` (:func:`gather_batch`)."""
+        """``(loss, finite)``, or ``(None, None)`` when the batch has no term.
+
+        ``loss``: 0-d float32 loss of this rank's ``num_valid`` anchors against the global batch (``hera_gather``)
+        plus the queue; 0, with no gradient, if not finite on any rank. ``finite``: 0-d device bool. ``features``:
+        teacher ``[B, E]`` (None without anchors). Collectives are decided on global quantities, so ranks agree; only
+        the anchor-count exchange (:func:`gather_batch`) waits on the device."""
         args = self.hera_args
         device = reps.device
-        if features is not None and num_valid == reps.shape[1]:  # every sample an anchor: no selection to launch
+        if features is not None and num_valid == reps.shape[1]:  # all samples anchors: no selection
             anchors = reps
             anchor_teacher = features.float()
         elif features is not None:
@@ -231,8 +223,8 @@ class HeraTrainer(Trainer):
             candidate_teacher = torch.cat([candidate_teacher, self.hera_queue.teacher.to(device)])
         self.hera_queue.push(batch_reps, batch_teacher)  # after use: the queue holds earlier batches only
         num_candidates = candidates.shape[1]
-        if total_anchors == 0 or num_candidates < 3:  # 2 candidates: the other one is the positive, no negative,
-            return None, None  # so the loss would be exactly 0: not a HeRA term
+        if total_anchors == 0 or num_candidates < 3:  # 2 candidates: a positive, no negative, loss exactly 0
+            return None, None
         k = min(args.hera_k, num_candidates - 1)
         if k < args.hera_k and not self._hera_warned_small_batch:
             self._hera_warned_small_batch = True
@@ -242,20 +234,19 @@ class HeraTrainer(Trainer):
                     f"hera_k+1={args.hera_k + 1}; using k={k} for such batches."
                 )
             )
-        # the anchors' places among the candidates: the first ones (None) unless other ranks' come first
+        # anchors' places among the candidates (None: the first, when no other rank's come before)
         positions = offset + torch.arange(num_valid, device=device) if offset else None
         temperature = used_temperature(self.hera_log_tau)
         per_anchor = hera_loss_anchored(
             anchors, candidates, positions, anchor_teacher, candidate_teacher, k, temperature, args.hera_similarity
         )
-        if gather:  # sum of local anchors scaled so that DDP's average over ranks is the global mean
+        if gather:  # scaled so DDP's average over ranks is the global mean
             loss = per_anchor.sum() * (torch.distributed.get_world_size() / total_anchors) + 0.0 * candidates.sum()
         else:
             loss = per_anchor.mean()
-        # Never let a NaN/inf reach the weights, and do not wait on the device to find out: the flag stays there
-        # (counted in the stats and warned about at the next log), the loss becomes 0 and its gradient is zeroed
-        # where it enters the model (the head representations) and the temperature.
-        finite = loss.abs() < math.inf  # torch.isfinite's answer (NaN and inf compare False) in 2 ops, not 4
+        # A NaN/inf never reaches the weights, without a sync: the flag stays on the device (warned at the next log),
+        # the loss becomes 0 and its gradient is zeroed at the head representations and the temperature.
+        finite = loss.abs() < math.inf  # torch.isfinite in 2 ops, not 4 (NaN and inf compare False)
         if gather:
             finite = all_ranks_all(finite)
         failed = finite.logical_not()
@@ -264,17 +255,14 @@ class HeraTrainer(Trainer):
                 entry.register_hook(lambda grad: grad.masked_fill(failed, 0.0))
         return loss.masked_fill(failed, 0.0), finite
 
-    # ----------------------------------------------------------------------------- around the step
+    # --- around the step
     @override
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The Trainer's input preparation, except for the teacher's pixels ``[N_img, C, H, W]`` and the pooling
         weights ``[B, T]``.
 
-        Under DeepSpeed the Trainer casts every floating input to the engine's dtype (bf16): the teacher would see
-        rounded pixels in the steps but float32 pixels when precomputing, and the features would differ; the pooling
-        weights (``1 / n``) would be rounded too, unlike the float32 ones of every other engine. The pixels stay
-        float32 on the CPU (the teacher moves them itself); the weights go to the device in float32, where the
-        Trainer sends the batch.
+        DeepSpeed's cast to bf16 would make the teacher's features differ from the precomputed float32 ones, and
+        round the ``1 / n`` weights. Pixels stay float32 on the CPU; the weights go to the device in float32.
         """
         has_pop = hasattr(inputs, "pop")  # dict or BatchFeature
         pixels = inputs.pop("hera_pixel_values", None) if has_pop else None
@@ -296,7 +284,7 @@ class HeraTrainer(Trainer):
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """The Trainer's optimizer plus the learnable temperature in its own group (``hera_temperature_lr``)."""
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.hera_tau.own_optimizer is not None:  # DeepSpeed, FSDP: the temperature has its own optimizer
+        if self.hera_tau.own_optimizer is not None:  # DeepSpeed, FSDP: it has its own optimizer
             return optimizer
         if self.hera_args.hera_learn_temperature and not any(
             p is self.hera_log_tau for group in optimizer.param_groups for p in group["params"]
@@ -315,11 +303,11 @@ class HeraTrainer(Trainer):
         try:
             return super().train(*args, **kwargs)
         finally:
-            teacher.to(teacher.device)  # the process-wide teacher goes back where load_teacher put it
+            teacher.to(teacher.device)  # back where load_teacher put the process-wide teacher
 
     @override
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs:  # a training log: same decision on every rank, so the reduction is safe
+        if "loss" in logs:  # a training log: same on every rank, so the reduction is safe
             self.hera_sums.log_values(
                 logs,
                 self.hera_log_tau,
@@ -328,7 +316,7 @@ class HeraTrainer(Trainer):
             )
         super().log(logs, *args, **kwargs)
 
-    # ----------------------------------------------------------------------------- checkpoints
+    # --- checkpoints
     @override
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)

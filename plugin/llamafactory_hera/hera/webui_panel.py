@@ -1,6 +1,5 @@
-"""The HeRA panel of LlamaBoard, declared: its fields, the check of ``hera_heads`` against the model, the loss plot
-(:mod:`llamafactory_hera.board.builder` builds it). The other ``hera_*`` keys go into LlamaBoard's "Extra
-arguments" JSON box, which wins over the panel.
+"""LlamaBoard's HeRA panel, declared: fields, the ``hera_heads`` check, the loss plot (built by
+:mod:`llamafactory_hera.board.builder`). Other ``hera_*`` keys go in the "Extra arguments" JSON box, which wins.
 """
 
 from __future__ import annotations
@@ -18,15 +17,14 @@ from llamafactory_hera.plots.training import TrainingPlot
 
 
 def normalize_heads(value: Any) -> str:
-    """The heads box as a recipe value: ``auto`` or ``L1H0,L1H2`` (one string, safe on a command line)."""
+    """The heads box as a recipe value: ``auto`` or ``L1H0,L1H2`` (safe on a command line)."""
     text = str(value if value is not None else "").strip()
     return AUTO if text.lower() == AUTO else comma_list(text)
 
 
 def check_heads_geometry(args: HeraArguments, context: Mapping[str, Any]) -> str:
-    """``hera_heads`` against the layers and heads of LlamaBoard's model, where its config can be read locally (the
-    run's own check, :func:`~llamafactory_hera.heads.geometry.check_heads_fit`, so the same line); "" when they fit,
-    under ``auto`` or when the model is unknown here (the run checks it again)."""
+    """The run's own :func:`~llamafactory_hera.heads.geometry.check_heads_fit` against LlamaBoard's model when its
+    config is local; "" when they fit, under ``auto``, or for an unknown model (the run checks again)."""
     if args.auto_heads:
         return ""
     geometry = local_attention_geometry(context.get("model_path"))
@@ -41,7 +39,7 @@ def check_heads_geometry(args: HeraArguments, context: Mapping[str, Any]) -> str
 
 AUTO_ONLY = ("hera_heads", AUTO)  # hera_select_* keys are sent only with hera_heads: auto
 FIELDS = (
-    # the recipe key has no default (required); the panel starts with auto-selection
+    # the recipe key is required; the panel starts with auto
     Field("hera_heads", 0, scale=2, default=AUTO, normalize=normalize_heads),
     Field("hera_teacher", 0, scale=2),
     *row(0, "hera_k", "hera_lambda", "hera_temperature"),

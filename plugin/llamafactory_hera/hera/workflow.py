@@ -1,6 +1,6 @@
 """A ``stage: hera`` run: LLaMA-Factory's SFT workflow with HeRA's collator and trainer, called by the stage patch
-in place of ``run_sft`` with ``host`` (:class:`llamafactory_hera_patches.stage.SFTWorkflow`), and its start line and
-end count (:class:`RunSummary`), so a run that trains less HeRA than it seems to is never silent.
+in place of ``run_sft`` (``host``: :class:`llamafactory_hera_patches.stage.SFTWorkflow`). Its start line and end count
+(:class:`RunSummary`) keep a run that trains less HeRA than it seems from being silent.
 """
 
 from __future__ import annotations
@@ -45,11 +45,8 @@ from llamafactory_hera_patches.tools.model_data import RecipeArgs
 
 
 class RunSummary(TrainerCallback):
-    """Prints the start line when training begins (main process), after ``Trainer.train`` re-enabled gradient
-    checkpointing, so that its checkpointing part says what the steps run under, and before the alignment monitor's
-    step-0 point; at the end, the count of micro-batches with a HeRA term. ``data_counts``:
-    ``preparation_checks.ImageRowCounts`` or None (streaming); ``contrastive``:
-    ``preparation_checks.ContrastiveGeometry``; ``monitor``: the alignment monitor's callback or None."""
+    """Prints the start line at train begin (main process; after gradient checkpointing is re-enabled, before the
+    monitor's step-0 point) and the micro-batches with a HeRA term at the end."""
 
     def __init__(
         self, trainer: Any, hera_args: HeraArguments, data_counts: Any, contrastive: Any, monitor: Any = None
@@ -59,7 +56,7 @@ class RunSummary(TrainerCallback):
         self.data_counts = data_counts
         self.contrastive = contrastive
         self.monitor = monitor
-        self.said = False  # once: auto_find_batch_size begins training again after an out-of-memory error
+        self.said = False  # once: auto_find_batch_size restarts training after an OOM
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
         if state.is_world_process_zero and not self.said:
@@ -67,8 +64,7 @@ class RunSummary(TrainerCallback):
             print(self.start_line(), flush=True)
 
     def start_line(self) -> str:
-        """The run's HeRA settings in one line (heads, teacher, k, lambda, temperature, pooling, sets, data, monitor,
-        gradient checkpointing per decoder layer)."""
+        """The run's HeRA settings in one line."""
         args = self.hera_args
         trainer = self.trainer
         geometry = self.contrastive
@@ -118,8 +114,7 @@ class RunSummary(TrainerCallback):
         )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """The steps after the last log read (their checks, this rank's counts), then the micro-batches with a HeRA
-        term over the run (this process)."""
+        """Read the steps after the last log, then print the micro-batches with a HeRA term (this process)."""
         sums = self.trainer.hera_sums
         sums.read(self.trainer.hera_log_tau, reduce=False)
         if not state.is_world_process_zero or sums.micro_batches == 0:
@@ -149,8 +144,7 @@ def _hera_classes(
     recipe_args: Any,
     auto: bool,
 ) -> tuple[type, type]:
-    """The run's collator and trainer classes: HeRA's step (``HeraTrainer``) with what runs around it wired here:
-    the checks before the first step, the start and end lines, the alignment monitor."""
+    """The run's collator and trainer classes (``HeraTrainer`` with checks, start/end lines, monitor)."""
     cache = TeacherFeatureCache(enabled=hera_args.hera_teacher_cache)  # shared by this run's collator and trainer
     collator = type(
         "HeraSFTDataCollator",
@@ -164,33 +158,32 @@ def _hera_classes(
 
     class HeraSeq2SeqTrainer(HeraTrainer, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            # before the trainer loads its teacher: the same heads on every rank, and heads that a trainable weight
-            # moves (else only the temperature would train)
+            # before the teacher loads: same heads on all ranks, each moved by a trainable weight
             check_same_heads_on_every_rank(list(hera_args.hera_heads))
             model = kwargs["model"] if "model" in kwargs else args[0]  # Trainer(model, args, ...)
             check_heads_train(model, hera_args.head_refs, auto, kwargs.get("finetuning_args"))
-            keep_4bit_layout(model)  # through every eval forward: the monitor's, the Trainer's evaluation steps
+            keep_4bit_layout(model)  # for every eval forward: the monitor's and the Trainer's
             super().__init__(
                 *args, hera_args=hera_args, hera_feature_cache=cache, hera_queue=contrastive.queue, **kwargs
             )
             self.hera_monitor = (
                 None if probe is None else MonitorCallback(self, hera_args, probe, self.hera_geometry, recipe_args)
             )
-            # the start line before the monitor's step-0 point, both when training begins
+            # the start line before the monitor's step-0 point
             self.add_callback(RunSummary(self, hera_args, data_counts, contrastive, self.hera_monitor))
             if self.hera_monitor is not None:
                 self.add_callback(self.hera_monitor)
 
         def train(self, *args: Any, **kwargs: Any) -> Any:
-            if self.hera_monitor is not None:  # the probe pairs' teacher features, before the teacher may leave
+            if self.hera_monitor is not None:  # probe pairs' teacher features, before the teacher may leave
                 self.hera_monitor.prepare_teacher(
-                    self.hera_teacher.model,  # the device (the precompute's pass)
+                    self.hera_teacher.model,  # on the device (the precompute's pass)
                     self.hera_teacher.image_processor(self.data_collator),
                 )
             return super().train(*args, **kwargs)
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            if self.hera_monitor is not None and "loss" in logs:  # the monitor's point joins its step's log
+            if self.hera_monitor is not None and "loss" in logs:  # the monitor's point joins the step's log
                 self.hera_monitor.merge(logs, self.state.global_step)
             super().log(logs, *args, **kwargs)
 
@@ -198,12 +191,12 @@ def _hera_classes(
 
 
 def _from_pil(err: BaseException) -> bool:
-    """Whether PIL raised ``err`` (in this process, or in a preprocessing worker: its traceback text is the cause)."""
+    """Whether PIL raised ``err`` (here or in a preprocessing worker, whose traceback text is the cause)."""
     text = "".join(traceback.format_exception(err))
     return f"{os.sep}PIL{os.sep}" in text
 
 
-# the host settings needed to re-score the run's heads, by the parsed arguments that hold them
+# host settings for re-scoring the heads, by the parsed arguments holding them
 _RECORDED_HOST_KEYS = (
     ("model", ("model_name_or_path", "adapter_name_or_path", "trust_remote_code")),
     (
@@ -236,9 +229,7 @@ def _write_run_record(output_dir: str, hera_args: HeraArguments, parsed: HostArg
 
 @dataclass(frozen=True)
 class HeraPreparation:
-    """What a run's preparation hands its trainer: the training images' rows (path -> row), their counts and the aligned
-    rows (None: streaming), the contrastive sets, whether the heads were chosen by ``hera_heads: auto``, the
-    monitor's probe pairs."""
+    """Preparation's hand-over to the trainer (``counts``, ``aligned``: None when streaming)."""
 
     rows: dict[str, int]
     counts: Any
@@ -249,11 +240,10 @@ class HeraPreparation:
 
 
 def prepare(hera_args: HeraArguments, parsed: HostArguments) -> HeraPreparation:
-    """The run before its trainer: the data's checks, the contrastive sets, ``hera_heads: auto``'s selection, the
-    monitor's probe pairs (before the model loads)."""
+    """Before the trainer (and model): data checks, contrastive sets, ``hera_heads: auto``, probe pairs."""
     model_args, data_args, training_args, finetuning_args, _ = parsed
     say_again_on_board()  # LlamaBoard's log box lost the recipe checks' lines (a host warning)
-    # the data checks first: an image-less dataset is named as such, not as too few pairs to select heads from
+    # data checks first: an image-less dataset is named so, not as too few pairs to select heads from
     rows, counts, aligned = checked_image_rows(model_args, data_args, finetuning_args, training_args)
     contrastive = checked_contrastive_geometry(hera_args, counts, data_args, training_args)
     auto = hera_args.auto_heads
@@ -265,7 +255,7 @@ def prepare(hera_args: HeraArguments, parsed: HostArguments) -> HeraPreparation:
             "pure_bf16": finetuning_args.pure_bf16,
             "model_name_or_path": model_args.model_name_or_path,
         }
-        # rank 0 scores the heads (each forward is progress) while the others wait for it in a collective
+        # rank 0 scores; the others wait in a collective
         kind = "selection" if training_args.process_index == 0 else "wait"
         with sections.section("head selection", kind, forwards=True):
             hera_args.hera_heads = resolve_auto_heads(
@@ -284,7 +274,7 @@ def prepare(hera_args: HeraArguments, parsed: HostArguments) -> HeraPreparation:
 def train(
     hera_args: HeraArguments, host: Any, parsed: HostArguments, callbacks: Any, prepared: HeraPreparation
 ) -> None:
-    """LLaMA-Factory's SFT workflow with HeRA's collator and trainer, the run's record written first."""
+    """LLaMA-Factory's SFT workflow with HeRA's collator and trainer; the run record first."""
     model_args, data_args, training_args, finetuning_args, _ = parsed
     recipe_args = RecipeArgs(model_args, data_args, finetuning_args)
     rows = prepared.rows
