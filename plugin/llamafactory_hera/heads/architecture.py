@@ -6,9 +6,8 @@ cross-attention to the image (Llama-3.2-Vision), any of them maybe reading an ea
 3n / 4's KV sharing). Only softmax self-attention layers have heads (per-head blocks of ``o_proj``'s input); layer
 indices are the model's own.
 
-Two views, held equal by a test on every family the suite builds: from the config before loading
-(:func:`plan_layers`), and from a loaded (PEFT-wrapped, unwrapped DDP / DeepSpeed) model's modules
-(:func:`text_decoder`, :func:`decoder_layers`).
+Two views, held equal by a test on every family the suite builds: the config's (:func:`plan_layers`) and a loaded
+model's (:func:`decoder_layers`; PEFT-wrapped, unwrapped DDP / DeepSpeed).
 """
 
 from __future__ import annotations
@@ -188,8 +187,8 @@ def head_projections(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def trainable_upstream(model: nn.Module, layers: list[int]) -> dict[int, bool]:
-    """Per layer, whether a trainable parameter feeds its ``o_proj`` input: outside the decoder layers (not the final
-    norm or an untied ``lm_head``), an earlier layer, or its own input norm and non-``o_proj`` attention projections."""
+    """Per layer, whether a trainable parameter feeds its ``o_proj`` input: outside the layers (not the final norm or
+    an untied ``lm_head``), in an earlier layer, or its own input norm and other attention projections."""
     decoder = text_decoder(model)
     decoder_layers = list(decoder.layers)
     in_layers = {id(p) for layer in decoder_layers for p in layer.parameters()}
@@ -215,9 +214,8 @@ def trainable_upstream(model: nn.Module, layers: list[int]) -> dict[int, bool]:
 
 
 def per_head_value_layers(plans: list[LayerPlan], head_dim: int | None = None) -> tuple[list[int], dict[int, str]]:
-    """(RAH-LoRA's calibratable layers, the others -> why not). Left out: KV-shared layers (a V update of their own
-    ``v_proj`` would be void), loaded layers without plain ``nn.Linear`` value and output projections, and with
-    ``head_dim`` layers of another head width (Gemma 4's full attention; RAH-LoRA assumes one)."""
+    """(RAH-LoRA's calibratable layers, the others -> why not). Kept: layers with heads, not KV-shared (a V update
+    would be void), plain ``nn.Linear`` v/o projections if loaded, and heads of width ``head_dim`` if given."""
     kept = []
     left = {}
     for plan in plans:

@@ -25,8 +25,8 @@ class HeadRef:
 
 @dataclass(frozen=True)
 class AttentionGeometry:
-    """The text decoder's attention shapes from the config: ``o_proj`` maps ``[.., num_heads * head_dim]`` to
-    ``[.., hidden_size]``; ``head_layers``: layers with heads; ``kinds``: every layer's kind."""
+    """The text decoder's attention shapes: ``o_proj`` maps ``[.., num_heads * head_dim]`` to ``[.., hidden_size]``;
+    ``head_layers``: layers with heads."""
 
     num_layers: int
     num_heads: int

@@ -99,8 +99,8 @@ def pooled_token_mask(
     pooling: str,
     multimodal_ids: Iterable[int] | int | None,
 ) -> torch.Tensor:
-    """``[B, T]`` bool mask of the pooled tokens (module docstring). ``labels`` ``[B, T]`` unshifted (-100: no loss);
-    ``attention_mask`` ``[B, T]`` or None (other shapes ignored); ``multimodal_ids``: one id or several."""
+    """``[B, T]`` bool mask of the pooled tokens. ``labels`` ``[B, T]`` unshifted (-100: no loss);
+    ``attention_mask`` ``[B, T]`` or None (other shapes ignored)."""
     if pooling not in POOLINGS:
         raise ValueError(f"hera_pooling must be 'assistant' or 'text', got {pooling!r}")
     if multimodal_ids is None:

@@ -38,12 +38,8 @@ SUPPORTED_FAMILIES = "DINOv2 (with or without registers), DINOv3 ViT, ViT, CLIP,
 
 @dataclass(frozen=True)
 class FeatureLayout:
-    """Where an image tower keeps its image feature.
-
-    ``pooled``: where ``hera_teacher_feature: cls`` reads: ``"first_token"``, ``"pooler"`` or ``None`` (refused).
-    ``prefix``: leading non-patch tokens ([CLS], registers) that ``mean`` skips.
-    ``naflex``: SigLIP2 inputs (patch grids padded to a fixed length; ``mean`` skips the padding).
-    """
+    """Where an image tower keeps its feature. ``pooled``: where ``cls`` reads (``"first_token"``, ``"pooler"``;
+    ``None``: refused); ``prefix``: leading non-patch tokens ``mean`` skips; ``naflex``: SigLIP2 padded inputs."""
 
     model_type: str
     pooled: str | None
@@ -67,8 +63,8 @@ def feature_layout(config: Any) -> FeatureLayout | None:
 
 
 def looks_like_path(value: str) -> bool:
-    """True for a local folder: leading ``.``, ``/`` or ``~``, a backslash or non-``/`` separator, or more than one
-    ``/`` (a Hub id is ``name`` or ``namespace/name``)."""
+    """True for a local folder: leading ``.``, ``/``, ``~``, a backslash or OS separator, or two ``/`` (Hub ids have
+    one at most)."""
     return (
         value.startswith((".", "/", "~"))
         or "\\" in value
@@ -83,8 +79,8 @@ def resolve_teacher(name_or_path: str) -> str:
 
 
 def check_teacher_source(name_or_path: str, feature: str | None = None) -> None:
-    """Refuse, before the MLLM loads, a teacher that cannot serve: missing folder, unreadable config, not a vision
-    model, unknown family, or ``feature="cls"`` without a pooled feature (``feature=None`` skips that check)."""
+    """Refuse, before the MLLM loads, a missing folder, unreadable config, non-vision model, unknown family, or
+    ``feature="cls"`` without a pooled feature (``feature=None``: not checked)."""
     path = resolve_teacher(name_or_path)
     if looks_like_path(name_or_path) and not Path(path).is_dir():
         raise RecipeError(
@@ -160,12 +156,11 @@ def load_image_processor(name_or_path: str) -> Any:
 
 
 class NaFlexProcessor:
-    """SigLIP2's image processor with its three outputs packed into ``pixel_values`` (one row per image).
+    """SigLIP2's image processor, its three outputs packed into ``pixel_values``.
 
-    SigLIP2 cuts each image into its own ``h x w`` patch grid padded to ``N`` patches; the model needs the mask and
-    the grid. Packed ``[B, N, D + 2]``: the ``D = 3 * p * p`` patch pixels, then two 0/1 channels, ones on the first
-    ``h`` and the first ``w`` positions (exact in any float dtype: rows survive the Trainer's casts, concatenation and
-    indexing). The mask is the first ``h * w`` positions (:func:`unpack_naflex`).
+    Each image's own ``h x w`` patch grid is padded to ``N`` patches. Packed ``[B, N, D + 2]``: ``D = 3 * p * p``
+    pixels, then two 0/1 channels, ones on the first ``h`` and first ``w`` positions (exact in any float dtype: rows
+    survive the Trainer's casts and indexing). The mask is the first ``h * w`` positions (:func:`unpack_naflex`).
     """
 
     def __init__(self, processor: Any) -> None:
@@ -193,12 +188,9 @@ def unpack_naflex(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 class VisionTeacher(nn.Module):
-    """Frozen image tower: one float32 feature per image.
-
-    ``feature="cls"``: the family's pooled feature (:func:`feature_layout`): final-layernormed [CLS] (DINOv2 / DINOv3
-    / ViT), ``pooler_output`` (CLIP) or the attention-pooling head (SigLIP / SigLIP2). ``feature="mean"``: mean of the
-    last layer's patch tokens, without [CLS], registers and SigLIP2's padding. Refusals: :func:`check_feature`.
-    """
+    """Frozen image tower: one float32 feature per image. ``cls``: the pooled feature (layernormed [CLS] for DINOv2 /
+    DINOv3 / ViT, ``pooler_output`` for CLIP, the pooling head for SigLIP); ``mean``: mean of the last layer's patch
+    tokens (no [CLS], registers, padding)."""
 
     def __init__(self, encoder: nn.Module, feature: str, name: str = "the teacher", source: str | None = None) -> None:
         super().__init__()
@@ -240,8 +232,8 @@ class VisionTeacher(nn.Module):
 _TEACHERS: dict[tuple[str, str, str, str], VisionTeacher] = {}
 
 
-# float32 whatever the model's dtype, in training and selection: bf16 inside the encoder reorders near-tied
-# neighbours (36 of 512 DINOv2 [CLS] kNN sets), and one dtype keeps every path's features identical.
+# float32 in training and selection: bf16 reorders near-tied neighbours (36 of 512 DINOv2 [CLS] kNN sets), and
+# one dtype keeps every path's features identical.
 TEACHER_DTYPE = torch.float32
 KEEP_ROWS = 4096  # rows a pass hands on at a time (16 MB of DINOv2-L)
 
@@ -250,7 +242,7 @@ def load_teacher(
     name_or_path: str, feature: str, device: torch.device | str, *, dtype: torch.dtype = TEACHER_DTYPE
 ) -> VisionTeacher:
     """The frozen teacher on ``device`` in ``dtype``, loaded once per process and settings."""
-    # lazy: transformers' model classes (and scikit-learn) would delay the checks that import this module
+    # lazy: model classes would delay the checks importing this module
     from transformers import AutoModel, __version__
 
     key = (name_or_path, feature, str(dtype), str(device))
@@ -268,10 +260,9 @@ def load_teacher(
 def per_sample_features(
     image_features: torch.Tensor, image_counts: torch.Tensor, num_images: int | None = None, one_each: bool = False
 ) -> torch.Tensor:
-    """``[B, E]`` float32: per sample, the mean of its images' L2-normalised features (zero without images), so each
-    image weighs the same. ``image_features`` ``[N_img, E]`` sample by sample; ``image_counts`` ``[B]``;
-    ``num_images``: N_img if known (no device wait for the counts' sum); ``one_each``: every count is 1 (same values,
-    fewer ops)."""
+    """``[B, E]`` float32: each sample's mean of its images' L2-normalised ``[N_img, E]`` features (each image
+    weighs the same; zero without images). ``num_images``: N_img if known (no device wait); ``one_each``: every
+    count is 1 (fewer ops)."""
     if one_each:
         return F.normalize(image_features.float(), dim=-1)
     batch = image_counts.shape[0]
@@ -318,10 +309,9 @@ def image_features(
     opener: Callable[[Any], Any] = open_image,
     keep: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """``[N, E]`` float32 features of ``images`` in order, on the teacher's device. ``workers`` threads (default
-    :func:`prefetch_workers`; PIL releases the GIL) decode and preprocess up to ``workers + 1`` batches ahead of the
-    forward. ``keep(first row, rows)`` gets the rows every :data:`KEEP_ROWS` or more, at a batch's end (a killed pass
-    keeps them)."""
+    """``[N, E]`` float32 features of ``images`` in order, on the teacher's device; ``workers`` threads (PIL releases
+    the GIL) prepare up to ``workers + 1`` batches ahead. ``keep(first row, rows)`` gets rows every :data:`KEEP_ROWS`
+    or more, at a batch's end."""
 
     def pixels(batch: list[Any]) -> torch.Tensor:
         return image_processor([opener(image) for image in batch], return_tensors="pt")["pixel_values"]

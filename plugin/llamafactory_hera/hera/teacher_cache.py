@@ -1,13 +1,10 @@
-"""Teacher features kept so an image goes through the teacher once: the run's per-image cache (later epochs run no
-teacher forward) and the store shared by head selection, the alignment monitor and a run's precompute.
+"""Teacher features kept so an image goes through the teacher once: the run's per-image cache (for later epochs)
+and the store shared by head selection, the alignment monitor and a run's precompute.
 
-The cache (:class:`TeacherFeatureCache`) is keyed by image content (:func:`image_key`; in-memory PIL images are never
-cached); the collator, maybe in forked dataloader workers, skips keys it sees; the trainer owns the features. Rows move
-between host and device without the host waiting for the step (:func:`rows_to_device`, :func:`rows_to_host`).
-
-The store (:class:`TeacherFeatureStore`): float32 rows keyed by teacher (:func:`teacher_identity`) and image, in the
-process and under ``$LLAMAFACTORY_HERA_CACHE/teacher_features``. What is shared and where: docs/hera-design.md
-("One teacher pass per dataset").
+The cache (:class:`TeacherFeatureCache`) is keyed by image content (:func:`image_key`; PIL images are never cached);
+the collator, maybe in forked workers, skips keys it sees; the trainer owns the features. The store
+(:class:`TeacherFeatureStore`): float32 rows by teacher and image, in the process and under
+``$LLAMAFACTORY_HERA_CACHE/teacher_features`` (docs/hera-design.md, "One teacher pass per dataset").
 """
 
 from __future__ import annotations
@@ -49,14 +46,12 @@ def image_identity(key: str | None, position: int) -> str:
 
 
 def pinned_copies(device: torch.device | str) -> bool:
-    """Whether copies to ``device`` go through pinned memory: CUDA only (elsewhere no gain; CPU-only torch cannot
-    pin)."""
+    """Whether copies to ``device`` use pinned memory: CUDA only (no gain elsewhere)."""
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
 def host_buffer(rows: int, width: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
-    """Empty ``[rows, width]`` host tensor, pinned if asked (torch's caching host allocator reuses a pinned block
-    only after its recorded copies ran)."""
+    """Empty ``[rows, width]`` host tensor, pinned if asked (a pinned block is reused only after its copies ran)."""
     return torch.empty(rows, width, dtype=dtype, pin_memory=pinned)
 
 
@@ -68,8 +63,8 @@ def rows_to_device(rows: list[torch.Tensor], device: torch.device | str) -> torc
 
 
 def rows_to_host(computed: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """``computed`` ``[M, E]`` copied to (pinned) host memory non-blocking, and the event after the copy (None when
-    synchronous). Read the copy only once the event has completed."""
+    """``computed`` ``[M, E]`` copied to the host non-blocking, and the event to wait for before reading it (None
+    when synchronous)."""
     host = computed.detach().to("cpu", non_blocking=True)
     if computed.device.type in ("cpu", "meta"):  # meta: the tests' accelerator, synchronous
         return host, None
@@ -79,13 +74,9 @@ def rows_to_host(computed: torch.Tensor) -> tuple[torch.Tensor, Any]:
 
 
 class TeacherFeatureCache:
-    """Features ``[E]`` by image key, on the CPU.
-
-    The collator decides which images get a teacher forward and names each computed row by
-    :func:`image_identity`; the lookup takes computed rows only by that name, so a cache grown since
-    collating (gradient accumulation collates a step's micro-batches first; workers hold an older
-    copy) never gives one image another's feature.
-    """
+    """Features ``[E]`` by image key, on the CPU. The lookup takes a computed row only by the :func:`image_identity`
+    the collator named it with, so a cache grown since collating (gradient accumulation; workers' older copies) never
+    gives one image another's feature."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -313,8 +304,8 @@ def _existing(root: Path, pattern: str) -> list[tuple[Path, os.stat_result]]:
 
 
 def trim(root: Path, limit: int, keep: Collection[Path] = ()) -> int:
-    """Remove the oldest ``*.pt`` under ``root`` (not in ``keep``) down to ``limit`` bytes, and ``*.tmp`` older than
-    :data:`STALE_TMP_SECONDS`; returns how many ``*.pt`` went."""
+    """Remove the oldest ``*.pt`` not in ``keep`` down to ``limit`` bytes, and stale ``*.tmp``; how many ``*.pt``
+    went."""
     stale = time.time_ns() - STALE_TMP_SECONDS * 10**9
     for leftover, stat in _existing(root, "*.tmp"):
         if stat.st_mtime_ns < stale:
@@ -360,8 +351,8 @@ def stored_image_features(
     desc: str = "teacher features",
     opener: Callable[[Any], Any] = open_image,
 ) -> torch.Tensor:
-    """As :func:`image_features`, taking the rows ``store`` holds; each other distinct image goes through the teacher
-    once and is stored (on disk with ``persist``). Unkeyed images (PIL objects) always go through it."""
+    """As :func:`image_features`, taking ``store``'s rows; other distinct images go through the teacher once and are
+    stored (on disk with ``persist``); unkeyed (PIL) images always do."""
     keys = [image_key(image) for image in images]
     found = store.get(keys)
     todo: dict[str | int, int] = {}  # key (unkeyed: position) -> output row

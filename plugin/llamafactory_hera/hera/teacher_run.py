@@ -58,8 +58,8 @@ def training_images(rows: Iterable[list[Any] | None]) -> tuple[dict[str, Any], i
 
 
 def stored_rows(store: TeacherFeatureStore | None, keys: list[str]) -> dict[int, torch.Tensor]:
-    """The store's rows by position in sorted ``keys``; distributed, rank 0's broadcast, so every rank skips the same
-    positions even where its keys differ (a node-local copy's mtimes). Collective, with equal key counts."""
+    """The store's rows by position in sorted ``keys``; distributed, rank 0's are broadcast so every rank skips the
+    same positions (keys may differ: a node-local copy's mtimes). Collective."""
     if not distributed():
         return _by_position(store, keys)
     counts = [None] * torch.distributed.get_world_size()
@@ -127,7 +127,7 @@ def precompute_teacher_features(
     backend = torch.distributed.get_backend()
     comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     noted = torch.tensor([float(stop_signal.received())], device=comm)
-    torch.distributed.all_reduce(noted)  # one stop for all ranks, rows kept
+    torch.distributed.all_reduce(noted)  # every rank, signalled or not: one stop for all
     stop_signal.stop_before_step("the teacher features computed so far kept in its store", agreed=noted.item() > 0)
     per_rank = -(-len(keys) // world)
     padded = torch.zeros(per_rank, local.shape[-1], dtype=local.dtype, device=comm)
@@ -146,8 +146,8 @@ def precompute_teacher_features(
 
 
 def check_same_on_every_rank(model: torch.nn.Module, key: str, name: str) -> None:
-    """Refuse on every rank a frozen model (``key``: ``name``) whose weights differ across ranks (zeros left by a
-    loader, another node's copy), by the gathered float64 sum and absolute sum of its tensors. Collective."""
+    """Refuse on every rank a frozen model whose weights differ across ranks (a loader's zeros, another node's
+    copy), by the float64 sum and absolute sum of its tensors. Collective."""
     if not distributed():
         return
     parts = [
@@ -265,8 +265,8 @@ class RunTeacher:
         device: torch.device,
         one_each: bool = False,
     ) -> torch.Tensor:
-        """``[B, E]`` per-sample features on ``device``: computed images by identity, the rest cached (one copy to the
-        device). ``one_each``: one image per sample (:func:`per_sample_features`)."""
+        """``[B, E]`` per-sample features on ``device``: computed images by identity, the rest cached.
+        ``one_each``: one image per sample."""
         if pixel_values is not None and self.to(self.device):
             say(
                 "an image missed by the precomputed teacher features: the teacher went back "

@@ -100,8 +100,8 @@ def check_text_only(name: str, config: dict[str, Any]) -> None:
 
 
 def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
-    """A CLIP or SigLIP model's geometry (two towers or vision alone). ``config`` (config.json) gives the model type;
-    sizes come from transformers' config, as config.json omits defaults (SigLIP's ``patch_size`` 16)."""
+    """A CLIP or SigLIP model's geometry; ``config`` (config.json) gives the type, transformers' config the sizes
+    (config.json omits defaults: SigLIP's ``patch_size`` 16)."""
     from transformers import AutoConfig  # lazy: seconds of import
 
     model_type = str(config.get("model_type"))

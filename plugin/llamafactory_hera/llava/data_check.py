@@ -73,8 +73,8 @@ def _file_path(image: Any) -> str | None:
 
 
 def _shown(path: str, media_dir: str, problem: str) -> str:
-    """An image's path as the run opens it. LLaMA-Factory joins a relative path with ``media_dir`` only when the file
-    exists: an unreadable one's is joined already (never twice); a missing one is shown joined, where looked for."""
+    """An image's path as the run opens it: LLaMA-Factory joins a relative path with ``media_dir`` only when that
+    file exists, so an unreadable one's is joined already; a missing one is shown joined, where it was looked for."""
     if problem != MISSING or os.path.isabs(path):
         return path
     return os.path.join(media_dir, path)

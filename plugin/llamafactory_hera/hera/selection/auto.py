@@ -1,6 +1,6 @@
-"""``hera_heads: auto``: select heads once at the start of training on global rank 0, broadcast to the other ranks.
-Results are cached (``$LLAMAFACTORY_HERA_CACHE``; unwritable: said once, run without) under a key of all the scores
-depend on; the random state is restored after, so a cache hit and a miss train identically.
+"""``hera_heads: auto``: select heads once at the start of training on global rank 0, broadcast to the other ranks,
+cached (:func:`cache_dir`) by all the scores depend on; the random state is restored, so a cache hit and a miss
+train identically.
 """
 
 from __future__ import annotations

@@ -110,10 +110,9 @@ def sample_pairs(
 
 
 class PooledInputRecorder:
-    """Hooks on each head layer's ``o_proj`` pooling its input ``[B, T, H*d_head]`` with per-sample weights to
-    ``[B, H*d_head]`` float32 on the model's device (inference only). :meth:`flush` copies all layers' rows to the host
-    in ONE copy per forward (each copy waits for the device). A ``folder`` keeps each batch's rows; an earlier
-    (killed) pass's are read back up to the first absent or unreadable one (:meth:`remaining`)."""
+    """Hooks pooling each head layer's ``o_proj`` input ``[B, T, H*d_head]`` to ``[B, H*d_head]`` float32 on the
+    model's device; :meth:`flush` makes ONE host copy per forward (each waits for the device). A ``folder`` keeps each
+    batch's rows; a killed pass's are read back up to the first bad one (:meth:`remaining`)."""
 
     def __init__(self, model: nn.Module, folder: Path | None = None) -> None:
         self.o_projs = head_projections(model)
@@ -152,7 +151,7 @@ class PooledInputRecorder:
         if missing:
             raise RuntimeError(f"o_proj of layer(s) {missing} did not run in the forward")
         pending = [pooled for pooled in self._pending.values() if pooled is not None]
-        # a model over several GPUs pools on each layer's GPU: gather on the first
+        # several GPUs: gather on the first
         pending = [pooled.to(pending[0].device) for pooled in pending]
         self.widths = [pooled.shape[-1] for pooled in pending]
         self.batches.append(torch.cat(pending, dim=-1).cpu())
@@ -228,10 +227,10 @@ def collect_text(
 
 
 def through_root(model: nn.Module, decoder: nn.Module, **inputs: Any) -> Any:
-    """``decoder(**inputs)``; under FSDP2 (``fully_shard``) through ``model``'s own call, with its ``forward`` set to
-    the decoder's and resharded after, as a step leaves it. FSDP2 gathers the root's own parameters (embeddings, final
-    norm) only in the root's forward hooks, and the first sharded module to run is the root: the decoder alone would mix
-    DTensor shards with plain tensors. Collective under FSDP2: every rank calls it."""
+    """``decoder(**inputs)``; under FSDP2 through ``model``'s call with its ``forward`` set to the decoder's, resharded
+    after as a step leaves it: FSDP2 gathers the root's own parameters (embeddings, norm) only in the root's forward
+    hooks, and the first sharded module run is the root, so the decoder alone would mix DTensor shards with plain
+    tensors. Collective under FSDP2."""
     if not (torch.distributed.is_available() and hasattr(model, "reshard")):
         return decoder(**inputs)
     from torch.distributed.fsdp import FSDPModule  # lazy: only a model with reshard() can be one
@@ -280,7 +279,7 @@ def collect_multimodal(
             mask = pooled_token_mask(labels, batch["input_ids"], batch.get("attention_mask"), "assistant", multimodal)
             recorder.weights = pooling_weights(mask).to(device)
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            model(**inputs, **_last_logits_only(model))  # the hooks read o_proj inputs; logits are not needed
+            model(**inputs, **_last_logits_only(model))  # the hooks read o_proj inputs
             recorder.flush()
         return recorder.result()
     finally:
@@ -298,9 +297,8 @@ def collect_teacher(
     store: TeacherFeatureStore | None = None,
     persist: bool = False,
 ) -> torch.Tensor:
-    """``[N, E]`` float32 teacher features (mean over each pair's images) on the teacher's device
-    (:func:`~llamafactory_hera.hera.teacher.image_features`). A ``store``'s images skip the teacher; the others are
-    added (on disk with ``persist``)."""
+    """``[N, E]`` float32 teacher features (mean over each pair's images) on the teacher's device; a ``store``'s
+    images skip the teacher, the others are added (on disk with ``persist``)."""
     images = [image for pair in pairs for image in pair.images]
     if store is not None:
         feats = stored_image_features(
@@ -313,8 +311,8 @@ def collect_teacher(
 
 
 def layer_weights(model: nn.Module) -> dict[int, torch.Tensor]:
-    """Layer with heads -> effective ``o_proj`` weight ``[d, H*d_head]`` (LoRA delta included), float32 on CPU (21 GB
-    for a 70B model); an offloaded weight is brought to its device for the read."""
+    """Layer with heads -> effective ``o_proj`` weight ``[d, H*d_head]`` (LoRA included), float32 on CPU (21 GB for
+    70B); offloaded weights are brought in to read."""
     from accelerate.utils import align_module_device  # lazy: only where a model was loaded
 
     weights = {}
@@ -327,8 +325,8 @@ def layer_weights(model: nn.Module) -> dict[int, torch.Tensor]:
 
 
 def release_memory(device: Any) -> None:
-    """Collect garbage (a model in a reference cycle outlives its name) and empty the device's cache, so deleted
-    memory is free for what loads next."""
+    """Collect garbage (a model in a reference cycle outlives its name), empty the device cache: free for what
+    loads next."""
     gc.collect()
     kind = torch.device(device).type
     backend = getattr(torch, kind, None)
@@ -337,8 +335,8 @@ def release_memory(device: Any) -> None:
 
 
 def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast off on ``device`` (pooling stays float32 in a bf16 forward); a no-op where autocast does not know the
-    device type (the tests' simulated accelerator: ``meta``)."""
+    """Autocast off (pooling stays float32 in a bf16 forward); a no-op for a device type autocast does not know
+    (the tests' ``meta`` accelerator)."""
     try:
         return torch.autocast(device.type, enabled=False)
     except RuntimeError:

@@ -37,7 +37,7 @@ def within_noise(delta: Any, low: Any, high: Any, step: float) -> Any:
 
 @dataclass
 class HeadChange:
-    """Every head's before/after MKNN (``[L, H]``), the interval of the difference and the mark."""
+    """Every head's ``[L, H]`` before/after MKNN, interval of the difference, mark."""
 
     before: np.ndarray
     after: np.ndarray

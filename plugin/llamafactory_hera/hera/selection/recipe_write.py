@@ -1,7 +1,6 @@
 """``select``'s result (:class:`SelectionResult`) and its writing: heads into the recipe, the record, the heatmap.
 
-ruamel.yaml's round trip keeps the recipe's comments, key order and quoting; only ``hera_heads`` changes (a flow list
-``[L13H12, L7H6]``). Files are replaced through a temporary file (a failed write leaves the old one whole); explicit
+ruamel.yaml's round trip keeps the recipe's comments, key order and quoting. Files are replaced atomically; explicit
 heads or an existing output are overwritten only with ``--force``.
 """
 
@@ -91,12 +90,9 @@ def _has_explicit_heads(value: Any) -> bool:
 
 
 def set_hera_heads(text: str, heads: list[str]) -> str:
-    """``text`` with top-level ``hera_heads`` set to the flow list ``[L13H12, L7H6]``, the rest unchanged.
-
-    A new entry goes after ``stage:`` (else at the end). An ``auto`` line's comment (with its indented continuation
-    lines) becomes a note of the heads' origin. Heads must parse as ``L<layer>H<head>`` (else RecipeError); written
-    upper-case.
-    """
+    """``text`` with top-level ``hera_heads`` set to the flow list ``[L13H12, L7H6]`` (upper-case), the rest
+    unchanged. A new entry goes after ``stage:`` (else last); an ``auto`` line's comment (and its indented
+    continuation) becomes a note of the heads' origin. RecipeError for a head not ``L<layer>H<head>``."""
     chosen = CommentedSeq(str(parse_head(head)) for head in heads)
     chosen.fa.set_flow_style()
     data = _load(text)
@@ -117,9 +113,8 @@ def set_hera_heads(text: str, heads: list[str]) -> str:
 
 
 def check_writable(path: Path, *, force: bool = False, output: Path | None = None) -> Path:
-    """The file :func:`update_recipe` would write, or its refusal (reads text only): PermissionError for a read-only
-    recipe updated in place; unless ``force``, HeadsExistError for explicit heads, FileExistsError for an existing
-    ``output``."""
+    """The file :func:`update_recipe` would write, or its refusal (cheap): PermissionError for a read-only recipe
+    in place; unless ``force``, HeadsExistError (explicit heads), FileExistsError (``output`` exists)."""
     path = Path(path)
     if output is None or Path(output).resolve() == path.resolve():
         mode = stat.S_IMODE(path.stat().st_mode)

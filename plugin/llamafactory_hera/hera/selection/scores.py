@@ -61,10 +61,9 @@ def layer_head_neighbours(
     max_chunk_elements: int = 2**26,
     clamp: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's MKNN against teacher neighbours ``teacher_knn`` ``[N, k]``: (``[H]`` float32 scores in [0, 1], the
-    means of ``[H, N]`` float32 ``|kNN_head(i) ∩ kNN_teacher(i)| / k``). ``pooled`` ``[N, H * head_dim]``: pooled
-    ``o_proj`` inputs; ``weight`` ``[d, H * head_dim]``: effective ``o_proj`` weight; ``max_chunk_elements`` bounds the
-    ``[h_chunk, N, N]`` Gram block (with the clamp, the ``[h_chunk, N, d]`` representations)."""
+    """One layer's (``[H]`` float32 MKNN in [0, 1], ``[H, N]`` float32 ``|kNN_head(i) ∩ kNN_teacher(i)| / k`` it
+    averages) from ``pooled`` ``[N, H * head_dim]`` ``o_proj`` inputs, effective ``weight`` ``[d, H * head_dim]`` and
+    ``teacher_knn`` ``[N, k]``; ``max_chunk_elements`` bounds a ``[h, N, N]`` block (clamp: ``[h, N, d]``)."""
     num = pooled.shape[0]
     if not 1 <= k <= num - 1:
         raise ValueError(f"k={k} needs 1 <= k <= N-1 with N={num} samples; use fewer neighbours or more samples.")
@@ -123,10 +122,9 @@ def all_head_neighbours(
     clamp: float = 0.0,
     num_layers: int | None = None,
 ) -> HeadNeighbours:
-    """:func:`layer_head_neighbours` of every layer with heads; layers without heads get NaN rows. ``pooled`` /
-    ``weights``: layer -> its inputs / weight (a sequence: layers 0, 1, ...); ``teacher`` ``[N, E]``; ``head_dim``: one
-    width or layer -> width (Gemma 4's differ); ``device``: default the teacher's; ``num_layers``: default one past
-    the last layer with heads."""
+    """:func:`layer_head_neighbours` of every layer with heads, NaN rows for the others. ``pooled`` / ``weights``:
+    layer -> inputs / weight (a sequence: from layer 0); ``head_dim``: one width or layer -> width (Gemma 4);
+    ``num_layers``: default one past the last layer with heads."""
     device = device or teacher.device
     pooled = pooled if isinstance(pooled, Mapping) else dict(enumerate(pooled))
     weights = weights if isinstance(weights, Mapping) else dict(enumerate(weights))

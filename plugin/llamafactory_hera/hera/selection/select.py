@@ -92,8 +92,8 @@ class SelectionOptions:
 
     @classmethod
     def from_keys(cls, hera: Any, args: Any = None, **settings: Any) -> SelectionOptions:
-        """Options from ``hera``'s (HeraArguments) ``hera_select_*``, ``hera_k`` and teacher keys, each overridden by
-        its command-line option in ``args`` when given (``--dataset`` too); shared by every caller."""
+        """Options from ``hera``'s ``hera_select_*``, ``hera_k`` and teacher keys, each overridden by its option in
+        ``args`` when given (``--dataset`` too): every caller reads a recipe alike."""
         value = {
             key: getattr(hera, key) if getattr(args, dest(flag), None) is None else getattr(args, dest(flag))
             for flag, _, key, _ in RECIPE_BACKED
@@ -178,7 +178,7 @@ def pairs_fingerprint(pairs: list[collect.CalibrationPair]) -> str:
 
 
 def check_device(device: str | None) -> None:
-    """Refuse a ``--device`` this machine lacks, at once (torch's own error comes after data and teacher load)."""
+    """Refuse at once a ``--device`` this machine lacks (torch's error comes after data and teacher load)."""
     if device is None:
         return
     try:
@@ -223,8 +223,8 @@ def identity_of(recipe_args: Any, options: SelectionOptions, pairs: list[collect
 
 
 def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.CalibrationPair], dict[str, Any]]:
-    """(calibration pairs, identity) after the cheap checks, before any weights load: options, teacher, data
-    (at least k+1 usable pairs), model structure."""
+    """(calibration pairs, identity) after the cheap checks before weights load: options, teacher, data (>= k+1
+    pairs), model structure."""
     options.validate()
     model_args = recipe_args.model_args
     check_model_paths(
@@ -284,8 +284,7 @@ def load_in_scoring_dtype(
     keep_4bit_layout(model)  # its 4-bit heads' columns are read dequantized (training/eval_forward.py)
     floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if not getattr(model, "quantization_method", None) and floating - {wanted}:
-        # torch's cast: accelerate refuses .to() on a dispatched model; an offloaded weight takes its (meta)
-        # parameter's dtype whenever accelerate loads it
+        # accelerate refuses .to() on a dispatched model; an offloaded weight takes its meta dtype when loaded
         model = torch.nn.Module.to(model, wanted)
     return model, tokenizer_module, template
 
@@ -293,8 +292,8 @@ def load_in_scoring_dtype(
 def score_head_neighbours(
     recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair], kept: Path | None = None
 ) -> HeadNeighbours:
-    """``[L, H]`` MKNN scores and each pair's overlap on CPU (:func:`all_head_neighbours`), model in ``options.dtype``;
-    the LM pass keeps its batches in ``kept`` and resumes from them (:class:`~collect.PooledInputRecorder`)."""
+    """``[L, H]`` MKNN scores and per-pair overlaps on CPU, model in ``options.dtype``; the LM pass keeps its
+    batches in ``kept`` and resumes from them."""
     device = options.resolved_device()
     model_args = recipe_args.model_args
     meta = check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
@@ -333,12 +332,11 @@ def score_head_neighbours(
             model, dataset, collator, list(range(len(pairs))), options.batch_size, device, options.progress, kept
         )
     weights = collect.layer_weights(model)
-    del model, dataset, collator  # the collator holds the model (mRoPE): both go before the teacher loads
-    collect.release_memory(device)  # and the memory with them (under hera_heads: auto, rank 0 trains next)
-    # float32 as in training: in the model's dtype (bf16) neighbours would differ from training's, and under
-    # hera_heads: auto a second teacher would stay on the GPU
+    del model, dataset, collator  # the collator holds the model (mRoPE)
+    collect.release_memory(device)  # rank 0 may train next (hera_heads: auto)
+    # float32 as in training: bf16 gives other neighbours, and under hera_heads: auto a second teacher would stay
     teacher = load_teacher(options.teacher, options.teacher_feature, device)
-    # images this teacher already computed come from the store; the rest go on disk there for training's precompute
+    # the store gives known images and keeps the rest on disk for training's precompute
     feats = collect.collect_teacher(
         teacher,
         load_image_processor(options.teacher),
@@ -357,8 +355,8 @@ def score_head_neighbours(
 def run_selection(
     recipe_args: Any, options: SelectionOptions, cache: Path | None = None
 ) -> tuple[SelectionResult, bool]:
-    """Score every head, choose ``options.num_heads``; a ``cache`` folder reuses or stores the scores, keyed by all
-    that changes them (scoring dtype too). Returns (result, whether cached)."""
+    """Score and choose heads; a ``cache`` folder reuses or stores scores keyed by all that changes them.
+    Returns (result, whether cached)."""
     start = time.perf_counter()
     pairs, identity = prepare(recipe_args, options)
     # scoring options, plus device and batch size for the record
