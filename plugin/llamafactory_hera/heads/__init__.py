@@ -1,2 +1,2 @@
-"""The maths of attention heads every method uses: geometry and L<layer>H<head> references, head-input pooling,
-per-head projection (head maths one method alone uses lives in that method's package)."""
+"""Attention-head maths every method uses: geometry, L<layer>H<head> references, head-input pooling, per-head
+projection (one method's own head maths lives in its package)."""

@@ -1,16 +1,13 @@
 """Where a decoder's heads live: the one place that knows model architectures.
 
-A text decoder is a stack of layers of a few kinds (:class:`LayerKind`): softmax self-attention with a per-head
-output projection (``o_proj``, ``out_proj`` in LFM2), linear attention (Qwen3.5's Gated DeltaNet), short
-convolutions (LFM2), cross-attention to the image (Llama-3.2-Vision), each possibly reading its keys and values from
-an earlier layer (Gemma 3n / Gemma 4's KV sharing). Only softmax self-attention layers have heads in HeRA's sense
-(a per-head block of ``o_proj``'s input); layer indices are always the model's own decoder-layer indices.
+Decoder layers are of a few kinds (:class:`LayerKind`): softmax self-attention with a per-head output projection
+(``o_proj``; LFM2's ``out_proj``), linear attention (Qwen3.5's Gated DeltaNet), short convolutions (LFM2),
+cross-attention to the image (Llama-3.2-Vision), any of them maybe reading an earlier layer's keys and values (Gemma
+3n / 4's KV sharing). Only softmax self-attention layers have heads (per-head blocks of ``o_proj``'s input); layer
+indices are the model's own.
 
-Two views that agree (a test holds them together on every family the suite builds):
-- before loading, from the config: :func:`plan_layers` (``layer_types``, ``cross_attention_layers``,
-  ``num_kv_shared_layers``);
-- after loading, from the modules of a plain, PEFT-wrapped or unwrapped DDP / DeepSpeed model: :func:`text_decoder`
-  (nested decoders as Llama 4's included) and :func:`decoder_layers`.
+Two views, held equal by a test on every family the suite builds: the config's (:func:`plan_layers`) and a loaded
+model's (:func:`decoder_layers`; PEFT-wrapped, unwrapped DDP / DeepSpeed).
 """
 
 from __future__ import annotations
@@ -37,33 +34,33 @@ class LayerKind(StrEnum):
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One decoder layer as its config describes it: its kind and, for a KV-shared layer, the layer whose keys and
-    values it reads (its own ``k_proj`` / ``v_proj``, where it has them, do nothing)."""
+    """One decoder layer per its config: kind and, if KV-shared, the layer whose keys and values it reads (its own
+    ``k_proj`` / ``v_proj`` then do nothing)."""
 
     index: int
     kind: LayerKind
     kv_source: int | None = None
-    head_dim: int | None = None  # layers with heads: the width of one head (Gemma 4's global layers: wider)
+    head_dim: int | None = None  # one head's width (Gemma 4's global layers: wider)
 
     @property
     def has_heads(self) -> bool:
-        """True for softmax self-attention: per-head blocks of the output projection's input."""
+        """True for softmax self-attention."""
         return self.kind is LayerKind.ATTENTION
 
 
 @dataclass(frozen=True)
 class DecoderLayer(LayerPlan):
-    """One loaded decoder layer: its plan plus the modules. ``output`` / ``value``: the attention's output and value
-    projections (``None`` where the layer has no softmax self-attention, ``value`` also where it has no ``v_proj``)."""
+    """A loaded decoder layer: plan plus modules; ``output`` / ``value`` projections are None without softmax
+    self-attention (``value`` also without ``v_proj``)."""
 
     module: nn.Module | None = None
     output: nn.Module | None = None
     value: nn.Module | None = None
-    plain_linear: bool = False  # value and output projections are plain nn.Linear (RAH-LoRA edits their slices)
+    plain_linear: bool = False  # both nn.Linear (RAH-LoRA edits slices)
 
 
 def _kind_of_type(layer_type: str) -> LayerKind:
-    """``layer_types`` entry -> kind: full / sliding / chunked attention are softmax attention."""
+    """``layer_types`` entry -> kind (full / sliding / chunked: softmax)."""
     name = str(layer_type).lower()
     if "linear" in name:
         return LayerKind.LINEAR
@@ -75,7 +72,7 @@ def _kind_of_type(layer_type: str) -> LayerKind:
 
 
 def plan_layers(config: Any) -> list[LayerPlan]:
-    """Every decoder layer's :class:`LayerPlan`, read from an (M)LLM config (no weight loaded)."""
+    """Every decoder layer's :class:`LayerPlan` from an (M)LLM config."""
     text = config.get_text_config()
     count = int(text.num_hidden_layers)
     types = list(getattr(text, "layer_types", None) or [])
@@ -84,7 +81,7 @@ def plan_layers(config: Any) -> list[LayerPlan]:
         if 0 <= int(index) < count:
             kinds[int(index)] = LayerKind.CROSS
     base_dim = int(getattr(text, "head_dim", None) or int(text.hidden_size) // int(text.num_attention_heads))
-    wide = getattr(text, "global_head_dim", None)  # Gemma 4: full-attention layers use heads of this width
+    wide = getattr(text, "global_head_dim", None)  # Gemma 4's full-attention layers
     dims = [int(wide) if wide and types and types[i] == "full_attention" else base_dim for i in range(count)]
     sources = _kv_sources(text)
     return [
@@ -93,8 +90,8 @@ def plan_layers(config: Any) -> list[LayerPlan]:
 
 
 def _kv_sources(text: Any) -> list[int | None]:
-    """Per layer of a text config, the layer whose keys and values it reads (KV sharing, Gemma 3n / 4: each of the
-    last ``num_kv_shared_layers`` layers reads the last earlier layer of its type), else None."""
+    """Per layer, the layer whose keys and values it reads, else None (Gemma 3n / 4: each of the last
+    ``num_kv_shared_layers`` reads the last earlier layer of its type)."""
     count = int(text.num_hidden_layers)
     types = list(getattr(text, "layer_types", None) or [])
     shared = int(getattr(text, "num_kv_shared_layers", 0) or 0)
@@ -108,11 +105,11 @@ def _kv_sources(text: Any) -> list[int | None]:
 
 
 def text_decoder(model: nn.Module) -> nn.Module:
-    """The text decoder (the module with ``layers``) of a plain or PEFT-wrapped (M)LLM; nested decoders (Llama 4's
-    ``get_decoder()`` is a causal LM whose ``model`` holds the layers) are followed down."""
+    """The module with ``layers`` of a (PEFT-wrapped) (M)LLM, following nested decoders (Llama 4's
+    ``get_decoder()`` is a causal LM whose ``model`` holds them)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    for _ in range(3):  # a causal LM inside the MLLM: its own decoder, one level down
+    for _ in range(3):  # a causal LM inside: one level down
         if decoder is None or getattr(decoder, "layers", None) is not None:
             break
         inner = decoder.get_decoder() if hasattr(decoder, "get_decoder") else None
@@ -128,7 +125,7 @@ def text_decoder(model: nn.Module) -> nn.Module:
 
 
 def _loaded_layer(index: int, layer: nn.Module) -> DecoderLayer:
-    from torch import nn  # lazy: a loaded model has torch; the config view (geometry, before loading) needs none
+    from torch import nn  # lazy: the config view needs no torch
 
     attention = getattr(layer, "self_attn", None)
     output = next(
@@ -143,7 +140,7 @@ def _loaded_layer(index: int, layer: nn.Module) -> DecoderLayer:
         shared = bool(getattr(attention, "is_kv_shared_layer", False))
         source = getattr(attention, "kv_shared_layer_index", None) if shared else None
         if shared and source is None and getattr(attention, "config", None) is not None:
-            source = _kv_sources(attention.config)[index]  # transformers >= 5.8 keeps no index: keyed by layer type
+            source = _kv_sources(attention.config)[index]  # transformers >= 5.8 keeps no index
         head_dim = getattr(attention, "head_dim", None)
         value = getattr(attention, "v_proj", None)
         return DecoderLayer(
@@ -172,13 +169,12 @@ def _loaded_layer(index: int, layer: nn.Module) -> DecoderLayer:
 
 
 def decoder_layers(model: nn.Module) -> list[DecoderLayer]:
-    """Every text-decoder layer of a loaded model, in order, with its kind and attention projections."""
+    """A loaded model's text-decoder layers in order."""
     return [_loaded_layer(index, layer) for index, layer in enumerate(text_decoder(model).layers)]
 
 
 def head_projections(model: nn.Module) -> dict[int, nn.Module]:
-    """Decoder layer index -> its attention's output projection (``o_proj``; the LoRA layer itself when LoRA
-    targets it), for the layers with heads; refused when no layer has any."""
+    """Layer with heads -> its ``o_proj`` (the LoRA layer when LoRA targets it); refused when none has heads."""
     layers = decoder_layers(model)
     found = {layer.index: layer.output for layer in layers if layer.has_heads and layer.output is not None}
     if not found:
@@ -191,9 +187,8 @@ def head_projections(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def trainable_upstream(model: nn.Module, layers: list[int]) -> dict[int, bool]:
-    """For each decoder layer, whether a trainable parameter feeds its ``o_proj`` input: everything outside the
-    decoder layers (embeddings, vision tower, projector; not the final norm or an untied ``lm_head``), the layers
-    before it, and its own input norm and attention projections other than ``o_proj``."""
+    """Per layer, whether a trainable parameter feeds its ``o_proj`` input: outside the layers (not the final norm or
+    an untied ``lm_head``), in an earlier layer, or its own input norm and other attention projections."""
     decoder = text_decoder(model)
     decoder_layers = list(decoder.layers)
     in_layers = {id(p) for layer in decoder_layers for p in layer.parameters()}
@@ -219,10 +214,8 @@ def trainable_upstream(model: nn.Module, layers: list[int]) -> dict[int, bool]:
 
 
 def per_head_value_layers(plans: list[LayerPlan], head_dim: int | None = None) -> tuple[list[int], dict[int, str]]:
-    """(RAH-LoRA's calibratable layers, whose heads own their value and output projections, the others -> why not). A
-    KV-shared layer reads another layer's values, so a V update of its own ``v_proj`` would be silently void; a
-    loaded layer also needs ``v_proj`` and the output projection as plain ``nn.Linear``; with ``head_dim``, a layer
-    whose heads have another width (Gemma 4's full-attention layers) is left out (RAH-LoRA assumes one head width)."""
+    """(RAH-LoRA's calibratable layers, the others -> why not). Kept: layers with heads, not KV-shared (a V update
+    would be void), plain ``nn.Linear`` v/o projections if loaded, and heads of width ``head_dim`` if given."""
     kept = []
     left = {}
     for plan in plans:
@@ -240,10 +233,9 @@ def per_head_value_layers(plans: list[LayerPlan], head_dim: int | None = None) -
 
 
 def kv_sharing_chains(plans: list[LayerPlan]) -> dict[int, list[int]]:
-    """Source layer -> the layers that read its keys and values (Gemma 3n / Gemma 4's KV sharing; empty when none). A
-    reader gets them through transformers' ``shared_kv_states`` dict, not as an input of its checkpointed call, so
-    only non-reentrant checkpointing (or none) in the whole chain carries their gradient back
-    (:mod:`llamafactory_hera.training.layer_checkpointing`)."""
+    """Source layer -> layers reading its keys and values. Readers get them via transformers' ``shared_kv_states``,
+    not as a checkpointed call's input, so only non-reentrant (or no) checkpointing in the chain carries their
+    gradient back (:mod:`llamafactory_hera.training.layer_checkpointing`)."""
     chains: dict[int, list[int]] = {}
     for plan in plans:
         if plan.kv_source is not None:
@@ -252,12 +244,12 @@ def kv_sharing_chains(plans: list[LayerPlan]) -> dict[int, list[int]]:
 
 
 def head_layers(plans: list[LayerPlan]) -> list[int]:
-    """The indices of the layers with heads."""
+    """Indices of the layers with heads."""
     return [plan.index for plan in plans if plan.has_heads]
 
 
 def describe(plans: list[LayerPlan]) -> str:
-    """Runs of layers by kind, e.g. ``L0-L2 linear attention, L3 softmax attention, ...`` (KV sharing named)."""
+    """Runs of layers by kind: ``L0-L2 linear attention, L3 softmax attention, ...`` (KV sharing named)."""
     runs: list[tuple[int, int, str]] = []
     for plan in plans:
         what = str(plan.kind) + (f" (keys and values of L{plan.kv_source})" if plan.kv_source is not None else "")

@@ -1,7 +1,4 @@
-"""Head references (``L13H12``) and the text decoder's attention geometry.
-
-Heads are written as the paper does: ``L<layer>H<head>``, both zero-based.
-"""
+"""Head references (``L<layer>H<head>`` as the paper, zero-based) and the text decoder's attention geometry."""
 
 from __future__ import annotations
 
@@ -17,7 +14,7 @@ _HEAD_RE = re.compile(r"^\s*L(\d+)\s*H(\d+)\s*$", re.IGNORECASE)
 
 @dataclass(frozen=True, order=True)
 class HeadRef:
-    """One attention head: zero-based decoder layer and query-head index."""
+    """One attention head: decoder layer and query head."""
 
     layer: int
     head: int
@@ -28,9 +25,8 @@ class HeadRef:
 
 @dataclass(frozen=True)
 class AttentionGeometry:
-    """Shape facts of the text decoder's attention, read from the model config: ``o_proj`` maps ``[.., num_heads *
-    head_dim]`` to ``[.., hidden_size]``; ``head_layers``: the decoder layers with heads (softmax self-attention), by
-    the model's own layer index; ``kinds``: every layer's kind."""
+    """The text decoder's attention shapes: ``o_proj`` maps ``[.., num_heads * head_dim]`` to ``[.., hidden_size]``;
+    ``head_layers``: layers with heads."""
 
     num_layers: int
     num_heads: int
@@ -38,10 +34,10 @@ class AttentionGeometry:
     hidden_size: int
     head_layers: tuple[int, ...] = ()
     kinds: tuple[str, ...] = ()
-    layer_head_dims: tuple[int | None, ...] = ()  # per layer (None: no heads); where empty, head_dim everywhere
+    layer_head_dims: tuple[int | None, ...] = ()  # per layer (None: no heads); empty: head_dim
 
     def head_dim_of(self, layer: int) -> int:
-        """The width of one head of ``layer`` (Gemma 4's full-attention layers have wider heads)."""
+        """One head's width in ``layer`` (Gemma 4's full attention: wider)."""
         return self.layer_head_dims[layer] or self.head_dim if self.layer_head_dims else self.head_dim
 
     @property
@@ -51,7 +47,7 @@ class AttentionGeometry:
 
 
 def parse_head(text: str) -> HeadRef:
-    """Parse ``"L13H12"`` (case-insensitive) into a :class:`HeadRef`; raise ``ValueError`` otherwise."""
+    """Parse ``"L13H12"`` (any case); RecipeError otherwise."""
     match = _HEAD_RE.match(str(text))
     if match is None:
         raise RecipeError(f"'{text}' is not a head; write heads as L<layer>H<head>, zero-based, e.g. L13H12")
@@ -59,8 +55,7 @@ def parse_head(text: str) -> HeadRef:
 
 
 def attention_geometry(config: Any) -> AttentionGeometry:
-    """Geometry of the text decoder of an (M)LLM config (``config.get_text_config()``), with the
-    explicit ``head_dim`` when the config sets one (Qwen3, Gemma), else ``hidden_size // num_attention_heads``."""
+    """From an (M)LLM config; ``head_dim`` as set (Qwen3, Gemma), else ``hidden_size // num_attention_heads``."""
     text = config.get_text_config()
     num_heads = int(text.num_attention_heads)
     hidden = int(text.hidden_size)
@@ -78,7 +73,7 @@ def attention_geometry(config: Any) -> AttentionGeometry:
 
 
 def check_heads_fit(heads: list[HeadRef], geometry: AttentionGeometry, model_name: str) -> None:
-    """Raise ``ValueError`` naming ``hera_heads`` if a head lies outside the model's layers or heads."""
+    """RecipeError naming ``hera_heads`` for a head outside the model or in a layer without heads."""
     for ref in heads:
         if not (0 <= ref.layer < geometry.num_layers and 0 <= ref.head < geometry.num_heads):
             raise RecipeError(
@@ -93,8 +88,7 @@ def check_heads_fit(heads: list[HeadRef], geometry: AttentionGeometry, model_nam
 
 
 def check_has_heads(geometry: AttentionGeometry, config: Any, stage: str) -> None:
-    """Refuse, before loading, a model none of whose decoder layers has softmax self-attention (no head to align or
-    calibrate), naming its family and its layers."""
+    """Refuse before loading a model without softmax self-attention layers (no head to align or calibrate)."""
     if geometry.head_layers:
         return
     kinds = sorted(set(geometry.kinds))

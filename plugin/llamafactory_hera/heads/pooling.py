@@ -1,7 +1,6 @@
-"""Which tokens a head's representation averages over (``hera_pooling``: ``assistant``, the tokens that carry the LM
-loss; ``text``, every attended token), always after the sample's first multimodal placeholder token and never a
-placeholder token (docs/hera-design.md, "Which tokens"). Placeholder tokens are read from the model's config and its
-text config, the processor and the template's multimodal plugin.
+"""Which tokens a head's representation averages (``hera_pooling``: ``assistant``, those with LM loss; ``text``,
+every attended token): only after the sample's first multimodal placeholder, never a placeholder (docs/hera-design.md,
+"Which tokens").
 """
 
 from __future__ import annotations
@@ -17,10 +16,9 @@ from llamafactory_hera.runtime.errors import RecipeError
 IGNORE_INDEX = -100
 POOLINGS = ("assistant", "text")
 
-# config attributes holding one multimodal token id: image_token_id, image_token_index, video_token_id,
-# vision_start_token_id, vision_end_token_id, vision_token_id, audio_token_id, boi_token_index, ...
+# config attributes holding one multimodal token id: image_token_id, vision_start_token_id, boi_token_index, ...
 _CONFIG_TOKEN_ATTR = re.compile(r"^(image|video|vision|audio|boi|eoi|boa|eoa)\w*_token_(id|index)$")
-# processor / mm_plugin attributes holding one multimodal token string
+# processor / mm_plugin attributes holding one token string
 _STRING_TOKEN_ATTR = re.compile(
     r"^((image|video|vision|audio)\w*_token|(start|end)_(image|video)_token|"
     r"(boi|eoi|boa|eoa)_token|\w*context_image_token)$"
@@ -45,7 +43,7 @@ def _string_tokens(holder: Any) -> set[str]:
             continue
         try:
             value = getattr(holder, name)
-        except Exception:  # noqa: BLE001 - a property that cannot be read holds no token
+        except Exception:  # noqa: BLE001 - unreadable: no token
             continue
         if isinstance(value, str) and value:
             tokens.add(value)
@@ -55,9 +53,8 @@ def _string_tokens(holder: Any) -> set[str]:
 def multimodal_token_ids(
     config: Any, processor: Any = None, tokenizer: Any = None, mm_plugin: Any = None
 ) -> frozenset[int]:
-    """Ids of every multimodal placeholder token (image, video, audio, vision start/end/pad) the model uses: from
-    ``config``, and the ``image_token`` etc. of ``processor`` and of LLaMA-Factory's ``template.mm_plugin`` converted
-    by ``tokenizer`` (default ``processor.tokenizer``; a string it does not know as a single token is skipped)."""
+    """Ids of every multimodal placeholder token: from ``config`` and its text config, and ``processor``'s and
+    ``mm_plugin``'s token strings via ``tokenizer`` (default ``processor.tokenizer``; unknown strings skipped)."""
     ids = _config_token_ids(config)
     tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
     strings = _string_tokens(processor) | _string_tokens(mm_plugin)
@@ -75,8 +72,8 @@ def multimodal_token_ids(
 
 
 def require_multimodal_ids(ids: frozenset[int], model_type: str) -> frozenset[int]:
-    """``ids`` when there is at least one, else a ValueError: without a placeholder id no token lies "after the
-    first image", every pooling mask is empty, and the run would be plain SFT with a warning per micro-batch."""
+    """``ids``, or RecipeError when empty: every pooling mask would be empty, the run plain SFT with a warning per
+    micro-batch."""
     if not ids:
         raise RecipeError(
             f"stage: hera: found no multimodal placeholder token (image_token_id / image_token_index / video_token_id "
@@ -102,11 +99,8 @@ def pooled_token_mask(
     pooling: str,
     multimodal_ids: Iterable[int] | int | None,
 ) -> torch.Tensor:
-    """``[B, T]`` bool mask of the tokens averaged into a head representation (see the module docstring).
-
-    ``labels``: ``[B, T]`` unshifted (-100: no loss); ``attention_mask``: ``[B, T]`` (1 = attended) or None (other
-    shapes are ignored); ``multimodal_ids``: the placeholder tokens' ids (a single id is accepted).
-    """
+    """``[B, T]`` bool mask of the pooled tokens. ``labels`` ``[B, T]`` unshifted (-100: no loss);
+    ``attention_mask`` ``[B, T]`` or None (other shapes ignored)."""
     if pooling not in POOLINGS:
         raise ValueError(f"hera_pooling must be 'assistant' or 'text', got {pooling!r}")
     if multimodal_ids is None:
@@ -124,6 +118,6 @@ def pooled_token_mask(
 
 
 def pooling_weights(token_mask: torch.Tensor) -> torch.Tensor:
-    """Row-normalised float32 averaging weights ``[B, T]`` from a boolean ``[B, T]`` mask (empty rows stay 0)."""
+    """Row-normalised float32 weights ``[B, T]`` from a bool mask (empty rows stay 0)."""
     mask = token_mask.float()
     return mask / mask.sum(-1, keepdim=True).clamp_min(1.0)

@@ -1,8 +1,7 @@
-"""The frozen vision teacher (DINOv2 by default): loading, image preprocessing and features.
+"""The frozen vision teacher (DINOv2 by default): loading, preprocessing, features.
 
-Kept outside the trained model, frozen and in eval mode, loaded once per process in float32 (:data:`TEACHER_DTYPE`)
-and run under ``torch.no_grad``. Each encoder family has its own image feature (:class:`VisionTeacher`). Features of
-many images come from batched forwards, with decoding and preprocessing in background threads (:func:`image_features`).
+Outside the trained model, in eval mode, loaded once per process in float32 (:data:`TEACHER_DTYPE`), run under
+``no_grad``. Each encoder family has its own image feature (:class:`VisionTeacher`).
 """
 
 from __future__ import annotations
@@ -27,26 +26,20 @@ from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.engines.deepspeed import loaded_whole
 
-# Dual image-text encoders whose image tower (``.vision_model``) can serve as teacher.
+# dual encoders whose image tower (``.vision_model``) can be the teacher
 DUAL_ENCODER_TYPES = frozenset({"clip", "siglip", "siglip2"})
-# Image towers whose last layer starts with a [CLS] token (then register tokens where the config declares them)
-# and whose image feature is that token after the final layernorm (``last_hidden_state[:, 0]``).
+# towers whose last layer starts with [CLS] (then any registers), the feature: ``last_hidden_state[:, 0]``
 FIRST_TOKEN_TYPES = frozenset({"dinov2", "dinov2_with_registers", "dinov3_vit", "vit"})
-CLIP_TYPES = frozenset({"clip_vision_model"})  # [CLS] first; image feature = post_layernorm([CLS]) = pooler_output
+CLIP_TYPES = frozenset({"clip_vision_model"})  # feature: pooler_output = post_layernorm([CLS])
 SIGLIP_TYPES = frozenset({"siglip_vision_model", "siglip2_vision_model"})  # no [CLS]; attention-pooling head
-NAFLEX_TYPES = frozenset({"siglip2_vision_model"})  # inputs: padded patch sequences + mask + patch grid
+NAFLEX_TYPES = frozenset({"siglip2_vision_model"})  # padded patches + mask + grid
 SUPPORTED_FAMILIES = "DINOv2 (with or without registers), DINOv3 ViT, ViT, CLIP, SigLIP, SigLIP2"
 
 
 @dataclass(frozen=True)
 class FeatureLayout:
-    """Where an image tower keeps its image feature.
-
-    ``pooled``: how ``hera_teacher_feature: cls`` is read: ``"first_token"`` (``last_hidden_state[:, 0]``),
-    ``"pooler"`` (``pooler_output``) or ``None`` (no pooled image feature: ``cls`` is refused).
-    ``prefix``: leading non-patch tokens ([CLS], registers) that ``mean`` leaves out.
-    ``naflex``: SigLIP2 inputs (variable patch grids padded to a fixed length; ``mean`` skips the padding).
-    """
+    """Where an image tower keeps its feature. ``pooled``: where ``cls`` reads (``"first_token"``, ``"pooler"``;
+    ``None``: refused); ``prefix``: leading non-patch tokens ``mean`` skips; ``naflex``: SigLIP2 padded inputs."""
 
     model_type: str
     pooled: str | None
@@ -55,8 +48,7 @@ class FeatureLayout:
 
 
 def feature_layout(config: Any) -> FeatureLayout | None:
-    """The image-feature layout of a teacher config (an image tower, or a CLIP / SigLIP / SigLIP2 dual encoder whose
-    ``vision_config`` is read); ``None`` for other families."""
+    """A teacher config's layout (a dual encoder's ``vision_config``); ``None`` for an unknown family."""
     if config.model_type in DUAL_ENCODER_TYPES:
         config = config.vision_config
     model_type = getattr(config, "model_type", None)
@@ -64,15 +56,15 @@ def feature_layout(config: Any) -> FeatureLayout | None:
         return FeatureLayout(model_type, "first_token", 1 + int(getattr(config, "num_register_tokens", 0) or 0))
     if model_type in CLIP_TYPES:
         return FeatureLayout(model_type, "pooler", 1)
-    if model_type in SIGLIP_TYPES:  # the model's own rule: a head unless the config says vision_use_head: false
+    if model_type in SIGLIP_TYPES:  # as the model: a head unless vision_use_head: false
         head = bool(getattr(config, "vision_use_head", True))
         return FeatureLayout(model_type, "pooler" if head else None, 0, naflex=model_type in NAFLEX_TYPES)
     return None
 
 
 def looks_like_path(value: str) -> bool:
-    """True for values meant as a local folder: starting with ``.``, ``/`` or ``~``, holding a backslash or the
-    platform's separator other than ``/``, or more than one ``/`` (a Hub id is ``name`` or ``namespace/name``)."""
+    """True for a local folder: leading ``.``, ``/``, ``~``, a backslash or OS separator, or two ``/`` (Hub ids have
+    one at most)."""
     return (
         value.startswith((".", "/", "~"))
         or "\\" in value
@@ -82,15 +74,13 @@ def looks_like_path(value: str) -> bool:
 
 
 def resolve_teacher(name_or_path: str) -> str:
-    """``name_or_path`` with a leading ``~`` expanded (Hugging Face loaders do not expand it)."""
+    """Expand a leading ``~`` (Hugging Face loaders do not)."""
     return os.path.expanduser(name_or_path) if name_or_path.startswith("~") else name_or_path
 
 
 def check_teacher_source(name_or_path: str, feature: str | None = None) -> None:
-    """Fail fast (before the MLLM is loaded) when the teacher cannot serve: missing folder, unreadable config,
-    not a vision model, a family whose image feature HeRA does not know, or ``feature="cls"`` on an image tower
-    without a pooled image feature (SigLIP with ``vision_use_head: false``). ``feature=None`` skips that last check.
-    """
+    """Refuse, before the MLLM loads, a missing folder, unreadable config, non-vision model, unknown family, or
+    ``feature="cls"`` without a pooled feature (``feature=None``: not checked)."""
     path = resolve_teacher(name_or_path)
     if looks_like_path(name_or_path) and not Path(path).is_dir():
         raise RecipeError(
@@ -98,12 +88,12 @@ def check_teacher_source(name_or_path: str, feature: str | None = None) -> None:
             "folder with config.json and preprocessor_config.json, or a Hugging Face model id (e.g. "
             "facebook/dinov2-large)."
         )
-    # lazy: transformers only when a teacher is read (`select` imports this module before its one-line checks)
+    # lazy: `select` imports this module before its one-line checks
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path)
-    except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear message
+    except Exception as err:  # noqa: BLE001 - one clear message
         raise RecipeError(
             f"hera_teacher: cannot load '{name_or_path}' ({type(err).__name__}: {str(err).splitlines()[0]}). "
             "Give a Hugging Face vision model id that is cached locally or a local folder with config.json "
@@ -119,7 +109,7 @@ def check_teacher_source(name_or_path: str, feature: str | None = None) -> None:
 
 
 def check_feature(layout: FeatureLayout | None, name_or_path: str, model_type: str, feature: str | None) -> None:
-    """Refuse a family whose image feature is unknown, and ``cls`` where the tower has no pooled image feature."""
+    """Refuse an unknown family, and ``cls`` without a pooled feature."""
     if layout is None:
         raise RecipeError(
             f"hera_teacher: '{name_or_path}' is a '{model_type}' vision model, whose image feature HeRA does not "
@@ -135,7 +125,7 @@ def check_feature(layout: FeatureLayout | None, name_or_path: str, model_type: s
 
 
 def is_vision_encoder_config(config: Any) -> bool:
-    """True for pure vision encoders (config has image_size/patch_size and no text part) and CLIP/SigLIP."""
+    """True for pure vision encoders (image_size/patch_size, no text part) and CLIP/SigLIP."""
     if config.model_type in DUAL_ENCODER_TYPES:
         return True
     has_vision_shape = hasattr(config, "image_size") or hasattr(config, "patch_size")
@@ -143,7 +133,7 @@ def is_vision_encoder_config(config: Any) -> bool:
 
 
 def open_image(image: Any) -> Image.Image:
-    """Open one LLaMA-Factory image entry (path, bytes, ``{"bytes"|"path"}`` dict or PIL image) as RGB."""
+    """One LLaMA-Factory image entry (path, bytes, ``{"bytes"|"path"}`` dict, PIL image) as RGB."""
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
     if isinstance(image, bytes):
@@ -156,7 +146,7 @@ def open_image(image: Any) -> Image.Image:
 
 
 def load_image_processor(name_or_path: str) -> Any:
-    """The teacher's own image processor; for SigLIP2 (NaFlex) wrapped so that one tensor carries each image."""
+    """The teacher's image processor; SigLIP2's wrapped so one tensor carries each image."""
     from transformers import AutoImageProcessor  # lazy: as load_teacher's AutoModel
 
     processor = AutoImageProcessor.from_pretrained(resolve_teacher(name_or_path))
@@ -166,13 +156,11 @@ def load_image_processor(name_or_path: str) -> Any:
 
 
 class NaFlexProcessor:
-    """SigLIP2's image processor with its three outputs packed into ``pixel_values`` (one row per image).
+    """SigLIP2's image processor, its three outputs packed into ``pixel_values``.
 
-    SigLIP2 cuts each image into its own ``h x w`` patch grid (aspect ratio kept) padded to ``N`` patches, and
-    the model needs the padding mask and the grid. Packed ``[B, N, D + 2]``: the ``D = 3 * p * p`` patch pixels,
-    then two 0/1 channels, ones on the first ``h`` and on the first ``w`` positions (exact in any float dtype,
-    so the rows survive the Trainer's casts and can be concatenated and indexed like ordinary pixels). The
-    padding mask is the first ``h * w`` positions. :class:`VisionTeacher` unpacks them (:func:`unpack_naflex`).
+    Each image's own ``h x w`` patch grid is padded to ``N`` patches. Packed ``[B, N, D + 2]``: ``D = 3 * p * p``
+    pixels, then two 0/1 channels, ones on the first ``h`` and first ``w`` positions (exact in any float dtype: rows
+    survive the Trainer's casts and indexing). The mask is the first ``h * w`` positions (:func:`unpack_naflex`).
     """
 
     def __init__(self, processor: Any) -> None:
@@ -184,7 +172,7 @@ class NaFlexProcessor:
 
 
 def pack_naflex(pixel_values: torch.Tensor, spatial_shapes: torch.Tensor) -> torch.Tensor:
-    """``[B, N, D]`` patches and ``[B, 2]`` patch grids -> ``[B, N, D + 2]`` (see :class:`NaFlexProcessor`)."""
+    """``[B, N, D]`` patches, ``[B, 2]`` grids -> ``[B, N, D + 2]`` (:class:`NaFlexProcessor`)."""
     positions = torch.arange(pixel_values.shape[1])  # [N]
     grid = spatial_shapes.to(torch.long).cpu()
     flags = (positions[None, :, None] < grid[:, None, :]).to(pixel_values.dtype)  # [B, N, 2]
@@ -200,38 +188,30 @@ def unpack_naflex(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 class VisionTeacher(nn.Module):
-    """Frozen image tower returning one float32 feature vector per image.
-
-    ``feature="cls"``: the family's pooled image feature (:func:`feature_layout`): last-layer [CLS] after the final
-    layernorm (DINOv2 / DINOv3 / ViT), ``pooler_output`` = post_layernorm([CLS]) (CLIP) or the attention-pooling
-    head's output (SigLIP / SigLIP2). ``feature="mean"``: mean of the last layer's patch tokens, leaving out [CLS]
-    and register tokens where the family has them (SigLIP: every token) and SigLIP2's padding. A family whose layout
-    is unknown, or ``cls`` without a pooled feature, is refused (:func:`check_feature`).
-    """
+    """Frozen image tower: one float32 feature per image. ``cls``: the pooled feature (layernormed [CLS] for DINOv2 /
+    DINOv3 / ViT, ``pooler_output`` for CLIP, the pooling head for SigLIP); ``mean``: mean of the last layer's patch
+    tokens (no [CLS], registers, padding)."""
 
     def __init__(self, encoder: nn.Module, feature: str, name: str = "the teacher", source: str | None = None) -> None:
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
         self.feature = feature
-        self.source = source  # hera_teacher as given (load_teacher): names the teacher's shared features
+        self.source = source  # hera_teacher as given: names its shared features
         layout = feature_layout(encoder.config)
         check_feature(layout, name, str(getattr(encoder.config, "model_type", "?")), feature)
         assert layout is not None
         self.layout = layout
 
     def train(self, mode: bool = True) -> VisionTeacher:
-        """The teacher stays in eval mode whatever the trainer asks."""
+        """Stay in eval mode whatever the trainer asks."""
         return super().train(False)
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, h, w]`` pixels (SigLIP2: ``[N, P, D + 2]`` packed rows) -> ``[N, E]`` float32 features.
-
-        The encoder runs in its own dtype; its output is converted to float32 (bf16 rounding reorders near-tied
-        teacher neighbours).
-        """
+        """``[N, 3, h, w]`` pixels (SigLIP2: ``[N, P, D + 2]`` packed) -> ``[N, E]`` float32 features (bf16 rounding
+        would reorder near-tied neighbours); the encoder runs in its own dtype."""
         param = next(self.encoder.parameters())
-        # the steps' pixels (pinned by the DataLoader) go up asynchronously; a copy to the CPU must end before use
+        # pinned pixels go up asynchronously; a copy to the CPU must finish before use
         pixel_values = pixel_values.to(param.device, non_blocking=param.device.type == "cuda")
         mask = None
         if self.layout.naflex:
@@ -252,29 +232,26 @@ class VisionTeacher(nn.Module):
 _TEACHERS: dict[tuple[str, str, str, str], VisionTeacher] = {}
 
 
-# The teacher runs in float32 whatever the model's dtype, in training and in head selection alike: bf16 rounding
-# inside the encoder reorders near-tied neighbours (36 of 512 DINOv2 [CLS] kNN sets changed), and one dtype keeps
-# precomputed, cached, in-step and selection features identical.
+# float32 in training and selection: bf16 reorders near-tied neighbours (36 of 512 DINOv2 [CLS] kNN sets), and
+# one dtype keeps every path's features identical.
 TEACHER_DTYPE = torch.float32
-KEEP_ROWS = 4096  # rows a teacher pass hands on at a time (16 MB of DINOv2-L features)
+KEEP_ROWS = 4096  # rows a pass hands on at a time (16 MB of DINOv2-L)
 
 
 def load_teacher(
     name_or_path: str, feature: str, device: torch.device | str, *, dtype: torch.dtype = TEACHER_DTYPE
 ) -> VisionTeacher:
-    """Load (once per process and settings) the frozen teacher on ``device``, its weights in ``dtype`` (float32
-    unless a test asks otherwise)."""
-    # lazy: transformers' model classes (its generation code, scikit-learn) only when a teacher loads, so that the
-    # checks and `select`'s one-line errors that import this module come at once
+    """The frozen teacher on ``device`` in ``dtype``, loaded once per process and settings."""
+    # lazy: model classes would delay the checks importing this module
     from transformers import AutoModel, __version__
 
     key = (name_or_path, feature, str(dtype), str(device))
     if key not in _TEACHERS:
-        # transformers 4.55 takes torch_dtype (stacks.dtype_key; not imported here: the trainer's import closure)
+        # transformers 4.55 takes torch_dtype (as stacks.dtype_key, not imported: the trainer's import closure)
         dtype_key = "torch_dtype" if __version__.startswith("4.55.") else "dtype"
-        with loaded_whole():  # outside the DeepSpeed / FSDP engine: its weights whole on every rank
+        with loaded_whole():  # outside DeepSpeed / FSDP: whole on every rank
             encoder = AutoModel.from_pretrained(resolve_teacher(name_or_path), **{dtype_key: dtype})
-        if hasattr(encoder, "vision_model"):  # CLIP/SigLIP-style dual encoders: keep the image tower only
+        if hasattr(encoder, "vision_model"):  # dual encoder: the image tower only
             encoder = encoder.vision_model
         _TEACHERS[key] = VisionTeacher(encoder.to(device), feature, name_or_path, source=name_or_path)
     return _TEACHERS[key]
@@ -283,11 +260,9 @@ def load_teacher(
 def per_sample_features(
     image_features: torch.Tensor, image_counts: torch.Tensor, num_images: int | None = None, one_each: bool = False
 ) -> torch.Tensor:
-    """``[B, E]`` float32: per sample, the mean of its images' L2-normalised features (zero without images), so that
-    every image of a sample weighs the same whatever its feature norm. ``image_features`` ``[N_img, E]``: the batch's
-    images, sample by sample; ``image_counts`` ``[B]``: images per sample; ``num_images``: N_img when the caller knows
-    it (then nothing waits on the device for the counts' sum); ``one_each``: the caller knows every count is 1, so each
-    sample's mean is its image's normalised feature (the same values, without the sums' ops)."""
+    """``[B, E]`` float32: each sample's mean of its images' L2-normalised ``[N_img, E]`` features (each image
+    weighs the same; zero without images). ``num_images``: N_img if known (no device wait); ``one_each``: every
+    count is 1 (fewer ops)."""
     if one_each:
         return F.normalize(image_features.float(), dim=-1)
     batch = image_counts.shape[0]
@@ -300,26 +275,25 @@ def per_sample_features(
 
 
 def prefetch_workers(device: torch.device) -> int:
-    """Threads that decode and preprocess images ahead of the teacher's forward: half the CPUs, 1 to 8, on an
-    accelerator; 0 on the CPU, where they would compete with the forward (measured: bench/README.md)."""
+    """Image decoding threads: half the CPUs, 1 to 8, on an accelerator; 0 on the CPU, where they would compete
+    with the forward (bench/README.md)."""
     return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def teacher_batch_size(batch_size: int) -> int:
-    """The teacher's batch: 4x the LM's (at least 32); a ViT on single images has short sequences and gains from
-    wider GEMMs (measured with bench/selection.py)."""
+    """4x the LM's batch, at least 32: a ViT's short sequences gain from wider GEMMs (bench/selection.py)."""
     return max(32, 4 * batch_size)
 
 
 def batches_of(items: list[Any], size: int) -> Iterator[list[Any]]:
-    """Consecutive slices of ``items`` of ``size`` (the last one shorter)."""
+    """Consecutive slices of ``size`` (the last shorter)."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
 @torch.no_grad()
 def continuing(found: int, total: int, desc: str) -> None:
-    """Say that a pass takes ``found`` of its ``total`` rows from an earlier (perhaps killed) pass."""
+    """Say that a pass takes ``found`` of ``total`` rows from an earlier pass."""
     if found and found < total:
         show(line(f"{desc}: continuing from {found} of {total} rows (kept by an earlier pass)."))
 
@@ -335,11 +309,9 @@ def image_features(
     opener: Callable[[Any], Any] = open_image,
     keep: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """``[N, E]`` float32 teacher features of ``images`` (LLaMA-Factory image entries), in order, on the teacher's
-    device. With ``workers > 0`` (default: :func:`prefetch_workers`) decoding (``opener``) and preprocessing run in
-    background threads (PIL and torchvision release the GIL) up to ``workers + 1`` batches ahead, overlapping the
-    teacher's forward on an accelerator. ``keep(first row, rows)`` gets the rows as the pass goes, every
-    :data:`KEEP_ROWS` rows or more at a batch's end (a killed pass keeps them)."""
+    """``[N, E]`` float32 features of ``images`` in order, on the teacher's device; ``workers`` threads (PIL releases
+    the GIL) prepare up to ``workers + 1`` batches ahead. ``keep(first row, rows)`` gets rows every :data:`KEEP_ROWS`
+    or more, at a batch's end."""
 
     def pixels(batch: list[Any]) -> torch.Tensor:
         return image_processor([opener(image) for image in batch], return_tensors="pt")["pixel_values"]
@@ -348,7 +320,7 @@ def image_features(
     if workers is None:
         workers = prefetch_workers(next(teacher.parameters()).device)
     chunks = []
-    kept = 0  # batches already handed to ``keep``
+    kept = 0  # batches handed to keep
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hera-teacher-images") as pool:
         pending = deque(pool.submit(pixels, b) for b in batches[: workers + 1] if workers)
         for index in tqdm(range(len(batches)), desc=desc, disable=not progress, file=progress_file()):

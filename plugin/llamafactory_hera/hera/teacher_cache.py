@@ -1,15 +1,10 @@
-"""Teacher features kept, so that an image goes through the teacher once: the run's per-image cache (epochs after the
-first pay no teacher forward) and the store that head selection, the alignment monitor and a run's precompute share.
+"""Teacher features kept so an image goes through the teacher once: the run's per-image cache (for later epochs)
+and the store shared by head selection, the alignment monitor and a run's precompute.
 
-The cache (:class:`TeacherFeatureCache`): keyed by an image's content (:func:`image_key`; in-memory PIL images have
-none and are never cached); the collator, possibly in forked dataloader workers, skips images whose key it sees, the
-trainer owns the features. Rows move between host and device without making the host wait for the step's forward
-(:func:`rows_to_device`, :func:`rows_to_host`).
-
-The store (:class:`TeacherFeatureStore`, :func:`stored_image_features`): float32 rows keyed by the teacher
-(:func:`teacher_identity`) and the image, in the process and on disk under ``$LLAMAFACTORY_HERA_CACHE/teacher_features``
-(:func:`save_durable`, :func:`trim`, :func:`cache_unwritable`). What is shared, where it lives and what a user sees:
-docs/hera-design.md ("One teacher pass per dataset").
+The cache (:class:`TeacherFeatureCache`) is keyed by image content (:func:`image_key`; PIL images are never cached);
+the collator, maybe in forked workers, skips keys it sees; the trainer owns the features. The store
+(:class:`TeacherFeatureStore`): float32 rows by teacher and image, in the process and under
+``$LLAMAFACTORY_HERA_CACHE/teacher_features`` (docs/hera-design.md, "One teacher pass per dataset").
 """
 
 from __future__ import annotations
@@ -30,7 +25,7 @@ from llamafactory_hera.log import line, show
 
 
 def image_key(image: Any) -> str | None:
-    """Content key of one LLaMA-Factory image entry, or None when it cannot be keyed (PIL objects)."""
+    """Content key of an image entry; None for a PIL object."""
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
     if isinstance(image, bytes):
@@ -40,42 +35,38 @@ def image_key(image: Any) -> str | None:
         try:
             stat = os.stat(path)
         except OSError:
-            return None  # the collator's open_image reports the missing file
+            return None  # open_image reports it
         return f"path:{path}|{stat.st_size}|{stat.st_mtime_ns}"
     return None
 
 
 def image_identity(key: str | None, position: int) -> str:
-    """Identity of one image of a batch: its content key, or (unkeyed, e.g. a PIL object) its position in the batch."""
+    """An image's content key, or (unkeyed) its position in the batch."""
     return key if key is not None else f"unkeyed:{position}"
 
 
 def pinned_copies(device: torch.device | str) -> bool:
-    """Whether host-to-device copies to ``device`` go through page-locked (pinned) memory: CUDA targets only (a CPU
-    or another accelerator has nothing to gain, and a CPU-only torch cannot pin)."""
+    """Whether copies to ``device`` use pinned memory: CUDA only (no gain elsewhere)."""
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
 def host_buffer(rows: int, width: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
-    """An uninitialised ``[rows, width]`` host tensor, page-locked when ``pinned``. Pinned blocks come from torch's
-    caching host allocator, which reuses a block only after the copies recorded on it have run."""
+    """Empty ``[rows, width]`` host tensor, pinned if asked (a pinned block is reused only after its copies ran)."""
     return torch.empty(rows, width, dtype=dtype, pin_memory=pinned)
 
 
 def rows_to_device(rows: list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
-    """``[len(rows), E]`` on ``device`` from host rows ``[E]``: stacked into a staging buffer on the host (pinned for a
-    CUDA ``device``), then copied without waiting for the device."""
+    """Host rows ``[E]`` stacked into a (pinned for CUDA) staging buffer, copied non-blocking: ``[len(rows), E]``."""
     staging = host_buffer(len(rows), int(rows[0].shape[-1]), rows[0].dtype, pinned_copies(device))
     torch.stack(rows, out=staging)
     return staging.to(device, non_blocking=True)
 
 
 def rows_to_host(computed: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """``computed`` ``[M, E]`` copied to the host without waiting for the device (torch gives a non-blocking copy from
-    an accelerator a page-locked destination), and the event after the copy (None where copies are synchronous: a
-    CPU tensor). The host copy may be read only once the event has completed."""
+    """``computed`` ``[M, E]`` copied to the host non-blocking, and the event to wait for before reading it (None
+    when synchronous)."""
     host = computed.detach().to("cpu", non_blocking=True)
-    if computed.device.type in ("cpu", "meta"):  # meta: the tests' simulated accelerator, synchronous
+    if computed.device.type in ("cpu", "meta"):  # meta: the tests' accelerator, synchronous
         return host, None
     event = torch.Event(device=computed.device)
     event.record()
@@ -83,22 +74,17 @@ def rows_to_host(computed: torch.Tensor) -> tuple[torch.Tensor, Any]:
 
 
 class TeacherFeatureCache:
-    """Features ``[E]`` by image key, kept on the CPU as the teacher returns them.
-
-    Which images of a batch get a fresh teacher forward is decided once, by the collator, and the
-    collator names each computed row by its image's identity (:func:`image_identity`). The lookup
-    takes a computed row only by that name, so a cache that grew between collating and the loss
-    (gradient accumulation collates every micro-batch of a step first; dataloader workers hold an
-    older copy) can never attach one image's feature to another.
-    """
+    """Features ``[E]`` by image key, on the CPU. The lookup takes a computed row only by the :func:`image_identity`
+    the collator named it with, so a cache grown since collating (gradient accumulation; workers' older copies) never
+    gives one image another's feature."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.features: dict[str, torch.Tensor] = {}
-        self._copying: list[tuple[Any, set[str]]] = []  # (event after a device-to-host copy, the keys it brings)
+        self._copying: list[tuple[Any, set[str]]] = []  # (event after a copy to host, its keys)
 
     def _settle(self, keys: set[str]) -> None:
-        """Wait for the copies that bring any of ``keys`` (by a later step they have long run: no wait)."""
+        """Wait for the copies that bring any of ``keys`` (usually long done)."""
         for event, copied in self._copying:
             if copied & keys and not event.query():
                 event.synchronize()
@@ -114,11 +100,9 @@ class TeacherFeatureCache:
         computed_ids: list[str] | None,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
-        """``[len(keys), E]`` on ``device``: the features of ``keys`` (one content key per image, None: not
-        cacheable) in order, this batch's computed rows (``computed`` ``[M, E]``, named by the collator's M
-        ``computed_ids``, :func:`image_identity`) by identity, else the cache's. ``device`` defaults to ``computed``'s
-        (the CPU when every image was cached). RuntimeError when an image is neither computed nor cached (a
-        collator/cache mismatch)."""
+        """``[len(keys), E]`` on ``device`` (default ``computed``'s, else CPU): per key (None: not cacheable) its row of
+        ``computed`` ``[M, E]`` by ``computed_ids``, else the cached one. RuntimeError for an image neither
+        computed nor cached."""
         computed_ids = list(computed_ids or ())
         num_computed = 0 if computed is None else int(computed.shape[0])
         if num_computed != len(computed_ids):
@@ -129,7 +113,7 @@ class TeacherFeatureCache:
         if device is None:
             device = computed.device if computed is not None else torch.device("cpu")
         fresh = {identity: row for row, identity in enumerate(computed_ids)}
-        sources: list[tuple[str, int]] = []  # ("fresh", row of computed) or ("cached", row of the cached block)
+        sources: list[tuple[str, int]] = []  # ("fresh" | "cached", row)
         cached: list[torch.Tensor] = []
         cached_keys: set[str] = set()
         to_cache: list[tuple[str, int]] = []
@@ -150,11 +134,11 @@ class TeacherFeatureCache:
                     f"HeRA teacher features: image {identity} of this batch was neither sent through "
                     "the teacher nor found in the feature cache."
                 )
-        if to_cache:  # features stay on the CPU: one device-to-host copy for all new ones, not waited for
+        if to_cache:  # one unwaited copy to host for all new rows
             assert computed is not None
             host, event = rows_to_host(computed)
             self.features.update({key: host[row] for key, row in to_cache})
-            if event is not None:  # the copies already run are forgotten (a first epoch reads no cached row)
+            if event is not None:  # forget finished copies
                 self._copying = [(done, copied) for done, copied in self._copying if not done.query()]
                 self._copying.append((event, {key for key, _ in to_cache}))
         if cached and self._copying:
@@ -166,27 +150,27 @@ class TeacherFeatureCache:
             return torch.zeros(0, width, device=device)
         if fresh_rows is None:
             assert block is not None
-            return block  # every image cached: the rows are already in order
+            return block  # all cached: already in order
         return torch.stack([fresh_rows[row] if kind == "fresh" else block[row] for kind, row in sources])
 
 
 CACHE_ENV = "LLAMAFACTORY_HERA_CACHE"
 STORE_NAME = "teacher_features"
-MAX_STORE_BYTES = 256 * 2**20  # 64k DINOv2-L features; a selection writes at most hera_select_samples rows
-STALE_TMP_SECONDS = 3600  # a *.tmp this old is a write that died (a live one takes seconds)
+MAX_STORE_BYTES = 256 * 2**20  # 64k DINOv2-L rows; a selection writes <= hera_select_samples
+STALE_TMP_SECONDS = 3600  # a *.tmp this old is a dead write
 
 
 def cache_root() -> Path:
-    """The plugin's cache folder: ``$LLAMAFACTORY_HERA_CACHE``, default ``~/.cache/llamafactory_hera``."""
+    """``$LLAMAFACTORY_HERA_CACHE``, default ``~/.cache/llamafactory_hera``."""
     return Path(os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "llamafactory_hera"))
 
 
-_unwritable_said: set[str] = set()  # the cache folders this process already said it cannot write
+_unwritable_said: set[str] = set()  # cache folders already said unwritable
 
 
 def cache_unwritable(folder: Path, err: OSError | RuntimeError, size: str = "") -> None:
-    """Say once per process and cache folder that it cannot be written (a file, read-only, full): selections and
-    teacher features then stay in this process's memory, and the command goes on."""
+    """Say once per process and cache folder that it cannot be written (file, read-only, full); results then stay
+    in memory and the command goes on."""
     if str(cache_root()) in _unwritable_said:
         return
     _unwritable_said.add(str(cache_root()))
@@ -201,10 +185,10 @@ def cache_unwritable(folder: Path, err: OSError | RuntimeError, size: str = "") 
 
 
 def path_fingerprint(path: str | None) -> str | None:
-    """Content identity of a local model/adapter folder: names, sizes and mtimes of its files (hub ids as is)."""
+    """Identity of a local folder from its files' names, sizes and mtimes; a hub id as is."""
     if path is None:
         return None
-    folder = Path(path).expanduser()  # hera_teacher: ~/dinov2 is a folder, as the teacher loader reads it
+    folder = Path(path).expanduser()  # ~/dinov2 is a folder, as the teacher loader reads it
     if not folder.exists():
         return f"id:{path}"
     digest = hashlib.sha256()
@@ -215,25 +199,25 @@ def path_fingerprint(path: str | None) -> str | None:
 
 
 def teacher_identity(source: str, feature: str, dtype: torch.dtype, device_type: str) -> str:
-    """Name of one teacher's rows: its files (or hub id), feature kind (``cls`` / ``mean``), weights' dtype and the
-    device type that computed them (kernels of another device round differently)."""
+    """Name of one teacher's rows: files (or hub id), feature, dtype and device type (other kernels round
+    differently)."""
     text = json.dumps([path_fingerprint(source), feature, str(dtype), device_type])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 class TeacherFeatureStore:
-    """One teacher's float32 ``[E]`` CPU features by image key: this process's and those on disk (read on first use)."""
+    """One teacher's float32 ``[E]`` CPU rows by image key, this process's and on disk (read on first use)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.rows: dict[str, torch.Tensor] = {}
         self._read = False
-        self.files: dict[str, Path] = {}  # key -> the file holding its row
-        self.in_use = set[Path]()  # the files the pass under way reads or writes (kept)
-        self.said = False  # whether this pass said where its rows are kept
+        self.files: dict[str, Path] = {}  # key -> its file
+        self.in_use = set[Path]()  # files this pass uses (never trimmed)
+        self.said = False  # this pass said where its rows go
 
     def get(self, keys: Iterable[str | None]) -> dict[str, torch.Tensor]:
-        """The stored rows of ``keys`` (absent keys left out), as a pass begins."""
+        """The stored rows of ``keys``, as a pass begins."""
         self._read_disk()
         found = {key: self.rows[key] for key in keys if key is not None and key in self.rows}
         self.in_use = {self.files[key] for key in found if key in self.files}
@@ -241,7 +225,7 @@ class TeacherFeatureStore:
         return found
 
     def add(self, rows: dict[str, torch.Tensor], persist: bool) -> None:
-        """Keep ``rows`` (new keys only) for this process, and with ``persist`` on disk for the next one."""
+        """Keep new ``rows`` in memory, and on disk with ``persist``."""
         self._read_disk()
         new = {key: row.detach().float().cpu() for key, row in rows.items() if key not in self.rows}
         self.rows.update(new)
@@ -256,7 +240,7 @@ class TeacherFeatureStore:
             try:
                 data = torch.load(shard, map_location="cpu", weights_only=True)
                 rows = dict(zip(data["keys"], data["features"], strict=True))
-            except Exception as err:  # noqa: BLE001 - a damaged file costs a teacher pass, never the run
+            except Exception as err:  # noqa: BLE001 - costs a teacher pass, not the run
                 show(
                     line(
                         f"teacher feature store: {shard} unreadable ({type(err).__name__}); its images go through "
@@ -271,11 +255,11 @@ class TeacherFeatureStore:
     def _write(self, new: dict[str, torch.Tensor]) -> None:
         try:
             removed, size = self._save(new)
-        except (OSError, RuntimeError) as err:  # only a later teacher pass is lost (torch.save: RuntimeError on ENOSPC)
+        except (OSError, RuntimeError) as err:  # ENOSPC: RuntimeError; costs a later pass
             cache_unwritable(self.folder, err, f", {sum(row.numel() * 4 for row in new.values()):,} bytes to write")
             return
         note = f"; {removed} older file(s) removed to stay under {MAX_STORE_BYTES >> 20} MiB" if removed else ""
-        if not self.said or removed:  # once a pass, or a removal: a long pass writes every KEEP_ROWS rows
+        if not self.said or removed:  # once a pass (it writes every KEEP_ROWS), or on removal
             self.said = True
             show(
                 line(
@@ -285,7 +269,7 @@ class TeacherFeatureStore:
             )
 
     def _save(self, new: dict[str, torch.Tensor]) -> tuple[int, int]:
-        """Write one shard atomically, then trim the store; returns (files removed, bytes the store holds)."""
+        """Write one shard atomically, trim the store; (files removed, bytes held)."""
         shard = self.folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.pt"
         save_durable({"keys": list(new), "features": torch.stack(list(new.values()))}, shard)
         self.in_use.add(shard)
@@ -295,8 +279,8 @@ class TeacherFeatureStore:
 
 
 def save_durable(data: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, fsync'd, renamed to ``path`` (folders made): whole or absent, never half."""
-    temporary = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")  # unique: ranks may write one name at once
+    """``torch.save`` via an fsync'd temporary file renamed to ``path``: whole or absent."""
+    temporary = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")  # ranks may write one name at once
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(temporary, "wb") as handle:
@@ -309,7 +293,7 @@ def save_durable(data: Any, path: Path) -> None:
 
 
 def _existing(root: Path, pattern: str) -> list[tuple[Path, os.stat_result]]:
-    """Files matching ``pattern`` under ``root`` with their stat, leaving out those another job removed meanwhile."""
+    """Files matching ``pattern`` under ``root`` with their stat, skipping those removed meanwhile."""
     found = []
     for path in root.rglob(pattern):
         try:
@@ -320,9 +304,8 @@ def _existing(root: Path, pattern: str) -> list[tuple[Path, os.stat_result]]:
 
 
 def trim(root: Path, limit: int, keep: Collection[Path] = ()) -> int:
-    """Remove the oldest ``*.pt`` files under ``root`` (never one in ``keep``) until they total at most ``limit`` bytes,
-    and ``*.tmp`` files older than :data:`STALE_TMP_SECONDS` (a write killed midway); returns how many ``*.pt`` went.
-    Files another job removes meanwhile are skipped."""
+    """Remove the oldest ``*.pt`` not in ``keep`` down to ``limit`` bytes, and stale ``*.tmp``; how many ``*.pt``
+    went."""
     stale = time.time_ns() - STALE_TMP_SECONDS * 10**9
     for leftover, stat in _existing(root, "*.tmp"):
         if stat.st_mtime_ns < stale:
@@ -345,8 +328,8 @@ _STORES: dict[str, TeacherFeatureStore] = {}
 
 
 def feature_store(teacher: VisionTeacher) -> TeacherFeatureStore | None:
-    """The store of ``teacher`` as it runs now (device type included) under the cache folder; None for a teacher not
-    made by :func:`~llamafactory_hera.hera.teacher.load_teacher` (no source to name it by)."""
+    """The store of ``teacher`` as it runs now (device type included); None without ``source`` (not from
+    :func:`~llamafactory_hera.hera.teacher.load_teacher`)."""
     source = getattr(teacher, "source", None)
     if source is None:
         return None
@@ -368,12 +351,11 @@ def stored_image_features(
     desc: str = "teacher features",
     opener: Callable[[Any], Any] = open_image,
 ) -> torch.Tensor:
-    """``[N, E]`` float32 teacher features of ``images`` in order, on the teacher's device: the rows ``store`` holds,
-    and each other distinct image through the teacher once (:func:`image_features`), then kept in ``store`` (on
-    disk too with ``persist``). Images without a key (in-memory PIL objects) always go through the teacher."""
+    """As :func:`image_features`, taking ``store``'s rows; other distinct images go through the teacher once and are
+    stored (on disk with ``persist``); unkeyed (PIL) images always do."""
     keys = [image_key(image) for image in images]
     found = store.get(keys)
-    todo: dict[str | int, int] = {}  # key (or position, unkeyed) -> row of the teacher's output
+    todo: dict[str | int, int] = {}  # key (unkeyed: position) -> output row
     todo_images = []
     for position, (image, key) in enumerate(zip(images, keys, strict=True)):
         name: str | int = position if key is None else key
@@ -385,12 +367,12 @@ def stored_image_features(
         return rows_to_device([found[key] for key in keys if key is not None], device)  # all found: none unkeyed
     continuing(len(found), len(found) + len(todo), desc)
 
-    def keep(first: int, rows: torch.Tensor) -> None:  # the todo names in row order
+    def keep(first: int, rows: torch.Tensor) -> None:  # todo names in row order
         pairs = zip(list(todo)[first : first + len(rows)], rows.cpu(), strict=True)
         store.add({name: row for name, row in pairs if isinstance(name, str)}, persist)
 
     computed = image_features(teacher, image_processor, todo_images, batch_size, workers, progress, desc, opener, keep)
-    if not found:  # every image computed; one of them twice where images repeat
+    if not found:  # all computed; repeated images share a row
         return (
             computed
             if len(todo_images) == len(images)

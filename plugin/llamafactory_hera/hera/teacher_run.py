@@ -1,7 +1,6 @@
-"""The teacher inside a HeRA run (:class:`RunTeacher`, a plain object the trainer owns): features before step 1,
-features in the steps, where it lives. With ``hera_teacher_precompute`` one pass over the training set's distinct
-images, split over the ranks, fills the feature cache, so the steps run no teacher forward and the teacher can leave
-the GPU (:func:`precompute_teacher_features`; docs/hera-design.md says what is shared with selection and kept).
+"""The teacher in a HeRA run (:class:`RunTeacher`, owned by the trainer). With ``hera_teacher_precompute`` one pass
+over the training set's distinct images, split over the ranks, fills the feature cache, so the steps run no teacher
+forward and the teacher can leave the GPU (what is shared with selection: docs/hera-design.md).
 """
 
 from __future__ import annotations
@@ -29,14 +28,14 @@ from llamafactory_hera.log import say
 from llamafactory_hera.runtime import stop_signal
 from llamafactory_hera.runtime.errors import RecipeError
 
-GATHER_ROWS = 4096  # rows per all-gather round: [4096, 1024] float32 is 16 MB per rank
+GATHER_ROWS = 4096  # rows per all-gather: 16 MB per rank at E=1024
 
 
 def precompute_wanted(
     setting: str, cache_enabled: bool, num_samples: int | None, max_steps: int, global_batch: int
 ) -> bool:
-    """Whether to precompute: ``true`` / ``false``, or under ``auto`` when the cache is on and the run sees every
-    training sample at least once (no ``max_steps`` that ends it inside the first epoch)."""
+    """``true`` / ``false``; ``auto``: when the cache is on and the run sees every sample (``max_steps`` does not end
+    the first epoch)."""
     if setting != "auto":
         return setting == "true"
     if not cache_enabled or num_samples is None:
@@ -45,8 +44,7 @@ def precompute_wanted(
 
 
 def training_images(rows: Iterable[list[Any] | None]) -> tuple[dict[str, Any], int]:
-    """Distinct image entries of the ``images`` column of LLaMA-Factory's processed training set by cache key, and
-    how many entries cannot be keyed."""
+    """The training set's distinct ``images`` entries by cache key, and how many cannot be keyed."""
     by_key: dict[str, Any] = {}
     uncacheable = 0
     for images in rows:
@@ -60,9 +58,8 @@ def training_images(rows: Iterable[list[Any] | None]) -> tuple[dict[str, Any], i
 
 
 def stored_rows(store: TeacherFeatureStore | None, keys: list[str]) -> dict[int, torch.Tensor]:
-    """The rows the teacher's store holds, by position in ``keys`` (sorted); under ``torch.distributed`` rank 0's,
-    broadcast, so that every rank leaves out the same positions even where its keys differ from rank 0's (the mtime
-    of a node-local copy of the data). Collective: every rank calls it, with as many keys as every other rank."""
+    """The store's rows by position in sorted ``keys``; distributed, rank 0's are broadcast so every rank skips the
+    same positions (keys may differ: a node-local copy's mtimes). Collective."""
     if not distributed():
         return _by_position(store, keys)
     counts = [None] * torch.distributed.get_world_size()
@@ -94,10 +91,9 @@ def precompute_teacher_features(
     progress: bool,
     store: TeacherFeatureStore | None = None,
 ) -> tuple[int, int]:
-    """Fill ``cache`` with the teacher feature of every keyed training image: the rows ``store`` holds (this teacher's
-    selection or monitor pass), then of the others this rank computes ``keys[rank::world]`` and all-gathers every
-    rank's rows. Collective under ``torch.distributed``: every rank calls it with the same images. Returns (images
-    this rank sent through the teacher, images taken from the store)."""
+    """Fill ``cache`` with every keyed image's feature: the ``store``'s rows, then this rank computes
+    ``keys[rank::world]`` of the others and all ranks' rows are gathered. Collective, same images on every rank.
+    Returns (images this rank computed, images from the store)."""
     keys = sorted(by_key)
     stored = stored_rows(store, keys)
     cache.features.update({keys[position]: row for position, row in stored.items()})
@@ -109,13 +105,13 @@ def precompute_teacher_features(
     if progress:
         continuing(len(stored), len(stored) + len(keys), desc)
 
-    def keep(first: int, rows: torch.Tensor) -> None:  # kept as the pass goes: a killed run's rerun reads them
+    def keep(first: int, rows: torch.Tensor) -> None:  # a killed run's rerun reads them
         rows = dict(zip(mine[first : first + len(rows)], rows.float().cpu(), strict=True))
         cache.features.update(rows)
         if store is not None:
             store.add(rows, persist=True)
 
-    with stop_signal.deferred() if world > 1 else contextlib.nullcontext():  # the ranks stop together, below
+    with stop_signal.deferred() if world > 1 else contextlib.nullcontext():  # ranks stop together below
         local = image_features(
             teacher,
             image_processor,
@@ -131,7 +127,7 @@ def precompute_teacher_features(
     backend = torch.distributed.get_backend()
     comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     noted = torch.tensor([float(stop_signal.received())], device=comm)
-    torch.distributed.all_reduce(noted)  # every rank, signalled or not: one stop for all, after each kept its rows
+    torch.distributed.all_reduce(noted)  # every rank, signalled or not: one stop for all
     stop_signal.stop_before_step("the teacher features computed so far kept in its store", agreed=noted.item() > 0)
     per_rank = -(-len(keys) // world)
     padded = torch.zeros(per_rank, local.shape[-1], dtype=local.dtype, device=comm)
@@ -150,9 +146,8 @@ def precompute_teacher_features(
 
 
 def check_same_on_every_rank(model: torch.nn.Module, key: str, name: str) -> None:
-    """Refuse, on every rank, a frozen model (``key``: ``name``) whose weights differ across ranks (a loader that
-    left zeros on some ranks, another copy of the files on another node): the float64 sum and absolute sum of its
-    parameters and buffers, gathered. Collective: every rank calls it."""
+    """Refuse on every rank a frozen model whose weights differ across ranks (a loader's zeros, another node's
+    copy), by the float64 sum and absolute sum of its tensors. Collective."""
     if not distributed():
         return
     parts = [
@@ -164,9 +159,9 @@ def check_same_on_every_rank(model: torch.nn.Module, key: str, name: str) -> Non
     sums = torch.stack(parts).sum(0).tolist() if parts else [0.0, 0.0]
     every: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every, sums)
-    table = torch.tensor(every, dtype=torch.float64)  # [world, 2]; equal up to the order of the sums' additions
+    table = torch.tensor(every, dtype=torch.float64)  # [world, 2]; equal up to summation order
     differ = [rank for rank in range(len(every)) if not torch.allclose(table[rank], table[0], rtol=1e-9, atol=0.0)]
-    if differ:  # rank 0 and the first ranks that differ from it: one line on a node of 64 ranks too
+    if differ:  # rank 0 and the first differing: one line
         shown = [0, *differ[:7]]
         raise RecipeError(
             f"{key}: '{name}' loaded with other weights on some ranks (sum, absolute sum: "
@@ -185,12 +180,12 @@ def _has_images(dataset: Any) -> bool:
 
 
 class RunTeacher:
-    """Teacher features for the HeRA term: precomputed before training, or computed per batch and cached."""
+    """Teacher features for the HeRA term: precomputed, or computed per batch and cached."""
 
     def __init__(self, hera_args: Any, cache: TeacherFeatureCache | None, device: torch.device) -> None:
         self.hera_args = hera_args
-        self.device = device  # where load_teacher puts it, and where it goes back after train()
-        # float32 (teacher.TEACHER_DTYPE) whatever the model's dtype; precomputed, it leaves the GPU after its pass
+        self.device = device  # where load_teacher puts it; it returns there after train()
+        # float32 (TEACHER_DTYPE) whatever the model's dtype
         self.model = load_teacher(hera_args.hera_teacher, hera_args.hera_teacher_feature, device)
         check_same_on_every_rank(self.model, "hera_teacher", hera_args.hera_teacher)
         self.cache = cache or TeacherFeatureCache(enabled=False)
@@ -198,18 +193,18 @@ class RunTeacher:
         self._precompute: bool | None = None
 
     def image_processor(self, collator: Any) -> Any:
-        """The collator's teacher image processor (loaded when it has none)."""
+        """The collator's teacher image processor, else loaded."""
         return getattr(collator, "hera_image_processor", None) or load_image_processor(self.hera_args.hera_teacher)
 
     def to(self, device: torch.device | str) -> bool:
-        """Move the teacher to ``device``; True if it was elsewhere."""
+        """Move to ``device``; True if it was elsewhere."""
         if next(self.model.parameters()).device == torch.device(device):
             return False
         self.model.to(device)
         return True
 
     def precompute_decision(self, dataset: Any, args: Any) -> bool:
-        """Whether ``hera_teacher_precompute`` computes the features before step 1 in this run (decided once)."""
+        """Whether this run precomputes (decided once)."""
         if self._precompute is None:
             global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
             self._precompute = precompute_wanted(
@@ -222,8 +217,8 @@ class RunTeacher:
         return self._precompute
 
     def precompute(self, dataset: Any, collator: Any, args: Any, main_process: bool) -> None:
-        """``hera_teacher_precompute``: fill the feature cache with every training image's teacher feature, then
-        move the teacher to the CPU when nothing is left for it to do in the steps."""
+        """Fill the cache with every training image's feature; move the teacher to the CPU when the steps need it no
+        more."""
         if not self.precompute_decision(dataset, args):
             return
         if not _has_images(dataset) or not self.cache.enabled:
@@ -233,7 +228,7 @@ class RunTeacher:
             )
             return
         by_key, uncacheable = training_images(dataset["images"])
-        start = time.perf_counter()  # the teacher pass and the gather, not the keys above
+        start = time.perf_counter()  # the pass and gather only
         computed_here, from_store = precompute_teacher_features(
             self.model,
             self.image_processor(collator),
@@ -270,9 +265,8 @@ class RunTeacher:
         device: torch.device,
         one_each: bool = False,
     ) -> torch.Tensor:
-        """``[B, E]`` per-sample teacher features on ``device``: this batch's computed images by identity, the others
-        cached (one host-to-device copy of the cached rows). ``one_each``: every sample holds exactly one image (the
-        collator knows; :func:`per_sample_features`)."""
+        """``[B, E]`` per-sample features on ``device``: computed images by identity, the rest cached.
+        ``one_each``: one image per sample."""
         if pixel_values is not None and self.to(self.device):
             say(
                 "an image missed by the precomputed teacher features: the teacher went back "

@@ -1,5 +1,5 @@
-"""The LLaVA-1.5 experiment's verbs of ``llamafactory-hera``: ``compose`` (a LLaVA-1.5-style model from a text-only
-LLM and an image encoder), ``data check`` and ``data convert`` (its datasets before a long run)."""
+"""The LLaVA-1.5 verbs: ``compose`` (a LLaVA-1.5-style model from a text-only LLM and an image encoder), ``data
+check`` and ``data convert``."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ DEFAULT_WORKERS = min(16, os.cpu_count() or 1)
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
-    """Add ``compose`` and ``data`` (``check``, ``convert``) to the ``llamafactory-hera`` sub-command parsers; verb ->
-    handler."""
+    """Add ``compose`` and ``data`` to the sub-command parsers; verb -> handler."""
     parser = commands.add_parser(
         "compose",
         help="a LLaVA-1.5-style model from a text-only LLM and an image encoder",
@@ -96,7 +95,7 @@ def run_data_verb(args: argparse.Namespace) -> None:
 
 
 def run_compose(args: argparse.Namespace) -> None:
-    """Plan (refusing before any weight loads), build, write; print what was made and the template line."""
+    """Plan (refusals before any weight loads), build, write; print what was made and the template line."""
     from llamafactory_hera.llava.compose_build import RECORD, compose
     from llamafactory_hera.llava.compose_plan import plan_compose
 

@@ -1,8 +1,7 @@
-"""Build and write a composed model: transformers' LLaVA (``LlavaForConditionalGeneration``) from a text-only
-LLM, an image encoder's vision tower and a fresh projector, with its ``LlavaProcessor`` and a record of how (what
-each part becomes: docs/hera.md, "Compose a LLaVA-1.5 model from an LLM"). SigLIP's attention-pooling head is left
-out so that no trainable tower holds parameters without gradients. Everything is written to a temporary sibling
-folder, moved to ``--output`` at the end: a failed compose leaves nothing behind.
+"""Build and write ``LlavaForConditionalGeneration`` from a text-only LLM, an encoder's vision tower and a fresh
+projector, with its ``LlavaProcessor`` and a record (docs/hera.md, "Compose a LLaVA-1.5 model from an LLM"). SigLIP's
+attention-pooling head is left out: a trainable tower holds no parameters without gradients. Written to a temporary
+sibling folder moved to ``--output`` at the end: a failed compose leaves nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from llamafactory_hera_patches.stacks import dtype_key
 
 
 def add_image_token(tokenizer: Any, llm: Any) -> str:
-    """Add ``<image>`` to ``tokenizer`` and give it an embedding row in ``llm``; return what was done, in words."""
+    """Add ``<image>`` to ``tokenizer`` with an embedding row in ``llm``; what was done, in words."""
     import torch
     from tokenizers import AddedToken
 
@@ -52,8 +51,8 @@ def add_image_token(tokenizer: Any, llm: Any) -> str:
 
 
 def _vision_tower(name: str) -> Any:
-    """The encoder's vision tower (``CLIPVisionModel`` / ``SiglipVisionModel``) with its weights, from a whole
-    two-tower model or a vision-only one."""
+    """The vision tower with weights (``CLIPVisionModel`` / ``SiglipVisionModel``), from a two-tower or vision-only
+    model."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
     from transformers.utils import logging
@@ -61,7 +60,7 @@ def _vision_tower(name: str) -> Any:
     config = AutoConfig.from_pretrained(name)
     vision_config = getattr(config, "vision_config", None) or config
     verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the text tower's weights are left out on purpose: no report of them
+    logging.set_verbosity_error()  # the text tower is left out on purpose
     try:
         tower, info = MODEL_MAPPING[type(vision_config)].from_pretrained(
             name, config=vision_config, **{dtype_key(): "auto"}, output_loading_info=True
@@ -72,14 +71,14 @@ def _vision_tower(name: str) -> Any:
         raise ValueError(
             f"--vision {name}: its weights hold no vision tower ({', '.join(sorted(info['missing_keys'])[:3])}, ...)"
         )
-    if getattr(tower, "use_head", False):  # LLaVA reads patch tokens, never SigLIP's pooled one (as LLaVA-OneVision)
+    if getattr(tower, "use_head", False):  # LLaVA reads patch tokens only (as LLaVA-OneVision)
         tower.use_head = tower.config.vision_use_head = False
         del tower.head
     return tower
 
 
 def _llava_model(plan: ComposePlan, llm: Any, tower: Any, token_id: int) -> Any:
-    """The LLaVA model holding ``llm``'s modules, ``tower`` and a fresh seeded projector."""
+    """LLaVA of ``llm``'s modules, ``tower`` and a seeded projector."""
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
@@ -128,8 +127,7 @@ def _processor(plan: ComposePlan, tokenizer: Any) -> Any:
 
 
 def compose(plan: ComposePlan, tokenizer: Any) -> dict[str, Any]:
-    """Build the model of ``plan`` and write it, its processor and :data:`RECORD` to ``plan.output``; return the
-    record."""
+    """Build and write the model, processor and :data:`RECORD` to ``plan.output``; return the record."""
     from transformers import AutoModelForCausalLM
 
     llm = AutoModelForCausalLM.from_pretrained(plan.llm, **{dtype_key(): "auto"})
@@ -170,7 +168,7 @@ def compose(plan: ComposePlan, tokenizer: Any) -> dict[str, Any]:
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.composing-", dir=output.parent))
     umask = os.umask(0)
     os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # a folder's usual mode, not mkdtemp's 0700
+    staging.chmod(0o777 & ~umask)  # not mkdtemp's 0700
     try:
         model.save_pretrained(staging)
         _processor(plan, tokenizer).save_pretrained(staging)

@@ -1,7 +1,6 @@
-"""What ``llamafactory-hera compose`` will build, read from the parts' configs and the LLM's tokenizer alone (no
-weights), and its refusals. The vision features read for each encoder family (LLaVA-1.5's: CLIP's penultimate layer
-without its [CLS], SigLIP's every patch token of it), the family detection and its templates are described, with the
-why, in docs/hera.md ("Compose a LLaVA-1.5 model from an LLM").
+"""What ``compose`` will build, from the parts' configs and the LLM's tokenizer (no weights), and its refusals. Vision
+features per encoder (CLIP: penultimate layer without [CLS], as LLaVA-1.5; SigLIP: all its patch tokens), family
+detection and templates, with the why: docs/hera.md ("Compose a LLaVA-1.5 model from an LLM").
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ FEATURE_LAYER = -2
 ENCODERS: dict[str, tuple[int, str]] = {"clip": (1, "default"), "siglip": (0, "full")}
 ENCODER_OF_TYPE = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
 _FAMILY_OF_TYPE = {"qwen2": "qwen2.5", "qwen3": "qwen3"}  # llama: by its tokenizer
-# keys of a config that say the model already sees images (or other media)
+# config keys of a model that already sees media
 _MULTIMODAL_KEYS = (
     "vision_config",
     "text_config",
@@ -35,25 +34,25 @@ _MULTIMODAL_KEYS = (
 
 @dataclass(frozen=True)
 class VisionGeometry:
-    """The encoder's image geometry and how LLaVA-1.5 reads it."""
+    """The encoder's image geometry and how LLaVA reads it."""
 
     encoder: str  # "clip" | "siglip"
     image_size: int
     patch_size: int
-    cls_tokens: int  # tokens the encoder adds before the patches ([CLS])
+    cls_tokens: int  # [CLS] tokens before the patches
     select_strategy: str  # "default": drop the [CLS]; "full": every token
     feature_layer: int = FEATURE_LAYER
 
     @property
     def image_seq_length(self) -> int:
-        """Image tokens per image: patches, plus the [CLS] unless the selection drops it."""
+        """Image tokens per image: patches, plus [CLS] unless dropped."""
         kept_cls = self.cls_tokens - (1 if self.select_strategy == "default" else 0)
         return (self.image_size // self.patch_size) ** 2 + kept_cls
 
 
 @dataclass(frozen=True)
 class ComposePlan:
-    """Everything compose needs to know before it loads a weight."""
+    """All compose needs before loading a weight."""
 
     llm: str
     vision: str
@@ -66,7 +65,7 @@ class ComposePlan:
 
 
 def _config_dict(name: str, flag: str) -> dict[str, Any]:
-    from transformers import PretrainedConfig  # lazy: seconds of import; compose's --help needs not
+    from transformers import PretrainedConfig  # lazy: seconds of import
 
     try:
         config, _ = PretrainedConfig.get_config_dict(name)
@@ -79,8 +78,8 @@ def _config_dict(name: str, flag: str) -> dict[str, Any]:
 
 
 def check_output(output: Path) -> None:
-    """Refuse an existing non-empty folder (compose never overwrites) or a file, and a folder that cannot be made
-    there (under a file, or where nothing can be written): before any weight loads, not when the model is written."""
+    """Refuse, before any weight loads, a file, a non-empty folder (never overwritten), or a folder that cannot be
+    made there."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise RecipeError(
             f"--output {output}: it exists and is not an empty folder; compose never overwrites: name a "
@@ -90,7 +89,7 @@ def check_output(output: Path) -> None:
 
 
 def check_text_only(name: str, config: dict[str, Any]) -> None:
-    """Refuse an LLM whose config already has a vision (or other media) part."""
+    """Refuse an LLM whose config has a media part."""
     found = [key for key in _MULTIMODAL_KEYS if key in config]
     if found:
         raise RecipeError(
@@ -101,10 +100,9 @@ def check_text_only(name: str, config: dict[str, Any]) -> None:
 
 
 def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
-    """The geometry of a CLIP or SigLIP model (whole two-tower model or vision tower alone); ``config``: its
-    config.json, whose model type is checked before transformers reads it (a config.json leaves out the values that
-    are the defaults, ``patch_size`` 16 of SigLIP: the sizes are read from transformers' config)."""
-    from transformers import AutoConfig  # lazy: seconds of import; compose's --help needs not
+    """A CLIP or SigLIP model's geometry; ``config`` (config.json) gives the type, transformers' config the sizes
+    (config.json omits defaults: SigLIP's ``patch_size`` 16)."""
+    from transformers import AutoConfig  # lazy: seconds of import
 
     model_type = str(config.get("model_type"))
     encoder = ENCODER_OF_TYPE.get(model_type)
@@ -123,7 +121,7 @@ def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
             "openai/clip-vit-large-patch14-336 (LLaVA-1.5's)."
         )
     full = AutoConfig.from_pretrained(name)
-    vision = getattr(full, "vision_config", None) or full  # whole model or tower alone
+    vision = getattr(full, "vision_config", None) or full  # or the tower alone
     image_size = getattr(vision, "image_size", None)
     patch_size = getattr(vision, "patch_size", None)
     if not isinstance(image_size, int) or not isinstance(patch_size, int):
@@ -136,7 +134,7 @@ def vision_geometry(name: str, config: dict[str, Any]) -> VisionGeometry:
 
 
 def detect_family(name: str, config: dict[str, Any], tokenizer: Any) -> tuple[str, str]:
-    """The LLM's family and how it was found (see the module's docstring)."""
+    """The LLM's family and how it was found."""
     model_type = str(config.get("model_type"))
     if model_type in _FAMILY_OF_TYPE:
         return _FAMILY_OF_TYPE[model_type], f"model type {model_type}"
@@ -156,8 +154,8 @@ def detect_family(name: str, config: dict[str, Any], tokenizer: Any) -> tuple[st
 def plan_compose(
     llm: str, vision: str, output: Path, family: str | None = None, seed: int = 42
 ) -> tuple[ComposePlan, Any]:
-    """Check the parts (configs and tokenizer only) and return the plan and the LLM's tokenizer."""
-    from transformers import AutoTokenizer  # lazy: seconds of import; compose's --help needs not
+    """Check the parts (configs, tokenizer); the plan and the LLM's tokenizer."""
+    from transformers import AutoTokenizer  # lazy: seconds of import
 
     if family is not None and family not in FAMILY_TEMPLATES:
         raise RecipeError(

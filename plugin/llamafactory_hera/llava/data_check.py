@@ -1,6 +1,6 @@
-"""``llamafactory-hera data check RECIPE``: a recipe's datasets, read as its run will read them (LLaMA-Factory's own
-loader), and every distinct image file checked once (a stat, or with ``--verify-images`` PIL's decode), before a long
-run. What it counts, prints and exits with: docs/llava-data.md ("Checking the data").
+"""``llamafactory-hera data check RECIPE``: a recipe's datasets read by LLaMA-Factory's loader as the run will, each
+distinct image checked once (stat, or PIL's decode with ``--verify-images``). Output: docs/llava-data.md ("Checking
+the data").
 """
 
 from __future__ import annotations
@@ -22,24 +22,24 @@ from llamafactory_hera.recipe.dataset_info import (
 )
 from llamafactory_hera.runtime.errors import RecipeError
 
-FIRST_PATHS = 10  # bad paths listed after the table
+FIRST_PATHS = 10  # bad paths listed
 IMAGE_CHUNK = 4096  # images handed to the threads at a time
 
 
 @dataclass
 class DatasetCounts:
-    """One dataset's rows and images, as LLaMA-Factory loaded them."""
+    """One dataset's rows and images as loaded."""
 
     name: str
     rows: int = 0
-    dropped_rows: int = 0  # broken turns: LLaMA-Factory drops them when tokenizing
+    dropped_rows: int = 0  # broken turns: dropped when tokenizing
     text_only_rows: int = 0
     mismatched_rows: int = 0  # <image> marks != images: LLaMA-Factory raises
     usable_rows: int = 0  # >= 1 image, every image readable, marks matching
     images: int = 0  # distinct images
     bad_images: dict[str, str] = field(default_factory=dict)  # shown path -> MISSING or UNREADABLE
     images_per_row: Counter[int] = field(default_factory=Counter)
-    first_mismatches: list[int] = field(default_factory=list)  # row numbers (0-based), up to FIRST_PATHS
+    first_mismatches: list[int] = field(default_factory=list)  # 0-based rows, up to FIRST_PATHS
 
     def count(self, status: str) -> int:
         return sum(1 for value in self.bad_images.values() if value == status)
@@ -64,8 +64,7 @@ class DatasetCounts:
 
 
 def _file_path(image: Any) -> str | None:
-    """The file an image entry names (LLaMA-Factory's ``_images``: a path, or a dict with a path and no bytes);
-    None for an image held in the dataset itself."""
+    """The file an ``_images`` entry names (a path, or a dict with a path and no bytes); None for inline images."""
     if isinstance(image, str):
         return image
     if isinstance(image, dict) and isinstance(image.get("path"), str) and not image.get("bytes"):
@@ -74,22 +73,21 @@ def _file_path(image: Any) -> str | None:
 
 
 def _shown(path: str, media_dir: str, problem: str) -> str:
-    """An image's path as the run will open it. LLaMA-Factory joins a relative path with ``media_dir`` when the file
-    is there (an unreadable file was found: its path is joined already, and a relative ``media_dir`` must not be
-    joined twice); a missing file keeps its path as written, shown where it was looked for."""
+    """An image's path as the run opens it: LLaMA-Factory joins a relative path with ``media_dir`` only when that
+    file exists, so an unreadable one's is joined already; a missing one is shown joined, where it was looked for."""
     if problem != MISSING or os.path.isabs(path):
         return path
     return os.path.join(media_dir, path)
 
 
 def _aligned(rows: Any) -> Any:
-    """(prompt, response, images) of each row of LLaMA-Factory's aligned dataset, read in batches."""
+    """(prompt, response, images) per aligned row, read in batches."""
     for batch in rows.select_columns(["_prompt", "_response", "_images"]).iter(batch_size=4096):
         yield from zip(batch["_prompt"], batch["_response"], batch["_images"], strict=True)
 
 
 def check_images(paths: list[str], decode: bool, workers: int, desc: str) -> dict[str, str]:
-    """``path -> MISSING | UNREADABLE`` for the bad ones of ``paths``, checked by ``workers`` threads."""
+    """``path -> MISSING | UNREADABLE`` for the bad ``paths``, on ``workers`` threads."""
     from tqdm import tqdm
 
     problems: dict[str, str] = {}
@@ -97,7 +95,7 @@ def check_images(paths: list[str], decode: bool, workers: int, desc: str) -> dic
         ThreadPoolExecutor(max_workers=workers) as pool,
         tqdm(total=len(paths), desc=desc, unit="img", disable=None) as bar,
     ):  # None: on a terminal only
-        for start in range(0, len(paths), IMAGE_CHUNK):  # in chunks: no future per image of the mixture at once
+        for start in range(0, len(paths), IMAGE_CHUNK):  # chunks: not a future per image at once
             chunk = paths[start : start + IMAGE_CHUNK]
             for path, problem in zip(chunk, pool.map(lambda p: image_problem(p, decode), chunk), strict=True):
                 if problem:
@@ -107,12 +105,11 @@ def check_images(paths: list[str], decode: bool, workers: int, desc: str) -> dic
 
 
 def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: bool, workers: int) -> DatasetCounts:
-    """Count ``rows`` (LLaMA-Factory's aligned dataset: ``_prompt``, ``_response``, ``_images``) and check each
-    distinct image file once (``workers`` threads; progress bars on a terminal)."""
+    """Count aligned ``rows`` and check each distinct image once (``workers`` threads; bars on a terminal)."""
     from tqdm import tqdm
 
     counts = DatasetCounts(name, rows=len(rows))
-    image_rows: list[tuple[list[str], bool]] = []  # each image row's files and whether its marks match
+    image_rows: list[tuple[list[str], bool]] = []  # files, marks match
     for row, (prompt, response, images) in enumerate(
         tqdm(_aligned(rows), total=len(rows), desc=f"{name}: rows", unit="row", disable=None)
     ):
@@ -141,7 +138,7 @@ def count_rows(name: str, rows: Any, placeholder: str, media_dir: str, decode: b
 
 
 def _load(recipe_args: Any, seed: int, name: str, file_name: Any) -> Any:
-    """LLaMA-Factory's aligned rows of ``name``; a file its loader cannot turn into a table is a one-line error."""
+    """Aligned rows of ``name``; RecipeError for a file the loader cannot read as a table."""
     from datasets.exceptions import DatasetGenerationError
 
     from llamafactory_hera_patches.tools.model_data import load_aligned_rows
@@ -159,9 +156,8 @@ def _load(recipe_args: Any, seed: int, name: str, file_name: Any) -> Any:
 
 
 def check_recipe(recipe_path: Path, decode: bool, workers: int) -> tuple[list[DatasetCounts], str]:
-    """Every dataset of the recipe counted (see the module), and the ``media_dir`` the run joins image paths with.
-    RecipeError for a recipe without datasets, a dataset not in ``dataset_info.json`` or without its file, a
-    ``media_dir`` that is no folder, a file LLaMA-Factory cannot load, ``workers`` below 1."""
+    """Every dataset counted, and the run's ``media_dir``. RecipeError for no datasets, a dataset not in
+    ``dataset_info.json`` or without its file, a non-folder ``media_dir``, an unloadable file, ``workers`` < 1."""
     from llamafactory_hera.hera.selection.command import load_recipe
     from llamafactory_hera.recipe.parsed_checks import check_dataset_names
     from llamafactory_hera_patches.data.templates import image_placeholder
@@ -177,7 +173,7 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int) -> tuple[list[Da
             "on. Add dataset: llava_pretrain_558k (stage 1) or llava_v1_5_mix665k (stage 2) with "
             "dataset_dir: recipes/data (docs/llava-data.md)."
         )
-    recipe_args = parse_recipe({**recipe, "streaming": False})  # the same rows, as a table that can be counted
+    recipe_args = parse_recipe({**recipe, "streaming": False})  # same rows, countable
     dataset_dir = str(recipe_args.data_args.dataset_dir)
     media_dir = str(recipe_args.data_args.media_dir)
     for key, keyed in names.items():
@@ -199,7 +195,7 @@ def check_recipe(recipe_path: Path, decode: bool, workers: int) -> tuple[list[Da
 
 
 def report(counts: list[DatasetCounts], media_dir: str, decode: bool) -> str:
-    """The table, the histograms, what text-only rows mean for HeRA, how images were checked and the first bad paths."""
+    """Table, histograms, a note on text-only rows, how images were checked, the first bad paths."""
     from llamafactory_hera.plots.heads import format_head_table
 
     rows = [c.table_row() for c in counts]
@@ -219,8 +215,7 @@ def report(counts: list[DatasetCounts], media_dir: str, decode: bool) -> str:
 
 
 def failure(counts: list[DatasetCounts]) -> str | None:
-    """The one-line error when the run would stop on this data (missing or unreadable images, <image> marks that
-    do not match), else None."""
+    """The one-line error if the run would stop on this data (bad images, mismatched <image> marks), else None."""
     bad = sum(len(c.bad_images) for c in counts)
     mismatched = {c.name: c.first_mismatches for c in counts if c.mismatched_rows}
     if not bad and not mismatched:

@@ -1,8 +1,8 @@
-"""``llamafactory-hera data convert``: a LLaVA JSON file (558k, mix665k) as LLaMA-Factory's loader can read it.
+"""``llamafactory-hera data convert``: a LLaVA JSON file (558k, mix665k) readable by LLaMA-Factory's loader.
 
-Its loader needs one type per column, and ``llava_v1_5_mix665k.json`` mixes string and integer ``id`` values
-(``ArrowTypeError ... Conversion failed for column id``): every ``id`` is written as a string, nothing else changes.
-Where it writes, and when again is a no-op: docs/llava-data.md.
+The loader needs one type per column; ``llava_v1_5_mix665k.json`` mixes string and integer ``id`` values
+(``ArrowTypeError ... Conversion failed for column id``): every ``id`` becomes a string, nothing else changes.
+Where it writes: docs/llava-data.md.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ SUFFIX = ".string_ids.json"
 
 @dataclass(frozen=True)
 class Conversion:
-    """What ``convert`` did: the file written (or found up to date), its rows and how many ids became strings."""
+    """The file written (or up to date), its rows, and ids made strings."""
 
     output: Path
     rows: int
@@ -59,8 +59,8 @@ def _read_rows(source: Path) -> list[dict[str, Any]]:
 
 
 def convert_file(source: Path, output: Path | None = None, force: bool = False) -> Conversion:
-    """Write ``source``'s rows with string ids to ``output`` (default :func:`default_output`). RecipeError for a
-    missing or non-LLaVA source, an output that is the source, or an existing different output without ``force``."""
+    """Write ``source``'s rows with string ids to ``output`` (default :func:`default_output`); a rerun is a no-op.
+    RecipeError for a missing or non-LLaVA source, ``output`` = source, or a different ``output`` without ``force``."""
     target = output or default_output(source)
     if target.resolve() == source.resolve():
         raise RecipeError(

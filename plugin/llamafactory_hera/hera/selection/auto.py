@@ -1,7 +1,6 @@
-"""``hera_heads: auto``: select heads at the start of training, once, on global rank 0; the other ranks receive them
-by broadcast. Results are cached (``$LLAMAFACTORY_HERA_CACHE``; a folder that cannot be written is said once and
-the selection runs without it) under a key of everything the scores depend on, and the run's random state is
-restored afterwards, so a cache hit and a miss train identically.
+"""``hera_heads: auto``: select heads once at the start of training on global rank 0, broadcast to the other ranks,
+cached (:func:`cache_dir`) by all the scores depend on; the random state is restored, so a cache hit and a miss
+train identically.
 """
 
 from __future__ import annotations
@@ -31,13 +30,13 @@ RECORD_NAME = "hera_selection.json"
 HEATMAP_NAME = "hera_selection.png"
 
 
-# rank 0 loads a model and scores every head while the other ranks wait in a collective for ddp_timeout seconds
+# the other ranks wait in a collective for ddp_timeout seconds while rank 0 scores
 SHORT_DDP_TIMEOUT_S = 3 * 3600
 FITTING_DDP_TIMEOUT_S = 180000000  # the project's recipes
 
 
 def short_ddp_timeout_warning(world_size: int, ddp_timeout: int | None) -> str | None:
-    """The warning for ``hera_heads: auto`` on several ranks with a ``ddp_timeout`` the selection may outlast."""
+    """The warning for several ranks with a ``ddp_timeout`` the selection may outlast."""
     if world_size <= 1 or ddp_timeout is None or ddp_timeout >= SHORT_DDP_TIMEOUT_S:
         return None
     others = world_size - 1
@@ -51,12 +50,11 @@ def short_ddp_timeout_warning(world_size: int, ddp_timeout: int | None) -> str |
 
 
 def cache_dir() -> Path | None:
-    """Folder of cached selection results; None (said once) where it cannot be written: the selection then runs
-    without its cache."""
+    """Folder of cached selections; None (said once) where unwritable."""
     folder = cache_root() / "selection"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()  # a read-only folder: mkdir passes, the result's write would not
+        tempfile.TemporaryFile(dir=folder).close()  # read-only: mkdir passes, a write would not
     except OSError as err:
         cache_unwritable(folder, err)
         return None
@@ -65,7 +63,7 @@ def cache_dir() -> Path | None:
 
 @contextlib.contextmanager
 def preserved_random_state() -> Iterator[None]:
-    """Restore Python's, NumPy's and torch's (CPU and CUDA) random state on exit."""
+    """Restore Python's, NumPy's and torch's (CPU, CUDA) random state on exit."""
     py_state = random.getstate()
     np_state = np.random.get_state()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
@@ -80,25 +78,24 @@ def preserved_random_state() -> Iterator[None]:
 def resolve_auto_heads(
     recipe_args: Any, hera_args: HeraArguments, seed: int, device: str, output_dir: str, is_main: bool, *, dtype: str
 ) -> list[str]:
-    """Run (or reuse) the selection on the main process in the run's scoring ``dtype`` and share the heads with every
-    rank."""
-    payload: list[Any] = [None, None, False]  # heads, rank 0's error, whether it is a user error
+    """Select (or reuse) on the main process in ``dtype``; every rank gets the heads. Collective."""
+    payload: list[Any] = [None, None, False]  # heads, rank 0's error, is it a user error
     if is_main:
         try:
             args = copy.deepcopy(recipe_args)
             args.data_args.max_samples = None
 
-            with preserved_random_state():  # the scoring copy and the teacher load whole (loaded_whole)
+            with preserved_random_state():  # the scoring copy and teacher load whole
                 options = SelectionOptions.from_keys(hera_args, seed=seed, device=device, dtype=dtype)
                 result, cached = run_selection(args, options, cache_dir())
             _record(result, cached, output_dir)
 
-            release_memory(device)  # the scoring copy's blocks, before this rank loads the model it trains
+            release_memory(device)  # before this rank loads its model
             payload = [result.selected, None, False]
-        except stop_signal.Stopped:  # the save signal (its line said): every rank stops with rank 0
+        except stop_signal.Stopped:  # the save signal: every rank stops with rank 0
             payload = [None, None, None]
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            by_user = isinstance(err, RecipeError)  # its message names the input; a bug's type says what it is
+            by_user = isinstance(err, RecipeError)  # a bug keeps its type name
             payload = [None, str(err) if by_user else f"{type(err).__name__}: {err}", by_user]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(payload, src=0)

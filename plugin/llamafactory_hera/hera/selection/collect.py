@@ -1,7 +1,7 @@
-"""Calibration data for head selection: image–caption pairs, pooled ``o_proj`` inputs of every head, teacher features.
-Modes (paper §3.3; docs/hera.md, "Choosing the heads"): ``text``, the caption alone through the language model (special
-tokens excluded from the pooling); ``multimodal``, image + caption through the MLLM, built by LLaMA-Factory's template
-and collator as in training and pooled as ``hera_pooling: assistant``.
+"""Calibration data for head selection: image–caption pairs, every head's pooled ``o_proj`` inputs, teacher features.
+Modes (paper §3.3; docs/hera.md, "Choosing the heads"): ``text``, the caption alone through the LM (special tokens not
+pooled); ``multimodal``, image + caption through the MLLM via LLaMA-Factory's template and collator, pooled as
+``hera_pooling: assistant``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from llamafactory_hera.runtime.errors import RecipeError
 
 @dataclass(frozen=True)
 class CalibrationPair:
-    """One image–caption pair: row index in the dataset, caption text, image entries."""
+    """One image–caption pair: dataset row, caption, image entries."""
 
     row: int
     caption: str
@@ -42,8 +42,8 @@ class CalibrationPair:
 
 
 def usable_pairs(rows: Iterable[dict[str, Any]]) -> list[CalibrationPair]:
-    """Rows with at least one image and a non-empty answer (LLaMA-Factory's aligned format) that its SFT
-    tokenization keeps (an odd number of prompt messages and one response)."""
+    """Aligned rows with an image and a non-empty answer that SFT tokenization keeps (odd prompt messages, one
+    response)."""
     pairs = []
     for index, row in enumerate(rows):
         images = tuple(row.get("_images") or ())
@@ -55,7 +55,7 @@ def usable_pairs(rows: Iterable[dict[str, Any]]) -> list[CalibrationPair]:
 
 
 def _image_identity(image: Any) -> str:
-    """Identity of an image entry for de-duplication: its resolved path, or its bytes' hash."""
+    """An image entry's resolved path or bytes' hash, for de-duplication."""
     if isinstance(image, dict):
         image = image.get("path") or image.get("bytes")
     if isinstance(image, bytes):
@@ -66,8 +66,8 @@ def _image_identity(image: Any) -> str:
 
 
 def distinct_image_pairs(pairs: list[CalibrationPair], seed: int) -> list[CalibrationPair]:
-    """One pair per distinct image (set): rows that reuse an image would give identical teacher rows, i.e. ties
-    broken arbitrarily. Which of the rows sharing an image is kept is drawn with ``seed``; dataset order is kept."""
+    """One pair per distinct image set, drawn with ``seed``, in dataset order: rows sharing an image give identical
+    teacher rows (arbitrary ties)."""
     groups: dict[tuple[str, ...], list[CalibrationPair]] = {}
     for pair in pairs:
         groups.setdefault(tuple(_image_identity(image) for image in pair.images), []).append(pair)
@@ -77,7 +77,7 @@ def distinct_image_pairs(pairs: list[CalibrationPair], seed: int) -> list[Calibr
 
 
 def data_notes(usable: int, distinct: int, chosen: list[CalibrationPair], requested: int) -> dict[str, Any]:
-    """What the record says about the calibration data (and what is worth a warning)."""
+    """The record's notes on the calibration data."""
     captions = [pair.caption for pair in chosen]
     repeated = len(captions) - len(set(captions))
     return {
@@ -93,8 +93,8 @@ def data_notes(usable: int, distinct: int, chosen: list[CalibrationPair], reques
 def sample_pairs(
     pairs: list[CalibrationPair], num_samples: int, seed: int, k: int, source: str, usable_rows: int | None = None
 ) -> list[CalibrationPair]:
-    """Up to ``num_samples`` of ``pairs`` (one per distinct image) drawn without replacement with ``seed``, in
-    dataset order; fewer than ``k + 1`` (kNN needs k other samples) is a RecipeError that counts ``usable_rows``."""
+    """Up to ``num_samples`` pairs drawn without replacement with ``seed``, in dataset order; fewer than ``k + 1``
+    (kNN needs k others) is a RecipeError counting ``usable_rows``."""
     if len(pairs) < k + 1:
         rows = usable_rows if usable_rows is not None else len(pairs)
         shared = "; rows that share an image count once" if rows > len(pairs) else ""
@@ -110,11 +110,9 @@ def sample_pairs(
 
 
 class PooledInputRecorder:
-    """Hooks on each head layer's ``o_proj`` that pool its input ``[B, T, H*d_head]`` with per-sample weights, inside
-    the hook (inference only) on the model's device in float32 (``[B, H*d_head]`` per layer and batch). After each
-    forward :meth:`flush` brings all layers' pooled rows to the host in ONE copy: on an accelerator each copy waits
-    for the device. With a ``folder`` each batch's rows are kept there as the pass goes, and the batches an earlier
-    (killed) pass kept there are read back, up to the first one absent or unreadable (:meth:`remaining`)."""
+    """Hooks pooling each head layer's ``o_proj`` input ``[B, T, H*d_head]`` to ``[B, H*d_head]`` float32 on the
+    model's device; :meth:`flush` makes ONE host copy per forward (each waits for the device). A ``folder`` keeps each
+    batch's rows; a killed pass's are read back up to the first bad one (:meth:`remaining`)."""
 
     def __init__(self, model: nn.Module, folder: Path | None = None) -> None:
         self.o_projs = head_projections(model)
@@ -125,7 +123,7 @@ class PooledInputRecorder:
         while folder is not None:
             try:
                 kept = torch.load(folder / f"{len(self.batches)}.pt", map_location="cpu", weights_only=True)
-            except Exception:  # noqa: BLE001 - absent or damaged: this batch and the later ones are computed again
+            except Exception:  # noqa: BLE001 - absent or damaged: recomputed from here
                 break
             self.batches.append(kept["rows"])
             self.widths = kept["widths"]
@@ -142,19 +140,18 @@ class PooledInputRecorder:
                 )
             if self._pending[layer] is not None:
                 raise RuntimeError(f"o_proj of layer {layer} ran twice in one forward")
-            with _without_autocast(x.device):  # the monitor's forward runs in training's autocast (bf16)
+            with _without_autocast(x.device):  # the monitor runs in training's bf16 autocast
                 self._pending[layer] = torch.einsum("bt,btc->bc", self.weights.to(x.device, torch.float32), x.float())
 
         return hook
 
     def flush(self) -> None:
-        """After one forward: the batch's pooled rows of every layer, concatenated on the device, copied to the
-        host once."""
+        """After one forward: every layer's pooled rows, concatenated on the device, copied to the host once."""
         missing = [layer for layer, pooled in self._pending.items() if pooled is None]
         if missing:
             raise RuntimeError(f"o_proj of layer(s) {missing} did not run in the forward")
         pending = [pooled for pooled in self._pending.values() if pooled is not None]
-        # a model placed over several GPUs pools each layer on its layer's GPU: gathered on the first one's
+        # several GPUs: gather on the first
         pending = [pooled.to(pending[0].device) for pooled in pending]
         self.widths = [pooled.shape[-1] for pooled in pending]
         self.batches.append(torch.cat(pending, dim=-1).cpu())
@@ -164,7 +161,7 @@ class PooledInputRecorder:
                 teacher_cache.save_durable(
                     {"rows": self.batches[-1], "widths": self.widths}, self.folder / f"{len(self.batches) - 1}.pt"
                 )
-            except (OSError, RuntimeError) as err:  # torch.save: RuntimeError on ENOSPC; only the resume is lost
+            except (OSError, RuntimeError) as err:  # ENOSPC: RuntimeError; only the resume is lost
                 teacher_cache.cache_unwritable(self.folder, err)
                 self.folder = None
                 return
@@ -176,7 +173,7 @@ class PooledInputRecorder:
         return batches[len(self.batches) :]
 
     def result(self) -> dict[int, torch.Tensor]:
-        """Layer with heads -> ``[N, H*d_head]`` float32 on CPU, in the order samples were fed."""
+        """Layer with heads -> ``[N, H*d_head]`` float32 on CPU, in feed order."""
         merged = torch.cat(self.batches)  # [N, sum of widths]
         return {
             layer: part.contiguous()
@@ -199,10 +196,9 @@ def collect_text(
     progress: bool = True,
     kept: Path | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Pooled ``o_proj`` inputs with the captions alone through the text decoder: layer with heads -> ``[N,
-    H*d_head]`` float32 (CPU). ``torch.no_grad``, not ``inference_mode``: the tests' simulated accelerator's wrapper
-    tensors cannot be made in inference mode (llamafactory_hera_testing.accelerator). With ``kept``, batches are
-    kept in (and read back from) that folder (:class:`PooledInputRecorder`)."""
+    """Layer with heads -> ``[N, H*d_head]`` float32 (CPU) pooled ``o_proj`` inputs, captions alone through the text
+    decoder; ``kept``: :class:`PooledInputRecorder`'s folder. ``no_grad``, not ``inference_mode``: the tests' simulated
+    accelerator (llamafactory_hera_testing.accelerator) cannot make its tensors in inference mode."""
     decoder = text_decoder(model)
     recorder = PooledInputRecorder(model, kept)
     try:
@@ -231,19 +227,17 @@ def collect_text(
 
 
 def through_root(model: nn.Module, decoder: nn.Module, **inputs: Any) -> Any:
-    """``decoder(**inputs)``, called through ``model``'s own call when FSDP2 (``fully_shard``) shards ``model``:
-    FSDP2 gathers the root module's own parameters (embeddings, final norm) in the root's forward hooks only, and
-    takes as root the first sharded module to run forward, so the decoder called alone would mix the root's DTensor
-    shards with plain tensors. The root is called with its ``forward`` set to the decoder's, and its parameters
-    resharded afterwards, as a training step leaves them. A collective: every rank calls it. Any other model: the
-    decoder is called directly."""
+    """``decoder(**inputs)``; under FSDP2 through ``model``'s call with its ``forward`` set to the decoder's, resharded
+    after as a step leaves it: FSDP2 gathers the root's own parameters (embeddings, norm) only in the root's forward
+    hooks, and the first sharded module run is the root, so the decoder alone would mix DTensor shards with plain
+    tensors. Collective under FSDP2."""
     if not (torch.distributed.is_available() and hasattr(model, "reshard")):
         return decoder(**inputs)
     from torch.distributed.fsdp import FSDPModule  # lazy: only a model with reshard() can be one
 
     if not isinstance(model, FSDPModule):
         return decoder(**inputs)
-    model.forward = decoder.forward  # an instance attribute: the class's forward is untouched
+    model.forward = decoder.forward  # instance attribute: the class is untouched
     try:
         return model(**inputs)
     finally:
@@ -262,8 +256,7 @@ def collect_multimodal(
     progress: bool = True,
     kept: Path | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Head layer -> ``[N, H*d_head]`` float32 (CPU) pooled ``o_proj`` inputs with image + caption through the MLLM,
-    batches built by the SFT collator (``kept``: as :func:`collect_text`)."""
+    """As :func:`collect_text`, image + caption through the MLLM, batches built by the SFT collator."""
     recorder = PooledInputRecorder(model, kept)
     template = getattr(collator, "template", None)
     multimodal = multimodal_token_ids(
@@ -286,7 +279,7 @@ def collect_multimodal(
             mask = pooled_token_mask(labels, batch["input_ids"], batch.get("attention_mask"), "assistant", multimodal)
             recorder.weights = pooling_weights(mask).to(device)
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            model(**inputs, **_last_logits_only(model))  # the hooks read o_proj inputs; logits are not needed
+            model(**inputs, **_last_logits_only(model))  # the hooks read o_proj inputs
             recorder.flush()
         return recorder.result()
     finally:
@@ -304,10 +297,8 @@ def collect_teacher(
     store: TeacherFeatureStore | None = None,
     persist: bool = False,
 ) -> torch.Tensor:
-    """``[N, E]`` float32 teacher features (mean over each pair's images), on the teacher's device, ``batch_size``
-    images at a time (decoding overlaps the forward on an accelerator:
-    :func:`llamafactory_hera.hera.teacher.image_features`). With a ``store``, the images it holds skip the teacher
-    and the others are added (on disk with ``persist``)."""
+    """``[N, E]`` float32 teacher features (mean over each pair's images) on the teacher's device; a ``store``'s
+    images skip the teacher, the others are added (on disk with ``persist``)."""
     images = [image for pair in pairs for image in pair.images]
     if store is not None:
         feats = stored_image_features(
@@ -320,9 +311,9 @@ def collect_teacher(
 
 
 def layer_weights(model: nn.Module) -> dict[int, torch.Tensor]:
-    """Layer with heads -> the effective ``o_proj`` weight ``[d, H*d_head]`` (LoRA delta included), detached, float32
-    on the CPU (a 70B model's are 21 GB): a weight accelerate offloaded is brought to its device for the read."""
-    from accelerate.utils import align_module_device  # lazy: accelerate's hooks only where a model was loaded
+    """Layer with heads -> effective ``o_proj`` weight ``[d, H*d_head]`` (LoRA included), float32 on CPU (21 GB for
+    70B); offloaded weights are brought in to read."""
+    from accelerate.utils import align_module_device  # lazy: only where a model was loaded
 
     weights = {}
     for layer, o_proj in head_projections(model).items():
@@ -334,8 +325,8 @@ def layer_weights(model: nn.Module) -> dict[int, torch.Tensor]:
 
 
 def release_memory(device: Any) -> None:
-    """Collect garbage (a model copy in a reference cycle outlives its last name) and give the device's cached
-    blocks back, so that what was deleted is really free for what loads next."""
+    """Collect garbage (a model in a reference cycle outlives its name), empty the device cache: free for what
+    loads next."""
     gc.collect()
     kind = torch.device(device).type
     backend = getattr(torch, kind, None)
@@ -344,8 +335,8 @@ def release_memory(device: Any) -> None:
 
 
 def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast off on ``device`` (pooling stays float32 inside a bf16 training forward); a no-op on a device type
-    autocast does not know (the tests' simulated accelerator reports ``meta``)."""
+    """Autocast off (pooling stays float32 in a bf16 forward); a no-op for a device type autocast does not know
+    (the tests' ``meta`` accelerator)."""
     try:
         return torch.autocast(device.type, enabled=False)
     except RuntimeError:
@@ -353,8 +344,8 @@ def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager
 
 
 def _last_logits_only(model: torch.nn.Module) -> dict[str, int]:
-    """``logits_to_keep=1`` where the model's forward takes it (under PEFT the base model's decides): the scoring
-    never reads the full-vocabulary logits (GBs on a 7B MLLM's batch)."""
+    """``logits_to_keep=1`` where the (base) model's forward takes it: scoring never reads the full-vocabulary
+    logits (GBs on a 7B MLLM's batch)."""
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     forward = getattr(base, "forward", None)
     try:

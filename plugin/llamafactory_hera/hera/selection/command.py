@@ -26,13 +26,13 @@ from llamafactory_hera_patches.tools.model_data import parse_recipe
 
 
 def record_paths(recipe_path: Path) -> tuple[Path, ...]:
-    """(JSON record, heatmap PNG, the host's output while scoring) written next to a recipe."""
+    """(JSON record, heatmap PNG, host's output log) beside a recipe."""
     stem = Path(recipe_path).with_suffix("")
     return tuple(Path(f"{stem}.hera_selection.{suffix}") for suffix in ("json", "png", "log"))
 
 
 def load_recipe(path: Path) -> tuple[str, dict[str, Any]]:
-    """The recipe's text and mapping; clear errors for a missing or non-mapping file."""
+    """The recipe's text and mapping; refuses a missing or non-mapping file."""
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     text = path.read_text(encoding="utf-8")
@@ -43,8 +43,7 @@ def load_recipe(path: Path) -> tuple[str, dict[str, Any]]:
 
 
 def check_hera_recipe(path: Path, recipe: dict[str, Any]) -> None:
-    """Refuse (at once, before any loading) a recipe of another method of the plugin: ``select`` chooses HeRA's
-    heads (``hera_heads``) with HeRA's teacher, which such a recipe does not name."""
+    """Refuse at once another method's recipe: ``select`` chooses ``hera_heads`` with HeRA's teacher."""
     method = method_for_stage(recipe.get("stage"))
     if method is not None and method.stage != "hera":
         raise RecipeError(
@@ -55,7 +54,7 @@ def check_hera_recipe(path: Path, recipe: dict[str, Any]) -> None:
 
 
 def heads_table(heads: list[str], result: SelectionResult) -> str:
-    """``heads`` with their MKNN and rank among all heads (1 = least aligned), or that the model has no such head."""
+    """``heads`` with MKNN and rank (1 = least aligned), or "not in this model"."""
     rank = {row["head"]: i + 1 for i, row in enumerate(result.ranking)}
     rows = []
     for head in heads:
@@ -72,16 +71,16 @@ def heads_table(heads: list[str], result: SelectionResult) -> str:
 
 
 def run_select(args: Any) -> SelectionResult:
-    """Run the ``select`` command (see :mod:`llamafactory_hera.hera.cli`)."""
+    """The ``select`` command (:mod:`llamafactory_hera.hera.cli`)."""
     _, recipe = load_recipe(args.recipe)
     check_hera_recipe(args.recipe, recipe)
     target = args.output or args.recipe
     if not args.dry_run:  # refuse before any heavy work
         check_writable(args.recipe, force=args.force, output=args.output)
     check_folder_writable(Path(target).resolve().parent, "the selection record and heatmap")
-    # the recipe's hera_* keys as the run parses them (hera_heads may be missing: select chooses them)
+    # hera_* keys as the run parses them (hera_heads may be missing)
     hera = parse_hera_arguments({k: v for k, v in recipe.items() if k.startswith("hera_")}, require_heads=False)
-    # the same keys hera_heads: auto reads, so both choose the same heads for the same recipe
+    # as hera_heads: auto reads them: both choose alike
     seed = args.seed if args.seed is not None else int(recipe.get("seed", 42) or 0)
     options = SelectionOptions.from_keys(
         hera, args, seed=seed, device=args.device, dtype=getattr(args, "dtype", None) or scoring_dtype(recipe)
@@ -89,10 +88,10 @@ def run_select(args: Any) -> SelectionResult:
     json_path, png_path, log_path = record_paths(target)
     with host_output_to(None if getattr(args, "verbose", False) else log_path):
         recipe_args = parse_recipe(recipe)
-        transformers.utils.logging.set_verbosity_warning()  # the parser set INFO: selection's output stays readable
+        transformers.utils.logging.set_verbosity_warning()  # the parser set INFO
         result, _ = run_selection(recipe_args, options)
         show(heads_table(result.selected, result))
-        if isinstance(hera.hera_heads, list) and hera.hera_heads:  # an explicit list (e.g. the paper's) beside it
+        if isinstance(hera.hera_heads, list) and hera.hera_heads:  # an explicit list beside it
             show("the recipe's hera_heads:\n" + heads_table(hera.hera_heads, result))
         if not args.dry_run:
             written = update_recipe(args.recipe, result.selected, force=args.force, output=args.output)

@@ -1,9 +1,8 @@
-"""Whether a head's MKNN change is real (``select --report``): its resolution and a paired bootstrap over the pairs.
+"""Whether a head's MKNN change is real (``select --report``).
 
-A head's MKNN on N pairs with k neighbours is a multiple of ``1 / (N k)``, the *resolution*: the smallest step a score
-(and a before/after difference) can move. A difference is *within noise* when its paired bootstrap interval contains 0
-or it is smaller than one step. What the interval says and does not: docs/hera.md ("Choosing the heads", after
-training).
+MKNN on N pairs with k neighbours is a multiple of ``1 / (N k)``, the *resolution*: the smallest step a score (or a
+difference) moves. A difference is *within noise* when its paired bootstrap interval contains 0 or it is under one
+step. What the interval says: docs/hera.md ("Choosing the heads", after training).
 """
 
 from __future__ import annotations
@@ -17,28 +16,28 @@ import torch
 from llamafactory_hera.hera.selection.scores import HeadNeighbours
 
 RESAMPLES = 1000
-MIN_RESAMPLES = 100  # select --report --bootstrap N: the fewest it takes
+MIN_RESAMPLES = 100  # the fewest --bootstrap takes
 CONFIDENCE = 0.95
 METHOD = (
     "paired percentile bootstrap: pairs resampled with replacement with their agreement as scored on the full "
     "set (neighbourhoods are not recomputed), after - before with the same resample"
 )
-_CHUNK_ELEMENTS = 2**22  # bound on one [resamples, N] block of draws (elements)
+_CHUNK_ELEMENTS = 2**22  # elements of one [resamples, N] block of draws
 
 
 def resolution(num_pairs: int, k: int) -> float:
-    """The smallest step an MKNN score on ``num_pairs`` pairs with ``k`` neighbours can move: ``1 / (N k)``."""
+    """``1 / (N k)``."""
     return 1.0 / (num_pairs * k)
 
 
 def within_noise(delta: Any, low: Any, high: Any, step: float) -> Any:
-    """The mark (bool, elementwise): the interval ``[low, high]`` contains 0 or ``|delta|`` is under one ``step``."""
+    """Elementwise: ``[low, high]`` contains 0 or ``|delta|`` is under one ``step``."""
     return ((low <= 0) & (high >= 0)) | (abs(delta) < step * (1 - 1e-6))
 
 
 @dataclass
 class HeadChange:
-    """Before/after MKNN of every head (``[L, H]`` arrays), the interval of the difference and the mark."""
+    """Every head's ``[L, H]`` before/after MKNN, interval of the difference, mark."""
 
     before: np.ndarray
     after: np.ndarray
@@ -63,13 +62,13 @@ def paired_bootstrap(
     resamples: int = RESAMPLES,
     confidence: float = CONFIDENCE,
 ) -> HeadChange:
-    """Resample the pairs, take each head's percentile interval of ``after - before``, mark the changes within noise.
+    """Each head's percentile interval of ``after - before`` over resampled pairs, and the within-noise mark.
 
-    The resamples are drawn by a CPU generator seeded with ``seed``, in chunks of rows (a chunk changes no number).
-    The sums are of whole shared-neighbour counts in float64, so every difference is exact.
+    Draws come from a CPU generator seeded with ``seed``, in chunks (which change no number); sums of whole
+    shared-neighbour counts in float64 make every difference exact.
     """
     layers, heads, num = before.overlaps.shape
-    # [L*H, N] each pair's shared neighbours after - before: whole numbers
+    # [L*H, N] shared neighbours after - before: whole
     gained = ((after.overlaps - before.overlaps) * k).round().double().reshape(layers * heads, num)
     generator = torch.Generator().manual_seed(seed)
     chunk = max(1, _CHUNK_ELEMENTS // num)
@@ -77,7 +76,7 @@ def paired_bootstrap(
     for start in range(0, resamples, chunk):
         picks = torch.randint(num, (min(chunk, resamples - start), num), generator=generator)
         copies = torch.zeros(picks.shape, dtype=torch.float64).scatter_add_(1, picks, torch.ones(picks.shape).double())
-        blocks.append(copies @ gained.T / (num * k))  # [r, L*H]: each resample's mean over its pairs, / k
+        blocks.append(copies @ gained.T / (num * k))  # [r, L*H]: resample's mean / k
     deltas = torch.cat(blocks).numpy().reshape(resamples, layers, heads)
     tail = (1.0 - confidence) / 2
     low, high = np.quantile(deltas, [tail, 1.0 - tail], axis=0)

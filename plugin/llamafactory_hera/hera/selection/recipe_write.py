@@ -1,9 +1,7 @@
-"""What ``select`` produces (:class:`SelectionResult`: every head's score, the chosen heads and everything needed to
-reproduce them) and its writing: the chosen heads into the recipe, the record and the report.
+"""``select``'s result (:class:`SelectionResult`) and its writing: heads into the recipe, the record, the heatmap.
 
-The recipe is loaded and dumped by ruamel.yaml's round trip, which keeps its comments, key order and quoting; only
-``hera_heads`` changes (a flow list ``[L13H12, L7H6]``). Files are replaced through a temporary file, so a failed write
-leaves the old one whole, and nothing that already names heads or exists is overwritten without ``--force``.
+ruamel.yaml's round trip keeps the recipe's comments, key order and quoting. Files are replaced atomically; explicit
+heads or an existing output are overwritten only with ``--force``.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ RECORD_VERSION = 1
 
 @dataclass
 class SelectionResult:
-    """Scores of every head and the chosen ones, with everything needed to reproduce them."""
+    """Every head's score and the chosen ones, with all needed to reproduce them."""
 
     scores: list[list[float]]  # [L][H] MKNN
     selected: list[str]
@@ -46,7 +44,7 @@ class SelectionResult:
     versions: dict[str, str]
     num_pairs: int
     duration_s: float
-    data_notes: dict[str, Any] = field(default_factory=dict)  # distinct images, dropped duplicates, caption ties
+    data_notes: dict[str, Any] = field(default_factory=dict)  # distinct images, duplicates, caption ties
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     record_version: int = RECORD_VERSION
 
@@ -56,11 +54,11 @@ class SelectionResult:
 
 
 class HeadsExistError(ValueError):
-    """The recipe already names its heads explicitly and neither ``--force`` nor ``--output`` was given."""
+    """The recipe names heads and neither ``--force`` nor ``--output`` was given."""
 
 
 def _round_trip() -> YAML:
-    yaml = YAML()  # round trip: comments, key order, quoting and flow style are kept
+    yaml = YAML()  # round trip: comments, order, quoting, flow style kept
     yaml.preserve_quotes = True
     yaml.width = 4096  # never re-wrap a long line
     return yaml
@@ -83,7 +81,7 @@ def _is_auto(value: Any) -> bool:
 
 
 def _has_explicit_heads(value: Any) -> bool:
-    """True for a non-empty list or a scalar other than ``auto``/empty: heads someone chose on purpose."""
+    """True for heads chosen on purpose: a non-empty list, or a scalar other than ``auto`` / empty."""
     if value is None:
         return False
     if isinstance(value, list):
@@ -92,12 +90,9 @@ def _has_explicit_heads(value: Any) -> bool:
 
 
 def set_hera_heads(text: str, heads: list[str]) -> str:
-    """``text`` with the top-level ``hera_heads`` set to the flow list ``[L13H12, L7H6]``; the rest as it was.
-
-    An absent entry goes after ``stage:`` (at the end without one). The comment on an ``auto`` line described
-    ``auto``, so it becomes a note of where the heads came from (its indented continuation lines go with it).
-    Heads must look like ``L<layer>H<head>`` (``ValueError`` otherwise) and are written upper-case.
-    """
+    """``text`` with top-level ``hera_heads`` set to the flow list ``[L13H12, L7H6]`` (upper-case), the rest
+    unchanged. A new entry goes after ``stage:`` (else last); an ``auto`` line's comment (and its indented
+    continuation) becomes a note of the heads' origin. RecipeError for a head not ``L<layer>H<head>``."""
     chosen = CommentedSeq(str(parse_head(head)) for head in heads)
     chosen.fa.set_flow_style()
     data = _load(text)
@@ -118,9 +113,8 @@ def set_hera_heads(text: str, heads: list[str]) -> str:
 
 
 def check_writable(path: Path, *, force: bool = False, output: Path | None = None) -> Path:
-    """The file :func:`update_recipe` would write, or the refusal it would raise (cheap: reads text only):
-    PermissionError for an in-place update of a read-only recipe, HeadsExistError when the recipe already sets
-    explicit heads, FileExistsError when ``output`` exists (both unless ``force``)."""
+    """The file :func:`update_recipe` would write, or its refusal (cheap): PermissionError for a read-only recipe
+    in place; unless ``force``, HeadsExistError (explicit heads), FileExistsError (``output`` exists)."""
     path = Path(path)
     if output is None or Path(output).resolve() == path.resolve():
         mode = stat.S_IMODE(path.stat().st_mode)
@@ -144,14 +138,14 @@ def check_writable(path: Path, *, force: bool = False, output: Path | None = Non
 
 
 def update_recipe(path: Path, heads: list[str], *, force: bool = False, output: Path | None = None) -> Path:
-    """Write the heads into the recipe, or into ``output`` (a new file with the recipe's permission bits; the
-    recipe stays as it is). Refusals: :func:`check_writable`. Returns the written path."""
+    """Write the heads into the recipe, or into ``output`` (with the recipe's mode; the recipe unchanged). Refusals:
+    :func:`check_writable`. Returns the written path."""
     path = Path(path)
     target = check_writable(path, force=force, output=output)
     text = path.read_text(encoding="utf-8")
     new_text = set_hera_heads(text, heads)
     expected = {**(yaml.safe_load(text) or {}), KEY: [str(parse_head(head)) for head in heads]}
-    if yaml.safe_load(new_text) != expected:  # what LLaMA-Factory reads must be the recipe plus the new heads
+    if yaml.safe_load(new_text) != expected:  # must read back as the recipe plus the heads
         raise RuntimeError(
             f"internal error: the edited {path} would not read back as before plus the new hera_heads; "
             f"nothing was written. Set hera_heads by hand: hera_heads: [{', '.join(expected[KEY])}]"
@@ -161,9 +155,8 @@ def update_recipe(path: Path, heads: list[str], *, force: bool = False, output: 
 
 
 def write_text_atomic(path: Path, text: str, *, mode: int | None = None) -> None:
-    """Write through a temporary file and ``os.replace``: on any error the old file is untouched. A symlink is
-    followed (the link stays); an existing file keeps its permission bits, a new one gets ``mode`` (default:
-    what the umask gives)."""
+    """Write via a temporary file and ``os.replace`` (on error the old file is untouched), following a symlink. An
+    existing file keeps its mode; a new one gets ``mode`` (default: per umask)."""
     target = Path(os.path.realpath(path))
     if target.exists():
         mode = stat.S_IMODE(target.stat().st_mode)
@@ -184,8 +177,8 @@ def write_text_atomic(path: Path, text: str, *, mode: int | None = None) -> None
 
 
 def check_folder_writable(folder: Path, what: str) -> None:
-    """Raise (PermissionError naming the folder and ``what`` goes there) unless a file can be created in ``folder``,
-    so a long scoring is never lost to a refusal at the end."""
+    """PermissionError (naming ``folder`` and ``what``) unless a file can be created there: a long scoring is never
+    lost to a refusal at the end."""
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".hera_write_probe."):
             pass
@@ -198,7 +191,7 @@ def check_folder_writable(folder: Path, what: str) -> None:
 
 
 def write_outputs(result: SelectionResult, json_path: Path, png_path: Path, title: str) -> None:
-    """Record (atomic) and heatmap, saying when an earlier one is replaced."""
+    """Write record (atomic) and heatmap, saying what is replaced."""
     for path in (json_path, png_path):
         if path.exists():
             show(f"replacing {path}")

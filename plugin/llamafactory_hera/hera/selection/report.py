@@ -1,7 +1,6 @@
-"""``llamafactory-hera select --report RUN_DIR``: every head's MKNN before (the model the run started from, its
-``hera_run.json``) and after a HeRA run (with its adapter or weights), scored on the same pairs with the same teacher
-features, marked when within noise (:mod:`llamafactory_hera.hera.selection.noise`). Writes ``hera_report.json``,
-``.png`` and ``.log``.
+"""``llamafactory-hera select --report RUN_DIR``: every head's MKNN before (the start model, from ``hera_run.json``)
+and after a HeRA run, on the same pairs and teacher features, marked when within noise (:mod:`.noise`). Writes
+``hera_report.json``, ``.png`` and ``.log``.
 """
 
 from __future__ import annotations
@@ -32,10 +31,10 @@ from llamafactory_hera.recipe.dataset_info import as_names
 from llamafactory_hera.runtime.errors import RecipeError
 from llamafactory_hera_patches.tools.model_data import parse_recipe
 
-PRECISION = ("bf16", "fp16", "pure_bf16")  # the run's precision keys in hera_run.json: the scoring dtype
+PRECISION = ("bf16", "fp16", "pure_bf16")  # precision keys in hera_run.json: the scoring dtype
 REPORT_JSON = "hera_report.json"
 REPORT_PNG = "hera_report.png"
-REPORT_LOG = "hera_report.log"  # the host's output (transformers, LLaMA-Factory) while scoring
+REPORT_LOG = "hera_report.log"  # the host's output while scoring
 TABLE_COLUMNS = ["head", "before", "after", "delta", "ci", "change"]
 
 
@@ -84,8 +83,8 @@ def _row(head: str, before: Any, after: Any, delta: float, low: float, high: flo
 
 
 def summary_rows(change: HeadChange, selected: list[tuple[int, int]]) -> list[dict[str, Any]]:
-    """Per aligned head: before, after, delta, its interval and whether it is within noise; then the mean of all
-    other heads (interval of the mean difference over the same resamples) and the other head that dropped most."""
+    """Per aligned head: before, after, delta, interval, noise mark; then the other heads' mean (interval over the
+    same resamples) and the other head that dropped most."""
     delta = change.delta
 
     def head_row(name: str, layer: int, head: int) -> dict[str, Any]:
@@ -129,7 +128,7 @@ def summary_rows(change: HeadChange, selected: list[tuple[int, int]]) -> list[di
 
 
 def change_note(change: HeadChange, num_pairs: int, k: int) -> str:
-    """The lines printed under the table: what the resolution and the interval are."""
+    """The lines under the table: resolution and interval."""
     settings = change.settings
     percent = f"{100 * settings['confidence']:g}%"
     return (
@@ -141,7 +140,7 @@ def change_note(change: HeadChange, num_pairs: int, k: int) -> str:
 
 
 def report_fields(change: HeadChange) -> dict[str, Any]:
-    """The report JSON's fields for the change (``[L][H]`` lists)."""
+    """The report's change fields (``[L][H]`` lists)."""
     return {
         "delta": change.delta.tolist(),
         "delta_ci_low": change.low.tolist(),
@@ -153,7 +152,7 @@ def report_fields(change: HeadChange) -> dict[str, Any]:
 
 
 def run_report(args: Any) -> dict[str, Any]:
-    """Score the run's heads before and after training on the same pairs and write the report."""
+    """Score before and after training on the same pairs; write the report."""
     resamples = getattr(args, "bootstrap", RESAMPLES)
     if resamples < MIN_RESAMPLES:
         raise RecipeError(

@@ -1,10 +1,10 @@
-"""MKNN score of every attention head against the teacher, without materialising ``d``-wide vectors.
+"""MKNN score of every attention head against the teacher.
 
-A head's representation is ``M_h = P_h @ W_h.T`` (``P_h`` ``[N, d_head]`` its pooled inputs, ``W_h`` ``[d, d_head]``
-its ``o_proj`` columns), so its Gram matrix ``P_h (W_h^T W_h) P_h^T`` needs only the ``d_head x d_head`` block. With
-the Platonic Representation Hypothesis outlier clamp (``clamp`` = q, PRH's ``remove_outliers``) each head's ``M_h``
-``[N, d]`` is formed in chunks of heads, clamped and L2-normalised, the teacher features alike; ``clamp`` 0 (or 1)
-uses the Gram form. Both, and their cost: docs/hera-design.md ("Head selection").
+A head's representation is ``M_h = P_h @ W_h.T`` (``P_h`` ``[N, d_head]`` pooled inputs, ``W_h`` ``[d, d_head]`` its
+``o_proj`` columns), so its Gram matrix ``P_h (W_h^T W_h) P_h^T`` needs only a ``d_head x d_head`` block. With PRH's
+outlier clamp (``clamp`` = q, ``remove_outliers``) ``M_h`` ``[N, d]`` is formed per chunk of heads, clamped and
+L2-normalised, the teacher features alike; ``clamp`` 0 or 1 uses the Gram form. Costs: docs/hera-design.md
+("Head selection").
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from llamafactory_hera.hera.metrics import knn_indices, knn_overlap, top_k_stabl
 
 
 def ranked_similarity(gram: torch.Tensor) -> torch.Tensor:
-    """``[..., N, N]`` cosine ranking of each row from Gram matrices ``[..., N, N]``: row i ranks j by
-    ``<m_i, m_j> / |m_j|`` (the positive row factor ``1/|m_i|`` leaves the ranking unchanged, so only the column
-    norms are divided out), the diagonal (self) at ``-inf``."""
+    """``[..., N, N]`` cosine ranking from Gram matrices ``[..., N, N]``: row i ranks j by ``<m_i, m_j> / |m_j|``
+    (the row factor ``1/|m_i|`` changes no ranking); the diagonal (self) is ``-inf``."""
     norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()  # [..., N]
     ranked = gram / norms.unsqueeze(-2)
     ranked.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
@@ -28,11 +27,10 @@ def ranked_similarity(gram: torch.Tensor) -> torch.Tensor:
 
 
 def row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """``[...]`` q-quantile of each row of ``values`` ``[..., D]`` with linear interpolation (as ``torch.quantile``).
+    """``[...]`` q-quantile of each row of ``values`` ``[..., D]``, interpolated linearly as ``torch.quantile``.
 
-    The two order statistics around position ``q * (D - 1)`` are read from one ``topk`` of the largest
-    ``D - floor(q * (D - 1))`` values (5 % of the row for q = 0.95), much cheaper than sorting the row;
-    ``torch.quantile`` also refuses inputs over 2**24 elements.
+    The two order statistics around ``q * (D - 1)`` come from one ``topk`` of the largest ``D - floor(q * (D - 1))``
+    values (5 % of the row at q = 0.95), cheaper than a sort; ``torch.quantile`` refuses over 2**24 elements.
     """
     width = values.shape[-1]
     position = q * (width - 1)
@@ -46,8 +44,8 @@ def row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def clamp_outliers(feats: torch.Tensor, q: float) -> torch.Tensor:
-    """PRH's outlier clamp: ``feats`` ``[..., N, D]`` clamped to ``[-t, t]``, ``t`` = mean over the N samples of each
-    sample's q-quantile of ``|value|`` (one t per leading index). ``q`` of 0 or 1: unchanged."""
+    """PRH's outlier clamp of ``feats`` ``[..., N, D]`` to ``[-t, t]``, ``t`` = mean over the N samples of each
+    sample's q-quantile of ``|value|`` (one t per leading index); ``q`` 0 or 1: unchanged."""
     if q <= 0 or q >= 1:
         return feats
     threshold = row_quantile(feats.abs(), q).mean(-1, keepdim=True).unsqueeze(-1)  # [..., 1, 1]
@@ -63,12 +61,9 @@ def layer_head_neighbours(
     max_chunk_elements: int = 2**26,
     clamp: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MKNN of each head of one layer against precomputed teacher neighbours ``teacher_knn`` ``[N, k]``: (``[H]``
-    float32 scores in [0, 1], ``[H, N]`` float32 ``|kNN_head(i) ∩ kNN_teacher(i)| / k`` of each sample i, whose means
-    the scores are). ``pooled`` ``[N, H * head_dim]``: the N samples' pooled ``o_proj`` inputs; ``weight`` ``[d, H *
-    head_dim]``: the layer's effective ``o_proj`` weight; ``max_chunk_elements`` bounds the ``[h_chunk, N, N]`` Gram
-    block (and, with the clamp, the ``[h_chunk, N, d]`` representations); ``clamp``: PRH's outlier quantile (0 or 1:
-    none)."""
+    """One layer's (``[H]`` float32 MKNN in [0, 1], ``[H, N]`` float32 ``|kNN_head(i) ∩ kNN_teacher(i)| / k`` it
+    averages) from ``pooled`` ``[N, H * head_dim]`` ``o_proj`` inputs, effective ``weight`` ``[d, H * head_dim]`` and
+    ``teacher_knn`` ``[N, k]``; ``max_chunk_elements`` bounds a ``[h, N, N]`` block (clamp: ``[h, N, d]``)."""
     num = pooled.shape[0]
     if not 1 <= k <= num - 1:
         raise ValueError(f"k={k} needs 1 <= k <= N-1 with N={num} samples; use fewer neighbours or more samples.")
@@ -85,9 +80,8 @@ def layer_head_neighbours(
 
 
 def _ranked_blocks(p: torch.Tensor, w: torch.Tensor, max_chunk_elements: int, clamp: float) -> Iterator[torch.Tensor]:
-    """Each chunk of heads' cosine ranking ``[h, N, N]`` (:func:`ranked_similarity`) from ``p`` ``[H, N, dh]`` and
-    ``w`` ``[d, H, dh]``: by the Gram form, or with PRH's clamp (``0 < clamp < 1``) on explicit ``M_h = P_h W_h^T``
-    ``[h, N, d]``."""
+    """Each chunk of heads' ranking ``[h, N, N]`` from ``p`` ``[H, N, dh]`` and ``w`` ``[d, H, dh]``: Gram form, or
+    with the clamp (``0 < clamp < 1``) explicit ``M_h = P_h W_h^T`` ``[h, N, d]``."""
     heads = p.shape[0]
     num = p.shape[1]
     if 0 < clamp < 1:
@@ -105,14 +99,14 @@ def _ranked_blocks(p: torch.Tensor, w: torch.Tensor, max_chunk_elements: int, cl
 
 
 def teacher_neighbours(teacher: torch.Tensor, k: int, device: torch.device | str, clamp: float = 0.0) -> torch.Tensor:
-    """``[N, k]`` neighbours of each sample among the teacher features ``[N, E]`` (clamped as the heads are), on
-    ``device``: the side of MKNN that every head is compared with."""
+    """``[N, k]`` neighbours among teacher features ``[N, E]`` (clamped as the heads), on ``device``: MKNN's side
+    every head is compared with."""
     return knn_indices(clamp_outliers(teacher.to(device).float(), clamp), k)
 
 
 @dataclass
 class HeadNeighbours:
-    """Every head's MKNN and each pair's overlap it averages (CPU tensors; the report's bootstrap resamples them)."""
+    """Every head's MKNN and the per-pair overlaps it averages (CPU; the report's bootstrap resamples them)."""
 
     scores: torch.Tensor  # [L, H] float32
     overlaps: torch.Tensor  # [L, H, N] float32 |kNN_head(i) ∩ kNN_teacher(i)| / k
@@ -128,11 +122,9 @@ def all_head_neighbours(
     clamp: float = 0.0,
     num_layers: int | None = None,
 ) -> HeadNeighbours:
-    """MKNN of every head of every layer with heads and each pair's overlap (:func:`layer_head_neighbours`); the rows of
-    layers without heads (linear attention, convolution, cross-attention) are NaN. ``pooled`` / ``weights``: layer with
-    heads -> its ``[N, H * head_dim]`` pooled ``o_proj`` inputs / ``[d, H * head_dim]`` effective ``o_proj`` weight (a
-    sequence is layers 0, 1, ...); ``teacher`` ``[N, E]``; ``head_dim``: one width or layer -> width (Gemma 4's layers
-    differ); ``device``: default the teacher's; ``num_layers``: default one past the last layer with heads."""
+    """:func:`layer_head_neighbours` of every layer with heads, NaN rows for the others. ``pooled`` / ``weights``:
+    layer -> inputs / weight (a sequence: from layer 0); ``head_dim``: one width or layer -> width (Gemma 4);
+    ``num_layers``: default one past the last layer with heads."""
     device = device or teacher.device
     pooled = pooled if isinstance(pooled, Mapping) else dict(enumerate(pooled))
     weights = weights if isinstance(weights, Mapping) else dict(enumerate(weights))

@@ -1,9 +1,8 @@
 """Head selection end to end: recipe -> calibration pairs -> per-head MKNN -> chosen heads + record.
 
-Bad input fails before the model's weights are loaded (:func:`prepare`). One stated dtype (:func:`scoring_dtype`,
-docs/hera.md "One dtype"), the same for ``select``, ``hera_heads: auto`` and ``--report``: the recipe's compute
-dtype whatever the device, not LLaMA-Factory's device-dependent inference default, so the three score alike;
-everything after the language model is float32.
+Bad input fails before weights load (:func:`prepare`). ``select``, ``hera_heads: auto`` and ``--report`` score in
+one dtype (:func:`scoring_dtype`, docs/hera.md "One dtype"): the recipe's compute dtype, not LLaMA-Factory's
+device-dependent inference default; everything after the language model is float32.
 """
 
 from __future__ import annotations
@@ -67,10 +66,10 @@ class SelectionOptions:
     dataset: list[str] | None = None  # default: the recipe's datasets
     progress: bool = True
     clamp: float = 0.95  # PRH's outlier clamp quantile (0: off)
-    dtype: str = "float32"  # the language model's dtype while scoring (scoring_dtype); the rest is float32
+    dtype: str = "float32"  # the language model's scoring dtype (scoring_dtype)
 
     def validate(self) -> None:
-        """Raise a RecipeError naming the option, the value and the allowed values."""
+        """RecipeError for an option outside its allowed values."""
         if self.strategy not in STRATEGIES:
             raise RecipeError(f"--strategy: got {self.strategy!r}; allowed values are {', '.join(STRATEGIES)}.")
         if self.mode not in MODES:
@@ -93,9 +92,8 @@ class SelectionOptions:
 
     @classmethod
     def from_keys(cls, hera: Any, args: Any = None, **settings: Any) -> SelectionOptions:
-        """The options of a recipe's ``hera_select_*`` keys, ``hera_k`` and teacher (``hera``: its HeraArguments), each
-        replaced by the command-line option in ``args`` that names it when given; ``--dataset`` too. One place, so that
-        ``select``, ``select --report`` and ``hera_heads: auto`` read a recipe alike."""
+        """Options from ``hera``'s ``hera_select_*``, ``hera_k`` and teacher keys, each overridden by its option in
+        ``args`` when given (``--dataset`` too): every caller reads a recipe alike."""
         value = {
             key: getattr(hera, key) if getattr(args, dest(flag), None) is None else getattr(args, dest(flag))
             for flag, _, key, _ in RECIPE_BACKED
@@ -116,14 +114,13 @@ class SelectionOptions:
         )
 
     def resolved_device(self) -> str:
-        """``device`` or the first CUDA device when available, else CPU."""
+        """``device``, else CUDA when available, else CPU."""
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def scoring_dtype(precision: Any) -> str:
-    """The dtype heads are scored in, from a recipe's precision keys (a mapping that may also hold
-    ``model_name_or_path``); with none set, the model's own saved floating dtype, what LLaMA-Factory then trains in (a
-    bf16 7B model is not cast to a float32 copy of twice its size)."""
+    """The scoring dtype from a recipe's precision keys (the mapping may hold ``model_name_or_path``); with none
+    set, the model's saved floating dtype, which LLaMA-Factory then trains in (no float32 copy of a bf16 7B model)."""
     if truthy(precision.get("bf16")) or truthy(precision.get("pure_bf16")):
         return "bfloat16"
     if truthy(precision.get("fp16")):
@@ -132,10 +129,10 @@ def scoring_dtype(precision: Any) -> str:
 
 
 def _saved_dtype(model_name_or_path: Any) -> str:
-    """The floating dtype ``config.json`` names (``dtype`` or ``torch_dtype``, top level or the text config)."""
+    """The floating dtype ``config.json`` names (``dtype`` / ``torch_dtype``, top level or text config)."""
     if not model_name_or_path:
         return "float32"
-    from transformers import AutoConfig  # lazy: transformers only when a config is read (see below)
+    from transformers import AutoConfig  # lazy: only when a config is read
 
     try:
         config = AutoConfig.from_pretrained(str(model_name_or_path), trust_remote_code=True)
@@ -150,8 +147,8 @@ def _saved_dtype(model_name_or_path: Any) -> str:
 
 
 def choose_heads(scores: torch.Tensor, num_heads: int, strategy: str, seed: int) -> list[HeadRef]:
-    """``num_heads`` heads by ``strategy``: lowest scores (worst), highest (best) or a seeded random draw, among the
-    scored heads (a layer without heads has NaN scores); ties broken by (layer, head) order."""
+    """``num_heads`` scored heads (NaN: a layer without heads): lowest (worst), highest (best) or seeded random;
+    ties broken by (layer, head)."""
     layers, heads = scores.shape
     scored = [
         (layer, head) for layer in range(layers) for head in range(heads) if not math.isnan(float(scores[layer, head]))
@@ -181,8 +178,7 @@ def pairs_fingerprint(pairs: list[collect.CalibrationPair]) -> str:
 
 
 def check_device(device: str | None) -> None:
-    """A ``--device`` this machine has: a CUDA one only with CUDA available (torch's error came after the data and
-    the teacher loaded, 31 s into a run on the tiny model)."""
+    """Refuse at once a ``--device`` this machine lacks (torch's error comes after data and teacher load)."""
     if device is None:
         return
     try:
@@ -227,8 +223,8 @@ def identity_of(recipe_args: Any, options: SelectionOptions, pairs: list[collect
 
 
 def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.CalibrationPair], dict[str, Any]]:
-    """(calibration pairs, identity) after everything that can fail cheaply, before any weights load: options,
-    teacher, data (at least k+1 usable pairs), model structure."""
+    """(calibration pairs, identity) after the cheap checks before weights load: options, teacher, data (>= k+1
+    pairs), model structure."""
     options.validate()
     model_args = recipe_args.model_args
     check_model_paths(
@@ -248,7 +244,7 @@ def prepare(recipe_args: Any, options: SelectionOptions) -> tuple[list[collect.C
 
 
 def _warn_about_data(notes: dict[str, Any], source: str) -> None:
-    """Fewer pairs than asked, rows sharing images, repeated captions: said, and kept in the record."""
+    """Say fewer pairs than asked, rows sharing images, repeated captions (the record keeps them)."""
     if notes["rows_sharing_an_image_dropped"]:
         show(
             f"note: dataset {source}: {notes['rows_sharing_an_image_dropped']} of {notes['usable_pairs']} usable "
@@ -276,10 +272,9 @@ def tied_share(scores: torch.Tensor) -> float:
 def load_in_scoring_dtype(
     recipe_args: Any, device: str, dtype: str, device_map: dict[str, Any] | None = None
 ) -> tuple[Any, dict[str, Any], Any]:
-    """(model, tokenizer module, template) loaded the way LLaMA-Factory loads them, the model in ``dtype`` (whole on
-    ``device``, or placed by ``device_map``: :mod:`~llamafactory_hera.placement`): the compute dtype is
-    set to ``dtype`` and a model whose floating weights load in another dtype is cast to it; a quantized model keeps
-    its storage. ``recipe_args`` is left as it was."""
+    """(model, tokenizer module, template) loaded as LLaMA-Factory does, with compute dtype ``dtype``, whole on
+    ``device`` or placed by ``device_map`` (:mod:`~llamafactory_hera.placement`). Floating weights in another dtype
+    are cast; a quantized model keeps its storage. ``recipe_args`` is not modified."""
 
     wanted = getattr(torch, dtype)
     args = copy.copy(recipe_args)
@@ -289,8 +284,7 @@ def load_in_scoring_dtype(
     keep_4bit_layout(model)  # its 4-bit heads' columns are read dequantized (training/eval_forward.py)
     floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if not getattr(model, "quantization_method", None) and floating - {wanted}:
-        # torch's own cast: accelerate refuses a dispatched model's .to(); an offloaded weight is cast to its (meta)
-        # parameter's dtype each time accelerate brings it to the device
+        # accelerate refuses .to() on a dispatched model; an offloaded weight takes its meta dtype when loaded
         model = torch.nn.Module.to(model, wanted)
     return model, tokenizer_module, template
 
@@ -298,14 +292,12 @@ def load_in_scoring_dtype(
 def score_head_neighbours(
     recipe_args: Any, options: SelectionOptions, pairs: list[collect.CalibrationPair], kept: Path | None = None
 ) -> HeadNeighbours:
-    """Load the model the way LLaMA-Factory does, in ``options.dtype``: ``[L, H]`` MKNN scores and each pair's
-    overlap (CPU, :func:`~llamafactory_hera.hera.selection.scores.all_head_neighbours`); the language model's pass
-    keeps its batches in ``kept`` and continues from those there (:class:`~collect.PooledInputRecorder`)."""
+    """``[L, H]`` MKNN scores and per-pair overlaps on CPU, model in ``options.dtype``; the LM pass keeps its
+    batches in ``kept`` and resumes from them."""
     device = options.resolved_device()
     model_args = recipe_args.model_args
     meta = check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
-    # the o_proj weights are read in float32 into the CPU's RAM (collect.layer_weights), wherever o_proj lives: the CPU
-    # keeps their bytes besides the model's layers it holds
+    # collect.layer_weights reads every o_proj weight into CPU RAM in float32: reserve those bytes
     device_map = (
         None
         if meta is None
@@ -340,13 +332,11 @@ def score_head_neighbours(
             model, dataset, collator, list(range(len(pairs))), options.batch_size, device, options.progress, kept
         )
     weights = collect.layer_weights(model)
-    del model, dataset, collator  # the collator holds the model (mRoPE): both go before the teacher loads
-    collect.release_memory(device)  # and the memory with them (under hera_heads: auto, rank 0 trains next)
-    # float32 as in training, whatever the model's dtype (it was the model's: bf16 on a GPU, other neighbours than
-    # training's, and with hera_heads: auto a second teacher left on the GPU)
+    del model, dataset, collator  # the collator holds the model (mRoPE)
+    collect.release_memory(device)  # rank 0 may train next (hera_heads: auto)
+    # float32 as in training: bf16 gives other neighbours, and under hera_heads: auto a second teacher would stay
     teacher = load_teacher(options.teacher, options.teacher_feature, device)
-    # images an earlier pass of this teacher computed are taken from the store; the others are kept there (on disk),
-    # so the training run's precompute sends none of them through the teacher again
+    # the store gives known images and keeps the rest on disk for training's precompute
     feats = collect.collect_teacher(
         teacher,
         load_image_processor(options.teacher),
@@ -365,11 +355,11 @@ def score_head_neighbours(
 def run_selection(
     recipe_args: Any, options: SelectionOptions, cache: Path | None = None
 ) -> tuple[SelectionResult, bool]:
-    """Score every head and choose ``options.num_heads`` of them; with a ``cache`` folder, reuse (or store) the scores
-    under a key of everything that changes them (the scoring dtype included). Returns (result, from the cache)."""
+    """Score and choose heads; a ``cache`` folder reuses or stores scores keyed by all that changes them.
+    Returns (result, whether cached)."""
     start = time.perf_counter()
     pairs, identity = prepare(recipe_args, options)
-    # the options that change the scores, plus device and batch size for the record
+    # scoring options, plus device and batch size for the record
     settings = {
         "num_samples": options.num_samples,
         "k": options.k,
@@ -394,7 +384,7 @@ def run_selection(
     else:
         kept = cache_root() / "selection_passes" / f"{key}-{options.batch_size}-{settings['device']}"
         scores = score_head_neighbours(recipe_args, options, pairs, kept).scores
-        shutil.rmtree(kept, ignore_errors=True)  # scored: a later selection with these settings reads the result
+        shutil.rmtree(kept, ignore_errors=True)  # a later selection reads the result
         duration = time.perf_counter() - start
     chosen = choose_heads(scores, options.num_heads, options.strategy, options.seed)
     notes = {**identity.get("data_notes", {}), "tied_heads_share": round(tied_share(scores), 4)}
