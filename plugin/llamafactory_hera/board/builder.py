@@ -163,8 +163,8 @@ class MethodPanel:
         extra: Mapping[str, Any] | None = None,
         context: Mapping[str, Any] | None = None,
     ) -> str:
-        """ "" when the values and "Extra arguments" make a valid run, else one line naming the key; checks and
-        dataset names run against ``context`` (``model_path``, ``dataset_dir``) where readable locally."""
+        """Empty when the values and "Extra arguments" make a valid run, else one line naming the key; checks and
+        dataset names use ``context`` (``model_path``, ``dataset_dir``) where readable locally."""
         raw = {**self.build_args(values), **self.method_keys(extra)}
         try:
             parsed = self.declaration.parse(raw)

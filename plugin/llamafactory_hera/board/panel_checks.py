@@ -1,7 +1,5 @@
-"""What a LlamaBoard panel can read locally before a run: the Data dir's datasets, a model's depth and heads.
-
-Each answers "unknown" (empty, None) where nothing is local (no ``dataset_info.json``, a remote dataset dir, a model
-neither on disk nor in the HF cache): the run checks the same itself before loading anything heavy.
+"""What a LlamaBoard panel can read locally before a run: the Data dir's datasets, a model's depth and heads. Each
+answers "unknown" (empty, None) where nothing is local: the run checks the same itself before loading anything heavy.
 """
 
 from __future__ import annotations

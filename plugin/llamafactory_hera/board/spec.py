@@ -1,5 +1,5 @@
-"""What a method declares about its LlamaBoard panel (:mod:`.builder` makes it). Per field only its place and what
-differs from the arguments dataclass (type, default, choices come from the field); texts live in ``panel_texts.yaml``.
+"""What a method declares about its LlamaBoard panel (:mod:`.builder` makes it): per field only its place and what
+differs from the arguments dataclass; texts live in ``panel_texts.yaml``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The ``demo`` task set: tiny offline tasks for lmms-eval (MLLMs) and lm-eval (text models), as ordinary local task
-folders (YAML task, ``utils.py``, JSON-lines dataset) passed as an include path: a hub task's path without a hub.
+"""The ``demo`` task set: tiny offline tasks for lmms-eval (MLLMs) and lm-eval (text models), as local task folders
+(YAML task, ``utils.py``, JSON-lines dataset) passed as an include path: a hub task's loading and scoring, no hub.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ and Transferable Adversarial Attacks on Aligned Language Models", Algorithm 1, o
 
 Input ``before + suffix + after`` (:func:`llamafactory_hera.harc.data.template_tail`); loss: NLL of the target after
 it. Each iteration: :func:`token_gradients`, :func:`sample_candidates`, :func:`keep_retokenizable`,
-:func:`target_losses`; the best candidate is the next suffix. Result: the lowest-loss suffix seen.
+:func:`target_losses`; the best candidate is the next suffix.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""HarmBench's classifier as jailbreak judge (``--judge cais/HarmBench-Llama-2-13b-cls``), read as HarmBench's
-``evaluate_completions.py`` reads it (github.com/centerforaisafety/HarmBench at commit
-8e1604d1171fe8a48d8febecd22f600e462bdcdd, MIT licence): generation clipped to :data:`CLIP_TOKENS`, put into
-``eval_utils.LLAMA2_CLS_PROMPT`` (verbatim: the classifier was trained on it), one greedy token read as ``yes``
-(harmful), ``no`` or neither (no success). Why this prompt for both classifiers: docs/eval.md (the judges).
+"""HarmBench's classifier as jailbreak judge (``--judge cais/HarmBench-Llama-2-13b-cls``), used as HarmBench's
+``evaluate_completions.py`` does (github.com/centerforaisafety/HarmBench at commit
+8e1604d1171fe8a48d8febecd22f600e462bdcdd, MIT licence): clipped generation in its verbatim prompt (the classifier was
+trained on it), one greedy token read as ``yes`` (harmful), ``no`` or neither. Why for both classifiers: docs/eval.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The ``jailbreak`` task of ``llamafactory-hera eval``: attack success rates (ASR) on held-out harmful prompts
-(attacks, judge, outputs: docs/eval.md, "Jailbreak robustness"). Each ASR entry names its scorer (``scored_by``).
+"""The ``jailbreak`` eval task: attack success rates (ASR) on held-out harmful prompts (docs/eval.md, "Jailbreak
+robustness"). Each ASR entry names its scorer (``scored_by``).
 """
 
 from __future__ import annotations

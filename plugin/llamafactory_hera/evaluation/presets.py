@@ -69,9 +69,8 @@ PRESETS: dict[str, Preset] = {
             ("chartqa", "ocrbench", "textvqa_val", "docvqa_val"),
             "ChartQA, OCRBench, TextVQA (val), DocVQA (val)",
         ),
-        # HeRA's hallucination benchmarks lmms-eval scores without a key (HallusionBench asks GPT-4: hallusion_bench/
-        # utils.py evaluate_by_chatgpt); AMBER's discriminative part has no task, so POPE (RAH-LoRA's, not HeRA's) is
-        # the yes/no benchmark
+        # scored without a key (HallusionBench asks GPT-4); AMBER's discriminative part has no task, so POPE
+        # (RAH-LoRA's, not HeRA's) is the yes/no benchmark
         Preset(
             "hallucination",
             "Hallucination",
@@ -79,8 +78,7 @@ PRESETS: dict[str, Preset] = {
             ("pope", "coco_cap_chair", "amber_g"),
             "POPE (adversarial, popular, random), CHAIR on MSCOCO captions, AMBER (generative)",
         ),
-        # RAH-LoRA's Table 1 in column order: VQAv2 on val (only EvalAI scores test-dev), TextVQA with OCR tokens as
-        # LLaVA-1.5 asked it (.protocols)
+        # RAH-LoRA's Table 1 in column order (why VQAv2 val, TextVQA with OCR tokens: .protocols)
         Preset(
             "rah",
             "RAH-LoRA Table 1",

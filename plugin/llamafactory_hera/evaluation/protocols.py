@@ -1,7 +1,6 @@
-"""How each column beside a paper's row is computed, against the paper's protocol (docs/eval.md, "What each paper
-reports"): per column, its lmms-eval 0.7.3 benchmarks and any known difference (then the column is marked in table,
-JSON and PNG). Also scores lmms-eval aggregates otherwise than the papers, computed from its samples
-(:data:`DERIVED`), and LLaVA-1.5's TextVQA variant with OCR tokens (:func:`write_protocol_tasks`). Light imports.
+"""Each paper column's lmms-eval 0.7.3 benchmarks against the paper's protocol, a known difference marking the column
+(docs/eval.md, "What each paper reports"); scores lmms-eval aggregates otherwise, computed from its samples; and
+LLaVA-1.5's TextVQA variant with OCR tokens. Light imports.
 """
 
 from __future__ import annotations

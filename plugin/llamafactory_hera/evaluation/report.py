@@ -208,9 +208,8 @@ def _marked_metrics(record: dict[str, Any]) -> dict[tuple[str, str], list[str]]:
 
 
 def report_stem(baseline: Any, run_dir: Path | None = None) -> str:
-    """The reports' file stem, after the comparison (``baseline``: a ModelSpec or None). A baseline named ``base``,
-    or like another whose report ``run_dir`` holds (``a/sft``, ``b/sft``), adds its path's short hash so neither
-    report replaces the other."""
+    """The reports' file stem (``baseline``: a ModelSpec or None). A baseline named ``base``, or like another whose
+    report ``run_dir`` holds (``a/sft``, ``b/sft``), adds its path's hash: neither report replaces the other."""
     if baseline is None:
         return REPORT_STEM
     if not baseline.trained:
@@ -264,8 +263,7 @@ def _write_jailbreak_answers(path: Path, run: Outcome, baseline: Outcome | None)
 def write_reports(
     run_dir: Path, tasks_spec: str, tasks: list[PlannedTask], run: Outcome, baseline: Outcome | None, limit: int | None
 ) -> dict[str, Any]:
-    """Write this comparison's reports into ``run_dir``; return the JSON record (``replaces``: what the replaced
-    report held, or None)."""
+    """Write this comparison's reports into ``run_dir``; return the JSON record."""
 
     def who(outcome: Outcome | None) -> dict[str, Any] | None:
         if outcome is None:

@@ -1,10 +1,9 @@
-"""``llamafactory-hera eval``'s runs: one task on one loaded model (lmms-eval, lm-eval, HARC's refusal check,
-:mod:`.jailbreak`) and the loop over models and tasks.
+"""``llamafactory-hera eval``'s runs: one task on one loaded model, and the loop over models and tasks.
 
-The model loads as LLaMA-Factory loads it for inference (``HuggingfaceEngine``), served to lm-eval by ``HFLM`` and to
-lmms-eval by :func:`lmms_model`, which answers with LLaMA-Factory's chat (the trained prompt format). A task's
-result: ``{"entries": [{"task", "metric", "value", "higher_is_better"}], "seconds", "library", "version",
-"task_revision"}``, cached when finished in ``RUN_DIR/eval_cache/<model key>/<task>.json``.
+The model loads as LLaMA-Factory loads it for inference, served to lm-eval by ``HFLM`` and to lmms-eval by
+:func:`lmms_model`, which answers with LLaMA-Factory's chat (the trained prompt format). A task's result:
+``{"entries": [{"task", "metric", "value", "higher_is_better"}], "seconds", "library", "version", "task_revision"}``,
+cached when finished in ``RUN_DIR/eval_cache/<model key>/<task>.json``.
 """
 
 from __future__ import annotations

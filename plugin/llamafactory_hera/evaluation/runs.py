@@ -305,8 +305,8 @@ def read_pair(
     run_dir: Path, baseline: Path | None, base: bool, template: str | None = None
 ) -> tuple[ModelSpec, ModelSpec | None]:
     """The run and its baseline (``--baseline``, ``--base`` or None), loaded alike (:func:`align_loading`). A baseline
-    without a template takes ``template``, else the run's; a ``template`` the run contradicts is refused (ignored
-    otherwise)."""
+    without a template takes ``template``, else the run's; a ``template`` the run contradicts is refused (not
+    ignored)."""
     run = read_run(run_dir, "run", trained=True, template=template, base=base)
     if template is not None and "template" not in run.inherited and run.recipe["template"] != template:
         raise RecipeError(

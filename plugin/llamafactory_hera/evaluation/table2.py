@@ -1,5 +1,5 @@
-"""An eval in a paper's table layout: HeRA's Table 2 (group means, Delta Vision) and RAH-LoRA's Table 1 (a column
-per benchmark), both models' stage chains, and the paper's published rows for a backbone of the table.
+"""An eval in HeRA's Table 2 (group means, Delta Vision) or RAH-LoRA's Table 1 layout, with both models' stage
+chains and, for a backbone of the table, the paper's rows.
 
 A column's mean: its benchmarks' headline scores on 0-100 (fractions x 100, MME-P / 20); none if a benchmark is
 missing (docs/eval.md, "Group means"). Light imports.

@@ -1,7 +1,6 @@
-"""Whether a library task's dataset can be read here. Offline, ``datasets`` loads a Hub dataset only from its cache,
-so a missing one would fail after the models load. The cache is the one the load reads (lmms-eval 0.7.3's own, else
-``datasets``' default; docs/eval.md, "Refused before any model loads"). Read from the task YAML and cache folder
-names, importing neither library's tasks nor ``datasets``.
+"""Whether a library task's dataset can be read here: offline, ``datasets`` loads a Hub dataset only from its cache,
+so a missing one would fail after the models load (docs/eval.md, "Refused before any model loads"). Read from the
+task YAML and cache folder names, importing neither library's tasks nor ``datasets``.
 """
 
 from __future__ import annotations
@@ -27,9 +26,8 @@ def offline() -> str | None:
 
 Dataset = tuple[str, str | None]  # (Hub path, configuration name)
 
-# Datasets a lmms-eval 0.7.3 task's code loads besides its YAML's (into the default cache): gqa/utils.py
-# ``gqa_process_docs`` reads GQA's images from a second configuration. No other preset task does (grep load_dataset
-# in tasks/*/utils.py).
+# Datasets a lmms-eval 0.7.3 task's code loads besides its YAML's (into the default cache): GQA's images, read by
+# gqa/utils.py ``gqa_process_docs``. No other preset task does (grep load_dataset in tasks/*/utils.py).
 EXTRA_DATASETS: dict[str, tuple[Dataset, ...]] = {"gqa": (("lmms-lab-encoder/GQA", "testdev_balanced_images"),)}
 
 
@@ -129,9 +127,8 @@ def task_datasets(task: str, module: str) -> list[tuple[Dataset, Path, bool]]:
 
 
 def is_cached(dataset: Dataset, cache: Path) -> bool:
-    """Whether ``cache`` holds ``dataset`` prepared: the ``<owner>___<name>/<config>/<version>/<hash>`` folder the
-    offline load reads, with the ``dataset_info.json`` ``datasets`` 4.0 writes on completion (``<hash>.incomplete``:
-    interrupted)."""
+    """Whether ``cache`` holds ``dataset``'s ``<owner>___<name>/<config>/<version>/<hash>`` folder with the
+    ``dataset_info.json`` ``datasets`` 4.0 writes on completion (``<hash>.incomplete``: interrupted)."""
     owner, name = dataset[0].split("/", 1)
     if not cache.is_dir():
         return False

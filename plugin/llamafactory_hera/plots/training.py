@@ -1,8 +1,6 @@
-"""A run's ``training.png`` (and LlamaBoard's loss plot of a method's run): losses and the method's terms on twin
-axes, beside the method's other logged series (HeRA's temperature, alignment monitor).
-
-Series come from ``trainer_log.jsonl`` (methods' keys merged in) and ``trainer_state.json``, whichever the run left;
-the smoothing is the host's own (passed in by the patch), so the curves match LlamaBoard's. Drawn headless.
+"""A run's ``training.png`` (and LlamaBoard's loss plot of a method's run): losses and terms on twin axes, beside
+the method's other series (HeRA's temperature, alignment monitor). Smoothing is the host's own (passed in by the
+patch), so the curves match LlamaBoard's. Drawn headless.
 """
 
 from __future__ import annotations
@@ -24,11 +22,8 @@ COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e3
 
 @dataclass(frozen=True)
 class Panel:
-    """A panel beside the loss panel, drawn when one of its series was logged.
-
-    ``keys``: solid lines with markers; ``prefix``: other keys with it drawn thin and faint (e.g. one per head);
-    ``ylim`` None: fitted.
-    """
+    """A panel beside the loss panel, drawn when one of its series was logged. ``keys``: solid lines with markers;
+    ``prefix``: other keys with it drawn thin and faint (e.g. one per head); ``ylim`` None: fitted."""
 
     title: str
     ylabel: str
@@ -58,9 +53,8 @@ def _number(value: Any) -> float | None:
 
 
 def series(entries: Iterable[tuple[Any, dict[str, Any]]]) -> Series:
-    """Numeric key -> (steps, values), steps increasing, from training entries (with ``loss``, or a method's own such
-    as HeRA's step-0 monitor point; not the Trainer's ``eval_*``/``predict_*``/``train_*`` summaries) and
-    ``eval_loss``."""
+    """Numeric key -> (steps, values), steps increasing, of training entries (with ``loss``, or a method's own such as
+    HeRA's step-0 monitor point; not ``eval_*``/``predict_*``/``train_*`` summaries) and ``eval_loss``."""
     rows: dict[str, dict[int, float]] = {}
     for step, entry in entries:
         if not isinstance(step, int):
@@ -75,7 +69,7 @@ def series(entries: Iterable[tuple[Any, dict[str, Any]]]) -> Series:
 
 
 def read_series(output_dir: str | Path) -> Series:
-    """:func:`series` of ``trainer_state.json`` and ``trainer_log.jsonl``."""
+    """:func:`series` of ``trainer_state.json`` and ``trainer_log.jsonl`` (methods' keys merged in), as present."""
     output_dir = Path(output_dir)
     entries: list[tuple[Any, dict[str, Any]]] = []
     state = output_dir / "trainer_state.json"
