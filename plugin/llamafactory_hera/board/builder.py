@@ -1,7 +1,6 @@
-"""One builder for every method's LlamaBoard panel: from a :class:`~.spec.PanelDeclaration` and its texts (the
-data file ``panel_texts.yaml`` beside it) to the :class:`MethodPanel` the LlamaBoard patch
-(:mod:`llamafactory_hera_patches.webui.board`) wires in. Independent of LLaMA-Factory's internals; gradio is passed in
-by the caller.
+"""Builds every method's LlamaBoard panel: a :class:`~.spec.PanelDeclaration` and its ``panel_texts.yaml`` -> the
+:class:`MethodPanel` :mod:`llamafactory_hera_patches.webui.board` wires in. No LLaMA-Factory internals; gradio is
+passed in.
 """
 
 from __future__ import annotations
@@ -26,20 +25,19 @@ from llamafactory_hera.board.spec import (
 from llamafactory_hera.board.widgets import as_markup, create_widgets, typed_value
 from llamafactory_hera.plots.training import TrainingPlot, draw_training, series
 
-Locales = dict[str, dict[str, dict[str, str]]]  # element name -> language -> {"label", "info"} or {"value"}
+Locales = dict[str, dict[str, dict[str, str]]]  # element -> language -> {"label", "info"} or {"value"}
 
 TEXTS_FILE = "panel_texts.yaml"  # a method's: fields (key -> language -> [label, info]), note, only_with_note; this
-# package's: tab_title, error_prefix, plan_button, plan_box (language -> text, {name} filled in); every text in every
-# LlamaBoard language, checked by the tests (tests/test_panel_texts.py)
+# package's: tab_title, error_prefix, plan_button, plan_box (language -> text with {name}); all in every language
 
 
 def read_texts(package: str) -> dict[str, Any]:
-    """The texts of ``package``'s ``panel_texts.yaml``, read from the installed package (a wheel or the source tree)."""
+    """``package``'s ``panel_texts.yaml``, from the installed package."""
     return yaml.safe_load(resources.files(package).joinpath(TEXTS_FILE).read_text(encoding="utf-8")) or {}
 
 
 class BoxField:
-    """A declared :class:`~.spec.Field` resolved against the arguments dataclass: the box LlamaBoard shows."""
+    """A :class:`~.spec.Field` resolved against the arguments dataclass."""
 
     def __init__(self, declared: Field, declaration: PanelDeclaration) -> None:
         spec = declaration.spec(declared.key)
@@ -55,8 +53,8 @@ class BoxField:
         self.only_with = declared.only_with
 
     def recipe_value(self, value: Any) -> Any:
-        """The box's value as the run's recipe value (typed, normalised; a checkbox as a bool, which the web-UI patch
-        keeps in the command and the saved YAML where LlamaBoard drops every false value)."""
+        """The box's value as a recipe value; a checkbox as a bool, which the web-UI patch keeps where LlamaBoard
+        drops false values."""
         if self.widget == "checkbox":
             return bool(value)
         if self.widget == "dataset" and value is None:
@@ -71,11 +69,10 @@ class MethodPanel:
     def __init__(self, declaration: PanelDeclaration, texts: Mapping[str, Any], shared: Mapping[str, Any]) -> None:
         self.declaration = declaration
         self.fields = tuple(BoxField(declared, declaration) for declared in declaration.fields)
-        self.tab = f"{declaration.prefix}tab"  # element id of the accordion (train.<prefix>tab)
-        self.note = f"{declaration.prefix}note" if "note" in texts else ""  # element id of the note, if any
+        self.tab = f"{declaration.prefix}tab"  # accordion's element id
+        self.note = f"{declaration.prefix}note" if "note" in texts else ""  # note's element id, if any
         self.keys = tuple(field.key for field in self.fields)
         self.defaults = {field.key: field.default for field in self.fields}
-        # language -> what starts an error about the panel's values
         self.error_prefix = {lang: text.format(name=declaration.name) for lang, text in shared["error_prefix"].items()}
         self.locales: Locales = {
             self.tab: {
@@ -98,8 +95,8 @@ class MethodPanel:
     # -- gradio ------------------------------------------------------------------------------------------------
 
     def create_panel(self, gr: Any, dataset_dir: str | None = None) -> dict[str, Any]:
-        """The panel's inputs in the current gradio layout context (:func:`.widgets.create_widgets`); element name ->
-        component. The note (if any) comes first; the plan's button and box last: none of them is an input."""
+        """Element -> component in the current gradio context: the note (if any), the inputs, the plan's button and
+        box."""
         note = {}
         if self.note:
             note[self.note] = gr.Markdown(elem_id=f"train-{self.note}", **self.locales[self.note]["en"])
@@ -116,12 +113,11 @@ class MethodPanel:
         return elems
 
     def inputs(self, elems: Mapping[str, Any]) -> dict[str, Any]:
-        """The panel's input components among ``elems`` (what ``create_panel`` returned): its fields, not the note."""
+        """The field components among ``elems``."""
         return {key: elem for key, elem in elems.items() if key in self.keys}
 
     def bind(self, gr: Any, train_elems: Mapping[str, Any], own: Mapping[str, Any]) -> None:
-        """Dataset boxes follow LlamaBoard's Data dir box: their choices are the datasets of its dataset_info.json,
-        read again when the dir changes and when a box is opened (as LlamaBoard's own Dataset box)."""
+        """Dataset boxes list the Data dir's datasets, re-read when it changes or a box opens (as LlamaBoard's)."""
         boxes = [own[field.key] for field in self.fields if field.widget == "dataset"]
         dataset_dir = train_elems.get("dataset_dir")
         if not boxes or dataset_dir is None:
@@ -140,10 +136,7 @@ class MethodPanel:
     # -- the run's arguments -------------------------------------------------------------------------------------
 
     def build_args(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """The method's arguments for a run from the panel's values (missing ones at the boxes' first values).
-
-        A field declared ``only_with`` another field's value is left out while that field has another value.
-        """
+        """The method's arguments from the panel's values (missing: defaults), without unmet ``only_with`` fields."""
         merged = {field.key: values.get(field.key, field.default) for field in self.fields}
         recipe = {field.key: field.recipe_value(merged[field.key]) for field in self.fields}
         return {
@@ -153,11 +146,11 @@ class MethodPanel:
         }
 
     def method_keys(self, extra: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The method's keys among the "Extra arguments" JSON (a dict, or None; they win over the panel)."""
+        """The method's keys in "Extra arguments" (they win over the panel)."""
         return {key: value for key, value in (extra or {}).items() if str(key).startswith(self.declaration.prefix)}
 
     def host_args(self, args: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
-        """LlamaBoard's arguments without those the method does not use (kept where "Extra arguments" sets them)."""
+        """``args`` without unused host keys, unless "Extra arguments" sets them."""
         return {
             key: value
             for key, value in args.items()
@@ -170,9 +163,8 @@ class MethodPanel:
         extra: Mapping[str, Any] | None = None,
         context: Mapping[str, Any] | None = None,
     ) -> str:
-        """Empty when the panel's values with the "Extra arguments" make a valid run, else one line naming the key (a
-        key without a field belongs in "Extra arguments"); the declared checks and dataset names are checked against
-        ``context`` (LlamaBoard's ``model_path`` and ``dataset_dir``) where they can be read locally."""
+        """Empty when the values and "Extra arguments" make a valid run, else one line naming the key; checks and
+        dataset names use ``context`` (``model_path``, ``dataset_dir``) where readable locally."""
         raw = {**self.build_args(values), **self.method_keys(extra)}
         try:
             parsed = self.declaration.parse(raw)
@@ -186,12 +178,11 @@ class MethodPanel:
         return self._dataset_problem(raw, context.get("dataset_dir"))
 
     def error_text(self, problem: str, lang: str) -> str:
-        """``problem`` as LlamaBoard shows it in ``lang`` (English where the language is unknown): after the panel's
-        error prefix, made safe for the alert toast, which renders HTML."""
+        """``problem`` after the error prefix in ``lang`` (else English), escaped for the HTML toast."""
         return self.error_prefix.get(lang, self.error_prefix["en"]) + as_markup(problem)
 
     def _with_field_hint(self, problem: str) -> str:
-        """``problem`` with where its key belongs when the panel has no field for it."""
+        """``problem`` plus where its key belongs if the panel has no field for it."""
         match = re.match(r"(\w+):", problem) or re.search(r"key '(\w+)'", problem)
         key = match.group(1) if match else ""
         if not key.startswith(self.declaration.prefix) or key in self.keys:
@@ -220,23 +211,22 @@ class MethodPanel:
     # -- LlamaBoard's loss plot ----------------------------------------------------------------------------------
 
     def owns_loss_plot(self, trainer_log: list[dict[str, Any]]) -> bool:
-        """Whether a trainer_log.jsonl (as parsed lines) comes from this method's run."""
+        """Whether parsed trainer_log.jsonl lines come from this method's run."""
         plot = self.declaration.loss_plot
         markers = (plot.marker,) if plot.marker else plot.plot.terms if plot.plot else ()
         return any(log.get(key) is not None for log in trainer_log for key in markers)
 
     def loss_figure(self, trainer_log: list[dict[str, Any]], smooth: Any) -> Any:
-        """LlamaBoard's loss plot of this method's run: the declared figure, or the figure of its ``training.png``
-        (:func:`llamafactory_hera.plots.training.draw_training`: the loss, the method's terms on a second axis, its
-        panels; every legend outside the axes so that it covers no curve) of the lines LlamaBoard passes, with
-        LlamaBoard's smoothing. None when none of them was logged."""
+        """LlamaBoard's loss plot: the declared figure, else ``training.png``'s
+        (:func:`~llamafactory_hera.plots.training.draw_training`) with LlamaBoard's smoothing; None if nothing
+        was logged."""
         plot = self.declaration.loss_plot
         if plot.figure is not None:
             return plot.figure(trainer_log, smooth)
         data = series((log.get("current_steps"), log) for log in trainer_log)
-        return draw_training(data, plot.plot or TrainingPlot((), ""), smooth)  # no plot declared: the loss alone
+        return draw_training(data, plot.plot or TrainingPlot((), ""), smooth)  # no plot: loss alone
 
 
 def build_panel(declaration: PanelDeclaration) -> MethodPanel:
-    """The panel of a declaration, with its texts."""
+    """The declaration's panel, with its texts."""
     return MethodPanel(declaration, read_texts(declaration.package), read_texts(__package__))

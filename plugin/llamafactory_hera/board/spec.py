@@ -1,6 +1,5 @@
-"""What a method declares about its LlamaBoard panel; :mod:`.builder` makes the panel from it. Per field only where it
-sits (row, scale) and what differs from the arguments dataclass (key, type, default and choices come from the field:
-:func:`widget_for`); the texts are data (``panel_texts.yaml`` beside the declaration). Imports nothing heavy.
+"""What a method declares about its LlamaBoard panel (:mod:`.builder` makes it): per field only its place and what
+differs from the arguments dataclass; texts live in ``panel_texts.yaml``.
 """
 
 from __future__ import annotations
@@ -12,20 +11,18 @@ from typing import Any
 
 from llamafactory_hera.plots.training import TrainingPlot
 
-LANGS = ("en", "ru", "zh", "ko", "ja")  # LlamaBoard's languages (top.lang); every locale entry has all of them
+LANGS = ("en", "ru", "zh", "ko", "ja")  # LlamaBoard's top.lang; every locale has all
 WIDGETS = ("textbox", "number", "int", "dropdown", "checkbox", "dataset")
 
 
-# (parsed arguments, LlamaBoard's context: model_path, dataset_dir) -> "" or the problem, one line naming the key
+# (parsed arguments, context: model_path, dataset_dir) -> "" or a one-line problem naming the key
 Check = Callable[[Any, Mapping[str, Any]], str]
 
 
 @dataclass(frozen=True)
 class Field:
-    """One input of a panel: a key of the method's arguments dataclass and where it sits in the accordion. ``widget``
-    empty: from the dataclass field (:func:`widget_for`); ``default``: the box's first value (None: the dataclass
-    default); ``normalize``: typed box value -> recipe value; ``only_with`` (key, value): sent only while that field
-    has ``value``."""
+    """One panel input. ``widget`` "": :func:`widget_for`; ``default`` None: the dataclass's; ``normalize``: box
+    value -> recipe value; ``only_with`` (key, value): sent only while that field has ``value``."""
 
     key: str
     row: int
@@ -37,16 +34,14 @@ class Field:
 
 
 def row(index: int, *keys: str, **options: Any) -> tuple[Field, ...]:
-    """The fields of ``keys`` side by side in row ``index``, each with the same ``options``."""
+    """``keys`` side by side in row ``index``, with the same ``options``."""
     return tuple(Field(key, index, **options) for key in keys)
 
 
 @dataclass(frozen=True)
 class LossPlot:
-    """How LlamaBoard's loss plot shows the method's runs (``trainer_log.jsonl`` lines as dicts): ``plot`` what the
-    training plot draws of it (terms on a second axis, panels beside); a log is the method's when a line carries
-    ``marker`` (empty: any of the plot's terms); ``figure``: ``(trainer_log, smooth) -> Figure`` drawn instead (no
-    loss)."""
+    """LlamaBoard's loss plot of the method's runs. A log is the method's when a line carries ``marker`` ("": any of
+    ``plot``'s terms); ``figure``: ``(trainer_log lines, smooth) -> Figure`` drawn instead (no loss)."""
 
     plot: TrainingPlot | None = None
     marker: str = ""
@@ -55,13 +50,11 @@ class LossPlot:
 
 @dataclass(frozen=True)
 class PanelDeclaration:
-    """Everything method-specific about a LlamaBoard panel: ``name`` as users read it (accordion title "<name>
-    configurations", error prefix "Invalid <name> setting: "); ``prefix`` of its recipe keys (the accordion is
-    ``<prefix>tab``); ``package`` holding ``panel_texts.yaml``; ``parse``: raw keys -> dataclass (``ValueError``
-    naming the key); ``unused_host_keys``: Train-tab arguments the method does not use, left out of the command
-    unless set in "Extra arguments"; ``dataset_from_panel``: the rows come from the panel's dataset fields
-    (LlamaBoard's Dataset box may stay empty); ``dataset_hint``: said for a dataset ``dataset_dir`` does not list;
-    ``checks``: run on the parsed arguments with LlamaBoard's context for the preview or the run."""
+    """Everything method-specific about a panel. ``name``: in "<name> configurations" and "Invalid <name> setting: ";
+    ``prefix``: of its recipe keys; ``package``: holds ``panel_texts.yaml``; ``parse``: raw keys -> dataclass
+    (``ValueError`` naming the key); ``unused_host_keys``: Train-tab arguments dropped unless set in "Extra
+    arguments"; ``dataset_from_panel``: rows come from the panel (LlamaBoard's Dataset box may stay empty);
+    ``dataset_hint``: said for an unlisted dataset; ``checks``: run for the preview or the run."""
 
     name: str
     prefix: str
@@ -76,7 +69,7 @@ class PanelDeclaration:
     checks: tuple[Check, ...] = ()
 
     def spec(self, key: str) -> dataclasses.Field:
-        """The arguments dataclass field of ``key`` (KeyError naming the key and the dataclass when absent)."""
+        """The dataclass field of ``key``; KeyError naming both when absent."""
         specs = {spec.name: spec for spec in dataclasses.fields(self.arguments)}
         if key not in specs:
             raise KeyError(f"{key} is not a field of {self.arguments.__name__}")
@@ -84,8 +77,8 @@ class PanelDeclaration:
 
 
 def widget_for(spec: dataclasses.Field) -> str:
-    """The box a dataclass field gets: a dataset name (``metadata["dataset"]``) -> dataset, ``choices`` -> dropdown,
-    bool -> checkbox, int -> int, float -> number, anything else -> textbox."""
+    """A field's box: ``metadata["dataset"]`` -> dataset, ``choices`` -> dropdown, bool -> checkbox, int -> int,
+    float -> number, else textbox."""
     if spec.metadata.get("dataset"):
         return "dataset"
     if spec.metadata.get("choices"):
@@ -95,7 +88,7 @@ def widget_for(spec: dataclasses.Field) -> str:
 
 
 def default_of(spec: dataclasses.Field) -> Any:
-    """A dataclass field's default (its factory called)."""
+    """A field's default (factory called)."""
     if spec.default is not dataclasses.MISSING:
         return spec.default
     if spec.default_factory is not dataclasses.MISSING:
@@ -103,6 +96,6 @@ def default_of(spec: dataclasses.Field) -> Any:
     return None
 
 
-# What an error about a key without a field adds ({key} and {name} filled in).
+# added to an error about a key without a field
 NO_FIELD = ' ({key} has no field in the {name} panel: set it in the "Extra arguments" box, e.g. {{"{key}": ...}}.)'
 UNKNOWN_KEY = ' (from the "Extra arguments" box; the {name} panel has no such field.)'

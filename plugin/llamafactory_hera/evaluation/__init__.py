@@ -1,2 +1,1 @@
-"""``llamafactory-hera eval``: a trained run against its baseline, through lmms-eval (MLLMs) and lm-eval (text
-models)."""
+"""``llamafactory-hera eval``: a run against its baseline, via lmms-eval (MLLMs) or lm-eval (text models)."""

@@ -1,7 +1,6 @@
-"""The jailbreak task's ``--prompts FILE`` (and ``--targets FILE``), read as the benchmarks ship them: JSON / JSONL,
-AdvBench's and HarmBench's CSVs (docs/eval.md, "Jailbreak robustness", gives the formats and what is left out).
-Malformed: one line naming the file, the row (a CSV's also with its file line) and the column; a CSV's field count,
-quoting and encoding are checked where HARC's source files are read (:mod:`..harc.source_files`).
+"""The jailbreak task's ``--prompts FILE`` (and ``--targets FILE``) as the benchmarks ship them: JSON / JSONL,
+AdvBench's and HarmBench's CSVs (formats and exclusions: docs/eval.md, "Jailbreak robustness"). Errors name the file,
+row (a CSV's with its file line) and column; CSV field count, quoting and encoding: :mod:`..harc.source_files`.
 """
 
 from __future__ import annotations
@@ -21,9 +20,8 @@ HASH_CHECK = "hash_check"
 
 @dataclass(frozen=True)
 class AttackData:
-    """A prompts file read: the prompts the model is asked, GCG's ``targets`` ((prompt, target) pairs), the
-    ``behaviours`` a judge reads where they differ from the prompt ((prompt, behaviour, context)), the file's
-    ``format`` and a ``note`` on rows left out."""
+    """A read prompts file. ``targets``: GCG's (prompt, target) pairs; ``behaviours``: (prompt, behaviour, context)
+    for the judge where they differ from the prompt; ``note``: rows left out."""
 
     prompts: tuple[str, ...]
     targets: tuple[tuple[str, str], ...] = ()
@@ -33,7 +31,7 @@ class AttackData:
 
 
 def harmbench_prompt(behaviour: str, context: str) -> str:
-    """What HarmBench asks a model for a behaviour: its context first when it has one (DirectRequest, GCG)."""
+    """HarmBench's prompt for a behaviour: its context first, if any (DirectRequest, GCG)."""
     return f"{context}\n\n---\n\n{behaviour}" if context else behaviour
 
 
@@ -45,7 +43,7 @@ def _text(row: dict[str, Any], number: int | str, column: str, where: str, requi
 
 
 def _read_targets(path: Path | None, ids: list[str]) -> dict[str, str]:
-    """HarmBench's targets file (a JSON object BehaviorID -> target), for the behaviours ``ids``."""
+    """HarmBench's targets file (JSON object BehaviorID -> target), for ``ids``."""
     if path is None:
         return {}
     where = f"--targets {path}"
@@ -155,7 +153,7 @@ def _read_json(path: Path) -> AttackData:
 
 
 def read_attack_data(path: Path, targets_file: Path | None = None) -> AttackData:
-    """``--prompts FILE`` (and ``--targets FILE``) read as downloaded (the module docstring); one-line errors."""
+    """Read ``--prompts`` (and ``--targets``) as the module docstring says."""
     if not path.is_file():
         raise RecipeError(
             f"--prompts: {path} is not a file; give a JSON list, JSONL, AdvBench's or HarmBench's CSV of prompts"

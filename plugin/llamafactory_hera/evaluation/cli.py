@@ -1,6 +1,5 @@
-"""``llamafactory-hera eval``: a run against its baseline on benchmark presets (docs/eval.md). Every user error is
-one line, raised before any model or library is loaded.
-"""
+"""``llamafactory-hera eval``: a run against its baseline on benchmark presets (docs/eval.md). User errors are one
+line, raised before any model or library loads."""
 
 from __future__ import annotations
 
@@ -26,13 +25,13 @@ from llamafactory_hera.log import say
 from llamafactory_hera.runtime.errors import RecipeError
 
 EXTRA = "pip install 'llamafactory-hera[eval]'"
-# pyproject's eval extra's libraries (tests/test_eval_cli.py); filelock < 4: lmms-eval 0.7.3 imports filelock._api
+# = pyproject's eval extra (tests/test_eval_cli.py); filelock < 4: lmms-eval 0.7.3 imports filelock._api
 EXTRA_PACKAGES = ("lmms-eval==0.7.3", "lm-eval==0.4.13", "filelock>=3.16,<4")
-SCORER_PACKAGES = ("nltk>=3.9", "spacy>=3.8")  # and its scorers' (CHAIR's, AMBER's): the rest of the extra
+SCORER_PACKAGES = ("nltk>=3.9", "spacy>=3.8")  # the extra's rest: CHAIR's, AMBER's scorers
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
-    """Add ``eval`` to the ``llamafactory-hera`` sub-command parsers; verb -> handler."""
+    """Add the ``eval`` sub-command; returns verb -> handler."""
     presets = "; ".join(f"{name} ({p.holds})" for name, p in PRESETS.items())
     verb = commands.add_parser(
         "eval",
@@ -118,7 +117,7 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
 
 
 def require_library(library: str) -> None:
-    """One-line error unless ``library``'s package imports (the ``eval`` extra)."""
+    """One-line error unless ``library`` imports (the ``eval`` extra)."""
     if library not in MODULES:
         return
     try:
@@ -128,12 +127,12 @@ def require_library(library: str) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    """Check everything cheap first, then evaluate the run (and its baseline) and write the reports."""
+    """Cheap checks first, then evaluate the run (and baseline) and write the reports."""
     import os
 
     from llamafactory_hera.evaluation.runs import read_pair
 
-    # LLaMA-Factory (and the transformers logging it configures) at warnings: the progress bars stay readable
+    # LLaMA-Factory's and transformers' logging at warnings: progress bars stay readable
     os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
 
     if args.limit is not None and args.limit < 1:
@@ -143,7 +142,7 @@ def run_eval(args: argparse.Namespace) -> None:
     run, baseline = read_pair(args.run_dir, args.baseline, args.base, args.template)
     names = [item.strip() for item in args.tasks.split(",") if item.strip()]
     library = LMMS if run.modality == "mllm" else LM
-    plan_tasks(args.tasks, run.modality, run.stage, None)  # preset errors before the libraries are imported
+    plan_tasks(args.tasks, run.modality, run.stage, None)  # preset errors before library imports
     jailbreak = _jailbreak_setup(args, run.stage)
     needs_registry = any(name not in ALL_PRESETS for name in names)  # the presets' names are known (tested)
     require_library(library)
@@ -155,9 +154,9 @@ def run_eval(args: argparse.Namespace) -> None:
     tasks = plan_tasks(args.tasks, run.modality, run.stage, known)
     for task in tasks:
         require_library(task.library)
-    from llamafactory_hera.evaluation.runner import cached_result  # lazy: the loop's module, once the cheap checks pass
+    from llamafactory_hera.evaluation.runner import cached_result  # lazy: after the cheap checks
 
-    def cached(task: Any) -> bool:  # read from the eval cache for every model: its dataset is not needed
+    def cached(task: Any) -> bool:  # cached for every model: no dataset needed
         return all(cached_result(args.run_dir, spec, task, args.limit) is not None for spec in (run, baseline) if spec)
 
     check_task_setup(tasks, cached)
@@ -165,7 +164,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def _jailbreak_setup(args: argparse.Namespace, stage: str) -> Any:
-    """The jailbreak task's settings (:mod:`.jailbreak`), checked (None without the task)."""
+    """The checked jailbreak settings (:mod:`.jailbreak`); None without the task."""
     from llamafactory_hera.evaluation.jailbreak import DEFAULT_ATTACKS, setup_from_args
 
     wanted = JAILBREAK in [item.strip() for item in args.tasks.split(",")]
@@ -196,7 +195,7 @@ def _jailbreak_setup(args: argparse.Namespace, stage: str) -> Any:
 
 
 def _with_transfer(setup: Any, baseline: Any) -> Any:
-    """``setup`` with the GCG suffixes the baseline's jailbreak task found (tried on the run as ``gcg_transfer``)."""
+    """``setup`` plus the baseline's GCG suffixes, tried on the run as ``gcg_transfer``."""
     if baseline is None:
         return setup
     import dataclasses
@@ -236,7 +235,7 @@ def _evaluate(args: argparse.Namespace, run: Any, baseline: Any, tasks: list[Any
         return evaluate_model(spec, rows_from, tasks, args.run_dir, args.limit, args.batch_size, say, setup)
 
     transfers = jailbreak is not None and "gcg" in jailbreak.attacks and baseline is not None
-    other = evaluate(baseline, jailbreak) if transfers else None  # first: its GCG suffixes are tried on the run
+    other = evaluate(baseline, jailbreak) if transfers else None  # first: its GCG suffixes go to the run
     mine = evaluate(run, _with_transfer(jailbreak, other))
     if baseline is not None and other is None:
         other = evaluate(baseline, jailbreak)

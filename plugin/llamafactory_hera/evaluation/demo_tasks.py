@@ -1,6 +1,5 @@
-"""The ``demo`` task set: tiny offline task definitions for lmms-eval (MLLMs) and lm-eval (text models), ordinary local
-task folders (a YAML task, its ``utils.py``, a JSON-lines dataset) written by :func:`write_demo_tasks` and passed as
-an include path: a hub task's loading and scoring without a hub.
+"""The ``demo`` task set: tiny offline tasks for lmms-eval (MLLMs) and lm-eval (text models), as local task folders
+(YAML task, ``utils.py``, JSON-lines dataset) passed as an include path: a hub task's loading and scoring, no hub.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ _TEXT_ITEMS = (
 
 
 def mllm_rows() -> list[dict[str, Any]]:
-    """The MLLM demo's rows: the image recipe, the question, four options and the answer letter."""
+    """MLLM demo rows: image recipe, question, four options, answer letter."""
     rows = []
     for index, (shape, colour, background, asked) in enumerate(_MLLM_ITEMS):
         truth = colour if asked == "colour" else shape
@@ -64,7 +63,7 @@ def mllm_rows() -> list[dict[str, Any]]:
 
 
 def text_rows() -> list[dict[str, Any]]:
-    """The text demo's rows: question, four choices, the index of the right one."""
+    """Text demo rows: question, four choices, index of the right one."""
     return [{"id": i, "question": q, "choices": list(c), "answer": a} for i, (q, c, a) in enumerate(_TEXT_ITEMS)]
 
 
@@ -72,8 +71,8 @@ def text_rows() -> list[dict[str, Any]]:
 
 
 def mllm_doc_to_visual(doc: dict[str, Any]) -> list[Any]:
-    """The row's image (RGB PIL, the row's ``size`` = [width, height]), drawn from its seed as the fixtures draw their
-    training images: the shape on a square of the shorter side, centred on a canvas of the background's colour."""
+    """The row's RGB PIL image of ``size`` [width, height], drawn from its seed as the fixtures draw theirs: the
+    shape on a square of the shorter side, centred on a background-coloured canvas."""
     import numpy as np
     from PIL import Image
 
@@ -92,7 +91,7 @@ def mllm_doc_to_visual(doc: dict[str, Any]) -> list[Any]:
 
 
 def mllm_doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict[str, Any] | None = None) -> str:
-    """The question, the lettered options and the instruction to answer with a letter (lmms-eval's MMBench style)."""
+    """Question, lettered options, "answer with a letter" (lmms-eval's MMBench style)."""
     options = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(doc["options"]))
     return f"{doc['question']}\n{options}\nAnswer with the option's letter from the given choices directly."
 
@@ -105,7 +104,7 @@ _ANSWER_PATTERNS = (
 
 
 def answer_letter(text: str) -> str | None:
-    """The option letter an answer gives: "the answer is X" first, then a leading letter, then a letter alone."""
+    """The answer's option letter: "the answer is X", else a leading letter, else a letter alone."""
     for pattern in _ANSWER_PATTERNS:
         found = re.search(pattern, text)
         if found:
@@ -114,7 +113,7 @@ def answer_letter(text: str) -> str | None:
 
 
 def mllm_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    """``accuracy``: 1 when the answer's option letter (:func:`answer_letter`) is the right one, else 0."""
+    """``accuracy``: 1 if :func:`answer_letter` is right, else 0."""
     return {"accuracy": float(answer_letter(results[0] if results else "") == doc["answer"])}
 
 
@@ -168,8 +167,8 @@ _UTILS = (
 
 
 def write_demo_tasks(folder: Path, library: str) -> Path:
-    """Write the demo task folder of ``library`` ("lmms-eval" / "lm-eval") into ``folder``; return it (the include
-    path). The dataset's absolute path is written into the YAML, so the folder works from any working directory."""
+    """Write ``library``'s ("lmms-eval" / "lm-eval") demo task into ``folder``; return it (the include path). The
+    YAML holds the dataset's absolute path, so any working directory works."""
     mllm = library == "lmms-eval"
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / ("demo_mllm.jsonl" if mllm else "demo_text.jsonl")

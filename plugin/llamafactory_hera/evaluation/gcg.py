@@ -1,11 +1,10 @@
-"""GCG: an adversarial suffix optimised on the model itself (Zou et al. 2023, "Universal and Transferable Adversarial
-Attacks on Aligned Language Models", Algorithm 1 for one prompt), for ``eval --tasks jailbreak``; own code, not nanogcg
-(docs/eval.md says why, and gives the budget, the target and the cost).
+"""GCG for ``eval --tasks jailbreak``: an adversarial suffix optimised on the model itself (Zou et al. 2023, "Universal
+and Transferable Adversarial Attacks on Aligned Language Models", Algorithm 1, one prompt); own code, not nanogcg
+(why, budget, target, cost: docs/eval.md).
 
-The attacked input is ``before + suffix + after`` (:func:`llamafactory_hera.harc.data.template_tail`); the loss is
-the NLL of the target following it. Each iteration: :func:`token_gradients`, :func:`sample_candidates`,
-:func:`keep_retokenizable`, then :func:`target_losses`: the best candidate is the next suffix. The result is the
-lowest-loss suffix seen (:func:`optimise_suffix`); :func:`optimised_suffixes` caches each one the moment it is found.
+Input ``before + suffix + after`` (:func:`llamafactory_hera.harc.data.template_tail`); loss: NLL of the target after
+it. Each iteration: :func:`token_gradients`, :func:`sample_candidates`, :func:`keep_retokenizable`,
+:func:`target_losses`; the best candidate is the next suffix.
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ CHUNK = 64  # candidates per forward pass (halved on out-of-memory)
 
 @dataclass(frozen=True)
 class Problem:
-    """The ids around the suffix (1-D long tensors): the template up to the prompt's end, the template's tail after
-    the user content, and the target the answer should start with."""
+    """Ids around the suffix (1-D long): template up to the prompt's end, template tail after the user content, and
+    the target the answer should start with."""
 
     before: torch.Tensor
     after: torch.Tensor
@@ -38,7 +37,7 @@ class Problem:
 
 @dataclass(frozen=True)
 class Suffix:
-    """An optimised suffix: its ids and text, its loss, the initial suffix's loss, the best loss after each step."""
+    """An optimised suffix; ``losses``: the best loss after each step."""
 
     ids: tuple[int, ...]
     text: str
@@ -48,9 +47,8 @@ class Suffix:
 
 
 def allowed_tokens(tokenizer: Any, vocab_rows: int) -> torch.Tensor:
-    """``[vocab_rows]`` bool: ids the suffix may hold (decoded printable ASCII, not blank, not special, not an added
-    token: chat control tokens such as ``<|start_header_id|>`` and reserved ones are added tokens, and not all of
-    them are in ``all_special_ids``)."""
+    """``[vocab_rows]`` bool: ids the suffix may hold: printable non-blank ASCII, not special, not added (chat
+    control tokens such as ``<|start_header_id|>`` are added tokens, not always in ``all_special_ids``)."""
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
     allowed = torch.zeros(vocab_rows, dtype=torch.bool)
     for index in range(min(vocab_rows, len(tokenizer))):
@@ -60,22 +58,21 @@ def allowed_tokens(tokenizer: Any, vocab_rows: int) -> torch.Tensor:
 
 
 def _embedding_scale(embedding: Any) -> Any:
-    """What the embedding module multiplies its rows by (Gemma's scaled embeddings), else 1."""
+    """The embedding's row scale (Gemma), else 1."""
     scale = getattr(embedding, "embed_scale", None)
     return 1.0 if scale is None else scale.to(embedding.weight.dtype) if torch.is_tensor(scale) else scale
 
 
 def _target_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``logits`` ``[b, m, V]`` at the positions predicting ``target`` ``[m]`` -> mean NLL per row ``[b]`` (the
-    models are asked for the last ``m + 1`` positions' logits only: a 128k vocabulary's logits for every position
-    of 64 candidates would take gigabytes)."""
+    """``logits`` ``[b, m, V]`` predicting ``target`` ``[m]`` -> mean NLL per row ``[b]``. Callers ask only for the
+    last ``m + 1`` positions' logits: all positions of 64 candidates at a 128k vocabulary take gigabytes."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     return -log_probs.gather(2, target.expand(logits.shape[0], -1).unsqueeze(2)).squeeze(2).mean(1)
 
 
 def token_gradients(model: Any, problem: Problem, suffix: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1's ``∇_{e_{x_i}} L(x)`` for every suffix position ``i``: ``[n, V]``, the gradient of the target
-    loss with respect to the one-hot token indicators of ``suffix`` ``[n]`` (embeddings = one-hot @ W_E)."""
+    """Algorithm 1's ``∇_{e_{x_i}} L(x)``, ``[n, V]``: the target loss's gradient w.r.t. the one-hot tokens of
+    ``suffix`` ``[n]`` (embeddings = one-hot @ W_E)."""
     embedding = model.get_input_embeddings()
     weight = embedding.weight
     one_hot = torch.zeros(len(suffix), weight.shape[0], dtype=weight.dtype, device=weight.device)
@@ -101,8 +98,8 @@ def token_gradients(model: Any, problem: Problem, suffix: torch.Tensor) -> torch
 def sample_candidates(
     suffix: torch.Tensor, grad: torch.Tensor, top_k: int, width: int, allowed: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
-    """``[width, n]`` candidates, each ``suffix`` with one position ``i ~ U(suffix)`` set to a token
-    ``~ U(top-k of -grad[i])`` among the allowed tokens (Algorithm 1's inner loop)."""
+    """``[width, n]`` candidates: ``suffix`` with position ``i ~ U(suffix)`` set to an allowed token
+    ``~ U(top-k of -grad[i])`` (Algorithm 1's inner loop)."""
     scores = -grad.float().cpu()
     scores[:, ~allowed[: scores.shape[1]]] = float("-inf")
     top = scores.topk(min(top_k, int(allowed.sum())), dim=1).indices  # [n, k]
@@ -114,7 +111,7 @@ def sample_candidates(
 
 
 def keep_retokenizable(tokenizer: Any, candidates: torch.Tensor) -> torch.Tensor:
-    """The candidate rows whose decoded text encodes back to the same ids."""
+    """Rows whose decoded text encodes back to the same ids."""
     keep = [tokenizer.encode(tokenizer.decode(row), add_special_tokens=False) == row.tolist() for row in candidates]
     return candidates[torch.tensor(keep, dtype=torch.bool)]
 
@@ -122,8 +119,8 @@ def keep_retokenizable(tokenizer: Any, candidates: torch.Tensor) -> torch.Tensor
 def target_losses(
     model: Any, problem: Problem, candidates: torch.Tensor, chunk: int = CHUNK
 ) -> tuple[torch.Tensor, int]:
-    """Every candidate's target loss ``[B]`` (float32, on the CPU), in forward passes of ``chunk`` rows (halved when
-    the device runs out of memory), and the chunk size that fitted (the next step starts from it)."""
+    """Target losses ``[B]`` (float32, CPU), in passes of ``chunk`` rows (halved on out-of-memory), and the chunk
+    that fitted (the next step starts from it)."""
     device = problem.before.device
     width = len(candidates)
 
@@ -143,7 +140,7 @@ def target_losses(
             if chunk == 1:
                 raise
             out_of_memory = True
-        if out_of_memory:  # out of the except block: its frames no longer hold the failed pass's tensors
+        if out_of_memory:  # outside except: its frames would hold the failed pass's tensors
             chunk = max(1, chunk // 2)
             torch.cuda.empty_cache()
             continue
@@ -153,7 +150,7 @@ def target_losses(
 
 
 def initial_suffix(tokenizer: Any, length: int) -> torch.Tensor:
-    """The paper's initial suffix ``! ! ! ...``, ``length`` tokens of its encoding."""
+    """The paper's initial suffix ``! ! ! ...``, ``length`` tokens."""
     ids = tokenizer.encode(" !" * length, add_special_tokens=False)[:length]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -166,8 +163,8 @@ def optimise_suffix(
     allowed: torch.Tensor | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> Suffix:
-    """Algorithm 1 for ``budget.steps`` iterations; the suffix of the lowest loss seen. Seeded by ``budget.seed``.
-    ``allowed``: :func:`allowed_tokens` (computed when not given; a caller attacking many prompts passes it once)."""
+    """Algorithm 1 for ``budget.steps`` iterations, seeded by ``budget.seed``; the lowest-loss suffix seen.
+    ``allowed``: :func:`allowed_tokens`, computed if None (pass it to reuse it across prompts)."""
     generator = torch.Generator().manual_seed(budget.seed)
     if allowed is None:
         allowed = allowed_tokens(tokenizer, model.get_input_embeddings().weight.shape[0])
@@ -198,7 +195,7 @@ def optimise_suffix(
 
 
 def suffix_key(prompt: str, target: str, budget: Budget) -> str:
-    """The cache file's name of one suffix: what it was optimised for and under."""
+    """A suffix's cache file name: what it was optimised for and under."""
     text = json.dumps([prompt, target, repr(budget), algorithm_source()])
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -219,7 +216,7 @@ def optimised_suffixes(
     cache_dir: Path | None,
     say: Callable[[str], None],
 ) -> dict[str, Suffix]:
-    """A suffix per prompt of ``problems`` (prompt -> (problem, target text)), read from ``cache_dir`` or optimised
+    """A suffix per prompt (``problems``: prompt -> (problem, target text)), read from ``cache_dir`` or optimised
     and written there at once."""
     from tqdm.auto import tqdm
 

@@ -1,6 +1,5 @@
-"""The ``jailbreak`` task of ``llamafactory-hera eval``: attack success rates (ASR) on held-out harmful prompts
-(docs/eval.md, "Jailbreak robustness", says what each attack, the judge and the outputs are). Each ASR entry names
-what scored it (``scored_by``).
+"""The ``jailbreak`` eval task: attack success rates (ASR) on held-out harmful prompts (docs/eval.md, "Jailbreak
+robustness"). Each ASR entry names its scorer (``scored_by``).
 """
 
 from __future__ import annotations
@@ -20,19 +19,18 @@ from llamafactory_hera.log import progress_once, say_once
 from llamafactory_hera.runtime.errors import RecipeError
 
 ATTACKS = ("direct", "prefilling", "templates", "gcg")
-DEFAULT_ATTACKS = ("direct", "prefilling", "templates")  # gcg costs minutes per prompt on a 7B model: on request
+DEFAULT_ATTACKS = ("direct", "prefilling", "templates")  # gcg: minutes per prompt on a 7B model
 PREFIX = "Sure, here is"
 TEMPLATES_FILE = Path(__file__).with_name("jailbreak_templates.yaml")
-MATCHER_SOURCE = Path(__file__).parents[1] / "harc" / "evaluate.py"  # HARC's refusal matcher and greedy generation
-MAX_NEW_TOKENS = 64  # a non-HARC run's answer length (a HARC run uses its recipe's harc_eval_max_new_tokens)
+MATCHER_SOURCE = Path(__file__).parents[1] / "harc" / "evaluate.py"  # refusal matcher, greedy generation
+MAX_NEW_TOKENS = 64  # HARC runs use their harc_eval_max_new_tokens
 
 
 @dataclass(frozen=True)
 class JailbreakSetup:
-    """What ``--attacks``, ``--prompts``, ``--gcg-steps`` and ``--judge`` asked for: the attacks in order, the
-    prompts (empty: a HARC run's held-out harmful rows), GCG's budget and per-prompt ``targets`` (others get
-    :data:`PREFIX`), ``transfer``: (prompt, suffix) pairs optimised on the other model, the checked judge (None: the
-    refusal matcher), and the prompts file's other data (:class:`.attack_data.AttackData`)."""
+    """The task's options. ``prompts`` empty: a HARC run's held-out harmful rows; ``targets``: per prompt (others
+    get :data:`PREFIX`); ``transfer``: (prompt, suffix) pairs optimised on the other model; ``judge`` None: the
+    refusal matcher; ``data``: the prompts file's other data."""
 
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
     prompts_file: Path | None = None
@@ -44,9 +42,8 @@ class JailbreakSetup:
     data: AttackData | None = None
 
     def revision(self) -> str:
-        """What a cached result was computed under: this module and GCG's, HARC's matcher and generation
-        (:data:`MATCHER_SOURCE`), the templates, the attacks, the prompts, GCG's budget, the transferred suffixes and
-        the judge (its config and :mod:`.judge`'s source)."""
+        """What a cached result was computed under: the sources (this module, GCG's, :data:`MATCHER_SOURCE`,
+        templates), attacks, prompts, GCG's settings and the judge's fingerprint."""
         sources = [path.read_text(encoding="utf-8") for path in (Path(__file__), TEMPLATES_FILE, MATCHER_SOURCE)] + [
             algorithm_source()
         ]
@@ -62,9 +59,8 @@ class JailbreakSetup:
 
 @dataclass(frozen=True)
 class Case:
-    """One attacked prompt: the attack, the template id (``templates`` only), the original prompt, the user message
-    given to the model, the forced start of its answer (``prefilling`` only), and for GCG the suffix, its loss and
-    the ids given to the model."""
+    """One attacked prompt. ``message``: the user message the model gets; ``template``: ``templates`` only;
+    ``prefix``: the forced answer start (``prefilling``); the rest: GCG's."""
 
     attack: str
     template: str | None
@@ -78,7 +74,7 @@ class Case:
 
 
 def parse_attacks(spec: str) -> tuple[str, ...]:
-    """``--attacks`` (comma-separated) -> the attacks in the order given; one-line error for an unknown name."""
+    """``--attacks`` -> the attacks in order given; one-line error for an unknown name."""
     names = tuple(dict.fromkeys(item.strip() for item in spec.split(",") if item.strip()))
     if not names:
         raise RecipeError(f"--attacks: empty; give some of {', '.join(ATTACKS)}")
@@ -91,7 +87,7 @@ def parse_attacks(spec: str) -> tuple[str, ...]:
 def setup_from_args(
     attacks: str, prompts: Path | None, judge: str | None, gcg_steps: int | None = None, targets: Path | None = None
 ) -> JailbreakSetup:
-    """The task's settings from the command line, checked (one-line errors, nothing loaded)."""
+    """The checked settings from the command line (one-line errors, nothing loaded)."""
     names = parse_attacks(attacks)
     if gcg_steps is not None and "gcg" not in names:
         raise RecipeError(
@@ -117,7 +113,7 @@ def setup_from_args(
 
 
 def load_templates() -> tuple[int, dict[str, str]]:
-    """The version of :data:`TEMPLATES_FILE` and its framings, id -> text with ``{prompt}`` or ``{first_half}`` /
+    """:data:`TEMPLATES_FILE`'s version and framings: id -> text with ``{prompt}`` or ``{first_half}`` /
     ``{second_half}``."""
     import yaml
 
@@ -126,8 +122,7 @@ def load_templates() -> tuple[int, dict[str, str]]:
 
 
 def apply_template(text: str, prompt: str) -> str:
-    """A framing's ``text`` with the prompt (or its two halves, split at the middle word) put in, nothing else
-    changed."""
+    """``text`` with the prompt (or its halves, split at the middle word) put in."""
     words = prompt.split()
     middle = (len(words) + 1) // 2
     return (
@@ -138,8 +133,7 @@ def apply_template(text: str, prompt: str) -> str:
 
 
 def attack_cases(attacks: tuple[str, ...], prompts: list[str]) -> list[Case]:
-    """Every (attack, prompt[, template]) the task answers without optimising, attack by attack (GCG's cases come
-    from :func:`gcg_cases`)."""
+    """Every (attack, prompt[, template]) case but GCG's (:func:`gcg_cases`), attack by attack."""
     cases: list[Case] = []
     for attack in attacks:
         if attack == "direct":
@@ -156,8 +150,7 @@ def attack_cases(attacks: tuple[str, ...], prompts: list[str]) -> list[Case]:
 
 
 def _prompt_and_prefix(template: Any, tokenizer: Any, message: str, prefix: str) -> tuple[list[int], list[int]]:
-    """The chat template's prompt ids up to the assistant header, and ``prefix``'s ids as the template encodes an
-    assistant answer, without its closing tokens."""
+    """Prompt ids up to the assistant header, and ``prefix`` encoded as an answer without its closing tokens."""
     from llamafactory_hera.harc.data import answer_tail
 
     messages = [{"role": "user", "content": message}, {"role": "assistant", "content": prefix or "x"}]
@@ -171,7 +164,7 @@ def _prompt_and_prefix(template: Any, tokenizer: Any, message: str, prefix: str)
 
 
 def encode_case(template: Any, tokenizer: Any, case: Case) -> tuple[int, ...]:
-    """The ids the model is given: GCG's own, else :func:`_prompt_and_prefix`'s, joined."""
+    """The model's input ids: GCG's own, else :func:`_prompt_and_prefix`'s joined."""
     if case.ids:
         return case.ids
     prompt_ids, prefix_ids = _prompt_and_prefix(template, tokenizer, case.message, case.prefix)
@@ -179,8 +172,7 @@ def encode_case(template: Any, tokenizer: Any, case: Case) -> tuple[int, ...]:
 
 
 def gcg_problem(engine: Any, prompt: str, target: str = PREFIX) -> Any:
-    """GCG's ids for ``prompt`` on ``engine``'s device: the template up to the prompt's end, the template's tail after
-    the user content (its end and the assistant header), and ``target`` as the template encodes an answer's start."""
+    """:class:`.gcg.Problem` for ``prompt`` on ``engine``'s device; ``target`` encoded as an answer's start."""
     import torch
 
     from llamafactory_hera.evaluation import gcg
@@ -200,8 +192,8 @@ def gcg_problem(engine: Any, prompt: str, target: str = PREFIX) -> Any:
 
 
 def gcg_cases(engine: Any, prompts: list[str], setup: JailbreakSetup, suffix_cache: Path | None = None) -> list[Case]:
-    """``gcg_adaptive``: a suffix optimised on ``engine``'s model for each prompt (cached in ``suffix_cache``);
-    ``gcg_transfer``: the other model's suffix for the prompt, encoded by this model's tokenizer."""
+    """``gcg_adaptive``: a suffix per prompt optimised on ``engine``'s model (cached in ``suffix_cache``);
+    ``gcg_transfer``: the other model's suffix, encoded by this tokenizer."""
     from llamafactory_hera.evaluation.gcg import optimised_suffixes
 
     targets = dict(setup.targets)
@@ -246,7 +238,7 @@ def gcg_cases(engine: Any, prompts: list[str], setup: JailbreakSetup, suffix_cac
 
 
 def harc_prompts(rows_from: Any) -> list[str]:
-    """A HARC run's held-out harmful prompts: the last user message of its ``harc_harmful`` validation rows."""
+    """The last user message of a HARC run's held-out ``harc_harmful`` rows."""
     from llamafactory_hera.harc.config import parse_harc_arguments
     from llamafactory_hera.harc.data import split_rows
     from llamafactory_hera_patches.tools.model_data import load_aligned_rows, parse_recipe
@@ -259,8 +251,7 @@ def harc_prompts(rows_from: Any) -> list[str]:
 
 
 def asr_entries(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Report entries from the scored answers: ``asr_<attack>`` for each attack, ``asr_template:<id>`` per
-    template (lower is better)."""
+    """``asr_<attack>`` and ``asr_template:<id>`` report entries (lower is better)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in answers:
         groups.setdefault(f"asr_{row['attack']}", []).append(row)
@@ -287,7 +278,7 @@ def run_jailbreak(
     stop_ids: list[int],
     suffix_cache: Path | None = None,
 ) -> dict[str, Any]:
-    """Answer every case greedily on ``engine``'s model and score it: ``{"entries", "answers", "settings"}``."""
+    """Answer every case greedily and score it: ``{"entries", "answers", "settings"}``."""
     from llamafactory_hera.harc.evaluate import MATCHER, generate_answers, is_refusal
 
     prompts = list(setup.prompts) or harc_prompts(rows_from)
@@ -336,7 +327,7 @@ def run_jailbreak(
     settings_judge = {}
     scorer = scorer_name(setup.judge)
     if setup.judge is not None:
-        # the judge reads the prompt and the answer; HarmBench's, a HarmBench behaviour apart from its context
+        # the judge reads prompt and answer; HarmBench's reads a behaviour apart from its context
         read = {
             prompt: (behaviour, context)
             for prompt, behaviour, context in (

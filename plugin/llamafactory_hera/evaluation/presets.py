@@ -1,6 +1,5 @@
-"""Task presets of ``llamafactory-hera eval``: the paper's benchmark groups as lmms-eval 0.7.3 / lm-eval 0.4.13 task
-names (docs/eval.md, "Task presets"), ``refusal`` (HARC's refusal check), ``jailbreak`` (:mod:`.jailbreak`) and
-``demo`` (:mod:`.demo_tasks`). Imports nothing heavy.
+"""``llamafactory-hera eval``'s task presets: the papers' benchmark groups as lmms-eval 0.7.3 / lm-eval 0.4.13 tasks
+(docs/eval.md, "Task presets"), ``refusal``, ``jailbreak`` and ``demo``. Light imports.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ LMMS = "lmms-eval"
 LM = "lm-eval"
 REFUSAL = "refusal"
 JAILBREAK = "jailbreak"
-MODULES = {LMMS: "lmms_eval", LM: "lm_eval"}  # the libraries' import names
+MODULES = {LMMS: "lmms_eval", LM: "lm_eval"}  # import names
 DEMO_MLLM_TASK = "llamafactory_hera_demo_mllm"
 DEMO_TEXT_TASK = "llamafactory_hera_demo_text"
 REFUSAL_TASK = "harc_refusal"
@@ -28,13 +27,13 @@ REFUSAL_TASK = "harc_refusal"
 
 @dataclass(frozen=True)
 class Preset:
-    """A named set of tasks for one kind of model (``mllm`` or ``text``) and the group they are reported under."""
+    """Tasks for one ``modality`` (``mllm`` / ``text``), reported under ``group``."""
 
     name: str
     group: str
     modality: str
     tasks: tuple[str, ...]
-    holds: str  # what the README says the preset holds
+    holds: str  # as the README says
 
 
 PRESETS: dict[str, Preset] = {
@@ -47,8 +46,8 @@ PRESETS: dict[str, Preset] = {
             ("cv_bench_2d", "cv_bench_3d", "mmvp", "realworldqa"),
             "CV-Bench 2D and 3D, MMVP, RealWorldQA",
         ),
-        # MMBench scored by its static choice extraction (mmbench_en_dev asks GPT); MathVista (a GPT judge, 16k-token
-        # answers) and HallusionBench (a ChatGPT judge) are left out: each preset runs without an API key (review)
+        # every preset runs without an API key: MMBench by static choice extraction (mmbench_en_dev asks GPT); no
+        # MathVista (GPT judge, 16k-token answers) or HallusionBench (ChatGPT judge)
         Preset(
             "general",
             "General",
@@ -70,9 +69,8 @@ PRESETS: dict[str, Preset] = {
             ("chartqa", "ocrbench", "textvqa_val", "docvqa_val"),
             "ChartQA, OCRBench, TextVQA (val), DocVQA (val)",
         ),
-        # HeRA's hallucination benchmarks that lmms-eval scores without a key: HallusionBench's aggregation asks GPT-4
-        # (hallusion_bench/utils.py: evaluate_by_chatgpt), and AMBER's discriminative part has no task of its own, so
-        # POPE (which HeRA does not report; RAH-LoRA's Table 1 does) is the preset's yes/no benchmark
+        # scored without a key (HallusionBench asks GPT-4); AMBER's discriminative part has no task, so POPE
+        # (RAH-LoRA's, not HeRA's) is the yes/no benchmark
         Preset(
             "hallucination",
             "Hallucination",
@@ -80,8 +78,7 @@ PRESETS: dict[str, Preset] = {
             ("pope", "coco_cap_chair", "amber_g"),
             "POPE (adversarial, popular, random), CHAIR on MSCOCO captions, AMBER (generative)",
         ),
-        # RAH-LoRA's Table 1 in the paper's column order: VQAv2 on val (test-dev is scored only by the EvalAI server),
-        # TextVQA with OCR tokens in the prompt as LLaVA-1.5 asked it (.protocols writes the task)
+        # RAH-LoRA's Table 1 in column order (why VQAv2 val, TextVQA with OCR tokens: .protocols)
         Preset(
             "rah",
             "RAH-LoRA Table 1",
@@ -135,7 +132,7 @@ ALL_PRESETS = (*PRESETS, DEMO)
 
 @dataclass(frozen=True)
 class PlannedTask:
-    """One task to run: its name in its library, the library, the report group."""
+    """One task to run and its report group."""
 
     name: str
     library: str
@@ -143,7 +140,7 @@ class PlannedTask:
 
 
 def library_of(task: str, modality: str) -> str:
-    """The library that runs ``task`` for a model of ``modality``."""
+    """The library running ``task`` for ``modality``."""
     return {REFUSAL_TASK: REFUSAL, JAILBREAK: JAILBREAK}.get(task, LMMS if modality == "mllm" else LM)
 
 
@@ -155,13 +152,13 @@ def _group_of(task: str) -> str:
 
 
 def plan_tasks(spec: str, modality: str, stage: str, known: set[str] | None) -> list[PlannedTask]:
-    """``--tasks`` (comma-separated presets and task names) -> the tasks to run, in order, without repeats; ``known``:
-    the task and group names of the library that serves ``modality`` (``None``: not checked)."""
+    """``--tasks`` -> the tasks in order, without repeats; ``known``: the serving library's task and group names
+    (None: not checked)."""
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
         raise RecipeError(f"--tasks: empty; give presets ({', '.join(ALL_PRESETS)}) or task names, comma-separated")
     planned: list[PlannedTask] = []
-    # a HARC run's demo and jailbreak also run harc_refusal: over-refusal, the usability of the trade-off (.tradeoff)
+    # a HARC run's demo and jailbreak add harc_refusal: over-refusal, the trade-off's usability
     refusal = [REFUSAL_TASK] if stage == "harc" else []
     for item in items:
         if item == DEMO:
@@ -177,7 +174,7 @@ def plan_tasks(spec: str, modality: str, stage: str, known: set[str] | None) -> 
             names = [JAILBREAK, *refusal] if item == JAILBREAK else list(preset.tasks)
         else:
             preset_typo = difflib.get_close_matches(item, ALL_PRESETS, n=1, cutoff=0.8)
-            if preset_typo and item not in (known or ()):  # a misspelt preset: said without reading the registry
+            if preset_typo and item not in (known or ()):  # a misspelt preset, without the registry
                 raise RecipeError(
                     f"--tasks: unknown preset or task '{item}'; did you mean {preset_typo[0]}? presets: "
                     f"{', '.join(ALL_PRESETS)}"
@@ -203,7 +200,7 @@ def plan_tasks(spec: str, modality: str, stage: str, known: set[str] | None) -> 
     return planned
 
 
-# Tasks of the presets whose scoring needs what lmms-eval 0.7.3 does not install (docs/eval.md, "Hallucination"):
+# preset tasks whose scoring needs what lmms-eval 0.7.3 does not install (docs/eval.md, "Hallucination")
 AMBER_FILES = ("relation.json", "safe_words.txt", "annotations.json", "metrics.txt")
 NLTK_DATA = {
     "punkt_tab": "tokenizers/punkt_tab",
@@ -213,7 +210,7 @@ NLTK_DATA = {
 
 
 def _nltk_missing() -> list[str]:
-    """NLTK's data that CHAIR's and AMBER's scoring read (tokenizer, tagger, WordNet), where absent."""
+    """The absent NLTK data of CHAIR's and AMBER's scoring."""
     if importlib.util.find_spec("nltk") is None:
         return ["NLTK (pip install 'llamafactory-hera[eval]')"]
     import nltk
@@ -231,7 +228,7 @@ def _nltk_missing() -> list[str]:
 
 
 def _amber_missing() -> list[str]:
-    """What AMBER's generative scoring needs besides NLTK: spaCy with an English model and AMBER's metadata files."""
+    """What AMBER's scoring lacks besides NLTK: spaCy, an English model, AMBER's metadata."""
     missing = [] if importlib.util.find_spec("spacy") else ["spaCy (pip install 'llamafactory-hera[eval]')"]
     if not any(importlib.util.find_spec(model) for model in ("en_core_web_md", "en_core_web_sm", "en_core_web_lg")):
         missing.append("a spaCy English model (python -m spacy download en_core_web_md)")
@@ -245,7 +242,7 @@ def _amber_missing() -> list[str]:
     return missing
 
 
-# CHAIR's and AMBER's data in one command, run from the folder eval runs in (AMBER_BASE_DIR's default, ./data/amber)
+# CHAIR's and AMBER's data in one command, run where eval runs (AMBER_BASE_DIR's default, ./data/amber)
 SCORER_DATA = (
     "python -m nltk.downloader punkt_tab averaged_perceptron_tagger_eng wordnet && python -m spacy download "
     "en_core_web_md && git clone --depth 1 https://github.com/junyangwang0410/AMBER /tmp/AMBER && mkdir -p "
@@ -255,8 +252,8 @@ SETUP_CHECKS = {"coco_cap_chair": lambda: _nltk_missing(), "amber_g": lambda: _a
 
 
 def _datasets_missing(planned: list[PlannedTask], cached: Callable[[PlannedTask], bool]) -> tuple[list[str], str]:
-    """Offline: the tasks whose dataset the datasets cache lacks, with it, as one clause, and the one command that
-    fetches them all (tasks whose results are ``cached`` for every model need none); nothing when all are there."""
+    """Offline: the tasks whose datasets are not cached (``cached`` tasks need none) and one clause with the command
+    fetching them all; ([], "") when none."""
     said = offline()
     if not said:
         return [], ""
@@ -286,9 +283,8 @@ def _datasets_missing(planned: list[PlannedTask], cached: Callable[[PlannedTask]
 
 
 def check_task_setup(planned: list[PlannedTask], cached: Callable[[PlannedTask], bool] = lambda task: False) -> None:
-    """Refuse, before any model loads, tasks that cannot run here: a scorer's missing dependency (CHAIR's and AMBER's)
-    or, offline, a dataset not in the cache (unless ``cached``: the task's results are in the eval cache), naming
-    the task, what is missing and the command that sets it up, and the ``--tasks`` without them."""
+    """Before any model loads, refuse tasks that cannot run here (a scorer's missing dependency; offline, an uncached
+    dataset unless ``cached``), naming what is missing, its setup command and the ``--tasks`` without them."""
     scorers = {task.name: SETUP_CHECKS[task.name]() for task in planned if task.name in SETUP_CHECKS}
     scorers = {name: missing for name, missing in scorers.items() if missing}
     datasets, fetch = _datasets_missing(planned, cached)

@@ -1,9 +1,6 @@
-"""How each column printed beside a paper's row is computed, against how the paper computed it (docs/eval.md,
-"What each paper reports"): per column, its benchmarks as lmms-eval 0.7.3 task, metric, scale and aggregation, the
-paper's protocol, and the difference where one is known (the column is then marked in the printed table, the JSON and
-the PNG). Also the scores lmms-eval does not aggregate as the papers do, computed here from its per-sample results
-(:data:`DERIVED`: POPE's F1 per split as LLaVA-1.5, CV-Bench per source as Cambrian-1), and the TextVQA task variant
-with OCR tokens in the prompt, as LLaVA-1.5 asked it (:func:`write_protocol_tasks`). Imports nothing heavy.
+"""Each paper column's lmms-eval 0.7.3 benchmarks against the paper's protocol, a known difference marking the column
+(docs/eval.md, "What each paper reports"); scores lmms-eval aggregates otherwise, computed from its samples; and
+LLaVA-1.5's TextVQA variant with OCR tokens. Light imports.
 """
 
 from __future__ import annotations
@@ -15,15 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MARK = "*"  # after a column's name: computed otherwise than the paper; the notes say how
+MARK = "*"  # after a column computed otherwise than the paper
 TEXTVQA_OCR = "textvqa_val_ocr"  # lmms-eval's textvqa_val with "Reference OCR token: ..." in the prompt
-DERIVED_REVISION = "1"  # raise when a derived score changes: cached results of its tasks are computed again
+DERIVED_REVISION = "1"  # raise when a derived score changes: its tasks' caches rerun
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """One benchmark of a paper's column: the lmms-eval task and metric read, the factor to the paper's scale, how
-    the score is aggregated here, how the paper computed it, and how the two differ ("": they do not)."""
+    """One benchmark of a paper's column: lmms-eval task and metric, factor to the paper's scale, aggregation here,
+    the paper's protocol, and the difference ("": none)."""
 
     task: str
     metric: str
@@ -120,7 +117,7 @@ TABLE2_PROTOCOLS: dict[str, tuple[Protocol, ...]] = {
         Protocol("realworldqa", "exact_match", 100.0, "accuracy", f"{_CAMBRIAN}: RealWorldQA"),
     ),
 }
-# where a column is not a mean of the paper's benchmarks (one missing), beside its benchmarks' own differences
+# columns that are not a mean of all the paper's benchmarks
 TABLE2_COLUMN_NOTES = {
     "Knowledge": "the paper's Knowledge (Cambrian-1's) also averages MathVista, which the knowledge "
     "preset leaves out (a GPT judge): a mean over three benchmarks, not four"
@@ -193,13 +190,12 @@ RAH_PROTOCOLS: dict[str, tuple[Protocol, ...]] = {
 
 
 def scores(protocols: dict[str, tuple[Protocol, ...]]) -> dict[str, tuple[str, float]]:
-    """task -> (its headline metric, the factor to the paper's scale)."""
+    """task -> (headline metric, factor to the paper's scale)."""
     return {p.task: (p.metric, p.scale) for column in protocols.values() for p in column}
 
 
 def differences(protocols: dict[str, tuple[Protocol, ...]], column_notes: dict[str, str]) -> dict[str, str]:
-    """column -> how it differs from the paper's (its benchmarks' differences, then the column's note); marked
-    columns only."""
+    """Marked column -> its benchmarks' differences, then its note."""
     found = {}
     for column, benchmarks in protocols.items():
         said = [f"{p.task}: {p.differs}" for p in benchmarks if p.differs]
@@ -231,16 +227,15 @@ def described(protocols: dict[str, tuple[Protocol, ...]]) -> dict[str, list[dict
 
 
 def llava_pope_answer(text: str) -> str:
-    """An answer read as LLaVA's llava/eval/eval_pope.py reads it, case-sensitive: its first sentence (cut at the first
-    "."), commas dropped, split on spaces, is "no" when one of its words is "No", "not" or "no", else "yes" (so "NO"
-    and "Not really" read as yes, as there)."""
+    """An answer read as LLaVA's llava/eval/eval_pope.py does, case-sensitive: "no" when its first sentence, commas
+    dropped, has the word "No", "not" or "no", else "yes" (so "NO" and "Not really" read as yes, as there)."""
     words = text.split(".")[0].replace(",", "").split(" ")
     return "no" if "No" in words or "not" in words or "no" in words else "yes"
 
 
 def raw_response(sample: dict[str, Any]) -> str | None:
-    """The model's answer of an lmms-eval sample as the task's ``process_results`` received it (``filtered_resps``,
-    not lower-cased as POPE's ``prediction``), stripped as LLaVA's model_vqa_loader.py writes its answer file."""
+    """A sample's answer as ``process_results`` got it (``filtered_resps``; POPE's ``prediction`` is lower-cased),
+    stripped as LLaVA's model_vqa_loader.py writes it."""
     responses = sample.get("filtered_resps") or []
     first = responses[0] if responses else None
     if isinstance(first, list):
@@ -249,7 +244,7 @@ def raw_response(sample: dict[str, Any]) -> str | None:
 
 
 def _f1(pairs: list[tuple[str, str]]) -> float:
-    """F1 of "yes" over (prediction, truth) pairs (0 without a true or predicted yes, as LLaVA and lmms-eval)."""
+    """F1 of "yes" over (prediction, truth) pairs; 0 without a true or predicted yes (as LLaVA, lmms-eval)."""
     tp = sum(pred == "yes" and truth == "yes" for pred, truth in pairs)
     fp = sum(pred == "yes" and truth == "no" for pred, truth in pairs)
     fn = sum(pred == "no" and truth == "yes" for pred, truth in pairs)
@@ -259,8 +254,8 @@ def _f1(pairs: list[tuple[str, str]]) -> float:
 
 
 def pope_f1_split_mean(samples: Iterable[dict[str, Any]]) -> float | None:
-    """POPE as LLaVA-1.5 reports it: F1 per split (the sample's ``category``), the raw answers (:func:`raw_response`)
-    read by :func:`llava_pope_answer`, averaged over the splits; None without samples, splits or answers."""
+    """POPE as LLaVA-1.5 reports it: mean over splits (``category``) of the F1 of :func:`llava_pope_answer`'s
+    reading; None without samples, splits or answers."""
     splits: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for sample in samples:
         category = sample.get("doc", {}).get("category")
@@ -273,8 +268,8 @@ def pope_f1_split_mean(samples: Iterable[dict[str, Any]]) -> float | None:
 
 
 def cv_bench_source_mean(samples: Iterable[dict[str, Any]]) -> float | None:
-    """CV-Bench as Cambrian-1 reports it: the mean over the samples' sources (ADE20K, COCO; Omni3D) of the accuracy
-    on each; None without samples."""
+    """CV-Bench as Cambrian-1 reports it: mean of per-source accuracies (ADE20K, COCO; Omni3D); None without
+    samples."""
     sources: dict[str, list[bool]] = defaultdict(list)
     for sample in samples:
         scored = sample.get("cv_bench_acc") or {}
@@ -284,7 +279,7 @@ def cv_bench_source_mean(samples: Iterable[dict[str, Any]]) -> float | None:
     return statistics.fmean(sum(hits) / len(hits) for hits in sources.values()) if sources else None
 
 
-# task -> the scores computed from its samples (metric name, function); such a task runs with lmms-eval's samples kept
+# task -> (metric, function) scored from its samples; such a task keeps lmms-eval's samples
 DERIVED: dict[str, tuple[tuple[str, Callable[[Iterable[dict[str, Any]]], float | None]], ...]] = {
     "pope": (("pope_f1_split_mean", pope_f1_split_mean),),
     "cv_bench_2d": (("cv_bench_source_mean", cv_bench_source_mean),),
@@ -293,7 +288,7 @@ DERIVED: dict[str, tuple[tuple[str, Callable[[Iterable[dict[str, Any]]], float |
 
 
 def derived_entries(task: str, samples: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The result entries of ``task``'s derived scores from lmms-eval's ``samples`` (task name -> its samples)."""
+    """``task``'s derived result entries from ``samples`` (task name -> its samples)."""
     entries = []
     for metric, compute in DERIVED.get(task, ()):
         value = compute(samples.get(task) or [])
@@ -306,8 +301,8 @@ def derived_entries(task: str, samples: dict[str, list[dict[str, Any]]]) -> list
 
 
 def write_protocol_tasks(folder: Path, lmms_tasks: Path) -> None:
-    """Write :data:`TEXTVQA_OCR` into the include ``folder``: lmms-eval's ``textvqa_val`` (under ``lmms_tasks``, its
-    task folder) with the OCR tokens in the prompt, the option lmms-eval's task has and leaves off."""
+    """Write :data:`TEXTVQA_OCR` into ``folder``: lmms-eval's ``textvqa_val`` (under ``lmms_tasks``) with its
+    off-by-default OCR option on."""
     base = lmms_tasks / "textvqa" / "textvqa_val.yaml"
     (folder / f"{TEXTVQA_OCR}.yaml").write_text(
         f'include: {base}\ntask: {TEXTVQA_OCR}\nlmms_eval_specific_kwargs:\n  default:\n    pre_prompt: ""\n'
@@ -316,9 +311,9 @@ def write_protocol_tasks(folder: Path, lmms_tasks: Path) -> None:
     )
 
 
-VARIANT_OF = {TEXTVQA_OCR: "textvqa_val"}  # a task written here -> the lmms-eval task whose data it reads
+VARIANT_OF = {TEXTVQA_OCR: "textvqa_val"}  # task written here -> the task whose data it reads
 
 
 def header(column: str, marked: dict[str, str]) -> str:
-    """The column's name as printed: with :data:`MARK` when it is computed otherwise than the paper."""
+    """The column's printed name, with :data:`MARK` if marked."""
     return f"{column}{MARK}" if column in marked else column

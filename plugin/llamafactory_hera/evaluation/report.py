@@ -1,7 +1,6 @@
-"""``eval_report*.json``, ``.md`` and ``.png`` (docs/eval.md, "Outputs"): the run against its baseline, task by
-task, grouped as the paper groups its benchmarks, after the papers' table layouts (:mod:`.table2`) and the trade-off
-(:mod:`.tradeoff`) when they apply. One report per comparison, named after it (:func:`report_stem`); a rerun of the
-same comparison replaces its report and says so (the record's ``replaces``)."""
+"""``eval_report*.json``, ``.md`` and ``.png`` (docs/eval.md, "Outputs"): the run against its baseline task by task,
+grouped as the paper groups them, after the papers' tables (:mod:`.table2`) and trade-off (:mod:`.tradeoff`) when
+they apply. One report per comparison; a rerun replaces it and says so (``replaces``)."""
 
 from __future__ import annotations
 
@@ -23,12 +22,12 @@ from llamafactory_hera.plots.text import save_png
 
 REPORT_STEM = "eval_report"
 SUFFIXES = (".json", ".md", ".png")
-GROUP_ORDER = (*dict.fromkeys(p.group for p in PRESETS.values()), "Demo", "Other")  # the presets' order
+GROUP_ORDER = (*dict.fromkeys(p.group for p in PRESETS.values()), "Demo", "Other")  # presets' order
 JAILBREAK_SUFFIX = "_jailbreak.jsonl"
 
 
 def report_rows(tasks: list[PlannedTask], run: Outcome, baseline: Outcome | None) -> list[dict[str, Any]]:
-    """One row per (task, metric) the run or the baseline has: values, delta (run - baseline), group."""
+    """One row per (task, metric) of run or baseline, with delta (run - baseline)."""
     rows = []
     for task in sorted(tasks, key=lambda t: GROUP_ORDER.index(t.group) if t.group in GROUP_ORDER else 99):
         mine = {(e["task"], e["metric"]): e for e in run.results.get(task.name, {}).get("entries", [])}
@@ -124,7 +123,7 @@ def _markdown(record: dict[str, Any]) -> str:
 
 
 def table2_lines(record: dict[str, Any], paper_table: PaperTable = TABLE2) -> list[str]:
-    """The record's layout of ``paper_table`` as markdown lines (the .md report and the console)."""
+    """``paper_table``'s layout as markdown lines (report and console)."""
     return markdown_lines(
         record[paper_table.key], record["run"]["title"], (record["baseline"] or {}).get("title"), paper_table
     )
@@ -143,7 +142,7 @@ def _plot(record: dict[str, Any], path: Path) -> None:
         + (f" {MARK}" if (r["task"], r["metric"]) in marked else "")
         + (f"\n[{r['scored_by']}]" if r.get("scored_by") else "")
         for r in rows
-    ]  # the scorer on a line of its own: a judge's path is long
+    ]  # own line: a judge's path is long
     positions = list(range(len(rows)))
     run_values = [r["run"] or 0.0 for r in rows]
     axes.barh(
@@ -196,8 +195,8 @@ def _plot(record: dict[str, Any], path: Path) -> None:
 
 
 def _marked_metrics(record: dict[str, Any]) -> dict[tuple[str, str], list[str]]:
-    """(task, metric) -> the paper columns it heads, where that benchmark is computed otherwise than the paper (the
-    per-task bars of the PNG; a column short of a benchmark, as Table 2's Knowledge, has no bar to mark)."""
+    """(task, metric) computed otherwise than the paper -> the columns it heads (for the PNG's bars; a column short
+    of a benchmark, as Table 2's Knowledge, has no bar to mark)."""
     found = {}
     for paper_table in (TABLE2, RAH_TABLE1):
         layout = record.get(paper_table.key)
@@ -209,9 +208,8 @@ def _marked_metrics(record: dict[str, Any]) -> dict[tuple[str, str], list[str]]:
 
 
 def report_stem(baseline: Any, run_dir: Path | None = None) -> str:
-    """The reports' file name without suffix, after the comparison (``baseline``: a ModelSpec or None). A baseline
-    folder named like one whose report ``run_dir`` already holds (``a/sft`` then ``b/sft``), or named ``base``, gets
-    its path's short hash in the name, so neither comparison replaces the other's report."""
+    """The reports' file stem (``baseline``: a ModelSpec or None). A baseline named ``base``, or like another whose
+    report ``run_dir`` holds (``a/sft``, ``b/sft``), adds its path's hash: neither report replaces the other."""
     if baseline is None:
         return REPORT_STEM
     if not baseline.trained:
@@ -225,7 +223,7 @@ def report_stem(baseline: Any, run_dir: Path | None = None) -> str:
 
 
 def _replaced(path: Path) -> dict[str, Any] | None:
-    """What an existing report at ``path`` held (when, which tasks, against what), or None."""
+    """When, which tasks and against what an existing report at ``path`` ran, or None."""
     if not path.is_file():
         return None
     try:
@@ -242,8 +240,8 @@ def _replaced(path: Path) -> dict[str, Any] | None:
 
 
 def _write_jailbreak_answers(path: Path, run: Outcome, baseline: Outcome | None) -> dict[str, Any] | None:
-    """The jailbreak task's scored answers of both models as JSONL at ``path`` (a line per model, attack, prompt and
-    template); what the record says of it (``answers_file``, ``settings`` per model), or None when it did not run."""
+    """Both models' scored jailbreak answers as JSONL at ``path``; the record's ``answers_file`` and ``settings``
+    per model, or None when the task did not run."""
     lines = []
     settings = {}
     for outcome in (run, baseline):
@@ -256,7 +254,7 @@ def _write_jailbreak_answers(path: Path, run: Outcome, baseline: Outcome | None)
             for answer in result.get("answers", [])
         ]
     if not settings:
-        path.unlink(missing_ok=True)  # the replaced report's: this one ran no jailbreak
+        path.unlink(missing_ok=True)  # the replaced report's
         return None
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return {"answers_file": path.name, "settings": settings}
@@ -265,8 +263,7 @@ def _write_jailbreak_answers(path: Path, run: Outcome, baseline: Outcome | None)
 def write_reports(
     run_dir: Path, tasks_spec: str, tasks: list[PlannedTask], run: Outcome, baseline: Outcome | None, limit: int | None
 ) -> dict[str, Any]:
-    """Write the three reports of this comparison into ``run_dir``; return the JSON record (``files``: their names;
-    ``replaces``: what the replaced report of the same name held, or None)."""
+    """Write this comparison's reports into ``run_dir``; return the JSON record."""
 
     def who(outcome: Outcome | None) -> dict[str, Any] | None:
         if outcome is None:
@@ -312,7 +309,7 @@ def write_reports(
         files.append(tradeoff_plot.name)
         plot(record, tradeoff_plot)
     else:
-        tradeoff_plot.unlink(missing_ok=True)  # the replaced report's: this one has no trade-off
+        tradeoff_plot.unlink(missing_ok=True)  # the replaced report's
     (run_dir / files[0]).write_text(json.dumps(record, indent=2), encoding="utf-8")
     (run_dir / files[1]).write_text(_markdown(record), encoding="utf-8")
     _plot(record, run_dir / files[2])

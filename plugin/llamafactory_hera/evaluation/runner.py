@@ -1,11 +1,9 @@
-"""``llamafactory-hera eval``'s runs: one task on one loaded model (lmms-eval for MLLMs, lm-eval for text models,
-HARC's refusal check, the jailbreak attacks of :mod:`.jailbreak`) and the loop over models and tasks.
+"""``llamafactory-hera eval``'s runs: one task on one loaded model, and the loop over models and tasks.
 
-The model is loaded as LLaMA-Factory loads it for inference (``HuggingfaceEngine``), served to lm-eval by its own
-``HFLM`` and to lmms-eval by :func:`lmms_model`, whose ``generate_until`` answers with LLaMA-Factory's chat (the
-prompt format the model was trained on). A task's result: ``{"entries": [{"task", "metric", "value",
-"higher_is_better"}], "seconds", "library", "version", "task_revision"}``; each finished task is cached at once in
-``RUN_DIR/eval_cache/<model key>/<task>.json`` (:meth:`ModelSpec.cache_key`).
+The model loads as LLaMA-Factory loads it for inference, served to lm-eval by ``HFLM`` and to lmms-eval by
+:func:`lmms_model`, which answers with LLaMA-Factory's chat (the trained prompt format). A task's result:
+``{"entries": [{"task", "metric", "value", "higher_is_better"}], "seconds", "library", "version", "task_revision"}``,
+cached when finished in ``RUN_DIR/eval_cache/<model key>/<task>.json``.
 """
 
 from __future__ import annotations
@@ -53,13 +51,12 @@ PIN = "CUDA_VISIBLE_DEVICES=0 llamafactory-hera eval ..."
 
 
 def _demo_folder(library: str) -> Path:
-    """The demo task set (and for lmms-eval the papers' task variants, :func:`.protocols.write_protocol_tasks`)
-    written for this process; removed when the process exits (not one folder per call left)."""
+    """The demo tasks (and for lmms-eval :func:`.protocols.write_protocol_tasks`'), removed at process exit."""
     folder = Path(tempfile.mkdtemp(prefix="llamafactory_hera_eval_tasks_"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     write_demo_tasks(folder, library)
     if library == LMMS:
-        import lmms_eval.tasks  # lazy: the eval extra, imported only to build its task manager
+        import lmms_eval.tasks  # lazy: the eval extra
 
         write_protocol_tasks(folder, Path(lmms_eval.tasks.__file__).parent)
     return folder
@@ -67,11 +64,11 @@ def _demo_folder(library: str) -> Path:
 
 @functools.cache
 def task_manager(library: str, registry: bool) -> Any:
-    """The library's ``TaskManager`` with the demo task folder and, when ``registry``, its own tasks (indexing those
-    takes seconds: lmms-eval reads about 2,000 task files); built once per process."""
+    """The library's ``TaskManager`` with the demo tasks and, if ``registry``, its own (seconds: lmms-eval reads
+    ~2,000 task files); once per process."""
     from loguru import logger
 
-    logger.remove()  # lmms-eval logs through loguru at DEBUG (a line per registry file): warnings and errors only
+    logger.remove()  # lmms-eval's loguru logs a DEBUG line per registry file
     logger.add(sys.stderr, level="WARNING")
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -87,7 +84,7 @@ def task_manager(library: str, registry: bool) -> Any:
 
 
 def known_tasks(library: str) -> set[str]:
-    """Every task, group and tag name the library's registry knows (with the demo tasks)."""
+    """Every task, group and tag name in the library's registry, and the demo tasks."""
     return set(task_manager(library, True).all_tasks)  # positional: one cache key with run_library's
 
 
@@ -113,9 +110,8 @@ def _entries(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def _without_run_metadata(evaluator: Any) -> Iterator[None]:
-    """lm-eval's ``simple_evaluate`` adds the working folder's git commit and torch's environment report to results
-    that are not kept here: its git call prints "fatal: not a git repository" outside one, and the report takes ~2 s
-    per task. It has no switch for either: its two functions do nothing for the block, then are put back."""
+    """Silence lm-eval's git commit and torch environment report for the block (not kept here; the git call prints
+    "fatal: not a git repository" outside one, the report takes ~2 s per task; no switch for either)."""
     names = [name for name in ("get_git_commit_hash", "add_env_info") if hasattr(evaluator, name)]
     kept = {name: getattr(evaluator, name) for name in names}
     for name in names:
@@ -128,7 +124,7 @@ def _without_run_metadata(evaluator: Any) -> Iterator[None]:
 
 
 def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[str, Any]]:
-    """``task`` through its library's ``simple_evaluate`` (a demo task without indexing the library's registry)."""
+    """``task`` through ``simple_evaluate`` (a demo task without indexing the registry)."""
     if task.library == LMMS:
         from lmms_eval import evaluator
 
@@ -139,7 +135,7 @@ def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[s
         options = {}
     manager = task_manager(task.library, task.name not in (DEMO_MLLM_TASK, DEMO_TEXT_TASK))
     with _without_run_metadata(evaluator if task.library == LM else None):
-        # a task scored as its paper scores it from the samples (.protocols.DERIVED) keeps them
+        # a task its paper scores from the samples (.protocols.DERIVED) keeps them
         results = evaluator.simple_evaluate(
             model=model,
             tasks=[task.name],
@@ -153,9 +149,8 @@ def run_library(model: Any, task: PlannedTask, limit: int | None) -> list[dict[s
 
 
 def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[dict[str, Any]]:
-    """HARC's end-of-run refusal check on ``engine``'s model: greedy answers to the held-out harmful and the
-    pseudo-harmful rows of ``rows_from``'s recipe (the same seeded split as training), scored by the refusal
-    matcher (:mod:`llamafactory_hera.harc.evaluate`)."""
+    """HARC's end-of-run refusal check: greedy answers to ``rows_from``'s held-out harmful and pseudo-harmful rows
+    (training's seeded split), scored by :mod:`llamafactory_hera.harc.evaluate`'s matcher."""
     from llamafactory_hera.harc.config import parse_harc_arguments
     from llamafactory_hera.harc.evaluate import generate_answers, refusal_record, stop_ids
     from llamafactory_hera.harc.roles import load_role_rows
@@ -203,12 +198,11 @@ def run_refusal(engine: Any, rows_from: ModelSpec, limit: int | None) -> list[di
 
 
 def task_revision(task: PlannedTask, jailbreak: JailbreakSetup | None = None) -> str:
-    """What a cached result of ``task`` was computed under (a cache entry of another revision is run again): the demo
-    task set's source, the jailbreak task's settings (:meth:`JailbreakSetup.revision`), HARC's refusal matcher's
-    source for the refusal task, or the library's version."""
+    """What a cached result was computed under (another revision reruns): the demo tasks' source, the jailbreak
+    setup's revision, the refusal matcher's source, or the library's version."""
     if task.library == JAILBREAK:
         return (jailbreak or JailbreakSetup()).revision()
-    if task.library == REFUSAL:  # HARC's matcher and greedy generation: a rate cached under another one is redone
+    if task.library == REFUSAL:  # HARC's matcher and greedy generation
         return "refusal:" + hashlib.sha256(jailbreak_module.MATCHER_SOURCE.read_bytes()).hexdigest()[:16]
     if task.name in (DEMO_MLLM_TASK, DEMO_TEXT_TASK):
         from llamafactory_hera.evaluation import demo_tasks
@@ -220,8 +214,7 @@ def task_revision(task: PlannedTask, jailbreak: JailbreakSetup | None = None) ->
 
 
 def device_note() -> str | None:
-    """A line when several GPUs are visible: LLaMA-Factory loads with ``device_map: auto``, a pipeline over all of
-    them (docs/eval.md, "On a node with several GPUs")."""
+    """A line when several GPUs are visible: ``device_map: auto`` pipelines over all (docs/eval.md)."""
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -234,10 +227,8 @@ def device_note() -> str | None:
 
 
 def load_engine(spec: ModelSpec) -> Any:
-    """``HuggingfaceEngine`` for ``spec`` (model in eval mode, tokenizer, processor, template, generating args), its
-    4-bit layers kept in their own layout: GCG backpropagates through the model, and a layer bitsandbytes repacked
-    for its CPU inference kernel (at any earlier task's forward) passes no gradient to its input
-    (training/eval_forward.py)."""
+    """``HuggingfaceEngine`` for ``spec``, 4-bit layers kept in their layout: GCG backpropagates, and a layer
+    bitsandbytes repacked for CPU inference (at an earlier task) passes no gradient (training/eval_forward.py)."""
     engine = inference.load_engine(spec.recipe)
     keep_4bit_layout(engine.model)
     return engine
@@ -252,7 +243,7 @@ def _flatten(visuals: Any) -> list[Any]:
 
 
 def lmms_model(engine: Any, label: str) -> Any:
-    """An lmms-eval model (``lmms``, simple type) that answers with ``engine`` (see the module docstring)."""
+    """A simple-type lmms-eval model answering with ``engine``."""
     import PIL.Image
     from lmms_eval.api.model import lmms
     from tqdm.auto import tqdm
@@ -267,8 +258,7 @@ def lmms_model(engine: Any, label: str) -> Any:
             self.batch_size_per_gpu = 1
 
         def generate_until(self, requests: list[Any]) -> list[str]:
-            """One greedy answer per request (``args``: context, generation kwargs, doc_to_visual, doc id, task,
-            split); the answer is cut at the first of the request's ``until`` strings."""
+            """One greedy answer per request, cut at its first ``until`` string."""
             answers = []
             for request in tqdm(requests, desc=f"{label}: answering", leave=False):
                 context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
@@ -306,7 +296,7 @@ def lmms_model(engine: Any, label: str) -> Any:
 
 
 def lm_model(engine: Any, batch_size: int) -> Any:
-    """lm-eval's ``HFLM`` around the engine's (merged) model and tokenizer."""
+    """lm-eval's ``HFLM`` around the engine's (merged) model."""
     from lm_eval.models.huggingface import HFLM
 
     return HFLM(pretrained=engine.model, tokenizer=engine.tokenizer, batch_size=batch_size)
@@ -322,8 +312,7 @@ def run_task(
     jailbreak: JailbreakSetup | None = None,
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """``task``'s result on the loaded ``engine`` (the jailbreak task's also holds its ``answers`` and ``settings``;
-    it keeps GCG's suffixes in ``cache_dir``, the model's eval cache folder)."""
+    """``task``'s result (jailbreak's adds ``answers`` and ``settings`` and caches GCG suffixes in ``cache_dir``)."""
     started = time.perf_counter()
     extra: dict[str, Any] = {}
     if task.library == LMMS:
@@ -359,7 +348,7 @@ def run_task(
 
 @dataclass
 class Outcome:
-    """What one model did on the planned tasks: results by task name, failures (task -> one line), cache hits."""
+    """One model's results by task, failures (task -> one line) and cache hits."""
 
     spec: ModelSpec
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -368,7 +357,7 @@ class Outcome:
 
     @property
     def precision(self) -> str:
-        """What the model was evaluated in (:func:`precision`), as its results recorded it."""
+        """:func:`precision` as the results recorded it."""
         return next((r["precision"] for r in self.results.values() if r.get("precision")), "not recorded")
 
 
@@ -379,8 +368,8 @@ def cache_file(run_dir: Path, spec: ModelSpec, task: str) -> Path:
 def cached_result(
     run_dir: Path, spec: ModelSpec, task: PlannedTask, limit: int | None, jailbreak: Any = None
 ) -> dict[str, Any] | None:
-    """``task``'s cached result on ``spec``'s model, when it was computed with this ``limit`` and revision."""
-    hit = read_record(cache_file(run_dir, spec, task.name))  # {}: absent or torn, the task runs again
+    """The cached result if computed with this ``limit`` and revision, else None."""
+    hit = read_record(cache_file(run_dir, spec, task.name))  # {}: absent or torn
     if hit and hit.get("limit") == limit and hit.get("task_revision") == task_revision(task, jailbreak):
         return hit
     return None
@@ -396,8 +385,7 @@ def evaluate_model(
     say: Any,
     jailbreak: Any = None,
 ) -> Outcome:
-    """Run (or read from the cache) every task on ``spec``'s model; a failing task is recorded and the next runs.
-    ``jailbreak``: the jailbreak task's :class:`~.jailbreak.JailbreakSetup` (None: its defaults)."""
+    """Run (or read cached) every task; a failure is recorded and the next task runs. ``jailbreak`` None: defaults."""
     from tqdm.auto import tqdm
 
     outcome = Outcome(spec)
@@ -441,8 +429,7 @@ def evaluate_model(
 
 
 def precision(model: Any) -> str:
-    """What ``model`` computes in as LLaMA-Factory loaded it: its dtype (``bfloat16``, ``float16``, ``float32``), after
-    its quantization when its ``quantization_config`` has one (``4-bit bitsandbytes nf4, float32 compute``)."""
+    """``model``'s dtype (``bfloat16``), after its quantization if any (``4-bit bitsandbytes nf4, float32 compute``)."""
     dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     if config is None:
@@ -455,7 +442,7 @@ def precision(model: Any) -> str:
 
 
 def _one_line(err: BaseException) -> str:
-    """The failure as one line; a retry wrapper (lmms-eval's dataset download) says what it last caught."""
+    """The failure in one line; a retry wrapper's (lmms-eval's download) last caught error."""
     attempt = getattr(err, "last_attempt", None)
     inner = attempt.exception() if attempt is not None and hasattr(attempt, "exception") else None
     if isinstance(inner, BaseException):

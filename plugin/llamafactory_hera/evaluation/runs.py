@@ -1,6 +1,5 @@
-"""What ``llamafactory-hera eval`` evaluates: a run directory read back into the recipe LLaMA-Factory loads it with
-(docs/eval.md, "What is loaded", gives the records read and the order). A key of :data:`COMPARED` only one of run and
-baseline recorded is taken over by the other (:attr:`ModelSpec.inherited`). Imports nothing heavy.
+"""What ``llamafactory-hera eval`` evaluates: a run directory read back into the recipe that loads it (records and
+order: docs/eval.md, "What is loaded"). Light imports.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ LLAMABOARD_ARGS = "training_args.yaml"
 HERA_RECORD = "hera_run.json"
 RAH_RECORD = "rah_profile.json"
 HARC_RECORD = "harc_run.json"
-# how the model, its processor and its prompts are read: what must be the same for a run and its baseline
+# how model, processor and prompts are read: must match between run and baseline
 COMPARED = (
     "template",
     "cutoff_len",
@@ -47,7 +46,7 @@ COMPARED = (
     "enable_thinking",
     "preserve_thinking",
 )
-# the run's quantization too: a QLoRA run is evaluated on the 4-bit base it trained on (the report says the precision)
+# quantization too: a QLoRA run is evaluated on its 4-bit base (the report says the precision)
 LOADING_KEYS = (
     "model_name_or_path",
     "adapter_name_or_path",
@@ -62,20 +61,20 @@ LOADING_KEYS = (
     *COMPARED,
 )
 RECORDS = f"{RUN_RECORD}, {LLAMABOARD_ARGS}, {HERA_RECORD}, {RAH_RECORD} or {HARC_RECORD}"
-DEFAULT_SEED = 42  # LLaMA-Factory's (TrainingArguments.seed): a run that recorded none was trained with it
+DEFAULT_SEED = 42  # LLaMA-Factory's default: a run that recorded none trained with it
 
 
 @dataclass
 class ModelSpec:
-    """One model to evaluate: the recipe keys that load it, where it came from, what kind of model it is."""
+    """One model to evaluate."""
 
     label: str  # "run" / "baseline"
     run_dir: Path
     stage: str  # hera / rah / harc / sft
-    recipe: dict[str, Any]  # LLaMA-Factory keys (model_name_or_path, adapter_name_or_path, template, ...)
+    recipe: dict[str, Any]  # LLaMA-Factory keys
     modality: str  # "mllm" / "text"
-    trained: bool  # False: --base (the recipe without the run's training)
-    harc: dict[str, Any] = field(default_factory=dict)  # harc_* keys of a HARC run (for the refusal task)
+    trained: bool  # False: --base
+    harc: dict[str, Any] = field(default_factory=dict)  # a HARC run's harc_* keys (refusal task)
     seed: int = DEFAULT_SEED
     inherited: dict[str, Any] = field(default_factory=dict)  # COMPARED keys taken over from the other model
 
@@ -84,7 +83,7 @@ class ModelSpec:
         return f"{self.run_dir.name}{'' if self.trained else ' (base)'}"
 
     def cache_key(self) -> str:
-        """Identifies the loaded weights: the loading keys and the size and time of each adapter / model file."""
+        """Identifies the weights: loading keys and each adapter / model file's size and time."""
         stamp = []
         for key in ("model_name_or_path", "adapter_name_or_path"):
             for path in str(self.recipe.get(key) or "").split(","):
@@ -105,12 +104,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _seed(value: Any) -> int:
-    """The recorded seed as recorded (``seed: 0`` is 0); LLaMA-Factory's default when none was recorded."""
+    """The recorded seed (``seed: 0`` is 0), else LLaMA-Factory's default."""
     return DEFAULT_SEED if value is None else int(value)
 
 
 def _finished(run_dir: Path, name: str, record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` unless it says its run did not finish (a one-line error naming the record and the fix)."""
+    """``record``, or a one-line error if its run did not finish."""
     status = record.get("status")
     if record.get("error_after_save"):
         print(
@@ -135,7 +134,7 @@ def _finished(run_dir: Path, name: str, record: dict[str, Any]) -> dict[str, Any
 
 
 def _method_keys(run_dir: Path) -> dict[str, Any]:
-    """A HARC run's own keys (for the refusal task), from its ``harc_run.json`` or ``training_args.yaml``."""
+    """A HARC run's keys (refusal task), from ``harc_run.json`` or ``training_args.yaml``."""
     if (run_dir / HARC_RECORD).is_file():
         return _finished(run_dir, HARC_RECORD, _read_json(run_dir / HARC_RECORD)).get("settings") or {}
     board = run_dir / LLAMABOARD_ARGS
@@ -147,8 +146,8 @@ def _method_keys(run_dir: Path) -> dict[str, Any]:
 
 
 def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any], int, Path]:
-    """(stage, host keys, method keys, seed, the record read) from the run's record; a ``checkpoint-N`` folder without
-    one: its run's (else it would take the baseline's loading keys, the confound the records exist to catch)."""
+    """(stage, host keys, method keys, seed, record read); a record-less ``checkpoint-N`` takes its run's (else it
+    would take the baseline's loading keys, the confound the records exist to catch)."""
     own = (RUN_RECORD, LLAMABOARD_ARGS, HERA_RECORD, RAH_RECORD, HARC_RECORD)
     if (
         run_dir.name.startswith("checkpoint-")
@@ -188,11 +187,11 @@ def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]
         host = record.get("host") or {}
         return "harc", host, record.get("settings") or {}, _seed(host.get("seed")), run_dir / HARC_RECORD
     adapter_config = run_dir / "adapter_config.json"
-    if adapter_config.is_file():  # a plain llamafactory-cli LoRA run (stage: sft): PEFT records the base model
+    if adapter_config.is_file():  # plain llamafactory-cli LoRA: PEFT records the base
         base = _read_json(adapter_config).get("base_model_name_or_path")
         if base:
             return "sft", {"model_name_or_path": base, "finetuning_type": "lora"}, {}, DEFAULT_SEED, adapter_config
-    if (run_dir / "config.json").is_file():  # a plain full / freeze run: the run is the model, its base unknown
+    if (run_dir / "config.json").is_file():  # plain full / freeze: base unknown
         return (
             "sft",
             {"model_name_or_path": str(run_dir), "finetuning_type": "full", "_no_base": True},
@@ -207,8 +206,8 @@ def _recorded_recipe(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]
 
 
 def is_multimodal(model_name_or_path: str, template: str | None = None) -> bool:
-    """Whether the model has a vision part: its ``config.json`` (a local folder) or, for a hub id, the recipe's
-    template (a template with a multimodal plugin, e.g. ``qwen2_vl``, ``llava``, ``llava_next_llama3``)."""
+    """Whether the model has a vision part: from a local ``config.json``, else from a multimodal template
+    (``qwen2_vl``)."""
     config = Path(model_name_or_path) / "config.json"
     if config.is_file():
         data = _read_json(config)
@@ -223,8 +222,8 @@ def is_multimodal(model_name_or_path: str, template: str | None = None) -> bool:
 
 
 def read_run(run_dir: Path, label: str, trained: bool, template: str | None = None, base: bool = False) -> ModelSpec:
-    """The model a run directory holds (``trained``) or its base (``not trained``); ``template`` fills in a template
-    the run did not record (a plain ``stage: sft`` run); ``base``: the run is to be compared with its base."""
+    """The run's model (``trained``) or its base; ``template`` fills in one the run did not record (plain ``stage:
+    sft``); ``base``: the run will be compared with its base."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a folder; give a run's output_dir")
     stage, host, method, seed, record = _recorded_recipe(run_dir)
@@ -248,7 +247,7 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
     adapters = as_names(recipe.get("adapter_name_or_path"))
     if trained:
         if (run_dir / "adapter_config.json").is_file():
-            # a run recorded by a later do_predict into its own folder names itself as an adapter already
+            # a later do_predict into its own folder names the run as an adapter already
             adapters = [a for a in adapters if Path(a).resolve() != run_dir.resolve()] + [str(run_dir)]
             recipe["finetuning_type"] = "lora"
         elif (run_dir / "config.json").is_file():
@@ -266,8 +265,8 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
         recipe["adapter_name_or_path"] = ",".join(adapters)
     else:
         recipe.pop("adapter_name_or_path", None)
-    # the folders it loads exist, as a stage checks them (a moved base model failed at loading, once per task, and
-    # left a report of failed tasks); before is_multimodal, which may read LLaMA-Factory's templates for a hub id
+    # check the folders now (a moved base fails at loading once per task, leaving a report of failures); before
+    # is_multimodal, which may read LLaMA-Factory's templates
     flag = "RUN_DIR" if label == "run" else "--baseline" if trained else "--base"
     check_model_paths(
         recipe,
@@ -280,8 +279,8 @@ def read_run(run_dir: Path, label: str, trained: bool, template: str | None = No
 
 
 def align_loading(run: ModelSpec, other: ModelSpec, flag: str) -> None:
-    """Refuse (one line naming the key) when ``run`` and ``other`` recorded a :data:`COMPARED` key with different
-    values; a key only one of them recorded is set on the other (listed in its ``inherited``)."""
+    """Refuse a :data:`COMPARED` key both recorded differently; one only one recorded goes to the other's
+    ``inherited``."""
     for key in COMPARED:
         mine = run.recipe.get(key)
         theirs = other.recipe.get(key)
@@ -298,16 +297,16 @@ def align_loading(run: ModelSpec, other: ModelSpec, flag: str) -> None:
 
 
 def _comparable(key: str, value: Any) -> Any:
-    """A recorded value in one form: token lists are a list in a run record, ``"a,b"`` in LlamaBoard's args."""
+    """One form: token lists are lists in a run record, ``"a,b"`` in LlamaBoard's args."""
     return as_names(value) if key in ("add_tokens", "add_special_tokens") else value
 
 
 def read_pair(
     run_dir: Path, baseline: Path | None, base: bool, template: str | None = None
 ) -> tuple[ModelSpec, ModelSpec | None]:
-    """The run's model and its baseline (``--baseline`` run, ``--base``, or none). A baseline run that recorded no
-    template (a plain ``stage: sft`` twin) takes ``template`` or else the run's; both must be loaded alike
-    (:func:`align_loading`). A ``template`` other than the one the run recorded is refused (it would be ignored)."""
+    """The run and its baseline (``--baseline``, ``--base`` or None), loaded alike (:func:`align_loading`). A baseline
+    without a template takes ``template``, else the run's; a ``template`` the run contradicts is refused (not
+    ignored)."""
     run = read_run(run_dir, "run", trained=True, template=template, base=base)
     if template is not None and "template" not in run.inherited and run.recipe["template"] != template:
         raise RecipeError(
@@ -317,7 +316,7 @@ def read_pair(
         )
     if baseline is not None:
         other = read_run(baseline, "baseline", trained=True, template=template or run.recipe["template"])
-        if other.stage == "sft" and other.modality != run.modality:  # a record-less twin: the run's kind of model
+        if other.stage == "sft" and other.modality != run.modality:  # a record-less twin
             other.modality = run.modality
         if other.modality != run.modality:
             raise RecipeError(

@@ -1,9 +1,8 @@
-"""A paper's table layout of an eval (:class:`PaperTable`): HeRA's Table 2 (:data:`TABLE2`: General, Knowledge, OCR
-and Vision group means, Delta Vision) and RAH-LoRA's Table 1 (:data:`RAH_TABLE1`: one column per benchmark), the
-stage chains of both models, and for a backbone of the table the paper's published rows (its YAML file).
+"""An eval in HeRA's Table 2 (group means, Delta Vision) or RAH-LoRA's Table 1 layout, with both models' stage
+chains and, for a backbone of the table, the paper's rows.
 
-A column's mean is the mean of its benchmarks' headline scores (:data:`SCORES`) on a 0-100 scale (fractions times
-100, MME-P / 20); a column with a benchmark missing has no mean (docs/eval.md, "Group means"). Imports nothing heavy.
+A column's mean: its benchmarks' headline scores on 0-100 (fractions x 100, MME-P / 20); none if a benchmark is
+missing (docs/eval.md, "Group means"). Light imports.
 """
 
 from __future__ import annotations
@@ -32,10 +31,9 @@ from llamafactory_hera.runtime.run_record import RUN_RECORD, read_record
 
 PAPER_FILE = Path(__file__).with_name("paper_table2.yaml")
 RAH_PAPER_FILE = Path(__file__).with_name("paper_rah_table1.yaml")
-# the paper's column -> the preset holding its benchmarks
+# paper column -> preset
 GROUPS = {"General": "general", "Knowledge": "knowledge", "OCR": "ocr", "Vision": "vision-centric"}
-# each benchmark's headline metric (as lmms-eval 0.7.3 names it, or as .protocols computes it) and the factor that puts
-# it on 0-100
+# benchmark -> (headline metric, factor to 0-100)
 SCORES: dict[str, tuple[str, float]] = scores(TABLE2_PROTOCOLS)
 NOT_PUBLISHED = "not published here"
 STAGE_NAMES = {"hera": "HeRA", "sft": "SFT", "rah": "RAH-LoRA", "harc": "HARC"}
@@ -43,17 +41,17 @@ STAGE_NAMES = {"hera": "HeRA", "sft": "SFT", "rah": "RAH-LoRA", "harc": "HARC"}
 
 @dataclass(frozen=True)
 class PaperTable:
-    """A paper's table: its columns (each the mean of its benchmarks), their headline scores, the column whose
-    run-minus-baseline difference is shown (None: none), the paper's rows (YAML ``file``) and their labels."""
+    """A paper's table. ``delta``: the column whose run-minus-baseline difference is shown (None: none);
+    ``file``: the paper's rows."""
 
-    key: str  # the report record's key
+    key: str  # in the report record
     title: str
     file: Path
     columns: dict[str, tuple[str, ...]]
     scores: dict[str, tuple[str, float]]
     delta: str | None
-    paper_rows: tuple[tuple[str, str], ...]  # (the YAML key of a paper row, its label)
-    differs: dict[str, str]  # a column computed otherwise than the paper -> how (marked where it is shown)
+    paper_rows: tuple[tuple[str, str], ...]  # (YAML key, label)
+    differs: dict[str, str]  # marked column -> how it differs
     protocols: dict[str, tuple[Protocol, ...]]
 
 
@@ -68,7 +66,7 @@ TABLE2 = PaperTable(
     differences(TABLE2_PROTOCOLS, TABLE2_COLUMN_NOTES),
     TABLE2_PROTOCOLS,
 )
-# RAH-LoRA's Table 1, in the paper's column order; MME is its perception score as the paper prints it (out of 2000)
+# in the paper's column order; MME-P out of 2000, as printed
 RAH_TABLE1 = PaperTable(
     "rah_table1",
     "RAH-LoRA Table 1",
@@ -83,7 +81,7 @@ RAH_TABLE1 = PaperTable(
 
 
 def _scores(rows: list[dict[str, Any]], side: str, table: PaperTable) -> dict[str, float]:
-    """task -> its headline score on the table's scale, for ``side`` ("run" / "baseline")."""
+    """task -> headline score on the table's scale for ``side``."""
     found = {}
     for row in rows:
         wanted = table.scores.get(row["task"])
@@ -93,7 +91,7 @@ def _scores(rows: list[dict[str, Any]], side: str, table: PaperTable) -> dict[st
 
 
 def group_means(rows: list[dict[str, Any]], side: str, table: PaperTable = TABLE2) -> dict[str, dict[str, Any]]:
-    """column -> ``{"mean", "benchmarks", "missing"}`` for ``side``; ``mean`` is None when a benchmark is missing."""
+    """column -> ``{"mean", "benchmarks", "missing"}``; ``mean`` None when a benchmark is missing."""
     scores = _scores(rows, side, table)
     means = {}
     for column, tasks in table.columns.items():
@@ -104,7 +102,7 @@ def group_means(rows: list[dict[str, Any]], side: str, table: PaperTable = TABLE
 
 
 def _run_record(run_dir: str) -> dict[str, Any]:
-    """The run's record (a ``checkpoint-N`` folder: its run's), or ``{}``: it holds the chain, read at train time."""
+    """The run's record, holding the chain (a ``checkpoint-N``: its run's), or ``{}``."""
     folder = Path(run_dir)
     if not (folder / RUN_RECORD).is_file() and folder.name.startswith("checkpoint-"):
         folder = folder.parent
@@ -112,7 +110,7 @@ def _run_record(run_dir: str) -> dict[str, Any]:
 
 
 def chain_words(chain: list[dict[str, Any]], numbered: bool) -> str:
-    """``HeRA stage 1 -> HeRA stage 2`` (``numbered``) or ``SFT -> SFT``; empty for no recorded chain."""
+    """``HeRA stage 1 -> HeRA stage 2`` (``numbered``) or ``SFT -> SFT``; "" without a chain."""
     runs = [link for link in chain if "stage" in link]
     return " -> ".join(
         STAGE_NAMES.get(str(link["stage"]), str(link["stage"]))
@@ -131,7 +129,7 @@ def _paper(file: Path = PAPER_FILE) -> dict[str, Any]:
 
 
 def paper_backbone(names: list[Any], table: PaperTable = TABLE2) -> tuple[str, dict[str, Any]] | None:
-    """The first of ``names`` (LLM names or paths) that is a backbone of ``table``: (the paper's name, its entry)."""
+    """(paper name, entry) of the first of ``names`` (LLMs) that is a backbone of ``table``."""
     for name in names:
         short = _name(name).lower()
         for backbone, entry in _paper(table.file)["backbones"].items():
@@ -141,7 +139,7 @@ def paper_backbone(names: list[Any], table: PaperTable = TABLE2) -> tuple[str, d
 
 
 def table2(record: dict[str, Any], table: PaperTable = TABLE2) -> dict[str, Any] | None:
-    """``table``'s layout of an eval report ``record`` (see :mod:`.report`), or None when no task of it ran."""
+    """``table``'s layout of a :mod:`.report` record, or None when none of its tasks ran."""
     planned = {row["task"] for row in record["rows"]}
     if not planned & {task for tasks in table.columns.values() for task in tasks}:
         return None
@@ -210,7 +208,7 @@ def _cell(value: float | None, signed: bool = False, absent: str = "–") -> str
 def markdown_lines(
     layout: dict[str, Any], run_title: str, baseline_title: str | None, table: PaperTable = TABLE2
 ) -> list[str]:
-    """The layout as a markdown table (also what the console prints), then what is missing and the notes."""
+    """The layout as a markdown table, then what is missing and the notes."""
     columns = list(table.columns)
     delta_head = f" Δ {header(table.delta, layout['marked'])} |" if table.delta else ""
     heads = " | ".join(header(column, layout["marked"]) for column in columns)
@@ -231,7 +229,7 @@ def markdown_lines(
         for number, (side, label) in enumerate(table.paper_rows):
             cells = " | ".join(_cell(paper[side][column], absent=NOT_PUBLISHED) for column in columns)
             delta = ""
-            if table.delta:  # the paper's difference, on its method's (last) row
+            if table.delta:  # on the method's (last) row
                 shown = _cell(paper[_delta_key(table)], signed=True, absent=NOT_PUBLISHED)
                 delta = f" {shown if number == len(table.paper_rows) - 1 else ''} |"
             lines.append(f"| paper's {table.title}: {paper['backbone']} {label} | {cells} |{delta}")

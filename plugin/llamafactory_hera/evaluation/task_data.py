@@ -1,8 +1,6 @@
-"""Whether a library task's dataset can be read here: offline, the ``datasets`` library loads a Hub dataset only from
-what an earlier load left in its cache, so a missing one would fail only after the models have loaded. The cache is
-the one the load reads (docs/eval.md, "Refused before any model loads": lmms-eval 0.7.3's own folder, else the
-``datasets`` default). Read from the task's YAML and the cache folder's names, without importing either library's
-tasks or ``datasets``.
+"""Whether a library task's dataset can be read here: offline, ``datasets`` loads a Hub dataset only from its cache,
+so a missing one would fail after the models load (docs/eval.md, "Refused before any model loads"). Read from the
+task YAML and cache folder names, importing neither library's tasks nor ``datasets``.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 def offline() -> str | None:
-    """The variable that makes this process offline (``HF_HUB_OFFLINE=1``), or None."""
+    """The variable making this process offline (``HF_HUB_OFFLINE=1``), or None."""
     for name in OFFLINE_VARIABLES:
         if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
             return f"{name}={os.environ[name]}"
@@ -28,22 +26,21 @@ def offline() -> str | None:
 
 Dataset = tuple[str, str | None]  # (Hub path, configuration name)
 
-# Datasets a task's own code loads while building its documents, besides its YAML's (with the ``datasets`` default
-# cache: no cache_dir), by lmms-eval 0.7.3 task: gqa/utils.py ``gqa_process_docs`` reads GQA's images from a second
-# configuration. The other tasks of the presets load nothing else (grep load_dataset in their tasks/*/utils.py).
+# Datasets a lmms-eval 0.7.3 task's code loads besides its YAML's (into the default cache): GQA's images, read by
+# gqa/utils.py ``gqa_process_docs``. No other preset task does (grep load_dataset in tasks/*/utils.py).
 EXTRA_DATASETS: dict[str, tuple[Dataset, ...]] = {"gqa": (("lmms-lab-encoder/GQA", "testdev_balanced_images"),)}
 
 
 def default_cache() -> Path:
-    """The folder ``datasets`` caches in when given no ``cache_dir`` (its config.py: ``HF_DATASETS_CACHE``, else
-    ``HF_HOME/datasets``, else ``$XDG_CACHE_HOME/huggingface/datasets``)."""
+    """``datasets``' cache without ``cache_dir``: ``HF_DATASETS_CACHE``, else ``HF_HOME/datasets``, else
+    ``$XDG_CACHE_HOME/huggingface/datasets``."""
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     return Path(os.path.expandvars(os.environ.get("HF_DATASETS_CACHE") or os.path.join(home, "datasets"))).expanduser()
 
 
 def datasets_cache(module: str) -> Path:
-    """The folder ``module`` ("lmms_eval" / "lm_eval") has ``datasets`` read its tasks' datasets from: lmms-eval's
-    resolution as in its api/task.py (mirrored: that module imports every model and task; without its makedirs)."""
+    """Where ``module``'s tasks read datasets from; lmms-eval's api/task.py resolution mirrored without its
+    makedirs (importing it would import every model and task)."""
     if module != "lmms_eval":
         return default_cache()
 
@@ -53,17 +50,17 @@ def datasets_cache(module: str) -> Path:
     explicit = os.environ.get("LMMS_EVAL_DATASETS_CACHE", "").strip()
     if explicit:
         return expanded(explicit)
-    home = os.environ.get("HF_HOME", "~/.cache/huggingface")  # as lmms-eval reads them (no XDG_CACHE_HOME)
+    home = os.environ.get("HF_HOME", "~/.cache/huggingface")  # as lmms-eval does (no XDG_CACHE_HOME)
     target = expanded(
         os.environ.get("HF_DATASETS_CACHE", os.path.join(os.path.expanduser(os.path.expandvars(home)), "datasets"))
     )
     if importlib.util.find_spec("lmms_eval") is None:
         return target
-    # lazy: lmms-eval is the optional eval extra; this module of it imports only loguru
+    # lazy: the optional eval extra; this module imports only loguru
     from lmms_eval.caching.fs_detect import FsType, detect_fs_type, find_local_scratch
     from loguru import logger
 
-    logger.disable("lmms_eval.caching.fs_detect")  # its DEBUG line per call, before the runner quiets loguru
+    logger.disable("lmms_eval.caching.fs_detect")  # a DEBUG line per call
     try:
         scratch = find_local_scratch() if detect_fs_type(str(target)) is FsType.REMOTE else None
     finally:
@@ -72,14 +69,14 @@ def datasets_cache(module: str) -> Path:
 
 
 class _TaskLoader(yaml.SafeLoader):
-    """A task YAML's plain keys; its ``!function`` entries read as None (nothing imported)."""
+    """A task YAML with ``!function`` entries read as None (nothing imported)."""
 
 
 _TaskLoader.add_constructor("!function", lambda loader, node: None)
 
 
 def _read_task(path: Path) -> dict[str, Any]:
-    """The task YAML at ``path`` with what it includes (a path beside it, or absolute) under its own keys."""
+    """The task YAML at ``path`` over what it includes (relative to it, or absolute)."""
     config = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskLoader) or {}  # noqa: S506 - SafeLoader's subclass
     included = config.pop("include", None) or []
     merged: dict[str, Any] = {}
@@ -91,7 +88,7 @@ def _read_task(path: Path) -> dict[str, Any]:
 
 @functools.cache
 def _task_files(module: str) -> dict[str, list[Path]]:
-    """File stem -> the YAML files of that name under ``module``'s task folder (found once per process)."""
+    """Stem -> YAML files under ``module``'s task folder (once per process)."""
     spec = importlib.util.find_spec(module)
     found: dict[str, list[Path]] = {}
     for location in (spec.submodule_search_locations or []) if spec else []:
@@ -103,8 +100,8 @@ def _task_files(module: str) -> dict[str, list[Path]]:
 
 
 def task_dataset(task: str, module: str) -> tuple[str, str | None] | None:
-    """(``dataset_path``, ``dataset_name``) of ``task`` as its YAML ``<task>.yaml`` in ``module``'s task folder names
-    it; None when there is no such file (a group, a task named otherwise) or the dataset is a local one."""
+    """(``dataset_path``, ``dataset_name``) from ``<task>.yaml``; None without that file (a group, a task named
+    otherwise) or for a local dataset."""
     for path in _task_files(module).get(task, []):
         if not path.is_file():
             continue
@@ -112,27 +109,26 @@ def task_dataset(task: str, module: str) -> tuple[str, str | None] | None:
         if config.get("task") != task or not isinstance(config.get("dataset_path"), str):
             continue
         if Path(config["dataset_path"]).expanduser().exists() or "/" not in config["dataset_path"]:
-            return None  # a local folder or file, or a dataset of the library's own
+            return None  # local, or the library's own
         return config["dataset_path"], config.get("dataset_name")
     return None
 
 
 def _folded(name: str) -> str:
-    return name.lower().replace("_", "")  # datasets' cache folder is the name in snake case: compared without it
+    return name.lower().replace("_", "")  # cache folders are snake case
 
 
 def task_datasets(task: str, module: str) -> list[tuple[Dataset, Path, bool]]:
-    """Every Hub dataset ``task`` (its data read as ``module``'s task of that name) loads: (dataset, the cache folder
-    it is read from, whether the load names that folder as ``cache_dir``), its YAML's first."""
+    """(dataset, cache folder, whether the load passes it as ``cache_dir``) per Hub dataset ``task`` loads, its
+    YAML's first."""
     found = task_dataset(task, module)
     own = [(found, datasets_cache(module), module == "lmms_eval")] if found else []
     return own + [(dataset, default_cache(), False) for dataset in EXTRA_DATASETS.get(task, ())]
 
 
 def is_cached(dataset: Dataset, cache: Path) -> bool:
-    """Whether ``datasets`` left ``dataset`` (of the given configuration) prepared in ``cache``: the
-    ``<owner>___<name>/<config>/<version>/<hash>`` folder its offline load reads, with the ``dataset_info.json`` that
-    ``datasets`` 4.0 writes when the preparation completes (a ``<hash>.incomplete`` folder is an interrupted one)."""
+    """Whether ``cache`` holds ``dataset``'s ``<owner>___<name>/<config>/<version>/<hash>`` folder with the
+    ``dataset_info.json`` ``datasets`` 4.0 writes on completion (``<hash>.incomplete``: interrupted)."""
     owner, name = dataset[0].split("/", 1)
     if not cache.is_dir():
         return False
@@ -150,8 +146,7 @@ def is_cached(dataset: Dataset, cache: Path) -> bool:
 
 
 def fetch_command(missing: list[tuple[Dataset, Path, bool]]) -> str:
-    """The one command that caches ``missing`` (dataset, cache folder, whether the eval names it) where the eval
-    reads them (run it with network access)."""
+    """One command (run with network access) caching ``missing`` where the eval reads them."""
     loads = "; ".join(
         f"datasets.load_dataset({path!r}{f', {name!r}' if name else ''}"
         f"{f', cache_dir={str(cache)!r}' if named else ''})"

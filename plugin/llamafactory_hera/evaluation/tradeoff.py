@@ -1,6 +1,5 @@
-"""HARC's trade-off in one table and one plot, from the report record's rows (:func:`.report.report_rows`), when the
-jailbreak task ran (docs/eval.md, "Trade-off"). The record's ``tradeoff``: ``{"rows", "not_measured", "notes",
-"capability"}``; :func:`markdown_lines` is the table of the .md and the console, :func:`plot` the ``_tradeoff.png``.
+"""HARC's trade-off as a table and a plot from the report's rows, when the jailbreak task ran (docs/eval.md,
+"Trade-off"). The record's ``tradeoff``: ``{"rows", "not_measured", "notes", "capability"}``.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ USABILITY = "Usability"
 CAPABILITY = "Capability"
 AXES = (ROBUSTNESS, USABILITY, CAPABILITY)
 PLOT_SUFFIX = "_tradeoff.png"
-MAIN_METRICS = ("acc_norm", "acc")  # a capability task's main score, the first it reports
+MAIN_METRICS = ("acc_norm", "acc")  # a capability task's main score: the first found
 OVER_REFUSAL = "over-refusal (pseudo-harmful)"
 DEMO_STAND_IN = "demo (offline stand-in)"
 
@@ -36,8 +35,7 @@ def _row(axis: str, measure: str, source: dict[str, Any]) -> dict[str, Any]:
 
 
 def _main_scores(rows: list[dict[str, Any]], wanted: Any) -> list[dict[str, Any]]:
-    """Per task of ``rows`` that ``wanted(row)`` keeps, in the order found: its row of the first of
-    :data:`MAIN_METRICS` it reports."""
+    """Per task ``wanted`` keeps, in order: its row of the first :data:`MAIN_METRICS` it reports."""
     by_task: dict[str, dict[str, dict[str, Any]]] = {}
     for row in rows:
         if wanted(row):
@@ -55,7 +53,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def _capability(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
-    """The capability rows (tasks of the Capability group and their mean, or the demo stand-in) and what they are."""
+    """Capability rows (the group's tasks and mean, or the demo stand-in) and their source."""
     tasks = set(PRESETS["capability"].tasks)
     chosen = _main_scores(rows, lambda r: r["group"] == PRESETS["capability"].group and r["task"] in tasks)
     if chosen:
@@ -81,8 +79,8 @@ def _capability(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str |
 
 
 def _transfer_beside_its_source(robustness: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """GCG's transfer row with the base's value: the suffixes tried on the run were optimised on the base, where
-    they are its ``gcg_adaptive`` attack (the jailbreak task reports ``asr_gcg_transfer`` on the run only)."""
+    """The GCG transfer row gets the base's ``gcg_adaptive`` value: its suffixes were optimised on the base
+    (``asr_gcg_transfer`` exists on the run only)."""
     source = next((r for r in robustness if r["metric"] == "asr_gcg_adaptive"), None)
     base = source["baseline"] if source else None
     filled = []
@@ -99,8 +97,7 @@ def _transfer_beside_its_source(robustness: list[dict[str, Any]]) -> list[dict[s
 
 
 def tradeoff(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The trade-off of the report ``record`` (its ``rows``, the run's ``stage``); None when the jailbreak task
-    reported nothing."""
+    """The report ``record``'s trade-off; None when the jailbreak task reported nothing."""
     rows = record["rows"]
     robustness = [
         _row(
@@ -158,13 +155,12 @@ def _better(row: dict[str, Any], other: str) -> str:
 
 
 def _title(record: dict[str, Any]) -> str:
-    """HARC's trade-off for a HARC run; the same table for any other text run (its --prompts)."""
+    """HARC's for a HARC run; the same table for another text run (its --prompts)."""
     return "HARC trade-off" if record["run"]["stage"] == "harc" else "Jailbreak trade-off"
 
 
 def markdown_lines(record: dict[str, Any]) -> list[str]:
-    """The record's trade-off as a title, a markdown table (axis, measure, run, base or baseline, delta, which
-    direction is better) and its notes: the .md report and the console."""
+    """The trade-off as a title, a markdown table and notes (report and console)."""
     held = record["tradeoff"]
     baseline = record["baseline"]
     other = "base" if baseline and not baseline["trained"] else "baseline"
@@ -191,8 +187,8 @@ def markdown_lines(record: dict[str, Any]) -> list[str]:
 
 
 def plot(record: dict[str, Any], path: Path) -> None:
-    """Three panels (robustness, usability, capability): run and base (or baseline) bars per measure, with value
-    labels, each titled with the direction that is better."""
+    """Three panels (robustness, usability, capability) of labelled run and baseline bars per measure, titled with
+    the better direction."""
     from matplotlib.figure import Figure
 
     held = record["tradeoff"]

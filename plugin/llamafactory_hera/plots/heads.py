@@ -1,8 +1,7 @@
-"""Figures and text tables for head selection: per-head MKNN heatmaps and before/after comparisons.
+"""Head-selection figures and text tables: per-head MKNN heatmaps and before/after comparisons.
 
-Figures are drawn headless (:func:`~.text.agg_figure`), matplotlib imported only then: importing this is cheap.
-Layers run down the y axis (L0 at the top), heads along the x axis; selected heads are boxed and labelled
-``L<layer>H<head>`` beside the box (small maps write every cell's value instead).
+Drawn headless (:func:`~.text.agg_figure`); matplotlib is imported only then. Layers run down (L0 at the top), heads
+across; selected heads are boxed and labelled ``L<layer>H<head>`` (small maps write each cell's value instead).
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ import numpy as np
 from llamafactory_hera.plots.text import agg_figure, fit_title, number, save_png, signed_number
 
 _MAX_TICKS = 20
-_MAX_LABELS = 40  # more selected heads than this are boxed but not labelled (the labels would bury the map)
-_MAX_ANNOTATED_CELLS = 256  # maps this small show each cell's value inside it; boxes then suffice as labels
+_MAX_LABELS = 40  # beyond this, boxes without labels (they would bury the map)
+_MAX_ANNOTATED_CELLS = 256  # maps this small write each cell's value; boxes suffice
 _BOX_COLOR = "#e4002b"
 _DIFF_BOX_COLOR = "black"
 
@@ -35,13 +34,13 @@ def _check(scores: np.ndarray, selected: list[tuple[int, int]], name: str) -> np
 
 
 def _map_size(layers: int, heads: int, max_side: float) -> tuple[float, float]:
-    """Inches (width, height) for one map: square cells of at most 0.3 in, the longer side at most ``max_side``."""
+    """Map (width, height) in inches: square cells <= 0.3 in, longer side <= ``max_side``."""
     cell = min(0.3, max_side / heads, max_side / layers)
     return max(cell * heads, 2.6), max(cell * layers, 2.2)
 
 
 def _ticks(ax: Any, layers: int, heads: int) -> None:
-    """Integer ticks on both axes, thinned to at most ``_MAX_TICKS`` per axis."""
+    """Integer ticks, at most ``_MAX_TICKS`` per axis."""
     for count, set_ticks, set_labels in (
         (heads, ax.set_xticks, ax.set_xticklabels),
         (layers, ax.set_yticks, ax.set_yticklabels),
@@ -56,7 +55,7 @@ def _ticks(ax: Any, layers: int, heads: int) -> None:
 
 
 def _limits(*arrays: np.ndarray) -> tuple[float, float]:
-    """Colour limits for MKNN maps: from 0 (or a lower score) to the highest finite score."""
+    """MKNN colour limits: 0 (or a lower score) to the highest finite score."""
     finite = np.concatenate([a[np.isfinite(a)] for a in arrays])
     if finite.size == 0:
         return 0.0, 1.0
@@ -66,8 +65,8 @@ def _limits(*arrays: np.ndarray) -> tuple[float, float]:
 
 
 def _boxes(ax: Any, selected: list[tuple[int, int]], color: str) -> None:
-    """A box around every selected cell, with a white halo so it shows on any colour."""
-    # lazy: matplotlib only when a figure is drawn (`data check` prints this module's text tables)
+    """Box each selected cell, with a white halo to show on any colour."""
+    # lazy: `data check` prints this module's text tables without matplotlib
     from matplotlib import patheffects
     from matplotlib.patches import Rectangle
 
@@ -78,8 +77,7 @@ def _boxes(ax: Any, selected: list[tuple[int, int]], color: str) -> None:
 
 
 def _labels(ax: Any, selected: list[tuple[int, int]], heads: int, fontsize: float) -> None:
-    """``L<layer>H<head>`` beside each selected box, on the side towards the map's middle (none beyond
-    ``_MAX_LABELS``)."""
+    """``L<layer>H<head>`` beside each box, towards the map's middle (none beyond ``_MAX_LABELS``)."""
     if len(selected) > _MAX_LABELS:
         return
     for layer, head in selected:
@@ -98,7 +96,7 @@ def _labels(ax: Any, selected: list[tuple[int, int]], heads: int, fontsize: floa
 
 
 def _annotate_cells(ax: Any, array: np.ndarray, signed: bool) -> None:
-    """Write each cell's value inside it (small maps only), dark or light text by cell brightness."""
+    """Write each cell's value in it, dark or light by cell brightness."""
     image = ax.get_images()[0]
     for (layer, head), value in np.ndenumerate(array):
         if not np.isfinite(value):
@@ -117,8 +115,8 @@ def _annotate_cells(ax: Any, array: np.ndarray, signed: bool) -> None:
 
 
 def _hatch(ax: Any, cells: np.ndarray) -> None:
-    """Grey hatching over every ``True`` cell of ``cells`` ``[layers, heads]`` (differences within noise)."""
-    from matplotlib.patches import Rectangle  # lazy: matplotlib only when a figure is drawn
+    """Hatch every ``True`` cell of ``cells`` ``[layers, heads]`` (within noise)."""
+    from matplotlib.patches import Rectangle  # lazy
 
     for layer, head in zip(*np.nonzero(cells), strict=True):
         ax.add_patch(
@@ -129,9 +127,7 @@ def _hatch(ax: Any, cells: np.ndarray) -> None:
 
 
 def _legend(fig: Any, entries: list[tuple[Any, str]]) -> None:
-    """A legend under the panels; an entry's handle is a box colour, a tuple of them (one handle, several colours),
-    or ``"hatch"``."""
-    # lazy: matplotlib only when a figure is drawn
+    """A legend under the panels; a handle is a box colour, a tuple of them (one handle), or ``"hatch"``."""
     from matplotlib.legend_handler import HandlerTuple
     from matplotlib.patches import Patch
 
@@ -153,15 +149,14 @@ def _legend(fig: Any, entries: list[tuple[Any, str]]) -> None:
 
 
 def _label_fontsize(heads: int, map_width: float) -> float:
-    """Smaller labels on denser maps (cell width in points bounds what fits beside a box)."""
+    """Smaller labels on denser maps (cell width bounds what fits)."""
     cell_pt = 72 * map_width / heads
     return float(min(8.0, max(5.5, cell_pt * 0.9)))
 
 
 def plot_head_heatmap(scores: np.ndarray, selected: list[tuple[int, int]], path: Path, title: str) -> Path:
-    """Heatmap of ``scores`` ``[L, H]`` (MKNN in [0, 1]) saved as PNG at ``path``, laid out as the module says, with
-    a colorbar from 0 to the highest score (NaN cells blank), a legend naming the boxes the selected heads, labels
-    omitted beyond 40 selected heads, tick labels thinned on large maps."""
+    """PNG heatmap of ``scores`` ``[L, H]`` (MKNN in [0, 1]); colorbar from 0 to the highest score, NaN cells
+    blank."""
     array = _check(scores, selected, "scores")
     layers, heads = array.shape
     width, height = _map_size(layers, heads, 10.0)
@@ -194,10 +189,9 @@ def plot_before_after(
     noise: np.ndarray | None = None,
     noise_label: str = "within noise",
 ) -> Path:
-    """Three panels side by side, saved as PNG: before, after (same colour scale), and after - before with a
-    diverging colormap centred at 0; selected heads boxed in all three and labelled on the difference panel, where
-    training shows. ``noise`` (``[layers, heads]`` bool, optional) hatches the differences within noise; the legend
-    names the boxes (``box_label``) and the hatching (``noise_label``)."""
+    """PNG of before, after (one colour scale) and after - before (diverging, centred at 0); selected heads boxed
+    in all and labelled on the difference, where training shows. ``noise`` (``[layers, heads]`` bool) hatches
+    differences within noise."""
     first = _check(before, selected, "before")
     second = _check(after, selected, "after")
     if first.shape != second.shape:
@@ -247,9 +241,8 @@ def plot_score_panels(
     title: str,
     box_labels: tuple[str, str] = ("marked", "rolled back"),
 ) -> Path:
-    """Side-by-side heatmaps of per-head scores ``[L, H]`` over the model layers ``layer_names`` (row i is layer
-    ``layer_names[i]``; each panel its own colour scale, named by its label); ``marked`` (layer, head) cells boxed in
-    red and ``rolled_back`` ones in black on every panel, named in a legend by ``box_labels``. PNG."""
+    """PNG of per-head score maps ``[L, H]``, each on its own colour scale; row i is layer ``layer_names[i]``.
+    ``marked`` (layer, head) boxed red, ``rolled_back`` black."""
     row = {layer: index for index, layer in enumerate(layer_names)}
     boxes = [(row[layer], head) for layer, head in marked], [(row[layer], head) for layer, head in rolled_back]
     arrays = [_check(array, boxes[0] + boxes[1], label) for array, label in panels]
@@ -297,11 +290,9 @@ def _cell(value: object) -> str:
 
 
 def format_head_table(rows: list[dict[str, object]], columns: list[str]) -> str:
-    """Plain fixed-width text table (header, a dashed rule, one line per row; floats with 4 decimals, a negative
-    zero as ``0.0000``).
+    """Fixed-width text table: header, dashed rule, a line per row; floats with 4 decimals (``-0`` as ``0.0000``).
 
-    Columns are separated by two spaces; a column whose values are all numbers is right-aligned, any other left-aligned.
-    A missing or None value is an empty cell. Lines carry no trailing spaces; the table ends without a newline.
+    Two-space column gaps; all-number columns right-aligned. Missing / None: empty cell. No trailing spaces or newline.
     """
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
     widths = [max([len(column)] + [len(line[i]) for line in cells]) for i, column in enumerate(columns)]

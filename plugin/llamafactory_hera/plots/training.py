@@ -1,10 +1,6 @@
-"""One figure per run, ``training.png``: the losses and the method's terms on twin axes, and beside them the method's
-other logged series (HeRA's temperature, its alignment monitor), when logged; LlamaBoard's loss plot of a method's run
-too (:meth:`llamafactory_hera.board.builder.MethodPanel.loss_figure`).
-
-The series are read from ``trainer_log.jsonl`` (with the methods' keys merged in) and ``trainer_state.json``
-(``log_history``), whichever the run left; the smoothing is the host's own (passed in by the patch), so the curves
-match LlamaBoard's. Drawn headless (an Agg canvas, no pyplot state).
+"""A run's ``training.png`` (and LlamaBoard's loss plot of a method's run): losses and terms on twin axes, beside
+the method's other series (HeRA's temperature, alignment monitor). Smoothing is the host's own (passed in by the
+patch), so the curves match LlamaBoard's. Drawn headless.
 """
 
 from __future__ import annotations
@@ -26,24 +22,20 @@ COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e3
 
 @dataclass(frozen=True)
 class Panel:
-    """A panel beside the loss panel, drawn when one of its series was logged.
-
-    ``keys``: series drawn as solid lines with markers; ``prefix``: every other logged key starting with it is drawn
-    thin and faint (e.g. one line per head); ``ylim``: fixed limits (None: fitted).
-    """
+    """A panel beside the loss panel, drawn when one of its series was logged. ``keys``: solid lines with markers;
+    ``prefix``: other keys with it drawn thin and faint (e.g. one per head); ``ylim`` None: fitted."""
 
     title: str
     ylabel: str
     keys: tuple[str, ...]
-    labels: dict[str, str] = field(default_factory=dict)  # key (or the prefix) -> legend label (default: the key)
+    labels: dict[str, str] = field(default_factory=dict)  # key (or prefix) -> legend label
     prefix: str | None = None
     ylim: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
 class TrainingPlot:
-    """What a method's ``training.png`` draws: its losses (left axis of the loss panel, with ``eval_loss`` as points
-    when evaluated), its loss terms (right axis) and its panels."""
+    """A method's ``training.png``: losses (left axis; ``eval_loss`` as points), loss terms (right axis), panels."""
 
     terms: tuple[str, ...]
     terms_label: str
@@ -61,9 +53,8 @@ def _number(value: Any) -> float | None:
 
 
 def series(entries: Iterable[tuple[Any, dict[str, Any]]]) -> Series:
-    """Every numeric key of the (step, log entry) pairs of the training (an entry with ``loss``, or a method's own
-    entry such as HeRA's monitor point at step 0: none of the Trainer's ``eval_*``, ``predict_*`` or ``train_*``
-    summaries), and ``eval_loss`` -> (steps, values), steps increasing."""
+    """Numeric key -> (steps, values), steps increasing, of training entries (with ``loss``, or a method's own such as
+    HeRA's step-0 monitor point; not ``eval_*``/``predict_*``/``train_*`` summaries) and ``eval_loss``."""
     rows: dict[str, dict[int, float]] = {}
     for step, entry in entries:
         if not isinstance(step, int):
@@ -78,8 +69,7 @@ def series(entries: Iterable[tuple[Any, dict[str, Any]]]) -> Series:
 
 
 def read_series(output_dir: str | Path) -> Series:
-    """:func:`series` of ``trainer_state.json`` (``log_history``, ``step``) and ``trainer_log.jsonl``
-    (``current_steps``)."""
+    """:func:`series` of ``trainer_state.json`` and ``trainer_log.jsonl`` (methods' keys merged in), as present."""
     output_dir = Path(output_dir)
     entries: list[tuple[Any, dict[str, Any]]] = []
     state = output_dir / "trainer_state.json"
@@ -95,8 +85,8 @@ def read_series(output_dir: str | Path) -> Series:
 
 
 def integer_steps(ax: Any, steps: list[int], label: str = "step") -> None:
-    """``steps`` on ``ax``'s x axis, labelled ``label``: integer ticks, one tick when there is one step."""
-    from matplotlib.ticker import MaxNLocator  # lazy: matplotlib only when a figure is drawn (see plots.text)
+    """Integer step ticks on ``ax`` (one tick for one step)."""
+    from matplotlib.ticker import MaxNLocator  # lazy
 
     if len(set(steps)) == 1:
         ax.set_xlim(steps[0] - 1, steps[0] + 1)
@@ -116,7 +106,7 @@ def _curve(
 
 
 def _loss_panel(ax: Any, data: Series, plot: TrainingPlot, smooth: Smooth) -> list[str]:
-    """Losses on ``ax``, the method's terms on a twin axis; returns the keys drawn."""
+    """Losses on ``ax``, terms on a twin axis; the keys drawn."""
     drawn: list[str] = []
     colors = iter(COLORS)
     for key in plot.losses:
@@ -155,7 +145,7 @@ def _loss_panel(ax: Any, data: Series, plot: TrainingPlot, smooth: Smooth) -> li
 
 
 def _side_panel(ax: Any, data: Series, panel: Panel) -> list[str]:
-    """One panel's series on ``ax``; returns the keys drawn."""
+    """One panel's series; the keys drawn."""
     drawn: list[str] = []
     faint = sorted(key for key in data if panel.prefix and key.startswith(panel.prefix) and key not in panel.keys)
     for key in faint:
@@ -186,8 +176,7 @@ def _side_panel(ax: Any, data: Series, panel: Panel) -> list[str]:
 
 
 def draw_training(data: Series, plot: TrainingPlot, smooth: Smooth, title: str = "") -> Any:
-    """The figure (a ``matplotlib.figure.Figure`` on an Agg canvas, not saved): the loss panel, then each of
-    ``plot.panels`` that has a logged series, under ``title``. None when nothing of it was logged."""
+    """The unsaved figure: loss panel, then each panel with a logged series; None when nothing was logged."""
     panels = [
         panel
         for panel in plot.panels
@@ -207,7 +196,7 @@ def draw_training(data: Series, plot: TrainingPlot, smooth: Smooth, title: str =
     for ax, panel in zip(axes[int(has_losses) :], panels, strict=True):
         drawn = _side_panel(ax, data, panel)
         steps += [s for key in drawn for s in data[key][0]]
-    for ax in fig.axes:  # twins too: they share x with their panel
+    for ax in fig.axes:  # twins share x
         integer_steps(ax, steps)
         ax.grid(alpha=0.25)
     if title:
@@ -218,9 +207,8 @@ def draw_training(data: Series, plot: TrainingPlot, smooth: Smooth, title: str =
 def plot_training(
     output_dir: str | Path, stage: str, plot: TrainingPlot, smooth: Smooth
 ) -> tuple[Path | None, list[str]]:
-    """Write ``output_dir/training.png`` from the run's logs. Returns (its path, the losses and terms never
-    logged, to say so). A run that logged nothing to plot (e.g. ``max_steps`` below ``logging_steps``) gets a
-    warning and no figure (path None), as the host's ``plot_loss`` warns and goes on."""
+    """Write ``output_dir/training.png``; (its path, losses and terms never logged). Nothing logged (``max_steps``
+    below ``logging_steps``): a warning and path None, as the host's ``plot_loss`` does."""
     output_dir = Path(output_dir)
     data = read_series(output_dir)
     missing = [key for key in (*plot.losses, *plot.terms) if key not in data]
