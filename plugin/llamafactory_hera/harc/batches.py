@@ -1,10 +1,9 @@
-"""HARC's micro-batches: ``harc_batch_harmful`` + ``harc_batch_harmless`` + ``harc_batch_pseudo`` rows (reference:
+"""HARC's micro-batches of ``harc_batch_harmful`` + ``harc_batch_harmless`` + ``harc_batch_pseudo`` rows (reference:
 6 + 4 + 2), so every optimizer step sees every role.
 
-Item ``i`` of :class:`ComposedMicroBatches` is one whole micro-batch, read from endless seeded shuffles of each
-role's rows. Item ``i`` of epoch ``e`` is micro-batch ``g = e * len + i`` and takes positions ``[g * b, (g + 1) * b)``
-of every role's stream: it depends only on ``e``, ``i`` and the seed, under any sampler, worker count or rank count.
-:class:`StreamEpochs` sets ``e`` in shared memory that dataloader workers read. Why epochs are whole optimizer steps:
+Item ``i`` of epoch ``e`` is micro-batch ``g = e * len + i`` and takes positions ``[g * b, (g + 1) * b)`` of each
+role's endless seeded shuffle: it depends only on ``e``, ``i`` and the seed, under any sampler, workers or ranks.
+:class:`StreamEpochs` sets ``e`` in shared memory the dataloader workers read. Why epochs are whole optimizer steps:
 docs/harc.md ("Micro-batches").
 """
 
@@ -133,10 +132,8 @@ def collate_rows(rows: list[tuple[int, EncodedRow]], pad_id: int) -> dict[str, t
 
 
 class HarcCollator:
-    """One :class:`ComposedMicroBatches` item -> :func:`collate_rows`'s tensors.
-
-    LLaMA-Factory's SFT workflow passes the stock collator's keyword arguments; only ``tokenizer`` is read.
-    """
+    """One :class:`ComposedMicroBatches` item -> :func:`collate_rows`'s tensors; of the stock collator's keyword
+    arguments only ``tokenizer`` is read."""
 
     def __init__(self, tokenizer: Any = None, **_: Any) -> None:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,9 +1,9 @@
 """``llamafactory-hera harc-data``: the public sources HARC's authors train on, as LLaMA-Factory datasets.
 
-Each dataset is written in alpaca format (a JSON list of ``{"instruction", "input": "", "output"}``) under the name
-its recipe key takes (``harc_harmful: harc_harmful``), listed in ``dataset_info.json`` by ``file_name`` alone (the
-alpaca columns are the defaults). Each source (:data:`SOURCES`) is read as the reference (``microsoft/HARC``,
-``main/data.py``, ``main/train.py``) reads it. Nothing is written before every source and the output folder pass.
+Each is written in alpaca format (``[{"instruction", "input": "", "output"}]``) under its recipe key's name
+(``harc_harmful: harc_harmful``) and listed in ``dataset_info.json`` by ``file_name`` alone. Each source
+(:data:`SOURCES`) is read as the reference (``microsoft/HARC`` ``main/data.py``, ``main/train.py``) reads it. Nothing
+is written before every source and the output folder pass.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ ADVBENCH_COLUMNS = ("bad_q", "goal", "prompt")
 
 @dataclass
 class Converted:
-    """One dataset to write: name (dataset_info.json entry and recipe key), alpaca rows, source rows skipped (empty
-    prompt or response, unusable conversation) and a note on what was kept."""
+    """One dataset to write: name (dataset_info.json entry, recipe key), alpaca rows, source rows skipped and a note."""
 
     name: str
     rows: list[dict[str, str]]
@@ -59,9 +58,9 @@ def _no_rows(where: str, what: str) -> RecipeError:
 
 
 def convert_circuit_breakers(path: Path, option: str = "--circuit-breakers") -> tuple[Converted, Converted]:
-    """``harc_harmful`` (prompt -> llama3_output, the refusal) and ``harc_harmful_completions`` (prompt -> output)
-    from the Circuit Breakers train JSON. Row i of both comes from the same source row, so a seeded split picks the
-    same prompts, as the response-side directions need; a row with an empty field is skipped in both."""
+    """``harc_harmful`` (prompt -> llama3_output, the refusal) and ``harc_harmful_completions`` (prompt -> output),
+    row i of both from source row i, so a seeded split picks the same prompts, as the response-side directions need.
+    A row with an empty field is skipped in both."""
     where = f"{option} {path}"
     refusals = []
     completions = []
@@ -85,9 +84,9 @@ def convert_circuit_breakers(path: Path, option: str = "--circuit-breakers") -> 
 
 
 def convert_xstest(path: Path, option: str = "--xstest") -> Converted:
-    """``harc_pseudo`` (prompt -> completion) from the XSTest v2 completions CSV: rows whose ``final_label`` is
-    ``1_full_compliance``, as the reference keeps them, each once in file order (the reference repeats them up to
-    1500; HARC's trainer cycles through a role's rows, drawing them as often). Empty prompt or completion: skipped."""
+    """``harc_pseudo`` (prompt -> completion): rows labelled ``1_full_compliance``, as the reference keeps them, once
+    each in file order (the reference repeats them up to 1500; HARC's trainer cycles a role's rows just as often).
+    Empty prompt or completion: skipped."""
     where = f"{option} {path}"
     rows = []
     labelled = 0
@@ -138,9 +137,9 @@ def _first_pair(row: Row, number: int, where: str) -> tuple[str, str] | None:
 
 def convert_ultrachat(path: Path, seed: int = 0, limit: int = 5400, option: str = "--ultrachat") -> Converted:
     """``harc_harmless`` (first user turn -> first answer) from UltraChat 200k ``test_sft``, shuffled with
-    ``random.Random(seed)`` and walked until ``limit`` rows are kept, as the reference does. Rows not opening with
-    non-empty user then assistant turns are skipped (``skipped`` counts those before the cut). Every row's
-    ``messages`` is checked, so a malformed file fails whatever the seed."""
+    ``random.Random(seed)`` and walked until ``limit`` rows are kept, as the reference does. ``skipped`` counts rows
+    before the cut not opening with non-empty user then assistant turns. Every row's ``messages`` is checked, so a
+    malformed file fails whatever the seed."""
     where = f"{option} {path}"
     source = read_rows(path, option)
     pairs = [_first_pair(row, number, where) for number, row in enumerate(source, 1)]
@@ -163,10 +162,9 @@ def convert_ultrachat(path: Path, seed: int = 0, limit: int = 5400, option: str 
 
 
 def convert_prompts(path: Path, option: str, name: str, columns: tuple[str, ...], limit: int) -> Converted:
-    """``name`` (prompt -> "") from the first ``limit`` non-empty prompts in file order, in the first of ``columns``
-    that row 1 has: ``harc_extract_harmful`` from AdvBench (CSV ``goal``, or JSON / JSON Lines with ``bad_q`` as the
-    reference's ``advbench.json``, ``goal`` or ``prompt``), ``harc_extract_harmless`` from Alpaca (``instruction``,
-    a non-empty ``input`` appended after a blank line)."""
+    """``name`` (prompt -> "") from the first ``limit`` non-empty prompts, in the first of ``columns`` row 1 has:
+    AdvBench (CSV ``goal``, or JSON / JSON Lines ``bad_q`` as the reference's ``advbench.json``, ``goal``,
+    ``prompt``) or Alpaca (``instruction``, a non-empty ``input`` appended after a blank line)."""
     where = f"{option} {path}"
     source = read_rows(path, option)
     if not source:

@@ -1,4 +1,4 @@
-"""HARC's directions: unit difference-of-means of the residual entering every decoder layer.
+"""HARC's directions: unit difference-of-means (:func:`unit`, as the reference) of the residual entering each layer.
 
 Prompt side (prompts only)::
 
@@ -10,8 +10,7 @@ Response side (prompt + answer, residual averaged over the first ``n`` answer to
     v_harm_resp[l] = unit(mean(harmful prompt + harmful completion) - mean(harmless prompt + helpful answer))
     v_ref_resp[l]  = unit(mean(harmful prompt + refusal) - mean(harmless prompt + helpful answer))
 
-``unit(x) = x / (||x|| + 1e-8)`` as the reference. Means accumulate in float64; padding never enters one. Refreshes
-blend with the base: ``normalize((1 - beta) v_base + beta v_fresh)``.
+Means accumulate in float64, without padding. Refreshes blend with the base (:func:`blend`).
 """
 
 from __future__ import annotations
@@ -118,8 +117,7 @@ def response_means(
     progress: Progress,
     label: str,
 ) -> torch.Tensor:
-    """``[L, D]`` float64: mean over ``rows`` of the residual entering each layer, averaged over the first
-    ``num_tokens`` answer tokens."""
+    """``[L, D]`` float64: mean residual entering each layer over the first ``num_tokens`` answer tokens."""
 
     def pooled(_: int, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         window = response_window(batch["harc_response_mask"], num_tokens).to(hidden.device, torch.float64)
@@ -132,7 +130,7 @@ def response_means(
 
 @dataclass
 class ExtractionRows:
-    """Held-out rows the directions are extracted from, fixed for the run (base and every refresh)."""
+    """Held-out extraction rows, fixed for the run (base and every refresh)."""
 
     harmful_prompts: list[EncodedRow]  # prompt side, harmful
     harmless_prompts: list[EncodedRow]  # prompt side, harmless
@@ -180,10 +178,10 @@ def validation_cosines(
     pad_id: int,
     progress: Progress,
 ) -> dict[str, dict[str, float]]:
-    """The reference's ``project_validation`` on held-out prompts: per coupled layer ``l``, the mean over harmful (and
-    harmless) prompts of ``cos(h_l(t_post), v_ref[l])`` and ``cos(h_l(t_inst), v_harm[l])`` as ``{"<layer>":
-    {"harmful_ref", "harmless_ref", "harmful_harm", "harmless_harm"}}``. Coupling works when the harmful means rise
-    towards the margin and the harmless ones stay at or below zero."""
+    """The reference's ``project_validation``: per coupled layer ``l``, the mean over held-out harmful (and harmless)
+    prompts of ``cos(h_l(t_post), v_ref[l])`` and ``cos(h_l(t_inst), v_harm[l])``, as ``{"<layer>": {"harmful_ref",
+    "harmless_ref", "harmful_harm", "harmless_harm"}}``. Coupling works when harmful means rise towards the margin
+    while harmless ones stay at or below zero."""
 
     def cosines(layer: int, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # [B, 2]
         post = at_positions(hidden, batch["harc_t_post"]).float()

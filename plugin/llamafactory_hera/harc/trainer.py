@@ -1,12 +1,10 @@
-"""Trainer mixin for ``stage: harc``, mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer``. Per micro-batch
-(B rows: harmful, harmless, pseudo)::
+"""Trainer mixin for ``stage: harc``, in front of LLaMA-Factory's ``CustomSeq2SeqTrainer``. Per micro-batch::
 
     loss = w_couple couple + w_couple_resp couple_resp + w_kl KL + w_ce CE
 
-from one forward with grad of the adapted model (residuals entering the coupled layers, logits) and, for the KL, one
-without grad and adapter on the retain rows; the Trainer divides by the accumulation steps. After each optimizer step
-the state ramps / refreshes when due (every rank in step). Terms and logs: docs/harc.md; the end of the run:
-``harc/workflow.py``.
+from one forward with grad (residuals entering the coupled layers, logits) and, for the KL, one without grad and
+adapter on the retain rows; the Trainer divides by the accumulation steps. After each optimizer step the state ramps
+/ refreshes when due, every rank in step. Terms and logs: docs/harc.md.
 """
 
 from __future__ import annotations
@@ -38,10 +36,9 @@ _TERMS = ("couple", "couple_resp", "kl", "ce")
 
 
 class AdapterSwitch:
-    """A PEFT model's adapter layers (LoRA layers, ``modules_to_save`` wrappers), found once; :meth:`off` disables
-    them as ``PeftModel.disable_adapter()`` does, without its status walk over every module and parameter (107k
-    Python calls per micro-batch on an 8-layer Llama, ``bench/step_counts.py --method harc``; host time 54 ms -> 7.6 ms
-    on a 32-layer one)."""
+    """The adapter layers (LoRA, ``modules_to_save`` wrappers), found once; :meth:`off` disables them as
+    ``PeftModel.disable_adapter()`` does, minus its walk over every module and parameter (107k Python calls per
+    micro-batch on an 8-layer Llama, ``bench/step_counts.py --method harc``; 54 ms -> 7.6 ms on a 32-layer one)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = [
@@ -60,8 +57,8 @@ class AdapterSwitch:
 
 
 class _StepEnd(TrainerCallback):
-    """The state on every rank: base directions once the model is wrapped (or the checkpoint's when resuming), ramp /
-    refresh after each optimizer step; the trainer saves it into every checkpoint."""
+    """On every rank: base directions once the model is wrapped (or the checkpoint's on resume), ramp / refresh
+    after each optimizer step."""
 
     def __init__(self, trainer: HarcTrainerMixin) -> None:
         self.trainer = trainer
@@ -78,9 +75,8 @@ class _StepEnd(TrainerCallback):
             with sections.section("HARC's direction extraction", "directions", forwards=True):
                 trainer.harc_state.start(model)
             trainer.harc_run.say(f"HARC: base directions extracted; coupling layers {trainer.harc_state.layers}")
-        # the recipe's checkpointing in every layer: the coupling reads each coupled layer's input, which keeps its
-        # graph under reentrant checkpointing too; only KV-sharing chains run non-reentrant (their gradient needs it;
-        # training/layer_checkpointing.py)
+        # the recipe's checkpointing in every layer (the coupled layers' inputs keep their graph under reentrant
+        # checkpointing too); only KV-sharing chains run non-reentrant, as their gradient needs
         trainer.harc_checkpointing = LayerCheckpointing(model, [], "HARC")
         trainer.harc_run.say(f"HARC: {trainer.harc_checkpointing.line()}")
 
@@ -92,19 +88,18 @@ class _StepEnd(TrainerCallback):
 
 
 class HarcTrainerMixin(Trainer):
-    """HARC's step, mixed in front of the host's trainer class with the plugin's checkpoints
-    (``training/checkpoints.py``), whose ``save_method_state`` and ``resumed_from`` it uses."""
+    """HARC's step, in front of the host's trainer with the plugin's checkpoints (``training/checkpoints.py``)."""
 
     harc_args: HarcArguments
-    harc_run: Any  # the run's context (harc/workflow.py's RunContext), its state included
-    harc_state: HarcState  # the directions and the coupled layers
-    harc_checkpointing: LayerCheckpointing  # set once the model is wrapped (_StepEnd)
-    resumed_from: str | None  # the checkpoint this start resumed from (WholeCheckpoints)
-    _harc_sums: torch.Tensor  # [terms..., micro-batches] since the last log, on the training device
+    harc_run: Any  # harc/workflow.py's RunContext, state included
+    harc_state: HarcState  # directions and coupled layers
+    harc_checkpointing: LayerCheckpointing  # set once the model is wrapped
+    resumed_from: str | None  # the checkpoint this start resumed from
+    _harc_sums: torch.Tensor  # [terms..., micro-batches] since the last log, on the device
     _harc_step_layers: list[int] | None = None  # the layers the last step coupled
-    _harc_switch: tuple[nn.Module, AdapterSwitch] | None = None  # (model, its adapter switch)
-    _harc_on_device: tuple[Any, torch.device, Directions] | None = None  # (state's directions, device, their copy)
-    _harc_weight_tensor: torch.Tensor | None = None  # the terms' weights on the training device
+    _harc_switch: tuple[nn.Module, AdapterSwitch] | None = None
+    _harc_on_device: tuple[Any, torch.device, Directions] | None = None  # (state's directions, device, copy)
+    _harc_weight_tensor: torch.Tensor | None = None  # the terms' weights on the device
 
     def __init__(self, *args: Any, harc_args: HarcArguments, harc_run: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -125,8 +120,8 @@ class HarcTrainerMixin(Trainer):
     @override
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         """``constant_with_warmup`` as the reference's (``main/train.py`` ``lr_at``: ``lr * (step + 1) / warmup``):
-        step ``k`` of ``W`` warm-up steps runs at ``k / W``, so the first update moves the adapter. HF's runs ``k`` at
-        ``(k - 1) / W``: a first update at rate 0 (LoRA's B stays 0). Other schedules are LLaMA-Factory's."""
+        step ``k`` of ``W`` warm-up steps runs at ``k / W``. HF's runs ``k`` at ``(k - 1) / W``: a first update at rate
+        0 leaves LoRA's B at 0. Other schedules are LLaMA-Factory's."""
         warmup = SchedulerType(self.args.lr_scheduler_type) == SchedulerType.CONSTANT_WITH_WARMUP
         if self.lr_scheduler is None and warmup:
             steps = self.args.get_warmup_steps(num_training_steps)
