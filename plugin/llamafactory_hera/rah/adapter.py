@@ -1,10 +1,9 @@
 """RAH-LoRA's calibration as a standard PEFT LoRA adapter (scaling 1, dropout 0) on the touched modules only.
 
-A head-slice rank-r update is a rank-r update of the whole matrix. For targets j = 1..m of one module with
-``Delta_j = alpha_j U_j diag(S_j) Vh_j``: ``lora_A`` stacks ``sqrt(S_j) Vh_j`` (rows ``j*r ...``), ``lora_B`` places
-``alpha_j U_j sqrt(S_j)`` (columns ``j*r ...``). ``v_proj`` ``[kv*d, D]``: A reads all D inputs, B writes the head's
-KV-group rows. ``o_proj`` ``[D, H*d]``: A reads the head's d columns, B writes all rows. Module names are the
-language model's exact ones (a bare ``v_proj`` would also match the vision tower's).
+A head-slice rank-r update is a rank-r update of the whole matrix (placed by :func:`overlay.module_step`). For
+targets j = 1..m of one module with ``Delta_j = alpha_j U_j diag(S_j) Vh_j``, ``lora_A`` stacks ``sqrt(S_j) Vh_j``
+(rows ``j*r ...``) and ``lora_B`` places ``alpha_j U_j sqrt(S_j)`` (columns ``j*r ...``). Module names are the
+language model's exact ones: a bare ``v_proj`` would also match the vision tower's.
 """
 
 from __future__ import annotations
@@ -48,12 +47,10 @@ def save_adapter(
     dora: bool = False,
     overlay: WeightOverlay | None = None,
 ) -> list[str]:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` via PEFT's ``save_pretrained``; return the target
-    module names. ``model`` as :func:`~llamafactory_hera.rah.calibrate.calibrate` leaves it (plain weights hold
-    ``W + BA`` in their dtype, ``overlay`` the others' steps) is left unchanged. ``dora`` (``use_dora``) writes a DoRA
-    adapter of the same calibration: ``m`` is the calibrated weight's row norms, so PEFT's
-    ``diag(m / ||W + BA||_row) (W + BA)`` is ``W + BA`` (``m`` in the model's dtype: bf16 rounds by up to 2^-9 of a
-    row)."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's ``save_pretrained``); return the target
+    names; ``model`` (plain weights hold ``W + BA``, ``overlay`` the others' steps) is left unchanged. ``dora`` writes
+    a DoRA adapter of the same calibration: ``m``, the calibrated weight's row norms, makes PEFT's
+    ``diag(m / ||W + BA||_row) (W + BA)`` equal ``W + BA`` (``m`` in the model's dtype: bf16: up to 2^-9 of a row)."""
     if not factors:
         raise RecipeError(
             "RAH-LoRA: no head was calibrated (every target rolled back or none was found); there is "

@@ -1,10 +1,9 @@
-"""A head's V rows and O columns, and RAH-LoRA's trial steps of them, kept out of the model's weights.
+"""RAH-LoRA's trial steps of a head's V rows and O columns, kept out of the model's weights.
 
-Through a forward hook a projection computes a step as LLaMA-Factory will apply the adapter. A plain weight on its
-device, which the adapter is merged into, computes with a copy whose head slice holds the merged step; a kept step is
-then written into the weight, which holds it exactly. A bitsandbytes 4-/8-bit or accelerate-offloaded weight, which
-is not merged into, adds ``(x A^T) B^T`` in the model's dtype to its output; its kept steps stay here as the adapter's
-rows of ``A`` and columns of ``B`` (no matrix copied).
+A forward hook makes a projection compute a step as LLaMA-Factory will apply the adapter. A plain weight on its device
+(the adapter merges into it) computes with a copy whose head slice holds the merged step; a kept step is then written
+into the weight, exactly. A bitsandbytes 4-/8-bit or accelerate-offloaded weight (not merged into) adds
+``(x A^T) B^T`` in the model's dtype to its output; its kept steps stay here as rows of ``A`` and columns of ``B``.
 """
 
 from __future__ import annotations
@@ -91,8 +90,9 @@ def o_columns(head: int, geometry: Geometry) -> slice:
 
 
 def module_step(name: str, b: torch.Tensor, a: torch.Tensor, head: int, geometry: Geometry, linear: nn.Module) -> Step:
-    """Whole-projection (B ``[out, r]``, A ``[r, in]``) for the head's slice step ``b @ a``: V's A reads every input,
-    B writes the KV-group rows; O's A reads the head's columns, B writes every row."""
+    """Whole-projection (B ``[out, r]``, A ``[r, in]``) for a head's slice step ``b @ a``: ``v_proj`` ``[kv*d, D]``:
+    A reads every input, B writes the KV-group rows; ``o_proj`` ``[D, H*d]``: A reads the head's d columns, B writes
+    every row."""
     if name == "v":
         whole = b.new_zeros(linear.out_features, b.shape[1])
         whole[v_rows(head, geometry)] = b

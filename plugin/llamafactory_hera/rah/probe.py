@@ -145,10 +145,9 @@ class AttentionProfile:
         return torch.cat(self.isal)
 
     def maps(self) -> torch.Tensor:
-        """``[L, H, P']`` whose cosine between two heads is Eq. 10's s_func over all rows with a map: within a layout,
-        the cosine of the heads' mean maps (Eq. 10); across layouts (no common grid), those cosines' mean weighted by
-        rows, built by concatenating ``sqrt(w) * mean map / |mean map|``. With one layout (LLaVA-1.5: always 576
-        image tokens) it is exactly Eq. 10."""
+        """``[L, H, P']`` whose cosine between two heads is Eq. 10's s_func over all rows with a map: within a layout
+        the cosine of the heads' mean maps; across layouts (no common grid) the row-weighted mean of those cosines,
+        by concatenating ``sqrt(w) * mean map / |mean map|``. One layout (LLaVA-1.5: 576 image tokens): Eq. 10."""
         if not self.map_sums:
             raise RecipeError("RAH-LoRA: no sample had text after its image, so no text->image attention map exists.")
         total = sum(self.map_rows.values())
@@ -170,10 +169,9 @@ def profile_attention(
     pairs: str = "paper",
     modules: dict[int, DecoderLayer] | None = None,
 ) -> None:
-    """One eager forward: add the batch's I-SAL and text->image maps to ``profile``. A row's map is the mean over its
-    text queries (``pairs``: ``paper`` all text, as Eq. 3 and 10; ``visible`` text after the image) of the attention
-    to each image position; no text after the image, no map. ``modules``: the plan's, else resolved here. Each layer's
-    attention is read on its own device."""
+    """One eager forward adding the batch's I-SAL and text->image maps to ``profile``. A row's map: mean attention to
+    each image position over its text queries (``pairs``: ``paper`` all text, Eq. 3 and 10; ``visible`` text after the
+    image); none without text after the image. ``modules``: the plan's, else resolved. Read on each layer's device."""
     with attention_weights(modules or attention_modules(model), layers) as attentions:
         model(**model_inputs(batch), output_attentions=True, use_cache=False)
     if any(attentions.get(layer) is None for layer in layers):
@@ -207,9 +205,9 @@ def profile_attention(
 def head_gates(
     modules: dict[int, DecoderLayer], layers: list[int], num_heads: int, head_dim: int
 ) -> Iterator[dict[int, torch.Tensor]]:
-    """Gates gamma ``[H]`` = 1 (requiring grad) on each layer's heads, multiplying the ``o_proj`` input viewed as
-    ``[B, T, H, d_head]`` (Eq. 5): layer -> gate, made at the layer's first forward on its input's device (another GPU
-    or offloaded). Removed on exit."""
+    """Gates gamma ``[H]`` = 1 (requiring grad) multiplying each layer's ``o_proj`` input viewed as
+    ``[B, T, H, d_head]`` (Eq. 5): layer -> gate, made at the layer's first forward on its input's device. Removed on
+    exit."""
     gates: dict[int, torch.Tensor] = {}
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...], layer: int) -> tuple[Any, ...]:
