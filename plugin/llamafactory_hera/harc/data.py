@@ -1,8 +1,6 @@
 """HARC's rows: each role tokenized with the recipe's template (``template.encode_oneturn``), the two prompt positions
-the method reads located and verified per row, and the seeded extraction / validation / training split.
-
-``t_post`` is the last prompt token; ``t_inst = t_post - P``, ``P`` the template tokens after the content, found once
-as the longest common tail of two prompts (docs/harc.md, "What a step computes").
+located and checked per row, and the seeded extraction / validation / training split. ``t_post`` is the last prompt
+token; ``t_inst = t_post - P``, ``P`` the template tokens after the content (docs/harc.md, "What a step computes").
 """
 
 from __future__ import annotations

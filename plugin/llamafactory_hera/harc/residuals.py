@@ -53,10 +53,9 @@ def response_window(response_mask: torch.Tensor, num_tokens: int) -> torch.Tenso
 
 
 class StepCapture:
-    """One training forward's residuals at the selected layers. The hook only keeps each input ``[B, T, D]``: no
-    tensor operation inside a possibly checkpointed call, since non-reentrant checkpointing needs the recompute to save
-    exactly what the first forward saved. :meth:`read` gives ``inst[l]`` / ``post[l]`` ``[B, D]`` and, with a window,
-    ``response[l]`` ``[B, D]`` (mean over the first response tokens), all in the autograd graph."""
+    """One training forward's residuals at the selected layers. The hook only keeps each input ``[B, T, D]``: non-
+    reentrant checkpointing needs the recompute to save exactly what the first forward saved. :meth:`read` gives
+    ``inst[l]`` / ``post[l]`` ``[B, D]`` and, with a window, ``response[l]`` ``[B, D]``, all in the autograd graph."""
 
     def __init__(
         self, t_inst: torch.Tensor, t_post: torch.Tensor, window: torch.Tensor | None, require_grad: bool

@@ -87,7 +87,7 @@ def token_masks(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, kinds: TokenKinds
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(image positions I, text positions T, text after the first image token), ``[B, T]`` bool each; T leaves out
-    the attention sink (BOS, or the first system token), wherever the padding is."""
+    the sink (or the first system token), wherever the padding is."""
     attended = attention_mask.bool()
     sink = attended & (attended.long().cumsum(dim=1) == 1)
 
@@ -108,8 +108,8 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def image_layouts(batch: dict[str, Any], image: torch.Tensor) -> list[tuple[int, ...]]:
-    """Per row, a key: its image-token count, then with ``image_grid_thw`` (Qwen's dynamic resolution) each image's
-    (t, h, w) grid, so rows with one key share their image grid. ``image`` ``[B, T]`` bool -> B keys."""
+    """Per row a key, its image-token count then, with ``image_grid_thw`` (Qwen's dynamic resolution), each image's
+    (t, h, w): rows with one key share their image grid. ``image`` ``[B, T]`` bool -> B keys."""
     counts = [int(n) for n in image.sum(dim=1)]
     grids = batch.get("image_grid_thw")
     if grids is None or not counts or sum(counts) == 0:
@@ -236,8 +236,7 @@ def gate_gradients(
     modules: dict[int, DecoderLayer] | None = None,
 ) -> torch.Tensor:
     """d(margin loss)/d(gate) of one sample at gamma = 1: ``[L, H]`` float32 on the CPU. With CPU-offloaded layers the
-    backward's saved tensors go to the CPU too, else every offloaded layer's weights copied to the GPU stay there
-    until the backward."""
+    backward's saved tensors go to the CPU, else offloaded weights copied to the GPU stay there until the backward."""
     offloaded = any(at in ("cpu", "disk") for at in (getattr(model, "hf_device_map", None) or {}).values())
     kept = torch.autograd.graph.save_on_cpu() if offloaded else contextlib.nullcontext()
     with (
