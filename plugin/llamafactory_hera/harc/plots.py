@@ -71,12 +71,10 @@ def _mean_cosines(entry: dict[str, Any]) -> dict[str, float] | None:
 
 
 def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
-    """Validation cosines against the optimizer step: left ``cos(h(t_post), v_ref)``, right ``cos(h(t_inst), v_harm)``,
-    means over held-out harmful (solid) and harmless (dashed) prompts and the entry's coupled layers; dotted verticals
-    where the layers change, the layer sets listed below.
-
-    ``history``: entries ``{"step", "layers", "validation": {"<layer>": {"harmful_ref", ...}}}``; entries without
-    validation are skipped, ValueError when none has it."""
+    """Validation cosines per optimizer step: left ``cos(h(t_post), v_ref)``, right ``cos(h(t_inst), v_harm)``, held-out
+    harmful (solid) and harmless (dashed) means over the entry's coupled layers; dotted lines where the layers change,
+    listed below. ``history``: ``HarcState.record``'s entries; those without validation are skipped, ValueError when
+    none has it."""
     points = [
         (int(entry["step"]), [int(x) for x in entry.get("layers") or []], means)
         for entry in history

@@ -1,7 +1,6 @@
-"""HARC's role datasets loaded through LLaMA-Factory's loader and aligned format, split (seeded, per role, as in
-docs/harc.md) and tokenized (:mod:`llamafactory_hera.harc.data`). Harmful completions only feed the response-side
-direction: their first ``harc_extract_samples`` rows in the same seeded order, so with the converter's row-aligned
-files the same prompts as the harmful extraction.
+"""HARC's role datasets, loaded by LLaMA-Factory's loader, split (seeded, per role, docs/harc.md) and tokenized.
+Harmful completions feed only the response-side direction: their first ``harc_extract_samples`` rows in the same
+seeded order, so with the converter's row-aligned files the same prompts as the harmful extraction.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""A ``stage: harc`` run in place of ``run_sft``: LLaMA-Factory's SFT workflow (model, LoRA adapter, optimizer,
-schedule, checkpoints, DDP / DeepSpeed, saved adapter) with HARC's composed micro-batches
-(:mod:`~llamafactory_hera.harc.batches`) from the ``harc_*`` role datasets and HARC's loss
-(:mod:`~llamafactory_hera.harc.trainer`).
+"""A ``stage: harc`` run in place of ``run_sft``: LLaMA-Factory's SFT workflow (model, LoRA, optimizer, schedule,
+checkpoints, DDP / DeepSpeed, saved adapter) with HARC's composed micro-batches and HARC's trainer.
 """
 
 from __future__ import annotations
