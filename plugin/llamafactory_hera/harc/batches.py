@@ -1,13 +1,10 @@
-"""HARC's micro-batches: each one holds ``harc_batch_harmful`` harmful, ``harc_batch_harmless`` harmless and
-``harc_batch_pseudo`` pseudo-harmful rows (the reference's 6 + 4 + 2), so that every optimizer step sees every role.
+"""HARC's micro-batches of ``harc_batch_harmful`` + ``harc_batch_harmless`` + ``harc_batch_pseudo`` rows (reference:
+6 + 4 + 2), so every optimizer step sees every role.
 
-The Trainer's dataset is :class:`ComposedMicroBatches`: item ``i`` is one whole micro-batch (so
-``per_device_train_batch_size`` is 1), read from endless seeded shuffles of each role's training rows. Item ``i`` of
-epoch ``e`` is the run's micro-batch ``g = e * len + i`` and takes positions ``[g * b, (g + 1) * b)`` of every role's
-stream, so it depends only on ``e``, ``i`` and the seed, under any sampler, worker count or number of ranks;
-:class:`StreamEpochs` sets ``e`` at each epoch's start from the optimizer steps taken, in shared memory that
-dataloader workers read. Why epochs are whole optimizer steps and what an epoch reads: docs/harc.md
-("Micro-batches").
+Item ``i`` of epoch ``e`` is micro-batch ``g = e * len + i`` and takes positions ``[g * b, (g + 1) * b)`` of each
+role's endless seeded shuffle: it depends only on ``e``, ``i`` and the seed, under any sampler, workers or ranks.
+:class:`StreamEpochs` sets ``e`` in shared memory the dataloader workers read. Why epochs are whole optimizer steps:
+docs/harc.md ("Micro-batches").
 """
 
 from __future__ import annotations
@@ -46,8 +43,7 @@ class ComposedMicroBatches(torch.utils.data.Dataset):
         self.epoch.fill_(epoch)
 
     def epoch_reads(self) -> str:
-        """What an epoch reads of each role, e.g. "192 harmful rows of 100 (92 repeats), 128 harmless of 400 (every
-        row within 4 epochs)"."""
+        """What an epoch reads of each role, e.g. "192 harmful rows of 100 (92 repeats), 128 harmless of 400 (...)"."""
         parts = []
         for role, size in self.sizes.items():
             reads = self.length * size
@@ -82,8 +78,8 @@ class ComposedMicroBatches(torch.utils.data.Dataset):
 
 
 class StreamEpochs(TrainerCallback):
-    """Sets the dataset's epoch as each epoch begins (before the Trainer iterates its dataloader), from the optimizer
-    steps taken: the same on every rank and when resuming, whatever the sampler or dataloader the engine built."""
+    """Sets the dataset's epoch from the optimizer steps taken as each epoch begins: the same on every rank and on
+    resume, whatever sampler or dataloader the engine built."""
 
     def __init__(self, dataset: ComposedMicroBatches) -> None:
         self.dataset = dataset
@@ -95,11 +91,10 @@ class StreamEpochs(TrainerCallback):
 def collate_rows(rows: list[tuple[int, EncodedRow]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded tensors of ``rows`` (B rows, T = longest prompt + response).
 
-    ``input_ids`` / ``attention_mask`` ``[B, T]``; ``labels`` ``[B, T]``: the response ids on harmful rows (the CE
-    target; not yet shifted), -100 elsewhere; ``harc_response_mask`` ``[B, T]``: 1 on every row's response tokens;
-    ``harc_t_inst`` / ``harc_t_post`` ``[B]``; ``harc_role`` ``[B]`` (0 harmful, 1 harmless, 2 pseudo);
-    ``harc_harmful_rows`` ``[H]`` / ``harc_retain_rows`` ``[B - H]``: the indices of the harmful / other rows, known
-    here on the host so that the training step selects rows without reading its roles back from the device.
+    ``input_ids`` / ``attention_mask`` ``[B, T]``; ``labels`` ``[B, T]``: response ids on harmful rows (CE target,
+    unshifted), -100 elsewhere; ``harc_response_mask`` ``[B, T]``: 1 on response tokens; ``harc_t_inst`` /
+    ``harc_t_post`` / ``harc_role`` ``[B]`` (role 0 harmful, 1 harmless, 2 pseudo); ``harc_harmful_rows`` ``[H]`` /
+    ``harc_retain_rows`` ``[B - H]``: row indices, built on the host so the step never reads roles back from the device.
     """
     width = max(len(row.prompt_ids) + len(row.response_ids) for _, row in rows)
     size = len(rows)
@@ -137,10 +132,8 @@ def collate_rows(rows: list[tuple[int, EncodedRow]], pad_id: int) -> dict[str, t
 
 
 class HarcCollator:
-    """The Trainer's collator: one :class:`ComposedMicroBatches` item -> :func:`collate_rows`'s tensors.
-
-    Built by LLaMA-Factory's SFT workflow with the stock collator's keyword arguments (only ``tokenizer`` is read).
-    """
+    """One :class:`ComposedMicroBatches` item -> :func:`collate_rows`'s tensors; of the stock collator's keyword
+    arguments only ``tokenizer`` is read."""
 
     def __init__(self, tokenizer: Any = None, **_: Any) -> None:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,10 +1,9 @@
-"""``HarcArguments``: every ``harc_*`` key of a ``stage: harc`` recipe, its help text, the reference default and its
-checks.
+"""``HarcArguments``: every ``harc_*`` key of ``stage: harc`` with help, reference default and checks; what a run logs
+and plots (:data:`LOG_KEYS`, :data:`TRAINING_PLOT`).
 
-Defaults are those of the authors' code (``microsoft/HARC``, ``main/configs/*.yaml``; the configs win over the code's
-own defaults, e.g. the margin 0.5). Step counts are **optimizer steps** (the reference counts micro-steps with gradient
-accumulation 2: its refresh every 200 micro-steps is 100 optimizer steps, its ramp at 1000 is 500). Also what a HARC
-run logs and plots (:data:`LOG_KEYS`, :data:`TRAINING_PLOT`).
+Defaults are the authors' (``microsoft/HARC`` ``main/configs/*.yaml``, which win over the code's, e.g. margin 0.5).
+Step counts are **optimizer steps**: the reference counts micro-steps at gradient accumulation 2, so its refresh every
+200 micro-steps is 100 here and its ramp at 1000 is 500.
 """
 
 from __future__ import annotations
@@ -142,7 +141,7 @@ def _dataset_name(key: str, value: Any) -> str:
 
 
 def moving_weights(args: HarcArguments) -> dict[str, float]:
-    """The weights of the terms that can move a freshly initialised adapter (the KL cannot: see harc/raw_checks.py)."""
+    """Weights of the terms that can move a fresh adapter (the KL cannot: see harc/raw_checks.py)."""
     weights = {"harc_weight_couple": args.harc_weight_couple}
     if args.response_coupling:  # without harmful completions the response-side term is always 0
         weights["harc_weight_couple_resp"] = args.harc_weight_couple_resp
@@ -150,7 +149,7 @@ def moving_weights(args: HarcArguments) -> dict[str, float]:
 
 
 def check_consistency(args: HarcArguments) -> None:
-    """Checks between keys; ValueError naming the keys and the fix."""
+    """Checks between keys; RecipeError naming the keys and the fix."""
     if not args.harc_harmful:
         raise RecipeError(
             "harc_harmful: missing. stage: harc needs a dataset of harmful prompts with refusal "
@@ -193,11 +192,10 @@ def parse_harc_arguments(raw: dict[str, Any]) -> HarcArguments:
     return args
 
 
-# metrics a HARC run logs every step next to LLaMA-Factory's loss (trainer_log.jsonl, LlamaBoard, the curves)
+# logged every step next to LLaMA-Factory's loss (trainer_log.jsonl, LlamaBoard, the curves)
 LOG_KEYS = ("harc_couple", "harc_couple_resp", "harc_kl", "harc_ce", "harc_layers")
 
-# the run's training.png: the loss and the cross-entropy term (same scale) on the left axis, the coupling and KL
-# terms (an order of magnitude smaller) on the right one
+# training.png: loss and CE (same scale) on the left axis, coupling and KL (10x smaller) on the right
 TRAINING_PLOT = TrainingPlot(
     terms=("harc_couple", "harc_couple_resp", "harc_kl"),
     losses=("loss", "harc_ce"),

@@ -1,10 +1,9 @@
 """``llamafactory-hera harc-data``: the public sources HARC's authors train on, as LLaMA-Factory datasets.
 
-Every dataset is written in LLaMA-Factory's alpaca format (a JSON list of ``{"instruction", "input": "", "output"}``)
-under the name its recipe key takes (``harc_harmful: harc_harmful``), and listed in ``dataset_info.json`` by
-``file_name`` alone (the alpaca columns are LLaMA-Factory's defaults). Each source (:data:`SOURCES`) is read the way
-the reference (``microsoft/HARC``, ``main/data.py`` and ``main/train.py``) reads it (the ``convert_*`` functions).
-Nothing is written before every source has been read and checked and the output folder has been checked.
+Each is written in alpaca format (``[{"instruction", "input": "", "output"}]``) under its recipe key's name
+(``harc_harmful: harc_harmful``) and listed in ``dataset_info.json`` by ``file_name`` alone. Each source
+(:data:`SOURCES`) is read as the reference (``microsoft/HARC`` ``main/data.py``, ``main/train.py``) reads it. Nothing
+is written before every source and the output folder pass.
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ ADVBENCH_COLUMNS = ("bad_q", "goal", "prompt")
 
 @dataclass
 class Converted:
-    """One dataset to write: its name (the dataset_info.json entry and the recipe key), its alpaca rows, the source
-    rows skipped (empty prompt or response, unusable conversation) and a note on what was kept."""
+    """One dataset to write: name (dataset_info.json entry, recipe key), alpaca rows, source rows skipped and a note."""
 
     name: str
     rows: list[dict[str, str]]
@@ -47,12 +45,12 @@ class Converted:
 
 
 def alpaca(prompt: str, response: str) -> dict[str, str]:
-    """One alpaca row: the prompt as the instruction, no input, the response as the output."""
+    """One alpaca row: prompt -> instruction, empty input, response -> output."""
     return {"instruction": prompt, "input": "", "output": response}
 
 
 def _no_rows(where: str, what: str) -> RecipeError:
-    """The error for a source that yields no row: the option, the file and why (``what``)."""
+    """The error for a source that yields no row: option, file and why."""
     return RecipeError(f"{where}: no usable row ({what}).")
 
 
@@ -60,10 +58,9 @@ def _no_rows(where: str, what: str) -> RecipeError:
 
 
 def convert_circuit_breakers(path: Path, option: str = "--circuit-breakers") -> tuple[Converted, Converted]:
-    """``harc_harmful`` (prompt -> llama3_output, the refusal) and ``harc_harmful_completions`` (prompt -> output,
-    the harmful completion) from the Circuit Breakers train JSON, row i of both from the same source row (a seeded
-    split of the two picks the same prompts, as the response-side directions need); a row with an empty field is
-    skipped in both."""
+    """``harc_harmful`` (prompt -> llama3_output, the refusal) and ``harc_harmful_completions`` (prompt -> output),
+    row i of both from source row i, so a seeded split picks the same prompts, as the response-side directions need.
+    A row with an empty field is skipped in both."""
     where = f"{option} {path}"
     refusals = []
     completions = []
@@ -87,10 +84,9 @@ def convert_circuit_breakers(path: Path, option: str = "--circuit-breakers") -> 
 
 
 def convert_xstest(path: Path, option: str = "--xstest") -> Converted:
-    """``harc_pseudo`` (prompt -> completion) from the XSTest v2 completions CSV: the rows whose ``final_label`` is
-    ``1_full_compliance``, as the reference keeps them, each once and in file order (the reference repeats them up to
-    1500, but HARC's trainer cycles through a role's rows, which draws them just as often). A kept row with an empty
-    prompt or completion is skipped."""
+    """``harc_pseudo`` (prompt -> completion): rows labelled ``1_full_compliance``, as the reference keeps them, once
+    each in file order (the reference repeats them up to 1500; HARC's trainer cycles a role's rows just as often).
+    Empty prompt or completion: skipped."""
     where = f"{option} {path}"
     rows = []
     labelled = 0
@@ -117,8 +113,8 @@ def convert_xstest(path: Path, option: str = "--xstest") -> Converted:
 
 
 def _first_pair(row: Row, number: int, where: str) -> tuple[str, str] | None:
-    """(first user turn, first assistant answer) of an UltraChat row, or None unless its first message is the
-    user's and its second the assistant's (the reference's rule)."""
+    """(first user turn, first assistant answer) of an UltraChat row; None unless the first two messages are user
+    then assistant (the reference's rule)."""
     if "messages" not in row:
         raise missing_column(row, number, "messages", where)
     messages = row["messages"]
@@ -140,10 +136,10 @@ def _first_pair(row: Row, number: int, where: str) -> tuple[str, str] | None:
 
 
 def convert_ultrachat(path: Path, seed: int = 0, limit: int = 5400, option: str = "--ultrachat") -> Converted:
-    """``harc_harmless`` (first user turn -> first assistant answer) from UltraChat 200k ``test_sft`` rows, shuffled
-    with ``random.Random(seed)`` and walked until ``limit`` rows are kept, as the reference does. A row whose first
-    two messages are not user then assistant, or are empty, is skipped (``skipped`` counts those met before the cut);
-    every row's ``messages`` is checked, so a malformed file fails whatever the seed."""
+    """``harc_harmless`` (first user turn -> first answer) from UltraChat 200k ``test_sft``, shuffled with
+    ``random.Random(seed)`` and walked until ``limit`` rows are kept, as the reference does. ``skipped`` counts rows
+    before the cut not opening with non-empty user then assistant turns. Every row's ``messages`` is checked, so a
+    malformed file fails whatever the seed."""
     where = f"{option} {path}"
     source = read_rows(path, option)
     pairs = [_first_pair(row, number, where) for number, row in enumerate(source, 1)]
@@ -166,10 +162,9 @@ def convert_ultrachat(path: Path, seed: int = 0, limit: int = 5400, option: str 
 
 
 def convert_prompts(path: Path, option: str, name: str, columns: tuple[str, ...], limit: int) -> Converted:
-    """``name`` (prompt -> "") from the first ``limit`` non-empty prompts in file order, read from the first of
-    ``columns`` that row 1 has: ``harc_extract_harmful`` from AdvBench (``harmful_behaviors.csv``'s ``goal``, or a
-    JSON / JSON Lines file with ``bad_q``, the reference's ``advbench.json``, ``goal`` or ``prompt``),
-    ``harc_extract_harmless`` from Alpaca (``instruction``, a non-empty ``input`` appended after a blank line)."""
+    """``name`` (prompt -> "") from the first ``limit`` non-empty prompts, in the first of ``columns`` row 1 has:
+    AdvBench (CSV ``goal``, or JSON / JSON Lines ``bad_q`` as the reference's ``advbench.json``, ``goal``,
+    ``prompt``) or Alpaca (``instruction``, a non-empty ``input`` appended after a blank line)."""
     where = f"{option} {path}"
     source = read_rows(path, option)
     if not source:
@@ -205,14 +200,14 @@ def convert_prompts(path: Path, option: str, name: str, columns: tuple[str, ...]
 
 
 def encode(data: Any) -> bytes:
-    """The bytes a JSON file of ours holds (UTF-8, indented, newline at the end)."""
+    """A JSON file's bytes (UTF-8, indented, final newline)."""
     return (json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
 
 
 def plan_output(out: Path, datasets: list[Converted], force: bool = False) -> dict[Path, bytes]:
-    """path -> bytes for every data file and the merged ``dataset_info.json`` of ``out`` (existing entries kept),
-    after the checks. An entry or data file of ours that exists with other content is a FileExistsError naming them,
-    unless ``force``; identical ones (a rerun with the same sources) are no conflict."""
+    """path -> bytes for every data file and the merged ``dataset_info.json`` of ``out`` (existing entries kept).
+    An entry or data file that exists with other content raises FileExistsError naming it, unless ``force``;
+    identical ones (a rerun) are no conflict."""
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--out {out}: not a folder.")
     info_path = out / "dataset_info.json"
@@ -249,8 +244,7 @@ def plan_output(out: Path, datasets: list[Converted], force: bool = False) -> di
 
 
 def write_output(writes: dict[Path, bytes]) -> None:
-    """Write each file through a temporary file and a rename (dataset_info.json last, so it never names a file
-    that is not there)."""
+    """Write each file via a temporary file and a rename; dataset_info.json last, so it never names a missing file."""
     for path, data in writes.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
@@ -291,7 +285,7 @@ SOURCES: tuple[tuple[str, str, str], ...] = (
 
 
 def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
-    """Add ``harc-data`` to the ``llamafactory-hera`` sub-command parsers; verb -> handler."""
+    """Add ``harc-data`` to the ``llamafactory-hera`` sub-parsers; verb -> handler."""
     verb = commands.add_parser(
         "harc-data",
         help="Convert HARC's public data sources into LLaMA-Factory datasets for stage: harc.",
@@ -332,8 +326,8 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
 
 
 def convert_sources(args: argparse.Namespace) -> list[Converted]:
-    """Every dataset the given sources yield, in recipe order; ValueError / FileNotFoundError on the first bad
-    option or source (before anything is written)."""
+    """Every dataset the given sources yield, in recipe order; RecipeError / FileNotFoundError on the first bad
+    option or source, before anything is written."""
     if all(getattr(args, flag[2:].replace("-", "_")) is None for flag, _, _ in SOURCES):
         raise RecipeError("harc-data: give at least one source: " + ", ".join(flag for flag, _, _ in SOURCES) + ".")
     for flag, rows in (("--harmless-rows", args.harmless_rows), ("--extract-rows", args.extract_rows)):
@@ -358,8 +352,8 @@ def convert_sources(args: argparse.Namespace) -> list[Converted]:
 
 
 def run_harc_data(args: argparse.Namespace) -> None:
-    """``harc-data``: read and check every source, check --out, write the datasets and dataset_info.json, print one
-    summary line per dataset and the recipe lines."""
+    """``harc-data``: check every source and --out, write the datasets and dataset_info.json, print a summary line
+    per dataset and the recipe lines."""
     datasets = convert_sources(args)
     write_output(plan_output(args.out, datasets, force=args.force))
     for dataset in datasets:

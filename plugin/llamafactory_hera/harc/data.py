@@ -1,7 +1,6 @@
-"""HARC's rows: each role's dataset tokenized with the recipe's LLaMA-Factory template (``template.encode_oneturn``'s
-prompt), the two prompt positions the method reads (``t_post``, the last prompt token; ``t_inst = t_post - P``, ``P``
-the template tokens after the content, found once as the longest common tail of two prompts) located and verified per
-row (docs/harc.md, "What a step computes"), and the seeded extraction / validation / training split.
+"""HARC's rows: each role tokenized with the recipe's template (``template.encode_oneturn``), the two prompt positions
+located and checked per row, and the seeded extraction / validation / training split. ``t_post`` is the last prompt
+token; ``t_inst = t_post - P``, ``P`` the template tokens after the content (docs/harc.md, "What a step computes").
 """
 
 from __future__ import annotations
@@ -20,9 +19,8 @@ _SENTINELS = ("Alpha", "zq 7")
 
 @dataclass(frozen=True)
 class EncodedRow:
-    """One row as the method sees it: ``prompt_ids`` (left-truncated), ``response_ids`` (the answer right-truncated,
-    then closed as the template closes it; empty for prompt-only rows), ``t_inst`` (index of the user's last content
-    token; ``t_post`` is ``len(prompt_ids) - 1``)."""
+    """``prompt_ids`` (left-truncated), ``response_ids`` (right-truncated, then closed as the template closes it;
+    empty for prompt-only rows), ``t_inst`` (the user's last content token; ``t_post = len(prompt_ids) - 1``)."""
 
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
@@ -34,8 +32,8 @@ class EncodedRow:
 
 
 def _fixed_tail(template: Any, tokenizer: Any, side: int) -> tuple[int, ...]:
-    """The ids that side ``side`` (0: the prompt, 1: the answer) of a one-turn encoding ends with whatever its
-    content: the longest common tail of two encodings with different contents."""
+    """The ids side ``side`` (0 prompt, 1 answer) of a one-turn encoding ends with whatever its content: the longest
+    common tail of two encodings."""
     first, second = (
         list(
             template.encode_oneturn(
@@ -55,7 +53,7 @@ def _fixed_tail(template: Any, tokenizer: Any, side: int) -> tuple[int, ...]:
 
 
 def template_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
-    """The template's token ids between the user's content and the answer (the ``P`` tokens after ``t_inst``)."""
+    """Template ids between the user's content and the answer (the ``P`` tokens after ``t_inst``)."""
     tail = _fixed_tail(template, tokenizer, 0)
     if not tail:
         raise RecipeError(
@@ -67,14 +65,13 @@ def template_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
 
 
 def answer_tail(template: Any, tokenizer: Any) -> tuple[int, ...]:
-    """The template's token ids after an answer's content (``<|eot_id|>`` for llama3, ``<|im_end|>\\n`` for qwen);
-    empty when the template closes nothing."""
+    """Template ids after an answer (``<|eot_id|>`` for llama3, ``<|im_end|>\\n`` for qwen); may be empty."""
     return _fixed_tail(template, tokenizer, 1)
 
 
 def without_answer_tail(rows: list[EncodedRow], tail: tuple[int, ...]) -> list[EncodedRow]:
-    """``rows`` with the template's closing tokens removed from the end of each answer (the reference extracts the
-    response-side directions from the bare answer text; its training rows do end with EOS)."""
+    """``rows`` without the template's closing tokens at each answer's end: the reference extracts the response-side
+    directions from the bare answer (its training rows do end with EOS)."""
     size = len(tail)
     return [
         EncodedRow(row.prompt_ids, row.response_ids[:-size], row.t_inst)
@@ -96,9 +93,9 @@ def encode_row(
     where: str,
     closing: tuple[int, ...] = (),
 ) -> EncodedRow:
-    """Tokenize one aligned row (``_prompt`` / ``_response`` messages; ``where`` names it in errors) and locate
-    ``t_inst``. A prompt keeps its last ``max_length`` tokens; an answer its first ``max_length`` followed by the
-    template's ``closing`` tokens (:func:`answer_tail`), as the reference cuts the answer and then appends EOS."""
+    """Tokenize one aligned row and locate ``t_inst``; ``where`` names it in errors. A prompt keeps its last
+    ``max_length`` tokens; an answer its first ``max_length`` then ``closing`` (:func:`answer_tail`), as the reference
+    cuts the answer and appends EOS."""
     if not prompt or prompt[-1].get("role") != "user" or not str(prompt[-1].get("content", "")).strip():
         raise RecipeError(f"{where}: the prompt has no user message with content; every HARC row needs one.")
     answer = response[:1] if response else [{"role": "assistant", "content": ""}]
@@ -131,9 +128,8 @@ def encode_rows(
     with_response: bool = True,
     closing: tuple[int, ...] = (),
 ) -> list[EncodedRow]:
-    """Rows ``indices`` of an aligned LLaMA-Factory dataset (columns ``_prompt``, ``_response``, ``_system``,
-    ``_tools``), encoded (:func:`encode_row`); ``with_response=False`` keeps the prompts only (prompt-side
-    extraction)."""
+    """Rows ``indices`` of an aligned dataset (``_prompt``, ``_response``, ``_system``, ``_tools``), encoded;
+    ``with_response=False`` keeps prompts only (prompt-side extraction)."""
     rows = []
     for index in indices:
         row = aligned[index]
@@ -161,7 +157,7 @@ def encode_rows(
 
 @dataclass(frozen=True)
 class Split:
-    """Row numbers of one role's dataset: held out for extraction, held out for validation, for training."""
+    """One role's row numbers: held out for extraction, for validation, and for training."""
 
     extract: list[int]
     validate: list[int]
@@ -169,14 +165,14 @@ class Split:
 
 
 def split_rows(num_rows: int, extract: int, validate: int, seed: int) -> Split:
-    """A seeded permutation of ``range(num_rows)``: the first ``extract`` rows, the next ``validate``, the rest."""
+    """Seeded permutation of ``range(num_rows)``: the first ``extract`` rows, the next ``validate``, the rest."""
     order = list(range(num_rows))
     random.Random(seed).shuffle(order)
     return Split(order[:extract], order[extract : extract + validate], order[extract + validate :])
 
 
 def check_role_size(key: str, dataset: str, num_rows: int, needed: int, what: str) -> None:
-    """ValueError naming the role key and dataset when it has fewer than ``needed`` rows."""
+    """RecipeError naming the role key and dataset when it has fewer than ``needed`` rows."""
     if num_rows < needed:
         raise RecipeError(
             f"{key}: dataset '{dataset}' has {num_rows} rows; {what} need at least {needed}. Add rows "

@@ -1,6 +1,6 @@
-"""HARC's directions: unit difference-of-means of the residual stream entering every decoder layer.
+"""HARC's directions: unit difference-of-means (:func:`unit`, as the reference) of the residual entering each layer.
 
-Prompt side (prompts only, as the model sees them before answering)::
+Prompt side (prompts only)::
 
     v_harm[l] = unit(mean_harmful h_l(t_inst) - mean_harmless h_l(t_inst))
     v_ref[l]  = unit(mean_harmful h_l(t_post) - mean_harmless h_l(t_post))
@@ -10,9 +10,7 @@ Response side (prompt + answer, residual averaged over the first ``n`` answer to
     v_harm_resp[l] = unit(mean(harmful prompt + harmful completion) - mean(harmless prompt + helpful answer))
     v_ref_resp[l]  = unit(mean(harmful prompt + refusal) - mean(harmless prompt + helpful answer))
 
-``unit(x) = x / (||x|| + 1e-8)`` as the reference. Means are accumulated in float64 over batches (rows are
-right-padded; padding never enters a mean). Refreshes blend with the base directions:
-``normalize((1 - beta) v_base + beta v_fresh)``.
+Means accumulate in float64, without padding. Refreshes blend with the base (:func:`blend`).
 """
 
 from __future__ import annotations
@@ -34,8 +32,7 @@ from llamafactory_hera.training.eval_forward import eval_mode
 
 @dataclass
 class Directions:
-    """Unit directions per decoder layer, ``[L, D]`` float32 each; the response pair is None when response coupling
-    is off."""
+    """Unit directions per layer, ``[L, D]`` float32; the response pair is None when response coupling is off."""
 
     v_ref: torch.Tensor
     v_harm: torch.Tensor
@@ -52,7 +49,7 @@ def unit(difference: torch.Tensor) -> torch.Tensor:
 
 
 def blend(base: torch.Tensor, fresh: torch.Tensor, beta: float) -> torch.Tensor:
-    """``normalize((1 - beta) base + beta fresh)`` along the last axis (the refresh, anchored on the base)."""
+    """``normalize((1 - beta) base + beta fresh)`` along the last axis (a refresh anchored on the base)."""
     return F.normalize((1.0 - beta) * base + beta * fresh, dim=-1)
 
 
@@ -67,10 +64,9 @@ def _hidden_sums(
     progress: Progress,
     label: str,
 ) -> dict[int, torch.Tensor]:
-    """layer -> float64 sum over ``rows`` of ``pick(layer, hidden [B, T, D], batch)`` (``[B, ...]``), read from the
-    residual entering each of ``layers``, in eval mode (as the reference), without grad; rows fed ``batch_size`` at a
-    time, right-padded, with only their first ``answer_tokens`` answer tokens (under causal attention the residuals
-    there do not depend on what follows, so the sums equal the whole rows')."""
+    """layer -> float64 sum over ``rows`` of ``pick(layer, hidden [B, T, D], batch)`` (``[B, ...]``) at the residual
+    entering each of ``layers``; eval mode (as the reference), no grad, ``batch_size`` right-padded rows a forward.
+    Only the first ``answer_tokens`` answer tokens are fed: under causal attention the sums equal the whole rows'."""
     sums: dict[int, torch.Tensor] = {}
     batch: dict[str, torch.Tensor] = {}
 
@@ -94,8 +90,7 @@ def _hidden_sums(
 def prompt_means(
     model: nn.Module, rows: list[EncodedRow], batch_size: int, pad_id: int, progress: Progress, label: str
 ) -> torch.Tensor:
-    """``[L, 2, D]`` float64: mean residual entering each layer at ``t_inst`` (index 0) and ``t_post`` (index 1) of
-    the prompts of ``rows`` (answers are not fed)."""
+    """``[L, 2, D]`` float64: mean residual entering each layer at ``t_inst`` (0) and ``t_post`` (1); prompts only."""
     layers = list(range(len(text_decoder(model).layers)))
     sums = _hidden_sums(
         model,
@@ -122,8 +117,7 @@ def response_means(
     progress: Progress,
     label: str,
 ) -> torch.Tensor:
-    """``[L, D]`` float64: mean over ``rows`` of the residual entering each layer averaged over the row's first
-    ``num_tokens`` answer tokens."""
+    """``[L, D]`` float64: mean residual entering each layer over the first ``num_tokens`` answer tokens."""
 
     def pooled(_: int, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         window = response_window(batch["harc_response_mask"], num_tokens).to(hidden.device, torch.float64)
@@ -136,7 +130,7 @@ def response_means(
 
 @dataclass
 class ExtractionRows:
-    """The held-out rows directions are extracted from (fixed for the run: base and every refresh use them)."""
+    """Held-out extraction rows, fixed for the run (base and every refresh)."""
 
     harmful_prompts: list[EncodedRow]  # prompt side, harmful
     harmless_prompts: list[EncodedRow]  # prompt side, harmless
@@ -148,7 +142,7 @@ class ExtractionRows:
 def extract(
     model: nn.Module, rows: ExtractionRows, num_tokens: int, batch_size: int, pad_id: int, progress: Progress
 ) -> Directions:
-    """Every direction of the module docstring on ``model`` as it is now (float32 ``[L, D]``)."""
+    """Every direction of the module docstring on ``model`` now (float32 ``[L, D]``)."""
     harmful = prompt_means(model, rows.harmful_prompts, batch_size, pad_id, progress, "HARC directions: harmful")
     harmless = prompt_means(model, rows.harmless_prompts, batch_size, pad_id, progress, "HARC directions: harmless")
     prompt = unit(harmful - harmless).float()
@@ -184,10 +178,10 @@ def validation_cosines(
     pad_id: int,
     progress: Progress,
 ) -> dict[str, dict[str, float]]:
-    """The diagnostic on held-out prompts (the reference's ``project_validation``): for each coupled layer ``l``, the
-    mean over held-out harmful (and harmless) prompts of ``cos(h_l(t_post), v_ref[l])`` and ``cos(h_l(t_inst),
-    v_harm[l])``: ``{"<layer>": {"harmful_ref", "harmless_ref", "harmful_harm", "harmless_harm"}}``. Coupling works when
-    the harmful means rise towards the margin and the harmless ones stay at or below zero."""
+    """The reference's ``project_validation``: per coupled layer ``l``, the mean over held-out harmful (and harmless)
+    prompts of ``cos(h_l(t_post), v_ref[l])`` and ``cos(h_l(t_inst), v_harm[l])``, as ``{"<layer>": {"harmful_ref",
+    "harmless_ref", "harmful_harm", "harmless_harm"}}``. Coupling works when harmful means rise towards the margin
+    while harmless ones stay at or below zero."""
 
     def cosines(layer: int, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # [B, 2]
         post = at_positions(hidden, batch["harc_t_post"]).float()

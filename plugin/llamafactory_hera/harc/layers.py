@@ -1,11 +1,10 @@
-"""Which decoder layers HARC couples: the authors' code's layer score (``main/layers.py``; HYPERPARAMS.md states
-another formula, the code is authoritative), top K within a band. For every layer l (unit directions ``[D]``)::
+"""Which decoder layers HARC couples: the top K within a band by the authors' code's score (``main/layers.py``; it
+wins over HYPERPARAMS.md's formula). Per layer l (unit directions ``[D]``)::
 
     score(l) = (1 - |cos(v_ref, v_harm)|) (1 - |cos(v_ref_resp, v_harm_resp)|)
                |cos(v_harm, v_harm_resp)| |cos(v_ref, v_ref_resp)|
 
-Only layers ``band .. n - band`` of the ``n`` decoder layers can be chosen, never layer 0. Without response directions
-the score is the prompt-side factor ``1 - |cos(v_ref, v_harm)|`` alone.
+Without response directions the score is ``1 - |cos(v_ref, v_harm)|`` alone.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def layer_scores(
     v_ref: torch.Tensor, v_harm: torch.Tensor, v_ref_resp: torch.Tensor | None, v_harm_resp: torch.Tensor | None
 ) -> torch.Tensor:
-    """``[L]`` scores from ``[L, D]`` directions (see the module docstring)."""
+    """``[L]`` scores from ``[L, D]`` directions (module docstring)."""
     score = 1.0 - _cos(v_ref, v_harm).abs()
     if v_ref_resp is not None and v_harm_resp is not None:
         score = score * (1.0 - _cos(v_ref_resp, v_harm_resp).abs())
@@ -32,13 +31,13 @@ def layer_scores(
 
 
 def eligible_layers(num_layers: int, band: int) -> list[int]:
-    """Layers ``max(band, 1) .. min(num_layers - band, num_layers - 1)``, the ones that may be coupled; never layer
-    0, whose entering residual is the embedding output, which the adapter does not change."""
+    """Layers ``max(band, 1) .. min(num_layers - band, num_layers - 1)`` may be coupled; never layer 0, whose entering
+    residual is the embedding output, which the adapter does not change."""
     return list(range(max(band, 1), min(num_layers - band, num_layers - 1) + 1))
 
 
 def select_layers(scores: torch.Tensor, count: int, band: int) -> list[int]:
-    """The ``count`` eligible layers of highest score, ascending (ties: the lower layer first)."""
+    """The ``count`` eligible layers of highest score, ascending (ties: lower layer first)."""
     eligible = eligible_layers(scores.numel(), band)
     if len(eligible) < count:
         raise RecipeError(

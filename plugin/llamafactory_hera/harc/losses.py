@@ -1,10 +1,9 @@
-"""HARC's loss terms (the authors' ``main/losses.py``, re-derived), each on tensors of one micro-batch.
+"""HARC's loss terms (the authors' ``main/losses.py``, re-derived), on one micro-batch.
 
-Coupling (per selected layer, then averaged over layers), margin ``m``: with ``c_ref = cos(h_post, v_ref)`` and
-``c_harm = cos(h_inst, v_harm)``, a harmful row costs ``relu(m - c_ref) + relu(m - c_harm)`` and a retain row
-(harmless or pseudo) ``relu(c_ref) + relu(c_harm)``; the layer's loss is the mean over all rows of the micro-batch.
-The response side is the same with one pooled response residual read against ``v_ref_resp`` and ``v_harm_resp``.
-The directions are constants (detached); residuals are compared in float32.
+Coupling, margin ``m``, per selected layer then averaged over layers: with ``c_ref = cos(h_post, v_ref)`` and
+``c_harm = cos(h_inst, v_harm)``, a harmful row costs ``relu(m - c_ref) + relu(m - c_harm)``, a retain row (harmless
+or pseudo) ``relu(c_ref) + relu(c_harm)``; a layer's loss is the mean over all rows. The response side reads one pooled
+response residual against ``v_ref_resp`` and ``v_harm_resp``. Directions are detached; cosines are float32.
 """
 
 from __future__ import annotations
@@ -14,8 +13,8 @@ import torch.nn.functional as F
 
 
 def _cosine(rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """``[B]`` cosines of ``rows`` ``[B, D]`` with ``direction`` ``[D]`` (float32, eps 1e-8 as torch's); the direction
-    (kept on the CPU by the run's state) is moved to the rows' device."""
+    """``[B]`` cosines of ``rows`` ``[B, D]`` with ``direction`` ``[D]`` (float32, eps 1e-8), moved from the CPU to
+    the rows' device."""
     direction = direction.detach().to(device=rows.device, dtype=torch.float32)
     return F.cosine_similarity(rows.float(), direction.unsqueeze(0).expand(rows.shape[0], -1), dim=-1, eps=1e-8)
 
@@ -30,9 +29,9 @@ def coupling_loss(
 ) -> torch.Tensor:
     """Mean over layers of the per-row coupling (module docstring).
 
-    ``ref_rows[l]`` / ``harm_rows[l]``: ``[B, D]`` residuals read against ``v_ref[l]`` / ``v_harm[l]`` (prompt side:
-    ``h_post`` / ``h_inst``; response side: the pooled response residual for both); ``v_ref`` / ``v_harm``
-    ``[L, D]``; ``harmful`` ``[B]`` bool.
+    ``ref_rows[l]`` / ``harm_rows[l]``: ``[B, D]`` residuals read against ``v_ref[l]`` / ``v_harm[l]`` (prompt side
+    ``h_post`` / ``h_inst``; response side the pooled residual for both); ``v_ref`` / ``v_harm`` ``[L, D]``;
+    ``harmful`` ``[B]`` bool.
     """
     per_layer = []
     for layer in sorted(ref_rows):
@@ -45,12 +44,9 @@ def coupling_loss(
 
 
 def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token mean of KL(reference || current) over ``mask``'s positions.
-
-    ``logits`` / ``reference_logits`` ``[N, T, V]`` (the current model's, and the adapter-disabled model's, on the
-    same rows); ``mask`` ``[N, T]``. The reference takes the logits at the response tokens' own positions (not the
-    positions that predict them); so does this.
-    """
+    """Token mean of KL(reference || current) over ``mask`` ``[N, T]``; logits ``[N, T, V]`` of the current and the
+    adapter-disabled model on the same rows. As the reference, the logits at the response tokens' own positions (not
+    those predicting them)."""
     reference = F.log_softmax(reference_logits.detach().float(), dim=-1)
     current = F.log_softmax(logits.float(), dim=-1)
     per_token = (reference.exp() * (reference - current)).sum(-1)
@@ -59,8 +55,8 @@ def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor, mask: 
 
 
 def refusal_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens: ``logits`` ``[N, T, V]``, ``labels`` ``[N, T]`` with
-    -100 where nothing is learned (position t predicts token t + 1)."""
+    """Mean next-token CE over labelled tokens: ``logits`` ``[N, T, V]``, ``labels`` ``[N, T]`` (-100: none; position
+    t predicts t + 1)."""
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
     )

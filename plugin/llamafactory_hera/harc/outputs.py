@@ -1,7 +1,6 @@
-"""What a ``stage: harc`` run leaves in ``output_dir`` besides LLaMA-Factory's (the LoRA adapter, trainer_log, ...):
-``harc_directions.pt``, ``harc_layers.json``, ``harc_eval.json`` (with ``harc_eval``, the refusal rates of the trained
-model and of the same model with its adapter disabled), their plots and ``training.png``; what each holds:
-docs/harc.md ("Outputs"). Everything is computed on every rank in step (ZeRO-3 needs all ranks in each forward) and
+"""What a ``stage: harc`` run adds to ``output_dir``: ``harc_directions.pt``, ``harc_layers.json``, ``harc_eval.json``
+(with ``harc_eval``, refusal rates of the trained model and with its adapter disabled), their plots and
+``training.png`` (docs/harc.md, "Outputs"). Computed on every rank in step (ZeRO-3 needs all ranks in each forward),
 written by rank 0.
 """
 
@@ -50,7 +49,7 @@ def _refusals(trainer: Any, model: Any) -> dict[str, Any]:
 
 
 def finish_run(trainer: Any) -> None:
-    """The end-of-run diagnostics, evaluation, files and plots (see the module docstring)."""
+    """End-of-run diagnostics, evaluation, files and plots."""
     state = trainer.harc_state
     run = trainer.harc_run
     args = trainer.harc_args
@@ -108,5 +107,5 @@ def _plots(trainer: Any, output: Path, evaluation: dict[str, Any] | None, histor
     if evaluation is not None:
         plot_refusal(evaluation, output / EVAL_PLOT)
     plot_diagnostics(history, output / DIAGNOSTICS_PLOT)
-    trainer.save_state()  # trainer_state.json: the curves are read from its log history
+    trainer.save_state()  # the curves are read from trainer_state.json's log history
     plot_training(output, "harc", TRAINING_PLOT, trainer.harc_run.smooth)

@@ -1,6 +1,5 @@
-"""HARC's checks of a run's parsed LLaMA-Factory arguments and its model's config, before any model or dataset loads
-(LLaMA-Factory 0.9.5's argument names): its role datasets, a text model, the layers its band leaves. Run by
-:class:`llamafactory_hera.harc.run.HarcRun`; before the parse: :mod:`.raw_checks`.
+"""HARC's checks of the parsed LLaMA-Factory 0.9.5 arguments and the model's config, before anything loads: role
+datasets, a text model, the layers the band leaves. Before the parse: :mod:`.raw_checks`.
 """
 
 from __future__ import annotations
@@ -69,5 +68,5 @@ def validate_host_args(
             f"{model_args.model_name_or_path} to couple, fewer than harc_layers_final: "
             f"{harc_args.harc_layers_final}. Lower harc_band or harc_layers_final."
         )
-    # Gradient checkpointing stays the recipe's: the coupling reads each coupled layer's input, the checkpoint's own
-    # input, which keeps its graph under reentrant checkpointing too (harc/residuals.py)
+    # Gradient checkpointing stays the recipe's: the coupling reads each coupled layer's input, which is the
+    # checkpoint's own input and keeps its graph under reentrant checkpointing too (harc/residuals.py)

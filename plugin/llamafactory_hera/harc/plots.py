@@ -1,5 +1,5 @@
-"""HARC's figures: ``harc_eval.png`` (refusal rates, base vs trained) and ``harc_diagnostics.png`` (validation cosines
-over training), drawn headless (Agg canvases, no pyplot state).
+"""HARC's figures, drawn headless (Agg, no pyplot state): ``harc_eval.png`` (refusal rates, base vs trained) and
+``harc_diagnostics.png`` (validation cosines over training).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ _HARMLESS_COLOR = "#2ca02c"
 
 
 def plot_refusal(record: dict[str, Any], path: Path) -> Path:
-    """Bar chart of :func:`~llamafactory_hera.harc.evaluate.refusal_record`'s refusal rates, held-out harmful vs
-    pseudo-harmful prompts (counts under the bars, ``n/a`` for an empty set), beside the base model's when
-    ``record["before"]`` holds them. Returns ``path``."""
+    """Bar chart of :func:`~llamafactory_hera.harc.evaluate.refusal_record`'s rates, held-out harmful vs pseudo-harmful
+    (counts under the bars, ``n/a`` when empty), beside the base model's if ``record["before"]`` has them."""
     series = [("trained", record, _AFTER_COLOR)]
     before = record.get("before")
     if isinstance(before, dict) and all(f"refusal_rate_{group}" in before for group, _ in _GROUPS):
@@ -59,7 +58,7 @@ def plot_refusal(record: dict[str, Any], path: Path) -> Path:
 
 
 def _mean_cosines(entry: dict[str, Any]) -> dict[str, float] | None:
-    """The four validation cosines of one history entry, averaged over its layers (None without validation)."""
+    """One entry's four validation cosines averaged over its layers (None without validation)."""
     validation = entry.get("validation") or {}
     layers = [str(layer) for layer in entry.get("layers") or []]
     values = [validation[layer] for layer in layers if layer in validation] or list(validation.values())
@@ -72,12 +71,10 @@ def _mean_cosines(entry: dict[str, Any]) -> dict[str, float] | None:
 
 
 def plot_diagnostics(history: list[dict[str, Any]], path: Path) -> Path:
-    """Validation cosines against the optimizer step: left ``cos(h(t_post), v_ref)``, right ``cos(h(t_inst), v_harm)``,
-    each the mean over held-out harmful (solid) and harmless (dashed) prompts, averaged over the entry's coupled layers;
-    dotted verticals where the coupled layers change, the layer sets listed under the panels.
-
-    ``history``: entries ``{"step", "layers", "validation": {"<layer>": {"harmful_ref", "harmless_ref", "harmful_harm",
-    "harmless_harm"}}}`` (entries without validation skipped; ValueError when none has it). Returns ``path``."""
+    """Validation cosines per optimizer step: left ``cos(h(t_post), v_ref)``, right ``cos(h(t_inst), v_harm)``, held-out
+    harmful (solid) and harmless (dashed) means over the entry's coupled layers; dotted lines where the layers change,
+    listed below. ``history``: ``HarcState.record``'s entries; those without validation are skipped, ValueError when
+    none has it."""
     points = [
         (int(entry["step"]), [int(x) for x in entry.get("layers") or []], means)
         for entry in history

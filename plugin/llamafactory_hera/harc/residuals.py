@@ -1,8 +1,7 @@
-"""Reading the residual stream entering decoder layers (what HARC's directions and coupling act on): the hidden state
-handed to decoder layer ``l`` (the embeddings for l = 0), read by a forward pre-hook on
-``text_decoder(model).layers[l]`` that runs before any other pre-hook (ZeRO-3's hands the layer a detached copy).
-Why that keeps the coupling's gradient under every checkpointing: docs/harc.md ("What a step computes"). A kept input
-without gradient while the model trains raises: the coupling would silently do nothing.
+"""The residual entering decoder layer ``l`` (the embeddings for l = 0), which HARC's directions and coupling act on,
+read by a forward pre-hook on ``text_decoder(model).layers[l]``. Why that keeps the coupling's gradient under every
+checkpointing: docs/harc.md ("What a step computes"). A kept input without gradient while training raises: the
+coupling would silently do nothing.
 """
 
 from __future__ import annotations
@@ -31,8 +30,8 @@ def reading_layers(model: nn.Module, layers: list[int], read: Callable[[int, tor
 
     with ExitStack() as hooks:  # each hook removed on exit
         for layer in layers:
-            # first: DeepSpeed ZeRO-3's own pre-hook hands the layer a detached copy of its input (made without a
-            # graph inside a reentrant layer's no_grad forward); the read takes the input as the checkpoint got it
+            # first: ZeRO-3's own pre-hook hands the layer a detached copy of its input (made without a graph inside
+            # a reentrant layer's no_grad forward); the read takes the input as the checkpoint got it
             hooks.enter_context(
                 modules[layer].register_forward_pre_hook(hook_for(layer), with_kwargs=True, prepend=True)
             )
@@ -45,8 +44,8 @@ def at_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def response_window(response_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """``[B, T]`` float weights averaging each row's first ``num_tokens`` response tokens (rows without a response:
-    all zero). ``response_mask`` ``[B, T]`` marks response tokens (one contiguous run per row)."""
+    """``[B, T]`` weights averaging each row's first ``num_tokens`` response tokens (all zero without a response);
+    ``response_mask`` ``[B, T]`` holds one contiguous run per row."""
     mask = response_mask.bool()
     rank = torch.cumsum(mask.long(), dim=1)  # 1 at the first response token, 2 at the second, ...
     window = (mask & (rank <= num_tokens)).float()
@@ -54,11 +53,9 @@ def response_window(response_mask: torch.Tensor, num_tokens: int) -> torch.Tenso
 
 
 class StepCapture:
-    """The residuals of one training forward at the selected layers. The hook only keeps a reference to each layer's
-    input ``[B, T, D]`` (no tensor operation inside a possibly checkpointed call: non-reentrant checkpointing needs
-    the recompute to save exactly what the first forward saved); :meth:`read` gives ``inst[l]`` / ``post[l]`` ``[B,
-    D]`` (at ``t_inst`` / ``t_post``) and, with a response window, ``response[l]`` ``[B, D]`` (mean over the first
-    response tokens), all in the autograd graph."""
+    """One training forward's residuals at the selected layers. The hook only keeps each input ``[B, T, D]``: non-
+    reentrant checkpointing needs the recompute to save exactly what the first forward saved. :meth:`read` gives
+    ``inst[l]`` / ``post[l]`` ``[B, D]`` and, with a window, ``response[l]`` ``[B, D]``, all in the autograd graph."""
 
     def __init__(
         self, t_inst: torch.Tensor, t_post: torch.Tensor, window: torch.Tensor | None, require_grad: bool
@@ -76,7 +73,7 @@ class StepCapture:
         self.hidden.setdefault(layer, hidden)  # a recomputation during backward passes again: keep the first
 
     def read(self, layers: list[int]) -> None:
-        """Fill ``inst`` / ``post`` / ``response`` for ``layers`` from the kept inputs (after the forward)."""
+        """Fill ``inst`` / ``post`` / ``response`` for ``layers`` from the kept inputs, after the forward."""
         for layer in layers:
             if layer not in self.hidden:
                 raise RuntimeError(

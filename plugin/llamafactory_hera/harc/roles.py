@@ -1,8 +1,6 @@
-"""Loading HARC's role datasets (``harc_harmful``, ...) through LLaMA-Factory's own loader and aligned format and
-tokenizing them with the recipe's template (:mod:`llamafactory_hera.harc.data`), with the seeded split per role that
-docs/harc.md describes; harmful completions only feed the response-side direction (their first
-``harc_extract_samples`` rows in the same seeded order: with the converter's row-aligned files, the same prompts as
-the harmful extraction).
+"""HARC's role datasets, loaded by LLaMA-Factory's loader, split (seeded, per role, docs/harc.md) and tokenized.
+Harmful completions feed only the response-side direction: their first ``harc_extract_samples`` rows in the same
+seeded order, so with the converter's row-aligned files the same prompts as the harmful extraction.
 """
 
 from __future__ import annotations
@@ -44,9 +42,9 @@ class RoleRows:
 def load_role_rows(
     args: HarcArguments, load: Loader, template: Any, tokenizer: Any, seed: int, say: Callable[[str], None]
 ) -> RoleRows:
-    """Read, check, split and encode every role (errors name the role key, the dataset and the fix)."""
+    """Read, check, split and encode every role; errors name the role key, the dataset and the fix."""
     tail = template_tail(template, tokenizer)
-    closing = answer_tail(template, tokenizer)  # a cut answer still ends with it; removed again for the response means
+    closing = answer_tail(template, tokenizer)  # cut answers still end with it; removed again for the response means
     size = args.harc_max_length
     extract_n = args.harc_extract_samples
     validate_n = args.harc_validate_samples

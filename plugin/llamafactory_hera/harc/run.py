@@ -1,5 +1,5 @@
-"""A ``stage: harc`` run (:class:`HarcRun`): HARC's arguments and its phases, in order. Each phase imports the module
-that does its work (lazy: :mod:`llamafactory_hera.recipe.run` says why)."""
+"""A ``stage: harc`` run (:class:`HarcRun`): HARC's arguments and phases, in order. Each phase imports its module
+lazily (:mod:`llamafactory_hera.recipe.run` says why)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from llamafactory_hera.runtime.stage_run import HostArguments, RunControls
 
 
 class HarcRun(MethodRun[HarcArguments]):
-    """LLaMA-Factory's SFT run with HARC's role data, collator and trainer (docs/harc.md); what follows the steps ends
+    """LLaMA-Factory's SFT run with HARC's role data, collator and trainer (docs/harc.md); the end-of-run work ends
     its trainer's ``train``, where the model is at hand."""
 
     arguments = HarcArguments

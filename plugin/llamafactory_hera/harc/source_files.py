@@ -1,5 +1,5 @@
-"""Reading HARC's source files (``harc-data``'s inputs) into rows: .json (a list, one object, or JSON Lines under
-a .json name), .jsonl, .csv with a header, .parquet. Every error names the option and the file."""
+"""``harc-data``'s source files as rows: .json (a list, one object, or JSON Lines), .jsonl, .csv with a header,
+.parquet. Every error names the option and the file."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ READABLE = (".json", ".jsonl", ".csv", ".parquet")
 
 
 def _parse_json(text: str, where: str) -> list[Any]:
-    """The records of a JSON file: a list as it is, one object as one record; else JSON Lines (the reference's
+    """A JSON file's records: a list as is, one object as one record; else JSON Lines (the reference's
     ``advbench.json`` is JSON Lines under a .json name)."""
     try:
         data = json.loads(text)
@@ -27,7 +27,7 @@ def _parse_json(text: str, where: str) -> list[Any]:
 
 
 def _parse_jsonl(text: str, where: str) -> list[Any]:
-    """The records of a JSON Lines text, one per non-blank line."""
+    """One record per non-blank line."""
     records = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -39,7 +39,7 @@ def _parse_jsonl(text: str, where: str) -> list[Any]:
 
 
 def read_text(path: Path, where: str) -> str:
-    """The file as UTF-8 text (a byte-order mark dropped); a file in another encoding is one line naming it."""
+    """UTF-8 text, byte-order mark dropped; another encoding raises one line naming it."""
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
@@ -53,9 +53,8 @@ def _not_utf8(where: str, err: UnicodeDecodeError) -> RecipeError:
 
 
 def read_csv(path: Path, where: str) -> list[tuple[int, Row]]:
-    """The rows of a CSV file with a header, each with the file line it starts on (a quoted field may span lines).
-    A row with more or fewer fields than the header, a quote never closed or one in the middle of a field is one
-    line naming the row, its line and the fix; blank lines are skipped (as csv.DictReader skips them)."""
+    """A CSV file's rows, each with the line it starts on (a quoted field may span lines); blank lines skipped as
+    csv.DictReader does. Too many or too few fields, or a bad quote, raises one line naming the row, line and fix."""
     rows: list[tuple[int, Row]] = []
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
@@ -93,10 +92,8 @@ def read_csv(path: Path, where: str) -> list[tuple[int, Row]]:
 
 
 def read_rows(path: Path, option: str) -> list[Row]:
-    """The rows of a source file (.json list or JSON Lines, .jsonl, .csv with a header, .parquet), each a dict.
-
-    Errors name ``option`` and the path: a missing file (FileNotFoundError), a folder, another suffix, text that does
-    not parse, a record that is not an object (ValueError)."""
+    """A source file's rows, each a dict. Errors name ``option`` and the path: FileNotFoundError for a missing file;
+    RecipeError for a folder, another suffix, unparsable text or a record that is not an object."""
     where = f"{option} {path}"
     if not path.exists():
         raise FileNotFoundError(f"{option}: no such file: {path}")
@@ -125,13 +122,13 @@ def read_rows(path: Path, option: str) -> list[Row]:
 
 
 def missing_column(row: Row, number: int | str, column: str, where: str) -> RecipeError:
-    """The error for a row without ``column``: the file, the row number (1-based), the column and the row's columns."""
+    """The error for a row without ``column``: file, 1-based row number, column and the row's columns."""
     return RecipeError(f"{where}: row {number} has no column '{column}' (its columns: {', '.join(map(str, row))}).")
 
 
 def column_text(row: Row, number: int | str, column: str, where: str) -> str:
-    """The text in ``column`` of row ``number`` (1-based, or as "3 (line 4)"); "" for a null. ValueError for a
-    missing column (naming the row and the column) or a value that is not text."""
+    """The text in ``column`` of row ``number`` (1-based, or as "3 (line 4)"); "" for a null. RecipeError for a
+    missing column or a value that is not text."""
     if column not in row:
         raise missing_column(row, number, column, where)
     value = row[column]

@@ -1,8 +1,7 @@
-"""HARC's state during a run: base and current directions, the coupled layers, and their history.
+"""HARC's run state: base and current directions, the coupled layers, and their history.
 
-Every rank extracts on the same held-out rows in step (DeepSpeed ZeRO-3 gathers each layer's weights collectively,
-so every rank must run the same forwards), then rank 0's result is broadcast so that all ranks couple against
-bit-identical directions and layers.
+Every rank extracts on the same rows in step (ZeRO-3 gathers each layer's weights collectively, so all ranks must run
+the same forwards); rank 0's result is then broadcast, so all ranks couple against bit-identical directions and layers.
 """
 
 from __future__ import annotations
@@ -42,8 +41,8 @@ def _broadcast(value: Any) -> Any:
 
 @dataclass
 class HarcState:
-    """Directions (CPU float32), the coupled layers and what changed when (``history``: one entry per base
-    extraction, ramp or refresh, with the validation cosines)."""
+    """Directions (CPU float32), coupled layers and ``history`` (one entry per base extraction, ramp or refresh, with
+    the validation cosines)."""
 
     args: HarcArguments
     rows: ExtractionRows
@@ -74,7 +73,7 @@ class HarcState:
         self.layers = select_layers(self.scores(), self.count, self.args.harc_band)
 
     def record(self, model: nn.Module, step: int, event: str, seconds: float) -> None:
-        """Append a history entry for ``event`` at ``step``: layers, scores and the validation cosines (every rank)."""
+        """Append a history entry for ``event``: layers, scores, validation cosines (every rank)."""
         cosines = validation_cosines(
             model,
             *self.validation,
@@ -96,7 +95,7 @@ class HarcState:
         )
 
     def as_record(self) -> dict[str, Any]:
-        """What a checkpoint keeps (and ``harc_directions.pt`` holds): base and current directions, layers, history."""
+        """What a checkpoint and ``harc_directions.pt`` hold: base and current directions, layers, history."""
         return {
             "base": self.base.tensors(),
             "current": self.current.tensors(),
@@ -112,7 +111,7 @@ class HarcState:
         torch.save(self.as_record(), Path(folder) / STATE_FILE)
 
     def load(self, folder: str) -> None:
-        """Take the state of a checkpoint written by :meth:`save` (resuming); error naming the file when absent."""
+        """Take a checkpoint's state (resuming); RecipeError naming the file when absent."""
         path = Path(folder) / STATE_FILE
         if not path.is_file():
             raise RecipeError(
@@ -130,7 +129,7 @@ class HarcState:
         self.refresh_seconds = float(record["refresh_seconds"])
 
     def start(self, model: nn.Module) -> None:
-        """Base directions on the model before training (adapter freshly initialised: no change to the model)."""
+        """Base directions before training (a fresh adapter does not change the model)."""
         started = time.perf_counter()
         self.base = self.current = self._extract(model)
         ramped = self.args.harc_layers_ramp_step == 0  # the reference ramps before its first step then
@@ -139,7 +138,7 @@ class HarcState:
         self.record(model, 0, "base", time.perf_counter() - started)
 
     def on_step_end(self, model: nn.Module, step: int, max_steps: int, say: Callable[[str], None]) -> bool:
-        """Ramp and refresh due after optimizer step ``step``; True when the coupled layers or directions changed."""
+        """Ramp and refresh due after optimizer step ``step``; True when the layers or directions changed."""
         args = self.args
         ramp = step == args.harc_layers_ramp_step and self.count != args.harc_layers_final
         refresh = bool(args.harc_refresh_steps) and step % args.harc_refresh_steps == 0 and step < max_steps

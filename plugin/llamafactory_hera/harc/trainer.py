@@ -1,14 +1,10 @@
-"""Trainer mixin for ``stage: harc``: the four loss terms on composed micro-batches, refreshes, logging.
-
-Mixed in front of LLaMA-Factory's ``CustomSeq2SeqTrainer``. Per micro-batch (B rows: harmful, harmless, pseudo)::
+"""Trainer mixin for ``stage: harc``, in front of LLaMA-Factory's ``CustomSeq2SeqTrainer``. Per micro-batch::
 
     loss = w_couple couple + w_couple_resp couple_resp + w_kl KL + w_ce CE
 
-from one forward with grad of the adapted model (the residuals entering the coupled layers, the logits) and, for the
-KL, the same model with its adapter disabled, no grad, on the retain rows; the Trainer divides the loss by the
-gradient-accumulation steps. After each optimizer step the state ramps / refreshes the directions and layers when due
-(every rank in step). The terms and what is logged: docs/harc.md. What runs after the steps is wired by the workflow
-(``harc/workflow.py``).
+from one forward with grad (residuals entering the coupled layers, logits) and, for the KL, one without grad and
+adapter on the retain rows; the Trainer divides by the accumulation steps. After each optimizer step the state ramps
+/ refreshes when due, every rank in step. Terms and logs: docs/harc.md.
 """
 
 from __future__ import annotations
@@ -40,10 +36,9 @@ _TERMS = ("couple", "couple_resp", "kl", "ce")
 
 
 class AdapterSwitch:
-    """The adapter layers of a PEFT model (LoRA layers, ``modules_to_save`` wrappers), found once; :meth:`off` turns
-    them off and on again as ``PeftModel.disable_adapter()`` does (``enable_adapters`` on each), without the model
-    status walk it runs each time (every module and parameter: 107k Python calls per micro-batch on an 8-layer Llama,
-    ``bench/step_counts.py --method harc``; 54 ms of host time on a 32-layer one, 7.6 ms this way)."""
+    """The adapter layers (LoRA, ``modules_to_save`` wrappers), found once; :meth:`off` disables them as
+    ``PeftModel.disable_adapter()`` does, minus its walk over every module and parameter (107k Python calls per
+    micro-batch on an 8-layer Llama, ``bench/step_counts.py --method harc``; 54 ms -> 7.6 ms on a 32-layer one)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = [
@@ -62,8 +57,8 @@ class AdapterSwitch:
 
 
 class _StepEnd(TrainerCallback):
-    """The state's life cycle on every rank: base directions once the model is wrapped (or the checkpoint's state
-    when resuming), ramp / refresh after each optimizer step (saved into every checkpoint by the trainer)."""
+    """On every rank: base directions once the model is wrapped (or the checkpoint's on resume), ramp / refresh
+    after each optimizer step."""
 
     def __init__(self, trainer: HarcTrainerMixin) -> None:
         self.trainer = trainer
@@ -80,9 +75,8 @@ class _StepEnd(TrainerCallback):
             with sections.section("HARC's direction extraction", "directions", forwards=True):
                 trainer.harc_state.start(model)
             trainer.harc_run.say(f"HARC: base directions extracted; coupling layers {trainer.harc_state.layers}")
-        # the recipe's checkpointing in every layer: the coupling reads each coupled layer's input (a forward pre-hook:
-        # the checkpoint's own input, which keeps its graph under reentrant checkpointing too); only the KV-sharing
-        # chains of a model that has them run non-reentrant (their gradient needs it; training/layer_checkpointing.py)
+        # the recipe's checkpointing in every layer (the coupled layers' inputs keep their graph under reentrant
+        # checkpointing too); only KV-sharing chains run non-reentrant, as their gradient needs
         trainer.harc_checkpointing = LayerCheckpointing(model, [], "HARC")
         trainer.harc_run.say(f"HARC: {trainer.harc_checkpointing.line()}")
 
@@ -94,19 +88,18 @@ class _StepEnd(TrainerCallback):
 
 
 class HarcTrainerMixin(Trainer):
-    """HARC's step (the module doc), a ``Trainer`` mixed in front of the host's trainer class with the plugin's
-    checkpoints (``training/checkpoints.py``), whose ``save_method_state`` and ``resumed_from`` it uses."""
+    """HARC's step, in front of the host's trainer with the plugin's checkpoints (``training/checkpoints.py``)."""
 
     harc_args: HarcArguments
-    harc_run: Any  # the run's context (harc/workflow.py's RunContext), its state included
-    harc_state: HarcState  # the directions and the coupled layers
-    harc_checkpointing: LayerCheckpointing  # set once the model is wrapped (_StepEnd)
-    resumed_from: str | None  # the checkpoint this start resumed from (WholeCheckpoints)
-    _harc_sums: torch.Tensor  # [terms..., micro-batches] since the last log, on the training device
+    harc_run: Any  # harc/workflow.py's RunContext, state included
+    harc_state: HarcState  # directions and coupled layers
+    harc_checkpointing: LayerCheckpointing  # set once the model is wrapped
+    resumed_from: str | None  # the checkpoint this start resumed from
+    _harc_sums: torch.Tensor  # [terms..., micro-batches] since the last log, on the device
     _harc_step_layers: list[int] | None = None  # the layers the last step coupled
-    _harc_switch: tuple[nn.Module, AdapterSwitch] | None = None  # (model, its adapter switch)
-    _harc_on_device: tuple[Any, torch.device, Directions] | None = None  # (state's directions, device, their copy)
-    _harc_weight_tensor: torch.Tensor | None = None  # the terms' weights on the training device
+    _harc_switch: tuple[nn.Module, AdapterSwitch] | None = None
+    _harc_on_device: tuple[Any, torch.device, Directions] | None = None  # (state's directions, device, copy)
+    _harc_weight_tensor: torch.Tensor | None = None  # the terms' weights on the device
 
     def __init__(self, *args: Any, harc_args: HarcArguments, harc_run: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -120,16 +113,15 @@ class HarcTrainerMixin(Trainer):
 
     @override
     def save_method_state(self, folder: str) -> None:
-        """HARC's state into every checkpoint (WholeCheckpoints), ``save_only_model`` included: resume needs it."""
+        """HARC's state into every checkpoint, ``save_only_model`` included: resume needs it."""
         if self.args.should_save:
             self.harc_state.save(folder)
 
     @override
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        """``constant_with_warmup`` as the reference's (``main/train.py``, ``lr_at``: ``lr * (step + 1) / warmup``):
-        optimizer step ``k`` of ``W`` warm-up steps runs at ``k / W`` of the rate, so the first update already moves
-        the adapter. HF's schedule of that name runs step ``k`` at ``(k - 1) / W``: its first update is at rate 0
-        (with LoRA: the B factors stay 0). The other schedules are LLaMA-Factory's."""
+        """``constant_with_warmup`` as the reference's (``main/train.py`` ``lr_at``: ``lr * (step + 1) / warmup``):
+        step ``k`` of ``W`` warm-up steps runs at ``k / W``. HF's runs ``k`` at ``(k - 1) / W``: a first update at rate
+        0 leaves LoRA's B at 0. Other schedules are LLaMA-Factory's."""
         warmup = SchedulerType(self.args.lr_scheduler_type) == SchedulerType.CONSTANT_WITH_WARMUP
         if self.lr_scheduler is None and warmup:
             steps = self.args.get_warmup_steps(num_training_steps)
@@ -191,20 +183,19 @@ class HarcTrainerMixin(Trainer):
         ce = refusal_cross_entropy(logits[chosen], labels[chosen]) if chosen.numel() else zero
         terms = torch.stack([couple.float(), couple_resp.float(), kl.float(), ce.float()])
         total = (self._harc_weights(terms.device) * terms).sum()
-        # summed on the training device: no host synchronisation in the step (read at logging only)
+        # summed on the device: no host sync in the step (read at logging only)
         step = torch.cat([terms.detach().double(), terms.new_ones(1, dtype=torch.float64)])
         self._harc_sums = self._harc_sums.to(step.device) + step
         return (total, outputs) if return_outputs else total
 
     def _harc_adapters(self, inner: nn.Module) -> AdapterSwitch:
-        """The adapter switch of ``inner`` (found at the first reference forward)."""
+        """``inner``'s adapter switch (found at the first reference forward)."""
         if self._harc_switch is None or self._harc_switch[0] is not inner:
             self._harc_switch = (inner, AdapterSwitch(inner))
         return self._harc_switch[1]
 
     def _harc_directions(self, device: torch.device) -> Directions:
-        """The state's current directions (kept on the CPU) on ``device``: copied in one transfer when they change
-        (base, refresh, resume), not per layer and micro-batch."""
+        """The state's CPU directions on ``device``, copied in one transfer when they change (base, refresh, resume)."""
         current = self.harc_state.current
         cached = self._harc_on_device
         if cached is None or cached[0] is not current or cached[1] != device:
@@ -214,7 +205,7 @@ class HarcTrainerMixin(Trainer):
         return cached[2]
 
     def _harc_weights(self, device: torch.device) -> torch.Tensor:
-        """``[4]`` float32 weights of :data:`_TERMS` on ``device`` (copied once)."""
+        """``[4]`` float32 weights of :data:`_TERMS` on ``device``, copied once."""
         cached = self._harc_weight_tensor
         if cached is None or cached.device != device:
             args = self.harc_args
@@ -236,7 +227,7 @@ class HarcTrainerMixin(Trainer):
             if sums[-1] > 0:
                 for index, term in enumerate(_TERMS):
                     logs[f"harc_{term}"] = float(sums[index] / sums[-1])
-            # the layers the logged step coupled: a ramp or refresh at its end has already changed the state's
+            # the logged step's layers: a ramp or refresh at its end has already changed the state's
             layers = self.harc_state.layers if self._harc_step_layers is None else self._harc_step_layers
             logs["harc_layers"] = ",".join(str(layer) for layer in layers)
             self._harc_sums.zero_()

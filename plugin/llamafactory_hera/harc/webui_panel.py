@@ -1,10 +1,8 @@
-"""The HARC panel of LlamaBoard, declared: its fields (defaults from
-:class:`~llamafactory_hera.harc.config.HarcArguments`, the reference's; texts in ``panel_texts.yaml``), the check of
-``harc_band`` against the model's depth, and the loss plot with HARC's terms. The keys without a field
-(``harc_extract_harmful``, ``harc_extract_harmless``, ``harc_response_tokens``, ``harc_refresh_beta``,
-``harc_max_length``, ``harc_extract_batch_size``, ``harc_eval_max_new_tokens``, ``harc_save_on_signal``,
-``harc_watchdog_timeout``) go into "Extra arguments". What users see: docs/harc.md, "LlamaBoard"; the builder:
-:mod:`llamafactory_hera.board.builder`."""
+"""HARC's LlamaBoard panel, declared: fields (defaults from :class:`~llamafactory_hera.harc.config.HarcArguments`,
+texts in ``panel_texts.yaml``), the ``harc_band`` check against the model's depth, and the loss plot's HARC terms.
+Keys without a field (``harc_extract_harmful``, ``harc_extract_harmless``, ``harc_response_tokens``,
+``harc_refresh_beta``, ``harc_max_length``, ``harc_extract_batch_size``, ``harc_eval_max_new_tokens``,
+``harc_save_on_signal``, ``harc_watchdog_timeout``) go into "Extra arguments". See docs/harc.md, "LlamaBoard"."""
 
 from __future__ import annotations
 
@@ -18,13 +16,13 @@ from llamafactory_hera.harc.config import ROLE_KEYS, HarcArguments, parse_harc_a
 from llamafactory_hera.harc.layers import eligible_layers
 from llamafactory_hera.plots.training import TrainingPlot
 
-# HARC's terms in trainer_log.jsonl (llamafactory_hera.harc.config.LOG_KEYS), on the loss plot's second axis
+# HARC's terms in trainer_log.jsonl (harc.config.LOG_KEYS), on the loss plot's second axis
 TERMS = ("harc_ce", "harc_kl", "harc_couple", "harc_couple_resp")
 
 
 def check_band_depth(args: HarcArguments, context: Mapping[str, Any]) -> str:
-    """``harc_band`` against the depth of LlamaBoard's model where its config can be read locally: the band must
-    leave at least ``harc_layers_final`` layers to couple; "" when it does or the depth is unknown."""
+    """The error if ``harc_band`` leaves fewer than ``harc_layers_final`` layers of LlamaBoard's model to couple;
+    "" if not or if the depth cannot be read locally."""
     depth = local_text_depth(context.get("model_path"))
     if depth is None:
         return ""

@@ -1,9 +1,5 @@
-"""A ``stage: harc`` run: LLaMA-Factory's SFT workflow with HARC's data, collator and trainer.
-
-Its run's preparation and trainer (:class:`llamafactory_hera.harc.run.HarcRun`), in place of ``run_sft``: the model,
-its LoRA adapter, the optimizer, schedule, checkpoints, DDP / DeepSpeed and the saved adapter are LLaMA-Factory's;
-the dataset is replaced by HARC's composed micro-batches (:mod:`~llamafactory_hera.harc.batches`) built from the
-``harc_*`` role datasets, and the trainer adds HARC's loss (:mod:`~llamafactory_hera.harc.trainer`).
+"""A ``stage: harc`` run in place of ``run_sft``: LLaMA-Factory's SFT workflow (model, LoRA, optimizer, schedule,
+checkpoints, DDP / DeepSpeed, saved adapter) with HARC's composed micro-batches and HARC's trainer.
 """
 
 from __future__ import annotations
@@ -33,7 +29,7 @@ from llamafactory_hera_patches.tools.model_data import RecipeArgs, load_aligned_
 
 @dataclass
 class RunContext:
-    """What the trainer needs beyond the state: rows for the evaluation, tokenizer, stop ids, plotting."""
+    """What the trainer needs beyond the state: evaluation rows, tokenizer, stop ids, plotting."""
 
     rows: Any = None
     tokenizer: Any = None
@@ -55,8 +51,8 @@ _HOST_KEYS = (
 
 
 def write_run_record(harc_args: HarcArguments, *holders: Any) -> None:
-    """``harc_run.json`` in ``output_dir``: the HARC keys and the host keys that load the model and its role data again
-    (read by ``llamafactory-hera eval``). ``holders``: model, data, fine-tuning and training arguments."""
+    """``harc_run.json`` in ``output_dir``: the HARC keys and the host keys that reload the model and role data (read
+    by ``llamafactory-hera eval``). ``holders``: model, data, fine-tuning and training arguments."""
     host = {
         key: plain(getattr(holder, key, None)) for holder, keys in zip(holders, _HOST_KEYS, strict=True) for key in keys
     }
@@ -65,15 +61,15 @@ def write_run_record(harc_args: HarcArguments, *holders: Any) -> None:
 
 
 def prepare(harc_args: HarcArguments, parsed: HostArguments) -> None:
-    """The run before its trainer: the lines LlamaBoard lost, the run's record."""
+    """Before the trainer: repeat the lines LlamaBoard lost, write the run's record."""
     say_again_on_board()  # LlamaBoard's log box lost the recipe checks' lines (a host warning)
     if parsed.training.should_save:
         write_run_record(harc_args, parsed.model, parsed.data, parsed.finetuning, parsed.training)
 
 
 def train(harc_args: HarcArguments, host: Any, parsed: HostArguments, callbacks: Any) -> None:
-    """LLaMA-Factory's SFT workflow with HARC's data, collator and trainer, whose ``train`` ends with what follows the
-    steps (:func:`~llamafactory_hera.harc.outputs.finish_run`: the model is at hand there)."""
+    """LLaMA-Factory's SFT workflow with HARC's data, collator and trainer; its ``train`` ends with
+    :func:`~llamafactory_hera.harc.outputs.finish_run`, where the model is at hand."""
     run = RunContext(plot=bool(parsed.finetuning.plot_loss), smooth=host.smooth)
 
     def get_dataset(
@@ -86,7 +82,7 @@ def train(harc_args: HarcArguments, host: Any, parsed: HostArguments, callbacks:
         processor: Any = None,
         **_: Any,
     ) -> dict[str, Any]:
-        # main process first, as LLaMA-Factory's own get_dataset: the other ranks then read the datasets cache
+        # main process first, as LLaMA-Factory's get_dataset: the other ranks then read the datasets cache
         with training_args.main_process_first(
             desc="load HARC's role datasets", local=not getattr(data_args, "data_shared_file_system", False)
         ):
@@ -137,7 +133,7 @@ def train(harc_args: HarcArguments, host: Any, parsed: HostArguments, callbacks:
     class HarcSeq2SeqTrainer(HarcTrainerMixin, WholeCheckpoints, RestoresCheckpointWeights, host.trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, harc_args=harc_args, harc_run=run, **kwargs)
-            keep_4bit_layout(self.model)  # through every eval forward: the directions', the end-of-run generation
+            keep_4bit_layout(self.model)  # through every eval forward: directions and the end-of-run generation
 
         def train(self, *args: Any, **kwargs: Any) -> Any:
             result = super().train(*args, **kwargs)

@@ -1,3 +1,3 @@
-"""RAH-LoRA: training-free calibration of high-influence, weakly cross-modal attention heads (``stage: rah``), written
-as a standard PEFT LoRA adapter (docs/rah.md). Declared in :mod:`llamafactory_hera.methods`.
+"""RAH-LoRA (``stage: rah``): training-free calibration of high-influence, weakly cross-modal attention heads, written
+as a PEFT LoRA adapter (docs/rah.md). Declared in :mod:`llamafactory_hera.methods`.
 """

@@ -1,10 +1,9 @@
 """RAH-LoRA's calibration as a standard PEFT LoRA adapter (scaling 1, dropout 0) on the touched modules only.
 
-A head-slice rank-r update is a rank-r update of the whole matrix. For targets j = 1..m of one module with
-``Delta_j = alpha_j U_j diag(S_j) Vh_j``: ``lora_A`` stacks ``sqrt(S_j) Vh_j`` (rows ``j*r ...``) and ``lora_B``
-places ``alpha_j U_j sqrt(S_j)`` (columns ``j*r ...``). ``v_proj`` (``[kv*d, D]``): A reads all D inputs, B
-writes the head's KV-group rows. ``o_proj`` (``[D, H*d]``): A reads the head's d input columns, B writes all rows.
-Module names are the language model's exact names (a bare ``v_proj`` would also match the vision tower's).
+A head-slice rank-r update is a rank-r update of the whole matrix (placed by :func:`overlay.module_step`). For
+targets j = 1..m of one module with ``Delta_j = alpha_j U_j diag(S_j) Vh_j``, ``lora_A`` stacks ``sqrt(S_j) Vh_j``
+(rows ``j*r ...``) and ``lora_B`` places ``alpha_j U_j sqrt(S_j)`` (columns ``j*r ...``). Module names are the
+language model's exact ones: a bare ``v_proj`` would also match the vision tower's.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ def lora_factors(
         attention = modules[update.layer]
         for kind, (u, s, vh) in update.factors.items():
             linear = attention.value if kind == "v" else attention.output
-            b_head, a_head = lora_pair(u, s, vh, update.region.alpha)  # the trust region applied exactly this B @ A
+            b_head, a_head = lora_pair(u, s, vh, update.region.alpha)  # the B @ A the trust region applied
             b, a = module_step(kind, b_head.cpu(), a_head.cpu(), update.head, geometry, linear)
             pieces.setdefault(names[id(linear)], []).append((b, a))
     return {name: joined(parts)[::-1] for name, parts in pieces.items()}
@@ -48,12 +47,10 @@ def save_adapter(
     dora: bool = False,
     overlay: WeightOverlay | None = None,
 ) -> list[str]:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's ``save_pretrained``): ``factors`` for
-    the base model, from ``model`` as :func:`~llamafactory_hera.rah.calibrate.calibrate` leaves it (touched plain
-    weights ``W + BA`` in its dtype, the others' steps in ``overlay``); returns the target module names; ``model`` is
-    left unchanged. ``dora`` (the recipe's ``use_dora``) writes a DoRA adapter of the same calibration: ``m`` the row
-    norms of the calibrated weight, so PEFT's ``diag(m / ||W + BA||_row) (W + BA)`` is ``W + BA`` (``m`` in the
-    model's dtype: in bf16 it rounds by up to 2^-9 of a row)."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's ``save_pretrained``); return the target
+    names; ``model`` (plain weights hold ``W + BA``, ``overlay`` the others' steps) is left unchanged. ``dora`` writes
+    a DoRA adapter of the same calibration: ``m``, the calibrated weight's row norms, makes PEFT's
+    ``diag(m / ||W + BA||_row) (W + BA)`` equal ``W + BA`` (``m`` in the model's dtype: bf16: up to 2^-9 of a row)."""
     if not factors:
         raise RecipeError(
             "RAH-LoRA: no head was calibrated (every target rolled back or none was found); there is "
@@ -78,13 +75,13 @@ def save_adapter(
             if layer.scaling["default"] != 1.0:
                 raise RuntimeError(f"RAH-LoRA: PEFT gave {name} scaling {layer.scaling['default']}, expected 1.")
             values = {layer.lora_A["default"]: a, layer.lora_B["default"]: b}
-            if dora:  # m = ||W + BA||_row: the calibrated weight's rows (an offloaded one read from its offload map)
+            if dora:  # m = ||W + BA||_row (an offloaded weight is read from its offload map)
                 calibrated = (overlay or WeightOverlay()).current(layer.base_layer).float()
                 values[layer.lora_magnitude_vector["default"]] = torch.linalg.norm(calibrated, dim=1)
-            for module, value in values.items():  # new CPU tensors: PEFT makes them on the base layer's device, meta
-                # for an offloaded one, which holds nothing to copy into or to save
+            for module, value in values.items():  # new CPU tensors: PEFT makes them on the base layer's device,
+                # meta for an offloaded one, which holds nothing to copy into or save
                 module.weight = nn.Parameter(value.to("cpu", module.weight.dtype), requires_grad=False)
         peft_model.save_pretrained(str(output_dir))
     finally:
-        peft_model.unload()  # the base model without LoRA layers, as it came in
+        peft_model.unload()  # the base model as it came in
     return sorted(factors)

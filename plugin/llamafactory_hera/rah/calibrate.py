@@ -1,9 +1,8 @@
 """RAH-LoRA end to end on a loaded model: score heads, pick targets and anchors, calibrate each target.
 
-Each target's V rows (its KV group) and O columns move towards the trimmed mean of its anchors' by a rank-r step
-scaled by the largest alpha whose mean KL on the probe batch stays within delta (Eq. 6-15), relative to the model
-as calibrated so far; a rolled-back head leaves every weight as it was. A target's tables are read on its layer's
-device. Shapes: V slice ``[d, D]``, O slice ``[D, d]``.
+Each target's V rows (its KV group) and O columns move towards its anchors' trimmed mean by a rank-r step scaled by
+the largest alpha whose mean probe KL, relative to the model as calibrated so far, stays within delta (Eq. 6-15); a
+rolled-back head changes no weight. Tables are read on the target layer's device. V slice ``[d, D]``, O ``[D, d]``.
 """
 
 from __future__ import annotations
@@ -42,19 +41,19 @@ from llamafactory_hera.runtime.errors import RecipeError
 
 @dataclass
 class HeadUpdate:
-    """One target head: its anchors, the trust region's outcome and the rank-r factors per module (alpha apart)."""
+    """One target head: anchors, trust-region outcome, rank-r factors per module (alpha apart)."""
 
     layer: int
     head: int
     anchors: list[tuple[int, int, float]]  # (layer, head, similarity), most similar first
-    anchor_distance: int | None = None  # layers between the target and its anchors (0: same layer); None: no anchor
+    anchor_distance: int | None = None  # layers from target to anchors (0: same layer); None: no anchor
     region: TrustRegion | None = None  # None: no anchor, nothing tried
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # U, S, Vh
-    unchanged: bool = False  # the kept step rounds to no change of any weight in the model's dtype
+    unchanged: bool = False  # the kept step rounds to no change in the model's dtype
 
     @property
     def calibrated(self) -> bool:
-        """A step was kept and it changed the model's weights."""
+        """A kept step that changed the model's weights."""
         return self.region is not None and not self.region.rolled_back and not self.unchanged
 
     @property
@@ -68,7 +67,7 @@ class HeadUpdate:
 
 @dataclass
 class Calibration:
-    """Everything the run reports: scores ``[L, H]`` over ``layers``, the targets in order, KL to the original."""
+    """The run's report: scores ``[L, H]`` over ``layers``, the targets in order, KL to the original."""
 
     layers: list[int]
     isal: torch.Tensor
@@ -82,15 +81,14 @@ class Calibration:
     kl_to_original: float | None = None
     dtype: str = "float32"  # of the calibrated weights
     plan: CalibrationPlan | None = None
-    overlay: WeightOverlay | None = None  # the kept steps a quantized or offloaded projection computes with
+    overlay: WeightOverlay | None = None  # kept steps a quantized or offloaded projection computes with
 
 
 def _probe_logits(
     model: nn.Module, batches: list[dict[str, Any]], positions: list[list[torch.Tensor]]
 ) -> list[torch.Tensor]:
-    """Logits at the probe's text positions after the image, float32: ``[n_positions, V]`` per sample.
-    ``positions`` holds each sample's positions as an index tensor (found once, in :func:`calibrate`): indexing
-    with it needs no host sync, where a boolean mask would wait for the device at every alpha tried."""
+    """Float32 logits ``[n_positions, V]`` per sample at the probe's text positions after the image. ``positions``
+    are index tensors found once: indexing needs no host sync, where a boolean mask would sync at every alpha."""
     with torch.no_grad():
         logits = [model(**model_inputs(batch), use_cache=False).logits for batch in batches]
     return [
@@ -101,7 +99,7 @@ def _probe_logits(
 
 
 def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
-    """Per-head tables of several layers, one after the other along dim 0 (no copy for one)."""
+    """Per-head tables of several layers concatenated along dim 0 (no copy for one)."""
     return tables[0] if len(tables) == 1 else torch.cat(tables)
 
 
@@ -115,10 +113,10 @@ def calibrate(
     progress: Callable[[Iterable[Any], str], Iterable[Any]] = lambda items, _: items,
     plan: CalibrationPlan | None = None,
 ) -> Calibration:
-    """Score, select and calibrate the layers ``args.rah_layers`` names (``plan``: the run's, else made here);
-    ``caf_batches`` hold one sample each, batches are on the model's input device. Steps are tried in an overlay
-    (overlay.py); a kept one is written into a plain weight, a quantized or offloaded projection keeps computing it
-    beside its weight. Returns the record of it all."""
+    """Score, select and calibrate the layers of ``args.rah_layers`` (``plan``: the run's, else made here).
+    ``caf_batches`` hold one sample each; batches are on the model's input device. Steps are tried in an overlay
+    (overlay.py); a kept one is written into a plain weight, while a quantized or offloaded projection computes it
+    beside its weight."""
     plan = plan or plan_calibration(model, args)
     geometry = plan.geometry
     modules = plan.modules
@@ -138,7 +136,7 @@ def calibrate(
     caf = caf_scores(grads, args.rah_caf_form, args.rah_caf_weight)
     overlay = WeightOverlay(plan.dtype)
     maps = profile.maps()  # [L, H, P']
-    maps_on: dict[torch.device, torch.Tensor] = {}  # on each device that holds a layer's weight slices
+    maps_on: dict[torch.device, torch.Tensor] = {}  # per device holding a layer's weight slices
     chosen = {
         layer: targets_in_layer(isal_std[row], caf[row], args.rah_isal_percentile, args.rah_caf_percentile)
         for row, layer in enumerate(layers)
@@ -149,7 +147,7 @@ def calibrate(
     }
     rows = {layer: row for row, layer in enumerate(layers)}
 
-    @lru_cache(maxsize=3)  # the target's layer and, for the fallback, the two at one distance
+    @lru_cache(maxsize=3)  # the target's layer and, for the fallback, the two adjacent
     def slices(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return head_slices(overlay, modules[layer], range(geometry.num_heads), geometry)
 
@@ -192,7 +190,7 @@ def calibrate(
             entry_of = dict(zip(flat, pool, strict=True))
             updates.append(HeadUpdate(layer, head, [(*entry_of[i], score) for i, score in best], distance))
     slices.cache_clear()
-    # per KL probe batch and sample, the text positions after the image (one host sync per sample, once)
+    # per KL probe batch and sample, the text positions after the image (one host sync per sample)
     masks = [
         [row.nonzero(as_tuple=True)[0] for row in token_masks(b["input_ids"], b["attention_mask"], kinds)[2]]
         for b in kl_batches
@@ -239,9 +237,8 @@ def _calibrate_head(
     masks: list[list[torch.Tensor]],
     reference: list[torch.Tensor],
 ) -> list[torch.Tensor]:
-    """Calibrate one target in ``overlay``, then settle it; returns the probe logits of the model as it now is.
-    Anchors may sit in another layer (the adjacent-layer fallback), on another device: their slices are read from
-    their own layer and brought to the target's."""
+    """Calibrate one target in ``overlay``, then settle it; return the probe logits of the model now. Anchors may sit
+    in another layer (the adjacent-layer fallback) or device: their slices are brought to the target's."""
     module = modules[update.layer]
     v_head, o_head = head_slices(overlay, module, [update.head], geometry)
     anchor_slices = [head_slices(overlay, modules[layer], [head], geometry) for layer, head, _ in update.anchors]
@@ -262,9 +259,8 @@ def _calibrate_head(
     last: dict[float, list[torch.Tensor]] = {}
 
     def set_alpha(alpha: float) -> None:
-        # The model as LLaMA-Factory loads the adapter: merged into a plain weight (``weight += B @ A`` in float32,
-        # rounded once to its dtype: base + merged adapter is the model accepted, docs/rah.md "What a run does"),
-        # beside a quantized or offloaded one (overlay.py).
+        # As LLaMA-Factory loads the adapter: merged into a plain weight (``weight += B @ A`` in float32, rounded
+        # once to its dtype: the accepted model, docs/rah.md "What a run does"), beside a quantized or offloaded one.
         for name in names:
             linear, index = targets[name][:2]
             b, a = lora_pair(*update.factors[name], alpha)

@@ -1,7 +1,7 @@
-"""``RahArguments``: every ``rah_*`` key of a ``stage: rah`` recipe, its help text, the paper's default and its checks.
+"""``RahArguments``: every ``rah_*`` key of ``stage: rah`` with help text, the paper's default and checks.
 
-Defaults follow the paper (§3.6) where it states them and the project's reading where it does not (rho, w_V,
-w_O, trim, beta, the CAF form and weight, the KL probe).
+Defaults are the paper's (§3.6) where it states them, else the project's reading (rho, w_V, w_O, trim, beta, the CAF
+form and weight, the KL probe).
 """
 
 from __future__ import annotations
@@ -108,9 +108,9 @@ class RahArguments:
     )
 
     def layer_list(self, num_layers: int, calibratable: list[int] | None = None) -> list[int]:
-        """The layers to calibrate in a model of ``num_layers`` decoder layers, of which ``calibratable`` (default:
-        all) have heads with their own V and O: ``auto`` is the first half of those (at least one); named layers are
-        checked against the model's depth (ValueError naming rah_layers)."""
+        """Layers to calibrate of ``num_layers``, of which ``calibratable`` (default: all) have heads with their own V
+        and O: ``auto`` is the first half of those (at least one); named layers are checked against the depth
+        (RecipeError naming rah_layers)."""
         if self.rah_layers == AUTO:
             usable = list(range(num_layers)) if calibratable is None else list(calibratable)
             return usable[: max(1, len(usable) // 2)]

@@ -1,10 +1,9 @@
-"""A head's V rows and O columns, and RAH-LoRA's steps of them, kept out of the model's weights while they are tried.
+"""RAH-LoRA's trial steps of a head's V rows and O columns, kept out of the model's weights.
 
-A projection computes a step the way LLaMA-Factory will apply the adapter to it, through a forward hook: a plain
-weight on its device, which the adapter is merged into, with a copy of the weight whose head slice holds the merged
-step (a kept step is then written into the weight, which holds it exactly); a bitsandbytes 4-/8-bit or an offloaded
-(accelerate) weight, which it is not merged into, adds the adapter's product ``(x A^T) B^T`` in the model's dtype to
-the module's output, its kept steps staying here as the adapter's rows of ``A`` and columns of ``B`` (no matrix copied).
+A forward hook makes a projection compute a step as LLaMA-Factory will apply the adapter. A plain weight on its device
+(the adapter merges into it) computes with a copy whose head slice holds the merged step; a kept step is then written
+into the weight, exactly. A bitsandbytes 4-/8-bit or accelerate-offloaded weight (not merged into) adds
+``(x A^T) B^T`` in the model's dtype to its output; its kept steps stay here as rows of ``A`` and columns of ``B``.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ def _plain(weight: torch.Tensor) -> bool:
 
 
 def merges(linear: nn.Module) -> bool:
-    """A plain floating weight on its device: LLaMA-Factory merges the adapter into it, and it holds a step exactly."""
+    """A plain floating weight on its device: the adapter merges into it and it holds a step exactly."""
     return _plain(linear.weight) and not has_offloaded_params(linear)
 
 
@@ -37,7 +36,7 @@ def joined(steps: list[Step]) -> Step:
 
 
 class WeightOverlay:
-    """By module: the kept steps of those that do not merge, the one tried; ``dtype``: a quantized weight's, read."""
+    """Per module: kept steps of non-merging ones and the trial; ``dtype``: a quantized weight's, read."""
 
     def __init__(self, dtype: torch.dtype | None = None) -> None:
         self.dtype = dtype
@@ -46,8 +45,8 @@ class WeightOverlay:
         self._hooks: dict[nn.Module, Any] = {}
 
     def current(self, linear: nn.Module) -> torch.Tensor:
-        """``linear``'s weight ``[out, in]`` with its kept steps merged (rounded to its dtype), on the device it
-        computes on: a plain one as stored (not to be written), a quantized one dequantized in ``dtype``."""
+        """``linear``'s weight ``[out, in]`` with its kept steps merged (in its dtype), on its compute device: a plain
+        one as stored (not to be written), a quantized one dequantized in ``dtype``."""
         with align_module_device(linear):
             weight = linear.weight.detach() if _plain(linear.weight) else base_weight_columns(linear).to(self.dtype)
         if linear not in self.kept:
@@ -55,7 +54,7 @@ class WeightOverlay:
         return (weight.float() + torch.matmul(*self.kept[linear])).to(weight.dtype)  # W + B @ A
 
     def set_trial(self, linear: nn.Module, trial: torch.Tensor | Step) -> None:
-        """Make ``linear`` compute with ``trial``: its whole weight (a merging one) or a step (B, A) on its device."""
+        """Make ``linear`` compute with ``trial``: a whole weight (merging) or a step (B, A) on its device."""
         self.trial[linear] = trial
         if linear not in self._hooks:
             self._hooks[linear] = linear.register_forward_hook(self._forward)
@@ -80,19 +79,20 @@ class WeightOverlay:
 
 
 def v_rows(head: int, geometry: Geometry) -> slice:
-    """Rows of ``v_proj.weight`` that produce ``head``'s values (its KV group's ``d`` rows)."""
+    """``v_proj.weight`` rows producing ``head``'s values (its KV group's ``d`` rows)."""
     group = head // geometry.group
     return slice(group * geometry.head_dim, (group + 1) * geometry.head_dim)
 
 
 def o_columns(head: int, geometry: Geometry) -> slice:
-    """Columns of ``o_proj.weight`` that read ``head``'s output."""
+    """``o_proj.weight`` columns reading ``head``'s output."""
     return slice(head * geometry.head_dim, (head + 1) * geometry.head_dim)
 
 
 def module_step(name: str, b: torch.Tensor, a: torch.Tensor, head: int, geometry: Geometry, linear: nn.Module) -> Step:
-    """(B ``[out, r]``, A ``[r, in]``) of the whole projection for the head's step ``b @ a`` on its slice: V's A reads
-    every input and its B writes the head's KV-group rows; O's A reads the head's columns and its B writes every row."""
+    """Whole-projection (B ``[out, r]``, A ``[r, in]``) for a head's slice step ``b @ a``: ``v_proj`` ``[kv*d, D]``:
+    A reads every input, B writes the KV-group rows; ``o_proj`` ``[D, H*d]``: A reads the head's d columns, B writes
+    every row."""
     if name == "v":
         whole = b.new_zeros(linear.out_features, b.shape[1])
         whole[v_rows(head, geometry)] = b
@@ -105,8 +105,7 @@ def module_step(name: str, b: torch.Tensor, a: torch.Tensor, head: int, geometry
 def head_slices(
     overlay: WeightOverlay, module: DecoderLayer, heads: Iterable[int], geometry: Geometry
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(V slices ``[n, d, D]``, O slices ``[n, D, d]``) of ``heads`` as the layer now computes, float32, on its
-    device."""
+    """(V ``[n, d, D]``, O ``[n, D, d]``) float32 slices of ``heads`` as the layer now computes, on its device."""
     value = overlay.current(module.value)
     output = overlay.current(module.output)
     v = torch.stack([value[v_rows(h, geometry)].float() for h in heads])

@@ -1,6 +1,5 @@
-"""RAH-LoRA's checks of a run's parsed LLaMA-Factory arguments and its model's config, before any model or dataset
-loads (LLaMA-Factory 0.9.5's argument names; the model is loaded with eager attention). Run by
-:class:`llamafactory_hera.rah.run.RahRun`; before the parse: :mod:`.raw_checks`.
+"""RAH-LoRA's checks of the parsed LLaMA-Factory 0.9.5 arguments and the model's config, before anything loads; sets
+eager attention. Before the parse: :mod:`.raw_checks`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The model as RAH-LoRA's calibration reads it, resolved once from the loaded model: the heads' geometry, the decoder
-layers it can calibrate (softmax self-attention whose heads own their ``v_proj`` and output projection), those it
-leaves out and why, and, for a run's settings, the layers and projections it calibrates."""
+"""The model as RAH-LoRA's calibration reads it, resolved once: head geometry, the calibratable decoder layers
+(softmax self-attention whose heads own their ``v_proj`` and output projection), those left out and why, and for a
+run's settings the layers and projections calibrated."""
 
 from __future__ import annotations
 
@@ -28,9 +28,8 @@ class Geometry:
 
 @dataclass(frozen=True)
 class CalibrationPlan:
-    """``modules``: decoder layer index -> the layer, for the calibratable layers; ``left_out``: the others of the
-    asked layers -> why not; ``dtype``: the model's, in which a quantized weight is read; ``layers`` / ``names``: the
-    layers calibrated and the projections updated ("v", "o")."""
+    """``modules``: layer index -> layer, calibratable ones; ``left_out``: the other asked layers -> why; ``dtype``: the
+    model's, in which a quantized weight is read; ``layers`` / ``names``: layers calibrated, projections ("v", "o")."""
 
     geometry: Geometry
     modules: dict[int, DecoderLayer]
@@ -41,9 +40,9 @@ class CalibrationPlan:
 
 
 def plan_calibration(model: nn.Module, args: RahArguments | None = None) -> CalibrationPlan:
-    """The plan of ``model`` for a run's ``args`` (default: the defaults): ``rah_layers`` (``auto``: the first half of
-    the calibratable layers) and ``rah_update`` (``auto``: V and O under MHA, O only under GQA, where a V row block
-    serves several query heads)."""
+    """``model``'s plan for ``args`` (default: defaults): ``rah_layers`` (``auto``: first half of the calibratable
+    layers) and ``rah_update`` (``auto``: V and O under MHA, O only under GQA, where a V row block serves several
+    query heads)."""
     args = args or RahArguments()
     shape = attention_geometry(model.config)
     layers = decoder_layers(model)

@@ -1,10 +1,9 @@
-"""What RAH-LoRA measures on the model: attention (I-SAL and text->image maps) and head-gate gradients (CAF).
+"""What RAH-LoRA measures: attention (I-SAL, text->image maps) and head-gate gradients (CAF), under eager attention.
 
-The model must run eager attention (``output_attentions``). Batches are the SFT collator's
-(``input_ids`` / ``attention_mask`` ``[B, T]`` plus the processor's image tensors); answers are not used as labels.
-Shapes: I-SAL ``[B, L, H]`` over the scored layers, maps ``[L, H, P]`` over the P image positions of a sample,
-gate gradients ``[L, H]`` per sample. The attention sink, the first attended position of each row (BOS where the
-template adds one; LLaMA-Factory's ``llava`` template adds none), is left out of the text positions.
+Batches are the SFT collator's (``input_ids`` / ``attention_mask`` ``[B, T]`` plus image tensors); answers are not
+labels. Shapes: I-SAL ``[B, L, H]`` over the scored layers, maps ``[L, H, P]`` over a sample's P image positions, gate
+gradients ``[L, H]`` per sample. The attention sink, each row's first attended position (BOS where the template adds
+one; LLaMA-Factory's ``llava`` adds none), is not a text position.
 """
 
 from __future__ import annotations
@@ -26,12 +25,12 @@ from llamafactory_hera.runtime.errors import RecipeError
 
 
 def attention_modules(model: nn.Module) -> dict[int, DecoderLayer]:
-    """Decoder layer index -> the layer, for the layers RAH-LoRA can calibrate (:mod:`llamafactory_hera.rah.plan`)."""
+    """Layer index -> layer, for the calibratable layers (:mod:`llamafactory_hera.rah.plan`)."""
     return plan_calibration(model).modules
 
 
 def _on(device: torch.device, masks: dict[torch.device, tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    """The batch's token masks (``masks``: by device, the input's first) on ``device``, copied there once."""
+    """The batch's token masks on ``device``, copied once (``masks``: by device, the input's first)."""
     if device not in masks:
         masks[device] = tuple(mask.to(device) for mask in next(iter(masks.values())))
     return masks[device]
@@ -39,9 +38,8 @@ def _on(device: torch.device, masks: dict[torch.device, tuple[torch.Tensor, ...]
 
 @contextlib.contextmanager
 def attention_weights(modules: dict[int, DecoderLayer], layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Layer -> the attention weights ``[B, H, T, T]`` its self-attention returned in the last forward (eager
-    attention returns them as the second output): read from the layers themselves, so a hybrid model's layer
-    indices stay the model's own."""
+    """Layer -> attention weights ``[B, H, T, T]`` its self-attention returned (eager: second output) in the last
+    forward, read from the layers so a hybrid model keeps its own layer indices."""
     weights: dict[int, torch.Tensor] = {}
 
     def keep(layer: int):
@@ -59,16 +57,16 @@ def attention_weights(modules: dict[int, DecoderLayer], layers: list[int]) -> It
 
 @dataclass(frozen=True)
 class TokenKinds:
-    """Token ids that decide a position's kind: image placeholders (I) and other multimodal tokens (vision start /
-    end, video: neither I nor T)."""
+    """Ids deciding a position's kind: image placeholders (I) and other multimodal tokens (vision start / end, video:
+    neither I nor T)."""
 
     image_ids: frozenset[int]
     other_multimodal_ids: frozenset[int] = frozenset()
 
 
 def token_kinds(model: nn.Module, tokenizer: Any, processor: Any = None) -> TokenKinds:
-    """The model's image placeholder id (``image_token_id`` / ``image_token_index`` of its config) and its other
-    multimodal tokens. Raises when the config names no image token."""
+    """The config's image placeholder id (``image_token_id`` / ``image_token_index``) and other multimodal tokens;
+    RecipeError when it names no image token."""
     config = model.config
     image = {
         int(v)
@@ -88,9 +86,8 @@ def token_kinds(model: nn.Module, tokenizer: Any, processor: Any = None) -> Toke
 def token_masks(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, kinds: TokenKinds
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(image positions I, text positions T, text positions after the first image token), each ``[B, T]`` bool; T
-    leaves out the attention sink, the first attended position of each row (BOS, or the first system token), wherever
-    the padding is."""
+    """(image positions I, text positions T, text after the first image token), ``[B, T]`` bool each; T leaves out
+    the sink (or the first system token), wherever the padding is."""
     attended = attention_mask.bool()
     sink = attended & (attended.long().cumsum(dim=1) == 1)
 
@@ -106,14 +103,13 @@ def token_masks(
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """``batch`` without its labels (RAH-LoRA is label-free)."""
+    """``batch`` without labels (RAH-LoRA is label-free)."""
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def image_layouts(batch: dict[str, Any], image: torch.Tensor) -> list[tuple[int, ...]]:
-    """Per row of ``batch``: its number of image tokens, then (where the batch has ``image_grid_thw``, Qwen's
-    dynamic resolution) the (t, h, w) grid of each of its images, so that rows with the same key have their image
-    positions on the same grid. ``image`` ``[B, T]`` bool -> B keys."""
+    """Per row a key, its image-token count then, with ``image_grid_thw`` (Qwen's dynamic resolution), each image's
+    (t, h, w): rows with one key share their image grid. ``image`` ``[B, T]`` bool -> B keys."""
     counts = [int(n) for n in image.sum(dim=1)]
     grids = batch.get("image_grid_thw")
     if grids is None or not counts or sum(counts) == 0:
@@ -135,8 +131,7 @@ def image_layouts(batch: dict[str, Any], image: torch.Tensor) -> list[tuple[int,
 
 @dataclass
 class AttentionProfile:
-    """I-SAL per sample and the text->image maps, accumulated over batches; maps are summed per image layout (rows
-    whose image positions share a grid, :func:`image_layouts`)."""
+    """Per-sample I-SAL and text->image maps over batches; maps summed per image layout (:func:`image_layouts`)."""
 
     layers: list[int]
     isal: list[torch.Tensor] = field(default_factory=list)  # [B, L, H] per batch
@@ -150,11 +145,9 @@ class AttentionProfile:
         return torch.cat(self.isal)
 
     def maps(self) -> torch.Tensor:
-        """``[L, H, P']`` whose cosine between two heads is s_func of Eq. 10 over every row with a map: within one
-        layout, the cosine of the heads' mean maps (Eq. 10 as written); across layouts (image sizes with no common
-        grid), the mean of those cosines weighted by each layout's rows, built as the concatenation over layouts of
-        ``sqrt(w) * mean map / |mean map|``. With one layout (LLaVA-1.5: always 576 image tokens) it is exactly Eq.
-        10's."""
+        """``[L, H, P']`` whose cosine between two heads is Eq. 10's s_func over all rows with a map: within a layout
+        the cosine of the heads' mean maps; across layouts (no common grid) the row-weighted mean of those cosines,
+        by concatenating ``sqrt(w) * mean map / |mean map|``. One layout (LLaVA-1.5: 576 image tokens): Eq. 10."""
         if not self.map_sums:
             raise RecipeError("RAH-LoRA: no sample had text after its image, so no text->image attention map exists.")
         total = sum(self.map_rows.values())
@@ -176,10 +169,9 @@ def profile_attention(
     pairs: str = "paper",
     modules: dict[int, DecoderLayer] | None = None,
 ) -> None:
-    """One eager forward with attention weights: add the batch's I-SAL and text->image maps to ``profile``. A row's
-    map is the mean over its text queries (``pairs``: ``paper`` every text position, as Eq. 3 and 10; ``visible`` the
-    text after the image) of the attention to each image position; a row without text after its image has none.
-    ``modules``: the plan's (resolved here when not given). Each layer's attention is read on its own device."""
+    """One eager forward adding the batch's I-SAL and text->image maps to ``profile``. A row's map: mean attention to
+    each image position over its text queries (``pairs``: ``paper`` all text, Eq. 3 and 10; ``visible`` text after the
+    image); none without text after the image. ``modules``: the plan's, else resolved. Read on each layer's device."""
     with attention_weights(modules or attention_modules(model), layers) as attentions:
         model(**model_inputs(batch), output_attentions=True, use_cache=False)
     if any(attentions.get(layer) is None for layer in layers):
@@ -213,9 +205,9 @@ def profile_attention(
 def head_gates(
     modules: dict[int, DecoderLayer], layers: list[int], num_heads: int, head_dim: int
 ) -> Iterator[dict[int, torch.Tensor]]:
-    """Gates gamma ``[H]`` = 1 (requires grad) on each layer's heads, multiplying the ``o_proj`` input viewed as
-    ``[B, T, H, d_head]`` (Eq. 5): layer -> gate, made by the layer's first forward on the device of its input (a
-    layer placed on another GPU, or offloaded, computes there). Removed on exit."""
+    """Gates gamma ``[H]`` = 1 (requiring grad) multiplying each layer's ``o_proj`` input viewed as
+    ``[B, T, H, d_head]`` (Eq. 5): layer -> gate, made at the layer's first forward on its input's device. Removed on
+    exit."""
     gates: dict[int, torch.Tensor] = {}
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...], layer: int) -> tuple[Any, ...]:
@@ -227,7 +219,7 @@ def head_gates(
         shaped = x.view(*x.shape[:-1], num_heads, head_dim) * gates[layer].to(x.dtype)[:, None]
         return (shaped.view(x.shape), *args[1:])
 
-    with contextlib.ExitStack() as hooks:  # each hook removed on exit
+    with contextlib.ExitStack() as hooks:
         for layer in layers:
             hook = functools.partial(pre_hook, layer=layer)
             hooks.enter_context(modules[layer].output.register_forward_pre_hook(hook))
@@ -243,9 +235,8 @@ def gate_gradients(
     kinds: TokenKinds,
     modules: dict[int, DecoderLayer] | None = None,
 ) -> torch.Tensor:
-    """d(margin loss)/d(gate) of one sample (batch of 1) at gamma = 1: ``[L, H]`` float32 on the CPU. Where layers are
-    offloaded to the CPU, what the backward keeps goes there too: else every offloaded layer's weights, copied to the
-    GPU for its forward, stay there until the backward (the whole offloaded share at once)."""
+    """d(margin loss)/d(gate) of one sample at gamma = 1: ``[L, H]`` float32 on the CPU. With CPU-offloaded layers the
+    backward's saved tensors go to the CPU, else offloaded weights copied to the GPU stay there until the backward."""
     offloaded = any(at in ("cpu", "disk") for at in (getattr(model, "hf_device_map", None) or {}).values())
     kept = torch.autograd.graph.save_on_cpu() if offloaded else contextlib.nullcontext()
     with (

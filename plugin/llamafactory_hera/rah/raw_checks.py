@@ -1,5 +1,5 @@
-"""RAH-LoRA's checks of a recipe before LLaMA-Factory parses it (nothing loaded): what a training-free calibration
-of one process cannot run. Run by :class:`llamafactory_hera.rah.run.RahRun`; after the parse: :mod:`.parsed_checks`.
+"""RAH-LoRA's checks of a recipe before LLaMA-Factory parses it (nothing loaded): what a one-process, training-free
+calibration cannot run. After the parse: :mod:`.parsed_checks`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ _FAST_ATTENTION = {"fa2", "fa3", "sdpa"}
 
 
 def validate_raw_host_args(host_args: dict[str, Any] | list[str], rah_args: RahArguments) -> None:
-    """Refuse what cannot work with a training-free calibration, naming the key and the fix."""
+    """Refuse what a training-free calibration cannot run, naming the key and the fix."""
     if nodes := several_nodes():
         raise RecipeError(
             f"{nodes}: stage: rah runs as one process on one node (its model over that node's GPUs); "

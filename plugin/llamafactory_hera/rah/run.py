@@ -1,6 +1,5 @@
-"""A ``stage: rah`` run (:class:`RahRun`): RAH-LoRA's arguments and its phases, in order; its "trainer" is the
-calibration, which takes no optimizer step. Each phase imports the module that does its work (lazy:
-:mod:`llamafactory_hera.recipe.run` says why)."""
+"""A ``stage: rah`` run (:class:`RahRun`): RAH-LoRA's arguments and phases, in order; its "trainer" is the
+calibration (no optimizer step). Each phase imports its module lazily (:mod:`llamafactory_hera.recipe.run` says why)."""
 
 from __future__ import annotations
 
@@ -18,8 +17,8 @@ if TYPE_CHECKING:
 
 
 class RahRun(MethodRun[RahArguments]):
-    """RAH-LoRA's calibration of the recipe's model on its image-text rows, written as a LoRA adapter (docs/rah.md).
-    One process: no save signal, no watchdog."""
+    """Calibrates the recipe's model on its image-text rows into a LoRA adapter (docs/rah.md). One process: no save
+    signal, no watchdog."""
 
     arguments = RahArguments
     parse = staticmethod(parse_rah_arguments)

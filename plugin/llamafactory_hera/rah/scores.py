@@ -1,7 +1,7 @@
-"""Head scores of RAH-LoRA: I-SAL (paper Eq. 3-4), its per-layer standardisation, and CAF (Eq. 5).
+"""RAH-LoRA's head scores: I-SAL (Eq. 3-4), its per-layer standardisation, and CAF (Eq. 5).
 
-Shapes: ``attn [B, H, T, T]`` (softmax attention of one layer, query x key), masks ``[B, T]`` (bool),
-``grads [N, L, H]`` (d loss / d gate per sample, layer and head).
+Shapes: ``attn [B, H, T, T]`` (one layer's softmax attention, query x key), masks ``[B, T]`` bool, ``grads [N, L, H]``
+(d loss / d gate per sample, layer and head).
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ EPS = 1e-6
 def _half(
     attn: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, visible_only: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample and head: (sum of attention over the (query, key) pairs, number of pairs); with ``visible_only`` a
-    pair counts only when the key does not come after the query. ``attn`` [B, H, T, T], ``queries`` / ``keys`` [B, T]
-    -> ([B, H], [B])."""
+    """(attention summed over (query, key) pairs ``[B, H]``, pair count ``[B]``); ``visible_only``: only pairs whose
+    key is not after the query."""
     length = attn.shape[-1]
     pairs = queries[:, :, None] & keys[:, None, :]  # [B, T, T]
     if visible_only:
@@ -28,11 +27,10 @@ def _half(
 def isal(
     attn: torch.Tensor, image_mask: torch.Tensor, text_mask: torch.Tensor, pairs: str = "paper"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """I-SAL per sample and head (Eq. 3): half the mean text->image attention plus half the mean image->text; returns
-    (``[B, H]`` float32 scores, ``[B]`` bool: both halves present). ``pairs="paper"``: text->image over every (text
-    query, image key) pair as Eq. 3 writes it, image->text over the text keys each image query can see (the text
-    before the image); ``pairs="visible"``: both over visible pairs only. A half with no pair is left out and the
-    other counts alone (e.g. an image right after the sink). ``text_mask`` excludes the sink (``probe.token_masks``)."""
+    """I-SAL (Eq. 3): half the mean text->image attention plus half the mean image->text; returns (``[B, H]`` float32,
+    ``[B]`` bool: both halves present). ``paper``: text->image over all (text query, image key) pairs as Eq. 3 writes
+    it, image->text over the text each image query sees; ``visible``: both over visible pairs. A half with no pair is
+    left out (e.g. an image right after the sink, which ``text_mask`` excludes)."""
     if pairs not in ("paper", "visible"):
         raise ValueError(f"rah_isal_pairs: got {pairs!r}; allowed values are paper, visible.")
     t2i, t2i_pairs = _half(attn, text_mask, image_mask, visible_only=pairs == "visible")
@@ -52,14 +50,14 @@ def isal(
 
 
 def standardize_per_layer(scores: torch.Tensor) -> torch.Tensor:
-    """``[L, H]`` -> ``(r - mean_l) / (std_l + eps)`` within each layer (Eq. 4; population std over the heads)."""
+    """``[L, H]`` -> ``(r - mean_l) / (std_l + eps)`` per layer (Eq. 4; population std over the heads)."""
     return (scores - scores.mean(dim=-1, keepdim=True)) / (scores.std(dim=-1, unbiased=False, keepdim=True) + EPS)
 
 
 def margin_loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Label-free margin loss (Eq. 5), a scalar: ``-mean_t log(p_t1 / p_t2)`` over the two most probable tokens at
-    the ``positions`` [B, T] (text after the image) of ``logits`` [B, T, V]; ``log(p1/p2)`` is the difference of the
-    two largest logits, so the softmax is never formed."""
+    """Label-free margin loss (Eq. 5): ``-mean_t log(p_t1 / p_t2)`` over the two likeliest tokens at ``positions``
+    ``[B, T]`` (text after the image) of ``logits`` ``[B, T, V]``; ``log(p1/p2)`` is the gap of the two largest
+    logits, so no softmax is formed."""
     top = logits.to(torch.promote_types(logits.dtype, torch.float32)).topk(2, dim=-1).values  # [B, T, 2], >= fp32
     gap = top[..., 0] - top[..., 1]
     weights = positions.to(top.dtype)
@@ -69,9 +67,9 @@ def margin_loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def caf_scores(grads: torch.Tensor, form: str = "magnitude", weight: float = 0.25) -> torch.Tensor:
-    """``[L, H]`` float32 CAF from gate gradients ``grads`` [N, L, H] (one row per probe sample): ``magnitude``
-    (default) ``z(|mean g|) + weight * z(mean g^2)``, z standardised within each layer (the size of a head's
-    influence, whatever its sign); ``paper``: Eq. 5 as printed, ``mean g + weight * mean g^2``."""
+    """``[L, H]`` float32 CAF from gate gradients ``[N, L, H]``: ``magnitude`` ``z(|mean g|) + weight * z(mean g^2)``,
+    z standardised per layer (a head's influence whatever its sign); ``paper``: Eq. 5 as printed,
+    ``mean g + weight * mean g^2``."""
     grads = grads.float()
     mean = grads.mean(dim=0)
     mean_square = grads.pow(2).mean(dim=0)

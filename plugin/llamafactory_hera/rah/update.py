@@ -1,7 +1,7 @@
-"""The calibration of one head: representative anchor (Eq. 12), low-rank update (Eq. 13), trust region (Eq. 14-15).
+"""One head's calibration: representative anchor (Eq. 12), low-rank update (Eq. 13), trust region (Eq. 14-15).
 
-Shapes: anchor slices stacked ``[k, m, n]``; a head's slice ``W`` ``[m, n]`` (V: ``[d, D]`` rows of its KV group;
-O: ``[D, d]`` columns); probe logits ``[n_positions, V]`` per sample.
+Shapes: anchor slices ``[k, m, n]``; a head's slice ``W`` ``[m, n]`` (V: ``[d, D]`` KV-group rows; O: ``[D, d]``
+columns); probe logits ``[n_positions, V]`` per sample.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 
 
 def trimmed_mean(stack: torch.Tensor, trim: float = 0.1) -> torch.Tensor:
-    """Element-wise trimmed mean over dim 0 (Eq. 12): drop ``floor(trim * k)`` lowest and highest of the k values at
-    each position, average the rest. With k = 3 and trim 0.1 nothing is dropped: a plain mean."""
+    """Element-wise trimmed mean over dim 0 (Eq. 12): drop the ``floor(trim * k)`` lowest and highest of k values,
+    average the rest (k = 3, trim 0.1: a plain mean)."""
     k = stack.shape[0]
     cut = math.floor(trim * k)
     if 2 * cut >= k:
@@ -25,8 +25,8 @@ def trimmed_mean(stack: torch.Tensor, trim: float = 0.1) -> torch.Tensor:
 
 
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank-``rank`` truncated SVD of ``delta`` [m, n] (Eq. 13): (U [m, r], S [r], Vh [r, n]), float32;
-    ``U diag(S) Vh`` is the best rank-r approximation. r is capped at min(m, n)."""
+    """Rank-``rank`` truncated SVD of ``delta`` ``[m, n]`` (Eq. 13): float32 (U ``[m, r]``, S ``[r]``, Vh ``[r, n]``),
+    r capped at min(m, n)."""
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
     r = min(rank, s.shape[0])
     return u[:, :r], s[:r], vh[:r]
@@ -34,7 +34,7 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
 
 def mean_kl(reference: list[torch.Tensor], current: list[torch.Tensor]) -> float:
     """E over samples of KL(p_reference || p) (Eq. 15): per sample the mean over its probe positions, then the mean
-    over the samples that have any. One ``[n_positions, V]`` logits tensor per sample; softmaxes in float32."""
+    over samples having any; float32 softmaxes."""
     per_sample = []
     for ref, cur in zip(reference, current, strict=True):
         if ref.shape[0] == 0:
@@ -42,35 +42,35 @@ def mean_kl(reference: list[torch.Tensor], current: list[torch.Tensor]) -> float
         log_p = torch.log_softmax(ref.float(), dim=-1)
         log_q = torch.log_softmax(cur.float(), dim=-1)
         per_sample.append((log_p.exp() * (log_p - log_q)).sum(dim=-1).mean())
-    return float(torch.stack(per_sample).mean()) if per_sample else 0.0  # one host sync, not one per sample
+    return float(torch.stack(per_sample).mean()) if per_sample else 0.0  # one host sync
 
 
 def lora_pair(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B ``[m, r]`` = ``alpha U sqrt(S)``, A ``[r, n]`` = ``sqrt(S) Vh``): the factors the adapter stores, so that
-    ``B @ A`` is the step PEFT adds when it merges the adapter; the trust region applies the same product."""
+    """(B ``[m, r]`` = ``alpha U sqrt(S)``, A ``[r, n]`` = ``sqrt(S) Vh``): ``B @ A`` is the step PEFT adds when it
+    merges the adapter, and the trust region applies."""
     root = s.sqrt()
     return alpha * u * root, root[:, None] * vh
 
 
 @dataclass(frozen=True)
 class TrustRegion:
-    """The outcome of the alpha search for one head: ``alpha`` 0 means rolled back."""
+    """One head's alpha search; ``alpha`` 0 means rolled back."""
 
     alpha: float
-    kl: float | None  # the measured mean KL at ``alpha`` (None when rolled back)
-    tried: tuple[tuple[float, float], ...]  # (alpha, measured mean KL), in the order tried
+    kl: float | None  # mean KL at ``alpha`` (None when rolled back)
+    tried: tuple[tuple[float, float], ...]  # (alpha, mean KL) in order
 
     @property
     def rolled_back(self) -> bool:
-        """No alpha fits: the head is left as it was."""
+        """No alpha fits: the head is unchanged."""
         return self.alpha == 0.0
 
 
 def search_alpha(
     kl_at: Callable[[float], float], alpha_max: float = 0.15, delta: float = 0.05, halvings: int = 5
 ) -> TrustRegion:
-    """The largest alpha of ``alpha_max, alpha_max / 2, ...`` (``halvings`` halvings) whose measured mean KL
-    ``kl_at(alpha)`` is <= ``delta`` (Eq. 14-15); alpha 0 (rollback) when none is."""
+    """The largest of ``alpha_max, alpha_max / 2, ...`` (``halvings`` halvings) with ``kl_at(alpha) <= delta``
+    (Eq. 14-15); alpha 0 (rollback) if none."""
     tried = []
     alpha = alpha_max
     for _ in range(halvings + 1):

@@ -1,8 +1,7 @@
-"""The RAH-LoRA panel of LlamaBoard, declared: its fields (defaults from
-:class:`~llamafactory_hera.rah.config.RahArguments`, texts in ``panel_texts.yaml``), the check of ``rah_layers``
-against the model's depth, and the calibration's progress in place of the loss plot (RAH-LoRA takes no optimizer step,
-so the command also leaves out the Train tab's optimizer settings). What users see: docs/rah.md, "LlamaBoard"; the
-builder: :mod:`llamafactory_hera.board.builder`.
+"""RAH-LoRA's LlamaBoard panel, declared: fields (defaults from :class:`~llamafactory_hera.rah.config.RahArguments`,
+texts in ``panel_texts.yaml``), the ``rah_layers`` check against the model's depth, and the calibration's progress in
+place of the loss plot. No optimizer step is taken, so the command leaves out the Train tab's optimizer settings.
+See docs/rah.md, "LlamaBoard".
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from llamafactory_hera.board.widgets import comma_list
 from llamafactory_hera.log import PHASE_KEY
 from llamafactory_hera.rah.config import AUTO, RahArguments, parse_rah_arguments
 
-# LlamaBoard's Train-tab arguments that only matter to an optimizer: left out of a RAH-LoRA command
+# Train-tab arguments that only matter to an optimizer
 OPTIMIZER_KEYS = (
     "learning_rate",
     "num_train_epochs",
@@ -43,8 +42,8 @@ def normalize_layers(value: Any) -> Any:
 
 
 def check_layers_depth(args: RahArguments, context: Mapping[str, Any]) -> str:
-    """``rah_layers`` against the depth of LlamaBoard's model (``num_hidden_layers`` of its text config), where its
-    config can be read locally; "" when they fit or the depth is unknown (the run checks it again)."""
+    """The error if ``rah_layers`` exceeds the ``num_hidden_layers`` of LlamaBoard's model; "" if not or if its config
+    cannot be read locally (the run checks again)."""
     if args.rah_layers == AUTO:
         return ""
     depth = local_text_depth(context.get("model_path"))
@@ -64,7 +63,7 @@ def check_layers_depth(args: RahArguments, context: Mapping[str, Any]) -> str:
 
 
 def progress_figure(trainer_log: list[dict[str, Any]], smooth: Any = None) -> Any:
-    """In place of the loss plot: how far each phase of the calibration is (percent done, in run order)."""
+    """In place of the loss plot: each calibration phase's percent done, in run order."""
     plt.close("all")
     plt.switch_backend("agg")
     done: dict[str, float] = {}

@@ -1,8 +1,6 @@
-"""A ``stage: rah`` run: calibrate the recipe's model on its unlabelled image-text rows and write a LoRA adapter.
-
-Its run's phases (:class:`llamafactory_hera.rah.run.RahRun`) run in place of ``run_sft``; no optimizer step is
-taken. ``output_dir`` receives the adapter (PEFT's format), ``rah_profile.json`` and ``rah_profile.png``;
-what each holds: docs/rah.md.
+"""A ``stage: rah`` run in place of ``run_sft``: calibrate the recipe's model on its unlabelled image-text rows, no
+optimizer step, and write to ``output_dir`` a PEFT LoRA adapter, ``rah_profile.json`` and ``rah_profile.png``
+(docs/rah.md).
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ from llamafactory_hera_patches.tools.model_data import (
 
 PROFILE_JSON = "rah_profile.json"
 PROFILE_PNG = "rah_profile.png"
-RECORD_VERSION = 2  # 2: anchors may come from adjacent layers, outcome "unchanged", map layouts
+RECORD_VERSION = 2  # 2: anchors from adjacent layers, outcome "unchanged", map layouts
 
 
 def _table(values: Any, layers: list[int]) -> dict[str, list[float]]:
@@ -50,15 +48,15 @@ def _table(values: Any, layers: list[int]) -> dict[str, list[float]]:
 
 
 def reported_kl(kl: float | None) -> float | None:
-    """A measured mean KL as reported: KL >= 0, so float32 noise below 0 (e.g. -2e-8) is shown as 0."""
+    """KL >= 0, so float32 noise below 0 (e.g. -2e-8) is reported as 0."""
     return None if kl is None else max(0.0, float(kl))
 
 
 def profile_record(
     calibration: Any, args: RahArguments, identity: dict[str, Any], versions: dict[str, str], duration: dict[str, float]
 ) -> dict[str, Any]:
-    """The JSON-ready record of a :class:`~llamafactory_hera.rah.calibrate.Calibration`; its ``settings`` are the
-    ``rah_*`` values without the prefix, on the calibrated layers, with ``w_o = 1 - w_v``."""
+    """JSON-ready record of a :class:`~llamafactory_hera.rah.calibrate.Calibration`; ``settings``: the ``rah_*``
+    values unprefixed, on the calibrated layers, with ``w_o = 1 - w_v``."""
     targets = []
     for update in calibration.updates:
         region = update.region
@@ -113,8 +111,8 @@ def profile_record(
 
 
 def plot_profile(calibration: Any, path: Path, model_name: str) -> Path:
-    """I-SAL (standardised) and CAF heatmaps, calibrated targets boxed red, the others (rolled back, unchanged,
-    without anchors) black, as the legend says; the title names the run (``path``'s folder)."""
+    """Standardised I-SAL and CAF heatmaps, calibrated targets boxed red, other targets black; the title names the run
+    (``path``'s folder)."""
     calibrated = [(u.layer, u.head) for u in calibration.updates if u.calibrated]
     others = [(u.layer, u.head) for u in calibration.updates if (u.layer, u.head) not in calibrated]
     title = (
@@ -133,7 +131,7 @@ def plot_profile(calibration: Any, path: Path, model_name: str) -> Path:
 
 
 def _image_rows(aligned: Any, datasets: list[str], rah_args: RahArguments, seed: int) -> list[int]:
-    """Rows with at least one image, shuffled by ``seed``, at most ``rah_samples``; errors name the fix."""
+    """Image rows shuffled by ``seed``, at most ``rah_samples``; errors name the fix."""
     rows = [index for index, images in enumerate(aligned["_images"]) if images]
     needed = max(rah_args.rah_probe_samples, rah_args.rah_kl_samples)
     if not rows:
@@ -156,8 +154,7 @@ def _image_rows(aligned: Any, datasets: list[str], rah_args: RahArguments, seed:
 
 
 def _say_what_was_left_out(calibration: Any, rows: int) -> None:
-    """Console lines for what the JSON alone would hide: rows without a map or scored on one half of I-SAL,
-    several image layouts."""
+    """Console lines the JSON alone would hide: rows without a map or scored on one I-SAL half, several layouts."""
     if calibration.one_sided_samples:
         say(
             f"warning: {calibration.one_sided_samples} of {rows} rows have no text before their image (the attention "
@@ -176,7 +173,7 @@ def _say_what_was_left_out(calibration: Any, rows: int) -> None:
 
 
 def _outcomes(calibration: Any, summary: dict[str, Any]) -> str:
-    """``"2 of 5 targets calibrated, 1 rolled back, ..."`` (the parts that are not 0)."""
+    """``"2 of 5 targets calibrated, 1 rolled back, ..."`` (non-zero parts)."""
     parts = [f"{summary['calibrated']} of {summary['targets']} targets calibrated"]
     for key, words in (
         ("rolled_back", "rolled back"),
@@ -191,9 +188,9 @@ def _outcomes(calibration: Any, summary: dict[str, Any]) -> str:
 
 
 def placement(model_args: Any, device: str) -> dict[str, Any] | None:
-    """The ``device_map`` the calibration loads the model with (:mod:`llamafactory_hera.placement`: whole on ``device``
-    where it fits, else over every visible GPU, then the CPU's RAM), said in one line; None: whole on ``device``. A
-    bitsandbytes model loads as LLaMA-Factory loads it, whole on the process's GPU (70B in 4-bit: about 40 GB)."""
+    """The calibration's ``device_map`` (:mod:`llamafactory_hera.placement`: whole on ``device`` where it fits, else
+    over every visible GPU, then CPU RAM), said in one line; None: whole on ``device``. A bitsandbytes model loads as
+    LLaMA-Factory loads it, whole on the process's GPU (70B in 4-bit: about 40 GB)."""
     meta = check_model_structure(model_args.model_name_or_path, model_args.trust_remote_code)
     saved = getattr(getattr(meta, "config", None), "dtype", None) or "float32"
     dtype = str(model_args.compute_dtype or saved).removeprefix("torch.")  # as LLaMA-Factory loads it
@@ -213,14 +210,14 @@ def placement(model_args: Any, device: str) -> dict[str, Any] | None:
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
-    """Where the batches go: the device the input embeddings compute on (accelerate's, for an offloaded one)."""
+    """Where batches go: the input embeddings' compute device (accelerate's, for an offloaded one)."""
     embeddings = model.get_input_embeddings()
     return torch.device(getattr(getattr(embeddings, "_hf_hook", None), "execution_device", embeddings.weight.device))
 
 
 @dataclass(frozen=True)
 class RahPreparation:
-    """What a run's preparation hands its calibration: when it started, the recipe's model and data, the rows."""
+    """Preparation -> calibration: start time, the recipe's model and data, the rows."""
 
     started: float
     recipe: RecipeArgs
@@ -229,7 +226,7 @@ class RahPreparation:
 
 @dataclass(frozen=True)
 class RahCalibrated:
-    """What the calibration hands the finish: the model, its calibration and plan, when the model had loaded."""
+    """Calibration -> finish: the model, its calibration and plan, when the model had loaded."""
 
     model: torch.nn.Module
     calibration: Any
@@ -238,12 +235,12 @@ class RahCalibrated:
 
 
 def prepare(rah_args: RahArguments, parsed: HostArguments) -> RahPreparation:
-    """The calibration rows, each of their images read, before the model loads."""
+    """The calibration rows, every image read, before the model loads."""
     started = time.perf_counter()
     start_board_files()
     data_args = parsed.data
     recipe = RecipeArgs(parsed.model, data_args, parsed.finetuning)
-    with media_warnings_held():  # a missing file is named before the model loads, not below a line per image
+    with media_warnings_held():  # a missing file is named before the model loads, not in a line per image
         aligned = load_aligned_rows(recipe, parsed.training.seed)
         rows = _image_rows(aligned, data_args.dataset, rah_args, parsed.training.seed)
         image_rows(
@@ -253,17 +250,17 @@ def prepare(rah_args: RahArguments, parsed: HostArguments) -> RahPreparation:
             placeholder=image_placeholder(),
             decode=True,
             data=describe_data(data_args),
-        )  # its few rows decoded: they are read after the model loads
+        )  # decoded: these few rows are read after the model loads
     return RahPreparation(started, recipe, rows)
 
 
 def calibrate_model(rah_args: RahArguments, parsed: HostArguments, prepared: RahPreparation) -> RahCalibrated:
-    """The model loaded as LLaMA-Factory loads it, placed (:func:`placement`), and calibrated on the rows."""
+    """Load the model as LLaMA-Factory does, place it (:func:`placement`) and calibrate it on the rows."""
     recipe = prepared.recipe
     rows = prepared.rows
     device = str(parsed.training.device)
     model, tokenizer_module, template = load_model_for_scoring(recipe, device, placement(parsed.model, device))
-    keep_4bit_layout(model)  # its 4-bit V and O weights are read dequantized (training/eval_forward.py)
+    keep_4bit_layout(model)  # 4-bit V and O weights are read dequantized (training/eval_forward.py)
     loaded = time.perf_counter()
     dataset, collator = multimodal_dataset_and_collator(
         recipe, model, tokenizer_module, template, parsed.training.seed, rows
@@ -301,8 +298,8 @@ def calibrate_model(rah_args: RahArguments, parsed: HostArguments, prepared: Rah
 
 
 def finish(rah_args: RahArguments, parsed: HostArguments, prepared: RahPreparation, calibrated: RahCalibrated) -> None:
-    """The profile record and figure, then the adapter, in ``output_dir``; a calibration that changed no weight is
-    refused there."""
+    """Write the profile record and figure, then the adapter, to ``output_dir``; refuse a calibration that changed no
+    weight."""
     model_args, data_args, training_args, finetuning_args, _ = parsed
     calibration = calibrated.calibration
     model = calibrated.model
@@ -328,7 +325,7 @@ def finish(rah_args: RahArguments, parsed: HostArguments, prepared: RahPreparati
             "without_model_loading_s": round(time.perf_counter() - loaded, 3),
         },
     )
-    write_record(output / PROFILE_JSON, record)  # the folder made
+    write_record(output / PROFILE_JSON, record)  # makes the folder
     plot_profile(calibration, output / PROFILE_PNG, str(model_args.model_name_or_path))
     outcomes = _outcomes(calibration, record["summary"])
     if not any(update.calibrated for update in calibration.updates):
