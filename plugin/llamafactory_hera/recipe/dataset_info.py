@@ -1,10 +1,9 @@
-"""A recipe's datasets as LLaMA-Factory registers them: their names (:func:`as_names`), the ``dataset_info.json`` of
-``dataset_dir`` (:func:`dataset_info`) and a run's data named for an error about one of its rows
-(:func:`describe_data`). Read by the checks and by the runs' image checks.
+"""A recipe's datasets as LLaMA-Factory registers them: names (:func:`as_names`), ``dataset_dir``'s
+``dataset_info.json`` (:func:`dataset_info`), a run's data as an error about a row names it (:func:`describe_data`).
 
-The image files of a dataset's rows, checked before a model loads (HeRA's training rows, RAH-LoRA's calibration
-rows): a missing file, a file PIL cannot decode (:func:`image_problem`) and a row whose ``<image>`` marks differ in
-number from its images are one line naming the file or the row, where the host's preprocessing would end in a bare
+The image files of a dataset's rows are checked before a model loads (HeRA's training rows, RAH-LoRA's calibration
+rows): a missing file, one PIL cannot decode (:func:`image_problem`) or a row whose ``<image>`` marks differ in number
+from its images is one line naming the file or row, where the host's preprocessing would raise a bare
 ``FileNotFoundError``, ``OSError: Truncated File Read`` or ``ValueError`` naming neither.
 """
 
@@ -64,8 +63,8 @@ def describe_data(data_args: Any) -> str:
 
 
 def image_problem(path: str, decode: bool) -> str | None:
-    """None when the image at ``path`` reads, else :data:`MISSING` or :data:`UNREADABLE` (an empty file; with
-    ``decode``, one PIL cannot open, verify or decode: a truncated file opens and fails on its pixels)."""
+    """None if ``path`` reads, else :data:`MISSING` or :data:`UNREADABLE` (empty; with ``decode``, PIL cannot open,
+    verify or decode it: a truncated file opens and fails on its pixels)."""
     try:
         info = os.stat(path)
     except OSError:
@@ -116,12 +115,11 @@ def image_rows(
     decode: bool = False,
     data: str | None = None,
 ) -> dict[str, int]:
-    """Map every image path of a (map-style) dataset's image column to its first row index; with ``check_files``,
-    also check that each file exists (the main process only), with ``decode`` that PIL decodes it. ``only``: the rows
-    to read (default: every row). ``placeholder``: also check that each row of LLaMA-Factory's aligned dataset holds
-    one such mark per image (rows the host's preprocessing drops are left to it). ``data``: what the errors name the
-    rows of (:func:`describe_data`). RecipeError naming the first missing or unreadable file and its row, or the
-    first row whose marks and images differ in number."""
+    """Every image path of a map-style dataset's image column -> its first row. ``check_files``: each file exists
+    (main process only); ``decode``: PIL decodes it; ``only``: the rows to read (default all); ``placeholder``: each
+    row of LLaMA-Factory's aligned dataset holds one mark per image (rows the host drops are left to it); ``data``:
+    what errors name the rows of (:func:`describe_data`). RecipeError on the first missing or unreadable file, or
+    the first row whose marks and images differ in number."""
     rows: dict[str, int] = {}
     if dataset is None or not hasattr(dataset, "column_names") or column not in dataset.column_names:
         return rows
@@ -152,8 +150,8 @@ def image_rows(
 
 
 def first_unreadable(rows: dict[str, int], data: str | None = None) -> str | None:
-    """The refusal naming the first image of ``rows`` (path -> row, in row order) that PIL cannot decode, or None:
-    for an image error whose message names no file (PIL's ``Truncated File Read``)."""
+    """The refusal naming the first image of ``rows`` (path -> row, row order) PIL cannot decode, else None; for an
+    image error naming no file (PIL's ``Truncated File Read``)."""
     of = f" ({data})" if data else ""
     for path, row in rows.items():
         if image_problem(path, decode=True) is not None:
