@@ -1,6 +1,5 @@
 """The GPUs plan knows: dense bf16 peak (no sparsity) from the datasheet named beside each row; allocatable memory,
-``nvidia-smi``'s total (MiB / 1024; an H100's 80 GB is 81,559 MiB, 79.65 GiB); the link between a node's GPUs at its
-datasheet rate. The share of the peak a step reaches is measured: :mod:`.measured`."""
+``nvidia-smi``'s total (MiB / 1024: an H100's 80 GB is 81,559 MiB, 79.65 GiB); the link between a node's GPUs."""
 
 from __future__ import annotations
 

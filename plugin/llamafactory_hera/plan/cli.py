@@ -37,8 +37,7 @@ def add_verbs(commands: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
         "KEY=VALUE overrides and the options may stand anywhere after the recipe.",
     )
     parser.add_argument("recipe", type=Path, help="the training recipe (YAML)")
-    # the rest of the line, options included: argparse reads positionals in their first run only (``plan R --gpu X
-    # key=value`` would refuse the key); :func:`_line` reads them anywhere
+    # argparse reads positionals in their first run only (``plan R --gpu X k=v`` would refuse k): see _line
     parser.add_argument(
         "rest", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="recipe keys as on the training line"
     )
@@ -82,7 +81,7 @@ def _options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
 
 
 def _line(args: argparse.Namespace) -> tuple:
-    """``plan``'s arguments, options after the recipe read wherever they stand among the keys."""
+    """``plan``'s arguments, options read wherever they stand among the keys."""
     rest = argparse.ArgumentParser(prog="llamafactory-hera plan", argument_default=argparse.SUPPRESS)
     rest.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     _options(rest, suppress=True)
@@ -159,8 +158,7 @@ def plan_recipe(
     recipe_text: str = "",
     network: Network | None = None,
 ) -> str:
-    """The report for ``recipe`` (from ``recipe_path``, whose ``recipe_text`` may name a compose command, or a
-    LlamaBoard panel's arguments), its GPUs in ``network``'s nodes."""
+    """The report for ``recipe`` (or a LlamaBoard panel's arguments); ``recipe_text`` may name a compose command."""
     started = time.time()
     network = network or Network()
     card = CARDS.get(gpu)
@@ -178,7 +176,7 @@ def plan_recipe(
             "reference model and paired rows are not modelled)."
         )
     setup = estimate.setup_of(keys, recipe_path.parent, gpus, accelerate_config)
-    with _quiet():  # transformers' info lines on reading the config (LLaMA-Factory's import turns them on)
+    with _quiet():  # transformers' info lines, which LLaMA-Factory's import turns on
         config = _model_config(str(keys["model_name_or_path"]), recipe_text)
     if accelerate_config is None and (launch := LAUNCH_LINE.search(recipe_text)):
         setup = replace(
@@ -278,8 +276,7 @@ def plan_recipe(
 
 
 def board_report(args: dict) -> str:
-    """The report for LlamaBoard's run arguments (what Start would launch) on this machine's GPUs, or the line
-    saying why it cannot be counted."""
+    """The report for LlamaBoard's run arguments on this machine's GPUs, or the line why it cannot be counted."""
     import torch  # lazy: seconds, which --help needs not
 
     try:
@@ -289,8 +286,8 @@ def board_report(args: dict) -> str:
 
 
 def card_here() -> str:
-    """This machine's first GPU among :data:`CARDS` (model in the device name, nearest memory); none or unknown:
-    the default card, which the report's first line names."""
+    """This machine's first GPU among :data:`CARDS` (by name, then memory); else the default card, which the report
+    names."""
     import torch  # lazy: seconds, which --help needs not
 
     if not torch.cuda.is_available():
@@ -305,8 +302,7 @@ def card_here() -> str:
     return min(known, key=lambda card: abs(card.memory_gib - device.total_memory / GiB)).name if known else DEFAULT_CARD
 
 
-class _quiet:  # noqa: N801  silences warnings on the fake step and LLaMA-Factory's info lines on reading rows
-    # (it sets transformers' verbosity itself)
+class _quiet:  # noqa: N801  warnings on the fake step, LLaMA-Factory's info lines (it sets transformers' verbosity)
     def __enter__(self) -> None:
         self.level = logging.root.manager.disable
         logging.disable(logging.WARNING)

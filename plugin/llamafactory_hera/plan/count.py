@@ -65,8 +65,7 @@ def layer_types(config: Any) -> list[str]:
 
 
 def reduced(config: Any, types: list[str], vision_depth: int, attention: str = "sdpa") -> Any:
-    """``config`` with layers of ``types`` and ``vision_depth`` blocks (as many DeepStack / full-attention block
-    indices as the full tower has, moved into it)."""
+    """``config`` with layers of ``types`` and ``vision_depth`` blocks (special block indices moved in)."""
     config = copy.deepcopy(config)
     text = config.get_text_config()
     vision = getattr(config, "vision_config", None)
@@ -94,9 +93,8 @@ def _attention_flops(flops: counter.StepFlops) -> int:
 
 
 def count(config: Any, shape: Shape) -> dict[str, float]:
-    """One unscaled micro-step: FLOPs (attention's apart), parameters, storages alive at the forward's end
-    (activations) and the rest of the peak (temporaries). Cached: plan's second look (what would fit) counts only
-    what is new."""
+    """One unscaled micro-step: FLOPs (attention's apart), parameters, activations (alive at the forward's end) and
+    temporaries (the rest of the peak). Cached for plan's second look."""
     key = (config.to_json_string(), repr(shape))
     if key not in _COUNTED:
         _COUNTED[key] = _count(config, shape)
@@ -147,12 +145,10 @@ def _count(config: Any, shape: Shape) -> dict[str, float]:
 
 
 def scaled(config: Any, shapes: dict[str, Shape], head_layers: int) -> dict[str, dict[str, float]]:
-    """Each arm counted on a reduced model: HeRA's head layers (at least one, softmax-kind if kinds differ), one of
-    the commonest kind (HeRA's non-reentrant layers change the backward's peak until a reentrant one follows; after
-    that each layer adds the same) and the tower's special blocks. Each kind's one-more-layer and one-more-block
-    increment, times those left out, is added, counted on the last arm: a layer without heads and the frozen tower
-    cost alike in every arm (Liger and 4 bits change the output layer, loss and passing temporaries, not what a layer
-    adds). RAH-LoRA's I-SAL probe runs eager attention (for its weights)."""
+    """Each arm on a reduced model: HeRA's head layers (at least one, softmax-kind), one of the commonest kind
+    (HeRA's non-reentrant layers change the backward's peak until a reentrant one follows) and the tower's special
+    blocks; plus, counted on the last arm, one more layer of each kind and one more block, times those left out (a
+    headless layer and the frozen tower cost the same in every arm). I-SAL runs eager attention (for its weights)."""
     kinds = layer_types(config)
     full_v = depths(config)[2]  # the vision tower's blocks
     vision = getattr(config, "vision_config", None)
@@ -184,8 +180,8 @@ def scaled(config: Any, shapes: dict[str, Shape], head_layers: int) -> dict[str,
 
 
 def head_layers(heads: Any, num_heads: int, per_layer: int = 1) -> tuple[list[str], int]:
-    """HeRA's heads moved into the reduced model's layers 0, 1, ..., and their layer count; ``auto`` (not a list):
-    ``num_heads`` heads packed into the fewest layers of ``per_layer`` (its picks are known only after it ran)."""
+    """HeRA's heads moved into layers 0, 1, ..., and their layer count; ``auto``: ``num_heads`` heads packed into
+    the fewest layers (its picks are known only after it ran)."""
     if not isinstance(heads, list):
         return [f"L{i // per_layer}H{i % per_layer}" for i in range(num_heads)], -(-num_heads // per_layer)
     refs = [parse_head(h) for h in heads]

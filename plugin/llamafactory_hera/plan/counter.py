@@ -24,9 +24,9 @@ def tensors_of(tree: object) -> list[torch.Tensor]:
 
 
 class RealIndexMode(TorchDispatchMode):
-    """Runs an op for real when no tensor argument is fake and it is a view or small, as ``arange`` / ``linspace``
-    and small integer tensors made from nothing (a floating one, a weight, stays fake); a real boolean mask selects a
-    fake tensor by its true count."""
+    """Runs an op for real when no argument is fake and it is a view or small, as ``arange`` / ``linspace`` and
+    small integer tensors made from nothing (a floating one, a weight, stays fake); a real boolean mask selects a fake
+    tensor by its true count."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -77,7 +77,7 @@ class StepCounter(TorchDispatchMode):
             self._total -= entry[1]
 
     def mark(self) -> None:
-        """The forward's end: what is alive now is the activations backward reads."""
+        """The forward's end: what is alive now, backward reads."""
         self.at_mark = self._total
 
     def record(self, out: object) -> None:
@@ -118,9 +118,9 @@ def count_attention() -> None:
 
 
 class StepFlops(flop_counter.FlopCounterMode):
-    """``FlopCounterMode`` tracking no module (every count ``Global``'s): torch's module tracker hooks each module's
-    inputs and outputs at every forward, a checkpointed backward's recompute too, keeping tensors alive until the
-    backward ends, so a peak counted under it grew by about a layer's hidden states per layer."""
+    """``FlopCounterMode`` tracking no module: torch's module tracker hooks every forward's inputs and outputs, a
+    checkpointed recompute's too, keeping them alive to the backward's end: a peak inflated by a layer's hidden
+    states per layer."""
 
     def __init__(self) -> None:
         super().__init__(display=False)

@@ -89,9 +89,8 @@ def _engine_of(zero: dict, where: str, notes: list[str]) -> str:
 
 
 def setup_of(recipe: dict, recipe_dir: Path, gpus: int | None, accelerate_config: Path | None) -> Setup:
-    """Method, engine (``deepspeed``, else the accelerate config's DeepSpeed or FSDP, else DDP), GPUs (``gpus``, else
-    ``num_processes``, else 1), quantization, batch, accumulation, cutoff, Liger, checkpointing; what is planned as
-    something else goes into :attr:`Setup.notes`."""
+    """The recipe's setup: engine from ``deepspeed``, else the accelerate config, else DDP; GPUs from ``gpus``,
+    else ``num_processes``, else 1; what is planned as something else goes into :attr:`Setup.notes`."""
     engine = "ddp"
     default_gpus = 1
     live = 1e9
@@ -147,8 +146,7 @@ def setup_of(recipe: dict, recipe_dir: Path, gpus: int | None, accelerate_config
 
 
 def memory(counts: dict[str, float], setup: Setup) -> dict[str, float]:
-    """Bytes per GPU by category for one scaled arm under ``setup``'s engine and GPUs; temporaries: the rest of the
-    step's peak (logits' gradients, the layer recomputed, dequantized 4-bit weights)."""
+    """Bytes per GPU by category for one scaled arm under ``setup`` (activations and temporaries as counted)."""
     n = setup.gpus
     total = counts["params"]
     trainable = counts["trainable"]
@@ -194,9 +192,8 @@ def memory(counts: dict[str, float], setup: Setup) -> dict[str, float]:
 def fixes(
     counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: str, image_tokens: int = 0
 ) -> list[tuple[tuple[str, ...], float]]:
-    """(changes, bytes per GPU ``arm`` then needs) for each single change, and each pair that fits where neither
-    alone does, cheapest first (Liger, smaller micro-batch, 4-bit QLoRA, more GPUs, shorter cutoff); a change is as
-    added to the plan command, so the changes joined by spaces plan it."""
+    """(changes, bytes per GPU) for each single change and each pair that fits where neither alone does, cheapest
+    first; a change as added to the plan command."""
     changes = _changes(counts, setup, card, arm, image_tokens)
 
     def needed(*chosen: tuple) -> float:
@@ -219,11 +216,9 @@ def fixes(
 
 
 def _changes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm: str, image_tokens: int) -> list[tuple]:
-    """Each change: (cost rank, command addition, counted arm's suffix, setup changes, activations' divisor, shown
-    alone, kind). Liger and QLoRA from their own counts; micro-batch (accumulation raised to keep the samples) and
-    cutoff divide activations and temporaries, a cutoff only where the image and :data:`MIN_TEXT` text tokens stay
-    whole (else the row fails); more GPUs under FSDP2 (DDP LoRA) or ZeRO-3 (DDP full), from the run's own count when
-    the engine changes, alone only the fewest that fit."""
+    """Each change: (cost rank, command addition, arm suffix, setup changes, activations' divisor, shown alone,
+    kind). A cutoff only where the image and :data:`MIN_TEXT` text tokens stay whole (else the row fails); more GPUs
+    under FSDP2 (DDP LoRA) or ZeRO-3 (DDP full), alone only the fewest that fit."""
     out = []
     if f"{arm}+liger" in counts:
         out.append((1, "enable_liger_kernel=true", "+liger", {}, 1, True, "liger"))
@@ -269,7 +264,7 @@ def _changes(counts: dict[str, dict[str, float]], setup: Setup, card: Card, arm:
 def communicated(counts: dict[str, float], setup: Setup) -> tuple[float, float]:
     """Bytes each GPU receives per micro-step and per optimizer step (a ring: ``(N - 1) / N`` of each whole), by
     docs/cost.md's collectives (checkpointing's recompute reuses the backward's gather; DDP's all-reduce moves twice a
-    ring all-reduce's bytes). One GPU: none."""
+    ring all-reduce's bytes)."""
     n = setup.gpus
     total = counts["params"]
     trained = counts["trainable"]

@@ -1,6 +1,5 @@
-"""What plan needs of a model family, from its config alone: a parameter's part (language model, vision tower,
-projector), one row's square image at ``image_max_pixels`` as the family's processor makes it, and the config of a
-LLaVA-1.5 model ``llamafactory-hera compose`` has not built yet."""
+"""What plan needs of a model family, from its config alone: a parameter's part, one row's image as the family's
+processor makes it, the config of a LLaVA-1.5 model ``llamafactory-hera compose`` has not built yet."""
 
 from __future__ import annotations
 
@@ -87,8 +86,8 @@ COMPOSE_LINE = re.compile(r"llamafactory-hera compose --llm (\S+)(?: --vision (\
 
 
 def composed_config(recipe_text: str) -> Any | None:
-    """The config the compose command in the recipe's header builds (a LLaVA-1.5 recipe trains it, or in stage 2
-    stage 1's output, of the same config), from the LLM's and tower's local config.json; None: no such command."""
+    """The config the compose command in the recipe's header builds (stage 2 trains stage 1's output, of the same
+    config), from local config.json files; None: no such command."""
     from transformers import AutoConfig, LlavaConfig  # lazy: transformers only once a recipe is read
 
     if (found := COMPOSE_LINE.search(recipe_text)) is None:

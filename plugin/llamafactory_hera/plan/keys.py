@@ -8,8 +8,8 @@ from typing import Any
 
 
 def checked(recipe: dict) -> Any:
-    """``recipe`` through training's pre-parse checks but this machine's (engines, model paths, stack, bf16, resumed
-    checkpoint). Returns the method's arguments (None: a LLaMA-Factory stage)."""
+    """``recipe`` through training's pre-parse checks but this machine's. Returns the method's arguments (None: a
+    LLaMA-Factory stage)."""
     # lazy: these import LLaMA-Factory's and transformers' pieces
     from llamafactory_hera.recipe.raw_checks import check_raw_recipe
     from llamafactory_hera_patches.recipe.arguments import keys_of, split_args
@@ -24,8 +24,7 @@ def checked(recipe: dict) -> Any:
 
 
 def with_defaults(recipe: dict, method_args: Any) -> dict:
-    """Every key as training reads it: LLaMA-Factory's at their defaults where unset (``lora_alpha``: twice
-    ``lora_rank``, as LLaMA-Factory sets it), the method's as its parser read them (``method_args``)."""
+    """Every key as training reads it (``lora_alpha``: twice ``lora_rank``, as LLaMA-Factory sets it)."""
     from llamafactory_hera_patches.recipe.host_arguments import host_keys  # lazy: LLaMA-Factory's arguments
 
     keys = {name: key.default for name, key in host_keys().items()} | dict(recipe)

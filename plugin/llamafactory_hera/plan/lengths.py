@@ -1,6 +1,5 @@
-"""The lengths plan counts a step at: a sample of the recipe's rows tokenized as training does; where the dataset,
-tokenizer or processor is not at hand offline, the worst case, every row ``cutoff_len`` tokens with one image of
-``image_max_pixels``. Which length memory and time use: docs/cost.md ("What it counts").
+"""The lengths plan counts a step at: a sample of the recipe's rows tokenized as training does; where that is not
+possible offline, the worst case, ``cutoff_len`` tokens with an image of ``image_max_pixels`` (docs/cost.md).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ class Lengths:
     image_tokens: int  # its one image's tokens
     padded: float  # a micro-batch's mean length padded to its longest row (step time)
     mean: float  # a row's mean tokens (tokens per second)
-    rows: int | None  # the rows of an epoch (None: not known)
+    rows: int | None  # an epoch's rows (None: unknown)
     line: str  # what the report says about them
 
 
@@ -39,7 +38,7 @@ def lengths_of(recipe: dict, recipe_dir: Path, batch: int, cutoff: int, worst_im
         )
         if not rows:
             raise ValueError(f"LLaMA-Factory's tokenization kept none of {', '.join(names)}'s rows")
-    except Exception as err:  # noqa: BLE001  rows unreadable offline, whatever the reason: the worst case, named
+    except Exception as err:  # noqa: BLE001  rows unreadable offline, for any reason: the worst case, named
         why = " ".join((str(e).strip() or type(e).__name__).splitlines()[0] for e in (err, err.__cause__) if e)
         image = f"one image of {worst_image_tokens} tokens" if worst_image_tokens else "no image"
         return Lengths(

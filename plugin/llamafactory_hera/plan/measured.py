@@ -1,16 +1,15 @@
-"""This project's GPU measurements, which plan times a run from; each row names its lease: card, date, commit
-(docs/cost.md, "Time: what the GPU leases measured").
+"""The GPU leases' measurements plan times a run from (docs/cost.md, "Time: what the GPU leases measured").
 
 Every step row is bench/overhead.py's recipe on Qwen3-VL-8B: bf16, LoRA r 8 on every language-model linear layer
-(QLoRA: the same in 4 bits), micro-batch 8 of 230-token rows with one 448 px image each (196 image tokens),
-accumulation 1, reentrant checkpointing, ``dataloader_num_workers: 0``, a log (so a host sync) every step. Drawn:
+(QLoRA: in 4 bits), micro-batch 8 of 230-token rows with one 448 px image each (196 image tokens), accumulation 1,
+reentrant checkpointing, ``dataloader_num_workers: 0``, a log (so a host sync) every step. Drawn from them:
 
-- an aten op's host cost (:func:`per_op`): each run's median step over its counted ops (:data:`COUNTED`); their FLOPs
-  are under a quarter of the card's peak, so the step is taken as host work;
-- the compute's share of the peak (:func:`efficiency`): no lease measured the GPU's busy time, so a floor, the FLOPs
-  over the fastest step (the GPU was busy no longer); a time from it is an upper bound;
-- the teacher's pass before step 1 (:func:`teacher_start`, :func:`teacher_rate`): a start and images per second,
-  DINOv2's processor and forward together (the CPU processor sets the rate, not the GPU).
+- an aten op's host cost (:func:`per_op`): the median step over its counted ops; their FLOPs are under a quarter of
+  the peak, so the step is taken as host work;
+- the share of the peak (:func:`efficiency`): the GPU's busy time was not measured, so a floor, the FLOPs over the
+  fastest step; a time from it is an upper bound;
+- the teacher's pass (:func:`teacher_start`, :func:`teacher_rate`), DINOv2's processor and forward together (the CPU
+  processor sets the rate).
 """
 
 from __future__ import annotations
@@ -51,15 +50,14 @@ class Step:
         return self.median_ms / 1e3 / COUNTED[self.kind, self.arm][1]
 
 
-# one micro-step of the measured recipe as plan counts it at full depth (bench/cost_measured.py recounts):
-# (kind, arm) -> (FLOPs, aten ops)
+# (kind, arm) -> (FLOPs, aten ops) of a micro-step as plan counts it (bench/cost_measured.py recounts)
 COUNTED = {
     ("lora", "sft"): (89.00e12, 27_607),
     ("lora", "hera"): (89.00e12, 28_456),
     ("qlora", "sft"): (89.00e12, 28_227),
     ("qlora", "hera"): (89.00e12, 29_084),
 }
-# H100 leases: SFT only (their HeRA runs checkpointed every layer non-reentrant, a step plan does not count)
+# H100 leases: SFT only (their HeRA runs checkpointed every layer non-reentrant, which plan does not count)
 STEPS = (
     Step(H100_FIRST, "2b8278c", "lora", "sft", 660.6),
     Step(H100_SECOND, "a532ffc", "lora", "sft", 725.8),
@@ -70,7 +68,7 @@ STEPS = (
     *(Step(H200, "f4a1da3", "lora", "sft", ms) for ms in (511.1, 481.8, 483.3, 425.7)),
     *(Step(H200, "f4a1da3", "lora", "hera", ms) for ms in (427.7, 567.8, 548.9, 571.0)),
 )
-# each kind's fastest step (either arm: equal FLOPs), ms, and what it is: a step's GPU busy time is at most this
+# each kind's fastest step, ms (either arm: equal FLOPs): a step's GPU busy time is at most this
 FASTEST = {
     "lora": (H200, "f4a1da3", 380.0, "the fastest step of its runs"),
     "qlora": (H200_QLORA, "0db5f87", 611.9, "the fastest run's median step"),
@@ -88,8 +86,8 @@ class Spread:
 
 
 def measured_kind(lora: bool, bits: int | None) -> str:
-    """``qlora`` (LoRA in 4 or 8 bits), else ``lora``; a full fine-tune is timed as LoRA (none measured: its extra
-    FLOPs are the weights' gradients, its ops about LoRA's)."""
+    """``qlora`` (LoRA in 4 or 8 bits), else ``lora``; a full fine-tune is timed as LoRA (none measured; extra FLOPs
+    for the weights' gradients, ops about LoRA's)."""
     return "qlora" if lora and bits else "lora"
 
 
@@ -128,8 +126,8 @@ class TeacherPass:
     warm: bool = False  # after a pass of the same images (bench/selection.py): no start, the rate
 
 
-# DINOv2-L (304 M parameters, 224 px crops of 448 px images), bf16: the pass before step 1 (128 images, batches of 32)
-# and bench/selection.py's teacher (1,000 images, batches of 128, after a warm-up pass)
+# DINOv2-L (304 M parameters, 224 px crops of 448 px images), bf16: the pass before step 1 (128 images, batches
+# of 32) and bench/selection.py's (1,000 images, batches of 128, warm)
 TEACHER = (
     TeacherPass(H100_FIRST, "2b8278c", 1000, 4.237, warm=True),
     TeacherPass(H100_FIRST, "2b8278c", 128, 1.53),

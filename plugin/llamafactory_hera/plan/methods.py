@@ -103,8 +103,7 @@ def harc(
 def rah(
     recipe: dict, path: Path, config: Any, setup: estimate.Setup, card: Card, started: float, network: Network
 ) -> str:
-    """RAH-LoRA's calibration: the model placed as ``llamafactory_hera.placement`` does, its passes as docs/cost.md
-    ("RAH-LoRA") lists them."""
+    """RAH-LoRA's calibration, placed as ``llamafactory_hera.placement`` does (docs/cost.md, "RAH-LoRA")."""
     size = int(recipe.get("rah_batch_size", 1))
     max_pixels = int(recipe.get("image_max_pixels", estimate.DEFAULT_MAX_PIXELS))
     shapes = {

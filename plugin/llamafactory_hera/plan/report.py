@@ -73,7 +73,7 @@ def time_lines(
     sizes: Any,
     network: Network,
 ) -> list[str]:
-    """Each arm's step, its parts and the run's time; HeRA's teacher pass and selection."""
+    """Each arm's step and run time; HeRA's teacher pass and selection."""
     hera = "hera" in counts
     known = rows is not None
     rows = rows or 1000

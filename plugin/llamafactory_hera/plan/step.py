@@ -1,9 +1,5 @@
-"""One training micro-step of a weightless model under fake tensors: the recipe's adapters, SFT or HeRA through the
-plugin's own code (``HeadCapture``, ``LayerCheckpointing``, ``hera_loss_anchored``), for plan and bench/cost.py.
-
-Stood in for by their algorithm: bitsandbytes' 4-bit product (:class:`Dequantized`: bitsandbytes cannot run on fake
-tensors; the caller counts the weights' storage) and Liger's fused linear cross-entropy
-(:class:`ChunkedLinearCrossEntropy`: Triton, GPU only).
+"""One training micro-step of a weightless model under fake tensors, SFT or HeRA through the plugin's own code; only
+bitsandbytes (no fake tensors) and Liger (Triton, GPU only) are stood in for by their algorithm.
 """
 
 from __future__ import annotations
@@ -76,9 +72,8 @@ class Batch:
 
 
 def batch(config: Any, size: int, seq: int, max_pixels: int) -> Batch:
-    """``size`` rows of ``seq`` tokens, each with one square image of ``max_pixels`` (its tokens first) or none (text
-    model); the text's second half is the answer (``hera_pooling: assistant``). Integer inputs real, made outside the
-    fake mode."""
+    """``size`` rows of ``seq`` tokens, each with one square image of ``max_pixels`` (its tokens first) or none; the
+    text's second half is the answer. Integer inputs are real, made outside the fake mode."""
     image = images(config, max_pixels)
     ids = torch.full((size, seq), 100, dtype=torch.long)
     tokens = image.tokens if image else 0
@@ -94,8 +89,8 @@ def batch(config: Any, size: int, seq: int, max_pixels: int) -> Batch:
 
 
 class Dequantized(torch.autograd.Function):
-    """bitsandbytes' 4-bit product: the weight dequantized to bf16 in forward and again in backward (a clone stands
-    for ``dequantize_4bit``'s output); only the stored weight is kept for backward."""
+    """bitsandbytes' 4-bit product: the weight dequantized (a clone) in forward and again in backward; only the
+    stored weight is kept (the caller counts its storage)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -112,8 +107,8 @@ UNQUANTIZED_COLUMNS = projection.base_weight_columns
 
 
 def four_bit_columns(base: nn.Module, columns: torch.Tensor | None = None) -> torch.Tensor:
-    """``base_weight_columns``' 4-bit branch for a layer :func:`quantize_in_place` marked: the whole weight
-    dequantized in bf16, the heads' columns cast to float32; any other layer read as the plugin reads it."""
+    """``base_weight_columns`` for a 4-bit layer: the whole weight dequantized in bf16, the heads' columns cast to
+    float32; any other layer read as the plugin reads it."""
     if not getattr(base, "four_bit", False):
         return UNQUANTIZED_COLUMNS(base, columns)
     full = base.weight.detach().clone()  # dequantize_4bit's [out, in] output, in the compute dtype
@@ -121,8 +116,8 @@ def four_bit_columns(base: nn.Module, columns: torch.Tensor | None = None) -> to
 
 
 def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
-    """Routes every base ``nn.Linear`` but the output layer through :class:`Dequantized`, marked 4-bit for HeRA's
-    ``o_proj`` read (:func:`four_bit_columns` replaces ``projection.base_weight_columns``). Returns those layers."""
+    """Every base ``nn.Linear`` but the output layer through :class:`Dequantized`, marked for
+    :func:`four_bit_columns` (which replaces ``projection.base_weight_columns``). Returns those layers."""
     layers = [
         m for name, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in name and "lora_" not in name
     ]
@@ -134,9 +129,9 @@ def quantize_in_place(model: nn.Module) -> list[nn.Linear]:
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Liger's fused linear cross-entropy by its algorithm: per chunk (Liger's size), logits, softmax gradient and
-    its product back to the hidden states made in forward and dropped; only the hidden states' gradient ``[N, d]`` is
-    kept (the output layer is frozen under LoRA)."""
+    """Liger's fused linear cross-entropy: per chunk, logits, softmax gradient and its product with the weight made
+    in forward and dropped; only the hidden states' gradient ``[N, d]`` is kept (the output layer is frozen under
+    LoRA)."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -167,7 +162,7 @@ def output_layer(model: nn.Module) -> nn.Module:
 
 @dataclass
 class HeraParts:
-    """The plugin's own step parts for one model (built once, before sharding)."""
+    """HeRA's step parts for one model (built once, before sharding)."""
 
     capture: Any
     checkpointing: Any
@@ -220,10 +215,9 @@ def step(
     reference_rows: int = 0,
     probe: str | None = None,
 ) -> int:
-    """One micro-step: forward (``hera``: with HeRA's capture, projection and loss ``term``; ``reference_rows``:
-    HARC's no-grad KL to the adapter-disabled model on those rows), ``counter.mark()``, backward. ``probe``: RAH-LoRA's
-    passes instead (``isal``: a no-grad forward keeping every layer's attention weights; ``caf``: a forward and the
-    last token's logits' backward). bf16 autocast, as ``bf16: true``. Returns HARC's reference forward's FLOPs."""
+    """One bf16-autocast micro-step: forward (with HeRA's ``term``; ``reference_rows``: HARC's no-grad KL to the
+    adapter-disabled model), ``counter.mark()``, backward. ``probe``: RAH-LoRA's passes instead (``isal``: no-grad,
+    keeping attention weights; ``caf``: the last token's logits' backward). Returns HARC's reference FLOPs."""
     inputs = dict(data.inputs)
     if data.pixels:
         inputs["pixel_values"] = torch.empty(data.pixels, dtype=torch.bfloat16)
@@ -264,9 +258,8 @@ def step(
 
 
 def train_mode(model: nn.Module, checkpointing: bool) -> None:
-    """Training mode, inputs requiring grad (LoRA); ``checkpointing`` (LLaMA-Factory's default): reentrant
-    checkpointing of layers with a trainable parameter, frozen ones called plainly (activations kept where a gradient
-    passes, e.g. LLaVA-1.5's stage 1 training the projector alone)."""
+    """Training mode, inputs requiring grad; ``checkpointing``: reentrant, of layers with a trainable parameter, as
+    LLaMA-Factory does (a frozen one keeps its activations where a gradient passes, e.g. LLaVA-1.5's stage 1)."""
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         for module in model.modules():

@@ -1,12 +1,8 @@
-"""A run's time from :mod:`.measured` and its GPUs' links. A micro-step takes the longest of three overlapping figures
-(the GPU runs queued kernels while the host queues more; engines gather the next layer while one computes):
-
-- compute: its FLOPs at the card's dense bf16 peak (fast end) to the measured floor of its kind's share (slow end,
-  an upper bound);
-- host: its counted aten ops times an op's measured cost, lowest to highest run;
-- communication: each GPU's received bytes over the slowest link its ring crosses, at the datasheet rate.
-
-The optimizer step adds what is exchanged once a step (DDP's all-reduce, ZeRO-2's gather)."""
+"""A run's time from :mod:`.measured` and its links. A micro-step takes the longest of three overlapping figures (the
+GPU runs queued kernels while the host queues more; engines gather the next layer while one computes): compute
+(FLOPs from the bf16 peak to the measured floor's share), host (counted ops times an op's measured cost) and
+communication (received bytes over the slowest link at the datasheet rate). The optimizer step adds what is
+exchanged once a step (DDP's all-reduce, ZeRO-2's gather)."""
 
 from __future__ import annotations
 
@@ -20,8 +16,8 @@ from llamafactory_hera.plan.measured import efficiency, measured_kind, per_op, t
 
 @dataclass(frozen=True)
 class Network:
-    """A run's nodes and their link: ``cards`` network cards per node of ``gbits`` Gb/s each way (a ring between
-    nodes uses them all at once, one NCCL channel a card)."""
+    """GPUs per node and ``cards`` network cards per node of ``gbits`` Gb/s each way (a ring uses them all at
+    once, one NCCL channel a card)."""
 
     gpus_per_node: int = 8
     cards: int = 1
@@ -35,8 +31,8 @@ class Network:
 
 
 def link(card: Card, gpus: int, network: Network) -> tuple[str, float]:
-    """The slowest link a ring over ``gpus`` crosses, described, and its bytes/s each way: in a node the card's link
-    (half its two-way datasheet rate), between nodes the network's cards."""
+    """The slowest link a ring over ``gpus`` crosses, described, and its bytes/s each way (in a node, half the
+    card's two-way datasheet rate; between nodes, the network's)."""
     within = card.link_gbs / 2 * 1e9
     said = f"{card.link} ({card.link_gbs:g} GB/s datasheet, half each way)"
     nodes = network.nodes(gpus)
@@ -65,9 +61,9 @@ def times(
     comm: tuple[float, float] = (0.0, 0.0),
     network: Network | None = None,
 ) -> dict[str, Any]:
-    """A run's figures, each (fast, slow): the optimizer step (``setup.accumulation`` micro-steps, each at least
-    ``comm[0]`` bytes over the slowest link, then ``comm[1]`` bytes), an epoch of ``rows``, the run and its
-    GPU-hours, the job's tokens/s; compute and host per step (host at its median too), communication time, link."""
+    """A run's figures, each (fast, slow): the step (``accumulation`` micro-steps, each at least ``comm[0]`` bytes'
+    time, then ``comm[1]`` bytes'), an epoch of ``rows``, the run, GPU-hours, tokens/s; compute and host per step
+    (host at its median too), communication time, link."""
     kind = measured_kind(setup.lora, setup.bits)
     peak = card.bf16_tflops * 1e12
     cost = per_op(kind)
@@ -98,8 +94,8 @@ def times(
 
 
 def teacher_pass(images: int, nodes: int = 1) -> tuple[float, float]:
-    """(fast, slow) seconds of the teacher's pass over ``images``: the measured start, then the images at the
-    measured rate per node (ranks split them; a node's ranks share the CPUs running the processor)."""
+    """(fast, slow) seconds of the teacher's pass: the measured start, then ``images`` at the measured rate per
+    node (a node's ranks share the CPUs running the processor)."""
     start = teacher_start()
     spread = images / (teacher_rate() * nodes)
     return start.low + spread, start.high + spread

@@ -1,12 +1,7 @@
-"""FSDP for the methods: FSDP2 from ``accelerate launch`` runs HeRA and HARC; anything else is refused before loading,
-naming the key, the value and the fix.
-
-FSDP is set by ``accelerate launch`` with an FSDP config (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``,
-``FSDP_STATE_DICT_TYPE``), by the recipe (``fsdp``; ``fsdp_config``'s ``fsdp_version`` / ``version``, default 1) or
-by a front end setting the parsed ``fsdp`` option (LlamaBoard's extra arguments). :func:`check_fsdp` reads the first
-two before the parse (also in ``accelerate launch`` and ``llamafactory-cli train``, before any rank starts),
-:func:`check_fsdp_parsed` the parsed arguments. What runs, what is refused, tests and whys: docs/configurations.md
-(FSDP rows and notes).
+"""FSDP2 from ``accelerate launch`` runs HeRA and HARC; any other FSDP is refused before loading, naming the key, the
+value and the fix. FSDP is set by accelerate's FSDP config (environment), by the recipe (``fsdp``; ``fsdp_config``'s
+version, default 1) or by a front end's parsed ``fsdp`` option: :func:`check_fsdp` reads the first two before the
+parse, :func:`check_fsdp_parsed` the third. Whys and tests: docs/configurations.md (FSDP rows).
 """
 
 from __future__ import annotations
@@ -48,8 +43,7 @@ def _set(value: Any) -> bool:
 
 
 def _config_version(config: Any) -> str:
-    """``fsdp_config``'s FSDP version as transformers reads it (a dict or JSON file, ``fsdp_`` prefix dropped); "1"
-    when unnamed."""
+    """``fsdp_config``'s FSDP version as transformers reads it (dict or JSON file); "1" when unnamed."""
     if isinstance(config, str) and Path(config).expanduser().is_file():
         config = read_record(Path(config).expanduser())  # {} when not a JSON object
     if not isinstance(config, Mapping):
@@ -98,7 +92,7 @@ def check_fsdp(stage: str, host_args: dict[str, Any] | list[str], environ: Mappi
 
 
 def check_fsdp_parsed(stage: str, training_args: Any) -> None:
-    """The parsed ``fsdp`` option (any front end's, e.g. LlamaBoard's extra arguments) is empty."""
+    """The parsed ``fsdp`` option (e.g. LlamaBoard's extra arguments) is empty."""
     value = getattr(training_args, "fsdp", None)
     if value:
         shown = (

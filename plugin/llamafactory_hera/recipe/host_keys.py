@@ -1,5 +1,4 @@
-"""Checks of the recipe keys LLaMA-Factory reads, before it parses them (nothing loaded); :func:`check_host_keys`,
-run per stage by :func:`.raw_checks.check_raw_recipe`. Each raises one :class:`RecipeError` naming the key, the
+"""Checks of the keys LLaMA-Factory reads, before its parse. Each raises one :class:`RecipeError` naming the key, the
 value, why and the fix, where LLaMA-Factory would stop in a traceback naming neither, or after the model loaded.
 """
 
@@ -16,11 +15,11 @@ from llamafactory_hera.runtime.registry import registered_methods
 from llamafactory_hera_patches.recipe.arguments import method_fields
 from llamafactory_hera_patches.recipe.host_arguments import host_keys, template_names, unknown_keys_pass
 
-_SHOWN = 12  # at most this many allowed values are listed in a message; more: the nearest ones only
+_SHOWN = 12  # most allowed values a message lists; more: the nearest only
 _NULLS = {"none", "null", "~"}
 _YAML_BOOLS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}  # unquoted words YAML reads as booleans
 # key -> (lowest, whether the lowest is allowed, highest or None, why): values that later end a run in a traceback
-# (or an endless or empty run), some after the model loaded
+# or make it endless or empty
 BOUNDS: dict[str, tuple[float, bool, float | None, str]] = {
     "cutoff_len": (1, True, None, "the longest tokenized row, in tokens"),
     "learning_rate": (0, True, None, "the optimizer's step size"),
@@ -68,8 +67,8 @@ def _is_host_key(name: str, known: dict[str, Any]) -> bool:
 
 
 def check_unknown_keys(given: dict[str, Any]) -> None:
-    """Every key (a stage's own taken out) is LLaMA-Factory's; an unknown one is named with the nearest key of
-    LLaMA-Factory or the plugin's stages. Skipped where LLaMA-Factory lets unknown keys pass."""
+    """Every key (a stage's own taken out) is LLaMA-Factory's; an unknown one is named with the nearest known key.
+    Skipped where LLaMA-Factory lets unknown keys pass."""
     known = host_keys()
     unknown = [name for name in given if not _is_host_key(str(name), known)]
     if not unknown or unknown_keys_pass():
@@ -174,9 +173,8 @@ def _reads_as(kind: type, value: Any) -> bool:
 
 
 def check_number_types(given: dict[str, Any]) -> None:
-    """A key LLaMA-Factory types ``int`` / ``float`` (not :data:`BOUNDS`', checked with their range) is a number:
-    its parse passes a YAML string on as is (``image_max_pixels: big``: a ``TypeError`` in the dataclass's check),
-    and a ``--key value`` list stops in argparse after its whole usage."""
+    """A key LLaMA-Factory types ``int`` / ``float`` (but :data:`BOUNDS`') is a number: its parse passes a YAML
+    string on (``image_max_pixels: big``: a ``TypeError`` later), and a ``--key value`` list stops in argparse."""
     known = host_keys()
     for name, value in given.items():
         key = known.get(str(name))
@@ -223,8 +221,8 @@ def check_report_to(given: dict[str, Any]) -> None:
 
 
 def check_bf16_device(host_args: dict[str, Any] | list[str]) -> None:
-    """``bf16`` / ``bf16_full_eval`` only where transformers finds a bf16 device, or with ``use_cpu: true`` (its own
-    test in ``TrainingArguments``): a check of this machine, not the recipe."""
+    """``bf16`` / ``bf16_full_eval`` only where transformers finds a bf16 device, or with ``use_cpu: true``, as
+    ``TrainingArguments`` tests: a check of this machine."""
     # the functions TrainingArguments calls, read from its module at check time
     from transformers import training_args  # lazy: as above
 
@@ -244,8 +242,7 @@ def check_bf16_device(host_args: dict[str, Any] | list[str]) -> None:
 
 
 def check_host_keys(host_args: dict[str, Any] | list[str]) -> None:
-    """This module's checks of the LLaMA-Factory keys (a stage's own taken out) but the machine's
-    (:func:`check_bf16_device`)."""
+    """This module's checks but the machine's (:func:`check_bf16_device`)."""
     given = given_keys(host_args)
     check_unknown_keys(given)
     check_choices(given)

@@ -1,6 +1,5 @@
 """The one recipe-key parser: a method's raw ``<prefix>_*`` keys (typed from YAML, strings from the command line)
-into its arguments dataclass (:func:`parse_keys`), errors naming the key, the value and what is allowed; and the
-field declaring a key (:func:`recipe_key`). Shared by every ``config.py``; imports nothing heavy.
+into its arguments dataclass, errors naming the key, the value and what is allowed. Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -29,14 +28,13 @@ BOUNDS = {
 
 
 def recipe_key(default: Any, help_text: str, **checks: Any) -> Any:
-    """A dataclass field for one recipe key: ``help_text`` feeds LlamaBoard, ``llamafactory-hera`` help and the
-    docs' key tables; ``checks`` (``min``, ``max``, ``min_exclusive``, ``max_exclusive``, ``choices``, read by
-    :func:`coerce_field`; ``dataset``, HARC's role keys) go into the field's metadata beside ``help``."""
+    """A dataclass field for one recipe key; ``help_text`` feeds LlamaBoard, CLI help and the docs' key tables;
+    ``checks`` (:data:`BOUNDS`' keys, ``choices``; ``dataset``: HARC's role keys) go into its metadata."""
     return field(default=default, metadata={"help": help_text, **checks})
 
 
 def save_on_signal_key() -> Any:
-    """``<prefix>_save_on_signal`` of a method saving checkpoints (``training/checkpoints.py``)."""
+    """``<prefix>_save_on_signal`` (``training/checkpoints.py``)."""
     return recipe_key(
         "sigterm",
         "On this signal (SLURM's preemption or time limit: SIGTERM, or --signal=USR1@90) "
@@ -47,7 +45,7 @@ def save_on_signal_key() -> Any:
 
 
 def watchdog_key() -> Any:
-    """``<prefix>_watchdog_timeout`` of a method running several ranks (``training/watchdog.py``)."""
+    """``<prefix>_watchdog_timeout`` (``training/watchdog.py``)."""
     return recipe_key(
         None,
         "Seconds a rank may go unheard (its process or host frozen or gone) or without progress (stuck) "
@@ -64,7 +62,7 @@ def fail(key: str, value: Any, allowed: str) -> RecipeError:
 
 
 def coerce_bool(key: str, value: Any) -> bool:
-    """``true`` / ``false`` (also 1/0, yes/no, on/off, as strings or booleans)."""
+    """``true`` / ``false`` (also 1/0, yes/no, on/off)."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -76,7 +74,7 @@ def coerce_bool(key: str, value: Any) -> bool:
 
 
 def coerce_number(key: str, value: Any, kind: type, meta: dict[str, Any]) -> int | float:
-    """An int or float within ``meta``'s ``min`` / ``max`` / ``min_exclusive`` / ``max_exclusive``; 10.0 is 10."""
+    """An int or float within ``meta``'s bounds; 10.0 is 10."""
     expected = "expected a whole number." if kind is int else "expected a number."
     if isinstance(value, bool):
         raise fail(key, value, expected)
@@ -98,7 +96,7 @@ def coerce_number(key: str, value: Any, kind: type, meta: dict[str, Any]) -> int
 
 
 def unknown_key(key: str, valid: list[str], method: str) -> RecipeError:
-    """Error for a key that does not exist, naming the closest valid key."""
+    """Error for an unknown key, naming the closest valid one."""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return RecipeError(f"Unknown {method} key '{key}'.{hint} Valid keys: {', '.join(valid)}.")
@@ -128,8 +126,8 @@ def coerce_field(key: str, value: Any, spec: Any) -> Any:
 def parse_keys(
     cls: type[T], raw: dict[str, Any], method: str, special: dict[str, Callable[[str, Any], Any]] | None = None
 ) -> T:
-    """``cls`` from a method's raw keys, each coerced by :func:`coerce_field` or by its coercer in ``special``; an
-    unknown key is refused naming the closest valid one. Checks between keys are the method's, after this."""
+    """``cls`` from raw keys, each coerced by :func:`coerce_field` or its coercer in ``special``; an unknown key is
+    refused (:func:`unknown_key`). Checks between keys are the method's, after this."""
     valid = {spec.name: spec for spec in fields(cls)}
     values: dict[str, Any] = {}
     for key, value in raw.items():

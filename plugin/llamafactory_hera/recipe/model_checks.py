@@ -1,6 +1,5 @@
-"""``lora_target`` against the model's module names (built from its config on the meta device, no weight), before
-the parse: PEFT would fail after the model loaded, or, where another listed name matches, silently train fewer
-modules than named. Run per stage by :func:`.raw_checks.check_raw_recipe`; paths: :mod:`.model_paths`.
+"""``lora_target`` against the model's module names (built on the meta device), before the parse: PEFT would fail
+after the model loaded, or, where another listed name matches, silently train fewer modules than named.
 """
 
 from __future__ import annotations
@@ -21,8 +20,8 @@ def _given(given: dict[str, Any], key: str) -> Any:
 
 
 def _model_on_meta_device(source: str, trust: bool) -> Any:
-    """The model LLaMA-Factory would load (its loader's class), built weightless; None when the config cannot be read
-    (LLaMA-Factory reports it) or the model cannot be built (a note line: check skipped)."""
+    """The model LLaMA-Factory would load, built weightless; None when the config cannot be read (LLaMA-Factory
+    reports it) or the model cannot be built (a note line: check skipped)."""
     # lazy: accelerate and transformers only when a recipe is checked
     from accelerate import init_empty_weights
     from transformers import (

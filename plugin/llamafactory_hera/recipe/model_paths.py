@@ -20,9 +20,9 @@ def value_or_none(value: Any) -> Any:
 
 
 def is_local_path(value: str) -> bool:
-    """Whether a model value means a local folder: it exists, or cannot be a hub id (an absolute path, ``./``,
-    ``~``, two slashes or more). A missing ``models/qwen`` is left to the hub (a local ``Qwen/`` folder beside a
-    recipe naming ``Qwen/Qwen2.5-7B`` is common)."""
+    """Whether a model value means a local folder: it exists, or cannot be a hub id (absolute, ``./``, ``~``, two
+    slashes or more). A missing ``models/qwen`` is left to the hub (a local ``Qwen/`` folder beside a recipe naming
+    ``Qwen/Qwen2.5-7B`` is common)."""
     return Path(value).expanduser().exists() or not _HUB_ID.match(value) or value.startswith((".", "~"))
 
 
@@ -43,9 +43,8 @@ def check_model_paths(
     given: dict[str, Any], *, started: str = "the run", where: str = "", fix: str | None = None
 ) -> None:
     """``model_name_or_path`` is set; it and every local ``adapter_name_or_path`` is a folder, the model's holding
-    ``config.json``. ``started``: what runs (relative paths are from its start folder); ``where``: a message prefix
-    (``eval``: the record the keys came from); ``fix``: the last sentence in place of the stage's. Reads no host
-    default (``eval`` loads no library): both keys default to None."""
+    ``config.json``. ``started``: what runs (relative paths are from its start folder); ``where``: a message prefix;
+    ``fix``: the last sentence in place of the stage's. Reads no host default (``eval`` loads no library)."""
     model = value_or_none(given.get("model_name_or_path"))
     if model is None:
         raise RecipeError(

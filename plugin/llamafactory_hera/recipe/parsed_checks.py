@@ -22,7 +22,7 @@ _EMPTY_TEXTS = ("", "[]", "{}")  # a JSON / JSONL dataset file with no row
 
 # LLaMA-Factory reads an entry with any of these from there, not file_name (data/parser.py)
 _NOT_FROM_FILE = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
-_SMALL_FILE = 64  # bytes: only files this small are read to tell whether they hold a row
+_SMALL_FILE = 64  # bytes: only a file this small is read for rows
 
 
 def _file_without_rows(path: Path) -> bool:
@@ -35,8 +35,8 @@ def _file_without_rows(path: Path) -> bool:
 
 
 def check_dataset_names(key: str, names: list[str], dataset_dir: str, fix: str = "") -> None:
-    """Every name is in ``dataset_dir/dataset_info.json`` and its local file, if any, has rows. ``key``: the names'
-    recipe key (``dataset``, ``harc_pseudo``); ``fix``: replaces the advice for an unlisted name."""
+    """Every name is in ``dataset_info.json`` and its local file, if any, has rows; ``fix``: the advice for an
+    unlisted name."""
     if not names or str(dataset_dir).startswith(NOT_LOCAL):
         return
     info = dataset_info(dataset_dir, key, names)
@@ -67,9 +67,8 @@ def check_dataset_names(key: str, names: list[str], dataset_dir: str, fix: str =
 
 
 def check_output_dir(output_dir: Any, key: str = "output_dir") -> None:
-    """``output_dir`` can be created (its nearest existing ancestor is a writable folder) or written; ``key`` names
-    it in errors (``--output``: a command's option). Probed with a temporary file, exact for every user (root too);
-    nothing else is created."""
+    """``output_dir`` can be created or written, probed with a temporary file (exact for every user, root too;
+    nothing else is created); ``key`` names it in errors (``--output``: a command's option)."""
     if not output_dir:
         return
     path = Path(str(output_dir)).expanduser().absolute()
@@ -98,8 +97,8 @@ def check_output_dir(output_dir: Any, key: str = "output_dir") -> None:
 
 
 def _suggested_templates(vocab: set[str], multimodal: bool, model_type: str) -> list[str]:
-    """Templates of the model's kind (multimodal or text) whose special tokens are all in ``vocab``, most specific
-    first (most such tokens, then the name closest to ``model_type``)."""
+    """Templates of the model's kind whose special tokens are all in ``vocab``, most specific first (most tokens,
+    then the name nearest ``model_type``)."""
     fitting = [t for t in template_tokens().values() if t.needed and t.needed <= vocab and t.multimodal == multimodal]
     if not fitting:
         return []
@@ -109,9 +108,8 @@ def _suggested_templates(vocab: set[str], multimodal: bool, model_type: str) -> 
 
 
 def check_template(model_args: Any, data_args: Any) -> None:
-    """``template``'s stop words and ``<|...|>`` markup are tokens of the vocabulary (else LLaMA-Factory adds new
-    ids the embeddings lack, or splits them). Skipped without a template, with ``resize_vocab: true``, or when the
-    tokenizer or template registry cannot be read (LLaMA-Factory reports it)."""
+    """``template``'s stop words and ``<|...|>`` markup are vocabulary tokens (else LLaMA-Factory adds ids the
+    embeddings lack, or splits them). Skipped with ``resize_vocab: true`` or an unreadable tokenizer."""
     name = getattr(data_args, "template", None)
     if not name or getattr(model_args, "resize_vocab", False):
         return
@@ -149,8 +147,7 @@ def check_template(model_args: Any, data_args: Any) -> None:
 
 
 def check_max_samples(data_args: Any) -> None:
-    """``max_samples`` (the first rows kept of each dataset) keeps a row; with none, LLaMA-Factory's aligning ends
-    in a bare ``StopIteration``."""
+    """``max_samples`` keeps a row (with none, LLaMA-Factory's aligning ends in a bare ``StopIteration``)."""
     value = getattr(data_args, "max_samples", None)
     if value is not None and value < 1:
         raise RecipeError(
@@ -162,9 +159,8 @@ def check_max_samples(data_args: Any) -> None:
 def check_run_inputs(
     model_args: Any, data_args: Any, training_args: Any, datasets_used: bool = True, *, stage: str
 ) -> None:
-    """Dataset names and files, ``max_samples``, ``output_dir``, ``template`` against the tokenizer, FSDP set by a
-    front end. ``datasets_used=False``: rows come from the stage's own keys (a given ``dataset`` is checked, and said
-    unused)."""
+    """Datasets, ``max_samples``, ``output_dir``, ``template``, FSDP set by a front end. ``datasets_used=False``:
+    rows come from the stage's own keys (an unlisted ``dataset``'s refusal says so)."""
     fix = (
         ""
         if datasets_used

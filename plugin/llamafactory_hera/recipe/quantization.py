@@ -1,8 +1,7 @@
-"""Quantizations a stage runs on, checked before loading from the recipe (``quantization_bit`` /
-``quantization_method``) and the model's ``config.json`` (``quantization_config``, honoured without
-``quantization_bit``): bitsandbytes 4-bit (nf4, fp4, double quantization) and 8-bit, read exactly by HeRA and
-RAH-LoRA (:func:`llamafactory_hera.hera.projection.base_weight_columns`). Other methods are refused by name, as is DoRA
-with quantization (HeRA, HARC); whys: docs/configurations.md (N3, N9, N10).
+"""Quantizations a stage runs on, checked before loading (``quantization_bit``, or the model's saved
+``quantization_config``): bitsandbytes 4-bit (nf4, fp4, double quantization) and 8-bit, which HeRA and RAH-LoRA read
+exactly. Others are refused by name, as is DoRA with quantization (HeRA, HARC); whys: docs/configurations.md (N3, N9,
+N10).
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ def saved_quantization(config: Any) -> dict[str, Any] | None:
 
 
 def quantization_in_use(model_args: Any, config: Any) -> tuple[str, int | None, str] | None:
-    """(transformers' method name, bits or None, its source) of the model a run loads, or None. The model's
-    ``quantization_config`` wins over ``quantization_bit`` (LLaMA-Factory's order)."""
+    """(transformers' method name, bits or None, source), or None; the saved config wins (LLaMA-Factory's order)."""
     saved = saved_quantization(config)
     if saved is not None:
         method = saved.get("quant_method", "?")
@@ -46,8 +44,8 @@ def quantization_in_use(model_args: Any, config: Any) -> tuple[str, int | None, 
 
 
 def width_refusal(bits: Any) -> str | None:
-    """Why ``quantization_bit: bits`` with bitsandbytes (the default method) does not run; None for 4 or 8. Said
-    before bitsandbytes is asked for (installing it would not make 3 bits run)."""
+    """Why bitsandbytes does not run ``bits`` (None for 4 or 8), said before it is asked for (installing it would
+    not make 3 bits run)."""
     if str(bits).strip() in ("4", "8"):
         return None
     return (
@@ -69,9 +67,8 @@ def dora_refusal(bits: Any) -> str:
 def check_quantization(
     model_args: Any, config: Any, stage: str, reads: str | None = None, dora: bool = False
 ) -> tuple[str, int | None] | None:
-    """Refuse any quantization but bitsandbytes 4-/8-bit, naming its source, and ``dora`` (``use_dora``) with any.
-    ``reads``: the weights the stage reads exactly (for the message); None: it reads none (HARC). Returns (method,
-    bits) or None."""
+    """Refuse any quantization but bitsandbytes 4-/8-bit, and ``dora`` with any; ``reads``: what the stage reads
+    exactly (None: nothing, HARC). Returns (method, bits) or None."""
     quantization = quantization_in_use(model_args, config)
     if quantization is None:
         return None

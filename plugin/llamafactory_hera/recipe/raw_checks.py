@@ -1,7 +1,6 @@
-"""The checks every plugin stage runs before LLaMA-Factory's parse (nothing loaded), each one line naming the key, the
-value and the fix where the run would end later or in a traceback. Run by the stage patch, and by ``llamafactory-cli
-train`` and ``accelerate launch`` before any rank starts: :func:`check_raw_launch`, the method's own, then
-:func:`check_raw_recipe`. Resumed checkpoint: :mod:`.resume`; after the parse: :mod:`.parsed_checks`.
+"""The checks every plugin stage runs before LLaMA-Factory's parse (also in the launchers, before any rank starts),
+each one line naming the key, the value and the fix where the run would end later or in a traceback. Resumed
+checkpoint: :mod:`.resume`; after the parse: :mod:`.parsed_checks`.
 """
 
 from __future__ import annotations
@@ -57,9 +56,8 @@ LIGER = "liger-kernel>=0.5.5"  # LLaMA-Factory 0.9.5's liger-kernel extra
 
 
 def check_engines_installed(host_args: dict[str, Any] | list[str], stage: str) -> None:
-    """The engines a recipe names are installed (else a 60-558 line traceback at the parse or load): DeepSpeed (as
-    transformers requires it), bitsandbytes for ``quantization_bit`` (``bnb``), liger-kernel. Runs after the method's
-    checks, as RAH-LoRA refuses DeepSpeed and Liger with its own message."""
+    """The engines a recipe names are installed (else a 60-558 line traceback at the parse or load). After the
+    method's checks: RAH-LoRA refuses DeepSpeed and Liger in its own words."""
     bits = raw_value(host_args, "quantization_bit")
     bnb = str(raw_value(host_args, "quantization_method") or "bnb").strip().lower() == "bnb"
     # refused whatever is installed: said first
@@ -126,7 +124,7 @@ def check_precision_and_deepspeed(host_args: dict[str, Any] | list[str]) -> None
 
 
 def check_streaming(stage: str, host_args: dict[str, Any] | list[str]) -> None:
-    """``streaming`` is off: every stage reads its rows as a map-style dataset."""
+    """``streaming`` is off: every stage reads a map-style dataset."""
     if truthy(value := raw_value(host_args, "streaming")):
         reason = _STREAMING.get(stage, "the stage reads its rows by index")
         raise RecipeError(
@@ -145,9 +143,9 @@ def check_raw_launch(
 
 
 def check_raw_recipe(host_args: dict[str, Any] | list[str], stage: str, machine: bool = True) -> None:
-    """The LLaMA-Factory keys before the parse, after the method's checks (more specific messages); ``lora_target``
-    last (it reads the model's config). ``machine=False`` (``plan``, before renting): not this machine's checks.
-    Values are checked before their engines: installing one would not make a wrong value run."""
+    """The LLaMA-Factory keys, after the method's checks (more specific), ``lora_target`` last (it reads the config);
+    values before their engines (installing one would not fix a wrong value). ``machine=False`` (``plan``): not
+    this machine's checks."""
     given = given_keys(host_args)
     check_host_keys(host_args)
     if machine:

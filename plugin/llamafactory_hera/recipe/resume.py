@@ -1,10 +1,7 @@
 """The checkpoint a plugin stage resumes from, checked before the parse: the host would fail on a mismatch only after
-the model loads, or silently resume a finished run's folder (no optimizer state). Which one is resumed: docs/hera.md
-("Killed, preempted, disk full").
-
-It must be a Trainer checkpoint (``trainer_state.json``) of the run the recipe asks for: LoRA (rank, DoRA) or whole
-weights (full or freeze), of a model of the same architecture and sizes (a LoRA checkpoint's: its base model's),
-written by the same stage (the run record in its run folder). Only small files are read; what they do not say is
+the model loads, or silently resume a finished run's folder (no optimizer state). Which one: docs/hera.md ("Killed,
+preempted, disk full"). It must be a Trainer checkpoint of the run the recipe asks for (LoRA rank and DoRA, or full or
+freeze), of the same architecture and sizes, by the same stage. Only small files are read; what they do not say is
 not checked.
 """
 
@@ -24,8 +21,8 @@ from llamafactory_hera.runtime.shared_output import PROBE_PREFIX
 from llamafactory_hera.runtime.whole_checkpoints import MARKER, newest_since, newest_whole, whole_checkpoints
 from llamafactory_hera_patches.recipe.host_arguments import host_keys
 
-# what a job writes into output_dir before its run starts: its ranks' claim, and the heartbeat folder an older
-# plugin's watchdog left when killed (heartbeats now live in the job's store)
+# what a job writes into output_dir before its run starts: its claim, and the heartbeat folder an older plugin's
+# watchdog left when killed
 WATCHDOG_FOLDER = "llamafactory_hera_watchdog"
 JOB_FILES = (CLAIM, WATCHDOG_FOLDER)
 
@@ -122,8 +119,7 @@ def sizes(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_checkpoint(folder: Path) -> Checkpoint:
-    """A checkpoint's adapter config or weights, and its run's record (in its parent; a folder not named
-    ``checkpoint-N``: its own)."""
+    """A checkpoint's adapter config or weights, and its run's record (a ``checkpoint-N``'s parent's, else its own)."""
     record_folder = folder.parent if CHECKPOINT_NAME.match(folder.name) else folder
     record = read_record(record_folder / RUN_RECORD)
     loading = record.get("loading") if isinstance(record.get("loading"), dict) else {}
@@ -217,8 +213,8 @@ def _wanted(stage: str, given: dict[str, Any], config: dict[str, Any] | None) ->
 
 
 def check_checkpoint(stage: str, given: dict[str, Any], folder: Path, named: str, afresh: str) -> None:
-    """``folder`` is a checkpoint of the run ``given`` asks for; a refusal starts with ``named`` (the key and value
-    leading there), ends with ``afresh`` (how to train without it)."""
+    """``folder`` is a checkpoint of the run ``given`` asks for; a refusal starts with ``named`` (the key leading
+    there), ends with ``afresh`` (how to train without it)."""
     afresh = afresh[0].lower() + afresh[1:]
     fix = f"Name a checkpoint of an earlier run (its OUTPUT_DIR/checkpoint-N), or {afresh}."
     if not (folder / TRAINER_STATE).is_file():

@@ -1,8 +1,6 @@
-"""A method's run (:class:`MethodRun`): its arguments and phases, in the stage patch's order (docs/development.md,
-"Architecture").
-
-Its declaration is imported at every LLaMA-Factory start and by ``llamafactory-hera``'s one-line errors, which load
-no torch; so each phase imports its working module when it runs (every ``# lazy`` import here).
+"""A method's run (:class:`MethodRun`): arguments and phases (docs/development.md, "Architecture"). Its declaration is
+imported at every LLaMA-Factory start and by one-line errors that load no torch, so each phase imports its working
+module when it runs (every ``# lazy`` import here).
 """
 
 from __future__ import annotations
@@ -19,8 +17,7 @@ Arguments = TypeVar("Arguments")
 
 
 class Declared(Protocol):
-    """What a run reads of its declaration (``recipe.declaration.Method``, which imports this module; a protocol
-    avoids an import cycle)."""
+    """What a run reads of ``recipe.declaration.Method`` (a protocol: that module imports this one)."""
 
     @property
     def stage(self) -> str: ...
@@ -35,8 +32,8 @@ class MethodRun(Generic[Arguments]):
     1. :meth:`check_raw`: before LLaMA-Factory's parse, nothing loaded (also before torchrun starts ranks);
     2. :meth:`check_parsed`: after the parse, before any model or dataset loads;
     3. :meth:`prepare`: before step 1, outside the trainer (head selection, data checks);
-    4. :meth:`train`: LLaMA-Factory's SFT workflow with the method's collator and trainer (``host``:
-       ``llamafactory_hera_patches.stage.SFTWorkflow``);
+    4. :meth:`train`: LLaMA-Factory's SFT workflow (``host``: ``llamafactory_hera_patches.stage.SFTWorkflow``) with
+       the method's collator and trainer;
     5. :meth:`finish`: after the steps (plots).
 
     3 to 5 replace ``run_sft`` (:meth:`run`), watched across ranks where :attr:`controls` says so.
@@ -55,7 +52,7 @@ class MethodRun(Generic[Arguments]):
 
     @staticmethod
     def parse(keys: dict[str, Any]) -> Any:
-        """The method's arguments from its prefixed keys (values may be strings); errors name the key."""
+        """The arguments from the prefixed keys (values may be strings); errors name the key."""
         raise NotImplementedError
 
     @property
@@ -64,8 +61,8 @@ class MethodRun(Generic[Arguments]):
         return RunControls()
 
     def check_raw(self, host_args: RawRecipe, machine: bool = True) -> None:
-        """Phase 1: the launch's checks, the method's own (:meth:`check_method_raw`), LLaMA-Factory's keys', the
-        resumed checkpoint's; ``machine=False`` (``plan``): not this machine's nor the checkpoint's."""
+        """Phase 1: the launch's checks, :meth:`check_method_raw`, LLaMA-Factory's keys, the resumed checkpoint;
+        ``machine=False`` (``plan``): not this machine's nor the checkpoint's."""
         # lazy (the module doc)
         from llamafactory_hera.recipe.raw_checks import check_raw_launch, check_raw_recipe
         from llamafactory_hera.recipe.resume import check_resume
@@ -84,21 +81,21 @@ class MethodRun(Generic[Arguments]):
         """Phase 2: the method's checks of the parsed arguments."""
 
     def run(self, host: Any, parsed: HostArguments, callbacks: list[Any]) -> None:
-        """Phases 3 to 5, in place of ``run_sft``."""
+        """Phases 3 to 5."""
         with self._watched(parsed.training):
             self.prepare(host, parsed)
             self.train(host, parsed, callbacks)
             self.finish(host, parsed)
 
     def prepare(self, host: Any, parsed: HostArguments) -> None:
-        """Phase 3: what runs before step 1 outside the trainer."""
+        """Phase 3."""
 
     def train(self, host: Any, parsed: HostArguments, callbacks: list[Any]) -> None:
-        """Phase 4: the method's steps."""
+        """Phase 4."""
         raise NotImplementedError
 
     def finish(self, host: Any, parsed: HostArguments) -> None:
-        """Phase 5: what follows the steps."""
+        """Phase 5."""
 
     @contextlib.contextmanager
     def _watched(self, training_args: Any) -> Iterator[None]:

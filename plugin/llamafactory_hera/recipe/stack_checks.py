@@ -1,7 +1,5 @@
-"""A recipe against the installed host stack, before the parse: a model family the installed transformers lacks (the
-loader would end in a "does not recognize this architecture" traceback) or the plugin does not run, a ``flash_attn``
-value a known host bug breaks; a ``quantization_bit`` measured wrong is warned of. Releases, families, bugs:
-:mod:`llamafactory_hera_patches.stacks`."""
+"""A recipe against the installed host stack, before the parse (releases, families, bugs:
+:mod:`llamafactory_hera_patches.stacks`)."""
 
 from __future__ import annotations
 
@@ -57,8 +55,9 @@ def host_warning_line(given: dict[str, Any]) -> str | None:
 
 
 def check_stack(given: dict[str, Any]) -> None:
-    """The model's family is in the installed transformers, ``flash_attn`` not broken on it; a quantization
-    measured wrong is said once a launch (rank 0, or the launcher before the ranks start)."""
+    """The model's family is in the installed transformers (else a "does not recognize this architecture"
+    traceback) and run by the plugin; ``flash_attn`` is not broken on it; a quantization measured wrong is said once
+    a launch (rank 0, or the launcher before the ranks start)."""
     found = installed()
     attention = value_or_none(given.get("flash_attn"))
     bug = host_bug(str(attention), found) if attention is not None else None
